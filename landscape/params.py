@@ -1,0 +1,98 @@
+"""Vectors in parameter space.
+
+A parameter-space vector is a tuple of tensors with the shapes of the parameters it
+belongs to (METRICS.md G1). These helpers are the only place that implements the
+inner product, norms and linear combinations over such tuples, so every module agrees
+on them. They never touch ``.data`` of a model: they work on plain tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+Vector = tuple[torch.Tensor, ...]
+
+
+def trainable_named_parameters(
+    model: nn.Module, include: Iterable[str] | None = None
+) -> dict[str, nn.Parameter]:
+    """Named parameters with ``requires_grad=True`` in registration order.
+
+    ``include`` restricts to the given names (an exact subset); unknown names raise
+    ``ValueError``.
+    """
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if include is None:
+        return named
+    wanted = list(include)
+    unknown = [n for n in wanted if n not in named]
+    if unknown:
+        raise ValueError(f"unknown or frozen parameter names: {', '.join(unknown)}")
+    keep = set(wanted)
+    return {n: p for n, p in named.items() if n in keep}
+
+
+def dot(u: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> torch.Tensor:
+    """<u, v> summed over all tensors (a 0-d tensor)."""
+    if len(u) != len(v):
+        raise ValueError(f"vectors have {len(u)} and {len(v)} tensors")
+    return sum((torch.sum(a * b) for a, b in zip(u, v)), torch.zeros((), dtype=u[0].dtype, device=u[0].device))
+
+
+def norm(v: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Euclidean norm over all tensors (a 0-d tensor)."""
+    return torch.sqrt(dot(v, v))
+
+
+def add(u: Sequence[torch.Tensor], v: Sequence[torch.Tensor], alpha: float = 1.0) -> Vector:
+    """u + alpha * v."""
+    return tuple(a + alpha * b for a, b in zip(u, v))
+
+
+def scale(v: Sequence[torch.Tensor], alpha: float | torch.Tensor) -> Vector:
+    """alpha * v."""
+    return tuple(alpha * a for a in v)
+
+
+def zeros_like(v: Sequence[torch.Tensor]) -> Vector:
+    return tuple(torch.zeros_like(a) for a in v)
+
+
+def flatten(v: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenate a parameter-space vector into one 1-D tensor."""
+    return torch.cat([a.reshape(-1) for a in v])
+
+
+def unflatten(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> Vector:
+    """Split a 1-D tensor back into the shapes of ``like``."""
+    sizes = [a.numel() for a in like]
+    if flat.numel() != sum(sizes):
+        raise ValueError(f"flat vector has {flat.numel()} entries, expected {sum(sizes)}")
+    return tuple(piece.reshape(a.shape) for piece, a in zip(torch.split(flat, sizes), like))
+
+
+def rademacher_like(
+    v: Sequence[torch.Tensor], generator: torch.Generator | None = None
+) -> Vector:
+    """Independent ±1 entries with the shapes, dtype and device of ``v``.
+
+    Drawn on the CPU from ``generator`` so results do not depend on the device.
+    """
+    out = []
+    for a in v:
+        bits = torch.randint(0, 2, a.shape, generator=generator, dtype=torch.int8)
+        out.append((bits.to(a.dtype) * 2 - 1).to(a.device))
+    return tuple(out)
+
+
+def gaussian_like(
+    v: Sequence[torch.Tensor], generator: torch.Generator | None = None
+) -> Vector:
+    """Independent N(0, 1) entries with the shapes, dtype and device of ``v`` (drawn on CPU)."""
+    return tuple(
+        torch.randn(a.shape, generator=generator, dtype=a.dtype if a.is_floating_point() else torch.float32).to(a.device)
+        for a in v
+    )
