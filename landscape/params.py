@@ -39,7 +39,10 @@ def dot(u: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> torch.Tensor:
     """<u, v> summed over all tensors (a 0-d tensor)."""
     if len(u) != len(v):
         raise ValueError(f"vectors have {len(u)} and {len(v)} tensors")
-    return sum((torch.sum(a * b) for a, b in zip(u, v)), torch.zeros((), dtype=u[0].dtype, device=u[0].device))
+    return sum(
+        (torch.sum(a * b) for a, b in zip(u, v)),
+        torch.zeros((), dtype=u[0].dtype, device=u[0].device),
+    )
 
 
 def norm(v: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -74,9 +77,7 @@ def unflatten(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> Vector:
     return tuple(piece.reshape(a.shape) for piece, a in zip(torch.split(flat, sizes), like))
 
 
-def rademacher_like(
-    v: Sequence[torch.Tensor], generator: torch.Generator | None = None
-) -> Vector:
+def rademacher_like(v: Sequence[torch.Tensor], generator: torch.Generator | None = None) -> Vector:
     """Independent ±1 entries with the shapes, dtype and device of ``v``.
 
     Drawn on the CPU from ``generator`` so results do not depend on the device.
@@ -88,11 +89,11 @@ def rademacher_like(
     return tuple(out)
 
 
-def gaussian_like(
-    v: Sequence[torch.Tensor], generator: torch.Generator | None = None
-) -> Vector:
+def gaussian_like(v: Sequence[torch.Tensor], generator: torch.Generator | None = None) -> Vector:
     """Independent N(0, 1) entries with the shapes, dtype and device of ``v`` (drawn on CPU)."""
     return tuple(
-        torch.randn(a.shape, generator=generator, dtype=a.dtype if a.is_floating_point() else torch.float32).to(a.device)
+        torch.randn(
+            a.shape, generator=generator, dtype=a.dtype if a.is_floating_point() else torch.float32
+        ).to(a.device)
         for a in v
     )

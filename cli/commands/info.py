@@ -1,0 +1,49 @@
+"""``landscape info RUN``: what a run file holds."""
+
+from __future__ import annotations
+
+import json
+
+import click
+from landscape_cli.app import cli
+
+from landscape.store import Run
+
+
+def _shape(spec: dict) -> str:
+    shape = spec["shape"]
+    return f"{spec['dtype']}[{','.join(map(str, shape))}]" if shape else spec["dtype"]
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN", type=click.Path(dir_okay=True))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def info(run_path: str, as_json: bool) -> None:
+    """Show the metrics, fields, step ranges, findings and surfaces of RUN."""
+    with Run.open(run_path) as run:
+        summary = run.summary()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, default=str))
+        return
+    click.echo(f"{summary['source']}")
+    click.echo(
+        f"  format version {summary['format_version']}, written by landscape "
+        f"{summary['library_version']} (torch {summary['torch_version']}) on {summary['created']}"
+    )
+    if summary["config"]:
+        click.echo(f"  config: {json.dumps(summary['config'], default=str)}")
+    click.echo(f"  metrics: {len(summary['metrics'])}")
+    for name, m in summary["metrics"].items():
+        span = "no rows" if not m["rows"] else f"steps {m['first_step']}..{m['last_step']}"
+        fields = ", ".join(f"{f} {_shape(s)}" for f, s in m["fields"].items())
+        schedule = f", schedule {m['schedule']}" if m.get("schedule") else ""
+        click.echo(f"    {name}: {m['rows']} rows, {span}{schedule}; fields: {fields}")
+    click.echo(f"  findings: {summary['findings']}")
+    click.echo(f"  checkpoints: {summary['checkpoints']}")
+    click.echo(f"  surfaces: {len(summary['surfaces'])}")
+    for name, s in summary["surfaces"].items():
+        shape = "x".join(map(str, s["shape"]))
+        click.echo(
+            f"    {name}: {shape} grid, {s['computed']}/{s['total']} points computed; "
+            f"fields: {', '.join(s['fields'])}"
+        )
