@@ -20,11 +20,11 @@ demo: $(STAMP)
 	$(VENV)/bin/landscape demo --out demo-out
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check landscape cli tests examples
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -n 2 -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check landscape cli tests examples
+	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	$(PY) -m pytest tests/benchmarks -q -s -p no:xdist
