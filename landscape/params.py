@@ -8,7 +8,8 @@ on them. They never touch ``.data`` of a model: they work on plain tensors.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import fnmatch
+from typing import Iterable, Sequence, Union
 
 import torch
 from torch import nn
@@ -97,3 +98,57 @@ def gaussian_like(v: Sequence[torch.Tensor], generator: torch.Generator | None =
         ).to(a.device)
         for a in v
     )
+
+
+ParamSpec = Union[str, nn.Module, nn.Parameter, Iterable[Union[str, nn.Module, nn.Parameter]], None]
+
+
+def select_named_parameters(model: nn.Module, spec: ParamSpec = None) -> dict[str, nn.Parameter]:
+    """Trainable named parameters of ``model`` picked by ``spec``, in registration order.
+
+    ``spec`` is ``None`` (all trainable parameters), or one or several of: an exact
+    parameter name, a glob pattern over names (``"blocks.0.*"``, ``"*.weight"``), a
+    submodule of ``model`` (all its trainable parameters) or a parameter object. Every
+    item must match at least one trainable parameter, otherwise ``ValueError`` names it.
+    """
+    named = trainable_named_parameters(model)
+    if spec is None:
+        return named
+    items = [spec] if isinstance(spec, (str, nn.Module, torch.Tensor)) else list(spec)
+    if not items:
+        raise ValueError("params: empty parameter selection")
+    by_id = {id(p): n for n, p in named.items()}
+    keep: set[str] = set()
+    for item in items:
+        if isinstance(item, str):
+            hits = {n for n in named if n == item or fnmatch.fnmatchcase(n, item)}
+        elif isinstance(item, nn.Module):
+            hits = {by_id[id(p)] for p in item.parameters() if id(p) in by_id}
+        elif isinstance(item, torch.Tensor):
+            hits = {by_id[id(item)]} if id(item) in by_id else set()
+        else:
+            raise ValueError(f"params: cannot select parameters with {type(item).__name__}")
+        if not hits:
+            label = item if isinstance(item, str) else type(item).__name__
+            raise ValueError(f"params: {label!r} matches no trainable parameter of the model")
+        keep |= hits
+    return {n: p for n, p in named.items() if n in keep}
+
+
+def group_named_parameters(
+    names: Iterable[str], depth: int = 1
+) -> dict[str, list[str]]:
+    """Group parameter names by their first ``depth`` dotted components (in first-seen order).
+
+    ``["0.weight", "0.bias", "2.weight"]`` with ``depth=1`` gives
+    ``{"0": ["0.weight", "0.bias"], "2": ["2.weight"]}``. A name with fewer components
+    than ``depth + 1`` is grouped under its module path (everything but the last part).
+    """
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        parts = name.split(".")
+        key = ".".join(parts[: min(depth, max(len(parts) - 1, 1))])
+        groups.setdefault(key, []).append(name)
+    return groups

@@ -1,0 +1,161 @@
+"""Helpers that let a diagnostic look at a model without changing training.
+
+A monitored run must give bitwise the same parameters as an unmonitored one (DESIGN.md,
+"The diagnostics must never change training"). The pieces here are shared by every
+module that evaluates a model on the side:
+
+* :func:`isolated` saves and restores the RNG state (CPU and the model's CUDA devices),
+  every module's ``training`` flag, each parameter's ``requires_grad`` and ``.grad``
+  (the very tensor object, or ``None``), and can put the model in eval mode meanwhile.
+* :func:`sdpa_math` switches ``F.scaled_dot_product_attention`` to its math backend, the
+  only one with double backward and forward-mode AD on every device.
+* :func:`stateless_call` and :func:`stateless_closure` evaluate the model through
+  :func:`torch.func.functional_call` with substituted parameters and *cloned* buffers, so
+  BatchNorm running statistics and ``num_batches_tracked`` are never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+__all__ = ["isolated", "sdpa_math", "stateless_call", "stateless_closure"]
+
+
+def _cuda_devices(model: nn.Module) -> list[int]:
+    devices = {t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"}
+    devices |= {t.device.index or 0 for t in model.buffers() if t.device.type == "cuda"}
+    return sorted(devices)
+
+
+@contextlib.contextmanager
+def isolated(
+    model: nn.Module, *, eval_mode: bool = True, copy_grads: bool = False
+) -> Iterator[nn.Module]:
+    """Run a block with the model's observable state saved and restored on exit.
+
+    Restored on exit (also on exceptions): the CPU RNG state and that of every CUDA device
+    holding a parameter or buffer; each submodule's ``training`` flag; each parameter's
+    ``requires_grad`` and its ``.grad`` attribute (the same tensor object, or ``None``).
+    With ``eval_mode=True`` the model is put in ``eval()`` inside the block.
+
+    ``.grad`` tensors are restored by reference. Code inside the block should not write
+    into them in place (``torch.autograd.grad`` and ``torch.func`` never do); if it might
+    (``loss.backward()`` accumulates in place), pass ``copy_grads=True`` to also restore
+    their values, at the cost of one copy of the gradients.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    values = [None if g is None else g.detach().clone() for g in grads] if copy_grads else None
+    with torch.random.fork_rng(devices=_cuda_devices(model)):
+        try:
+            if eval_mode:
+                model.eval()
+            yield model
+        finally:
+            for m, mode in modes:
+                m.training = mode
+            for i, (p, flag, g) in enumerate(zip(params, flags, grads)):
+                if p.requires_grad != flag:
+                    p.requires_grad_(flag)
+                p.grad = g
+                if values is not None and g is not None:
+                    with torch.no_grad():
+                        g.copy_(values[i])
+
+
+@contextlib.contextmanager
+def sdpa_math() -> Iterator[None]:
+    """Force the math backend of ``F.scaled_dot_product_attention`` inside the block.
+
+    Fused attention kernels (flash, memory-efficient, the CPU flash kernel) have no double
+    backward and no forward-mode derivative; the math backend is plain differentiable ops.
+    Uses ``torch.nn.attention.sdpa_kernel`` (torch >= 2.3) and falls back to
+    ``torch.backends.cuda.sdp_kernel`` (torch 2.2), which also governs the CPU dispatch.
+    """
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch 2.2
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            ctx = torch.backends.cuda.sdp_kernel(
+                enable_flash=False, enable_math=True, enable_mem_efficient=False
+            )
+        with ctx:
+            yield
+        return
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+def _state_for_call(
+    model: nn.Module, params: Mapping[str, torch.Tensor], clone_buffers: bool, prefix: str = ""
+) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        state[prefix + name] = params[name] if name in params else p.detach()
+    unknown = set(params) - {n for n, _ in model.named_parameters()}
+    if unknown:
+        raise ValueError(f"params: not parameters of the model: {', '.join(sorted(unknown))}")
+    for name, b in model.named_buffers():
+        state[prefix + name] = b.clone() if clone_buffers else b
+    return state
+
+
+def stateless_call(
+    model: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    args: Any = (),
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    clone_buffers: bool = True,
+) -> Any:
+    """``model(*args, **kwargs)`` with parameters taken from ``params`` (by name).
+
+    Parameters missing from ``params`` are used detached (constants); buffers are cloned
+    first, so in-place updates (BatchNorm running statistics in train mode) land on the
+    copies. Nothing of ``model`` is modified.
+    """
+    if not isinstance(args, tuple):
+        args = (args,)
+    state = _state_for_call(model, params, clone_buffers)
+    return functional_call(model, state, args, dict(kwargs or {}))
+
+
+class _Closure(nn.Module):
+    """Wraps ``closure(model, batch)`` as a module so ``functional_call`` swaps every
+    parameter of ``model`` while the closure runs (attribute access included)."""
+
+    def __init__(self, model: nn.Module, closure: Callable[[nn.Module, Any], Any]) -> None:
+        super().__init__()
+        self.inner = model
+        self._closure = closure
+
+    def forward(self, batch: Any) -> Any:
+        return self._closure(self.inner, batch)
+
+
+def stateless_closure(
+    model: nn.Module,
+    closure: Callable[[nn.Module, Any], Any],
+    params: Mapping[str, torch.Tensor],
+    batch: Any,
+    *,
+    clone_buffers: bool = True,
+) -> Any:
+    """``closure(model, batch)`` evaluated with ``model``'s parameters replaced by ``params``.
+
+    The closure receives the real ``model`` object; for the duration of the call its
+    parameters are the given tensors (others detached) and its buffers are clones
+    (see :func:`stateless_call`).
+    """
+    wrapper = _Closure(model, closure)
+    state = _state_for_call(model, params, clone_buffers, prefix="inner.")
+    return functional_call(wrapper, state, (batch,))

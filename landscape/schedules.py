@@ -1,0 +1,135 @@
+"""When a metric is due: ``every(n)``, ``at(steps)``, ``logspace(first, last, num)``.
+
+A schedule is a predicate on the training step. Off-steps cost one call of that predicate
+and nothing else, which is what keeps a monitored training loop cheap.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+
+class Schedule:
+    """Base class: ``schedule(step) -> bool`` and a string that round-trips via :func:`parse`."""
+
+    def __call__(self, step: int) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe(self) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        return self.describe()
+
+
+@dataclass(frozen=True)
+class Every(Schedule):
+    """Due when ``step >= start`` and ``(step - start) % n == 0``."""
+
+    n: int
+    start: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"every(n): n must be >= 1, got {self.n}")
+
+    def __call__(self, step: int) -> bool:
+        return step >= self.start and (step - self.start) % self.n == 0
+
+    def describe(self) -> str:
+        return f"every({self.n})" if self.start == 0 else f"every({self.n}, start={self.start})"
+
+
+@dataclass(frozen=True)
+class At(Schedule):
+    """Due exactly at the listed steps."""
+
+    steps: frozenset[int]
+
+    def __call__(self, step: int) -> bool:
+        return step in self.steps
+
+    def describe(self) -> str:
+        return f"at({', '.join(str(s) for s in sorted(self.steps))})"
+
+
+@dataclass(frozen=True)
+class Never(Schedule):
+    def __call__(self, step: int) -> bool:
+        return False
+
+    def describe(self) -> str:
+        return "never()"
+
+
+def every(n: int, start: int = 0) -> Every:
+    """Every ``n`` steps from ``start`` on."""
+    return Every(int(n), int(start))
+
+
+def at(steps: Iterable[int]) -> At:
+    """At the given steps."""
+    return At(frozenset(int(s) for s in steps))
+
+
+def logspace(first: int, last: int, num: int) -> At:
+    """About ``num`` steps spaced evenly in log(step + 1) between ``first`` and ``last``.
+
+    Dense early in training where things change fast, sparse later. Rounded to integers;
+    duplicates collapse, so fewer than ``num`` steps may result for short ranges.
+    """
+    if first < 0 or last < first or num < 1:
+        raise ValueError(
+            f"logspace needs 0 <= first <= last and num >= 1, got {first}, {last}, {num}"
+        )
+    if num == 1:
+        return at([first])
+    lo, hi = math.log1p(first), math.log1p(last)
+    return at(round(math.expm1(lo + (hi - lo) * i / (num - 1))) for i in range(num))
+
+
+def never() -> Never:
+    return Never()
+
+
+_PATTERN = re.compile(r"^\s*(every|at|logspace|never)\s*\((.*)\)\s*$")
+
+
+def parse(text: str | int | Schedule) -> Schedule:
+    """Parse a schedule string.
+
+    Accepts ``"every(10)"``, ``"every(10, start=5)"``, ``"at(1, 5, 9)"`` and
+    ``"logspace(0, 1000, 20)"``. A bare integer means ``every(n)``; a :class:`Schedule`
+    is returned unchanged.
+    """
+    if isinstance(text, Schedule):
+        return text
+    if isinstance(text, int):
+        return every(text)
+    match = _PATTERN.match(str(text))
+    if not match:
+        raise ValueError(
+            f"cannot parse schedule {text!r}; use every(n), at(...), logspace(a, b, n)"
+        )
+    kind, args = match.groups()
+    positional: list[int] = []
+    keywords: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in args.split(","))):
+        if "=" in part:
+            key, value = (s.strip() for s in part.split("=", 1))
+            keywords[key] = int(value)
+        else:
+            positional.append(int(part))
+    try:
+        if kind == "every":
+            return every(*positional, **keywords)
+        if kind == "at":
+            return at(positional)
+        if kind == "logspace":
+            return logspace(*positional, **keywords)
+        return never()
+    except TypeError as err:
+        raise ValueError(f"cannot parse schedule {text!r}: {err}") from None

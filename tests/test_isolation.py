@@ -1,0 +1,86 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from landscape.isolation import isolated, sdpa_math, stateless_call, stateless_closure
+from tests import models
+
+
+def _snapshot(model):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [m.training for m in model.modules()],
+        [p.requires_grad for p in model.parameters()],
+        torch.get_rng_state(),
+    )
+
+
+def _assert_same(model, snap):
+    state, modes, flags, rng = snap
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert [m.training for m in model.modules()] == modes
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_isolated_restores_modes_rng_flags_and_grad_objects():
+    model = models.cnn_bn()
+    model.train()
+    x, y = models.image_data()
+    F.cross_entropy(model(x), y).backward()
+    grads = [p.grad for p in model.parameters()]
+    values = [g.clone() for g in grads]
+    snap = _snapshot(model)
+    with isolated(model, copy_grads=True):
+        assert not model.training
+        torch.randn(5)  # consume RNG
+        model.fc.weight.requires_grad_(False)
+        F.cross_entropy(model(x), y).backward()  # accumulates into .grad in place
+    _assert_same(model, snap)
+    for p, g, v in zip(model.parameters(), grads, values):
+        assert p.grad is g and torch.equal(g, v)
+
+
+def test_isolated_restores_on_exception():
+    model = models.mlp()
+    model.train()
+    snap = _snapshot(model)
+    with pytest.raises(RuntimeError), isolated(model):
+        torch.rand(3)
+        raise RuntimeError("boom")
+    _assert_same(model, snap)
+
+
+def test_stateless_call_never_touches_batchnorm_statistics():
+    model = models.cnn_bn()
+    model.train()
+    x, _ = models.image_data()
+    snap = _snapshot(model)
+    params = {n: p.detach() * 1.1 for n, p in model.named_parameters()}
+    with isolated(model, eval_mode=False):  # train mode: BN batch stats, dropout draws
+        out = stateless_call(model, params, (x,))
+    _assert_same(model, snap)
+    assert out.shape == (x.shape[0], 3)
+    with pytest.raises(ValueError, match="not parameters"):
+        stateless_call(model, {"nope": torch.zeros(1)}, (x,))
+
+
+def test_stateless_closure_substitutes_parameters():
+    model = models.mlp()
+    x, y = models.classification_data()
+    zero = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    loss = stateless_closure(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), zero, (x, y))
+    assert torch.allclose(loss, torch.log(torch.tensor(3.0)))  # zero logits: uniform
+
+
+def test_sdpa_math_allows_double_backward_through_attention():
+    model = models.TinyTransformer(seed=0)
+    batch = models.token_data()
+    params = {n: p.detach().requires_grad_() for n, p in model.named_parameters()}
+    with sdpa_math():
+        loss = stateless_closure(model, models.lm_loss, params, batch)
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+        gv = sum((g * torch.ones_like(g)).sum() for g in grads)
+        hv = torch.autograd.grad(gv, list(params.values()))
+    assert all(torch.isfinite(h).all() for h in hv)

@@ -1,0 +1,43 @@
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from landscape import schedules as S
+
+
+def test_every_and_start():
+    sch = S.every(3, start=2)
+    assert [s for s in range(12) if sch(s)] == [2, 5, 8, 11]
+    assert str(sch) == "every(3, start=2)"
+
+
+def test_at_and_never():
+    assert [s for s in range(10) if S.at([1, 4, 4, 9])(s)] == [1, 4, 9]
+    assert not any(S.never()(s) for s in range(100))
+
+
+def test_logspace_is_dense_early_and_hits_both_ends():
+    sch = S.logspace(0, 1000, 10)
+    due = sorted(sch.steps)
+    assert due[0] == 0 and due[-1] == 1000
+    gaps = [b - a for a, b in zip(due, due[1:])]
+    assert gaps == sorted(gaps)  # spacing grows with the step
+
+
+@given(st.integers(1, 50), st.integers(0, 20))
+def test_parse_round_trips(n, start):
+    for sch in (S.every(n, start), S.at([n, n + start + 1]), S.never()):
+        again = S.parse(str(sch))
+        assert all(again(s) == sch(s) for s in range(120))
+
+
+def test_parse_accepts_int_and_schedule():
+    assert S.parse(5) == S.every(5)
+    sch = S.at([3])
+    assert S.parse(sch) is sch
+
+
+@pytest.mark.parametrize("text", ["every(0)", "sometimes", "every(a)", "logspace(5, 1, 3)", "at(1"])
+def test_parse_rejects_bad_text_with_value_error(text):
+    with pytest.raises(ValueError):
+        S.parse(text)
