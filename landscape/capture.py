@@ -1,0 +1,100 @@
+"""Scoped forward hooks that capture layer inputs and outputs during one forward pass.
+
+The hooks exist only inside the ``with capture(...)`` block and are removed on exit, on
+errors too, so a monitored model never carries a hook between diagnostics (DESIGN.md, "The
+diagnostics must never change training"). Captured tensors are detached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["Captured", "capture", "last_linear", "linear_layers", "resolve_module"]
+
+
+@dataclass
+class Captured:
+    """What one forward pass produced: ``inputs[name]`` (the first positional argument of the
+    module) and ``outputs[name]`` for each requested module name."""
+
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def resolve_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule called ``name`` (``""`` is the model itself); ValueError lists some."""
+    modules = dict(model.named_modules())
+    if name not in modules:
+        some = ", ".join(n for n in list(modules)[1:12] if n)
+        raise ValueError(f"layer {name!r} is not a submodule of the model (some are: {some})")
+    return modules[name]
+
+
+def linear_layers(model: nn.Module) -> list[str]:
+    """Names of every ``nn.Linear`` submodule, in registration order."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def last_linear(model: nn.Module) -> str:
+    """Name of the last ``nn.Linear`` in registration order: the classifier by convention.
+
+    Its input is the penultimate representation used for neural collapse and effective rank.
+    """
+    names = linear_layers(model)
+    if not names:
+        raise ValueError("the model has no nn.Linear layer; name the classifier layer explicitly")
+    return names[-1]
+
+
+def _first_tensor(args: Any) -> torch.Tensor | None:
+    if isinstance(args, torch.Tensor):
+        return args
+    if isinstance(args, (tuple, list)):
+        for a in args:
+            t = _first_tensor(a)
+            if t is not None:
+                return t
+    return None
+
+
+@contextlib.contextmanager
+def capture(
+    model: nn.Module, *, inputs: Iterable[str] = (), outputs: Iterable[str] = ()
+) -> Iterator[Captured]:
+    """Capture the inputs of the modules named in ``inputs`` and the outputs of those in
+    ``outputs`` during the forward passes run inside the block.
+
+    A module called several times in one forward (weight sharing) keeps its last call.
+    """
+    found = Captured()
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def make_hook(name: str, want_input: bool, want_output: bool):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if want_input:
+                t = _first_tensor(args)
+                if t is not None:
+                    found.inputs[name] = t.detach()
+            if want_output:
+                t = _first_tensor(output)
+                if t is not None:
+                    found.outputs[name] = t.detach()
+
+        return hook
+
+    in_names, out_names = list(dict.fromkeys(inputs)), list(dict.fromkeys(outputs))
+    try:
+        for name in dict.fromkeys(in_names + out_names):
+            module = resolve_module(model, name)
+            handles.append(
+                module.register_forward_hook(make_hook(name, name in in_names, name in out_names))
+            )
+        yield found
+    finally:
+        for h in handles:
+            h.remove()

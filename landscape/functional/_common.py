@@ -1,0 +1,152 @@
+"""Shared plumbing for the pure metric functions: result types, validation, precision.
+
+Conventions (METRICS.md section 0):
+
+* Small dense eigenproblems run in float64 with symmetric solvers (G5). Inputs in
+  float16/bfloat16/float32 are upcast; results live on the input's device.
+* Failure policy (G7): a degenerate input gives NaN plus a machine-readable ``reason``;
+  with ``strict=True`` the function raises :class:`MetricError` (a ``ValueError``) instead.
+* Malformed arguments (wrong shape, label out of range) always raise ``ValueError``
+  naming the argument, whatever ``strict`` says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+from landscape._errors import LandscapeError
+
+NAN = float("nan")
+
+
+class MetricError(LandscapeError, ValueError):
+    """A metric is undefined for this input and the caller asked for ``strict=True``.
+
+    ``reason`` is the same machine-readable string the non-strict call returns.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricResult:
+    """Base of every result: named fields plus ``reason`` (None when the value is valid).
+
+    ``as_dict()`` flattens to plain Python values for storage: 0-d tensors become floats,
+    ``None`` fields (not computed) are left out, larger tensors are kept as tensors.
+    """
+
+    @property
+    def ok(self) -> bool:
+        return getattr(self, "reason", None) is None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v is None:
+                continue
+            if isinstance(v, torch.Tensor) and v.numel() == 1 and v.dim() == 0:
+                v = float(v.item())
+            out[f.name] = v
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Scalar(MetricResult):
+    """One number (a 0-d tensor on the input's device) plus a failure ``reason``.
+
+    ``float(result)`` gives the value as a Python float.
+    """
+
+    value: torch.Tensor
+    reason: str | None = None
+
+    def __float__(self) -> float:
+        return float(self.value.item())
+
+    def item(self) -> float:
+        return float(self.value.item())
+
+
+def fail(reason: str, message: str, strict: bool) -> str:
+    """Raise when strict, else return ``reason`` for the caller to attach to a NaN."""
+    if strict:
+        raise MetricError(reason, message)
+    return reason
+
+
+def scalar(value: float | torch.Tensor, device: torch.device, reason: str | None = None) -> Scalar:
+    t = torch.as_tensor(value, dtype=torch.float64)
+    return Scalar(t.to(device), reason)
+
+
+def nan_scalar(device: torch.device, reason: str) -> Scalar:
+    return Scalar(torch.tensor(NAN, dtype=torch.float64, device=device), reason)
+
+
+def as_float_tensor(
+    x: Any, name: str, ndim: int | None = None, min_ndim: int | None = None
+) -> torch.Tensor:
+    """Validate a floating tensor argument (shape and dtype), without copying."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not (x.is_floating_point() or x.is_complex()):
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.is_complex():
+        raise ValueError(f"{name} must be real, got dtype {x.dtype}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
+    if min_ndim is not None and x.dim() < min_ndim:
+        raise ValueError(
+            f"{name} must have at least {min_ndim} dimensions, got shape {tuple(x.shape)}"
+        )
+    return x
+
+
+def f64(x: torch.Tensor) -> torch.Tensor:
+    """Upcast to float64 (no copy when already float64)."""
+    return x.to(torch.float64)
+
+
+def work_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for half/bfloat16/float32 inputs, float64 for float64 (large elementwise work)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def check_labels(
+    labels: Any, n: int, num_classes: int | None = None, name: str = "labels"
+) -> torch.Tensor:
+    """Validate integer class labels of length ``n`` (values in ``[0, num_classes)``)."""
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got dtype {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},), got {tuple(labels.shape)}")
+    if n > 0:
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0:
+            raise ValueError(f"{name} must be non-negative, got minimum {lo}")
+        if num_classes is not None and hi >= num_classes:
+            raise ValueError(
+                f"{name} must be < {num_classes} (number of classes), got maximum {hi}"
+            )
+    return labels.long()
+
+
+def safe_log_term(p: torch.Tensor) -> torch.Tensor:
+    """Elementwise p*log(p) with 0*log(0) := 0."""
+    return torch.where(
+        p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p)
+    )
+
+
+def is_finite_number(x: float) -> bool:
+    return not (math.isnan(x) or math.isinf(x))

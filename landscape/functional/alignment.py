@@ -1,0 +1,307 @@
+"""Spectral alignment of a linear layer's inputs with its top singular direction.
+
+Reference: Qiu, Wu, Tan, Wang & Yao, "Spectral alignment as predictor of loss explosion in
+neural network training", arXiv:2510.04202 (2025). Only the abstract was available when this
+was written (METRICS.md sections 4 and 12), so the statistic below is *our* documented
+definition, chosen to match the abstract ("distributional alignment between layer inputs and
+the principal singular vectors of weight matrices"; "a collapse in the sign diversity of this
+alignment" predicts divergence):
+
+* For y = W x + b with W of shape (d_out, d_in) (PyTorch storage), W = sum_k s_k u_k v_k^T.
+  The per-token alignment is the cosine SA(x) = <x, v_1> / ||x|| with v_1 the top *right*
+  singular vector (it lives in input space). In the row-vector convention y = x W this is
+  the "left" singular vector. sign(SA) equals sign(cos(W x, u_1)) when b = 0, so sign
+  statistics agree across conventions; we use the input-side cosine because it needs no
+  second matmul and is bounded in [-1, 1] independently of the bias.
+* Sign diversity over all tokens (every leading dimension is a token): p+ and p- are the
+  fractions of strictly positive and negative cosines (exact zeros, and zero inputs, are left
+  out); the minority fraction m = min(p+, p-) in [0, 1/2] (0 = collapsed to one sign); the
+  sign entropy H = -p+ log p+ - p- log p- in [0, log 2]; and the mean |cos|. All three are
+  invariant to the sign ambiguity (u_1, v_1) -> (-u_1, -v_1) of the SVD.
+* v_1 by power iteration on W^T W, warm-started from the previous step's vector; its sign is
+  fixed to agree with the warm start (continuous time series) or, cold, to make the
+  largest-magnitude entry positive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from landscape.functional._common import MetricResult, as_float_tensor, fail, work_dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class TopSingular(MetricResult):
+    """Top singular triple of W: ``sigma``, ``u`` (output space), ``v`` (input space).
+
+    ``n_iter`` power iterations were used; ``converged`` says whether the change
+    1 - |<v_new, v_old>| fell below ``tol``.
+    """
+
+    sigma: torch.Tensor
+    u: torch.Tensor
+    v: torch.Tensor
+    n_iter: int
+    converged: bool
+    reason: str | None = None
+
+
+def _fix_sign(v: torch.Tensor, ref: torch.Tensor | None) -> torch.Tensor:
+    if ref is not None:
+        return -v if float(v @ ref) < 0 else v
+    k = int(v.abs().argmax())
+    return -v if float(v[k]) < 0 else v
+
+
+def top_singular_vector(
+    weight: torch.Tensor,
+    init: torch.Tensor | None = None,
+    *,
+    max_iter: int = 100,
+    tol: float = 1e-6,
+    generator: torch.Generator | None = None,
+    strict: bool = False,
+) -> TopSingular:
+    """Top singular value and vectors of a 2-D ``weight`` by power iteration on W^T W.
+
+    ``init`` (shape (d_in,)) warm-starts the iteration, typically with the previous step's
+    ``v``; a cold start draws a Gaussian vector from ``generator`` (default seed 0, drawn on
+    the CPU so results do not depend on the device). Each iteration costs two mat-vecs.
+    Stops when 1 - |<v_k, v_{k-1}>| < ``tol`` or after ``max_iter`` iterations. The
+    convergence rate is (s_2/s_1)^2 per iteration, so matrices without a spectral gap need
+    many iterations; warm starts on slowly changing weights need a handful.
+
+    The sign of v is fixed to agree with ``init`` when given, else to make its largest
+    entry positive; u = W v / sigma. Computed in float32 (float64 for float64 weights).
+    W = 0 gives sigma = 0, NaN vectors and reason ``"zero_matrix"``.
+    """
+    w = as_float_tensor(weight, "weight", ndim=2).detach()
+    w = w.to(work_dtype(w))
+    d_in = w.shape[1]
+    if init is not None:
+        init = as_float_tensor(init, "init", ndim=1).detach()
+        if init.shape[0] != d_in:
+            raise ValueError(
+                f"init must have shape ({d_in},) to match weight, got {tuple(init.shape)}"
+            )
+        v = init.to(device=w.device, dtype=w.dtype)
+    else:
+        if generator is None:
+            generator = torch.Generator().manual_seed(0)
+        v = torch.randn(d_in, generator=generator, dtype=torch.float64).to(w.device, w.dtype)
+    ref = v.clone() if init is not None else None
+    nv = v.norm()
+    if not nv > 0:
+        raise ValueError("init must be a non-zero vector")
+    v = v / nv
+    converged = False
+    it = 0
+    for it in range(1, max_iter + 1):  # noqa: B007 (it is reported)
+        x = w.T @ (w @ v)
+        nx = x.norm()
+        if not nx > 0:
+            break
+        v_new = x / nx
+        change = 1.0 - float((v_new @ v).abs())
+        v = v_new
+        if change < tol:
+            converged = True
+            break
+    wv = w @ v
+    sigma = wv.norm()
+    if not sigma > 0:
+        reason = fail("zero_matrix", "weight maps the iterate to zero (W = 0?)", strict)
+        nan_v = torch.full_like(v, math.nan)
+        return TopSingular(
+            sigma,
+            torch.full((w.shape[0],), math.nan, dtype=w.dtype, device=w.device),
+            nan_v,
+            it,
+            False,
+            reason,
+        )
+    v = _fix_sign(v, ref)
+    u = (w @ v) / sigma
+    return TopSingular(sigma, u, v, it, converged)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpectralAlignment(MetricResult):
+    """Per-token cosines with the top right singular vector and their sign-diversity summary.
+
+    * ``cosines``: (T,) cosines <x_t, v_1>/||x_t|| over all tokens (0 for zero inputs).
+    * ``frac_positive`` / ``frac_negative``: fractions over non-zero cosines.
+    * ``minority_fraction``: min(p+, p-) in [0, 0.5]; 0 = sign collapse.
+    * ``sign_entropy``: -p+ log p+ - p- log p- in [0, log 2].
+    * ``mean_abs_cos``: mean |cos| over non-zero inputs.
+    * ``sigma``, ``v`` (keep ``v`` to warm-start the next call), ``n_iter``.
+    """
+
+    cosines: torch.Tensor
+    frac_positive: torch.Tensor
+    frac_negative: torch.Tensor
+    minority_fraction: torch.Tensor
+    sign_entropy: torch.Tensor
+    mean_abs_cos: torch.Tensor
+    sigma: torch.Tensor
+    v: torch.Tensor
+    n_iter: int
+    n_tokens: int
+    reason: str | None = None
+
+    def summary(self) -> dict[str, float]:
+        """The scalar fields only, as Python floats (for logging)."""
+        keys = (
+            "frac_positive",
+            "frac_negative",
+            "minority_fraction",
+            "sign_entropy",
+            "mean_abs_cos",
+            "sigma",
+        )
+        return {k: float(getattr(self, k)) for k in keys}
+
+
+def sign_diversity(cosines: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Sign-diversity summary of a set of alignment values (see module docstring).
+
+    Returns ``frac_positive``, ``frac_negative``, ``minority_fraction``, ``sign_entropy``
+    and ``mean_abs_cos`` as 0-d float64 tensors; exact zeros are left out of the fractions.
+    With no non-zero value all are NaN.
+    """
+    c = as_float_tensor(cosines, "cosines").reshape(-1).to(torch.float64)
+    pos = (c > 0).sum()
+    neg = (c < 0).sum()
+    nz = pos + neg
+    if int(nz) == 0:
+        nan = torch.tensor(math.nan, dtype=torch.float64, device=c.device)
+        return dict(
+            frac_positive=nan,
+            frac_negative=nan,
+            minority_fraction=nan,
+            sign_entropy=nan,
+            mean_abs_cos=nan,
+        )
+    p_pos = pos.to(torch.float64) / nz
+    p_neg = neg.to(torch.float64) / nz
+    ent = torch.zeros((), dtype=torch.float64, device=c.device)
+    for q in (p_pos, p_neg):
+        if q > 0:
+            ent = ent - q * torch.log(q)
+    return dict(
+        frac_positive=p_pos,
+        frac_negative=p_neg,
+        minority_fraction=torch.minimum(p_pos, p_neg),
+        sign_entropy=ent,
+        mean_abs_cos=c.abs().sum() / nz,
+    )
+
+
+def spectral_alignment(
+    weight: torch.Tensor,
+    inputs: torch.Tensor,
+    *,
+    init: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    max_iter: int = 100,
+    tol: float = 1e-6,
+    strict: bool = False,
+) -> SpectralAlignment:
+    """Spectral alignment of a linear layer (Qiu et al. 2025, arXiv:2510.04202; our definition).
+
+    Args:
+        weight: (d_out, d_in) weight of y = W x + b (PyTorch storage). For attention, pass
+            one projection (see :func:`attention_projections`).
+        inputs: (..., d_in) layer inputs; every leading index is a token.
+        init: warm start for the power iteration (the previous call's ``v``).
+        v: use this top right singular vector as is (skips the power iteration).
+        max_iter, tol: power-iteration settings (:func:`top_singular_vector`).
+        strict: raise instead of returning NaN with a ``reason``.
+
+    Returns:
+        :class:`SpectralAlignment`. The statistic's definition and why it was chosen are in
+        the module docstring and docs/metrics.md. W = 0 gives NaN (``"zero_matrix"``);
+        all-zero inputs give NaN summaries (``"zero_inputs"``).
+    """
+    w = as_float_tensor(weight, "weight", ndim=2)
+    x = as_float_tensor(inputs, "inputs", min_ndim=1)
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(
+            f"inputs must have last dimension {w.shape[1]} (weight's d_in), got "
+            f"shape {tuple(x.shape)}"
+        )
+    x = x.detach().reshape(-1, w.shape[1])
+    dt = torch.float64 if torch.float64 in (w.dtype, x.dtype) else torch.float32
+    if v is None:
+        top = top_singular_vector(w, init, max_iter=max_iter, tol=tol, strict=strict)
+        sigma, vec, n_iter, reason = top.sigma, top.v, top.n_iter, top.reason
+    else:
+        vec = as_float_tensor(v, "v", ndim=1).detach()
+        if vec.shape[0] != w.shape[1]:
+            raise ValueError(f"v must have shape ({w.shape[1]},), got {tuple(vec.shape)}")
+        if not vec.norm() > 0:
+            raise ValueError("v must be a non-zero vector")
+        vec = vec / vec.norm()
+        sigma = (w.detach().to(dt) @ vec.to(w.device, dt)).norm()
+        n_iter, reason = 0, None
+    vec = vec.to(device=x.device, dtype=dt)
+    xd = x.to(dt)
+    nrm = xd.norm(dim=1)
+    cos = torch.where(nrm > 0, (xd @ vec) / torch.where(nrm > 0, nrm, 1.0), 0.0)
+    summary = sign_diversity(cos)
+    if reason is None and bool(torch.isnan(summary["minority_fraction"])):
+        reason = fail("zero_inputs", "no input has a non-zero cosine", strict)
+    if reason == "zero_matrix":
+        cos = torch.full_like(cos, math.nan)
+        nan = torch.tensor(math.nan, dtype=torch.float64, device=x.device)
+        summary = {k: nan for k in summary}
+    return SpectralAlignment(
+        cosines=cos,
+        sigma=sigma,
+        v=vec,
+        n_iter=n_iter,
+        n_tokens=x.shape[0],
+        reason=reason,
+        **summary,
+    )
+
+
+def attention_projections(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The (d_out, d_in) projection weights of an attention module, by name.
+
+    ``nn.MultiheadAttention`` with a packed ``in_proj_weight`` gives ``q``, ``k``, ``v`` (the
+    three row blocks) and ``out``; separate ``q_proj_weight``/``k_proj_weight``/
+    ``v_proj_weight`` are used when present. Any other module: every 2-D parameter whose name
+    ends in ``weight``. Tensors are views of the parameters (detached), never copies.
+    """
+    out: dict[str, torch.Tensor] = {}
+    if isinstance(module, nn.MultiheadAttention):
+        if module.in_proj_weight is not None:
+            q, k, v = module.in_proj_weight.detach().chunk(3, dim=0)
+            out.update(q=q, k=k, v=v)
+        else:
+            out.update(
+                q=module.q_proj_weight.detach(),
+                k=module.k_proj_weight.detach(),
+                v=module.v_proj_weight.detach(),
+            )
+        out["out"] = module.out_proj.weight.detach()
+        return out
+    for name, p in module.named_parameters():
+        if p.dim() == 2 and name.endswith("weight"):
+            out[name] = p.detach()
+    return out
+
+
+__all__ = [
+    "SpectralAlignment",
+    "TopSingular",
+    "attention_projections",
+    "sign_diversity",
+    "spectral_alignment",
+    "top_singular_vector",
+]

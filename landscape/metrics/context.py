@@ -1,0 +1,164 @@
+"""The per-step context: lazily computed, shared work for the metrics due at one step.
+
+Several metrics due at the same step share one computation of each expensive piece: one
+forward pass per data source capturing every requested layer, one curvature operator and
+one Lanczos run per (data source, preconditioning), the gradient the user's backward left
+in ``.grad``. State that must survive between steps (Lanczos and power-iteration warm
+starts) lives in ``state``, a dict owned by the monitor.
+
+Everything here runs inside :func:`landscape.isolation.isolated` (entered by the monitor):
+the model is in eval mode, and parameters, buffers, ``.grad``, modes and the RNG are
+restored afterwards. Forward passes go through ``functional_call`` with cloned buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from landscape._errors import LandscapeError
+from landscape.capture import Captured, capture
+from landscape.isolation import stateless_call, stateless_closure
+from landscape.params import Vector
+
+__all__ = ["MissingInput", "StepContext", "split_batch"]
+
+Closure = Callable[[nn.Module, Any], torch.Tensor]
+
+
+class MissingInput(LandscapeError):
+    """A metric needs something this step did not provide (a probe batch, ``loss=``, ...)."""
+
+
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of a batch given as a 2-sequence or a dict with those keys."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    if isinstance(batch, dict):
+        for xk, yk in (("inputs", "targets"), ("x", "y"), ("input_ids", "labels")):
+            if xk in batch and yk in batch:
+                return batch[xk], batch[yk]
+    raise MissingInput(
+        "this metric needs (inputs, targets) batches; got "
+        f"{type(batch).__name__} (pass batch=(x, y) or probe=(x, y))"
+    )
+
+
+@dataclass
+class StepContext:
+    """Everything a metric may read at one step. Built by the monitor; see module docstring."""
+
+    step: int
+    model: nn.Module
+    loss_fn: Callable[..., torch.Tensor] | None
+    closure: Closure | None
+    optimizer: torch.optim.Optimizer | None
+    names: Sequence[str]
+    batch: Any = None
+    probe: Any = None
+    loss: Any = None
+    outputs: torch.Tensor | None = None
+    params_before: Vector | None = None
+    update: Vector | None = None
+    state: dict = field(default_factory=dict)
+    capture_plan: dict[str, tuple[set[str], set[str]]] = field(default_factory=dict)
+    _captured: dict[str, Captured] = field(default_factory=dict)
+    _cache: dict[Any, Any] = field(default_factory=dict)
+
+    # -- parameters and data
+
+    @property
+    def named_params(self) -> dict[str, torch.Tensor]:
+        own = dict(self.model.named_parameters())
+        return {n: own[n].detach() for n in self.names}
+
+    @property
+    def params(self) -> Vector:
+        """Current values of the monitored (trainable) parameters, detached."""
+        return tuple(self.named_params.values())
+
+    def data(self, source: str) -> Any:
+        value = self.probe if source == "probe" else self.batch
+        if value is None:
+            hint = "pass probe=... to Monitor" if source == "probe" else "pass batch=... to step()"
+            raise MissingInput(f"this metric needs the {source} data: {hint}")
+        return value
+
+    def targets(self, source: str) -> torch.Tensor:
+        return split_batch(self.data(source))[1]
+
+    def grads(self) -> Vector | None:
+        """The gradient the user's backward left in ``.grad`` (None if any is missing)."""
+        own = dict(self.model.named_parameters())
+        grads = [own[n].grad for n in self.names]
+        if any(g is None for g in grads):
+            return None
+        return tuple(g.detach() for g in grads)
+
+    # -- the shared forward pass
+
+    def _forward(self, source: str, params: dict[str, torch.Tensor]) -> Any:
+        batch = self.data(source)
+        if self.closure is not None:
+            return stateless_closure(self.model, self.closure, params, batch)
+        inputs, _ = split_batch(batch)
+        return stateless_call(self.model, params, (inputs,))
+
+    def captured(self, source: str) -> Captured:
+        """One no-grad forward pass on ``source`` capturing every layer the due metrics asked
+        for, plus the model's output under the name ``""``."""
+        if source not in self._captured:
+            ins, outs = self.capture_plan.get(source, (set(), set()))
+            with torch.no_grad(), capture(self.model, inputs=ins, outputs={"", *outs}) as cap:
+                self._forward(source, self.named_params)
+            self._captured[source] = cap
+        return self._captured[source]
+
+    def logits(self, source: str) -> torch.Tensor:
+        """The model's output on ``source``; the user's ``outputs=`` for the training batch."""
+        if source == "batch" and self.outputs is not None:
+            return self.outputs.detach()
+        out = self.captured(source).outputs.get("")
+        if out is None:
+            raise MissingInput("the model's forward returned no tensor to read logits from")
+        return out
+
+    # -- curvature, shared between metrics
+
+    def operator(self, source: str, preconditioned: bool = False) -> Any:
+        key = ("operator", source, preconditioned)
+        if key not in self._cache:
+            from landscape import curvature
+
+            op = curvature.Hessian(
+                self.model,
+                None if self.closure is not None else self.loss_fn,
+                self.data(source),
+                closure=self.closure,
+                params=list(self.names),
+            )
+            if preconditioned:
+                op = curvature.preconditioned(op, self.optimizer)
+            self._cache[key] = op
+        return self._cache[key]
+
+    def eigen(self, source: str, k: int, preconditioned: bool = False, tol: float = 1e-3) -> Any:
+        """Top-``k`` eigenpairs, warm-started from the previous measurement of the same kind."""
+        key = ("eigen", source, preconditioned)
+        cached = self._cache.get(key)
+        if cached is not None and len(cached.values) >= k:
+            return cached
+        from landscape import curvature
+
+        result = curvature.top_eigenvalues(
+            self.operator(source, preconditioned),
+            k=k,
+            tol=tol,
+            warm_start=self.state.get(key),
+        )
+        self.state[key] = result
+        self._cache[key] = result
+        return result

@@ -1,0 +1,129 @@
+"""Curvature metrics over the Hessian of the loss on the probe batch (landscape.curvature):
+top eigenvalues, sharpness against the optimizer's stability threshold, trace, density."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from landscape.metrics.base import Metric, register
+from landscape.metrics.context import StepContext
+from landscape.schedules import every
+
+
+@register
+class HessianSpectrum(Metric):
+    """Top-``k`` algebraically largest Hessian eigenvalues by warm-started Lanczos."""
+
+    name = "hessian"
+    default_schedule = every(50)
+
+    def __init__(self, k: int = 3, tol: float = 1e-3, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.k, self.tol = int(k), float(tol)
+
+    def fields(self) -> dict[str, tuple[int, ...]]:
+        return {"eigenvalues": (self.k,), "n_matvec": ()}
+
+    def params(self) -> dict[str, Any]:
+        return {"k": self.k, "tol": self.tol}
+
+    def compute(self, ctx: StepContext) -> dict[str, Any]:
+        result = ctx.eigen(self.data, self.k, tol=self.tol)
+        values = torch.full((self.k,), math.nan, dtype=torch.float64)
+        values[: min(self.k, len(result.values))] = result.values[: self.k].double().cpu()
+        return {"eigenvalues": values, "n_matvec": float(result.n_matvec)}
+
+
+@register
+class Sharpness(Metric):
+    """lambda_max against the optimizer's edge-of-stability threshold (METRICS.md 1.6).
+
+    For SGD (plain, heavy-ball, Nesterov) lambda_max is the Hessian's; for Adam/AdamW it is
+    the preconditioned sharpness of P^-1/2 H P^-1/2 (Cohen et al. 2022). ``ratio`` =
+    lambda_max / threshold; a ratio at or above 1 is the edge of stability.
+    """
+
+    name = "sharpness"
+    FIELDS = ("lambda_max", "threshold", "ratio")
+    default_schedule = every(50)
+
+    def __init__(self, tol: float = 1e-3, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.tol = float(tol)
+
+    def params(self) -> dict[str, Any]:
+        return {"tol": self.tol}
+
+    def compute(self, ctx: StepContext) -> dict[str, float]:
+        from landscape.curvature import stability_threshold
+
+        adam = ctx.optimizer is not None and isinstance(
+            ctx.optimizer, (torch.optim.Adam, torch.optim.AdamW)
+        )
+        lam = float(ctx.eigen(self.data, 1, preconditioned=adam, tol=self.tol).values[0])
+        threshold = math.nan if ctx.optimizer is None else stability_threshold(ctx.optimizer)
+        ratio = lam / threshold if threshold and math.isfinite(threshold) else math.nan
+        return {"lambda_max": lam, "threshold": threshold, "ratio": ratio}
+
+
+@register
+class HessianTrace(Metric):
+    """Hessian trace by Hutch++ (Meyer et al. 2021) with a standard error."""
+
+    name = "hessian_trace"
+    FIELDS = ("value", "stderr")
+    default_schedule = every(100)
+
+    def __init__(self, n_matvec: int = 30, method: str = "hutch++", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.n_matvec, self.method = int(n_matvec), method
+
+    def params(self) -> dict[str, Any]:
+        return {"n_matvec": self.n_matvec, "method": self.method}
+
+    def compute(self, ctx: StepContext) -> dict[str, float]:
+        from landscape.curvature import hessian_trace
+
+        seed = int(ctx.state.setdefault("trace_seed", 0))
+        res = hessian_trace(
+            ctx.operator(self.data), method=self.method, n_matvec=self.n_matvec, seed=seed
+        )
+        return {"value": float(res.value), "stderr": float(res.stderr)}
+
+
+@register
+class SpectralDensity(Metric):
+    """Stochastic Lanczos quadrature nodes and weights (Ghorbani et al. 2019), one row of
+    ``n_iter`` per probe (NaN-padded when Lanczos stops early); smooth them with
+    :func:`landscape.curvature.spectral_density`'s convention to plot a density."""
+
+    name = "spectral_density"
+    default_schedule = every(200)
+
+    def __init__(self, n_iter: int = 30, n_probes: int = 2, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.n_iter, self.n_probes = int(n_iter), int(n_probes)
+
+    def fields(self) -> dict[str, tuple[int, ...]]:
+        shape = (self.n_probes, self.n_iter)
+        return {"nodes": shape, "weights": shape}
+
+    def params(self) -> dict[str, Any]:
+        return {"n_iter": self.n_iter, "n_probes": self.n_probes}
+
+    def compute(self, ctx: StepContext) -> dict[str, Any]:
+        from landscape.curvature import spectral_density
+
+        res = spectral_density(ctx.operator(self.data), n_iter=self.n_iter, n_probes=self.n_probes)
+        out = {}
+        for key in ("nodes", "weights"):
+            table = torch.full((self.n_probes, self.n_iter), math.nan, dtype=torch.float64)
+            got = torch.as_tensor(getattr(res, key), dtype=torch.float64).reshape(self.n_probes, -1)
+            table[:, : got.shape[1]] = got[:, : self.n_iter]
+            out[key] = table
+        return out

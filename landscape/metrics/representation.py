@@ -1,0 +1,142 @@
+"""Representation metrics from one shared forward capture: spectral alignment of linear
+layers, neural collapse and VCI, effective rank and uniformity of the penultimate features."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from landscape import functional as LF
+from landscape.capture import last_linear, linear_layers, resolve_module
+from landscape.metrics.base import Metric, register
+from landscape.metrics.context import MissingInput, StepContext
+from landscape.schedules import every
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """(N, ..., d) -> (N * ..., d): every position is a sample (tokens, pixels)."""
+    return x.reshape(-1, x.shape[-1])
+
+
+@register
+class SpectralAlignmentMetric(Metric):
+    """Sign diversity of per-token cosines between each linear layer's input and the top
+    right singular vector of its weight (METRICS.md section 4; definition in docs/metrics.md).
+
+    One row holds, per monitored layer, the minority sign fraction (0 = sign collapse),
+    the sign entropy and the mean |cos|. Power iterations are warm-started across steps.
+    """
+
+    name = "spectral_alignment"
+    default_schedule = every(10)
+
+    def __init__(self, layers: Sequence[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.layers: list[str] = list(layers) if layers is not None else []
+
+    def setup(self, model: nn.Module) -> None:
+        if not self.layers:
+            self.layers = linear_layers(model)
+        if not self.layers:
+            raise ValueError("spectral_alignment: the model has no nn.Linear layer to monitor")
+        for name in self.layers:
+            if not isinstance(getattr(resolve_module(model, name), "weight", None), torch.Tensor):
+                raise ValueError(f"spectral_alignment: layer {name!r} has no weight matrix")
+
+    def fields(self) -> dict[str, tuple[int, ...]]:
+        n = len(self.layers)
+        return {"minority": (n,), "entropy": (n,), "mean_abs_cos": (n,)}
+
+    def params(self) -> dict[str, Any]:
+        return {"layers": self.layers}
+
+    def captures(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        return tuple(self.layers), ()
+
+    def compute(self, ctx: StepContext) -> dict[str, Any]:
+        cap = ctx.captured(self.data)
+        rows = {k: torch.full((len(self.layers),), math.nan) for k in self.fields()}
+        for i, name in enumerate(self.layers):
+            weight = resolve_module(ctx.model, name).weight.detach()
+            if name not in cap.inputs:
+                continue
+            key = ("alignment_v", name)
+            res = LF.spectral_alignment(
+                weight.reshape(weight.shape[0], -1), _tokens(cap.inputs[name]),
+                init=ctx.state.get(key),
+            )
+            ctx.state[key] = res.v
+            rows["minority"][i] = float(res.minority_fraction)
+            rows["entropy"][i] = float(res.sign_entropy)
+            rows["mean_abs_cos"][i] = float(res.mean_abs_cos)
+        return rows
+
+
+class _PenultimateMetric(Metric):
+    """Base for metrics on the input of the classifier layer (the last nn.Linear by default)."""
+
+    default_schedule = every(50)
+
+    def __init__(self, layer: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.layer = layer
+
+    def setup(self, model: nn.Module) -> None:
+        if self.layer is None:
+            self.layer = last_linear(model)
+        resolve_module(model, self.layer)
+
+    def params(self) -> dict[str, Any]:
+        return {"layer": self.layer}
+
+    def captures(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        return (str(self.layer),), ()
+
+    def features(self, ctx: StepContext) -> torch.Tensor:
+        cap = ctx.captured(self.data)
+        if self.layer not in cap.inputs:
+            raise MissingInput(f"layer {self.layer!r} was not called in the forward pass")
+        return _tokens(cap.inputs[str(self.layer)])
+
+
+@register
+class Collapse(_PenultimateMetric):
+    """Neural collapse NC1–NC4 (Papyan et al. 2020) and the variability-collapse index
+    (Xu et al. 2023) of the penultimate features, labelled by the batch's targets."""
+
+    name = "collapse"
+    FIELDS = ("nc1", "nc2_equinorm", "nc2_equiangular", "nc2_etf", "nc3", "nc4", "vci")
+    default_schedule = every(100)
+
+    def compute(self, ctx: StepContext) -> dict[str, float]:
+        feats = self.features(ctx)
+        labels = ctx.targets(self.data).reshape(-1)
+        if labels.shape[0] != feats.shape[0]:
+            raise MissingInput("collapse: targets do not match the penultimate features")
+        classifier = resolve_module(ctx.model, str(self.layer))
+        nc = LF.neural_collapse(feats, labels, classifier=classifier).as_dict()
+        vci = LF.variability_collapse_index(feats, labels)
+        source = {"nc2_equinorm": "nc2_equinorm_means", "nc2_equiangular": "nc2_equiangular_means",
+                  "nc2_etf": "nc2_etf_means"}
+        row = {k: float(nc.get(source.get(k, k), math.nan)) for k in self.FIELDS if k != "vci"}
+        row["vci"] = float(vci.value)
+        return row
+
+
+@register
+class Representation(_PenultimateMetric):
+    """Effective rank (RankMe, Garrido et al. 2023) and Wang–Isola uniformity (2020) of the
+    penultimate features."""
+
+    name = "representation"
+    FIELDS = ("effective_rank", "uniformity")
+
+    def compute(self, ctx: StepContext) -> dict[str, float]:
+        feats = self.features(ctx)
+        return {
+            "effective_rank": float(LF.effective_rank(feats).value),
+            "uniformity": float(LF.uniformity(feats).value),
+        }

@@ -1,0 +1,388 @@
+"""The training-loop integration: :class:`Monitor`.
+
+::
+
+    with ls.Monitor(model, loss_fn, path="run.h5", optimizer=opt,
+                    metrics=ls.metrics.preset("standard"), probe=(x_val, y_val)) as mon:
+        for step, (x, y) in enumerate(loader):
+            loss = loss_fn(model(x), y)
+            opt.zero_grad(); loss.backward(); opt.step()
+            mon.step(step, batch=(x, y), loss=loss)
+
+At each ``step`` the monitor asks every metric's schedule whether it is due (off-steps cost
+that check only), builds one :class:`~landscape.metrics.StepContext` shared by the due
+metrics, computes them inside :func:`landscape.isolation.isolated` and appends one row per
+metric to the run file; the alarm rules (:mod:`landscape.alarms`) see each row and their
+findings become :class:`~landscape.InstabilityWarning` warnings, ``on_finding`` calls and
+rows of ``/findings``.
+
+Training is never changed (DESIGN.md): a monitored run gives bitwise the parameters of the
+unmonitored run on CPU. The only state the monitor attaches to user objects are the
+optimizer step hooks, which snapshot the parameters before a step only when a metric that
+needs the actual update Δθ is due, and are removed by :meth:`Monitor.close`. The optional
+``taylor_guard`` is the one deliberate exception: it rescales a step whose normalized size
+r exceeds the target (Sao 2026's controller), and is off by default.
+
+A metric that fails (out of memory, missing input) records a NaN row, one warning and one
+``metric_failed`` info finding, and training goes on; ``strict=True`` re-raises instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from landscape._errors import InstabilityWarning, StepOrderError
+from landscape.findings import Finding
+from landscape.isolation import isolated
+from landscape.metrics import Metric, MissingInput, StepContext, create, preset
+from landscape.params import trainable_named_parameters
+from landscape.store import Run, RunWriter
+
+__all__ = ["Monitor"]
+
+MetricsLike = str | Metric | Iterable[str | Metric] | None
+
+
+def _resolve_metrics(metrics: MetricsLike) -> list[Metric]:
+    if metrics is None:
+        return preset("cheap")
+    if isinstance(metrics, str):
+        from landscape.metrics.presets import PRESETS
+
+        return preset(metrics) if metrics in PRESETS else [create(metrics)]
+    if isinstance(metrics, Metric):
+        return [metrics]
+    out = [create(m) if isinstance(m, str) else m for m in metrics]
+    for m in out:
+        if not isinstance(m, Metric):
+            raise TypeError(f"metrics: expected Metric instances or names, got {m!r}")
+    names = [m.name for m in out]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"metrics: each metric may appear once, repeated: {', '.join(dupes)}")
+    return out
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel wrappers."""
+    parallel = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    return model.module if isinstance(model, parallel) else model
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        return repr(value)
+
+
+def _optimizer_config(opt: torch.optim.Optimizer | None) -> dict[str, Any] | None:
+    if opt is None:
+        return None
+    group = {k: _jsonable(v) for k, v in opt.param_groups[0].items() if k != "params"}
+    return {"class": type(opt).__name__, "param_group_0": group}
+
+
+class Monitor:
+    """Record diagnostics of ``model`` during training into one run file.
+
+    Args:
+        model: the model being trained (a DDP wrapper is unwrapped).
+        loss_fn: ``loss_fn(model(inputs), targets)``; or pass ``closure``.
+        path: the HDF5 run file (``None``: in memory, read back with :meth:`run`).
+        optimizer: the optimizer, for the update Δθ, the Taylor radius and the stability
+            threshold of the sharpness metric.
+        metrics: a preset name (``"cheap"``, ``"standard"``, ``"full"``), metric names, or
+            :class:`~landscape.metrics.Metric` instances (default ``"cheap"``).
+        probe: a fixed batch for metrics on probe data (curvature, representations).
+        closure: ``closure(model, batch) -> loss`` for models whose loss is not
+            ``loss_fn(model(x), y)`` (dict batches, language models).
+        config: extra JSON-able run configuration stored in the file.
+        alarms: ``True`` (default rules), ``False``, or a list of rules (landscape.alarms).
+        on_finding: called with each :class:`~landscape.findings.Finding` as it is raised.
+        strict: re-raise metric failures instead of recording them.
+        warn: emit findings as :class:`~landscape.InstabilityWarning`.
+        taylor_guard: ``None`` (off) or a target r (e.g. 1.0): rescale any optimizer step
+            whose normalized size on the probe batch exceeds it. This changes training.
+        mode, truncate_from, flush_every: passed to :class:`~landscape.store.RunWriter`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[..., torch.Tensor] | None = None,
+        path: str | None = None,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        metrics: MetricsLike = None,
+        probe: Any = None,
+        closure: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+        config: dict[str, Any] | None = None,
+        alarms: bool | Sequence[Any] = True,
+        on_finding: Callable[[Finding], None] | None = None,
+        strict: bool = False,
+        warn: bool = True,
+        taylor_guard: float | None = None,
+        mode: str = "a",
+        truncate_from: int | None = None,
+        flush_every: int = 256,
+    ) -> None:
+        if loss_fn is None and closure is None:
+            raise ValueError("Monitor needs loss_fn or closure")
+        if taylor_guard is not None and (optimizer is None or probe is None):
+            raise ValueError("taylor_guard needs optimizer= and probe=(inputs, targets)")
+        self.model = _unwrap(model)
+        self.loss_fn = loss_fn
+        self.closure = closure
+        self.optimizer = optimizer
+        self.probe = probe
+        self.metrics = _resolve_metrics(metrics)
+        self.on_finding = on_finding
+        self.strict = strict
+        self.warn = warn
+        self.taylor_guard = taylor_guard
+        self.path = path if _rank() == 0 else None  # only rank 0 writes a file
+        self._writer_args = {"mode": mode, "truncate_from": truncate_from,
+                             "flush_every": flush_every}
+        self._user_config = dict(config or {})
+        self._alarm_rules = alarms
+        self.findings: list[Finding] = []
+        self.timings: dict[str, float] = {m.name: 0.0 for m in self.metrics}
+        self.writer: RunWriter | None = None
+        self._alarms: Any = None
+        self._names: list[str] = []
+        self._state: dict[Any, Any] = {}
+        self._failed: set[str] = set()
+        self._hooks: list[Any] = []
+        self._before: tuple[torch.Tensor, ...] | None = None
+        self._last_step: int | None = None
+        self._stride = 1
+        self._first_step = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> Monitor:
+        """Open the run file, declare every metric, attach the optimizer step hooks."""
+        if self.writer is not None:
+            return self
+        self._names = list(trainable_named_parameters(self.model))
+        for m in self.metrics:
+            m.setup(self.model)
+        self.writer = RunWriter(self.path, config=self._config(), **self._writer_args)
+        try:
+            for m in self.metrics:
+                self.writer.declare(
+                    m.name, m.fields(), cls=f"{type(m).__module__}.{type(m).__qualname__}",
+                    params={**m.params(), "data": m.data}, schedule=str(m.schedule),
+                )
+            lasts = [self.writer.last_step(m.name) for m in self.metrics]
+            known = [s for s in lasts if s is not None]
+            if known:  # resuming: the next step must come after every recorded one
+                self._last_step = max(known)
+                self._first_step = self._last_step + 1
+            self._alarms = self._make_alarms()
+        except BaseException:
+            self.writer.close()
+            self.writer = None
+            raise
+        if self.optimizer is not None:
+            self._hooks = [
+                self.optimizer.register_step_pre_hook(self._pre_step),
+                self.optimizer.register_step_post_hook(self._post_step),
+            ]
+        return self
+
+    def close(self) -> None:
+        """Remove the optimizer hooks and flush and close the run file."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._before = None
+        if self.writer is not None:
+            self.writer.close()
+
+    def __enter__(self) -> Monitor:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def run(self) -> Run:
+        """A reader of what has been recorded (the in-memory run when ``path`` is None)."""
+        if self.writer is None:
+            raise RuntimeError("the monitor has not been started")
+        if self.writer.path is None:
+            return self.writer.run()
+        self.writer.flush()
+        return Run.open(self.writer.path)
+
+    def _config(self) -> dict[str, Any]:
+        n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return {
+            "model": type(self.model).__name__,
+            "n_parameters": n_params,
+            "optimizer": _optimizer_config(self.optimizer),
+            "metrics": [
+                {"name": m.name, "schedule": str(m.schedule), "data": m.data, **m.params()}
+                for m in self.metrics
+            ],
+            "taylor_guard": self.taylor_guard,
+            **self._user_config,
+        }
+
+    def _make_alarms(self) -> Any:
+        if self._alarm_rules is False:
+            return None
+        from landscape.alarms import OnlineAlarms
+
+        rules = None if self._alarm_rules is True else list(self._alarm_rules)
+        return OnlineAlarms(rules)
+
+    # ------------------------------------------------------------------ optimizer hooks
+
+    def _next_step(self) -> int:
+        if self._last_step is None:
+            return self._first_step
+        return self._last_step + self._stride
+
+    def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._before is not None:  # several optimizer steps per monitor step: keep the first
+            return
+        upcoming = self._next_step()
+        wanted = self.taylor_guard is not None or any(
+            m.needs_update and m.schedule(upcoming) for m in self.metrics
+        )
+        if wanted:
+            own = dict(self.model.named_parameters())
+            self._before = tuple(own[n].detach().clone() for n in self._names)
+
+    def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.taylor_guard is None or self._before is None:
+            return
+        from landscape.metrics.training import radius_along
+
+        own = dict(self.model.named_parameters())
+        current = [own[n] for n in self._names]
+        update = tuple(p.detach() - b for p, b in zip(current, self._before))
+        ctx = self._context(self._next_step(), None, None, None)
+        with isolated(self.model):
+            inputs, targets = _split(self.probe)
+            r = float(radius_along(ctx, inputs, targets, self._before, update).r)
+        if math.isfinite(r) and r > self.taylor_guard:
+            scale = self.taylor_guard / r
+            with torch.no_grad():
+                for p, b, u in zip(current, self._before, update):
+                    p.copy_(b + scale * u)
+
+    # ------------------------------------------------------------------ the step
+
+    def _context(self, step: int, batch: Any, loss: Any, outputs: Any) -> StepContext:
+        return StepContext(
+            step=step, model=self.model, loss_fn=self.loss_fn, closure=self.closure,
+            optimizer=self.optimizer, names=self._names, batch=batch, probe=self.probe,
+            loss=loss, outputs=outputs, state=self._state,
+        )
+
+    def step(
+        self, step: int, *, batch: Any = None, loss: Any = None, outputs: Any = None
+    ) -> list[Finding]:
+        """Record every metric due at ``step``; returns the findings raised at this step.
+
+        Call it after ``optimizer.step()``. ``batch`` is the training batch, ``loss`` its
+        loss (a tensor or float; never recomputed), ``outputs`` optionally the model's
+        output on ``batch`` (saves a forward pass for logit metrics on the batch).
+        """
+        if self.writer is None:
+            self.start()
+        step = int(step)
+        if self._last_step is not None and step <= self._last_step:
+            raise StepOrderError(
+                f"step {step} does not come after the last recorded step {self._last_step}"
+            )
+        due = [m for m in self.metrics if m.schedule(step)]
+        before, self._before = self._before, None
+        if self._last_step is not None:
+            self._stride = step - self._last_step
+        self._last_step = step
+        if not due:
+            return []
+        ctx = self._context(step, batch, loss, outputs)
+        if before is not None:
+            own = dict(self.model.named_parameters())
+            ctx.params_before = before
+            ctx.update = tuple(own[n].detach() - b for n, b in zip(self._names, before))
+        for m in due:
+            ins, outs = m.captures()
+            plan = ctx.capture_plan.setdefault(m.data, (set(), set()))
+            plan[0].update(ins)
+            plan[1].update(outs)
+        raised: list[Finding] = []
+        with isolated(self.model):
+            for m in due:
+                row = self._compute(m, ctx)
+                assert self.writer is not None
+                self.writer.append(m.name, step, row)
+                if self._alarms is not None:
+                    for f in self._alarms.observe(m.name, step, row):
+                        raised.append(self._emit(f))
+        return raised
+
+    def _compute(self, metric: Metric, ctx: StepContext) -> dict[str, Any]:
+        start = time.perf_counter()
+        try:
+            return dict(metric.compute(ctx))
+        except Exception as err:  # a diagnostic never stops training unless strict
+            if self.strict:
+                raise
+            self._record_failure(metric, ctx.step, err)
+            return {k: np.full(shape, np.nan) for k, shape in metric.fields().items()}
+        finally:
+            self.timings[metric.name] += time.perf_counter() - start
+
+    def _record_failure(self, metric: Metric, step: int, err: Exception) -> None:
+        if metric.name in self._failed:
+            return
+        self._failed.add(metric.name)
+        kind = "cannot run" if isinstance(err, MissingInput) else "failed"
+        message = f"metric {metric.name!r} {kind} at step {step}: {err}"
+        hint = (
+            "see the message; the metric records NaN until this is fixed"
+            if isinstance(err, MissingInput)
+            else "the metric records NaN; pass strict=True to Monitor to see the traceback"
+        )
+        finding = Finding(step, "metric_failed", "info", metric.name, math.nan, math.nan,
+                          message, hint)
+        warnings.warn(f"landscape: {message}", RuntimeWarning, stacklevel=4)
+        self.findings.append(finding)
+        assert self.writer is not None
+        self.writer.add_finding(finding)
+
+    def _emit(self, finding: Finding) -> Finding:
+        self.findings.append(finding)
+        assert self.writer is not None
+        self.writer.add_finding(finding)
+        if self.warn:
+            warnings.warn(InstabilityWarning(finding.describe()), stacklevel=4)
+        if self.on_finding is not None:
+            self.on_finding(finding)
+        return finding
+
+
+def _split(batch: Any) -> tuple[Any, Any]:
+    from landscape.metrics.context import split_batch
+
+    return split_batch(batch)

@@ -1,0 +1,1 @@
+"""Matplotlib figures: metric timelines (:mod:`.timelines`) and loss surfaces (:mod:`.surfaces`)."""

@@ -1,0 +1,149 @@
+"""Monitor mechanics: rows per schedule, NaN rows on failure, hooks removed, resume, registry."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import landscape as ls
+from landscape._errors import StepOrderError
+from landscape.metrics import Metric, preset, register
+from landscape.monitor import Monitor
+from tests import models
+
+
+def _train(model, opt, steps, mon=None, data_seed=0):
+    g = torch.Generator().manual_seed(data_seed)
+    for step in range(steps):
+        x = torch.randn(16, 6, generator=g)
+        y = torch.randint(0, 3, (16,), generator=g)
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if mon is not None:
+            mon.step(step, batch=(x, y), loss=loss, outputs=out)
+
+
+def test_cheap_preset_records_one_row_per_due_step_and_removes_hooks():
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    probe = models.classification_data(32, seed=5)
+    with Monitor(model, F.cross_entropy, optimizer=opt, probe=probe, alarms=False) as mon:
+        _train(model, opt, 12, mon)
+        run = mon.run()
+    assert set(run.metrics()) == {"loss", "grad_norm", "nonfinite", "update", "logits"}
+    assert list(run.steps("loss")) == list(range(12))
+    assert list(run.steps("logits")) == [0, 10]
+    _, norms = run.series("update", "norm")
+    assert np.all(np.isfinite(norms)) and np.all(norms > 0)
+    _, bad = run.series("nonfinite", "loss")
+    assert np.all(bad == 0)
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_update_norm_equals_the_actual_parameter_change():
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with Monitor(model, F.cross_entropy, optimizer=opt, metrics=["loss", "update"],
+                 alarms=False) as mon:
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        _train(model, opt, 1, mon)
+        after = torch.cat([p.detach().flatten() for p in model.parameters()])
+        _, norms = mon.run().series("update", "norm")
+    assert norms[0] == pytest.approx(float((after - before).norm()), rel=1e-6)
+
+
+def test_a_failing_metric_records_nan_a_warning_and_one_finding():
+    @register(replace=True)
+    class Broken(Metric):
+        name = "test_broken"
+        FIELDS = ("value",)
+
+        def compute(self, ctx):
+            raise RuntimeError("out of memory (simulated)")
+
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = Monitor(model, F.cross_entropy, optimizer=opt, metrics=["loss", "test_broken"],
+                  alarms=False)
+    with pytest.warns(RuntimeWarning, match="out of memory"):
+        _train(model, opt, 3, mon.start())
+    run = mon.run()
+    assert np.all(np.isnan(run.series("test_broken", "value")[1]))
+    assert len(run.series("loss", "value")[1]) == 3
+    assert [f.rule for f in run.findings()] == ["metric_failed"]
+    mon.close()
+
+    strict = Monitor(models.mlp(), F.cross_entropy, metrics=["test_broken"], strict=True,
+                     alarms=False)
+    with pytest.raises(RuntimeError, match="simulated"):
+        strict.step(0)
+    strict.close()
+
+
+def test_registry_refuses_silent_overwrite_and_user_metric_in_a_few_lines():
+    with pytest.raises(ValueError, match="already registered"):
+        @register
+        class Again(Metric):
+            name = "loss"
+            FIELDS = ("value",)
+
+    @register(replace=True)
+    class WeightNorm(Metric):
+        name = "test_weight_norm"
+        FIELDS = ("value",)
+
+        def compute(self, ctx):
+            return {"value": ls.params.norm(ctx.params).item()}
+
+    model = models.mlp()
+    with Monitor(model, F.cross_entropy, metrics=["test_weight_norm"], alarms=False) as mon:
+        mon.step(0)
+        value = mon.run().series("test_weight_norm", "value")[1][0]
+    expected = torch.cat([p.detach().flatten() for p in model.parameters()]).norm()
+    assert value == pytest.approx(float(expected))
+
+
+def test_steps_must_increase_and_resume_continues(tmp_path):
+    path = tmp_path / "run.h5"
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Monitor(model, F.cross_entropy, path=str(path), optimizer=opt, alarms=False) as mon:
+        _train(model, opt, 3, mon)
+        with pytest.raises(StepOrderError):
+            mon.step(1, loss=1.0)
+    with Monitor(model, F.cross_entropy, path=str(path), optimizer=opt, alarms=False) as mon:
+        with pytest.raises(StepOrderError):
+            mon.step(2, loss=1.0)
+        mon.step(3, loss=torch.tensor(0.5))
+    run = ls.Run.open(path)
+    assert list(run.steps("loss")) == [0, 1, 2, 3]
+    assert run.config["optimizer"]["class"] == "SGD"
+
+
+def test_missing_inputs_give_nan_rows_not_crashes():
+    model = models.mlp()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Monitor(model, F.cross_entropy, metrics=["loss", "logits"], alarms=False) as mon:
+            mon.step(0)  # no loss, no probe
+            run = mon.run()
+    assert math.isnan(run.series("loss", "value")[1][0])
+    assert math.isnan(run.series("logits", "max_abs")[1][0])
+    assert sum("cannot run" in str(w.message) for w in caught) == 2
+
+
+def test_bad_arguments_are_value_errors():
+    model = models.mlp()
+    with pytest.raises(ValueError, match="loss_fn or closure"):
+        Monitor(model)
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("fast")
+    with pytest.raises(ValueError, match="unknown metric"):
+        Monitor(model, F.cross_entropy, metrics=["nope"])
