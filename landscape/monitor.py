@@ -195,6 +195,11 @@ class Monitor:
                 self._last_step = max(known)
                 self._first_step = self._last_step + 1
             self._alarms = self._make_alarms()
+            if self._alarms is not None:
+                for m in self.metrics:
+                    self._alarms.declare(m.name, {**m.params(), "data": m.data})
+                if known:  # resuming: rebuild rule state from the recorded rows
+                    self._alarms.replay(self.writer.run())
         except BaseException:
             self.writer.close()
             self.writer = None

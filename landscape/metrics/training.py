@@ -94,6 +94,7 @@ class Logits(Metric):
     name = "logits"
     FIELDS = ("max_abs", "logsumexp_mean", "logsumexp_max", "zloss", "softmax_collapse")
     default_schedule = every(10)
+    default_data = "batch"  # free when step(outputs=...) is passed; else one forward pass
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
         z = ctx.logits(self.data)

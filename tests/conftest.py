@@ -1,0 +1,8 @@
+"""Test-session settings shared by every test module."""
+
+import torch
+
+# The suite runs as `pytest -n 2` on 2 cores: one intra-op thread per worker avoids
+# oversubscription (which slows small-tensor code by an order of magnitude). Results do
+# not depend on it.
+torch.set_num_threads(1)

@@ -1,0 +1,62 @@
+"""A monitored run gives bitwise the parameters, buffers and RNG stream of the unmonitored run
+(CPU; dropout and BatchNorm; SGD with momentum and Adam; every preset with every metric due
+often)."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from landscape.metrics import PRESETS, preset
+from landscape.monitor import Monitor
+from tests import models
+
+STEPS = 6
+
+
+def _run(opt_name: str, preset_name: str | None):
+    torch.manual_seed(123)
+    model = models.SmallCNN(seed=0)
+    model.train()
+    if opt_name == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    probe = models.image_data(24, seed=9)
+    g = torch.Generator().manual_seed(1)
+    mon = None
+    if preset_name is not None:
+        metrics = preset(preset_name, **dict.fromkeys(PRESETS[preset_name], "every(2)"))
+        mon = Monitor(model, F.cross_entropy, optimizer=opt, metrics=metrics, probe=probe,
+                      strict=True, warn=False).start()
+    for step in range(STEPS):
+        x = torch.randn(12, 1, 6, 6, generator=g)
+        y = torch.randint(0, 3, (12,), generator=g)
+        out = model(x)  # dropout draws from the global RNG
+        loss = F.cross_entropy(out, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if mon is not None:
+            mon.step(step, batch=(x, y), loss=loss)
+    if mon is not None:
+        mon.close()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [p.grad.clone() for p in model.parameters()]
+    return state, grads, torch.get_rng_state(), model.training
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+@pytest.mark.parametrize("preset_name", ["cheap", "standard", "full"])
+def test_monitored_run_is_bitwise_identical(opt_name, preset_name):
+    ref_state, ref_grads, ref_rng, ref_mode = _run(opt_name, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state, grads, rng, mode = _run(opt_name, preset_name)
+    assert state.keys() == ref_state.keys()
+    for k in state:
+        assert torch.equal(state[k], ref_state[k]), k  # parameters and BN buffers
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    assert torch.equal(rng, ref_rng)
+    assert mode == ref_mode
