@@ -7,6 +7,10 @@ errors (click's convention), 1 for everything else. Never a traceback.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from typing import Iterator
+
 import click
 
 from landscape import LandscapeError, __version__
@@ -28,3 +32,16 @@ class LandscapeGroup(click.Group):
 @click.version_option(__version__, prog_name="landscape")
 def cli() -> None:
     """Training diagnostics and loss-landscape analysis for PyTorch."""
+
+
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Print warnings raised inside the block as ``warning: message`` lines on stderr."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        click.echo(f"warning: {message}", err=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = show
+        yield

@@ -47,6 +47,16 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     )
 
 
+def _concat(parts: list[Captured]) -> Captured:
+    """Captures of several batches joined along the sample dimension."""
+    joined = Captured()
+    for attr in ("inputs", "outputs"):
+        keys = set.intersection(*(set(getattr(p, attr)) for p in parts))
+        for k in keys:
+            getattr(joined, attr)[k] = torch.cat([getattr(p, attr)[k] for p in parts])
+    return joined
+
+
 @dataclass
 class StepContext:
     """Everything a metric may read at one step. Built by the monitor; see module docstring."""
@@ -87,8 +97,14 @@ class StepContext:
             raise MissingInput(f"this metric needs the {source} data: {hint}")
         return value
 
+    def batches(self, source: str) -> list[Any]:
+        """``source`` as a list of batches (a probe may be one batch or a list of batches)."""
+        value = self.data(source)
+        return list(value) if isinstance(value, list) else [value]
+
     def targets(self, source: str) -> torch.Tensor:
-        return split_batch(self.data(source))[1]
+        """Targets of ``source``, concatenated over its batches."""
+        return torch.cat([split_batch(b)[1].reshape(-1) for b in self.batches(source)])
 
     def grads(self) -> Vector | None:
         """The gradient the user's backward left in ``.grad`` (None if any is missing)."""
@@ -100,8 +116,7 @@ class StepContext:
 
     # -- the shared forward pass
 
-    def _forward(self, source: str, params: dict[str, torch.Tensor]) -> Any:
-        batch = self.data(source)
+    def _forward(self, batch: Any, params: dict[str, torch.Tensor]) -> Any:
         if self.closure is not None:
             return stateless_closure(self.model, self.closure, params, batch)
         inputs, _ = split_batch(batch)
@@ -112,9 +127,12 @@ class StepContext:
         for, plus the model's output under the name ``""``."""
         if source not in self._captured:
             ins, outs = self.capture_plan.get(source, (set(), set()))
-            with torch.no_grad(), capture(self.model, inputs=ins, outputs={"", *outs}) as cap:
-                self._forward(source, self.named_params)
-            self._captured[source] = cap
+            parts = []
+            for batch in self.batches(source):
+                with torch.no_grad(), capture(self.model, inputs=ins, outputs={"", *outs}) as cap:
+                    self._forward(batch, self.named_params)
+                parts.append(cap)
+            self._captured[source] = parts[0] if len(parts) == 1 else _concat(parts)
         return self._captured[source]
 
     def logits(self, source: str) -> torch.Tensor:

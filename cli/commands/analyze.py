@@ -1,0 +1,55 @@
+"""``landscape analyze``: curvature and representation metrics of checkpoints into one run."""
+
+from __future__ import annotations
+
+import click
+from landscape_cli.app import cli, one_line_warnings
+
+from landscape.analysis import ANALYZE_METRICS, analyze
+from landscape.loading import call_factory, resolve_loss
+
+
+@cli.command("analyze")
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path())
+@click.option("--model", "model_spec", required=True,
+              help="Model factory: package.module:fn or path/to/file.py:fn (no arguments).")
+@click.option("--data", "data_spec", required=True,
+              help="Data factory returning (inputs, targets) or an iterable of such batches.")
+@click.option("--loss", "loss_spec", default="cross_entropy", show_default=True,
+              help="cross_entropy, mse, nll, bce_with_logits, or package.module:fn.")
+@click.option("-o", "--out", "out", default="run.h5", show_default=True, type=click.Path(),
+              help="Run file to write (appended to when it exists).")
+@click.option("-m", "--metric", "metrics", multiple=True,
+              type=click.Choice(ANALYZE_METRICS), help="Metrics to compute (default: all).")
+@click.option("-k", "k", default=5, show_default=True, type=click.IntRange(1),
+              help="Number of top Hessian eigenvalues.")
+@click.option("--lr", type=float, default=None,
+              help="SGD learning rate, for the sharpness metric's stability threshold.")
+@click.option("--momentum", type=float, default=None, help="SGD momentum (with --lr).")
+@click.option("--trust-checkpoint", is_flag=True,
+              help="Allow pickled objects in checkpoints (can run arbitrary code).")
+@click.option("--device", default=None, help="Device to run on, e.g. cpu or cuda:0.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for the factories.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+def analyze_command(checkpoints, model_spec, data_spec, loss_spec, out, metrics, k, lr,
+                    momentum, trust_checkpoint, device, seed, quiet):
+    """Compute Hessian spectra, trace, density, sharpness and collapse metrics of CHECKPOINTS
+    (ordered by training step) into one run file."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = call_factory(model_spec, "model factory")
+    data = call_factory(data_spec, "data factory")
+    optimizer = None if lr is None else {"name": "sgd", "lr": lr, "momentum": momentum}
+    with one_line_warnings():
+        monitor = analyze(
+            checkpoints, model, data, resolve_loss(loss_spec), out,
+            metrics=metrics or ANALYZE_METRICS, k=k, optimizer=optimizer,
+            trust=trust_checkpoint, device=device, progress=not quiet,
+        )
+    if not quiet:
+        run = monitor.run()
+        click.echo(f"wrote {out}: {len(run.checkpoints())} checkpoints, "
+                   f"metrics {', '.join(run.metrics())}")
+        for f in monitor.findings:
+            click.echo(f.describe())

@@ -1,0 +1,104 @@
+"""Probe data for the curvature operators: one batch or a fixed list of batches.
+
+A loader's curvature is the size-weighted mean of the per-batch curvatures (METRICS.md G4,
+as PyHessian's ``dataloader_hv_product``): with mean-reduced per-batch losses
+``L_b`` over ``n_b`` samples, ``L = sum_b (n_b / N) L_b``. The batches are read once and
+kept, so every matvec of a Krylov run sees exactly the same data (a shuffling loader
+would otherwise change the operator between iterations).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+
+BatchSize = Callable[[Any], "int | None"]
+
+
+def leading_size(obj: Any) -> int | None:
+    """Length of the first dimension of the first tensor found in ``obj`` (depth first)."""
+    if isinstance(obj, torch.Tensor):
+        return int(obj.shape[0]) if obj.dim() > 0 else None
+    if isinstance(obj, Mapping):
+        for value in obj.values():
+            size = leading_size(value)
+            if size is not None:
+                return size
+        return None
+    if isinstance(obj, (tuple, list)):
+        for value in obj:
+            size = leading_size(value)
+            if size is not None:
+                return size
+    return None
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """``obj`` with every tensor (inside tuples, lists, dicts) moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, Mapping):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(to_device(v, device) for v in obj)
+    if isinstance(obj, list):
+        return [to_device(v, device) for v in obj]
+    return obj
+
+
+def is_single_batch(data: Any, closure_mode: bool) -> bool:
+    """Whether ``data`` is one batch rather than an iterable of batches.
+
+    With ``loss_fn``: a tuple or list of length 2 whose first item is a tensor or a mapping
+    is one ``(inputs, targets)`` batch. With a closure: a tensor, a mapping or a tuple is
+    one batch; lists, loaders and other iterables are batches. Pass ``single_batch=`` to
+    the operator to override.
+    """
+    if closure_mode:
+        return isinstance(data, (torch.Tensor, Mapping, tuple))
+    return (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and isinstance(data[0], (torch.Tensor, Mapping))
+    )
+
+
+def materialize(
+    data: Any,
+    *,
+    closure_mode: bool,
+    max_batches: int | None,
+    single_batch: bool | None,
+    batch_size: BatchSize | None,
+) -> tuple[list[Any], list[float]]:
+    """The batches as a list and their weights ``n_b / N`` (equal if a size is unknown)."""
+    if data is None:
+        raise ValueError("data: no probe data given (a batch or an iterable of batches)")
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1, got {max_batches}")
+    single = is_single_batch(data, closure_mode) if single_batch is None else single_batch
+    if single:
+        batches = [data]
+    else:
+        if not isinstance(data, Iterable):
+            raise ValueError(f"data: expected a batch or an iterable of batches, got {data!r}")
+        batches = list(itertools.islice(iter(data), max_batches))
+    if not batches:
+        raise ValueError("data: the iterable of batches is empty")
+    if not closure_mode:
+        for b in batches:
+            if not (isinstance(b, (tuple, list)) and len(b) == 2):
+                raise ValueError(
+                    "data: with loss_fn every batch must be an (inputs, targets) pair; "
+                    "use closure= for other batch structures"
+                )
+    sizer = batch_size or (lambda b: leading_size(b[0] if not closure_mode else b))
+    sizes = [sizer(b) for b in batches]
+    if any(s is None or s <= 0 for s in sizes):
+        weights = [1.0 / len(batches)] * len(batches)
+    else:
+        total = float(sum(sizes))
+        weights = [s / total for s in sizes]
+    return batches, weights

@@ -1,0 +1,257 @@
+"""Lanczos iterations on flat tensors: a Krylov eigen-solver and SLQ tridiagonals.
+
+Pure functions over a symmetric linear map given as a callable on 1-D tensors (or on a
+batch of them); nothing here knows about models. Two routines:
+
+* :func:`krylov_eigsh` -- Lanczos with full re-orthogonalisation (classical Gram-Schmidt,
+  applied twice), written as a *block* Krylov method fed one matvec at a time so that it
+  can start from several vectors (a warm start from previous Ritz vectors). With a single
+  start vector it is exactly the Lanczos process of METRICS.md 1.3(b) (Paige 1972;
+  Parlett, *The Symmetric Eigenvalue Problem*, ch. 13). Stopping on Ritz residuals.
+* :func:`lanczos_tridiagonal` -- plain m-step Lanczos with full re-orthogonalisation for
+  several independent start vectors in lock step (batched matvecs), returning the
+  tridiagonals used by stochastic Lanczos quadrature (Golub & Meurant 1997; Lin, Saad &
+  Yang 2016; Ghorbani, Krishnan & Xiao 2019).
+
+Basis vectors are kept in the operator's dtype; every small dense problem (projected
+matrix, its eigen-decomposition, residuals) is float64 (METRICS.md G5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+Tensor = torch.Tensor
+
+__all__ = ["KrylovResult", "krylov_eigsh", "lanczos_tridiagonal", "residual_floor"]
+
+
+def residual_floor(dtype: torch.dtype) -> float:
+    """Relative size (w.r.t. the largest |Ritz value|) below which a residual is noise."""
+    return 100.0 * torch.finfo(dtype).eps
+
+
+@dataclasses.dataclass
+class KrylovResult:
+    """Ritz pairs picked from the final Krylov space.
+
+    ``largest``/``smallest``: ``(values, vectors, residuals)`` with float64 values in
+    descending (largest) or ascending (smallest) order, vectors as rows ``(k, n)`` in the
+    operator's dtype, float64 residual norms ``||A y - theta y||``. ``None`` when not asked.
+    """
+
+    largest: tuple[Tensor, Tensor, Tensor] | None
+    smallest: tuple[Tensor, Tensor, Tensor] | None
+    n_matvec: int
+    converged: bool
+    ritz_values: Tensor
+    basis_size: int
+
+
+class _Basis:
+    """Orthonormal rows grown on demand (capacity doubles), with CGS2 orthogonalisation."""
+
+    def __init__(self, n: int, dtype: torch.dtype, device: torch.device, capacity: int) -> None:
+        self.rows = torch.empty((max(capacity, 1), n), dtype=dtype, device=device)
+        self.size = 0
+
+    def orthogonalize(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        """``w`` minus its projection on the basis (twice), and the float64 coefficients."""
+        coef = torch.zeros(self.size, dtype=torch.float64, device=w.device)
+        if self.size:
+            q = self.rows[: self.size]
+            for _ in range(2):
+                c = q @ w
+                w = w - q.T @ c
+                coef += c.double()
+        return w, coef
+
+    def append(self, v: Tensor) -> None:
+        if self.size == self.rows.shape[0]:
+            grown = torch.empty(
+                (2 * self.rows.shape[0], self.rows.shape[1]),
+                dtype=self.rows.dtype,
+                device=self.rows.device,
+            )
+            grown[: self.size] = self.rows[: self.size]
+            self.rows = grown
+        self.rows[self.size] = v
+        self.size += 1
+
+
+def _pick(theta: Tensor, k: int, which: str) -> Tensor:
+    m = theta.numel()
+    k = min(k, m)
+    if which == "largest":
+        return torch.arange(m - 1, m - 1 - k, -1)
+    return torch.arange(0, k)
+
+
+def krylov_eigsh(
+    matvec: Callable[[Tensor], Tensor],
+    start: Tensor,
+    *,
+    k: int = 1,
+    which: str = "largest",
+    tol: float = 1e-3,
+    max_matvec: int = 100,
+    min_matvec: int = 0,
+    generator: torch.Generator | None = None,
+) -> KrylovResult:
+    """Extreme eigenpairs of a symmetric map by Lanczos with full re-orthogonalisation.
+
+    ``start`` is one start vector ``(n,)`` or a block ``(b, n)`` (e.g. previous Ritz
+    vectors); the rows are orthonormalised and multiplied one by one, and the part of each
+    product orthogonal to the basis, normalised, is appended to the basis. After ``j``
+    products ``A V_j = V_{j'} E`` holds exactly (``V_{j'}`` the whole basis, ``E`` the
+    stored coefficients), so for a Ritz pair ``(theta, y = V_j s)`` of the projected matrix
+    ``T = V_j^T A V_j`` the residual is ``||A y - theta y|| = ||E s - theta [s; 0]||``,
+    computed without extra matvecs (for one start vector ``E`` is tridiagonal and this is
+    the classical ``beta_j |s_j|``).
+
+    Stopping rule: every wanted Ritz pair satisfies
+    ``||A y - theta y|| <= max(tol * |theta|, residual_floor(dtype) * max_i |theta_i|)``
+    (the floor only matters for eigenvalues near 0), after at least ``min_matvec``
+    products. When the basis stops growing (an invariant subspace: exactly low-rank ``A``,
+    or dependent start vectors) a fresh random vector from ``generator`` is added, so the
+    solver also finds eigenvalues orthogonal to the start. ``which`` is ``"largest"``,
+    ``"smallest"`` or ``"both"`` (algebraic order); ``k`` pairs at each wanted end.
+    """
+    if which not in ("largest", "smallest", "both"):
+        raise ValueError(f"which must be 'largest', 'smallest' or 'both', got {which!r}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol}")
+    block = start.reshape(1, -1) if start.dim() == 1 else start
+    n = block.shape[1]
+    dtype, device = block.dtype, block.device
+    max_matvec = max(1, min(int(max_matvec), n))
+    basis = _Basis(n, dtype, device, capacity=min(n, block.shape[0] + max_matvec + 1))
+    floor_rel = residual_floor(dtype)
+    coeffs = torch.zeros((max_matvec + block.shape[0] + 1, max_matvec), dtype=torch.float64)
+    norm_est = 0.0
+
+    def add_unit(w: Tensor) -> None:
+        """Orthogonalise a unit vector against the basis and append what is left of it."""
+        w, _ = basis.orthogonalize(w)
+        r = float(torch.linalg.vector_norm(w))
+        if basis.size < n and r > floor_rel:
+            basis.append(w / r)
+
+    for row in block:
+        nrm = float(torch.linalg.vector_norm(row))
+        if nrm > 0:
+            add_unit(row / nrm)
+    wanted = ("largest", "smallest") if which == "both" else (which,)
+    j = 0
+    converged = False
+    theta = torch.zeros(0, dtype=torch.float64)
+    svec = torch.zeros((0, 0), dtype=torch.float64)
+    res = torch.zeros(0, dtype=torch.float64)
+    while j < max_matvec:
+        if j == basis.size:  # invariant subspace reached: restart with a random direction
+            if basis.size >= n:
+                break
+            fresh = torch.randn(n, generator=generator, dtype=torch.float64).to(device, dtype)
+            size_before = basis.size
+            add_unit(fresh / torch.linalg.vector_norm(fresh))
+            if basis.size == size_before:
+                break
+        v = basis.rows[j]
+        w = matvec(v)
+        norm_est = max(norm_est, float(torch.linalg.vector_norm(w)))
+        w, c = basis.orthogonalize(w)
+        coeffs[: c.numel(), j] = c
+        r = float(torch.linalg.vector_norm(w))
+        if basis.size < n and r > floor_rel * norm_est and r > 0:
+            coeffs[basis.size, j] = r
+            basis.append(w / r)
+        j += 1
+        proj = coeffs[:j, :j]
+        proj = 0.5 * (proj + proj.T)
+        theta, svec = torch.linalg.eigh(proj)
+        rows = basis.size
+        resid = coeffs[:rows, :j] @ svec
+        resid[:j] -= svec * theta
+        res = torch.linalg.vector_norm(resid, dim=0)
+        if j < min_matvec:
+            continue
+        bound = torch.clamp(tol * theta.abs(), min=floor_rel * float(theta.abs().max()))
+        ok = True
+        for end in wanted:
+            idx = _pick(theta, k, end)
+            if idx.numel() < min(k, n) or bool((res[idx] > bound[idx]).any()):
+                ok = False
+        if ok:
+            converged = True
+            break
+    if j == 0:
+        raise ValueError("start: no nonzero start vector and no matvec budget")
+    def collect(end: str) -> tuple[Tensor, Tensor, Tensor]:
+        idx = _pick(theta, k, end)
+        s = svec[:, idx].to(device=device, dtype=dtype)
+        vecs = s.T @ basis.rows[:j]
+        vecs = vecs / torch.linalg.vector_norm(vecs, dim=1, keepdim=True).clamp_min(1e-30)
+        return theta[idx].clone(), vecs, res[idx].clone()
+
+    return KrylovResult(
+        largest=collect("largest") if "largest" in wanted else None,
+        smallest=collect("smallest") if "smallest" in wanted else None,
+        n_matvec=j,
+        converged=converged,
+        ritz_values=theta.clone(),
+        basis_size=basis.size,
+    )
+
+
+def lanczos_tridiagonal(
+    matmat: Callable[[Tensor], Tensor], starts: Tensor, n_iter: int
+) -> tuple[list[Tensor], list[Tensor], int]:
+    """``n_iter``-step Lanczos from each row of ``starts`` (unit norm), in lock step.
+
+    ``matmat`` maps a ``(b, n)`` block to its images. Each run keeps its own basis and is
+    fully re-orthogonalised against it (twice). A run stops early at breakdown
+    (``beta_j <= residual_floor * ||A||_est``: an invariant Krylov subspace, whose Ritz
+    values are then exact). Returns per run the diagonal ``alpha`` (float64, length m_l)
+    and off-diagonal ``beta`` (length m_l - 1), and the number of matvecs used.
+    """
+    if n_iter < 1:
+        raise ValueError(f"n_iter must be >= 1, got {n_iter}")
+    b, n = starts.shape
+    n_iter = min(n_iter, n)
+    floor_rel = residual_floor(starts.dtype)
+    bases = torch.zeros((b, n_iter, n), dtype=starts.dtype, device=starts.device)
+    bases[:, 0] = starts / torch.linalg.vector_norm(starts, dim=1, keepdim=True)
+    alphas: list[list[float]] = [[] for _ in range(b)]
+    betas: list[list[float]] = [[] for _ in range(b)]
+    active = list(range(b))
+    norm_est = 0.0
+    used = 0
+    for step in range(n_iter):
+        if not active:
+            break
+        cur = bases[active, step]
+        out = matmat(cur)
+        used += len(active)
+        norm_est = max(norm_est, float(torch.linalg.vector_norm(out, dim=1).max()))
+        still = []
+        for row, run in enumerate(active):
+            w = out[row]
+            q = bases[run, : step + 1]
+            a = float(torch.dot(w, bases[run, step]))
+            alphas[run].append(a)
+            for _ in range(2):
+                w = w - q.T @ (q @ w)
+            beta = float(torch.linalg.vector_norm(w))
+            if step + 1 < n_iter and beta > floor_rel * norm_est and beta > 0:
+                betas[run].append(beta)
+                bases[run, step + 1] = w / beta
+                still.append(run)
+        active = still
+    alpha_t = [torch.tensor(a, dtype=torch.float64) for a in alphas]
+    beta_t = [torch.tensor(bt, dtype=torch.float64) for bt in betas]
+    return alpha_t, beta_t, used

@@ -1,0 +1,223 @@
+"""Loading user code and checkpoints for post-hoc analysis: factories, losses, state dicts.
+
+Every failure is a :class:`~landscape.LandscapeError` with one line that names the file or the
+factory, so the command line can print it without a traceback.
+
+* factories: ``"pkg.module:callable"`` or ``"path/to/file.py:callable"``;
+* losses: a name (``cross_entropy``, ``mse``, ``nll``, ``bce_with_logits``) or a factory spec;
+* checkpoints: a state dict, a dict holding one under a common key (``model``,
+  ``state_dict``, ``model_state_dict``, ``module``, ``net``), or a ``.safetensors`` file (when
+  the ``safetensors`` package is installed). ``torch.load`` runs with ``weights_only=True``
+  unless the caller trusts the file (pickled code can run arbitrary code).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from landscape._errors import LandscapeError
+
+__all__ = [
+    "LOSSES",
+    "Checkpoint",
+    "load_checkpoint",
+    "load_factory",
+    "load_state_into",
+    "resolve_loss",
+    "step_from_name",
+    "to_device",
+]
+
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "cross_entropy": F.cross_entropy,
+    "mse": F.mse_loss,
+    "nll": F.nll_loss,
+    "bce_with_logits": F.binary_cross_entropy_with_logits,
+}
+STATE_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "weights")
+STEP_KEYS = ("step", "global_step", "iteration", "epoch")
+
+
+def load_factory(spec: str, what: str = "factory") -> Callable[..., Any]:
+    """The callable named by ``spec`` (``module:attr`` or ``file.py:attr``)."""
+    if ":" not in spec:
+        raise LandscapeError(f"{what} {spec!r}: expected 'package.module:name' or 'file.py:name'")
+    target, _, attr = spec.rpartition(":")
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        path = Path(target)
+        if not path.is_file():
+            raise LandscapeError(f"{what} {spec!r}: file {str(path)!r} not found")
+        name = f"_landscape_user_{abs(hash(str(path.resolve())))}"
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise LandscapeError(f"{what} {spec!r}: cannot import {str(path)!r}")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as err:
+            raise LandscapeError(f"{what} {spec!r}: importing {path} failed: {err}") from err
+    else:
+        try:
+            module = importlib.import_module(target)
+        except Exception as err:
+            raise LandscapeError(f"{what} {spec!r}: cannot import {target!r}: {err}") from err
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise LandscapeError(f"{what} {spec!r}: {target!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise LandscapeError(f"{what} {spec!r} is not callable")
+    return obj
+
+
+def call_factory(spec: str, what: str) -> Any:
+    """Load and call a zero-argument factory, turning its exceptions into one line."""
+    factory = load_factory(spec, what)
+    try:
+        return factory()
+    except Exception as err:
+        raise LandscapeError(f"{what} {spec!r} raised {type(err).__name__}: {err}") from err
+
+
+def resolve_loss(spec: str | Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """A loss function from a name in :data:`LOSSES`, a factory spec, or a callable."""
+    if callable(spec):
+        return spec
+    if spec in LOSSES:
+        return LOSSES[spec]
+    if ":" in spec:
+        return load_factory(spec, "loss")
+    raise LandscapeError(f"unknown loss {spec!r}; use one of {', '.join(LOSSES)} or module:fn")
+
+
+class Checkpoint:
+    """A loaded checkpoint: its ``state_dict``, the ``step`` it belongs to and its ``path``."""
+
+    def __init__(self, path: Path, state_dict: dict[str, torch.Tensor], step: int | None):
+        self.path, self.state_dict, self.step = path, state_dict, step
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, step={self.step}, {len(self.state_dict)} tensors)"
+
+
+def step_from_name(path: str | Path) -> int | None:
+    """The last integer in the file name (``ckpt-step=1200.pt`` -> 1200), or None."""
+    numbers = re.findall(r"\d+", Path(path).stem)
+    return int(numbers[-1]) if numbers else None
+
+
+def _looks_like_state_dict(obj: Any) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) for k in obj)
+        and all(isinstance(v, torch.Tensor) for v in obj.values())
+    )
+
+
+def load_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:
+    """Load ``path`` (see module docstring); the step comes from the file or its name."""
+    path = Path(path)
+    if path.is_dir():
+        raise LandscapeError(f"{path}: is a directory, expected a checkpoint file")
+    if not path.is_file():
+        raise LandscapeError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as err:
+            raise LandscapeError(f"{path}: install 'safetensors' to read this file") from err
+        try:
+            return Checkpoint(path, dict(load_file(str(path))), step_from_name(path))
+        except Exception as err:
+            raise LandscapeError(f"{path}: not a readable safetensors file ({err})") from err
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trust)
+    except Exception as err:
+        if not trust and "weights_only" in str(err):
+            raise LandscapeError(
+                f"{path}: holds pickled objects beyond tensors; if you trust the file, pass "
+                "--trust-checkpoint (it can run arbitrary code)"
+            ) from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LandscapeError(f"{path}: not a readable torch checkpoint ({first})") from err
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    step = None
+    if isinstance(obj, Mapping) and not _looks_like_state_dict(obj):
+        for key in STEP_KEYS:
+            if isinstance(obj.get(key), int):
+                step = int(obj[key])
+                break
+        for key in STATE_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, nn.Module):
+                inner = inner.state_dict()
+            if _looks_like_state_dict(inner):
+                obj = inner
+                break
+    if not _looks_like_state_dict(obj):
+        raise LandscapeError(
+            f"{path}: no state dict found (expected tensors by name, or one under "
+            f"{', '.join(repr(k) for k in STATE_KEYS)})"
+        )
+    return Checkpoint(path, dict(obj), step if step is not None else step_from_name(path))
+
+
+def load_state_into(model: nn.Module, ckpt: Checkpoint) -> None:
+    """``model.load_state_dict`` with a one-line error naming what does not match."""
+    state = ckpt.state_dict
+    if all(k.startswith("module.") for k in state) and not any(
+        k.startswith("module.") for k in model.state_dict()
+    ):
+        state = {k[len("module."):]: v for k, v in state.items()}  # saved from a DDP wrapper
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected),
+                            ("shape mismatch", shapes)):
+            if keys:
+                more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+                parts.append(f"{label}: {', '.join(keys[:3])}{more}")
+        raise LandscapeError(
+            f"{ckpt.path}: checkpoint does not match the model ({'; '.join(parts)})"
+        )
+    model.load_state_dict(state)
+
+
+def to_device(obj: Any, device: torch.device | str) -> Any:
+    """Move tensors in nested tuples/lists/dicts to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def as_batches(data: Any) -> list[Any]:
+    """A data factory's result as a list of batches (one ``(x, y)`` batch or an iterable)."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        return [tuple(data)]
+    if isinstance(data, dict):
+        return [data]
+    if isinstance(data, Iterable):
+        return list(data)
+    raise LandscapeError(f"data: expected a batch (inputs, targets) or batches, got {type(data)}")

@@ -1,0 +1,165 @@
+"""`landscape analyze`: checkpoints of a small model into one run, and every bad input as one line."""
+
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from landscape_cli.commands import analyze as _analyze  # noqa: F401  (attaches the command)
+from landscape_cli.main import cli
+
+import landscape as ls
+from landscape.curvature import Hessian, top_eigenvalues
+
+FACTORIES = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+
+    def data():
+        g = torch.Generator().manual_seed(1)
+        return torch.randn(48, 4, generator=g), torch.randint(0, 3, (48,), generator=g)
+
+    def loader():
+        x, y = data()
+        return [(x[:24], y[:24]), (x[24:], y[24:])]
+
+    def empty():
+        return []
+
+    def nan_data():
+        x, y = data()
+        return x * float("nan"), y
+
+    def broken():
+        raise RuntimeError("no GPU here")
+
+    def other_model():
+        return nn.Linear(4, 3)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("analyze")
+    (root / "factories.py").write_text(FACTORIES)
+    ns: dict = {}
+    exec(FACTORIES, ns)
+    model, (x, y) = ns["model"](), ns["data"]()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    paths = []
+    for step in range(1, 31):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 10 == 0:
+            p = root / f"ckpt-{step}.pt"
+            torch.save({"model": model.state_dict(), "step": step}, p)
+            paths.append(p)
+    return root, paths, ns
+
+
+def _invoke(args):
+    result = CliRunner().invoke(cli, args)
+    return result
+
+
+def test_analyze_writes_one_row_per_checkpoint_in_step_order(setup, tmp_path):
+    root, paths, ns = setup
+    out = tmp_path / "run.h5"
+    fac = root / "factories.py"
+    result = _invoke(["analyze", str(paths[2]), str(paths[0]), str(paths[1]), "--model",
+                      f"{fac}:model", "--data", f"{fac}:data", "-o", str(out), "-k", "3",
+                      "--lr", "0.5", "-q"])
+    assert result.exit_code == 0, result.output
+    run = ls.Run.open(out)
+    assert list(run.steps("hessian")) == [10, 20, 30]
+    assert [s for s, _ in run.checkpoints()] == [10, 20, 30]
+    # the recorded spectrum equals a direct computation on the last checkpoint
+    model = ns["model"]()
+    model.load_state_dict(torch.load(paths[2])["model"])
+    direct = top_eigenvalues(Hessian(model, torch.nn.functional.cross_entropy, ns["data"]()),
+                             k=3, tol=1e-8)
+    got = run.series("hessian", "eigenvalues")[1][-1]
+    assert np.allclose(got, direct.values.numpy(), rtol=1e-3)
+    _, thr = run.series("sharpness", "threshold")
+    assert np.allclose(thr, 2 / 0.5)
+    assert set(run.metrics()) >= {"hessian_trace", "collapse", "representation"}
+
+
+def test_analyze_accepts_a_loader_and_file_name_steps(setup, tmp_path):
+    root, paths, _ = setup
+    plain = tmp_path / "w-7.pt"
+    torch.save(torch.load(paths[0])["model"], plain)
+    fac = root / "factories.py"
+    out = tmp_path / "run.h5"
+    result = _invoke(["analyze", str(plain), "--model", f"{fac}:model", "--data",
+                      f"{fac}:loader", "-m", "hessian", "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    assert list(ls.Run.open(out).steps("hessian")) == [7]
+
+
+@pytest.mark.parametrize(
+    ("kind", "match"),
+    [
+        ("missing", "no such checkpoint"),
+        ("directory", "is a directory"),
+        ("bad_factory_path", "not found"),
+        ("bad_attr", "has no attribute"),
+        ("bad_module", "cannot import"),
+        ("raises", "raised RuntimeError: no GPU here"),
+        ("mismatch", "does not match the model"),
+        ("corrupt", "not a readable torch checkpoint"),
+        ("empty", "no batches"),
+        ("nan", "not finite"),
+        ("pickled", "--trust-checkpoint"),
+    ],
+)
+def test_bad_input_gives_one_line_and_nonzero_exit(setup, tmp_path, kind, match):
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    ckpt, model, data = str(paths[0]), f"{fac}:model", f"{fac}:data"
+    if kind == "missing":
+        ckpt = str(tmp_path / "nope.pt")
+    elif kind == "directory":
+        ckpt = str(tmp_path)
+    elif kind == "bad_factory_path":
+        model = f"{tmp_path / 'absent.py'}:model"
+    elif kind == "bad_attr":
+        model = f"{fac}:nonexistent"
+    elif kind == "bad_module":
+        model = "no_such_package.models:net"
+    elif kind == "raises":
+        data = f"{fac}:broken"
+    elif kind == "mismatch":
+        model = f"{fac}:other_model"
+    elif kind == "corrupt":
+        bad = tmp_path / "bad.pt"
+        bad.write_bytes(b"this is not a checkpoint")
+        ckpt = str(bad)
+    elif kind == "empty":
+        data = f"{fac}:empty"
+    elif kind == "nan":
+        data = f"{fac}:nan_data"
+    elif kind == "pickled":
+        p = tmp_path / "pickled.pt"
+        torch.save({"model": torch.load(paths[0])["model"], "note": _Opaque()}, p)
+        ckpt = str(p)
+    result = _invoke(["analyze", ckpt, "--model", model, "--data", data, "-o",
+                      str(tmp_path / "r.h5"), "-q"])
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
+    assert match in lines[0]
+
+
+class _Opaque:
+    pass

@@ -1,0 +1,192 @@
+"""The operators leave the model untouched; Adam preconditioning; stability thresholds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from landscape.curvature import (
+    GGN,
+    Hessian,
+    MatrixOperator,
+    hessian_trace,
+    preconditioned,
+    spectral_density,
+    stability_threshold,
+    top_eigenvalues,
+)
+from landscape.params import flatten
+from tests import models
+from tests.curvature._dense import dense_hessian
+
+
+def _snapshot(model):
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "param_ids": [id(p) for p in model.parameters()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "grads": [p.grad for p in model.parameters()],
+        "grad_values": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "buffers": {n: b.clone() for n, b in model.named_buffers()},
+        "modes": [m.training for m in model.modules()],
+        "rng": torch.get_rng_state(),
+        "hooks": [
+            (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            for m in model.modules()
+        ],
+    }
+
+
+def _assert_same(before, model):
+    after = _snapshot(model)
+    assert after["param_ids"] == before["param_ids"]
+    assert all(torch.equal(a, b) for a, b in zip(before["params"], after["params"]))
+    assert after["requires_grad"] == before["requires_grad"]
+    assert all(a is b for a, b in zip(before["grads"], after["grads"]))
+    for a, b in zip(before["grad_values"], after["grad_values"]):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert all(torch.equal(before["buffers"][n], b) for n, b in after["buffers"].items())
+    assert after["modes"] == before["modes"]
+    assert torch.equal(after["rng"], before["rng"])
+    assert after["hooks"] == before["hooks"]
+    assert all(p.grad is None or p.grad.grad_fn is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend", ["auto", "autograd"])
+def test_model_is_untouched_cnn_in_train_mode_with_grads(backend):
+    model = models.cnn_bn().double()  # SmallCNN calls torch.manual_seed in __init__
+    x, y = models.image_data()
+    x = x.double()
+    model.train()
+    F.cross_entropy(model(x), y).backward()  # populated .grad; BN stats move in train mode
+    model.bn.weight.grad = None  # one parameter without a gradient
+    model.conv.bias.requires_grad_(False)
+    before = _snapshot(model)
+    for op in (Hessian(model, F.cross_entropy, (x, y), backend=backend),
+               GGN(model, F.cross_entropy, [(x[:6], y[:6]), (x[6:], y[6:])], backend=backend)):
+        op.loss()
+        op.gradient()
+        top_eigenvalues(op, k=2, which="both", max_iter=20)
+        hessian_trace(op, "hutch++", 6)
+        spectral_density(op, n_iter=5, n_probes=2)
+        _assert_same(before, model)
+    assert "conv.bias" not in op.names
+
+
+def test_model_is_untouched_transformer_and_eval_mode_false_is_deterministic():
+    model = models.TinyTransformer(vocab=5, d=4, heads=2, seq=5, dropout=0.3).double()
+    batch = models.token_data(n=2, seq=5, vocab=5)
+    before = _snapshot(model)
+    op = Hessian(model, data=batch, closure=models.lm_loss, eval_mode=False)
+    v = op.params
+    a, b = op.matvec(v), op.matvec(v)  # the same dropout masks for every product
+    assert all(torch.equal(s, t) for s, t in zip(a, b))
+    top_eigenvalues(op, k=1, max_iter=10)
+    _assert_same(before, model)
+    evals = Hessian(model, data=batch, closure=models.lm_loss)
+    assert not all(torch.equal(s, t) for s, t in zip(a, evals.matvec(v)))  # dropout was on
+
+
+def test_torch_no_grad_caller_is_fine():
+    model = models.mlp().double()
+    x, y = models.classification_data()
+    op = Hessian(model, F.cross_entropy, (x.double(), y))
+    with torch.no_grad():
+        out = op.matvec(op.params)
+        g = op.gradient()
+    assert all(not t.requires_grad for t in (*out, *g))
+
+
+# -- Adam preconditioning ---------------------------------------------------------------------
+def test_adam_preconditioned_operator_equals_dense_d_h_d():
+    model = models.mlp().double()
+    x, y = models.classification_data()
+    batch = (x.double(), y)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-3)
+    with pytest.raises(ValueError, match="optimizer step"):
+        preconditioned(Hessian(model, F.cross_entropy, batch), opt)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(batch[0]), y).backward()
+        opt.step()
+    op = preconditioned(Hessian(model, F.cross_entropy, batch), opt)
+    p_diag = torch.cat([
+        ((opt.state[p]["exp_avg_sq"] / (1 - 0.99**3)).sqrt() + 1e-3).reshape(-1)
+        for p in model.parameters()
+    ])
+    d = torch.diag(p_diag.rsqrt())
+    want = d @ dense_hessian(model, F.cross_entropy, batch) @ d
+    assert torch.allclose(op.to_dense(), want, rtol=1e-10, atol=1e-12)
+    eig = top_eigenvalues(op, k=1, tol=1e-9)
+    assert float(eig.values[0]) == pytest.approx(float(torch.linalg.eigvalsh(want)[-1]), rel=1e-8)
+    assert op.eps == 1e-3 and 0.0 <= op.dead_fraction <= 1.0
+    assert torch.equal(op.loss(), op.base.loss())
+    sub = Hessian(model, F.cross_entropy, batch, params="2.*")  # a subset works too
+    assert preconditioned(sub, opt).dim == sub.dim
+    with pytest.raises(ValueError, match="betas/eps"):
+        preconditioned(sub, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_preconditioned_sharpness_closed_form_t8():
+    op = MatrixOperator(torch.diag(torch.tensor([2.0, 8.0], dtype=torch.float64)))
+    pre = preconditioned(op, [torch.tensor([1.0, 4.0], dtype=torch.float64)])
+    assert float(top_eigenvalues(pre, k=1, tol=1e-12).values[0]) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="> 0"):
+        preconditioned(op, [torch.tensor([1.0, 0.0], dtype=torch.float64)])
+
+
+# -- stability thresholds (T7) ----------------------------------------------------------------
+def test_thresholds_by_name_t7():
+    assert stability_threshold("gd", 0.01) == pytest.approx(200.0)
+    assert stability_threshold("heavy_ball", 0.01, momentum=0.9) == pytest.approx(380.0)
+    assert stability_threshold("nesterov", 0.01, momentum=0.9) == pytest.approx(135.714285714)
+    assert stability_threshold("adam", 0.01, betas=(0.9, 0.999)) == pytest.approx(3800.0)
+    assert stability_threshold("adam", 1.0) == pytest.approx(38.0)
+    assert stability_threshold("rmsprop", 0.1) == pytest.approx(20.0)
+
+
+def test_thresholds_from_optimizers():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert stability_threshold(torch.optim.SGD(params, lr=0.1)) == pytest.approx(20.0)
+    sgd = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    assert stability_threshold(sgd) == pytest.approx(380.0)
+    assert stability_threshold(sgd, lr=0.02) == pytest.approx(190.0)
+    damp = torch.optim.SGD(params, lr=0.01, momentum=0.9, dampening=0.5)
+    assert stability_threshold(damp) == pytest.approx(760.0)
+    nest = torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True)
+    assert stability_threshold(nest) == pytest.approx(135.714285714)
+    adamw = torch.optim.AdamW(params, lr=torch.tensor(0.01), betas=(0.8, 0.99))
+    assert stability_threshold(adamw) == pytest.approx(3.6 / 0.2 / 0.01)
+
+
+def test_threshold_matches_simulated_divergence_of_heavy_ball():
+    lr, beta = 0.01, 0.9
+    limit = stability_threshold("heavy_ball", lr, momentum=beta)
+    for lam, stable in ((0.99 * limit, True), (1.01 * limit, False)):
+        theta = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))
+        opt = torch.optim.SGD([theta], lr=lr, momentum=beta)
+        for _ in range(3000):
+            opt.zero_grad()
+            (0.5 * lam * theta**2).sum().backward()
+            opt.step()
+        assert (abs(float(theta)) < 1.0) == stable
+
+
+def test_threshold_errors():
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        stability_threshold("lion", 0.1)
+    with pytest.raises(ValueError, match="lr"):
+        stability_threshold("gd")
+    with pytest.raises(ValueError, match="momentum"):
+        stability_threshold("heavy_ball", 0.1)
+    with pytest.raises(ValueError, match="no stability threshold"):
+        stability_threshold(torch.optim.LBFGS([torch.nn.Parameter(torch.zeros(1))]))
+    with pytest.raises(ValueError, match="lr must"):
+        stability_threshold("gd", -1.0)
+
+
+def test_flat_helpers_roundtrip():
+    op = MatrixOperator(torch.eye(6, dtype=torch.float64) * 2, shapes=[(2, 2), (2,)])
+    v = (torch.ones(2, 2, dtype=torch.float64), torch.arange(2.0, dtype=torch.float64))
+    assert torch.equal(flatten(op.matvec(v)), 2 * flatten(v))

@@ -1,0 +1,238 @@
+"""Lanczos eigenvalues, Hutchinson / Hutch++ traces and SLQ densities (METRICS.md 1.3-1.5, 1.7)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from landscape.curvature import (
+    Hessian,
+    MatrixOperator,
+    hessian_trace,
+    spectral_density,
+    top_eigenvalues,
+)
+from landscape.curvature.lanczos import krylov_eigsh
+from landscape.params import flatten
+from tests import models
+
+
+def sym(n, seed=0, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, n, generator=g, dtype=torch.float64)
+    return (a + a.T) / 2 + shift * torch.eye(n, dtype=torch.float64)
+
+
+def test_lanczos_largest_smallest_both_on_random_matrix():
+    a = sym(120)
+    ev = torch.linalg.eigvalsh(a)
+    op = MatrixOperator(a)
+    top = top_eigenvalues(op, k=4, tol=1e-10)
+    assert torch.allclose(top.values, ev.flip(0)[:4], rtol=1e-12)
+    assert top.converged and top.n_matvec == op.n_matvec <= 120
+    assert (top.residuals <= 1e-10 * top.values.abs()).all()
+    for y, lam in zip(top.vectors, top.values):
+        hy = op.matvec(y)
+        assert float(torch.linalg.vector_norm(flatten(hy) - lam * flatten(y))) < 1e-8
+    low = top_eigenvalues(op, k=3, which="smallest", tol=1e-10)
+    assert torch.allclose(low.values, ev[:3], rtol=1e-12)
+    assert torch.allclose(low.smallest.values, ev[:3], rtol=1e-12)
+    both = top_eigenvalues(op, k=2, which="both", tol=1e-10)
+    assert torch.allclose(both.values, ev.flip(0)[:2])
+    assert torch.allclose(both.smallest.values, ev[:2])
+    d = both.as_dict()
+    assert d["smallest"]["values"][0] == pytest.approx(float(ev[0]))
+
+
+def test_stopping_rule_is_the_documented_residual_test():
+    a = sym(200, seed=3)
+    res = top_eigenvalues(MatrixOperator(a), k=2, tol=1e-3)
+    assert res.converged
+    assert (res.residuals <= 1e-3 * res.values.abs()).all()
+    # the error of a Ritz value is bounded by its residual (and typically residual^2 / gap)
+    ev = torch.linalg.eigvalsh(a).flip(0)[:2]
+    assert ((res.values - ev).abs() <= res.residuals).all()
+
+
+def test_largest_is_algebraic_not_magnitude():
+    a = torch.diag(torch.tensor([-10.0, -3.0, 0.5, 1.0, 2.0], dtype=torch.float64))
+    res = top_eigenvalues(MatrixOperator(a), k=1, which="both", tol=1e-10)
+    assert float(res.values[0]) == pytest.approx(2.0)
+    assert float(res.smallest.values[0]) == pytest.approx(-10.0)
+
+
+def test_zero_operator_t9_and_low_rank_restart():
+    zero = MatrixOperator(torch.zeros(7, 7, dtype=torch.float64))
+    res = top_eigenvalues(zero, k=2)
+    assert res.converged and torch.equal(res.values, torch.zeros(2, dtype=torch.float64))
+    assert not any(torch.isnan(t).any() for v in res.vectors for t in v)
+    tr = hessian_trace(zero, "hutch++", 9)
+    assert tr.value == 0.0 and tr.stderr == 0.0
+    u = torch.randn(30, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    low_rank = MatrixOperator(u @ torch.diag(torch.tensor([5.0, 2.0])).double() @ u.T)
+    ev = torch.linalg.eigvalsh(low_rank.matrix).flip(0)
+    res = top_eigenvalues(low_rank, k=4, tol=1e-8)  # Krylov space of rank 3: restarts
+    assert torch.allclose(res.values, ev[:4], atol=1e-10)
+    assert res.converged
+
+
+def test_warm_start_tracks_lambda_max_in_a_few_matvecs():
+    model = models.mlp(d_in=6, hidden=16, d_out=3).double()
+    x, y = models.classification_data(n=64)
+    x = x.double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    prev = None
+    costs = []
+    for _ in range(12):
+        op = Hessian(model, F.cross_entropy, (x, y))
+        res = top_eigenvalues(op, k=1, tol=1e-3, warm_start=prev)
+        if prev is not None:
+            costs.append(res.n_matvec)
+        exact = float(torch.linalg.eigvalsh(op.to_dense())[-1])
+        assert res.converged and abs(float(res.values[0]) - exact) <= 1e-3 * exact
+        prev = res
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert sum(costs) / len(costs) <= 6, costs
+
+
+def test_warm_start_from_vectors_and_shape_check():
+    a = sym(50, seed=2)
+    op = MatrixOperator(a)
+    first = top_eigenvalues(op, k=2, tol=1e-8)
+    again = top_eigenvalues(op, k=2, tol=1e-6, warm_start=first.vectors)
+    assert again.n_matvec <= 3 and torch.allclose(again.values, first.values, rtol=1e-9)
+    with pytest.raises(ValueError, match="warm_start"):
+        top_eigenvalues(op, warm_start=[(torch.zeros(3, dtype=torch.float64),)])
+
+
+def test_bad_arguments():
+    op = MatrixOperator(sym(5))
+    with pytest.raises(ValueError, match="k must"):
+        top_eigenvalues(op, k=0)
+    with pytest.raises(ValueError, match="which"):
+        top_eigenvalues(op, which="LM")
+    with pytest.raises(ValueError, match="method"):
+        hessian_trace(op, "exact")
+    with pytest.raises(ValueError, match="n_matvec"):
+        hessian_trace(op, "hutch++", 2)
+    with pytest.raises(ValueError, match="n_iter"):
+        spectral_density(op, n_iter=0)
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(2, 25), k=st.integers(1, 3), seed=st.integers(0, 10_000))
+def test_lanczos_matches_eigvalsh(n, k, seed):
+    a = sym(n, seed=seed)
+    ev = torch.linalg.eigvalsh(a)
+    res = krylov_eigsh(lambda v: a @ v, torch.ones(n, dtype=torch.float64), k=k, which="both",
+                       tol=1e-9, max_matvec=n, generator=torch.Generator().manual_seed(0))
+    kk = min(k, n)
+    assert torch.allclose(res.largest[0], ev.flip(0)[:kk], atol=1e-7)
+    assert torch.allclose(res.smallest[0], ev[:kk], atol=1e-7)
+
+
+# -- trace ------------------------------------------------------------------------------------
+def test_hutchinson_exact_on_diagonal_t4():
+    op = MatrixOperator(torch.diag(torch.arange(1.0, 7.0, dtype=torch.float64)))
+    res = hessian_trace(op, "hutchinson", 1)
+    assert res.value == pytest.approx(21.0) and res.n_matvec == 1 and math.isnan(res.stderr)
+
+
+def test_hutchpp_exact_for_low_rank_t5():
+    u = torch.randn(40, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    a = u @ u.T * 3.0
+    res = hessian_trace(MatrixOperator(a), "hutch++", 9)
+    assert res.value == pytest.approx(float(a.trace()), rel=1e-12)
+    assert res.n_matvec == 9 and res.stderr < 1e-10
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+def test_trace_unbiased_with_calibrated_stderr(method):
+    a = sym(60, seed=5, shift=1.0)
+    u = torch.randn(60, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    a = a + u @ torch.diag(torch.tensor([40.0, 30, 20, 10])).double() @ u.T  # a few outliers
+    exact = float(a.trace())
+    op = MatrixOperator(a)
+    runs = [hessian_trace(op, method, 30, seed=s) for s in range(40)]
+    values = torch.tensor([r.value for r in runs])
+    errs = torch.tensor([r.stderr for r in runs])
+    # unbiased: the mean over 40 seeds is within 4 standard errors of the mean
+    assert abs(float(values.mean()) - exact) <= 4 * float(values.std()) / math.sqrt(40)
+    # calibrated: most single estimates lie within 2 of their own error bars
+    assert float(((values - exact).abs() <= 2 * errs).float().mean()) >= 0.8
+    assert all(r.n_matvec == 30 for r in runs)
+
+
+def test_hutchpp_beats_hutchinson_on_low_rank_plus_noise():
+    u = torch.randn(80, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    a = u @ torch.diag(torch.tensor([50.0, 40, 30, 20, 10])).double() @ u.T + 0.1 * sym(80, 4)
+    exact = float(a.trace())
+    op = MatrixOperator(a)
+    err = {
+        m: sum(abs(hessian_trace(op, m, 30, seed=s).value - exact) for s in range(20)) / 20
+        for m in ("hutchinson", "hutch++")
+    }
+    assert err["hutch++"] <= 0.5 * err["hutchinson"]
+
+
+def test_trace_of_model_hessian_within_error_bars():
+    model = models.mlp().double()
+    x, y = models.classification_data()
+    op = Hessian(model, F.cross_entropy, (x.double(), y))
+    exact = float(op.to_dense().trace())
+    res = hessian_trace(op, "hutch++", 60, seed=3)
+    assert abs(res.value - exact) <= 4 * res.stderr + 1e-9
+    assert res.n_matvec == 60
+
+
+# -- density ----------------------------------------------------------------------------------
+def test_slq_exact_on_diagonal_t6():
+    n = 12
+    op = MatrixOperator(torch.diag(torch.arange(1.0, n + 1, dtype=torch.float64)))
+    res = spectral_density(op, n_iter=n, n_probes=1)
+    assert torch.allclose(res.nodes, torch.arange(1.0, n + 1, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(res.weights, torch.full((n,), 1 / n, dtype=torch.float64), atol=1e-12)
+    assert float(torch.trapezoid(res.density, res.grid)) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_slq_moments_match_the_dense_spectrum():
+    model = models.mlp().double()
+    x, y = models.classification_data()
+    op = Hessian(model, F.cross_entropy, (x.double(), y))
+    dense = op.to_dense()
+    ev = torch.linalg.eigvalsh(dense)
+    res = spectral_density(op, n_iter=20, n_probes=4, seed=1)
+    assert res.n_matvec == 80 and res.dim == op.dim
+    assert float(res.weights.sum()) == pytest.approx(1.0)
+    # quadrature identity per probe: sum_k tau_k theta_k^j = v^T H^j v for j <= 2m - 1
+    g = torch.Generator().manual_seed(1)
+    bits = torch.randint(0, 2, (4, op.dim), generator=g, dtype=torch.int8)
+    v = (bits.double() * 2 - 1) / math.sqrt(op.dim)
+    for j in (1, 2, 3):
+        terms = res.weights * res.nodes**j
+        quad = torch.stack([terms[res.probe == i].sum() * 4 for i in range(4)])
+        want = torch.einsum("pi,ij,pj->p", v, torch.linalg.matrix_power(dense, j), v)
+        assert torch.allclose(quad, want, rtol=1e-8, atol=1e-12)
+    # and the moments estimate those of the spectrum
+    assert res.moment(1) == pytest.approx(float(ev.mean()), abs=3 * float(ev.abs().max()) / 10)
+    assert res.trace == pytest.approx(res.dim * res.moment(1))
+    lo, hi = float(res.nodes.min()), float(res.nodes.max())
+    assert lo >= float(ev[0]) - 1e-9 and hi <= float(ev[-1]) + 1e-9
+    assert hi == pytest.approx(float(ev[-1]), rel=1e-6)
+    assert float(torch.trapezoid(res.density, res.grid)) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_slq_breakdown_and_custom_grid():
+    op = MatrixOperator(torch.diag(torch.tensor([1.0, 1.0, 3.0, 3.0], dtype=torch.float64)))
+    res = spectral_density(op, n_iter=10, n_probes=2, grid=torch.linspace(0, 4, 401), sigma=0.05)
+    assert res.n_matvec == 4  # two runs, each exhausts its 2-dimensional Krylov space
+    assert set(torch.round(res.nodes, decimals=8).tolist()) == {1.0, 3.0}
+    assert res.grid.numel() == 401 and res.sigma == 0.05
+    assert float(torch.trapezoid(res.density, res.grid)) == pytest.approx(1.0, abs=1e-6)
