@@ -50,6 +50,12 @@ FINDINGS_TABLE = "findings"
 CHECKPOINTS_TABLE = "checkpoints"
 SURFACES_GROUP = "surfaces"
 
+# HDF5 file locks are off for every handle (they must agree within one process): a live
+# reader must never block the writer, which briefly reopens the file to add a metric or a
+# surface. Concurrent writers are still refused through the SWMR superblock flags and the
+# writer_pid/writer_host attributes.
+LOCKING = False
+
 
 # --------------------------------------------------------------------------- field specs
 
@@ -296,12 +302,19 @@ class _H5Backend(_Backend):
         if was_swmr:
             self.file.flush()
             self.file.close()
-            self.file = h5py.File(self.path, "r+", libver="latest")
+            try:
+                self.file = h5py.File(self.path, "r+", libver="latest", locking=LOCKING)
+            except OSError as err:
+                raise RunFileError(
+                    f"{self.path}: cannot reopen the run to add a group ({_h5_reason(err)})"
+                ) from None
         try:
             yield
         finally:
             self.file.flush()
-            if was_swmr:
+            # In one process a reader's open handle shares HDF5's file object, which then
+            # stays in SWMR mode across the reopen: only switch it on when it is off.
+            if was_swmr and not self.file.swmr_mode:
                 self.file.swmr_mode = True
 
     def root_attrs(self):
@@ -459,7 +472,7 @@ def _open_for_reading(path: Path) -> h5py.File:
         raise RunFileError(f"{path}: is a directory, expected a run file (.h5)")
     _check_not_truncated(path)
     try:
-        f = h5py.File(path, "r", libver="latest", swmr=True)
+        f = h5py.File(path, "r", libver="latest", swmr=True, locking=LOCKING)
     except OSError as err:
         raise RunFileError(f"{path}: not a readable HDF5 file ({_h5_reason(err)})") from None
     try:
@@ -521,7 +534,7 @@ def _recover_crashed(path: Path) -> None:
     killed; reading still works (SWMR read ignores it), so copy everything into a fresh
     file beside it and replace the original atomically.
     """
-    src = h5py.File(path, "r", libver="latest", swmr=True)
+    src = h5py.File(path, "r", libver="latest", swmr=True, locking=LOCKING)
     try:
         _check_format(src, path)
         owner_pid = int(_attr_value(src.attrs.get("writer_pid", -1)))
@@ -531,7 +544,7 @@ def _recover_crashed(path: Path) -> None:
                 raise RunFileError(f"{path}: is being written by another process (pid {owner_pid})")
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".recover", dir=path.parent)
         os.close(fd)
-        with h5py.File(tmp, "w", libver="latest") as dst:
+        with h5py.File(tmp, "w", libver="latest", locking=LOCKING) as dst:
             for key, value in src.attrs.items():
                 dst.attrs[key] = value
             for key in src:
@@ -544,12 +557,12 @@ def _recover_crashed(path: Path) -> None:
 def _open_for_writing(path: Path) -> h5py.File:
     _check_not_truncated(path)
     try:
-        f = h5py.File(path, "r+", libver="latest")
+        f = h5py.File(path, "r+", libver="latest", locking=LOCKING)
     except OSError as err:
         if "already open for write" not in str(err):
             raise RunFileError(f"{path}: not a writable HDF5 file ({_h5_reason(err)})") from None
         _recover_crashed(path)
-        f = h5py.File(path, "r+", libver="latest")
+        f = h5py.File(path, "r+", libver="latest", locking=LOCKING)
     try:
         _check_format(f, path)
     except BaseException:
@@ -634,7 +647,7 @@ class RunWriter:
         if not path.parent.exists():
             raise RunFileError(f"{path}: directory {path.parent} does not exist")
         try:
-            f = h5py.File(path, "w", libver="latest")
+            f = h5py.File(path, "w", libver="latest", locking=LOCKING)
         except OSError as err:
             raise RunFileError(f"{path}: cannot create ({_h5_reason(err)})") from None
         for key, value in _root_attrs(config).items():

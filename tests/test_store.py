@@ -318,3 +318,21 @@ def test_a_second_process_reads_rows_while_the_writer_appends(tmp_path):
     assert seen == sorted(seen), "committed rows never disappear"
     assert any(0 < n < total for n in seen), f"no partial view observed: {seen[:5]}...{seen[-5:]}"
     assert seen[-1] == total
+
+
+def test_an_open_reader_never_blocks_the_writer_adding_groups(tmp_path):
+    path = tmp_path / "run.h5"
+    writer = RunWriter(path)
+    writer.declare("a", {"v": None})
+    writer.append("a", 0, {"v": 1.0})
+    writer.flush()
+    reader = Run.open(path)
+    writer.declare("b", {"v": None})  # a structural change while the reader is open
+    writer.append("b", 0, {"v": 2.0})
+    writer.create_surface("s", np.linspace(-1, 1, 3))
+    writer.flush()
+    reader.refresh()
+    assert reader.metrics() == ["a", "b"]
+    assert Run.open(path).surfaces() == ["s"]
+    writer.close()
+    reader.close()
