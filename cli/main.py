@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from landscape_cli.app import cli
-from landscape_cli.commands import demo, info  # noqa: F401  (they attach themselves to `cli`)
+from landscape_cli.commands import (  # noqa: F401  (they attach themselves to `cli`)
+    analyze,
+    check,
+    demo,
+    info,
+    plot,
+    report,
+    watch,
+)
 
 __all__ = ["cli", "main"]
 

@@ -56,6 +56,7 @@ __all__ = [
     "Trigger",
     "check",
     "default_rules",
+    "warning_leads",
 ]
 
 Value = Union[float, np.ndarray]
@@ -986,3 +987,32 @@ def check(run: Any, rules: Sequence[Rule] | None = None) -> list[Finding]:
     read: this recomputes them.
     """
     return OnlineAlarms(rules).replay(run)
+
+
+def warning_leads(
+    run: Any, findings: Iterable[Finding], *, after: int, factor: float = 10.0
+) -> tuple[int | None, dict[str, int | None]]:
+    """How many steps each rule warned before the loss blew up.
+
+    The blow-up step is the first step ``>= after`` whose training loss exceeds ``factor``
+    times the median loss of the 20 recorded steps before ``after`` (or is not finite). Returns
+    ``(blowup_step, {rule: lead})`` with the lead of each rule's first finding of severity
+    warning or above at or after ``after`` (``None`` when it fired only after the blow-up or
+    never). Used by the demo and the early-warning example.
+    """
+    steps, values = _as_run(run).series("loss", "value")
+    before = values[(steps < after)][-20:]
+    baseline = float(np.median(before)) if len(before) else math.nan
+    blowup = None
+    for s, v in zip(steps, values):
+        if s >= after and (not math.isfinite(v) or v > factor * baseline):
+            blowup = int(s)
+            break
+    leads: dict[str, int | None] = {}
+    for f in sorted(findings, key=_sort_key):
+        if f.step < after or severity_rank(f.severity) < severity_rank("warning"):
+            continue
+        if f.rule in leads:
+            continue
+        leads[f.rule] = None if blowup is None or f.step > blowup else blowup - f.step
+    return blowup, leads

@@ -51,17 +51,25 @@ def to_device(obj: Any, device: torch.device) -> Any:
 def is_single_batch(data: Any, closure_mode: bool) -> bool:
     """Whether ``data`` is one batch rather than an iterable of batches.
 
-    With ``loss_fn``: a tuple or list of length 2 whose first item is a tensor or a mapping
-    is one ``(inputs, targets)`` batch. With a closure: a tensor, a mapping or a tuple is
+    With ``loss_fn``: a tuple or list of length 2 whose first item is a tensor or a mapping,
+    or a tuple of tensors followed by a tensor (several model inputs), is one
+    ``(inputs, targets)`` batch. With a closure: a tensor, a mapping or a tuple is
     one batch; lists, loaders and other iterables are batches. Pass ``single_batch=`` to
     the operator to override.
     """
     if closure_mode:
         return isinstance(data, (torch.Tensor, Mapping, tuple))
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        return False
+    inputs, targets = data
+    if isinstance(inputs, (torch.Tensor, Mapping)):
+        return True
+    # ((x1, x2), y): several model inputs and a tensor target; two batches would have a
+    # pair, not a tensor, in second place
     return (
-        isinstance(data, (tuple, list))
-        and len(data) == 2
-        and isinstance(data[0], (torch.Tensor, Mapping))
+        isinstance(inputs, (tuple, list))
+        and all(isinstance(t, torch.Tensor) for t in inputs)
+        and isinstance(targets, torch.Tensor)
     )
 
 

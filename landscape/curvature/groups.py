@@ -37,6 +37,8 @@ def top_eigenvalues_by_group(
     """
     if curvature not in ("hessian", "ggn"):
         raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
+    if curvature == "ggn" and closure is not None:
+        raise ValueError("closure: the GGN needs loss_fn; pass operator_kwargs={'forward': ...}")
     if groups is None or isinstance(groups, int):
         depth = 1 if groups is None else groups
         names = list(trainable_named_parameters(model))

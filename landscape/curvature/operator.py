@@ -255,8 +255,17 @@ class ModelOperator(CurvatureOperator):
     @contextlib.contextmanager
     def _context(self) -> Iterator[None]:
         with isolated(self.model, eval_mode=self.eval_mode), sdpa_math(), torch.enable_grad():
-            torch.manual_seed(self.seed)  # stochastic layers (train mode) see fixed noise
+            if not self.eval_mode:
+                # stochastic layers see the same noise in every product; only the generators
+                # that `isolated` forked (CPU and the model's CUDA devices) are re-seeded
+                torch.default_generator.manual_seed(self.seed)
+                for index in self._cuda_devices():
+                    torch.cuda.default_generators[index].manual_seed(self.seed)
             yield
+
+    def _cuda_devices(self) -> list[int]:
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
 
     def _current(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in zip(self.names, self._param_objects)}

@@ -283,11 +283,13 @@ def hessian_trace(
 class DensityResult:
     """Smoothed eigenvalue density from stochastic Lanczos quadrature.
 
-    ``grid`` (float64) and ``density`` on it; ``nodes`` and ``weights`` (float64, all probes
-    concatenated; the weights of each probe sum to ``1 / n_probes``, so all sum to 1, and
-    ``density(t) = sum_k weights_k g_sigma(t - nodes_k)``); ``probe`` the probe index of
-    each node; ``sigma`` the Gaussian kernel's standard deviation; ``dim`` the operator's
-    dimension; ``n_matvec`` products used.
+    ``grid`` (float64) and ``density`` on it; ``nodes`` and ``weights``: float64 tables of
+    shape ``(n_probes, m)``, one row per probe (``m`` the longest run, at most ``n_iter``);
+    a run that stopped early (breakdown) is padded with node ``NaN`` and weight ``0``. The
+    weights of each row sum to ``1 / n_probes``, so all sum to 1, and
+    ``density(t) = sum_k weights_k g_sigma(t - nodes_k)`` over the valid entries.
+    ``sigma`` is the Gaussian kernel's standard deviation, ``dim`` the operator's dimension,
+    ``n_matvec`` the products used.
     """
 
     grid: torch.Tensor
@@ -296,12 +298,17 @@ class DensityResult:
     weights: torch.Tensor
     n_matvec: int
     sigma: float = 0.0
-    probe: torch.Tensor | None = None
     dim: int = 0
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """Boolean mask of the real (not padded) entries of ``nodes``/``weights``."""
+        return ~torch.isnan(self.nodes)
 
     def moment(self, j: int) -> float:
         """Quadrature estimate of ``tr(A^j) / dim`` (exact per probe for j <= 2 m - 1)."""
-        return float((self.weights * self.nodes**j).sum())
+        mask = self.valid
+        return float((self.weights[mask] * self.nodes[mask] ** j).sum())
 
     @property
     def trace(self) -> float:
@@ -336,10 +343,11 @@ def spectral_density(
     For each of ``n_probes`` Rademacher start vectors ``v`` (normalised), ``n_iter`` Lanczos
     steps with full re-orthogonalisation (all probes in lock step, batched matvecs) give a
     tridiagonal ``T = S diag(theta) S^T``; the nodes are ``theta`` and the weights
-    ``S[0, k]^2 / n_probes`` (``eigh``, float64). A run that breaks down (invariant Krylov
-    space) stops early with exact nodes. The density is the weighted sum of Gaussians of
-    standard deviation ``sigma`` (default ``0.01 * (max node - min node)``, or
-    ``1e-3 * max(1, |node|)`` for a single point), so it integrates to 1 over the real line;
+    ``S[0, k]^2 / n_probes`` (``eigh``, float64), one row per probe. A run that breaks down
+    (invariant Krylov space) stops early with exact nodes; its row is padded (NaN, 0). The
+    density is the weighted sum of Gaussians of standard deviation ``sigma`` (default
+    ``0.01 * (max node - min node)``, or ``1e-3 * max(1, |node|)`` for a single point), so
+    it integrates to 1 over the real line;
     the default ``grid`` has 1000 points on [min node - 5 sigma, max node + 5 sigma]
     (``grid`` may be an int, the number of points, or a tensor of points). Quadrature
     identity: ``sum_k tau_k theta_k^j = v^T A^j v`` for ``j <= 2 m - 1``.
@@ -355,16 +363,16 @@ def spectral_density(
     starts = starts / math.sqrt(op.dim)
     before = op.n_matvec
     alphas, betas, _ = lanczos_tridiagonal(op.flat_matmat, starts, n_iter)
-    nodes, weights, probe = [], [], []
+    width = max(a.numel() for a in alphas)
+    node_t = torch.full((n_probes, width), math.nan, dtype=torch.float64)
+    weight_t = torch.zeros((n_probes, width), dtype=torch.float64)
     for i, (a, b) in enumerate(zip(alphas, betas)):
         t = torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1)
         theta, s = torch.linalg.eigh(t)
-        nodes.append(theta)
-        weights.append(s[0] ** 2 / n_probes)
-        probe.append(torch.full((theta.numel(),), i, dtype=torch.long))
-    node_t = torch.cat(nodes)
-    weight_t = torch.cat(weights)
-    lo, hi = float(node_t.min()), float(node_t.max())
+        node_t[i, : theta.numel()] = theta
+        weight_t[i, : theta.numel()] = s[0] ** 2 / n_probes
+    mask = ~torch.isnan(node_t)
+    lo, hi = float(node_t[mask].min()), float(node_t[mask].max())
     if sigma is None:
         sigma = 0.01 * (hi - lo) if hi > lo else 1e-3 * max(1.0, abs(hi))
     if grid is None or isinstance(grid, int):
@@ -374,8 +382,8 @@ def spectral_density(
         grid_t = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, points, dtype=torch.float64)
     else:
         grid_t = torch.as_tensor(grid, dtype=torch.float64).reshape(-1)
-    density = gaussian_density(node_t, weight_t, grid_t, sigma)
+    density = gaussian_density(node_t[mask], weight_t[mask], grid_t, sigma)
     return DensityResult(
         grid=grid_t, density=density, nodes=node_t, weights=weight_t,
-        n_matvec=op.n_matvec - before, sigma=float(sigma), probe=torch.cat(probe), dim=op.dim,
+        n_matvec=op.n_matvec - before, sigma=float(sigma), dim=op.dim,
     )

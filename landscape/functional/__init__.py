@@ -36,10 +36,8 @@ from landscape.functional.representation import (
 from landscape.functional.sharpness import (
     Sharpness,
     asam_sharpness,
-    optimizer_stability_threshold,
     sam_sharpness,
     stability_ratio,
-    stability_threshold,
 )
 from landscape.functional.signals import (
     AttentionStats,
@@ -107,10 +105,8 @@ __all__ = [
     # sharpness
     "Sharpness",
     "asam_sharpness",
-    "optimizer_stability_threshold",
     "sam_sharpness",
     "stability_ratio",
-    "stability_threshold",
     # cheap early-warning signals
     "AttentionStats",
     "LogitStats",

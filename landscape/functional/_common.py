@@ -94,7 +94,11 @@ def nan_scalar(device: torch.device, reason: str) -> Scalar:
 def as_float_tensor(
     x: Any, name: str, ndim: int | None = None, min_ndim: int | None = None
 ) -> torch.Tensor:
-    """Validate a floating tensor argument (shape and dtype), without copying."""
+    """Validate a floating tensor argument (shape and dtype); returns it detached.
+
+    The metrics are diagnostics: they never build an autograd graph on their inputs, so
+    features captured with ``requires_grad`` cost no extra memory and leak no graph.
+    """
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not (x.is_floating_point() or x.is_complex()):
@@ -107,7 +111,7 @@ def as_float_tensor(
         raise ValueError(
             f"{name} must have at least {min_ndim} dimensions, got shape {tuple(x.shape)}"
         )
-    return x
+    return x.detach()
 
 
 def f64(x: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,10 @@ class _ClassStats:
     counts: torch.Tensor  # (C,) float64
     means: torch.Tensor  # (C, p) class means
     centred_means: torch.Tensor  # (C, p) rows mu_c - mu_G (M~ transposed)
-    within: torch.Tensor  # (N, p) h_i - mu_{y_i}
+
+    def within(self) -> torch.Tensor:
+        """(N, p) deviations h_i - mu_{y_i} (a new tensor; only VCI needs it whole)."""
+        return self.h - self.means[self.idx]
 
     @property
     def n(self) -> int:
@@ -78,7 +81,7 @@ def _class_stats(
     sums = torch.zeros(c, h.shape[1], dtype=torch.float64, device=h.device).index_add_(0, idx, h)
     means = sums / counts[:, None]
     mu_g = means.mean(0) if global_mean == "class_means" else h.mean(0)
-    return _ClassStats(h, idx, present, counts, means, means - mu_g, h - means[idx])
+    return _ClassStats(h, idx, present, counts, means, means - mu_g)
 
 
 def _between_svd(stats: _ClassStats, rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,8 +212,9 @@ def _nc1(stats: _ClassStats, rtol: float) -> tuple[torch.Tensor, int]:
     s, u = _between_svd(stats, rtol)
     if s.numel() == 0:
         return torch.tensor(NAN, dtype=torch.float64, device=stats.h.device), 0
-    # u_k^T Sigma_W u_k = (1/N) sum_i ((h_i - mu_{y_i}) . u_k)^2 ; NC1 = sum_k that / s_k^2
-    proj = stats.within @ u
+    # u_k^T Sigma_W u_k = (1/N) sum_i ((h_i - mu_{y_i}) . u_k)^2 ; NC1 = sum_k that / s_k^2.
+    # (h_i - mu_y) . u = h_i . u - mu_y . u: an (N, k) product, no (N, p) temporary.
+    proj = stats.h @ u - (stats.means @ u)[stats.idx]
     quad = (proj * proj).sum(0) / stats.n
     return (quad / (s * s)).sum(), int(s.numel())
 
@@ -236,9 +240,11 @@ def ncc_mismatch(
 
 def _nc4(stats: _ClassStats, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     h, mu = stats.h, stats.means
-    d2 = (h * h).sum(1, keepdim=True) - 2 * h @ mu.T + (mu * mu).sum(1)[None, :]
-    ncc = stats.present[d2.argmin(1)]
-    logits = h @ w.T
+    # argmin_c ||h - mu_c||^2 = argmin_c (||mu_c||^2 - 2 h . mu_c): one (N, C + K) product
+    prod = h @ torch.cat([mu, w]).T
+    c = mu.shape[0]
+    ncc = stats.present[((mu * mu).sum(1)[None, :] - 2 * prod[:, :c]).argmin(1)]
+    logits = prod[:, c:]
     if b is not None:
         logits = logits + b
     pred = logits.argmax(1)
@@ -436,14 +442,15 @@ def variability_collapse_index(
         reason = fail("rank_deficient", "all class means are equal (Sigma_B = 0)", strict)
         return VariabilityCollapse(nan, nan, 0, 0, reason)
     c, n, p = stats.c, stats.n, stats.p
+    within = stats.within()
     if p > n + c:
-        x = torch.cat([stats.within / n**0.5, mt / c**0.5], 0)  # Sigma_T = X^T X
+        x = torch.cat([within / n**0.5, mt / c**0.5], 0)  # Sigma_T = X^T X
         lam, a = torch.linalg.eigh(x @ x.T)
         keep = lam > rtol * lam[-1]
         lam, a = lam[keep], a[:, keep]
         proj = (mt @ x.T) @ a / lam  # = Mt X^T A S^-2
     else:
-        sigma_t = (stats.within.T @ stats.within) / n + (mt.T @ mt) / c
+        sigma_t = (within.T @ within) / n + (mt.T @ mt) / c
         lam, e = torch.linalg.eigh(sigma_t)
         keep = lam > rtol * lam[-1]
         lam, e = lam[keep], e[:, keep]

@@ -270,85 +270,14 @@ def asam_sharpness(
     )
 
 
-StabilityKind = Literal["gd", "sgd", "nesterov", "adam", "rmsprop"]
-
-
-def stability_threshold(
-    kind: StabilityKind,
-    lr: float,
-    *,
-    momentum: float = 0.0,
-    dampening: float = 0.0,
-    beta1: float = 0.9,
-) -> float:
-    """Largest stable curvature of an optimiser on a quadratic (edge-of-stability threshold).
-
-    Linear-stability thresholds of 1-D quadratics under PyTorch's update rules (METRICS.md
-    1.6; Cohen et al., ICLR 2021 arXiv:2103.00065 and arXiv:2207.14484 for Adam):
-
-    * ``"gd"`` (or ``"sgd"`` with ``momentum=0``): 2/lr;
-    * ``"sgd"`` heavy ball ``b <- momentum b + (1 - dampening) g``: (2 + 2 beta)/((1 - d) lr);
-    * ``"nesterov"``: (2 + 2 beta)/((1 + 2 beta) lr);
-    * ``"adam"`` (frozen preconditioner P): (2 + 2 beta1)/((1 - beta1) lr), 38/lr at 0.9;
-      compare with the *preconditioned* sharpness lambda_max(P^-1 H);
-    * ``"rmsprop"``: 2/lr, also against lambda_max(P^-1 H).
-    """
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be finite and > 0, got {lr}")
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-    if not 0.0 <= dampening < 1.0:
-        raise ValueError(f"dampening must be in [0, 1), got {dampening}")
-    if not 0.0 <= beta1 < 1.0:
-        raise ValueError(f"beta1 must be in [0, 1), got {beta1}")
-    if kind in ("gd", "rmsprop"):
-        return 2.0 / lr
-    if kind == "sgd":
-        return (2.0 + 2.0 * momentum) / ((1.0 - dampening) * lr)
-    if kind == "nesterov":
-        return (2.0 + 2.0 * momentum) / ((1.0 + 2.0 * momentum) * lr)
-    if kind == "adam":
-        return (2.0 + 2.0 * beta1) / ((1.0 - beta1) * lr)
-    raise ValueError(
-        f"kind must be one of 'gd', 'sgd', 'nesterov', 'adam', 'rmsprop', got {kind!r}"
-    )
-
-
-def optimizer_stability_threshold(optimizer: torch.optim.Optimizer, group: int = 0) -> float:
-    """:func:`stability_threshold` for a PyTorch optimiser's current settings.
-
-    Reads ``lr`` (the current, scheduled value), ``momentum``, ``dampening``, ``nesterov``
-    and ``betas`` from ``optimizer.param_groups[group]``. Supports ``SGD``, ``Adam``,
-    ``AdamW`` (weight decay ignored) and ``RMSprop`` without momentum; anything else raises
-    ``ValueError``.
-    """
-    if not 0 <= group < len(optimizer.param_groups):
-        raise ValueError(f"group must be in [0, {len(optimizer.param_groups)}), got {group}")
-    pg = optimizer.param_groups[group]
-    lr = float(pg["lr"])
-    if isinstance(optimizer, torch.optim.SGD):
-        if pg.get("nesterov", False):
-            return stability_threshold("nesterov", lr, momentum=float(pg["momentum"]))
-        return stability_threshold(
-            "sgd", lr, momentum=float(pg["momentum"]), dampening=float(pg["dampening"])
-        )
-    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-        return stability_threshold("adam", lr, beta1=float(pg["betas"][0]))
-    if isinstance(optimizer, torch.optim.RMSprop) and float(pg.get("momentum", 0.0)) == 0.0:
-        return stability_threshold("rmsprop", lr)
-    raise ValueError(
-        f"optimizer: no stability threshold known for {type(optimizer).__name__} "
-        "with these settings"
-    )
-
-
 def stability_ratio(lambda_max: float | torch.Tensor, threshold: float | torch.Tensor) -> float:
     """lambda_max / threshold: curvature relative to the optimiser's stability threshold.
 
-    ``threshold`` from :func:`stability_threshold` (e.g. 2/lr for GD, 38/lr for Adam at
-    beta1 = 0.9 with preconditioned sharpness; METRICS.md 1.6); ``lambda_max`` from the
-    curvature engine. A ratio >= 1 means the edge of stability is reached. NaN lambda_max
-    gives NaN; ``threshold`` must be finite and > 0.
+    ``threshold`` from :func:`landscape.curvature.stability_threshold` (e.g. 2/lr for GD,
+    38/lr for Adam at beta1 = 0.9 with preconditioned sharpness; METRICS.md 1.6);
+    ``lambda_max`` from the curvature engine (``landscape.top_eigenvalues``). A ratio >= 1
+    means the edge of stability is reached. NaN lambda_max gives NaN; ``threshold`` must
+    be finite and > 0.
     """
     thr = float(threshold)
     if not thr > 0 or math.isinf(thr):
@@ -359,8 +288,6 @@ def stability_ratio(lambda_max: float | torch.Tensor, threshold: float | torch.T
 __all__ = [
     "Sharpness",
     "asam_sharpness",
-    "optimizer_stability_threshold",
     "sam_sharpness",
     "stability_ratio",
-    "stability_threshold",
 ]

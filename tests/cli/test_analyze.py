@@ -1,4 +1,4 @@
-"""`landscape analyze`: checkpoints of a small model into one run, and every bad input as one line."""
+"""`landscape analyze`: checkpoints into one run; every bad input gives one line."""
 
 import textwrap
 

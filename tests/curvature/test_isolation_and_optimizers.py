@@ -163,10 +163,10 @@ def test_thresholds_from_optimizers():
 def test_threshold_matches_simulated_divergence_of_heavy_ball():
     lr, beta = 0.01, 0.9
     limit = stability_threshold("heavy_ball", lr, momentum=beta)
-    for lam, stable in ((0.99 * limit, True), (1.01 * limit, False)):
+    for lam, stable in ((0.9 * limit, True), (1.1 * limit, False)):
         theta = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))
         opt = torch.optim.SGD([theta], lr=lr, momentum=beta)
-        for _ in range(3000):
+        for _ in range(300):
             opt.zero_grad()
             (0.5 * lam * theta**2).sum().backward()
             opt.step()

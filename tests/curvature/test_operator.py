@@ -332,3 +332,52 @@ def test_cached_graph_follows_in_place_parameter_updates():
     assert torch.allclose(flatten(moved), flatten(fresh.matvec(v)), rtol=1e-12, atol=1e-14)
     op.refresh()
     assert op._graph is None
+
+
+def test_float32_transformer_and_cnn():
+    model = models.TinyTransformer(vocab=5, d=4, heads=2, layers=1, seq=5, seed=0)
+    batch = tokens()
+    dense = dense_hessian(tiny_transformer(), closure=models.lm_loss, batch=batch)
+    eig = top_eigenvalues(Hessian(model, data=batch, closure=models.lm_loss), k=1, tol=1e-4)
+    assert float(eig.values[0]) == pytest.approx(float(torch.linalg.eigvalsh(dense)[-1]), rel=1e-4)
+    cnn = models.cnn_bn()
+    x, y = models.image_data()
+    dense = dense_hessian(models.cnn_bn().double(), F.cross_entropy, (x.double(), y))
+    eig = top_eigenvalues(Hessian(cnn, F.cross_entropy, (x, y)), k=1, tol=1e-4)
+    assert float(eig.values[0]) == pytest.approx(float(torch.linalg.eigvalsh(dense)[-1]), rel=1e-4)
+
+
+class TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 2).double()
+        self.b = nn.Linear(4, 2).double()
+
+    def forward(self, u, w):
+        return torch.tanh(self.a(u)) + self.b(w)
+
+
+def test_data_loader_and_multi_input_batches():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = models.mlp().double()
+    x, y = models.classification_data(n=16)
+    x = x.double()
+    loader = DataLoader(TensorDataset(x, y), batch_size=5)  # batches of 5, 5, 5, 1
+    op = Hessian(model, F.cross_entropy, loader)
+    assert op.batch_weights == (5 / 16, 5 / 16, 5 / 16, 1 / 16)
+    whole = Hessian(model, F.cross_entropy, (x, y))
+    v = _rand(op, 1)[0]
+    assert torch.allclose(flatten(op.matvec(v)), flatten(whole.matvec(v)), atol=1e-13)
+
+    two = TwoInputs()
+    g = torch.Generator().manual_seed(0)
+    u, w = (torch.randn(6, d, generator=g, dtype=torch.float64) for d in (3, 4))
+    t = torch.tensor([0, 1, 1, 0, 1, 0])
+    single = Hessian(two, F.cross_entropy, ((u, w), t))  # one batch with two model inputs
+    assert single.batch_weights == (1.0,)
+    split = Hessian(two, F.cross_entropy, [((u[:2], w[:2]), t[:2]), ((u[2:], w[2:]), t[2:])])
+    assert split.batch_weights == (2 / 6, 4 / 6)
+    dense = dense_hessian(two, lambda out, tt: F.cross_entropy(out, tt), ((u, w), t))
+    _check_products(single, dense)
+    _check_products(split, dense)

@@ -28,8 +28,8 @@ def test_top_eigenvalue_and_trace_agree_on_a_small_mlp():
     model = models.mlp(d_in=6, hidden=12, d_out=3)
     x, y = models.classification_data(n=32)
     ours = top_eigenvalues(Hessian(model, F.cross_entropy, (x, y)), k=2, tol=1e-6)
-    torch.manual_seed(0)  # PyHessian draws its start vectors from the global RNG
     with torch.random.fork_rng():
+        torch.manual_seed(0)  # PyHessian draws its start vectors from the global RNG
         values, _ = _pyhessian(model, F.cross_entropy, (x, y)).eigenvalues(top_n=1, tol=1e-6,
                                                                          maxIter=500)
         samples = _pyhessian(model, F.cross_entropy, (x, y)).trace(maxIter=200, tol=1e-4)

@@ -1,0 +1,114 @@
+"""``landscape check RUN``: the run's findings as a table; a non-zero exit as a gate.
+
+Exit status: 0 when no finding reaches ``--fail-on``, 1 when one does (a job scheduler
+or CI can stop or roll back the run), and the usual one-line error otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import click
+from landscape_cli.app import cli
+
+from landscape.findings import SEVERITIES, Finding
+from landscape.report import (
+    alarms_available,
+    at_or_above,
+    collect_findings,
+    count_by_severity,
+    format_number,
+)
+from landscape.store import Run
+
+_COLUMNS = ("step", "severity", "rule", "metric", "value", "threshold", "message")
+
+
+def _json_number(value: float) -> float | str:
+    return value if math.isfinite(value) else format_number(value)
+
+
+def _as_json(f: Finding) -> dict:
+    row = f.as_dict()
+    row["value"] = _json_number(f.value)
+    row["threshold"] = _json_number(f.threshold)
+    return row
+
+
+def _table(findings: list[Finding]) -> list[str]:
+    rows = [
+        (str(f.step), f.severity, f.rule, f.metric, format_number(f.value),
+         format_number(f.threshold), f.message)
+        for f in findings
+    ]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(_COLUMNS)]
+    right = {0, 4, 5}
+
+    def line(cells) -> str:
+        parts = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths))
+        ]
+        return "  ".join(parts).rstrip()
+
+    out = [line(_COLUMNS), line(["-" * w for w in widths])]
+    indent = " " * (widths[0] + 2)
+    for f, r in zip(findings, rows):
+        out.append(line(r))
+        if f.hint:
+            out.append(f"{indent}hint: {f.hint}")
+    return out
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN", type=click.Path())
+@click.option(
+    "--fail-on", type=click.Choice(SEVERITIES), default="warning", show_default=True,
+    help="Exit with status 1 when a finding has this severity or a more serious one.",
+)
+@click.option(
+    "--recompute/--stored", default=True, show_default=True,
+    help="Re-evaluate the alarm rules on the whole run and add their findings to the "
+    "stored ones (--recompute), or list only the findings stored in the file (--stored).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
+def check(run_path: str, fail_on: str, recompute: bool, as_json: bool, quiet: bool) -> None:
+    """List the findings of RUN and exit 1 when one reaches the --fail-on severity.
+
+    Findings are those stored in the file (written online by the monitor) and, with
+    --recompute, those the alarm rules find on the whole run; a finding is reported
+    once per (step, rule, metric).
+    """
+    if recompute and not alarms_available() and not as_json and not quiet:
+        click.echo("note: the alarm rules are not installed; showing stored findings", err=True)
+    with Run.open(run_path) as run:
+        found = collect_findings(run, recompute=recompute)
+        source = run.source
+    failing = at_or_above(found, fail_on)
+    counts = count_by_severity(found)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "run": source,
+                    "fail_on": fail_on,
+                    "failed": bool(failing),
+                    "counts": counts,
+                    "findings": [_as_json(f) for f in found],
+                },
+                indent=2,
+            )
+        )
+    else:
+        if found and not quiet:
+            click.echo("\n".join(_table(found)))
+        detail = ", ".join(f"{counts[s]} {s}" for s in reversed(SEVERITIES))
+        verdict = "FAIL" if failing else "ok"
+        click.echo(
+            f"{source}: {len(found)} findings ({detail}); "
+            f"{verdict} (fail on {fail_on} or worse)"
+        )
+    if failing:
+        click.get_current_context().exit(1)

@@ -1,0 +1,132 @@
+"""``landscape plot RUN``: metric timelines (findings marked) or a stored surface, to files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from landscape_cli.app import cli
+
+from landscape.plotting.timelines import SAVE_FORMATS, save_figure, timelines
+from landscape.report import collect_findings, surface_figure, surface_plots_available
+from landscape.store import Run
+
+
+def _is_directory_target(out: Path) -> bool:
+    """``-o`` names a directory when it is one, or when it has no file suffix."""
+    return out.is_dir() or not out.suffix
+
+
+def _run_figures(run, metrics, to_directory, log, recompute, quiet) -> dict:
+    """Timelines of the chosen metrics; with no -m and a directory, every surface as well."""
+    unknown = [m for m in metrics if m not in run.metrics()]
+    if unknown:
+        raise click.ClickException(
+            f"no metric {', '.join(map(repr, unknown))} in {run.source} "
+            f"(metrics: {', '.join(run.metrics()) or 'none'})"
+        )
+    figures = {}
+    if metrics or run.metrics():
+        found = collect_findings(run, recompute=recompute)
+        figures.update(timelines(run, list(metrics) or None, log=log, findings=found))
+    if not metrics and to_directory and run.surfaces():
+        if surface_plots_available():
+            for name in run.surfaces():
+                figures[f"surface-{name}"] = surface_figure(run.surface(name), log=log)
+        elif not quiet:
+            click.echo("note: surface plots are not installed; skipping the surfaces", err=True)
+    if not figures:
+        hint = " (its surfaces go into a directory: -o DIR)" if run.surfaces() else ""
+        raise click.ClickException(f"{run.source}: the run holds no metrics to plot{hint}")
+    return figures
+
+
+def _message(err: Exception) -> str:
+    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN", type=click.Path())
+@click.option(
+    "-m", "--metric", "metrics", multiple=True, metavar="METRIC",
+    help="Metric to plot (repeatable; default: every metric).",
+)
+@click.option("--surface", "surface_name", metavar="NAME", help="Plot this stored surface instead.")
+@click.option("--3d", "three_d", is_flag=True, help="3-D view of a 2-D surface (with --surface).")
+@click.option(
+    "--field", default=None,
+    help="Which grid of the surface to draw (with --surface): loss (default) or accuracy, ...",
+)
+@click.option("--log", is_flag=True, help="Logarithmic y axes (symmetric-log around zero).")
+@click.option(
+    "--recompute/--stored", default=True, show_default=True,
+    help="Mark the stored findings plus those the alarm rules find on the whole run "
+    "(--recompute), or only those stored in the file (--stored).",
+)
+@click.option(
+    "-o", "--out", "out", required=True, type=click.Path(),
+    help="Image file (.png, .pdf, .svg, .jpg), or a directory for one image per metric.",
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(SAVE_FORMATS), default="png", show_default=True,
+    help="Image format of the files written into a directory.",
+)
+@click.option("--dpi", type=click.IntRange(min=10), default=120, show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="Do not list the files written.")
+def plot(
+    run_path: str,
+    metrics: tuple[str, ...],
+    surface_name: str | None,
+    three_d: bool,
+    field: str | None,
+    log: bool,
+    recompute: bool,
+    out: str,
+    fmt: str,
+    dpi: int,
+    quiet: bool,
+) -> None:
+    """Plot the metric timelines of RUN, or one of its surfaces, into image files.
+
+    One metric goes to one file; several go into a directory (one file per metric, named
+    after it). Findings are marked as vertical lines coloured by severity. Without
+    --metric, a directory also receives every surface (surface-NAME.png).
+    """
+    if three_d and not surface_name:
+        raise click.ClickException("--3d applies to surfaces only; add --surface NAME")
+    if surface_name and metrics:
+        raise click.ClickException("use either --metric or --surface, not both")
+    target = Path(out)
+    to_directory = _is_directory_target(target)
+    with Run.open(run_path) as run:
+        try:
+            if surface_name:
+                surface = run.surface(surface_name)
+                figures = {
+                    surface_name: surface_figure(surface, three_d=three_d, field=field, log=log)
+                }
+            else:
+                figures = _run_figures(run, metrics, to_directory, log, recompute, quiet)
+        except (KeyError, ValueError) as err:
+            raise click.ClickException(_message(err)) from None
+    if _is_directory_target(target):
+        if target.exists() and not target.is_dir():
+            raise click.ClickException(f"{target}: exists and is not a directory")
+        target.mkdir(parents=True, exist_ok=True)
+        paths = {name: target / f"{name}.{fmt}" for name in figures}
+    elif len(figures) > 1:
+        raise click.ClickException(
+            f"{len(figures)} plots ({', '.join(figures)}) give one image each: "
+            f"-o must name a directory, not the file {target}"
+        )
+    else:
+        if not target.parent.exists():
+            raise click.ClickException(f"{target}: directory {target.parent} does not exist")
+        paths = {name: target for name in figures}
+    for name, fig in figures.items():
+        try:
+            save_figure(fig, paths[name], dpi=dpi)
+        except ValueError as err:
+            raise click.ClickException(str(err)) from None
+        if not quiet:
+            click.echo(f"wrote {paths[name]}")

@@ -1,0 +1,41 @@
+"""``landscape report RUN -o report.html``: one self-contained HTML report."""
+
+from __future__ import annotations
+
+import click
+from landscape_cli.app import cli
+
+from landscape.report import collect_findings, count_by_severity, write_report
+from landscape.store import Run
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN", type=click.Path())
+@click.option(
+    "-o", "--out", default="report.html", show_default=True, type=click.Path(),
+    help="The HTML file to write.",
+)
+@click.option("--title", help="Title of the report (default: from the run's file name).")
+@click.option("--log", is_flag=True, help="Logarithmic y axes on the timelines.")
+@click.option(
+    "--recompute/--stored", default=True, show_default=True,
+    help="List the stored findings plus those the alarm rules find on the whole run "
+    "(--recompute), or only those stored in the file (--stored).",
+)
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
+def report(run_path: str, out: str, title: str | None, log: bool, recompute: bool, quiet: bool):
+    """Write an HTML report of RUN: summary, findings, timelines, surfaces, configuration.
+
+    Every plot is embedded in the file, which needs nothing else to be viewed.
+    """
+    with Run.open(run_path) as run:
+        found = collect_findings(run, recompute=recompute)
+        path = write_report(run, out, title=title, findings=found, log=log)
+        n_metrics, n_surfaces = len(run.metrics()), len(run.surfaces())
+    if not quiet:
+        counts = count_by_severity(found)
+        detail = ", ".join(f"{counts[s]} {s}" for s in ("error", "warning", "info") if counts[s])
+        click.echo(
+            f"wrote {path}: {n_metrics} timelines, {n_surfaces} surfaces, "
+            f"{len(found)} findings" + (f" ({detail})" if detail else "")
+        )

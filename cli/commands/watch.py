@@ -1,0 +1,157 @@
+"""``landscape watch RUN``: a live view of a run that is being written.
+
+Every ``--interval`` seconds the run is opened in SWMR read mode, the rows and findings
+committed since the last look are printed (the latest row of each metric that grew, and
+every new finding), and the file is closed again. Not holding the file open between
+looks matters: a writer that declares a metric or creates a surface briefly reopens the
+file without SWMR, which an open reader's file lock would make fail, and the monitor
+must never be disturbed by someone watching. Reopening also shows metric groups created
+after the watch started, which a long-lived SWMR reader does not see.
+"""
+
+from __future__ import annotations
+
+import time
+
+import click
+import numpy as np
+from landscape_cli.app import cli
+
+from landscape._errors import RunFileError
+from landscape.report import format_number
+from landscape.store import Run
+
+# seams for tests (no wall clock in the test suite)
+_sleep = time.sleep
+_clock = time.monotonic
+
+_MAX_COMPONENTS = 4
+
+
+def _format_value(value: np.ndarray) -> str:
+    arr = np.asarray(value)
+    if arr.dtype.kind == "S":
+        return repr(arr.item().decode("utf-8", "replace"))
+    if arr.ndim == 0:
+        return format_number(float(arr))
+    flat = arr.reshape(-1).astype(np.float64)
+    shown = ", ".join(format_number(float(v)) for v in flat[:_MAX_COMPONENTS])
+    more = f", ... ({flat.size})" if flat.size > _MAX_COMPONENTS else ""
+    return f"[{shown}{more}]"
+
+
+class _View:
+    """What has been printed so far: committed rows per metric and the number of findings."""
+
+    def __init__(self, metrics: tuple[str, ...]) -> None:
+        self.selected = metrics
+        self.rows: dict[str, int] = {}
+        self.findings = 0
+
+    def _shows(self, metric: str) -> bool:
+        """Whether a finding on ``metric`` (``name`` or ``name/field``) concerns the selection."""
+        return not self.selected or metric.split("/", 1)[0] in self.selected
+
+    def update(self, run: Run, *, first: bool) -> list[str]:
+        """Lines describing what ``run`` committed since the last update (all or nothing)."""
+        lines: list[str] = []
+        rows = dict(self.rows)
+        names = [m for m in self.selected if m in run.metrics()] if self.selected else run.metrics()
+        for m in names:
+            steps = run.steps(m)
+            n = len(steps)
+            seen = rows.get(m)
+            if seen is None and not first:
+                lines.append(f"new metric {m}")
+            seen = seen or 0
+            if n < seen:
+                lines.append(f"{m}: {seen - n} rows dropped (the run restarted)")
+                seen = 0
+            rows[m] = n
+            if n > seen:
+                values = "  ".join(
+                    f"{name}={_format_value(run.series(m, name)[1][-1])}" for name in run.fields(m)
+                )
+                lines.append(f"{m}  step {int(steps[-1])}  (+{n - seen})  {values}")
+        findings = run.findings()
+        start = self.findings if len(findings) >= self.findings else 0
+        lines.extend(
+            f"finding {f.describe()}" for f in findings[start:] if self._shows(f.metric)
+        )
+        self.rows, self.findings = rows, len(findings)
+        return lines
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN", type=click.Path())
+@click.option(
+    "--interval", type=click.FloatRange(min=0.0), default=2.0, show_default=True,
+    help="Seconds between looks at the file.",
+)
+@click.option("--once", is_flag=True, help="Print the current state and exit.")
+@click.option(
+    "--timeout", type=click.FloatRange(min=0.0), default=None,
+    help="Stop after this many seconds (default: run until Ctrl-C).",
+)
+@click.option(
+    "-m", "--metric", "metrics", multiple=True, metavar="METRIC",
+    help="Only this metric (repeatable; default: every metric).",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No header and no closing line.")
+def watch(
+    run_path: str,
+    interval: float,
+    once: bool,
+    timeout: float | None,
+    metrics: tuple[str, ...],
+    quiet: bool,
+) -> None:
+    """Follow RUN while it is being written: new rows and findings as they are committed.
+
+    Prints the latest row of every metric, then, every --interval seconds, the latest
+    row of each metric that grew and every new finding. Stops on Ctrl-C, with --once,
+    or after --timeout seconds.
+    """
+    view = _View(metrics)
+    with Run.open(run_path) as run:
+        unknown = [m for m in metrics if m not in run.metrics()]
+        if unknown:
+            known = ", ".join(run.metrics()) or "none"
+            raise click.ClickException(
+                f"no metric {', '.join(map(repr, unknown))} in {run.source} (metrics: {known})"
+            )
+        source = run.source
+        lines = view.update(run, first=True)
+    if not quiet:
+        click.echo(f"watching {source} (Ctrl-C to stop)" if not once else source)
+    for line in lines or ["no rows yet"]:
+        click.echo(line)
+    if once:
+        return
+    start = _clock()
+    unreadable = False
+    try:
+        while True:
+            left = None if timeout is None else timeout - (_clock() - start)
+            if left is not None and left <= 0:
+                break
+            _sleep(interval if left is None else min(interval, left))
+            try:
+                run = Run.open(run_path)
+                try:
+                    lines = view.update(run, first=False)
+                finally:
+                    run.close()
+            except (RunFileError, OSError, KeyError) as err:
+                # e.g. the writer is changing the file's structure right now: look again later
+                if not unreadable and not quiet:
+                    click.echo(f"note: cannot read the run now ({err}); retrying", err=True)
+                unreadable = True
+                continue
+            unreadable = False
+            for line in lines:
+                click.echo(line)
+    except KeyboardInterrupt:
+        pass
+    if not quiet:
+        click.echo("stopped", err=True)

@@ -1,0 +1,273 @@
+"""Metric timelines: one matplotlib figure per metric group of a run.
+
+Each field of a metric is one subplot (sharing the step axis). A vector field (for
+example the top-k Hessian eigenvalues, or one spectral-alignment value per monitored
+layer) is drawn as one labelled line per component; a field with more components than
+``max_lines`` is drawn as its median with a min-max band, so a figure stays legible.
+Findings (``landscape.findings.Finding``) are vertical lines coloured by severity; those
+raised on the plotted metric itself are drawn solid, the others (only those within the
+metric's step range) dashed and faint.
+
+Figures are built with :class:`matplotlib.figure.Figure` directly (no ``pyplot``, hence
+no global figure registry and no GUI backend): they render through Agg. Nothing here
+touches the file system except :func:`save_figure`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from landscape.findings import SEVERITIES, Finding
+from landscape.store import Run
+
+SEVERITY_COLORS: dict[str, str] = {"info": "#1f77b4", "warning": "#ff7f0e", "error": "#d62728"}
+"""Colour of the vertical finding markers, by severity."""
+
+SAVE_FORMATS: tuple[str, ...] = ("png", "pdf", "svg", "jpg", "jpeg")
+"""File suffixes :func:`save_figure` accepts."""
+
+_NONFINITE_COLOR = "#7f0000"
+
+
+def new_figure(width: float = 8.0, height: float = 4.0) -> Figure:
+    """A figure attached to an Agg canvas (usable without pyplot or a display)."""
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plottable_fields(run: Run, metric: str) -> list[str]:
+    """Numeric fields of ``metric`` (string fields such as labels cannot be plotted)."""
+    return [name for name, spec in run.fields(metric).items() if not spec.is_string]
+
+
+def _component_labels(field: str, shape: tuple[int, ...], labels: Sequence[str] | None) -> list:
+    n = int(np.prod(shape))
+    if labels is not None and len(labels) == n:
+        return [f"{field}[{lab}]" for lab in labels]
+    return [f"{field}[{','.join(map(str, idx))}]" for idx in np.ndindex(*shape)]
+
+
+def _field_labels(run: Run, metric: str, field: str) -> Sequence[str] | None:
+    """Component names from the metric's params, when it stores them.
+
+    ``params["labels"][field]`` names the components of one field; otherwise
+    ``params["layers"]`` (per-layer metrics such as spectral alignment) names the
+    components of every field with one value per layer.
+    """
+    params = run.metric_attrs(metric).get("params") or {}
+    if not isinstance(params, Mapping):
+        return None
+    labels = params.get("labels")
+    if isinstance(labels, Mapping) and isinstance(labels.get(field), (list, tuple)):
+        return [str(x) for x in labels[field]]
+    layers = params.get("layers")
+    if isinstance(layers, (list, tuple)) and run.fields(metric)[field].shape == (len(layers),):
+        return [str(x) for x in layers]
+    return None
+
+
+def _set_log_scale(ax, values: np.ndarray) -> None:
+    finite = values[np.isfinite(values)]
+    if finite.size and (finite > 0).all():
+        ax.set_yscale("log")
+        return
+    nonzero = np.abs(finite[finite != 0])
+    # linear within the smallest magnitude, but never more than 3 decades below the largest
+    linthresh = float(max(nonzero.min(), 1e-3 * nonzero.max())) if nonzero.size else 1.0
+    ax.set_yscale("symlog", linthresh=linthresh)
+
+
+def _mark_nonfinite(ax, steps: np.ndarray, values: np.ndarray) -> bool:
+    """Tick marks along the bottom of ``ax`` at steps where any component is NaN or inf."""
+    flat = values.reshape(len(steps), -1)
+    bad = ~np.isfinite(flat).all(axis=1)
+    if not bad.any():
+        return False
+    ax.plot(
+        steps[bad],
+        np.zeros(int(bad.sum())),
+        linestyle="none",
+        marker="|",
+        markersize=10,
+        color=_NONFINITE_COLOR,
+        transform=ax.get_xaxis_transform(),
+        clip_on=False,
+    )
+    return True
+
+
+def _finding_matches(finding: Finding, metric: str) -> bool:
+    return finding.metric == metric or finding.metric.startswith(metric + "/")
+
+
+def _draw_findings(
+    ax, findings: Sequence[Finding], metric: str, span: tuple[int, int] | None
+) -> set[str]:
+    """Vertical lines: every finding on ``metric``, and the others inside its step ``span``
+    (a finding far outside the metric's steps would only squeeze its curves)."""
+    seen: set[str] = set()
+    for f in findings:
+        own = _finding_matches(f, metric)
+        if not own and (span is None or not span[0] <= f.step <= span[1]):
+            continue
+        ax.axvline(
+            f.step,
+            color=SEVERITY_COLORS.get(f.severity, "grey"),
+            linestyle="-" if own else "--",
+            linewidth=1.4 if own else 0.8,
+            alpha=0.9 if own else 0.45,
+            zorder=0.5,
+        )
+        seen.add(f.severity)
+    return seen
+
+
+def _plot_field(
+    ax, steps: np.ndarray, values: np.ndarray, field: str, labels, max_lines: int, log: bool
+) -> bool:
+    """Draw one field on ``ax``; True when it drew several labelled artists (needs a legend)."""
+    values = np.asarray(values, dtype=np.float64)
+    shape = values.shape[1:]
+    if not shape:
+        ax.plot(steps, values, label=field, linewidth=1.2)
+    else:
+        flat = values.reshape(len(steps), -1)
+        if flat.shape[1] <= max_lines:
+            for column, label in zip(flat.T, _component_labels(field, shape, labels)):
+                ax.plot(steps, column, label=label, linewidth=1.1)
+        else:
+            masked = np.where(np.isfinite(flat), flat, np.nan)
+            with warnings.catch_warnings():  # all-NaN rows give NaN, which leaves a gap
+                warnings.simplefilter("ignore", RuntimeWarning)
+                lo, med, hi = (np.nanmin(masked, 1), np.nanmedian(masked, 1),
+                               np.nanmax(masked, 1))
+            ax.fill_between(steps, lo, hi, alpha=0.25, label=f"{field} min-max ({flat.shape[1]})")
+            ax.plot(steps, med, linewidth=1.2, label=f"{field} median")
+    _mark_nonfinite(ax, steps, values)
+    if log and len(steps):
+        _set_log_scale(ax, values)
+    ax.set_ylabel(field)
+    ax.grid(True, alpha=0.3)
+    return bool(shape)
+
+
+def timeline(
+    run: Run,
+    metric: str,
+    *,
+    fields: Sequence[str] | None = None,
+    findings: Iterable[Finding] | None = None,
+    log: bool = False,
+    max_lines: int = 12,
+    width: float = 8.0,
+    row_height: float = 2.4,
+) -> Figure:
+    """The timeline figure of one metric group: one subplot per field.
+
+    ``fields``: which fields to draw (default: every numeric field). ``findings``: the
+    findings to mark (default: the run's stored findings; pass ``[]`` for none).
+    ``log``: logarithmic y axes (symmetric-log where a field has values <= 0).
+    ``max_lines``: vector fields with more components are drawn as median and min-max band.
+    """
+    if max_lines < 1:
+        raise ValueError(f"max_lines must be >= 1, got {max_lines}")
+    available = plottable_fields(run, metric)  # raises KeyError for an unknown metric
+    if fields is None:
+        fields = available
+    else:
+        unknown = [f for f in fields if f not in available]
+        if unknown:
+            raise ValueError(
+                f"fields: metric {metric!r} has no numeric field {', '.join(map(repr, unknown))} "
+                f"(numeric fields: {', '.join(available) or 'none'})"
+            )
+    marks = list(run.findings() if findings is None else findings)
+    n = max(1, len(fields))
+    fig = new_figure(width, row_height * n + 0.6)
+    axes = fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
+    all_steps = run.steps(metric)
+    rows = len(all_steps)
+    span = (int(all_steps[0]), int(all_steps[-1])) if rows else None
+    fig.suptitle(f"{metric}  ({rows} rows)" if fields else f"{metric}  (no numeric fields)")
+    severities: set[str] = set()
+    nonfinite = False
+    for ax, name in zip(axes, fields):
+        steps, values = run.series(metric, name)
+        if len(steps) == 0:
+            ax.text(0.5, 0.5, "no rows yet", ha="center", va="center", transform=ax.transAxes)
+            ax.set_ylabel(name)
+        else:
+            labels = _field_labels(run, metric, name)
+            if _plot_field(ax, steps, values, name, labels, max_lines, log):
+                # "best" scans every point: affordable only on short series
+                ax.legend(fontsize="small", loc="best" if len(steps) <= 2000 else "upper right")
+            nonfinite |= not np.isfinite(np.asarray(values, dtype=np.float64)).all()
+        severities |= _draw_findings(ax, marks, metric, span)
+    axes[-1].set_xlabel("step")
+    handles = [
+        Line2D([], [], color=SEVERITY_COLORS[s], label=f"finding: {s}")
+        for s in SEVERITIES
+        if s in severities
+    ]
+    if nonfinite:
+        handles.append(
+            Line2D([], [], color=_NONFINITE_COLOR, marker="|", linestyle="none", label="non-finite")
+        )
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles),
+                   fontsize="small", frameon=False)
+    return fig
+
+
+def timelines(
+    run: Run,
+    metrics: Sequence[str] | None = None,
+    *,
+    log: bool = False,
+    findings: Iterable[Finding] | None = None,
+    max_lines: int = 12,
+) -> dict[str, Figure]:
+    """One :func:`timeline` figure per metric (default: every metric of the run), by name."""
+    names = run.metrics() if metrics is None else list(metrics)
+    known = set(run.metrics())
+    unknown = [m for m in names if m not in known]
+    if unknown:
+        raise ValueError(
+            f"metrics: no metric {', '.join(map(repr, unknown))} in {run.source} "
+            f"(metrics: {', '.join(sorted(known)) or 'none'})"
+        )
+    marks = list(run.findings() if findings is None else findings)
+    return {
+        m: timeline(run, m, findings=marks, log=log, max_lines=max_lines)
+        for m in names
+    }
+
+
+def figure_png(fig: Figure, *, dpi: int = 100) -> bytes:
+    """The figure rendered to PNG bytes in memory."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 120) -> Path:
+    """Write ``fig`` to ``path``; the format follows the suffix (see :data:`SAVE_FORMATS`)."""
+    p = Path(path)
+    fmt = p.suffix.lower().lstrip(".")
+    if fmt not in SAVE_FORMATS:
+        raise ValueError(
+            f"path: cannot tell the image format of {str(p)!r}; use a suffix among "
+            + ", ".join("." + s for s in SAVE_FORMATS)
+        )
+    fig.savefig(p, format=fmt, dpi=dpi)
+    return p

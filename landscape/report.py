@@ -1,0 +1,372 @@
+"""The HTML report of a run: one self-contained file.
+
+Everything the report shows is inside the file: plots are PNG images embedded as base64
+``data:`` URIs, the style sheet is inline, there is no script and no external resource,
+so the file can be mailed, archived or opened offline. Sections:
+
+* a summary: where the run comes from, its metric groups (fields, rows, step range,
+  schedule) and surfaces;
+* the findings table (step, rule, severity, metric, value, threshold, message, hint):
+  the findings stored in the file plus, when :mod:`landscape.alarms` is available, the
+  findings its rules recompute on the whole run (see :func:`collect_findings`);
+* one timeline figure per metric (:mod:`landscape.plotting.timelines`);
+* one figure per surface when the surface plots (:mod:`landscape.plotting.surfaces`) are
+  installed;
+* the run's configuration as pretty-printed JSON.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import importlib
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Iterable, Sequence
+
+from landscape._errors import LandscapeError
+from landscape._version import __version__
+from landscape.findings import SEVERITIES, Finding, severity_rank
+from landscape.plotting.timelines import figure_png, timelines
+from landscape.store import Run, SurfaceData
+
+_SURFACES_MODULE = "landscape.plotting.surfaces"
+_ALARMS_MODULE = "landscape.alarms"
+
+# --------------------------------------------------------------------------- findings
+
+
+def _optional_module(name: str) -> ModuleType | None:
+    """Import ``name``, or None when that module (not one it imports) is not installed."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name is not None and (name == err.name or name.startswith(err.name + ".")):
+            return None
+        raise
+
+
+def alarms_available() -> bool:
+    """Whether the offline alarm rules (:mod:`landscape.alarms`) are installed."""
+    return _optional_module(_ALARMS_MODULE) is not None
+
+
+def collect_findings(
+    run: Run, *, recompute: bool = True, rules: Sequence[Any] | None = None
+) -> list[Finding]:
+    """The run's findings: those stored in ``/findings`` plus, with ``recompute``, those
+    that ``landscape.alarms.check(run, rules)`` finds on the whole run.
+
+    A finding is identified by ``(step, rule, metric)``: a recomputed finding that the
+    file already holds is dropped (the stored one, written online, is kept). The metric is
+    part of the key because one rule may fire on several sources at one step (the
+    non-finite rule on the ``nonfinite`` flags and on the loss itself). When the alarm
+    rules are not installed, ``recompute`` has no effect (see :func:`alarms_available`).
+    The result is ordered by step, then by decreasing severity, then by rule.
+    """
+    found = list(run.findings())
+    alarms = _optional_module(_ALARMS_MODULE) if recompute else None
+    if alarms is not None:
+        found.extend(alarms.check(run, rules=rules))
+    unique: dict[tuple[int, str, str], Finding] = {}
+    for f in found:
+        unique.setdefault((int(f.step), f.rule, f.metric), f)
+    return sorted(unique.values(), key=lambda f: (f.step, -severity_rank(f.severity), f.rule))
+
+
+def count_by_severity(findings: Iterable[Finding]) -> dict[str, int]:
+    """``{severity: count}`` over :data:`landscape.findings.SEVERITIES` (zeros included)."""
+    counts = dict.fromkeys(SEVERITIES, 0)
+    for f in findings:
+        counts[f.severity] += 1
+    return counts
+
+
+def at_or_above(findings: Iterable[Finding], severity: str) -> list[Finding]:
+    """The findings whose severity is ``severity`` or more serious."""
+    level = severity_rank(severity)
+    return [f for f in findings if severity_rank(f.severity) >= level]
+
+
+def format_number(value: float) -> str:
+    """A short rendering of a finding's value or threshold (``nan``, ``inf`` kept)."""
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return f"{value:.4g}"
+
+
+# --------------------------------------------------------------------------- surfaces
+
+
+def surface_plots_available() -> bool:
+    """Whether the surface plots (:mod:`landscape.plotting.surfaces`) are installed."""
+    return _optional_module(_SURFACES_MODULE) is not None
+
+
+def _as_figure(obj: Any):
+    if hasattr(obj, "savefig"):
+        return obj
+    figure = getattr(obj, "figure", None) or getattr(obj, "get_figure", lambda: None)()
+    if figure is None or not hasattr(figure, "savefig"):
+        raise TypeError(f"the surface plot returned {type(obj).__name__}, not a figure")
+    return figure
+
+
+def surface_figure(
+    surface: SurfaceData, *, three_d: bool = False, field: str | None = None, log: bool = False
+):
+    """The figure of a stored surface: a curve (1-D), a contour map or a 3-D view (2-D).
+
+    ``field``: which stored grid to draw (default ``loss``, or the first one stored when
+    there is no loss); ``log``: log10
+    of the values. Raises :class:`landscape.LandscapeError` when the surface plots are not
+    installed, ``ValueError`` for an unknown field or ``three_d`` on a 1-D surface.
+    """
+    plots = _optional_module(_SURFACES_MODULE)
+    if plots is None:
+        raise LandscapeError(
+            f"cannot plot surface {surface.name!r}: the surface plots "
+            f"({_SURFACES_MODULE}) are not installed"
+        )
+    if field is None:
+        field = "loss" if "loss" in surface.values else next(iter(surface.values))
+    if field not in surface.values:
+        raise ValueError(
+            f"field: surface {surface.name!r} has no field {field!r} "
+            f"(fields: {', '.join(surface.values)})"
+        )
+    if surface.ndim == 1:
+        if three_d:
+            raise ValueError(f"three_d: surface {surface.name!r} is 1-D; a 3-D view needs 2-D")
+        return _as_figure(plots.curve(surface, field, log=log))
+    draw = plots.surface3d if three_d else plots.contour
+    return _as_figure(draw(surface, field, log=log))
+
+
+def _release(fig: Any) -> None:
+    """Forget a figure that pyplot may have registered (ours are not; theirs may be)."""
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None:
+        pyplot.close(fig)
+
+
+# --------------------------------------------------------------------------- HTML
+
+_STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;
+       max-width: 1100px; padding: 0 1em; color: #222; }
+h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
+.meta { color: #666; font-size: 0.9em; }
+table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.sev-error td.sev { background: #fbd5d5; font-weight: bold; }
+tr.sev-warning td.sev { background: #fde8c8; }
+tr.sev-info td.sev { background: #dbe9f6; }
+figure { margin: 1em 0 2em; } figure img { max-width: 100%; height: auto; }
+figcaption { color: #555; font-size: 0.9em; }
+pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; }
+.note { color: #8a5a00; }
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _img(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _shape(spec: dict) -> str:
+    shape = spec["shape"]
+    return f"{spec['dtype']}[{','.join(map(str, shape))}]" if shape else spec["dtype"]
+
+
+def _summary_html(summary: dict, counts: dict[str, int]) -> list[str]:
+    out = ['<section id="summary"><h2>Summary</h2>']
+    metrics = summary["metrics"]
+    if metrics:
+        out.append(
+            "<table><thead><tr><th>metric</th><th>fields</th><th>rows</th><th>steps</th>"
+            "<th>schedule</th><th>class</th></tr></thead><tbody>"
+        )
+        for name, m in metrics.items():
+            fields = ", ".join(f"{f} {_shape(s)}" for f, s in m["fields"].items())
+            span = "&ndash;" if not m["rows"] else f"{m['first_step']} &hellip; {m['last_step']}"
+            out.append(
+                f"<tr><td>{_e(name)}</td><td>{_e(fields)}</td><td class=num>{m['rows']}</td>"
+                f"<td>{span}</td><td>{_e(m.get('schedule', ''))}</td>"
+                f"<td>{_e(m.get('class', ''))}</td></tr>"
+            )
+        out.append("</tbody></table>")
+    else:
+        out.append("<p>The run holds no metrics.</p>")
+    surfaces = summary["surfaces"]
+    if surfaces:
+        out.append(
+            "<table><thead><tr><th>surface</th><th>grid</th><th>computed</th>"
+            "<th>fields</th></tr></thead><tbody>"
+        )
+        for name, s in surfaces.items():
+            grid = " &times; ".join(map(str, s["shape"]))
+            out.append(
+                f"<tr><td>{_e(name)}</td><td>{grid}</td>"
+                f"<td class=num>{s['computed']} / {s['total']}</td>"
+                f"<td>{_e(', '.join(s['fields']))}</td></tr>"
+            )
+        out.append("</tbody></table>")
+    total = sum(counts.values())
+    parts = ", ".join(f"{counts[s]} {s}" for s in reversed(SEVERITIES))
+    out.append(f"<p>Findings: {total} ({parts}); checkpoints: {summary['checkpoints']}.</p>")
+    out.append("</section>")
+    return out
+
+
+def _findings_html(findings: Sequence[Finding]) -> list[str]:
+    out = ['<section id="findings-section"><h2>Findings</h2>']
+    if not findings:
+        out.append('<p id="no-findings">No findings.</p></section>')
+        return out
+    out.append(
+        '<table id="findings"><thead><tr><th>step</th><th>rule</th><th>severity</th>'
+        "<th>metric</th><th>value</th><th>threshold</th><th>message</th><th>hint</th>"
+        "</tr></thead><tbody>"
+    )
+    for f in findings:
+        out.append(
+            f'<tr class="sev-{_e(f.severity)}"><td class=num>{f.step}</td><td>{_e(f.rule)}</td>'
+            f"<td class=sev>{_e(f.severity)}</td><td>{_e(f.metric)}</td>"
+            f"<td class=num>{format_number(f.value)}</td>"
+            f"<td class=num>{format_number(f.threshold)}</td>"
+            f"<td>{_e(f.message)}</td><td>{_e(f.hint)}</td></tr>"
+        )
+    out.append("</tbody></table></section>")
+    return out
+
+
+def _timelines_html(run: Run, findings: Sequence[Finding], log: bool, dpi: int) -> list[str]:
+    out = ['<section id="timelines"><h2>Timelines</h2>']
+    if not run.metrics():
+        out.append("<p>No metrics to plot.</p></section>")
+        return out
+    for name, fig in timelines(run, findings=findings, log=log).items():
+        rows = len(run.steps(name))
+        img = _img(figure_png(fig, dpi=dpi), f"timeline of {name}")
+        out.append(
+            f'<figure id="timeline-{_e(name)}">{img}'
+            f"<figcaption>{_e(name)}: {rows} rows; vertical lines mark findings "
+            "(blue info, orange warning, red error; solid when raised on this metric)."
+            "</figcaption></figure>"
+        )
+        _release(fig)
+    out.append("</section>")
+    return out
+
+
+def _surfaces_html(run: Run, dpi: int) -> list[str]:
+    names = run.surfaces()
+    if not names:
+        return []
+    out = ['<section id="surfaces"><h2>Surfaces</h2>']
+    if not surface_plots_available():
+        out.append(
+            f'<p class="note">Surface plots are not available in this installation '
+            f"({_SURFACES_MODULE} is missing); the surfaces are listed in the summary.</p>"
+            "</section>"
+        )
+        return out
+    for name in names:
+        surface = run.surface(name)
+        kind = "curve" if surface.ndim == 1 else "contour map"
+        field = "loss" if "loss" in surface.values else next(iter(surface.values))
+        try:
+            fig = surface_figure(surface, field=field)
+        except Exception as err:  # one broken plot must not lose the rest of the report
+            out.append(f'<p class="note">Surface {_e(name)}: could not be plotted ({_e(err)}).</p>')
+            continue
+        done = int(surface.done.sum())
+        img = _img(figure_png(fig, dpi=dpi), f"surface {name}")
+        out.append(
+            f'<figure id="surface-{_e(name)}">{img}'
+            f"<figcaption>{_e(name)}: {kind} of {_e(field)}, {done} of {surface.done.size} "
+            "points computed."
+            "</figcaption></figure>"
+        )
+        _release(fig)
+    out.append("</section>")
+    return out
+
+
+def render_report(
+    run: Run,
+    *,
+    title: str | None = None,
+    findings: Sequence[Finding] | None = None,
+    log: bool = False,
+    dpi: int = 90,
+) -> str:
+    """The report of ``run`` as one HTML document (a string).
+
+    ``findings``: the findings to list and mark (default :func:`collect_findings`).
+    ``log``: logarithmic y axes on the timelines. ``dpi``: resolution of the images.
+    """
+    if dpi < 10:
+        raise ValueError(f"dpi must be >= 10, got {dpi}")
+    summary = run.summary()
+    found = list(collect_findings(run) if findings is None else findings)
+    counts = count_by_severity(found)
+    if title is None:
+        title = f"landscape report: {Path(summary['source']).name}"
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    meta = (
+        f"Run {_e(summary['source'])}, format version {summary['format_version']}, "
+        f"written by landscape {_e(summary['library_version'])} "
+        f"(torch {_e(summary['torch_version'])}) on {_e(summary['created'])}. "
+        f"Report generated by landscape {_e(__version__)} at {now}."
+    )
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_e(title)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>{_e(title)}</h1>",
+        f'<p class="meta">{meta}</p>',
+    ]
+    parts += _summary_html(summary, counts)
+    parts += _findings_html(found)
+    parts += _timelines_html(run, found, log, dpi)
+    parts += _surfaces_html(run, dpi)
+    config = json.dumps(summary["config"], indent=2, sort_keys=True, default=str)
+    parts.append(f'<section id="config"><h2>Configuration</h2><pre>{_e(config)}</pre></section>')
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(
+    run: Run,
+    path: str | os.PathLike,
+    *,
+    title: str | None = None,
+    findings: Sequence[Finding] | None = None,
+    log: bool = False,
+    dpi: int = 90,
+) -> Path:
+    """Write the self-contained HTML report of ``run`` to ``path`` (see :func:`render_report`)."""
+    p = Path(path)
+    if p.is_dir():
+        raise LandscapeError(f"{p}: is a directory, expected the report's file name")
+    if not p.parent.exists():
+        raise LandscapeError(f"{p}: directory {p.parent} does not exist")
+    text = render_report(run, title=title, findings=findings, log=log, dpi=dpi)
+    p.write_text(text, encoding="utf-8")
+    return p

@@ -1,0 +1,497 @@
+"""``landscape plot``, ``report``, ``check`` and ``watch`` through click's CliRunner.
+
+Runs are built with :class:`RunWriter`; the live ``watch`` test drives a writer in a
+second process (HDF5 refuses a second open of the same file in one process) and replaces
+the command's sleep by a step of that writer, so nothing depends on the wall clock.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import types
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from landscape_cli.commands import watch as watch_cmd
+from landscape_cli.main import cli
+from matplotlib.figure import Figure
+
+from landscape.findings import Finding
+from landscape.store import RunWriter
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def _one_line_error(result, *fragments):
+    assert result.exit_code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: ")
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+def _write_run(path, *, nan_loss_at=None, findings=(), surface=False):
+    """loss (100 steps), hessian eigenvalues (k=3, every 10), per-layer alignment (2 layers)."""
+    with RunWriter(path, mode="w", config={"lr": 0.1, "note": "<b>&"}) as w:
+        w.declare("loss", {"value": None}, schedule="every(1)")
+        w.declare("hessian", {"eigenvalues": (3,), "n_matvec": None}, params={"k": 3})
+        w.declare(
+            "spectral_alignment", {"minority": (2,)}, params={"layers": ["fc1", "fc2"]}
+        )
+        for s in range(100):
+            loss = np.nan if s == nan_loss_at else float(np.exp(-s / 40))
+            w.append("loss", s, {"value": loss})
+            if s % 10 == 0:
+                w.append("hessian", s, {"eigenvalues": [3.0 + s, 2.0, 1.0], "n_matvec": 10})
+                w.append("spectral_alignment", s, {"minority": [0.4, 0.3]})
+        for f in findings:
+            w.add_finding(f)
+        if surface:
+            w.create_surface("line", np.linspace(-1, 1, 5), attrs={"directions": "random"})
+            w.create_surface("plane", np.linspace(-1, 1, 4), np.linspace(-1, 1, 3))
+            for i in range(5):
+                w.write_surface("line", i, {"loss": float(i)})
+            w.write_surface("plane", (0, 0), {"loss": 1.0})
+    return path
+
+
+WARN = Finding(30, "loss_spike", "warning", "loss/value", 5.0, 3.0, "loss jumped", "lower lr")
+ERR = Finding(60, "edge_of_stability", "error", "hessian/eigenvalues", 63.0, 40.0, "past 2/eta")
+
+
+@pytest.fixture
+def run_file(tmp_path):
+    return _write_run(tmp_path / "run.h5", findings=(WARN, ERR))
+
+
+@pytest.fixture
+def empty_run(tmp_path):
+    path = tmp_path / "empty.h5"
+    RunWriter(path, mode="w").close()
+    return path
+
+
+def _bad_inputs(tmp_path):
+    bad = tmp_path / "corrupt.h5"
+    bad.write_bytes(b"not hdf5 at all" * 64)
+    return [
+        (str(tmp_path / "missing.h5"), "no such file"),
+        (str(tmp_path), "is a directory"),
+        (str(bad), "not a readable HDF5 file"),
+    ]
+
+
+# --------------------------------------------------------------------------- plot
+
+
+def test_plot_every_metric_into_a_directory(runner, run_file, tmp_path):
+    out = tmp_path / "plots"
+    result = runner.invoke(cli, ["plot", str(run_file), "-o", str(out), "--log"])
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["hessian.png", "loss.png", "spectral_alignment.png"]
+    for p in out.iterdir():
+        assert p.read_bytes().startswith(PNG)
+        assert f"wrote {p}" in result.output
+
+
+def test_plot_one_metric_to_a_file_and_formats(runner, run_file, tmp_path):
+    svg = tmp_path / "loss.svg"
+    result = runner.invoke(cli, ["plot", str(run_file), "-m", "loss", "-o", str(svg), "-q"])
+    assert result.exit_code == 0, result.output
+    assert result.output == ""
+    assert svg.read_text().lstrip().startswith("<?xml")
+    two = tmp_path / "two"
+    result = runner.invoke(
+        cli, ["plot", str(run_file), "-m", "loss", "-m", "hessian", "-o", str(two), "--format=pdf"]
+    )
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in two.iterdir()) == ["hessian.pdf", "loss.pdf"]
+    assert (two / "loss.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_plot_bad_inputs(runner, run_file, empty_run, tmp_path):
+    for path, fragment in _bad_inputs(tmp_path):
+        _one_line_error(runner.invoke(cli, ["plot", path, "-o", str(tmp_path / "x.png")]), fragment)
+    plot = ["plot", str(run_file)]
+    _one_line_error(
+        runner.invoke(cli, [*plot, "-m", "nope", "-o", str(tmp_path / "x.png")]),
+        "no metric 'nope'", "metrics: hessian, loss, spectral_alignment",
+    )
+    _one_line_error(
+        runner.invoke(cli, [*plot, "-m", "loss", "-m", "hessian", "-o", str(tmp_path / "a.png")]),
+        "-o must name a directory",
+    )
+    _one_line_error(
+        runner.invoke(cli, [*plot, "-m", "loss", "-o", str(tmp_path / "a.bmpx")]),
+        "cannot tell the image format",
+    )
+    _one_line_error(
+        runner.invoke(cli, [*plot, "-m", "loss", "-o", str(tmp_path / "no" / "a.png")]),
+        "does not exist",
+    )
+    _one_line_error(runner.invoke(cli, [*plot, "--3d", "-o", "x.png"]), "--surface")
+    _one_line_error(
+        runner.invoke(cli, ["plot", str(empty_run), "-o", str(tmp_path / "e.png")]),
+        "no metrics to plot",
+    )
+    _one_line_error(
+        runner.invoke(cli, [*plot, "--surface", "nope", "-o", str(tmp_path / "s.png")]),
+        "no surface 'nope'",
+    )
+    usage = runner.invoke(cli, ["plot", str(run_file)])  # click's usage error: exit 2
+    assert usage.exit_code == 2 and "Error: Missing option '-o'" in usage.stderr
+    assert "Traceback" not in usage.output
+
+
+def _fake_surfaces(monkeypatch):
+    """A stand-in for landscape.plotting.surfaces that records what it was asked to draw."""
+    calls = []
+
+    def make(kind):
+        def draw(surface, field="loss", **kwargs):
+            calls.append((kind, surface.name, surface.ndim))
+            fig = Figure(figsize=(2, 2))
+            fig.add_subplot().plot(surface.x, np.nan_to_num(next(iter(surface.values.values()))
+                                                            .reshape(-1)[: len(surface.x)]))
+            return fig
+
+        return draw
+
+    module = types.ModuleType("landscape.plotting.surfaces")
+    module.curve, module.contour, module.surface3d = make("curve"), make("contour"), make("3d")
+    monkeypatch.setitem(sys.modules, "landscape.plotting.surfaces", module)
+    return calls
+
+
+def test_plot_surface_uses_the_surface_plots(runner, tmp_path, monkeypatch):
+    calls = _fake_surfaces(monkeypatch)
+    run = _write_run(tmp_path / "s.h5", surface=True)
+    plot = ["plot", str(run), "--surface"]
+    assert runner.invoke(cli, [*plot, "line", "-o", str(tmp_path / "l.png")]).exit_code == 0
+    assert runner.invoke(cli, [*plot, "plane", "-o", str(tmp_path / "p.png")]).exit_code == 0
+    assert runner.invoke(cli, [*plot, "plane", "--3d", "-o", str(tmp_path / "q.png")]
+                         ).exit_code == 0
+    assert calls == [("curve", "line", 1), ("contour", "plane", 2), ("3d", "plane", 2)]
+    for name in ("l.png", "p.png", "q.png"):
+        assert (tmp_path / name).read_bytes().startswith(PNG)
+    _one_line_error(
+        runner.invoke(cli, [*plot, "line", "--3d", "-o", str(tmp_path / "x.png")]), "is 1-D"
+    )
+
+
+def test_plot_surface_with_the_real_surface_plots(runner, tmp_path):
+    path = tmp_path / "surf.h5"
+    x, y = np.linspace(-1, 1, 7), np.linspace(-1, 1, 5)
+    with RunWriter(path, mode="w") as w:
+        w.create_surface("line", x, fields=("loss", "accuracy"), attrs={"directions": {}})
+        w.create_surface("plane", x, y)
+        for i, a in enumerate(x):
+            w.write_surface("line", i, {"loss": a * a, "accuracy": 1 - a * a / 2})
+            for j, b in enumerate(y):
+                w.write_surface("plane", (j, i), {"loss": a * a + 2 * b * b})
+    plot = ["plot", str(path), "--surface"]
+    for args, name in (
+        (["line"], "l.png"),
+        (["line", "--field", "accuracy"], "a.png"),
+        (["plane", "--log"], "p.png"),
+        (["plane", "--3d"], "q.png"),
+    ):
+        result = runner.invoke(cli, [*plot, *args, "-o", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / name).read_bytes().startswith(PNG)
+    _one_line_error(
+        runner.invoke(cli, [*plot, "plane", "--field", "acc", "-o", str(tmp_path / "x.png")]),
+        "has no field 'acc'",
+    )
+
+
+def test_plot_surface_without_the_surface_plots_is_one_line(runner, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "landscape.plotting.surfaces", None)  # import fails
+    run = _write_run(tmp_path / "s.h5", surface=True)
+    result = runner.invoke(cli, ["plot", str(run), "--surface", "plane", "-o", "x.png"])
+    _one_line_error(result, "surface plots", "not installed")
+    # a whole-run plot into a directory still writes the timelines, and says why no surfaces
+    result = runner.invoke(cli, ["plot", str(run), "-o", str(tmp_path / "all")])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "all").iterdir())) == 3
+    assert result.stderr.strip() == "note: surface plots are not installed; skipping the surfaces"
+
+
+def test_plot_a_whole_run_into_a_directory_includes_the_surfaces(runner, tmp_path, monkeypatch):
+    calls = _fake_surfaces(monkeypatch)
+    run = _write_run(tmp_path / "s.h5", surface=True)
+    result = runner.invoke(cli, ["plot", str(run), "-o", str(tmp_path / "all"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == [
+        "hessian.png", "loss.png", "spectral_alignment.png", "surface-line.png",
+        "surface-plane.png",
+    ]
+    assert calls == [("curve", "line", 1), ("contour", "plane", 2)]
+    # surfaces only: a file target gets the hint, a directory gets the surfaces
+    only = tmp_path / "only.h5"
+    with RunWriter(only, mode="w") as w:
+        w.create_surface("line", np.linspace(-1, 1, 3))
+    _one_line_error(runner.invoke(cli, ["plot", str(only), "-o", str(tmp_path / "o.png")]),
+                    "no metrics to plot (its surfaces go into a directory")
+    result = runner.invoke(cli, ["plot", str(only), "-o", str(tmp_path / "odir")])
+    assert result.exit_code == 0 and (tmp_path / "odir" / "surface-line.png").exists()
+
+
+# --------------------------------------------------------------------------- report
+
+
+def test_report_writes_one_self_contained_file(runner, run_file, tmp_path):
+    out = tmp_path / "r.html"
+    result = runner.invoke(cli, ["report", str(run_file), "-o", str(out), "--title", "My <run>"])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}: 3 timelines, 0 surfaces" in result.output
+    text = out.read_text()
+    assert "<title>My &lt;run&gt;</title>" in text
+    assert text.count("<img ") == 3 and text.count('src="data:image/png;base64,') == 3
+    assert "http://" not in text and "https://" not in text
+    assert "loss jumped" in text and "past 2/eta" in text and "lower lr" in text
+    assert "&lt;b&gt;&amp;" in text  # the config is escaped
+    quiet = runner.invoke(cli, ["report", str(run_file), "-o", str(out), "-q"])
+    assert quiet.exit_code == 0 and quiet.output == ""
+
+
+def test_report_bad_inputs(runner, run_file, empty_run, tmp_path):
+    for path, fragment in _bad_inputs(tmp_path):
+        _one_line_error(runner.invoke(cli, ["report", path, "-o", str(tmp_path / "r.html")]),
+                        fragment)
+    _one_line_error(
+        runner.invoke(cli, ["report", str(run_file), "-o", str(tmp_path)]), "is a directory"
+    )
+    _one_line_error(
+        runner.invoke(cli, ["report", str(run_file), "-o", str(tmp_path / "no" / "r.html")]),
+        "does not exist",
+    )
+    # an empty run still gives a (short) report
+    out = tmp_path / "empty.html"
+    result = runner.invoke(cli, ["report", str(empty_run), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "The run holds no metrics." in out.read_text() and "No findings." in out.read_text()
+
+
+# --------------------------------------------------------------------------- check
+
+
+def test_check_table_and_exit_status_follow_fail_on(runner, run_file):
+    result = runner.invoke(cli, ["check", str(run_file), "--stored"])
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["step", "severity", "rule", "metric", "value", "threshold",
+                                "message"]
+    assert lines[2].split()[:4] == ["30", "warning", "loss_spike", "loss/value"]
+    assert "hint: lower lr" in lines[3]
+    assert lines[4].split()[:3] == ["60", "error", "edge_of_stability"]
+    assert "2 findings (1 error, 1 warning, 0 info); FAIL" in lines[-1]
+    assert runner.invoke(cli, ["check", str(run_file), "--stored", "--fail-on", "error"]
+                         ).exit_code == 1
+    assert runner.invoke(cli, ["check", str(run_file), "--stored", "--fail-on", "info"]
+                         ).exit_code == 1
+
+
+def test_check_passes_below_the_threshold_and_on_a_clean_run(runner, tmp_path):
+    only_warning = _write_run(tmp_path / "w.h5", findings=(WARN,))
+    result = runner.invoke(cli, ["check", str(only_warning), "--fail-on", "error"])
+    assert result.exit_code == 0, result.output
+    assert "1 findings (0 error, 1 warning, 0 info); ok (fail on error or worse)" in result.output
+    clean = _write_run(tmp_path / "clean.h5")
+    result = runner.invoke(cli, ["check", str(clean)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        f"{clean}: 0 findings (0 error, 0 warning, 0 info); ok (fail on warning or worse)"
+    ]
+
+
+def test_check_json(runner, tmp_path):
+    run = _write_run(
+        tmp_path / "j.h5",
+        findings=(Finding(5, "nonfinite", "error", "loss/value", float("nan"), 1.0, "nan loss"),),
+    )
+    result = runner.invoke(cli, ["check", str(run), "--json", "--stored"])
+    assert result.exit_code == 1
+    data = json.loads(result.stdout)
+    assert data["failed"] is True and data["fail_on"] == "warning"
+    assert data["counts"] == {"info": 0, "warning": 0, "error": 1}
+    assert data["findings"][0]["value"] == "nan" and data["findings"][0]["threshold"] == 1.0
+
+
+def test_check_recomputes_the_alarm_rules_and_deduplicates(runner, tmp_path):
+    # a NaN loss at step 50 trips the nonfinite rule of landscape.alarms
+    run = _write_run(tmp_path / "nan.h5", nan_loss_at=50)
+    stored = runner.invoke(cli, ["check", str(run), "--stored", "--json"])
+    assert json.loads(stored.stdout)["findings"] == []
+    recomputed = json.loads(runner.invoke(cli, ["check", str(run), "--json"]).stdout)
+    rules = [(f["step"], f["rule"], f["severity"]) for f in recomputed["findings"]]
+    assert (50, "nonfinite", "error") in rules
+    # the same finding stored online is listed once, with the stored message
+    online = Finding(50, "nonfinite", "error", "loss/value", float("nan"), 1.0, "seen online")
+    both = _write_run(tmp_path / "both.h5", nan_loss_at=50, findings=(online,))
+    data = json.loads(runner.invoke(cli, ["check", str(both), "--json"]).stdout)
+    at_50 = [f for f in data["findings"] if (f["step"], f["rule"]) == (50, "nonfinite")]
+    assert len(at_50) == 1 and at_50[0]["message"] == "seen online"
+
+
+def test_check_bad_inputs_and_empty_run(runner, empty_run, tmp_path):
+    for path, fragment in _bad_inputs(tmp_path):
+        _one_line_error(runner.invoke(cli, ["check", path]), fragment)
+    result = runner.invoke(cli, ["check", str(empty_run)])
+    assert result.exit_code == 0 and "0 findings" in result.output
+    bad_choice = runner.invoke(cli, ["check", str(empty_run), "--fail-on", "fatal"])
+    assert bad_choice.exit_code == 2 and "Traceback" not in bad_choice.output
+
+
+# --------------------------------------------------------------------------- watch
+
+
+def test_watch_once_prints_the_latest_row_of_each_metric_and_the_findings(runner, run_file):
+    result = runner.invoke(cli, ["watch", str(run_file), "--once"])
+    assert result.exit_code == 0, result.output
+    out = result.stdout.splitlines()
+    assert out[0] == str(run_file)
+    assert "hessian  step 90  (+10)  eigenvalues=[93, 2, 1]  n_matvec=10" in out
+    assert "spectral_alignment  step 90  (+10)  minority=[0.4, 0.3]" in out
+    assert any(line.startswith("loss  step 99  (+100)  value=0.08") for line in out)
+    assert "finding step 30: [warning] loss_spike: loss jumped (value 5)" in out
+    only = runner.invoke(cli, ["watch", str(run_file), "--once", "-m", "hessian", "-q"])
+    assert only.stdout.splitlines() == [
+        "hessian  step 90  (+10)  eigenvalues=[93, 2, 1]  n_matvec=10",
+        "finding step 60: [error] edge_of_stability: past 2/eta (value 63)",
+    ]
+
+
+def test_watch_bad_inputs_and_empty_run(runner, empty_run, run_file, tmp_path):
+    for path, fragment in _bad_inputs(tmp_path):
+        _one_line_error(runner.invoke(cli, ["watch", path, "--once"]), fragment)
+    _one_line_error(runner.invoke(cli, ["watch", str(run_file), "-m", "nope"]), "no metric 'nope'")
+    result = runner.invoke(cli, ["watch", str(empty_run), "--once", "-q"])
+    assert result.exit_code == 0 and result.stdout == "no rows yet\n"
+
+
+def test_watch_timeout_stops_without_a_real_clock(runner, run_file, monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(watch_cmd, "_clock", lambda: now[0])
+    monkeypatch.setattr(watch_cmd, "_sleep", lambda s: now.__setitem__(0, now[0] + s))
+    result = runner.invoke(cli, ["watch", str(run_file), "--interval", "2", "--timeout", "5"])
+    assert result.exit_code == 0, result.output
+    assert now[0] == 5.0  # slept 2 + 2 + 1
+    assert result.stderr.strip() == "stopped"
+
+
+_WRITER = textwrap.dedent(
+    """
+    import sys
+    from landscape.findings import Finding
+    from landscape.store import RunWriter
+    w = RunWriter(sys.argv[1], flush_every=1)  # resumes the file the test created
+    print("ready", flush=True)
+    for line in sys.stdin:
+        cmd = line.split()
+        if cmd[0] == "append":
+            for s in range(int(cmd[2]), int(cmd[3])):
+                w.append(cmd[1], s, {"value": s / 10})
+        elif cmd[0] == "declare":
+            w.declare(cmd[1], {"value": None})
+        elif cmd[0] == "finding":
+            w.add_finding(Finding(int(cmd[1]), "loss_spike", "warning", "loss/value", 9, 3, "up"))
+        elif cmd[0] == "quit":
+            break
+        w.flush()
+        print("ok", flush=True)
+    w.close()
+    """
+)
+
+
+def test_watch_follows_a_live_writer_in_another_process(runner, tmp_path, monkeypatch):
+    script = tmp_path / "writer.py"
+    script.write_text(_WRITER)
+    path = tmp_path / "live.h5"
+    with RunWriter(path, mode="w") as w:  # created here: the writer process needs no torch
+        w.declare("loss", {"value": None})
+        w.append("loss", 0, {"value": 1.0})
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    # each "sleep" of the watch lets the writer do one thing while the watch holds no file
+    actions = iter(["append loss 1 5", "declare grad_norm", "append grad_norm 0 3",
+                    "finding 7", "append loss 5 5"])
+
+    def step_writer(_seconds):
+        action = next(actions, None)
+        if action is None:
+            raise KeyboardInterrupt  # what Ctrl-C does
+        proc.stdin.write(action + "\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "ok", "the writer failed"
+
+    monkeypatch.setattr(watch_cmd, "_sleep", step_writer)
+    try:
+        result = runner.invoke(cli, ["watch", str(path), "--interval", "0"])
+    finally:
+        proc.stdin.write("quit\n")
+        proc.stdin.flush()
+        proc.wait(timeout=60)
+    assert proc.returncode == 0
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        f"watching {path} (Ctrl-C to stop)",
+        "loss  step 0  (+1)  value=1",
+        "loss  step 4  (+4)  value=0.4",
+        "new metric grad_norm",
+        "grad_norm  step 2  (+3)  value=0.2",
+        "finding step 7: [warning] loss_spike: up (value 9)",
+    ]
+    assert result.stderr.strip() == "stopped"
+
+
+def test_watch_retries_while_the_file_cannot_be_read(runner, run_file, monkeypatch):
+    good = run_file.read_bytes()
+
+    def corrupt():
+        run_file.write_bytes(b"half-written" * 50)
+
+    def restore_and_append():
+        run_file.write_bytes(good)
+        with RunWriter(run_file) as w:  # the watch holds no file while it sleeps
+            w.append("loss", 100, {"value": 0.5})
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    actions = iter([corrupt, corrupt, restore_and_append, interrupt])
+    monkeypatch.setattr(watch_cmd, "_sleep", lambda _s: next(actions)())
+    result = runner.invoke(cli, ["watch", str(run_file), "-m", "loss"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[-1] == "loss  step 100  (+1)  value=0.5"
+    notes = result.stderr.splitlines()
+    assert len(notes) == 2 and notes[1] == "stopped"  # one note for two failed looks
+    assert notes[0].startswith("note: cannot read the run now (") and "retrying" in notes[0]
+
+
+def test_check_without_the_alarm_rules_lists_the_stored_findings(runner, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "landscape.alarms", None)  # import fails
+    run = _write_run(tmp_path / "nan.h5", nan_loss_at=50, findings=(WARN,))
+    result = runner.invoke(cli, ["check", str(run)])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        "note: the alarm rules are not installed; showing stored findings"
+    )
+    assert "1 findings (0 error, 1 warning, 0 info); FAIL" in result.stdout

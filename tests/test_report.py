@@ -1,0 +1,332 @@
+"""Timelines (landscape.plotting.timelines), the HTML report (landscape.report), and the
+report rendered by a real browser: headless Chromium loads the file, the test reads back
+the title, the findings table and every image's decoded size, and checks a screenshot.
+
+Chromium is a test requirement (``make test`` installs Debian's ``chromium`` when it is
+missing); the browser test fails rather than skips without it.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import types
+
+import matplotlib.colors as mcolors
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+from matplotlib.collections import PolyCollection
+from matplotlib.figure import Figure
+
+from landscape.findings import Finding
+from landscape.plotting.timelines import (
+    SEVERITY_COLORS,
+    figure_png,
+    save_figure,
+    timeline,
+    timelines,
+)
+from landscape.report import collect_findings, render_report, write_report
+from landscape.store import RunWriter
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _writer(findings=(), *, config=None):
+    w = RunWriter.memory(config=config or {"lr": 0.1, "model": "<mlp> & co"})
+    w.declare("loss", {"value": None, "phase": "S16"})
+    w.declare("hessian", {"eigenvalues": (3,), "n_matvec": None})
+    w.declare("spectral_alignment", {"minority": (2,)}, params={"layers": ["fc1", "fc2"]})
+    w.declare("wide", {"v": (20,)})
+    for s in range(40):
+        w.append("loss", s, {"value": np.nan if s == 25 else 1.0 / (s + 1), "phase": "train"})
+        w.append("wide", s, {"v": np.arange(20.0) - 10 + s})
+        if s % 10 == 0:
+            w.append("hessian", s, {"eigenvalues": [s + 3.0, 2.0, 1.0], "n_matvec": 8})
+            w.append("spectral_alignment", s, {"minority": [0.4, 0.1]})
+    for f in findings:
+        w.add_finding(f)
+    return w
+
+
+WARN = Finding(12, "loss_spike", "warning", "loss/value", 4.0, 3.0, "loss <jumped>", "lower lr")
+ERR = Finding(20, "edge_of_stability", "error", "hessian/eigenvalues", 23.0, 20.0, "past 2/eta")
+INFO = Finding(30, "rank_collapse", "info", "representation/erank", 2.0, 3.0, "rank fell")
+
+
+# --------------------------------------------------------------------------- timelines
+
+
+def _labels(ax):
+    return [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]
+
+
+def test_timeline_has_one_subplot_per_numeric_field_and_one_line_per_component():
+    run = _writer().run()
+    fig = timeline(run, "hessian", findings=[])
+    assert [ax.get_ylabel() for ax in fig.axes] == ["eigenvalues", "n_matvec"]
+    assert _labels(fig.axes[0]) == ["eigenvalues[0]", "eigenvalues[1]", "eigenvalues[2]"]
+    x, y = fig.axes[0].get_lines()[0].get_data()
+    np.testing.assert_array_equal(x, [0, 10, 20, 30])
+    np.testing.assert_array_equal(y, [3, 13, 23, 33])
+    # string fields are not plotted; per-layer components are named after the layers
+    assert [ax.get_ylabel() for ax in timeline(run, "loss").axes] == ["value"]
+    labels = _labels(timeline(run, "spectral_alignment").axes[0])
+    assert labels == ["minority[fc1]", "minority[fc2]"]
+
+
+def test_wide_vector_fields_become_a_median_and_a_band():
+    fig = timeline(_writer().run(), "wide", findings=[], max_lines=12)
+    ax = fig.axes[0]
+    assert _labels(ax) == ["v median"]
+    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), np.arange(40) - 0.5)
+    assert any(isinstance(c, PolyCollection) for c in ax.collections)
+    assert len(timeline(_writer().run(), "wide", max_lines=20).axes[0].get_lines()) == 20
+
+
+def test_findings_are_vertical_lines_coloured_by_severity():
+    run = _writer((WARN, ERR, INFO)).run()
+    ax = timeline(run, "loss").axes[0]
+    vlines = {
+        int(line.get_xdata()[0]): line
+        for line in ax.get_lines()
+        if len(line.get_xdata()) == 2 and line.get_xdata()[0] == line.get_xdata()[1]
+    }
+    assert sorted(vlines) == [12, 20, 30]
+    for f in (WARN, ERR, INFO):
+        assert mcolors.same_color(vlines[f.step].get_color(), SEVERITY_COLORS[f.severity])
+    assert vlines[12].get_linestyle() == "-"  # raised on loss itself
+    assert vlines[20].get_linestyle() == "--"
+    assert len(timeline(run, "loss", findings=[]).axes[0].get_lines()) == 2  # value, NaN mark
+    # a finding of another metric far beyond this metric's steps is left out
+    far = Finding(5000, "rank_collapse", "info", "representation/erank", 2.0, 3.0, "later")
+    assert len(timeline(run, "loss", findings=[far]).axes[0].get_lines()) == 2
+    own_far = Finding(5000, "loss_spike", "warning", "loss/value", 2.0, 3.0, "later")
+    assert len(timeline(run, "loss", findings=[own_far]).axes[0].get_lines()) == 3
+
+
+def test_log_scale_and_non_finite_marks():
+    run = _writer().run()
+    assert timeline(run, "hessian", log=True).axes[0].get_yscale() == "log"
+    assert timeline(run, "wide", log=True).axes[0].get_yscale() == "symlog"  # values cross 0
+    ax = timeline(run, "loss", findings=[]).axes[0]
+    marks = [line for line in ax.get_lines() if line.get_marker() == "|"]
+    assert len(marks) == 1 and list(marks[0].get_xdata()) == [25]
+
+
+def test_timeline_arguments_are_checked(tmp_path):
+    run = _writer().run()
+    with pytest.raises(ValueError, match=r"fields: .*'nope'"):
+        timeline(run, "loss", fields=["nope"])
+    with pytest.raises(ValueError, match="max_lines"):
+        timeline(run, "loss", max_lines=0)
+    with pytest.raises(ValueError, match="metrics: no metric 'nope'"):
+        timelines(run, ["loss", "nope"])
+    with pytest.raises(KeyError, match="no metric 'nope'"):
+        timeline(run, "nope")
+    assert sorted(timelines(run)) == ["hessian", "loss", "spectral_alignment", "wide"]
+    fig = timeline(run, "loss")
+    with pytest.raises(ValueError, match="path: cannot tell the image format"):
+        save_figure(fig, tmp_path / "x.txt")
+    assert save_figure(fig, tmp_path / "x.png").read_bytes().startswith(PNG)
+    assert figure_png(fig).startswith(PNG)
+
+
+def test_an_empty_metric_plots_a_placeholder():
+    w = RunWriter.memory()
+    w.declare("later", {"x": None})
+    fig = timeline(w.run(), "later")
+    assert "no rows yet" in [t.get_text() for t in fig.axes[0].texts]
+
+
+# --------------------------------------------------------------------------- findings
+
+
+def test_collect_findings_adds_recomputed_ones_once_per_step_rule_and_metric():
+    online = Finding(25, "nonfinite", "error", "loss/value", float("nan"), 1.0, "seen online")
+    run = _writer((WARN, online)).run()
+    stored = collect_findings(run, recompute=False)
+    assert [f.message for f in stored] == [WARN.message, online.message]
+    found = collect_findings(run)
+    keys = [(f.step, f.rule) for f in found]
+    assert len(keys) == len(set(keys)) and (25, "nonfinite") in keys
+    assert [f.message for f in found if (f.step, f.rule) == (25, "nonfinite")] == ["seen online"]
+    assert [f.step for f in found] == sorted(f.step for f in found)
+    # one rule firing on two sources at one step is two findings
+    flag = Finding(25, "nonfinite", "error", "nonfinite/loss", 1.0, 1.0, "flagged")
+    found = collect_findings(_writer((online, flag)).run(), recompute=False)
+    assert [f.message for f in found] == ["seen online", "flagged"]
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _images(html):
+    return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([^"]+)"', html)]
+
+
+def test_report_embeds_every_plot_the_findings_and_the_config():
+    html = render_report(_writer((WARN, ERR)).run(), title="T & <t>")
+    assert html.startswith("<!DOCTYPE html>")
+    assert "<title>T &amp; &lt;t&gt;</title>" in html
+    images = _images(html)
+    assert len(images) == 4 == html.count("<img ")
+    for png in images:
+        assert png.startswith(PNG)
+        assert mpimg.imread(io.BytesIO(png), format="png").shape[0] > 100
+    rows = re.findall(r'<tr class="sev-(\w+)"><td class=num>(\d+)</td><td>([^<]+)</td>', html)
+    assert ("warning", "12", "loss_spike") in rows and ("error", "20", "edge_of_stability") in rows
+    assert "loss &lt;jumped&gt;" in html and "lower lr" in html
+    assert '&quot;model&quot;: &quot;&lt;mlp&gt; &amp; co&quot;' in html
+    assert not re.search(r'(src|href)="(?!data:)', html)  # nothing external
+    assert "<script" not in html
+
+
+def _fake_surfaces(monkeypatch, fail=False):
+    def draw(surface, field="loss", **_):
+        if fail:
+            raise RuntimeError("broken plot")
+        fig = Figure(figsize=(2, 2))
+        fig.add_subplot().plot(surface.x, surface.x)
+        return fig
+
+    module = types.ModuleType("landscape.plotting.surfaces")
+    module.curve = module.contour = module.surface3d = draw
+    monkeypatch.setitem(sys.modules, "landscape.plotting.surfaces", module)
+
+
+def _with_surfaces():
+    w = _writer()
+    w.create_surface("line", np.linspace(-1, 1, 5))
+    w.create_surface("plane", np.linspace(-1, 1, 4), np.linspace(-1, 1, 3))
+    for i in range(5):
+        w.write_surface("line", i, {"loss": float(i)})
+    return w.run()
+
+
+def test_report_embeds_surface_plots_when_available(monkeypatch):
+    _fake_surfaces(monkeypatch)
+    html = render_report(_with_surfaces())
+    assert len(_images(html)) == 6
+    assert "line: curve of loss, 5 of 5 points computed" in html
+    assert "plane: contour map of loss, 0 of 12 points computed" in html
+
+
+def test_report_with_the_real_surface_plots():
+    w = _writer()
+    x, y = np.linspace(-1, 1, 7), np.linspace(-1, 1, 5)
+    w.create_surface("line", x, fields=("loss", "accuracy"), attrs={"directions": {}})
+    w.create_surface("plane", x, y)
+    for i, a in enumerate(x):
+        w.write_surface("line", i, {"loss": a * a, "accuracy": 1 - a * a / 2})
+        for j, b in enumerate(y):
+            w.write_surface("plane", (j, i), {"loss": a * a + 2 * b * b})
+    html = render_report(w.run())
+    assert "could not be plotted" not in html and "not available" not in html
+    images = _images(html)
+    assert len(images) == 6 and all(png.startswith(PNG) for png in images)
+
+
+def test_report_copes_without_surface_plots_or_with_a_broken_one(monkeypatch):
+    monkeypatch.setitem(sys.modules, "landscape.plotting.surfaces", None)
+    html = render_report(_with_surfaces())
+    assert len(_images(html)) == 4 and "Surface plots are not available" in html
+    _fake_surfaces(monkeypatch, fail=True)
+    html = render_report(_with_surfaces())
+    assert len(_images(html)) == 4 and "could not be plotted (broken plot)" in html
+
+
+def test_write_report_refuses_a_directory(tmp_path):
+    from landscape import LandscapeError
+
+    with pytest.raises(LandscapeError, match="is a directory"):
+        write_report(_writer().run(), tmp_path)
+
+
+# --------------------------------------------------------------------------- browser
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.fail("headless Chromium is required for this test: run `make test` (installs it) "
+                "or `apt-get install chromium`")
+
+
+_PROBE = """<script>
+window.addEventListener("load", () => {
+  const imgs = Array.from(document.images);
+  const probe = document.createElement("pre");
+  probe.id = "probe";
+  probe.textContent = JSON.stringify({
+    title: document.title,
+    h1: document.querySelector("h1").textContent,
+    images: imgs.map(i => [i.complete, i.naturalWidth, i.naturalHeight]),
+    findings: Array.from(document.querySelectorAll("#findings tbody tr"))
+      .map(r => Array.from(r.cells).slice(0, 3).map(c => c.textContent)),
+    resources: performance.getEntriesByType("resource").length,
+  });
+  document.body.appendChild(probe);
+});
+</script>"""
+
+
+def _run_chromium(args, tmp_path):
+    cmd = [
+        _chromium(), "--headless", "--no-sandbox", "--disable-gpu",
+        "--disable-background-networking", "--no-first-run", "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'profile'}", *args,
+    ]
+    env = {**os.environ, "HOME": str(tmp_path)}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+
+
+def test_report_renders_in_headless_chromium(tmp_path):
+    run = _writer((WARN, ERR, INFO)).run()
+    report = write_report(run, tmp_path / "report.html", title="Browser check")
+
+    # 1. the DOM after load: title, findings table, every image decoded (test-only copy)
+    probe_copy = tmp_path / "probe.html"
+    probe_copy.write_text(report.read_text().replace("</body>", _PROBE + "</body>"))
+    dom = _run_chromium(
+        ["--virtual-time-budget=10000", "--dump-dom", probe_copy.as_uri()], tmp_path
+    )
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    match = re.search(r'<pre id="probe">(.*?)</pre>', dom.stdout, re.S)
+    assert match, dom.stdout[-2000:]
+    probe = json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    assert probe["title"] == probe["h1"] == "Browser check"
+    expected = [[str(f.step), f.rule, f.severity] for f in collect_findings(run)]
+    assert probe["findings"] == expected
+    for stored in (["12", "loss_spike", "warning"], ["20", "edge_of_stability", "error"],
+                   ["30", "rank_collapse", "info"]):
+        assert stored in expected
+    assert len(expected) > 3  # and what the alarm rules recompute (the NaN loss at step 25)
+    assert len(probe["images"]) == 4
+    for complete, width, height in probe["images"]:
+        assert complete and width > 300 and height > 100
+    assert probe["resources"] == 0  # nothing fetched: the file is self-contained
+
+    # 2. a screenshot of the untouched report: the page painted text, plots and the table
+    shot = tmp_path / "report.png"
+    result = _run_chromium(
+        [f"--screenshot={shot}", "--window-size=1200,1600", report.as_uri()], tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    pixels = (mpimg.imread(shot)[..., :3] * 255).round().astype(int)
+    assert pixels.shape == (1600, 1200, 3)
+    colours = {tuple(c) for c in pixels.reshape(-1, 3)[::7]}
+    assert len(colours) > 50, "a blank or single-colour page"
+    error_cell = np.all(pixels == (0xFB, 0xD5, 0xD5), axis=-1)  # tr.sev-error td.sev
+    assert error_cell.sum() > 500, "the error rows of the findings table are not painted"
+    if os.environ.get("LANDSCAPE_KEEP_SCREENSHOT"):
+        shutil.copy(shot, os.environ["LANDSCAPE_KEEP_SCREENSHOT"])
