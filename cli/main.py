@@ -10,6 +10,7 @@ from landscape_cli.commands import (  # noqa: F401  (they attach themselves to `
     info,
     plot,
     report,
+    surface,
     watch,
 )
 

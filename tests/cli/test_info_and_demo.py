@@ -68,12 +68,21 @@ def test_info_bad_inputs_give_one_line(runner, tmp_path):
     _one_line_error(runner.invoke(cli, ["info", str(bad)]), "not a readable HDF5 file", str(bad))
 
 
-def test_demo_writes_a_readable_run(runner, tmp_path):
-    result = runner.invoke(cli, ["demo", "--out", str(tmp_path / "out"), "--steps", "40"])
+def test_demo_writes_run_pictures_report_and_prints_findings(runner, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(cli, ["demo", "--out", str(out), "--steps", "60",
+                                 "--surface-steps", "5", "-q"])
     assert result.exit_code == 0, result.output
-    with Run.open(tmp_path / "out" / "run.h5") as run:
+    with Run.open(out / "run.h5") as run:
         steps, loss = run.series("loss", "value")
-        assert list(steps) == list(range(40))
-        assert np.isfinite(loss[:20]).all()
-        assert loss[20] < loss[0]
+        assert list(steps) == list(range(60))
+        assert np.isfinite(loss[:30]).all()
+        assert loss[30] < loss[0]
         assert run.config["demo"] is True
+        assert run.config["spike_step"] == 36
+        warnings = [f for f in run.findings() if f.severity in ("warning", "error")]
+        assert warnings and min(f.step for f in warnings) >= 36  # nothing before the spike
+        assert run.surface("pre_spike_plane").values["loss"].shape == (5, 5)
+    for name in ("loss.png", "sharpness.png", "surface.png", "report.html"):
+        assert (out / name).stat().st_size > 1000, name
+    assert "findings (" in result.output and "report.html" in result.output

@@ -1,0 +1,98 @@
+"""``landscape surface``: a filter-normalized 1-D/2-D loss landscape of checkpoints."""
+
+from __future__ import annotations
+
+import click
+from landscape_cli.app import cli, one_line_warnings
+
+from landscape._errors import LandscapeError
+from landscape.loading import (
+    as_batches,
+    call_factory,
+    load_checkpoint,
+    load_state_into,
+    resolve_loss,
+    to_device,
+)
+
+DIRECTIONS = ("random", "eigen", "pca", "interpolate")
+
+
+@cli.command("surface")
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path())
+@click.option("--model", "model_spec", required=True,
+              help="Model factory: package.module:fn or path/to/file.py:fn (no arguments).")
+@click.option("--data", "data_spec", required=True,
+              help="Data factory returning (inputs, targets) or an iterable of such batches.")
+@click.option("--loss", "loss_spec", default="cross_entropy", show_default=True,
+              help="cross_entropy, mse, nll, bce_with_logits, or package.module:fn.")
+@click.option("--dims", type=click.IntRange(1, 2), default=2, show_default=True)
+@click.option("--steps", type=click.IntRange(2), default=51, show_default=True,
+              help="Grid points per axis.")
+@click.option("--span", type=click.FloatRange(min=0, min_open=True), default=1.0,
+              show_default=True, help="Half-width of the grid in direction units.")
+@click.option("--directions", type=click.Choice(DIRECTIONS), default="random",
+              show_default=True,
+              help="random: filter-normalized Gaussian; eigen: top Hessian eigenvectors; "
+                   "pca: principal components of the CHECKPOINTS trajectory; interpolate: "
+                   "the line between two CHECKPOINTS.")
+@click.option("--name", default=None, help="Surface name in the run file (default: the kind).")
+@click.option("-o", "--out", default="run.h5", show_default=True, type=click.Path(),
+              help="Run file to write into (resumes an interrupted surface of that name).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--trust-checkpoint", is_flag=True,
+              help="Allow pickled objects in checkpoints (can run arbitrary code).")
+@click.option("--device", default=None, help="Device to run on, e.g. cpu or cuda:0.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+def surface_command(checkpoints, model_spec, data_spec, loss_spec, dims, steps, span, directions,
+                    name, out, seed, trust_checkpoint, device, quiet):
+    """Evaluate the loss (and accuracy) on a grid around the last of CHECKPOINTS."""
+    import torch
+
+    from landscape import surface
+    from landscape.analysis import order_checkpoints
+
+    torch.manual_seed(seed)
+    model = call_factory(model_spec, "model factory")
+    if not isinstance(model, torch.nn.Module):
+        raise LandscapeError(f"the model factory returned {type(model).__name__}, not nn.Module")
+    if device is not None:
+        model = model.to(device)
+    target = next((p.device for p in model.parameters()), torch.device("cpu"))
+    batches = [to_device(b, target) for b in as_batches(call_factory(data_spec, "data factory"))]
+    if not batches:
+        raise LandscapeError("the data factory produced no batches")
+    data = batches[0] if len(batches) == 1 else batches
+    loss_fn = resolve_loss(loss_spec)
+    ckpts = [c for _, c in order_checkpoints(
+        [load_checkpoint(p, trust=trust_checkpoint) for p in checkpoints])]
+    if directions == "interpolate" and len(ckpts) != 2:
+        raise LandscapeError("--directions interpolate needs exactly two checkpoints")
+    if directions == "pca" and len(ckpts) < 3:
+        raise LandscapeError("--directions pca needs at least three checkpoints (a trajectory)")
+    for c in ckpts:  # every checkpoint must fit the model (one clear line if not)
+        load_state_into(model, c)
+    label = name or directions
+    common = {"writer": out, "name": label, "progress": not quiet}
+    with one_line_warnings():
+        if directions == "interpolate":
+            surf = surface.interpolate(model, ckpts[0].state_dict, ckpts[1].state_dict,
+                                       loss_fn, data, steps, **common)
+        elif directions == "pca":
+            surf = surface.trajectory_plane(model, loss_fn, data,
+                                            [c.state_dict for c in ckpts], steps, **common)
+        else:
+            kind = "eigen" if directions == "eigen" else "random"
+            if dims == 1:
+                surf = surface.line(model, loss_fn, data, steps, span, directions=kind,
+                                    seed=seed, **common)
+            else:
+                surf = surface.plane(model, loss_fn, data, steps, span, directions=kind,
+                                     seed=seed, **common)
+    if not quiet:
+        import numpy as np
+
+        loss = np.asarray(surf.values["loss"])
+        shape = "x".join(str(n) for n in loss.shape[::-1])  # nx x ny
+        click.echo(f"wrote surface {label!r} ({shape} points, loss {np.nanmin(loss):.4g} to "
+                   f"{np.nanmax(loss):.4g}) to {out}")

@@ -1,0 +1,270 @@
+"""Figures of stored loss surfaces: 1-D curves, contours with trajectories, 3-D views, VTK.
+
+Every function takes a :class:`~landscape.store.SurfaceData` (what ``landscape.surface``
+returns and ``Run.surface(name)`` reads back), or a run (a path or an open ``Run``) plus the
+surface name. Grids are ``(ny, nx)`` with ``Z[j, i] = f(x_i, y_j)`` (METRICS.md 3.3), so ``x``
+runs along the horizontal axis for square and non-square grids alike. Points not yet computed
+are masked. Figures are built with :class:`matplotlib.figure.Figure` (no pyplot, no GUI
+backend), as in Li et al. 2018 (arXiv:1712.09913), Figs. 1-9: curves, contour lines, filled
+contours, 3-D surfaces; the VTK file opens in ParaView like the reference code's ``h52vtp``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from landscape.store import Run, SurfaceData
+
+__all__ = ["contour", "contourf", "curve", "export_vtk", "load_surface", "surface3d"]
+
+
+def load_surface(surface: Any, name: str | None = None) -> SurfaceData:
+    """A ``SurfaceData`` from itself, or from a run (path or ``Run``) and a surface name."""
+    if isinstance(surface, SurfaceData):
+        return surface
+    if isinstance(surface, Run):
+        return surface.surface(_pick(surface, name))
+    if isinstance(surface, (str, os.PathLike)):
+        with Run.open(surface) as run:
+            return run.surface(_pick(run, name))
+    raise ValueError(f"surface: expected SurfaceData, a Run or a run path, got "
+                     f"{type(surface).__name__}")
+
+
+def _pick(run: Run, name: str | None) -> str:
+    if name is not None:
+        return name
+    names = run.surfaces()
+    if len(names) != 1:
+        raise ValueError(f"name: the run holds {len(names)} surfaces ({', '.join(names)}); "
+                         "say which")
+    return names[0]
+
+
+def _values(surf: SurfaceData, field: str, log: bool, vmax: float | None) -> np.ndarray:
+    if field not in surf.values:
+        raise ValueError(f"field: surface {surf.name!r} has no {field!r} "
+                         f"(fields: {', '.join(surf.values)})")
+    z = np.array(surf.values[field], dtype=np.float64)
+    z[~surf.done] = np.nan
+    if vmax is not None:
+        z = np.minimum(z, vmax)
+    if log:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = np.where(z > 0, np.log10(np.where(z > 0, z, 1.0)), np.nan)
+    return z
+
+
+def _labels(surf: SurfaceData) -> tuple[str, str]:
+    d = surf.attrs.get("directions", {})
+    kind = d.get("kind", "custom")
+    if kind == "pca":
+        r = surf.attrs.get("explained_variance_ratio") or d.get("explained_variance_ratio", [])
+        names = [f"PC{k + 1}" + (f" ({100 * r[k]:.1f}% of variance)" if k < len(r) else "")
+                 for k in range(2)]
+        return names[0], names[1]
+    if kind == "eigen":
+        ev = d.get("eigenvalues", [])
+        names = [f"Hessian eigenvector {k + 1}" + (f" (λ={ev[k]:.3g})" if k < len(ev) else "")
+                 for k in range(2)]
+        return names[0], names[1]
+    if kind == "interpolation":
+        return "α  (0: θ_a, 1: θ_b)", ""
+    norm = d.get("normalization", "none")
+    suffix = f", {norm}-normalized" if norm not in ("none", None) else ""
+    return f"α  (along δ{suffix})", f"β  (along η{suffix})"
+
+
+def _title(surf: SurfaceData, field: str, log: bool) -> str:
+    return f"{surf.name}: {'log10 ' if log else ''}{field}"
+
+
+def curve(
+    surface: Any,
+    field: str = "loss",
+    *,
+    name: str | None = None,
+    log: bool = False,
+    accuracy: bool = True,
+    figsize: tuple[float, float] = (6.0, 4.0),
+) -> Figure:
+    """A 1-D surface as a curve; the accuracy (if stored) on a second axis, dashed."""
+    surf = load_surface(surface, name)
+    if surf.ndim != 1:
+        raise ValueError(f"curve: surface {surf.name!r} is 2-D; use contour or surface3d")
+    fig = Figure(figsize=figsize, layout="constrained")
+    ax = fig.add_subplot()
+    z = _values(surf, field, log, None)
+    ax.plot(surf.x, z, color="C0", marker="." if len(surf.x) <= 60 else None, label=field)
+    ax.set_xlabel(_labels(surf)[0])
+    ax.set_ylabel(("log10 " if log else "") + field, color="C0")
+    ax.set_title(_title(surf, field, log))
+    if surf.attrs.get("directions", {}).get("kind") == "interpolation":
+        for a in (0.0, 1.0):
+            ax.axvline(a, color="0.6", lw=0.8, ls=":")
+    if accuracy and field != "accuracy" and "accuracy" in surf.values:
+        ax2 = ax.twinx()
+        ax2.plot(surf.x, _values(surf, "accuracy", False, None), color="C1", ls="--")
+        ax2.set_ylabel("accuracy", color="C1")
+        ax2.set_ylim(-0.02, 1.02)
+    return fig
+
+
+def _trajectory(surf: SurfaceData, trajectory: Any) -> np.ndarray | None:
+    if trajectory is None or trajectory is False:
+        return None
+    if trajectory is True or (isinstance(trajectory, str) and trajectory == "auto"):
+        path = surf.arrays.get("trajectory")
+        return None if path is None else np.asarray(path, dtype=np.float64)[:, :2]
+    path = np.asarray(trajectory, dtype=np.float64)
+    if path.ndim != 2 or path.shape[1] < 2:
+        raise ValueError("trajectory: expected a (T, 2) array of plane coordinates")
+    return path[:, :2]
+
+
+def contour(
+    surface: Any,
+    field: str = "loss",
+    *,
+    name: str | None = None,
+    filled: bool = False,
+    levels: int | np.ndarray = 30,
+    trajectory: Any = "auto",
+    log: bool = False,
+    vmax: float | None = None,
+    figsize: tuple[float, float] = (6.0, 5.0),
+) -> Figure:
+    """Contour lines (``filled=True``: filled contours with a colour bar) of a 2-D surface.
+
+    ``trajectory``: ``"auto"`` overlays the projected path stored with the surface (PCA
+    planes), or give a ``(T, 2)`` array of plane coordinates; ``None`` for none. The path is
+    drawn from its first point (open circle) to its last (filled). ``vmax`` clips large
+    values (as the reference code's ``--vmax``), ``log`` plots ``log10``.
+    """
+    surf = load_surface(surface, name)
+    if surf.ndim != 2:
+        raise ValueError(f"contour: surface {surf.name!r} is 1-D; use curve")
+    assert surf.y is not None
+    z = np.ma.masked_invalid(_values(surf, field, log, vmax))
+    fig = Figure(figsize=figsize, layout="constrained")
+    ax = fig.add_subplot()
+    if z.count() >= 4 and np.ptp(z.compressed()) > 0:
+        if filled:
+            cs = ax.contourf(surf.x, surf.y, z, levels=levels, cmap="viridis")
+            fig.colorbar(cs, ax=ax, label=("log10 " if log else "") + field)
+        else:
+            cs = ax.contour(surf.x, surf.y, z, levels=levels, cmap="viridis", linewidths=0.9)
+            ax.clabel(cs, cs.levels[:: max(1, len(cs.levels) // 8)], inline=True, fontsize=7,
+                      fmt="%.3g")
+    ax.plot([0.0], [0.0], marker="+", color="k", ms=9, ls="none", label="center")
+    path = _trajectory(surf, trajectory)
+    if path is not None and len(path):
+        ax.plot(path[:, 0], path[:, 1], color="C3", lw=1.2, marker=".", ms=4, label="trajectory")
+        ax.plot(path[0, 0], path[0, 1], "o", mfc="none", mec="C3", ms=8)
+        ax.plot(path[-1, 0], path[-1, 1], "o", color="C3", ms=6)
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_xlim(float(surf.x[0]), float(surf.x[-1]))
+    ax.set_ylim(float(surf.y[0]), float(surf.y[-1]))
+    xl, yl = _labels(surf)
+    ax.set_xlabel(xl)
+    ax.set_ylabel(yl)
+    ax.set_title(_title(surf, field, log))
+    return fig
+
+
+def contourf(surface: Any, field: str = "loss", **kwargs: Any) -> Figure:
+    """Filled contours: :func:`contour` with ``filled=True``."""
+    return contour(surface, field, filled=True, **kwargs)
+
+
+def surface3d(
+    surface: Any,
+    field: str = "loss",
+    *,
+    name: str | None = None,
+    log: bool = False,
+    vmax: float | None = None,
+    elev: float = 35.0,
+    azim: float = -60.0,
+    figsize: tuple[float, float] = (7.0, 5.5),
+) -> Figure:
+    """A 2-D surface as a 3-D plot (``meshgrid(x, y)``, so x stays the first axis)."""
+    surf = load_surface(surface, name)
+    if surf.ndim != 2:
+        raise ValueError(f"surface3d: surface {surf.name!r} is 1-D; use curve")
+    assert surf.y is not None
+    z = _values(surf, field, log, vmax)
+    X, Y = np.meshgrid(surf.x, surf.y)  # (ny, nx), like z
+    fig = Figure(figsize=figsize, layout="constrained")
+    ax = fig.add_subplot(projection="3d")
+    ax.plot_surface(X, Y, np.ma.masked_invalid(z), cmap="viridis", linewidth=0,
+                    antialiased=True, rcount=min(100, z.shape[0]), ccount=min(100, z.shape[1]))
+    ax.view_init(elev=elev, azim=azim)
+    xl, yl = _labels(surf)
+    ax.set_xlabel(xl, fontsize=8)
+    ax.set_ylabel(yl, fontsize=8)
+    ax.set_zlabel(("log10 " if log else "") + field)
+    ax.set_title(_title(surf, field, log))
+    return fig
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.9g}" if math.isfinite(v) else "0"
+
+
+def export_vtk(
+    surface: Any,
+    path: str | os.PathLike,
+    field: str = "loss",
+    *,
+    name: str | None = None,
+    log: bool = False,
+    zmax: float | None = None,
+    height: bool = True,
+) -> Path:
+    """Write a surface as a legacy ASCII VTK structured grid (opens in ParaView).
+
+    Points are ``(x_i, y_j, z)`` with ``x`` varying fastest (VTK's order), ``z`` the value
+    (``height=False``: 0, a flat sheet); ``zmax`` clips the height, points not computed sit at
+    the largest finite height. Every stored field is attached as point data, so ParaView can
+    colour by loss or accuracy; no NaN is written (not every VTK reader parses it): values
+    not computed or not finite take the field's largest finite value, and the ``computed``
+    array (1/0) tells them apart. A 1-D surface becomes a curve (``DIMENSIONS nx 1 1``).
+    """
+    surf = load_surface(surface, name)
+    z = _values(surf, field, log, zmax)
+    ys = surf.y if surf.y is not None else np.zeros(1)
+    Z = z.reshape(len(ys), len(surf.x))
+    finite = Z[np.isfinite(Z)]
+    fill = float(finite.max()) if finite.size else 0.0
+    heights = np.where(np.isfinite(Z), Z, fill) if height else np.zeros_like(Z)
+    n = Z.size
+    lines = [
+        "# vtk DataFile Version 3.0",
+        f"landscape surface {surf.name} ({'log10 ' if log else ''}{field})",
+        "ASCII",
+        "DATASET STRUCTURED_GRID",
+        f"DIMENSIONS {len(surf.x)} {len(ys)} 1",
+        f"POINTS {n} double",
+    ]
+    for j, yv in enumerate(ys):
+        for i, xv in enumerate(surf.x):
+            lines.append(f"{_fmt(float(xv))} {_fmt(float(yv))} {_fmt(float(heights[j, i]))}")
+    lines.append(f"POINT_DATA {n}")
+    for fname in surf.values:
+        vals = _values(surf, fname, log and fname == field, None).reshape(-1)
+        ok = vals[np.isfinite(vals)]
+        vals = np.where(np.isfinite(vals), vals, float(ok.max()) if ok.size else 0.0)
+        lines += [f"SCALARS {fname} double 1", "LOOKUP_TABLE default"]
+        lines += [_fmt(float(v)) for v in vals]
+    lines += ["SCALARS computed int 1", "LOOKUP_TABLE default"]
+    lines += [str(int(v)) for v in surf.done.reshape(-1)]
+    out = Path(path)
+    out.write_text("\n".join(lines) + "\n", encoding="ascii")
+    return out

@@ -1,0 +1,266 @@
+"""One-call landscapes: a random plane or line, a PCA plane with its trajectory, an interpolation.
+
+Each function builds :class:`~landscape.surface.directions.Directions`, chooses the grid and
+calls :func:`~landscape.surface.grid.evaluate_grid`, which stores the directions and the grid in
+the run file (``/surfaces/<name>``) and resumes an interrupted computation.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from landscape._errors import LandscapeError
+from landscape.params import ParamSpec
+from landscape.store import SurfaceData
+from landscape.surface.directions import (
+    Directions,
+    as_directions,
+    eigen_directions,
+    random_directions,
+)
+from landscape.surface.grid import axis, evaluate_grid
+from landscape.surface.pca import _load, pca_directions
+
+__all__ = ["interpolate", "line", "plane", "project", "trajectory_plane"]
+
+LossFn = Callable[..., torch.Tensor]
+
+
+def _pair(value: Any, name: str) -> tuple[Any, Any]:
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name}: expected one value or a pair (x, y), got {len(value)}")
+        return value[0], value[1]
+    return value, value
+
+
+def _directions(
+    model: nn.Module, loss_fn: LossFn, data: Any, n: int, directions: Any, seed: int,
+    normalization: str, ignore: str, params: ParamSpec,
+) -> Directions:
+    if isinstance(directions, Directions):
+        if directions.ndim != n:
+            raise ValueError(f"directions: {directions.ndim} given, {n} needed")
+        return directions
+    if isinstance(directions, str):
+        if directions == "random":
+            return random_directions(model, n, seed=seed, normalization=normalization,
+                                     ignore=ignore, params=params)
+        if directions == "eigen":
+            return eigen_directions(model, loss_fn, data, n, params=params)
+        raise ValueError(f"directions must be 'random', 'eigen' or vectors, got {directions!r}")
+    vecs = list(directions)
+    if len(vecs) != n:
+        raise ValueError(f"directions: {len(vecs)} vectors given, {n} needed")
+    return as_directions(model, vecs)
+
+
+def plane(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    steps: int | tuple[int, int] = 51,
+    span: float | tuple[float, float] = 1.0,
+    *,
+    x: Sequence[float] | None = None,
+    y: Sequence[float] | None = None,
+    directions: Any = "random",
+    seed: int = 0,
+    normalization: str = "filter",
+    ignore: str = "biasbn",
+    params: ParamSpec = None,
+    writer: Any = None,
+    name: str = "plane",
+    **kwargs: Any,
+) -> SurfaceData:
+    """The loss on the plane ``theta* + alpha delta + beta eta`` (Li et al. 2018, Sec. 4).
+
+    By default ``delta``, ``eta`` are filter-normalized Gaussian directions drawn with
+    ``seed`` (biases and normalization parameters not moved: ``ignore="biasbn"``). The grid is
+    ``steps`` points on ``[-span, span]`` per axis (``steps=(nx, ny)``, ``span=(sx, sy)`` for
+    a non-square grid) unless ``x``/``y`` give the coordinates. ``directions`` may also be
+    ``"eigen"`` (top-2 Hessian eigenvectors), a :class:`Directions` or two vectors.
+    Other keywords go to :func:`evaluate_grid` (``writer``, ``eval_mode``, ``progress``, ...).
+    """
+    nx, ny = _pair(steps, "steps")
+    sx, sy = _pair(span, "span")
+    xs = axis(nx, sx) if x is None else x
+    ys = axis(ny, sy) if y is None else y
+    dirs = _directions(model, loss_fn, data, 2, directions, seed, normalization, ignore, params)
+    return evaluate_grid(model, loss_fn, data, dirs, xs, ys, writer=writer, name=name, **kwargs)
+
+
+def line(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    steps: int = 51,
+    span: float = 1.0,
+    *,
+    x: Sequence[float] | None = None,
+    directions: Any = "random",
+    seed: int = 0,
+    normalization: str = "filter",
+    ignore: str = "biasbn",
+    params: ParamSpec = None,
+    writer: Any = None,
+    name: str = "line",
+    **kwargs: Any,
+) -> SurfaceData:
+    """The loss along ``theta* + alpha delta`` (Li et al. 2018, Sec. 4), 1-D.
+
+    As :func:`plane` with one direction.
+    """
+    xs = axis(steps, span) if x is None else x
+    dirs = _directions(model, loss_fn, data, 1, directions, seed, normalization, ignore, params)
+    return evaluate_grid(model, loss_fn, data, dirs, xs, None, writer=writer, name=name, **kwargs)
+
+
+def _state(source: Any, what: str) -> dict[str, torch.Tensor]:
+    source = _load(source)
+    if isinstance(source, nn.Module):
+        return {**dict(source.named_parameters()), **dict(source.named_buffers())}
+    if isinstance(source, Mapping):
+        return {k: v for k, v in source.items() if isinstance(v, torch.Tensor)}
+    raise ValueError(f"{what}: expected a module, a state dict or a checkpoint path, "
+                     f"got {type(source).__name__}")
+
+
+def interpolate(
+    model: nn.Module,
+    theta_a: nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike,
+    theta_b: nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike,
+    loss_fn: LossFn,
+    data: Any,
+    steps: int = 51,
+    *,
+    bounds: tuple[float, float] = (-0.5, 1.5),
+    x: Sequence[float] | None = None,
+    buffers: bool = True,
+    writer: Any = None,
+    name: str = "interpolation",
+    **kwargs: Any,
+) -> SurfaceData:
+    """The loss on the line ``theta(alpha) = theta_a + alpha (theta_b - theta_a)`` (1-D).
+
+    Goodfellow et al. 2015 ("Qualitatively characterizing neural network optimization
+    problems") and Li et al. 2018, Sec. 3: ``alpha = 0`` is ``theta_a``, ``alpha = 1`` is
+    ``theta_b``; the direction is not normalized. ``theta_a``/``theta_b`` are modules, state
+    dicts or checkpoint paths (``weights_only=True``) for ``model``'s architecture; ``model``
+    itself is only the architecture and is not changed. With ``buffers=True`` floating-point
+    buffers (BatchNorm statistics) are interpolated as well (the reference code's
+    ``dir_type='states'``). ``x`` overrides the ``steps`` points on ``bounds``.
+    """
+    a = _state(theta_a, "theta_a")
+    b = _state(theta_b, "theta_b")
+    named = dict(model.named_parameters())
+    missing = [k for k in named if k not in a or k not in b]
+    if missing:
+        raise LandscapeError(f"interpolate: checkpoints lack parameters {missing[:3]}")
+    for k, p in named.items():
+        if tuple(a[k].shape) != tuple(p.shape) or tuple(b[k].shape) != tuple(p.shape):
+            raise LandscapeError(f"interpolate: parameter {k!r} has another shape in a checkpoint")
+    names = tuple(named)
+    vec = tuple((b[k].detach().to(named[k].device, named[k].dtype)
+                 - a[k].detach().to(named[k].device, named[k].dtype)) for k in names)
+    bnames: tuple[str, ...] = ()
+    bvec: tuple[torch.Tensor, ...] = ()
+    if buffers:
+        bufs = dict(model.named_buffers())
+        bnames = tuple(k for k, v in bufs.items()
+                       if v.is_floating_point() and k in a and k in b
+                       and tuple(a[k].shape) == tuple(v.shape) == tuple(b[k].shape))
+        bvec = tuple((b[k].detach().to(bufs[k].device, bufs[k].dtype)
+                      - a[k].detach().to(bufs[k].device, bufs[k].dtype)) for k in bnames)
+    dirs = Directions(names, (vec,), {"kind": "interpolation", "normalization": "none",
+                                      "ignore": "none", "buffers": bool(buffers)},
+                      bnames, (bvec,) if bnames else ())
+    if x is None:
+        lo, hi = bounds
+        if not hi > lo:
+            raise ValueError(f"bounds must be (low, high) with low < high, got {bounds!r}")
+        x = np.linspace(float(lo), float(hi), int(steps))
+    return evaluate_grid(model, loss_fn, data, dirs, x, None, center=a, writer=writer,
+                         name=name, **kwargs)
+
+
+def trajectory_plane(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    trajectory: Any,
+    steps: int | tuple[int, int] = 51,
+    *,
+    margin: float = 0.25,
+    ignore: str = "biasbn",
+    params: ParamSpec = None,
+    writer: Any = None,
+    name: str = "pca",
+    **kwargs: Any,
+) -> SurfaceData:
+    """The loss on the plane of the top-2 principal components of a trajectory, with its path.
+
+    Li et al. 2018, Sec. 7 (METRICS.md 3.4): directions from :func:`pca_directions` over the
+    trajectory (checkpoint paths, state dicts, modules, tensor tuples or a ``(T, P)`` array of
+    recorded weights), centred at its last point ``theta_n``; the grid covers the projected
+    path with ``margin`` (a fraction of its extent) on each side, so it is non-square in
+    general. Stored with the surface: ``arrays/trajectory`` (``(T, 2)``, the path), and the
+    explained variance (ratio) in the attributes.
+    """
+    pca = pca_directions(trajectory, 2, model=model, ignore=ignore, params=params)
+    path = pca.path
+    nx, ny = _pair(steps, "steps")
+    axes = []
+    for k, n in zip(range(2), (nx, ny)):
+        lo, hi = float(min(path[:, k].min(), 0.0)), float(max(path[:, k].max(), 0.0))
+        width = max(hi - lo, 1e-12)
+        axes.append(np.linspace(lo - margin * width, hi + margin * width, int(n)))
+    final = pca.final
+    center = {}
+    offset = 0
+    named = dict(model.named_parameters())
+    for k in pca.directions.names:
+        p = named[k]
+        center[k] = torch.from_numpy(final[offset:offset + p.numel()]).reshape(p.shape)
+        offset += p.numel()
+    attrs = {
+        "explained_variance": [float(v) for v in pca.explained_variance],
+        "explained_variance_ratio": [float(v) for v in pca.explained_variance_ratio],
+        "singular_values": [float(v) for v in pca.singular_values],
+    }
+    return evaluate_grid(model, loss_fn, data, pca.directions, axes[0], axes[1], center=center,
+                         writer=writer, name=name, attrs=attrs,
+                         arrays={"trajectory": path}, **kwargs)
+
+
+def project(
+    points: Any, directions: Directions, center: nn.Module | Mapping[str, torch.Tensor]
+) -> np.ndarray:
+    """Coordinates ``(T, k)`` of parameter points in the span of ``directions`` around ``center``.
+
+    Least squares ``min_c ||theta_e - center - sum_k c_k d_k||`` (the reference code's
+    'lstsq' projection), which equals the inner products for orthonormal directions (PCA).
+    ``points``: modules, state dicts or checkpoint paths.
+    """
+    c = _state(center, "center")
+    names = directions.names
+    D = torch.stack([torch.cat([t.detach().reshape(-1).double().cpu() for t in v])
+                     for v in directions.vectors], dim=1)
+    base = torch.cat([c[k].detach().reshape(-1).double().cpu() for k in names])
+    rows = []
+    for e, pt in enumerate(points):
+        s = _state(pt, f"points[{e}]")
+        missing = [k for k in names if k not in s]
+        if missing:
+            raise LandscapeError(f"points[{e}] lacks parameters {missing[:3]}")
+        rows.append(torch.cat([s[k].detach().reshape(-1).double().cpu() for k in names]) - base)
+    if not rows:
+        return np.zeros((0, directions.ndim))
+    R = torch.stack(rows, dim=1)
+    sol = torch.linalg.lstsq(D, R).solution
+    return sol.T.numpy()

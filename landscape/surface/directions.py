@@ -1,0 +1,339 @@
+"""Directions in parameter space for loss-landscape plots (Li et al. 2018, arXiv:1712.09913).
+
+A :class:`Directions` object holds one or two parameter-space vectors (METRICS.md G1) keyed by
+parameter name, plus the metadata that produced them (kind, seed, normalization, ignore
+policy). Sources:
+
+* :func:`random_directions` -- Gaussian directions with filter (default), layer or weight
+  normalization (Li et al. 2018, Sec. 4; METRICS.md 3.1-3.2).
+* :func:`landscape.surface.pca.pca_directions` -- principal components of a trajectory.
+* :func:`eigen_directions` -- top Hessian eigenvectors from :mod:`landscape.curvature`.
+* :func:`as_directions` -- user-supplied vectors (interpolation uses ``theta_b - theta_a``).
+
+Directions are stored with every surface (``arrays/directions`` plus their names and shapes
+in the surface attributes) and rebuilt with :meth:`Directions.from_surface`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from landscape._errors import LandscapeError
+from landscape.params import ParamSpec, Vector, flatten, gaussian_like, select_named_parameters
+
+NORMALIZATIONS = ("filter", "layer", "weight", "none")
+IGNORES = ("biasbn", "none")
+_EPS = 1e-10  # as in Li et al.'s reference code (net_plotter.normalize_direction)
+
+
+@dataclass
+class Directions:
+    """One or two directions ``delta`` (and ``eta``) over the named parameters ``names``.
+
+    ``vectors[k][m]`` is the component of direction ``k`` for parameter ``names[m]``; the
+    tensors have the parameters' shapes, dtype and device. ``attrs`` is JSON-able metadata
+    stored with the surface (kind, seed, normalization, ignore, ...).
+
+    ``buffer_names``/``buffer_vectors`` optionally move floating-point buffers too (the
+    reference code's ``dir_type='states'``, used when interpolating between checkpoints so
+    that BatchNorm statistics follow the weights); ``buffer_vectors[k][m]`` belongs to
+    ``buffer_names[m]``.
+    """
+
+    names: tuple[str, ...]
+    vectors: tuple[Vector, ...]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    buffer_names: tuple[str, ...] = ()
+    buffer_vectors: tuple[Vector, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.vectors) not in (1, 2):
+            raise ValueError(f"directions: expected 1 or 2 vectors, got {len(self.vectors)}")
+        for v in self.vectors:
+            if len(v) != len(self.names):
+                raise ValueError(
+                    f"directions: a vector has {len(v)} tensors for {len(self.names)} names"
+                )
+        if self.buffer_vectors and len(self.buffer_vectors) != len(self.vectors):
+            raise ValueError("directions: buffer_vectors needs one entry per direction")
+
+    @property
+    def kind(self) -> str:
+        return str(self.attrs.get("kind", "custom"))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.vectors)
+
+    def as_dict(self, k: int) -> dict[str, torch.Tensor]:
+        """Direction ``k`` as ``{parameter name: tensor}``."""
+        return dict(zip(self.names, self.vectors[k]))
+
+    def flat(self, k: int) -> np.ndarray:
+        """Direction ``k`` flattened in parameter order, as numpy (float32 or float64)."""
+        f = flatten(self.vectors[k]).detach()
+        dtype = torch.float64 if f.dtype == torch.float64 else torch.float32
+        return f.to("cpu", dtype).numpy()
+
+    def fingerprint(self) -> list[float]:
+        """Sum and squared norm of each direction (float64), compared on resume."""
+        out: list[float] = []
+        for v in self.vectors:
+            f = flatten(v).detach().to(torch.float64)
+            out += [float(f.sum()), float(f.dot(f))]
+        return out
+
+    # -- storage
+
+    def storage(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """``(attrs, arrays)`` to store with a surface; inverse of :meth:`from_surface`."""
+        attrs = {
+            "directions": dict(self.attrs),
+            "direction_names": list(self.names),
+            "direction_shapes": [list(t.shape) for t in self.vectors[0]],
+            "direction_fingerprint": self.fingerprint(),
+        }
+        arrays = {"directions": np.stack([self.flat(k) for k in range(self.ndim)])}
+        if self.buffer_names:
+            attrs["buffer_names"] = list(self.buffer_names)
+            attrs["buffer_shapes"] = [list(t.shape) for t in self.buffer_vectors[0]]
+            arrays["buffer_directions"] = np.stack(
+                [flatten(v).detach().to("cpu", torch.float64).numpy() for v in self.buffer_vectors]
+            )
+        return attrs, arrays
+
+    @classmethod
+    def from_surface(cls, surface: Any, model: nn.Module | None = None) -> Directions:
+        """Rebuild the directions stored with a surface (a ``SurfaceData``).
+
+        With ``model`` the tensors take the dtype and device of its parameters.
+        """
+        attrs, arrays = surface.attrs, surface.arrays
+        if "directions" not in arrays or "direction_names" not in attrs:
+            raise LandscapeError(f"surface {surface.name!r} has no stored directions")
+        names = tuple(attrs["direction_names"])
+        shapes = [tuple(s) for s in attrs["direction_shapes"]]
+        params = dict(model.named_parameters()) if model is not None else {}
+
+        def split(flat: np.ndarray, names: Sequence[str], shapes: Sequence[tuple]) -> Vector:
+            sizes = [math.prod(s) for s in shapes]
+            parts = np.split(np.asarray(flat), np.cumsum(sizes)[:-1])
+            out = []
+            for n, p, s in zip(names, parts, shapes):
+                t = torch.from_numpy(np.ascontiguousarray(p)).reshape(s)
+                ref = params.get(n)
+                out.append(t.to(ref.device, ref.dtype) if ref is not None else t)
+            return tuple(out)
+
+        vectors = tuple(split(row, names, shapes) for row in arrays["directions"])
+        bnames: tuple[str, ...] = tuple(attrs.get("buffer_names", ()))
+        bvectors: tuple[Vector, ...] = ()
+        if bnames:
+            bshapes = [tuple(s) for s in attrs["buffer_shapes"]]
+            bvectors = tuple(split(row, bnames, bshapes) for row in arrays["buffer_directions"])
+        return cls(names, vectors, dict(attrs.get("directions", {})), bnames, bvectors)
+
+
+# --------------------------------------------------------------------------- normalization
+
+
+def normalize_direction(
+    direction: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    normalization: str = "filter",
+    ignore: str = "biasbn",
+) -> Vector:
+    """Rescale a direction relative to the weights (Li et al. 2018, Sec. 4, Eq. (1)).
+
+    * ``"filter"``: for every tensor with ``dim >= 2`` and every slice ``j`` along dim 0 (an
+      output channel of a convolution, a row of a linear layer or embedding),
+      ``d_j <- d_j * ||theta_j|| / (||d_j|| + 1e-10)``.
+    * ``"layer"``: the whole tensor, ``d <- d * ||theta|| / (||d|| + 1e-10)``.
+    * ``"weight"``: ``d <- d * theta`` elementwise.
+    * ``"none"``: unchanged.
+
+    Tensors with ``dim <= 1`` (biases, normalization gains and shifts): ``ignore="biasbn"``
+    sets ``d <- 0``; ``ignore="none"`` sets ``d <- theta`` under any normalization other than
+    ``"none"`` (the reference code's behaviour, METRICS.md 3.2) and leaves ``d`` as drawn
+    under ``"none"``.
+    """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    if ignore not in IGNORES:
+        raise ValueError(f"ignore must be one of {IGNORES}, got {ignore!r}")
+    if len(direction) != len(weights):
+        raise ValueError(f"direction has {len(direction)} tensors, weights {len(weights)}")
+    out = []
+    for d, w in zip(direction, weights):
+        d = d.detach()
+        w = w.detach()
+        if d.shape != w.shape:
+            raise ValueError(f"direction shape {tuple(d.shape)} != weight shape {tuple(w.shape)}")
+        if d.dim() <= 1:
+            if ignore == "biasbn":
+                out.append(torch.zeros_like(d))
+            else:
+                out.append(d.clone() if normalization == "none" else w.clone())
+            continue
+        if normalization == "filter":
+            d2 = d.reshape(d.shape[0], -1)
+            w2 = w.reshape(w.shape[0], -1)
+            factor = w2.norm(dim=1, keepdim=True) / (d2.norm(dim=1, keepdim=True) + _EPS)
+            out.append((d2 * factor).reshape(d.shape))
+        elif normalization == "layer":
+            out.append(d * (w.norm() / (d.norm() + _EPS)))
+        elif normalization == "weight":
+            out.append(d * w)
+        else:
+            out.append(d.clone())
+    return tuple(out)
+
+
+def select(model: nn.Module, params: ParamSpec = None) -> dict[str, nn.Parameter]:
+    """Trainable parameters picked by ``params`` (names, globs, modules; see
+    :func:`landscape.params.select_named_parameters`); at least one."""
+    named = select_named_parameters(model, params)
+    if not named:
+        raise LandscapeError("model has no trainable parameters to perturb")
+    return named
+
+
+def random_directions(
+    model: nn.Module,
+    n: int = 2,
+    *,
+    seed: int = 0,
+    normalization: str = "filter",
+    ignore: str = "biasbn",
+    params: ParamSpec = None,
+) -> Directions:
+    """``n`` (1 or 2) Gaussian directions, normalized per :func:`normalize_direction`.
+
+    Li et al. 2018 (arXiv:1712.09913), Sec. 4: ``d ~ N(0, I)`` with the shapes of the
+    parameters, then filter-normalized. Drawn on the CPU from ``torch.Generator(seed)``,
+    first ``delta`` then ``eta``, so the draw is the same on every device. ``params``
+    restricts the directions to some trainable parameters (the others stay fixed).
+    """
+    if n not in (1, 2):
+        raise ValueError(f"n must be 1 or 2, got {n}")
+    named = select(model, params)
+    weights = tuple(p.detach() for p in named.values())
+    g = torch.Generator().manual_seed(int(seed))
+    vectors = tuple(
+        normalize_direction(gaussian_like(weights, g), weights, normalization, ignore)
+        for _ in range(n)
+    )
+    attrs = {"kind": "random", "seed": int(seed), "normalization": normalization,
+             "ignore": ignore, "distribution": "gaussian"}
+    return Directions(tuple(named), vectors, attrs)
+
+
+def as_directions(
+    model: nn.Module,
+    vectors: Sequence[Mapping[str, torch.Tensor] | Sequence[torch.Tensor]] | Directions,
+    *,
+    normalization: str = "none",
+    ignore: str = "none",
+    kind: str = "custom",
+) -> Directions:
+    """User-given directions (dicts name -> tensor, or tuples in trainable-parameter order).
+
+    A dict may name a subset of the trainable parameters; the others are not moved.
+    ``normalization``/``ignore`` are applied as in :func:`normalize_direction` (default: as
+    given).
+    """
+    if isinstance(vectors, Directions):
+        return vectors
+    vectors = list(vectors)
+    if len(vectors) not in (1, 2):
+        raise ValueError(f"directions: expected 1 or 2 vectors, got {len(vectors)}")
+    named = select(model, None)
+    if all(isinstance(v, Mapping) for v in vectors):
+        names: list[str] = []
+        for v in vectors:
+            unknown = [k for k in v if k not in named]
+            if unknown:
+                raise ValueError(f"directions name unknown or frozen parameters: {unknown}")
+            names += [k for k in v if k not in names]
+        names = [k for k in named if k in names]
+        raw = [tuple(v.get(k, torch.zeros_like(named[k])) for k in names) for v in vectors]
+    else:
+        names = list(named)
+        raw = [tuple(v) for v in vectors]
+    weights = tuple(named[k].detach() for k in names)
+    out = []
+    for v in raw:
+        if len(v) != len(weights):
+            raise ValueError(f"directions: a vector has {len(v)} tensors, expected {len(weights)}")
+        v = tuple(torch.as_tensor(t).to(w.device, w.dtype) for t, w in zip(v, weights))
+        out.append(normalize_direction(v, weights, normalization, ignore))
+    attrs = {"kind": kind, "normalization": normalization, "ignore": ignore}
+    return Directions(tuple(names), tuple(out), attrs)
+
+
+# --------------------------------------------------------------------------- Hessian
+
+
+def eigen_directions(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    n: int = 2,
+    *,
+    params: ParamSpec = None,
+    normalization: str = "none",
+    ignore: str = "none",
+    closure: bool | None = None,
+    eval_mode: bool = True,
+    **kwargs: Any,
+) -> Directions:
+    """The top-``n`` (algebraically largest) Hessian eigenvectors as directions.
+
+    Uses :class:`landscape.curvature.Hessian` and :func:`landscape.curvature.top_eigenvalues`
+    (Lanczos) over ``data``; ``kwargs`` go to ``top_eigenvalues`` (``tol``, ``seed``, ...).
+    ``closure=True`` (the default for a dict batch) means ``loss_fn(model, batch)``. By
+    default the vectors are unit-norm in raw parameter units, so that along direction ``k``
+    the loss is ``L(alpha) ~ L(0) + alpha^2 lambda_k / 2`` near a minimum (Li et al. 2018,
+    Sec. 6 relate such curvature to the plots); ``normalization="filter"`` rescales them like
+    random directions. The eigenvalues are stored in ``attrs["eigenvalues"]``.
+    """
+    if n not in (1, 2):
+        raise ValueError(f"n must be 1 or 2, got {n}")
+    from landscape.curvature import Hessian, top_eigenvalues
+
+    named = select(model, params)
+    if closure is None:
+        closure = isinstance(data, Mapping)
+    selection = list(named) if params is not None else None
+    if closure:
+        H = Hessian(model, data=data, closure=loss_fn, params=selection, eval_mode=eval_mode)
+    else:
+        H = Hessian(model, loss_fn, data, params=selection, eval_mode=eval_mode)
+    eig = top_eigenvalues(H, k=n, **kwargs)
+    found = list(eig.vectors)
+    if len(found) < n:
+        raise LandscapeError(f"top_eigenvalues returned {len(found)} vectors, expected {n}")
+    weights = tuple(p.detach() for p in named.values())
+    vecs = []
+    for v in found[:n]:
+        if isinstance(v, Mapping):
+            v = tuple(v[k] for k in named)
+        v = tuple(v)
+        if len(v) == 1 and len(weights) > 1:  # a flat vector
+            v = tuple(t.reshape(w.shape) for t, w in
+                      zip(torch.split(v[0].reshape(-1), [w.numel() for w in weights]), weights))
+        if len(v) != len(weights):
+            raise LandscapeError(
+                f"an eigenvector has {len(v)} tensors, the parameters {len(weights)}")
+        v = tuple(t.detach().to(w.device, w.dtype) for t, w in zip(v, weights))
+        vecs.append(normalize_direction(v, weights, normalization, ignore))
+    values = [float(x) for x in torch.as_tensor(eig.values).reshape(-1)[:n]]
+    attrs = {"kind": "eigen", "normalization": normalization, "ignore": ignore,
+             "eigenvalues": values}
+    return Directions(tuple(named), tuple(vecs), attrs)

@@ -1,0 +1,326 @@
+"""Grid evaluation: center, isolation, resume, analytic surfaces, orientation, data forms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from landscape import LandscapeError
+from landscape.store import Run, RunWriter
+from landscape.surface import (
+    as_directions,
+    evaluate_grid,
+    interpolate,
+    line,
+    plane,
+    random_directions,
+)
+from tests import models
+
+
+def _ce(out, y):
+    return F.cross_entropy(out, y)
+
+
+def test_grid_center_equals_the_models_loss_and_accuracy():
+    model = models.cnn_bn()
+    x, y = models.image_data()
+    surf = plane(model, _ce, (x, y), steps=(5, 3), span=(1.0, 0.5), progress=False)
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    want = float(F.cross_entropy(out, y))
+    assert surf.shape == (3, 5)
+    assert surf.values["loss"][1, 2] == pytest.approx(want, rel=1e-6)
+    acc = float((out.argmax(1) == y).float().mean())
+    assert surf.values["accuracy"][1, 2] == pytest.approx(acc)
+    assert surf.complete and surf.attrs["eval_mode"] is True
+
+
+def _snapshot(model):
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "objects": [(n, p) for n, p in model.named_parameters()]
+        + [(n, b) for n, b in model.named_buffers()],
+        "buffers": {n: b.clone() for n, b in model.named_buffers()},
+        "modes": [m.training for m in model.modules()],
+        "grads": [p.grad for p in model.parameters()],
+        "grad_values": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "flags": [p.requires_grad for p in model.parameters()],
+        "rng": torch.get_rng_state(),
+    }
+
+
+def _assert_same(model, snap):
+    now = [(n, p) for n, p in model.named_parameters()] + list(model.named_buffers())
+    assert [n for n, _ in now] == [n for n, _ in snap["objects"]]
+    assert all(a is b for (_, a), (_, b) in zip(now, snap["objects"]))  # the same objects
+    for n, p in model.named_parameters():
+        assert isinstance(p, nn.Parameter)
+        assert torch.equal(p, snap["params"][n]), n
+    for n, b in model.named_buffers():
+        assert torch.equal(b, snap["buffers"][n]), n
+    assert [m.training for m in model.modules()] == snap["modes"]
+    for p, g, v in zip(model.parameters(), snap["grads"], snap["grad_values"]):
+        assert p.grad is g
+        if g is not None:
+            assert torch.equal(p.grad, v)
+    assert [p.requires_grad for p in model.parameters()] == snap["flags"]
+    assert torch.equal(torch.get_rng_state(), snap["rng"])
+
+
+@pytest.mark.parametrize("eval_mode", [True, False])
+def test_the_model_is_unchanged_afterwards(eval_mode):
+    model = models.cnn_bn()
+    model.train()  # dropout and BatchNorm active
+    x, y = models.image_data()
+    model.conv.weight.grad = torch.ones_like(model.conv.weight)
+    model.fc.bias.requires_grad_(False)
+    snap = _snapshot(model)
+    surf = plane(model, _ce, (x, y), steps=3, span=0.5, eval_mode=eval_mode, progress=False)
+    assert surf.complete
+    _assert_same(model, snap)
+
+
+def test_the_model_is_unchanged_when_the_loss_raises():
+    model = models.cnn_bn().train()
+    x, y = models.image_data()
+    snap = _snapshot(model)
+
+    def bad(out, target):
+        torch.rand(3)  # consumes RNG inside
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        plane(model, bad, (x, y), steps=3, span=0.5, progress=False)
+    _assert_same(model, snap)
+
+
+class _Counting:
+    """A loss that counts its calls and raises after ``fail_after`` of them."""
+
+    def __init__(self, fail_after=None):
+        self.calls = 0
+        self.fail_after = fail_after
+
+    def __call__(self, out, target):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt("interrupted")
+        self.calls += 1
+        return F.cross_entropy(out, target)
+
+
+def test_resume_computes_only_the_missing_points(tmp_path):
+    path = tmp_path / "run.h5"
+    model = models.mlp()
+    x, y = models.classification_data()
+    first = _Counting(fail_after=7)
+    with pytest.raises(KeyboardInterrupt):
+        plane(model, first, (x, y), steps=(4, 3), span=1.0, writer=path, seed=1, progress=False)
+    with Run.open(path) as run:
+        part = run.surface("plane")
+    assert int(part.done.sum()) == 7
+    assert np.isnan(part.values["loss"][~part.done]).all()
+    assert np.isfinite(part.values["loss"][part.done]).all()
+
+    second = _Counting()
+    done = plane(model, second, (x, y), steps=(4, 3), span=1.0, writer=path, seed=1,
+                 progress=False)
+    assert second.calls == 12 - 7
+    assert done.complete
+    fresh = plane(model, _ce, (x, y), steps=(4, 3), span=1.0, seed=1, progress=False)
+    np.testing.assert_allclose(done.values["loss"], fresh.values["loss"], rtol=1e-6)
+    np.testing.assert_array_equal(done.values["loss"][part.done], part.values["loss"][part.done])
+
+    third = _Counting()
+    plane(model, third, (x, y), steps=(4, 3), span=1.0, writer=path, seed=1, progress=False)
+    assert third.calls == 0  # nothing left to compute
+
+
+def test_resume_refuses_other_directions_or_center(tmp_path):
+    path = tmp_path / "run.h5"
+    model = models.mlp()
+    x, y = models.classification_data()
+    line(model, _ce, (x, y), steps=5, writer=path, seed=1, progress=False)
+    with pytest.raises(LandscapeError, match="other directions"):
+        line(model, _ce, (x, y), steps=5, writer=path, seed=2, progress=False)
+    with torch.no_grad():
+        model[0].bias.add_(1.0)  # directions (biasbn) unchanged, the center moved
+    with pytest.raises(LandscapeError, match="other parameters"):
+        line(model, _ce, (x, y), steps=5, writer=path, seed=1, progress=False)
+
+
+class _Quadratic(nn.Module):
+    """A model whose output is its parameter: L = 0.5 (theta - theta*)^T H (theta - theta*)."""
+
+    def __init__(self, theta0):
+        super().__init__()
+        self.theta = nn.Parameter(theta0.clone())
+
+    def forward(self, _x):
+        return self.theta
+
+
+def test_a_quadratic_loss_gives_the_analytic_surface():
+    g = torch.Generator().manual_seed(0)
+    p = 6
+    a = torch.randn(p, p, generator=g, dtype=torch.float64)
+    H = a @ a.T + 0.1 * torch.eye(p, dtype=torch.float64)
+    star = torch.randn(p, generator=g, dtype=torch.float64)
+    model = _Quadratic(torch.randn(p, generator=g, dtype=torch.float64).reshape(2, 3))
+
+    def loss(theta, _t):
+        r = theta.reshape(-1) - star
+        return 0.5 * r @ H @ r
+
+    d = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    e = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    dirs = as_directions(model, [(d,), (e,)])
+    xs, ys = np.linspace(-1.5, 1.0, 6), np.linspace(-0.5, 2.0, 4)
+    surf = evaluate_grid(model, loss, (torch.zeros(1), torch.zeros(1)), dirs, xs, ys,
+                         progress=False)
+    r0 = model.theta.detach().reshape(-1) - star
+    dv, ev = d.reshape(-1), e.reshape(-1)
+    for j, b in enumerate(ys):
+        for i, al in enumerate(xs):
+            r = r0 + al * dv + b * ev
+            assert surf.values["loss"][j, i] == pytest.approx(float(0.5 * r @ H @ r), rel=1e-12)
+    # at a minimum the 2-D surface is the quadratic form of METRICS.md 3.5.2
+    with torch.no_grad():
+        model.theta.copy_(star.reshape(2, 3))
+    surf = evaluate_grid(model, loss, (torch.zeros(1), torch.zeros(1)), dirs, xs, ys,
+                         progress=False)
+    M = torch.tensor([[dv @ H @ dv, dv @ H @ ev], [ev @ H @ dv, ev @ H @ ev]])
+    for j, b in enumerate(ys):
+        for i, al in enumerate(xs):
+            c = torch.tensor([al, b], dtype=torch.float64)
+            assert surf.values["loss"][j, i] == pytest.approx(float(0.5 * c @ M @ c), rel=1e-10)
+
+
+def test_a_non_square_grid_is_not_transposed():
+    """Z[j, i] = f(x_i, y_j); a loss depending on alpha only has constant columns."""
+    model = _Quadratic(torch.zeros(2, dtype=torch.float64).reshape(1, 2))
+
+    def loss(theta, _t):
+        return theta[0, 0] ** 2 + 10 * theta[0, 1]  # x moves theta[0,0], y moves theta[0,1]
+
+    dirs = as_directions(model, [(torch.tensor([[1.0, 0.0]]),), (torch.tensor([[0.0, 1.0]]),)])
+    xs, ys = np.linspace(-2, 2, 5), np.linspace(0, 1, 3)
+    surf = evaluate_grid(model, loss, (torch.zeros(1), torch.zeros(1)), dirs, xs, ys,
+                         progress=False)
+    z = surf.values["loss"]
+    assert z.shape == (3, 5)
+    np.testing.assert_allclose(z, xs[None, :] ** 2 + 10 * ys[:, None], rtol=1e-12)
+    # and a loss of alpha alone: every row (along y) is the same curve
+    surf = evaluate_grid(model, lambda t, _y: t[0, 0] ** 2, (torch.zeros(1), torch.zeros(1)),
+                         dirs, xs, ys, progress=False, name="alpha")
+    np.testing.assert_allclose(surf.values["loss"], np.tile(xs**2, (3, 1)))
+
+
+def test_a_loader_gives_the_size_weighted_mean_of_one_big_batch():
+    model = models.mlp()
+    x, y = models.classification_data(n=20)
+    batches = [(x[:7], y[:7]), (x[7:16], y[7:16]), (x[16:], y[16:])]
+    dirs = random_directions(model, 2, seed=0)
+    whole = evaluate_grid(model, _ce, (x, y), dirs, [-0.5, 0.0, 0.5], [0.0, 1.0],
+                          progress=False)
+    parts = evaluate_grid(model, _ce, batches, dirs, [-0.5, 0.0, 0.5], [0.0, 1.0],
+                          progress=False)
+    gen = evaluate_grid(model, _ce, iter(batches), dirs, [-0.5, 0.0, 0.5], [0.0, 1.0],
+                        progress=False)
+    for f in ("loss", "accuracy"):
+        np.testing.assert_allclose(parts.values[f], whole.values[f], rtol=1e-6)
+        np.testing.assert_allclose(gen.values[f], whole.values[f], rtol=1e-6)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=6,
+                                         shuffle=True)
+    rng = torch.get_rng_state()
+    dl = evaluate_grid(model, _ce, loader, dirs, [-0.5, 0.0, 0.5], [0.0, 1.0], progress=False)
+    assert torch.equal(torch.get_rng_state(), rng)  # shuffling drew from a forked RNG
+    np.testing.assert_allclose(dl.values["loss"], whole.values["loss"], rtol=1e-6)
+
+
+def test_closure_losses_on_dict_batches_and_no_accuracy():
+    model = models.TinyTransformer()
+    batch = models.token_data()
+    surf = line(model, models.lm_loss, batch, steps=3, span=0.5, progress=False)
+    assert list(surf.values) == ["loss"]
+    model.eval()
+    with torch.no_grad():
+        want = float(models.lm_loss(model, batch))
+    assert surf.values["loss"][1] == pytest.approx(want, rel=1e-6)
+    with pytest.raises(ValueError, match="accuracy"):
+        line(model, models.lm_loss, batch, steps=3, accuracy=True, progress=False)
+
+
+def test_float_targets_store_no_accuracy_and_mse_works():
+    model = models.mlp(d_out=2)
+    x = torch.randn(8, 6)
+    t = torch.randn(8, 2)
+    surf = line(model, F.mse_loss, (x, t), steps=3, progress=False)
+    assert list(surf.values) == ["loss"]
+
+
+def test_bad_input_is_named():
+    model = models.mlp()
+    x, y = models.classification_data()
+    dirs = random_directions(model, 2)
+    with pytest.raises(ValueError, match="pass y="):
+        evaluate_grid(model, _ce, (x, y), dirs, [0.0])
+    with pytest.raises(ValueError, match="x must be"):
+        evaluate_grid(model, _ce, (x, y), dirs, [], [0.0])
+    with pytest.raises(ValueError, match="steps"):
+        plane(model, _ce, (x, y), steps=0)
+    with pytest.raises(ValueError, match="span"):
+        plane(model, _ce, (x, y), span=-1)
+    with pytest.raises(ValueError, match="no batches"):
+        evaluate_grid(model, _ce, [], dirs, [0.0], [0.0])
+    with pytest.raises(ValueError, match="writer"):
+        evaluate_grid(model, _ce, (x, y), dirs, [0.0], [0.0], writer=3)
+
+
+def test_progress_bar_writes_to_stderr_and_can_be_disabled(capsys):
+    model = models.mlp()
+    x, y = models.classification_data()
+    line(model, _ce, (x, y), steps=3, progress=True)
+    assert "surface line" in capsys.readouterr().err
+    line(model, _ce, (x, y), steps=3, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_interpolation_endpoints_are_the_two_checkpoints(tmp_path):
+    a, b = models.cnn_bn(seed=0), models.cnn_bn(seed=1)
+    with torch.no_grad():
+        b.bn.running_mean.add_(1.0)
+    x, y = models.image_data()
+    torch.save(b.state_dict(), tmp_path / "b.pt")
+    arch = models.cnn_bn(seed=5)
+    snap = _snapshot(arch)
+    surf = interpolate(arch, a.state_dict(), tmp_path / "b.pt", _ce, (x, y), steps=5,
+                       bounds=(0.0, 1.0), writer=tmp_path / "run.h5", progress=False)
+    _assert_same(arch, snap)
+    want = []
+    for m in (a, b):
+        m.eval()
+        with torch.no_grad():
+            want.append(float(F.cross_entropy(m(x), y)))
+    assert surf.values["loss"][0] == pytest.approx(want[0], rel=1e-6)
+    assert surf.values["loss"][-1] == pytest.approx(want[1], rel=1e-6)
+    assert surf.attrs["directions"]["kind"] == "interpolation"
+    assert "bn.running_mean" in surf.attrs["buffer_names"]
+    # without buffer interpolation theta_b's weights meet theta_a's statistics
+    nobuf = interpolate(arch, a, b, _ce, (x, y), x=[1.0], buffers=False, progress=False)
+    assert nobuf.values["loss"][0] != pytest.approx(want[1], rel=1e-6)
+
+
+def test_written_into_the_writer_given(tmp_path):
+    with RunWriter(tmp_path / "run.h5") as w:
+        model = models.mlp()
+        x, y = models.classification_data()
+        line(model, _ce, (x, y), steps=3, writer=w, name="a", progress=False)
+        line(model, _ce, (x, y), steps=3, writer=w, name="b", seed=4, progress=False)
+    with Run.open(tmp_path / "run.h5") as run:
+        assert run.surfaces() == ["a", "b"]
+        assert run.surface("b").attrs["directions"]["seed"] == 4

@@ -1,0 +1,156 @@
+"""PCA of trajectories (METRICS.md 3.5.4), its sources, the PCA plane and projections."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from landscape import LandscapeError
+from landscape.store import RunWriter
+from landscape.surface import pca_directions, project, trajectory_from_run, trajectory_plane
+from tests import models
+
+
+def _synthetic(model, T=9, seed=0):
+    """theta_e = theta_n + a_e u + b_e w, orthonormal u, w on the weight matrices only."""
+    named = dict(model.named_parameters())
+    shapes = [p.shape for p in named.values()]
+    P = sum(s.numel() for s in shapes)
+    mask = torch.cat([torch.full((s.numel(),), float(len(s) > 1)) for s in shapes]).double()
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(P, 2, generator=g, dtype=torch.float64) * mask[:, None])
+    u, w = q[:, 0], q[:, 1]
+    t = torch.linspace(0, 1, T, dtype=torch.float64)
+    a = 3.0 * torch.cos(3 * t)
+    b = 0.5 * torch.sin(5 * t)
+    a, b = a - a.mean(), b - b.mean()  # centred, uncorrelated coefficient sequences
+    b = b - (b @ a) / (a @ a) * a
+    final = torch.cat([p.detach().reshape(-1).double() for p in named.values()])
+    rows = [final + a[e] * u + b[e] * w for e in range(T)]
+    # the last row is theta_n itself: shift so that the final point has a = b = 0
+    rows = [r - (a[-1] * u + b[-1] * w) for r in rows]
+    states = []
+    for r in rows:
+        parts = torch.split(r, [s.numel() for s in shapes])
+        states.append({n: v.reshape(s).float() for n, v, s in zip(named, parts, shapes)})
+    return states, u, w, a - a[-1], b - b[-1]
+
+
+def test_pca_recovers_the_plane_variances_and_path():
+    model = models.mlp()
+    states, u, w, a, b = _synthetic(model)
+    res = pca_directions(states, model=model)
+    pc = [torch.cat([t.reshape(-1).double() for t in v]) for v in res.directions.vectors]
+    assert abs(float(pc[0] @ u)) == pytest.approx(1.0, abs=1e-5)
+    assert abs(float(pc[1] @ w)) == pytest.approx(1.0, abs=1e-5)
+    T = len(states)
+    var = np.array([a.var(unbiased=True), b.var(unbiased=True)])
+    np.testing.assert_allclose(res.explained_variance, var, rtol=1e-4)
+    np.testing.assert_allclose(res.explained_variance_ratio, var / var.sum(), rtol=1e-4)
+    assert res.singular_values == pytest.approx(np.sqrt(var * (T - 1)), rel=1e-4)
+    sign = np.sign([float(pc[0] @ u), float(pc[1] @ w)])
+    np.testing.assert_allclose(res.path, np.stack([a, b], 1) * sign, atol=1e-4)
+    assert res.path[-1] == pytest.approx([0.0, 0.0], abs=1e-9)
+    assert (res.path[0] >= 0).all()  # the sign convention
+    assert res.directions.kind == "pca"
+
+
+def test_pca_sources_agree(tmp_path):
+    model = models.mlp()
+    states, *_ = _synthetic(model)
+    names = [n for n, _ in model.named_parameters()]
+    ref = pca_directions(states, model=model)
+    flat = np.stack([torch.cat([s[n].reshape(-1).double() for n in names]).numpy()
+                     for s in states])
+    for i, s in enumerate(states):
+        torch.save(s, tmp_path / f"ckpt{i}.pt")
+    sources = {
+        "array": flat,
+        "tuples": [tuple(s[n] for n in names) for s in states],
+        "files": [tmp_path / f"ckpt{i}.pt" for i in range(len(states))],
+        "final": (states[:-1], states[-1]),
+    }
+    with RunWriter(tmp_path / "run.h5") as w:
+        w.declare("weights", {"theta": (flat.shape[1],)})
+        for step, row in enumerate(flat):
+            w.append("weights", step * 10, {"theta": row})
+    steps, recorded = trajectory_from_run(tmp_path / "run.h5")
+    assert list(steps) == [10 * i for i in range(len(states))]
+    sources["run"] = recorded
+    for label, src in sources.items():
+        if label == "final":
+            res = pca_directions(src[0], model=model, final=src[1])
+        else:
+            res = pca_directions(src, model=model)
+        np.testing.assert_allclose(res.path, ref.path, atol=1e-5, err_msg=label)
+        np.testing.assert_allclose(res.explained_variance_ratio, ref.explained_variance_ratio,
+                                   rtol=1e-5, err_msg=label)
+
+
+def test_pca_ignores_biases_by_default():
+    model = models.mlp()
+    states, *_ = _synthetic(model)
+    for s in states:
+        s["0.bias"] = s["0.bias"] + torch.randn(s["0.bias"].shape)
+    res = pca_directions(states, model=model)
+    assert torch.count_nonzero(res.directions.as_dict(0)["0.bias"]) == 0
+    loud = pca_directions(states, model=model, ignore="none")
+    assert torch.count_nonzero(loud.directions.as_dict(0)["0.bias"]) > 0
+
+
+def test_pca_bad_trajectories():
+    model = models.mlp()
+    states, *_ = _synthetic(model)
+    with pytest.raises(LandscapeError, match="at least 2"):
+        pca_directions(states[:1], model=model)
+    with pytest.raises(ValueError, match="needs model="):
+        pca_directions(states)
+    with pytest.raises(LandscapeError, match="fewer than 2"):
+        pca_directions([states[0], states[-1]], model=model)
+    with pytest.raises(LandscapeError, match="no such checkpoint"):
+        pca_directions(["/nonexistent/ckpt.pt", states[0]], model=model)
+
+
+def test_trajectory_plane_is_centred_at_the_final_point_and_stores_the_path():
+    model = models.mlp()
+    x, y = models.classification_data()
+    states, *_ = _synthetic(model)
+    arch = models.mlp(seed=3)  # only the architecture; the plane centres on states[-1]
+    surf = trajectory_plane(arch, F.cross_entropy, (x, y), states, steps=(7, 5),
+                            progress=False)
+    assert surf.shape == (5, 7)
+    path = surf.arrays["trajectory"]
+    assert path.shape == (len(states), 2)
+    assert surf.x.min() < path[:, 0].min() and surf.x.max() > path[:, 0].max()
+    assert surf.y.min() < path[:, 1].min() and surf.y.max() > path[:, 1].max()
+    assert sum(surf.attrs["explained_variance_ratio"]) == pytest.approx(1.0, abs=1e-6)
+    # the loss at the trajectory's points, evaluated on the plane, equals the checkpoints' loss
+    from landscape.surface import Directions, evaluate_grid
+
+    dirs = Directions.from_surface(surf, arch)
+    for e in (0, len(states) // 2):
+        s = evaluate_grid(arch, F.cross_entropy, (x, y), dirs, [path[e, 0]], [path[e, 1]],
+                          center=states[-1], progress=False)
+        m = models.mlp()
+        m.load_state_dict(states[e])
+        with torch.no_grad():
+            want = float(F.cross_entropy(m(x), y))
+        assert s.values["loss"][0, 0] == pytest.approx(want, rel=1e-4)
+
+
+def test_project_recovers_coordinates_in_a_random_plane():
+    from landscape.surface import random_directions
+
+    model = models.mlp()
+    dirs = random_directions(model, 2, seed=1)
+    center = {n: p.detach().clone() for n, p in model.named_parameters()}
+    coords = [(0.3, -0.2), (1.0, 2.0)]
+    points = []
+    for a, b in coords:
+        pt = dict(center)
+        for n, d1, d2 in zip(dirs.names, *dirs.vectors):
+            pt[n] = center[n] + a * d1 + b * d2
+        points.append(pt)
+    np.testing.assert_allclose(project(points, dirs, center), coords, atol=1e-5)

@@ -1,0 +1,159 @@
+"""Surface plots: orientation of non-square grids, trajectory overlay, 3-D, VTK round trip."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from landscape.plotting import surfaces as plots
+from landscape.store import RunWriter, SurfaceData
+
+
+def _surface(nx=5, ny=3, f=lambda X, Y: X**2 + 0.0 * Y, name="s", acc=True, trajectory=None):
+    x = np.linspace(-1.0, 2.0, nx)
+    y = np.linspace(0.0, 0.5, ny)
+    X, Y = np.meshgrid(x, y)
+    values = {"loss": f(X, Y)}
+    if acc:
+        values["accuracy"] = 0.5 + 0.0 * X
+    arrays = {} if trajectory is None else {"trajectory": np.asarray(trajectory)}
+    return SurfaceData(name, x, y, values, np.ones((ny, nx), bool),
+                       {"directions": {"kind": "random", "normalization": "filter"}}, arrays)
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=40)
+    return buf.getvalue()
+
+
+def test_non_square_contours_put_x_on_the_horizontal_axis():
+    surf = _surface(nx=7, ny=3, f=lambda X, Y: X + 0.0 * Y)  # depends on x only
+    for filled in (False, True):
+        fig = plots.contour(surf, filled=filled, levels=5)
+        ax = fig.axes[0]
+        assert ax.get_xlim() == (surf.x[0], surf.x[-1])
+        assert ax.get_ylim() == (surf.y[0], surf.y[-1])
+        if not filled:  # iso-lines of a function of x alone are vertical
+            paths = [p for p in ax.collections[0].get_paths() if len(p.vertices)]
+            assert paths
+            for p in paths:
+                assert np.ptp(p.vertices[:, 0]) < 1e-9
+        assert _png(fig).startswith(b"\x89PNG")
+
+
+def test_contour_overlays_the_stored_trajectory():
+    path = np.array([[1.5, 0.4], [0.7, 0.2], [0.0, 0.0]])
+    surf = _surface(trajectory=path)
+    fig = plots.contourf(surf)
+    lines = [ln for ln in fig.axes[0].get_lines() if ln.get_label() == "trajectory"]
+    assert len(lines) == 1
+    np.testing.assert_array_equal(lines[0].get_xdata(), path[:, 0])
+    np.testing.assert_array_equal(lines[0].get_ydata(), path[:, 1])
+    none = plots.contour(surf, trajectory=None)
+    assert not [ln for ln in none.axes[0].get_lines() if ln.get_label() == "trajectory"]
+    with pytest.raises(ValueError, match="trajectory"):
+        plots.contour(surf, trajectory=np.zeros(3))
+
+
+def test_partially_computed_surfaces_plot_with_gaps():
+    surf = _surface(nx=6, ny=4)
+    surf.done[2:, :] = False
+    surf.values["loss"][2:, :] = np.nan
+    for fig in (plots.contour(surf), plots.contourf(surf, log=True), plots.surface3d(surf)):
+        assert _png(fig).startswith(b"\x89PNG")
+
+
+def test_surface3d_axes_follow_x_and_y():
+    surf = _surface(nx=8, ny=3)
+    fig = plots.surface3d(surf, vmax=2.0)
+    ax = fig.axes[0]
+    assert ax.get_xlim3d()[0] <= surf.x[0] and ax.get_xlim3d()[1] >= surf.x[-1]
+    assert ax.get_ylim3d()[0] <= surf.y[0] and ax.get_ylim3d()[1] >= surf.y[-1]
+    assert ax.get_ylim3d()[1] < 1.0  # y spans [0, 0.5], not x's [-1, 2]
+    assert _png(fig).startswith(b"\x89PNG")
+
+
+def test_curve_of_a_line_with_accuracy():
+    x = np.linspace(-0.5, 1.5, 9)
+    surf = SurfaceData("interp", x, None, {"loss": x**2, "accuracy": 1 - x**2 / 4},
+                       np.ones(9, bool), {"directions": {"kind": "interpolation"}})
+    fig = plots.curve(surf)
+    line = fig.axes[0].get_lines()[0]
+    np.testing.assert_array_equal(line.get_xdata(), x)
+    np.testing.assert_array_equal(line.get_ydata(), x**2)
+    assert len(fig.axes) == 2  # accuracy on a twin axis
+    with pytest.raises(ValueError, match="1-D"):
+        plots.contour(surf)
+    with pytest.raises(ValueError, match="2-D"):
+        plots.curve(_surface())
+    with pytest.raises(ValueError, match="field"):
+        plots.curve(surf, "nope")
+
+
+def _parse_vtk(text: str):
+    lines = text.splitlines()
+    assert lines[0].startswith("# vtk DataFile Version")
+    assert lines[2] == "ASCII" and lines[3] == "DATASET STRUCTURED_GRID"
+    dims = [int(v) for v in lines[4].split()[1:]]
+    kw, n, dtype = lines[5].split()
+    assert kw == "POINTS" and dtype == "double"
+    n = int(n)
+    points = np.array([[float(v) for v in ln.split()] for ln in lines[6:6 + n]])
+    i = 6 + n
+    assert lines[i] == f"POINT_DATA {n}"
+    i += 1
+    scalars = {}
+    while i < len(lines):
+        _, name, _, comps = lines[i].split()
+        assert comps == "1" and lines[i + 1] == "LOOKUP_TABLE default"
+        scalars[name] = np.array([float(v) for v in lines[i + 2:i + 2 + n]])
+        i += 2 + n
+    return dims, points, scalars
+
+
+def test_vtk_export_parses_back(tmp_path):
+    surf = _surface(nx=4, ny=3, f=lambda X, Y: X**2 + 3 * Y)
+    surf.done[0, 0] = False
+    surf.values["loss"][0, 0] = np.nan
+    path = plots.export_vtk(surf, tmp_path / "s.vtk")
+    dims, points, scalars = _parse_vtk(path.read_text())
+    assert dims == [4, 3, 1]
+    X, Y = np.meshgrid(surf.x, surf.y)
+    np.testing.assert_allclose(points[:, 0], X.reshape(-1))  # x varies fastest
+    np.testing.assert_allclose(points[:, 1], Y.reshape(-1))
+    z = surf.values["loss"].reshape(-1)
+    ok = np.isfinite(z)
+    np.testing.assert_allclose(points[ok, 2], z[ok], rtol=1e-8)
+    assert points[0, 2] == pytest.approx(np.nanmax(z))  # not computed: at the top
+    np.testing.assert_allclose(scalars["loss"][ok], z[ok], rtol=1e-8)
+    np.testing.assert_array_equal(scalars["computed"], surf.done.reshape(-1).astype(float))
+    np.testing.assert_allclose(scalars["accuracy"], 0.5)
+    flat = _parse_vtk(plots.export_vtk(surf, tmp_path / "f.vtk", height=False).read_text())[1]
+    assert (flat[:, 2] == 0).all()
+
+
+def test_vtk_of_a_line(tmp_path):
+    x = np.linspace(0, 1, 5)
+    surf = SurfaceData("l", x, None, {"loss": x + 1}, np.ones(5, bool), {})
+    dims, points, _ = _parse_vtk(plots.export_vtk(surf, tmp_path / "l.vtk").read_text())
+    assert dims == [5, 1, 1]
+    np.testing.assert_allclose(points[:, 2], x + 1)
+
+
+def test_plots_read_surfaces_from_run_files(tmp_path):
+    path = tmp_path / "run.h5"
+    with RunWriter(path) as w:
+        for name in ("a", "b"):
+            s = w.create_surface(name, [0.0, 1.0, 2.0], [0.0, 1.0])
+            for j in range(2):
+                for i in range(3):
+                    w.write_surface(name, (j, i), {"loss": float(i + j)})
+    assert plots.load_surface(path, "b").name == "b"
+    with pytest.raises(ValueError, match="2 surfaces"):
+        plots.load_surface(path)
+    fig = plots.contour(path, name="a")
+    assert fig.axes[0].get_xlim() == (0.0, 2.0)
+    assert s.shape == (2, 3)
