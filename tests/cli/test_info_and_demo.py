@@ -86,3 +86,9 @@ def test_demo_writes_run_pictures_report_and_prints_findings(runner, tmp_path):
     for name in ("loss.png", "sharpness.png", "surface.png", "report.html"):
         assert (out / name).stat().st_size > 1000, name
     assert "findings (" in result.output and "report.html" in result.output
+    # the alarms warn before the loss blows up (3x its pre-spike level)
+    out_lines = result.output.splitlines()
+    assert any(line.startswith("the loss blew up") for line in out_lines), result.output
+    start = out_lines.index("warning lead before the blow-up (steps):")
+    leads = [line.split()[-1] for line in out_lines[start + 1:] if line.startswith("  ")]
+    assert any(lead.isdigit() and int(lead) > 0 for lead in leads), result.output

@@ -1,0 +1,141 @@
+"""End to end: the monitor's numbers equal direct computations, the edge-of-stability finding on
+full-batch GD, and the Taylor guard. (Warnings before a learning-rate-spike blow-up: the demo
+test in tests/cli/test_info_and_demo.py.)"""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from landscape import functional as LF
+from landscape.curvature import stability_threshold
+from landscape.metrics import create
+from landscape.monitor import Monitor
+from tests import models
+
+
+def _tiny_regression():
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        x = torch.randn(24, 3, dtype=torch.float64)
+        y = torch.randn(24, 1, dtype=torch.float64)
+        net = nn.Sequential(nn.Linear(3, 12), nn.Tanh(), nn.Linear(12, 1)).double()
+    return net, x, y
+
+
+def _dense_lambda_max(net, x, y):
+    params = tuple(p.detach() for p in net.parameters())
+    names = [n for n, _ in net.named_parameters()]
+
+    def loss_of(*flat):
+        out = torch.func.functional_call(net, dict(zip(names, flat)), (x,))
+        return F.mse_loss(out, y) / 2
+
+    h = torch.autograd.functional.hessian(loss_of, params)
+    n = sum(p.numel() for p in params)
+    dense = torch.cat([torch.cat([h[i][j].reshape(params[i].numel(), -1)
+                                  for j in range(len(params))], 1)
+                       for i in range(len(params))], 0)
+    assert dense.shape == (n, n)
+    return float(torch.linalg.eigvalsh(dense)[-1])
+
+
+def test_full_batch_gd_sharpness_reaches_two_over_lr_and_the_finding_appears():
+    net, x, y = _tiny_regression()
+    lr = 0.75
+    opt = torch.optim.SGD(net.parameters(), lr=lr)
+
+    def loss_fn(out, target):
+        return F.mse_loss(out, target) / 2
+
+    metrics = [create("loss"), create("hessian", k=1, tol=1e-6, schedule=10),
+               create("sharpness", tol=1e-6, schedule=10)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Monitor(net, loss_fn, optimizer=opt, metrics=metrics, probe=(x, y)) as mon:
+            for step in range(200):
+                loss = loss_fn(net(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                mon.step(step, batch=(x, y), loss=loss)
+                if step == 100:
+                    dense_100 = _dense_lambda_max(net, x, y)
+            run = mon.run()
+    steps, lam = run.series("sharpness", "lambda_max")
+    _, thr = run.series("sharpness", "threshold")
+    assert np.allclose(thr, 2 / lr)
+    assert lam[list(steps).index(100)] == pytest.approx(dense_100, rel=1e-5)
+    assert lam[0] < 0.9 * 2 / lr and lam.max() >= 2 / lr  # progressive sharpening to the edge
+    eos = [f for f in mon.findings if f.rule == "edge_of_stability" and f.severity == "warning"]
+    assert eos and eos[0].step == steps[np.argmax(lam >= 2 / lr)]
+    assert any("edge_of_stability" in str(w.message) for w in caught)
+
+
+def _classifier_step(lr):
+    model = models.mlp(d_in=6, hidden=16, d_out=3)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    x, y = models.classification_data(32, seed=4)
+    return model, opt, x, y
+
+
+def test_taylor_metric_equals_the_functional_radius_along_the_actual_step():
+    model, opt, x, y = _classifier_step(lr=2.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with Monitor(model, F.cross_entropy, optimizer=opt, metrics=["taylor", "update"],
+                 strict=True) as mon:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mon.step(0, batch=(x, y), loss=loss)
+        run = mon.run()
+    step = [p.detach() - before[n] for n, p in model.named_parameters()]
+    ref = models.mlp(d_in=6, hidden=16, d_out=3)
+    ref.load_state_dict(before)
+    direct = LF.taylor_radius(ref, x, step, targets=y)
+    assert run.series("taylor", "r")[1][0] == pytest.approx(float(direct.r), rel=1e-6)
+    assert run.series("taylor", "step_norm")[1][0] == pytest.approx(
+        run.series("update", "norm")[1][0], rel=1e-6)
+
+
+def test_taylor_guard_rescales_a_step_beyond_the_radius_to_r_one():
+    model, opt, x, y = _classifier_step(lr=50.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    with Monitor(model, F.cross_entropy, optimizer=opt, metrics=["loss"], probe=(x, y),
+                 taylor_guard=1.0) as mon:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        opt.step()
+        mon.step(0, batch=(x, y), loss=loss)
+    applied = [p.detach() - b for p, b in zip(model.parameters(), before)]
+    proposed = [-50.0 * g for g in grads]
+    ref = models.mlp(d_in=6, hidden=16, d_out=3)
+    ref.load_state_dict(dict(zip([n for n, _ in model.named_parameters()], before)))
+    r_proposed = float(LF.taylor_radius(ref, x, proposed, targets=y).r)
+    r_applied = float(LF.taylor_radius(ref, x, applied, targets=y).r)
+    assert r_proposed > 1.5
+    assert r_applied == pytest.approx(1.0, rel=1e-5)
+    cos = sum((a * b).sum() for a, b in zip(applied, proposed)) / math.sqrt(
+        sum((a * a).sum() for a in applied) * sum((b * b).sum() for b in proposed))
+    assert float(cos) == pytest.approx(1.0, abs=1e-9)  # same direction, shorter
+
+
+def test_sharpness_threshold_follows_the_optimizer_and_its_learning_rate():
+    model, _, x, y = _classifier_step(lr=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with Monitor(model, F.cross_entropy, optimizer=opt, metrics=[create("sharpness", schedule=1)],
+                 probe=(x, y),
+                 strict=True) as mon:
+        mon.step(0)
+        opt.param_groups[0]["lr"] = 0.2
+        mon.step(1)
+        _, thr = mon.run().series("sharpness", "threshold")
+    assert thr[0] == pytest.approx(stability_threshold("sgd", 0.1, momentum=0.9))
+    assert thr[0] == pytest.approx(3.8 / 0.1) and thr[1] == pytest.approx(3.8 / 0.2)
