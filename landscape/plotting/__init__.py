@@ -1,1 +1,22 @@
-"""Matplotlib figures: metric timelines (:mod:`.timelines`) and loss surfaces (:mod:`.surfaces`)."""
+"""Matplotlib figures: metric timelines (:mod:`.timelines`) and loss surfaces (:mod:`.surfaces`).
+
+Every function returns a :class:`matplotlib.figure.Figure` built without pyplot (Agg), so it
+works headless; save it with ``fig.savefig(...)`` or :func:`save_figure`.
+"""
+
+from landscape.plotting.surfaces import contour, contourf, curve, export_vtk, surface3d
+from landscape.plotting.timelines import figure_png, save_figure, timeline, timelines
+
+__all__ = [
+    # timelines
+    "figure_png",
+    "save_figure",
+    "timeline",
+    "timelines",
+    # surfaces
+    "contour",
+    "contourf",
+    "curve",
+    "export_vtk",
+    "surface3d",
+]
