@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -52,8 +52,14 @@ def last_linear(model: nn.Module) -> str:
 
 
 def _first_tensor(args: Any) -> torch.Tensor | None:
+    """The tensor a hook should keep: the value itself, the first tensor of a sequence, or of
+    a mapping the ``"logits"`` entry when present (Hugging Face ``ModelOutput``)."""
     if isinstance(args, torch.Tensor):
         return args
+    if isinstance(args, Mapping):
+        if isinstance(args.get("logits"), torch.Tensor):
+            return args["logits"]
+        return _first_tensor(tuple(args.values()))
     if isinstance(args, (tuple, list)):
         for a in args:
             t = _first_tensor(a)

@@ -104,8 +104,9 @@ def run_demo(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    inputs, labels = synthetic_blobs(seed=seed)
-    probe = synthetic_blobs(n=256, seed=seed + 1000)
+    all_inputs, all_labels = synthetic_blobs(n=1024 + 256, seed=seed)
+    inputs, labels = all_inputs[:1024], all_labels[:1024]
+    probe = (all_inputs[1024:], all_labels[1024:])  # held out, same distribution
     model = demo_model(seed=seed)
     loss_fn = nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)

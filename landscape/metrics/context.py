@@ -47,6 +47,15 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     )
 
 
+def is_batch_list(value: Any) -> bool:
+    """True for a list of batches; a collated ``[inputs, targets]`` list is one batch."""
+    return (
+        isinstance(value, list)
+        and len(value) > 0
+        and all(isinstance(b, (tuple, list, dict)) for b in value)
+    )
+
+
 def _concat(parts: list[Captured]) -> Captured:
     """Captures of several batches joined along the sample dimension."""
     joined = Captured()
@@ -100,7 +109,7 @@ class StepContext:
     def batches(self, source: str) -> list[Any]:
         """``source`` as a list of batches (a probe may be one batch or a list of batches)."""
         value = self.data(source)
-        return list(value) if isinstance(value, list) else [value]
+        return list(value) if is_batch_list(value) else [value]
 
     def targets(self, source: str) -> torch.Tensor:
         """Targets of ``source``, concatenated over its batches."""

@@ -52,23 +52,41 @@ class Sharpness(Metric):
     FIELDS = ("lambda_max", "threshold", "ratio")
     default_schedule = every(50)
 
-    def __init__(self, tol: float = 1e-3, **kwargs: Any) -> None:
+    def __init__(self, tol: float = 1e-3, adam_warmup: int = 10, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.tol = float(tol)
+        self.adam_warmup = int(adam_warmup)
 
     def params(self) -> dict[str, Any]:
-        return {"tol": self.tol}
+        return {"tol": self.tol, "adam_warmup": self.adam_warmup}
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
         from landscape.curvature import stability_threshold
 
-        adam = ctx.optimizer is not None and isinstance(
-            ctx.optimizer, (torch.optim.Adam, torch.optim.AdamW)
-        )
+        opt = ctx.optimizer
+        adam = opt is not None and isinstance(opt, (torch.optim.Adam, torch.optim.AdamW))
+        if adam and _adam_steps(opt) < self.adam_warmup:
+            # Adam's second-moment estimate is a one- or few-sample transient at first: the
+            # preconditioned sharpness is meaningless until it has averaged some steps.
+            return {"lambda_max": math.nan, "threshold": math.nan, "ratio": math.nan}
         lam = float(ctx.eigen(self.data, 1, preconditioned=adam, tol=self.tol).values[0])
-        threshold = math.nan if ctx.optimizer is None else stability_threshold(ctx.optimizer)
-        ratio = lam / threshold if threshold and math.isfinite(threshold) else math.nan
+        lr = None if opt is None else float(opt.param_groups[0].get("lr", math.nan))
+        if opt is None:
+            threshold = math.nan
+        elif lr is not None and lr == 0.0:  # e.g. the first step of a warm-up: no limit
+            threshold = math.inf
+        else:
+            threshold = stability_threshold(opt)
+        ratio = lam / threshold if threshold and not math.isnan(threshold) else math.nan
         return {"lambda_max": lam, "threshold": threshold, "ratio": ratio}
+
+
+def _adam_steps(opt: torch.optim.Optimizer) -> int:
+    """How many steps the Adam optimizer has taken (its per-parameter ``step`` state)."""
+    for state in opt.state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
 
 
 @register

@@ -5,14 +5,13 @@ works headless; save it with ``fig.savefig(...)`` or :func:`save_figure`.
 """
 
 from landscape.plotting.surfaces import contour, contourf, curve, export_vtk, surface3d
-from landscape.plotting.timelines import figure_png, save_figure, timeline, timelines
+from landscape.plotting.timelines import figure_png, save_figure, timeline
 
 __all__ = [
     # timelines
     "figure_png",
     "save_figure",
     "timeline",
-    "timelines",
     # surfaces
     "contour",
     "contourf",
