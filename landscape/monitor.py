@@ -46,12 +46,13 @@ from landscape.metrics import Metric, MissingInput, StepContext, create, preset
 from landscape.params import trainable_named_parameters
 from landscape.store import Run, RunWriter
 
-__all__ = ["Monitor"]
+__all__ = ["Monitor", "resolve_metrics"]
 
 MetricsLike = str | Metric | Iterable[str | Metric] | None
 
 
-def _resolve_metrics(metrics: MetricsLike) -> list[Metric]:
+def resolve_metrics(metrics: MetricsLike) -> list[Metric]:
+    """Metric instances from a preset name, metric names, or instances (checked, no repeats)."""
     if metrics is None:
         return preset("cheap")
     if isinstance(metrics, str):
@@ -150,7 +151,7 @@ class Monitor:
         self.closure = closure
         self.optimizer = optimizer
         self.probe = probe
-        self.metrics = _resolve_metrics(metrics)
+        self.metrics = resolve_metrics(metrics)
         self.on_finding = on_finding
         self.strict = strict
         self.warn = warn

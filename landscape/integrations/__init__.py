@@ -1,0 +1,182 @@
+"""Adapters that attach a :class:`landscape.Monitor` to training frameworks.
+
+* :class:`~landscape.integrations.lightning.LandscapeCallback` — a Lightning ``Callback``
+  (``pip install landscape-for-pytorch[lightning]``);
+* :class:`~landscape.integrations.huggingface.LandscapeTrainerCallback` — a Hugging Face
+  ``transformers.TrainerCallback`` (``pip install landscape-for-pytorch[transformers]``).
+
+Both are small: they build the monitor when training starts (the framework's model and
+its *underlying* torch optimizer, so the monitor's optimizer step hooks fire), call
+:meth:`~landscape.Monitor.step` once per optimizer step with the step's loss and batch,
+and close the run file when training ends or fails. See ``docs/integrations.md``.
+
+This package imports neither Lightning nor ``transformers``; each adapter class is imported
+on first access (``from landscape.integrations import LandscapeCallback``). The helpers
+below are shared by both adapters.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from landscape.findings import Finding, severity_rank
+from landscape.metrics import Metric
+from landscape.monitor import Monitor
+from landscape.schedules import At, Every, Never, Schedule, at, every, never
+from landscape.store import Run
+
+__all__ = [
+    "LandscapeCallback",
+    "LandscapeTrainerCallback",
+    "MONITOR_OPTIONS",
+    "move_to_device",
+    "reaches",
+    "thin_metrics",
+    "thin_schedule",
+    "unwrap_optimizer",
+]
+
+_LAZY = {
+    "LandscapeCallback": "landscape.integrations.lightning",
+    "LandscapeTrainerCallback": "landscape.integrations.huggingface",
+}
+
+MONITOR_OPTIONS = frozenset(
+    {"alarms", "strict", "warn", "taylor_guard", "mode", "truncate_from", "flush_every"}
+)
+"""Keyword arguments an adapter passes through to :class:`~landscape.Monitor` unchanged."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'landscape.integrations' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+def check_monitor_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` unchanged if every key is a :data:`MONITOR_OPTIONS` name, else ValueError."""
+    unknown = sorted(set(options) - MONITOR_OPTIONS)
+    if unknown:
+        raise ValueError(
+            f"unknown argument(s) {', '.join(unknown)}; the Monitor options an adapter passes "
+            f"through are {', '.join(sorted(MONITOR_OPTIONS))}"
+        )
+    return dict(options)
+
+
+def recorded_run(monitor: Monitor | None, closed: bool, owner: str) -> Run:
+    """The run ``monitor`` recorded, while it runs and after it was ``closed``."""
+    if monitor is None or monitor.writer is None:
+        raise RuntimeError(f"{owner}: nothing recorded yet (training has not started)")
+    if closed and monitor.writer.path is not None:
+        return Run.open(monitor.writer.path)
+    return monitor.run()
+
+
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
+    """The torch optimizer inside framework wrappers.
+
+    Lightning's ``LightningOptimizer`` and accelerate's ``AcceleratedOptimizer`` (used by the
+    Hugging Face ``Trainer``) keep the real optimizer in ``.optimizer``; step hooks registered
+    on the wrapper would never fire, because the wrapper's ``step`` calls the inner
+    optimizer's ``step``. Returns ``None`` for ``None``.
+    """
+    for _ in range(8):
+        inner = getattr(optimizer, "optimizer", None)
+        is_torch = isinstance(optimizer, torch.optim.Optimizer)
+        if inner is None or (is_torch and not isinstance(inner, torch.optim.Optimizer)):
+            break
+        optimizer = inner
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {optimizer!r}")
+    return optimizer
+
+
+def thin_schedule(schedule: Schedule, n: int) -> Schedule:
+    """``schedule`` restricted to steps that are multiples of ``n``.
+
+    ``every(k, start)`` becomes ``every(lcm(k, n), start=s0)`` with ``s0`` the first common
+    step (or ``never()``), ``at(...)`` keeps its multiples of ``n``; other schedules are
+    wrapped. The result still prints as a schedule :func:`landscape.schedules.parse` reads,
+    except for the wrapped custom schedules.
+    """
+    if n < 1:
+        raise ValueError(f"every_n_steps must be >= 1, got {n}")
+    if n == 1 or isinstance(schedule, Never):
+        return schedule
+    if isinstance(schedule, Every):
+        k, start = schedule.n, schedule.start
+        for j in range(n // math.gcd(k, n)):  # start + j*k covers every residue class reachable
+            s = start + j * k
+            if s % n == 0:
+                return every(k * n // math.gcd(k, n), start=s)
+        return never()
+    if isinstance(schedule, At):
+        return at(s for s in schedule.steps if s % n == 0)
+    return _Thinned(schedule, n)
+
+
+class _Thinned(Schedule):
+    def __init__(self, inner: Schedule, n: int) -> None:
+        self.inner, self.n = inner, n
+
+    def __call__(self, step: int) -> bool:
+        return step % self.n == 0 and self.inner(step)
+
+    def describe(self) -> str:
+        return f"{self.inner.describe()} on multiples of {self.n}"
+
+
+def thin_metrics(metrics: Iterable[Metric], n: int) -> list[Metric]:
+    """Copies of ``metrics`` whose schedules only fire on multiples of ``n``.
+
+    Thinning the schedules (rather than calling the monitor every ``n`` steps) keeps the
+    update-based metrics (``update``, ``taylor``) about one optimizer step: the monitor
+    snapshots the parameters only before the steps that are due. The caller's metric
+    objects are not modified.
+    """
+    out = []
+    for m in metrics:
+        if n != 1:
+            m = copy.copy(m)
+            m.schedule = thin_schedule(m.schedule, n)
+        out.append(m)
+    return out
+
+
+def reaches(findings: Sequence[Finding], severity: str | None) -> bool:
+    """Whether any of ``findings`` is at least as severe as ``severity`` (``None``: never)."""
+    if severity is None:
+        return False
+    rank = severity_rank(severity)
+    return any(severity_rank(f.severity) >= rank for f in findings)
+
+
+def move_to_device(batch: Any, device: torch.device | str) -> Any:
+    """``batch`` with every tensor moved to ``device`` (tuples, lists, dicts, ``.to``-able)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        moved = {k: move_to_device(v, device) for k, v in batch.items()}
+        try:
+            return type(batch)(moved)
+        except TypeError:
+            return moved
+    if isinstance(batch, (tuple, list)):
+        items = [move_to_device(v, device) for v in batch]
+        if hasattr(batch, "_fields"):  # a namedtuple
+            return type(batch)(*items)
+        return type(batch)(items)
+    to = getattr(batch, "to", None)
+    return to(device) if callable(to) else batch

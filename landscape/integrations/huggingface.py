@@ -1,0 +1,325 @@
+"""A Hugging Face ``TrainerCallback`` that runs a :class:`landscape.Monitor` during
+``transformers.Trainer.train``.
+
+::
+
+    from landscape.integrations import LandscapeTrainerCallback
+
+    cb = LandscapeTrainerCallback("run.h5", metrics="standard", probe=probe_batch)
+    Trainer(model=model, args=args, train_dataset=ds, callbacks=[cb]).train()
+
+What it does, event by event:
+
+* ``on_train_begin``: builds the monitor over ``kwargs["model"]`` and the *torch*
+  optimizer inside ``kwargs["optimizer"]`` (the Trainer's optimizer is accelerate's
+  ``AcceleratedOptimizer``; step hooks on the wrapper would never fire), moves the probe
+  batch to the model's device, and attaches one forward hook on the model that reads the
+  training loss (below).
+* ``on_optimizer_step`` (right after ``optimizer.step()``, *before* the Trainer zeroes the
+  gradients, which it does before ``on_step_end``): calls ``monitor.step(step,
+  batch=..., loss=...)`` with ``step = state.global_step`` before its increment, i.e. the
+  0-based index of the optimizer step, as in :class:`~landscape.Monitor` loops and the
+  Lightning adapter. The Trainer's own logs label the same step ``step + 1``. (With
+  transformers < 4.42, which has no ``on_optimizer_step``, the step is recorded in
+  ``on_step_end`` and the gradient metrics record NaN.)
+* ``on_train_end``: removes the forward hook and closes the run file. The Trainer has no
+  exception event: if ``train()`` raises, call ``callback.close()`` (every row appended
+  before the failure is committed; the store recovers a file that was never closed).
+
+The loss. The Trainer does not pass the loss to callbacks. Recomputing it would cost a
+forward pass per step, and its logged loss is an average over ``logging_steps`` that is
+rounded. So the callback keeps a forward hook on the model that, for forward passes run in
+training mode with gradients enabled (never the monitor's own evaluations, which run in
+eval mode, nor the Trainer's evaluation loop), stores the detached ``outputs.loss`` and the
+keyword batch. The step's loss is then exactly the loss the Trainer backpropagated: the sum
+of the micro-batch losses when the Trainer normalised them by the token count of the whole
+step (``num_items_in_batch`` in the model's keyword arguments; times the world size under
+``average_tokens_across_devices``, as the Trainer does), their mean otherwise. A
+Trainer subclass whose ``compute_loss`` does not use ``outputs.loss`` should pass ``loss=``
+itself (call :meth:`record_loss` from its ``compute_loss``).
+
+The default ``closure`` (for probe metrics such as the Hessian) is
+``model(**batch).loss``: pass a ``probe`` dict with ``labels``.
+
+Training is not changed: the hook only keeps references to tensors the Trainer already made
+(``tests/integrations/test_huggingface.py`` checks the final parameters bitwise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from landscape import functional as LF
+from landscape.findings import Finding, severity_rank
+from landscape.integrations import (
+    check_monitor_options,
+    move_to_device,
+    reaches,
+    recorded_run,
+    thin_metrics,
+    unwrap_optimizer,
+)
+from landscape.metrics import Metric, MissingInput, StepContext
+from landscape.metrics.training import Logits
+from landscape.monitor import MetricsLike, Monitor, resolve_metrics
+
+try:
+    import transformers
+    from transformers import TrainerCallback
+except ImportError as err:  # pragma: no cover - depends on what is installed
+    raise ImportError(
+        "landscape.integrations.huggingface needs transformers: "
+        "pip install 'landscape-for-pytorch[transformers]'"
+    ) from err
+
+__all__ = ["LandscapeTrainerCallback", "OutputEmbeddingLogits", "model_loss"]
+
+_NOT_BATCH = ("num_items_in_batch", "return_dict", "output_hidden_states", "output_attentions")
+
+
+def model_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+    """The default closure: ``model(**batch).loss`` (the batch must hold ``labels``)."""
+    loss = getattr(model(**batch), "loss", None)
+    if loss is None:
+        raise ValueError(
+            "the model returned no loss for this batch: give it labels, or pass closure= "
+            "or loss_fn= to LandscapeTrainerCallback"
+        )
+    return loss
+
+
+class OutputEmbeddingLogits(Logits):
+    """The ``logits`` metric for models returning a ``ModelOutput``: the logits are read
+    from the output of the model's output-embedding layer (``get_output_embeddings()``,
+    the language-model head) instead of the model's return value. Same name and fields as
+    :class:`landscape.metrics.training.Logits`, so the ``logit_growth`` alarm applies."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.layer: str | None = None
+
+    def setup(self, model: nn.Module) -> None:
+        getter = getattr(model, "get_output_embeddings", None)
+        head = getter() if callable(getter) else None
+        self.layer = next((n for n, m in model.named_modules() if m is head and n), None)
+
+    def captures(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        return ((), ()) if self.layer is None else ((), (self.layer,))
+
+    def params(self) -> dict[str, Any]:
+        return {"layer": self.layer or ""}
+
+    def compute(self, ctx: StepContext) -> dict[str, float]:
+        if self.layer is None:
+            return super().compute(ctx)
+        z = ctx.captured(self.data).outputs.get(self.layer)
+        if z is None:
+            raise MissingInput(f"layer {self.layer!r} produced no tensor output")
+        return _logit_row(z)
+
+
+def _logit_row(z: torch.Tensor) -> dict[str, float]:
+    stats = LF.logit_stats(z)
+    return {
+        "max_abs": float(stats.max_abs_logit),
+        "logsumexp_mean": float(stats.log_z_mean),
+        "logsumexp_max": float(stats.log_z_max),
+        "zloss": float(stats.z_loss),
+        "softmax_collapse": float(LF.softmax_collapse_fraction(z).value),
+    }
+
+
+def _hf_metrics(metrics: MetricsLike) -> list[Metric]:
+    """``metrics`` resolved, each plain ``logits`` metric replaced by
+    :class:`OutputEmbeddingLogits` with the same schedule and data."""
+    out: list[Metric] = []
+    for m in resolve_metrics(metrics):
+        if type(m) is Logits:
+            m = OutputEmbeddingLogits(schedule=m.schedule, data=m.data)
+        out.append(m)
+    return out
+
+
+def _output_loss(output: Any) -> torch.Tensor | None:
+    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+    return loss.detach() if isinstance(loss, torch.Tensor) else None
+
+
+class LandscapeTrainerCallback(TrainerCallback):
+    """Record landscape diagnostics of a ``transformers.Trainer`` run.
+
+    Args:
+        path: the HDF5 run file (``None``: in memory; read it with ``callback.run()``).
+        loss_fn: ``loss_fn(model(x), y)`` for models called on ``(x, y)`` tuples; most
+            Trainer models take keyword batches and use the default ``closure``.
+        metrics: a preset name, metric names or :class:`~landscape.metrics.Metric`
+            instances (default ``"cheap"``), as for :class:`~landscape.Monitor`.
+        probe: a fixed batch for the probe metrics, e.g. ``{"input_ids": ids,
+            "labels": ids}`` (moved to the model's device).
+        closure: ``closure(model, batch) -> loss``; default :func:`model_loss`.
+        every_n_steps: record only on optimizer steps that are multiples of ``n``.
+        on_finding: called with each :class:`~landscape.Finding` as it is raised.
+        stop_on: ``None`` (default) or a severity: a finding at least that severe sets
+            ``control.should_training_stop``.
+        config: extra JSON-able configuration stored in the run file.
+        **monitor_options: ``alarms``, ``strict``, ``warn``, ``taylor_guard``, ``mode``,
+            ``truncate_from``, ``flush_every``, passed to :class:`~landscape.Monitor`.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        loss_fn: Callable[..., torch.Tensor] | None = None,
+        *,
+        metrics: MetricsLike = None,
+        probe: Any = None,
+        closure: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+        every_n_steps: int = 1,
+        on_finding: Callable[[Finding], None] | None = None,
+        stop_on: str | None = None,
+        config: dict[str, Any] | None = None,
+        **monitor_options: Any,
+    ) -> None:
+        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
+        if stop_on is not None:
+            severity_rank(stop_on)  # ValueError naming the severities
+        self.path = path
+        self.loss_fn = loss_fn
+        self.closure = closure if (closure is not None or loss_fn is not None) else model_loss
+        self.metrics = thin_metrics(_hf_metrics(metrics), every_n_steps)
+        self.probe = probe
+        self.every_n_steps = every_n_steps
+        self.on_finding = on_finding
+        self.stop_on = stop_on
+        self.config = dict(config or {})
+        self.monitor_options = check_monitor_options(monitor_options)
+        self.monitor: Monitor | None = None
+        self.findings: list[Finding] = []
+        self._hook: Any = None
+        self._losses: list[torch.Tensor] = []
+        self._token_normalised = False
+        self._batch: Any = None
+        self._explicit_loss: Any = None
+        self._closed = True
+        self._busy = False
+        self._world = 1
+        self._recorded: int | None = None
+
+    # ------------------------------------------------------------------ events
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.close()
+        model = kwargs.get("model")
+        if not isinstance(model, nn.Module):
+            raise ValueError("LandscapeTrainerCallback: the Trainer passed no model")
+        optimizer = unwrap_optimizer(kwargs.get("optimizer"))
+        device = next(model.parameters()).device
+        probe = None if self.probe is None else move_to_device(self.probe, device)
+        config = {
+            "integration": "transformers",
+            "transformers_version": transformers.__version__,
+            "gradient_accumulation_steps": int(args.gradient_accumulation_steps),
+            "every_n_steps": self.every_n_steps,
+            **self.config,
+        }
+        self.monitor = Monitor(
+            model, self.loss_fn, self.path, optimizer=optimizer, metrics=self.metrics,
+            probe=probe, closure=self.closure, config=config, on_finding=self._found,
+            **self.monitor_options,
+        ).start()
+        self._closed = False
+        self._world = (
+            int(getattr(args, "world_size", 1) or 1)
+            if getattr(args, "average_tokens_across_devices", False) else 1
+        )
+        self._reset_step()
+        self._recorded = int(state.global_step) - 1
+        self._hook = model.register_forward_hook(self._record, with_kwargs=True)
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._step(int(state.global_step), control)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # transformers < 4.42 has no on_optimizer_step: record here (the gradients are gone)
+        if self._recorded != state.global_step - 1:
+            self._step(int(state.global_step) - 1, control)
+
+    def _step(self, step: int, control: Any) -> None:
+        if self.monitor is None or self._closed:
+            return
+        loss = self._step_loss()
+        batch = self._batch
+        self._reset_step()
+        self._recorded = step
+        self._busy = True
+        try:
+            found = self.monitor.step(step, batch=batch, loss=loss)
+        finally:
+            self._busy = False
+        if reaches(found, self.stop_on):
+            control.should_training_stop = True
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ the loss
+
+    def record_loss(self, loss: torch.Tensor | float) -> None:
+        """Give the loss of the current optimizer step explicitly (a custom
+        ``compute_loss``); it replaces what the forward hook read for this step."""
+        self._explicit_loss = loss.detach() if isinstance(loss, torch.Tensor) else loss
+
+    def _record(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        if self._busy or not module.training or not torch.is_grad_enabled():
+            return  # evaluation loops and the monitor's own (eval-mode) passes
+        loss = _output_loss(output)
+        if loss is not None:
+            self._losses.append(loss)
+            self._token_normalised = kwargs.get("num_items_in_batch") is not None
+        if kwargs:
+            self._batch = {k: v for k, v in kwargs.items() if k not in _NOT_BATCH}
+        elif len(args) == 1:
+            self._batch = args[0]
+
+    def _step_loss(self) -> Any:
+        if self._explicit_loss is not None:
+            return self._explicit_loss
+        if not self._losses:
+            return None
+        losses = torch.stack([v.float() for v in self._losses])
+        if self._token_normalised:  # each is (its token-loss sum) / (the step's token count)
+            return losses.sum() * self._world
+        return losses.mean()
+
+    def _reset_step(self) -> None:
+        self._losses = []
+        self._token_normalised = False
+        self._batch = None
+        self._explicit_loss = None
+
+    # ------------------------------------------------------------------ access
+
+    def close(self) -> None:
+        """Remove the forward hook and the monitor's optimizer hooks; close the run file."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self.monitor is not None:
+            self.monitor.close()
+        self._closed = True
+        self._batch = None
+        self._losses = []
+
+    def run(self) -> Any:
+        """The recorded :class:`~landscape.Run` (also after training, for in-memory runs)."""
+        return recorded_run(self.monitor, self._closed, "LandscapeTrainerCallback")
+
+    def _found(self, finding: Finding) -> None:
+        self.findings.append(finding)
+        if self.on_finding is not None:
+            self.on_finding(finding)

@@ -1,0 +1,275 @@
+"""A Lightning ``Callback`` that runs a :class:`landscape.Monitor` during ``trainer.fit``.
+
+::
+
+    from landscape.integrations import LandscapeCallback
+
+    cb = LandscapeCallback("run.h5", loss_fn=F.cross_entropy, metrics="standard",
+                           probe=(x_val, y_val))
+    Trainer(max_steps=1000, callbacks=[cb]).fit(module, loader)
+
+What it does, hook by hook:
+
+* ``on_fit_start``: builds the monitor over the ``LightningModule`` and the *torch*
+  optimizer inside ``trainer.optimizers[0]`` (wrappers are unwrapped, so the monitor's
+  ``register_step_pre_hook``/``post_hook`` see Lightning's ``optimizer.step(closure)``
+  call), moves the probe batch to the module's device, and opens the run file.
+* ``on_train_batch_end``: when ``trainer.global_step`` advanced (an optimizer step
+  happened; under gradient accumulation the other batches only collect their loss), calls
+  ``monitor.step(trainer.global_step - 1, batch=batch, loss=...)``. The step index is the
+  one Lightning's loggers use for that batch (0-based count of optimizer steps before
+  it); the loss is ``outputs["loss"]`` summed over the accumulated batches (Lightning
+  divides each by ``accumulate_grad_batches``, so the sum is their mean). The gradients
+  are still in ``.grad`` at this point (Lightning zeroes them inside the next step). A
+  list batch (``default_collate`` of ``(x, y)`` samples) is passed on as a tuple: to the
+  monitor a list means several batches.
+* ``on_fit_end``, ``on_exception``, ``teardown``: close the run file (idempotent).
+
+The loss function. Metrics of the ``cheap`` preset need none: the training loss comes from
+``outputs["loss"]``, gradients and updates from the module, logits from ``module(x)``.
+Curvature metrics (``hessian``, ``sharpness``, ``hessian_trace``, ...) evaluate a loss on
+the probe batch and need ``loss_fn`` (``loss_fn(module(x), y)``) or ``closure``; without
+either they record NaN and one ``metric_failed`` finding saying so. The callback never
+calls the module's ``training_step`` on its own, because that would repeat its side effects
+(``self.log``, torchmetrics updates, counters). Opt in with
+``closure=training_step_loss``: it calls ``training_step(batch, 0)`` with ``self.log`` and
+``self.log_dict`` muted, and is right for modules whose ``training_step`` has no other side
+effects (not with manual optimization, where it would step the optimizers).
+
+Training is not changed (the monitored fit gives bitwise the parameters of the unmonitored
+one on CPU; ``tests/integrations/test_lightning.py``). Under DDP every rank computes the
+metrics on its own batch and only global rank 0 writes the file (the monitor checks the
+``torch.distributed`` rank).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from landscape.findings import Finding, severity_rank
+from landscape.integrations import (
+    check_monitor_options,
+    move_to_device,
+    reaches,
+    recorded_run,
+    thin_metrics,
+    unwrap_optimizer,
+)
+from landscape.metrics import MissingInput
+from landscape.monitor import MetricsLike, Monitor, resolve_metrics
+
+try:  # the unified package first, then the standalone one
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+except ImportError:  # pragma: no cover - depends on what is installed
+    try:
+        import pytorch_lightning as pl
+        from pytorch_lightning.callbacks import Callback
+    except ImportError as err:
+        raise ImportError(
+            "landscape.integrations.lightning needs Lightning: "
+            "pip install 'landscape-for-pytorch[lightning]'"
+        ) from err
+
+__all__ = ["LandscapeCallback", "training_step_loss"]
+
+
+def _noop(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+@contextlib.contextmanager
+def _muted_logging(module: nn.Module) -> Iterator[None]:
+    """``module.log`` and ``module.log_dict`` are no-ops inside the block (instance
+    attributes shadowing the methods, removed on exit)."""
+    names = [n for n in ("log", "log_dict") if n not in vars(module)]
+    for n in names:
+        object.__setattr__(module, n, _noop)
+    try:
+        yield
+    finally:
+        for n in names:
+            vars(module).pop(n, None)
+
+
+def training_step_loss(module: nn.Module, batch: Any) -> torch.Tensor:
+    """A closure reusing the module's ``training_step(batch, 0)`` (its ``"loss"`` when it
+    returns a dict), with ``self.log``/``self.log_dict`` muted. Opt in with
+    ``LandscapeCallback(closure=training_step_loss)``; other side effects of
+    ``training_step`` (metric objects, counters) do happen on each evaluation."""
+    with _muted_logging(module):
+        out = module.training_step(batch, 0)
+    if isinstance(out, Mapping):
+        out = out.get("loss")
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(
+            "training_step returned no loss tensor; pass loss_fn= or closure= to LandscapeCallback"
+        )
+    return out
+
+
+def _no_loss_fn(*args: Any) -> torch.Tensor:
+    raise MissingInput(
+        "this metric evaluates a loss: pass loss_fn= or closure= to LandscapeCallback "
+        "(e.g. closure=landscape.integrations.lightning.training_step_loss)"
+    )
+
+
+def _loss_of(outputs: Any) -> torch.Tensor | None:
+    if isinstance(outputs, Mapping):
+        outputs = outputs.get("loss")
+    if isinstance(outputs, torch.Tensor):
+        return outputs.detach()
+    return None
+
+
+class LandscapeCallback(Callback):
+    """Record landscape diagnostics of a ``LightningModule`` during ``trainer.fit``.
+
+    Args:
+        path: the HDF5 run file (``None``: in memory; read it with ``callback.run()``).
+        loss_fn: ``loss_fn(module(x), y)`` for ``(x, y)`` batches, for the metrics that
+            evaluate a loss on the probe (see the module docstring).
+        metrics: a preset name, metric names or :class:`~landscape.metrics.Metric`
+            instances (default ``"cheap"``), as for :class:`~landscape.Monitor`.
+        probe: a fixed batch for the probe metrics (moved to the module's device).
+        closure: ``closure(module, batch) -> loss`` for batches that are not ``(x, y)``;
+            :func:`training_step_loss` reuses the module's ``training_step``.
+        every_n_steps: record only on optimizer steps that are multiples of ``n`` (each
+            metric's schedule is intersected with ``every(n)``).
+        on_finding: called with each :class:`~landscape.Finding` as it is raised.
+        stop_on: ``None`` (default) or a severity (``"warning"``, ``"error"``): a finding
+            at least that severe sets ``trainer.should_stop`` and training ends after the
+            current step.
+        config: extra JSON-able configuration stored in the run file.
+        **monitor_options: ``alarms``, ``strict``, ``warn``, ``taylor_guard``, ``mode``,
+            ``truncate_from``, ``flush_every``, passed to :class:`~landscape.Monitor`.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        loss_fn: Callable[..., torch.Tensor] | None = None,
+        *,
+        metrics: MetricsLike = None,
+        probe: Any = None,
+        closure: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+        every_n_steps: int = 1,
+        on_finding: Callable[[Finding], None] | None = None,
+        stop_on: str | None = None,
+        config: dict[str, Any] | None = None,
+        **monitor_options: Any,
+    ) -> None:
+        super().__init__()
+        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
+        if stop_on is not None:
+            severity_rank(stop_on)  # ValueError naming the severities
+        self.path = path
+        self.loss_fn = loss_fn
+        self.closure = closure
+        self.metrics = thin_metrics(resolve_metrics(metrics), every_n_steps)
+        self.probe = probe
+        self.every_n_steps = every_n_steps
+        self.on_finding = on_finding
+        self.stop_on = stop_on
+        self.config = dict(config or {})
+        self.monitor_options = check_monitor_options(monitor_options)
+        self.monitor: Monitor | None = None
+        self.findings: list[Finding] = []
+        self._seen_global_step = 0
+        self._pending: list[torch.Tensor] = []
+        self._closed = True
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.close()
+        loss_fn, closure = self.loss_fn, self.closure
+        if loss_fn is None and closure is None:
+            loss_fn = _no_loss_fn
+        if closure is training_step_loss and not pl_module.automatic_optimization:
+            raise ValueError(
+                "LandscapeCallback: closure=training_step_loss would step the optimizers of a "
+                "module with manual optimization; pass loss_fn= or another closure="
+            )
+        optimizers = trainer.optimizers
+        optimizer = unwrap_optimizer(optimizers[0]) if optimizers else None
+        probe = None if self.probe is None else move_to_device(self.probe, pl_module.device)
+        config = {
+            "integration": "lightning",
+            "lightning_version": pl.__version__,
+            "accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "every_n_steps": self.every_n_steps,
+            **self.config,
+        }
+        self.monitor = Monitor(
+            pl_module, loss_fn, self.path, optimizer=optimizer, metrics=self.metrics,
+            probe=probe, closure=closure, config=config, on_finding=self._found,
+            **self.monitor_options,
+        ).start()
+        self._closed = False
+        self._seen_global_step = trainer.global_step
+        self._pending = []
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self.monitor is None:
+            return
+        loss = _loss_of(outputs)
+        if loss is not None:
+            self._pending.append(loss)
+        if trainer.global_step == self._seen_global_step:
+            return  # accumulating gradients: no optimizer step yet
+        self._seen_global_step = trainer.global_step
+        pending, self._pending = self._pending, []
+        if not pending:
+            step_loss = None
+        elif pl_module.automatic_optimization:  # each already divided by the accumulation
+            step_loss = torch.stack(pending).sum()
+        else:
+            step_loss = torch.stack(pending).mean()
+        if isinstance(batch, list):  # default_collate's (x, y) is one batch, not a list of them
+            batch = tuple(batch)
+        found = self.monitor.step(trainer.global_step - 1, batch=batch, loss=step_loss)
+        if reaches(found, self.stop_on):
+            trainer.should_stop = True
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.close()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self.close()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ access
+
+    def close(self) -> None:
+        """Remove the monitor's optimizer hooks and close the run file (idempotent)."""
+        if self.monitor is not None:
+            self.monitor.close()
+        self._closed = True
+
+    def run(self) -> Any:
+        """The recorded :class:`~landscape.Run` (also after the fit, for in-memory runs)."""
+        return recorded_run(self.monitor, self._closed, "LandscapeCallback")
+
+    def _found(self, finding: Finding) -> None:
+        self.findings.append(finding)
+        if self.on_finding is not None:
+            self.on_finding(finding)

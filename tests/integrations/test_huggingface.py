@@ -1,0 +1,178 @@
+"""LandscapeTrainerCallback with the real transformers.Trainer on a tiny GPT-2 built from a
+config (no downloads; CPU; a few steps)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from landscape import InstabilityWarning
+from landscape.alarms import LogitGrowth
+from landscape.metrics import create
+from landscape.store import Run
+
+transformers = pytest.importorskip("transformers", reason="install the 'transformers' extra")
+pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+from landscape.integrations import LandscapeTrainerCallback  # noqa: E402
+
+VOCAB, LENGTH = 50, 12
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, n: int = 32, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, VOCAB, (n, LENGTH), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+PROBE_IDS = Tokens(8, seed=1).ids
+PROBE = {"input_ids": PROBE_IDS, "labels": PROBE_IDS}
+
+
+def _model():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=16,
+        bos_token_id=0, eos_token_id=0,
+    )
+    return transformers.GPT2LMHeadModel(config)  # dropout 0.1 in embeddings, attention, MLP
+
+
+def _train(tmp_path, callbacks=(), max_steps=4, eval_dataset=None, **args):
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    model = _model()
+    arguments = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "trainer"), use_cpu=True, report_to=[], save_strategy="no",
+        max_steps=max_steps, per_device_train_batch_size=4, logging_steps=1, disable_tqdm=True,
+        seed=0, data_seed=0, learning_rate=1e-3, **args,
+    )
+    trainer = transformers.Trainer(
+        model=model, args=arguments, train_dataset=Tokens(), eval_dataset=eval_dataset,
+        callbacks=list(callbacks),
+    )
+    trainer.train()
+    return trainer, model
+
+
+def _logged_losses(trainer):
+    return [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+
+
+def test_records_every_optimizer_step_with_the_loss_the_trainer_logged(tmp_path):
+    path = tmp_path / "run.h5"
+    cb = LandscapeTrainerCallback(str(path), probe=PROBE, metrics="cheap")
+    trainer, model = _train(tmp_path, [cb])
+    with Run.open(path) as run:
+        assert set(run.metrics()) == {"loss", "grad_norm", "nonfinite", "update", "logits"}
+        steps, losses = run.series("loss", "value")
+        assert steps.tolist() == [0, 1, 2, 3]
+        logged = _logged_losses(trainer)
+        assert [s for s, _ in logged] == [1, 2, 3, 4]  # the Trainer labels step s as s + 1
+        assert losses.tolist() == pytest.approx([v for _, v in logged], rel=1e-4)
+        assert (run.series("update", "norm")[1] > 0).all()  # hooks on the inner optimizer fired
+        assert np.isfinite(run.series("grad_norm", "value")[1]).all()  # before zero_grad
+        assert np.isfinite(run.series("logits", "max_abs")[1]).all()  # read from lm_head
+        assert run.metric_attrs("logits")["params"]
+        assert run.config["integration"] == "transformers"
+        assert run.config["optimizer"]["class"] == "AdamW"
+        assert run.findings() == []
+    assert not model._forward_hooks
+    opt = trainer.optimizer.optimizer
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+
+
+def test_monitored_training_gives_bitwise_the_unmonitored_parameters(tmp_path):
+    _, plain = _train(tmp_path)
+    cb = LandscapeTrainerCallback(
+        None, probe=PROBE, alarms=False,
+        metrics=["loss", "grad_norm", "update", create("logits", schedule=1),
+                 create("hessian_trace", n_matvec=3, schedule=2)],
+    )
+    _, watched = _train(tmp_path, [cb])
+    for (name, a), (_, b) in zip(plain.state_dict().items(), watched.state_dict().items()):
+        assert torch.equal(a, b), name
+    steps, trace = cb.run().series("hessian_trace", "value")
+    assert steps.tolist() == [0, 2] and np.isfinite(trace).all()  # the default closure ran
+
+
+def test_gradient_accumulation_gives_the_step_loss_the_trainer_logged(tmp_path):
+    cb = LandscapeTrainerCallback(None, metrics=["loss", "update"], alarms=False)
+    trainer, _ = _train(tmp_path, [cb], max_steps=2, gradient_accumulation_steps=2)
+    steps, losses = cb.run().series("loss", "value")
+    assert steps.tolist() == [0, 1]
+    assert losses.tolist() == pytest.approx([v for _, v in _logged_losses(trainer)], rel=1e-4)
+
+
+def test_evaluation_passes_during_training_do_not_count_as_training_losses(tmp_path):
+    cb = LandscapeTrainerCallback(None, metrics=["loss"], alarms=False)
+    trainer, _ = _train(tmp_path, [cb], eval_dataset=Tokens(8, seed=2), eval_strategy="steps",
+                        eval_steps=1)
+    assert sum("eval_loss" in h for h in trainer.state.log_history) == 4
+    _, losses = cb.run().series("loss", "value")
+    assert losses.tolist() == pytest.approx([v for _, v in _logged_losses(trainer)], rel=1e-4)
+
+
+def test_a_finding_reaches_the_trainer_warns_calls_back_and_stops_training(tmp_path):
+    seen = []
+    cb = LandscapeTrainerCallback(
+        None, probe=PROBE, metrics=["loss", create("logits", schedule=1)],
+        alarms=[LogitGrowth(max_abs=0.0)], on_finding=seen.append, stop_on="warning",
+    )
+    with pytest.warns(InstabilityWarning, match="logit"):
+        trainer, _ = _train(tmp_path, [cb], max_steps=5)
+    assert [(f.step, f.rule) for f in seen] == [(0, "logit_growth")]
+    assert trainer.state.global_step == 1
+    assert [f.rule for f in cb.run().findings()] == ["logit_growth"]
+
+
+def test_every_n_steps_and_a_closed_file_after_training(tmp_path):
+    path = tmp_path / "run.h5"
+    cb = LandscapeTrainerCallback(str(path), metrics=["loss", "update"], every_n_steps=3)
+    _train(tmp_path, [cb], max_steps=7)
+    with Run.open(path) as run:
+        assert run.steps("loss").tolist() == [0, 3, 6]
+        assert run.metric_attrs("update")["schedule"] == "every(3)"
+    assert cb.run().steps("update").tolist() == [0, 3, 6]
+
+
+def test_explicit_record_loss_wins_over_the_forward_hook(tmp_path):
+    class Override(transformers.TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            cb.record_loss(float(state.global_step))
+
+    cb = LandscapeTrainerCallback(None, metrics=["loss"], alarms=False)
+    _train(tmp_path, [Override(), cb], max_steps=3)
+    assert cb.run().series("loss", "value")[1].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_bad_arguments_name_themselves():
+    with pytest.raises(ValueError, match="every_n_steps"):
+        LandscapeTrainerCallback(None, every_n_steps=-1)
+    with pytest.raises(ValueError, match="severity"):
+        LandscapeTrainerCallback(None, stop_on="loud")
+    with pytest.raises(ValueError, match="optimiser"), warnings.catch_warnings():
+        LandscapeTrainerCallback(None, optimiser=None)
+
+
+def test_without_on_optimizer_step_the_step_is_recorded_at_step_end(tmp_path):
+    class OldTransformers(LandscapeTrainerCallback):  # transformers < 4.42 never calls it
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            return None
+
+    cb = OldTransformers(None, metrics=["loss", "grad_norm"], alarms=False)
+    with pytest.warns(RuntimeWarning, match="grad_norm"):
+        trainer, _ = _train(tmp_path, [cb])
+    steps, losses = cb.run().series("loss", "value")
+    assert steps.tolist() == [0, 1, 2, 3]
+    assert losses.tolist() == pytest.approx([v for _, v in _logged_losses(trainer)], rel=1e-4)
+    assert np.isnan(cb.run().series("grad_norm", "value")[1]).all()  # zeroed before step end

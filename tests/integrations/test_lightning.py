@@ -1,0 +1,246 @@
+"""LandscapeCallback with the real Lightning Trainer on a tiny classifier (CPU, a few steps)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from landscape import InstabilityWarning
+from landscape.alarms import LogitGrowth
+from landscape.metrics import create
+from landscape.store import Run
+
+pl = pytest.importorskip("lightning.pytorch", reason="install the 'lightning' extra")
+from landscape.integrations import LandscapeCallback  # noqa: E402
+from landscape.integrations.lightning import training_step_loss  # noqa: E402
+
+
+class Classifier(pl.LightningModule):
+    """BatchNorm + dropout MLP; records every loss it backpropagates and logs it."""
+
+    def __init__(self, optimizer: str = "sgd", fail_at: int | None = None,
+                 manual: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(),
+                                 nn.Dropout(0.3), nn.Linear(16, 3))
+        self.optimizer_name = optimizer
+        self.fail_at = fail_at
+        self.automatic_optimization = not manual
+        self.losses: list[float] = []
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        if self.fail_at is not None and self.global_step == self.fail_at:
+            raise RuntimeError("simulated failure")
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        if self.training:  # not when the monitor evaluates training_step on the probe
+            self.losses.append(float(loss.detach()))
+        return loss
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def _data(n: int = 96, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return x, y
+
+
+PROBE = tuple(t[:32] for t in _data(64, seed=1))
+
+
+def _fit(module, callbacks=(), max_steps=6, **trainer_kwargs):
+    pl.seed_everything(0, verbose=False)
+    x, y = _data()
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=True
+    )
+    trainer = pl.Trainer(
+        max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        deterministic=True, callbacks=list(callbacks), **trainer_kwargs,
+    )
+    trainer.fit(module, loader)
+    return trainer
+
+
+def _no_hooks_left(trainer, module):
+    opt = trainer.optimizers[0]
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    assert all(not m._forward_hooks for m in module.modules())
+
+
+def test_records_every_optimizer_step_with_the_loss_lightning_backpropagated(tmp_path):
+    path = tmp_path / "run.h5"
+    module = Classifier()
+    cb = LandscapeCallback(str(path), F.cross_entropy, probe=PROBE, metrics="cheap")
+    trainer = _fit(module, [cb])
+    with Run.open(path) as run:
+        assert set(run.metrics()) == {"loss", "grad_norm", "nonfinite", "update", "logits"}
+        assert list(run.steps("loss")) == list(range(6))
+        assert list(run.steps("logits")) == [0]
+        _, losses = run.series("loss", "value")
+        assert losses.tolist() == pytest.approx(module.losses, rel=1e-7)
+        # the monitor's step hooks fired through Lightning's optimizer.step(closure)
+        _, norms = run.series("update", "norm")
+        assert (norms > 0).all()
+        assert math.isfinite(run.series("grad_norm", "value")[1][-1])
+        config = run.config
+        assert config["integration"] == "lightning" and config["optimizer"]["class"] == "SGD"
+    _no_hooks_left(trainer, module)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "metrics", "closure"),
+    [("sgd", "full", None), ("adam", "standard", training_step_loss)],
+    ids=["sgd-full-loss_fn", "adam-standard-training_step_loss"],
+)
+def test_monitored_fit_gives_bitwise_the_unmonitored_parameters(optimizer, metrics, closure):
+    plain = Classifier(optimizer)
+    _fit(plain)
+    watched = Classifier(optimizer)
+    loss_fn = F.cross_entropy if closure is None else None
+    cb = LandscapeCallback(None, loss_fn, closure=closure, probe=PROBE, metrics=metrics,
+                           alarms=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # taylor: no (x, y) loss_fn
+        _fit(watched, [cb])
+    assert plain.losses == watched.losses
+    for (name, a), (_, b) in zip(plain.state_dict().items(), watched.state_dict().items()):
+        assert torch.equal(a, b), name
+    _, eig = cb.run().series("hessian", "eigenvalues")
+    assert np.isfinite(eig[0]).all()
+
+
+def test_gradient_accumulation_records_one_row_per_optimizer_step_with_the_mean_loss():
+    module = Classifier()
+    cb = LandscapeCallback(None, F.cross_entropy, metrics=["loss", "update"], alarms=False)
+    _fit(module, [cb], max_steps=3, accumulate_grad_batches=2)
+    steps, losses = cb.run().series("loss", "value")
+    assert steps.tolist() == [0, 1, 2]
+    expected = [(module.losses[2 * i] + module.losses[2 * i + 1]) / 2 for i in range(3)]
+    assert losses.tolist() == pytest.approx(expected, rel=1e-6)
+    assert len(cb.run().steps("update")) == 3
+
+
+class _ParamSpy(pl.Callback):
+    """Parameters after every optimizer step (list index = step)."""
+
+    def __init__(self):
+        self.after: list[torch.Tensor] = []
+
+    def on_fit_start(self, trainer, module):
+        self.initial = torch.cat([p.detach().flatten().clone() for p in module.parameters()])
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.after.append(torch.cat([p.detach().flatten().clone() for p in module.parameters()]))
+
+
+def test_every_n_steps_records_multiples_and_keeps_single_step_updates():
+    spy = _ParamSpy()
+    cb = LandscapeCallback(None, F.cross_entropy, metrics=["loss", "update"], every_n_steps=2,
+                           alarms=False)
+    _fit(Classifier(), [spy, cb])
+    run = cb.run()
+    assert run.steps("loss").tolist() == [0, 2, 4]
+    steps, norms = run.series("update", "norm")
+    for s, value in zip(steps.tolist(), norms.tolist()):
+        before = spy.initial if s == 0 else spy.after[s - 1]
+        assert value == pytest.approx(float((spy.after[s] - before).norm()), rel=1e-5)
+    assert run.metric_attrs("update")["schedule"] == "every(2)"
+
+
+def test_a_finding_reaches_the_trainer_warns_calls_back_and_stops_training():
+    seen = []
+    cb = LandscapeCallback(
+        None, F.cross_entropy, probe=PROBE, metrics=["loss", create("logits", schedule=1)],
+        alarms=[LogitGrowth(max_abs=0.0)], on_finding=seen.append, stop_on="warning",
+    )
+    with pytest.warns(InstabilityWarning, match="logit"):
+        trainer = _fit(Classifier(), [cb])
+    assert [(f.step, f.rule) for f in seen] == [(0, "logit_growth")]
+    assert trainer.global_step == 1  # should_stop after the first step
+    assert [f.rule for f in cb.run().findings()] == ["logit_growth"]
+
+
+def test_an_exception_in_training_closes_the_file_and_removes_the_hooks(tmp_path):
+    path = tmp_path / "run.h5"
+    module = Classifier(fail_at=3)
+    cb = LandscapeCallback(str(path), F.cross_entropy, metrics=["loss", "update"])
+    trainer = pl.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False, callbacks=[cb])
+    x, y = _data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        trainer.fit(module, loader)
+    with Run.open(path) as run:
+        assert run.steps("loss").tolist() == [0, 1, 2]
+    _no_hooks_left(trainer, module)
+
+
+def test_training_step_loss_keeps_the_probe_out_of_the_users_logs():
+    module = Classifier()
+    cb = LandscapeCallback(None, closure=training_step_loss, probe=PROBE, alarms=False,
+                           metrics=["loss", create("hessian", k=1, schedule=1)])
+    trainer = _fit(module, [cb], max_steps=2)
+    _, eig = cb.run().series("hessian", "eigenvalues")
+    assert eig.shape == (2, 1) and (eig > 0).all()
+    # the logged value is the last training loss, not a loss on the probe
+    assert float(trainer.callback_metrics["train_loss"]) == pytest.approx(module.losses[-1])
+    assert len(module.losses) == 2
+
+
+def test_without_a_loss_the_cheap_metrics_run_and_curvature_says_what_it_needs():
+    cb = LandscapeCallback(None, probe=PROBE, metrics=["loss", "update", "logits", "hessian"])
+    with pytest.warns(RuntimeWarning, match="pass loss_fn= or closure="):
+        _fit(Classifier(), [cb], max_steps=2)
+    run = cb.run()
+    assert np.isfinite(run.series("update", "norm")[1]).all()
+    assert np.isfinite(run.series("logits", "max_abs")[1]).all()
+    assert np.isnan(run.series("hessian", "eigenvalues")[1]).all()
+    assert [f.rule for f in run.findings()] == ["metric_failed"]
+
+
+def test_training_step_loss_is_refused_with_manual_optimization():
+    cb = LandscapeCallback(None, closure=training_step_loss)
+    with pytest.raises(ValueError, match="manual optimization"):
+        _fit(Classifier(manual=True), [cb], max_steps=1)
+
+
+def test_bad_arguments_name_themselves():
+    with pytest.raises(ValueError, match="every_n_steps"):
+        LandscapeCallback(None, every_n_steps=0)
+    with pytest.raises(ValueError, match="severity"):
+        LandscapeCallback(None, stop_on="fatal")
+    with pytest.raises(ValueError, match="optimiser"):
+        LandscapeCallback(None, optimiser=None)
+
+
+def test_a_fit_resumed_from_a_checkpoint_continues_the_run_file(tmp_path):
+    path, ckpt = tmp_path / "run.h5", tmp_path / "three.ckpt"
+    first = _fit(Classifier(), [LandscapeCallback(str(path), metrics=["loss"])], max_steps=3)
+    first.save_checkpoint(ckpt)
+    pl.seed_everything(0, verbose=False)
+    x, y = _data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    trainer = pl.Trainer(max_steps=5, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False,
+                         callbacks=[LandscapeCallback(str(path), metrics=["loss"])])
+    trainer.fit(Classifier(), loader, ckpt_path=ckpt)
+    with Run.open(path) as run:
+        assert run.steps("loss").tolist() == [0, 1, 2, 3, 4]
