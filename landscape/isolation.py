@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-__all__ = ["isolated", "sdpa_math", "stateless_call", "stateless_closure"]
+__all__ = ["ClosureModule", "isolated", "sdpa_math", "stateless_call", "stateless_closure"]
 
 
 def _cuda_devices(model: nn.Module) -> list[int]:
@@ -129,7 +129,7 @@ def stateless_call(
     return functional_call(model, state, args, dict(kwargs or {}))
 
 
-class _Closure(nn.Module):
+class ClosureModule(nn.Module):
     """Wraps ``closure(model, batch)`` as a module so ``functional_call`` swaps every
     parameter of ``model`` while the closure runs (attribute access included)."""
 
@@ -156,6 +156,6 @@ def stateless_closure(
     parameters are the given tensors (others detached) and its buffers are clones
     (see :func:`stateless_call`).
     """
-    wrapper = _Closure(model, closure)
+    wrapper = ClosureModule(model, closure)
     state = _state_for_call(model, params, clone_buffers, prefix="inner.")
     return functional_call(wrapper, state, (batch,))

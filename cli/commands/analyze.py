@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 from landscape_cli.app import cli, one_line_warnings
+from landscape_cli.options import checkpoint_options, factory_options
 
 from landscape.analysis import ANALYZE_METRICS, analyze
 from landscape.loading import call_factory, resolve_loss
@@ -11,12 +12,7 @@ from landscape.loading import call_factory, resolve_loss
 
 @cli.command("analyze")
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path())
-@click.option("--model", "model_spec", required=True,
-              help="Model factory: package.module:fn or path/to/file.py:fn (no arguments).")
-@click.option("--data", "data_spec", required=True,
-              help="Data factory returning (inputs, targets) or an iterable of such batches.")
-@click.option("--loss", "loss_spec", default="cross_entropy", show_default=True,
-              help="cross_entropy, mse, nll, bce_with_logits, or package.module:fn.")
+@factory_options
 @click.option("-o", "--out", "out", default="run.h5", show_default=True, type=click.Path(),
               help="Run file to write (appended to when it exists).")
 @click.option("-m", "--metric", "metrics", multiple=True,
@@ -26,9 +22,7 @@ from landscape.loading import call_factory, resolve_loss
 @click.option("--lr", type=float, default=None,
               help="SGD learning rate, for the sharpness metric's stability threshold.")
 @click.option("--momentum", type=float, default=None, help="SGD momentum (with --lr).")
-@click.option("--trust-checkpoint", is_flag=True,
-              help="Allow pickled objects in checkpoints (can run arbitrary code).")
-@click.option("--device", default=None, help="Device to run on, e.g. cpu or cuda:0.")
+@checkpoint_options
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for the factories.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 def analyze_command(checkpoints, model_spec, data_spec, loss_spec, out, metrics, k, lr,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 from landscape_cli.app import cli, one_line_warnings
+from landscape_cli.options import checkpoint_options, factory_options
 
 from landscape._errors import LandscapeError
 from landscape.loading import (
@@ -20,12 +21,7 @@ DIRECTIONS = ("random", "eigen", "pca", "interpolate")
 
 @cli.command("surface")
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path())
-@click.option("--model", "model_spec", required=True,
-              help="Model factory: package.module:fn or path/to/file.py:fn (no arguments).")
-@click.option("--data", "data_spec", required=True,
-              help="Data factory returning (inputs, targets) or an iterable of such batches.")
-@click.option("--loss", "loss_spec", default="cross_entropy", show_default=True,
-              help="cross_entropy, mse, nll, bce_with_logits, or package.module:fn.")
+@factory_options
 @click.option("--dims", type=click.IntRange(1, 2), default=2, show_default=True)
 @click.option("--steps", type=click.IntRange(2), default=51, show_default=True,
               help="Grid points per axis.")
@@ -40,9 +36,7 @@ DIRECTIONS = ("random", "eigen", "pca", "interpolate")
 @click.option("-o", "--out", default="run.h5", show_default=True, type=click.Path(),
               help="Run file to write into (resumes an interrupted surface of that name).")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--trust-checkpoint", is_flag=True,
-              help="Allow pickled objects in checkpoints (can run arbitrary code).")
-@click.option("--device", default=None, help="Device to run on, e.g. cpu or cuda:0.")
+@checkpoint_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 def surface_command(checkpoints, model_spec, data_spec, loss_spec, dims, steps, span, directions,
                     name, out, seed, trust_checkpoint, device, quiet):

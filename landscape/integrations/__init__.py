@@ -75,6 +75,40 @@ def check_monitor_options(options: dict[str, Any]) -> dict[str, Any]:
     return dict(options)
 
 
+class CallbackSettings:
+    """The arguments the Lightning and Hugging Face callbacks share, checked in one place."""
+
+    def _configure(
+        self,
+        path: str | None,
+        loss_fn: Any,
+        closure: Any,
+        metrics: list[Metric],
+        probe: Any,
+        every_n_steps: int,
+        on_finding: Any,
+        stop_on: str | None,
+        config: dict[str, Any] | None,
+        monitor_options: dict[str, Any],
+    ) -> None:
+        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
+        if stop_on is not None:
+            severity_rank(stop_on)  # ValueError naming the severities
+        self.path = path
+        self.loss_fn = loss_fn
+        self.closure = closure
+        self.metrics = thin_metrics(metrics, every_n_steps)
+        self.probe = probe
+        self.every_n_steps = every_n_steps
+        self.on_finding = on_finding
+        self.stop_on = stop_on
+        self.config = dict(config or {})
+        self.monitor_options = check_monitor_options(monitor_options)
+        self.monitor: Monitor | None = None
+        self.findings: list[Finding] = []
+
+
 def recorded_run(monitor: Monitor | None, closed: bool, owner: str) -> Run:
     """The run ``monitor`` recorded, while it runs and after it was ``closed``."""
     if monitor is None or monitor.writer is None:

@@ -54,13 +54,12 @@ import torch
 from torch import nn
 
 from landscape import functional as LF
-from landscape.findings import Finding, severity_rank
+from landscape.findings import Finding
 from landscape.integrations import (
-    check_monitor_options,
+    CallbackSettings,
     move_to_device,
     reaches,
     recorded_run,
-    thin_metrics,
     unwrap_optimizer,
 )
 from landscape.metrics import Metric, MissingInput, StepContext
@@ -149,7 +148,7 @@ def _output_loss(output: Any) -> torch.Tensor | None:
     return loss.detach() if isinstance(loss, torch.Tensor) else None
 
 
-class LandscapeTrainerCallback(TrainerCallback):
+class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
     """Record landscape diagnostics of a ``transformers.Trainer`` run.
 
     Args:
@@ -184,22 +183,10 @@ class LandscapeTrainerCallback(TrainerCallback):
         config: dict[str, Any] | None = None,
         **monitor_options: Any,
     ) -> None:
-        if not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
-        if stop_on is not None:
-            severity_rank(stop_on)  # ValueError naming the severities
-        self.path = path
-        self.loss_fn = loss_fn
-        self.closure = closure if (closure is not None or loss_fn is not None) else model_loss
-        self.metrics = thin_metrics(_hf_metrics(metrics), every_n_steps)
-        self.probe = probe
-        self.every_n_steps = every_n_steps
-        self.on_finding = on_finding
-        self.stop_on = stop_on
-        self.config = dict(config or {})
-        self.monitor_options = check_monitor_options(monitor_options)
-        self.monitor: Monitor | None = None
-        self.findings: list[Finding] = []
+        if closure is None and loss_fn is None:
+            closure = model_loss
+        self._configure(path, loss_fn, closure, _hf_metrics(metrics), probe, every_n_steps,
+                        on_finding, stop_on, config, monitor_options)
         self._hook: Any = None
         self._losses: list[torch.Tensor] = []
         self._token_normalised = False

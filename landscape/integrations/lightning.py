@@ -51,13 +51,12 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from landscape.findings import Finding, severity_rank
+from landscape.findings import Finding
 from landscape.integrations import (
-    check_monitor_options,
+    CallbackSettings,
     move_to_device,
     reaches,
     recorded_run,
-    thin_metrics,
     unwrap_optimizer,
 )
 from landscape.metrics import MissingInput
@@ -128,7 +127,7 @@ def _loss_of(outputs: Any) -> torch.Tensor | None:
     return None
 
 
-class LandscapeCallback(Callback):
+class LandscapeCallback(CallbackSettings, Callback):
     """Record landscape diagnostics of a ``LightningModule`` during ``trainer.fit``.
 
     Args:
@@ -166,22 +165,8 @@ class LandscapeCallback(Callback):
         **monitor_options: Any,
     ) -> None:
         super().__init__()
-        if not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
-        if stop_on is not None:
-            severity_rank(stop_on)  # ValueError naming the severities
-        self.path = path
-        self.loss_fn = loss_fn
-        self.closure = closure
-        self.metrics = thin_metrics(resolve_metrics(metrics), every_n_steps)
-        self.probe = probe
-        self.every_n_steps = every_n_steps
-        self.on_finding = on_finding
-        self.stop_on = stop_on
-        self.config = dict(config or {})
-        self.monitor_options = check_monitor_options(monitor_options)
-        self.monitor: Monitor | None = None
-        self.findings: list[Finding] = []
+        self._configure(path, loss_fn, closure, resolve_metrics(metrics), probe, every_n_steps,
+                        on_finding, stop_on, config, monitor_options)
         self._seen_global_step = 0
         self._pending: list[torch.Tensor] = []
         self._closed = True

@@ -28,7 +28,7 @@ from torch import nn
 from torch.func import functional_call
 
 from landscape._errors import LandscapeError
-from landscape.isolation import isolated
+from landscape.isolation import ClosureModule, isolated
 from landscape.store import RunWriter, SurfaceData
 from landscape.surface.directions import Directions
 
@@ -109,18 +109,6 @@ class _Data:
             yield _to_device(batch, self.device)
 
 
-class _ClosureModule(nn.Module):
-    """``closure(model, batch)`` as a module, so ``functional_call`` swaps ``model``'s state."""
-
-    def __init__(self, model: nn.Module, closure: Callable[[nn.Module, Any], Any]) -> None:
-        super().__init__()
-        self.inner = model
-        self._closure = closure
-
-    def forward(self, batch: Any) -> Any:
-        return self._closure(self.inner, batch)
-
-
 # --------------------------------------------------------------------------- evaluator
 
 
@@ -187,7 +175,7 @@ class _PointEvaluator:
         self.state = state
         self.bound = False
         if closure:
-            self.wrapper: nn.Module = _ClosureModule(model, loss_fn)
+            self.wrapper: nn.Module = ClosureModule(model, loss_fn)
             self.call_state = {"inner." + k: v for k, v in state.items()}
 
     @contextlib.contextmanager

@@ -1,7 +1,5 @@
 """`landscape analyze`: checkpoints into one run; every bad input gives one line."""
 
-import textwrap
-
 import numpy as np
 import pytest
 import torch
@@ -11,58 +9,13 @@ from landscape_cli.main import cli
 
 import landscape as ls
 from landscape.curvature import Hessian, top_eigenvalues
-
-FACTORIES = textwrap.dedent(
-    """
-    import torch
-    from torch import nn
-
-    def model():
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
-
-    def data():
-        g = torch.Generator().manual_seed(1)
-        return torch.randn(48, 4, generator=g), torch.randint(0, 3, (48,), generator=g)
-
-    def loader():
-        x, y = data()
-        return [(x[:24], y[:24]), (x[24:], y[24:])]
-
-    def empty():
-        return []
-
-    def nan_data():
-        x, y = data()
-        return x * float("nan"), y
-
-    def broken():
-        raise RuntimeError("no GPU here")
-
-    def other_model():
-        return nn.Linear(4, 3)
-    """
-)
+from tests.cli._checkpoints import train_and_save
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("analyze")
-    (root / "factories.py").write_text(FACTORIES)
-    ns: dict = {}
-    exec(FACTORIES, ns)
-    model, (x, y) = ns["model"](), ns["data"]()
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    paths = []
-    for step in range(1, 31):
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 10 == 0:
-            p = root / f"ckpt-{step}.pt"
-            torch.save({"model": model.state_dict(), "step": step}, p)
-            paths.append(p)
+    paths, ns = train_and_save(root, steps=30, every=10, wrap=True)
     return root, paths, ns
 
 

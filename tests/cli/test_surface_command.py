@@ -1,7 +1,5 @@
 """`landscape surface`: random/eigen planes and lines, PCA of a trajectory, interpolation."""
 
-import textwrap
-
 import numpy as np
 import pytest
 import torch
@@ -9,42 +7,14 @@ from click.testing import CliRunner
 from landscape_cli.main import cli
 
 import landscape as ls
-
-FACTORIES = textwrap.dedent(
-    """
-    import torch
-    from torch import nn
-
-    def model():
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
-
-    def data():
-        g = torch.Generator().manual_seed(1)
-        return torch.randn(40, 4, generator=g), torch.randint(0, 3, (40,), generator=g)
-    """
-)
+from tests.cli._checkpoints import train_and_save
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("surface")
-    (root / "factories.py").write_text(FACTORIES)
-    ns: dict = {}
-    exec(FACTORIES, ns)
-    model, (x, y) = ns["model"](), ns["data"]()
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    paths = []
-    for step in range(1, 13):
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 3 == 0:
-            p = root / f"ckpt-{step}.pt"
-            torch.save(model.state_dict(), p)
-            paths.append(p)
-    return root, paths, ns, float(loss.detach())
+    paths, ns = train_and_save(root, steps=12, every=3, wrap=False)
+    return root, paths, ns
 
 
 def _run(args):
@@ -57,7 +27,7 @@ def _run(args):
      ("pca", 2, 4, (5, 5)), ("interpolate", 1, 2, (5,))],
 )
 def test_surface_kinds(setup, tmp_path, directions, dims, n_ckpt, shape):
-    root, paths, ns, _ = setup
+    root, paths, ns = setup
     fac = root / "factories.py"
     out = tmp_path / "run.h5"
     ckpts = [str(p) for p in paths[-n_ckpt:]]
@@ -86,7 +56,7 @@ def test_surface_kinds(setup, tmp_path, directions, dims, n_ckpt, shape):
     [(["--directions", "interpolate"], "exactly two"), (["--directions", "pca"], "at least three")],
 )
 def test_surface_direction_requirements_are_one_line_errors(setup, tmp_path, args, match):
-    root, paths, _, _ = setup
+    root, paths, _ = setup
     fac = root / "factories.py"
     result = _run(["surface", str(paths[0]), "--model", f"{fac}:model", "--data",
                    f"{fac}:data", "-o", str(tmp_path / "r.h5"), "-q", *args])
