@@ -92,3 +92,10 @@ def test_demo_writes_run_pictures_report_and_prints_findings(runner, tmp_path):
     start = out_lines.index("warning lead before the blow-up (steps):")
     leads = [line.split()[-1] for line in out_lines[start + 1:] if line.startswith("  ")]
     assert any(lead.isdigit() and int(lead) > 0 for lead in leads), result.output
+
+
+def test_demo_rejects_a_spike_after_the_end(runner, tmp_path):
+    result = runner.invoke(cli, ["demo", "--out", str(tmp_path), "--steps", "30",
+                                 "--spike-step", "40"])
+    assert result.exit_code == 2
+    assert "--spike-step" in result.output and "Traceback" not in result.output
