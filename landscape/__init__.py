@@ -27,7 +27,8 @@ from landscape.schedules import at, every, logspace
 from landscape.store import Run, RunWriter
 
 _SUBMODULES = (
-    "alarms", "capture", "curvature", "functional", "isolation", "metrics", "monitor", "params",
+    "alarms", "capture", "curvature", "distributed", "functional", "isolation", "metrics",
+    "monitor", "params",
     "plotting", "report", "schedules", "store", "surface",
 )
 _LAZY = {

@@ -29,6 +29,7 @@ A metric that fails (out of memory, missing input) records a NaN row, one warnin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -39,11 +40,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from landscape import distributed as _dist
 from landscape._errors import InstabilityWarning, StepOrderError
 from landscape.findings import Finding
 from landscape.isolation import isolated
 from landscape.metrics import Metric, MissingInput, StepContext, create, preset
-from landscape.params import trainable_named_parameters
+from landscape.params import difference, trainable_named_parameters
 from landscape.store import Run, RunWriter
 
 __all__ = ["Monitor", "resolve_metrics"]
@@ -72,15 +74,8 @@ def resolve_metrics(metrics: MetricsLike) -> list[Metric]:
     return out
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / DataParallel wrappers."""
-    parallel = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    return model.module if isinstance(model, parallel) else model
-
-
-def _rank() -> int:
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+_unwrap = _dist.unwrap  # the module inside DistributedDataParallel / DataParallel wrappers
+_rank = _dist.rank
 
 
 def _jsonable(value: Any) -> Any:
@@ -120,6 +115,12 @@ class Monitor:
         taylor_guard: ``None`` (off) or a target r (e.g. 1.0): rescale any optimizer step
             whose normalized size on the probe batch exceeds it. This changes training.
         mode, truncate_from, flush_every: passed to :class:`~landscape.store.RunWriter`.
+        distributed: under ``torch.distributed`` (``None``: when a process group of several
+            ranks is initialized; ``False``: never): only rank 0 writes ``path``, curvature
+            metrics are all-reduced over the ranks' probe data, and rank 0's findings are
+            broadcast so every rank returns and reports the same ones (e.g. to stop
+            together). Every rank must then call :meth:`step` with the same steps. With
+            ``False`` each rank computes on its own (rank 0 still writes alone).
     """
 
     def __init__(
@@ -141,6 +142,7 @@ class Monitor:
         mode: str = "a",
         truncate_from: int | None = None,
         flush_every: int = 256,
+        distributed: bool | None = None,
     ) -> None:
         if loss_fn is None and closure is None:
             raise ValueError("Monitor needs loss_fn or closure")
@@ -157,6 +159,7 @@ class Monitor:
         self.warn = warn
         self.taylor_guard = taylor_guard
         self.path = path if _rank() == 0 else None  # only rank 0 writes a file
+        self._distributed = _dist.enabled(distributed)
         self._writer_args = {"mode": mode, "truncate_from": truncate_from,
                              "flush_every": flush_every}
         self._user_config = dict(config or {})
@@ -192,6 +195,8 @@ class Monitor:
                 )
             lasts = [self.writer.last_step(m.name) for m in self.metrics]
             known = [s for s in lasts if s is not None]
+            if self._distributed:  # resuming: only rank 0 has the file; agree on its steps
+                known = _dist.broadcast_object(known)
             if known:  # resuming: the next step must come after every recorded one
                 self._last_step = max(known)
                 self._first_step = self._last_step + 1
@@ -330,21 +335,30 @@ class Monitor:
         if before is not None:
             own = dict(self.model.named_parameters())
             ctx.params_before = before
-            ctx.update = tuple(own[n].detach() - b for n, b in zip(self._names, before))
+            ctx.update = difference([own[n].detach() for n in self._names], before)
         for m in due:
             ins, outs = m.captures()
             plan = ctx.capture_plan.setdefault(m.data, (set(), set()))
             plan[0].update(ins)
             plan[1].update(outs)
-        raised: list[Finding] = []
-        with isolated(self.model):
+        found: list[Finding] = []
+        # distributed=False: operators built by the metrics stay on this rank's data
+        scope = contextlib.nullcontext() if self._distributed else _dist.local()
+        with scope, isolated(self.model):
             for m in due:
                 row = self._compute(m, ctx)
                 assert self.writer is not None
                 self.writer.append(m.name, step, row)
                 if self._alarms is not None:
-                    for f in self._alarms.observe(m.name, step, row):
-                        raised.append(self._emit(f))
+                    found.extend(self._alarms.observe(m.name, step, row))
+        if self._distributed:
+            # Rank 0's alarms (which saw the rows it writes) are authoritative: every rank
+            # emits rank 0's findings, so all of them can react alike, e.g. stop together.
+            # `due` depends on the step only, hence all ranks reach this broadcast.
+            found = _dist.broadcast_object(found)
+        raised: list[Finding] = []
+        for f in found:
+            raised.append(self._emit(f))
         return raised
 
     def _compute(self, metric: Metric, ctx: StepContext) -> dict[str, Any]:

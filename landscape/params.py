@@ -47,8 +47,20 @@ def dot(u: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def norm(v: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Euclidean norm over all tensors (a 0-d tensor)."""
-    return torch.sqrt(dot(v, v))
+    """Euclidean norm over all tensors (a 0-d tensor), in one fused pass where possible."""
+    tensors = list(v)
+    if not tensors:
+        raise ValueError("norm of an empty vector")
+    if len({(a.device, a.dtype) for a in tensors}) == 1:
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+    return torch.sqrt(dot(tensors, tensors))
+
+
+def difference(u: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> Vector:
+    """u - v (fused over the tensors)."""
+    if len(u) != len(v):
+        raise ValueError(f"vectors have {len(u)} and {len(v)} tensors")
+    return tuple(torch._foreach_sub(list(u), list(v)))
 
 
 def add(u: Sequence[torch.Tensor], v: Sequence[torch.Tensor], alpha: float = 1.0) -> Vector:

@@ -72,7 +72,7 @@ class _Basis:
     def append(self, v: Tensor) -> None:
         if self.size == self.rows.shape[0]:
             grown = torch.empty(
-                (2 * self.rows.shape[0], self.rows.shape[1]),
+                (min(2 * self.rows.shape[0], self.rows.shape[1]), self.rows.shape[1]),
                 dtype=self.rows.dtype,
                 device=self.rows.device,
             )
@@ -130,7 +130,10 @@ def krylov_eigsh(
     n = block.shape[1]
     dtype, device = block.dtype, block.device
     max_matvec = max(1, min(int(max_matvec), n))
-    basis = _Basis(n, dtype, device, capacity=min(n, block.shape[0] + max_matvec + 1))
+    # start small and double on demand: most runs stop far below max_matvec, and the basis
+    # is the solver's main memory (a full preallocation was 161 vectors for k=5)
+    capacity = min(n, block.shape[0] + max_matvec + 1, 2 * block.shape[0] + 4 * k + 16)
+    basis = _Basis(n, dtype, device, capacity=capacity)
     floor_rel = residual_floor(dtype)
     coeffs = torch.zeros((max_matvec + block.shape[0] + 1, max_matvec), dtype=torch.float64)
     norm_est = 0.0

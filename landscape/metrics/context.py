@@ -22,7 +22,7 @@ from torch import nn
 from landscape._errors import LandscapeError
 from landscape.capture import Captured, capture
 from landscape.isolation import stateless_call, stateless_closure
-from landscape.params import Vector
+from landscape.params import Vector, norm
 
 __all__ = ["MissingInput", "StepContext", "split_batch"]
 
@@ -114,6 +114,13 @@ class StepContext:
     def targets(self, source: str) -> torch.Tensor:
         """Targets of ``source``, concatenated over its batches."""
         return torch.cat([split_batch(b)[1].reshape(-1) for b in self.batches(source)])
+
+    def grad_norm(self) -> float | None:
+        """||grad|| of the user's gradient (cached for the step; None if any is missing)."""
+        if "grad_norm" not in self._cache:
+            grads = self.grads()
+            self._cache["grad_norm"] = None if grads is None else float(norm(grads))
+        return self._cache["grad_norm"]
 
     def grads(self) -> Vector | None:
         """The gradient the user's backward left in ``.grad`` (None if any is missing)."""

@@ -3,9 +3,11 @@
 * ``cheap`` — every step: loss, gradient norm, non-finite flags, update size; logits every
   10 steps. Meant to cost well under 10% of a training step.
 * ``standard`` — ``cheap`` plus the Taylor radius of the step and spectral alignment every
-  10 steps, top-3 Hessian eigenvalues and sharpness every 50, effective rank and uniformity
-  every 50, neural collapse every 100, Hessian trace every 100.
-* ``full`` — everything at twice the ``standard`` rate, plus the spectral density every 100.
+  10 steps, sharpness (warm-started lambda_max) every 100, effective rank and uniformity
+  every 50, neural collapse every 100, top-3 Hessian eigenvalues and the trace every 500.
+* ``full`` — denser: taylor, alignment and logits every 5, sharpness and representations
+  every 25, collapse every 50, top-3 eigenvalues every 100, trace every 200, spectral
+  density every 500.
 
 Each schedule can be overridden by name: ``preset("standard", hessian="every(10)")``; a
 name mapped to ``None`` drops that metric.
@@ -33,23 +35,23 @@ PRESETS["standard"] = {
     **PRESETS["cheap"],
     "taylor": "every(10)",
     "spectral_alignment": "every(10)",
-    "hessian": "every(50)",
-    "sharpness": "every(50)",
+    "hessian": "every(500)",
+    "sharpness": "every(100)",
     "representation": "every(50)",
     "collapse": "every(100)",
-    "hessian_trace": "every(100)",
+    "hessian_trace": "every(500)",
 }
 PRESETS["full"] = {
     **PRESETS["cheap"],
     "logits": "every(5)",
     "taylor": "every(5)",
     "spectral_alignment": "every(5)",
-    "hessian": "every(25)",
+    "hessian": "every(100)",
     "sharpness": "every(25)",
     "representation": "every(25)",
     "collapse": "every(50)",
-    "hessian_trace": "every(50)",
-    "spectral_density": "every(100)",
+    "hessian_trace": "every(200)",
+    "spectral_density": "every(500)",
 }
 
 

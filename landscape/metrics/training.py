@@ -44,10 +44,10 @@ class GradNorm(Metric):
     default_data = "batch"
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
-        grads = ctx.grads()
-        if grads is None:
+        value = ctx.grad_norm()
+        if value is None:
             raise MissingInput("grad_norm needs .grad of every monitored parameter")
-        return {"value": float(norm(grads).item())}
+        return {"value": value}
 
 
 @register
@@ -60,12 +60,14 @@ class NonFinite(Metric):
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
         loss_bad = math.nan if ctx.loss is None else float(not math.isfinite(_as_float(ctx.loss)))
-        grads = ctx.grads()
-        grad_bad = (
-            math.nan
-            if grads is None
-            else float(not all(bool(torch.isfinite(g).all()) for g in grads))
-        )
+        gnorm = ctx.grad_norm()
+        if gnorm is None:
+            grad_bad = math.nan
+        elif math.isfinite(gnorm):  # a finite norm proves every entry finite
+            grad_bad = 0.0
+        else:  # NaN/inf entries, or finite entries whose squares overflowed: look
+            grads = ctx.grads() or ()
+            grad_bad = float(not all(bool(torch.isfinite(g).all()) for g in grads))
         return {"loss": loss_bad, "grad": grad_bad}
 
 

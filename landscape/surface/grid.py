@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from landscape import distributed as _dist
 from landscape._errors import LandscapeError
 from landscape.isolation import ClosureModule, isolated
 from landscape.store import RunWriter, SurfaceData
@@ -326,6 +327,7 @@ def evaluate_grid(
     progress: bool = True,
     attrs: Mapping[str, Any] | None = None,
     arrays: Mapping[str, np.ndarray] | None = None,
+    distributed: bool | None = None,
 ) -> SurfaceData:
     """Loss (and accuracy) at every point of a 1-D or 2-D grid; resumable.
 
@@ -344,6 +346,12 @@ def evaluate_grid(
     resumed: only points not yet computed are evaluated, after checking that the stored
     directions and center match. Returns the stored surface: grids of shape ``(nx,)`` or
     ``(ny, nx)`` with ``Z[j, i] = f(x_i, y_j)``.
+
+    ``distributed`` (``None``: when a ``torch.distributed`` group of several ranks is
+    initialized; ``False``: never): the missing points are dealt round robin over the ranks,
+    each evaluating its points on the whole ``data`` (give every rank the same data), and
+    rank 0, the only one that opens ``writer``, stores them after every round; every rank
+    returns the finished surface (docs/distributed.md).
     """
     xs = _coords(x, "x")
     ys = None if y is None else _coords(y, "y")
@@ -385,31 +393,51 @@ def evaluate_grid(
         **dict(attrs or {}),
     }
     fields = ("loss", "accuracy") if accuracy else ("loss",)
-    run_writer, owned = _open_writer(writer)
+    dist_on = _dist.enabled(distributed)
+    # distributed: only rank 0 opens the run file; the other ranks work in memory
+    run_writer, owned = _open_writer(writer if not dist_on or _dist.rank() == 0 else None)
     try:
-        surf = run_writer.create_surface(
-            name, xs, ys, fields=fields, attrs=meta, arrays={**dir_arrays, **dict(arrays or {})}
-        )
-        if surf.done.any() or surf.attrs != meta:
-            old = surf.attrs
-            if not _same(old.get("direction_fingerprint", []), meta["direction_fingerprint"]):
-                raise LandscapeError(
-                    f"surface {name!r} exists in the run with other directions; choose another "
-                    "name (or the same seed/normalization to resume)")
-            if not _same(old.get("center_fingerprint", []), meta["center_fingerprint"]):
-                raise LandscapeError(
-                    f"surface {name!r} exists in the run around other parameters; choose "
-                    "another name")
-            if bool(old.get("eval_mode", eval_mode)) != bool(eval_mode):
-                raise LandscapeError(
-                    f"surface {name!r} exists in the run with eval_mode={old['eval_mode']}")
-        todo = [tuple(int(v) for v in idx) for idx in np.argwhere(~surf.done)]
+        failure: BaseException | None = None
+        todo: list[tuple[int, ...]] = []
+        try:
+            surf = run_writer.create_surface(
+                name, xs, ys, fields=fields, attrs=meta,
+                arrays={**dir_arrays, **dict(arrays or {})},
+            )
+            if surf.done.any() or surf.attrs != meta:
+                old = surf.attrs
+                if not _same(old.get("direction_fingerprint", []), meta["direction_fingerprint"]):
+                    raise LandscapeError(
+                        f"surface {name!r} exists in the run with other directions; choose "
+                        "another name (or the same seed/normalization to resume)")
+                if not _same(old.get("center_fingerprint", []), meta["center_fingerprint"]):
+                    raise LandscapeError(
+                        f"surface {name!r} exists in the run around other parameters; choose "
+                        "another name")
+                if bool(old.get("eval_mode", eval_mode)) != bool(eval_mode):
+                    raise LandscapeError(
+                        f"surface {name!r} exists in the run with eval_mode={old['eval_mode']}")
+            todo = [tuple(int(v) for v in idx) for idx in np.argwhere(~surf.done)]
+        except Exception as err:
+            if not dist_on:
+                raise
+            failure = err
+        if dist_on:
+            # rank 0 read the run file: its errors and its missing points hold for all ranks
+            shared = _dist.broadcast_object((failure, todo))
+            if failure is not None or shared[0] is not None:
+                raise failure if failure is not None else shared[0]
+            todo = shared[1]
         try:
             _compute(evaluator, run_writer, name, xs, ys, todo, surf.done.size, eval_mode,
-                     progress)
+                     progress, dist_on)
         finally:
             run_writer.flush()
-        return run_writer.run().surface(name)
+        if not dist_on:
+            return run_writer.run().surface(name)
+        # the other ranks hold only what they computed: they return rank 0's surface
+        mine = run_writer.run().surface(name) if _dist.rank() == 0 else None
+        return _dist.broadcast_object(mine)
     finally:
         if owned:
             run_writer.close()
@@ -425,21 +453,33 @@ def _compute(
     total: int,
     eval_mode: bool,
     progress: bool,
+    dist_on: bool = False,
 ) -> None:
     from tqdm import tqdm
 
-    bar = tqdm(total=total, initial=total - len(todo), disable=not progress or not todo,
+    quiet = not progress or not todo or (dist_on and _dist.rank() != 0)
+    bar = tqdm(total=total, initial=total - len(todo), disable=quiet,
                desc=f"surface {name}", unit="pt", leave=False)
+
+    def point(idx: tuple[int, ...]) -> dict[str, float]:
+        coords = (xs[idx[0]],) if ys is None else (xs[idx[1]], ys[idx[0]])
+        evaluator.move(coords)
+        loss, acc = evaluator.loss_and_accuracy()
+        values = {"loss": loss}
+        if evaluator.accuracy:
+            values["accuracy"] = acc
+        return values
+
+    def store(idx: tuple[int, ...], values: dict[str, float]) -> None:
+        writer.write_surface(name, idx if ys is not None else idx[0], values)
+        bar.update(1)
+
     try:
         with isolated(evaluator.model, eval_mode=eval_mode), torch.no_grad(), evaluator.bind():
-            for idx in todo:
-                coords = (xs[idx[0]],) if ys is None else (xs[idx[1]], ys[idx[0]])
-                evaluator.move(coords)
-                loss, acc = evaluator.loss_and_accuracy()
-                values = {"loss": loss}
-                if evaluator.accuracy:
-                    values["accuracy"] = acc
-                writer.write_surface(name, idx if ys is not None else idx[0], values)
-                bar.update(1)
+            if dist_on:  # points dealt round robin over the ranks, stored by rank 0 per round
+                _dist.map_sharded(todo, point, store)
+            else:
+                for idx in todo:
+                    store(idx, point(idx))
     finally:
         bar.close()

@@ -147,3 +147,16 @@ def test_bad_arguments_are_value_errors():
         preset("fast")
     with pytest.raises(ValueError, match="unknown metric"):
         Monitor(model, F.cross_entropy, metrics=["nope"])
+
+
+def test_nonfinite_flags_nan_gradients_but_not_large_finite_ones():
+    model = models.mlp()
+    with Monitor(model, F.cross_entropy, metrics=["nonfinite", "grad_norm"], alarms=False) as mon:
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 3e30)  # finite entries whose squares overflow float32
+        mon.step(0, loss=1.0)
+        next(model.parameters()).grad[0, 0] = float("nan")
+        mon.step(1, loss=float("inf"))
+        run = mon.run()
+    assert list(run.series("nonfinite", "grad")[1]) == [0.0, 1.0]
+    assert list(run.series("nonfinite", "loss")[1]) == [0.0, 1.0]

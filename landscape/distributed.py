@@ -1,0 +1,323 @@
+"""Data-parallel helpers over :mod:`torch.distributed` (DESIGN.md, "Scale beyond one machine").
+
+landscape never starts a process group: when the user's program has called
+``torch.distributed.init_process_group`` (``torchrun``, Slurm, Lightning, ...) the call sites
+use these helpers so that every rank obtains the single-process result on the *union* of the
+ranks' data:
+
+* curvature operators (:mod:`landscape.curvature.operator`) all-reduce every matvec, loss and
+  gradient, weighted by each rank's data size (:func:`all_reduce_weighted`);
+* the monitor writes its file on rank 0 only and broadcasts rank 0's findings
+  (:func:`broadcast_object`), so every rank can react to them (e.g. stop together);
+* loss-surface grid points are split over the ranks (:func:`shard`) and collected on rank 0
+  (:func:`gather_objects`), which writes the run file.
+
+The backend is never assumed: tensors are reduced on a device the process group's backend
+supports (NCCL: the current CUDA device; gloo: the CPU) and moved back. Collectives are only
+issued when a process group is initialized with more than one rank, and not inside
+:func:`local` or where an operator was created with ``distributed=False``, so single-process
+code pays nothing.
+
+**Lock step.** A collective must be entered by every rank in the same order. The call sites
+keep that property because the decisions that control the number of collectives (Lanczos
+stopping, restarts, schedules) depend only on all-reduced values and on seeded
+``torch.Generator`` probes (:mod:`landscape.curvature.spectrum` draws every random probe on the
+CPU from ``torch.Generator().manual_seed(seed)``, hence the same bits on every rank and
+device). :func:`same_on_all_ranks` checks a tensor is bitwise equal on all ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = [
+    "all_gather_objects",
+    "all_reduce_weighted",
+    "broadcast_object",
+    "enabled",
+    "gather_objects",
+    "is_distributed",
+    "local",
+    "map_sharded",
+    "rank",
+    "same_on_all_ranks",
+    "shard",
+    "total_weight",
+    "unwrap",
+    "world_size",
+]
+
+T = TypeVar("T")
+
+_state = threading.local()
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """This process's rank in the default process group (0 when not distributed)."""
+    return dist.get_rank() if _initialized() else 0
+
+
+def world_size() -> int:
+    """Number of ranks in the default process group (1 when not distributed)."""
+    return dist.get_world_size() if _initialized() else 1
+
+
+def is_distributed() -> bool:
+    """Whether a process group with more than one rank is initialized (ignores :func:`local`)."""
+    return _initialized() and dist.get_world_size() > 1
+
+
+@contextlib.contextmanager
+def local() -> Iterator[None]:
+    """Within this block landscape issues no collective: each rank works on its own data.
+
+    Use it when only some ranks run a diagnostic (``if rank == 0: ...``), which would
+    otherwise wait forever for the others. Operators decide when they are created, so an
+    operator built inside the block stays local when used outside it.
+    """
+    depth = getattr(_state, "local_depth", 0)
+    _state.local_depth = depth + 1
+    try:
+        yield
+    finally:
+        _state.local_depth = depth
+
+
+def enabled(option: bool | None = None) -> bool:
+    """Resolve a call site's ``distributed`` option.
+
+    ``None`` (auto): collectives when :func:`is_distributed` and not inside :func:`local`.
+    ``False``: never. ``True``: required; raises ``ValueError`` when no process group is
+    initialized (a world of one rank is accepted and needs no collective).
+    """
+    if option is None:
+        return is_distributed() and getattr(_state, "local_depth", 0) == 0
+    if option is False:
+        return False
+    if option is True:
+        if not _initialized():
+            raise ValueError(
+                "distributed=True: torch.distributed is not initialized "
+                "(call torch.distributed.init_process_group first)"
+            )
+        return dist.get_world_size() > 1
+    raise ValueError(f"distributed must be None, True or False, got {option!r}")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers.
+
+    Evaluating the inner module keeps DDP's gradient hooks and buffer broadcasts out of the
+    diagnostic computations; parameter names are the inner module's (no ``module.`` prefix).
+    """
+    parallel = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    while isinstance(model, parallel):
+        model = model.module
+    return model
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def _comm_device(device: torch.device) -> torch.device:
+    """A device the default group's backend can reduce on, given the tensors' device."""
+    backend = str(dist.get_backend()).lower()
+    if backend == "nccl" and device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    if backend == "gloo" and device.type not in ("cpu", "cuda"):
+        return torch.device("cpu")
+    # "cpu:gloo,cuda:nccl" style groups route each device to its backend; MPI, XCCL and
+    # others take their native device
+    return device
+
+
+def _all_reduce_sum(flat: torch.Tensor) -> torch.Tensor:
+    target = _comm_device(flat.device)
+    buf = flat.to(target) if target != flat.device else flat.clone()
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    return buf.to(flat.device)
+
+
+def total_weight(weight: float) -> float:
+    """``sum`` of ``weight`` over the ranks (one all-reduce in float64)."""
+    device = _tensor_device()
+    t = torch.tensor([float(weight)], dtype=torch.float64, device=device)
+    return float(_all_reduce_sum(t).item())
+
+
+def _tensor_device() -> torch.device:
+    backend = str(dist.get_backend()).lower()
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_weighted(
+    tensors: Sequence[torch.Tensor], weight: float, *, total: float | None = None
+) -> list[torch.Tensor]:
+    """``sum_r w_r x_r / sum_r w_r`` over the ranks, for every tensor of ``tensors``.
+
+    ``weight`` is this rank's weight ``w_r`` (e.g. its number of samples), ``total`` the sum
+    of the weights over the ranks when already known (saves one all-reduce; see
+    :func:`total_weight`). Each rank scales its tensors by ``w_r / total`` and the scaled
+    tensors are summed in **one** all-reduce of a flat buffer, so a mean-reduced quantity
+    (loss, gradient, Hessian-vector product) becomes that of the concatenated data:
+    ``L = sum_r (n_r / N) L_r``. With equal weights on two ranks the scaling is by 0.5, exact
+    in floating point. The result has the tensors' shapes, dtypes and devices and is the same
+    on every rank. Without a process group of several ranks the tensors are returned as is.
+    """
+    tensors = list(tensors)
+    if not is_distributed() or not tensors:
+        return tensors
+    if total is None:
+        total = total_weight(weight)
+    if not total > 0:
+        raise ValueError(f"weight: the weights sum to {total} over the ranks; need > 0")
+    scale = float(weight) / float(total)
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    if not (dtype.is_floating_point or dtype.is_complex):
+        dtype = torch.float64
+    device = tensors[0].device
+    flat = torch.cat([t.detach().to(device, dtype).reshape(-1) for t in tensors])
+    summed = _all_reduce_sum(flat * scale)
+    out = []
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        out.append(summed[offset:offset + n].view(t.shape).to(t.device, t.dtype))
+        offset += n
+    return out
+
+
+def same_on_all_ranks(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` holds the same bits on every rank (True without a process group).
+
+    Used to check that seeded probes agree; it costs one all-reduce of twice the tensor.
+    """
+    if not is_distributed():
+        return True
+    flat = tensor.detach().reshape(-1).double()
+    both = torch.cat([flat, -flat])
+    mx = _all_reduce_max(both)
+    n = flat.numel()
+    # max(x) == x and max(-x) == -x on every entry  <=>  min(x) == max(x)
+    return bool(torch.equal(mx[:n], flat) and torch.equal(mx[n:], -flat))
+
+
+def _all_reduce_max(flat: torch.Tensor) -> torch.Tensor:
+    target = _comm_device(flat.device)
+    buf = flat.to(target) if target != flat.device else flat.clone()
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+    return buf.to(flat.device)
+
+
+# --------------------------------------------------------------------------- objects
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """``obj`` from rank ``src`` on every rank (picklable objects; identity when local)."""
+    if not is_distributed():
+        return obj
+    box = [obj if rank() == src else None]
+    dist.broadcast_object_list(box, src=src, device=_object_device())
+    return box[0]  # type: ignore[return-value]
+
+
+def gather_objects(obj: Any, dst: int = 0) -> list[Any] | None:
+    """Every rank's ``obj`` as a list indexed by rank on ``dst``; ``None`` on the others.
+
+    Without a process group: ``[obj]``.
+    """
+    if not is_distributed():
+        return [obj]
+    if str(dist.get_backend()).lower() == "nccl":
+        # gather_object over NCCL needs a device per rank; all_gather_object is simpler and
+        # equally cheap for the small payloads landscape sends
+        out: list[Any] = [None] * world_size()
+        dist.all_gather_object(out, obj)
+        return out if rank() == dst else None
+    out = [None] * world_size() if rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` as a list indexed by rank, on every rank (``[obj]`` when local)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _object_device() -> torch.device | None:
+    if str(dist.get_backend()).lower() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
+
+
+def shard(indices: Sequence[T]) -> list[T]:
+    """This rank's share of ``indices``: every ``world_size()``-th item from ``rank()``.
+
+    Round robin, so neighbouring grid points (similar cost) land on different ranks; the
+    shares of all ranks partition ``indices``. Without a process group: all of them.
+    """
+    return list(indices)[rank()::world_size()]
+
+
+def map_sharded(
+    items: Sequence[T],
+    compute: Callable[[T], Any],
+    collect: Callable[[T, Any], None] | None = None,
+) -> None:
+    """Evaluate ``compute(item)`` for ``items`` dealt round robin over the ranks.
+
+    Work goes in rounds of ``world_size()`` items (item ``k * world_size() + rank()`` on
+    this rank in round ``k``); after each round the results are all-gathered and rank 0
+    calls ``collect(item, result)`` for each of them in item order, so whatever rank 0
+    stores (e.g. a run file) is at most one round behind. Every rank must call this with
+    the same ``items``. If ``compute`` raises on some rank, every rank raises at the end of
+    that round (the failing rank its own exception, the others a ``RuntimeError`` naming
+    it), so no rank is left waiting in a collective. Without a process group it is a plain
+    loop with ``collect`` after each item.
+    """
+    items = list(items)
+    if not is_distributed():
+        for item in items:
+            result = compute(item)
+            if collect is not None:
+                collect(item, result)
+        return
+    n_ranks, me = world_size(), rank()
+    for start in range(0, len(items), n_ranks):
+        index = start + me
+        mine: tuple[int, Any, str | None] | None = None
+        error: BaseException | None = None
+        if index < len(items):
+            try:
+                mine = (index, compute(items[index]), None)
+            except Exception as err:  # reported to every rank below
+                error = err
+                mine = (index, None, f"{type(err).__name__}: {err}")
+        everyone = all_gather_objects(mine)
+        failed = [(r, m[2]) for r, m in enumerate(everyone) if m is not None and m[2]]
+        if failed:
+            if error is not None:
+                raise error
+            who, what = failed[0]
+            raise RuntimeError(f"rank {who} failed on item {everyone[who][0]}: {what}")
+        if me == 0 and collect is not None:
+            for entry in everyone:
+                if entry is not None:
+                    collect(items[entry[0]], entry[1])

@@ -1,0 +1,228 @@
+"""Code run inside the spawned ranks (importable by name, hence a module of its own).
+
+Every worker writes what it measured to ``<out_dir>/rank<r>.pt``; the tests compare that
+with single-process results on the union of the ranks' data computed in the test process.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from landscape import distributed as ld
+from landscape.alarms import Rule, Trigger, default_rules
+from landscape.curvature import GGN, Hessian, hessian_trace, spectral_density, top_eigenvalues
+from landscape.metrics.curvature import HessianSpectrum, HessianTrace, Sharpness
+from landscape.metrics.training import GradNorm, Loss
+from landscape.monitor import Monitor
+from tests import models
+
+# ----------------------------------------------------------------------------- data
+
+N = 16
+
+
+def dataset(n: int = N, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return x, y
+
+
+def model(seed: int = 0) -> torch.nn.Module:
+    return models.mlp(6, 8, 3, seed=seed).double()
+
+
+def curvature_shard(rank: int) -> Any:
+    """Unequal shards: rank 0 holds samples 0-9 as two batches (4 + 6), rank 1 samples
+    10-15 as one batch, so the rank weights (10 vs 6) and the per-batch weights both matter."""
+    x, y = dataset()
+    if rank == 0:
+        return [(x[:4], y[:4]), (x[4:10], y[4:10])]
+    return (x[10:], y[10:])
+
+
+def _to_float32(data: Any) -> Any:
+    if isinstance(data, list):
+        return [_to_float32(b) for b in data]
+    return (data[0].float(), data[1])
+
+
+def _save(out_dir: str, rank: int, obj: dict[str, Any]) -> None:
+    torch.save(obj, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+# ----------------------------------------------------------------------------- curvature
+
+
+def curvature_worker(rank: int, out_dir: str) -> None:
+    net = DDP(model())  # evaluated through .module: DDP's hooks never fire
+    data = curvature_shard(rank)
+    H = Hessian(net, F.cross_entropy, data)
+    eig = top_eigenvalues(H, k=3, tol=1e-6)
+    both = top_eigenvalues(H, k=1, which="both", tol=1e-6)
+    trace = hessian_trace(H, "hutch++", n_matvec=30, seed=1)
+    density = spectral_density(H, n_iter=12, n_probes=2, seed=2)
+    G = GGN(net, F.cross_entropy, data)
+    ggn = top_eigenvalues(G, k=2, tol=1e-6)
+    H32 = Hessian(model().float(), F.cross_entropy, _to_float32(data))  # float32 end to end
+    eig32 = top_eigenvalues(H32, k=2, tol=1e-4)
+    trace32 = hessian_trace(H32, "hutch++", n_matvec=12, seed=1)
+    block = H.subset(["0.weight"])  # inherits the distributed decision
+    block_eig = top_eigenvalues(block, k=1, tol=1e-6)
+    # probes drawn from a seeded torch.Generator are the same bits on every rank
+    probe = torch.randn(50, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    rank_dependent = torch.full((3,), float(rank))
+    with ld.local():  # opt-out: this rank's shard only
+        local_H = Hessian(net, F.cross_entropy, data)
+    local_eig = top_eigenvalues(local_H, k=1, tol=1e-6)
+    explicit_off = top_eigenvalues(Hessian(net, F.cross_entropy, data, distributed=False), k=1,
+                                   tol=1e-6)
+    _save(out_dir, rank, {
+        "eig": eig.values, "eig_n_matvec": eig.n_matvec, "smallest": both.smallest.values,
+        "trace": trace.value, "trace_stderr": trace.stderr,
+        "density_nodes": density.nodes, "density_weights": density.weights,
+        "loss": H.loss(), "grad": H.gradient(), "dense": H.to_dense(),
+        "ggn": ggn.values, "block": block_eig.values, "eig32": eig32.values,
+        "trace32": trace32.value,
+        "probe_same": ld.same_on_all_ranks(probe),
+        "rank_dependent_same": ld.same_on_all_ranks(rank_dependent),
+        "local_eig": local_eig.values, "explicit_off": explicit_off.values,
+        "world_size": ld.world_size(), "rank": ld.rank(), "helpers": helper_checks(rank),
+    })
+
+
+def helper_checks(rank: int) -> dict[str, Any]:
+    """The collective helpers on 2 ranks (expected values are checked by the test)."""
+    x = torch.tensor([1.0, 2.0]) * (rank + 1)  # rank 0: [1, 2], rank 1: [2, 4]
+    weighted = ld.all_reduce_weighted([x, torch.tensor(float(rank))], weight=3.0 - 2 * rank)
+    collected: list[Any] = []
+    ld.map_sharded(list(range(5)), lambda i: (i * i, ld.rank()),
+                   lambda i, v: collected.append((i, *v)))
+
+    def fails_on_rank_1(i: int) -> int:
+        if ld.rank() == 1:
+            raise ValueError("boom")
+        return i
+
+    try:
+        ld.map_sharded([0, 1, 2], fails_on_rank_1)
+        error = None
+    except Exception as err:
+        error = f"{type(err).__name__}: {err}"
+    return {
+        "weighted": weighted, "broadcast": ld.broadcast_object({"from": rank}),
+        "gathered": ld.gather_objects(rank * 10), "all_gathered": ld.all_gather_objects(rank),
+        "shard": ld.shard(list(range(7))), "collected": collected, "error": error,
+        "enabled": (ld.enabled(), ld.enabled(True), ld.enabled(False)),
+        "after_error": ld.all_gather_objects("still in step"),
+    }
+
+
+# ----------------------------------------------------------------------------- monitor
+
+STEPS = 8
+STOP_AT = 5
+
+
+class RankZeroOnly(Rule):
+    """Fires at step STOP_AT on rank 0 only: its finding reaches other ranks by broadcast."""
+
+    name = "rank_zero_only"
+    metrics = ("grad_norm",)
+    sustain = 1
+    rearm = 3
+
+    def evaluator(self, metric: str, params: Any) -> Any:
+        def evaluate(step: int, row: Any) -> Trigger | None:
+            if step == STOP_AT and ld.rank() == 0:
+                return Trigger("error", "value", float(row["value"]), 0.0, "stop now", "")
+            return None
+
+        return evaluate
+
+
+def monitor_metrics() -> list[Any]:
+    return [Loss(), GradNorm(), HessianSpectrum(k=2, tol=1e-6, schedule=1),
+            Sharpness(tol=1e-6, schedule=1), HessianTrace(n_matvec=9, schedule=2)]
+
+
+def probe() -> tuple[torch.Tensor, torch.Tensor]:
+    return dataset(12, seed=3)
+
+
+def train(net: torch.nn.Module, shard: slice, path: str | None) -> dict[str, Any]:
+    """SGD on samples ``shard`` of the data set, monitored; stops at the first error finding.
+
+    Under DDP every rank trains on its slice and DDP averages the gradients, which equals
+    the full-batch gradient since the slices have equal sizes."""
+    x, y = dataset()
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    heard: list[Any] = []
+    stopped = None
+    with Monitor(net, F.cross_entropy, path, optimizer=opt, metrics=monitor_metrics(),
+                 probe=probe(), alarms=[*default_rules(), RankZeroOnly()],
+                 on_finding=heard.append, warn=False) as mon:
+        for step in range(STEPS):
+            loss = F.cross_entropy(net(x[shard]), y[shard])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            raised = mon.step(step, batch=(x[shard], y[shard]), loss=loss)
+            if any(f.severity == "error" for f in raised):
+                stopped = step
+                break
+        findings = list(mon.findings)
+        writes = mon.path
+    inner = ld.unwrap(net)
+    return {"stopped": stopped, "heard": [(f.step, f.rule) for f in heard],
+            "findings": [(f.step, f.rule, f.metric) for f in findings], "writes": writes,
+            "params": [p.detach().clone() for p in inner.parameters()]}
+
+
+def monitor_worker(rank: int, out_dir: str) -> None:
+    net = DDP(model())
+    half = N // dist.get_world_size()
+    path = os.path.join(out_dir, "ddp.h5")
+    result = train(net, slice(rank * half, (rank + 1) * half), path)
+    _save(out_dir, rank, result)
+
+
+# ----------------------------------------------------------------------------- surfaces
+
+GRID = {"x": (5, 1.0), "y": (4, 0.5)}  # 20 points: 10 per rank
+
+
+def surface_setup() -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor], Any]:
+    from landscape.surface.directions import random_directions
+
+    net = model()
+    return net, dataset(), random_directions(net, 2, seed=0)
+
+
+def evaluate_plane(writer: Any, loss_fn: Any = F.cross_entropy) -> Any:
+    from landscape.surface.grid import axis, evaluate_grid
+
+    net, data, dirs = surface_setup()
+    return evaluate_grid(net, loss_fn, data, dirs, axis(*GRID["x"]), axis(*GRID["y"]),
+                         writer=writer, name="plane", progress=False)
+
+
+def surface_worker(rank: int, out_dir: str) -> None:
+    calls: list[int] = []
+
+    def counting(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        calls.append(1)  # one call per grid point (one batch)
+        return F.cross_entropy(out, target)
+
+    fresh = evaluate_plane(os.path.join(out_dir, "fresh.h5"), counting)
+    n_fresh = len(calls)
+    calls.clear()
+    resumed = evaluate_plane(os.path.join(out_dir, "partial.h5"), counting)  # prepared
+    _save(out_dir, rank, {"fresh": fresh, "n_fresh": n_fresh, "resumed": resumed,
+                          "n_resumed": len(calls)})

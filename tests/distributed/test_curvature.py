@@ -1,0 +1,140 @@
+"""Curvature over 2 gloo ranks equals the single-process curvature on the union of the data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, hessian
+
+from landscape import distributed as ld
+from landscape.curvature import GGN, Hessian, hessian_trace, spectral_density, top_eigenvalues
+from tests.distributed import _workers as W
+from tests.distributed._launch import run_ranks
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def _dense_hessian(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    names = [n for n, _ in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    shapes = [p.shape for p in model.parameters()]
+
+    def loss(theta: torch.Tensor) -> torch.Tensor:
+        parts, i = {}, 0
+        for n, s in zip(names, shapes):
+            k = s.numel()
+            parts[n] = theta[i:i + k].view(s)
+            i += k
+        return F.cross_entropy(functional_call(model, parts, (x,)), y)
+
+    return hessian(loss)(flat)
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """What the two gloo ranks measured (one launch shared by the tests of this module)."""
+    out = tmp_path_factory.mktemp("curvature")
+    run_ranks(W.curvature_worker, out)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+def test_two_ranks_match_one_process_on_the_union(ranks):
+    r0, r1 = ranks
+    assert (r0["world_size"], r0["rank"], r1["rank"]) == (2, 0, 1)
+
+    # single process on the concatenated data (10 + 6 samples)
+    model = W.model()
+    x, y = W.dataset()
+    H = Hessian(model, F.cross_entropy, (x, y))
+    eig = top_eigenvalues(H, k=3, tol=1e-6)
+    both = top_eigenvalues(H, k=1, which="both", tol=1e-6)
+    trace = hessian_trace(H, "hutch++", n_matvec=30, seed=1)
+    density = spectral_density(H, n_iter=12, n_probes=2, seed=2)
+    ggn = top_eigenvalues(GGN(model, F.cross_entropy, (x, y)), k=2, tol=1e-6)
+    block = top_eigenvalues(H.subset(["0.weight"]), k=1, tol=1e-6)
+    H32 = Hessian(W.model().float(), F.cross_entropy, (x.float(), y))
+    eig32 = top_eigenvalues(H32, k=2, tol=1e-4)
+    trace32 = hessian_trace(H32, "hutch++", n_matvec=12, seed=1)
+
+    for r in (r0, r1):
+        assert _rel(r["eig"], eig.values) < 1e-5
+        assert r["eig_n_matvec"] == eig.n_matvec  # same Krylov path as one process
+        assert _rel(r["smallest"], both.smallest.values) < 1e-5
+        assert abs(r["trace"] - trace.value) <= 1e-5 * abs(trace.value)
+        assert abs(r["trace_stderr"] - trace.stderr) <= 1e-5 * abs(trace.stderr)
+        assert _rel(r["density_nodes"], density.nodes) < 1e-5
+        assert _rel(r["density_weights"], density.weights) < 1e-5
+        assert _rel(r["ggn"], ggn.values) < 1e-5
+        assert _rel(r["block"], block.values) < 1e-5
+        assert _rel(r["eig32"], eig32.values) < 1e-5  # float32: rounding differs, not math
+        assert abs(r["trace32"] - trace32.value) <= 1e-5 * abs(trace32.value)
+        assert abs(float(r["loss"]) - float(H.loss())) <= 1e-12
+        for g, ref in zip(r["grad"], H.gradient()):
+            assert _rel(g, ref) < 1e-10
+    # the distributed operator is the dense float64 Hessian of the union
+    truth = _dense_hessian(model, x, y)
+    assert _rel(r0["dense"], truth) < 1e-10
+    assert _rel(torch.linalg.eigvalsh(truth).flip(0)[:3], eig.values) < 1e-5
+    # every rank holds the same all-reduced bits
+    assert torch.equal(r0["eig"], r1["eig"]) and torch.equal(r0["dense"], r1["dense"])
+    assert r0["trace"] == r1["trace"]
+
+
+def test_seeded_probes_agree_and_opting_out_stays_local(ranks):
+    r0, r1 = ranks
+    assert r0["probe_same"] and r1["probe_same"]
+    assert not r0["rank_dependent_same"] and not r1["rank_dependent_same"]
+    model = W.model()
+    for rank, r in enumerate((r0, r1)):
+        own = top_eigenvalues(Hessian(model, F.cross_entropy, W.curvature_shard(rank)), k=1,
+                              tol=1e-6)
+        assert _rel(r["local_eig"], own.values) < 1e-10
+        assert _rel(r["explicit_off"], own.values) < 1e-10
+
+
+def test_collective_helpers_on_two_ranks(ranks):
+    h0, h1 = ranks[0]["helpers"], ranks[1]["helpers"]
+    # weights 3 and 1: (3 * [1, 2] + 1 * [2, 4]) / 4, (3 * 0 + 1 * 1) / 4
+    for h in (h0, h1):
+        torch.testing.assert_close(h["weighted"][0], torch.tensor([1.25, 2.5]))
+        assert float(h["weighted"][1]) == 0.25
+        assert h["broadcast"] == {"from": 0}
+        assert h["all_gathered"] == [0, 1]
+        assert h["enabled"] == (True, True, False)
+        assert h["after_error"] == ["still in step"] * 2  # no rank left behind
+    assert h0["gathered"] == [0, 10] and h1["gathered"] is None
+    assert h0["shard"] == [0, 2, 4, 6] and h1["shard"] == [1, 3, 5]
+    # rank 0 collects every item in order, computed round robin
+    assert h0["collected"] == [(i, i * i, i % 2) for i in range(5)]
+    assert h1["collected"] == []
+    assert h0["error"] == "RuntimeError: rank 1 failed on item 1: ValueError: boom"
+    assert h1["error"] == "ValueError: boom"
+
+
+def test_helpers_are_identities_without_a_process_group():
+    assert not ld.is_distributed() and ld.rank() == 0 and ld.world_size() == 1
+    assert not ld.enabled() and not ld.enabled(False)
+    t = [torch.ones(2), torch.zeros(3)]
+    assert ld.all_reduce_weighted(t, 5.0) == t
+    assert ld.broadcast_object({"a": 1}) == {"a": 1}
+    assert ld.gather_objects(3) == [3]
+    assert ld.shard(range(5)) == [0, 1, 2, 3, 4]
+    assert ld.all_gather_objects("x") == ["x"]
+    seen: list[tuple[int, int]] = []
+    ld.map_sharded([1, 2], lambda i: i + 1, lambda i, v: seen.append((i, v)))
+    assert seen == [(1, 2), (2, 3)]
+    with ld.local():
+        assert not ld.enabled()
+    assert ld.same_on_all_ranks(torch.arange(3))
+    model = W.model()
+    assert ld.unwrap(torch.nn.DataParallel(model)) is model
+    try:
+        ld.enabled(True)
+    except ValueError as err:
+        assert "init_process_group" in str(err)
+    else:  # pragma: no cover
+        raise AssertionError("distributed=True without a process group must raise")

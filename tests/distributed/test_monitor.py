@@ -1,0 +1,55 @@
+"""A monitored DDP run on 2 gloo ranks writes the file of the single-process run."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from landscape.store import Run
+from tests.distributed import _workers as W
+from tests.distributed._launch import run_ranks
+
+# metrics that do not depend on the rank: DDP averages the gradients (grad_norm), and the
+# curvature metrics are measured on the probe batch, which is the same on every rank. The
+# loss metric is the rank's own batch loss and is left out.
+RANK_INDEPENDENT = {
+    "grad_norm": ("value",),
+    "hessian": ("eigenvalues", "n_matvec"),
+    "sharpness": ("lambda_max", "threshold", "ratio"),
+    "hessian_trace": ("value", "stderr"),
+}
+
+
+def test_ddp_run_file_equals_the_single_process_file(tmp_path):
+    run_ranks(W.monitor_worker, tmp_path)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+
+    single_path = str(tmp_path / "single.h5")
+    single = W.train(W.model(), slice(0, W.N), single_path)  # the full batch, one process
+
+    # training itself: DDP on two halves == full-batch SGD
+    for a, b in zip(r0["params"], single["params"]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+    ddp, one = Run.open(tmp_path / "ddp.h5"), Run.open(single_path)
+    try:
+        for metric, fields in RANK_INDEPENDENT.items():
+            np.testing.assert_array_equal(ddp.steps(metric), one.steps(metric))
+            for field in fields:
+                _, a = ddp.series(metric, field)
+                _, b = one.series(metric, field)
+                np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12, err_msg=metric + field)
+        assert len(ddp.steps("hessian")) == W.STOP_AT + 1  # every step up to the stop
+        key = [(f.step, f.rule, f.metric) for f in ddp.findings()]
+        assert key == [(f.step, f.rule, f.metric) for f in one.findings()]
+        assert (W.STOP_AT, "rank_zero_only", "grad_norm/value") in key
+    finally:
+        ddp.close()
+        one.close()
+
+    # only rank 0 writes; rank 0's findings reach rank 1, which stops at the same step
+    assert r0["writes"] is not None and r1["writes"] is None
+    assert r0["stopped"] == r1["stopped"] == single["stopped"] == W.STOP_AT
+    assert r1["heard"] == r0["heard"] == single["heard"]
+    assert (W.STOP_AT, "rank_zero_only") in r1["heard"]
+    assert r1["findings"] == r0["findings"]
