@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from landscape._errors import LandscapeError
-from landscape.loading import Checkpoint, as_batches, load_checkpoint, load_state_into, to_device
+from landscape.loading import Checkpoint, load_checkpoint, load_state_into, prepare
 from landscape.metrics import create
 from landscape.monitor import Monitor
 
@@ -100,15 +100,7 @@ def analyze(
     """
     if not checkpoints:
         raise LandscapeError("no checkpoints given")
-    net = model if isinstance(model, nn.Module) else model()
-    if not isinstance(net, nn.Module):
-        raise LandscapeError(f"the model factory returned {type(net).__name__}, not nn.Module")
-    if device is not None:
-        net = net.to(device)
-    target = next((p.device for p in net.parameters()), torch.device("cpu"))
-    batches = [to_device(b, target) for b in as_batches(data)]
-    if not batches:
-        raise LandscapeError("the data factory produced no batches")
+    net, batches = prepare(model, data, device)
     loaded = order_checkpoints([load_checkpoint(c, trust=trust) for c in checkpoints])
     chosen = []
     for name in metrics:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from landscape._errors import LandscapeError
+from landscape.batches import to_device
 
 __all__ = [
     "LOSSES",
@@ -32,9 +33,9 @@ __all__ = [
     "load_checkpoint",
     "load_factory",
     "load_state_into",
+    "prepare",
     "resolve_loss",
     "step_from_name",
-    "to_device",
 ]
 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {
@@ -199,19 +200,6 @@ def load_state_into(model: nn.Module, ckpt: Checkpoint) -> None:
     model.load_state_dict(state)
 
 
-def to_device(obj: Any, device: torch.device | str) -> Any:
-    """Move tensors in nested tuples/lists/dicts to ``device``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(to_device(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [to_device(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    return obj
-
-
 def as_batches(data: Any) -> list[Any]:
     """A data factory's result as a list of batches (one ``(x, y)`` batch or an iterable)."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
@@ -221,3 +209,20 @@ def as_batches(data: Any) -> list[Any]:
     if isinstance(data, Iterable):
         return list(data)
     raise LandscapeError(f"data: expected a batch (inputs, targets) or batches, got {type(data)}")
+
+
+def prepare(
+    model: nn.Module | Callable[[], nn.Module], data: Any, device: torch.device | str | None
+) -> tuple[nn.Module, list[Any]]:
+    """The model (called first when it is a factory), moved to ``device`` when given, and the
+    data as a non-empty list of batches on the model's device."""
+    net = model if isinstance(model, nn.Module) else model()
+    if not isinstance(net, nn.Module):
+        raise LandscapeError(f"the model factory returned {type(net).__name__}, not nn.Module")
+    if device is not None:
+        net = net.to(device)
+    target = next((p.device for p in net.parameters()), torch.device("cpu"))
+    batches = [to_device(b, target) for b in as_batches(data)]
+    if not batches:
+        raise LandscapeError("the data factory produced no batches")
+    return net, batches

@@ -44,7 +44,7 @@ from landscape import distributed as _dist
 from landscape._errors import InstabilityWarning, StepOrderError
 from landscape.findings import Finding
 from landscape.isolation import isolated
-from landscape.metrics import Metric, MissingInput, StepContext, create, preset
+from landscape.metrics import Metric, MissingInput, StepContext, create, preset, split_batch
 from landscape.params import difference, trainable_named_parameters
 from landscape.store import Run, RunWriter
 
@@ -72,10 +72,6 @@ def resolve_metrics(metrics: MetricsLike) -> list[Metric]:
     if dupes:
         raise ValueError(f"metrics: each metric may appear once, repeated: {', '.join(dupes)}")
     return out
-
-
-_unwrap = _dist.unwrap  # the module inside DistributedDataParallel / DataParallel wrappers
-_rank = _dist.rank
 
 
 def _jsonable(value: Any) -> Any:
@@ -148,7 +144,7 @@ class Monitor:
             raise ValueError("Monitor needs loss_fn or closure")
         if taylor_guard is not None and (optimizer is None or probe is None):
             raise ValueError("taylor_guard needs optimizer= and probe=(inputs, targets)")
-        self.model = _unwrap(model)
+        self.model = _dist.unwrap(model)  # the module inside a DDP / DataParallel wrapper
         self.loss_fn = loss_fn
         self.closure = closure
         self.optimizer = optimizer
@@ -158,7 +154,7 @@ class Monitor:
         self.strict = strict
         self.warn = warn
         self.taylor_guard = taylor_guard
-        self.path = path if _rank() == 0 else None  # only rank 0 writes a file
+        self.path = path if _dist.rank() == 0 else None  # only rank 0 writes a file
         self._distributed = _dist.enabled(distributed)
         self._writer_args = {"mode": mode, "truncate_from": truncate_from,
                              "flush_every": flush_every}
@@ -291,7 +287,7 @@ class Monitor:
         update = tuple(p.detach() - b for p, b in zip(current, self._before))
         ctx = self._context(self._next_step(), None, None, None)
         with isolated(self.model):
-            inputs, targets = _split(self.probe)
+            inputs, targets = split_batch(self.probe)
             r = float(radius_along(ctx, inputs, targets, self._before, update).r)
         if math.isfinite(r) and r > self.taylor_guard:
             scale = self.taylor_guard / r
@@ -400,9 +396,3 @@ class Monitor:
         if self.on_finding is not None:
             self.on_finding(finding)
         return finding
-
-
-def _split(batch: Any) -> tuple[Any, Any]:
-    from landscape.metrics.context import split_batch
-
-    return split_batch(batch)

@@ -8,12 +8,11 @@ from landscape_cli.options import checkpoint_options, factory_options
 
 from landscape._errors import LandscapeError
 from landscape.loading import (
-    as_batches,
     call_factory,
     load_checkpoint,
     load_state_into,
+    prepare,
     resolve_loss,
-    to_device,
 )
 
 DIRECTIONS = ("random", "eigen", "pca", "interpolate")
@@ -47,15 +46,8 @@ def surface_command(checkpoints, model_spec, data_spec, loss_spec, dims, steps, 
     from landscape.analysis import order_checkpoints
 
     torch.manual_seed(seed)
-    model = call_factory(model_spec, "model factory")
-    if not isinstance(model, torch.nn.Module):
-        raise LandscapeError(f"the model factory returned {type(model).__name__}, not nn.Module")
-    if device is not None:
-        model = model.to(device)
-    target = next((p.device for p in model.parameters()), torch.device("cpu"))
-    batches = [to_device(b, target) for b in as_batches(call_factory(data_spec, "data factory"))]
-    if not batches:
-        raise LandscapeError("the data factory produced no batches")
+    model, batches = prepare(call_factory(model_spec, "model factory"),
+                             call_factory(data_spec, "data factory"), device)
     data = batches[0] if len(batches) == 1 else batches
     loss_fn = resolve_loss(loss_spec)
     ckpts = [c for _, c in order_checkpoints(

@@ -14,38 +14,11 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from landscape.batches import leading_size, to_device
+
+__all__ = ["BatchSize", "is_single_batch", "leading_size", "materialize", "to_device"]
+
 BatchSize = Callable[[Any], "int | None"]
-
-
-def leading_size(obj: Any) -> int | None:
-    """Length of the first dimension of the first tensor found in ``obj`` (depth first)."""
-    if isinstance(obj, torch.Tensor):
-        return int(obj.shape[0]) if obj.dim() > 0 else None
-    if isinstance(obj, Mapping):
-        for value in obj.values():
-            size = leading_size(value)
-            if size is not None:
-                return size
-        return None
-    if isinstance(obj, (tuple, list)):
-        for value in obj:
-            size = leading_size(value)
-            if size is not None:
-                return size
-    return None
-
-
-def to_device(obj: Any, device: torch.device) -> Any:
-    """``obj`` with every tensor (inside tuples, lists, dicts) moved to ``device``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, Mapping):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, tuple):
-        return tuple(to_device(v, device) for v in obj)
-    if isinstance(obj, list):
-        return [to_device(v, device) for v in obj]
-    return obj
 
 
 def is_single_batch(data: Any, closure_mode: bool) -> bool:

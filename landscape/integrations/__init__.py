@@ -24,6 +24,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from landscape.batches import to_device as move_to_device
 from landscape.findings import Finding, severity_rank
 from landscape.metrics import Metric
 from landscape.monitor import Monitor
@@ -195,22 +196,3 @@ def reaches(findings: Sequence[Finding], severity: str | None) -> bool:
         return False
     rank = severity_rank(severity)
     return any(severity_rank(f.severity) >= rank for f in findings)
-
-
-def move_to_device(batch: Any, device: torch.device | str) -> Any:
-    """``batch`` with every tensor moved to ``device`` (tuples, lists, dicts, ``.to``-able)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        moved = {k: move_to_device(v, device) for k, v in batch.items()}
-        try:
-            return type(batch)(moved)
-        except TypeError:
-            return moved
-    if isinstance(batch, (tuple, list)):
-        items = [move_to_device(v, device) for v in batch]
-        if hasattr(batch, "_fields"):  # a namedtuple
-            return type(batch)(*items)
-        return type(batch)(items)
-    to = getattr(batch, "to", None)
-    return to(device) if callable(to) else batch

@@ -53,7 +53,6 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from landscape import functional as LF
 from landscape.findings import Finding
 from landscape.integrations import (
     CallbackSettings,
@@ -63,7 +62,7 @@ from landscape.integrations import (
     unwrap_optimizer,
 )
 from landscape.metrics import Metric, MissingInput, StepContext
-from landscape.metrics.training import Logits
+from landscape.metrics.training import Logits, logit_row
 from landscape.monitor import MetricsLike, Monitor, resolve_metrics
 
 try:
@@ -118,18 +117,7 @@ class OutputEmbeddingLogits(Logits):
         z = ctx.captured(self.data).outputs.get(self.layer)
         if z is None:
             raise MissingInput(f"layer {self.layer!r} produced no tensor output")
-        return _logit_row(z)
-
-
-def _logit_row(z: torch.Tensor) -> dict[str, float]:
-    stats = LF.logit_stats(z)
-    return {
-        "max_abs": float(stats.max_abs_logit),
-        "logsumexp_mean": float(stats.log_z_mean),
-        "logsumexp_max": float(stats.log_z_max),
-        "zloss": float(stats.z_loss),
-        "softmax_collapse": float(LF.softmax_collapse_fraction(z).value),
-    }
+        return logit_row(z)
 
 
 def _hf_metrics(metrics: MetricsLike) -> list[Metric]:

@@ -99,15 +99,19 @@ class Logits(Metric):
     default_data = "batch"  # free when step(outputs=...) is passed; else one forward pass
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
-        z = ctx.logits(self.data)
-        stats = LF.logit_stats(z)
-        return {
-            "max_abs": float(stats.max_abs_logit),
-            "logsumexp_mean": float(stats.log_z_mean),
-            "logsumexp_max": float(stats.log_z_max),
-            "zloss": float(stats.z_loss),
-            "softmax_collapse": float(LF.softmax_collapse_fraction(z).value),
-        }
+        return logit_row(ctx.logits(self.data))
+
+
+def logit_row(z: torch.Tensor) -> dict[str, float]:
+    """One row of the :class:`Logits` metric from logits ``z`` (any shape ``(..., C)``)."""
+    stats = LF.logit_stats(z)
+    return {
+        "max_abs": float(stats.max_abs_logit),
+        "logsumexp_mean": float(stats.log_z_mean),
+        "logsumexp_max": float(stats.log_z_max),
+        "zloss": float(stats.z_loss),
+        "softmax_collapse": float(LF.softmax_collapse_fraction(z).value),
+    }
 
 
 @register

@@ -29,6 +29,7 @@ from torch.func import functional_call
 
 from landscape import distributed as _dist
 from landscape._errors import LandscapeError
+from landscape.batches import leading_size, to_device
 from landscape.isolation import ClosureModule, isolated
 from landscape.store import RunWriter, SurfaceData
 from landscape.surface.directions import Directions
@@ -48,26 +49,6 @@ def _is_batch(obj: Any) -> bool:
     )
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
-def _batch_size(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    items = batch.values() if isinstance(batch, Mapping) else batch
-    for t in items:
-        if isinstance(t, torch.Tensor) and t.dim():
-            return int(t.shape[0])
-    return 1
-
-
 class _Data:
     """One batch (a tensor, a tuple of tensors, a dict) or an iterable of batches.
 
@@ -79,7 +60,7 @@ class _Data:
     def __init__(self, data: Any, device: torch.device) -> None:
         self.device = device
         if _is_batch(data):
-            self.single: Any = _to_device(data, device)
+            self.single: Any = to_device(data, device, non_blocking=True)
             self.loader = None
             first = self.single
         else:
@@ -107,7 +88,7 @@ class _Data:
             yield self.single
             return
         for batch in self.loader:
-            yield _to_device(batch, self.device)
+            yield to_device(batch, self.device, non_blocking=True)
 
 
 # --------------------------------------------------------------------------- evaluator
@@ -243,7 +224,7 @@ class _PointEvaluator:
                 loss = self.loss_fn(out, target)
             if self.data.loader is None:  # one batch: two host syncs and no bookkeeping
                 return self._single(loss, out, batch)
-            bs = _batch_size(batch)
+            bs = leading_size(batch) or 1
             term = loss.detach().reshape(()).double() * bs
             total = term if total is None else total + term
             n += bs
