@@ -1,13 +1,14 @@
 """Lanczos iterations on flat tensors: a Krylov eigen-solver and SLQ tridiagonals.
 
 Pure functions over a symmetric linear map given as a callable on 1-D tensors (or on a
-batch of them); nothing here knows about models. Two routines:
+batch of them); nothing here knows about models. Two routines and their Gram-Schmidt step:
 
-* :func:`krylov_eigsh` -- Lanczos with full re-orthogonalisation (classical Gram-Schmidt,
-  applied twice), written as a *block* Krylov method fed one matvec at a time so that it
-  can start from several vectors (a warm start from previous Ritz vectors). With a single
-  start vector it is exactly the Lanczos process of METRICS.md 1.3(b) (Paige 1972;
-  Parlett, *The Symmetric Eigenvalue Problem*, ch. 13). Stopping on Ritz residuals.
+* :func:`krylov_eigsh` -- Lanczos with full re-orthogonalisation (:func:`orthogonalize`:
+  the three-term recurrence, then classical Gram-Schmidt, twice when needed), written as
+  a *block* Krylov method fed one matvec at a time so that it can start from several
+  vectors (a warm start from previous Ritz vectors). With a single start vector it is
+  exactly the Lanczos process of METRICS.md 1.3(b) (Paige 1972; Parlett, *The Symmetric
+  Eigenvalue Problem*, ch. 13). Stopping on Ritz residuals.
 * :func:`lanczos_tridiagonal` -- plain m-step Lanczos with full re-orthogonalisation for
   several independent start vectors in lock step (batched matvecs), returning the
   tridiagonals used by stochastic Lanczos quadrature (Golub & Meurant 1997; Lin, Saad &
@@ -26,7 +27,9 @@ import torch
 
 Tensor = torch.Tensor
 
-__all__ = ["KrylovResult", "krylov_eigsh", "lanczos_tridiagonal", "residual_floor"]
+__all__ = [
+    "KrylovResult", "krylov_eigsh", "lanczos_tridiagonal", "orthogonalize", "residual_floor",
+]
 
 
 def residual_floor(dtype: torch.dtype) -> float:
@@ -51,23 +54,49 @@ class KrylovResult:
     basis_size: int
 
 
+_DGKS = 2.0**-0.5
+
+
+def orthogonalize(q: Tensor, w: Tensor, near: int | None = None) -> tuple[Tensor, Tensor]:
+    """``w`` minus its projection on the orthonormal rows ``q``, and the float64 coefficients.
+
+    ``near``: index of the row whose product ``w`` is; its components along that row and
+    the one before (the three-term recurrence, where almost all of ``A q_j`` lies) are
+    removed first, at the cost of two dot products. Then classical Gram-Schmidt over all
+    rows with the Daniel-Gragg-Kaufman-Stewart (1976) test: a second pass only when a pass
+    removed more than ``1 - 1/sqrt(2)`` of the norm, the case where cancellation can leave
+    a component along the rows ("twice is enough", Giraud et al. 2005). A full pass reads
+    every row, so after the recurrence step the second one is rarely needed.
+    """
+    coef = torch.zeros(q.shape[0], dtype=torch.float64, device=w.device)
+    if not q.shape[0]:
+        return w, coef
+    if near is not None:
+        for i in range(max(0, near - 1), min(near + 1, q.shape[0])):
+            c = torch.dot(q[i], w)
+            w = w - c * q[i]
+            coef[i] += c.double()
+    for _ in range(2):
+        before = float(torch.linalg.vector_norm(w))
+        c = q @ w
+        w = torch.addmv(w, q.T, c, alpha=-1.0)
+        coef += c.double()
+        if float(torch.linalg.vector_norm(w)) >= _DGKS * before:
+            break
+    return w, coef
+
+
 class _Basis:
-    """Orthonormal rows grown on demand (capacity doubles), with CGS2 orthogonalisation."""
+    """Orthonormal rows grown on demand (capacity doubles), with Gram-Schmidt (DGKS)."""
 
     def __init__(self, n: int, dtype: torch.dtype, device: torch.device, capacity: int) -> None:
         self.rows = torch.empty((max(capacity, 1), n), dtype=dtype, device=device)
         self.size = 0
 
-    def orthogonalize(self, w: Tensor) -> tuple[Tensor, Tensor]:
-        """``w`` minus its projection on the basis (twice), and the float64 coefficients."""
-        coef = torch.zeros(self.size, dtype=torch.float64, device=w.device)
-        if self.size:
-            q = self.rows[: self.size]
-            for _ in range(2):
-                c = q @ w
-                w = w - q.T @ c
-                coef += c.double()
-        return w, coef
+    def orthogonalize(self, w: Tensor, near: int | None = None) -> tuple[Tensor, Tensor]:
+        """``w`` minus its projection on the basis, and the float64 coefficients
+        (:func:`orthogonalize`; ``near``: index of the row whose product ``w`` is)."""
+        return orthogonalize(self.rows[: self.size], w, near)
 
     def append(self, v: Tensor) -> None:
         if self.size == self.rows.shape[0]:
@@ -167,7 +196,7 @@ def krylov_eigsh(
         v = basis.rows[j]
         w = matvec(v)
         norm_est = max(norm_est, float(torch.linalg.vector_norm(w)))
-        w, c = basis.orthogonalize(w)
+        w, c = basis.orthogonalize(w, near=j)
         coeffs[: c.numel(), j] = c
         r = float(torch.linalg.vector_norm(w))
         if basis.size < n and r > floor_rel * norm_est and r > 0:
@@ -217,7 +246,7 @@ def lanczos_tridiagonal(
     """``n_iter``-step Lanczos from each row of ``starts`` (unit norm), in lock step.
 
     ``matmat`` maps a ``(b, n)`` block to its images. Each run keeps its own basis and is
-    fully re-orthogonalised against it (twice). A run stops early at breakdown
+    fully re-orthogonalised against it (:func:`orthogonalize`). A run stops early at breakdown
     (``beta_j <= residual_floor * ||A||_est``: an invariant Krylov subspace, whose Ritz
     values are then exact). Returns per run the diagonal ``alpha`` (float64, length m_l)
     and off-diagonal ``beta`` (length m_l - 1), and the number of matvecs used.
@@ -247,8 +276,7 @@ def lanczos_tridiagonal(
             q = bases[run, : step + 1]
             a = float(torch.dot(w, bases[run, step]))
             alphas[run].append(a)
-            for _ in range(2):
-                w = w - q.T @ (q @ w)
+            w, _ = orthogonalize(q, w, near=step)
             beta = float(torch.linalg.vector_norm(w))
             if step + 1 < n_iter and beta > floor_rel * norm_est and beta > 0:
                 betas[run].append(beta)

@@ -17,7 +17,7 @@ from landscape.curvature import (
     spectral_density,
     top_eigenvalues,
 )
-from landscape.curvature.lanczos import krylov_eigsh
+from landscape.curvature.lanczos import krylov_eigsh, orthogonalize
 from landscape.params import flatten
 from tests import models
 
@@ -26,6 +26,41 @@ def sym(n, seed=0, shift=0.0):
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(n, n, generator=g, dtype=torch.float64)
     return (a + a.T) / 2 + shift * torch.eye(n, dtype=torch.float64)
+
+
+def test_orthogonalize_removes_the_span_even_under_cancellation():
+    # w lies almost entirely in span(q): one classical Gram-Schmidt pass leaves a component
+    # of about eps * |w| / |result| along q; the DGKS test must trigger the second pass
+    g = torch.Generator().manual_seed(0)
+    q = torch.linalg.qr(torch.randn(400, 30, generator=g))[0].T.float()
+    c = torch.randn(30, generator=g)
+    r = torch.randn(400, generator=g)
+    r -= q.T @ (q @ r)
+    w = q.T @ c + 1e-4 * r / r.norm()
+    for near in (None, 7):
+        out, coef = orthogonalize(q, w.clone(), near=near)
+        assert float((q @ out).abs().max()) <= 1e-6 * float(out.norm())
+        # forming w rounded it by ~eps * |q^T c| per entry: equal to that accuracy
+        assert float((out - 1e-4 * r / r.norm()).norm()) <= 2e-2 * 1e-4
+        assert torch.allclose(coef.float(), c, atol=1e-5)
+    # nothing to remove: the input comes back unchanged, coefficients zero
+    out, coef = orthogonalize(q[:0], w)
+    assert torch.equal(out, w) and coef.numel() == 0
+
+
+def test_lanczos_basis_stays_orthogonal_on_a_clustered_spectrum():
+    # many iterations on clustered eigenvalues is where Lanczos loses orthogonality first;
+    # with full re-orthogonalisation the Ritz vectors stay orthonormal and the values exact
+    g = torch.Generator().manual_seed(3)
+    vals = torch.cat([torch.tensor([10.0, 9.999, 9.998]), torch.rand(297, generator=g)])
+    u = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=torch.float64))[0]
+    a = (u * vals.double()) @ u.T
+    res = krylov_eigsh(lambda x: a @ x, torch.randn(300, generator=g, dtype=torch.float64),
+                       k=3, tol=1e-10, max_matvec=300)
+    values, vectors, _ = res.largest
+    assert torch.allclose(values, vals[:3].double(), rtol=1e-9)
+    gram = vectors @ vectors.T
+    assert torch.allclose(gram, torch.eye(3, dtype=torch.float64), atol=1e-10)
 
 
 def test_lanczos_largest_smallest_both_on_random_matrix():
