@@ -1,5 +1,5 @@
-"""Batch structures shared by every consumer of user data: moving a nested batch to a device
-and reading its number of samples.
+"""Batch structures shared by every consumer of user data: moving a nested batch to a device,
+reading its number of samples and splitting it into micro-batches.
 
 A batch is a tensor, or tuples, lists and mappings of them (possibly nested), as a
 ``DataLoader`` with the default collate function yields them.
@@ -7,35 +7,67 @@ A batch is a tensor, or tuples, lists and mappings of them (possibly nested), as
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
-__all__ = ["leading_size", "to_device"]
+__all__ = ["leading_size", "map_tensors", "split", "to_device"]
 
 
-def to_device(obj: Any, device: torch.device | str, *, non_blocking: bool = False) -> Any:
-    """``obj`` with every tensor moved to ``device``.
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any], other: Callable[[Any], Any] | None
+                = None) -> Any:
+    """``obj`` with ``fn`` applied to every tensor in it, the structure rebuilt.
 
     Tuples, lists and mappings are rebuilt with their own type where it can be (namedtuples,
-    ``OrderedDict``, Hugging Face ``BatchEncoding``), else as a plain ``dict``; other objects
-    with a ``.to`` method are moved with it; anything else is returned unchanged.
+    ``OrderedDict``, Hugging Face ``BatchEncoding``), else as a plain ``dict``; any other
+    leaf goes through ``other`` (default: returned unchanged).
     """
     if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=non_blocking)
+        return fn(obj)
     if isinstance(obj, Mapping):
-        moved = {k: to_device(v, device, non_blocking=non_blocking) for k, v in obj.items()}
+        mapped = {k: map_tensors(v, fn, other) for k, v in obj.items()}
         try:
-            return type(obj)(moved)
+            return type(obj)(mapped)
         except TypeError:
-            return moved
+            return mapped
     if isinstance(obj, (tuple, list)):
-        items = [to_device(v, device, non_blocking=non_blocking) for v in obj]
+        items = [map_tensors(v, fn, other) for v in obj]
         if hasattr(obj, "_fields"):  # a namedtuple
             return type(obj)(*items)
         return type(obj)(items)
-    to = getattr(obj, "to", None)
-    return to(device) if callable(to) else obj
+    return other(obj) if other is not None else obj
+
+
+def to_device(obj: Any, device: torch.device | str, *, non_blocking: bool = False) -> Any:
+    """``obj`` with every tensor moved to ``device`` (:func:`map_tensors`); other objects with
+    a ``.to`` method are moved with it, anything else is returned unchanged."""
+
+    def other(leaf: Any) -> Any:
+        to = getattr(leaf, "to", None)
+        return to(device) if callable(to) else leaf
+
+    return map_tensors(obj, lambda t: t.to(device, non_blocking=non_blocking), other)
+
+
+def split(obj: Any, size: int) -> list[Any]:
+    """``obj`` cut into micro-batches of at most ``size`` samples, in order.
+
+    The batch dimension is the leading dimension of the first tensor (:func:`leading_size`);
+    every tensor whose leading dimension has that length is sliced along it, everything
+    else (scalars, masks of another shape, non-tensors) is shared by all micro-batches.
+    """
+    if size < 1:
+        raise ValueError(f"micro-batch size must be >= 1, got {size}")
+    n = leading_size(obj)
+    if n is None:
+        raise ValueError("cannot split a batch without tensors (no batch dimension found)")
+
+    def piece(start: int) -> Any:
+        return map_tensors(
+            obj, lambda t: t[start:start + size] if t.dim() and t.shape[0] == n else t
+        )
+
+    return [piece(start) for start in range(0, n, size)]
 
 
 def leading_size(obj: Any) -> int | None:

@@ -117,6 +117,10 @@ class Monitor:
             broadcast so every rank returns and reports the same ones (e.g. to stop
             together). Every rank must then call :meth:`step` with the same steps. With
             ``False`` each rank computes on its own (rank 0 still writes alone).
+        microbatch_size: evaluate the curvature metrics' Hessian products in micro-batches
+            of at most this many samples (:class:`~landscape.curvature.Hessian`): peak
+            memory of one micro-batch instead of the whole batch, for more time per
+            product. ``None`` (default): whole batches.
     """
 
     def __init__(
@@ -139,9 +143,14 @@ class Monitor:
         truncate_from: int | None = None,
         flush_every: int = 256,
         distributed: bool | None = None,
+        microbatch_size: int | None = None,
     ) -> None:
         if loss_fn is None and closure is None:
             raise ValueError("Monitor needs loss_fn or closure")
+        if microbatch_size is not None and (
+            not isinstance(microbatch_size, int) or microbatch_size < 1
+        ):
+            raise ValueError(f"microbatch_size must be an integer >= 1, got {microbatch_size!r}")
         if taylor_guard is not None and (optimizer is None or probe is None):
             raise ValueError("taylor_guard needs optimizer= and probe=(inputs, targets)")
         self.model = _dist.unwrap(model)  # the module inside a DDP / DataParallel wrapper
@@ -154,6 +163,7 @@ class Monitor:
         self.strict = strict
         self.warn = warn
         self.taylor_guard = taylor_guard
+        self.microbatch_size = microbatch_size
         self.path = path if _dist.rank() == 0 else None  # only rank 0 writes a file
         self._distributed = _dist.enabled(distributed)
         self._writer_args = {"mode": mode, "truncate_from": truncate_from,
@@ -248,6 +258,7 @@ class Monitor:
                 for m in self.metrics
             ],
             "taylor_guard": self.taylor_guard,
+            "microbatch_size": self.microbatch_size,
             **self._user_config,
         }
 
@@ -302,6 +313,7 @@ class Monitor:
             step=step, model=self.model, loss_fn=self.loss_fn, closure=self.closure,
             optimizer=self.optimizer, names=self._names, batch=batch, probe=self.probe,
             loss=loss, outputs=outputs, state=self._state,
+            microbatch_size=self.microbatch_size,
         )
 
     def step(

@@ -14,9 +14,11 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from landscape.batches import leading_size, to_device
+from landscape.batches import leading_size, split, to_device
 
-__all__ = ["BatchSize", "is_single_batch", "leading_size", "materialize", "to_device"]
+__all__ = [
+    "BatchSize", "is_single_batch", "leading_size", "materialize", "microbatches", "to_device",
+]
 
 BatchSize = Callable[[Any], "int | None"]
 
@@ -83,3 +85,56 @@ def materialize(
         total = float(sum(sizes))
         weights = [s / total for s in sizes]
     return batches, weights
+
+
+def microbatches(
+    batches: list[Any],
+    weights: list[float],
+    size: int,
+    *,
+    closure_mode: bool,
+    batch_size: BatchSize | None,
+) -> tuple[list[Any], list[float]]:
+    """Every batch cut into micro-batches of at most ``size`` samples, with weights.
+
+    A micro-batch of batch ``b`` weighs ``w_b * n_c / n_b`` (its share of the batch's samples,
+    by ``batch_size`` when given, else by the leading dimension), so the weighted sum of
+    micro-batch losses is the weighted sum of batch losses whenever a batch's loss is the
+    mean of per-sample losses -- the assumption under which loader weighting holds too.
+    """
+    if size < 1:
+        raise ValueError(f"microbatch_size must be >= 1, got {size}")
+    out_batches: list[Any] = []
+    out_weights: list[float] = []
+    for batch, w in zip(batches, weights):
+        if closure_mode:
+            pieces = split(batch, size)
+        else:
+            inputs, targets = batch
+            n = leading_size(inputs)
+            if n is None:
+                raise ValueError("microbatch_size: the inputs have no batch dimension")
+            pieces = [
+                (i, t) for i, t in zip(split(inputs, size), _split_like(targets, n, size))
+            ]
+        sizer = batch_size or (lambda b: leading_size(b if closure_mode else b[0]))
+        sizes = [sizer(p) for p in pieces]
+        if any(s is None or s <= 0 for s in sizes):
+            sizes = [1] * len(pieces)
+        total = float(sum(sizes))
+        out_batches.extend(pieces)
+        out_weights.extend(w * s / total for s in sizes)
+    return out_batches, out_weights
+
+
+def _split_like(targets: Any, n: int, size: int) -> list[Any]:
+    """Targets cut where the inputs were (``n`` samples in steps of ``size``)."""
+    m = leading_size(targets)
+    if m == n:
+        return split(targets, size)
+    if m is not None:
+        raise ValueError(
+            f"microbatch_size: the targets' leading dimension ({m}) is not the inputs' ({n}); "
+            "give a closure= that splits such batches itself"
+        )
+    return [targets] * -(-n // size)

@@ -72,10 +72,10 @@ def orthogonalize(q: Tensor, w: Tensor, near: int | None = None) -> tuple[Tensor
     if not q.shape[0]:
         return w, coef
     if near is not None:
-        for i in range(max(0, near - 1), min(near + 1, q.shape[0])):
-            c = torch.dot(q[i], w)
-            w = w - c * q[i]
-            coef[i] += c.double()
+        lo, hi = max(0, near - 1), min(near + 1, q.shape[0])
+        c = q[lo:hi] @ w
+        w = torch.addmv(w, q[lo:hi].T, c, alpha=-1.0)
+        coef[lo:hi] += c.double()
     for _ in range(2):
         before = float(torch.linalg.vector_norm(w))
         c = q @ w

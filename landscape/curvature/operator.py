@@ -36,6 +36,7 @@ from landscape.curvature._batches import (
     is_single_batch,
     leading_size,
     materialize,
+    microbatches,
     to_device,
 )
 from landscape.isolation import isolated, sdpa_math, stateless_call, stateless_closure
@@ -183,6 +184,7 @@ class ModelOperator(CurvatureOperator):
         single_batch: bool | None = None,
         seed: int = 0,
         distributed: bool | None = None,
+        microbatch_size: int | None = None,
     ) -> None:
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -211,9 +213,18 @@ class ModelOperator(CurvatureOperator):
             single_batch=single_batch,
             batch_size=batch_size,
         )
+        if microbatch_size is not None:
+            self._check_microbatching(eval_mode)
+            self._batches, self._weights = microbatches(
+                self._batches, self._weights, int(microbatch_size),
+                closure_mode=closure is not None or getattr(self, "forward", None) is not None,
+                batch_size=batch_size,
+            )
+        self.microbatch_size = microbatch_size
         self._options = dict(
             params=params, eval_mode=eval_mode, max_batches=max_batches, backend=backend,
             batch_size=batch_size, single_batch=single_batch, seed=seed, distributed=distributed,
+            microbatch_size=microbatch_size,
         )
         # torch.distributed: decided once, here (so `landscape.distributed.local()` around the
         # construction keeps the operator local); see _accumulate
@@ -226,6 +237,18 @@ class ModelOperator(CurvatureOperator):
         self._graph: tuple[Any, ...] | None = None
         self._vmap_failed: BaseException | None = None
         self._cache: tuple[torch.Tensor, Vector] | None = None
+
+    def _check_microbatching(self, eval_mode: bool) -> None:
+        """Micro-batches change what a layer with batch statistics computes in train mode."""
+        if eval_mode:
+            return
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                raise ValueError(
+                    f"microbatch_size with eval_mode=False: {name or 'the model'} "
+                    f"({type(module).__name__}) would normalise each micro-batch by its own "
+                    "statistics, a different operator; use eval_mode=True or no micro-batches"
+                )
 
     # -- public conveniences ---------------------------------------------------------------
     @property
@@ -468,6 +491,13 @@ class Hessian(ModelOperator):
     between products, as PyHessian does, so a product is one backward pass; the graph is
     held by the operator only (never by the model), rebuilt when a parameter or buffer
     changes in place (version counters) and dropped by :meth:`refresh`.
+    ``microbatch_size``: cut every batch into micro-batches of at most this many samples
+    (tensors sliced along the leading dimension, weights by sample count), evaluated one
+    after the other and summed. Peak memory is then that of one micro-batch's
+    double-backward graph instead of the whole batch's, at the price of a forward and
+    backward per micro-batch in every product (no cached graph); the operator is the same
+    whenever the loss is a per-sample mean (with ``eval_mode=False`` BatchNorm is refused,
+    since its batch statistics would change). docs/curvature.md has measurements.
     ``distributed`` (``None``: when a ``torch.distributed`` process group of several ranks
     is initialized, outside :func:`landscape.distributed.local`; ``False``: never): every
     loss, gradient and product is all-reduced over the ranks, weighted by each rank's data
@@ -492,6 +522,7 @@ class Hessian(ModelOperator):
         seed: int = 0,
         cache_graph: bool = True,
         distributed: bool | None = None,
+        microbatch_size: int | None = None,
     ) -> None:
         if (loss_fn is None) == (closure is None):
             raise ValueError("Hessian: give exactly one of loss_fn and closure")
@@ -500,14 +531,19 @@ class Hessian(ModelOperator):
             model, loss_fn, data, closure=closure, params=params, eval_mode=eval_mode,
             max_batches=max_batches, backend=backend, batch_size=batch_size,
             single_batch=single_batch, seed=seed, distributed=distributed,
+            microbatch_size=microbatch_size,
         )
 
     def subset(self, params: ParamSpec) -> Hessian:
         new = Hessian(
             self.model, self.loss_fn, self._batches[0], closure=self.closure,
-            cache_graph=self.cache_graph, **dict(self._options, params=params, single_batch=True),
+            cache_graph=self.cache_graph,
+            **dict(self._options, params=params, single_batch=True, microbatch_size=None),
         )
+        # the batches are already cut: copy them rather than cutting again
         new._batches, new._weights = list(self._batches), list(self._weights)
+        new.microbatch_size = self.microbatch_size
+        new._options["microbatch_size"] = self.microbatch_size
         return new
 
     def _func_product(
@@ -607,6 +643,7 @@ class GGN(ModelOperator):
         single_batch: bool | None = None,
         seed: int = 0,
         distributed: bool | None = None,
+        microbatch_size: int | None = None,
     ) -> None:
         if loss_fn is None:
             raise ValueError("GGN: loss_fn is required (the GGN splits model output and loss)")
@@ -617,14 +654,18 @@ class GGN(ModelOperator):
             model, loss_fn, data, closure=None, params=params, eval_mode=eval_mode,
             max_batches=max_batches, backend=backend, batch_size=batch_size,
             single_batch=single_batch, seed=seed, distributed=distributed,
+            microbatch_size=microbatch_size,
         )
 
     def subset(self, params: ParamSpec) -> GGN:
         new = GGN(
             self.model, self.loss_fn, self._batches[0], forward=self.forward,
-            **dict(self._options, params=params, single_batch=True),
+            **dict(self._options, params=params, single_batch=True, microbatch_size=None),
         )
+        # the batches are already cut: copy them rather than cutting again
         new._batches, new._weights = list(self._batches), list(self._weights)
+        new.microbatch_size = self.microbatch_size
+        new._options["microbatch_size"] = self.microbatch_size
         return new
 
     def _model_output(self, p: dict[str, torch.Tensor], batch: Any) -> tuple[Any, Any]:

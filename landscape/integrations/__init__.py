@@ -48,7 +48,8 @@ _LAZY = {
 }
 
 MONITOR_OPTIONS = frozenset(
-    {"alarms", "strict", "warn", "taylor_guard", "mode", "truncate_from", "flush_every"}
+    {"alarms", "strict", "warn", "taylor_guard", "mode", "truncate_from", "flush_every",
+     "microbatch_size"}
 )
 """Keyword arguments an adapter passes through to :class:`~landscape.Monitor` unchanged."""
 

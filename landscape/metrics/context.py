@@ -83,6 +83,7 @@ class StepContext:
     params_before: Vector | None = None
     update: Vector | None = None
     state: dict = field(default_factory=dict)
+    microbatch_size: int | None = None
     capture_plan: dict[str, tuple[set[str], set[str]]] = field(default_factory=dict)
     _captured: dict[str, Captured] = field(default_factory=dict)
     _cache: dict[Any, Any] = field(default_factory=dict)
@@ -173,6 +174,7 @@ class StepContext:
                 self.data(source),
                 closure=self.closure,
                 params=list(self.names),
+                microbatch_size=self.microbatch_size,
             )
             if preconditioned:
                 op = curvature.preconditioned(op, self.optimizer)

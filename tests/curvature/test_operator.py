@@ -381,3 +381,64 @@ def test_data_loader_and_multi_input_batches():
     dense = dense_hessian(two, lambda out, tt: F.cross_entropy(out, tt), ((u, w), t))
     _check_products(single, dense)
     _check_products(split, dense)
+
+
+# -- micro-batches ----------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_microbatches_give_the_whole_batch_operator(backend):
+    model = models.mlp().double()
+    x, y = models.classification_data()  # 16 samples: micro-batches of 5, 5, 5, 1
+    batch = (x.double(), y)
+    op = Hessian(model, F.cross_entropy, batch, backend=backend, microbatch_size=5)
+    assert op.batch_weights == (5 / 16, 5 / 16, 5 / 16, 1 / 16)
+    dense = dense_hessian(model, F.cross_entropy, batch)
+    _check_products(op, dense)
+    assert op._graph is None  # several micro-batches: nothing cached between products
+    assert torch.allclose(op.loss(), F.cross_entropy(model(x.double()), y))
+    eig = top_eigenvalues(op, k=2, tol=1e-8)
+    assert torch.allclose(eig.values, torch.linalg.eigvalsh(dense).flip(0)[:2], rtol=1e-9)
+    ggn = GGN(model, F.cross_entropy, batch, backend=backend, microbatch_size=3)
+    _check_products(ggn, dense_ggn(model, F.cross_entropy, batch))
+
+
+def test_microbatches_of_dict_batches_loaders_and_subsets():
+    model = tiny_transformer()
+    batches = [models.token_data(n=3, seq=5, vocab=5, seed=1),
+               models.token_data(n=5, seq=5, vocab=5, seed=2)]
+    op = Hessian(model, data=batches, closure=models.lm_loss, microbatch_size=2)
+    # batch weights 3/8 and 5/8, each shared by its micro-batches by sample count
+    assert op.batch_weights == pytest.approx((2 / 8, 1 / 8, 2 / 8, 2 / 8, 1 / 8))
+    whole = {"ids": torch.cat([b["ids"] for b in batches])}
+    dense = dense_hessian(model, closure=models.lm_loss, batch=whole)
+    _check_products(op, dense, rtol=1e-9)
+    names = [n for n, _ in model.named_parameters()][:2]
+    sub = op.subset(names)
+    assert sub.microbatch_size == 2 and len(sub.batch_weights) == 5
+    _check_products(sub, dense_hessian(model, closure=models.lm_loss, batch=whole,
+                                       params=names), rtol=1e-9)
+
+
+def test_microbatches_keep_batchnorm_running_statistics_and_refuse_train_mode():
+    model = models.cnn_bn().double()
+    x, y = models.image_data()
+    batch = (x.double(), y)
+    op = Hessian(model, F.cross_entropy, batch, microbatch_size=3)
+    _check_products(op, dense_hessian(model, F.cross_entropy, batch))
+    with pytest.raises(ValueError, match="BatchNorm"):
+        Hessian(model, F.cross_entropy, batch, microbatch_size=3, eval_mode=False)
+    # without batch statistics, train mode is fine (dropout noise is seeded per product)
+    xm, ym = models.classification_data()
+    Hessian(models.mlp().double(), F.cross_entropy, (xm.double(), ym), microbatch_size=3,
+            eval_mode=False)
+
+
+def test_microbatch_bad_arguments():
+    model = models.mlp().double()
+    x, y = models.classification_data()
+    with pytest.raises(ValueError, match="microbatch_size must be >= 1"):
+        Hessian(model, F.cross_entropy, (x.double(), y), microbatch_size=0)
+    with pytest.raises(ValueError, match="targets' leading dimension"):
+        Hessian(model, F.cross_entropy, (x.double(), y[:4]), microbatch_size=3)
+    with pytest.raises(ValueError, match="no batch dimension"):
+        Hessian(model, data=(3.0, 4.0), closure=lambda m, b: m.net[0].weight.sum(),
+                microbatch_size=3)

@@ -139,3 +139,29 @@ def test_sharpness_threshold_follows_the_optimizer_and_its_learning_rate():
         _, thr = mon.run().series("sharpness", "threshold")
     assert thr[0] == pytest.approx(stability_threshold("sgd", 0.1, momentum=0.9))
     assert thr[0] == pytest.approx(3.8 / 0.1) and thr[1] == pytest.approx(3.8 / 0.2)
+
+
+def test_microbatched_curvature_metrics_record_the_same_numbers():
+    net, x, y = _tiny_regression()
+
+    def loss_fn(out, target):
+        return F.mse_loss(out, target) / 2
+
+    def record(**options):
+        metrics = [create("hessian", schedule=1, k=2, tol=1e-9),
+                   create("hessian_trace", schedule=1, n_matvec=12)]
+        with Monitor(net, loss_fn, metrics=metrics, probe=(x, y), strict=True,
+                     **options) as mon:
+            mon.step(0)
+            run = mon.run()
+            return (run.series("hessian", "eigenvalues")[1][0],
+                    run.series("hessian_trace", "value")[1][0], run.config)
+
+    whole_eigs, whole_trace, _ = record()
+    micro_eigs, micro_trace, config = record(microbatch_size=5)
+    assert config["microbatch_size"] == 5
+    assert np.allclose(micro_eigs, whole_eigs, rtol=1e-8)
+    assert whole_eigs[0] == pytest.approx(_dense_lambda_max(net, x, y), rel=1e-8)
+    assert micro_trace == pytest.approx(whole_trace, rel=1e-9)  # same probes, same operator
+    with pytest.raises(ValueError, match="microbatch_size"):
+        Monitor(net, loss_fn, microbatch_size=0)

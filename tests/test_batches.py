@@ -1,0 +1,45 @@
+"""Nested batch structures: mapping tensors, moving them, splitting into micro-batches."""
+
+from __future__ import annotations
+
+from collections import OrderedDict, namedtuple
+
+import pytest
+import torch
+
+from landscape.batches import leading_size, map_tensors, split, to_device
+
+Pair = namedtuple("Pair", "x y")
+
+
+def test_split_slices_the_batch_dimension_and_shares_the_rest():
+    batch = {
+        "x": torch.arange(10).reshape(5, 2),
+        "mask": torch.ones(3),  # another leading length: shared, not sliced
+        "scale": torch.tensor(2.0),  # a scalar: shared
+        "pair": Pair(torch.arange(5), [torch.arange(5) * 10, "tag"]),
+    }
+    pieces = split(batch, 2)
+    assert [leading_size(p) for p in pieces] == [2, 2, 1]
+    assert torch.equal(torch.cat([p["x"] for p in pieces]), batch["x"])
+    assert torch.equal(torch.cat([p["pair"].y[0] for p in pieces]), batch["pair"].y[0])
+    for p in pieces:
+        assert p["mask"] is batch["mask"] and p["scale"] is batch["scale"]
+        assert isinstance(p["pair"], Pair) and p["pair"].y[1] == "tag"
+    assert len(split(torch.arange(4), 10)) == 1
+
+
+def test_split_bad_input():
+    with pytest.raises(ValueError, match=">= 1"):
+        split(torch.zeros(3), 0)
+    with pytest.raises(ValueError, match="no batch dimension"):
+        split({"a": 1.0, "b": torch.tensor(3.0)}, 2)
+
+
+def test_map_tensors_keeps_container_types():
+    batch = OrderedDict(a=torch.ones(2), b=(torch.zeros(1), 3))
+    out = map_tensors(batch, lambda t: t + 1)
+    assert isinstance(out, OrderedDict) and isinstance(out["b"], tuple)
+    assert torch.equal(out["a"], torch.full((2,), 2.0)) and out["b"][1] == 3
+    moved = to_device(Pair(torch.ones(1), "s"), "cpu")
+    assert isinstance(moved, Pair) and moved.y == "s"
