@@ -1,7 +1,7 @@
 """Lanczos iterations on flat tensors: a Krylov eigen-solver and SLQ tridiagonals.
 
 Pure functions over a symmetric linear map given as a callable on 1-D tensors (or on a
-batch of them); nothing here knows about models. Two routines and their Gram-Schmidt step:
+batch of them); nothing here knows about models. Three routines and their Gram-Schmidt step:
 
 * :func:`krylov_eigsh` -- Lanczos with full re-orthogonalisation (:func:`orthogonalize`:
   the three-term recurrence, then classical Gram-Schmidt, twice when needed), written as
@@ -13,6 +13,8 @@ batch of them); nothing here knows about models. Two routines and their Gram-Sch
   several independent start vectors in lock step (batched matvecs), returning the
   tridiagonals used by stochastic Lanczos quadrature (Golub & Meurant 1997; Lin, Saad &
   Yang 2016; Ghorbani, Krishnan & Xiao 2019).
+* :func:`krylov_basis` -- the orthonormal Lanczos basis itself and the Rayleigh quotients
+  of its vectors, for deflated trace estimation.
 
 Basis vectors are kept in the operator's dtype; every small dense problem (projected
 matrix, its eigen-decomposition, residuals) is float64 (METRICS.md G5).
@@ -28,7 +30,8 @@ import torch
 Tensor = torch.Tensor
 
 __all__ = [
-    "KrylovResult", "krylov_eigsh", "lanczos_tridiagonal", "orthogonalize", "residual_floor",
+    "KrylovResult", "krylov_basis", "krylov_eigsh", "lanczos_tridiagonal", "orthogonalize",
+    "residual_floor",
 ]
 
 
@@ -286,3 +289,37 @@ def lanczos_tridiagonal(
     alpha_t = [torch.tensor(a, dtype=torch.float64) for a in alphas]
     beta_t = [torch.tensor(bt, dtype=torch.float64) for bt in betas]
     return alpha_t, beta_t, used
+
+
+def krylov_basis(
+    matvec: Callable[[Tensor], Tensor], start: Tensor, m: int
+) -> tuple[Tensor, Tensor, int]:
+    """Orthonormal basis ``Q`` (rows) of the Krylov space ``K_m(A, start)`` and ``diag(Q A Q^T)``.
+
+    ``m`` Lanczos steps with full re-orthogonalisation; step ``j`` multiplies ``q_j`` and
+    records ``alpha_j = q_j^T A q_j`` (float64), so ``sum(alpha) = tr(Q A Q^T)`` exactly --
+    the part of ``tr(A)`` on the span of ``Q``. Stops early at an invariant subspace
+    (then ``tr(Q A Q^T)`` is the trace of ``A`` on it). Returns ``(Q, alpha, matvecs)``
+    with ``Q`` of shape ``(matvecs, n)``.
+    """
+    if m < 1:
+        raise ValueError(f"m must be >= 1, got {m}")
+    n = start.numel()
+    m = min(m, n)
+    floor_rel = residual_floor(start.dtype)
+    rows = torch.empty((m, n), dtype=start.dtype, device=start.device)
+    rows[0] = start / torch.linalg.vector_norm(start)
+    alphas = torch.zeros(m, dtype=torch.float64)
+    norm_est = 0.0
+    for j in range(m):
+        w = matvec(rows[j])
+        norm_est = max(norm_est, float(torch.linalg.vector_norm(w)))
+        alphas[j] = float(torch.dot(rows[j], w))
+        if j + 1 == m:
+            return rows, alphas, m
+        w, _ = orthogonalize(rows[: j + 1], w, near=j)
+        beta = float(torch.linalg.vector_norm(w))
+        if not (beta > floor_rel * norm_est and beta > 0):
+            return rows[: j + 1], alphas[: j + 1], j + 1
+        rows[j + 1] = w / beta
+    return rows, alphas, m

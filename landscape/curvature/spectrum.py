@@ -3,8 +3,9 @@
 * :func:`top_eigenvalues` -- algebraically largest (and/or smallest) eigenpairs by Lanczos
   with full re-orthogonalisation and residual-based stopping, warm-startable from previous
   Ritz vectors (METRICS.md 1.3(b)).
-* :func:`hessian_trace` -- Hutchinson (1989) with Rademacher probes, or Hutch++ (Meyer,
-  Musco, Musco & Woodruff, SOSA 2021, Algorithm 1), each with a standard error (1.4).
+* :func:`hessian_trace` -- Hutchinson (1989) with Rademacher probes, Hutch++ (Meyer,
+  Musco, Musco & Woodruff, SOSA 2021, Algorithm 1), or Hutchinson deflated by a Lanczos
+  basis (``"krylov"``), each with a standard error (1.4).
 * :func:`spectral_density` -- stochastic Lanczos quadrature (Lin, Saad & Yang 2016;
   Ghorbani, Krishnan & Xiao 2019) with Gaussian smoothing (1.5).
 
@@ -20,7 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from landscape.curvature.lanczos import krylov_eigsh, lanczos_tridiagonal
+from landscape.curvature.lanczos import krylov_basis, krylov_eigsh, lanczos_tridiagonal
 from landscape.curvature.operator import CurvatureOperator
 from landscape.params import Vector, flatten, unflatten
 
@@ -225,7 +226,7 @@ def _mean_and_stderr(samples: torch.Tensor) -> tuple[float, float]:
 
 def hessian_trace(
     op: CurvatureOperator,
-    method: str = "hutch++",
+    method: str = "krylov",
     n_matvec: int = 60,
     *,
     seed: int = 0,
@@ -244,36 +245,62 @@ def hessian_trace(
     deviation of the ``g_j^T A g_j`` over sqrt(g). It excludes the variability of ``Q``
     (which affects the estimate only through which part is computed exactly); the tests
     check it is a valid error bar over seeds. Requires ``n_matvec >= 3``.
+
+    ``method="krylov"``: Hutchinson deflated by a Krylov space (the deflation of Gambhir,
+    Stathopoulos & Orginos, SISC 2017, with the Lanczos basis as the deflation space; cf.
+    Chen & Hallman, SIMAX 2023, "Krylov-aware stochastic trace estimation"):
+    ``m1 = n_matvec // 2`` Lanczos steps from a Rademacher start give an orthonormal basis
+    ``Q`` and ``tr(Q^T A Q) = sum_j alpha_j`` exactly (the Rayleigh quotients the Lanczos
+    steps compute anyway); the other ``n_matvec - m1`` Rademacher probes, projected off
+    ``Q``, estimate the trace of the rest, as in Hutch++. Unbiased for the same reason
+    (``Q`` is independent of the probes), same conditional ``stderr``. A Krylov space of
+    ``m1`` products captures the extreme eigenvectors (both ends, for indefinite
+    Hessians) far better than Hutch++'s one-pass sketch of ``n_matvec // 3`` columns,
+    which needs ``2 n_matvec / 3`` products, so more of the budget is left for probes and
+    less variance for them; docs/curvature.md and docs/benchmarks.md compare the three.
+    Requires ``n_matvec >= 2``; the Lanczos steps are sequential single products.
     """
-    method = method.lower().replace("_", "").replace("-", "")
+    method = _TRACE_METHODS.get(method.lower().replace("_", "").replace("-", ""))
+    if method is None:
+        raise ValueError(
+            f"method must be one of {', '.join(sorted(set(_TRACE_METHODS.values())))}"
+        )
+    least = {"hutchinson": 1, "hutch++": 3, "krylov": 2}[method]
+    if n_matvec < least:
+        raise ValueError(f"n_matvec must be >= {least} for {method}, got {n_matvec}")
     before = op.n_matvec
     gen = _generator(seed)
     if method == "hutchinson":
-        if n_matvec < 1:
-            raise ValueError(f"n_matvec must be >= 1, got {n_matvec}")
         z = _rademacher(n_matvec, op, gen)
         az = op.flat_matmat(z)
         samples = (z.double() * az.double()).sum(dim=1)
         value, stderr = _mean_and_stderr(samples)
         return TraceResult(value, stderr, op.n_matvec - before, "hutchinson", samples)
-    if method != "hutch++":
-        raise ValueError(f"method must be 'hutchinson' or 'hutch++', got {method!r}")
-    if n_matvec < 3:
-        raise ValueError(f"n_matvec must be >= 3 for hutch++, got {n_matvec}")
-    s = n_matvec // 3
-    g = n_matvec - 2 * s
-    sketch = _rademacher(s, op, gen)
-    probes = _rademacher(g, op, gen)
-    a_s = op.flat_matmat(sketch).double()
-    q, _ = torch.linalg.qr(a_s.T)  # (dim, s), float64
-    a_q = op.flat_matmat(q.T.to(op.dtype).contiguous()).double()
-    low_rank = float((q * a_q.T).sum())
+    if method == "hutch++":
+        s = n_matvec // 3
+        sketch = _rademacher(s, op, gen)
+        probes = _rademacher(n_matvec - 2 * s, op, gen)
+        a_s = op.flat_matmat(sketch).double()
+        q, _ = torch.linalg.qr(a_s.T)  # (dim, s), float64
+        a_q = op.flat_matmat(q.T.to(op.dtype).contiguous()).double()
+        exact = float((q * a_q.T).sum())
+        basis = q.T
+    else:  # krylov: Lanczos basis from one random start, exact trace on its span
+        start = _rademacher(1, op, gen)[0]
+        rows, alphas, used = krylov_basis(op.flat_matvec, start, n_matvec // 2)
+        exact = float(alphas.sum())
+        basis = rows.double()
+        probes = _rademacher(n_matvec - used, op, gen)
     pg = probes.double()
-    pg = pg - (pg @ q) @ q.T
+    pg = pg - (pg @ basis.T) @ basis
     a_g = op.flat_matmat(pg.to(op.dtype)).double()
     samples = (pg * a_g).sum(dim=1)
     mean, stderr = _mean_and_stderr(samples)
-    return TraceResult(low_rank + mean, stderr, op.n_matvec - before, "hutch++", samples)
+    return TraceResult(exact + mean, stderr, op.n_matvec - before, method, samples)
+
+
+_TRACE_METHODS = {"hutchinson": "hutchinson", "hutch++": "hutch++", "hutchpp": "hutch++",
+                  "krylov": "krylov"}
 
 
 # ------------------------------------------------------------------------------------------

@@ -91,13 +91,14 @@ def _adam_steps(opt: torch.optim.Optimizer) -> int:
 
 @register
 class HessianTrace(Metric):
-    """Hessian trace by Hutch++ (Meyer et al. 2021) with a standard error."""
+    """Hessian trace with a standard error: Hutchinson deflated by a Lanczos basis by default
+    (``method``: any of :func:`landscape.curvature.hessian_trace`'s)."""
 
     name = "hessian_trace"
     FIELDS = ("value", "stderr")
     default_schedule = every(100)
 
-    def __init__(self, n_matvec: int = 30, method: str = "hutch++", **kwargs: Any) -> None:
+    def __init__(self, n_matvec: int = 30, method: str = "krylov", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.n_matvec, self.method = int(n_matvec), method
 

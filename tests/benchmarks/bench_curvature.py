@@ -55,6 +55,7 @@ from landscape.isolation import sdpa_math
 from tests.models import TinyTransformer, mlp
 
 SECTIONS = ("eig", "trace", "track", "slq", "memory")
+TRACE_METHODS = ("hutchinson", "hutch++", "krylov")
 
 
 # ------------------------------------------------------------------------------------------
@@ -94,6 +95,23 @@ def mlp_problem(big: bool = True) -> tuple[str, nn.Module, Callable, tuple]:
     _train(model, F.cross_entropy, batch, steps=100, lr=0.2)
     name = "MLP 64-128-128-10" if big else "MLP 20-40-40-5"
     return name, model, F.cross_entropy, batch
+
+
+def digits_problem() -> tuple[str, nn.Module, Callable, tuple]:
+    """Tanh MLP 64-32-32-10 (3,466 parameters) trained on 512 of scikit-learn's digits.
+
+    200 Adam steps reach 100% training accuracy (loss ~0.03): a trained 10-class classifier,
+    whose Hessian has the usual few outliers above a small bulk (Papyan 2020), unlike the
+    briefly trained teacher problems above. scikit-learn ships the data (no download).
+    """
+    from sklearn.datasets import load_digits
+
+    images, labels = load_digits(return_X_y=True)
+    x = torch.tensor(images[:512] / 16.0, dtype=torch.get_default_dtype())
+    y = torch.tensor(labels[:512])
+    model = mlp(d_in=64, hidden=32, d_out=10, depth=3, seed=0).to(torch.get_default_dtype())
+    _train(model, F.cross_entropy, (x, y), steps=200, lr=3e-3, adam=True)
+    return "MLP 64-32-32-10 on digits, trained", model, F.cross_entropy, (x, y)
 
 
 def transformer_problem(size: str = "bench") -> tuple[str, nn.Module, Callable, tuple]:
@@ -329,10 +347,10 @@ def dense(op: Any) -> torch.Tensor:
 
 
 def section_trace(n_seeds: int, budgets: list[int]) -> dict:
-    print("## Trace: Hutch++ vs Hutchinson at equal matvecs, PyHessian's trace()\n")
+    print("## Trace: Hutchinson, Hutch++ and Krylov at equal matvecs, PyHessian's trace()\n")
     counter = PyHessianCounter()
     results = {}
-    for problem in (mlp_problem(False), transformer_problem("dense")):
+    for problem in (mlp_problem(False), transformer_problem("dense"), digits_problem()):
         name, model, loss_fn, batch = problem
         hess = Hessian(model, loss_fn, batch, backend="autograd")
         mats = {"Hessian": dense(hess),
@@ -353,20 +371,25 @@ def section_trace(n_seeds: int, budgets: list[int]) -> dict:
             rows = []
             res = {}
             for m in budgets:
-                errs: dict[str, list[float]] = {"hutchinson": [], "hutch++": []}
-                cover: dict[str, int] = {"hutchinson": 0, "hutch++": 0}
+                errs: dict[str, list[float]] = {k: [] for k in TRACE_METHODS}
+                cover: dict[str, int] = {k: 0 for k in TRACE_METHODS}
                 for seed in range(n_seeds):
                     for method in errs:
                         t = hessian_trace(op, method, m, seed=seed)
                         errs[method].append(abs(t.value - exact) / abs(exact))
                         cover[method] += abs(t.value - exact) <= 2 * t.stderr
-                e_h, e_pp = float(np.mean(errs["hutchinson"])), float(np.mean(errs["hutch++"]))
-                rows.append([m, e_h, e_pp, e_pp / e_h, cover["hutchinson"] / n_seeds,
-                             cover["hutch++"] / n_seeds])
-                res[m] = {"hutchinson": e_h, "hutch++": e_pp, "ratio": e_pp / e_h}
+                mean_err = {k: float(np.mean(v)) for k, v in errs.items()}
+                e_h = mean_err["hutchinson"]
+                rows.append([m, e_h, mean_err["hutch++"], mean_err["krylov"],
+                             mean_err["hutch++"] / e_h, mean_err["krylov"] / e_h,
+                             *(cover[k] / n_seeds for k in TRACE_METHODS)])
+                res[m] = {**mean_err, "hutch++_ratio": mean_err["hutch++"] / e_h,
+                          "krylov_ratio": mean_err["krylov"] / e_h,
+                          "coverage": {k: cover[k] / n_seeds for k in TRACE_METHODS}}
             print_table(["matvecs", "Hutchinson mean rel err", "Hutch++ mean rel err",
-                         "Hutch++ / Hutchinson", "Hutchinson within 2 s.e.",
-                         "Hutch++ within 2 s.e."], rows)
+                         "Krylov mean rel err", "Hutch++ / Hutchinson",
+                         "Krylov / Hutchinson", "Hutchinson within 2 s.e.",
+                         "Hutch++ within 2 s.e.", "Krylov within 2 s.e."], rows)
             if what == "Hessian":
                 ph_err, ph_n = [], []
                 for seed in range(n_seeds):
@@ -502,6 +525,7 @@ def memory_child(kind: str, batch_size: int) -> None:
     except OSError:
         reset = False
     base = _rss_kib("VmRSS")
+    t0 = time.perf_counter()
     if kind == "train":
         train_step()
     elif kind == "train-math":  # the attention kernel our products must use
@@ -511,23 +535,31 @@ def memory_child(kind: str, batch_size: int) -> None:
         top_eigenvalues(Hessian(model, lm_criterion, batch), k=5, tol=1e-3)
     elif kind == "top5-func":
         top_eigenvalues(Hessian(model, lm_criterion, batch, backend="func"), k=5, tol=1e-3)
+    elif kind.startswith("top5-micro"):  # e.g. top5-micro16: micro-batches of 16 samples
+        size = int(kind[len("top5-micro"):])
+        top_eigenvalues(Hessian(model, lm_criterion, batch, microbatch_size=size), k=5,
+                        tol=1e-3)
     elif kind != "idle":
         raise ValueError(kind)
+    wall = time.perf_counter() - t0
     peak = _rss_kib("VmHWM")
     print(json.dumps({"kind": kind, "base_kib": base, "peak_kib": peak,
-                      "delta_kib": peak - base, "reset": reset,
+                      "delta_kib": peak - base, "reset": reset, "wall_s": wall,
                       "params": n_params(model)}))
 
 
-def section_memory(reps: int, batch_sizes: list[int]) -> dict:
+def section_memory(reps: int, batch_sizes: list[int], microbatch: int = 16) -> dict:
     print("## Peak memory on the transformer (float32, fresh process per measurement)\n")
+    micro = f"top5-micro{microbatch}"
     rows, results = [], {}
     # tensors above 64 KiB come from mmap and go back to the OS when freed, so the RSS
     # high-water mark follows the live tensor memory
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONWARNINGS="ignore")
     for bs in batch_sizes:
-        deltas: dict[str, list[int]] = {"train": [], "train-math": [], "top5": [], "idle": []}
+        deltas: dict[str, list[int]] = {"train": [], "train-math": [], "top5": [], "idle": [],
+                                        micro: []}
         peaks: dict[str, list[int]] = {k: [] for k in deltas}
+        walls: dict[str, list[float]] = {k: [] for k in deltas}
         for _ in range(reps):
             for kind in deltas:
                 out = subprocess.run(
@@ -540,21 +572,30 @@ def section_memory(reps: int, batch_sizes: list[int]) -> dict:
                 rec = json.loads(out.stdout.strip().splitlines()[-1])
                 deltas[kind].append(rec["delta_kib"])
                 peaks[kind].append(rec["peak_kib"])
+                walls[kind].append(rec["wall_s"])
         d_train, d_top = median(deltas["train"]) / 1024, median(deltas["top5"]) / 1024
         d_idle = median(deltas["idle"]) / 1024
         d_math = median(deltas["train-math"]) / 1024
         p_train, p_top = median(peaks["train"]) / 1024, median(peaks["top5"]) / 1024
+        d_micro = median(deltas[micro]) / 1024
+        w_top, w_micro = median(walls["top5"]), median(walls[micro])
         rows.append([bs, rec["params"], d_idle, d_train, d_math, d_top, d_top / d_train,
-                     d_top / d_math, p_train, p_top, p_top / p_train])
+                     d_top / d_math, d_micro, d_micro / d_train, w_top, w_micro,
+                     p_train, p_top, p_top / p_train])
         results[bs] = {"idle_delta_mib": d_idle, "train_delta_mib": d_train,
                        "train_math_sdpa_delta_mib": d_math,
                        "top5_delta_mib": d_top, "delta_ratio": d_top / d_train,
+                       "microbatch": microbatch, "top5_micro_delta_mib": d_micro,
+                       "micro_delta_ratio": d_micro / d_train,
+                       "top5_wall_s": w_top, "top5_micro_wall_s": w_micro,
                        "train_peak_mib": p_train, "top5_peak_mib": p_top,
                        "peak_ratio": p_top / p_train}
     print_table(["batch", "params", "idle Δ MiB", "train step Δ MiB",
                  "train step (math SDPA) Δ MiB", "top-5 Δ MiB", "top-5 / train Δ",
-                 "top-5 / train (math SDPA) Δ", "train peak RSS MiB", "top-5 peak RSS MiB",
-                 "peak RSS ratio"], rows)
+                 "top-5 / train (math SDPA) Δ", f"top-5 micro-{microbatch} Δ MiB",
+                 f"micro-{microbatch} / train Δ", "top-5 wall s",
+                 f"top-5 micro-{microbatch} wall s", "train peak RSS MiB",
+                 "top-5 peak RSS MiB", "peak RSS ratio"], rows)
     return results
 
 

@@ -106,8 +106,9 @@ def test_zero_operator_t9_and_low_rank_restart():
     res = top_eigenvalues(zero, k=2)
     assert res.converged and torch.equal(res.values, torch.zeros(2, dtype=torch.float64))
     assert not any(torch.isnan(t).any() for v in res.vectors for t in v)
-    tr = hessian_trace(zero, "hutch++", 9)
-    assert tr.value == 0.0 and tr.stderr == 0.0
+    for method in ("hutch++", "krylov"):
+        tr = hessian_trace(zero, method, 9)
+        assert tr.value == 0.0 and tr.stderr == 0.0 and tr.n_matvec == 9
     u = torch.randn(30, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     low_rank = MatrixOperator(u @ torch.diag(torch.tensor([5.0, 2.0])).double() @ u.T)
     ev = torch.linalg.eigvalsh(low_rank.matrix).flip(0)
@@ -157,6 +158,8 @@ def test_bad_arguments():
         hessian_trace(op, "exact")
     with pytest.raises(ValueError, match="n_matvec"):
         hessian_trace(op, "hutch++", 2)
+    with pytest.raises(ValueError, match="n_matvec"):
+        hessian_trace(op, "krylov", 1)
     with pytest.raises(ValueError, match="n_iter"):
         spectral_density(op, n_iter=0)
 
@@ -188,7 +191,18 @@ def test_hutchpp_exact_for_low_rank_t5():
     assert res.n_matvec == 9 and res.stderr < 1e-10
 
 
-@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+def test_krylov_trace_is_exact_once_the_krylov_space_is_invariant():
+    # rank 3: the Lanczos basis spans the range after 3 steps (breakdown), its Rayleigh
+    # quotients sum to the trace, and the probes projected off it see nothing
+    u = torch.randn(40, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    a = u @ torch.diag(torch.tensor([4.0, -2.0, 1.0])).double() @ u.T
+    res = hessian_trace(MatrixOperator(a), "krylov", 12)
+    assert res.value == pytest.approx(float(a.trace()), rel=1e-10)
+    assert res.n_matvec == 12 and res.method == "krylov" and res.stderr < 1e-9
+    assert res.samples.numel() == 12 - 4  # 3 steps to the breakdown, 1 that detected it
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "krylov"])
 def test_trace_unbiased_with_calibrated_stderr(method):
     a = sym(60, seed=5, shift=1.0)
     u = torch.randn(60, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
@@ -205,16 +219,17 @@ def test_trace_unbiased_with_calibrated_stderr(method):
     assert all(r.n_matvec == 30 for r in runs)
 
 
-def test_hutchpp_beats_hutchinson_on_low_rank_plus_noise():
+def test_deflated_estimators_beat_hutchinson_on_low_rank_plus_noise():
     u = torch.randn(80, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     a = u @ torch.diag(torch.tensor([50.0, 40, 30, 20, 10])).double() @ u.T + 0.1 * sym(80, 4)
     exact = float(a.trace())
     op = MatrixOperator(a)
     err = {
         m: sum(abs(hessian_trace(op, m, 30, seed=s).value - exact) for s in range(20)) / 20
-        for m in ("hutchinson", "hutch++")
+        for m in ("hutchinson", "hutch++", "krylov")
     }
     assert err["hutch++"] <= 0.5 * err["hutchinson"]
+    assert err["krylov"] <= 0.75 * err["hutch++"]  # 15 Lanczos steps vs a 10-column sketch
 
 
 def test_trace_of_model_hessian_within_error_bars():
@@ -222,9 +237,10 @@ def test_trace_of_model_hessian_within_error_bars():
     x, y = models.classification_data()
     op = Hessian(model, F.cross_entropy, (x.double(), y))
     exact = float(op.to_dense().trace())
-    res = hessian_trace(op, "hutch++", 60, seed=3)
-    assert abs(res.value - exact) <= 4 * res.stderr + 1e-9
-    assert res.n_matvec == 60
+    for method in ("hutch++", "krylov"):
+        res = hessian_trace(op, method, 60, seed=3)
+        assert abs(res.value - exact) <= 4 * res.stderr + 1e-9
+        assert res.n_matvec == 60
 
 
 # -- density ----------------------------------------------------------------------------------

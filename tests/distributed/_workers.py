@@ -67,6 +67,7 @@ def curvature_worker(rank: int, out_dir: str) -> None:
     eig = top_eigenvalues(H, k=3, tol=1e-6)
     both = top_eigenvalues(H, k=1, which="both", tol=1e-6)
     trace = hessian_trace(H, "hutch++", n_matvec=30, seed=1)
+    krylov = hessian_trace(H, "krylov", n_matvec=30, seed=1)
     density = spectral_density(H, n_iter=12, n_probes=2, seed=2)
     G = GGN(net, F.cross_entropy, data)
     ggn = top_eigenvalues(G, k=2, tol=1e-6)
@@ -85,7 +86,7 @@ def curvature_worker(rank: int, out_dir: str) -> None:
                                    tol=1e-6)
     _save(out_dir, rank, {
         "eig": eig.values, "eig_n_matvec": eig.n_matvec, "smallest": both.smallest.values,
-        "trace": trace.value, "trace_stderr": trace.stderr,
+        "trace": trace.value, "trace_stderr": trace.stderr, "krylov": krylov.value,
         "density_nodes": density.nodes, "density_weights": density.weights,
         "loss": H.loss(), "grad": H.gradient(), "dense": H.to_dense(),
         "ggn": ggn.values, "block": block_eig.values, "eig32": eig32.values,

@@ -53,6 +53,7 @@ def test_two_ranks_match_one_process_on_the_union(ranks):
     eig = top_eigenvalues(H, k=3, tol=1e-6)
     both = top_eigenvalues(H, k=1, which="both", tol=1e-6)
     trace = hessian_trace(H, "hutch++", n_matvec=30, seed=1)
+    krylov = hessian_trace(H, "krylov", n_matvec=30, seed=1)
     density = spectral_density(H, n_iter=12, n_probes=2, seed=2)
     ggn = top_eigenvalues(GGN(model, F.cross_entropy, (x, y)), k=2, tol=1e-6)
     block = top_eigenvalues(H.subset(["0.weight"]), k=1, tol=1e-6)
@@ -66,6 +67,7 @@ def test_two_ranks_match_one_process_on_the_union(ranks):
         assert _rel(r["smallest"], both.smallest.values) < 1e-5
         assert abs(r["trace"] - trace.value) <= 1e-5 * abs(trace.value)
         assert abs(r["trace_stderr"] - trace.stderr) <= 1e-5 * abs(trace.stderr)
+        assert abs(r["krylov"] - krylov.value) <= 1e-5 * abs(krylov.value)
         assert _rel(r["density_nodes"], density.nodes) < 1e-5
         assert _rel(r["density_weights"], density.weights) < 1e-5
         assert _rel(r["ggn"], ggn.values) < 1e-5
