@@ -206,9 +206,10 @@ class ModelOperator(CurvatureOperator):
         self.backend = backend
         self.seed = seed
         self._param_objects = tuple(named.values())
+        closure_mode = closure is not None or getattr(self, "forward", None) is not None
         self._batches, self._weights = materialize(
             data,
-            closure_mode=closure is not None or getattr(self, "forward", None) is not None,
+            closure_mode=closure_mode,
             max_batches=max_batches,
             single_batch=single_batch,
             batch_size=batch_size,
@@ -217,8 +218,7 @@ class ModelOperator(CurvatureOperator):
             self._check_microbatching(eval_mode)
             self._batches, self._weights = microbatches(
                 self._batches, self._weights, int(microbatch_size),
-                closure_mode=closure is not None or getattr(self, "forward", None) is not None,
-                batch_size=batch_size,
+                closure_mode=closure_mode, batch_size=batch_size,
             )
         self.microbatch_size = microbatch_size
         self._options = dict(
