@@ -10,6 +10,7 @@ would otherwise change the operator between iterations).
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -97,10 +98,12 @@ def microbatches(
 ) -> tuple[list[Any], list[float]]:
     """Every batch cut into micro-batches of at most ``size`` samples, with weights.
 
-    A micro-batch of batch ``b`` weighs ``w_b * n_c / n_b`` (its share of the batch's samples,
-    by ``batch_size`` when given, else by the leading dimension), so the weighted sum of
-    micro-batch losses is the weighted sum of batch losses whenever a batch's loss is the
-    mean of per-sample losses -- the assumption under which loader weighting holds too.
+    A micro-batch of batch ``b`` weighs ``w_b * n_c / n_b``, its share of the batch's samples,
+    so the weighted sum of micro-batch losses is the weighted sum of batch losses whenever a
+    batch's loss is the mean of per-sample losses -- the assumption under which loader
+    weighting holds too. The share is measured by ``batch_size`` when it is additive over
+    the pieces (a token count: the pieces' sizes sum to the batch's), else by the leading
+    dimension (a sizer that returns ``None`` or a constant says nothing about the pieces).
     """
     if size < 1:
         raise ValueError(f"microbatch_size must be >= 1, got {size}")
@@ -117,14 +120,28 @@ def microbatches(
             pieces = [
                 (i, t) for i, t in zip(split(inputs, size), _split_like(targets, n, size))
             ]
-        sizer = batch_size or (lambda b: leading_size(b if closure_mode else b[0]))
-        sizes = [sizer(p) for p in pieces]
-        if any(s is None or s <= 0 for s in sizes):
-            sizes = [1] * len(pieces)
+        sizes = _piece_sizes(batch, pieces, closure_mode, batch_size)
         total = float(sum(sizes))
         out_batches.extend(pieces)
         out_weights.extend(w * s / total for s in sizes)
     return out_batches, out_weights
+
+
+def _piece_sizes(
+    batch: Any, pieces: list[Any], closure_mode: bool, batch_size: BatchSize | None
+) -> list[float]:
+    """Sizes of the micro-batches of ``batch``: by ``batch_size`` if additive, else leading."""
+
+    def leading(b: Any) -> float:
+        return float(leading_size(b if closure_mode else b[0]) or 0)
+
+    if batch_size is not None:
+        sizes = [batch_size(p) for p in pieces]
+        whole = batch_size(batch)
+        known = all(s is not None and s > 0 for s in sizes) and whole is not None
+        if known and math.isclose(float(sum(sizes)), float(whole), rel_tol=1e-9):
+            return [float(s) for s in sizes]
+    return [leading(p) for p in pieces]
 
 
 def _split_like(targets: Any, n: int, size: int) -> list[Any]:

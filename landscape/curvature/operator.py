@@ -214,6 +214,8 @@ class ModelOperator(CurvatureOperator):
             single_batch=single_batch,
             batch_size=batch_size,
         )
+        # N_r of this rank, from the batches as given (before any cutting); see _reduce_ranks
+        self._rank_size = self._data_size(closure_mode, batch_size)
         if microbatch_size is not None:
             self._check_microbatching(eval_mode)
             self._batches, self._weights = microbatches(
@@ -239,15 +241,18 @@ class ModelOperator(CurvatureOperator):
         self._cache: tuple[torch.Tensor, Vector] | None = None
 
     def _check_microbatching(self, eval_mode: bool) -> None:
-        """Micro-batches change what a layer with batch statistics computes in train mode."""
-        if eval_mode:
-            return
+        """Micro-batches change what a layer normalising by batch statistics computes: any
+        BatchNorm in train mode, and one without running statistics in eval mode too."""
         for name, module in self.model.named_modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+                continue
+            if not eval_mode or module.running_mean is None:
+                when = ("with eval_mode=False" if not eval_mode
+                        else "(it has no running statistics)")
                 raise ValueError(
-                    f"microbatch_size with eval_mode=False: {name or 'the model'} "
-                    f"({type(module).__name__}) would normalise each micro-batch by its own "
-                    "statistics, a different operator; use eval_mode=True or no micro-batches"
+                    f"microbatch_size: {name or 'the model'} ({type(module).__name__}) "
+                    f"{when} would normalise each micro-batch by its own statistics, a "
+                    "different operator; use running statistics or no micro-batches"
                 )
 
     # -- public conveniences ---------------------------------------------------------------
@@ -377,9 +382,11 @@ class ModelOperator(CurvatureOperator):
         return _dist.all_reduce_weighted(total, weight, total=self._rank_total)
 
     def _rank_weight(self) -> float:
-        """This rank's data size ``N_r`` (number of batches when a batch size is unknown)."""
-        sizer = self._options["batch_size"]
-        closure_mode = self.closure is not None or getattr(self, "forward", None) is not None
+        """This rank's data size ``N_r`` (computed when the operator was built)."""
+        return self._rank_size
+
+    def _data_size(self, closure_mode: bool, sizer: BatchSize | None) -> float:
+        """Size of the batches (number of batches when a batch size is unknown)."""
         if sizer is None:
             sizer = lambda b: leading_size(b if closure_mode else b[0])  # noqa: E731
         sizes = [sizer(b) for b in self._batches]
@@ -496,8 +503,9 @@ class Hessian(ModelOperator):
     after the other and summed. Peak memory is then that of one micro-batch's
     double-backward graph instead of the whole batch's, at the price of a forward and
     backward per micro-batch in every product (no cached graph); the operator is the same
-    whenever the loss is a per-sample mean (with ``eval_mode=False`` BatchNorm is refused,
-    since its batch statistics would change). docs/curvature.md has measurements.
+    whenever the loss is a per-sample mean (a BatchNorm normalising by batch statistics --
+    ``eval_mode=False``, or no running statistics -- is refused: they would change).
+    docs/curvature.md has measurements.
     ``distributed`` (``None``: when a ``torch.distributed`` process group of several ranks
     is initialized, outside :func:`landscape.distributed.local`; ``False``: never): every
     loss, gradient and product is all-reduced over the ranks, weighted by each rank's data
@@ -542,6 +550,7 @@ class Hessian(ModelOperator):
         )
         # the batches are already cut: copy them rather than cutting again
         new._batches, new._weights = list(self._batches), list(self._weights)
+        new._rank_size = self._rank_size
         new.microbatch_size = self.microbatch_size
         new._options["microbatch_size"] = self.microbatch_size
         return new
@@ -664,6 +673,7 @@ class GGN(ModelOperator):
         )
         # the batches are already cut: copy them rather than cutting again
         new._batches, new._weights = list(self._batches), list(self._weights)
+        new._rank_size = self._rank_size
         new.microbatch_size = self.microbatch_size
         new._options["microbatch_size"] = self.microbatch_size
         return new

@@ -442,3 +442,32 @@ def test_microbatch_bad_arguments():
     with pytest.raises(ValueError, match="no batch dimension"):
         Hessian(model, data=(3.0, 4.0), closure=lambda m, b: m.net[0].weight.sum(),
                 microbatch_size=3)
+
+
+def test_microbatches_refuse_batchnorm_without_running_statistics():
+    # such a BatchNorm normalises by the batch's statistics even in eval mode
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8, track_running_stats=False),
+                          nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = models.classification_data()
+    with pytest.raises(ValueError, match="no running statistics"):
+        Hessian(model, F.cross_entropy, (x.double(), y), microbatch_size=4)
+
+
+@pytest.mark.parametrize("sizer", [None, lambda b: None, lambda b: 32, "tokens"])
+def test_microbatch_weights_follow_samples_whatever_the_sizer(sizer):
+    model = tiny_transformer()
+    batches = [models.token_data(n=3, seq=5, vocab=5, seed=1),
+               models.token_data(n=5, seq=5, vocab=5, seed=2)]
+    if sizer == "tokens":  # additive: a piece's tokens are its share of the batch's
+        sizer = lambda b: int(b["ids"].numel())  # noqa: E731
+    whole = Hessian(model, data=batches, closure=models.lm_loss, batch_size=sizer)
+    op = Hessian(model, data=batches, closure=models.lm_loss, batch_size=sizer,
+                 microbatch_size=2)
+    # within each batch the pieces share its weight by sample count (2 + 1, 2 + 2 + 1)
+    w0, w1 = whole.batch_weights
+    assert op.batch_weights == pytest.approx(
+        (w0 * 2 / 3, w0 / 3, w1 * 2 / 5, w1 * 2 / 5, w1 / 5))
+    assert op._rank_weight() == whole._rank_weight()  # N_r of the data, not of the pieces
+    v = _rand(op, 1)[0]
+    assert torch.allclose(flatten(op.matvec(v)), flatten(whole.matvec(v)), rtol=1e-9,
+                          atol=1e-12)
