@@ -89,14 +89,16 @@ def analyze(
     device: str | torch.device | None = None,
     progress: bool = True,
     mode: str = "a",
+    microbatch_size: int | None = None,
 ) -> Monitor:
     """Compute ``metrics`` for every checkpoint into the run file ``path``.
 
     ``data`` is one ``(inputs, targets)`` batch or an iterable of them (curvature is the
     size-weighted mean over batches; feature metrics see all batches concatenated).
     ``optimizer`` (e.g. ``{"name": "sgd", "lr": 0.1, "momentum": 0.9}``) sets the
-    edge-of-stability threshold of the sharpness metric. Returns the closed monitor
-    (``.findings``, ``.run()``).
+    edge-of-stability threshold of the sharpness metric. ``microbatch_size`` bounds the
+    memory of the curvature products (:class:`~landscape.curvature.Hessian`). Returns the
+    closed monitor (``.findings``, ``.run()``).
     """
     if not checkpoints:
         raise LandscapeError("no checkpoints given")
@@ -110,8 +112,8 @@ def analyze(
     net.eval()
     monitor = Monitor(net, loss_fn, None if path is None else str(path), optimizer=opt,
                       metrics=chosen, probe=batches if len(batches) > 1 else batches[0],
-                      mode=mode, config={"analysis": {"checkpoints": [str(c) for c in
-                                                                      checkpoints]}})
+                      mode=mode, microbatch_size=microbatch_size,
+                      config={"analysis": {"checkpoints": [str(c) for c in checkpoints]}})
     from tqdm.auto import tqdm
 
     with monitor:

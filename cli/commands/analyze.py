@@ -22,11 +22,14 @@ from landscape.loading import call_factory, resolve_loss
 @click.option("--lr", type=float, default=None,
               help="SGD learning rate, for the sharpness metric's stability threshold.")
 @click.option("--momentum", type=float, default=None, help="SGD momentum (with --lr).")
+@click.option("--microbatch-size", type=click.IntRange(1), default=None,
+              help="Curvature products in micro-batches of at most this many samples "
+                   "(bounds their memory; slower).")
 @checkpoint_options
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for the factories.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 def analyze_command(checkpoints, model_spec, data_spec, loss_spec, out, metrics, k, lr,
-                    momentum, trust_checkpoint, device, seed, quiet):
+                    momentum, microbatch_size, trust_checkpoint, device, seed, quiet):
     """Compute Hessian spectra, trace, density, sharpness and collapse metrics of CHECKPOINTS
     (ordered by training step) into one run file."""
     import torch
@@ -40,6 +43,7 @@ def analyze_command(checkpoints, model_spec, data_spec, loss_spec, out, metrics,
             checkpoints, model, data, resolve_loss(loss_spec), out,
             metrics=metrics or ANALYZE_METRICS, k=k, optimizer=optimizer,
             trust=trust_checkpoint, device=device, progress=not quiet,
+            microbatch_size=microbatch_size,
         )
     if not quiet:
         run = monitor.run()

@@ -116,3 +116,22 @@ def test_bad_input_gives_one_line_and_nonzero_exit(setup, tmp_path, kind, match)
 
 class _Opaque:
     pass
+
+
+def test_analyze_with_micro_batches_records_the_same_spectrum(setup, tmp_path):
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    spectra = []
+    for extra in ([], ["--microbatch-size", "7"]):
+        out = tmp_path / f"run{len(extra)}.h5"
+        result = _invoke(["analyze", str(paths[1]), "--model", f"{fac}:model", "--data",
+                          f"{fac}:data", "-m", "hessian", "-k", "2", "-o", str(out), "-q",
+                          *extra])
+        assert result.exit_code == 0, result.output
+        run = ls.Run.open(out)
+        spectra.append(run.series("hessian", "eigenvalues")[1][-1])
+    assert run.config["microbatch_size"] == 7
+    assert np.allclose(spectra[1], spectra[0], rtol=1e-4)
+    bad = _invoke(["analyze", str(paths[1]), "--model", f"{fac}:model", "--data",
+                   f"{fac}:data", "--microbatch-size", "0", "-q"])
+    assert bad.exit_code == 2 and "microbatch-size" in bad.output
