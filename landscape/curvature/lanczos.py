@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import numpy as np
 import torch
 
 Tensor = torch.Tensor
@@ -114,12 +115,12 @@ class _Basis:
         self.size += 1
 
 
-def _pick(theta: Tensor, k: int, which: str) -> Tensor:
-    m = theta.numel()
+def _pick(m: int, k: int, which: str) -> np.ndarray:
+    """Indices of the ``k`` largest (descending) or smallest of ``m`` ascending values."""
     k = min(k, m)
     if which == "largest":
-        return torch.arange(m - 1, m - 1 - k, -1)
-    return torch.arange(0, k)
+        return np.arange(m - 1, m - 1 - k, -1)
+    return np.arange(0, k)
 
 
 def krylov_eigsh(
@@ -167,7 +168,9 @@ def krylov_eigsh(
     capacity = min(n, block.shape[0] + max_matvec + 1, 2 * block.shape[0] + 4 * k + 16)
     basis = _Basis(n, dtype, device, capacity=capacity)
     floor_rel = residual_floor(dtype)
-    coeffs = torch.zeros((max_matvec + block.shape[0] + 1, max_matvec), dtype=torch.float64)
+    # the small dense problem (projected matrix, its eigh, Ritz residuals) lives in numpy,
+    # float64 on the host, whatever the operator's device
+    coeffs = np.zeros((max_matvec + block.shape[0] + 1, max_matvec))
     norm_est = 0.0
 
     def add_unit(w: Tensor) -> None:
@@ -184,9 +187,9 @@ def krylov_eigsh(
     wanted = ("largest", "smallest") if which == "both" else (which,)
     j = 0
     converged = False
-    theta = torch.zeros(0, dtype=torch.float64)
-    svec = torch.zeros((0, 0), dtype=torch.float64)
-    res = torch.zeros(0, dtype=torch.float64)
+    theta = np.zeros(0)
+    svec = np.zeros((0, 0))
+    res = np.zeros(0)
     while j < max_matvec:
         if j == basis.size:  # invariant subspace reached: restart with a random direction
             if basis.size >= n:
@@ -200,26 +203,24 @@ def krylov_eigsh(
         w = matvec(v)
         norm_est = max(norm_est, float(torch.linalg.vector_norm(w)))
         w, c = basis.orthogonalize(w, near=j)
-        coeffs[: c.numel(), j] = c
+        coeffs[: c.numel(), j] = c.cpu().numpy()
         r = float(torch.linalg.vector_norm(w))
         if basis.size < n and r > floor_rel * norm_est and r > 0:
             coeffs[basis.size, j] = r
             basis.append(w / r)
         j += 1
         proj = coeffs[:j, :j]
-        proj = 0.5 * (proj + proj.T)
-        theta, svec = torch.linalg.eigh(proj)
-        rows = basis.size
-        resid = coeffs[:rows, :j] @ svec
+        theta, svec = np.linalg.eigh(0.5 * (proj + proj.T))
+        resid = coeffs[: basis.size, :j] @ svec
         resid[:j] -= svec * theta
-        res = torch.linalg.vector_norm(resid, dim=0)
+        res = np.linalg.norm(resid, axis=0)
         if j < min_matvec:
             continue
-        bound = torch.clamp(tol * theta.abs(), min=floor_rel * float(theta.abs().max()))
+        bound = np.maximum(tol * np.abs(theta), floor_rel * float(np.abs(theta).max()))
         ok = True
         for end in wanted:
-            idx = _pick(theta, k, end)
-            if idx.numel() < min(k, n) or bool((res[idx] > bound[idx]).any()):
+            idx = _pick(theta.size, k, end)
+            if idx.size < min(k, n) or bool((res[idx] > bound[idx]).any()):
                 ok = False
         if ok:
             converged = True
@@ -227,18 +228,18 @@ def krylov_eigsh(
     if j == 0:
         raise ValueError("start: no nonzero start vector and no matvec budget")
     def collect(end: str) -> tuple[Tensor, Tensor, Tensor]:
-        idx = _pick(theta, k, end)
-        s = svec[:, idx].to(device=device, dtype=dtype)
+        idx = _pick(theta.size, k, end)
+        s = torch.from_numpy(np.ascontiguousarray(svec[:, idx])).to(device=device, dtype=dtype)
         vecs = s.T @ basis.rows[:j]
         vecs = vecs / torch.linalg.vector_norm(vecs, dim=1, keepdim=True).clamp_min(1e-30)
-        return theta[idx].clone(), vecs, res[idx].clone()
+        return torch.from_numpy(theta[idx].copy()), vecs, torch.from_numpy(res[idx].copy())
 
     return KrylovResult(
         largest=collect("largest") if "largest" in wanted else None,
         smallest=collect("smallest") if "smallest" in wanted else None,
         n_matvec=j,
         converged=converged,
-        ritz_values=theta.clone(),
+        ritz_values=torch.from_numpy(theta.copy()),
         basis_size=basis.size,
     )
 
