@@ -336,3 +336,27 @@ def test_an_open_reader_never_blocks_the_writer_adding_groups(tmp_path):
     assert Run.open(path).surfaces() == ["s"]
     writer.close()
     reader.close()
+
+
+@pytest.mark.parametrize("backend", ["hdf5", "memory"])
+def test_surface_points_are_buffered_and_written_row_by_row(tmp_path, backend):
+    w = RunWriter(tmp_path / "run.h5", flush_seconds=3600) if backend == "hdf5" \
+        else RunWriter.memory(flush_seconds=3600)
+    w.create_surface("plane", np.arange(6.0), np.arange(3.0), fields=("loss", "accuracy"))
+    points = {(0, 1): 1.5, (0, 4): 4.5, (2, 0): 20.0, (2, 5): 25.0, (1, 3): 13.0}
+    for (j, i), v in points.items():
+        w.write_surface("plane", (j, i), {"loss": v, "accuracy": v / 100})
+    w.write_surface("plane", (1, 0), {"loss": 10.0})  # a field left out stays NaN
+    if backend == "hdf5":  # nothing reaches the file before a flush
+        assert not Run.open(tmp_path / "run.h5").surface("plane").done.any()
+    surf = w.run().surface("plane")  # run() flushes
+    assert surf.done.sum() == 6
+    for (j, i), v in points.items():
+        assert surf.done[j, i] and surf.values["loss"][j, i] == v
+        assert surf.values["accuracy"][j, i] == pytest.approx(v / 100)
+    # the points between written ones in a row's span are untouched
+    assert not surf.done[0, 2] and np.isnan(surf.values["loss"][0, 2])
+    assert surf.done[1, 0] and np.isnan(surf.values["accuracy"][1, 0])
+    with pytest.raises(KeyError, match="create_surface"):
+        w.write_surface("nope", 0, {"loss": 1.0})
+    w.close()
