@@ -61,8 +61,11 @@ class KrylovResult:
 _DGKS = 2.0**-0.5
 
 
-def orthogonalize(q: Tensor, w: Tensor, near: int | None = None) -> tuple[Tensor, Tensor]:
-    """``w`` minus its projection on the orthonormal rows ``q``, and the float64 coefficients.
+def orthogonalize(
+    q: Tensor, w: Tensor, near: int | None = None
+) -> tuple[Tensor, Tensor, float]:
+    """``w`` minus its projection on the orthonormal rows ``q``, the float64 coefficients and
+    the norm of what is left (the DGKS test computes it anyway).
 
     ``near``: index of the row whose product ``w`` is; its components along that row and
     the one before (the three-term recurrence, where almost all of ``A q_j`` lies) are
@@ -74,20 +77,22 @@ def orthogonalize(q: Tensor, w: Tensor, near: int | None = None) -> tuple[Tensor
     """
     coef = torch.zeros(q.shape[0], dtype=torch.float64, device=w.device)
     if not q.shape[0]:
-        return w, coef
+        return w, coef, float(torch.linalg.vector_norm(w))
     if near is not None:
         lo, hi = max(0, near - 1), min(near + 1, q.shape[0])
         c = q[lo:hi] @ w
         w = torch.addmv(w, q[lo:hi].T, c, alpha=-1.0)
         coef[lo:hi] += c.double()
+    after = float(torch.linalg.vector_norm(w))
     for _ in range(2):
-        before = float(torch.linalg.vector_norm(w))
+        before = after
         c = q @ w
         w = torch.addmv(w, q.T, c, alpha=-1.0)
         coef += c.double()
-        if float(torch.linalg.vector_norm(w)) >= _DGKS * before:
+        after = float(torch.linalg.vector_norm(w))
+        if after >= _DGKS * before:
             break
-    return w, coef
+    return w, coef, after
 
 
 class _Basis:
@@ -97,9 +102,9 @@ class _Basis:
         self.rows = torch.empty((max(capacity, 1), n), dtype=dtype, device=device)
         self.size = 0
 
-    def orthogonalize(self, w: Tensor, near: int | None = None) -> tuple[Tensor, Tensor]:
-        """``w`` minus its projection on the basis, and the float64 coefficients
-        (:func:`orthogonalize`; ``near``: index of the row whose product ``w`` is)."""
+    def orthogonalize(self, w: Tensor, near: int | None = None) -> tuple[Tensor, Tensor, float]:
+        """``w`` minus its projection on the basis, the float64 coefficients and the norm
+        left (:func:`orthogonalize`; ``near``: index of the row whose product ``w`` is)."""
         return orthogonalize(self.rows[: self.size], w, near)
 
     def append(self, v: Tensor) -> None:
@@ -175,8 +180,7 @@ def krylov_eigsh(
 
     def add_unit(w: Tensor) -> None:
         """Orthogonalise a unit vector against the basis and append what is left of it."""
-        w, _ = basis.orthogonalize(w)
-        r = float(torch.linalg.vector_norm(w))
+        w, _, r = basis.orthogonalize(w)
         if basis.size < n and r > floor_rel:
             basis.append(w / r)
 
@@ -202,9 +206,8 @@ def krylov_eigsh(
         v = basis.rows[j]
         w = matvec(v)
         norm_est = max(norm_est, float(torch.linalg.vector_norm(w)))
-        w, c = basis.orthogonalize(w, near=j)
+        w, c, r = basis.orthogonalize(w, near=j)
         coeffs[: c.numel(), j] = c.cpu().numpy()
-        r = float(torch.linalg.vector_norm(w))
         if basis.size < n and r > floor_rel * norm_est and r > 0:
             coeffs[basis.size, j] = r
             basis.append(w / r)
@@ -280,8 +283,7 @@ def lanczos_tridiagonal(
             q = bases[run, : step + 1]
             a = float(torch.dot(w, bases[run, step]))
             alphas[run].append(a)
-            w, _ = orthogonalize(q, w, near=step)
-            beta = float(torch.linalg.vector_norm(w))
+            w, _, beta = orthogonalize(q, w, near=step)
             if step + 1 < n_iter and beta > floor_rel * norm_est and beta > 0:
                 betas[run].append(beta)
                 bases[run, step + 1] = w / beta
@@ -317,9 +319,8 @@ def krylov_basis(
         norm_est = max(norm_est, float(torch.linalg.vector_norm(w)))
         alphas[j] = float(torch.dot(rows[j], w))
         if j + 1 == m:
-            return rows, alphas, m
-        w, _ = orthogonalize(rows[: j + 1], w, near=j)
-        beta = float(torch.linalg.vector_norm(w))
+            break
+        w, _, beta = orthogonalize(rows[: j + 1], w, near=j)
         if not (beta > floor_rel * norm_est and beta > 0):
             return rows[: j + 1], alphas[: j + 1], j + 1
         rows[j + 1] = w / beta

@@ -38,13 +38,14 @@ def test_orthogonalize_removes_the_span_even_under_cancellation():
     r -= q.T @ (q @ r)
     w = q.T @ c + 1e-4 * r / r.norm()
     for near in (None, 7):
-        out, coef = orthogonalize(q, w.clone(), near=near)
+        out, coef, left = orthogonalize(q, w.clone(), near=near)
+        assert left == pytest.approx(float(out.norm()), rel=1e-6)
         assert float((q @ out).abs().max()) <= 1e-6 * float(out.norm())
         # forming w rounded it by ~eps * |q^T c| per entry: equal to that accuracy
         assert float((out - 1e-4 * r / r.norm()).norm()) <= 2e-2 * 1e-4
         assert torch.allclose(coef.float(), c, atol=1e-5)
     # nothing to remove: the input comes back unchanged, coefficients zero
-    out, coef = orthogonalize(q[:0], w)
+    out, coef, _ = orthogonalize(q[:0], w)
     assert torch.equal(out, w) and coef.numel() == 0
 
 
