@@ -18,7 +18,8 @@ import torch
 from landscape.batches import leading_size, split, to_device
 
 __all__ = [
-    "BatchSize", "is_single_batch", "leading_size", "materialize", "microbatches", "to_device",
+    "BatchSize", "batch_sizes", "is_single_batch", "leading_size", "materialize", "microbatches",
+    "to_device",
 ]
 
 BatchSize = Callable[[Any], "int | None"]
@@ -56,8 +57,9 @@ def materialize(
     max_batches: int | None,
     single_batch: bool | None,
     batch_size: BatchSize | None,
-) -> tuple[list[Any], list[float]]:
-    """The batches as a list and their weights ``n_b / N`` (equal if a size is unknown)."""
+) -> tuple[list[Any], list[float], float]:
+    """The batches as a list, their weights ``n_b / N`` (equal if a size is unknown) and
+    their total size ``N`` (the number of batches if a size is unknown)."""
     if data is None:
         raise ValueError("data: no probe data given (a batch or an iterable of batches)")
     if max_batches is not None and max_batches < 1:
@@ -78,14 +80,23 @@ def materialize(
                     "data: with loss_fn every batch must be an (inputs, targets) pair; "
                     "use closure= for other batch structures"
                 )
-    sizer = batch_size or (lambda b: leading_size(b[0] if not closure_mode else b))
+    sizes = batch_sizes(batches, closure_mode, batch_size)
+    if sizes is None:
+        return batches, [1.0 / len(batches)] * len(batches), float(len(batches))
+    total = sum(sizes)
+    return batches, [s / total for s in sizes], total
+
+
+def batch_sizes(
+    batches: list[Any], closure_mode: bool, batch_size: BatchSize | None
+) -> list[float] | None:
+    """``batch_size(b)`` of every batch, by default the leading dimension of the inputs
+    (``loss_fn``) or of the batch (closure); ``None`` when any size is unknown."""
+    sizer = batch_size or (lambda b: leading_size(b if closure_mode else b[0]))
     sizes = [sizer(b) for b in batches]
     if any(s is None or s <= 0 for s in sizes):
-        weights = [1.0 / len(batches)] * len(batches)
-    else:
-        total = float(sum(sizes))
-        weights = [s / total for s in sizes]
-    return batches, weights
+        return None
+    return [float(s) for s in sizes]
 
 
 def microbatches(
@@ -131,17 +142,16 @@ def _piece_sizes(
     batch: Any, pieces: list[Any], closure_mode: bool, batch_size: BatchSize | None
 ) -> list[float]:
     """Sizes of the micro-batches of ``batch``: by ``batch_size`` if additive, else leading."""
-
-    def leading(b: Any) -> float:
-        return float(leading_size(b if closure_mode else b[0]) or 0)
-
     if batch_size is not None:
-        sizes = [batch_size(p) for p in pieces]
+        sizes = batch_sizes(pieces, closure_mode, batch_size)
         whole = batch_size(batch)
-        known = all(s is not None and s > 0 for s in sizes) and whole is not None
-        if known and math.isclose(float(sum(sizes)), float(whole), rel_tol=1e-9):
-            return [float(s) for s in sizes]
-    return [leading(p) for p in pieces]
+        if sizes is not None and whole is not None and math.isclose(
+            sum(sizes), float(whole), rel_tol=1e-9
+        ):
+            return sizes
+    leading = batch_sizes(pieces, closure_mode, None)
+    assert leading is not None  # split() found the batch dimension in every piece
+    return leading
 
 
 def _split_like(targets: Any, n: int, size: int) -> list[Any]:

@@ -34,7 +34,6 @@ from landscape import distributed as _dist
 from landscape.curvature._batches import (
     BatchSize,
     is_single_batch,
-    leading_size,
     materialize,
     microbatches,
     to_device,
@@ -207,15 +206,15 @@ class ModelOperator(CurvatureOperator):
         self.seed = seed
         self._param_objects = tuple(named.values())
         closure_mode = closure is not None or getattr(self, "forward", None) is not None
-        self._batches, self._weights = materialize(
+        # _rank_size: N_r of this rank, of the batches as given (before any cutting); see
+        # _reduce_ranks
+        self._batches, self._weights, self._rank_size = materialize(
             data,
             closure_mode=closure_mode,
             max_batches=max_batches,
             single_batch=single_batch,
             batch_size=batch_size,
         )
-        # N_r of this rank, from the batches as given (before any cutting); see _reduce_ranks
-        self._rank_size = self._data_size(closure_mode, batch_size)
         if microbatch_size is not None:
             self._check_microbatching(eval_mode)
             self._batches, self._weights = microbatches(
@@ -254,6 +253,15 @@ class ModelOperator(CurvatureOperator):
                     f"{when} would normalise each micro-batch by its own statistics, a "
                     "different operator; use running statistics or no micro-batches"
                 )
+
+    def _share_data(self, other: ModelOperator) -> None:
+        """Give ``other`` (a :meth:`subset` built on one batch) this operator's batches,
+        weights and rank size: the batches are already cut, so they are copied rather than
+        cut again."""
+        other._batches, other._weights = list(self._batches), list(self._weights)
+        other._rank_size = self._rank_size
+        other.microbatch_size = self.microbatch_size
+        other._options["microbatch_size"] = self.microbatch_size
 
     # -- public conveniences ---------------------------------------------------------------
     @property
@@ -384,15 +392,6 @@ class ModelOperator(CurvatureOperator):
     def _rank_weight(self) -> float:
         """This rank's data size ``N_r`` (computed when the operator was built)."""
         return self._rank_size
-
-    def _data_size(self, closure_mode: bool, sizer: BatchSize | None) -> float:
-        """Size of the batches (number of batches when a batch size is unknown)."""
-        if sizer is None:
-            sizer = lambda b: leading_size(b if closure_mode else b[0])  # noqa: E731
-        sizes = [sizer(b) for b in self._batches]
-        if any(s is None or s <= 0 for s in sizes):
-            return float(len(self._batches))
-        return float(sum(sizes))
 
     # -- loss and gradient -------------------------------------------------------------------
     def _loss_and_grad(self) -> tuple[torch.Tensor, Vector]:
@@ -548,11 +547,7 @@ class Hessian(ModelOperator):
             cache_graph=self.cache_graph,
             **dict(self._options, params=params, single_batch=True, microbatch_size=None),
         )
-        # the batches are already cut: copy them rather than cutting again
-        new._batches, new._weights = list(self._batches), list(self._weights)
-        new._rank_size = self._rank_size
-        new.microbatch_size = self.microbatch_size
-        new._options["microbatch_size"] = self.microbatch_size
+        self._share_data(new)
         return new
 
     def _func_product(
@@ -671,11 +666,7 @@ class GGN(ModelOperator):
             self.model, self.loss_fn, self._batches[0], forward=self.forward,
             **dict(self._options, params=params, single_batch=True, microbatch_size=None),
         )
-        # the batches are already cut: copy them rather than cutting again
-        new._batches, new._weights = list(self._batches), list(self._weights)
-        new._rank_size = self._rank_size
-        new.microbatch_size = self.microbatch_size
-        new._options["microbatch_size"] = self.microbatch_size
+        self._share_data(new)
         return new
 
     def _model_output(self, p: dict[str, torch.Tensor], batch: Any) -> tuple[Any, Any]:
