@@ -780,6 +780,10 @@ class RunWriter:
             pending.cols[n].append(arr)
         self._last[path] = step
         self._n_pending += 1
+        self._flush_if_due()
+
+    def _flush_if_due(self) -> None:
+        """Flush after ``flush_every`` buffered rows and points or ``flush_seconds``."""
         if (
             self._n_pending >= self.flush_every
             or time.monotonic() - self._last_flush >= self.flush_seconds
@@ -868,11 +872,7 @@ class RunWriter:
             (idx, {k: float(v) for k, v in values.items()})
         )
         self._n_pending += 1
-        if (
-            self._n_pending >= self.flush_every
-            or time.monotonic() - self._last_flush >= self.flush_seconds
-        ):
-            self.flush()
+        self._flush_if_due()
 
     # -- lifecycle
 

@@ -154,7 +154,8 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
             ``control.should_training_stop``.
         config: extra JSON-able configuration stored in the run file.
         **monitor_options: ``alarms``, ``strict``, ``warn``, ``taylor_guard``, ``mode``,
-            ``truncate_from``, ``flush_every``, passed to :class:`~landscape.Monitor`.
+            ``truncate_from``, ``flush_every``, ``microbatch_size``, passed to
+            :class:`~landscape.Monitor`.
     """
 
     def __init__(
