@@ -1,5 +1,7 @@
-"""Batch structures shared by every consumer of user data: moving a nested batch to a device,
-reading its number of samples and splitting it into micro-batches.
+"""Batch structures shared by every consumer of user data.
+
+Moving a nested batch to a device, reading its number of samples and splitting it into
+micro-batches.
 
 A batch is a tensor, or tuples, lists and mappings of them (possibly nested), as a
 ``DataLoader`` with the default collate function yields them.
@@ -39,8 +41,19 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any], other: Callable[[An
 
 
 def to_device(obj: Any, device: torch.device | str, *, non_blocking: bool = False) -> Any:
-    """``obj`` with every tensor moved to ``device`` (:func:`map_tensors`); other objects with
-    a ``.to`` method are moved with it, anything else is returned unchanged."""
+    """Move every tensor of a nested batch to ``device``.
+
+    Tensors are mapped with :func:`map_tensors`; other objects with a ``.to`` method are moved
+    with it, anything else is returned unchanged.
+
+    Args:
+        obj: a tensor, or tuples, lists and mappings of them (possibly nested).
+        device: the target device.
+        non_blocking: passed to ``Tensor.to``.
+
+    Returns:
+        ``obj`` with the same structure, its tensors on ``device``.
+    """
 
     def other(leaf: Any) -> Any:
         to = getattr(leaf, "to", None)

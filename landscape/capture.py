@@ -1,8 +1,8 @@
 """Scoped forward hooks that capture layer inputs and outputs during one forward pass.
 
 The hooks exist only inside the ``with capture(...)`` block and are removed on exit, on
-errors too, so a monitored model never carries a hook between diagnostics (DESIGN.md, "The
-diagnostics must never change training"). Captured tensors are detached.
+errors too, so a monitored model never carries a hook between diagnostics
+(docs/conventions.md, "Never perturb training"). Captured tensors are detached.
 """
 
 from __future__ import annotations
@@ -19,8 +19,11 @@ __all__ = ["Captured", "capture", "last_linear", "linear_layers", "resolve_modul
 
 @dataclass
 class Captured:
-    """What one forward pass produced: ``inputs[name]`` (the first positional argument of the
-    module) and ``outputs[name]`` for each requested module name."""
+    """What one forward pass produced, per requested module name.
+
+    ``inputs[name]`` is the first positional argument of the module, ``outputs[name]`` its
+    output.
+    """
 
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -52,8 +55,11 @@ def last_linear(model: nn.Module) -> str:
 
 
 def _first_tensor(args: Any) -> torch.Tensor | None:
-    """The tensor a hook should keep: the value itself, the first tensor of a sequence, or of
-    a mapping the ``"logits"`` entry when present (Hugging Face ``ModelOutput``)."""
+    """Return the tensor a hook should keep.
+
+    That is the value itself, the first tensor of a sequence, or of a mapping the ``"logits"``
+    entry when present (Hugging Face ``ModelOutput``).
+    """
     if isinstance(args, torch.Tensor):
         return args
     if isinstance(args, Mapping):
@@ -72,10 +78,18 @@ def _first_tensor(args: Any) -> torch.Tensor | None:
 def capture(
     model: nn.Module, *, inputs: Iterable[str] = (), outputs: Iterable[str] = ()
 ) -> Iterator[Captured]:
-    """Capture the inputs of the modules named in ``inputs`` and the outputs of those in
-    ``outputs`` during the forward passes run inside the block.
+    """Capture module inputs and outputs during the forward passes run inside the block.
 
     A module called several times in one forward (weight sharing) keeps its last call.
+
+    Args:
+        model: the model whose submodules are hooked.
+        inputs: names (as in ``named_modules``) of the modules whose input is kept.
+        outputs: names of the modules whose output is kept.
+
+    Yields:
+        A :class:`Captured` that fills as forwards run; the hooks are removed on exit, also
+        after an error.
     """
     found = Captured()
     handles: list[torch.utils.hooks.RemovableHandle] = []

@@ -1,4 +1,4 @@
-"""Data-parallel helpers over :mod:`torch.distributed` (DESIGN.md, "Scale beyond one machine").
+"""Data-parallel helpers over :mod:`torch.distributed` (docs/distributed.md).
 
 landscape never starts a process group: when the user's program has called
 ``torch.distributed.init_process_group`` (``torchrun``, Slurm, Lightning, ...) the call sites

@@ -1,7 +1,7 @@
 """Helpers that let a diagnostic look at a model without changing training.
 
-A monitored run must give bitwise the same parameters as an unmonitored one (DESIGN.md,
-"The diagnostics must never change training"). The pieces here are shared by every
+A monitored run must give bitwise the same parameters as an unmonitored one (docs/conventions.md,
+"Never perturb training"). The pieces here are shared by every
 module that evaluates a model on the side:
 
 * :func:`isolated` saves and restores the RNG state (CPU and the model's CUDA devices),
@@ -130,8 +130,11 @@ def stateless_call(
 
 
 class ClosureModule(nn.Module):
-    """Wraps ``closure(model, batch)`` as a module so ``functional_call`` swaps every
-    parameter of ``model`` while the closure runs (attribute access included)."""
+    """Wrap ``closure(model, batch)`` as a module.
+
+    ``functional_call`` on this module then swaps every parameter of ``model`` while the
+    closure runs (attribute access included).
+    """
 
     def __init__(self, model: nn.Module, closure: Callable[[nn.Module, Any], Any]) -> None:
         super().__init__()
@@ -139,6 +142,7 @@ class ClosureModule(nn.Module):
         self._closure = closure
 
     def forward(self, batch: Any) -> Any:
+        """Return ``closure(model, batch)``."""
         return self._closure(self.inner, batch)
 
 

@@ -1,8 +1,8 @@
 """Vectors in parameter space.
 
 A parameter-space vector is a tuple of tensors with the shapes of the parameters it
-belongs to (METRICS.md G1). These helpers are the only place that implements the
-inner product, norms and linear combinations over such tuples, so every module agrees
+belongs to (docs/conventions.md, parameter vector). These helpers are the only place that
+implements the inner product, norms and linear combinations over such tuples, so every module agrees
 on them. They never touch ``.data`` of a model: they work on plain tensors.
 """
 
@@ -57,23 +57,24 @@ def norm(v: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def difference(u: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> Vector:
-    """u - v (fused over the tensors)."""
+    """U - v (fused over the tensors)."""
     if len(u) != len(v):
         raise ValueError(f"vectors have {len(u)} and {len(v)} tensors")
     return tuple(torch._foreach_sub(list(u), list(v)))
 
 
 def add(u: Sequence[torch.Tensor], v: Sequence[torch.Tensor], alpha: float = 1.0) -> Vector:
-    """u + alpha * v."""
+    """U + alpha * v."""
     return tuple(a + alpha * b for a, b in zip(u, v))
 
 
 def scale(v: Sequence[torch.Tensor], alpha: float | torch.Tensor) -> Vector:
-    """alpha * v."""
+    """Alpha * v."""
     return tuple(alpha * a for a in v)
 
 
 def zeros_like(v: Sequence[torch.Tensor]) -> Vector:
+    """Return a zero vector with the shapes, dtypes and devices of ``v``."""
     return tuple(torch.zeros_like(a) for a in v)
 
 

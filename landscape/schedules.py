@@ -16,9 +16,11 @@ class Schedule:
     """Base class: ``schedule(step) -> bool`` and a string that round-trips via :func:`parse`."""
 
     def __call__(self, step: int) -> bool:  # pragma: no cover - abstract
+        """Return whether the schedule is due at ``step``."""
         raise NotImplementedError
 
     def describe(self) -> str:  # pragma: no cover - abstract
+        """Return the string form, e.g. ``"every(10)"``, that :func:`parse` reads back."""
         raise NotImplementedError
 
     def __str__(self) -> str:
@@ -37,9 +39,11 @@ class Every(Schedule):
             raise ValueError(f"every(n): n must be >= 1, got {self.n}")
 
     def __call__(self, step: int) -> bool:
+        """Return whether ``step`` is on the schedule."""
         return step >= self.start and (step - self.start) % self.n == 0
 
     def describe(self) -> str:
+        """Return ``"every(n)"`` or ``"every(n, start=s)"``."""
         return f"every({self.n})" if self.start == 0 else f"every({self.n}, start={self.start})"
 
 
@@ -50,18 +54,24 @@ class At(Schedule):
     steps: frozenset[int]
 
     def __call__(self, step: int) -> bool:
+        """Return whether ``step`` is one of the listed steps."""
         return step in self.steps
 
     def describe(self) -> str:
+        """Return ``"at(s1, s2, ...)"``."""
         return f"at({', '.join(str(s) for s in sorted(self.steps))})"
 
 
 @dataclass(frozen=True)
 class Never(Schedule):
+    """Never due: a metric that is declared but switched off."""
+
     def __call__(self, step: int) -> bool:
+        """Return ``False``."""
         return False
 
     def describe(self) -> str:
+        """Return ``"never()"``."""
         return "never()"
 
 
@@ -92,6 +102,7 @@ def logspace(first: int, last: int, num: int) -> At:
 
 
 def never() -> Never:
+    """Never (a metric declared but switched off)."""
     return Never()
 
 

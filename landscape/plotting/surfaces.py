@@ -2,9 +2,9 @@
 
 Every function takes a :class:`~landscape.store.SurfaceData` (what ``landscape.surface``
 returns and ``Run.surface(name)`` reads back), or a run (a path or an open ``Run``) plus the
-surface name. Grids are ``(ny, nx)`` with ``Z[j, i] = f(x_i, y_j)`` (METRICS.md 3.3), so ``x``
-runs along the horizontal axis for square and non-square grids alike. Points not yet computed
-are masked. Figures are built with :class:`matplotlib.figure.Figure` (no pyplot, no GUI
+surface name. Grids are ``(ny, nx)`` with ``Z[j, i] = f(x_i, y_j)`` (docs/surfaces.md, Grids),
+so ``x`` runs along the horizontal axis for square and non-square grids alike. Points not yet
+computed are masked. Figures are built with :class:`matplotlib.figure.Figure` (no pyplot, no GUI
 backend), as in Li et al. 2018 (arXiv:1712.09913), Figs. 1-9: curves, contour lines, filled
 contours, 3-D surfaces; the VTK file opens in ParaView like the reference code's ``h52vtp``.
 """

@@ -113,8 +113,11 @@ def _finding_matches(finding: Finding, metric: str) -> bool:
 def _draw_findings(
     ax, findings: Sequence[Finding], metric: str, span: tuple[int, int] | None
 ) -> set[str]:
-    """Vertical lines: every finding on ``metric``, and the others inside its step ``span``
-    (a finding far outside the metric's steps would only squeeze its curves)."""
+    """Draw a vertical line for every finding on ``metric`` and the others inside ``span``.
+
+    A finding far outside the metric's steps would only squeeze its curves, so those are left
+    out. Returns the rule names drawn.
+    """
     seen: set[str] = set()
     for f in findings:
         own = _finding_matches(f, metric)

@@ -1,7 +1,7 @@
 """Loss landscapes: directions, resumable 1-D/2-D grids, PCA trajectories, interpolation.
 
 Li et al. 2018, "Visualizing the Loss Landscape of Neural Nets" (arXiv:1712.09913); the
-definitions are in METRICS.md section 3 and the user guide in docs/surfaces.md::
+definitions and the user guide are in docs/surfaces.md::
 
     import landscape as ls
     surf = ls.surface.plane(model, loss_fn, (x, y), steps=51, span=1.0, writer="run.h5")

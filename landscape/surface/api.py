@@ -205,7 +205,7 @@ def trajectory_plane(
 ) -> SurfaceData:
     """The loss on the plane of the top-2 principal components of a trajectory, with its path.
 
-    Li et al. 2018, Sec. 7 (METRICS.md 3.4): directions from :func:`pca_directions` over the
+    Li et al. 2018, Sec. 7 (docs/surfaces.md): directions from :func:`pca_directions` over the
     trajectory (checkpoint paths, state dicts, modules, tensor tuples or a ``(T, P)`` array of
     recorded weights), centred at its last point ``theta_n``; the grid covers the projected
     path with ``margin`` (a fraction of its extent) on each side, so it is non-square in

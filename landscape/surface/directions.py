@@ -1,11 +1,11 @@
 """Directions in parameter space for loss-landscape plots (Li et al. 2018, arXiv:1712.09913).
 
-A :class:`Directions` object holds one or two parameter-space vectors (METRICS.md G1) keyed by
+A :class:`Directions` object holds one or two parameter-space vectors (docs/conventions.md) keyed by
 parameter name, plus the metadata that produced them (kind, seed, normalization, ignore
 policy). Sources:
 
 * :func:`random_directions` -- Gaussian directions with filter (default), layer or weight
-  normalization (Li et al. 2018, Sec. 4; METRICS.md 3.1-3.2).
+  normalization (Li et al. 2018, Sec. 4; docs/surfaces.md).
 * :func:`landscape.surface.pca.pca_directions` -- principal components of a trajectory.
 * :func:`eigen_directions` -- top Hessian eigenvectors from :mod:`landscape.curvature`.
 * :func:`as_directions` -- user-supplied vectors (interpolation uses ``theta_b - theta_a``).
@@ -65,10 +65,12 @@ class Directions:
 
     @property
     def kind(self) -> str:
+        """How the directions were made (``"random"``, ``"pca"``, ``"eigen"``, ...)."""
         return str(self.attrs.get("kind", "custom"))
 
     @property
     def ndim(self) -> int:
+        """Number of directions: 1 for a line, 2 for a plane."""
         return len(self.vectors)
 
     def as_dict(self, k: int) -> dict[str, torch.Tensor]:
@@ -160,7 +162,7 @@ def normalize_direction(
 
     Tensors with ``dim <= 1`` (biases, normalization gains and shifts): ``ignore="biasbn"``
     sets ``d <- 0``; ``ignore="none"`` sets ``d <- theta`` under any normalization other than
-    ``"none"`` (the reference code's behaviour, METRICS.md 3.2) and leaves ``d`` as drawn
+    ``"none"`` (the reference code's behaviour, docs/surfaces.md) and leaves ``d`` as drawn
     under ``"none"``.
     """
     if normalization not in NORMALIZATIONS:
@@ -196,8 +198,11 @@ def normalize_direction(
 
 
 def select(model: nn.Module, params: ParamSpec = None) -> dict[str, nn.Parameter]:
-    """Trainable parameters picked by ``params`` (names, globs, modules; see
-    :func:`landscape.params.select_named_parameters`); at least one."""
+    """Return the trainable parameters picked by ``params`` (at least one).
+
+    ``params`` holds names, globs or modules; see
+    :func:`landscape.params.select_named_parameters`.
+    """
     named = select_named_parameters(model, params)
     if not named:
         raise LandscapeError("model has no trainable parameters to perturb")

@@ -1,14 +1,14 @@
 """Resumable evaluation of the loss (and accuracy) on 1-D and 2-D grids of parameters.
 
 Li et al. 2018 (arXiv:1712.09913), Sec. 3: ``f(alpha) = L(theta* + alpha delta)`` and
-``f(alpha, beta) = L(theta* + alpha delta + beta eta)`` (METRICS.md 3.3). Every point is
+``f(alpha, beta) = L(theta* + alpha delta + beta eta)`` (docs/surfaces.md, Grids). Every point is
 evaluated under ``torch.no_grad`` on a *private* copy of the moving parameters, rebuilt in place
 with ``torch._foreach`` ops (``theta = theta* + alpha delta + beta eta``, exactly, not by
 accumulating steps) and substituted into the model the way :func:`torch.func.functional_call`
 does it, once for the whole grid rather than at every call. The cost of a point is one forward
 pass over the data plus three vector operations, and the user's model is never written.
 Buffers are private clones restored before every point; the model is in eval mode by default
-(METRICS.md G3); RNG state, modes, ``requires_grad`` and ``.grad`` are restored
+(docs/conventions.md, model mode); RNG state, modes, ``requires_grad`` and ``.grad`` are restored
 (:func:`landscape.isolation.isolated`).
 
 Points are written into the run file as they are computed. Uncomputed points are NaN with

@@ -1,4 +1,4 @@
-"""PCA of an optimization trajectory (Li et al. 2018, arXiv:1712.09913, Sec. 7; METRICS.md 3.4).
+"""PCA of an optimization trajectory (Li et al. 2018, arXiv:1712.09913, Sec. 7; docs/surfaces.md).
 
 Random directions in a high-dimensional space are nearly orthogonal to the path an optimizer
 takes, so Li et al. plot trajectories in the plane of the top two principal components of
@@ -24,7 +24,7 @@ from landscape.surface.directions import IGNORES, Directions, select
 
 @dataclass
 class PCAResult:
-    """Principal directions of a trajectory (Li et al. 2018, Sec. 7; METRICS.md 3.4).
+    """Principal directions of a trajectory (Li et al. 2018, Sec. 7; docs/surfaces.md).
 
     ``directions``: the top-``n`` orthonormal components as :class:`Directions` (raw
     parameter units, not filter-normalized, like the reference). ``explained_variance``:
@@ -192,7 +192,7 @@ def trajectory_from_run(
     """``(steps, (T, P) weights)`` recorded in a run file (a path or an open ``Run``).
 
     The weights are a metric table whose field holds the flattened trainable parameters in
-    parameter order (METRICS.md G1), one row per recorded step; pass the array to
+    parameter order (docs/conventions.md), one row per recorded step; pass the array to
     :func:`pca_directions` with ``model=``.
     """
     from landscape.store import Run

@@ -7,7 +7,7 @@ thread the CPU time is the cost, less affected by other processes on a shared ma
 as "x forward", the median over the repeats of each method's time per point divided by the
 forward passes timed right before and after it. loss-landscapes computes the loss only, so
 "ours" does too (``accuracy=False``); "+acc" adds the accuracy, "hdf5" writes every point to a
-run file (the others keep the surface in memory). Target (DESIGN.md): <= 1.15x.
+run file (the others keep the surface in memory). Target (docs/benchmarks.md): <= 1.15x.
 
 Two models: a small CNN with BatchNorm on 256 28x28 images (compute-bound, tens of ms per
 forward pass) and a small MLP on 512 64-feature rows (well under a millisecond per pass, where

@@ -112,7 +112,7 @@ def test_params_restricts_the_directions():
 
 
 def test_scale_invariance_of_filter_normalized_curves():
-    """METRICS.md 3.5.3: a bias-free ReLU MLP with layer 1 scaled by c and layer 2 by 1/c."""
+    """Scale invariance: a bias-free ReLU MLP with layer 1 scaled by c and layer 2 by 1/c."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(5, 7, bias=False), nn.ReLU(), nn.Linear(7, 3, bias=False))
     scaled = nn.Sequential(nn.Linear(5, 7, bias=False), nn.ReLU(), nn.Linear(7, 3, bias=False))

@@ -188,7 +188,7 @@ def test_a_quadratic_loss_gives_the_analytic_surface():
         for i, al in enumerate(xs):
             r = r0 + al * dv + b * ev
             assert surf.values["loss"][j, i] == pytest.approx(float(0.5 * r @ H @ r), rel=1e-12)
-    # at a minimum the 2-D surface is the quadratic form of METRICS.md 3.5.2
+    # at a minimum the 2-D surface is ½[α β] Q [α β]ᵀ, Q the Hessian restricted to the plane
     with torch.no_grad():
         model.theta.copy_(star.reshape(2, 3))
     surf = evaluate_grid(model, loss, (torch.zeros(1), torch.zeros(1)), dirs, xs, ys,

@@ -1,4 +1,4 @@
-"""PCA of trajectories (METRICS.md 3.5.4), its sources, the PCA plane and projections."""
+"""PCA of trajectories (docs/surfaces.md), its sources, the PCA plane and projections."""
 
 from __future__ import annotations
 
