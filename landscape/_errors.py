@@ -22,3 +22,27 @@ class StepOrderError(LandscapeError):
 
 class InstabilityWarning(UserWarning):
     """A training-instability finding raised online by the monitor."""
+
+
+class MetricError(LandscapeError, ValueError):
+    """A metric is undefined for this input and the caller asked for ``strict=True``.
+
+    The pure functions of :mod:`landscape.functional` raise it (``docs/metrics.md``, failure
+    policy); ``reason`` is the same machine-readable string the non-strict call returns.
+
+    Args:
+        reason: the machine-readable reason, e.g. ``"zero_matrix"``.
+        message: what was wrong with the input, for people.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+class MissingInput(LandscapeError):
+    """A metric needs something this step did not provide (a probe batch, ``loss=``, ...).
+
+    :class:`landscape.Monitor` records a NaN row and one ``metric_failed`` finding for it
+    (``docs/monitor.md``) instead of stopping training.
+    """

@@ -18,20 +18,9 @@ from typing import Any
 
 import torch
 
-from landscape._errors import LandscapeError
+from landscape._errors import MetricError
 
 NAN = float("nan")
-
-
-class MetricError(LandscapeError, ValueError):
-    """A metric is undefined for this input and the caller asked for ``strict=True``.
-
-    ``reason`` is the same machine-readable string the non-strict call returns.
-    """
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True)
