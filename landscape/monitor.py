@@ -16,7 +16,7 @@ metric to the run file; the alarm rules (:mod:`landscape.alarms`) see each row a
 findings become :class:`~landscape.InstabilityWarning` warnings, ``on_finding`` calls and
 rows of ``/findings``.
 
-Training is never changed (DESIGN.md): a monitored run gives bitwise the parameters of the
+Training is never changed (docs/monitor.md): a monitored run gives bitwise the parameters of the
 unmonitored run on CPU. The only state the monitor attaches to user objects are the
 optimizer step hooks, which snapshot the parameters before a step only when a metric that
 needs the actual update Δθ is due, and are removed by :meth:`Monitor.close`. The optional
@@ -34,44 +34,22 @@ import json
 import math
 import time
 import warnings
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from landscape import distributed as _dist
-from landscape._errors import InstabilityWarning, StepOrderError
+from landscape._errors import InstabilityWarning, MissingInput, StepOrderError
 from landscape.findings import Finding
 from landscape.isolation import isolated
-from landscape.metrics import Metric, MissingInput, StepContext, create, preset, split_batch
+from landscape.metrics import Metric, StepContext, split_batch
+from landscape.metrics.presets import MetricsLike, resolve_metrics
 from landscape.params import difference, trainable_named_parameters
 from landscape.store import Run, RunWriter
 
-__all__ = ["Monitor", "resolve_metrics"]
-
-MetricsLike = str | Metric | Iterable[str | Metric] | None
-
-
-def resolve_metrics(metrics: MetricsLike) -> list[Metric]:
-    """Metric instances from a preset name, metric names, or instances (checked, no repeats)."""
-    if metrics is None:
-        return preset("cheap")
-    if isinstance(metrics, str):
-        from landscape.metrics.presets import PRESETS
-
-        return preset(metrics) if metrics in PRESETS else [create(metrics)]
-    if isinstance(metrics, Metric):
-        return [metrics]
-    out = [create(m) if isinstance(m, str) else m for m in metrics]
-    for m in out:
-        if not isinstance(m, Metric):
-            raise TypeError(f"metrics: expected Metric instances or names, got {m!r}")
-    names = [m.name for m in out]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ValueError(f"metrics: each metric may appear once, repeated: {', '.join(dupes)}")
-    return out
+__all__ = ["MetricsLike", "Monitor", "resolve_metrics"]
 
 
 def _jsonable(value: Any) -> Any:
@@ -92,14 +70,18 @@ def _optimizer_config(opt: torch.optim.Optimizer | None) -> dict[str, Any] | Non
 class Monitor:
     """Record diagnostics of ``model`` during training into one run file.
 
+    Use it as a context manager (or call :meth:`start` and :meth:`close`) and call
+    :meth:`step` after each optimizer step; docs/monitor.md has the whole guide.
+
     Args:
         model: the model being trained (a DDP wrapper is unwrapped).
         loss_fn: ``loss_fn(model(inputs), targets)``; or pass ``closure``.
         path: the HDF5 run file (``None``: in memory, read back with :meth:`run`).
         optimizer: the optimizer, for the update Δθ, the Taylor radius and the stability
             threshold of the sharpness metric.
-        metrics: a preset name (``"cheap"``, ``"standard"``, ``"full"``), metric names, or
-            :class:`~landscape.metrics.Metric` instances (default ``"cheap"``).
+        metrics: a preset name (``"cheap"``, ``"standard"``, ``"full"``), or a list of
+            :class:`~landscape.metrics.Metric` instances and metric names (default
+            ``"cheap"``); see :func:`landscape.metrics.resolve_metrics`.
         probe: a fixed batch for metrics on probe data (curvature, representations).
         closure: ``closure(model, batch) -> loss`` for models whose loss is not
             ``loss_fn(model(x), y)`` (dict batches, language models).
@@ -121,6 +103,27 @@ class Monitor:
             of at most this many samples (:class:`~landscape.curvature.Hessian`): peak
             memory of one micro-batch instead of the whole batch, for more time per
             product. ``None`` (default): whole batches.
+
+    Raises:
+        ValueError: neither ``loss_fn`` nor ``closure``; a bad ``microbatch_size``;
+            ``taylor_guard`` without ``optimizer`` and ``probe``; or a bad ``metrics``.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> import landscape as ls
+        >>> model = torch.nn.Linear(4, 3)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+        >>> metrics = [ls.metrics.Loss(), ls.metrics.Sharpness(schedule=ls.every(2))]
+        >>> with ls.Monitor(model, F.cross_entropy, optimizer=opt, metrics=metrics,
+        ...                 probe=(x, y), warn=False) as mon:
+        ...     for step in range(4):
+        ...         loss = F.cross_entropy(model(x), y)
+        ...         opt.zero_grad(); loss.backward(); opt.step()
+        ...         _ = mon.step(step, batch=(x, y), loss=loss)
+        ...     run = mon.run()
+        >>> run.steps("sharpness").tolist()
+        [0, 2]
     """
 
     def __init__(
@@ -186,7 +189,11 @@ class Monitor:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> Monitor:
-        """Open the run file, declare every metric, attach the optimizer step hooks."""
+        """Open the run file, declare every metric, attach the optimizer step hooks.
+
+        Returns:
+            The monitor (a second call does nothing).
+        """
         if self.writer is not None:
             return self
         self._names = list(trainable_named_parameters(self.model))
@@ -197,7 +204,7 @@ class Monitor:
             for m in self.metrics:
                 self.writer.declare(
                     m.name, m.fields(), cls=f"{type(m).__module__}.{type(m).__qualname__}",
-                    params={**m.params(), "data": m.data}, schedule=str(m.schedule),
+                    params={**m.config(), "data": m.data}, schedule=str(m.schedule),
                 )
             lasts = [self.writer.last_step(m.name) for m in self.metrics]
             known = [s for s in lasts if s is not None]
@@ -209,7 +216,7 @@ class Monitor:
             self._alarms = self._make_alarms()
             if self._alarms is not None:
                 for m in self.metrics:
-                    self._alarms.declare(m.name, {**m.params(), "data": m.data})
+                    self._alarms.declare(m.name, {**m.config(), "data": m.data})
                 if known:  # resuming: rebuild rule state from the recorded rows
                     self._alarms.replay(self.writer.run())
         except BaseException:
@@ -239,7 +246,14 @@ class Monitor:
         self.close()
 
     def run(self) -> Run:
-        """A reader of what has been recorded (the in-memory run when ``path`` is None)."""
+        """A reader of what has been recorded (the in-memory run when ``path`` is None).
+
+        Returns:
+            The run.
+
+        Raises:
+            RuntimeError: the monitor has not been started.
+        """
         if self.writer is None:
             raise RuntimeError("the monitor has not been started")
         if self.writer.path is None:
@@ -254,7 +268,7 @@ class Monitor:
             "n_parameters": n_params,
             "optimizer": _optimizer_config(self.optimizer),
             "metrics": [
-                {"name": m.name, "schedule": str(m.schedule), "data": m.data, **m.params()}
+                {"name": m.name, "schedule": str(m.schedule), "data": m.data, **m.config()}
                 for m in self.metrics
             ],
             "taylor_guard": self.taylor_guard,
@@ -319,11 +333,20 @@ class Monitor:
     def step(
         self, step: int, *, batch: Any = None, loss: Any = None, outputs: Any = None
     ) -> list[Finding]:
-        """Record every metric due at ``step``; returns the findings raised at this step.
+        """Record every metric due at ``step``; call it after ``optimizer.step()``.
 
-        Call it after ``optimizer.step()``. ``batch`` is the training batch, ``loss`` its
-        loss (a tensor or float; never recomputed), ``outputs`` optionally the model's
-        output on ``batch`` (saves a forward pass for logit metrics on the batch).
+        Args:
+            step: the training step; it must increase from call to call.
+            batch: the training batch.
+            loss: its loss (a tensor or float; never recomputed).
+            outputs: optionally the model's output on ``batch`` (saves a forward pass for
+                logit metrics on the batch).
+
+        Returns:
+            The findings raised at this step.
+
+        Raises:
+            StepOrderError: ``step`` does not come after the last recorded step.
         """
         if self.writer is None:
             self.start()

@@ -6,7 +6,10 @@ batch or the current training ``batch``), and computes one row from a per-step
 :class:`~landscape.metrics.context.StepContext` that shares work between the metrics due at
 the same step (one gradient, one Lanczos run, one feature capture).
 
-Writing your own metric takes a few lines::
+A metric's name is its registry name: the group under ``/metrics/`` in the run file and
+the name presets, the command line and config files use. It is the snake_case of the
+class name (``TopEigenvalues`` is ``"top_eigenvalues"``; docs/vocabulary.md). Writing your
+own metric takes a few lines (docs/monitor.md)::
 
     @ls.metrics.register
     class WeightNorm(ls.metrics.Metric):
@@ -14,34 +17,96 @@ Writing your own metric takes a few lines::
         FIELDS = ("value",)
 
         def compute(self, ctx):
-            return {"value": ls.params.norm(ctx.params).item()}
+            return {"value": ls.params.norm(ctx.parameters).item()}
 
 The registry refuses to replace an existing name silently (pass ``replace=True``).
 """
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, TypeVar
 
 from torch import nn
 
+from landscape._deprecation import warn_renamed
+from landscape._names import RENAMED_METRICS
 from landscape.schedules import Schedule, every, parse
 
 if TYPE_CHECKING:  # pragma: no cover
     from landscape.metrics.context import StepContext
 
-__all__ = ["DATA_SOURCES", "Metric", "available", "create", "register"]
+__all__ = [
+    "DATA_SOURCES",
+    "Metric",
+    "available",
+    "canonical_name",
+    "create",
+    "register",
+    "snake_case",
+]
 
 DATA_SOURCES = ("probe", "batch")
 
 
-class Metric:
-    """Base class of every metric plugin.
+def snake_case(class_name: str) -> str:
+    """The snake_case of a class name (``"TopEigenvalues"`` -> ``"top_eigenvalues"``).
 
-    Class attributes a subclass sets: ``name`` (the group under ``/metrics/`` in the run
-    file), ``FIELDS`` (names of scalar fields; override :meth:`fields` for vector
-    fields or shapes that depend on the model), ``default_schedule``, ``default_data``,
-    and ``needs_update = True`` when it uses the optimizer's actual step Δθ.
+    Args:
+        class_name: a class name.
+
+    Returns:
+        The lower-case name with ``_`` before each inner capital.
+    """
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", class_name).lower()
+
+
+def canonical_name(name: str, *, stacklevel: int = 3) -> str:
+    """The current name of metric ``name``, warning once per use if ``name`` was renamed.
+
+    Args:
+        name: a metric name, current or old (``"hessian"``, ``"taylor"``).
+        stacklevel: passed on to the ``DeprecationWarning`` (default: the caller's caller).
+
+    Returns:
+        ``name`` itself, or the new name of an old one (``docs/vocabulary.md``).
+    """
+    new = RENAMED_METRICS.get(name)
+    if new is None:
+        return name
+    warn_renamed(name, new, what="metric name", stacklevel=stacklevel + 1)
+    return new
+
+
+class Metric:
+    """Base class of every metric: computes named fields at scheduled steps.
+
+    One row per due step is written to ``/metrics/<name>`` of the run file. Class
+    attributes a subclass sets: ``name`` (the registry name: snake_case of the class name),
+    ``FIELDS`` (names of scalar fields; override :meth:`fields` for vector fields or
+    shapes that depend on the model), ``default_schedule``, ``default_data``, and
+    ``needs_update = True`` when it uses the optimizer's actual step Δθ. Settings recorded
+    in the run file come from :meth:`config`. See docs/monitor.md.
+
+    Args:
+        schedule: when the metric runs (``every(10)``, ``"every(10)"``, an int ``n`` for
+            ``every(n)``); ``None`` for the class's ``default_schedule``.
+        data: ``"probe"`` (the monitor's fixed batch) or ``"batch"`` (the current training
+            batch); ``None`` for the class's ``default_data``.
+
+    Raises:
+        ValueError: ``data`` is not one of :data:`DATA_SOURCES`.
+
+    Example:
+        >>> import landscape as ls
+        >>> class WeightNorm(ls.metrics.Metric):
+        ...     name = "weight_norm"
+        ...     FIELDS = ("value",)
+        ...
+        ...     def compute(self, ctx):
+        ...         return {"value": ls.params.norm(ctx.parameters).item()}
+        >>> WeightNorm(schedule=ls.every(5))
+        WeightNorm(schedule=every(5), data='probe')
     """
 
     name: ClassVar[str] = ""
@@ -61,22 +126,64 @@ class Metric:
     # -- declared before step 0
 
     def setup(self, model: nn.Module) -> None:
-        """Resolve anything that depends on the model (layer names, shapes). Called once."""
+        """Resolve anything that depends on the model (layer names, shapes). Called once.
+
+        Args:
+            model: the monitored model.
+        """
 
     def fields(self) -> dict[str, tuple[int, ...]]:
+        """The fields of one row and their shapes (``()`` for a scalar).
+
+        Returns:
+            ``{field name: shape}``; by default every name in ``FIELDS`` as a scalar.
+        """
         return {k: () for k in self.FIELDS}
 
-    def params(self) -> dict[str, Any]:
-        """JSON-able settings stored with the metric in the run file."""
+    def config(self) -> dict[str, Any]:
+        """The metric's settings, recorded with it in the run file.
+
+        Returns:
+            A JSON-able dict (empty by default). A subclass written against the old API
+            that overrides ``params()`` instead still works, with a ``DeprecationWarning``.
+        """
+        if type(self).params is not Metric.params:
+            warn_renamed(f"{type(self).__name__}.params()", "config()", what="method")
+            return dict(self.params())
         return {}
 
+    def params(self) -> dict[str, Any]:
+        """Deprecated alias of :meth:`config`.
+
+        Returns:
+            :meth:`config`.
+        """
+        warn_renamed("Metric.params()", "Metric.config()", what="method")
+        return self.config()
+
     def captures(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """Module names whose (inputs, outputs) this metric reads from the shared capture."""
+        """Module names whose (inputs, outputs) this metric reads from the shared capture.
+
+        Returns:
+            ``(input module names, output module names)``; both empty by default.
+        """
         return (), ()
 
     # -- per due step
 
     def compute(self, ctx: StepContext) -> Mapping[str, Any]:  # pragma: no cover - abstract
+        """One row at a due step.
+
+        Args:
+            ctx: the step's shared context.
+
+        Returns:
+            ``{field name: value}`` for every field of :meth:`fields`.
+
+        Raises:
+            MissingInput: the step lacks something the metric needs (the monitor records
+                a NaN row and one ``metric_failed`` finding).
+        """
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -90,8 +197,17 @@ M = TypeVar("M", bound=type[Metric])
 def register(cls: M | None = None, *, replace: bool = False) -> Any:
     """Class decorator adding a metric to the registry under ``cls.name``.
 
-    Registering a second class under an existing name raises ``ValueError`` unless
-    ``replace=True``: a plugin never silently shadows another one.
+    Args:
+        cls: the :class:`Metric` subclass (omitted when called as ``register(replace=True)``).
+        replace: allow replacing another class registered under the same name.
+
+    Returns:
+        ``cls`` itself, or the decorator when ``cls`` is omitted.
+
+    Raises:
+        TypeError: ``cls`` is not a :class:`Metric` subclass.
+        ValueError: ``cls.name`` is empty or holds ``/``; or another class has that name
+            and ``replace`` is false: a plugin never silently shadows another one.
     """
 
     def add(c: M) -> M:
@@ -112,12 +228,30 @@ def register(cls: M | None = None, *, replace: bool = False) -> Any:
 
 
 def available() -> list[str]:
-    """Names of every registered metric."""
+    """Names of every registered metric.
+
+    Returns:
+        The sorted metric names.
+    """
     return sorted(_REGISTRY)
 
 
 def create(name: str, **kwargs: Any) -> Metric:
-    """Instantiate the registered metric ``name``."""
+    """Instantiate the registered metric ``name`` (for the command line and config files).
+
+    In code, instantiate the class: ``ls.metrics.Sharpness(schedule=ls.every(15))``.
+
+    Args:
+        name: a metric name; an old name (``"hessian"``) warns and gives the renamed metric.
+        **kwargs: passed to the metric's class.
+
+    Returns:
+        The metric.
+
+    Raises:
+        ValueError: no metric has that name.
+    """
+    name = canonical_name(name)
     if name not in _REGISTRY:
         raise ValueError(f"unknown metric {name!r}; available: {', '.join(available())}")
     return _REGISTRY[name](**kwargs)

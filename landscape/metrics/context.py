@@ -19,7 +19,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from landscape._errors import LandscapeError
+from landscape._deprecation import deprecated_alias
+from landscape._errors import MissingInput
 from landscape.capture import Captured, capture
 from landscape.isolation import stateless_call, stateless_closure
 from landscape.params import Vector, norm
@@ -29,12 +30,19 @@ __all__ = ["MissingInput", "StepContext", "split_batch"]
 Closure = Callable[[nn.Module, Any], torch.Tensor]
 
 
-class MissingInput(LandscapeError):
-    """A metric needs something this step did not provide (a probe batch, ``loss=``, ...)."""
-
-
 def split_batch(batch: Any) -> tuple[Any, Any]:
-    """``(inputs, targets)`` of a batch given as a 2-sequence or a dict with those keys."""
+    """``(inputs, targets)`` of a batch given as a 2-sequence or a dict with those keys.
+
+    Args:
+        batch: ``(inputs, targets)``, or a dict with the keys ``inputs``/``targets``,
+            ``x``/``y`` or ``input_ids``/``labels``.
+
+    Returns:
+        ``(inputs, targets)``.
+
+    Raises:
+        MissingInput: the batch has neither form.
+    """
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
     if isinstance(batch, dict):
@@ -48,7 +56,14 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
 
 
 def is_batch_list(value: Any) -> bool:
-    """True for a list of batches; a collated ``[inputs, targets]`` list is one batch."""
+    """Whether ``value`` is a list of batches; a collated ``[inputs, targets]`` list is one batch.
+
+    Args:
+        value: a batch or a list of batches.
+
+    Returns:
+        True for a non-empty list whose items are all batches.
+    """
     return (
         isinstance(value, list)
         and len(value) > 0
@@ -68,7 +83,13 @@ def _concat(parts: list[Captured]) -> Captured:
 
 @dataclass
 class StepContext:
-    """Everything a metric may read at one step. Built by the monitor; see module docstring."""
+    """Everything a metric may read at one step, built by the monitor (module docstring).
+
+    ``names`` are the monitored parameters' names; :attr:`parameters` their current
+    (detached) tensors in that order. ``params_before`` and ``update`` hold the parameters
+    before the optimizer step and its Δθ when a metric with ``needs_update`` is due.
+    ``state`` survives between steps (warm starts); the rest lives for one step.
+    """
 
     step: int
     model: nn.Module
@@ -92,15 +113,29 @@ class StepContext:
 
     @property
     def named_params(self) -> dict[str, torch.Tensor]:
+        """``{name: tensor}`` of the monitored parameters, detached."""
         own = dict(self.model.named_parameters())
         return {n: own[n].detach() for n in self.names}
 
     @property
-    def params(self) -> Vector:
+    def parameters(self) -> Vector:
         """Current values of the monitored (trainable) parameters, detached."""
         return tuple(self.named_params.values())
 
+    params = deprecated_alias("params", "parameters")
+
     def data(self, source: str) -> Any:
+        """The batch (or list of batches) of ``source``.
+
+        Args:
+            source: ``"probe"`` or ``"batch"``.
+
+        Returns:
+            The monitor's probe data or the step's training batch.
+
+        Raises:
+            MissingInput: that data was not given.
+        """
         value = self.probe if source == "probe" else self.batch
         if value is None:
             hint = "pass probe=... to Monitor" if source == "probe" else "pass batch=... to step()"
@@ -108,23 +143,45 @@ class StepContext:
         return value
 
     def batches(self, source: str) -> list[Any]:
-        """``source`` as a list of batches (a probe may be one batch or a list of batches)."""
+        """``source`` as a list of batches (a probe may be one batch or a list of batches).
+
+        Args:
+            source: ``"probe"`` or ``"batch"``.
+
+        Returns:
+            The batches.
+        """
         value = self.data(source)
         return list(value) if is_batch_list(value) else [value]
 
     def targets(self, source: str) -> torch.Tensor:
-        """Targets of ``source``, concatenated over its batches."""
+        """Targets of ``source``, concatenated over its batches.
+
+        Args:
+            source: ``"probe"`` or ``"batch"``.
+
+        Returns:
+            The flattened targets.
+        """
         return torch.cat([split_batch(b)[1].reshape(-1) for b in self.batches(source)])
 
     def grad_norm(self) -> float | None:
-        """||grad|| of the user's gradient (cached for the step; None if any is missing)."""
+        """||grad|| of the user's gradient, cached for the step.
+
+        Returns:
+            The norm, or None when a monitored parameter has no ``.grad``.
+        """
         if "grad_norm" not in self._cache:
             grads = self.grads()
             self._cache["grad_norm"] = None if grads is None else float(norm(grads))
         return self._cache["grad_norm"]
 
     def grads(self) -> Vector | None:
-        """The gradient the user's backward left in ``.grad`` (None if any is missing)."""
+        """The gradient the user's backward left in ``.grad``.
+
+        Returns:
+            The detached gradients, or None when a monitored parameter has none.
+        """
         own = dict(self.model.named_parameters())
         grads = [own[n].grad for n in self.names]
         if any(g is None for g in grads):
@@ -140,8 +197,14 @@ class StepContext:
         return stateless_call(self.model, params, (inputs,))
 
     def captured(self, source: str) -> Captured:
-        """One no-grad forward pass on ``source`` capturing every layer the due metrics asked
-        for, plus the model's output under the name ``""``."""
+        """One no-grad forward pass on ``source`` capturing the layers the due metrics ask for.
+
+        Args:
+            source: ``"probe"`` or ``"batch"``.
+
+        Returns:
+            The capture (cached for the step), with the model's output under the name ``""``.
+        """
         if source not in self._captured:
             ins, outs = self.capture_plan.get(source, (set(), set()))
             parts = []
@@ -153,7 +216,17 @@ class StepContext:
         return self._captured[source]
 
     def logits(self, source: str) -> torch.Tensor:
-        """The model's output on ``source``; the user's ``outputs=`` for the training batch."""
+        """The model's output on ``source``; the user's ``outputs=`` for the training batch.
+
+        Args:
+            source: ``"probe"`` or ``"batch"``.
+
+        Returns:
+            The logits.
+
+        Raises:
+            MissingInput: the forward pass returned no tensor.
+        """
         if source == "batch" and self.outputs is not None:
             return self.outputs.detach()
         out = self.captured(source).outputs.get("")
@@ -164,6 +237,16 @@ class StepContext:
     # -- curvature, shared between metrics
 
     def operator(self, source: str, preconditioned: bool = False) -> Any:
+        """The Hessian of the loss on ``source``, shared by the metrics due at this step.
+
+        Args:
+            source: ``"probe"`` or ``"batch"``.
+            preconditioned: wrap it in the optimizer's preconditioner
+                (:func:`landscape.curvature.preconditioned`).
+
+        Returns:
+            The curvature operator.
+        """
         key = ("operator", source, preconditioned)
         if key not in self._cache:
             from landscape import curvature
@@ -182,7 +265,17 @@ class StepContext:
         return self._cache[key]
 
     def eigen(self, source: str, k: int, preconditioned: bool = False, tol: float = 1e-3) -> Any:
-        """Top-``k`` eigenpairs, warm-started from the previous measurement of the same kind."""
+        """Top-``k`` eigenpairs, warm-started from the previous measurement of the same kind.
+
+        Args:
+            source: ``"probe"`` or ``"batch"``.
+            k: how many eigenpairs.
+            preconditioned: of the preconditioned operator (see :meth:`operator`).
+            tol: relative tolerance of :func:`landscape.curvature.top_eigenvalues`.
+
+        Returns:
+            The eigen result (a larger ``k`` computed earlier in the step is reused).
+        """
         key = ("eigen", source, preconditioned)
         cached = self._cache.get(key)
         if cached is not None and len(cached.values) >= k:

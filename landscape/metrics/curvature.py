@@ -1,5 +1,8 @@
-"""Curvature metrics over the Hessian of the loss on the probe batch (landscape.curvature):
-top eigenvalues, sharpness against the optimizer's stability threshold, trace, density."""
+"""Curvature metrics over the Hessian of the loss on the probe batch (landscape.curvature).
+
+Top eigenvalues, sharpness against the optimizer's stability threshold, trace and spectral
+density; definitions in docs/metrics.md and docs/curvature.md.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +11,32 @@ from typing import Any
 
 import torch
 
+from landscape._deprecation import deprecated_alias, module_getattr, renamed_kwargs
 from landscape.metrics.base import Metric, register
 from landscape.metrics.context import StepContext
 from landscape.schedules import every
 
+__all__ = ["HessianTrace", "Sharpness", "SpectralDensity", "TopEigenvalues"]
+
 
 @register
-class HessianSpectrum(Metric):
-    """Top-``k`` algebraically largest Hessian eigenvalues by warm-started Lanczos."""
+class TopEigenvalues(Metric):
+    """Top-``k`` algebraically largest Hessian eigenvalues by warm-started Lanczos.
 
-    name = "hessian"
+    Fields: ``eigenvalues`` (``k`` values, NaN-padded when fewer converge) and
+    ``n_matvec`` (Hessian-vector products used). Formerly ``HessianSpectrum``, registered as
+    ``"hessian"``.
+
+    Args:
+        k: how many eigenvalues.
+        tol: relative tolerance of :func:`landscape.curvature.top_eigenvalues`.
+        **kwargs: ``schedule`` and ``data`` (:class:`~landscape.metrics.Metric`).
+
+    Raises:
+        ValueError: ``k < 1``.
+    """
+
+    name = "top_eigenvalues"
     default_schedule = every(50)
 
     def __init__(self, k: int = 3, tol: float = 1e-3, **kwargs: Any) -> None:
@@ -27,12 +46,15 @@ class HessianSpectrum(Metric):
         self.k, self.tol = int(k), float(tol)
 
     def fields(self) -> dict[str, tuple[int, ...]]:
+        """``eigenvalues`` of shape ``(k,)`` and the scalar ``n_matvec``."""
         return {"eigenvalues": (self.k,), "n_matvec": ()}
 
-    def params(self) -> dict[str, Any]:
+    def config(self) -> dict[str, Any]:
+        """``k`` and ``tol``."""
         return {"k": self.k, "tol": self.tol}
 
     def compute(self, ctx: StepContext) -> dict[str, Any]:
+        """The top-``k`` eigenvalues of the Hessian on ``self.data``."""
         result = ctx.eigen(self.data, self.k, tol=self.tol)
         values = torch.full((self.k,), math.nan, dtype=torch.float64)
         values[: min(self.k, len(result.values))] = result.values[: self.k].double().cpu()
@@ -41,11 +63,17 @@ class HessianSpectrum(Metric):
 
 @register
 class Sharpness(Metric):
-    """lambda_max against the optimizer's edge-of-stability threshold (METRICS.md 1.6).
+    """lambda_max against the optimizer's edge-of-stability threshold (docs/metrics.md).
 
     For SGD (plain, heavy-ball, Nesterov) lambda_max is the Hessian's; for Adam/AdamW it is
     the preconditioned sharpness of P^-1/2 H P^-1/2 (Cohen et al. 2022). ``ratio`` =
     lambda_max / threshold; a ratio at or above 1 is the edge of stability.
+
+    Args:
+        tol: relative tolerance of the Lanczos run for lambda_max.
+        adam_warmup: Adam steps before which the row is NaN (the second-moment estimate
+            is a few-sample transient at first).
+        **kwargs: ``schedule`` and ``data`` (:class:`~landscape.metrics.Metric`).
     """
 
     name = "sharpness"
@@ -57,10 +85,12 @@ class Sharpness(Metric):
         self.tol = float(tol)
         self.adam_warmup = int(adam_warmup)
 
-    def params(self) -> dict[str, Any]:
+    def config(self) -> dict[str, Any]:
+        """``tol`` and ``adam_warmup``."""
         return {"tol": self.tol, "adam_warmup": self.adam_warmup}
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
+        """lambda_max, the optimizer's stability threshold and their ratio."""
         from landscape.curvature import stability_threshold
 
         opt = ctx.optimizer
@@ -91,8 +121,13 @@ def _adam_steps(opt: torch.optim.Optimizer) -> int:
 
 @register
 class HessianTrace(Metric):
-    """Hessian trace with a standard error: Hutchinson deflated by a Lanczos basis by default
-    (``method``: any of :func:`landscape.curvature.hessian_trace`'s)."""
+    """Hessian trace with a standard error: Hutchinson deflated by a Lanczos basis by default.
+
+    Args:
+        n_matvec: budget of Hessian-vector products.
+        method: any method of :func:`landscape.curvature.hessian_trace`.
+        **kwargs: ``schedule`` and ``data`` (:class:`~landscape.metrics.Metric`).
+    """
 
     name = "hessian_trace"
     FIELDS = ("value", "stderr")
@@ -102,10 +137,12 @@ class HessianTrace(Metric):
         super().__init__(**kwargs)
         self.n_matvec, self.method = int(n_matvec), method
 
-    def params(self) -> dict[str, Any]:
+    def config(self) -> dict[str, Any]:
+        """``n_matvec`` and ``method``."""
         return {"n_matvec": self.n_matvec, "method": self.method}
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
+        """The trace estimate ``value`` and its ``stderr``."""
         from landscape.curvature import hessian_trace
 
         seed = int(ctx.state.setdefault("trace_seed", 0))
@@ -117,32 +154,51 @@ class HessianTrace(Metric):
 
 @register
 class SpectralDensity(Metric):
-    """Stochastic Lanczos quadrature nodes and weights (Ghorbani et al. 2019), one row of
-    ``n_iter`` per probe (NaN-padded when Lanczos stops early); smooth them with
-    :func:`landscape.curvature.spectral_density`'s convention to plot a density."""
+    """Stochastic Lanczos quadrature nodes and weights (Ghorbani et al. 2019).
+
+    One row of ``lanczos_steps`` per probe vector (NaN-padded when Lanczos stops early);
+    smooth them with :func:`landscape.curvature.spectral_density`'s convention to plot a
+    density. The run costs ``lanczos_steps × n_probes`` Hessian-vector products.
+
+    Args:
+        lanczos_steps: Lanczos steps per probe vector (formerly ``n_iter``, which still
+            works with a ``DeprecationWarning``).
+        n_probes: probe vectors.
+        **kwargs: ``schedule`` and ``data`` (:class:`~landscape.metrics.Metric`).
+    """
 
     name = "spectral_density"
     default_schedule = every(200)
 
-    def __init__(self, n_iter: int = 30, n_probes: int = 2, **kwargs: Any) -> None:
+    @renamed_kwargs(n_iter="lanczos_steps")
+    def __init__(self, lanczos_steps: int = 30, n_probes: int = 2, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.n_iter, self.n_probes = int(n_iter), int(n_probes)
+        self.lanczos_steps, self.n_probes = int(lanczos_steps), int(n_probes)
+
+    n_iter = deprecated_alias("n_iter", "lanczos_steps")
 
     def fields(self) -> dict[str, tuple[int, ...]]:
-        shape = (self.n_probes, self.n_iter)
+        """``nodes`` and ``weights``, each of shape ``(n_probes, lanczos_steps)``."""
+        shape = (self.n_probes, self.lanczos_steps)
         return {"nodes": shape, "weights": shape}
 
-    def params(self) -> dict[str, Any]:
-        return {"n_iter": self.n_iter, "n_probes": self.n_probes}
+    def config(self) -> dict[str, Any]:
+        """``lanczos_steps`` and ``n_probes``."""
+        return {"lanczos_steps": self.lanczos_steps, "n_probes": self.n_probes}
 
     def compute(self, ctx: StepContext) -> dict[str, Any]:
+        """The quadrature nodes and weights on ``self.data``."""
         from landscape.curvature import spectral_density
 
-        res = spectral_density(ctx.operator(self.data), n_iter=self.n_iter, n_probes=self.n_probes)
+        # positional: the keyword is n_iter before the curvature rename, lanczos_steps after
+        res = spectral_density(ctx.operator(self.data), self.lanczos_steps, self.n_probes)
         out = {}
         for key in ("nodes", "weights"):
-            table = torch.full((self.n_probes, self.n_iter), math.nan, dtype=torch.float64)
+            table = torch.full((self.n_probes, self.lanczos_steps), math.nan, dtype=torch.float64)
             got = torch.as_tensor(getattr(res, key), dtype=torch.float64).reshape(self.n_probes, -1)
-            table[:, : got.shape[1]] = got[:, : self.n_iter]
+            table[:, : got.shape[1]] = got[:, : self.lanczos_steps]
             out[key] = table
         return out
+
+
+__getattr__ = module_getattr(__name__, {"HessianSpectrum": "TopEigenvalues"}, globals())

@@ -1,67 +1,136 @@
-"""Named bundles of metrics with schedules: ``cheap``, ``standard``, ``full``.
+"""Named bundles of metrics with schedules, and the resolution of a ``metrics=`` argument.
 
 * ``cheap`` — every step: loss, gradient norm, non-finite flags, update size; logits every
   10 steps. Meant to cost well under 10% of a training step.
 * ``standard`` — ``cheap`` plus the Taylor radius of the step and spectral alignment every
   10 steps, sharpness (warm-started lambda_max) every 100, effective rank and uniformity
   every 50, neural collapse every 100, top-3 Hessian eigenvalues and the trace every 500.
-* ``full`` — denser: taylor, alignment and logits every 5, sharpness and representations
-  every 25, collapse every 50, top-3 eigenvalues every 100, trace every 200, spectral
-  density every 500.
+* ``full`` — denser: Taylor radius, alignment and logits every 5, sharpness and
+  representations every 25, collapse every 50, top-3 eigenvalues every 100, trace every
+  200, spectral density every 500.
 
-Each schedule can be overridden by name: ``preset("standard", hessian="every(10)")``; a
-name mapped to ``None`` drops that metric.
+A metric runs on its class's ``default_schedule`` unless the preset's table below says
+otherwise, so each schedule is written once. Each can be overridden by metric name:
+``preset("standard", top_eigenvalues="every(10)")``; a name mapped to ``None`` drops that
+metric. The tables are in docs/monitor.md.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
-from landscape.metrics.base import Metric, create
+from landscape.metrics.base import Metric, canonical_name, create
+from landscape.metrics.curvature import HessianTrace, Sharpness, SpectralDensity, TopEigenvalues
+from landscape.metrics.representation import Collapse, Representation, SpectralAlignment
+from landscape.metrics.training import GradNorm, Logits, Loss, NonFinite, TaylorRadius, Update
 from landscape.schedules import Schedule
 
-__all__ = ["PRESETS", "preset"]
+__all__ = ["PRESETS", "MetricsLike", "preset", "resolve_metrics"]
 
+#: What ``Monitor(metrics=...)`` accepts: a preset name, a metric name, a metric, a list of
+#: metric names and metrics, or None (the ``cheap`` preset).
+MetricsLike = str | Metric | Iterable[str | Metric] | None
+
+_DEFAULT = None  # in a table: the class's default_schedule
+
+# preset -> {metric class: schedule where the preset differs from the class default}
+_TABLES: dict[str, dict[type[Metric], str | None]] = {
+    "cheap": dict.fromkeys((Loss, GradNorm, NonFinite, Update, Logits), _DEFAULT),
+}
+_TABLES["standard"] = {
+    **_TABLES["cheap"],
+    TaylorRadius: _DEFAULT,
+    SpectralAlignment: _DEFAULT,
+    TopEigenvalues: "every(500)",
+    Sharpness: "every(100)",
+    Representation: _DEFAULT,
+    Collapse: _DEFAULT,
+    HessianTrace: "every(500)",
+}
+_TABLES["full"] = {
+    **_TABLES["cheap"],
+    Logits: "every(5)",
+    TaylorRadius: "every(5)",
+    SpectralAlignment: "every(5)",
+    TopEigenvalues: "every(100)",
+    Sharpness: "every(25)",
+    Representation: "every(25)",
+    Collapse: "every(50)",
+    HessianTrace: "every(200)",
+    SpectralDensity: "every(500)",
+}
+
+#: preset -> {metric name: schedule}, derived from the tables and the classes' defaults.
 PRESETS: dict[str, dict[str, str]] = {
-    "cheap": {
-        "loss": "every(1)",
-        "grad_norm": "every(1)",
-        "nonfinite": "every(1)",
-        "update": "every(1)",
-        "logits": "every(10)",
-    },
-}
-PRESETS["standard"] = {
-    **PRESETS["cheap"],
-    "taylor": "every(10)",
-    "spectral_alignment": "every(10)",
-    "hessian": "every(500)",
-    "sharpness": "every(100)",
-    "representation": "every(50)",
-    "collapse": "every(100)",
-    "hessian_trace": "every(500)",
-}
-PRESETS["full"] = {
-    **PRESETS["cheap"],
-    "logits": "every(5)",
-    "taylor": "every(5)",
-    "spectral_alignment": "every(5)",
-    "hessian": "every(100)",
-    "sharpness": "every(25)",
-    "representation": "every(25)",
-    "collapse": "every(50)",
-    "hessian_trace": "every(200)",
-    "spectral_density": "every(500)",
+    name: {cls.name: str(cls.default_schedule if s is None else s) for cls, s in table.items()}
+    for name, table in _TABLES.items()
 }
 
 
 def preset(name: str, **schedules: Schedule | str | int | None) -> list[Metric]:
-    """The metrics of preset ``name``, with optional per-metric schedule overrides."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    table: dict[str, Any] = dict(PRESETS[name])
-    for metric, schedule in schedules.items():
-        if metric not in table and schedule is not None:
-            create(metric)  # validates the name
-        table[metric] = schedule
-    return [create(m, schedule=s) for m, s in table.items() if s is not None]
+    """The metrics of preset ``name``, with optional per-metric schedule overrides.
+
+    Args:
+        name: ``"cheap"``, ``"standard"`` or ``"full"``.
+        **schedules: ``metric_name=schedule`` overrides; ``None`` drops the metric, a metric
+            not in the preset is added. Old metric names (``hessian=``) warn and apply to
+            the renamed metric.
+
+    Returns:
+        New metric instances, in the preset's order, added metrics last.
+
+    Raises:
+        ValueError: unknown preset or metric name.
+
+    Example:
+        >>> import landscape as ls
+        >>> [m.name for m in ls.metrics.preset("cheap", logits=None)]
+        ['loss', 'grad_norm', 'nonfinite', 'update']
+    """
+    if name not in _TABLES:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(_TABLES)}")
+    classes = {cls.name: cls for cls in _TABLES[name]}
+    table: dict[str, Any] = {
+        cls.name: cls.default_schedule if s is None else s for cls, s in _TABLES[name].items()
+    }
+    for metric_name, schedule in schedules.items():
+        metric_name = canonical_name(metric_name)
+        if metric_name not in table and schedule is not None:
+            create(metric_name)  # validates the name
+        table[metric_name] = schedule
+    return [
+        classes[m](schedule=s) if m in classes else create(m, schedule=s)
+        for m, s in table.items()
+        if s is not None
+    ]
+
+
+def resolve_metrics(metrics: MetricsLike) -> list[Metric]:
+    """Metric instances from a ``metrics=`` argument, checked, without repeats.
+
+    Args:
+        metrics: a preset name, a metric name, a :class:`Metric`, a list of metric names
+            and metrics, or None for the ``cheap`` preset.
+
+    Returns:
+        The metrics (names instantiated with their default settings).
+
+    Raises:
+        TypeError: an item is neither a name nor a :class:`Metric`.
+        ValueError: an unknown name, or a metric named twice.
+    """
+    if metrics is None:
+        return preset("cheap")
+    if isinstance(metrics, str):
+        return preset(metrics) if metrics in _TABLES else [create(metrics)]
+    if isinstance(metrics, Metric):
+        return [metrics]
+    out = [create(m) if isinstance(m, str) else m for m in metrics]
+    for m in out:
+        if not isinstance(m, Metric):
+            raise TypeError(f"metrics: expected Metric instances or names, got {m!r}")
+    metric_names = [m.name for m in out]
+    dupes = sorted({n for n in metric_names if metric_names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"metrics: each metric may appear once, repeated: {', '.join(dupes)}")
+    return out

@@ -1,5 +1,8 @@
-"""Representation metrics from one shared forward capture: spectral alignment of linear
-layers, neural collapse and VCI, effective rank and uniformity of the penultimate features."""
+"""Representation metrics from one shared forward capture.
+
+Spectral alignment of linear layers, neural collapse and VCI, effective rank and uniformity
+of the penultimate features; definitions in docs/metrics.md.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +13,14 @@ import torch
 from torch import nn
 
 from landscape import functional as LF
+from landscape._deprecation import module_getattr
+from landscape._errors import MissingInput
 from landscape.capture import last_linear, linear_layers, resolve_module
 from landscape.metrics.base import Metric, register
-from landscape.metrics.context import MissingInput, StepContext
+from landscape.metrics.context import StepContext
 from landscape.schedules import every
+
+__all__ = ["Collapse", "Representation", "SpectralAlignment"]
 
 
 def _tokens(x: torch.Tensor) -> torch.Tensor:
@@ -22,12 +29,18 @@ def _tokens(x: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class SpectralAlignmentMetric(Metric):
-    """Sign diversity of per-token cosines between each linear layer's input and the top
-    right singular vector of its weight (METRICS.md section 4; definition in docs/metrics.md).
+class SpectralAlignment(Metric):
+    """Sign diversity of per-token cosines between linear layers' inputs and weights.
 
-    One row holds, per monitored layer, the minority sign fraction (0 = sign collapse),
-    the sign entropy and the mean |cos|. Power iterations are warm-started across steps.
+    The cosines are taken with the top right singular vector of each layer's weight
+    (definition in docs/metrics.md, spectral alignment). One row holds, per monitored
+    layer, the minority sign fraction (0 = sign collapse), the sign entropy and the mean
+    |cos|. Power iterations are warm-started across steps. Formerly
+    ``SpectralAlignmentMetric``.
+
+    Args:
+        layers: names of the monitored layers (default: every ``nn.Linear``).
+        **kwargs: ``schedule`` and ``data`` (:class:`~landscape.metrics.Metric`).
     """
 
     name = "spectral_alignment"
@@ -38,6 +51,7 @@ class SpectralAlignmentMetric(Metric):
         self.layers: list[str] = list(layers) if layers is not None else []
 
     def setup(self, model: nn.Module) -> None:
+        """Default to every linear layer; check each layer has a weight matrix."""
         if not self.layers:
             self.layers = linear_layers(model)
         if not self.layers:
@@ -47,16 +61,20 @@ class SpectralAlignmentMetric(Metric):
                 raise ValueError(f"spectral_alignment: layer {name!r} has no weight matrix")
 
     def fields(self) -> dict[str, tuple[int, ...]]:
+        """``minority``, ``entropy`` and ``mean_abs_cos``, one value per layer."""
         n = len(self.layers)
         return {"minority": (n,), "entropy": (n,), "mean_abs_cos": (n,)}
 
-    def params(self) -> dict[str, Any]:
+    def config(self) -> dict[str, Any]:
+        """``layers``."""
         return {"layers": self.layers}
 
     def captures(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The inputs of the monitored layers."""
         return tuple(self.layers), ()
 
     def compute(self, ctx: StepContext) -> dict[str, Any]:
+        """The alignment statistics of each layer (NaN for a layer that was not called)."""
         cap = ctx.captured(self.data)
         rows = {k: torch.full((len(self.layers),), math.nan) for k in self.fields()}
         for i, name in enumerate(self.layers):
@@ -76,7 +94,12 @@ class SpectralAlignmentMetric(Metric):
 
 
 class _PenultimateMetric(Metric):
-    """Base for metrics on the input of the classifier layer (the last nn.Linear by default)."""
+    """Base for metrics on the input of the classifier layer (the last nn.Linear by default).
+
+    Args:
+        layer: the classifier layer's name (default: the last ``nn.Linear``).
+        **kwargs: ``schedule`` and ``data`` (:class:`~landscape.metrics.Metric`).
+    """
 
     default_schedule = every(50)
 
@@ -85,17 +108,31 @@ class _PenultimateMetric(Metric):
         self.layer = layer
 
     def setup(self, model: nn.Module) -> None:
+        """Default to the last linear layer; check the layer exists."""
         if self.layer is None:
             self.layer = last_linear(model)
         resolve_module(model, self.layer)
 
-    def params(self) -> dict[str, Any]:
+    def config(self) -> dict[str, Any]:
+        """``layer``."""
         return {"layer": self.layer}
 
     def captures(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The input of the classifier layer."""
         return (str(self.layer),), ()
 
     def features(self, ctx: StepContext) -> torch.Tensor:
+        """The penultimate features, one row per token or position.
+
+        Args:
+            ctx: the step context.
+
+        Returns:
+            The ``(samples, features)`` matrix.
+
+        Raises:
+            MissingInput: the classifier layer was not called.
+        """
         cap = ctx.captured(self.data)
         if self.layer not in cap.inputs:
             raise MissingInput(f"layer {self.layer!r} was not called in the forward pass")
@@ -104,14 +141,18 @@ class _PenultimateMetric(Metric):
 
 @register
 class Collapse(_PenultimateMetric):
-    """Neural collapse NC1–NC4 (Papyan et al. 2020) and the variability-collapse index
-    (Xu et al. 2023) of the penultimate features, labelled by the batch's targets."""
+    """Neural collapse NC1–NC4 (Papyan et al. 2020) and the variability-collapse index.
+
+    The index is Xu et al. (2023)'s; both are of the penultimate features, labelled by the
+    batch's targets.
+    """
 
     name = "collapse"
     FIELDS = ("nc1", "nc2_equinorm", "nc2_equiangular", "nc2_etf", "nc3", "nc4", "vci")
     default_schedule = every(100)
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
+        """NC1–NC4 and VCI of the penultimate features on ``self.data``."""
         feats = self.features(ctx)
         labels = ctx.targets(self.data).reshape(-1)
         if labels.shape[0] != feats.shape[0]:
@@ -128,15 +169,23 @@ class Collapse(_PenultimateMetric):
 
 @register
 class Representation(_PenultimateMetric):
-    """Effective rank (RankMe, Garrido et al. 2023) and Wang–Isola uniformity (2020) of the
-    penultimate features."""
+    """Effective rank and uniformity of the penultimate features.
+
+    Effective rank is RankMe (Garrido et al. 2023); uniformity is Wang and Isola's (2020).
+    """
 
     name = "representation"
     FIELDS = ("effective_rank", "uniformity")
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
+        """Effective rank and uniformity of the penultimate features on ``self.data``."""
         feats = self.features(ctx)
         return {
             "effective_rank": float(LF.effective_rank(feats).value),
             "uniformity": float(LF.uniformity(feats).value),
         }
+
+
+__getattr__ = module_getattr(
+    __name__, {"SpectralAlignmentMetric": "SpectralAlignment"}, globals()
+)

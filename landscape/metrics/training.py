@@ -1,5 +1,8 @@
-"""Cheap per-step training signals: loss, gradient norm, non-finite flags, the update, logits,
-and the Taylor radius of the optimizer's actual step."""
+"""Cheap per-step training signals.
+
+The loss, the gradient norm, non-finite flags, the update, logit growth and the Taylor radius
+of the optimizer's actual step; definitions in docs/metrics.md.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +12,23 @@ from typing import Any
 import torch
 
 from landscape import functional as LF
+from landscape._deprecation import module_getattr
+from landscape._errors import MissingInput
 from landscape.metrics.base import Metric, register
-from landscape.metrics.context import MissingInput, StepContext, split_batch
+from landscape.metrics.context import StepContext, split_batch
 from landscape.params import norm
 from landscape.schedules import every
+
+__all__ = [
+    "GradNorm",
+    "Logits",
+    "Loss",
+    "NonFinite",
+    "TaylorRadius",
+    "Update",
+    "logit_row",
+    "radius_along",
+]
 
 
 def _as_float(value: Any) -> float:
@@ -30,6 +46,7 @@ class Loss(Metric):
     default_data = "batch"
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
+        """The loss as a float (the mean of a non-scalar tensor)."""
         if ctx.loss is None:
             raise MissingInput("the loss metric needs step(..., loss=loss)")
         return {"value": _as_float(ctx.loss)}
@@ -44,6 +61,7 @@ class GradNorm(Metric):
     default_data = "batch"
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
+        """||grad|| over the monitored parameters."""
         value = ctx.grad_norm()
         if value is None:
             raise MissingInput("grad_norm needs .grad of every monitored parameter")
@@ -52,13 +70,18 @@ class GradNorm(Metric):
 
 @register
 class NonFinite(Metric):
-    """1.0 when the loss (resp. any gradient entry) is NaN or infinite, else 0.0."""
+    """1.0 when the loss (resp. any gradient entry) is NaN or infinite, else 0.0.
+
+    Its name, ``"nonfinite"``, predates the snake_case rule (docs/vocabulary.md) and is kept:
+    run files and alarm rules read it.
+    """
 
     name = "nonfinite"
     FIELDS = ("loss", "grad")
     default_data = "batch"
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
+        """The ``loss`` and ``grad`` flags (NaN when the step has no loss or gradient)."""
         loss_bad = math.nan if ctx.loss is None else float(not math.isfinite(_as_float(ctx.loss)))
         gnorm = ctx.grad_norm()
         if gnorm is None:
@@ -81,6 +104,7 @@ class Update(Metric):
     needs_update = True
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
+        """||Δθ|| and ||Δθ|| / ||θ_before||."""
         if ctx.update is None or ctx.params_before is None:
             raise MissingInput("update needs Monitor(optimizer=...) and an optimizer step")
         step_norm = float(norm(ctx.update).item())
@@ -90,8 +114,11 @@ class Update(Metric):
 
 @register
 class Logits(Metric):
-    """Logit growth signals (Wortsman et al. 2024; Prieto et al. 2025): max |logit|, the
-    log-partition mean and max, the z-loss and the softmax-collapse fraction."""
+    """Logit growth signals (Wortsman et al. 2024; Prieto et al. 2025).
+
+    Max |logit|, the log-partition mean and max, the z-loss and the softmax-collapse
+    fraction.
+    """
 
     name = "logits"
     FIELDS = ("max_abs", "logsumexp_mean", "logsumexp_max", "zloss", "softmax_collapse")
@@ -99,11 +126,19 @@ class Logits(Metric):
     default_data = "batch"  # free when step(outputs=...) is passed; else one forward pass
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
+        """The logit statistics of the model's output on ``self.data``."""
         return logit_row(ctx.logits(self.data))
 
 
 def logit_row(z: torch.Tensor) -> dict[str, float]:
-    """One row of the :class:`Logits` metric from logits ``z`` (any shape ``(..., C)``)."""
+    """One row of the :class:`Logits` metric.
+
+    Args:
+        z: logits of any shape ``(..., C)``.
+
+    Returns:
+        The row.
+    """
     stats = LF.logit_stats(z)
     return {
         "max_abs": float(stats.max_abs_logit),
@@ -115,24 +150,28 @@ def logit_row(z: torch.Tensor) -> dict[str, float]:
 
 
 @register
-class Taylor(Metric):
+class TaylorRadius(Metric):
     """Taylor radius of cross-entropy along the optimizer's actual step (Sao 2026).
 
     One JVP at the parameters *before* the step gives the directional logit derivatives;
-    rho_a = pi / max_i Delta_a,i and r = ||Δθ|| / rho_a (METRICS.md section 5).
+    rho_a = pi / max_i Delta_a,i and r = ||Δθ|| / rho_a (docs/metrics.md, Taylor radius).
+    Formerly ``Taylor``, registered as ``"taylor"``.
     """
 
-    name = "taylor"
+    name = "taylor_radius"
     FIELDS = ("r", "rho_a", "step_norm")
     default_data = "batch"
     default_schedule = every(10)
     needs_update = True
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
+        """``r``, ``rho_a`` and ``step_norm`` of the step on ``self.data``."""
         if ctx.update is None or ctx.params_before is None:
-            raise MissingInput("taylor needs Monitor(optimizer=...) and an optimizer step")
+            raise MissingInput(
+                "taylor_radius needs Monitor(optimizer=...) and an optimizer step"
+            )
         if ctx.closure is not None:
-            raise MissingInput("taylor needs loss_fn-style (inputs, targets) batches")
+            raise MissingInput("taylor_radius needs loss_fn-style (inputs, targets) batches")
         inputs, targets = split_batch(ctx.data(self.data))
         result = radius_along(ctx, inputs, targets, ctx.params_before, ctx.update)
         return {
@@ -142,8 +181,19 @@ class Taylor(Metric):
         }
 
 
-def radius_along(ctx: StepContext, inputs, targets, at, direction) -> LF.TaylorRadius:
-    """Taylor radius at parameters ``at`` along ``direction`` (both Vectors in ``ctx.names``)."""
+def radius_along(ctx: StepContext, inputs, targets, at, direction) -> Any:
+    """Taylor radius at parameters ``at`` along ``direction``.
+
+    Args:
+        ctx: the step context (its model and parameter names).
+        inputs: the batch's inputs.
+        targets: its targets (class indices, used when they match the logits' shape).
+        at: parameter tensors, in the order of ``ctx.names``.
+        direction: the step, in the same order.
+
+    Returns:
+        The result of :func:`landscape.functional.taylor_radius_from_logits`.
+    """
     from landscape.isolation import sdpa_math, stateless_call
 
     names = list(ctx.names)
@@ -158,3 +208,6 @@ def radius_along(ctx: StepContext, inputs, targets, at, direction) -> LF.TaylorR
     return LF.taylor_radius_from_logits(
         logits.detach(), tangent.detach(), step_norm=step_norm, targets=labels
     )
+
+
+__getattr__ = module_getattr(__name__, {"Taylor": "TaylorRadius"}, globals())
