@@ -1,0 +1,95 @@
+"""Instability alarms: rules that turn recorded metric series into :class:`Finding` s.
+
+Each rule watches one or more metrics of the naming contract the monitor writes
+(``/metrics/<name>`` with its fields, see ``docs/alarms.md``) and reads one *row* at a time:
+the values of every field of that metric at one step. A rule is evaluated on each metric
+*stream* separately and incrementally, so the same code serves both uses:
+
+* online, :class:`OnlineAlarms` ``.observe(name, step, values)`` is called by the monitor
+  for each appended row and returns the findings that row raises (cost O(window));
+* offline, :func:`check` replays every committed row of a finished (or live) run through a
+  fresh :class:`OnlineAlarms`.
+
+Because the state of a stream depends only on the rows of its own metric, in step order,
+feeding rows online in any interleaving of metrics yields exactly the findings that
+:func:`check` computes from the run file. Values are compared as float64, the store's
+default field dtype.
+
+Episodes. A rule that keeps firing does not flood: a finding is emitted at the first row
+of an *episode* (after ``sustain`` consecutive firing rows), again only if the severity
+rises within the episode (``info`` -> ``warning`` -> ``error``), and the episode ends
+after ``rearm`` consecutive valid rows on which the rule does not fire. Rows whose watched
+values are NaN (a metric that failed, e.g. out of memory) are *ignored*: they neither fire
+nor count towards ``sustain``/``rearm``. Only :class:`NonFiniteValues` looks at NaN on
+purpose, and only in the training loss and the ``nonfinite`` flags.
+
+Modules:
+
+* :mod:`~landscape.alarms.base`: :class:`Rule`, :class:`Trigger`, :data:`SKIP` and the
+  episode state machine;
+* :mod:`~landscape.alarms.curvature_rules`, :mod:`~landscape.alarms.representation_rules`,
+  :mod:`~landscape.alarms.training_rules`: the eight built-in rules;
+* :mod:`~landscape.alarms.statistics`: the rolling median/MAD of the spike rules;
+* :mod:`~landscape.alarms.online`: :class:`OnlineAlarms`, :func:`check`, :data:`RULES`,
+  :func:`default_rules`;
+* :mod:`~landscape.alarms.leads`: :func:`warning_leads`, a helper of the demo.
+
+The thresholds and their sources are documented on each rule and in ``docs/alarms.md``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from landscape.alarms.base import SKIP, Rule, Trigger
+from landscape.alarms.curvature_rules import EdgeOfStability, TaylorRatio
+from landscape.alarms.leads import warning_leads
+from landscape.alarms.online import RULES, OnlineAlarms, check, default_rules
+from landscape.alarms.representation_rules import LogitGrowth, RankCollapse, SignCollapse
+from landscape.alarms.training_rules import GradNormSpike, LossSpike, NonFiniteValues
+
+__all__ = [
+    "RULES",
+    "SKIP",
+    "EdgeOfStability",
+    "GradNormSpike",
+    "LogitGrowth",
+    "LossSpike",
+    "NonFiniteValues",
+    "OnlineAlarms",
+    "RankCollapse",
+    "Rule",
+    "SignCollapse",
+    "TaylorRatio",
+    "Trigger",
+    "check",
+    "default_rules",
+    "warning_leads",
+]
+
+# old name -> new name; each old name works for one release (docs/vocabulary.md)
+_DEPRECATED = {"NonFinite": "NonFiniteValues"}
+
+
+def __getattr__(name: str) -> Any:
+    """Resolve a deprecated name to its new object, with a ``DeprecationWarning``.
+
+    Args:
+        name: the attribute looked up on the module.
+
+    Returns:
+        The object now called ``_DEPRECATED[name]``.
+
+    Raises:
+        AttributeError: ``name`` is neither a name of the module nor a deprecated one.
+    """
+    new = _DEPRECATED.get(name)
+    if new is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(
+        f"landscape.alarms.{name} is deprecated; use landscape.alarms.{new}",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return globals()[new]

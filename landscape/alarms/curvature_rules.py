@@ -1,0 +1,176 @@
+"""Curvature rules: the step is too large for the local curvature of the loss.
+
+* :class:`EdgeOfStability` reads ``sharpness/ratio`` (top Hessian eigenvalue over the
+  optimizer's linear-stability limit);
+* :class:`TaylorRatio` reads ``taylor_radius/r`` (the step length in units of the softmax
+  Taylor convergence radius).
+
+Thresholds, their sources and what to do: ``docs/alarms.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from landscape.alarms.base import SKIP, Row, Rule, Trigger, _check_number, _fmt, _scalar, _Skip
+
+__all__ = ["EdgeOfStability", "TaylorRatio"]
+
+
+@dataclass
+class EdgeOfStability(Rule):
+    """Sharpness at or past the optimizer's linear-stability threshold.
+
+    Reads ``sharpness/ratio`` = λ_max / threshold, where the threshold is the
+    optimizer-specific stability limit at the current learning rate (2/η for GD,
+    (2+2β)/η for heavy ball, (2+2β1)/((1−β1)η) for Adam's preconditioned sharpness; see
+    ``docs/metrics.md``, "Sharpness", and Cohen et al. 2021 arXiv:2103.00065 and 2022
+    arXiv:2207.14484). When ``ratio`` is NaN, ``lambda_max / threshold`` is used if both are
+    finite.
+
+    * ``ratio >= threshold`` (default 1.0): warning. The iterate is past linear stability
+      along the top eigenvector; full-batch GD "hovers" here (edge of stability), SGD
+      usually stays below, and a jump well past 1 signals a learning-rate problem.
+    * ``ratio >= approach`` (default 0.9; ``None`` disables): info, progressive
+      sharpening is about to reach the limit. It also acts as hysteresis: a ratio that
+      hovers around 1 keeps one episode open instead of re-firing.
+
+    Raises:
+        ValueError: a setting is not a number, or ``approach`` exceeds ``threshold``.
+    """
+
+    threshold: float = 1.0
+    approach: float | None = 0.9
+    sustain: int = 1
+    rearm: int = 3
+    metrics: tuple[str, ...] = ("sharpness",)
+    name: str = "edge_of_stability"
+
+    def __post_init__(self) -> None:
+        self._validate_common()
+        _check_number("threshold", self.threshold)
+        _check_number("approach", self.approach, allow_none=True)
+        if self.approach is not None and self.approach > self.threshold:
+            raise ValueError(
+                f"approach ({self.approach}) must not exceed threshold ({self.threshold})"
+            )
+
+    def evaluate(self, metric: str, row: Row) -> Trigger | _Skip | None:
+        """Compare the row's stability ratio with ``threshold`` and ``approach``.
+
+        Args:
+            metric: the metric name (``sharpness``).
+            row: the row's numeric fields.
+
+        Returns:
+            A warning or info :class:`Trigger`, None, or :data:`SKIP` without a ratio.
+        """
+        ratio = _scalar(row, "ratio")
+        lam = _scalar(row, "lambda_max")
+        limit = _scalar(row, "threshold")
+        if ratio is None and lam is not None and limit is not None and limit > 0:
+            ratio = lam / limit
+        if ratio is None:
+            return SKIP
+        detail = (
+            f" (lambda_max {_fmt(lam)} vs stability threshold {_fmt(limit)})"
+            if lam is not None and limit is not None
+            else ""
+        )
+        if ratio >= self.threshold:
+            return Trigger(
+                severity="warning",
+                field="ratio",
+                value=ratio,
+                threshold=self.threshold,
+                message=f"sharpness ratio {_fmt(ratio)} >= {_fmt(self.threshold)}: past the "
+                f"optimizer's linear-stability limit{detail}",
+                hint="expected at the edge of stability in full-batch GD; if the loss "
+                "oscillates or rises, lower the learning rate or lengthen warm-up",
+            )
+        if self.approach is not None and ratio >= self.approach:
+            return Trigger(
+                severity="info",
+                field="ratio",
+                value=ratio,
+                threshold=self.approach,
+                message=f"sharpness ratio {_fmt(ratio)} >= {_fmt(self.approach)}: approaching "
+                f"the optimizer's stability limit{detail}",
+                hint="progressive sharpening; watch the loss, and lower the learning rate "
+                "if it starts to oscillate",
+            )
+        return None
+
+
+@dataclass
+class TaylorRatio(Rule):
+    """The optimizer step leaves the softmax Taylor convergence disk.
+
+    Reads ``taylor_radius/r`` = ||p|| / ρ_a, the step length in units of the convergence
+    radius of the cross-entropy Taylor series along the step (Sao 2026, arXiv:2603.13552,
+    Def. 5.1; see ``docs/metrics.md``, "Taylor radius of cross-entropy"). The paper's
+    guidance: r = 0.5 is a safe target, r = 1 is the theoretical edge, r = 2 usually still
+    works, r = 4 breaks.
+
+    * ``r >= warn`` (default 1.0): warning.
+    * ``r >= error`` (default 4.0): error.
+
+    The metric was called ``taylor`` before it became ``taylor_radius``; the rule watches
+    both names, so runs recorded under either give the same findings.
+
+    Raises:
+        ValueError: a setting is not a number, or ``error < warn``.
+    """
+
+    warn: float = 1.0
+    error: float = 4.0
+    sustain: int = 1
+    rearm: int = 3
+    metrics: tuple[str, ...] = ("taylor_radius", "taylor")
+    name: str = "taylor_ratio"
+
+    def __post_init__(self) -> None:
+        self._validate_common()
+        _check_number("warn", self.warn)
+        _check_number("error", self.error)
+        if self.error < self.warn:
+            raise ValueError(f"error ({self.error}) must be >= warn ({self.warn})")
+
+    def evaluate(self, metric: str, row: Row) -> Trigger | _Skip | None:
+        """Compare the row's Taylor ratio ``r`` with ``warn`` and ``error``.
+
+        Args:
+            metric: the metric name (``taylor_radius`` or its old name ``taylor``).
+            row: the row's numeric fields.
+
+        Returns:
+            An error or warning :class:`Trigger`, None, or :data:`SKIP` without ``r``.
+        """
+        r = _scalar(row, "r")
+        if r is None:
+            return SKIP
+        hint = (
+            "lower the learning rate or add warm-up, or clip the step to the radius "
+            "(the monitor's Taylor guard); r = 0.5 is a safe target"
+        )
+        if r >= self.error:
+            return Trigger(
+                severity="error",
+                field="r",
+                value=r,
+                threshold=self.error,
+                message=f"Taylor ratio r = {_fmt(r)} >= {_fmt(self.error)}: the step is far "
+                "outside the softmax convergence radius",
+                hint=hint,
+            )
+        if r >= self.warn:
+            return Trigger(
+                severity="warning",
+                field="r",
+                value=r,
+                threshold=self.warn,
+                message=f"Taylor ratio r = {_fmt(r)} >= {_fmt(self.warn)}: the step leaves the "
+                "softmax convergence radius",
+                hint=hint,
+            )
+        return None

@@ -1,0 +1,258 @@
+"""The drivers: :class:`OnlineAlarms` (row by row, as a run is written) and :func:`check`.
+
+Also the registry of built-in rules (:data:`RULES`) and :func:`default_rules`. A rule is
+evaluated on each metric *stream* separately and incrementally, so the online and offline
+drivers give the same findings (``docs/alarms.md``, "How rules read a run").
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from landscape._errors import StepOrderError
+from landscape.alarms.base import EpisodeTracker, Rule, Value, _finding_order
+from landscape.alarms.curvature_rules import EdgeOfStability, TaylorRatio
+from landscape.alarms.representation_rules import LogitGrowth, RankCollapse, SignCollapse
+from landscape.alarms.training_rules import GradNormSpike, LossSpike, NonFiniteValues
+from landscape.findings import Finding
+
+__all__ = ["RULES", "OnlineAlarms", "check", "default_rules"]
+
+
+RULES: dict[str, type[Rule]] = {
+    cls.name: cls  # type: ignore[misc]
+    for cls in (
+        EdgeOfStability,
+        TaylorRatio,
+        SignCollapse,
+        LossSpike,
+        GradNormSpike,
+        LogitGrowth,
+        RankCollapse,
+        NonFiniteValues,
+    )
+}
+"""Rule classes of :func:`default_rules` by rule name."""
+
+
+def default_rules(**overrides: Mapping[str, Any] | bool | None) -> list[Rule]:
+    """The eight built-in rules with their documented defaults.
+
+    Keyword arguments, by rule name, change or disable a rule::
+
+        default_rules(loss_spike={"z": 8, "window": 100}, sign_collapse=None)
+
+    Args:
+        **overrides: per rule name, a mapping of constructor arguments, ``None`` or
+            ``False`` to remove the rule, or ``True`` to keep its defaults.
+
+    Returns:
+        The rules, in the order of :data:`RULES`.
+
+    Raises:
+        ValueError: an unknown rule name, a setting the rule does not take, or an
+            override that is neither a mapping nor True/False/None.
+    """
+    unknown = sorted(set(overrides) - set(RULES))
+    if unknown:
+        raise ValueError(f"unknown rule(s) {', '.join(unknown)} (rules: {', '.join(RULES)})")
+    rules: list[Rule] = []
+    for name, cls in RULES.items():
+        opt = overrides.get(name, True)
+        if opt is None or opt is False:
+            continue
+        if opt is True:
+            rules.append(cls())
+        elif isinstance(opt, Mapping):
+            try:
+                rules.append(cls(**opt))
+            except TypeError as err:
+                raise ValueError(f"{name}: bad settings ({err})") from None
+        else:
+            raise ValueError(f"{name} must be a mapping of settings, True, False or None")
+    return rules
+
+
+def _as_row(values: Mapping[str, Any]) -> dict[str, Value]:
+    """Every numeric field of ``values`` as float64 (scalars as float, arrays as ndarray)."""
+    if not isinstance(values, Mapping):
+        raise ValueError(f"values must be a mapping of field name to value, got {values!r}")
+    out: dict[str, Value] = {}
+    for key, v in values.items():
+        if key == "step":
+            continue
+        if hasattr(v, "detach"):  # a torch tensor, without importing torch
+            v = v.detach().cpu().numpy()
+        try:
+            arr = np.asarray(v, dtype=np.float64)
+        except (TypeError, ValueError):
+            continue  # strings and other non-numeric fields
+        out[key] = float(arr) if arr.ndim == 0 else arr
+    return out
+
+
+def _as_run(run: Any) -> Any:
+    """``run`` as a readable ``Run``: a ``Run`` itself, a ``RunWriter``'s view, or a path."""
+    from landscape.store import Run, RunWriter
+
+    if isinstance(run, Run):
+        return run
+    if isinstance(run, RunWriter):
+        return run.run()
+    if isinstance(run, (str, os.PathLike)):
+        return Run.open(run)
+    raise ValueError(f"run must be a Run, a RunWriter or a path to a run file, got {run!r}")
+
+
+class OnlineAlarms:
+    """Incremental evaluation of alarm rules on rows as they are appended.
+
+    ``observe(name, step, values)`` takes one row of metric ``name`` (the same mapping of
+    field to value that ``RunWriter.append`` takes) and returns the findings it raises,
+    usually none. Per metric, steps must strictly increase; metrics interleave freely.
+    Each call costs O(window) per rule watching that metric, independent of the run
+    length. ``findings`` keeps everything emitted so far.
+
+    Call :meth:`declare` with a metric's ``params`` before its first row when a rule uses
+    them (``spectral_alignment``'s layer names), and :meth:`replay` to catch up with the
+    rows of a resumed run.
+
+    Args:
+        rules: the rules to evaluate (default: :func:`default_rules`).
+
+    Raises:
+        ValueError: an item of ``rules`` is not a :class:`Rule`, or two rules share a name.
+    """
+
+    def __init__(self, rules: Iterable[Rule] | None = None) -> None:
+        self.rules: list[Rule] = default_rules() if rules is None else list(rules)
+        names: set[str] = set()
+        for rule in self.rules:
+            if not isinstance(rule, Rule):
+                raise ValueError(f"rules must contain Rule objects, got {rule!r}")
+            if rule.name in names:
+                raise ValueError(f"rules: two rules are named {rule.name!r}")
+            names.add(rule.name)
+        self._watchers: dict[str, list[Rule]] = {}
+        for rule in self.rules:
+            for metric in rule.metrics:
+                self._watchers.setdefault(metric, []).append(rule)
+        self._params: dict[str, dict] = {}
+        self._streams: dict[str, list[EpisodeTracker]] = {}
+        self._last: dict[str, int] = {}
+        self.findings: list[Finding] = []
+
+    @property
+    def metrics(self) -> list[str]:
+        """Metric names some rule watches."""
+        return sorted(self._watchers)
+
+    def declare(self, name: str, params: Mapping[str, Any] | None = None) -> None:
+        """Record metric ``name``'s ``params`` (used when its first row arrives).
+
+        Args:
+            name: the metric name.
+            params: the metric's ``params`` (``None``: none).
+
+        Raises:
+            ValueError: the metric already has rows and ``params`` differ from those it
+                started with.
+        """
+        if name in self._streams and dict(params or {}) != self._params.get(name, {}):
+            raise ValueError(f"metric {name!r} already has rows; declare it before observing")
+        self._params[name] = dict(params or {})
+
+    def observe(self, name: str, step: int, values: Mapping[str, Any]) -> list[Finding]:
+        """Evaluate one row of metric ``name`` at ``step``.
+
+        Args:
+            name: the metric name; rows of metrics no rule watches are ignored.
+            step: the row's step; it must come after the metric's previous step.
+            values: field name -> value (floats, arrays, tensors; strings are skipped).
+
+        Returns:
+            The findings the row raises, sorted.
+
+        Raises:
+            StepOrderError: ``step`` does not come after the metric's last step.
+            ValueError: ``values`` is not a mapping.
+        """
+        watchers = self._watchers.get(name)
+        if not watchers:
+            return []
+        step = int(step)
+        last = self._last.get(name)
+        if last is not None and step <= last:
+            raise StepOrderError(
+                f"alarms: metric {name!r} step {step} does not come after its last step {last}"
+            )
+        self._last[name] = step
+        streams = self._streams.get(name)
+        if streams is None:
+            params = self._params.get(name, {})
+            streams = [EpisodeTracker(rule, name, params) for rule in watchers]
+            self._streams[name] = streams
+        row = _as_row(values)
+        out = [f for f in (s.observe(step, row) for s in streams) if f is not None]
+        out.sort(key=_finding_order)
+        self.findings.extend(out)
+        return out
+
+    def replay(self, run: Any) -> list[Finding]:
+        """Feed every committed row of a run.
+
+        Use it to resume online evaluation on a run that already has rows, or (on a fresh
+        object) to re-evaluate a finished run, which is what :func:`check` does.
+
+        Args:
+            run: a ``Run``, a ``RunWriter`` or a path to a run file.
+
+        Returns:
+            The findings those rows raise, sorted by step.
+
+        Raises:
+            ValueError: ``run`` is none of the accepted kinds.
+        """
+        reader = _as_run(run)
+        out: list[Finding] = []
+        for name in reader.metrics():
+            if name not in self._watchers:
+                continue
+            if name not in self._streams:
+                params = reader.metric_attrs(name).get("params") or {}
+                self._params[name] = dict(params) if isinstance(params, Mapping) else {}
+            columns = {}
+            steps = reader.steps(name)
+            for fname, spec in reader.fields(name).items():
+                if spec.is_string:
+                    continue
+                _, col = reader.series(name, fname)
+                columns[fname] = col
+            for i, step in enumerate(steps):
+                out.extend(self.observe(name, int(step), {k: c[i] for k, c in columns.items()}))
+        out.sort(key=_finding_order)
+        return out
+
+
+def check(run: Any, rules: Sequence[Rule] | None = None) -> list[Finding]:
+    """Re-evaluate alarm rules over a whole run, offline.
+
+    Metrics a rule watches that are absent are skipped. The findings are exactly what
+    :class:`OnlineAlarms` emits when fed the same rows as they are appended. The findings
+    already stored in the run are not read: this recomputes them.
+
+    Args:
+        run: a :class:`~landscape.store.Run`, a ``RunWriter`` (its ``run()`` view) or a
+            path to a run file.
+        rules: the rules (default: :func:`default_rules`).
+
+    Returns:
+        The findings, sorted by step.
+
+    Raises:
+        ValueError: ``run`` is none of the accepted kinds, or ``rules`` is invalid.
+    """
+    return OnlineAlarms(rules).replay(run)

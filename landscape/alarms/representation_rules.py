@@ -1,0 +1,313 @@
+"""Representation rules: what the network computes degenerates.
+
+* :class:`SignCollapse` reads ``spectral_alignment/minority`` per layer;
+* :class:`RankCollapse` reads ``representation/effective_rank``;
+* :class:`LogitGrowth` reads ``logits/max_abs`` and ``logits/softmax_collapse``.
+
+Thresholds, their sources and what to do: ``docs/alarms.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from landscape.alarms.base import (
+    SKIP,
+    Evaluator,
+    Row,
+    Rule,
+    Trigger,
+    _check_number,
+    _fmt,
+    _scalar,
+    _Skip,
+)
+
+__all__ = ["LogitGrowth", "RankCollapse", "SignCollapse"]
+
+
+@dataclass
+class LogitGrowth(Rule):
+    """Output logits grow large, or the softmax saturates numerically.
+
+    * ``logits/max_abs >= max_abs`` (default 100): warning. Logit growth precedes
+      output-logit divergence (Wortsman et al. 2024, arXiv:2309.14322; ``docs/metrics.md``,
+      "Cheap early-warning signals"); at |z| ~ 100 float32 softmax is one-hot for any
+      runner-up gap above ~17.
+    * ``logits/softmax_collapse > softmax_collapse`` (default 0): warning. A non-zero
+      fraction of samples whose softmax sums to exactly 1 in floating point means their
+      gradient is exactly zero (Softmax Collapse, Prieto et al. 2025, arXiv:2501.04697).
+
+    ``None`` disables either condition. When both fire, ``max_abs`` is reported.
+
+    Raises:
+        ValueError: a setting is not a number or None.
+    """
+
+    max_abs: float | None = 100.0
+    softmax_collapse: float | None = 0.0
+    sustain: int = 1
+    rearm: int = 3
+    metrics: tuple[str, ...] = ("logits",)
+    name: str = "logit_growth"
+
+    def __post_init__(self) -> None:
+        self._validate_common()
+        _check_number("max_abs", self.max_abs, allow_none=True)
+        _check_number("softmax_collapse", self.softmax_collapse, allow_none=True)
+
+    def evaluate(self, metric: str, row: Row) -> Trigger | _Skip | None:
+        """Compare the row's largest logit and softmax-collapse fraction with the limits.
+
+        Args:
+            metric: the metric name (``logits``).
+            row: the row's numeric fields.
+
+        Returns:
+            A warning :class:`Trigger`, None, or :data:`SKIP` when neither enabled field
+            has a value.
+        """
+        big = _scalar(row, "max_abs")
+        sc = _scalar(row, "softmax_collapse")
+        if (big is None or self.max_abs is None) and (sc is None or self.softmax_collapse is None):
+            return SKIP
+        hint = (
+            "add a z-loss (1e-4 * logsumexp^2), qk-layernorm or weight decay, lower the "
+            "learning rate, and compute the softmax/loss in float32"
+        )
+        if self.max_abs is not None and big is not None and big >= self.max_abs:
+            return Trigger(
+                severity="warning",
+                field="max_abs",
+                value=big,
+                threshold=self.max_abs,
+                message=f"max |logit| {_fmt(big)} >= {_fmt(self.max_abs)}: output logits are "
+                "growing",
+                hint=hint,
+            )
+        if self.softmax_collapse is not None and sc is not None and sc > self.softmax_collapse:
+            return Trigger(
+                severity="warning",
+                field="softmax_collapse",
+                value=sc,
+                threshold=self.softmax_collapse,
+                message=f"softmax collapse in {_fmt(100 * sc)}% of samples: their softmax "
+                "rounds to one-hot and their gradient is exactly zero",
+                hint=hint,
+            )
+        return None
+
+
+@dataclass
+class SignCollapse(Rule):
+    """Spectral-alignment sign diversity collapses in some layer.
+
+    Reads ``spectral_alignment/minority`` (one value per monitored layer; layer names
+    from the metric's ``params["layers"]``): the fraction of tokens whose alignment with
+    the top singular direction of the layer's weight has the minority sign (0.5 balanced,
+    0 collapsed). A collapse of this sign diversity predicts loss explosion hundreds to
+    thousands of steps ahead (Qiu et al. 2025, arXiv:2510.04202). The statistic is our
+    reading of the paper's abstract (``docs/metrics.md``, "Spectral alignment"), so the
+    thresholds are provisional.
+
+    Fires (warning) when some layer's minority fraction is ``<= threshold`` (default
+    0.05) on ``sustain`` (default 2) consecutive rows, **and that layer was healthy
+    before**: its minority fraction exceeded ``healthy`` (default 0.2) on an earlier row.
+    The trend condition keeps the rule quiet at initialisation, where inputs with a
+    non-zero mean (post-ReLU features) can align one-sidedly with a random top singular
+    vector; what predicts divergence is *losing* a diversity the layer had. A layer that
+    is collapsed from its first row never fires (``healthy=None`` drops the condition).
+
+    Raises:
+        ValueError: a setting is not a number, or ``healthy < threshold``.
+    """
+
+    threshold: float = 0.05
+    healthy: float | None = 0.2
+    sustain: int = 2
+    rearm: int = 3
+    metrics: tuple[str, ...] = ("spectral_alignment",)
+    name: str = "sign_collapse"
+
+    def __post_init__(self) -> None:
+        self._validate_common()
+        _check_number("threshold", self.threshold)
+        _check_number("healthy", self.healthy, allow_none=True)
+        if self.healthy is not None and self.healthy < self.threshold:
+            raise ValueError(f"healthy ({self.healthy}) must be >= threshold ({self.threshold})")
+
+    def evaluator(self, metric: str, params: Mapping[str, Any]) -> Evaluator:
+        """A fresh :class:`SignCollapseState` for one stream.
+
+        Args:
+            metric: the metric name (``spectral_alignment``).
+            params: the metric's ``params``; ``params["layers"]`` names the layers.
+
+        Returns:
+            The stream's evaluator.
+        """
+        layers = list(params.get("layers") or []) if isinstance(params, Mapping) else []
+        return SignCollapseState(self, layers)
+
+
+class SignCollapseState:
+    """The evaluator of :class:`SignCollapse` on one stream.
+
+    Args:
+        rule: the rule's settings.
+        layers: the layer names, by index of the ``minority`` vector.
+
+    Attributes:
+        seen_healthy: indices of the layers whose minority fraction exceeded
+            ``rule.healthy`` on some earlier row.
+    """
+
+    def __init__(self, rule: SignCollapse, layers: list[Any]) -> None:
+        self.rule = rule
+        self.layers = layers
+        self.seen_healthy: set[int] = set()
+
+    def __call__(self, step: int, row: Row) -> Trigger | _Skip | None:
+        """Evaluate one row.
+
+        Args:
+            step: the row's step.
+            row: the row's numeric fields.
+
+        Returns:
+            A warning :class:`Trigger` for the most collapsed layer that was healthy
+            before, None, or :data:`SKIP` when no layer has a finite value.
+        """
+        rule = self.rule
+        raw = row.get("minority")
+        if raw is None:
+            return SKIP
+        m = np.atleast_1d(np.asarray(raw, dtype=np.float64))
+        finite = np.isfinite(m)
+        if not finite.any():
+            return SKIP
+        worst: tuple[float, int] | None = None
+        for i in np.flatnonzero(finite):
+            v = float(m[i])
+            if v <= rule.threshold and (i in self.seen_healthy or rule.healthy is None):
+                if worst is None or v < worst[0]:
+                    worst = (v, int(i))
+        if rule.healthy is not None:
+            for i in np.flatnonzero(finite):
+                if m[i] > rule.healthy:
+                    self.seen_healthy.add(int(i))
+        if worst is None:
+            return None
+        v, i = worst
+        layer = str(self.layers[i]) if i < len(self.layers) else f"#{i}"
+        return Trigger(
+            severity="warning",
+            field="minority",
+            value=v,
+            threshold=rule.threshold,
+            message=f"spectral-alignment sign collapse in layer {layer}: minority-sign "
+            f"fraction {_fmt(v)} <= {_fmt(rule.threshold)}",
+            hint="often precedes a loss explosion: lower the learning rate, check "
+            "normalization (pre-LN, qk-layernorm) and mixed precision in this layer",
+            extra={"layer": layer, "layer_index": i},
+        )
+
+
+@dataclass
+class RankCollapse(Rule):
+    """Effective rank of the representation falls far below its running maximum.
+
+    Reads ``representation/effective_rank`` (RankMe, Garrido et al. 2023,
+    arXiv:2210.02885; ``docs/metrics.md``, "Effective rank"). The first ``warmup`` valid
+    rows (default 5) only pass by (the rank moves fast at initialisation); afterwards the
+    running maximum of the rank is tracked, and the rule fires (warning) when the rank
+    drops below ``ratio`` (default 0.5) times that maximum: the representation lost half
+    of its dimensions (dimensional collapse). Late in classification training, neural
+    collapse legitimately lowers the rank towards the number of classes; lower ``ratio``
+    or disable the rule there.
+
+    Raises:
+        ValueError: ``ratio`` is not in (0, 1), or ``warmup`` is not an integer >= 0.
+    """
+
+    ratio: float = 0.5
+    warmup: int = 5
+    field: str = "effective_rank"
+    sustain: int = 1
+    rearm: int = 3
+    metrics: tuple[str, ...] = ("representation",)
+    name: str = "rank_collapse"
+
+    def __post_init__(self) -> None:
+        self._validate_common()
+        _check_number("ratio", self.ratio)
+        if not 0 < self.ratio < 1:
+            raise ValueError(f"ratio must be in (0, 1), got {self.ratio}")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be an integer >= 0, got {self.warmup!r}")
+
+    def evaluator(self, metric: str, params: Mapping[str, Any]) -> Evaluator:
+        """A fresh :class:`RankCollapseState` for one stream.
+
+        Args:
+            metric: the metric name (``representation``).
+            params: the metric's ``params`` (unused).
+
+        Returns:
+            The stream's evaluator.
+        """
+        return RankCollapseState(self)
+
+
+class RankCollapseState:
+    """The evaluator of :class:`RankCollapse` on one stream.
+
+    Args:
+        rule: the rule's settings.
+
+    Attributes:
+        rows: valid rows seen so far (warm-up included).
+        running_max: the largest rank after the warm-up (``-inf`` before).
+    """
+
+    def __init__(self, rule: RankCollapse) -> None:
+        self.rule = rule
+        self.rows = 0
+        self.running_max = -math.inf
+
+    def __call__(self, step: int, row: Row) -> Trigger | _Skip | None:
+        """Evaluate one row.
+
+        Args:
+            step: the row's step.
+            row: the row's numeric fields.
+
+        Returns:
+            A warning :class:`Trigger`, None, or :data:`SKIP` for a missing or
+            non-finite rank.
+        """
+        rule = self.rule
+        v = _scalar(row, rule.field)
+        if v is None or not math.isfinite(v):
+            return SKIP
+        self.rows += 1
+        if self.rows <= rule.warmup:
+            return None
+        self.running_max = max(self.running_max, v)
+        limit = rule.ratio * self.running_max
+        if v < limit:
+            return Trigger(
+                severity="warning",
+                field=rule.field,
+                value=v,
+                threshold=limit,
+                message=f"effective rank {_fmt(v)} < {_fmt(rule.ratio)} x its running max "
+                f"{_fmt(self.running_max)}: the representation is collapsing",
+                hint="lower the learning rate, check for dead units and normalization; if "
+                "neural collapse is expected late in training, lower ratio or disable",
+            )
+        return None

@@ -1,0 +1,290 @@
+"""Training-signal rules: the loss and the gradients themselves go wrong.
+
+* :class:`LossSpike` reads ``loss/value`` (robust z-score or CUSUM over a trailing window);
+* :class:`GradNormSpike` reads ``grad_norm/value`` with the same machinery;
+* :class:`NonFiniteValues` reads the ``nonfinite`` flags and the loss itself.
+
+Thresholds, their sources and what to do: ``docs/alarms.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from landscape.alarms.base import (
+    SKIP,
+    Evaluator,
+    Row,
+    Rule,
+    Trigger,
+    _check_number,
+    _check_positive_int,
+    _fmt,
+    _scalar,
+    _Skip,
+)
+from landscape.alarms.statistics import RollingWindow
+
+__all__ = ["GradNormSpike", "LossSpike", "NonFiniteValues", "SpikeState"]
+
+
+@dataclass
+class LossSpike(Rule):
+    """Sudden jump of the training loss above its recent level (robust z-score or CUSUM).
+
+    Over a trailing window of the last ``window`` valid rows (default 50, not counting
+    the current one) with median m and MAD, the robust z-score is
+    z = (x − m) / max(1.4826·MAD, rel_floor·|m|, 1e-12) (Hampel's identifier; 1.4826
+    makes MAD a consistent estimate of σ for Gaussian noise). Nothing fires before
+    ``min_history`` (default 20) rows are in the window.
+
+    * ``method="zscore"`` (default): warning when ``z >= z`` (default 6) **and**
+      ``x >= m + (min_ratio − 1)·|m|`` (default ``min_ratio`` 1.5, i.e. 1.5 × the median
+      for a positive loss). The z-score alone fires on a very smooth loss with a tiny
+      MAD; the ratio alone fires on a noisy one; both together mean "large and
+      unusual".
+    * ``method="cusum"``: one-sided CUSUM of the robust z-scores (Page 1954),
+      S ← max(0, S + min(z, cusum_clip) − cusum_k), warning when ``S >= cusum_h``
+      (defaults k = 1, h = 12, clip 4): slower, sustained rises that no single row
+      makes unusual. ``min_ratio`` does not apply.
+
+    Non-finite values are ignored here (they are :class:`NonFiniteValues`' business) and
+    do not enter the window.
+
+    Raises:
+        ValueError: a setting is out of range, ``min_history > window``, or ``method`` is
+            not ``"zscore"`` or ``"cusum"``.
+    """
+
+    window: int = 50
+    min_history: int = 20
+    z: float = 6.0
+    min_ratio: float = 1.5
+    method: str = "zscore"
+    cusum_k: float = 1.0
+    cusum_h: float = 12.0
+    cusum_clip: float = 4.0
+    rel_floor: float = 1e-3
+    field: str = "value"
+    sustain: int = 1
+    rearm: int = 20
+    metrics: tuple[str, ...] = ("loss",)
+    name: str = "loss_spike"
+
+    _what = "loss"
+    _hint = (
+        "lower the learning rate or add warm-up, enable gradient clipping, and check the "
+        "batch at this step for bad data"
+    )
+
+    def __post_init__(self) -> None:
+        self._validate_common()
+        _check_positive_int("window", self.window)
+        _check_positive_int("min_history", self.min_history)
+        if self.min_history > self.window:
+            raise ValueError(
+                f"min_history ({self.min_history}) must not exceed window ({self.window})"
+            )
+        for name in ("z", "min_ratio", "cusum_k", "cusum_h", "cusum_clip", "rel_floor"):
+            _check_number(name, getattr(self, name))
+        if self.method not in ("zscore", "cusum"):
+            raise ValueError(f"method must be 'zscore' or 'cusum', got {self.method!r}")
+        if self.rel_floor < 0:
+            raise ValueError(f"rel_floor must be >= 0, got {self.rel_floor}")
+
+    def evaluator(self, metric: str, params: Mapping[str, Any]) -> Evaluator:
+        """A fresh :class:`SpikeState` for one stream.
+
+        Args:
+            metric: the metric name (``loss``, ``grad_norm``, ...).
+            params: the metric's ``params`` (unused).
+
+        Returns:
+            The stream's evaluator.
+        """
+        return SpikeState(self)
+
+
+class SpikeState:
+    """The evaluator of :class:`LossSpike` (and :class:`GradNormSpike`) on one stream.
+
+    Args:
+        rule: the rule's settings.
+
+    Attributes:
+        history: the trailing window of valid values (the current row excluded).
+        cusum: the CUSUM statistic S (``method="cusum"`` only).
+    """
+
+    def __init__(self, rule: LossSpike) -> None:
+        self.rule = rule
+        self.history = RollingWindow(rule.window)
+        self.cusum = 0.0
+
+    def __call__(self, step: int, row: Row) -> Trigger | _Skip | None:
+        """Evaluate one row, then add its value to the window.
+
+        Args:
+            step: the row's step.
+            row: the row's numeric fields.
+
+        Returns:
+            A warning :class:`Trigger`, None, or :data:`SKIP` for a missing or
+            non-finite value.
+        """
+        rule = self.rule
+        x = _scalar(row, rule.field)
+        if x is None or not math.isfinite(x):
+            return SKIP
+        trigger = None
+        if len(self.history) >= rule.min_history:
+            med, mad = self.history.median_mad()
+            scale = max(1.4826 * mad, rule.rel_floor * abs(med), 1e-12)
+            z = (x - med) / scale
+            if rule.method == "zscore":
+                trigger = self._zscore(x, med, z)
+            else:
+                trigger = self._cusum(x, med, z)
+        self.history.append(x)
+        return trigger
+
+    def _zscore(self, x: float, med: float, z: float) -> Trigger | None:
+        """The z-score test: unusual (``z``) and large (``min_ratio``) together."""
+        rule = self.rule
+        if z >= rule.z and x - med >= (rule.min_ratio - 1.0) * abs(med):
+            return Trigger(
+                severity="warning",
+                field=rule.field,
+                value=x,
+                threshold=med + (rule.min_ratio - 1.0) * abs(med),
+                message=f"{rule._what} spike: {_fmt(x)} vs median {_fmt(med)} of the "
+                f"last {len(self.history)} rows (robust z = {_fmt(z)} >= {_fmt(rule.z)})",
+                hint=rule._hint,
+                extra={"z": z, "median": med},
+            )
+        return None
+
+    def _cusum(self, x: float, med: float, z: float) -> Trigger | None:
+        """Advance the one-sided CUSUM by this row's clipped z-score and test it."""
+        rule = self.rule
+        self.cusum = max(0.0, self.cusum + min(z, rule.cusum_clip) - rule.cusum_k)
+        if self.cusum >= rule.cusum_h:
+            return Trigger(
+                severity="warning",
+                field=rule.field,
+                value=self.cusum,
+                threshold=rule.cusum_h,
+                message=f"{rule._what} drifting up: CUSUM {_fmt(self.cusum)} >= "
+                f"{_fmt(rule.cusum_h)} ({_fmt(x)} vs median {_fmt(med)})",
+                hint=rule._hint,
+                extra={"z": z, "median": med},
+            )
+        return None
+
+
+@dataclass
+class GradNormSpike(LossSpike):
+    """Sudden jump of the gradient norm: :class:`LossSpike`'s machinery on ``grad_norm``.
+
+    Same defaults except ``min_ratio`` = 2.0: minibatch gradient norms are noisier and
+    more heavy-tailed than the loss, and a doubling is the scale at which gradient
+    clipping and loss blow-ups become relevant. A gradient spike usually precedes the
+    loss spike by a step or more.
+    """
+
+    min_ratio: float = 2.0
+    metrics: tuple[str, ...] = ("grad_norm",)
+    name: str = "grad_norm_spike"
+
+    _what = "gradient norm"
+    _hint = (
+        "enable gradient clipping (e.g. clip_grad_norm_ to 1.0), lower the learning rate "
+        "or add warm-up, and check the batch at this step"
+    )
+
+
+@dataclass
+class NonFiniteValues(Rule):
+    """NaN or infinite training loss or gradients (always an error).
+
+    Formerly ``NonFinite`` (that name still works, with a ``DeprecationWarning``); its
+    rule name in findings and in :func:`~landscape.alarms.default_rules` stays
+    ``"nonfinite"``.
+
+    Sources (``metrics``, default ``("nonfinite", "loss")``):
+
+    * ``nonfinite/loss`` and ``nonfinite/grad``: flags the monitor sets to 1.0 when the
+      loss / any gradient entry is non-finite. A NaN *flag* means the check itself failed
+      and is ignored.
+    * ``loss/value`` (and ``grad_norm/value`` if you add ``"grad_norm"``): the value
+      itself is NaN or ±inf. This is the one place where NaN fires instead of being
+      ignored: the loss is what training produced, not a diagnostic that can fail.
+
+    Each source is its own stream, so a NaN loss that the ``nonfinite`` metric also flags
+    gives one finding per source at that step. The default ``rearm`` of 10 rows stops a
+    run that stays NaN from repeating the error.
+    """
+
+    sustain: int = 1
+    rearm: int = 10
+    metrics: tuple[str, ...] = ("nonfinite", "loss")
+    name: str = "nonfinite"
+
+    def __post_init__(self) -> None:
+        self._validate_common()
+
+    _HINT = (
+        "lower the learning rate, enable gradient clipping, keep the loss/softmax in float32, "
+        "and check the batch for NaN/inf inputs (fp16 GradScaler skips are expected)"
+    )
+
+    def evaluate(self, metric: str, row: Row) -> Trigger | _Skip | None:
+        """Fire on a set ``nonfinite`` flag or on a non-finite ``value``.
+
+        Args:
+            metric: ``nonfinite`` (flags), or a metric whose ``value`` field is checked.
+            row: the row's numeric fields.
+
+        Returns:
+            An error :class:`Trigger`, None, or :data:`SKIP` when the row has nothing to
+            check (all flags NaN, no value).
+        """
+        if metric == "nonfinite":
+            flags = [(f, _scalar(row, f)) for f in ("loss", "grad")]
+            valid = [(f, v) for f, v in flags if v is not None]
+            if not valid:
+                return SKIP
+            for f, v in valid:
+                if v != 0:
+                    what = "training loss" if f == "loss" else "gradient"
+                    return Trigger(
+                        severity="error",
+                        field=f,
+                        value=1.0,
+                        threshold=1.0,
+                        message=f"non-finite {what} (flagged by the nonfinite metric)",
+                        hint=self._HINT,
+                    )
+            return None
+        raw = row.get("value")
+        if raw is None:
+            return SKIP
+        arr = np.asarray(raw, dtype=np.float64)
+        if arr.size == 0:
+            return SKIP
+        bad = arr[~np.isfinite(arr)]
+        if bad.size == 0:
+            return None
+        what = "training loss" if metric == "loss" else f"{metric}"
+        return Trigger(
+            severity="error",
+            field="value",
+            value=1.0,
+            threshold=1.0,
+            message=f"{what} is {bad.flat[0]}",
+            hint=self._HINT,
+        )

@@ -1,0 +1,323 @@
+"""Alarm rules: each trips on a run built to trip it and stays quiet otherwise; old and new
+metric names give the same findings; the deprecated rule name still works."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from landscape._names import metric_name_aliases
+from landscape.alarms import (
+    RULES,
+    EdgeOfStability,
+    LossSpike,
+    NonFiniteValues,
+    OnlineAlarms,
+    SignCollapse,
+    TaylorRatio,
+    default_rules,
+)
+from tests.alarms._support import (
+    INF,
+    NAN,
+    findings_of,
+    minority_series,
+    one,
+    sharpening,
+    smooth_loss,
+)
+
+# --------------------------------------------------------------------------- edge of stability
+
+
+
+def test_edge_of_stability_fires_once_when_sharpness_crosses_the_threshold():
+    ratio, cols = sharpening()
+    steps = np.arange(len(ratio)) * 10
+    found = one("edge_of_stability", findings_of({"sharpness": (steps, cols)}))
+    first_info = int(np.argmax(ratio >= 0.9))
+    first_warn = int(np.argmax(ratio >= 1.0))
+    assert [(f.severity, f.step) for f in found] == [
+        ("info", steps[first_info]),
+        ("warning", steps[first_warn]),
+    ]
+    warn = found[1]
+    assert warn.metric == "sharpness/ratio" and warn.threshold == 1.0
+    assert warn.value == pytest.approx(ratio[first_warn])
+    assert "40" in warn.message  # the optimizer's threshold 2/lr is named
+    assert warn.hint
+
+
+def test_edge_of_stability_quiet_below_the_threshold_and_uses_lambda_over_threshold():
+    rng = np.random.default_rng(1)
+    ratio = 0.6 + 0.1 * rng.random(200)
+    steps = np.arange(200)
+    cols = {"lambda_max": ratio * 40, "threshold": np.full(200, 40.0), "ratio": ratio}
+    assert findings_of({"sharpness": (steps, cols)}) == []
+    # ratio missing (NaN) but lambda_max and threshold present: the rule divides
+    cols = {"lambda_max": np.full(3, 44.0), "threshold": np.full(3, 40.0), "ratio": [NAN] * 3}
+    (f,) = findings_of({"sharpness": ([0, 1, 2], cols)})
+    assert f.severity == "warning" and f.value == pytest.approx(1.1) and f.step == 0
+
+
+def test_edge_of_stability_approach_level_can_be_disabled():
+    ratio, cols = sharpening()
+    rules = [EdgeOfStability(approach=None)]
+    found = findings_of({"sharpness": (np.arange(len(ratio)), cols)}, rules)
+    assert found and all(f.severity == "warning" for f in found)
+
+
+# --------------------------------------------------------------------------- taylor ratio
+
+
+def test_taylor_ratio_warns_then_escalates_to_error_in_one_episode():
+    r = np.full(100, 0.3)
+    r[50], r[51], r[52] = 1.5, 5.0, 2.0
+    r[80] = 1.2
+    found = findings_of({"taylor": (np.arange(100), {"r": r})})
+    assert [(f.step, f.severity, f.threshold) for f in found] == [
+        (50, "warning", 1.0),
+        (51, "error", 4.0),
+        (80, "warning", 1.0),
+    ]
+    assert all(f.metric == "taylor/r" for f in found)
+
+
+def test_taylor_ratio_quiet_inside_the_radius():
+    rng = np.random.default_rng(2)
+    assert findings_of({"taylor": (np.arange(300), {"r": 0.9 * rng.random(300)})}) == []
+
+
+# --------------------------------------------------------------------------- sign collapse
+
+
+
+def test_sign_collapse_fires_when_a_healthy_layer_loses_sign_diversity():
+    m = minority_series()
+    m[60:, 1] = 0.02
+    found = findings_of({"spectral_alignment": (np.arange(100) * 5, {"minority": m})})
+    assert len(found) == 1
+    (f,) = found
+    assert f.rule == "sign_collapse" and f.severity == "warning"
+    assert f.step == 61 * 5  # sustain = 2 rows: emitted at the row completing it
+    assert f.value == pytest.approx(0.02) and f.threshold == 0.05
+    assert "blocks.0.mlp.fc1" in f.message and f.extra["layer"] == "blocks.0.mlp.fc1"
+
+
+def test_sign_collapse_quiet_at_init_collapse_and_on_a_single_dip():
+    m = minority_series()
+    m[:, 0] = 0.01  # collapsed from the first row: never healthy, never fires
+    m[40, 2] = 0.0  # one-row dip: below sustain
+    assert findings_of({"spectral_alignment": (np.arange(100), {"minority": m})}) == []
+    # healthy=None opts into firing on collapse at init
+    rules = [SignCollapse(healthy=None)]
+    found = findings_of({"spectral_alignment": (np.arange(100), {"minority": m})}, rules)
+    assert [f.step for f in found] == [1]
+
+
+# --------------------------------------------------------------------------- loss spike
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_loss_spike_quiet_on_a_smooth_noisy_loss(seed):
+    loss = smooth_loss(1000, seed)
+    found = findings_of({"loss": (np.arange(1000), {"value": loss})})
+    assert found == []
+
+
+def test_loss_spike_fires_on_a_spike_and_once_per_blow_up():
+    loss = smooth_loss(600, 7)
+    loss[300] *= 3  # isolated spike
+    loss[450:] = 10 * loss[450:]  # blow-up that stays
+    found = one("loss_spike", findings_of({"loss": (np.arange(600), {"value": loss})}))
+    assert [f.step for f in found] == [300, 450]
+    f = found[0]
+    assert f.severity == "warning" and f.metric == "loss/value"
+    assert f.value == pytest.approx(loss[300]) and f.threshold < f.value
+    assert "median" in f.message and "learning rate" in f.hint
+
+
+def test_loss_spike_needs_history_and_a_relative_jump():
+    loss = smooth_loss(200, 8)
+    loss[10] *= 5  # before min_history
+    assert findings_of({"loss": (np.arange(200), {"value": loss})}) == []
+    # a very smooth loss: a 20 % bump is a huge z-score but below 1.5 x the median
+    loss = np.linspace(1.0, 0.9, 200)
+    loss[150] *= 1.2
+    assert findings_of({"loss": (np.arange(200), {"value": loss})}) == []
+    loss[150] *= 2
+    assert [f.step for f in findings_of({"loss": (np.arange(200), {"value": loss})})] == [150]
+
+
+def test_loss_spike_cusum_catches_a_sustained_rise_the_zscore_misses():
+    rng = np.random.default_rng(9)
+    loss = 1.0 + 0.05 * rng.standard_normal(400)
+    loss[200:] += 0.25  # +5 sigma plateau, only 1.25 x the median
+    steps = np.arange(400)
+    assert findings_of({"loss": (steps, {"value": loss})}) == []
+    found = findings_of({"loss": (steps, {"value": loss})}, [LossSpike(method="cusum")])
+    assert len(found) == 1 and 200 <= found[0].step <= 210
+    assert found[0].threshold == 12.0 and "CUSUM" in found[0].message
+    # and CUSUM stays quiet on a smooth noisy loss
+    assert (
+        findings_of(
+            {"loss": (np.arange(1000), {"value": smooth_loss(1000, 3)})},
+            [LossSpike(method="cusum")],
+        )
+        == []
+    )
+
+
+# --------------------------------------------------------------------------- grad-norm spike
+
+
+def test_grad_norm_spike_fires_on_a_jump_and_not_on_heavy_tailed_noise():
+    rng = np.random.default_rng(10)
+    g = np.exp(0.25 * rng.standard_normal(800))  # log-normal minibatch gradient norms
+    steps = np.arange(800)
+    assert findings_of({"grad_norm": (steps, {"value": g})}) == []
+    g[500] = 8 * np.median(g)
+    found = findings_of({"grad_norm": (steps, {"value": g})})
+    assert [(f.rule, f.step, f.metric) for f in found] == [
+        ("grad_norm_spike", 500, "grad_norm/value")
+    ]
+    assert "clip" in found[0].hint
+
+
+# --------------------------------------------------------------------------- logit growth
+
+
+def test_logit_growth_fires_on_large_logits_and_softmax_collapse():
+    max_abs = np.linspace(10, 150, 100)
+    sc = np.zeros(100)
+    found = findings_of({"logits": (np.arange(100), {"max_abs": max_abs, "softmax_collapse": sc})})
+    assert [(f.step, f.metric) for f in found] == [
+        (int(np.argmax(max_abs >= 100)), "logits/max_abs")
+    ]
+    sc[30:33] = 0.25
+    found = findings_of(
+        {"logits": (np.arange(100), {"max_abs": np.full(100, 20.0), "softmax_collapse": sc})}
+    )
+    assert [(f.step, f.metric, f.value) for f in found] == [(30, "logits/softmax_collapse", 0.25)]
+    assert "25%" in found[0].message and "z-loss" in found[0].hint
+
+
+def test_logit_growth_quiet_on_moderate_logits():
+    rng = np.random.default_rng(11)
+    cols = {"max_abs": 20 + 30 * rng.random(200), "softmax_collapse": np.zeros(200)}
+    assert findings_of({"logits": (np.arange(200), cols)}) == []
+
+
+# --------------------------------------------------------------------------- rank collapse
+
+
+def test_rank_collapse_fires_after_warmup_when_rank_halves():
+    rank = np.concatenate([np.linspace(5, 40, 5), np.full(50, 40.0), np.full(20, 15.0)])
+    found = findings_of({"representation": (np.arange(len(rank)), {"effective_rank": rank})})
+    assert [(f.rule, f.step, f.threshold) for f in found] == [("rank_collapse", 55, 20.0)]
+
+
+def test_rank_collapse_quiet_on_warmup_transients_and_mild_decline():
+    rank = np.concatenate(
+        [[40.0, 30, 10, 12, 15], np.linspace(15, 40, 30), np.linspace(40, 25, 40)]
+    )
+    assert findings_of({"representation": (np.arange(len(rank)), {"effective_rank": rank})}) == []
+
+
+# --------------------------------------------------------------------------- non-finite
+
+
+def test_nonfinite_loss_and_flags_are_errors_once_per_episode():
+    loss = smooth_loss(100, 12)
+    loss[60:] = NAN  # diverged for good
+    flags_grad = np.zeros(100)
+    flags_grad[20] = 1.0
+    flags_loss = np.zeros(100)
+    flags_loss[60:] = 1.0
+    found = findings_of(
+        {
+            "loss": (np.arange(100), {"value": loss}),
+            "nonfinite": (np.arange(100), {"loss": flags_loss, "grad": flags_grad}),
+        }
+    )
+    assert [(f.step, f.rule, f.severity, f.metric) for f in found] == [
+        (20, "nonfinite", "error", "nonfinite/grad"),
+        (60, "nonfinite", "error", "loss/value"),
+        (60, "nonfinite", "error", "nonfinite/loss"),
+    ]
+    assert "nan" in found[1].message
+
+
+def test_nonfinite_quiet_on_finite_values_and_failed_flags():
+    cols = {"loss": [0.0, NAN, 0.0], "grad": [0.0, NAN, 0.0]}
+    series = {
+        "loss": ([0, 1, 2], {"value": [1.0, 0.9, 0.8]}),
+        "nonfinite": ([0, 1, 2], cols),
+    }
+    assert findings_of(series) == []
+    # inf loss fires too
+    (f,) = findings_of({"loss": ([0, 1], {"value": [1.0, -INF]})})
+    assert f.step == 1 and "-inf" in f.message
+
+
+
+
+def test_two_spike_rules_on_one_metric_need_distinct_names_and_both_report():
+    rng = np.random.default_rng(16)
+    loss = 1.0 + 0.05 * rng.standard_normal(300)
+    loss[100] = 3.0  # isolated spike: z-score rule only
+    loss[200:] += 0.25  # sustained rise: CUSUM only
+    rules = [LossSpike(), LossSpike(method="cusum", name="loss_drift")]
+    found = findings_of({"loss": (np.arange(300), {"value": loss})}, rules)
+    assert [(f.rule, f.step) for f in found] == [("loss_spike", 100), ("loss_drift", 203)]
+
+
+
+
+# --------------------------------------------------------------------------- renamed names
+
+
+def test_old_and_new_metric_names_give_the_same_findings():
+    """``taylor`` became ``taylor_radius``: a run recorded under either name is checked alike."""
+    r = np.full(100, 0.3)
+    r[50], r[51], r[52] = 1.5, 5.0, 2.0
+    r[80] = 1.2
+    old = findings_of({"taylor": (np.arange(100), {"r": r})})
+    new = findings_of({"taylor_radius": (np.arange(100), {"r": r})})
+    assert [(f.step, f.severity, f.threshold) for f in new] == [
+        (50, "warning", 1.0),
+        (51, "error", 4.0),
+        (80, "warning", 1.0),
+    ]
+    assert all(f.metric == "taylor/r" for f in old)
+    assert all(f.metric == "taylor_radius/r" for f in new)
+    as_new = [replace(f, metric=f.metric.replace("taylor/", "taylor_radius/")) for f in old]
+    assert as_new == new
+    assert [f.message for f in old] == [f.message for f in new]
+    # online too: the rule watches both names
+    alarms = OnlineAlarms([TaylorRatio()])
+    assert [f.step for f in alarms.observe("taylor_radius", 0, {"r": 2.0})] == [0]
+    assert [f.step for f in alarms.observe("taylor", 0, {"r": 2.0})] == [0]
+
+
+def test_every_default_rule_watches_both_names_of_a_renamed_metric():
+    for rule in default_rules():
+        for metric in rule.metrics:
+            assert set(metric_name_aliases(metric)) <= set(rule.metrics), rule.name
+    assert TaylorRatio().metrics == ("taylor_radius", "taylor")
+
+
+def test_nonfinite_rule_is_now_nonfinite_values_and_the_old_name_warns():
+    import landscape.alarms as alarms
+
+    with pytest.warns(DeprecationWarning, match="NonFiniteValues"):
+        old = alarms.NonFinite
+    assert old is NonFiniteValues
+    with pytest.warns(DeprecationWarning, match="NonFiniteValues"):
+        from landscape.alarms import NonFinite  # noqa: F401
+    # the rule's name in findings and in default_rules is unchanged
+    assert NonFiniteValues().name == "nonfinite" and RULES["nonfinite"] is NonFiniteValues
+    with pytest.raises(AttributeError, match="no_such_name"):
+        alarms.no_such_name  # noqa: B018
