@@ -1,19 +1,36 @@
-"""The click group of ``landscape`` and its one error path.
+"""The click group of ``landscape``, its one error path and its warnings.
 
 Every user mistake surfaces as a :class:`landscape.LandscapeError` (or a click usage
 error) and is printed as one line on stderr with a non-zero exit status: 2 for usage
 errors (click's convention), 1 for everything else. Never a traceback.
+
+Warnings raised while a command runs are printed as ``warning: message`` lines. Those of
+other installed libraries (torch's deprecations, numpy's) are hidden unless the command
+runs with ``-v``: they concern the library's code, not the user's run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
+import sysconfig
 import warnings
-from typing import Iterator
+from pathlib import Path
+from typing import Callable, Iterator
 
 import click
 
+import landscape
 from landscape import LandscapeError, __version__
+
+_VERBOSE = "landscape.verbose"
+# the code of this project: its warnings are always shown
+_OWN = tuple(str(Path(m.__file__).resolve().parent) for m in (landscape, sys.modules[__name__]))
+# installed third-party packages and the standard library: shown only with -v
+_OTHERS = tuple(
+    {str(Path(p).resolve()) for k in ("purelib", "platlib", "stdlib", "platstdlib")
+     if (p := sysconfig.get_paths().get(k))}
+)
 
 
 class LandscapeGroup(click.Group):
@@ -21,24 +38,65 @@ class LandscapeGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with one_line_warnings():
+                return super().invoke(ctx)
         except LandscapeError as err:
             raise click.ClickException(str(err)) from None
         except (FileNotFoundError, IsADirectoryError, PermissionError) as err:
             raise click.ClickException(f"{err.strerror}: {err.filename}") from None
 
 
-@click.group(cls=LandscapeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LandscapeGroup, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog="\b\nExample:\n  landscape demo --out demo-out")
 @click.version_option(__version__, prog_name="landscape")
 def cli() -> None:
-    """Training diagnostics and loss-landscape analysis for PyTorch."""
+    """Training diagnostics and loss-landscape analysis for PyTorch.
+
+    Each command's -h lists its options and ends with an example.
+    """
+
+
+def _set_verbose(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.meta[_VERBOSE] = True
+    return value
+
+
+def verbose_option(func: Callable) -> Callable:
+    """``-v``: also print the warnings of other libraries (torch, numpy, ...)."""
+    return click.option(
+        "-v", "--verbose", is_flag=True, expose_value=False, is_eager=True,
+        callback=_set_verbose,
+        help="Also print other libraries' warnings (torch's deprecations, ...).",
+    )(func)
+
+
+def _from_other_library(filename: str) -> bool:
+    """Whether a warning was raised in an installed third-party package or the stdlib."""
+    try:
+        path = str(Path(filename).resolve())
+    except (OSError, ValueError):
+        return False
+    if path.startswith(_OWN):
+        return False
+    return path.startswith(_OTHERS) or "site-packages" in path or "dist-packages" in path
+
+
+def _verbose() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.meta.get(_VERBOSE))
 
 
 @contextlib.contextmanager
 def one_line_warnings() -> Iterator[None]:
-    """Print warnings raised inside the block as ``warning: message`` lines on stderr."""
+    """Print warnings raised inside the block as ``warning: message`` lines on stderr.
+
+    Warnings of other libraries are printed only under ``-v`` (see :func:`verbose_option`).
+    """
 
     def show(message, category, filename, lineno, file=None, line=None):
+        if _from_other_library(str(filename)) and not _verbose():
+            return
         click.echo(f"warning: {message}", err=True)
 
     with warnings.catch_warnings():

@@ -8,8 +8,11 @@ produced which step. Lanczos warm starts carry over from one checkpoint to the n
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -19,7 +22,7 @@ from landscape.loading import Checkpoint, load_checkpoint, load_state_into, prep
 from landscape.metrics import create
 from landscape.monitor import Monitor
 
-__all__ = ["ANALYZE_METRICS", "analyze", "order_checkpoints"]
+__all__ = ["ANALYZE_METRICS", "analyze", "check_loss", "discard_if_empty", "order_checkpoints"]
 
 ANALYZE_METRICS = ("hessian", "sharpness", "hessian_trace", "spectral_density", "collapse",
                    "representation")
@@ -28,16 +31,27 @@ ANALYZE_METRICS = ("hessian", "sharpness", "hessian_trace", "spectral_density", 
 def order_checkpoints(checkpoints: Sequence[Checkpoint]) -> list[tuple[int, Checkpoint]]:
     """``(step, checkpoint)`` pairs sorted by step.
 
-    Steps come from the checkpoint (or its file name); when none has one, the given order
-    numbers them 0, 1, ... Two checkpoints of the same step are an error.
+    Steps come from the checkpoint, its file name or its folder (see
+    :func:`landscape.loading.step_from_name`); when none has one, the given order numbers
+    them 0, 1, ... Two checkpoints of the same step are an error.
+
+    Args:
+        checkpoints: the loaded checkpoints, in any order.
+
+    Returns:
+        The pairs in increasing step order.
+
+    Raises:
+        LandscapeError: when only some checkpoints have a step, or two share one.
     """
     if all(c.step is None for c in checkpoints):
         return list(enumerate(checkpoints))
     missing = [str(c.path) for c in checkpoints if c.step is None]
     if missing:
-        raise LandscapeError(f"cannot tell the training step of {missing[0]} (name it ...-N.pt)")
+        raise LandscapeError(f"cannot tell the training step of {missing[0]} "
+                             "(name it ...-N.pt, or put it in a folder checkpoint-N/)")
     pairs = sorted(((int(c.step), c) for c in checkpoints), key=lambda p: p[0])  # type: ignore[arg-type]
-    for (a, ca), (b, cb) in zip(pairs, pairs[1:]):
+    for (a, ca), (b, cb) in itertools.pairwise(pairs):
         if a == b:
             raise LandscapeError(f"{ca.path} and {cb.path} are both step {a}")
     return pairs
@@ -58,21 +72,124 @@ def _optimizer(model: nn.Module, spec: dict[str, Any] | None) -> torch.optim.Opt
     return classes[kind](model.parameters(), **kwargs)
 
 
-def _check_loss(net: nn.Module, loss_fn: Callable, batch: Any, ckpt: Checkpoint) -> None:
-    """Refuse data on which the loss is not a finite number (a clear error, not NaN rows)."""
+def check_loss(net: nn.Module, loss_fn: Callable, batches: Sequence[Any], ckpt: Checkpoint) -> None:
+    """Refuse data on which the loss is not a finite number (a clear error, not NaN rows).
+
+    Args:
+        net: the model, holding the weights of ``ckpt``.
+        loss_fn: ``loss_fn(outputs, targets)``, a scalar.
+        batches: the data, as :func:`landscape.loading.prepare` returns it.
+        ckpt: the checkpoint loaded into ``net`` (named in the error).
+
+    Raises:
+        LandscapeError: when the model or the loss fails on a batch, the loss is not a
+            scalar, or it is not finite.
+    """
     from landscape.isolation import isolated
     from landscape.metrics import split_batch
 
-    inputs, targets = split_batch(batch)
+    for batch in batches:
+        inputs, targets = split_batch(batch)
+        try:
+            with isolated(net), torch.no_grad():
+                value = loss_fn(net(inputs), targets)
+        except Exception as err:
+            raise LandscapeError(
+                f"{ckpt.path}: the model or loss fails on the data: {err}"
+            ) from err
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            raise LandscapeError("the loss function must return a scalar tensor")
+        if not torch.isfinite(value).all():
+            raise LandscapeError(
+                f"{ckpt.path}: the loss on the data is {float(value)} (not finite)"
+            )
+
+
+def _holds_nothing(path: Path) -> bool:
+    """Whether the run file ``path`` holds no row, finding, checkpoint or surface point."""
+    from landscape.store import Run
+
     try:
-        with isolated(net), torch.no_grad():
-            value = loss_fn(net(inputs), targets)
-    except Exception as err:
-        raise LandscapeError(f"{ckpt.path}: the model or loss fails on the data: {err}") from err
-    if value.numel() != 1:
-        raise LandscapeError("the loss function must return a scalar")
-    if not torch.isfinite(value).all():
-        raise LandscapeError(f"{ckpt.path}: the loss on the data is {float(value)} (not finite)")
+        with Run.open(path) as run:
+            summary = run.summary()
+    except Exception:
+        return True  # an unreadable file a failed command created is of no use either
+    return (
+        not any(m["rows"] for m in summary["metrics"].values())
+        and not summary["findings"]
+        and not summary["checkpoints"]
+        and not any(s["computed"] for s in summary["surfaces"].values())
+    )
+
+
+@contextlib.contextmanager
+def discard_if_empty(path: str | Path | None) -> Iterator[None]:
+    """Remove the run file ``path`` when the block fails after creating it empty.
+
+    A file that existed before the block is never removed, nor one that holds rows or
+    surface points (an interrupted analysis resumes from it).
+
+    Args:
+        path: the run file the block writes (None: in memory, nothing to do).
+
+    Yields:
+        Nothing; the block runs as it is.
+    """
+    existed = path is None or Path(path).exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and Path(path).is_file() and _holds_nothing(Path(path)):  # type: ignore[arg-type]
+            with contextlib.suppress(OSError):
+                Path(path).unlink()  # type: ignore[arg-type]
+        raise
+
+
+def _recorded_steps(path: str | Path | None, mode: str, names: Sequence[str]) -> dict[str, list]:
+    """The steps each of the metrics ``names`` already has in the run file (appending)."""
+    if path is None or mode != "a" or not Path(path).is_file():
+        return {}
+    from landscape.store import Run
+
+    with Run.open(path) as run:
+        return {m: [int(s) for s in run.steps(m)] for m in names if m in run.metrics()}
+
+
+def _to_compute(
+    loaded: list[tuple[int, Checkpoint]], recorded: dict[str, list], names: Sequence[str],
+    path: str | Path | None,
+) -> list[tuple[int, Checkpoint]]:
+    """The checkpoints whose step is not yet in the run file for every metric (resuming).
+
+    A step that every metric has is skipped (with a warning); one that cannot follow the
+    rows already recorded is an error that says how to start over.
+    """
+    if not recorded:
+        return loaded
+    have = {m: set(recorded.get(m, ())) for m in names}
+    last = {m: max(steps) for m, steps in recorded.items() if steps}
+    todo, skipped = [], []
+    for step, ckpt in loaded:
+        if all(step in have[m] for m in names):
+            skipped.append(step)
+            continue
+        before = [m for m, s in last.items() if step <= s]
+        if before:
+            m = before[0]
+            raise LandscapeError(
+                f"{path}: step {step} ({ckpt.path}) does not come after step {last[m]}, the "
+                f"last one {m!r} has in the file; to start over, overwrite the file "
+                "(mode='w'; on the command line --overwrite) or write to another one"
+            )
+        todo.append((step, ckpt))
+    if skipped:
+        warnings.warn(
+            f"{path}: step{'s' if len(skipped) > 1 else ''} {', '.join(map(str, skipped))} "
+            "already recorded, skipped (overwrite the file to recompute them: mode='w', "
+            "--overwrite)",
+            stacklevel=3,
+        )
+    return todo
 
 
 def analyze(
@@ -97,8 +214,19 @@ def analyze(
     size-weighted mean over batches; feature metrics see all batches concatenated).
     ``optimizer`` (e.g. ``{"name": "sgd", "lr": 0.1, "momentum": 0.9}``) sets the
     edge-of-stability threshold of the sharpness metric. ``microbatch_size`` bounds the
-    memory of the curvature products (:class:`~landscape.curvature.Hessian`). Returns the
-    closed monitor (``.findings``, ``.run()``).
+    memory of the curvature products (:class:`~landscape.curvature.Hessian`).
+
+    Appending (``mode="a"``) to a run file that already holds some of the checkpoints
+    resumes: steps every chosen metric has are skipped; ``mode="w"`` starts the file over.
+    A run file this call created is removed again when it fails before writing a row.
+
+    Returns:
+        The closed monitor (``.findings``); read what it wrote with
+        ``landscape.Run.open(path)``.
+
+    Raises:
+        LandscapeError: on a checkpoint, factory or data that cannot be used, or a step
+            that cannot follow the rows already in the file.
     """
     if not checkpoints:
         raise LandscapeError("no checkpoints given")
@@ -114,12 +242,16 @@ def analyze(
                       metrics=chosen, probe=batches if len(batches) > 1 else batches[0],
                       mode=mode, microbatch_size=microbatch_size,
                       config={"analysis": {"checkpoints": [str(c) for c in checkpoints]}})
+    todo = _to_compute(loaded, _recorded_steps(path, mode, [m.name for m in chosen]),
+                       [m.name for m in chosen], path)
+    for _, ckpt in todo:  # every checkpoint must fit the model before the file is touched
+        load_state_into(net, ckpt)
     from tqdm.auto import tqdm
 
-    with monitor:
-        for step, ckpt in tqdm(loaded, desc="checkpoints", unit="ckpt", disable=not progress):
+    with discard_if_empty(path), monitor:
+        for step, ckpt in tqdm(todo, desc="checkpoints", unit="ckpt", disable=not progress):
             load_state_into(net, ckpt)
-            _check_loss(net, loss_fn, batches[0], ckpt)
+            check_loss(net, loss_fn, batches, ckpt)
             monitor.step(step)
             assert monitor.writer is not None
             monitor.writer.record_checkpoint(step, str(ckpt.path))

@@ -13,12 +13,13 @@ factory, so the command line can print it without a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -48,13 +49,45 @@ STATE_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "weigh
 STEP_KEYS = ("step", "global_step", "iteration", "epoch")
 
 
+def _factory_file(spec: str) -> Path | None:
+    """The file of a ``file.py:attr`` spec, or None for ``module:attr``."""
+    target = spec.rpartition(":")[0]
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        return Path(target)
+    return None
+
+
+@contextlib.contextmanager
+def _folder_on_path(spec: str) -> Iterator[None]:
+    """The folder of a factory file first on ``sys.path`` while it is imported and called.
+
+    So a factory file can import the modules next to it, as ``python file.py`` would let it,
+    without ``PYTHONPATH=.``. The folder is removed again afterwards unless it was there.
+    """
+    path = _factory_file(spec) if ":" in spec else None
+    folder = str(path.resolve().parent) if path is not None and path.is_file() else None
+    if folder is None or folder in sys.path:
+        yield
+        return
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(folder)
+
+
 def load_factory(spec: str, what: str = "factory") -> Callable[..., Any]:
-    """The callable named by ``spec`` (``module:attr`` or ``file.py:attr``)."""
+    """The callable named by ``spec`` (``module:attr`` or ``file.py:attr``).
+
+    A file's folder is on ``sys.path`` while the file is imported, so it can import its
+    neighbours.
+    """
     if ":" not in spec:
         raise LandscapeError(f"{what} {spec!r}: expected 'package.module:name' or 'file.py:name'")
     target, _, attr = spec.rpartition(":")
-    if target.endswith(".py") or "/" in target or "\\" in target:
-        path = Path(target)
+    path = _factory_file(spec)
+    if path is not None:
         if not path.is_file():
             raise LandscapeError(f"{what} {spec!r}: file {str(path)!r} not found")
         name = f"_landscape_user_{abs(hash(str(path.resolve())))}"
@@ -64,8 +97,10 @@ def load_factory(spec: str, what: str = "factory") -> Callable[..., Any]:
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[name] = module
         try:
-            module_spec.loader.exec_module(module)
+            with _folder_on_path(spec):
+                module_spec.loader.exec_module(module)
         except Exception as err:
+            del sys.modules[name]
             raise LandscapeError(f"{what} {spec!r}: importing {path} failed: {err}") from err
     else:
         try:
@@ -83,12 +118,17 @@ def load_factory(spec: str, what: str = "factory") -> Callable[..., Any]:
 
 
 def call_factory(spec: str, what: str) -> Any:
-    """Load and call a zero-argument factory, turning its exceptions into one line."""
-    factory = load_factory(spec, what)
-    try:
-        return factory()
-    except Exception as err:
-        raise LandscapeError(f"{what} {spec!r} raised {type(err).__name__}: {err}") from err
+    """Load and call a zero-argument factory, turning its exceptions into one line.
+
+    A factory file's folder is on ``sys.path`` during the call too (for imports inside the
+    function).
+    """
+    with _folder_on_path(spec):
+        factory = load_factory(spec, what)
+        try:
+            return factory()
+        except Exception as err:
+            raise LandscapeError(f"{what} {spec!r} raised {type(err).__name__}: {err}") from err
 
 
 def resolve_loss(spec: str | Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -112,10 +152,24 @@ class Checkpoint:
         return f"Checkpoint({str(self.path)!r}, step={self.step}, {len(self.state_dict)} tensors)"
 
 
+_STEP_FOLDER = re.compile(
+    r"(?:checkpoint|ckpt|step|global_step|iter|iteration|epoch)[-_=]?(\d+)", re.IGNORECASE
+)
+
+
 def step_from_name(path: str | Path) -> int | None:
-    """The last integer in the file name (``ckpt-step=1200.pt`` -> 1200), or None."""
-    numbers = re.findall(r"\d+", Path(path).stem)
-    return int(numbers[-1]) if numbers else None
+    """The step a checkpoint's path names, or None.
+
+    The last integer in the file name (``ckpt-step=1200.pt`` -> 1200); when the file name
+    has none, the step of a checkpoint folder (``checkpoint-40/model.safetensors`` -> 40,
+    the layout of Hugging Face's ``Trainer``; also ``ckpt-N``, ``step-N``, ``epoch=N``).
+    """
+    path = Path(path)
+    numbers = re.findall(r"\d+", path.stem)
+    if numbers:
+        return int(numbers[-1])
+    folder = _STEP_FOLDER.fullmatch(path.parent.name)
+    return int(folder.group(1)) if folder else None
 
 
 def _looks_like_state_dict(obj: Any) -> bool:
@@ -214,11 +268,22 @@ def as_batches(data: Any) -> list[Any]:
 def prepare(
     model: nn.Module | Callable[[], nn.Module], data: Any, device: torch.device | str | None
 ) -> tuple[nn.Module, list[Any]]:
-    """The model (called first when it is a factory), moved to ``device`` when given, and the
-    data as a non-empty list of batches on the model's device."""
-    net = model if isinstance(model, nn.Module) else model()
+    """The model and the data, ready to evaluate.
+
+    Returns the model (called first when it is a factory), moved to ``device`` when given,
+    and the data as a non-empty list of batches on the model's device.
+    """
+    if isinstance(model, nn.Module):
+        net = model
+    elif callable(model) and not isinstance(model, (tuple, list, dict)):
+        net = model()
+    else:
+        net = model
     if not isinstance(net, nn.Module):
-        raise LandscapeError(f"the model factory returned {type(net).__name__}, not nn.Module")
+        raise LandscapeError(
+            f"the model factory returned a {type(net).__name__}, not a torch.nn.Module "
+            "(does --model name the data factory?)"
+        )
     if device is not None:
         net = net.to(device)
     target = next((p.device for p in net.parameters()), torch.device("cpu"))

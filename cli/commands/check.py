@@ -10,7 +10,7 @@ import json
 import math
 
 import click
-from landscape_cli.app import cli
+from landscape_cli.app import cli, verbose_option
 
 from landscape.findings import SEVERITIES, Finding
 from landscape.report import (
@@ -61,7 +61,7 @@ def _table(findings: list[Finding]) -> list[str]:
     return out
 
 
-@cli.command()
+@cli.command(epilog="\b\nExample:\n  landscape check run.h5 --fail-on error")
 @click.argument("run_path", metavar="RUN", type=click.Path())
 @click.option(
     "--fail-on", type=click.Choice(SEVERITIES), default="warning", show_default=True,
@@ -74,6 +74,7 @@ def _table(findings: list[Finding]) -> list[str]:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
+@verbose_option
 def check(run_path: str, fail_on: str, recompute: bool, as_json: bool, quiet: bool) -> None:
     """List the findings of RUN and exit 1 when one reaches the --fail-on severity.
 

@@ -4,12 +4,12 @@ write the run, plots and report, and print the findings."""
 from __future__ import annotations
 
 import click
-from landscape_cli.app import cli
+from landscape_cli.app import cli, verbose_option
 
 from landscape.demo import run_demo
 
 
-@cli.command()
+@cli.command(epilog="\b\nExample:\n  landscape demo --out demo-out --steps 120")
 @click.option("--out", "out_dir", default="demo-out", show_default=True,
               type=click.Path(file_okay=False), help="Directory for run.h5, plots and report.")
 @click.option("--steps", default=250, show_default=True, type=click.IntRange(min=20))
@@ -21,6 +21,7 @@ from landscape.demo import run_demo
               help="Grid points per axis of the loss surface (0: none).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("-q", "--quiet", is_flag=True, help="Only the findings and file names.")
+@verbose_option
 def demo(out_dir, steps, spike_step, spike_factor, surface_steps, seed, quiet):
     """Train a small classifier under the monitor with a learning-rate spike; print what the
     alarms saw and where the pictures and report are."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import click
-from landscape_cli.app import cli
+from landscape_cli.app import cli, verbose_option
 
 from landscape.store import Run
 
@@ -15,9 +15,10 @@ def _shape(spec: dict) -> str:
     return f"{spec['dtype']}[{','.join(map(str, shape))}]" if shape else spec["dtype"]
 
 
-@cli.command()
+@cli.command(epilog="\b\nExample:\n  landscape info run.h5")
 @click.argument("run_path", metavar="RUN", type=click.Path(dir_okay=True))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@verbose_option
 def info(run_path: str, as_json: bool) -> None:
     """Show the metrics, fields, step ranges, findings and surfaces of RUN."""
     with Run.open(run_path) as run:

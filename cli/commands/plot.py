@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
-from landscape_cli.app import cli
+from landscape_cli.app import cli, verbose_option
 
 from landscape.plotting.timelines import SAVE_FORMATS, save_figure, timelines
 from landscape.report import collect_findings, surface_figure, surface_plots_available
 from landscape.store import Run
 
 
-def _is_directory_target(out: Path) -> bool:
-    """``-o`` names a directory when it is one, or when it has no file suffix."""
-    return out.is_dir() or not out.suffix
+def _is_directory_target(out: str) -> bool:
+    """``-o`` names a directory when it is one, ends with a slash, or has no file suffix."""
+    path = Path(out)
+    return out.endswith(("/", os.sep)) or path.is_dir() or not path.suffix
 
 
 def _run_figures(run, metrics, to_directory, log, recompute, quiet) -> dict:
@@ -45,7 +47,7 @@ def _message(err: Exception) -> str:
     return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
 
 
-@cli.command()
+@cli.command(epilog="\b\nExample:\n  landscape plot run.h5 -m loss -o loss.png")
 @click.argument("run_path", metavar="RUN", type=click.Path())
 @click.option(
     "-m", "--metric", "metrics", multiple=True, metavar="METRIC",
@@ -65,7 +67,8 @@ def _message(err: Exception) -> str:
 )
 @click.option(
     "-o", "--out", "out", required=True, type=click.Path(),
-    help="Image file (.png, .pdf, .svg, .jpg), or a directory for one image per metric.",
+    help="Image file (.png, .pdf, .svg, .jpg; several metrics: FILE-METRIC.png each), or a "
+    "directory (existing, or ending in /) for one image per metric.",
 )
 @click.option(
     "--format", "fmt", type=click.Choice(SAVE_FORMATS), default="png", show_default=True,
@@ -73,6 +76,7 @@ def _message(err: Exception) -> str:
 )
 @click.option("--dpi", type=click.IntRange(min=10), default=120, show_default=True)
 @click.option("-q", "--quiet", is_flag=True, help="Do not list the files written.")
+@verbose_option
 def plot(
     run_path: str,
     metrics: tuple[str, ...],
@@ -89,15 +93,16 @@ def plot(
     """Plot the metric timelines of RUN, or one of its surfaces, into image files.
 
     One metric goes to one file; several go into a directory (one file per metric, named
-    after it). Findings are marked as vertical lines coloured by severity. Without
-    --metric, a directory also receives every surface (surface-NAME.png).
+    after it), or next to the file -o names (plot.png: plot-loss.png, plot-sharpness.png,
+    ...). Findings are marked as vertical lines coloured by severity. Without --metric, a
+    directory also receives every surface (surface-NAME.png).
     """
     if three_d and not surface_name:
         raise click.ClickException("--3d applies to surfaces only; add --surface NAME")
     if surface_name and metrics:
         raise click.ClickException("use either --metric or --surface, not both")
     target = Path(out)
-    to_directory = _is_directory_target(target)
+    to_directory = _is_directory_target(out)
     with Run.open(run_path) as run:
         try:
             if surface_name:
@@ -109,20 +114,20 @@ def plot(
                 figures = _run_figures(run, metrics, to_directory, log, recompute, quiet)
         except (KeyError, ValueError) as err:
             raise click.ClickException(_message(err)) from None
-    if _is_directory_target(target):
+    if to_directory:
         if target.exists() and not target.is_dir():
             raise click.ClickException(f"{target}: exists and is not a directory")
         target.mkdir(parents=True, exist_ok=True)
         paths = {name: target / f"{name}.{fmt}" for name in figures}
-    elif len(figures) > 1:
-        raise click.ClickException(
-            f"{len(figures)} plots ({', '.join(figures)}) give one image each: "
-            f"-o must name a directory, not the file {target}"
-        )
     else:
         if not target.parent.exists():
             raise click.ClickException(f"{target}: directory {target.parent} does not exist")
-        paths = {name: target for name in figures}
+        if len(figures) == 1:
+            paths = {name: target for name in figures}
+        else:  # one image per metric, named after the file: plot.png -> plot-loss.png
+            paths = {
+                name: target.with_name(f"{target.stem}-{name}{target.suffix}") for name in figures
+            }
     for name, fig in figures.items():
         try:
             save_figure(fig, paths[name], dpi=dpi)

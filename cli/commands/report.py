@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import click
-from landscape_cli.app import cli
+from landscape_cli.app import cli, verbose_option
 
 from landscape.report import collect_findings, count_by_severity, write_report
 from landscape.store import Run
 
 
-@cli.command()
+@cli.command(epilog="\b\nExample:\n  landscape report run.h5 -o report.html")
 @click.argument("run_path", metavar="RUN", type=click.Path())
 @click.option(
     "-o", "--out", default="report.html", show_default=True, type=click.Path(),
@@ -23,6 +23,7 @@ from landscape.store import Run
     "(--recompute), or only those stored in the file (--stored).",
 )
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
+@verbose_option
 def report(run_path: str, out: str, title: str | None, log: bool, recompute: bool, quiet: bool):
     """Write an HTML report of RUN: summary, findings, timelines, surfaces, configuration.
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import click
-from landscape_cli.app import cli, one_line_warnings
+from landscape_cli.app import cli, verbose_option
 from landscape_cli.options import checkpoint_options, factory_options
 
 from landscape._errors import LandscapeError
+from landscape.analysis import check_loss, discard_if_empty
 from landscape.loading import (
     call_factory,
     load_checkpoint,
@@ -16,9 +17,11 @@ from landscape.loading import (
 )
 
 DIRECTIONS = ("random", "eigen", "pca", "interpolate")
+EXAMPLE = ("landscape surface ckpt-200.pt --model factories.py:model --data factories.py:data "
+           "--steps 21 -o run.h5")
 
 
-@cli.command("surface")
+@cli.command("surface", epilog=f"\b\nExample:\n  {EXAMPLE}")
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path())
 @factory_options
 @click.option("--dims", type=click.IntRange(1, 2), default=2, show_default=True)
@@ -34,11 +37,14 @@ DIRECTIONS = ("random", "eigen", "pca", "interpolate")
 @click.option("--name", default=None, help="Surface name in the run file (default: the kind).")
 @click.option("-o", "--out", default="run.h5", show_default=True, type=click.Path(),
               help="Run file to write into (resumes an interrupted surface of that name).")
+@click.option("--overwrite", is_flag=True,
+              help="Start the run file over instead of adding to it.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @checkpoint_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@verbose_option
 def surface_command(checkpoints, model_spec, data_spec, loss_spec, dims, steps, span, directions,
-                    name, out, seed, trust_checkpoint, device, quiet):
+                    name, out, overwrite, seed, trust_checkpoint, device, quiet):
     """Evaluate the loss (and accuracy) on a grid around the last of CHECKPOINTS."""
     import torch
 
@@ -56,11 +62,16 @@ def surface_command(checkpoints, model_spec, data_spec, loss_spec, dims, steps, 
         raise LandscapeError("--directions interpolate needs exactly two checkpoints")
     if directions == "pca" and len(ckpts) < 3:
         raise LandscapeError("--directions pca needs at least three checkpoints (a trajectory)")
-    for c in ckpts:  # every checkpoint must fit the model (one clear line if not)
+    for c in ckpts:  # every checkpoint must fit the model and give a finite loss
         load_state_into(model, c)
+        check_loss(model, loss_fn, batches, c)
     label = name or directions
     common = {"writer": out, "name": label, "progress": not quiet}
-    with one_line_warnings():
+    with discard_if_empty(out):
+        if overwrite:
+            from landscape.store import RunWriter
+
+            RunWriter(out, mode="w").close()
         if directions == "interpolate":
             surf = surface.interpolate(model, ckpts[0].state_dict, ckpts[1].state_dict,
                                        loss_fn, data, steps, **common)
@@ -75,10 +86,15 @@ def surface_command(checkpoints, model_spec, data_spec, loss_spec, dims, steps, 
             else:
                 surf = surface.plane(model, loss_fn, data, steps, span, directions=kind,
                                      seed=seed, **common)
-    if not quiet:
-        import numpy as np
+    import numpy as np
 
-        loss = np.asarray(surf.values["loss"])
+    loss = np.asarray(surf.values["loss"], dtype=np.float64)
+    finite = loss[np.isfinite(loss)]
+    if not finite.size:
+        raise LandscapeError(f"surface {label!r} in {out}: the loss is not finite anywhere on "
+                             "the grid (try a smaller --span)")
+    if not quiet:
         shape = "x".join(str(n) for n in loss.shape[::-1])  # nx x ny
-        click.echo(f"wrote surface {label!r} ({shape} points, loss {np.nanmin(loss):.4g} to "
-                   f"{np.nanmax(loss):.4g}) to {out}")
+        nan = f", {loss.size - finite.size} not finite" if finite.size < loss.size else ""
+        click.echo(f"wrote surface {label!r} ({shape} points, loss {finite.min():.4g} to "
+                   f"{finite.max():.4g}{nan}) to {out}")

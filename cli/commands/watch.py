@@ -12,10 +12,11 @@ after the watch started, which a long-lived SWMR reader does not see.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import click
 import numpy as np
-from landscape_cli.app import cli
+from landscape_cli.app import cli, verbose_option
 
 from landscape._errors import RunFileError
 from landscape.report import format_number
@@ -82,7 +83,28 @@ class _View:
         return lines
 
 
-@cli.command()
+def _wait_for(run_path: str, interval: float, timeout: float | None, quiet: bool) -> float:
+    """Wait until ``run_path`` exists (a training job may not have created it yet).
+
+    Returns the time it waited; raises a one-line error when ``timeout`` runs out first.
+    """
+    start = _clock()
+    if Path(run_path).exists():
+        return 0.0
+    if not quiet:
+        limit = f", up to {timeout:g}s" if timeout is not None else ""
+        click.echo(f"waiting for {run_path} to be created{limit} (Ctrl-C to stop)", err=True)
+    while not Path(run_path).exists():
+        left = None if timeout is None else timeout - (_clock() - start)
+        if left is not None and left <= 0:
+            raise click.ClickException(
+                f"{run_path}: no such file after waiting {timeout:g}s (--timeout)"
+            )
+        _sleep(max(0.05, interval) if left is None else min(max(0.05, interval), left))
+    return _clock() - start
+
+
+@cli.command(epilog="\b\nExample:\n  landscape watch run.h5 --interval 5 -m loss")
 @click.argument("run_path", metavar="RUN", type=click.Path())
 @click.option(
     "--interval", type=click.FloatRange(min=0.0), default=2.0, show_default=True,
@@ -91,13 +113,15 @@ class _View:
 @click.option("--once", is_flag=True, help="Print the current state and exit.")
 @click.option(
     "--timeout", type=click.FloatRange(min=0.0), default=None,
-    help="Stop after this many seconds (default: run until Ctrl-C).",
+    help="Stop after this many seconds, waiting for RUN to be created included "
+    "(default: run until Ctrl-C).",
 )
 @click.option(
     "-m", "--metric", "metrics", multiple=True, metavar="METRIC",
     help="Only this metric (repeatable; default: every metric).",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No header and no closing line.")
+@verbose_option
 def watch(
     run_path: str,
     interval: float,
@@ -110,10 +134,29 @@ def watch(
 
     Prints the latest row of every metric, then, every --interval seconds, the latest
     row of each metric that grew and every new finding. Stops on Ctrl-C, with --once,
-    or after --timeout seconds.
+    or after --timeout seconds. When RUN does not exist yet, waits for it to be created
+    (except with --once).
     """
     view = _View(metrics)
-    with Run.open(run_path) as run:
+    start = _clock()
+    waited = 0.0
+    if not once:
+        try:
+            waited = _wait_for(run_path, interval, timeout, quiet)
+        except KeyboardInterrupt:
+            if not quiet:
+                click.echo("stopped", err=True)
+            return
+    while True:
+        try:
+            run = Run.open(run_path)
+            break
+        except RunFileError:
+            # a file that just appeared may not be readable yet; one that was there is broken
+            if not waited or (timeout is not None and _clock() - start >= timeout):
+                raise
+            _sleep(max(0.05, interval))
+    with run:
         unknown = [m for m in metrics if m not in run.metrics()]
         if unknown:
             known = ", ".join(run.metrics()) or "none"
@@ -128,7 +171,6 @@ def watch(
         click.echo(line)
     if once:
         return
-    start = _clock()
     unreadable = False
     try:
         while True:
