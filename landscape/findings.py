@@ -16,7 +16,17 @@ SEVERITIES: tuple[str, ...] = ("info", "warning", "error")
 
 
 def severity_rank(severity: str) -> int:
-    """Position of ``severity`` in :data:`SEVERITIES` (``ValueError`` if unknown)."""
+    """Position of ``severity`` in :data:`SEVERITIES`.
+
+    Args:
+        severity: ``"info"``, ``"warning"`` or ``"error"``.
+
+    Returns:
+        0, 1 or 2.
+
+    Raises:
+        ValueError: an unknown severity.
+    """
     try:
         return SEVERITIES.index(severity)
     except ValueError:
@@ -27,7 +37,15 @@ def severity_rank(severity: str) -> int:
 
 @dataclass(frozen=True)
 class Finding:
-    """One alarm: at ``step``, ``rule`` saw ``metric`` at ``value`` against ``threshold``."""
+    """One alarm: at ``step``, ``rule`` saw ``metric`` at ``value`` against ``threshold``.
+
+    ``extra`` holds rule-specific details (the layer of a sign collapse, the robust z of a
+    spike), JSON-able values; it is stored with the finding (``docs/file-format.md``) and
+    read back by ``Run.findings()``, but takes no part in comparisons or hashing.
+
+    Raises:
+        ValueError: an unknown ``severity``.
+    """
 
     step: int
     rule: str
@@ -43,11 +61,21 @@ class Finding:
         severity_rank(self.severity)
 
     def as_dict(self) -> dict:
+        """The finding as a flat dict of its fields, ``extra`` left out.
+
+        Returns:
+            ``step``, ``rule``, ``severity``, ``metric``, ``value``, ``threshold``,
+            ``message`` and ``hint``.
+        """
         out = asdict(self)
         out.pop("extra")
         return out
 
     def describe(self) -> str:
-        """One line for terminals: step, severity, rule and message."""
+        """One line for terminals: step, severity, rule and message.
+
+        Returns:
+            The line.
+        """
         value = "nan" if math.isnan(self.value) else f"{self.value:.4g}"
         return f"step {self.step}: [{self.severity}] {self.rule}: {self.message} (value {value})"

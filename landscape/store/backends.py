@@ -1,0 +1,496 @@
+"""Where a run's tables and surfaces live: the HDF5 file, or memory.
+
+:class:`Backend` is the interface the writer and the reader use; :class:`H5Backend`
+implements it on an HDF5 file (the layout of ``docs/file-format.md``) and
+:class:`MemoryBackend` in memory, for runs that need no file (``RunWriter.memory()``).
+A table is a set of columns sharing their first axis plus a ``step`` column; a backend
+appends whole rows and stores what it is given: ordering and buffering are the writer's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+from landscape._errors import RunFileError
+from landscape.store.format import (
+    CHECKPOINTS_TABLE,
+    FINDINGS_TABLE,
+    LOCKING,
+    METRICS_GROUP,
+    SURFACES_GROUP,
+    FieldSpec,
+    SurfaceData,
+    _attr_value,
+    _h5_reason,
+)
+
+__all__ = ["Backend", "H5Backend", "MemoryBackend"]
+
+#: a surface point: its grid index (``(i,)`` or ``(j, i)``) and its field values
+Point = tuple[tuple, dict[str, float]]
+
+
+class Backend(ABC):
+    """Storage of tables and surfaces; the HDF5 file and the in-memory twin implement it.
+
+    Tables are named by their path (``"findings"``, ``"checkpoints"``,
+    ``"metrics/<name>"``); surfaces by their name under ``/surfaces``.
+    """
+
+    @property
+    @abstractmethod
+    def description(self) -> str:
+        """What the run is stored in, for messages: the file path or ``<memory>``."""
+
+    @abstractmethod
+    def root_attrs(self) -> dict:
+        """The run's root attributes (format, versions, config, writer), decoded.
+
+        Returns:
+            A new dict of plain Python values.
+        """
+
+    @abstractmethod
+    def table_paths(self) -> list[str]:
+        """The paths of every table: findings, checkpoints, then ``metrics/<name>``.
+
+        Returns:
+            The table paths.
+        """
+
+    @abstractmethod
+    def create_table(self, path: str, fields: dict[str, FieldSpec], attrs: dict) -> None:
+        """Create an empty table.
+
+        Args:
+            path: the table's path.
+            fields: its columns (``step`` is added).
+            attrs: attributes stored with it (strings or numbers); ``fields`` is added.
+        """
+
+    @abstractmethod
+    def table_attrs(self, path: str) -> dict:
+        """The attributes of a table, decoded.
+
+        Args:
+            path: the table's path.
+
+        Returns:
+            A new dict of its attributes.
+        """
+
+    @abstractmethod
+    def table_fields(self, path: str) -> dict[str, FieldSpec]:
+        """The columns of a table, ``step`` excluded.
+
+        Args:
+            path: the table's path.
+
+        Returns:
+            Field names mapped to their specs, in declaration order.
+        """
+
+    @abstractmethod
+    def steps(self, path: str) -> np.ndarray:
+        """The committed steps of a table; their number is the number of committed rows.
+
+        Args:
+            path: the table's path.
+
+        Returns:
+            An int64 array, a copy.
+        """
+
+    @abstractmethod
+    def column(self, path: str, name: str, n: int) -> np.ndarray:
+        """The first ``n`` rows of one column.
+
+        Args:
+            path: the table's path.
+            name: the field.
+            n: how many rows (the committed ones: ``len(steps(path))``).
+
+        Returns:
+            An ``(n, *shape)`` array, a copy.
+        """
+
+    @abstractmethod
+    def append_rows(self, path: str, steps: np.ndarray, cols: dict[str, np.ndarray]) -> None:
+        """Append rows: every field first, ``step`` last (the commit).
+
+        Args:
+            path: the table's path.
+            steps: the rows' steps, int64 ``(k,)``.
+            cols: every field's ``(k, *shape)`` values.
+        """
+
+    @abstractmethod
+    def truncate(self, path: str, n: int) -> None:
+        """Keep the first ``n`` rows of every column of a table (``step`` included).
+
+        Args:
+            path: the table's path.
+            n: the rows to keep.
+        """
+
+    @abstractmethod
+    def surface_names(self) -> list[str]:
+        """The names of the stored surfaces.
+
+        Returns:
+            The names, in storage order.
+        """
+
+    @abstractmethod
+    def create_surface(self, data: SurfaceData) -> None:
+        """Store a new surface with its grid, values, ``done`` mask, attrs and arrays.
+
+        Args:
+            data: the surface; its ``name`` must be new.
+        """
+
+    @abstractmethod
+    def read_surface(self, name: str) -> SurfaceData:
+        """A stored surface.
+
+        Args:
+            name: the surface's name.
+
+        Returns:
+            A copy of the surface as stored now.
+        """
+
+    @abstractmethod
+    def write_surface(self, name: str, points: list[Point]) -> None:
+        """Store computed points of a surface and mark them done (values before ``done``).
+
+        Args:
+            name: the surface's name.
+            points: ``(index, values)`` pairs; fields missing from ``values`` keep their
+                stored value.
+        """
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Make everything written so far visible to readers."""
+
+    @abstractmethod
+    def refresh(self) -> None:
+        """See what a live writer committed since this handle opened (SWMR readers)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the storage; closing twice is harmless."""
+
+
+class MemoryBackend(Backend):
+    """Tables and surfaces in numpy arrays, for runs that need no file.
+
+    Args:
+        attrs: the root attributes.
+    """
+
+    def __init__(self, attrs: dict) -> None:
+        self._attrs = dict(attrs)
+        self._tables: dict[str, dict] = {}
+        self._surfaces: dict[str, SurfaceData] = {}
+
+    @property
+    def description(self) -> str:
+        """Always ``<memory>``."""
+        return "<memory>"
+
+    def root_attrs(self) -> dict:
+        """A copy of the root attributes."""
+        return dict(self._attrs)
+
+    def table_paths(self) -> list[str]:
+        """The tables in creation order."""
+        return list(self._tables)
+
+    def create_table(self, path, fields, attrs):
+        """Create an empty table of zero-row arrays."""
+        self._tables[path] = {
+            "fields": dict(fields),
+            "attrs": dict(attrs),
+            "step": np.zeros((0,), np.int64),
+            "cols": {n: np.zeros((0, *s.shape), s.dtype) for n, s in fields.items()},
+        }
+
+    def table_attrs(self, path):
+        """A copy of a table's attributes."""
+        return dict(self._tables[path]["attrs"])
+
+    def table_fields(self, path):
+        """A copy of a table's field specs."""
+        return dict(self._tables[path]["fields"])
+
+    def steps(self, path):
+        """A copy of a table's steps."""
+        return self._tables[path]["step"].copy()
+
+    def column(self, path, name, n):
+        """A copy of the first ``n`` rows of a column."""
+        return self._tables[path]["cols"][name][:n].copy()
+
+    def append_rows(self, path, steps, cols):
+        """Concatenate the rows, fields before ``step``."""
+        t = self._tables[path]
+        for name, arr in cols.items():
+            t["cols"][name] = np.concatenate([t["cols"][name], arr])
+        t["step"] = np.concatenate([t["step"], steps])
+
+    def truncate(self, path, n):
+        """Keep the first ``n`` rows of every column."""
+        t = self._tables[path]
+        t["step"] = t["step"][:n]
+        for name in t["cols"]:
+            t["cols"][name] = t["cols"][name][:n]
+
+    def surface_names(self):
+        """The surfaces in creation order."""
+        return list(self._surfaces)
+
+    def create_surface(self, data):
+        """Keep ``data`` itself (later points are written into its arrays)."""
+        self._surfaces[data.name] = data
+
+    def read_surface(self, name):
+        """A deep copy of a surface."""
+        s = self._surfaces[name]
+        return SurfaceData(
+            s.name,
+            s.x.copy(),
+            None if s.y is None else s.y.copy(),
+            {k: v.copy() for k, v in s.values.items()},
+            s.done.copy(),
+            dict(s.attrs),
+            {k: v.copy() for k, v in s.arrays.items()},
+        )
+
+    def write_surface(self, name, points):
+        """Set the points' values and done flags."""
+        s = self._surfaces[name]
+        for index, values in points:
+            for k, v in values.items():
+                s.values[k][index] = v
+            s.done[index] = True
+
+    def flush(self):
+        """Nothing to do: memory is always visible."""
+
+    def refresh(self):
+        """Nothing to do: memory is always current."""
+
+    def close(self):
+        """Nothing to do: the data stays readable."""
+
+
+def _chunk_rows(spec: FieldSpec) -> int:
+    row_bytes = max(1, math.prod(spec.shape) * np.dtype(spec.dtype).itemsize)
+    return int(max(1, min(1024, (64 * 1024) // row_bytes)))
+
+
+class H5Backend(Backend):
+    """Tables and surfaces in an HDF5 file opened with libver='latest' (SWMR-capable).
+
+    Args:
+        file: the open file.
+        writable: whether it was opened for writing (structural changes need it).
+    """
+
+    def __init__(self, file: h5py.File, writable: bool) -> None:
+        self.file = file
+        self.path = Path(file.filename)
+        self.writable = writable
+
+    @property
+    def description(self) -> str:
+        """The file's path."""
+        return str(self.path)
+
+    @contextlib.contextmanager
+    def structural(self) -> Iterator[None]:
+        """Leave SWMR mode for a structural change (a new group), then re-enter it.
+
+        HDF5 allows no new objects in SWMR mode, so the file is closed and reopened
+        without it around the change.
+
+        Yields:
+            Nothing; ``self.file`` is writable with structure changes inside the block.
+
+        Raises:
+            RunFileError: the file is read-only, or cannot be reopened.
+        """
+        if not self.writable:
+            raise RunFileError(f"{self.path}: opened read-only")
+        was_swmr = self.file.swmr_mode
+        if was_swmr:
+            self.file.flush()
+            self.file.close()
+            try:
+                self.file = h5py.File(self.path, "r+", libver="latest", locking=LOCKING)
+            except OSError as err:
+                raise RunFileError(
+                    f"{self.path}: cannot reopen the run to add a group ({_h5_reason(err)})"
+                ) from None
+        try:
+            yield
+        finally:
+            self.file.flush()
+            # In one process a reader's open handle shares HDF5's file object, which then
+            # stays in SWMR mode across the reopen: only switch it on when it is off.
+            if was_swmr and not self.file.swmr_mode:
+                self.file.swmr_mode = True
+
+    def root_attrs(self):
+        """The file's root attributes, decoded."""
+        return {k: _attr_value(v) for k, v in self.file.attrs.items()}
+
+    def table_paths(self):
+        """Findings and checkpoints (when present), then the metric groups."""
+        paths = []
+        for top in (FINDINGS_TABLE, CHECKPOINTS_TABLE):
+            if top in self.file:
+                paths.append(top)
+        if METRICS_GROUP in self.file:
+            paths.extend(f"{METRICS_GROUP}/{name}" for name in self.file[METRICS_GROUP])
+        return paths
+
+    def create_table(self, path, fields, attrs):
+        """Create the group and its chunked, resizable datasets."""
+        with self.structural():
+            g = self.file.require_group(path)
+            for key, value in attrs.items():
+                g.attrs[key] = value
+            g.attrs["fields"] = json.dumps({n: s.to_json() for n, s in fields.items()})
+            for name, spec in fields.items():
+                g.create_dataset(
+                    name,
+                    shape=(0, *spec.shape),
+                    maxshape=(None, *spec.shape),
+                    chunks=(_chunk_rows(spec), *spec.shape),
+                    dtype=spec.dtype,
+                )
+            g.create_dataset("step", shape=(0,), maxshape=(None,), chunks=(1024,), dtype="int64")
+
+    def table_attrs(self, path):
+        """The group's attributes, decoded."""
+        return {k: _attr_value(v) for k, v in self.file[path].attrs.items()}
+
+    def table_fields(self, path):
+        """The specs in the group's ``fields`` attribute."""
+        raw = json.loads(_attr_value(self.file[path].attrs["fields"]))
+        return {n: FieldSpec.from_json(s) for n, s in raw.items()}
+
+    def steps(self, path):
+        """The ``step`` dataset, read."""
+        return np.asarray(self.file[path]["step"][:], dtype=np.int64)
+
+    def column(self, path, name, n):
+        """The first ``n`` rows of the field's dataset."""
+        return np.asarray(self.file[path][name][:n])
+
+    def append_rows(self, path, steps, cols):
+        """Resize and write every field, then ``step``."""
+        g = self.file[path]
+        n0 = g["step"].shape[0]
+        n1 = n0 + len(steps)
+        for name, arr in cols.items():
+            ds = g[name]
+            ds.resize(n1, axis=0)
+            ds[n0:n1] = arr
+        ds = g["step"]
+        ds.resize(n1, axis=0)
+        ds[n0:n1] = steps
+
+    def truncate(self, path, n):
+        """Shrink every dataset of the group longer than ``n`` rows."""
+        g = self.file[path]
+        for name in g:
+            if g[name].shape[0] > n:
+                g[name].resize(n, axis=0)
+
+    def surface_names(self):
+        """The groups under ``/surfaces``."""
+        return list(self.file[SURFACES_GROUP]) if SURFACES_GROUP in self.file else []
+
+    def create_surface(self, data):
+        """Create ``/surfaces/<name>`` with its datasets and ``arrays`` group."""
+        with self.structural():
+            g = self.file.require_group(SURFACES_GROUP).create_group(data.name)
+            g.attrs["attrs"] = json.dumps(data.attrs)
+            g.attrs["fields"] = json.dumps(list(data.values))
+            g.create_dataset("x", data=data.x)
+            if data.y is not None:
+                g.create_dataset("y", data=data.y)
+            for name, grid in data.values.items():
+                g.create_dataset(name, data=grid)
+            g.create_dataset("done", data=data.done.astype(np.uint8))
+            if data.arrays:
+                a = g.create_group("arrays")
+                for name, arr in data.arrays.items():
+                    a.create_dataset(name, data=arr)
+
+    def read_surface(self, name):
+        """Read every dataset of the surface."""
+        g = self.file[SURFACES_GROUP][name]
+        fields = json.loads(_attr_value(g.attrs["fields"]))
+        arrays = {k: np.asarray(v[()]) for k, v in g["arrays"].items()} if "arrays" in g else {}
+        return SurfaceData(
+            name=name,
+            x=np.asarray(g["x"][()]),
+            y=np.asarray(g["y"][()]) if "y" in g else None,
+            values={f: np.asarray(g[f][()]) for f in fields},
+            done=np.asarray(g["done"][()]).astype(bool),
+            attrs=json.loads(_attr_value(g.attrs["attrs"])),
+            arrays=arrays,
+        )
+
+    def write_surface(self, name, points):
+        """One read-modify-write of the covering span per grid row and field, ``done`` last.
+
+        A span of a row costs about as much as one element (see ``docs/benchmarks.md``).
+        """
+        g = self.file[SURFACES_GROUP][name]
+        rows: dict[tuple, list[tuple[int, dict[str, float]]]] = {}
+        for index, values in points:
+            rows.setdefault(tuple(index[:-1]), []).append((int(index[-1]), values))
+        for name_ in [*json.loads(_attr_value(g.attrs["fields"])), "done"]:
+            ds = g[name_]
+            for lead, row in rows.items():
+                given = [(i, 1.0 if name_ == "done" else values[name_])
+                         for i, values in row if name_ == "done" or name_ in values]
+                if not given:
+                    continue
+                lo, hi = min(i for i, _ in given), max(i for i, _ in given) + 1
+                span = np.asarray(ds[(*lead, slice(lo, hi))])
+                for i, value in given:
+                    span[i - lo] = value
+                ds[(*lead, slice(lo, hi))] = span
+
+    def flush(self):
+        """Flush the file (SWMR readers see the new rows after their refresh)."""
+        self.file.flush()
+
+    def refresh(self):
+        """Refresh every dataset of the file."""
+
+        def visit(_name, obj):
+            if isinstance(obj, h5py.Dataset):
+                obj.refresh()
+
+        self.file.visititems(visit)
+
+    def close(self):
+        """Close the file, ignoring errors."""
+        with contextlib.suppress(Exception):
+            self.file.close()

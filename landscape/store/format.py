@@ -1,0 +1,281 @@
+"""Format version 1 of the run file: its constants, field specs and value encoding.
+
+Everything here is shared by both backends, the writer and the reader: the names of the
+top-level groups, the fixed columns of ``/findings`` and ``/checkpoints``, how a row value
+becomes a stored array and back, and the root attributes a new run starts with. The
+layout itself is documented in ``docs/file-format.md``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+import h5py
+import numpy as np
+
+from landscape._errors import RunFileError
+from landscape._version import __version__
+from landscape.findings import Finding
+
+__all__ = [
+    "FORMAT", "FORMAT_VERSION", "METRICS_GROUP", "FINDINGS_TABLE", "CHECKPOINTS_TABLE",
+    "SURFACES_GROUP", "LOCKING", "FieldSpec", "FieldsLike", "normalize_fields",
+    "FINDING_FIELDS", "CHECKPOINT_FIELDS", "SurfaceData",
+]
+
+FORMAT = "landscape"
+FORMAT_VERSION = 1
+
+METRICS_GROUP = "metrics"
+FINDINGS_TABLE = "findings"
+CHECKPOINTS_TABLE = "checkpoints"
+SURFACES_GROUP = "surfaces"
+
+# HDF5 file locks are off for every handle (they must agree within one process): a live
+# reader must never block the writer, which briefly reopens the file to add a metric or a
+# surface. Concurrent writers are still refused through the SWMR superblock flags and the
+# writer_pid/writer_host attributes.
+LOCKING = False
+
+
+# --------------------------------------------------------------------------- field specs
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """Shape of one row of a field (``()`` for a scalar) and its numpy dtype string."""
+
+    shape: tuple[int, ...] = ()
+    dtype: str = "float64"
+
+    def to_json(self) -> dict:
+        """The spec as stored in a table's ``fields`` attribute.
+
+        Returns:
+            ``{"shape": [...], "dtype": "..."}``.
+        """
+        return {"shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, obj: Mapping) -> FieldSpec:
+        """The spec stored by :meth:`to_json`.
+
+        Args:
+            obj: a mapping with ``shape`` and ``dtype``.
+
+        Returns:
+            The field spec.
+        """
+        return cls(tuple(int(s) for s in obj["shape"]), str(obj["dtype"]))
+
+    @property
+    def is_string(self) -> bool:
+        """Whether the field holds fixed-width byte strings (dtype kind ``S``)."""
+        return np.dtype(self.dtype).kind == "S"
+
+
+FieldsLike = Mapping[str, Union[FieldSpec, tuple, str, None]]
+
+
+def normalize_fields(fields: FieldsLike) -> dict[str, FieldSpec]:
+    """Accept ``{name: FieldSpec | shape-tuple | dtype-string | None}`` and return FieldSpecs.
+
+    Args:
+        fields: field names mapped to a :class:`FieldSpec`, a shape tuple (float64), a
+            dtype string (scalar) or None (a float64 scalar).
+
+    Returns:
+        The same names mapped to :class:`FieldSpec`.
+
+    Raises:
+        ValueError: for an empty mapping, an invalid name (empty, with ``/``, or ``step``)
+            or a spec of another type.
+    """
+    out: dict[str, FieldSpec] = {}
+    for name, spec in fields.items():
+        if not isinstance(name, str) or not name or "/" in name or name == "step":
+            raise ValueError(f"invalid field name {name!r} (non-empty, no '/', not 'step')")
+        if spec is None:
+            spec = FieldSpec()
+        elif isinstance(spec, str):
+            spec = FieldSpec((), spec)
+        elif isinstance(spec, tuple):
+            spec = FieldSpec(tuple(int(s) for s in spec))
+        elif not isinstance(spec, FieldSpec):
+            raise ValueError(f"field {name!r}: expected a FieldSpec, shape tuple or dtype string")
+        np.dtype(spec.dtype)  # validates
+        out[name] = spec
+    if not out:
+        raise ValueError("a table needs at least one field")
+    return out
+
+
+FINDING_FIELDS = normalize_fields(
+    {
+        "rule": "S64",
+        "severity": "S16",
+        "metric": "S128",
+        "value": "float64",
+        "threshold": "float64",
+        "message": "S512",
+        "hint": "S512",
+        "extra": "S1024",  # JSON; absent from files written before it was added
+    }
+)
+CHECKPOINT_FIELDS = normalize_fields({"path": "S1024"})
+
+
+def _describe(specs: Mapping[str, FieldSpec]) -> str:
+    return ", ".join(f"{n}{list(s.shape) if s.shape else ''}:{s.dtype}" for n, s in specs.items())
+
+
+# --------------------------------------------------------------------------- values
+
+
+def _encode(value: Any, spec: FieldSpec) -> np.ndarray:
+    if spec.is_string:
+        width = np.dtype(spec.dtype).itemsize
+        raw = str(value).encode("utf-8")
+        if len(raw) > width:
+            raw = raw[: width - 3].decode("utf-8", "ignore").encode("utf-8") + b"..."
+        return np.asarray(raw, dtype=spec.dtype)
+    if hasattr(value, "detach"):  # torch tensor, without importing torch here
+        value = value.detach().cpu().numpy()
+    arr = np.asarray(value, dtype=spec.dtype)
+    if arr.shape != spec.shape:
+        if arr.size == math.prod(spec.shape):
+            arr = arr.reshape(spec.shape)
+        else:
+            raise ValueError(f"value of shape {arr.shape} does not fit field shape {spec.shape}")
+    return arr
+
+
+def _decode_strings(arr: np.ndarray) -> list[str]:
+    return [b.decode("utf-8", "replace") for b in arr.tolist()]
+
+
+def _attr_value(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+# --------------------------------------------------------------------------- findings
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    if hasattr(value, "detach"):  # torch tensor
+        return value.detach().cpu().tolist()
+    return str(value)
+
+
+def _encode_extra(extra: Mapping, width: int) -> str:
+    """``extra`` as JSON of at most ``width`` bytes: the leading items that fit."""
+    text = json.dumps(dict(extra), default=_json_default)
+    items = list(extra.items())
+    while len(text.encode("utf-8")) > width and items:
+        items.pop()
+        text = json.dumps(dict(items), default=_json_default)
+    return text
+
+
+def _finding_row(finding: Finding, specs: Mapping[str, FieldSpec]) -> dict[str, Any]:
+    """The ``/findings`` row of ``finding`` for a table with fields ``specs``.
+
+    A table created before the ``extra`` column existed gets a row without it.
+    """
+    row: dict[str, Any] = finding.as_dict()
+    if "extra" in specs:
+        row["extra"] = _encode_extra(finding.extra, np.dtype(specs["extra"].dtype).itemsize)
+    return row
+
+
+def _decode_extra(text: str) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+# --------------------------------------------------------------------------- surfaces
+
+
+@dataclass
+class SurfaceData:
+    """A stored 1-D or 2-D surface.
+
+    Grids are ``(nx,)`` or ``(ny, nx)`` with ``Z[j, i] = f(x_i, y_j)``, the order
+    ``matplotlib.pyplot.contour(x, y, Z)`` expects (``docs/file-format.md``, "Surfaces").
+    """
+
+    name: str
+    x: np.ndarray
+    y: np.ndarray | None
+    values: dict[str, np.ndarray]
+    done: np.ndarray
+    attrs: dict = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def ndim(self) -> int:
+        """1 for a line, 2 for a plane."""
+        return 1 if self.y is None else 2
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The grid shape, ``(nx,)`` or ``(ny, nx)``."""
+        return self.done.shape
+
+    @property
+    def complete(self) -> bool:
+        """Whether every grid point has been computed."""
+        return bool(self.done.all())
+
+
+# --------------------------------------------------------------------------- root
+
+
+def _root_attrs(config: Mapping | None) -> dict:
+    import torch  # local: the store itself does not need torch
+
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "torch_version": str(torch.__version__),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": json.dumps(dict(config or {}), default=str),
+    }
+
+
+def _check_format(f: h5py.File, path: Path) -> None:
+    fmt = _attr_value(f.attrs.get("format", None))
+    if fmt != FORMAT:
+        raise RunFileError(f"{path}: an HDF5 file, but not a landscape run (no format='landscape')")
+    version = int(_attr_value(f.attrs.get("format_version", -1)))
+    if version > FORMAT_VERSION:
+        raise RunFileError(
+            f"{path}: format version {version} is newer than this library reads "
+            f"({FORMAT_VERSION}); upgrade landscape-for-pytorch"
+        )
+    if version < 1:
+        raise RunFileError(f"{path}: invalid format version {version}")
+
+
+def _h5_reason(err: OSError) -> str:
+    text = str(err)
+    if "(" in text and text.endswith(")"):
+        text = text[text.index("(") + 1 : -1]
+    return text or "unknown error"

@@ -1,0 +1,345 @@
+"""The run reader: a read-only view of a run file or of an in-memory writer's data.
+
+Only committed rows are visible (``docs/file-format.md``, "Commit protocol"). A metric is
+found under its current name and under the name it had before a rename
+(``docs/vocabulary.md``): a new name finds the group of an older file, and an old name
+finds the group of a newer file with a ``DeprecationWarning`` naming the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from landscape._names import RENAMED_METRICS, metric_name_aliases
+from landscape.findings import Finding
+from landscape.store.backends import Backend, H5Backend
+from landscape.store.format import (
+    CHECKPOINTS_TABLE,
+    FINDING_FIELDS,
+    FINDINGS_TABLE,
+    METRICS_GROUP,
+    FieldSpec,
+    SurfaceData,
+    _decode_extra,
+    _decode_strings,
+)
+from landscape.store.recovery import open_for_reading
+
+__all__ = ["Run"]
+
+
+class Run:
+    """Read-only view of a run (an HDF5 file or an in-memory writer's data).
+
+    Every consumer (plots, reports, ``landscape check``, ``landscape info``) reads through
+    this class. Only committed rows are visible. For a file being written, call
+    :meth:`refresh` to see rows committed since opening. ``name in run`` tells whether
+    the run has metric ``name`` (under its old or new name, see :meth:`has_metric`).
+
+    Args:
+        backend: the storage to read.
+    """
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Run:
+        """Open a run file for reading.
+
+        Args:
+            path: the run file.
+
+        Returns:
+            The run.
+
+        Raises:
+            RunFileError: any problem with the file, in one line naming it.
+        """
+        p = Path(path)
+        return cls(H5Backend(open_for_reading(p), writable=False))
+
+    # -- file-level
+
+    @property
+    def source(self) -> str:
+        """What the run is read from: the file path or ``<memory>``."""
+        return self._backend.description
+
+    @property
+    def attrs(self) -> dict:
+        """The root attributes, without the writer's pid and host."""
+        attrs = self._backend.root_attrs()
+        attrs.pop("writer_pid", None)
+        attrs.pop("writer_host", None)
+        return attrs
+
+    @property
+    def format_version(self) -> int:
+        """The file's format version."""
+        return int(self.attrs["format_version"])
+
+    @property
+    def config(self) -> dict:
+        """The run's configuration (the root ``config`` attribute, decoded)."""
+        return json.loads(self.attrs.get("config", "{}") or "{}")
+
+    # -- metrics
+
+    def metrics(self) -> list[str]:
+        """The names of the metric groups, as stored, sorted.
+
+        Returns:
+            The metric names.
+        """
+        prefix = METRICS_GROUP + "/"
+        return sorted(p[len(prefix) :] for p in self._backend.table_paths() if p.startswith(prefix))
+
+    def _find_metric(self, name: str, stacklevel: int) -> str | None:
+        """The path of metric ``name``, under its own or its other name, or None.
+
+        ``stacklevel`` counts from this method to the user's call, for the warning.
+        """
+        paths = self._backend.table_paths()
+        for alias in metric_name_aliases(name):
+            path = f"{METRICS_GROUP}/{alias}"
+            if path in paths:
+                if alias != name and name in RENAMED_METRICS:
+                    warnings.warn(
+                        f"metric {name!r} was renamed {alias!r}; ask for {alias!r}",
+                        DeprecationWarning,
+                        stacklevel=stacklevel,
+                    )
+                return path
+        return None
+
+    def _metric_path(self, name: str) -> str:
+        path = self._find_metric(name, stacklevel=4)
+        if path is None:
+            known = ", ".join(self.metrics()) or "none"
+            raise KeyError(f"no metric {name!r} in {self.source} (metrics: {known})")
+        return path
+
+    def has_metric(self, name: str) -> bool:
+        """Whether the run has metric ``name``, also stored under its old or new name.
+
+        Args:
+            name: a metric name.
+
+        Returns:
+            True when the run has the metric.
+        """
+        return self._find_metric(name, stacklevel=3) is not None
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self._find_metric(name, stacklevel=3) is not None
+
+    def fields(self, metric: str) -> dict[str, FieldSpec]:
+        """The fields of a metric.
+
+        Args:
+            metric: the metric name.
+
+        Returns:
+            Field names mapped to their specs.
+
+        Raises:
+            KeyError: no such metric.
+        """
+        return self._backend.table_fields(self._metric_path(metric))
+
+    def metric_attrs(self, metric: str) -> dict:
+        """What the run records about a metric: ``kind``, ``class``, ``params``, ``schedule``.
+
+        Args:
+            metric: the metric name.
+
+        Returns:
+            The attributes, ``params`` decoded from JSON.
+
+        Raises:
+            KeyError: no such metric.
+        """
+        attrs = self._backend.table_attrs(self._metric_path(metric))
+        attrs.pop("fields", None)
+        if "params" in attrs:
+            attrs["params"] = json.loads(attrs["params"] or "{}")
+        return attrs
+
+    def steps(self, metric: str) -> np.ndarray:
+        """The committed steps of a metric.
+
+        Args:
+            metric: the metric name.
+
+        Returns:
+            An int64 array.
+
+        Raises:
+            KeyError: no such metric.
+        """
+        return self._backend.steps(self._metric_path(metric))
+
+    def series(self, metric: str, field_name: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(steps, values)`` of one field over the committed rows.
+
+        Args:
+            metric: the metric name.
+            field_name: one of its fields.
+
+        Returns:
+            The steps ``(N,)`` and the values ``(N, *shape)``.
+
+        Raises:
+            KeyError: no such metric or field.
+        """
+        path = self._metric_path(metric)
+        specs = self._backend.table_fields(path)
+        if field_name not in specs:
+            raise KeyError(
+                f"metric {metric!r} has no field {field_name!r} (fields: {', '.join(specs)})"
+            )
+        steps = self._backend.steps(path)
+        values = self._backend.column(path, field_name, len(steps))
+        return steps, values
+
+    def all_series(self) -> Iterator[tuple[str, str, np.ndarray, np.ndarray]]:
+        """Every scalar-or-array field: ``(metric, field, steps, values)``.
+
+        Yields:
+            One tuple per field of every metric.
+        """
+        for metric in self.metrics():
+            for name in self.fields(metric):
+                steps, values = self.series(metric, name)
+                yield metric, name, steps, values
+
+    # -- tables
+
+    def findings(self) -> list[Finding]:
+        """The committed findings, in the order they were raised.
+
+        Returns:
+            The findings, ``extra`` included (``{}`` in files written before it was
+            stored).
+        """
+        steps = self._backend.steps(FINDINGS_TABLE)
+        n = len(steps)
+        stored = self._backend.table_fields(FINDINGS_TABLE)
+        names = [name for name in FINDING_FIELDS if name in stored]
+        col = {name: self._backend.column(FINDINGS_TABLE, name, n) for name in names}
+        strings = {k: _decode_strings(v) for k, v in col.items() if FINDING_FIELDS[k].is_string}
+        extras = strings.get("extra", [""] * n)
+        return [
+            Finding(
+                step=int(steps[i]),
+                rule=strings["rule"][i],
+                severity=strings["severity"][i],
+                metric=strings["metric"][i],
+                value=float(col["value"][i]),
+                threshold=float(col["threshold"][i]),
+                message=strings["message"][i],
+                hint=strings["hint"][i],
+                extra=_decode_extra(extras[i]),
+            )
+            for i in range(n)
+        ]
+
+    def checkpoints(self) -> list[tuple[int, str]]:
+        """The recorded checkpoints.
+
+        Returns:
+            ``(step, checkpoint)`` pairs.
+        """
+        steps = self._backend.steps(CHECKPOINTS_TABLE)
+        paths = _decode_strings(self._backend.column(CHECKPOINTS_TABLE, "path", len(steps)))
+        return [(int(s), p) for s, p in zip(steps, paths)]
+
+    # -- surfaces
+
+    def surfaces(self) -> list[str]:
+        """The names of the stored surfaces, sorted.
+
+        Returns:
+            The surface names.
+        """
+        return sorted(self._backend.surface_names())
+
+    def surface(self, name: str) -> SurfaceData:
+        """A stored surface.
+
+        Args:
+            name: the surface's name.
+
+        Returns:
+            The surface as stored now.
+
+        Raises:
+            KeyError: no such surface.
+        """
+        if name not in self._backend.surface_names():
+            known = ", ".join(self.surfaces()) or "none"
+            raise KeyError(f"no surface {name!r} in {self.source} (surfaces: {known})")
+        return self._backend.read_surface(name)
+
+    # -- lifecycle
+
+    def refresh(self) -> None:
+        """See rows a live writer committed since this reader opened (SWMR)."""
+        self._backend.refresh()
+
+    def close(self) -> None:
+        """Close a file opened by :meth:`open` (a writer's view stays the writer's)."""
+        if isinstance(self._backend, H5Backend) and not self._backend.writable:
+            self._backend.close()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def summary(self) -> dict:
+        """What the run holds, as plain data (used by ``landscape info``).
+
+        Returns:
+            Source, versions, config, and per metric and surface their size and settings.
+        """
+        metrics = {}
+        for m in self.metrics():
+            steps = self.steps(m)
+            metrics[m] = {
+                "fields": {n: s.to_json() for n, s in self.fields(m).items()},
+                "rows": len(steps),
+                "first_step": int(steps[0]) if len(steps) else None,
+                "last_step": int(steps[-1]) if len(steps) else None,
+                **{k: v for k, v in self.metric_attrs(m).items() if k != "kind"},
+            }
+        surfaces = {}
+        for s in self.surfaces():
+            data = self.surface(s)
+            surfaces[s] = {
+                "shape": list(data.shape),
+                "fields": list(data.values),
+                "computed": int(data.done.sum()),
+                "total": int(data.done.size),
+            }
+        attrs = self.attrs
+        return {
+            "source": self.source,
+            "format_version": self.format_version,
+            "library_version": attrs.get("library_version"),
+            "torch_version": attrs.get("torch_version"),
+            "created": attrs.get("created"),
+            "config": self.config,
+            "metrics": metrics,
+            "findings": len(self._backend.steps(FINDINGS_TABLE)),
+            "checkpoints": len(self._backend.steps(CHECKPOINTS_TABLE)),
+            "surfaces": surfaces,
+        }

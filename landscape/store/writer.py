@@ -1,0 +1,476 @@
+"""The run writer: validated, buffered appends of rows, findings and surface points.
+
+Rows are buffered in memory and written every ``flush_every`` rows and points or
+``flush_seconds`` seconds, on :meth:`RunWriter.flush`, on :meth:`RunWriter.close` and when
+an exception leaves the ``with`` block; each table's fields go before its ``step``
+column, so a reader only ever sees whole rows (``docs/file-format.md``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import h5py
+import numpy as np
+
+from landscape._errors import RunFileError, StepOrderError
+from landscape.findings import Finding
+from landscape.store.backends import Backend, H5Backend, MemoryBackend
+from landscape.store.format import (
+    CHECKPOINT_FIELDS,
+    CHECKPOINTS_TABLE,
+    FINDING_FIELDS,
+    FINDINGS_TABLE,
+    LOCKING,
+    METRICS_GROUP,
+    FieldsLike,
+    SurfaceData,
+    _describe,
+    _encode,
+    _finding_row,
+    _h5_reason,
+    _root_attrs,
+    normalize_fields,
+)
+from landscape.store.reader import Run
+from landscape.store.recovery import open_for_writing
+
+__all__ = ["RunWriter"]
+
+
+@dataclass
+class _Pending:
+    steps: list[int] = field(default_factory=list)
+    cols: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+
+def _last_or_none(steps: np.ndarray) -> int | None:
+    return int(steps[-1]) if len(steps) else None
+
+
+class RunWriter:
+    """Append-only writer of a run, to an HDF5 file or (``path=None``) to memory.
+
+    Args:
+        path: the run file, or None for the in-memory twin.
+        mode: ``"a"`` creates the file or resumes an existing run after its last
+            committed step; ``"w"`` starts a new file (overwriting); ``"x"`` fails if the
+            file exists.
+        config: JSON-able run configuration stored in the root ``config`` attribute of a
+            new run.
+        truncate_from: on resume, drop every committed row with ``step >= truncate_from``
+            (restarting from a checkpoint).
+        flush_every: write the buffer after this many rows and surface points.
+        flush_seconds: write the buffer when this long has passed since the last write.
+
+    Raises:
+        ValueError: an unknown ``mode`` or ``flush_every < 1``.
+        RunFileError: the file cannot be created, resumed, or is being written by another
+            live process.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike | None = None,
+        *,
+        mode: str = "a",
+        config: Mapping | None = None,
+        truncate_from: int | None = None,
+        flush_every: int = 256,
+        flush_seconds: float = 2.0,
+    ) -> None:
+        if mode not in ("a", "w", "x"):
+            raise ValueError(f"mode must be 'a', 'w' or 'x', got {mode!r}")
+        if flush_every < 1:
+            raise ValueError("flush_every must be >= 1")
+        self.flush_every = int(flush_every)
+        self.flush_seconds = float(flush_seconds)
+        self._pending: dict[str, _Pending] = {}
+        self._pending_points: dict[str, list[tuple[tuple, dict[str, float]]]] = {}
+        self._known_surfaces: set[str] = set()
+        self._n_pending = 0
+        self._last_flush = time.monotonic()
+        self._closed = False
+        self.path = None if path is None else Path(path)
+
+        if self.path is None:
+            self._backend: Backend = MemoryBackend(_root_attrs(config))
+            self._init_tables()
+        else:
+            self._backend = self._open_file(mode, config)
+        self._fields = {p: self._backend.table_fields(p) for p in self._backend.table_paths()}
+        self._last = {p: _last_or_none(self._backend.steps(p)) for p in self._fields}
+        if truncate_from is not None:
+            self._truncate(int(truncate_from))
+
+    @classmethod
+    def memory(cls, config: Mapping | None = None, **kwargs: Any) -> RunWriter:
+        """The in-memory twin: same interface, nothing on disk.
+
+        Args:
+            config: JSON-able run configuration.
+            **kwargs: ``flush_every``, ``flush_seconds`` as for :class:`RunWriter`.
+
+        Returns:
+            A writer whose :meth:`run` reads the rows from memory.
+        """
+        return cls(None, config=config, **kwargs)
+
+    # -- opening
+
+    def _open_file(self, mode: str, config: Mapping | None) -> H5Backend:
+        path = self.path
+        assert path is not None
+        if path.is_dir():
+            raise RunFileError(f"{path}: is a directory, expected a run file (.h5)")
+        if path.exists() and mode == "x":
+            raise RunFileError(f"{path}: already exists")
+        if path.exists() and mode == "a":
+            backend = H5Backend(open_for_writing(path), writable=True)
+            self._backend = backend
+            self._mark_owner(backend)
+            self._trim_partial_rows(backend)
+            backend.flush()
+            backend.file.swmr_mode = True
+            return backend
+        if not path.parent.exists():
+            raise RunFileError(f"{path}: directory {path.parent} does not exist")
+        try:
+            f = h5py.File(path, "w", libver="latest", locking=LOCKING)
+        except OSError as err:
+            raise RunFileError(f"{path}: cannot create ({_h5_reason(err)})") from None
+        for key, value in _root_attrs(config).items():
+            f.attrs[key] = value
+        backend = H5Backend(f, writable=True)
+        self._backend = backend
+        self._mark_owner(backend)
+        self._init_tables()
+        backend.flush()
+        backend.file.swmr_mode = True
+        return backend
+
+    @staticmethod
+    def _mark_owner(backend: H5Backend) -> None:
+        backend.file.attrs["writer_pid"] = os.getpid()
+        backend.file.attrs["writer_host"] = socket.gethostname()
+
+    @staticmethod
+    def _trim_partial_rows(backend: H5Backend) -> None:
+        for p in backend.table_paths():
+            backend.truncate(p, backend.file[p]["step"].shape[0])
+
+    def _init_tables(self) -> None:
+        self._backend.create_table(FINDINGS_TABLE, FINDING_FIELDS, {"kind": "findings"})
+        self._backend.create_table(CHECKPOINTS_TABLE, CHECKPOINT_FIELDS, {"kind": "checkpoints"})
+
+    def _truncate(self, first_dropped: int) -> None:
+        for p in self._fields:
+            steps = self._backend.steps(p)
+            n = int(np.searchsorted(steps, first_dropped, side="left"))
+            self._backend.truncate(p, n)
+            self._last[p] = _last_or_none(steps[:n])
+        self._backend.flush()
+
+    # -- declaring
+
+    def declare(
+        self,
+        name: str,
+        fields: FieldsLike,
+        *,
+        cls: str = "",
+        params: Mapping | None = None,
+        schedule: str = "",
+    ) -> None:
+        """Declare metric ``name`` with its fields; idempotent when the fields match.
+
+        Args:
+            name: the metric name (the group ``/metrics/<name>``).
+            fields: its fields, as :func:`~landscape.store.normalize_fields` accepts.
+            cls: the class that computes it, recorded in the group's attributes.
+            params: its settings (JSON-able), recorded in the group's attributes.
+            schedule: its schedule, recorded in the group's attributes.
+
+        Raises:
+            ValueError: an invalid name or fields.
+            RunFileError: the run already has the metric with other fields, or the writer
+                is closed.
+        """
+        self._check_open()
+        if not name or "/" in name:
+            raise ValueError(f"invalid metric name {name!r}")
+        specs = normalize_fields(fields)
+        path = f"{METRICS_GROUP}/{name}"
+        if path in self._fields:
+            if self._fields[path] != specs:
+                raise RunFileError(
+                    f"metric {name!r} is already in the run with fields "
+                    f"{_describe(self._fields[path])}, not {_describe(specs)}"
+                )
+            return
+        attrs = {
+            "kind": "metric",
+            "class": cls,
+            "params": json.dumps(dict(params or {}), default=str),
+            "schedule": schedule,
+        }
+        self._flush_pending()
+        self._backend.create_table(path, specs, attrs)
+        self._fields[path] = specs
+        self._last[path] = None
+
+    # -- appending
+
+    def append(self, name: str, step: int, values: Mapping[str, Any]) -> None:
+        """Append one row of metric ``name`` at ``step`` (strictly after its last step).
+
+        Args:
+            name: a declared metric.
+            step: the row's step.
+            values: one value per declared field (numbers, arrays or tensors).
+
+        Raises:
+            KeyError: the metric was not declared.
+            StepOrderError: ``step`` does not come after the metric's last step.
+            ValueError: the fields do not match the declaration, or a value its shape.
+        """
+        path = f"{METRICS_GROUP}/{name}"
+        if path not in self._fields:
+            raise KeyError(f"metric {name!r} was not declared")
+        self._add_row(path, int(step), values, strict=True)
+
+    def add_finding(self, finding: Finding) -> None:
+        """Append a finding to ``/findings`` (steps non-decreasing), its ``extra`` as JSON.
+
+        Args:
+            finding: the finding.
+
+        Raises:
+            StepOrderError: its step comes before the last finding's.
+        """
+        row = _finding_row(finding, self._fields[FINDINGS_TABLE])
+        self._add_row(FINDINGS_TABLE, int(finding.step), row, strict=False)
+
+    def record_checkpoint(self, step: int, source: str) -> None:
+        """Record that ``step`` was computed from checkpoint ``source``.
+
+        Args:
+            step: the step (after the last recorded one).
+            source: the checkpoint's path or name.
+        """
+        self._add_row(CHECKPOINTS_TABLE, int(step), {"path": source}, strict=True)
+
+    def last_step(self, name: str) -> int | None:
+        """Last step appended to metric ``name`` (committed or buffered), or None.
+
+        Args:
+            name: the metric.
+
+        Returns:
+            The step, or None when the metric has no rows or is not declared.
+        """
+        return self._last.get(f"{METRICS_GROUP}/{name}")
+
+    def _add_row(self, path: str, step: int, values: Mapping[str, Any], strict: bool) -> None:
+        self._check_open()
+        specs = self._fields[path]
+        last = self._last[path]
+        if last is not None and (step <= last if strict else step < last):
+            raise StepOrderError(
+                f"{path}: step {step} does not come after the last step {last} "
+                f"(to restart from a checkpoint, reopen with truncate_from={step})"
+            )
+        missing = [n for n in specs if n not in values and n != "step"]
+        extra = [n for n in values if n not in specs and n != "step"]
+        if missing or extra:
+            raise ValueError(
+                f"{path}: row fields do not match the declaration"
+                + (f"; missing {', '.join(missing)}" if missing else "")
+                + (f"; unknown {', '.join(extra)}" if extra else "")
+            )
+        row = {n: _encode(values[n], spec) for n, spec in specs.items()}
+        pending = self._pending.setdefault(path, _Pending(cols={n: [] for n in specs}))
+        pending.steps.append(step)
+        for n, arr in row.items():
+            pending.cols[n].append(arr)
+        self._last[path] = step
+        self._n_pending += 1
+        self._flush_if_due()
+
+    def _flush_if_due(self) -> None:
+        """Flush after ``flush_every`` buffered rows and points or ``flush_seconds``."""
+        if (
+            self._n_pending >= self.flush_every
+            or time.monotonic() - self._last_flush >= self.flush_seconds
+        ):
+            self.flush()
+
+    def _flush_pending(self) -> None:
+        for path, pending in self._pending.items():
+            if not pending.steps:
+                continue
+            cols = {n: np.stack(v) for n, v in pending.cols.items()}
+            self._backend.append_rows(path, np.asarray(pending.steps, np.int64), cols)
+        self._pending.clear()
+        for name, points in self._pending_points.items():
+            self._backend.write_surface(name, points)
+        self._pending_points.clear()
+        self._n_pending = 0
+
+    # -- surfaces
+
+    def create_surface(
+        self,
+        name: str,
+        x: Sequence[float],
+        y: Sequence[float] | None = None,
+        *,
+        fields: Sequence[str] = ("loss",),
+        attrs: Mapping | None = None,
+        arrays: Mapping[str, np.ndarray] | None = None,
+    ) -> SurfaceData:
+        """Create ``/surfaces/<name>`` (all points not yet computed) or resume it.
+
+        Args:
+            name: the surface's name.
+            x: the grid along the first direction.
+            y: the grid along the second direction (None for a 1-D surface).
+            fields: the value grids to store.
+            attrs: JSON-able attributes (directions, normalization, seed, ...).
+            arrays: extra arrays (direction vectors, projected trajectory, ...).
+
+        Returns:
+            The stored surface; resuming, its ``done`` mask tells which points are
+            already computed.
+
+        Raises:
+            ValueError: an invalid name.
+            RunFileError: the surface exists with another grid or other fields.
+        """
+        self._check_open()
+        if not name or "/" in name:
+            raise ValueError(f"invalid surface name {name!r}")
+        xs = np.asarray(x, dtype=np.float64)
+        ys = None if y is None else np.asarray(y, dtype=np.float64)
+        shape = (len(xs),) if ys is None else (len(ys), len(xs))
+        if name in self._backend.surface_names():
+            existing = self._backend.read_surface(name)
+            same = (
+                existing.x.shape == xs.shape
+                and np.allclose(existing.x, xs)
+                and (existing.y is None) == (ys is None)
+                and (ys is None or (existing.y.shape == ys.shape and np.allclose(existing.y, ys)))
+                and list(existing.values) == list(fields)
+            )
+            if not same:
+                raise RunFileError(
+                    f"surface {name!r} already exists in the run with a different grid or fields; "
+                    "choose another name"
+                )
+            return existing
+        data = SurfaceData(
+            name=name,
+            x=xs,
+            y=ys,
+            values={f: np.full(shape, np.nan) for f in fields},
+            done=np.zeros(shape, dtype=bool),
+            attrs=dict(attrs or {}),
+            arrays={k: np.asarray(v) for k, v in (arrays or {}).items()},
+        )
+        self._flush_pending()
+        self._backend.create_surface(data)
+        self._backend.flush()
+        return self._backend.read_surface(name)
+
+    def write_surface(
+        self, name: str, index: int | tuple[int, ...], values: Mapping[str, float]
+    ) -> None:
+        """Store the values at one grid point.
+
+        Buffered like rows: written on the next flush (``flush_every`` rows and points,
+        ``flush_seconds``, :meth:`flush`, :meth:`close`), each row's points in one write;
+        a point not yet written when the process dies is recomputed on resume.
+
+        Args:
+            name: a created surface.
+            index: ``i`` for a 1-D surface, ``(j, i)`` for a 2-D one.
+            values: field values at the point; a field left out stays NaN.
+
+        Raises:
+            KeyError: no surface ``name``.
+        """
+        self._check_open()
+        idx = tuple(int(i) for i in index) if isinstance(index, tuple) else (int(index),)
+        if name not in self._known_surfaces:
+            if name not in self._backend.surface_names():
+                raise KeyError(f"no surface {name!r} (create_surface first)")
+            self._known_surfaces.add(name)
+        self._pending_points.setdefault(name, []).append(
+            (idx, {k: float(v) for k, v in values.items()})
+        )
+        self._n_pending += 1
+        self._flush_if_due()
+
+    # -- lifecycle
+
+    def flush(self) -> None:
+        """Write buffered rows and make them visible to readers.
+
+        Raises:
+            RunFileError: the writer is closed.
+        """
+        self._check_open()
+        self._flush_pending()
+        self._backend.flush()
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        """Write buffered rows and close the file; closing twice is harmless."""
+        if self._closed:
+            return
+        try:
+            self._flush_pending()
+            self._backend.flush()
+        finally:
+            if isinstance(self._backend, H5Backend):
+                self._backend.close()
+            self._closed = True
+
+    def run(self) -> Run:
+        """A read-only :class:`Run` view of what was written so far (flushes first).
+
+        Returns:
+            The run; for a closed file writer, the file opened anew.
+        """
+        if self._closed:
+            if self.path is None:
+                return Run(self._backend)
+            return Run.open(self.path)
+        self.flush()
+        return Run(self._backend)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RunFileError(f"{self.description}: the run writer is closed")
+
+    @property
+    def description(self) -> str:
+        """What the run is written to: the file path or ``<memory>``."""
+        return self._backend.description
+
+    def __enter__(self) -> RunWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # a writer dropped without close() still saves its rows
+        with contextlib.suppress(Exception):
+            self.close()

@@ -1,0 +1,102 @@
+"""Buffering, resume, restart from a checkpoint, write modes and surface resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from landscape import RunFileError, StepOrderError
+from landscape.findings import Finding
+from landscape.store import Run, RunWriter
+
+
+def test_buffered_rows_are_written_on_close_and_on_exception(tmp_path):
+    path = tmp_path / "run.h5"
+    with pytest.raises(RuntimeError):
+        with RunWriter(path, flush_every=10_000, flush_seconds=1e9) as w:
+            w.declare("a", {"v": None})
+            for i in range(7):
+                w.append("a", i, {"v": float(i)})
+            raise RuntimeError("training crashed")
+    with Run.open(path) as run:
+        assert list(run.steps("a")) == list(range(7))
+
+
+def test_resume_appends_after_the_last_committed_step(tmp_path):
+    path = tmp_path / "run.h5"
+    with RunWriter(path) as w:
+        w.declare("a", {"v": None})
+        for i in range(5):
+            w.append("a", i, {"v": float(i)})
+    with RunWriter(path) as w:
+        assert w.last_step("a") == 4
+        with pytest.raises(StepOrderError, match="truncate_from=2"):
+            w.append("a", 2, {"v": 0.0})
+        w.declare("a", {"v": None})
+        w.append("a", 5, {"v": 5.0})
+    with Run.open(path) as run:
+        assert list(run.steps("a")) == [0, 1, 2, 3, 4, 5]
+
+
+def test_truncate_from_restarts_at_a_checkpoint(tmp_path):
+    path = tmp_path / "run.h5"
+    with RunWriter(path) as w:
+        w.declare("a", {"v": None})
+        for i in range(10):
+            w.append("a", i, {"v": float(i)})
+            w.add_finding(Finding(i, "r", "info", "a/v", float(i), 0.0, "m"))
+    with RunWriter(path, truncate_from=6) as w:
+        assert w.last_step("a") == 5
+        w.append("a", 6, {"v": 60.0})
+    with Run.open(path) as run:
+        steps, values = run.series("a", "v")
+        assert list(steps) == [0, 1, 2, 3, 4, 5, 6] and values[-1] == 60.0
+        assert [f.step for f in run.findings()] == [0, 1, 2, 3, 4, 5]
+
+
+def test_mode_w_overwrites_and_mode_x_refuses(tmp_path):
+    path = tmp_path / "run.h5"
+    with RunWriter(path) as w:
+        w.declare("a", {"v": None})
+        w.append("a", 0, {"v": 1.0})
+    with pytest.raises(RunFileError, match="already exists"):
+        RunWriter(path, mode="x")
+    with RunWriter(path, mode="w") as w:
+        assert w.run().metrics() == []
+
+
+def test_surface_resume_keeps_computed_points_and_rejects_a_different_grid(tmp_path):
+    path = tmp_path / "run.h5"
+    with RunWriter(path) as w:
+        w.create_surface("line", np.linspace(-1, 1, 5))
+        w.write_surface("line", 0, {"loss": 1.0})
+        w.write_surface("line", 3, {"loss": float("nan")})  # a diverged point is still "done"
+    with RunWriter(path) as w:
+        surf = w.create_surface("line", np.linspace(-1, 1, 5))
+        assert list(surf.done) == [True, False, False, True, False]
+        with pytest.raises(RunFileError, match="different grid"):
+            w.create_surface("line", np.linspace(-1, 1, 7))
+
+
+@pytest.mark.parametrize("backend", ["hdf5", "memory"])
+def test_surface_points_are_buffered_and_written_row_by_row(tmp_path, backend):
+    w = RunWriter(tmp_path / "run.h5", flush_seconds=3600) if backend == "hdf5" \
+        else RunWriter.memory(flush_seconds=3600)
+    w.create_surface("plane", np.arange(6.0), np.arange(3.0), fields=("loss", "accuracy"))
+    points = {(0, 1): 1.5, (0, 4): 4.5, (2, 0): 20.0, (2, 5): 25.0, (1, 3): 13.0}
+    for (j, i), v in points.items():
+        w.write_surface("plane", (j, i), {"loss": v, "accuracy": v / 100})
+    w.write_surface("plane", (1, 0), {"loss": 10.0})  # a field left out stays NaN
+    if backend == "hdf5":  # nothing reaches the file before a flush
+        assert not Run.open(tmp_path / "run.h5").surface("plane").done.any()
+    surf = w.run().surface("plane")  # run() flushes
+    assert surf.done.sum() == 6
+    for (j, i), v in points.items():
+        assert surf.done[j, i] and surf.values["loss"][j, i] == v
+        assert surf.values["accuracy"][j, i] == pytest.approx(v / 100)
+    # the points between written ones in a row's span are untouched
+    assert not surf.done[0, 2] and np.isnan(surf.values["loss"][0, 2])
+    assert surf.done[1, 0] and np.isnan(surf.values["accuracy"][1, 0])
+    with pytest.raises(KeyError, match="create_surface"):
+        w.write_surface("nope", 0, {"loss": 1.0})
+    w.close()

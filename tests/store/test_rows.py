@@ -1,0 +1,84 @@
+"""The run store's tables: round trips, step order, declarations, strings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from landscape import RunFileError, StepOrderError
+from landscape.findings import Finding
+from landscape.store import FORMAT_VERSION
+
+
+def test_round_trip_of_metrics_findings_checkpoints_and_surfaces(writer_factory):
+    w = writer_factory(config={"lr": 0.1, "note": "x"})
+    w.declare(
+        "loss", {"value": None, "hist": (3,)}, cls="Loss", params={"k": 2}, schedule="every(1)"
+    )
+    for step in range(0, 20, 2):
+        w.append("loss", step, {"value": step / 2, "hist": np.arange(3) * step})
+    w.add_finding(
+        Finding(4, "loss_spike", "warning", "loss/value", 9.0, 3.0, "loss jumped", "lower lr")
+    )
+    w.add_finding(Finding(4, "nonfinite", "error", "loss/value", float("nan"), 0.0, "nan loss"))
+    w.record_checkpoint(10, "ckpt/epoch10.pt")
+    w.create_surface("plane", [-1, 0, 1], [-1, 1], fields=("loss", "accuracy"), attrs={"seed": 3})
+    w.write_surface("plane", (1, 2), {"loss": 0.25, "accuracy": 0.75})
+    run = w.run()
+    steps, values = run.series("loss", "value")
+    np.testing.assert_array_equal(steps, np.arange(0, 20, 2))
+    np.testing.assert_allclose(values, steps / 2)
+    _, hist = run.series("loss", "hist")
+    assert hist.shape == (10, 3)
+    np.testing.assert_allclose(hist[3], [0, 6, 12])
+    assert run.config == {"lr": 0.1, "note": "x"}
+    assert run.metric_attrs("loss")["params"] == {"k": 2}
+    assert run.metric_attrs("loss")["schedule"] == "every(1)"
+    findings = run.findings()
+    assert [f.rule for f in findings] == ["loss_spike", "nonfinite"]
+    assert findings[0].hint == "lower lr" and np.isnan(findings[1].value)
+    assert run.checkpoints() == [(10, "ckpt/epoch10.pt")]
+    surf = run.surface("plane")
+    assert surf.shape == (2, 3) and surf.done.sum() == 1 and surf.done[1, 2]
+    assert surf.values["loss"][1, 2] == 0.25 and np.isnan(surf.values["loss"][0, 0])
+    assert surf.attrs == {"seed": 3}
+    assert run.format_version == FORMAT_VERSION
+    w.close()
+
+
+def test_steps_must_increase_per_metric(writer_factory):
+    w = writer_factory()
+    w.declare("a", {"v": None})
+    w.declare("b", {"v": None})
+    w.append("a", 3, {"v": 1.0})
+    w.append("b", 3, {"v": 1.0})  # other metrics keep their own order
+    with pytest.raises(StepOrderError, match="step 3 does not come after the last step 3"):
+        w.append("a", 3, {"v": 1.0})
+    with pytest.raises(StepOrderError):
+        w.append("a", 1, {"v": 1.0})
+    w.close()
+
+
+def test_rows_must_match_the_declaration(writer_factory):
+    w = writer_factory()
+    w.declare("a", {"v": None, "w": (2,)})
+    with pytest.raises(ValueError, match="missing w"):
+        w.append("a", 0, {"v": 1.0})
+    with pytest.raises(ValueError, match="unknown z"):
+        w.append("a", 0, {"v": 1.0, "w": [1, 2], "z": 3})
+    with pytest.raises(ValueError, match="does not fit"):
+        w.append("a", 0, {"v": 1.0, "w": [1, 2, 3]})
+    with pytest.raises(KeyError, match="not declared"):
+        w.append("nope", 0, {"v": 1.0})
+    w.declare("a", {"v": None, "w": (2,)})  # same declaration: fine
+    with pytest.raises(RunFileError, match="already in the run"):
+        w.declare("a", {"v": None})
+    w.close()
+
+
+def test_long_strings_are_cut_not_rejected(writer_factory):
+    w = writer_factory()
+    w.add_finding(Finding(0, "r", "info", "m", 1.0, 1.0, "é" * 600))
+    msg = w.run().findings()[0].message
+    assert msg.endswith("...") and len(msg.encode()) <= 512
+    w.close()
