@@ -24,7 +24,7 @@ from landscape.monitor import Monitor
 
 __all__ = ["ANALYZE_METRICS", "analyze", "check_loss", "discard_if_empty", "order_checkpoints"]
 
-ANALYZE_METRICS = ("hessian", "sharpness", "hessian_trace", "spectral_density", "collapse",
+ANALYZE_METRICS = ("top_eigenvalues", "sharpness", "hessian_trace", "spectral_density", "collapse",
                    "representation")
 
 
@@ -234,8 +234,9 @@ def analyze(
     loaded = order_checkpoints([load_checkpoint(c, trust=trust) for c in checkpoints])
     chosen = []
     for name in metrics:
-        chosen.append(create(name, k=k, schedule=1) if name == "hessian"
-                      else create(name, schedule=1))
+        metric = create(name, schedule=1)  # an old name warns and gives the renamed metric
+        chosen.append(create(metric.name, k=k, schedule=1)
+                      if metric.name == "top_eigenvalues" else metric)
     opt = _optimizer(net, optimizer)
     net.eval()
     monitor = Monitor(net, loss_fn, None if path is None else str(path), optimizer=opt,
