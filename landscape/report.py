@@ -7,8 +7,8 @@ so the file can be mailed, archived or opened offline. Sections:
 * a summary: where the run comes from, its metric groups (fields, rows, step range,
   schedule) and surfaces;
 * the findings table (step, rule, severity, metric, value, threshold, message, hint):
-  the findings stored in the file plus, when :mod:`landscape.alarms` is available, the
-  findings its rules recompute on the whole run (see :func:`collect_findings`);
+  the findings stored in the file plus those the rules of :mod:`landscape.alarms`
+  recompute on the whole run (see :func:`collect_findings`);
 * one timeline figure per metric (:mod:`landscape.plotting.timelines`);
 * one figure per surface when the surface plots (:mod:`landscape.plotting.surfaces`) are
   installed;
@@ -31,12 +31,12 @@ from typing import Any, Iterable, Sequence
 
 from landscape._errors import LandscapeError
 from landscape._version import __version__
+from landscape.alarms import check as _check_alarms
 from landscape.findings import SEVERITIES, Finding, severity_rank
 from landscape.plotting.timelines import figure_png, timelines
 from landscape.store import Run, SurfaceData
 
 _SURFACES_MODULE = "landscape.plotting.surfaces"
-_ALARMS_MODULE = "landscape.alarms"
 
 # --------------------------------------------------------------------------- findings
 
@@ -52,8 +52,20 @@ def _optional_module(name: str) -> ModuleType | None:
 
 
 def alarms_available() -> bool:
-    """Whether the offline alarm rules (:mod:`landscape.alarms`) are installed."""
-    return _optional_module(_ALARMS_MODULE) is not None
+    """Deprecated: always True, the alarm rules (:mod:`landscape.alarms`) are part of landscape.
+
+    Returns:
+        True.
+    """
+    import warnings
+
+    warnings.warn(
+        "landscape.report.alarms_available() is deprecated: landscape.alarms is always "
+        "installed",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return True
 
 
 def collect_findings(
@@ -65,14 +77,12 @@ def collect_findings(
     A finding is identified by ``(step, rule, metric)``: a recomputed finding that the
     file already holds is dropped (the stored one, written online, is kept). The metric is
     part of the key because one rule may fire on several sources at one step (the
-    non-finite rule on the ``nonfinite`` flags and on the loss itself). When the alarm
-    rules are not installed, ``recompute`` has no effect (see :func:`alarms_available`).
+    non-finite rule on the ``nonfinite`` flags and on the loss itself).
     The result is ordered by step, then by decreasing severity, then by rule.
     """
     found = list(run.findings())
-    alarms = _optional_module(_ALARMS_MODULE) if recompute else None
-    if alarms is not None:
-        found.extend(alarms.check(run, rules=rules))
+    if recompute:
+        found.extend(_check_alarms(run, rules=rules))
     unique: dict[tuple[int, str, str], Finding] = {}
     for f in found:
         unique.setdefault((int(f.step), f.rule, f.metric), f)

@@ -14,7 +14,6 @@ from landscape_cli.app import cli, verbose_option
 
 from landscape.findings import SEVERITIES, Finding
 from landscape.report import (
-    alarms_available,
     at_or_above,
     collect_findings,
     count_by_severity,
@@ -82,8 +81,6 @@ def check(run_path: str, fail_on: str, recompute: bool, as_json: bool, quiet: bo
     --recompute, those the alarm rules find on the whole run; a finding is reported
     once per (step, rule, metric).
     """
-    if recompute and not alarms_available() and not as_json and not quiet:
-        click.echo("note: the alarm rules are not installed; showing stored findings", err=True)
     with Run.open(run_path) as run:
         found = collect_findings(run, recompute=recompute)
         source = run.source

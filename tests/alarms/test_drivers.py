@@ -336,3 +336,10 @@ def test_a_rule_returning_garbage_is_a_type_error():
 
     with pytest.raises(TypeError, match="expected a Trigger, None or SKIP"):
         OnlineAlarms([Broken()]).observe("loss", 0, {"value": 1.0})
+
+
+def test_the_report_always_has_the_alarm_rules():
+    from landscape.report import alarms_available
+
+    with pytest.warns(DeprecationWarning, match="always installed"):
+        assert alarms_available() is True
