@@ -1,28 +1,111 @@
 """Probe data for the curvature operators: one batch or a fixed list of batches.
 
-A loader's curvature is the size-weighted mean of the per-batch curvatures (METRICS.md G4,
-as PyHessian's ``dataloader_hv_product``): with mean-reduced per-batch losses
-``L_b`` over ``n_b`` samples, ``L = sum_b (n_b / N) L_b``. The batches are read once and
-kept, so every matvec of a Krylov run sees exactly the same data (a shuffling loader
-would otherwise change the operator between iterations).
+A loader's curvature is the size-weighted mean of the per-batch curvatures
+(docs/curvature.md, "Operators"; as PyHessian's ``dataloader_hv_product``): with
+mean-reduced per-batch losses ``L_b`` over ``n_b`` samples, ``L = sum_b (n_b / N) L_b``.
+The batches are read once and kept, so every matvec of a Krylov run sees exactly the same
+data (a shuffling loader would otherwise change the operator between iterations).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
+from torch import nn
 
 from landscape.batches import leading_size, split, to_device
 
 __all__ = [
-    "BatchSize", "batch_sizes", "is_single_batch", "leading_size", "materialize", "microbatches",
-    "to_device",
+    "BatchSize", "ProbeData", "batch_sizes", "check_microbatching", "is_single_batch",
+    "leading_size", "materialize", "microbatches", "probe_data", "to_device",
 ]
 
 BatchSize = Callable[[Any], "int | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeData:
+    """The batches an operator evaluates, read once and kept.
+
+    Attributes:
+        batches: the batches (micro-batches when ``microbatch_size`` is set).
+        weights: the weight ``n_b / N`` of each.
+        rank_size: this rank's data size ``N_r`` of the batches as given (before any cut);
+            the number of batches when a size is unknown.
+        microbatch_size: the micro-batch size, or ``None``.
+    """
+
+    batches: tuple[Any, ...]
+    weights: tuple[float, ...]
+    rank_size: float
+    microbatch_size: int | None = None
+
+
+def probe_data(
+    data: Any,
+    *,
+    closure_mode: bool,
+    max_batches: int | None,
+    single_batch: bool | None,
+    batch_size: BatchSize | None,
+    microbatch_size: int | None,
+) -> ProbeData:
+    """Read the probe data: :func:`materialize`, then :func:`microbatches` when asked.
+
+    Args:
+        data: one batch or an iterable of batches.
+        closure_mode: batches go to a closure (or a ``forward``), not to ``loss_fn``.
+        max_batches: keep the first ones only.
+        single_batch: ``data`` is one batch (``None``: :func:`is_single_batch` guesses).
+        batch_size: ``batch_size(batch) -> int | None``, by default the leading dimension.
+        microbatch_size: cut every batch into micro-batches of at most this many samples.
+
+    Returns:
+        The batches, their weights and this rank's data size.
+
+    Raises:
+        ValueError: no data, an empty iterable, malformed batches, or bad sizes.
+    """
+    batches, weights, rank_size = materialize(
+        data, closure_mode=closure_mode, max_batches=max_batches, single_batch=single_batch,
+        batch_size=batch_size,
+    )
+    if microbatch_size is not None:
+        batches, weights = microbatches(
+            batches, weights, int(microbatch_size), closure_mode=closure_mode,
+            batch_size=batch_size,
+        )
+    return ProbeData(tuple(batches), tuple(weights), rank_size, microbatch_size)
+
+
+def check_microbatching(model: nn.Module, eval_mode: bool) -> None:
+    """Refuse micro-batches where they would change the operator.
+
+    Micro-batches change what a layer normalising by batch statistics computes: any
+    BatchNorm in train mode, and one without running statistics in eval mode too.
+
+    Args:
+        model: the model.
+        eval_mode: whether the operator evaluates in eval mode.
+
+    Raises:
+        ValueError: the model has such a layer.
+    """
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        if not eval_mode or module.running_mean is None:
+            when = ("with eval_mode=False" if not eval_mode
+                    else "(it has no running statistics)")
+            raise ValueError(
+                f"microbatch_size: {name or 'the model'} ({type(module).__name__}) "
+                f"{when} would normalise each micro-batch by its own statistics, a "
+                "different operator; use running statistics or no micro-batches"
+            )
 
 
 def is_single_batch(data: Any, closure_mode: bool) -> bool:
@@ -33,6 +116,13 @@ def is_single_batch(data: Any, closure_mode: bool) -> bool:
     ``(inputs, targets)`` batch. With a closure: a tensor, a mapping or a tuple is
     one batch; lists, loaders and other iterables are batches. Pass ``single_batch=`` to
     the operator to override.
+
+    Args:
+        data: what was passed as ``data``.
+        closure_mode: batches go to a closure (or a ``forward``), not to ``loss_fn``.
+
+    Returns:
+        True for one batch.
     """
     if closure_mode:
         return isinstance(data, (torch.Tensor, Mapping, tuple))
@@ -58,8 +148,23 @@ def materialize(
     single_batch: bool | None,
     batch_size: BatchSize | None,
 ) -> tuple[list[Any], list[float], float]:
-    """The batches as a list, their weights ``n_b / N`` (equal if a size is unknown) and
-    their total size ``N`` (the number of batches if a size is unknown)."""
+    """The batches as a list, their weights and their total size.
+
+    Args:
+        data: one batch or an iterable of batches.
+        closure_mode: batches go to a closure (or a ``forward``), not to ``loss_fn``.
+        max_batches: keep the first ones only.
+        single_batch: ``data`` is one batch (``None``: :func:`is_single_batch` guesses).
+        batch_size: ``batch_size(batch) -> int | None``, by default the leading dimension.
+
+    Returns:
+        ``(batches, weights, total)``: the weights ``n_b / N`` (equal if a size is unknown)
+        and the total size ``N`` (the number of batches if a size is unknown).
+
+    Raises:
+        ValueError: no data, an empty iterable, or a batch that is not an
+            ``(inputs, targets)`` pair with ``loss_fn``.
+    """
     if data is None:
         raise ValueError("data: no probe data given (a batch or an iterable of batches)")
     if max_batches is not None and max_batches < 1:
@@ -90,8 +195,17 @@ def materialize(
 def batch_sizes(
     batches: list[Any], closure_mode: bool, batch_size: BatchSize | None
 ) -> list[float] | None:
-    """``batch_size(b)`` of every batch, by default the leading dimension of the inputs
-    (``loss_fn``) or of the batch (closure); ``None`` when any size is unknown."""
+    """The size of every batch.
+
+    Args:
+        batches: the batches.
+        closure_mode: batches go to a closure (size of the batch) or to ``loss_fn`` (size of
+            the inputs).
+        batch_size: ``batch_size(b) -> int | None``, by default the leading dimension.
+
+    Returns:
+        The sizes as floats, or ``None`` when any size is unknown (or not positive).
+    """
     sizer = batch_size or (lambda b: leading_size(b if closure_mode else b[0]))
     sizes = [sizer(b) for b in batches]
     if any(s is None or s <= 0 for s in sizes):
@@ -115,6 +229,21 @@ def microbatches(
     weighting holds too. The share is measured by ``batch_size`` when it is additive over
     the pieces (a token count: the pieces' sizes sum to the batch's), else by the leading
     dimension (a sizer that returns ``None`` or a constant says nothing about the pieces).
+
+    Args:
+        batches: the batches.
+        weights: their weights.
+        size: the largest micro-batch, in samples.
+        closure_mode: batches go to a closure (cut whole) or are ``(inputs, targets)``
+            pairs (targets cut where the inputs are).
+        batch_size: the operator's sizer, used for the shares when additive.
+
+    Returns:
+        ``(micro_batches, weights)``.
+
+    Raises:
+        ValueError: ``size < 1``, inputs without a batch dimension, or targets whose
+            leading dimension differs from the inputs'.
     """
     if size < 1:
         raise ValueError(f"microbatch_size must be >= 1, got {size}")

@@ -6,7 +6,8 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from landscape.curvature.operator import GGN, Hessian
+from landscape.curvature.ggn import GGN
+from landscape.curvature.hessian import Hessian
 from landscape.curvature.spectrum import EigenResult, top_eigenvalues
 from landscape.params import ParamSpec, group_named_parameters, trainable_named_parameters
 

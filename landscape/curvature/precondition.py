@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-from landscape.curvature.operator import CurvatureOperator
+from landscape.curvature.base import CurvatureOperator
 from landscape.params import Vector
 
 __all__ = ["PreconditionedOperator", "preconditioned"]
@@ -46,8 +46,9 @@ class PreconditionedOperator(CurvatureOperator):
         self.dead_fraction = dead_fraction
 
     @property
-    def params(self) -> Vector:
-        return self.base.params
+    def parameters(self) -> Vector:
+        """The base operator's current parameter values."""
+        return self.base.parameters
 
     def loss(self) -> torch.Tensor:
         return self.base.loss()

@@ -21,8 +21,8 @@ from typing import Any, Sequence
 
 import torch
 
+from landscape.curvature.base import CurvatureOperator
 from landscape.curvature.lanczos import krylov_basis, krylov_eigsh, lanczos_tridiagonal
-from landscape.curvature.operator import CurvatureOperator
 from landscape.params import Vector, flatten, unflatten
 
 __all__ = [

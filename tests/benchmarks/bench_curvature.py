@@ -267,7 +267,7 @@ def eig_problem(problem: tuple, counter: PyHessianCounter, reps: int,
 
     # one HVP, both implementations, on the cached gradient graph
     op = Hessian(copy.deepcopy(model), loss_fn, batch)
-    vec = op._check(tuple(torch.randn_like(p) for p in op.params), "v")
+    vec = op._check(tuple(torch.randn_like(p) for p in op.parameters), "v")
     op.matvec(vec)
     ph = counter.make(copy.deepcopy(model), loss_fn, batch)
     from pyhessian.utils import hessian_vector_product as ph_hvp

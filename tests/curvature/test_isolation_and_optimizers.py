@@ -79,7 +79,7 @@ def test_model_is_untouched_transformer_and_eval_mode_false_is_deterministic():
     batch = models.token_data(n=2, seq=5, vocab=5)
     before = _snapshot(model)
     op = Hessian(model, data=batch, closure=models.lm_loss, eval_mode=False)
-    v = op.params
+    v = op.parameters
     a, b = op.matvec(v), op.matvec(v)  # the same dropout masks for every product
     assert all(torch.equal(s, t) for s, t in zip(a, b))
     top_eigenvalues(op, k=1, max_iter=10)
@@ -93,7 +93,7 @@ def test_torch_no_grad_caller_is_fine():
     x, y = models.classification_data()
     op = Hessian(model, F.cross_entropy, (x.double(), y))
     with torch.no_grad():
-        out = op.matvec(op.params)
+        out = op.matvec(op.parameters)
         g = op.gradient()
     assert all(not t.requires_grad for t in (*out, *g))
 

@@ -18,7 +18,7 @@ BACKENDS = ["func", "autograd", "auto"]
 def _rand(op, n, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [
-        unflatten(torch.randn(op.dim, generator=g, dtype=op.dtype), op.params) for _ in range(n)
+        unflatten(torch.randn(op.dim, generator=g, dtype=op.dtype), op.parameters) for _ in range(n)
     ]
 
 
@@ -286,13 +286,13 @@ def test_auto_backend_falls_back_to_double_backward():
     g = torch.Generator().manual_seed(0)
     batch = (torch.randn(5, 4, generator=g, dtype=torch.float64), torch.tensor([0, 1, 0, 1, 1]))
     op = Hessian(model, F.cross_entropy, batch)
-    out = op.matmat([op.params, op.params])
+    out = op.matmat([op.parameters, op.parameters])
     assert op.backend_used == "autograd" and op.n_matvec == 2
-    ref = Hessian(model, F.cross_entropy, batch, backend="autograd").matvec(op.params)
+    ref = Hessian(model, F.cross_entropy, batch, backend="autograd").matvec(op.parameters)
     assert torch.allclose(flatten(out[1]), flatten(ref))
     assert op.gradient() is not None
     with pytest.raises(RuntimeError):
-        Hessian(model, F.cross_entropy, batch, backend="func").matvec(op.params)
+        Hessian(model, F.cross_entropy, batch, backend="func").matvec(op.parameters)
 
 
 def test_bad_arguments():
@@ -467,7 +467,7 @@ def test_microbatch_weights_follow_samples_whatever_the_sizer(sizer):
     w0, w1 = whole.batch_weights
     assert op.batch_weights == pytest.approx(
         (w0 * 2 / 3, w0 / 3, w1 * 2 / 5, w1 * 2 / 5, w1 / 5))
-    assert op._rank_weight() == whole._rank_weight()  # N_r of the data, not of the pieces
+    assert op._reduce.rank_size == whole._reduce.rank_size  # N_r of the data, not of the pieces
     v = _rand(op, 1)[0]
     assert torch.allclose(flatten(op.matvec(v)), flatten(whole.matvec(v)), rtol=1e-9,
                           atol=1e-12)

@@ -1,0 +1,382 @@
+"""The machinery shared by the model operators :class:`Hessian` and :class:`GGN`.
+
+:class:`ModelOperator` holds everything that is not the curvature product itself: the
+shared options (:class:`OperatorOptions`), the probe data and its loop
+(:mod:`landscape.curvature._batches`), the evaluation context
+(:mod:`landscape.curvature._evaluation`), the choice between ``torch.func`` and autograd
+(:mod:`landscape.curvature._backend`), the data-parallel reduction
+(:mod:`landscape.curvature._reduction`), the cached loss and gradient, and :meth:`subset`.
+A subclass writes the product hooks only: ``_func_product`` (one product on one batch by
+``torch.func``, vmappable) and ``_autograd_product`` (the same by autograd).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Callable, ContextManager, Sequence, TypeVar
+
+import torch
+from torch import nn
+from torch.func import grad_and_value, vmap
+
+from landscape import distributed as _dist
+from landscape.curvature._backend import Backend
+from landscape.curvature._batches import (
+    BatchSize,
+    ProbeData,
+    check_microbatching,
+    probe_data,
+    to_device,
+)
+from landscape.curvature._evaluation import detach_tree, evaluation, scalar_loss, zeros_for_none
+from landscape.curvature._reduction import RankReduction
+from landscape.curvature.base import CurvatureOperator
+from landscape.isolation import stateless_call, stateless_closure
+from landscape.params import ParamSpec, Vector, select_named_parameters
+
+__all__ = ["Closure", "Forward", "LossFn", "ModelOperator", "OperatorOptions"]
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+Closure = Callable[[nn.Module, Any], torch.Tensor]
+Forward = Callable[[nn.Module, Any], "tuple[Any, Any]"]
+Op = TypeVar("Op", bound="ModelOperator")
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class OperatorOptions:
+    """The keyword options every model operator takes (docs/curvature.md, "Operators").
+
+    Attributes:
+        params: which parameters (names, globs, modules; see
+            :func:`landscape.params.select_named_parameters`); ``None`` for all trainable
+            ones. A subset gives the diagonal block of the full operator.
+        eval_mode: evaluate in eval mode (BatchNorm running statistics, dropout off).
+        max_batches: keep the first ``max_batches`` batches of an iterable.
+        backend: ``"auto"``, ``"func"`` or ``"autograd"`` (:mod:`landscape.curvature._backend`).
+        batch_size: ``batch_size(batch) -> int | None``, a batch's weight (e.g. a token
+            count); by default the leading dimension of the inputs (``loss_fn``) or of the
+            batch (closure).
+        single_batch: ``data`` is one batch; ``None`` guesses from its structure.
+        seed: the noise of stochastic layers when ``eval_mode=False``.
+        distributed: all-reduce over a ``torch.distributed`` group (``None``: when one of
+            several ranks is initialized, outside :func:`landscape.distributed.local`); on an
+            operator, the decision taken when it was built.
+        microbatch_size: cut every batch into micro-batches of at most this many samples.
+    """
+
+    params: ParamSpec = None
+    eval_mode: bool = True
+    max_batches: int | None = None
+    backend: str = "auto"
+    batch_size: BatchSize | None = None
+    single_batch: bool | None = None
+    seed: int = 0
+    distributed: bool | None = None
+    microbatch_size: int | None = None
+
+    @classmethod
+    def from_kwargs(cls, owner: str, kwargs: dict[str, Any]) -> OperatorOptions:
+        """The options from an operator's keyword arguments.
+
+        Args:
+            owner: the operator's class name, for the error message.
+            kwargs: the keyword arguments.
+
+        Returns:
+            The options.
+
+        Raises:
+            TypeError: an argument that is no option.
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        for name in kwargs:
+            if name not in known:
+                raise TypeError(f"{owner}() got an unexpected keyword argument {name!r}")
+        return cls(**kwargs)
+
+
+class ModelOperator(CurvatureOperator):
+    """Common machinery of :class:`Hessian` and :class:`GGN`: data, isolation, backends.
+
+    Args:
+        model: the model (a ``DistributedDataParallel`` wrapper is evaluated through its
+            ``.module``, so its hooks never fire).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``, or ``None`` with ``closure``.
+        data: one batch or an iterable of batches.
+        closure: ``closure(model, batch) -> scalar loss``, instead of ``loss_fn``.
+        forward: ``forward(model, batch) -> (outputs, targets)``, instead of
+            ``(model(inputs), targets)``.
+        **options: the :class:`OperatorOptions`.
+
+    Raises:
+        ValueError: no trainable parameters selected, mixed dtypes, an unknown backend, bad
+            data, or micro-batches with a BatchNorm that normalises by batch statistics.
+        TypeError: an unknown keyword argument.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn | None,
+        data: Any,
+        *,
+        closure: Closure | None = None,
+        forward: Forward | None = None,
+        **options: Any,
+    ) -> None:
+        opts = OperatorOptions.from_kwargs(type(self).__name__, options)
+        backend = Backend(opts.backend)
+        self.model = _dist.unwrap(model)
+        self.loss_fn = loss_fn
+        self.closure = closure
+        self.forward = forward
+        self._bind(opts.params)
+        if opts.microbatch_size is not None:
+            check_microbatching(self.model, opts.eval_mode)
+        self._data: ProbeData = probe_data(
+            data, closure_mode=closure is not None or forward is not None,
+            max_batches=opts.max_batches, single_batch=opts.single_batch,
+            batch_size=opts.batch_size, microbatch_size=opts.microbatch_size,
+        )
+        # torch.distributed: decided once, here; subset() inherits the decision
+        self._reduce = RankReduction(_dist.enabled(opts.distributed), self._data.rank_size)
+        self.options = dataclasses.replace(opts, distributed=self._reduce.enabled)
+        self._backend = backend
+        self.refresh()
+
+    def _bind(self, params: ParamSpec) -> None:
+        """Select the parameters the operator acts on (sets names, shapes, dim, ...)."""
+        named = select_named_parameters(self.model, params)
+        if not named:
+            raise ValueError("params: the model has no trainable parameters")
+        dtypes = {p.dtype for p in named.values()}
+        if len(dtypes) != 1:
+            raise ValueError(f"params: selected parameters mix dtypes {sorted(map(str, dtypes))}")
+        first = next(iter(named.values()))
+        CurvatureOperator.__init__(
+            self, list(named), [p.shape for p in named.values()], first.dtype, first.device
+        )
+        self._param_objects = tuple(named.values())
+
+    def subset(self: Op, params: ParamSpec) -> Op:
+        """The same operator on another parameter block, sharing this one's data.
+
+        Args:
+            params: the parameter selection of the block.
+
+        Returns:
+            A new operator of the same kind: the diagonal block of the full operator for
+            ``params``, with its own product count and caches.
+
+        Raises:
+            ValueError: ``params`` selects no trainable parameter or mixes dtypes.
+        """
+        new = copy.copy(self)
+        new.options = dataclasses.replace(self.options, params=params)
+        new._bind(params)
+        new._backend = Backend(self.options.backend)
+        new._reduce = RankReduction(self._reduce.enabled, self._data.rank_size)
+        new.refresh()
+        return new
+
+    # -- public conveniences ---------------------------------------------------------------
+    @property
+    def parameters(self) -> Vector:
+        """The current values of the selected parameters, detached."""
+        return tuple(p.detach() for p in self._param_objects)
+
+    @property
+    def eval_mode(self) -> bool:
+        """Whether the model is evaluated in eval mode (:class:`OperatorOptions`)."""
+        return self.options.eval_mode
+
+    @property
+    def backend(self) -> str:
+        """The backend asked for (:class:`OperatorOptions`)."""
+        return self.options.backend
+
+    @property
+    def seed(self) -> int:
+        """The seed of stochastic layers when ``eval_mode=False``."""
+        return self.options.seed
+
+    @property
+    def microbatch_size(self) -> int | None:
+        """The micro-batch size, or ``None``."""
+        return self._data.microbatch_size
+
+    @property
+    def batch_weights(self) -> tuple[float, ...]:
+        """Weight ``n_b / N`` of every batch (equal when sizes are unknown)."""
+        return self._data.weights
+
+    @property
+    def backend_used(self) -> str | None:
+        """How evaluations ran so far: ``"func"``, ``"autograd"``, ``"auto"`` or ``None``.
+
+        ``"auto"``: single products by double backward, batched ones by ``torch.func``;
+        ``"autograd"`` under ``backend="auto"`` means ``torch.func`` failed on this model;
+        ``None`` before any evaluation.
+        """
+        return self._backend.used
+
+    def matmat(self, vs: Sequence[Sequence[torch.Tensor]]) -> list[Vector]:
+        """The products ``[A v for v in vs]``, batched by ``vmap`` where possible.
+
+        Distributed, this rank's products take whichever local path applies, then one
+        all-reduce of the stacked results in a fixed layout, so every rank issues the same
+        collectives.
+
+        Args:
+            vs: parameter-space vectors.
+
+        Returns:
+            One product per vector, in order.
+        """
+        if not self._reduce.enabled:
+            return super().matmat(vs)
+        with self._reduce.deferred():
+            outs = super().matmat(vs)
+        return self._reduce.products(outs, len(self.shapes))
+
+    def loss(self) -> torch.Tensor:
+        """The (size-weighted mean) loss at the current parameters; computed once and cached.
+
+        Returns:
+            A scalar tensor.
+        """
+        return self._loss_and_grad()[0]
+
+    def gradient(self) -> Vector:
+        """The gradient of the loss at the current parameters; computed once and cached.
+
+        Returns:
+            A parameter-space vector.
+        """
+        return self._loss_and_grad()[1]
+
+    def refresh(self) -> None:
+        """Forget the cached loss, gradient and gradient graph (after parameters changed)."""
+        self._cache: tuple[torch.Tensor, Vector] | None = None
+        self._graph: tuple[Any, ...] | None = None
+
+    # -- the product hooks: what a subclass writes ---------------------------------------
+    def _func_product(self, primal: Tensors, tangent: Tensors, batch: Any) -> Tensors:
+        """One product on one batch by ``torch.func`` (vmappable over ``tangent``)."""
+        raise NotImplementedError
+
+    def _autograd_product(self, tangent: Tensors, batch: Any) -> list[torch.Tensor]:
+        """One product on one batch by autograd, in parameter order."""
+        raise NotImplementedError
+
+    def _fast_matvec(self, v: Vector) -> Vector | None:
+        """A product that needs no evaluation context (a cached graph), or ``None``."""
+        return None
+
+    def _prefers_single_products(self) -> bool:
+        """Whether a batch of one vector should take :meth:`_matvec` rather than ``vmap``."""
+        return False
+
+    # -- evaluation ------------------------------------------------------------------------
+    def _context(self) -> ContextManager[None]:
+        return evaluation(self.model, eval_mode=self.options.eval_mode, seed=self.options.seed)
+
+    def _version_key(self) -> tuple[int, ...]:
+        """Version counters of the parameters and buffers: they change on in-place updates."""
+        tensors = [*self._param_objects, *self.model.buffers()]
+        return tuple(t._version for t in tensors)
+
+    def _current(self) -> Tensors:
+        return {n: p.detach() for n, p in zip(self.names, self._param_objects)}
+
+    def _leaves(self) -> Tensors:
+        return {n: t.detach().requires_grad_(True) for n, t in self._current().items()}
+
+    def _model_output(self, p: Tensors, batch: Any) -> tuple[Any, Any]:
+        """``(outputs, targets)`` with the parameters ``p`` substituted."""
+        if self.forward is None:
+            inputs, targets = batch
+            return stateless_call(self.model, p, inputs), targets
+        out, targets = stateless_closure(self.model, self.forward, p, batch)
+        return out, detach_tree(targets)
+
+    def _batch_loss(self, p: Tensors, batch: Any) -> torch.Tensor:
+        if self.closure is not None:
+            return scalar_loss(stateless_closure(self.model, self.closure, p, batch))
+        return scalar_loss(self.loss_fn(*self._model_output(p, batch)))
+
+    def _accumulate(self, per_batch: Callable[[Any], Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+        """The data loop: ``sum_b w_b per_batch(b)``, reduced over the ranks."""
+        total: list[torch.Tensor] | None = None
+        for batch, w in zip(self._data.batches, self._data.weights):
+            part = per_batch(to_device(batch, self.device))
+            if total is None:
+                total = [t * w if w != 1.0 else t for t in part]
+            else:
+                total = [a + w * t for a, t in zip(total, part)]
+        assert total is not None
+        return self._reduce([t.detach() for t in total])
+
+    def _loss_and_grad(self) -> tuple[torch.Tensor, Vector]:
+        if self._cache is None:
+
+            def func_impl() -> list[torch.Tensor]:
+                def one(batch: Any) -> list[torch.Tensor]:
+                    g, value = grad_and_value(lambda q: self._batch_loss(q, batch))(
+                        self._current()
+                    )
+                    return [value, *(g[n] for n in self.names)]
+
+                return self._accumulate(one)
+
+            def autograd_impl() -> list[torch.Tensor]:
+                def one(batch: Any) -> list[torch.Tensor]:
+                    leaves = self._leaves()
+                    value = self._batch_loss(leaves, batch)
+                    gs = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+                    return [value.detach(), *zeros_for_none(gs, leaves.values())]
+
+                return self._accumulate(one)
+
+            out = self._backend.run(self._context, func_impl, autograd_impl)
+            self._cache = (out[0], tuple(out[1:]))
+        return self._cache
+
+    # -- products ------------------------------------------------------------------------
+    def _matvec(self, v: Vector) -> Vector:
+        fast = self._fast_matvec(v)
+        if fast is not None:
+            return fast
+        tangent = dict(zip(self.names, v))
+
+        def func_impl() -> list[torch.Tensor]:
+            def one(batch: Any) -> list[torch.Tensor]:
+                out = self._func_product(self._current(), tangent, batch)
+                return [out[n] for n in self.names]
+
+            return self._accumulate(one)
+
+        def autograd_impl() -> list[torch.Tensor]:
+            return self._accumulate(lambda batch: self._autograd_product(tangent, batch))
+
+        return tuple(self._backend.run(self._context, func_impl, autograd_impl))
+
+    def _matmat(self, vs: list[Vector]) -> list[Vector]:
+        if len(vs) == 1 and self._prefers_single_products():
+            return [self._matvec(vs[0])]
+        stacked = {n: torch.stack([v[i] for v in vs]) for i, n in enumerate(self.names)}
+
+        def vmapped() -> list[Vector]:
+            def one(batch: Any) -> list[torch.Tensor]:
+                primal = self._current()
+                out = vmap(lambda t: self._func_product(primal, t, batch))(stacked)
+                return [out[n] for n in self.names]
+
+            flat = self._accumulate(one)
+            return [tuple(t[i] for t in flat) for i in range(len(vs))]
+
+        return self._backend.run_batched(
+            self._context, vmapped, lambda: [self._matvec(v) for v in vs]
+        )

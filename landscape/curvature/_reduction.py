@@ -1,0 +1,87 @@
+"""Data-parallel reduction of a model operator's losses, gradients and products.
+
+With ``torch.distributed`` (docs/distributed.md) every rank holds its own probe data of size
+``N_r``; each loss, gradient and product becomes the size-weighted mean over the ranks,
+``sum_r (N_r / N) x_r``, i.e. the value on the union of the ranks' data, by one all-reduce
+of the flat result per call. All ranks run the same solver steps in lock step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+from landscape import distributed as _dist
+from landscape.params import Vector
+
+__all__ = ["RankReduction"]
+
+
+class RankReduction:
+    """The all-reduce every loss, gradient and product of one operator passes through.
+
+    Args:
+        enabled: whether to reduce over the ranks (decided once, when the operator is built,
+            so :func:`landscape.distributed.local` around the construction keeps it local).
+        rank_size: this rank's data size ``N_r``, of the batches as given (before any cut
+            into micro-batches).
+
+    Attributes:
+        enabled: whether results are reduced.
+        rank_size: ``N_r``.
+    """
+
+    def __init__(self, enabled: bool, rank_size: float) -> None:
+        self.enabled = enabled
+        self.rank_size = rank_size
+        self._total: float | None = None
+        self._deferred = False
+
+    def __call__(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The size-weighted mean over the ranks of each tensor (as is when not enabled).
+
+        Args:
+            tensors: this rank's results.
+
+        Returns:
+            The reduced results (the same list inside :meth:`deferred`).
+        """
+        if not self.enabled or self._deferred:
+            return tensors
+        if self._total is None:
+            self._total = _dist.total_weight(self.rank_size)
+        return _dist.all_reduce_weighted(tensors, self.rank_size, total=self._total)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Skip the reductions inside the block (a batch of products is reduced once after).
+
+        Yields:
+            Nothing.
+        """
+        self._deferred = True
+        try:
+            yield
+        finally:
+            self._deferred = False
+
+    def products(self, outs: list[Vector], n_tensors: int) -> list[Vector]:
+        """Reduce a batch of products with one all-reduce in a fixed layout.
+
+        The layout is parameter-major, as the vmapped path produces it, so every rank issues
+        the same collectives whichever local path (vmapped, a loop, a cached graph) it took.
+
+        Args:
+            outs: this rank's products, one vector per input vector.
+            n_tensors: the number of tensors in a vector.
+
+        Returns:
+            The reduced products, in order.
+        """
+        if not outs:
+            return outs
+        stacked = [torch.stack([o[i] for o in outs]) for i in range(n_tensors)]
+        reduced = self(stacked)
+        return [tuple(t[j] for t in reduced) for j in range(len(outs))]
