@@ -131,6 +131,10 @@ def test_plot_bad_inputs(runner, run_file, empty_run, tmp_path):
         "no metric 'nope'", "metrics: hessian, loss, spectral_alignment",
     )
     _one_line_error(
+        runner.invoke(cli, [*plot, "-m", "loss", "-m", "hessian", "-o", str(tmp_path / "a.png")]),
+        "-o must name a directory",
+    )
+    _one_line_error(
         runner.invoke(cli, [*plot, "-m", "loss", "-o", str(tmp_path / "a.bmpx")]),
         "cannot tell the image format",
     )
