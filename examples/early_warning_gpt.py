@@ -10,7 +10,7 @@ mis-set scheduler). The :class:`landscape.Monitor` records, every step:
 
 * ``loss`` and ``grad_norm`` (robust z-score spike rules, :class:`landscape.alarms.LossSpike`
   and :class:`~landscape.alarms.GradNormSpike`);
-* ``taylor``: the Taylor ratio r = ||step|| / rho_a of the optimizer's actual step
+* ``taylor_radius``: the Taylor ratio r = ||step|| / rho_a of the optimizer's actual step
   (Sao 2026; warning at r >= 1);
 * ``spectral_alignment``: the sign diversity of each linear layer's inputs along the top
   singular vector of its weight (Qiu et al. 2025; warning when it collapses);
@@ -20,7 +20,7 @@ and the default alarm rules turn them into findings. At the end the script print
 :func:`landscape.alarms.warning_leads`, the blow-up step (the first step after the spike
 whose loss exceeds 10x the median loss of the 20 steps before the spike) and, for each
 rule, the first step it warned after the spike and its lead in steps before the blow-up.
-Files written into ``--out``: ``run.h5``, ``loss.png``, ``taylor.png``,
+Files written into ``--out``: ``run.h5``, ``loss.png``, ``taylor_radius.png``,
 ``spectral_alignment.png``, ``warnings.png`` (the loss with each rule's first warning),
 ``summary.json``.
 
@@ -123,10 +123,9 @@ def learning_rate(step: int, peak: float, spike: int, factor: float, warmup: int
 
 def metrics() -> list[ls.metrics.Metric]:
     """Every warning signal at every step (the model is small enough)."""
-    create = ls.metrics.create
-    return [create("loss"), create("grad_norm"), create("nonfinite"), create("update"),
-            create("taylor", schedule=1), create("spectral_alignment", schedule=1),
-            create("logits", schedule=1)]
+    m = ls.metrics
+    return [m.Loss(), m.GradNorm(), m.NonFinite(), m.Update(), m.TaylorRadius(schedule=1),
+            m.SpectralAlignment(schedule=1), m.Logits(schedule=1)]
 
 
 def plot_warnings(run: ls.Run, spike: int, blowup: int | None, firsts: dict[str, int],
@@ -211,9 +210,9 @@ def main(argv: list[str] | None = None) -> dict:
         steps_l, loss_values = run.series("loss", "value")
         pre = float(torch.tensor(loss_values[(steps_l < spike)][-20:]).median())
         files = [out / "run.h5"]
-        for metric in ("loss", "taylor", "spectral_alignment", "logits"):
-            fig = timeline(run, metric, log=metric == "loss")
-            files.append(save_figure(fig, out / f"{metric}.png"))
+        for metric_name in ("loss", "taylor_radius", "spectral_alignment", "logits"):
+            fig = timeline(run, metric_name, log=metric_name == "loss")
+            files.append(save_figure(fig, out / f"{metric_name}.png"))
         files.append(plot_warnings(run, spike, blowup, firsts, out / "warnings.png"))
 
     # every rule watching a metric recorded here (edge_of_stability and rank_collapse watch

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = make_model(width=width, seed=args.seed)
     loss_fn = nn.MSELoss()
     opt = torch.optim.SGD(model.parameters(), lr=lr)  # plain GD: threshold 2/lr
-    metrics = [ls.metrics.create("loss"), ls.metrics.create("sharpness", schedule=every)]
+    metrics = [ls.metrics.Loss(), ls.metrics.Sharpness(schedule=every)]
     config = {"example": "edge_of_stability", "lr": lr, "n": n, "width": width}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ls.InstabilityWarning)  # printed below instead

@@ -8,7 +8,7 @@ gradient norm, update size and the logits of the LM head every step or ten; the 
 spectrum, sharpness (preconditioned, against AdamW's threshold) and trace on a held-out
 probe batch every 50 or 100 steps, through the default closure ``model(**batch).loss``.
 Metrics that need ``(inputs, targets)`` classification batches or ``nn.Linear`` layers
-(``taylor``, ``spectral_alignment``, ``collapse``) are left out: GPT-2's blocks use
+(``taylor_radius``, ``spectral_alignment``, ``collapse``) are left out: GPT-2's blocks use
 ``Conv1D`` and its loss is computed inside the model.
 
     python examples/huggingface_callback.py --out hf-run      # 200 steps, minutes on CPU
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> Path:
     def report(finding) -> None:
         print(f"  finding -> {finding.describe()}\n             hint: {finding.hint}")
 
-    metrics = preset("standard", taylor=None, spectral_alignment=None, collapse=None,
+    metrics = preset("standard", taylor_radius=None, spectral_alignment=None, collapse=None,
                      representation=None)
     callback = LandscapeTrainerCallback(
         str(path), metrics=metrics, probe={"input_ids": probe_ids, "labels": probe_ids},
@@ -123,11 +123,11 @@ def main(argv: list[str] | None = None) -> Path:
 
     with Run.open(path) as run:
         print(f"\n{path}: {len(run.steps('loss'))} steps recorded")
-        for metric in run.metrics():
-            recorded = run.steps(metric)
-            print(f"  {metric:16s} {len(recorded):4d} rows, last at step {int(recorded[-1])}")
+        for metric_name in run.metrics():
+            recorded = run.steps(metric_name)
+            print(f"  {metric_name:16s} {len(recorded):4d} rows, last at step {int(recorded[-1])}")
         _, loss = run.series("loss", "value")
-        eig_steps, eig = run.series("hessian", "eigenvalues")
+        eig_steps, eig = run.series("top_eigenvalues", "eigenvalues")
         print(f"loss {loss[0]:.3f} -> {loss[-1]:.3f}; top Hessian eigenvalue on the probe "
               + ", ".join(f"{v:.3g} (step {int(s)})" for s, v in zip(eig_steps, eig[:, 0])))
         print(f"{len(run.findings())} findings; `landscape report {path}` renders them")

@@ -118,9 +118,9 @@ def main(argv: list[str] | None = None) -> Path:
 
     with Run.open(path) as run:
         print(f"\n{path}: {len(run.steps('loss'))} steps recorded")
-        for metric in run.metrics():
-            steps_recorded = run.steps(metric)
-            print(f"  {metric:20s} {len(steps_recorded):4d} rows, last at step "
+        for metric_name in run.metrics():
+            steps_recorded = run.steps(metric_name)
+            print(f"  {metric_name:20s} {len(steps_recorded):4d} rows, last at step "
                   f"{int(steps_recorded[-1])}")
         _, loss = run.series("loss", "value")
         sharp_steps, sharp = run.series("sharpness", "lambda_max")

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9,
                           weight_decay=args.weight_decay)
     g = torch.Generator().manual_seed(args.seed)
-    metrics = [ls.metrics.create("loss"), ls.metrics.create("collapse", schedule=1)]
+    metrics = [ls.metrics.Loss(), ls.metrics.Collapse(schedule=1)]
     errors = []  # training error of the whole training set at each recorded epoch
 
     def train_error() -> float:

@@ -187,8 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
     common = ["--model", f"{factories_path}:model", "--data", f"{factories_path}:data"]
     names = [str(p) for p in ckpts]
 
-    metrics = (["-m", "hessian", "-m", "sharpness", "-m", "collapse", "-m", "representation"]
-               if args.small else [])
+    metric_names = ["top_eigenvalues", "sharpness", "collapse", "representation"]
+    metrics = [a for m in metric_names for a in ("-m", m)] if args.small else []
     landscape("analyze", *names, *common, "-o", str(run), "-k", "3", "--lr", str(lr),
               "--momentum", str(momentum), "-q", *metrics)
     landscape("info", str(run))
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     from landscape import Run
 
     with Run.open(run) as r:
-        steps, eig = r.series("hessian", "eigenvalues")
+        steps, eig = r.series("top_eigenvalues", "eigenvalues")
         _, ratio = r.series("sharpness", "ratio")
         _, nc1 = r.series("collapse", "nc1")
         surfaces = r.surfaces()

@@ -68,9 +68,9 @@ def _metrics():
     return preset(
         "standard",
         logits="every(5)",
-        taylor="every(2)",
+        taylor_radius="every(2)",
         spectral_alignment="every(5)",
-        hessian="every(10)",
+        top_eigenvalues="every(10)",
         sharpness="every(10)",
         representation="every(20)",
         collapse="every(40)",
@@ -163,10 +163,10 @@ def _pictures(path, out, model, pre_spike, loss_fn, probe, surface_steps, progre
             surface.plane(before, loss_fn, probe, steps=surface_steps, span=1.0, writer=writer,
                           name="pre_spike_plane", progress=progress)
     with Run.open(path) as run:
-        for metric in ("loss", "sharpness", "taylor", "spectral_alignment"):
-            if metric in run.metrics():
-                fig = timelines.timeline(run, metric, log=metric == "loss")
-                files.append(timelines.save_figure(fig, out / f"{metric}.png"))
+        for metric_name in ("loss", "sharpness", "taylor_radius", "spectral_alignment"):
+            if metric_name in run.metrics():
+                fig = timelines.timeline(run, metric_name, log=metric_name == "loss")
+                files.append(timelines.save_figure(fig, out / f"{metric_name}.png"))
                 plt.close(fig)
         if "pre_spike_plane" in run.surfaces():
             fig = surface_plots.contour(run.surface("pre_spike_plane"), filled=True)

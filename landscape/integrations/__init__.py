@@ -178,7 +178,7 @@ def thin_metrics(metrics: Iterable[Metric], n: int) -> list[Metric]:
     """Copies of ``metrics`` whose schedules only fire on multiples of ``n``.
 
     Thinning the schedules (rather than calling the monitor every ``n`` steps) keeps the
-    update-based metrics (``update``, ``taylor``) about one optimizer step: the monitor
+    update-based metrics (``update``, ``taylor_radius``) about one optimizer step: the monitor
     snapshots the parameters only before the steps that are due. The caller's metric
     objects are not modified.
     """

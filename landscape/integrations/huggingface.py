@@ -1,7 +1,6 @@
-"""A Hugging Face ``TrainerCallback`` that runs a :class:`landscape.Monitor` during
-``transformers.Trainer.train``.
+"""A Hugging Face ``TrainerCallback`` running a :class:`landscape.Monitor` during training.
 
-::
+Use it with ``transformers.Trainer.train``::
 
     from landscape.integrations import LandscapeTrainerCallback
 
@@ -38,7 +37,7 @@ step (``num_items_in_batch`` in the model's keyword arguments; times the world s
 Trainer subclass whose ``compute_loss`` does not use ``outputs.loss`` should pass ``loss=``
 itself (call :meth:`record_loss` from its ``compute_loss``).
 
-The default ``closure`` (for probe metrics such as the Hessian) is
+The default ``closure`` (for probe metrics such as ``top_eigenvalues``) is
 ``model(**batch).loss``: pass a ``probe`` dict with ``labels``.
 
 Training is not changed: the hook only keeps references to tensors the Trainer already made
@@ -91,27 +90,34 @@ def model_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
 
 
 class OutputEmbeddingLogits(Logits):
-    """The ``logits`` metric for models returning a ``ModelOutput``: the logits are read
-    from the output of the model's output-embedding layer (``get_output_embeddings()``,
-    the language-model head) instead of the model's return value. Same name and fields as
-    :class:`landscape.metrics.training.Logits`, so the ``logit_growth`` alarm applies."""
+    """The ``logits`` metric for models returning a ``ModelOutput``.
+
+    The logits are read from the output of the model's output-embedding layer
+    (``get_output_embeddings()``, the language-model head) instead of the model's return
+    value. Same name and fields as :class:`landscape.metrics.Logits`, so the alarm rules
+    on logit growth apply.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.layer: str | None = None
 
     def setup(self, model: nn.Module) -> None:
+        """Find the output-embedding layer (none: read the model's return value)."""
         getter = getattr(model, "get_output_embeddings", None)
         head = getter() if callable(getter) else None
         self.layer = next((n for n, m in model.named_modules() if m is head and n), None)
 
     def captures(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The output of the output-embedding layer."""
         return ((), ()) if self.layer is None else ((), (self.layer,))
 
-    def params(self) -> dict[str, Any]:
+    def config(self) -> dict[str, Any]:
+        """``layer`` (``""`` when the model's return value is read)."""
         return {"layer": self.layer or ""}
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
+        """The logit statistics of the output-embedding layer's output."""
         if self.layer is None:
             return super().compute(ctx)
         z = ctx.captured(self.data).outputs.get(self.layer)
@@ -121,8 +127,10 @@ class OutputEmbeddingLogits(Logits):
 
 
 def _hf_metrics(metrics: MetricsLike) -> list[Metric]:
-    """``metrics`` resolved, each plain ``logits`` metric replaced by
-    :class:`OutputEmbeddingLogits` with the same schedule and data."""
+    """``metrics`` resolved, each plain ``logits`` metric made an :class:`OutputEmbeddingLogits`.
+
+    The replacement keeps the schedule and data.
+    """
     out: list[Metric] = []
     for m in resolve_metrics(metrics):
         if type(m) is Logits:
@@ -189,6 +197,7 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
     # ------------------------------------------------------------------ events
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Build and start the monitor; attach the forward hook that reads the loss."""
         self.close()
         model = kwargs.get("model")
         if not isinstance(model, nn.Module):
@@ -218,9 +227,11 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         self._hook = model.register_forward_hook(self._record, with_kwargs=True)
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Record the step that the optimizer just took."""
         self._step(int(state.global_step), control)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Record the step if ``on_optimizer_step`` did not (transformers < 4.42)."""
         # transformers < 4.42 has no on_optimizer_step: record here (the gradients are gone)
         if self._recorded != state.global_step - 1:
             self._step(int(state.global_step) - 1, control)
@@ -241,13 +252,19 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
             control.should_training_stop = True
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Remove the forward hook and close the run file."""
         self.close()
 
     # ------------------------------------------------------------------ the loss
 
     def record_loss(self, loss: torch.Tensor | float) -> None:
-        """Give the loss of the current optimizer step explicitly (a custom
-        ``compute_loss``); it replaces what the forward hook read for this step."""
+        """Give the loss of the current optimizer step explicitly (from a custom ``compute_loss``).
+
+        It replaces what the forward hook read for this step.
+
+        Args:
+            loss: the step's loss.
+        """
         self._explicit_loss = loss.detach() if isinstance(loss, torch.Tensor) else loss
 
     def _record(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:

@@ -27,7 +27,7 @@ What it does, hook by hook:
 
 The loss function. Metrics of the ``cheap`` preset need none: the training loss comes from
 ``outputs["loss"]``, gradients and updates from the module, logits from ``module(x)``.
-Curvature metrics (``hessian``, ``sharpness``, ``hessian_trace``, ...) evaluate a loss on
+Curvature metrics (``top_eigenvalues``, ``sharpness``, ``hessian_trace``, ...) evaluate a loss on
 the probe batch and need ``loss_fn`` (``loss_fn(module(x), y)``) or ``closure``; without
 either they record NaN and one ``metric_failed`` finding saying so. The callback never
 calls the module's ``training_step`` on its own, because that would repeat its side effects
@@ -84,8 +84,10 @@ def _noop(*args: Any, **kwargs: Any) -> None:
 
 @contextlib.contextmanager
 def _muted_logging(module: nn.Module) -> Iterator[None]:
-    """``module.log`` and ``module.log_dict`` are no-ops inside the block (instance
-    attributes shadowing the methods, removed on exit)."""
+    """``module.log`` and ``module.log_dict`` are no-ops inside the block.
+
+    Instance attributes shadow the methods and are removed on exit.
+    """
     names = [n for n in ("log", "log_dict") if n not in vars(module)]
     for n in names:
         object.__setattr__(module, n, _noop)
@@ -97,10 +99,22 @@ def _muted_logging(module: nn.Module) -> Iterator[None]:
 
 
 def training_step_loss(module: nn.Module, batch: Any) -> torch.Tensor:
-    """A closure reusing the module's ``training_step(batch, 0)`` (its ``"loss"`` when it
-    returns a dict), with ``self.log``/``self.log_dict`` muted. Opt in with
+    """A closure reusing the module's ``training_step(batch, 0)``, with logging muted.
+
+    ``self.log``/``self.log_dict`` do nothing during the call. Opt in with
     ``LandscapeCallback(closure=training_step_loss)``; other side effects of
-    ``training_step`` (metric objects, counters) do happen on each evaluation."""
+    ``training_step`` (metric objects, counters) do happen on each evaluation.
+
+    Args:
+        module: the ``LightningModule``.
+        batch: a training batch.
+
+    Returns:
+        The loss ``training_step`` returns (its ``"loss"`` when it returns a dict).
+
+    Raises:
+        TypeError: ``training_step`` returned no loss tensor.
+    """
     with _muted_logging(module):
         out = module.training_step(batch, 0)
     if isinstance(out, Mapping):
@@ -175,6 +189,7 @@ class LandscapeCallback(CallbackSettings, Callback):
     # ------------------------------------------------------------------ lifecycle
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Build and start the monitor over ``pl_module`` and its first optimizer."""
         self.close()
         loss_fn, closure = self.loss_fn, self.closure
         if loss_fn is None and closure is None:
@@ -211,6 +226,7 @@ class LandscapeCallback(CallbackSettings, Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        """Record one monitor step after each optimizer step, with the step's summed loss."""
         if self.monitor is None:
             return
         loss = _loss_of(outputs)
@@ -233,14 +249,17 @@ class LandscapeCallback(CallbackSettings, Callback):
             trainer.should_stop = True
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Close the run file."""
         self.close()
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
+        """Close the run file (every row appended before the failure is kept)."""
         self.close()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Close the run file."""
         self.close()
 
     # ------------------------------------------------------------------ access

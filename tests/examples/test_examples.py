@@ -50,7 +50,8 @@ def test_edge_of_stability(tmp_path, capsys):
 def test_early_warning_gpt(tmp_path, capsys):
     s = run_example("early_warning_gpt", tmp_path)
     names = {Path(f).name for f in s["files"]}
-    assert {"run.h5", "loss.png", "taylor.png", "spectral_alignment.png", "warnings.png"} <= names
+    assert {"run.h5", "loss.png", "taylor_radius.png", "spectral_alignment.png",
+            "warnings.png"} <= names
     assert s["pre_spike_loss"] < 0.5  # the model learned the language before the spike
     blowup, spike = s["blowup_step"], s["spike_step"]
     assert blowup is not None and blowup > spike
@@ -76,7 +77,7 @@ def test_posthoc_cli(tmp_path, capsys):
     assert s["check_exit_status"] in (0, 1)
     report = Path(s["report"]).read_text()
     assert report.count("<img") >= 4
-    assert {Path(p).name for p in s["plots"]} >= {"hessian.png", "sharpness.png",
+    assert {Path(p).name for p in s["plots"]} >= {"top_eigenvalues.png", "sharpness.png",
                                                    "collapse.png"}
 
 

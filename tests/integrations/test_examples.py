@@ -26,9 +26,11 @@ def test_lightning_example_small(tmp_path, capsys):
     assert "steps recorded" in capsys.readouterr().out
     with Run.open(path) as run:
         assert run.steps("loss").tolist() == list(range(12))
-        assert {"hessian", "sharpness", "taylor", "spectral_alignment"} <= set(run.metrics())
+        assert {"top_eigenvalues", "sharpness", "taylor_radius", "spectral_alignment"} <= set(
+            run.metrics()
+        )
         assert np.isfinite(run.series("sharpness", "lambda_max")[1]).all()
-        assert np.isfinite(run.series("taylor", "r")[1]).all()
+        assert np.isfinite(run.series("taylor_radius", "r")[1]).all()
 
 
 def test_huggingface_example_small(tmp_path, capsys):
@@ -38,6 +40,6 @@ def test_huggingface_example_small(tmp_path, capsys):
     assert "steps recorded" in capsys.readouterr().out
     with Run.open(path) as run:
         assert run.steps("loss").tolist() == list(range(6))
-        assert np.isfinite(run.series("hessian", "eigenvalues")[1]).all()
+        assert np.isfinite(run.series("top_eigenvalues", "eigenvalues")[1]).all()
         assert np.isfinite(run.series("logits", "max_abs")[1]).all()
         assert not [f for f in run.findings() if f.rule == "metric_failed"]

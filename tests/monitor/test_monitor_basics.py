@@ -100,7 +100,7 @@ def test_registry_refuses_silent_overwrite_and_user_metric_in_a_few_lines():
         FIELDS = ("value",)
 
         def compute(self, ctx):
-            return {"value": ls.params.norm(ctx.params).item()}
+            return {"value": ls.params.norm(ctx.parameters).item()}
 
     model = models.mlp()
     with Monitor(model, F.cross_entropy, metrics=["test_weight_norm"], alarms=False) as mon:

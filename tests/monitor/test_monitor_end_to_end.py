@@ -52,7 +52,7 @@ def test_full_batch_gd_sharpness_reaches_two_over_lr_and_the_finding_appears():
     def loss_fn(out, target):
         return F.mse_loss(out, target) / 2
 
-    metrics = [create("loss"), create("hessian", k=1, tol=1e-6, schedule=10),
+    metrics = [create("loss"), create("top_eigenvalues", k=1, tol=1e-6, schedule=10),
                create("sharpness", tol=1e-6, schedule=10)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -86,7 +86,7 @@ def _classifier_step(lr):
 def test_taylor_metric_equals_the_functional_radius_along_the_actual_step():
     model, opt, x, y = _classifier_step(lr=2.0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with Monitor(model, F.cross_entropy, optimizer=opt, metrics=["taylor", "update"],
+    with Monitor(model, F.cross_entropy, optimizer=opt, metrics=["taylor_radius", "update"],
                  strict=True) as mon:
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
@@ -98,8 +98,8 @@ def test_taylor_metric_equals_the_functional_radius_along_the_actual_step():
     ref = models.mlp(d_in=6, hidden=16, d_out=3)
     ref.load_state_dict(before)
     direct = LF.taylor_radius(ref, x, step, targets=y)
-    assert run.series("taylor", "r")[1][0] == pytest.approx(float(direct.r), rel=1e-6)
-    assert run.series("taylor", "step_norm")[1][0] == pytest.approx(
+    assert run.series("taylor_radius", "r")[1][0] == pytest.approx(float(direct.r), rel=1e-6)
+    assert run.series("taylor_radius", "step_norm")[1][0] == pytest.approx(
         run.series("update", "norm")[1][0], rel=1e-6)
 
 
@@ -148,13 +148,13 @@ def test_microbatched_curvature_metrics_record_the_same_numbers():
         return F.mse_loss(out, target) / 2
 
     def record(**options):
-        metrics = [create("hessian", schedule=1, k=2, tol=1e-9),
+        metrics = [create("top_eigenvalues", schedule=1, k=2, tol=1e-9),
                    create("hessian_trace", schedule=1, n_matvec=12)]
         with Monitor(net, loss_fn, metrics=metrics, probe=(x, y), strict=True,
                      **options) as mon:
             mon.step(0)
             run = mon.run()
-            return (run.series("hessian", "eigenvalues")[1][0],
+            return (run.series("top_eigenvalues", "eigenvalues")[1][0],
                     run.series("hessian_trace", "value")[1][0], run.config)
 
     whole_eigs, whole_trace, _ = record()

@@ -1,0 +1,146 @@
+"""Metrics as exported classes: names, presets, and the deprecated old names."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import landscape as ls
+from landscape.metrics import PRESETS, Metric, preset, resolve_metrics, snake_case
+from tests import models
+
+BUILT_IN = {
+    "Loss", "GradNorm", "NonFinite", "Update", "Logits", "TaylorRadius", "TopEigenvalues",
+    "Sharpness", "HessianTrace", "SpectralDensity", "SpectralAlignment", "Collapse",
+    "Representation",
+}
+
+
+def test_every_built_in_metric_is_exported_and_named_after_its_class():
+    exported = {n for n in ls.metrics.__all__ if isinstance(getattr(ls.metrics, n), type)
+                and issubclass(getattr(ls.metrics, n), Metric) and n != "Metric"}
+    assert exported == BUILT_IN
+    assert {getattr(ls.metrics, n).name for n in BUILT_IN} == set(ls.metrics.available())
+    for n in BUILT_IN - {"NonFinite"}:  # "nonfinite" predates the rule; run files use it
+        assert getattr(ls.metrics, n).name == snake_case(n)
+    assert snake_case("TopEigenvalues") == "top_eigenvalues"
+
+
+def test_the_natural_spelling_works():
+    m = ls.metrics.Sharpness(schedule=ls.every(15))
+    assert m.name == "sharpness" and str(m.schedule) == "every(15)"
+    assert isinstance(ls.metrics.create("sharpness"), ls.metrics.Sharpness)
+    assert ls.metrics.TopEigenvalues(k=5).config() == {"k": 5, "tol": 1e-3}
+    assert ls.monitor.resolve_metrics is resolve_metrics  # the old import path
+
+
+def test_presets_return_instances_of_the_classes_on_the_documented_schedules():
+    assert PRESETS["cheap"] == dict.fromkeys(
+        ["loss", "grad_norm", "nonfinite", "update"], "every(1)") | {"logits": "every(10)"}
+    assert PRESETS["standard"]["top_eigenvalues"] == "every(500)"
+    assert PRESETS["standard"]["taylor_radius"] == "every(10)"
+    assert PRESETS["full"]["spectral_density"] == "every(500)"
+    for name, table in PRESETS.items():
+        metrics = preset(name)
+        assert [m.name for m in metrics] == list(table)
+        assert [str(m.schedule) for m in metrics] == list(table.values())
+        assert all(type(m) is type(ls.metrics.create(m.name)) for m in metrics)
+    # the class default applies where the preset does not say otherwise
+    assert str(ls.metrics.Logits.default_schedule) == PRESETS["cheap"]["logits"]
+
+
+def test_old_metric_names_warn_and_give_the_renamed_metrics():
+    with pytest.warns(DeprecationWarning, match="'top_eigenvalues'"):
+        m = ls.metrics.create("hessian", k=2)
+    assert isinstance(m, ls.metrics.TopEigenvalues) and m.k == 2
+    with pytest.warns(DeprecationWarning, match="'taylor_radius'"):
+        m = ls.metrics.create("taylor")
+    assert m.name == "taylor_radius"
+    with pytest.warns(DeprecationWarning, match="'top_eigenvalues'"):
+        metrics = preset("standard", hessian="every(10)")
+    assert {m.name: str(m.schedule) for m in metrics}["top_eigenvalues"] == "every(10)"
+    assert "hessian" not in [m.name for m in metrics]
+    with pytest.warns(DeprecationWarning, match="'taylor_radius'"):
+        assert "taylor_radius" not in [m.name for m in preset("standard", taylor=None)]
+    with pytest.warns(DeprecationWarning, match="'top_eigenvalues'"):
+        with ls.Monitor(models.mlp(), F.cross_entropy, metrics=["hessian"], alarms=False) as mon:
+            assert [m.name for m in mon.metrics] == ["top_eigenvalues"]
+
+
+def test_old_class_names_warn():
+    from landscape.metrics import curvature, representation, training
+
+    for module, old, new in [
+        (curvature, "HessianSpectrum", "TopEigenvalues"),
+        (representation, "SpectralAlignmentMetric", "SpectralAlignment"),
+        (training, "Taylor", "TaylorRadius"),
+        (ls.metrics, "HessianSpectrum", "TopEigenvalues"),
+    ]:
+        with pytest.warns(DeprecationWarning, match=new):
+            assert getattr(module, old) is getattr(ls.metrics, new)
+    with pytest.raises(AttributeError):
+        ls.metrics.NoSuchMetric  # noqa: B018
+
+
+def test_errors_live_with_the_other_errors():
+    from landscape._errors import MetricError, MissingInput
+    from landscape.functional import MetricError as OldMetricError
+    from landscape.metrics.context import MissingInput as OldMissingInput
+
+    assert OldMetricError is MetricError and OldMissingInput is MissingInput
+    assert ls.metrics.MissingInput is MissingInput
+    assert issubclass(MissingInput, ls.LandscapeError) and issubclass(MetricError, ValueError)
+
+
+def test_config_replaces_params_and_an_old_subclass_still_records_its_settings():
+    class OldStyle(Metric):
+        name = "test_old_style"
+        FIELDS = ("value",)
+
+        def params(self):
+            return {"alpha": 2}
+
+        def compute(self, ctx):
+            return {"value": 1.0}
+
+    with pytest.warns(DeprecationWarning, match=r"config\(\)"):
+        assert OldStyle().config() == {"alpha": 2}
+    with pytest.warns(DeprecationWarning, match=r"config\(\)"):
+        assert ls.metrics.HessianTrace(n_matvec=5).params()["n_matvec"] == 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        with ls.Monitor(models.mlp(), F.cross_entropy, metrics=[OldStyle()],
+                        alarms=False) as mon:
+            mon.step(0)
+            run = mon.run()
+    assert run.config["metrics"][0]["alpha"] == 2
+
+
+def test_step_context_parameters_and_the_deprecated_params():
+    seen = {}
+
+    class Peek(Metric):
+        name = "test_peek"
+        FIELDS = ("value",)
+
+        def compute(self, ctx):
+            seen["parameters"] = ctx.parameters
+            with pytest.warns(DeprecationWarning, match="'parameters'"):
+                seen["params"] = ctx.params
+            return {"value": 0.0}
+
+    model = models.mlp()
+    with ls.Monitor(model, F.cross_entropy, metrics=[Peek()], alarms=False, strict=True) as mon:
+        mon.step(0)
+    assert len(seen["parameters"]) == len(list(model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(seen["parameters"], seen["params"]))
+
+
+def test_spectral_density_lanczos_steps_and_the_old_n_iter():
+    m = ls.metrics.SpectralDensity(lanczos_steps=7, n_probes=3)
+    assert m.fields()["nodes"] == (3, 7) and m.config()["lanczos_steps"] == 7
+    with pytest.warns(DeprecationWarning, match="lanczos_steps"):
+        assert ls.metrics.SpectralDensity(n_iter=5).lanczos_steps == 5
