@@ -206,7 +206,8 @@ def test_training_step_loss_keeps_the_probe_out_of_the_users_logs():
 
 
 def test_without_a_loss_the_cheap_metrics_run_and_curvature_says_what_it_needs():
-    cb = LandscapeCallback(None, probe=PROBE, metrics=["loss", "update", "logits", "top_eigenvalues"])
+    cb = LandscapeCallback(None, probe=PROBE,
+                           metrics=["loss", "update", "logits", "top_eigenvalues"])
     with pytest.warns(RuntimeWarning, match="pass loss_fn= or closure="):
         _fit(Classifier(), [cb], max_steps=2)
     run = cb.run()
