@@ -2,12 +2,13 @@
 
 * :func:`top_eigenvalues` -- algebraically largest (and/or smallest) eigenpairs by Lanczos
   with full re-orthogonalisation and residual-based stopping, warm-startable from previous
-  Ritz vectors (METRICS.md 1.3(b)).
+  Ritz vectors (docs/curvature.md, "Top eigenvalues").
 * :func:`hessian_trace` -- Hutchinson (1989) with Rademacher probes, Hutch++ (Meyer,
   Musco, Musco & Woodruff, SOSA 2021, Algorithm 1), or Hutchinson deflated by a Lanczos
-  basis (``"krylov"``), each with a standard error (1.4).
+  basis (``"krylov"``), each with a standard error (docs/curvature.md, "Trace").
 * :func:`spectral_density` -- stochastic Lanczos quadrature (Lin, Saad & Yang 2016;
-  Ghorbani, Krishnan & Xiao 2019) with Gaussian smoothing (1.5).
+  Ghorbani, Krishnan & Xiao 2019) with Gaussian smoothing (docs/curvature.md,
+  "Spectral density").
 
 Random probes come from a ``torch.Generator`` seeded with ``seed`` (drawn on the CPU, then
 moved), never from the global RNG. Every result reports the matvecs it used.
@@ -21,6 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
+from landscape._deprecation import renamed_kwargs
 from landscape.curvature.base import CurvatureOperator
 from landscape.curvature.lanczos import krylov_basis, krylov_eigsh, lanczos_tridiagonal
 from landscape.params import Vector, flatten, unflatten
@@ -118,16 +120,17 @@ def _warm_rows(warm_start: Any, op: CurvatureOperator, which: str) -> torch.Tens
     return torch.stack(rows)
 
 
+@renamed_kwargs(max_iter="max_matvec", min_iter="min_matvec")
 def top_eigenvalues(
     op: CurvatureOperator,
     k: int = 1,
     *,
     tol: float = 1e-3,
-    max_iter: int | None = None,
+    max_matvec: int | None = None,
     which: str = "largest",
     warm_start: EigenResult | Sequence[Sequence[torch.Tensor]] | None = None,
     seed: int = 0,
-    min_iter: int | None = None,
+    min_matvec: int | None = None,
 ) -> EigenResult:
     """The ``k`` algebraically largest eigenpairs of ``op`` (and/or the smallest).
 
@@ -137,16 +140,39 @@ def top_eigenvalues(
     operator's dtype; the second term only matters for eigenvalues near 0). For a symmetric
     operator the residual bounds the distance from ``theta`` to the spectrum, and the
     eigenvalue error is at most ``residual^2 / gap`` (Kato-Temple), so values are
-    typically far more accurate than ``tol``. ``max_iter`` caps the matvecs (default
-    ``min(dim, 60 + 20 k)``); ``converged=False`` when the cap is hit.
+    typically far more accurate than ``tol``.
 
-    ``which``: ``"largest"``, ``"smallest"`` (most negative first) or ``"both"``.
-    ``warm_start``: a previous :class:`EigenResult` (its Ritz vectors, also from nearby
-    parameters) or a list of parameter-space vectors; they form the start block, so
-    tracking an eigenvalue over nearby training steps costs a few matvecs (the first
-    product alone gives the Rayleigh quotient and its residual). A cold start uses one
-    Gaussian vector from ``seed``; ``min_iter`` (default ``min(dim, k + 2)`` cold, 0 warm)
-    is the least number of matvecs before convergence may be declared.
+    A warm start from a previous :class:`EigenResult` (its Ritz vectors, also from nearby
+    parameters) forms the start block, so tracking an eigenvalue over nearby training
+    steps costs a few matvecs (the first product alone gives the Rayleigh quotient and
+    its residual). See docs/curvature.md, "Top eigenvalues". The old keywords
+    ``max_iter`` and ``min_iter`` still work and warn.
+
+    Args:
+        op: the operator.
+        k: how many eigenpairs (at each end asked for).
+        tol: the relative residual tolerance.
+        max_matvec: the most products to spend (default ``min(dim, 60 + 20 k)``, with
+            ``2 k`` for ``"both"``); ``converged=False`` when the cap is hit.
+        which: ``"largest"``, ``"smallest"`` (most negative first) or ``"both"``.
+        warm_start: a previous :class:`EigenResult` or a list of parameter-space vectors.
+        seed: the seed of the cold start's Gaussian vector.
+        min_matvec: the least number of products before convergence may be declared
+            (default ``min(dim, k + 2)`` cold, 0 warm).
+
+    Returns:
+        The eigenpairs, their residuals and the products used; for ``"both"``, the
+        smallest end in ``.smallest``.
+
+    Raises:
+        ValueError: ``k < 1``, ``tol <= 0``, an unknown ``which`` or ``max_matvec < 1``.
+
+    Example:
+        >>> import torch
+        >>> from landscape.curvature import MatrixOperator, top_eigenvalues
+        >>> op = MatrixOperator(torch.diag(torch.tensor([4.0, 2.0, -1.0], dtype=torch.float64)))
+        >>> [round(v, 6) for v in top_eigenvalues(op, k=2).values.tolist()]
+        [4.0, 2.0]
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -154,21 +180,21 @@ def top_eigenvalues(
         raise ValueError(f"tol must be > 0, got {tol}")
     if which not in ("largest", "smallest", "both"):
         raise ValueError(f"which must be 'largest', 'smallest' or 'both', got {which!r}")
-    if max_iter is not None and max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    if max_matvec is not None and max_matvec < 1:
+        raise ValueError(f"max_matvec must be >= 1, got {max_matvec}")
     gen = _generator(seed)
     start = _warm_rows(warm_start, op, which)
     cold = start is None
     if cold:
         start = torch.randn(op.dim, generator=gen, dtype=torch.float64).to(op.device, op.dtype)
-    if max_iter is None:
-        max_iter = min(op.dim, 60 + 20 * k * (2 if which == "both" else 1))
-    if min_iter is None:
-        min_iter = min(op.dim, k + 2) if cold else 0
+    if max_matvec is None:
+        max_matvec = min(op.dim, 60 + 20 * k * (2 if which == "both" else 1))
+    if min_matvec is None:
+        min_matvec = min(op.dim, k + 2) if cold else 0
     before = op.n_matvec
     res = krylov_eigsh(
-        op.flat_matvec, start, k=k, which=which, tol=tol, max_matvec=max_iter,
-        min_matvec=min_iter, generator=gen,
+        op.flat_matvec, start, k=k, which=which, tol=tol, max_matvec=max_matvec,
+        min_matvec=min_matvec, generator=gen,
     )
     used = op.n_matvec - before
 
@@ -198,9 +224,15 @@ def top_eigenvalues(
 # ------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class TraceResult:
-    """``value`` (float) estimate of the trace, ``stderr`` its standard error (NaN when it
-    cannot be estimated), ``n_matvec`` products used, ``method``, and ``samples`` (the
-    per-probe quadratic forms of the stochastic part)."""
+    """A stochastic estimate of the trace of a curvature operator.
+
+    Attributes:
+        value: the estimate (``float(result)`` gives it too).
+        stderr: its standard error (NaN when it cannot be estimated).
+        n_matvec: the products used.
+        method: ``"hutchinson"``, ``"hutch++"`` or ``"krylov"``.
+        samples: the per-probe quadratic forms of the stochastic part.
+    """
 
     value: float
     stderr: float
@@ -212,6 +244,7 @@ class TraceResult:
         return float(self.value)
 
     def as_dict(self) -> dict[str, Any]:
+        """Plain Python numbers: value, stderr, n_matvec, method."""
         return {"value": self.value, "stderr": self.stderr, "n_matvec": self.n_matvec,
                 "method": self.method}
 
@@ -259,6 +292,25 @@ def hessian_trace(
     which needs ``2 n_matvec / 3`` products, so more of the budget is left for probes and
     less variance for them; docs/curvature.md and docs/benchmarks.md compare the three.
     Requires ``n_matvec >= 2``; the Lanczos steps are sequential single products.
+
+    Args:
+        op: the operator.
+        method: ``"krylov"``, ``"hutch++"`` (or ``"hutchpp"``) or ``"hutchinson"``.
+        n_matvec: the budget of products, all spent.
+        seed: the seed of the probes.
+
+    Returns:
+        The estimate, its standard error and the per-probe samples.
+
+    Raises:
+        ValueError: an unknown method, or a budget below the method's least.
+
+    Example:
+        >>> import torch
+        >>> from landscape.curvature import MatrixOperator, hessian_trace
+        >>> op = MatrixOperator(torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64)))
+        >>> round(hessian_trace(op, "krylov", n_matvec=30).value, 6)  # Krylov space exact
+        55.0
     """
     method = _TRACE_METHODS.get(method.lower().replace("_", "").replace("-", ""))
     if method is None:
@@ -311,7 +363,8 @@ class DensityResult:
     """Smoothed eigenvalue density from stochastic Lanczos quadrature.
 
     ``grid`` (float64) and ``density`` on it; ``nodes`` and ``weights``: float64 tables of
-    shape ``(n_probes, m)``, one row per probe (``m`` the longest run, at most ``n_iter``);
+    shape ``(n_probes, m)``, one row per probe (``m`` the longest run, at most
+    ``lanczos_steps``);
     a run that stopped early (breakdown) is padded with node ``NaN`` and weight ``0``. The
     weights of each row sum to ``1 / n_probes``, so all sum to 1, and
     ``density(t) = sum_k weights_k g_sigma(t - nodes_k)`` over the valid entries.
@@ -333,7 +386,14 @@ class DensityResult:
         return ~torch.isnan(self.nodes)
 
     def moment(self, j: int) -> float:
-        """Quadrature estimate of ``tr(A^j) / dim`` (exact per probe for j <= 2 m - 1)."""
+        """Quadrature estimate of ``tr(A^j) / dim`` (exact per probe for j <= 2 m - 1).
+
+        Args:
+            j: the moment's order.
+
+        Returns:
+            The estimate.
+        """
         mask = self.valid
         return float((self.weights[mask] * self.nodes[mask] ** j).sum())
 
@@ -343,6 +403,7 @@ class DensityResult:
         return self.dim * self.moment(1)
 
     def as_dict(self) -> dict[str, Any]:
+        """Plain Python lists and numbers: nodes, weights, sigma, n_matvec, dim."""
         return {"nodes": self.nodes.tolist(), "weights": self.weights.tolist(),
                 "sigma": self.sigma, "n_matvec": self.n_matvec, "dim": self.dim}
 
@@ -350,15 +411,26 @@ class DensityResult:
 def gaussian_density(
     nodes: torch.Tensor, weights: torch.Tensor, grid: torch.Tensor, sigma: float
 ) -> torch.Tensor:
-    """``sum_k w_k exp(-(t - x_k)^2 / (2 sigma^2)) / sqrt(2 pi sigma^2)`` on ``grid``."""
+    """``sum_k w_k exp(-(t - x_k)^2 / (2 sigma^2)) / sqrt(2 pi sigma^2)`` on ``grid``.
+
+    Args:
+        nodes: the quadrature nodes ``x_k``.
+        weights: their weights ``w_k``.
+        grid: the points ``t``.
+        sigma: the kernel's standard deviation.
+
+    Returns:
+        The density at each grid point.
+    """
     diff = grid[:, None] - nodes[None, :]
     kern = torch.exp(-0.5 * (diff / sigma) ** 2) / math.sqrt(2 * math.pi * sigma**2)
     return kern @ weights
 
 
+@renamed_kwargs(n_iter="lanczos_steps")
 def spectral_density(
     op: CurvatureOperator,
-    n_iter: int = 80,
+    lanczos_steps: int = 80,
     n_probes: int = 4,
     *,
     grid: torch.Tensor | int | None = None,
@@ -367,20 +439,44 @@ def spectral_density(
 ) -> DensityResult:
     """Eigenvalue density of ``op`` by stochastic Lanczos quadrature.
 
-    For each of ``n_probes`` Rademacher start vectors ``v`` (normalised), ``n_iter`` Lanczos
-    steps with full re-orthogonalisation (all probes in lock step, batched matvecs) give a
-    tridiagonal ``T = S diag(theta) S^T``; the nodes are ``theta`` and the weights
-    ``S[0, k]^2 / n_probes`` (``eigh``, float64), one row per probe. A run that breaks down
-    (invariant Krylov space) stops early with exact nodes; its row is padded (NaN, 0). The
+    For each of ``n_probes`` Rademacher start vectors ``v`` (normalised),
+    ``lanczos_steps`` Lanczos steps with full re-orthogonalisation (all probes in lock
+    step, batched matvecs) give a tridiagonal ``T = S diag(theta) S^T``; the nodes are
+    ``theta`` and the weights ``S[0, k]^2 / n_probes`` (``eigh``, float64), one row per
+    probe. A run that breaks down (invariant Krylov space) stops early with exact nodes;
+    its row is padded (NaN, 0). The
     density is the weighted sum of Gaussians of standard deviation ``sigma`` (default
     ``0.01 * (max node - min node)``, or ``1e-3 * max(1, |node|)`` for a single point), so
     it integrates to 1 over the real line;
     the default ``grid`` has 1000 points on [min node - 5 sigma, max node + 5 sigma]
     (``grid`` may be an int, the number of points, or a tensor of points). Quadrature
-    identity: ``sum_k tau_k theta_k^j = v^T A^j v`` for ``j <= 2 m - 1``.
+    identity: ``sum_k tau_k theta_k^j = v^T A^j v`` for ``j <= 2 m - 1``. The old keyword
+    ``n_iter`` still works and warns.
+
+    Args:
+        op: the operator.
+        lanczos_steps: Lanczos steps per probe (``lanczos_steps * n_probes`` products).
+        n_probes: the number of random start vectors.
+        grid: the points to evaluate the density at, or their number.
+        sigma: the Gaussian kernel's standard deviation.
+        seed: the seed of the probes.
+
+    Returns:
+        The smoothed density and its quadrature nodes and weights.
+
+    Raises:
+        ValueError: ``lanczos_steps < 1``, ``n_probes < 1``, ``sigma <= 0`` or a grid of
+            fewer than 2 points.
+
+    Example:
+        >>> import torch
+        >>> from landscape.curvature import MatrixOperator, spectral_density
+        >>> op = MatrixOperator(torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64)))
+        >>> round(spectral_density(op, lanczos_steps=10, n_probes=2).trace, 6)
+        55.0
     """
-    if n_iter < 1:
-        raise ValueError(f"n_iter must be >= 1, got {n_iter}")
+    if lanczos_steps < 1:
+        raise ValueError(f"lanczos_steps must be >= 1, got {lanczos_steps}")
     if n_probes < 1:
         raise ValueError(f"n_probes must be >= 1, got {n_probes}")
     if sigma is not None and not sigma > 0:
@@ -389,7 +485,7 @@ def spectral_density(
     starts = _rademacher(n_probes, op, gen)
     starts = starts / math.sqrt(op.dim)
     before = op.n_matvec
-    alphas, betas, _ = lanczos_tridiagonal(op.flat_matmat, starts, n_iter)
+    alphas, betas, _ = lanczos_tridiagonal(op.flat_matmat, starts, lanczos_steps)
     width = max(a.numel() for a in alphas)
     node_t = torch.full((n_probes, width), math.nan, dtype=torch.float64)
     weight_t = torch.zeros((n_probes, width), dtype=torch.float64)

@@ -67,9 +67,9 @@ def test_model_is_untouched_cnn_in_train_mode_with_grads(backend):
                GGN(model, F.cross_entropy, [(x[:6], y[:6]), (x[6:], y[6:])], backend=backend)):
         op.loss()
         op.gradient()
-        top_eigenvalues(op, k=2, which="both", max_iter=20)
+        top_eigenvalues(op, k=2, which="both", max_matvec=20)
         hessian_trace(op, "hutch++", 6)
-        spectral_density(op, n_iter=5, n_probes=2)
+        spectral_density(op, lanczos_steps=5, n_probes=2)
         _assert_same(before, model)
     assert "conv.bias" not in op.names
 
@@ -82,7 +82,7 @@ def test_model_is_untouched_transformer_and_eval_mode_false_is_deterministic():
     v = op.parameters
     a, b = op.matvec(v), op.matvec(v)  # the same dropout masks for every product
     assert all(torch.equal(s, t) for s, t in zip(a, b))
-    top_eigenvalues(op, k=1, max_iter=10)
+    top_eigenvalues(op, k=1, max_matvec=10)
     _assert_same(before, model)
     evals = Hessian(model, data=batch, closure=models.lm_loss)
     assert not all(torch.equal(s, t) for s, t in zip(a, evals.matvec(v)))  # dropout was on

@@ -161,8 +161,8 @@ def test_bad_arguments():
         hessian_trace(op, "hutch++", 2)
     with pytest.raises(ValueError, match="n_matvec"):
         hessian_trace(op, "krylov", 1)
-    with pytest.raises(ValueError, match="n_iter"):
-        spectral_density(op, n_iter=0)
+    with pytest.raises(ValueError, match="lanczos_steps"):
+        spectral_density(op, lanczos_steps=0)
 
 
 @settings(max_examples=15, deadline=None)
@@ -248,7 +248,7 @@ def test_trace_of_model_hessian_within_error_bars():
 def test_slq_exact_on_diagonal_t6():
     n = 12
     op = MatrixOperator(torch.diag(torch.arange(1.0, n + 1, dtype=torch.float64)))
-    res = spectral_density(op, n_iter=n, n_probes=1)
+    res = spectral_density(op, lanczos_steps=n, n_probes=1)
     assert res.nodes.shape == res.weights.shape == (1, n)
     assert torch.allclose(res.nodes[0], torch.arange(1.0, n + 1, dtype=torch.float64), atol=1e-10)
     assert torch.allclose(res.weights[0], torch.full((n,), 1 / n, dtype=torch.float64), atol=1e-12)
@@ -261,7 +261,7 @@ def test_slq_moments_match_the_dense_spectrum():
     op = Hessian(model, F.cross_entropy, (x.double(), y))
     dense = op.to_dense()
     ev = torch.linalg.eigvalsh(dense)
-    res = spectral_density(op, n_iter=20, n_probes=4, seed=1)
+    res = spectral_density(op, lanczos_steps=20, n_probes=4, seed=1)
     assert res.n_matvec == 80 and res.dim == op.dim
     assert float(res.weights.sum()) == pytest.approx(1.0)
     # quadrature identity per probe: sum_k tau_k theta_k^j = v^T H^j v for j <= 2m - 1
@@ -283,7 +283,7 @@ def test_slq_moments_match_the_dense_spectrum():
 
 def test_slq_breakdown_and_custom_grid():
     op = MatrixOperator(torch.diag(torch.tensor([1.0, 1.0, 3.0, 3.0], dtype=torch.float64)))
-    res = spectral_density(op, n_iter=10, n_probes=2, grid=torch.linspace(0, 4, 401), sigma=0.05)
+    res = spectral_density(op, lanczos_steps=10, n_probes=2, grid=torch.linspace(0, 4, 401), sigma=0.05)
     assert res.n_matvec == 4  # two runs, each exhausts its 2-dimensional Krylov space
     assert res.nodes.shape == (2, 2) and bool(res.valid.all())
     assert set(torch.round(res.nodes, decimals=8).reshape(-1).tolist()) == {1.0, 3.0}
@@ -293,6 +293,6 @@ def test_slq_breakdown_and_custom_grid():
 
 def test_budget_cap_reports_not_converged():
     a = sym(300, seed=7)
-    res = top_eigenvalues(MatrixOperator(a), k=3, tol=1e-12, max_iter=10)
+    res = top_eigenvalues(MatrixOperator(a), k=3, tol=1e-12, max_matvec=10)
     assert res.n_matvec == 10 and not res.converged
     assert res.values.shape == (3,) and (res.values[:-1] >= res.values[1:]).all()

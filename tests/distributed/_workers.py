@@ -68,7 +68,7 @@ def curvature_worker(rank: int, out_dir: str) -> None:
     both = top_eigenvalues(H, k=1, which="both", tol=1e-6)
     trace = hessian_trace(H, "hutch++", n_matvec=30, seed=1)
     krylov = hessian_trace(H, "krylov", n_matvec=30, seed=1)
-    density = spectral_density(H, n_iter=12, n_probes=2, seed=2)
+    density = spectral_density(H, lanczos_steps=12, n_probes=2, seed=2)
     G = GGN(net, F.cross_entropy, data)
     ggn = top_eigenvalues(G, k=2, tol=1e-6)
     H32 = Hessian(model().float(), F.cross_entropy, _to_float32(data))  # float32 end to end

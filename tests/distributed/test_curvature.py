@@ -54,7 +54,7 @@ def test_two_ranks_match_one_process_on_the_union(ranks):
     both = top_eigenvalues(H, k=1, which="both", tol=1e-6)
     trace = hessian_trace(H, "hutch++", n_matvec=30, seed=1)
     krylov = hessian_trace(H, "krylov", n_matvec=30, seed=1)
-    density = spectral_density(H, n_iter=12, n_probes=2, seed=2)
+    density = spectral_density(H, lanczos_steps=12, n_probes=2, seed=2)
     ggn = top_eigenvalues(GGN(model, F.cross_entropy, (x, y)), k=2, tol=1e-6)
     block = top_eigenvalues(H.subset(["0.weight"]), k=1, tol=1e-6)
     H32 = Hessian(W.model().float(), F.cross_entropy, (x.float(), y))
