@@ -6,10 +6,15 @@ import click
 from landscape_cli.app import cli, verbose_option
 from landscape_cli.options import checkpoint_options, factory_options
 
+from landscape._names import RENAMED_METRICS
 from landscape.analysis import ANALYZE_METRICS, analyze
 from landscape.loading import call_factory, resolve_loss
 from landscape.store import Run
 
+# the metric names -m takes; an old name (docs/vocabulary.md) still works, with a warning
+METRIC_CHOICE = click.Choice(
+    ANALYZE_METRICS + tuple(old for old, new in RENAMED_METRICS.items() if new in ANALYZE_METRICS)
+)
 EXAMPLE = ("landscape analyze ckpt-100.pt ckpt-200.pt --model factories.py:model "
            "--data factories.py:data -o run.h5")
 
@@ -23,7 +28,9 @@ EXAMPLE = ("landscape analyze ckpt-100.pt ckpt-200.pt --model factories.py:model
 @click.option("--overwrite", is_flag=True,
               help="Start the run file over instead of appending to it.")
 @click.option("-m", "--metric", "metrics", multiple=True,
-              type=click.Choice(ANALYZE_METRICS), help="Metrics to compute (default: all).")
+              type=METRIC_CHOICE, metavar="METRIC",
+              help=f"Metric to compute, repeatable: {', '.join(ANALYZE_METRICS)} "
+                   "(default: all).")
 @click.option("-k", "k", default=5, show_default=True, type=click.IntRange(1),
               help="Number of top Hessian eigenvalues.")
 @click.option("--lr", type=float, default=None,

@@ -30,17 +30,18 @@ def test_analyze_writes_one_row_per_checkpoint_in_step_order(setup, tmp_path):
     fac = root / "factories.py"
     result = _invoke(["analyze", str(paths[2]), str(paths[0]), str(paths[1]), "--model",
                       f"{fac}:model", "--data", f"{fac}:data", "-o", str(out), "-k", "3",
-                      "--lr", "0.5", "-q"])
+                      "--lr", "0.5"])  # the default path: progress bar and summary
     assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"wrote {out}: 3 checkpoints, metrics ")
     run = ls.Run.open(out)
-    assert list(run.steps("hessian")) == [10, 20, 30]
+    assert list(run.steps("top_eigenvalues")) == [10, 20, 30]
     assert [s for s, _ in run.checkpoints()] == [10, 20, 30]
     # the recorded spectrum equals a direct computation on the last checkpoint
     model = ns["model"]()
     model.load_state_dict(torch.load(paths[2])["model"])
     direct = top_eigenvalues(Hessian(model, torch.nn.functional.cross_entropy, ns["data"]()),
                              k=3, tol=1e-8)
-    got = run.series("hessian", "eigenvalues")[1][-1]
+    got = run.series("top_eigenvalues", "eigenvalues")[1][-1]
     assert np.allclose(got, direct.values.numpy(), rtol=1e-3)
     _, thr = run.series("sharpness", "threshold")
     assert np.allclose(thr, 2 / 0.5)
@@ -56,7 +57,9 @@ def test_analyze_accepts_a_loader_and_file_name_steps(setup, tmp_path):
     result = _invoke(["analyze", str(plain), "--model", f"{fac}:model", "--data",
                       f"{fac}:loader", "-m", "hessian", "-o", str(out), "-q"])
     assert result.exit_code == 0, result.output
-    assert list(ls.Run.open(out).steps("hessian")) == [7]
+    assert list(ls.Run.open(out).steps("top_eigenvalues")) == [7]
+    # the old metric name still works for one release, with a warning naming the new one
+    assert "'hessian' is deprecated, use 'top_eigenvalues'" in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -125,11 +128,11 @@ def test_analyze_with_micro_batches_records_the_same_spectrum(setup, tmp_path):
     for extra in ([], ["--microbatch-size", "7"]):
         out = tmp_path / f"run{len(extra)}.h5"
         result = _invoke(["analyze", str(paths[1]), "--model", f"{fac}:model", "--data",
-                          f"{fac}:data", "-m", "hessian", "-k", "2", "-o", str(out), "-q",
+                          f"{fac}:data", "-m", "top_eigenvalues", "-k", "2", "-o", str(out), "-q",
                           *extra])
         assert result.exit_code == 0, result.output
         run = ls.Run.open(out)
-        spectra.append(run.series("hessian", "eigenvalues")[1][-1])
+        spectra.append(run.series("top_eigenvalues", "eigenvalues")[1][-1])
     assert run.config["microbatch_size"] == 7
     assert np.allclose(spectra[1], spectra[0], rtol=1e-4)
     bad = _invoke(["analyze", str(paths[1]), "--model", f"{fac}:model", "--data",

@@ -71,7 +71,7 @@ def test_info_bad_inputs_give_one_line(runner, tmp_path):
 def test_demo_writes_run_pictures_report_and_prints_findings(runner, tmp_path):
     out = tmp_path / "out"
     result = runner.invoke(cli, ["demo", "--out", str(out), "--steps", "60",
-                                 "--surface-steps", "5", "-q"])
+                                 "--surface-steps", "5"])  # the default path
     assert result.exit_code == 0, result.output
     with Run.open(out / "run.h5") as run:
         steps, loss = run.series("loss", "value")

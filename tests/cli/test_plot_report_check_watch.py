@@ -130,10 +130,12 @@ def test_plot_bad_inputs(runner, run_file, empty_run, tmp_path):
         runner.invoke(cli, [*plot, "-m", "nope", "-o", str(tmp_path / "x.png")]),
         "no metric 'nope'", "metrics: hessian, loss, spectral_alignment",
     )
-    _one_line_error(
-        runner.invoke(cli, [*plot, "-m", "loss", "-m", "hessian", "-o", str(tmp_path / "a.png")]),
-        "-o must name a directory",
+    # several metrics and a file name: one image per metric next to it (no longer an error)
+    several = runner.invoke(
+        cli, [*plot, "-m", "loss", "-m", "hessian", "-o", str(tmp_path / "a.png"), "-q"]
     )
+    assert several.exit_code == 0, several.output
+    assert (tmp_path / "a-loss.png").is_file() and (tmp_path / "a-hessian.png").is_file()
     _one_line_error(
         runner.invoke(cli, [*plot, "-m", "loss", "-o", str(tmp_path / "a.bmpx")]),
         "cannot tell the image format",

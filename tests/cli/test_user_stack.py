@@ -1,0 +1,364 @@
+"""The CLI's default (non-quiet) paths and the user-stack bugs, each with its own test.
+
+Every command is run here without ``-q``: the quiet flag hid the first bug below.
+"""
+
+from __future__ import annotations
+
+import shlex
+import textwrap
+
+import click
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from landscape_cli.commands import watch as watch_cmd
+from landscape_cli.main import cli
+
+import landscape as ls
+from landscape.store import RunWriter
+from tests.cli._checkpoints import train_and_save
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stack")
+    paths, ns = train_and_save(root, steps=30, every=10, wrap=True)
+    return root, paths, ns
+
+
+def _invoke(args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def _factories(root):
+    fac = root / "factories.py"
+    return ["--model", f"{fac}:model", "--data", f"{fac}:data"]
+
+
+def _one_line_error(result, fragment, *, no_warnings=False):
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip() and "it/s" not in ln]
+    errors = [ln for ln in lines if ln.startswith("Error: ")]
+    assert len(errors) == 1, result.stderr
+    assert fragment in errors[0], errors[0]
+    if no_warnings:
+        assert not [ln for ln in lines if ln.startswith("warning:")], result.stderr
+
+
+# ---------------------------------------------------------------- 1: analyze's default path
+
+
+def test_analyze_without_quiet_prints_its_summary_and_exits_0(setup, tmp_path):
+    root, paths, _ = setup
+    out = tmp_path / "run.h5"
+    result = _invoke(["analyze", paths[0], paths[1], *_factories(root), "-o", out,
+                      "-m", "sharpness", "--lr", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert "writer is closed" not in result.output
+    assert f"wrote {out}: 2 checkpoints, metrics sharpness" in result.stdout
+
+
+# ---------------------------------------------------------------- 2: --model names the data
+
+
+def test_model_factory_returning_a_tuple_is_one_line(setup, tmp_path):
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    for command in ("analyze", "surface"):
+        result = _invoke([command, paths[0], "--model", f"{fac}:data", "--data",
+                          f"{fac}:data", "-o", tmp_path / "r.h5"])
+        _one_line_error(result, "returned a tuple, not a torch.nn.Module")
+        assert not (tmp_path / "r.h5").exists()
+
+
+# ---------------------------------------------------------------- 4: surface on a NaN loss
+
+
+def test_surface_on_a_non_finite_loss_is_one_line_and_leaves_no_file(setup, tmp_path):
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    out = tmp_path / "r.h5"
+    result = _invoke(["surface", paths[-1], "--model", f"{fac}:model", "--data",
+                      f"{fac}:nan_data", "--steps", "3", "-o", out])
+    _one_line_error(result, "not finite", no_warnings=True)
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- 5: steps from folder names
+
+
+def test_steps_come_from_checkpoint_folders_and_rows_are_in_step_order(setup, tmp_path):
+    from safetensors.torch import save_file
+
+    root, paths, _ = setup
+    files = []
+    for step, path in ((40, paths[2]), (20, paths[0])):  # argument order: 40 first
+        folder = tmp_path / "out" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        state = {k: v.contiguous() for k, v in torch.load(path)["model"].items()}
+        save_file(state, str(folder / "model.safetensors"))
+        files.append(folder / "model.safetensors")
+    out = tmp_path / "run.h5"
+    result = _invoke(["analyze", *files, *_factories(root), "-m", "sharpness", "-o", out, "-q"])
+    assert result.exit_code == 0, result.output
+    with ls.Run.open(out) as run:
+        assert list(run.steps("sharpness")) == [20, 40]
+        assert run.checkpoints() == [(20, str(files[1])), (40, str(files[0]))]
+
+
+def test_step_from_name_reads_checkpoint_folders_only():
+    from landscape.loading import step_from_name
+
+    assert step_from_name("out/checkpoint-40/model.safetensors") == 40
+    assert step_from_name("runs/epoch=3/weights.pt") == 3
+    assert step_from_name("ckpt-7.pt") == 7
+    assert step_from_name("results2/model.pt") is None  # not a checkpoint folder
+
+
+# ---------------------------------------------------------------- 9: no empty file left
+
+
+def test_a_failed_command_removes_the_empty_run_file_it_created(setup, tmp_path):
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    out = tmp_path / "r.h5"
+    for command in ("analyze", "surface"):
+        result = _invoke([command, paths[0], "--model", f"{fac}:model", "--data",
+                          f"{fac}:nan_data", "-o", out, "--steps", "3"][: None if command ==
+                                                                          "surface" else -2])
+        _one_line_error(result, "not finite")
+        assert not out.exists(), command
+
+
+def test_a_failed_command_never_removes_a_file_that_was_there(setup, tmp_path):
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    out = tmp_path / "r.h5"
+    RunWriter(out, mode="w").close()
+    result = _invoke(["analyze", paths[0], "--model", f"{fac}:model", "--data",
+                      f"{fac}:nan_data", "-o", out])
+    _one_line_error(result, "not finite")
+    assert out.exists()
+
+
+# ---------------------------------------------------------------- re-running into a run file
+
+
+def test_rerunning_analyze_skips_recorded_steps_and_overwrite_starts_over(setup, tmp_path):
+    root, paths, _ = setup
+    out = tmp_path / "run.h5"
+    args = [*_factories(root), "-m", "sharpness", "-o", out]
+    assert _invoke(["analyze", paths[0], paths[1], *args, "-q"]).exit_code == 0
+    again = _invoke(["analyze", *paths, *args])  # resumes: only step 30 is new
+    assert again.exit_code == 0, again.output
+    assert "steps 10, 20 already recorded, skipped" in again.stderr
+    with ls.Run.open(out) as run:
+        assert list(run.steps("sharpness")) == [10, 20, 30]
+    earlier = _invoke(["analyze", paths[0], *args])  # nothing new: all skipped, exit 0
+    assert earlier.exit_code == 0, earlier.output
+    fresh = _invoke(["analyze", paths[1], *args, "--overwrite", "-q"])
+    assert fresh.exit_code == 0, fresh.output
+    with ls.Run.open(out) as run:
+        assert list(run.steps("sharpness")) == [20]
+
+
+def test_an_earlier_step_than_the_file_holds_says_how_to_start_over(setup, tmp_path):
+    root, paths, _ = setup
+    out = tmp_path / "run.h5"
+    args = [*_factories(root), "-m", "sharpness", "-o", out, "-q"]
+    assert _invoke(["analyze", paths[1], *args]).exit_code == 0
+    result = _invoke(["analyze", paths[0], *args])
+    _one_line_error(result, "--overwrite")
+    assert "mode='w'" in result.stderr
+
+
+def test_surface_overwrite_starts_the_file_over(setup, tmp_path):
+    root, paths, _ = setup
+    out = tmp_path / "run.h5"
+    args = [paths[-1], *_factories(root), "--dims", "1", "--steps", "3", "-o", out]
+    assert _invoke(["surface", *args, "--name", "a", "-q"]).exit_code == 0
+    result = _invoke(["surface", *args, "--name", "b", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert "wrote surface 'b' (3 points, loss " in result.stdout
+    with ls.Run.open(out) as run:
+        assert run.surfaces() == ["b"]
+
+
+# ---------------------------------------------------------------- factories import neighbours
+
+
+def test_a_factory_file_imports_the_module_next_to_it(setup, tmp_path, monkeypatch):
+    import sys
+
+    root, paths, _ = setup
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "nets_for_landscape_test.py").write_text(textwrap.dedent("""
+        from torch import nn
+
+        def build():
+            return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    """))
+    (project / "fac.py").write_text(textwrap.dedent(f"""
+        from nets_for_landscape_test import build
+
+        def model():
+            return build()
+
+        def data():
+            import importlib.util, sys
+            spec = importlib.util.spec_from_file_location("_f", {str(root / 'factories.py')!r})
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            return mod.data()
+    """))
+    monkeypatch.chdir(tmp_path)  # not the factory's folder
+    before = list(sys.path)
+    result = _invoke(["analyze", paths[0], "--model", "project/fac.py:model", "--data",
+                      "project/fac.py:data", "-m", "sharpness", "-o", "run.h5", "-q"])
+    assert result.exit_code == 0, result.output
+    assert sys.path == before  # the folder was on sys.path only while loading
+    sys.modules.pop("nets_for_landscape_test", None)
+
+
+# ---------------------------------------------------------------- warnings
+
+
+def test_other_libraries_warnings_only_with_verbose(setup, tmp_path):
+    root, paths, _ = setup
+    fac = tmp_path / "noisy.py"
+    fac.write_text(textwrap.dedent(f"""
+        import warnings
+        import torch
+
+        exec(open({str(root / 'factories.py')!r}).read())
+
+        def noisy_data():
+            # as torch.jit.script does it: a DeprecationWarning raised inside torch
+            warnings.warn_explicit("`torch.jit.script` is deprecated.", DeprecationWarning,
+                                   filename=torch.__file__, lineno=1)
+            warnings.warn("the user's own warning")
+            return data()
+    """))
+    args = ["analyze", paths[0], "--model", f"{fac}:model", "--data", f"{fac}:noisy_data",
+            "-m", "sharpness", "-q"]
+    quiet = _invoke([*args, "-o", tmp_path / "a.h5"])
+    assert quiet.exit_code == 0, quiet.output
+    assert "torch.jit.script" not in quiet.stderr
+    assert "warning: the user's own warning" in quiet.stderr
+    verbose = _invoke([*args, "-o", tmp_path / "b.h5", "-v"])
+    assert verbose.exit_code == 0, verbose.output
+    assert "warning: `torch.jit.script` is deprecated." in verbose.stderr
+
+
+def test_the_librarys_own_warnings_are_shown(setup, tmp_path):
+    root, paths, _ = setup
+    out = tmp_path / "run.h5"
+    args = ["analyze", paths[0], *_factories(root), "-m", "sharpness", "-o", out, "-q"]
+    assert _invoke(args).exit_code == 0
+    again = _invoke(args)
+    assert "warning: " in again.stderr and "already recorded" in again.stderr
+
+
+# ---------------------------------------------------------------- plot: default set, dir/
+
+
+def _small_run(path):
+    with RunWriter(path, mode="w") as w:
+        w.declare("loss", {"value": None})
+        w.declare("sharpness", {"top": None})
+        for s in range(5):
+            w.append("loss", s, {"value": 1.0 / (s + 1)})
+            w.append("sharpness", s, {"top": float(s)})
+    return path
+
+
+def test_plot_to_a_file_without_metric_writes_one_image_per_metric(tmp_path):
+    run = _small_run(tmp_path / "run.h5")
+    result = _invoke(["plot", run, "-o", tmp_path / "plot.png"])
+    assert result.exit_code == 0, result.output
+    for name in ("plot-loss.png", "plot-sharpness.png"):
+        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG"), name
+        assert f"wrote {tmp_path / name}" in result.stdout
+
+
+def test_plot_to_a_trailing_slash_is_a_directory(tmp_path):
+    run = _small_run(tmp_path / "run.h5")
+    result = _invoke(["plot", run, "-m", "loss", "-o", f"{tmp_path / 'figs.v2'}/"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "figs.v2" / "loss.png").is_file()
+
+
+# ---------------------------------------------------------------- watch waits for the file
+
+
+def test_watch_waits_for_the_file_to_appear(tmp_path, monkeypatch):
+    path = tmp_path / "later.h5"
+    now = [0.0]
+
+    def sleep(s):
+        now[0] += s
+        if now[0] >= 3 and not path.exists():
+            _small_run(path)  # the training job creates its run file
+
+    monkeypatch.setattr(watch_cmd, "_clock", lambda: now[0])
+    monkeypatch.setattr(watch_cmd, "_sleep", sleep)
+    result = _invoke(["watch", path, "--interval", "1", "--timeout", "6"])
+    assert result.exit_code == 0, result.output
+    assert f"waiting for {path} to be created" in result.stderr
+    assert "loss  step 4" in result.stdout
+
+
+def test_watch_stops_waiting_at_the_timeout(tmp_path, monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(watch_cmd, "_clock", lambda: now[0])
+    monkeypatch.setattr(watch_cmd, "_sleep", lambda s: now.__setitem__(0, now[0] + s))
+    result = _invoke(["watch", tmp_path / "never.h5", "--timeout", "5"])
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: ")
+    assert "after waiting 5s" in result.stderr
+
+
+# ---------------------------------------------------------------- help: one runnable example
+
+
+@pytest.mark.parametrize("name", [None, *sorted(cli.commands)])
+def test_help_ends_with_one_runnable_example(name):
+    result = _invoke(["-h"] if name is None else [name, "-h"])
+    assert result.exit_code == 0, result.output
+    lines = [ln.strip() for ln in result.output.splitlines() if ln.strip()]
+    assert lines[-2] == "Example:"
+    assert sum(ln == "Example:" for ln in lines) == 1
+    words = shlex.split(lines[-1])
+    assert words[0] == "landscape"
+    command = cli.commands[words[1]]
+    assert name is None or words[1] == name
+    # the example parses: every option exists and has its values
+    parent = click.Context(cli, info_name="landscape", **cli.context_settings)
+    ctx = command.make_context(words[1], words[2:], parent=parent)
+    assert isinstance(ctx, click.Context)
+
+
+# ---------------------------------------------------------------- the default path of the rest
+
+
+def test_surface_info_report_check_default_paths(setup, tmp_path):
+    root, paths, _ = setup
+    out = tmp_path / "run.h5"
+    surface = _invoke(["surface", paths[-1], *_factories(root), "--steps", "3", "-o", out])
+    assert surface.exit_code == 0, surface.output
+    assert "wrote surface 'random' (3x3 points, loss " in surface.stdout
+    assert "nan" not in surface.stdout
+    assert not [ln for ln in surface.stderr.splitlines() if ln.startswith("warning:")]
+    info = _invoke(["info", out])
+    assert info.exit_code == 0 and "random: 3x3 grid, 9/9 points computed" in info.stdout
+    report = _invoke(["report", out, "-o", tmp_path / "r.html"])
+    assert report.exit_code == 0 and "wrote " in report.stdout
+    check = _invoke(["check", out])
+    assert check.exit_code == 0 and "0 findings" in check.stdout
+    plot = _invoke(["plot", out, "-o", tmp_path / "figs"])
+    assert plot.exit_code == 0 and "surface-random.png" in plot.stdout
+    assert np.isfinite(ls.Run.open(out).surface("random").values["loss"]).all()
