@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -26,5 +28,11 @@ def run_path(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["metric", "rule", "command"])  # in order: later ones reuse
 def test_example_runs(name, run_path):
-    namespace = {"RUN_PATH": run_path, "__name__": f"architecture_example_{name}"}
-    exec(compile(_examples()[name], f"docs/architecture.md[{name}]", "exec"), namespace)
+    module = types.ModuleType(f"architecture_example_{name}")  # dataclasses need a real module
+    module.RUN_PATH = run_path
+    sys.modules[module.__name__] = module
+    try:
+        code = compile(_examples()[name], f"docs/architecture.md[{name}]", "exec")
+        exec(code, module.__dict__)
+    finally:
+        del sys.modules[module.__name__]

@@ -243,7 +243,7 @@ def timelines(
     """One :func:`timeline` figure per metric (default: every metric of the run), by name."""
     names = run.metrics() if metrics is None else list(metrics)
     known = set(run.metrics())
-    unknown = [m for m in names if m not in known]
+    unknown = [m for m in names if m not in run]  # `in` also finds renamed metrics
     if unknown:
         raise ValueError(
             f"metrics: no metric {', '.join(map(repr, unknown))} in {run.source} "
