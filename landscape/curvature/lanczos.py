@@ -7,8 +7,8 @@ batch of them); nothing here knows about models. Three routines and their Gram-S
   the three-term recurrence, then classical Gram-Schmidt, twice when needed), written as
   a *block* Krylov method fed one matvec at a time so that it can start from several
   vectors (a warm start from previous Ritz vectors). With a single start vector it is
-  exactly the Lanczos process of METRICS.md 1.3(b) (Paige 1972; Parlett, *The Symmetric
-  Eigenvalue Problem*, ch. 13). Stopping on Ritz residuals.
+  exactly the Lanczos process (docs/curvature.md, "Top eigenvalues"; Paige 1972;
+  Parlett, *The Symmetric Eigenvalue Problem*, ch. 13). Stopping on Ritz residuals.
 * :func:`lanczos_tridiagonal` -- plain m-step Lanczos with full re-orthogonalisation for
   several independent start vectors in lock step (batched matvecs), returning the
   tridiagonals used by stochastic Lanczos quadrature (Golub & Meurant 1997; Lin, Saad &
@@ -17,7 +17,7 @@ batch of them); nothing here knows about models. Three routines and their Gram-S
   of its vectors, for deflated trace estimation.
 
 Basis vectors are kept in the operator's dtype; every small dense problem (projected
-matrix, its eigen-decomposition, residuals) is float64 (METRICS.md G5).
+matrix, its eigen-decomposition, residuals) is float64 (docs/curvature.md, "Conventions").
 """
 
 from __future__ import annotations
@@ -64,8 +64,10 @@ _DGKS = 2.0**-0.5
 def orthogonalize(
     q: Tensor, w: Tensor, near: int | None = None
 ) -> tuple[Tensor, Tensor, float]:
-    """``w`` minus its projection on the orthonormal rows ``q``, the float64 coefficients and
-    the norm of what is left (the DGKS test computes it anyway).
+    """``w`` minus its projection on the orthonormal rows ``q``.
+
+    Also returns the float64 coefficients and the norm of what is left (the DGKS test
+    computes it anyway).
 
     ``near``: index of the row whose product ``w`` is; its components along that row and
     the one before (the three-term recurrence, where almost all of ``A q_j`` lies) are
@@ -103,8 +105,15 @@ class _Basis:
         self.size = 0
 
     def orthogonalize(self, w: Tensor, near: int | None = None) -> tuple[Tensor, Tensor, float]:
-        """``w`` minus its projection on the basis, the float64 coefficients and the norm
-        left (:func:`orthogonalize`; ``near``: index of the row whose product ``w`` is)."""
+        """``w`` minus its projection on the basis (:func:`orthogonalize`).
+
+        Args:
+            w: the vector.
+            near: index of the row whose product ``w`` is.
+
+        Returns:
+            The remainder, the float64 coefficients and the remainder's norm.
+        """
         return orthogonalize(self.rows[: self.size], w, near)
 
     def append(self, v: Tensor) -> None:

@@ -1,4 +1,6 @@
-"""The Adam-preconditioned curvature operator ``P^-1/2 A P^-1/2`` (METRICS.md 1.6).
+"""The Adam-preconditioned curvature operator ``P^-1/2 A P^-1/2``.
+
+See docs/curvature.md, "Preconditioned operator and stability thresholds".
 
 Cohen et al., *Adaptive Gradient Methods at the Edge of Stability* (arXiv:2207.14484):
 with Adam's preconditioner ``P = diag(sqrt(v_hat) + eps)``, ``v_hat = v / (1 - beta2^t)``
@@ -51,9 +53,11 @@ class PreconditionedOperator(CurvatureOperator):
         return self.base.parameters
 
     def loss(self) -> torch.Tensor:
+        """The base operator's loss (:meth:`CurvatureOperator.loss`)."""
         return self.base.loss()
 
     def gradient(self) -> Vector:
+        """The base operator's gradient (:meth:`CurvatureOperator.gradient`)."""
         return self.base.gradient()
 
     def _matvec(self, v: Vector) -> Vector:
@@ -109,15 +113,25 @@ def _adam_preconditioner(
 
 
 def preconditioned(op: CurvatureOperator, optimizer: Any) -> PreconditionedOperator:
-    """``P^-1/2 op P^-1/2`` with Adam's bias-corrected preconditioner (METRICS.md 1.6).
+    """``P^-1/2 op P^-1/2`` with Adam's bias-corrected preconditioner (docs/curvature.md).
 
     ``optimizer`` is an Adam-family ``torch.optim`` optimizer (Adam, AdamW, NAdam, ... with
     ``exp_avg_sq`` state; ``max_exp_avg_sq`` with amsgrad) that has taken at least one
     step: ``P = sqrt(v / (1 - beta2^t)) + eps`` per parameter, exactly Adam's denominator.
     Alternatively pass ``P``'s diagonal directly as a parameter-space vector. Its largest
     eigenvalue is the preconditioned sharpness, compared with
-    ``stability_threshold(optimizer)``. Raises ``ValueError`` when the optimizer has no
-    state yet or does not optimise the operator's parameters.
+    ``stability_threshold(optimizer)``.
+
+    Args:
+        op: the operator (a model operator when ``optimizer`` is an optimizer).
+        optimizer: an Adam-family optimizer, or ``P``'s diagonal as a parameter-space vector.
+
+    Returns:
+        The preconditioned operator, with ``eps`` and ``dead_fraction`` from the optimizer.
+
+    Raises:
+        ValueError: the optimizer has no state yet, no Adam-style ``betas``/``eps``, or
+            does not optimise the operator's parameters; or a preconditioner entry <= 0.
     """
     if isinstance(optimizer, torch.optim.Optimizer):
         diag, eps, dead = _adam_preconditioner(op, optimizer)

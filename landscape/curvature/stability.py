@@ -1,8 +1,9 @@
-"""Linear-stability (edge-of-stability) thresholds per optimiser (METRICS.md 1.6).
+"""Linear-stability (edge-of-stability) thresholds per optimiser.
 
 For the quadratic ``f = lambda theta^2 / 2`` the PyTorch update rules are stable iff the
 curvature is below (Cohen et al. 2021, arXiv:2103.00065; Cohen et al. 2022,
-arXiv:2207.14484; derivation and numeric check in METRICS.md 1.6/T7):
+arXiv:2207.14484; docs/curvature.md, "Preconditioned operator and stability thresholds",
+has the update rules and the numeric check):
 
 * gradient descent: ``2 / lr``;
 * heavy ball (``SGD(momentum=b, dampening=d)``): ``(2 + 2b) / ((1 - d) lr)``;
@@ -46,6 +47,25 @@ def stability_threshold(
     ``"radam"``/``"adamax"`` (``betas`` default (0.9, 0.999)), ``"rmsprop"``. For Adam-type
     optimisers the threshold applies to the preconditioned sharpness
     (:func:`landscape.curvature.preconditioned`). Unknown optimisers raise ``ValueError``.
+
+    Args:
+        optimizer_or_name: a ``torch.optim`` optimizer or an optimiser's name.
+        lr: the learning rate (read from the optimizer when not given).
+        momentum: the momentum (SGD, RMSprop).
+        betas: Adam's betas; only ``betas[0]`` matters.
+        nesterov: Nesterov momentum (SGD).
+        dampening: SGD's dampening.
+
+    Returns:
+        The threshold on the (preconditioned, for Adam and RMSprop) sharpness.
+
+    Raises:
+        ValueError: an unknown optimiser, no or a non-positive learning rate, or momentum,
+            dampening or ``betas[0]`` outside ``[0, 1)``.
+
+    Example:
+        >>> round(stability_threshold("adam", lr=0.01), 6)  # 38 / lr at b1 = 0.9
+        3800.0
     """
     if isinstance(optimizer_or_name, torch.optim.Optimizer):
         group = optimizer_or_name.param_groups[0]

@@ -1,4 +1,4 @@
-"""Hessian / GGN operators against dense float64 ground truth (METRICS.md 1.1, 1.2, 1.7)."""
+"""Hessian / GGN operators against dense float64 ground truth (docs/curvature.md)."""
 
 from __future__ import annotations
 
@@ -143,7 +143,8 @@ def test_closed_form_linear_least_squares_t1():
         eig = top_eigenvalues(op, k=3, tol=1e-10)
         assert torch.allclose(eig.values, torch.tensor([4.0, 1.0, 0.25], dtype=torch.float64))
         assert abs(abs(float(eig.vectors[0][0][0, 0])) - 1.0) < 1e-8
-    mse = Hessian(model, nn.MSELoss(), (x, y))  # PyTorch's MSE has no 1/2 (METRICS G2)
+    # PyTorch's MSE has no 1/2 (docs/curvature.md, "Conventions")
+    mse = Hessian(model, nn.MSELoss(), (x, y))
     assert torch.allclose(mse.to_dense(), 2 * torch.diag(torch.tensor([4.0, 1.0, 0.25])).double())
 
 

@@ -1,4 +1,4 @@
-"""Lanczos eigenvalues, Hutchinson / Hutch++ traces and SLQ densities (METRICS.md 1.3-1.5, 1.7)."""
+"""Lanczos eigenvalues, Hutchinson / Hutch++ traces and SLQ densities (docs/curvature.md)."""
 
 from __future__ import annotations
 
@@ -283,7 +283,9 @@ def test_slq_moments_match_the_dense_spectrum():
 
 def test_slq_breakdown_and_custom_grid():
     op = MatrixOperator(torch.diag(torch.tensor([1.0, 1.0, 3.0, 3.0], dtype=torch.float64)))
-    res = spectral_density(op, lanczos_steps=10, n_probes=2, grid=torch.linspace(0, 4, 401), sigma=0.05)
+    res = spectral_density(
+        op, lanczos_steps=10, n_probes=2, grid=torch.linspace(0, 4, 401), sigma=0.05
+    )
     assert res.n_matvec == 4  # two runs, each exhausts its 2-dimensional Krylov space
     assert res.nodes.shape == (2, 2) and bool(res.valid.all())
     assert set(torch.round(res.nodes, decimals=8).reshape(-1).tolist()) == {1.0, 3.0}
