@@ -354,6 +354,8 @@ class Monitor:
         if self._last_step is not None and step <= self._last_step:
             raise StepOrderError(
                 f"step {step} does not come after the last recorded step {self._last_step}"
+                + ("" if self.path is None else f" in {self.path} (to start the file over, "
+                   f"pass mode='w'; to resume from step {step}, truncate_from={step})")
             )
         due = [m for m in self.metrics if m.schedule(step)]
         before, self._before = self._before, None

@@ -362,3 +362,16 @@ def test_surface_info_report_check_default_paths(setup, tmp_path):
     plot = _invoke(["plot", out, "-o", tmp_path / "figs"])
     assert plot.exit_code == 0 and "surface-random.png" in plot.stdout
     assert np.isfinite(ls.Run.open(out).surface("random").values["loss"]).all()
+
+
+def test_rerunning_a_monitor_into_its_run_file_says_how_to_start_over(tmp_path):
+    net = torch.nn.Linear(2, 1)
+    path = tmp_path / "run.h5"
+    for _ in range(2):  # the second run starts at step 0 again, into the same file
+        with ls.Monitor(net, torch.nn.functional.mse_loss, path, metrics=["loss"]) as monitor:
+            if _ == 0:
+                monitor.step(0, loss=1.0)
+                monitor.step(1, loss=0.5)
+            else:
+                with pytest.raises(ls.StepOrderError, match=r"mode='w'.*truncate_from=0"):
+                    monitor.step(0, loss=1.0)
