@@ -6,25 +6,26 @@ docs/metrics.md. Degenerate inputs give NaN with a machine-readable ``reason`` (
 :class:`MetricError` with ``strict=True``); malformed arguments raise ``ValueError``.
 """
 
+from landscape._deprecation import module_getattr
 from landscape.functional._common import MetricError, MetricResult, Scalar
 from landscape.functional.alignment import (
-    SpectralAlignment,
-    TopSingular,
+    SpectralAlignmentResult,
+    TopSingularResult,
     attention_projections,
     sign_diversity,
     spectral_alignment,
     top_singular_vector,
 )
 from landscape.functional.collapse import (
-    NeuralCollapse,
-    VariabilityCollapse,
+    NeuralCollapseResult,
+    VariabilityCollapseResult,
     nc1,
     ncc_mismatch,
     neural_collapse,
     variability_collapse_index,
 )
 from landscape.functional.representation import (
-    PowerLawFit,
+    PowerLawFitResult,
     alignment,
     alpha_req,
     effective_rank,
@@ -34,16 +35,16 @@ from landscape.functional.representation import (
     wasserstein_uniformity,
 )
 from landscape.functional.sharpness import (
-    Sharpness,
+    SharpnessResult,
     asam_sharpness,
     sam_sharpness,
     stability_ratio,
 )
 from landscape.functional.signals import (
-    AttentionStats,
-    LogitStats,
-    NlmCosine,
-    SoftmaxCollapse,
+    AttentionStatsResult,
+    LogitStatsResult,
+    NlmCosineResult,
+    SoftmaxCollapseResult,
     attention_logit_stats,
     layer_rotation,
     layer_rotations,
@@ -53,7 +54,7 @@ from landscape.functional.signals import (
     softmax_collapse_fraction,
 )
 from landscape.functional.taylor import (
-    TaylorRadius,
+    TaylorRadiusResult,
     binary_radius,
     clip_step,
     directional_logit_derivatives,
@@ -70,14 +71,14 @@ __all__ = [
     "MetricResult",
     "Scalar",
     # neural collapse and variability collapse
-    "NeuralCollapse",
-    "VariabilityCollapse",
+    "NeuralCollapseResult",
+    "VariabilityCollapseResult",
     "nc1",
     "ncc_mismatch",
     "neural_collapse",
     "variability_collapse_index",
     # representation spectra and geometry
-    "PowerLawFit",
+    "PowerLawFitResult",
     "alignment",
     "alpha_req",
     "effective_rank",
@@ -86,14 +87,14 @@ __all__ = [
     "von_neumann_entropy",
     "wasserstein_uniformity",
     # spectral alignment
-    "SpectralAlignment",
-    "TopSingular",
+    "SpectralAlignmentResult",
+    "TopSingularResult",
     "attention_projections",
     "sign_diversity",
     "spectral_alignment",
     "top_singular_vector",
     # Taylor radius of cross-entropy
-    "TaylorRadius",
+    "TaylorRadiusResult",
     "binary_radius",
     "clip_step",
     "directional_logit_derivatives",
@@ -103,15 +104,15 @@ __all__ = [
     "taylor_radius_from_logits",
     "taylor_step_controller",
     # sharpness
-    "Sharpness",
+    "SharpnessResult",
     "asam_sharpness",
     "sam_sharpness",
     "stability_ratio",
     # cheap early-warning signals
-    "AttentionStats",
-    "LogitStats",
-    "NlmCosine",
-    "SoftmaxCollapse",
+    "AttentionStatsResult",
+    "LogitStatsResult",
+    "NlmCosineResult",
+    "SoftmaxCollapseResult",
     "attention_logit_stats",
     "layer_rotation",
     "layer_rotations",
@@ -120,3 +121,20 @@ __all__ = [
     "softmax_collapse",
     "softmax_collapse_fraction",
 ]
+
+# old result-class names, for one release (docs/vocabulary.md)
+__getattr__ = module_getattr(
+    __name__, {old: f"{old}Result" for old in (
+        "SpectralAlignment",
+        "TopSingular",
+        "NeuralCollapse",
+        "VariabilityCollapse",
+        "PowerLawFit",
+        "Sharpness",
+        "SoftmaxCollapse",
+        "LogitStats",
+        "AttentionStats",
+        "NlmCosine",
+        "TaylorRadius",
+    )}, globals()
+)

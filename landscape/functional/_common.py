@@ -1,10 +1,10 @@
 """Shared plumbing for the pure metric functions: result types, validation, precision.
 
-Conventions (METRICS.md section 0):
+Conventions (docs/metrics.md, "Conventions shared by every function"):
 
-* Small dense eigenproblems run in float64 with symmetric solvers (G5). Inputs in
+* Small dense eigenproblems run in float64 with symmetric solvers. Inputs in
   float16/bfloat16/float32 are upcast; results live on the input's device.
-* Failure policy (G7): a degenerate input gives NaN plus a machine-readable ``reason``;
+* Failure policy: a degenerate input gives NaN plus a machine-readable ``reason``;
   with ``strict=True`` the function raises :class:`MetricError` (a ``ValueError``) instead.
 * Malformed arguments (wrong shape, label out of range) always raise ``ValueError``
   naming the argument, whatever ``strict`` says.

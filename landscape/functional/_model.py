@@ -36,7 +36,7 @@ def as_param_dict(
     """A parameter-space vector as a dict keyed like ``like`` (detached, ``like``'s dtype).
 
     A mapping may name any subset of ``like`` (missing entries are zero); a sequence must
-    have one tensor per entry of ``like`` in order (METRICS.md G1).
+    have one tensor per entry of ``like`` in order (docs/curvature.md, "Conventions").
     """
     if isinstance(vector, torch.Tensor):
         raise ValueError(

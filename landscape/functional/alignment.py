@@ -2,7 +2,7 @@
 
 Reference: Qiu, Wu, Tan, Wang & Yao, "Spectral alignment as predictor of loss explosion in
 neural network training", arXiv:2510.04202 (2025). Only the abstract was available when this
-was written (METRICS.md sections 4 and 12), so the statistic below is *our* documented
+was written (docs/metrics.md, "Spectral alignment"), so the statistic below is *our* documented
 definition, chosen to match the abstract ("distributional alignment between layer inputs and
 the principal singular vectors of weight matrices"; "a collapse in the sign diversity of this
 alignment" predicts divergence):
@@ -31,11 +31,12 @@ import math
 import torch
 from torch import nn
 
+from landscape._deprecation import module_getattr
 from landscape.functional._common import MetricResult, as_float_tensor, fail, work_dtype
 
 
 @dataclasses.dataclass(frozen=True)
-class TopSingular(MetricResult):
+class TopSingularResult(MetricResult):
     """Top singular triple of W: ``sigma``, ``u`` (output space), ``v`` (input space).
 
     ``n_iter`` power iterations were used; ``converged`` says whether the change
@@ -65,7 +66,7 @@ def top_singular_vector(
     tol: float = 1e-6,
     generator: torch.Generator | None = None,
     strict: bool = False,
-) -> TopSingular:
+) -> TopSingularResult:
     """Top singular value and vectors of a 2-D ``weight`` by power iteration on W^T W.
 
     ``init`` (shape (d_in,)) warm-starts the iteration, typically with the previous step's
@@ -116,7 +117,7 @@ def top_singular_vector(
     if not sigma > 0:
         reason = fail("zero_matrix", "weight maps the iterate to zero (W = 0?)", strict)
         nan_v = torch.full_like(v, math.nan)
-        return TopSingular(
+        return TopSingularResult(
             sigma,
             torch.full((w.shape[0],), math.nan, dtype=w.dtype, device=w.device),
             nan_v,
@@ -126,11 +127,11 @@ def top_singular_vector(
         )
     v = _fix_sign(v, ref)
     u = (w @ v) / sigma
-    return TopSingular(sigma, u, v, it, converged)
+    return TopSingularResult(sigma, u, v, it, converged)
 
 
 @dataclasses.dataclass(frozen=True)
-class SpectralAlignment(MetricResult):
+class SpectralAlignmentResult(MetricResult):
     """Per-token cosines with the top right singular vector and their sign-diversity summary.
 
     * ``cosines``: (T,) cosines <x_t, v_1>/||x_t|| over all tokens (0 for zero inputs).
@@ -210,7 +211,7 @@ def spectral_alignment(
     max_iter: int = 100,
     tol: float = 1e-6,
     strict: bool = False,
-) -> SpectralAlignment:
+) -> SpectralAlignmentResult:
     """Spectral alignment of a linear layer (Qiu et al. 2025, arXiv:2510.04202; our definition).
 
     Args:
@@ -223,7 +224,7 @@ def spectral_alignment(
         strict: raise instead of returning NaN with a ``reason``.
 
     Returns:
-        :class:`SpectralAlignment`. The statistic's definition and why it was chosen are in
+        :class:`SpectralAlignmentResult`. The statistic's definition and why it was chosen are in
         the module docstring and docs/metrics.md. W = 0 gives NaN (``"zero_matrix"``);
         all-zero inputs give NaN summaries (``"zero_inputs"``).
     """
@@ -259,7 +260,7 @@ def spectral_alignment(
         cos = torch.full_like(cos, math.nan)
         nan = torch.tensor(math.nan, dtype=torch.float64, device=x.device)
         summary = {k: nan for k in summary}
-    return SpectralAlignment(
+    return SpectralAlignmentResult(
         cosines=cos,
         sigma=sigma,
         v=vec,
@@ -298,10 +299,21 @@ def attention_projections(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 __all__ = [
-    "SpectralAlignment",
-    "TopSingular",
+    "SpectralAlignmentResult",
+    "TopSingularResult",
     "attention_projections",
     "sign_diversity",
     "spectral_alignment",
     "top_singular_vector",
 ]
+
+
+# old result-class names, for one release (docs/vocabulary.md)
+__getattr__ = module_getattr(
+    __name__,
+    {
+        "SpectralAlignment": "SpectralAlignmentResult",
+        "TopSingular": "TopSingularResult",
+    },
+    globals(),
+)

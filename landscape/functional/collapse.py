@@ -9,7 +9,7 @@ References
 * Xu & Liu, "Quantifying the variability collapse of neural networks", ICML 2023
   (arXiv:2306.03440): VCI.
 
-Notation and conventions follow METRICS.md sections 6 and 7: features ``h`` of shape (N, p),
+Notation and conventions follow docs/metrics.md (neural collapse, VCI): features ``h`` of shape (N, p),
 C = number of classes *present* (empty classes are dropped), class means mu_c,
 global mean mu_G (default: the mean of class means), centred means M~ (p x C),
 Sigma_W = (1/N) sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T and Sigma_B = M~ M~^T / C.
@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from landscape._deprecation import module_getattr
 from landscape.functional._common import (
     NAN,
     MetricResult,
@@ -96,7 +97,7 @@ def _between_svd(stats: _ClassStats, rtol: float) -> tuple[torch.Tensor, torch.T
     return s[:k], vh[:k].T  # (k,), (p, k)
 
 
-def _cov(x: torch.Tensor, ddof: int) -> torch.Tensor:
+def _coefficient_of_variation(x: torch.Tensor, ddof: int) -> torch.Tensor:
     """Coefficient of variation std/mean of a 1-D tensor (NaN when undefined)."""
     if x.numel() - ddof <= 0:
         return torch.tensor(NAN, dtype=torch.float64, device=x.device)
@@ -172,7 +173,7 @@ def _split_classifier(
 
 
 @dataclasses.dataclass(frozen=True)
-class NeuralCollapse(MetricResult):
+class NeuralCollapseResult(MetricResult):
     """NC1–NC4 (Papyan et al. 2020) and the simplex-ETF distances of Zhu et al. (2021).
 
     Fields (0-d float64 tensors on the features' device; classifier fields are ``None``
@@ -261,11 +262,11 @@ def neural_collapse(
     ddof: int = 1,
     rtol: float = 1e-6,
     strict: bool = False,
-) -> NeuralCollapse:
+) -> NeuralCollapseResult:
     """Neural-collapse metrics NC1–NC4 of last-layer features.
 
     Papyan, Han & Donoho, PNAS 2020 (arXiv:2008.08186); the ETF distances follow
-    Zhu et al., NeurIPS 2021 (arXiv:2105.02375). Conventions: METRICS.md section 6.
+    Zhu et al., NeurIPS 2021 (arXiv:2105.02375). Conventions: docs/metrics.md, "Neural collapse".
 
     Args:
         features: (N, p) penultimate features (any float dtype; computed in float64).
@@ -283,7 +284,7 @@ def neural_collapse(
         strict: raise :class:`MetricError` instead of returning NaN with a ``reason``.
 
     Returns:
-        :class:`NeuralCollapse`. ``nc1 = Tr(Sigma_W Sigma_B^+)/C`` (with the 1/C of the
+        :class:`NeuralCollapseResult`. ``nc1 = Tr(Sigma_W Sigma_B^+)/C`` (with the 1/C of the
         paper's figures). Degenerate cases: fewer than two classes (``"single_class"``) or
         identical class means (``"rank_deficient"``) give NaN for NC1–NC3.
     """
@@ -304,7 +305,7 @@ def neural_collapse(
     nc4 = _nc4(stats, w_full, b) if w_full is not None else None
     if reason is not None:
         with_w = w_full is not None
-        return NeuralCollapse(
+        return NeuralCollapseResult(
             nc1=nan,
             nc1_rank=0,
             nc2_equinorm_means=nan,
@@ -328,7 +329,7 @@ def neural_collapse(
     fields: dict[str, object] = dict(
         nc1=nc1,
         nc1_rank=rank,
-        nc2_equinorm_means=_cov(mt.norm(dim=1), ddof),
+        nc2_equinorm_means=_coefficient_of_variation(mt.norm(dim=1), ddof),
         nc2_equiangular_means=eq_m,
         nc2_maxangle_means=mx_m,
         nc2_etf_means=_etf_distance(mt @ mt.T),
@@ -342,14 +343,14 @@ def neural_collapse(
         m_n = torch.linalg.matrix_norm(mt)
         nc3 = torch.linalg.matrix_norm(w / w_n - mt / m_n) ** 2 if w_n > 0 else nan
         fields.update(
-            nc2_equinorm_weights=_cov(w.norm(dim=1), ddof),
+            nc2_equinorm_weights=_coefficient_of_variation(w.norm(dim=1), ddof),
             nc2_equiangular_weights=eq_w,
             nc2_maxangle_weights=mx_w,
             nc2_etf_weights=_etf_distance(w @ w.T),
             nc3=nc3,
             nc3_zhu=_etf_distance(w @ mt.T),  # Zhu's compute_W_H_relation
         )
-    return NeuralCollapse(**fields)  # type: ignore[arg-type]
+    return NeuralCollapseResult(**fields)  # type: ignore[arg-type]
 
 
 def nc1(
@@ -375,7 +376,7 @@ VciDenominator = Literal["min", "rank", "classes"]
 
 
 @dataclasses.dataclass(frozen=True)
-class VariabilityCollapse(MetricResult):
+class VariabilityCollapseResult(MetricResult):
     """VCI = 1 - Tr(Sigma_T^+ Sigma_B) / denominator (Xu & Liu 2023).
 
     ``trace`` is Tr(Sigma_T^+ Sigma_B); ``denominator`` the number it was divided by;
@@ -400,10 +401,10 @@ def variability_collapse_index(
     global_mean: GlobalMean = "class_means",
     rtol: float = 1e-10,
     strict: bool = False,
-) -> VariabilityCollapse:
+) -> VariabilityCollapseResult:
     """Variability-collapse index (Xu & Liu, ICML 2023, arXiv:2306.03440).
 
-    VCI = 1 - Tr(Sigma_T^+ Sigma_B) / d with Sigma_T = Sigma_W + Sigma_B (METRICS.md section 7).
+    VCI = 1 - Tr(Sigma_T^+ Sigma_B) / d with Sigma_T = Sigma_W + Sigma_B (docs/metrics.md).
     For balanced classes it is the optimal affine linear-probe MSE on one-hot labels divided
     by the MSE of the constant predictor: 0 = a perfect linear probe (full collapse along the
     label-relevant directions), 1 = no linearly decodable label information. It is invariant
@@ -434,13 +435,13 @@ def variability_collapse_index(
     nan = torch.tensor(NAN, dtype=torch.float64, device=dev)
     if stats.c < 2:
         reason = fail("single_class", "VCI needs at least two classes present", strict)
-        return VariabilityCollapse(nan, nan, 0, 0, reason)
+        return VariabilityCollapseResult(nan, nan, 0, 0, reason)
     mt = stats.centred_means  # (C, p)
     s_b = torch.linalg.svdvals(mt)
     rank_b = int((s_b[: min(stats.p, stats.c - 1)] > 1e-6 * s_b[0]).sum()) if s_b[0] > 0 else 0
     if rank_b == 0:
         reason = fail("rank_deficient", "all class means are equal (Sigma_B = 0)", strict)
-        return VariabilityCollapse(nan, nan, 0, 0, reason)
+        return VariabilityCollapseResult(nan, nan, 0, 0, reason)
     c, n, p = stats.c, stats.n, stats.p
     within = stats.within()
     if p > n + c:
@@ -457,14 +458,25 @@ def variability_collapse_index(
         proj = (mt @ e) / lam.sqrt()
     trace = (proj * proj).sum() / c
     d = {"min": min(p, c - 1), "rank": rank_b, "classes": c - 1}[denominator]
-    return VariabilityCollapse(1.0 - trace / d, trace, d, rank_b, None)
+    return VariabilityCollapseResult(1.0 - trace / d, trace, d, rank_b, None)
 
 
 __all__ = [
-    "NeuralCollapse",
-    "VariabilityCollapse",
+    "NeuralCollapseResult",
+    "VariabilityCollapseResult",
     "nc1",
     "ncc_mismatch",
     "neural_collapse",
     "variability_collapse_index",
 ]
+
+
+# old result-class names, for one release (docs/vocabulary.md)
+__getattr__ = module_getattr(
+    __name__,
+    {
+        "NeuralCollapse": "NeuralCollapseResult",
+        "VariabilityCollapse": "VariabilityCollapseResult",
+    },
+    globals(),
+)

@@ -11,7 +11,7 @@ References
 * Fang, Li, Sun & Wang, "Rethinking the uniformity metric in self-supervised learning",
   ICLR 2024 (arXiv:2403.00642).
 
-Definitions follow METRICS.md sections 8 and 9. Everything spectral runs in float64: the
+Definitions follow docs/metrics.md (effective rank to uniformity). Everything spectral runs in float64: the
 eigenvalues lambda_k of Z^T Z come from ``eigvalsh`` of the Gram matrix of the smaller side
 (K x K when N >= K; cost O(N K min(N, K)), about twice as fast as an SVD), clamped at 0, and
 eigenvalues below the Gram route's rounding level max(N, K) * eps_64 * lambda_1 are set to
@@ -28,6 +28,7 @@ import math
 
 import torch
 
+from landscape._deprecation import module_getattr
 from landscape.functional._common import (
     MetricResult,
     Scalar,
@@ -119,7 +120,7 @@ def von_neumann_entropy(features: torch.Tensor, *, strict: bool = False) -> Scal
 
 
 @dataclasses.dataclass(frozen=True)
-class PowerLawFit(MetricResult):
+class PowerLawFitResult(MetricResult):
     """alpha-ReQ fit: lambda_i ~ c * i^(-alpha) on indices ``first..last`` (1-based)."""
 
     alpha: torch.Tensor
@@ -139,7 +140,7 @@ def alpha_req(
     center: bool = True,
     rtol: float = 1e-12,
     strict: bool = False,
-) -> PowerLawFit:
+) -> PowerLawFitResult:
     """alpha-ReQ: power-law decay exponent of the representation's eigenspectrum
     (Agrawal et al., NeurIPS 2022).
 
@@ -147,7 +148,7 @@ def alpha_req(
     default) are fitted as log lambda_i = b - alpha log i by ordinary least squares over the
     1-based indices ``fit_range = (first, last)``; ``last=None`` means the numerical rank
     (eigenvalues above ``rtol`` * lambda_1; zeros cannot enter a log-log fit). The paper's
-    fitting range is not pinned down (METRICS.md section 12); the default uses every non-zero
+    fitting range is not pinned down (docs/metrics.md, "α-ReQ"); the default uses every non-zero
     eigenvalue. alpha near 1 is reported as best; alpha >> 1 is collapse-like.
     Fewer than two usable eigenvalues give NaN with reason ``"rank_deficient"``.
     """
@@ -167,13 +168,13 @@ def alpha_req(
         reason = fail(
             "rank_deficient", f"fewer than two non-zero eigenvalues in {fit_range}", strict
         )
-        return PowerLawFit(nan, nan, first, stop, reason)
+        return PowerLawFitResult(nan, nan, first, stop, reason)
     i = torch.arange(first, stop + 1, dtype=torch.float64, device=dev)
     x = torch.log(i)
     y = torch.log(lam[first - 1 : stop])
     xm, ym = x.mean(), y.mean()
     slope = ((x - xm) * (y - ym)).sum() / ((x - xm) ** 2).sum()
-    return PowerLawFit(-slope, ym - slope * xm, first, stop)
+    return PowerLawFitResult(-slope, ym - slope * xm, first, stop)
 
 
 def alignment(
@@ -283,7 +284,7 @@ def wasserstein_uniformity(features: torch.Tensor, *, strict: bool = False) -> S
 
 
 __all__ = [
-    "PowerLawFit",
+    "PowerLawFitResult",
     "alignment",
     "alpha_req",
     "effective_rank",
@@ -292,3 +293,7 @@ __all__ = [
     "von_neumann_entropy",
     "wasserstein_uniformity",
 ]
+
+
+# old result-class names, for one release (docs/vocabulary.md)
+__getattr__ = module_getattr(__name__, {"PowerLawFit": "PowerLawFitResult"}, globals())

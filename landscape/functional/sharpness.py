@@ -9,9 +9,9 @@ References
 * Cohen, Kaur, Li, Kolter & Talwalkar, "Gradient descent on neural networks typically
   occurs at the edge of stability", ICLR 2021 (arXiv:2103.00065), and Cohen et al.,
   "Adaptive gradient methods at the edge of stability" (arXiv:2207.14484): lambda_max
-  compared with the optimiser's linear-stability threshold (METRICS.md 1.6).
+  compared with the optimiser's linear-stability threshold (docs/curvature.md).
 
-Definitions follow METRICS.md section 2: the first-order maximiser
+Definitions follow docs/metrics.md, "Sharpness": the first-order maximiser
 eps^ = rho sign(g) |g|^(q-1) / (||g||_q^q)^(1/p) of L(w + eps) over the p-norm ball
 (eps^ = rho g / ||g|| for p = 2), and the metric S = L(w + eps^) - L(w) on the *same* batch.
 The model is evaluated through ``torch.func.functional_call`` with a parameter dict (never a
@@ -28,6 +28,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import torch
 from torch import nn
 
+from landscape._deprecation import module_getattr
 from landscape.functional._common import MetricResult, fail
 from landscape.functional._model import as_param_dict, detached_params
 from landscape.isolation import isolated, stateless_call
@@ -37,7 +38,7 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
-class Sharpness(MetricResult):
+class SharpnessResult(MetricResult):
     """``value`` = L(w + eps^) - L(w); ``loss`` = L(w); ``perturbed_loss`` = L(w + eps^);
     ``grad_norm`` = ||g||_2 (of the scaled gradient T g for ASAM); ``rho`` the radius;
     ``used_fallback`` whether the fallback direction replaced a zero gradient."""
@@ -125,7 +126,7 @@ def _sharpness(
     eval_mode: bool,
     tol: float,
     strict: bool,
-) -> Sharpness:
+) -> SharpnessResult:
     if not rho > 0:
         raise ValueError(f"rho must be > 0, got {rho}")
     if not p > 1:
@@ -142,7 +143,7 @@ def _sharpness(
         if not torch.isfinite(loss) or not torch.isfinite(gnorm):
             reason = fail("non_finite", "loss or gradient is not finite", strict)
             nan = torch.tensor(math.nan, dtype=torch.float64, device=loss.device)
-            return Sharpness(nan, loss.double(), nan, gnorm.to(loss.device), rho, False, reason)
+            return SharpnessResult(nan, loss.double(), nan, gnorm.to(loss.device), rho, False, reason)
         if float(gnorm) <= tol:
             if fallback_direction is None:
                 reason = fail(
@@ -152,7 +153,7 @@ def _sharpness(
                     strict,
                 )
                 nan = torch.tensor(math.nan, dtype=torch.float64, device=loss.device)
-                return Sharpness(nan, loss.double(), nan, gnorm.to(loss.device), rho, False, reason)
+                return SharpnessResult(nan, loss.double(), nan, gnorm.to(loss.device), rho, False, reason)
             d = as_param_dict(fallback_direction, params, "fallback_direction")
             dn = float(_norm(d))
             if dn == 0:
@@ -168,7 +169,7 @@ def _sharpness(
         perturbed = {k: params[k] + eps[k] for k in params}
         ploss = _loss_at(model, loss_fn, inputs, targets, perturbed)
     loss64, ploss64 = loss.double(), ploss.double()
-    return Sharpness(ploss64 - loss64, loss64, ploss64, gnorm.to(loss.device), rho, used_fallback)
+    return SharpnessResult(ploss64 - loss64, loss64, ploss64, gnorm.to(loss.device), rho, used_fallback)
 
 
 def sam_sharpness(
@@ -184,12 +185,12 @@ def sam_sharpness(
     eval_mode: bool = True,
     tol: float = 1e-12,
     strict: bool = False,
-) -> Sharpness:
+) -> SharpnessResult:
     """First-order SAM epsilon-sharpness S = L(w + eps^) - L(w) (Foret et al., ICLR 2021).
 
     eps^ = rho g/||g||_2 for ``p=2`` (general p: the dual-norm maximiser; ``p=math.inf``
     gives rho sign(g)), with g = grad L(w) on the same batch ``(inputs, targets)``;
-    ``loss_fn(outputs, targets)`` must be a mean-reduced scalar (METRICS.md G2).
+    ``loss_fn(outputs, targets)`` must be a mean-reduced scalar (docs/curvature.md, "Conventions").
     ``params`` restricts the perturbation to a selection of trainable parameters (names,
     glob patterns, submodules; see ``landscape.params.select_named_parameters``). When
     ||g|| <= ``tol`` (an exact minimum) eps^ is undefined: with ``fallback_direction``
@@ -230,7 +231,7 @@ def asam_sharpness(
     eval_mode: bool = True,
     tol: float = 1e-12,
     strict: bool = False,
-) -> Sharpness:
+) -> SharpnessResult:
     """First-order adaptive sharpness (ASAM; Kwon et al., ICML 2021, arXiv:2102.11600).
 
     S = max_{||T_w^-1 eps||_p <= rho} L(w + eps) - L(w) at the first-order maximiser
@@ -243,7 +244,7 @@ def asam_sharpness(
       are perturbed like plain SAM (the official code's rule is by name, "weight").
 
     Defaults: rho = 0.5 (the official class default) and eta = 0, for which the value is
-    exactly invariant to function-preserving rescalings of ReLU layers (METRICS.md 2.4).
+    exactly invariant to function-preserving rescalings of ReLU layers (docs/metrics.md, "Sharpness").
     ``grad_norm`` reports ||T_w g||. Other arguments as in :func:`sam_sharpness`.
     """
     if normalization not in ("element", "filter"):
@@ -274,7 +275,7 @@ def stability_ratio(lambda_max: float | torch.Tensor, threshold: float | torch.T
     """lambda_max / threshold: curvature relative to the optimiser's stability threshold.
 
     ``threshold`` from :func:`landscape.curvature.stability_threshold` (e.g. 2/lr for GD,
-    38/lr for Adam at beta1 = 0.9 with preconditioned sharpness; METRICS.md 1.6);
+    38/lr for Adam at beta1 = 0.9 with preconditioned sharpness; docs/curvature.md);
     ``lambda_max`` from the curvature engine (``landscape.top_eigenvalues``). A ratio >= 1
     means the edge of stability is reached. NaN lambda_max gives NaN; ``threshold`` must
     be finite and > 0.
@@ -286,8 +287,12 @@ def stability_ratio(lambda_max: float | torch.Tensor, threshold: float | torch.T
 
 
 __all__ = [
-    "Sharpness",
+    "SharpnessResult",
     "asam_sharpness",
     "sam_sharpness",
     "stability_ratio",
 ]
+
+
+# old result-class names, for one release (docs/vocabulary.md)
+__getattr__ = module_getattr(__name__, {"Sharpness": "SharpnessResult"}, globals())

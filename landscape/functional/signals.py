@@ -10,7 +10,7 @@ References
 * Carbonnelle & De Vleeschouwer, "Layer rotation: a surprisingly simple indicator of
   generalization in deep networks?", arXiv:1806.01603 (2019).
 
-Definitions follow METRICS.md section 11. Every leading dimension of a logits tensor of
+Definitions follow docs/metrics.md, "Cheap early-warning signals". Every leading dimension of a logits tensor of
 shape (..., C) is a sample (token).
 """
 
@@ -22,6 +22,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from landscape._deprecation import module_getattr
 from landscape.functional._common import (
     MetricResult,
     Scalar,
@@ -43,7 +44,7 @@ def _flat_logits(logits: torch.Tensor, name: str = "logits") -> torch.Tensor:
 
 
 @dataclasses.dataclass(frozen=True)
-class SoftmaxCollapse(MetricResult):
+class SoftmaxCollapseResult(MetricResult):
     """``fraction``: samples whose shifted partition sum equals 1 exactly (SC);
     ``zero_terms``: samples whose cross-entropy is exactly 0 (None without targets)."""
 
@@ -54,7 +55,7 @@ class SoftmaxCollapse(MetricResult):
 
 def softmax_collapse(
     logits: torch.Tensor, targets: torch.Tensor | None = None, *, dtype: torch.dtype | None = None
-) -> SoftmaxCollapse:
+) -> SoftmaxCollapseResult:
     """Softmax-collapse fraction (Prieto et al., ICLR 2025, arXiv:2501.04697).
 
     Per sample, in ``dtype`` (default: the logits' own dtype, i.e. the dtype the
@@ -83,7 +84,7 @@ def softmax_collapse(
             raise ValueError(f"targets must be integer class indices in [0, {z.shape[1]})")
         ce = torch.nn.functional.cross_entropy(z, y.to(z.device).long(), reduction="none")
         zero = (ce == 0).to(torch.float64).mean()
-    return SoftmaxCollapse(frac, zero)
+    return SoftmaxCollapseResult(frac, zero)
 
 
 def softmax_collapse_fraction(logits: torch.Tensor, *, dtype: torch.dtype | None = None) -> Scalar:
@@ -92,7 +93,7 @@ def softmax_collapse_fraction(logits: torch.Tensor, *, dtype: torch.dtype | None
 
 
 @dataclasses.dataclass(frozen=True)
-class LogitStats(MetricResult):
+class LogitStatsResult(MetricResult):
     """Output-logit statistics: log-partition log Z = logsumexp(z) per sample (mean, min,
     max), the z-loss coef * mean (log Z)^2, and the max logit and max |logit|."""
 
@@ -105,7 +106,7 @@ class LogitStats(MetricResult):
     reason: str | None = None
 
 
-def logit_stats(logits: torch.Tensor, *, z_loss_coef: float = 1e-4) -> LogitStats:
+def logit_stats(logits: torch.Tensor, *, z_loss_coef: float = 1e-4) -> LogitStatsResult:
     """Log-partition (z) and logit-size statistics (Wortsman et al., ICLR 2024).
 
     Computed in float32 or float64 whatever the logits' dtype. All-zero logits over V classes
@@ -117,7 +118,7 @@ def logit_stats(logits: torch.Tensor, *, z_loss_coef: float = 1e-4) -> LogitStat
     reason = None if bool(torch.isfinite(z).all()) else "non_finite"
     lz = f64(torch.logsumexp(z, dim=1))
     za = f64(z)
-    return LogitStats(
+    return LogitStatsResult(
         lz.mean(),
         lz.min(),
         lz.max(),
@@ -129,7 +130,7 @@ def logit_stats(logits: torch.Tensor, *, z_loss_coef: float = 1e-4) -> LogitStat
 
 
 @dataclasses.dataclass(frozen=True)
-class AttentionStats(MetricResult):
+class AttentionStatsResult(MetricResult):
     """Attention-logit statistics: ``max_abs_logit`` = max |q.k|/sqrt(d); ``bound`` =
     max|q| max|k|/sqrt(d) (what a fused kernel allows without the logits); attention entropy
     over keys per query, ``entropy_min`` and ``entropy_mean``; ``max_abs_logit_per_head``
@@ -149,7 +150,7 @@ def attention_logit_stats(
     *,
     scale: float | None = None,
     causal: bool = False,
-) -> AttentionStats:
+) -> AttentionStatsResult:
     """Attention-logit growth statistics (Wortsman et al., ICLR 2024; Dehghani et al. 2023).
 
     ``q``: (..., T_q, d) and ``k``: (..., T_k, d) with equal leading dims; logits
@@ -185,7 +186,7 @@ def attention_logit_stats(
     per_head = None
     if z.dim() == 4:
         per_head = f64(z_for_max.amax(dim=(0, 2, 3)))
-    return AttentionStats(f64(z_for_max.max()), bound, f64(ent.min()), f64(ent.mean()), per_head)
+    return AttentionStatsResult(f64(z_for_max.max()), bound, f64(ent.min()), f64(ent.mean()), per_head)
 
 
 def layer_rotation(weight: torch.Tensor, initial: torch.Tensor, *, strict: bool = False) -> Scalar:
@@ -227,7 +228,7 @@ def layer_rotations(
 
 
 @dataclasses.dataclass(frozen=True)
-class NlmCosine(MetricResult):
+class NlmCosineResult(MetricResult):
     """``cosine`` = cos(-grad, theta) over all tensors; ``per_tensor`` one cosine each (NaN
     for zero tensors)."""
 
@@ -238,9 +239,9 @@ class NlmCosine(MetricResult):
 
 def nlm_cosine(
     grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor], *, strict: bool = False
-) -> NlmCosine:
+) -> NlmCosineResult:
     """Naive-loss-minimisation alignment cos(-grad L, theta) (our operationalisation of
-    Prieto et al., ICLR 2025; METRICS.md 11.2).
+    Prieto et al., ICLR 2025; docs/metrics.md).
 
     For positively homogeneous networks theta is the direction that only scales the logits;
     values near 1 mean the update mostly grows the logits (NLM). ``grads`` and ``params``
@@ -273,17 +274,17 @@ def nlm_cosine(
         )
     if not (ng > 0 and nw > 0):
         reason = fail("zero_norm", "the gradient or the parameters are zero", strict)
-        return NlmCosine(
+        return NlmCosineResult(
             torch.tensor(math.nan, dtype=torch.float64, device=num.device), tuple(per), reason
         )
-    return NlmCosine(num / (ng.sqrt() * nw.sqrt()), tuple(per))
+    return NlmCosineResult(num / (ng.sqrt() * nw.sqrt()), tuple(per))
 
 
 __all__ = [
-    "AttentionStats",
-    "LogitStats",
-    "NlmCosine",
-    "SoftmaxCollapse",
+    "AttentionStatsResult",
+    "LogitStatsResult",
+    "NlmCosineResult",
+    "SoftmaxCollapseResult",
     "attention_logit_stats",
     "layer_rotation",
     "layer_rotations",
@@ -292,3 +293,16 @@ __all__ = [
     "softmax_collapse",
     "softmax_collapse_fraction",
 ]
+
+
+# old result-class names, for one release (docs/vocabulary.md)
+__getattr__ = module_getattr(
+    __name__,
+    {
+        "SoftmaxCollapse": "SoftmaxCollapseResult",
+        "LogitStats": "LogitStatsResult",
+        "AttentionStats": "AttentionStatsResult",
+        "NlmCosine": "NlmCosineResult",
+    },
+    globals(),
+)

@@ -1,7 +1,7 @@
 """Taylor convergence radius of the cross-entropy along a direction in parameter space.
 
 Reference: Sao, "Ghosts of Softmax: complex singularities that limit safe step sizes in
-cross-entropy", arXiv:2603.13552 (2026); conventions of METRICS.md section 5.
+cross-entropy", arXiv:2603.13552 (2026); conventions in docs/metrics.md, "Taylor radius of cross-entropy".
 
 Along a unit direction v the logits move, to first order, as z(t) = z(0) + a t with
 a(x; v) = J_z(x) v (one forward-mode JVP for the whole batch). The cross-entropy
@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from landscape._deprecation import module_getattr
 from landscape.functional._common import MetricResult, as_float_tensor, fail
 from landscape.functional._model import (
     OutputFn,
@@ -66,7 +67,7 @@ def binary_radius(margin: torch.Tensor | float, slope_gap: torch.Tensor | float)
 
 
 @dataclasses.dataclass(frozen=True)
-class TaylorRadius(MetricResult):
+class TaylorRadiusResult(MetricResult):
     """Taylor-radius diagnostics along a direction (all float64, on the logits' device).
 
     * ``rho_a``: pi / max_x Delta_a(x; v) for the unit direction v (+inf when no logit moves).
@@ -96,7 +97,7 @@ def taylor_radius_from_logits(
     targets: torch.Tensor | None = None,
     quantile: float | None = None,
     strict: bool = False,
-) -> TaylorRadius:
+) -> TaylorRadiusResult:
     """Taylor-radius diagnostics from logits z(0) and directional derivatives a = J_z p.
 
     ``logit_derivatives`` are along the *unnormalised* direction p of norm ``step_norm``
@@ -141,7 +142,7 @@ def taylor_radius_from_logits(
         )
         nan = torch.tensor(math.nan, dtype=torch.float64, device=dev)
         full = torch.full((z2.shape[0],), math.nan, dtype=torch.float64, device=dev)
-        return TaylorRadius(nan, nan, norm, full, full, full, quantile, reason)
+        return TaylorRadiusResult(nan, nan, norm, full, full, full, quantile, reason)
     unit = a2 / norm if norm > 0 else torch.zeros_like(a2)
     spread = unit.max(1).values - unit.min(1).values
     if spread.numel() == 0:
@@ -154,7 +155,7 @@ def taylor_radius_from_logits(
     cidx = others.argmax(1) if c > 1 else y
     margin = z2.gather(1, y[:, None])[:, 0] - z2.gather(1, cidx[:, None])[:, 0]
     gap = unit.gather(1, y[:, None])[:, 0] - unit.gather(1, cidx[:, None])[:, 0]
-    return TaylorRadius(
+    return TaylorRadiusResult(
         rho_a,
         r,
         norm,
@@ -212,7 +213,7 @@ def taylor_radius(
     eval_mode: bool = True,
     output_fn: OutputFn | None = None,
     strict: bool = False,
-) -> TaylorRadius:
+) -> TaylorRadiusResult:
     """Taylor radius rho_a = pi / max_x Delta_a(x; v) of cross-entropy along ``direction``
     (Sao 2026, arXiv:2603.13552, Def. 4.7), and the normalised step r = ||direction|| / rho_a.
 
@@ -220,7 +221,7 @@ def taylor_radius(
     direction is spread(a) / ||p||. Pass the optimiser's actual update as ``direction`` to
     get r for that step (r >= 1: outside the safe disk), or the gradient for the GD
     direction. See :func:`directional_logit_derivatives` for the isolation guarantees and
-    :class:`TaylorRadius` for the fields. A zero direction gives rho_a = +inf and r = 0.
+    :class:`TaylorRadiusResult` for the fields. A zero direction gives rho_a = +inf and r = 0.
     Non-finite logits or derivatives give NaN with reason ``"non_finite"``.
     """
     logits, a, norm = directional_logit_derivatives(
@@ -259,11 +260,11 @@ def taylor_step_controller(
     target: float = 1.0,
     eval_mode: bool = True,
     output_fn: OutputFn | None = None,
-) -> tuple[tuple[torch.Tensor, ...], float, TaylorRadius]:
+) -> tuple[tuple[torch.Tensor, ...], float, TaylorRadiusResult]:
     """Measure r for a proposed step (one JVP) and rescale the step so that r <= ``target``.
 
     ``step`` has one tensor per trainable parameter in registration order (the optimiser's
-    update Delta theta). Returns (scaled step, scale factor, the :class:`TaylorRadius` of the
+    update Delta theta). Returns (scaled step, scale factor, the :class:`TaylorRadiusResult` of the
     unscaled step). The model is not modified; applying the step is the caller's business.
     A non-finite measurement leaves the step unscaled (scale 1) with the reason recorded.
     """
@@ -275,7 +276,7 @@ def taylor_step_controller(
 
 
 __all__ = [
-    "TaylorRadius",
+    "TaylorRadiusResult",
     "binary_radius",
     "clip_step",
     "directional_logit_derivatives",
@@ -285,3 +286,7 @@ __all__ = [
     "taylor_radius_from_logits",
     "taylor_step_controller",
 ]
+
+
+# old result-class names, for one release (docs/vocabulary.md)
+__getattr__ = module_getattr(__name__, {"TaylorRadius": "TaylorRadiusResult"}, globals())

@@ -1,4 +1,4 @@
-"""Spectral alignment (METRICS.md section 4): power iteration, per-token cosines, sign
+"""Spectral alignment (docs/metrics.md): power iteration, per-token cosines, sign
 diversity; the convention-independent known answers and the sign-flip invariance."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Neural collapse NC1–NC4 and VCI: METRICS.md sections 6 and 7 (known answers, dense
+"""Neural collapse NC1–NC4 and VCI: docs/metrics.md (known answers, dense
 float64 ground truth, invariances, edge cases)."""
 
 from __future__ import annotations

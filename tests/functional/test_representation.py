@@ -1,5 +1,5 @@
 """RankMe, VNE, alpha-ReQ, Wang–Isola alignment/uniformity, Wasserstein uniformity:
-METRICS.md sections 8 and 9."""
+docs/metrics.md."""
 
 from __future__ import annotations
 

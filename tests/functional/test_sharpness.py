@@ -1,4 +1,4 @@
-"""SAM / ASAM sharpness and stability thresholds (METRICS.md sections 2 and 1.6)."""
+"""SAM / ASAM sharpness and stability thresholds (docs/metrics.md, docs/curvature.md)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def quad_loss(w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 
 class Product(nn.Module):
-    """f = w2 * w1 * x (METRICS.md 2.4)."""
+    """f = w2 * w1 * x (docs/metrics.md, "Sharpness")."""
 
     def __init__(self, w1: float, w2: float) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""Cheap early-warning signals (METRICS.md section 11): softmax collapse, log-partition and
+"""Cheap early-warning signals (docs/metrics.md): softmax collapse, log-partition and
 z-loss, attention-logit growth, layer rotation, NLM cosine."""
 
 from __future__ import annotations

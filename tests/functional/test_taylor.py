@@ -1,4 +1,4 @@
-"""Taylor convergence radius of cross-entropy (METRICS.md section 5): JVP derivatives against
+"""Taylor convergence radius of cross-entropy (docs/metrics.md): JVP derivatives against
 finite differences and the dense Jacobian, the exact binary radius, aggregation, the step
 controller, isolation of the model."""
 
