@@ -220,12 +220,14 @@ def spectral_alignment(
         inputs: (..., d_in) layer inputs; every leading index is a token.
         init: warm start for the power iteration (the previous call's ``v``).
         v: use this top right singular vector as is (skips the power iteration).
-        max_iter, tol: power-iteration settings (:func:`top_singular_vector`).
+        max_iter: power-iteration steps at most (:func:`top_singular_vector`; a loop on
+            the weight matrix, not a curvature product, hence not ``max_matvec``).
+        tol: the power iteration's stopping tolerance.
         strict: raise instead of returning NaN with a ``reason``.
 
     Returns:
-        :class:`SpectralAlignmentResult`. The statistic's definition and why it was chosen are in
-        the module docstring and docs/metrics.md. W = 0 gives NaN (``"zero_matrix"``);
+        :class:`SpectralAlignmentResult`. The statistic's definition and why it was chosen
+        are in the module docstring and docs/metrics.md. W = 0 gives NaN (``"zero_matrix"``);
         all-zero inputs give NaN summaries (``"zero_inputs"``).
     """
     w = as_float_tensor(weight, "weight", ndim=2)

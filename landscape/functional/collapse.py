@@ -1,7 +1,6 @@
 """Neural collapse (NC1–NC4) and the variability-collapse index (VCI).
 
-References
-----------
+References:
 * Papyan, Han & Donoho, "Prevalence of neural collapse during the terminal phase of deep
   learning training", PNAS 117(40), 2020 (arXiv:2008.08186): NC1–NC4.
 * Zhu et al., "A geometric analysis of neural collapse with unconstrained features",
@@ -9,8 +8,8 @@ References
 * Xu & Liu, "Quantifying the variability collapse of neural networks", ICML 2023
   (arXiv:2306.03440): VCI.
 
-Notation and conventions follow docs/metrics.md (neural collapse, VCI): features ``h`` of shape (N, p),
-C = number of classes *present* (empty classes are dropped), class means mu_c,
+Notation and conventions follow docs/metrics.md (neural collapse, VCI): features ``h`` of
+shape (N, p), C = number of classes *present* (empty classes are dropped), class means mu_c,
 global mean mu_G (default: the mean of class means), centred means M~ (p x C),
 Sigma_W = (1/N) sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T and Sigma_B = M~ M~^T / C.
 All second-moment algebra runs in float64.
@@ -227,7 +226,9 @@ def ncc_mismatch(
     *,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """NC4 (Papyan et al. 2020): fraction of samples whose nearest class centre
+    """NC4 (Papyan et al. 2020): the nearest-class-centre mismatch.
+
+    NC4 (Papyan et al. 2020): fraction of samples whose nearest class centre
     (Euclidean, over the classes present) differs from the classifier's prediction.
 
     Agreement is with the network's prediction argmax_c (W h + b)_c, not with the label.

@@ -1,7 +1,6 @@
 """Spectral and geometric summaries of a representation matrix Z (N samples x K features).
 
-References
-----------
+References:
 * Garrido, Balestriero, Najman & LeCun, "RankMe", ICML 2023 (arXiv:2210.02885).
 * Roy & Vetterli, "The effective rank", EUSIPCO 2007 (RankMe with eps = 0).
 * Agrawal, Mondal, Ghosh & Richards, "alpha-ReQ", NeurIPS 2022.
@@ -11,14 +10,14 @@ References
 * Fang, Li, Sun & Wang, "Rethinking the uniformity metric in self-supervised learning",
   ICLR 2024 (arXiv:2403.00642).
 
-Definitions follow docs/metrics.md (effective rank to uniformity). Everything spectral runs in float64: the
-eigenvalues lambda_k of Z^T Z come from ``eigvalsh`` of the Gram matrix of the smaller side
-(K x K when N >= K; cost O(N K min(N, K)), about twice as fast as an SVD), clamped at 0, and
-eigenvalues below the Gram route's rounding level max(N, K) * eps_64 * lambda_1 are set to
-exactly 0 (so rank-deficient inputs have exact zeros; singular values below about
-1.5e-6 * s_1 at N = 10^4 are treated as 0). Singular values are sqrt(lambda_k). Metrics on
-the hypersphere L2-normalise the rows first; rows that are exactly zero have no direction and
-are left out (documented per function).
+Definitions follow docs/metrics.md (effective rank to uniformity). Everything spectral runs
+in float64: the eigenvalues lambda_k of Z^T Z come from ``eigvalsh`` of the Gram matrix of
+the smaller side (K x K when N >= K; cost O(N K min(N, K)), about twice as fast as an SVD),
+clamped at 0, and eigenvalues below the Gram route's rounding level max(N, K) * eps_64 *
+lambda_1 are set to exactly 0 (so rank-deficient inputs have exact zeros; singular values
+below about 1.5e-6 * s_1 at N = 10^4 are treated as 0). Singular values are sqrt(lambda_k).
+Metrics on the hypersphere L2-normalise the rows first; rows that are exactly zero have no
+direction and are left out (documented per function).
 """
 
 from __future__ import annotations
@@ -43,8 +42,11 @@ from landscape.functional._common import (
 
 
 def _gram_eigvals(z: torch.Tensor) -> torch.Tensor:
-    """Eigenvalues (descending, float64) of Z^T Z via the smaller Gram matrix, clamped at 0,
-    with those below the rounding level max(N, K) * eps * lambda_1 set to 0."""
+    """Eigenvalues of Z^T Z by the smaller Gram matrix.
+
+    Eigenvalues (descending, float64) of Z^T Z via the smaller Gram matrix, clamped at 0,
+    with those below the rounding level max(N, K) * eps * lambda_1 set to 0.
+    """
     z = f64(z)
     g = z.T @ z if z.shape[0] >= z.shape[1] else z @ z.T
     lam = torch.linalg.eigvalsh(g).flip(0).clamp_min(0.0)
@@ -55,9 +57,12 @@ def _gram_eigvals(z: torch.Tensor) -> torch.Tensor:
 
 
 def singular_values(z: torch.Tensor) -> torch.Tensor:
-    """Singular values of a 2-D tensor, descending, float64, by the Gram route of this module
+    """Singular values of a 2-D tensor by the Gram route.
+
+    Singular values of a 2-D tensor, descending, float64, by the Gram route of this module
     (values below about sqrt(max(N, K) eps) * s_1 are 0); ``torch.linalg.svdvals`` is the
-    accurate but slower alternative."""
+    accurate but slower alternative.
+    """
     z = as_float_tensor(z, "z", ndim=2)
     return _gram_eigvals(z).sqrt()
 
@@ -141,7 +146,9 @@ def alpha_req(
     rtol: float = 1e-12,
     strict: bool = False,
 ) -> PowerLawFitResult:
-    """alpha-ReQ: power-law decay exponent of the representation's eigenspectrum
+    """alpha-ReQ: the power-law decay exponent of the eigenspectrum.
+
+    alpha-ReQ: power-law decay exponent of the representation's eigenspectrum
     (Agrawal et al., NeurIPS 2022).
 
     The eigenvalues lambda_1 >= lambda_2 >= ... of the covariance Z^T Z / N (centred by

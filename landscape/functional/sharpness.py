@@ -1,7 +1,6 @@
 """Sharpness: SAM epsilon-sharpness, adaptive (ASAM) sharpness, lambda_max vs. stability.
 
-References
-----------
+References:
 * Foret, Kleiner, Mobahi & Neyshabur, "Sharpness-aware minimization for efficiently
   improving generalization", ICLR 2021 (arXiv:2010.01412).
 * Kwon, Kim, Park & Choi, "ASAM: adaptive sharpness-aware minimization for scale-invariant
@@ -39,9 +38,12 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 
 @dataclasses.dataclass(frozen=True)
 class SharpnessResult(MetricResult):
-    """``value`` = L(w + eps^) - L(w); ``loss`` = L(w); ``perturbed_loss`` = L(w + eps^);
+    """The result of :func:`sam_sharpness` and :func:`asam_sharpness`.
+
+    ``value`` = L(w + eps^) - L(w); ``loss`` = L(w); ``perturbed_loss`` = L(w + eps^);
     ``grad_norm`` = ||g||_2 (of the scaled gradient T g for ASAM); ``rho`` the radius;
-    ``used_fallback`` whether the fallback direction replaced a zero gradient."""
+    ``used_fallback`` whether the fallback direction replaced a zero gradient.
+    """
 
     value: torch.Tensor
     loss: torch.Tensor
@@ -86,7 +88,7 @@ def _norm(v: Mapping[str, torch.Tensor], p: float = 2.0) -> torch.Tensor:
 
 
 def _dual_direction(g: dict[str, torch.Tensor], p: float, rho: float) -> dict[str, torch.Tensor]:
-    """rho sign(g)|g|^(q-1) / (||g||_q^q)^(1/p), the maximiser of <g, e> over ||e||_p <= rho."""
+    """Rho sign(g)|g|^(q-1) / (||g||_q^q)^(1/p), the maximiser of <g, e> over ||e||_p <= rho."""
     if math.isinf(p):
         return {k: rho * torch.sign(t) for k, t in g.items()}
     q = p / (p - 1.0)
@@ -143,7 +145,9 @@ def _sharpness(
         if not torch.isfinite(loss) or not torch.isfinite(gnorm):
             reason = fail("non_finite", "loss or gradient is not finite", strict)
             nan = torch.tensor(math.nan, dtype=torch.float64, device=loss.device)
-            return SharpnessResult(nan, loss.double(), nan, gnorm.to(loss.device), rho, False, reason)
+            return SharpnessResult(
+                nan, loss.double(), nan, gnorm.to(loss.device), rho, False, reason
+            )
         if float(gnorm) <= tol:
             if fallback_direction is None:
                 reason = fail(
@@ -153,7 +157,9 @@ def _sharpness(
                     strict,
                 )
                 nan = torch.tensor(math.nan, dtype=torch.float64, device=loss.device)
-                return SharpnessResult(nan, loss.double(), nan, gnorm.to(loss.device), rho, False, reason)
+                return SharpnessResult(
+                    nan, loss.double(), nan, gnorm.to(loss.device), rho, False, reason
+                )
             d = as_param_dict(fallback_direction, params, "fallback_direction")
             dn = float(_norm(d))
             if dn == 0:
@@ -169,7 +175,9 @@ def _sharpness(
         perturbed = {k: params[k] + eps[k] for k in params}
         ploss = _loss_at(model, loss_fn, inputs, targets, perturbed)
     loss64, ploss64 = loss.double(), ploss.double()
-    return SharpnessResult(ploss64 - loss64, loss64, ploss64, gnorm.to(loss.device), rho, used_fallback)
+    return SharpnessResult(
+        ploss64 - loss64, loss64, ploss64, gnorm.to(loss.device), rho, used_fallback
+    )
 
 
 def sam_sharpness(
@@ -244,7 +252,8 @@ def asam_sharpness(
       are perturbed like plain SAM (the official code's rule is by name, "weight").
 
     Defaults: rho = 0.5 (the official class default) and eta = 0, for which the value is
-    exactly invariant to function-preserving rescalings of ReLU layers (docs/metrics.md, "Sharpness").
+    exactly invariant to function-preserving rescalings of ReLU layers (docs/metrics.md,
+    "Sharpness").
     ``grad_norm`` reports ||T_w g||. Other arguments as in :func:`sam_sharpness`.
     """
     if normalization not in ("element", "filter"):

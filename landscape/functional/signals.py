@@ -1,7 +1,6 @@
 """Cheap early-warning statistics of logits, attention and weights.
 
-References
-----------
+References:
 * Wortsman et al., "Small-scale proxies for large-scale Transformer training
   instabilities", ICLR 2024 (arXiv:2309.14322): attention-logit growth, output-logit
   divergence, z-loss 1e-4 (log Z)^2.
@@ -10,8 +9,8 @@ References
 * Carbonnelle & De Vleeschouwer, "Layer rotation: a surprisingly simple indicator of
   generalization in deep networks?", arXiv:1806.01603 (2019).
 
-Definitions follow docs/metrics.md, "Cheap early-warning signals". Every leading dimension of a logits tensor of
-shape (..., C) is a sample (token).
+Definitions follow docs/metrics.md, "Cheap early-warning signals". Every leading dimension
+of a logits tensor of shape (..., C) is a sample (token).
 """
 
 from __future__ import annotations
@@ -45,8 +44,11 @@ def _flat_logits(logits: torch.Tensor, name: str = "logits") -> torch.Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class SoftmaxCollapseResult(MetricResult):
-    """``fraction``: samples whose shifted partition sum equals 1 exactly (SC);
-    ``zero_terms``: samples whose cross-entropy is exactly 0 (None without targets)."""
+    """The result of :func:`softmax_collapse`.
+
+    ``fraction``: samples whose shifted partition sum equals 1 exactly (SC);
+    ``zero_terms``: samples whose cross-entropy is exactly 0 (None without targets).
+    """
 
     fraction: torch.Tensor
     zero_terms: torch.Tensor | None = None
@@ -94,8 +96,11 @@ def softmax_collapse_fraction(logits: torch.Tensor, *, dtype: torch.dtype | None
 
 @dataclasses.dataclass(frozen=True)
 class LogitStatsResult(MetricResult):
-    """Output-logit statistics: log-partition log Z = logsumexp(z) per sample (mean, min,
-    max), the z-loss coef * mean (log Z)^2, and the max logit and max |logit|."""
+    """The result of :func:`logit_stats`.
+
+    Output-logit statistics: log-partition log Z = logsumexp(z) per sample (mean, min,
+    max), the z-loss coef * mean (log Z)^2, and the max logit and max |logit|.
+    """
 
     log_z_mean: torch.Tensor
     log_z_min: torch.Tensor
@@ -131,10 +136,13 @@ def logit_stats(logits: torch.Tensor, *, z_loss_coef: float = 1e-4) -> LogitStat
 
 @dataclasses.dataclass(frozen=True)
 class AttentionStatsResult(MetricResult):
-    """Attention-logit statistics: ``max_abs_logit`` = max |q.k|/sqrt(d); ``bound`` =
+    """The result of :func:`attention_logit_stats`.
+
+    Attention-logit statistics: ``max_abs_logit`` = max |q.k|/sqrt(d); ``bound`` =
     max|q| max|k|/sqrt(d) (what a fused kernel allows without the logits); attention entropy
     over keys per query, ``entropy_min`` and ``entropy_mean``; ``max_abs_logit_per_head``
-    when the inputs are 4-D (batch, heads, T, d)."""
+    when the inputs are 4-D (batch, heads, T, d).
+    """
 
     max_abs_logit: torch.Tensor
     bound: torch.Tensor
@@ -186,11 +194,15 @@ def attention_logit_stats(
     per_head = None
     if z.dim() == 4:
         per_head = f64(z_for_max.amax(dim=(0, 2, 3)))
-    return AttentionStatsResult(f64(z_for_max.max()), bound, f64(ent.min()), f64(ent.mean()), per_head)
+    return AttentionStatsResult(
+        f64(z_for_max.max()), bound, f64(ent.min()), f64(ent.mean()), per_head
+    )
 
 
 def layer_rotation(weight: torch.Tensor, initial: torch.Tensor, *, strict: bool = False) -> Scalar:
-    """Layer rotation 1 - cos(w, w0) of one flattened kernel (Carbonnelle & De Vleeschouwer
+    """Layer rotation 1 - cos(w, w0) of one flattened kernel.
+
+    Layer rotation 1 - cos(w, w0) of one flattened kernel (Carbonnelle & De Vleeschouwer
     2019). Range [0, 2]: 0 = same direction (any positive rescaling), 1 = orthogonal,
     2 = opposite. A zero vector gives NaN with reason ``"zero_norm"``. Passing the previous
     step's weight instead of the initial one gives the per-step rotation (a spike means an
@@ -218,9 +230,12 @@ def layer_rotations(
     *,
     min_dim: int = 2,
 ) -> dict[str, Scalar]:
-    """:func:`layer_rotation` for every tensor of ``weights`` with at least ``min_dim``
+    """:func:`layer_rotation` for every kernel of a model.
+
+    :func:`layer_rotation` for every tensor of ``weights`` with at least ``min_dim``
     dimensions (kernels; biases and norm parameters are excluded, as in the reference code).
-    ``initial`` must hold the same names."""
+    ``initial`` must hold the same names.
+    """
     missing = [n for n, w in weights.items() if w.dim() >= min_dim and n not in initial]
     if missing:
         raise ValueError(f"initial lacks tensors: {', '.join(missing)}")
@@ -229,8 +244,11 @@ def layer_rotations(
 
 @dataclasses.dataclass(frozen=True)
 class NlmCosineResult(MetricResult):
-    """``cosine`` = cos(-grad, theta) over all tensors; ``per_tensor`` one cosine each (NaN
-    for zero tensors)."""
+    """The result of :func:`nlm_cosine`.
+
+    ``cosine`` = cos(-grad, theta) over all tensors; ``per_tensor`` one cosine each (NaN
+    for zero tensors).
+    """
 
     cosine: torch.Tensor
     per_tensor: tuple[torch.Tensor, ...]
@@ -240,7 +258,9 @@ class NlmCosineResult(MetricResult):
 def nlm_cosine(
     grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor], *, strict: bool = False
 ) -> NlmCosineResult:
-    """Naive-loss-minimisation alignment cos(-grad L, theta) (our operationalisation of
+    """Naive-loss-minimisation alignment cos(-grad L, theta).
+
+    Naive-loss-minimisation alignment cos(-grad L, theta) (our operationalisation of
     Prieto et al., ICLR 2025; docs/metrics.md).
 
     For positively homogeneous networks theta is the direction that only scales the logits;

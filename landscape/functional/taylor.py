@@ -1,7 +1,8 @@
 """Taylor convergence radius of the cross-entropy along a direction in parameter space.
 
 Reference: Sao, "Ghosts of Softmax: complex singularities that limit safe step sizes in
-cross-entropy", arXiv:2603.13552 (2026); conventions in docs/metrics.md, "Taylor radius of cross-entropy".
+cross-entropy", arXiv:2603.13552 (2026); conventions in docs/metrics.md, "Taylor radius of
+cross-entropy".
 
 Along a unit direction v the logits move, to first order, as z(t) = z(0) + a t with
 a(x; v) = J_z(x) v (one forward-mode JVP for the whole batch). The cross-entropy
@@ -48,7 +49,7 @@ def logit_spread(logit_derivatives: torch.Tensor) -> torch.Tensor:
 
 
 def radius_from_spread(spread: torch.Tensor) -> torch.Tensor:
-    """pi / Delta_a elementwise (+inf where Delta_a = 0): the per-sample lower bound on rho*."""
+    """Pi / Delta_a elementwise (+inf where Delta_a = 0): the per-sample lower bound on rho*."""
     s = torch.as_tensor(spread, dtype=torch.float64)
     return torch.where(s > 0, PI / torch.where(s > 0, s, 1.0), math.inf)
 
@@ -214,7 +215,9 @@ def taylor_radius(
     output_fn: OutputFn | None = None,
     strict: bool = False,
 ) -> TaylorRadiusResult:
-    """Taylor radius rho_a = pi / max_x Delta_a(x; v) of cross-entropy along ``direction``
+    """Taylor radius of cross-entropy along ``direction``, and the normalised step.
+
+    Taylor radius rho_a = pi / max_x Delta_a(x; v) of cross-entropy along ``direction``
     (Sao 2026, arXiv:2603.13552, Def. 4.7), and the normalised step r = ||direction|| / rho_a.
 
     One JVP with the unnormalised direction p gives a = J_z p; Delta_a for the unit

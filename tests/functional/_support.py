@@ -7,7 +7,10 @@ from torch import nn
 
 
 def snapshot(model: nn.Module) -> dict:
-    """Everything a diagnostic must leave untouched (docs/conventions.md, "Never perturb training")."""
+    """Everything a diagnostic must leave untouched.
+
+    docs/conventions.md, "Never perturb training".
+    """
     params = list(model.parameters())
     return {
         "state": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
