@@ -457,12 +457,12 @@ def section_track(steps: int = 20) -> dict:
 # ------------------------------------------------------------------------------------------
 # section: SLQ
 # ------------------------------------------------------------------------------------------
-def section_slq(n_iter: int = 80) -> dict:
-    print(f"## Spectral density (SLQ, {n_iter} Lanczos steps, 1 probe)\n")
+def section_slq(lanczos_steps: int = 80) -> dict:
+    print(f"## Spectral density (SLQ, {lanczos_steps} Lanczos steps, 1 probe)\n")
     counter = PyHessianCounter()
     name, model, loss_fn, batch = mlp_problem(True)
     op = Hessian(copy.deepcopy(model), loss_fn, batch)
-    rho, t_ours = timed(lambda: spectral_density(op, n_iter=n_iter, n_probes=1))
+    rho, t_ours = timed(lambda: spectral_density(op, lanczos_steps=lanczos_steps, n_probes=1))
     mask = rho.valid
     lo, hi = float(rho.nodes[mask].min()), float(rho.nodes[mask].max())
     integral = float(torch.trapezoid(rho.density, rho.grid))
@@ -470,7 +470,7 @@ def section_slq(n_iter: int = 80) -> dict:
     h = counter.make(copy.deepcopy(model), loss_fn, batch)
     t0 = time.perf_counter()
     try:
-        h.density(iter=n_iter, n_v=1)
+        h.density(iter=lanczos_steps, n_v=1)
         ph_outcome = "returned"
     except Exception as err:
         ph_outcome = f"{type(err).__name__}: {str(err).splitlines()[0]}"
