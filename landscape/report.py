@@ -71,8 +71,10 @@ def alarms_available() -> bool:
 def collect_findings(
     run: Run, *, recompute: bool = True, rules: Sequence[Any] | None = None
 ) -> list[Finding]:
-    """The run's findings: those stored in ``/findings`` plus, with ``recompute``, those
-    that ``landscape.alarms.check(run, rules)`` finds on the whole run.
+    """Return the run's findings, stored and (with ``recompute``) recomputed.
+
+    Those stored in ``/findings`` plus, with ``recompute``, those that
+    ``landscape.alarms.check(run, rules)`` finds on the whole run.
 
     A finding is identified by ``(step, rule, metric)``: a recomputed finding that the
     file already holds is dropped (the stored one, written online, is kept). The metric is
