@@ -10,8 +10,7 @@ so the file can be mailed, archived or opened offline. Sections:
   the findings stored in the file plus those the rules of :mod:`landscape.alarms`
   recompute on the whole run (see :func:`collect_findings`);
 * one timeline figure per metric (:mod:`landscape.plotting.timelines`);
-* one figure per surface when the surface plots (:mod:`landscape.plotting.surfaces`) are
-  installed;
+* one figure per surface (:mod:`landscape.plotting.surfaces`);
 * the run's configuration as pretty-printed JSON.
 """
 
@@ -20,35 +19,22 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
-import importlib
 import json
 import math
 import os
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Iterable, Sequence
 
 from landscape._errors import LandscapeError
 from landscape._version import __version__
 from landscape.alarms import check as _check_alarms
 from landscape.findings import SEVERITIES, Finding, severity_rank
+from landscape.plotting import surfaces as _surface_plots
 from landscape.plotting.timelines import figure_png, timelines
 from landscape.store import Run, SurfaceData
 
-_SURFACES_MODULE = "landscape.plotting.surfaces"
-
 # --------------------------------------------------------------------------- findings
-
-
-def _optional_module(name: str) -> ModuleType | None:
-    """Import ``name``, or None when that module (not one it imports) is not installed."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as err:
-        if err.name is not None and (name == err.name or name.startswith(err.name + ".")):
-            return None
-        raise
 
 
 def alarms_available() -> bool:
@@ -118,8 +104,20 @@ def format_number(value: float) -> str:
 
 
 def surface_plots_available() -> bool:
-    """Whether the surface plots (:mod:`landscape.plotting.surfaces`) are installed."""
-    return _optional_module(_SURFACES_MODULE) is not None
+    """Deprecated: always True, the surface plots are part of landscape.
+
+    Returns:
+        True.
+    """
+    import warnings
+
+    warnings.warn(
+        "landscape.report.surface_plots_available() is deprecated: the surface plots are "
+        "always installed",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return True
 
 
 def _as_figure(obj: Any):
@@ -136,17 +134,20 @@ def surface_figure(
 ):
     """The figure of a stored surface: a curve (1-D), a contour map or a 3-D view (2-D).
 
-    ``field``: which stored grid to draw (default ``loss``, or the first one stored when
-    there is no loss); ``log``: log10
-    of the values. Raises :class:`landscape.LandscapeError` when the surface plots are not
-    installed, ``ValueError`` for an unknown field or ``three_d`` on a 1-D surface.
+    Args:
+        surface: the stored surface.
+        three_d: a 3-D view of a 2-D surface instead of a contour map.
+        field: which stored grid to draw (default ``loss``, or the first one stored when
+            there is no loss).
+        log: draw log10 of the values.
+
+    Returns:
+        A matplotlib figure.
+
+    Raises:
+        ValueError: an unknown field, or ``three_d`` on a 1-D surface.
     """
-    plots = _optional_module(_SURFACES_MODULE)
-    if plots is None:
-        raise LandscapeError(
-            f"cannot plot surface {surface.name!r}: the surface plots "
-            f"({_SURFACES_MODULE}) are not installed"
-        )
+    plots = _surface_plots
     if field is None:
         field = "loss" if "loss" in surface.values else next(iter(surface.values))
     if field not in surface.values:
@@ -290,13 +291,6 @@ def _surfaces_html(run: Run, dpi: int) -> list[str]:
     if not names:
         return []
     out = ['<section id="surfaces"><h2>Surfaces</h2>']
-    if not surface_plots_available():
-        out.append(
-            f'<p class="note">Surface plots are not available in this installation '
-            f"({_SURFACES_MODULE} is missing); the surfaces are listed in the summary.</p>"
-            "</section>"
-        )
-        return out
     for name in names:
         surface = run.surface(name)
         kind = "curve" if surface.ndim == 1 else "contour map"

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import types
 
 import matplotlib.colors as mcolors
@@ -199,7 +198,7 @@ def _fake_surfaces(monkeypatch, fail=False):
 
     module = types.ModuleType("landscape.plotting.surfaces")
     module.curve = module.contour = module.surface3d = draw
-    monkeypatch.setitem(sys.modules, "landscape.plotting.surfaces", module)
+    monkeypatch.setattr("landscape.report._surface_plots", module)
 
 
 def _with_surfaces():
@@ -234,10 +233,7 @@ def test_report_with_the_real_surface_plots():
     assert len(images) == 6 and all(png.startswith(PNG) for png in images)
 
 
-def test_report_copes_without_surface_plots_or_with_a_broken_one(monkeypatch):
-    monkeypatch.setitem(sys.modules, "landscape.plotting.surfaces", None)
-    html = render_report(_with_surfaces())
-    assert len(_images(html)) == 4 and "Surface plots are not available" in html
+def test_report_copes_with_a_broken_surface_plot(monkeypatch):
     _fake_surfaces(monkeypatch, fail=True)
     html = render_report(_with_surfaces())
     assert len(_images(html)) == 4 and "could not be plotted (broken plot)" in html
@@ -330,3 +326,10 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert error_cell.sum() > 500, "the error rows of the findings table are not painted"
     if os.environ.get("LANDSCAPE_KEEP_SCREENSHOT"):
         shutil.copy(shot, os.environ["LANDSCAPE_KEEP_SCREENSHOT"])
+
+
+def test_surface_plots_available_is_deprecated_and_true():
+    from landscape.report import surface_plots_available
+
+    with pytest.warns(DeprecationWarning, match="always installed"):
+        assert surface_plots_available() is True

@@ -9,7 +9,7 @@ import click
 from landscape_cli.app import cli, verbose_option
 
 from landscape.plotting.timelines import SAVE_FORMATS, save_figure, timelines
-from landscape.report import collect_findings, surface_figure, surface_plots_available
+from landscape.report import collect_findings, surface_figure
 from landscape.store import Run
 
 
@@ -32,11 +32,8 @@ def _run_figures(run, metrics, to_directory, log, recompute, quiet) -> dict:
         found = collect_findings(run, recompute=recompute)
         figures.update(timelines(run, list(metrics) or None, log=log, findings=found))
     if not metrics and to_directory and run.surfaces():
-        if surface_plots_available():
-            for name in run.surfaces():
-                figures[f"surface-{name}"] = surface_figure(run.surface(name), log=log)
-        elif not quiet:
-            click.echo("note: surface plots are not installed; skipping the surfaces", err=True)
+        for name in run.surfaces():
+            figures[f"surface-{name}"] = surface_figure(run.surface(name), log=log)
     if not figures:
         hint = " (its surfaces go into a directory: -o DIR)" if run.surfaces() else ""
         raise click.ClickException(f"{run.source}: the run holds no metrics to plot{hint}")

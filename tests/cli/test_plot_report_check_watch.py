@@ -174,7 +174,7 @@ def _fake_surfaces(monkeypatch):
 
     module = types.ModuleType("landscape.plotting.surfaces")
     module.curve, module.contour, module.surface3d = make("curve"), make("contour"), make("3d")
-    monkeypatch.setitem(sys.modules, "landscape.plotting.surfaces", module)
+    monkeypatch.setattr("landscape.report._surface_plots", module)
     return calls
 
 
@@ -218,18 +218,6 @@ def test_plot_surface_with_the_real_surface_plots(runner, tmp_path):
         runner.invoke(cli, [*plot, "plane", "--field", "acc", "-o", str(tmp_path / "x.png")]),
         "has no field 'acc'",
     )
-
-
-def test_plot_surface_without_the_surface_plots_is_one_line(runner, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "landscape.plotting.surfaces", None)  # import fails
-    run = _write_run(tmp_path / "s.h5", surface=True)
-    result = runner.invoke(cli, ["plot", str(run), "--surface", "plane", "-o", "x.png"])
-    _one_line_error(result, "surface plots", "not installed")
-    # a whole-run plot into a directory still writes the timelines, and says why no surfaces
-    result = runner.invoke(cli, ["plot", str(run), "-o", str(tmp_path / "all")])
-    assert result.exit_code == 0, result.output
-    assert len(list((tmp_path / "all").iterdir())) == 3
-    assert result.stderr.strip() == "note: surface plots are not installed; skipping the surfaces"
 
 
 def test_plot_a_whole_run_into_a_directory_includes_the_surfaces(runner, tmp_path, monkeypatch):
