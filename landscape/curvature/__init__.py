@@ -5,7 +5,7 @@ from landscape.curvature import Hessian, top_eigenvalues, hessian_trace, spectra
 H = Hessian(model, loss_fn, (x, y))
 eig = top_eigenvalues(H, k=5)             # algebraically largest, Lanczos
 tr = hessian_trace(H, "krylov", 60)       # with a standard error
-rho = spectral_density(H, n_iter=80)      # SLQ
+rho = spectral_density(H, lanczos_steps=80)  # SLQ
 ```
 See docs/curvature.md for the conventions (stopping rule, warm start, error bars).
 """
