@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -20,7 +22,7 @@ def test_logspace_is_dense_early_and_hits_both_ends():
     sch = S.logspace(0, 1000, 10)
     due = sorted(sch.steps)
     assert due[0] == 0 and due[-1] == 1000
-    gaps = [b - a for a, b in zip(due, due[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(due)]
     assert gaps == sorted(gaps)  # spacing grows with the step
 
 
