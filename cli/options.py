@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import signal
+from typing import Callable, Iterator
 
 import click
 
@@ -10,14 +12,32 @@ F = Callable[..., object]
 
 
 def factory_options(func: F) -> F:
-    """``--model``, ``--data`` and ``--loss``: what ``analyze`` and ``surface`` evaluate."""
+    """The model, the data and the loss ``analyze`` and ``surface`` evaluate."""
     for option in reversed([
-        click.option("--model", "model_spec", required=True,
-                     help="Model factory: package.module:fn or path/to/file.py:fn (no arguments)."),
-        click.option("--data", "data_spec", required=True,
-                     help="Data factory returning (inputs, targets) or an iterable of batches."),
-        click.option("--loss", "loss_spec", default="cross_entropy", show_default=True,
-                     help="cross_entropy, mse, nll, bce_with_logits, or package.module:fn."),
+        click.option("--model", "model_spec", default=None,
+                     help="Model factory: package.module:fn or path/to/file.py:fn (no "
+                          "arguments), or a LightningModule class for .ckpt files. Default: "
+                          "from the checkpoints (a Hugging Face folder's config, the class a "
+                          ".ckpt records)."),
+        click.option("--data", "data_spec", default=None,
+                     help="Data factory returning (inputs, targets), a dict batch, or an "
+                          "iterable of batches."),
+        click.option("--tokens", type=click.Path(), default=None,
+                     help="Language-model data: token ids in a .npy or .pt file (1-D stream "
+                          "or 2-D rows)."),
+        click.option("--text", type=click.Path(), default=None,
+                     help="Language-model data: a text file, encoded with the tokenizer of "
+                          "the Hugging Face model folder."),
+        click.option("--seq-len", type=click.IntRange(2), default=128, show_default=True,
+                     help="Tokens per sequence (--tokens, --text)."),
+        click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True,
+                     help="Sequences per batch (--tokens, --text)."),
+        click.option("--batches", "n_batches", type=click.IntRange(1), default=1,
+                     show_default=True, help="Number of batches (--tokens, --text)."),
+        click.option("--loss", "loss_spec", default=None,
+                     help="cross_entropy (default for (inputs, targets) batches), mse, nll, "
+                          "bce_with_logits, model (the model's own loss: the default for dict "
+                          "batches, e.g. Hugging Face models), or package.module:fn."),
     ]):
         func = option(func)
     return func
@@ -32,3 +52,38 @@ def checkpoint_options(func: F) -> F:
     ]):
         func = option(func)
     return func
+
+
+def load_inputs(checkpoints, model_spec, data_spec, loss_spec, tokens, text, seq_len,
+                batch_size, n_batches, trust_checkpoint, device):
+    """The library calls behind :func:`factory_options`: ``(opened, batches, loss_fn, closure)``."""
+    from landscape.checkpoints import open_checkpoints, open_data
+    from landscape.loading import prepare, resolve_objective
+
+    opened = open_checkpoints(checkpoints, model_spec, trust=trust_checkpoint)
+    data = open_data(opened, data_spec, tokens=tokens, text=text, seq_len=seq_len,
+                     batch_size=batch_size, n_batches=n_batches)
+    opened.model, batches = prepare(opened.model, data, device)
+    loss_fn, closure = resolve_objective(loss_spec, batches)
+    return opened, batches, loss_fn, closure
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, like Ctrl-C's KeyboardInterrupt."""
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` inside the block (the main thread only)."""
+    def handler(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (tests running the CLI in a thread)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -4,6 +4,12 @@ Each checkpoint is loaded into one model instance, in step order, and the chosen
 (the same plugins the :class:`~landscape.Monitor` uses, all due at every checkpoint) are
 computed on the given data and appended to one run file; ``/checkpoints`` records which file
 produced which step. Lanczos warm starts carry over from one checkpoint to the next.
+
+The rows of a checkpoint are committed together with its ``/checkpoints`` entry, so an
+analysis that is interrupted (Ctrl-C, SIGTERM, a crash) leaves every finished checkpoint in
+the file and the same call resumes after the last one. The optimizer's settings saved with
+a checkpoint (:mod:`landscape.checkpoints.optim`) set the sharpness threshold when none are
+given.
 """
 
 from __future__ import annotations
@@ -22,10 +28,20 @@ from landscape.loading import Checkpoint, load_checkpoint, load_state_into, prep
 from landscape.metrics import create
 from landscape.monitor import Monitor
 
-__all__ = ["ANALYZE_METRICS", "analyze", "check_loss", "discard_if_empty", "order_checkpoints"]
+__all__ = [
+    "ANALYZE_METRICS",
+    "DEFAULT_METRICS",
+    "analyze",
+    "check_loss",
+    "discard_if_empty",
+    "order_checkpoints",
+]
 
 ANALYZE_METRICS = ("top_eigenvalues", "sharpness", "hessian_trace", "spectral_density", "collapse",
                    "representation")
+# what analyze computes unless told: spectral_density (stochastic Lanczos quadrature, by far
+# the most products) is opt-in (docs/benchmarks.md)
+DEFAULT_METRICS = ("top_eigenvalues", "sharpness", "hessian_trace", "collapse", "representation")
 
 
 def order_checkpoints(checkpoints: Sequence[Checkpoint]) -> list[tuple[int, Checkpoint]]:
@@ -57,29 +73,73 @@ def order_checkpoints(checkpoints: Sequence[Checkpoint]) -> list[tuple[int, Chec
     return pairs
 
 
+_CLASSES = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+_HYPER = ("lr", "momentum", "dampening", "nesterov", "betas", "eps", "weight_decay", "amsgrad")
+
+
 def _optimizer(model: nn.Module, spec: dict[str, Any] | None) -> torch.optim.Optimizer | None:
     """An optimizer that is never stepped: it only tells the sharpness metric its threshold."""
     if not spec:
         return None
     kind = str(spec.get("name", "sgd")).lower()
-    kwargs = {k: v for k, v in spec.items() if k != "name" and v is not None}
-    classes = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-    if kind not in classes:
-        raise LandscapeError(f"optimizer {kind!r}: use one of {', '.join(classes)}")
-    if kind.startswith("adam"):
+    kwargs = {k: v for k, v in spec.items() if k in _HYPER and v is not None}
+    if kind not in _CLASSES:
+        raise LandscapeError(f"optimizer {kind!r}: use one of {', '.join(_CLASSES)}")
+    if kind.startswith("adam") and "state_dict" not in spec:
         raise LandscapeError("Adam's threshold needs its second moments, which checkpoints "
                              "of the model alone do not hold; use sgd or leave it out")
-    return classes[kind](model.parameters(), **kwargs)
+    try:
+        return _CLASSES[kind]([p for p in model.parameters() if p.requires_grad], **kwargs)
+    except (TypeError, ValueError) as err:
+        raise LandscapeError(f"optimizer {kind!r}: {err}") from err
 
 
-def check_loss(net: nn.Module, loss_fn: Callable, batches: Sequence[Any], ckpt: Checkpoint) -> None:
+def _param_orders(model: nn.Module) -> list[list[nn.Parameter]]:
+    """Orders in which a saved optimizer may number the model's trainable parameters.
+
+    The model's own order (``Adam(model.parameters())``, Lightning's usual
+    ``configure_optimizers``), and the Hugging Face ``Trainer``'s: the parameters with
+    weight decay, then those without (``Trainer.get_decay_parameter_names``).
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    orders = [[p for _, p in named]]
+    try:
+        from transformers import Trainer
+
+        decay = set(Trainer.get_decay_parameter_names(None, model))  # type: ignore[arg-type]
+        orders.append([p for n, p in named if n in decay] + [p for n, p in named
+                                                              if n not in decay])
+    except Exception:  # transformers absent: only the model's order
+        pass
+    return orders
+
+
+def _apply_saved(opt: torch.optim.Optimizer, model: nn.Module, saved: dict[str, Any] | None,
+                 ckpt: Checkpoint) -> None:
+    """Set ``opt``'s hyper-parameters (and Adam's moments) to those saved with ``ckpt``."""
+    if not saved:
+        return
+    for group in opt.param_groups:
+        group.update({k: v for k, v in saved.items() if k in _HYPER and k in group})
+    if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) and "state_dict" in saved:
+        from landscape.checkpoints.optim import load_second_moments
+
+        if not load_second_moments(opt, saved["state_dict"], _param_orders(model)):
+            opt.state.clear()  # the sharpness row is NaN rather than another step's moments
+            warnings.warn(f"{ckpt.path}: the saved Adam state does not match the model's "
+                          "parameters; no preconditioned sharpness for it", stacklevel=3)
+
+
+def check_loss(net: nn.Module, loss_fn: Callable | None, batches: Sequence[Any], ckpt: Checkpoint,
+               closure: Callable | None = None) -> None:
     """Refuse data on which the loss is not a finite number (a clear error, not NaN rows).
 
     Args:
         net: the model, holding the weights of ``ckpt``.
-        loss_fn: ``loss_fn(outputs, targets)``, a scalar.
+        loss_fn: ``loss_fn(outputs, targets)``, a scalar (or give ``closure``).
         batches: the data, as :func:`landscape.loading.prepare` returns it.
         ckpt: the checkpoint loaded into ``net`` (named in the error).
+        closure: ``closure(model, batch)``, the loss (dict batches).
 
     Raises:
         LandscapeError: when the model or the loss fails on a batch, the loss is not a
@@ -89,10 +149,15 @@ def check_loss(net: nn.Module, loss_fn: Callable, batches: Sequence[Any], ckpt: 
     from landscape.metrics import split_batch
 
     for batch in batches:
-        inputs, targets = split_batch(batch)
         try:
             with isolated(net), torch.no_grad():
-                value = loss_fn(net(inputs), targets)
+                if closure is not None:
+                    value = closure(net, batch)
+                else:
+                    inputs, targets = split_batch(batch)
+                    value = loss_fn(net(inputs), targets)  # type: ignore[misc]
+        except LandscapeError:
+            raise
         except Exception as err:
             raise LandscapeError(
                 f"{ckpt.path}: the model or loss fails on the data: {err}"
@@ -145,14 +210,127 @@ def discard_if_empty(path: str | Path | None) -> Iterator[None]:
         raise
 
 
-def _recorded_steps(path: str | Path | None, mode: str, names: Sequence[str]) -> dict[str, list]:
-    """The steps each of the metrics ``names`` already has in the run file (appending)."""
+def _recorded_steps(path: str | Path | None, mode: str, names: Sequence[str],
+                    before: int | None = None) -> dict[str, list]:
+    """The steps each of the metrics ``names`` already has in the run file (appending).
+
+    Steps at or after ``before`` (a checkpoint interrupted midway) are left out.
+    """
     if path is None or mode != "a" or not Path(path).is_file():
         return {}
     from landscape.store import Run
 
     with Run.open(path) as run:
-        return {m: [int(s) for s in run.steps(m)] for m in names if m in run.metrics()}
+        return {m: [int(s) for s in run.steps(m) if before is None or s < before]
+                for m in names if m in run.metrics()}
+
+
+def _partial_step(path: str | Path | None, mode: str) -> int | None:
+    """The first step of an analysis interrupted midway: rows without a ``/checkpoints`` entry.
+
+    Only in a run file this module wrote (its config has ``analysis``); rows after its last
+    recorded checkpoint belong to a checkpoint that was not finished (the process was killed
+    before it could clean up) and are dropped on resuming.
+    """
+    if path is None or mode != "a" or not Path(path).is_file():
+        return None
+    from landscape.store import Run
+
+    with Run.open(path) as run:
+        if "analysis" not in (run.config or {}):
+            return None
+        done = [int(s) for s, _ in run.checkpoints()]
+        last = max(done) if done else None
+        later = [int(s) for m in run.metrics() for s in run.steps(m)
+                 if last is None or s > last]
+    return min(later) if later else None
+
+
+def _drop_from(path: str | Path | None, step: int) -> None:
+    """Remove the rows of ``step`` and later from the run file (an unfinished checkpoint)."""
+    if path is None or not Path(path).is_file():
+        return
+    from landscape.store import RunWriter
+
+    with contextlib.suppress(Exception):  # the file stays as the monitor closed it
+        RunWriter(path, mode="a", truncate_from=step).close()
+
+
+class _Progress:
+    """Progress bars on stderr: checkpoints (with the time left), metrics and products.
+
+    The outer bar counts checkpoints and estimates the remaining time; the inner one
+    counts the metrics of the current checkpoint, its description names the metric being
+    computed and how many curvature products it has used so far.
+    """
+
+    def __init__(self, total: int, n_metrics: int, enabled: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.enabled = enabled
+        self.outer = tqdm(total=total, desc="checkpoints", unit="ckpt", disable=not enabled,
+                          position=0)
+        self.inner = tqdm(total=n_metrics, desc="metrics", unit="metric",
+                          disable=not enabled, position=1, leave=False)
+        self.products = 0
+
+    def start_checkpoint(self, step: int) -> None:
+        self.inner.reset()
+        self.outer.set_postfix_str(f"step {step}")
+
+    def instrument(self, metric: Any) -> None:
+        """Wrap ``metric.compute`` (this instance only) to report its progress."""
+        compute = metric.compute
+
+        def reported(ctx: Any) -> Any:
+            self.products = 0
+            self.inner.set_description_str(metric.name)
+            self.inner.set_postfix_str("")
+            self._count_products(ctx)
+            try:
+                return compute(ctx)
+            finally:
+                self.inner.update(1)
+
+        metric.compute = reported
+
+    def _count_products(self, ctx: Any) -> None:
+        """Count the curvature products of the operators ``ctx`` builds (this step only)."""
+        if getattr(ctx, "_landscape_progress", False):
+            return
+        ctx._landscape_progress = True
+        make = ctx.operator
+
+        def operator(source: str, preconditioned: bool = False) -> Any:
+            op = make(source, preconditioned)
+            for target in (op, getattr(op, "base", None), getattr(op, "operator", None)):
+                if target is not None and not getattr(target, "_landscape_counted", False):
+                    self._wrap_products(target)
+            return op
+
+        ctx.operator = operator
+
+    def _wrap_products(self, op: Any) -> None:
+        op._landscape_counted = True
+        for name, count in (("matvec", lambda a: 1), ("matmat", len)):
+            method = getattr(op, name, None)
+            if method is None:
+                continue
+
+            def counted(arg: Any, _method: Any = method, _count: Any = count) -> Any:
+                out = _method(arg)
+                self.products += _count(arg)
+                self.inner.set_postfix_str(f"{self.products} products", refresh=True)
+                return out
+
+            setattr(op, name, counted)
+
+    def end_checkpoint(self) -> None:
+        self.outer.update(1)
+
+    def close(self) -> None:
+        self.inner.close()
+        self.outer.close()
 
 
 def _to_compute(
@@ -193,13 +371,13 @@ def _to_compute(
 
 
 def analyze(
-    checkpoints: Sequence[str | Path],
+    checkpoints: Sequence[str | Path | Checkpoint],
     model: nn.Module | Callable[[], nn.Module],
     data: Any,
-    loss_fn: Callable[..., torch.Tensor],
+    loss_fn: Callable[..., torch.Tensor] | None,
     path: str | Path | None,
     *,
-    metrics: Sequence[str] = ANALYZE_METRICS,
+    metrics: Sequence[str] = DEFAULT_METRICS,
     k: int = 5,
     optimizer: dict[str, Any] | None = None,
     trust: bool = False,
@@ -207,18 +385,45 @@ def analyze(
     progress: bool = True,
     mode: str = "a",
     microbatch_size: int | None = None,
+    closure: Callable[[nn.Module, Any], torch.Tensor] | None = None,
 ) -> Monitor:
     """Compute ``metrics`` for every checkpoint into the run file ``path``.
 
     ``data`` is one ``(inputs, targets)`` batch or an iterable of them (curvature is the
-    size-weighted mean over batches; feature metrics see all batches concatenated).
-    ``optimizer`` (e.g. ``{"name": "sgd", "lr": 0.1, "momentum": 0.9}``) sets the
-    edge-of-stability threshold of the sharpness metric. ``microbatch_size`` bounds the
-    memory of the curvature products (:class:`~landscape.curvature.Hessian`).
+    size-weighted mean over batches; feature metrics see all batches concatenated); with
+    ``closure(model, batch)`` (e.g. :func:`landscape.loading.model_loss` for a Hugging Face
+    model on dict batches) it replaces ``loss_fn``. ``optimizer`` (e.g. ``{"name": "sgd",
+    "lr": 0.1, "momentum": 0.9}``) sets the edge-of-stability threshold of the sharpness
+    metric; by default the settings saved with the checkpoints are used (Lightning
+    ``optimizer_states``, a Hugging Face checkpoint folder's ``optimizer.pt``), each
+    checkpoint with its own learning rate. ``microbatch_size`` bounds the memory of the
+    curvature products (:class:`~landscape.curvature.Hessian`).
 
     Appending (``mode="a"``) to a run file that already holds some of the checkpoints
-    resumes: steps every chosen metric has are skipped; ``mode="w"`` starts the file over.
-    A run file this call created is removed again when it fails before writing a row.
+    resumes: steps every chosen metric has are skipped, and the rows of a checkpoint left
+    unfinished by a killed process are dropped first; ``mode="w"`` starts the file over.
+    Each checkpoint's rows are committed before the next one starts; on an interruption
+    (``KeyboardInterrupt``, or any exception) the unfinished checkpoint's rows are removed
+    and the exception propagates. A run file this call created is removed again when it
+    fails before writing a row.
+
+    Args:
+        checkpoints: paths (:func:`landscape.loading.load_checkpoint`) or loaded
+            :class:`~landscape.loading.Checkpoint` objects
+            (:func:`landscape.checkpoints.open_checkpoints`).
+        model: the model, or a factory of it.
+        data: one batch or an iterable of batches.
+        loss_fn: ``loss_fn(model(inputs), targets)``; None with ``closure``.
+        path: the run file (None: in memory).
+        metrics: metric names (default :data:`DEFAULT_METRICS`).
+        k: number of top Hessian eigenvalues.
+        optimizer: the optimizer's settings, for the sharpness threshold.
+        trust: allow pickled objects in checkpoint files.
+        device: where to run.
+        progress: progress bars on stderr.
+        mode: ``"a"`` (append, resume) or ``"w"`` (start over).
+        microbatch_size: curvature products in micro-batches of at most this many samples.
+        closure: ``closure(model, batch)`` returning the loss.
 
     Returns:
         The closed monitor (``.findings``); read what it wrote with
@@ -230,30 +435,55 @@ def analyze(
     """
     if not checkpoints:
         raise LandscapeError("no checkpoints given")
+    if loss_fn is None and closure is None:
+        raise LandscapeError("analyze needs loss_fn or closure")
     net, batches = prepare(model, data, device)
-    loaded = order_checkpoints([load_checkpoint(c, trust=trust) for c in checkpoints])
+    loaded = order_checkpoints([c if isinstance(c, Checkpoint) else load_checkpoint(c, trust=trust)
+                                for c in checkpoints])
     chosen = []
     for name in metrics:
         metric = create(name, schedule=1)  # an old name warns and gives the renamed metric
         chosen.append(create(metric.name, k=k, schedule=1)
                       if metric.name == "top_eigenvalues" else metric)
-    opt = _optimizer(net, optimizer)
+    names = [m.name for m in chosen]
+    saved = optimizer is None and any(c.optimizer for _, c in loaded)
+    spec = next((c.optimizer for _, c in loaded if c.optimizer), None) if saved else optimizer
+    opt = _optimizer(net, spec)
     net.eval()
-    monitor = Monitor(net, loss_fn, None if path is None else str(path), optimizer=opt,
-                      metrics=chosen, probe=batches if len(batches) > 1 else batches[0],
-                      mode=mode, microbatch_size=microbatch_size,
-                      config={"analysis": {"checkpoints": [str(c) for c in checkpoints]}})
-    todo = _to_compute(loaded, _recorded_steps(path, mode, [m.name for m in chosen]),
-                       [m.name for m in chosen], path)
+    partial = _partial_step(path, mode)
+    monitor = Monitor(net, None if closure is not None else loss_fn,
+                      None if path is None else str(path), optimizer=opt,
+                      closure=closure, metrics=chosen,
+                      probe=batches if len(batches) > 1 else batches[0],
+                      mode=mode, truncate_from=partial, microbatch_size=microbatch_size,
+                      config={"analysis": {"checkpoints": [str(c.path) for _, c in loaded]}})
+    todo = _to_compute(loaded, _recorded_steps(path, mode, names, partial), names, path)
     for _, ckpt in todo:  # every checkpoint must fit the model before the file is touched
         load_state_into(net, ckpt)
-    from tqdm.auto import tqdm
-
-    with discard_if_empty(path), monitor:
-        for step, ckpt in tqdm(todo, desc="checkpoints", unit="ckpt", disable=not progress):
-            load_state_into(net, ckpt)
-            check_loss(net, loss_fn, batches, ckpt)
-            monitor.step(step)
-            assert monitor.writer is not None
-            monitor.writer.record_checkpoint(step, str(ckpt.path))
+    bars = _Progress(len(todo), len(chosen), progress)
+    for m in chosen:
+        bars.instrument(m)
+    step = None
+    try:
+        with discard_if_empty(path):
+            try:
+                with monitor:
+                    for step, ckpt in todo:
+                        bars.start_checkpoint(step)
+                        load_state_into(net, ckpt)
+                        if saved and opt is not None:
+                            _apply_saved(opt, net, ckpt.optimizer, ckpt)
+                        check_loss(net, loss_fn, batches, ckpt, closure)
+                        monitor.step(step)
+                        assert monitor.writer is not None
+                        monitor.writer.record_checkpoint(step, str(ckpt.path))
+                        monitor.writer.flush()  # this checkpoint's rows are committed
+                        step = None
+                        bars.end_checkpoint()
+            except BaseException:
+                if step is not None:
+                    _drop_from(path, step)
+                raise
+    finally:
+        bars.close()
     return monitor

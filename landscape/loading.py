@@ -34,8 +34,10 @@ __all__ = [
     "load_checkpoint",
     "load_factory",
     "load_state_into",
+    "model_loss",
     "prepare",
     "resolve_loss",
+    "resolve_objective",
     "step_from_name",
 ]
 
@@ -142,11 +144,82 @@ def resolve_loss(spec: str | Callable[..., torch.Tensor]) -> Callable[..., torch
     raise LandscapeError(f"unknown loss {spec!r}; use one of {', '.join(LOSSES)} or module:fn")
 
 
-class Checkpoint:
-    """A loaded checkpoint: its ``state_dict``, the ``step`` it belongs to and its ``path``."""
+def model_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+    """The loss a model computes itself from a dict batch: ``model(**batch).loss``.
 
-    def __init__(self, path: Path, state_dict: dict[str, torch.Tensor], step: int | None):
+    A Hugging Face causal language model given ``labels`` (the input ids) shifts them and
+    returns the mean next-token cross-entropy
+    (https://huggingface.co/docs/transformers/tasks/language_modeling).
+
+    Args:
+        model: the model.
+        batch: keyword arguments of its forward, with ``labels``.
+
+    Returns:
+        The scalar loss.
+
+    Raises:
+        LandscapeError: the model returned no loss.
+    """
+    out = model(**batch)
+    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+    if loss is None:
+        raise LandscapeError(
+            f"{type(model).__name__} returned no loss for the dict batch (keys "
+            f"{', '.join(batch)}); include 'labels', or pass --loss module:fn taking "
+            "(model, batch)"
+        )
+    return loss
+
+
+def resolve_objective(
+    spec: str | Callable[..., torch.Tensor] | None, batches: list[Any],
+) -> tuple[Callable[..., torch.Tensor] | None, Callable[..., torch.Tensor] | None]:
+    """``(loss_fn, closure)`` for ``--loss`` and the data: exactly one is not None.
+
+    ``(inputs, targets)`` batches use ``loss_fn(model(inputs), targets)`` (default
+    ``cross_entropy``). Dict batches use a closure ``closure(model, batch)``: the model's
+    own loss (:func:`model_loss`; ``--loss model`` asks for it explicitly) or a
+    ``module:fn`` taking ``(model, batch)``.
+
+    Args:
+        spec: ``--loss``: None, ``"model"``, a name in :data:`LOSSES`, a factory spec or a
+            callable.
+        batches: the data, as :func:`prepare` returns it.
+
+    Returns:
+        ``(loss_fn, None)`` or ``(None, closure)``.
+
+    Raises:
+        LandscapeError: a named loss with dict batches, or an unknown name.
+    """
+    dicts = bool(batches) and isinstance(batches[0], Mapping)
+    if spec is None:
+        return (None, model_loss) if dicts else (LOSSES["cross_entropy"], None)
+    if spec == "model":
+        return None, model_loss
+    if dicts:
+        if isinstance(spec, str) and spec in LOSSES:
+            raise LandscapeError(
+                f"--loss {spec} needs (inputs, targets) batches; the data are dict batches, "
+                "whose loss is the model's own (leave --loss out) or a module:fn taking "
+                "(model, batch)"
+            )
+        return None, resolve_loss(spec)
+    return resolve_loss(spec), None
+
+
+class Checkpoint:
+    """A loaded checkpoint: its ``state_dict``, the ``step`` it belongs to and its ``path``.
+
+    ``optimizer`` holds the optimizer's settings saved with it, when the checkpoint has them
+    (:func:`landscape.checkpoints.optimizer_settings`).
+    """
+
+    def __init__(self, path: Path, state_dict: dict[str, torch.Tensor], step: int | None,
+                 optimizer: dict[str, Any] | None = None):
         self.path, self.state_dict, self.step = path, state_dict, step
+        self.optimizer = optimizer
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, step={self.step}, {len(self.state_dict)} tensors)"
@@ -230,14 +303,62 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:
     return Checkpoint(path, dict(obj), step if step is not None else step_from_name(path))
 
 
+def _strip_prefix(state: Mapping[str, torch.Tensor], own: Mapping[str, Any]) -> dict:
+    """``state`` with the prefix that makes its keys the model's removed.
+
+    A DDP wrapper saves ``module.``-prefixed keys, a ``LightningModule`` its submodules'
+    (``model.``): the first prefix (up to a dot) under which the state holds more of the
+    model's keys than as it is, only its keys kept.
+    """
+    state = dict(state)
+    hits = sum(k in own for k in state)
+    best, best_hits = state, hits
+    prefixes = {k.split(".", 1)[0] + "." for k in state if "." in k}
+    for prefix in sorted(prefixes):
+        if any(k.startswith(prefix) for k in own):
+            continue
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        n = sum(k in own for k in sub)
+        if n > best_hits:
+            best, best_hits = sub, n
+    return best
+
+
+def _restore_tied(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Fill keys a checkpoint left out because the model ties them to a saved one.
+
+    ``save_pretrained`` (safetensors) stores a tensor shared by several names once, e.g.
+    GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``.
+    """
+    own = model.state_dict(keep_vars=True)
+    by_storage: dict[tuple, list[str]] = {}
+    for k, t in own.items():
+        if isinstance(t, torch.Tensor) and t.numel():
+            by_storage.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(),
+                                   tuple(t.shape)), []).append(k)
+    for names in by_storage.values():
+        saved = next((n for n in names if n in state), None)
+        if saved is not None:
+            for n in names:
+                state.setdefault(n, state[saved])
+    return state
+
+
 def load_state_into(model: nn.Module, ckpt: Checkpoint) -> None:
-    """``model.load_state_dict`` with a one-line error naming what does not match."""
-    state = ckpt.state_dict
-    if all(k.startswith("module.") for k in state) and not any(
-        k.startswith("module.") for k in model.state_dict()
-    ):
-        state = {k[len("module."):]: v for k, v in state.items()}  # saved from a DDP wrapper
+    """``model.load_state_dict`` with a one-line error naming what does not match.
+
+    Prefixes of wrappers (``module.`` of DDP, ``model.`` of a ``LightningModule``) are
+    removed and tied weights saved once are restored.
+
+    Args:
+        model: the model.
+        ckpt: the checkpoint.
+
+    Raises:
+        LandscapeError: keys missing, unexpected or of another shape.
+    """
     own = model.state_dict()
+    state = _restore_tied(_strip_prefix(ckpt.state_dict, own), model)
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [k for k in own if k in state and own[k].shape != state[k].shape]

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import click
 from landscape_cli.app import cli, verbose_option
-from landscape_cli.options import checkpoint_options, factory_options
+from landscape_cli.options import (
+    Terminated,
+    checkpoint_options,
+    factory_options,
+    interruptible,
+    load_inputs,
+)
 
 from landscape._names import RENAMED_METRICS
-from landscape.analysis import ANALYZE_METRICS, analyze
-from landscape.loading import call_factory, resolve_loss
+from landscape.analysis import ANALYZE_METRICS, DEFAULT_METRICS, analyze
 from landscape.store import Run
 
 # the metric names -m takes; an old name (docs/vocabulary.md) still works, with a warning
@@ -30,11 +35,12 @@ EXAMPLE = ("landscape analyze ckpt-100.pt ckpt-200.pt --model factories.py:model
 @click.option("-m", "--metric", "metrics", multiple=True,
               type=METRIC_CHOICE, metavar="METRIC",
               help=f"Metric to compute, repeatable: {', '.join(ANALYZE_METRICS)} "
-                   "(default: all).")
+                   f"(default: {', '.join(DEFAULT_METRICS)}; spectral_density is the slowest).")
 @click.option("-k", "k", default=5, show_default=True, type=click.IntRange(1),
               help="Number of top Hessian eigenvalues.")
 @click.option("--lr", type=float, default=None,
-              help="SGD learning rate, for the sharpness metric's stability threshold.")
+              help="SGD learning rate, for the sharpness metric's stability threshold "
+                   "(default: the optimizer state saved in the checkpoints, if any).")
 @click.option("--momentum", type=float, default=None, help="SGD momentum (with --lr).")
 @click.option("--microbatch-size", type=click.IntRange(1), default=None,
               help="Curvature products in micro-batches of at most this many samples "
@@ -43,22 +49,44 @@ EXAMPLE = ("landscape analyze ckpt-100.pt ckpt-200.pt --model factories.py:model
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for the factories.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @verbose_option
-def analyze_command(checkpoints, model_spec, data_spec, loss_spec, out, overwrite, metrics, k,
-                    lr, momentum, microbatch_size, trust_checkpoint, device, seed, quiet):
-    """Compute Hessian spectra, trace, density, sharpness and collapse metrics of CHECKPOINTS
-    (ordered by training step) into one run file."""
+def analyze_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, batch_size,
+                    n_batches, loss_spec, out, overwrite, metrics, k, lr, momentum,
+                    microbatch_size, trust_checkpoint, device, seed, quiet):
+    """Compute Hessian spectra, trace, sharpness and collapse metrics of CHECKPOINTS
+    (ordered by training step) into one run file.
+
+    CHECKPOINTS are state-dict files, Hugging Face model folders, Trainer output folders
+    (every checkpoint-N inside) or Lightning .ckpt files. Rows are committed per checkpoint:
+    after Ctrl-C or SIGTERM, the same command continues where it stopped.
+    """
     import torch
 
     torch.manual_seed(seed)
-    model = call_factory(model_spec, "model factory")
-    data = call_factory(data_spec, "data factory")
+    opened, batches, loss_fn, closure = load_inputs(
+        checkpoints, model_spec, data_spec, loss_spec, tokens, text, seq_len, batch_size,
+        n_batches, trust_checkpoint, device)
     optimizer = None if lr is None else {"name": "sgd", "lr": lr, "momentum": momentum}
-    monitor = analyze(
-        checkpoints, model, data, resolve_loss(loss_spec), out,
-        metrics=metrics or ANALYZE_METRICS, k=k, optimizer=optimizer,
-        trust=trust_checkpoint, device=device, progress=not quiet,
-        microbatch_size=microbatch_size, mode="w" if overwrite else "a",
-    )
+    try:
+        with interruptible():
+            monitor = analyze(
+                opened.checkpoints, opened.model, batches, loss_fn, out,
+                metrics=metrics or DEFAULT_METRICS, k=k, optimizer=optimizer,
+                trust=trust_checkpoint, device=device, progress=not quiet,
+                microbatch_size=microbatch_size, mode="w" if overwrite else "a",
+                closure=closure,
+            )
+    except KeyboardInterrupt as err:
+        signal_name, status = ("SIGTERM", 143) if isinstance(err, Terminated) else ("SIGINT", 130)
+        done = 0
+        try:
+            with Run.open(out) as run:
+                done = len(run.checkpoints())
+            where = f"{done} checkpoint{'s' if done != 1 else ''} recorded in {out}"
+        except Exception:
+            where = "no checkpoint recorded"
+        click.echo(f"interrupted ({signal_name}): {where}; run the same command again to "
+                   "continue", err=True)
+        raise SystemExit(status) from None
     if not quiet:
         with Run.open(out) as run:  # the monitor is closed: read the file it wrote
             n_ckpt, names = len(run.checkpoints()), run.metrics()

@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import click
 from landscape_cli.app import cli, verbose_option
-from landscape_cli.options import checkpoint_options, factory_options
+from landscape_cli.options import checkpoint_options, factory_options, load_inputs
 
 from landscape._errors import LandscapeError
 from landscape.analysis import check_loss, discard_if_empty
-from landscape.loading import (
-    call_factory,
-    load_checkpoint,
-    load_state_into,
-    prepare,
-    resolve_loss,
-)
+from landscape.loading import load_state_into
 
 DIRECTIONS = ("random", "eigen", "pca", "interpolate")
 EXAMPLE = ("landscape surface ckpt-200.pt --model factories.py:model --data factories.py:data "
@@ -43,30 +37,37 @@ EXAMPLE = ("landscape surface ckpt-200.pt --model factories.py:model --data fact
 @checkpoint_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @verbose_option
-def surface_command(checkpoints, model_spec, data_spec, loss_spec, dims, steps, span, directions,
-                    name, out, overwrite, seed, trust_checkpoint, device, quiet):
-    """Evaluate the loss (and accuracy) on a grid around the last of CHECKPOINTS."""
+def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, batch_size,
+                    n_batches, loss_spec, dims, steps, span, directions, name, out, overwrite,
+                    seed, trust_checkpoint, device, quiet):
+    """Evaluate the loss (and accuracy) on a grid around the last of CHECKPOINTS.
+
+    CHECKPOINTS are as for analyze: state-dict files, Hugging Face model folders, Trainer
+    output folders or Lightning .ckpt files.
+    """
     import torch
 
     from landscape import surface
     from landscape.analysis import order_checkpoints
 
     torch.manual_seed(seed)
-    model, batches = prepare(call_factory(model_spec, "model factory"),
-                             call_factory(data_spec, "data factory"), device)
+    opened, batches, loss_fn, closure = load_inputs(
+        checkpoints, model_spec, data_spec, loss_spec, tokens, text, seq_len, batch_size,
+        n_batches, trust_checkpoint, device)
+    model = opened.model
     data = batches[0] if len(batches) == 1 else batches
-    loss_fn = resolve_loss(loss_spec)
-    ckpts = [c for _, c in order_checkpoints(
-        [load_checkpoint(p, trust=trust_checkpoint) for p in checkpoints])]
+    ckpts = [c for _, c in order_checkpoints(opened.checkpoints)]
     if directions == "interpolate" and len(ckpts) != 2:
         raise LandscapeError("--directions interpolate needs exactly two checkpoints")
     if directions == "pca" and len(ckpts) < 3:
         raise LandscapeError("--directions pca needs at least three checkpoints (a trajectory)")
     for c in ckpts:  # every checkpoint must fit the model and give a finite loss
         load_state_into(model, c)
-        check_loss(model, loss_fn, batches, c)
+        check_loss(model, loss_fn, batches, c, closure)
     label = name or directions
     common = {"writer": out, "name": label, "progress": not quiet}
+    if closure is not None:  # dict batches: the grid calls closure(model, batch)
+        loss_fn, common["closure"] = closure, True
     with discard_if_empty(out):
         if overwrite:
             from landscape.store import RunWriter

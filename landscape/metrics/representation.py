@@ -17,7 +17,7 @@ from landscape._deprecation import module_getattr
 from landscape._errors import MissingInput
 from landscape.capture import last_linear, linear_layers, resolve_module
 from landscape.metrics.base import Metric, register
-from landscape.metrics.context import StepContext
+from landscape.metrics.context import StepContext, split_batch
 from landscape.schedules import every
 
 __all__ = ["Collapse", "Representation", "SpectralAlignment"]
@@ -144,7 +144,10 @@ class Collapse(_PenultimateMetric):
     """Neural collapse NC1–NC4 (Papyan et al. 2020) and the variability-collapse index.
 
     The index is Xu et al. (2023)'s; both are of the penultimate features, labelled by the
-    batch's targets.
+    batch's targets. For a causal language model (a transformers ``...ForCausalLM`` /
+    ``...LMHeadModel``) the feature at position t is labelled by the token it predicts,
+    t + 1, as in "Linguistic Collapse" (Wu and Papyan 2024, arXiv:2405.17767): the last
+    position of each sequence and labels of -100 (padding) are left out.
     """
 
     name = "collapse"
@@ -153,8 +156,11 @@ class Collapse(_PenultimateMetric):
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
         """NC1–NC4 and VCI of the penultimate features on ``self.data``."""
-        feats = self.features(ctx)
-        labels = ctx.targets(self.data).reshape(-1)
+        if _causal_lm(ctx.model):
+            feats, labels = self._next_token(ctx)
+        else:
+            feats = self.features(ctx)
+            labels = ctx.targets(self.data).reshape(-1)
         if labels.shape[0] != feats.shape[0]:
             raise MissingInput("collapse: targets do not match the penultimate features")
         classifier = resolve_module(ctx.model, str(self.layer))
@@ -165,6 +171,31 @@ class Collapse(_PenultimateMetric):
         row = {k: float(nc.get(source.get(k, k), math.nan)) for k in self.FIELDS if k != "vci"}
         row["vci"] = float(vci.value)
         return row
+
+    def _next_token(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features of positions 0..T-2 and the tokens 1..T-1 they predict (no padding)."""
+        self.features(ctx)  # the capture, and its error when the layer was not called
+        raw = ctx.captured(self.data).inputs[str(self.layer)]
+        labels = torch.cat([split_batch(b)[1] for b in ctx.batches(self.data)])
+        if raw.dim() != 3 or labels.shape != raw.shape[:2]:
+            raise MissingInput("collapse: labels do not match the (batch, position) features")
+        feats = raw[:, :-1].reshape(-1, raw.shape[-1])
+        nxt = labels[:, 1:].reshape(-1).to(feats.device)
+        keep = nxt != -100
+        return feats[keep], nxt[keep]
+
+
+def _causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers causal language model (never imports it)."""
+    import sys
+
+    if "transformers" not in sys.modules:
+        return False
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # pragma: no cover - very old transformers
+        return False
+    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 @register

@@ -1,0 +1,222 @@
+"""Hugging Face layouts: model folders (``save_pretrained``) and ``Trainer`` output folders.
+
+A model folder holds ``config.json`` and the weights as ``model.safetensors``,
+``pytorch_model.bin`` or shards of either with an index file
+(https://huggingface.co/docs/transformers/main_classes/model#transformers.PreTrainedModel.save_pretrained).
+A ``Trainer`` output folder holds one model folder per save, ``checkpoint-<step>``, each with
+``trainer_state.json`` and ``optimizer.pt``
+(https://huggingface.co/docs/transformers/main_classes/trainer#checkpoints).
+Models are built with ``from_pretrained(folder, local_files_only=True)``: nothing is ever
+downloaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from landscape._errors import LandscapeError
+
+__all__ = [
+    "build_model",
+    "folder_step",
+    "is_causal_lm",
+    "is_model_folder",
+    "load_tokenizer",
+    "read_weights",
+    "trainer_checkpoints",
+]
+
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def is_model_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder written by ``save_pretrained`` (``config.json`` in it).
+
+    Args:
+        path: a folder.
+
+    Returns:
+        True when it holds ``config.json`` and a weight file.
+    """
+    return (path / "config.json").is_file() and any((path / f).is_file() for f in WEIGHT_FILES)
+
+
+def trainer_checkpoints(path: Path) -> list[Path]:
+    """The ``checkpoint-<step>`` model folders of a ``Trainer`` output folder, by step.
+
+    Args:
+        path: a folder.
+
+    Returns:
+        The checkpoint folders in increasing step order (empty when there are none).
+    """
+    found = [(int(m.group(1)), p) for p in path.iterdir()
+             if p.is_dir() and (m := _CHECKPOINT.fullmatch(p.name)) and is_model_folder(p)]
+    return [p for _, p in sorted(found)]
+
+
+def folder_step(path: Path) -> int | None:
+    """The training step of a model folder: ``trainer_state.json``, else its name.
+
+    Args:
+        path: a model folder.
+
+    Returns:
+        ``global_step`` of ``trainer_state.json``, the N of ``checkpoint-N``, or None.
+    """
+    state = path / "trainer_state.json"
+    if state.is_file():
+        try:
+            step = json.loads(state.read_text()).get("global_step")
+            if isinstance(step, int):
+                return step
+        except (OSError, ValueError):
+            pass
+    m = _CHECKPOINT.fullmatch(path.name)
+    return int(m.group(1)) if m else None
+
+
+def _load_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return dict(load_file(str(path)))
+    return dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The state dict a model folder holds, its shards joined (tied weights saved once).
+
+    Args:
+        folder: a model folder.
+
+    Returns:
+        The tensors by name, on the CPU.
+
+    Raises:
+        LandscapeError: when no weight file is readable.
+    """
+    for name in WEIGHT_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            if name.endswith(".index.json"):
+                shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+                state: dict[str, torch.Tensor] = {}
+                for shard in shards:
+                    state.update(_load_file(folder / shard))
+                return state
+            return _load_file(path)
+        except Exception as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise LandscapeError(f"{path}: not a readable weight file ({first})") from err
+    raise LandscapeError(f"{folder}: no weight file ({', '.join(WEIGHT_FILES)})")
+
+
+def build_model(folder: Path) -> nn.Module:
+    """The model of a model folder, built with ``from_pretrained`` from the local files.
+
+    The class is the first of ``config.json``'s ``architectures`` (``GPT2LMHeadModel``),
+    else ``AutoModelForCausalLM``, else ``AutoModel``.
+
+    Args:
+        folder: a model folder.
+
+    Returns:
+        The model, in eval mode.
+
+    Raises:
+        LandscapeError: when transformers is not installed or the model cannot be built.
+    """
+    try:
+        import transformers
+    except ImportError as err:
+        raise LandscapeError(f"{folder}: install 'transformers' to load this model folder") from err
+    try:
+        arch = (json.loads((folder / "config.json").read_text()).get("architectures") or [None])[0]
+    except (OSError, ValueError) as err:
+        raise LandscapeError(f"{folder / 'config.json'}: not readable ({err})") from err
+    classes = [getattr(transformers, arch)] if arch and hasattr(transformers, arch) else []
+    classes += [transformers.AutoModelForCausalLM, transformers.AutoModel]
+    errors = []
+    with _quiet_transformers():
+        for cls in classes:
+            try:
+                model = cls.from_pretrained(str(folder), local_files_only=True).eval()
+            except Exception as err:  # the next class may fit
+                errors.append(f"{cls.__name__}: {(str(err).strip().splitlines() or [''])[0]}")
+                continue
+            if is_causal_lm(model) and getattr(model, "loss_type", None) is None:
+                model.loss_type = "ForCausalLM"  # transformers' default, without its notice
+            return model
+    raise LandscapeError(f"{folder}: cannot build the model ({errors[0]})")
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Transformers' info messages and loading bars off while it loads (errors still raise)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers causal language model (``AutoModelForCausalLM``).
+
+    Args:
+        model: any module.
+
+    Returns:
+        True for the classes transformers maps to causal language modelling.
+    """
+    import sys
+
+    if "transformers" not in sys.modules:
+        return False
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # pragma: no cover - very old transformers
+        return False
+    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def load_tokenizer(folder: Path) -> Any:
+    """The tokenizer saved in a model folder (``AutoTokenizer``, local files only).
+
+    Args:
+        folder: a model folder.
+
+    Returns:
+        The tokenizer.
+
+    Raises:
+        LandscapeError: when the folder holds no tokenizer.
+    """
+    try:
+        from transformers import AutoTokenizer
+
+        with _quiet_transformers():
+            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise LandscapeError(f"{folder}: no usable tokenizer for --text ({first}); "
+                             "give token ids with --tokens instead") from err

@@ -1,0 +1,131 @@
+"""Lightning ``.ckpt`` files: weights, step, hyper-parameters and the module's class.
+
+A Lightning checkpoint is a dict with ``state_dict`` (the ``LightningModule``'s, its
+submodules' keys prefixed by their attribute name, e.g. ``model.``), ``global_step``,
+``hyper_parameters`` (what ``save_hyperparameters()`` recorded) and ``optimizer_states``
+(https://lightning.ai/docs/pytorch/stable/common/checkpointing_basic.html#contents-of-a-checkpoint).
+``LightningCLI`` also records the module's class path in the hyper-parameters
+(``_class_path``), which is how the module is rebuilt without ``--model``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from landscape._errors import LandscapeError
+
+__all__ = ["CLASS_KEYS", "build_module", "inner_module", "read_ckpt", "recorded_class"]
+
+CLASS_KEYS = ("_class_path", "class_path", "__class__")
+
+
+def read_ckpt(path: Path, *, trust: bool = False) -> dict[str, Any]:
+    """The dict a ``.ckpt`` file holds (``torch.load``, weights only unless trusted).
+
+    Args:
+        path: the file.
+        trust: allow pickled objects (can run arbitrary code).
+
+    Returns:
+        The checkpoint dict.
+
+    Raises:
+        LandscapeError: an unreadable file, or one without ``state_dict``.
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trust)
+    except Exception as err:
+        if not trust and "weights_only" in str(err):
+            raise LandscapeError(
+                f"{path}: holds pickled objects beyond tensors; if you trust the file, pass "
+                "--trust-checkpoint (it can run arbitrary code)"
+            ) from err
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise LandscapeError(f"{path}: not a readable Lightning checkpoint ({first})") from err
+    if not isinstance(obj, Mapping) or not isinstance(obj.get("state_dict"), Mapping):
+        raise LandscapeError(f"{path}: not a Lightning checkpoint (no 'state_dict' entry)")
+    return dict(obj)
+
+
+def recorded_class(ckpt: Mapping[str, Any]) -> str | None:
+    """The ``module.Class`` path the hyper-parameters record (``LightningCLI``), or None.
+
+    Args:
+        ckpt: the checkpoint dict.
+
+    Returns:
+        The dotted class path, or None.
+    """
+    hp = ckpt.get("hyper_parameters") or {}
+    for key in CLASS_KEYS:
+        value = hp.get(key) if isinstance(hp, Mapping) else None
+        if isinstance(value, str) and "." in value:
+            return value
+    return None
+
+
+def _import_class(dotted: str, path: Path) -> type:
+    module, _, name = dotted.replace(":", ".").rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except Exception as err:
+        raise LandscapeError(f"{path}: cannot import the recorded class {dotted!r} ({err}); "
+                             "pass --model package.module:LitClass") from err
+
+
+def build_module(ckpt: Mapping[str, Any], path: Path, cls: type | None = None) -> nn.Module:
+    """The ``LightningModule`` of a checkpoint, built from its hyper-parameters.
+
+    Args:
+        ckpt: the checkpoint dict.
+        path: its file (named in errors).
+        cls: the class (``--model pkg.mod:LitClass``); default: the recorded one.
+
+    Returns:
+        ``cls(**hyper_parameters)`` (entries starting with ``_`` left out), weights not loaded.
+
+    Raises:
+        LandscapeError: no class given or recorded, or the constructor fails.
+    """
+    if cls is None:
+        dotted = recorded_class(ckpt)
+        if dotted is None:
+            raise LandscapeError(f"{path}: the checkpoint does not record its LightningModule "
+                                 "class; pass --model package.module:LitClass")
+        cls = _import_class(dotted, path)
+    hp = {k: v for k, v in dict(ckpt.get("hyper_parameters") or {}).items()
+          if not str(k).startswith("_") and k not in CLASS_KEYS}
+    try:
+        module = cls(**hp)
+    except Exception as err:
+        raise LandscapeError(f"{path}: {cls.__name__}(**hyper_parameters) raised "
+                             f"{type(err).__name__}: {err}") from err
+    if not isinstance(module, nn.Module):
+        raise LandscapeError(f"{path}: {cls.__name__} is not a torch.nn.Module")
+    return module
+
+
+def inner_module(module: nn.Module) -> tuple[nn.Module, str]:
+    """The network a ``LightningModule`` wraps, and the state-dict prefix it has.
+
+    A module whose parameters all belong to one child (``self.model = ...``) is analyzed
+    through that child (its forward and, for a Hugging Face model, its loss); otherwise
+    the module itself.
+
+    Args:
+        module: the ``LightningModule``.
+
+    Returns:
+        ``(network, prefix)``, the prefix ``"model."`` or ``""``.
+    """
+    total = sum(1 for _ in module.parameters())
+    for name, child in module.named_children():
+        n = sum(1 for _ in child.parameters())
+        if n and n == total:
+            return child, f"{name}."
+    return module, ""

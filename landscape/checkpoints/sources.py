@@ -1,0 +1,196 @@
+"""From what the user names on the command line to loaded checkpoints and a model.
+
+:func:`open_checkpoints` accepts, in any mix:
+
+* checkpoint files as :func:`landscape.loading.load_checkpoint` reads them (state dicts,
+  ``.safetensors``);
+* Hugging Face model folders (``config.json`` + weights) and ``Trainer`` output folders,
+  whose ``checkpoint-<step>`` subfolders become one checkpoint each
+  (:mod:`landscape.checkpoints.huggingface`);
+* Lightning ``.ckpt`` files (:mod:`landscape.checkpoints.lightning`).
+
+Without a model factory the model comes from the checkpoints themselves: built with
+``from_pretrained`` from the first model folder, or the ``LightningModule`` class the
+checkpoint records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from torch import nn
+
+from landscape._errors import LandscapeError
+from landscape.checkpoints import huggingface as hf
+from landscape.checkpoints import lightning as lit
+from landscape.checkpoints.optim import optimizer_settings, read_optimizer_file
+from landscape.loading import (
+    Checkpoint,
+    call_factory,
+    load_checkpoint,
+    load_factory,
+    step_from_name,
+)
+
+__all__ = ["Opened", "expand", "open_checkpoints", "open_data"]
+
+
+@dataclass
+class Opened:
+    """What :func:`open_checkpoints` found.
+
+    Attributes:
+        model: the network the checkpoints are loaded into.
+        checkpoints: the loaded checkpoints (in the order found).
+        folder: the first Hugging Face model folder (its tokenizer reads ``--text``).
+        kinds: the kinds of checkpoint met: ``"huggingface"``, ``"lightning"``, ``"file"``.
+    """
+
+    model: nn.Module
+    checkpoints: list[Checkpoint]
+    folder: Path | None = None
+    kinds: set[str] = field(default_factory=set)
+
+
+def expand(paths: Sequence[str | Path]) -> list[Path]:
+    """Each path, a ``Trainer`` output folder replaced by its checkpoint folders.
+
+    Args:
+        paths: files and folders as given.
+
+    Returns:
+        Files and model folders.
+
+    Raises:
+        LandscapeError: a folder that is neither a model folder nor a Trainer output folder.
+    """
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            out.append(p)
+        elif hf.is_model_folder(p):
+            out.append(p)
+        elif subs := hf.trainer_checkpoints(p):
+            out.extend(subs)
+        else:
+            raise LandscapeError(
+                f"{p}: is a directory, but neither a Hugging Face model folder (config.json "
+                "and weights) nor a Trainer output folder (checkpoint-N/ folders)")
+    return out
+
+
+def _load(path: Path, trust: bool) -> tuple[Checkpoint, dict[str, Any] | None]:
+    """One checkpoint (and the raw Lightning dict, for building its module)."""
+    if path.is_dir():
+        return Checkpoint(path, hf.read_weights(path), hf.folder_step(path),
+                          optimizer=read_optimizer_file(path / "optimizer.pt")), None
+    if path.suffix == ".ckpt" and path.is_file():
+        ck = lit.read_ckpt(path, trust=trust)
+        states = ck.get("optimizer_states") or [None]
+        step = ck.get("global_step")
+        return Checkpoint(path, dict(ck["state_dict"]),
+                          step if isinstance(step, int) else step_from_name(path),
+                          optimizer=optimizer_settings(states[0])), ck
+    return load_checkpoint(path, trust=trust), None
+
+
+def open_checkpoints(
+    paths: Sequence[str | Path], model: str | None = None, *, trust: bool = False,
+) -> Opened:
+    """Load every checkpoint ``paths`` names and the model to load them into.
+
+    Args:
+        paths: checkpoint files, model folders, Trainer output folders, ``.ckpt`` files.
+        model: a model factory (``module:fn``, ``file.py:fn``) or, for ``.ckpt`` files, a
+            ``LightningModule`` class; None: from the checkpoints (module docstring).
+        trust: allow pickled objects in torch checkpoints.
+
+    Returns:
+        The model, the checkpoints and the first model folder.
+
+    Raises:
+        LandscapeError: an unusable path, or no way to build the model.
+    """
+    if not paths:
+        raise LandscapeError("no checkpoints given")
+    loaded = [_load(p, trust) for p in expand(paths)]
+    kinds = {"huggingface" if c.path.is_dir() else "lightning" if raw else "file"
+             for c, raw in loaded}
+    folder = next((c.path for c, _ in loaded if c.path.is_dir()), None)
+    lightning = next(((c, raw) for c, raw in loaded if raw is not None), None)
+    net: Any
+    if model is not None:
+        obj = load_factory(model, "model factory")
+        if lightning is not None and isinstance(obj, type) and issubclass(obj, nn.Module):
+            net, _ = lit.inner_module(lit.build_module(lightning[1], lightning[0].path, obj))
+        else:
+            net = call_factory(model, "model factory")
+    elif lightning is not None:
+        net, _ = lit.inner_module(lit.build_module(lightning[1], lightning[0].path))
+    elif folder is not None:
+        net = hf.build_model(folder)
+    else:
+        raise LandscapeError("--model is needed for these checkpoints: package.module:fn or "
+                             "path/to/file.py:fn returning the torch.nn.Module they belong to")
+    if not isinstance(net, nn.Module):
+        raise LandscapeError(
+            f"the model factory returned a {type(net).__name__}, not a torch.nn.Module "
+            "(does --model name the data factory?)"
+        )
+    return Opened(net, [c for c, _ in loaded], folder, kinds)
+
+
+def _vocab_size(model: nn.Module) -> int | None:
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    return int(emb.num_embeddings) if isinstance(emb, nn.Embedding) else None
+
+
+def open_data(
+    opened: Opened,
+    data: str | None = None,
+    *,
+    tokens: str | Path | None = None,
+    text: str | Path | None = None,
+    seq_len: int = 128,
+    batch_size: int = 8,
+    n_batches: int = 1,
+) -> Any:
+    """The data to evaluate: a data factory's result, or language-model batches.
+
+    Args:
+        opened: what :func:`open_checkpoints` returned (the model and tokenizer folder).
+        data: a data factory (``module:fn``, ``file.py:fn``).
+        tokens: a ``.npy``/``.pt`` file of token ids.
+        text: a text file, encoded with the tokenizer of the model folder.
+        seq_len: tokens per sequence.
+        batch_size: sequences per batch.
+        n_batches: number of batches.
+
+    Returns:
+        One batch or a list of batches.
+
+    Raises:
+        LandscapeError: no data or two kinds of it, or data that cannot be read.
+    """
+    from landscape.checkpoints.tokens import token_batches
+
+    given = [n for n, v in (("--data", data), ("--tokens", tokens), ("--text", text))
+             if v is not None]
+    if len(given) != 1:
+        raise LandscapeError(
+            "give the data as one of --data module:fn, --tokens FILE or --text FILE"
+            + (f" (not {' and '.join(given)})" if given else ""))
+    if data is not None:
+        return call_factory(data, "data factory")
+    tokenizer = None
+    if text is not None:
+        if opened.folder is None:
+            raise LandscapeError("--text needs the tokenizer of a Hugging Face model folder; "
+                                 "give token ids with --tokens instead")
+        tokenizer = hf.load_tokenizer(opened.folder)
+    return token_batches(tokens=tokens, text=text, tokenizer=tokenizer, seq_len=seq_len,
+                         batch_size=batch_size, n_batches=n_batches,
+                         vocab_size=_vocab_size(opened.model))
