@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import time
 import warnings
@@ -42,7 +43,8 @@ from torch import nn
 
 from landscape import distributed as _dist
 from landscape._errors import InstabilityWarning, MissingInput, StepOrderError
-from landscape.findings import Finding
+from landscape._interrupts import InterruptGuard
+from landscape.findings import Finding, Findings, dedupe, user_stacklevel
 from landscape.isolation import isolated
 from landscape.metrics import Metric, StepContext, split_batch
 from landscape.metrics.presets import MetricsLike, resolve_metrics
@@ -50,6 +52,8 @@ from landscape.params import difference, trainable_named_parameters
 from landscape.store import Run, RunWriter
 
 __all__ = ["MetricsLike", "Monitor", "resolve_metrics"]
+
+_log = logging.getLogger("landscape")
 
 
 def _jsonable(value: Any) -> Any:
@@ -88,6 +92,11 @@ class Monitor:
         config: extra JSON-able run configuration stored in the file.
         alarms: ``True`` (default rules), ``False``, or a list of rules (landscape.alarms).
         on_finding: called with each :class:`~landscape.findings.Finding` as it is raised.
+        mirrors: objects with ``on_row(name, step, row)``, ``on_finding(finding)`` and
+            ``close()`` that copy every row and finding elsewhere as they are written, e.g.
+            the TensorBoard, W&B and MLflow mirrors of
+            :mod:`landscape.integrations.mirrors`. A mirror that raises warns once and is
+            not called again; training goes on.
         strict: re-raise metric failures instead of recording them.
         warn: emit findings as :class:`~landscape.InstabilityWarning`.
         taylor_guard: ``None`` (off) or a target r (e.g. 1.0): rescale any optimizer step
@@ -139,6 +148,7 @@ class Monitor:
         config: dict[str, Any] | None = None,
         alarms: bool | Sequence[Any] = True,
         on_finding: Callable[[Finding], None] | None = None,
+        mirrors: Sequence[Any] = (),
         strict: bool = False,
         warn: bool = True,
         taylor_guard: float | None = None,
@@ -147,6 +157,8 @@ class Monitor:
         flush_every: int = 256,
         distributed: bool | None = None,
         microbatch_size: int | None = None,
+        probe_size: int | None = 32,
+        adaptive: bool = True,
     ) -> None:
         if loss_fn is None and closure is None:
             raise ValueError("Monitor needs loss_fn or closure")
@@ -161,8 +173,18 @@ class Monitor:
         self.closure = closure
         self.optimizer = optimizer
         self.probe = probe
+        if probe_size is not None and (not isinstance(probe_size, int) or probe_size < 1):
+            raise ValueError(f"probe_size must be an integer >= 1 or None, got {probe_size!r}")
+        self.probe_size = probe_size
+        self._probe_source = "given" if probe is not None else (
+            "none" if probe_size is None else "first_batch")
         self.metrics = resolve_metrics(metrics)
         self.on_finding = on_finding
+        self.mirrors = list(mirrors or ()) if _dist.rank() == 0 else []  # rank 0 mirrors
+        self._broken_mirrors: set[int] = set()
+        self._interrupts: InterruptGuard | None = None
+        self._mirrors_closed = False
+        self._nonfinite_reported = False
         self.strict = strict
         self.warn = warn
         self.taylor_guard = taylor_guard
@@ -173,7 +195,7 @@ class Monitor:
                              "flush_every": flush_every}
         self._user_config = dict(config or {})
         self._alarm_rules = alarms
-        self.findings: list[Finding] = []
+        self.findings: list[Finding] = Findings()
         self.timings: dict[str, float] = {m.name: 0.0 for m in self.metrics}
         self.writer: RunWriter | None = None
         self._alarms: Any = None
@@ -196,7 +218,9 @@ class Monitor:
         """
         if self.writer is not None:
             return self
-        self._names = list(trainable_named_parameters(self.model))
+        named = trainable_named_parameters(self.model)
+        self._names = list(named)
+        self._own = list(named.values())
         for m in self.metrics:
             m.setup(self.model)
         self.writer = RunWriter(self.path, config=self._config(), **self._writer_args)
@@ -228,16 +252,43 @@ class Monitor:
                 self.optimizer.register_step_pre_hook(self._pre_step),
                 self.optimizer.register_step_post_hook(self._post_step),
             ]
+        # Ctrl-C / SIGTERM: flush the file first, never in the middle of a step's rows
+        self._interrupts = InterruptGuard(self._flush_quietly, self.close).install()
         return self
 
+    def _flush_quietly(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def _mirror(self, method: str, *args: Any) -> None:
+        """Call ``method`` on every mirror; one that raises warns once and is dropped."""
+        for mirror in self.mirrors:
+            if id(mirror) in self._broken_mirrors:
+                continue
+            try:
+                getattr(mirror, method)(*args)
+            except Exception as err:  # a mirror never stops training
+                self._broken_mirrors.add(id(mirror))
+                warnings.warn(
+                    f"landscape: mirror {type(mirror).__name__} failed in {method} and is "
+                    f"switched off for this run: {type(err).__name__}: {err}",
+                    RuntimeWarning, stacklevel=user_stacklevel(),
+                )
+
     def close(self) -> None:
-        """Remove the optimizer hooks and flush and close the run file."""
+        """Remove the optimizer hooks, flush and close the run file, close the mirrors."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
         self._before = None
+        if self._interrupts is not None:
+            self._interrupts.uninstall()
+            self._interrupts = None
         if self.writer is not None:
             self.writer.close()
+            if self.mirrors and not self._mirrors_closed:
+                self._mirrors_closed = True
+                self._mirror("close")
 
     def __enter__(self) -> Monitor:
         return self.start()
@@ -271,6 +322,7 @@ class Monitor:
                 {"name": m.name, "schedule": str(m.schedule), "data": m.data, **m.config()}
                 for m in self.metrics
             ],
+            "probe": {"source": self._probe_source, "size": self.probe_size},
             "taylor_guard": self.taylor_guard,
             "microbatch_size": self.microbatch_size,
             **self._user_config,
@@ -299,16 +351,14 @@ class Monitor:
             m.needs_update and m.schedule(upcoming) for m in self.metrics
         )
         if wanted:
-            own = dict(self.model.named_parameters())
-            self._before = tuple(own[n].detach().clone() for n in self._names)
+            self._before = tuple(p.detach().clone() for p in self._own)
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self.taylor_guard is None or self._before is None:
             return
         from landscape.metrics.training import radius_along
 
-        own = dict(self.model.named_parameters())
-        current = [own[n] for n in self._names]
+        current = self._own
         update = tuple(p.detach() - b for p, b in zip(current, self._before))
         ctx = self._context(self._next_step(), None, None, None)
         with isolated(self.model):
@@ -348,6 +398,11 @@ class Monitor:
         Raises:
             StepOrderError: ``step`` does not come after the last recorded step.
         """
+        guard = self._interrupts
+        with guard.deferred() if guard is not None else contextlib.nullcontext():
+            return self._step(int(step), batch, loss, outputs)
+
+    def _step(self, step: int, batch: Any, loss: Any, outputs: Any) -> list[Finding]:
         if self.writer is None:
             self.start()
         step = int(step)
@@ -357,6 +412,8 @@ class Monitor:
                 + ("" if self.path is None else f" in {self.path} (to start the file over, "
                    f"pass mode='w'; to resume from step {step}, truncate_from={step})")
             )
+        if self.probe is None and self._probe_source == "first_batch" and batch is not None:
+            self._take_probe(batch)
         due = [m for m in self.metrics if m.schedule(step)]
         before, self._before = self._before, None
         if self._last_step is not None:
@@ -366,9 +423,8 @@ class Monitor:
             return []
         ctx = self._context(step, batch, loss, outputs)
         if before is not None:
-            own = dict(self.model.named_parameters())
             ctx.params_before = before
-            ctx.update = difference([own[n].detach() for n in self._names], before)
+            ctx.update = difference([p.detach() for p in self._own], before)
         for m in due:
             ins, outs = m.captures()
             plan = ctx.capture_plan.setdefault(m.data, (set(), set()))
@@ -382,6 +438,7 @@ class Monitor:
                 row = self._compute(m, ctx)
                 assert self.writer is not None
                 self.writer.append(m.name, step, row)
+                self._mirror("on_row", m.name, step, row)
                 if self._alarms is not None:
                     found.extend(self._alarms.observe(m.name, step, row))
         if self._distributed:
@@ -390,9 +447,29 @@ class Monitor:
             # `due` depends on the step only, hence all ranks reach this broadcast.
             found = _dist.broadcast_object(found)
         raised: list[Finding] = []
-        for f in found:
+        for f in dedupe(found):  # one finding per (step, rule), e.g. a NaN loss seen twice
             raised.append(self._emit(f))
         return raised
+
+    def _take_probe(self, batch: Any) -> None:
+        """Keep a copy of the first ``probe_size`` samples of ``batch`` as the probe."""
+        from landscape.metrics.sentinels import head
+
+        def copy(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                return value.detach().clone()
+            if isinstance(value, (tuple, list)):
+                return type(value)(copy(v) for v in value)
+            if isinstance(value, dict):
+                return {k: copy(v) for k, v in value.items()}
+            return value
+
+        self.probe = copy(head(batch, self.probe_size))
+        _log.warning(
+            "landscape: no probe= given; the monitor keeps the first %d samples of the first "
+            "training batch as its fixed probe (probe_size=None turns this off)",
+            self.probe_size,
+        )
 
     def _compute(self, metric: Metric, ctx: StepContext) -> dict[str, Any]:
         start = time.perf_counter()
@@ -401,35 +478,58 @@ class Monitor:
         except Exception as err:  # a diagnostic never stops training unless strict
             if self.strict:
                 raise
-            self._record_failure(metric, ctx.step, err)
+            self._record_failure(metric, ctx.step, err, ctx.loss)
             return {k: np.full(shape, np.nan) for k, shape in metric.fields().items()}
         finally:
             self.timings[metric.name] += time.perf_counter() - start
 
-    def _record_failure(self, metric: Metric, step: int, err: Exception) -> None:
+    def _nonfinite(self, loss: Any) -> str | None:
+        """``"parameters"``/``"loss"`` when the model or the loss is NaN/inf, else None."""
+        with torch.no_grad():
+            if any(not bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+                return "parameters"
+        if loss is not None and not math.isfinite(float(torch.as_tensor(loss).detach().sum())):
+            return "loss"
+        return None
+
+    def _record_failure(
+        self, metric: Metric, step: int, err: Exception, loss: Any = None
+    ) -> None:
         if metric.name in self._failed:
             return
         self._failed.add(metric.name)
-        kind = "cannot run" if isinstance(err, MissingInput) else "failed"
-        message = f"metric {metric.name!r} {kind} at step {step}: {err}"
-        hint = (
-            "see the message; the metric records NaN until this is fixed"
-            if isinstance(err, MissingInput)
-            else "the metric records NaN; pass strict=True to Monitor to see the traceback"
-        )
+        bad = self._nonfinite(loss)
+        if bad is not None:  # not the metric's fault: one message for all metrics
+            if self._nonfinite_reported:
+                return
+            self._nonfinite_reported = True
+            message = (f"non-finite {bad} at step {step}: metrics that cannot run on them "
+                       f"(first {metric.name!r}) record NaN")
+            hint = ("see the 'nonfinite' finding; restart from a checkpoint before the "
+                    "NaN/inf with a lower learning rate or gradient clipping")
+        else:
+            kind = "cannot run" if isinstance(err, MissingInput) else "failed"
+            message = f"metric {metric.name!r} {kind} at step {step}: {err}"
+            hint = (
+                "see the message; the metric records NaN until this is fixed"
+                if isinstance(err, MissingInput)
+                else "the metric records NaN; pass strict=True to Monitor to see the traceback"
+            )
         finding = Finding(step, "metric_failed", "info", metric.name, math.nan, math.nan,
                           message, hint)
-        warnings.warn(f"landscape: {message}", RuntimeWarning, stacklevel=4)
+        warnings.warn(f"landscape: {message}", RuntimeWarning, stacklevel=user_stacklevel())
         self.findings.append(finding)
         assert self.writer is not None
         self.writer.add_finding(finding)
+        self._mirror("on_finding", finding)
 
     def _emit(self, finding: Finding) -> Finding:
         self.findings.append(finding)
         assert self.writer is not None
         self.writer.add_finding(finding)
         if self.warn:
-            warnings.warn(InstabilityWarning(finding.describe()), stacklevel=4)
+            warnings.warn(InstabilityWarning(finding.describe()), stacklevel=user_stacklevel())
+        self._mirror("on_finding", finding)
         if self.on_finding is not None:
             self.on_finding(finding)
         return finding

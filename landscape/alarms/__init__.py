@@ -28,7 +28,7 @@ Modules:
 * :mod:`~landscape.alarms.base`: :class:`Rule`, :class:`Trigger`, :data:`SKIP` and the
   episode state machine;
 * :mod:`~landscape.alarms.curvature_rules`, :mod:`~landscape.alarms.representation_rules`,
-  :mod:`~landscape.alarms.training_rules`: the eight built-in rules;
+  :mod:`~landscape.alarms.training_rules`: the built-in rules;
 * :mod:`~landscape.alarms.statistics`: the rolling median/MAD of the spike rules;
 * :mod:`~landscape.alarms.online`: :class:`OnlineAlarms`, :func:`check`, :data:`RULES`,
   :func:`default_rules`;
@@ -44,6 +44,7 @@ from typing import Any
 
 from landscape.alarms.base import SKIP, Rule, Trigger
 from landscape.alarms.curvature_rules import EdgeOfStability, TaylorRatio
+from landscape.alarms.forecast_rules import SharpnessForecast, TaylorForecast
 from landscape.alarms.leads import warning_leads
 from landscape.alarms.online import RULES, OnlineAlarms, check, default_rules
 from landscape.alarms.representation_rules import LogitGrowth, RankCollapse, SignCollapse
@@ -52,6 +53,7 @@ from landscape.alarms.training_rules import GradNormSpike, LossSpike, NonFiniteV
 __all__ = [
     "RULES",
     "SKIP",
+    "SharpnessForecast",
     "EdgeOfStability",
     "GradNormSpike",
     "LogitGrowth",
@@ -61,6 +63,7 @@ __all__ = [
     "RankCollapse",
     "Rule",
     "SignCollapse",
+    "TaylorForecast",
     "TaylorRatio",
     "Trigger",
     "check",

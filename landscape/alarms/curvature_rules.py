@@ -112,7 +112,9 @@ class TaylorRatio(Rule):
     guidance: r = 0.5 is a safe target, r = 1 is the theoretical edge, r = 2 usually still
     works, r = 4 breaks.
 
-    * ``r >= warn`` (default 1.0): warning.
+    * ``r >= info`` (default 1.0): info. The step leaves the conservative disk; in early
+      training large steps beyond it are common and still make progress.
+    * ``r >= warn`` (default 2.0): warning ("usually still works" is the paper's limit).
     * ``r >= error`` (default 4.0): error.
 
     The metric was called ``taylor`` before it became ``taylor_radius``; the rule watches
@@ -122,8 +124,9 @@ class TaylorRatio(Rule):
         ValueError: a setting is not a number, or ``error < warn``.
     """
 
-    warn: float = 1.0
+    warn: float = 2.0
     error: float = 4.0
+    info: float | None = 1.0
     sustain: int = 1
     rearm: int = 3
     metrics: tuple[str, ...] = ("taylor_radius", "taylor")
@@ -133,6 +136,9 @@ class TaylorRatio(Rule):
         self._validate_common()
         _check_number("warn", self.warn)
         _check_number("error", self.error)
+        _check_number("info", self.info, allow_none=True)
+        if self.info is not None and self.info > self.warn:
+            raise ValueError(f"info ({self.info}) must be <= warn ({self.warn})")
         if self.error < self.warn:
             raise ValueError(f"error ({self.error}) must be >= warn ({self.warn})")
 
@@ -171,6 +177,16 @@ class TaylorRatio(Rule):
                 threshold=self.warn,
                 message=f"Taylor ratio r = {_fmt(r)} >= {_fmt(self.warn)}: the step leaves the "
                 "softmax convergence radius",
+                hint=hint,
+            )
+        if self.info is not None and r >= self.info:
+            return Trigger(
+                severity="info",
+                field="r",
+                value=r,
+                threshold=self.info,
+                message=f"Taylor ratio r = {_fmt(r)} >= {_fmt(self.info)}: the step leaves the "
+                "conservative softmax convergence disk",
                 hint=hint,
             )
         return None

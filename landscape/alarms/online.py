@@ -15,9 +15,10 @@ import numpy as np
 from landscape._errors import StepOrderError
 from landscape.alarms.base import EpisodeTracker, Rule, Value, _finding_order
 from landscape.alarms.curvature_rules import EdgeOfStability, TaylorRatio
+from landscape.alarms.forecast_rules import SharpnessForecast, TaylorForecast
 from landscape.alarms.representation_rules import LogitGrowth, RankCollapse, SignCollapse
 from landscape.alarms.training_rules import GradNormSpike, LossSpike, NonFiniteValues
-from landscape.findings import Finding
+from landscape.findings import Finding, dedupe
 
 __all__ = ["RULES", "OnlineAlarms", "check", "default_rules"]
 
@@ -33,13 +34,15 @@ RULES: dict[str, type[Rule]] = {
         LogitGrowth,
         RankCollapse,
         NonFiniteValues,
+        TaylorForecast,
+        SharpnessForecast,
     )
 }
 """Rule classes of :func:`default_rules` by rule name."""
 
 
 def default_rules(**overrides: Mapping[str, Any] | bool | None) -> list[Rule]:
-    """The eight built-in rules with their documented defaults.
+    """The built-in rules with their documented defaults.
 
     Keyword arguments, by rule name, change or disable a rule::
 
@@ -255,4 +258,4 @@ def check(run: Any, rules: Sequence[Rule] | None = None) -> list[Finding]:
     Raises:
         ValueError: ``run`` is none of the accepted kinds, or ``rules`` is invalid.
     """
-    return OnlineAlarms(rules).replay(run)
+    return dedupe(OnlineAlarms(rules).replay(run))  # one finding per (step, rule)

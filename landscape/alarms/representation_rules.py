@@ -38,9 +38,11 @@ class LogitGrowth(Rule):
       output-logit divergence (Wortsman et al. 2024, arXiv:2309.14322; ``docs/metrics.md``,
       "Cheap early-warning signals"); at |z| ~ 100 float32 softmax is one-hot for any
       runner-up gap above ~17.
-    * ``logits/softmax_collapse > softmax_collapse`` (default 0): warning. A non-zero
+    * ``logits/softmax_collapse > softmax_collapse`` (default 0): info. A non-zero
       fraction of samples whose softmax sums to exactly 1 in floating point means their
-      gradient is exactly zero (Softmax Collapse, Prieto et al. 2025, arXiv:2501.04697).
+      gradient is exactly zero (Softmax Collapse, Prieto et al. 2025, arXiv:2501.04697);
+      a classifier that becomes confident on easy samples gets there in healthy training,
+      so it is info unless the fraction exceeds ``collapse_warn`` (default 0.5).
 
     ``None`` disables either condition. When both fire, ``max_abs`` is reported.
 
@@ -50,6 +52,7 @@ class LogitGrowth(Rule):
 
     max_abs: float | None = 100.0
     softmax_collapse: float | None = 0.0
+    collapse_warn: float | None = 0.5
     sustain: int = 1
     rearm: int = 3
     metrics: tuple[str, ...] = ("logits",)
@@ -59,6 +62,7 @@ class LogitGrowth(Rule):
         self._validate_common()
         _check_number("max_abs", self.max_abs, allow_none=True)
         _check_number("softmax_collapse", self.softmax_collapse, allow_none=True)
+        _check_number("collapse_warn", self.collapse_warn, allow_none=True)
 
     def evaluate(self, metric: str, row: Row) -> Trigger | _Skip | None:
         """Compare the row's largest logit and softmax-collapse fraction with the limits.
@@ -90,8 +94,9 @@ class LogitGrowth(Rule):
                 hint=hint,
             )
         if self.softmax_collapse is not None and sc is not None and sc > self.softmax_collapse:
+            warn = self.collapse_warn is not None and sc > self.collapse_warn
             return Trigger(
-                severity="warning",
+                severity="warning" if warn else "info",
                 field="softmax_collapse",
                 value=sc,
                 threshold=self.softmax_collapse,

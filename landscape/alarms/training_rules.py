@@ -52,6 +52,11 @@ class LossSpike(Rule):
       (defaults k = 1, h = 12, clip 4): slower, sustained rises that no single row
       makes unusual. ``min_ratio`` does not apply.
 
+    The "large" condition compares the rise with max(|m|, ``initial_floor`` × the median of
+    the first ``min_history`` rows) (default 0.05): a loss trained close to zero (0.02)
+    that doubles is noise, not a spike. ``severity`` is the finding's severity (default
+    warning); a rise to ``warn_ratio`` times that level is always a warning.
+
     Non-finite values are ignored here (they are :class:`NonFiniteValues`' business) and
     do not enter the window.
 
@@ -69,6 +74,9 @@ class LossSpike(Rule):
     cusum_h: float = 12.0
     cusum_clip: float = 4.0
     rel_floor: float = 1e-3
+    initial_floor: float | None = 0.05
+    severity: str = "warning"
+    warn_ratio: float | None = None
     field: str = "value"
     sustain: int = 1
     rearm: int = 20
@@ -91,6 +99,10 @@ class LossSpike(Rule):
             )
         for name in ("z", "min_ratio", "cusum_k", "cusum_h", "cusum_clip", "rel_floor"):
             _check_number(name, getattr(self, name))
+        _check_number("initial_floor", self.initial_floor, allow_none=True)
+        _check_number("warn_ratio", self.warn_ratio, allow_none=True)
+        if self.severity not in ("info", "warning", "error"):
+            raise ValueError(f"severity must be info, warning or error, got {self.severity!r}")
         if self.method not in ("zscore", "cusum"):
             raise ValueError(f"method must be 'zscore' or 'cusum', got {self.method!r}")
         if self.rel_floor < 0:
@@ -124,6 +136,7 @@ class SpikeState:
         self.rule = rule
         self.history = RollingWindow(rule.window)
         self.cusum = 0.0
+        self.initial: float | None = None  # median of the first min_history values
 
     def __call__(self, step: int, row: Row) -> Trigger | _Skip | None:
         """Evaluate one row, then add its value to the window.
@@ -143,6 +156,8 @@ class SpikeState:
         trigger = None
         if len(self.history) >= rule.min_history:
             med, mad = self.history.median_mad()
+            if self.initial is None:
+                self.initial = abs(med)
             scale = max(1.4826 * mad, rule.rel_floor * abs(med), 1e-12)
             z = (x - med) / scale
             if rule.method == "zscore":
@@ -155,12 +170,18 @@ class SpikeState:
     def _zscore(self, x: float, med: float, z: float) -> Trigger | None:
         """The z-score test: unusual (``z``) and large (``min_ratio``) together."""
         rule = self.rule
-        if z >= rule.z and x - med >= (rule.min_ratio - 1.0) * abs(med):
+        level = abs(med)
+        if rule.initial_floor is not None and self.initial is not None:
+            level = max(level, rule.initial_floor * self.initial)
+        if z >= rule.z and x - med >= (rule.min_ratio - 1.0) * level:
+            severity = rule.severity
+            if rule.warn_ratio is not None and x - med >= (rule.warn_ratio - 1.0) * level:
+                severity = "warning"
             return Trigger(
-                severity="warning",
+                severity=severity,
                 field=rule.field,
                 value=x,
-                threshold=med + (rule.min_ratio - 1.0) * abs(med),
+                threshold=med + (rule.min_ratio - 1.0) * level,
                 message=f"{rule._what} spike: {_fmt(x)} vs median {_fmt(med)} of the "
                 f"last {len(self.history)} rows (robust z = {_fmt(z)} >= {_fmt(rule.z)})",
                 hint=rule._hint,
@@ -192,11 +213,16 @@ class GradNormSpike(LossSpike):
 
     Same defaults except ``min_ratio`` = 2.0: minibatch gradient norms are noisier and
     more heavy-tailed than the loss, and a doubling is the scale at which gradient
-    clipping and loss blow-ups become relevant. A gradient spike usually precedes the
-    loss spike by a step or more.
+    clipping and loss blow-ups become relevant. A doubling is reported as **info**: the
+    gradient norm of healthy training doubles too (leaving initialisation, the end of
+    warm-up, while the loss falls fast). A jump to ``warn_ratio`` (default 10) times the
+    median is a warning. Near zero loss the gradient norm is tiny and heavy-tailed, so the
+    rise is measured against at least 0.05 × its early level too (``initial_floor``).
     """
 
     min_ratio: float = 2.0
+    severity: str = "info"
+    warn_ratio: float | None = 10.0
     metrics: tuple[str, ...] = ("grad_norm",)
     name: str = "grad_norm_spike"
 

@@ -29,6 +29,7 @@ from landscape.metrics.context import StepContext, split_batch
 from landscape.metrics.curvature import HessianTrace, Sharpness, SpectralDensity, TopEigenvalues
 from landscape.metrics.presets import PRESETS, MetricsLike, preset, resolve_metrics
 from landscape.metrics.representation import Collapse, Representation, SpectralAlignment
+from landscape.metrics.sentinels import Sentinels
 from landscape.metrics.training import GradNorm, Logits, Loss, NonFinite, TaylorRadius, Update
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "NonFinite",
     "Update",
     "Logits",
+    "Sentinels",
     "TaylorRadius",
     "TopEigenvalues",
     "Sharpness",

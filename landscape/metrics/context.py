@@ -113,9 +113,17 @@ class StepContext:
 
     @property
     def named_params(self) -> dict[str, torch.Tensor]:
-        """``{name: tensor}`` of the monitored parameters, detached."""
-        own = dict(self.model.named_parameters())
-        return {n: own[n].detach() for n in self.names}
+        """``{name: tensor}`` of the monitored parameters, detached (cached for the step)."""
+        if "named_params" not in self._cache:
+            own = self._own()
+            self._cache["named_params"] = {n: own[n].detach() for n in self.names}
+        return dict(self._cache["named_params"])
+
+    def _own(self) -> dict[str, nn.Parameter]:
+        """The model's parameter objects by name (looked up once per step)."""
+        if "own" not in self._cache:
+            self._cache["own"] = dict(self.model.named_parameters())
+        return self._cache["own"]
 
     @property
     def parameters(self) -> Vector:
@@ -182,7 +190,7 @@ class StepContext:
         Returns:
             The detached gradients, or None when a monitored parameter has none.
         """
-        own = dict(self.model.named_parameters())
+        own = self._own()
         grads = [own[n].grad for n in self.names]
         if any(g is None for g in grads):
             return None

@@ -22,6 +22,7 @@ from typing import Any, Iterable
 from landscape.metrics.base import Metric, canonical_name, create
 from landscape.metrics.curvature import HessianTrace, Sharpness, SpectralDensity, TopEigenvalues
 from landscape.metrics.representation import Collapse, Representation, SpectralAlignment
+from landscape.metrics.sentinels import Sentinels
 from landscape.metrics.training import GradNorm, Logits, Loss, NonFinite, TaylorRadius, Update
 from landscape.schedules import Schedule
 
@@ -35,7 +36,7 @@ _DEFAULT = None  # in a table: the class's default_schedule
 
 # preset -> {metric class: schedule where the preset differs from the class default}
 _TABLES: dict[str, dict[type[Metric], str | None]] = {
-    "cheap": dict.fromkeys((Loss, GradNorm, NonFinite, Update, Logits), _DEFAULT),
+    "cheap": dict.fromkeys((Loss, GradNorm, NonFinite, Update, Sentinels, Logits), _DEFAULT),
 }
 _TABLES["standard"] = {
     **_TABLES["cheap"],

@@ -15,7 +15,7 @@ from tests import models
 BUILT_IN = {
     "Loss", "GradNorm", "NonFinite", "Update", "Logits", "TaylorRadius", "TopEigenvalues",
     "Sharpness", "HessianTrace", "SpectralDensity", "SpectralAlignment", "Collapse",
-    "Representation",
+    "Representation", "Sentinels",
 }
 
 
@@ -39,7 +39,8 @@ def test_the_natural_spelling_works():
 
 def test_presets_return_instances_of_the_classes_on_the_documented_schedules():
     assert PRESETS["cheap"] == dict.fromkeys(
-        ["loss", "grad_norm", "nonfinite", "update"], "every(1)") | {"logits": "every(10)"}
+        ["loss", "grad_norm", "nonfinite", "update", "sentinels"], "every(1)"
+    ) | {"logits": "every(10)"}
     assert PRESETS["standard"]["top_eigenvalues"] == "every(500)"
     assert PRESETS["standard"]["taylor_radius"] == "every(10)"
     assert PRESETS["full"]["spectral_density"] == "every(500)"

@@ -36,7 +36,8 @@ def test_cheap_preset_records_one_row_per_due_step_and_removes_hooks():
     with Monitor(model, F.cross_entropy, optimizer=opt, probe=probe, alarms=False) as mon:
         _train(model, opt, 12, mon)
         run = mon.run()
-    assert set(run.metrics()) == {"loss", "grad_norm", "nonfinite", "update", "logits"}
+    assert set(run.metrics()) == {"loss", "grad_norm", "nonfinite", "update", "sentinels",
+                                  "logits"}
     assert list(run.steps("loss")) == list(range(12))
     assert list(run.steps("logits")) == [0, 10]
     _, norms = run.series("update", "norm")

@@ -1,0 +1,277 @@
+"""Forecast rules: a principled quantity is on course to cross its limit.
+
+* :class:`TaylorForecast` reads the every-step secant Taylor ratio ``sentinels/r_secant``
+  (limit r = 1, Sao 2026, arXiv:2603.13552, Def. 5.1) together with the probe loss of the
+  same row, so that large steps that still make fast progress are not reported as
+  warnings;
+* :class:`SharpnessForecast` reads ``sharpness/ratio`` (limit 1: the optimizer's
+  linear-stability threshold; Cohen et al. 2021, arXiv:2103.00065).
+
+Both fit a straight line to the logarithm of the quantity over the last ``window`` rows
+(log-linear growth is what a geometric learning-rate ramp or progressive sharpening
+produce) and say in how many steps the fit reaches the limit (the finding's
+``extra["steps_to_limit"]``). Thresholds, their rationale and what to do: docs/alarms.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from landscape.alarms.base import (
+    SKIP,
+    Evaluator,
+    Row,
+    Rule,
+    Trigger,
+    _check_number,
+    _check_positive_int,
+    _fmt,
+    _scalar,
+    _Skip,
+)
+
+__all__ = ["ForecastState", "LogLinearTrend", "SharpnessForecast", "TaylorForecast"]
+
+
+class LogLinearTrend:
+    """Least-squares line through ``(step, log value)`` of the last ``size`` points.
+
+    Args:
+        size: how many points are kept.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.points: deque[tuple[float, float]] = deque(maxlen=size)
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def append(self, step: float, value: float) -> None:
+        """Add a point (``value`` > 0).
+
+        Args:
+            step: the row's step.
+            value: the positive value; its logarithm is fitted.
+        """
+        self.points.append((float(step), math.log(value)))
+
+    def fit(self) -> tuple[float, float, float]:
+        """``(log value at the last step, slope per step, t statistic of the slope)``.
+
+        Returns:
+            The fitted log value at the newest point, the slope, and slope / its standard
+            error (``inf`` for an exact fit, 0 with fewer than three points).
+        """
+        n = len(self.points)
+        xs = [p[0] for p in self.points]
+        ys = [p[1] for p in self.points]
+        mx, my = sum(xs) / n, sum(ys) / n
+        sxx = sum((x - mx) ** 2 for x in xs)
+        if n < 3 or sxx == 0:
+            return ys[-1], 0.0, 0.0
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+        now = my + slope * (xs[-1] - mx)
+        resid = sum((y - my - slope * (x - mx)) ** 2 for x, y in zip(xs, ys))
+        se = math.sqrt(resid / (n - 2) / sxx)
+        t = math.inf if se == 0 else slope / se
+        return now, slope, t
+
+
+@dataclass
+class TaylorForecast(Rule):
+    """The secant Taylor ratio r is at, or on course to reach, the softmax radius (r = 1).
+
+    Reads ``sentinels/r_secant`` (docs/monitor.md, "Sentinels") and ``sentinels/probe_loss``
+    of the same row. Over the last ``window`` rows a line is fitted to log r:
+
+    * **level**: the last two rows both have r >= ``limit`` (default 1), or one row has
+      r >= ``jump`` (default 2: an abrupt step, e.g. a learning-rate spike, detected at
+      the first affected step);
+    * **forecast**: the fitted r is >= ``floor`` (default 0.5, the paper's safe target),
+      rising (slope t statistic >= ``min_t``, default 2), and the fit reaches ``limit``
+      within ``horizon`` steps (default 10).
+
+    Either condition is a warning, **unless the probe loss is still falling fast** (its
+    fitted log slope <= -``falling``, default 0.01: more than 1 % per step, with a
+    t statistic <= -``min_t``): large steps
+    that still make fast progress (early training, the end of warm-up) are reported as
+    info. The warning's ``extra`` carries ``steps_to_limit``, ``slope`` (of log r per step)
+    and ``fitted``.
+
+    Raises:
+        ValueError: a setting is out of range.
+    """
+
+    limit: float = 1.0
+    jump: float | None = 2.0
+    floor: float = 0.5
+    window: int = 8
+    min_rows: int = 5
+    horizon: int = 10
+    min_t: float = 2.0
+    falling: float | None = 0.01
+    growth: float = 1.5
+    near_high: float = 0.8
+    warmup: int = 100
+    field: str = "r_secant"
+    sustain: int = 1
+    rearm: int = 10
+    metrics: tuple[str, ...] = ("sentinels",)
+    name: str = "taylor_forecast"
+
+    _what = "secant Taylor ratio r"
+    _hint = (
+        "the step is outgrowing the softmax convergence radius: lower the learning rate "
+        "(check the schedule), add warm-up or clip the step to the radius (r = 0.5 is safe)"
+    )
+
+    def __post_init__(self) -> None:
+        self._validate_common()
+        for name in ("limit", "floor", "min_t"):
+            _check_number(name, getattr(self, name))
+        _check_number("jump", self.jump, allow_none=True)
+        _check_number("falling", self.falling, allow_none=True)
+        _check_positive_int("window", self.window)
+        _check_positive_int("horizon", self.horizon)
+        _check_positive_int("min_rows", self.min_rows)
+        if self.min_rows > self.window or self.min_rows < 3:
+            raise ValueError(f"min_rows must be in [3, window], got {self.min_rows}")
+        if not 0 < self.floor <= self.limit:
+            raise ValueError(f"floor must be in (0, limit], got {self.floor}")
+
+    def evaluator(self, metric: str, params: Mapping[str, Any]) -> Evaluator:
+        """A fresh :class:`ForecastState` for one stream.
+
+        Args:
+            metric: the metric name.
+            params: the metric's ``params`` (unused).
+
+        Returns:
+            The stream's evaluator.
+        """
+        return ForecastState(self)
+
+
+@dataclass
+class SharpnessForecast(TaylorForecast):
+    """λ_max is on course to reach the optimizer's stability threshold (ratio 1).
+
+    :class:`TaylorForecast`'s trend test on ``sharpness/ratio`` (docs/metrics.md,
+    "Sharpness"), without the loss condition (the row has no loss). Progressive sharpening
+    towards the edge of stability is expected in full-batch training, so the default
+    severity is info; the crossing itself is :class:`EdgeOfStability`'s warning.
+    """
+
+    jump: float | None = None
+    floor: float = 0.5
+    window: int = 5
+    min_rows: int = 3
+    horizon: int = 5
+    falling: float | None = None
+    severity: str = "info"
+    field: str = "ratio"
+    rearm: int = 3
+    metrics: tuple[str, ...] = ("sharpness",)
+    name: str = "sharpness_forecast"
+
+    _what = "sharpness ratio lambda_max / threshold"
+    _hint = (
+        "progressive sharpening towards the optimizer's stability limit: watch the loss; "
+        "lower the learning rate if it starts to oscillate"
+    )
+
+
+class ForecastState:
+    """The evaluator of a forecast rule on one stream: the trend of the value and the loss.
+
+    Args:
+        rule: the rule's settings.
+    """
+
+    def __init__(self, rule: TaylorForecast) -> None:
+        self.rule = rule
+        self.trend = LogLinearTrend(rule.window)
+        self.loss = LogLinearTrend(rule.window)
+        self.previous: float | None = None
+        self.rows = 0
+
+    def __call__(self, step: int, row: Row) -> Trigger | _Skip | None:
+        """Evaluate one row.
+
+        Args:
+            step: the row's step.
+            row: the row's numeric fields.
+
+        Returns:
+            A :class:`Trigger`, None, or :data:`SKIP` for a missing or non-positive value.
+        """
+        rule = self.rule
+        x = _scalar(row, rule.field)
+        if x is None or not math.isfinite(x) or x <= 0:
+            return SKIP
+        self.trend.append(step, x)
+        self.rows += 1
+        loss = _scalar(row, "probe_loss")
+        if loss is not None and math.isfinite(loss) and loss > 0:
+            self.loss.append(step, loss)
+        previous, self.previous = self.previous, x
+        level = (previous is not None and min(previous, x) >= rule.limit) or (
+            rule.jump is not None and x >= rule.jump
+        )
+        steps_to = math.inf
+        fitted = x
+        slope = 0.0
+        if len(self.trend) >= rule.min_rows:
+            now, slope, t = self.trend.fit()
+            fitted = math.exp(now)
+            span = self.trend.points[-1][0] - self.trend.points[0][0]
+            high = max(math.exp(v) for _, v in self.trend.points)
+            rising = (
+                slope > 0
+                and t >= rule.min_t
+                and slope * span >= math.log(rule.growth)
+                and min(fitted, x) >= rule.floor
+                and x >= rule.near_high * high
+            )
+            if rising:
+                steps_to = max(0.0, (math.log(rule.limit) - now) / slope)
+        forecast = steps_to <= rule.horizon
+        if not (level or forecast):
+            return None
+        severity = getattr(rule, "severity", "warning")
+        falling = False
+        if rule.falling is not None and len(self.loss) >= rule.min_rows:
+            _, loss_slope, loss_t = self.loss.fit()
+            falling = loss_slope <= -rule.falling and loss_t <= -rule.min_t
+            if falling:
+                severity = "info"
+        early = self.rows <= rule.warmup
+        if early:
+            severity = "info"
+        if level:
+            message = f"{rule._what} = {_fmt(x)} >= {_fmt(rule.limit)}"
+            threshold = rule.limit if x < (rule.jump or math.inf) else rule.jump
+        else:
+            message = (
+                f"{rule._what} = {_fmt(x)} (fitted {_fmt(fitted)}) rising "
+                f"{_fmt(100 * (math.exp(slope) - 1))} % per step: on course to reach "
+                f"{_fmt(rule.limit)} in about {math.ceil(steps_to)} steps"
+            )
+            threshold = rule.floor
+        if falling:
+            message += " (while the loss still falls fast)"
+        elif early:
+            message += f" (within the first {rule.warmup} rows: early training)"
+        return Trigger(
+            severity=severity,
+            field=rule.field,
+            value=x,
+            threshold=float(threshold),
+            message=message,
+            hint=rule._hint,
+            extra={"steps_to_limit": 0.0 if level else float(math.ceil(steps_to)),
+                   "slope": slope, "fitted": fitted},
+        )

@@ -1,0 +1,195 @@
+"""Every-step sentinels: cheap signals that say when the expensive ones are worth measuring.
+
+:class:`Sentinels` costs one no-grad forward pass on a small fixed subsample of the probe
+and a few norms of the optimizer's step. Its headline field is the secant Taylor ratio
+``r_secant``: the realised logit change of the step, measured in units of the softmax
+convergence radius (Sao 2026, arXiv:2603.13552, Def. 5.1). The logits of the subsample
+after the previous monitor call are kept, so the parameters they were computed at are the
+parameters before this step, and
+
+    r_secant = max_x spread(z_t(x) - z_{t-1}(x)) / pi,   spread(a) = max_k a_k - min_k a_k,
+
+the secant version of the exact r = max_x spread(J_z(x) p) / pi of
+:class:`~landscape.metrics.TaylorRadius` (which costs a forward-mode JVP). The two agree to
+first order in the step p (docs/monitor.md, "Sentinels").
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from landscape._errors import MissingInput
+from landscape.isolation import stateless_call
+from landscape.metrics.base import Metric, register
+from landscape.metrics.context import StepContext, split_batch
+from landscape.params import trainable_named_parameters
+from landscape.schedules import every
+
+__all__ = ["Sentinels", "head", "secant_ratio"]
+
+_STATE = "sentinels.logits"  # key in the monitor's state: (step, logits of the subsample)
+
+
+def head(batch: Any, n: int) -> Any:
+    """The first ``n`` samples of a batch (tensors sliced along dimension 0, recursively).
+
+    Args:
+        batch: a tensor, or a tuple, list or dict of them (other values pass through).
+        n: how many samples to keep.
+
+    Returns:
+        The batch with every tensor cut to its first ``n`` rows (views, not copies).
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch[:n] if batch.dim() > 0 else batch
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(head(b, n) for b in batch)
+    if isinstance(batch, dict):
+        return {k: head(v, n) for k, v in batch.items()}
+    return batch
+
+
+def secant_ratio(before: torch.Tensor, after: torch.Tensor) -> float:
+    """max_x spread(after(x) - before(x)) / pi: the secant Taylor ratio of a realised step.
+
+    Args:
+        before: logits ``(..., C)`` before the step.
+        after: logits of the same inputs after it.
+
+    Returns:
+        The ratio (NaN when the logits are not finite or there is nothing to compare).
+    """
+    delta = (after.double() - before.double()).reshape(-1, after.shape[-1])
+    if delta.numel() == 0 or not bool(torch.isfinite(delta).all()):
+        return math.nan
+    spread = delta.max(dim=-1).values - delta.min(dim=-1).values
+    return float(spread.max()) / math.pi
+
+
+def _logits_of(output: Any) -> torch.Tensor | None:
+    """The logits tensor of a model output (a tensor, ``.logits``, or ``["logits"]``)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, dict):
+        logits = output.get("logits")
+    return logits if isinstance(logits, torch.Tensor) else None
+
+
+@register
+class Sentinels(Metric):
+    """Every-step early-warning sentinels on a fixed probe subsample (docs/monitor.md).
+
+    Fields:
+
+    * ``r_secant``: max over the subsample of the spread of the realised logit change of
+      the step, over pi: the secant estimate of the Taylor ratio r (Sao 2026,
+      arXiv:2603.13552, Def. 5.1); NaN at the first call.
+    * ``gap``: steps between the two logit evaluations (1 when the monitor sees every
+      step; the secant then spans several optimizer steps).
+    * ``max_abs``, ``logsumexp_max``: the largest |logit| and log-partition on the
+      subsample (output-logit growth; Wortsman et al., ICLR 2024).
+    * ``probe_loss``: the cross-entropy of the subsample (NaN when targets do not fit).
+    * ``update_ratio``, ``update_layer``: the largest ||Δθ_l|| / ||θ_l|| over the weight
+      tensors (two or more dimensions) and the index of that tensor in
+      ``config()["layers"]``.
+
+    The forward pass runs in eval mode without gradients through
+    :func:`landscape.isolation.stateless_call` with cloned buffers (docs/conventions.md).
+    In eval mode BatchNorm reads its running statistics, so the change between two calls
+    also contains the change of those statistics.
+
+    Args:
+        subsample: how many probe samples the forward pass sees (sequence models: every
+            position of each sample counts as one logit row).
+        **kwargs: ``schedule=``, ``data=`` of :class:`~landscape.metrics.Metric`.
+    """
+
+    name = "sentinels"
+    FIELDS = (
+        "r_secant",
+        "gap",
+        "max_abs",
+        "logsumexp_max",
+        "probe_loss",
+        "update_ratio",
+        "update_layer",
+    )
+    default_schedule = every(1)
+    default_data = "probe"
+    needs_update = True
+
+    def __init__(self, subsample: int = 8, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(subsample, int) or subsample < 1:
+            raise ValueError(f"subsample must be an integer >= 1, got {subsample!r}")
+        self.subsample = subsample
+        self.layers: list[str] = []
+        self._layer_index: list[int] | None = None
+
+    def setup(self, model: nn.Module) -> None:
+        """Resolve the weight tensors whose update ratio is tracked.
+
+        Args:
+            model: the monitored model.
+        """
+        named = trainable_named_parameters(model)
+        self.layers = [n for n, p in named.items() if p.dim() >= 2]
+        self._layer_index = None
+
+    def config(self) -> dict[str, Any]:
+        """``subsample`` and the tracked weight tensors, ``layers``."""
+        return {"subsample": self.subsample, "layers": list(self.layers)}
+
+    def compute(self, ctx: StepContext) -> dict[str, float]:
+        """One row: the secant ratio and logit statistics, and the update ratios."""
+        row = dict.fromkeys(self.FIELDS, math.nan)
+        row.update(self._update_ratio(ctx))
+        if ctx.closure is None:
+            row.update(self._logit_fields(ctx))
+        return row
+
+    def _logit_fields(self, ctx: StepContext) -> dict[str, float]:
+        batch = ctx.batches(self.data)[0]
+        inputs, targets = split_batch(batch)
+        x = head(inputs, self.subsample)
+        with torch.no_grad():
+            z = _logits_of(stateless_call(ctx.model, ctx.named_params, (x,)))
+        if z is None:
+            raise MissingInput("sentinels: the model's output has no logits tensor")
+        z = z.detach()
+        flat = z.reshape(-1, z.shape[-1]).double()
+        out = {
+            "max_abs": float(flat.abs().max()),
+            "logsumexp_max": float(torch.logsumexp(flat, dim=-1).max()),
+        }
+        y = head(targets, self.subsample)
+        if isinstance(y, torch.Tensor) and y.shape == z.shape[:-1] and not y.is_floating_point():
+            out["probe_loss"] = float(F.cross_entropy(flat, y.reshape(-1).to(flat.device)))
+        prev = ctx.state.get(_STATE)
+        if prev is not None and prev[1].shape == z.shape:
+            out["r_secant"] = secant_ratio(prev[1], z)
+            out["gap"] = float(ctx.step - prev[0])
+        ctx.state[_STATE] = (ctx.step, z)
+        return out
+
+    def _update_ratio(self, ctx: StepContext) -> dict[str, float]:
+        if ctx.update is None or ctx.params_before is None:
+            return {}
+        if self._layer_index is None:
+            wanted = set(self.layers)
+            self._layer_index = [i for i, n in enumerate(ctx.names) if n in wanted]
+        idx = self._layer_index
+        if not idx:
+            return {}
+        steps = torch._foreach_norm([ctx.update[i] for i in idx])
+        sizes = torch._foreach_norm([ctx.params_before[i] for i in idx])
+        ratios = torch.stack(steps).double() / torch.stack(sizes).double().clamp_min(1e-12)
+        best = int(ratios.argmax())
+        layer = self.layers.index(ctx.names[idx[best]])
+        return {"update_ratio": float(ratios[best]), "update_layer": float(layer)}

@@ -1,0 +1,63 @@
+"""Forecast rules: warn while a quantity is on course to cross its limit, not on noise."""
+
+import numpy as np
+import pytest
+
+from landscape.alarms import OnlineAlarms, SharpnessForecast, TaylorForecast, default_rules
+
+
+def _run(rule, r, loss=None, start=0):
+    alarms = OnlineAlarms([rule])
+    found = []
+    for i, v in enumerate(r):
+        row = {"r_secant": v, "probe_loss": 0.5 if loss is None else loss[i], "ratio": v}
+        found += alarms.observe(rule.metrics[0], start + i, row)
+    return found
+
+
+def test_a_geometric_ramp_is_forecast_before_it_reaches_the_limit():
+    rng = np.random.default_rng(0)
+    r = np.full(200, 0.2) * np.exp(0.1 * rng.standard_normal(200))
+    r[150:] *= 1.19 ** np.arange(1, 51)  # a geometric learning-rate ramp
+    (first, *_) = _run(TaylorForecast(), r)
+    assert first.severity == "warning" and first.step < 160
+    assert r[first.step] < 1.0  # before the limit itself
+    assert 0 < first.extra["steps_to_limit"] <= 10
+
+
+def test_noise_a_decaying_burst_and_early_training_give_no_warning():
+    rng = np.random.default_rng(1)
+    r = 0.25 * np.exp(0.3 * rng.standard_normal(400))
+    r[200:210] = 0.7 * 0.8 ** np.arange(10)  # a burst that decays (momentum, catapult)
+    r[:60] = np.linspace(0.01, 1.5, 60)  # leaving initialisation
+    assert [f for f in _run(TaylorForecast(), r) if f.severity != "info"] == []
+
+
+def test_a_fast_falling_loss_demotes_the_forecast_to_info():
+    r = 0.3 * 1.2 ** np.arange(30)
+    loss = 2.0 * 0.9 ** np.arange(30)
+    found = _run(TaylorForecast(warmup=0), r, loss)
+    assert found and all(f.severity == "info" for f in found)
+    found = _run(TaylorForecast(warmup=0), r)
+    assert found[0].severity == "warning"
+
+
+def test_an_abrupt_jump_warns_at_the_first_row():
+    r = np.full(200, 0.2)
+    r[150:] = 8.0
+    (f, *_) = _run(TaylorForecast(), r)
+    assert f.step == 150 and f.severity == "warning" and f.threshold == 2.0
+
+
+def test_sharpness_forecast_is_info_and_in_the_defaults():
+    r = 0.3 * 1.1 ** np.arange(30)
+    found = _run(SharpnessForecast(), r)
+    assert found and {f.severity for f in found} == {"info"}
+    names = [rule.name for rule in default_rules()]
+    assert "taylor_forecast" in names and "sharpness_forecast" in names
+
+
+@pytest.mark.parametrize("bad", [{"floor": 2.0}, {"min_rows": 2}, {"window": 0}])
+def test_bad_settings_raise(bad):
+    with pytest.raises(ValueError):
+        TaylorForecast(**bad)
