@@ -54,6 +54,8 @@ from landscape.store import Run, RunWriter
 __all__ = ["MetricsLike", "Monitor", "resolve_metrics"]
 
 _log = logging.getLogger("landscape")
+_DENSE_AT = 0.5  # sentinels/r_secant at which the expensive metrics are measured densely
+_DENSE_STEPS = 20  # for this many steps after the last trigger
 
 
 def _jsonable(value: Any) -> Any:
@@ -86,7 +88,17 @@ class Monitor:
         metrics: a preset name (``"cheap"``, ``"standard"``, ``"full"``), or a list of
             :class:`~landscape.metrics.Metric` instances and metric names (default
             ``"cheap"``); see :func:`landscape.metrics.resolve_metrics`.
-        probe: a fixed batch for metrics on probe data (curvature, representations).
+        probe: a fixed batch for metrics on probe data (curvature, representations,
+            sentinels). Without it the monitor keeps a copy of the first ``probe_size``
+            samples of the first training batch (logged once, recorded in the run
+            file's config under ``probe``).
+        probe_size: how many samples of the first batch become the default probe
+            (``None``: no default probe).
+        adaptive: while the sentinels move (``sentinels/r_secant`` >= 0.5, or a warning
+            is raised) the metrics with a ``dense_every`` (the Taylor radius every step,
+            spectral alignment every 2, sharpness and top eigenvalues every 5) are also
+            measured densely, for 20 steps after the last trigger; those steps get a row
+            in ``/metrics/adaptive``. Training is never changed.
         closure: ``closure(model, batch) -> loss`` for models whose loss is not
             ``loss_fn(model(x), y)`` (dict batches, language models).
         config: extra JSON-able run configuration stored in the file.
@@ -207,6 +219,8 @@ class Monitor:
         self._last_step: int | None = None
         self._stride = 1
         self._first_step = 0
+        self.adaptive = adaptive
+        self._dense_until = -1  # dense measurements are on through this step
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -229,6 +243,12 @@ class Monitor:
                 self.writer.declare(
                     m.name, m.fields(), cls=f"{type(m).__module__}.{type(m).__qualname__}",
                     params={**m.config(), "data": m.data}, schedule=str(m.schedule),
+                )
+            if self.adaptive and any(m.dense_every for m in self.metrics):
+                self.writer.declare(
+                    "adaptive", {"dense": (), "extra": ()}, cls="landscape.monitor.Monitor",
+                    params={"dense_at": _DENSE_AT, "dense_steps": _DENSE_STEPS},
+                    schedule="triggered",
                 )
             lasts = [self.writer.last_step(m.name) for m in self.metrics]
             known = [s for s in lasts if s is not None]
@@ -348,7 +368,7 @@ class Monitor:
             return
         upcoming = self._next_step()
         wanted = self.taylor_guard is not None or any(
-            m.needs_update and m.schedule(upcoming) for m in self.metrics
+            m.needs_update and self._is_due(m, upcoming) for m in self.metrics
         )
         if wanted:
             self._before = tuple(p.detach().clone() for p in self._own)
@@ -414,7 +434,8 @@ class Monitor:
             )
         if self.probe is None and self._probe_source == "first_batch" and batch is not None:
             self._take_probe(batch)
-        due = [m for m in self.metrics if m.schedule(step)]
+        due = [m for m in self.metrics if self._is_due(m, step)]
+        extra = [m for m in due if not m.schedule(step)]
         before, self._before = self._before, None
         if self._last_step is not None:
             self._stride = step - self._last_step
@@ -441,6 +462,12 @@ class Monitor:
                 self._mirror("on_row", m.name, step, row)
                 if self._alarms is not None:
                     found.extend(self._alarms.observe(m.name, step, row))
+                if m.name == "sentinels" and self.adaptive:
+                    r = float(row.get("r_secant", math.nan))
+                    if r >= _DENSE_AT:
+                        self._dense_until = step + _DENSE_STEPS
+            if extra:
+                self.writer.append("adaptive", step, {"dense": 1.0, "extra": float(len(extra))})
         if self._distributed:
             # Rank 0's alarms (which saw the rows it writes) are authoritative: every rank
             # emits rank 0's findings, so all of them can react alike, e.g. stop together.
@@ -450,6 +477,13 @@ class Monitor:
         for f in dedupe(found):  # one finding per (step, rule), e.g. a NaN loss seen twice
             raised.append(self._emit(f))
         return raised
+
+    def _is_due(self, metric: Metric, step: int) -> bool:
+        """On the metric's schedule, or dense while the sentinels have moved (adaptive)."""
+        if metric.schedule(step):
+            return True
+        every = metric.dense_every
+        return bool(self.adaptive and every and step <= self._dense_until and step % every == 0)
 
     def _take_probe(self, batch: Any) -> None:
         """Keep a copy of the first ``probe_size`` samples of ``batch`` as the probe."""

@@ -114,6 +114,9 @@ class Metric:
     default_schedule: ClassVar[Schedule] = every(1)
     default_data: ClassVar[str] = "probe"
     needs_update: ClassVar[bool] = False
+    #: while the monitor's sentinels have moved (``Monitor(adaptive=True)``), the metric is
+    #: also due every ``dense_every`` steps (None: only on its schedule)
+    dense_every: ClassVar[int | None] = None
 
     def __init__(self, schedule: Schedule | str | int | None = None, data: str | None = None):
         self.schedule: Schedule = (

@@ -36,6 +36,7 @@ class TopEigenvalues(Metric):
         ValueError: ``k < 1``.
     """
 
+    dense_every = 5
     name = "top_eigenvalues"
     default_schedule = every(50)
 
@@ -76,6 +77,7 @@ class Sharpness(Metric):
         **kwargs: ``schedule`` and ``data`` (:class:`~landscape.metrics.Metric`).
     """
 
+    dense_every = 5
     name = "sharpness"
     FIELDS = ("lambda_max", "threshold", "ratio")
     default_schedule = every(50)

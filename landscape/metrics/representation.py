@@ -43,6 +43,7 @@ class SpectralAlignment(Metric):
         **kwargs: ``schedule`` and ``data`` (:class:`~landscape.metrics.Metric`).
     """
 
+    dense_every = 2
     name = "spectral_alignment"
     default_schedule = every(10)
 

@@ -158,6 +158,7 @@ class TaylorRadius(Metric):
     Formerly ``Taylor``, registered as ``"taylor"``.
     """
 
+    dense_every = 1
     name = "taylor_radius"
     FIELDS = ("r", "rho_a", "step_norm")
     default_data = "batch"

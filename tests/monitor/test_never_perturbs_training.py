@@ -60,3 +60,33 @@ def test_monitored_run_is_bitwise_identical(opt_name, preset_name):
     assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
     assert torch.equal(rng, ref_rng)
     assert mode == ref_mode
+
+
+def test_the_default_monitor_without_metrics_or_probe_is_bitwise_identical():
+    """The default: cheap preset with the sentinels, a probe copied from the first batch,
+    adaptive schedules."""
+
+    def run(monitored):
+        torch.manual_seed(123)
+        model = models.SmallCNN(seed=0)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        mon = Monitor(model, F.cross_entropy, optimizer=opt, warn=False,
+                      strict=True).start() if monitored else None
+        g = torch.Generator().manual_seed(1)
+        for step in range(STEPS):
+            x = torch.randn(12, 1, 6, 6, generator=g)
+            y = torch.randint(0, 3, (12,), generator=g)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if mon is not None:
+                mon.step(step, batch=(x, y), loss=loss)
+        if mon is not None:
+            assert mon.run().steps("sentinels").tolist() == list(range(STEPS))
+            mon.close()
+        return model.state_dict(), torch.get_rng_state()
+
+    ref, ref_rng = run(False)
+    state, rng = run(True)
+    assert all(torch.equal(state[k], ref[k]) for k in ref) and torch.equal(rng, ref_rng)

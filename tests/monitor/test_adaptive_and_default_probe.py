@@ -1,0 +1,77 @@
+"""The default probe (a copy of the first batch) and the adaptive schedules."""
+
+import logging
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+import landscape as ls
+from tests import models
+
+
+def _train(mon, model, opt, steps, spike_at=None):
+    g = torch.Generator().manual_seed(0)
+    x, y = models.classification_data(32, seed=1)
+    for step in range(steps):
+        if spike_at is not None and step in (spike_at, spike_at + 1):  # one large step
+            for group in opt.param_groups:
+                group["lr"] *= 3000 if step == spike_at else 1 / 3000
+        idx = torch.randint(0, 32, (16,), generator=g)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mon.step(step, batch=(x[idx], y[idx]), loss=loss)
+
+
+def test_without_probe_the_first_batch_becomes_the_probe_once(caplog):
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with caplog.at_level(logging.WARNING, logger="landscape"):
+        with ls.Monitor(model, F.cross_entropy, optimizer=opt, warn=False, probe_size=8,
+                        metrics=[ls.metrics.Sentinels(), ls.metrics.Representation(schedule=2)],
+                        strict=True) as mon:
+            _train(mon, model, opt, 5)
+            run = mon.run()
+            assert mon.probe[0].shape[0] == 8
+    assert sum("first training batch" in r.message for r in caplog.records) == 1
+    assert run.config["probe"] == {"source": "first_batch", "size": 8}
+    _, rank = run.series("representation", "effective_rank")
+    assert all(math.isfinite(v) for v in rank)
+    _, r = run.series("sentinels", "r_secant")
+    assert math.isnan(r[0]) and all(v > 0 for v in r[1:])
+
+
+def test_a_moving_sentinel_makes_the_expensive_metrics_dense_then_they_relax():
+    torch.manual_seed(0)
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    metrics = [ls.metrics.Loss(), ls.metrics.Sentinels(),
+               ls.metrics.TaylorRadius(schedule="every(100)")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with ls.Monitor(model, F.cross_entropy, optimizer=opt, metrics=metrics,
+                        warn=False) as mon:
+            _train(mon, model, opt, 60, spike_at=20)
+            run = mon.run()
+    steps = run.steps("taylor_radius").tolist()
+    assert 0 in steps and 20 not in steps and 21 in steps  # triggered by the step at 20
+    assert steps[-1] < 59  # relaxed back to its schedule afterwards
+    dense = run.steps("adaptive").tolist()
+    assert dense == [s for s in steps if s % 100]
+
+
+def test_adaptive_false_keeps_the_schedules():
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    metrics = [ls.metrics.Sentinels(), ls.metrics.TaylorRadius(schedule="every(100)")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with ls.Monitor(model, F.cross_entropy, optimizer=opt, metrics=metrics, warn=False,
+                        adaptive=False) as mon:
+            _train(mon, model, opt, 40, spike_at=20)
+            run = mon.run()
+    assert run.steps("taylor_radius").tolist() == [0]
+    assert "adaptive" not in run.metrics()
