@@ -76,7 +76,12 @@ def save_pretrained(folder: Path, *, safe: bool = True) -> Path:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.save_pretrained(folder, safe_serialization=safe)
+    model.save_pretrained(folder)
+    if not safe:  # the older format, as transformers 4 wrote it (5 writes safetensors only)
+        from safetensors.torch import load_file
+
+        torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")
+        (folder / "model.safetensors").unlink()
     tokenizer().save_pretrained(folder)
     return folder
 

@@ -1,0 +1,226 @@
+"""`analyze` and `surface` on checkpoints as frameworks write them, with no user Python.
+
+Real checkpoints of each kind (tests/cli/_frameworks.py): ``save_pretrained`` folders, a
+``transformers.Trainer`` output folder, a ``lightning.Trainer`` ``.ckpt``. Each bug of the
+user-stack issue has its test here (bug 3: dict batches; bug 6: tied weights; the
+threshold from the saved optimizer; bug 8: collapse of a causal LM).
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from landscape_cli.main import cli
+
+import landscape as ls
+from tests.cli import _frameworks as fw
+
+pytest.importorskip("transformers")
+pytest.importorskip("lightning")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    root = tmp_path_factory.mktemp("frameworks")
+    np.save(root / "ids.npy", fw.token_ids())
+    (root / "corpus.txt").write_text(fw.corpus(seed=1))
+    return {
+        "root": root,
+        "trainer": fw.hf_trainer(root / "hf-out"),
+        "pretrained": fw.save_pretrained(root / "pretrained"),
+        "ckpt": fw.lightning_fit(root / "lit"),
+        "ckpt_recorded": fw.lightning_fit(root / "lit-cli", record_class=True),
+        "factories": _factories(root),
+    }
+
+
+def _factories(root):
+    path = root / "gpt_factories.py"
+    path.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(fw.__file__.rsplit('/tests/', 1)[0])!r})
+        from tests.cli import _frameworks as fw
+
+        def model():
+            return fw.gpt2()
+
+        def data():
+            x = fw.blocks(4)
+            return {{"input_ids": x, "labels": x}}
+    """))
+    return path
+
+
+def _invoke(args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def _one_line_error(result, fragment):
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("Error: ")]
+    assert len(errors) == 1 and fragment in errors[0], result.stderr
+
+
+LM = ["--seq-len", "16", "--batch-size", "4"]
+
+
+def test_trainer_output_folder_analyze_and_surface(stack, tmp_path):
+    out = tmp_path / "run.h5"
+    result = _invoke(["analyze", stack["trainer"], "--tokens", stack["root"] / "ids.npy", *LM,
+                      "-m", "top_eigenvalues", "-m", "sharpness", "-m", "collapse", "-k", "2",
+                      "-o", out])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}: 2 checkpoints" in result.stdout
+    with ls.Run.open(out) as run:
+        assert [s for s, _ in run.checkpoints()] == [2, 4]  # steps from the folders
+        assert np.isfinite(run.series("top_eigenvalues", "eigenvalues")[1]).all()
+        # the threshold comes from checkpoint-N/optimizer.pt: SGD lr 0.05, momentum 0.9
+        assert np.allclose(run.series("sharpness", "threshold")[1], (2 + 2 * 0.9) / 0.05)
+        assert not [f for f in run.findings() if f.rule == "metric_failed"]
+    surface = _invoke(["surface", stack["trainer"], "--text", stack["root"] / "corpus.txt", *LM,
+                       "--dims", "1", "--steps", "3", "-o", out])
+    assert surface.exit_code == 0, surface.output
+    assert "wrote surface 'random' (3 points, loss " in surface.stdout
+    assert "loss_type" not in surface.stderr  # transformers' notices stay out of the way
+
+
+def test_bug3_dict_batches_from_factories_use_the_models_loss(stack, tmp_path):
+    fac = stack["factories"]
+    ckpt = stack["pretrained"] / "model.safetensors"
+    args = ["--model", f"{fac}:model", "--data", f"{fac}:data", "-o", tmp_path / "r.h5"]
+    surface = _invoke(["surface", ckpt, *args, "--steps", "3", "--dims", "1", "-q"])
+    assert surface.exit_code == 0, surface.output  # was: cross_entropy_loss() ... traceback
+    analyzed = _invoke(["analyze", ckpt, *args, "-m", "top_eigenvalues", "-k", "1", "-q"])
+    assert analyzed.exit_code == 0, analyzed.output
+    assert "use closure" not in analyzed.stderr
+    with ls.Run.open(tmp_path / "r.h5") as run:
+        assert np.isfinite(run.series("top_eigenvalues", "eigenvalues")[1]).all()
+    named = _invoke(["analyze", ckpt, *args, "--loss", "cross_entropy", "-q"])
+    _one_line_error(named, "dict batches")
+
+
+def test_bug6_a_tied_weight_safetensors_file_loads(stack, tmp_path):
+    from safetensors.torch import load_file
+
+    from landscape.loading import Checkpoint, load_state_into
+
+    path = stack["pretrained"] / "model.safetensors"
+    assert "lm_head.weight" not in load_file(str(path))  # saved once, as wte
+    model = fw.gpt2(seed=1)
+    load_state_into(model, Checkpoint(path, dict(load_file(str(path))), None))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert torch.equal(model.lm_head.weight, load_file(str(path))["transformer.wte.weight"])
+    fac = stack["factories"]
+    result = _invoke(["analyze", path, "--model", f"{fac}:model", "--data", f"{fac}:data",
+                      "-m", "representation", "-o", tmp_path / "r.h5", "-q"])
+    assert result.exit_code == 0, result.output  # was: missing: lm_head.weight
+
+
+def test_a_pytorch_model_bin_folder(stack, tmp_path):
+    folder = fw.save_pretrained(tmp_path / "bin", safe=False)
+    assert (folder / "pytorch_model.bin").is_file()
+    result = _invoke(["analyze", folder, "--text", stack["root"] / "corpus.txt", *LM,
+                      "-m", "representation", "-o", tmp_path / "r.h5", "-q"])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("how", ["model_class", "recorded_class"])
+def test_lightning_ckpt_analyze_and_surface(stack, tmp_path, how):
+    ckpt = stack["ckpt"] if how == "model_class" else stack["ckpt_recorded"]
+    model = ["--model", "tests.cli._frameworks:LitGPT"] if how == "model_class" else []
+    out = tmp_path / "run.h5"
+    result = _invoke(["analyze", ckpt, *model, "--tokens", stack["root"] / "ids.npy", *LM,
+                      "-m", "sharpness", "-o", out])
+    assert result.exit_code == 0, result.output
+    with ls.Run.open(out) as run:
+        assert [s for s, _ in run.checkpoints()] == [4]  # global_step
+        # from optimizer_states: SGD lr 0.1, momentum 0.9 (LitGPT's hyper-parameters)
+        assert np.allclose(run.series("sharpness", "threshold")[1], (2 + 2 * 0.9) / 0.1)
+        assert np.isfinite(run.series("sharpness", "lambda_max")[1]).all()
+    surface = _invoke(["surface", ckpt, *model, "--tokens", stack["root"] / "ids.npy", *LM,
+                       "--dims", "1", "--steps", "3", "-o", out, "-q"])
+    assert surface.exit_code == 0, surface.output
+
+
+def test_lightning_ckpt_without_a_class_asks_for_model(stack):
+    result = _invoke(["analyze", stack["ckpt"], "--tokens", stack["root"] / "ids.npy", *LM])
+    _one_line_error(result, "--model package.module:LitClass")
+
+
+def test_lr_on_the_command_line_wins_over_the_saved_optimizer(stack, tmp_path):
+    out = tmp_path / "run.h5"
+    result = _invoke(["analyze", stack["trainer"], "--tokens", stack["root"] / "ids.npy", *LM,
+                      "-m", "sharpness", "--lr", "0.5", "-o", out, "-q"])
+    assert result.exit_code == 0, result.output
+    with ls.Run.open(out) as run:
+        assert np.allclose(run.series("sharpness", "threshold")[1], 2 / 0.5)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--seq-len", "16"], "give the data"),
+        (["--tokens", "IDS", "--text", "TEXT"], "not --tokens and --text"),
+        (["--tokens", "BIG"], "outside the model's vocabulary of 100"),
+        (["--tokens", "IDS", "--seq-len", "100000"], "fewer than one sequence"),
+        (["--tokens", "FLOAT"], "integer token ids"),
+        (["--tokens", "MISSING"], "no such token file"),
+    ],
+)
+def test_bad_language_model_data_is_one_line(stack, tmp_path, args, fragment):
+    root = stack["root"]
+    np.save(tmp_path / "big.npy", np.arange(1000))
+    np.save(tmp_path / "float.npy", np.ones(100))
+    names = {"IDS": root / "ids.npy", "TEXT": root / "corpus.txt", "BIG": tmp_path / "big.npy",
+             "FLOAT": tmp_path / "float.npy", "MISSING": tmp_path / "none.npy"}
+    args = [names.get(a, a) for a in args]
+    result = _invoke(["analyze", stack["trainer"], *args, "-o", tmp_path / "r.h5"])
+    _one_line_error(result, fragment)
+    assert not (tmp_path / "r.h5").exists()
+
+
+def test_a_folder_that_holds_no_checkpoint_is_one_line(stack, tmp_path):
+    result = _invoke(["analyze", tmp_path, "--tokens", stack["root"] / "ids.npy"])
+    _one_line_error(result, "neither a Hugging Face model folder")
+
+
+def test_bug8_collapse_of_a_causal_lm_labels_each_position_by_its_next_token(stack):
+    from landscape import functional as LF
+
+    model = fw.gpt2()
+    x = fw.blocks(4)
+    batch = {"input_ids": x, "labels": x}
+    with ls.Run.open(_monitor_row(model, batch)) as run:
+        got = run.series("collapse", "nc1")[1][-1]
+    feats = {}
+    def keep(module, inputs, output):
+        feats["h"] = inputs[0]
+
+    hook = model.lm_head.register_forward_hook(keep)
+    with torch.no_grad():
+        model.eval()(**batch)
+    hook.remove()
+    h = feats["h"][:, :-1].reshape(-1, 32)
+    expected = LF.neural_collapse(h, x[:, 1:].reshape(-1), classifier=model.lm_head).as_dict()
+    unshifted = LF.neural_collapse(feats["h"].reshape(-1, 32), x.reshape(-1),
+                                   classifier=model.lm_head).as_dict()
+    assert math.isclose(got, expected["nc1"], rel_tol=1e-5)
+    assert not math.isclose(got, unshifted["nc1"], rel_tol=1e-3)
+
+
+def _monitor_row(model, batch):
+    import tempfile
+
+    from landscape.loading import model_loss
+
+    path = tempfile.mktemp(suffix=".h5")
+    with ls.Monitor(model, closure=model_loss, path=path, metrics=["collapse"],
+                    probe=batch, strict=True) as mon:
+        mon.step(0)
+    return path
