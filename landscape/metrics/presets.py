@@ -1,7 +1,8 @@
 """Named bundles of metrics with schedules, and the resolution of a ``metrics=`` argument.
 
-* ``cheap`` — every step: loss, gradient norm, non-finite flags, update size; logits every
-  10 steps. Meant to cost well under 10% of a training step.
+* ``cheap`` (the default) — every step: loss, gradient norm, non-finite flags, update size,
+  the sentinels (secant Taylor ratio, logit growth, update ratios); logits every
+  10 steps. Meant to cost at most about 15% of a training step (docs/benchmarks.md).
 * ``standard`` — ``cheap`` plus the Taylor radius of the step and spectral alignment every
   10 steps, sharpness (warm-started lambda_max) every 100, effective rank and uniformity
   every 50, neural collapse every 100, top-3 Hessian eigenvalues and the trace every 500.
