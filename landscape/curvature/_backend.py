@@ -1,30 +1,40 @@
-"""Which differentiation path a model operator's products take: ``torch.func`` or autograd.
+"""Which differentiation path a model operator's products take.
 
 ``backend="func"`` computes every loss, gradient and product with ``torch.func``
 (forward-over-reverse ``jvp(grad(L))`` for a Hessian product, batched by ``vmap``);
-``"autograd"`` with double backward; ``"auto"`` single products by double backward (the
-faster one on CPU) and batched ones by vmapped ``torch.func``. Under ``"auto"`` a model that
-``torch.func`` cannot transform falls back to autograd for good, and a model that ``vmap``
-cannot batch falls back to a loop of single products (docs/curvature.md, "Operators").
+``"autograd"`` with double backward; ``"exact"`` single products by double backward (the
+faster one on CPU) and batched ones by vmapped ``torch.func``; ``"first_order"`` by central
+differences of gradients (:mod:`landscape.curvature._first_order`), no double backward.
+``"auto"`` is ``"exact"`` while the exact product is possible: a model that ``torch.func``
+cannot transform falls back to autograd for good, one that ``vmap`` cannot batch to a loop
+of single products, and one with no double backward at all (or FSDP-sharded parameters) to
+the first-order product, with one warning naming the reason (docs/curvature.md,
+"Operators" and "First-order products").
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, ContextManager
 
 __all__ = ["BACKENDS", "Backend"]
 
-BACKENDS = ("auto", "func", "autograd")
+BACKENDS = ("auto", "exact", "func", "autograd", "first_order")
 
 
 class Backend:
     """The backend asked for and what has failed so far on this operator's model.
 
     Args:
-        name: ``"auto"``, ``"func"`` or ``"autograd"``.
+        name: one of :data:`BACKENDS`.
+        owner: the operator's class name, for messages.
+        impossible: why the exact product cannot work on this model (FSDP-sharded
+            parameters), known before any evaluation; ``None`` when it may.
+        warn: warn when ``impossible`` makes ``"auto"`` take the first-order product.
 
     Raises:
-        ValueError: ``name`` is not one of these.
+        ValueError: ``name`` is not one of these, or an exact backend was asked for where
+            ``impossible`` says the exact product cannot work.
 
     Attributes:
         name: the backend asked for.
@@ -32,27 +42,61 @@ class Backend:
         vmap_failed: the error ``vmap`` raised on this model.
         reverse_over_reverse: forward-over-reverse failed (a loss without a forward-mode
             derivative of its backward), so the ``torch.func`` product is reverse-over-reverse.
+        first_order_reason: why products are first-order: ``"asked for"``, or the reason
+            the exact product is impossible; ``None`` while they are exact.
         ran: whether any evaluation has run.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(
+        self, name: str, owner: str = "operator", impossible: str | None = None,
+        *, warn: bool = True,
+    ) -> None:
         if name not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
         self.name = name
+        self.owner = owner
         self.func_failed: BaseException | None = None
         self.vmap_failed: BaseException | None = None
         self.reverse_over_reverse = False
+        self.first_order_reason: str | None = "asked for" if name == "first_order" else None
         self.ran = False
+        if impossible is not None and name != "first_order":
+            if name != "auto":
+                raise ValueError(
+                    f"backend={name!r}: the exact product is impossible here: {impossible}; "
+                    "use backend='first_order' or 'auto'"
+                )
+            self._switch(impossible, warn=warn)
+
+    def _switch(self, reason: str, *, warn: bool = True) -> None:
+        self.first_order_reason = reason
+        if warn:
+            warnings.warn(
+                f"{self.owner}: the exact curvature product is impossible ({reason}); using "
+                "the first-order product, central differences of gradients "
+                "(backend_used='first_order'; docs/curvature.md, 'First-order products')",
+                RuntimeWarning, stacklevel=5,
+            )
+
+    @property
+    def first_order(self) -> bool:
+        """Whether evaluations take the first-order path (asked for or fallen back to)."""
+        return self.first_order_reason is not None
 
     @property
     def used(self) -> str | None:
-        """How evaluations ran so far: ``"func"``, ``"autograd"``, ``"auto"`` or ``None``.
+        """How evaluations ran so far: a backend name, ``"first_order"`` or ``None``.
 
-        ``"autograd"`` under ``"auto"`` means ``torch.func`` failed on this model; ``None``
-        means nothing ran yet.
+        One of ``"func"``, ``"autograd"``, ``"auto"``, ``"exact"``, ``"first_order"``.
+
+        ``"autograd"`` under ``"auto"`` means ``torch.func`` failed on this model,
+        ``"first_order"`` that the exact product is impossible; ``None`` means nothing ran
+        yet.
         """
         if not self.ran:
             return None
+        if self.first_order:
+            return "first_order"
         if self.func_failed or self.vmap_failed:
             return "autograd"
         return self.name
@@ -60,30 +104,66 @@ class Backend:
     @property
     def single_by_autograd(self) -> bool:
         """Whether single evaluations (loss, gradient, one product) use double backward."""
-        return self.name in ("autograd", "auto") or self.func_failed is not None
+        if self.first_order:
+            return False
+        return self.name in ("autograd", "auto", "exact") or self.func_failed is not None
 
     @property
     def batched_by_vmap(self) -> bool:
         """Whether several products are batched by a vmapped ``torch.func`` product."""
-        return self.vmap_failed is None and self.name != "autograd" and not self.func_failed
+        return (
+            self.vmap_failed is None and self.name != "autograd" and not self.func_failed
+            and not self.first_order
+        )
 
     def run(
         self,
         context: Callable[[], ContextManager[Any]],
         func_impl: Callable[[], Any],
         autograd_impl: Callable[[], Any],
+        first_order_impl: Callable[[], Any] | None = None,
     ) -> Any:
-        """One evaluation by the chosen path, falling back to autograd under ``"auto"``.
+        """One evaluation by the chosen path, falling back under ``"auto"``.
+
+        Under ``"auto"``, when the exact evaluation raises and ``first_order_impl``
+        succeeds, the operator takes the first-order path for good and warns once; when
+        both raise, the exact path's error is raised.
 
         Args:
-            context: the evaluation context, entered around each attempt.
+            context: the evaluation context, entered around each exact attempt.
             func_impl: the evaluation by ``torch.func``.
             autograd_impl: the evaluation by autograd.
+            first_order_impl: the first-order evaluation (enters its own context), or
+                ``None`` where there is none.
 
         Returns:
             What the implementation that ran returned.
         """
         self.ran = True
+        if self.first_order:
+            if first_order_impl is None:
+                raise ValueError(
+                    f"{self.owner} has no first-order product ({self.first_order_reason})"
+                )
+            return first_order_impl()
+        try:
+            return self._run_exact(context, func_impl, autograd_impl)
+        except Exception as err:
+            if self.name != "auto" or first_order_impl is None:
+                raise
+            try:
+                out = first_order_impl()
+            except Exception:
+                raise err from None
+            self._switch(f"{type(err).__name__}: {err}")
+            return out
+
+    def _run_exact(
+        self,
+        context: Callable[[], ContextManager[Any]],
+        func_impl: Callable[[], Any],
+        autograd_impl: Callable[[], Any],
+    ) -> Any:
         if self.single_by_autograd:
             with context():
                 return autograd_impl()

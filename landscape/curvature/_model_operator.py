@@ -30,6 +30,7 @@ from landscape.curvature._batches import (
     to_device,
 )
 from landscape.curvature._evaluation import detach_tree, evaluation, scalar_loss, zeros_for_none
+from landscape.curvature._first_order import FirstOrder, sharded_reason
 from landscape.curvature._reduction import RankReduction
 from landscape.curvature.base import CurvatureOperator
 from landscape.isolation import stateless_call, stateless_closure
@@ -54,7 +55,8 @@ class OperatorOptions:
             ones. A subset gives the diagonal block of the full operator.
         eval_mode: evaluate in eval mode (BatchNorm running statistics, dropout off).
         max_batches: keep the first ``max_batches`` batches of an iterable.
-        backend: ``"auto"``, ``"func"`` or ``"autograd"`` (:mod:`landscape.curvature._backend`).
+        backend: ``"auto"``, ``"exact"``, ``"func"``, ``"autograd"`` or ``"first_order"``
+            (:mod:`landscape.curvature._backend`, :mod:`landscape.curvature._first_order`).
         batch_size: ``batch_size(batch) -> int | None``, a batch's weight (e.g. a token
             count); by default the leading dimension of the inputs (``loss_fn``) or of the
             batch (closure).
@@ -143,8 +145,25 @@ class ModelOperator(CurvatureOperator):
         # torch.distributed: decided once, here; subset() inherits the decision
         self._reduce = RankReduction(_dist.enabled(opts.distributed), self._data.rank_size)
         self.options = dataclasses.replace(opts, distributed=self._reduce.enabled)
-        self._backend = backend
+        self._backend = Backend(backend.name, type(self).__name__, self._impossible())
+        self._use_first_order()
         self.refresh()
+
+    def _impossible(self) -> str | None:
+        """Why the exact product cannot work on this model (FSDP2 shards), or ``None``."""
+        return sharded_reason(self._param_objects)
+
+    def _use_first_order(self) -> None:
+        """Build the first-order engine; FSDP2 shards are reduced by the backward itself."""
+        self._first_order = FirstOrder(self)
+        if self._first_order.sharded:
+            if self.options.distributed is False and _dist.is_distributed():
+                raise ValueError(
+                    "distributed=False: an FSDP-sharded model is evaluated by all its ranks "
+                    "together (its forward all-gathers the parameters)"
+                )
+            self._reduce = RankReduction(False, self._data.rank_size)
+            self.options = dataclasses.replace(self.options, distributed=_dist.is_distributed())
 
     def _bind(self, params: ParamSpec) -> None:
         """Select the parameters the operator acts on (sets names, shapes, dim, ...)."""
@@ -176,8 +195,13 @@ class ModelOperator(CurvatureOperator):
         new = copy.copy(self)
         new.options = dataclasses.replace(self.options, params=params)
         new._bind(params)
-        new._backend = Backend(self.options.backend)
+        new._backend = Backend(
+            self.options.backend, type(self).__name__, new._impossible(), warn=False
+        )
+        if self._backend.first_order and not new._backend.first_order:
+            new._backend._switch(str(self._backend.first_order_reason), warn=False)
         new._reduce = RankReduction(self._reduce.enabled, self._data.rank_size)
+        new._use_first_order()
         new.refresh()
         return new
 
@@ -214,13 +238,21 @@ class ModelOperator(CurvatureOperator):
 
     @property
     def backend_used(self) -> str | None:
-        """How evaluations ran so far: ``"func"``, ``"autograd"``, ``"auto"`` or ``None``.
+        """How evaluations ran so far: a backend name, ``"first_order"`` or ``None``.
+
+        One of ``"func"``, ``"autograd"``, ``"auto"``, ``"exact"``, ``"first_order"``.
 
         ``"auto"``: single products by double backward, batched ones by ``torch.func``;
         ``"autograd"`` under ``backend="auto"`` means ``torch.func`` failed on this model;
-        ``None`` before any evaluation.
+        ``"first_order"``: central differences of gradients, asked for or because the exact
+        product is impossible (:attr:`first_order_reason`); ``None`` before any evaluation.
         """
         return self._backend.used
+
+    @property
+    def first_order_reason(self) -> str | None:
+        """Why products are first-order (``"asked for"`` or the failure), else ``None``."""
+        return self._backend.first_order_reason
 
     def matmat(self, vs: Sequence[Sequence[torch.Tensor]]) -> list[Vector]:
         """The products ``[A v for v in vs]``, batched by ``vmap`` where possible.
@@ -274,6 +306,10 @@ class ModelOperator(CurvatureOperator):
     def _fast_matvec(self, v: Vector) -> Vector | None:
         """A product that needs no evaluation context (a cached graph), or ``None``."""
         return None
+
+    def _first_order_product(self, v: Vector) -> Vector:
+        """One product from gradients only (:mod:`landscape.curvature._first_order`)."""
+        raise NotImplementedError
 
     def _prefers_single_products(self) -> bool:
         """Whether a batch of one vector should take :meth:`_matvec` rather than ``vmap``."""
@@ -340,7 +376,9 @@ class ModelOperator(CurvatureOperator):
 
                 return self._accumulate(one)
 
-            out = self._backend.run(self._context, func_impl, autograd_impl)
+            out = self._backend.run(
+                self._context, func_impl, autograd_impl, self._first_order.loss_and_grad
+            )
             self._cache = (out[0], tuple(out[1:]))
         return self._cache
 
@@ -361,7 +399,10 @@ class ModelOperator(CurvatureOperator):
         def autograd_impl() -> list[torch.Tensor]:
             return self._accumulate(lambda batch: self._autograd_product(tangent, batch))
 
-        return tuple(self._backend.run(self._context, func_impl, autograd_impl))
+        def first_order_impl() -> Vector:
+            return self._first_order_product(v)
+
+        return tuple(self._backend.run(self._context, func_impl, autograd_impl, first_order_impl))
 
     def _matmat(self, vs: list[Vector]) -> list[Vector]:
         if len(vs) == 1 and self._prefers_single_products():

@@ -16,6 +16,7 @@ from torch.func import grad, jvp, vjp
 
 from landscape.curvature._evaluation import scalar_loss, zeros_for_none
 from landscape.curvature._model_operator import Forward, LossFn, ModelOperator, Tensors
+from landscape.params import Vector
 
 __all__ = ["GGN"]
 
@@ -84,6 +85,10 @@ class GGN(ModelOperator):
         hjv = vjp(grad(lambda o: scalar_loss(self.loss_fn(o, targets))), out)[1](jv)[0]
         _, pullback, _ = vjp(fwd, primal, has_aux=True)
         return pullback(hjv)[0]
+
+    def _first_order_product(self, v: Vector) -> Vector:
+        # J v by a central difference of the outputs, Lambda exact, J^T by one backward
+        return self._first_order.ggn_product(v)
 
     def _autograd_product(self, tangent: Tensors, batch: Any) -> list[torch.Tensor]:
         leaves = self._leaves()

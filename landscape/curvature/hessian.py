@@ -41,6 +41,10 @@ class Hessian(ModelOperator):
     faster on CPU, and batched :meth:`matmat` by vmapped forward-over-reverse
     ``torch.func``, falling back to a loop of double-backward products when ``torch.func``
     cannot transform the model; ``"func"`` and ``"autograd"`` use one path everywhere.
+    ``"first_order"`` takes central differences of gradients,
+    ``(g(θ + εv) − g(θ − εv)) / 2ε`` (no double backward; relative error ~1e-5 in
+    float32), which ``"auto"`` falls back to, with a warning, when the exact product is
+    impossible (FSDP2-sharded parameters, no double backward); ``"exact"`` never does.
 
     With ``cache_graph`` (double-backward products on a single batch), the gradient's
     graph is kept between products, as PyHessian does, so a product is one backward pass;
@@ -131,6 +135,9 @@ class Hessian(ModelOperator):
             grad_outputs=[t for _, t in pairs], allow_unused=True, retain_graph=cache,
         )
         return zeros_for_none(hv, leaves.values())
+
+    def _first_order_product(self, v: Vector) -> Vector:
+        return self._first_order.hessian_product(v)
 
     def _fast_matvec(self, v: Vector) -> Vector | None:
         # The gradient's graph is built, so a product is one backward pass through it. That

@@ -1,0 +1,456 @@
+r"""Curvature products from gradients only: central differences along ``v``.
+
+.. math::
+
+    H v \approx \frac{g(\theta + \varepsilon v) - g(\theta - \varepsilon v)}{2 \varepsilon},
+    \qquad g = \nabla_\theta L,
+
+needs one backward pass per gradient and no double backward, so it works where the exact
+product cannot: models whose graph has no double backward (``torch.compile``, fused or
+flash attention kernels, custom autograd functions, reentrant activation checkpointing)
+and FSDP2-sharded models (``fully_shard``), whose DTensor parameters autograd cannot
+differentiate twice (docs/curvature.md, "First-order products").
+
+**Step size.** The error of the central difference in exact arithmetic is the truncation
+``ε² ‖∇³L[v, v, v]‖ / 6`` (Taylor); in floating point each gradient carries a rounding
+error of order ``u ‖g‖`` (``u`` the unit roundoff of the dtype), which the division by
+``2ε`` amplifies into ``u ‖g‖ / ε``, and the perturbed parameters ``fl(θ ± εv)`` are off
+by ``u |θ_i|`` per entry, a relative error of ``u ‖θ‖ / (ε ‖v‖)`` in the step. The sum is
+smallest near ``ε ~ u^{1/3}`` on the natural scale of the problem (Nocedal & Wright,
+*Numerical Optimization*, 2nd ed., §8.1, central differences), giving an error
+``O(u^{2/3})``. The scale is that of the parameters, as for the forward-difference
+Hessian-vector product of Hessian-free Newton (ibid., §7.1)::
+
+    ε = eps^{1/3} (1 + ‖θ‖) / ‖v‖,
+
+so every entry moves by about ``eps^{1/3}`` of its own magnitude (the ``1 +`` keeps an
+absolute scale at ``θ ≈ 0``), whatever the model size; ``eps`` is the machine epsilon of
+the parameters' dtype. Expected relative errors: ``~1e-5`` in float32 and ``~1e-10`` in
+float64 (measured on the test models: docs/curvature.md). The two gradients are
+differenced, divided and summed over batches in float64, then cast to the parameters'
+dtype.
+
+**Isolation.** Ordinary models are evaluated at ``θ ± εv`` through
+:func:`torch.func.functional_call` with cloned buffers, exactly as the exact products
+(the model is never touched). FSDP2 models are perturbed in place (their sharded DTensor
+parameters cannot be substituted): each rank writes ``fl(θ ± εv)`` into its local shard,
+and after every gradient the saved original shard is copied back, bit for bit (never
+subtracted). Buffers are copied back too, ``.grad`` is restored by reference, modes and
+RNG state as everywhere (:func:`landscape.isolation.isolated`), and both gradients of one
+difference see the same RNG stream (dropout with ``eval_mode=False``).
+
+**FSDP2.** The gradient comes from ``loss.backward()``, whose reduce-scatter averages over
+the ``R`` data-parallel ranks of the mesh; the loss of rank ``r`` is scaled by
+``R N_r / N`` first, so the average is the size-weighted mean of the ranks' gradients
+(docs/distributed.md). Products are computed on the local shards and gathered one
+parameter at a time (``DTensor.full_tensor``), so no rank ever holds more than one
+unsharded parameter beyond the operator's replicated vectors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from landscape import distributed as _dist
+from landscape.curvature._batches import to_device
+from landscape.curvature._evaluation import detach_tree, scalar_loss, seed_generators
+from landscape.isolation import isolated
+from landscape.params import Vector
+
+if TYPE_CHECKING:  # pragma: no cover
+    from landscape.curvature._model_operator import ModelOperator
+
+__all__ = ["FirstOrder", "is_sharded", "sharded_reason", "step_size"]
+
+Tensors = dict[str, torch.Tensor]
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return None
+    return DTensor
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (an FSDP2 / tensor-parallel shard).
+
+    Args:
+        tensor: a parameter or gradient.
+
+    Returns:
+        True for a ``torch.distributed.tensor.DTensor``.
+    """
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(tensor, dtensor)
+
+
+def sharded_reason(params: Sequence[torch.Tensor]) -> str | None:
+    """Why the exact product is impossible for these parameters, or ``None``.
+
+    Args:
+        params: the operator's parameters.
+
+    Returns:
+        A sentence naming the reason when a parameter is a ``DTensor`` (FSDP2
+        ``fully_shard``): autograd cannot differentiate the gradient w.r.t. DTensor
+        parameters, which only the all-gathered copies enter.
+    """
+    if any(is_sharded(p) for p in params):
+        return "the model is FSDP-sharded (DTensor parameters have no double backward)"
+    return None
+
+
+def step_size(theta_norm: float, v_norm: float, dtype: torch.dtype) -> float:
+    """The central-difference step ``½ u^{1/3} (1 + ‖θ‖) / ‖v‖`` (module docstring).
+
+    Args:
+        theta_norm: ``‖θ‖`` of the operator's parameters.
+        v_norm: ``‖v‖``, positive.
+        dtype: the parameters' floating dtype (its unit roundoff ``u``).
+
+    Returns:
+        ``ε``, a positive float.
+    """
+    u = torch.finfo(dtype).eps / 2.0  # unit roundoff
+    return 0.5 * u ** (1.0 / 3.0) * (1.0 + theta_norm) / v_norm
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (the very storage, under ``no_grad``), else ``t``."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def _shard_of(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a replicated full tensor, laid out as the DTensor ``like``."""
+    if not is_sharded(like):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    # src_data_rank=None: every rank cuts its own (identical) copy, no communication
+    return distribute_tensor(
+        full.detach(), like.device_mesh, like.placements, src_data_rank=None
+    ).to_local()
+
+
+def _full(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The whole tensor from this rank's shard (an all-gather of one parameter)."""
+    if not is_sharded(like):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        local, like.device_mesh, like.placements, shape=like.shape, stride=like.stride()
+    ).full_tensor()
+
+
+@contextlib.contextmanager
+def _same_rng(model: nn.Module) -> Iterator[Any]:
+    """Yield a function that rewinds the CPU (and model's CUDA) RNG to the entry state."""
+    devices = sorted(
+        {t.device.index or 0 for t in [*model.parameters(), *model.buffers()]
+         if t.device.type == "cuda"}
+    )
+    cpu = torch.get_rng_state()
+    cuda = [torch.cuda.get_rng_state(d) for d in devices]
+
+    def rewind() -> None:
+        torch.set_rng_state(cpu)
+        for d, s in zip(devices, cuda):
+            torch.cuda.set_rng_state(s, d)
+
+    yield rewind
+
+
+class FirstOrder:
+    """Loss, gradient and central-difference products of one model operator.
+
+    Args:
+        op: the operator (its model, data, options and parameter selection).
+
+    Attributes:
+        sharded: the parameters are DTensors: evaluate in place (FSDP2) rather than through
+            ``functional_call``.
+    """
+
+    def __init__(self, op: ModelOperator) -> None:
+        self.op = op
+        self.sharded = any(is_sharded(p) for p in op._param_objects)
+        self._total: float | None = None
+        self._norm: tuple[tuple[int, ...], float] | None = None
+
+    # -- public ------------------------------------------------------------------------
+    def loss_and_grad(self) -> list[torch.Tensor]:
+        """``[loss, *gradient]`` at the current parameters (whole tensors, reduced).
+
+        Returns:
+            The loss (scalar) and one gradient tensor per parameter, in the parameters'
+            dtype.
+        """
+        with self._context():
+            out = self._accumulate(lambda batch: self._gradient(batch, None), with_loss=True)
+        return [t.to(self.op.dtype) for t in out]
+
+    def hessian_product(self, v: Vector) -> Vector:
+        """``H v`` by a central difference of gradients (module docstring).
+
+        Args:
+            v: a parameter-space vector (whole tensors, the same on every rank).
+
+        Returns:
+            ``H v`` in the parameters' dtype.
+        """
+        v_norm = float(torch.sqrt(sum(t.double().pow(2).sum() for t in v)))
+        if v_norm == 0.0:
+            return tuple(torch.zeros_like(t) for t in v)
+        eps = step_size(self._theta_norm(), v_norm, self.op.dtype)
+        shift = {
+            n: _shard_of(t, p).double() * eps
+            for n, t, p in zip(self.op.names, v, self.op._param_objects)
+        }
+        minus = {n: -s for n, s in shift.items()}
+
+        def per_batch(batch: Any) -> list[torch.Tensor]:
+            with _same_rng(self.op.model) as rewind:
+                plus_g = self._gradient(batch, shift)
+                rewind()
+                minus_g = self._gradient(batch, minus)
+            return [
+                (a.double() - b.double()) / (2.0 * eps) for a, b in zip(plus_g[1:], minus_g[1:])
+            ]
+
+        with self._context():
+            out = self._accumulate(per_batch, with_loss=False)
+        return tuple(t.to(self.op.dtype) for t in out)
+
+    def ggn_product(self, v: Vector) -> Vector:
+        r"""``G v = J^T Λ J v`` with ``J v`` by a central difference of the model outputs.
+
+        ``J v ≈ (f(θ + εv) − f(θ − εv)) / 2ε`` (two forward passes, the step of
+        :func:`step_size`), ``Λ (J v)`` exactly (double backward through the loss of the
+        outputs only, never through the model), and ``J^T u`` by one backward pass of
+        ``<f(θ), u>``: first-order derivatives of the model only.
+
+        Args:
+            v: a parameter-space vector (whole tensors, the same on every rank).
+
+        Returns:
+            ``G v`` in the parameters' dtype.
+        """
+        v_norm = float(torch.sqrt(sum(t.double().pow(2).sum() for t in v)))
+        if v_norm == 0.0:
+            return tuple(torch.zeros_like(t) for t in v)
+        eps = step_size(self._theta_norm(), v_norm, self.op.dtype)
+        shift = {
+            n: _shard_of(t, p).double() * eps
+            for n, t, p in zip(self.op.names, v, self.op._param_objects)
+        }
+        minus = {n: -s for n, s in shift.items()}
+
+        def per_batch(batch: Any) -> list[torch.Tensor]:
+            with _same_rng(self.op.model) as rewind:
+                with torch.no_grad():
+                    plus = self._output(batch, shift)[0]
+                    rewind()
+                    minus_out = self._output(batch, minus)[0]
+                jv = (plus.double() - minus_out.double()) / (2.0 * eps)
+                rewind()
+                return self._pullback(batch, jv)
+
+        with self._context():
+            out = self._accumulate(per_batch, with_loss=False)
+        return tuple(t.to(self.op.dtype) for t in out)
+
+    def _output(self, batch: Any, shift: Tensors | None) -> tuple[Any, Any, Tensors | None]:
+        """``(outputs, targets, leaves)`` at ``θ + shift`` (leaves: functional path only)."""
+        op = self.op
+        if self.sharded:
+            with self._perturbed(shift):
+                out, targets = self._direct_output(batch)
+            return out, targets, None
+        leaves = self._shifted_leaves(shift)
+        out, targets = op._model_output(leaves, batch)
+        return out, targets, leaves
+
+    def _pullback(self, batch: Any, jv: torch.Tensor) -> list[torch.Tensor]:
+        """``J^T Λ jv`` on one batch: ``Λ`` exact in output space, ``J^T`` by one backward."""
+        op = self.op
+        if self.sharded:
+            for p in op.model.parameters():
+                p.grad = None
+        out, targets, leaves = self._output(batch, None)
+        o = out.detach().requires_grad_(True)
+        go = torch.autograd.grad(scalar_loss(op.loss_fn(o, targets)), o, create_graph=True)[0]
+        if go.requires_grad:
+            hjv = torch.autograd.grad(go, o, jv.to(o.dtype))[0]
+        else:
+            hjv = torch.zeros_like(o)
+        if out.requires_grad:
+            ((out * hjv).sum() * self._backward_scale()).backward()
+        if leaves is not None:
+            return [torch.zeros_like(t) if t.grad is None else t.grad for t in leaves.values()]
+        grads = [
+            torch.zeros_like(_local(p.detach())) if p.grad is None
+            else _local(p.grad.detach()).clone()
+            for p in op._param_objects
+        ]
+        for p in op.model.parameters():
+            p.grad = None
+        return grads
+
+    # -- evaluation --------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _context(self) -> Iterator[None]:
+        """The exact products' isolation, without the SDPA math switch (no double backward)."""
+        op = self.op
+        buffers = [(b, b.detach().clone()) for b in op.model.buffers()] if self.sharded else []
+        try:
+            with isolated(op.model, eval_mode=op.options.eval_mode), torch.enable_grad():
+                if not op.options.eval_mode:
+                    seed_generators(op.model, op.options.seed)
+                yield
+        finally:
+            with torch.no_grad():
+                for b, saved in buffers:  # in-place evaluation: put the buffers back
+                    b.copy_(saved)
+
+    def _theta_norm(self) -> float:
+        """``‖θ‖`` in float64 (over all shards), cached while the parameters are unchanged."""
+        params = self.op._param_objects
+        key = tuple(p._version for p in params) if not self.sharded else ()
+        if self._norm is not None and self._norm[0] == key and not self.sharded:
+            return self._norm[1]
+        if self.sharded:
+            sq = torch.zeros((), dtype=torch.float64)
+            for p in params:
+                if is_sharded(p):
+                    sq = sq + torch.linalg.vector_norm(p.detach().double()).full_tensor() ** 2
+                else:
+                    sq = sq + p.detach().double().pow(2).sum()
+            norm = float(sq.sqrt())
+        else:
+            norm = float(torch.sqrt(sum(p.detach().double().pow(2).sum() for p in params)))
+        self._norm = (key, norm)
+        return norm
+
+    def _accumulate(self, per_batch: Any, *, with_loss: bool) -> list[torch.Tensor]:
+        """``sum_b w_b per_batch(b)`` in float64, reduced over the ranks, whole tensors."""
+        op = self.op
+        total: list[torch.Tensor] | None = None
+        for batch, w in zip(op._data.batches, op._data.weights):
+            part = [t.double() for t in per_batch(to_device(batch, op.device))]
+            total = [t * w for t in part] if total is None else [
+                a + w * t for a, t in zip(total, part)
+            ]
+        assert total is not None
+        if not self.sharded:
+            return op._reduce(total)
+        # FSDP: the backward's reduce-scatter already combined the ranks' gradients (the
+        # loss was scaled by R N_r / N); the loss itself is reduced here
+        grads = total[1:] if with_loss else total
+        full = [_full(g, p) for g, p in zip(grads, op._param_objects)]
+        if not with_loss:
+            return full
+        loss = _dist.all_reduce_weighted([total[0]], op._data.rank_size, total=self._ranks_total())
+        return [loss[0], *full]
+
+    def _ranks_total(self) -> float:
+        if self._total is None:
+            self._total = _dist.total_weight(self.op._data.rank_size)
+        return self._total
+
+    def _gradient(self, batch: Any, shift: Tensors | None) -> list[torch.Tensor]:
+        """``[loss, *g]`` on one batch at ``θ + shift`` (local shards for FSDP)."""
+        if self.sharded:
+            return self._gradient_in_place(batch, shift)
+        return self._gradient_functional(batch, shift)
+
+    def _shifted_leaves(self, shift: Tensors | None) -> Tensors:
+        """Fresh leaves ``fl(θ + shift)`` requiring grad (the model is not touched)."""
+        leaves = {}
+        for n, p in zip(self.op.names, self.op._param_objects):
+            t = p.detach()
+            t = (t.double() + shift[n]).to(t.dtype) if shift is not None else t.clone()
+            leaves[n] = t.requires_grad_(True)
+        return leaves
+
+    def _backward_scale(self) -> float:
+        """FSDP: ``R N_r / N``, so the reduce-scatter's mean is the size-weighted mean."""
+        if not (self.sharded and self.op._data.rank_size and _dist.is_distributed()):
+            return 1.0
+        mesh = next(p.device_mesh for p in self.op._param_objects if is_sharded(p))
+        return mesh.size() * self.op._data.rank_size / self._ranks_total()
+
+    def _gradient_functional(self, batch: Any, shift: Tensors | None) -> list[torch.Tensor]:
+        op = self.op
+        leaves = self._shifted_leaves(shift)
+        value = op._batch_loss(leaves, batch)
+        if value.requires_grad:
+            # backward(), not autograd.grad: reentrant activation checkpointing allows only
+            # the former; the leaves are fresh tensors, so nothing else accumulates .grad
+            value.backward()
+        grads = [
+            torch.zeros_like(t) if t.grad is None else t.grad.detach() for t in leaves.values()
+        ]
+        return [value.detach(), *grads]
+
+    def _gradient_in_place(self, batch: Any, shift: Tensors | None) -> list[torch.Tensor]:
+        op = self.op
+        model = op.model
+        params = list(model.parameters())
+        for p in params:
+            p.grad = None  # isolated() puts the original .grad objects back
+        scale = self._backward_scale()
+        with self._perturbed(shift):
+            value = self._direct_loss(batch)
+            if value.requires_grad:
+                (value * scale).backward()
+            grads = [
+                torch.zeros_like(_local(p.detach())) if p.grad is None
+                else _local(p.grad.detach()).clone()
+                for p in op._param_objects
+            ]
+        for p in params:
+            p.grad = None
+        return [value.detach(), *grads]
+
+    @contextlib.contextmanager
+    def _perturbed(self, shift: Tensors | None) -> Iterator[None]:
+        """Write ``fl(θ + shift)`` into the local shards; copy the saved originals back."""
+        if shift is None:
+            yield
+            return
+        params = self.op._param_objects
+        with torch.no_grad():
+            saved = [_local(p.detach()).clone() for p in params]
+        try:
+            with torch.no_grad():
+                for p, orig, n in zip(params, saved, self.op.names):
+                    _local(p.detach()).copy_((orig.double() + shift[n]).to(orig.dtype))
+            yield
+        finally:
+            with torch.no_grad():
+                for p, orig in zip(params, saved):
+                    _local(p.detach()).copy_(orig)
+
+    def _direct_loss(self, batch: Any) -> torch.Tensor:
+        """The batch loss through the model itself (its hooks run: FSDP's all-gathers)."""
+        op = self.op
+        if op.closure is not None:
+            return scalar_loss(op.closure(op.model, batch))
+        return scalar_loss(op.loss_fn(*self._direct_output(batch)))
+
+    def _direct_output(self, batch: Any) -> tuple[Any, Any]:
+        """``(outputs, targets)`` through the model itself."""
+        op = self.op
+        if op.forward is not None:
+            out, targets = op.forward(op.model, batch)
+            return out, detach_tree(targets)
+        inputs, targets = batch
+        out = op.model(*inputs) if isinstance(inputs, tuple) else op.model(inputs)
+        return out, targets
