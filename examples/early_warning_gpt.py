@@ -124,7 +124,8 @@ def learning_rate(step: int, peak: float, spike: int, factor: float, warmup: int
 def metrics() -> list[ls.metrics.Metric]:
     """Every warning signal at every step (the model is small enough)."""
     m = ls.metrics
-    return [m.Loss(), m.GradNorm(), m.NonFinite(), m.Update(), m.TaylorRadius(schedule=1),
+    return [m.Loss(), m.GradNorm(), m.NonFinite(), m.Update(), m.Sentinels(),
+            m.TaylorRadius(schedule=1),
             m.SpectralAlignment(schedule=1), m.Logits(schedule=1)]
 
 
