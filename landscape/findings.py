@@ -9,7 +9,10 @@ needs nothing but this module.
 from __future__ import annotations
 
 import math
+import os
+import sys
 from dataclasses import asdict, dataclass, field
+from typing import Iterable
 
 SEVERITIES: tuple[str, ...] = ("info", "warning", "error")
 """Severities from least to most serious."""
@@ -79,3 +82,106 @@ class Finding:
         """
         value = "nan" if math.isnan(self.value) else f"{self.value:.4g}"
         return f"step {self.step}: [{self.severity}] {self.rule}: {self.message} (value {value})"
+
+    def __str__(self) -> str:
+        """What ``print(finding)`` shows: :meth:`describe`, then the hint on its own line."""
+        return self.describe() + (f"\n    hint: {self.hint}" if self.hint else "")
+
+
+def finding_order(f: Finding) -> tuple:
+    """The sort key of findings: step, rule, metric, severity, message.
+
+    Args:
+        f: a finding.
+
+    Returns:
+        The key.
+    """
+    return (f.step, f.rule, f.metric, severity_rank(f.severity), f.message)
+
+
+class Findings(list):
+    """A list of :class:`Finding` that prints readably.
+
+    ``print(ls.check("run.h5"))`` shows one line per finding and a count by severity
+    instead of the ``Finding(...)`` reprs; it is a plain ``list`` otherwise (indexing,
+    ``len``, comparison with lists).
+    """
+
+    def describe(self) -> str:
+        """The findings one per line, then a count by severity.
+
+        Returns:
+            The text (``"no findings"`` for an empty list).
+        """
+        if not self:
+            return "no findings"
+        counts = {s: sum(1 for f in self if getattr(f, "severity", None) == s)
+                  for s in reversed(SEVERITIES)}
+        total = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+        lines = [f.describe() if isinstance(f, Finding) else str(f) for f in self]
+        noun = "finding" if len(self) == 1 else "findings"
+        return "\n".join([*lines, f"{len(self)} {noun} ({total})"])
+
+    def __str__(self) -> str:
+        return self.describe()
+
+
+def dedupe(findings: Iterable[Finding]) -> Findings:
+    """One finding per ``(step, rule)``: the first of each by :func:`finding_order`.
+
+    A rule that watches several metrics (``nonfinite`` reads the ``nonfinite`` flags and
+    the ``loss`` value) would otherwise report one NaN loss twice at the same step.
+
+    Args:
+        findings: findings in any order.
+
+    Returns:
+        The kept findings, in their original order.
+    """
+    items = list(findings)
+    best: dict[tuple[int, str], Finding] = {}
+    for f in items:
+        key = (f.step, f.rule)
+        if key not in best or finding_order(f) < finding_order(best[key]):
+            best[key] = f
+    kept = {id(f) for f in best.values()}
+    return Findings(f for f in items if id(f) in kept)
+
+
+_FRAMEWORKS = ("torch", "lightning", "pytorch_lightning", "lightning_fabric", "transformers",
+               "accelerate")
+
+
+def _internal_dirs() -> tuple[str, ...]:
+    dirs = [os.path.dirname(os.path.abspath(__file__))]
+    for name in _FRAMEWORKS:
+        module = sys.modules.get(name)
+        path = getattr(module, "__file__", None)
+        if path:
+            dirs.append(os.path.dirname(os.path.abspath(path)))
+    return tuple(d + os.sep for d in dirs)
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for ``warnings.warn`` that points at the user's code.
+
+    Walks out of the frames of this package and of the training frameworks that call it
+    (torch, Lightning, ``transformers``, ``accelerate``): in a plain loop the warning
+    names the line that called ``Monitor.step``, under a framework the line that called
+    ``trainer.fit``/``trainer.train``. Call it in the function that calls
+    ``warnings.warn`` (Python's ``warnings.warn``, stacklevel semantics).
+
+    Returns:
+        The stack level, counted from the caller (1 when every frame is internal).
+    """
+    internal = _internal_dirs()
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None:
+        filename = os.path.abspath(frame.f_code.co_filename)
+        if not filename.startswith(internal):
+            return level
+        frame = frame.f_back
+        level += 1
+    return 1

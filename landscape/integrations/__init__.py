@@ -3,7 +3,9 @@
 * :class:`~landscape.integrations.lightning.LandscapeCallback` — a Lightning ``Callback``
   (``pip install landscape-for-pytorch[lightning]``);
 * :class:`~landscape.integrations.huggingface.LandscapeTrainerCallback` — a Hugging Face
-  ``transformers.TrainerCallback`` (``pip install landscape-for-pytorch[transformers]``).
+  ``transformers.TrainerCallback`` (``pip install landscape-for-pytorch[transformers]``);
+* :mod:`landscape.integrations.mirrors` — copies of every row and finding to TensorBoard,
+  Weights & Biases, MLflow or a Lightning logger (``Monitor(mirrors=[...])``).
 
 Both are small: they build the monitor when training starts (the framework's model and
 its *underlying* torch optimizer, so the monitor's optimizer step hooks fire), call
@@ -20,7 +22,7 @@ from __future__ import annotations
 import copy
 import importlib
 import math
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -92,6 +94,7 @@ class CallbackSettings:
         stop_on: str | None,
         config: dict[str, Any] | None,
         monitor_options: dict[str, Any],
+        mirrors: Any = "auto",
     ) -> None:
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
@@ -107,8 +110,55 @@ class CallbackSettings:
         self.stop_on = stop_on
         self.config = dict(config or {})
         self.monitor_options = check_monitor_options(monitor_options)
+        if not (mirrors == "auto" or mirrors is None or mirrors is False
+                or isinstance(mirrors, (list, tuple))):
+            raise ValueError(
+                f"mirrors must be 'auto', None/False or a list of mirrors, got {mirrors!r}"
+            )
+        self.mirrors = mirrors
         self.monitor: Monitor | None = None
         self.findings: list[Finding] = []
+
+
+def chosen_mirrors(setting: Any, auto: Callable[[], list[Any]]) -> list[Any]:
+    """The mirrors a callback passes to its monitor.
+
+    Args:
+        setting: the callback's ``mirrors`` argument: ``"auto"`` (the framework's own
+            loggers, from ``auto()``), ``None``/``False`` (none) or a list of mirrors.
+        auto: builds the framework's mirrors.
+
+    Returns:
+        The mirrors.
+    """
+    if setting == "auto":
+        return list(auto())
+    if setting is None or setting is False:
+        return []
+    return list(setting)
+
+
+def resume_options(options: dict[str, Any], path: Any, resumed_step: int) -> dict[str, Any]:
+    """``options`` with ``truncate_from=resumed_step`` when a framework resumed from a checkpoint.
+
+    A ``Trainer`` resumed from ``checkpoint-100`` continues at step 100 while the run file may
+    hold rows past it (the first run went on after saving the checkpoint): they are dropped,
+    as is what came after in ``/findings``. Nothing changes for a fresh start (step 0), an
+    in-memory run, ``mode="w"``/``"x"`` or an explicit ``truncate_from``.
+
+    Args:
+        options: the Monitor options the user passed.
+        path: the run file (``None``: in memory).
+        resumed_step: the framework's restored step count (its next 0-based step).
+
+    Returns:
+        The options for :class:`~landscape.Monitor`.
+    """
+    out = dict(options)
+    if (resumed_step > 0 and path is not None and out.get("mode", "a") == "a"
+            and out.get("truncate_from") is None):
+        out["truncate_from"] = int(resumed_step)
+    return out
 
 
 def recorded_run(monitor: Monitor | None, closed: bool, owner: str) -> Run:

@@ -55,11 +55,14 @@ from torch import nn
 from landscape.findings import Finding
 from landscape.integrations import (
     CallbackSettings,
+    chosen_mirrors,
     move_to_device,
     reaches,
     recorded_run,
+    resume_options,
     unwrap_optimizer,
 )
+from landscape.integrations.mirrors import report_to_mirrors
 from landscape.metrics import Metric, MissingInput, StepContext
 from landscape.metrics.training import Logits, logit_row
 from landscape.monitor import MetricsLike, Monitor, resolve_metrics
@@ -161,9 +164,16 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         stop_on: ``None`` (default) or a severity: a finding at least that severe sets
             ``control.should_training_stop``.
         config: extra JSON-able configuration stored in the run file.
+        mirrors: ``"auto"`` (default): mirror every row and finding to what the Trainer's
+            ``report_to`` names (``tensorboard``: the Trainer's TensorBoard directory;
+            ``wandb``, ``mlflow``: the runs the Trainer's callbacks started; see
+            :func:`~landscape.integrations.mirrors.report_to_mirrors`); ``None``: none; or
+            a list of mirrors (:mod:`landscape.integrations.mirrors`).
         **monitor_options: ``alarms``, ``strict``, ``warn``, ``taylor_guard``, ``mode``,
             ``truncate_from``, ``flush_every``, ``microbatch_size``, passed to
-            :class:`~landscape.Monitor`.
+            :class:`~landscape.Monitor`. Resumed from a checkpoint (``state.global_step``
+            > 0 when training starts), the run file is truncated to the checkpoint's step
+            unless ``truncate_from`` or ``mode`` says otherwise.
     """
 
     def __init__(
@@ -178,12 +188,13 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         on_finding: Callable[[Finding], None] | None = None,
         stop_on: str | None = None,
         config: dict[str, Any] | None = None,
+        mirrors: Any = "auto",
         **monitor_options: Any,
     ) -> None:
         if closure is None and loss_fn is None:
             closure = model_loss
         self._configure(path, loss_fn, closure, _hf_metrics(metrics), probe, every_n_steps,
-                        on_finding, stop_on, config, monitor_options)
+                        on_finding, stop_on, config, monitor_options, mirrors)
         self._hook: Any = None
         self._losses: list[torch.Tensor] = []
         self._token_normalised = False
@@ -212,10 +223,16 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
             "every_n_steps": self.every_n_steps,
             **self.config,
         }
+        zero = bool(getattr(state, "is_world_process_zero", True))
+        mirrors = chosen_mirrors(
+            self.mirrors,
+            lambda: report_to_mirrors(getattr(args, "report_to", None), args) if zero else [],
+        )
+        options = resume_options(self.monitor_options, self.path, int(state.global_step))
         self.monitor = Monitor(
             model, self.loss_fn, self.path, optimizer=optimizer, metrics=self.metrics,
             probe=probe, closure=self.closure, config=config, on_finding=self._found,
-            **self.monitor_options,
+            mirrors=mirrors, **options,
         ).start()
         self._closed = False
         self._world = (

@@ -10,10 +10,12 @@
 
 What it does, hook by hook:
 
-* ``on_fit_start``: builds the monitor over the ``LightningModule`` and the *torch*
-  optimizer inside ``trainer.optimizers[0]`` (wrappers are unwrapped, so the monitor's
-  ``register_step_pre_hook``/``post_hook`` see Lightning's ``optimizer.step(closure)``
-  call), moves the probe batch to the module's device, and opens the run file.
+* ``on_train_start`` (after Lightning restored a ``ckpt_path``): builds the monitor over
+  the ``LightningModule`` and the *torch* optimizer inside ``trainer.optimizers[0]``
+  (wrappers are unwrapped, so the monitor's ``register_step_pre_hook``/``post_hook`` see
+  Lightning's ``optimizer.step(closure)`` call), moves the probe batch to the module's
+  device, and opens the run file, truncated to the restored step when resuming; every row
+  and finding is also sent to ``trainer.loggers`` (``mirrors=None`` turns that off).
 * ``on_train_batch_end``: when ``trainer.global_step`` advanced (an optimizer step
   happened; under gradient accumulation the other batches only collect their loss), calls
   ``monitor.step(trainer.global_step - 1, batch=batch, loss=...)``. The step index is the
@@ -54,11 +56,14 @@ from torch import nn
 from landscape.findings import Finding
 from landscape.integrations import (
     CallbackSettings,
+    chosen_mirrors,
     move_to_device,
     reaches,
     recorded_run,
+    resume_options,
     unwrap_optimizer,
 )
+from landscape.integrations.mirrors import lightning_logger_mirrors
 from landscape.metrics import MissingInput
 from landscape.monitor import MetricsLike, Monitor, resolve_metrics
 
@@ -160,9 +165,15 @@ class LandscapeCallback(CallbackSettings, Callback):
             at least that severe sets ``trainer.should_stop`` and training ends after the
             current step.
         config: extra JSON-able configuration stored in the run file.
+        mirrors: ``"auto"`` (default): every row and finding also goes to each of
+            ``trainer.loggers`` (``log_metrics``;
+            :class:`~landscape.integrations.mirrors.LightningLoggerMirror`); ``None``:
+            nowhere else; or a list of mirrors (:mod:`landscape.integrations.mirrors`).
         **monitor_options: ``alarms``, ``strict``, ``warn``, ``taylor_guard``, ``mode``,
             ``truncate_from``, ``flush_every``, ``microbatch_size``, passed to
-            :class:`~landscape.Monitor`.
+            :class:`~landscape.Monitor`. A fit resumed from a checkpoint (``ckpt_path``)
+            truncates the run file to the checkpoint's step unless ``truncate_from`` or
+            ``mode`` says otherwise.
     """
 
     def __init__(
@@ -177,11 +188,12 @@ class LandscapeCallback(CallbackSettings, Callback):
         on_finding: Callable[[Finding], None] | None = None,
         stop_on: str | None = None,
         config: dict[str, Any] | None = None,
+        mirrors: Any = "auto",
         **monitor_options: Any,
     ) -> None:
         super().__init__()
         self._configure(path, loss_fn, closure, resolve_metrics(metrics), probe, every_n_steps,
-                        on_finding, stop_on, config, monitor_options)
+                        on_finding, stop_on, config, monitor_options, mirrors)
         self._seen_global_step = 0
         self._pending: list[torch.Tensor] = []
         self._closed = True
@@ -189,7 +201,15 @@ class LandscapeCallback(CallbackSettings, Callback):
     # ------------------------------------------------------------------ lifecycle
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Build and start the monitor over ``pl_module`` and its first optimizer."""
+        """Close what a previous fit left open (the monitor starts in ``on_train_start``)."""
+        self.close()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Build and start the monitor over ``pl_module`` and its first optimizer.
+
+        This runs after Lightning restored a checkpoint (``ckpt_path``), so
+        ``trainer.global_step`` is the step training resumes at.
+        """
         self.close()
         loss_fn, closure = self.loss_fn, self.closure
         if loss_fn is None and closure is None:
@@ -209,10 +229,15 @@ class LandscapeCallback(CallbackSettings, Callback):
             "every_n_steps": self.every_n_steps,
             **self.config,
         }
+        mirrors = chosen_mirrors(
+            self.mirrors,
+            lambda: lightning_logger_mirrors(trainer.loggers) if trainer.is_global_zero else [],
+        )
+        options = resume_options(self.monitor_options, self.path, int(trainer.global_step))
         self.monitor = Monitor(
             pl_module, loss_fn, self.path, optimizer=optimizer, metrics=self.metrics,
             probe=probe, closure=closure, config=config, on_finding=self._found,
-            **self.monitor_options,
+            mirrors=mirrors, **options,
         ).start()
         self._closed = False
         self._seen_global_step = trainer.global_step

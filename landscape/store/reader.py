@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from landscape._names import RENAMED_METRICS, metric_name_aliases
-from landscape.findings import Finding
+from landscape.findings import Finding, Findings
 from landscape.store.backends import Backend, H5Backend
 from landscape.store.format import (
     CHECKPOINTS_TABLE,
@@ -223,7 +223,7 @@ class Run:
     # -- tables
 
     def findings(self) -> list[Finding]:
-        """The committed findings, in the order they were raised.
+        """The committed findings, in the order they were raised (``print`` lists them).
 
         Returns:
             The findings, ``extra`` included (``{}`` in files written before it was
@@ -236,7 +236,7 @@ class Run:
         col = {name: self._backend.column(FINDINGS_TABLE, name, n) for name in names}
         strings = {k: _decode_strings(v) for k, v in col.items() if FINDING_FIELDS[k].is_string}
         extras = strings.get("extra", [""] * n)
-        return [
+        return Findings([
             Finding(
                 step=int(steps[i]),
                 rule=strings["rule"][i],
@@ -249,7 +249,7 @@ class Run:
                 extra=_decode_extra(extras[i]),
             )
             for i in range(n)
-        ]
+        ])
 
     def checkpoints(self) -> list[tuple[int, str]]:
         """The recorded checkpoints.

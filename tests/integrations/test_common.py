@@ -27,6 +27,16 @@ class _Wrapper:
         self.optimizer = optimizer
 
 
+def test_importing_landscape_and_the_mirrors_pulls_in_no_dashboard_library():
+    code = (
+        "import sys, landscape, landscape.integrations.mirrors; "
+        "bad = [m for m in ('tensorboard', 'torch.utils.tensorboard', 'wandb', 'mlflow', "
+        "'tensorboardX') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 def test_package_import_pulls_in_neither_framework():
     code = (
         "import sys, landscape.integrations as li; "

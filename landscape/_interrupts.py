@@ -1,0 +1,112 @@
+"""Ctrl-C and SIGTERM during a monitored run: the run file keeps every completed row.
+
+:class:`InterruptGuard` is installed by :meth:`landscape.Monitor.start` (in the main thread
+only; signal handlers cannot be set elsewhere) and removed by :meth:`~landscape.Monitor.close`.
+On SIGINT or SIGTERM it flushes the run file and then does what would have happened
+without it:
+
+* a signal that arrives while the monitor is inside ``step`` (computing and appending a
+  step's rows) is held until the step ends, so no row is left half-written; a second
+  SIGINT while one is held acts at once (press Ctrl-C twice to stop without waiting);
+* a previous Python handler (Python's own ``KeyboardInterrupt`` for SIGINT, Lightning's
+  SIGTERM handler, your own) is called after the flush;
+* a signal whose previous action was the default one (SIGTERM usually) closes the run file
+  and re-raises the signal with the default action, so the process ends as it would have
+  (killed by SIGTERM, exit status 143 in a shell); an ignored signal stays ignored.
+
+The rows reach the file through the store's ordinary flush; a process killed by SIGKILL
+keeps only the rows already flushed, which the store's crash recovery reads back
+(``docs/file-format.md``). Python's ``signal`` module documentation describes when handlers
+run: between bytecode instructions of the main thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from typing import Any, Callable, Iterator
+
+__all__ = ["InterruptGuard"]
+
+SIGNALS: tuple[int, ...] = tuple(
+    s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s
+)
+
+
+class InterruptGuard:
+    """Flush (and, for a default-action signal, close) a run file on SIGINT/SIGTERM.
+
+    Args:
+        flush: called on a signal before the previous handler runs.
+        close: called before a signal with the default action ends the process.
+    """
+
+    def __init__(self, flush: Callable[[], None], close: Callable[[], None]) -> None:
+        self._flush = flush
+        self._close = close
+        self._previous: dict[int, Any] = {}
+        self._depth = 0
+        self._held: tuple[int, Any] | None = None
+
+    def install(self) -> InterruptGuard:
+        """Install the handlers (a no-op outside the main thread).
+
+        Returns:
+            The guard.
+        """
+        if self._previous or threading.current_thread() is not threading.main_thread():
+            return self
+        for sig in SIGNALS:
+            try:
+                self._previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
+            except (ValueError, OSError):  # pragma: no cover - embedded interpreters
+                self._previous.pop(sig, None)
+        return self
+
+    def uninstall(self) -> None:
+        """Restore the previous handlers where ours is still the installed one."""
+        previous, self._previous = self._previous, {}
+        for sig, prev in previous.items():
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                if signal.getsignal(sig) == self._handle:
+                    signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Hold signals until the block ends (a monitor step), then act on them."""
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0 and self._held is not None:
+                held, self._held = self._held, None
+                self._act(*held)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self._depth > 0 and self._held is None:
+            self._held = (signum, frame)
+            return
+        self._held = None
+        self._act(signum, frame)
+
+    def _act(self, signum: int, frame: Any) -> None:
+        prev = self._previous.get(signum, signal.SIG_DFL)
+        with contextlib.suppress(Exception):
+            self._flush()
+        if prev is signal.SIG_IGN:
+            return
+        if callable(prev):
+            prev(signum, frame)
+            return
+        # the default action (SIG_DFL, or None for a handler not set from Python)
+        if signum == getattr(signal, "SIGINT", None):
+            raise KeyboardInterrupt
+        with contextlib.suppress(Exception):
+            self._close()
+        self.uninstall()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)

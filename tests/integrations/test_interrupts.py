@@ -1,0 +1,118 @@
+"""Ctrl-C and SIGTERM sent to a real child process running a monitored loop leave a valid file
+with every completed row, a rerun continues it, and ``landscape watch`` polling a file that
+another process is writing never disturbs the writer."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from landscape.store import Run
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow  # child processes: an interpreter start-up each
+
+LOOP = textwrap.dedent("""
+    import sys, time
+    import torch, torch.nn.functional as F
+    import landscape as ls
+
+    path, n_steps, pause = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    flush_every = int(sys.argv[4]) if len(sys.argv) > 4 else 256
+    start = 0
+    try:
+        with ls.Run.open(path) as run:
+            start = int(run.steps("loss")[-1]) + 1
+    except Exception:
+        pass
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    try:
+        with ls.Monitor(model, F.cross_entropy, path, optimizer=opt, warn=False,
+                        metrics=["loss", "grad_norm", "update"],
+                        flush_every=flush_every) as mon:
+            print("started", start, flush=True)
+            for step in range(start, start + n_steps):
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad(); loss.backward(); opt.step()
+                mon.step(step, batch=(x, y), loss=loss)
+                print("done", step, flush=True)
+                time.sleep(pause)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        sys.exit(130)
+""")
+
+
+def _child(tmp_path, *args):
+    script = tmp_path / "loop.py"
+    script.write_text(LOOP)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(proc, step):
+    for line in proc.stdout:
+        if line.split() == ["done", str(step)]:
+            return
+    raise AssertionError(f"the child ended before step {step}: {proc.stderr.read()}")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_leaves_every_completed_row_and_a_rerun_continues(tmp_path, sig):
+    path = tmp_path / "run.h5"
+    proc = _child(tmp_path, path, 100000, 0.005)  # rows stay buffered (flush_every=256)
+    try:
+        _wait_for_step(proc, 15)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "interrupted" in out, err
+    else:
+        assert proc.returncode == -signal.SIGTERM, err  # ended by the signal, as by default
+    done = [int(line.split()[1]) for line in out.splitlines() if line.startswith("done")]
+    with Run.open(path) as run:
+        steps = run.steps("loss").tolist()
+        assert steps == list(range(len(steps))) and len(steps) >= 16
+        assert steps[-1] >= max(done, default=15)  # every step the child finished is there
+        for name in ("grad_norm", "update"):
+            assert run.steps(name).tolist() == steps
+    rerun = _child(tmp_path, path, 3, 0.0)
+    out, err = rerun.communicate(timeout=120)
+    assert rerun.returncode == 0, err
+    with Run.open(path) as run:
+        assert run.steps("loss").tolist() == list(range(len(steps) + 3))
+
+
+def test_landscape_watch_polling_never_disturbs_the_writer(tmp_path):
+    path = tmp_path / "run.h5"
+    writer = _child(tmp_path, path, 60, 0.01, 1)  # a flush (and a file change) every row
+    try:
+        _wait_for_step(writer, 0)
+        watch = subprocess.run(
+            [sys.executable, "-c", "from landscape_cli.main import main; main()", "watch",
+             str(path), "--interval", "0.01", "--timeout", "1.5", "-m", "loss"],
+            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+            timeout=120,
+        )
+        _out, err = writer.communicate(timeout=120)
+    finally:
+        writer.kill()
+    assert writer.returncode == 0, err
+    assert watch.returncode == 0, watch.stderr
+    assert "Traceback" not in watch.stderr and "loss" in watch.stdout
+    with Run.open(path) as run:
+        assert run.steps("loss").tolist() == list(range(60))
