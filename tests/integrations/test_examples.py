@@ -43,3 +43,17 @@ def test_huggingface_example_small(tmp_path, capsys):
         assert np.isfinite(run.series("top_eigenvalues", "eigenvalues")[1]).all()
         assert np.isfinite(run.series("logits", "max_abs")[1]).all()
         assert not [f for f in run.findings() if f.rule == "metric_failed"]
+
+
+def test_tensorboard_dashboard_example_small(tmp_path, capsys):
+    pytest.importorskip("tensorboard", reason="install the 'tensorboard' extra")
+    from tests.integrations import _readers
+
+    summary = _load("tensorboard_dashboard.py").main(["--small", "--out", str(tmp_path)])
+    assert "tensorboard --logdir" in capsys.readouterr().out
+    tb = _readers.tensorboard_scalars(summary["tensorboard"])
+    with Run.open(tmp_path / "run.h5") as run:
+        assert [s for s, _ in tb["landscape/loss/value"]] == run.steps("loss").tolist()
+        assert len(run.steps("loss")) == 12
+    assert "landscape/sharpness/lambda_max" in tb
+    assert (tmp_path / "report.html").stat().st_size > 0
