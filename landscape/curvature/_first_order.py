@@ -58,7 +58,7 @@ from torch import nn
 from landscape import distributed as _dist
 from landscape.curvature._batches import to_device
 from landscape.curvature._evaluation import detach_tree, scalar_loss, seed_generators
-from landscape.isolation import isolated
+from landscape.isolation import isolated, stateless_closure
 from landscape.params import Vector
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -107,7 +107,7 @@ def sharded_reason(params: Sequence[torch.Tensor]) -> str | None:
 
 
 def step_size(theta_norm: float, v_norm: float, dtype: torch.dtype) -> float:
-    """The central-difference step ``½ u^{1/3} (1 + ‖θ‖) / ‖v‖`` (module docstring).
+    """The central-difference step ``u^{1/3} (1 + ‖θ‖) / (8 ‖v‖)`` (module docstring).
 
     Args:
         theta_norm: ``‖θ‖`` of the operator's parameters.
@@ -118,7 +118,7 @@ def step_size(theta_norm: float, v_norm: float, dtype: torch.dtype) -> float:
         ``ε``, a positive float.
     """
     u = torch.finfo(dtype).eps / 2.0  # unit roundoff
-    return 0.5 * u ** (1.0 / 3.0) * (1.0 + theta_norm) / v_norm
+    return u ** (1.0 / 3.0) / 8.0 * (1.0 + theta_norm) / v_norm
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -283,15 +283,25 @@ class FirstOrder:
         if self.sharded:
             for p in op.model.parameters():
                 p.grad = None
-        out, targets, leaves = self._output(batch, None)
-        o = out.detach().requires_grad_(True)
-        go = torch.autograd.grad(scalar_loss(op.loss_fn(o, targets)), o, create_graph=True)[0]
-        if go.requires_grad:
-            hjv = torch.autograd.grad(go, o, jv.to(o.dtype))[0]
+        def pull(model: nn.Module, b: Any) -> None:
+            out, targets = self._direct_output(b)
+            o = out.detach().requires_grad_(True)
+            go = torch.autograd.grad(
+                scalar_loss(op.loss_fn(o, targets)), o, create_graph=True
+            )[0]
+            if go.requires_grad:
+                hjv = torch.autograd.grad(go, o, jv.to(o.dtype))[0]
+            else:
+                hjv = torch.zeros_like(o)
+            if out.requires_grad:  # inside the substitution, as for the gradient
+                ((out * hjv).sum() * self._backward_scale()).backward()
+
+        leaves = None
+        if self.sharded:
+            pull(op.model, batch)
         else:
-            hjv = torch.zeros_like(o)
-        if out.requires_grad:
-            ((out * hjv).sum() * self._backward_scale()).backward()
+            leaves = self._shifted_leaves(None)
+            stateless_closure(op.model, pull, leaves, batch)
         if leaves is not None:
             return [torch.zeros_like(t) if t.grad is None else t.grad for t in leaves.values()]
         grads = [
@@ -354,8 +364,8 @@ class FirstOrder:
         # loss was scaled by R N_r / N); the loss itself is reduced here
         grads = total[1:] if with_loss else total
         full = [_full(g, p) for g, p in zip(grads, op._param_objects)]
-        if not with_loss:
-            return full
+        if not with_loss or not _dist.is_distributed():
+            return [total[0], *full] if with_loss else full
         loss = _dist.all_reduce_weighted([total[0]], op._data.rank_size, total=self._ranks_total())
         return [loss[0], *full]
 
@@ -387,13 +397,19 @@ class FirstOrder:
         return mesh.size() * self.op._data.rank_size / self._ranks_total()
 
     def _gradient_functional(self, batch: Any, shift: Tensors | None) -> list[torch.Tensor]:
-        op = self.op
         leaves = self._shifted_leaves(shift)
-        value = op._batch_loss(leaves, batch)
-        if value.requires_grad:
-            # backward(), not autograd.grad: reentrant activation checkpointing allows only
-            # the former; the leaves are fresh tensors, so nothing else accumulates .grad
-            value.backward()
+
+        def loss_and_backward(model: nn.Module, b: Any) -> torch.Tensor:
+            # the backward runs while the leaves are substituted: activation checkpointing
+            # recomputes the forward in it; backward(), not autograd.grad, since reentrant
+            # checkpointing allows only the former (the leaves are fresh tensors, so
+            # nothing else accumulates .grad)
+            value = self._direct_loss(b)
+            if value.requires_grad:
+                value.backward()
+            return value.detach()
+
+        value = stateless_closure(self.op.model, loss_and_backward, leaves, batch)
         grads = [
             torch.zeros_like(t) if t.grad is None else t.grad.detach() for t in leaves.values()
         ]

@@ -1,0 +1,262 @@
+"""First-order products (central differences of gradients) against dense float64 truth."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from landscape.curvature import GGN, Hessian, top_eigenvalues
+from landscape.curvature._first_order import step_size
+from landscape.params import flatten, unflatten
+from tests import models
+from tests.curvature._dense import dense_ggn, dense_hessian
+
+TOL = {torch.float64: 1e-6, torch.float32: 1e-3}
+
+
+def _worst(op, dense, n=4, seed=0):
+    """The largest relative error ``‖A v − D v‖ / ‖D v‖`` over ``n`` random vectors."""
+    g = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for _ in range(n):
+        v = torch.randn(op.dim, generator=g, dtype=torch.float64)
+        got = flatten(op.matvec(unflatten(v.to(op.dtype), op.parameters))).double()
+        want = dense @ v
+        worst = max(worst, float((got - want).norm() / want.norm()))
+    return worst
+
+
+def _batch(dtype, n=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g).to(dtype), torch.randint(0, 3, (n,), generator=g)
+
+
+def _tokens():
+    return models.token_data(n=3, seq=5, vocab=5, seed=1)
+
+
+def _transformer():
+    return models.TinyTransformer(vocab=5, d=4, heads=2, layers=1, seq=5, seed=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_mlp_hessian_and_top_eigenvalues(dtype):
+    x, y = _batch(dtype)
+    dense = dense_hessian(models.mlp().double(), F.cross_entropy, (x.double(), y))
+    H = Hessian(models.mlp().to(dtype), F.cross_entropy, (x, y), backend="first_order")
+    assert _worst(H, dense) <= TOL[dtype]
+    eig = top_eigenvalues(H, k=3, tol=1e-6 if dtype == torch.float64 else 1e-4)
+    want = torch.linalg.eigvalsh(dense).flip(0)[:3]
+    assert float(((eig.values - want).abs() / want.abs()).max()) <= 1e-4
+    assert H.backend_used == "first_order" and H.first_order_reason == "asked for"
+    # the gradient needs no difference: it matches the exact one
+    exact = Hessian(models.mlp().to(dtype), F.cross_entropy, (x, y))
+    for a, b in zip(H.gradient(), exact.gradient()):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_transformer_with_fused_attention(dtype):
+    """No SDPA math switch: the first-order path runs whatever kernel SDPA picks."""
+    batch = _tokens()
+    dense = dense_hessian(_transformer().double(), closure=models.lm_loss, batch=batch)
+    H = Hessian(_transformer().to(dtype), closure=models.lm_loss, data=batch,
+                backend="first_order")
+    assert _worst(H, dense) <= TOL[dtype]
+    eig = top_eigenvalues(H, k=2, tol=1e-6 if dtype == torch.float64 else 1e-4)
+    want = torch.linalg.eigvalsh(dense).flip(0)[:2]
+    assert float(((eig.values - want).abs() / want.abs()).max()) <= 1e-4
+
+
+def test_cnn_with_batchnorm_in_float64():
+    """Max-pool kinks: float64 only (in float32 the step may cross one, docs/curvature.md)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 1, 6, 6, generator=g).double(), torch.randint(0, 3, (16,), generator=g)
+    model = models.cnn_bn().double()
+    dense = dense_hessian(model, F.cross_entropy, (x, y))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    H = Hessian(model, F.cross_entropy, (x, y), backend="first_order")
+    assert _worst(H, dense) <= 1e-6
+    for k, v in model.state_dict().items():  # parameters and running statistics untouched
+        assert torch.equal(v, state[k]), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_ggn_first_order_form(dtype, loss):
+    x, y = _batch(dtype)
+    loss_fn, targets = F.cross_entropy, y
+    if loss == "mse":
+        loss_fn, targets = F.mse_loss, torch.randn(32, 3, generator=torch.Generator()).to(dtype)
+    dense = dense_ggn(models.mlp().double(), loss_fn,
+                      (x.double(), targets.double() if loss == "mse" else targets))
+    G = GGN(models.mlp().to(dtype), loss_fn, (x, targets), backend="first_order")
+    assert _worst(G, dense) <= TOL[dtype]
+
+
+def test_several_batches_and_parameter_blocks():
+    x, y = _batch(torch.float64, n=24)
+    model = models.mlp().double()
+    batches = [(x[:10], y[:10]), (x[10:], y[10:])]
+    dense = dense_hessian(model, F.cross_entropy, (x, y), params=["0.weight", "2.bias"])
+    H = Hessian(model, F.cross_entropy, batches, params=["0.weight", "2.bias"],
+                backend="first_order")
+    assert _worst(H, dense) <= 1e-6
+    sub = Hessian(model, F.cross_entropy, batches, backend="first_order").subset(["0.weight"])
+    assert sub.backend_used is None and sub.first_order_reason == "asked for"
+    assert _worst(sub, dense[:48, :48]) <= 1e-6
+
+
+def test_step_size_follows_the_scales():
+    u32 = torch.finfo(torch.float32).eps / 2
+    assert step_size(0.0, 1.0, torch.float32) == pytest.approx(u32 ** (1 / 3) / 8)
+    assert step_size(3.0, 2.0, torch.float64) == pytest.approx(
+        (torch.finfo(torch.float64).eps / 2) ** (1 / 3) / 8 * 4.0 / 2.0)
+    H = Hessian(models.mlp().double(), F.cross_entropy, _batch(torch.float64),
+                backend="first_order")
+    zero = tuple(torch.zeros(s, dtype=torch.float64) for s in H.shapes)
+    assert all(torch.equal(t, z) for t, z in zip(H.matvec(zero), zero))
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """tanh whose backward cannot be differentiated (as fused kernels without a double
+    backward: it raises when asked to build a graph)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.tanh(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        if torch.is_grad_enabled() and g.requires_grad:
+            raise RuntimeError("derivative for fused_tanh_backward is not implemented")
+        (x,) = ctx.saved_tensors
+        return g * (1 - torch.tanh(x) ** 2)
+
+
+class _Fused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.m = models.mlp().double()
+
+    def forward(self, x):
+        return self.m[2](_NoDoubleBackward.apply(self.m[0](x)))
+
+
+def test_auto_falls_back_once_with_a_warning_and_exact_refuses():
+    x, y = _batch(torch.float64)
+    model = _Fused()
+    dense = dense_hessian(model.m, F.cross_entropy, (x, y))
+    H = Hessian(model, F.cross_entropy, (x, y))
+    with pytest.warns(RuntimeWarning, match="fused_tanh_backward.*first-order") as record:
+        assert _worst(H, dense) <= 1e-6
+    assert len([w for w in record if w.category is RuntimeWarning]) == 1  # said once
+    assert H.backend_used == "first_order" and "fused_tanh_backward" in H.first_order_reason
+    eig = top_eigenvalues(H, k=2, tol=1e-8)
+    want = torch.linalg.eigvalsh(dense).flip(0)[:2]
+    assert float(((eig.values - want).abs() / want.abs()).max()) <= 1e-4
+    # the gradient alone needs no double backward: exact
+    assert H.subset(["m.0.weight"]).backend_used is None
+    with pytest.raises(RuntimeError, match="fused_tanh_backward"):
+        Hessian(model, F.cross_entropy, (x, y), backend="exact").matvec(
+            tuple(torch.ones(s, dtype=torch.float64) for s in H.shapes))
+    # a genuine error is not hidden by the fallback
+    bad = Hessian(models.mlp().double(), lambda out, t: out.sum(1), (x, y))
+    with pytest.raises(ValueError, match="scalar"):
+        bad.loss()
+
+
+def test_exact_backends_are_unchanged_by_the_new_options():
+    x, y = _batch(torch.float64)
+    H = Hessian(models.mlp().double(), F.cross_entropy, (x, y), backend="exact")
+    v = tuple(torch.ones(s, dtype=torch.float64) for s in H.shapes)
+    H.matvec(v)
+    assert H.backend_used == "exact" and H.first_order_reason is None
+    with pytest.raises(ValueError, match="backend"):
+        Hessian(models.mlp(), F.cross_entropy, _batch(torch.float32), backend="finite")
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing(reentrant):
+    class Ckpt(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = models.mlp(depth=3).double()
+
+        def forward(self, x):
+            h = self.m[0](x)  # the checkpointed block's input requires grad
+            h = checkpoint(lambda t: self.m[3](self.m[2](self.m[1](t))), h,
+                           use_reentrant=reentrant)
+            return self.m[4](h)
+
+    x, y = _batch(torch.float64)
+    model = Ckpt()
+    dense = dense_hessian(model.m, F.cross_entropy, (x, y))  # the same function, no checkpoint
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        H = Hessian(model, F.cross_entropy, (x, y))
+        if reentrant:  # autograd.grad is refused by reentrant checkpointing
+            H.gradient()
+        assert _worst(H, dense) <= 1e-6
+    assert H.backend_used == ("first_order" if reentrant else "auto")
+    Hf = Hessian(model, F.cross_entropy, (x, y), backend="first_order")
+    assert _worst(Hf, dense) <= 1e-6
+
+
+def test_compiled_model_falls_back():
+    x, y = _batch(torch.float64)
+    model = models.mlp().double()
+    dense = dense_hessian(model, F.cross_entropy, (x, y))
+    compiled = torch.compile(model, backend="aot_eager")
+    H = Hessian(compiled, F.cross_entropy, (x, y))
+    with pytest.warns(RuntimeWarning, match="double backward"):
+        assert _worst(H, dense, n=2) <= 1e-6
+    assert H.backend_used == "first_order"
+
+
+def _snapshot(model):
+    return ([p.detach().clone() for p in model.parameters()],
+            [b.detach().clone() for b in model.buffers()])
+
+
+@pytest.mark.parametrize("eval_mode", [True, False])
+def test_in_place_path_restores_bit_exactly_and_matches(eval_mode):
+    """The FSDP path (perturb the parameters in place) on an ordinary model: the very same
+    bits afterwards, .grad objects and RNG untouched, same products as the functional path
+    (with dropout: both gradients of a difference see the same masks)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 1, 6, 6, generator=g).double(), torch.randint(0, 3, (16,), generator=g)
+    model = models.cnn_bn().double()
+    grads = []
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 3.0)
+        grads.append(p.grad)
+    params, buffers = _snapshot(model)
+    rng = torch.get_rng_state()
+    kw = dict(backend="first_order", eval_mode=eval_mode, seed=5)
+    functional = Hessian(model, F.cross_entropy, (x, y), **kw)
+    in_place = Hessian(model, F.cross_entropy, (x, y), **kw)
+    in_place._first_order.sharded = True
+    v = unflatten(torch.randn(functional.dim, generator=g, dtype=torch.float64),
+                  functional.parameters)
+    a, b = functional.matvec(v), in_place.matvec(v)
+    assert float((flatten(a) - flatten(b)).norm() / flatten(a).norm()) < 1e-9
+    ga, gb = functional.gradient(), in_place.gradient()
+    assert float((flatten(ga) - flatten(gb)).norm() / flatten(ga).norm()) < 1e-12
+    Ga = GGN(model, F.cross_entropy, (x, y), **kw).matvec(v)
+    Gin = GGN(model, F.cross_entropy, (x, y), **kw)
+    Gin._first_order.sharded = True
+    Gb = Gin.matvec(v)
+    assert float((flatten(Ga) - flatten(Gb)).norm() / flatten(Ga).norm()) < 1e-9
+    after_p, after_b = _snapshot(model)
+    assert all(torch.equal(p, q) for p, q in zip(params, after_p))
+    assert all(torch.equal(p, q) for p, q in zip(buffers, after_b))
+    assert all(p.grad is gr and bool((gr == 3.0).all()) for p, gr in zip(model.parameters(), grads))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert model.training
