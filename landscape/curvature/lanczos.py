@@ -31,14 +31,19 @@ import torch
 Tensor = torch.Tensor
 
 __all__ = [
-    "KrylovResult", "krylov_basis", "krylov_eigsh", "lanczos_tridiagonal", "orthogonalize",
-    "residual_floor",
+    "STOPPING_RULES", "KrylovResult", "gap_estimate", "krylov_basis", "krylov_eigsh",
+    "lanczos_tridiagonal", "orthogonalize", "residual_floor", "work_dtype",
 ]
 
 
 def residual_floor(dtype: torch.dtype) -> float:
-    """Relative size (w.r.t. the largest |Ritz value|) below which a residual is noise."""
-    return 100.0 * torch.finfo(dtype).eps
+    """Relative size (w.r.t. the largest |Ritz value|) below which a residual is noise.
+
+    ``100 eps`` of the dtype; for 16-bit products (bfloat16, float16), whose rounding
+    error alone is ``eps`` relative, ``eps`` itself (docs/curvature.md, "Precision").
+    """
+    eps = torch.finfo(dtype).eps
+    return eps if dtype in (torch.float16, torch.bfloat16) else 100.0 * eps
 
 
 @dataclasses.dataclass
@@ -48,6 +53,7 @@ class KrylovResult:
     ``largest``/``smallest``: ``(values, vectors, residuals)`` with float64 values in
     descending (largest) or ascending (smallest) order, vectors as rows ``(k, n)`` in the
     operator's dtype, float64 residual norms ``||A y - theta y||``. ``None`` when not asked.
+    ``peak_device_vectors``: the most basis vectors held on the operator's device at once.
     """
 
     largest: tuple[Tensor, Tensor, Tensor] | None
@@ -56,6 +62,7 @@ class KrylovResult:
     converged: bool
     ritz_values: Tensor
     basis_size: int
+    peak_device_vectors: int = 0
 
 
 _DGKS = 2.0**-0.5
@@ -97,36 +104,173 @@ def orthogonalize(
     return w, coef, after
 
 
-class _Basis:
-    """Orthonormal rows grown on demand (capacity doubles), with Gram-Schmidt (DGKS)."""
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the solvers' vectors and reductions for an operator of ``dtype``.
 
-    def __init__(self, n: int, dtype: torch.dtype, device: torch.device, capacity: int) -> None:
-        self.rows = torch.empty((max(capacity, 1), n), dtype=dtype, device=device)
+    Products run in the operator's dtype; Krylov bases, Gram-Schmidt coefficients and dot
+    products are kept in at least float32, so a bfloat16/float16 model is multiplied in
+    its own dtype but orthogonalised in float32 (docs/curvature.md, "Precision").
+
+    Args:
+        dtype: the operator's dtype.
+
+    Returns:
+        ``float32`` for 16-bit floating dtypes, else ``dtype``.
+    """
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class _Basis:
+    """Orthonormal rows, on the operator's device or offloaded to host memory.
+
+    On the device (``offload=False``) the rows are one tensor grown on demand (capacity
+    doubles). Offloaded, the rows live in host memory (pinned when the device is CUDA) and
+    only the last three rows used stay on the device; Gram-Schmidt streams the others
+    through in chunks of ``chunk`` rows, so the device holds at most ``chunk + 4`` vectors
+    of the basis whatever its size. ``device_vectors`` / ``peak_device_vectors`` count the
+    vectors of length ``n`` the basis holds on the device (a test hook, not a timing).
+    """
+
+    def __init__(
+        self,
+        n: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        capacity: int,
+        *,
+        offload: bool = False,
+        chunk: int = 4,
+    ) -> None:
+        self.n, self.dtype, self.device = n, dtype, torch.device(device)
+        self.offload = bool(offload)
+        self.chunk = max(1, int(chunk))
+        pin = self.offload and self.device.type == "cuda"
+        where = torch.device("cpu") if self.offload else self.device
+        self.rows = torch.empty((max(capacity, 1), n), dtype=dtype, device=where, pin_memory=pin)
         self.size = 0
+        self._recent: dict[int, Tensor] = {}
+        self._transient = 0
+        self.peak_device_vectors = 0
+        self._note()
+
+    # -- device accounting ---------------------------------------------------------------
+    @property
+    def device_vectors(self) -> int:
+        """Vectors of length ``n`` the basis holds on the device now."""
+        if not self.offload:
+            return int(self.rows.shape[0]) + self._transient
+        return len(self._recent) + self._transient
+
+    def _note(self) -> None:
+        self.peak_device_vectors = max(self.peak_device_vectors, self.device_vectors)
+
+    # -- rows ----------------------------------------------------------------------------
+    def row(self, i: int) -> Tensor:
+        """Row ``i`` on the device."""
+        if not self.offload:
+            return self.rows[i]
+        got = self._recent.get(i)
+        if got is None:
+            got = self.rows[i].to(self.device, non_blocking=True)
+            self._remember(i, got)
+        return got
+
+    def _remember(self, i: int, v: Tensor) -> None:
+        self._recent[i] = v
+        while len(self._recent) > 3:
+            self._recent.pop(min(self._recent))
+        self._note()
+
+    def append(self, v: Tensor) -> None:
+        """Append the unit row ``v`` (a device tensor)."""
+        if self.size == self.rows.shape[0]:
+            grown = torch.empty(
+                (min(2 * self.rows.shape[0], self.rows.shape[1]), self.rows.shape[1]),
+                dtype=self.rows.dtype, device=self.rows.device,
+                pin_memory=self.rows.is_pinned(),
+            )
+            grown[: self.size] = self.rows[: self.size]
+            self.rows = grown
+            self._note()
+        self.rows[self.size] = v
+        if self.offload:
+            self._remember(self.size, v)
+        self.size += 1
+
+    def _chunks(self, upto: int):
+        """``(lo, rows[lo:hi] on the device)`` for consecutive chunks of the first rows."""
+        if not self.offload:
+            yield 0, self.rows[:upto]
+            return
+        for lo in range(0, upto, self.chunk):
+            hi = min(lo + self.chunk, upto)
+            self._transient += hi - lo
+            self._note()
+            try:
+                yield lo, self.rows[lo:hi].to(self.device, non_blocking=True)
+            finally:
+                self._transient -= hi - lo
 
     def orthogonalize(self, w: Tensor, near: int | None = None) -> tuple[Tensor, Tensor, float]:
-        """``w`` minus its projection on the basis (:func:`orthogonalize`).
+        """``w`` minus its projection on the basis (:func:`orthogonalize`, streamed).
 
         Args:
-            w: the vector.
+            w: the vector, on the device.
             near: index of the row whose product ``w`` is.
 
         Returns:
             The remainder, the float64 coefficients and the remainder's norm.
         """
-        return orthogonalize(self.rows[: self.size], w, near)
+        if not self.offload:
+            return orthogonalize(self.rows[: self.size], w, near)
+        coef = torch.zeros(self.size, dtype=torch.float64, device=w.device)
+        if not self.size:
+            return w, coef, float(torch.linalg.vector_norm(w))
+        if near is not None:
+            for i in (near - 1, near) if near > 0 else (near,):
+                q = self.row(i)
+                c = torch.dot(q, w)
+                w = w - c * q
+                coef[i] += c.double()
+        after = float(torch.linalg.vector_norm(w))
+        for _ in range(2):
+            before = after
+            # classical Gram-Schmidt: every coefficient from the same w0, one stream
+            w0 = w.clone()
+            self._transient += 1
+            self._note()
+            for lo, q in self._chunks(self.size):
+                c = q @ w0
+                w = torch.addmv(w, q.T, c, alpha=-1.0)
+                coef[lo : lo + q.shape[0]] += c.double()
+            del w0
+            self._transient -= 1
+            after = float(torch.linalg.vector_norm(w))
+            if after >= _DGKS * before:
+                break
+        return w, coef, after
 
-    def append(self, v: Tensor) -> None:
-        if self.size == self.rows.shape[0]:
-            grown = torch.empty(
-                (min(2 * self.rows.shape[0], self.rows.shape[1]), self.rows.shape[1]),
-                dtype=self.rows.dtype,
-                device=self.rows.device,
-            )
-            grown[: self.size] = self.rows[: self.size]
-            self.rows = grown
-        self.rows[self.size] = v
-        self.size += 1
+    def combine(self, s: Tensor, upto: int) -> Tensor:
+        """``s.T @ rows[:upto]`` (``s``: ``(upto, k)``) on the device, streamed."""
+        s = s.to(device=self.device, dtype=self.dtype)
+        out = torch.zeros((s.shape[1], self.n), dtype=self.dtype, device=self.device)
+        for lo, q in self._chunks(upto):
+            out += s[lo : lo + q.shape[0]].T @ q
+        return out
+
+    def restart(self, s: Tensor, j: int) -> None:
+        """Replace the first ``j`` rows by the ``p`` combinations ``s.T @ rows[:j]``.
+
+        The rows after ``j`` (not yet multiplied) follow them. Computed where the rows
+        live (on the host when offloaded), so the device holds no extra vector.
+        """
+        p = s.shape[1]
+        new = s.to(device=self.rows.device, dtype=self.dtype).T @ self.rows[:j]
+        rest = self.rows[j : self.size].clone()
+        self.rows[:p] = new
+        self.rows[p : p + rest.shape[0]] = rest
+        self.size = p + rest.shape[0]
+        self._recent.clear()
 
 
 def _pick(m: int, k: int, which: str) -> np.ndarray:
@@ -135,6 +279,33 @@ def _pick(m: int, k: int, which: str) -> np.ndarray:
     if which == "largest":
         return np.arange(m - 1, m - 1 - k, -1)
     return np.arange(0, k)
+
+
+def _keep(m: int, keep: int, wanted: tuple[str, ...]) -> np.ndarray:
+    """Ascending indices of the Ritz pairs a thick restart keeps (``keep`` of ``m``)."""
+    if len(wanted) == 1:
+        idx = _pick(m, keep, wanted[0])
+    else:
+        lo = _pick(m, keep // 2, "smallest")
+        idx = np.union1d(lo, _pick(m, keep - lo.size, "largest"))
+    return np.sort(idx)
+
+
+def gap_estimate(theta: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Distance from each wanted Ritz value ``theta[idx]`` to the nearest other Ritz value.
+
+    The gap of the eigenvalue error estimate ``residual^2 / gap`` (Kato-Temple; Parlett,
+    *The Symmetric Eigenvalue Problem*, sec. 11.7); ``inf`` when there is one Ritz value.
+    """
+    out = np.full(idx.size, np.inf)
+    for i, t in enumerate(idx):
+        others = np.delete(theta, t)
+        if others.size:
+            out[i] = float(np.abs(others - theta[t]).min())
+    return out
+
+
+STOPPING_RULES = ("residual", "value")
 
 
 def krylov_eigsh(
@@ -147,6 +318,11 @@ def krylov_eigsh(
     max_matvec: int = 100,
     min_matvec: int = 0,
     generator: torch.Generator | None = None,
+    stop: str = "residual",
+    max_basis: int | None = None,
+    offload: bool = False,
+    chunk: int = 4,
+    callback: Callable[[dict], None] | None = None,
 ) -> KrylovResult:
     """Extreme eigenpairs of a symmetric map by Lanczos with full re-orthogonalisation.
 
@@ -159,13 +335,28 @@ def krylov_eigsh(
     computed without extra matvecs (for one start vector ``E`` is tridiagonal and this is
     the classical ``beta_j |s_j|``).
 
-    Stopping rule: every wanted Ritz pair satisfies
+    Stopping rule (``stop="residual"``): every wanted Ritz pair satisfies
     ``||A y - theta y|| <= max(tol * |theta|, residual_floor(dtype) * max_i |theta_i|)``
     (the floor only matters for eigenvalues near 0), after at least ``min_matvec``
-    products. When the basis stops growing (an invariant subspace: exactly low-rank ``A``,
-    or dependent start vectors) a fresh random vector from ``generator`` is added, so the
-    solver also finds eigenvalues orthogonal to the start. ``which`` is ``"largest"``,
-    ``"smallest"`` or ``"both"`` (algebraic order); ``k`` pairs at each wanted end.
+    products. ``stop="value"`` bounds the eigenvalue error instead of the residual: the
+    test is ``min(r, r^2 / gap) <= tol * |theta|`` with ``r`` the residual and ``gap`` the
+    distance to the nearest other Ritz value (:func:`gap_estimate`; Kato-Temple), so the
+    error certified by the residual alone is at most ``sqrt(tol * gap / |theta|)``
+    relative, and the estimated one ``tol``. When the basis stops growing (an invariant
+    subspace: exactly low-rank ``A``, or dependent start vectors) a fresh random vector
+    from ``generator`` is added, so the solver also finds eigenvalues orthogonal to the
+    start. ``which`` is ``"largest"``, ``"smallest"`` or ``"both"`` (algebraic order);
+    ``k`` pairs at each wanted end.
+
+    Memory: ``max_basis`` bounds the basis by a thick restart (Wu & Simon, SIMAX 2000):
+    when it is full, the basis shrinks to the wanted Ritz vectors and the best others
+    (half of it) plus the vectors not yet multiplied, and ``E`` to their Ritz values and
+    residual couplings, so ``A V_j = V_{j'} E`` and the residual formula still hold.
+    ``offload`` keeps the basis in host memory and streams it through the device in
+    chunks of ``chunk`` rows (:class:`_Basis`). The basis is kept in :func:`work_dtype`
+    of ``start``; ``matvec`` receives and may return the start's own dtype.
+    ``callback(info)`` is called after every product with ``n_matvec``, ``theta``,
+    ``residuals``, ``basis_size`` and ``device_vectors``.
     """
     if which not in ("largest", "smallest", "both"):
         raise ValueError(f"which must be 'largest', 'smallest' or 'both', got {which!r}")
@@ -173,37 +364,51 @@ def krylov_eigsh(
         raise ValueError(f"k must be >= 1, got {k}")
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol}")
+    if stop not in STOPPING_RULES:
+        raise ValueError(f"stop must be one of {STOPPING_RULES}, got {stop!r}")
     block = start.reshape(1, -1) if start.dim() == 1 else start
     n = block.shape[1]
-    dtype, device = block.dtype, block.device
-    max_matvec = max(1, min(int(max_matvec), n))
+    op_dtype, device = block.dtype, block.device
+    dtype = work_dtype(op_dtype)
+    block = block.to(dtype)
+    max_matvec = max(1, int(max_matvec))
+    wanted = ("largest", "smallest") if which == "both" else (which,)
+    if max_basis is not None:
+        least = len(wanted) * k + block.shape[0] + 2
+        if max_basis < least:
+            raise ValueError(f"max_basis must be >= {least} here, got {max_basis}")
+        max_basis = min(int(max_basis), n)
     # start small and double on demand: most runs stop far below max_matvec, and the basis
     # is the solver's main memory (a full preallocation was 161 vectors for k=5)
-    capacity = min(n, block.shape[0] + max_matvec + 1, 2 * block.shape[0] + 4 * k + 16)
-    basis = _Basis(n, dtype, device, capacity=capacity)
-    floor_rel = residual_floor(dtype)
+    cap = min(n, block.shape[0] + max_matvec + 1, 2 * block.shape[0] + 4 * k + 16)
+    if max_basis is not None:
+        cap = min(cap, max_basis + block.shape[0])
+    basis = _Basis(n, dtype, device, capacity=cap, offload=offload, chunk=chunk)
+    floor_rel = residual_floor(op_dtype)  # convergence: the products' noise
+    break_rel = residual_floor(dtype)  # breakdown: the basis' rounding
     # the small dense problem (projected matrix, its eigh, Ritz residuals) lives in numpy,
     # float64 on the host, whatever the operator's device
-    coeffs = np.zeros((max_matvec + block.shape[0] + 1, max_matvec))
+    rows_max = (max_basis or max_matvec) + block.shape[0] + 1
+    coeffs = np.zeros((rows_max, rows_max))
     norm_est = 0.0
 
     def add_unit(w: Tensor) -> None:
         """Orthogonalise a unit vector against the basis and append what is left of it."""
         w, _, r = basis.orthogonalize(w)
-        if basis.size < n and r > floor_rel:
+        if basis.size < n and r > break_rel:
             basis.append(w / r)
 
     for row in block:
         nrm = float(torch.linalg.vector_norm(row))
         if nrm > 0:
             add_unit(row / nrm)
-    wanted = ("largest", "smallest") if which == "both" else (which,)
-    j = 0
+    j = 0  # rows multiplied (the leading j rows of the basis)
+    used = 0  # products spent
     converged = False
     theta = np.zeros(0)
     svec = np.zeros((0, 0))
     res = np.zeros(0)
-    while j < max_matvec:
+    while used < max_matvec:
         if j == basis.size:  # invariant subspace reached: restart with a random direction
             if basis.size >= n:
                 break
@@ -212,47 +417,71 @@ def krylov_eigsh(
             add_unit(fresh / torch.linalg.vector_norm(fresh))
             if basis.size == size_before:
                 break
-        v = basis.rows[j]
-        w = matvec(v)
+        v = basis.row(j)
+        w = matvec(v.to(op_dtype)).to(dtype)
+        used += 1
         norm_est = max(norm_est, float(torch.linalg.vector_norm(w)))
         w, c, r = basis.orthogonalize(w, near=j)
         coeffs[: c.numel(), j] = c.cpu().numpy()
-        if basis.size < n and r > floor_rel * norm_est and r > 0:
+        if basis.size < n and r > break_rel * norm_est and r > 0:
             coeffs[basis.size, j] = r
             basis.append(w / r)
+        del w
         j += 1
         proj = coeffs[:j, :j]
         theta, svec = np.linalg.eigh(0.5 * (proj + proj.T))
         resid = coeffs[: basis.size, :j] @ svec
         resid[:j] -= svec * theta
         res = np.linalg.norm(resid, axis=0)
-        if j < min_matvec:
-            continue
-        bound = np.maximum(tol * np.abs(theta), floor_rel * float(np.abs(theta).max()))
-        ok = True
-        for end in wanted:
-            idx = _pick(theta.size, k, end)
-            if idx.size < min(k, n) or bool((res[idx] > bound[idx]).any()):
-                ok = False
-        if ok:
-            converged = True
-            break
-    if j == 0:
+        if callback is not None:
+            callback({"n_matvec": used, "theta": theta.copy(), "residuals": res.copy(),
+                      "basis_size": basis.size, "device_vectors": basis.device_vectors})
+        if used >= min_matvec:
+            scale = float(np.abs(theta).max())
+            ok = True
+            for end in wanted:
+                idx = _pick(theta.size, k, end)
+                if idx.size < min(k, n):
+                    ok = False
+                    break
+                err = res[idx]
+                if stop == "value":  # r^2 / gap where a gap is known, else r
+                    err = np.minimum(err, err**2 / gap_estimate(theta, idx))
+                bound = np.maximum(tol * np.abs(theta[idx]), floor_rel * scale)
+                if bool((err > bound).any()):
+                    ok = False
+            if ok:
+                converged = True
+                break
+        if max_basis is not None and basis.size >= max_basis and used < max_matvec:
+            keep = _keep(j, max(len(wanted) * k + 1, max_basis // 2), wanted)
+            s_keep = svec[:, keep]
+            tail = coeffs[j : basis.size, :j] @ s_keep
+            basis.restart(torch.from_numpy(np.ascontiguousarray(s_keep)), j)
+            p, rest = keep.size, tail.shape[0]
+            coeffs[:] = 0.0
+            coeffs[:p, :p] = np.diag(theta[keep])
+            coeffs[p : p + rest, :p] = tail
+            j = p
+    if used == 0:
         raise ValueError("start: no nonzero start vector and no matvec budget")
+
     def collect(end: str) -> tuple[Tensor, Tensor, Tensor]:
         idx = _pick(theta.size, k, end)
-        s = torch.from_numpy(np.ascontiguousarray(svec[:, idx])).to(device=device, dtype=dtype)
-        vecs = s.T @ basis.rows[:j]
+        s = torch.from_numpy(np.ascontiguousarray(svec[:, idx]))
+        vecs = basis.combine(s, j)
         vecs = vecs / torch.linalg.vector_norm(vecs, dim=1, keepdim=True).clamp_min(1e-30)
+        vecs = vecs.to(op_dtype)
         return torch.from_numpy(theta[idx].copy()), vecs, torch.from_numpy(res[idx].copy())
 
     return KrylovResult(
         largest=collect("largest") if "largest" in wanted else None,
         smallest=collect("smallest") if "smallest" in wanted else None,
-        n_matvec=j,
+        n_matvec=used,
         converged=converged,
         ritz_values=torch.from_numpy(theta.copy()),
         basis_size=basis.size,
+        peak_device_vectors=basis.peak_device_vectors,
     )
 
 
@@ -265,12 +494,15 @@ def lanczos_tridiagonal(
     fully re-orthogonalised against it (:func:`orthogonalize`). A run stops early at breakdown
     (``beta_j <= residual_floor * ||A||_est``: an invariant Krylov subspace, whose Ritz
     values are then exact). Returns per run the diagonal ``alpha`` (float64, length m_l)
-    and off-diagonal ``beta`` (length m_l - 1), and the number of matvecs used.
+    and off-diagonal ``beta`` (length m_l - 1), and the number of matvecs used. The
+    bases are kept in :func:`work_dtype` of ``starts``; ``matmat`` gets the starts' dtype.
     """
     if n_iter < 1:
         raise ValueError(f"n_iter must be >= 1, got {n_iter}")
     b, n = starts.shape
     n_iter = min(n_iter, n)
+    op_dtype = starts.dtype
+    starts = starts.to(work_dtype(op_dtype))
     floor_rel = residual_floor(starts.dtype)
     bases = torch.zeros((b, n_iter, n), dtype=starts.dtype, device=starts.device)
     bases[:, 0] = starts / torch.linalg.vector_norm(starts, dim=1, keepdim=True)
@@ -283,7 +515,7 @@ def lanczos_tridiagonal(
         if not active:
             break
         cur = bases[active, step]
-        out = matmat(cur)
+        out = matmat(cur.to(op_dtype)).to(bases.dtype)
         used += len(active)
         norm_est = max(norm_est, float(torch.linalg.vector_norm(out, dim=1).max()))
         still = []
@@ -312,19 +544,21 @@ def krylov_basis(
     records ``alpha_j = q_j^T A q_j`` (float64), so ``sum(alpha) = tr(Q A Q^T)`` exactly --
     the part of ``tr(A)`` on the span of ``Q``. Stops early at an invariant subspace
     (then ``tr(Q A Q^T)`` is the trace of ``A`` on it). Returns ``(Q, alpha, matvecs)``
-    with ``Q`` of shape ``(matvecs, n)``.
+    with ``Q`` of shape ``(matvecs, n)`` in :func:`work_dtype` of ``start``.
     """
     if m < 1:
         raise ValueError(f"m must be >= 1, got {m}")
     n = start.numel()
     m = min(m, n)
+    op_dtype = start.dtype
+    start = start.to(work_dtype(op_dtype))
     floor_rel = residual_floor(start.dtype)
     rows = torch.empty((m, n), dtype=start.dtype, device=start.device)
     rows[0] = start / torch.linalg.vector_norm(start)
     alphas = torch.zeros(m, dtype=torch.float64)
     norm_est = 0.0
     for j in range(m):
-        w = matvec(rows[j])
+        w = matvec(rows[j].to(op_dtype)).to(rows.dtype)
         norm_est = max(norm_est, float(torch.linalg.vector_norm(w)))
         alphas[j] = float(torch.dot(rows[j], w))
         if j + 1 == m:

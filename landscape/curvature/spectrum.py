@@ -28,6 +28,7 @@ from landscape.curvature._probes import rademacher as _rademacher
 from landscape.curvature._probes import to_vectors as _to_vectors
 from landscape.curvature.base import CurvatureOperator
 from landscape.curvature.lanczos import krylov_eigsh, lanczos_tridiagonal
+from landscape.curvature.memory import PeakMemory, apply_plan, plan_eigen
 from landscape.curvature.trace import TraceResult, hessian_trace
 from landscape.params import Vector, flatten
 
@@ -54,7 +55,10 @@ class EigenResult:
     ``||A y - theta y||`` per pair. ``n_matvec``: products used. ``converged``: every wanted
     pair met the stopping rule. ``smallest``: for ``which="smallest"`` or ``"both"``, the
     most negative end as an :class:`EigenResult` (ascending). ``ritz_values``: all Ritz
-    values of the final Krylov space (ascending).
+    values of the final Krylov space (ascending). ``peak_memory``: the run's measured peak
+    above the memory in use when it began, in bytes (:class:`~landscape.curvature.memory.
+    PeakMemory`); ``memory_plan``: the :class:`~landscape.curvature.memory.MemoryPlan`
+    followed when a ``memory_budget`` was given.
     """
 
     values: torch.Tensor
@@ -66,6 +70,8 @@ class EigenResult:
     which: str = "largest"
     tol: float = 1e-3
     ritz_values: torch.Tensor | None = None
+    peak_memory: int | None = None
+    memory_plan: Any = None
 
     @property
     def lambda_max(self) -> float:
@@ -81,6 +87,7 @@ class EigenResult:
             "converged": bool(self.converged),
             "which": self.which,
             "tol": float(self.tol),
+            "peak_memory": self.peak_memory,
         }
         if self.smallest is not None:
             out["smallest"] = self.smallest.as_dict()
@@ -121,6 +128,10 @@ def top_eigenvalues(
     warm_start: EigenResult | Sequence[Sequence[torch.Tensor]] | None = None,
     seed: int = 0,
     min_matvec: int | None = None,
+    stop: str = "residual",
+    max_basis: int | None = None,
+    offload: bool = False,
+    memory_budget: int | float | str | None = None,
 ) -> EigenResult:
     """The ``k`` algebraically largest eigenpairs of ``op`` (and/or the smallest).
 
@@ -149,6 +160,16 @@ def top_eigenvalues(
         seed: the seed of the cold start's Gaussian vector.
         min_matvec: the least number of products before convergence may be declared
             (default ``min(dim, k + 2)`` cold, 0 warm).
+        stop: ``"residual"`` (``||op(y) - theta y|| <= tol |theta|``) or ``"value"``
+            (the estimated eigenvalue error ``min(r, r^2 / gap) <= tol |theta|``;
+            :func:`~landscape.curvature.lanczos.krylov_eigsh`).
+        max_basis: keep at most this many basis vectors (thick restart); ``None``: all.
+        offload: keep the basis in host memory (pinned on CUDA), streamed to the device.
+        memory_budget: the most memory the run may take above what is in use, in bytes or
+            as ``"<f>x step"`` (a multiple of one forward/backward on the probe data);
+            :func:`~landscape.curvature.memory.plan_eigen` then chooses the basis bound,
+            offloading, micro-batches or the first-order product before the run, or
+            raises. ``None``: no limit.
 
     Returns:
         The eigenpairs, their residuals and the products used; for ``"both"``, the
@@ -156,6 +177,7 @@ def top_eigenvalues(
 
     Raises:
         ValueError: ``k < 1``, ``tol <= 0``, an unknown ``which`` or ``max_matvec < 1``.
+        MemoryBudgetError: nothing fits ``memory_budget`` (a ``LandscapeError``).
 
     Example:
         >>> import torch
@@ -181,18 +203,35 @@ def top_eigenvalues(
         max_matvec = min(op.dim, 60 + 20 * k * (2 if which == "both" else 1))
     if min_matvec is None:
         min_matvec = min(op.dim, k + 2) if cold else 0
-    before = op.n_matvec
-    res = krylov_eigsh(
-        op.flat_matvec, start, k=k, which=which, tol=tol, max_matvec=max_matvec,
-        min_matvec=min_matvec, generator=gen,
-    )
-    used = op.n_matvec - before
+    plan = None
+    run_op = op
+    if memory_budget is not None:
+        ends, b = (2 if which == "both" else 1), (start.shape[0] if start.dim() > 1 else 1)
+        plan = plan_eigen(
+            op, budget=memory_budget, basis_vectors=min(op.dim, max_matvec + b + 1),
+            least_basis=ends * k + b, extra_vectors=3 + ends * k,
+        )
+        run_op = apply_plan(op, plan)
+        if plan.max_basis is not None:
+            max_basis = plan.max_basis if max_basis is None else min(max_basis, plan.max_basis)
+        offload = offload or plan.offload
+    before = run_op.n_matvec
+    with PeakMemory(op.device) as mem:
+        res = krylov_eigsh(
+            run_op.flat_matvec, start, k=k, which=which, tol=tol, max_matvec=max_matvec,
+            min_matvec=min_matvec, generator=gen, stop=stop, max_basis=max_basis,
+            offload=offload,
+        )
+    used = run_op.n_matvec - before
+    if run_op is not op:
+        op.n_matvec += used
 
     def part(triple: tuple[torch.Tensor, torch.Tensor, torch.Tensor], end: str) -> EigenResult:
         values, rows, resid = triple
         return EigenResult(
             values=values, vectors=_to_vectors(rows, op), residuals=resid, n_matvec=used,
             converged=res.converged, which=end, tol=tol, ritz_values=res.ritz_values,
+            peak_memory=mem.peak, memory_plan=plan,
         )
 
     if which == "smallest":

@@ -1,0 +1,303 @@
+"""Curvature at scale: GPT-2 small, a hand-written ResNet-18, and the cost growth between.
+
+    .venv/bin/python -m tests.benchmarks.bench_scale --quick
+    .venv/bin/python -m tests.benchmarks.bench_scale --models resnet18,gpt2-mid \
+        --sections step,product,top1,top5,trace,surface,presets
+    .venv/bin/python -m tests.benchmarks.bench_scale --models gpt2-small \
+        --sections step,product,top1
+    .venv/bin/python -m tests.benchmarks.bench_scale --models gpt2-1m,gpt2-10m,gpt2-mid,gpt2-small \
+        --sections growth
+
+Every cost is reported in units of one training step of the same model and batch (forward,
+backward, AdamW step), with the peak memory above the state before it (resident set on the
+CPU, ``torch.cuda.max_memory_allocated`` on CUDA; :mod:`landscape.curvature.memory`).
+
+Models (random init, nothing downloaded): ``gpt2-small`` is transformers'
+``GPT2LMHeadModel(GPT2Config())`` (124M parameters, batch 4 x 128 tokens); ``gpt2-1m``,
+``gpt2-10m``, ``gpt2-mid`` are smaller GPT-2 configurations for the growth table;
+``resnet18`` is the CIFAR variant of He et al. (2016) for 32x32 inputs (3x3 stem, no max
+pool, 11.2M parameters, batch 64), written here because torchvision is not installable.
+
+Sections: ``step``, ``product`` (one exact Hessian-vector product on the cached graph, and
+the first-order product when ``backend="first_order"`` exists), ``top1``/``top5``
+(``top_eigenvalues`` with its per-product history, beside PyHessian's ``eigenvalues`` for
+``top1`` where ``--pyhessian`` is given), ``trace`` (``hessian_trace``), ``surface`` (one
+point of a landscape plane), ``presets`` (one monitor step with every metric of the
+``cheap`` and ``standard`` presets due), ``growth`` (products per measurement and time per
+product from 1M to 124M parameters). ``--quick`` runs the small models only, a few
+products each (a smoke test of the script). The machine is shared: one thread, and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from landscape.curvature import Hessian
+from landscape.curvature.lanczos import krylov_eigsh
+from landscape.curvature.memory import PeakMemory
+
+# ------------------------------------------------------------------------------------------
+# models
+# ------------------------------------------------------------------------------------------
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 convolutions with BatchNorm and an identity shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.short = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.short = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                       nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.short(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 for 32x32 inputs (CIFAR variant: 3x3 stem, no max pool): 11.17M parameters."""
+
+    def __init__(self, n_classes: int = 10, width: int = 64) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        layers, c = [], width
+        for i, c_out in enumerate((width, 2 * width, 4 * width, 8 * width)):
+            stride = 1 if i == 0 else 2
+            layers += [BasicBlock(c, c_out, stride), BasicBlock(c_out, c_out, 1)]
+            c = c_out
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(c, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layers(F.relu(self.bn1(self.conv1(x))))
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+GPT2_SIZES = {
+    # name: (vocab, n_embd, n_layer, n_head)
+    "gpt2-1m": (8192, 96, 2, 4),
+    "gpt2-10m": (16384, 256, 6, 4),
+    "gpt2-mid": (50257, 384, 6, 6),
+    "gpt2-small": (50257, 768, 12, 12),
+}
+
+
+def gpt2(name: str, batch: int = 4, seq: int = 128, seed: int = 0):
+    """A random-init GPT-2 of the named size, a token batch and its closure."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    vocab, d, layers, heads = GPT2_SIZES[name]
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab, n_embd=d, n_layer=layers, n_head=heads,
+                     n_positions=max(seq, 128))
+    cfg._attn_implementation = "eager"
+    model = GPT2LMHeadModel(cfg)
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+
+    def closure(m: nn.Module, b: torch.Tensor) -> torch.Tensor:
+        return m(input_ids=b, labels=b).loss
+
+    return model, ids, closure
+
+
+def resnet18(batch: int = 64, seed: int = 0):
+    """ResNet-18 (32x32), a CIFAR-shaped random batch and its closure."""
+    torch.manual_seed(seed)
+    model = ResNet18()
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (batch,), generator=g)
+
+    def closure(m: nn.Module, b: tuple) -> torch.Tensor:
+        return F.cross_entropy(m(b[0]), b[1])
+
+    return model, (x, y), closure
+
+
+def build(name: str, quick: bool = False):
+    if name == "resnet18":
+        return resnet18(batch=8 if quick else 64)
+    return gpt2(name, batch=2 if quick else 4, seq=32 if quick else 128)
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------
+# measurements
+# ------------------------------------------------------------------------------------------
+
+
+def training_step(model: nn.Module, batch: Any, closure: Callable) -> dict:
+    """One forward, backward and AdamW step on a copy of the model: seconds and peak bytes."""
+    m = copy.deepcopy(model).train()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+    times, peaks = [], []
+    for _ in range(2):  # the first allocates the optimizer state
+        with PeakMemory() as mem:
+            t0 = time.perf_counter()
+            loss = closure(m, batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        peaks.append(mem.peak)
+    del m, opt
+    gc.collect()
+    return {"seconds": times[-1], "peak_bytes": max(peaks), "first_seconds": times[0]}
+
+
+def one_product(model: nn.Module, batch: Any, closure: Callable, reps: int = 2) -> dict:
+    """Seconds of one exact Hessian-vector product on the cached graph (and its peak)."""
+    op = Hessian(model, closure=closure, data=batch, single_batch=True)
+    g = torch.Generator().manual_seed(0)
+    v = tuple(torch.randn(s, generator=g) for s in op.shapes)
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        op.matvec(v)  # builds the gradient graph
+        build_s = time.perf_counter() - t0
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            op.matvec(v)
+            times.append(time.perf_counter() - t0)
+    out = {"first_seconds": build_s, "seconds": min(times), "peak_bytes": mem.peak}
+    del op
+    gc.collect()
+    try:
+        fo = Hessian(model, closure=closure, data=batch, single_batch=True,
+                     backend="first_order")
+    except Exception as err:  # the first-order backend has not landed
+        out["first_order"] = f"not available: {type(err).__name__}: {err}"[:120]
+        return out
+    try:
+        with PeakMemory() as mem:
+            fo.matvec(v)
+            t0 = time.perf_counter()
+            fo.matvec(v)
+            secs = time.perf_counter() - t0
+        out["first_order"] = {"seconds": secs, "peak_bytes": mem.peak}
+    except Exception as err:
+        out["first_order"] = f"failed: {type(err).__name__}: {err}"[:120]
+    return out
+
+
+def eigen_history(model: nn.Module, batch: Any, closure: Callable, *, k: int, max_matvec: int,
+                  log: Callable[[str], None], max_basis: int | None = None) -> dict:
+    """``top_eigenvalues``' Lanczos run to ``max_matvec`` products, recording every step."""
+    op = Hessian(model, closure=closure, data=batch, single_batch=True)
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(op.dim, generator=gen, dtype=torch.float64).to(op.dtype)
+    hist: list[dict] = []
+    t0 = time.perf_counter()
+
+    def cb(info: dict) -> None:
+        th, rs = info["theta"], info["residuals"]
+        row = {"n": info["n_matvec"], "s": time.perf_counter() - t0,
+               "theta": [float(x) for x in th[::-1][: k + 1]],
+               "res": [float(x) for x in rs[::-1][: k + 1]]}
+        hist.append(row)
+        log(f"  {row['n']:3d} {row['s']:8.1f}s theta={row['theta'][0]:.6g} "
+            f"rel.res={row['res'][0] / abs(row['theta'][0]):.2e}")
+
+    with PeakMemory() as mem:
+        krylov_eigsh(op.flat_matvec, start, k=k, tol=1e-12, max_matvec=max_matvec,
+                     min_matvec=max_matvec, generator=gen, callback=cb,
+                     max_basis=max_basis)
+    return {"history": hist, "peak_bytes": mem.peak, "seconds": time.perf_counter() - t0}
+
+
+def pyhessian_top1(model: nn.Module, batch: Any, criterion: Callable) -> dict:
+    """PyHessian's ``eigenvalues(top_n=1)`` at its defaults, products counted."""
+    from pyhessian import hessian as pyh  # GPL: imported only inside this benchmark
+
+    mod = sys.modules["pyhessian.hessian"]  # the module, not the class it exports
+
+    count = {"n": 0}
+    orig = mod.hessian_vector_product
+
+    def counted(*a: Any, **kw: Any) -> Any:
+        count["n"] += 1
+        return orig(*a, **kw)
+
+    mod.hessian_vector_product = counted
+    try:
+        m = copy.deepcopy(model)
+        torch.manual_seed(0)
+        with PeakMemory() as mem:
+            t0 = time.perf_counter()
+            h = pyh(m, criterion, data=batch, cuda=False)
+            vals, _ = h.eigenvalues(top_n=1)
+            secs = time.perf_counter() - t0
+    finally:
+        mod.hessian_vector_product = orig
+    return {"value": float(vals[0]), "n_matvec": count["n"], "seconds": secs,
+            "peak_bytes": mem.peak}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="resnet18,gpt2-mid")
+    ap.add_argument("--sections", default="step,product,top1")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--pyhessian", action="store_true")
+    ap.add_argument("--max-matvec", type=int, default=30)
+    ap.add_argument("--max-basis", type=int, default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    models = args.models.split(",")
+    sections = args.sections.split(",")
+    if args.quick:
+        models = [m for m in models if m in ("resnet18", "gpt2-1m", "gpt2-10m")] or ["gpt2-1m"]
+    out: dict[str, Any] = {}
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    for name in models:
+        model, batch, closure = build(name, args.quick)
+        model.eval()
+        rec: dict[str, Any] = {"parameters": n_params(model)}
+        out[name] = rec
+        log(f"== {name}: {rec['parameters'] / 1e6:.2f}M parameters")
+        if "step" in sections:
+            rec["step"] = training_step(model, batch, closure)
+            log(f"step: {rec['step']}")
+        if "product" in sections:
+            rec["product"] = one_product(model, batch, closure)
+            log(f"product: {rec['product']}")
+        if "history" in sections or "top1" in sections:
+            mm = 4 if args.quick else args.max_matvec
+            rec["top1_history"] = eigen_history(model, batch, closure, k=1, max_matvec=mm, log=log,
+                                                max_basis=args.max_basis)
+        if args.pyhessian and name == "resnet18":
+            rec["pyhessian_top1"] = pyhessian_top1(model, batch, F.cross_entropy)
+            log(f"pyhessian: {rec['pyhessian_top1']}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
