@@ -142,10 +142,23 @@ def _full(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The whole tensor from this rank's shard (an all-gather of one parameter)."""
     if not is_sharded(like):
         return local
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, Shard
 
+    mesh, placements = like.device_mesh, like.placements
+    if mesh.ndim == 1 and len(placements) == 1 and placements[0] == Shard(0):
+        # FSDP2's layout: torch.chunk rows, the last chunks shorter or empty. All-gather
+        # equal padded chunks (gloo's all-gather of uneven DTensor shards aborts)
+        import torch.distributed as dist
+
+        n, world = like.shape[0], mesh.size()
+        rows = -(-n // world)
+        padded = local.new_zeros((rows, *like.shape[1:]))
+        padded[: local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded.contiguous(), group=mesh.get_group())
+        return torch.cat(parts)[:n]
     return DTensor.from_local(
-        local, like.device_mesh, like.placements, shape=like.shape, stride=like.stride()
+        local, mesh, placements, shape=like.shape, stride=like.stride()
     ).full_tensor()
 
 
@@ -182,6 +195,8 @@ class FirstOrder:
         self.op = op
         self.sharded = any(is_sharded(p) for p in op._param_objects)
         self._total: float | None = None
+        self._n_passes: int | None = None
+        self._weight = 1.0  # FSDP: the current batch's weight, folded into the backward
         self._norm: tuple[tuple[int, ...], float] | None = None
 
     # -- public ------------------------------------------------------------------------
@@ -351,6 +366,8 @@ class FirstOrder:
     def _accumulate(self, per_batch: Any, *, with_loss: bool) -> list[torch.Tensor]:
         """``sum_b w_b per_batch(b)`` in float64, reduced over the ranks, whole tensors."""
         op = self.op
+        if self.sharded:
+            return self._accumulate_sharded(per_batch, with_loss=with_loss)
         total: list[torch.Tensor] | None = None
         for batch, w in zip(op._data.batches, op._data.weights):
             part = [t.double() for t in per_batch(to_device(batch, op.device))]
@@ -358,16 +375,44 @@ class FirstOrder:
                 a + w * t for a, t in zip(total, part)
             ]
         assert total is not None
-        if not self.sharded:
-            return op._reduce(total)
-        # FSDP: the backward's reduce-scatter already combined the ranks' gradients (the
-        # loss was scaled by R N_r / N); the loss itself is reduced here
+        return op._reduce(total)
+
+    def _accumulate_sharded(self, per_batch: Any, *, with_loss: bool) -> list[torch.Tensor]:
+        """The FSDP data loop: weights folded into each backward, matching passes.
+
+        Every backward's reduce-scatter combines the ranks' batch ``b``, so each rank scales
+        its loss by its own weight ``R (N_r / N) w_b`` before the backward and the gradients
+        are summed unweighted; every rank runs as many passes as the rank with the most
+        batches (zero-weight repeats of its first batch), since FSDP's collectives must
+        match. The loss is weighted here and reduced over the ranks.
+        """
+        op = self.op
+        batches = list(zip(op._data.batches, op._data.weights))
+        total: list[torch.Tensor] | None = None
+        for i in range(self._passes()):
+            batch, w = batches[i] if i < len(batches) else (batches[0][0], 0.0)
+            self._weight = w
+            try:
+                part = [t.double() for t in per_batch(to_device(batch, op.device))]
+            finally:
+                self._weight = 1.0
+            if with_loss:
+                part[0] = part[0] * w
+            total = part if total is None else [a + t for a, t in zip(total, part)]
+        assert total is not None
         grads = total[1:] if with_loss else total
         full = [_full(g, p) for g, p in zip(grads, op._param_objects)]
         if not with_loss or not _dist.is_distributed():
             return [total[0], *full] if with_loss else full
         loss = _dist.all_reduce_weighted([total[0]], op._data.rank_size, total=self._ranks_total())
         return [loss[0], *full]
+
+    def _passes(self) -> int:
+        """The most batches any rank holds (every rank runs that many passes)."""
+        if self._n_passes is None:
+            counts = _dist.all_gather_objects(len(self.op._data.batches))
+            self._n_passes = max(counts)
+        return self._n_passes
 
     def _ranks_total(self) -> float:
         if self._total is None:
@@ -390,11 +435,13 @@ class FirstOrder:
         return leaves
 
     def _backward_scale(self) -> float:
-        """FSDP: ``R N_r / N``, so the reduce-scatter's mean is the size-weighted mean."""
-        if not (self.sharded and self.op._data.rank_size and _dist.is_distributed()):
+        """FSDP: ``R (N_r / N) w_b``: the reduce-scatter's mean is then the weighted sum."""
+        if not self.sharded:
             return 1.0
+        if not (self.op._data.rank_size and _dist.is_distributed()):
+            return self._weight
         mesh = next(p.device_mesh for p in self.op._param_objects if is_sharded(p))
-        return mesh.size() * self.op._data.rank_size / self._ranks_total()
+        return mesh.size() * self.op._data.rank_size / self._ranks_total() * self._weight
 
     def _gradient_functional(self, batch: Any, shift: Tensors | None) -> list[torch.Tensor]:
         leaves = self._shifted_leaves(shift)

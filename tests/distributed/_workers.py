@@ -227,3 +227,59 @@ def surface_worker(rank: int, out_dir: str) -> None:
     resumed = evaluate_plane(os.path.join(out_dir, "partial.h5"), counting)  # prepared
     _save(out_dir, rank, {"fresh": fresh, "n_fresh": n_fresh, "resumed": resumed,
                           "n_resumed": len(calls)})
+
+
+# ----------------------------------------------------------------------------- FSDP2
+
+
+def fsdp_model() -> torch.nn.Module:
+    """:func:`model` with every Linear and the root ``fully_shard``-ed over the world."""
+    from torch.distributed.fsdp import fully_shard
+
+    net = model()
+    for m in net:
+        if isinstance(m, torch.nn.Linear):
+            fully_shard(m)
+    fully_shard(net)
+    return net
+
+
+def fsdp_vectors(dim: int, n: int = 3) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    return [torch.randn(dim, generator=g, dtype=torch.float64) for _ in range(n)]
+
+
+def fsdp_curvature_worker(rank: int, out_dir: str) -> None:
+    import warnings
+
+    from landscape.params import flatten, unflatten
+
+    net = fsdp_model()
+    before = [p.full_tensor().clone() for p in net.parameters()]
+    data = curvature_shard(rank)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        H = Hessian(net, F.cross_entropy, data)
+    products = [flatten(H.matvec(unflatten(v, H._like()))) for v in fsdp_vectors(H.dim)]
+    eig = top_eigenvalues(H, k=3, tol=1e-6)
+    trace = hessian_trace(H, "hutch++", n_matvec=12, seed=1)
+    G = GGN(net, F.cross_entropy, data)
+    ggn_products = [flatten(G.matvec(unflatten(v, G._like()))) for v in fsdp_vectors(G.dim)]
+    ggn = top_eigenvalues(G, k=2, tol=1e-6)
+    block = top_eigenvalues(H.subset(["0.weight"]), k=1, tol=1e-6)
+    try:
+        Hessian(net, F.cross_entropy, data, backend="exact")
+        refused = None
+    except ValueError as err:
+        refused = str(err)
+    after = [p.full_tensor() for p in net.parameters()]
+    _save(out_dir, rank, {
+        "warnings": [str(w.message) for w in caught if w.category is RuntimeWarning],
+        "backend_used": H.backend_used, "reason": H.first_order_reason,
+        "products": products, "eig": eig.values, "trace": trace.value,
+        "ggn_products": ggn_products, "ggn": ggn.values, "block": block.values,
+        "loss": H.loss(), "grad": H.gradient(), "refused": refused,
+        "restored": all(torch.equal(a, b) for a, b in zip(before, after)),
+        "grads_none": all(p.grad is None for p in net.parameters()),
+        "shapes": H.shapes,
+    })
