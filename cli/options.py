@@ -74,16 +74,25 @@ class Terminated(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def interruptible() -> Iterator[None]:
-    """SIGTERM raises :class:`Terminated` inside the block (the main thread only)."""
-    def handler(signum, frame):
+    """Inside the block SIGTERM raises :class:`Terminated` and SIGINT ``KeyboardInterrupt``.
+
+    SIGINT too, because a process started with SIGINT ignored (by a job runner) would
+    otherwise not stop on it. Only in the main thread (elsewhere signals cannot be caught).
+    """
+    def terminate(signum, frame):
         raise Terminated()
 
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt()
+
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, terminate),
+                    signal.SIGINT: signal.signal(signal.SIGINT, interrupt)}
     except ValueError:  # not the main thread (tests running the CLI in a thread)
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

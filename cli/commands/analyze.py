@@ -36,7 +36,7 @@ EXAMPLE = ("landscape analyze ckpt-100.pt ckpt-200.pt --model factories.py:model
               type=METRIC_CHOICE, metavar="METRIC",
               help=f"Metric to compute, repeatable: {', '.join(ANALYZE_METRICS)} "
                    f"(default: {', '.join(DEFAULT_METRICS)}; spectral_density is the slowest).")
-@click.option("-k", "k", default=5, show_default=True, type=click.IntRange(1),
+@click.option("-k", "k", default=3, show_default=True, type=click.IntRange(1),
               help="Number of top Hessian eigenvalues.")
 @click.option("--lr", type=float, default=None,
               help="SGD learning rate, for the sharpness metric's stability threshold "
@@ -89,7 +89,9 @@ def analyze_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
         raise SystemExit(status) from None
     if not quiet:
         with Run.open(out) as run:  # the monitor is closed: read the file it wrote
-            n_ckpt, names = len(run.checkpoints()), run.metrics()
+            wanted = {RENAMED_METRICS.get(m, m) for m in metrics or DEFAULT_METRICS}
+            n_ckpt = len(run.checkpoints())
+            names = [m for m in run.metrics() if m in wanted]
         click.echo(f"wrote {out}: {n_ckpt} checkpoints, metrics {', '.join(names)}")
         for f in monitor.findings:
             click.echo(f.describe())

@@ -45,7 +45,9 @@ def test_analyze_writes_one_row_per_checkpoint_in_step_order(setup, tmp_path):
     assert np.allclose(got, direct.values.numpy(), rtol=1e-3)
     _, thr = run.series("sharpness", "threshold")
     assert np.allclose(thr, 2 / 0.5)
-    assert set(run.metrics()) >= {"hessian_trace", "collapse", "representation"}
+    # the defaults: spectral_density and hessian_trace are opt-in (their products dominate)
+    assert set(run.metrics()) >= {"top_eigenvalues", "sharpness", "collapse", "representation"}
+    assert not set(run.metrics()) & {"hessian_trace", "spectral_density"}
 
 
 def test_analyze_accepts_a_loader_and_file_name_steps(setup, tmp_path):

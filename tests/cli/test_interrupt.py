@@ -1,0 +1,131 @@
+"""SIGINT and SIGTERM during `landscape analyze`: a valid file with every finished checkpoint,
+one line on stderr, exit 130/143, and the same command continues where it stopped.
+
+A real signal to a child process running the CLI, sent once the first checkpoint's rows are
+committed (the model sleeps in its forward while LANDSCAPE_TEST_SLOW is set, so the other
+checkpoints are still to come).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from landscape_cli.main import cli
+
+import landscape as ls
+from landscape.store import RunWriter
+
+SLOW_FACTORIES = textwrap.dedent("""
+    import os, time
+    import torch
+    from torch import nn
+
+    class Slow(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+
+        def forward(self, x):
+            if os.environ.get("LANDSCAPE_TEST_SLOW"):
+                time.sleep(0.05)
+            return self.net(x)
+
+    def model():
+        torch.manual_seed(0)
+        return Slow()
+
+    def data():
+        g = torch.Generator().manual_seed(1)
+        return torch.randn(32, 4, generator=g), torch.randint(0, 3, (32,), generator=g)
+""")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _checkpoints(root: Path, n: int = 5) -> list[Path]:
+    (root / "slow.py").write_text(SLOW_FACTORIES)
+    paths = []
+    for step in range(1, n + 1):
+        torch.manual_seed(step)
+        net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+        state = {f"net.{k}": v for k, v in net.state_dict().items()}
+        paths.append(root / f"ckpt-{step * 10}.pt")
+        torch.save(state, paths[-1])
+    return paths
+
+
+def _committed(out: Path) -> int:
+    try:
+        with ls.Run.open(out) as run:
+            return len(run.checkpoints())
+    except Exception:  # not created yet, or being created
+        return 0
+
+
+@pytest.mark.parametrize(("sig", "status", "name"), [(signal.SIGINT, 130, "SIGINT"),
+                                                     (signal.SIGTERM, 143, "SIGTERM")])
+def test_a_signal_leaves_every_finished_checkpoint_and_a_rerun_continues(tmp_path, sig, status,
+                                                                          name):
+    paths = _checkpoints(tmp_path)
+    out = tmp_path / "run.h5"
+    args = ["analyze", *map(str, paths), "--model", f"{tmp_path / 'slow.py'}:model", "--data",
+            f"{tmp_path / 'slow.py'}:data", "-m", "top_eigenvalues", "-m", "sharpness",
+            "--lr", "0.1", "-o", str(out), "-q"]
+    env = {**os.environ, "LANDSCAPE_TEST_SLOW": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen([sys.executable, "-m", "landscape_cli.main", *args], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300  # a guard against hanging, not a timing assertion
+        while _committed(out) < 1 and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert child.poll() is None, child.communicate()
+        child.send_signal(sig)
+        _, stderr = child.communicate(timeout=300)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == status, stderr
+    assert "Traceback" not in stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith(f"interrupted ({name}): ")
+    assert lines[-1].endswith("run the same command again to continue")
+    with ls.Run.open(out) as run:  # a valid file: every finished checkpoint, nothing else
+        done = [s for s, _ in run.checkpoints()]
+        assert 1 <= len(done) < len(paths)
+        assert done == [10 * (i + 1) for i in range(len(done))]
+        for metric in ("top_eigenvalues", "sharpness"):
+            assert list(run.steps(metric)) == done
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0, again.output
+    assert "already recorded, skipped" in again.stderr
+    with ls.Run.open(out) as run:
+        assert [s for s, _ in run.checkpoints()] == [10, 20, 30, 40, 50]
+        assert list(run.steps("top_eigenvalues")) == [10, 20, 30, 40, 50]
+
+
+def test_rows_of_a_checkpoint_a_killed_process_left_unfinished_are_recomputed(tmp_path):
+    paths = _checkpoints(tmp_path, 3)
+    out = tmp_path / "run.h5"
+    args = ["analyze", *map(str, paths), "--model", f"{tmp_path / 'slow.py'}:model", "--data",
+            f"{tmp_path / 'slow.py'}:data", "-m", "top_eigenvalues", "-m", "sharpness", "-o",
+            str(out), "-q"]
+    first = CliRunner().invoke(cli, [*args[:2], *args[4:]])  # step 10 only
+    assert first.exit_code == 0, first.output
+    with RunWriter(out, mode="a") as writer:  # as a SIGKILL mid-checkpoint leaves it
+        writer.append("top_eigenvalues", 20, {"eigenvalues": [9.0, 8.0, 7.0], "n_matvec": 1})
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0, again.output
+    with ls.Run.open(out) as run:
+        assert list(run.steps("sharpness")) == [10, 20, 30]
+        assert list(run.steps("top_eigenvalues")) == [10, 20, 30]
+        assert run.series("top_eigenvalues", "eigenvalues")[1][1][0] != 9.0
