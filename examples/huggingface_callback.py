@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> Path:
         print(f"\n{path}: {len(run.steps('loss'))} steps recorded")
         for metric_name in run.metrics():
             recorded = run.steps(metric_name)
-            print(f"  {metric_name:16s} {len(recorded):4d} rows, last at step {int(recorded[-1])}")
+            last = f"last at step {int(recorded[-1])}" if len(recorded) else "none yet"
+            print(f"  {metric_name:16s} {len(recorded):4d} rows, {last}")
         _, loss = run.series("loss", "value")
         eig_steps, eig = run.series("top_eigenvalues", "eigenvalues")
         print(f"loss {loss[0]:.3f} -> {loss[-1]:.3f}; top Hessian eigenvalue on the probe "

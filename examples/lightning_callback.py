@@ -120,8 +120,9 @@ def main(argv: list[str] | None = None) -> Path:
         print(f"\n{path}: {len(run.steps('loss'))} steps recorded")
         for metric_name in run.metrics():
             steps_recorded = run.steps(metric_name)
-            print(f"  {metric_name:20s} {len(steps_recorded):4d} rows, last at step "
-                  f"{int(steps_recorded[-1])}")
+            last = (f"last at step {int(steps_recorded[-1])}" if len(steps_recorded)
+                    else "none yet")  # e.g. /metrics/adaptive when nothing was added
+            print(f"  {metric_name:20s} {len(steps_recorded):4d} rows, {last}")
         _, loss = run.series("loss", "value")
         sharp_steps, sharp = run.series("sharpness", "lambda_max")
         _, threshold = run.series("sharpness", "threshold")
