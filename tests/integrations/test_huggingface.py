@@ -73,7 +73,7 @@ def test_records_every_optimizer_step_with_the_loss_the_trainer_logged(tmp_path)
     cb = LandscapeTrainerCallback(str(path), probe=PROBE, metrics="cheap")
     trainer, model = _train(tmp_path, [cb])
     with Run.open(path) as run:
-        assert set(run.metrics()) == {"loss", "grad_norm", "nonfinite", "update", "logits"}
+        assert {"loss", "grad_norm", "nonfinite", "update", "logits"} <= set(run.metrics())
         steps, losses = run.series("loss", "value")
         assert steps.tolist() == [0, 1, 2, 3]
         logged = _logged_losses(trainer)

@@ -91,7 +91,7 @@ def test_records_every_optimizer_step_with_the_loss_lightning_backpropagated(tmp
     cb = LandscapeCallback(str(path), F.cross_entropy, probe=PROBE, metrics="cheap")
     trainer = _fit(module, [cb])
     with Run.open(path) as run:
-        assert set(run.metrics()) == {"loss", "grad_norm", "nonfinite", "update", "logits"}
+        assert {"loss", "grad_norm", "nonfinite", "update", "logits"} <= set(run.metrics())
         assert list(run.steps("loss")) == list(range(6))
         assert list(run.steps("logits")) == [0]
         _, losses = run.series("loss", "value")
