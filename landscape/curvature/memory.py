@@ -156,7 +156,7 @@ class MemoryPlan:
 
     Attributes:
         budget: the budget in bytes (``None``: no limit).
-        step_bytes: one forward/backward's peak on the probe data (the "step"), estimated.
+        step_bytes: one training step's peak (given, or estimated by :func:`plan_eigen`).
         product_bytes: one product's peak at the chosen micro-batch size, estimated.
         vector_bytes: bytes of one basis vector.
         vectors: vectors the solver keeps on the device at most.
@@ -263,7 +263,8 @@ def plan_eigen(
     ``product`` is one product's peak, fitted on micro-batches of one and two samples and
     scaled linearly to the micro-batch size. In order, the first that fits: the whole basis
     on the device with whole batches; offloaded to host memory (CUDA only); a restarted
-    basis of at least ``least_basis + 2`` vectors; the same with micro-batches halving down
+    basis of fewer vectors, down to ``max(least_basis + 2, 4)``; the same with micro-batches
+    halving down
     to one sample; the first-order product (when the operator has one).
 
     Args:
@@ -272,8 +273,8 @@ def plan_eigen(
         basis_vectors: the vectors the unrestarted solver may keep.
         least_basis: the smallest basis the solver can restart with.
         extra_vectors: vectors besides the basis.
-        step_bytes: one training step's peak (default: a forward/backward on the probe data,
-            estimated the same way).
+        step_bytes: one training step's peak (default: the peak of a forward/backward on
+            the probe data, estimated the same way, plus Adam's two moments).
 
     Returns:
         The plan.
@@ -290,11 +291,15 @@ def plan_eigen(
         return MemoryPlan(None, math.nan, math.nan, vbytes, basis_vectors + extra_vectors,
                           math.nan)
     if model_op and rows is not None:
+        pbytes = op.dim * op.parameters[0].element_size()
         pi, ps = _fit(op, "product", rows)
+        # a product holds at least the gradient and its result; a step, the gradient (the
+        # resident set misses memory the allocator reuses, which matters on tiny models)
+        pi = max(pi, 2.0 * pbytes)
         mb = op.microbatch_size or rows
-        if step_bytes is None:
+        if step_bytes is None:  # an Adam step: forward/backward, and two moments
             gi, gs = _fit(op, "gradient", rows)
-            step_bytes = gi + gs * rows
+            step_bytes = max(gi, float(pbytes)) + gs * rows + 2.0 * pbytes
     else:
         pi, ps, mb = 0.0, 0.0, None
         if step_bytes is None and isinstance(budget, str):
@@ -312,7 +317,7 @@ def plan_eigen(
                           microbatch_size=size if size != mb else None, **kw)
 
     sizes = [mb] if mb is None else _halvings(mb)
-    least = max(least_basis + 2, 8)
+    least = max(least_basis + 2, 4)
     # a restarted basis of >= 20 vectors costs a few products more; smaller micro-batches
     # cost every product a forward per micro-batch: prefer the first, down to 20 vectors
     for floor in (min(20, basis_vectors), least):

@@ -17,6 +17,7 @@ from landscape.curvature._probes import generator as _generator
 from landscape.curvature._probes import rademacher as _rademacher
 from landscape.curvature.base import CurvatureOperator
 from landscape.curvature.lanczos import krylov_basis
+from landscape.curvature.memory import PeakMemory
 
 __all__ = ["TraceResult", "hessian_trace"]
 
@@ -34,6 +35,8 @@ class TraceResult:
         n_matvec: the products used.
         method: ``"hutchinson"``, ``"hutch++"`` or ``"krylov"``.
         samples: the per-probe quadratic forms of the stochastic part.
+        peak_memory: the measured peak above the memory in use when the estimate began,
+            in bytes (:class:`~landscape.curvature.memory.PeakMemory`).
     """
 
     value: float
@@ -41,6 +44,7 @@ class TraceResult:
     n_matvec: int
     method: str = "hutch++"
     samples: torch.Tensor | None = None
+    peak_memory: int | None = None
 
     def __float__(self) -> float:
         return float(self.value)
@@ -48,7 +52,7 @@ class TraceResult:
     def as_dict(self) -> dict[str, Any]:
         """Plain Python numbers: value, stderr, n_matvec, method."""
         return {"value": self.value, "stderr": self.stderr, "n_matvec": self.n_matvec,
-                "method": self.method}
+                "method": self.method, "peak_memory": self.peak_memory}
 
 
 def _mean_and_stderr(samples: torch.Tensor) -> tuple[float, float]:
@@ -122,6 +126,12 @@ def hessian_trace(
     least = {"hutchinson": 1, "hutch++": 3, "krylov": 2}[method]
     if n_matvec < least:
         raise ValueError(f"n_matvec must be >= {least} for {method}, got {n_matvec}")
+    with PeakMemory(op.device) as mem:
+        result = _estimate(op, method, n_matvec, seed)
+    return dataclasses.replace(result, peak_memory=mem.peak)
+
+
+def _estimate(op: CurvatureOperator, method: str, n_matvec: int, seed: int) -> TraceResult:
     before = op.n_matvec
     gen = _generator(seed)
     if method == "hutchinson":

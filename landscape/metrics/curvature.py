@@ -23,9 +23,9 @@ __all__ = ["HessianTrace", "Sharpness", "SpectralDensity", "TopEigenvalues"]
 class TopEigenvalues(Metric):
     """Top-``k`` algebraically largest Hessian eigenvalues by warm-started Lanczos.
 
-    Fields: ``eigenvalues`` (``k`` values, NaN-padded when fewer converge) and
-    ``n_matvec`` (Hessian-vector products used). Formerly ``HessianSpectrum``, registered as
-    ``"hessian"``.
+    Fields: ``eigenvalues`` (``k`` values, NaN-padded when fewer converge), ``n_matvec``
+    (Hessian-vector products used) and ``peak_memory`` (the run's measured peak in bytes,
+    docs/curvature.md, "Memory"). Formerly ``HessianSpectrum``, registered as ``"hessian"``.
 
     Args:
         k: how many eigenvalues.
@@ -47,8 +47,8 @@ class TopEigenvalues(Metric):
         self.k, self.tol = int(k), float(tol)
 
     def fields(self) -> dict[str, tuple[int, ...]]:
-        """``eigenvalues`` of shape ``(k,)`` and the scalar ``n_matvec``."""
-        return {"eigenvalues": (self.k,), "n_matvec": ()}
+        """``eigenvalues`` of shape ``(k,)``, the scalars ``n_matvec`` and ``peak_memory``."""
+        return {"eigenvalues": (self.k,), "n_matvec": (), "peak_memory": ()}
 
     def config(self) -> dict[str, Any]:
         """``k`` and ``tol``."""
@@ -59,7 +59,9 @@ class TopEigenvalues(Metric):
         result = ctx.eigen(self.data, self.k, tol=self.tol)
         values = torch.full((self.k,), math.nan, dtype=torch.float64)
         values[: min(self.k, len(result.values))] = result.values[: self.k].double().cpu()
-        return {"eigenvalues": values, "n_matvec": float(result.n_matvec)}
+        peak = getattr(result, "peak_memory", None)
+        return {"eigenvalues": values, "n_matvec": float(result.n_matvec),
+                "peak_memory": math.nan if peak is None else float(peak)}
 
 
 @register
@@ -132,7 +134,7 @@ class HessianTrace(Metric):
     """
 
     name = "hessian_trace"
-    FIELDS = ("value", "stderr")
+    FIELDS = ("value", "stderr", "peak_memory")
     default_schedule = every(100)
 
     def __init__(self, n_matvec: int = 30, method: str = "krylov", **kwargs: Any) -> None:
@@ -144,14 +146,15 @@ class HessianTrace(Metric):
         return {"n_matvec": self.n_matvec, "method": self.method}
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
-        """The trace estimate ``value`` and its ``stderr``."""
+        """The trace estimate ``value``, its ``stderr`` and the run's ``peak_memory``."""
         from landscape.curvature import hessian_trace
 
         seed = int(ctx.state.setdefault("trace_seed", 0))
         res = hessian_trace(
             ctx.operator(self.data), method=self.method, n_matvec=self.n_matvec, seed=seed
         )
-        return {"value": float(res.value), "stderr": float(res.stderr)}
+        peak = math.nan if res.peak_memory is None else float(res.peak_memory)
+        return {"value": float(res.value), "stderr": float(res.stderr), "peak_memory": peak}
 
 
 @register

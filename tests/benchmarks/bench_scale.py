@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from landscape.curvature import Hessian
+from landscape import LandscapeError
+from landscape.curvature import Hessian, hessian_trace, top_eigenvalues
 from landscape.curvature.lanczos import krylov_eigsh
 from landscape.curvature.memory import PeakMemory
 
@@ -255,6 +256,87 @@ def pyhessian_top1(model: nn.Module, batch: Any, criterion: Callable) -> dict:
             "peak_bytes": mem.peak}
 
 
+def eigen_run(model: nn.Module, batch: Any, closure: Callable, k: int, **kw: Any) -> dict:
+    """``top_eigenvalues`` at its defaults (plus ``kw``): value, products, seconds, peak."""
+    op = Hessian(model, closure=closure, data=batch, single_batch=True)
+    t0 = time.perf_counter()
+    res = top_eigenvalues(op, k=k, **kw)
+    out = {"values": [float(v) for v in res.values], "n_matvec": res.n_matvec,
+           "converged": res.converged, "seconds": time.perf_counter() - t0,
+           "peak_bytes": res.peak_memory,
+           "rel_residual": float(res.residuals[0] / abs(res.values[0]))}
+    if res.memory_plan is not None:
+        plan = res.memory_plan
+        out["plan"] = {"budget": plan.budget, "estimate": plan.estimate,
+                       "microbatch_size": plan.microbatch_size, "max_basis": plan.max_basis,
+                       "offload": plan.offload, "backend": plan.backend,
+                       "step_bytes": plan.step_bytes}
+    return out
+
+
+def trace_run(model: nn.Module, batch: Any, closure: Callable, n_matvec: int) -> dict:
+    """``hessian_trace`` (krylov, the monitor's budget): value, stderr, seconds, peak."""
+    op = Hessian(model, closure=closure, data=batch, single_batch=True)
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        res = hessian_trace(op, "krylov", n_matvec=n_matvec)
+        secs = time.perf_counter() - t0
+    return {"value": res.value, "stderr": res.stderr, "n_matvec": res.n_matvec,
+            "seconds": secs, "peak_bytes": mem.peak}
+
+
+def surface_point(model: nn.Module, batch: Any, closure: Callable) -> dict:
+    """One landscape point: the loss at ``theta + 0.1 d`` (no grad), as a grid point costs."""
+    from landscape.isolation import stateless_closure
+
+    g = torch.Generator().manual_seed(0)
+    named = dict(model.named_parameters())
+    moved = {n: p.detach() + 0.1 * torch.randn(p.shape, generator=g) for n, p in named.items()}
+    with PeakMemory() as mem, torch.no_grad():
+        t0 = time.perf_counter()
+        loss = stateless_closure(model, closure, moved, batch)
+        secs = time.perf_counter() - t0
+    return {"seconds": secs, "peak_bytes": mem.peak, "loss": float(loss)}
+
+
+def preset_step(model: nn.Module, batch: Any, closure: Callable, name: str) -> dict:
+    """One monitor step with every metric of preset ``name`` due (step 0)."""
+    import tempfile
+
+    import landscape as ls
+
+    m = copy.deepcopy(model)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+    with tempfile.TemporaryDirectory() as tmp:
+        with ls.Monitor(m, closure=closure, path=f"{tmp}/run.h5", optimizer=opt,
+                        metrics=name, probe=batch, alarms=False, warn=False) as mon:
+            m.train()
+            loss = closure(m, batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with PeakMemory() as mem:
+                t0 = time.perf_counter()
+                mon.step(0, batch=batch, loss=loss)
+                secs = time.perf_counter() - t0
+    return {"seconds": secs, "peak_bytes": mem.peak}
+
+
+def _units(rec: dict) -> None:
+    """Print every measurement of one model in units of its training step."""
+    step = rec.get("step")
+    if not step:
+        return
+    s, b = step["seconds"], max(step["peak_bytes"], 1)
+    print(f"  training step: {s:.3g} s, peak {b / 2**30:.3g} GiB")
+    for key, val in rec.items():
+        if isinstance(val, dict) and "seconds" in val and key != "step":
+            peak = val.get("peak_bytes")
+            extra = f", n_matvec {val['n_matvec']}" if "n_matvec" in val else ""
+            mem = f", peak {peak / b:.2f} x step" if peak is not None else ""
+            print(f"  {key}: {val['seconds'] / s:.2f} x step{mem}{extra}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="resnet18,gpt2-mid")
@@ -294,6 +376,36 @@ def main(argv: list[str] | None = None) -> None:
         if args.pyhessian and name == "resnet18":
             rec["pyhessian_top1"] = pyhessian_top1(model, batch, F.cross_entropy)
             log(f"pyhessian: {rec['pyhessian_top1']}")
+        quick_kw = {"max_matvec": 4} if args.quick else {}
+        if "eig" in sections:
+            rec["top1"] = eigen_run(model, batch, closure, 1, **quick_kw)
+            log(f"top1: {rec['top1']}")
+        if "budget" in sections:
+            for budget in ("1x step", "3x step"):
+                key = f"top1_budget_{budget.split('x')[0]}x"
+                try:
+                    rec[key] = eigen_run(model, batch, closure, 1, memory_budget=budget,
+                                         **quick_kw)
+                except LandscapeError as err:
+                    rec[key] = {"refused": str(err)}
+                log(f"top1 within {budget}: {rec[key]}")
+        if "top5" in sections:
+            rec["top5"] = eigen_run(model, batch, closure, 5, **quick_kw)
+            log(f"top5: {rec['top5']}")
+        if "trace" in sections:
+            rec["trace"] = trace_run(model, batch, closure, 4 if args.quick else 30)
+            log(f"trace: {rec['trace']}")
+        if "surface" in sections:
+            rec["surface"] = surface_point(model, batch, closure)
+            log(f"surface point: {rec['surface']}")
+        if "presets" in sections:
+            for preset in ("cheap", "standard"):
+                try:
+                    rec[f"preset_{preset}"] = preset_step(model, batch, closure, preset)
+                except Exception as err:  # a metric the model cannot serve
+                    rec[f"preset_{preset}"] = {"error": f"{type(err).__name__}: {err}"[:200]}
+                log(f"preset {preset}: {rec[f'preset_{preset}']}")
+        _units(rec)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(out, f, indent=1)

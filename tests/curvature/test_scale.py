@@ -212,3 +212,27 @@ def test_peak_memory_nests():
             del small
     assert outer.peak >= 30 * 2**20
     assert inner.peak < 30 * 2**20
+
+
+def test_run_file_rows_carry_the_measured_peak(tmp_path):
+    import landscape as ls
+
+    model = mlp(d_in=5, hidden=7, d_out=3, depth=2, seed=1)
+    x, y = classification_data(n=16, d_in=5, n_classes=3, seed=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    metrics = [ls.metrics.TopEigenvalues(k=2, schedule=1),
+               ls.metrics.HessianTrace(n_matvec=6, schedule=1)]
+    with ls.Monitor(model, F.cross_entropy, path=str(tmp_path / "run.h5"), optimizer=opt,
+                    metrics=metrics, probe=(x, y), alarms=False, warn=False) as mon:
+        for step in range(2):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(step, batch=(x, y), loss=loss)
+    with ls.Run.open(str(tmp_path / "run.h5")) as run:
+        for metric in ("top_eigenvalues", "hessian_trace"):
+            steps, peaks = run.series(metric, "peak_memory")
+            assert list(steps) == [0, 1] and (peaks >= 0).all()
+        steps, values = run.series("top_eigenvalues", "eigenvalues")
+        assert (values[:, 0] >= values[:, 1]).all()
