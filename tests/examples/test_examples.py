@@ -81,6 +81,26 @@ def test_posthoc_cli(tmp_path, capsys):
                                                    "collapse.png"}
 
 
+def test_posthoc_huggingface(tmp_path, capsys):
+    s = run_example("posthoc_huggingface", tmp_path, "--in-process")
+    out = capsys.readouterr().out
+    for command in ("analyze", "surface", "report"):
+        assert f"$ landscape {command}" in out
+    assert s["steps"] == [2, 4]  # the Trainer's checkpoint-N folders
+    assert all(math.isfinite(v) and v > 0 for v in s["lambda_max"])
+    assert s["threshold"] == pytest.approx([76.0, 76.0])  # (2 + 2 * 0.9) / 0.05, optimizer.pt
+    assert s["surfaces"]
+
+
+def test_posthoc_lightning(tmp_path, capsys):
+    s = run_example("posthoc_lightning", tmp_path, "--in-process")
+    assert "$ landscape analyze" in capsys.readouterr().out
+    assert s["steps"] == [2, 4]  # global_step of each .ckpt
+    assert all(math.isfinite(v) and v > 0 for v in s["lambda_max"])
+    assert s["threshold"] == pytest.approx([76.0, 76.0])  # the .ckpt's optimizer_states
+    assert s["surfaces"]
+
+
 def test_neural_collapse(tmp_path, capsys):
     s = run_example("neural_collapse", tmp_path)
     assert Path(s["files"][-1]).name == "neural_collapse.png"
