@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from posthoc_huggingface import landscape_cli  # noqa: E402  (the examples' CLI runner)
+from posthoc_huggingface import landscape_cli
 
 MODULE = textwrap.dedent('''\
     """The LightningModule of posthoc_lightning.py: a GPT-2 language model."""

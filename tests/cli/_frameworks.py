@@ -97,14 +97,20 @@ class _Blocks(torch.utils.data.Dataset):
         return {"input_ids": self.x[i], "labels": self.x[i]}
 
 
-def hf_trainer(out: Path, *, steps: int = 4, save_steps: int = 2) -> Path:
-    """A real ``transformers.Trainer`` run (SGD, lr 0.05, momentum 0.9) saving checkpoints."""
+def hf_trainer(out: Path, *, steps: int = 4, save_steps: int = 2, adamw: bool = False) -> Path:
+    """A real ``transformers.Trainer`` run saving checkpoints.
+
+    SGD (lr 0.05, momentum 0.9), or with ``adamw`` the Trainer's default AdamW (lr 1e-3,
+    weight decay 0.01: two parameter groups).
+    """
     from transformers import Trainer, TrainingArguments
 
     model = gpt2()
+    optim = ({"learning_rate": 1e-3, "weight_decay": 0.01} if adamw else
+             {"learning_rate": 0.05, "optim": "sgd", "optim_args": "momentum=0.9"})
     args = TrainingArguments(
         output_dir=str(out), max_steps=steps, save_steps=save_steps, per_device_train_batch_size=4,
-        learning_rate=0.05, optim="sgd", optim_args="momentum=0.9", lr_scheduler_type="constant",
+        **optim, lr_scheduler_type="constant",
         report_to=[], use_cpu=True, logging_steps=1, save_strategy="steps", seed=0,
         disable_tqdm=True, dataloader_num_workers=0,
     )

@@ -153,6 +153,19 @@ def test_lightning_ckpt_without_a_class_asks_for_model(stack):
     _one_line_error(result, "--model package.module:LitClass")
 
 
+def test_adamw_trainer_checkpoints_give_the_preconditioned_sharpness(stack, tmp_path):
+    out_dir = fw.hf_trainer(tmp_path / "adam-out", steps=12, save_steps=12, adamw=True)
+    out = tmp_path / "run.h5"
+    result = _invoke(["analyze", out_dir, "--tokens", stack["root"] / "ids.npy", *LM,
+                      "-m", "sharpness", "-k", "1", "-o", out, "-q"])
+    assert result.exit_code == 0, result.output
+    assert "does not match" not in result.stderr  # the saved moments were matched
+    with ls.Run.open(out) as run:
+        # Adam: (2 + 2 beta1) / ((1 - beta1) lr), Cohen et al. 2022, from optimizer.pt
+        assert np.allclose(run.series("sharpness", "threshold")[1], 3.8 / (0.1 * 1e-3))
+        assert np.isfinite(run.series("sharpness", "lambda_max")[1]).all()
+
+
 def test_lr_on_the_command_line_wins_over_the_saved_optimizer(stack, tmp_path):
     out = tmp_path / "run.h5"
     result = _invoke(["analyze", stack["trainer"], "--tokens", stack["root"] / "ids.npy", *LM,
