@@ -68,6 +68,20 @@ def run_suite(*, small: bool = False, seeds: int = 3, scenario_names: list[str] 
             "rows": rows, "overhead": timings, "runs": runs}
 
 
+def resummarise(result: dict) -> dict:
+    """Recompute the rows of a saved result (``--from-json``) from its runs."""
+    suite = scenarios(result["small"], include_rejected=True)
+    rows = []
+    for name in result["scenarios"]:
+        sc_runs = [r for r in result["runs"] if r["scenario"] == name]
+        for d in result["detectors"]:
+            rows.append(summarise(suite[name], sc_runs, d))
+            if d not in ("zscore", "trainscope"):
+                rules = sorted({rl for r in sc_runs for _, rl in r["detectors"][d]["alarms"]})
+                rows += [summarise(suite[name], sc_runs, d, rl) for rl in rules]
+    return {**result, "rows": rows}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="the instability benchmark suite")
     parser.add_argument("--small", action="store_true", help="smoke run: tiny models, 1 seed")
@@ -76,7 +90,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--detectors", default=DEFAULT_DETECTORS)
     parser.add_argument("--no-timing", action="store_true", help="skip the overhead runs")
     parser.add_argument("--json", default=None, help="write every number to this file")
+    parser.add_argument("--from-json", default=None,
+                        help="print the tables of a saved --json result (no training)")
     args = parser.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            result = resummarise(json.load(f))
+        print(markdown(result))
+        return result
     torch.set_num_threads(1)
     seeds = args.seeds or (1 if args.small else 3)
     result = run_suite(

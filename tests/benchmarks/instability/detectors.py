@@ -24,6 +24,19 @@ except ImportError:  # pragma: no cover - depends on the environment
     trainscope = None
 
 
+def episodes(steps: list[int], rearm: int = 20) -> list[int]:
+    """The steps that open an episode: an alarm counts only after ``rearm`` alarm-free steps
+    (what landscape's rules and the z-score baseline do; trainscope fires on every step of
+    a change, so its raw alarms are merged this way)."""
+    out: list[int] = []
+    last = None
+    for s in sorted(steps):
+        if last is None or s - last > rearm:
+            out.append(s)
+        last = s
+    return out
+
+
 class Detector:
     """Base: no alarms."""
 
@@ -117,10 +130,13 @@ class LossZScore(Detector):
 
 class Trainscope(Detector):
     """trainscope's ``TrainScope`` with its default config (CUSUM change-point detector),
-    ``step(loss)`` between backward and the optimizer step, as its README says; an alarm is
-    a returned spike. Files go to a temporary directory."""
+    ``step(loss)`` between backward and the optimizer step, as its README says. A returned
+    spike is an alarm; alarms less than ``rearm`` steps apart form one episode (one alarm,
+    :func:`episodes`; the raw steps are kept in ``raw_alarms``). Files go to a temporary
+    directory."""
 
     name = "trainscope"
+    rearm = 20
 
     def attach(self, trial):
         if trainscope is None:
@@ -141,6 +157,8 @@ class Trainscope(Detector):
     def close(self):
         self.scope.detach()
         self.tmp.cleanup()
+        self.raw_alarms = [s for s, _ in self.alarms]
+        self.alarms = [(s, "trainscope") for s in episodes(self.raw_alarms, self.rearm)]
 
 
 def available() -> dict[str, str | None]:

@@ -105,6 +105,7 @@ def train(scenario: Scenario, seed: int, treated: bool, detector_names: list[str
             "baseline": base, "onset": onset, "explosion": expl, "losses": losses,
             "train_ms": 1000 * t_train / len(losses),
             "detectors": {d.name: {"alarms": d.alarms,
+                                   "raw_alarms": getattr(d, "raw_alarms", None),
                                    "ms_per_step": 1000 * d.seconds / len(losses)}
                           for d in dets}}
 
@@ -115,20 +116,37 @@ def _median(xs: list[float]) -> float | None:
 
 def summarise(scenario: Scenario, runs: list[dict[str, Any]], detector: str,
               rule: str | None = None) -> dict[str, Any]:
-    """Statistics of one detector (or one of its rules) over a scenario's runs."""
+    """Statistics of one detector (or one of its rules) over a scenario's runs.
+
+    Detection: the first alarm at a step in [intervention, explosion] (the end of the run
+    without one) that the matched control does not raise at the same step; trainscope's
+    raw spikes count here. False alarms: alarm episodes (trainscope's raw spikes less than
+    20 steps apart are one) on the controls from the end of warm-up, in warm-up (both arms),
+    and between warm-up and the intervention on the treatment arm.
+    """
     s0, warm = scenario.intervention, scenario.warmup
     treated = [r for r in runs if r["treated"]]
     controls = [r for r in runs if not r["treated"]]
 
+    def pairs(run, raw=False):
+        d = run["detectors"][detector]
+        if raw and d.get("raw_alarms") is not None:  # trainscope: every spike it returned
+            return sorted((s, detector) for s in d["raw_alarms"])
+        return sorted((s, rl) for s, rl in d["alarms"] if rule is None or rl == rule)
+
     def alarms(run):
-        return sorted(s for s, rl in run["detectors"][detector]["alarms"]
-                      if rule is None or rl == rule)
+        return [s for s, _ in pairs(run)]
 
     detected = before_onset = 0
     lead_onset, lead_expl = [], []
     for r in treated:
         end = r["explosion"] if r["explosion"] is not None else r["steps"] - 1
-        first = next((s for s in alarms(r) if s0 <= s <= end), None)
+        # an alarm the matched control also raises at that step is not caused by the
+        # intervention (a falling-loss alarm that happens to land after it)
+        ctrl = next((c for c in controls if c["seed"] == r["seed"]), None)
+        in_ctrl = {tuple(p) for p in pairs(ctrl, raw=True)} if ctrl else set()
+        first = next((s for s, rl in pairs(r, raw=True)
+                      if s0 <= s <= end and (s, rl) not in in_ctrl), None)
         if first is None:
             continue
         detected += 1
@@ -156,6 +174,11 @@ def summarise(scenario: Scenario, runs: list[dict[str, Any]], detector: str,
         "fa_per_1k_warmup": 1000 * warm_alarms / warm_steps if warm_steps else None,
         "fa_per_1k_pre_intervention": 1000 * pre_alarms / pre_steps if pre_steps else None,
         "control_alarms": ctrl_alarms, "warmup_alarms": warm_alarms,
+        # time inside the detector's calls, per step, over the training step's own time
+        # (excludes work the monitor does inside optimizer.step, see ``overhead``)
+        "call_ms": _median([r["detectors"][detector]["ms_per_step"] for r in runs]),
+        "call_fraction": _median([r["detectors"][detector]["ms_per_step"] / r["train_ms"]
+                                  for r in runs]),
     }
 
 

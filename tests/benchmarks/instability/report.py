@@ -12,10 +12,11 @@ def markdown(result: dict) -> str:
     sc = result["scenarios"]
     head = ("| scenario | kind | detector | rule | exploded | detected | before onset | "
             "lead onset | lead explosion | FA/1k control | FA/1k warm-up | "
-            "FA/1k pre-intervention |")
-    sep = "|" + "---|" * 12
+            "FA/1k pre-intervention | in-call |")
+    sep = "|" + "---|" * 13
     lines = [f"Seeds per scenario: {result['seeds']}. Leads are medians over detected seeds, "
-             "in steps (negative: after).", ""]
+             "in steps (negative: after). in-call: time inside the detector's calls over the "
+             "training step's time (median over runs).", ""]
     for title, keep in (("Any rule", lambda r: r["rule"] == "any"),
                         ("Per rule", lambda r: r["rule"] != "any")):
         lines += [f"**{title}**", "", head, sep]
@@ -28,7 +29,8 @@ def markdown(result: dict) -> str:
                 f"{_f(r['detection_rate'], '{:.0%}')} | {_f(r['before_onset_rate'], '{:.0%}')} | "
                 f"{_f(r['median_lead_onset'])} | {_f(r['median_lead_explosion'])} | "
                 f"{_f(r['fa_per_1k_control'], '{:.1f}')} | {_f(r['fa_per_1k_warmup'], '{:.1f}')} | "
-                f"{_f(r['fa_per_1k_pre_intervention'], '{:.1f}')} |")
+                f"{_f(r['fa_per_1k_pre_intervention'], '{:.1f}')} | "
+                f"{_f(r.get('call_fraction'), '{:.0%}')} |")
         lines.append("")
     for d, why in result.get("missing", {}).items():
         lines.append(f"{d}: {why}")
