@@ -10,7 +10,11 @@ ranks' data:
 * the monitor writes its file on rank 0 only and broadcasts rank 0's findings
   (:func:`broadcast_object`), so every rank can react to them (e.g. stop together);
 * loss-surface grid points are split over the ranks (:func:`shard`) and collected on rank 0
-  (:func:`gather_objects`), which writes the run file.
+  (:func:`gather_objects`), which writes the run file;
+* FSDP2 (``fully_shard``) models hold ``DTensor`` parameters: :func:`is_sharded`,
+  :func:`local_tensor`, :func:`shard_of`, :func:`full_tensor` (one parameter at a time) and
+  :func:`sharded_sum` (shard-local partial sums, one all-reduce) let the call sites work on
+  the shards without gathering the model.
 
 The backend is never assumed: tensors are reduced on a device the process group's backend
 supports (NCCL: the current CUDA device; gloo: the CPU) and moved back. Collectives are only
@@ -42,13 +46,18 @@ __all__ = [
     "all_reduce_weighted",
     "broadcast_object",
     "enabled",
+    "full_tensor",
     "gather_objects",
     "is_distributed",
+    "is_sharded",
     "local",
+    "local_tensor",
     "map_sharded",
     "rank",
     "same_on_all_ranks",
     "shard",
+    "shard_of",
+    "sharded_sum",
     "total_weight",
     "unwrap",
     "world_size",
@@ -321,3 +330,121 @@ def map_sharded(
             for entry in everyone:
                 if entry is not None:
                     collect(items[entry[0]], entry[1])
+
+
+# --------------------------------------------------------------------------- DTensor shards
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return None
+    return DTensor
+
+
+def is_sharded(tensor: Any) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (an FSDP2 ``fully_shard`` / tensor-parallel shard).
+
+    FSDP2 registers every parameter of a ``fully_shard``-ed module as a ``DTensor`` whose
+    local part is a ``Shard(0)`` chunk (PyTorch docs, "torch.distributed.fsdp.fully_shard";
+    "torch.distributed.tensor").
+
+    Args:
+        tensor: any object (a parameter, a gradient, ...).
+
+    Returns:
+        True for a ``torch.distributed.tensor.DTensor``.
+    """
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(tensor, dtensor)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (the very storage, no copy), else ``tensor`` itself.
+
+    Writing into the result under ``torch.no_grad()`` changes the shard FSDP all-gathers
+    from, which is how perturbations are applied to a sharded model in place.
+
+    Args:
+        tensor: a tensor or DTensor.
+
+    Returns:
+        A plain tensor.
+    """
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def shard_of(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a whole tensor ``full`` (the same on every rank), laid out as ``like``.
+
+    No communication: every rank cuts its own chunk (``distribute_tensor`` with
+    ``src_data_rank=None``).
+
+    Args:
+        full: a plain tensor of ``like``'s global shape, identical on all ranks.
+        like: a DTensor (its mesh and placements), or a plain tensor (then ``full`` is
+            returned as is).
+
+    Returns:
+        A plain tensor with the shape of ``like``'s local part.
+    """
+    if not is_sharded(like):
+        return full
+    if is_sharded(full):
+        return full.to_local()
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(
+        full.detach().to(like.device), like.device_mesh, like.placements, src_data_rank=None
+    ).to_local()
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor on every rank (one all-gather), else ``tensor``.
+
+    FSDP2's ``Shard(0)`` layout (``torch.chunk`` rows, the last chunks shorter or empty) is
+    gathered as equal, zero-padded chunks, since gloo's all-gather of uneven shards aborts;
+    other layouts go through ``DTensor.full_tensor``. Every rank of the mesh must call it.
+    Call sites gather one parameter at a time, never the whole model.
+
+    Args:
+        tensor: a tensor or DTensor.
+
+    Returns:
+        A plain tensor of the global shape (detached).
+    """
+    if not is_sharded(tensor):
+        return tensor
+    from torch.distributed.tensor import Shard
+
+    mesh, placements = tensor.device_mesh, tensor.placements
+    local = tensor.detach().to_local()
+    if mesh.ndim == 1 and len(placements) == 1 and placements[0] == Shard(0):
+        n, parts_n = tensor.shape[0], mesh.size()
+        rows = -(-n // parts_n)
+        padded = local.new_zeros((rows, *tensor.shape[1:]))
+        padded[: local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in range(parts_n)]
+        dist.all_gather(parts, padded.contiguous(), group=mesh.get_group())
+        return torch.cat(parts)[:n]
+    return tensor.detach().full_tensor()
+
+
+def sharded_sum(values: Sequence[torch.Tensor], sharded: bool) -> torch.Tensor:
+    """``sum`` over the ranks of shard-local partial sums (one all-reduce), as float64.
+
+    For a norm of sharded parameters: each rank sums the squares of its shards, and the
+    partial sums add up to the global sum (the shards partition every tensor).
+
+    Args:
+        values: this rank's partial sums (0-d or 1-d tensors, concatenated).
+        sharded: whether the values are partial (reduce) or already global (returned as is).
+
+    Returns:
+        The float64 sums, on the CPU.
+    """
+    flat = torch.cat([torch.as_tensor(v).detach().double().reshape(-1).cpu() for v in values])
+    if not sharded or not is_distributed():
+        return flat
+    return _all_reduce_sum(flat)

@@ -31,6 +31,7 @@ import math
 import torch
 from torch import nn
 
+from landscape import distributed as _dist
 from landscape._deprecation import module_getattr
 from landscape.functional._common import MetricResult, as_float_tensor, fail, work_dtype
 
@@ -80,7 +81,7 @@ def top_singular_vector(
     entry positive; u = W v / sigma. Computed in float32 (float64 for float64 weights).
     W = 0 gives sigma = 0, NaN vectors and reason ``"zero_matrix"``.
     """
-    w = as_float_tensor(weight, "weight", ndim=2).detach()
+    w = as_float_tensor(_dist.full_tensor(weight), "weight", ndim=2).detach()
     w = w.to(work_dtype(w))
     d_in = w.shape[1]
     if init is not None:
@@ -216,7 +217,9 @@ def spectral_alignment(
 
     Args:
         weight: (d_out, d_in) weight of y = W x + b (PyTorch storage). For attention, pass
-            one projection (see :func:`attention_projections`).
+            one projection (see :func:`attention_projections`). An FSDP2 shard (DTensor)
+            is gathered, this one weight only (:func:`landscape.distributed.full_tensor`;
+            every rank of its mesh must call).
         inputs: (..., d_in) layer inputs; every leading index is a token.
         init: warm start for the power iteration (the previous call's ``v``).
         v: use this top right singular vector as is (skips the power iteration).
@@ -230,7 +233,7 @@ def spectral_alignment(
         are in the module docstring and docs/metrics.md. W = 0 gives NaN (``"zero_matrix"``);
         all-zero inputs give NaN summaries (``"zero_inputs"``).
     """
-    w = as_float_tensor(weight, "weight", ndim=2)
+    w = as_float_tensor(_dist.full_tensor(weight), "weight", ndim=2)
     x = as_float_tensor(inputs, "inputs", min_ndim=1)
     if x.shape[-1] != w.shape[1]:
         raise ValueError(

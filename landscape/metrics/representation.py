@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from landscape import distributed as _dist
 from landscape import functional as LF
 from landscape._deprecation import module_getattr
 from landscape._errors import MissingInput
@@ -79,7 +80,8 @@ class SpectralAlignment(Metric):
         cap = ctx.captured(self.data)
         rows = {k: torch.full((len(self.layers),), math.nan) for k in self.fields()}
         for i, name in enumerate(self.layers):
-            weight = resolve_module(ctx.model, name).weight.detach()
+            # FSDP2 (DTensor shards): this one layer is gathered, on every rank alike
+            weight = _dist.full_tensor(resolve_module(ctx.model, name).weight.detach())
             if name not in cap.inputs:
                 continue
             key = ("alignment_v", name)
@@ -164,8 +166,13 @@ class Collapse(_PenultimateMetric):
             labels = ctx.targets(self.data).reshape(-1)
         if labels.shape[0] != feats.shape[0]:
             raise MissingInput("collapse: targets do not match the penultimate features")
-        classifier = resolve_module(ctx.model, str(self.layer))
-        nc = LF.neural_collapse(feats, labels, classifier=classifier).as_dict()
+        classifier: Any = resolve_module(ctx.model, str(self.layer))
+        bias = None
+        if _dist.is_sharded(getattr(classifier, "weight", None)):  # FSDP2: gather this layer
+            b = getattr(classifier, "bias", None)
+            bias = _dist.full_tensor(b.detach()) if isinstance(b, torch.Tensor) else None
+            classifier = _dist.full_tensor(classifier.weight.detach())
+        nc = LF.neural_collapse(feats, labels, classifier=classifier, bias=bias).as_dict()
         vci = LF.variability_collapse_index(feats, labels)
         source = {"nc2_equinorm": "nc2_equinorm_means", "nc2_equiangular": "nc2_equiangular_means",
                   "nc2_etf": "nc2_etf_means"}

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from landscape import distributed as _dist
 from landscape._errors import LandscapeError
 from landscape.params import ParamSpec, Vector, flatten, gaussian_like, select_named_parameters
 
@@ -174,7 +175,7 @@ def normalize_direction(
     out = []
     for d, w in zip(direction, weights):
         d = d.detach()
-        w = w.detach()
+        w = _whole(w.detach(), d.dim() > 1 or ignore == "none", normalization)
         if d.shape != w.shape:
             raise ValueError(f"direction shape {tuple(d.shape)} != weight shape {tuple(w.shape)}")
         if d.dim() <= 1:
@@ -195,6 +196,20 @@ def normalize_direction(
         else:
             out.append(d.clone())
     return tuple(out)
+
+
+def _whole(w: torch.Tensor, needed: bool, normalization: str) -> torch.Tensor:
+    """``w`` as a whole tensor: an FSDP2 shard (DTensor) is gathered when its values are needed.
+
+    One parameter at a time (:func:`landscape.distributed.full_tensor`), so a sharded model is
+    never gathered at once; the decision depends on shapes and options only, the same on
+    every rank, so all ranks enter the same gathers.
+    """
+    if not _dist.is_sharded(w):
+        return w
+    if needed and normalization != "none":
+        return _dist.full_tensor(w)
+    return torch.zeros(w.shape, dtype=w.dtype, device=w.device)  # only the shape is read
 
 
 def select(model: nn.Module, params: ParamSpec = None) -> dict[str, nn.Parameter]:
@@ -224,6 +239,10 @@ def random_directions(
     parameters, then filter-normalized. Drawn on the CPU from ``torch.Generator(seed)``,
     first ``delta`` then ``eta``, so the draw is the same on every device. ``params``
     restricts the directions to some trainable parameters (the others stay fixed).
+
+    On an FSDP2 (``fully_shard``) model the directions are drawn at the parameters' global
+    shapes, hence identical to the single-process draw, and each weight is gathered for its
+    normalization one parameter at a time (every rank must call this; docs/distributed.md).
     """
     if n not in (1, 2):
         raise ValueError(f"n must be 1 or 2, got {n}")
@@ -267,7 +286,9 @@ def as_directions(
                 raise ValueError(f"directions name unknown or frozen parameters: {unknown}")
             names += [k for k in v if k not in names]
         names = [k for k in named if k in names]
-        raw = [tuple(v.get(k, torch.zeros_like(named[k])) for k in names) for v in vectors]
+        raw = [tuple(v.get(k, torch.zeros(named[k].shape, dtype=named[k].dtype,
+                                          device=named[k].device)) for k in names)
+               for v in vectors]
     else:
         names = list(named)
         raw = [tuple(v) for v in vectors]

@@ -11,6 +11,13 @@ Buffers are private clones restored before every point; the model is in eval mod
 (docs/conventions.md, model mode); RNG state, modes, ``requires_grad`` and ``.grad`` are restored
 (:func:`landscape.isolation.isolated`).
 
+An FSDP2 model (``fully_shard``, DTensor parameters) cannot be substituted: its forward
+all-gathers from the sharded parameters. There every rank writes ``theta* + alpha delta +
+beta eta`` into its own shards in place (the directions cut to the shard), all ranks evaluate
+every point together on their own data, the losses are combined over the ranks (size-weighted,
+as the single-process mean over the union of the data) and the saved shards are copied back,
+bit for bit, at the end (docs/distributed.md, "FSDP2").
+
 Points are written into the run file as they are computed. Uncomputed points are NaN with
 ``done == 0``; running the same surface again (same run file and name) computes only the
 missing points.
@@ -123,6 +130,10 @@ class _PointEvaluator:
         params = dict(model.named_parameters())
         buffers = dict(model.named_buffers())
         given = _state_tensors(center) if center is not None else {}
+        # FSDP2: evaluate through the model itself, shards rewritten in place (module docstring)
+        self.sharded = any(_dist.is_sharded(p) for p in params.values())
+        self.reduce = self.sharded and _dist.is_distributed()
+        self._passes: int | None = None
         unknown = [n for n in directions.names if n not in params]
         if unknown:
             raise ValueError(f"directions: not parameters of the model: {unknown[:3]}")
@@ -135,19 +146,30 @@ class _PointEvaluator:
             if tuple(t.shape) != tuple(ref.shape):
                 raise ValueError(f"center[{name!r}] has shape {tuple(t.shape)}, "
                                  f"expected {tuple(ref.shape)}")
+            if self.sharded:  # this rank's part, a private copy
+                src = t.detach() if _dist.is_sharded(t) else t.detach().to(ref.device, ref.dtype)
+                return _dist.shard_of(src, ref).to(ref.dtype).clone()
             return t.detach().to(ref.device, ref.dtype)
 
         moving = set(directions.names)
         self.base = [base(n, params[n]) for n in directions.names]
-        self.work = [b.clone() for b in self.base]  # private, rewritten in place per point
-        self.dirs = [[t.detach().to(b.device, b.dtype) for t, b in zip(v, self.base)]
+        if self.sharded:  # the model's own shards, rewritten in place per point
+            self.work = [_dist.local_tensor(params[n].detach()) for n in directions.names]
+        else:
+            self.work = [b.clone() for b in self.base]  # private, rewritten in place per point
+        self.base_sharded = [_dist.is_sharded(params[n]) for n in directions.names]
+        self.dirs = [[_dist.shard_of(t.detach(), params[n]).to(b.device, b.dtype)
+                      for t, n, b in zip(v, directions.names, self.base)]
                      for v in directions.vectors]
         state: dict[str, torch.Tensor] = dict(zip(directions.names, self.work))
         for n, p in params.items():
             if n not in moving:
                 state[n] = base(n, p)
         self.buf_base = [base(n, b) for n, b in buffers.items()]
-        self.buf_work = [b.clone() for b in self.buf_base]
+        if self.sharded:  # FSDP2 keeps buffers whole: rewritten in place, restored on exit
+            self.buf_work = [b.detach() for b in buffers.values()]
+        else:
+            self.buf_work = [b.clone() for b in self.buf_base]
         state.update(zip(buffers, self.buf_work))
         index = {n: i for i, n in enumerate(buffers)}
         self.buf_moving = [self.buf_work[index[n]] for n in directions.buffer_names]
@@ -156,6 +178,12 @@ class _PointEvaluator:
                          for v in directions.buffer_vectors]
         self.state = state
         self.bound = False
+        # sharded: every parameter's storage, and the center of the fixed ones when given
+        self.storage = [_dist.local_tensor(p.detach()) for p in params.values()]
+        self.fixed = [] if not (self.sharded and given) else [
+            (_dist.local_tensor(p.detach()), state[n]) for n, p in params.items()
+            if n not in moving
+        ]
         if closure:
             self.wrapper: nn.Module = ClosureModule(model, loss_fn)
             self.call_state = {"inner." + k: v for k, v in state.items()}
@@ -171,6 +199,10 @@ class _PointEvaluator:
         original tensors are put back on exit, also on errors. Without that helper (a future
         torch), every point goes through ``functional_call``.
         """
+        if self.sharded:
+            with self._in_place():
+                yield
+            return
         try:
             from torch.nn.utils.stateless import _reparametrize_module
         except ImportError:  # pragma: no cover - torch internals moved
@@ -185,7 +217,37 @@ class _PointEvaluator:
             finally:
                 self.bound = False
 
+    @contextlib.contextmanager
+    def _in_place(self) -> Iterator[None]:
+        """FSDP2: the model's shards and buffers saved, rewritten per point, copied back."""
+        saved = [(t, t.clone()) for t in [*self.storage, *self.buf_work]]
+        try:
+            with torch.no_grad():
+                for dst, src in self.fixed:
+                    dst.copy_(src)
+            self.bound = True
+            yield
+        finally:
+            self.bound = False
+            with torch.no_grad():
+                for t, orig in saved:
+                    t.copy_(orig)
+            _reshard(self.model)
+
+    def fingerprint(self) -> list[float]:
+        """Sum and squared norm of the center's moving parameters, over all shards."""
+        if not self.reduce:
+            return _fingerprint(self.base)
+        parts = [t for t, s in zip(self.base, self.base_sharded) if s]
+        whole = [t for t, s in zip(self.base, self.base_sharded) if not s]
+        total = _dist.sharded_sum([torch.tensor(_fingerprint(parts) if parts else [0.0, 0.0])],
+                                  True)
+        rest = _fingerprint(whole) if whole else [0.0, 0.0]
+        return [float(total[0]) + rest[0], float(total[1]) + rest[1]]
+
     def move(self, coords: Sequence[float]) -> None:
+        if self.sharded:  # unsharded copies left by a forward would hide the new shards
+            _reshard(self.model)
         torch._foreach_copy_(self.work, self.base)
         for d, c in zip(self.dirs, coords):
             torch._foreach_add_(self.work, d, alpha=float(c))
@@ -202,7 +264,67 @@ class _PointEvaluator:
             acc = int((out.argmax(dim=-1) == batch[-1]).sum()) / max(1, batch[-1].numel())
         return float(loss), acc
 
+    def _forward(self, batch: Any) -> tuple[torch.Tensor, Any]:
+        """``(loss, outputs)`` of one batch through the bound model (sharded evaluation)."""
+        if self.closure:
+            return self.wrapper(batch), None
+        out = self.model(*tuple(batch[:-1]))
+        return self.loss_fn(out, batch[-1]), out
+
+    def _n_passes(self) -> int:
+        """The most batches any rank holds: FSDP's collectives need matching passes."""
+        if self._passes is None:
+            loader = self.data.loader
+            if loader is None:
+                mine = 1
+            elif hasattr(loader, "__len__"):
+                mine = len(loader)
+            else:
+                mine = sum(1 for _ in loader)
+            self._passes = max(_dist.all_gather_objects(mine))
+        return self._passes
+
+    def _reduced(self) -> tuple[float, float]:
+        """FSDP2 on several ranks: this rank's data, combined over the ranks.
+
+        The loss is ``sum_r sum_b n_b L_b / sum_r sum_b n_b``, the single-process mean over
+        the union of the ranks' data; the accuracy pools the hits and counts. One all-reduce
+        of five numbers per point. A rank with fewer batches repeats its first one (not
+        counted) until every rank has run as many forward passes.
+        """
+        passes = self._n_passes()  # before any forward: a collective of its own
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        n = correct = count = 0
+        not_comparable = 0
+        done = 0
+        for batch in self.data:
+            loss, out = self._forward(batch)
+            bs = leading_size(batch) or 1
+            loss_sum = loss_sum + loss.detach().reshape(()).double().cpu() * bs
+            n += bs
+            done += 1
+            if self.accuracy and out is not None:
+                target = batch[-1]
+                if isinstance(out, torch.Tensor) and out.shape[:-1] == target.shape:
+                    correct += int((out.argmax(dim=-1) == target).sum())
+                    count += target.numel()
+                else:
+                    not_comparable = 1
+        for _ in range(passes - done):  # match the other ranks' all-gathers
+            self._forward(to_device(self.data.first, self.data.device))
+        s = _dist.sharded_sum(
+            [loss_sum, torch.tensor([n, correct, count, not_comparable], dtype=torch.float64)],
+            True,
+        )
+        loss_value = float(s[0] / s[1]) if s[1] > 0 else float("nan")
+        acc = float("nan")
+        if self.accuracy and s[4] == 0 and s[3] > 0:
+            acc = float(s[2] / s[3])
+        return loss_value, acc
+
     def loss_and_accuracy(self) -> tuple[float, float]:
+        if self.reduce:
+            return self._reduced()
         total = None
         n = 0
         correct = None
@@ -243,6 +365,21 @@ class _PointEvaluator:
 
 
 # --------------------------------------------------------------------------- grid
+
+
+def _reshard(model: nn.Module) -> None:
+    """Free the unsharded parameters FSDP2 may keep after a forward (the root's, by default).
+
+    The next forward then all-gathers the shards again, so in-place writes into them are
+    seen (PyTorch docs, ``FSDPModule.reshard``).
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def axis(steps: int, span: float) -> np.ndarray:
@@ -332,7 +469,10 @@ def evaluate_grid(
     initialized; ``False``: never): the missing points are dealt round robin over the ranks,
     each evaluating its points on the whole ``data`` (give every rank the same data), and
     rank 0, the only one that opens ``writer``, stores them after every round; every rank
-    returns the finished surface (docs/distributed.md).
+    returns the finished surface (docs/distributed.md). An FSDP2 (``fully_shard``) model is
+    evaluated by all ranks together at every point instead: each rank on its own ``data``,
+    the loss size-weighted over the ranks (the mean over the union of their data), rank 0
+    writing; ``distributed=False`` is then refused.
     """
     xs = _coords(x, "x")
     ys = None if y is None else _coords(y, "y")
@@ -365,16 +505,20 @@ def evaluate_grid(
         raise ValueError("accuracy: needs (inputs, targets) batches, not a closure loss")
 
     evaluator = _PointEvaluator(model, loss_fn, batches, directions, center, closure, accuracy)
+    dist_on = _dist.enabled(distributed)
+    if evaluator.reduce and not dist_on:
+        raise ValueError(
+            "distributed=False (or landscape.distributed.local()) on an FSDP-sharded model: "
+            "its forward needs every rank; evaluate on all ranks together")
     dir_attrs, dir_arrays = directions.storage()
     meta = {
         **dir_attrs,
-        "center_fingerprint": _fingerprint(evaluator.base),
+        "center_fingerprint": evaluator.fingerprint(),
         "eval_mode": bool(eval_mode),
         "closure": bool(closure),
         **dict(attrs or {}),
     }
     fields = ("loss", "accuracy") if accuracy else ("loss",)
-    dist_on = _dist.enabled(distributed)
     # distributed: only rank 0 opens the run file; the other ranks work in memory
     run_writer, owned = _open_writer(writer if not dist_on or _dist.rank() == 0 else None)
     try:
@@ -457,7 +601,7 @@ def _compute(
 
     try:
         with isolated(evaluator.model, eval_mode=eval_mode), torch.no_grad(), evaluator.bind():
-            if dist_on:  # points dealt round robin over the ranks, stored by rank 0 per round
+            if dist_on and not evaluator.reduce:  # points dealt round robin, rank 0 stores
                 _dist.map_sharded(todo, point, store)
             else:
                 for idx in todo:

@@ -1,0 +1,94 @@
+"""FSDP2 workers for tests/distributed/test_fsdp_monitor_surface.py (run inside the ranks).
+
+The model is :func:`tests.distributed._workers.fsdp_model` (every Linear and the root
+``fully_shard``-ed over 2 gloo ranks); each worker saves what it measured to
+``<out_dir>/rank<r>.pt`` and rank 0 writes the run files.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from landscape import distributed as ld
+from landscape.metrics.curvature import Sharpness, TopEigenvalues
+from landscape.metrics.representation import Collapse, SpectralAlignment
+from landscape.monitor import Monitor
+from tests.distributed import _workers as W
+
+N = 64  # two halves of 32: the default probe (32 samples of the first batch) of rank 0
+STEPS = 4  # equals the single-process default probe, the first 32 samples of the batch
+
+
+def curvature_metrics() -> list[Any]:
+    """Curvature (first order on FSDP) and the whole-weight metrics, every step."""
+    return [Sharpness(tol=1e-6, schedule=1), TopEigenvalues(k=2, tol=1e-6, schedule=2),
+            SpectralAlignment(schedule=1), Collapse(schedule=1)]
+
+
+def train(net: torch.nn.Module, shard: slice, path: str | None, **monitor: Any) -> dict[str, Any]:
+    """SGD on samples ``shard`` of ``dataset(N)``, monitored with ``monitor`` options.
+
+    Under FSDP each rank trains on its half and the reduce-scatter averages the gradients:
+    the full-batch gradient (the halves have equal sizes)."""
+    x, y = W.dataset(N)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    with Monitor(net, F.cross_entropy, path, optimizer=opt, warn=False, mode="w",
+                 **monitor) as mon:
+        for step in range(STEPS):
+            loss = F.cross_entropy(net(x[shard]), y[shard])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(step, batch=(x[shard], y[shard]), loss=loss)
+        failed = [f.describe() for f in mon.findings if f.rule == "metric_failed"]
+        writes = mon.path
+    params = [ld.full_tensor(p.detach()).clone() for p in net.parameters()]
+    return {"failed": failed, "writes": writes, "params": params}
+
+
+def monitor_worker(rank: int, out_dir: str) -> None:
+    half = slice(rank * N // 2, (rank + 1) * N // 2)
+    default = train(W.fsdp_model(), half, os.path.join(out_dir, "default.h5"))
+    curvature = train(W.fsdp_model(), half, os.path.join(out_dir, "curvature.h5"),
+                      metrics=curvature_metrics(), probe=W.probe())
+    W._save(out_dir, rank, {"default": default, "curvature": curvature})
+
+
+# ----------------------------------------------------------------------------- surfaces
+
+PLANE = {"steps": (5, 4), "span": (1.0, 0.5)}
+LINE = {"steps": 7, "span": 1.0}
+
+
+def surface_worker(rank: int, out_dir: str) -> None:
+    from landscape.surface import line, plane
+
+    net = W.fsdp_model()
+    before = [ld.full_tensor(p.detach()).clone() for p in net.parameters()]
+    # uneven shards: rank 0 two batches (4 + 6 samples), rank 1 one batch (6)
+    p = plane(net, F.cross_entropy, W.curvature_shard(rank), **PLANE,
+              writer=os.path.join(out_dir, "plane.h5"), progress=False)
+    # the same data on both ranks
+    li = line(net, F.cross_entropy, W.dataset(), **LINE, seed=3, progress=False)
+    try:
+        line(net, F.cross_entropy, W.dataset(), **LINE, progress=False, distributed=False)
+        refused = None
+    except ValueError as err:
+        refused = str(err)
+    after = [ld.full_tensor(p.detach()) for p in net.parameters()]
+    first = next(net.parameters())
+    whole = ld.full_tensor(first.detach())
+    helpers = {
+        "full": whole,
+        "shard_of": torch.equal(ld.shard_of(whole, first), first.detach().to_local()),
+        "sum": ld.sharded_sum([first.detach().to_local().double().pow(2).sum()], True),
+    }
+    W._save(out_dir, rank, {
+        "plane": p.values, "plane_dirs": p.arrays["directions"], "line": li.values,
+        "restored": all(torch.equal(a, b) for a, b in zip(before, after)),
+        "refused": refused, "helpers": helpers,
+    })

@@ -1,0 +1,95 @@
+"""FSDP2 (``fully_shard``) on 2 gloo ranks: a monitored run and loss surfaces equal the
+single-process ones; whole-weight metrics gather one layer at a time."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from landscape.store import Run
+from tests.distributed import _fsdp_workers as FW
+from tests.distributed import _workers as W
+from tests.distributed._launch import run_ranks
+
+pytest.importorskip("torch.distributed.fsdp")
+
+# the default metrics that do not depend on the rank's own batch (loss and logits do):
+# the gradient after FSDP's reduce-scatter, the update, and the sentinels on the default
+# probe (rank 0's first 32 samples == the single-process run's first 32 samples)
+DEFAULT_SAME = ("grad_norm", "nonfinite", "update", "sentinels")
+CURVATURE = {"sharpness": ("lambda_max", "threshold", "ratio"),
+             "top_eigenvalues": ("eigenvalues",)}
+WHOLE_WEIGHT = ("spectral_alignment", "collapse")
+
+
+def _compare(a: Run, b: Run, metric: str, fields: Any, rtol: float) -> None:
+    np.testing.assert_array_equal(a.steps(metric), b.steps(metric))
+    for field in fields:
+        _, x = a.series(metric, field)
+        _, y = b.series(metric, field)
+        assert np.isfinite(np.asarray(y, float)).any(), metric + field
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=1e-12, err_msg=f"{metric}/{field}")
+
+
+
+
+
+def test_fsdp_monitor_records_the_single_process_values(tmp_path):
+    run_ranks(FW.monitor_worker, tmp_path, timeout=300)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    single = {
+        "default": FW.train(W.model(), slice(0, FW.N), str(tmp_path / "one_default.h5")),
+        "curvature": FW.train(W.model(), slice(0, FW.N), str(tmp_path / "one_curvature.h5"),
+                              metrics=FW.curvature_metrics(), probe=W.probe()),
+    }
+    for kind in ("default", "curvature"):
+        assert r0[kind]["writes"] is not None and r1[kind]["writes"] is None  # rank 0 writes
+        assert r0[kind]["failed"] == r1[kind]["failed"] == [] == single[kind]["failed"]
+        for a, b in zip(r0[kind]["params"], single[kind]["params"]):  # training unchanged
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with Run.open(tmp_path / "default.h5") as fsdp, \
+            Run.open(tmp_path / "one_default.h5") as one:
+        assert set(fsdp.metrics()) == set(one.metrics())
+        assert "sentinels" in one.metrics()
+        for metric in DEFAULT_SAME:
+            _compare(fsdp, one, metric, one.fields(metric), 1e-9)
+        assert len(fsdp.steps("sentinels")) == FW.STEPS
+        assert fsdp.config["probe"]["source"] == "first_batch"
+    with Run.open(tmp_path / "curvature.h5") as fsdp, \
+            Run.open(tmp_path / "one_curvature.h5") as one:
+        for metric, fields in CURVATURE.items():  # first-order products: ~1e-10 in float64
+            _compare(fsdp, one, metric, fields, 1e-6)
+        for metric in WHOLE_WEIGHT:  # one layer gathered at a time
+            _compare(fsdp, one, metric, one.fields(metric), 1e-9)
+
+
+def test_fsdp_surfaces_equal_the_single_process_surfaces(tmp_path):
+    from landscape.surface import line, plane
+
+    run_ranks(FW.surface_worker, tmp_path, timeout=300)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    ref_plane = plane(W.model(), F.cross_entropy, W.dataset(), **FW.PLANE, progress=False)
+    ref_line = line(W.model(), F.cross_entropy, W.dataset(), **FW.LINE, seed=3, progress=False)
+    with Run.open(tmp_path / "plane.h5") as run:  # what rank 0 wrote
+        stored = run.surface("plane")
+    assert stored.complete
+    np.testing.assert_array_equal(stored.arrays["directions"], ref_plane.arrays["directions"])
+    for values in (stored.values, r0["plane"], r1["plane"]):
+        # the union of the ranks' uneven shards == the whole data set in one process
+        np.testing.assert_allclose(values["loss"], ref_plane.values["loss"], rtol=1e-12)
+        np.testing.assert_array_equal(values["accuracy"], ref_plane.values["accuracy"])
+    for r in (r0, r1):
+        np.testing.assert_array_equal(r["plane_dirs"], ref_plane.arrays["directions"])
+        np.testing.assert_allclose(r["line"]["loss"], ref_line.values["loss"], rtol=1e-12)
+        np.testing.assert_array_equal(r["line"]["accuracy"], ref_line.values["accuracy"])
+        assert r["restored"]  # the shards are the very bits of before
+        assert "FSDP" in r["refused"]
+    # the shard helpers: per-parameter gather, cut, partial sums
+    first = next(W.model().parameters()).detach()
+    for r in (r0, r1):
+        assert torch.equal(r["helpers"]["full"], first) and r["helpers"]["shard_of"]
+        torch.testing.assert_close(r["helpers"]["sum"][0], first.double().pow(2).sum())
