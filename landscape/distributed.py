@@ -54,6 +54,7 @@ __all__ = [
     "local_tensor",
     "map_sharded",
     "rank",
+    "reshard",
     "same_on_all_ranks",
     "shard",
     "shard_of",
@@ -448,3 +449,22 @@ def sharded_sum(values: Sequence[torch.Tensor], sharded: bool) -> torch.Tensor:
     if not sharded or not is_distributed():
         return flat
     return _all_reduce_sum(flat)
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the unsharded parameters FSDP2 may keep after a forward (the root's, by default).
+
+    The next forward all-gathers the shards again, so values written into them in place
+    (:func:`local_tensor`) are seen (PyTorch docs, ``FSDPModule.reshard``). No-op for a
+    model without FSDP2 modules.
+
+    Args:
+        model: any module.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()

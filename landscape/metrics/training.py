@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from landscape import distributed as _dist
 from landscape import functional as LF
 from landscape._deprecation import module_getattr
 from landscape._errors import MissingInput
@@ -197,6 +198,8 @@ def radius_along(ctx: StepContext, inputs, targets, at, direction) -> Any:
     """
     from landscape.isolation import sdpa_math, stateless_call
 
+    if any(_dist.is_sharded(t) for t in at):
+        return _radius_in_place(ctx, inputs, targets, at, direction)
     names = list(ctx.names)
 
     def logits_of(*flat):
@@ -208,6 +211,52 @@ def radius_along(ctx: StepContext, inputs, targets, at, direction) -> Any:
     labels = targets if targets.shape == logits.shape[:-1] else None
     return LF.taylor_radius_from_logits(
         logits.detach(), tangent.detach(), step_norm=step_norm, targets=labels
+    )
+
+
+def _radius_in_place(ctx: StepContext, inputs, targets, at, direction) -> Any:
+    """:func:`radius_along` on an FSDP2 model: the logit tangent by a central difference.
+
+    Forward-mode AD cannot go through DTensor parameters, so ``J p`` is
+    ``(z(at + ε p) − z(at − ε p)) / 2ε`` with the step ``ε = u^{1/3} (1 + ‖at‖) / (8 ‖p‖)``
+    of the first-order curvature products (Nocedal & Wright, *Numerical Optimization*,
+    §8.1; docs/curvature.md, "First-order products"). The points are written into each
+    rank's shards in place and the saved shards copied back, bit for bit; every rank runs
+    the same three forward passes (FSDP's all-gathers).
+    """
+    from landscape.curvature._first_order import step_size
+
+    model = ctx.model
+    own = ctx._own()
+    storage = [_dist.local_tensor(own[n].detach()) for n in ctx.names]
+    base = [_dist.local_tensor(t.detach()) for t in at]
+    step = [_dist.local_tensor(t.detach()) for t in direction]
+    v_norm = float(norm(direction))  # DTensor norms: partial norms, one all-reduce
+    step_norm = torch.tensor(v_norm, dtype=torch.float64)
+    eps = step_size(float(norm(at)), v_norm, storage[0].dtype) if v_norm > 0 else 0.0
+    saved = [t.clone() for t in storage]
+
+    def logits_at(alpha: float) -> torch.Tensor:
+        with torch.no_grad():
+            for dst, b, d in zip(storage, base, step):
+                dst.copy_((b.double() + alpha * d.double()).to(dst.dtype))
+            _dist.reshard(model)  # FSDP2 may keep the root's unsharded copy after a forward
+            return model(inputs).detach()
+
+    try:
+        logits = logits_at(0.0)
+        if eps > 0:
+            tangent = (logits_at(eps).double() - logits_at(-eps).double()) / (2.0 * eps)
+        else:
+            tangent = torch.zeros_like(logits, dtype=torch.float64)
+    finally:
+        with torch.no_grad():
+            for dst, orig in zip(storage, saved):
+                dst.copy_(orig)
+        _dist.reshard(model)
+    labels = targets if targets.shape == logits.shape[:-1] else None
+    return LF.taylor_radius_from_logits(
+        logits, tangent.to(logits.dtype), step_norm=step_norm, targets=labels
     )
 
 

@@ -232,7 +232,7 @@ class _PointEvaluator:
             with torch.no_grad():
                 for t, orig in saved:
                     t.copy_(orig)
-            _reshard(self.model)
+            _dist.reshard(self.model)
 
     def fingerprint(self) -> list[float]:
         """Sum and squared norm of the center's moving parameters, over all shards."""
@@ -247,7 +247,7 @@ class _PointEvaluator:
 
     def move(self, coords: Sequence[float]) -> None:
         if self.sharded:  # unsharded copies left by a forward would hide the new shards
-            _reshard(self.model)
+            _dist.reshard(self.model)
         torch._foreach_copy_(self.work, self.base)
         for d, c in zip(self.dirs, coords):
             torch._foreach_add_(self.work, d, alpha=float(c))
@@ -365,21 +365,6 @@ class _PointEvaluator:
 
 
 # --------------------------------------------------------------------------- grid
-
-
-def _reshard(model: nn.Module) -> None:
-    """Free the unsharded parameters FSDP2 may keep after a forward (the root's, by default).
-
-    The next forward then all-gathers the shards again, so in-place writes into them are
-    seen (PyTorch docs, ``FSDPModule.reshard``).
-    """
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
 
 
 def axis(steps: int, span: float) -> np.ndarray:

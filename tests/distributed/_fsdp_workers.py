@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from landscape import distributed as ld
 from landscape.metrics.curvature import Sharpness, TopEigenvalues
 from landscape.metrics.representation import Collapse, SpectralAlignment
+from landscape.metrics.training import TaylorRadius
 from landscape.monitor import Monitor
 from tests.distributed import _workers as W
 
@@ -24,8 +25,9 @@ STEPS = 4  # equals the single-process default probe, the first 32 samples of th
 
 
 def curvature_metrics() -> list[Any]:
-    """Curvature (first order on FSDP) and the whole-weight metrics, every step."""
+    """Curvature and the Taylor radius (first order on FSDP), whole-weight metrics."""
     return [Sharpness(tol=1e-6, schedule=1), TopEigenvalues(k=2, tol=1e-6, schedule=2),
+            TaylorRadius(schedule=1, data="probe"),  # the probe: the same on every rank
             SpectralAlignment(schedule=1), Collapse(schedule=1)]
 
 

@@ -22,7 +22,8 @@ pytest.importorskip("torch.distributed.fsdp")
 # probe (rank 0's first 32 samples == the single-process run's first 32 samples)
 DEFAULT_SAME = ("grad_norm", "nonfinite", "update", "sentinels")
 CURVATURE = {"sharpness": ("lambda_max", "threshold", "ratio"),
-             "top_eigenvalues": ("eigenvalues",)}
+             "top_eigenvalues": ("eigenvalues",),
+             "taylor_radius": ("r", "rho_a", "step_norm")}  # central-difference tangent
 WHOLE_WEIGHT = ("spectral_alignment", "collapse")
 
 
