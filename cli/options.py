@@ -49,16 +49,24 @@ def checkpoint_options(func: F) -> F:
         click.option("--trust-checkpoint", is_flag=True,
                      help="Allow pickled objects in checkpoints (can run arbitrary code)."),
         click.option("--device", default=None, help="Device to run on, e.g. cpu or cuda:0."),
+        click.option("--threads", type=click.IntRange(1), default=None,
+                     help="torch CPU threads (default: torch's; 1 is often fastest for small "
+                          "models and on a busy machine)."),
     ]):
         func = option(func)
     return func
 
 
 def load_inputs(checkpoints, model_spec, data_spec, loss_spec, tokens, text, seq_len,
-                batch_size, n_batches, trust_checkpoint, device):
+                batch_size, n_batches, trust_checkpoint, device, threads=None):
     """The library calls behind :func:`factory_options`: ``(opened, batches, loss_fn, closure)``."""
     from landscape.checkpoints import open_checkpoints, open_data
     from landscape.loading import prepare, resolve_objective
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
     opened = open_checkpoints(checkpoints, model_spec, trust=trust_checkpoint)
     data = open_data(opened, data_spec, tokens=tokens, text=text, seq_len=seq_len,

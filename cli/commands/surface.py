@@ -39,7 +39,7 @@ EXAMPLE = ("landscape surface ckpt-200.pt --model factories.py:model --data fact
 @verbose_option
 def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, batch_size,
                     n_batches, loss_spec, dims, steps, span, directions, name, out, overwrite,
-                    seed, trust_checkpoint, device, quiet):
+                    seed, trust_checkpoint, device, threads, quiet):
     """Evaluate the loss (and accuracy) on a grid around the last of CHECKPOINTS.
 
     CHECKPOINTS are as for analyze: state-dict files, Hugging Face model folders, Trainer
@@ -53,7 +53,7 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
     torch.manual_seed(seed)
     opened, batches, loss_fn, closure = load_inputs(
         checkpoints, model_spec, data_spec, loss_spec, tokens, text, seq_len, batch_size,
-        n_batches, trust_checkpoint, device)
+        n_batches, trust_checkpoint, device, threads)
     model = opened.model
     data = batches[0] if len(batches) == 1 else batches
     ckpts = [c for _, c in order_checkpoints(opened.checkpoints)]
