@@ -55,7 +55,10 @@ class Opened:
 
 
 def expand(paths: Sequence[str | Path]) -> list[Path]:
-    """Each path, a ``Trainer`` output folder replaced by its checkpoint folders.
+    """Each path, with the folders that hold several checkpoints replaced by them.
+
+    A ``Trainer`` output folder by its checkpoint folders, a folder of Lightning ``.ckpt``
+    files by those files (``last*.ckpt`` left out).
 
     Args:
         paths: files and folders as given.
@@ -74,10 +77,14 @@ def expand(paths: Sequence[str | Path]) -> list[Path]:
             out.append(p)
         elif subs := hf.trainer_checkpoints(p):
             out.extend(subs)
+        elif ckpts := sorted(c for c in p.glob("*.ckpt") if c.is_file()):
+            # a ModelCheckpoint folder; last.ckpt repeats the latest checkpoint
+            out.extend([c for c in ckpts if not c.name.startswith("last")] or ckpts)
         else:
             raise LandscapeError(
                 f"{p}: is a directory, but neither a Hugging Face model folder (config.json "
-                "and weights) nor a Trainer output folder (checkpoint-N/ folders)")
+                "and weights), a Trainer output folder (checkpoint-N/ folders) nor a folder of "
+                "Lightning .ckpt files")
     return out
 
 

@@ -148,6 +148,20 @@ def test_lightning_ckpt_analyze_and_surface(stack, tmp_path, how):
     assert surface.exit_code == 0, surface.output
 
 
+def test_a_folder_of_lightning_checkpoints(stack, tmp_path):
+    import shutil
+
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    shutil.copy(stack["ckpt_recorded"], folder / "step=4.ckpt")
+    shutil.copy(stack["ckpt_recorded"], folder / "last.ckpt")  # the same step again
+    result = _invoke(["analyze", folder, "--tokens", stack["root"] / "ids.npy", *LM,
+                      "-m", "representation", "-o", tmp_path / "r.h5", "-q"])
+    assert result.exit_code == 0, result.output
+    with ls.Run.open(tmp_path / "r.h5") as run:
+        assert run.checkpoints() == [(4, str(folder / "step=4.ckpt"))]
+
+
 def test_lightning_ckpt_without_a_class_asks_for_model(stack):
     result = _invoke(["analyze", stack["ckpt"], "--tokens", stack["root"] / "ids.npy", *LM])
     _one_line_error(result, "--model package.module:LitClass")
