@@ -58,6 +58,7 @@ from torch import nn
 from landscape import distributed as _dist
 from landscape.curvature._batches import to_device
 from landscape.curvature._evaluation import detach_tree, scalar_loss, seed_generators
+from landscape.distributed import full_tensor, is_sharded, local_tensor, shard_of
 from landscape.isolation import isolated, stateless_closure
 from landscape.params import Vector
 
@@ -67,27 +68,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["FirstOrder", "is_sharded", "sharded_reason", "step_size"]
 
 Tensors = dict[str, torch.Tensor]
-
-
-def _dtensor_type() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return None
-    return DTensor
-
-
-def is_sharded(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is a ``DTensor`` (an FSDP2 / tensor-parallel shard).
-
-    Args:
-        tensor: a parameter or gradient.
-
-    Returns:
-        True for a ``torch.distributed.tensor.DTensor``.
-    """
-    dtensor = _dtensor_type()
-    return dtensor is not None and isinstance(tensor, dtensor)
 
 
 def sharded_reason(params: Sequence[torch.Tensor]) -> str | None:
@@ -121,45 +101,16 @@ def step_size(theta_norm: float, v_norm: float, dtype: torch.dtype) -> float:
     return u ** (1.0 / 3.0) / 8.0 * (1.0 + theta_norm) / v_norm
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (the very storage, under ``no_grad``), else ``t``."""
-    return t.to_local() if is_sharded(t) else t
-
-
-def _shard_of(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a replicated full tensor, laid out as the DTensor ``like``."""
-    if not is_sharded(like):
-        return full
-    from torch.distributed.tensor import distribute_tensor
-
-    # src_data_rank=None: every rank cuts its own (identical) copy, no communication
-    return distribute_tensor(
-        full.detach(), like.device_mesh, like.placements, src_data_rank=None
-    ).to_local()
-
-
 def _full(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The whole tensor from this rank's shard (an all-gather of one parameter)."""
+    """The whole tensor from this rank's shard ``local`` of the DTensor ``like``."""
     if not is_sharded(like):
         return local
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor
 
-    mesh, placements = like.device_mesh, like.placements
-    if mesh.ndim == 1 and len(placements) == 1 and placements[0] == Shard(0):
-        # FSDP2's layout: torch.chunk rows, the last chunks shorter or empty. All-gather
-        # equal padded chunks (gloo's all-gather of uneven DTensor shards aborts)
-        import torch.distributed as dist
-
-        n, world = like.shape[0], mesh.size()
-        rows = -(-n // world)
-        padded = local.new_zeros((rows, *like.shape[1:]))
-        padded[: local.shape[0]] = local
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded.contiguous(), group=mesh.get_group())
-        return torch.cat(parts)[:n]
-    return DTensor.from_local(
-        local, mesh, placements, shape=like.shape, stride=like.stride()
-    ).full_tensor()
+    return full_tensor(
+        DTensor.from_local(local, like.device_mesh, like.placements, shape=like.shape,
+                           stride=like.stride())
+    )
 
 
 @contextlib.contextmanager
@@ -220,15 +171,10 @@ class FirstOrder:
         Returns:
             ``H v`` in the parameters' dtype.
         """
-        v_norm = float(torch.sqrt(sum(t.double().pow(2).sum() for t in v)))
-        if v_norm == 0.0:
+        steps = self._steps_along(v)
+        if steps is None:
             return tuple(torch.zeros_like(t) for t in v)
-        eps = step_size(self._theta_norm(), v_norm, self.op.dtype)
-        shift = {
-            n: _shard_of(t, p).double() * eps
-            for n, t, p in zip(self.op.names, v, self.op._param_objects)
-        }
-        minus = {n: -s for n, s in shift.items()}
+        eps, shift, minus = steps
 
         def per_batch(batch: Any) -> list[torch.Tensor]:
             with _same_rng(self.op.model) as rewind:
@@ -257,15 +203,10 @@ class FirstOrder:
         Returns:
             ``G v`` in the parameters' dtype.
         """
-        v_norm = float(torch.sqrt(sum(t.double().pow(2).sum() for t in v)))
-        if v_norm == 0.0:
+        steps = self._steps_along(v)
+        if steps is None:
             return tuple(torch.zeros_like(t) for t in v)
-        eps = step_size(self._theta_norm(), v_norm, self.op.dtype)
-        shift = {
-            n: _shard_of(t, p).double() * eps
-            for n, t, p in zip(self.op.names, v, self.op._param_objects)
-        }
-        minus = {n: -s for n, s in shift.items()}
+        eps, shift, minus = steps
 
         def per_batch(batch: Any) -> list[torch.Tensor]:
             with _same_rng(self.op.model) as rewind:
@@ -280,6 +221,18 @@ class FirstOrder:
         with self._context():
             out = self._accumulate(per_batch, with_loss=False)
         return tuple(t.to(self.op.dtype) for t in out)
+
+    def _steps_along(self, v: Vector) -> tuple[float, Tensors, Tensors] | None:
+        """The step ``ε`` and the shifts ``±εv`` (this rank's shards, float64); None for v = 0."""
+        v_norm = float(torch.sqrt(sum(t.double().pow(2).sum() for t in v)))
+        if v_norm == 0.0:
+            return None
+        eps = step_size(self._theta_norm(), v_norm, self.op.dtype)
+        shift = {
+            n: shard_of(t, p).double() * eps
+            for n, t, p in zip(self.op.names, v, self.op._param_objects)
+        }
+        return eps, shift, {n: -s for n, s in shift.items()}
 
     def _output(self, batch: Any, shift: Tensors | None) -> tuple[Any, Any, Tensors | None]:
         """``(outputs, targets, leaves)`` at ``θ + shift`` (leaves: functional path only)."""
@@ -320,8 +273,8 @@ class FirstOrder:
         if leaves is not None:
             return [torch.zeros_like(t) if t.grad is None else t.grad for t in leaves.values()]
         grads = [
-            torch.zeros_like(_local(p.detach())) if p.grad is None
-            else _local(p.grad.detach()).clone()
+            torch.zeros_like(local_tensor(p.detach())) if p.grad is None
+            else local_tensor(p.grad.detach()).clone()
             for p in op._param_objects
         ]
         for p in op.model.parameters():
@@ -474,8 +427,8 @@ class FirstOrder:
             if value.requires_grad:
                 (value * scale).backward()
             grads = [
-                torch.zeros_like(_local(p.detach())) if p.grad is None
-                else _local(p.grad.detach()).clone()
+                torch.zeros_like(local_tensor(p.detach())) if p.grad is None
+                else local_tensor(p.grad.detach()).clone()
                 for p in op._param_objects
             ]
         for p in params:
@@ -490,16 +443,16 @@ class FirstOrder:
             return
         params = self.op._param_objects
         with torch.no_grad():
-            saved = [_local(p.detach()).clone() for p in params]
+            saved = [local_tensor(p.detach()).clone() for p in params]
         try:
             with torch.no_grad():
                 for p, orig, n in zip(params, saved, self.op.names):
-                    _local(p.detach()).copy_((orig.double() + shift[n]).to(orig.dtype))
+                    local_tensor(p.detach()).copy_((orig.double() + shift[n]).to(orig.dtype))
             yield
         finally:
             with torch.no_grad():
                 for p, orig in zip(params, saved):
-                    _local(p.detach()).copy_(orig)
+                    local_tensor(p.detach()).copy_(orig)
 
     def _direct_loss(self, batch: Any) -> torch.Tensor:
         """The batch loss through the model itself (its hooks run: FSDP's all-gathers)."""
