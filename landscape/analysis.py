@@ -458,6 +458,7 @@ def analyze(
                       closure=closure, metrics=chosen,
                       probe=batches if len(batches) > 1 else batches[0],
                       mode=mode, truncate_from=partial, microbatch_size=microbatch_size,
+                      adaptive=False,
                       config={"analysis": {"checkpoints": [str(c.path) for _, c in loaded]}})
     todo = _to_compute(loaded, _recorded_steps(path, mode, names, partial), names, path)
     for _, ckpt in todo:  # every checkpoint must fit the model before the file is touched
