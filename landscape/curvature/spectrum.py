@@ -128,7 +128,7 @@ def top_eigenvalues(
     warm_start: EigenResult | Sequence[Sequence[torch.Tensor]] | None = None,
     seed: int = 0,
     min_matvec: int | None = None,
-    stop: str = "residual",
+    stop: str = "auto",
     max_basis: int | None = None,
     offload: bool = False,
     memory_budget: int | float | str | None = None,
@@ -160,9 +160,10 @@ def top_eigenvalues(
         seed: the seed of the cold start's Gaussian vector.
         min_matvec: the least number of products before convergence may be declared
             (default ``min(dim, k + 2)`` cold, 0 warm).
-        stop: ``"residual"`` (``||op(y) - theta y|| <= tol |theta|``) or ``"value"``
-            (the estimated eigenvalue error ``min(r, r^2 / gap) <= tol |theta|``;
-            :func:`~landscape.curvature.lanczos.krylov_eigsh`).
+        stop: ``"residual"`` (``||op(y) - theta y|| <= tol |theta|``), ``"value"``
+            (the estimated eigenvalue error ``min(r, r^2 / gap) <= tol |theta|``) or
+            ``"auto"`` (the residual rule; for ``k=1`` at one end also the value rule at
+            ``tol / 10``); :func:`~landscape.curvature.lanczos.krylov_eigsh`.
         max_basis: keep at most this many basis vectors (thick restart); ``None``: all.
         offload: keep the basis in host memory (pinned on CUDA), streamed to the device.
         memory_budget: the most memory the run may take above what is in use, in bytes or

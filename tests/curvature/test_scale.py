@@ -75,7 +75,11 @@ def _held_vectors(n, exclude):
     """Vectors of length ``n`` held by live tensors, except the storages in ``exclude``."""
     count = 0
     for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and obj.numel() >= n and obj.numel() % n == 0:
+        try:
+            tensor = type(obj) is torch.Tensor or isinstance(obj, torch.nn.Parameter)
+        except ReferenceError:  # a dead weak proxy
+            continue
+        if tensor and obj.numel() >= n and obj.numel() % n == 0:
             if obj.untyped_storage().data_ptr() in exclude:
                 continue
             count += obj.numel() // n
