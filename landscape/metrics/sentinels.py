@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from landscape._errors import MissingInput
-from landscape.isolation import stateless_call
 from landscape.metrics.base import Metric, register
 from landscape.metrics.context import StepContext, split_batch
 from landscape.params import trainable_named_parameters
@@ -99,9 +98,12 @@ class Sentinels(Metric):
       tensors (two or more dimensions) and the index of that tensor in
       ``config()["layers"]``.
 
-    The forward pass runs in eval mode without gradients through
-    :func:`landscape.isolation.stateless_call` with cloned buffers (docs/conventions.md).
-    In eval mode BatchNorm reads its running statistics, so the change between two calls
+    The forward pass calls the model directly, in eval mode without gradients, inside the
+    monitor's :func:`landscape.isolation.isolated` (RNG and modes restored;
+    docs/conventions.md): half the time of a ``functional_call`` on small models.
+    The default ``subsample`` of 4 keeps that forward below 10 % of a training step on
+    the suite's tiny GPT and CNN (docs/benchmarks.md, "Instability suite"). In eval mode
+    BatchNorm reads its running statistics, so the change between two calls
     also contains the change of those statistics.
 
     Args:
@@ -124,7 +126,7 @@ class Sentinels(Metric):
     default_data = "probe"
     needs_update = True
 
-    def __init__(self, subsample: int = 8, **kwargs: Any) -> None:
+    def __init__(self, subsample: int = 4, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not isinstance(subsample, int) or subsample < 1:
             raise ValueError(f"subsample must be an integer >= 1, got {subsample!r}")
@@ -158,8 +160,8 @@ class Sentinels(Metric):
         batch = ctx.batches(self.data)[0]
         inputs, targets = split_batch(batch)
         x = head(inputs, self.subsample)
-        with torch.no_grad():
-            z = _logits_of(stateless_call(ctx.model, ctx.named_params, (x,)))
+        with torch.no_grad():  # the monitor's isolated(): eval mode, RNG restored
+            z = _logits_of(ctx.model(x))
         if z is None:
             raise MissingInput("sentinels: the model's output has no logits tensor")
         z = z.detach()
@@ -187,9 +189,10 @@ class Sentinels(Metric):
         idx = self._layer_index
         if not idx:
             return {}
-        steps = torch._foreach_norm([ctx.update[i] for i in idx])
-        sizes = torch._foreach_norm([ctx.params_before[i] for i in idx])
-        ratios = torch.stack(steps).double() / torch.stack(sizes).double().clamp_min(1e-12)
+        # one fused norm kernel over steps and weights together
+        norms = torch.stack(torch._foreach_norm(
+            [ctx.update[i] for i in idx] + [ctx.params_before[i] for i in idx]))
+        ratios = norms[: len(idx)] / norms[len(idx):].clamp_min(1e-12)
         best = int(ratios.argmax())
         layer = self.layers.index(ctx.names[idx[best]])
         return {"update_ratio": float(ratios[best]), "update_layer": float(layer)}

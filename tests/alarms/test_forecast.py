@@ -6,11 +6,13 @@ import pytest
 from landscape.alarms import OnlineAlarms, SharpnessForecast, TaylorForecast, default_rules
 
 
-def _run(rule, r, loss=None, start=0):
+def _run(rule, r, loss=None, start=0, update=None):
     alarms = OnlineAlarms([rule])
     found = []
     for i, v in enumerate(r):
         row = {"r_secant": v, "probe_loss": 0.5 if loss is None else loss[i], "ratio": v}
+        if update is not None:
+            row["update_ratio"] = update[i]
         found += alarms.observe(rule.metrics[0], start + i, row)
     return found
 
@@ -19,10 +21,28 @@ def test_a_geometric_ramp_is_forecast_before_it_reaches_the_limit():
     rng = np.random.default_rng(0)
     r = np.full(200, 0.2) * np.exp(0.1 * rng.standard_normal(200))
     r[150:] *= 1.19 ** np.arange(1, 51)  # a geometric learning-rate ramp
-    (first, *_) = _run(TaylorForecast(), r)
+    (first, *_) = _run(TaylorForecast(trend=True), r)
     assert first.severity == "warning" and first.step < 160
     assert r[first.step] < 1.0  # before the limit itself
     assert 0 < first.extra["steps_to_limit"] <= 10
+    # the log-linear trend of r is off by default: the level fires at r >= 1 only
+    (default, *_) = _run(TaylorForecast(), r)
+    assert r[default.step] >= 1.0
+
+
+def test_a_growing_update_ratio_warns_before_r_reaches_the_limit():
+    rng = np.random.default_rng(0)
+    r = np.full(200, 0.3) * np.exp(0.2 * rng.standard_normal(200))
+    u = np.full(200, 0.005) * np.exp(0.1 * rng.standard_normal(200))
+    ramp = 1.12 ** np.arange(1, 51)  # a geometric learning-rate ramp, 12 % per step
+    r[150:] *= ramp
+    u[150:] *= ramp
+    (first, *_) = _run(TaylorForecast(), r, update=u)
+    assert first.severity == "warning" and "update-to-weight" in first.message
+    assert first.step < 160 and r[first.step] < 1.0
+    # the same noise without the ramp: nothing
+    quiet = np.full(200, 0.005) * np.exp(0.1 * rng.standard_normal(200))
+    assert _run(TaylorForecast(), np.full(200, 0.3), update=quiet) == []
 
 
 def test_noise_a_decaying_burst_and_early_training_give_no_warning():
@@ -30,15 +50,15 @@ def test_noise_a_decaying_burst_and_early_training_give_no_warning():
     r = 0.25 * np.exp(0.3 * rng.standard_normal(400))
     r[200:210] = 0.7 * 0.8 ** np.arange(10)  # a burst that decays (momentum, catapult)
     r[:60] = np.linspace(0.01, 1.5, 60)  # leaving initialisation
-    assert [f for f in _run(TaylorForecast(), r) if f.severity != "info"] == []
+    assert [f for f in _run(TaylorForecast(trend=True), r) if f.severity != "info"] == []
 
 
 def test_a_fast_falling_loss_demotes_the_forecast_to_info():
     r = 0.3 * 1.2 ** np.arange(30)
     loss = 2.0 * 0.9 ** np.arange(30)
-    found = _run(TaylorForecast(warmup=0), r, loss)
+    found = _run(TaylorForecast(warmup=0, trend=True), r, loss)
     assert found and all(f.severity == "info" for f in found)
-    found = _run(TaylorForecast(warmup=0), r)
+    found = _run(TaylorForecast(warmup=0, trend=True), r)
     assert found[0].severity == "warning"
 
 
@@ -57,7 +77,9 @@ def test_sharpness_forecast_is_info_and_in_the_defaults():
     assert "taylor_forecast" in names and "sharpness_forecast" in names
 
 
-@pytest.mark.parametrize("bad", [{"floor": 2.0}, {"min_rows": 2}, {"window": 0}])
+@pytest.mark.parametrize(
+    "bad", [{"floor": 2.0}, {"min_rows": 2}, {"window": 0}, {"update_window": 0}]
+)
 def test_bad_settings_raise(bad):
     with pytest.raises(ValueError):
         TaylorForecast(**bad)
