@@ -53,7 +53,25 @@ def _status_bytes(key: str) -> int | None:
     return None
 
 
+def _trim() -> None:
+    """Return the C heap's free memory to the system (glibc ``malloc_trim``), if any."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None
+
+
 def _reset_cpu_peak() -> None:
+    _trim()  # freed memory the heap kept would otherwise be reused without being counted
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current resident set (proc(5))

@@ -69,6 +69,7 @@ def hessian_trace(
     n_matvec: int = 60,
     *,
     seed: int = 0,
+    probe_batch: int | None = None,
 ) -> TraceResult:
     """Stochastic estimate of ``tr(op)`` from exactly ``n_matvec`` products.
 
@@ -104,6 +105,8 @@ def hessian_trace(
         method: ``"krylov"``, ``"hutch++"`` (or ``"hutchpp"``) or ``"hutchinson"``.
         n_matvec: the budget of products, all spent.
         seed: the seed of the probes.
+        probe_batch: multiply at most this many probes at once (their products are
+            batched, each costing one product's memory); ``None``: all at once.
 
     Returns:
         The estimate, its standard error and the per-probe samples.
@@ -126,17 +129,26 @@ def hessian_trace(
     least = {"hutchinson": 1, "hutch++": 3, "krylov": 2}[method]
     if n_matvec < least:
         raise ValueError(f"n_matvec must be >= {least} for {method}, got {n_matvec}")
+    if probe_batch is not None and probe_batch < 1:
+        raise ValueError(f"probe_batch must be >= 1, got {probe_batch}")
     with PeakMemory(op.device) as mem:
-        result = _estimate(op, method, n_matvec, seed)
+        result = _estimate(op, method, n_matvec, seed, probe_batch)
     return dataclasses.replace(result, peak_memory=mem.peak)
 
 
-def _estimate(op: CurvatureOperator, method: str, n_matvec: int, seed: int) -> TraceResult:
+def _estimate(
+    op: CurvatureOperator, method: str, n_matvec: int, seed: int, probe_batch: int | None
+) -> TraceResult:
+    def matmat(rows: torch.Tensor) -> torch.Tensor:
+        size = probe_batch or rows.shape[0]
+        return torch.cat([op.flat_matmat(rows[i : i + size])
+                          for i in range(0, rows.shape[0], size)])
+
     before = op.n_matvec
     gen = _generator(seed)
     if method == "hutchinson":
         z = _rademacher(n_matvec, op, gen)
-        az = op.flat_matmat(z)
+        az = matmat(z)
         samples = (z.double() * az.double()).sum(dim=1)
         value, stderr = _mean_and_stderr(samples)
         return TraceResult(value, stderr, op.n_matvec - before, "hutchinson", samples)
@@ -144,9 +156,9 @@ def _estimate(op: CurvatureOperator, method: str, n_matvec: int, seed: int) -> T
         s = n_matvec // 3
         sketch = _rademacher(s, op, gen)
         probes = _rademacher(n_matvec - 2 * s, op, gen)
-        a_s = op.flat_matmat(sketch).double()
+        a_s = matmat(sketch).double()
         q, _ = torch.linalg.qr(a_s.T)  # (dim, s), float64
-        a_q = op.flat_matmat(q.T.to(op.dtype).contiguous()).double()
+        a_q = matmat(q.T.to(op.dtype).contiguous()).double()
         exact = float((q * a_q.T).sum())
         basis = q.T
     else:  # krylov: Lanczos basis from one random start, exact trace on its span
@@ -157,7 +169,7 @@ def _estimate(op: CurvatureOperator, method: str, n_matvec: int, seed: int) -> T
         probes = _rademacher(n_matvec - used, op, gen)
     pg = probes.double()
     pg = pg - (pg @ basis.T) @ basis
-    a_g = op.flat_matmat(pg.to(op.dtype)).double()
+    a_g = matmat(pg.to(op.dtype)).double()
     samples = (pg * a_g).sum(dim=1)
     mean, stderr = _mean_and_stderr(samples)
     return TraceResult(exact + mean, stderr, op.n_matvec - before, method, samples)

@@ -243,3 +243,15 @@ def test_run_file_rows_carry_the_measured_peak(tmp_path):
             assert list(steps) == [0, 1] and (peaks >= 0).all()
         steps, values = run.series("top_eigenvalues", "eigenvalues")
         assert (values[:, 0] >= values[:, 1]).all()
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "krylov"])
+def test_trace_probe_batches_give_the_same_estimate(method):
+    a, _ = spectrum_matrix(n=60)
+    op = MatrixOperator(a)
+    whole = hessian_trace(op, method, n_matvec=21, seed=3)
+    parts = hessian_trace(op, method, n_matvec=21, seed=3, probe_batch=4)
+    assert parts.value == pytest.approx(whole.value, rel=1e-12)
+    assert parts.n_matvec == whole.n_matvec == 21 and parts.peak_memory >= 0
+    with pytest.raises(ValueError, match="probe_batch"):
+        hessian_trace(op, method, n_matvec=21, probe_batch=0)
