@@ -7,8 +7,8 @@ began: ``torch.cuda.max_memory_allocated`` on CUDA, the resident set's high-wate
 (``VmHWM`` in ``/proc/self/status``, reset through ``/proc/self/clear_refs``; Linux
 ``proc(5)``) on the CPU, where torch's allocator returns large blocks to the system.
 :func:`plan_eigen` estimates a ``top_eigenvalues`` run before it starts -- the vectors it
-keeps plus one product's peak, fitted from products on one and two small micro-batches and
-scaled to the batch -- and picks the cheapest way to fit ``memory_budget``: the whole
+keeps plus one product's peak, fitted from products on two small micro-batches and scaled
+to the batch -- and picks the cheapest way to fit ``memory_budget``: the whole
 basis, a host-offloaded basis (CUDA), a thick-restarted basis, micro-batches, or the
 first-order product; or refuses with one :class:`~landscape.LandscapeError` line
 (docs/curvature.md, "Memory").
@@ -255,13 +255,18 @@ def _probe_peak(op: Any, size: int, what: str) -> float:
 
 
 def _fit(op: Any, what: str, rows: int) -> tuple[float, float]:
-    """``(intercept, per-sample slope)`` of a peak, from micro-batches of 1 and 2 samples."""
-    p1 = _probe_peak(op, 1, what)
-    if rows < 2:
+    """``(intercept, per-sample slope)`` of a peak, from micro-batches of m and 2m samples.
+
+    ``m = max(1, rows // 8)``: large enough that the difference of the two peaks stands
+    above the resident set's noise, small enough to cost a quarter of a product.
+    """
+    m = max(1, rows // 8)
+    p1 = _probe_peak(op, m, what)
+    if rows < 2 * m:
         return p1, 0.0
-    p2 = _probe_peak(op, 2, what)
-    slope = max(0.0, p2 - p1)
-    return max(0.0, p1 - slope), slope
+    p2 = _probe_peak(op, 2 * m, what)
+    slope = max(0.0, (p2 - p1) / m)
+    return max(0.0, p1 - slope * m), slope
 
 
 def plan_eigen(
@@ -278,12 +283,12 @@ def plan_eigen(
     The estimate is ``product + vectors * vector_bytes``: ``vectors`` is the basis
     (``basis_vectors``, or fewer with a thick restart, or ``chunk + 4`` on the device when
     offloaded) plus ``extra_vectors`` (the product, its Gram-Schmidt copy, the Ritz vectors);
-    ``product`` is one product's peak, fitted on micro-batches of one and two samples and
-    scaled linearly to the micro-batch size. In order, the first that fits: the whole basis
-    on the device with whole batches; offloaded to host memory (CUDA only); a restarted
-    basis of fewer vectors, down to ``max(least_basis + 2, 4)``; the same with micro-batches
-    halving down
-    to one sample; the first-order product (when the operator has one).
+    ``product`` is one product's peak, fitted on micro-batches of ``m`` and ``2m`` samples
+    (``m`` an eighth of the batch) and scaled linearly to the micro-batch size. In order,
+    the first that fits: the whole basis on the device with whole batches; offloaded to
+    host memory (CUDA only); a restarted basis of at least 20 vectors; smaller restarted
+    bases, down to ``max(least_basis + 2, 4)``, with micro-batches halving down to one
+    sample; the first-order product (when the operator has one).
 
     Args:
         op: the operator (a model operator; others are only checked for their basis).
