@@ -1,12 +1,13 @@
 """Curvature at scale: GPT-2 small, a hand-written ResNet-18, and the cost growth between.
 
     .venv/bin/python -m tests.benchmarks.bench_scale --quick
-    .venv/bin/python -m tests.benchmarks.bench_scale --models resnet18,gpt2-mid \
-        --sections step,product,top1,top5,trace,surface,presets
+    .venv/bin/python -m tests.benchmarks.bench_scale --models resnet18 \
+        --sections step,product,top1 --pyhessian --max-matvec 30
     .venv/bin/python -m tests.benchmarks.bench_scale --models gpt2-small \
-        --sections step,product,top1
-    .venv/bin/python -m tests.benchmarks.bench_scale --models gpt2-1m,gpt2-10m,gpt2-mid,gpt2-small \
-        --sections growth
+        --sections step,product,top1 --max-matvec 28 --max-basis 10
+    .venv/bin/python -m tests.benchmarks.bench_scale --models gpt2-1m,gpt2-10m,gpt2-mid \
+        --sections step,product,eig,surface,plan,top5,trace
+    .venv/bin/python -m tests.benchmarks.bench_scale --models resnet18,gpt2-small --sections plan
 
 Every cost is reported in units of one training step of the same model and batch (forward,
 backward, AdamW step), with the peak memory above the state before it (resident set on the
@@ -19,13 +20,16 @@ Models (random init, nothing downloaded): ``gpt2-small`` is transformers'
 pool, 11.2M parameters, batch 64), written here because torchvision is not installable.
 
 Sections: ``step``, ``product`` (one exact Hessian-vector product on the cached graph, and
-the first-order product when ``backend="first_order"`` exists), ``top1``/``top5``
-(``top_eigenvalues`` with its per-product history, beside PyHessian's ``eigenvalues`` for
-``top1`` where ``--pyhessian`` is given), ``trace`` (``hessian_trace``), ``surface`` (one
-point of a landscape plane), ``presets`` (one monitor step with every metric of the
-``cheap`` and ``standard`` presets due), ``growth`` (products per measurement and time per
-product from 1M to 124M parameters). ``--quick`` runs the small models only, a few
-products each (a smoke test of the script). The machine is shared: one thread, and ratios.
+the first-order product, ``backend="first_order"``), ``top1`` (the Lanczos run of
+``top_eigenvalues`` to ``--max-matvec`` products with its per-product history, from which
+docs/benchmarks.md reads every stopping rule; ``--max-basis`` bounds it), ``eig`` and
+``top5`` (``top_eigenvalues`` at its defaults, k = 1 and 5), ``--pyhessian`` (PyHessian's
+``eigenvalues(top_n=1)`` at its defaults, ResNet-18), ``plan`` (what ``memory_budget=``
+"1x", "2x", "3x step" would do, without running), ``budget`` (top-1 run within those
+budgets), ``trace`` (``hessian_trace``, krylov, 30 products), ``surface`` (one point of a
+landscape plane), ``presets`` (one monitor step with every metric of the ``cheap`` and
+``standard`` presets due). ``--quick`` runs the small models only, a few products each (a
+smoke test of the script). The machine is shared: one thread, and ratios.
 """
 
 from __future__ import annotations
@@ -389,6 +393,23 @@ def main(argv: list[str] | None = None) -> None:
                 except LandscapeError as err:
                     rec[key] = {"refused": str(err)}
                 log(f"top1 within {budget}: {rec[key]}")
+        if "plan" in sections:
+            from landscape.curvature.memory import plan_eigen
+
+            op = Hessian(model, closure=closure, data=batch, single_batch=True)
+            rec["plan"] = {}
+            for budget in ("1x step", "2x step", "3x step"):
+                try:
+                    p = plan_eigen(op, budget=budget, basis_vectors=82, least_basis=2,
+                                   extra_vectors=4)
+                    rec["plan"][budget] = {
+                        "budget": p.budget, "step_bytes": p.step_bytes,
+                        "product_bytes": p.product_bytes, "estimate": p.estimate,
+                        "max_basis": p.max_basis, "microbatch_size": p.microbatch_size,
+                        "backend": p.backend}
+                except LandscapeError as err:
+                    rec["plan"][budget] = {"refused": str(err)}
+                log(f"plan {budget}: {rec['plan'][budget]}")
         if "top5" in sections:
             rec["top5"] = eigen_run(model, batch, closure, 5, **quick_kw)
             log(f"top5: {rec['top5']}")
