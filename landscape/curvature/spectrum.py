@@ -163,7 +163,7 @@ def top_eigenvalues(
         stop: ``"residual"`` (``||op(y) - theta y|| <= tol |theta|``), ``"value"``
             (the estimated eigenvalue error ``min(r, r^2 / gap) <= tol |theta|``) or
             ``"auto"`` (the residual rule; for ``k=1`` at one end also the value rule at
-            ``tol / 2``); :func:`~landscape.curvature.lanczos.krylov_eigsh`.
+            ``tol / 10``); :func:`~landscape.curvature.lanczos.krylov_eigsh`.
         max_basis: keep at most this many basis vectors (thick restart); ``None``: all.
         offload: keep the basis in host memory (pinned on CUDA), streamed to the device.
         memory_budget: the most memory the run may take above what is in use, in bytes or
