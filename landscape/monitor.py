@@ -48,7 +48,7 @@ from landscape.findings import Finding, Findings, dedupe, user_stacklevel
 from landscape.isolation import isolated
 from landscape.metrics import Metric, StepContext, split_batch
 from landscape.metrics.presets import MetricsLike, resolve_metrics
-from landscape.params import difference, trainable_named_parameters
+from landscape.params import trainable_named_parameters
 from landscape.store import Run, RunWriter
 
 __all__ = ["MetricsLike", "Monitor", "resolve_metrics"]
@@ -215,6 +215,7 @@ class Monitor:
         self._state: dict[Any, Any] = {}
         self._failed: set[str] = set()
         self._hooks: list[Any] = []
+        self._objects: dict[str, nn.Parameter] | None = None
         self._before: tuple[torch.Tensor, ...] | None = None
         self._last_step: int | None = None
         self._stride = 1
@@ -235,6 +236,7 @@ class Monitor:
         named = trainable_named_parameters(self.model)
         self._names = list(named)
         self._own = list(named.values())
+        self._objects = dict(self.model.named_parameters())
         for m in self.metrics:
             m.setup(self.model)
         self.writer = RunWriter(self.path, config=self._config(), **self._writer_args)
@@ -371,7 +373,8 @@ class Monitor:
             m.needs_update and self._is_due(m, upcoming) for m in self.metrics
         )
         if wanted:
-            self._before = tuple(p.detach().clone() for p in self._own)
+            with torch.no_grad():
+                self._before = tuple([p.clone() for p in self._own])
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self.taylor_guard is None or self._before is None:
@@ -397,7 +400,7 @@ class Monitor:
             step=step, model=self.model, loss_fn=self.loss_fn, closure=self.closure,
             optimizer=self.optimizer, names=self._names, batch=batch, probe=self.probe,
             loss=loss, outputs=outputs, state=self._state,
-            microbatch_size=self.microbatch_size,
+            microbatch_size=self.microbatch_size, parameter_objects=self._objects,
         )
 
     def step(
@@ -445,7 +448,8 @@ class Monitor:
         ctx = self._context(step, batch, loss, outputs)
         if before is not None:
             ctx.params_before = before
-            ctx.update = difference([p.detach() for p in self._own], before)
+            with torch.no_grad():  # the same values as difference() of detached tensors
+                ctx.update = tuple(torch._foreach_sub(self._own, before))
         for m in due:
             ins, outs = m.captures()
             plan = ctx.capture_plan.setdefault(m.data, (set(), set()))
@@ -459,7 +463,8 @@ class Monitor:
                 row = self._compute(m, ctx)
                 assert self.writer is not None
                 self.writer.append(m.name, step, row)
-                self._mirror("on_row", m.name, step, row)
+                if self.mirrors:
+                    self._mirror("on_row", m.name, step, row)
                 if self._alarms is not None:
                     found.extend(self._alarms.observe(m.name, step, row))
                 if m.name == "sentinels" and self.adaptive:

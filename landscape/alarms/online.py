@@ -87,6 +87,9 @@ def _as_row(values: Mapping[str, Any]) -> dict[str, Value]:
     for key, v in values.items():
         if key == "step":
             continue
+        if type(v) is float:  # the common case: a metric's scalar, as is
+            out[key] = v
+            continue
         if hasattr(v, "detach"):  # a torch tensor, without importing torch
             v = v.detach().cpu().numpy()
         try:

@@ -88,6 +88,8 @@ class StepContext:
     ``names`` are the monitored parameters' names; :attr:`parameters` their current
     (detached) tensors in that order. ``params_before`` and ``update`` hold the parameters
     before the optimizer step and its Δθ when a metric with ``needs_update`` is due.
+    ``parameter_objects`` optionally maps parameter names to the model's parameter objects
+    (the monitor builds it once; otherwise it is looked up once per step).
     ``state`` survives between steps (warm starts); the rest lives for one step.
     """
 
@@ -105,6 +107,7 @@ class StepContext:
     update: Vector | None = None
     state: dict = field(default_factory=dict)
     microbatch_size: int | None = None
+    parameter_objects: dict[str, nn.Parameter] | None = None
     capture_plan: dict[str, tuple[set[str], set[str]]] = field(default_factory=dict)
     _captured: dict[str, Captured] = field(default_factory=dict)
     _cache: dict[Any, Any] = field(default_factory=dict)
@@ -121,6 +124,8 @@ class StepContext:
 
     def _own(self) -> dict[str, nn.Parameter]:
         """The model's parameter objects by name (looked up once per step)."""
+        if self.parameter_objects is not None:  # given by the monitor, built once
+            return self.parameter_objects
         if "own" not in self._cache:
             self._cache["own"] = dict(self.model.named_parameters())
         return self._cache["own"]
@@ -183,6 +188,35 @@ class StepContext:
             grads = self.grads()
             self._cache["grad_norm"] = None if grads is None else float(norm(grads))
         return self._cache["grad_norm"]
+
+    def tensor_norms(self, which: str) -> torch.Tensor | None:
+        """Per-tensor norms of ``"update"`` or ``"params_before"``, stacked (cached).
+
+        Both are computed in one pass at the first call of the step and shared by the
+        metrics that need them (``update``, the sentinels' per-layer ratios); each entry is
+        bitwise what ``torch._foreach_norm`` gives for that tensor alone.
+
+        Args:
+            which: ``"update"`` or ``"params_before"``.
+
+        Returns:
+            A 1-D tensor in the order of :attr:`names`, or None when the step has no update
+            or its tensors do not share one device and dtype.
+        """
+        if "tensor_norms" not in self._cache:
+            self._cache["tensor_norms"] = None
+            if self.update is not None and self.params_before is not None:
+                both = list(self.update) + list(self.params_before)
+                plain = all(type(t) is torch.Tensor for t in both)  # no DTensor shards
+                if both and plain and len({(t.device, t.dtype) for t in both}) == 1:
+                    norms = torch._foreach_norm(both)
+                    n = len(self.update)
+                    self._cache["tensor_norms"] = {
+                        "update": torch.stack(norms[:n]),
+                        "params_before": torch.stack(norms[n:]),
+                    }
+        cached = self._cache["tensor_norms"]
+        return None if cached is None else cached[which]
 
     def grads(self) -> Vector | None:
         """The gradient the user's backward left in ``.grad``.

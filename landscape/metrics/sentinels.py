@@ -133,6 +133,7 @@ class Sentinels(Metric):
         self.subsample = subsample
         self.layers: list[str] = []
         self._layer_index: list[int] | None = None
+        self._index_tensor: torch.Tensor | None = None
 
     def setup(self, model: nn.Module) -> None:
         """Resolve the weight tensors whose update ratio is tracked.
@@ -143,6 +144,7 @@ class Sentinels(Metric):
         named = trainable_named_parameters(model)
         self.layers = [n for n, p in named.items() if p.dim() >= 2]
         self._layer_index = None
+        self._index_tensor = None
 
     def config(self) -> dict[str, Any]:
         """``subsample`` and the tracked weight tensors, ``layers``."""
@@ -166,18 +168,30 @@ class Sentinels(Metric):
             raise MissingInput("sentinels: the model's output has no logits tensor")
         z = z.detach()
         flat = z.reshape(-1, z.shape[-1]).double()
-        out = {
-            "max_abs": float(flat.abs().max()),
-            "logsumexp_max": float(torch.logsumexp(flat, dim=-1).max()),
-        }
+        # every statistic as a 0-d tensor, read back in one transfer: the same values as
+        # one float() each (and secant_ratio() for r_secant)
+        names = ["max_abs", "logsumexp_max"]
+        parts = [flat.abs().max(), torch.logsumexp(flat, dim=-1).max()]
         y = head(targets, self.subsample)
         if isinstance(y, torch.Tensor) and y.shape == z.shape[:-1] and not y.is_floating_point():
-            out["probe_loss"] = float(F.cross_entropy(flat, y.reshape(-1).to(flat.device)))
+            names.append("probe_loss")
+            parts.append(F.cross_entropy(flat, y.reshape(-1).to(flat.device)))
+        out: dict[str, float] = {}
         prev = ctx.state.get(_STATE)
         if prev is not None and prev[1].shape == z.shape:
-            out["r_secant"] = secant_ratio(prev[1], z)
             out["gap"] = float(ctx.step - prev[0])
+            if flat.numel() == 0:
+                out["r_secant"] = math.nan
+            else:
+                delta = flat - prev[1].reshape(flat.shape).double()
+                low, high = torch.aminmax(delta, dim=-1)
+                names.append("r_secant")
+                parts.append((high - low).max())  # NaN or inf when a logit is not finite
         ctx.state[_STATE] = (ctx.step, z)
+        out.update(zip(names, torch.stack(parts).tolist()))
+        if "r_secant" in names:
+            spread = out["r_secant"]
+            out["r_secant"] = spread / math.pi if math.isfinite(spread) else math.nan
         return out
 
     def _update_ratio(self, ctx: StepContext) -> dict[str, float]:
@@ -189,10 +203,22 @@ class Sentinels(Metric):
         idx = self._layer_index
         if not idx:
             return {}
-        # one fused norm kernel over steps and weights together
-        norms = torch.stack(torch._foreach_norm(
-            [ctx.update[i] for i in idx] + [ctx.params_before[i] for i in idx]))
-        ratios = norms[: len(idx)] / norms[len(idx):].clamp_min(1e-12)
+        per_step, per_base = ctx.tensor_norms("update"), ctx.tensor_norms("params_before")
+        if per_step is None or per_base is None:  # mixed devices or dtypes, sharded tensors
+            norms = torch.stack(torch._foreach_norm(
+                [ctx.update[i] for i in idx] + [ctx.params_before[i] for i in idx]))
+            ratios = norms[: len(idx)] / norms[len(idx):].clamp_min(1e-12)
+        else:  # the per-tensor norms shared with the update metric (the same values)
+            at = self._index_on(per_step.device)
+            ratios = per_step[at] / per_base[at].clamp_min(1e-12)
         best = int(ratios.argmax())
         layer = self.layers.index(ctx.names[idx[best]])
         return {"update_ratio": float(ratios[best]), "update_layer": float(layer)}
+
+    def _index_on(self, device: torch.device) -> torch.Tensor:
+        """The tracked tensors' positions in the parameter list, as an index on ``device``."""
+        cached = self._index_tensor
+        if cached is None or cached.device != device:
+            cached = torch.tensor(self._layer_index, dtype=torch.long, device=device)
+            self._index_tensor = cached
+        return cached

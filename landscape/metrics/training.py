@@ -32,8 +32,13 @@ __all__ = [
 ]
 
 
+_EXACT_IN_FLOAT32 = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _as_float(value: Any) -> float:
     if isinstance(value, torch.Tensor):
+        if value.dim() == 0 and value.dtype in _EXACT_IN_FLOAT32:  # the same value, one call
+            return float(value.item())
         return float(value.detach().float().mean().item())
     return float(value)
 
@@ -108,8 +113,13 @@ class Update(Metric):
         """||Δθ|| and ||Δθ|| / ||θ_before||."""
         if ctx.update is None or ctx.params_before is None:
             raise MissingInput("update needs Monitor(optimizer=...) and an optimizer step")
-        step_norm = float(norm(ctx.update).item())
-        base = float(norm(ctx.params_before).item())
+        per_step, per_base = ctx.tensor_norms("update"), ctx.tensor_norms("params_before")
+        if per_step is None or per_base is None:  # mixed devices or dtypes, sharded tensors
+            step_norm = float(norm(ctx.update).item())
+            base = float(norm(ctx.params_before).item())
+        else:  # the per-tensor norms shared with the sentinels: the same values as norm()
+            step_norm = float(torch.linalg.vector_norm(per_step))
+            base = float(torch.linalg.vector_norm(per_base))
         return {"norm": step_norm, "relative": step_norm / base if base > 0 else math.nan}
 
 

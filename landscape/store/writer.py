@@ -95,6 +95,7 @@ class RunWriter:
         self._pending: dict[str, _Pending] = {}
         self._pending_points: dict[str, list[tuple[tuple, dict[str, float]]]] = {}
         self._known_surfaces: set[str] = set()
+        self._scalars: dict[str, list[bool]] = {}
         self._n_pending = 0
         self._last_flush = time.monotonic()
         self._closed = False
@@ -287,19 +288,31 @@ class RunWriter:
                 f"{path}: step {step} does not come after the last step {last} "
                 f"(to restart from a checkpoint, reopen with truncate_from={step})"
             )
-        missing = [n for n in specs if n not in values and n != "step"]
-        extra = [n for n in values if n not in specs and n != "step"]
-        if missing or extra:
-            raise ValueError(
-                f"{path}: row fields do not match the declaration"
-                + (f"; missing {', '.join(missing)}" if missing else "")
-                + (f"; unknown {', '.join(extra)}" if extra else "")
-            )
-        row = {n: _encode(values[n], spec) for n, spec in specs.items()}
-        pending = self._pending.setdefault(path, _Pending(cols={n: [] for n in specs}))
+        if values.keys() != specs.keys():  # a set comparison; the slow check names the fields
+            missing = [n for n in specs if n not in values and n != "step"]
+            extra = [n for n in values if n not in specs and n != "step"]
+            if missing or extra:
+                raise ValueError(
+                    f"{path}: row fields do not match the declaration"
+                    + (f"; missing {', '.join(missing)}" if missing else "")
+                    + (f"; unknown {', '.join(extra)}" if extra else "")
+                )
+        scalars = self._scalars.get(path)
+        if scalars is None:  # per field: a float scalar, whose float values skip _encode
+            scalars = self._scalars[path] = [
+                spec.shape == () and np.dtype(spec.dtype).kind == "f" for spec in specs.values()
+            ]
+        row = [
+            np.asarray(v, dtype=spec.dtype) if fast and type(v) is float else _encode(v, spec)
+            for (n, spec), fast in zip(specs.items(), scalars)
+            for v in (values[n],)
+        ]
+        pending = self._pending.get(path)
+        if pending is None:
+            pending = self._pending[path] = _Pending(cols={n: [] for n in specs})
         pending.steps.append(step)
-        for n, arr in row.items():
-            pending.cols[n].append(arr)
+        for col, arr in zip(pending.cols.values(), row):
+            col.append(arr)
         self._last[path] = step
         self._n_pending += 1
         self._flush_if_due()

@@ -1,4 +1,4 @@
-"""Monitor overhead on a small GPT-style transformer (issue 5).
+"""Monitor overhead on a small GPT-style transformer (issue 5) and on the instability suite.
 
 Times a plain AdamW training loop and the same loop with the ``cheap`` preset every step,
 and with the ``standard`` preset on its default schedules (amortized), interleaving
@@ -9,6 +9,15 @@ overhead ratios.
 
 The loop passes its logits to ``mon.step(..., outputs=out)`` so logit metrics on the
 training batch reuse them. Also prints the time each metric took per step (``Monitor.timings``).
+
+``--suite`` measures the default monitor (``Monitor(model, loss_fn, optimizer=opt)``: the
+``cheap`` preset, the every-step sentinels on the default probe, the default alarm rules)
+on the instability suite's tiny GPT and small CNN (their control runs, the suite's batches
+and optimizers), interleaved with plain runs; and the ``standard`` and ``full`` presets
+amortized over their schedules: each metric's measured time per call divided by its
+period, plus the monitor's per-step time outside the metrics.
+
+    .venv/bin/python -m tests.benchmarks.bench_monitor --suite [--steps 100] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import argparse
 import statistics
 import time
 import warnings
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -69,14 +79,108 @@ def run(variant: str, steps: int) -> tuple[float, dict[str, float]]:
     return 1000 * elapsed / steps, per_metric
 
 
+SUITE = {"gpt": "gpt_lr_ramp", "cnn": "cnn_sgd_eos"}  # control runs of these scenarios
+
+
+def suite_run(arch: str, variant: str, steps: int) -> dict[str, Any]:
+    """One control run of the suite's ``arch`` model, plain or with a monitor ``variant``.
+
+    Returns ms per step end to end, inside ``Monitor.step`` (``in_call``), the metrics'
+    time per step (``Monitor.timings``) and, per metric, ms per call and the schedule's
+    period.
+    """
+    from tests.benchmarks.instability.scenarios import scenarios
+
+    trial = scenarios()[SUITE[arch]].build(0, False)
+    model, opt = trial.model, trial.optimizer
+    mon = None
+    if variant == "default":
+        mon = Monitor(model, trial.loss_fn, optimizer=opt, warn=False).start()
+    elif variant != "plain":
+        mon = Monitor(model, trial.loss_fn, optimizer=opt, metrics=variant, probe=trial.probe,
+                      warn=False).start()
+    data = [trial.batch(step) for step in range(steps)]
+    in_call = 0.0
+    start = time.perf_counter()
+    for step, (x, y) in enumerate(data):
+        for group in opt.param_groups:
+            group["lr"] = trial.lr(step)
+        out = model(x)
+        loss = trial.loss_fn(out, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if mon is not None:
+            t0 = time.perf_counter()
+            mon.step(step, batch=(x, y), loss=loss.detach(), outputs=out.detach())
+            in_call += time.perf_counter() - t0
+    elapsed = time.perf_counter() - start
+    result: dict[str, Any] = {"ms": 1000 * elapsed / steps, "in_call": 1000 * in_call / steps,
+                              "metrics": 0.0, "per_call": {}}
+    if mon is not None:
+        run = mon.run()
+        for m in mon.metrics:
+            calls = len(run.steps(m.name))
+            period = getattr(m.schedule, "n", 1)
+            result["per_call"][m.name] = (1000 * mon.timings[m.name] / max(calls, 1), period)
+        result["metrics"] = 1000 * sum(mon.timings.values()) / steps
+        mon.close()
+    return result
+
+
+def suite(steps: int, repeats: int) -> None:
+    """The ``--suite`` tables (module docstring)."""
+    import logging
+    import os
+
+    logging.getLogger("landscape").setLevel(logging.ERROR)  # the default-probe notice
+
+    for arch in SUITE:
+        variants = ["plain", "default", "standard", "full"]
+        runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+        suite_run(arch, "default", 10)  # warm-up
+        for r in range(repeats):
+            for v in variants if r % 2 == 0 else variants[::-1]:
+                runs[v].append(suite_run(arch, v, steps))
+        med = {v: {k: statistics.median(x[k] for x in runs[v]) for k in ("ms", "in_call",
+                                                                          "metrics")}
+               for v in variants}
+        base = med["plain"]["ms"]
+        print(f"\n{arch}: {steps} steps x {repeats} repeats, median; torch threads "
+              f"{torch.get_num_threads()}; load {os.getloadavg()[0]:.1f}")
+        print(f"  plain {base:.2f} ms/step")
+        d = med["default"]
+        print(f"  default {d['ms']:.2f} ms/step end to end ({100 * (d['ms'] / base - 1):+.1f}%); "
+              f"in Monitor.step {d['in_call']:.3f} ms ({100 * d['in_call'] / base:.1f}% of a "
+              f"plain step), of which metrics (Monitor.timings) {d['metrics']:.3f} ms")
+        for v in ("default", "standard", "full"):
+            per_call = {k: statistics.median(x["per_call"][k][0] for x in runs[v])
+                        for k in runs[v][0]["per_call"]}
+            periods = {k: runs[v][0]["per_call"][k][1] for k in per_call}
+            amortized = sum(per_call[k] / periods[k] for k in per_call)
+            # the monitor's own work outside the metrics (rows, rules, contexts), per step
+            bookkeeping = med[v]["in_call"] - med[v]["metrics"]
+            total = amortized + bookkeeping
+            print(f"  {v}: amortized {total:.2f} ms/step ({100 * total / base:.0f}% of a plain "
+                  f"step): metrics {amortized:.2f} + bookkeeping {bookkeeping:.2f}")
+            for k in sorted(per_call, key=lambda k: -per_call[k] / periods[k]):
+                print(f"    {k:<22} {per_call[k]:9.2f} ms/call  every {periods[k]:<4} "
+                      f"{per_call[k] / periods[k]:8.3f} ms/step")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--suite", action="store_true",
+                        help="the instability suite's tiny GPT and small CNN instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
+    if args.suite:
+        suite(args.steps, args.repeats)
+        return
     variants = ["plain", "cheap", "standard"]
     times: dict[str, list[float]] = {v: [] for v in variants}
     metric_ms: dict[str, dict[str, list[float]]] = {v: {} for v in variants}
