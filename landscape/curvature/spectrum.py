@@ -210,7 +210,7 @@ def top_eigenvalues(
         ends, b = (2 if which == "both" else 1), (start.shape[0] if start.dim() > 1 else 1)
         plan = plan_eigen(
             op, budget=memory_budget, basis_vectors=min(op.dim, max_matvec + b + 1),
-            least_basis=ends * k + b, extra_vectors=3 + ends * k,
+            least_basis=ends * k + b, extra_vectors=8 + ends * k,
         )
         run_op = apply_plan(op, plan)
         if plan.max_basis is not None:
