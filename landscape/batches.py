@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-__all__ = ["leading_size", "map_tensors", "split", "to_device"]
+__all__ = ["head", "leading_size", "map_tensors", "split", "to_device"]
 
 
 def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any], other: Callable[[Any], Any] | None
@@ -60,6 +60,20 @@ def to_device(obj: Any, device: torch.device | str, *, non_blocking: bool = Fals
         return to(device) if callable(to) else leaf
 
     return map_tensors(obj, lambda t: t.to(device, non_blocking=non_blocking), other)
+
+
+def head(obj: Any, n: int) -> Any:
+    """The first ``n`` samples of a batch: every tensor sliced along dimension 0 (views).
+
+    Args:
+        obj: a tensor, or tuples, lists and mappings of them; 0-d tensors and other values
+            pass through.
+        n: how many samples to keep.
+
+    Returns:
+        ``obj`` with the same structure.
+    """
+    return map_tensors(obj, lambda t: t[:n] if t.dim() > 0 else t)
 
 
 def split(obj: Any, size: int) -> list[Any]:

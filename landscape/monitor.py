@@ -42,8 +42,10 @@ import torch
 from torch import nn
 
 from landscape import distributed as _dist
-from landscape._errors import InstabilityWarning, MissingInput, StepOrderError
+from landscape._errors import InstabilityWarning, StepOrderError
 from landscape._interrupts import InterruptGuard
+from landscape.batches import head, map_tensors
+from landscape.failures import failure_finding, nonfinite_state
 from landscape.findings import Finding, Findings, dedupe, user_stacklevel
 from landscape.isolation import isolated
 from landscape.metrics import Metric, StepContext, split_batch
@@ -492,18 +494,7 @@ class Monitor:
 
     def _take_probe(self, batch: Any) -> None:
         """Keep a copy of the first ``probe_size`` samples of ``batch`` as the probe."""
-        from landscape.metrics.sentinels import head
-
-        def copy(value: Any) -> Any:
-            if isinstance(value, torch.Tensor):
-                return value.detach().clone()
-            if isinstance(value, (tuple, list)):
-                return type(value)(copy(v) for v in value)
-            if isinstance(value, dict):
-                return {k: copy(v) for k, v in value.items()}
-            return value
-
-        self.probe = copy(head(batch, self.probe_size))
+        self.probe = map_tensors(head(batch, self.probe_size), lambda t: t.detach().clone())
         _log.warning(
             "landscape: no probe= given; the monitor keeps the first %d samples of the first "
             "training batch as its fixed probe (probe_size=None turns this off)",
@@ -522,41 +513,20 @@ class Monitor:
         finally:
             self.timings[metric.name] += time.perf_counter() - start
 
-    def _nonfinite(self, loss: Any) -> str | None:
-        """``"parameters"``/``"loss"`` when the model or the loss is NaN/inf, else None."""
-        with torch.no_grad():
-            if any(not bool(torch.isfinite(p).all()) for p in self.model.parameters()):
-                return "parameters"
-        if loss is not None and not math.isfinite(float(torch.as_tensor(loss).detach().sum())):
-            return "loss"
-        return None
-
     def _record_failure(
         self, metric: Metric, step: int, err: Exception, loss: Any = None
     ) -> None:
         if metric.name in self._failed:
             return
         self._failed.add(metric.name)
-        bad = self._nonfinite(loss)
-        if bad is not None:  # not the metric's fault: one message for all metrics
+        bad = nonfinite_state(self.model, loss)
+        if bad is not None:  # not the metric's fault: one finding for all metrics
             if self._nonfinite_reported:
                 return
             self._nonfinite_reported = True
-            message = (f"non-finite {bad} at step {step}: metrics that cannot run on them "
-                       f"(first {metric.name!r}) record NaN")
-            hint = ("see the 'nonfinite' finding; restart from a checkpoint before the "
-                    "NaN/inf with a lower learning rate or gradient clipping")
-        else:
-            kind = "cannot run" if isinstance(err, MissingInput) else "failed"
-            message = f"metric {metric.name!r} {kind} at step {step}: {err}"
-            hint = (
-                "see the message; the metric records NaN until this is fixed"
-                if isinstance(err, MissingInput)
-                else "the metric records NaN; pass strict=True to Monitor to see the traceback"
-            )
-        finding = Finding(step, "metric_failed", "info", metric.name, math.nan, math.nan,
-                          message, hint)
-        warnings.warn(f"landscape: {message}", RuntimeWarning, stacklevel=user_stacklevel())
+        finding = failure_finding(metric.name, step, err, bad)
+        warnings.warn(f"landscape: {finding.message}", RuntimeWarning,
+                      stacklevel=user_stacklevel())
         self.findings.append(finding)
         assert self.writer is not None
         self.writer.add_finding(finding)

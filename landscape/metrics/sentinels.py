@@ -24,33 +24,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from landscape._errors import MissingInput
+from landscape.batches import head
 from landscape.metrics.base import Metric, register
 from landscape.metrics.context import StepContext, split_batch
 from landscape.params import trainable_named_parameters
 from landscape.schedules import every
 
-__all__ = ["Sentinels", "head", "secant_ratio"]
+__all__ = ["Sentinels", "secant_ratio"]
 
 _STATE = "sentinels.logits"  # key in the monitor's state: (step, logits of the subsample)
-
-
-def head(batch: Any, n: int) -> Any:
-    """The first ``n`` samples of a batch (tensors sliced along dimension 0, recursively).
-
-    Args:
-        batch: a tensor, or a tuple, list or dict of them (other values pass through).
-        n: how many samples to keep.
-
-    Returns:
-        The batch with every tensor cut to its first ``n`` rows (views, not copies).
-    """
-    if isinstance(batch, torch.Tensor):
-        return batch[:n] if batch.dim() > 0 else batch
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(head(b, n) for b in batch)
-    if isinstance(batch, dict):
-        return {k: head(v, n) for k, v in batch.items()}
-    return batch
 
 
 def secant_ratio(before: torch.Tensor, after: torch.Tensor) -> float:

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import landscape as ls
+from landscape.batches import head
 from landscape.isolation import stateless_call
 from landscape.metrics import Sentinels
-from landscape.metrics.sentinels import head, secant_ratio
+from landscape.metrics.sentinels import secant_ratio
 from landscape.params import trainable_named_parameters
 from tests import models
 

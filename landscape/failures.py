@@ -1,0 +1,67 @@
+"""What the monitor records when a metric cannot run: one ``metric_failed`` finding.
+
+A diagnostic never stops training (docs/conventions.md, failure policy): the metric records
+NaN for the step and the monitor raises one ``info`` finding per metric saying why. When the
+model or the loss is already non-finite the metric is not at fault, so all metrics that fail
+then share one finding that points at the ``nonfinite`` error instead of a cryptic message
+from deep inside a solver.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from landscape._errors import MissingInput
+from landscape.findings import Finding
+
+__all__ = ["failure_finding", "nonfinite_state"]
+
+
+def nonfinite_state(model: nn.Module, loss: Any = None) -> str | None:
+    """Say whether the model's parameters or the loss are NaN or infinite.
+
+    Args:
+        model: the monitored model.
+        loss: the step's loss (a tensor or a number), or None.
+
+    Returns:
+        ``"parameters"``, ``"loss"``, or None when both are finite.
+    """
+    with torch.no_grad():
+        if any(not bool(torch.isfinite(p).all()) for p in model.parameters()):
+            return "parameters"
+    if loss is not None and not math.isfinite(float(torch.as_tensor(loss).detach().sum())):
+        return "loss"
+    return None
+
+
+def failure_finding(metric: str, step: int, err: Exception, nonfinite: str | None) -> Finding:
+    """The ``metric_failed`` info finding for a metric that raised ``err`` at ``step``.
+
+    Args:
+        metric: the metric's name.
+        step: the training step.
+        err: what the metric raised.
+        nonfinite: :func:`nonfinite_state` at that step; when not None the message blames the
+            non-finite parameters or loss, not the metric.
+
+    Returns:
+        The finding (value and threshold NaN).
+    """
+    if nonfinite is not None:
+        message = (f"non-finite {nonfinite} at step {step}: metrics that cannot run on them "
+                   f"(first {metric!r}) record NaN")
+        hint = ("see the 'nonfinite' finding; restart from a checkpoint before the "
+                "NaN/inf with a lower learning rate or gradient clipping")
+    elif isinstance(err, MissingInput):
+        message = f"metric {metric!r} cannot run at step {step}: {err}"
+        hint = "see the message; the metric records NaN until this is fixed"
+    else:
+        message = f"metric {metric!r} failed at step {step}: {err}"
+        hint = "the metric records NaN; pass strict=True to Monitor to see the traceback"
+    return Finding(step=step, rule="metric_failed", severity="info", metric=metric,
+                   value=math.nan, threshold=math.nan, message=message, hint=hint)
