@@ -255,3 +255,18 @@ def test_trace_probe_batches_give_the_same_estimate(method):
     assert parts.n_matvec == whole.n_matvec == 21 and parts.peak_memory >= 0
     with pytest.raises(ValueError, match="probe_batch"):
         hessian_trace(op, method, n_matvec=21, probe_batch=0)
+
+
+def test_a_plan_can_switch_to_the_first_order_product():
+    from landscape.curvature.memory import MemoryPlan, apply_plan
+
+    model = mlp(d_in=5, hidden=7, d_out=3, depth=2, seed=1).double()
+    x, y = classification_data(n=24, d_in=5, n_classes=3, seed=2)
+    truth = torch.linalg.eigvalsh(dense_hessian(model, F.cross_entropy, (x.double(), y)))
+    op = Hessian(model, F.cross_entropy, (x.double(), y))
+    plan = MemoryPlan(1e9, 1.0, 1.0, 8 * op.dim, 10, 10.0, backend="first_order")
+    fo = apply_plan(op, plan)
+    assert fo is not op and fo.options.backend == "first_order"
+    res = top_eigenvalues(fo, k=1, tol=1e-6)
+    assert float(res.values[0]) == pytest.approx(float(truth[-1]), rel=1e-4)
+    assert op.options.backend == "auto"  # the caller's operator is untouched
