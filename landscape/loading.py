@@ -39,6 +39,7 @@ __all__ = [
     "resolve_loss",
     "resolve_objective",
     "step_from_name",
+    "torch_load",
 ]
 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {
@@ -254,6 +255,34 @@ def _looks_like_state_dict(obj: Any) -> bool:
     )
 
 
+def torch_load(path: Path, *, trust: bool = False, kind: str = "torch checkpoint") -> Any:
+    """``torch.load`` on the CPU, tensors only unless the user trusts the file.
+
+    Args:
+        path: the file.
+        trust: allow pickled objects beyond tensors (``--trust-checkpoint``; can run
+            arbitrary code).
+        kind: what the file should be, for the error message.
+
+    Returns:
+        The loaded object.
+
+    Raises:
+        LandscapeError: the file holds pickled objects and is not trusted, or is unreadable
+            (one line naming the file).
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+    except Exception as err:
+        if not trust and "weights_only" in str(err):
+            raise LandscapeError(
+                f"{path}: holds pickled objects beyond tensors; if you trust the file, pass "
+                "--trust-checkpoint (it can run arbitrary code)"
+            ) from err
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise LandscapeError(f"{path}: not a readable {kind} ({first})") from err
+
+
 def load_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:
     """Load ``path`` (see module docstring); the step comes from the file or its name."""
     path = Path(path)
@@ -270,16 +299,7 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:
             return Checkpoint(path, dict(load_file(str(path))), step_from_name(path))
         except Exception as err:
             raise LandscapeError(f"{path}: not a readable safetensors file ({err})") from err
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trust)
-    except Exception as err:
-        if not trust and "weights_only" in str(err):
-            raise LandscapeError(
-                f"{path}: holds pickled objects beyond tensors; if you trust the file, pass "
-                "--trust-checkpoint (it can run arbitrary code)"
-            ) from err
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise LandscapeError(f"{path}: not a readable torch checkpoint ({first})") from err
+    obj = torch_load(path, trust=trust, kind="torch checkpoint")
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     step = None

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from landscape._errors import LandscapeError
+from landscape._hf import is_causal_lm
 
 __all__ = [
     "build_model",
@@ -177,26 +178,6 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
-
-
-def is_causal_lm(model: nn.Module) -> bool:
-    """Whether ``model`` is a transformers causal language model (``AutoModelForCausalLM``).
-
-    Args:
-        model: any module.
-
-    Returns:
-        True for the classes transformers maps to causal language modelling.
-    """
-    import sys
-
-    if "transformers" not in sys.modules:
-        return False
-    try:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    except ImportError:  # pragma: no cover - very old transformers
-        return False
-    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 def load_tokenizer(folder: Path) -> Any:

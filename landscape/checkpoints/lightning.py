@@ -14,10 +14,10 @@ import importlib
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
 from torch import nn
 
 from landscape._errors import LandscapeError
+from landscape.loading import torch_load
 
 __all__ = ["CLASS_KEYS", "build_module", "inner_module", "read_ckpt", "recorded_class"]
 
@@ -37,16 +37,7 @@ def read_ckpt(path: Path, *, trust: bool = False) -> dict[str, Any]:
     Raises:
         LandscapeError: an unreadable file, or one without ``state_dict``.
     """
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trust)
-    except Exception as err:
-        if not trust and "weights_only" in str(err):
-            raise LandscapeError(
-                f"{path}: holds pickled objects beyond tensors; if you trust the file, pass "
-                "--trust-checkpoint (it can run arbitrary code)"
-            ) from err
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise LandscapeError(f"{path}: not a readable Lightning checkpoint ({first})") from err
+    obj = torch_load(path, trust=trust, kind="Lightning checkpoint")
     if not isinstance(obj, Mapping) or not isinstance(obj.get("state_dict"), Mapping):
         raise LandscapeError(f"{path}: not a Lightning checkpoint (no 'state_dict' entry)")
     return dict(obj)

@@ -16,6 +16,7 @@ from landscape import distributed as _dist
 from landscape import functional as LF
 from landscape._deprecation import module_getattr
 from landscape._errors import MissingInput
+from landscape._hf import is_causal_lm
 from landscape.capture import last_linear, linear_layers, resolve_module
 from landscape.metrics.base import Metric, register
 from landscape.metrics.context import StepContext, split_batch
@@ -159,7 +160,7 @@ class Collapse(_PenultimateMetric):
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
         """NC1–NC4 and VCI of the penultimate features on ``self.data``."""
-        if _causal_lm(ctx.model):
+        if is_causal_lm(ctx.model):
             feats, labels = self._next_token(ctx)
         else:
             feats = self.features(ctx)
@@ -191,19 +192,6 @@ class Collapse(_PenultimateMetric):
         nxt = labels[:, 1:].reshape(-1).to(feats.device)
         keep = nxt != -100
         return feats[keep], nxt[keep]
-
-
-def _causal_lm(model: nn.Module) -> bool:
-    """Whether ``model`` is a transformers causal language model (never imports it)."""
-    import sys
-
-    if "transformers" not in sys.modules:
-        return False
-    try:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    except ImportError:  # pragma: no cover - very old transformers
-        return False
-    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 @register
