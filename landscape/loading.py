@@ -381,7 +381,10 @@ def load_state_into(model: nn.Module, ckpt: Checkpoint) -> None:
     state = _restore_tied(_strip_prefix(ckpt.state_dict, own), model)
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own if k in state and own[k].shape != state[k].shape
+    ]
     if missing or unexpected or shapes:
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected),

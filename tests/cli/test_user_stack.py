@@ -375,3 +375,14 @@ def test_rerunning_a_monitor_into_its_run_file_says_how_to_start_over(tmp_path):
             else:
                 with pytest.raises(ls.StepOrderError, match=r"mode='w'.*truncate_from=0"):
                     monitor.step(0, loss=1.0)
+
+
+def test_bug10_a_shape_mismatch_names_the_shapes(tmp_path):
+    from torch import nn
+
+    from landscape._errors import LandscapeError
+    from landscape.loading import Checkpoint, load_state_into
+
+    saved = Checkpoint(tmp_path / "w.pt", nn.Linear(3, 2).state_dict(), 0)
+    with pytest.raises(LandscapeError, match=r"weight \(2, 3\) vs model \(2, 4\)"):
+        load_state_into(nn.Linear(4, 2), saved)
