@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import json
 import struct
+import time
 from pathlib import Path
 
 _BLOCK, _HEADER = 32768, 7
@@ -70,8 +71,21 @@ def _wandb_records(path: Path) -> list[bytes]:
     return records
 
 
-def wandb_history(run_dir) -> list[dict]:
-    """The history rows of an offline W&B run directory (``wandb/offline-run-*``)."""
+def wandb_history(run_dir, until: str | None = None, timeout: float = 30.0) -> list[dict]:
+    """The history rows of an offline W&B run directory (``wandb/offline-run-*``).
+
+    With ``until``, read again (for up to ``timeout`` seconds) until a row holds that key:
+    wandb's service process may still be writing the file when ``run.finish()`` returns.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = _wandb_rows(run_dir)
+        if until is None or any(until in r for r in rows) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.2)
+
+
+def _wandb_rows(run_dir) -> list[dict]:
     from wandb.proto import wandb_internal_pb2 as pb
 
     (path,) = glob.glob(f"{run_dir}/run-*.wandb")
