@@ -45,11 +45,20 @@ def secant_ratio(before: torch.Tensor, after: torch.Tensor) -> float:
     Returns:
         The ratio (NaN when the logits are not finite or there is nothing to compare).
     """
-    delta = (after.double() - before.double()).reshape(-1, after.shape[-1])
-    if delta.numel() == 0 or not bool(torch.isfinite(delta).all()):
+    if after.numel() == 0:
         return math.nan
-    spread = delta.max(dim=-1).values - delta.min(dim=-1).values
-    return float(spread.max()) / math.pi
+    spread = float(_max_spread(before, after))
+    return spread / math.pi if math.isfinite(spread) else math.nan
+
+
+def _max_spread(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """max_x spread(after(x) - before(x)) as a 0-d float64 tensor, not read back.
+
+    NaN or inf when a logit is not finite (``aminmax`` and ``max`` propagate them).
+    """
+    delta = (after.double() - before.double()).reshape(-1, after.shape[-1])
+    low, high = torch.aminmax(delta, dim=-1)
+    return (high - low).max()
 
 
 def _logits_of(output: Any) -> torch.Tensor | None:
@@ -150,8 +159,8 @@ class Sentinels(Metric):
             raise MissingInput("sentinels: the model's output has no logits tensor")
         z = z.detach()
         flat = z.reshape(-1, z.shape[-1]).double()
-        # every statistic as a 0-d tensor, read back in one transfer: the same values as
-        # one float() each (and secant_ratio() for r_secant)
+        # every statistic as a 0-d tensor, read back in one transfer (secant_ratio() reads
+        # the same spread back on its own)
         names = ["max_abs", "logsumexp_max"]
         parts = [flat.abs().max(), torch.logsumexp(flat, dim=-1).max()]
         y = head(targets, self.subsample)
@@ -165,10 +174,8 @@ class Sentinels(Metric):
             if flat.numel() == 0:
                 out["r_secant"] = math.nan
             else:
-                delta = flat - prev[1].reshape(flat.shape).double()
-                low, high = torch.aminmax(delta, dim=-1)
                 names.append("r_secant")
-                parts.append((high - low).max())  # NaN or inf when a logit is not finite
+                parts.append(_max_spread(prev[1], z))
         ctx.state[_STATE] = (ctx.step, z)
         out.update(zip(names, torch.stack(parts).tolist()))
         if "r_secant" in names:
