@@ -100,6 +100,14 @@ def finding_order(f: Finding) -> tuple:
     return (f.step, f.rule, f.metric, severity_rank(f.severity), f.message)
 
 
+def count_by_severity(findings: Iterable[Finding]) -> dict[str, int]:
+    """``{severity: count}`` over :data:`landscape.findings.SEVERITIES` (zeros included)."""
+    counts = dict.fromkeys(SEVERITIES, 0)
+    for f in findings:
+        counts[f.severity] += 1
+    return counts
+
+
 class Findings(list):
     """A list of :class:`Finding` that prints readably.
 
@@ -116,9 +124,8 @@ class Findings(list):
         """
         if not self:
             return "no findings"
-        counts = {s: sum(1 for f in self if getattr(f, "severity", None) == s)
-                  for s in reversed(SEVERITIES)}
-        total = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+        counts = count_by_severity(self)
+        total = ", ".join(f"{counts[s]} {s}" for s in reversed(SEVERITIES) if counts[s])
         lines = [f.describe() if isinstance(f, Finding) else str(f) for f in self]
         noun = "finding" if len(self) == 1 else "findings"
         return "\n".join([*lines, f"{len(self)} {noun} ({total})"])

@@ -29,7 +29,7 @@ from typing import Any, Iterable, Sequence
 from landscape._errors import LandscapeError
 from landscape._version import __version__
 from landscape.alarms import check as _check_alarms
-from landscape.findings import SEVERITIES, Finding, severity_rank
+from landscape.findings import SEVERITIES, Finding, count_by_severity, severity_rank
 from landscape.plotting import surfaces as _surface_plots
 from landscape.plotting.timelines import figure_png, timelines
 from landscape.store import Run, SurfaceData
@@ -75,14 +75,6 @@ def collect_findings(
     for f in found:
         unique.setdefault((int(f.step), f.rule, f.metric), f)
     return sorted(unique.values(), key=lambda f: (f.step, -severity_rank(f.severity), f.rule))
-
-
-def count_by_severity(findings: Iterable[Finding]) -> dict[str, int]:
-    """``{severity: count}`` over :data:`landscape.findings.SEVERITIES` (zeros included)."""
-    counts = dict.fromkeys(SEVERITIES, 0)
-    for f in findings:
-        counts[f.severity] += 1
-    return counts
 
 
 def at_or_above(findings: Iterable[Finding], severity: str) -> list[Finding]:
