@@ -423,14 +423,13 @@ class Monitor:
         Raises:
             StepOrderError: ``step`` does not come after the last recorded step.
         """
+        if self.writer is None:
+            self.start()  # installs the interrupt guard, so the first step is covered too
         guard = self._interrupts
         with guard.deferred() if guard is not None else contextlib.nullcontext():
             return self._step(int(step), batch, loss, outputs)
 
     def _step(self, step: int, batch: Any, loss: Any, outputs: Any) -> list[Finding]:
-        if self.writer is None:
-            self.start()
-        step = int(step)
         if self._last_step is not None and step <= self._last_step:
             raise StepOrderError(
                 f"step {step} does not come after the last recorded step {self._last_step}"
