@@ -44,7 +44,7 @@ from torch import nn
 from landscape import distributed as _dist
 from landscape._errors import InstabilityWarning, StepOrderError
 from landscape._interrupts import InterruptGuard
-from landscape.batches import head, map_tensors
+from landscape.batches import head, leading_size, map_tensors
 from landscape.failures import failure_finding, nonfinite_state
 from landscape.findings import Finding, Findings, dedupe, user_stacklevel
 from landscape.isolation import isolated
@@ -497,7 +497,7 @@ class Monitor:
         _log.warning(
             "landscape: no probe= given; the monitor keeps the first %d samples of the first "
             "training batch as its fixed probe (probe_size=None turns this off)",
-            self.probe_size,
+            leading_size(self.probe) or self.probe_size,  # fewer when the batch is smaller
         )
 
     def _compute(self, metric: Metric, ctx: StepContext) -> dict[str, Any]:
