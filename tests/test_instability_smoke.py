@@ -45,7 +45,11 @@ def test_small_suite_end_to_end():
     runs = {(r["scenario"], r["treated"]): r for r in result["runs"]}
     for name in names:
         control = runs[(name, False)]
-        assert control["explosion"] is None, name
+        assert control["explosion"] is None and control["onset"] is None, name
+        treated = runs[(name, True)]  # the paired onset is never earlier than the loss alone
+        if treated["onset"] is not None:
+            assert treated["onset_alone"] is not None, name
+            assert treated["onset_alone"] <= treated["onset"], name
         assert set(control["detectors"]) == {"default", "zscore"}
     for name in EXPLODE_SMALL:
         treated = runs[(name, True)]

@@ -7,7 +7,8 @@ control run (same seed, same initialisation and batches, no intervention). The h
 (``harness.py``) trains every (scenario, seed, arm) once with every detector attached
 (``detectors.py``: landscape's ``Monitor`` with today's defaults or a preset, a plain loss
 z-score, trainscope), finds the onset (loss >= 1.25x the pre-intervention median for 3
-steps) and the explosion (>= 10x, or not finite) from the training loss, and reports per
+steps, and >= 1.25x the matched control's loss at those steps) and the explosion (>= 10x,
+or not finite) from the training loss, and reports per
 scenario, detector and rule: detection rate, leads before onset and explosion, false
 alarms per 1,000 steps on the controls and in warm-up, and the overhead per step
 (``report.py`` prints the tables, docs/benchmarks.md "Instability suite" holds them).

@@ -14,7 +14,7 @@ import time
 import torch
 
 from . import detectors as det
-from .harness import overhead, summarise, train
+from .harness import overhead, pair_onsets, summarise, train
 from .report import markdown
 from .scenarios import scenarios
 
@@ -36,14 +36,18 @@ def run_suite(*, small: bool = False, seeds: int = 3, scenario_names: list[str] 
         sc = suite[name]
         sc_runs = []
         for seed in range(seeds):
+            pair, secs = [], []
             for treated in (True, False):
                 t0 = time.perf_counter()
-                r = train(sc, seed, treated, dets)
-                sc_runs.append(r)
+                pair.append(train(sc, seed, treated, dets))
+                secs.append(time.perf_counter() - t0)
+            pair_onsets(sc, pair)  # the treatment's onset against its control
+            sc_runs += pair
+            for r, t in zip(pair, secs):
                 if log:
-                    log(f"{name} seed {seed} {'treatment' if treated else 'control'}: "
-                        f"{r['steps']} steps, onset {r['onset']}, explosion {r['explosion']}, "
-                        f"{time.perf_counter() - t0:.1f}s")
+                    log(f"{name} seed {seed} {'treatment' if r['treated'] else 'control'}: "
+                        f"{r['steps']} steps, onset {r['onset']} (loss alone "
+                        f"{r['onset_alone']}), explosion {r['explosion']}, {t:.1f}s")
         runs += sc_runs
         for d in dets:
             rows.append(summarise(sc, sc_runs, d))
@@ -69,11 +73,12 @@ def run_suite(*, small: bool = False, seeds: int = 3, scenario_names: list[str] 
 
 
 def resummarise(result: dict) -> dict:
-    """Recompute the rows of a saved result (``--from-json``) from its runs."""
+    """Recompute the onsets and rows of a saved result (``--from-json``) from its runs."""
     suite = scenarios(result["small"], include_rejected=True)
     rows = []
     for name in result["scenarios"]:
         sc_runs = [r for r in result["runs"] if r["scenario"] == name]
+        pair_onsets(suite[name], sc_runs)  # today's onset definition on the saved losses
         for d in result["detectors"]:
             rows.append(summarise(suite[name], sc_runs, d))
             if d not in ("zscore", "trainscope"):

@@ -1,4 +1,15 @@
-"""The training loop, onset / explosion detection and the per-detector statistics."""
+"""The training loop, onset / explosion detection and the per-detector statistics.
+
+Onset and explosion are read from the training loss (the issue's definitions): the
+baseline is the median loss over the 50 steps before the intervention; the onset is the
+first step from the intervention on from which the loss stays >= 1.25x baseline for 3
+steps, and, for a treatment run, also >= 1.25x its matched control's loss at the same
+steps (:func:`onset_step`: both arms are bitwise identical until the intervention acts, so
+a rise the control shares is noise, not the intervention's effect); the explosion is the
+first step with loss >= 10x baseline or not finite (baseline alone). :func:`train` returns
+the baseline-only onset of one run; :func:`pair_onsets` replaces it by the paired one
+once both arms of a seed have run.
+"""
 
 from __future__ import annotations
 
@@ -16,34 +27,116 @@ from .scenarios import Scenario
 ONSET, EXPLOSION, SUSTAIN = 1.25, 10.0, 3
 
 
-def onset_explosion(losses: list[float], scenario: Scenario) -> tuple[float, int | None,
-                                                                        int | None]:
-    """``(baseline, onset, explosion)`` from the recorded training losses.
+def baseline(losses: list[float], scenario: Scenario) -> float:
+    """Median training loss over the ``baseline_window`` steps before the intervention.
 
-    baseline: median loss over the ``baseline_window`` steps before the intervention.
-    onset: first step >= the intervention from which the loss stays >= 1.25x baseline for
-    3 steps (or the run ends), or is not finite. explosion: first step >= the intervention
-    with loss >= 10x baseline or not finite. ``None``: never.
+    Args:
+        losses: the run's training loss per step.
+        scenario: gives the intervention step and the window.
+
+    Returns:
+        The baseline (NaN for a run that stops before the intervention).
     """
     s0 = scenario.intervention
-    if len(losses) <= s0:  # a run shorter than the intervention (timing runs)
-        return math.nan, None, None
-    base = float(np.median(losses[max(0, s0 - scenario.baseline_window):s0]))
-    onset = explosion = None
-    for s in range(s0, len(losses)):
-        v = losses[s]
-        bad = not math.isfinite(v)
-        if explosion is None and (bad or v >= EXPLOSION * base):
-            explosion = s
-        if onset is None:
-            window = losses[s:s + SUSTAIN]
-            if bad or all((not math.isfinite(w)) or w >= ONSET * base for w in window):
-                onset = s
-        if onset is not None and explosion is not None:
-            break
+    if len(losses) <= s0:
+        return math.nan
+    return float(np.median(losses[max(0, s0 - scenario.baseline_window):s0]))
+
+
+def _finite(v: float | None) -> bool:
+    return v is not None and math.isfinite(v)
+
+
+def _raised(losses: list[float], s: int, base: float,
+            control: list[float] | None) -> bool:
+    """Step ``s`` is above the onset level: loss >= 1.25x baseline and, with a matched
+    control that has step ``s``, >= 1.25x the control's loss there; or not finite."""
+    v = losses[s]
+    if not _finite(v):
+        return True
+    if v < ONSET * base:
+        return False
+    if control is None or s >= len(control):
+        return True
+    c = control[s]
+    return _finite(c) and v >= ONSET * c
+
+
+def onset_step(losses: list[float], base: float, start: int,
+               control: list[float] | None = None) -> int | None:
+    """First step >= ``start`` from which the loss stays raised for ``SUSTAIN`` steps.
+
+    The issue's onset is the primary condition: the loss is >= 1.25x ``base`` (or not
+    finite) on ``SUSTAIN`` (3) consecutive steps, or until the run ends. With the matched
+    control's losses (same seed, same initialisation and batches, bitwise identical to the
+    treatment until the intervention acts), each of those steps must also be >= 1.25x the
+    control's loss at the same step: the control is the run's counterfactual without the
+    intervention, so a rise that the control shares (minibatch noise on a near-zero loss)
+    is not the intervention's effect and is not an onset. The 1.25 factor is the same
+    for both conditions: the treatment is 25 % above where it started and 25 % above
+    where it would be without the intervention. A control step that is missing (the
+    control ran shorter) adds no condition; a non-finite control loss is never exceeded.
+
+    Args:
+        losses: the run's training loss per step (None or NaN: not finite).
+        base: the baseline loss (:func:`baseline`).
+        start: the first step considered (the intervention).
+        control: the matched control's losses, or None for the baseline condition alone.
+
+    Returns:
+        The onset step, or None.
+    """
+    for s in range(start, len(losses)):
+        if all(_raised(losses, w, base, control)
+               for w in range(s, min(s + SUSTAIN, len(losses)))):
+            return s
+    return None
+
+
+def explosion_step(losses: list[float], base: float, start: int) -> int | None:
+    """First step >= ``start`` with loss >= 10x ``base`` or not finite (None: never)."""
+    return next((s for s in range(start, len(losses))
+                 if not _finite(losses[s]) or losses[s] >= EXPLOSION * base), None)
+
+
+def onset_explosion(losses: list[float], scenario: Scenario,
+                    control: list[float] | None = None) -> tuple[float, int | None,
+                                                                 int | None]:
+    """``(baseline, onset, explosion)`` from the recorded training losses.
+
+    baseline: :func:`baseline`. onset: :func:`onset_step` from the intervention, against
+    the matched ``control``'s losses when given. explosion: :func:`explosion_step` (the
+    baseline alone: a 10x loss is the intervention's effect whatever the control does).
+    An onset after the explosion is moved to it (a loss that reaches 10x has passed
+    1.25x). ``None``: never.
+    """
+    base = baseline(losses, scenario)
+    if math.isnan(base):  # a run shorter than the intervention (timing runs)
+        return base, None, None
+    s0 = scenario.intervention
+    onset = onset_step(losses, base, s0, control)
+    explosion = explosion_step(losses, base, s0)
     if explosion is not None and (onset is None or onset > explosion):
-        onset = explosion  # a loss that reaches 10x has passed 1.25x
+        onset = explosion
     return base, onset, explosion
+
+
+def pair_onsets(scenario: Scenario, runs: list[dict[str, Any]]) -> None:
+    """Set each run's ``onset`` against its matched arm (same seed), in place.
+
+    A treatment's onset is :func:`onset_explosion` with its control's losses; a control
+    is its own counterfactual, so its onset is None unless its loss is not finite. Every
+    run keeps the baseline-only onset as ``onset_alone``. Losses stored as None (JSON)
+    count as not finite.
+    """
+    arms = {(r["seed"], r["treated"]): r for r in runs}
+    for r in runs:
+        own = [math.nan if v is None else v for v in r["losses"]]
+        match = arms.get((r["seed"], False))
+        ctrl = None if match is None else [math.nan if v is None else v
+                                           for v in match["losses"]]
+        r["onset_alone"] = onset_explosion(own, scenario)[1]
+        r["onset"] = onset_explosion(own, scenario, ctrl if r["treated"] else own)[1]
 
 
 def train(scenario: Scenario, seed: int, treated: bool, detector_names: list[str],
@@ -92,8 +185,7 @@ def train(scenario: Scenario, seed: int, treated: bool, detector_names: list[str
             d.after_update(step, (x, y), loss.detach(), out.detach())
         losses.append(value)
         if explosion is None and step >= scenario.intervention:
-            s0 = scenario.intervention
-            base = float(np.median(losses[max(0, s0 - scenario.baseline_window):s0]))
+            base = baseline(losses, scenario)
             if not math.isfinite(value) or value >= EXPLOSION * base:
                 explosion = step
         if explosion is not None and step >= explosion + tail:
