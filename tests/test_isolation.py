@@ -84,3 +84,56 @@ def test_sdpa_math_allows_double_backward_through_attention():
         gv = sum((g * torch.ones_like(g)).sum() for g in grads)
         hv = torch.autograd.grad(gv, list(params.values()))
     assert all(torch.isfinite(h).all() for h in hv)
+
+
+class _FrozenNorm(torch.nn.Module):
+    """A module whose train() keeps its BatchNorm in eval mode, and counts the calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+        self.bn = torch.nn.BatchNorm1d(3)
+        self.calls = []
+
+    def train(self, mode=True):
+        self.calls.append(mode)
+        super().train(mode)
+        self.bn.eval()
+        return self
+
+    def forward(self, x):
+        return self.bn(self.lin(x))
+
+
+def test_isolated_calls_a_custom_train_override_and_restores_every_flag():
+    model = torch.nn.Sequential(_FrozenNorm(), torch.nn.Dropout(0.5))
+    model.train()
+    inner = model[0]
+    assert inner.training and not inner.bn.training
+    inner.calls.clear()
+    with isolated(model):
+        assert inner.calls == [False]  # model.eval() reached the override
+        assert not any(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == [True, True, True, False, True]
+
+
+def test_isolated_sets_and_restores_flags_directly_for_plain_modules():
+    model = models.cnn_bn()
+    model.train()
+    model.fc.eval()  # a mixed state is restored exactly, module by module
+    modes = [m.training for m in model.modules()]
+    with isolated(model):
+        assert not any(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == modes
+
+
+def test_isolated_restores_tied_parameters_once_and_their_grad():
+    lin = torch.nn.Linear(4, 4, bias=False)
+    model = torch.nn.Sequential(lin, torch.nn.ReLU(), torch.nn.Linear(4, 4, bias=False))
+    model[2].weight = lin.weight  # tied
+    g = torch.ones(4, 4)
+    lin.weight.grad = g
+    with isolated(model):
+        lin.weight.grad = None
+        lin.weight.requires_grad_(False)
+    assert lin.weight.grad is g and lin.weight.requires_grad
