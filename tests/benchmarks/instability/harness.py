@@ -214,7 +214,9 @@ def summarise(scenario: Scenario, runs: list[dict[str, Any]], detector: str,
     without one) that the matched control does not raise at the same step; trainscope's
     raw spikes count here. False alarms: alarm episodes (trainscope's raw spikes less than
     20 steps apart are one) on the controls from the end of warm-up, in warm-up (both arms),
-    and between warm-up and the intervention on the treatment arm.
+    and between warm-up and the intervention on the treatment arm. Leads are measured
+    to each run's ``onset`` and ``explosion`` as stored (after :func:`pair_onsets`, the
+    onset against the matched control).
     """
     s0, warm = scenario.intervention, scenario.warmup
     treated = [r for r in runs if r["treated"]]

@@ -16,7 +16,9 @@ def markdown(result: dict) -> str:
     sep = "|" + "---|" * 13
     lines = [f"Seeds per scenario: {result['seeds']}. Leads are medians over detected seeds, "
              "in steps (negative: after). in-call: time inside the detector's calls over the "
-             "training step's time (median over runs).", ""]
+             "training step's time (median over runs). Onset: loss >= 1.25x baseline for 3 "
+             "steps and >= 1.25x the matched control's loss at those steps; explosion: "
+             ">= 10x baseline or not finite.", ""]
     for title, keep in (("Any rule", lambda r: r["rule"] == "any"),
                         ("Per rule", lambda r: r["rule"] != "any")):
         lines += [f"**{title}**", "", head, sep]
