@@ -11,7 +11,12 @@ keeps plus one product's peak, fitted from products on two small micro-batches a
 to the batch -- and picks the cheapest way to fit ``memory_budget``: the whole
 basis, a host-offloaded basis (CUDA), a thick-restarted basis, micro-batches, or the
 first-order product; or refuses with one :class:`~landscape.LandscapeError` line
-(docs/curvature.md, "Memory").
+(docs/curvature.md, "Memory"). :func:`plan_probes` does the same for the estimators that
+multiply many independent probes (``hessian_trace``, ``spectral_density``): it picks how
+many probes to multiply at once. The measured part of a plan is a :class:`MemoryProfile`
+(:func:`profile_memory`), which callers measuring repeatedly (the monitor) keep and reuse.
+A budget is bytes, ``"<f>x step"`` or ``"auto"``: one training step, but never less than
+:data:`BUDGET_FLOOR`.
 """
 
 from __future__ import annotations
@@ -27,13 +32,27 @@ import torch
 from landscape._errors import LandscapeError
 
 __all__ = [
+    "BUDGET_FLOOR",
     "MemoryBudgetError",
     "MemoryPlan",
+    "MemoryProfile",
     "PeakMemory",
     "apply_plan",
+    "batch_rows",
+    "check_budget",
     "parse_budget",
     "plan_eigen",
+    "plan_probes",
+    "profile_memory",
 ]
+
+BUDGET_FLOOR = 256 * 2**20
+"""The least ``"auto"`` budget, in bytes (256 MiB): below it memory is never limited.
+
+On a small model one parameter-sized vector can outweigh a whole training step, and the
+resident set's noise on the CPU is megabytes; a measurement under this size is allowed
+whatever the step's memory.
+"""
 
 _ACTIVE: list[PeakMemory] = []
 
@@ -138,12 +157,27 @@ class PeakMemory:
 _BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*x\s*step\s*$", re.IGNORECASE)
 
 
-def parse_budget(budget: int | float | str | None, step_bytes: float | None) -> float | None:
-    """A memory budget in bytes: a number of bytes, or ``"<f>x step"``.
+def check_budget(budget: int | float | str | None) -> None:
+    """Refuse a malformed budget before anything is measured.
 
     Args:
-        budget: bytes, ``"1.5x step"`` (a multiple of one training step's peak), or ``None``
-            (no limit).
+        budget: bytes, ``"<f>x step"``, ``"auto"`` or ``None``.
+
+    Raises:
+        ValueError: anything else, or a non-positive number.
+    """
+    if budget is None or (isinstance(budget, str) and budget.strip().lower() == "auto"):
+        return
+    parse_budget(budget, 1.0)
+
+
+def parse_budget(budget: int | float | str | None, step_bytes: float | None) -> float | None:
+    """A memory budget in bytes: a number of bytes, ``"<f>x step"`` or ``"auto"``.
+
+    Args:
+        budget: bytes, ``"1.5x step"`` (a multiple of one training step's peak),
+            ``"auto"`` (one step, at least :data:`BUDGET_FLOOR`; the floor alone when the
+            step is unknown), or ``None`` (no limit).
         step_bytes: one training step's peak, needed for the ``"x step"`` form.
 
     Returns:
@@ -154,6 +188,9 @@ def parse_budget(budget: int | float | str | None, step_bytes: float | None) -> 
     """
     if budget is None:
         return None
+    if isinstance(budget, str) and budget.strip().lower() == "auto":
+        step = float(step_bytes) if step_bytes is not None else math.nan
+        return max(step, float(BUDGET_FLOOR)) if math.isfinite(step) else float(BUDGET_FLOOR)
     if isinstance(budget, str):
         m = _BUDGET.match(budget)
         if m is None:
@@ -174,15 +211,19 @@ class MemoryPlan:
 
     Attributes:
         budget: the budget in bytes (``None``: no limit).
-        step_bytes: one training step's peak (given, or estimated by :func:`plan_eigen`).
+        step_bytes: one training step's peak (given, or estimated by :func:`profile_memory`).
         product_bytes: one product's peak at the chosen micro-batch size, estimated.
         vector_bytes: bytes of one basis vector.
-        vectors: vectors the solver keeps on the device at most.
-        estimate: the estimated peak, ``product_bytes + vectors * vector_bytes``.
+        vectors: vectors the solver keeps on the device at most (for :func:`plan_probes`,
+            the vectors' bytes over ``vector_bytes``, rounded up).
+        estimate: the estimated peak: ``product_bytes + vectors * vector_bytes`` for
+            :func:`plan_eigen`; the fixed part plus ``probe_batch`` times (a probe's vectors
+            and one product) for :func:`plan_probes`.
         microbatch_size: the micro-batch size to use (``None``: unchanged).
         max_basis: the basis bound (thick restart; ``None``: unbounded).
         offload: keep the basis in host memory.
         backend: the product's backend to switch to (``None``: unchanged).
+        probe_batch: probes multiplied at once (:func:`plan_probes`; ``None``: unchanged).
     """
 
     budget: float | None
@@ -195,12 +236,65 @@ class MemoryPlan:
     max_basis: int | None = None
     offload: bool = False
     backend: str | None = None
+    probe_batch: int | None = None
 
 
-def _batch_rows(op: Any) -> int | None:
-    """The number of samples of the largest batch of a model operator (None: unknown)."""
+@dataclasses.dataclass(frozen=True)
+class MemoryProfile:
+    """The measured part of a plan: one product's peak against the batch, and the step's.
+
+    A product on ``s`` samples is estimated at ``product_intercept + product_slope * s``
+    bytes (:func:`profile_memory`). Keep a profile to plan later measurements of the same
+    operator and data without measuring again (the monitor measures once per data source).
+
+    Attributes:
+        step_bytes: one training step's peak (NaN: unknown, e.g. an explicit matrix).
+        product_intercept: the product's peak at zero samples, in bytes.
+        product_slope: its growth per sample, in bytes.
+        rows: samples of the largest batch (``None``: not a model operator, or unknown).
+        microbatch_size: the operator's micro-batch size when profiled (``None``: none).
+        vector_bytes: bytes of one solver vector (:func:`~landscape.curvature.lanczos.
+            work_dtype` of the operator's dtype).
+    """
+
+    step_bytes: float
+    product_intercept: float
+    product_slope: float
+    rows: int | None
+    microbatch_size: int | None
+    vector_bytes: int
+
+    @property
+    def batch(self) -> int | None:
+        """The samples one product runs on now: the micro-batch size, else ``rows``."""
+        return self.microbatch_size or self.rows
+
+    def product(self, size: int | None) -> float:
+        """The estimated peak of one product on micro-batches of ``size`` samples.
+
+        Args:
+            size: samples per micro-batch (``None``: not a model operator).
+
+        Returns:
+            Bytes.
+        """
+        return self.product_intercept + self.product_slope * (size or 0)
+
+
+def batch_rows(op: Any) -> int | None:
+    """The number of samples of the largest batch of a model operator.
+
+    Args:
+        op: an operator.
+
+    Returns:
+        The samples, or ``None`` (not a model operator, or a batch without a sample size).
+    """
     from landscape.curvature._batches import leading_size
 
+    op = _model_operator(op)
+    if op is None:
+        return None
     sizes = []
     for b in op._data.batches:
         first = b if op.closure is not None or op.forward is not None else b[0]
@@ -209,6 +303,22 @@ def _batch_rows(op: Any) -> int | None:
             return None
         sizes.append(n)
     return max(sizes) if sizes else None
+
+
+_batch_rows = batch_rows
+
+
+def _is_model_operator(op: Any) -> bool:
+    return hasattr(op, "_data") and hasattr(op, "options")
+
+
+def _model_operator(op: Any) -> Any:
+    """The model operator ``op`` is or wraps (a preconditioned operator's ``base``), or None."""
+    while not _is_model_operator(op):
+        op = getattr(op, "base", None)
+        if op is None:
+            return None
+    return op
 
 
 def with_microbatches(op: Any, size: int) -> Any:
@@ -269,6 +379,92 @@ def _fit(op: Any, what: str, rows: int) -> tuple[float, float]:
     return max(0.0, p1 - slope * m), slope
 
 
+def _vector_bytes(op: Any) -> int:
+    from landscape.curvature.lanczos import work_dtype
+
+    return int(op.dim * torch.empty((), dtype=work_dtype(op.dtype)).element_size())
+
+
+def profile_memory(op: Any, *, step_bytes: float | None = None) -> MemoryProfile:
+    """Measure what a plan needs: one product's peak against the batch, and the step's.
+
+    A model operator (or one wrapping it, like a preconditioned operator) is measured on
+    micro-batches of ``m`` and ``2m`` samples (``m`` an eighth of the batch): two products
+    and, unless ``step_bytes`` is given, two gradients -- about one training step of work
+    in all. One product is taken to hold at least two parameter-sized vectors (the
+    gradient and the result). The step is the fitted forward/backward peak at the whole
+    batch plus Adam's two moments. Under ``torch.distributed`` every rank takes the
+    largest value over the ranks, so all ranks plan alike. Other operators measure
+    nothing (a product is counted as its result alone).
+
+    Args:
+        op: the operator.
+        step_bytes: one training step's peak, if known (saves the two gradients).
+
+    Returns:
+        The profile.
+    """
+    vbytes = _vector_bytes(op)
+    model_op = _model_operator(op)
+    rows = batch_rows(op) if model_op is not None else None
+    if model_op is None or rows is None:
+        step = float(step_bytes) if step_bytes is not None else math.nan
+        return MemoryProfile(step, float(op.dim * _element_size(op.dtype)), 0.0, rows,
+                             None, vbytes)
+    pbytes = model_op.dim * model_op.parameters[0].element_size()
+    pi, ps = _fit(model_op, "product", rows)
+    # a product holds at least the gradient and its result; a step, the gradient (the
+    # resident set misses memory the allocator reuses, which matters on tiny models)
+    pi = max(pi, 2.0 * pbytes)
+    if step_bytes is None:  # an Adam step: forward/backward, and two moments
+        gi, gs = _fit(model_op, "gradient", rows)
+        step_bytes = max(gi, float(pbytes)) + gs * rows + 2.0 * pbytes
+    step, pi, ps = _agree(model_op, (float(step_bytes), pi, ps))
+    return MemoryProfile(step, pi, ps, rows, model_op.microbatch_size, vbytes)
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _agree(op: Any, values: tuple[float, ...]) -> tuple[float, ...]:
+    """The largest of ``values`` over the ranks when the operator reduces over them."""
+    reduce = getattr(op, "_reduce", None)
+    if reduce is None or not reduce.enabled:
+        return values
+    from landscape import distributed
+
+    if not distributed.is_distributed():
+        return values
+    got = distributed._all_reduce_max(torch.tensor(values, dtype=torch.float64))
+    return tuple(float(x) for x in got)
+
+
+def _limit(
+    op: Any, budget: int | float | str, profile: MemoryProfile, what: str
+) -> float:
+    if isinstance(budget, str) and not math.isfinite(profile.step_bytes):
+        if budget.strip().lower() != "auto":
+            parse_budget(budget, 1.0)  # a malformed budget says so first
+            raise MemoryBudgetError(
+                f"memory_budget: {what} on this operator has no training step to compare "
+                "with; give the budget in bytes")
+    limit = parse_budget(budget, profile.step_bytes)
+    assert limit is not None
+    return limit
+
+
+def _profile_for(
+    op: Any, budget: int | float | str | None, profile: MemoryProfile | None,
+    step_bytes: float | None,
+) -> MemoryProfile:
+    if profile is not None:
+        if step_bytes is not None:
+            profile = dataclasses.replace(profile, step_bytes=float(step_bytes))
+        return profile
+    return profile_memory(op, step_bytes=step_bytes)
+
+
 def plan_eigen(
     op: Any,
     *,
@@ -277,6 +473,7 @@ def plan_eigen(
     least_basis: int,
     extra_vectors: int = 4,
     step_bytes: float | None = None,
+    profile: MemoryProfile | None = None,
 ) -> MemoryPlan:
     """Fit a Lanczos run of ``op`` into ``budget`` before it starts.
 
@@ -286,7 +483,8 @@ def plan_eigen(
     its flat copy, the micro-batch sum, the Gram-Schmidt copy, the Ritz vectors; measured
     on ResNet-18, where ``3 + k`` underestimated the peak by a quarter);
     ``product`` is one product's peak, fitted on micro-batches of ``m`` and ``2m`` samples
-    (``m`` an eighth of the batch) and scaled linearly to the micro-batch size. In order,
+    (``m`` an eighth of the batch) and scaled linearly to the micro-batch size
+    (:func:`profile_memory`). In order,
     the first that fits: the whole basis on the device with whole batches; offloaded to
     host memory (CUDA only); a restarted basis of at least 20 vectors; smaller restarted
     bases, down to ``max(least_basis + 2, 4)``, with micro-batches halving down to one
@@ -294,12 +492,13 @@ def plan_eigen(
 
     Args:
         op: the operator (a model operator; others are only checked for their basis).
-        budget: bytes, ``"<f>x step"`` or ``None`` (no limit: the plan changes nothing).
+        budget: bytes, ``"<f>x step"``, ``"auto"`` or ``None`` (no limit: the plan changes
+            nothing and nothing is measured).
         basis_vectors: the vectors the unrestarted solver may keep.
         least_basis: the smallest basis the solver can restart with.
         extra_vectors: vectors besides the basis.
-        step_bytes: one training step's peak (default: the peak of a forward/backward on
-            the probe data, estimated the same way, plus Adam's two moments).
+        step_bytes: one training step's peak (default: the profile's estimate).
+        profile: a :class:`MemoryProfile` of ``op`` measured before (default: measure).
 
     Returns:
         The plan.
@@ -307,36 +506,16 @@ def plan_eigen(
     Raises:
         MemoryBudgetError: nothing fits the budget (one line that says what it needs).
     """
-    from landscape.curvature.lanczos import work_dtype
-
-    vbytes = op.dim * torch.empty((), dtype=work_dtype(op.dtype)).element_size()
-    model_op = hasattr(op, "_data") and hasattr(op, "options")
-    rows = _batch_rows(op) if model_op else None
+    vbytes = _vector_bytes(op)
     if budget is None:
         return MemoryPlan(None, math.nan, math.nan, vbytes, basis_vectors + extra_vectors,
                           math.nan)
-    if model_op and rows is not None:
-        pbytes = op.dim * op.parameters[0].element_size()
-        pi, ps = _fit(op, "product", rows)
-        # a product holds at least the gradient and its result; a step, the gradient (the
-        # resident set misses memory the allocator reuses, which matters on tiny models)
-        pi = max(pi, 2.0 * pbytes)
-        mb = op.microbatch_size or rows
-        if step_bytes is None:  # an Adam step: forward/backward, and two moments
-            gi, gs = _fit(op, "gradient", rows)
-            step_bytes = max(gi, float(pbytes)) + gs * rows + 2.0 * pbytes
-    else:
-        pi, ps, mb = 0.0, 0.0, None
-        if step_bytes is None and isinstance(budget, str):
-            raise MemoryBudgetError(
-                "memory_budget: this operator has no training step to compare with; give "
-                "the budget in bytes")
-    limit = parse_budget(budget, step_bytes)
-    assert limit is not None
-    step = float(step_bytes) if step_bytes is not None else math.nan
+    prof = _profile_for(op, budget, profile, step_bytes)
+    limit = _limit(op, budget, prof, "the measurement")
+    step, mb = prof.step_bytes, prof.batch
 
     def plan(size: int | None, vectors: int, **kw: Any) -> MemoryPlan:
-        product = pi + ps * (size if size is not None else 0)
+        product = prof.product(size) if prof.rows is not None else 0.0
         total = product + vectors * vbytes
         return MemoryPlan(limit, step, product, vbytes, vectors, total,
                           microbatch_size=size if size != mb else None, **kw)
@@ -358,7 +537,7 @@ def plan_eigen(
             if fit >= max(floor, least):
                 bound = min(fit, basis_vectors)
                 return plan(size, bound + extra_vectors, max_basis=bound)
-    if model_op and rows is not None and _has_first_order(op):
+    if prof.rows is not None and _has_first_order(op):
         fo = MemoryPlan(limit, step, step, vbytes, least + extra_vectors,
                         step + (least + extra_vectors) * vbytes, max_basis=least,
                         backend="first_order")
@@ -371,6 +550,82 @@ def plan_eigen(
         f"{_fmt(need.product_bytes)} on micro-batches of {sizes[-1] or 'whole batches'}), "
         f"over the budget of {_fmt(limit)}; raise memory_budget= or select fewer "
         "parameters (params=)"
+    )
+
+
+def plan_probes(
+    op: Any,
+    *,
+    budget: int | float | str | None,
+    n_probes: int,
+    fixed_bytes: float,
+    probe_bytes: float,
+    what: str = "the measurement",
+    step_bytes: float | None = None,
+    profile: MemoryProfile | None = None,
+) -> MemoryPlan:
+    """Fit an estimator that multiplies ``n_probes`` independent probes into ``budget``.
+
+    The estimate of multiplying ``c`` probes at once is ``fixed_bytes + c * (probe_bytes +
+    product)``: ``fixed_bytes`` is what the estimator keeps throughout (a Krylov or sketch
+    basis), ``probe_bytes`` the vectors each probe of a batch holds, and ``product`` one
+    product's peak at the micro-batch size (:func:`profile_memory`). A batch of ``c``
+    products shares one forward graph, so ``c`` products' peaks bound it from above. In
+    order, the first that fits: the most probes at once (at most ``n_probes``) with whole
+    batches; then micro-batches halving down to one sample, one or more probes at a
+    time; the first-order product (one training step's peak per product).
+
+    Args:
+        op: the operator.
+        budget: bytes, ``"<f>x step"``, ``"auto"`` or ``None`` (no limit: the plan changes
+            nothing and nothing is measured).
+        n_probes: the most probes the estimator would multiply at once.
+        fixed_bytes: bytes the estimator keeps whatever the batch.
+        probe_bytes: bytes each probe of a batch holds besides its product.
+        what: the measurement's name, for the refusal.
+        step_bytes: one training step's peak (default: the profile's estimate).
+        profile: a :class:`MemoryProfile` of ``op`` measured before (default: measure).
+
+    Returns:
+        The plan (``probe_batch`` the probes to multiply at once).
+
+    Raises:
+        MemoryBudgetError: not even one probe at a time fits (one line).
+    """
+    vbytes = _vector_bytes(op)
+    n_probes = max(1, int(n_probes))
+    if budget is None:
+        vectors = math.ceil((fixed_bytes + n_probes * probe_bytes) / vbytes)
+        return MemoryPlan(None, math.nan, math.nan, vbytes, vectors, math.nan)
+    prof = _profile_for(op, budget, profile, step_bytes)
+    limit = _limit(op, budget, prof, what)
+    mb = prof.batch
+
+    def plan(product: float, c: int, **kw: Any) -> MemoryPlan:
+        vectors = math.ceil((fixed_bytes + c * probe_bytes) / vbytes)
+        return MemoryPlan(limit, prof.step_bytes, product, vbytes, vectors,
+                          fixed_bytes + c * (probe_bytes + product), probe_batch=c, **kw)
+
+    def most(product: float) -> int:
+        return min(n_probes, int((limit - fixed_bytes) // (probe_bytes + product)))
+
+    sizes = [mb] if mb is None else _halvings(mb)
+    for size in sizes:
+        product = prof.product(size)
+        c = most(product)
+        if c >= 1:
+            return plan(product, c, microbatch_size=size if size != mb else None)
+    if prof.rows is not None and _has_first_order(op) and math.isfinite(prof.step_bytes):
+        c = most(prof.step_bytes)
+        if c >= 1:
+            return plan(prof.step_bytes, c, backend="first_order")
+    least = prof.product(sizes[-1])
+    raise MemoryBudgetError(
+        f"memory_budget: {what} needs at least {_fmt(fixed_bytes + probe_bytes + least)} "
+        f"({_fmt(fixed_bytes)} kept, {_fmt(probe_bytes)} per probe and one product of "
+        f"{_fmt(least)} on micro-batches of {sizes[-1] or 'whole batches'}), over the "
+        f"budget of {_fmt(limit)}; raise memory_budget=, use fewer products (n_matvec=, "
+        "lanczos_steps=) or select fewer parameters (params=)"
     )
 
 
@@ -398,13 +653,23 @@ def _fmt(nbytes: float) -> str:
 def apply_plan(op: Any, plan: MemoryPlan) -> Any:
     """The operator the plan asks for: ``op`` itself, or a copy with micro-batches/backend.
 
+    A wrapping operator (a preconditioned one) is copied around a planned copy of its
+    ``base``.
+
     Args:
         op: the operator.
-        plan: the plan from :func:`plan_eigen`.
+        plan: the plan from :func:`plan_eigen` or :func:`plan_probes`.
 
     Returns:
         The operator to run the solver on.
     """
+    if plan.microbatch_size is None and plan.backend is None:
+        return op
+    if not _is_model_operator(op) and getattr(op, "base", None) is not None:
+        new = copy.copy(op)
+        new.base = apply_plan(op.base, plan)
+        new.n_matvec = 0
+        return new
     if plan.microbatch_size is not None:
         op = with_microbatches(op, plan.microbatch_size)
     if plan.backend is not None:

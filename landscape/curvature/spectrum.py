@@ -28,7 +28,14 @@ from landscape.curvature._probes import rademacher as _rademacher
 from landscape.curvature._probes import to_vectors as _to_vectors
 from landscape.curvature.base import CurvatureOperator
 from landscape.curvature.lanczos import krylov_eigsh, lanczos_tridiagonal
-from landscape.curvature.memory import PeakMemory, apply_plan, plan_eigen
+from landscape.curvature.memory import (
+    MemoryProfile,
+    PeakMemory,
+    apply_plan,
+    check_budget,
+    plan_eigen,
+    plan_probes,
+)
 from landscape.curvature.trace import TraceResult, hessian_trace
 from landscape.params import Vector, flatten
 
@@ -132,6 +139,7 @@ def top_eigenvalues(
     max_basis: int | None = None,
     offload: bool = False,
     memory_budget: int | float | str | None = None,
+    memory_profile: MemoryProfile | None = None,
 ) -> EigenResult:
     """The ``k`` algebraically largest eigenpairs of ``op`` (and/or the smallest).
 
@@ -166,11 +174,14 @@ def top_eigenvalues(
             ``tol / 10``); :func:`~landscape.curvature.lanczos.krylov_eigsh`.
         max_basis: keep at most this many basis vectors (thick restart); ``None``: all.
         offload: keep the basis in host memory (pinned on CUDA), streamed to the device.
-        memory_budget: the most memory the run may take above what is in use, in bytes or
-            as ``"<f>x step"`` (a multiple of one forward/backward on the probe data);
+        memory_budget: the most memory the run may take above what is in use, in bytes,
+            as ``"<f>x step"`` (a multiple of one training step on the probe data) or
+            ``"auto"`` (one step, at least 256 MiB; docs/curvature.md, "Memory");
             :func:`~landscape.curvature.memory.plan_eigen` then chooses the basis bound,
             offloading, micro-batches or the first-order product before the run, or
             raises. ``None``: no limit.
+        memory_profile: a :class:`~landscape.curvature.memory.MemoryProfile` of ``op``
+            measured before, reused by the plan (default: measured when a budget is given).
 
     Returns:
         The eigenpairs, their residuals and the products used; for ``"both"``, the
@@ -195,6 +206,7 @@ def top_eigenvalues(
         raise ValueError(f"which must be 'largest', 'smallest' or 'both', got {which!r}")
     if max_matvec is not None and max_matvec < 1:
         raise ValueError(f"max_matvec must be >= 1, got {max_matvec}")
+    check_budget(memory_budget)
     gen = _generator(seed)
     start = _warm_rows(warm_start, op, which)
     cold = start is None
@@ -210,7 +222,7 @@ def top_eigenvalues(
         ends, b = (2 if which == "both" else 1), (start.shape[0] if start.dim() > 1 else 1)
         plan = plan_eigen(
             op, budget=memory_budget, basis_vectors=min(op.dim, max_matvec + b + 1),
-            least_basis=ends * k + b, extra_vectors=8 + ends * k,
+            least_basis=ends * k + b, extra_vectors=8 + ends * k, profile=memory_profile,
         )
         run_op = apply_plan(op, plan)
         if plan.max_basis is not None:
@@ -263,7 +275,10 @@ class DensityResult:
     weights of each row sum to ``1 / n_probes``, so all sum to 1, and
     ``density(t) = sum_k weights_k g_sigma(t - nodes_k)`` over the valid entries.
     ``sigma`` is the Gaussian kernel's standard deviation, ``dim`` the operator's dimension,
-    ``n_matvec`` the products used.
+    ``n_matvec`` the products used. ``peak_memory``: the run's measured peak above the
+    memory in use when it began, in bytes; ``probe_batch``: the most probes run in lock
+    step; ``memory_plan``: the :class:`~landscape.curvature.memory.MemoryPlan` followed
+    when a ``memory_budget`` was given.
     """
 
     grid: torch.Tensor
@@ -273,6 +288,9 @@ class DensityResult:
     n_matvec: int
     sigma: float = 0.0
     dim: int = 0
+    peak_memory: int | None = None
+    probe_batch: int | None = None
+    memory_plan: Any = None
 
     @property
     def valid(self) -> torch.Tensor:
@@ -297,9 +315,10 @@ class DensityResult:
         return self.dim * self.moment(1)
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain Python lists and numbers: nodes, weights, sigma, n_matvec, dim."""
+        """Plain Python lists and numbers: nodes, weights, sigma, n_matvec, dim, peak_memory."""
         return {"nodes": self.nodes.tolist(), "weights": self.weights.tolist(),
-                "sigma": self.sigma, "n_matvec": self.n_matvec, "dim": self.dim}
+                "sigma": self.sigma, "n_matvec": self.n_matvec, "dim": self.dim,
+                "peak_memory": self.peak_memory}
 
 
 def gaussian_density(
@@ -330,6 +349,9 @@ def spectral_density(
     grid: torch.Tensor | int | None = None,
     sigma: float | None = None,
     seed: int = 0,
+    probe_batch: int | None = None,
+    memory_budget: int | float | str | None = None,
+    memory_profile: MemoryProfile | None = None,
 ) -> DensityResult:
     """Eigenvalue density of ``op`` by stochastic Lanczos quadrature.
 
@@ -347,6 +369,13 @@ def spectral_density(
     identity: ``sum_k tau_k theta_k^j = v^T A^j v`` for ``j <= 2 m - 1``. The old keyword
     ``n_iter`` still works and warns.
 
+    Memory: each probe keeps its basis of ``lanczos_steps`` vectors, and a lock step of
+    ``c`` probes multiplies ``c`` vectors at once (up to ``c`` products' memory).
+    ``probe_batch`` (or the plan for ``memory_budget``) runs the probes in groups of at
+    most that many, one group after the other; the runs are independent, so only the
+    products' rounding and the breakdown test's norm estimate (shared within a group) can
+    differ from one lock step of all probes.
+
     Args:
         op: the operator.
         lanczos_steps: Lanczos steps per probe (``lanczos_steps * n_probes`` products).
@@ -354,13 +383,22 @@ def spectral_density(
         grid: the points to evaluate the density at, or their number.
         sigma: the Gaussian kernel's standard deviation.
         seed: the seed of the probes.
+        probe_batch: run at most this many probes in lock step (``None``: all).
+        memory_budget: the most memory the run may take above what is in use: bytes,
+            ``"<f>x step"`` or ``"auto"`` (docs/curvature.md, "Memory");
+            :func:`~landscape.curvature.memory.plan_probes` then picks the group size,
+            micro-batches or the first-order product before the run, or raises.
+            ``None``: no limit.
+        memory_profile: a :class:`~landscape.curvature.memory.MemoryProfile` of ``op``
+            measured before, reused by the plan (default: measured when a budget is given).
 
     Returns:
         The smoothed density and its quadrature nodes and weights.
 
     Raises:
-        ValueError: ``lanczos_steps < 1``, ``n_probes < 1``, ``sigma <= 0`` or a grid of
-            fewer than 2 points.
+        ValueError: ``lanczos_steps < 1``, ``n_probes < 1``, ``probe_batch < 1``,
+            ``sigma <= 0`` or a grid of fewer than 2 points.
+        MemoryBudgetError: nothing fits ``memory_budget`` (a ``LandscapeError``, one line).
 
     Example:
         >>> import torch
@@ -375,11 +413,36 @@ def spectral_density(
         raise ValueError(f"n_probes must be >= 1, got {n_probes}")
     if sigma is not None and not sigma > 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
+    if probe_batch is not None and probe_batch < 1:
+        raise ValueError(f"probe_batch must be >= 1, got {probe_batch}")
+    check_budget(memory_budget)
+    plan = None
+    run_op = op
+    group = min(n_probes, probe_batch or n_probes)
+    if memory_budget is not None:
+        plan = plan_probes(
+            op, budget=memory_budget, n_probes=group,
+            fixed_bytes=density_fixed_bytes(op, n_probes),
+            probe_bytes=density_probe_bytes(op, lanczos_steps),
+            what="spectral_density", profile=memory_profile,
+        )
+        run_op = apply_plan(op, plan)
+        group = min(group, plan.probe_batch or group)
     gen = _generator(seed)
     starts = _rademacher(n_probes, op, gen)
     starts = starts / math.sqrt(op.dim)
-    before = op.n_matvec
-    alphas, betas, _ = lanczos_tridiagonal(op.flat_matmat, starts, lanczos_steps)
+    before = run_op.n_matvec
+    alphas: list[torch.Tensor] = []
+    betas: list[torch.Tensor] = []
+    with PeakMemory(op.device) as mem:
+        for i in range(0, n_probes, group):
+            a, b, _ = lanczos_tridiagonal(run_op.flat_matmat, starts[i : i + group],
+                                          lanczos_steps)
+            alphas += a
+            betas += b
+    used = run_op.n_matvec - before
+    if run_op is not op:
+        op.n_matvec += used
     width = max(a.numel() for a in alphas)
     node_t = torch.full((n_probes, width), math.nan, dtype=torch.float64)
     weight_t = torch.zeros((n_probes, width), dtype=torch.float64)
@@ -402,5 +465,39 @@ def spectral_density(
     density = gaussian_density(node_t[mask], weight_t[mask], grid_t, sigma)
     return DensityResult(
         grid=grid_t, density=density, nodes=node_t, weights=weight_t,
-        n_matvec=op.n_matvec - before, sigma=float(sigma), dim=op.dim,
+        n_matvec=used, sigma=float(sigma), dim=op.dim, peak_memory=mem.peak,
+        probe_batch=group, memory_plan=plan,
     )
+
+
+def density_fixed_bytes(op: CurvatureOperator, n_probes: int) -> int:
+    """Bytes :func:`spectral_density` keeps whatever its groups: the probes' start vectors.
+
+    Args:
+        op: the operator.
+        n_probes: the probes.
+
+    Returns:
+        ``n_probes`` vectors in the operator's dtype.
+    """
+    return n_probes * op.dim * torch.empty((), dtype=op.dtype).element_size()
+
+
+def density_probe_bytes(op: CurvatureOperator, lanczos_steps: int) -> int:
+    """Bytes one probe of a lock step holds besides its product.
+
+    Its basis of ``lanczos_steps`` vectors and four more (the vector multiplied, its
+    product, the Gram-Schmidt copy and its coefficients' update), in the solver's dtype
+    (:func:`~landscape.curvature.lanczos.work_dtype`).
+
+    Args:
+        op: the operator.
+        lanczos_steps: the Lanczos steps per probe.
+
+    Returns:
+        Bytes.
+    """
+    from landscape.curvature.lanczos import work_dtype
+
+    w = torch.empty((), dtype=work_dtype(op.dtype)).element_size()
+    return (min(lanczos_steps, op.dim) + 4) * op.dim * w

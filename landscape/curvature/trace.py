@@ -17,9 +17,16 @@ from landscape.curvature._probes import generator as _generator
 from landscape.curvature._probes import rademacher as _rademacher
 from landscape.curvature.base import CurvatureOperator
 from landscape.curvature.lanczos import krylov_basis
-from landscape.curvature.memory import PeakMemory
+from landscape.curvature.memory import (
+    BUDGET_FLOOR,
+    MemoryProfile,
+    PeakMemory,
+    apply_plan,
+    check_budget,
+    plan_probes,
+)
 
-__all__ = ["TraceResult", "hessian_trace"]
+__all__ = ["TraceResult", "hessian_trace", "trace_memory"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -37,6 +44,9 @@ class TraceResult:
         samples: the per-probe quadratic forms of the stochastic part.
         peak_memory: the measured peak above the memory in use when the estimate began,
             in bytes (:class:`~landscape.curvature.memory.PeakMemory`).
+        probe_batch: the most probes multiplied at once.
+        memory_plan: the :class:`~landscape.curvature.memory.MemoryPlan` followed when a
+            ``memory_budget`` was given.
     """
 
     value: float
@@ -45,12 +55,14 @@ class TraceResult:
     method: str = "hutch++"
     samples: torch.Tensor | None = None
     peak_memory: int | None = None
+    probe_batch: int | None = None
+    memory_plan: Any = None
 
     def __float__(self) -> float:
         return float(self.value)
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain Python numbers: value, stderr, n_matvec, method."""
+        """Plain Python numbers: value, stderr, n_matvec, method, peak_memory."""
         return {"value": self.value, "stderr": self.stderr, "n_matvec": self.n_matvec,
                 "method": self.method, "peak_memory": self.peak_memory}
 
@@ -70,6 +82,8 @@ def hessian_trace(
     *,
     seed: int = 0,
     probe_batch: int | None = None,
+    memory_budget: int | float | str | None = None,
+    memory_profile: MemoryProfile | None = None,
 ) -> TraceResult:
     """Stochastic estimate of ``tr(op)`` from exactly ``n_matvec`` products.
 
@@ -100,19 +114,34 @@ def hessian_trace(
     less variance for them; docs/curvature.md and docs/benchmarks.md compare the three.
     Requires ``n_matvec >= 2``; the Lanczos steps are sequential single products.
 
+    Probes are drawn, projected and multiplied a batch at a time (a batch of ``c`` probes
+    holds up to ``c`` products' memory); the batch size changes the rounding of the
+    products, never the estimate's probes. By default the first probe is multiplied
+    alone and its measured peak ``p`` sizes the batches: as many probes as fit in
+    ``max(p, BUDGET_FLOOR)`` (256 MiB; docs/curvature.md, "Memory"), so a large model
+    multiplies its probes one at a time and a small one all at once.
+
     Args:
         op: the operator.
         method: ``"krylov"``, ``"hutch++"`` (or ``"hutchpp"``) or ``"hutchinson"``.
         n_matvec: the budget of products, all spent.
         seed: the seed of the probes.
-        probe_batch: multiply at most this many probes at once (their products are
-            batched, each costing one product's memory); ``None``: all at once.
+        probe_batch: multiply at most this many probes at once; ``None``: sized from the
+            first product's measured peak (above).
+        memory_budget: the most memory the estimate may take above what is in use: bytes,
+            ``"<f>x step"`` or ``"auto"`` (:func:`~landscape.curvature.memory.parse_budget`);
+            :func:`~landscape.curvature.memory.plan_probes` then picks the probe batch,
+            micro-batches or the first-order product before the run, or raises.
+            ``None``: no limit.
+        memory_profile: a :class:`~landscape.curvature.memory.MemoryProfile` of ``op``
+            measured before, reused by the plan (default: measured when a budget is given).
 
     Returns:
         The estimate, its standard error and the per-probe samples.
 
     Raises:
         ValueError: an unknown method, or a budget below the method's least.
+        MemoryBudgetError: nothing fits ``memory_budget`` (a ``LandscapeError``, one line).
 
     Example:
         >>> import torch
@@ -131,46 +160,143 @@ def hessian_trace(
         raise ValueError(f"n_matvec must be >= {least} for {method}, got {n_matvec}")
     if probe_batch is not None and probe_batch < 1:
         raise ValueError(f"probe_batch must be >= 1, got {probe_batch}")
+    check_budget(memory_budget)
+    plan = None
+    run_op = op
+    if memory_budget is not None:
+        fixed, per_probe, batched = trace_memory(op, method, n_matvec)
+        plan = plan_probes(op, budget=memory_budget, n_probes=batched, fixed_bytes=fixed,
+                           probe_bytes=per_probe, what=f"hessian_trace ({method})",
+                           profile=memory_profile)
+        run_op = apply_plan(op, plan)
+        probe_batch = min(probe_batch or n_matvec, plan.probe_batch or n_matvec)
+    mult = _Multiplier(run_op, probe_batch)
     with PeakMemory(op.device) as mem:
-        result = _estimate(op, method, n_matvec, seed, probe_batch)
-    return dataclasses.replace(result, peak_memory=mem.peak)
+        result = _estimate(run_op, method, n_matvec, seed, mult)
+    if run_op is not op:
+        op.n_matvec += result.n_matvec
+    return dataclasses.replace(result, peak_memory=mem.peak, probe_batch=mult.largest,
+                               memory_plan=plan)
+
+
+def trace_memory(op: CurvatureOperator, method: str, n_matvec: int) -> tuple[int, int, int]:
+    """What :func:`hessian_trace` keeps, in bytes: ``(fixed, per probe, most probes)``.
+
+    ``fixed``: the Krylov basis (``n_matvec // 2`` vectors in the solver's dtype and a
+    float64 copy) or Hutch++'s sketch (the probes, their products, the float64
+    orthonormal basis and the QR's copy); ``per probe``: a float64 projected probe, its
+    product in float64 and their elementwise product, plus the probe and its product in
+    the operator's dtype; ``most probes``: the largest batch the method multiplies at once.
+
+    Args:
+        op: the operator.
+        method: ``"krylov"``, ``"hutch++"`` or ``"hutchinson"`` (canonical names).
+        n_matvec: the products.
+
+    Returns:
+        ``(fixed_bytes, probe_bytes, n_probes)``.
+    """
+    from landscape.curvature.lanczos import work_dtype
+
+    e = torch.empty((), dtype=op.dtype).element_size()
+    w = torch.empty((), dtype=work_dtype(op.dtype)).element_size()
+    per_probe = op.dim * (24 + 2 * e)
+    if method == "hutchinson":
+        return 0, per_probe, n_matvec
+    if method == "hutch++":
+        s = n_matvec // 3
+        return op.dim * s * (24 + 2 * e), per_probe, max(s, n_matvec - 2 * s)
+    m1 = n_matvec // 2
+    return op.dim * m1 * (8 + (w if w != 8 else 0)), per_probe, n_matvec - m1
+
+
+class _Multiplier:
+    """Multiplies rows of probes in batches of ``size``, or sized from the first product.
+
+    With ``size=None`` the first row is multiplied alone under
+    :class:`~landscape.curvature.memory.PeakMemory`; its peak ``p`` gives the size
+    ``max(p, BUDGET_FLOOR) // p``.
+    """
+
+    def __init__(self, op: CurvatureOperator, size: int | None) -> None:
+        self.op = op
+        self.size = size
+        self.largest = 0
+
+    def chunk(self, remaining: int) -> int:
+        """How many probes to draw next (one before the batch size is known)."""
+        return min(remaining, self.size or 1)
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        """The products of the rows of ``rows``, a batch at a time."""
+        out = []
+        i, n = 0, rows.shape[0]
+        while i < n:
+            if self.size is None:
+                with PeakMemory(self.op.device) as mem:
+                    out.append(self.op.flat_matmat(rows[i : i + 1]))
+                self.size = max(1, int(max(mem.peak, BUDGET_FLOOR) // max(mem.peak, 1)))
+                self.largest = max(self.largest, 1)
+                i += 1
+                continue
+            part = rows[i : i + self.size]
+            out.append(self.op.flat_matmat(part))
+            self.largest = max(self.largest, part.shape[0])
+            i += part.shape[0]
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def _stochastic(
+    op: CurvatureOperator, mult: _Multiplier, gen: torch.Generator, n: int,
+    basis: torch.Tensor | None,
+) -> torch.Tensor:
+    """The quadratic forms of ``n`` Rademacher probes (projected off ``basis``), streamed."""
+    samples = []
+    done = 0
+    while done < n:
+        z = _rademacher(mult.chunk(n - done), op, gen)
+        done += z.shape[0]
+        if basis is None:
+            az = mult(z)
+            samples.append((z.double() * az.double()).sum(dim=1))
+            continue
+        pg = z.double()
+        del z
+        pg.sub_((pg @ basis.T) @ basis)
+        a_g = mult(pg.to(op.dtype)).double()
+        samples.append((pg * a_g).sum(dim=1))
+    return samples[0] if len(samples) == 1 else torch.cat(samples)
 
 
 def _estimate(
-    op: CurvatureOperator, method: str, n_matvec: int, seed: int, probe_batch: int | None
+    op: CurvatureOperator, method: str, n_matvec: int, seed: int, mult: _Multiplier
 ) -> TraceResult:
-    def matmat(rows: torch.Tensor) -> torch.Tensor:
-        size = probe_batch or rows.shape[0]
-        return torch.cat([op.flat_matmat(rows[i : i + size])
-                          for i in range(0, rows.shape[0], size)])
-
     before = op.n_matvec
     gen = _generator(seed)
     if method == "hutchinson":
-        z = _rademacher(n_matvec, op, gen)
-        az = matmat(z)
-        samples = (z.double() * az.double()).sum(dim=1)
+        samples = _stochastic(op, mult, gen, n_matvec, None)
         value, stderr = _mean_and_stderr(samples)
         return TraceResult(value, stderr, op.n_matvec - before, "hutchinson", samples)
     if method == "hutch++":
         s = n_matvec // 3
         sketch = _rademacher(s, op, gen)
-        probes = _rademacher(n_matvec - 2 * s, op, gen)
-        a_s = matmat(sketch).double()
+        a_s = mult(sketch).double()
+        del sketch
         q, _ = torch.linalg.qr(a_s.T)  # (dim, s), float64
-        a_q = matmat(q.T.to(op.dtype).contiguous()).double()
+        del a_s
+        a_q = mult(q.T.to(op.dtype).contiguous()).double()
         exact = float((q * a_q.T).sum())
+        del a_q
         basis = q.T
+        n_probes = n_matvec - 2 * s
     else:  # krylov: Lanczos basis from one random start, exact trace on its span
         start = _rademacher(1, op, gen)[0]
         rows, alphas, used = krylov_basis(op.flat_matvec, start, n_matvec // 2)
         exact = float(alphas.sum())
         basis = rows.double()
-        probes = _rademacher(n_matvec - used, op, gen)
-    pg = probes.double()
-    pg = pg - (pg @ basis.T) @ basis
-    a_g = matmat(pg.to(op.dtype)).double()
-    samples = (pg * a_g).sum(dim=1)
+        del rows
+        n_probes = n_matvec - used
+    samples = _stochastic(op, mult, gen, n_probes, basis)
     mean, stderr = _mean_and_stderr(samples)
     return TraceResult(exact + mean, stderr, op.n_matvec - before, method, samples)
 
