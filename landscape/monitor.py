@@ -254,6 +254,11 @@ class Monitor:
                     params={"dense_at": _DENSE_AT, "dense_steps": _DENSE_STEPS},
                     schedule="triggered",
                 )
+            if self._probe_source == "first_batch" and self.probe is None:
+                self.writer.declare(
+                    "probe", {"samples": ()}, cls="landscape.monitor.Monitor",
+                    params={"probe_size": self.probe_size}, schedule="first batch",
+                )
             lasts = [self.writer.last_step(m.name) for m in self.metrics]
             known = [s for s in lasts if s is not None]
             if self._distributed:  # resuming: only rank 0 has the file; agree on its steps
@@ -437,7 +442,7 @@ class Monitor:
                    f"pass mode='w'; to resume from step {step}, truncate_from={step})")
             )
         if self.probe is None and self._probe_source == "first_batch" and batch is not None:
-            self._take_probe(batch)
+            self._take_probe(batch, step)
         due = [m for m in self.metrics if self._is_due(m, step)]
         extra = [m for m in due if not m.schedule(step)]
         before, self._before = self._before, None
@@ -491,14 +496,20 @@ class Monitor:
         every = metric.dense_every
         return bool(self.adaptive and every and step <= self._dense_until and step % every == 0)
 
-    def _take_probe(self, batch: Any) -> None:
-        """Keep a copy of the first ``probe_size`` samples of ``batch`` as the probe."""
+    def _take_probe(self, batch: Any, step: int) -> None:
+        """Keep a copy of the first ``probe_size`` samples of ``batch`` as the probe.
+
+        The number of samples kept (fewer than ``probe_size`` when the batch is smaller) is
+        the one row of ``/metrics/probe``, at the step the probe was taken.
+        """
         self.probe = map_tensors(head(batch, self.probe_size), lambda t: t.detach().clone())
+        kept = leading_size(self.probe) or self.probe_size
         _log.warning(
             "landscape: no probe= given; the monitor keeps the first %d samples of the first "
-            "training batch as its fixed probe (probe_size=None turns this off)",
-            leading_size(self.probe) or self.probe_size,  # fewer when the batch is smaller
+            "training batch as its fixed probe (probe_size=None turns this off)", kept,
         )
+        assert self.writer is not None
+        self.writer.append("probe", step, {"samples": float(kept)})
 
     def _compute(self, metric: Metric, ctx: StepContext) -> dict[str, Any]:
         start = time.perf_counter()

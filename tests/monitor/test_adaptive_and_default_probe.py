@@ -42,6 +42,36 @@ def test_without_probe_the_first_batch_becomes_the_probe_once(caplog):
     assert all(math.isfinite(v) for v in rank)
     _, r = run.series("sentinels", "r_secant")
     assert math.isnan(r[0]) and all(v > 0 for v in r[1:])
+    steps, kept = run.series("probe", "samples")
+    assert list(steps) == [0] and list(kept) == [8]
+
+
+def test_the_run_file_records_how_many_samples_the_default_probe_kept(tmp_path):
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = models.classification_data(32, seed=1)
+    path = tmp_path / "run.h5"
+    with ls.Monitor(model, F.cross_entropy, path, optimizer=opt, warn=False,
+                    probe_size=32) as mon:
+        for step in range(3):
+            batch = (x[:5], y[:5])  # a first batch smaller than probe_size
+            loss = F.cross_entropy(model(batch[0]), batch[1])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(step, batch=batch, loss=loss)
+    run = ls.Run.open(path)
+    assert run.config["probe"] == {"source": "first_batch", "size": 32}  # what was asked
+    steps, kept = run.series("probe", "samples")
+    assert list(steps) == [0] and list(kept) == [5]  # what was kept
+
+
+def test_a_given_probe_has_no_probe_table():
+    model = models.mlp()
+    x, y = models.classification_data(16, seed=1)
+    with ls.Monitor(model, F.cross_entropy, probe=(x, y), warn=False) as mon:
+        mon.step(0, batch=(x, y), loss=F.cross_entropy(model(x), y))
+        assert "probe" not in mon.run().metrics()
 
 
 def test_a_moving_sentinel_makes_the_expensive_metrics_dense_then_they_relax():
