@@ -14,7 +14,14 @@ from typing import Any, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-__all__ = ["Captured", "capture", "last_linear", "linear_layers", "resolve_module"]
+__all__ = [
+    "Captured",
+    "capture",
+    "first_tensor",
+    "last_linear",
+    "linear_layers",
+    "resolve_module",
+]
 
 
 @dataclass
@@ -54,24 +61,36 @@ def last_linear(model: nn.Module) -> str:
     return names[-1]
 
 
-def _first_tensor(args: Any) -> torch.Tensor | None:
-    """Return the tensor a hook should keep.
+def first_tensor(value: Any) -> torch.Tensor | None:
+    """The tensor that stands for a module's input or output (and a model's logits).
 
-    That is the value itself, the first tensor of a sequence, or of a mapping the ``"logits"``
-    entry when present (Hugging Face ``ModelOutput``).
+    That is the value itself; its ``"logits"`` entry or ``.logits`` attribute when that is a
+    tensor (Hugging Face ``ModelOutput``, dataclass outputs); else the first tensor of a
+    mapping's values or of a sequence, searched depth first (a tuple output such as
+    ``(logits, aux)`` or Hugging Face's ``return_dict=False`` tuple gives its first tensor).
+    Hooks of :func:`capture`, :meth:`~landscape.metrics.StepContext.logits` and
+    :class:`~landscape.metrics.Sentinels` read model outputs through this one function.
+
+    Args:
+        value: a tensor, a mapping, a sequence or an object with a ``logits`` attribute.
+
+    Returns:
+        The tensor, or None when there is none.
     """
-    if isinstance(args, torch.Tensor):
-        return args
-    if isinstance(args, Mapping):
-        if isinstance(args.get("logits"), torch.Tensor):
-            return args["logits"]
-        return _first_tensor(tuple(args.values()))
-    if isinstance(args, (tuple, list)):
-        for a in args:
-            t = _first_tensor(a)
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, Mapping):
+        if isinstance(value.get("logits"), torch.Tensor):
+            return value["logits"]
+        return first_tensor(tuple(value.values()))
+    if isinstance(value, (tuple, list)):
+        for a in value:
+            t = first_tensor(a)
             if t is not None:
                 return t
-    return None
+        return None
+    logits = getattr(value, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) else None
 
 
 @contextlib.contextmanager
@@ -97,11 +116,11 @@ def capture(
     def make_hook(name: str, want_input: bool, want_output: bool):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if want_input:
-                t = _first_tensor(args)
+                t = first_tensor(args)
                 if t is not None:
                     found.inputs[name] = t.detach()
             if want_output:
-                t = _first_tensor(output)
+                t = first_tensor(output)
                 if t is not None:
                     found.outputs[name] = t.detach()
 

@@ -25,6 +25,8 @@ from torch import nn
 
 from landscape._errors import MissingInput
 from landscape.batches import head
+from landscape.capture import first_tensor
+from landscape.metrics._attention import AttentionLogits
 from landscape.metrics.base import Metric, register
 from landscape.metrics.context import StepContext, split_batch
 from landscape.params import trainable_named_parameters
@@ -61,16 +63,6 @@ def _max_spread(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     return (high - low).max()
 
 
-def _logits_of(output: Any) -> torch.Tensor | None:
-    """The logits tensor of a model output (a tensor, ``.logits``, or ``["logits"]``)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if logits is None and isinstance(output, dict):
-        logits = output.get("logits")
-    return logits if isinstance(logits, torch.Tensor) else None
-
-
 @register
 class Sentinels(Metric):
     """Every-step early-warning sentinels on a fixed probe subsample (docs/monitor.md).
@@ -84,6 +76,12 @@ class Sentinels(Metric):
       step; the secant then spans several optimizer steps).
     * ``max_abs``, ``logsumexp_max``: the largest |logit| and log-partition on the
       subsample (output-logit growth; Wortsman et al., ICLR 2024).
+    * ``attention_logit_max``: the largest pre-softmax attention logit q·kᵀ·scale (masks
+      honoured) of the same forward pass (attention-logit growth; Dehghani et al. 2023,
+      arXiv:2302.05442; Wortsman et al. 2023, arXiv:2309.14322), read by
+      :class:`~landscape.metrics._attention.AttentionLogits` without changing the model;
+      NaN when the model has no attention. The first call tells whether it has any: if
+      none ran, later calls skip the capture (and its per-op cost) and record NaN.
     * ``probe_loss``: the cross-entropy of the subsample (NaN when targets do not fit).
     * ``update_ratio``, ``update_layer``: the largest ||Δθ_l|| / ||θ_l|| over the weight
       tensors (two or more dimensions) and the index of that tensor in
@@ -110,6 +108,7 @@ class Sentinels(Metric):
         "max_abs",
         "logsumexp_max",
         "probe_loss",
+        "attention_logit_max",
         "update_ratio",
         "update_layer",
     )
@@ -125,6 +124,7 @@ class Sentinels(Metric):
         self.layers: list[str] = []
         self._layer_index: list[int] | None = None
         self._index_tensor: torch.Tensor | None = None
+        self._attention: bool | None = None  # None: not known yet (the first call tells)
 
     def setup(self, model: nn.Module) -> None:
         """Resolve the weight tensors whose update ratio is tracked.
@@ -136,6 +136,7 @@ class Sentinels(Metric):
         self.layers = [n for n, p in named.items() if p.dim() >= 2]
         self._layer_index = None
         self._index_tensor = None
+        self._attention = None
 
     def config(self) -> dict[str, Any]:
         """``subsample`` and the tracked weight tensors, ``layers``."""
@@ -154,7 +155,8 @@ class Sentinels(Metric):
         inputs, targets = split_batch(batch)
         x = head(inputs, self.subsample)
         with torch.no_grad():  # the monitor's isolated(): eval mode, RNG restored
-            z = _logits_of(ctx.model(x))
+            output, attention = self._forward(ctx.model, x)
+        z = first_tensor(output)
         if z is None:
             raise MissingInput("sentinels: the model's output has no logits tensor")
         z = z.detach()
@@ -167,6 +169,9 @@ class Sentinels(Metric):
         if isinstance(y, torch.Tensor) and y.shape == z.shape[:-1] and not y.is_floating_point():
             names.append("probe_loss")
             parts.append(F.cross_entropy(flat, y.reshape(-1).to(flat.device)))
+        if attention is not None:
+            names.append("attention_logit_max")
+            parts.append(attention.to(flat.device))
         out: dict[str, float] = {}
         prev = ctx.state.get(_STATE)
         if prev is not None and prev[1].shape == z.shape:
@@ -182,6 +187,20 @@ class Sentinels(Metric):
             spread = out["r_secant"]
             out["r_secant"] = spread / math.pi if math.isfinite(spread) else math.nan
         return out
+
+    def _forward(self, model: nn.Module, x: Any) -> tuple[Any, torch.Tensor | None]:
+        """The model's output on ``x`` and its largest attention logit (None: no attention).
+
+        The capture mode is active only during this call and removed on exit, also when the
+        forward raises; once a first call saw no attention op it is skipped.
+        """
+        if self._attention is False:
+            return model(x), None
+        with AttentionLogits() as att:
+            output = model(x)
+        if self._attention is None:
+            self._attention = att.seen
+        return output, att.maximum()
 
     def _update_ratio(self, ctx: StepContext) -> dict[str, float]:
         if ctx.update is None or ctx.params_before is None:

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -91,3 +92,179 @@ def test_head_slices_nested_batches():
 def test_subsample_must_be_positive():
     with pytest.raises(ValueError, match="subsample"):
         Sentinels(subsample=0)
+
+
+# --------------------------------------------------------------------------- attention logits
+
+VOCAB, SEQ = 11, 6
+
+
+def _lm_loss(logits, targets):
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def _tokens(n, seed):
+    ids = torch.randint(0, VOCAB, (n, SEQ + 1), generator=torch.Generator().manual_seed(seed))
+    return ids[:, :-1], ids[:, 1:]
+
+
+def _train(model, metrics, steps=3, probe=None, lr=1e-2, **kwargs):
+    """A few AdamW steps on token batches with a monitor (None: unmonitored)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    mon = None
+    if metrics is not None:
+        mon = ls.Monitor(model, _lm_loss, optimizer=opt, metrics=metrics,
+                         probe=probe or _tokens(5, 99), warn=False, strict=True, **kwargs)
+        mon.start()
+    for step in range(steps):
+        x, y = _tokens(8, step)
+        loss = _lm_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if mon is not None:
+            mon.step(step, batch=(x, y), loss=loss)
+    return mon
+
+
+def _hand_attention_max(model, x):
+    """max over blocks, heads and causal (i >= j) pairs of q_i . k_j / sqrt(d_h), from the
+    qkv projections of each block (forward hooks), in float64 loops."""
+    names = [f"blocks.{i}.qkv" for i in range(len(model.blocks))]
+    with torch.no_grad(), ls.capture.capture(model, outputs=names) as cap:
+        model.eval()
+        model(x)
+        model.train()
+    best = -math.inf
+    for name, blk in zip(names, model.blocks):
+        qkv = cap.outputs[name].double()
+        b, t, three_d = qkv.shape
+        d = three_d // 3
+        hd = d // blk.heads
+        q = qkv[..., :d].reshape(b, t, blk.heads, hd).tolist()
+        k = qkv[..., d : 2 * d].reshape(b, t, blk.heads, hd).tolist()
+        for bb in range(b):
+            for h in range(blk.heads):
+                for i in range(t):
+                    for j in range(i + 1):
+                        z = sum(u * v for u, v in zip(q[bb][i][h], k[bb][j][h]))
+                        best = max(best, z / math.sqrt(hd))
+    return best
+
+
+def test_attention_logit_max_matches_the_hand_computation_on_a_transformer():
+    model = models.TinyTransformer(vocab=VOCAB, d=8, heads=2, layers=2, seq=SEQ, seed=0)
+    probe = _tokens(5, 99)
+    mon = _train(model, [Sentinels(subsample=3)], probe=probe)
+    run = mon.run()
+    _, att = run.series("sentinels", "attention_logit_max")
+    assert len(att) == 3 and np.isfinite(att).all() and len(set(att.tolist())) == 3
+    want = _hand_attention_max(model, probe[0][:3])  # the parameters of the last row
+    assert att[-1] == pytest.approx(want, rel=1e-5)
+    mon.close()
+
+
+def test_attention_logit_max_is_nan_without_attention_and_the_capture_is_skipped(monkeypatch):
+    import landscape.metrics.sentinels as sentinels_module
+
+    model = models.mlp(d_in=6, hidden=16, d_out=3, seed=0)
+    metric = Sentinels()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    x, y = models.classification_data(16, seed=1)
+    with ls.Monitor(model, F.cross_entropy, optimizer=opt, metrics=[metric], probe=(x, y),
+                    warn=False, strict=True) as mon:
+        for step in range(3):
+            if step == 1:  # after the first call found no attention, the mode is not built
+                monkeypatch.setattr(sentinels_module, "AttentionLogits", None)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(step, batch=(x, y), loss=loss)
+        run = mon.run()
+    _, att = run.series("sentinels", "attention_logit_max")
+    _, big = run.series("sentinels", "max_abs")
+    assert np.isnan(att).all() and np.isfinite(big).all()
+
+
+class _TupleOutput(torch.nn.Module):
+    """The same model returning ``(logits, aux)``, as Hugging Face tuples or MoE models do."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        logits = self.inner(x)
+        return logits, {"aux": logits.square().mean()}
+
+
+def test_a_tuple_output_model_gives_the_rows_of_its_logits():
+    fields = ("r_secant", "max_abs", "logsumexp_max", "probe_loss", "attention_logit_max")
+    rows = []
+    for wrap in (False, True):
+        model = models.TinyTransformer(vocab=VOCAB, d=8, heads=2, layers=1, seq=SEQ, seed=3)
+        monitored = _TupleOutput(model) if wrap else model
+        loss_fn = (lambda out, y: _lm_loss(out[0], y)) if wrap else _lm_loss
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        mon = ls.Monitor(monitored, loss_fn, optimizer=opt, metrics=[Sentinels()],
+                         probe=_tokens(5, 99), warn=False, strict=True).start()
+        for step in range(3):
+            x, y = _tokens(8, step)
+            loss = loss_fn(monitored(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(step, batch=(x, y), loss=loss)
+        run = mon.run()
+        rows.append({f: run.series("sentinels", f)[1] for f in fields})
+        mon.close()
+    plain, wrapped = rows
+    assert np.isfinite(plain["r_secant"][1:]).all() and np.isfinite(plain["probe_loss"]).all()
+    for f in fields:
+        np.testing.assert_array_equal(wrapped[f], plain[f], err_msg=f)
+
+
+class _RaisesInEval(torch.nn.Module):
+    """Attention, then an error, in eval mode (the sentinels' forward) only."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = models.TinyTransformer(vocab=VOCAB, d=8, heads=2, layers=1, seq=SEQ)
+
+    def forward(self, x):
+        out = self.inner(x)
+        if not self.training:
+            raise RuntimeError("eval forward failed")
+        return out
+
+
+def test_no_mode_is_left_installed_after_the_sentinels_forward_even_when_it_raises():
+    mon = _train(models.TinyTransformer(vocab=VOCAB, d=8, heads=2, layers=1, seq=SEQ),
+                 [Sentinels()], steps=2)
+    assert torch._C._len_torch_function_stack() == 0
+    mon.close()
+    with pytest.raises(RuntimeError, match="eval forward failed"):
+        _train(_RaisesInEval(), [Sentinels()], steps=1)
+    assert torch._C._len_torch_function_stack() == 0
+
+
+def test_training_with_the_attention_capture_is_bitwise_identical():
+    def run(monitored):
+        torch.manual_seed(5)
+        model = models.TinyTransformer(vocab=VOCAB, d=8, heads=2, layers=2, seq=SEQ,
+                                       dropout=0.2, seed=1)
+        model.train()
+        mon = _train(model, [Sentinels(subsample=3)] if monitored else None, steps=4)
+        att = None
+        if mon is not None:
+            att = mon.run().series("sentinels", "attention_logit_max")[1]
+            mon.close()
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        return state, torch.get_rng_state(), model.training, att
+
+    ref_state, ref_rng, ref_mode, _ = run(False)
+    state, rng, mode, att = run(True)
+    assert np.isfinite(att).all()  # the capture ran at every step
+    assert all(torch.equal(state[k], ref_state[k]) for k in ref_state)
+    assert torch.equal(rng, ref_rng) and mode == ref_mode
