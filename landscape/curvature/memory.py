@@ -255,6 +255,8 @@ class MemoryProfile:
         microbatch_size: the operator's micro-batch size when profiled (``None``: none).
         vector_bytes: bytes of one solver vector (:func:`~landscape.curvature.lanczos.
             work_dtype` of the operator's dtype).
+        microbatchable: whether plans may cut the batches into micro-batches (not with a
+            BatchNorm normalising by batch statistics).
     """
 
     step_bytes: float
@@ -263,6 +265,7 @@ class MemoryProfile:
     rows: int | None
     microbatch_size: int | None
     vector_bytes: int
+    microbatchable: bool = True
 
     @property
     def batch(self) -> int | None:
@@ -347,11 +350,19 @@ def with_microbatches(op: Any, size: int) -> Any:
     return new
 
 
-def _probe_peak(op: Any, size: int, what: str) -> float:
-    """Peak of one product (``what="product"``) or one gradient on one micro-batch."""
-    small = with_microbatches(op, size)
-    small._data = dataclasses.replace(small._data, batches=small._data.batches[:1],
-                                      weights=(1.0,))
+def _probe_peak(op: Any, size: int | None, what: str) -> float:
+    """Peak of one product (``what="product"``) or one gradient on one micro-batch.
+
+    ``size=None``: on the operator's own batches (a copy of it, with its own caches).
+    """
+    if size is None:
+        small = copy.copy(op)
+        small.n_matvec = 0
+        small.refresh()
+    else:
+        small = with_microbatches(op, size)
+        small._data = dataclasses.replace(small._data, batches=small._data.batches[:1],
+                                          weights=(1.0,))
     g = torch.Generator().manual_seed(0)
     v = tuple(torch.randn(s, generator=g, dtype=torch.float64).to(op.device, op.dtype)
               for s in op.shapes)
@@ -368,8 +379,12 @@ def _fit(op: Any, what: str, rows: int) -> tuple[float, float]:
     """``(intercept, per-sample slope)`` of a peak, from micro-batches of m and 2m samples.
 
     ``m = max(1, rows // 8)``: large enough that the difference of the two peaks stands
-    above the resident set's noise, small enough to cost a quarter of a product.
+    above the resident set's noise, small enough to cost a quarter of a product. A model
+    that cannot be cut into micro-batches (BatchNorm on batch statistics) is measured
+    once on its whole batches: the peak, with no slope.
     """
+    if not _microbatchable(op):
+        return _probe_peak(op, None, what), 0.0
     m = max(1, rows // 8)
     p1 = _probe_peak(op, m, what)
     if rows < 2 * m:
@@ -377,6 +392,16 @@ def _fit(op: Any, what: str, rows: int) -> tuple[float, float]:
     p2 = _probe_peak(op, 2 * m, what)
     slope = max(0.0, (p2 - p1) / m)
     return max(0.0, p1 - slope * m), slope
+
+
+def _microbatchable(op: Any) -> bool:
+    from landscape.curvature._batches import check_microbatching
+
+    try:
+        check_microbatching(op.model, op.options.eval_mode)
+    except ValueError:
+        return False
+    return True
 
 
 def _vector_bytes(op: Any) -> int:
@@ -391,10 +416,12 @@ def profile_memory(op: Any, *, step_bytes: float | None = None) -> MemoryProfile
     A model operator (or one wrapping it, like a preconditioned operator) is measured on
     micro-batches of ``m`` and ``2m`` samples (``m`` an eighth of the batch): two products
     and, unless ``step_bytes`` is given, two gradients -- about one training step of work
-    in all. One product is taken to hold at least two parameter-sized vectors (the
-    gradient and the result). The step is the fitted forward/backward peak at the whole
-    batch plus Adam's two moments. Under ``torch.distributed`` every rank takes the
-    largest value over the ranks, so all ranks plan alike. Other operators measure
+    in all (a model with BatchNorm on batch statistics, which cannot be cut, is measured
+    on its whole batches instead). One product is taken to hold at least two
+    parameter-sized vectors (the gradient and the result). The step is the fitted
+    forward/backward peak at the whole batch plus Adam's two moments. Under
+    ``torch.distributed`` every rank takes the largest value over the ranks, so all ranks
+    plan alike. Other operators measure
     nothing (a product is counted as its result alone).
 
     Args:
@@ -420,7 +447,8 @@ def profile_memory(op: Any, *, step_bytes: float | None = None) -> MemoryProfile
         gi, gs = _fit(model_op, "gradient", rows)
         step_bytes = max(gi, float(pbytes)) + gs * rows + 2.0 * pbytes
     step, pi, ps = _agree(model_op, (float(step_bytes), pi, ps))
-    return MemoryProfile(step, pi, ps, rows, model_op.microbatch_size, vbytes)
+    return MemoryProfile(step, pi, ps, rows, model_op.microbatch_size, vbytes,
+                         _microbatchable(model_op))
 
 
 def _element_size(dtype: torch.dtype) -> int:
@@ -520,7 +548,7 @@ def plan_eigen(
         return MemoryPlan(limit, step, product, vbytes, vectors, total,
                           microbatch_size=size if size != mb else None, **kw)
 
-    sizes = [mb] if mb is None else _halvings(mb)
+    sizes = [mb] if mb is None or not prof.microbatchable else _halvings(mb)
     least = max(least_basis + 2, 4)
     # a restarted basis of >= 20 vectors costs a few products more; smaller micro-batches
     # cost every product a forward per micro-batch: prefer the first, down to 20 vectors
@@ -609,7 +637,7 @@ def plan_probes(
     def most(product: float) -> int:
         return min(n_probes, int((limit - fixed_bytes) // (probe_bytes + product)))
 
-    sizes = [mb] if mb is None else _halvings(mb)
+    sizes = [mb] if mb is None or not prof.microbatchable else _halvings(mb)
     for size in sizes:
         product = prof.product(size)
         c = most(product)

@@ -2,12 +2,19 @@
 
 Top eigenvalues, sharpness against the optimizer's stability threshold, trace and spectral
 density; definitions in docs/metrics.md and docs/curvature.md.
+
+Every curvature metric takes ``memory_budget`` (default ``"auto"``: one training step's
+memory, at least 256 MiB; docs/curvature.md, "Memory"). The step and one product's
+memory are measured once per data source (:func:`landscape.curvature.memory.
+profile_memory`, about one training step of work) and kept in the monitor's state; each
+measurement is then planned from them before it runs, and refused with one line
+(a ``metric_failed`` finding) when nothing fits.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
@@ -16,7 +23,82 @@ from landscape.metrics.base import Metric, register
 from landscape.metrics.context import StepContext
 from landscape.schedules import every
 
+if TYPE_CHECKING:  # pragma: no cover
+    from landscape.curvature.memory import MemoryProfile
+
+Budget = Union[int, float, str, None]
+
 __all__ = ["HessianTrace", "Sharpness", "SpectralDensity", "TopEigenvalues"]
+
+
+def _budget(memory_budget: Budget) -> Budget:
+    """``memory_budget``, checked (bytes, ``"<f>x step"``, ``"auto"`` or ``None``)."""
+    from landscape.curvature.memory import check_budget
+
+    check_budget(memory_budget)
+    return memory_budget
+
+
+def memory_profile(ctx: StepContext, source: str) -> MemoryProfile:
+    """The memory profile of the Hessian on ``source``, measured once and kept.
+
+    Kept in the monitor's state under ``("memory_profile", source)`` and measured again
+    only when the batch's number of samples changes.
+
+    Args:
+        ctx: the step context.
+        source: ``"probe"`` or ``"batch"``.
+
+    Returns:
+        The profile (:func:`landscape.curvature.memory.profile_memory`).
+    """
+    from landscape.curvature.memory import batch_rows, profile_memory
+
+    op = ctx.operator(source)
+    key = ("memory_profile", source)
+    kept = ctx.state.get(key)
+    if kept is None or kept.rows != batch_rows(op):
+        kept = profile_memory(op)
+        ctx.state[key] = kept
+    return kept
+
+
+def _budget_kwargs(ctx: StepContext, source: str, budget: Budget) -> dict[str, Any]:
+    if budget is None:
+        return {}
+    return {"memory_budget": budget, "memory_profile": memory_profile(ctx, source)}
+
+
+def _eigen(
+    ctx: StepContext, source: str, k: int, tol: float, budget: Budget,
+    preconditioned: bool = False,
+) -> Any:
+    """:meth:`StepContext.eigen` within ``budget``: the same cache and warm starts."""
+    if budget is None:
+        return ctx.eigen(source, k, preconditioned=preconditioned, tol=tol)
+    from landscape import curvature
+
+    key = ("eigen", source, preconditioned)
+    cached = ctx._cache.get(key)
+    if cached is not None and len(cached.values) >= k:
+        return cached
+    result = curvature.top_eigenvalues(
+        ctx.operator(source, preconditioned), k=k, tol=tol, warm_start=ctx.state.get(key),
+        **_budget_kwargs(ctx, source, budget),
+    )
+    ctx.state[key] = result
+    ctx._cache[key] = result
+    return result
+
+
+def _with_budget(config: dict[str, Any], budget: Budget) -> dict[str, Any]:
+    """``config`` with ``memory_budget`` when it is not the default ``"auto"``."""
+    return config if budget == "auto" else {**config, "memory_budget": budget}
+
+
+def _peak(result: Any) -> float:
+    peak = getattr(result, "peak_memory", None)
+    return math.nan if peak is None else float(peak)
 
 
 @register
@@ -30,38 +112,43 @@ class TopEigenvalues(Metric):
     Args:
         k: how many eigenvalues.
         tol: relative tolerance of :func:`landscape.curvature.top_eigenvalues`.
+        memory_budget: the most memory a measurement may take: bytes, ``"<f>x step"``,
+            ``"auto"`` (one training step, at least 256 MiB) or ``None`` (no limit);
+            docs/curvature.md, "Memory".
         **kwargs: ``schedule`` and ``data`` (:class:`~landscape.metrics.Metric`).
 
     Raises:
-        ValueError: ``k < 1``.
+        ValueError: ``k < 1`` or a malformed ``memory_budget``.
     """
 
     dense_every = 5
     name = "top_eigenvalues"
     default_schedule = every(50)
 
-    def __init__(self, k: int = 3, tol: float = 1e-3, **kwargs: Any) -> None:
+    def __init__(
+        self, k: int = 3, tol: float = 1e-3, memory_budget: Budget = "auto", **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.k, self.tol = int(k), float(tol)
+        self.memory_budget = _budget(memory_budget)
 
     def fields(self) -> dict[str, tuple[int, ...]]:
         """``eigenvalues`` of shape ``(k,)``, the scalars ``n_matvec`` and ``peak_memory``."""
         return {"eigenvalues": (self.k,), "n_matvec": (), "peak_memory": ()}
 
     def config(self) -> dict[str, Any]:
-        """``k`` and ``tol``."""
-        return {"k": self.k, "tol": self.tol}
+        """``k``, ``tol`` and ``memory_budget`` (when not ``"auto"``)."""
+        return _with_budget({"k": self.k, "tol": self.tol}, self.memory_budget)
 
     def compute(self, ctx: StepContext) -> dict[str, Any]:
         """The top-``k`` eigenvalues of the Hessian on ``self.data``."""
-        result = ctx.eigen(self.data, self.k, tol=self.tol)
+        result = _eigen(ctx, self.data, self.k, self.tol, self.memory_budget)
         values = torch.full((self.k,), math.nan, dtype=torch.float64)
         values[: min(self.k, len(result.values))] = result.values[: self.k].double().cpu()
-        peak = getattr(result, "peak_memory", None)
         return {"eigenvalues": values, "n_matvec": float(result.n_matvec),
-                "peak_memory": math.nan if peak is None else float(peak)}
+                "peak_memory": _peak(result)}
 
 
 @register
@@ -70,31 +157,39 @@ class Sharpness(Metric):
 
     For SGD (plain, heavy-ball, Nesterov) lambda_max is the Hessian's; for Adam/AdamW it is
     the preconditioned sharpness of P^-1/2 H P^-1/2 (Cohen et al. 2022). ``ratio`` =
-    lambda_max / threshold; a ratio at or above 1 is the edge of stability.
+    lambda_max / threshold; a ratio at or above 1 is the edge of stability. ``peak_memory``:
+    the Lanczos run's measured peak in bytes (NaN when the row reuses a run of another
+    metric's or is skipped).
 
     Args:
         tol: relative tolerance of the Lanczos run for lambda_max.
         adam_warmup: Adam steps before which the row is NaN (the second-moment estimate
             is a few-sample transient at first).
+        memory_budget: as for :class:`TopEigenvalues` (default ``"auto"``).
         **kwargs: ``schedule`` and ``data`` (:class:`~landscape.metrics.Metric`).
     """
 
     dense_every = 5
     name = "sharpness"
-    FIELDS = ("lambda_max", "threshold", "ratio")
+    FIELDS = ("lambda_max", "threshold", "ratio", "peak_memory")
     default_schedule = every(50)
 
-    def __init__(self, tol: float = 1e-3, adam_warmup: int = 10, **kwargs: Any) -> None:
+    def __init__(
+        self, tol: float = 1e-3, adam_warmup: int = 10, memory_budget: Budget = "auto",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.tol = float(tol)
         self.adam_warmup = int(adam_warmup)
+        self.memory_budget = _budget(memory_budget)
 
     def config(self) -> dict[str, Any]:
-        """``tol`` and ``adam_warmup``."""
-        return {"tol": self.tol, "adam_warmup": self.adam_warmup}
+        """``tol``, ``adam_warmup`` and ``memory_budget`` (when not ``"auto"``)."""
+        return _with_budget({"tol": self.tol, "adam_warmup": self.adam_warmup},
+                            self.memory_budget)
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
-        """lambda_max, the optimizer's stability threshold and their ratio."""
+        """lambda_max, the optimizer's stability threshold, their ratio and the peak."""
         from landscape.curvature import stability_threshold
 
         opt = ctx.optimizer
@@ -102,8 +197,10 @@ class Sharpness(Metric):
         if adam and _adam_steps(opt) < self.adam_warmup:
             # Adam's second-moment estimate is a one- or few-sample transient at first: the
             # preconditioned sharpness is meaningless until it has averaged some steps.
-            return {"lambda_max": math.nan, "threshold": math.nan, "ratio": math.nan}
-        lam = float(ctx.eigen(self.data, 1, preconditioned=adam, tol=self.tol).values[0])
+            return {"lambda_max": math.nan, "threshold": math.nan, "ratio": math.nan,
+                    "peak_memory": math.nan}
+        result = _eigen(ctx, self.data, 1, self.tol, self.memory_budget, preconditioned=adam)
+        lam = float(result.values[0])
         lr = None if opt is None else float(opt.param_groups[0].get("lr", math.nan))
         if opt is None:
             threshold = math.nan
@@ -112,7 +209,8 @@ class Sharpness(Metric):
         else:
             threshold = stability_threshold(opt)
         ratio = lam / threshold if threshold and not math.isnan(threshold) else math.nan
-        return {"lambda_max": lam, "threshold": threshold, "ratio": ratio}
+        return {"lambda_max": lam, "threshold": threshold, "ratio": ratio,
+                "peak_memory": _peak(result)}
 
 
 def _adam_steps(opt: torch.optim.Optimizer) -> int:
@@ -130,6 +228,8 @@ class HessianTrace(Metric):
     Args:
         n_matvec: budget of Hessian-vector products.
         method: any method of :func:`landscape.curvature.hessian_trace`.
+        memory_budget: as for :class:`TopEigenvalues` (default ``"auto"``); the plan picks
+            how many probes to multiply at once.
         **kwargs: ``schedule`` and ``data`` (:class:`~landscape.metrics.Metric`).
     """
 
@@ -137,13 +237,18 @@ class HessianTrace(Metric):
     FIELDS = ("value", "stderr", "peak_memory")
     default_schedule = every(100)
 
-    def __init__(self, n_matvec: int = 30, method: str = "krylov", **kwargs: Any) -> None:
+    def __init__(
+        self, n_matvec: int = 30, method: str = "krylov", memory_budget: Budget = "auto",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.n_matvec, self.method = int(n_matvec), method
+        self.memory_budget = _budget(memory_budget)
 
     def config(self) -> dict[str, Any]:
-        """``n_matvec`` and ``method``."""
-        return {"n_matvec": self.n_matvec, "method": self.method}
+        """``n_matvec``, ``method`` and ``memory_budget`` (when not ``"auto"``)."""
+        return _with_budget({"n_matvec": self.n_matvec, "method": self.method},
+                            self.memory_budget)
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
         """The trace estimate ``value``, its ``stderr`` and the run's ``peak_memory``."""
@@ -151,10 +256,11 @@ class HessianTrace(Metric):
 
         seed = int(ctx.state.setdefault("trace_seed", 0))
         res = hessian_trace(
-            ctx.operator(self.data), method=self.method, n_matvec=self.n_matvec, seed=seed
+            ctx.operator(self.data), method=self.method, n_matvec=self.n_matvec, seed=seed,
+            **_budget_kwargs(ctx, self.data, self.memory_budget),
         )
-        peak = math.nan if res.peak_memory is None else float(res.peak_memory)
-        return {"value": float(res.value), "stderr": float(res.stderr), "peak_memory": peak}
+        return {"value": float(res.value), "stderr": float(res.stderr),
+                "peak_memory": _peak(res)}
 
 
 @register
@@ -163,12 +269,15 @@ class SpectralDensity(Metric):
 
     One row of ``lanczos_steps`` per probe vector (NaN-padded when Lanczos stops early);
     smooth them with :func:`landscape.curvature.spectral_density`'s convention to plot a
-    density. The run costs ``lanczos_steps × n_probes`` Hessian-vector products.
+    density. The run costs ``lanczos_steps × n_probes`` Hessian-vector products;
+    ``peak_memory`` is its measured peak in bytes.
 
     Args:
         lanczos_steps: Lanczos steps per probe vector (formerly ``n_iter``, which still
             works with a ``DeprecationWarning``).
         n_probes: probe vectors.
+        memory_budget: as for :class:`TopEigenvalues` (default ``"auto"``); the plan picks
+            how many probes run in lock step.
         **kwargs: ``schedule`` and ``data`` (:class:`~landscape.metrics.Metric`).
     """
 
@@ -176,28 +285,34 @@ class SpectralDensity(Metric):
     default_schedule = every(200)
 
     @renamed_kwargs(n_iter="lanczos_steps")
-    def __init__(self, lanczos_steps: int = 30, n_probes: int = 2, **kwargs: Any) -> None:
+    def __init__(
+        self, lanczos_steps: int = 30, n_probes: int = 2, memory_budget: Budget = "auto",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.lanczos_steps, self.n_probes = int(lanczos_steps), int(n_probes)
+        self.memory_budget = _budget(memory_budget)
 
     n_iter = deprecated_alias("n_iter", "lanczos_steps")
 
     def fields(self) -> dict[str, tuple[int, ...]]:
-        """``nodes`` and ``weights``, each of shape ``(n_probes, lanczos_steps)``."""
+        """``nodes`` and ``weights`` of shape ``(n_probes, lanczos_steps)``, ``peak_memory``."""
         shape = (self.n_probes, self.lanczos_steps)
-        return {"nodes": shape, "weights": shape}
+        return {"nodes": shape, "weights": shape, "peak_memory": ()}
 
     def config(self) -> dict[str, Any]:
-        """``lanczos_steps`` and ``n_probes``."""
-        return {"lanczos_steps": self.lanczos_steps, "n_probes": self.n_probes}
+        """``lanczos_steps``, ``n_probes`` and ``memory_budget`` (when not ``"auto"``)."""
+        return _with_budget({"lanczos_steps": self.lanczos_steps, "n_probes": self.n_probes},
+                            self.memory_budget)
 
     def compute(self, ctx: StepContext) -> dict[str, Any]:
         """The quadrature nodes and weights on ``self.data``."""
         from landscape.curvature import spectral_density
 
         # positional: the keyword is n_iter before the curvature rename, lanczos_steps after
-        res = spectral_density(ctx.operator(self.data), self.lanczos_steps, self.n_probes)
-        out = {}
+        res = spectral_density(ctx.operator(self.data), self.lanczos_steps, self.n_probes,
+                               **_budget_kwargs(ctx, self.data, self.memory_budget))
+        out: dict[str, Any] = {"peak_memory": _peak(res)}
         for key in ("nodes", "weights"):
             table = torch.full((self.n_probes, self.lanczos_steps), math.nan, dtype=torch.float64)
             got = torch.as_tensor(getattr(res, key), dtype=torch.float64).reshape(self.n_probes, -1)
