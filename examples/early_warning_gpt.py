@@ -1,38 +1,37 @@
-"""Early warning of a loss explosion: a small GPT trained with AdamW and a learning-rate spike.
+"""Early warning of a loss explosion: a tiny GPT, AdamW and a learning-rate ramp, watched by
+the default monitor.
 
 A decoder-only transformer (pre-LayerNorm blocks, causal ``F.scaled_dot_product_attention``,
 learned positions, untied head; about 100k parameters) learns a synthetic language: each
 sequence is an arithmetic progression ``x_t = (a + b t) mod 16`` with random ``a`` and ``b``
 (generated locally: no downloads), so every token after the second is predictable from the
-two before it. AdamW warms up to ``--lr`` and decays (cosine) to a tenth of it at
-``--spike-step``, where the learning rate jumps by ``--spike-factor`` (a bad restart, a
-mis-set scheduler). The :class:`landscape.Monitor` records, every step:
+two before it. AdamW (betas 0.9, 0.95, weight decay 0.1) warms up linearly to ``--lr``;
+from ``--ramp-step`` (300) the learning rate grows geometrically to ``--ramp-to`` (1.0)
+over ``--ramp-steps`` (60) steps (a schedule gone wrong), and the loss eventually
+explodes. With ``--ramp-steps 40`` this is the ``gpt_lr_ramp`` scenario of the instability
+suite (docs/benchmarks.md), up to one step: there the rate first rises at step 301.
 
-* ``loss`` and ``grad_norm`` (robust z-score spike rules, :class:`landscape.alarms.LossSpike`
-  and :class:`~landscape.alarms.GradNormSpike`);
-* ``taylor_radius``: the Taylor ratio r = ||step|| / rho_a of the optimizer's actual step
-  (Sao 2026; warning at r >= 1);
-* ``spectral_alignment``: the sign diversity of each linear layer's inputs along the top
-  singular vector of its weight (Qiu et al. 2025; warning when it collapses);
-* ``logits``: max |logit| and softmax collapse (Wortsman et al. 2024; Prieto et al. 2025).
-
-and the default alarm rules turn them into findings. At the end the script prints, with
-:func:`landscape.alarms.warning_leads`, the blow-up step (the first step after the spike
-whose loss exceeds 10x the median loss of the 20 steps before the spike) and, for each
-rule, the first step it warned after the spike and its lead in steps before the blow-up.
-Files written into ``--out``: ``run.h5``, ``loss.png``, ``taylor_radius.png``,
-``spectral_alignment.png``, ``warnings.png`` (the loss with each rule's first warning),
+The monitor is the default one, ``ls.Monitor(model, loss_fn, path, optimizer=opt)``: no
+``metrics=`` (the ``cheap`` preset: loss, gradient norm, update norms and the every-step
+sentinels) and no ``probe=`` (it keeps part of the first batch). Its ``taylor_forecast``
+rule warns when the update-to-weight ratio keeps growing, or the secant Taylor ratio of the
+step reaches the softmax convergence radius (Sao 2026, arXiv:2603.13552; docs/alarms.md).
+At the end the script prints, with :func:`landscape.demo.early_warning`, the first warning,
+the loss onset (the first step from which the loss stays >= 1.25x its baseline, the median
+of the 50 steps before the ramp, for 3 steps) and the explosion (>= 10x or not finite), and
+for each rule its first warning after the ramp and its lead before the explosion. Files
+written into ``--out``: ``run.h5``, ``loss.png``, ``sentinels.png``, ``warning.png`` (the
+loss and the sentinels with the ramp, the first warning, the onset and the explosion) and
 ``summary.json``.
 
-    python examples/early_warning_gpt.py --out gpt-out      # ~1-2 minutes on a CPU
-    python examples/early_warning_gpt.py --small            # seconds (CI smoke test)
+    python examples/early_warning_gpt.py --out gpt-out      # ~10-20 s on a CPU
+    python examples/early_warning_gpt.py --small            # a few seconds (CI smoke test)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import warnings
 from pathlib import Path
 
@@ -41,8 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import landscape as ls
-from landscape.alarms import RULES, warning_leads
-from landscape.plotting.timelines import new_figure, save_figure, timeline
+from landscape.demo import early_warning, plot_lead, ramp_lr, rule_leads
+from landscape.plotting.timelines import save_figure, timeline
 
 # ------------------------------------------------------------------------------ the model
 
@@ -112,139 +111,111 @@ def progressions(n: int, length: int, vocab: int, generator: torch.Generator,
 
 # ------------------------------------------------------------------------------ the run
 
-
-def learning_rate(step: int, peak: float, spike: int, factor: float, warmup: int = 20) -> float:
-    """Linear warm-up to ``peak``, cosine decay to ``peak / 10`` at ``spike``, then ``factor``
-    times that: a sudden jump of the learning rate late in training."""
-    t = min(step, spike) / spike
-    base = peak * min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
-    return base * (factor if step >= spike else 1.0)
+FULL = {"steps": 380, "ramp_step": 300, "ramp_steps": 60, "lr": 1e-3, "warmup": 50,
+        "dim": 64, "depth": 2, "length": 32, "strides": None}
+SMALL = {"steps": 200, "ramp_step": 140, "ramp_steps": 45, "lr": 3e-3, "warmup": 20,
+         "dim": 32, "depth": 1, "length": 16, "strides": 3}
 
 
-def metrics() -> list[ls.metrics.Metric]:
-    """Every warning signal at every step (the model is small enough)."""
-    m = ls.metrics
-    return [m.Loss(), m.GradNorm(), m.NonFinite(), m.Update(), m.Sentinels(),
-            m.TaylorRadius(schedule=1),
-            m.SpectralAlignment(schedule=1), m.Logits(schedule=1)]
-
-
-def plot_warnings(run: ls.Run, spike: int, blowup: int | None, firsts: dict[str, int],
-                  path: Path) -> Path:
-    """The training loss (log scale) with the spike, the blow-up and each rule's first warning."""
-    fig = new_figure(9.0, 4.5)
-    ax = fig.subplots()
-    steps, loss = run.series("loss", "value")
-    ax.plot(steps, loss, color="#444444", lw=1, label="training loss")
-    ax.set_yscale("log")
-    ax.axvline(spike, color="#7f7f7f", ls=":", label=f"lr spike @ {spike}")
-    if blowup is not None:
-        ax.axvline(blowup, color="#d62728", lw=2, label=f"loss > 10x pre-spike @ {blowup}")
-    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
-    for (rule, step), c in zip(sorted(firsts.items(), key=lambda kv: kv[1]), colors):
-        ax.axvline(step, color=c, ls="--", lw=1, label=f"{rule} @ {step}")
-    ax.set_xlim(max(0, spike - 40), steps[-1])
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small", loc="upper left")
-    fig.suptitle("First warning of each rule before the loss blow-up")
-    return save_figure(fig, path)
+def learning_rate(step: int, peak: float, warmup: int, ramp_step: int, ramp_steps: int,
+                  ramp_to: float) -> float:
+    """Linear warm-up to ``peak``, constant, then a geometric ramp to ``ramp_to`` over
+    ``ramp_steps`` steps from ``ramp_step`` (:func:`landscape.demo.ramp_lr`)."""
+    base = peak * min(1.0, (step + 1) / warmup)
+    return ramp_lr(step, base, ramp_step, ramp_steps, ramp_to / peak)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="gpt-out", help="directory for the run and the plots")
-    parser.add_argument("--small", action="store_true", help="reduced size (CI smoke test)")
-    parser.add_argument("--steps", type=int, default=None, help="total steps (360; small 110)")
-    parser.add_argument("--spike-step", type=int, default=None,
-                        help="step of the learning-rate jump (300; small 80)")
-    parser.add_argument("--spike-factor", type=float, default=None,
-                        help="the jump: lr x this from the spike on (40; small 100)")
+    parser.add_argument("--small", action="store_true",
+                        help="1 block, d 32, context 16, ramp at step 140 (CI smoke test)")
+    parser.add_argument("--steps", type=int, default=None, help="total steps (380; small 200)")
+    parser.add_argument("--ramp-step", type=int, default=None,
+                        help="first step of the learning-rate ramp (300; small 140)")
+    parser.add_argument("--ramp-steps", type=int, default=None,
+                        help="steps the ramp takes (60; small 45)")
+    parser.add_argument("--ramp-to", type=float, default=1.0,
+                        help="the learning rate at the end of the ramp")
     parser.add_argument("--lr", type=float, default=None,
-                        help="AdamW peak learning rate (3e-3; small 1e-2)")
+                        help="AdamW learning rate after warm-up (1e-3; small 3e-3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1 is fastest for models this small)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    steps = args.steps or (110 if args.small else 360)
-    spike = args.spike_step or (80 if args.small else 300)
-    factor = args.spike_factor or (100.0 if args.small else 40.0)
-    peak = args.lr or (1e-2 if args.small else 3e-3)
-    strides = 3 if args.small else None  # the small run learns an easier language
-    vocab, length, batch = 16, 16 if args.small else 32, 32
-    dim, depth = (32, 1) if args.small else (64, 2)
+    cfg = dict(SMALL if args.small else FULL)
+    for key in ("steps", "ramp_step", "ramp_steps", "lr"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    steps, start, peak = cfg["steps"], cfg["ramp_step"], cfg["lr"]
+    vocab, length, batch = 16, cfg["length"], 32
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
-    model = TinyGPT(vocab, dim=dim, depth=depth, context=length)
-    opt = torch.optim.AdamW(model.parameters(), lr=peak, weight_decay=0.01)
-    probe = progressions(64, length, vocab, torch.Generator().manual_seed(10_000 + args.seed),
-                         strides)
-    config = {"example": "early_warning_gpt", "lr": peak, "spike_step": spike,
-              "spike_factor": factor}
+    model = TinyGPT(vocab, dim=cfg["dim"], depth=cfg["depth"], context=length)
+    opt = torch.optim.AdamW(model.parameters(), lr=peak, betas=(0.9, 0.95), weight_decay=0.1)
+    config = {"example": "early_warning_gpt", **cfg, "ramp_to": args.ramp_to,
+              "seed": args.seed}
+    losses: list[float] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ls.InstabilityWarning)  # collected and printed below
-        with ls.Monitor(model, lm_loss, str(out / "run.h5"), optimizer=opt, metrics=metrics(),
-                        probe=probe, config=config, mode="w") as mon:
+        # the default monitor: no metrics=, no probe=
+        with ls.Monitor(model, lm_loss, str(out / "run.h5"), optimizer=opt, config=config,
+                        mode="w") as mon:
             for step in range(steps):
                 for group in opt.param_groups:
-                    group["lr"] = learning_rate(step, peak, spike, factor)
-                x, y = progressions(batch, length, vocab, g, strides)
+                    group["lr"] = learning_rate(step, peak, cfg["warmup"], start,
+                                                cfg["ramp_steps"], args.ramp_to)
+                x, y = progressions(batch, length, vocab, g, cfg["strides"])
                 logits = model(x)
                 loss = lm_loss(logits, y)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 mon.step(step, batch=(x, y), loss=loss, outputs=logits)
+                losses.append(float(loss.detach()))
             findings = list(mon.findings)
 
+    lead = early_warning(losses, findings, start)
+    leads = rule_leads(findings, start, lead.explosion)
+    firsts: dict[str, int] = {}
+    for f in sorted(findings, key=lambda f: f.step):
+        if f.step >= start and f.severity in ("warning", "error") and f.rule not in firsts:
+            firsts[f.rule] = f.step
     with ls.Run.open(out / "run.h5") as run:
-        blowup, leads = warning_leads(run, findings, after=spike, factor=10.0)
-        firsts = {}
-        for f in sorted(findings, key=lambda f: f.step):
-            if f.step >= spike and f.severity in ("warning", "error") and f.rule not in firsts:
-                firsts[f.rule] = f.step
-        steps_l, loss_values = run.series("loss", "value")
-        pre = float(torch.tensor(loss_values[(steps_l < spike)][-20:]).median())
         files = [out / "run.h5"]
-        for metric_name in ("loss", "taylor_radius", "spectral_alignment", "logits"):
+        for metric_name in ("loss", "sentinels"):
             fig = timeline(run, metric_name, log=metric_name == "loss")
             files.append(save_figure(fig, out / f"{metric_name}.png"))
-        files.append(plot_warnings(run, spike, blowup, firsts, out / "warnings.png"))
+        files.append(plot_lead(run, lead, out / "warning.png"))
 
-    # every rule watching a metric recorded here (edge_of_stability and rank_collapse watch
-    # sharpness and representation, which this run does not record)
-    recorded = {m.name for m in metrics()}
-    rules = [name for name, cls in RULES.items() if set(cls.metrics) & recorded]
-    table = []
-    for rule in sorted(set(firsts) | set(rules), key=lambda r: (firsts.get(r, math.inf), r)):
-        table.append({"rule": rule, "first_step": firsts.get(rule), "lead": leads.get(rule)})
-    pre_spike_warnings = sorted({f.rule for f in findings if f.step < spike
-                                 and f.severity in ("warning", "error")})
+    table = [{"rule": rule, "first_step": firsts[rule], "lead": leads.get(rule)}
+             for rule in sorted(firsts, key=lambda r: (firsts[r], r))]
     summary = {
-        "spike_step": spike, "spike_factor": factor, "lr": peak,
-        "pre_spike_loss": pre, "blowup_step": blowup, "table": table,
-        "pre_spike_warnings": pre_spike_warnings,
+        "ramp_step": start, "ramp_steps": cfg["ramp_steps"], "ramp_to": args.ramp_to,
+        "lr": peak, "baseline_loss": lead.baseline,
+        "first_warning_step": lead.first_step, "first_warning_rule": lead.first_rule,
+        "onset_step": lead.onset, "explosion_step": lead.explosion,
+        "lead_to_onset": lead.lead_to_onset, "lead_to_explosion": lead.lead_to_explosion,
+        "table": table,
+        "warnings_before_ramp": sorted({f.rule for f in lead.early}),
+        "lead_line": lead.describe(),
         "files": [str(p) for p in files],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
-    print(f"AdamW lr {peak:g}, x{factor:g} from step {spike}; pre-spike loss "
-          f"(median of 20 steps) {pre:.4f}")
-    print("blow-up (loss > 10x pre-spike): "
-          + (f"step {blowup} ({blowup - spike} steps after the spike)" if blowup is not None
-             else "none"))
+    print(f"AdamW lr {peak:g}, ramped to {args.ramp_to:g} over {cfg['ramp_steps']} steps "
+          f"from step {start}; baseline loss {lead.baseline:.4f} (median of 50 steps)")
     print(f"{'rule':<16} {'first warning':>13} {'lead (steps)':>12}")
     for row in table:
-        first = "-" if row["first_step"] is None else str(row["first_step"])
-        lead = "-" if row["lead"] is None else str(row["lead"])
-        print(f"{row['rule']:<16} {first:>13} {lead:>12}")
-    if pre_spike_warnings:
-        print("warnings before the spike: " + ", ".join(pre_spike_warnings))
+        lead_s = "after" if row["lead"] is None else str(row["lead"])
+        print(f"{row['rule']:<16} {row['first_step']:>13} {lead_s:>12}")
+    print("warnings before the ramp: " + (", ".join(summary["warnings_before_ramp"])
+                                          if lead.early else "none"))
+    print(lead.describe())
     print("wrote " + ", ".join(summary["files"]))
     return summary
 

@@ -1,34 +1,141 @@
-"""The built-in demonstration behind ``landscape demo``.
+"""The built-in demonstration behind ``landscape demo``: a warning before the loss moves.
 
 An MLP learns a synthetic 8-class problem (Gaussian clusters, generated locally and seeded:
-no downloads) with SGD + momentum under the :class:`~landscape.Monitor`. At ``spike_step``
-the learning rate jumps by ``spike_factor``, past the edge of stability: the Taylor-ratio
-and edge-of-stability alarms fire, then the loss blows up. Afterwards the demo evaluates a
-filter-normalized 2-D loss surface around the last pre-spike weights, writes the timeline
-plots, the surface contour and a self-contained HTML report next to ``run.h5``.
+no downloads) with SGD + momentum under the **default** :class:`~landscape.Monitor`
+(``Monitor(model, loss_fn, path, optimizer=opt)``: no ``metrics=``, no ``probe=``). From
+``ramp_step`` the learning rate grows geometrically, ``ramp_factor`` times over
+``ramp_steps`` steps (a mis-set schedule, a warm-up that never ends): a gradual
+instability, unlike an abrupt spike where every detector fires at the same step. The
+every-step sentinels see the step outgrow the weights (the ``taylor_forecast`` rule:
+update-to-weight ratio, secant Taylor ratio; docs/alarms.md) while the loss is still within
+its noise, then the loss rises and explodes. The demo measures the lead as the instability
+suite does (tests/benchmarks/instability, docs/benchmarks.md): the loss onset is the first
+step from which the loss stays >= 1.25x its baseline (the median of the 50 steps before
+the ramp) for 3 steps, the explosion the first step >= 10x or not finite.
+
+Afterwards it evaluates a filter-normalized 2-D loss surface (Li et al. 2018,
+arXiv:1712.09913) around the last pre-ramp weights on held-out data, and writes the
+timeline plots, the lead picture, the surface contour and a self-contained HTML report
+next to ``run.h5``.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
-from landscape.findings import Finding
-from landscape.metrics import preset
+from landscape.findings import Finding, severity_rank
 from landscape.monitor import Monitor
 from landscape.store import Run, RunWriter
 
-__all__ = ["DemoResult", "demo_model", "run_demo", "synthetic_blobs"]
+__all__ = [
+    "DemoResult",
+    "EarlyWarning",
+    "demo_model",
+    "early_warning",
+    "loss_milestones",
+    "ramp_lr",
+    "rule_leads",
+    "run_demo",
+    "synthetic_blobs",
+]
+
+ONSET, EXPLOSION, SUSTAIN, BASELINE_WINDOW = 1.25, 10.0, 3, 50
+"""The instability suite's definitions: onset 1.25x the baseline for 3 steps, explosion 10x
+(or not finite), baseline the median of the 50 steps before the intervention."""
+
+
+@dataclass(frozen=True)
+class EarlyWarning:
+    """How long before the loss moved the first warning came.
+
+    Attributes:
+        start: the first step of the intervention (the learning-rate ramp).
+        baseline: the median loss of the ``BASELINE_WINDOW`` steps before ``start``.
+        first_step: the step of the first finding of severity warning or above at or
+            after ``start`` (``None``: none).
+        first_rule: that finding's rule (``None``: none).
+        onset: the first step >= ``start`` from which the loss stays >= 1.25x ``baseline``
+            for 3 steps, or is not finite (``None``: never).
+        explosion: the first step >= ``start`` with loss >= 10x ``baseline`` or not finite.
+        nonfinite: whether the loss at ``explosion`` is not finite.
+        early: the warnings (and errors) raised before ``start``: false alarms.
+        onset_factor: the onset's multiple of the baseline.
+        explosion_factor: the explosion's multiple of the baseline.
+    """
+
+    start: int
+    baseline: float
+    first_step: int | None
+    first_rule: str | None
+    onset: int | None
+    explosion: int | None
+    nonfinite: bool = False
+    early: tuple[Finding, ...] = ()
+    onset_factor: float = ONSET
+    explosion_factor: float = EXPLOSION
+
+    @property
+    def lead_to_onset(self) -> int | None:
+        """Steps from the first warning to the loss onset (``None``: either is missing)."""
+        if self.first_step is None or self.onset is None:
+            return None
+        return self.onset - self.first_step
+
+    @property
+    def lead_to_explosion(self) -> int | None:
+        """Steps from the first warning to the explosion (``None``: either is missing)."""
+        if self.first_step is None or self.explosion is None:
+            return None
+        return self.explosion - self.first_step
+
+    def describe(self) -> str:
+        """One line: the first warning, the onset, the explosion and the lead.
+
+        Returns:
+            e.g. ``"first warning at step 158 (taylor_forecast), loss 1.25x baseline at
+            step 168, 10x at step 190: 10 steps of warning before the loss moved, 32
+            before it exploded"``.
+        """
+        parts = [("no warning" if self.first_step is None else
+                  f"first warning at step {self.first_step} ({self.first_rule})")]
+        parts.append(f"loss {self.onset_factor:g}x baseline "
+                     + ("never" if self.onset is None else f"at step {self.onset}"))
+        blow = "non-finite" if self.nonfinite else f"{self.explosion_factor:g}x"
+        parts.append(blow + (" never" if self.explosion is None else f" at step {self.explosion}"))
+        line = ", ".join(parts)
+        lead, lead_x = self.lead_to_onset, self.lead_to_explosion
+        if lead is not None and lead >= 0:
+            line += f": {lead} steps of warning before the loss moved"
+            if lead_x is not None:
+                line += f", {lead_x} before it exploded"
+        elif lead is not None:
+            line += f": the first warning came {-lead} steps after the loss moved"
+            if lead_x is not None:
+                line += (f", {lead_x} before it exploded" if lead_x >= 0 else
+                         f", {-lead_x} after it exploded")
+        elif lead_x is not None:
+            line += (f": {lead_x} steps of warning before the loss exploded" if lead_x >= 0
+                     else f": the first warning came {-lead_x} steps after the loss exploded")
+        return line
 
 
 @dataclass
 class DemoResult:
-    """What the demo wrote and found."""
+    """What the demo wrote and found.
+
+    ``spike_step`` is the first step of the learning-rate change (the ramp's start; the
+    name is kept from the demo's learning-rate spike), ``blowup_step`` the explosion (10x
+    the baseline or not finite) and ``leads`` each rule's lead before it in steps (``None``:
+    after it). ``warning`` holds the lead of the first warning (:class:`EarlyWarning`).
+    """
 
     run_path: Path
     final_loss: float
@@ -39,6 +146,14 @@ class DemoResult:
     leads: dict[str, int | None]
     files: list[Path] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    ramp_steps: int = 1
+    ramp_factor: float = 1.0
+    warning: EarlyWarning | None = None
+
+    @property
+    def ramp_step(self) -> int:
+        """The first step of the learning-rate ramp (the same as ``spike_step``)."""
+        return self.spike_step
 
 
 def synthetic_blobs(
@@ -64,67 +179,230 @@ def demo_model(dim: int = 32, hidden: int = 64, classes: int = 8, seed: int = 0)
         )
 
 
-def _metrics():
-    return preset(
-        "standard",
-        logits="every(5)",
-        taylor_radius="every(2)",
-        spectral_alignment="every(5)",
-        top_eigenvalues="every(10)",
-        sharpness="every(10)",
-        representation="every(20)",
-        collapse="every(40)",
-        hessian_trace="every(40)",
+def ramp_lr(step: int, lr: float, start: int, steps: int, factor: float) -> float:
+    """A geometric learning-rate ramp from ``lr`` to ``lr * factor``.
+
+    ``lr`` before ``start``, ``lr * factor ** (k / steps)`` at ``start + k - 1`` for
+    ``k = 1..steps``, ``lr * factor`` from then on. ``steps=1`` is an abrupt jump at
+    ``start``.
+
+    Args:
+        step: the training step.
+        lr: the learning rate before the ramp.
+        start: the first step with a raised learning rate.
+        steps: how many steps the ramp takes (>= 1).
+        factor: the final multiple of ``lr``.
+
+    Returns:
+        The learning rate at ``step``.
+    """
+    k = min(max(step - start + 1, 0), steps)
+    return lr * factor ** (k / steps)
+
+
+def loss_milestones(
+    losses: Sequence[float],
+    start: int,
+    *,
+    onset: float = ONSET,
+    explosion: float = EXPLOSION,
+    sustain: int = SUSTAIN,
+    window: int = BASELINE_WINDOW,
+) -> tuple[float, int | None, int | None]:
+    """The baseline, onset and explosion of a loss that rose after ``start``.
+
+    The definitions of the instability suite (docs/benchmarks.md): the baseline is the
+    median of the ``window`` losses before ``start``; the onset is the first step >=
+    ``start`` from which the loss stays >= ``onset`` x baseline for ``sustain`` steps (or
+    the run ends), or is not finite; the explosion the first step >= ``start`` with loss
+    >= ``explosion`` x baseline or not finite. A loss that explodes has passed its onset,
+    so the onset is at most the explosion.
+
+    Args:
+        losses: the training loss of steps ``0, 1, ...``.
+        start: the first step of the intervention.
+        onset: the onset's multiple of the baseline.
+        explosion: the explosion's multiple of the baseline.
+        sustain: how many steps the onset's rise must last.
+        window: how many steps before ``start`` make the baseline.
+
+    Returns:
+        ``(baseline, onset_step, explosion_step)``, the steps ``None`` where never reached.
+
+    Raises:
+        ValueError: ``start`` is not in ``1..len(losses) - 1``.
+    """
+    if not 0 < start < len(losses):
+        raise ValueError(f"start must be in 1..{len(losses) - 1}, got {start}")
+    base = float(np.median(np.asarray(losses[max(0, start - window):start], dtype=float)))
+    first_onset = first_explosion = None
+    for s in range(start, len(losses)):
+        bad = not math.isfinite(losses[s])
+        if first_explosion is None and (bad or losses[s] >= explosion * base):
+            first_explosion = s
+        if first_onset is None and all(
+            not math.isfinite(v) or v >= onset * base for v in losses[s:s + sustain]
+        ):
+            first_onset = s
+    if first_explosion is not None and (first_onset is None or first_onset > first_explosion):
+        first_onset = first_explosion
+    return base, first_onset, first_explosion
+
+
+def _warnings(findings: Iterable[Finding]) -> list[Finding]:
+    """The findings of severity warning or above, by step."""
+    rank = severity_rank("warning")
+    return sorted((f for f in findings if severity_rank(f.severity) >= rank),
+                  key=lambda f: (f.step, -severity_rank(f.severity), f.rule))
+
+
+def early_warning(losses: Sequence[float], findings: Iterable[Finding], start: int, *,
+                  onset: float = ONSET, explosion: float = EXPLOSION) -> EarlyWarning:
+    """The first warning at or after ``start`` against the loss onset and explosion.
+
+    Args:
+        losses: the training loss of steps ``0, 1, ...``.
+        findings: the run's findings.
+        start: the first step of the intervention.
+        onset: the onset's multiple of the baseline (:func:`loss_milestones`).
+        explosion: the explosion's multiple of the baseline.
+
+    Returns:
+        The :class:`EarlyWarning`; its ``early`` holds the warnings before ``start``.
+    """
+    base, on, ex = loss_milestones(losses, start, onset=onset, explosion=explosion)
+    warned = _warnings(findings)
+    after = [f for f in warned if f.step >= start]
+    first = after[0] if after else None
+    return EarlyWarning(
+        start=start, baseline=base,
+        first_step=None if first is None else first.step,
+        first_rule=None if first is None else first.rule,
+        onset=on, explosion=ex,
+        nonfinite=ex is not None and not math.isfinite(losses[ex]),
+        early=tuple(f for f in warned if f.step < start),
+        onset_factor=onset, explosion_factor=explosion,
     )
+
+
+def rule_leads(findings: Iterable[Finding], start: int,
+               explosion: int | None) -> dict[str, int | None]:
+    """Each rule's lead: steps from its first warning at or after ``start`` to ``explosion``.
+
+    Args:
+        findings: the run's findings.
+        start: the first step a warning counts at.
+        explosion: the explosion step (``None``: none).
+
+    Returns:
+        ``{rule: lead}`` in the order of the first warnings; ``None`` for a rule that first
+        warned after the explosion, or when there was none.
+    """
+    leads: dict[str, int | None] = {}
+    for f in _warnings(findings):
+        if f.step >= start and f.rule not in leads:
+            leads[f.rule] = None if explosion is None or f.step > explosion else explosion - f.step
+    return leads
 
 
 def run_demo(
     out_dir: str | Path,
     *,
-    steps: int = 250,
+    steps: int = 220,
     lr: float = 0.05,
-    spike_step: int = 150,
-    spike_factor: float = 40.0,
+    ramp_step: int = 150,
+    ramp_steps: int = 60,
+    ramp_factor: float = 1000.0,
     seed: int = 0,
     surface_steps: int = 21,
-    blowup_factor: float = 3.0,
+    blowup_factor: float = EXPLOSION,
     progress: bool = True,
     on_finding: Callable[[Finding], None] | None = None,
+    spike_step: int | None = None,
+    spike_factor: float | None = None,
+    threads: int | None = 1,
 ) -> DemoResult:
-    """Train the demo model with the monitor, then write the surface, plots and report.
+    """Train the demo model under the default monitor, then write the surface, plots, report.
 
-    The loss "blows up" at the first step after the spike where it exceeds ``blowup_factor``
-    times its pre-spike median (the demo's 8-class loss saturates near log 8, about 4x its
-    pre-spike level, so the 10x criterion of the early-warning example would never trigger).
+    The learning rate follows :func:`ramp_lr`. The alarms treat their first 100 rows as
+    early training (info only), so a ramp that starts before step 100 raises no warning.
+
+    Args:
+        out_dir: the directory for ``run.h5``, the pictures and ``report.html``.
+        steps: training steps.
+        lr: the SGD (momentum 0.9) learning rate before the ramp.
+        ramp_step: the first step with a raised learning rate.
+        ramp_steps: how many steps the ramp takes (1: an abrupt spike).
+        ramp_factor: the learning rate's final multiple.
+        seed: seeds the data, the model and the batches.
+        surface_steps: grid points per axis of the surface (0 or 1: no surface).
+        blowup_factor: the loss's multiple of the baseline that counts as the explosion.
+        progress: show progress bars.
+        on_finding: called with each finding as it is raised.
+        spike_step: the demo's former name of ``ramp_step``.
+        spike_factor: the former learning-rate spike: ``ramp_factor`` with ``ramp_steps=1``.
+        threads: torch's CPU threads while the demo runs, restored afterwards (``None``:
+            unchanged). Models this small run fastest on one; on a busy 2-core machine two
+            threads made each training step 100x slower (124 ms against 1.2 ms).
+
+    Returns:
+        The :class:`DemoResult`.
+
+    Raises:
+        ValueError: ``ramp_step`` is not in ``1..steps - 1`` or ``ramp_steps`` < 1.
     """
+    if threads is None:
+        return _run_demo(out_dir, steps, lr, ramp_step, ramp_steps, ramp_factor, seed,
+                         surface_steps, blowup_factor, progress, on_finding, spike_step,
+                         spike_factor)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run_demo(out_dir, steps, lr, ramp_step, ramp_steps, ramp_factor, seed,
+                         surface_steps, blowup_factor, progress, on_finding, spike_step,
+                         spike_factor)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_demo(out_dir, steps, lr, ramp_step, ramp_steps, ramp_factor, seed, surface_steps,
+              blowup_factor, progress, on_finding, spike_step, spike_factor) -> DemoResult:
+    """:func:`run_demo` with torch's threads set."""
     from tqdm.auto import tqdm
 
-    from landscape import alarms
-
+    if spike_step is not None:
+        ramp_step = spike_step
+    if spike_factor is not None:
+        ramp_factor, ramp_steps = spike_factor, 1
+    if not 0 < ramp_step < steps:
+        raise ValueError(f"ramp_step must be in 1..{steps - 1}, got {ramp_step}")
+    if ramp_steps < 1:
+        raise ValueError(f"ramp_steps must be >= 1, got {ramp_steps}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     all_inputs, all_labels = synthetic_blobs(n=1024 + 256, seed=seed)
     inputs, labels = all_inputs[:1024], all_labels[:1024]
-    probe = (all_inputs[1024:], all_labels[1024:])  # held out, same distribution
+    held_out = (all_inputs[1024:], all_labels[1024:])  # for the surface only
     model = demo_model(seed=seed)
     loss_fn = nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    config = {"demo": True, "lr": lr, "spike_step": spike_step, "spike_factor": spike_factor,
-              "seed": seed}
+    config = {"demo": True, "lr": lr, "ramp_step": ramp_step, "ramp_steps": ramp_steps,
+              "ramp_factor": ramp_factor, "spike_step": ramp_step, "seed": seed}
     path = out / "run.h5"
     g = torch.Generator().manual_seed(seed)
-    pre_spike: dict[str, torch.Tensor] | None = None
-    loss = torch.zeros(())
+    pre_ramp: dict[str, torch.Tensor] | None = None
+    losses: list[float] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # findings are collected and printed by the caller
-        with Monitor(model, loss_fn, str(path), optimizer=opt, metrics=_metrics(), probe=probe,
-                     config=config, mode="w", on_finding=on_finding) as mon:
+        # the default monitor: no metrics=, no probe= (it keeps part of the first batch)
+        with Monitor(model, loss_fn, str(path), optimizer=opt, config=config, mode="w",
+                     on_finding=on_finding) as mon:
             for step in tqdm(range(steps), desc="training", unit="step", disable=not progress):
-                if step == spike_step:
-                    pre_spike = {k: v.clone() for k, v in model.state_dict().items()}
+                if step == ramp_step:
+                    pre_ramp = {k: v.clone() for k, v in model.state_dict().items()}
                 for group in opt.param_groups:
-                    group["lr"] = lr * (spike_factor if step >= spike_step else 1.0)
+                    group["lr"] = ramp_lr(step, lr, ramp_step, ramp_steps, ramp_factor)
                 idx = torch.randint(0, inputs.shape[0], (128,), generator=g)
                 x, y = inputs[idx], labels[idx]
                 out_logits = model(x)
@@ -133,45 +411,102 @@ def run_demo(
                 loss.backward()
                 opt.step()
                 mon.step(step, batch=(x, y), loss=loss, outputs=out_logits)
+                losses.append(float(loss.detach()))
             findings = list(mon.findings)
             timings = dict(mon.timings)
-        files = _pictures(path, out, model, pre_spike, loss_fn, probe, surface_steps, progress)
-    with Run.open(path) as run:
-        blowup, leads = alarms.warning_leads(run, findings, after=spike_step,
-                                             factor=blowup_factor)
-    return DemoResult(path, float(loss.item()), steps, spike_step, findings, blowup, leads,
-                      files, timings)
+        warning = early_warning(losses, findings, ramp_step, explosion=blowup_factor)
+        files = _pictures(path, out, pre_ramp, loss_fn, held_out, surface_steps, warning,
+                          progress)
+    leads = rule_leads(findings, ramp_step, warning.explosion)
+    return DemoResult(path, losses[-1], steps, ramp_step, findings, warning.explosion, leads,
+                      files, timings, ramp_steps, ramp_factor, warning)
 
 
-def _pictures(path, out, model, pre_spike, loss_fn, probe, surface_steps, progress):
-    """The surface around the pre-spike weights, the timelines, the contour and the report."""
-    import matplotlib
+def plot_lead(run: Run, warning: EarlyWarning, path: Path) -> Path:
+    """The lead: the loss and the sentinels, with the ramp, warning, onset and explosion.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Two panels share the step axis: the training loss (log scale) and the sentinels the
+    default rule reads (``update_ratio``, ``r_secant``). The ramp's start, the first
+    warning, the onset and the explosion are marked, the warned steps before the onset
+    shaded.
 
+    Args:
+        run: the demo's run.
+        warning: its :class:`EarlyWarning`.
+        path: the PNG to write.
+
+    Returns:
+        ``path``.
+    """
+    from landscape.plotting.timelines import new_figure, save_figure
+
+    has_sentinels = "sentinels" in run.metrics()
+    fig = new_figure(9.0, 6.0 if has_sentinels else 4.5)
+    axes = fig.subplots(2 if has_sentinels else 1, 1, sharex=True, squeeze=False)[:, 0]
+    steps, loss = run.series("loss", "value")
+    finite = np.isfinite(loss)
+    axes[0].plot(steps[finite], loss[finite], color="#444444", lw=1, label="training loss")
+    axes[0].axhline(warning.onset_factor * warning.baseline, color="#bbbbbb", lw=1, ls="--",
+                    label=f"{warning.onset_factor:g}x baseline")
+    axes[0].set_ylabel("loss")
+    if has_sentinels:
+        s_steps, ratio = run.series("sentinels", "update_ratio")
+        _, r = run.series("sentinels", "r_secant")
+        axes[1].plot(s_steps, ratio, color="#1f77b4", lw=1, label="update / weight (max)")
+        axes[1].plot(s_steps, r, color="#2ca02c", lw=1, label="secant Taylor ratio r")
+        axes[1].set_ylabel("sentinels")
+        axes[1].set_xlabel("step")
+    else:
+        axes[0].set_xlabel("step")
+    for i, ax in enumerate(axes):
+        ax.set_yscale("log")
+        ax.axvline(warning.start, color="#7f7f7f", ls=":",
+                   label=f"LR ramp from {warning.start}" if i == 0 else None)
+        if warning.first_step is not None:
+            ax.axvline(warning.first_step, color="#ff7f0e", lw=2, label=(
+                f"first warning @ {warning.first_step} ({warning.first_rule})" if i == 0
+                else None))
+        if warning.onset is not None:
+            ax.axvline(warning.onset, color="#9467bd", lw=1.5, ls="--", label=(
+                f"loss {warning.onset_factor:g}x baseline @ {warning.onset}" if i == 0
+                else None))
+        if warning.explosion is not None:
+            ax.axvline(warning.explosion, color="#d62728", lw=2, label=(
+                f"loss {warning.explosion_factor:g}x @ {warning.explosion}" if i == 0
+                else None))
+        if warning.first_step is not None and warning.onset is not None \
+                and warning.first_step < warning.onset:
+            ax.axvspan(warning.first_step, warning.onset, color="#ff7f0e", alpha=0.12)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small", loc="upper left")
+    axes[0].set_xlim(max(0, warning.start - 60), steps[-1])
+    lead = warning.lead_to_onset
+    fig.suptitle("Early warning: " + (f"{lead} steps before the loss moved" if lead is not None
+                                      else "no lead"))
+    return save_figure(fig, path)
+
+
+def _pictures(path, out, pre_ramp, loss_fn, held_out, surface_steps, warning, progress):
+    """Write the surface around the pre-ramp weights, the pictures and the report."""
     from landscape import surface
     from landscape.plotting import surfaces as surface_plots
     from landscape.plotting import timelines
     from landscape.report import write_report
 
     files: list[Path] = []
-    if pre_spike is not None and surface_steps > 1:
+    if pre_ramp is not None and surface_steps > 1:
         before = demo_model()
-        before.load_state_dict(pre_spike)
+        before.load_state_dict(pre_ramp)
         with RunWriter(path) as writer:
-            surface.plane(before, loss_fn, probe, steps=surface_steps, span=1.0, writer=writer,
-                          name="pre_spike_plane", progress=progress)
+            surface.plane(before, loss_fn, held_out, steps=surface_steps, span=1.0,
+                          writer=writer, name="pre_ramp_plane", progress=progress)
     with Run.open(path) as run:
-        for metric_name in ("loss", "sharpness", "taylor_radius", "spectral_alignment"):
-            if metric_name in run.metrics():
-                fig = timelines.timeline(run, metric_name, log=metric_name == "loss")
-                files.append(timelines.save_figure(fig, out / f"{metric_name}.png"))
-                plt.close(fig)
-        if "pre_spike_plane" in run.surfaces():
-            fig = surface_plots.contour(run.surface("pre_spike_plane"), filled=True)
+        fig = timelines.timeline(run, "loss", log=True)
+        files.append(timelines.save_figure(fig, out / "loss.png"))
+        files.append(plot_lead(run, warning, out / "warning.png"))
+        if "pre_ramp_plane" in run.surfaces():
+            fig = surface_plots.contour(run.surface("pre_ramp_plane"), filled=True)
             fig.savefig(out / "surface.png", dpi=110)
-            plt.close(fig)
             files.append(out / "surface.png")
         files.append(write_report(run, out / "report.html", title="landscape demo"))
     return files

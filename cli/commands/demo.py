@@ -1,5 +1,6 @@
-"""``landscape demo``: train a small model with the monitor, inject a learning-rate spike,
-write the run, plots and report, and print the findings."""
+"""``landscape demo``: train a small model under the default monitor while the learning
+rate ramps up, write the run, plots and report, and print the findings and how long before
+the loss moved the first warning came."""
 
 from __future__ import annotations
 
@@ -9,38 +10,56 @@ from landscape_cli.app import cli, verbose_option
 from landscape.demo import run_demo
 
 
-@cli.command(epilog="\b\nExample:\n  landscape demo --out demo-out --steps 120")
+@cli.command(epilog="\b\nExamples:\n  landscape demo --out demo-out\n"
+                    "  landscape demo --spike-factor 40   # an abrupt spike instead")
 @click.option("--out", "out_dir", default="demo-out", show_default=True,
               type=click.Path(file_okay=False), help="Directory for run.h5, plots and report.")
-@click.option("--steps", default=250, show_default=True, type=click.IntRange(min=20))
-@click.option("--spike-step", default=None, type=click.IntRange(min=1),
-              help="Step of the learning-rate spike (default: 60% of --steps).")
-@click.option("--spike-factor", default=40.0, show_default=True,
-              type=click.FloatRange(min=0, min_open=True))
+@click.option("--steps", default=220, show_default=True, type=click.IntRange(min=20))
+@click.option("--ramp-step", "--spike-step", "ramp_step", default=None,
+              type=click.IntRange(min=1),
+              help="First step of the learning-rate ramp (default: --steps minus 70; the "
+                   "alarms' first 100 steps are early training, info only).")
+@click.option("--ramp-steps", default=60, show_default=True, type=click.IntRange(min=1),
+              help="Steps the geometric ramp takes.")
+@click.option("--ramp-factor", default=1000.0, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
+              help="The learning rate's multiple at the end of the ramp.")
+@click.option("--spike-factor", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Jump the learning rate by this factor at --ramp-step instead of ramping "
+                   "(an abrupt spike: every detector fires at the same step).")
 @click.option("--surface-steps", default=21, show_default=True, type=click.IntRange(min=0),
               help="Grid points per axis of the loss surface (0: none).")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("-q", "--quiet", is_flag=True, help="Only the findings and file names.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @verbose_option
-def demo(out_dir, steps, spike_step, spike_factor, surface_steps, seed, quiet):
-    """Train a small classifier under the monitor with a learning-rate spike; print what the
-    alarms saw and where the pictures and report are."""
-    spike = spike_step if spike_step is not None else max(1, steps * 3 // 5)
-    if spike >= steps:
-        raise click.BadParameter(f"must be < --steps ({steps})", param_hint="--spike-step")
-    result = run_demo(out_dir, steps=steps, spike_step=spike, spike_factor=spike_factor,
-                      surface_steps=surface_steps, seed=seed, progress=not quiet)
-    click.echo(f"trained {result.steps} steps; learning rate x{spike_factor:g} at step "
-               f"{result.spike_step}; final loss {result.final_loss:.4g}")
-    if result.blowup_step is not None:
-        click.echo(f"the loss blew up (3x its pre-spike level) at step {result.blowup_step}")
+def demo(out_dir, steps, ramp_step, ramp_steps, ramp_factor, spike_factor, surface_steps, seed,
+         quiet):
+    """Train a small classifier under the default monitor while the learning rate ramps up;
+    print what the alarms saw, how many steps before the loss moved they warned, and where
+    the pictures and report are."""
+    start = ramp_step if ramp_step is not None else max(1, steps - 70)
+    if start >= steps:
+        raise click.BadParameter(f"must be < --steps ({steps})", param_hint="--ramp-step")
+    if spike_factor is not None:
+        ramp_factor, ramp_steps = spike_factor, 1
+    result = run_demo(out_dir, steps=steps, ramp_step=start, ramp_steps=ramp_steps,
+                      ramp_factor=ramp_factor, surface_steps=surface_steps, seed=seed,
+                      progress=not quiet)
+    w = result.warning
+    change = (f"learning rate x{ramp_factor:g} at step {start}" if ramp_steps == 1 else
+              f"learning rate ramped x{ramp_factor:g} over {ramp_steps} steps from step {start}")
+    click.echo(f"trained {result.steps} steps; {change}; final loss {result.final_loss:.4g}")
     click.echo(f"findings ({len(result.findings)}):")
     for f in result.findings:
         click.echo(f"  {f.describe()}")
     if result.leads:
-        click.echo("warning lead before the blow-up (steps):")
+        click.echo(f"warning lead before the loss reached {w.explosion_factor:g}x (steps):")
         for rule, lead in result.leads.items():
-            click.echo(f"  {rule:<20} {'after the blow-up' if lead is None else lead}")
+            click.echo(f"  {rule:<20} {'after it' if lead is None else lead}")
+    click.echo(f"baseline loss {w.baseline:.4g} (median of the 50 steps before the ramp)"
+               + (f"; warnings before the ramp: {len(w.early)}" if w.early else
+                  "; no warning before the ramp"))
+    click.echo(w.describe())
     click.echo(f"wrote {result.run_path}")
     for path in result.files:
         click.echo(f"wrote {path}")

@@ -1,8 +1,10 @@
-"""``landscape --version``, ``info`` and ``demo`` through click's CliRunner."""
+"""``landscape --version``, ``info`` and ``demo`` through click's CliRunner (the demo's pure
+helpers: tests/test_demo.py)."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from click.testing import CliRunner
 from landscape_cli.main import cli
 
 from landscape import __version__
+from landscape.demo import run_demo
 from landscape.findings import Finding
 from landscape.store import Run, RunWriter
 
@@ -68,34 +71,57 @@ def test_info_bad_inputs_give_one_line(runner, tmp_path):
     _one_line_error(runner.invoke(cli, ["info", str(bad)]), "not a readable HDF5 file", str(bad))
 
 
-def test_demo_writes_run_pictures_report_and_prints_findings(runner, tmp_path):
+LEAD = re.compile(r"^first warning at step (\d+) \((\w+)\), loss 1\.25x baseline at step "
+                  r"(\d+), (?:10x|non-finite) at step (\d+): (\d+) steps of warning before "
+                  r"the loss moved, (\d+) before it exploded$", re.M)
+
+
+def test_demo_warns_before_the_loss_moves(runner, tmp_path):
     out = tmp_path / "out"
-    result = runner.invoke(cli, ["demo", "--out", str(out), "--steps", "60",
-                                 "--surface-steps", "5"])  # the default path
+    result = runner.invoke(cli, ["demo", "--out", str(out), "--surface-steps", "5", "-q"])
     assert result.exit_code == 0, result.output
     with Run.open(out / "run.h5") as run:
         steps, loss = run.series("loss", "value")
-        assert list(steps) == list(range(60))
-        assert np.isfinite(loss[:30]).all()
-        assert loss[30] < loss[0]
-        assert run.config["demo"] is True
-        assert run.config["spike_step"] == 36
-        warnings = [f for f in run.findings() if f.severity in ("warning", "error")]
-        assert warnings and min(f.step for f in warnings) >= 36  # nothing before the spike
-        assert run.surface("pre_spike_plane").values["loss"].shape == (5, 5)
-    for name in ("loss.png", "sharpness.png", "surface.png", "report.html"):
+        assert list(steps) == list(range(220))
+        assert run.config["demo"] is True and run.config["ramp_step"] == 150
+        assert "sentinels" in run.metrics() and "sharpness" not in run.metrics()  # default
+        findings = run.findings()
+        assert run.surface("pre_ramp_plane").values["loss"].shape == (5, 5)
+    assert np.isfinite(loss[:150]).all()
+    assert loss[149] < 0.5 * loss[0]  # it learned before the ramp
+    warned = sorted(f.step for f in findings if f.severity in ("warning", "error"))
+    assert warned and warned[0] >= 150  # nothing at warning level before the ramp
+    # the onset, computed here from the recorded loss (the suite's definitions)
+    base = float(np.median(loss[100:150]))
+    onset = next(s for s in range(150, 218) if (loss[s:s + 3] >= 1.25 * base).all())
+    explosion = next(s for s in range(150, 220) if not loss[s] < 10 * base)
+    assert warned[0] < onset <= explosion  # the default monitor warned before the loss moved
+    m = LEAD.search(result.output)
+    assert m, result.output
+    first, rule, on, ex, lead, lead_x = m.groups()
+    assert (int(first), int(on), int(ex)) == (warned[0], onset, explosion)
+    assert int(lead) == onset - warned[0] > 0 and int(lead_x) == explosion - warned[0]
+    assert rule == "taylor_forecast"
+    assert "no warning before the ramp" in result.output
+    assert f"  {rule:<20} {lead_x}" in result.output  # the lead table agrees
+    for name in ("loss.png", "warning.png", "surface.png", "report.html"):
         assert (out / name).stat().st_size > 1000, name
     assert "findings (" in result.output and "report.html" in result.output
-    # the alarms warn before the loss blows up (3x its pre-spike level)
-    out_lines = result.output.splitlines()
-    assert any(line.startswith("the loss blew up") for line in out_lines), result.output
-    start = out_lines.index("warning lead before the blow-up (steps):")
-    leads = [line.split()[-1] for line in out_lines[start + 1:] if line.startswith("  ")]
-    assert any(lead.isdigit() and int(lead) > 0 for lead in leads), result.output
 
 
-def test_demo_rejects_a_spike_after_the_end(runner, tmp_path):
-    result = runner.invoke(cli, ["demo", "--out", str(tmp_path), "--steps", "30",
-                                 "--spike-step", "40"])
-    assert result.exit_code == 2
-    assert "--spike-step" in result.output and "Traceback" not in result.output
+def test_demo_spike_factor_is_an_abrupt_jump(tmp_path):
+    result = run_demo(tmp_path, steps=160, spike_step=150, spike_factor=40.0, surface_steps=0,
+                      progress=False)
+    assert (result.ramp_step, result.ramp_steps, result.ramp_factor) == (150, 1, 40.0)
+    assert result.spike_step == 150
+    warned = [f for f in result.findings if f.severity in ("warning", "error")]
+    assert min(f.step for f in warned) == 150  # caught at the first affected step
+    assert result.warning is not None and not result.warning.early
+
+
+def test_demo_rejects_a_ramp_after_the_end(runner, tmp_path):
+    for option in ("--ramp-step", "--spike-step"):
+        result = runner.invoke(cli, ["demo", "--out", str(tmp_path), "--steps", "30",
+                                     option, "40"])
+        assert result.exit_code == 2
+        assert "--ramp-step" in result.output and "Traceback" not in result.output

@@ -14,7 +14,10 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from landscape.store import Run
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -50,19 +53,28 @@ def test_edge_of_stability(tmp_path, capsys):
 def test_early_warning_gpt(tmp_path, capsys):
     s = run_example("early_warning_gpt", tmp_path)
     names = {Path(f).name for f in s["files"]}
-    assert {"run.h5", "loss.png", "taylor_radius.png", "spectral_alignment.png",
-            "warnings.png"} <= names
-    assert s["pre_spike_loss"] < 0.5  # the model learned the language before the spike
-    blowup, spike = s["blowup_step"], s["spike_step"]
-    assert blowup is not None and blowup > spike
-    table = {row["rule"]: row for row in s["table"]}
-    # the Taylor ratio warns before the loss reaches 10x its pre-spike level
-    assert table["taylor_ratio"]["first_step"] is not None
-    assert table["taylor_ratio"]["lead"] is not None and table["taylor_ratio"]["lead"] >= 1
+    assert {"run.h5", "loss.png", "sentinels.png", "warning.png"} <= names
+    with Run.open(next(f for f in s["files"] if f.endswith("run.h5"))) as run:
+        assert "sharpness" not in run.metrics() and "sentinels" in run.metrics()  # default
+        _, loss = run.series("loss", "value")
+        warned = sorted(f.step for f in run.findings() if f.severity in ("warning", "error"))
+    start = s["ramp_step"]
+    base = float(np.median(loss[start - 50:start]))
+    assert base == pytest.approx(s["baseline_loss"]) and base < 0.5  # learned the language
+    onset = next(t for t in range(start, len(loss) - 2) if (loss[t:t + 3] >= 1.25 * base).all())
+    explosion = next(t for t in range(start, len(loss)) if not loss[t] < 10 * base)
+    assert (s["onset_step"], s["explosion_step"]) == (onset, explosion)
+    # the default monitor warned after the ramp began and before the loss moved; not before
+    assert s["warnings_before_ramp"] == [] and warned[0] >= start
+    assert warned[0] == s["first_warning_step"] < onset <= explosion
+    assert s["lead_to_onset"] == onset - warned[0] > 0
+    assert s["lead_to_explosion"] == explosion - warned[0]
+    assert s["table"][0]["rule"] == s["first_warning_rule"] == "taylor_forecast"
     for row in s["table"]:
         if row["lead"] is not None:
-            assert row["lead"] == blowup - row["first_step"] >= 0
-    assert "lead (steps)" in capsys.readouterr().out
+            assert row["lead"] == explosion - row["first_step"] >= 0
+    out = capsys.readouterr().out
+    assert s["lead_line"] in out and "steps of warning before the loss moved" in out
 
 
 def test_posthoc_cli(tmp_path, capsys):
