@@ -158,8 +158,8 @@ class Sharpness(Metric):
     For SGD (plain, heavy-ball, Nesterov) lambda_max is the Hessian's; for Adam/AdamW it is
     the preconditioned sharpness of P^-1/2 H P^-1/2 (Cohen et al. 2022). ``ratio`` =
     lambda_max / threshold; a ratio at or above 1 is the edge of stability. ``peak_memory``:
-    the Lanczos run's measured peak in bytes (NaN when the row reuses a run of another
-    metric's or is skipped).
+    the Lanczos run's measured peak in bytes (the same run's when the row reuses the step's
+    ``top_eigenvalues`` run; NaN while Adam warms up).
 
     Args:
         tol: relative tolerance of the Lanczos run for lambda_max.
