@@ -16,7 +16,7 @@ The monitor is the default one, ``ls.Monitor(model, loss_fn, path, optimizer=opt
 sentinels) and no ``probe=`` (it keeps part of the first batch). Its ``taylor_forecast``
 rule warns when the update-to-weight ratio keeps growing, or the secant Taylor ratio of the
 step reaches the softmax convergence radius (Sao 2026, arXiv:2603.13552; docs/alarms.md).
-At the end the script prints, with :func:`landscape.demo.early_warning`, the first warning,
+At the end the script prints, with :func:`landscape.alarms.early_warning`, the first warning,
 the loss onset (the first step from which the loss stays >= 1.25x its baseline, the median
 of the 50 steps before the ramp, for 3 steps) and the explosion (>= 10x or not finite), and
 for each rule its first warning after the ramp and its lead before the explosion. Files
@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import landscape as ls
-from landscape.demo import early_warning, plot_lead, ramp_lr, rule_leads
+from landscape.alarms import early_warning, rule_leads
+from landscape.demo import plot_lead, ramp_lr
 from landscape.plotting.timelines import save_figure, timeline
 
 # ------------------------------------------------------------------------------ the model

@@ -9,7 +9,8 @@ import math
 
 import pytest
 
-from landscape.demo import EarlyWarning, early_warning, loss_milestones, ramp_lr, rule_leads
+from landscape.alarms import EarlyWarning, early_warning, loss_milestones, rule_leads
+from landscape.demo import ramp_lr
 from landscape.findings import Finding
 
 

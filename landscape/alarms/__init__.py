@@ -32,7 +32,8 @@ Modules:
 * :mod:`~landscape.alarms.statistics`: the rolling median/MAD of the spike rules;
 * :mod:`~landscape.alarms.online`: :class:`OnlineAlarms`, :func:`check`, :data:`RULES`,
   :func:`default_rules`;
-* :mod:`~landscape.alarms.leads`: :func:`warning_leads`, a helper of the demo.
+* :mod:`~landscape.alarms.leads`: :func:`early_warning`, :func:`rule_leads`,
+  :func:`warning_leads`: how far ahead the warnings came (the demo, the examples).
 
 The thresholds and their sources are documented on each rule and in ``docs/alarms.md``.
 """
@@ -45,7 +46,13 @@ from typing import Any
 from landscape.alarms.base import SKIP, Rule, Trigger
 from landscape.alarms.curvature_rules import EdgeOfStability, TaylorRatio
 from landscape.alarms.forecast_rules import SharpnessForecast, TaylorForecast
-from landscape.alarms.leads import warning_leads
+from landscape.alarms.leads import (
+    EarlyWarning,
+    early_warning,
+    loss_milestones,
+    rule_leads,
+    warning_leads,
+)
 from landscape.alarms.online import RULES, OnlineAlarms, check, default_rules
 from landscape.alarms.representation_rules import LogitGrowth, RankCollapse, SignCollapse
 from landscape.alarms.training_rules import GradNormSpike, LossSpike, NonFiniteValues
@@ -68,6 +75,10 @@ __all__ = [
     "Trigger",
     "check",
     "default_rules",
+    "EarlyWarning",
+    "early_warning",
+    "loss_milestones",
+    "rule_leads",
     "warning_leads",
 ]
 
