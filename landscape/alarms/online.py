@@ -16,7 +16,12 @@ from landscape._errors import StepOrderError
 from landscape.alarms.base import EpisodeTracker, Rule, Value, _finding_order
 from landscape.alarms.curvature_rules import EdgeOfStability, TaylorRatio
 from landscape.alarms.forecast_rules import SharpnessForecast, TaylorForecast
-from landscape.alarms.representation_rules import LogitGrowth, RankCollapse, SignCollapse
+from landscape.alarms.representation_rules import (
+    AttentionLogitGrowth,
+    LogitGrowth,
+    RankCollapse,
+    SignCollapse,
+)
 from landscape.alarms.training_rules import GradNormSpike, LossSpike, NonFiniteValues
 from landscape.findings import Finding, dedupe
 
@@ -32,6 +37,7 @@ RULES: dict[str, type[Rule]] = {
         LossSpike,
         GradNormSpike,
         LogitGrowth,
+        AttentionLogitGrowth,
         RankCollapse,
         NonFiniteValues,
         TaylorForecast,

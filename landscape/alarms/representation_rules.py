@@ -2,7 +2,8 @@
 
 * :class:`SignCollapse` reads ``spectral_alignment/minority`` per layer;
 * :class:`RankCollapse` reads ``representation/effective_rank``;
-* :class:`LogitGrowth` reads ``logits/max_abs`` and ``logits/softmax_collapse``.
+* :class:`LogitGrowth` reads ``logits/max_abs`` and ``logits/softmax_collapse``;
+* :class:`AttentionLogitGrowth` reads ``sentinels/attention_logit_max``.
 
 Thresholds, their sources and what to do: ``docs/alarms.md``.
 """
@@ -22,12 +23,20 @@ from landscape.alarms.base import (
     Rule,
     Trigger,
     _check_number,
+    _check_positive_int,
     _fmt,
     _scalar,
     _Skip,
 )
+from landscape.findings import SEVERITIES
 
-__all__ = ["LogitGrowth", "RankCollapse", "SignCollapse"]
+__all__ = [
+    "AttentionLogitGrowth",
+    "AttentionLogitGrowthState",
+    "LogitGrowth",
+    "RankCollapse",
+    "SignCollapse",
+]
 
 
 @dataclass
@@ -316,3 +325,112 @@ class RankCollapseState:
                 "neural collapse is expected late in training, lower ratio or disable",
             )
         return None
+
+
+@dataclass
+class AttentionLogitGrowth(Rule):
+    """The largest pre-softmax attention logit grows past where the softmax saturates.
+
+    Reads ``sentinels/attention_logit_max``: the largest q·kᵀ·scale (masks honoured) of the
+    sentinels' forward pass on the probe subsample (docs/monitor.md, "Sentinels"). Growing
+    attention logits collapse the attention entropy (one-hot attention) and precede loss
+    divergence in Transformers trained without QK-layernorm (Dehghani et al. 2023,
+    arXiv:2302.05442, §3.1.1; Wortsman et al. 2023, arXiv:2309.14322, §3.1).
+
+    Fires when, on ``sustain`` consecutive rows (default 3), the value is ``>= max_logit``
+    (default 50: a logit gap of 50 leaves the other keys a weight below e^-50 ≈ 2e-22, and
+    a float32 softmax is exactly one-hot beyond a gap of about 17) **and** ``>= growth``
+    (default 4) times its baseline, the median of the first ``baseline_rows`` (default 10)
+    finite rows. The growth condition keeps a model whose heads were sharp from the start
+    (a pretrained model being fine-tuned) quiet until its logits really grow; the rule
+    stays quiet while the baseline is collected. ``growth=None`` uses the level alone.
+
+    Severity ``info`` by default: the instability suite has no mechanism where attention
+    logits drive the divergence at this size (docs/alarms.md, "attention_logit_growth"),
+    so the threshold is not validated as an early warning.
+
+    Raises:
+        ValueError: a setting is out of range.
+    """
+
+    max_logit: float = 50.0
+    growth: float | None = 4.0
+    baseline_rows: int = 10
+    severity: str = "info"
+    sustain: int = 3
+    rearm: int = 10
+    metrics: tuple[str, ...] = ("sentinels",)
+    name: str = "attention_logit_growth"
+
+    def __post_init__(self) -> None:
+        self._validate_common()
+        _check_number("max_logit", self.max_logit)
+        _check_number("growth", self.growth, allow_none=True)
+        _check_positive_int("baseline_rows", self.baseline_rows)
+        if self.growth is not None and self.growth <= 0:
+            raise ValueError(f"growth must be > 0 or None, got {self.growth}")
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"severity must be one of {SEVERITIES}, got {self.severity!r}")
+
+    def evaluator(self, metric: str, params: Mapping[str, Any]) -> Evaluator:
+        """A fresh :class:`AttentionLogitGrowthState` for one stream.
+
+        Args:
+            metric: the metric name (``sentinels``).
+            params: the metric's ``params`` (unused).
+
+        Returns:
+            The stream's evaluator.
+        """
+        return AttentionLogitGrowthState(self)
+
+
+class AttentionLogitGrowthState:
+    """The evaluator of :class:`AttentionLogitGrowth` on one stream.
+
+    Args:
+        rule: the rule's settings.
+
+    Attributes:
+        first: the first ``rule.baseline_rows`` finite values (the baseline's rows).
+    """
+
+    def __init__(self, rule: AttentionLogitGrowth) -> None:
+        self.rule = rule
+        self.first: list[float] = []
+
+    def __call__(self, step: int, row: Row) -> Trigger | _Skip | None:
+        """Evaluate one row.
+
+        Args:
+            step: the row's step.
+            row: the row's numeric fields.
+
+        Returns:
+            A :class:`Trigger` of the rule's severity, None, or :data:`SKIP` for a row
+            without a value (no attention, or not measured at this step).
+        """
+        rule = self.rule
+        v = _scalar(row, "attention_logit_max")
+        if v is None:
+            return SKIP
+        limit = rule.max_logit
+        if rule.growth is not None:
+            if len(self.first) < rule.baseline_rows:
+                if math.isfinite(v):
+                    self.first.append(v)
+                return None
+            base = float(np.median(self.first))
+            limit = max(limit, rule.growth * base)
+        if v < limit:
+            return None
+        return Trigger(
+            severity=rule.severity,
+            field="attention_logit_max",
+            value=v,
+            threshold=limit,
+            message=f"max attention logit {_fmt(v)} >= {_fmt(limit)}: attention logits are "
+            "growing and the attention softmax saturates",
+            hint="add QK-layernorm (or a cap/tanh softcap on attention logits), lower the "
+            "learning rate or raise weight decay; compute attention softmax in float32",
+        )

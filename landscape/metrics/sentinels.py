@@ -81,7 +81,8 @@ class Sentinels(Metric):
       arXiv:2302.05442; Wortsman et al. 2023, arXiv:2309.14322), read by
       :class:`~landscape.metrics._attention.AttentionLogits` without changing the model;
       NaN when the model has no attention. The first call tells whether it has any: if
-      none ran, later calls skip the capture (and its per-op cost) and record NaN.
+      none ran, later calls skip the capture (and its per-op cost) and record NaN. With
+      ``attention_every=k`` it is measured on every k-th call only (NaN in between).
     * ``probe_loss``: the cross-entropy of the subsample (NaN when targets do not fit).
     * ``update_ratio``, ``update_layer``: the largest ||Δθ_l|| / ||θ_l|| over the weight
       tensors (two or more dimensions) and the index of that tensor in
@@ -98,6 +99,9 @@ class Sentinels(Metric):
     Args:
         subsample: how many probe samples the forward pass sees (sequence models: every
             position of each sample counts as one logit row).
+        attention_every: measure ``attention_logit_max`` on every k-th call (default 1:
+            every call; 0: never). The capture costs a few microseconds per torch call of
+            the forward (docs/monitor.md, "Sentinels").
         **kwargs: ``schedule=``, ``data=`` of :class:`~landscape.metrics.Metric`.
     """
 
@@ -116,11 +120,15 @@ class Sentinels(Metric):
     default_data = "probe"
     needs_update = True
 
-    def __init__(self, subsample: int = 4, **kwargs: Any) -> None:
+    def __init__(self, subsample: int = 4, attention_every: int = 1, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not isinstance(subsample, int) or subsample < 1:
             raise ValueError(f"subsample must be an integer >= 1, got {subsample!r}")
+        if not isinstance(attention_every, int) or attention_every < 0:
+            raise ValueError(f"attention_every must be an integer >= 0, got {attention_every!r}")
         self.subsample = subsample
+        self.attention_every = attention_every
+        self._calls = 0  # forward passes so far (attention_every counts them)
         self.layers: list[str] = []
         self._layer_index: list[int] | None = None
         self._index_tensor: torch.Tensor | None = None
@@ -137,10 +145,15 @@ class Sentinels(Metric):
         self._layer_index = None
         self._index_tensor = None
         self._attention = None
+        self._calls = 0
 
     def config(self) -> dict[str, Any]:
-        """``subsample`` and the tracked weight tensors, ``layers``."""
-        return {"subsample": self.subsample, "layers": list(self.layers)}
+        """``subsample``, ``attention_every`` and the tracked weight tensors, ``layers``."""
+        return {
+            "subsample": self.subsample,
+            "attention_every": self.attention_every,
+            "layers": list(self.layers),
+        }
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
         """One row: the secant ratio and logit statistics, and the update ratios."""
@@ -194,7 +207,9 @@ class Sentinels(Metric):
         The capture mode is active only during this call and removed on exit, also when the
         forward raises; once a first call saw no attention op it is skipped.
         """
-        if self._attention is False:
+        due = self.attention_every > 0 and self._calls % self.attention_every == 0
+        self._calls += 1
+        if self._attention is False or not due:
             return model(x), None
         with AttentionLogits() as att:
             output = model(x)

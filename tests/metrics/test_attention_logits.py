@@ -281,3 +281,29 @@ def test_outputs_are_unchanged_by_the_mode():
     with AttentionLogits():
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert torch.equal(out, ref)
+
+
+def test_hugging_face_gpt2_eager_and_sdpa_paths_agree():
+    """GPT-2's eager attention (masked logits into a softmax) and its SDPA path (a mask
+    passed to SDPA) give the same largest logit, with and without padding."""
+    transformers = pytest.importorskip("transformers")
+    ids = torch.randint(0, 20, (3, 8), generator=torch.Generator().manual_seed(1))
+    pad = torch.ones(3, 8, dtype=torch.long)
+    pad[1, :3] = 0
+    found = {}
+    for impl in ("eager", "sdpa"):
+        cfg = transformers.GPT2Config(vocab_size=20, n_positions=16, n_embd=16, n_layer=2,
+                                      n_head=2, attn_implementation=impl)
+        torch.manual_seed(0)
+        model = transformers.GPT2LMHeadModel(cfg).eval()
+        with torch.no_grad():
+            for block in model.transformer.h:
+                block.attn.c_attn.weight.mul_(30.0)  # logits of order 10, not 0.02
+        for name, kwargs in (("plain", {}), ("padded", {"attention_mask": pad})):
+            with torch.no_grad(), AttentionLogits() as att:
+                model(ids, **kwargs)
+            assert len(att.maxima) == 2  # one op per layer
+            found[impl, name] = att.maximum().item()
+    assert found["eager", "plain"] > 1
+    for name in ("plain", "padded"):
+        assert found["eager", name] == pytest.approx(found["sdpa", name], rel=1e-5)

@@ -268,3 +268,17 @@ def test_training_with_the_attention_capture_is_bitwise_identical():
     assert np.isfinite(att).all()  # the capture ran at every step
     assert all(torch.equal(state[k], ref_state[k]) for k in ref_state)
     assert torch.equal(rng, ref_rng) and mode == ref_mode
+
+
+def test_attention_every_measures_every_kth_call_and_zero_never():
+    rows = {}
+    for every_k in (1, 2, 0):
+        model = models.TinyTransformer(vocab=VOCAB, d=8, heads=2, layers=1, seq=SEQ, seed=0)
+        mon = _train(model, [Sentinels(attention_every=every_k)], steps=4)
+        rows[every_k] = mon.run().series("sentinels", "attention_logit_max")[1]
+        mon.close()
+    assert np.isfinite(rows[1]).all()
+    np.testing.assert_array_equal(rows[2][::2], rows[1][::2])  # the same run, every other row
+    assert np.isnan(rows[2][1::2]).all() and np.isnan(rows[0]).all()
+    with pytest.raises(ValueError, match="attention_every"):
+        Sentinels(attention_every=-1)
