@@ -10,8 +10,7 @@ from landscape_cli.app import cli, verbose_option
 from landscape.demo import run_demo
 
 
-@cli.command(epilog="\b\nExamples:\n  landscape demo --out demo-out\n"
-                    "  landscape demo --spike-factor 40   # an abrupt spike instead")
+@cli.command(epilog="\b\nExample:\n  landscape demo --out demo-out")
 @click.option("--out", "out_dir", default="demo-out", show_default=True,
               type=click.Path(file_okay=False), help="Directory for run.h5, plots and report.")
 @click.option("--steps", default=220, show_default=True, type=click.IntRange(min=20))

@@ -54,11 +54,17 @@ from landscape.alarms.leads import (
     warning_leads,
 )
 from landscape.alarms.online import RULES, OnlineAlarms, check, default_rules
-from landscape.alarms.representation_rules import LogitGrowth, RankCollapse, SignCollapse
+from landscape.alarms.representation_rules import (
+    AttentionLogitGrowth,
+    LogitGrowth,
+    RankCollapse,
+    SignCollapse,
+)
 from landscape.alarms.training_rules import GradNormSpike, LossSpike, NonFiniteValues
 
 __all__ = [
     "RULES",
+    "AttentionLogitGrowth",
     "SKIP",
     "SharpnessForecast",
     "EdgeOfStability",
