@@ -306,7 +306,10 @@ class StepContext:
             self._cache[key] = op
         return self._cache[key]
 
-    def eigen(self, source: str, k: int, preconditioned: bool = False, tol: float = 1e-3) -> Any:
+    def eigen(
+        self, source: str, k: int, preconditioned: bool = False, tol: float = 1e-3,
+        **memory: Any,
+    ) -> Any:
         """Top-``k`` eigenpairs, warm-started from the previous measurement of the same kind.
 
         Args:
@@ -314,6 +317,8 @@ class StepContext:
             k: how many eigenpairs.
             preconditioned: of the preconditioned operator (see :meth:`operator`).
             tol: relative tolerance of :func:`landscape.curvature.top_eigenvalues`.
+            **memory: ``memory_budget=`` and ``memory_profile=`` of
+                :func:`landscape.curvature.top_eigenvalues` (docs/curvature.md).
 
         Returns:
             The eigen result (a larger ``k`` computed earlier in the step is reused).
@@ -329,6 +334,7 @@ class StepContext:
             k=k,
             tol=tol,
             warm_start=self.state.get(key),
+            **memory,
         )
         self.state[key] = result
         self._cache[key] = result

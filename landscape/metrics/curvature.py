@@ -74,21 +74,8 @@ def _eigen(
     preconditioned: bool = False,
 ) -> Any:
     """:meth:`StepContext.eigen` within ``budget``: the same cache and warm starts."""
-    if budget is None:
-        return ctx.eigen(source, k, preconditioned=preconditioned, tol=tol)
-    from landscape import curvature
-
-    key = ("eigen", source, preconditioned)
-    cached = ctx._cache.get(key)
-    if cached is not None and len(cached.values) >= k:
-        return cached
-    result = curvature.top_eigenvalues(
-        ctx.operator(source, preconditioned), k=k, tol=tol, warm_start=ctx.state.get(key),
-        **_budget_kwargs(ctx, source, budget),
-    )
-    ctx.state[key] = result
-    ctx._cache[key] = result
-    return result
+    return ctx.eigen(source, k, preconditioned=preconditioned, tol=tol,
+                     **_budget_kwargs(ctx, source, budget))
 
 
 def _with_budget(config: dict[str, Any], budget: Budget) -> dict[str, Any]:
