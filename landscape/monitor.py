@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from landscape import distributed as _dist
-from landscape._errors import InstabilityWarning, StepOrderError
+from landscape._errors import InstabilityWarning, MissingInput, StepOrderError
 from landscape._interrupts import InterruptGuard
 from landscape.batches import head, leading_size, map_tensors
 from landscape.failures import failure_finding, nonfinite_state
@@ -216,6 +216,7 @@ class Monitor:
         self._names: list[str] = []
         self._state: dict[Any, Any] = {}
         self._failed: set[str] = set()
+        self._update_missed = False  # step() started the monitor: no update this step
         self._hooks: list[Any] = []
         self._objects: dict[str, nn.Parameter] | None = None
         self._before: tuple[torch.Tensor, ...] | None = None
@@ -428,11 +429,18 @@ class Monitor:
         Raises:
             StepOrderError: ``step`` does not come after the last recorded step.
         """
-        if self.writer is None:
+        started_here = self.writer is None
+        if started_here:
             self.start()  # installs the interrupt guard, so the first step is covered too
         guard = self._interrupts
         with guard.deferred() if guard is not None else contextlib.nullcontext():
-            return self._step(int(step), batch, loss, outputs)
+            # started here, the optimizer hooks missed this step's update: the metrics that
+            # need it record NaN for this one step, without a failure finding
+            self._update_missed = started_here
+            try:
+                return self._step(int(step), batch, loss, outputs)
+            finally:
+                self._update_missed = False
 
     def _step(self, step: int, batch: Any, loss: Any, outputs: Any) -> list[Finding]:
         if self._last_step is not None and step <= self._last_step:
@@ -516,9 +524,12 @@ class Monitor:
         try:
             return dict(metric.compute(ctx))
         except Exception as err:  # a diagnostic never stops training unless strict
-            if self.strict:
+            missed = (self._update_missed and metric.needs_update and ctx.update is None
+                      and isinstance(err, MissingInput))
+            if self.strict and not missed:
                 raise
-            self._record_failure(metric, ctx.step, err, ctx.loss)
+            if not missed:
+                self._record_failure(metric, ctx.step, err, ctx.loss)
             return {k: np.full(shape, np.nan) for k, shape in metric.fields().items()}
         finally:
             self.timings[metric.name] += time.perf_counter() - start

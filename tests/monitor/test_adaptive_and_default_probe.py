@@ -105,3 +105,20 @@ def test_adaptive_false_keeps_the_schedules():
             run = mon.run()
     assert run.steps("taylor_radius").tolist() == [0]
     assert "adaptive" not in run.metrics()
+
+
+def test_the_default_monitor_started_by_its_first_step_raises_no_failure(tmp_path):
+    # Monitor(model, loss_fn, path, optimizer=opt) with no start(): the optimizer hooks
+    # are installed at the first step(), after that step's update; the update metrics
+    # record NaN there instead of a metric_failed warning, and measure from step 1 on
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    mon = ls.Monitor(model, F.cross_entropy, tmp_path / "run.h5", optimizer=opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _train(mon, model, opt, 3)
+    mon.close()
+    assert not [f for f in mon.findings if f.rule == "metric_failed"]
+    run = ls.Run.open(tmp_path / "run.h5")
+    _, norm = run.series("update", "norm")
+    assert math.isnan(norm[0]) and all(v > 0 for v in norm[1:])
