@@ -398,6 +398,7 @@ class AttentionLogitGrowthState:
     def __init__(self, rule: AttentionLogitGrowth) -> None:
         self.rule = rule
         self.first: list[float] = []
+        self.base: float | None = None  # the baseline, once its rows are collected
 
     def __call__(self, step: int, row: Row) -> Trigger | _Skip | None:
         """Evaluate one row.
@@ -416,12 +417,13 @@ class AttentionLogitGrowthState:
             return SKIP
         limit = rule.max_logit
         if rule.growth is not None:
-            if len(self.first) < rule.baseline_rows:
+            if self.base is None:
                 if math.isfinite(v):
                     self.first.append(v)
+                if len(self.first) == rule.baseline_rows:
+                    self.base = float(np.median(self.first))
                 return None
-            base = float(np.median(self.first))
-            limit = max(limit, rule.growth * base)
+            limit = max(limit, rule.growth * self.base)
         if v < limit:
             return None
         return Trigger(

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from landscape._errors import MissingInput
-from landscape.batches import head
+from landscape.batches import head, leading_size
 from landscape.capture import first_tensor
 from landscape.metrics._attention import AttentionLogits
 from landscape.metrics.base import Metric, register
@@ -63,6 +63,20 @@ def _max_spread(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     return (high - low).max()
 
 
+def _samples_for_rows(z: torch.Tensor, x: Any, samples: int, rows: int | None) -> int:
+    """The fewest of ``samples`` samples whose logits ``z`` hold at least ``rows`` rows.
+
+    A logit row is one distribution over the last dimension: one per sample for a
+    classifier, one per position for a sequence model. ``samples`` when ``rows`` is None or
+    when ``z``'s leading dimension is not the samples' (then rows per sample are unknown).
+    """
+    n = leading_size(x)
+    if rows is None or n is None or z.dim() < 2 or z.shape[0] != n or z.numel() == 0:
+        return samples
+    per_sample = z[0].numel() // z.shape[-1]
+    return max(1, min(samples, math.ceil(rows / max(per_sample, 1))))
+
+
 @register
 class Sentinels(Metric):
     """Every-step early-warning sentinels on a fixed probe subsample (docs/monitor.md).
@@ -91,17 +105,22 @@ class Sentinels(Metric):
     The forward pass calls the model directly, in eval mode without gradients, inside the
     monitor's :func:`landscape.isolation.isolated` (RNG and modes restored;
     docs/conventions.md): half the time of a ``functional_call`` on small models.
-    The default ``subsample`` of 4 keeps that forward below 10 % of a training step on
-    the suite's tiny GPT and CNN (docs/benchmarks.md, "Instability suite"). In eval mode
+    The defaults (at most 4 samples, at most 64 logit rows) keep that forward below 10 %
+    of a training step on the suite's tiny GPT and CNN (docs/benchmarks.md, "Monitor
+    overhead"). In eval mode
     BatchNorm reads its running statistics, so the change between two calls
     also contains the change of those statistics.
 
     Args:
-        subsample: how many probe samples the forward pass sees (sequence models: every
-            position of each sample counts as one logit row).
-        attention_every: measure ``attention_logit_max`` on every k-th call (default 1:
-            every call; 0: never). The capture costs a few microseconds per torch call of
-            the forward (docs/monitor.md, "Sentinels").
+        subsample: the most probe samples the forward pass sees.
+        rows: fewer samples when fewer already give this many logit rows (sequence models:
+            every position of a sample is one row, so 64 rows are 2 samples of 32 tokens;
+            a classifier has one row per sample and keeps ``subsample``). Decided at the
+            first call from the output's shape; None: always ``subsample``.
+        attention_every: measure ``attention_logit_max`` on every k-th call (default 10;
+            1: every call; 0: never). The capture costs a few microseconds per torch call
+            of the forward (docs/monitor.md, "Sentinels"); attention logits grow over tens
+            to hundreds of steps, and the rule that reads them is ``info``.
         **kwargs: ``schedule=``, ``data=`` of :class:`~landscape.metrics.Metric`.
     """
 
@@ -120,14 +139,21 @@ class Sentinels(Metric):
     default_data = "probe"
     needs_update = True
 
-    def __init__(self, subsample: int = 4, attention_every: int = 1, **kwargs: Any) -> None:
+    def __init__(
+        self, subsample: int = 4, rows: int | None = 64, attention_every: int = 10,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         if not isinstance(subsample, int) or subsample < 1:
             raise ValueError(f"subsample must be an integer >= 1, got {subsample!r}")
+        if rows is not None and (not isinstance(rows, int) or rows < 1):
+            raise ValueError(f"rows must be an integer >= 1 or None, got {rows!r}")
         if not isinstance(attention_every, int) or attention_every < 0:
             raise ValueError(f"attention_every must be an integer >= 0, got {attention_every!r}")
         self.subsample = subsample
+        self.rows = rows
         self.attention_every = attention_every
+        self._samples: int | None = None  # samples per forward, set by the first call
         self._calls = 0  # forward passes so far (attention_every counts them)
         self.layers: list[str] = []
         self._layer_index: list[int] | None = None
@@ -145,12 +171,14 @@ class Sentinels(Metric):
         self._layer_index = None
         self._index_tensor = None
         self._attention = None
+        self._samples = None
         self._calls = 0
 
     def config(self) -> dict[str, Any]:
         """``subsample``, ``attention_every`` and the tracked weight tensors, ``layers``."""
         return {
             "subsample": self.subsample,
+            "rows": self.rows,
             "attention_every": self.attention_every,
             "layers": list(self.layers),
         }
@@ -166,19 +194,25 @@ class Sentinels(Metric):
     def _logit_fields(self, ctx: StepContext) -> dict[str, float]:
         batch = ctx.batches(self.data)[0]
         inputs, targets = split_batch(batch)
-        x = head(inputs, self.subsample)
+        samples = self.subsample if self._samples is None else self._samples
+        x = head(inputs, samples)
         with torch.no_grad():  # the monitor's isolated(): eval mode, RNG restored
             output, attention = self._forward(ctx.model, x)
         z = first_tensor(output)
         if z is None:
             raise MissingInput("sentinels: the model's output has no logits tensor")
         z = z.detach()
+        if self._samples is None:  # the first call: as few samples as `rows` needs
+            self._samples = _samples_for_rows(z, x, samples, self.rows)
+            if self._samples < samples:  # every row from a forward of the same shape
+                self._calls, self._attention = 0, None
+                return self._logit_fields(ctx)
         flat = z.reshape(-1, z.shape[-1]).double()
         # every statistic as a 0-d tensor, read back in one transfer (secant_ratio() reads
         # the same spread back on its own)
         names = ["max_abs", "logsumexp_max"]
         parts = [flat.abs().max(), torch.logsumexp(flat, dim=-1).max()]
-        y = head(targets, self.subsample)
+        y = head(targets, samples)
         if isinstance(y, torch.Tensor) and y.shape == z.shape[:-1] and not y.is_floating_point():
             names.append("probe_loss")
             parts.append(F.cross_entropy(flat, y.reshape(-1).to(flat.device)))

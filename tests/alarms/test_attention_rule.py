@@ -87,8 +87,9 @@ def test_a_monitored_transformer_with_sharp_attention_gets_the_finding():
 
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
     rule = AttentionLogitGrowth(growth=None, sustain=1)
-    with ls.Monitor(model, loss_fn, optimizer=opt, metrics=[ls.metrics.Sentinels()],
-                    probe=(x, y), alarms=[rule], warn=False, strict=True) as mon:
+    sentinels = ls.metrics.Sentinels(attention_every=1)
+    with ls.Monitor(model, loss_fn, optimizer=opt, metrics=[sentinels], probe=(x, y),
+                    alarms=[rule], warn=False, strict=True) as mon:
         for step in range(2):
             loss = loss_fn(model(x), y)
             opt.zero_grad()

@@ -155,7 +155,7 @@ def _hand_attention_max(model, x):
 def test_attention_logit_max_matches_the_hand_computation_on_a_transformer():
     model = models.TinyTransformer(vocab=VOCAB, d=8, heads=2, layers=2, seq=SEQ, seed=0)
     probe = _tokens(5, 99)
-    mon = _train(model, [Sentinels(subsample=3)], probe=probe)
+    mon = _train(model, [Sentinels(subsample=3, attention_every=1)], probe=probe)
     run = mon.run()
     _, att = run.series("sentinels", "attention_logit_max")
     assert len(att) == 3 and np.isfinite(att).all() and len(set(att.tolist())) == 3
@@ -255,7 +255,8 @@ def test_training_with_the_attention_capture_is_bitwise_identical():
         model = models.TinyTransformer(vocab=VOCAB, d=8, heads=2, layers=2, seq=SEQ,
                                        dropout=0.2, seed=1)
         model.train()
-        mon = _train(model, [Sentinels(subsample=3)] if monitored else None, steps=4)
+        metrics = [Sentinels(subsample=3, attention_every=1)] if monitored else None
+        mon = _train(model, metrics, steps=4)
         att = None
         if mon is not None:
             att = mon.run().series("sentinels", "attention_logit_max")[1]
@@ -272,13 +273,49 @@ def test_training_with_the_attention_capture_is_bitwise_identical():
 
 def test_attention_every_measures_every_kth_call_and_zero_never():
     rows = {}
-    for every_k in (1, 2, 0):
+    for every_k in (1, 2, 0, None):  # None: the default, every 10th call
         model = models.TinyTransformer(vocab=VOCAB, d=8, heads=2, layers=1, seq=SEQ, seed=0)
-        mon = _train(model, [Sentinels(attention_every=every_k)], steps=4)
+        sentinels = Sentinels() if every_k is None else Sentinels(attention_every=every_k)
+        mon = _train(model, [sentinels], steps=12)
         rows[every_k] = mon.run().series("sentinels", "attention_logit_max")[1]
         mon.close()
     assert np.isfinite(rows[1]).all()
     np.testing.assert_array_equal(rows[2][::2], rows[1][::2])  # the same run, every other row
     assert np.isnan(rows[2][1::2]).all() and np.isnan(rows[0]).all()
+    np.testing.assert_array_equal(rows[None][::10], rows[1][::10])  # calls 0 and 10
+    assert np.isnan(np.delete(rows[None], [0, 10])).all()
     with pytest.raises(ValueError, match="attention_every"):
         Sentinels(attention_every=-1)
+
+
+def test_rows_keeps_as_few_samples_as_the_logit_rows_need():
+    # SEQ = 6 positions per sample: 12 rows need 2 samples, so the default-style reduction
+    # must record exactly what subsample=2 records (the same forward shapes, the same rows)
+    def series(metric):
+        model = models.TinyTransformer(vocab=VOCAB, d=8, heads=2, layers=1, seq=SEQ, seed=0)
+        mon = _train(model, [metric], steps=4)
+        run = mon.run()
+        out = {f: run.series("sentinels", f)[1] for f in ("r_secant", "max_abs", "probe_loss")}
+        mon.close()
+        return out
+
+    reduced = series(Sentinels(subsample=4, rows=12, attention_every=1))
+    two = series(Sentinels(subsample=2, rows=None, attention_every=1))
+    four = series(Sentinels(subsample=4, rows=None, attention_every=1))
+    for field in reduced:
+        np.testing.assert_array_equal(reduced[field], two[field])
+    assert not np.array_equal(reduced["probe_loss"], four["probe_loss"])
+    assert np.isnan(reduced["r_secant"][0]) and np.isfinite(reduced["r_secant"][1:]).all()
+
+
+def test_rows_never_thins_a_classifier_below_subsample():
+    from landscape.metrics.sentinels import _samples_for_rows
+
+    x = torch.zeros(5, 3)
+    assert _samples_for_rows(torch.zeros(5, 4), x, 4, 64) == 4  # one row per sample
+    assert _samples_for_rows(torch.zeros(5, 32, 4), x, 4, 64) == 2  # 32 rows per sample
+    assert _samples_for_rows(torch.zeros(5, 100, 4), x, 4, 64) == 1
+    assert _samples_for_rows(torch.zeros(5, 32, 4), x, 4, None) == 4
+    assert _samples_for_rows(torch.zeros(160, 4), x, 4, 64) == 4  # rows not per sample
+    with pytest.raises(ValueError, match="rows"):
+        Sentinels(rows=0)
