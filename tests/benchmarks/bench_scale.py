@@ -28,8 +28,10 @@ docs/benchmarks.md reads every stopping rule; ``--max-basis`` bounds it), ``eig`
 "1x", "2x", "3x step" would do, without running), ``budget`` (top-1 run within those
 budgets), ``trace`` (``hessian_trace``, krylov, 30 products), ``surface`` (one point of a
 landscape plane), ``presets`` (one monitor step with every metric of the ``cheap`` and
-``standard`` presets due). ``--quick`` runs the small models only, a few products each (a
-smoke test of the script). The machine is shared: one thread, and ratios.
+``standard`` presets due), ``vs_pyhessian`` (one exact product, ours and PyHessian's
+``hessian_vector_product`` on its kept gradient graph, interleaved). ``--quick`` runs the
+small models only, a few products each (a smoke test of the script). The machine is
+shared: one thread, and ratios.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import argparse
 import copy
 import gc
 import json
+import math
 import sys
 import time
 from typing import Any, Callable
@@ -207,6 +210,45 @@ def one_product(model: nn.Module, batch: Any, closure: Callable, reps: int = 2) 
     return out
 
 
+def product_vs_pyhessian(model: nn.Module, batch: Any, closure: Callable, reps: int = 3) -> dict:
+    """One exact product, ours and PyHessian's, interleaved on the same model, batch and v.
+
+    PyHessian's path is its own code (``pyhessian.utils``): the loss's ``backward(
+    create_graph=True)``, ``get_params_grad`` and ``hessian_vector_product`` on the kept
+    gradient graph, as its ``hessian`` class does for one batch (its class needs
+    ``criterion(model(x), y)``, which a Hugging Face closure is not). Both graphs are built
+    first (not timed); then ``reps`` rounds, each timing ours then theirs (order alternating),
+    and the minimum of each.
+    """
+    from pyhessian.utils import get_params_grad, hessian_vector_product  # GPL: benchmark only
+
+    op = Hessian(model, closure=closure, data=batch, single_batch=True)
+    g = torch.Generator().manual_seed(0)
+    v = tuple(torch.randn(s, generator=g) for s in op.shapes)
+    ours = op.matvec(v)  # builds our graph
+    theirs_model = copy.deepcopy(model)
+    loss = closure(theirs_model, batch)
+    loss.backward(create_graph=True)
+    params, grads_h = get_params_grad(theirs_model)
+    theirs = hessian_vector_product(grads_h, params, list(v))
+    diff = math.sqrt(sum(float((a - b).pow(2).sum()) for a, b in zip(ours, theirs)))
+    scale = math.sqrt(sum(float(b.pow(2).sum()) for b in theirs))
+    t_ours, t_theirs = [], []
+    for i in range(reps):
+        for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+            t0 = time.perf_counter()
+            if which == 0:
+                op.matvec(v)
+            else:
+                hessian_vector_product(grads_h, params, list(v))
+            (t_ours if which == 0 else t_theirs).append(time.perf_counter() - t0)
+    del op, theirs_model, grads_h, params, loss
+    gc.collect()
+    return {"seconds": min(t_ours), "pyhessian_seconds": min(t_theirs),
+            "ratio": min(t_ours) / min(t_theirs), "all_ours": t_ours, "all_theirs": t_theirs,
+            "relative_difference": diff / scale}
+
+
 def eigen_history(model: nn.Module, batch: Any, closure: Callable, *, k: int, max_matvec: int,
                   log: Callable[[str], None], max_basis: int | None = None) -> dict:
     """``top_eigenvalues``' Lanczos run to ``max_matvec`` products, recording every step."""
@@ -373,6 +415,10 @@ def main(argv: list[str] | None = None) -> None:
         if "product" in sections:
             rec["product"] = one_product(model, batch, closure)
             log(f"product: {rec['product']}")
+        if "vs_pyhessian" in sections:
+            rec["vs_pyhessian"] = product_vs_pyhessian(model, batch, closure,
+                                                       reps=1 if args.quick else 3)
+            log(f"product vs pyhessian: {rec['vs_pyhessian']}")
         if "history" in sections or "top1" in sections:
             mm = 4 if args.quick else args.max_matvec
             rec["top1_history"] = eigen_history(model, batch, closure, k=1, max_matvec=mm, log=log,
