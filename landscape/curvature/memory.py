@@ -7,8 +7,9 @@ began: ``torch.cuda.max_memory_allocated`` on CUDA, the resident set's high-wate
 (``VmHWM`` in ``/proc/self/status``, reset through ``/proc/self/clear_refs``; Linux
 ``proc(5)``) on the CPU, where torch's allocator returns large blocks to the system.
 :func:`plan_eigen` estimates a ``top_eigenvalues`` run before it starts -- the vectors it
-keeps plus one product's peak, fitted from products on two small micro-batches and scaled
-to the batch -- and picks the cheapest way to fit ``memory_budget``: the whole
+keeps plus one product's peak, measured on the whole batch (and on any micro-batch size
+before a plan chooses it), times :data:`CPU_MARGIN` on the CPU -- and picks the cheapest
+way to fit ``memory_budget``: the whole
 basis, a host-offloaded basis (CUDA), a thick-restarted basis, micro-batches, or the
 first-order product; or refuses with one :class:`~landscape.LandscapeError` line
 (docs/curvature.md, "Memory"). :func:`plan_probes` does the same for the estimators that
@@ -33,6 +34,7 @@ from landscape._errors import LandscapeError
 
 __all__ = [
     "BUDGET_FLOOR",
+    "CPU_MARGIN",
     "MemoryBudgetError",
     "MemoryPlan",
     "MemoryProfile",
@@ -52,6 +54,19 @@ BUDGET_FLOOR = 256 * 2**20
 On a small model one parameter-sized vector can outweigh a whole training step, and the
 resident set's noise on the CPU is megabytes; a measurement under this size is allowed
 whatever the step's memory.
+"""
+
+CPU_MARGIN = 1.5
+"""What a product's measured peak is multiplied by on the CPU before it is planned with.
+
+:class:`PeakMemory` reads the resident set there, and a run of many products holds more
+of it than the one product :func:`profile_memory` measures: memory a product freed stays
+resident in pieces the next one cannot all reuse (glibc's heap), and the measurement
+itself varies by a fifth between processes. On a CIFAR-sized CNN (94,762 parameters,
+batch 128, docs/curvature.md, "How the estimate is made") runs of 10 to 60 products
+peaked at up to 1.43x the first product's measured peak over three processes (1.06x on
+micro-batches of 32). On CUDA ``torch.cuda.max_memory_allocated`` counts allocated
+bytes, which do not fragment, and no margin is applied (not measured here).
 """
 
 _ACTIVE: list[PeakMemory] = []
@@ -257,6 +272,13 @@ class MemoryProfile:
             work_dtype` of the operator's dtype).
         microbatchable: whether plans may cut the batches into micro-batches (not with a
             BatchNorm normalising by batch statistics).
+        measured: one product's measured peak by micro-batch size, run as the estimators
+            run it (the first product of a fresh copy, over all the batches); filled by
+            :func:`profile_memory` (the operator's own batches) and by the planners (a
+            micro-batch size they are about to choose), so each size is measured once;
+            empty in a hand-made profile, which the planners then never measure.
+        margin: the factor :meth:`product` applies to a measured or fitted peak
+            (:data:`CPU_MARGIN` on the CPU, 1 on CUDA and for hand-made profiles).
     """
 
     step_bytes: float
@@ -266,6 +288,8 @@ class MemoryProfile:
     microbatch_size: int | None
     vector_bytes: int
     microbatchable: bool = True
+    measured: dict[int, float] = dataclasses.field(default_factory=dict, compare=False)
+    margin: float = 1.0
 
     @property
     def batch(self) -> int | None:
@@ -273,7 +297,11 @@ class MemoryProfile:
         return self.microbatch_size or self.rows
 
     def product(self, size: int | None) -> float:
-        """The estimated peak of one product on micro-batches of ``size`` samples.
+        """The peak of one product on micro-batches of ``size`` samples.
+
+        The measured peak when one was taken at that size (:attr:`measured`: the whole
+        batch by :func:`profile_memory`, a planned micro-batch size by the planners),
+        else the fitted line; times :attr:`margin`.
 
         Args:
             size: samples per micro-batch (``None``: not a model operator).
@@ -281,7 +309,9 @@ class MemoryProfile:
         Returns:
             Bytes.
         """
-        return self.product_intercept + self.product_slope * (size or 0)
+        if size is not None and size in self.measured:
+            return self.margin * self.measured[size]
+        return self.margin * (self.product_intercept + self.product_slope * (size or 0))
 
 
 def batch_rows(op: Any) -> int | None:
@@ -350,10 +380,16 @@ def with_microbatches(op: Any, size: int) -> Any:
     return new
 
 
-def _probe_peak(op: Any, size: int | None, what: str) -> float:
-    """Peak of one product (``what="product"``) or one gradient on one micro-batch.
+def _probe_peak(op: Any, size: int | None, what: str, whole: bool = False) -> float:
+    """Peak of one product (``what="product"``) or one gradient, as the estimators run it.
 
-    ``size=None``: on the operator's own batches (a copy of it, with its own caches).
+    A fresh copy of ``op`` (its own caches: the first product builds the gradient graph,
+    the largest of a run's products) multiplies one vector through ``flat_matmat``, the
+    path of ``hessian_trace`` and ``spectral_density`` (on micro-batches the vmapped
+    ``torch.func`` product, whose peak measured above the autograd product of
+    ``top_eigenvalues``). ``size=None``: on the operator's own batches; else on
+    micro-batches of ``size`` samples: all of them (``whole=True``, the product a plan
+    runs) or only the first (a point of the fitted line).
     """
     if size is None:
         small = copy.copy(op)
@@ -361,14 +397,14 @@ def _probe_peak(op: Any, size: int | None, what: str) -> float:
         small.refresh()
     else:
         small = with_microbatches(op, size)
-        small._data = dataclasses.replace(small._data, batches=small._data.batches[:1],
-                                          weights=(1.0,))
+        if not whole:
+            small._data = dataclasses.replace(small._data, batches=small._data.batches[:1],
+                                              weights=(1.0,))
     g = torch.Generator().manual_seed(0)
-    v = tuple(torch.randn(s, generator=g, dtype=torch.float64).to(op.device, op.dtype)
-              for s in op.shapes)
+    v = torch.randn(small.dim, generator=g, dtype=torch.float64).to(op.device, op.dtype)
     with PeakMemory(op.device) as mem:
         if what == "product":
-            small.matvec(v)
+            small.flat_matmat(v[None])
         else:
             small.gradient()
     small.refresh()
@@ -376,10 +412,10 @@ def _probe_peak(op: Any, size: int | None, what: str) -> float:
 
 
 def _fit(op: Any, what: str, rows: int) -> tuple[float, float]:
-    """``(intercept, per-sample slope)`` of a peak, from micro-batches of m and 2m samples.
+    """``(intercept, per-sample slope)`` of a gradient's peak, from m and 2m samples.
 
     ``m = max(1, rows // 8)``: large enough that the difference of the two peaks stands
-    above the resident set's noise, small enough to cost a quarter of a product. A model
+    above the resident set's noise, small enough to cost a quarter of a gradient. A model
     that cannot be cut into micro-batches (BatchNorm on batch statistics) is measured
     once on its whole batches: the peak, with no slope.
     """
@@ -392,6 +428,27 @@ def _fit(op: Any, what: str, rows: int) -> tuple[float, float]:
     p2 = _probe_peak(op, 2 * m, what)
     slope = max(0.0, (p2 - p1) / m)
     return max(0.0, p1 - slope * m), slope
+
+
+def _fit_product(op: Any, batch: int) -> tuple[float, float, float]:
+    """One product's measured peak on the whole batch, and a line to propose micro-batches.
+
+    Returns ``(intercept, slope, whole)``: ``whole`` measured on the operator's own
+    batches, the line through it and one micro-batch of ``batch // 8`` samples. The
+    whole-batch product is what a plan without micro-batches runs, so its estimate is a
+    measurement, not an extrapolation: on a CIFAR-sized CNN (94,762 parameters, batch
+    128) the line through an eighth and a quarter of the batch put it at 269 MB where 355
+    to 401 MB were measured (the resident set grows faster than linearly there). The line
+    only proposes micro-batch sizes; the planners measure a size before choosing it
+    (:func:`_measure_size`).
+    """
+    whole = _probe_peak(op, None, "product")
+    m = max(1, batch // 8)
+    if not _microbatchable(op) or m >= batch:
+        return whole, 0.0, whole
+    p1 = _probe_peak(op, m, "product")
+    slope = max(0.0, (whole - p1) / (batch - m))
+    return max(0.0, p1 - slope * m), slope, whole
 
 
 def _microbatchable(op: Any) -> bool:
@@ -413,16 +470,19 @@ def _vector_bytes(op: Any) -> int:
 def profile_memory(op: Any, *, step_bytes: float | None = None) -> MemoryProfile:
     """Measure what a plan needs: one product's peak against the batch, and the step's.
 
-    A model operator (or one wrapping it, like a preconditioned operator) is measured on
-    micro-batches of ``m`` and ``2m`` samples (``m`` an eighth of the batch): two products
-    and, unless ``step_bytes`` is given, two gradients -- about one training step of work
-    in all (a model with BatchNorm on batch statistics, which cannot be cut, is measured
-    on its whole batches instead). One product is taken to hold at least two
+    A model operator (or one wrapping it, like a preconditioned operator) is measured by
+    one product on its own batches (the first product of a fresh copy, which builds the
+    gradient graph: what a plan without micro-batches runs) and one on a micro-batch of
+    an eighth of the batch, which with it fixes a line that proposes micro-batch sizes
+    (the planners measure a proposed size before choosing it); unless ``step_bytes`` is
+    given, two gradients on an eighth and a quarter of the batch (a model with BatchNorm
+    on batch statistics, which cannot be cut, is measured on its whole batches instead).
+    In all about one and a half products. One product is taken to hold at least two
     parameter-sized vectors (the gradient and the result). The step is the fitted
     forward/backward peak at the whole batch plus Adam's two moments. Under
     ``torch.distributed`` every rank takes the largest value over the ranks, so all ranks
-    plan alike. Other operators measure
-    nothing (a product is counted as its result alone).
+    plan alike. Other operators measure nothing (a product is counted as its result
+    alone).
 
     Args:
         op: the operator.
@@ -439,16 +499,44 @@ def profile_memory(op: Any, *, step_bytes: float | None = None) -> MemoryProfile
         return MemoryProfile(step, float(op.dim * _element_size(op.dtype)), 0.0, rows,
                              None, vbytes)
     pbytes = model_op.dim * model_op.parameters[0].element_size()
-    pi, ps = _fit(model_op, "product", rows)
+    batch = model_op.microbatch_size or rows
+    pi, ps, whole = _fit_product(model_op, batch)
     # a product holds at least the gradient and its result; a step, the gradient (the
     # resident set misses memory the allocator reuses, which matters on tiny models)
-    pi = max(pi, 2.0 * pbytes)
+    pi, whole = max(pi, 2.0 * pbytes), max(whole, 2.0 * pbytes)
     if step_bytes is None:  # an Adam step: forward/backward, and two moments
         gi, gs = _fit(model_op, "gradient", rows)
         step_bytes = max(gi, float(pbytes)) + gs * rows + 2.0 * pbytes
-    step, pi, ps = _agree(model_op, (float(step_bytes), pi, ps))
+    step, pi, ps, whole = _agree(model_op, (float(step_bytes), pi, ps, whole))
+    margin = CPU_MARGIN if model_op.device.type == "cpu" else 1.0
     return MemoryProfile(step, pi, ps, rows, model_op.microbatch_size, vbytes,
-                         _microbatchable(model_op))
+                         _microbatchable(model_op), {batch: whole}, margin)
+
+
+def _measure_size(op: Any, prof: MemoryProfile, size: int | None) -> bool:
+    """Measure one product on micro-batches of ``size`` into ``prof.measured``, once.
+
+    A plan's micro-batches run one after another, and their peak is not the line's: on
+    the CIFAR-sized CNN two micro-batches of 64 peaked 5-25% above one, four of 32 up to
+    40% above one (the resident set keeps what a finished micro-batch freed, in pieces the
+    next one cannot all reuse). So the planners measure a size before they choose it: one
+    product over all the micro-batches, on a copy of the operator.
+
+    A profile without measurements (made by hand) is planned from its line alone.
+
+    Returns:
+        Whether a measurement was taken (``False``: already measured, a hand-made
+        profile, or nothing to measure).
+    """
+    model_op = _model_operator(op)
+    if (size is None or not prof.measured or size in prof.measured or model_op is None
+            or prof.rows is None):
+        return False
+    peak = _probe_peak(model_op, size, "product", whole=True)
+    pbytes = model_op.dim * model_op.parameters[0].element_size()
+    (peak,) = _agree(model_op, (max(peak, 2.0 * pbytes),))
+    prof.measured[size] = peak
+    return True
 
 
 def _element_size(dtype: torch.dtype) -> int:
@@ -510,9 +598,11 @@ def plan_eigen(
     offloaded) plus ``extra_vectors`` (``top_eigenvalues`` counts ``8 + k``: the product,
     its flat copy, the micro-batch sum, the Gram-Schmidt copy, the Ritz vectors; measured
     on ResNet-18, where ``3 + k`` underestimated the peak by a quarter);
-    ``product`` is one product's peak, fitted on micro-batches of ``m`` and ``2m`` samples
-    (``m`` an eighth of the batch) and scaled linearly to the micro-batch size
-    (:func:`profile_memory`). In order,
+    ``product`` is one product's peak (:meth:`MemoryProfile.product`): measured on the
+    whole batch by :func:`profile_memory`; a micro-batch size is proposed by the line
+    through that and an eighth of the batch, then measured (once per profile, a product
+    over all its micro-batches) and chosen only if the measurement still fits; times
+    :data:`CPU_MARGIN` on the CPU. In order,
     the first that fits: the whole basis on the device with whole batches; offloaded to
     host memory (CUDA only); a restarted basis of at least 20 vectors; smaller restarted
     bases, down to ``max(least_basis + 2, 4)``, with micro-batches halving down to one
@@ -552,19 +642,28 @@ def plan_eigen(
     least = max(least_basis + 2, 4)
     # a restarted basis of >= 20 vectors costs a few products more; smaller micro-batches
     # cost every product a forward per micro-batch: prefer the first, down to 20 vectors
+    def fitting(size: int | None, floor: int) -> MemoryPlan | None:
+        full = plan(size, basis_vectors + extra_vectors)
+        if full.estimate <= limit:
+            return full
+        if op.device.type == "cuda":
+            off = plan(size, 8 + extra_vectors, offload=True)
+            if off.estimate <= limit:
+                return off
+        fit = int((limit - full.product_bytes) // vbytes) - extra_vectors
+        if fit >= max(floor, least):
+            bound = min(fit, basis_vectors)
+            return plan(size, bound + extra_vectors, max_basis=bound)
+        return None
+
     for floor in (min(20, basis_vectors), least):
         for size in sizes:
-            full = plan(size, basis_vectors + extra_vectors)
-            if full.estimate <= limit:
-                return full
-            if op.device.type == "cuda":
-                off = plan(size, 8 + extra_vectors, offload=True)
-                if off.estimate <= limit:
-                    return off
-            fit = int((limit - full.product_bytes) // vbytes) - extra_vectors
-            if fit >= max(floor, least):
-                bound = min(fit, basis_vectors)
-                return plan(size, bound + extra_vectors, max_basis=bound)
+            got = fitting(size, floor)
+            # a size the line proposes is measured, then chosen only if it still fits
+            if got is not None and _measure_size(op, prof, size):
+                got = fitting(size, floor)
+            if got is not None:
+                return got
     if prof.rows is not None and _has_first_order(op):
         fo = MemoryPlan(limit, step, step, vbytes, least + extra_vectors,
                         step + (least + extra_vectors) * vbytes, max_basis=least,
@@ -597,7 +696,9 @@ def plan_probes(
     The estimate of multiplying ``c`` probes at once is ``fixed_bytes + c * (probe_bytes +
     product)``: ``fixed_bytes`` is what the estimator keeps throughout (a Krylov or sketch
     basis), ``probe_bytes`` the vectors each probe of a batch holds, and ``product`` one
-    product's peak at the micro-batch size (:func:`profile_memory`). A batch of ``c``
+    product's peak at the micro-batch size (:meth:`MemoryProfile.product`: measured, a
+    proposed micro-batch size measured before it is chosen, as in :func:`plan_eigen`;
+    times :data:`CPU_MARGIN` on the CPU). A batch of ``c``
     products shares one forward graph, so ``c`` products' peaks bound it from above. In
     order, the first that fits: the most probes at once (at most ``n_probes``) with whole
     batches; then micro-batches halving down to one sample, one or more probes at a
@@ -639,10 +740,12 @@ def plan_probes(
 
     sizes = [mb] if mb is None or not prof.microbatchable else _halvings(mb)
     for size in sizes:
-        product = prof.product(size)
-        c = most(product)
+        c = most(prof.product(size))
+        # a size the line proposes is measured, then chosen only if it still fits
+        if c >= 1 and _measure_size(op, prof, size):
+            c = most(prof.product(size))
         if c >= 1:
-            return plan(product, c, microbatch_size=size if size != mb else None)
+            return plan(prof.product(size), c, microbatch_size=size if size != mb else None)
     if prof.rows is not None and _has_first_order(op) and math.isfinite(prof.step_bytes):
         c = most(prof.step_bytes)
         if c >= 1:
