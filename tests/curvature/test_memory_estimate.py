@@ -53,7 +53,7 @@ def test_the_profile_measures_the_whole_batch(cnn):
     op, prof = cnn
     assert set(prof.measured) == {64}  # measured, not extrapolated
     assert prof.margin == CPU_MARGIN
-    assert prof.product(64) == CPU_MARGIN * prof.measured[64]
+    assert prof.product(64) >= CPU_MARGIN * prof.measured[64]  # the line may lie above
     # a product holds the graph of the batch: far above two parameter-sized vectors
     assert prof.measured[64] > 10 * 2 * op.dim * 4
 
