@@ -105,11 +105,11 @@ class Sentinels(Metric):
     The forward pass calls the model directly, in eval mode without gradients, inside the
     monitor's :func:`landscape.isolation.isolated` (RNG and modes restored;
     docs/conventions.md): half the time of a ``functional_call`` on small models.
-    The defaults (at most 4 samples, at most 64 logit rows) keep that forward below 10 %
-    of a training step on the suite's tiny GPT and CNN (docs/benchmarks.md, "Monitor
-    overhead"). In eval mode
-    BatchNorm reads its running statistics, so the change between two calls
-    also contains the change of those statistics.
+    With the defaults (at most 4 samples, at most 64 logit rows) the whole metric takes
+    about 10 % of a training step of the instability suite's tiny GPT, a quarter of its
+    2.2 ms CNN step and under 3 % of a CIFAR-sized CNN's (docs/benchmarks.md, "Monitor
+    overhead"). In eval mode BatchNorm reads its running statistics, so the change between
+    two calls also contains the change of those statistics.
 
     Args:
         subsample: the most probe samples the forward pass sees.

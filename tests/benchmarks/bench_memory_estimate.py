@@ -1,6 +1,6 @@
 """Plan estimate vs measured peak on the cnn32 model (tests/benchmarks/bench_monitor.py).
 
-Run: PYTHONPATH=. .venv/bin/python tests/curvature/memory_estimate_bench.py [256MiB|600MiB|auto]
+Run: .venv/bin/python -m tests.benchmarks.bench_memory_estimate [256MiB|600MiB|auto]
 (docs/curvature.md, "How the estimate is made").
 """
 import sys
