@@ -6,7 +6,8 @@ density; definitions in docs/metrics.md and docs/curvature.md.
 Every curvature metric takes ``memory_budget`` (default ``"auto"``: one training step's
 memory, at least 256 MiB; docs/curvature.md, "Memory"). The step and one product's
 memory are measured once per data source (:func:`landscape.curvature.memory.
-profile_memory`, about one training step of work) and kept in the monitor's state; each
+profile_memory`: a training step's estimate and one whole-batch product, about three
+training steps of work) and kept in the monitor's state; each
 measurement is then planned from them before it runs, and refused with one line
 (a ``metric_failed`` finding) when nothing fits.
 """

@@ -175,7 +175,7 @@ class Sentinels(Metric):
         self._calls = 0
 
     def config(self) -> dict[str, Any]:
-        """``subsample``, ``attention_every`` and the tracked weight tensors, ``layers``."""
+        """``subsample``, ``rows``, ``attention_every`` and the tracked tensors, ``layers``."""
         return {
             "subsample": self.subsample,
             "rows": self.rows,

@@ -100,3 +100,16 @@ def test_a_monitored_transformer_with_sharp_attention_gets_the_finding():
         _, att = run.series("sentinels", "attention_logit_max")
         assert (att > 50).all()
         assert [(f.rule, f.step) for f in check(run, [rule])] == [("attention_logit_growth", 0)]
+
+
+def test_measured_every_tenth_step_only_measured_rows_count():
+    # attention_every=10: NaN rows between the measured ones are skipped, they neither
+    # fill the baseline nor break the run of three rows past the level
+    measured = np.concatenate([np.full(10, 2.0), np.geomspace(4.0, 400.0, 10)])
+    every_tenth = np.full(10 * len(measured), NAN)
+    every_tenth[::10] = measured
+    dense = _found(measured)
+    sparse = _found(every_tenth)
+    assert len(dense) == len(sparse) == 1
+    assert sparse[0].step == 10 * dense[0].step  # the same measured row, 10x the step
+    assert sparse[0].threshold == dense[0].threshold == 50.0  # baseline median 2.0
