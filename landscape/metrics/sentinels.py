@@ -242,11 +242,13 @@ class Sentinels(Metric):
         forward raises; once a first call saw no attention op it is skipped.
         """
         due = self.attention_every > 0 and self._calls % self.attention_every == 0
-        self._calls += 1
         if self._attention is False or not due:
-            return model(x), None
+            output = model(x)
+            self._calls += 1  # counted once the forward ran (a raising one is retried)
+            return output, None
         with AttentionLogits() as att:
             output = model(x)
+        self._calls += 1
         if self._attention is None:
             self._attention = att.seen
         return output, att.maximum()

@@ -319,3 +319,13 @@ def test_rows_never_thins_a_classifier_below_subsample():
     assert _samples_for_rows(torch.zeros(160, 4), x, 4, 64) == 4  # rows not per sample
     with pytest.raises(ValueError, match="rows"):
         Sentinels(rows=0)
+
+
+def test_rows_reduction_keeps_the_first_attention_measurement():
+    # the first call reruns at the reduced size: that rerun is call 0, so with the default
+    # attention_every=10 row 0 carries the attention logit and rows 1-3 do not
+    model = models.TinyTransformer(vocab=VOCAB, d=8, heads=2, layers=1, seq=SEQ, seed=0)
+    mon = _train(model, [Sentinels(subsample=4, rows=12)], steps=4)
+    att = mon.run().series("sentinels", "attention_logit_max")[1]
+    mon.close()
+    assert np.isfinite(att[0]) and np.isnan(att[1:]).all()
