@@ -26,9 +26,17 @@ Hessian-vector product of Hessian-free Newton (ibid., §7.1)::
 so every entry moves by about ``eps^{1/3}`` of its own magnitude (the ``1 +`` keeps an
 absolute scale at ``θ ≈ 0``), whatever the model size; ``eps`` is the machine epsilon of
 the parameters' dtype. Expected relative errors: ``~1e-5`` in float32 and ``~1e-10`` in
-float64 (measured on the test models: docs/curvature.md). The two gradients are
-differenced, divided and summed over batches in float64, then cast to the parameters'
-dtype.
+float64 (measured on the test models: docs/curvature.md).
+
+**Precision.** The shifts ``±εv``, the perturbed parameters and the difference of the two
+gradients are computed in the parameters' dtype, at least float32 (bfloat16 and float16
+models work in float32). Nothing is lost against float64: ``fl(θ ± εv)`` is stored in the
+parameters' dtype either way, and the difference of two gradients of one dtype is exact
+where they are within a factor of two (Sterbenz's lemma) and within one rounding of the
+result elsewhere, far below the ``u^{2/3}`` error above. Over several batches the
+weighted sum is accumulated in float64. On GPT-2 small (124M parameters) float64 copies
+of the shifts and gradients held about 2 GB more than the training step
+(docs/benchmarks.md, "Scale").
 
 **Isolation.** Ordinary models are evaluated at ``θ ± εv`` through
 :func:`torch.func.functional_call` with cloned buffers, exactly as the exact products
@@ -181,8 +189,12 @@ class FirstOrder:
                 plus_g = self._gradient(batch, shift)
                 rewind()
                 minus_g = self._gradient(batch, minus)
+            # the difference of two float32 gradients is exact where they are close
+            # (Sterbenz) and within one rounding of the result elsewhere: no float64 copy
+            # of parameter-sized tensors is needed (module docstring, "Precision")
+            acc = self._work_dtype
             return [
-                (a.double() - b.double()) / (2.0 * eps) for a, b in zip(plus_g[1:], minus_g[1:])
+                (a.to(acc) - b.to(acc)) / (2.0 * eps) for a, b in zip(plus_g[1:], minus_g[1:])
             ]
 
         with self._context():
@@ -222,14 +234,22 @@ class FirstOrder:
             out = self._accumulate(per_batch, with_loss=False)
         return tuple(t.to(self.op.dtype) for t in out)
 
+    @property
+    def _work_dtype(self) -> torch.dtype:
+        """The parameters' dtype, at least float32 (bfloat16/float16 models work in float32)."""
+        return torch.promote_types(self.op.dtype, torch.float32)
+
     def _steps_along(self, v: Vector) -> tuple[float, Tensors, Tensors] | None:
-        """The step ``ε`` and the shifts ``±εv`` (this rank's shards, float64); None for v = 0."""
+        """The step ``ε`` and the shifts ``±εv`` (this rank's shards, :attr:`_work_dtype`).
+
+        None for v = 0.
+        """
         v_norm = float(torch.sqrt(sum(t.double().pow(2).sum() for t in v)))
         if v_norm == 0.0:
             return None
         eps = step_size(self._theta_norm(), v_norm, self.op.dtype)
         shift = {
-            n: shard_of(t, p).double() * eps
+            n: shard_of(t, p).to(self._work_dtype) * eps
             for n, t, p in zip(self.op.names, v, self.op._param_objects)
         }
         return eps, shift, {n: -s for n, s in shift.items()}
@@ -317,13 +337,19 @@ class FirstOrder:
         return norm
 
     def _accumulate(self, per_batch: Any, *, with_loss: bool) -> list[torch.Tensor]:
-        """``sum_b w_b per_batch(b)`` in float64, reduced over the ranks, whole tensors."""
+        """``sum_b w_b per_batch(b)``, reduced over the ranks, whole tensors.
+
+        Summed in float64 over several batches; one batch is only weighted, in the dtype
+        ``per_batch`` returns (no float64 copy of parameter-sized tensors).
+        """
         op = self.op
         if self.sharded:
             return self._accumulate_sharded(per_batch, with_loss=with_loss)
         total: list[torch.Tensor] | None = None
+        several = len(op._data.batches) > 1
         for batch, w in zip(op._data.batches, op._data.weights):
-            part = [t.double() for t in per_batch(to_device(batch, op.device))]
+            part = per_batch(to_device(batch, op.device))
+            part = [t.double() for t in part] if several else list(part)
             total = [t * w for t in part] if total is None else [
                 a + w * t for a, t in zip(total, part)
             ]
@@ -383,7 +409,7 @@ class FirstOrder:
         leaves = {}
         for n, p in zip(self.op.names, self.op._param_objects):
             t = p.detach()
-            t = (t.double() + shift[n]).to(t.dtype) if shift is not None else t.clone()
+            t = (t.to(shift[n].dtype) + shift[n]).to(t.dtype) if shift is not None else t.clone()
             leaves[n] = t.requires_grad_(True)
         return leaves
 
@@ -447,7 +473,8 @@ class FirstOrder:
         try:
             with torch.no_grad():
                 for p, orig, n in zip(params, saved, self.op.names):
-                    local_tensor(p.detach()).copy_((orig.double() + shift[n]).to(orig.dtype))
+                    moved = orig.to(shift[n].dtype) + shift[n]
+                    local_tensor(p.detach()).copy_(moved.to(orig.dtype))
             yield
         finally:
             with torch.no_grad():
