@@ -350,9 +350,10 @@ class FirstOrder:
         for batch, w in zip(op._data.batches, op._data.weights):
             part = per_batch(to_device(batch, op.device))
             part = [t.double() for t in part] if several else list(part)
-            total = [t * w for t in part] if total is None else [
-                a + w * t for a, t in zip(total, part)
-            ]
+            if total is None:  # at weight 1 the part itself (no parameter-sized copy)
+                total = part if w == 1.0 else [t * w for t in part]
+            else:
+                total = [a + w * t for a, t in zip(total, part)]
         assert total is not None
         return op._reduce(total)
 

@@ -541,6 +541,17 @@ def profile_memory(op: Any, *, step_bytes: float | None = None) -> MemoryProfile
                          _microbatchable(model_op), {batch: whole}, margin)
 
 
+def _unmeasured(op: Any, prof: MemoryProfile, size: int | None, taken: dict) -> Any:
+    """The model operator to measure ``size`` on into ``taken``, or None.
+
+    None when ``size`` is already in ``taken``, the profile was made by hand (nothing
+    measured), or there is no model operator or batch to measure.
+    """
+    if size is None or size in taken or not prof.measured or prof.rows is None:
+        return None
+    return _model_operator(op)
+
+
 def _measure_pair(op: Any, prof: MemoryProfile, size: int | None) -> bool:
     """Measure two products at once on micro-batches of ``size`` into ``prof.pairs``, once.
 
@@ -551,9 +562,8 @@ def _measure_pair(op: Any, prof: MemoryProfile, size: int | None) -> bool:
     Returns:
         Whether a measurement was taken (as :func:`_measure_size`).
     """
-    model_op = _model_operator(op)
-    if (size is None or not prof.measured or size in prof.pairs or model_op is None
-            or prof.rows is None):
+    model_op = _unmeasured(op, prof, size, prof.pairs)
+    if model_op is None:
         return False
     own = size == prof.batch and model_op.microbatch_size in (None, size)
     peak = _probe_peak(model_op, None if own else size, "product", whole=True, rows=2)
@@ -577,9 +587,8 @@ def _measure_size(op: Any, prof: MemoryProfile, size: int | None) -> bool:
         Whether a measurement was taken (``False``: already measured, a hand-made
         profile, or nothing to measure).
     """
-    model_op = _model_operator(op)
-    if (size is None or not prof.measured or size in prof.measured or model_op is None
-            or prof.rows is None):
+    model_op = _unmeasured(op, prof, size, prof.measured)
+    if model_op is None:
         return False
     peak = _probe_peak(model_op, size, "product", whole=True)
     pbytes = model_op.dim * model_op.parameters[0].element_size()

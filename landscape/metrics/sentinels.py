@@ -243,15 +243,15 @@ class Sentinels(Metric):
         """
         due = self.attention_every > 0 and self._calls % self.attention_every == 0
         if self._attention is False or not due:
-            output = model(x)
-            self._calls += 1  # counted once the forward ran (a raising one is retried)
-            return output, None
-        with AttentionLogits() as att:
-            output = model(x)
-        self._calls += 1
-        if self._attention is None:
-            self._attention = att.seen
-        return output, att.maximum()
+            output, attention = model(x), None
+        else:
+            with AttentionLogits() as att:
+                output = model(x)
+            if self._attention is None:
+                self._attention = att.seen
+            attention = att.maximum()
+        self._calls += 1  # counted once the forward ran (a raising one is retried)
+        return output, attention
 
     def _update_ratio(self, ctx: StepContext) -> dict[str, float]:
         if ctx.update is None or ctx.params_before is None:
