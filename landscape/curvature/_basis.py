@@ -22,12 +22,14 @@ _DGKS = 2.0**-0.5
 
 
 def orthogonalize(
-    q: Tensor, w: Tensor, near: int | None = None
+    q: Tensor, w: Tensor, near: int | None = None, *, overwrite: bool = False
 ) -> tuple[Tensor, Tensor, float]:
     """``w`` minus its projection on the orthonormal rows ``q``.
 
     Also returns the float64 coefficients and the norm of what is left (the DGKS test
-    computes it anyway).
+    computes it anyway). ``overwrite=True`` subtracts in ``w`` itself (the caller owns it
+    and no longer needs it): bitwise the same result without a new vector per pass, the
+    solvers' memory at scale (docs/curvature.md, "Memory").
 
     ``near``: index of the row whose product ``w`` is; its components along that row and
     the one before (the three-term recurrence, where almost all of ``A q_j`` lies) are
@@ -43,18 +45,27 @@ def orthogonalize(
     if near is not None:
         lo, hi = max(0, near - 1), min(near + 1, q.shape[0])
         c = q[lo:hi] @ w
-        w = torch.addmv(w, q[lo:hi].T, c, alpha=-1.0)
+        w = _subtract(w, q[lo:hi], c, overwrite)
         coef[lo:hi] += c.double()
+        overwrite = True  # w is a new vector now, or was the caller's to overwrite
     after = float(torch.linalg.vector_norm(w))
     for _ in range(2):
         before = after
         c = q @ w
-        w = torch.addmv(w, q.T, c, alpha=-1.0)
+        w = _subtract(w, q, c, overwrite)
+        overwrite = True
         coef += c.double()
         after = float(torch.linalg.vector_norm(w))
         if after >= _DGKS * before:
             break
     return w, coef, after
+
+
+def _subtract(w: Tensor, q: Tensor, c: Tensor, overwrite: bool) -> Tensor:
+    """``w - q.T @ c``, written into ``w`` when ``overwrite`` (the same bits either way)."""
+    if overwrite:
+        return w.addmv_(q.T, c, alpha=-1.0)
+    return torch.addmv(w, q.T, c, alpha=-1.0)
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -76,12 +87,13 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
 class Basis:
     """Orthonormal rows, on the operator's device or offloaded to host memory.
 
-    On the device (``offload=False``) the rows are one tensor grown on demand (capacity
-    doubles). Offloaded, the rows live in host memory (pinned when the device is CUDA) and
-    only the last three rows used stay on the device; Gram-Schmidt streams the others
-    through in chunks of ``chunk`` rows, so the device holds at most ``chunk + 4`` vectors
-    of the basis whatever its size. ``device_vectors`` / ``peak_device_vectors`` count the
-    vectors of length ``n`` the basis holds on the device (a test hook, not a timing).
+    On the device (``offload=False``) the rows are one tensor grown on demand (capacity doubles,
+    but never past ``limit``, the most rows the solver can keep; while it grows the old and the
+    new tensor coexist). Offloaded, the rows live in host memory (pinned when the device is
+    CUDA) and only the last three rows used stay on the device; Gram-Schmidt streams the others
+    through in chunks of ``chunk`` rows, so the device holds at most ``chunk + 4`` vectors of
+    the basis whatever its size. ``device_vectors`` / ``peak_device_vectors`` count the vectors
+    of length ``n`` the basis holds on the device (a test hook, not a timing).
     """
 
     def __init__(
@@ -93,8 +105,10 @@ class Basis:
         *,
         offload: bool = False,
         chunk: int = 4,
+        limit: int | None = None,
     ) -> None:
         self.n, self.dtype, self.device = n, dtype, torch.device(device)
+        self.limit = n if limit is None else max(1, min(int(limit), n))
         self.offload = bool(offload)
         self.chunk = max(1, int(chunk))
         pin = self.offload and self.device.type == "cuda"
@@ -134,20 +148,29 @@ class Basis:
             self._recent.pop(min(self._recent))
         self._note()
 
-    def append(self, v: Tensor) -> None:
-        """Append the unit row ``v`` (a device tensor)."""
+    def append(self, v: Tensor, divisor: float | None = None) -> None:
+        """Append the unit row ``v`` (a device tensor), or ``v / divisor``.
+
+        With ``divisor`` the quotient is written straight into the new row (on the
+        device; no temporary vector), bitwise ``v / divisor``.
+        """
         if self.size == self.rows.shape[0]:
             grown = torch.empty(
-                (min(2 * self.rows.shape[0], self.rows.shape[1]), self.rows.shape[1]),
+                (min(2 * self.rows.shape[0], self.limit), self.rows.shape[1]),
                 dtype=self.rows.dtype, device=self.rows.device,
                 pin_memory=self.rows.is_pinned(),
             )
             grown[: self.size] = self.rows[: self.size]
             self.rows = grown
             self._note()
-        self.rows[self.size] = v
-        if self.offload:
-            self._remember(self.size, v)
+        if divisor is not None and not self.offload:
+            torch.div(v, divisor, out=self.rows[self.size])
+        else:
+            if divisor is not None:
+                v = v / divisor
+            self.rows[self.size] = v
+            if self.offload:
+                self._remember(self.size, v)
         self.size += 1
 
     def _chunks(self, upto: int) -> Iterator[tuple[int, Tensor]]:
@@ -164,18 +187,21 @@ class Basis:
             finally:
                 self._transient -= hi - lo
 
-    def orthogonalize(self, w: Tensor, near: int | None = None) -> tuple[Tensor, Tensor, float]:
+    def orthogonalize(
+        self, w: Tensor, near: int | None = None, *, overwrite: bool = False
+    ) -> tuple[Tensor, Tensor, float]:
         """``w`` minus its projection on the basis (:func:`orthogonalize`, streamed).
 
         Args:
             w: the vector, on the device.
             near: index of the row whose product ``w`` is.
+            overwrite: ``w`` may be overwritten (on the device; :func:`orthogonalize`).
 
         Returns:
             The remainder, the float64 coefficients and the remainder's norm.
         """
         if not self.offload:
-            return orthogonalize(self.rows[: self.size], w, near)
+            return orthogonalize(self.rows[: self.size], w, near, overwrite=overwrite)
         coef = torch.zeros(self.size, dtype=torch.float64, device=w.device)
         if not self.size:
             return w, coef, float(torch.linalg.vector_norm(w))
@@ -215,12 +241,16 @@ class Basis:
         """Replace the first ``j`` rows by the ``p`` combinations ``s.T @ rows[:j]``.
 
         The rows after ``j`` (not yet multiplied) follow them. Computed where the rows
-        live (on the host when offloaded), so the device holds no extra vector.
+        live (on the host when offloaded), so the device holds no extra vector; the rows
+        after ``j`` move up one by one (``p <= j``), without a copy of them.
         """
         p = s.shape[1]
         new = s.to(device=self.rows.device, dtype=self.dtype).T @ self.rows[:j]
-        rest = self.rows[j : self.size].clone()
         self.rows[:p] = new
-        self.rows[p : p + rest.shape[0]] = rest
-        self.size = p + rest.shape[0]
+        del new
+        rest = self.size - j
+        for i in range(rest):
+            if p + i != j + i:
+                self.rows[p + i].copy_(self.rows[j + i])
+        self.size = p + rest
         self._recent.clear()

@@ -182,10 +182,11 @@ def krylov_eigsh(
         max_basis = min(int(max_basis), n)
     # start small and double on demand: most runs stop far below max_matvec, and the basis
     # is the solver's main memory (a full preallocation was 161 vectors for k=5)
-    cap = min(n, block.shape[0] + max_matvec + 1, 2 * block.shape[0] + 4 * k + 16)
+    most = block.shape[0] + max_matvec + 1  # rows the run can ever keep
     if max_basis is not None:
-        cap = min(cap, max_basis + block.shape[0])
-    basis = _Basis(n, dtype, device, capacity=cap, offload=offload, chunk=chunk)
+        most = min(most, max_basis + block.shape[0])
+    cap = min(n, most, 2 * block.shape[0] + 4 * k + 16)
+    basis = _Basis(n, dtype, device, capacity=cap, offload=offload, chunk=chunk, limit=most)
     floor_rel = residual_floor(op_dtype)  # convergence: the products' noise
     break_rel = residual_floor(dtype)  # breakdown: the basis' rounding
     # the small dense problem (projected matrix, its eigh, Ritz residuals) lives in numpy,
@@ -195,10 +196,10 @@ def krylov_eigsh(
     norm_est = 0.0
 
     def add_unit(w: Tensor) -> None:
-        """Orthogonalise a unit vector against the basis and append what is left of it."""
-        w, _, r = basis.orthogonalize(w)
+        """Orthogonalise a unit vector (a new one) against the basis and append what is left."""
+        w, _, r = basis.orthogonalize(w, overwrite=True)
         if basis.size < n and r > break_rel:
-            basis.append(w / r)
+            basis.append(w, divisor=r)
 
     for row in block:
         nrm = float(torch.linalg.vector_norm(row))
@@ -223,11 +224,13 @@ def krylov_eigsh(
         w = matvec(v.to(op_dtype)).to(dtype)
         used += 1
         norm_est = max(norm_est, float(torch.linalg.vector_norm(w)))
-        w, c, r = basis.orthogonalize(w, near=j)
+        # the product is overwritten by Gram-Schmidt unless it is (a view of) the basis
+        owned = w.untyped_storage().data_ptr() != basis.rows.untyped_storage().data_ptr()
+        w, c, r = basis.orthogonalize(w, near=j, overwrite=owned)
         coeffs[: c.numel(), j] = c.cpu().numpy()
         if basis.size < n and r > break_rel * norm_est and r > 0:
             coeffs[basis.size, j] = r
-            basis.append(w / r)
+            basis.append(w, divisor=r)
         del w
         j += 1
         proj = coeffs[:j, :j]

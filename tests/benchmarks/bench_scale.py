@@ -19,19 +19,19 @@ Models (random init, nothing downloaded): ``gpt2-small`` is transformers'
 ``resnet18`` is the CIFAR variant of He et al. (2016) for 32x32 inputs (3x3 stem, no max
 pool, 11.2M parameters, batch 64), written here because torchvision is not installable.
 
-Sections: ``step``, ``product`` (one exact Hessian-vector product on the cached graph, and
-the first-order product, ``backend="first_order"``), ``top1`` (the Lanczos run of
+Sections: ``step``, ``product`` (one exact Hessian-vector product on the cached graph, and the
+first-order product, ``backend="first_order"``), ``top1`` (the Lanczos run of
 ``top_eigenvalues`` to ``--max-matvec`` products with its per-product history, from which
-docs/benchmarks.md reads every stopping rule; ``--max-basis`` bounds it), ``eig`` and
-``top5`` (``top_eigenvalues`` at its defaults, k = 1 and 5), ``--pyhessian`` (PyHessian's
-``eigenvalues(top_n=1)`` at its defaults, ResNet-18), ``plan`` (what ``memory_budget=``
-"1x", "2x", "3x step" would do, without running), ``budget`` (top-1 run within those
-budgets), ``trace`` (``hessian_trace``, krylov, 30 products), ``surface`` (one point of a
-landscape plane), ``presets`` (one monitor step with every metric of the ``cheap`` and
-``standard`` presets due), ``vs_pyhessian`` (one exact product, ours and PyHessian's
-``hessian_vector_product`` on its kept gradient graph, interleaved). ``--quick`` runs the
-small models only, a few products each (a smoke test of the script). The machine is
-shared: one thread, and ratios.
+docs/benchmarks.md reads every stopping rule; ``--max-basis`` bounds it), ``eig`` and ``top5``
+(``top_eigenvalues`` at its defaults, k = 1 and 5), ``--pyhessian`` (PyHessian's
+``eigenvalues(top_n=1)`` at its defaults, ResNet-18), ``plan`` (what each of ``--budgets``,
+default "auto", "1x", "1.5x", "3x step", would do for ``top_eigenvalues(k=1)``, without
+running), ``budget`` (top-1 run within each), ``trace`` (``hessian_trace``, krylov, 30
+products), ``surface`` (one point of a landscape plane), ``presets`` (one monitor step with
+every metric of the ``cheap`` and ``standard`` presets due), ``vs_pyhessian`` (one exact
+product, ours and PyHessian's ``hessian_vector_product`` on its kept gradient graph,
+interleaved). ``--quick`` runs the small models only, a few products each (a smoke test of the
+script). The machine is shared: one thread, and ratios.
 """
 
 from __future__ import annotations
@@ -392,6 +392,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-matvec", type=int, default=30)
     ap.add_argument("--max-basis", type=int, default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--budgets", default="auto,1x step,1.5x step,3x step",
+                    help="memory budgets of the plan and budget sections, comma-separated")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     models = args.models.split(",")
@@ -431,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
             rec["top1"] = eigen_run(model, batch, closure, 1, **quick_kw)
             log(f"top1: {rec['top1']}")
         if "budget" in sections:
-            for budget in ("1x step", "3x step"):
+            for budget in args.budgets.split(","):
                 key = f"top1_budget_{budget.split('x')[0]}x"
                 try:
                     rec[key] = eigen_run(model, batch, closure, 1, memory_budget=budget,
@@ -444,10 +446,10 @@ def main(argv: list[str] | None = None) -> None:
 
             op = Hessian(model, closure=closure, data=batch, single_batch=True)
             rec["plan"] = {}
-            for budget in ("1x step", "2x step", "3x step"):
-                try:
+            for budget in args.budgets.split(","):
+                try:  # the vectors top_eigenvalues(k=1) plans with
                     p = plan_eigen(op, budget=budget, basis_vectors=82, least_basis=2,
-                                   extra_vectors=4)
+                                   extra_vectors=9)
                     rec["plan"][budget] = {
                         "budget": p.budget, "step_bytes": p.step_bytes,
                         "product_bytes": p.product_bytes, "estimate": p.estimate,

@@ -117,6 +117,28 @@ def test_offloaded_basis_holds_a_few_device_vectors_whatever_the_iterations(monk
     assert torch.allclose(kept.largest[0], res.largest[0], rtol=1e-12)
 
 
+def test_basis_grows_no_further_than_the_rows_a_run_can_keep():
+    # capacity doubles on demand (22 -> 44 rows here before), but a run of 30 products
+    # from one start vector keeps at most 32 rows
+    a, _ = spectrum_matrix(n=240)
+    start = torch.randn(240, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    res = krylov_eigsh(lambda x: a @ x, start, k=1, tol=1e-14, max_matvec=30, min_matvec=30)
+    assert res.n_matvec == 30 and res.basis_size == 31
+    assert res.peak_device_vectors <= 1 + 30 + 1
+    bounded = krylov_eigsh(lambda x: a @ x, start, k=1, tol=1e-14, max_matvec=30,
+                           min_matvec=30, max_basis=6)
+    assert bounded.peak_device_vectors <= 6 + 1
+    assert float(bounded.largest[0][0]) == pytest.approx(float(res.largest[0][0]), rel=1e-6)
+
+
+def test_a_product_that_returns_its_input_is_not_overwritten():
+    # Gram-Schmidt writes into the product unless it is the basis row itself (identity)
+    start = torch.randn(50, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    res = krylov_eigsh(lambda x: x, start, k=1, tol=1e-10, max_matvec=5)
+    assert res.converged and float(res.largest[0][0]) == pytest.approx(1.0, abs=1e-12)
+    assert float(res.largest[2][0]) <= 1e-10
+
+
 def test_thick_restart_bounds_the_basis_and_finds_both_ends():
     a, ev = spectrum_matrix(n=200, top=(10.0, 9.0, 7.0))
     op = MatrixOperator(a)

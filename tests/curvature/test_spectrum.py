@@ -49,6 +49,21 @@ def test_orthogonalize_removes_the_span_even_under_cancellation():
     assert torch.equal(out, w) and coef.numel() == 0
 
 
+@pytest.mark.parametrize("near", [None, 0, 7, 29])
+def test_orthogonalize_in_place_is_bitwise_the_copying_one(near):
+    # the solvers overwrite the product they own (one vector less per pass at scale)
+    g = torch.Generator().manual_seed(1)
+    q = torch.linalg.qr(torch.randn(300, 30, generator=g))[0].T.float()
+    w = q.T @ torch.randn(30, generator=g) + 1e-3 * torch.randn(300, generator=g)
+    kept = w.clone()
+    out, coef, left = orthogonalize(q, w, near=near)
+    assert torch.equal(w, kept)  # the copying form leaves its input alone
+    own = w.clone()
+    out2, coef2, left2 = orthogonalize(q, own, near=near, overwrite=True)
+    assert out2.data_ptr() == own.data_ptr()  # written in place
+    assert torch.equal(out2, out) and torch.equal(coef2, coef) and left2 == left
+
+
 def test_lanczos_basis_stays_orthogonal_on_a_clustered_spectrum():
     # many iterations on clustered eigenvalues is where Lanczos loses orthogonality first;
     # with full re-orthogonalisation the Ritz vectors stay orthonormal and the values exact
