@@ -9,6 +9,7 @@ in chunks (docs/curvature.md, "Memory"); :func:`work_dtype` is the dtype they ar
 
 from __future__ import annotations
 
+import bisect
 from typing import Iterator
 
 import torch
@@ -84,16 +85,26 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+BLOCK_ROWS = 8
+"""Rows per block of a basis kept on the device (:class:`Basis`)."""
+
+
 class Basis:
     """Orthonormal rows, on the operator's device or offloaded to host memory.
 
-    On the device (``offload=False``) the rows are one tensor grown on demand (capacity doubles,
-    but never past ``limit``, the most rows the solver can keep; while it grows the old and the
-    new tensor coexist). Offloaded, the rows live in host memory (pinned when the device is
-    CUDA) and only the last three rows used stay on the device; Gram-Schmidt streams the others
-    through in chunks of ``chunk`` rows, so the device holds at most ``chunk + 4`` vectors of
-    the basis whatever its size. ``device_vectors`` / ``peak_device_vectors`` count the vectors
-    of length ``n`` the basis holds on the device (a test hook, not a timing).
+    On the device (``offload=False``) the rows live in blocks of :data:`BLOCK_ROWS` rows,
+    allocated as the basis grows and freed when a thick restart shrinks it: a growing basis
+    never copies its rows (a single tensor that doubles holds the old and the new rows at
+    once: 22 + 44 vectors where a run of 23 products needs 24), and holds at most
+    ``BLOCK_ROWS - 1`` rows it does not use, never more than ``limit`` rows (the most the
+    solver can keep). Gram-Schmidt runs block by block, each coefficient from the same
+    vector (classical Gram-Schmidt), so a basis of one block computes exactly what
+    :func:`orthogonalize` does on the rows. Offloaded, the rows live in one host tensor
+    (pinned when the device is CUDA) and only the last three rows used stay on the device;
+    Gram-Schmidt streams the others through in chunks of ``chunk`` rows, so the device holds
+    at most ``chunk + 4`` vectors of the basis whatever its size. ``device_vectors`` /
+    ``peak_device_vectors`` count the vectors of length ``n`` the basis holds on the device
+    (a test hook, not a timing).
     """
 
     def __init__(
@@ -111,9 +122,13 @@ class Basis:
         self.limit = n if limit is None else max(1, min(int(limit), n))
         self.offload = bool(offload)
         self.chunk = max(1, int(chunk))
-        pin = self.offload and self.device.type == "cuda"
-        where = torch.device("cpu") if self.offload else self.device
-        self.rows = torch.empty((max(capacity, 1), n), dtype=dtype, device=where, pin_memory=pin)
+        self.blocks: list[Tensor] = []  # the rows on the device, BLOCK_ROWS each at most
+        self._starts: list[int] = []  # the index of each block's first row
+        self.rows: Tensor | None = None  # the rows in host memory (offloaded)
+        if self.offload:
+            pin = self.device.type == "cuda"
+            self.rows = torch.empty((max(min(capacity, self.limit), 1), n), dtype=dtype,
+                                    device="cpu", pin_memory=pin)
         self.size = 0
         self._recent: dict[int, Tensor] = {}
         self._transient = 0
@@ -125,19 +140,27 @@ class Basis:
     def device_vectors(self) -> int:
         """Vectors of length ``n`` the basis holds on the device now."""
         if not self.offload:
-            return int(self.rows.shape[0]) + self._transient
+            return sum(int(b.shape[0]) for b in self.blocks) + self._transient
         return len(self._recent) + self._transient
 
     def _note(self) -> None:
         self.peak_device_vectors = max(self.peak_device_vectors, self.device_vectors)
 
+    def holds(self, t: Tensor) -> bool:
+        """Whether ``t`` shares memory with the rows (a view of a row, e.g.)."""
+        ptr = t.untyped_storage().data_ptr()
+        stores = self.blocks if not self.offload else [self.rows, *self._recent.values()]
+        return any(b is not None and b.untyped_storage().data_ptr() == ptr for b in stores)
+
     # -- rows ----------------------------------------------------------------------------
     def row(self, i: int) -> Tensor:
         """Row ``i`` on the device."""
         if not self.offload:
-            return self.rows[i]
+            b = bisect.bisect_right(self._starts, i) - 1
+            return self.blocks[b][i - self._starts[b]]
         got = self._recent.get(i)
         if got is None:
+            assert self.rows is not None
             got = self.rows[i].to(self.device, non_blocking=True)
             self._remember(i, got)
         return got
@@ -154,43 +177,74 @@ class Basis:
         With ``divisor`` the quotient is written straight into the new row (on the
         device; no temporary vector), bitwise ``v / divisor``.
         """
+        if not self.offload:
+            held = self._starts[-1] + self.blocks[-1].shape[0] if self.blocks else 0
+            if self.size == held:
+                rows = max(1, min(BLOCK_ROWS, self.limit - held))
+                self.blocks.append(torch.empty((rows, self.n), dtype=self.dtype,
+                                               device=self.device))
+                self._starts.append(held)
+                self._note()
+            target = self.row(self.size)
+            if divisor is not None:
+                torch.div(v, divisor, out=target)
+            else:
+                target.copy_(v)
+            self.size += 1
+            return
+        assert self.rows is not None
         if self.size == self.rows.shape[0]:
             grown = torch.empty(
-                (min(2 * self.rows.shape[0], self.limit), self.rows.shape[1]),
-                dtype=self.rows.dtype, device=self.rows.device,
-                pin_memory=self.rows.is_pinned(),
+                (min(2 * self.rows.shape[0], self.limit), self.n), dtype=self.dtype,
+                device="cpu", pin_memory=self.rows.is_pinned(),
             )
             grown[: self.size] = self.rows[: self.size]
             self.rows = grown
-            self._note()
-        if divisor is not None and not self.offload:
-            torch.div(v, divisor, out=self.rows[self.size])
-        else:
-            if divisor is not None:
-                v = v / divisor
-            self.rows[self.size] = v
-            if self.offload:
-                self._remember(self.size, v)
+        if divisor is not None:
+            v = v / divisor
+        self.rows[self.size] = v
+        self._remember(self.size, v)
         self.size += 1
 
-    def _chunks(self, upto: int) -> Iterator[tuple[int, Tensor]]:
-        """``(lo, rows[lo:hi] on the device)`` for consecutive chunks of the first rows."""
+    def _pieces(self, lo: int, hi: int) -> Iterator[tuple[int, Tensor]]:
+        """``(start, rows[start:stop])`` on the device, block by block, covering ``[lo, hi)``.
+
+        Device blocks are views; offloaded rows are copied to the device a chunk at a time.
+        """
         if not self.offload:
-            yield 0, self.rows[:upto]
+            for first, block in zip(self._starts, self.blocks):
+                start, stop = max(lo, first), min(hi, first + block.shape[0])
+                if start < stop:
+                    yield start, block[start - first : stop - first]
             return
-        for lo in range(0, upto, self.chunk):
-            hi = min(lo + self.chunk, upto)
-            self._transient += hi - lo
+        assert self.rows is not None
+        for start in range(lo, hi, self.chunk):
+            stop = min(start + self.chunk, hi)
+            self._transient += stop - start
             self._note()
             try:
-                yield lo, self.rows[lo:hi].to(self.device, non_blocking=True)
+                yield start, self.rows[start:stop].to(self.device, non_blocking=True)
             finally:
-                self._transient -= hi - lo
+                self._transient -= stop - start
+
+    def _project_out(
+        self, w: Tensor, coef: Tensor, lo: int, hi: int, overwrite: bool
+    ) -> Tensor:
+        """``w`` minus its components on the rows ``[lo, hi)``, added to ``coef``.
+
+        Every coefficient is taken from the same ``w`` (classical Gram-Schmidt).
+        """
+        parts = [(start, q, q @ w) for start, q in self._pieces(lo, hi)]
+        for start, q, c in parts:
+            w = _subtract(w, q, c, overwrite)
+            overwrite = True
+            coef[start : start + q.shape[0]] += c.double()
+        return w
 
     def orthogonalize(
         self, w: Tensor, near: int | None = None, *, overwrite: bool = False
     ) -> tuple[Tensor, Tensor, float]:
-        """``w`` minus its projection on the basis (:func:`orthogonalize`, streamed).
+        """``w`` minus its projection on the basis (:func:`orthogonalize`, block by block).
 
         Args:
             w: the vector, on the device.
@@ -200,11 +254,23 @@ class Basis:
         Returns:
             The remainder, the float64 coefficients and the remainder's norm.
         """
-        if not self.offload:
-            return orthogonalize(self.rows[: self.size], w, near, overwrite=overwrite)
         coef = torch.zeros(self.size, dtype=torch.float64, device=w.device)
         if not self.size:
             return w, coef, float(torch.linalg.vector_norm(w))
+        if not self.offload:
+            if near is not None:
+                w = self._project_out(w, coef, max(0, near - 1), min(near + 1, self.size),
+                                      overwrite)
+                overwrite = True
+            after = float(torch.linalg.vector_norm(w))
+            for _ in range(2):
+                before = after
+                w = self._project_out(w, coef, 0, self.size, overwrite)
+                overwrite = True
+                after = float(torch.linalg.vector_norm(w))
+                if after >= _DGKS * before:
+                    break
+            return w, coef, after
         if near is not None:
             for i in (near - 1, near) if near > 0 else (near,):
                 q = self.row(i)
@@ -218,7 +284,7 @@ class Basis:
             w0 = w.clone()
             self._transient += 1
             self._note()
-            for lo, q in self._chunks(self.size):
+            for lo, q in self._pieces(0, self.size):
                 c = q @ w0
                 w = torch.addmv(w, q.T, c, alpha=-1.0)
                 coef[lo : lo + q.shape[0]] += c.double()
@@ -230,27 +296,42 @@ class Basis:
         return w, coef, after
 
     def combine(self, s: Tensor, upto: int) -> Tensor:
-        """``s.T @ rows[:upto]`` (``s``: ``(upto, k)``) on the device, streamed."""
+        """``s.T @ rows[:upto]`` (``s``: ``(upto, k)``) on the device, block by block."""
         s = s.to(device=self.device, dtype=self.dtype)
-        out = torch.zeros((s.shape[1], self.n), dtype=self.dtype, device=self.device)
-        for lo, q in self._chunks(upto):
-            out += s[lo : lo + q.shape[0]].T @ q
+        out = None
+        for lo, q in self._pieces(0, upto):
+            part = s[lo : lo + q.shape[0]].T
+            out = part @ q if out is None else out.addmm_(part, q)  # no temporary
+        if out is None:
+            return torch.zeros((s.shape[1], self.n), dtype=self.dtype, device=self.device)
         return out
 
     def restart(self, s: Tensor, j: int) -> None:
         """Replace the first ``j`` rows by the ``p`` combinations ``s.T @ rows[:j]``.
 
         The rows after ``j`` (not yet multiplied) follow them. Computed where the rows
-        live (on the host when offloaded), so the device holds no extra vector; the rows
-        after ``j`` move up one by one (``p <= j``), without a copy of them.
+        live (on the host when offloaded), so the device holds no extra vector besides the
+        ``p`` new rows; the rows after ``j`` move up one by one (``p <= j``), without a
+        copy of them, and device blocks no longer needed are freed.
         """
         p = s.shape[1]
-        new = s.to(device=self.rows.device, dtype=self.dtype).T @ self.rows[:j]
-        self.rows[:p] = new
-        del new
+        if self.offload:
+            assert self.rows is not None
+            self.rows[:p] = s.to(dtype=self.dtype).T @ self.rows[:j]
+        else:
+            new = self.combine(s, j)
+            for i in range(p):
+                self.row(i).copy_(new[i])
+            del new
         rest = self.size - j
-        for i in range(rest):
-            if p + i != j + i:
-                self.rows[p + i].copy_(self.rows[j + i])
+        for i in range(p, p + rest):  # upwards: row i + j - p is read before it is written
+            if self.offload:
+                assert self.rows is not None
+                self.rows[i].copy_(self.rows[i + j - p])
+            else:
+                self.row(i).copy_(self.row(i + j - p))
         self.size = p + rest
+        while self._starts and self._starts[-1] >= self.size:  # blocks no longer needed
+            self._starts.pop()
+            self.blocks.pop()
         self._recent.clear()

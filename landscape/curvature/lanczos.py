@@ -180,8 +180,8 @@ def krylov_eigsh(
         if max_basis < least:
             raise ValueError(f"max_basis must be >= {least} here, got {max_basis}")
         max_basis = min(int(max_basis), n)
-    # start small and double on demand: most runs stop far below max_matvec, and the basis
-    # is the solver's main memory (a full preallocation was 161 vectors for k=5)
+    # the basis grows on demand (most runs stop far below max_matvec, and the basis is the
+    # solver's main memory: a full preallocation was 161 vectors for k=5), never past `most`
     most = block.shape[0] + max_matvec + 1  # rows the run can ever keep
     if max_basis is not None:
         most = min(most, max_basis + block.shape[0])
@@ -225,8 +225,7 @@ def krylov_eigsh(
         used += 1
         norm_est = max(norm_est, float(torch.linalg.vector_norm(w)))
         # the product is overwritten by Gram-Schmidt unless it is (a view of) the basis
-        owned = w.untyped_storage().data_ptr() != basis.rows.untyped_storage().data_ptr()
-        w, c, r = basis.orthogonalize(w, near=j, overwrite=owned)
+        w, c, r = basis.orthogonalize(w, near=j, overwrite=not basis.holds(w))
         coeffs[: c.numel(), j] = c.cpu().numpy()
         if basis.size < n and r > break_rel * norm_est and r > 0:
             coeffs[basis.size, j] = r
