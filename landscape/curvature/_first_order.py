@@ -94,6 +94,15 @@ def sharded_reason(params: Sequence[torch.Tensor]) -> str | None:
     return None
 
 
+def _moved(theta: torch.Tensor, shift: torch.Tensor, sign: int) -> torch.Tensor:
+    """``fl(θ + shift)`` (``sign=1``) or ``fl(θ - shift)``, summed in the shift's dtype.
+
+    Returned in ``θ``'s dtype; ``θ - s`` is bitwise ``θ + (-s)`` (IEEE 754 subtraction).
+    """
+    wide = theta.to(shift.dtype)
+    return (wide + shift if sign > 0 else wide - shift).to(theta.dtype)
+
+
 def step_size(theta_norm: float, v_norm: float, dtype: torch.dtype) -> float:
     """The central-difference step ``u^{1/3} (1 + ‖θ‖) / (8 ‖v‖)`` (module docstring).
 
@@ -182,13 +191,13 @@ class FirstOrder:
         steps = self._steps_along(v)
         if steps is None:
             return tuple(torch.zeros_like(t) for t in v)
-        eps, shift, minus = steps
+        eps, shift = steps
 
         def per_batch(batch: Any) -> list[torch.Tensor]:
             with _same_rng(self.op.model) as rewind:
                 plus_g = self._gradient(batch, shift)
                 rewind()
-                minus_g = self._gradient(batch, minus)
+                minus_g = self._gradient(batch, shift, sign=-1)
             # the difference of two float32 gradients is exact where they are close
             # (Sterbenz) and within one rounding of the result elsewhere: no float64 copy
             # of parameter-sized tensors is needed (module docstring, "Precision")
@@ -218,14 +227,14 @@ class FirstOrder:
         steps = self._steps_along(v)
         if steps is None:
             return tuple(torch.zeros_like(t) for t in v)
-        eps, shift, minus = steps
+        eps, shift = steps
 
         def per_batch(batch: Any) -> list[torch.Tensor]:
             with _same_rng(self.op.model) as rewind:
                 with torch.no_grad():
                     plus = self._output(batch, shift)[0]
                     rewind()
-                    minus_out = self._output(batch, minus)[0]
+                    minus_out = self._output(batch, shift, sign=-1)[0]
                 jv = (plus.double() - minus_out.double()) / (2.0 * eps)
                 rewind()
                 return self._pullback(batch, jv)
@@ -239,10 +248,11 @@ class FirstOrder:
         """The parameters' dtype, at least float32 (bfloat16/float16 models work in float32)."""
         return torch.promote_types(self.op.dtype, torch.float32)
 
-    def _steps_along(self, v: Vector) -> tuple[float, Tensors, Tensors] | None:
-        """The step ``ε`` and the shifts ``±εv`` (this rank's shards, :attr:`_work_dtype`).
+    def _steps_along(self, v: Vector) -> tuple[float, Tensors] | None:
+        """The step ``ε`` and the shift ``εv`` (this rank's shards, :attr:`_work_dtype`).
 
-        None for v = 0.
+        None for v = 0. The other side, ``θ - εv``, is formed with ``sign=-1`` from the same
+        shift (bitwise what adding ``-εv`` gives; no negated copy of it).
         """
         v_norm = float(torch.sqrt(sum(t.double().pow(2).sum() for t in v)))
         if v_norm == 0.0:
@@ -252,16 +262,18 @@ class FirstOrder:
             n: shard_of(t, p).to(self._work_dtype) * eps
             for n, t, p in zip(self.op.names, v, self.op._param_objects)
         }
-        return eps, shift, {n: -s for n, s in shift.items()}
+        return eps, shift
 
-    def _output(self, batch: Any, shift: Tensors | None) -> tuple[Any, Any, Tensors | None]:
-        """``(outputs, targets, leaves)`` at ``θ + shift`` (leaves: functional path only)."""
+    def _output(
+        self, batch: Any, shift: Tensors | None, sign: int = 1
+    ) -> tuple[Any, Any, Tensors | None]:
+        """``(outputs, targets, leaves)`` at ``θ ± shift`` (leaves: functional path only)."""
         op = self.op
         if self.sharded:
-            with self._perturbed(shift):
+            with self._perturbed(shift, sign):
                 out, targets = self._direct_output(batch)
             return out, targets, None
-        leaves = self._shifted_leaves(shift)
+        leaves = self._shifted_leaves(shift, sign)
         out, targets = op._model_output(leaves, batch)
         return out, targets, leaves
 
@@ -399,18 +411,20 @@ class FirstOrder:
             self._total = _dist.total_weight(self.op._data.rank_size)
         return self._total
 
-    def _gradient(self, batch: Any, shift: Tensors | None) -> list[torch.Tensor]:
-        """``[loss, *g]`` on one batch at ``θ + shift`` (local shards for FSDP)."""
+    def _gradient(
+        self, batch: Any, shift: Tensors | None, sign: int = 1
+    ) -> list[torch.Tensor]:
+        """``[loss, *g]`` on one batch at ``θ ± shift`` (local shards for FSDP)."""
         if self.sharded:
-            return self._gradient_in_place(batch, shift)
-        return self._gradient_functional(batch, shift)
+            return self._gradient_in_place(batch, shift, sign)
+        return self._gradient_functional(batch, shift, sign)
 
-    def _shifted_leaves(self, shift: Tensors | None) -> Tensors:
-        """Fresh leaves ``fl(θ + shift)`` requiring grad (the model is not touched)."""
+    def _shifted_leaves(self, shift: Tensors | None, sign: int = 1) -> Tensors:
+        """Fresh leaves ``fl(θ ± shift)`` requiring grad (the model is not touched)."""
         leaves = {}
         for n, p in zip(self.op.names, self.op._param_objects):
             t = p.detach()
-            t = (t.to(shift[n].dtype) + shift[n]).to(t.dtype) if shift is not None else t.clone()
+            t = _moved(t, shift[n], sign) if shift is not None else t.clone()
             leaves[n] = t.requires_grad_(True)
         return leaves
 
@@ -423,8 +437,10 @@ class FirstOrder:
         mesh = next(p.device_mesh for p in self.op._param_objects if is_sharded(p))
         return mesh.size() * self.op._data.rank_size / self._ranks_total() * self._weight
 
-    def _gradient_functional(self, batch: Any, shift: Tensors | None) -> list[torch.Tensor]:
-        leaves = self._shifted_leaves(shift)
+    def _gradient_functional(
+        self, batch: Any, shift: Tensors | None, sign: int
+    ) -> list[torch.Tensor]:
+        leaves = self._shifted_leaves(shift, sign)
 
         def loss_and_backward(model: nn.Module, b: Any) -> torch.Tensor:
             # the backward runs while the leaves are substituted: activation checkpointing
@@ -442,14 +458,16 @@ class FirstOrder:
         ]
         return [value.detach(), *grads]
 
-    def _gradient_in_place(self, batch: Any, shift: Tensors | None) -> list[torch.Tensor]:
+    def _gradient_in_place(
+        self, batch: Any, shift: Tensors | None, sign: int
+    ) -> list[torch.Tensor]:
         op = self.op
         model = op.model
         params = list(model.parameters())
         for p in params:
             p.grad = None  # isolated() puts the original .grad objects back
         scale = self._backward_scale()
-        with self._perturbed(shift):
+        with self._perturbed(shift, sign):
             value = self._direct_loss(batch)
             if value.requires_grad:
                 (value * scale).backward()
@@ -463,8 +481,8 @@ class FirstOrder:
         return [value.detach(), *grads]
 
     @contextlib.contextmanager
-    def _perturbed(self, shift: Tensors | None) -> Iterator[None]:
-        """Write ``fl(θ + shift)`` into the local shards; copy the saved originals back."""
+    def _perturbed(self, shift: Tensors | None, sign: int = 1) -> Iterator[None]:
+        """Write ``fl(θ ± shift)`` into the local shards; copy the saved originals back."""
         if shift is None:
             yield
             return
@@ -474,8 +492,7 @@ class FirstOrder:
         try:
             with torch.no_grad():
                 for p, orig, n in zip(params, saved, self.op.names):
-                    moved = orig.to(shift[n].dtype) + shift[n]
-                    local_tensor(p.detach()).copy_(moved.to(orig.dtype))
+                    local_tensor(p.detach()).copy_(_moved(orig, shift[n], sign))
             yield
         finally:
             with torch.no_grad():

@@ -101,10 +101,8 @@ def test_offloaded_basis_holds_a_few_device_vectors_whatever_the_iterations(monk
 
     def count(info):
         basis = bases[-1]
-        held.append(_held_vectors(240, {a.untyped_storage().data_ptr(),
-                                        *(b.untyped_storage().data_ptr() for b in basis.blocks),
-                                        *([] if basis.rows is None else [basis.rows.untyped_storage().data_ptr()]),
-                                        start.untyped_storage().data_ptr()}))
+        stores = [a, start, *basis.blocks] + ([] if basis.rows is None else [basis.rows])
+        held.append(_held_vectors(240, {t.untyped_storage().data_ptr() for t in stores}))
 
     res = krylov_eigsh(lambda x: a @ x, start, k=2, tol=1e-14, max_matvec=120,
                        min_matvec=120, offload=True, chunk=3, callback=count)
