@@ -53,6 +53,7 @@ from landscape import LandscapeError
 from landscape.curvature import Hessian, hessian_trace, top_eigenvalues
 from landscape.curvature.lanczos import krylov_eigsh
 from landscape.curvature.memory import PeakMemory
+from tests.benchmarks.bench_start_vector import gradient_start
 
 # ------------------------------------------------------------------------------------------
 # models
@@ -250,11 +251,18 @@ def product_vs_pyhessian(model: nn.Module, batch: Any, closure: Callable, reps: 
 
 
 def eigen_history(model: nn.Module, batch: Any, closure: Callable, *, k: int, max_matvec: int,
-                  log: Callable[[str], None], max_basis: int | None = None) -> dict:
-    """``top_eigenvalues``' Lanczos run to ``max_matvec`` products, recording every step."""
+                  log: Callable[[str], None], max_basis: int | None = None,
+                  start_from: str = "random") -> dict:
+    """``top_eigenvalues``' Lanczos run to ``max_matvec`` products, recording every step.
+
+    ``start_from="gradient"``: the unit gradient plus the unit Gaussian start (tests/
+    benchmarks/bench_start_vector.py) instead of the Gaussian alone.
+    """
     op = Hessian(model, closure=closure, data=batch, single_batch=True)
     gen = torch.Generator().manual_seed(0)
     start = torch.randn(op.dim, generator=gen, dtype=torch.float64).to(op.dtype)
+    if start_from == "gradient":
+        start = gradient_start(op, start)
     hist: list[dict] = []
     t0 = time.perf_counter()
 
@@ -392,6 +400,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-matvec", type=int, default=30)
     ap.add_argument("--max-basis", type=int, default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--start", choices=("random", "gradient"), default="random",
+                    help="the top1 section's start vector")
     ap.add_argument("--budgets", default="auto,1x step,1.5x step,3x step",
                     help="memory budgets of the plan and budget sections, comma-separated")
     args = ap.parse_args(argv)
@@ -424,7 +434,7 @@ def main(argv: list[str] | None = None) -> None:
         if "history" in sections or "top1" in sections:
             mm = 4 if args.quick else args.max_matvec
             rec["top1_history"] = eigen_history(model, batch, closure, k=1, max_matvec=mm, log=log,
-                                                max_basis=args.max_basis)
+                                                max_basis=args.max_basis, start_from=args.start)
         if args.pyhessian and name == "resnet18":
             rec["pyhessian_top1"] = pyhessian_top1(model, batch, F.cross_entropy)
             log(f"pyhessian: {rec['pyhessian_top1']}")
