@@ -104,6 +104,18 @@ def gap_estimate(theta: np.ndarray, idx: np.ndarray) -> np.ndarray:
 STOPPING_RULES = ("auto", "residual", "value")
 
 
+def _owned(w: Tensor, fresh: bool, basis: _Basis) -> bool:
+    """Whether Gram-Schmidt may subtract in the product ``w`` itself.
+
+    Only a new tensor (``fresh``: the caller's promise, or a dtype conversion made here)
+    that is dense, no view of the basis, and writable here (an inference tensor is not,
+    outside inference mode).
+    """
+    if not fresh or not w.is_contiguous() or basis.holds(w):
+        return False
+    return not w.is_inference() or torch.is_inference_mode_enabled()
+
+
 def krylov_eigsh(
     matvec: Callable[[Tensor], Tensor],
     start: Tensor,
@@ -119,6 +131,7 @@ def krylov_eigsh(
     offload: bool = False,
     chunk: int = 4,
     callback: Callable[[dict], None] | None = None,
+    fresh_products: bool = False,
 ) -> KrylovResult:
     """Extreme eigenpairs of a symmetric map by Lanczos with full re-orthogonalisation.
 
@@ -158,7 +171,11 @@ def krylov_eigsh(
     chunks of ``chunk`` rows (:class:`_Basis`). The basis is kept in :func:`work_dtype`
     of ``start``; ``matvec`` receives and may return the start's own dtype.
     ``callback(info)`` is called after every product with ``n_matvec``, ``theta``,
-    ``residuals``, ``basis_size`` and ``device_vectors``.
+    ``residuals``, ``basis_size`` and ``device_vectors``. ``fresh_products=True`` says
+    that ``matvec`` returns a new tensor at every call, which nobody else holds (as
+    :meth:`~landscape.curvature.LinearOperator.flat_matvec` does): Gram-Schmidt then
+    subtracts in it instead of in a copy, one vector less per product; otherwise only a
+    product the solver converted to its dtype is overwritten.
     """
     if which not in ("largest", "smallest", "both"):
         raise ValueError(f"which must be 'largest', 'smallest' or 'both', got {which!r}")
@@ -221,11 +238,13 @@ def krylov_eigsh(
             if basis.size == size_before:
                 break
         v = basis.row(j)
-        w = matvec(v.to(op_dtype)).to(dtype)
+        raw = matvec(v.to(op_dtype))
+        w = raw.to(dtype)
+        owned = _owned(w, fresh_products or w is not raw, basis)
+        del raw
         used += 1
         norm_est = max(norm_est, float(torch.linalg.vector_norm(w)))
-        # the product is overwritten by Gram-Schmidt unless it is (a view of) the basis
-        w, c, r = basis.orthogonalize(w, near=j, overwrite=not basis.holds(w))
+        w, c, r = basis.orthogonalize(w, near=j, overwrite=owned)
         coeffs[: c.numel(), j] = c.cpu().numpy()
         if basis.size < n and r > break_rel * norm_est and r > 0:
             coeffs[basis.size, j] = r

@@ -233,7 +233,7 @@ def top_eigenvalues(
         res = krylov_eigsh(
             run_op.flat_matvec, start, k=k, which=which, tol=tol, max_matvec=max_matvec,
             min_matvec=min_matvec, generator=gen, stop=stop, max_basis=max_basis,
-            offload=offload,
+            offload=offload, fresh_products=True,  # flat_matvec's torch.cat is new
         )
     used = run_op.n_matvec - before
     if run_op is not op:

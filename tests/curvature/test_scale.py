@@ -130,12 +130,52 @@ def test_basis_grows_no_further_than_the_rows_a_run_can_keep():
     assert float(bounded.largest[0][0]) == pytest.approx(float(res.largest[0][0]), rel=1e-6)
 
 
-def test_a_product_that_returns_its_input_is_not_overwritten():
-    # Gram-Schmidt writes into the product unless it is the basis row itself (identity)
-    start = torch.randn(50, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+def test_products_the_solver_does_not_own_are_not_overwritten():
+    # Gram-Schmidt subtracts in place only in a product it owns: never in the basis row
+    # itself (identity), a stride-0 tensor, an inference tensor, or one the caller keeps
+    start = torch.randn(20, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     res = krylov_eigsh(lambda x: x, start, k=1, tol=1e-10, max_matvec=5)
     assert res.converged and float(res.largest[0][0]) == pytest.approx(1.0, abs=1e-12)
     assert float(res.largest[2][0]) <= 1e-10
+    for fresh in (False, True):  # the checks hold even against a wrong promise
+        ones = krylov_eigsh(lambda x: x.sum().expand(20), start, k=1, tol=1e-10,
+                            max_matvec=5, fresh_products=fresh)
+        assert float(ones.largest[0][0]) == pytest.approx(20.0, rel=1e-12)
+    a, ev = spectrum_matrix(n=60)
+    s60 = torch.randn(60, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def inference(x):
+        with torch.inference_mode():
+            return a @ x
+
+    got = krylov_eigsh(inference, s60, k=1, tol=1e-10, max_matvec=60, fresh_products=True)
+    assert float(got.largest[0][0]) == pytest.approx(float(ev[0]), rel=1e-10)
+    kept = []
+
+    def logged(x):
+        kept.append((a @ x, None))
+        kept[-1] = (kept[-1][0], kept[-1][0].clone())
+        return kept[-1][0]
+
+    krylov_eigsh(logged, s60, k=1, tol=1e-10, max_matvec=10)
+    assert all(torch.equal(out, copy) for out, copy in kept)
+
+
+def test_top_eigenvalues_products_are_fresh_for_the_solver(monkeypatch):
+    # flat_matvec concatenates (a new tensor): top_eigenvalues lets Gram-Schmidt write in it
+    seen = []
+    original = lanczos._owned
+
+    def spy(w, fresh, basis):
+        seen.append(fresh)
+        return original(w, fresh, basis)
+
+    a, ev = spectrum_matrix(n=40)
+    op = MatrixOperator(a)
+    monkeypatch.setattr(lanczos, "_owned", spy)
+    res = top_eigenvalues(op, k=1, tol=1e-8)
+    assert seen and all(seen)
+    assert float(res.values[0]) == pytest.approx(float(ev[0]), rel=1e-8)
 
 
 def test_thick_restart_bounds_the_basis_and_finds_both_ends():
