@@ -86,18 +86,24 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 BLOCK_ROWS = 8
-"""Rows per block of a basis kept on the device (:class:`Basis`)."""
+"""Rows per block of a basis kept on the device (:class:`Basis`), at least."""
+
+BLOCK_ENTRIES = 2**22
+"""Entries per block at least: a small operator's basis is one block (one matrix product
+per Gram-Schmidt pass, as fast as an unblocked basis), a large one's blocks of 8 rows."""
 
 
 class Basis:
     """Orthonormal rows, on the operator's device or offloaded to host memory.
 
-    On the device (``offload=False``) the rows live in blocks of :data:`BLOCK_ROWS` rows,
-    allocated as the basis grows and freed when a thick restart shrinks it: a growing basis
-    never copies its rows (a single tensor that doubles holds the old and the new rows at
-    once: 22 + 44 vectors where a run of 23 products needs 24), and holds at most
-    ``BLOCK_ROWS - 1`` rows it does not use, never more than ``limit`` rows (the most the
-    solver can keep). Gram-Schmidt runs block by block, each coefficient from the same
+    On the device (``offload=False``) the rows live in blocks of :data:`BLOCK_ROWS` rows
+    (more when ``n`` is small: at least :data:`BLOCK_ENTRIES` entries), allocated as the
+    basis grows and freed when a thick restart shrinks it: a growing basis never copies its
+    rows (a single tensor that doubles holds the old and the new rows at once: 22 + 44
+    vectors where a run of 23 products needs 24), and holds at most ``block_rows - 1`` rows
+    it does not use (7 on large operators; a small operator's single block is allocated
+    whole, at most :data:`BLOCK_ENTRIES` entries), never more than ``limit`` rows (the most
+    the solver can keep). Gram-Schmidt runs block by block, each coefficient from the same
     vector (classical Gram-Schmidt), so a basis of one block computes exactly what
     :func:`orthogonalize` does on the rows. Offloaded, the rows live in one host tensor
     (pinned when the device is CUDA) and only the last three rows used stay on the device;
@@ -122,7 +128,8 @@ class Basis:
         self.limit = n if limit is None else max(1, min(int(limit), n))
         self.offload = bool(offload)
         self.chunk = max(1, int(chunk))
-        self.blocks: list[Tensor] = []  # the rows on the device, BLOCK_ROWS each at most
+        self.block_rows = max(BLOCK_ROWS, BLOCK_ENTRIES // max(n, 1))
+        self.blocks: list[Tensor] = []  # the rows on the device, block_rows each at most
         self._starts: list[int] = []  # the index of each block's first row
         self.rows: Tensor | None = None  # the rows in host memory (offloaded)
         if self.offload:
@@ -180,7 +187,7 @@ class Basis:
         if not self.offload:
             held = self._starts[-1] + self.blocks[-1].shape[0] if self.blocks else 0
             if self.size == held:
-                rows = max(1, min(BLOCK_ROWS, self.limit - held))
+                rows = max(1, min(self.block_rows, self.limit - held))
                 self.blocks.append(torch.empty((rows, self.n), dtype=self.dtype,
                                                device=self.device))
                 self._starts.append(held)
