@@ -90,7 +90,8 @@ BLOCK_ROWS = 8
 
 BLOCK_ENTRIES = 2**22
 """Entries per block at least: a small operator's basis is one block (one matrix product
-per Gram-Schmidt pass, as fast as an unblocked basis), a large one's blocks of 8 rows."""
+per Gram-Schmidt pass, as fast as an unblocked basis; 62 rows below 67k entries), a large
+one's blocks are :data:`BLOCK_ROWS` rows."""
 
 
 class Basis:
