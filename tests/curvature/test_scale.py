@@ -16,6 +16,7 @@ from landscape import LandscapeError
 from landscape.curvature import (
     Hessian,
     MatrixOperator,
+    _basis,
     hessian_trace,
     lanczos,
     spectral_density,
@@ -128,6 +129,33 @@ def test_basis_grows_no_further_than_the_rows_a_run_can_keep():
                            min_matvec=30, max_basis=6)
     assert bounded.peak_device_vectors <= 6 + 1
     assert float(bounded.largest[0][0]) == pytest.approx(float(res.largest[0][0]), rel=1e-6)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(k=2, max_matvec=60),  # 62 rows: eight blocks, the last one short
+    dict(k=2, max_matvec=200, max_basis=11),  # restarts across a block boundary
+    dict(k=1, max_matvec=800, max_basis=12, which="both"),  # dense low end: slow
+    dict(k=2, max_matvec=80, warm=3),  # block Lanczos from three start rows
+])
+def test_a_basis_of_many_blocks_finds_the_dense_eigenvalues(monkeypatch, kw):
+    # large operators keep the basis in blocks of 8 rows; a small one here, forced to
+    monkeypatch.setattr(_basis, "BLOCK_ENTRIES", 1)
+    kw = dict(kw)
+    warm = kw.pop("warm", 1)
+    a, _ = spectrum_matrix(n=240)
+    truth = torch.linalg.eigvalsh(a)
+    g = torch.Generator().manual_seed(3)
+    start = torch.randn(warm, 240, dtype=torch.float64, generator=g).squeeze(0)
+    res = krylov_eigsh(lambda x: a @ x, start, tol=1e-8, **kw)
+    assert res.converged
+    k = kw["k"]
+    assert torch.allclose(res.largest[0], truth.flip(0)[:k], rtol=1e-9)
+    if kw.get("which") == "both":
+        assert torch.allclose(res.smallest[0], truth[:k], rtol=1e-7)
+    bound = (kw.get("max_basis") or kw["max_matvec"] + 1) + warm
+    assert res.peak_device_vectors <= bound  # blocks never hold rows past the limit
+    vecs = res.largest[1]
+    assert torch.allclose(vecs @ a @ vecs.T, torch.diag(res.largest[0]), atol=1e-8)
 
 
 def test_products_the_solver_does_not_own_are_not_overwritten():
