@@ -14,6 +14,8 @@ from typing import Iterator
 
 import torch
 
+from landscape.curvature._sums import dots, norm
+
 Tensor = torch.Tensor
 
 __all__ = ["Basis", "orthogonalize", "work_dtype"]
@@ -42,21 +44,21 @@ def orthogonalize(
     """
     coef = torch.zeros(q.shape[0], dtype=torch.float64, device=w.device)
     if not q.shape[0]:
-        return w, coef, float(torch.linalg.vector_norm(w))
+        return w, coef, norm(w)
     if near is not None:
         lo, hi = max(0, near - 1), min(near + 1, q.shape[0])
-        c = q[lo:hi] @ w
-        w = _subtract(w, q[lo:hi], c, overwrite)
-        coef[lo:hi] += c.double()
+        c = dots(q[lo:hi], w)
+        w = _subtract(w, q[lo:hi], c.to(q.dtype), overwrite)
+        coef[lo:hi] += c
         overwrite = True  # w is a new vector now, or was the caller's to overwrite
-    after = float(torch.linalg.vector_norm(w))
+    after = norm(w)
     for _ in range(2):
         before = after
-        c = q @ w
-        w = _subtract(w, q, c, overwrite)
+        c = dots(q, w)
+        w = _subtract(w, q, c.to(q.dtype), overwrite)
         overwrite = True
-        coef += c.double()
-        after = float(torch.linalg.vector_norm(w))
+        coef += c
+        after = norm(w)
         if after >= _DGKS * before:
             break
     return w, coef, after
@@ -242,11 +244,11 @@ class Basis:
 
         Every coefficient is taken from the same ``w`` (classical Gram-Schmidt).
         """
-        parts = [(start, q, q @ w) for start, q in self._pieces(lo, hi)]
+        parts = [(start, q, dots(q, w)) for start, q in self._pieces(lo, hi)]
         for start, q, c in parts:
-            w = _subtract(w, q, c, overwrite)
+            w = _subtract(w, q, c.to(q.dtype), overwrite)
             overwrite = True
-            coef[start : start + q.shape[0]] += c.double()
+            coef[start : start + q.shape[0]] += c
         return w
 
     def orthogonalize(
@@ -264,28 +266,28 @@ class Basis:
         """
         coef = torch.zeros(self.size, dtype=torch.float64, device=w.device)
         if not self.size:
-            return w, coef, float(torch.linalg.vector_norm(w))
+            return w, coef, norm(w)
         if not self.offload:
             if near is not None:
                 w = self._project_out(w, coef, max(0, near - 1), min(near + 1, self.size),
                                       overwrite)
                 overwrite = True
-            after = float(torch.linalg.vector_norm(w))
+            after = norm(w)
             for _ in range(2):
                 before = after
                 w = self._project_out(w, coef, 0, self.size, overwrite)
                 overwrite = True
-                after = float(torch.linalg.vector_norm(w))
+                after = norm(w)
                 if after >= _DGKS * before:
                     break
             return w, coef, after
         if near is not None:
             for i in (near - 1, near) if near > 0 else (near,):
                 q = self.row(i)
-                c = torch.dot(q, w)
-                w = w - c * q
-                coef[i] += c.double()
-        after = float(torch.linalg.vector_norm(w))
+                c = dots(q, w)
+                w = w - c.to(q.dtype) * q
+                coef[i] += c
+        after = norm(w)
         for _ in range(2):
             before = after
             # classical Gram-Schmidt: every coefficient from the same w0, one stream
@@ -293,12 +295,12 @@ class Basis:
             self._transient += 1
             self._note()
             for lo, q in self._pieces(0, self.size):
-                c = q @ w0
-                w = torch.addmv(w, q.T, c, alpha=-1.0)
-                coef[lo : lo + q.shape[0]] += c.double()
+                c = dots(q, w0)
+                w = torch.addmv(w, q.T, c.to(q.dtype), alpha=-1.0)
+                coef[lo : lo + q.shape[0]] += c
             del w0
             self._transient -= 1
-            after = float(torch.linalg.vector_norm(w))
+            after = norm(w)
             if after >= _DGKS * before:
                 break
         return w, coef, after

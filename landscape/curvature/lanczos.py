@@ -30,6 +30,7 @@ import torch
 
 from landscape.curvature._basis import Basis as _Basis
 from landscape.curvature._basis import orthogonalize, work_dtype
+from landscape.curvature._sums import dots, norm, row_norms
 
 Tensor = torch.Tensor
 
@@ -219,7 +220,7 @@ def krylov_eigsh(
             basis.append(w, divisor=r)
 
     for row in block:
-        nrm = float(torch.linalg.vector_norm(row))
+        nrm = norm(row)
         if nrm > 0:
             add_unit(row / nrm)
     j = 0  # rows multiplied (the leading j rows of the basis)
@@ -234,7 +235,7 @@ def krylov_eigsh(
                 break
             fresh = torch.randn(n, generator=generator, dtype=torch.float64).to(device, dtype)
             size_before = basis.size
-            add_unit(fresh / torch.linalg.vector_norm(fresh))
+            add_unit(fresh / norm(fresh))
             if basis.size == size_before:
                 break
         v = basis.row(j)
@@ -243,7 +244,7 @@ def krylov_eigsh(
         owned = _owned(w, fresh_products or w is not raw, basis)
         del raw
         used += 1
-        norm_est = max(norm_est, float(torch.linalg.vector_norm(w)))
+        norm_est = max(norm_est, norm(w))
         w, c, r = basis.orthogonalize(w, near=j, overwrite=owned)
         coeffs[: c.numel(), j] = c.cpu().numpy()
         if basis.size < n and r > break_rel * norm_est and r > 0:
@@ -304,7 +305,8 @@ def krylov_eigsh(
         idx = _pick(theta.size, k, end)
         s = torch.from_numpy(np.ascontiguousarray(svec[:, idx]))
         vecs = basis.combine(s, j)
-        vecs = vecs / torch.linalg.vector_norm(vecs, dim=1, keepdim=True).clamp_min(1e-30)
+        scale = row_norms(vecs).clamp_min(1e-30).to(vecs.dtype)
+        vecs = vecs / scale[:, None]
         vecs = vecs.to(op_dtype)
         return torch.from_numpy(theta[idx].copy()), vecs, torch.from_numpy(res[idx].copy())
 
@@ -339,7 +341,7 @@ def lanczos_tridiagonal(
     starts = starts.to(work_dtype(op_dtype))
     floor_rel = residual_floor(starts.dtype)
     bases = torch.zeros((b, n_iter, n), dtype=starts.dtype, device=starts.device)
-    bases[:, 0] = starts / torch.linalg.vector_norm(starts, dim=1, keepdim=True)
+    bases[:, 0] = starts / row_norms(starts).to(starts.dtype)[:, None]
     alphas: list[list[float]] = [[] for _ in range(b)]
     betas: list[list[float]] = [[] for _ in range(b)]
     active = list(range(b))
@@ -351,12 +353,12 @@ def lanczos_tridiagonal(
         cur = bases[active, step]
         out = matmat(cur.to(op_dtype)).to(bases.dtype)
         used += len(active)
-        norm_est = max(norm_est, float(torch.linalg.vector_norm(out, dim=1).max()))
+        norm_est = max(norm_est, float(row_norms(out).max()))
         still = []
         for row, run in enumerate(active):
             w = out[row]
             q = bases[run, : step + 1]
-            a = float(torch.dot(w, bases[run, step]))
+            a = float(dots(w, bases[run, step]))
             alphas[run].append(a)
             w, _, beta = orthogonalize(q, w, near=step)
             if step + 1 < n_iter and beta > floor_rel * norm_est and beta > 0:
@@ -388,13 +390,13 @@ def krylov_basis(
     start = start.to(work_dtype(op_dtype))
     floor_rel = residual_floor(start.dtype)
     rows = torch.empty((m, n), dtype=start.dtype, device=start.device)
-    rows[0] = start / torch.linalg.vector_norm(start)
+    rows[0] = start / norm(start)
     alphas = torch.zeros(m, dtype=torch.float64)
     norm_est = 0.0
     for j in range(m):
         w = matvec(rows[j].to(op_dtype)).to(rows.dtype)
-        norm_est = max(norm_est, float(torch.linalg.vector_norm(w)))
-        alphas[j] = float(torch.dot(rows[j], w))
+        norm_est = max(norm_est, norm(w))
+        alphas[j] = float(dots(rows[j], w))
         if j + 1 == m:
             break
         w, _, beta = orthogonalize(rows[: j + 1], w, near=j)

@@ -1,0 +1,72 @@
+"""Dot products and norms of long vectors, summed accurately.
+
+A float32 reduction over 10^8 entries loses most of its digits: measured on the CPU for a
+GPT-2-small-sized vector (123.8M entries), ``torch.dot`` was 4.6e-4 off (relative), a
+row-times-vector product 1.3e-3 and ``torch.linalg.vector_norm`` 1.3e-2, because partial
+sums of that many terms grow until each new term is below their rounding (Higham, *Accuracy
+and Stability of Numerical Algorithms*, 2nd ed., §4.2: the error bound of recursive
+summation grows with the number of terms). Dot products summed as float32 partial results
+over chunks of :data:`CHUNK` entries, added in float64, were 1.4e-9 and 5.6e-9 off (at most
+3e-7 of the product of the norms on 1M-3M entries, where a plain float32 reduction was
+1.3e-6 off); norms, whose float32 reduction over one chunk was still 1.2e-5 off, sum each
+chunk's squares in float64 (7.5e-13 against the float64 norm of the same entries). The
+Krylov solvers form their projected matrices, residuals and normalisations from such
+reductions (docs/curvature.md, "Precision"), so they use these functions; a vector of at
+most :data:`CHUNK` entries (and any float64 vector) is reduced exactly as before, in one
+call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+__all__ = ["CHUNK", "dots", "norm", "row_norms"]
+
+CHUNK = 2**20
+"""Entries per partial sum of a long float32 (or 16-bit) reduction."""
+
+
+def _chunked(n: int, dtype: torch.dtype) -> bool:
+    return n > CHUNK and dtype != torch.float64
+
+
+def dots(q: Tensor, w: Tensor) -> Tensor:
+    """``q @ w`` in float64: rows ``q`` ``(m, n)`` (or one vector ``(n,)``) against ``w``.
+
+    Args:
+        q: the rows (or a vector).
+        w: a vector of ``n`` entries.
+
+    Returns:
+        The ``m`` dot products (a 0-d tensor for a vector ``q``), float64, on ``w``'s device.
+    """
+    n = w.shape[-1]
+    if not _chunked(n, w.dtype):
+        return (q @ w).double()
+    out = None
+    for lo in range(0, n, CHUNK):
+        part = (q[..., lo : lo + CHUNK] @ w[lo : lo + CHUNK]).double()
+        out = part if out is None else out + part
+    assert out is not None
+    return out
+
+
+def row_norms(x: Tensor) -> Tensor:
+    """The Euclidean norm of each row of ``x`` ``(m, n)`` (or of a vector), float64."""
+    n = x.shape[-1]
+    if not _chunked(n, x.dtype):
+        return torch.linalg.vector_norm(x, dim=-1).double()
+    squares = None
+    for lo in range(0, n, CHUNK):  # each chunk in float64 (a float32 norm of a whole
+        # chunk was still 1.2e-5 off), a copy of at most CHUNK entries per row
+        part = x[..., lo : lo + CHUNK].double().pow(2).sum(dim=-1)
+        squares = part if squares is None else squares + part
+    assert squares is not None
+    return squares.sqrt()
+
+
+def norm(x: Tensor) -> float:
+    """The Euclidean norm of a vector, as a float (:func:`row_norms`)."""
+    return float(row_norms(x))

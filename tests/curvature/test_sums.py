@@ -1,0 +1,51 @@
+"""Accurate dot products and norms of long vectors (landscape/curvature/_sums.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from landscape.curvature import _sums
+from landscape.curvature._sums import CHUNK, dots, norm, row_norms
+
+
+def _data(n, rows=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(rows, n, generator=g)
+    q = q / q.norm(dim=1, keepdim=True)
+    # a product mostly along the first row (as A q is for a converged direction)
+    w = 368.0 * q[0] + torch.randn(n, generator=g) * (20.0 / n**0.5)
+    return q, w
+
+
+def test_short_vectors_are_reduced_exactly_as_torch_does():
+    q, w = _data(1000)
+    assert torch.equal(dots(q, w), (q @ w).double())
+    assert torch.equal(dots(q[1], w), (q[1] @ w).double())
+    assert norm(w) == float(torch.linalg.vector_norm(w))
+    assert torch.equal(row_norms(q), torch.linalg.vector_norm(q, dim=1).double())
+
+
+@pytest.mark.parametrize("n", [CHUNK + 1, 3 * CHUNK + 5])
+def test_long_float32_reductions_match_float64(n):
+    q, w = _data(n)
+    qd, wd = q.double(), w.double()
+    exact = qd @ wd
+    # float32 partial sums of a chunk are good to ~1e-7 of |q| |w| (the rows are unit)
+    scale = float(wd.norm())
+    assert float((dots(q, w) - exact).abs().max()) <= 1e-6 * scale
+    assert abs(float(dots(q[0], w)) - float(exact[0])) <= 1e-6 * scale
+    assert norm(w) == pytest.approx(float(wd.norm()), rel=1e-12)
+    assert torch.allclose(row_norms(q), qd.norm(dim=1), rtol=1e-12)
+    assert row_norms(q).dtype == torch.float64
+
+
+def test_many_chunks_against_float64(monkeypatch):
+    # a small chunk: the chunked path on every length, sums against the float64 truth
+    monkeypatch.setattr(_sums, "CHUNK", 7)
+    q, w = _data(100)
+    assert torch.allclose(dots(q, w), q.double() @ w.double(), rtol=1e-6)
+    assert norm(w) == pytest.approx(float(w.double().norm()), rel=1e-12)
+    assert torch.allclose(row_norms(q), q.double().norm(dim=1), rtol=1e-12)
+    f64 = w.double()  # float64 vectors are never chunked: the plain reduction
+    assert norm(f64) == float(torch.linalg.vector_norm(f64))
