@@ -156,8 +156,8 @@ def krylov_eigsh(
     relative, and the estimated one ``tol``. ``stop="auto"`` is the residual rule, and for
     one eigenvalue at one end (``k=1``, not ``"both"``) also stops when the value rule holds
     at ``tol / 10``: the estimated error of lambda_max is then 10x below ``tol`` while the
-    residual may still be above ``tol``, the case of a float32 product whose rounding keeps
-    the residual above ``1e-3 |theta|`` (GPT-2 small; docs/curvature.md, "Stopping rule
+    residual may still be above ``tol``, the case of GPT-2 small, whose residual stalls
+    above ``1e-3 |theta|`` while lambda_max is settled (docs/curvature.md, "Stopping rule
     at scale"). When the basis stops growing (an invariant subspace: exactly low-rank
     ``A``, or dependent start vectors) a fresh random vector from ``generator`` is added,
     so the solver also finds eigenvalues orthogonal to the start. ``which`` is

@@ -28,10 +28,11 @@ docs/benchmarks.md reads every stopping rule; ``--max-basis`` bounds it), ``eig`
 default "auto", "1x", "1.5x", "3x step", would do for ``top_eigenvalues(k=1)``, without
 running), ``budget`` (top-1 run within each), ``trace`` (``hessian_trace``, krylov, 30
 products), ``surface`` (one point of a landscape plane), ``presets`` (one monitor step with
-every metric of the ``cheap`` and ``standard`` presets due), ``vs_pyhessian`` (one exact
-product, ours and PyHessian's ``hessian_vector_product`` on its kept gradient graph,
-interleaved). ``--quick`` runs the small models only, a few products each (a smoke test of the
-script). The machine is shared: one thread, and ratios.
+every metric of the ``cheap`` and ``standard`` presets due), ``precision`` (a float32 product
+against the float64 one along a near-top Ritz vector, and the symmetry of random products),
+``vs_pyhessian`` (one exact product, ours and PyHessian's ``hessian_vector_product`` on its
+kept gradient graph, interleaved). ``--quick`` runs the small models only, a few products each
+(a smoke test of the script). The machine is shared: one thread, and ratios.
 """
 
 from __future__ import annotations
@@ -282,6 +283,35 @@ def eigen_history(model: nn.Module, batch: Any, closure: Callable, *, k: int, ma
     return {"history": hist, "peak_bytes": mem.peak, "seconds": time.perf_counter() - t0}
 
 
+def product_precision(model: nn.Module, batch: Any, closure: Callable) -> dict:
+    """How far a float32 product is from the float64 one, and from symmetry.
+
+    ``y``: a Ritz vector near the top eigenvector (18 products, a basis of 6); the relative
+    difference of its float32 and float64 products (a float64 copy of the model), the
+    float32 relative residual of ``y``, and ``|<u, H v> - <v, H u>| / |H v|`` for two
+    random unit vectors.
+    """
+    op = Hessian(model, closure=closure, data=batch, single_batch=True)
+    res = top_eigenvalues(op, k=1, max_matvec=18, tol=1e-12, max_basis=6)
+    theta = float(res.values[0])
+    y = torch.cat([t.reshape(-1) for t in res.vectors[0]]).float()
+    y = y / y.norm()
+    hy32 = op.flat_matvec(y).double()
+    gen = torch.Generator().manual_seed(0)
+    u, v = (torch.randn(op.dim, generator=gen) for _ in range(2))
+    u, v = u / u.norm(), v / v.norm()
+    hu, hv = op.flat_matvec(u).double(), op.flat_matvec(v).double()
+    asym = abs(float(u.double() @ hv) - float(v.double() @ hu)) / float(hv.norm())
+    del op, res
+    m64 = copy.deepcopy(model).double()
+    hy64 = Hessian(m64, closure=closure, data=batch, single_batch=True).flat_matvec(y.double())
+    del m64
+    return {"theta": theta,
+            "float32_vs_float64": float((hy32 - hy64).norm() / hy64.norm()),
+            "residual_float32": float((hy32 - theta * y.double()).norm()) / theta,
+            "asymmetry_random": asym}
+
+
 def pyhessian_top1(model: nn.Module, batch: Any, criterion: Callable) -> dict:
     """PyHessian's ``eigenvalues(top_n=1)`` at its defaults, products counted."""
     from pyhessian import hessian as pyh  # GPL: imported only inside this benchmark
@@ -439,6 +469,9 @@ def main(argv: list[str] | None = None) -> None:
             rec["pyhessian_top1"] = pyhessian_top1(model, batch, F.cross_entropy)
             log(f"pyhessian: {rec['pyhessian_top1']}")
         quick_kw = {"max_matvec": 4} if args.quick else {}
+        if "precision" in sections:
+            rec["precision"] = product_precision(model, batch, closure)
+            log(f"precision: {rec['precision']}")
         if "eig" in sections:
             rec["top1"] = eigen_run(model, batch, closure, 1, **quick_kw)
             log(f"top1: {rec['top1']}")
