@@ -1,8 +1,11 @@
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from landscape import params as P
+from landscape.params import NORM_CHUNK, norm, tensor_norms
 
 
 def _model():
@@ -47,3 +50,27 @@ def test_vector_algebra_and_flatten_round_trip():
     back = P.unflatten(flat, v)
     assert all(torch.equal(a, b) for a, b in zip(back, v))
     assert torch.allclose(P.flatten(P.add(v, w, alpha=2.0)), flat + 2 * P.flatten(w))
+
+
+def test_tensor_norms_of_short_tensors_are_foreach_norms_bitwise():
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(300, generator=g), torch.randn(64, 1024, generator=g),
+          torch.randn(7, generator=g).double()]
+    for got, ref in zip(tensor_norms(ts), torch._foreach_norm(ts)):
+        assert torch.equal(got, ref)
+
+
+def test_tensor_norms_of_long_tensors_are_accurate_and_in_order():
+    # a float32 norm over millions of entries drifts (docstring); chunked, it does not
+    g = torch.Generator().manual_seed(1)
+    long32 = torch.randn(3 * NORM_CHUNK * 16 + 11, generator=g) * 0.02
+    short = torch.randn(50, generator=g)
+    long16 = torch.randn(NORM_CHUNK + 1, generator=g).bfloat16()
+    got = tensor_norms([short, long32, long16])
+    assert torch.equal(got[0], torch._foreach_norm([short])[0])
+    assert float(got[1]) == pytest.approx(float(long32.double().norm()), rel=1e-6)
+    assert got[2].dtype == torch.bfloat16
+    assert float(got[2]) == pytest.approx(float(long16.double().norm()), rel=1e-2)
+    vec = (short, long32)
+    exact = math.sqrt(sum(float(t.double().pow(2).sum()) for t in vec))
+    assert float(norm(vec)) == pytest.approx(exact, rel=1e-6)

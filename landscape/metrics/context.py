@@ -23,7 +23,7 @@ from landscape._deprecation import deprecated_alias
 from landscape._errors import MissingInput
 from landscape.capture import Captured, capture
 from landscape.isolation import stateless_call, stateless_closure
-from landscape.params import Vector, norm
+from landscape.params import Vector, norm, tensor_norms
 
 __all__ = ["MissingInput", "StepContext", "split_batch"]
 
@@ -194,7 +194,8 @@ class StepContext:
 
         Both are computed in one pass at the first call of the step and shared by the
         metrics that need them (``update``, the sentinels' per-layer ratios); each entry is
-        bitwise what ``torch._foreach_norm`` gives for that tensor alone.
+        what :func:`~landscape.params.tensor_norms` gives for that tensor alone (bitwise
+        ``torch._foreach_norm``'s below 65,536 entries, accurate above).
 
         Args:
             which: ``"update"`` or ``"params_before"``.
@@ -209,7 +210,7 @@ class StepContext:
                 both = list(self.update) + list(self.params_before)
                 plain = all(type(t) is torch.Tensor for t in both)  # no DTensor shards
                 if both and plain and len({(t.device, t.dtype) for t in both}) == 1:
-                    norms = torch._foreach_norm(both)
+                    norms = tensor_norms(both)
                     n = len(self.update)
                     self._cache["tensor_norms"] = {
                         "update": torch.stack(norms[:n]),

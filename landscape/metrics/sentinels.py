@@ -29,7 +29,7 @@ from landscape.capture import first_tensor
 from landscape.metrics._attention import AttentionLogits
 from landscape.metrics.base import Metric, register
 from landscape.metrics.context import StepContext, split_batch
-from landscape.params import trainable_named_parameters
+from landscape.params import tensor_norms, trainable_named_parameters
 from landscape.schedules import every
 
 __all__ = ["Sentinels", "secant_ratio"]
@@ -264,7 +264,7 @@ class Sentinels(Metric):
             return {}
         per_step, per_base = ctx.tensor_norms("update"), ctx.tensor_norms("params_before")
         if per_step is None or per_base is None:  # mixed devices or dtypes, sharded tensors
-            norms = torch.stack(torch._foreach_norm(
+            norms = torch.stack(tensor_norms(
                 [ctx.update[i] for i in idx] + [ctx.params_before[i] for i in idx]))
             ratios = norms[: len(idx)] / norms[len(idx):].clamp_min(1e-12)
         else:  # the per-tensor norms shared with the update metric (the same values)
