@@ -55,6 +55,8 @@ def dots(q: Tensor, w: Tensor) -> Tensor:
 
 def row_norms(x: Tensor) -> Tensor:
     """The Euclidean norm of each row of ``x`` ``(m, n)`` (or of a vector), float64."""
+    if x.dim() == 0:
+        return x.abs().double()
     n = x.shape[-1]
     if not _chunked(n, x.dtype):
         return torch.linalg.vector_norm(x, dim=-1).double()

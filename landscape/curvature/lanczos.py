@@ -235,7 +235,7 @@ def krylov_eigsh(
                 break
             fresh = torch.randn(n, generator=generator, dtype=torch.float64).to(device, dtype)
             size_before = basis.size
-            add_unit(fresh / norm(fresh))
+            add_unit(fresh / row_norms(fresh).to(fresh.dtype))  # a device scalar
             if basis.size == size_before:
                 break
         v = basis.row(j)
@@ -390,7 +390,7 @@ def krylov_basis(
     start = start.to(work_dtype(op_dtype))
     floor_rel = residual_floor(start.dtype)
     rows = torch.empty((m, n), dtype=start.dtype, device=start.device)
-    rows[0] = start / norm(start)
+    rows[0] = start / row_norms(start).to(start.dtype)  # a device scalar: true division
     alphas = torch.zeros(m, dtype=torch.float64)
     norm_est = 0.0
     for j in range(m):

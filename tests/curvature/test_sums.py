@@ -24,6 +24,7 @@ def test_short_vectors_are_reduced_exactly_as_torch_does():
     assert torch.equal(dots(q[1], w), (q[1] @ w).double())
     assert norm(w) == float(torch.linalg.vector_norm(w))
     assert torch.equal(row_norms(q), torch.linalg.vector_norm(q, dim=1).double())
+    assert norm(torch.tensor(-3.0)) == 3.0  # a 0-d tensor, as vector_norm allows
 
 
 @pytest.mark.parametrize("n", [CHUNK + 1, 3 * CHUNK + 5])
