@@ -10,7 +10,7 @@ in chunks (docs/curvature.md, "Memory"); :func:`work_dtype` is the dtype they ar
 from __future__ import annotations
 
 import bisect
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -42,26 +42,48 @@ def orthogonalize(
     a component along the rows ("twice is enough", Giraud et al. 2005). A full pass reads
     every row, so after the recurrence step the second one is rarely needed.
     """
-    coef = torch.zeros(q.shape[0], dtype=torch.float64, device=w.device)
-    if not q.shape[0]:
+    return _orthogonalize_pieces(lambda lo, hi: [(lo, q[lo:hi])], q.shape[0], w, near,
+                                 overwrite)
+
+
+Pieces = Callable[[int, int], Iterable[tuple[int, Tensor]]]
+"""``pieces(lo, hi)``: ``(start, rows[start:stop])`` covering the rows ``[lo, hi)``."""
+
+
+def _orthogonalize_pieces(
+    pieces: Pieces, size: int, w: Tensor, near: int | None, overwrite: bool
+) -> tuple[Tensor, Tensor, float]:
+    """:func:`orthogonalize` against ``size`` rows given in pieces (one or many blocks)."""
+    coef = torch.zeros(size, dtype=torch.float64, device=w.device)
+    if not size:
         return w, coef, norm(w)
     if near is not None:
-        lo, hi = max(0, near - 1), min(near + 1, q.shape[0])
-        c = dots(q[lo:hi], w)
-        w = _subtract(w, q[lo:hi], c.to(q.dtype), overwrite)
-        coef[lo:hi] += c
+        w = _project_out(pieces(max(0, near - 1), min(near + 1, size)), w, coef, overwrite)
         overwrite = True  # w is a new vector now, or was the caller's to overwrite
     after = norm(w)
     for _ in range(2):
         before = after
-        c = dots(q, w)
-        w = _subtract(w, q, c.to(q.dtype), overwrite)
+        w = _project_out(pieces(0, size), w, coef, overwrite)
         overwrite = True
-        coef += c
         after = norm(w)
         if after >= _DGKS * before:
             break
     return w, coef, after
+
+
+def _project_out(
+    parts: Iterable[tuple[int, Tensor]], w: Tensor, coef: Tensor, overwrite: bool
+) -> Tensor:
+    """``w`` minus its components on the rows in ``parts``, added to ``coef``.
+
+    Every coefficient is taken from the same ``w`` (classical Gram-Schmidt).
+    """
+    found = [(start, q, dots(q, w)) for start, q in parts]
+    for start, q, c in found:
+        w = _subtract(w, q, c.to(q.dtype), overwrite)
+        overwrite = True
+        coef[start : start + q.shape[0]] += c
+    return w
 
 
 def _subtract(w: Tensor, q: Tensor, c: Tensor, overwrite: bool) -> Tensor:
@@ -237,20 +259,6 @@ class Basis:
             finally:
                 self._transient -= stop - start
 
-    def _project_out(
-        self, w: Tensor, coef: Tensor, lo: int, hi: int, overwrite: bool
-    ) -> Tensor:
-        """``w`` minus its components on the rows ``[lo, hi)``, added to ``coef``.
-
-        Every coefficient is taken from the same ``w`` (classical Gram-Schmidt).
-        """
-        parts = [(start, q, dots(q, w)) for start, q in self._pieces(lo, hi)]
-        for start, q, c in parts:
-            w = _subtract(w, q, c.to(q.dtype), overwrite)
-            overwrite = True
-            coef[start : start + q.shape[0]] += c
-        return w
-
     def orthogonalize(
         self, w: Tensor, near: int | None = None, *, overwrite: bool = False
     ) -> tuple[Tensor, Tensor, float]:
@@ -264,23 +272,11 @@ class Basis:
         Returns:
             The remainder, the float64 coefficients and the remainder's norm.
         """
+        if not self.offload:
+            return _orthogonalize_pieces(self._pieces, self.size, w, near, overwrite)
         coef = torch.zeros(self.size, dtype=torch.float64, device=w.device)
         if not self.size:
             return w, coef, norm(w)
-        if not self.offload:
-            if near is not None:
-                w = self._project_out(w, coef, max(0, near - 1), min(near + 1, self.size),
-                                      overwrite)
-                overwrite = True
-            after = norm(w)
-            for _ in range(2):
-                before = after
-                w = self._project_out(w, coef, 0, self.size, overwrite)
-                overwrite = True
-                after = norm(w)
-                if after >= _DGKS * before:
-                    break
-            return w, coef, after
         if near is not None:
             for i in (near - 1, near) if near > 0 else (near,):
                 q = self.row(i)
