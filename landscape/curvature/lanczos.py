@@ -9,10 +9,10 @@ batch of them); nothing here knows about models. Three routines and their Gram-S
   vectors (a warm start from previous Ritz vectors). With a single start vector it is
   exactly the Lanczos process (docs/curvature.md, "Top eigenvalues"; Paige 1972;
   Parlett, *The Symmetric Eigenvalue Problem*, ch. 13). Stopping on Ritz residuals.
-* :func:`lanczos_tridiagonal` -- plain m-step Lanczos with full re-orthogonalisation for
-  several independent start vectors in lock step (batched matvecs), returning the
-  tridiagonals used by stochastic Lanczos quadrature (Golub & Meurant 1997; Lin, Saad &
-  Yang 2016; Ghorbani, Krishnan & Xiao 2019).
+* :func:`lanczos_tridiagonal` -- plain m-step Lanczos with full (or, in bounded memory,
+  local) re-orthogonalisation for several independent start vectors in lock step
+  (batched matvecs), returning the tridiagonals used by stochastic Lanczos quadrature
+  (Golub & Meurant 1997; Lin, Saad & Yang 2016; Ghorbani, Krishnan & Xiao 2019).
 * :func:`krylov_basis` -- the orthonormal Lanczos basis itself and the Rayleigh quotients
   of its vectors, for deflated trace estimation.
 
@@ -322,7 +322,7 @@ def krylov_eigsh(
 
 
 def lanczos_tridiagonal(
-    matmat: Callable[[Tensor], Tensor], starts: Tensor, n_iter: int
+    matmat: Callable[[Tensor], Tensor], starts: Tensor, n_iter: int, *, local: bool = False
 ) -> tuple[list[Tensor], list[Tensor], int]:
     """``n_iter``-step Lanczos from each row of ``starts`` (unit norm), in lock step.
 
@@ -332,15 +332,26 @@ def lanczos_tridiagonal(
     values are then exact). Returns per run the diagonal ``alpha`` (float64, length m_l)
     and off-diagonal ``beta`` (length m_l - 1), and the number of matvecs used. The
     bases are kept in :func:`work_dtype` of ``starts``; ``matmat`` gets the starts' dtype.
+
+    ``local=True`` keeps only each run's last two vectors and re-orthogonalises against
+    those (local re-orthogonalisation: Parlett, *The Symmetric Eigenvalue Problem*,
+    ch. 13), so a run holds two vectors whatever ``n_iter``. Orthogonality to older vectors
+    is then lost as Ritz values converge (Paige 1976), and a converged eigenvalue comes
+    back as a near-copy ("ghost") that shares its quadrature weight; the Gauss quadrature
+    of the tridiagonal stays accurate, as that of exact Lanczos on a matrix whose
+    eigenvalues lie in tiny clusters around those of ``A`` (Greenbaum 1989; Knizhnerman
+    1996). This is what stochastic Lanczos quadrature needs (docs/curvature.md,
+    "Spectral density"); the runs' first two steps are bitwise those of ``local=False``.
     """
     if n_iter < 1:
         raise ValueError(f"n_iter must be >= 1, got {n_iter}")
     b, n = starts.shape
     n_iter = min(n_iter, n)
+    keep = min(2, n_iter) if local else n_iter  # basis rows each run holds
     op_dtype = starts.dtype
     starts = starts.to(work_dtype(op_dtype))
     floor_rel = residual_floor(starts.dtype)
-    bases = torch.zeros((b, n_iter, n), dtype=starts.dtype, device=starts.device)
+    bases = torch.zeros((b, keep, n), dtype=starts.dtype, device=starts.device)
     bases[:, 0] = starts / row_norms(starts).to(starts.dtype)[:, None]
     alphas: list[list[float]] = [[] for _ in range(b)]
     betas: list[list[float]] = [[] for _ in range(b)]
@@ -350,20 +361,25 @@ def lanczos_tridiagonal(
     for step in range(n_iter):
         if not active:
             break
-        cur = bases[active, step]
+        at = min(step, keep - 1)  # the row of the vector multiplied at this step
+        cur = bases[active, at]
         out = matmat(cur.to(op_dtype)).to(bases.dtype)
         used += len(active)
         norm_est = max(norm_est, float(row_norms(out).max()))
         still = []
         for row, run in enumerate(active):
             w = out[row]
-            q = bases[run, : step + 1]
-            a = float(dots(w, bases[run, step]))
+            q = bases[run, : at + 1]
+            a = float(dots(w, bases[run, at]))
             alphas[run].append(a)
-            w, _, beta = orthogonalize(q, w, near=step)
+            w, _, beta = orthogonalize(q, w, near=at)
             if step + 1 < n_iter and beta > floor_rel * norm_est and beta > 0:
                 betas[run].append(beta)
-                bases[run, step + 1] = w / beta
+                if at + 1 == keep:  # local: drop the oldest of the two rows
+                    bases[run, 0] = bases[run, 1]
+                    bases[run, at] = w / beta
+                else:
+                    bases[run, at + 1] = w / beta
                 still.append(run)
         active = still
     alpha_t = [torch.tensor(a, dtype=torch.float64) for a in alphas]

@@ -14,10 +14,11 @@ basis, a host-offloaded basis (CUDA), a thick-restarted basis, micro-batches, or
 first-order product; or refuses with one :class:`~landscape.LandscapeError` line
 (docs/curvature.md, "Memory"). :func:`plan_probes` does the same for the estimators that
 multiply many independent probes (``hessian_trace``, ``spectral_density``): it picks how
-many probes to multiply at once. The measured part of a plan is a :class:`MemoryProfile`
-(:func:`profile_memory`), which callers measuring repeatedly (the monitor) keep and reuse.
-A budget is bytes, ``"<f>x step"`` or ``"auto"``: one training step, but never less than
-:data:`BUDGET_FLOOR`.
+many probes to multiply at once, and for ``spectral_density`` a Lanczos basis of two
+vectors per probe when the whole one does not fit. The measured part of a plan is a
+:class:`MemoryProfile` (:func:`profile_memory`), which callers measuring repeatedly (the
+monitor) keep and reuse. A budget is bytes, ``"<f>x step"`` or ``"auto"``: one training
+step, but never less than :data:`BUDGET_FLOOR`.
 """
 
 from __future__ import annotations
@@ -239,6 +240,8 @@ class MemoryPlan:
         offload: keep the basis in host memory.
         backend: the product's backend to switch to (``None``: unchanged).
         probe_batch: probes multiplied at once (:func:`plan_probes`; ``None``: unchanged).
+        reorthogonalize: ``"local"`` when :func:`plan_probes` chose the estimator's
+            bounded basis (``local_probe_bytes``); ``None``: unchanged.
     """
 
     budget: float | None
@@ -252,6 +255,7 @@ class MemoryPlan:
     offload: bool = False
     backend: str | None = None
     probe_batch: int | None = None
+    reorthogonalize: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -745,6 +749,7 @@ def plan_probes(
     n_probes: int,
     fixed_bytes: float,
     probe_bytes: float,
+    local_probe_bytes: float | None = None,
     what: str = "the measurement",
     step_bytes: float | None = None,
     profile: MemoryProfile | None = None,
@@ -759,8 +764,10 @@ def plan_probes(
     times :data:`CPU_MARGIN` on the CPU). A batch of ``c >= 2`` products is vmapped: its
     product is :meth:`MemoryProfile.batched`, half of two products measured at once. In
     order, the first that fits: the most probes at once (at most ``n_probes``) with whole
-    batches; then micro-batches halving down to one sample, one or more probes at a
-    time; the first-order product (one training step's peak per product).
+    batches, then with ``local_probe_bytes`` per probe when given (a bounded Lanczos
+    basis, ``reorthogonalize="local"``); the same on micro-batches halving down to one
+    sample; the first-order product (one training step's peak per product), with
+    ``probe_bytes``, then ``local_probe_bytes``.
 
     Args:
         op: the operator.
@@ -769,6 +776,8 @@ def plan_probes(
         n_probes: the most probes the estimator would multiply at once.
         fixed_bytes: bytes the estimator keeps whatever the batch.
         probe_bytes: bytes each probe of a batch holds besides its product.
+        local_probe_bytes: the same with the estimator's bounded basis (``None``: it has
+            none, or it is already chosen).
         what: the measurement's name, for the refusal.
         step_bytes: one training step's peak (default: the profile's estimate).
         profile: a :class:`MemoryProfile` of ``op`` measured before (default: measure).
@@ -787,35 +796,44 @@ def plan_probes(
     prof = _profile_for(op, budget, profile, step_bytes)
     limit = _limit(op, budget, prof, what)
     mb = prof.batch
+    # (bytes per probe, the plan's reorthogonalize): the full basis first, then the local
+    variants = [(probe_bytes, None)]
+    if local_probe_bytes is not None and local_probe_bytes < probe_bytes:
+        variants.append((local_probe_bytes, "local"))
 
-    def plan(product: float, c: int, **kw: Any) -> MemoryPlan:
-        vectors = math.ceil((fixed_bytes + c * probe_bytes) / vbytes)
+    def plan(product: float, c: int, per_probe: float, **kw: Any) -> MemoryPlan:
+        vectors = math.ceil((fixed_bytes + c * per_probe) / vbytes)
         return MemoryPlan(limit, prof.step_bytes, product, vbytes, vectors,
-                          fixed_bytes + c * (probe_bytes + product), probe_batch=c, **kw)
+                          fixed_bytes + c * (per_probe + product), probe_batch=c, **kw)
 
-    def most(product: float) -> int:
-        return min(n_probes, int((limit - fixed_bytes) // (probe_bytes + product)))
+    def most(product: float, per_probe: float) -> int:
+        return min(n_probes, int((limit - fixed_bytes) // (per_probe + product)))
 
     sizes = [mb] if mb is None or not prof.microbatchable else _halvings(mb)
     for size in sizes:
-        c = most(prof.product(size))
-        # a size the line proposes is measured, then chosen only if it still fits; a batch
-        # of probes is measured as two products at once (the vmapped path)
-        if c >= 1 and _measure_size(op, prof, size):
-            c = most(prof.product(size))
-        if c >= 2 and _measure_pair(op, prof, size):
-            c = max(1, most(prof.batched(size)))
-        if c >= 1:
-            product = prof.product(size) if c == 1 else prof.batched(size)
-            return plan(product, c, microbatch_size=size if size != mb else None)
+        for per_probe, basis in variants:
+            c = most(prof.product(size), per_probe)
+            # a size the line proposes is measured, then chosen only if it still fits; a
+            # batch of probes is measured as two products at once (the vmapped path)
+            if c >= 1 and _measure_size(op, prof, size):
+                c = most(prof.product(size), per_probe)
+            if c >= 2 and _measure_pair(op, prof, size):
+                c = max(1, most(prof.batched(size), per_probe))
+            if c >= 1:
+                product = prof.product(size) if c == 1 else prof.batched(size)
+                return plan(product, c, per_probe, reorthogonalize=basis,
+                            microbatch_size=size if size != mb else None)
     if prof.rows is not None and _has_first_order(op) and math.isfinite(prof.step_bytes):
-        c = most(prof.step_bytes)
-        if c >= 1:
-            return plan(prof.step_bytes, c, backend="first_order")
+        for per_probe, basis in variants:
+            c = most(prof.step_bytes, per_probe)
+            if c >= 1:
+                return plan(prof.step_bytes, c, per_probe, reorthogonalize=basis,
+                            backend="first_order")
     least = prof.product(sizes[-1])
+    lean = variants[-1][0]
     raise MemoryBudgetError(
-        f"memory_budget: {what} needs at least {_fmt(fixed_bytes + probe_bytes + least)} "
-        f"({_fmt(fixed_bytes)} kept, {_fmt(probe_bytes)} per probe and one product of "
+        f"memory_budget: {what} needs at least {_fmt(fixed_bytes + lean + least)} "
+        f"({_fmt(fixed_bytes)} kept, {_fmt(lean)} per probe and one product of "
         f"{_fmt(least)} on micro-batches of {sizes[-1] or 'whole batches'}), over the "
         f"budget of {_fmt(limit)}; raise memory_budget=, use fewer products (n_matvec=, "
         "lanczos_steps=) or select fewer parameters (params=)"

@@ -48,6 +48,9 @@ __all__ = [
     "top_eigenvalues",
 ]
 
+REORTHOGONALIZE = ("auto", "full", "local")
+"""The bases :func:`spectral_density` may keep (its ``reorthogonalize``)."""
+
 
 # ------------------------------------------------------------------------------------------
 # eigenvalues
@@ -278,7 +281,8 @@ class DensityResult:
     ``n_matvec`` the products used. ``peak_memory``: the run's measured peak above the
     memory in use when it began, in bytes; ``probe_batch``: the most probes run in lock
     step; ``memory_plan``: the :class:`~landscape.curvature.memory.MemoryPlan` followed
-    when a ``memory_budget`` was given.
+    when a ``memory_budget`` was given; ``reorthogonalize``: ``"full"`` or ``"local"``,
+    the basis the runs kept.
     """
 
     grid: torch.Tensor
@@ -291,6 +295,7 @@ class DensityResult:
     peak_memory: int | None = None
     probe_batch: int | None = None
     memory_plan: Any = None
+    reorthogonalize: str = "full"
 
     @property
     def valid(self) -> torch.Tensor:
@@ -350,6 +355,7 @@ def spectral_density(
     sigma: float | None = None,
     seed: int = 0,
     probe_batch: int | None = None,
+    reorthogonalize: str = "auto",
     memory_budget: int | float | str | None = None,
     memory_profile: MemoryProfile | None = None,
 ) -> DensityResult:
@@ -374,7 +380,11 @@ def spectral_density(
     ``probe_batch`` (or the plan for ``memory_budget``) runs the probes in groups of at
     most that many, one group after the other; the runs are independent, so only the
     products' rounding and the breakdown test's norm estimate (shared within a group) can
-    differ from one lock step of all probes.
+    differ from one lock step of all probes. ``reorthogonalize="local"`` keeps two basis
+    vectors per probe instead of ``lanczos_steps`` (local re-orthogonalisation,
+    :func:`~landscape.curvature.lanczos.lanczos_tridiagonal`): the quadrature stays
+    accurate, and a converged eigenvalue may appear as two nearby nodes that share its
+    weight (docs/curvature.md, "Spectral density").
 
     Args:
         op: the operator.
@@ -384,11 +394,14 @@ def spectral_density(
         sigma: the Gaussian kernel's standard deviation.
         seed: the seed of the probes.
         probe_batch: run at most this many probes in lock step (``None``: all).
+        reorthogonalize: ``"full"`` (every basis vector kept), ``"local"`` (the last
+            two) or ``"auto"``: full, unless a ``memory_budget`` cannot hold the whole
+            basis at some micro-batch size where the local one fits.
         memory_budget: the most memory the run may take above what is in use: bytes,
             ``"<f>x step"`` or ``"auto"`` (docs/curvature.md, "Memory");
             :func:`~landscape.curvature.memory.plan_probes` then picks the group size,
-            micro-batches or the first-order product before the run, or raises.
-            ``None``: no limit.
+            micro-batches, the local basis or the first-order product before the run,
+            or raises. ``None``: no limit.
         memory_profile: a :class:`~landscape.curvature.memory.MemoryProfile` of ``op``
             measured before, reused by the plan (default: measured when a budget is given).
 
@@ -397,7 +410,8 @@ def spectral_density(
 
     Raises:
         ValueError: ``lanczos_steps < 1``, ``n_probes < 1``, ``probe_batch < 1``,
-            ``sigma <= 0`` or a grid of fewer than 2 points.
+            ``sigma <= 0``, a grid of fewer than 2 points or an unknown
+            ``reorthogonalize``.
         MemoryBudgetError: nothing fits ``memory_budget`` (a ``LandscapeError``, one line).
 
     Example:
@@ -415,19 +429,26 @@ def spectral_density(
         raise ValueError(f"sigma must be > 0, got {sigma}")
     if probe_batch is not None and probe_batch < 1:
         raise ValueError(f"probe_batch must be >= 1, got {probe_batch}")
+    if reorthogonalize not in REORTHOGONALIZE:
+        raise ValueError(f"reorthogonalize must be one of {', '.join(REORTHOGONALIZE)}, "
+                         f"got {reorthogonalize!r}")
     check_budget(memory_budget)
     plan = None
     run_op = op
     group = min(n_probes, probe_batch or n_probes)
+    local = reorthogonalize == "local"
     if memory_budget is not None:
         plan = plan_probes(
             op, budget=memory_budget, n_probes=group,
             fixed_bytes=density_fixed_bytes(op, n_probes),
-            probe_bytes=density_probe_bytes(op, lanczos_steps),
+            probe_bytes=density_probe_bytes(op, lanczos_steps, local=local),
+            local_probe_bytes=(density_probe_bytes(op, lanczos_steps, local=True)
+                               if reorthogonalize == "auto" else None),
             what="spectral_density", profile=memory_profile,
         )
         run_op = apply_plan(op, plan)
         group = min(group, plan.probe_batch or group)
+        local = local or plan.reorthogonalize == "local"
     gen = _generator(seed)
     starts = _rademacher(n_probes, op, gen)
     starts = starts / math.sqrt(op.dim)
@@ -437,7 +458,7 @@ def spectral_density(
     with PeakMemory(op.device) as mem:
         for i in range(0, n_probes, group):
             a, b, _ = lanczos_tridiagonal(run_op.flat_matmat, starts[i : i + group],
-                                          lanczos_steps)
+                                          lanczos_steps, local=local)
             alphas += a
             betas += b
     used = run_op.n_matvec - before
@@ -466,7 +487,7 @@ def spectral_density(
     return DensityResult(
         grid=grid_t, density=density, nodes=node_t, weights=weight_t,
         n_matvec=used, sigma=float(sigma), dim=op.dim, peak_memory=mem.peak,
-        probe_batch=group, memory_plan=plan,
+        probe_batch=group, memory_plan=plan, reorthogonalize="local" if local else "full",
     )
 
 
@@ -483,16 +504,17 @@ def density_fixed_bytes(op: CurvatureOperator, n_probes: int) -> int:
     return n_probes * op.dim * torch.empty((), dtype=op.dtype).element_size()
 
 
-def density_probe_bytes(op: CurvatureOperator, lanczos_steps: int) -> int:
+def density_probe_bytes(op: CurvatureOperator, lanczos_steps: int, *, local: bool = False) -> int:
     """Bytes one probe of a lock step holds besides its product.
 
-    Its basis of ``lanczos_steps`` vectors and four more (the vector multiplied, its
-    product, the Gram-Schmidt copy and its coefficients' update), in the solver's dtype
-    (:func:`~landscape.curvature.lanczos.work_dtype`).
+    Its basis of ``lanczos_steps`` vectors (two with ``local=True``) and four more (the
+    vector multiplied, its product, the Gram-Schmidt copy and its coefficients' update),
+    in the solver's dtype (:func:`~landscape.curvature.lanczos.work_dtype`).
 
     Args:
         op: the operator.
         lanczos_steps: the Lanczos steps per probe.
+        local: local re-orthogonalisation (:func:`spectral_density`).
 
     Returns:
         Bytes.
@@ -500,4 +522,5 @@ def density_probe_bytes(op: CurvatureOperator, lanczos_steps: int) -> int:
     from landscape.curvature.lanczos import work_dtype
 
     w = torch.empty((), dtype=work_dtype(op.dtype)).element_size()
-    return (min(lanczos_steps, op.dim) + 4) * op.dim * w
+    basis = min(lanczos_steps, op.dim, 2 if local else lanczos_steps)
+    return (basis + 4) * op.dim * w

@@ -265,8 +265,14 @@ class SpectralDensity(Metric):
             works with a ``DeprecationWarning``).
         n_probes: probe vectors.
         memory_budget: as for :class:`TopEigenvalues` (default ``"auto"``); the plan picks
-            how many probes run in lock step.
+            how many probes run in lock step, and a local basis when the whole one does
+            not fit.
+        reorthogonalize: ``"auto"``, ``"full"`` or ``"local"``
+            (:func:`landscape.curvature.spectral_density`).
         **kwargs: ``schedule`` and ``data`` (:class:`~landscape.metrics.Metric`).
+
+    Raises:
+        ValueError: an unknown ``reorthogonalize`` or a malformed ``memory_budget``.
     """
 
     name = "spectral_density"
@@ -275,11 +281,17 @@ class SpectralDensity(Metric):
     @renamed_kwargs(n_iter="lanczos_steps")
     def __init__(
         self, lanczos_steps: int = 30, n_probes: int = 2, memory_budget: Budget = "auto",
-        **kwargs: Any,
+        reorthogonalize: str = "auto", **kwargs: Any,
     ) -> None:
+        from landscape.curvature.spectrum import REORTHOGONALIZE
+
         super().__init__(**kwargs)
         self.lanczos_steps, self.n_probes = int(lanczos_steps), int(n_probes)
         self.memory_budget = _budget(memory_budget)
+        if reorthogonalize not in REORTHOGONALIZE:
+            raise ValueError(f"reorthogonalize must be one of {', '.join(REORTHOGONALIZE)}, "
+                             f"got {reorthogonalize!r}")
+        self.reorthogonalize = reorthogonalize
 
     n_iter = deprecated_alias("n_iter", "lanczos_steps")
 
@@ -289,9 +301,11 @@ class SpectralDensity(Metric):
         return {"nodes": shape, "weights": shape, "peak_memory": ()}
 
     def config(self) -> dict[str, Any]:
-        """``lanczos_steps``, ``n_probes`` and ``memory_budget`` (when not ``"auto"``)."""
-        return _with_budget({"lanczos_steps": self.lanczos_steps, "n_probes": self.n_probes},
-                            self.memory_budget)
+        """``lanczos_steps``, ``n_probes``; ``memory_budget``, ``reorthogonalize`` if set."""
+        config = {"lanczos_steps": self.lanczos_steps, "n_probes": self.n_probes}
+        if self.reorthogonalize != "auto":
+            config["reorthogonalize"] = self.reorthogonalize
+        return _with_budget(config, self.memory_budget)
 
     def compute(self, ctx: StepContext) -> dict[str, Any]:
         """The quadrature nodes and weights on ``self.data``."""
@@ -299,6 +313,7 @@ class SpectralDensity(Metric):
 
         # positional: the keyword is n_iter before the curvature rename, lanczos_steps after
         res = spectral_density(ctx.operator(self.data), self.lanczos_steps, self.n_probes,
+                               reorthogonalize=self.reorthogonalize,
                                **_budget_kwargs(ctx, self.data, self.memory_budget))
         out: dict[str, Any] = {"peak_memory": _peak(res)}
         for key in ("nodes", "weights"):

@@ -31,7 +31,9 @@ products), ``surface`` (one point of a landscape plane), ``presets`` (one monito
 every metric of the ``cheap`` and ``standard`` presets due), ``precision`` (a float32 product
 against the float64 one along a near-top Ritz vector, and the symmetry of random products),
 ``vs_pyhessian`` (one exact product, ours and PyHessian's ``hessian_vector_product`` on its
-kept gradient graph, interleaved). ``--quick`` runs the small models only, a few products each
+kept gradient graph, interleaved), ``density`` (``spectral_density`` of one probe, 30 steps,
+with the full and the local Lanczos basis: time, peak, moments; then the basis each budget's
+plan keeps). ``--quick`` runs the small models only, a few products each
 (a smoke test of the script). The machine is shared: one thread, and ratios.
 """
 
@@ -51,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from landscape import LandscapeError
-from landscape.curvature import Hessian, hessian_trace, top_eigenvalues
+from landscape.curvature import Hessian, hessian_trace, spectral_density, top_eigenvalues
 from landscape.curvature.lanczos import krylov_eigsh
 from landscape.curvature.memory import PeakMemory
 from tests.benchmarks.bench_start_vector import gradient_start
@@ -369,6 +371,51 @@ def trace_run(model: nn.Module, batch: Any, closure: Callable, n_matvec: int) ->
             "seconds": secs, "peak_bytes": mem.peak}
 
 
+def density_runs(model: nn.Module, batch: Any, closure: Callable, steps: int,
+                 budgets: list[str]) -> dict:
+    """``spectral_density`` (one probe) with the full and the local basis, then the plans.
+
+    Each basis: seconds, peak, the quadrature's first moments ``sum_k w_k theta_k^j``
+    (``j`` = 1..4) and the largest node (its ghosts: nodes within 1e-4 relative of it).
+    Then, per budget, the run the plan makes (which basis, micro-batches and backend),
+    with its seconds, peak and moments' relative difference from the full basis's.
+    """
+
+    def run(**kw: Any) -> dict:
+        op = Hessian(model, closure=closure, data=batch, single_batch=True)
+        t0 = time.perf_counter()
+        res = spectral_density(op, steps, 1, **kw)
+        nodes = res.nodes[res.valid]
+        top = float(nodes.max())
+        rec = {"seconds": time.perf_counter() - t0, "peak_bytes": res.peak_memory,
+               "n_matvec": res.n_matvec, "reorthogonalize": res.reorthogonalize,
+               "moments": [res.moment(j) for j in range(1, 5)], "top_node": top,
+               "top_copies": int(((nodes - top).abs() <= 1e-4 * abs(top)).sum())}
+        plan = res.memory_plan
+        if plan is not None:
+            rec["plan"] = {"estimate": plan.estimate, "budget": plan.budget,
+                           "microbatch_size": plan.microbatch_size, "backend": plan.backend}
+        del op, res
+        gc.collect()
+        return rec
+
+    def differences(rec: dict) -> list[float]:
+        return [abs(a - b) / abs(a) for a, b in zip(out["full"]["moments"], rec["moments"])]
+
+    out: dict[str, Any] = {"full": run(reorthogonalize="full")}
+    out["local"] = run(reorthogonalize="local")
+    out["moment_rel_diff"] = differences(out["local"])
+    out["budgets"] = {}
+    for budget in budgets:
+        try:
+            rec = run(memory_budget=budget)
+            rec["moment_rel_diff"] = differences(rec)
+        except LandscapeError as err:
+            rec = {"refused": str(err)}
+        out["budgets"][budget] = rec
+    return out
+
+
 def surface_point(model: nn.Module, batch: Any, closure: Callable) -> dict:
     """One landscape point: the loss at ``theta + 0.1 d`` (no grad), as a grid point costs."""
     from landscape.isolation import stateless_closure
@@ -507,6 +554,10 @@ def main(argv: list[str] | None = None) -> None:
         if "trace" in sections:
             rec["trace"] = trace_run(model, batch, closure, 4 if args.quick else 30)
             log(f"trace: {rec['trace']}")
+        if "density" in sections:
+            rec["density"] = density_runs(model, batch, closure, 4 if args.quick else 30,
+                                          args.budgets.split(","))
+            log(f"density: {rec['density']}")
         if "surface" in sections:
             rec["surface"] = surface_point(model, batch, closure)
             log(f"surface point: {rec['surface']}")
