@@ -14,6 +14,9 @@ from typing import Iterable, Sequence, Union
 import torch
 from torch import nn
 
+# the per-tensor norms live with the solvers' accurate sums (landscape/_sums.py)
+from landscape._sums import NORM_CHUNK, tensor_norms  # noqa: F401 (re-exported)
+
 Vector = tuple[torch.Tensor, ...]
 
 
@@ -44,50 +47,6 @@ def dot(u: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> torch.Tensor:
         (torch.sum(a * b) for a, b in zip(u, v)),
         torch.zeros((), dtype=u[0].dtype, device=u[0].device),
     )
-
-
-NORM_CHUNK = 2**16
-"""Entries per partial norm of a long tensor (:func:`tensor_norms`)."""
-
-
-def tensor_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The Euclidean norm of each tensor, as ``torch._foreach_norm`` (one fused call).
-
-    A float32 norm reduced over millions of entries loses digits: 2.4e-3 relative for a
-    tensor of 38.6M entries (GPT-2 small's embedding) on the CPU, as any recursive sum of
-    that many terms (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed.,
-    §4.2). A plain tensor of more than :data:`NORM_CHUNK` entries that is not float64 is
-    therefore split into chunks of that size, whose norms (one more fused call) are
-    combined in float64: 1.7e-7 there, for about 15 % more time on that tensor. Every
-    other tensor's norm is bitwise ``torch._foreach_norm``'s.
-
-    Args:
-        tensors: tensors of one device (as ``torch._foreach_norm`` needs).
-
-    Returns:
-        One 0-d tensor per input, in its dtype.
-    """
-    tensors = list(tensors)
-    long = [
-        i for i, t in enumerate(tensors)
-        if t.numel() > NORM_CHUNK and type(t) is torch.Tensor and t.dtype != torch.float64
-    ]
-    if not long:
-        return list(torch._foreach_norm(tensors))
-    is_long = set(long)
-    out: list[torch.Tensor | None] = [None] * len(tensors)
-    short = [i for i in range(len(tensors)) if i not in is_long]
-    if short:
-        for i, n in zip(short, torch._foreach_norm([tensors[i] for i in short])):
-            out[i] = n
-    pieces = [list(tensors[i].reshape(-1).split(NORM_CHUNK)) for i in long]
-    parts = torch._foreach_norm([c for chunks in pieces for c in chunks])
-    at = 0
-    for i, chunks in zip(long, pieces):
-        squares = torch.stack(parts[at : at + len(chunks)]).double().pow(2).sum()
-        out[i] = squares.sqrt().to(tensors[i].dtype)
-        at += len(chunks)
-    return [n for n in out if n is not None]
 
 
 def norm(v: Sequence[torch.Tensor]) -> torch.Tensor:

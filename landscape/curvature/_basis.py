@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from landscape.curvature._sums import dots, norm
+from landscape._sums import dots, norm
 
 Tensor = torch.Tensor
 

@@ -28,9 +28,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from landscape._sums import dots, norm, row_norms
 from landscape.curvature._basis import Basis as _Basis
 from landscape.curvature._basis import orthogonalize, work_dtype
-from landscape.curvature._sums import dots, norm, row_norms
 
 Tensor = torch.Tensor
 

@@ -1,12 +1,12 @@
-"""Accurate dot products and norms of long vectors (landscape/curvature/_sums.py)."""
+"""Accurate dot products and norms of long vectors (landscape/_sums.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from landscape.curvature import _sums
-from landscape.curvature._sums import CHUNK, dots, norm, row_norms
+from landscape import _sums
+from landscape._sums import CHUNK, dots, norm, row_norms
 
 
 def _data(n, rows=3, seed=0):
