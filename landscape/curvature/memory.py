@@ -539,7 +539,7 @@ def profile_memory(op: Any, *, step_bytes: float | None = None) -> MemoryProfile
     if step_bytes is None:  # an Adam step: forward/backward, and two moments
         gi, gs = _fit(model_op, "gradient", rows)
         step_bytes = max(gi, float(pbytes)) + gs * rows + 2.0 * pbytes
-    step, pi, ps, whole = _agree(model_op, (float(step_bytes), pi, ps, whole))
+    step, pi, ps, whole = agree(model_op, (float(step_bytes), pi, ps, whole))
     margin = CPU_MARGIN if model_op.device.type == "cpu" else 1.0
     return MemoryProfile(step, pi, ps, rows, model_op.microbatch_size, vbytes,
                          _microbatchable(model_op), {batch: whole}, margin)
@@ -571,7 +571,7 @@ def _measure_pair(op: Any, prof: MemoryProfile, size: int | None) -> bool:
         return False
     own = size == prof.batch and model_op.microbatch_size in (None, size)
     peak = _probe_peak(model_op, None if own else size, "product", whole=True, rows=2)
-    (peak,) = _agree(model_op, (peak,))
+    (peak,) = agree(model_op, (peak,))
     prof.pairs[size] = peak
     return True
 
@@ -596,7 +596,7 @@ def _measure_size(op: Any, prof: MemoryProfile, size: int | None) -> bool:
         return False
     peak = _probe_peak(model_op, size, "product", whole=True)
     pbytes = model_op.dim * model_op.parameters[0].element_size()
-    (peak,) = _agree(model_op, (max(peak, 2.0 * pbytes),))
+    (peak,) = agree(model_op, (max(peak, 2.0 * pbytes),))
     prof.measured[size] = peak
     return True
 
@@ -605,9 +605,14 @@ def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _agree(op: Any, values: tuple[float, ...]) -> tuple[float, ...]:
-    """The largest of ``values`` over the ranks when the operator reduces over them."""
-    reduce = getattr(op, "_reduce", None)
+def agree(op: Any, values: tuple[float, ...]) -> tuple[float, ...]:
+    """The largest of ``values`` over the ranks when the operator reduces over them.
+
+    Every decision taken from a rank's own memory reading goes through it: ranks that
+    decide differently issue different collectives. ``op`` may wrap the model operator
+    (a preconditioned operator); its reduction decides.
+    """
+    reduce = getattr(_model_operator(op) or op, "_reduce", None)
     if reduce is None or not reduce.enabled:
         return values
     from landscape import distributed

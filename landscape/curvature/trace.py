@@ -21,6 +21,7 @@ from landscape.curvature.memory import (
     BUDGET_FLOOR,
     MemoryProfile,
     PeakMemory,
+    agree,
     apply_plan,
     check_budget,
     plan_probes,
@@ -214,7 +215,8 @@ class _Multiplier:
     """Multiplies rows of probes in batches of ``size``, or sized from the first product.
 
     With ``size=None`` the first row is multiplied alone under
-    :class:`~landscape.curvature.memory.PeakMemory`; its peak ``p`` gives the size
+    :class:`~landscape.curvature.memory.PeakMemory`; its peak ``p`` (the largest over the
+    ranks of a distributed operator, so that all ranks batch alike) gives the size
     ``max(p, BUDGET_FLOOR) // p``.
     """
 
@@ -235,7 +237,8 @@ class _Multiplier:
             if self.size is None:
                 with PeakMemory(self.op.device) as mem:
                     out.append(self.op.flat_matmat(rows[i : i + 1]))
-                self.size = max(1, int(max(mem.peak, BUDGET_FLOOR) // max(mem.peak, 1)))
+                (peak,) = agree(self.op, (float(mem.peak),))
+                self.size = max(1, int(max(peak, BUDGET_FLOOR) // max(peak, 1)))
                 self.largest = max(self.largest, 1)
                 i += 1
                 continue
