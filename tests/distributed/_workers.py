@@ -98,6 +98,25 @@ def curvature_worker(rank: int, out_dir: str) -> None:
     })
 
 
+def uneven_peaks_worker(rank: int, out_dir: str) -> None:
+    """``hessian_trace`` sized from memory readings that differ by rank (one reads 1000x).
+
+    The default probe batch comes from the first product's measured peak; ranks must
+    agree on it, or their all-reduces mismatch (a gloo abort).
+    """
+    from landscape.curvature import trace as trace_module
+
+    class Reading(trace_module.PeakMemory):
+        def __exit__(self, *exc: object) -> None:
+            super().__exit__(*exc)
+            self.peak = (1000 if rank == 1 else 1) * 2**20
+
+    trace_module.PeakMemory = Reading
+    H = Hessian(DDP(model()), F.cross_entropy, curvature_shard(rank))
+    res = hessian_trace(H, "hutchinson", n_matvec=12, seed=3)
+    _save(out_dir, rank, {"value": res.value, "probe_batch": res.probe_batch})
+
+
 def helper_checks(rank: int) -> dict[str, Any]:
     """The collective helpers on 2 ranks (expected values are checked by the test)."""
     x = torch.tensor([1.0, 2.0]) * (rank + 1)  # rank 0: [1, 2], rank 1: [2, 4]

@@ -140,3 +140,13 @@ def test_helpers_are_identities_without_a_process_group():
         assert "init_process_group" in str(err)
     else:  # pragma: no cover
         raise AssertionError("distributed=True without a process group must raise")
+
+
+def test_ranks_batch_probes_alike_whatever_memory_each_reads(tmp_path):
+    run_ranks(W.uneven_peaks_worker, tmp_path)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["probe_batch"] == r1["probe_batch"] and r0["value"] == r1["value"]
+    x, y = W.dataset()
+    one = hessian_trace(Hessian(W.model(), F.cross_entropy, (x, y)), "hutchinson", n_matvec=12,
+                        seed=3)
+    assert _rel(r0["value"], one.value) <= 1e-10
