@@ -26,7 +26,9 @@ Hessian-vector product of Hessian-free Newton (ibid., §7.1)::
 so every entry moves by about ``eps^{1/3}`` of its own magnitude (the ``1 +`` keeps an
 absolute scale at ``θ ≈ 0``), whatever the model size; ``eps`` is the machine epsilon of
 the parameters' dtype. Expected relative errors: ``~1e-5`` in float32 and ``~1e-10`` in
-float64 (measured on the test models: docs/curvature.md).
+float64 (measured on the test models: docs/curvature.md). Along sharp directions the
+truncation can be far larger than that scale suggests; each Hessian product checks it and
+refines the step for the operator (:mod:`landscape.curvature._step`).
 
 **Precision.** The shifts ``±εv``, the perturbed parameters and the difference of the two
 gradients are computed in the parameters' dtype, at least float32 (bfloat16 and float16
@@ -58,15 +60,24 @@ unsharded parameter beyond the operator's replicated vectors.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from landscape import distributed as _dist
+from landscape._sums import dots
 from landscape.curvature._batches import to_device
 from landscape.curvature._evaluation import detach_tree, scalar_loss, seed_generators
-from landscape.distributed import full_tensor, is_sharded, local_tensor, shard_of
+from landscape.curvature._step import (
+    MIN_RATIO,
+    displacement_error,
+    refined_ratio,
+    step_size,
+    truncation,
+)
+from landscape.distributed import full_tensor, is_sharded, local_tensor, shard_of, sharded_sum
 from landscape.isolation import isolated, stateless_closure
 from landscape.params import Vector
 
@@ -101,21 +112,6 @@ def _moved(theta: torch.Tensor, shift: torch.Tensor, sign: int) -> torch.Tensor:
     """
     wide = theta.to(shift.dtype)
     return (wide + shift if sign > 0 else wide - shift).to(theta.dtype)
-
-
-def step_size(theta_norm: float, v_norm: float, dtype: torch.dtype) -> float:
-    """The central-difference step ``u^{1/3} (1 + ‖θ‖) / (8 ‖v‖)`` (module docstring).
-
-    Args:
-        theta_norm: ``‖θ‖`` of the operator's parameters.
-        v_norm: ``‖v‖``, positive.
-        dtype: the parameters' floating dtype (its unit roundoff ``u``).
-
-    Returns:
-        ``ε``, a positive float.
-    """
-    u = torch.finfo(dtype).eps / 2.0  # unit roundoff
-    return u ** (1.0 / 3.0) / 8.0 * (1.0 + theta_norm) / v_norm
 
 
 def _full(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -166,6 +162,9 @@ class FirstOrder:
         self._n_passes: int | None = None
         self._weight = 1.0  # FSDP: the current batch's weight, folded into the backward
         self._norm: tuple[tuple[int, ...], float] | None = None
+        self._loss0: tuple[Any, float] | None = None
+        self._learned: tuple[Any, float] | None = None  # (state, step / step_size())
+        self.refined = 0  # Hessian products computed again at a refined step (_step.py)
 
     # -- public ------------------------------------------------------------------------
     def loss_and_grad(self) -> list[torch.Tensor]:
@@ -182,16 +181,31 @@ class FirstOrder:
     def hessian_product(self, v: Vector) -> Vector:
         """``H v`` by a central difference of gradients (module docstring).
 
+        The step is checked along ``v`` and, when the difference is truncation-bound
+        there, the product is computed once more at a smaller step
+        (:mod:`landscape.curvature._step`).
+
         Args:
             v: a parameter-space vector (whole tensors, the same on every rank).
 
         Returns:
             ``H v`` in the parameters' dtype.
         """
-        steps = self._steps_along(v)
+        steps = self._steps_along(v, self._ratio())
         if steps is None:
             return tuple(torch.zeros_like(t) for t in v)
-        eps, shift = steps
+        eps, shift, _ = steps
+        product, losses = self._central_difference(eps, shift)
+        ratio = self._refinement(v, eps, shift, product, losses)
+        if ratio is not None:
+            self.refined += 1
+            self._learned = (self._state_key(), max(self._ratio() * ratio, MIN_RATIO))
+            eps, shift, _ = self._steps_along(v, self._ratio())
+            product, _ = self._central_difference(eps, shift)
+        return tuple(t.to(self.op.dtype) for t in product)
+
+    def _central_difference(self, eps: float, shift: Tensors) -> tuple[list[torch.Tensor], float]:
+        """``(g(θ + εv) − g(θ − εv)) / 2ε`` (:attr:`_work_dtype`) and ``L_+ + L_-``."""
 
         def per_batch(batch: Any) -> list[torch.Tensor]:
             with _same_rng(self.op.model) as rewind:
@@ -202,13 +216,78 @@ class FirstOrder:
             # (Sterbenz) and within one rounding of the result elsewhere: no float64 copy
             # of parameter-sized tensors is needed (module docstring, "Precision")
             acc = self._work_dtype
-            return [
+            return [plus_g[0].double() + minus_g[0].double()] + [
                 (a.to(acc) - b.to(acc)) / (2.0 * eps) for a, b in zip(plus_g[1:], minus_g[1:])
             ]
 
         with self._context():
-            out = self._accumulate(per_batch, with_loss=False)
-        return tuple(t.to(self.op.dtype) for t in out)
+            out = self._accumulate(per_batch, with_loss=True)
+        return out[1:], float(out[0])
+
+    def _refinement(
+        self, v: Vector, eps: float, shift: Tensors, product: list[torch.Tensor], losses: float,
+    ) -> float | None:
+        """The refined step's ratio to ``eps`` (:mod:`~landscape.curvature._step`), or None.
+
+        Every quantity is the same on every rank (whole tensors, reduced losses and
+        partial sums), so all ranks decide alike and run the same passes.
+        """
+        loss0 = self._loss_at_theta()
+        q = float(sum(dots(a.reshape(-1).to(b.dtype), b.reshape(-1)) for a, b in zip(v, product)))
+        second = (losses - 2.0 * loss0) / eps**2
+        trunc = truncation(q, second, losses, loss0, eps, self.op.dtype)
+        if trunc == 0.0:
+            return None
+        pairs = [(local_tensor(p.detach()), shift[n])
+                 for n, p in zip(self.op.names, self.op._param_objects)]
+        err, size = sharded_sum(
+            [torch.tensor(displacement_error(pairs, lambda t, s: _moved(t, s, 1)))],
+            self.sharded,
+        ).tolist()
+        return refined_ratio(trunc, math.sqrt(err / size) if size > 0 else math.inf)
+
+    def _state_key(self) -> Any:
+        """What identifies the parameters' values: their versions (a sharded model: none).
+
+        A sharded model's products write into its shards, which changes the versions, so
+        there the learned step and ``L(θ)`` are kept for the operator's lifetime.
+        """
+        if self.sharded:
+            return "sharded"
+        return tuple(p._version for p in self.op._param_objects)
+
+    def _ratio(self) -> float:
+        """The learned step, as a fraction of ``step_size()``, at these parameters (or 1).
+
+        Once a product's step was refined, every later product at the same parameters
+        uses the refined step: Lanczos needs one linear operator, and products whose steps
+        differ from one vector to the next are not (module :mod:`~landscape.curvature.
+        _step`, "One step per operator").
+        """
+        if self._learned is not None and self._learned[0] == self._state_key():
+            return self._learned[1]
+        return 1.0
+
+    def _loss_at_theta(self) -> float:
+        """``L(θ)`` over the operator's data (reduced), kept while the parameters are unchanged."""
+        params = self.op._param_objects
+        key = self._state_key()
+        if self._loss0 is not None and self._loss0[0] == key:
+            return self._loss0[1]
+
+        def per_batch(batch: Any) -> list[torch.Tensor]:
+            with torch.no_grad():
+                if self.sharded:
+                    return [self._direct_loss(batch).detach().double()]
+                leaves = {n: p.detach() for n, p in zip(self.op.names, params)}
+                value = stateless_closure(self.op.model, lambda m, b: self._direct_loss(b),
+                                          leaves, batch)
+                return [value.detach().double()]
+
+        with self._context():
+            loss = float(self._accumulate(per_batch, with_loss=True)[0])
+        self._loss0 = (key, loss)
+        return loss
 
     def ggn_product(self, v: Vector) -> Vector:
         r"""``G v = J^T Λ J v`` with ``J v`` by a central difference of the model outputs.
@@ -227,7 +306,7 @@ class FirstOrder:
         steps = self._steps_along(v)
         if steps is None:
             return tuple(torch.zeros_like(t) for t in v)
-        eps, shift = steps
+        eps, shift, _ = steps
 
         def per_batch(batch: Any) -> list[torch.Tensor]:
             with _same_rng(self.op.model) as rewind:
@@ -248,21 +327,24 @@ class FirstOrder:
         """The parameters' dtype, at least float32 (bfloat16/float16 models work in float32)."""
         return torch.promote_types(self.op.dtype, torch.float32)
 
-    def _steps_along(self, v: Vector) -> tuple[float, Tensors] | None:
-        """The step ``ε`` and the shift ``εv`` (this rank's shards, :attr:`_work_dtype`).
+    def _steps_along(
+        self, v: Vector, ratio: float = 1.0
+    ) -> tuple[float, Tensors, float] | None:
+        """The step ``ε``, the shift ``εv`` (this rank's shards, :attr:`_work_dtype`), ``‖v‖``.
 
-        None for v = 0. The other side, ``θ - εv``, is formed with ``sign=-1`` from the same
-        shift (bitwise what adding ``-εv`` gives; no negated copy of it).
+        ``ε`` is ``ratio`` times :func:`~landscape.curvature._step.step_size`. None for
+        v = 0. The other side, ``θ - εv``, is formed with ``sign=-1`` from the same shift
+        (bitwise what adding ``-εv`` gives; no negated copy of it).
         """
         v_norm = float(torch.sqrt(sum(t.double().pow(2).sum() for t in v)))
         if v_norm == 0.0:
             return None
-        eps = step_size(self._theta_norm(), v_norm, self.op.dtype)
+        eps = ratio * step_size(self._theta_norm(), v_norm, self.op.dtype)
         shift = {
             n: shard_of(t, p).to(self._work_dtype) * eps
             for n, t, p in zip(self.op.names, v, self.op._param_objects)
         }
-        return eps, shift
+        return eps, shift, v_norm
 
     def _output(
         self, batch: Any, shift: Tensors | None, sign: int = 1

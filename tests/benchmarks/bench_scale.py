@@ -33,8 +33,10 @@ against the float64 one along a near-top Ritz vector, and the symmetry of random
 ``vs_pyhessian`` (one exact product, ours and PyHessian's ``hessian_vector_product`` on its
 kept gradient graph, interleaved), ``density`` (``spectral_density`` of one probe, 30 steps,
 with the full and the local Lanczos basis: time, peak, moments; then the basis each budget's
-plan keeps). ``--quick`` runs the small models only, a few products each
-(a smoke test of the script). The machine is shared: one thread, and ratios.
+plan keeps), ``first_order`` (first-order products against exact ones along the top
+eigenvector and a random direction, and ``top_eigenvalues`` on each). ``--quick`` runs the
+small models only, a few products each (a smoke test of the script). The machine is
+shared: one thread, and ratios.
 """
 
 from __future__ import annotations
@@ -371,6 +373,44 @@ def trace_run(model: nn.Module, batch: Any, closure: Callable, n_matvec: int) ->
             "seconds": secs, "peak_bytes": mem.peak}
 
 
+def first_order_accuracy(model: nn.Module, batch: Any, closure: Callable,
+                         max_matvec: int) -> dict:
+    """First-order products against exact ones where it is hardest: along the top eigenvector.
+
+    The exact ``top_eigenvalues(k=1, tol=1e-4)`` run gives ``u``; then, on a fresh
+    first-order operator, the relative error of the product along ``u`` (which refines
+    the step: docs/curvature.md, "The step along sharp directions"), then along a random
+    direction (at the refined step); then ``top_eigenvalues`` on first-order products.
+    """
+    from landscape.params import flatten
+
+    exact = Hessian(model, closure=closure, data=batch, single_batch=True)
+    t0 = time.perf_counter()
+    ref = top_eigenvalues(exact, k=1, tol=1e-4, max_matvec=max_matvec)
+    out: dict[str, Any] = {"exact_top1": {"value": float(ref.values[0]),
+                                          "n_matvec": ref.n_matvec, "converged": ref.converged,
+                                          "seconds": time.perf_counter() - t0}}
+    u = flatten(ref.vectors[0])
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(u.shape, generator=g, dtype=u.dtype)
+    v /= v.norm()
+    fo = Hessian(model, closure=closure, data=batch, single_batch=True, backend="first_order")
+    for name, w in (("along_top", u), ("random_after", v)):
+        want = exact.flat_matvec(w)
+        got = fo.flat_matvec(w)
+        out[name] = float((got - want).norm() / want.norm())
+    out["refined"] = fo._first_order.refined
+    fresh = Hessian(model, closure=closure, data=batch, single_batch=True, backend="first_order")
+    t0 = time.perf_counter()
+    res = top_eigenvalues(fresh, k=1, tol=1e-4, max_matvec=max_matvec)
+    out["first_order_top1"] = {"value": float(res.values[0]), "n_matvec": res.n_matvec,
+                               "converged": res.converged, "refined": fresh._first_order.refined,
+                               "seconds": time.perf_counter() - t0,
+                               "rel_error": abs(float(res.values[0]) - float(ref.values[0]))
+                               / abs(float(ref.values[0]))}
+    return out
+
+
 def density_runs(model: nn.Module, batch: Any, closure: Callable, steps: int,
                  budgets: list[str]) -> dict:
     """``spectral_density`` (one probe) with the full and the local basis, then the plans.
@@ -554,6 +594,10 @@ def main(argv: list[str] | None = None) -> None:
         if "trace" in sections:
             rec["trace"] = trace_run(model, batch, closure, 4 if args.quick else 30)
             log(f"trace: {rec['trace']}")
+        if "first_order" in sections:
+            rec["first_order"] = first_order_accuracy(model, batch, closure,
+                                                      4 if args.quick else args.max_matvec)
+            log(f"first-order accuracy: {rec['first_order']}")
         if "density" in sections:
             rec["density"] = density_runs(model, batch, closure, 4 if args.quick else 30,
                                           args.budgets.split(","))

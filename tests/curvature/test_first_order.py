@@ -260,3 +260,72 @@ def test_in_place_path_restores_bit_exactly_and_matches(eval_mode):
     assert all(p.grad is gr and bool((gr == 3.0).all()) for p, gr in zip(model.parameters(), grads))
     assert torch.equal(torch.get_rng_state(), rng)
     assert model.training
+
+
+class _Sharp(nn.Module):
+    """A wide linear map (most of ‖θ‖) and three parameters behind a steep cosine.
+
+    The Hessian's top eigenvector lives on ``bias`` (curvature ~k²), where the loss's fourth
+    derivative (~k⁴) makes the central difference at the parameters' scale truncation-bound.
+    """
+
+    def __init__(self, k: float = 40.0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.weight = nn.Parameter(torch.randn(30, 40, generator=g))
+        self.bias = nn.Parameter(0.1 * torch.randn(3, generator=g))
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T * 0.05 + torch.cos(self.k * self.bias).sum()
+
+
+def _sharp_data(dtype):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(16, 40, generator=g).to(dtype), torch.randn(16, 30, generator=g).to(dtype)
+
+
+def test_a_sharp_direction_refines_the_step_and_keeps_it():
+    """Along a steep direction the step is refined (float32: 0.19 -> <1e-3) and kept."""
+    x, y = _sharp_data(torch.float64)
+    dense = dense_hessian(_Sharp().double(), F.mse_loss, (x, y))
+    values, vectors = torch.linalg.eigh(dense)
+    top = vectors[:, -1]
+    assert float(top[-3:].pow(2).sum()) > 0.99  # the sharp direction is the top one
+    H = Hessian(_Sharp(), F.mse_loss, _sharp_data(torch.float32), backend="first_order")
+    first = H._first_order
+
+    def error(v):
+        got = flatten(H.matvec(unflatten(v.float(), H.parameters))).double()
+        return float((got - dense @ v).norm() / (dense @ v).norm())
+
+    assert error(top) <= TOL[torch.float32]  # at the parameters' step: 0.19
+    assert first.refined == 1 and first._ratio() < 0.5
+    # later products keep the refined step: no new refinement, still accurate
+    g = torch.Generator().manual_seed(3)
+    assert error(torch.randn(H.dim, generator=g, dtype=torch.float64)) <= TOL[torch.float32]
+    assert error(top) <= TOL[torch.float32] and first.refined == 1
+    # a change of the parameters forgets it
+    with torch.no_grad():
+        H.parameters[1].add_(1e-3)
+    assert first._ratio() == 1.0
+    # Lanczos finds λ_max (at the parameters' step: 15 % low)
+    fresh = Hessian(_Sharp(), F.mse_loss, _sharp_data(torch.float32), backend="first_order")
+    eig = top_eigenvalues(fresh, k=1, tol=1e-5)
+    assert float(eig.values[0]) == pytest.approx(float(values[-1]), rel=5e-4)
+
+
+def test_smooth_models_keep_the_parameters_step():
+    x, y = _batch(torch.float32)
+    H = Hessian(models.mlp(), F.cross_entropy, (x, y), backend="first_order")
+    top_eigenvalues(H, k=3, tol=1e-4)
+    assert H._first_order.refined == 0
+
+
+def test_float64_refines_only_where_it_matters():
+    """In float64 the sharp direction's truncation (~1e-7) is seen and removed too."""
+    x, y = _sharp_data(torch.float64)
+    want = float(torch.linalg.eigvalsh(dense_hessian(_Sharp().double(), F.mse_loss, (x, y)))[-1])
+    H = Hessian(_Sharp().double(), F.mse_loss, (x, y), backend="first_order")
+    eig = top_eigenvalues(H, k=1, tol=1e-9)
+    assert float(eig.values[0]) == pytest.approx(want, rel=1e-8)

@@ -169,6 +169,35 @@ def test_budgeted_density_equals_the_unbudgeted_one():
         spectral_density(op, lanczos_steps=12, n_probes=4, probe_batch=0)
 
 
+def test_a_first_order_plan_measures_that_product_once(monkeypatch):
+    """With a measured profile the first-order product is measured (once), not one step."""
+    from landscape.curvature import memory
+
+    _, _, op = _model_op()
+    prof = _profile(op, step=5e4, intercept=6e4, slope=1e4, rows=24)
+    prof.measured[24] = prof.product_intercept + 24 * prof.product_slope  # "measured"
+    calls = []
+
+    def fake_peak(model_op, size, what, whole=False, rows=1):
+        if what != "first_order":
+            return 1e9  # no micro-batch size fits
+        calls.append(size)
+        return 8e4  # above the step: the product's own vectors
+
+    monkeypatch.setattr(memory, "_probe_peak", fake_peak)
+    kw = dict(n_probes=10, fixed_bytes=1000.0, probe_bytes=100.0, profile=prof)
+    plan = plan_probes(op, budget=1000 + 100 + 8e4, **kw)
+    assert plan.backend == "first_order" and plan.product_bytes == 8e4
+    assert plan.estimate == 1000 + 100 + 8e4
+    with pytest.raises(MemoryBudgetError):  # one step's estimate would have passed it
+        plan_probes(op, budget=1000 + 100 + 5e4 + 1, **kw)
+    eig = memory.plan_eigen(op, budget=8e4 + 20 * op.dim * 8, basis_vectors=30,
+                            least_basis=3, extra_vectors=9, profile=prof)
+    assert eig.backend == "first_order" and eig.product_bytes == 8e4
+    assert calls == [None]  # measured once on the whole batch, kept in the profile
+    assert prof.first_order == {24: 8e4}
+
+
 def test_micro_batched_plan_gives_the_same_trace():
     _, _, op = _model_op()
     free = hessian_trace(op, "krylov", n_matvec=12, seed=1, probe_batch=6)
