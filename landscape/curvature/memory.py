@@ -410,6 +410,7 @@ def with_microbatches(op: Any, size: int) -> Any:
     new._data = ProbeData(tuple(batches), tuple(weights), op._data.rank_size, int(size))
     new.options = dataclasses.replace(op.options, microbatch_size=int(size))
     new.n_matvec = 0
+    new._use_first_order()  # its own engine, on the micro-batches (a copy shares op's)
     new.refresh()
     return new
 
@@ -759,6 +760,9 @@ def plan_eigen(
                 got = fitting(size, floor)
             if got is not None:
                 return got
+    need = plan(sizes[-1], least + extra_vectors, max_basis=least)
+    how = f"one product of {_fmt(need.product_bytes)} on micro-batches of " + (
+        f"{sizes[-1] or 'whole batches'}")
     if prof.rows is not None and _has_first_order(op):
         product = _first_order_product(op, prof)
         fo = MemoryPlan(limit, step, product, vbytes, least + extra_vectors,
@@ -766,11 +770,11 @@ def plan_eigen(
                         backend="first_order")
         if fo.estimate <= limit:
             return fo
-    need = plan(sizes[-1], least + extra_vectors, max_basis=least)
+        if fo.estimate < need.estimate:
+            need, how = fo, f"one first-order product of {_fmt(product)}"
     raise MemoryBudgetError(
         f"memory_budget: the measurement needs at least {_fmt(need.estimate)} "
-        f"({least + extra_vectors} vectors of {_fmt(vbytes)} and one product of "
-        f"{_fmt(need.product_bytes)} on micro-batches of {sizes[-1] or 'whole batches'}), "
+        f"({least + extra_vectors} vectors of {_fmt(vbytes)} and {how}), "
         f"over the budget of {_fmt(limit)}; raise memory_budget= or select fewer "
         "parameters (params=)"
     )
@@ -800,7 +804,7 @@ def plan_probes(
     order, the first that fits: the most probes at once (at most ``n_probes``) with whole
     batches, then with ``local_probe_bytes`` per probe when given (a bounded Lanczos
     basis, ``reorthogonalize="local"``); the same on micro-batches halving down to one
-    sample; the first-order product (one training step's peak per product), with
+    sample; the first-order product (one measured on the whole batch, at least a step), with
     ``probe_bytes``, then ``local_probe_bytes``.
 
     Args:
@@ -857,6 +861,8 @@ def plan_probes(
                 product = prof.product(size) if c == 1 else prof.batched(size)
                 return plan(product, c, per_probe, reorthogonalize=basis,
                             microbatch_size=size if size != mb else None)
+    least = prof.product(sizes[-1])
+    how = f"one product of {_fmt(least)} on micro-batches of {sizes[-1] or 'whole batches'}"
     if prof.rows is not None and _has_first_order(op) and math.isfinite(prof.step_bytes):
         product = _first_order_product(op, prof)
         for per_probe, basis in variants:
@@ -864,12 +870,12 @@ def plan_probes(
             if c >= 1:
                 return plan(product, c, per_probe, reorthogonalize=basis,
                             backend="first_order")
-    least = prof.product(sizes[-1])
+        if product < least:
+            least, how = product, f"one first-order product of {_fmt(product)}"
     lean = variants[-1][0]
     raise MemoryBudgetError(
         f"memory_budget: {what} needs at least {_fmt(fixed_bytes + lean + least)} "
-        f"({_fmt(fixed_bytes)} kept, {_fmt(lean)} per probe and one product of "
-        f"{_fmt(least)} on micro-batches of {sizes[-1] or 'whole batches'}), over the "
+        f"({_fmt(fixed_bytes)} kept, {_fmt(lean)} per probe and {how}), over the "
         f"budget of {_fmt(limit)}; raise memory_budget=, use fewer products (n_matvec=, "
         "lanczos_steps=) or select fewer parameters (params=)"
     )
@@ -939,5 +945,6 @@ def with_backend(op: Any, backend: str) -> Any:
     op.options = dataclasses.replace(op.options, backend=backend)
     op._backend = Backend(backend)
     op.n_matvec = 0
+    op._use_first_order()  # its own engine (a copy shares the original's, and its state)
     op.refresh()
     return op

@@ -329,3 +329,68 @@ def test_float64_refines_only_where_it_matters():
     H = Hessian(_Sharp().double(), F.mse_loss, (x, y), backend="first_order")
     eig = top_eigenvalues(H, k=1, tol=1e-9)
     assert float(eig.values[0]) == pytest.approx(want, rel=1e-8)
+
+
+def test_top_eigenvalues_checks_the_step_along_its_answer(monkeypatch):
+    """First-order runs spend one product per end on the answer; a step that this check
+    refines (none of the run's products did) solves again from the Ritz vectors."""
+    from landscape.curvature import _first_order as first_order_module
+    from landscape.curvature import spectrum
+
+    solves, inside = [], []
+    real_solve, real_truncation = spectrum.krylov_eigsh, first_order_module.truncation
+
+    def counted(*args, **kwargs):
+        solves.append(kwargs.get("min_matvec"))
+        inside.append(True)
+        try:
+            return real_solve(*args, **kwargs)
+        finally:
+            inside.pop()
+
+    def blind_inside_solves(*args, **kwargs):  # a run whose products never see the truncation
+        return 0.0 if inside else real_truncation(*args, **kwargs)
+
+    def blind_outside_solves(*args, **kwargs):  # a check that never sees it
+        return real_truncation(*args, **kwargs) if inside else 0.0
+
+    monkeypatch.setattr(spectrum, "krylov_eigsh", counted)
+    x, y = _batch(torch.float32)
+    smooth = Hessian(models.mlp(), F.cross_entropy, (x, y), backend="first_order")
+    got = top_eigenvalues(smooth, k=2, tol=1e-4)
+    want = top_eigenvalues(Hessian(models.mlp(), F.cross_entropy, (x, y)), k=2, tol=1e-4)
+    assert len(solves) == 2 and smooth._first_order.refined == 0  # one solve each
+    assert got.n_matvec == smooth.n_matvec == want.n_matvec + 1  # the check's product
+    # refined during the run only: not solved again
+    monkeypatch.setattr(first_order_module, "truncation", blind_outside_solves)
+    solves.clear()
+    sharp = Hessian(_Sharp(), F.mse_loss, _sharp_data(torch.float32), backend="first_order")
+    top_eigenvalues(sharp, k=1, tol=1e-5)
+    assert sharp._first_order.refined >= 1 and len(solves) == 1
+    # refined only by the check: solved again, warm, to the dense value
+    monkeypatch.setattr(first_order_module, "truncation", blind_inside_solves)
+    solves.clear()
+    sharp = Hessian(_Sharp(), F.mse_loss, _sharp_data(torch.float32), backend="first_order")
+    eig = top_eigenvalues(sharp, k=1, tol=1e-5)
+    assert sharp._first_order.refined == 1 and solves[1:] == [0]
+    xd, yd = _sharp_data(torch.float64)
+    dense = dense_hessian(_Sharp().double(), F.mse_loss, (xd, yd))
+    want = float(torch.linalg.eigvalsh(dense)[-1])
+    assert float(eig.values[0]) == pytest.approx(want, rel=5e-4)
+
+
+def test_planned_copies_have_their_own_first_order_engine():
+    """A micro-batched or re-backed copy runs its first-order products on its own data."""
+    from landscape.curvature.memory import with_backend, with_microbatches
+
+    x, y = _batch(torch.float64)
+    op = Hessian(models.mlp().double(), F.cross_entropy, (x, y), backend="first_order")
+    small = with_microbatches(op, 8)
+    assert small._first_order.op is small and len(small._first_order.op._data.batches) == 4
+    fo = with_backend(Hessian(models.mlp().double(), F.cross_entropy, (x, y)), "first_order")
+    assert fo._first_order.op is fo
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(op.dim, generator=g, dtype=torch.float64)
+    want = op.flat_matvec(v)
+    for copy_ in (small, fo):
+        assert float((copy_.flat_matvec(v) - want).norm() / want.norm()) <= 1e-8
