@@ -412,7 +412,7 @@ def first_order_accuracy(model: nn.Module, batch: Any, closure: Callable,
 
 
 def density_runs(model: nn.Module, batch: Any, closure: Callable, steps: int,
-                 budgets: list[str]) -> dict:
+                 budgets: list[str], bases: tuple[str, ...] = ("full", "local")) -> dict:
     """``spectral_density`` (one probe) with the full and the local basis, then the plans.
 
     Each basis: seconds, peak, the quadrature's first moments ``sum_k w_k theta_k^j``
@@ -442,14 +442,15 @@ def density_runs(model: nn.Module, batch: Any, closure: Callable, steps: int,
     def differences(rec: dict) -> list[float]:
         return [abs(a - b) / abs(a) for a, b in zip(out["full"]["moments"], rec["moments"])]
 
-    out: dict[str, Any] = {"full": run(reorthogonalize="full")}
-    out["local"] = run(reorthogonalize="local")
-    out["moment_rel_diff"] = differences(out["local"])
+    out: dict[str, Any] = {basis: run(reorthogonalize=basis) for basis in bases}
+    if "full" in out and "local" in out:
+        out["moment_rel_diff"] = differences(out["local"])
     out["budgets"] = {}
     for budget in budgets:
         try:
             rec = run(memory_budget=budget)
-            rec["moment_rel_diff"] = differences(rec)
+            if "full" in out:
+                rec["moment_rel_diff"] = differences(rec)
         except LandscapeError as err:
             rec = {"refused": str(err)}
         out["budgets"][budget] = rec
@@ -520,7 +521,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--start", choices=("random", "gradient"), default="random",
                     help="the top1 section's start vector")
     ap.add_argument("--budgets", default="auto,1x step,1.5x step,3x step",
-                    help="memory budgets of the plan and budget sections, comma-separated")
+                    help="memory budgets of the plan, budget and density sections, "
+                    "comma-separated (empty: none)")
+    ap.add_argument("--density-bases", default="full,local",
+                    help="the density section's bases without a budget (full, local)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     models = args.models.split(",")
@@ -600,7 +604,8 @@ def main(argv: list[str] | None = None) -> None:
             log(f"first-order accuracy: {rec['first_order']}")
         if "density" in sections:
             rec["density"] = density_runs(model, batch, closure, 4 if args.quick else 30,
-                                          args.budgets.split(","))
+                                          [b for b in args.budgets.split(",") if b],
+                                          tuple(args.density_bases.split(",")))
             log(f"density: {rec['density']}")
         if "surface" in sections:
             rec["surface"] = surface_point(model, batch, closure)
