@@ -73,6 +73,7 @@ from landscape.curvature._evaluation import detach_tree, scalar_loss, seed_gener
 from landscape.curvature._step import (
     MIN_RATIO,
     displacement_error,
+    genuine,
     refined_ratio,
     step_size,
     truncation,
@@ -164,6 +165,7 @@ class FirstOrder:
         self._norm: tuple[tuple[int, ...], float] | None = None
         self._loss0: tuple[Any, float] | None = None
         self._learned: tuple[Any, float] | None = None  # (state, step / step_size())
+        self._unchecked: Any = None  # a state whose check proved unreliable
         self.refined = 0  # Hessian products computed again at a refined step (_step.py)
 
     # -- public ------------------------------------------------------------------------
@@ -195,13 +197,26 @@ class FirstOrder:
         if steps is None:
             return tuple(torch.zeros_like(t) for t in v)
         eps, shift, _ = steps
+        del steps
         product, losses = self._central_difference(eps, shift)
-        ratio = self._refinement(v, eps, shift, product, losses)
-        if ratio is not None:
-            self.refined += 1
-            self._learned = (self._state_key(), max(self._ratio() * ratio, MIN_RATIO))
-            eps, shift, _ = self._steps_along(v, self._ratio())
-            product, _ = self._central_difference(eps, shift)
+        check = self._refinement(v, eps, shift, product, losses)
+        if check is not None:
+            ratio, gap = check
+            del shift, product  # not held while the product is computed again
+            learned = self._ratio() * ratio
+            eps1, shift, _ = self._steps_along(v, learned)
+            product, losses1 = self._central_difference(eps1, shift)
+            q1, losses1 = self._reduced_scalars(self._dot(v, product), losses1)
+            residual = losses1 - 2.0 * self._loss_at_theta() - eps1**2 * q1
+            if genuine(gap * eps**2 / 2.0, residual, q1):
+                self.refined += 1
+                self._learned = (self._state_key(), learned)
+            else:  # the losses' rounding posed as truncation: no more checks here, and
+                # the product again at the step it had (once per parameter state)
+                self._unchecked = self._state_key()
+                del shift, product
+                eps, shift, _ = self._steps_along(v, self._ratio())
+                product, _ = self._central_difference(eps, shift)
         return tuple(t.to(self.op.dtype) for t in product)
 
     def _central_difference(self, eps: float, shift: Tensors) -> tuple[list[torch.Tensor], float]:
@@ -226,14 +241,21 @@ class FirstOrder:
 
     def _refinement(
         self, v: Vector, eps: float, shift: Tensors, product: list[torch.Tensor], losses: float,
-    ) -> float | None:
-        """The refined step's ratio to ``eps`` (:mod:`~landscape.curvature._step`), or None.
+    ) -> tuple[float, float] | None:
+        """``(ρ, 2 (Q − S))`` when the step should shrink by ``ρ`` (:mod:`._step`), else None.
 
-        Every quantity is the same on every rank (whole tensors, reduced losses and
-        partial sums), so all ranks decide alike and run the same passes.
+        Every quantity is the same on every rank: whole tensors, the losses, ``Q`` and
+        ``L(θ)`` reduced over the ranks (also inside a batch of products, whose own
+        reduction is deferred) and partial sums of the shards, so all ranks decide alike
+        and run the same passes. None without a check: the step is at its floor, or an
+        earlier refinement at these parameters did not remove what the check saw.
         """
+        current = self._ratio()
+        if current <= MIN_RATIO or self._unchecked == self._state_key():
+            return None
         loss0 = self._loss_at_theta()
-        q = float(sum(dots(a.reshape(-1).to(b.dtype), b.reshape(-1)) for a, b in zip(v, product)))
+        q = self._dot(v, product)
+        losses, q = self._reduced_scalars(losses, q)
         second = (losses - 2.0 * loss0) / eps**2
         trunc = truncation(q, second, losses, loss0, eps, self.op.dtype)
         if trunc == 0.0:
@@ -244,17 +266,60 @@ class FirstOrder:
             [torch.tensor(displacement_error(pairs, lambda t, s: _moved(t, s, 1)))],
             self.sharded,
         ).tolist()
-        return refined_ratio(trunc, math.sqrt(err / size) if size > 0 else math.inf)
+        ratio = refined_ratio(trunc, math.sqrt(err / size) if size > 0 else math.inf)
+        if ratio is None:
+            return None
+        ratio = max(ratio, MIN_RATIO / current)  # never below the floor in all
+        return (ratio, 2.0 * (q - second)) if ratio < 1.0 else None
+
+    @staticmethod
+    def _dot(v: Vector, product: list[torch.Tensor]) -> float:
+        """``vᵀ P`` summed accurately (float64 over chunks)."""
+        return float(sum(dots(a.reshape(-1).to(b.dtype), b.reshape(-1))
+                         for a, b in zip(v, product)))
+
+    def _reduced_scalars(self, *values: float) -> list[float]:
+        """``values`` as the ranks' weighted mean when this rank's results are not reduced yet.
+
+        A batch of products (``matmat``) defers the operator's reduction to one all-reduce
+        after it; the step check inside needs the reduced values now.
+        """
+        red = self.op._reduce
+        if not (red.enabled and red._deferred and _dist.is_distributed()):
+            return list(values)
+        if red._total is None:
+            red._total = _dist.total_weight(red.rank_size)
+        got = _dist.all_reduce_weighted([torch.tensor(values, dtype=torch.float64)],
+                                        red.rank_size, total=red._total)
+        return [float(x) for x in got[0]]
+
+    def reset(self) -> None:
+        """Forget what was learned at the parameters: ``L(θ)``, ``‖θ‖`` and the step."""
+        self._loss0 = None
+        self._learned = None
+        self._unchecked = None
+        self._norm = None
 
     def _state_key(self) -> Any:
-        """What identifies the parameters' values: their versions (a sharded model: none).
+        """What identifies the parameters' values: their (local tensors') versions.
 
-        A sharded model's products write into its shards, which changes the versions, so
-        there the learned step and ``L(θ)`` are kept for the operator's lifetime.
+        A sharded model's products write into its shards and copy the originals back,
+        which bumps the versions: :meth:`_perturbed` re-keys what was learned before its
+        own writes. A write that does not bump versions (``p.data = ...``) needs
+        :meth:`~landscape.curvature.operator.ModelOperator.refresh`, which calls
+        :meth:`reset`.
         """
-        if self.sharded:
-            return "sharded"
-        return tuple(p._version for p in self.op._param_objects)
+        return tuple(local_tensor(p.detach())._version for p in self.op._param_objects)
+
+    def _rekey(self, before: Any) -> None:
+        """After this engine's own write-and-restore: what was keyed ``before`` stays valid."""
+        after = self._state_key()
+        for name in ("_loss0", "_learned"):
+            held = getattr(self, name)
+            if held is not None and held[0] == before:
+                setattr(self, name, (after, held[1]))
+        if self._unchecked == before:
+            self._unchecked = after
 
     def _ratio(self) -> float:
         """The learned step, as a fraction of ``step_size()``, at these parameters (or 1).
@@ -286,6 +351,7 @@ class FirstOrder:
 
         with self._context():
             loss = float(self._accumulate(per_batch, with_loss=True)[0])
+        (loss,) = self._reduced_scalars(loss)
         self._loss0 = (key, loss)
         return loss
 
@@ -569,6 +635,7 @@ class FirstOrder:
             yield
             return
         params = self.op._param_objects
+        key = self._state_key()
         with torch.no_grad():
             saved = [local_tensor(p.detach()).clone() for p in params]
         try:
@@ -580,6 +647,7 @@ class FirstOrder:
             with torch.no_grad():
                 for p, orig in zip(params, saved):
                     local_tensor(p.detach()).copy_(orig)
+            self._rekey(key)
 
     def _direct_loss(self, batch: Any) -> torch.Tensor:
         """The batch loss through the model itself (its hooks run: FSDP's all-gathers)."""

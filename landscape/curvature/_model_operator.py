@@ -290,9 +290,16 @@ class ModelOperator(CurvatureOperator):
         return self._loss_and_grad()[1]
 
     def refresh(self) -> None:
-        """Forget the cached loss, gradient and gradient graph (after parameters changed)."""
+        """Forget the cached loss, gradient and gradient graph (after parameters changed).
+
+        Also what the first-order engine learned at the parameters (its step and
+        ``L(θ)``), which it otherwise keys on the parameters' versions.
+        """
         self._cache: tuple[torch.Tensor, Vector] | None = None
         self._graph: tuple[Any, ...] | None = None
+        engine = getattr(self, "_first_order", None)
+        if engine is not None:
+            engine.reset()
 
     # -- the product hooks: what a subclass writes ---------------------------------------
     def _func_product(self, primal: Tensors, tangent: Tensors, batch: Any) -> Tensors:

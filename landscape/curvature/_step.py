@@ -64,8 +64,8 @@ import torch
 from landscape._sums import CHUNK
 
 __all__ = [
-    "LOSS_NOISE", "MIN_RATIO", "REFINE_BELOW", "displacement_error", "refined_ratio",
-    "step_size", "truncation",
+    "GENUINE", "LOSS_NOISE", "MIN_RATIO", "REFINE_BELOW", "displacement_error", "genuine",
+    "refined_ratio", "step_size", "truncation",
 ]
 
 LOSS_NOISE = 8.0
@@ -138,6 +138,37 @@ def refined_ratio(trunc: float, rounding: float) -> float | None:
         return None
     ratio = max(math.sqrt(max(rounding, 0.0) / trunc), MIN_RATIO)
     return ratio if ratio < REFINE_BELOW else None
+
+
+GENUINE = 8.0
+"""How far above the losses' measured rounding the gap must have stood (:func:`genuine`)."""
+
+
+def genuine(gap: float, residual: float, q1: float) -> bool:
+    """Whether the truncation a refinement removed was real, not the losses' rounding.
+
+    At the refined step ``ε₁`` the curvature term of ``L_+ + L_- − 2 L(θ)`` is
+    ``ε₁² Q₁`` up to a truncation ``ρ⁴`` times the first one's, so what is left,
+    ``residual = L_+ + L_- − 2 L(θ) − ε₁² Q₁``, is the losses' rounding, measured. The
+    gap at the first step, in the same units (``ε₀² (Q₀ − S₀)``, ``gap``), must stand
+    :data:`GENUINE` times above it. Under bf16 autocast or TF32 the losses carry far more
+    rounding than the parameters' ``u`` says, and the check saw that; the refinement is
+    then not kept (docs/curvature.md, "The step along sharp directions"). Nor when the
+    refined step moved nothing: a zero ``Q₁`` or an exactly zero residual means the losses
+    and gradients at ``θ ± ε₁ v`` were those at ``θ`` (a perturbation below the compute
+    precision, as under bf16 autocast), not that the truncation went away.
+
+    Args:
+        gap: ``ε₀² (Q₀ − S₀)`` at the first step.
+        residual: ``L_+ + L_- − 2 L(θ) − ε₁² Q₁`` at the refined step.
+        q1: ``Q₁``, the refined product along ``v``.
+
+    Returns:
+        True when ``|gap| > GENUINE |residual|`` and neither ``Q₁`` nor the residual is 0.
+    """
+    if not (math.isfinite(gap) and math.isfinite(residual)) or q1 == 0.0 or residual == 0.0:
+        return False
+    return abs(gap) > GENUINE * abs(residual)
 
 
 def displacement_error(

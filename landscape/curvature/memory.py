@@ -432,6 +432,7 @@ def _probe_peak(
     if size is None:
         small = copy.copy(op)
         small.n_matvec = 0
+        small._use_first_order()  # its own engine: refresh() resets an engine's state
         small.refresh()
     else:
         small = with_microbatches(op, size)
@@ -639,13 +640,17 @@ def agree(op: Any, values: tuple[float, ...]) -> tuple[float, ...]:
 
     Every decision taken from a rank's own memory reading goes through it: ranks that
     decide differently issue different collectives. ``op`` may wrap the model operator
-    (a preconditioned operator); its reduction decides.
+    (a preconditioned operator); its reduction decides, and an FSDP-sharded one (whose
+    backward reduces, not the operator) always agrees with its ranks.
     """
-    reduce = getattr(_model_operator(op) or op, "_reduce", None)
-    if reduce is None or not reduce.enabled:
-        return values
     from landscape import distributed
 
+    model_op = _model_operator(op) or op
+    reduce = getattr(model_op, "_reduce", None)
+    engine = getattr(model_op, "_first_order", None)
+    sharded = engine is not None and engine.sharded
+    if not ((reduce is not None and reduce.enabled) or sharded):
+        return values
     if not distributed.is_distributed():
         return values
     got = distributed._all_reduce_max(torch.tensor(values, dtype=torch.float64))

@@ -394,3 +394,71 @@ def test_planned_copies_have_their_own_first_order_engine():
     want = op.flat_matvec(v)
     for copy_ in (small, fo):
         assert float((copy_.flat_matvec(v) - want).norm() / want.norm()) <= 1e-8
+
+
+def test_the_learned_step_is_forgotten_with_the_parameters():
+    H = Hessian(_Sharp(), F.mse_loss, _sharp_data(torch.float32), backend="first_order")
+    first = H._first_order
+    top = torch.zeros(H.dim)
+    top[-3:] = 1.0
+    H.flat_matvec(top)
+    assert first.refined == 1 and first._ratio() < 1.0
+    H.refresh()  # e.g. after p.data = ..., which bumps no version
+    assert first._ratio() == 1.0 and first._loss0 is None
+
+
+def test_a_smooth_model_after_an_unversioned_update_and_refresh_does_not_refine():
+    x, y = _batch(torch.float32)
+    model = models.mlp()
+    H = Hessian(model, F.cross_entropy, (x, y), backend="first_order")
+    g = torch.Generator().manual_seed(0)
+    vs = [torch.randn(H.dim, generator=g) for _ in range(3)]
+    for v in vs:
+        H.flat_matvec(v)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data.add_(0.05 * torch.randn(p.shape, generator=g))  # no version bump
+    H.refresh()
+    for v in vs:
+        H.flat_matvec(v)
+    assert H._first_order.refined == 0
+
+
+def test_at_its_floor_the_step_is_not_refined_again():
+    """A very steep direction takes the step to its floor once; later products run once."""
+    from landscape.curvature._step import MIN_RATIO
+
+    H = Hessian(_Sharp(k=1000.0), F.mse_loss, _sharp_data(torch.float32),
+                backend="first_order")
+    first = H._first_order
+    top = torch.zeros(H.dim)
+    top[-3:] = 1.0
+    calls = []
+    real = first._central_difference
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    first._central_difference = counted
+    for _ in range(3):
+        H.flat_matvec(top)
+    assert first._ratio() == pytest.approx(MIN_RATIO)
+    assert first.refined == 1 and len(calls) == 4  # 2 for the first product, then 1 each
+
+
+def test_loss_rounding_that_poses_as_truncation_switches_the_check_off():
+    """Under bf16 autocast the check sees rounding, not truncation: no step is learned."""
+    x, y = _batch(torch.float32)
+    model = models.mlp()
+
+    def closure(m, batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return F.cross_entropy(m(batch[0]), batch[1])
+
+    H = Hessian(model, closure=closure, data=(x, y), backend="first_order")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        H.flat_matvec(torch.randn(H.dim, generator=g))
+    first = H._first_order
+    assert first.refined == 0 and first._ratio() == 1.0

@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from landscape.curvature._step import (
+    GENUINE,
     LOSS_NOISE,
     MIN_RATIO,
     REFINE_BELOW,
     displacement_error,
+    genuine,
     refined_ratio,
     truncation,
 )
@@ -60,3 +62,11 @@ def test_displacement_error_is_exact_and_chunked(monkeypatch):
     monkeypatch.setattr("landscape.curvature._step.CHUNK", 3)
     assert displacement_error([(theta, shift)], move) == (err, size)
     assert _sums.CHUNK == 2**20
+
+
+def test_genuine_needs_the_gap_above_the_measured_rounding_and_a_moving_product():
+    assert genuine(1e-3, 1e-3 / (2 * GENUINE), 5.0)
+    assert not genuine(1e-3, 1e-3 / GENUINE, 5.0)
+    assert not genuine(1e-3, 0.0, 5.0)  # nothing moved at the refined step
+    assert not genuine(1e-3, 1e-9, 0.0)
+    assert not genuine(math.nan, 1e-9, 1.0)
