@@ -117,6 +117,39 @@ def uneven_peaks_worker(rank: int, out_dir: str) -> None:
     _save(out_dir, rank, {"value": res.value, "probe_batch": res.probe_batch})
 
 
+class SharpModel(torch.nn.Module):
+    """A wide linear map and three parameters behind a steep cosine (a sharp direction)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.weight = torch.nn.Parameter(torch.randn(3, 6, generator=g))
+        self.bias = torch.nn.Parameter(0.1 * torch.randn(3, generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T * 0.05 + torch.cos(40.0 * self.bias).sum()
+
+
+def sharp_directions() -> torch.Tensor:
+    """Two unit vectors of the sharp model: along its cosine's parameters, and random."""
+    top = torch.zeros(21)
+    top[-3:] = 3**-0.5
+    rand = torch.randn(21, generator=torch.Generator().manual_seed(5))
+    return torch.stack([top, rand / rand.norm()])
+
+
+def first_order_batch_worker(rank: int, out_dir: str) -> None:
+    """A batch of first-order products (``matmat``: the reduction deferred) on 2 ranks."""
+    x, y = dataset()
+    x, y = x.float(), F.one_hot(y, 3).float()
+    shard = (x[:10], y[:10]) if rank == 0 else (x[10:], y[10:])
+    H = Hessian(DDP(SharpModel()), F.mse_loss, shard, backend="first_order")
+    products = H.flat_matmat(sharp_directions())
+    engine = H._first_order
+    _save(out_dir, rank, {"products": products, "ratio": engine._ratio(),
+                          "refined": engine.refined, "loss0": engine._loss0[1]})
+
+
 def helper_checks(rank: int) -> dict[str, Any]:
     """The collective helpers on 2 ranks (expected values are checked by the test)."""
     x = torch.tensor([1.0, 2.0]) * (rank + 1)  # rank 0: [1, 2], rank 1: [2, 4]

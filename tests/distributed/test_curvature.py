@@ -150,3 +150,35 @@ def test_ranks_batch_probes_alike_whatever_memory_each_reads(tmp_path):
     one = hessian_trace(Hessian(W.model(), F.cross_entropy, (x, y)), "hutchinson", n_matvec=12,
                         seed=3)
     assert _rel(r0["value"], one.value) <= 1e-10
+
+
+def test_first_order_steps_are_decided_alike_inside_a_batch_of_products(tmp_path):
+    """matmat defers the all-reduce; the step check must still see the union's values."""
+    run_ranks(W.first_order_batch_worker, tmp_path)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["ratio"] == r1["ratio"] < 1.0 and r0["refined"] == r1["refined"] == 1
+    assert r0["loss0"] == r1["loss0"]
+    assert torch.equal(r0["products"], r1["products"])
+    x, y = W.dataset()
+    x, y = x.double(), F.one_hot(y, 3).double()
+    dense = _dense_mse_hessian(W.SharpModel().double(), x, y)
+    want = W.sharp_directions().double() @ dense
+    got = r0["products"].double()
+    assert float((got[0] - want[0]).norm() / want[0].norm()) <= 1e-3
+    union = Hessian(W.SharpModel(), F.mse_loss, (x.float(), y.float()), backend="first_order")
+    assert float(union.loss()) == pytest.approx(r0["loss0"], rel=1e-6)
+
+
+def _dense_mse_hessian(model, x, y):
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def loss(theta):
+        parts, i = {}, 0
+        for n, s in zip(names, shapes):
+            parts[n] = theta[i:i + s.numel()].view(s)
+            i += s.numel()
+        return F.mse_loss(functional_call(model, parts, (x,)), y)
+
+    return hessian(loss)(flat)
