@@ -72,6 +72,7 @@ from landscape.curvature._batches import to_device
 from landscape.curvature._evaluation import detach_tree, scalar_loss, seed_generators
 from landscape.curvature._step import (
     MIN_RATIO,
+    REFINE_BELOW,
     displacement_error,
     genuine,
     refined_ratio,
@@ -270,7 +271,9 @@ class FirstOrder:
         if ratio is None:
             return None
         ratio = max(ratio, MIN_RATIO / current)  # never below the floor in all
-        return (ratio, 2.0 * (q - second)) if ratio < 1.0 else None
+        # a shrink clamped to little is not worth two gradients (and its truncation,
+        # ρ⁴ of the first, would not stand GENUINE times below the gap: _step.genuine)
+        return (ratio, 2.0 * (q - second)) if ratio < REFINE_BELOW else None
 
     @staticmethod
     def _dot(v: Vector, product: list[torch.Tensor]) -> float:
@@ -301,15 +304,16 @@ class FirstOrder:
         self._norm = None
 
     def _state_key(self) -> Any:
-        """What identifies the parameters' values: their (local tensors') versions.
+        """What identifies the parameters' values: their versions.
 
-        A sharded model's products write into its shards and copy the originals back,
-        which bumps the versions: :meth:`_perturbed` re-keys what was learned before its
-        own writes. A write that does not bump versions (``p.data = ...``) needs
-        :meth:`~landscape.curvature.operator.ModelOperator.refresh`, which calls
-        :meth:`reset`.
+        A DTensor's own counter (an optimizer step bumps it; a local tensor taken from it
+        has a fresh counter of its own). A sharded model's products write into its local
+        shards and copy the originals back; should that bump a version, :meth:`_perturbed`
+        re-keys what was learned before its own writes. A write that bumps no version
+        (``p.data = ...``) needs :meth:`~landscape.curvature.operator.ModelOperator.
+        refresh`, which calls :meth:`reset`.
         """
-        return tuple(local_tensor(p.detach())._version for p in self.op._param_objects)
+        return tuple(p._version for p in self.op._param_objects)
 
     def _rekey(self, before: Any) -> None:
         """After this engine's own write-and-restore: what was keyed ``before`` stays valid."""
@@ -343,7 +347,11 @@ class FirstOrder:
         def per_batch(batch: Any) -> list[torch.Tensor]:
             with torch.no_grad():
                 if self.sharded:
-                    return [self._direct_loss(batch).detach().double()]
+                    value = self._direct_loss(batch).detach().double()
+                    # FSDP2 keeps the root's gathered copy after a forward without
+                    # backward: the next write into the shards would not be seen
+                    _dist.reshard(self.op.model)
+                    return [value]
                 leaves = {n: p.detach() for n, p in zip(self.op.names, params)}
                 value = stateless_closure(self.op.model, lambda m, b: self._direct_loss(b),
                                           leaves, batch)
@@ -636,6 +644,7 @@ class FirstOrder:
             return
         params = self.op._param_objects
         key = self._state_key()
+        _dist.reshard(self.op.model)  # no stale gathered copy: the forward sees the writes
         with torch.no_grad():
             saved = [local_tensor(p.detach()).clone() for p in params]
         try:
@@ -647,6 +656,7 @@ class FirstOrder:
             with torch.no_grad():
                 for p, orig in zip(params, saved):
                     local_tensor(p.detach()).copy_(orig)
+            _dist.reshard(self.op.model)  # nor a gathered copy of the perturbed values
             self._rekey(key)
 
     def _direct_loss(self, batch: Any) -> torch.Tensor:

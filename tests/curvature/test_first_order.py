@@ -419,9 +419,19 @@ def test_a_smooth_model_after_an_unversioned_update_and_refresh_does_not_refine(
         for p in model.parameters():
             p.data.add_(0.05 * torch.randn(p.shape, generator=g))  # no version bump
     H.refresh()
+    first = H._first_order
+    calls = []
+    real = first._central_difference
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    first._central_difference = counted
     for v in vs:
         H.flat_matvec(v)
-    assert H._first_order.refined == 0
+    # a stale L(θ) would pose as truncation: a check, a second pass, checks switched off
+    assert first.refined == 0 and first._unchecked is None and len(calls) == len(vs)
 
 
 def test_at_its_floor_the_step_is_not_refined_again():

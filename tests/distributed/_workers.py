@@ -335,3 +335,26 @@ def fsdp_curvature_worker(rank: int, out_dir: str) -> None:
         "grads_none": all(p.grad is None for p in net.parameters()),
         "shapes": H.shapes,
     })
+
+
+def fsdp_sharp_worker(rank: int, out_dir: str) -> None:
+    """:class:`SharpModel` with only the root ``fully_shard``-ed (the root holds every
+    parameter, as it holds embeddings and final norms in practice): first-order Hessian
+    and GGN products along the sharp direction, where the step is refined."""
+    from torch.distributed.fsdp import fully_shard
+
+    from landscape.params import flatten, unflatten
+
+    net = SharpModel()
+    fully_shard(net)
+    x, y = dataset()
+    x, y = x.float(), F.one_hot(y, 3).float()
+    shard = (x[:10], y[:10]) if rank == 0 else (x[10:], y[10:])
+    H = Hessian(net, F.mse_loss, shard)
+    G = GGN(net, F.mse_loss, shard)
+    out = {}
+    for name, op in (("hessian", H), ("ggn", G)):
+        out[name] = [flatten(op.matvec(unflatten(v, op._like()))) for v in sharp_directions()]
+    engine = H._first_order
+    out.update(ratio=engine._ratio(), refined=engine.refined, unchecked=engine._unchecked)
+    _save(out_dir, rank, out)

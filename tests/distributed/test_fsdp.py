@@ -58,3 +58,37 @@ def test_fsdp_first_order_matches_one_process_exact(ranks):
         assert r["restored"] and r["grads_none"]
     r0, r1 = ranks
     assert torch.equal(r0["eig"], r1["eig"]) and r0["trace"] == r1["trace"]
+
+
+def test_fsdp_refines_the_step_along_a_sharp_direction_when_the_root_holds_parameters(
+    tmp_path,
+):
+    """The root keeps its gathered parameters after a forward without backward; the
+    products must still see the perturbed shards (and L(θ) the unperturbed ones)."""
+    from torch.func import functional_call, hessian
+
+    run_ranks(W.fsdp_sharp_worker, tmp_path)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    x, y = W.dataset()
+    x, y = x.double(), F.one_hot(y, 3).double()
+    model = W.SharpModel().double()
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+
+    def loss(theta):
+        parts, i = {}, 0
+        for n, s in zip(names, shapes):
+            parts[n] = theta[i:i + s.numel()].view(s)
+            i += s.numel()
+        return F.mse_loss(functional_call(model, parts, (x,)), y)
+
+    dense = hessian(loss)(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    ggn = GGN(model, F.mse_loss, (x, y))
+    for r in (r0, r1):
+        assert r["refined"] == 1 and r["ratio"] < 1.0 and r["unchecked"] is None
+        for got, v in zip(r["hessian"], W.sharp_directions().double()):
+            assert _rel(got, dense @ v) <= 1e-3
+        for got, v in zip(r["ggn"], W.sharp_directions().double()):
+            want = flatten(ggn.matvec(unflatten(v, ggn._like())))
+            assert _rel(got, want) <= 1e-3
+    assert torch.equal(r0["hessian"][0], r1["hessian"][0])
