@@ -197,7 +197,7 @@ class FirstOrder:
         steps = self._steps_along(v, self._ratio())
         if steps is None:
             return tuple(torch.zeros_like(t) for t in v)
-        eps, shift, _ = steps
+        eps, shift = steps
         del steps
         product, losses = self._central_difference(eps, shift)
         check = self._refinement(v, eps, shift, product, losses)
@@ -205,7 +205,7 @@ class FirstOrder:
             ratio, gap = check
             del shift, product  # not held while the product is computed again
             learned = self._ratio() * ratio
-            eps1, shift, _ = self._steps_along(v, learned)
+            eps1, shift = self._steps_along(v, learned)
             product, losses1 = self._central_difference(eps1, shift)
             q1, losses1 = self._reduced_scalars(self._dot(v, product), losses1)
             residual = losses1 - 2.0 * self._loss_at_theta() - eps1**2 * q1
@@ -216,7 +216,7 @@ class FirstOrder:
                 # the product again at the step it had (once per parameter state)
                 self._unchecked = self._state_key()
                 del shift, product
-                eps, shift, _ = self._steps_along(v, self._ratio())
+                eps, shift = self._steps_along(v, self._ratio())
                 product, _ = self._central_difference(eps, shift)
         return tuple(t.to(self.op.dtype) for t in product)
 
@@ -285,15 +285,10 @@ class FirstOrder:
         """``values`` as the ranks' weighted mean when this rank's results are not reduced yet.
 
         A batch of products (``matmat``) defers the operator's reduction to one all-reduce
-        after it; the step check inside needs the reduced values now.
+        after it; the step check inside needs the reduced values now
+        (:meth:`~landscape.curvature._reduction.RankReduction.pending`).
         """
-        red = self.op._reduce
-        if not (red.enabled and red._deferred and _dist.is_distributed()):
-            return list(values)
-        if red._total is None:
-            red._total = _dist.total_weight(red.rank_size)
-        got = _dist.all_reduce_weighted([torch.tensor(values, dtype=torch.float64)],
-                                        red.rank_size, total=red._total)
+        got = self.op._reduce.pending([torch.tensor(values, dtype=torch.float64)])
         return [float(x) for x in got[0]]
 
     def reset(self) -> None:
@@ -380,7 +375,7 @@ class FirstOrder:
         steps = self._steps_along(v)
         if steps is None:
             return tuple(torch.zeros_like(t) for t in v)
-        eps, shift, _ = steps
+        eps, shift = steps
 
         def per_batch(batch: Any) -> list[torch.Tensor]:
             with _same_rng(self.op.model) as rewind:
@@ -401,10 +396,8 @@ class FirstOrder:
         """The parameters' dtype, at least float32 (bfloat16/float16 models work in float32)."""
         return torch.promote_types(self.op.dtype, torch.float32)
 
-    def _steps_along(
-        self, v: Vector, ratio: float = 1.0
-    ) -> tuple[float, Tensors, float] | None:
-        """The step ``ε``, the shift ``εv`` (this rank's shards, :attr:`_work_dtype`), ``‖v‖``.
+    def _steps_along(self, v: Vector, ratio: float = 1.0) -> tuple[float, Tensors] | None:
+        """The step ``ε`` and the shift ``εv`` (this rank's shards, :attr:`_work_dtype`).
 
         ``ε`` is ``ratio`` times :func:`~landscape.curvature._step.step_size`. None for
         v = 0. The other side, ``θ - εv``, is formed with ``sign=-1`` from the same shift
@@ -418,7 +411,7 @@ class FirstOrder:
             n: shard_of(t, p).to(self._work_dtype) * eps
             for n, t, p in zip(self.op.names, v, self.op._param_objects)
         }
-        return eps, shift, v_norm
+        return eps, shift
 
     def _output(
         self, batch: Any, shift: Tensors | None, sign: int = 1
@@ -488,7 +481,7 @@ class FirstOrder:
     def _theta_norm(self) -> float:
         """``‖θ‖`` in float64 (over all shards), cached while the parameters are unchanged."""
         params = self.op._param_objects
-        key = tuple(p._version for p in params) if not self.sharded else ()
+        key = self._state_key()
         if self._norm is not None and self._norm[0] == key and not self.sharded:
             return self._norm[1]
         if self.sharded:

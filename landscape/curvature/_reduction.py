@@ -50,6 +50,25 @@ class RankReduction:
         """
         if not self.enabled or self._deferred:
             return tensors
+        return self._all_reduce(tensors)
+
+    def pending(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Reduce now what a :meth:`deferred` block leaves unreduced; as is otherwise.
+
+        For values a computation inside a batch of products needs reduced before the
+        batch's own all-reduce (results outside such a block are reduced already).
+
+        Args:
+            tensors: this rank's results.
+
+        Returns:
+            The reduced results inside :meth:`deferred` (when enabled), else ``tensors``.
+        """
+        if not (self.enabled and self._deferred):
+            return tensors
+        return self._all_reduce(tensors)
+
+    def _all_reduce(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         if self._total is None:
             self._total = _dist.total_weight(self.rank_size)
         return _dist.all_reduce_weighted(tensors, self.rank_size, total=self._total)

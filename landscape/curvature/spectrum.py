@@ -52,6 +52,24 @@ REORTHOGONALIZE = ("auto", "full", "local")
 """The bases :func:`spectral_density` may keep (its ``reorthogonalize``)."""
 
 
+def check_reorthogonalize(value: str) -> str:
+    """``value`` if it is one of :data:`REORTHOGONALIZE`; else ``ValueError``.
+
+    Args:
+        value: a ``reorthogonalize`` argument.
+
+    Returns:
+        ``value``.
+
+    Raises:
+        ValueError: an unknown value.
+    """
+    if value not in REORTHOGONALIZE:
+        raise ValueError(f"reorthogonalize must be one of {', '.join(REORTHOGONALIZE)}, "
+                         f"got {value!r}")
+    return value
+
+
 # ------------------------------------------------------------------------------------------
 # eigenvalues
 # ------------------------------------------------------------------------------------------
@@ -478,9 +496,7 @@ def spectral_density(
         raise ValueError(f"sigma must be > 0, got {sigma}")
     if probe_batch is not None and probe_batch < 1:
         raise ValueError(f"probe_batch must be >= 1, got {probe_batch}")
-    if reorthogonalize not in REORTHOGONALIZE:
-        raise ValueError(f"reorthogonalize must be one of {', '.join(REORTHOGONALIZE)}, "
-                         f"got {reorthogonalize!r}")
+    check_reorthogonalize(reorthogonalize)
     check_budget(memory_budget)
     plan = None
     run_op = op

@@ -283,15 +283,12 @@ class SpectralDensity(Metric):
         self, lanczos_steps: int = 30, n_probes: int = 2, memory_budget: Budget = "auto",
         reorthogonalize: str = "auto", **kwargs: Any,
     ) -> None:
-        from landscape.curvature.spectrum import REORTHOGONALIZE
+        from landscape.curvature.spectrum import check_reorthogonalize
 
         super().__init__(**kwargs)
         self.lanczos_steps, self.n_probes = int(lanczos_steps), int(n_probes)
         self.memory_budget = _budget(memory_budget)
-        if reorthogonalize not in REORTHOGONALIZE:
-            raise ValueError(f"reorthogonalize must be one of {', '.join(REORTHOGONALIZE)}, "
-                             f"got {reorthogonalize!r}")
-        self.reorthogonalize = reorthogonalize
+        self.reorthogonalize = check_reorthogonalize(reorthogonalize)
 
     n_iter = deprecated_alias("n_iter", "lanczos_steps")
 

@@ -396,6 +396,19 @@ def test_planned_copies_have_their_own_first_order_engine():
         assert float((copy_.flat_matvec(v) - want).norm() / want.norm()) <= 1e-8
 
 
+def _count_passes(engine) -> list:
+    """A list that grows by one at each central difference (two gradients) of ``engine``."""
+    calls = []
+    real = engine._central_difference
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    engine._central_difference = counted
+    return calls
+
+
 def test_the_learned_step_is_forgotten_with_the_parameters():
     H = Hessian(_Sharp(), F.mse_loss, _sharp_data(torch.float32), backend="first_order")
     first = H._first_order
@@ -420,14 +433,7 @@ def test_a_smooth_model_after_an_unversioned_update_and_refresh_does_not_refine(
             p.data.add_(0.05 * torch.randn(p.shape, generator=g))  # no version bump
     H.refresh()
     first = H._first_order
-    calls = []
-    real = first._central_difference
-
-    def counted(*args):
-        calls.append(1)
-        return real(*args)
-
-    first._central_difference = counted
+    calls = _count_passes(first)
     for v in vs:
         H.flat_matvec(v)
     # a stale L(θ) would pose as truncation: a check, a second pass, checks switched off
@@ -443,14 +449,7 @@ def test_at_its_floor_the_step_is_not_refined_again():
     first = H._first_order
     top = torch.zeros(H.dim)
     top[-3:] = 1.0
-    calls = []
-    real = first._central_difference
-
-    def counted(*args):
-        calls.append(1)
-        return real(*args)
-
-    first._central_difference = counted
+    calls = _count_passes(first)
     for _ in range(3):
         H.flat_matvec(top)
     assert first._ratio() == pytest.approx(MIN_RATIO)

@@ -9,6 +9,7 @@ from torch.func import functional_call, hessian
 
 from landscape import distributed as ld
 from landscape.curvature import GGN, Hessian, hessian_trace, spectral_density, top_eigenvalues
+from tests.curvature._dense import dense_hessian
 from tests.distributed import _workers as W
 from tests.distributed._launch import run_ranks
 
@@ -161,24 +162,10 @@ def test_first_order_steps_are_decided_alike_inside_a_batch_of_products(tmp_path
     assert torch.equal(r0["products"], r1["products"])
     x, y = W.dataset()
     x, y = x.double(), F.one_hot(y, 3).double()
-    dense = _dense_mse_hessian(W.SharpModel().double(), x, y)
+    dense = dense_hessian(W.SharpModel().double(), F.mse_loss, (x, y))
     want = W.sharp_directions().double() @ dense
     got = r0["products"].double()
     assert float((got[0] - want[0]).norm() / want[0].norm()) <= 1e-3
     union = Hessian(W.SharpModel(), F.mse_loss, (x.float(), y.float()), backend="first_order")
     assert float(union.loss()) == pytest.approx(r0["loss0"], rel=1e-6)
 
-
-def _dense_mse_hessian(model, x, y):
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def loss(theta):
-        parts, i = {}, 0
-        for n, s in zip(names, shapes):
-            parts[n] = theta[i:i + s.numel()].view(s)
-            i += s.numel()
-        return F.mse_loss(functional_call(model, parts, (x,)), y)
-
-    return hessian(loss)(flat)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from landscape.curvature import GGN, Hessian, hessian_trace, top_eigenvalues
 from landscape.params import flatten, unflatten
+from tests.curvature._dense import dense_hessian
 from tests.distributed import _workers as W
 from tests.distributed._launch import run_ranks
 
@@ -65,24 +66,12 @@ def test_fsdp_refines_the_step_along_a_sharp_direction_when_the_root_holds_param
 ):
     """The root keeps its gathered parameters after a forward without backward; the
     products must still see the perturbed shards (and L(θ) the unperturbed ones)."""
-    from torch.func import functional_call, hessian
-
     run_ranks(W.fsdp_sharp_worker, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     x, y = W.dataset()
     x, y = x.double(), F.one_hot(y, 3).double()
     model = W.SharpModel().double()
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-
-    def loss(theta):
-        parts, i = {}, 0
-        for n, s in zip(names, shapes):
-            parts[n] = theta[i:i + s.numel()].view(s)
-            i += s.numel()
-        return F.mse_loss(functional_call(model, parts, (x,)), y)
-
-    dense = hessian(loss)(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    dense = dense_hessian(model, F.mse_loss, (x, y))
     ggn = GGN(model, F.mse_loss, (x, y))
     for r in (r0, r1):
         assert r["refined"] == 1 and r["ratio"] < 1.0 and r["unchecked"] is None
