@@ -75,6 +75,8 @@ from landscape.curvature._step import (
     REFINE_BELOW,
     displacement_error,
     genuine,
+    ggn_genuine,
+    ggn_ratio,
     refined_ratio,
     step_size,
     truncation,
@@ -178,7 +180,7 @@ class FirstOrder:
             dtype.
         """
         with self._context():
-            out = self._accumulate(lambda batch: self._gradient(batch, None), with_loss=True)
+            out = self._accumulate(lambda batch: self._gradient(batch, None), scalars=1)
         return [t.to(self.op.dtype) for t in out]
 
     def hessian_product(self, v: Vector) -> Vector:
@@ -237,7 +239,7 @@ class FirstOrder:
             ]
 
         with self._context():
-            out = self._accumulate(per_batch, with_loss=True)
+            out = self._accumulate(per_batch, scalars=1)
         return out[1:], float(out[0])
 
     def _refinement(
@@ -261,13 +263,7 @@ class FirstOrder:
         trunc = truncation(q, second, losses, loss0, eps, self.op.dtype)
         if trunc == 0.0:
             return None
-        pairs = [(local_tensor(p.detach()), shift[n])
-                 for n, p in zip(self.op.names, self.op._param_objects)]
-        err, size = sharded_sum(
-            [torch.tensor(displacement_error(pairs, lambda t, s: _moved(t, s, 1)))],
-            self.sharded,
-        ).tolist()
-        ratio = refined_ratio(trunc, math.sqrt(err / size) if size > 0 else math.inf)
+        ratio = refined_ratio(trunc, self._rounding(shift))
         if ratio is None:
             return None
         ratio = max(ratio, MIN_RATIO / current)  # never below the floor in all
@@ -353,18 +349,26 @@ class FirstOrder:
                 return [value.detach().double()]
 
         with self._context():
-            loss = float(self._accumulate(per_batch, with_loss=True)[0])
+            loss = float(self._accumulate(per_batch, scalars=1)[0])
         (loss,) = self._reduced_scalars(loss)
         self._loss0 = (key, loss)
         return loss
 
     def ggn_product(self, v: Vector) -> Vector:
-        r"""``G v = J^T Λ J v`` with ``J v`` by a central difference of the model outputs.
+        r"""``G v = J^T Λ J v`` with ``J v`` by an extrapolated difference of the model outputs.
 
-        ``J v ≈ (f(θ + εv) − f(θ − εv)) / 2ε`` (two forward passes, the step of
-        :func:`step_size`), ``Λ (J v)`` exactly (double backward through the loss of the
-        outputs only, never through the model), and ``J^T u`` by one backward pass of
-        ``<f(θ), u>``: first-order derivatives of the model only.
+        ``J v`` comes from the outputs at ``θ ± εv`` and ``θ ± εv/2`` (four no-grad forward
+        passes): the central differences ``D(ε) = (f(θ + εv) − f(θ − εv)) / 2ε`` and
+        ``D(ε/2)`` carry the truncations ``ε² ∇³f[v, v, v] / 6`` and a quarter of it, so
+        Richardson's combination ``R = (4 D(ε/2) − D(ε)) / 3`` cancels it (the five-point
+        stencil, error ``O(ε⁴)``). ``Λ R`` is exact (double backward through the loss of
+        the outputs only, never through the model), and ``J^T Λ R`` is one backward pass of
+        ``<f(θ), Λ R>``: first-order derivatives of the model only.
+
+        The two differences also measure the truncation of ``D(ε)`` along ``v``,
+        ``t = (4/3) |Rᵀ Λ (D(ε) − D(ε/2))| / |Rᵀ Λ R|``; where it is large the step is
+        refined and learned for the operator as for Hessian products
+        (:mod:`landscape.curvature._step`, "The GGN's step"; docs/curvature.md).
 
         Args:
             v: a parameter-space vector (whole tensors, the same on every rank).
@@ -372,24 +376,77 @@ class FirstOrder:
         Returns:
             ``G v`` in the parameters' dtype.
         """
-        steps = self._steps_along(v)
+        steps = self._steps_along(v, self._ratio())
         if steps is None:
             return tuple(torch.zeros_like(t) for t in v)
         eps, shift = steps
+        del steps
+        product, trunc = self._extrapolated(eps, shift)
+        ratio = self._ggn_refinement(trunc, shift)
+        if ratio is not None:
+            del shift, product  # not held while the product is computed again
+            learned = self._ratio() * ratio
+            eps, shift = self._steps_along(v, learned)
+            product, trunc1 = self._extrapolated(eps, shift)
+            if ggn_genuine(trunc, trunc1):
+                self.refined += 1
+                self._learned = (self._state_key(), learned)
+            else:  # rounding posed as truncation: no more checks at these parameters
+                self._unchecked = self._state_key()
+                del shift, product
+                eps, shift = self._steps_along(v, self._ratio())
+                product, _ = self._extrapolated(eps, shift)
+        return tuple(t.to(self.op.dtype) for t in product)
+
+    def _extrapolated(self, eps: float, shift: Tensors) -> tuple[list[torch.Tensor], float]:
+        """``J^T Λ R`` (:meth:`ggn_product`) and the relative truncation ``t`` of ``D(ε)``."""
 
         def per_batch(batch: Any) -> list[torch.Tensor]:
-            with _same_rng(self.op.model) as rewind:
-                with torch.no_grad():
-                    plus = self._output(batch, shift)[0]
-                    rewind()
-                    minus_out = self._output(batch, shift, sign=-1)[0]
-                jv = (plus.double() - minus_out.double()) / (2.0 * eps)
-                rewind()
-                return self._pullback(batch, jv)
+            with _same_rng(self.op.model) as rewind, torch.no_grad():
+                wide = self._output_difference(batch, shift, rewind)
+                for s in shift.values():  # ε/2, exactly (a power of two), in place
+                    s.mul_(0.5)
+                jv = self._output_difference(batch, shift, rewind)
+                for s in shift.values():
+                    s.mul_(2.0)
+                # with Δ the output differences, D(ε) − D(ε/2) = (Δ(ε) − 2 Δ(ε/2)) / 2ε
+                # (kept in `wide`) and R = (4 D(ε/2) − D(ε)) / 3 = D(ε/2) − wide / 3
+                wide.sub_(jv, alpha=2.0).div_(2.0 * eps)
+                jv.div_(eps).sub_(wide, alpha=1.0 / 3.0)
+            return self._pullback(batch, jv, wide)
 
         with self._context():
-            out = self._accumulate(per_batch, with_loss=False)
-        return tuple(t.to(self.op.dtype) for t in out)
+            out = self._accumulate(per_batch, scalars=2)
+        along, cross = self._reduced_scalars(float(out[0]), float(out[1]))
+        # NaN when the outputs did not move (a step below the compute precision)
+        trunc = 4.0 / 3.0 * abs(cross) / abs(along) if along != 0.0 else math.nan
+        return out[2:], trunc
+
+    def _ggn_refinement(self, trunc: float, shift: Tensors) -> float | None:
+        """The factor ``ρ`` to shrink the GGN's step by (:func:`ggn_ratio`), or None."""
+        current = self._ratio()
+        if current <= MIN_RATIO or self._unchecked == self._state_key():
+            return None
+        ratio = ggn_ratio(trunc, self._rounding(shift))
+        return None if ratio is None else max(ratio, MIN_RATIO / current)
+
+    def _rounding(self, shift: Tensors) -> float:
+        """``‖fl(θ + εv) − θ − εv‖ / ‖εv‖`` over all shards (:func:`displacement_error`)."""
+        pairs = [(local_tensor(p.detach()), shift[n])
+                 for n, p in zip(self.op.names, self.op._param_objects)]
+        err, size = sharded_sum(
+            [torch.tensor(displacement_error(pairs, lambda t, s: _moved(t, s, 1)))],
+            self.sharded,
+        ).tolist()
+        return math.sqrt(err / size) if size > 0 else math.inf
+
+    def _output_difference(self, batch: Any, shift: Tensors, rewind: Any) -> torch.Tensor:
+        """``f(θ + shift) − f(θ − shift)`` in float64, both sides from the entry RNG state."""
+        diff = self._output(batch, shift)[0].to(torch.float64, copy=True)  # never an alias
+        rewind()
+        diff.sub_(self._output(batch, shift, sign=-1)[0])
+        rewind()
+        return diff
 
     @property
     def _work_dtype(self) -> torch.dtype:
@@ -426,12 +483,18 @@ class FirstOrder:
         out, targets = op._model_output(leaves, batch)
         return out, targets, leaves
 
-    def _pullback(self, batch: Any, jv: torch.Tensor) -> list[torch.Tensor]:
-        """``J^T Λ jv`` on one batch: ``Λ`` exact in output space, ``J^T`` by one backward."""
+    def _pullback(self, batch: Any, jv: torch.Tensor, diff: torch.Tensor) -> list[torch.Tensor]:
+        """``[jvᵀ Λ jv, diffᵀ Λ jv, *J^T Λ jv]`` on one batch.
+
+        ``Λ`` exact in output space, ``J^T`` by one backward; the two scalars in float64
+        (:meth:`ggn_product`'s step check).
+        """
         op = self.op
         if self.sharded:
             for p in op.model.parameters():
                 p.grad = None
+        scalars: list[torch.Tensor] = []
+
         def pull(model: nn.Module, b: Any) -> None:
             out, targets = self._direct_output(b)
             o = out.detach().requires_grad_(True)
@@ -442,6 +505,9 @@ class FirstOrder:
                 hjv = torch.autograd.grad(go, o, jv.to(o.dtype))[0]
             else:
                 hjv = torch.zeros_like(o)
+            wide = hjv.detach().double()
+            scalars.extend([(jv * wide).sum(), (diff * wide).sum()])
+            del wide
             if out.requires_grad:  # inside the substitution, as for the gradient
                 ((out * hjv).sum() * self._backward_scale()).backward()
 
@@ -452,7 +518,8 @@ class FirstOrder:
             leaves = self._shifted_leaves(None)
             stateless_closure(op.model, pull, leaves, batch)
         if leaves is not None:
-            return [torch.zeros_like(t) if t.grad is None else t.grad for t in leaves.values()]
+            return scalars + [torch.zeros_like(t) if t.grad is None else t.grad
+                              for t in leaves.values()]
         grads = [
             torch.zeros_like(local_tensor(p.detach())) if p.grad is None
             else local_tensor(p.grad.detach()).clone()
@@ -460,7 +527,7 @@ class FirstOrder:
         ]
         for p in op.model.parameters():
             p.grad = None
-        return grads
+        return scalars + grads
 
     # -- evaluation --------------------------------------------------------------------
     @contextlib.contextmanager
@@ -497,15 +564,17 @@ class FirstOrder:
         self._norm = (key, norm)
         return norm
 
-    def _accumulate(self, per_batch: Any, *, with_loss: bool) -> list[torch.Tensor]:
+    def _accumulate(self, per_batch: Any, *, scalars: int) -> list[torch.Tensor]:
         """``sum_b w_b per_batch(b)``, reduced over the ranks, whole tensors.
 
-        Summed in float64 over several batches; one batch is only weighted, in the dtype
-        ``per_batch`` returns (no float64 copy of parameter-sized tensors).
+        ``per_batch`` returns ``scalars`` 0-d tensors (a loss, the GGN's step check), then
+        one tensor per parameter. Summed in float64 over several batches; one batch is only
+        weighted, in the dtype ``per_batch`` returns (no float64 copy of parameter-sized
+        tensors).
         """
         op = self.op
         if self.sharded:
-            return self._accumulate_sharded(per_batch, with_loss=with_loss)
+            return self._accumulate_sharded(per_batch, scalars=scalars)
         total: list[torch.Tensor] | None = None
         several = len(op._data.batches) > 1
         for batch, w in zip(op._data.batches, op._data.weights):
@@ -518,14 +587,14 @@ class FirstOrder:
         assert total is not None
         return op._reduce(total)
 
-    def _accumulate_sharded(self, per_batch: Any, *, with_loss: bool) -> list[torch.Tensor]:
+    def _accumulate_sharded(self, per_batch: Any, *, scalars: int) -> list[torch.Tensor]:
         """The FSDP data loop: weights folded into each backward, matching passes.
 
         Every backward's reduce-scatter combines the ranks' batch ``b``, so each rank scales
         its loss by its own weight ``R (N_r / N) w_b`` before the backward and the gradients
         are summed unweighted; every rank runs as many passes as the rank with the most
         batches (zero-weight repeats of its first batch), since FSDP's collectives must
-        match. The loss is weighted here and reduced over the ranks.
+        match. The leading scalars (a loss) are weighted here and reduced over the ranks.
         """
         op = self.op
         batches = list(zip(op._data.batches, op._data.weights))
@@ -537,16 +606,15 @@ class FirstOrder:
                 part = [t.double() for t in per_batch(to_device(batch, op.device))]
             finally:
                 self._weight = 1.0
-            if with_loss:
-                part[0] = part[0] * w
+            part[:scalars] = [t * w for t in part[:scalars]]
             total = part if total is None else [a + t for a, t in zip(total, part)]
         assert total is not None
-        grads = total[1:] if with_loss else total
-        full = [_full(g, p) for g, p in zip(grads, op._param_objects)]
-        if not with_loss or not _dist.is_distributed():
-            return [total[0], *full] if with_loss else full
-        loss = _dist.all_reduce_weighted([total[0]], op._data.rank_size, total=self._ranks_total())
-        return [loss[0], *full]
+        full = [_full(g, p) for g, p in zip(total[scalars:], op._param_objects)]
+        if not scalars or not _dist.is_distributed():
+            return [*total[:scalars], *full]
+        reduced = _dist.all_reduce_weighted(total[:scalars], op._data.rank_size,
+                                            total=self._ranks_total())
+        return [*reduced, *full]
 
     def _passes(self) -> int:
         """The most batches any rank holds (every rank runs that many passes)."""

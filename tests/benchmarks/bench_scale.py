@@ -34,7 +34,9 @@ against the float64 one along a near-top Ritz vector, and the symmetry of random
 kept gradient graph, interleaved), ``density`` (``spectral_density`` of one probe, 30 steps,
 with the full and the local Lanczos basis: time, peak, moments; then the basis each budget's
 plan keeps), ``first_order`` (first-order products against exact ones along the top
-eigenvector and a random direction, and ``top_eigenvalues`` on each). ``--quick`` runs the
+eigenvector and a random direction, and ``top_eigenvalues`` on each), ``ggn_first_order``
+(the same for the GGN of the cross-entropy, and the time of one product, exact and
+first-order). ``--quick`` runs the
 small models only, a few products each (a smoke test of the script). The machine is
 shared: one thread, and ratios.
 """
@@ -55,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from landscape import LandscapeError
-from landscape.curvature import Hessian, hessian_trace, spectral_density, top_eigenvalues
+from landscape.curvature import GGN, Hessian, hessian_trace, spectral_density, top_eigenvalues
 from landscape.curvature.lanczos import krylov_eigsh
 from landscape.curvature.memory import PeakMemory
 from tests.benchmarks.bench_start_vector import gradient_start
@@ -411,6 +413,62 @@ def first_order_accuracy(model: nn.Module, batch: Any, closure: Callable,
     return out
 
 
+def ggn_parts(model: nn.Module, batch: Any) -> tuple[Callable, Any, dict[str, Any]]:
+    """``(loss_fn, data, options)`` of the GGN of the model's cross-entropy on ``batch``."""
+    if isinstance(batch, tuple):  # ResNet-18: (images, labels)
+        return F.cross_entropy, batch, {}
+
+    def forward(m: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = m(input_ids=ids).logits[:, :-1]  # next-token prediction, as GPT-2's loss
+        return logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+
+    return F.cross_entropy, batch, {"forward": forward}
+
+
+def ggn_first_order_accuracy(model: nn.Module, batch: Any, max_matvec: int) -> dict:
+    """:func:`first_order_accuracy` for the GGN, and one product's time, exact and first-order.
+
+    The first-order GGN product Richardson-extrapolates ``J v`` from four outputs and
+    refines its step along sharp directions (docs/curvature.md, "The GGN's step").
+    """
+    from landscape.params import flatten
+
+    loss_fn, data, kw = ggn_parts(model, batch)
+
+    def make(**extra: Any) -> GGN:
+        return GGN(model, loss_fn, data, single_batch=True, **kw, **extra)
+
+    exact = make()
+    t0 = time.perf_counter()
+    ref = top_eigenvalues(exact, k=1, tol=1e-4, max_matvec=max_matvec)
+    out: dict[str, Any] = {"exact_top1": {"value": float(ref.values[0]),
+                                          "n_matvec": ref.n_matvec, "converged": ref.converged,
+                                          "seconds": time.perf_counter() - t0}}
+    u = flatten(ref.vectors[0])
+    v = torch.randn(u.shape, generator=torch.Generator().manual_seed(0), dtype=u.dtype)
+    v /= v.norm()
+    timing = make(backend="first_order")
+    for name, op in (("exact_product_s", exact), ("first_order_product_s", timing)):
+        op.flat_matvec(v)  # warm
+        t0 = time.perf_counter()
+        op.flat_matvec(v)
+        out[name] = time.perf_counter() - t0
+    fo = make(backend="first_order")
+    for name, w in (("random_before", v), ("along_top", u), ("random_after", v)):
+        want = exact.flat_matvec(w)
+        out[name] = float((fo.flat_matvec(w) - want).norm() / want.norm())
+    out["refined"] = fo._first_order.refined
+    fresh = make(backend="first_order")
+    t0 = time.perf_counter()
+    res = top_eigenvalues(fresh, k=1, tol=1e-4, max_matvec=max_matvec)
+    out["first_order_top1"] = {"value": float(res.values[0]), "n_matvec": res.n_matvec,
+                               "converged": res.converged, "refined": fresh._first_order.refined,
+                               "seconds": time.perf_counter() - t0,
+                               "rel_error": abs(float(res.values[0]) - float(ref.values[0]))
+                               / abs(float(ref.values[0]))}
+    return out
+
+
 def density_runs(model: nn.Module, batch: Any, closure: Callable, steps: int,
                  budgets: list[str], bases: tuple[str, ...] = ("full", "local")) -> dict:
     """``spectral_density`` (one probe) with the full and the local basis, then the plans.
@@ -602,6 +660,10 @@ def main(argv: list[str] | None = None) -> None:
             rec["first_order"] = first_order_accuracy(model, batch, closure,
                                                       4 if args.quick else args.max_matvec)
             log(f"first-order accuracy: {rec['first_order']}")
+        if "ggn_first_order" in sections:
+            rec["ggn_first_order"] = ggn_first_order_accuracy(
+                model, batch, 4 if args.quick else args.max_matvec)
+            log(f"GGN first-order accuracy: {rec['ggn_first_order']}")
         if "density" in sections:
             rec["density"] = density_runs(model, batch, closure, 4 if args.quick else 30,
                                           [b for b in args.budgets.split(",") if b],

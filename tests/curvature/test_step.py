@@ -14,6 +14,8 @@ from landscape.curvature._step import (
     REFINE_BELOW,
     displacement_error,
     genuine,
+    ggn_genuine,
+    ggn_ratio,
     refined_ratio,
     truncation,
 )
@@ -70,3 +72,22 @@ def test_genuine_needs_the_gap_above_the_measured_rounding_and_a_moving_product(
     assert not genuine(1e-3, 0.0, 5.0)  # nothing moved at the refined step
     assert not genuine(1e-3, 1e-9, 0.0)
     assert not genuine(math.nan, 1e-9, 1.0)
+
+
+def test_ggn_ratio_brings_the_truncation_down_to_the_root_of_the_rounding():
+    # t rho^2 = sqrt(r): the extrapolated product's error, ~t^2, then ~r
+    rho = ggn_ratio(0.34, 5e-5)
+    assert rho == pytest.approx(math.sqrt(math.sqrt(5e-5) / 0.34))
+    assert 0.34 * rho**2 == pytest.approx(math.sqrt(5e-5))
+    assert ggn_ratio(1e-3, 5e-5) is None  # already below sqrt(r): kept
+    assert ggn_ratio(1e9, 5e-5) == MIN_RATIO
+    assert ggn_ratio(math.nan, 5e-5) is None and ggn_ratio(0.0, 5e-5) is None
+    assert ggn_ratio(0.3, math.inf) is None
+
+
+def test_ggn_genuine_needs_the_truncation_to_fall():
+    assert ggn_genuine(0.3, 0.3 * 0.1**2)  # fell as rho^2
+    assert not ggn_genuine(0.3, 0.3 / 0.1)  # grew as 1/rho: rounding
+    assert not ggn_genuine(0.3, 0.2)
+    assert not ggn_genuine(0.3, math.nan)  # the outputs did not move
+    assert not ggn_genuine(math.nan, 0.0)
