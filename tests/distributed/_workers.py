@@ -117,17 +117,22 @@ def uneven_peaks_worker(rank: int, out_dir: str) -> None:
     _save(out_dir, rank, {"value": res.value, "probe_batch": res.probe_batch})
 
 
+STEEP = 150.0
+"""The cosine's frequency of the sharp model whose first-order GGN step is refined."""
+
+
 class SharpModel(torch.nn.Module):
     """A wide linear map and three parameters behind a steep cosine (a sharp direction)."""
 
-    def __init__(self) -> None:
+    def __init__(self, k: float = 40.0) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(0)
         self.weight = torch.nn.Parameter(torch.randn(3, 6, generator=g))
         self.bias = torch.nn.Parameter(0.1 * torch.randn(3, generator=g))
+        self.k = k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight.T * 0.05 + torch.cos(40.0 * self.bias).sum()
+        return x @ self.weight.T * 0.05 + torch.cos(self.k * self.bias).sum()
 
 
 def sharp_directions() -> torch.Tensor:
@@ -146,8 +151,12 @@ def first_order_batch_worker(rank: int, out_dir: str) -> None:
     H = Hessian(DDP(SharpModel()), F.mse_loss, shard, backend="first_order")
     products = H.flat_matmat(sharp_directions())
     engine = H._first_order
+    G = GGN(DDP(SharpModel(STEEP)), F.mse_loss, shard, backend="first_order")
+    ggn = G.flat_matmat(sharp_directions())
     _save(out_dir, rank, {"products": products, "ratio": engine._ratio(),
-                          "refined": engine.refined, "loss0": engine._loss0[1]})
+                          "refined": engine.refined, "loss0": engine._loss0[1],
+                          "ggn": ggn, "ggn_ratio": G._first_order._ratio(),
+                          "ggn_refined": G._first_order.refined})
 
 
 def helper_checks(rank: int) -> dict[str, Any]:
@@ -340,7 +349,8 @@ def fsdp_curvature_worker(rank: int, out_dir: str) -> None:
 def fsdp_sharp_worker(rank: int, out_dir: str) -> None:
     """:class:`SharpModel` with only the root ``fully_shard``-ed (the root holds every
     parameter, as it holds embeddings and final norms in practice): first-order Hessian
-    and GGN products along the sharp direction, where the step is refined."""
+    and GGN products along the sharp direction, where the step is refined (the GGN's on a
+    steeper cosine, ``STEEP``: at k = 40 its extrapolated product needs no refinement)."""
     from torch.distributed.fsdp import fully_shard
 
     from landscape.params import flatten, unflatten
@@ -350,11 +360,14 @@ def fsdp_sharp_worker(rank: int, out_dir: str) -> None:
     x, y = dataset()
     x, y = x.float(), F.one_hot(y, 3).float()
     shard = (x[:10], y[:10]) if rank == 0 else (x[10:], y[10:])
+    steep = SharpModel(STEEP)
+    fully_shard(steep)
     H = Hessian(net, F.mse_loss, shard)
-    G = GGN(net, F.mse_loss, shard)
+    G = GGN(steep, F.mse_loss, shard)
     out = {}
     for name, op in (("hessian", H), ("ggn", G)):
         out[name] = [flatten(op.matvec(unflatten(v, op._like()))) for v in sharp_directions()]
     engine = H._first_order
     out.update(ratio=engine._ratio(), refined=engine.refined, unchecked=engine._unchecked)
+    out.update(ggn_ratio=G._first_order._ratio(), ggn_refined=G._first_order.refined)
     _save(out_dir, rank, out)

@@ -9,6 +9,7 @@ from torch.func import functional_call, hessian
 
 from landscape import distributed as ld
 from landscape.curvature import GGN, Hessian, hessian_trace, spectral_density, top_eigenvalues
+from landscape.params import flatten, unflatten
 from tests.curvature._dense import dense_hessian
 from tests.distributed import _workers as W
 from tests.distributed._launch import run_ranks
@@ -168,4 +169,11 @@ def test_first_order_steps_are_decided_alike_inside_a_batch_of_products(tmp_path
     assert float((got[0] - want[0]).norm() / want[0].norm()) <= 1e-3
     union = Hessian(W.SharpModel(), F.mse_loss, (x.float(), y.float()), backend="first_order")
     assert float(union.loss()) == pytest.approx(r0["loss0"], rel=1e-6)
+    # the GGN's step check inside the batch: reduced on its own, decided alike
+    assert r0["ggn_ratio"] == r1["ggn_ratio"] < 1.0 and r0["ggn_refined"] == r1["ggn_refined"] == 1
+    assert torch.equal(r0["ggn"], r1["ggn"])
+    exact = GGN(W.SharpModel(W.STEEP).double(), F.mse_loss, (x, y))
+    for got, v in zip(r0["ggn"].double(), W.sharp_directions().double()):
+        want = flatten(exact.matvec(unflatten(v, exact._like())))
+        assert float((got - want).norm() / want.norm()) <= 1e-4
 
