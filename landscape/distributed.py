@@ -33,7 +33,6 @@ device). :func:`same_on_all_ranks` checks a tensor is bitwise equal on all ranks
 from __future__ import annotations
 
 import contextlib
-import functools
 import threading
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
@@ -181,7 +180,8 @@ def all_reduce_weighted(
     ``weight`` is this rank's weight ``w_r`` (e.g. its number of samples), ``total`` the sum
     of the weights over the ranks when already known (saves one all-reduce; see
     :func:`total_weight`). Each rank scales its tensors by ``w_r / total`` and the scaled
-    tensors are summed in **one** all-reduce of a flat buffer, so a mean-reduced quantity
+    tensors are summed in **one** all-reduce of a flat buffer per dtype (a float64 loss
+    beside float32 products does not widen them), so a mean-reduced quantity
     (loss, gradient, Hessian-vector product) becomes that of the concatenated data:
     ``L = sum_r (n_r / N) L_r``. With equal weights on two ranks the scaling is by 0.5, exact
     in floating point. The result has the tensors' shapes, dtypes and devices and is the same
@@ -195,19 +195,22 @@ def all_reduce_weighted(
     if not total > 0:
         raise ValueError(f"weight: the weights sum to {total} over the ranks; need > 0")
     scale = float(weight) / float(total)
-    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
-    if not (dtype.is_floating_point or dtype.is_complex):
-        dtype = torch.float64
+    groups: dict[torch.dtype, list[int]] = {}  # in first-seen order, alike on every rank
+    for i, t in enumerate(tensors):
+        exact = t.dtype.is_floating_point or t.dtype.is_complex
+        groups.setdefault(t.dtype if exact else torch.float64, []).append(i)
     device = tensors[0].device
-    flat = torch.cat([t.detach().to(device, dtype).reshape(-1) for t in tensors])
-    summed = _all_reduce_sum(flat * scale)
-    out = []
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        out.append(summed[offset:offset + n].view(t.shape).to(t.device, t.dtype))
-        offset += n
-    return out
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    for dtype, members in groups.items():
+        flat = torch.cat([tensors[i].detach().to(device, dtype).reshape(-1) for i in members])
+        summed = _all_reduce_sum(flat * scale)
+        offset = 0
+        for i in members:
+            t = tensors[i]
+            n = t.numel()
+            out[i] = summed[offset:offset + n].view(t.shape).to(t.device, t.dtype)
+            offset += n
+    return [t for t in out if t is not None]
 
 
 def same_on_all_ranks(tensor: torch.Tensor) -> bool:

@@ -27,8 +27,9 @@ so every entry moves by about ``eps^{1/3}`` of its own magnitude (the ``1 +`` ke
 absolute scale at ``θ ≈ 0``), whatever the model size; ``eps`` is the machine epsilon of
 the parameters' dtype. Expected relative errors: ``~1e-5`` in float32 and ``~1e-10`` in
 float64 (measured on the test models: docs/curvature.md). Along sharp directions the
-truncation can be far larger than that scale suggests; each Hessian product checks it and
-refines the step for the operator (:mod:`landscape.curvature._step`).
+truncation can be far larger than that scale suggests; each Hessian and GGN product checks
+it and refines the step for the operator (:mod:`landscape.curvature._step`); the GGN's
+``J v`` is Richardson-extrapolated besides (:meth:`FirstOrder.ggn_product`).
 
 **Precision.** The shifts ``±εv``, the perturbed parameters and the difference of the two
 gradients are computed in the parameters' dtype, at least float32 (bfloat16 and float16
@@ -67,7 +68,7 @@ import torch
 from torch import nn
 
 from landscape import distributed as _dist
-from landscape._sums import dots
+from landscape._sums import CHUNK, dots
 from landscape.curvature._batches import to_device
 from landscape.curvature._evaluation import detach_tree, scalar_loss, seed_generators
 from landscape.curvature._step import (
@@ -76,6 +77,7 @@ from landscape.curvature._step import (
     displacement_error,
     genuine,
     ggn_genuine,
+    ggn_negligible,
     ggn_ratio,
     refined_ratio,
     step_size,
@@ -109,13 +111,14 @@ def sharded_reason(params: Sequence[torch.Tensor]) -> str | None:
     return None
 
 
-def _moved(theta: torch.Tensor, shift: torch.Tensor, sign: int) -> torch.Tensor:
-    """``fl(θ + shift)`` (``sign=1``) or ``fl(θ - shift)``, summed in the shift's dtype.
+def _moved(theta: torch.Tensor, shift: torch.Tensor, sign: float) -> torch.Tensor:
+    """``fl(θ + sign · shift)``, summed in the shift's dtype, for ``sign`` ±1 or ±1/2.
 
-    Returned in ``θ``'s dtype; ``θ - s`` is bitwise ``θ + (-s)`` (IEEE 754 subtraction).
+    Returned in ``θ``'s dtype. ``sign · shift`` is exact (a power of two; IEEE 754), so
+    ``θ - s`` is bitwise ``θ + (-s)`` and ``θ + s/2`` is ``θ`` plus the halved shift,
+    without a copy of it.
     """
-    wide = theta.to(shift.dtype)
-    return (wide + shift if sign > 0 else wide - shift).to(theta.dtype)
+    return theta.to(shift.dtype).add(shift, alpha=sign).to(theta.dtype)
 
 
 def _full(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -128,6 +131,15 @@ def _full(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         DTensor.from_local(local, like.device_mesh, like.placements, shape=like.shape,
                            stride=like.stride())
     )
+
+
+def _wide_dot(wide: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``Σ wide · other`` as a 0-d float64 tensor; ``other`` widened one chunk at a time."""
+    a, b = wide.reshape(-1), other.reshape(-1)
+    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    for lo in range(0, a.numel(), CHUNK):
+        total += torch.dot(a[lo : lo + CHUNK], b[lo : lo + CHUNK].to(a.device, torch.float64))
+    return total
 
 
 @contextlib.contextmanager
@@ -169,7 +181,10 @@ class FirstOrder:
         self._loss0: tuple[Any, float] | None = None
         self._learned: tuple[Any, float] | None = None  # (state, step / step_size())
         self._unchecked: Any = None  # a state whose check proved unreliable
-        self.refined = 0  # Hessian products computed again at a refined step (_step.py)
+        self.refined = 0  # products computed again at a refined step (_step.py)
+        # the GGN's J v is extrapolated unless the parameters are 16-bit, whose displacement
+        # rounding (~6e-2 in bf16) dominates any truncation and would be tripled
+        self._extrapolates = torch.finfo(op.dtype).bits >= 32
 
     # -- public ------------------------------------------------------------------------
     def loss_and_grad(self) -> list[torch.Tensor]:
@@ -403,16 +418,15 @@ class FirstOrder:
 
         def per_batch(batch: Any) -> list[torch.Tensor]:
             with _same_rng(self.op.model) as rewind, torch.no_grad():
-                wide = self._output_difference(batch, shift, rewind)
-                for s in shift.values():  # ε/2, exactly (a power of two), in place
-                    s.mul_(0.5)
-                jv = self._output_difference(batch, shift, rewind)
-                for s in shift.values():
-                    s.mul_(2.0)
-                # with Δ the output differences, D(ε) − D(ε/2) = (Δ(ε) − 2 Δ(ε/2)) / 2ε
-                # (kept in `wide`) and R = (4 D(ε/2) − D(ε)) / 3 = D(ε/2) − wide / 3
-                wide.sub_(jv, alpha=2.0).div_(2.0 * eps)
-                jv.div_(eps).sub_(wide, alpha=1.0 / 3.0)
+                wide: torch.Tensor | None = self._output_difference(batch, shift, rewind)
+                if self._extrapolates:
+                    jv = self._output_difference(batch, shift, rewind, half=True)
+                    # with Δ the output differences, D(ε) − D(ε/2) = (Δ(ε) − 2 Δ(ε/2)) / 2ε
+                    # (kept in `wide`) and R = (4 D(ε/2) − D(ε)) / 3 = D(ε/2) − wide / 3
+                    wide.sub_(jv, alpha=2.0).div_(2.0 * eps)
+                    jv.div_(eps).sub_(wide, alpha=1.0 / 3.0)
+                else:  # 16-bit parameters: D(ε) alone, unchecked
+                    jv, wide = wide.div_(2.0 * eps), None
             return self._pullback(batch, jv, wide)
 
         with self._context():
@@ -427,8 +441,15 @@ class FirstOrder:
         current = self._ratio()
         if current <= MIN_RATIO or self._unchecked == self._state_key():
             return None
+        if ggn_negligible(trunc, self.op.dtype):  # no need to measure the rounding
+            return None
         ratio = ggn_ratio(trunc, self._rounding(shift))
-        return None if ratio is None else max(ratio, MIN_RATIO / current)
+        if ratio is None:
+            return None
+        ratio = max(ratio, MIN_RATIO / current)  # never below the floor in all
+        # a shrink clamped to little is not attempted: a real truncation would not fall
+        # enough for ggn_genuine (nor is it worth four forwards and a backward)
+        return ratio if ratio < REFINE_BELOW else None
 
     def _rounding(self, shift: Tensors) -> float:
         """``‖fl(θ + εv) − θ − εv‖ / ‖εv‖`` over all shards (:func:`displacement_error`)."""
@@ -440,11 +461,17 @@ class FirstOrder:
         ).tolist()
         return math.sqrt(err / size) if size > 0 else math.inf
 
-    def _output_difference(self, batch: Any, shift: Tensors, rewind: Any) -> torch.Tensor:
-        """``f(θ + shift) − f(θ − shift)`` in float64, both sides from the entry RNG state."""
-        diff = self._output(batch, shift)[0].to(torch.float64, copy=True)  # never an alias
+    def _output_difference(
+        self, batch: Any, shift: Tensors, rewind: Any, *, half: bool = False
+    ) -> torch.Tensor:
+        """``f(θ + s) − f(θ − s)`` in float64, both sides from the entry RNG state.
+
+        ``s`` is the shift or, with ``half``, half of it (formed inside the sum, no copy).
+        """
+        sign = 0.5 if half else 1.0
+        diff = self._output(batch, shift, sign)[0].to(torch.float64, copy=True)  # no alias
         rewind()
-        diff.sub_(self._output(batch, shift, sign=-1)[0])
+        diff.sub_(self._output(batch, shift, -sign)[0])
         rewind()
         return diff
 
@@ -471,7 +498,7 @@ class FirstOrder:
         return eps, shift
 
     def _output(
-        self, batch: Any, shift: Tensors | None, sign: int = 1
+        self, batch: Any, shift: Tensors | None, sign: float = 1
     ) -> tuple[Any, Any, Tensors | None]:
         """``(outputs, targets, leaves)`` at ``θ ± shift`` (leaves: functional path only)."""
         op = self.op
@@ -483,11 +510,13 @@ class FirstOrder:
         out, targets = op._model_output(leaves, batch)
         return out, targets, leaves
 
-    def _pullback(self, batch: Any, jv: torch.Tensor, diff: torch.Tensor) -> list[torch.Tensor]:
-        """``[jvᵀ Λ jv, diffᵀ Λ jv, *J^T Λ jv]`` on one batch.
+    def _pullback(
+        self, batch: Any, jv: torch.Tensor, diff: torch.Tensor | None
+    ) -> list[torch.Tensor]:
+        """``[jvᵀ Λ jv, diffᵀ Λ jv, *J^T Λ jv]`` on one batch (``diff`` None: 0).
 
-        ``Λ`` exact in output space, ``J^T`` by one backward; the two scalars in float64
-        (:meth:`ggn_product`'s step check).
+        ``Λ`` exact in output space, ``J^T`` by one backward; the two scalars summed in
+        float64 over chunks, with no output-sized copy (:meth:`ggn_product`'s step check).
         """
         op = self.op
         if self.sharded:
@@ -505,9 +534,9 @@ class FirstOrder:
                 hjv = torch.autograd.grad(go, o, jv.to(o.dtype))[0]
             else:
                 hjv = torch.zeros_like(o)
-            wide = hjv.detach().double()
-            scalars.extend([(jv * wide).sum(), (diff * wide).sum()])
-            del wide
+            lam = hjv.detach()
+            zero = torch.zeros((), dtype=torch.float64, device=jv.device)
+            scalars.extend([_wide_dot(jv, lam), zero if diff is None else _wide_dot(diff, lam)])
             if out.requires_grad:  # inside the substitution, as for the gradient
                 ((out * hjv).sum() * self._backward_scale()).backward()
 
@@ -629,14 +658,14 @@ class FirstOrder:
         return self._total
 
     def _gradient(
-        self, batch: Any, shift: Tensors | None, sign: int = 1
+        self, batch: Any, shift: Tensors | None, sign: float = 1
     ) -> list[torch.Tensor]:
         """``[loss, *g]`` on one batch at ``θ ± shift`` (local shards for FSDP)."""
         if self.sharded:
             return self._gradient_in_place(batch, shift, sign)
         return self._gradient_functional(batch, shift, sign)
 
-    def _shifted_leaves(self, shift: Tensors | None, sign: int = 1) -> Tensors:
+    def _shifted_leaves(self, shift: Tensors | None, sign: float = 1) -> Tensors:
         """Fresh leaves ``fl(θ ± shift)`` requiring grad (the model is not touched)."""
         leaves = {}
         for n, p in zip(self.op.names, self.op._param_objects):
@@ -655,7 +684,7 @@ class FirstOrder:
         return mesh.size() * self.op._data.rank_size / self._ranks_total() * self._weight
 
     def _gradient_functional(
-        self, batch: Any, shift: Tensors | None, sign: int
+        self, batch: Any, shift: Tensors | None, sign: float
     ) -> list[torch.Tensor]:
         leaves = self._shifted_leaves(shift, sign)
 
@@ -676,7 +705,7 @@ class FirstOrder:
         return [value.detach(), *grads]
 
     def _gradient_in_place(
-        self, batch: Any, shift: Tensors | None, sign: int
+        self, batch: Any, shift: Tensors | None, sign: float
     ) -> list[torch.Tensor]:
         op = self.op
         model = op.model
@@ -698,7 +727,7 @@ class FirstOrder:
         return [value.detach(), *grads]
 
     @contextlib.contextmanager
-    def _perturbed(self, shift: Tensors | None, sign: int = 1) -> Iterator[None]:
+    def _perturbed(self, shift: Tensors | None, sign: float = 1) -> Iterator[None]:
         """Write ``fl(θ ± shift)`` into the local shards; copy the saved originals back."""
         if shift is None:
             yield

@@ -79,7 +79,7 @@ from landscape._sums import CHUNK
 
 __all__ = [
     "GENUINE", "LOSS_NOISE", "MIN_RATIO", "REFINE_BELOW", "displacement_error", "genuine",
-    "ggn_genuine", "ggn_ratio", "refined_ratio", "step_size", "truncation",
+    "ggn_genuine", "ggn_negligible", "ggn_ratio", "refined_ratio", "step_size", "truncation",
 ]
 
 LOSS_NOISE = 8.0
@@ -169,6 +169,22 @@ def ggn_ratio(trunc: float, rounding: float) -> float | None:
     if not math.isfinite(trunc) or not math.isfinite(rounding):
         return None
     return refined_ratio(trunc, math.sqrt(max(rounding, 0.0)))
+
+
+def ggn_negligible(trunc: float, dtype: torch.dtype) -> bool:
+    """Whether the GGN's truncation ``t`` is too small for a refinement to matter.
+
+    What Richardson's combination leaves is below ``t²`` (module docstring, "The GGN's
+    step"), so for ``t <= 4 sqrt(u)`` it is below ``16 u``, about the rounding of the
+    outputs themselves: the rounding of the displacement need not be measured (a pass
+    over the parameters). NaN (outputs that did not move) is negligible too.
+
+    Args:
+        trunc: ``t`` at the current step.
+        dtype: the parameters' dtype (its unit roundoff ``u``).
+    """
+    u = torch.finfo(dtype).eps / 2.0
+    return not trunc > 4.0 * math.sqrt(u)
 
 
 def ggn_genuine(trunc: float, refined: float) -> bool:

@@ -373,6 +373,44 @@ def test_ggn_output_rounding_that_poses_as_truncation_is_not_learned():
     assert first._unchecked == first._state_key()
 
 
+def test_ggn_step_near_its_floor_is_not_refined_by_a_clamped_shrink():
+    """A learned step just above the floor leaves a clamped shrink of ρ ≥ 1/2: a real
+    truncation would not halve at it, so it is not attempted (no check switched off)."""
+    from landscape.curvature._step import MIN_RATIO
+
+    G = GGN(_Sharp(100.0), F.mse_loss, _sharp_data(torch.float32), backend="first_order")
+    first = G._first_order
+    first._learned = (first._state_key(), 1.2 * MIN_RATIO)
+    calls = []
+    real = first._extrapolated
+    first._extrapolated = lambda *a: calls.append(1) or real(*a)
+    top = torch.zeros(G.dim)
+    top[-3:] = 1.0
+    G.flat_matvec(top)
+    assert len(calls) == 1 and first.refined == 0 and first._unchecked is None
+    assert first._ratio() == pytest.approx(1.2 * MIN_RATIO)
+
+
+def test_ggn_of_16_bit_parameters_takes_the_plain_central_difference():
+    """bf16 parameters: the displacement's rounding dominates; extrapolating would triple
+    it. Two no-grad forwards and the pullback's per product, no check."""
+    x, y = _batch(torch.float32)
+    model = models.mlp().to(torch.bfloat16)
+    G = GGN(model, F.cross_entropy, (x.to(torch.bfloat16), y), backend="first_order")
+    forwards = []
+    handle = model.register_forward_hook(lambda *a: forwards.append(1))
+    try:
+        v = torch.randn(G.dim, generator=torch.Generator().manual_seed(0))
+        got = G.flat_matvec(v.to(torch.bfloat16)).double()
+    finally:
+        handle.remove()
+    assert len(forwards) == 3 and G._first_order.refined == 0
+    dense = dense_ggn(models.mlp().double(), F.cross_entropy,
+                      (x.to(torch.bfloat16).double(), y))
+    want = dense @ v.to(torch.bfloat16).double()
+    assert float((got - want).norm() / want.norm()) < 0.2  # bf16: rounding-bound
+
+
 def test_top_eigenvalues_checks_the_step_along_its_answer(monkeypatch):
     """First-order runs spend one product per end on the answer; a step that this check
     refines (none of the run's products did) solves again from the Ritz vectors."""

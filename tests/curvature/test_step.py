@@ -15,6 +15,7 @@ from landscape.curvature._step import (
     displacement_error,
     genuine,
     ggn_genuine,
+    ggn_negligible,
     ggn_ratio,
     refined_ratio,
     truncation,
@@ -91,3 +92,11 @@ def test_ggn_genuine_needs_the_truncation_to_fall():
     assert not ggn_genuine(0.3, 0.2)
     assert not ggn_genuine(0.3, math.nan)  # the outputs did not move
     assert not ggn_genuine(math.nan, 0.0)
+
+
+def test_ggn_negligible_below_four_roots_of_the_unit_roundoff():
+    u32 = torch.finfo(torch.float32).eps / 2
+    assert ggn_negligible(3.9 * math.sqrt(u32), torch.float32)
+    assert not ggn_negligible(4.1 * math.sqrt(u32), torch.float32)
+    assert ggn_negligible(math.nan, torch.float32)
+    assert not ggn_negligible(1e-6, torch.float64)  # float64: 4 sqrt(u) is 6e-8

@@ -163,6 +163,20 @@ def helper_checks(rank: int) -> dict[str, Any]:
     """The collective helpers on 2 ranks (expected values are checked by the test)."""
     x = torch.tensor([1.0, 2.0]) * (rank + 1)  # rank 0: [1, 2], rank 1: [2, 4]
     weighted = ld.all_reduce_weighted([x, torch.tensor(float(rank))], weight=3.0 - 2 * rank)
+    # a float64 scalar beside a float32 tensor: one all-reduce per dtype, none widened
+    sent: list[torch.dtype] = []
+    real = ld._all_reduce_sum
+
+    def recorded(flat: torch.Tensor) -> torch.Tensor:
+        sent.append(flat.dtype)
+        return real(flat)
+
+    ld._all_reduce_sum = recorded
+    try:
+        mixed = ld.all_reduce_weighted(
+            [x, torch.tensor(float(rank), dtype=torch.float64), 2 * x], weight=1.0, total=2.0)
+    finally:
+        ld._all_reduce_sum = real
     collected: list[Any] = []
     ld.map_sharded(list(range(5)), lambda i: (i * i, ld.rank()),
                    lambda i, v: collected.append((i, *v)))
@@ -178,7 +192,8 @@ def helper_checks(rank: int) -> dict[str, Any]:
     except Exception as err:
         error = f"{type(err).__name__}: {err}"
     return {
-        "weighted": weighted, "broadcast": ld.broadcast_object({"from": rank}),
+        "weighted": weighted, "mixed": mixed, "sent": sent,
+        "broadcast": ld.broadcast_object({"from": rank}),
         "gathered": ld.gather_objects(rank * 10), "all_gathered": ld.all_gather_objects(rank),
         "shard": ld.shard(list(range(7))), "collected": collected, "error": error,
         "enabled": (ld.enabled(), ld.enabled(True), ld.enabled(False)),
