@@ -377,32 +377,47 @@ def trace_run(model: nn.Module, batch: Any, closure: Callable, n_matvec: int) ->
 
 def first_order_accuracy(model: nn.Module, batch: Any, closure: Callable,
                          max_matvec: int) -> dict:
-    """First-order products against exact ones where it is hardest: along the top eigenvector.
+    """First-order Hessian products against exact ones where it is hardest (:func:`_accuracy`)."""
 
-    The exact ``top_eigenvalues(k=1, tol=1e-4)`` run gives ``u``; then, on a fresh
-    first-order operator, the relative error of the product along ``u`` (which refines
-    the step: docs/curvature.md, "The step along sharp directions"), then along a random
-    direction (at the refined step); then ``top_eigenvalues`` on first-order products.
+    def make(**extra: Any) -> Hessian:
+        return Hessian(model, closure=closure, data=batch, single_batch=True, **extra)
+
+    return _accuracy(make, max_matvec)
+
+
+def _accuracy(make: Callable[..., Any], max_matvec: int, timed: bool = False) -> dict:
+    """First-order products of ``make(backend="first_order")`` against ``make()``'s.
+
+    The exact ``top_eigenvalues(k=1, tol=1e-4)`` gives ``u``; then, on a fresh first-order
+    operator, the relative error of the product along a random direction, along ``u``
+    (which refines the step: docs/curvature.md, "The step along sharp directions") and
+    along the random direction again (at the refined step); then ``top_eigenvalues`` on
+    first-order products. ``timed``: one product's time too, exact and first-order.
     """
     from landscape.params import flatten
 
-    exact = Hessian(model, closure=closure, data=batch, single_batch=True)
+    exact = make()
     t0 = time.perf_counter()
     ref = top_eigenvalues(exact, k=1, tol=1e-4, max_matvec=max_matvec)
     out: dict[str, Any] = {"exact_top1": {"value": float(ref.values[0]),
                                           "n_matvec": ref.n_matvec, "converged": ref.converged,
                                           "seconds": time.perf_counter() - t0}}
     u = flatten(ref.vectors[0])
-    g = torch.Generator().manual_seed(0)
-    v = torch.randn(u.shape, generator=g, dtype=u.dtype)
+    v = torch.randn(u.shape, generator=torch.Generator().manual_seed(0), dtype=u.dtype)
     v /= v.norm()
-    fo = Hessian(model, closure=closure, data=batch, single_batch=True, backend="first_order")
-    for name, w in (("along_top", u), ("random_after", v)):
+    if timed:
+        for name, op in (("exact_product_s", exact), ("first_order_product_s",
+                                                       make(backend="first_order"))):
+            op.flat_matvec(v)  # warm
+            t0 = time.perf_counter()
+            op.flat_matvec(v)
+            out[name] = time.perf_counter() - t0
+    fo = make(backend="first_order")
+    for name, w in (("random_before", v), ("along_top", u), ("random_after", v)):
         want = exact.flat_matvec(w)
-        got = fo.flat_matvec(w)
-        out[name] = float((got - want).norm() / want.norm())
+        out[name] = float((fo.flat_matvec(w) - want).norm() / want.norm())
     out["refined"] = fo._first_order.refined
-    fresh = Hessian(model, closure=closure, data=batch, single_batch=True, backend="first_order")
+    fresh = make(backend="first_order")
     t0 = time.perf_counter()
     res = top_eigenvalues(fresh, k=1, tol=1e-4, max_matvec=max_matvec)
     out["first_order_top1"] = {"value": float(res.values[0]), "n_matvec": res.n_matvec,
@@ -426,47 +441,17 @@ def ggn_parts(model: nn.Module, batch: Any) -> tuple[Callable, Any, dict[str, An
 
 
 def ggn_first_order_accuracy(model: nn.Module, batch: Any, max_matvec: int) -> dict:
-    """:func:`first_order_accuracy` for the GGN, and one product's time, exact and first-order.
+    """:func:`_accuracy` for the GGN of the cross-entropy, with one product's time.
 
     The first-order GGN product Richardson-extrapolates ``J v`` from four outputs and
     refines its step along sharp directions (docs/curvature.md, "The GGN's step").
     """
-    from landscape.params import flatten
-
     loss_fn, data, kw = ggn_parts(model, batch)
 
     def make(**extra: Any) -> GGN:
         return GGN(model, loss_fn, data, single_batch=True, **kw, **extra)
 
-    exact = make()
-    t0 = time.perf_counter()
-    ref = top_eigenvalues(exact, k=1, tol=1e-4, max_matvec=max_matvec)
-    out: dict[str, Any] = {"exact_top1": {"value": float(ref.values[0]),
-                                          "n_matvec": ref.n_matvec, "converged": ref.converged,
-                                          "seconds": time.perf_counter() - t0}}
-    u = flatten(ref.vectors[0])
-    v = torch.randn(u.shape, generator=torch.Generator().manual_seed(0), dtype=u.dtype)
-    v /= v.norm()
-    timing = make(backend="first_order")
-    for name, op in (("exact_product_s", exact), ("first_order_product_s", timing)):
-        op.flat_matvec(v)  # warm
-        t0 = time.perf_counter()
-        op.flat_matvec(v)
-        out[name] = time.perf_counter() - t0
-    fo = make(backend="first_order")
-    for name, w in (("random_before", v), ("along_top", u), ("random_after", v)):
-        want = exact.flat_matvec(w)
-        out[name] = float((fo.flat_matvec(w) - want).norm() / want.norm())
-    out["refined"] = fo._first_order.refined
-    fresh = make(backend="first_order")
-    t0 = time.perf_counter()
-    res = top_eigenvalues(fresh, k=1, tol=1e-4, max_matvec=max_matvec)
-    out["first_order_top1"] = {"value": float(res.values[0]), "n_matvec": res.n_matvec,
-                               "converged": res.converged, "refined": fresh._first_order.refined,
-                               "seconds": time.perf_counter() - t0,
-                               "rel_error": abs(float(res.values[0]) - float(ref.values[0]))
-                               / abs(float(ref.values[0]))}
-    return out
+    return _accuracy(make, max_matvec, timed=True)
 
 
 def density_runs(model: nn.Module, batch: Any, closure: Callable, steps: int,
