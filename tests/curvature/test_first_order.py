@@ -373,6 +373,21 @@ def test_ggn_output_rounding_that_poses_as_truncation_is_not_learned():
     assert first._unchecked == first._state_key()
 
 
+def test_ggn_step_check_over_unequal_batches_matches_one_batch():
+    """The check's scalars are weighted like the product: batches of 5 and 11 samples
+    refine the step alike and give the one-batch product."""
+    x, y = _sharp_data(torch.float32)
+    one = GGN(_Sharp(100.0), F.mse_loss, (x, y), backend="first_order")
+    split = GGN(_Sharp(100.0), F.mse_loss, [(x[:5], y[:5]), (x[5:], y[5:])],
+                backend="first_order")
+    top = torch.zeros(one.dim)
+    top[-3:] = 1.0
+    a, b = one.flat_matvec(top).double(), split.flat_matvec(top).double()
+    assert one._first_order.refined == split._first_order.refined == 1
+    assert split._first_order._ratio() == pytest.approx(one._first_order._ratio(), rel=1e-3)
+    assert float((a - b).norm() / a.norm()) <= 1e-4
+
+
 def test_ggn_step_near_its_floor_is_not_refined_by_a_clamped_shrink():
     """A learned step just above the floor leaves a clamped shrink of ρ ≥ 1/2: a real
     truncation would not halve at it, so it is not attempted (no check switched off)."""
