@@ -388,6 +388,27 @@ def test_ggn_step_check_over_unequal_batches_matches_one_batch():
     assert float((a - b).norm() / a.norm()) <= 1e-4
 
 
+@pytest.mark.parametrize("cls", [Hessian, GGN])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_first_order_products_are_exactly_homogeneous(cls, dtype):
+    """The step scales as 1/‖v‖, so ``εv`` and every difference are the same bits for
+    ``2v`` and ``v/2``: the products scale exactly (a solver's normalisation does not
+    change the operator), also at a learned step."""
+    x, y = _batch(dtype)
+    op = cls(models.mlp().to(dtype), F.cross_entropy, (x, y), backend="first_order")
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    product = op.flat_matvec(v)
+    assert torch.equal(op.flat_matvec(2 * v), 2 * product)
+    assert torch.equal(op.flat_matvec(v / 2), product / 2)
+    sharp = cls(_Sharp(100.0).to(dtype), F.mse_loss, _sharp_data(dtype), backend="first_order")
+    top = torch.zeros(sharp.dim, dtype=dtype)
+    top[-3:] = 1.0
+    sharp.flat_matvec(top)  # refines the step in float32
+    w = torch.randn(sharp.dim, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    product = sharp.flat_matvec(w)
+    assert torch.equal(sharp.flat_matvec(4 * w), 4 * product)
+
+
 def test_ggn_step_near_its_floor_is_not_refined_by_a_clamped_shrink():
     """A learned step just above the floor leaves a clamped shrink of ρ ≥ 1/2: a real
     truncation would not halve at it, so it is not attempted (no check switched off)."""
