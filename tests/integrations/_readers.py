@@ -16,6 +16,7 @@ import json
 import struct
 import time
 from pathlib import Path
+from typing import Callable
 
 _BLOCK, _HEADER = 32768, 7
 
@@ -58,6 +59,8 @@ def _wandb_records(path: Path) -> list[bytes]:
             pos += left
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos:pos + _HEADER])
+        if pos + _HEADER + length > len(data):  # a record still being written: read later
+            break
         chunk = data[pos + _HEADER:pos + _HEADER + length]
         pos += _HEADER + length
         if kind == 1:
@@ -71,16 +74,18 @@ def _wandb_records(path: Path) -> list[bytes]:
     return records
 
 
-def wandb_history(run_dir, until: str | None = None, timeout: float = 30.0) -> list[dict]:
+def wandb_history(run_dir, until: Callable[[list[dict]], bool] | None = None,
+                  timeout: float = 60.0) -> list[dict]:
     """The history rows of an offline W&B run directory (``wandb/offline-run-*``).
 
-    With ``until``, read again (for up to ``timeout`` seconds) until a row holds that key:
-    wandb's service process may still be writing the file when ``run.finish()`` returns.
+    With ``until``, read again (for up to ``timeout`` seconds) until ``until(rows)`` holds:
+    wandb's service process may still be writing the file when ``run.finish()`` returns,
+    and a key of an early row (a finding at step 0) is no sign that the later rows landed.
     """
     deadline = time.monotonic() + timeout
     while True:
         rows = _wandb_rows(run_dir)
-        if until is None or any(until in r for r in rows) or time.monotonic() > deadline:
+        if until is None or until(rows) or time.monotonic() > deadline:
             return rows
         time.sleep(0.2)
 

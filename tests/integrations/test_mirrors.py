@@ -143,8 +143,10 @@ def test_wandb_mirror_logs_rows_with_their_step_to_the_active_offline_run(tmp_pa
     # a mirror that raised was switched off with a warning: say why, if it happened
     assert not [str(w.message) for w in caught if "mirror" in str(w.message).lower()]
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
-    # wandb's service process writes the offline file; give it time to land on disk
-    rows = _readers.wandb_history(run_dir, until="landscape/findings/count")
+    # wandb's service process writes the offline file; give every row time to land on disk
+    rows = _readers.wandb_history(
+        run_dir, until=lambda rows: len(_readers.wandb_series(rows, "landscape/loss/value"))
+        >= len(steps) and any("landscape/findings/count" in r for r in rows))
     got = _readers.wandb_series(rows, "landscape/loss/value")
     assert [s for s, _ in got] == steps.tolist()
     assert [v for _, v in got] == pytest.approx(loss.tolist(), rel=1e-6)
