@@ -171,6 +171,7 @@ def test_budgeted_density_equals_the_unbudgeted_one():
 
 def test_a_first_order_plan_measures_that_product_once(monkeypatch):
     """With a measured profile the first-order product is measured (once), not one step."""
+    from landscape.curvature import _profile as profiles
     from landscape.curvature import memory
 
     _, _, op = _model_op()
@@ -184,7 +185,7 @@ def test_a_first_order_plan_measures_that_product_once(monkeypatch):
         calls.append(size)
         return 8e4  # above the step: the product's own vectors
 
-    monkeypatch.setattr(memory, "_probe_peak", fake_peak)
+    monkeypatch.setattr(profiles, "_probe_peak", fake_peak)
     kw = dict(n_probes=10, fixed_bytes=1000.0, probe_bytes=100.0, profile=prof)
     plan = plan_probes(op, budget=1000 + 100 + 8e4, **kw)
     assert plan.backend == "first_order" and plan.product_bytes == 8e4
