@@ -153,10 +153,16 @@ def first_order_batch_worker(rank: int, out_dir: str) -> None:
     engine = H._first_order
     G = GGN(DDP(SharpModel(STEEP)), F.mse_loss, shard, backend="first_order")
     ggn = G.flat_matmat(sharp_directions())
+    # one product at a time, on unequal shards (7 and 13 samples): the check's scalars
+    # are weighted by the ranks' sizes like the product
+    uneven = (x[:7], y[:7]) if rank == 0 else (x[7:], y[7:])
+    U = GGN(DDP(SharpModel(STEEP)), F.mse_loss, uneven, backend="first_order")
+    single = torch.stack([U.flat_matvec(v) for v in sharp_directions()])
     _save(out_dir, rank, {"products": products, "ratio": engine._ratio(),
                           "refined": engine.refined, "loss0": engine._loss0[1],
                           "ggn": ggn, "ggn_ratio": G._first_order._ratio(),
-                          "ggn_refined": G._first_order.refined})
+                          "ggn_refined": G._first_order.refined, "uneven": single,
+                          "uneven_refined": U._first_order.refined})
 
 
 def helper_checks(rank: int) -> dict[str, Any]:

@@ -181,4 +181,10 @@ def test_first_order_steps_are_decided_alike_inside_a_batch_of_products(tmp_path
     for got, v in zip(r0["ggn"].double(), W.sharp_directions().double()):
         want = flatten(exact.matvec(unflatten(v, exact._like())))
         assert float((got - want).norm() / want.norm()) <= 1e-4
+    # single products on shards of 7 and 13 samples: the union's GGN, refined alike
+    assert r0["uneven_refined"] == r1["uneven_refined"] == 1
+    assert torch.equal(r0["uneven"], r1["uneven"])
+    for got, v in zip(r0["uneven"].double(), W.sharp_directions().double()):
+        want = flatten(exact.matvec(unflatten(v, exact._like())))
+        assert float((got - want).norm() / want.norm()) <= 1e-4
 
