@@ -185,7 +185,9 @@ def all_reduce_weighted(
     (loss, gradient, Hessian-vector product) becomes that of the concatenated data:
     ``L = sum_r (n_r / N) L_r``. With equal weights on two ranks the scaling is by 0.5, exact
     in floating point. The result has the tensors' shapes, dtypes and devices and is the same
-    on every rank. Without a process group of several ranks the tensors are returned as is.
+    on every rank. Every rank must pass tensors of the same dtypes in the same order (the
+    buffers are matched by position), as every rank must for any collective. Without a
+    process group of several ranks the tensors are returned as is.
     """
     tensors = list(tensors)
     if not is_distributed() or not tensors:

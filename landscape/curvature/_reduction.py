@@ -3,7 +3,7 @@
 With ``torch.distributed`` (docs/distributed.md) every rank holds its own probe data of size
 ``N_r``; each loss, gradient and product becomes the size-weighted mean over the ranks,
 ``sum_r (N_r / N) x_r``, i.e. the value on the union of the ranks' data, by one all-reduce
-of the flat result per call. All ranks run the same solver steps in lock step.
+of the flat result per call (one per dtype in it). All ranks run the same solver steps in lock step.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class RankReduction:
             self._deferred = False
 
     def products(self, outs: list[Vector], n_tensors: int) -> list[Vector]:
-        """Reduce a batch of products with one all-reduce in a fixed layout.
+        """Reduce a batch of products with one all-reduce (per dtype) in a fixed layout.
 
         The layout is parameter-major, as the vmapped path produces it, so every rank issues
         the same collectives whichever local path (vmapped, a loop, a cached graph) it took.

@@ -223,21 +223,27 @@ class ShiftedEvaluation:
         ``per_batch`` returns ``scalars`` 0-d tensors (a loss, the GGN's step check), then
         one tensor per parameter. Summed in float64 over several batches; one batch is only
         weighted, in the dtype ``per_batch`` returns (no float64 copy of parameter-sized
-        tensors).
+        tensors). Reduced over the ranks in the dtypes one batch gives: ranks may hold
+        different numbers of batches, and the all-reduce's buffers (one per dtype) must
+        match.
         """
         op = self.op
         if self.sharded:
             return self._accumulate_sharded(per_batch, scalars=scalars)
         total: list[torch.Tensor] | None = None
+        dtypes: list[torch.dtype] = []
         several = len(op._data.batches) > 1
         for batch, w in zip(op._data.batches, op._data.weights):
-            part = per_batch(to_device(batch, op.device))
-            part = [t.double() for t in part] if several else list(part)
+            part = list(per_batch(to_device(batch, op.device)))
+            dtypes = dtypes or [t.dtype for t in part]
+            part = [t.double() for t in part] if several else part
             if total is None:  # at weight 1 the part itself (no parameter-sized copy)
                 total = part if w == 1.0 else [t * w for t in part]
             else:
                 total = [a + w * t for a, t in zip(total, part)]
         assert total is not None
+        if several and op._reduce.enabled:
+            total = [t.to(d) for t, d in zip(total, dtypes)]
         return op._reduce(total)
 
     def _accumulate_sharded(self, per_batch: Any, *, scalars: int) -> list[torch.Tensor]:

@@ -165,6 +165,20 @@ def first_order_batch_worker(rank: int, out_dir: str) -> None:
                           "uneven_refined": U._first_order.refined})
 
 
+def first_order_uneven_worker(rank: int, out_dir: str) -> None:
+    """First-order products of a float32 model when the ranks hold different numbers of
+    batches (:func:`curvature_shard`: 2 and 1): every all-reduce must match in size."""
+    data = _to_float32(curvature_shard(rank))
+    net = model().float()
+    out = {}
+    for name, cls in (("hessian", Hessian), ("ggn", GGN)):
+        op = cls(net, F.cross_entropy, data, backend="first_order")
+        out[name] = op.flat_matvec(fsdp_vectors(op.dim)[0].float())
+    loss_grad = Hessian(net, F.cross_entropy, data, backend="first_order").gradient()
+    out["gradient"] = torch.cat([g.reshape(-1) for g in loss_grad])
+    _save(out_dir, rank, out)
+
+
 def helper_checks(rank: int) -> dict[str, Any]:
     """The collective helpers on 2 ranks (expected values are checked by the test)."""
     x = torch.tensor([1.0, 2.0]) * (rank + 1)  # rank 0: [1, 2], rank 1: [2, 4]

@@ -159,6 +159,25 @@ def test_ranks_batch_probes_alike_whatever_memory_each_reads(tmp_path):
     assert _rel(r0["value"], one.value) <= 1e-10
 
 
+def test_first_order_products_on_ranks_with_different_numbers_of_batches(tmp_path):
+    """Rank 0 holds two batches, rank 1 one: the sums over batches (float64) are reduced in
+    the dtypes one batch gives, so the ranks' all-reduce buffers match (they aborted in
+    gloo, "Received data size doesn't match expected size"), and the values are the union's."""
+    run_ranks(W.first_order_uneven_worker, tmp_path)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    x, y = W.dataset()
+    union = (x.float(), y)
+    net = W.model().float()
+    for name, cls in (("hessian", Hessian), ("ggn", GGN)):
+        assert torch.equal(r0[name], r1[name])
+        op = cls(net, F.cross_entropy, union, backend="first_order")
+        want = op.flat_matvec(W.fsdp_vectors(op.dim)[0].float())
+        assert float((r0[name] - want).norm() / want.norm()) <= 1e-3
+    exact = torch.cat([g.reshape(-1) for g in Hessian(net, F.cross_entropy, union).gradient()])
+    assert torch.equal(r0["gradient"], r1["gradient"])
+    torch.testing.assert_close(r0["gradient"], exact, rtol=1e-5, atol=1e-7)
+
+
 def test_first_order_steps_are_decided_alike_inside_a_batch_of_products(tmp_path):
     """matmat defers the all-reduce; the step check must still see the union's values."""
     run_ranks(W.first_order_batch_worker, tmp_path)
