@@ -44,6 +44,7 @@ __all__ = [
     "all_gather_objects",
     "all_reduce_weighted",
     "broadcast_object",
+    "compute_dtype",
     "enabled",
     "full_tensor",
     "gather_objects",
@@ -454,6 +455,39 @@ def sharded_sum(values: Sequence[torch.Tensor], sharded: bool) -> torch.Tensor:
     if not sharded or not is_distributed():
         return flat
     return _all_reduce_sum(flat)
+
+
+def compute_dtype(model: nn.Module, dtype: torch.dtype) -> torch.dtype:
+    """The narrowest dtype the model computes in: ``dtype``, or an FSDP2 ``param_dtype``.
+
+    ``fully_shard(module, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))``
+    keeps float32 shards but all-gathers bfloat16 parameters for the forward and backward
+    (PyTorch docs, ``MixedPrecisionPolicy``): the precision of what the model computes is
+    then bfloat16's, whatever the stored parameters' dtype. The policy is read from each
+    FSDP2 module's state, a private attribute: where it cannot be read, ``dtype``.
+
+    Args:
+        model: any module.
+        dtype: the parameters' dtype.
+
+    Returns:
+        The dtype of largest unit roundoff among ``dtype`` and the policies' ``param_dtype``.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return dtype
+    narrowest = dtype
+    for m in model.modules():
+        if not isinstance(m, FSDPModule):
+            continue
+        try:
+            policy_dtype = m._get_fsdp_state()._mp_policy.param_dtype
+        except AttributeError:  # pragma: no cover - a torch without this private state
+            continue
+        if policy_dtype is not None and torch.finfo(policy_dtype).eps > torch.finfo(narrowest).eps:
+            narrowest = policy_dtype
+    return narrowest
 
 
 def reshard(model: nn.Module) -> None:

@@ -111,9 +111,12 @@ class FirstOrder(ShiftedEvaluation):
         self._learned: tuple[Any, float] | None = None  # (state, step / step_size())
         self._unchecked: Any = None  # a state whose check proved unreliable
         self.refined = 0  # products computed again at a refined step (_step.py)
-        # the GGN's J v is extrapolated unless the parameters are 16-bit, whose displacement
+        # the precision the model computes in: the parameters' dtype, or an FSDP2 mixed-
+        # precision policy's param_dtype (float32 shards, bfloat16 forward and backward)
+        self.compute_dtype = _dist.compute_dtype(op.model, op.dtype)
+        # the GGN's J v is extrapolated unless the model computes in 16 bits, whose
         # rounding (~6e-2 in bf16) dominates any truncation and would be tripled
-        self._extrapolates = torch.finfo(op.dtype).bits >= 32
+        self._extrapolates = torch.finfo(self.compute_dtype).bits >= 32
 
     # -- public ------------------------------------------------------------------------
     def loss_and_grad(self) -> list[torch.Tensor]:
@@ -204,7 +207,7 @@ class FirstOrder(ShiftedEvaluation):
         q = self._dot(v, product)
         losses, q = self._reduced_scalars(losses, q)
         second = (losses - 2.0 * loss0) / eps**2
-        trunc = truncation(q, second, losses, loss0, eps, self.op.dtype)
+        trunc = truncation(q, second, losses, loss0, eps, self.compute_dtype)
         if trunc == 0.0:
             return None
         ratio = refined_ratio(trunc, self._rounding(shift))
@@ -358,7 +361,7 @@ class FirstOrder(ShiftedEvaluation):
         current = self._ratio()
         if current <= MIN_RATIO or self._unchecked == self._state_key():
             return None
-        if ggn_negligible(trunc, self.op.dtype):  # no need to measure the rounding
+        if ggn_negligible(trunc, self.compute_dtype):  # no need to measure the rounding
             return None
         ratio = ggn_ratio(trunc, self._rounding(shift))
         if ratio is None:
@@ -388,7 +391,7 @@ class FirstOrder(ShiftedEvaluation):
         v_norm = float(torch.sqrt(sum(t.double().pow(2).sum() for t in v)))
         if v_norm == 0.0:
             return None
-        eps = ratio * step_size(self._theta_norm(), v_norm, self.op.dtype)
+        eps = ratio * step_size(self._theta_norm(), v_norm, self.compute_dtype)
         shift = {
             n: shard_of(t, p).to(self._work_dtype) * eps
             for n, t, p in zip(self.op.names, v, self.op._param_objects)

@@ -328,16 +328,32 @@ def surface_worker(rank: int, out_dir: str) -> None:
 # ----------------------------------------------------------------------------- FSDP2
 
 
-def fsdp_model() -> torch.nn.Module:
+def fsdp_model(net: torch.nn.Module | None = None, **kw: Any) -> torch.nn.Module:
     """:func:`model` with every Linear and the root ``fully_shard``-ed over the world."""
     from torch.distributed.fsdp import fully_shard
 
-    net = model()
+    net = model() if net is None else net
     for m in net:
         if isinstance(m, torch.nn.Linear):
-            fully_shard(m)
-    fully_shard(net)
+            fully_shard(m, **kw)
+    fully_shard(net, **kw)
     return net
+
+
+def fsdp_mixed_precision_worker(rank: int, out_dir: str) -> None:
+    """FSDP2 with ``MixedPrecisionPolicy(param_dtype=bfloat16)``: float32 shards, bfloat16
+    forward and backward. First-order products must be sized for bfloat16's precision."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    net = fsdp_model(model().float(), mp_policy=policy)
+    data = _to_float32(curvature_shard(rank))
+    out: dict[str, Any] = {}
+    for name, cls in (("hessian", Hessian), ("ggn", GGN)):
+        op = cls(net, F.cross_entropy, data)
+        out[name] = [op.flat_matvec(v.float()) for v in fsdp_vectors(op.dim)]
+        out[f"{name}_dtypes"] = (op._first_order.compute_dtype, op.dtype)
+    _save(out_dir, rank, out)
 
 
 def fsdp_vectors(dim: int, n: int = 3) -> list[torch.Tensor]:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from landscape.curvature import GGN, Hessian, hessian_trace, top_eigenvalues
 from landscape.params import flatten, unflatten
-from tests.curvature._dense import dense_hessian
+from tests.curvature._dense import dense_ggn, dense_hessian
 from tests.distributed import _workers as W
 from tests.distributed._launch import run_ranks
 
@@ -84,3 +84,19 @@ def test_fsdp_refines_the_step_along_a_sharp_direction_when_the_root_holds_param
             assert _rel(got, want) <= 1e-4
     assert torch.equal(r0["hessian"][0], r1["hessian"][0])
     assert torch.equal(r0["ggn"][0], r1["ggn"][0])
+
+
+def test_fsdp_mixed_precision_sizes_the_step_for_the_compute_dtype(tmp_path):
+    """bfloat16 forward and backward on float32 shards: a step sized for float32 moved the
+    parameters below bfloat16's resolution and the products were 190-290 % off; sized for
+    the policy's param_dtype they are within bfloat16's first-order accuracy."""
+    run_ranks(W.fsdp_mixed_precision_worker, tmp_path)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    x, y = W.dataset()
+    dense = {"hessian": dense_hessian(W.model(), F.cross_entropy, (x, y)),
+             "ggn": dense_ggn(W.model(), F.cross_entropy, (x, y))}
+    for name in ("hessian", "ggn"):
+        assert r0[f"{name}_dtypes"] == (torch.bfloat16, torch.float32)
+        for got, other, v in zip(r0[name], r1[name], W.fsdp_vectors(dense[name].shape[0])):
+            assert torch.equal(got, other)
+            assert _rel(got, dense[name] @ v) <= 0.2
