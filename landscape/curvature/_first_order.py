@@ -367,8 +367,9 @@ class FirstOrder(ShiftedEvaluation):
         if ratio is None:
             return None
         ratio = max(ratio, MIN_RATIO / current)  # never below the floor in all
-        # a shrink clamped to little is not attempted: a real truncation would not fall
-        # enough for ggn_genuine (nor is it worth four forwards and a backward)
+        # a shrink the floor clamped to ρ >= 1/2 is not attempted: the truncation would fall
+        # by less than 4x (for ρ > 1/√2 by less than the half ggn_genuine asks), not worth
+        # four forwards and a backward; near the floor the step so stays within 2x of it
         return ratio if ratio < REFINE_BELOW else None
 
     def _rounding(self, shift: Tensors) -> float:

@@ -48,9 +48,9 @@ Tensors = dict[str, torch.Tensor]
 def moved(theta: torch.Tensor, shift: torch.Tensor, sign: float) -> torch.Tensor:
     """``fl(θ + sign · shift)``, summed in the shift's dtype, for ``sign`` ±1 or ±1/2.
 
-    Returned in ``θ``'s dtype. ``sign · shift`` is exact (a power of two; IEEE 754), so
-    ``θ - s`` is bitwise ``θ + (-s)`` and ``θ + s/2`` is ``θ`` plus the halved shift,
-    without a copy of it.
+    Returned in ``θ``'s dtype, rounded once: ``θ - s`` is bitwise ``θ + (-s)`` (IEEE 754),
+    and ``θ ± s/2`` is formed without a copy of the halved shift (``s/2`` is exact but for
+    subnormal halves, where the one rounding of ``θ + s/2`` is the more accurate).
     """
     return theta.to(shift.dtype).add(shift, alpha=sign).to(theta.dtype)
 
@@ -68,7 +68,11 @@ def _full(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _wide_dot(wide: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """``Σ wide · other`` as a 0-d float64 tensor; ``other`` widened one chunk at a time."""
+    """``Σ wide · other`` as a 0-d float64 tensor; ``other`` widened one chunk at a time.
+
+    No output-sized copy for contiguous tensors (a dense non-contiguous one, e.g.
+    channels-last, is flattened by a copy).
+    """
     a, b = wide.reshape(-1), other.reshape(-1)
     total = torch.zeros((), dtype=torch.float64, device=a.device)
     for lo in range(0, a.numel(), CHUNK):

@@ -99,4 +99,4 @@ def test_ggn_negligible_below_four_roots_of_the_unit_roundoff():
     assert ggn_negligible(3.9 * math.sqrt(u32), torch.float32)
     assert not ggn_negligible(4.1 * math.sqrt(u32), torch.float32)
     assert ggn_negligible(math.nan, torch.float32)
-    assert not ggn_negligible(1e-6, torch.float64)  # float64: 4 sqrt(u) is 6e-8
+    assert not ggn_negligible(1e-6, torch.float64)  # float64: 4 sqrt(u) is 4.2e-8
