@@ -182,7 +182,8 @@ def all_reduce_weighted(
     of the weights over the ranks when already known (saves one all-reduce; see
     :func:`total_weight`). Each rank scales its tensors by ``w_r / total`` and the scaled
     tensors are summed in **one** all-reduce of a flat buffer per dtype (a float64 loss
-    beside float32 products does not widen them), so a mean-reduced quantity
+    beside float32 products does not widen them; 16-bit floats are summed in float32,
+    integers in float64), so a mean-reduced quantity
     (loss, gradient, Hessian-vector product) becomes that of the concatenated data:
     ``L = sum_r (n_r / N) L_r``. With equal weights on two ranks the scaling is by 0.5, exact
     in floating point. The result has the tensors' shapes, dtypes and devices and is the same
@@ -200,8 +201,7 @@ def all_reduce_weighted(
     scale = float(weight) / float(total)
     groups: dict[torch.dtype, list[int]] = {}  # in first-seen order, alike on every rank
     for i, t in enumerate(tensors):
-        exact = t.dtype.is_floating_point or t.dtype.is_complex
-        groups.setdefault(t.dtype if exact else torch.float64, []).append(i)
+        groups.setdefault(_reduction_dtype(t.dtype), []).append(i)
     device = tensors[0].device
     out: list[torch.Tensor | None] = [None] * len(tensors)
     for dtype, members in groups.items():
@@ -214,6 +214,17 @@ def all_reduce_weighted(
             out[i] = summed[offset:offset + n].view(t.shape).to(t.device, t.dtype)
             offset += n
     return [t for t in out if t is not None]
+
+
+def _reduction_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a tensor is summed over the ranks in.
+
+    float32 for 16-bit floats (as every accumulation of a 16-bit model: docs/curvature.md,
+    "Precision"), float64 for integers, else its own.
+    """
+    if dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return dtype if dtype.is_floating_point or dtype.is_complex else torch.float64
 
 
 def same_on_all_ranks(tensor: torch.Tensor) -> bool:

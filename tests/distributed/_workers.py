@@ -194,7 +194,8 @@ def helper_checks(rank: int) -> dict[str, Any]:
     ld._all_reduce_sum = recorded
     try:
         mixed = ld.all_reduce_weighted(
-            [x, torch.tensor(float(rank), dtype=torch.float64), 2 * x], weight=1.0, total=2.0)
+            [x, torch.tensor(float(rank), dtype=torch.float64), 2 * x,
+             (x / 3).to(torch.bfloat16)], weight=1.0, total=2.0)
     finally:
         ld._all_reduce_sum = real
     collected: list[Any] = []

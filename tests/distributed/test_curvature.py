@@ -106,11 +106,16 @@ def test_collective_helpers_on_two_ranks(ranks):
     for h in (h0, h1):
         torch.testing.assert_close(h["weighted"][0], torch.tensor([1.25, 2.5]))
         assert float(h["weighted"][1]) == 0.25
-        assert h["sent"] == [torch.float32, torch.float64]  # grouped by dtype, in order
-        assert [t.dtype for t in h["mixed"]] == [torch.float32, torch.float64, torch.float32]
+        # grouped by dtype in order; the bfloat16 tensor summed with the float32 ones
+        assert h["sent"] == [torch.float32, torch.float64]
+        assert [t.dtype for t in h["mixed"]] == [torch.float32, torch.float64, torch.float32,
+                                                 torch.bfloat16]
         torch.testing.assert_close(h["mixed"][0], torch.tensor([1.5, 3.0]))
         assert float(h["mixed"][1]) == 0.5
         torch.testing.assert_close(h["mixed"][2], torch.tensor([3.0, 6.0]))
+        want = ((torch.tensor([1.0, 2.0]) / 3).to(torch.bfloat16).float()
+                + (torch.tensor([2.0, 4.0]) / 3).to(torch.bfloat16).float()) / 2
+        assert torch.equal(h["mixed"][3], want.to(torch.bfloat16))  # one rounding, at the end
         assert h["broadcast"] == {"from": 0}
         assert h["all_gathered"] == [0, 1]
         assert h["enabled"] == (True, True, False)
