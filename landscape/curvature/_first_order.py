@@ -111,12 +111,37 @@ class FirstOrder(ShiftedEvaluation):
         self._learned: tuple[Any, float] | None = None  # (state, step / step_size())
         self._unchecked: Any = None  # a state whose check proved unreliable
         self.refined = 0  # products computed again at a refined step (_step.py)
-        # the precision the model computes in: the parameters' dtype, or an FSDP2 mixed-
-        # precision policy's param_dtype (float32 shards, bfloat16 forward and backward)
-        self.compute_dtype = _dist.compute_dtype(op.model, op.dtype)
-        # the GGN's J v is extrapolated unless the model computes in 16 bits, whose
-        # rounding (~6e-2 in bf16) dominates any truncation and would be tripled
-        self._extrapolates = torch.finfo(self.compute_dtype).bits >= 32
+        self._compute: torch.dtype | None = None  # compute_dtype, found at the first need
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The precision the model computes in, which sizes the step and the checks.
+
+        The parameters' dtype, or a narrower one the model computes in: an FSDP2 mixed-
+        precision policy's ``param_dtype`` (:func:`landscape.distributed.compute_dtype`),
+        or what one forward pass shows, e.g. ``torch.autocast`` inside the closure
+        (:meth:`~landscape.curvature._shifted.ShiftedEvaluation._forward_dtype`). A step
+        sized for float32 moves a bfloat16 computation by less than its resolution: under
+        bf16 autocast first-order products were 160-360 % off (docs/curvature.md,
+        "Precision").
+        """
+        if self._compute is None:
+            dtype = _dist.compute_dtype(self.op.model, self.op.dtype)
+            if torch.finfo(dtype).bits >= 32:  # a narrower one may show in a forward
+                seen = self._forward_dtype()
+                if seen is not None and torch.finfo(seen).eps > torch.finfo(dtype).eps:
+                    dtype = seen
+            self._compute = dtype
+        return self._compute
+
+    @property
+    def _extrapolates(self) -> bool:
+        """Whether the GGN's ``J v`` is extrapolated.
+
+        Not when the model computes in 16 bits, whose rounding (~6e-2 in bf16) dominates
+        any truncation and would be tripled.
+        """
+        return torch.finfo(self.compute_dtype).bits >= 32
 
     # -- public ------------------------------------------------------------------------
     def loss_and_grad(self) -> list[torch.Tensor]:

@@ -80,6 +80,17 @@ def _wide_dot(wide: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors of a module's output (a tensor, or a tuple, list or dict of them)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
 @contextlib.contextmanager
 def same_rng(model: nn.Module) -> Iterator[Any]:
     """Yield a function that rewinds the CPU (and model's CUDA) RNG to the entry state."""
@@ -382,6 +393,39 @@ class ShiftedEvaluation:
                     local_tensor(p.detach()).copy_(orig)
             _dist.reshard(self.op.model)  # nor a gathered copy of the perturbed values
             self._rekey(key)
+
+    def _forward_dtype(self) -> torch.dtype | None:
+        """The narrowest floating dtype a module with parameters outputs, in one forward.
+
+        One no-grad forward of the first batch at ``θ``, with a forward hook on every module
+        that holds parameters: under ``torch.autocast`` (inside a closure or ``forward=``,
+        where the operator cannot see it) their outputs are in the autocast dtype. None
+        when no such output was seen. Every rank runs it at the same point (FSDP2's
+        all-gathers).
+        """
+        model, seen = self.op.model, []
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            for t in _tensors(output):
+                if t.is_floating_point():
+                    seen.append(t.dtype)
+
+        owners = [m for m in model.modules() if next(m.parameters(recurse=False), None)
+                  is not None]
+        handles = [m.register_forward_hook(hook) for m in owners]
+        try:
+            batch = to_device(self.op._data.batches[0], self.op.device)
+            with self._context(), torch.no_grad():
+                if self.sharded:
+                    self._direct_loss(batch)
+                    _dist.reshard(model)  # the root keeps no gathered copy
+                else:
+                    stateless_closure(model, lambda m, b: self._direct_loss(b),
+                                      self._shifted_leaves(None), batch)
+        finally:
+            for h in handles:
+                h.remove()
+        return max(seen, key=lambda d: torch.finfo(d).eps) if seen else None
 
     def _direct_loss(self, batch: Any) -> torch.Tensor:
         """The batch loss through the model itself (its hooks run: FSDP's all-gathers)."""
