@@ -78,6 +78,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["FirstOrder", "is_sharded", "sharded_reason", "step_size"]
 
+
 def sharded_reason(params: Sequence[torch.Tensor]) -> str | None:
     """Why the exact product is impossible for these parameters, or ``None``.
 
@@ -183,16 +184,29 @@ class FirstOrder(ShiftedEvaluation):
             product, losses1 = self._central_difference(eps1, shift)
             q1, losses1 = self._reduced_scalars(self._dot(v, product), losses1)
             residual = losses1 - 2.0 * self._loss_at_theta() - eps1**2 * q1
-            if genuine(gap * eps**2 / 2.0, residual, q1):
-                self.refined += 1
-                self._learned = (self._state_key(), learned)
-            else:  # the losses' rounding posed as truncation: no more checks here, and
-                # the product again at the step it had (once per parameter state)
-                self._unchecked = self._state_key()
+            if not self._settle(learned, genuine(gap * eps**2 / 2.0, residual, q1)):
+                # the losses' rounding posed as truncation: the product again at the step
+                # it had (once per parameter state)
                 del shift, product
                 eps, shift = self._steps_along(v, self._ratio())
                 product, _ = self._central_difference(eps, shift)
         return tuple(t.to(self.op.dtype) for t in product)
+
+    def _settle(self, learned: float, genuine: bool) -> bool:
+        """After a refined product: keep its step for the operator, or switch the check off.
+
+        The check is switched off at these parameters when what it saw was not genuine
+        truncation (:mod:`landscape.curvature._step`).
+
+        Returns:
+            ``genuine``.
+        """
+        if genuine:
+            self.refined += 1
+            self._learned = (self._state_key(), learned)
+        else:
+            self._unchecked = self._state_key()
+        return genuine
 
     def _central_difference(self, eps: float, shift: Tensors) -> tuple[list[torch.Tensor], float]:
         """``(g(θ + εv) − g(θ − εv)) / 2ε`` (:attr:`_work_dtype`) and ``L_+ + L_-``."""
@@ -348,11 +362,8 @@ class FirstOrder(ShiftedEvaluation):
             learned = self._ratio() * ratio
             eps, shift = self._steps_along(v, learned)
             product, trunc1 = self._extrapolated(eps, shift)
-            if ggn_genuine(trunc, trunc1):
-                self.refined += 1
-                self._learned = (self._state_key(), learned)
-            else:  # rounding posed as truncation: no more checks at these parameters
-                self._unchecked = self._state_key()
+            if not self._settle(learned, ggn_genuine(trunc, trunc1)):
+                # rounding posed as truncation: the product again at the step it had
                 del shift, product
                 eps, shift = self._steps_along(v, self._ratio())
                 product, _ = self._extrapolated(eps, shift)
