@@ -46,3 +46,23 @@ class MissingInput(LandscapeError):
     :class:`landscape.Monitor` records a NaN row and one ``metric_failed`` finding for it
     (``docs/monitor.md``) instead of stopping training.
     """
+
+
+class PartialRow(Exception):
+    """A metric measured some of its fields and failed on the others.
+
+    Raised from :meth:`landscape.metrics.Metric.compute` with the fields it has (the rest
+    NaN) and the error behind the missing ones: :class:`landscape.Monitor` records that
+    row, not an all-NaN one, and the failure as for any other (one ``metric_failed``
+    finding; re-raised with ``strict=True``). The sentinels use it so that a probe the
+    model cannot read does not also lose the update ratios, which need no forward pass.
+
+    Args:
+        row: every field of the metric, NaN where it failed.
+        error: what failed.
+    """
+
+    def __init__(self, row: dict, error: Exception) -> None:
+        super().__init__(str(error))
+        self.row = row
+        self.error = error

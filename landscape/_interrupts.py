@@ -30,6 +30,8 @@ from typing import Any, Callable, Iterator
 
 __all__ = ["InterruptGuard"]
 
+_INSTALLED: list[InterruptGuard] = []  # guards with handlers installed, oldest first
+
 SIGNALS: tuple[int, ...] = tuple(
     s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s
 )
@@ -64,15 +66,28 @@ class InterruptGuard:
                 signal.signal(sig, self._handle)
             except (ValueError, OSError):  # pragma: no cover - embedded interpreters
                 self._previous.pop(sig, None)
+        if self._previous:
+            _INSTALLED.append(self)
         return self
 
     def uninstall(self) -> None:
-        """Restore the previous handlers where ours is still the installed one."""
+        """Restore the previous handlers where ours is still the installed one.
+
+        Where a guard installed after this one chains to ours (two monitors closed in the
+        order they were opened), that guard chains to our previous handler instead, so
+        neither a closed monitor's handler nor a lost user handler stays in the chain.
+        """
         previous, self._previous = self._previous, {}
+        if self in _INSTALLED:
+            _INSTALLED.remove(self)
         for sig, prev in previous.items():
             with contextlib.suppress(ValueError, OSError, TypeError):
                 if signal.getsignal(sig) == self._handle:
                     signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
+                    continue
+            for later in _INSTALLED:
+                if later._previous.get(sig) == self._handle:
+                    later._previous[sig] = prev
 
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:

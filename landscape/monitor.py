@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from landscape import distributed as _dist
-from landscape._errors import InstabilityWarning, MissingInput, StepOrderError
+from landscape._errors import InstabilityWarning, MissingInput, PartialRow, StepOrderError
 from landscape._interrupts import InterruptGuard
 from landscape.batches import head, leading_size, map_tensors
 from landscape.failures import failure_finding, nonfinite_state
@@ -53,7 +53,7 @@ from landscape.metrics.presets import MetricsLike, resolve_metrics
 from landscape.params import trainable_named_parameters
 from landscape.store import Run, RunWriter
 
-__all__ = ["MetricsLike", "Monitor", "resolve_metrics"]
+__all__ = ["MetricsLike", "Monitor", "resolve_metrics", "unwrap_optimizer"]
 
 _log = logging.getLogger("landscape")
 _DENSE_AT = 0.5  # sentinels/r_secant at which the expensive metrics are measured densely
@@ -75,6 +75,35 @@ def _optimizer_config(opt: torch.optim.Optimizer | None) -> dict[str, Any] | Non
     return {"class": type(opt).__name__, "param_group_0": group}
 
 
+def _no_loss_fn(*args: Any) -> torch.Tensor:
+    """The loss of a monitor given neither ``loss_fn`` nor ``closure``: none to evaluate.
+
+    The default metrics need no loss function (the sentinels then read a classifier's
+    cross-entropy from its targets); a metric that evaluates the loss records NaN and one
+    ``metric_failed`` finding with this message.
+    """
+    raise MissingInput("this metric evaluates the loss: pass loss_fn= or closure= to Monitor")
+
+
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
+    """The torch optimizer inside framework wrappers.
+
+    Lightning's ``LightningOptimizer`` and accelerate's ``AcceleratedOptimizer`` (used by the
+    Hugging Face ``Trainer``) keep the real optimizer in ``.optimizer``; step hooks registered
+    on the wrapper would never fire, because the wrapper's ``step`` calls the inner
+    optimizer's ``step``. Returns ``None`` for ``None``.
+    """
+    for _ in range(8):
+        inner = getattr(optimizer, "optimizer", None)
+        is_torch = isinstance(optimizer, torch.optim.Optimizer)
+        if inner is None or (is_torch and not isinstance(inner, torch.optim.Optimizer)):
+            break
+        optimizer = inner
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {optimizer!r}")
+    return optimizer
+
+
 class Monitor:
     """Record diagnostics of ``model`` during training into one run file.
 
@@ -83,10 +112,13 @@ class Monitor:
 
     Args:
         model: the model being trained (a DDP wrapper is unwrapped).
-        loss_fn: ``loss_fn(model(inputs), targets)``; or pass ``closure``.
+        loss_fn: ``loss_fn(model(inputs), targets)``; or pass ``closure``. Without either,
+            the metrics that evaluate a loss record NaN and say so once (the default
+            ``cheap`` preset needs neither).
         path: the HDF5 run file (``None``: in memory, read back with :meth:`run`).
         optimizer: the optimizer, for the update Δθ, the Taylor radius and the stability
-            threshold of the sharpness metric.
+            threshold of the sharpness metric; a framework's wrapper (accelerate's
+            ``AcceleratedOptimizer``, Lightning's) is unwrapped (:func:`unwrap_optimizer`).
         metrics: a preset name (``"cheap"``, ``"standard"``, ``"full"``), or a list of
             :class:`~landscape.metrics.Metric` instances and metric names (default
             ``"cheap"``); see :func:`landscape.metrics.resolve_metrics`.
@@ -128,7 +160,7 @@ class Monitor:
             product. ``None`` (default): whole batches.
 
     Raises:
-        ValueError: neither ``loss_fn`` nor ``closure``; a bad ``microbatch_size``;
+        ValueError: a bad ``microbatch_size``;
             ``taylor_guard`` without ``optimizer`` and ``probe``; or a bad ``metrics``.
 
     Example:
@@ -174,8 +206,8 @@ class Monitor:
         probe_size: int | None = 32,
         adaptive: bool = True,
     ) -> None:
-        if loss_fn is None and closure is None:
-            raise ValueError("Monitor needs loss_fn or closure")
+        if loss_fn is None and closure is None:  # the metrics that evaluate a loss say so
+            loss_fn = _no_loss_fn
         if microbatch_size is not None and (
             not isinstance(microbatch_size, int) or microbatch_size < 1
         ):
@@ -185,7 +217,7 @@ class Monitor:
         self.model = _dist.unwrap(model)  # the module inside a DDP / DataParallel wrapper
         self.loss_fn = loss_fn
         self.closure = closure
-        self.optimizer = optimizer
+        self.optimizer = unwrap_optimizer(optimizer)  # accelerate's, Lightning's wrappers
         self.probe = probe
         if probe_size is not None and (not isinstance(probe_size, int) or probe_size < 1):
             raise ValueError(f"probe_size must be an integer >= 1 or None, got {probe_size!r}")
@@ -221,7 +253,8 @@ class Monitor:
         self._objects: dict[str, nn.Parameter] | None = None
         self._before: tuple[torch.Tensor, ...] | None = None
         self._last_step: int | None = None
-        self._stride = 1
+        self._opt_steps = 0  # optimizer steps since the last call of step()
+        self._steps_per_opt = 1.0  # steps (as numbered by the caller) per optimizer step
         self._first_step = 0
         self.adaptive = adaptive
         self._dense_until = -1  # dense measurements are on through this step
@@ -273,15 +306,16 @@ class Monitor:
                     self._alarms.declare(m.name, {**m.config(), "data": m.data})
                 if known:  # resuming: rebuild rule state from the recorded rows
                     self._alarms.replay(self.writer.run())
+            if self.optimizer is not None:
+                self._hooks.append(self.optimizer.register_step_pre_hook(self._pre_step))
+                self._hooks.append(self.optimizer.register_step_post_hook(self._post_step))
         except BaseException:
+            for h in self._hooks:
+                h.remove()
+            self._hooks = []
             self.writer.close()
             self.writer = None
             raise
-        if self.optimizer is not None:
-            self._hooks = [
-                self.optimizer.register_step_pre_hook(self._pre_step),
-                self.optimizer.register_step_post_hook(self._post_step),
-            ]
         # Ctrl-C / SIGTERM: flush the file first, never in the middle of a step's rows
         self._interrupts = InterruptGuard(self._flush_quietly, self.close).install()
         return self
@@ -369,17 +403,28 @@ class Monitor:
     # ------------------------------------------------------------------ optimizer hooks
 
     def _next_step(self) -> int:
+        """The step the next call of :meth:`step` will most likely have.
+
+        After ``k`` optimizer steps since the last call, the last step plus ``k`` times the
+        steps per optimizer step seen between earlier calls (1 until two calls with an
+        optimizer step between them were seen): a caller that calls every ``n`` optimizer
+        steps is expected at the ``n``-th, not at the next one.
+        """
+        k = max(self._opt_steps, 1)
         if self._last_step is None:
-            return self._first_step
-        return self._last_step + self._stride
+            return self._first_step + round(self._steps_per_opt * (k - 1))
+        return self._last_step + max(1, round(self._steps_per_opt * k))
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if self._before is not None:  # several optimizer steps per monitor step: keep the first
-            return
+        # the parameters before the optimizer step that comes right before the next
+        # call: taken again before every optimizer step that may be that one, so the
+        # update is always one optimizer step (never several, when calls are sparser)
+        self._opt_steps += 1
         upcoming = self._next_step()
         wanted = self.taylor_guard is not None or any(
             m.needs_update and self._is_due(m, upcoming) for m in self.metrics
         )
+        self._before = None
         if wanted:
             with torch.no_grad():
                 self._before = tuple([p.clone() for p in self._own])
@@ -454,12 +499,17 @@ class Monitor:
         due = [m for m in self.metrics if self._is_due(m, step)]
         extra = [m for m in due if not m.schedule(step)]
         before, self._before = self._before, None
-        if self._last_step is not None:
-            self._stride = step - self._last_step
+        stepped: int | None = None  # optimizer steps since the last call; None: unknown
+        if self._hooks and not self._update_missed:
+            stepped = self._opt_steps
+        if self._last_step is not None and self._opt_steps > 0:
+            self._steps_per_opt = (step - self._last_step) / self._opt_steps
+        self._opt_steps = 0
         self._last_step = step
         if not due:
             return []
         ctx = self._context(step, batch, loss, outputs)
+        ctx.optimizer_steps = stepped
         if before is not None:
             ctx.params_before = before
             with torch.no_grad():  # the same values as difference() of detached tensors
@@ -521,16 +571,26 @@ class Monitor:
 
     def _compute(self, metric: Metric, ctx: StepContext) -> dict[str, Any]:
         start = time.perf_counter()
+        partial = None
         try:
             return dict(metric.compute(ctx))
-        except Exception as err:  # a diagnostic never stops training unless strict
-            missed = (self._update_missed and metric.needs_update and ctx.update is None
+        except Exception as caught:  # a diagnostic never stops training unless strict
+            err = caught
+            if isinstance(caught, PartialRow):  # some fields measured: keep them
+                partial, err = dict(caught.row), caught.error
+            # no update to measure: the first call started the monitor, or no optimizer
+            # step happened since the last call (a loss scaler skipped it): NaN, no finding
+            missed = ((self._update_missed or ctx.optimizer_steps == 0)
+                      and metric.needs_update and ctx.update is None
                       and isinstance(err, MissingInput))
             if self.strict and not missed:
-                raise
+                if partial is None:
+                    raise
+                raise err from None
             if not missed:
                 self._record_failure(metric, ctx.step, err, ctx.loss)
-            return {k: np.full(shape, np.nan) for k, shape in metric.fields().items()}
+            nan = {k: np.full(shape, np.nan) for k, shape in metric.fields().items()}
+            return nan if partial is None else {**nan, **partial}
         finally:
             self.timings[metric.name] += time.perf_counter() - start
 

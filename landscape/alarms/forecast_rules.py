@@ -217,6 +217,7 @@ class ForecastState:
         self.rows = 0
         self.updates = RollingWindow(rule.update_window)
         self.grown = 0  # consecutive rows with update_ratio >= update_growth x median
+        self.update_rows = 0  # rows read for update_ratio alone (no valid ratio)
 
     def __call__(self, step: int, row: Row) -> Trigger | _Skip | None:
         """Evaluate one row.
@@ -231,7 +232,7 @@ class ForecastState:
         rule = self.rule
         x = _scalar(row, rule.field)
         if x is None or not math.isfinite(x) or x <= 0:
-            return SKIP
+            return self._update_only(row)
         self.trend.append(step, x)
         self.rows += 1
         loss = _scalar(row, "probe_loss")
@@ -277,13 +278,8 @@ class ForecastState:
             message = f"{rule._what} = {_fmt(x)} >= {_fmt(rule.limit)}"
             threshold = rule.limit if x < (rule.jump or math.inf) else rule.jump
         elif not forecast:
-            ratio, med = grown
-            message = (
-                f"update-to-weight ratio {_fmt(ratio)} >= {_fmt(rule.update_growth)} x its "
-                f"median {_fmt(med)} for {rule.update_sustain} steps (secant Taylor ratio r = "
-                f"{_fmt(x)}): the step size is growing"
-            )
-            threshold = rule.update_growth * med
+            message = self._growth_message(grown, f" (secant Taylor ratio r = {_fmt(x)})")
+            threshold = rule.update_growth * grown[1]
         else:
             message = (
                 f"{rule._what} = {_fmt(x)} (fitted {_fmt(fitted)}) rising "
@@ -305,6 +301,41 @@ class ForecastState:
             extra={"steps_to_limit": 0.0 if level else (
                        float(math.ceil(steps_to)) if forecast else math.nan),
                    "slope": slope, "fitted": fitted},
+        )
+
+    def _update_only(self, row: Row) -> Trigger | _Skip | None:
+        """The update-growth condition alone, for a row without the ratio.
+
+        A probe the model cannot read, or the first row: ``update_ratio`` needs no forward.
+        """
+        rule = self.rule
+        u = _scalar(row, "update_ratio")
+        if rule.update_growth is None or u is None or not math.isfinite(u) or u <= 0:
+            return SKIP
+        self.update_rows += 1
+        grown = self._update_growth(row)
+        if grown is None:
+            return None
+        early = self.update_rows <= rule.warmup and self.rows <= rule.warmup
+        message = self._growth_message(grown, "")
+        if early:
+            message += f" (within the first {rule.warmup} rows: early training)"
+        return Trigger(
+            severity="info" if early else getattr(rule, "severity", "warning"),
+            field="update_ratio",
+            value=grown[0],
+            threshold=float(rule.update_growth * grown[1]),
+            message=message,
+            hint=rule._hint,
+            extra={"steps_to_limit": math.nan, "slope": math.nan, "fitted": math.nan},
+        )
+
+    def _growth_message(self, grown: tuple[float, float], detail: str) -> str:
+        ratio, med = grown
+        return (
+            f"update-to-weight ratio {_fmt(ratio)} >= {_fmt(self.rule.update_growth)} x its "
+            f"median {_fmt(med)} for {self.rule.update_sustain} steps{detail}: the step size "
+            "is growing"
         )
 
     def _update_growth(self, row: Row) -> tuple[float, float] | None:

@@ -24,12 +24,10 @@ import importlib
 import math
 from typing import Any, Callable, Iterable, Sequence
 
-import torch
-
 from landscape.batches import to_device as move_to_device
 from landscape.findings import Finding, severity_rank
 from landscape.metrics import Metric
-from landscape.monitor import Monitor
+from landscape.monitor import Monitor, unwrap_optimizer
 from landscape.schedules import At, Every, Never, Schedule, at, every, never
 from landscape.store import Run
 
@@ -168,25 +166,6 @@ def recorded_run(monitor: Monitor | None, closed: bool, owner: str) -> Run:
     if closed and monitor.writer.path is not None:
         return Run.open(monitor.writer.path)
     return monitor.run()
-
-
-def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
-    """The torch optimizer inside framework wrappers.
-
-    Lightning's ``LightningOptimizer`` and accelerate's ``AcceleratedOptimizer`` (used by the
-    Hugging Face ``Trainer``) keep the real optimizer in ``.optimizer``; step hooks registered
-    on the wrapper would never fire, because the wrapper's ``step`` calls the inner
-    optimizer's ``step``. Returns ``None`` for ``None``.
-    """
-    for _ in range(8):
-        inner = getattr(optimizer, "optimizer", None)
-        is_torch = isinstance(optimizer, torch.optim.Optimizer)
-        if inner is None or (is_torch and not isinstance(inner, torch.optim.Optimizer)):
-            break
-        optimizer = inner
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {optimizer!r}")
-    return optimizer
 
 
 def thin_schedule(schedule: Schedule, n: int) -> Schedule:

@@ -21,7 +21,7 @@ from torch import nn
 
 from landscape._deprecation import deprecated_alias
 from landscape._errors import MissingInput
-from landscape.capture import Captured, capture
+from landscape.capture import Captured, capture, first_tensor
 from landscape.isolation import stateless_call, stateless_closure
 from landscape.params import Vector, norm, tensor_norms
 
@@ -88,8 +88,11 @@ class StepContext:
     ``names`` are the monitored parameters' names; :attr:`parameters` their current
     (detached) tensors in that order. ``params_before`` and ``update`` hold the parameters
     before the optimizer step and its Δθ when a metric with ``needs_update`` is due.
-    ``parameter_objects`` optionally maps parameter names to the model's parameter objects
-    (the monitor builds it once; otherwise it is looked up once per step).
+    ``optimizer_steps`` counts the optimizer steps since the monitor's previous call (None
+    when unknown: no optimizer given, or the first call started the monitor); 0 means no
+    step happened, e.g. a loss scaler skipped it. ``parameter_objects`` optionally maps
+    parameter names to the model's parameter objects (the monitor builds it once;
+    otherwise it is looked up once per step).
     ``state`` survives between steps (warm starts); the rest lives for one step.
     """
 
@@ -102,9 +105,10 @@ class StepContext:
     batch: Any = None
     probe: Any = None
     loss: Any = None
-    outputs: torch.Tensor | None = None
+    outputs: Any = None
     params_before: Vector | None = None
     update: Vector | None = None
+    optimizer_steps: int | None = None
     state: dict = field(default_factory=dict)
     microbatch_size: int | None = None
     parameter_objects: dict[str, nn.Parameter] | None = None
@@ -182,7 +186,7 @@ class StepContext:
         """||grad|| of the user's gradient, cached for the step.
 
         Returns:
-            The norm, or None when a monitored parameter has no ``.grad``.
+            The norm, or None when no monitored parameter has a ``.grad``.
         """
         if "grad_norm" not in self._cache:
             grads = self.grads()
@@ -222,14 +226,25 @@ class StepContext:
     def grads(self) -> Vector | None:
         """The gradient the user's backward left in ``.grad``.
 
+        A parameter without ``.grad`` (unused by this step's loss, e.g. a pooler the head
+        does not read or an expert that got no tokens) counts as a zero gradient, as in
+        ``torch.nn.utils.clip_grad_norm_``.
+
         Returns:
-            The detached gradients, or None when a monitored parameter has none.
+            The detached gradients (cached for the step), or None when no monitored
+            parameter has one (no backward ran, or the gradients were set to None).
         """
-        own = self._own()
-        grads = [own[n].grad for n in self.names]
-        if any(g is None for g in grads):
-            return None
-        return tuple(g.detach() for g in grads)
+        if "grads" not in self._cache:
+            own = self._own()
+            grads = [own[n].grad for n in self.names]
+            if all(g is None for g in grads):
+                self._cache["grads"] = None
+            else:
+                self._cache["grads"] = tuple(
+                    torch.zeros_like(own[n]) if g is None else g.detach()
+                    for n, g in zip(self.names, grads)
+                )
+        return self._cache["grads"]
 
     # -- the shared forward pass
 
@@ -271,7 +286,10 @@ class StepContext:
             MissingInput: the forward pass returned no tensor.
         """
         if source == "batch" and self.outputs is not None:
-            return self.outputs.detach()
+            given = first_tensor(self.outputs)  # a tuple or ModelOutput: its logits
+            if given is None:
+                raise MissingInput("outputs= holds no tensor to read logits from")
+            return given.detach()
         out = self.captured(source).outputs.get("")
         if out is None:
             raise MissingInput("the model's forward returned no tensor to read logits from")

@@ -16,16 +16,19 @@ first order in the step p (docs/monitor.md, "Sentinels").
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any
+import warnings
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from landscape._errors import MissingInput
+from landscape._errors import MissingInput, PartialRow
 from landscape.batches import head, leading_size
 from landscape.capture import first_tensor
+from landscape.isolation import stateless_call, stateless_closure
 from landscape.metrics._attention import AttentionLogits
 from landscape.metrics.base import Metric, register
 from landscape.metrics.context import StepContext, split_batch
@@ -75,6 +78,87 @@ def _samples_for_rows(z: torch.Tensor, x: Any, samples: int, rows: int | None) -
         return samples
     per_sample = z[0].numel() // z.shape[-1]
     return max(1, min(samples, math.ceil(rows / max(per_sample, 1))))
+
+
+def _user_loss(loss_fn: Callable[..., Any] | None, output: Any, targets: Any) -> Any:
+    """``loss_fn(output, targets)``; None when there is no loss function or it fails.
+
+    The monitor's loss function is what the training loop uses, so it knows the model's
+    conventions (e.g. a language model's shifted labels). One that raises
+    :class:`MissingInput` (an adapter without a loss) lets the caller fall back to the
+    cross-entropy of a classifier's targets; any other failure leaves ``probe_loss`` NaN.
+    """
+    if loss_fn is None or targets is None:
+        return None
+    try:
+        return loss_fn(output, targets)
+    except MissingInput:
+        return None
+    except Exception:  # a diagnostic field: NaN, the other sentinels go on
+        return math.nan
+
+
+@contextlib.contextmanager
+def _root_output(model: nn.Module, seen: list[Any]) -> Iterator[None]:
+    """Collect the outputs of ``model``'s own calls into ``seen`` (a hook, removed on exit)."""
+    handle = model.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class _BufferGuard:
+    """Keeps the sentinels' direct forward pass from changing the model's buffers.
+
+    The sentinels call the model itself (half the time of ``functional_call`` on small
+    models), in eval mode, where ordinary layers leave their buffers alone. Some do not:
+    a quantization-aware model's observers update their statistics in eval mode too. The
+    first call therefore keeps a copy of every buffer and compares each buffer's identity
+    and values after the forward; if one changed, its object and values are put back and
+    every later call goes through ``functional_call`` with cloned buffers
+    (:func:`~landscape.isolation.stateless_call`). Later direct calls compare identities
+    and version counters only (no copy): a change that starts only then is undone where it
+    replaced a buffer, and warned about where it wrote into one (a write that bumps no
+    version counter is not seen then).
+    """
+
+    def __init__(self) -> None:
+        self.stateless: bool | None = None  # None: not known until the first forward
+
+    @contextlib.contextmanager
+    def watch(self, model: nn.Module) -> Iterator[bool]:
+        """Guard one forward; yields whether it must go through ``functional_call``."""
+        if self.stateless:
+            yield True
+            return
+        entries = [(m, k, t, t._version) for m in model.modules()
+                   for k, t in m._buffers.items() if t is not None]
+        saved = None if self.stateless is False else [t.clone() for _, _, t, _ in entries]
+        try:
+            yield False
+        finally:
+            # values too where a copy exists: fused kernels (FakeQuantize's observers)
+            # write into buffers without bumping their version counters
+            changed = [i for i, (m, k, t, v) in enumerate(entries)
+                       if m._buffers.get(k) is not t or t._version != v
+                       or (saved is not None and not torch.equal(t, saved[i]))]
+            for i in changed:
+                m, k, t, _ = entries[i]
+                m._buffers[k] = t
+                if saved is not None:
+                    with torch.no_grad():
+                        t.copy_(saved[i])
+            if changed:
+                if saved is None:
+                    warnings.warn(
+                        "landscape: the sentinels' forward pass changed buffers of the "
+                        f"model in eval mode ({len(changed)}); from now on it runs on "
+                        "copies of them", RuntimeWarning, stacklevel=2,
+                    )
+                self.stateless = True
+            elif self.stateless is None:
+                self.stateless = False
 
 
 @register
@@ -159,6 +243,7 @@ class Sentinels(Metric):
         self._layer_index: list[int] | None = None
         self._index_tensor: torch.Tensor | None = None
         self._attention: bool | None = None  # None: not known yet (the first call tells)
+        self._guard = _BufferGuard()
 
     def setup(self, model: nn.Module) -> None:
         """Resolve the weight tensors whose update ratio is tracked.
@@ -171,6 +256,7 @@ class Sentinels(Metric):
         self._layer_index = None
         self._index_tensor = None
         self._attention = None
+        self._guard = _BufferGuard()
         self._samples = None
         self._calls = 0
 
@@ -184,20 +270,30 @@ class Sentinels(Metric):
         }
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
-        """One row: the secant ratio and logit statistics, and the update ratios."""
+        """One row: the secant ratio and logit statistics, and the update ratios.
+
+        Raises:
+            PartialRow: the forward pass on the probe failed; the row keeps the update
+                ratios (they need no forward pass), the monitor records the failure.
+        """
         row = dict.fromkeys(self.FIELDS, math.nan)
         row.update(self._update_ratio(ctx))
-        if ctx.closure is None:
+        try:
             row.update(self._logit_fields(ctx))
+        except Exception as err:
+            raise PartialRow(row, err) from err
         return row
 
     def _logit_fields(self, ctx: StepContext) -> dict[str, float]:
         batch = ctx.batches(self.data)[0]
-        inputs, targets = split_batch(batch)
         samples = self.subsample if self._samples is None else self._samples
-        x = head(inputs, samples)
+        if ctx.closure is None:
+            inputs, targets = split_batch(batch)
+            x, y = head(inputs, samples), head(targets, samples)
+        else:  # the closure reads the whole (sub)batch; its loss is the probe loss
+            x, y = head(batch, samples), None
         with torch.no_grad():  # the monitor's isolated(): eval mode, RNG restored
-            output, attention = self._forward(ctx.model, x)
+            output, attention, loss = self._forward(ctx, x, y)
         z = first_tensor(output)
         if z is None:
             raise MissingInput("sentinels: the model's output has no logits tensor")
@@ -212,10 +308,14 @@ class Sentinels(Metric):
         # the same spread back on its own)
         names = ["max_abs", "logsumexp_max"]
         parts = [flat.abs().max(), torch.logsumexp(flat, dim=-1).max()]
-        y = head(targets, samples)
-        if isinstance(y, torch.Tensor) and y.shape == z.shape[:-1] and not y.is_floating_point():
+        if loss is None and isinstance(y, torch.Tensor) and y.shape == z.shape[:-1] \
+                and not y.is_floating_point():  # no loss function: a classifier's targets
+            loss = F.cross_entropy(flat, y.reshape(-1).to(flat.device))
+        if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+            loss = torch.tensor(float(loss))
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             names.append("probe_loss")
-            parts.append(F.cross_entropy(flat, y.reshape(-1).to(flat.device)))
+            parts.append(loss.detach().reshape(()).to(flat))
         if attention is not None:
             names.append("attention_logit_max")
             parts.append(attention.to(flat.device))
@@ -235,23 +335,45 @@ class Sentinels(Metric):
             out["r_secant"] = spread / math.pi if math.isfinite(spread) else math.nan
         return out
 
-    def _forward(self, model: nn.Module, x: Any) -> tuple[Any, torch.Tensor | None]:
-        """The model's output on ``x`` and its largest attention logit (None: no attention).
+    def _forward(
+        self, ctx: StepContext, x: Any, y: Any
+    ) -> tuple[Any, torch.Tensor | None, Any]:
+        """The model's output on ``x``, its largest attention logit and the probe loss.
 
-        The capture mode is active only during this call and removed on exit, also when the
+        Without a closure the model is called on the inputs ``x`` and the loss is
+        ``loss_fn(output, y)`` (None when the monitor's loss function cannot evaluate one:
+        the statistics then fall back to the cross-entropy of a classifier's targets);
+        with a closure, ``closure(model, x)`` on the sub-batch ``x`` gives the loss and the
+        output is read from the model's own call (a forward hook on the model, removed on
+        exit). The model's buffers are guarded (:class:`_BufferGuard`). The attention
+        capture mode is active only during this call and removed on exit, also when the
         forward raises; once a first call saw no attention op it is skipped.
         """
         due = self.attention_every > 0 and self._calls % self.attention_every == 0
-        if self._attention is False or not due:
-            output, attention = model(x), None
-        else:
-            with AttentionLogits() as att:
-                output = model(x)
+        watch = self._attention is not False and due
+        model = ctx.model
+        with self._guard.watch(model) as stateless, contextlib.ExitStack() as stack:
+            att = stack.enter_context(AttentionLogits()) if watch else None
+            if ctx.closure is None:
+                output = stateless_call(model, {}, (x,)) if stateless else model(x)
+                loss = _user_loss(ctx.loss_fn, output, y)
+            else:
+                seen: list[Any] = []
+                stack.enter_context(_root_output(model, seen))
+                if stateless:
+                    loss = stateless_closure(model, ctx.closure, {}, x)
+                else:
+                    loss = ctx.closure(model, x)
+                if not seen:
+                    raise MissingInput("sentinels: the closure did not call the model")
+                output = seen[-1]
+        attention = None
+        if att is not None:
             if self._attention is None:
                 self._attention = att.seen
             attention = att.maximum()
         self._calls += 1  # counted once the forward ran (a raising one is retried)
-        return output, attention
+        return output, attention, loss
 
     def _update_ratio(self, ctx: StepContext) -> dict[str, float]:
         if ctx.update is None or ctx.params_before is None:

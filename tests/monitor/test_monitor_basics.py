@@ -142,8 +142,6 @@ def test_missing_inputs_give_nan_rows_not_crashes():
 
 def test_bad_arguments_are_value_errors():
     model = models.mlp()
-    with pytest.raises(ValueError, match="loss_fn or closure"):
-        Monitor(model)
     with pytest.raises(ValueError, match="unknown preset"):
         preset("fast")
     with pytest.raises(ValueError, match="unknown metric"):

@@ -1,0 +1,332 @@
+"""Training loops as users write them: closures, dict batches, unused parameters, wrapped
+optimizers, sparse monitor calls, loss scalers, several monitors, no loss function.
+
+Each test is a path a user review found broken; each asserts the value the monitor should
+record, computed independently where there is one.
+"""
+
+import math
+import signal
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from landscape import Monitor
+from landscape._interrupts import InterruptGuard
+from landscape.alarms import OnlineAlarms, TaylorForecast
+from landscape.metrics import Sentinels
+from tests import models
+
+
+def _train(model, opt, mon, batches, loss_fn, *, call=lambda step: True, closure=None):
+    for step, (x, y) in enumerate(batches):
+        out = model(x)
+        loss = loss_fn(out, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if mon is not None and call(step):
+            mon.step(step, batch=(x, y), loss=loss)
+
+
+def _batches(n=12, seed=0, d_in=6, classes=3, size=16):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, d_in, generator=g), torch.randint(0, classes, (size,), generator=g))
+            for _ in range(n)]
+
+
+# -- the sentinels through a closure, and their probe loss
+
+
+def test_sentinels_through_a_closure_equal_those_through_the_loss_function():
+    """The default monitor of a closure user (every Hugging Face Trainer run) measures the
+    secant ratio: the same values as through ``loss_fn``, and the closure's loss."""
+    rows = {}
+    for how in ("loss_fn", "closure"):
+        model = models.mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        kw = ({"closure": lambda m, b: F.cross_entropy(m(b[0]), b[1])} if how == "closure"
+              else {})
+        loss_fn = F.cross_entropy if how == "loss_fn" else None
+        with Monitor(model, loss_fn, optimizer=opt, warn=False, **kw) as mon:
+            _train(model, opt, mon, _batches(), F.cross_entropy)
+            rows[how] = {f: mon.run().series("sentinels", f)[1]
+                         for f in ("r_secant", "max_abs", "probe_loss", "update_ratio")}
+            assert not mon.findings
+    for f, values in rows["loss_fn"].items():
+        assert np.isfinite(values[1:]).all(), f
+        np.testing.assert_allclose(rows["closure"][f], values, rtol=1e-6, err_msg=f)
+
+
+def test_probe_loss_is_the_users_loss_function_on_the_subsample():
+    """A language model's loss shifts its labels; the probe loss must be that loss, not a
+    cross-entropy of unshifted targets."""
+    model = models.TinyTransformer(vocab=11, d=8, seq=7)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def shifted(logits, ids):
+        return F.cross_entropy(logits[:, :-1].reshape(-1, 11), ids[:, 1:].reshape(-1))
+
+    ids = models.token_data(n=8)["ids"]
+    batch = {"input_ids": ids, "labels": ids}  # the Hugging Face convention
+    with Monitor(model, shifted, optimizer=opt, warn=False) as mon:
+        loss = shifted(model(ids), ids)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mon.step(0, batch=batch, loss=loss)
+        recorded = mon.run().series("sentinels", "probe_loss")[1][0]
+    sentinels = next(m for m in mon.metrics if isinstance(m, Sentinels))
+    samples = sentinels._samples
+    model.eval()
+    with torch.no_grad():
+        sub = ids[:samples]
+        expected = float(shifted(model(sub), sub))
+        unshifted = float(F.cross_entropy(model(sub).reshape(-1, 11), sub.reshape(-1)))
+    assert recorded == pytest.approx(expected, rel=1e-6)
+    assert abs(recorded - unshifted) > 1e-3
+
+
+def test_a_probe_the_model_cannot_read_keeps_the_update_ratio_and_says_why():
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _, y = models.classification_data()
+    bad_probe = (torch.randn(4, 5), y[:4])  # 5 features for a 6-feature model
+    with pytest.warns(RuntimeWarning, match="sentinels"), Monitor(
+            model, F.cross_entropy, optimizer=opt, probe=bad_probe, warn=False) as mon:
+        _train(model, opt, mon, _batches(3), F.cross_entropy)
+        run = mon.run()
+    assert np.isfinite(run.series("sentinels", "update_ratio")[1]).all()
+    assert np.isnan(run.series("sentinels", "r_secant")[1]).all()
+    assert [f.rule for f in mon.findings] == ["metric_failed"]
+    with Monitor(model, F.cross_entropy, optimizer=opt, probe=bad_probe, strict=True,
+                 metrics=["sentinels"]) as mon, pytest.raises(RuntimeError, match="shapes"):
+        _train(model, opt, mon, _batches(1), F.cross_entropy)
+
+
+def test_the_update_growth_condition_works_without_the_secant_ratio():
+    """No ratio (a probe the model cannot read): a growing step still warns."""
+    rng = np.random.default_rng(0)
+    u = np.full(200, 0.005) * np.exp(0.1 * rng.standard_normal(200))
+    u[150:] *= 1.12 ** np.arange(1, 51)
+    alarms = OnlineAlarms([TaylorForecast()])
+    found = []
+    for i, v in enumerate(u):
+        found += alarms.observe("sentinels", i, {"r_secant": math.nan, "update_ratio": v})
+    first = found[0]
+    assert first.severity == "warning"
+    assert 150 <= first.step < 160 and "update-to-weight" in first.message
+    quiet = np.full(200, 0.005) * np.exp(0.1 * rng.standard_normal(200))
+    alarms = OnlineAlarms([TaylorForecast()])
+    assert not [f for i, v in enumerate(quiet)
+                for f in alarms.observe("sentinels", i, {"update_ratio": v})]
+
+
+# -- never perturb training: buffers written in eval mode
+
+
+class _Observer(nn.Module):
+    """Keeps a running maximum of its input in eval mode too (as FakeQuantize's observers
+    do), written through ``.data`` so that the buffer's version counter does not move."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("seen_max", torch.zeros(()))
+
+    def forward(self, x):
+        self.seen_max.data.copy_(torch.maximum(self.seen_max, x.detach().abs().max()))
+        return x * (1 + 0.01 * self.seen_max)
+
+
+def _observed_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), _Observer(), nn.Tanh(), nn.Linear(8, 3))
+
+
+def test_the_sentinels_leave_buffers_written_in_eval_mode_as_training_left_them():
+    final = []
+    for monitored in (False, True):
+        model = _observed_mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        probe = (3 * torch.randn(8, 6), torch.randint(0, 3, (8,)))  # larger than the data
+        mon = Monitor(model, F.cross_entropy, optimizer=opt, probe=probe, warn=False).start() \
+            if monitored else None
+        _train(model, opt, mon, _batches(6), F.cross_entropy)
+        if mon is not None:
+            assert np.isfinite(mon.run().series("sentinels", "r_secant")[1][1:]).all()
+            mon.close()
+        final.append(model)
+    plain, watched = final
+    for a, b in zip(plain.state_dict().values(), watched.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_quantization_aware_training_is_not_perturbed():
+    from torch.ao.quantization import get_default_qat_qconfig, prepare_qat
+
+    def make():
+        torch.manual_seed(0)
+        m = nn.Sequential(torch.ao.quantization.QuantStub(), nn.Linear(6, 16), nn.ReLU(),
+                          nn.Linear(16, 3), torch.ao.quantization.DeQuantStub())
+        m.qconfig = get_default_qat_qconfig("fbgemm")
+        return prepare_qat(m.train())
+
+    final = []
+    for monitored in (False, True):
+        model = make()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        mon = Monitor(model, F.cross_entropy, optimizer=opt, warn=False).start() \
+            if monitored else None
+        _train(model, opt, mon, [(3 * x, y) for x, y in _batches(5)], F.cross_entropy)
+        if mon is not None:
+            mon.close()
+        final.append(model.state_dict())
+    for key in final[0]:
+        assert torch.equal(final[0][key], final[1][key]), key
+
+
+# -- gradients, outputs, optimizers
+
+
+def test_a_parameter_without_gradient_counts_as_zero():
+    """A head that does not read one branch (BERT's pooler under a [CLS] head): the
+    gradient norm is that of the other gradients, not NaN for the whole run."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"used": nn.Linear(6, 3), "unused": nn.Linear(6, 3)})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = models.classification_data()
+    with Monitor(model, F.cross_entropy, optimizer=opt, metrics=["grad_norm", "nonfinite"],
+                 warn=False) as mon:
+        loss = F.cross_entropy(model["used"](x), y)
+        loss.backward()
+        expected = float(torch.cat([p.grad.reshape(-1) for p in model["used"].parameters()])
+                         .norm())
+        opt.step()
+        mon.step(0, batch=(x, y), loss=loss)
+        run = mon.run()
+    assert run.series("grad_norm", "value")[1][0] == pytest.approx(expected, rel=1e-6)
+    assert run.series("nonfinite", "grad")[1][0] == 0.0
+    assert not mon.findings
+
+
+def test_outputs_given_as_a_tuple_are_read_through_their_logits():
+    model = models.mlp()
+    x, y = models.classification_data()
+    logits = model(x).detach()
+    recorded = []
+    for given in (logits, (logits, torch.zeros(3)), {"logits": logits, "aux": 1}):
+        with Monitor(model, F.cross_entropy, metrics=["logits"], warn=False) as mon:
+            mon.step(0, batch=(x, y), outputs=given)
+            recorded.append(mon.run().series("logits", "max_abs")[1][0])
+            assert not mon.findings
+    assert recorded[0] == pytest.approx(float(logits.abs().max()))
+    assert recorded[0] == recorded[1] == recorded[2]
+
+
+class _WrappedOptimizer:
+    """What accelerate's ``AcceleratedOptimizer`` looks like to the monitor."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def step(self):
+        self.optimizer.step()
+
+    def zero_grad(self):
+        self.optimizer.zero_grad()
+
+
+def test_a_wrapped_optimizer_is_unwrapped():
+    model = models.mlp()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = _WrappedOptimizer(inner)
+    with Monitor(model, F.cross_entropy, optimizer=opt, metrics=["update"], warn=False) as mon:
+        assert mon.optimizer is inner
+        _train(model, opt, mon, _batches(2), F.cross_entropy)
+        assert np.isfinite(mon.run().series("update", "norm")[1]).all()
+
+
+# -- sparse calls, skipped steps
+
+
+def test_calls_every_n_steps_measure_the_last_optimizer_step():
+    """Called every 5 optimizer steps, ``update`` is the last step's Δθ (not the sum of 5),
+    and the Taylor radius, due every 5th step, is measured."""
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    batches = _batches(16)
+    last_steps = {}
+    with Monitor(model, F.cross_entropy, optimizer=opt, probe=batches[0],
+                 metrics=["update", "taylor_radius"], warn=False) as mon:
+        for step, (x, y) in enumerate(batches):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            before = [p.detach().clone() for p in model.parameters()]
+            opt.step()
+            if step % 5 == 0:
+                last_steps[step] = float(torch.cat(
+                    [(p.detach() - b).reshape(-1) for p, b in zip(model.parameters(), before)]
+                ).norm())
+                mon.step(step, batch=(x, y), loss=loss)
+        run = mon.run()
+    steps, norms = run.series("update", "norm")
+    assert steps.tolist() == [0, 5, 10, 15]
+    np.testing.assert_allclose(norms, [last_steps[s] for s in steps], rtol=1e-5)
+    steps, radius_steps = run.series("taylor_radius", "step_norm")  # due every 10th step
+    assert steps.tolist() == [0, 10]
+    np.testing.assert_allclose(radius_steps, norms[[0, 2]], rtol=1e-5)
+    assert not mon.findings
+
+
+def test_a_step_the_loss_scaler_skipped_is_info_not_an_error():
+    """Non-finite gradients and no optimizer step since the last call: a GradScaler skip
+    (routine with fp16), info; the same gradients followed by a step: an error."""
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = models.classification_data()
+    with Monitor(model, F.cross_entropy, optimizer=opt, warn=False) as mon:
+        _train(model, opt, mon, [(x, y)], F.cross_entropy)  # step 0: an ordinary step
+        for p in model.parameters():
+            p.grad = torch.full_like(p, math.inf)
+        skipped = mon.step(1, batch=(x, y), loss=torch.tensor(0.9))  # no opt.step()
+        opt.step()
+        stepped = mon.step(2, batch=(x, y), loss=torch.tensor(0.9))
+        run = mon.run()
+    assert [(f.rule, f.severity) for f in skipped] == [("nonfinite", "info")]
+    assert [(f.rule, f.severity) for f in stepped] == [("nonfinite", "error")]
+    assert run.series("nonfinite", "no_step")[1].tolist() == [0.0, 1.0, 0.0]
+    assert not [f for f in mon.findings if f.rule == "metric_failed"]
+
+
+def test_two_monitors_closed_in_opening_order_leave_the_users_handler():
+    def users(signum, frame):
+        pass
+
+    old = signal.signal(signal.SIGTERM, users)
+    try:
+        first = InterruptGuard(lambda: None, lambda: None).install()
+        second = InterruptGuard(lambda: None, lambda: None).install()
+        first.uninstall()
+        assert second._previous[signal.SIGTERM] is users  # the chain skips the closed one
+        second.uninstall()
+        assert signal.getsignal(signal.SIGTERM) is users
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def test_a_monitor_without_loss_function_runs_the_defaults():
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Monitor(model, optimizer=opt, warn=False) as mon:
+        _train(model, opt, mon, _batches(3), F.cross_entropy)
+        run = mon.run()
+        assert not mon.findings
+        assert np.isfinite(run.series("sentinels", "probe_loss")[1]).all()
+    with pytest.warns(RuntimeWarning, match="pass loss_fn= or closure="), Monitor(
+            model, optimizer=opt, metrics=["sharpness"], warn=False) as mon:
+        _train(model, opt, mon, _batches(1), F.cross_entropy)
+    assert [f.rule for f in mon.findings] == ["metric_failed"]
