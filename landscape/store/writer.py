@@ -136,6 +136,11 @@ class RunWriter:
         if path.exists() and mode == "a":
             backend = H5Backend(open_for_writing(path), writable=True)
             self._backend = backend
+            try:
+                _check_same_model(path, backend.file.attrs.get("config"), config)
+            except RunFileError:
+                backend.file.close()
+                raise
             self._mark_owner(backend)
             self._trim_partial_rows(backend)
             backend.flush()
@@ -487,3 +492,26 @@ class RunWriter:
     def __del__(self) -> None:  # a writer dropped without close() still saves its rows
         with contextlib.suppress(Exception):
             self.close()
+
+
+def _check_same_model(path: Path, stored: Any, config: Mapping | None) -> None:
+    """Refuse to append a run of another model to ``path`` (one line that says how not to).
+
+    Compares the ``model`` class name and ``n_parameters`` the monitor stores in the run's
+    configuration, where both the file and the new run have them.
+    """
+    try:
+        old = json.loads(stored.decode() if isinstance(stored, bytes) else str(stored))
+    except (TypeError, ValueError, AttributeError):
+        return
+    if not isinstance(old, dict):
+        return
+    new = dict(config or {})
+    keys = [k for k in ("model", "n_parameters") if k in old and k in new]
+    if all(old[k] == new[k] for k in keys):
+        return
+    raise RunFileError(
+        f"{path}: holds a run of {old.get('model')} with {old.get('n_parameters')} trainable "
+        f"parameters, this model is {new.get('model')} with {new.get('n_parameters')}; pass "
+        "mode='w' to start the file over, or another path"
+    )

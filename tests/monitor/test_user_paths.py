@@ -330,3 +330,20 @@ def test_a_monitor_without_loss_function_runs_the_defaults():
             model, optimizer=opt, metrics=["sharpness"], warn=False) as mon:
         _train(model, opt, mon, _batches(1), F.cross_entropy)
     assert [f.rule for f in mon.findings] == ["metric_failed"]
+
+
+def test_appending_a_run_of_another_model_is_refused_in_one_line(tmp_path):
+    from landscape._errors import RunFileError
+
+    path = tmp_path / "run.h5"
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Monitor(model, F.cross_entropy, str(path), optimizer=opt, warn=False) as mon:
+        _train(model, opt, mon, _batches(2), F.cross_entropy)
+    other = models.mlp(hidden=16)
+    with pytest.raises(RunFileError, match="holds a run of Sequential with .* mode='w'"):
+        Monitor(other, F.cross_entropy, str(path), warn=False).start()
+    with Monitor(model, F.cross_entropy, str(path), warn=False) as mon:  # the same model
+        mon.step(5, loss=1.0)
+    with Monitor(other, F.cross_entropy, str(path), mode="w", warn=False) as mon:
+        mon.step(0, loss=1.0)
