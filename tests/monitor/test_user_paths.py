@@ -341,7 +341,7 @@ def test_appending_a_run_of_another_model_is_refused_in_one_line(tmp_path):
     with Monitor(model, F.cross_entropy, str(path), optimizer=opt, warn=False) as mon:
         _train(model, opt, mon, _batches(2), F.cross_entropy)
     other = models.mlp(hidden=16)
-    with pytest.raises(RunFileError, match="holds a run of Sequential with .* mode='w'"):
+    with pytest.raises(RunFileError, match=r"holds a run of Sequential with .* mode='w'"):
         Monitor(other, F.cross_entropy, str(path), warn=False).start()
     with Monitor(model, F.cross_entropy, str(path), warn=False) as mon:  # the same model
         mon.step(5, loss=1.0)
