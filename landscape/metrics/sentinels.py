@@ -181,14 +181,21 @@ class Sentinels(Metric):
       NaN when the model has no attention. The first call tells whether it has any: if
       none ran, later calls skip the capture (and its per-op cost) and record NaN. With
       ``attention_every=k`` it is measured on every k-th call only (NaN in between).
-    * ``probe_loss``: the cross-entropy of the subsample (NaN when targets do not fit).
+    * ``probe_loss``: the monitor's loss on the subsample, ``loss_fn(output, targets)``
+      or the closure's value (the cross-entropy of a classifier's integer targets when the
+      monitor has no loss function; NaN when the loss function fails there).
     * ``update_ratio``, ``update_layer``: the largest ||Δθ_l|| / ||θ_l|| over the weight
       tensors (two or more dimensions) and the index of that tensor in
       ``config()["layers"]``.
 
-    The forward pass calls the model directly, in eval mode without gradients, inside the
-    monitor's :func:`landscape.isolation.isolated` (RNG and modes restored;
-    docs/conventions.md): half the time of a ``functional_call`` on small models.
+    The forward pass calls the model directly (through the closure, when the monitor has
+    one: the output is read from the model's own call), in eval mode without gradients,
+    inside the monitor's :func:`landscape.isolation.isolated` (RNG and modes restored;
+    docs/conventions.md): half the time of a ``functional_call`` on small models. A model
+    that writes its buffers in eval mode is caught at the first call and evaluated through
+    ``functional_call`` from then on (:class:`_BufferGuard`). When that forward fails (a
+    probe the model cannot read), the row keeps the update ratios and the monitor records
+    the failure (:class:`~landscape._errors.PartialRow`).
     With the defaults (at most 4 samples, at most 64 logit rows) the whole metric takes
     about 10 % of a training step of the instability suite's tiny GPT, a quarter of its
     2.2 ms CNN step and under 3 % of a CIFAR-sized CNN's (docs/benchmarks.md, "Monitor
