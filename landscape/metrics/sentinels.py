@@ -125,6 +125,7 @@ class _BufferGuard:
 
     def __init__(self) -> None:
         self.stateless: bool | None = None  # None: not known until the first forward
+        self._slots: list[tuple[nn.Module, str]] | None = None  # (module, buffer name)
 
     @contextlib.contextmanager
     def watch(self, model: nn.Module) -> Iterator[bool]:
@@ -132,8 +133,10 @@ class _BufferGuard:
         if self.stateless:
             yield True
             return
-        entries = [(m, k, t, t._version) for m in model.modules()
-                   for k, t in m._buffers.items() if t is not None]
+        if self._slots is None or self.stateless is None:  # the module tree, walked once
+            self._slots = [(m, k) for m in model.modules() for k in m._buffers]
+        entries = [(m, k, t, t._version) for m, k in self._slots
+                   if (t := m._buffers.get(k)) is not None]
         saved = None if self.stateless is False else [t.clone() for _, _, t, _ in entries]
         try:
             yield False
