@@ -254,6 +254,7 @@ class Monitor:
         self._before: tuple[torch.Tensor, ...] | None = None
         self._last_step: int | None = None
         self._opt_steps = 0  # optimizer steps since the last call of step()
+        self._opt_per_call: int | None = None  # between the last two calls (None: unknown)
         self._steps_per_opt = 1.0  # steps (as numbered by the caller) per optimizer step
         self._first_step = 0
         self.adaptive = adaptive
@@ -407,8 +408,10 @@ class Monitor:
 
         After ``k`` optimizer steps since the last call, the last step plus ``k`` times the
         steps per optimizer step seen between earlier calls (1 until two calls with an
-        optimizer step between them were seen): a caller that calls every ``n`` optimizer
-        steps is expected at the ``n``-th, not at the next one.
+        optimizer step between them were seen), so that a metric's schedule is asked about
+        the step the call will have. Which optimizer step precedes the call is learned
+        separately: :meth:`_pre_step` copies the parameters from the ``n``-th optimizer
+        step since the last call on, ``n`` the count between the last two calls.
         """
         k = max(self._opt_steps, 1)
         if self._last_step is None:
@@ -417,9 +420,13 @@ class Monitor:
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         # the parameters before the optimizer step that comes right before the next
-        # call: taken again before every optimizer step that may be that one, so the
-        # update is always one optimizer step (never several, when calls are sparser)
+        # call: taken before every optimizer step that may be that one (from the count
+        # between the last two calls on), so the update is always one optimizer step
+        # (never several, when calls are sparser) and sparse callers copy once per call
         self._opt_steps += 1
+        if (self.taylor_guard is None and self._opt_per_call is not None
+                and self._opt_steps < self._opt_per_call):
+            return
         upcoming = self._next_step()
         wanted = self.taylor_guard is not None or any(
             m.needs_update and self._is_due(m, upcoming) for m in self.metrics
@@ -499,9 +506,8 @@ class Monitor:
         due = [m for m in self.metrics if self._is_due(m, step)]
         extra = [m for m in due if not m.schedule(step)]
         before, self._before = self._before, None
-        stepped: int | None = None  # optimizer steps since the last call; None: unknown
-        if self._hooks and not self._update_missed:
-            stepped = self._opt_steps
+        if self._last_step is not None or self._opt_steps > 0:
+            self._opt_per_call = self._opt_steps  # since the last call, or since start()
         if self._last_step is not None and self._opt_steps > 0:
             self._steps_per_opt = (step - self._last_step) / self._opt_steps
         self._opt_steps = 0
@@ -509,7 +515,6 @@ class Monitor:
         if not due:
             return []
         ctx = self._context(step, batch, loss, outputs)
-        ctx.optimizer_steps = stepped
         if before is not None:
             ctx.params_before = before
             with torch.no_grad():  # the same values as difference() of detached tensors
@@ -578,10 +583,7 @@ class Monitor:
             err = caught
             if isinstance(caught, PartialRow):  # some fields measured: keep them
                 partial, err = dict(caught.row), caught.error
-            # no update to measure: the first call started the monitor, or no optimizer
-            # step happened since the last call (a loss scaler skipped it): NaN, no finding
-            missed = ((self._update_missed or ctx.optimizer_steps == 0)
-                      and metric.needs_update and ctx.update is None
+            missed = (self._update_missed and metric.needs_update and ctx.update is None
                       and isinstance(err, MissingInput))
             if self.strict and not missed:
                 if partial is None:

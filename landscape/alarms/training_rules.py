@@ -268,17 +268,8 @@ class NonFiniteValues(Rule):
         "and check the batch for NaN/inf inputs (fp16 GradScaler skips are expected)"
     )
 
-    _SKIP_HINT = (
-        "expected now and then with fp16 and a GradScaler (it lowers its scale and goes on); "
-        "if it repeats every step, the loss scale cannot recover: look for an overflow in "
-        "the forward pass"
-    )
-
     def evaluate(self, metric: str, row: Row) -> Trigger | _Skip | None:
         """Fire on a set ``nonfinite`` flag or on a non-finite ``value``.
-
-        A non-finite gradient of a step no optimizer step followed (``no_step`` = 1: a
-        loss scaler skipped it) is info, not an error: the parameters did not change.
 
         Args:
             metric: ``nonfinite`` (flags), or a metric whose ``value`` field is checked.
@@ -293,19 +284,8 @@ class NonFiniteValues(Rule):
             valid = [(f, v) for f, v in flags if v is not None]
             if not valid:
                 return SKIP
-            skipped = _scalar(row, "no_step") == 1.0  # no optimizer step used the gradient
             for f, v in valid:
                 if v != 0:
-                    if f == "grad" and skipped:
-                        return Trigger(
-                            severity="info",
-                            field=f,
-                            value=1.0,
-                            threshold=1.0,
-                            message="non-finite gradient, and no optimizer step since the "
-                                    "last call: a loss scaler skipped the step",
-                            hint=self._SKIP_HINT,
-                        )
                     what = "training loss" if f == "loss" else "gradient"
                     return Trigger(
                         severity="error",

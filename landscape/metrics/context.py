@@ -88,11 +88,8 @@ class StepContext:
     ``names`` are the monitored parameters' names; :attr:`parameters` their current
     (detached) tensors in that order. ``params_before`` and ``update`` hold the parameters
     before the optimizer step and its Δθ when a metric with ``needs_update`` is due.
-    ``optimizer_steps`` counts the optimizer steps since the monitor's previous call (None
-    when unknown: no optimizer given, or the first call started the monitor); 0 means no
-    step happened, e.g. a loss scaler skipped it. ``parameter_objects`` optionally maps
-    parameter names to the model's parameter objects (the monitor builds it once;
-    otherwise it is looked up once per step).
+    ``parameter_objects`` optionally maps parameter names to the model's parameter objects
+    (the monitor builds it once; otherwise it is looked up once per step).
     ``state`` survives between steps (warm starts); the rest lives for one step.
     """
 
@@ -108,7 +105,6 @@ class StepContext:
     outputs: Any = None
     params_before: Vector | None = None
     update: Vector | None = None
-    optimizer_steps: int | None = None
     state: dict = field(default_factory=dict)
     microbatch_size: int | None = None
     parameter_objects: dict[str, nn.Parameter] | None = None

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from torch import nn
 from landscape._errors import MissingInput, PartialRow
 from landscape.batches import head, leading_size
 from landscape.capture import first_tensor
-from landscape.isolation import stateless_call, stateless_closure
+from landscape.isolation import stateless_call
 from landscape.metrics._attention import AttentionLogits
 from landscape.metrics.base import Metric, register
 from landscape.metrics.context import StepContext, split_batch
@@ -80,32 +80,45 @@ def _samples_for_rows(z: torch.Tensor, x: Any, samples: int, rows: int | None) -
     return max(1, min(samples, math.ceil(rows / max(per_sample, 1))))
 
 
-def _user_loss(loss_fn: Callable[..., Any] | None, output: Any, targets: Any) -> Any:
-    """``loss_fn(output, targets)``; None when there is no loss function or it fails.
+_PAIR_KEYS = (("inputs", "targets"), ("x", "y"))  # dict batches of (inputs, targets)
 
-    The monitor's loss function is what the training loop uses, so it knows the model's
-    conventions (e.g. a language model's shifted labels). One that raises
-    :class:`MissingInput` (an adapter without a loss) lets the caller fall back to the
-    cross-entropy of a classifier's targets; any other failure leaves ``probe_loss`` NaN.
+
+def _model_call(batch: Any, samples: int) -> tuple[tuple, dict, Any]:
+    """How the sentinels call the model on the first ``samples`` samples of ``batch``.
+
+    ``(args, kwargs, targets)``: ``model(inputs)`` for an ``(inputs, targets)`` batch (a
+    2-sequence, or a dict with the keys ``inputs``/``targets`` or ``x``/``y``); any other
+    dict holds the model's keyword arguments (the Hugging Face convention: ``input_ids``,
+    ``attention_mask``, ``labels``) and is passed as ``model(**batch)``, targets None.
+    Never the monitor's ``loss_fn`` or ``closure``: they are user code that may keep state
+    (a loss with running statistics, a Lightning ``training_step``), and this runs at every
+    step.
     """
-    if loss_fn is None or targets is None:
-        return None
-    try:
-        return loss_fn(output, targets)
-    except MissingInput:
-        return None
-    except Exception:  # a diagnostic field: NaN, the other sentinels go on
-        return math.nan
+    if isinstance(batch, Mapping) and not any(x in batch and y in batch for x, y in _PAIR_KEYS):
+        return (), dict(head(batch, samples)), None
+    inputs, targets = split_batch(batch)
+    return (head(inputs, samples),), {}, head(targets, samples)
 
 
-@contextlib.contextmanager
-def _root_output(model: nn.Module, seen: list[Any]) -> Iterator[None]:
-    """Collect the outputs of ``model``'s own calls into ``seen`` (a hook, removed on exit)."""
-    handle = model.register_forward_hook(lambda _m, _i, out: seen.append(out))
+def _output_loss(output: Any) -> torch.Tensor | None:
+    """The scalar loss a model returned with its output (Hugging Face, given ``labels``)."""
+    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+    return loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
+
+
+def _has_observers(model: nn.Module) -> bool:
+    """Whether ``model`` holds quantization observers or fake-quantize modules.
+
+    They write their statistics in eval mode whenever they are enabled, which a training
+    script may do at any step (``enable_observer``), and their fused kernels do so
+    without bumping the buffers' version counters.
+    """
     try:
-        yield
-    finally:
-        handle.remove()
+        from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+        from torch.ao.quantization.observer import ObserverBase
+    except ImportError:  # pragma: no cover - a torch without torch.ao.quantization
+        return False
+    return any(isinstance(m, (FakeQuantizeBase, ObserverBase)) for m in model.modules())
 
 
 class _BufferGuard:
@@ -113,14 +126,16 @@ class _BufferGuard:
 
     The sentinels call the model itself (half the time of ``functional_call`` on small
     models), in eval mode, where ordinary layers leave their buffers alone. Some do not:
-    a quantization-aware model's observers update their statistics in eval mode too. The
-    first call therefore keeps a copy of every buffer and compares each buffer's identity
-    and values after the forward; if one changed, its object and values are put back and
-    every later call goes through ``functional_call`` with cloned buffers
-    (:func:`~landscape.isolation.stateless_call`). Later direct calls compare identities
-    and version counters only (no copy): a change that starts only then is undone where it
-    replaced a buffer, and warned about where it wrote into one (a write that bumps no
-    version counter is not seen then).
+    a quantization-aware model's observers update their statistics in eval mode too, so a
+    model holding observers or fake-quantize modules always goes through
+    ``functional_call`` with cloned buffers (:func:`~landscape.isolation.stateless_call`).
+    For any other model the first call keeps a copy of every buffer and compares each
+    buffer's identity and values after the forward; if one changed, its object and values
+    are put back and every later call goes through ``functional_call``. Later direct calls
+    compare identities and version counters only (no copy): a buffer replaced by another
+    object is put back, but a write into one that starts only then cannot be undone (it is
+    warned about, and the calls after it go through ``functional_call``), nor seen when it
+    bumps no version counter.
     """
 
     def __init__(self) -> None:
@@ -130,6 +145,8 @@ class _BufferGuard:
     @contextlib.contextmanager
     def watch(self, model: nn.Module) -> Iterator[bool]:
         """Guard one forward; yields whether it must go through ``functional_call``."""
+        if self.stateless is None and _has_observers(model):
+            self.stateless = True  # they may start writing at any step: never call directly
         if self.stateless:
             yield True
             return
@@ -184,19 +201,19 @@ class Sentinels(Metric):
       NaN when the model has no attention. The first call tells whether it has any: if
       none ran, later calls skip the capture (and its per-op cost) and record NaN. With
       ``attention_every=k`` it is measured on every k-th call only (NaN in between).
-    * ``probe_loss``: the monitor's loss on the subsample, ``loss_fn(output, targets)``
-      or the closure's value (the cross-entropy of a classifier's integer targets when the
-      monitor has no loss function; NaN when the loss function fails there).
+    * ``probe_loss``: the loss the model returns itself given ``labels`` (Hugging Face
+      models: a language model's shifted next-token loss); otherwise the cross-entropy of
+      the subsample's integer targets when their shape matches the logits' (NaN when not).
     * ``update_ratio``, ``update_layer``: the largest ||Δθ_l|| / ||θ_l|| over the weight
       tensors (two or more dimensions) and the index of that tensor in
       ``config()["layers"]``.
 
-    The forward pass calls the model directly (through the closure, when the monitor has
-    one: the output is read from the model's own call), in eval mode without gradients,
-    inside the monitor's :func:`landscape.isolation.isolated` (RNG and modes restored;
-    docs/conventions.md): half the time of a ``functional_call`` on small models. A model
-    that writes its buffers in eval mode is caught at the first call and evaluated through
-    ``functional_call`` from then on (:class:`_BufferGuard`). When that forward fails (a
+    The forward pass calls the model directly, ``model(inputs)`` or ``model(**batch)``
+    (:func:`_model_call`; never the monitor's ``loss_fn`` or closure), in eval mode without
+    gradients, inside the monitor's :func:`landscape.isolation.isolated` (RNG and modes
+    restored; docs/conventions.md): half the time of a ``functional_call`` on small
+    models. A model that writes its buffers in eval mode goes through ``functional_call``
+    instead (:class:`_BufferGuard` says when). When that forward fails (a
     probe the model cannot read), the row keeps the update ratios and the monitor records
     the failure (:class:`~landscape._errors.PartialRow`).
     With the defaults (at most 4 samples, at most 64 logit rows) the whole metric takes
@@ -297,19 +314,16 @@ class Sentinels(Metric):
     def _logit_fields(self, ctx: StepContext) -> dict[str, float]:
         batch = ctx.batches(self.data)[0]
         samples = self.subsample if self._samples is None else self._samples
-        if ctx.closure is None:
-            inputs, targets = split_batch(batch)
-            x, y = head(inputs, samples), head(targets, samples)
-        else:  # the closure reads the whole (sub)batch; its loss is the probe loss
-            x, y = head(batch, samples), None
+        args, kwargs, y = _model_call(batch, samples)
         with torch.no_grad():  # the monitor's isolated(): eval mode, RNG restored
-            output, attention, loss = self._forward(ctx, x, y)
+            output, attention = self._forward(ctx.model, args, kwargs)
         z = first_tensor(output)
-        if z is None:
+        if z is None or z.dim() == 0:
             raise MissingInput("sentinels: the model's output has no logits tensor")
         z = z.detach()
         if self._samples is None:  # the first call: as few samples as `rows` needs
-            self._samples = _samples_for_rows(z, x, samples, self.rows)
+            self._samples = _samples_for_rows(z, args[0] if args else kwargs, samples,
+                                              self.rows)
             if self._samples < samples:  # every row from a forward of the same shape
                 self._calls, self._attention = 0, None
                 return self._logit_fields(ctx)
@@ -318,14 +332,14 @@ class Sentinels(Metric):
         # the same spread back on its own)
         names = ["max_abs", "logsumexp_max"]
         parts = [flat.abs().max(), torch.logsumexp(flat, dim=-1).max()]
-        if loss is None and isinstance(y, torch.Tensor) and y.shape == z.shape[:-1] \
-                and not y.is_floating_point():  # no loss function: a classifier's targets
-            loss = F.cross_entropy(flat, y.reshape(-1).to(flat.device))
-        if isinstance(loss, (int, float)) and not isinstance(loss, bool):
-            loss = torch.tensor(float(loss))
-        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+        loss = _output_loss(output)
+        if loss is not None:
             names.append("probe_loss")
             parts.append(loss.detach().reshape(()).to(flat))
+        elif isinstance(y, torch.Tensor) and y.shape == z.shape[:-1] \
+                and not y.is_floating_point():  # a classifier's or next-token targets
+            names.append("probe_loss")
+            parts.append(F.cross_entropy(flat, y.reshape(-1).to(flat.device)))
         if attention is not None:
             names.append("attention_logit_max")
             parts.append(attention.to(flat.device))
@@ -346,44 +360,29 @@ class Sentinels(Metric):
         return out
 
     def _forward(
-        self, ctx: StepContext, x: Any, y: Any
-    ) -> tuple[Any, torch.Tensor | None, Any]:
-        """The model's output on ``x``, its largest attention logit and the probe loss.
+        self, model: nn.Module, args: tuple, kwargs: dict
+    ) -> tuple[Any, torch.Tensor | None]:
+        """The model's output and its largest attention logit (None: no attention).
 
-        Without a closure the model is called on the inputs ``x`` and the loss is
-        ``loss_fn(output, y)`` (None when the monitor's loss function cannot evaluate one:
-        the statistics then fall back to the cross-entropy of a classifier's targets);
-        with a closure, ``closure(model, x)`` on the sub-batch ``x`` gives the loss and the
-        output is read from the model's own call (a forward hook on the model, removed on
-        exit). The model's buffers are guarded (:class:`_BufferGuard`). The attention
-        capture mode is active only during this call and removed on exit, also when the
-        forward raises; once a first call saw no attention op it is skipped.
+        The model's buffers are guarded (:class:`_BufferGuard`). The attention capture
+        mode is active only during this call and removed on exit, also when the forward
+        raises; once a first call saw no attention op it is skipped.
         """
         due = self.attention_every > 0 and self._calls % self.attention_every == 0
         watch = self._attention is not False and due
-        model = ctx.model
         with self._guard.watch(model) as stateless, contextlib.ExitStack() as stack:
             att = stack.enter_context(AttentionLogits()) if watch else None
-            if ctx.closure is None:
-                output = stateless_call(model, {}, (x,)) if stateless else model(x)
-                loss = _user_loss(ctx.loss_fn, output, y)
+            if stateless:
+                output = stateless_call(model, {}, args, kwargs)
             else:
-                seen: list[Any] = []
-                stack.enter_context(_root_output(model, seen))
-                if stateless:
-                    loss = stateless_closure(model, ctx.closure, {}, x)
-                else:
-                    loss = ctx.closure(model, x)
-                if not seen:
-                    raise MissingInput("sentinels: the closure did not call the model")
-                output = seen[-1]
+                output = model(*args, **kwargs)
         attention = None
         if att is not None:
             if self._attention is None:
                 self._attention = att.seen
             attention = att.maximum()
         self._calls += 1  # counted once the forward ran (a raising one is retried)
-        return output, attention, loss
+        return output, attention
 
     def _update_ratio(self, ctx: StepContext) -> dict[str, float]:
         if ctx.update is None or ctx.params_before is None:

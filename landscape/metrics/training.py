@@ -78,23 +78,16 @@ class GradNorm(Metric):
 class NonFinite(Metric):
     """1.0 when the loss (resp. any gradient entry) is NaN or infinite, else 0.0.
 
-    ``no_step`` is 1.0 when no optimizer step happened since the monitor's previous call
-    (0.0 when one did, NaN when the monitor cannot tell): a loss scaler (fp16's
-    ``GradScaler``) skips the step whose gradients overflowed, and the ``nonfinite`` rule
-    then reports the non-finite gradient as info instead of an error (docs/alarms.md).
-
     Its name, ``"nonfinite"``, predates the snake_case rule (docs/vocabulary.md) and is kept:
     run files and alarm rules read it.
     """
 
     name = "nonfinite"
-    FIELDS = ("loss", "grad", "no_step")
+    FIELDS = ("loss", "grad")
     default_data = "batch"
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
         """The ``loss`` and ``grad`` flags (NaN when the step has no loss or gradient)."""
-        steps = ctx.optimizer_steps
-        no_step = math.nan if steps is None else float(steps == 0)
         loss_bad = math.nan if ctx.loss is None else float(not math.isfinite(_as_float(ctx.loss)))
         gnorm = ctx.grad_norm()
         if gnorm is None:
@@ -104,7 +97,7 @@ class NonFinite(Metric):
         else:  # NaN/inf entries, or finite entries whose squares overflowed: look
             grads = ctx.grads() or ()
             grad_bad = float(not all(bool(torch.isfinite(g).all()) for g in grads))
-        return {"loss": loss_bad, "grad": grad_bad, "no_step": no_step}
+        return {"loss": loss_bad, "grad": grad_bad}
 
 
 @register

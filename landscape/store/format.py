@@ -274,7 +274,7 @@ def _check_format(f: h5py.File, path: Path) -> None:
         raise RunFileError(f"{path}: invalid format version {version}")
 
 
-def _h5_reason(err: OSError) -> str:
+def _h5_reason(err: BaseException | None) -> str:
     text = str(err)
     if "(" in text and text.endswith(")"):
         text = text[text.index("(") + 1 : -1]

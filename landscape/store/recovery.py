@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 import h5py
 
@@ -21,6 +23,11 @@ from landscape.store.format import LOCKING, _attr_value, _check_format, _h5_reas
 __all__ = ["open_for_reading", "open_for_writing", "recover_crashed"]
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_CHECK_ATTEMPTS = 3  # a live writer's metadata can be caught mid-flush: look again
+
+# what h5py raises for a damaged file: OSError at open, RuntimeError for a superblock it
+# cannot decode or a bad checksum found later, KeyError/ValueError for broken links
+_DAMAGED = (OSError, RuntimeError, KeyError, ValueError)
 
 
 def _check_not_truncated(path: Path) -> None:
@@ -44,6 +51,42 @@ def _check_not_truncated(path: Path) -> None:
         raise RunFileError(f"{path}: truncated file ({size} of {eof} bytes)")
 
 
+def _touch(name: str, obj: Any) -> None:
+    """Read one object's header and attributes (what a checksum guards)."""
+    dict(obj.attrs)
+    if isinstance(obj, h5py.Dataset):
+        _ = obj.shape, obj.dtype
+
+
+def _check_intact(path: Path) -> None:
+    """Refuse a damaged file in one line, before it is opened in SWMR mode.
+
+    A SWMR reader retries a metadata read whose checksum fails, sleeping in between (the
+    writer may be halfway through a flush), so a damaged file made every command that
+    reads it hang for tens of minutes, and ``landscape analyze`` could not be stopped by
+    SIGTERM meanwhile. An ordinary (non-SWMR) read-only open of the same file fails in a
+    millisecond: this opens it that way and reads every object's header and attributes.
+    A file still marked open for SWMR writing (a live writer, or one that was killed)
+    cannot be opened that way and is not checked here. A failure is looked at again, up to
+    ``_CHECK_ATTEMPTS`` times within half a second. (Damaged *data*, which HDF5 does not
+    checksum, cannot be told from real data.)
+    """
+    err: BaseException | None = None
+    for attempt in range(_CHECK_ATTEMPTS):
+        try:
+            with h5py.File(path, "r", libver="latest", locking=LOCKING) as f:
+                dict(f.attrs)
+                f.visititems(_touch)
+            return
+        except _DAMAGED as caught:
+            if "already open for write" in str(caught):
+                return  # a live writer's file, or a killed one's: only SWMR reads it
+            err = caught
+            if attempt + 1 < _CHECK_ATTEMPTS:
+                time.sleep(0.1 * (attempt + 1))
+    raise RunFileError(f"{path}: not a readable HDF5 file ({_h5_reason(err)})")
+
+
 def open_for_reading(path: Path) -> h5py.File:
     """Open a run file in SWMR-read mode.
 
@@ -62,9 +105,10 @@ def open_for_reading(path: Path) -> h5py.File:
     if path.is_dir():
         raise RunFileError(f"{path}: is a directory, expected a run file (.h5)")
     _check_not_truncated(path)
+    _check_intact(path)
     try:
         f = h5py.File(path, "r", libver="latest", swmr=True, locking=LOCKING)
-    except OSError as err:
+    except _DAMAGED as err:
         raise RunFileError(f"{path}: not a readable HDF5 file ({_h5_reason(err)})") from None
     try:
         _check_format(f, path)
@@ -131,9 +175,10 @@ def open_for_writing(path: Path) -> h5py.File:
         RunFileError: a truncated, unwritable or foreign file, or one a live process writes.
     """
     _check_not_truncated(path)
+    _check_intact(path)
     try:
         f = h5py.File(path, "r+", libver="latest", locking=LOCKING)
-    except OSError as err:
+    except _DAMAGED as err:
         if "already open for write" not in str(err):
             raise RunFileError(f"{path}: not a writable HDF5 file ({_h5_reason(err)})") from None
         recover_crashed(path)

@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -136,11 +137,7 @@ class RunWriter:
         if path.exists() and mode == "a":
             backend = H5Backend(open_for_writing(path), writable=True)
             self._backend = backend
-            try:
-                _check_same_model(path, backend.file.attrs.get("config"), config)
-            except RunFileError:
-                backend.file.close()
-                raise
+            _warn_other_model(path, backend.file.attrs.get("config"), config)
             self._mark_owner(backend)
             self._trim_partial_rows(backend)
             backend.flush()
@@ -494,11 +491,14 @@ class RunWriter:
             self.close()
 
 
-def _check_same_model(path: Path, stored: Any, config: Mapping | None) -> None:
-    """Refuse to append a run of another model to ``path`` (one line that says how not to).
+def _warn_other_model(path: Path, stored: Any, config: Mapping | None) -> None:
+    """Warn once when a run of another model is appended to ``path``.
 
-    Compares the ``model`` class name and ``n_parameters`` the monitor stores in the run's
-    configuration, where both the file and the new run have them.
+    Compares the ``model`` class name and the trainable-parameter count ``n_parameters``
+    the monitor stores in the run's configuration, where both the file and the new run
+    have them. A warning, not an error: a legitimate resume may change either (layers
+    unfrozen in a second stage, ``torch.compile`` switched on), and a run that refused to
+    start would stop training (under DDP, on rank 0 only).
     """
     try:
         old = json.loads(stored.decode() if isinstance(stored, bytes) else str(stored))
@@ -510,8 +510,10 @@ def _check_same_model(path: Path, stored: Any, config: Mapping | None) -> None:
     keys = [k for k in ("model", "n_parameters") if k in old and k in new]
     if all(old[k] == new[k] for k in keys):
         return
-    raise RunFileError(
-        f"{path}: holds a run of {old.get('model')} with {old.get('n_parameters')} trainable "
-        f"parameters, this model is {new.get('model')} with {new.get('n_parameters')}; pass "
-        "mode='w' to start the file over, or another path"
+    warnings.warn(
+        f"landscape: {path} holds a run of {old.get('model')} with "
+        f"{old.get('n_parameters')} trainable parameters and this run ({new.get('model')}, "
+        f"{new.get('n_parameters')}) is appended to it; pass mode='w' (the command line: "
+        "--overwrite) to start the file over, or another path, if it is not the same run",
+        RuntimeWarning, stacklevel=2,
     )

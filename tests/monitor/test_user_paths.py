@@ -7,6 +7,7 @@ record, computed independently where there is one.
 
 import math
 import signal
+import warnings
 
 import numpy as np
 import pytest
@@ -14,22 +15,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from landscape import Monitor
+from landscape import Monitor, Run
 from landscape._interrupts import InterruptGuard
 from landscape.alarms import OnlineAlarms, TaylorForecast
 from landscape.metrics import Sentinels
 from tests import models
 
 
-def _train(model, opt, mon, batches, loss_fn, *, call=lambda step: True, closure=None):
-    for step, (x, y) in enumerate(batches):
+def _train(model, opt, mon, batches, loss_fn, *, call=lambda step: True, first_step=0):
+    for step, (x, y) in enumerate(batches, start=first_step):
         out = model(x)
         loss = loss_fn(out, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         if mon is not None and call(step):
-            mon.step(step, batch=(x, y), loss=loss)
+            mon.step(step, batch=(x, y), loss=loss, outputs=out)
 
 
 def _batches(n=12, seed=0, d_in=6, classes=3, size=16):
@@ -61,33 +62,93 @@ def test_sentinels_through_a_closure_equal_those_through_the_loss_function():
         np.testing.assert_allclose(rows["closure"][f], values, rtol=1e-6, err_msg=f)
 
 
-def test_probe_loss_is_the_users_loss_function_on_the_subsample():
-    """A language model's loss shifts its labels; the probe loss must be that loss, not a
-    cross-entropy of unshifted targets."""
-    model = models.TinyTransformer(vocab=11, d=8, seq=7)
+class _CausalLM(nn.Module):
+    """A Hugging Face-style language model: ``model(input_ids=, labels=)`` returns its
+    logits and, given labels, the next-token loss it computes itself (labels shifted)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = models.TinyTransformer(vocab=11, d=8, seq=7)
+
+    def forward(self, input_ids, labels=None, attention_mask=None):
+        logits = self.net(input_ids)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = F.cross_entropy(logits[:, :-1].reshape(-1, 11),
+                                          labels[:, 1:].reshape(-1))
+        return out
+
+
+def test_a_dict_batch_is_passed_as_keyword_arguments_and_its_loss_is_the_models():
+    """Hugging Face batches (``input_ids``, ``labels``): the sentinels call
+    ``model(**batch)``, and the probe loss is the model's own (shifted) loss, not a
+    cross-entropy of unshifted labels."""
+    model = _CausalLM()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-
-    def shifted(logits, ids):
-        return F.cross_entropy(logits[:, :-1].reshape(-1, 11), ids[:, 1:].reshape(-1))
-
     ids = models.token_data(n=8)["ids"]
-    batch = {"input_ids": ids, "labels": ids}  # the Hugging Face convention
-    with Monitor(model, shifted, optimizer=opt, warn=False) as mon:
-        loss = shifted(model(ids), ids)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        mon.step(0, batch=batch, loss=loss)
-        recorded = mon.run().series("sentinels", "probe_loss")[1][0]
-    sentinels = next(m for m in mon.metrics if isinstance(m, Sentinels))
-    samples = sentinels._samples
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    with Monitor(model, closure=lambda m, b: m(**b)["loss"], optimizer=opt,
+                 warn=False) as mon:
+        for step in range(3):
+            loss = model(**batch)["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(step, batch=batch, loss=loss)
+        run = mon.run()
+        assert not mon.findings
+    recorded = run.series("sentinels", "probe_loss")[1][-1]
+    samples = next(m for m in mon.metrics if isinstance(m, Sentinels))._samples
     model.eval()
     with torch.no_grad():
         sub = ids[:samples]
-        expected = float(shifted(model(sub), sub))
-        unshifted = float(F.cross_entropy(model(sub).reshape(-1, 11), sub.reshape(-1)))
+        expected = float(model(sub, labels=sub)["loss"])
+        unshifted = float(F.cross_entropy(model(sub)["logits"].reshape(-1, 11), sub.reshape(-1)))
     assert recorded == pytest.approx(expected, rel=1e-6)
     assert abs(recorded - unshifted) > 1e-3
+    assert np.isfinite(run.series("sentinels", "r_secant")[1][1:]).all()
+
+
+class _RunningMeanLoss(nn.Module):
+    """A loss that keeps state: each call updates a running mean (loss balancing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.register_buffer("mean", torch.ones(()))
+
+    def forward(self, logits, targets):
+        self.calls += 1
+        loss = F.cross_entropy(logits, targets)
+        self.mean.mul_(0.9).add_(0.1 * loss.detach())
+        return loss / self.mean
+
+
+def test_the_default_monitor_never_calls_the_users_loss_or_closure():
+    """They are user code that may keep state; the every-step metrics call the model only
+    (the loop passes its ``outputs=``, as the README's does: the ``logits`` metric then
+    needs no forward pass of its own)."""
+    final, calls = [], []
+    for monitored in (False, True):
+        model = models.mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        loss_fn = _RunningMeanLoss()
+        closure_calls = []
+
+        def closure(m, b, loss_fn=loss_fn, seen=closure_calls):
+            seen.append(1)
+            return loss_fn(m(b[0]), b[1])
+
+        mon = Monitor(model, closure=closure, optimizer=opt, warn=False).start() \
+            if monitored else None
+        _train(model, opt, mon, _batches(8), loss_fn)
+        if mon is not None:
+            assert np.isfinite(mon.run().series("sentinels", "r_secant")[1][1:]).all()
+            mon.close()
+        final.append([p.detach().clone() for p in model.parameters()] + [loss_fn.mean])
+        calls.append((loss_fn.calls, len(closure_calls)))
+    assert calls == [(8, 0), (8, 0)]
+    assert all(torch.equal(a, b) for a, b in zip(*final))
 
 
 def test_a_probe_the_model_cannot_read_keeps_the_update_ratio_and_says_why():
@@ -164,8 +225,16 @@ def test_the_sentinels_leave_buffers_written_in_eval_mode_as_training_left_them(
         assert torch.equal(a, b)
 
 
-def test_quantization_aware_training_is_not_perturbed():
-    from torch.ao.quantization import get_default_qat_qconfig, prepare_qat
+@pytest.mark.parametrize("observe_from", [0, 3])
+def test_quantization_aware_training_is_not_perturbed(observe_from):
+    """Observers on from the start, or switched on at step 3 (after the sentinels' first
+    forward found nothing written)."""
+    from torch.ao.quantization import (
+        disable_observer,
+        enable_observer,
+        get_default_qat_qconfig,
+        prepare_qat,
+    )
 
     def make():
         torch.manual_seed(0)
@@ -178,9 +247,15 @@ def test_quantization_aware_training_is_not_perturbed():
     for monitored in (False, True):
         model = make()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        if observe_from:
+            model.apply(disable_observer)
         mon = Monitor(model, F.cross_entropy, optimizer=opt, warn=False).start() \
             if monitored else None
-        _train(model, opt, mon, [(3 * x, y) for x, y in _batches(5)], F.cross_entropy)
+        data = [(3 * x, y) for x, y in _batches(6)]
+        _train(model, opt, mon, data[:observe_from], F.cross_entropy)
+        model.apply(enable_observer)
+        _train(model, opt, mon, data[observe_from:], F.cross_entropy,
+               first_step=observe_from)
         if mon is not None:
             mon.close()
         final.append(model.state_dict())
@@ -282,24 +357,25 @@ def test_calls_every_n_steps_measure_the_last_optimizer_step():
     assert not mon.findings
 
 
-def test_a_step_the_loss_scaler_skipped_is_info_not_an_error():
-    """Non-finite gradients and no optimizer step since the last call: a GradScaler skip
-    (routine with fp16), info; the same gradients followed by a step: an error."""
+def test_sparse_calls_copy_the_parameters_once_per_call():
+    """Called every 4 optimizer steps, the monitor copies the parameters only before the
+    4th step of each interval once it has seen one (every step in the first interval)."""
     model = models.mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x, y = models.classification_data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    copies = []
     with Monitor(model, F.cross_entropy, optimizer=opt, warn=False) as mon:
-        _train(model, opt, mon, [(x, y)], F.cross_entropy)  # step 0: an ordinary step
-        for p in model.parameters():
-            p.grad = torch.full_like(p, math.inf)
-        skipped = mon.step(1, batch=(x, y), loss=torch.tensor(0.9))  # no opt.step()
-        opt.step()
-        stepped = mon.step(2, batch=(x, y), loss=torch.tensor(0.9))
-        run = mon.run()
-    assert [(f.rule, f.severity) for f in skipped] == [("nonfinite", "info")]
-    assert [(f.rule, f.severity) for f in stepped] == [("nonfinite", "error")]
-    assert run.series("nonfinite", "no_step")[1].tolist() == [0.0, 1.0, 0.0]
-    assert not [f for f in mon.findings if f.rule == "metric_failed"]
+        for step, (x, y) in enumerate(_batches(16)):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            copies.append(mon._before is not None)  # a copy waits for the next call
+            if step % 4 == 3:
+                mon.step(step, batch=(x, y), loss=loss)
+        assert np.isfinite(mon.run().series("update", "norm")[1]).all()
+        assert not mon.findings
+    # from the first call on, the count since start() says which step precedes a call
+    assert copies == [True] * 4 + [False, False, False, True] * 3
 
 
 def test_two_monitors_closed_in_opening_order_leave_the_users_handler():
@@ -332,18 +408,18 @@ def test_a_monitor_without_loss_function_runs_the_defaults():
     assert [f.rule for f in mon.findings] == ["metric_failed"]
 
 
-def test_appending_a_run_of_another_model_is_refused_in_one_line(tmp_path):
-    from landscape._errors import RunFileError
-
+def test_appending_a_run_of_another_model_warns(tmp_path):
     path = tmp_path / "run.h5"
     model = models.mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with Monitor(model, F.cross_entropy, str(path), optimizer=opt, warn=False) as mon:
         _train(model, opt, mon, _batches(2), F.cross_entropy)
     other = models.mlp(hidden=16)
-    with pytest.raises(RunFileError, match=r"holds a run of Sequential with .* mode='w'"):
-        Monitor(other, F.cross_entropy, str(path), warn=False).start()
-    with Monitor(model, F.cross_entropy, str(path), warn=False) as mon:  # the same model
+    with pytest.warns(RuntimeWarning, match=r"holds a run of Sequential with .* mode='w'"), \
+            Monitor(other, F.cross_entropy, str(path), metrics=["loss"], warn=False) as mon:
         mon.step(5, loss=1.0)
-    with Monitor(other, F.cross_entropy, str(path), mode="w", warn=False) as mon:
-        mon.step(0, loss=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the model the file was made for: silent
+        with Monitor(model, F.cross_entropy, str(path), metrics=["loss"], warn=False) as mon:
+            mon.step(6, loss=1.0)
+    assert Run.open(str(path)).steps("loss").tolist() == [0, 1, 5, 6]

@@ -61,3 +61,45 @@ def test_missing_file_and_directory(tmp_path):
         Run.open(tmp_path)
     with pytest.raises(RunFileError, match="does not exist"):
         RunWriter(tmp_path / "nodir" / "run.h5")
+
+
+def _good_run(path):
+    with RunWriter(path, config={"model": "M", "n_parameters": 3}) as w:
+        w.declare("a", {"v": None})
+        for i in range(20):
+            w.append("a", i, {"v": float(i)})
+
+
+@pytest.mark.timeout(120)  # before the fix these hung in HDF5's SWMR retry loop for ever
+@pytest.mark.parametrize("where", ["superblock", "object header"])
+def test_a_damaged_file_is_refused_in_one_line_not_a_hang(tmp_path, where):
+    """One flipped byte of metadata: SWMR reads retried the failed checksum for tens of
+    minutes (every reading command hung, and SIGTERM could not stop ``analyze``)."""
+    from click.testing import CliRunner
+
+    from landscape_cli.main import cli
+
+    path = tmp_path / "run.h5"
+    _good_run(path)
+    data = bytearray(path.read_bytes())
+    if where == "superblock":
+        data[20] ^= 0xFF
+    else:
+        data[200:264] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+    with pytest.raises(RunFileError, match="not a readable HDF5 file") as info:
+        Run.open(path)
+    assert "\n" not in str(info.value)
+    with pytest.raises(RunFileError, match="not a readable HDF5 file"):
+        RunWriter(path, mode="a")
+    result = CliRunner().invoke(cli, ["check", str(path)])
+    assert result.exit_code == 1 and "not a readable HDF5 file" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_an_undecodable_superblock_is_refused_in_one_line(tmp_path):
+    """The HDF5 signature and zeros: h5py raises RuntimeError, not OSError."""
+    path = tmp_path / "run.h5"
+    path.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))
+    with pytest.raises(RunFileError, match="not a readable HDF5 file"):
+        Run.open(path)
