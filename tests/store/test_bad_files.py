@@ -76,7 +76,6 @@ def test_a_damaged_file_is_refused_in_one_line_not_a_hang(tmp_path, where):
     """One flipped byte of metadata: SWMR reads retried the failed checksum for tens of
     minutes (every reading command hung, and SIGTERM could not stop ``analyze``)."""
     from click.testing import CliRunner
-
     from landscape_cli.main import cli
 
     path = tmp_path / "run.h5"
