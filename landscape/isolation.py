@@ -60,17 +60,17 @@ def _set_training(modules: list[nn.Module], modes: list[bool]) -> None:
             object.__setattr__(m, "training", mode)
 
 
-def _put_in_eval(model: nn.Module, modules: list[nn.Module]) -> None:
-    """``model.eval()``, by setting the flags directly unless a module overrides ``train``.
+def _put_in_mode(model: nn.Module, modules: list[nn.Module], training: bool) -> None:
+    """``model.train(training)``, setting the flags directly unless a module overrides ``train``.
 
     ``nn.Module.train`` only sets ``training`` on every submodule, so when no module's class
     overrides it the flags are set directly (a third of the time on a small transformer);
     a custom ``train()`` (e.g. one that keeps BatchNorm frozen) is always honoured.
     """
     if all(type(m).train is nn.Module.train for m in modules):
-        _set_training(modules, [False] * len(modules))
+        _set_training(modules, [training] * len(modules))
     else:
-        model.eval()
+        model.train(training)
 
 
 @contextlib.contextmanager
@@ -82,7 +82,8 @@ def isolated(
     Restored on exit (also on exceptions): the CPU RNG state and that of every CUDA device
     holding a parameter or buffer; each submodule's ``training`` flag; each parameter's
     ``requires_grad`` and its ``.grad`` attribute (the same tensor object, or ``None``).
-    With ``eval_mode=True`` the model is put in ``eval()`` inside the block.
+    The model is put in ``eval()`` inside the block, or with ``eval_mode=False`` in
+    ``train()`` (dropout active, BatchNorm on batch statistics), whatever mode it was in.
 
     ``.grad`` tensors are restored by reference. Code inside the block should not write
     into them in place (``torch.autograd.grad`` and ``torch.func`` never do); if it might
@@ -100,8 +101,7 @@ def isolated(
     values = [None if g is None else g.detach().clone() for g in grads] if copy_grads else None
     with torch.random.fork_rng(devices=_cuda_devices(modules)):
         try:
-            if eval_mode:
-                _put_in_eval(model, modules)
+            _put_in_mode(model, modules, training=not eval_mode)
             yield model
         finally:
             _set_training(modules, modes)

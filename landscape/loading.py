@@ -271,6 +271,12 @@ def torch_load(path: Path, *, trust: bool = False, kind: str = "torch checkpoint
         LandscapeError: the file holds pickled objects and is not trusted, or is unreadable
             (one line naming the file).
     """
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head.startswith(b"\x89HDF"):
+        raise LandscapeError(f"{path}: is an HDF5 file (a landscape run file?), not a {kind}")
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # zip, or a pickle
+        raise LandscapeError(f"{path}: not a {kind} (neither a zip archive nor a pickle)")
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
     except Exception as err:
@@ -429,7 +435,12 @@ def prepare(
             "(does --model name the data factory?)"
         )
     if device is not None:
-        net = net.to(device)
+        try:
+            net = net.to(device)
+        except (RuntimeError, AssertionError, ValueError) as err:  # no such device here
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise LandscapeError(f"device {str(device)!r}: cannot move the model there ({first})") \
+                from None
     target = next((p.device for p in net.parameters()), torch.device("cpu"))
     batches = [to_device(b, target) for b in as_batches(data)]
     if not batches:

@@ -387,7 +387,9 @@ class Monitor:
                 {"name": m.name, "schedule": str(m.schedule), "data": m.data, **m.config()}
                 for m in self.metrics
             ],
-            "probe": {"source": self._probe_source, "size": self.probe_size},
+            # a given probe's own sample count; the first batch's probe: at most probe_size
+            "probe": {"source": self._probe_source, "size": (
+                leading_size(self.probe) if self._probe_source == "given" else self.probe_size)},
             "taylor_guard": self.taylor_guard,
             "microbatch_size": self.microbatch_size,
             **self._user_config,

@@ -137,3 +137,29 @@ def test_isolated_restores_tied_parameters_once_and_their_grad():
         lin.weight.grad = None
         lin.weight.requires_grad_(False)
     assert lin.weight.grad is g and lin.weight.requires_grad
+
+
+def test_eval_mode_false_evaluates_in_training_mode_whatever_the_models_mode():
+    """``eval_mode=False`` means train mode (docs/conventions.md), also for a model left in
+    eval mode after loading: a surface centre and the Hessian then use batch statistics."""
+    import landscape as ls
+
+    model = models.cnn_bn()
+    model.drop.p = 0.0  # train mode's difference is then BatchNorm's batch statistics alone
+    x, y = models.image_data()
+    model.eval()
+    with isolated(model, eval_mode=False):
+        assert all(m.training for m in model.modules())
+    assert not any(m.training for m in model.modules())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    train_loss = float(F.cross_entropy(
+        stateless_call(model.train(), {}, (x,)), y))  # batch statistics, buffers cloned
+    model.eval()
+    surf = ls.surface.line(model, F.cross_entropy, (x, y), steps=3, span=0.5, eval_mode=False)
+    assert float(surf.values["loss"][1]) == pytest.approx(train_loss, rel=1e-6)
+    eval_h = ls.Hessian(model, F.cross_entropy, (x, y)).to_dense()
+    train_h = ls.Hessian(model, F.cross_entropy, (x, y), eval_mode=False).to_dense()
+    assert not torch.allclose(eval_h, train_h)
+    assert not any(m.training for m in model.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k])

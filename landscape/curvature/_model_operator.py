@@ -274,7 +274,7 @@ class ModelOperator(CurvatureOperator):
         return self._reduce.products(outs, len(self.shapes))
 
     def loss(self) -> torch.Tensor:
-        """The (size-weighted mean) loss at the current parameters; computed once and cached.
+        """The (size-weighted mean) loss at the current parameters; cached until they change.
 
         Returns:
             A scalar tensor.
@@ -282,7 +282,7 @@ class ModelOperator(CurvatureOperator):
         return self._loss_and_grad()[0]
 
     def gradient(self) -> Vector:
-        """The gradient of the loss at the current parameters; computed once and cached.
+        """The gradient of the loss at the current parameters; cached until they change.
 
         Returns:
             A parameter-space vector.
@@ -296,6 +296,7 @@ class ModelOperator(CurvatureOperator):
         ``L(θ)``), which it otherwise keys on the parameters' versions.
         """
         self._cache: tuple[torch.Tensor, Vector] | None = None
+        self._cache_key: tuple[int, ...] | None = None
         self._graph: tuple[Any, ...] | None = None
         engine = getattr(self, "_first_order", None)
         if engine is not None:
@@ -363,7 +364,11 @@ class ModelOperator(CurvatureOperator):
         return self._reduce([t.detach() for t in total])
 
     def _loss_and_grad(self) -> tuple[torch.Tensor, Vector]:
+        key = self._version_key()  # an in-place optimizer step changes the parameters
+        if self._cache is not None and self._cache_key != key:
+            self._cache = None
         if self._cache is None:
+            self._cache_key = key
 
             def func_impl() -> list[torch.Tensor]:
                 def one(batch: Any) -> list[torch.Tensor]:

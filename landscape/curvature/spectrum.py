@@ -103,7 +103,16 @@ class EigenResult:
 
     @property
     def lambda_max(self) -> float:
-        """The largest eigenvalue (``values[0]``) for the largest end."""
+        """The largest eigenvalue (``values[0]``) for the largest end.
+
+        Raises:
+            ValueError: the result holds the smallest end only (``which="smallest"``),
+                whose ``values[0]`` is the most negative eigenvalue.
+        """
+        if self.which == "smallest":
+            raise ValueError("lambda_max: this result holds the smallest end "
+                             "(which='smallest'); its values[0] is the most negative "
+                             "eigenvalue; use which='largest' or 'both' for lambda_max")
         return float(self.values[0])
 
     def as_dict(self) -> dict[str, Any]:

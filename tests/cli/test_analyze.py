@@ -74,7 +74,9 @@ def test_analyze_accepts_a_loader_and_file_name_steps(setup, tmp_path):
         ("bad_module", "cannot import"),
         ("raises", "raised RuntimeError: no GPU here"),
         ("mismatch", "does not match the model"),
-        ("corrupt", "not a readable torch checkpoint"),
+        ("corrupt", "not a torch checkpoint (neither a zip archive nor a pickle)"),
+        ("broken_zip", "not a readable torch checkpoint"),
+        ("run_file", "is an HDF5 file (a landscape run file?)"),
         ("empty", "no batches"),
         ("nan", "not finite"),
         ("pickled", "--trust-checkpoint"),
@@ -101,6 +103,15 @@ def test_bad_input_gives_one_line_and_nonzero_exit(setup, tmp_path, kind, match)
     elif kind == "corrupt":
         bad = tmp_path / "bad.pt"
         bad.write_bytes(b"this is not a checkpoint")
+        ckpt = str(bad)
+    elif kind == "broken_zip":
+        bad = tmp_path / "bad.pt"
+        bad.write_bytes(b"PK\x03\x04" + b"\0" * 64)
+        ckpt = str(bad)
+    elif kind == "run_file":
+        bad = tmp_path / "run.h5"
+        with ls.RunWriter(bad) as w:
+            w.declare("a", {"v": None})
         ckpt = str(bad)
     elif kind == "empty":
         data = f"{fac}:empty"
@@ -140,3 +151,36 @@ def test_analyze_with_micro_batches_records_the_same_spectrum(setup, tmp_path):
     bad = _invoke(["analyze", str(paths[1]), "--model", f"{fac}:model", "--data",
                    f"{fac}:data", "--microbatch-size", "0", "-q"])
     assert bad.exit_code == 2 and "microbatch-size" in bad.output
+
+
+def test_lightning_last_ckpt_beside_the_checkpoint_it_repeats_is_dropped():
+    """``ckpts/*.ckpt`` from ``ModelCheckpoint(save_last=True)`` lists last.ckpt and the
+    checkpoint of the same step: the copy is dropped, two real checkpoints still clash."""
+    from pathlib import Path
+
+    import pytest
+
+    from landscape._errors import LandscapeError
+    from landscape.analysis import order_checkpoints
+    from landscape.loading import Checkpoint
+
+    def ck(name, step):
+        return Checkpoint(Path("ckpts") / name, {}, step)
+
+    pairs = order_checkpoints([ck("last.ckpt", 30), ck("step=20.ckpt", 20),
+                               ck("step=30.ckpt", 30)])
+    assert [(s, c.path.name) for s, c in pairs] == [(20, "step=20.ckpt"), (30, "step=30.ckpt")]
+    with pytest.raises(LandscapeError, match="both step 30"):
+        order_checkpoints([ck("a-30.pt", 30), ck("b-30.pt", 30)])
+
+
+def test_a_device_this_machine_lacks_is_one_line():
+    import pytest
+
+    from landscape._errors import LandscapeError
+    from landscape.loading import prepare
+    from tests import models
+
+    for device in ("gpu", "cuda:7" if not __import__("torch").cuda.is_available() else "gpu"):
+        with pytest.raises(LandscapeError, match="cannot move the model there"):
+            prepare(models.mlp(), models.classification_data(), device)

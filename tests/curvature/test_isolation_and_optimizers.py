@@ -190,3 +190,21 @@ def test_flat_helpers_roundtrip():
     op = MatrixOperator(torch.eye(6, dtype=torch.float64) * 2, shapes=[(2, 2), (2,)])
     v = (torch.ones(2, 2, dtype=torch.float64), torch.arange(2.0, dtype=torch.float64))
     assert torch.equal(flatten(op.matvec(v)), 2 * flatten(v))
+
+
+def test_loss_and_gradient_follow_an_in_place_optimizer_step():
+    """``loss()`` and ``gradient()`` are cached until the parameters change, as products are."""
+    model = models.mlp()
+    x, y = models.classification_data()
+    op = Hessian(model, F.cross_entropy, (x, y))
+    before = float(op.loss())
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    assert float(op.loss()) == pytest.approx(float(loss), rel=1e-6)
+    assert float(op.loss()) != pytest.approx(before, rel=1e-6)
+    torch.testing.assert_close(flatten(op.gradient()),
+                               flatten([p.grad for p in model.parameters()]))

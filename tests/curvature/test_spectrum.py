@@ -93,9 +93,12 @@ def test_lanczos_largest_smallest_both_on_random_matrix():
     low = top_eigenvalues(op, k=3, which="smallest", tol=1e-10)
     assert torch.allclose(low.values, ev[:3], rtol=1e-12)
     assert torch.allclose(low.smallest.values, ev[:3], rtol=1e-12)
+    with pytest.raises(ValueError, match="smallest end"):
+        _ = low.lambda_max  # its values[0] is the most negative eigenvalue
     both = top_eigenvalues(op, k=2, which="both", tol=1e-10)
     assert torch.allclose(both.values, ev.flip(0)[:2])
     assert torch.allclose(both.smallest.values, ev[:2])
+    assert both.lambda_max == pytest.approx(float(ev[-1]))
     d = both.as_dict()
     assert d["smallest"]["values"][0] == pytest.approx(float(ev[0]))
 

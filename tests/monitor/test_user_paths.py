@@ -423,3 +423,11 @@ def test_appending_a_run_of_another_model_warns(tmp_path):
         with Monitor(model, F.cross_entropy, str(path), metrics=["loss"], warn=False) as mon:
             mon.step(6, loss=1.0)
     assert Run.open(str(path)).steps("loss").tolist() == [0, 1, 5, 6]
+
+
+def test_the_recorded_probe_size_is_the_given_probes():
+    model = models.mlp()
+    x, y = models.classification_data(n=64)
+    with Monitor(model, F.cross_entropy, probe=(x, y), metrics=["loss"], warn=False) as mon:
+        mon.step(0, loss=1.0)
+        assert mon.run().config["probe"] == {"source": "given", "size": 64}
