@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from landscape.store import Run, RunWriter
 
@@ -42,16 +43,30 @@ WRITER_SCRIPT = textwrap.dedent(
 )
 
 
-def _spawn_writer(tmp_path, *args):
-    script = tmp_path / "writer.py"
-    script.write_text(WRITER_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen(
-        [sys.executable, str(script), *map(str, args)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+@pytest.fixture
+def spawn_writer(tmp_path):
+    """Start the writer script; every writer still running is killed when the test ends
+    (one waiting for its reader would otherwise outlive a failed test)."""
+    procs = []
+
+    def spawn(*args):
+        script = tmp_path / "writer.py"
+        script.write_text(WRITER_SCRIPT)
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        proc = subprocess.Popen(
+            [sys.executable, str(script), *map(str, args)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        procs.append(proc)
+        return proc
+
+    yield spawn
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
 
 
 def _check_rows(run: Run) -> int:
@@ -63,9 +78,9 @@ def _check_rows(run: Run) -> int:
     return len(steps)
 
 
-def test_sigkill_mid_run_keeps_every_committed_row_and_can_resume(tmp_path):
+def test_sigkill_mid_run_keeps_every_committed_row_and_can_resume(tmp_path, spawn_writer):
     path = tmp_path / "run.h5"
-    proc = _spawn_writer(tmp_path, path, 1_000_000, 0.0, 5)
+    proc = spawn_writer(path, 1_000_000, 0.0, 5)
     last_committed = -1
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -86,10 +101,10 @@ def test_sigkill_mid_run_keeps_every_committed_row_and_can_resume(tmp_path):
         assert _check_rows(run) == n + 1
 
 
-def test_a_second_process_reads_rows_while_the_writer_appends(tmp_path):
+def test_a_second_process_reads_rows_while_the_writer_appends(tmp_path, spawn_writer):
     path = tmp_path / "run.h5"
     total = 150
-    proc = _spawn_writer(tmp_path, path, total, 0.01, 5, "wait")
+    proc = spawn_writer(path, total, 0.01, 5, "wait")
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "declared"
     run = Run.open(path)
