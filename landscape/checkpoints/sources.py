@@ -16,6 +16,7 @@ checkpoint records.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,6 +29,7 @@ from landscape.checkpoints import lightning as lit
 from landscape.checkpoints.optim import optimizer_settings, read_optimizer_file
 from landscape.loading import (
     Checkpoint,
+    _folder_on_path,
     call_factory,
     load_checkpoint,
     load_factory,
@@ -122,7 +124,10 @@ def open_checkpoints(
     """
     if not paths:
         raise LandscapeError("no checkpoints given")
-    loaded = [_load(p, trust) for p in expand(paths)]
+    # a trusted whole-model pickle names its classes' module (``fac`` for a class defined
+    # in fac.py): the factory file's folder is importable while the checkpoints load
+    with _folder_on_path(model) if model is not None and trust else contextlib.nullcontext():
+        loaded = [_load(p, trust) for p in expand(paths)]
     kinds = {"huggingface" if c.path.is_dir() else "lightning" if raw else "file"
              for c, raw in loaded}
     folder = next((c.path for c, _ in loaded if c.path.is_dir()), None)

@@ -184,3 +184,45 @@ def test_a_device_this_machine_lacks_is_one_line():
     for device in ("gpu", "cuda:7" if not __import__("torch").cuda.is_available() else "gpu"):
         with pytest.raises(LandscapeError, match="cannot move the model there"):
             prepare(models.mlp(), models.classification_data(), device)
+
+
+def test_a_trusted_whole_model_pickle_finds_its_class_beside_the_factory(tmp_path):
+    """``torch.save(model)`` pickles the class as ``fac.Net`` (the module it was imported
+    as); with ``--trust-checkpoint --model fac.py:model`` the factory's folder is importable
+    while the checkpoint loads, without ``PYTHONPATH=.``."""
+    import subprocess
+    import sys
+    import textwrap
+
+    (tmp_path / "fac.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(4, 3)
+
+            def forward(self, x):
+                return self.fc(x)
+
+        def model():
+            torch.manual_seed(0)
+            return Net()
+
+        def data():
+            g = torch.Generator().manual_seed(1)
+            return torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g)
+    """))
+    save = "import torch, fac; torch.save(fac.model(), 'whole-5.pt')"
+    subprocess.run([sys.executable, "-c", save], cwd=tmp_path, check=True)
+    assert "fac" not in sys.modules
+    fac = tmp_path / "fac.py"
+    try:
+        result = _invoke(["analyze", str(tmp_path / "whole-5.pt"), "--trust-checkpoint",
+                          "--model", f"{fac}:model", "--data", f"{fac}:data", "-m",
+                          "top_eigenvalues", "-o", str(tmp_path / "r.h5"), "-q"])
+    finally:
+        sys.modules.pop("fac", None)  # imported by the unpickling
+    assert result.exit_code == 0, result.output
+    assert list(ls.Run.open(tmp_path / "r.h5").steps("top_eigenvalues")) == [5]
