@@ -196,8 +196,13 @@ def load_tokenizer(folder: Path) -> Any:
         from transformers import AutoTokenizer
 
         with _quiet_transformers():
-            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise LandscapeError(f"{folder}: no usable tokenizer for --text ({first}); "
                              "give token ids with --tokens instead") from err
+    # recent transformers build a tokenizer of special tokens alone instead of raising
+    if len(tokenizer) <= len(set(getattr(tokenizer, "all_special_tokens", []))):
+        raise LandscapeError(f"{folder}: no usable tokenizer for --text (the folder holds "
+                             "no tokenizer files); give token ids with --tokens instead")
+    return tokenizer

@@ -251,3 +251,15 @@ def _monitor_row(model, batch):
                     probe=batch, strict=True) as mon:
         mon.step(0)
     return path
+
+
+def test_text_with_a_folder_without_tokenizer_says_so(stack, tmp_path):
+    """transformers 5 builds a tokenizer of special tokens alone for such a folder: the
+    error names the missing tokenizer, not an empty encoding."""
+    folder = fw.save_pretrained(tmp_path / "m")
+    for f in folder.iterdir():
+        if "token" in f.name or f.name in ("vocab.json", "merges.txt"):
+            f.unlink()
+    result = _invoke(["analyze", folder, "--text", stack["root"] / "corpus.txt", *LM,
+                      "-o", tmp_path / "r.h5"])
+    _one_line_error(result, "no usable tokenizer for --text")
