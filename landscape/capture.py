@@ -67,7 +67,9 @@ def first_tensor(value: Any) -> torch.Tensor | None:
     That is the value itself; its ``"logits"`` entry or ``.logits`` attribute when that is a
     tensor (Hugging Face ``ModelOutput``, dataclass outputs); else the first tensor of a
     mapping's values or of a sequence, searched depth first (a tuple output such as
-    ``(logits, aux)`` or Hugging Face's ``return_dict=False`` tuple gives its first tensor).
+    ``(logits, aux)`` or Hugging Face's ``return_dict=False`` tuple gives its first tensor,
+    passing over scalars when a later tensor has dimensions: ``(loss, logits)`` gives the
+    logits).
     Hooks of :func:`capture`, :meth:`~landscape.metrics.StepContext.logits` and
     :class:`~landscape.metrics.Sentinels` read model outputs through this one function.
 
@@ -84,11 +86,10 @@ def first_tensor(value: Any) -> torch.Tensor | None:
             return value["logits"]
         return first_tensor(tuple(value.values()))
     if isinstance(value, (tuple, list)):
-        for a in value:
-            t = first_tensor(a)
-            if t is not None:
-                return t
-        return None
+        found = [t for t in map(first_tensor, value) if t is not None]
+        # a leading scalar is a loss: Hugging Face's return_dict=False outputs are
+        # (loss, logits, ...) when given labels
+        return next((t for t in found if t.dim() > 0), found[0] if found else None)
     logits = getattr(value, "logits", None)
     return logits if isinstance(logits, torch.Tensor) else None
 

@@ -7,6 +7,8 @@ module that evaluates a model on the side:
 * :func:`isolated` saves and restores the RNG state (CPU and the model's CUDA devices),
   every module's ``training`` flag, each parameter's ``requires_grad`` and ``.grad``
   (the very tensor object, or ``None``), and can put the model in eval mode meanwhile.
+* :func:`same_rng` rewinds the RNG to one state, so two evaluations of a stochastic
+  model (dropout in train mode) draw the same noise.
 * :func:`sdpa_math` switches ``F.scaled_dot_product_attention`` to its math backend, the
   only one with double backward and forward-mode AD on every device.
 * :func:`stateless_call` and :func:`stateless_closure` evaluate the model through
@@ -24,7 +26,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-__all__ = ["ClosureModule", "isolated", "sdpa_math", "stateless_call", "stateless_closure"]
+__all__ = [
+    "ClosureModule", "isolated", "same_rng", "sdpa_math", "stateless_call", "stateless_closure",
+]
 
 
 def _cuda_devices(modules: list[nn.Module]) -> list[int]:
@@ -113,6 +117,24 @@ def isolated(
                 if values is not None and g is not None:
                     with torch.no_grad():
                         g.copy_(values[i])
+
+
+@contextlib.contextmanager
+def same_rng(model: nn.Module) -> Iterator[Any]:
+    """Yield a function that rewinds the CPU (and model's CUDA) RNG to the entry state."""
+    devices = sorted(
+        {t.device.index or 0 for t in [*model.parameters(), *model.buffers()]
+         if t.device.type == "cuda"}
+    )
+    cpu = torch.get_rng_state()
+    cuda = [torch.cuda.get_rng_state(d) for d in devices]
+
+    def rewind() -> None:
+        torch.set_rng_state(cpu)
+        for d, s in zip(devices, cuda):
+            torch.cuda.set_rng_state(s, d)
+
+    yield rewind
 
 
 @contextlib.contextmanager

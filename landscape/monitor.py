@@ -33,6 +33,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 import warnings
 from typing import Any, Callable, Sequence
@@ -206,6 +207,11 @@ class Monitor:
         probe_size: int | None = 32,
         adaptive: bool = True,
     ) -> None:
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(
+                f"loss_fn must be callable, got {type(loss_fn).__name__} {loss_fn!r}"
+                + (" (the run file is the third argument, or path=...)"
+                   if isinstance(loss_fn, (str, os.PathLike)) else ""))
         if loss_fn is None and closure is None:  # the metrics that evaluate a loss say so
             loss_fn = _no_loss_fn
         if microbatch_size is not None and (
@@ -423,12 +429,14 @@ class Monitor:
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         # the parameters before the optimizer step that comes right before the next
         # call: taken before every optimizer step that may be that one (from the count
-        # between the last two calls on), so the update is always one optimizer step
-        # (never several, when calls are sparser) and sparse callers copy once per call
+        # between the last two calls on), so the update is one optimizer step, never
+        # several, when calls are sparser, and a sparse caller copies twice per call. The
+        # interval's first step is always copied: a call that comes earlier than the
+        # count says measures the steps since the last call, rather than nothing.
         self._opt_steps += 1
-        if (self.taylor_guard is None and self._opt_per_call is not None
+        if (self.taylor_guard is None and self._opt_steps > 1 and self._opt_per_call is not None
                 and self._opt_steps < self._opt_per_call):
-            return
+            return  # the copy of the interval's first step stays, in case the call is early
         upcoming = self._next_step()
         wanted = self.taylor_guard is not None or any(
             m.needs_update and self._is_due(m, upcoming) for m in self.metrics

@@ -56,7 +56,7 @@ import torch
 
 from landscape import distributed as _dist
 from landscape._sums import dots
-from landscape.curvature._shifted import ShiftedEvaluation, Tensors, moved, same_rng
+from landscape.curvature._shifted import ShiftedEvaluation, Tensors, moved
 from landscape.curvature._step import (
     MIN_RATIO,
     REFINE_BELOW,
@@ -70,7 +70,7 @@ from landscape.curvature._step import (
     truncation,
 )
 from landscape.distributed import is_sharded, local_tensor, shard_of, sharded_sum
-from landscape.isolation import stateless_closure
+from landscape.isolation import same_rng, stateless_closure
 from landscape.params import Vector
 
 if TYPE_CHECKING:  # pragma: no cover

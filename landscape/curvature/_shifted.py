@@ -40,7 +40,7 @@ from landscape.isolation import isolated, stateless_closure
 if TYPE_CHECKING:  # pragma: no cover
     from landscape.curvature._model_operator import ModelOperator
 
-__all__ = ["ShiftedEvaluation", "Tensors", "moved", "same_rng"]
+__all__ = ["ShiftedEvaluation", "Tensors", "moved"]
 
 Tensors = dict[str, torch.Tensor]
 
@@ -89,24 +89,6 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, dict):
         return [t for v in value.values() for t in _tensors(v)]
     return []
-
-
-@contextlib.contextmanager
-def same_rng(model: nn.Module) -> Iterator[Any]:
-    """Yield a function that rewinds the CPU (and model's CUDA) RNG to the entry state."""
-    devices = sorted(
-        {t.device.index or 0 for t in [*model.parameters(), *model.buffers()]
-         if t.device.type == "cuda"}
-    )
-    cpu = torch.get_rng_state()
-    cuda = [torch.cuda.get_rng_state(d) for d in devices]
-
-    def rewind() -> None:
-        torch.set_rng_state(cpu)
-        for d, s in zip(devices, cuda):
-            torch.cuda.set_rng_state(s, d)
-
-    yield rewind
 
 
 class ShiftedEvaluation:

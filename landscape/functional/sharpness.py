@@ -30,7 +30,7 @@ from torch import nn
 from landscape._deprecation import module_getattr
 from landscape.functional._common import MetricResult, fail
 from landscape.functional._model import as_param_dict, detached_params
-from landscape.isolation import isolated, stateless_call
+from landscape.isolation import isolated, same_rng, stateless_call
 from landscape.params import ParamSpec
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -136,7 +136,9 @@ def _sharpness(
     params = detached_params(model, names)
     if not params:
         raise ValueError("model has no trainable parameters")
-    with isolated(model, eval_mode=eval_mode):
+    # the same noise at w and at w + eps (dropout with eval_mode=False): a difference of
+    # two losses under different dropout masks would not tend to 0 with rho
+    with isolated(model, eval_mode=eval_mode), same_rng(model) as rewind:
         loss, g = _loss_and_grad(model, loss_fn, inputs, targets, params)
         t = scales(params) if scales is not None else None
         tg = {k: g[k] * t[k] for k in g} if t is not None else g  # T g
@@ -173,6 +175,7 @@ def _sharpness(
             e_t = _dual_direction(tg, p, rho)
             eps = {k: t[k] * e_t[k] for k in g}
         perturbed = {k: params[k] + eps[k] for k in params}
+        rewind()
         ploss = _loss_at(model, loss_fn, inputs, targets, perturbed)
     loss64, ploss64 = loss.double(), ploss.double()
     return SharpnessResult(

@@ -185,8 +185,10 @@ class StepContext:
             The norm, or None when no monitored parameter has a ``.grad``.
         """
         if "grad_norm" not in self._cache:
-            grads = self.grads()
-            self._cache["grad_norm"] = None if grads is None else float(norm(grads))
+            own = self._own()
+            present = [g.detach() for n in self.names if (g := own[n].grad) is not None]
+            # a missing .grad counts as zero: the norm needs no zeros for it
+            self._cache["grad_norm"] = float(norm(present)) if present else None
         return self._cache["grad_norm"]
 
     def tensor_norms(self, which: str) -> torch.Tensor | None:

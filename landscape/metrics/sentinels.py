@@ -28,6 +28,7 @@ from torch import nn
 from landscape._errors import MissingInput, PartialRow
 from landscape.batches import head, leading_size
 from landscape.capture import first_tensor
+from landscape.findings import user_stacklevel
 from landscape.isolation import stateless_call
 from landscape.metrics._attention import AttentionLogits
 from landscape.metrics.base import Metric, register
@@ -83,21 +84,39 @@ def _samples_for_rows(z: torch.Tensor, x: Any, samples: int, rows: int | None) -
 _PAIR_KEYS = (("inputs", "targets"), ("x", "y"))  # dict batches of (inputs, targets)
 
 
-def _model_call(batch: Any, samples: int) -> tuple[tuple, dict, Any]:
+def _model_call(batch: Any, samples: int, keywords: bool) -> tuple[tuple, dict, Any]:
     """How the sentinels call the model on the first ``samples`` samples of ``batch``.
 
     ``(args, kwargs, targets)``: ``model(inputs)`` for an ``(inputs, targets)`` batch (a
-    2-sequence, or a dict with the keys ``inputs``/``targets`` or ``x``/``y``); any other
-    dict holds the model's keyword arguments (the Hugging Face convention: ``input_ids``,
-    ``attention_mask``, ``labels``) and is passed as ``model(**batch)``, targets None.
-    Never the monitor's ``loss_fn`` or ``closure``: they are user code that may keep state
-    (a loss with running statistics, a Lightning ``training_step``), and this runs at every
-    step.
+    2-sequence, or a dict with the keys ``inputs``/``targets`` or ``x``/``y``); with
+    ``keywords``, any other dict holds the model's keyword arguments (the Hugging Face
+    convention: ``input_ids``, ``attention_mask``, ``labels``) and is passed as
+    ``model(**batch)``, targets None (without: ``input_ids``/``labels`` are ``(inputs,
+    targets)``, for a model whose forward takes the ids positionally). Never the
+    monitor's ``loss_fn`` or ``closure``: they are user code that may keep state (a loss
+    with running statistics, a Lightning ``training_step``), and this runs at every step.
     """
-    if isinstance(batch, Mapping) and not any(x in batch and y in batch for x, y in _PAIR_KEYS):
+    if keywords and isinstance(batch, Mapping) and not any(
+            x in batch and y in batch for x, y in _PAIR_KEYS):
         return (), dict(head(batch, samples)), None
     inputs, targets = split_batch(batch)
     return (head(inputs, samples),), {}, head(targets, samples)
+
+
+def _target_loss(flat: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+    """Cross-entropy of the logit rows ``flat`` against integer ``targets`` in range.
+
+    Targets outside ``[0, C)`` (padding such as ``ignore_index=-1``) are left out: an
+    out-of-range index raises on the CPU and is a device-side assert on CUDA. None when no
+    target is in range.
+    """
+    y = targets.reshape(-1).to(flat.device)
+    valid = (y >= 0) & (y < flat.shape[-1])
+    if bool(valid.all()):
+        return F.cross_entropy(flat, y)
+    if not bool(valid.any()):
+        return None
+    return F.cross_entropy(flat[valid], y[valid])
 
 
 def _output_loss(output: Any) -> torch.Tensor | None:
@@ -106,8 +125,8 @@ def _output_loss(output: Any) -> torch.Tensor | None:
     return loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
 
 
-def _has_observers(model: nn.Module) -> bool:
-    """Whether ``model`` holds quantization observers or fake-quantize modules.
+def _has_observers(modules: list[nn.Module]) -> bool:
+    """Whether ``modules`` hold quantization observers or fake-quantize modules.
 
     They write their statistics in eval mode whenever they are enabled, which a training
     script may do at any step (``enable_observer``), and their fused kernels do so
@@ -118,7 +137,7 @@ def _has_observers(model: nn.Module) -> bool:
         from torch.ao.quantization.observer import ObserverBase
     except ImportError:  # pragma: no cover - a torch without torch.ao.quantization
         return False
-    return any(isinstance(m, (FakeQuantizeBase, ObserverBase)) for m in model.modules())
+    return any(isinstance(m, (FakeQuantizeBase, ObserverBase)) for m in modules)
 
 
 class _BufferGuard:
@@ -140,21 +159,27 @@ class _BufferGuard:
 
     def __init__(self) -> None:
         self.stateless: bool | None = None  # None: not known until the first forward
-        self._slots: list[tuple[nn.Module, str]] | None = None  # (module, buffer name)
+        self._slots: list[tuple[nn.Module, str]] = []  # (module, buffer name)
+        self._n_modules = -1  # modules when the slots were listed
 
     @contextlib.contextmanager
     def watch(self, model: nn.Module) -> Iterator[bool]:
         """Guard one forward; yields whether it must go through ``functional_call``."""
-        if self.stateless is None and _has_observers(model):
-            self.stateless = True  # they may start writing at any step: never call directly
         if self.stateless:
             yield True
             return
-        if self._slots is None or self.stateless is None:  # the module tree, walked once
-            self._slots = [(m, k) for m in model.modules() for k in m._buffers]
+        modules = list(model.modules())
+        fresh = self.stateless is None or len(modules) != self._n_modules
+        if fresh:  # the first call, or modules added since (prepare_qat in place, ...)
+            self._n_modules = len(modules)
+            if _has_observers(modules):
+                self.stateless = True  # they may start writing at any step
+                yield True
+                return
+            self._slots = [(m, k) for m in modules for k in m._buffers]
         entries = [(m, k, t, t._version) for m, k in self._slots
                    if (t := m._buffers.get(k)) is not None]
-        saved = None if self.stateless is False else [t.clone() for _, _, t, _ in entries]
+        saved = [t.clone() for _, _, t, _ in entries] if fresh else None
         try:
             yield False
         finally:
@@ -170,13 +195,13 @@ class _BufferGuard:
                     with torch.no_grad():
                         t.copy_(saved[i])
             if changed:
+                self.stateless = True
                 if saved is None:
                     warnings.warn(
                         "landscape: the sentinels' forward pass changed buffers of the "
                         f"model in eval mode ({len(changed)}); from now on it runs on "
-                        "copies of them", RuntimeWarning, stacklevel=2,
+                        "copies of them", RuntimeWarning, stacklevel=user_stacklevel(),
                     )
-                self.stateless = True
             elif self.stateless is None:
                 self.stateless = False
 
@@ -271,6 +296,7 @@ class Sentinels(Metric):
         self._index_tensor: torch.Tensor | None = None
         self._attention: bool | None = None  # None: not known yet (the first call tells)
         self._guard = _BufferGuard()
+        self._keywords: bool | None = None  # dict batches as keyword arguments
 
     def setup(self, model: nn.Module) -> None:
         """Resolve the weight tensors whose update ratio is tracked.
@@ -284,6 +310,7 @@ class Sentinels(Metric):
         self._index_tensor = None
         self._attention = None
         self._guard = _BufferGuard()
+        self._keywords = None  # dict batches as keyword arguments (None: not tried yet)
         self._samples = None
         self._calls = 0
 
@@ -314,9 +341,19 @@ class Sentinels(Metric):
     def _logit_fields(self, ctx: StepContext) -> dict[str, float]:
         batch = ctx.batches(self.data)[0]
         samples = self.subsample if self._samples is None else self._samples
-        args, kwargs, y = _model_call(batch, samples)
+        args, kwargs, y = _model_call(batch, samples, self._keywords is not False)
         with torch.no_grad():  # the monitor's isolated(): eval mode, RNG restored
-            output, attention = self._forward(ctx.model, args, kwargs)
+            try:
+                output, attention = self._forward(ctx.model, args, kwargs)
+            except TypeError:
+                if not kwargs or self._keywords:
+                    raise
+                # a forward that takes the ids positionally: (input_ids, labels) pairs
+                self._keywords = False
+                args, kwargs, y = _model_call(batch, samples, False)
+                output, attention = self._forward(ctx.model, args, kwargs)
+            if kwargs:
+                self._keywords = True
         z = first_tensor(output)
         if z is None or z.dim() == 0:
             raise MissingInput("sentinels: the model's output has no logits tensor")
@@ -338,8 +375,10 @@ class Sentinels(Metric):
             parts.append(loss.detach().reshape(()).to(flat))
         elif isinstance(y, torch.Tensor) and y.shape == z.shape[:-1] \
                 and not y.is_floating_point():  # a classifier's or next-token targets
-            names.append("probe_loss")
-            parts.append(F.cross_entropy(flat, y.reshape(-1).to(flat.device)))
+            loss = _target_loss(flat, y)
+            if loss is not None:
+                names.append("probe_loss")
+                parts.append(loss)
         if attention is not None:
             names.append("attention_logit_max")
             parts.append(attention.to(flat.device))

@@ -41,7 +41,7 @@ from landscape.store.format import (
     normalize_fields,
 )
 from landscape.store.reader import Run
-from landscape.store.recovery import open_for_writing
+from landscape.store.recovery import WRITING, open_for_writing
 
 __all__ = ["RunWriter"]
 
@@ -107,6 +107,7 @@ class RunWriter:
             self._init_tables()
         else:
             self._backend = self._open_file(mode, config)
+            WRITING.add(str(self.path.resolve()))
         self._fields = {p: self._backend.table_fields(p) for p in self._backend.table_paths()}
         self._last = {p: _last_or_none(self._backend.steps(p)) for p in self._fields}
         if truncate_from is not None:
@@ -456,6 +457,8 @@ class RunWriter:
         finally:
             if isinstance(self._backend, H5Backend):
                 self._backend.close()
+                if self.path is not None:
+                    WRITING.discard(str(self.path.resolve()))
             self._closed = True
 
     def run(self) -> Run:

@@ -276,3 +276,20 @@ def test_stability_ratio_one_separates_convergence_from_divergence(factory):
         lam = ratio * threshold
         assert stability_ratio(lam, threshold) == pytest.approx(ratio)
         assert _diverges(factory, lam) is diverges
+
+
+def test_train_mode_sharpness_sees_one_dropout_mask_at_both_points():
+    """With ``eval_mode=False`` dropout is on: L(w) and L(w + eps) use the same mask, so
+    the sharpness is first order in rho (rho * ||g|| to leading order) and tends to 0."""
+
+    from landscape.functional import sam_sharpness
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 3)).eval()
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    big = sam_sharpness(model, F.cross_entropy, x, y, rho=1e-2, eval_mode=False)
+    small = sam_sharpness(model, F.cross_entropy, x, y, rho=1e-4, eval_mode=False)
+    assert float(big.value) > 0 and float(small.value) > 0
+    assert float(small.value) == pytest.approx(1e-2 * float(big.value), rel=0.05)
+    assert float(small.value) == pytest.approx(1e-4 * float(small.grad_norm), rel=0.05)
+    assert not model.training

@@ -109,6 +109,37 @@ def test_a_dict_batch_is_passed_as_keyword_arguments_and_its_loss_is_the_models(
     assert np.isfinite(run.series("sentinels", "r_secant")[1][1:]).all()
 
 
+def test_ids_and_labels_for_a_positional_forward_and_padded_targets():
+    """A nanoGPT-style ``forward(idx)`` fed ``{"input_ids", "labels"}`` batches, the labels
+    padded with -1: the sentinels fall back to ``model(input_ids)`` and leave the padding
+    out of the probe loss (an out-of-range target raised, and asserts on CUDA)."""
+    model = models.TinyTransformer(vocab=11, d=8, seq=7)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = models.token_data(n=8)["ids"]
+    labels = ids.roll(-1, dims=1)
+    labels[:, -1] = -1  # no next token at the end
+
+    def loss_fn(logits, y):
+        return F.cross_entropy(logits.reshape(-1, 11), y.reshape(-1), ignore_index=-1)
+
+    batch = {"input_ids": ids, "labels": labels}
+    with Monitor(model, loss_fn, optimizer=opt, warn=False) as mon:
+        for step in range(3):
+            loss = loss_fn(model(ids), labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(step, batch=batch, loss=loss)
+        run = mon.run()
+        assert not mon.findings
+    assert np.isfinite(run.series("sentinels", "r_secant")[1][1:]).all()
+    samples = next(m for m in mon.metrics if isinstance(m, Sentinels))._samples
+    model.eval()
+    with torch.no_grad():
+        expected = float(loss_fn(model(ids[:samples]), labels[:samples]))
+    assert run.series("sentinels", "probe_loss")[1][-1] == pytest.approx(expected, rel=1e-6)
+
+
 class _RunningMeanLoss(nn.Module):
     """A loss that keeps state: each call updates a running mean (loss balancing)."""
 
@@ -263,6 +294,31 @@ def test_quantization_aware_training_is_not_perturbed(observe_from):
         assert torch.equal(final[0][key], final[1][key]), key
 
 
+def test_a_model_prepared_for_quantization_mid_run_is_not_perturbed():
+    """``prepare_qat(inplace=True)`` at step 3, after the sentinels' first forward: the new
+    observer modules send every later forward through ``functional_call``."""
+    from torch.ao.quantization import get_default_qat_qconfig, prepare_qat
+
+    final = []
+    for monitored in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(torch.ao.quantization.QuantStub(), nn.Linear(6, 16), nn.ReLU(),
+                              nn.Linear(16, 3), torch.ao.quantization.DeQuantStub())
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        mon = Monitor(model, F.cross_entropy, optimizer=opt, warn=False).start() \
+            if monitored else None
+        data = [(3 * x, y) for x, y in _batches(6)]
+        _train(model, opt, mon, data[:3], F.cross_entropy)
+        model.qconfig = get_default_qat_qconfig("fbgemm")
+        prepare_qat(model, inplace=True)
+        _train(model, opt, mon, data[3:], F.cross_entropy, first_step=3)
+        if mon is not None:
+            mon.close()
+        final.append(model.state_dict())
+    for key in final[0]:
+        assert torch.equal(final[0][key], final[1][key]), key
+
+
 # -- gradients, outputs, optimizers
 
 
@@ -357,25 +413,34 @@ def test_calls_every_n_steps_measure_the_last_optimizer_step():
     assert not mon.findings
 
 
-def test_sparse_calls_copy_the_parameters_once_per_call():
-    """Called every 4 optimizer steps, the monitor copies the parameters only before the
-    4th step of each interval once it has seen one (every step in the first interval)."""
+def test_sparse_calls_copy_the_parameters_twice_per_call():
+    """Called every 4 optimizer steps, the monitor copies the parameters before the first
+    step of an interval (a fallback for an early call) and before the 4th, once a call has
+    shown the count; an early call measures the steps since the last call."""
     model = models.mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.3)
-    copies = []
+    copied, last = [], None
+    calls = {3, 7, 11, 15, 17}  # the last gap is short (2 steps)
     with Monitor(model, F.cross_entropy, optimizer=opt, warn=False) as mon:
-        for step, (x, y) in enumerate(_batches(16)):
+        for step, (x, y) in enumerate(_batches(18)):
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()
+            if step == 16:
+                before = [p.detach().clone() for p in model.parameters()]
             opt.step()
-            copies.append(mon._before is not None)  # a copy waits for the next call
-            if step % 4 == 3:
+            copied.append(mon._before is not None and mon._before is not last)
+            last = mon._before
+            if step in calls:
                 mon.step(step, batch=(x, y), loss=loss)
-        assert np.isfinite(mon.run().series("update", "norm")[1]).all()
+        run = mon.run()
         assert not mon.findings
-    # from the first call on, the count since start() says which step precedes a call
-    assert copies == [True] * 4 + [False, False, False, True] * 3
+    assert copied[:16] == [True] * 4 + [True, False, False, True] * 3
+    steps, norms = run.series("update", "norm")
+    assert steps.tolist() == sorted(calls) and np.isfinite(norms).all()
+    two_steps = float(torch.cat([(p.detach() - b).reshape(-1)
+                                 for p, b in zip(model.parameters(), before)]).norm())
+    assert norms[-1] == pytest.approx(two_steps, rel=1e-5)
 
 
 def test_two_monitors_closed_in_opening_order_leave_the_users_handler():
@@ -431,3 +496,8 @@ def test_the_recorded_probe_size_is_the_given_probes():
     with Monitor(model, F.cross_entropy, probe=(x, y), metrics=["loss"], warn=False) as mon:
         mon.step(0, loss=1.0)
         assert mon.run().config["probe"] == {"source": "given", "size": 64}
+
+
+def test_a_path_in_the_loss_functions_place_is_refused():
+    with pytest.raises(TypeError, match="the run file is the third argument"):
+        Monitor(models.mlp(), "run.h5")
