@@ -62,6 +62,17 @@ def test_sentinels_through_a_closure_equal_those_through_the_loss_function():
         np.testing.assert_allclose(rows["closure"][f], values, rtol=1e-6, err_msg=f)
 
 
+def _dict_steps(mon, opt, batch, loss_of, steps=3):
+    """``steps`` training steps on one dict batch, the monitor called after each."""
+    for step in range(steps):
+        loss = loss_of()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mon.step(step, batch=batch, loss=loss)
+    return mon.run()
+
+
 class _CausalLM(nn.Module):
     """A Hugging Face-style language model: ``model(input_ids=, labels=)`` returns its
     logits and, given labels, the next-token loss it computes itself (labels shifted)."""
@@ -89,13 +100,7 @@ def test_a_dict_batch_is_passed_as_keyword_arguments_and_its_loss_is_the_models(
     batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
     with Monitor(model, closure=lambda m, b: m(**b)["loss"], optimizer=opt,
                  warn=False) as mon:
-        for step in range(3):
-            loss = model(**batch)["loss"]
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            mon.step(step, batch=batch, loss=loss)
-        run = mon.run()
+        run = _dict_steps(mon, opt, batch, lambda: model(**batch)["loss"])
         assert not mon.findings
     recorded = run.series("sentinels", "probe_loss")[1][-1]
     samples = next(m for m in mon.metrics if isinstance(m, Sentinels))._samples
@@ -124,13 +129,7 @@ def test_ids_and_labels_for_a_positional_forward_and_padded_targets():
 
     batch = {"input_ids": ids, "labels": labels}
     with Monitor(model, loss_fn, optimizer=opt, warn=False) as mon:
-        for step in range(3):
-            loss = loss_fn(model(ids), labels)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            mon.step(step, batch=batch, loss=loss)
-        run = mon.run()
+        run = _dict_steps(mon, opt, batch, lambda: loss_fn(model(ids), labels))
         assert not mon.findings
     assert np.isfinite(run.series("sentinels", "r_secant")[1][1:]).all()
     samples = next(m for m in mon.metrics if isinstance(m, Sentinels))._samples
@@ -256,6 +255,32 @@ def test_the_sentinels_leave_buffers_written_in_eval_mode_as_training_left_them(
         assert torch.equal(a, b)
 
 
+def _quantizable_net():
+    torch.manual_seed(0)
+    return nn.Sequential(torch.ao.quantization.QuantStub(), nn.Linear(6, 16), nn.ReLU(),
+                         nn.Linear(16, 3), torch.ao.quantization.DeQuantStub())
+
+
+def _same_with_and_without_monitor(make, change_at, change):
+    """Train ``make()`` 6 steps with and without the default monitor, calling
+    ``change(model)`` before step ``change_at``; assert the final states are bitwise equal."""
+    final = []
+    for monitored in (False, True):
+        model = make()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        mon = Monitor(model, F.cross_entropy, optimizer=opt, warn=False).start() \
+            if monitored else None
+        data = [(3 * x, y) for x, y in _batches(6)]
+        _train(model, opt, mon, data[:change_at], F.cross_entropy)
+        change(model)
+        _train(model, opt, mon, data[change_at:], F.cross_entropy, first_step=change_at)
+        if mon is not None:
+            mon.close()
+        final.append(model.state_dict())
+    for key in final[0]:
+        assert torch.equal(final[0][key], final[1][key]), key
+
+
 @pytest.mark.parametrize("observe_from", [0, 3])
 def test_quantization_aware_training_is_not_perturbed(observe_from):
     """Observers on from the start, or switched on at step 3 (after the sentinels' first
@@ -268,30 +293,14 @@ def test_quantization_aware_training_is_not_perturbed(observe_from):
     )
 
     def make():
-        torch.manual_seed(0)
-        m = nn.Sequential(torch.ao.quantization.QuantStub(), nn.Linear(6, 16), nn.ReLU(),
-                          nn.Linear(16, 3), torch.ao.quantization.DeQuantStub())
+        m = _quantizable_net()
         m.qconfig = get_default_qat_qconfig("fbgemm")
-        return prepare_qat(m.train())
-
-    final = []
-    for monitored in (False, True):
-        model = make()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        m = prepare_qat(m.train())
         if observe_from:
-            model.apply(disable_observer)
-        mon = Monitor(model, F.cross_entropy, optimizer=opt, warn=False).start() \
-            if monitored else None
-        data = [(3 * x, y) for x, y in _batches(6)]
-        _train(model, opt, mon, data[:observe_from], F.cross_entropy)
-        model.apply(enable_observer)
-        _train(model, opt, mon, data[observe_from:], F.cross_entropy,
-               first_step=observe_from)
-        if mon is not None:
-            mon.close()
-        final.append(model.state_dict())
-    for key in final[0]:
-        assert torch.equal(final[0][key], final[1][key]), key
+            m.apply(disable_observer)
+        return m
+
+    _same_with_and_without_monitor(make, observe_from, lambda m: m.apply(enable_observer))
 
 
 def test_a_model_prepared_for_quantization_mid_run_is_not_perturbed():
@@ -299,24 +308,11 @@ def test_a_model_prepared_for_quantization_mid_run_is_not_perturbed():
     observer modules send every later forward through ``functional_call``."""
     from torch.ao.quantization import get_default_qat_qconfig, prepare_qat
 
-    final = []
-    for monitored in (False, True):
-        torch.manual_seed(0)
-        model = nn.Sequential(torch.ao.quantization.QuantStub(), nn.Linear(6, 16), nn.ReLU(),
-                              nn.Linear(16, 3), torch.ao.quantization.DeQuantStub())
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        mon = Monitor(model, F.cross_entropy, optimizer=opt, warn=False).start() \
-            if monitored else None
-        data = [(3 * x, y) for x, y in _batches(6)]
-        _train(model, opt, mon, data[:3], F.cross_entropy)
+    def prepare(model):
         model.qconfig = get_default_qat_qconfig("fbgemm")
         prepare_qat(model, inplace=True)
-        _train(model, opt, mon, data[3:], F.cross_entropy, first_step=3)
-        if mon is not None:
-            mon.close()
-        final.append(model.state_dict())
-    for key in final[0]:
-        assert torch.equal(final[0][key], final[1][key]), key
+
+    _same_with_and_without_monitor(_quantizable_net, 3, prepare)
 
 
 # -- gradients, outputs, optimizers
