@@ -180,8 +180,10 @@ class _BufferGuard:
         entries = [(m, k, t, t._version) for m, k in self._slots
                    if (t := m._buffers.get(k)) is not None]
         saved = [t.clone() for _, _, t, _ in entries] if fresh else None
+        ran = False
         try:
             yield False
+            ran = True
         finally:
             # values too where a copy exists: fused kernels (FakeQuantize's observers)
             # write into buffers without bumping their version counters
@@ -202,7 +204,7 @@ class _BufferGuard:
                         f"model in eval mode ({len(changed)}); from now on it runs on "
                         "copies of them", RuntimeWarning, stacklevel=user_stacklevel(),
                     )
-            elif self.stateless is None:
+            elif self.stateless is None and ran:  # a forward that raised proves nothing
                 self.stateless = False
 
 
