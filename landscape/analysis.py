@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from landscape._errors import LandscapeError
+from landscape.checkpoints.lightning import is_last_copy
 from landscape.loading import Checkpoint, load_checkpoint, load_state_into, prepare
 from landscape.metrics import create
 from landscape.monitor import Monitor
@@ -72,17 +73,11 @@ def order_checkpoints(checkpoints: Sequence[Checkpoint]) -> list[tuple[int, Chec
     # Lightning's ModelCheckpoint(save_last=True) writes last.ckpt, a copy of the latest
     # checkpoint: a shell glob (ckpts/*.ckpt) lists it beside the one it repeats
     pairs = [(s, c) for s, c in pairs
-             if not (_is_last_copy(c.path) and sum(t == s for t, _ in pairs) > 1)]
+             if not (is_last_copy(c.path) and sum(t == s for t, _ in pairs) > 1)]
     for (a, ca), (b, cb) in itertools.pairwise(pairs):
         if a == b:
             raise LandscapeError(f"{ca.path} and {cb.path} are both step {a}")
     return pairs
-
-
-def _is_last_copy(path: Any) -> bool:
-    """Whether ``path`` is a Lightning ``last*.ckpt`` (a copy of the latest checkpoint)."""
-    name = Path(str(path)).name
-    return name.startswith("last") and name.endswith(".ckpt")
 
 
 _CLASSES = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}

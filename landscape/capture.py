@@ -86,10 +86,15 @@ def first_tensor(value: Any) -> torch.Tensor | None:
             return value["logits"]
         return first_tensor(tuple(value.values()))
     if isinstance(value, (tuple, list)):
-        found = [t for t in map(first_tensor, value) if t is not None]
         # a leading scalar is a loss: Hugging Face's return_dict=False outputs are
-        # (loss, logits, ...) when given labels
-        return next((t for t in found if t.dim() > 0), found[0] if found else None)
+        # (loss, logits, ...) when given labels; stop at the first tensor with dimensions
+        scalar = None
+        for a in value:
+            t = first_tensor(a)
+            if t is not None and t.dim() > 0:
+                return t
+            scalar = t if scalar is None else scalar
+        return scalar
     logits = getattr(value, "logits", None)
     return logits if isinstance(logits, torch.Tensor) else None
 

@@ -422,8 +422,8 @@ class Monitor:
         step since the last call on, ``n`` the count between the last two calls.
         """
         k = max(self._opt_steps, 1)
-        if self._last_step is None:
-            return self._first_step + round(self._steps_per_opt * (k - 1))
+        if self._last_step is None:  # nothing learned before the first call: one per step
+            return self._first_step + k - 1
         return self._last_step + max(1, round(self._steps_per_opt * k))
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:

@@ -19,9 +19,21 @@ from torch import nn
 from landscape._errors import LandscapeError
 from landscape.loading import torch_load
 
-__all__ = ["CLASS_KEYS", "build_module", "inner_module", "read_ckpt", "recorded_class"]
+__all__ = [
+    "CLASS_KEYS", "build_module", "inner_module", "is_last_copy", "read_ckpt", "recorded_class",
+]
 
 CLASS_KEYS = ("_class_path", "class_path", "__class__")
+
+
+def is_last_copy(path: str | Path) -> bool:
+    """Whether ``path`` is ``last*.ckpt``, Lightning's copy of the latest checkpoint.
+
+    ``ModelCheckpoint(save_last=True)`` writes it beside the checkpoint it repeats, so it
+    holds a step another file holds.
+    """
+    name = Path(path).name
+    return name.startswith("last") and name.endswith(".ckpt")
 
 
 def read_ckpt(path: Path, *, trust: bool = False) -> dict[str, Any]:

@@ -81,7 +81,7 @@ def expand(paths: Sequence[str | Path]) -> list[Path]:
             out.extend(subs)
         elif ckpts := sorted(c for c in p.glob("*.ckpt") if c.is_file()):
             # a ModelCheckpoint folder; last.ckpt repeats the latest checkpoint
-            out.extend([c for c in ckpts if not c.name.startswith("last")] or ckpts)
+            out.extend([c for c in ckpts if not lit.is_last_copy(c)] or ckpts)
         else:
             raise LandscapeError(
                 f"{p}: is a directory, but neither a Hugging Face model folder (config.json "

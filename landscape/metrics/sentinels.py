@@ -291,14 +291,18 @@ class Sentinels(Metric):
         self.subsample = subsample
         self.rows = rows
         self.attention_every = attention_every
+        self.layers: list[str] = []
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop what earlier calls learned about a model (a new one comes with setup)."""
         self._samples: int | None = None  # samples per forward, set by the first call
         self._calls = 0  # forward passes so far (attention_every counts them)
-        self.layers: list[str] = []
         self._layer_index: list[int] | None = None
         self._index_tensor: torch.Tensor | None = None
         self._attention: bool | None = None  # None: not known yet (the first call tells)
         self._guard = _BufferGuard()
-        self._keywords: bool | None = None  # dict batches as keyword arguments
+        self._keywords: bool | None = None  # dict batches as keyword arguments (None: untried)
 
     def setup(self, model: nn.Module) -> None:
         """Resolve the weight tensors whose update ratio is tracked.
@@ -308,13 +312,7 @@ class Sentinels(Metric):
         """
         named = trainable_named_parameters(model)
         self.layers = [n for n, p in named.items() if p.dim() >= 2]
-        self._layer_index = None
-        self._index_tensor = None
-        self._attention = None
-        self._guard = _BufferGuard()
-        self._keywords = None  # dict batches as keyword arguments (None: not tried yet)
-        self._samples = None
-        self._calls = 0
+        self._forget()
 
     def config(self) -> dict[str, Any]:
         """``subsample``, ``rows``, ``attention_every`` and the tracked tensors, ``layers``."""

@@ -33,6 +33,7 @@ from landscape.store.format import (
     METRICS_GROUP,
     FieldsLike,
     SurfaceData,
+    _attr_value,
     _describe,
     _encode,
     _finding_row,
@@ -504,7 +505,7 @@ def _warn_other_model(path: Path, stored: Any, config: Mapping | None) -> None:
     start would stop training (under DDP, on rank 0 only).
     """
     try:
-        old = json.loads(stored.decode() if isinstance(stored, bytes) else str(stored))
+        old = json.loads(str(_attr_value(stored)))
     except (TypeError, ValueError, AttributeError):
         return
     if not isinstance(old, dict):
