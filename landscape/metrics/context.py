@@ -14,7 +14,7 @@ restored afterwards. Forward passes go through ``functional_call`` with cloned b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from landscape.capture import Captured, capture, first_tensor
 from landscape.isolation import stateless_call, stateless_closure
 from landscape.params import Vector, norm, tensor_norms
 
-__all__ = ["MissingInput", "StepContext", "split_batch"]
+__all__ = ["MissingInput", "StepContext", "batch_targets", "softmax_logits", "split_batch"]
 
 Closure = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -53,6 +53,58 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
         "this metric needs (inputs, targets) batches; got "
         f"{type(batch).__name__} (pass batch=(x, y) or probe=(x, y))"
     )
+
+
+def batch_targets(batch: Any) -> Any:
+    """The targets of a batch as :func:`split_batch` finds them, or a dict's ``labels``.
+
+    Args:
+        batch: a batch of any form.
+
+    Returns:
+        The targets, or None when the batch has none.
+    """
+    try:
+        return split_batch(batch)[1]
+    except MissingInput:
+        return batch.get("labels") if isinstance(batch, Mapping) else None
+
+
+def softmax_logits(outputs: torch.Tensor, targets: Any) -> bool:
+    """Whether ``outputs`` ``(..., C)`` are the logits of a softmax over classes.
+
+    The logit statistics and the secant Taylor ratio (docs/monitor.md, "Sentinels") read
+    the outputs as softmax logits; this says no on evidence that they are something else
+    (docs/conventions.md, "Which outputs are logits"):
+
+    * a last dimension of 1 (a regression head, one sigmoid logit): a softmax over one
+      class is the constant 1;
+    * floating-point targets that are not distributions over the ``C`` classes
+      (regression, autoencoders, multi-label BCE); soft labels (mixup, distillation), of
+      the outputs' shape with rows of non-negative entries summing to 1, are classes;
+    * integer targets that are not one index per logit row (multi-hot labels).
+
+    Class indices (padding such as -100 included) and a batch without targets say yes.
+
+    Args:
+        outputs: the model's output tensor.
+        targets: the batch's targets (:func:`batch_targets`), or None.
+
+    Returns:
+        True for softmax logits.
+    """
+    if outputs.dim() == 0 or outputs.shape[-1] < 2:
+        return False
+    if not isinstance(targets, torch.Tensor):
+        return True
+    if targets.is_floating_point():
+        if targets.shape != outputs.shape:
+            return False
+        t = targets.detach().double()
+        return bool((t >= 0).all()) and bool(((t.sum(-1) - 1).abs() <= 1e-3).all())
+    if targets.dtype == torch.bool or targets.is_complex():
+        return False
+    return targets.numel() * outputs.shape[-1] == outputs.numel()
 
 
 def is_batch_list(value: Any) -> bool:

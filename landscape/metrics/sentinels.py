@@ -32,7 +32,7 @@ from landscape.findings import user_stacklevel
 from landscape.isolation import stateless_call
 from landscape.metrics._attention import AttentionLogits
 from landscape.metrics.base import Metric, register
-from landscape.metrics.context import StepContext, split_batch
+from landscape.metrics.context import StepContext, batch_targets, softmax_logits, split_batch
 from landscape.params import tensor_norms, trainable_named_parameters
 from landscape.schedules import every
 
@@ -303,6 +303,7 @@ class Sentinels(Metric):
         self._attention: bool | None = None  # None: not known yet (the first call tells)
         self._guard = _BufferGuard()
         self._keywords: bool | None = None  # dict batches as keyword arguments (None: untried)
+        self._softmax: bool | None = None  # the probe's outputs are softmax logits (None: untried)
 
     def setup(self, model: nn.Module) -> None:
         """Resolve the weight tensors whose update ratio is tracked.
@@ -339,6 +340,9 @@ class Sentinels(Metric):
         return row
 
     def _logit_fields(self, ctx: StepContext) -> dict[str, float]:
+        if self._softmax is False and not self._attention_due():
+            self._calls += 1  # nothing to read from this call's forward pass: none is run
+            return {}
         batch = ctx.batches(self.data)[0]
         samples = self.subsample if self._samples is None else self._samples
         args, kwargs, y = _model_call(batch, samples, self._keywords is not False)
@@ -364,6 +368,10 @@ class Sentinels(Metric):
             if self._samples < samples:  # every row from a forward of the same shape
                 self._calls, self._attention = 0, None
                 return self._logit_fields(ctx)
+        if self._softmax is None:  # the probe is fixed: its outputs' kind is too
+            self._softmax = softmax_logits(z, y if y is not None else batch_targets(kwargs))
+        if not self._softmax:  # a regression head, ...: no logits to read, r means nothing
+            return self._other_outputs(output, attention)
         flat = z.reshape(-1, z.shape[-1]).double()
         # every statistic as a 0-d tensor, read back in one transfer (secant_ratio() reads
         # the same spread back on its own)
@@ -398,6 +406,22 @@ class Sentinels(Metric):
             out["r_secant"] = spread / math.pi if math.isfinite(spread) else math.nan
         return out
 
+    @staticmethod
+    def _other_outputs(output: Any, attention: torch.Tensor | None) -> dict[str, float]:
+        """The model's own loss and the attention logits: all a non-logit output gives."""
+        out: dict[str, float] = {}
+        loss = _output_loss(output)
+        if loss is not None:
+            out["probe_loss"] = float(loss)
+        if attention is not None:
+            out["attention_logit_max"] = float(attention)
+        return out
+
+    def _attention_due(self) -> bool:
+        """Whether this call measures the attention logits (``attention_every``)."""
+        return (self._attention is not False and self.attention_every > 0
+                and self._calls % self.attention_every == 0)
+
     def _forward(
         self, model: nn.Module, args: tuple, kwargs: dict
     ) -> tuple[Any, torch.Tensor | None]:
@@ -407,8 +431,7 @@ class Sentinels(Metric):
         mode is active only during this call and removed on exit, also when the forward
         raises; once a first call saw no attention op it is skipped.
         """
-        due = self.attention_every > 0 and self._calls % self.attention_every == 0
-        watch = self._attention is not False and due
+        watch = self._attention_due()
         with self._guard.watch(model) as stateless, contextlib.ExitStack() as stack:
             att = stack.enter_context(AttentionLogits()) if watch else None
             if stateless:

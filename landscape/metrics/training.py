@@ -16,7 +16,7 @@ from landscape import functional as LF
 from landscape._deprecation import module_getattr
 from landscape._errors import MissingInput
 from landscape.metrics.base import Metric, register
-from landscape.metrics.context import StepContext, split_batch
+from landscape.metrics.context import StepContext, batch_targets, softmax_logits, split_batch
 from landscape.params import norm
 from landscape.schedules import every
 
@@ -128,7 +128,9 @@ class Logits(Metric):
     """Logit growth signals (Wortsman et al. 2024; Prieto et al. 2025).
 
     Max |logit|, the log-partition mean and max, the z-loss and the softmax-collapse
-    fraction.
+    fraction. A row of NaN (no finding) when the outputs are not softmax logits: a
+    regression or single-logit head, float targets that are not class distributions
+    (:func:`~landscape.metrics.context.softmax_logits`).
     """
 
     name = "logits"
@@ -138,7 +140,15 @@ class Logits(Metric):
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
         """The logit statistics of the model's output on ``self.data``."""
-        return logit_row(ctx.logits(self.data))
+        z = ctx.logits(self.data)
+        parts = [batch_targets(b) for b in ctx.batches(self.data)]
+        targets = parts[0]
+        if len(parts) > 1:  # a list probe: its outputs are concatenated, so the targets too
+            tensors = all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in parts)
+            targets = torch.cat(parts) if tensors else None
+        if not softmax_logits(z, targets):
+            return dict.fromkeys(self.FIELDS, math.nan)
+        return logit_row(z)
 
 
 def logit_row(z: torch.Tensor) -> dict[str, float]:

@@ -329,3 +329,82 @@ def test_rows_reduction_keeps_the_first_attention_measurement():
     att = mon.run().series("sentinels", "attention_logit_max")[1]
     mon.close()
     assert np.isfinite(att[0]) and np.isnan(att[1:]).all()
+
+
+# -- outputs that are not softmax logits (regression, one sigmoid logit)
+
+
+def test_softmax_logits_tells_class_logits_from_other_outputs():
+    from landscape.metrics.context import softmax_logits
+
+    z = torch.randn(8, 5)
+    assert softmax_logits(z, torch.randint(0, 5, (8,)))  # class indices
+    assert softmax_logits(torch.randn(2, 3, 5), torch.full((2, 3), -100))  # padding
+    assert softmax_logits(z, None)  # nothing says otherwise
+    assert softmax_logits(z, F.softmax(torch.randn(8, 5), -1))  # soft labels (mixup)
+    assert not softmax_logits(torch.randn(8, 1), torch.randint(0, 2, (8,)))  # one logit
+    assert not softmax_logits(z, torch.randn(8, 5))  # regression of 5 values
+    assert not softmax_logits(z, torch.rand(8, 5).round())  # multi-label BCE targets
+    assert not softmax_logits(z, torch.randint(0, 2, (8, 5)))  # multi-hot indices
+    assert not softmax_logits(z, torch.randn(8, 3))  # float targets of another shape
+
+
+class _CountingMLP(torch.nn.Module):
+    """An MLP regressor that counts its forward passes."""
+
+    def __init__(self, outputs):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(),
+                                       torch.nn.Linear(16, outputs))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.net(x)
+
+
+@pytest.mark.parametrize("outputs", [1, 3])
+def test_regression_outputs_record_no_logit_fields_and_run_no_forward_after_the_first(outputs):
+    # the helper's false alarms: a regression head warned logit_growth at step 0
+    # (softmax over one class is 1) and taylor_forecast on r_secant of raw outputs
+    model = _CountingMLP(outputs)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    with ls.Monitor(model, F.mse_loss, optimizer=opt, warn=False, strict=True) as mon:
+        for step in range(25):
+            x = torch.randn(16, 6, generator=g)
+            y = 150 + 80 * torch.randn(16, outputs, generator=g)  # raw units: |output| > 100
+            out = model(x)
+            loss = F.mse_loss(out, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            before = model.calls
+            mon.step(step, batch=(x, y), loss=loss, outputs=out.detach())
+            monitor_forwards = model.calls - before
+            # the first call learns the outputs' kind; no attention: no forward after it
+            assert monitor_forwards == (1 if step == 0 else 0)
+        run = mon.run()
+        for field in ("r_secant", "max_abs", "logsumexp_max"):
+            assert np.isnan(run.series("sentinels", field)[1]).all()
+        assert np.isfinite(run.series("sentinels", "update_ratio")[1][1:]).all()
+        assert np.isnan(run.series("logits", "max_abs")[1]).all()
+        assert not [f for f in mon.findings if f.rule in ("logit_growth", "taylor_forecast")]
+
+
+def test_a_single_logit_classifier_raises_no_softmax_collapse_at_the_first_step():
+    model = _CountingMLP(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(32, 6), torch.randint(0, 2, (32,)).float()
+    with ls.Monitor(model, F.binary_cross_entropy_with_logits, optimizer=opt,
+                    warn=False) as mon:
+        for step in range(3):
+            out = model(x).squeeze(-1)
+            loss = F.binary_cross_entropy_with_logits(out, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(step, batch=(x, y), loss=loss, outputs=out.detach()[:, None])
+    assert not [f for f in mon.findings if f.rule == "logit_growth"]
+    assert np.isnan(mon.run().series("logits", "softmax_collapse")[1]).all()
