@@ -324,11 +324,16 @@ class Monitor:
             self.writer = None
             raise
         # Ctrl-C / SIGTERM: flush the file first, never in the middle of a step's rows
-        self._interrupts = InterruptGuard(self._flush_quietly, self.close).install()
+        self._interrupts = InterruptGuard(self.flush, self.close).install()
         return self
 
-    def _flush_quietly(self) -> None:
-        if self.writer is not None:
+    def flush(self) -> None:
+        """Write the buffered rows to the run file now (nothing to do unless it is open).
+
+        The integrations call it when the framework saves a checkpoint, so the rows up to
+        a checkpoint are on disk before a job that resumes from it could lose them.
+        """
+        if self.writer is not None and not self.writer.closed:
             self.writer.flush()
 
     def _mirror(self, method: str, *args: Any) -> None:
@@ -495,7 +500,10 @@ class Monitor:
         if started_here:
             self.start()  # installs the interrupt guard, so the first step is covered too
         guard = self._interrupts
-        with guard.deferred() if guard is not None else contextlib.nullcontext():
+        assert self.writer is not None
+        # a step's rows reach the file together (an automatic flush waits for the last)
+        with guard.deferred() if guard is not None else contextlib.nullcontext(), \
+                self.writer.one_step():
             # started here, the optimizer hooks missed this step's update: the metrics that
             # need it record NaN for this one step, without a failure finding
             self._update_missed = started_here

@@ -268,6 +268,11 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         if reaches(found, self.stop_on):
             control.should_training_stop = True
 
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Flush the run file with every checkpoint (a resumed job keeps the rows to it)."""
+        if self.monitor is not None:
+            self.monitor.flush()
+
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Remove the forward hook and close the run file."""
         self.close()

@@ -21,7 +21,8 @@ What it does, hook by hook:
   ``monitor.step(trainer.global_step - 1, batch=batch, loss=...)``. The step index is the
   one Lightning's loggers use for that batch (0-based count of optimizer steps before
   it); the loss is ``outputs["loss"]`` summed over the accumulated batches (Lightning
-  divides each by ``accumulate_grad_batches``, so the sum is their mean). The gradients
+  divides each by ``accumulate_grad_batches``, so the sum is their mean; a shorter window
+  at the end of an epoch is rescaled to its mean). The gradients
   are still in ``.grad`` at this point (Lightning zeroes them inside the next step). A
   list batch (``default_collate`` of ``(x, y)`` samples) is passed on as a tuple: to the
   monitor a list means several batches.
@@ -263,8 +264,11 @@ class LandscapeCallback(CallbackSettings, Callback):
         pending, self._pending = self._pending, []
         if not pending:
             step_loss = None
-        elif pl_module.automatic_optimization:  # each already divided by the accumulation
-            step_loss = torch.stack(pending).sum()
+        elif pl_module.automatic_optimization:
+            # each batch's loss is already divided by accumulate_grad_batches, also in the
+            # shorter window that ends an epoch: rescale so the sum is the mean there too
+            step_loss = torch.stack(pending).sum() * (trainer.accumulate_grad_batches
+                                                      / len(pending))
         else:
             step_loss = torch.stack(pending).mean()
         if isinstance(batch, list):  # default_collate's (x, y) is one batch, not a list of them
@@ -272,6 +276,13 @@ class LandscapeCallback(CallbackSettings, Callback):
         found = self.monitor.step(trainer.global_step - 1, batch=batch, loss=step_loss)
         if reaches(found, self.stop_on):
             trainer.should_stop = True
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Flush the run file with every checkpoint (a resumed job keeps the rows to it)."""
+        if self.monitor is not None:
+            self.monitor.flush()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Close the run file."""

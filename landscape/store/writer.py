@@ -1,22 +1,26 @@
 """The run writer: validated, buffered appends of rows, findings and surface points.
 
 Rows are buffered in memory and written every ``flush_every`` rows and points or
-``flush_seconds`` seconds, on :meth:`RunWriter.flush`, on :meth:`RunWriter.close` and when
-an exception leaves the ``with`` block; each table's fields go before its ``step``
-column, so a reader only ever sees whole rows (``docs/file-format.md``).
+``flush_seconds`` seconds, on :meth:`RunWriter.flush`, on :meth:`RunWriter.close`, when
+an exception leaves the ``with`` block and when the interpreter exits with the writer
+still open; each table's fields go before its ``step`` column, so a reader only ever sees
+whole rows (``docs/file-format.md``). Inside :meth:`RunWriter.one_step` the automatic
+flushes wait for the end of the block, so a step's rows reach the file together.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
 import socket
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -55,6 +59,21 @@ class _Pending:
 
 def _last_or_none(steps: np.ndarray) -> int | None:
     return int(steps[-1]) if len(steps) else None
+
+
+_OPEN: weakref.WeakSet[RunWriter] = weakref.WeakSet()  # file writers not closed yet
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """Close the writers left open at interpreter exit (no ``close()``, an uncaught error).
+
+    ``__del__`` cannot: at shutdown h5py can no longer import what it needs. Registered
+    after h5py's own exit handler, this one runs before it.
+    """
+    for writer in list(_OPEN):
+        with contextlib.suppress(Exception):
+            writer.close()
 
 
 class RunWriter:
@@ -101,6 +120,7 @@ class RunWriter:
         self._n_pending = 0
         self._last_flush = time.monotonic()
         self._closed = False
+        self._holding = 0  # nesting depth of one_step(): automatic flushes wait
         self.path = None if path is None else Path(path)
 
         if self.path is None:
@@ -109,6 +129,7 @@ class RunWriter:
         else:
             self._backend = self._open_file(mode, config)
             WRITING.add(str(self.path.resolve()))
+            _OPEN.add(self)
         self._fields = {p: self._backend.table_fields(p) for p in self._backend.table_paths()}
         self._last = {p: _last_or_none(self._backend.steps(p)) for p in self._fields}
         if truncate_from is not None:
@@ -319,7 +340,23 @@ class RunWriter:
             col.append(arr)
         self._last[path] = step
         self._n_pending += 1
-        self._flush_if_due()
+        if not self._holding:
+            self._flush_if_due()
+
+    @contextlib.contextmanager
+    def one_step(self) -> Iterator[None]:
+        """Group the rows appended inside the block: an automatic flush waits for its end.
+
+        The monitor appends a step's rows inside it, so a process killed between two
+        automatic flushes leaves whole steps in the file, never the first rows of one.
+        """
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+            if not self._holding and not self._closed:
+                self._flush_if_due()
 
     def _flush_if_due(self) -> None:
         """Flush after ``flush_every`` buffered rows and points or ``flush_seconds``."""
@@ -461,6 +498,7 @@ class RunWriter:
                 if self.path is not None:
                     WRITING.discard(str(self.path.resolve()))
             self._closed = True
+            _OPEN.discard(self)
 
     def run(self) -> Run:
         """A read-only :class:`Run` view of what was written so far (flushes first).
@@ -474,6 +512,11 @@ class RunWriter:
             return Run.open(self.path)
         self.flush()
         return Run(self._backend)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
 
     def _check_open(self) -> None:
         if self._closed:
@@ -491,6 +534,7 @@ class RunWriter:
         self.close()
 
     def __del__(self) -> None:  # a writer dropped without close() still saves its rows
+        # (at interpreter exit h5py cannot run here any more: _close_at_exit does it)
         with contextlib.suppress(Exception):
             self.close()
 

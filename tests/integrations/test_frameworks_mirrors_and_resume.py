@@ -221,3 +221,48 @@ def test_lightning_mirrors_none_keeps_the_loggers_clean(tmp_path):
     _pl_fit(pl, [cb], max_steps=2, logger=logger)
     tb = _readers.tensorboard_scalars(logger.log_dir)
     assert not [t for t in tb if t.startswith("landscape/")]
+
+
+# ----------------------------------------------------------------- flushed with checkpoints
+
+
+def _committed(callback, metric="loss"):
+    """Steps of ``metric`` already written to the run file (not in the writer's buffer)."""
+    return callback.monitor.writer._backend.steps(f"metrics/{metric}").tolist()
+
+
+def test_hf_checkpoints_flush_the_run_file(tmp_path):
+    transformers = _hf()
+    from landscape.integrations import LandscapeTrainerCallback
+
+    cb = LandscapeTrainerCallback(str(tmp_path / "run.h5"), metrics=["loss"])
+    seen = []
+
+    class Spy(transformers.TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            seen.append((state.global_step, _committed(cb)))
+
+    trainer = _hf_trainer(transformers, tmp_path / "out", [cb, Spy()], max_steps=4,
+                          report_to=[], save_strategy="steps", save_steps=2)
+    trainer.train()
+    assert seen == [(2, [0, 1]), (4, [0, 1, 2, 3])]
+
+
+def test_lightning_checkpoints_flush_the_run_file(tmp_path):
+    pl = _pl()
+    from landscape.integrations import LandscapeCallback
+
+    cb = LandscapeCallback(str(tmp_path / "run.h5"), metrics=["loss"])
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_save_checkpoint(self, trainer, module, checkpoint):
+            seen.append((trainer.global_step, _committed(cb)))
+
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2,
+                                         save_top_k=-1)
+    trainer = pl.Trainer(max_steps=4, accelerator="cpu", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[cb, Spy(), saver])
+    trainer.fit(_module(pl), _loader())
+    assert seen[:2] == [(2, [0, 1]), (4, [0, 1, 2, 3])]

@@ -138,6 +138,19 @@ def test_gradient_accumulation_records_one_row_per_optimizer_step_with_the_mean_
     assert len(cb.run().steps("update")) == 3
 
 
+def test_the_short_accumulation_window_that_ends_an_epoch_records_its_mean_loss():
+    # 96 samples in batches of 16: 6 per epoch, accumulated by 4, so each epoch's second
+    # optimizer step has only 2 batches (Lightning still divides them by 4)
+    module = Classifier()
+    cb = LandscapeCallback(None, F.cross_entropy, metrics=["loss"], alarms=False)
+    _fit(module, [cb], max_steps=4, accumulate_grad_batches=4)
+    steps, losses = cb.run().series("loss", "value")
+    assert steps.tolist() == [0, 1, 2, 3]
+    windows = [module.losses[0:4], module.losses[4:6], module.losses[6:10], module.losses[10:12]]
+    expected = [sum(w) / len(w) for w in windows]
+    assert losses.tolist() == pytest.approx(expected, rel=1e-6)
+
+
 class _ParamSpy(pl.Callback):
     """Parameters after every optimizer step (list index = step)."""
 

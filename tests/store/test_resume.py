@@ -100,3 +100,60 @@ def test_surface_points_are_buffered_and_written_row_by_row(tmp_path, backend):
     with pytest.raises(KeyError, match="create_surface"):
         w.write_surface("nope", 0, {"loss": 1.0})
     w.close()
+
+
+def test_one_step_holds_automatic_flushes_until_the_step_is_complete(tmp_path):
+    with RunWriter(tmp_path / "run.h5", flush_every=2, flush_seconds=0.0) as w:
+        for name in "abc":
+            w.declare(name, {"v": None})
+        with w.one_step():
+            for name in "abc":  # due after the first two rows, held to the end
+                w.append(name, 0, {"v": 0.0})
+                assert all(len(w._backend.steps(f"metrics/{n}")) == 0 for n in "abc")
+        assert [len(w._backend.steps(f"metrics/{n}")) for n in "abc"] == [1, 1, 1]
+        w.append("a", 1, {"v": 1.0})  # outside the block: flushed as soon as due
+        w.append("b", 1, {"v": 1.0})
+        assert len(w._backend.steps("metrics/b")) == 2
+
+
+def test_the_monitor_writes_whole_steps_when_a_flush_falls_due_mid_step(tmp_path):
+    import torch
+    import torch.nn.functional as F
+
+    import landscape as ls
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with ls.Monitor(model, F.cross_entropy, tmp_path / "run.h5", optimizer=opt, warn=False,
+                    flush_every=4) as mon:
+        for step in range(5):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(step, batch=(x, y), loss=loss)
+            backend = mon.writer._backend
+            last = {n: backend.steps(f"metrics/{n}")[-1:].tolist()
+                    for n in ("loss", "grad_norm", "nonfinite", "update", "sentinels")}
+            assert len({tuple(v) for v in last.values()}) == 1, last  # every table alike
+
+
+@pytest.mark.parametrize("ending", ["return", "raise"])
+def test_rows_of_a_writer_never_closed_are_saved_at_interpreter_exit(tmp_path, ending):
+    import subprocess
+    import sys
+
+    path = tmp_path / "run.h5"
+    script = f"""
+from landscape.store import RunWriter
+w = RunWriter({str(path)!r}, flush_every=10_000, flush_seconds=1e9)
+w.declare("a", {{"v": None}})
+for i in range(7):
+    w.append("a", i, {{"v": float(i)}})
+{'raise RuntimeError("training crashed")' if ending == 'raise' else ''}
+"""
+    subprocess.run([sys.executable, "-c", script], check=False, timeout=120, capture_output=True)
+    with Run.open(path) as run:
+        assert list(run.steps("a")) == list(range(7))
