@@ -102,6 +102,9 @@ class TaylorForecast(Rule):
       ``update_window`` rows (default 50) on ``update_sustain`` consecutive rows (default
       3). A geometric learning-rate ramp shows here first: the relative step grows
       smoothly and steadily, while r_secant is noisy (healthy controls reach r = 0.85).
+      The step also grows in healthy training (warm restarts, Adam's adapting second
+      moments), so this condition alone is info unless r on the row is at least
+      ``update_confirm`` (default 0.4; None: always a warning).
 
     Any condition is a warning, **unless the probe loss is still falling fast** (its
     fitted log slope <= -``falling``, default 0.01: more than 1 % per step, with a
@@ -129,6 +132,7 @@ class TaylorForecast(Rule):
     update_growth: float | None = 2.0
     update_window: int = 50
     update_sustain: int = 3
+    update_confirm: float | None = 0.4
     field: str = "r_secant"
     sustain: int = 1
     rearm: int = 10
@@ -148,6 +152,7 @@ class TaylorForecast(Rule):
         _check_number("jump", self.jump, allow_none=True)
         _check_number("falling", self.falling, allow_none=True)
         _check_number("update_growth", self.update_growth, allow_none=True)
+        _check_number("update_confirm", self.update_confirm, allow_none=True)
         _check_positive_int("update_window", self.update_window)
         _check_positive_int("update_sustain", self.update_sustain)
         _check_positive_int("window", self.window)
@@ -280,6 +285,9 @@ class ForecastState:
         elif not forecast:
             message = self._growth_message(grown, f" (secant Taylor ratio r = {_fmt(x)})")
             threshold = rule.update_growth * grown[1]
+            if rule.update_confirm is not None and x < rule.update_confirm:
+                severity = "info"  # r small: a scheduled or adaptive step change
+                message += f"; r < {_fmt(rule.update_confirm)}, so the step is still safe"
         else:
             message = (
                 f"{rule._what} = {_fmt(x)} (fitted {_fmt(fitted)}) rising "
@@ -318,10 +326,13 @@ class ForecastState:
             return None
         early = self.update_rows <= rule.warmup and self.rows <= rule.warmup
         message = self._growth_message(grown, "")
+        unconfirmed = rule.update_confirm is not None
         if early:
             message += f" (within the first {rule.warmup} rows: early training)"
+        elif unconfirmed:
+            message += " (no Taylor ratio on this row to confirm it)"
         return Trigger(
-            severity="info" if early else getattr(rule, "severity", "warning"),
+            severity="info" if early or unconfirmed else getattr(rule, "severity", "warning"),
             field="update_ratio",
             value=grown[0],
             threshold=float(rule.update_growth * grown[1]),

@@ -53,9 +53,10 @@ class LossSpike(Rule):
       makes unusual. ``min_ratio`` does not apply.
 
     The "large" condition compares the rise with max(|m|, ``initial_floor`` × the median of
-    the first ``min_history`` rows) (default 0.05): a loss trained close to zero (0.02)
-    that doubles is noise, not a spike. ``severity`` is the finding's severity (default
-    warning); a rise to ``warn_ratio`` times that level is always a warning.
+    the first ``min_history`` rows) (default 0.25): a loss trained close to zero (0.02)
+    that doubles, one hard sample in its batch, is noise, not a spike. ``severity`` is the
+    finding's severity (default warning); a rise to ``warn_ratio`` times that level is
+    always a warning.
 
     Non-finite values are ignored here (they are :class:`NonFiniteValues`' business) and
     do not enter the window.
@@ -74,7 +75,7 @@ class LossSpike(Rule):
     cusum_h: float = 12.0
     cusum_clip: float = 4.0
     rel_floor: float = 1e-3
-    initial_floor: float | None = 0.05
+    initial_floor: float | None = 0.25
     severity: str = "warning"
     warn_ratio: float | None = None
     field: str = "value"
@@ -217,7 +218,7 @@ class GradNormSpike(LossSpike):
     gradient norm of healthy training doubles too (leaving initialisation, the end of
     warm-up, while the loss falls fast). A jump to ``warn_ratio`` (default 10) times the
     median is a warning. Near zero loss the gradient norm is tiny and heavy-tailed, so the
-    rise is measured against at least 0.05 × its early level too (``initial_floor``).
+    rise is measured against at least 0.25 × its early level too (``initial_floor``).
     """
 
     min_ratio: float = 2.0

@@ -321,3 +321,27 @@ def test_nonfinite_rule_is_now_nonfinite_values_and_the_old_name_warns():
     assert NonFiniteValues().name == "nonfinite" and RULES["nonfinite"] is NonFiniteValues
     with pytest.raises(AttributeError, match="no_such_name"):
         alarms.no_such_name  # noqa: B018
+
+
+def test_one_hard_sample_near_zero_loss_is_not_a_spike_but_a_blow_up_is():
+    # a classifier from 2.3 (median of its first 20 rows 1.4) down to a cross-entropy of
+    # ~0.02 (batch 32), where one sample with loss 5.5 lifts the batch loss to 0.18:
+    # far above the window's noise, yet a healthy run
+    rng = np.random.default_rng(0)
+    loss = np.concatenate([2.3 * np.exp(-np.arange(100) / 20),
+                           0.021 * np.exp(0.2 * rng.standard_normal(300))])
+    hard = loss.copy()
+    hard[250] = 0.182
+    steps = np.arange(len(loss))
+
+    def spikes(values, **settings):
+        alarms = OnlineAlarms(default_rules(**({"loss_spike": settings} if settings else {})))
+        for s, v in zip(steps, values):
+            alarms.observe("loss", int(s), {"value": float(v)})
+        return [f for f in alarms.findings if f.rule == "loss_spike"]
+
+    assert not spikes(hard)
+    assert [f.step for f in spikes(hard, initial_floor=0.05)] == [250]  # the old floor
+    blow_up = loss.copy()
+    blow_up[250:] = 1.5  # an abrupt jump to 2/3 of the initial loss: at the first step
+    assert [f.step for f in spikes(blow_up)] == [250]

@@ -198,18 +198,32 @@ def test_a_probe_the_model_cannot_read_keeps_the_update_ratio_and_says_why():
         _train(model, opt, mon, _batches(1), F.cross_entropy)
 
 
-def test_the_update_growth_condition_works_without_the_secant_ratio():
-    """No ratio (a probe the model cannot read): a growing step still warns."""
-    rng = np.random.default_rng(0)
+def _growing_step(rng):
     u = np.full(200, 0.005) * np.exp(0.1 * rng.standard_normal(200))
     u[150:] *= 1.12 ** np.arange(1, 51)
-    alarms = OnlineAlarms([TaylorForecast()])
+    return u
+
+
+@pytest.mark.parametrize("r, confirm, severity", [
+    (math.nan, 0.4, "info"),  # no ratio (outputs that are not logits): nothing confirms it
+    (math.nan, None, "warning"),  # update_confirm=None: the growth alone warns
+    (0.2, 0.4, "info"),  # a small r: a warm restart, Adam adapting
+    (0.5, 0.4, "warning"),  # confirmed by r
+])
+def test_the_update_growth_condition_warns_when_the_secant_ratio_confirms_it(r, confirm,
+                                                                            severity):
+    u = _growing_step(np.random.default_rng(0))
+    alarms = OnlineAlarms([TaylorForecast(update_confirm=confirm)])
     found = []
     for i, v in enumerate(u):
-        found += alarms.observe("sentinels", i, {"r_secant": math.nan, "update_ratio": v})
+        found += alarms.observe("sentinels", i, {"r_secant": r, "update_ratio": v})
     first = found[0]
-    assert first.severity == "warning"
+    assert first.severity == severity
     assert 150 <= first.step < 160 and "update-to-weight" in first.message
+
+
+def test_the_update_growth_condition_is_quiet_on_a_steady_step():
+    rng = np.random.default_rng(1)
     quiet = np.full(200, 0.005) * np.exp(0.1 * rng.standard_normal(200))
     alarms = OnlineAlarms([TaylorForecast()])
     assert not [f for i, v in enumerate(quiet)
