@@ -260,6 +260,7 @@ class Monitor:
         self._before: tuple[torch.Tensor, ...] | None = None
         self._last_step: int | None = None
         self._opt_steps = 0  # optimizer steps since the last call of step()
+        self._stepped_once = False  # an optimizer step was seen (a call without one: a skip)
         self._opt_per_call: int | None = None  # between the last two calls (None: unknown)
         self._steps_per_opt = 1.0  # steps (as numbered by the caller) per optimizer step
         self._first_step = 0
@@ -524,6 +525,12 @@ class Monitor:
         due = [m for m in self.metrics if self._is_due(m, step)]
         extra = [m for m in due if not m.schedule(step)]
         before, self._before = self._before, None
+        # the hooks count optimizer steps from start(): unknown when step() started it
+        stepped = None if self.optimizer is None or self._update_missed else self._opt_steps > 0
+        if stepped is False and self._stepped_once:
+            # nothing to measure: a GradScaler skipped the step, a micro-batch in between
+            self._update_missed = True
+        self._stepped_once = self._stepped_once or bool(stepped)
         if self._last_step is not None or self._opt_steps > 0:
             self._opt_per_call = self._opt_steps  # since the last call, or since start()
         if self._last_step is not None and self._opt_steps > 0:
@@ -533,6 +540,7 @@ class Monitor:
         if not due:
             return []
         ctx = self._context(step, batch, loss, outputs)
+        ctx.optimizer_stepped = stepped
         if before is not None:
             ctx.params_before = before
             with torch.no_grad():  # the same values as difference() of detached tensors

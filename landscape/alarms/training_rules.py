@@ -285,9 +285,21 @@ class NonFiniteValues(Rule):
             valid = [(f, v) for f, v in flags if v is not None]
             if not valid:
                 return SKIP
+            skipped = _scalar(row, "skipped") == 1.0
             for f, v in valid:
                 if v != 0:
                     what = "training loss" if f == "loss" else "gradient"
+                    if f == "grad" and skipped:  # never reached the weights
+                        return Trigger(
+                            severity="info",
+                            field=f,
+                            value=1.0,
+                            threshold=1.0,
+                            message="non-finite gradient on a step the optimizer skipped "
+                            "(a GradScaler backing off its loss scale); not applied",
+                            hint="expected now and then with fp16 and a GradScaler; if it "
+                            "repeats every step, " + self._HINT,
+                        )
                     return Trigger(
                         severity="error",
                         field=f,

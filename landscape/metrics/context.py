@@ -142,6 +142,8 @@ class StepContext:
     before the optimizer step and its Δθ when a metric with ``needs_update`` is due.
     ``parameter_objects`` optionally maps parameter names to the model's parameter objects
     (the monitor builds it once; otherwise it is looked up once per step).
+    ``optimizer_stepped`` says whether the optimizer stepped since the monitor's previous
+    call (None: not known, without ``optimizer=``).
     ``state`` survives between steps (warm starts); the rest lives for one step.
     """
 
@@ -160,6 +162,7 @@ class StepContext:
     state: dict = field(default_factory=dict)
     microbatch_size: int | None = None
     parameter_objects: dict[str, nn.Parameter] | None = None
+    optimizer_stepped: bool | None = None
     capture_plan: dict[str, tuple[set[str], set[str]]] = field(default_factory=dict)
     _captured: dict[str, Captured] = field(default_factory=dict)
     _cache: dict[Any, Any] = field(default_factory=dict)

@@ -58,6 +58,14 @@ class Loss(Metric):
         return {"value": _as_float(ctx.loss)}
 
 
+def _no_update(ctx: StepContext, metric: str) -> str:
+    """Why ``metric`` has no optimizer step to measure at this call."""
+    if ctx.optimizer is None:
+        return f"{metric} needs Monitor(optimizer=...) and an optimizer step"
+    return (f"{metric}: the optimizer did not step since the previous call (a GradScaler "
+            "skipping a step, or optimizer= is not the optimizer that steps)")
+
+
 @register
 class GradNorm(Metric):
     """Euclidean norm of the gradient left in ``.grad`` by the user's backward."""
@@ -78,16 +86,23 @@ class GradNorm(Metric):
 class NonFinite(Metric):
     """1.0 when the loss (resp. any gradient entry) is NaN or infinite, else 0.0.
 
+    ``skipped`` is 1.0 when this gradient did not reach the weights: the optimizer did
+    not step since the monitor's previous call (a GradScaler skipping an overflowed step,
+    a micro-batch between optimizer steps), or, where that is not known (no
+    ``optimizer=``, the first call of a monitor that ``step()`` started), the gradient is
+    not finite but every weight still is. 0.0 when the optimizer stepped (or the weights
+    are not finite), NaN when not known. Run files written before it have NaN there.
+
     Its name, ``"nonfinite"``, predates the snake_case rule (docs/vocabulary.md) and is kept:
     run files and alarm rules read it.
     """
 
     name = "nonfinite"
-    FIELDS = ("loss", "grad")
+    FIELDS = ("loss", "grad", "skipped")
     default_data = "batch"
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
-        """The ``loss`` and ``grad`` flags (NaN when the step has no loss or gradient)."""
+        """The ``loss``, ``grad`` and ``skipped`` flags (NaN when not known)."""
         loss_bad = math.nan if ctx.loss is None else float(not math.isfinite(_as_float(ctx.loss)))
         gnorm = ctx.grad_norm()
         if gnorm is None:
@@ -97,7 +112,14 @@ class NonFinite(Metric):
         else:  # NaN/inf entries, or finite entries whose squares overflowed: look
             grads = ctx.grads() or ()
             grad_bad = float(not all(bool(torch.isfinite(g).all()) for g in grads))
-        return {"loss": loss_bad, "grad": grad_bad}
+        stepped = ctx.optimizer_stepped
+        if stepped is not None:
+            skipped = float(not stepped)
+        elif grad_bad == 1.0:  # did the non-finite gradient reach the weights?
+            skipped = float(all(bool(torch.isfinite(p).all()) for p in ctx.parameters))
+        else:
+            skipped = math.nan
+        return {"loss": loss_bad, "grad": grad_bad, "skipped": skipped}
 
 
 @register
@@ -112,7 +134,7 @@ class Update(Metric):
     def compute(self, ctx: StepContext) -> dict[str, float]:
         """||Δθ|| and ||Δθ|| / ||θ_before||."""
         if ctx.update is None or ctx.params_before is None:
-            raise MissingInput("update needs Monitor(optimizer=...) and an optimizer step")
+            raise MissingInput(_no_update(ctx, "update"))
         per_step, per_base = ctx.tensor_norms("update"), ctx.tensor_norms("params_before")
         if per_step is None or per_base is None:  # mixed devices or dtypes, sharded tensors
             step_norm = float(norm(ctx.update).item())
@@ -189,9 +211,7 @@ class TaylorRadius(Metric):
     def compute(self, ctx: StepContext) -> dict[str, float]:
         """``r``, ``rho_a`` and ``step_norm`` of the step on ``self.data``."""
         if ctx.update is None or ctx.params_before is None:
-            raise MissingInput(
-                "taylor_radius needs Monitor(optimizer=...) and an optimizer step"
-            )
+            raise MissingInput(_no_update(ctx, "taylor_radius"))
         if ctx.closure is not None:
             raise MissingInput("taylor_radius needs loss_fn-style (inputs, targets) batches")
         inputs, targets = split_batch(ctx.data(self.data))

@@ -67,6 +67,15 @@ class Backend(ABC):
         """
 
     @abstractmethod
+    def add_fields(self, path: str, fields: dict[str, FieldSpec]) -> None:
+        """Add float columns to a table, NaN on the rows it already has.
+
+        Args:
+            path: the table's path.
+            fields: the new columns (floating-point dtypes).
+        """
+
+    @abstractmethod
     def create_table(self, path: str, fields: dict[str, FieldSpec], attrs: dict) -> None:
         """Create an empty table.
 
@@ -241,6 +250,14 @@ class MemoryBackend(Backend):
         """A copy of the first ``n`` rows of a column."""
         return self._tables[path]["cols"][name][:n].copy()
 
+    def add_fields(self, path, fields):
+        """NaN columns as long as the table."""
+        t = self._tables[path]
+        n = len(t["step"])
+        for name, spec in fields.items():
+            t["fields"][name] = spec
+            t["cols"][name] = np.full((n, *spec.shape), np.nan, spec.dtype)
+
     def append_rows(self, path, steps, cols):
         """Concatenate the rows, fields before ``step``."""
         t = self._tables[path]
@@ -381,6 +398,21 @@ class H5Backend(Backend):
                     dtype=spec.dtype,
                 )
             g.create_dataset("step", shape=(0,), maxshape=(None,), chunks=(1024,), dtype="int64")
+
+    def add_fields(self, path, fields):
+        """Create the datasets (NaN on the existing rows), then extend ``fields``."""
+        with self.structural():
+            g = self.file[path]
+            n = g["step"].shape[0]
+            for name, spec in fields.items():
+                g.create_dataset(
+                    name,
+                    data=np.full((n, *spec.shape), np.nan, spec.dtype),
+                    maxshape=(None, *spec.shape),
+                    chunks=(_chunk_rows(spec), *spec.shape),
+                )
+            stored = {**self.table_fields(path), **fields}
+            g.attrs["fields"] = json.dumps({n: s.to_json() for n, s in stored.items()})
 
     def table_attrs(self, path):
         """The group's attributes, decoded."""

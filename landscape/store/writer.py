@@ -235,10 +235,17 @@ class RunWriter:
         specs = normalize_fields(fields)
         path = f"{METRICS_GROUP}/{name}"
         if path in self._fields:
-            if self._fields[path] != specs:
+            stored = self._fields[path]
+            added = {n: spec for n, spec in specs.items() if n not in stored}
+            if added and _can_add(stored, specs, added):  # a field a newer version records
+                self._flush_pending()
+                self._backend.add_fields(path, added)
+                self._fields[path] = {**stored, **added}
+                self._scalars.pop(path, None)
+            elif stored != specs:
                 raise RunFileError(
                     f"metric {name!r} is already in the run with fields "
-                    f"{_describe(self._fields[path])}, not {_describe(specs)}"
+                    f"{_describe(stored)}, not {_describe(specs)}"
                 )
             return
         attrs = {
@@ -537,6 +544,17 @@ class RunWriter:
         # (at interpreter exit h5py cannot run here any more: _close_at_exit does it)
         with contextlib.suppress(Exception):
             self.close()
+
+
+def _can_add(stored: Mapping[str, Any], specs: Mapping[str, Any],
+             added: Mapping[str, Any]) -> bool:
+    """Whether a table takes ``added``: every stored field kept as is, new ones float.
+
+    Their rows written before are NaN, "not measured" (a metric that gained a field in a
+    newer version, resuming a run file written by an older one).
+    """
+    kept = all(specs.get(n) == spec for n, spec in stored.items())
+    return kept and all(np.dtype(spec.dtype).kind == "f" for spec in added.values())
 
 
 def _warn_other_model(path: Path, stored: Any, config: Mapping | None) -> None:

@@ -511,3 +511,99 @@ def test_the_recorded_probe_size_is_the_given_probes():
 def test_a_path_in_the_loss_functions_place_is_refused():
     with pytest.raises(TypeError, match="the run file is the third argument"):
         Monitor(models.mlp(), "run.h5")
+
+
+# -- fp16 with a GradScaler: skipped steps are not errors
+
+
+def _fp16_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(),
+                         nn.Linear(256, 10))
+
+
+def _scaled_fp16_run(path, started, steps=12):
+    """A healthy fp16-autocast run whose GradScaler skips its first steps (a scale of
+    2**24 overflows the fp16 backward), with a default monitor."""
+    model = _fp16_mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 24)
+    mon = Monitor(model, F.cross_entropy, path, optimizer=opt, warn=False)
+    if started:
+        mon.start()
+    g = torch.Generator().manual_seed(0)
+    skipped = []
+    for step in range(steps):
+        x, y = torch.randn(64, 32, generator=g), torch.randint(0, 10, (64,), generator=g)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scale = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        if scaler.get_scale() < scale:
+            skipped.append(step)
+        mon.step(step, batch=(x, y), loss=loss.detach())
+    mon.close()
+    return mon, skipped
+
+
+@pytest.mark.parametrize("started", [True, False])
+def test_a_gradscaler_skipping_overflowed_steps_raises_no_error(tmp_path, started):
+    if not hasattr(torch.amp, "GradScaler"):  # torch < 2.3 has no CPU GradScaler
+        pytest.skip("needs torch.amp.GradScaler (torch >= 2.3)")
+    mon, skipped = _scaled_fp16_run(tmp_path / "run.h5", started)
+    assert skipped[:2] == [0, 1]  # the run really skips
+    assert not [f for f in mon.findings if f.severity != "info"], mon.findings
+    run = Run.open(tmp_path / "run.h5")
+    steps, flags = run.series("nonfinite", "skipped")
+    assert flags[np.isin(steps, skipped)].tolist() == [1.0] * len(skipped)
+    assert flags[~np.isin(steps, skipped)].tolist() == [0.0] * (len(steps) - len(skipped))
+    notes = [f for f in mon.findings if f.rule == "nonfinite"]
+    assert notes and all("skipped" in f.message for f in notes)
+    update = run.series("update", "norm")[1]
+    assert np.isnan(update[skipped]).all() and np.isfinite(update[skipped[-1] + 1:]).all()
+
+
+def test_a_non_finite_gradient_that_an_optimizer_step_applies_is_still_an_error():
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with Monitor(model, F.cross_entropy, optimizer=opt, warn=False) as mon:
+        for step in range(6):  # one call per micro-batch, an optimizer step every second
+            loss = F.cross_entropy(model(x), y) * (math.inf if step == 2 else 1.0)
+            loss.backward()
+            if step % 2 == 1:
+                opt.step()
+            mon.step(step, batch=(x, y), loss=loss.detach() if step != 2 else torch.tensor(1.))
+            if step % 2 == 1:
+                opt.zero_grad()
+    found = [(f.step, f.severity) for f in mon.findings if f.rule == "nonfinite"]
+    # the micro-batch's gradient is not applied yet (info); the step that applies it errs
+    assert found[0] == (2, "info") and (3, "error") in found
+
+
+def test_a_run_file_of_an_older_version_takes_the_new_field_on_resume(tmp_path):
+    from landscape.store import RunWriter
+
+    path = tmp_path / "run.h5"
+    with RunWriter(path) as w:  # the nonfinite metric as earlier versions wrote it
+        w.declare("nonfinite", {"loss": None, "grad": None})
+        for step in range(3):
+            w.append("nonfinite", step, {"loss": 0.0, "grad": 0.0})
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with Monitor(model, F.cross_entropy, path, optimizer=opt, warn=False) as mon:
+        for step in (3, 4):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(step, batch=(x, y), loss=loss)
+    with Run.open(path) as run:
+        steps, skipped = run.series("nonfinite", "skipped")
+        assert steps.tolist() == [0, 1, 2, 3, 4]
+        assert np.isnan(skipped[:3]).all() and skipped[3:].tolist() == [0.0, 0.0]
+        assert run.series("nonfinite", "grad")[1].tolist() == [0.0] * 5
