@@ -30,6 +30,7 @@ A metric that fails (out of memory, missing input) records a NaN row, one warnin
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
@@ -46,6 +47,7 @@ from landscape import distributed as _dist
 from landscape._errors import InstabilityWarning, MissingInput, PartialRow, StepOrderError
 from landscape._interrupts import InterruptGuard
 from landscape.batches import head, leading_size, map_tensors
+from landscape.capture import first_tensor
 from landscape.failures import failure_finding, nonfinite_state
 from landscape.findings import Finding, Findings, dedupe, user_stacklevel
 from landscape.isolation import isolated
@@ -59,6 +61,7 @@ __all__ = ["MetricsLike", "Monitor", "resolve_metrics", "unwrap_optimizer"]
 _log = logging.getLogger("landscape")
 _DENSE_AT = 0.5  # sentinels/r_secant at which the expensive metrics are measured densely
 _DENSE_STEPS = 20  # for this many steps after the last trigger
+_PROBE_BYTES = 64 * 2**20  # the largest default probe stored in the run file for a resume
 
 
 def _jsonable(value: Any) -> Any:
@@ -314,6 +317,8 @@ class Monitor:
                     self._alarms.declare(m.name, {**m.config(), "data": m.data})
                 if known:  # resuming: rebuild rule state from the recorded rows
                     self._alarms.replay(self.writer.run())
+            if known and self.adaptive:  # and the dense window the sentinels opened
+                self._dense_until = self._recorded_dense_until()
             if self.optimizer is not None:
                 self._hooks.append(self.optimizer.register_step_pre_hook(self._pre_step))
                 self._hooks.append(self.optimizer.register_step_post_hook(self._post_step))
@@ -521,7 +526,8 @@ class Monitor:
                    f"pass mode='w'; to resume from step {step}, truncate_from={step})")
             )
         if self.probe is None and self._probe_source == "first_batch" and batch is not None:
-            self._take_probe(batch, step)
+            if not self._restore_probe(batch):
+                self._take_probe(batch, step)
         due = [m for m in self.metrics if self._is_due(m, step)]
         extra = [m for m in due if not m.schedule(step)]
         before, self._before = self._before, None
@@ -578,6 +584,19 @@ class Monitor:
             raised.append(self._emit(f))
         return raised
 
+    def _recorded_dense_until(self) -> int:
+        """The end of the dense window that the recorded sentinel rows opened (-1: none)."""
+        until = -1
+        if not self._distributed or _dist.rank() == 0:
+            assert self.writer is not None
+            run = self.writer.run()
+            if "sentinels" in run.metrics():
+                steps, r = run.series("sentinels", "r_secant")
+                opened = steps[np.nan_to_num(r, nan=-1.0) >= _DENSE_AT]
+                if len(opened):
+                    until = int(opened[-1]) + _DENSE_STEPS
+        return _dist.broadcast_object(until) if self._distributed else until
+
     def _is_due(self, metric: Metric, step: int) -> bool:
         """On the metric's schedule, or dense while the sentinels have moved (adaptive)."""
         if metric.schedule(step):
@@ -599,6 +618,54 @@ class Monitor:
         )
         assert self.writer is not None
         self.writer.append("probe", step, {"samples": float(kept)})
+        self._store_probe()
+
+    def _store_probe(self) -> None:
+        """Keep the default probe in the run file, so that a resumed run reads it back."""
+        assert self.writer is not None
+        if self._distributed:  # rank 0's file cannot hold every rank's probe
+            return
+        buffer = io.BytesIO()
+        try:
+            torch.save(map_tensors(self.probe, lambda t: t.cpu()), buffer)
+        except Exception as err:  # a batch type that does not pickle: resume takes anew
+            _log.warning("landscape: the default probe cannot be stored in the run file "
+                         "(%s); a resumed run will take a new one", err)
+            return
+        if buffer.tell() > _PROBE_BYTES:
+            _log.warning("landscape: the default probe (%.0f MiB) is too large to store in "
+                         "the run file; a resumed run will take a new one",
+                         buffer.tell() / 2**20)
+            return
+        self.writer.save_blob("probe", buffer.getvalue())
+
+    def _restore_probe(self, batch: Any) -> bool:
+        """Resuming a run that took its probe from its first batch: read that probe back.
+
+        Returns:
+            Whether the probe was restored (False: a new run, a run truncated before its
+            probe was taken, or a file without a stored probe; then a new one is taken).
+        """
+        assert self.writer is not None
+        if self._distributed or self.writer.last_step("probe") is None:
+            return False
+        data = self.writer.load_blob("probe")
+        probe = None
+        if data is not None:
+            try:
+                probe = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            except Exception as err:  # written by a newer torch, damaged: take a new one
+                _log.warning("landscape: the probe stored in the run file cannot be read "
+                             "(%s)", err)
+        if probe is None:
+            _log.warning("landscape: resuming a run whose default probe is not stored in "
+                         "its file; a new probe is taken from this batch, so the probe "
+                         "metrics are not comparable across this step")
+            return False
+        first = first_tensor(batch)  # the probe goes where this run's batches are
+        self.probe = probe if first is None else map_tensors(probe, lambda t: t.to(first.device))
+        _log.info("landscape: resuming with the probe stored in the run file")
+        return True
 
     def _compute(self, metric: Metric, ctx: StepContext) -> dict[str, Any]:
         start = time.perf_counter()

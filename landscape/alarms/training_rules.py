@@ -266,7 +266,7 @@ class NonFiniteValues(Rule):
 
     _HINT = (
         "lower the learning rate, enable gradient clipping, keep the loss/softmax in float32, "
-        "and check the batch for NaN/inf inputs (fp16 GradScaler skips are expected)"
+        "and check the batch for NaN/inf inputs"
     )
 
     def evaluate(self, metric: str, row: Row) -> Trigger | _Skip | None:

@@ -25,6 +25,7 @@ from landscape.store.format import (
     FINDINGS_TABLE,
     LOCKING,
     METRICS_GROUP,
+    STATE_GROUP,
     SURFACES_GROUP,
     FieldSpec,
     SurfaceData,
@@ -188,6 +189,26 @@ class Backend(ABC):
         """
 
     @abstractmethod
+    def write_blob(self, name: str, data: bytes) -> None:
+        """Store (or replace) the bytes ``/state/<name>``.
+
+        Args:
+            name: the blob's name.
+            data: its bytes.
+        """
+
+    @abstractmethod
+    def read_blob(self, name: str) -> bytes | None:
+        """The bytes ``/state/<name>``, or None when there are none.
+
+        Args:
+            name: the blob's name.
+
+        Returns:
+            The bytes, or None.
+        """
+
+    @abstractmethod
     def flush(self) -> None:
         """Make everything written so far visible to readers."""
 
@@ -211,6 +232,7 @@ class MemoryBackend(Backend):
         self._attrs = dict(attrs)
         self._tables: dict[str, dict] = {}
         self._surfaces: dict[str, SurfaceData] = {}
+        self._blobs: dict[str, bytes] = {}
 
     @property
     def description(self) -> str:
@@ -271,6 +293,14 @@ class MemoryBackend(Backend):
         t["step"] = t["step"][:n]
         for name in t["cols"]:
             t["cols"][name] = t["cols"][name][:n]
+
+    def write_blob(self, name, data):
+        """Keep a copy of the bytes."""
+        self._blobs[name] = bytes(data)
+
+    def read_blob(self, name):
+        """The bytes kept under ``name``, or None."""
+        return self._blobs.get(name)
 
     def surface_names(self):
         """The surfaces in creation order."""
@@ -450,6 +480,21 @@ class H5Backend(Backend):
         for name in g:
             if g[name].shape[0] > n:
                 g[name].resize(n, axis=0)
+
+    def write_blob(self, name, data):
+        """A uint8 dataset under ``/state`` (replaced when it exists)."""
+        with self.structural():
+            group = self.file.require_group(STATE_GROUP)
+            if name in group:
+                del group[name]
+            group.create_dataset(name, data=np.frombuffer(bytes(data), dtype=np.uint8))
+
+    def read_blob(self, name):
+        """The dataset's bytes, or None."""
+        path = f"{STATE_GROUP}/{name}"
+        if path not in self.file:
+            return None
+        return np.asarray(self.file[path][()], dtype=np.uint8).tobytes()
 
     def surface_names(self):
         """The groups under ``/surfaces``."""

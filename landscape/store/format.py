@@ -35,6 +35,7 @@ METRICS_GROUP = "metrics"
 FINDINGS_TABLE = "findings"
 CHECKPOINTS_TABLE = "checkpoints"
 SURFACES_GROUP = "surfaces"
+STATE_GROUP = "state"  # what a resumed monitor needs back (its default probe)
 
 # HDF5 file locks are off for every handle (they must agree within one process): a live
 # reader must never block the writer, which briefly reopens the file to add a metric or a

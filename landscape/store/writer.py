@@ -520,6 +520,29 @@ class RunWriter:
         self.flush()
         return Run(self._backend)
 
+    def save_blob(self, name: str, data: bytes) -> None:
+        """Store bytes a resumed run needs back (``/state/<name>``), replacing earlier ones.
+
+        Args:
+            name: the blob's name.
+            data: its bytes.
+        """
+        self._check_open()
+        self._flush_pending()
+        self._backend.write_blob(name, data)
+
+    def load_blob(self, name: str) -> bytes | None:
+        """The bytes :meth:`save_blob` stored under ``name`` (None: none).
+
+        Args:
+            name: the blob's name.
+
+        Returns:
+            The bytes, or None.
+        """
+        self._check_open()
+        return self._backend.read_blob(name)
+
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""

@@ -122,3 +122,82 @@ def test_the_default_monitor_started_by_its_first_step_raises_no_failure(tmp_pat
     run = ls.Run.open(tmp_path / "run.h5")
     _, norm = run.series("update", "norm")
     assert math.isnan(norm[0]) and all(v > 0 for v in norm[1:])
+
+
+# -- resuming a run file keeps its probe and its dense window
+
+
+def _steps(mon, model, opt, steps, seed):
+    g = torch.Generator().manual_seed(seed)  # another seed: other batches after the resume
+    x, y = models.classification_data(64, seed=seed)
+    for step in steps:
+        idx = torch.randint(0, 64, (16,), generator=g)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mon.step(step, batch=(x[idx], y[idx]), loss=loss)
+
+
+def test_a_resumed_run_reads_its_default_probe_back_from_the_file(tmp_path, caplog):
+    path = tmp_path / "run.h5"
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with ls.Monitor(model, F.cross_entropy, path, optimizer=opt, warn=False) as first:
+        _steps(first, model, opt, range(4), seed=1)
+    with ls.Monitor(model, F.cross_entropy, path, optimizer=opt, warn=False) as resumed:
+        _steps(resumed, model, opt, range(4, 6), seed=2)
+    for a, b in zip(first.probe, resumed.probe):
+        assert torch.equal(a, b)
+    with ls.Run.open(path) as run:
+        assert run.steps("probe").tolist() == [0]  # taken once
+    # restarted from before the probe was taken: a new run, a new probe
+    with caplog.at_level(logging.WARNING, logger="landscape"):
+        with ls.Monitor(model, F.cross_entropy, path, optimizer=opt, warn=False,
+                        truncate_from=0) as restarted:
+            _steps(restarted, model, opt, range(2), seed=3)
+    assert not torch.equal(restarted.probe[0], first.probe[0])
+    assert any("first training batch" in r.message for r in caplog.records)
+
+
+def test_a_run_file_without_its_probe_says_the_probe_changes(tmp_path, caplog):
+    import h5py
+
+    path = tmp_path / "run.h5"
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with ls.Monitor(model, F.cross_entropy, path, optimizer=opt, warn=False) as first:
+        _steps(first, model, opt, range(3), seed=1)
+    with h5py.File(path, "a") as f:  # as an earlier version wrote it
+        del f["state"]
+    with caplog.at_level(logging.WARNING, logger="landscape"):
+        with ls.Monitor(model, F.cross_entropy, path, optimizer=opt, warn=False) as resumed:
+            _steps(resumed, model, opt, range(3, 5), seed=2)
+    assert any("not comparable" in r.message for r in caplog.records)
+    with ls.Run.open(path) as run:
+        assert run.steps("probe").tolist() == [0, 3]
+
+
+def test_a_resumed_run_keeps_the_dense_window_its_sentinels_opened(tmp_path, monkeypatch):
+    import landscape.monitor as monitor_module
+
+    monkeypatch.setattr(monitor_module, "_DENSE_AT", 1e-12)  # every finite r opens it
+    path = tmp_path / "run.h5"
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    metrics = [ls.metrics.Sentinels(), ls.metrics.Update(schedule=10)]
+    ls.metrics.Update.dense_every = 1  # densified like taylor_radius, for this test only
+    try:
+        with ls.Monitor(model, F.cross_entropy, path, optimizer=opt, warn=False,
+                        metrics=metrics) as first:
+            _steps(first, model, opt, range(4), seed=1)
+        with ls.Monitor(model, F.cross_entropy, path, optimizer=opt, warn=False,
+                        metrics=[ls.metrics.Sentinels(), ls.metrics.Update(schedule=10)]) as mon:
+            assert mon._dense_until == 3 + monitor_module._DENSE_STEPS
+            _steps(mon, model, opt, range(4, 6), seed=2)
+    finally:
+        del ls.metrics.Update.dense_every
+    with ls.Run.open(path) as run:
+        # r is first measured at step 1 and opens the window from step 2; dense through
+        # the resume (steps 4 and 5 are off the every-10 schedule)
+        assert run.steps("update").tolist() == [0, 2, 3, 4, 5]
