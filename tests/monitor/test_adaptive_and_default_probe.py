@@ -11,10 +11,11 @@ import landscape as ls
 from tests import models
 
 
-def _train(mon, model, opt, steps, spike_at=None):
-    g = torch.Generator().manual_seed(0)
-    x, y = models.classification_data(32, seed=1)
-    for step in range(steps):
+def _train(mon, model, opt, steps, spike_at=None, seed=0):
+    """SGD steps on batches of 16 of 32 samples; ``steps`` a count or the step numbers."""
+    g = torch.Generator().manual_seed(seed)  # another seed: other batches (after a resume)
+    x, y = models.classification_data(32, seed=1 + seed)
+    for step in range(steps) if isinstance(steps, int) else steps:
         if spike_at is not None and step in (spike_at, spike_at + 1):  # one large step
             for group in opt.param_groups:
                 group["lr"] *= 3000 if step == spike_at else 1 / 3000
@@ -127,26 +128,14 @@ def test_the_default_monitor_started_by_its_first_step_raises_no_failure(tmp_pat
 # -- resuming a run file keeps its probe and its dense window
 
 
-def _steps(mon, model, opt, steps, seed):
-    g = torch.Generator().manual_seed(seed)  # another seed: other batches after the resume
-    x, y = models.classification_data(64, seed=seed)
-    for step in steps:
-        idx = torch.randint(0, 64, (16,), generator=g)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        mon.step(step, batch=(x[idx], y[idx]), loss=loss)
-
-
 def test_a_resumed_run_reads_its_default_probe_back_from_the_file(tmp_path, caplog):
     path = tmp_path / "run.h5"
     model = models.mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     with ls.Monitor(model, F.cross_entropy, path, optimizer=opt, warn=False) as first:
-        _steps(first, model, opt, range(4), seed=1)
+        _train(first, model, opt, range(4), seed=1)
     with ls.Monitor(model, F.cross_entropy, path, optimizer=opt, warn=False) as resumed:
-        _steps(resumed, model, opt, range(4, 6), seed=2)
+        _train(resumed, model, opt, range(4, 6), seed=2)
     for a, b in zip(first.probe, resumed.probe):
         assert torch.equal(a, b)
     with ls.Run.open(path) as run:
@@ -155,7 +144,7 @@ def test_a_resumed_run_reads_its_default_probe_back_from_the_file(tmp_path, capl
     with caplog.at_level(logging.WARNING, logger="landscape"):
         with ls.Monitor(model, F.cross_entropy, path, optimizer=opt, warn=False,
                         truncate_from=0) as restarted:
-            _steps(restarted, model, opt, range(2), seed=3)
+            _train(restarted, model, opt, range(2), seed=3)
     assert not torch.equal(restarted.probe[0], first.probe[0])
     assert any("first training batch" in r.message for r in caplog.records)
 
@@ -167,12 +156,12 @@ def test_a_run_file_without_its_probe_says_the_probe_changes(tmp_path, caplog):
     model = models.mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     with ls.Monitor(model, F.cross_entropy, path, optimizer=opt, warn=False) as first:
-        _steps(first, model, opt, range(3), seed=1)
+        _train(first, model, opt, range(3), seed=1)
     with h5py.File(path, "a") as f:  # as an earlier version wrote it
         del f["state"]
     with caplog.at_level(logging.WARNING, logger="landscape"):
         with ls.Monitor(model, F.cross_entropy, path, optimizer=opt, warn=False) as resumed:
-            _steps(resumed, model, opt, range(3, 5), seed=2)
+            _train(resumed, model, opt, range(3, 5), seed=2)
     assert any("not comparable" in r.message for r in caplog.records)
     with ls.Run.open(path) as run:
         assert run.steps("probe").tolist() == [0, 3]
@@ -190,11 +179,11 @@ def test_a_resumed_run_keeps_the_dense_window_its_sentinels_opened(tmp_path, mon
     try:
         with ls.Monitor(model, F.cross_entropy, path, optimizer=opt, warn=False,
                         metrics=metrics) as first:
-            _steps(first, model, opt, range(4), seed=1)
+            _train(first, model, opt, range(4), seed=1)
         with ls.Monitor(model, F.cross_entropy, path, optimizer=opt, warn=False,
                         metrics=[ls.metrics.Sentinels(), ls.metrics.Update(schedule=10)]) as mon:
             assert mon._dense_until == 3 + monitor_module._DENSE_STEPS
-            _steps(mon, model, opt, range(4, 6), seed=2)
+            _train(mon, model, opt, range(4, 6), seed=2)
     finally:
         del ls.metrics.Update.dense_every
     with ls.Run.open(path) as run:
