@@ -2,7 +2,8 @@
 
 Every user mistake surfaces as a :class:`landscape.LandscapeError` (or a click usage
 error) and is printed as one line on stderr with a non-zero exit status: 2 for usage
-errors (click's convention), 1 for everything else. Never a traceback.
+errors (click's convention), 1 for everything else (a command whose exit 1 means something
+else, ``check``, gives its input errors 2 with :func:`input_errors`). Never a traceback.
 
 Warnings raised while a command runs are printed as ``warning: message`` lines. Those of
 other installed libraries (torch's deprecations, numpy's) are hidden unless the command
@@ -33,17 +34,31 @@ _OTHERS = tuple(
 )
 
 
+class CommandError(click.ClickException):
+    """A one-line error with a chosen exit status (``click.ClickException``'s is 1)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@contextlib.contextmanager
+def input_errors(exit_code: int = 1) -> Iterator[None]:
+    """Turn library and file errors raised in the block into one line and ``exit_code``."""
+    try:
+        yield
+    except LandscapeError as err:
+        raise CommandError(str(err), exit_code) from None
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as err:
+        raise CommandError(f"{err.strerror}: {err.filename}", exit_code) from None
+
+
 class LandscapeGroup(click.Group):
     """A click group that turns library errors into one clean line on stderr."""
 
     def invoke(self, ctx: click.Context):
-        try:
-            with one_line_warnings():
-                return super().invoke(ctx)
-        except LandscapeError as err:
-            raise click.ClickException(str(err)) from None
-        except (FileNotFoundError, IsADirectoryError, PermissionError) as err:
-            raise click.ClickException(f"{err.strerror}: {err.filename}") from None
+        with one_line_warnings(), input_errors():
+            return super().invoke(ctx)
 
 
 @click.group(cls=LandscapeGroup, context_settings={"help_option_names": ["-h", "--help"]},

@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 from typing import Callable, Iterator
 
 import click
 
 F = Callable[..., object]
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A :class:`click.FloatRange` that also refuses ``nan`` and ``inf`` (a usage error).
+
+    ``float()`` accepts both, and ``nan`` passes every range check (comparisons with it are
+    false), so a plain range lets them through to the library.
+    """
+
+    def convert(self, value, param, ctx):
+        """The value as a float, or a usage error when it is not finite or out of range."""
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 def factory_options(func: F) -> F:

@@ -32,6 +32,7 @@ from landscape.monitor import Monitor
 __all__ = [
     "ANALYZE_METRICS",
     "DEFAULT_METRICS",
+    "NO_LEARNING_RATE",
     "analyze",
     "check_loss",
     "discard_if_empty",
@@ -79,6 +80,14 @@ def order_checkpoints(checkpoints: Sequence[Checkpoint]) -> list[tuple[int, Chec
             raise LandscapeError(f"{ca.path} and {cb.path} are both step {a}")
     return pairs
 
+
+NO_LEARNING_RATE = (
+    "sharpness: the optimizer's learning rate was not found (none given, and the checkpoints "
+    "hold no optimizer state), so its threshold and ratio are NaN and the edge_of_stability "
+    "rule cannot fire; pass the training's settings: optimizer={'name': 'sgd', 'lr': ..., "
+    "'momentum': ...} (on the command line --lr and --momentum)"
+)
+"""The warning :func:`analyze` gives when the sharpness metric has no learning rate."""
 
 _CLASSES = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 _HYPER = ("lr", "momentum", "dampening", "nesterov", "betas", "eps", "weight_decay", "amsgrad")
@@ -403,8 +412,10 @@ def analyze(
     "lr": 0.1, "momentum": 0.9}``) sets the edge-of-stability threshold of the sharpness
     metric; by default the settings saved with the checkpoints are used (Lightning
     ``optimizer_states``, a Hugging Face checkpoint folder's ``optimizer.pt``), each
-    checkpoint with its own learning rate. ``microbatch_size`` bounds the memory of the
-    curvature products (:class:`~landscape.curvature.Hessian`).
+    checkpoint with its own learning rate; with neither (plain state dicts) the sharpness
+    rows have a NaN threshold and ratio, and a warning (:data:`NO_LEARNING_RATE`) says so.
+    ``microbatch_size`` bounds the memory of the curvature products
+    (:class:`~landscape.curvature.Hessian`).
 
     Appending (``mode="a"``) to a run file that already holds some of the checkpoints
     resumes: steps every chosen metric has are skipped, and the rows of a checkpoint left
@@ -494,4 +505,6 @@ def analyze(
                 raise
     finally:
         bars.close()
+    if opt is None and "sharpness" in names and todo:  # after the rows, not before an error
+        warnings.warn(NO_LEARNING_RATE, stacklevel=2)
     return monitor

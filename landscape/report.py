@@ -9,7 +9,9 @@ so the file can be mailed, archived or opened offline. Sections:
 * the findings table (step, rule, severity, metric, value, threshold, message, hint):
   the findings stored in the file plus those the rules of :mod:`landscape.alarms`
   recompute on the whole run (see :func:`collect_findings`);
-* one timeline figure per metric (:mod:`landscape.plotting.timelines`);
+* one timeline figure per metric that has rows (:mod:`landscape.plotting.timelines`); the
+  metrics declared without any row yet (a monitor declares ``adaptive`` up front) are named
+  in one line instead;
 * one figure per surface (:mod:`landscape.plotting.surfaces`);
 * the run's configuration as pretty-printed JSON.
 """
@@ -31,7 +33,7 @@ from landscape._version import __version__
 from landscape.alarms import check as _check_alarms
 from landscape.findings import SEVERITIES, Finding, count_by_severity, severity_rank
 from landscape.plotting import surfaces as _surface_plots
-from landscape.plotting.timelines import figure_png, timelines
+from landscape.plotting.timelines import figure_png, metrics_with_rows, timelines
 from landscape.store import Run, SurfaceData
 
 # --------------------------------------------------------------------------- findings
@@ -261,10 +263,16 @@ def _findings_html(findings: Sequence[Finding]) -> list[str]:
 
 def _timelines_html(run: Run, findings: Sequence[Finding], log: bool, dpi: int) -> list[str]:
     out = ['<section id="timelines"><h2>Timelines</h2>']
-    if not run.metrics():
-        out.append("<p>No metrics to plot.</p></section>")
+    drawn = metrics_with_rows(run)
+    empty = [m for m in run.metrics() if m not in drawn]
+    if empty:
+        out.append(f'<p id="no-rows">No rows yet: {_e(", ".join(empty))}.</p>')
+    if not drawn:
+        if not empty:
+            out.append("<p>No metrics to plot.</p>")
+        out.append("</section>")
         return out
-    for name, fig in timelines(run, findings=findings, log=log).items():
+    for name, fig in timelines(run, drawn, findings=findings, log=log).items():
         rows = len(run.steps(name))
         img = _img(figure_png(fig, dpi=dpi), f"timeline of {name}")
         out.append(
@@ -350,6 +358,30 @@ def render_report(
     return "\n".join(parts)
 
 
+REPORT_NAME = "report.html"
+"""The file name :func:`report_path` gives a report written into a directory."""
+
+
+def report_path(path: str | os.PathLike) -> Path:
+    """The file a report written to ``path`` goes to (as ``landscape report -o`` reads it).
+
+    A path that ends with a separator (``out/``) or names an existing directory means
+    ``<dir>/report.html``; any other path is the file itself.
+
+    Args:
+        path: the file or directory given.
+
+    Returns:
+        The report's file path.
+    """
+    text = os.fspath(path)
+    seps = (os.sep, os.altsep) if os.altsep else (os.sep,)
+    p = Path(text)
+    if text.endswith(seps) or p.is_dir():
+        return p / REPORT_NAME
+    return p
+
+
 def write_report(
     run: Run,
     path: str | os.PathLike,
@@ -359,7 +391,13 @@ def write_report(
     log: bool = False,
     dpi: int = 90,
 ) -> Path:
-    """Write the self-contained HTML report of ``run`` to ``path`` (see :func:`render_report`)."""
+    """Write the self-contained HTML report of ``run`` to ``path`` (see :func:`render_report`).
+
+    ``path`` is the file; :func:`report_path` turns a directory into the file in it.
+
+    Raises:
+        LandscapeError: ``path`` is a directory, or its directory does not exist.
+    """
     p = Path(path)
     if p.is_dir():
         raise LandscapeError(f"{p}: is a directory, expected the report's file name")

@@ -26,13 +26,15 @@ from matplotlib.figure import Figure
 
 from landscape.findings import Finding
 from landscape.plotting.timelines import (
+    FEW_POINTS,
     SEVERITY_COLORS,
     figure_png,
+    metrics_with_rows,
     save_figure,
     timeline,
     timelines,
 )
-from landscape.report import collect_findings, render_report, write_report
+from landscape.report import collect_findings, render_report, report_path, write_report
 from landscape.store import RunWriter
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -143,6 +145,92 @@ def test_an_empty_metric_plots_a_placeholder():
     w.declare("later", {"x": None})
     fig = timeline(w.run(), "later")
     assert "no rows yet" in [t.get_text() for t in fig.axes[0].texts]
+
+
+def _visible_points(ax):
+    """(x, y) of every point a line of ``ax`` makes visible: a marker, or a segment's end."""
+    points = []
+    for line in ax.get_lines():
+        if line.get_marker() == "|":  # the non-finite ticks
+            continue
+        x, y = (np.asarray(a, dtype=float) for a in line.get_data())
+        finite = np.isfinite(y)
+        if line.get_marker() not in (None, "None", "", " ") and line.get_markersize() > 0:
+            points += [(a, b) for a, b, f in zip(x, y, finite) if f]
+        elif line.get_linestyle() not in ("None", "none", "", " "):
+            both = finite[:-1] & finite[1:]  # a segment needs two finite neighbours
+            points += [(x[i + k], y[i + k]) for i in np.flatnonzero(both) for k in (0, 1)]
+    return set(points)
+
+
+def test_a_single_row_and_isolated_points_are_visible():
+    w = RunWriter.memory()
+    w.declare("collapse", {"nc1": None, "per_class": (2,)})
+    w.append("collapse", 119, {"nc1": 0.5, "per_class": [0.1, 0.2]})
+    fig = timeline(w.run(), "collapse", findings=[])
+    assert _visible_points(fig.axes[0]) == {(119.0, 0.5)}
+    assert _visible_points(fig.axes[1]) == {(119.0, 0.1), (119.0, 0.2)}
+    # a long series: finite points between NaNs get markers, the connected ones a line
+    n = FEW_POINTS + 20
+    values = np.full(n, np.nan)
+    values[:10] = 1.0
+    values[[20, 30]] = [2.0, 3.0]
+    w.declare("gappy", {"v": None})
+    for s, v in enumerate(values):
+        w.append("gappy", s, {"v": v})
+    ax = timeline(w.run(), "gappy", findings=[]).axes[0]
+    seen = _visible_points(ax)
+    assert {(20.0, 2.0), (30.0, 3.0)} <= seen and (0.0, 1.0) in seen
+    assert _labels(ax) == ["v"]  # the isolated points add no legend entry
+
+
+def test_nan_on_every_row_is_not_measured_and_only_real_blow_ups_are_ticked():
+    w = RunWriter.memory()
+    w.declare("sentinels", {"attention_logit_max": None, "act": None, "layers": (2,)})
+    for s in range(30):
+        w.append("sentinels", s, {
+            "attention_logit_max": np.nan,  # no attention in this network
+            "act": np.inf if s == 7 else (np.nan if s == 9 else 1.0 + s),
+            "layers": [np.nan, 1.0],  # one layer never measured
+        })
+    fig = timeline(w.run(), "sentinels", findings=[])
+    att, act, layers = fig.axes
+
+    def ticks(ax):
+        return [list(line.get_xdata()) for line in ax.get_lines() if line.get_marker() == "|"]
+
+    assert ticks(att) == [] and not _visible_points(att)
+    assert any(t.get_text().startswith("not measured") for t in att.texts)
+    assert ticks(act) == [[7, 9]]  # inf, and a NaN in a series finite elsewhere
+    assert ticks(layers) == []  # the all-NaN component is not a blow-up
+    legend = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+    assert legend == ["non-finite"]
+    # every value NaN everywhere: no "non-finite" legend at all
+    only = RunWriter.memory()
+    only.declare("sentinels", {"attention_logit_max": None})
+    for s in range(5):
+        only.append("sentinels", s, {"attention_logit_max": np.nan})
+    assert not timeline(only.run(), "sentinels", findings=[]).legends
+
+
+def test_metrics_without_rows_are_left_out_of_timelines_and_the_report():
+    w = _writer()
+    w.declare("adaptive", {"scale": None})  # a monitor declares it up front
+    run = w.run()
+    assert metrics_with_rows(run) == [m for m in run.metrics() if m != "adaptive"]
+    assert "adaptive" in run.metrics()
+    assert "adaptive" not in timelines(run)
+    assert "adaptive" in timelines(run, ["adaptive", "loss"])  # asked for by name: drawn
+    html = render_report(run)
+    assert len(_images(html)) == 4 and 'id="timeline-adaptive"' not in html
+    assert '<p id="no-rows">No rows yet: adaptive.</p>' in html
+
+
+def test_report_path_reads_a_trailing_separator_or_a_directory_as_report_html(tmp_path):
+    assert report_path(tmp_path) == tmp_path / "report.html"
+    assert report_path(f"{tmp_path / 'new'}{os.sep}") == tmp_path / "new" / "report.html"
+    assert report_path(tmp_path / "r.html") == tmp_path / "r.html"
+    assert report_path(tmp_path / "new") == tmp_path / "new"  # not a directory: the file
 
 
 # --------------------------------------------------------------------------- findings

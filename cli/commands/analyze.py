@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 from landscape_cli.app import cli, verbose_option
 from landscape_cli.options import (
+    FiniteFloatRange,
     Terminated,
     checkpoint_options,
     factory_options,
@@ -38,10 +39,12 @@ EXAMPLE = ("landscape analyze ckpt-100.pt ckpt-200.pt --model factories.py:model
                    f"(default: {', '.join(DEFAULT_METRICS)}; spectral_density is the slowest).")
 @click.option("-k", "k", default=3, show_default=True, type=click.IntRange(1),
               help="Number of top Hessian eigenvalues.")
-@click.option("--lr", type=float, default=None,
+@click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=None,
               help="SGD learning rate, for the sharpness metric's stability threshold "
-                   "(default: the optimizer state saved in the checkpoints, if any).")
-@click.option("--momentum", type=float, default=None, help="SGD momentum (with --lr).")
+                   "(default: the optimizer state saved in the checkpoints; without one "
+                   "the threshold is NaN, with a warning).")
+@click.option("--momentum", type=FiniteFloatRange(min=0), default=None,
+              help="SGD momentum (with --lr).")
 @click.option("--microbatch-size", type=click.IntRange(1), default=None,
               help="Curvature products in micro-batches of at most this many samples "
                    "(bounds their memory; slower).")
@@ -59,6 +62,8 @@ def analyze_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
     (every checkpoint-N inside) or Lightning .ckpt files. Rows are committed per checkpoint:
     after Ctrl-C or SIGTERM, the same command continues where it stopped.
     """
+    if momentum is not None and lr is None:
+        raise click.ClickException("--momentum needs --lr (the SGD settings go together)")
     import torch
 
     torch.manual_seed(seed)

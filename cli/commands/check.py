@@ -1,7 +1,8 @@
 """``landscape check RUN``: the run's findings as a table; a non-zero exit as a gate.
 
 Exit status: 0 when no finding reaches ``--fail-on``, 1 when one does (a job scheduler
-or CI can stop or roll back the run), and the usual one-line error otherwise.
+or CI can stop or roll back the run), 2 with a one-line error when the run cannot be
+checked (a missing or unreadable file, a bad option), so a gate can tell the two apart.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 import math
 
 import click
-from landscape_cli.app import cli, verbose_option
+from landscape_cli.app import cli, input_errors, verbose_option
 
 from landscape.findings import SEVERITIES, Finding
 from landscape.report import (
@@ -20,6 +21,11 @@ from landscape.report import (
     format_number,
 )
 from landscape.store import Run
+
+EXIT_FINDINGS = 1
+"""Exit status when a finding reaches ``--fail-on``."""
+EXIT_INPUT = 2
+"""Exit status when the run cannot be checked (click's usage errors are 2 as well)."""
 
 _COLUMNS = ("step", "severity", "rule", "metric", "value", "threshold", "message")
 
@@ -60,7 +66,12 @@ def _table(findings: list[Finding]) -> list[str]:
     return out
 
 
-@cli.command(epilog="\b\nExample:\n  landscape check run.h5 --fail-on error")
+@cli.command(
+    epilog="\b\nExit status:\n  0  no finding reaches --fail-on\n"
+    "  1  a finding reaches --fail-on\n"
+    "  2  RUN cannot be checked (missing or unreadable file, bad option)\n\n"
+    "\b\nExample:\n  landscape check run.h5 --fail-on error"
+)
 @click.argument("run_path", metavar="RUN", type=click.Path())
 @click.option(
     "--fail-on", type=click.Choice(SEVERITIES), default="warning", show_default=True,
@@ -79,9 +90,9 @@ def check(run_path: str, fail_on: str, recompute: bool, as_json: bool, quiet: bo
 
     Findings are those stored in the file (written online by the monitor) and, with
     --recompute, those the alarm rules find on the whole run; a finding is reported
-    once per (step, rule, metric).
+    once per (step, rule, metric). A RUN that cannot be read exits 2, not 1.
     """
-    with Run.open(run_path) as run:
+    with input_errors(EXIT_INPUT), Run.open(run_path) as run:
         found = collect_findings(run, recompute=recompute)
         source = run.source
     failing = at_or_above(found, fail_on)
@@ -109,4 +120,4 @@ def check(run_path: str, fail_on: str, recompute: bool, as_json: bool, quiet: bo
             f"{verdict} (fail on {fail_on} or worse)"
         )
     if failing:
-        click.get_current_context().exit(1)
+        click.get_current_context().exit(EXIT_FINDINGS)

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from landscape_cli.app import cli, verbose_option
 
-from landscape.plotting.timelines import SAVE_FORMATS, save_figure, timelines
+from landscape.plotting.timelines import SAVE_FORMATS, metrics_with_rows, save_figure, timelines
 from landscape.report import collect_findings, surface_figure
 from landscape.store import Run
 
@@ -20,7 +20,10 @@ def _is_directory_target(out: str) -> bool:
 
 
 def _run_figures(run, metrics, to_directory, log, recompute, quiet) -> dict:
-    """Timelines of the chosen metrics; with no -m and a directory, every surface as well."""
+    """Timelines of the chosen metrics; with no -m and a directory, every surface as well.
+
+    Without -m, metrics that have no rows yet are left out.
+    """
     unknown = [m for m in metrics if m not in run.metrics()]
     if unknown:
         raise click.ClickException(
@@ -28,15 +31,19 @@ def _run_figures(run, metrics, to_directory, log, recompute, quiet) -> dict:
             f"(metrics: {', '.join(run.metrics()) or 'none'})"
         )
     figures = {}
-    if metrics or run.metrics():
+    names = list(metrics) or metrics_with_rows(run)
+    if names:
         found = collect_findings(run, recompute=recompute)
-        figures.update(timelines(run, list(metrics) or None, log=log, findings=found))
+        figures.update(timelines(run, names, log=log, findings=found))
     if not metrics and to_directory and run.surfaces():
         for name in run.surfaces():
             figures[f"surface-{name}"] = surface_figure(run.surface(name), log=log)
     if not figures:
-        hint = " (its surfaces go into a directory: -o DIR)" if run.surfaces() else ""
-        raise click.ClickException(f"{run.source}: the run holds no metrics to plot{hint}")
+        notes = [f"no rows yet: {', '.join(run.metrics())}"] if run.metrics() else []
+        if run.surfaces():
+            notes.append("its surfaces go into a directory: -o DIR")
+        detail = f" ({'; '.join(notes)})" if notes else ""
+        raise click.ClickException(f"{run.source}: the run holds no metrics to plot{detail}")
     return figures
 
 
@@ -48,7 +55,7 @@ def _message(err: Exception) -> str:
 @click.argument("run_path", metavar="RUN", type=click.Path())
 @click.option(
     "-m", "--metric", "metrics", multiple=True, metavar="METRIC",
-    help="Metric to plot (repeatable; default: every metric).",
+    help="Metric to plot (repeatable; default: every metric that has rows).",
 )
 @click.option("--surface", "surface_name", metavar="NAME", help="Plot this stored surface instead.")
 @click.option("--3d", "three_d", is_flag=True, help="3-D view of a 2-D surface (with --surface).")
@@ -96,6 +103,11 @@ def plot(
     """
     if three_d and not surface_name:
         raise click.ClickException("--3d applies to surfaces only; add --surface NAME")
+    if field is not None and not surface_name:
+        raise click.ClickException(
+            "--field applies to surfaces only; add --surface NAME (a metric's fields are "
+            "all drawn)"
+        )
     if surface_name and metrics:
         raise click.ClickException("use either --metric or --surface, not both")
     target = Path(out)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 from landscape_cli.app import cli, verbose_option
 
-from landscape.report import collect_findings, count_by_severity, write_report
+from landscape.plotting.timelines import metrics_with_rows
+from landscape.report import collect_findings, count_by_severity, report_path, write_report
 from landscape.store import Run
 
 
@@ -13,7 +16,8 @@ from landscape.store import Run
 @click.argument("run_path", metavar="RUN", type=click.Path())
 @click.option(
     "-o", "--out", default="report.html", show_default=True, type=click.Path(),
-    help="The HTML file to write.",
+    help="The HTML file to write, or a directory (existing, or ending in /; created like "
+    "plot's) to write report.html into.",
 )
 @click.option("--title", help="Title of the report (default: from the run's file name).")
 @click.option("--log", is_flag=True, help="Logarithmic y axes on the timelines.")
@@ -27,12 +31,18 @@ from landscape.store import Run
 def report(run_path: str, out: str, title: str | None, log: bool, recompute: bool, quiet: bool):
     """Write an HTML report of RUN: summary, findings, timelines, surfaces, configuration.
 
-    Every plot is embedded in the file, which needs nothing else to be viewed.
+    Every plot is embedded in the file, which needs nothing else to be viewed. Metrics
+    without rows yet get no timeline (the report names them in one line).
     """
+    target = report_path(out)
     with Run.open(run_path) as run:
         found = collect_findings(run, recompute=recompute)
-        path = write_report(run, out, title=title, findings=found, log=log)
-        n_metrics, n_surfaces = len(run.metrics()), len(run.surfaces())
+        if target != Path(out):  # a directory: created as plot creates its output directory
+            if target.parent.exists() and not target.parent.is_dir():
+                raise click.ClickException(f"{target.parent}: exists and is not a directory")
+            target.parent.mkdir(parents=True, exist_ok=True)
+        path = write_report(run, target, title=title, findings=found, log=log)
+        n_metrics, n_surfaces = len(metrics_with_rows(run)), len(run.surfaces())
     if not quiet:
         counts = count_by_severity(found)
         detail = ", ".join(f"{counts[s]} {s}" for s in ("error", "warning", "info") if counts[s])

@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
 from landscape_cli.app import cli, verbose_option
-from landscape_cli.options import checkpoint_options, factory_options, load_inputs
+from landscape_cli.options import (
+    FiniteFloatRange,
+    checkpoint_options,
+    factory_options,
+    load_inputs,
+)
 
 from landscape._errors import LandscapeError
 from landscape.analysis import check_loss, discard_if_empty
 from landscape.loading import load_state_into
 
 DIRECTIONS = ("random", "eigen", "pca", "interpolate")
+# what --span and --dims mean for the kinds whose grid is not around the last checkpoint
+# along drawn directions: the only --dims value each takes, and what sets its extent instead
+_FIXED_GRID = {
+    "interpolate": (1, "a line from -0.5 to 1.5 along the segment between the two checkpoints"),
+    "pca": (2, "a plane of the top two principal components that covers the projected "
+               "trajectory"),
+}
 EXAMPLE = ("landscape surface ckpt-200.pt --model factories.py:model --data factories.py:data "
            "--steps 21 -o run.h5")
 
@@ -18,11 +31,14 @@ EXAMPLE = ("landscape surface ckpt-200.pt --model factories.py:model --data fact
 @cli.command("surface", epilog=f"\b\nExample:\n  {EXAMPLE}")
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path())
 @factory_options
-@click.option("--dims", type=click.IntRange(1, 2), default=2, show_default=True)
+@click.option("--dims", type=click.IntRange(1, 2), default=2, show_default=True,
+              help="1: a line, 2: a plane (random, eigen; interpolate is a line, pca a "
+                   "plane).")
 @click.option("--steps", type=click.IntRange(2), default=51, show_default=True,
               help="Grid points per axis.")
-@click.option("--span", type=click.FloatRange(min=0, min_open=True), default=1.0,
-              show_default=True, help="Half-width of the grid in direction units.")
+@click.option("--span", type=FiniteFloatRange(min=0, min_open=True), default=1.0,
+              show_default=True,
+              help="Half-width of the grid in direction units (random, eigen).")
 @click.option("--directions", type=click.Choice(DIRECTIONS), default="random",
               show_default=True,
               help="random: filter-normalized Gaussian; eigen: top Hessian eigenvectors; "
@@ -43,8 +59,10 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
     """Evaluate the loss (and accuracy) on a grid around the last of CHECKPOINTS.
 
     CHECKPOINTS are as for analyze: state-dict files, Hugging Face model folders, Trainer
-    output folders or Lightning .ckpt files.
+    output folders or Lightning .ckpt files. --directions pca and interpolate set their own
+    grid: --span does not apply to them, nor --dims 1 to pca or --dims 2 to interpolate.
     """
+    _refuse_fixed_grid_options(click.get_current_context(), directions, dims)
     import torch
 
     from landscape import surface
@@ -99,3 +117,24 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
         nan = f", {loss.size - finite.size} not finite" if finite.size < loss.size else ""
         click.echo(f"wrote surface {label!r} ({shape} points, loss {finite.min():.4g} to "
                    f"{finite.max():.4g}{nan}) to {out}")
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    """Whether the option ``name`` was given (command line or environment), not defaulted."""
+    return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE,
+                                              ParameterSource.ENVIRONMENT)
+
+
+def _refuse_fixed_grid_options(ctx: click.Context, directions: str, dims: int) -> None:
+    """A one-line error for --span or --dims given to a kind whose grid they do not set."""
+    if directions not in _FIXED_GRID:
+        return
+    n_dims, grid = _FIXED_GRID[directions]
+    if _given(ctx, "span"):
+        raise click.ClickException(
+            f"--span does not apply to --directions {directions}: its grid is {grid}"
+        )
+    if _given(ctx, "dims") and dims != n_dims:
+        raise click.ClickException(
+            f"--dims {dims} does not apply to --directions {directions}: its grid is {grid}"
+        )

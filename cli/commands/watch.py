@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 import numpy as np
 from landscape_cli.app import cli, verbose_option
+from landscape_cli.options import FiniteFloatRange
 
 from landscape._errors import RunFileError
 from landscape.report import format_number
@@ -27,6 +28,8 @@ _sleep = time.sleep
 _clock = time.monotonic
 
 _MAX_COMPONENTS = 4
+MIN_INTERVAL = 0.01
+"""The shortest ``--interval`` (seconds): 0 would read the file in a busy loop."""
 
 
 def _format_value(value: np.ndarray) -> str:
@@ -107,8 +110,8 @@ def _wait_for(run_path: str, interval: float, timeout: float | None, quiet: bool
 @cli.command(epilog="\b\nExample:\n  landscape watch run.h5 --interval 5 -m loss")
 @click.argument("run_path", metavar="RUN", type=click.Path())
 @click.option(
-    "--interval", type=click.FloatRange(min=0.0), default=2.0, show_default=True,
-    help="Seconds between looks at the file.",
+    "--interval", type=FiniteFloatRange(min=MIN_INTERVAL), default=2.0, show_default=True,
+    help=f"Seconds between looks at the file (at least {MIN_INTERVAL:g}).",
 )
 @click.option("--once", is_flag=True, help="Print the current state and exit.")
 @click.option(

@@ -289,10 +289,17 @@ class ForecastState:
                 severity = "info"  # r small: a scheduled or adaptive step change
                 message += f"; r < {_fmt(rule.update_confirm)}, so the step is still safe"
         else:
+            n_steps = math.ceil(steps_to)
+            if x >= rule.limit:  # crossed on this row: the level needs two rows above it
+                course = f"already above {_fmt(rule.limit)}"
+            elif n_steps < 1:  # the fitted value is past the limit, this row not yet
+                course = f"on course to reach {_fmt(rule.limit)} within a step"
+            else:
+                course = (f"on course to reach {_fmt(rule.limit)} in about {n_steps} "
+                          f"step{'s' if n_steps != 1 else ''}")
             message = (
                 f"{rule._what} = {_fmt(x)} (fitted {_fmt(fitted)}) rising "
-                f"{_fmt(100 * (math.exp(slope) - 1))} % per step: on course to reach "
-                f"{_fmt(rule.limit)} in about {math.ceil(steps_to)} steps"
+                f"{_fmt(100 * (math.exp(slope) - 1))} % per step: {course}"
             )
             threshold = rule.floor
         if falling:

@@ -8,6 +8,14 @@ Findings (``landscape.findings.Finding``) are vertical lines coloured by severit
 raised on the plotted metric itself are drawn solid, the others (only those within the
 metric's step range) dashed and faint.
 
+A series of few points (at most ``FEW_POINTS`` finite values) is drawn with a marker on
+every point, and a finite point between two non-finite ones gets a marker of its own, so a
+single row or an isolated value is visible (a line needs two neighbours). Non-finite values
+are ticks along the bottom of the axes: every ``±inf``, and a NaN where the component has
+finite values elsewhere. A field that is NaN on every row (a metric not applicable to this
+model, e.g. attention sentinels of a network without attention) is labelled "not measured"
+instead. :func:`timelines` leaves out metrics that have no rows yet.
+
 Figures are built with :class:`matplotlib.figure.Figure` directly (no ``pyplot``, hence
 no global figure registry and no GUI backend): they render through Agg. Nothing here
 touches the file system except :func:`save_figure`.
@@ -35,7 +43,11 @@ SEVERITY_COLORS: dict[str, str] = {"info": "#1f77b4", "warning": "#ff7f0e", "err
 SAVE_FORMATS: tuple[str, ...] = ("png", "pdf", "svg", "jpg", "jpeg")
 """File suffixes :func:`save_figure` accepts."""
 
+FEW_POINTS = 25
+"""Series with at most this many finite values get a marker on every point."""
+
 _NONFINITE_COLOR = "#7f0000"
+_MARKER_SIZE = 3.5
 
 
 def new_figure(width: float = 8.0, height: float = 4.0) -> Figure:
@@ -87,10 +99,26 @@ def _set_log_scale(ax, values: np.ndarray) -> None:
     ax.set_yscale("symlog", linthresh=linthresh)
 
 
+def nonfinite_rows(values: np.ndarray) -> np.ndarray:
+    """Rows to mark as non-finite: any ``±inf``, or a NaN in a component measured elsewhere.
+
+    A component that is NaN on every row was not measured (the metric does not apply), so
+    its NaN is not marked.
+
+    Args:
+        values: the field's rows, shape ``(n, *shape)``.
+
+    Returns:
+        A boolean array of length ``n``.
+    """
+    flat = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
+    measured = np.isfinite(flat).any(axis=0)
+    return (np.isinf(flat) | (np.isnan(flat) & measured)).any(axis=1)
+
+
 def _mark_nonfinite(ax, steps: np.ndarray, values: np.ndarray) -> bool:
-    """Tick marks along the bottom of ``ax`` at steps where any component is NaN or inf."""
-    flat = values.reshape(len(steps), -1)
-    bad = ~np.isfinite(flat).all(axis=1)
+    """Tick marks along the bottom of ``ax`` at the :func:`nonfinite_rows`; True if any."""
+    bad = nonfinite_rows(values)
     if not bad.any():
         return False
     ax.plot(
@@ -104,6 +132,25 @@ def _mark_nonfinite(ax, steps: np.ndarray, values: np.ndarray) -> bool:
         clip_on=False,
     )
     return True
+
+
+def _isolated(finite: np.ndarray) -> np.ndarray:
+    """Finite points with no finite neighbour: a line through them draws nothing."""
+    left = np.concatenate(([False], finite[:-1]))
+    right = np.concatenate((finite[1:], [False]))
+    return finite & ~left & ~right
+
+
+def _draw_series(ax, steps: np.ndarray, y: np.ndarray, label: str, linewidth: float) -> None:
+    """One line; markers on every point when there are few, else on the isolated ones."""
+    finite = np.isfinite(y)
+    few = int(finite.sum()) <= FEW_POINTS
+    style = {"marker": "o", "markersize": _MARKER_SIZE} if few else {}
+    (line,) = ax.plot(steps, y, label=label, linewidth=linewidth, **style)
+    alone = _isolated(finite)
+    if not few and alone.any():
+        ax.plot(steps[alone], y[alone], linestyle="none", marker="o", markersize=_MARKER_SIZE,
+                color=line.get_color(), label=f"_{label} isolated")
 
 
 def _finding_matches(finding: Finding, metric: str) -> bool:
@@ -137,17 +184,22 @@ def _draw_findings(
 
 def _plot_field(
     ax, steps: np.ndarray, values: np.ndarray, field: str, labels, max_lines: int, log: bool
-) -> bool:
-    """Draw one field on ``ax``; True when it drew several labelled artists (needs a legend)."""
+) -> tuple[bool, bool]:
+    """Draw one field on ``ax``.
+
+    Returns:
+        Whether it drew several labelled artists (needs a legend), and whether it marked
+        non-finite rows.
+    """
     values = np.asarray(values, dtype=np.float64)
     shape = values.shape[1:]
     if not shape:
-        ax.plot(steps, values, label=field, linewidth=1.2)
+        _draw_series(ax, steps, values, field, 1.2)
     else:
         flat = values.reshape(len(steps), -1)
         if flat.shape[1] <= max_lines:
             for column, label in zip(flat.T, _component_labels(field, shape, labels)):
-                ax.plot(steps, column, label=label, linewidth=1.1)
+                _draw_series(ax, steps, column, label, 1.1)
         else:
             masked = np.where(np.isfinite(flat), flat, np.nan)
             with warnings.catch_warnings():  # all-NaN rows give NaN, which leaves a gap
@@ -155,13 +207,28 @@ def _plot_field(
                 lo, med, hi = (np.nanmin(masked, 1), np.nanmedian(masked, 1),
                                np.nanmax(masked, 1))
             ax.fill_between(steps, lo, hi, alpha=0.25, label=f"{field} min-max ({flat.shape[1]})")
-            ax.plot(steps, med, linewidth=1.2, label=f"{field} median")
-    _mark_nonfinite(ax, steps, values)
+            _draw_series(ax, steps, med, f"{field} median", 1.2)
+    marked = _mark_nonfinite(ax, steps, values)
     if log and len(steps):
         _set_log_scale(ax, values)
     ax.set_ylabel(field)
     ax.grid(True, alpha=0.3)
-    return bool(shape)
+    return bool(shape), marked
+
+
+def metrics_with_rows(run: Run) -> list[str]:
+    """The metrics of ``run`` that hold at least one row (those :func:`timelines` draws).
+
+    A metric is declared before its first row (a monitor declares all of its metrics when it
+    opens the file, ``adaptive`` included), so a run may hold metrics without rows.
+
+    Args:
+        run: the run.
+
+    Returns:
+        Their names, in the run's order.
+    """
+    return [m for m in run.metrics() if len(run.steps(m))]
 
 
 def timeline(
@@ -201,20 +268,25 @@ def timeline(
     all_steps = run.steps(metric)
     rows = len(all_steps)
     span = (int(all_steps[0]), int(all_steps[-1])) if rows else None
-    fig.suptitle(f"{metric}  ({rows} rows)" if fields else f"{metric}  (no numeric fields)")
+    counted = f"{rows} row{'s' if rows != 1 else ''}"
+    fig.suptitle(f"{metric}  ({counted})" if fields else f"{metric}  (no numeric fields)")
     severities: set[str] = set()
     nonfinite = False
     for ax, name in zip(axes, fields):
         steps, values = run.series(metric, name)
-        if len(steps) == 0:
-            ax.text(0.5, 0.5, "no rows yet", ha="center", va="center", transform=ax.transAxes)
+        numbers = np.asarray(values, dtype=np.float64)
+        if len(steps) == 0 or np.isnan(numbers).all():
+            # no rows, or NaN on every row: the metric does not apply (no blow-up to mark)
+            text = "no rows yet" if len(steps) == 0 else "not measured (NaN on every row)"
+            ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
             ax.set_ylabel(name)
         else:
             labels = _field_labels(run, metric, name)
-            if _plot_field(ax, steps, values, name, labels, max_lines, log):
+            legend, marked = _plot_field(ax, steps, numbers, name, labels, max_lines, log)
+            if legend:
                 # "best" scans every point: affordable only on short series
                 ax.legend(fontsize="small", loc="best" if len(steps) <= 2000 else "upper right")
-            nonfinite |= not np.isfinite(np.asarray(values, dtype=np.float64)).all()
+            nonfinite |= marked
         severities |= _draw_findings(ax, marks, metric, span)
     axes[-1].set_xlabel("step")
     handles = [
@@ -240,8 +312,12 @@ def timelines(
     findings: Iterable[Finding] | None = None,
     max_lines: int = 12,
 ) -> dict[str, Figure]:
-    """One :func:`timeline` figure per metric (default: every metric of the run), by name."""
-    names = run.metrics() if metrics is None else list(metrics)
+    """One :func:`timeline` figure per metric, by name.
+
+    ``metrics``: the metrics to draw (default: every metric of the run that has rows, see
+    :func:`metrics_with_rows`; a metric named here is drawn even without rows).
+    """
+    names = metrics_with_rows(run) if metrics is None else list(metrics)
     known = set(run.metrics())
     unknown = [m for m in names if m not in run]  # `in` also finds renamed metrics
     if unknown:

@@ -72,6 +72,18 @@ def _same(a: Sequence[float], b: Sequence[float]) -> bool:
     )
 
 
+def _nonfinite_directions(name: str, directions: Directions) -> str:
+    """The error for directions holding NaN or inf (normalized to weights that overflow)."""
+    message = f"surface {name!r}: the directions are not finite"
+    normalization = directions.attrs.get("normalization")
+    if normalization in ("filter", "layer", "weight"):
+        message += (
+            f" ({normalization} normalization scales them by the weights' norms, which are "
+            "not finite here: weights too large for their float type, or not finite)"
+        )
+    return message
+
+
 def _open_writer(writer: Any) -> tuple[RunWriter, bool]:
     if writer is None:
         return RunWriter.memory(), True
@@ -165,6 +177,8 @@ def evaluate_grid(
             "distributed=False (or landscape.distributed.local()) on an FSDP-sharded model: "
             "its forward needs every rank; evaluate on all ranks together")
     dir_attrs, dir_arrays = directions.storage()
+    if not all(np.isfinite(dir_attrs["direction_fingerprint"])):
+        raise LandscapeError(_nonfinite_directions(name, directions))
     meta = {
         **dir_attrs,
         "center_fingerprint": evaluator.fingerprint(),
@@ -185,14 +199,16 @@ def evaluate_grid(
             )
             if surf.done.any() or surf.attrs != meta:
                 old = surf.attrs
+                # the centre first: directions normalized to other weights differ as well
+                if not _same(old.get("center_fingerprint", []), meta["center_fingerprint"]):
+                    raise LandscapeError(
+                        f"surface {name!r} exists in the run around other parameters (another "
+                        "checkpoint); choose another name (on the command line --name) or "
+                        "another run file")
                 if not _same(old.get("direction_fingerprint", []), meta["direction_fingerprint"]):
                     raise LandscapeError(
                         f"surface {name!r} exists in the run with other directions; choose "
                         "another name (or the same seed/normalization to resume)")
-                if not _same(old.get("center_fingerprint", []), meta["center_fingerprint"]):
-                    raise LandscapeError(
-                        f"surface {name!r} exists in the run around other parameters; choose "
-                        "another name")
                 if bool(old.get("eval_mode", eval_mode)) != bool(eval_mode):
                     raise LandscapeError(
                         f"surface {name!r} exists in the run with eval_mode={old['eval_mode']}")

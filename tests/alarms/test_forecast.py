@@ -83,3 +83,20 @@ def test_sharpness_forecast_is_info_and_in_the_defaults():
 def test_bad_settings_raise(bad):
     with pytest.raises(ValueError):
         TaylorForecast(**bad)
+
+
+@pytest.mark.parametrize(
+    ("r", "says", "step"),
+    [
+        # a jump past the limit on one row: the level needs two rows, the trend fires
+        ([0.3, 0.3, 0.3, 0.3, 0.35, 0.4, 2.48], "already above 1", 6),
+        # the fit is past the limit, the row itself not yet
+        ([0.2, 0.74, 0.76, 0.76, 0.94], "reach 1 within a step", 4),
+        # one step to go
+        (list(0.2 * 2.2 ** np.arange(3)), "reach 1 in about 1 step", 2),
+    ],
+)
+def test_the_forecast_message_never_says_zero_steps(r, says, step):
+    (f, *_) = _run(SharpnessForecast(), r)
+    assert f.step == step and says in f.message, f.message
+    assert "0 steps" not in f.message and "1 steps" not in f.message

@@ -226,3 +226,48 @@ def test_a_trusted_whole_model_pickle_finds_its_class_beside_the_factory(tmp_pat
         sys.modules.pop("fac", None)  # imported by the unpickling
     assert result.exit_code == 0, result.output
     assert list(ls.Run.open(tmp_path / "r.h5").steps("top_eigenvalues")) == [5]
+
+
+def test_analyze_without_a_learning_rate_on_plain_state_dicts_warns(setup, tmp_path):
+    # plain state dicts hold no optimizer state: the sharpness threshold and ratio are NaN,
+    # edge_of_stability can never fire and `check` would say ok; one warning line says so
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    plain = tmp_path / "w-30.pt"
+    torch.save(torch.load(paths[-1])["model"], plain)
+    base = ["analyze", str(plain), "--model", f"{fac}:model", "--data", f"{fac}:data", "-q"]
+    result = _invoke([*base, "-m", "sharpness", "-o", str(tmp_path / "a.h5")])
+    assert result.exit_code == 0, result.output
+    warned = [ln for ln in result.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warned) == 1, result.stderr
+    assert "learning rate was not found" in warned[0] and "--lr" in warned[0]
+    assert "--momentum" in warned[0]
+    _, ratio = ls.Run.open(tmp_path / "a.h5").series("sharpness", "ratio")
+    assert np.isnan(ratio).all()
+    # with --lr, or without the sharpness metric: no warning
+    for i, extra in enumerate((["-m", "sharpness", "--lr", "0.5"], ["-m", "collapse"])):
+        quiet = _invoke([*base, *extra, "-o", str(tmp_path / f"b{i}.h5")])
+        assert quiet.exit_code == 0, quiet.output
+        assert "learning rate was not found" not in quiet.stderr
+
+
+@pytest.mark.parametrize(("args", "match"), [
+    (["--lr", "nan"], "--lr"), (["--lr", "0"], "--lr"), (["--momentum", "inf", "--lr", "1"],
+                                                         "--momentum"),
+])
+def test_bad_sgd_settings_are_usage_errors(setup, tmp_path, args, match):
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    result = _invoke(["analyze", str(paths[0]), "--model", f"{fac}:model", "--data",
+                      f"{fac}:data", *args, "-o", str(tmp_path / "r.h5"), "-q"])
+    assert result.exit_code == 2 and match in result.stderr and "Traceback" not in result.output
+
+
+def test_momentum_without_lr_is_refused(setup, tmp_path):
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    result = _invoke(["analyze", str(paths[0]), "--model", f"{fac}:model", "--data",
+                      f"{fac}:data", "--momentum", "0.9", "-o", str(tmp_path / "r.h5"), "-q"])
+    assert result.exit_code == 1
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert lines == ["Error: --momentum needs --lr (the SGD settings go together)"]

@@ -158,6 +158,43 @@ def test_plot_bad_inputs(runner, run_file, empty_run, tmp_path):
     assert "Traceback" not in usage.output
 
 
+def test_plot_field_without_surface_is_refused(runner, run_file, tmp_path):
+    out = tmp_path / "x.png"
+    _one_line_error(
+        runner.invoke(cli, ["plot", str(run_file), "--field", "accuracy", "-o", str(out)]),
+        "--field applies to surfaces only", "--surface",
+    )
+    assert not out.exists() and not list(tmp_path.glob("x-*.png"))
+
+
+def _with_an_empty_metric(path):
+    _write_run(path)
+    with RunWriter(path) as w:
+        w.declare("adaptive", {"scale": None})  # a monitor declares it up front, 0 rows
+    return path
+
+
+def test_plot_and_report_leave_out_metrics_without_rows(runner, tmp_path):
+    run = _with_an_empty_metric(tmp_path / "a.h5")
+    result = runner.invoke(cli, ["plot", str(run), "-o", str(tmp_path / "p.png")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.glob("p-*.png")) == [
+        "p-hessian.png", "p-loss.png", "p-spectral_alignment.png"
+    ]
+    asked = runner.invoke(cli, ["plot", str(run), "-m", "adaptive", "-o", str(tmp_path / "e.png")])
+    assert asked.exit_code == 0 and (tmp_path / "e.png").is_file()  # named: drawn anyway
+    out = tmp_path / "r.html"
+    result = runner.invoke(cli, ["report", str(run), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}: 3 timelines, 0 surfaces" in result.output
+    assert out.read_text().count("<img ") == 3 and "No rows yet: adaptive." in out.read_text()
+    only = tmp_path / "only.h5"
+    with RunWriter(only, mode="w") as w:
+        w.declare("adaptive", {"scale": None})
+    _one_line_error(runner.invoke(cli, ["plot", str(only), "-o", str(tmp_path / "o.png")]),
+                    "no metrics to plot (no rows yet: adaptive)")
+
+
 def _fake_surfaces(monkeypatch):
     """A stand-in for landscape.plotting.surfaces that records what it was asked to draw."""
     calls = []
@@ -263,17 +300,42 @@ def test_report_bad_inputs(runner, run_file, empty_run, tmp_path):
         _one_line_error(runner.invoke(cli, ["report", path, "-o", str(tmp_path / "r.html")]),
                         fragment)
     _one_line_error(
-        runner.invoke(cli, ["report", str(run_file), "-o", str(tmp_path)]), "is a directory"
-    )
-    _one_line_error(
         runner.invoke(cli, ["report", str(run_file), "-o", str(tmp_path / "no" / "r.html")]),
         "does not exist",
+    )
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    _one_line_error(
+        runner.invoke(cli, ["report", str(run_file), "-o", f"{a_file}/"]),
+        "exists and is not a directory",
     )
     # an empty run still gives a (short) report
     out = tmp_path / "empty.html"
     result = runner.invoke(cli, ["report", str(empty_run), "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "The run holds no metrics." in out.read_text() and "No findings." in out.read_text()
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_report_into_a_directory_writes_report_html(runner, run_file, tmp_path, existing):
+    folder = tmp_path / "new" / "reports"
+    if existing:
+        folder.mkdir(parents=True)
+        target = str(folder)  # an existing directory, no trailing slash
+    else:
+        target = f"{folder}/"  # a trailing slash: a directory, created like plot's
+    result = runner.invoke(cli, ["report", str(run_file), "-o", target])
+    assert result.exit_code == 0, result.output
+    assert folder.is_dir() and (folder / "report.html").read_text().startswith("<!DOCTYPE")
+    assert f"wrote {folder / 'report.html'}:" in result.output
+
+
+def test_report_into_a_directory_of_a_missing_run_creates_nothing(runner, tmp_path):
+    _one_line_error(
+        runner.invoke(cli, ["report", str(tmp_path / "missing.h5"), "-o", f"{tmp_path}/d/"]),
+        "no such file",
+    )
+    assert not (tmp_path / "d").exists()
 
 
 # --------------------------------------------------------------------------- check
@@ -346,6 +408,23 @@ def test_check_bad_inputs_and_empty_run(runner, empty_run, tmp_path):
     assert bad_choice.exit_code == 2 and "Traceback" not in bad_choice.output
 
 
+def test_check_input_errors_exit_2_and_findings_exit_1(runner, run_file, tmp_path):
+    # `check run.h5 --fail-on error || ...` must tell a typo from an unstable run
+    for path, fragment in _bad_inputs(tmp_path):
+        result = runner.invoke(cli, ["check", path, "--fail-on", "error"])
+        _one_line_error(result, fragment)
+        assert result.exit_code == 2, (path, result.output)
+        as_json = runner.invoke(cli, ["check", path, "--json"])
+        assert as_json.exit_code == 2 and as_json.stdout == ""
+    assert runner.invoke(cli, ["check", str(run_file), "--stored", "--fail-on", "error"]
+                         ).exit_code == 1
+    usage = runner.invoke(cli, ["check", str(run_file), "--fail-on", "fatal"])
+    assert usage.exit_code == 2
+    text = runner.invoke(cli, ["check", "-h"]).output
+    assert "Exit status:" in text and "1  a finding reaches --fail-on" in text
+    assert "2  RUN cannot be checked" in text
+
+
 # --------------------------------------------------------------------------- watch
 
 
@@ -381,6 +460,17 @@ def test_watch_timeout_stops_without_a_real_clock(runner, run_file, monkeypatch)
     assert result.exit_code == 0, result.output
     assert now[0] == 5.0  # slept 2 + 2 + 1
     assert result.stderr.strip() == "stopped"
+
+
+@pytest.mark.parametrize("interval", ["0", "0.005", "-1", "nan", "inf"])
+def test_watch_interval_must_be_positive_and_finite(runner, run_file, interval):
+    # (--timeout: before the check, --interval 0 busy-looped until stopped)
+    result = runner.invoke(cli, ["watch", str(run_file), "--interval", interval,
+                                 "--timeout", "0.5"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1 and "--interval" in errors[0]
 
 
 _WRITER = textwrap.dedent(
@@ -434,7 +524,7 @@ def test_watch_follows_a_live_writer_in_another_process(runner, tmp_path, monkey
 
     monkeypatch.setattr(watch_cmd, "_sleep", step_writer)
     try:
-        result = runner.invoke(cli, ["watch", str(path), "--interval", "0"])
+        result = runner.invoke(cli, ["watch", str(path), "--interval", "0.1"])
     finally:
         proc.stdin.write("quit\n")
         proc.stdin.flush()

@@ -63,3 +63,42 @@ def test_surface_direction_requirements_are_one_line_errors(setup, tmp_path, arg
     assert result.exit_code == 1
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and match in lines[0]
+
+
+@pytest.mark.parametrize("span", ["nan", "inf", "NaN", "-inf", "0"])
+def test_a_non_finite_or_non_positive_span_is_a_usage_error(setup, tmp_path, span):
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    out = tmp_path / "r.h5"
+    result = _run(["surface", str(paths[-1]), "--model", f"{fac}:model", "--data",
+                   f"{fac}:data", "--steps", "3", "--span", span, "-o", str(out), "-q"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1 and "--span" in errors[0], result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("directions", "n_ckpt", "args", "match"),
+    [
+        ("interpolate", 2, ["--span", "0.1"], "--span does not apply to --directions interpolate"),
+        ("interpolate", 2, ["--dims", "2"], "--dims 2 does not apply to --directions interpolate"),
+        ("pca", 4, ["--span", "0.1"], "--span does not apply to --directions pca"),
+        ("pca", 4, ["--dims", "1"], "--dims 1 does not apply to --directions pca"),
+        ("pca", 4, ["--span", "1.0"], "--span does not apply"),  # given, even at the default
+    ],
+)
+def test_span_and_dims_that_do_not_apply_are_refused(setup, tmp_path, directions, n_ckpt,
+                                                     args, match):
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    out = tmp_path / "r.h5"
+    ckpts = [str(p) for p in paths[-n_ckpt:]]
+    result = _run(["surface", *ckpts, "--model", f"{fac}:model", "--data", f"{fac}:data",
+                   "--steps", "3", "--directions", directions, *args, "-o", str(out), "-q"])
+    assert result.exit_code == 1, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and match in lines[0], lines
+    assert not out.exists()

@@ -92,7 +92,7 @@ def test_a_damaged_file_is_refused_in_one_line_not_a_hang(tmp_path, where):
     with pytest.raises(RunFileError, match="not a readable HDF5 file"):
         RunWriter(path, mode="a")
     result = CliRunner().invoke(cli, ["check", str(path)])
-    assert result.exit_code == 1 and "not a readable HDF5 file" in result.output
+    assert result.exit_code == 2 and "not a readable HDF5 file" in result.output  # input error
     assert "Traceback" not in result.output
 
 

@@ -324,3 +324,31 @@ def test_written_into_the_writer_given(tmp_path):
     with Run.open(tmp_path / "run.h5") as run:
         assert run.surfaces() == ["a", "b"]
         assert run.surface("b").attrs["directions"]["seed"] == 4
+
+
+def test_resume_around_another_checkpoint_says_so_not_other_directions(tmp_path):
+    # filter-normalized directions follow the weights: scaled weights (another checkpoint)
+    # give other directions too, but the cause to name is the centre
+    path = tmp_path / "run.h5"
+    model = models.mlp()
+    x, y = models.classification_data()
+    line(model, _ce, (x, y), steps=5, writer=path, seed=1, progress=False)
+    with torch.no_grad():
+        model[0].weight.mul_(2.0)
+    with pytest.raises(LandscapeError, match=r"around other parameters \(another checkpoint\)"):
+        line(model, _ce, (x, y), steps=5, writer=path, seed=1, progress=False)
+
+
+def test_directions_normalized_to_overflowing_weights_are_refused(tmp_path):
+    # a weight row whose norm overflows float32 gives inf/NaN directions: a grid of NaN,
+    # and a resume check that NaN fingerprints always fail ("exists ... other directions")
+    path = tmp_path / "run.h5"
+    model = models.mlp()
+    x, y = models.classification_data()
+    with torch.no_grad():
+        model[2].weight[0].fill_(1e30)
+    with pytest.raises(LandscapeError, match=r"directions are not finite \(filter normalization"):
+        plane(model, _ce, (x, y), steps=3, writer=path, progress=False)
+    assert not path.exists() or "plane" not in Run.open(path).surfaces()
+    with pytest.raises(LandscapeError, match="directions are not finite"):
+        plane(model, _ce, (x, y), steps=3, progress=False)  # in memory as well
