@@ -37,7 +37,7 @@ import math
 import os
 import time
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -77,6 +77,23 @@ def _optimizer_config(opt: torch.optim.Optimizer | None) -> dict[str, Any] | Non
         return None
     group = {k: _jsonable(v) for k, v in opt.param_groups[0].items() if k != "params"}
     return {"class": type(opt).__name__, "param_group_0": group}
+
+
+def _plain(batch: Any) -> Any:
+    """``batch`` on the CPU in plain dicts, tuples and lists, for ``torch.save``.
+
+    A tokenizer's ``BatchEncoding`` or a namedtuple would not load back with
+    ``torch.load(weights_only=True)``.
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch.detach().cpu()
+    if isinstance(batch, Mapping):
+        return {k: _plain(v) for k, v in batch.items()}
+    if isinstance(batch, tuple):
+        return tuple(_plain(v) for v in batch)
+    if isinstance(batch, list):
+        return [_plain(v) for v in batch]
+    return batch
 
 
 def _no_loss_fn(*args: Any) -> torch.Tensor:
@@ -627,7 +644,7 @@ class Monitor:
             return
         buffer = io.BytesIO()
         try:
-            torch.save(map_tensors(self.probe, lambda t: t.cpu()), buffer)
+            torch.save(_plain(self.probe), buffer)
         except Exception as err:  # a batch type that does not pickle: resume takes anew
             _log.warning("landscape: the default probe cannot be stored in the run file "
                          "(%s); a resumed run will take a new one", err)
@@ -650,17 +667,16 @@ class Monitor:
         if self._distributed or self.writer.last_step("probe") is None:
             return False
         data = self.writer.load_blob("probe")
-        probe = None
+        probe, why = None, "is not stored in its file"
         if data is not None:
             try:
                 probe = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             except Exception as err:  # written by a newer torch, damaged: take a new one
-                _log.warning("landscape: the probe stored in the run file cannot be read "
-                             "(%s)", err)
+                why = f"cannot be read back ({err})"
         if probe is None:
-            _log.warning("landscape: resuming a run whose default probe is not stored in "
-                         "its file; a new probe is taken from this batch, so the probe "
-                         "metrics are not comparable across this step")
+            _log.warning("landscape: resuming a run whose default probe %s; a new probe is "
+                         "taken from this batch, so the probe metrics are not comparable "
+                         "across this step", why)
             return False
         first = first_tensor(batch)  # the probe goes where this run's batches are
         self.probe = probe if first is None else map_tensors(probe, lambda t: t.to(first.device))

@@ -55,6 +55,18 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     )
 
 
+PAIR_KEYS = (("inputs", "targets"), ("x", "y"))  # dict batches of (inputs, targets)
+
+
+def keyword_batch(batch: Any) -> bool:
+    """Whether ``batch`` holds the model's keyword arguments (a tokenizer's output).
+
+    A mapping that is not an ``(inputs, targets)`` pair (:data:`PAIR_KEYS`).
+    """
+    return isinstance(batch, Mapping) and not any(
+        x in batch and y in batch for x, y in PAIR_KEYS)
+
+
 def batch_targets(batch: Any) -> Any:
     """The targets of a batch as :func:`split_batch` finds them, or a dict's ``labels``.
 
@@ -77,8 +89,8 @@ def softmax_logits(outputs: torch.Tensor, targets: Any) -> bool:
     the outputs as softmax logits; this says no on evidence that they are something else
     (docs/conventions.md, "Which outputs are logits"):
 
-    * a last dimension of 1 (a regression head, one sigmoid logit): a softmax over one
-      class is the constant 1;
+    * fewer than two dimensions, or a last dimension of 1 (a regression head, one sigmoid
+      logit): a softmax over one class is the constant 1;
     * floating-point targets that are not distributions over the ``C`` classes
       (regression, autoencoders, multi-label BCE); soft labels (mixup, distillation), of
       the outputs' shape with rows of non-negative entries summing to 1, are classes;
@@ -93,15 +105,18 @@ def softmax_logits(outputs: torch.Tensor, targets: Any) -> bool:
     Returns:
         True for softmax logits.
     """
-    if outputs.dim() == 0 or outputs.shape[-1] < 2:
+    if outputs.dim() < 2 or outputs.shape[-1] < 2:  # (B,): one logit per sample
         return False
     if not isinstance(targets, torch.Tensor):
         return True
     if targets.is_floating_point():
         if targets.shape != outputs.shape:
             return False
+        # each stored entry is off by up to half its dtype's epsilon (relative), so rows
+        # summing to 1 in bfloat16 (mixup, label smoothing) miss 1 by up to ~eps / 2
+        tol = max(1e-3, torch.finfo(targets.dtype).eps)
         t = targets.detach().double()
-        return bool((t >= 0).all()) and bool(((t.sum(-1) - 1).abs() <= 1e-3).all())
+        return bool((t >= 0).all()) and bool(((t.sum(-1) - 1).abs() <= tol).all())
     if targets.dtype == torch.bool or targets.is_complex():
         return False
     return targets.numel() * outputs.shape[-1] == outputs.numel()
@@ -304,6 +319,12 @@ class StepContext:
     def _forward(self, batch: Any, params: dict[str, torch.Tensor]) -> Any:
         if self.closure is not None:
             return stateless_closure(self.model, self.closure, params, batch)
+        if keyword_batch(batch):  # the Hugging Face convention: model(**batch)
+            try:
+                return stateless_call(self.model, params, (), dict(batch))
+            except TypeError:
+                if "input_ids" not in batch:
+                    raise  # else a forward(idx) fed {input_ids, labels}: positionally
         inputs, _ = split_batch(batch)
         return stateless_call(self.model, params, (inputs,))
 

@@ -32,7 +32,13 @@ from landscape.findings import user_stacklevel
 from landscape.isolation import stateless_call
 from landscape.metrics._attention import AttentionLogits
 from landscape.metrics.base import Metric, register
-from landscape.metrics.context import StepContext, batch_targets, softmax_logits, split_batch
+from landscape.metrics.context import (
+    StepContext,
+    batch_targets,
+    keyword_batch,
+    softmax_logits,
+    split_batch,
+)
 from landscape.params import tensor_norms, trainable_named_parameters
 from landscape.schedules import every
 
@@ -81,9 +87,6 @@ def _samples_for_rows(z: torch.Tensor, x: Any, samples: int, rows: int | None) -
     return max(1, min(samples, math.ceil(rows / max(per_sample, 1))))
 
 
-_PAIR_KEYS = (("inputs", "targets"), ("x", "y"))  # dict batches of (inputs, targets)
-
-
 def _model_call(batch: Any, samples: int, keywords: bool) -> tuple[tuple, dict, Any]:
     """How the sentinels call the model on the first ``samples`` samples of ``batch``.
 
@@ -96,8 +99,7 @@ def _model_call(batch: Any, samples: int, keywords: bool) -> tuple[tuple, dict, 
     monitor's ``loss_fn`` or ``closure``: they are user code that may keep state (a loss
     with running statistics, a Lightning ``training_step``), and this runs at every step.
     """
-    if keywords and isinstance(batch, Mapping) and not any(
-            x in batch and y in batch for x, y in _PAIR_KEYS):
+    if keywords and keyword_batch(batch):
         return (), dict(head(batch, samples)), None
     inputs, targets = split_batch(batch)
     return (head(inputs, samples),), {}, head(targets, samples)
@@ -304,6 +306,7 @@ class Sentinels(Metric):
         self._guard = _BufferGuard()
         self._keywords: bool | None = None  # dict batches as keyword arguments (None: untried)
         self._softmax: bool | None = None  # the probe's outputs are softmax logits (None: untried)
+        self._own_loss = False  # the model returns its loss (probe_loss on every call)
 
     def setup(self, model: nn.Module) -> None:
         """Resolve the weight tensors whose update ratio is tracked.
@@ -340,7 +343,7 @@ class Sentinels(Metric):
         return row
 
     def _logit_fields(self, ctx: StepContext) -> dict[str, float]:
-        if self._softmax is False and not self._attention_due():
+        if self._softmax is False and not self._own_loss and not self._attention_due():
             self._calls += 1  # nothing to read from this call's forward pass: none is run
             return {}
         batch = ctx.batches(self.data)[0]
@@ -370,6 +373,7 @@ class Sentinels(Metric):
                 return self._logit_fields(ctx)
         if self._softmax is None:  # the probe is fixed: its outputs' kind is too
             self._softmax = softmax_logits(z, y if y is not None else batch_targets(kwargs))
+            self._own_loss = _output_loss(output) is not None
         if not self._softmax:  # a regression head, ...: no logits to read, r means nothing
             return self._other_outputs(output, attention)
         flat = z.reshape(-1, z.shape[-1]).double()

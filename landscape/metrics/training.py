@@ -86,12 +86,13 @@ class GradNorm(Metric):
 class NonFinite(Metric):
     """1.0 when the loss (resp. any gradient entry) is NaN or infinite, else 0.0.
 
-    ``skipped`` is 1.0 when this gradient did not reach the weights: the optimizer did
-    not step since the monitor's previous call (a GradScaler skipping an overflowed step,
-    a micro-batch between optimizer steps), or, where that is not known (no
-    ``optimizer=``, the first call of a monitor that ``step()`` started), the gradient is
-    not finite but every weight still is. 0.0 when the optimizer stepped (or the weights
-    are not finite), NaN when not known. Run files written before it have NaN there.
+    ``skipped`` says whether this gradient was left out of the weights. With a non-finite
+    gradient it is 1.0 when every weight is still finite: no step applied it (a
+    GradScaler skipping an overflowed step, a fused optimizer told ``found_inf``, a
+    micro-batch between optimizer steps), and 0.0 when the weights are not finite. With a
+    finite gradient it is 1.0 when the optimizer did not step since the monitor's previous
+    call, 0.0 when it did, NaN when not known (no ``optimizer=``, the first call of a
+    monitor that ``step()`` started). Run files written before it have NaN there.
 
     Its name, ``"nonfinite"``, predates the snake_case rule (docs/vocabulary.md) and is kept:
     run files and alarm rules read it.
@@ -113,12 +114,12 @@ class NonFinite(Metric):
             grads = ctx.grads() or ()
             grad_bad = float(not all(bool(torch.isfinite(g).all()) for g in grads))
         stepped = ctx.optimizer_stepped
-        if stepped is not None:
-            skipped = float(not stepped)
-        elif grad_bad == 1.0:  # did the non-finite gradient reach the weights?
+        if grad_bad == 1.0:  # did the non-finite gradient reach the weights?
+            # a step that applies it makes them non-finite; one that a GradScaler skips (or
+            # a fused optimizer told found_inf, or an accumulation micro-batch) does not
             skipped = float(all(bool(torch.isfinite(p).all()) for p in ctx.parameters))
         else:
-            skipped = math.nan
+            skipped = math.nan if stepped is None else float(not stepped)
         return {"loss": loss_bad, "grad": grad_bad, "skipped": skipped}
 
 

@@ -527,8 +527,7 @@ class RunWriter:
             name: the blob's name.
             data: its bytes.
         """
-        self._check_open()
-        self._flush_pending()
+        self._check_open()  # buffered rows stay buffered: a step's rows go out together
         self._backend.write_blob(name, data)
 
     def load_blob(self, name: str) -> bytes | None:

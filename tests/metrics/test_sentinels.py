@@ -347,6 +347,43 @@ def test_softmax_logits_tells_class_logits_from_other_outputs():
     assert not softmax_logits(z, torch.rand(8, 5).round())  # multi-label BCE targets
     assert not softmax_logits(z, torch.randint(0, 2, (8, 5)))  # multi-hot indices
     assert not softmax_logits(z, torch.randn(8, 3))  # float targets of another shape
+    assert not softmax_logits(torch.randn(8), torch.eye(8)[0])  # (B,) sigmoid logits
+    mix = 0.37 * F.one_hot(torch.arange(8) % 5, 5) + 0.63 * F.one_hot(torch.arange(8) % 3, 5)
+    assert softmax_logits(z, mix.to(torch.bfloat16))  # bf16 mixup rows miss 1 by ~2e-3
+    smooth = torch.full((4, 1000), 0.1 / 1000) + 0.9 * F.one_hot(torch.arange(4), 1000)
+    assert softmax_logits(torch.randn(4, 1000), smooth.to(torch.bfloat16))
+
+
+class _OwnLossRegressor(torch.nn.Module):
+    """A regression head that returns its loss, as Hugging Face models do given labels."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Linear(6, 1)
+
+    def forward(self, inputs, labels=None):
+        out = self.net(inputs)
+        loss = None if labels is None else F.mse_loss(out.squeeze(-1), labels)
+        return {"loss": loss, "logits": out}
+
+
+def test_a_regression_head_that_returns_its_loss_records_probe_loss_every_step():
+    model = _OwnLossRegressor()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(0)
+    with ls.Monitor(model, optimizer=opt, warn=False, strict=True) as mon:
+        for step in range(12):
+            batch = {"inputs": torch.randn(16, 6, generator=g),
+                     "labels": torch.randn(16, generator=g)}
+            loss = model(**batch)["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(step, batch=batch, loss=loss)
+        run = mon.run()
+    assert np.isfinite(run.series("sentinels", "probe_loss")[1]).all()
+    assert np.isnan(run.series("sentinels", "r_secant")[1]).all()
 
 
 class _CountingMLP(torch.nn.Module):

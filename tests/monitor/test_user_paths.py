@@ -522,11 +522,14 @@ def _fp16_mlp():
                          nn.Linear(256, 10))
 
 
-def _scaled_fp16_run(path, started, steps=12):
+def _scaled_fp16_run(path, started, steps=12, fused=False, every=1):
     """A healthy fp16-autocast run whose GradScaler skips its first steps (a scale of
-    2**24 overflows the fp16 backward), with a default monitor."""
+    2**24 overflows the fp16 backward), with a default monitor called every ``every``
+    steps."""
     model = _fp16_mlp()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    # fused: the scaler always calls step(grad_scaler=...), the optimizer skips inside
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True) if fused else \
+        torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 24)
     mon = Monitor(model, F.cross_entropy, path, optimizer=opt, warn=False)
     if started:
@@ -544,7 +547,8 @@ def _scaled_fp16_run(path, started, steps=12):
         scaler.update()
         if scaler.get_scale() < scale:
             skipped.append(step)
-        mon.step(step, batch=(x, y), loss=loss.detach())
+        if step % every == every - 1:
+            mon.step(step, batch=(x, y), loss=loss.detach())
     mon.close()
     return mon, skipped
 
@@ -566,6 +570,19 @@ def test_a_gradscaler_skipping_overflowed_steps_raises_no_error(tmp_path, starte
     assert np.isnan(update[skipped]).all() and np.isfinite(update[skipped[-1] + 1:]).all()
 
 
+@pytest.mark.parametrize("fused, every", [(True, 1), (False, 2)])
+def test_a_gradscaler_skip_is_info_with_a_fused_optimizer_and_sparse_calls(tmp_path, fused,
+                                                                          every):
+    # fused: the optimizer's step runs (its hooks fire) and skips inside on found_inf;
+    # every 2nd step: a call sees a skipped step after one the optimizer took
+    if not hasattr(torch.amp, "GradScaler"):
+        pytest.skip("needs torch.amp.GradScaler (torch >= 2.3)")
+    mon, skipped = _scaled_fp16_run(tmp_path / "run.h5", True, fused=fused, every=every)
+    assert len(skipped) >= 2
+    assert not [f for f in mon.findings if f.severity != "info"], mon.findings
+    assert [f for f in mon.findings if f.rule == "nonfinite"]
+
+
 def test_a_non_finite_gradient_that_an_optimizer_step_applies_is_still_an_error():
     model = nn.Linear(4, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -582,6 +599,46 @@ def test_a_non_finite_gradient_that_an_optimizer_step_applies_is_still_an_error(
     found = [(f.step, f.severity) for f in mon.findings if f.rule == "nonfinite"]
     # the micro-batch's gradient is not applied yet (info); the step that applies it errs
     assert found[0] == (2, "info") and (3, "error") in found
+
+
+def test_a_step_whose_probe_is_stored_is_written_whole_or_not_at_all(tmp_path):
+    # storing the default probe (a structural change of the file) must not flush the
+    # step's first rows alone: a kill then left a probe row and a refused restart
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with Monitor(model, F.cross_entropy, tmp_path / "run.h5", optimizer=opt, warn=False,
+                 flush_every=10_000) as mon:
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        mon.step(0, batch=(x, y), loss=loss)
+        backend = mon.writer._backend
+        committed = {n: len(backend.steps(f"metrics/{n}")) for n in ("probe", "loss")}
+        assert committed["probe"] == committed["loss"], committed
+
+
+def test_a_named_tuple_probe_is_read_back_on_resume(tmp_path):
+    from collections import namedtuple
+
+    pair = namedtuple("Pair", "inputs targets")
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probes = []
+    for steps in (range(2), range(2, 4)):
+        with Monitor(model, F.cross_entropy, tmp_path / "run.h5", optimizer=opt,
+                     warn=False) as mon:
+            for step in steps:
+                batch = pair(torch.randn(8, 4), torch.randint(0, 3, (8,)))
+                loss = F.cross_entropy(model(batch.inputs), batch.targets)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                mon.step(step, batch=batch, loss=loss)
+        probes.append(mon.probe)
+    assert all(torch.equal(a, b) for a, b in zip(*probes))
+    with Run.open(tmp_path / "run.h5") as run:
+        assert run.steps("probe").tolist() == [0]
 
 
 def test_a_run_file_of_an_older_version_takes_the_new_field_on_resume(tmp_path):
