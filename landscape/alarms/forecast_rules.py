@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any, Mapping
 
 from landscape.alarms.base import (
@@ -104,7 +105,9 @@ class TaylorForecast(Rule):
       smoothly and steadily, while r_secant is noisy (healthy controls reach r = 0.85).
       The step also grows in healthy training (warm restarts, Adam's adapting second
       moments), so this condition alone is info unless r on the row is at least
-      ``update_confirm`` (default 0.4; None: always a warning).
+      ``update_confirm`` (default 0.4; None: always a warning) or the ratio rose on each
+      of the last ``update_sustain`` rows (``update_climb``, default True: a ramp climbs
+      steadily, a restart jumps once and drifts).
 
     Any condition is a warning, **unless the probe loss is still falling fast** (its
     fitted log slope <= -``falling``, default 0.01: more than 1 % per step, with a
@@ -133,6 +136,7 @@ class TaylorForecast(Rule):
     update_window: int = 50
     update_sustain: int = 3
     update_confirm: float | None = 0.4
+    update_climb: bool = True
     field: str = "r_secant"
     sustain: int = 1
     rearm: int = 10
@@ -285,7 +289,8 @@ class ForecastState:
         elif not forecast:
             message = self._growth_message(grown, f" (secant Taylor ratio r = {_fmt(x)})")
             threshold = rule.update_growth * grown[1]
-            if rule.update_confirm is not None and x < rule.update_confirm:
+            if rule.update_confirm is not None and x < rule.update_confirm \
+                    and not self._climbing():
                 severity = "info"  # r small: a scheduled or adaptive step change
                 message += f"; r < {_fmt(rule.update_confirm)}, so the step is still safe"
         else:
@@ -333,7 +338,7 @@ class ForecastState:
             return None
         early = self.update_rows <= rule.warmup and self.rows <= rule.warmup
         message = self._growth_message(grown, "")
-        unconfirmed = rule.update_confirm is not None
+        unconfirmed = rule.update_confirm is not None and not self._climbing()
         if early:
             message += f" (within the first {rule.warmup} rows: early training)"
         elif unconfirmed:
@@ -355,6 +360,14 @@ class ForecastState:
             f"median {_fmt(med)} for {self.rule.update_sustain} steps{detail}: the step size "
             "is growing"
         )
+
+    def _climbing(self) -> bool:
+        """Whether the ratio rose on each of the last ``update_sustain`` rows (a ramp)."""
+        if not self.rule.update_climb:
+            return False
+        last = list(self.updates.order)[-(self.rule.update_sustain + 1):]
+        return len(last) > self.rule.update_sustain and all(
+            a < b for a, b in pairwise(last))
 
     def _update_growth(self, row: Row) -> tuple[float, float] | None:
         """``(ratio, median)`` once ``update_ratio`` has stayed >= growth x median."""

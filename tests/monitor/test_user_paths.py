@@ -213,13 +213,28 @@ def _growing_step(rng):
 def test_the_update_growth_condition_warns_when_the_secant_ratio_confirms_it(r, confirm,
                                                                             severity):
     u = _growing_step(np.random.default_rng(0))
-    alarms = OnlineAlarms([TaylorForecast(update_confirm=confirm)])
+    alarms = OnlineAlarms([TaylorForecast(update_confirm=confirm, update_climb=False)])
     found = []
     for i, v in enumerate(u):
         found += alarms.observe("sentinels", i, {"r_secant": r, "update_ratio": v})
     first = found[0]
     assert first.severity == severity
     assert 150 <= first.step < 160 and "update-to-weight" in first.message
+
+
+def test_a_ratio_that_climbs_on_every_row_warns_without_r_and_a_jump_does_not():
+    base = np.full(100, 0.005)
+    ramp = np.concatenate([base, 0.005 * 1.15 ** np.arange(1, 31)])  # a geometric ramp
+    jump = np.concatenate([base, 0.1 * 0.97 ** np.arange(30)])  # a restart, then decay
+
+    def first(u):
+        alarms = OnlineAlarms([TaylorForecast()])
+        for i, v in enumerate(u):
+            alarms.observe("sentinels", 100 + i, {"r_secant": 0.1, "update_ratio": v})
+        return [(f.step - 200, f.severity) for f in alarms.findings]
+
+    assert first(ramp)[0] == (6, "warning")  # 2x the median from row 4, 3 rows, climbing
+    assert [s for _, s in first(jump)] == ["info"]
 
 
 def test_the_update_growth_condition_is_quiet_on_a_steady_step():
