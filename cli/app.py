@@ -49,7 +49,7 @@ def input_errors(exit_code: int = 1) -> Iterator[None]:
         yield
     except LandscapeError as err:
         raise CommandError(str(err), exit_code) from None
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as err:
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
         raise CommandError(f"{err.strerror}: {err.filename}", exit_code) from None
 
 

@@ -96,6 +96,26 @@ def _plain(batch: Any) -> Any:
     return batch
 
 
+def _like(probe: Any, batch: Any) -> Any:
+    """``probe`` read back from the file in the containers of this run's ``batch``.
+
+    :func:`_plain` stored a namedtuple as a tuple and a ``BatchEncoding`` as a dict; a
+    closure that reads ``batch.x`` or ``batch.input_ids`` needs them back.
+    """
+    if isinstance(batch, tuple) and hasattr(batch, "_fields") and isinstance(probe, tuple) \
+            and len(probe) == len(batch):
+        return type(batch)(*(_like(p, b) for p, b in zip(probe, batch)))
+    if isinstance(batch, Mapping) and type(batch) is not dict and isinstance(probe, dict):
+        try:
+            return type(batch)({k: _like(v, batch.get(k)) for k, v in probe.items()})
+        except Exception:  # a mapping type that cannot be built from a dict
+            return probe
+    if isinstance(batch, (tuple, list)) and isinstance(probe, (tuple, list)) \
+            and len(probe) == len(batch):
+        return type(probe)(_like(p, b) for p, b in zip(probe, batch))
+    return probe
+
+
 def _no_loss_fn(*args: Any) -> torch.Tensor:
     """The loss of a monitor given neither ``loss_fn`` nor ``closure``: none to evaluate.
 
@@ -550,13 +570,21 @@ class Monitor:
         before, self._before = self._before, None
         # the hooks count optimizer steps from start(): unknown when step() started it
         stepped = None if self.optimizer is None or self._update_missed else self._opt_steps > 0
-        if stepped is False and self._stepped_once:
+        # the latest step applied this call's gradient unless the interval came up short of
+        # the steps its length promises: called every n steps, a step the GradScaler
+        # skipped leaves n - 1 since the last call
+        due_steps = None if self._last_step is None else (
+            (step - self._last_step) / self._steps_per_opt)
+        short = due_steps is not None and 0 < self._opt_steps < due_steps - 0.5
+        if stepped and short:
+            stepped = False
+        if stepped is False and self._stepped_once and not short:
             # nothing to measure: a GradScaler skipped the step, a micro-batch in between
             self._update_missed = True
         self._stepped_once = self._stepped_once or bool(stepped)
         if self._last_step is not None or self._opt_steps > 0:
             self._opt_per_call = self._opt_steps  # since the last call, or since start()
-        if self._last_step is not None and self._opt_steps > 0:
+        if self._last_step is not None and self._opt_steps > 0 and not short:
             self._steps_per_opt = (step - self._last_step) / self._opt_steps
         self._opt_steps = 0
         self._last_step = step
@@ -679,7 +707,9 @@ class Monitor:
                          "across this step", why)
             return False
         first = first_tensor(batch)  # the probe goes where this run's batches are
-        self.probe = probe if first is None else map_tensors(probe, lambda t: t.to(first.device))
+        if first is not None:
+            probe = map_tensors(probe, lambda t: t.to(first.device))
+        self.probe = _like(probe, batch)
         _log.info("landscape: resuming with the probe stored in the run file")
         return True
 

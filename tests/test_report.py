@@ -186,23 +186,28 @@ def test_a_single_row_and_isolated_points_are_visible():
 
 def test_nan_on_every_row_is_not_measured_and_only_real_blow_ups_are_ticked():
     w = RunWriter.memory()
-    w.declare("sentinels", {"attention_logit_max": None, "act": None, "layers": (2,)})
+    w.declare("sentinels", {"attention_logit_max": None, "act": None, "layers": (2,),
+                            "every_10th": None, "loss": None})
     for s in range(30):
         w.append("sentinels", s, {
             "attention_logit_max": np.nan,  # no attention in this network
             "act": np.inf if s == 7 else (np.nan if s == 9 else 1.0 + s),
             "layers": [np.nan, 1.0],  # one layer never measured
+            "every_10th": 1.0 if s % 10 == 0 else np.nan,  # measured every 10th row
+            "loss": 1.0 if s < 25 else np.nan,  # a blow-up stays NaN
         })
     fig = timeline(w.run(), "sentinels", findings=[])
-    att, act, layers = fig.axes
+    att, act, layers, sparse, loss = fig.axes
 
     def ticks(ax):
         return [list(line.get_xdata()) for line in ax.get_lines() if line.get_marker() == "|"]
 
     assert ticks(att) == [] and not _visible_points(att)
-    assert any(t.get_text().startswith("not measured") for t in att.texts)
-    assert ticks(act) == [[7, 9]]  # inf, and a NaN in a series finite elsewhere
+    assert any(t.get_text() == "NaN on every row" for t in att.texts)
+    assert ticks(act) == [[7, 9]]  # inf, and a NaN where every row has a value
     assert ticks(layers) == []  # the all-NaN component is not a blow-up
+    assert ticks(sparse) == []  # NaN between every 10th row: nothing due there
+    assert ticks(loss) == [[25, 26, 27, 28, 29]]
     legend = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
     assert legend == ["non-finite"]
     # every value NaN everywhere: no "non-finite" legend at all

@@ -11,7 +11,7 @@ import json
 import math
 
 import click
-from landscape_cli.app import cli, input_errors, verbose_option
+from landscape_cli.app import CommandError, cli, input_errors, verbose_option
 
 from landscape.findings import SEVERITIES, Finding
 from landscape.report import (
@@ -92,9 +92,13 @@ def check(run_path: str, fail_on: str, recompute: bool, as_json: bool, quiet: bo
     --recompute, those the alarm rules find on the whole run; a finding is reported
     once per (step, rule, metric). A RUN that cannot be read exits 2, not 1.
     """
-    with input_errors(EXIT_INPUT), Run.open(run_path) as run:
-        found = collect_findings(run, recompute=recompute)
-        source = run.source
+    try:
+        with input_errors(EXIT_INPUT), Run.open(run_path) as run:
+            found = collect_findings(run, recompute=recompute)
+            source = run.source
+    except (KeyError, ValueError, TypeError, OSError) as err:  # a damaged file's structure
+        raise CommandError(f"{run_path}: cannot be read as a run file "
+                           f"({type(err).__name__}: {err})", EXIT_INPUT) from None
     failing = at_or_above(found, fail_on)
     counts = count_by_severity(found)
     if as_json:

@@ -115,7 +115,7 @@ def _wait_for(run_path: str, interval: float, timeout: float | None, quiet: bool
 )
 @click.option("--once", is_flag=True, help="Print the current state and exit.")
 @click.option(
-    "--timeout", type=click.FloatRange(min=0.0), default=None,
+    "--timeout", type=FiniteFloatRange(min=0.0), default=None,
     help="Stop after this many seconds, waiting for RUN to be created included "
     "(default: run until Ctrl-C).",
 )

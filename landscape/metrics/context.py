@@ -323,8 +323,10 @@ class StepContext:
             try:
                 return stateless_call(self.model, params, (), dict(batch))
             except TypeError:
-                if "input_ids" not in batch:
-                    raise  # else a forward(idx) fed {input_ids, labels}: positionally
+                # only {input_ids, labels} has a positional reading, forward(idx): any
+                # other key (an attention mask) would be dropped silently
+                if set(batch) != {"input_ids", "labels"}:
+                    raise
         inputs, _ = split_batch(batch)
         return stateless_call(self.model, params, (inputs,))
 

@@ -87,9 +87,11 @@ class NonFinite(Metric):
     """1.0 when the loss (resp. any gradient entry) is NaN or infinite, else 0.0.
 
     ``skipped`` says whether this gradient was left out of the weights. With a non-finite
-    gradient it is 1.0 when every weight is still finite: no step applied it (a
-    GradScaler skipping an overflowed step, a fused optimizer told ``found_inf``, a
-    micro-batch between optimizer steps), and 0.0 when the weights are not finite. With a
+    gradient it is 1.0 when every weight is still finite and none moved since the
+    previous call: no step applied it (a GradScaler skipping an overflowed step, a fused
+    optimizer told ``found_inf``, a micro-batch between optimizer steps); 0.0 when the
+    weights are not finite or an optimizer step moved them (a sign-based optimizer such
+    as Rprop applies an infinite gradient as a finite step). With a
     finite gradient it is 1.0 when the optimizer did not step since the monitor's previous
     call, 0.0 when it did, NaN when not known (no ``optimizer=``, the first call of a
     monitor that ``step()`` started). Run files written before it have NaN there.
@@ -115,9 +117,13 @@ class NonFinite(Metric):
             grad_bad = float(not all(bool(torch.isfinite(g).all()) for g in grads))
         stepped = ctx.optimizer_stepped
         if grad_bad == 1.0:  # did the non-finite gradient reach the weights?
-            # a step that applies it makes them non-finite; one that a GradScaler skips (or
-            # a fused optimizer told found_inf, or an accumulation micro-batch) does not
-            skipped = float(all(bool(torch.isfinite(p).all()) for p in ctx.parameters))
+            # a step that applies it makes them non-finite (or, sign-based like Rprop or
+            # Lion, moves them); one that a GradScaler skips, a fused optimizer told
+            # found_inf, or an accumulation micro-batch leaves them as they were
+            finite = all(bool(torch.isfinite(p).all()) for p in ctx.parameters)
+            moved = stepped is True and (ctx.update is None or any(
+                bool(d.any()) for d in ctx.update))
+            skipped = float(finite and not moved)
         else:
             skipped = math.nan if stepped is None else float(not stepped)
         return {"loss": loss_bad, "grad": grad_bad, "skipped": skipped}

@@ -11,9 +11,10 @@ metric's step range) dashed and faint.
 A series of few points (at most ``FEW_POINTS`` finite values) is drawn with a marker on
 every point, and a finite point between two non-finite ones gets a marker of its own, so a
 single row or an isolated value is visible (a line needs two neighbours). Non-finite values
-are ticks along the bottom of the axes: every ``±inf``, and a NaN where the component has
-finite values elsewhere. A field that is NaN on every row (a metric not applicable to this
-model, e.g. attention sentinels of a network without attention) is labelled "not measured"
+are ticks along the bottom of the axes: every ``±inf``, and a NaN on a row where the
+component's own rhythm (every row, or every k-th) says a value was due, from its first
+finite value on. A field that is NaN on every row (a metric not
+applicable to this model, or a loss NaN from the start) is labelled "NaN on every row"
 instead. :func:`timelines` leaves out metrics that have no rows yet.
 
 Figures are built with :class:`matplotlib.figure.Figure` directly (no ``pyplot``, hence
@@ -100,10 +101,13 @@ def _set_log_scale(ax, values: np.ndarray) -> None:
 
 
 def nonfinite_rows(values: np.ndarray) -> np.ndarray:
-    """Rows to mark as non-finite: any ``±inf``, or a NaN in a component measured elsewhere.
+    """Rows to mark as non-finite: any ``±inf``, and NaN where a measurement was due.
 
-    A component that is NaN on every row was not measured (the metric does not apply), so
-    its NaN is not marked.
+    NaN in a metric row often means "not measured on this row": a field measured every
+    k-th call, the secant before its second call, a metric that does not apply. So a
+    component's NaN is marked only on the rows where its own rhythm says a value was due:
+    from its first finite row on, every p-th row, p the median spacing of its finite rows
+    (1 for a field measured every row). A component NaN on every row is not marked.
 
     Args:
         values: the field's rows, shape ``(n, *shape)``.
@@ -112,8 +116,16 @@ def nonfinite_rows(values: np.ndarray) -> np.ndarray:
         A boolean array of length ``n``.
     """
     flat = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
-    measured = np.isfinite(flat).any(axis=0)
-    return (np.isinf(flat) | (np.isnan(flat) & measured)).any(axis=1)
+    bad = np.isinf(flat).any(axis=1)
+    rows = np.arange(len(flat))
+    for column in flat.T:
+        finite = np.flatnonzero(np.isfinite(column))
+        if finite.size == 0:
+            continue
+        period = max(1, round(float(np.median(np.diff(finite)))) if finite.size > 1 else 1)
+        due = (rows >= finite[0]) & ((rows - finite[0]) % period == 0)
+        bad |= np.isnan(column) & due
+    return bad
 
 
 def _mark_nonfinite(ax, steps: np.ndarray, values: np.ndarray) -> bool:
@@ -276,9 +288,11 @@ def timeline(
         steps, values = run.series(metric, name)
         numbers = np.asarray(values, dtype=np.float64)
         if len(steps) == 0 or np.isnan(numbers).all():
-            # no rows, or NaN on every row: the metric does not apply (no blow-up to mark)
-            text = "no rows yet" if len(steps) == 0 else "not measured (NaN on every row)"
+            # no rows, or NaN on every row: not measured here, or a run NaN from its start
+            text = "no rows yet" if len(steps) == 0 else "NaN on every row"
             ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
+            if len(steps):
+                ax.set_xlim(float(steps[0]) - 0.5, float(steps[-1]) + 0.5)
             ax.set_ylabel(name)
         else:
             labels = _field_labels(run, metric, name)

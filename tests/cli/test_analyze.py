@@ -254,6 +254,7 @@ def test_analyze_without_a_learning_rate_on_plain_state_dicts_warns(setup, tmp_p
 @pytest.mark.parametrize(("args", "match"), [
     (["--lr", "nan"], "--lr"), (["--lr", "0"], "--lr"), (["--momentum", "inf", "--lr", "1"],
                                                          "--momentum"),
+    (["--momentum", "1.0", "--lr", "1"], "--momentum"),  # SGD momentum lies in [0, 1)
 ])
 def test_bad_sgd_settings_are_usage_errors(setup, tmp_path, args, match):
     root, paths, _ = setup

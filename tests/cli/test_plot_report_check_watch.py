@@ -93,6 +93,19 @@ def _bad_inputs(tmp_path):
     ]
 
 
+def _damaged_run(run_file, tmp_path):
+    """A copy of ``run_file`` whose structure is broken: no ``/findings`` table."""
+    import shutil
+
+    import h5py
+
+    damaged = tmp_path / "damaged.h5"
+    shutil.copy(run_file, damaged)
+    with h5py.File(damaged, "a") as f:
+        del f["findings"]
+    return damaged
+
+
 # --------------------------------------------------------------------------- plot
 
 
@@ -353,6 +366,7 @@ def test_check_table_and_exit_status_follow_fail_on(runner, run_file):
     assert "2 findings (1 error, 1 warning, 0 info); FAIL" in lines[-1]
     assert runner.invoke(cli, ["check", str(run_file), "--stored", "--fail-on", "error"]
                          ).exit_code == 1
+
     assert runner.invoke(cli, ["check", str(run_file), "--stored", "--fail-on", "info"]
                          ).exit_code == 1
 
@@ -420,6 +434,9 @@ def test_check_input_errors_exit_2_and_findings_exit_1(runner, run_file, tmp_pat
                          ).exit_code == 1
     usage = runner.invoke(cli, ["check", str(run_file), "--fail-on", "fatal"])
     assert usage.exit_code == 2
+    damaged = runner.invoke(cli, ["check", str(_damaged_run(run_file, tmp_path))])
+    _one_line_error(damaged, "cannot be read as a run file")
+    assert damaged.exit_code == 2
     text = runner.invoke(cli, ["check", "-h"]).output
     assert "Exit status:" in text and "1  a finding reaches --fail-on" in text
     assert "2  RUN cannot be checked" in text
@@ -460,6 +477,21 @@ def test_watch_timeout_stops_without_a_real_clock(runner, run_file, monkeypatch)
     assert result.exit_code == 0, result.output
     assert now[0] == 5.0  # slept 2 + 2 + 1
     assert result.stderr.strip() == "stopped"
+
+
+def test_watch_timeout_must_be_finite(runner, run_file):
+    result = runner.invoke(cli, ["watch", str(run_file), "--timeout", "nan"])
+    assert result.exit_code == 2 and "--timeout" in result.stderr
+
+
+def test_an_output_path_under_a_file_is_one_line(runner, run_file, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for args in (["report", str(run_file), "-o", str(afile / "x.html")],
+                 ["plot", str(run_file), "-o", str(afile / "sub") + "/"]):
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert [ln for ln in result.stderr.splitlines() if ln.startswith("Error:")]
 
 
 @pytest.mark.parametrize("interval", ["0", "0.005", "-1", "nan", "inf"])

@@ -651,9 +651,58 @@ def test_a_named_tuple_probe_is_read_back_on_resume(tmp_path):
                 opt.step()
                 mon.step(step, batch=batch, loss=loss)
         probes.append(mon.probe)
+    assert type(probes[1]) is pair  # a closure may read probe.inputs
     assert all(torch.equal(a, b) for a, b in zip(*probes))
     with Run.open(tmp_path / "run.h5") as run:
         assert run.steps("probe").tolist() == [0]
+
+
+def test_a_sign_based_optimizer_applying_an_infinite_gradient_is_an_error():
+    # Rprop steps by the gradient's sign: the weights move and stay finite
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = torch.optim.Rprop(model.parameters(), lr=0.01)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with Monitor(model, F.cross_entropy, optimizer=opt, warn=False) as mon:
+        for step in range(5):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            if step == 3:
+                model.weight.grad[0, 0] = math.inf
+            opt.step()
+            mon.step(step, batch=(x, y), loss=loss)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert [(f.step, f.severity) for f in mon.findings if f.rule == "nonfinite"] == [
+        (3, "error")]
+
+
+def test_a_keyword_batch_the_model_cannot_take_is_an_error_not_a_positional_call():
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb = nn.Embedding(20, 5)
+
+        def forward(self, input_ids, attention_mask=None):
+            z = self.emb(input_ids)
+            return z if attention_mask is None else z * attention_mask[..., None]
+
+    model = Tagger()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch = {"input_ids": torch.randint(0, 20, (4, 6)), "attention_mask": torch.ones(4, 6),
+             "labels": torch.randint(0, 5, (4, 6)), "idx": torch.arange(4)}
+    with Monitor(model, optimizer=opt, metrics=["logits"], warn=False) as mon:
+        out = model(batch["input_ids"], batch["attention_mask"])
+        loss = F.cross_entropy(out.reshape(-1, 5), batch["labels"].reshape(-1))
+        loss.backward()
+        opt.step()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mon.step(0, batch=batch, loss=loss)
+    # not model(input_ids) without its mask: the forward's own error, said once
+    failed = [f for f in mon.findings if f.rule == "metric_failed"]
+    assert len(failed) == 1 and "unexpected keyword argument" in failed[0].message
 
 
 def test_a_run_file_of_an_older_version_takes_the_new_field_on_resume(tmp_path):
