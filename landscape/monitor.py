@@ -303,6 +303,7 @@ class Monitor:
         self._stepped_once = False  # an optimizer step was seen (a call without one: a skip)
         self._opt_per_call: int | None = None  # between the last two calls (None: unknown)
         self._steps_per_opt = 1.0  # steps (as numbered by the caller) per optimizer step
+        self._steps_per_opt_known = False  # learned from a call after an optimizer step
         self._first_step = 0
         self.adaptive = adaptive
         self._dense_until = -1  # dense measurements are on through this step
@@ -573,6 +574,7 @@ class Monitor:
         # the latest step applied this call's gradient unless the interval came up short of
         # the steps its length promises: called every n steps, a step the GradScaler
         # skipped leaves n - 1 since the last call
+        # (until learned, one optimizer step per numbered step, the usual numbering)
         due_steps = None if self._last_step is None else (
             (step - self._last_step) / self._steps_per_opt)
         short = due_steps is not None and 0 < self._opt_steps < due_steps - 0.5
@@ -584,8 +586,12 @@ class Monitor:
         self._stepped_once = self._stepped_once or bool(stepped)
         if self._last_step is not None or self._opt_steps > 0:
             self._opt_per_call = self._opt_steps  # since the last call, or since start()
-        if self._last_step is not None and self._opt_steps > 0 and not short:
-            self._steps_per_opt = (step - self._last_step) / self._opt_steps
+        if self._last_step is not None and self._opt_steps > 0:
+            # a skipped step only lengthens an interval: the shortest ratio is the numbering
+            ratio = (step - self._last_step) / self._opt_steps
+            known = self._steps_per_opt_known
+            self._steps_per_opt = min(self._steps_per_opt, ratio) if known else ratio
+            self._steps_per_opt_known = True
         self._opt_steps = 0
         self._last_step = step
         if not due:

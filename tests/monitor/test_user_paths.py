@@ -728,3 +728,24 @@ def test_a_run_file_of_an_older_version_takes_the_new_field_on_resume(tmp_path):
         assert steps.tolist() == [0, 1, 2, 3, 4]
         assert np.isnan(skipped[:3]).all() and skipped[3:].tolist() == [0.0, 0.0]
         assert run.series("nonfinite", "grad")[1].tolist() == [0.0] * 5
+
+
+def test_steps_numbered_by_micro_batch_are_learned_not_read_as_skips():
+    # four micro-batches per optimizer step, the monitor called after each optimizer step
+    # with the micro-batch count as its step: one step per call, none skipped
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with Monitor(model, F.cross_entropy, optimizer=opt, warn=False) as mon:
+        for micro in range(24):
+            (F.cross_entropy(model(x), y) / 4).backward()
+            if micro % 4 == 3:
+                opt.step()
+                mon.step(micro, batch=(x, y), loss=F.cross_entropy(model(x), y).detach())
+                opt.zero_grad()
+        run = mon.run()
+    skipped = run.series("nonfinite", "skipped")[1]
+    assert skipped[2:].tolist() == [0.0] * (len(skipped) - 2)  # learned by the second call
+    assert np.isfinite(run.series("update", "norm")[1]).all()
+    assert not mon.findings
