@@ -303,7 +303,7 @@ class Monitor:
         self._stepped_once = False  # an optimizer step was seen (a call without one: a skip)
         self._opt_per_call: int | None = None  # between the last two calls (None: unknown)
         self._steps_per_opt = 1.0  # steps (as numbered by the caller) per optimizer step
-        self._steps_per_opt_known = False  # learned from a call after an optimizer step
+        self._last_gap: int | None = None  # steps between the last two calls
         self._first_step = 0
         self.adaptive = adaptive
         self._dense_until = -1  # dense measurements are on through this step
@@ -571,27 +571,23 @@ class Monitor:
         before, self._before = self._before, None
         # the hooks count optimizer steps from start(): unknown when step() started it
         stepped = None if self.optimizer is None or self._update_missed else self._opt_steps > 0
-        # the latest step applied this call's gradient unless the interval came up short of
-        # the steps its length promises: called every n steps, a step the GradScaler
-        # skipped leaves n - 1 since the last call
-        # (until learned, one optimizer step per numbered step, the usual numbering)
-        due_steps = None if self._last_step is None else (
-            (step - self._last_step) / self._steps_per_opt)
-        short = due_steps is not None and 0 < self._opt_steps < due_steps - 0.5
+        # the latest step applied this call's gradient unless the interval came up short:
+        # called every n steps, a step the GradScaler skipped leaves n - 1 since the last
+        # call, where the previous interval of the same length had n
+        gap = None if self._last_step is None else step - self._last_step
+        short = (gap is not None and gap == self._last_gap and self._opt_per_call is not None
+                 and 0 < self._opt_steps < self._opt_per_call)
+        self._last_gap = gap
         if stepped and short:
             stepped = False
         if stepped is False and self._stepped_once and not short:
             # nothing to measure: a GradScaler skipped the step, a micro-batch in between
             self._update_missed = True
         self._stepped_once = self._stepped_once or bool(stepped)
-        if self._last_step is not None or self._opt_steps > 0:
+        if (self._last_step is not None or self._opt_steps > 0) and not short:
             self._opt_per_call = self._opt_steps  # since the last call, or since start()
-        if self._last_step is not None and self._opt_steps > 0:
-            # a skipped step only lengthens an interval: the shortest ratio is the numbering
-            ratio = (step - self._last_step) / self._opt_steps
-            known = self._steps_per_opt_known
-            self._steps_per_opt = min(self._steps_per_opt, ratio) if known else ratio
-            self._steps_per_opt_known = True
+        if self._last_step is not None and self._opt_steps > 0 and not short:
+            self._steps_per_opt = (step - self._last_step) / self._opt_steps
         self._opt_steps = 0
         self._last_step = step
         if not due:

@@ -106,8 +106,8 @@ def nonfinite_rows(values: np.ndarray) -> np.ndarray:
     NaN in a metric row often means "not measured on this row": a field measured every
     k-th call, the secant before its second call, a metric that does not apply. So a
     component's NaN is marked only on the rows where its own rhythm says a value was due:
-    from its first finite row on, every p-th row, p the median spacing of its finite rows
-    (1 for a field measured every row). A component NaN on every row is not marked.
+    from its first finite row on, every p-th row, p the smallest spacing of its finite
+    rows (1 for a field measured every row). A component NaN on every row is not marked.
 
     Args:
         values: the field's rows, shape ``(n, *shape)``.
@@ -122,7 +122,7 @@ def nonfinite_rows(values: np.ndarray) -> np.ndarray:
         finite = np.flatnonzero(np.isfinite(column))
         if finite.size == 0:
             continue
-        period = max(1, round(float(np.median(np.diff(finite)))) if finite.size > 1 else 1)
+        period = int(np.diff(finite).min()) if finite.size > 1 else 1
         due = (rows >= finite[0]) & ((rows - finite[0]) % period == 0)
         bad |= np.isnan(column) & due
     return bad
