@@ -531,6 +531,14 @@ def test_a_path_in_the_loss_functions_place_is_refused():
 # -- fp16 with a GradScaler: skipped steps are not errors
 
 
+def _tiny(optimizer, **settings):
+    """A seeded ``nn.Linear(4, 3)``, its optimizer and one batch of 8 samples."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    return model, optimizer(model.parameters(), **settings), torch.randn(8, 4), \
+        torch.randint(0, 3, (8,))
+
+
 def _fp16_mlp():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(32, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(),
@@ -598,10 +606,7 @@ def test_a_gradscaler_skip_is_info_with_a_fused_optimizer(tmp_path):
 def test_a_skip_on_the_last_step_of_a_sparse_interval_is_info():
     # called every 2nd step; at step 9 the loss overflows and the step is skipped, as a
     # GradScaler does, after step 8 was taken: the interval has 1 step where others had 2
-    torch.manual_seed(0)
-    model = nn.Linear(4, 3)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    model, opt, x, y = _tiny(torch.optim.Adam, lr=1e-2)
     with Monitor(model, F.cross_entropy, optimizer=opt, warn=False) as mon:
         for step in range(14):
             loss = F.cross_entropy(model(x), y)
@@ -619,9 +624,7 @@ def test_a_skip_on_the_last_step_of_a_sparse_interval_is_info():
 
 
 def test_a_non_finite_gradient_that_an_optimizer_step_applies_is_still_an_error():
-    model = nn.Linear(4, 3)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    model, opt, x, y = _tiny(torch.optim.SGD, lr=0.1)
     with Monitor(model, F.cross_entropy, optimizer=opt, warn=False) as mon:
         for step in range(6):  # one call per micro-batch, an optimizer step every second
             loss = F.cross_entropy(model(x), y) * (math.inf if step == 2 else 1.0)
@@ -639,9 +642,7 @@ def test_a_non_finite_gradient_that_an_optimizer_step_applies_is_still_an_error(
 def test_a_step_whose_probe_is_stored_is_written_whole_or_not_at_all(tmp_path):
     # storing the default probe (a structural change of the file) must not flush the
     # step's first rows alone: a kill then left a probe row and a refused restart
-    model = nn.Linear(4, 3)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    model, opt, x, y = _tiny(torch.optim.SGD, lr=0.1)
     with Monitor(model, F.cross_entropy, tmp_path / "run.h5", optimizer=opt, warn=False,
                  flush_every=10_000) as mon:
         loss = F.cross_entropy(model(x), y)
@@ -679,10 +680,7 @@ def test_a_named_tuple_probe_is_read_back_on_resume(tmp_path):
 
 def test_a_sign_based_optimizer_applying_an_infinite_gradient_is_an_error():
     # Rprop steps by the gradient's sign: the weights move and stay finite
-    torch.manual_seed(0)
-    model = nn.Linear(4, 3)
-    opt = torch.optim.Rprop(model.parameters(), lr=0.01)
-    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    model, opt, x, y = _tiny(torch.optim.Rprop, lr=0.01)
     with Monitor(model, F.cross_entropy, optimizer=opt, warn=False) as mon:
         for step in range(5):
             loss = F.cross_entropy(model(x), y)
@@ -733,9 +731,7 @@ def test_a_run_file_of_an_older_version_takes_the_new_field_on_resume(tmp_path):
         w.declare("nonfinite", {"loss": None, "grad": None})
         for step in range(3):
             w.append("nonfinite", step, {"loss": 0.0, "grad": 0.0})
-    model = nn.Linear(4, 3)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    model, opt, x, y = _tiny(torch.optim.SGD, lr=0.1)
     with Monitor(model, F.cross_entropy, path, optimizer=opt, warn=False) as mon:
         for step in (3, 4):
             loss = F.cross_entropy(model(x), y)
@@ -753,10 +749,7 @@ def test_a_run_file_of_an_older_version_takes_the_new_field_on_resume(tmp_path):
 def test_steps_numbered_by_micro_batch_are_learned_not_read_as_skips():
     # four micro-batches per optimizer step, the monitor called after each optimizer step
     # with the micro-batch count as its step: one step per call, none skipped
-    torch.manual_seed(0)
-    model = nn.Linear(4, 3)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    model, opt, x, y = _tiny(torch.optim.SGD, lr=0.1)
     with Monitor(model, F.cross_entropy, optimizer=opt, warn=False) as mon:
         for micro in range(24):
             (F.cross_entropy(model(x), y) / 4).backward()
