@@ -96,6 +96,18 @@ def _plain(batch: Any) -> Any:
     return batch
 
 
+def _skipped_overflow(ctx: StepContext) -> bool:
+    """Whether this call follows a GradScaler's skip: no optimizer step, an inf gradient.
+
+    Then the metrics of the step (``update``) have nothing to measure, which is no failure
+    to report, also before any optimizer step was seen.
+    """
+    if ctx.optimizer_stepped is not False:
+        return False
+    norm = ctx.grad_norm()
+    return norm is not None and not math.isfinite(norm)
+
+
 def _like(probe: Any, batch: Any) -> Any:
     """``probe`` read back from the file in the containers of this run's ``batch``.
 
@@ -724,8 +736,9 @@ class Monitor:
             err = caught
             if isinstance(caught, PartialRow):  # some fields measured: keep them
                 partial, err = dict(caught.row), caught.error
-            missed = (self._update_missed and metric.needs_update and ctx.update is None
-                      and isinstance(err, MissingInput))
+            missed = (metric.needs_update and ctx.update is None
+                      and isinstance(err, MissingInput)
+                      and (self._update_missed or _skipped_overflow(ctx)))
             if self.strict and not missed:
                 if partial is None:
                     raise
