@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+from pathlib import Path
 from typing import Callable, Iterator
 
 import click
@@ -25,6 +26,18 @@ class FiniteFloatRange(click.FloatRange):
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         return number
+
+
+def output_directory(path: Path) -> Path:
+    """Create the output directory ``path`` (and its parents) unless it exists as a file.
+
+    Raises:
+        click.ClickException: ``path`` exists and is not a directory.
+    """
+    if path.exists() and not path.is_dir():
+        raise click.ClickException(f"{path}: exists and is not a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def factory_options(func: F) -> F:

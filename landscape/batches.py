@@ -1,7 +1,7 @@
 """Batch structures shared by every consumer of user data.
 
-Moving a nested batch to a device, reading its number of samples and splitting it into
-micro-batches.
+Moving a nested batch to a device, reading its number of samples, splitting it into
+micro-batches, and storing it in plain containers (and back).
 
 A batch is a tensor, or tuples, lists and mappings of them (possibly nested), as a
 ``DataLoader`` with the default collate function yields them.
@@ -13,7 +13,15 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-__all__ = ["head", "leading_size", "map_tensors", "split", "to_device"]
+__all__ = [
+    "head",
+    "in_containers_of",
+    "leading_size",
+    "map_tensors",
+    "plain_containers",
+    "split",
+    "to_device",
+]
 
 
 def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any], other: Callable[[Any], Any] | None
@@ -27,17 +35,57 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any], other: Callable[[An
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, Mapping):
-        mapped = {k: map_tensors(v, fn, other) for k, v in obj.items()}
-        try:
-            return type(obj)(mapped)
-        except TypeError:
-            return mapped
+        return _rebuilt(obj, {k: map_tensors(v, fn, other) for k, v in obj.items()})
     if isinstance(obj, (tuple, list)):
-        items = [map_tensors(v, fn, other) for v in obj]
-        if hasattr(obj, "_fields"):  # a namedtuple
-            return type(obj)(*items)
-        return type(obj)(items)
+        return _rebuilt(obj, [map_tensors(v, fn, other) for v in obj])
     return other(obj) if other is not None else obj
+
+
+def _rebuilt(like: Any, items: Any) -> Any:
+    """``items`` (a dict, or a list of a sequence's items) in the container type of ``like``.
+
+    Namedtuples take their items as arguments; a mapping type that cannot be built from a
+    dict leaves the plain ``dict``.
+    """
+    if isinstance(like, Mapping):
+        try:
+            return type(like)(items)
+        except TypeError:
+            return items
+    if hasattr(like, "_fields"):  # a namedtuple
+        return type(like)(*items)
+    return type(like)(items)
+
+
+def plain_containers(obj: Any) -> Any:
+    """``obj`` on the CPU in plain dicts, tuples and lists, for ``torch.save``.
+
+    A tokenizer's ``BatchEncoding`` or a namedtuple would not load back with
+    ``torch.load(weights_only=True)``; :func:`in_containers_of` puts them back.
+    """
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, Mapping):
+        return {k: plain_containers(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(plain_containers(v) for v in obj)
+    if isinstance(obj, list):
+        return [plain_containers(v) for v in obj]
+    return obj
+
+
+def in_containers_of(obj: Any, like: Any) -> Any:
+    """``obj`` (plain containers) rebuilt in the container types of the batch ``like``.
+
+    Where the two structures match (a closure may read ``batch.x`` or
+    ``batch.input_ids``); elsewhere ``obj`` stays as it is.
+    """
+    if isinstance(like, Mapping) and isinstance(obj, Mapping):
+        return _rebuilt(like, {k: in_containers_of(v, like.get(k)) for k, v in obj.items()})
+    if isinstance(like, (tuple, list)) and isinstance(obj, (tuple, list)) \
+            and len(obj) == len(like):
+        return _rebuilt(like, [in_containers_of(v, u) for v, u in zip(obj, like)])
+    return obj
 
 
 def to_device(obj: Any, device: torch.device | str, *, non_blocking: bool = False) -> Any:

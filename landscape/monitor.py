@@ -37,7 +37,7 @@ import math
 import os
 import time
 import warnings
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -46,7 +46,13 @@ from torch import nn
 from landscape import distributed as _dist
 from landscape._errors import InstabilityWarning, MissingInput, PartialRow, StepOrderError
 from landscape._interrupts import InterruptGuard
-from landscape.batches import head, leading_size, map_tensors
+from landscape.batches import (
+    head,
+    in_containers_of,
+    leading_size,
+    map_tensors,
+    plain_containers,
+)
 from landscape.capture import first_tensor
 from landscape.failures import failure_finding, nonfinite_state
 from landscape.findings import Finding, Findings, dedupe, user_stacklevel
@@ -79,23 +85,6 @@ def _optimizer_config(opt: torch.optim.Optimizer | None) -> dict[str, Any] | Non
     return {"class": type(opt).__name__, "param_group_0": group}
 
 
-def _plain(batch: Any) -> Any:
-    """``batch`` on the CPU in plain dicts, tuples and lists, for ``torch.save``.
-
-    A tokenizer's ``BatchEncoding`` or a namedtuple would not load back with
-    ``torch.load(weights_only=True)``.
-    """
-    if isinstance(batch, torch.Tensor):
-        return batch.detach().cpu()
-    if isinstance(batch, Mapping):
-        return {k: _plain(v) for k, v in batch.items()}
-    if isinstance(batch, tuple):
-        return tuple(_plain(v) for v in batch)
-    if isinstance(batch, list):
-        return [_plain(v) for v in batch]
-    return batch
-
-
 def _skipped_overflow(ctx: StepContext) -> bool:
     """Whether this call follows a GradScaler's skip: no optimizer step, an inf gradient.
 
@@ -106,26 +95,6 @@ def _skipped_overflow(ctx: StepContext) -> bool:
         return False
     norm = ctx.grad_norm()
     return norm is not None and not math.isfinite(norm)
-
-
-def _like(probe: Any, batch: Any) -> Any:
-    """``probe`` read back from the file in the containers of this run's ``batch``.
-
-    :func:`_plain` stored a namedtuple as a tuple and a ``BatchEncoding`` as a dict; a
-    closure that reads ``batch.x`` or ``batch.input_ids`` needs them back.
-    """
-    if isinstance(batch, tuple) and hasattr(batch, "_fields") and isinstance(probe, tuple) \
-            and len(probe) == len(batch):
-        return type(batch)(*(_like(p, b) for p, b in zip(probe, batch)))
-    if isinstance(batch, Mapping) and type(batch) is not dict and isinstance(probe, dict):
-        try:
-            return type(batch)({k: _like(v, batch.get(k)) for k, v in probe.items()})
-        except Exception:  # a mapping type that cannot be built from a dict
-            return probe
-    if isinstance(batch, (tuple, list)) and isinstance(probe, (tuple, list)) \
-            and len(probe) == len(batch):
-        return type(probe)(_like(p, b) for p, b in zip(probe, batch))
-    return probe
 
 
 def _no_loss_fn(*args: Any) -> torch.Tensor:
@@ -686,7 +655,7 @@ class Monitor:
             return
         buffer = io.BytesIO()
         try:
-            torch.save(_plain(self.probe), buffer)
+            torch.save(plain_containers(self.probe), buffer)
         except Exception as err:  # a batch type that does not pickle: resume takes anew
             _log.warning("landscape: the default probe cannot be stored in the run file "
                          "(%s); a resumed run will take a new one", err)
@@ -723,7 +692,7 @@ class Monitor:
         first = first_tensor(batch)  # the probe goes where this run's batches are
         if first is not None:
             probe = map_tensors(probe, lambda t: t.to(first.device))
-        self.probe = _like(probe, batch)
+        self.probe = in_containers_of(probe, batch)
         _log.info("landscape: resuming with the probe stored in the run file")
         return True
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 from landscape_cli.app import cli, verbose_option
+from landscape_cli.options import output_directory
 
 from landscape.plotting.timelines import SAVE_FORMATS, metrics_with_rows, save_figure, timelines
 from landscape.report import collect_findings, surface_figure
@@ -124,9 +125,7 @@ def plot(
         except (KeyError, ValueError) as err:
             raise click.ClickException(_message(err)) from None
     if to_directory:
-        if target.exists() and not target.is_dir():
-            raise click.ClickException(f"{target}: exists and is not a directory")
-        target.mkdir(parents=True, exist_ok=True)
+        output_directory(target)
         paths = {name: target / f"{name}.{fmt}" for name in figures}
     else:
         if not target.parent.exists():

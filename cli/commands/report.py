@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 from landscape_cli.app import cli, verbose_option
+from landscape_cli.options import output_directory
 
 from landscape.plotting.timelines import metrics_with_rows
 from landscape.report import collect_findings, count_by_severity, report_path, write_report
@@ -38,9 +39,7 @@ def report(run_path: str, out: str, title: str | None, log: bool, recompute: boo
     with Run.open(run_path) as run:
         found = collect_findings(run, recompute=recompute)
         if target != Path(out):  # a directory: created as plot creates its output directory
-            if target.parent.exists() and not target.parent.is_dir():
-                raise click.ClickException(f"{target.parent}: exists and is not a directory")
-            target.parent.mkdir(parents=True, exist_ok=True)
+            output_directory(target.parent)
         path = write_report(run, target, title=title, findings=found, log=log)
         n_metrics, n_surfaces = len(metrics_with_rows(run)), len(run.surfaces())
     if not quiet:

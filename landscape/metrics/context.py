@@ -30,6 +30,9 @@ __all__ = ["MissingInput", "StepContext", "batch_targets", "softmax_logits", "sp
 Closure = Callable[[nn.Module, Any], torch.Tensor]
 
 
+PAIR_KEYS = (("inputs", "targets"), ("x", "y"))  # dict batches of (inputs, targets)
+
+
 def split_batch(batch: Any) -> tuple[Any, Any]:
     """``(inputs, targets)`` of a batch given as a 2-sequence or a dict with those keys.
 
@@ -46,16 +49,13 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
     if isinstance(batch, dict):
-        for xk, yk in (("inputs", "targets"), ("x", "y"), ("input_ids", "labels")):
+        for xk, yk in (*PAIR_KEYS, ("input_ids", "labels")):
             if xk in batch and yk in batch:
                 return batch[xk], batch[yk]
     raise MissingInput(
         "this metric needs (inputs, targets) batches; got "
         f"{type(batch).__name__} (pass batch=(x, y) or probe=(x, y))"
     )
-
-
-PAIR_KEYS = (("inputs", "targets"), ("x", "y"))  # dict batches of (inputs, targets)
 
 
 def keyword_batch(batch: Any) -> bool:
@@ -247,6 +247,18 @@ class StepContext:
             The flattened targets.
         """
         return torch.cat([split_batch(b)[1].reshape(-1) for b in self.batches(source)])
+
+    def given_targets(self, source: str) -> Any:
+        """The targets of ``source`` as given (:func:`batch_targets`), or None.
+
+        Unlike :meth:`targets` they keep their shape (soft labels) and a batch without
+        targets gives None; a list probe's are concatenated like its outputs.
+        """
+        parts = [batch_targets(b) for b in self.batches(source)]
+        if len(parts) == 1:
+            return parts[0]
+        whole = all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in parts)
+        return torch.cat(parts) if whole else None
 
     def grad_norm(self) -> float | None:
         """||grad|| of the user's gradient, cached for the step.

@@ -16,7 +16,7 @@ from landscape import functional as LF
 from landscape._deprecation import module_getattr
 from landscape._errors import MissingInput
 from landscape.metrics.base import Metric, register
-from landscape.metrics.context import StepContext, batch_targets, softmax_logits, split_batch
+from landscape.metrics.context import StepContext, softmax_logits, split_batch
 from landscape.params import norm
 from landscape.schedules import every
 
@@ -170,12 +170,7 @@ class Logits(Metric):
     def compute(self, ctx: StepContext) -> dict[str, float]:
         """The logit statistics of the model's output on ``self.data``."""
         z = ctx.logits(self.data)
-        parts = [batch_targets(b) for b in ctx.batches(self.data)]
-        targets = parts[0]
-        if len(parts) > 1:  # a list probe: its outputs are concatenated, so the targets too
-            tensors = all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in parts)
-            targets = torch.cat(parts) if tensors else None
-        if not softmax_logits(z, targets):
+        if not softmax_logits(z, ctx.given_targets(self.data)):
             return dict.fromkeys(self.FIELDS, math.nan)
         return logit_row(z)
 

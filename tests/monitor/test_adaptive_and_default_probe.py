@@ -128,23 +128,27 @@ def test_the_default_monitor_started_by_its_first_step_raises_no_failure(tmp_pat
 # -- resuming a run file keeps its probe and its dense window
 
 
+def _run_in(path, steps, seed, model=None, opt=None, **options):
+    """A default monitor on ``path`` over ``steps`` (an MLP and SGD unless given)."""
+    if model is None:
+        model = models.mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with ls.Monitor(model, F.cross_entropy, path, optimizer=opt, warn=False, **options) as mon:
+        _train(mon, model, opt, steps, seed=seed)
+    return mon, model, opt
+
+
 def test_a_resumed_run_reads_its_default_probe_back_from_the_file(tmp_path, caplog):
     path = tmp_path / "run.h5"
-    model = models.mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    with ls.Monitor(model, F.cross_entropy, path, optimizer=opt, warn=False) as first:
-        _train(first, model, opt, range(4), seed=1)
-    with ls.Monitor(model, F.cross_entropy, path, optimizer=opt, warn=False) as resumed:
-        _train(resumed, model, opt, range(4, 6), seed=2)
+    first, model, opt = _run_in(path, range(4), seed=1)
+    resumed, _, _ = _run_in(path, range(4, 6), 2, model, opt)
     for a, b in zip(first.probe, resumed.probe):
         assert torch.equal(a, b)
     with ls.Run.open(path) as run:
         assert run.steps("probe").tolist() == [0]  # taken once
     # restarted from before the probe was taken: a new run, a new probe
     with caplog.at_level(logging.WARNING, logger="landscape"):
-        with ls.Monitor(model, F.cross_entropy, path, optimizer=opt, warn=False,
-                        truncate_from=0) as restarted:
-            _train(restarted, model, opt, range(2), seed=3)
+        restarted, _, _ = _run_in(path, range(2), 3, model, opt, truncate_from=0)
     assert not torch.equal(restarted.probe[0], first.probe[0])
     assert any("first training batch" in r.message for r in caplog.records)
 
@@ -153,15 +157,11 @@ def test_a_run_file_without_its_probe_says_the_probe_changes(tmp_path, caplog):
     import h5py
 
     path = tmp_path / "run.h5"
-    model = models.mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    with ls.Monitor(model, F.cross_entropy, path, optimizer=opt, warn=False) as first:
-        _train(first, model, opt, range(3), seed=1)
+    _, model, opt = _run_in(path, range(3), seed=1)
     with h5py.File(path, "a") as f:  # as an earlier version wrote it
         del f["state"]
     with caplog.at_level(logging.WARNING, logger="landscape"):
-        with ls.Monitor(model, F.cross_entropy, path, optimizer=opt, warn=False) as resumed:
-            _train(resumed, model, opt, range(3, 5), seed=2)
+        _run_in(path, range(3, 5), 2, model, opt)
     assert any("not comparable" in r.message for r in caplog.records)
     with ls.Run.open(path) as run:
         assert run.steps("probe").tolist() == [0, 3]
