@@ -64,17 +64,9 @@ def _set_training(modules: list[nn.Module], modes: list[bool]) -> None:
             object.__setattr__(m, "training", mode)
 
 
-def _put_in_mode(model: nn.Module, modules: list[nn.Module], training: bool) -> None:
-    """``model.train(training)``, setting the flags directly unless a module overrides ``train``.
-
-    ``nn.Module.train`` only sets ``training`` on every submodule, so when no module's class
-    overrides it the flags are set directly (a third of the time on a small transformer);
-    a custom ``train()`` (e.g. one that keeps BatchNorm frozen) is always honoured.
-    """
-    if all(type(m).train is nn.Module.train for m in modules):
-        _set_training(modules, [training] * len(modules))
-    else:
-        model.train(training)
+def _overrides_train(modules: list[nn.Module]) -> bool:
+    """Whether a module's class overrides ``nn.Module.train``."""
+    return any(type(m).train is not nn.Module.train for m in modules)
 
 
 @contextlib.contextmanager
@@ -88,6 +80,15 @@ def isolated(
     ``requires_grad`` and its ``.grad`` attribute (the same tensor object, or ``None``).
     The model is put in ``eval()`` inside the block, or with ``eval_mode=False`` in
     ``train()`` (dropout active, BatchNorm on batch statistics), whatever mode it was in.
+
+    Eval mode is entered by setting every ``training`` flag directly, never through a
+    ``train()`` / ``eval()`` that a module overrides: an eval-mode measurement needs only
+    the flags, and an override may change the weights (loralib's LoRA layers merge their
+    low-rank update into the weight on ``eval()`` and subtract it again on ``train()``,
+    which would leave the weights rounded differently, or merged twice). Train mode
+    (``eval_mode=False``) goes through ``model.train()`` when a module overrides it, so an
+    override that keeps BatchNorm frozen is honoured, and ``model.train(mode)`` with the
+    root's original mode is called again on exit before the flags are restored.
 
     ``.grad`` tensors are restored by reference. Code inside the block should not write
     into them in place (``torch.autograd.grad`` and ``torch.func`` never do); if it might
@@ -103,11 +104,18 @@ def isolated(
     flags = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
     values = [None if g is None else g.detach().clone() for g in grads] if copy_grads else None
+    # an override's own train(): only for train mode (frozen BatchNorm), and undone on exit
+    through_override = not eval_mode and _overrides_train(modules)
     with torch.random.fork_rng(devices=_cuda_devices(modules)):
         try:
-            _put_in_mode(model, modules, training=not eval_mode)
+            if through_override:
+                model.train(True)
+            else:
+                _set_training(modules, [not eval_mode] * len(modules))
             yield model
         finally:
+            if through_override:
+                model.train(modes[0])
             _set_training(modules, modes)
             for i, (p, flag, g) in enumerate(zip(params, flags, grads)):
                 if p.requires_grad != flag:

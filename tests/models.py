@@ -106,6 +106,33 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
+class MergingLoRA(nn.Linear):
+    """A LoRA layer in loralib's style: eval() adds B @ A into the weight, train() takes
+    it out again (rounding the weight), and forward adds the low-rank path while unmerged."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__(n_in, n_out)
+        g = torch.Generator().manual_seed(3)
+        self.lora_a = nn.Parameter(torch.randn(2, n_in, generator=g) / 3)
+        self.lora_b = nn.Parameter(torch.randn(n_out, 2, generator=g) / 3)
+        self.merged = False
+
+    def train(self, mode=True):
+        super().train(mode)
+        with torch.no_grad():
+            if mode and self.merged:
+                self.weight.data -= self.lora_b @ self.lora_a
+                self.merged = False
+            elif not mode and not self.merged:
+                self.weight.data += self.lora_b @ self.lora_a
+                self.merged = True
+        return self
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out if self.merged else out + x @ (self.lora_b @ self.lora_a).T
+
+
 def classification_data(n: int = 16, d_in: int = 6, n_classes: int = 3, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, d_in, generator=g), torch.randint(0, n_classes, (n,), generator=g)

@@ -105,16 +105,42 @@ class _FrozenNorm(torch.nn.Module):
         return self.bn(self.lin(x))
 
 
-def test_isolated_calls_a_custom_train_override_and_restores_every_flag():
+def test_isolated_eval_mode_sets_flags_without_calling_a_custom_train():
     model = torch.nn.Sequential(_FrozenNorm(), torch.nn.Dropout(0.5))
     model.train()
     inner = model[0]
     assert inner.training and not inner.bn.training
     inner.calls.clear()
     with isolated(model):
-        assert inner.calls == [False]  # model.eval() reached the override
+        assert inner.calls == []  # eval mode needs the flags only
         assert not any(m.training for m in model.modules())
+    assert inner.calls == []
     assert [m.training for m in model.modules()] == [True, True, True, False, True]
+
+
+def test_isolated_train_mode_honours_a_custom_train_override_and_restores_every_flag():
+    model = torch.nn.Sequential(_FrozenNorm(), torch.nn.Dropout(0.5))
+    model.eval()
+    inner = model[0]
+    inner.calls.clear()
+    with isolated(model, eval_mode=False):
+        assert inner.calls == [True]  # model.train() reached the override ...
+        assert [m.training for m in model.modules()] == [True, True, True, False, True]
+    assert inner.calls == [True, False]  # ... and model.train(False) undid it on exit
+    assert not any(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("eval_mode", [True, False])
+def test_isolated_leaves_a_merging_lora_layer_bitwise_unchanged(eval_mode):
+    model = torch.nn.Sequential(models.MergingLoRA(6, 5), torch.nn.ReLU(), models.MergingLoRA(5, 3))
+    model.train()
+    weights = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(4, 6)
+    with isolated(model, eval_mode=eval_mode):
+        inside = model(x)
+    assert torch.allclose(inside, model(x))  # the same function inside and after
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    assert not model[0].merged and not model[2].merged and model.training
 
 
 def test_isolated_sets_and_restores_flags_directly_for_plain_modules():

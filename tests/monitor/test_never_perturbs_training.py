@@ -90,3 +90,40 @@ def test_the_default_monitor_without_metrics_or_probe_is_bitwise_identical():
     ref, ref_rng = run(False)
     state, rng = run(True)
     assert all(torch.equal(state[k], ref[k]) for k in ref) and torch.equal(rng, ref_rng)
+
+
+@pytest.mark.parametrize("preset_name", [None, "standard"])
+def test_a_model_whose_eval_merges_lora_weights_trains_bitwise_identically(preset_name):
+    """loralib-style layers change their weight in train()/eval(); the monitor's eval-mode
+    forwards must not call them (a merge and unmerge rounds the weight)."""
+
+    def run(monitored):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(models.MergingLoRA(6, 8), torch.nn.Tanh(),
+                                    models.MergingLoRA(8, 3))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        mon = None
+        if monitored:
+            metrics = None if preset_name is None else preset(
+                preset_name, **dict.fromkeys(PRESETS[preset_name], "every(2)"))
+            mon = Monitor(model, F.cross_entropy, optimizer=opt, metrics=metrics,
+                          warn=False, strict=True).start()
+        g = torch.Generator().manual_seed(1)
+        for step in range(STEPS):
+            x = torch.randn(12, 6, generator=g)
+            y = torch.randint(0, 3, (12,), generator=g)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if mon is not None:
+                mon.step(step, batch=(x, y), loss=loss)
+        if mon is not None:
+            mon.close()
+        return model.state_dict()
+
+    ref = run(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state = run(True)
+    assert all(torch.equal(state[k], ref[k]) for k in ref)
