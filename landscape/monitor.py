@@ -55,7 +55,7 @@ from landscape.batches import (
 )
 from landscape.capture import first_tensor
 from landscape.failures import failure_finding, nonfinite_state
-from landscape.findings import Finding, Findings, dedupe, user_stacklevel
+from landscape.findings import Finding, Findings, dedupe, severity_rank, user_stacklevel
 from landscape.isolation import isolated
 from landscape.metrics import Metric, StepContext, split_batch
 from landscape.metrics.presets import MetricsLike, resolve_metrics
@@ -67,6 +67,7 @@ __all__ = ["MetricsLike", "Monitor", "resolve_metrics", "unwrap_optimizer"]
 _log = logging.getLogger("landscape")
 _DENSE_AT = 0.5  # sentinels/r_secant at which the expensive metrics are measured densely
 _DENSE_STEPS = 20  # for this many steps after the last trigger
+_WARNING = severity_rank("warning")  # findings from this severity up open the window too
 _PROBE_BYTES = 64 * 2**20  # the largest default probe stored in the run file for a resume
 
 
@@ -605,24 +606,29 @@ class Monitor:
         if self._distributed:
             # Rank 0's alarms (which saw the rows it writes) are authoritative: every rank
             # emits rank 0's findings, so all of them can react alike, e.g. stop together.
-            # `due` depends on the step only, hence all ranks reach this broadcast.
-            found = _dist.broadcast_object(found)
+            # Rank 0's dense window too: ranks with their own probes see different r, and
+            # `due` must be the same on every rank (curvature metrics reduce over them),
+            # which also makes every rank reach this broadcast.
+            found, self._dense_until = _dist.broadcast_object((found, self._dense_until))
+        if self.adaptive and any(severity_rank(f.severity) >= _WARNING for f in found):
+            self._dense_until = max(self._dense_until, step + _DENSE_STEPS)
         raised: list[Finding] = []
         for f in dedupe(found):  # one finding per (step, rule), e.g. a NaN loss seen twice
             raised.append(self._emit(f))
         return raised
 
     def _recorded_dense_until(self) -> int:
-        """The end of the dense window that the recorded sentinel rows opened (-1: none)."""
+        """The end of the dense window that recorded sentinel rows and warnings opened (or -1)."""
         until = -1
         if not self._distributed or _dist.rank() == 0:
             assert self.writer is not None
             run = self.writer.run()
+            opened = [f.step for f in run.findings() if severity_rank(f.severity) >= _WARNING]
             if "sentinels" in run.metrics():
                 steps, r = run.series("sentinels", "r_secant")
-                opened = steps[np.nan_to_num(r, nan=-1.0) >= _DENSE_AT]
-                if len(opened):
-                    until = int(opened[-1]) + _DENSE_STEPS
+                opened += steps[np.nan_to_num(r, nan=-1.0) >= _DENSE_AT].tolist()
+            if opened:
+                until = int(max(opened)) + _DENSE_STEPS
         return _dist.broadcast_object(until) if self._distributed else until
 
     def _is_due(self, metric: Metric, step: int) -> bool:

@@ -18,6 +18,7 @@ from landscape import distributed as ld
 from landscape.alarms import Rule, Trigger, default_rules
 from landscape.curvature import GGN, Hessian, hessian_trace, spectral_density, top_eigenvalues
 from landscape.metrics.curvature import HessianSpectrum, HessianTrace, Sharpness
+from landscape.metrics.sentinels import Sentinels
 from landscape.metrics.training import GradNorm, Loss
 from landscape.monitor import Monitor
 from tests import models
@@ -289,6 +290,35 @@ def monitor_worker(rank: int, out_dir: str) -> None:
     path = os.path.join(out_dir, "ddp.h5")
     result = train(net, slice(rank * half, (rank + 1) * half), path)
     _save(out_dir, rank, result)
+
+
+class _RankSentinels(Sentinels):
+    """Sentinels whose r_secant moves on rank 1 only, at step 2 (ranks with their own
+    probes see different r)."""
+
+    def compute(self, ctx: Any) -> dict[str, float]:
+        row = dict(super().compute(ctx))
+        row["r_secant"] = 1.0 if dist.get_rank() == 1 and ctx.step == 2 else 0.0
+        return row
+
+
+def dense_window_worker(rank: int, out_dir: str) -> None:
+    """Rank 1's sentinels alone move: every rank must keep rank 0's (closed) dense window,
+    or rank 1 alone runs the all-reduced sharpness at step 5 and the ranks hang."""
+    net = DDP(model())
+    x, y = dataset()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    windows = []
+    with Monitor(net, F.cross_entropy, None, optimizer=opt, probe=probe(), warn=False,
+                 metrics=[_RankSentinels(), Sharpness(tol=1e-6, schedule=100)]) as mon:
+        for step in range(8):
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(step, batch=(x, y), loss=loss)
+            windows.append(mon._dense_until)
+    _save(out_dir, rank, {"windows": windows})
 
 
 # ----------------------------------------------------------------------------- surfaces

@@ -53,3 +53,11 @@ def test_ddp_run_file_equals_the_single_process_file(tmp_path):
     assert r1["heard"] == r0["heard"] == single["heard"]
     assert (W.STOP_AT, "rank_zero_only") in r1["heard"]
     assert r1["findings"] == r0["findings"]
+
+
+def test_every_rank_keeps_rank_zeros_dense_window(tmp_path):
+    """A rank whose own probe moves its sentinels does not measure densely alone (the
+    curvature metrics' all-reduce would wait for the other ranks forever)."""
+    run_ranks(W.dense_window_worker, tmp_path, timeout=60)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["windows"] == r1["windows"] == [-1] * 8

@@ -94,6 +94,29 @@ def test_a_moving_sentinel_makes_the_expensive_metrics_dense_then_they_relax():
     assert dense == [s for s in steps if s % 100]
 
 
+def test_a_warning_makes_the_expensive_metrics_dense_without_sentinels():
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    x, y = models.classification_data(16, seed=1)
+    metrics = [ls.metrics.Loss(), ls.metrics.TaylorRadius(schedule="every(1000)")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with ls.Monitor(model, F.cross_entropy, optimizer=opt, metrics=metrics,
+                        probe=(x, y), warn=False) as mon:
+            for step in range(80):
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                reported = loss.detach() * (20 if step == 60 else 1)  # one loss spike
+                found = mon.step(step, batch=(x, y), loss=reported)
+                assert bool(found) == (step == 60), (step, found)
+            run = mon.run()
+    assert found == [] and mon.findings[0].severity == "warning"
+    assert run.steps("taylor_radius").tolist() == [0, *range(61, 80)]  # 20 steps after it
+    assert run.steps("adaptive").tolist() == list(range(61, 80))
+
+
 def test_adaptive_false_keeps_the_schedules():
     model = models.mlp()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
