@@ -399,7 +399,7 @@ class Monitor:
         self.close()
 
     def run(self) -> Run:
-        """A reader of what has been recorded (the in-memory run when ``path`` is None).
+        """A reader of what has been recorded, also after ``close()`` (in memory: no path).
 
         Returns:
             The run.
@@ -411,7 +411,8 @@ class Monitor:
             raise RuntimeError("the monitor has not been started")
         if self.writer.path is None:
             return self.writer.run()
-        self.writer.flush()
+        if not self.writer.closed:  # after close() the file is complete
+            self.writer.flush()
         return Run.open(self.writer.path)
 
     def _config(self) -> dict[str, Any]:

@@ -48,6 +48,17 @@ def test_cheap_preset_records_one_row_per_due_step_and_removes_hooks():
     assert all(not m._forward_hooks for m in model.modules())
 
 
+@pytest.mark.parametrize("to_file", [True, False])
+def test_run_reads_the_recorded_rows_after_close(tmp_path, to_file):
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "run.h5" if to_file else None
+    with Monitor(model, F.cross_entropy, path, optimizer=opt, probe_size=None,
+                 warn=False) as mon:
+        _train(model, opt, 3, mon)
+    assert mon.run().steps("loss").tolist() == [0, 1, 2]
+
+
 def test_update_norm_equals_the_actual_parameter_change():
     model = models.mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
