@@ -185,12 +185,14 @@ class SharpnessForecast(TaylorForecast):
     """λ_max is on course to reach the optimizer's stability threshold (ratio 1).
 
     :class:`TaylorForecast`'s trend test on ``sharpness/ratio`` (docs/metrics.md,
-    "Sharpness"), without the loss condition (the row has no loss). Progressive sharpening
-    towards the edge of stability is expected in full-batch training, so the default
-    severity is info; the crossing itself is :class:`EdgeOfStability`'s warning.
+    "Sharpness"), without the loss condition (the row has no loss) and without a warm-up
+    (sharpness rows are sparse: 100 of them are thousands of steps). Progressive
+    sharpening towards the edge of stability is expected in full-batch training, so the
+    default severity is info; the crossing itself is :class:`EdgeOfStability`'s warning.
     """
 
     jump: float | None = None
+    warmup: int = 0
     floor: float = 0.5
     window: int = 5
     min_rows: int = 3

@@ -75,6 +75,10 @@ def test_sharpness_forecast_is_info_and_in_the_defaults():
     assert found and {f.severity for f in found} == {"info"}
     names = [rule.name for rule in default_rules()]
     assert "taylor_forecast" in names and "sharpness_forecast" in names
+    # no warm-up: as a warning its first rows are warnings, and no message says "early"
+    found = _run(SharpnessForecast(severity="warning"), np.linspace(0.3, 0.9, 7))
+    assert found and found[0].severity == "warning"
+    assert not any("early training" in f.message for f in found)
 
 
 @pytest.mark.parametrize(
