@@ -518,7 +518,9 @@ class Monitor:
                 logit metrics on the batch).
 
         Returns:
-            The findings raised at this step.
+            The alarm findings raised at this step (under ``torch.distributed``, rank 0's).
+            A metric that fails is recorded in ``findings`` and warned about, not
+            returned: it says nothing about training.
 
         Raises:
             StepOrderError: ``step`` does not come after the last recorded step.

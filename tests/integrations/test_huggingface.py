@@ -155,6 +155,15 @@ def test_explicit_record_loss_wins_over_the_forward_hook(tmp_path):
     assert cb.run().series("loss", "value")[1].tolist() == [0.0, 1.0, 2.0]
 
 
+def test_monitor_options_reach_the_monitor(tmp_path):
+    cb = LandscapeTrainerCallback(None, probe_size=None, adaptive=False, alarms=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _train(tmp_path, [cb], max_steps=2)
+    assert cb.monitor.probe is None and not cb.monitor.adaptive  # no default probe taken
+    assert "probe" not in cb.run().metrics()
+
+
 def test_bad_arguments_name_themselves():
     with pytest.raises(ValueError, match="every_n_steps"):
         LandscapeTrainerCallback(None, every_n_steps=-1)
