@@ -62,33 +62,44 @@ def test_monitored_run_is_bitwise_identical(opt_name, preset_name):
     assert mode == ref_mode
 
 
+def _adam_run(make_model, input_shape, monitor=None):
+    """STEPS Adam steps on seeded batches of 12 inputs of ``input_shape`` and 3 classes.
+
+    ``monitor(model, opt)`` builds the monitor (None: an unmonitored run). Returns the
+    state dict, the RNG state and the (closed) monitor.
+    """
+    torch.manual_seed(123)
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    mon = None if monitor is None else monitor(model, opt).start()
+    g = torch.Generator().manual_seed(1)
+    for step in range(STEPS):
+        x = torch.randn(12, *input_shape, generator=g)
+        y = torch.randint(0, 3, (12,), generator=g)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if mon is not None:
+            mon.step(step, batch=(x, y), loss=loss)
+    if mon is not None:
+        mon.close()
+    return model.state_dict(), torch.get_rng_state(), mon
+
+
 def test_the_default_monitor_without_metrics_or_probe_is_bitwise_identical():
     """The default: cheap preset with the sentinels, a probe copied from the first batch,
     adaptive schedules."""
 
-    def run(monitored):
-        torch.manual_seed(123)
-        model = models.SmallCNN(seed=0)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        mon = Monitor(model, F.cross_entropy, optimizer=opt, warn=False,
-                      strict=True).start() if monitored else None
-        g = torch.Generator().manual_seed(1)
-        for step in range(STEPS):
-            x = torch.randn(12, 1, 6, 6, generator=g)
-            y = torch.randint(0, 3, (12,), generator=g)
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if mon is not None:
-                mon.step(step, batch=(x, y), loss=loss)
-        if mon is not None:
-            assert mon.run().steps("sentinels").tolist() == list(range(STEPS))
-            mon.close()
-        return model.state_dict(), torch.get_rng_state()
+    def cnn():
+        return models.SmallCNN(seed=0)
 
-    ref, ref_rng = run(False)
-    state, rng = run(True)
+    def default(model, opt):
+        return Monitor(model, F.cross_entropy, optimizer=opt, warn=False, strict=True)
+
+    ref, ref_rng, _ = _adam_run(cnn, (1, 6, 6))
+    state, rng, mon = _adam_run(cnn, (1, 6, 6), default)
+    assert mon.run().steps("sentinels").tolist() == list(range(STEPS))
     assert all(torch.equal(state[k], ref[k]) for k in ref) and torch.equal(rng, ref_rng)
 
 
@@ -97,33 +108,18 @@ def test_a_model_whose_eval_merges_lora_weights_trains_bitwise_identically(prese
     """loralib-style layers change their weight in train()/eval(); the monitor's eval-mode
     forwards must not call them (a merge and unmerge rounds the weight)."""
 
-    def run(monitored):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(models.MergingLoRA(6, 8), torch.nn.Tanh(),
-                                    models.MergingLoRA(8, 3))
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        mon = None
-        if monitored:
-            metrics = None if preset_name is None else preset(
-                preset_name, **dict.fromkeys(PRESETS[preset_name], "every(2)"))
-            mon = Monitor(model, F.cross_entropy, optimizer=opt, metrics=metrics,
-                          warn=False, strict=True).start()
-        g = torch.Generator().manual_seed(1)
-        for step in range(STEPS):
-            x = torch.randn(12, 6, generator=g)
-            y = torch.randint(0, 3, (12,), generator=g)
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if mon is not None:
-                mon.step(step, batch=(x, y), loss=loss)
-        if mon is not None:
-            mon.close()
-        return model.state_dict()
+    def lora():
+        return torch.nn.Sequential(models.MergingLoRA(6, 8), torch.nn.Tanh(),
+                                   models.MergingLoRA(8, 3))
 
-    ref = run(False)
+    def monitor(model, opt):
+        metrics = None if preset_name is None else preset(
+            preset_name, **dict.fromkeys(PRESETS[preset_name], "every(2)"))
+        return Monitor(model, F.cross_entropy, optimizer=opt, metrics=metrics, warn=False,
+                       strict=True)
+
+    ref, _, _ = _adam_run(lora, (6,))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        state = run(True)
+        state, _, _ = _adam_run(lora, (6,), monitor)
     assert all(torch.equal(state[k], ref[k]) for k in ref)
