@@ -34,9 +34,22 @@ def evaluation(model: nn.Module, *, eval_mode: bool, seed: int) -> Iterator[None
         Nothing; the model's RNG state, modes and gradients are restored on exit.
     """
     with isolated(model, eval_mode=eval_mode), sdpa_math(), torch.enable_grad():
-        if not eval_mode:
-            seed_generators(model, seed)
-        yield
+        if eval_mode:
+            yield
+            return
+        seed_generators(model, seed)
+        # the forward runs on cloned buffers (stateless_call), but a backward that
+        # recomputes a checkpointed forward runs it on the module's own: in train mode
+        # BatchNorm would update its running statistics there (in a fused kernel that
+        # does not bump their version counters, hence the comparison of values)
+        buffers = [(b, b.clone()) for b in model.buffers()]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    if not torch.equal(b, saved):
+                        b.copy_(saved)
 
 
 def seed_generators(model: nn.Module, seed: int) -> None:

@@ -8,17 +8,34 @@
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 from torch.func import grad, jvp, vjp
+from torch.nn.modules.module import register_module_forward_pre_hook
 
 from landscape.curvature._evaluation import zeros_for_none
 from landscape.curvature._model_operator import Closure, LossFn, ModelOperator, Tensors
 from landscape.params import Vector
 
 __all__ = ["Hessian"]
+
+
+@contextlib.contextmanager
+def _module_calls() -> Iterator[list[nn.Module]]:
+    """Collect the modules whose forward runs inside the block.
+
+    A global forward pre-hook, removed on exit. A backward pass runs module code only when
+    activation checkpointing recomputes a forward.
+    """
+    calls: list[nn.Module] = []
+    handle = register_module_forward_pre_hook(lambda module, args: calls.append(module))
+    try:
+        yield calls
+    finally:
+        handle.remove()
 
 
 class Hessian(ModelOperator):
@@ -97,6 +114,7 @@ class Hessian(ModelOperator):
         if (loss_fn is None) == (closure is None):
             raise ValueError("Hessian: give exactly one of loss_fn and closure")
         self.cache_graph = cache_graph
+        self._graph_runs_modules = False  # a backward through the cached graph runs modules
         super().__init__(model, loss_fn, data, closure=closure, **options)
 
     # -- the product hooks ---------------------------------------------------------------
@@ -130,10 +148,13 @@ class Hessian(ModelOperator):
         ]
         if not pairs:
             return [torch.zeros_like(t) for t in leaves.values()]
-        hv = torch.autograd.grad(
-            [g for g, _ in pairs], list(leaves.values()),
-            grad_outputs=[t for _, t in pairs], allow_unused=True, retain_graph=cache,
-        )
+        with _module_calls() as calls:
+            hv = torch.autograd.grad(
+                [g for g, _ in pairs], list(leaves.values()),
+                grad_outputs=[t for _, t in pairs], allow_unused=True, retain_graph=cache,
+            )
+        if cache and graph is None:  # the product that built the graph
+            self._graph_runs_modules = bool(calls)
         return zeros_for_none(hv, leaves.values())
 
     def _first_order_product(self, v: Vector) -> Vector:
@@ -141,13 +162,17 @@ class Hessian(ModelOperator):
 
     def _fast_matvec(self, v: Vector) -> Vector | None:
         # The gradient's graph is built, so a product is one backward pass through it. That
-        # runs no module code (no forward, RNG draw, mode switch, hook or .grad write), hence
-        # needs no isolation context, whose save/restore is a sizeable share of a product
-        # on small models (docs/benchmarks.md).
+        # usually runs no module code (no forward, RNG draw, mode switch, hook or .grad
+        # write), hence needs no isolation context, whose save/restore is a sizeable share
+        # of a product on small models (docs/benchmarks.md). Non-reentrant activation
+        # checkpointing recomputes its forward inside every backward pass: seen in the
+        # product that built the graph, the later ones run in the context too, so the
+        # recomputation sees the modes, attention backend and RNG of the first forward.
         if self._valid_graph() is None:
             return None
         self._backend.ran = True
-        with torch.enable_grad():
+        scope = self._context() if self._graph_runs_modules else torch.enable_grad()
+        with scope:
             out = self._autograd_product(dict(zip(self.names, v)), None)
         w = self._data.weights[0]
         return tuple(self._reduce([t * w if w != 1.0 else t for t in out]))

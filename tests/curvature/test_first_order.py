@@ -622,3 +622,45 @@ def test_loss_rounding_that_poses_as_truncation_switches_the_check_off():
     for _ in range(4):
         H.flat_matvec(torch.randn(H.dim, generator=g))
     assert first.refined == 0 and first._ratio() == 1.0
+
+
+class _CheckpointedBlocks(nn.Module):
+    """Causal attention (SDPA) and a BatchNorm block, optionally under non-reentrant
+    activation checkpointing, whose backward recomputes their forward."""
+
+    def __init__(self, checkpointed):
+        super().__init__()
+        torch.manual_seed(0)
+        self.checkpointed = checkpointed
+        self.qkv = nn.Linear(8, 24)
+        self.norm = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(5), nn.Tanh())
+        self.out = nn.Linear(8, 3)
+
+    def attention(self, x):
+        b, t, d = x.shape
+        q, k, v = (z.view(b, t, 2, d // 2).transpose(1, 2) for z in self.qkv(x).split(d, -1))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.norm(a.transpose(1, 2).reshape(b, t, d))
+
+    def forward(self, x):
+        h = checkpoint(self.attention, x, use_reentrant=False) if self.checkpointed \
+            else self.attention(x)
+        return self.out(h).mean(1)
+
+
+@pytest.mark.parametrize("eval_mode", [True, False])
+def test_non_reentrant_checkpointing_with_attention_and_batchnorm(eval_mode):
+    """Every product through the cached graph recomputes the checkpointed forward: in the
+    evaluation's modes and attention backend, never on the model's buffers."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 5, 8, generator=g).double(), torch.randint(0, 3, (16,), generator=g)
+    want = top_eigenvalues(Hessian(_CheckpointedBlocks(False).double().train(), F.cross_entropy,
+                                   (x, y), eval_mode=eval_mode), k=2, tol=1e-8).values
+    model = _CheckpointedBlocks(True).double().train()  # train mode: BatchNorm would update
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    H = Hessian(model, F.cross_entropy, (x, y), eval_mode=eval_mode)
+    got = top_eigenvalues(H, k=2, tol=1e-8)
+    assert got.n_matvec > 2 and H.backend_used == "auto"  # exact, through the cached graph
+    torch.testing.assert_close(got.values, want, rtol=1e-7, atol=0)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(m.training for m in model.modules())
