@@ -281,6 +281,7 @@ class Monitor:
         self._objects: dict[str, nn.Parameter] | None = None
         self._before: tuple[torch.Tensor, ...] | None = None
         self._last_step: int | None = None
+        self._sharded = False  # FSDP2 parameters (set by start())
         self._opt_steps = 0  # optimizer steps since the last call of step()
         self._stepped_once = False  # an optimizer step was seen (a call without one: a skip)
         self._opt_per_call: int | None = None  # between the last two calls (None: unknown)
@@ -304,6 +305,7 @@ class Monitor:
         self._names = list(named)
         self._own = list(named.values())
         self._objects = dict(self.model.named_parameters())
+        self._sharded = any(_dist.is_sharded(p) for p in self._objects.values())
         for m in self.metrics:
             m.setup(self.model)
         self.writer = RunWriter(self.path, config=self._config(), **self._writer_args)
@@ -594,6 +596,8 @@ class Monitor:
         with scope, isolated(self.model):
             for m in due:
                 row = self._compute(m, ctx)
+                if self._sharded:  # FSDP2 keeps the root's gathered copy after a forward
+                    _dist.reshard(self.model)
                 assert self.writer is not None
                 self.writer.append(m.name, step, row)
                 if self.mirrors:

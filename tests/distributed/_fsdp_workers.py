@@ -60,6 +60,20 @@ def monitor_worker(rank: int, out_dir: str) -> None:
     W._save(out_dir, rank, {"default": default, "curvature": curvature})
 
 
+def root_only_worker(rank: int, out_dir: str) -> None:
+    """Only the root ``fully_shard``-ed: it holds every parameter, and FSDP2 keeps the
+    root's gathered copy after a forward unless told to reshard."""
+    from torch.distributed.fsdp import fully_shard
+
+    half = slice(rank * N // 2, (rank + 1) * N // 2)
+    result = train(fully_shard(W.model()), half, os.path.join(out_dir, "root.h5"),
+                   metrics=["loss", "sentinels", *WHOLE_WEIGHT_METRICS], probe=W.probe())
+    W._save(out_dir, rank, result)
+
+
+WHOLE_WEIGHT_METRICS = ("spectral_alignment", "representation", "collapse")
+
+
 # ----------------------------------------------------------------------------- surfaces
 
 PLANE = {"steps": (5, 4), "span": (1.0, 0.5)}

@@ -71,6 +71,21 @@ def test_fsdp_monitor_records_the_single_process_values(tmp_path):
             _compare(fsdp, one, metric, one.fields(metric), 1e-9)
 
 
+def test_a_root_only_fsdp_model_trains_on_after_the_monitors_forwards(tmp_path):
+    """The capture forwards of the whole-weight metrics leave no gathered root copy (the
+    next training forward mixed plain tensors and DTensors)."""
+    run_ranks(FW.root_only_worker, tmp_path, timeout=300)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    single = FW.train(W.model(), slice(0, FW.N), str(tmp_path / "one.h5"),
+                      metrics=["loss", "sentinels", *FW.WHOLE_WEIGHT_METRICS], probe=W.probe())
+    assert r0["failed"] == r1["failed"] == [] == single["failed"]
+    for a, b in zip(r0["params"], single["params"]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with Run.open(tmp_path / "root.h5") as fsdp, Run.open(tmp_path / "one.h5") as one:
+        for metric in ("sentinels", *FW.WHOLE_WEIGHT_METRICS):
+            _compare(fsdp, one, metric, one.fields(metric), 1e-9)
+
+
 def test_fsdp_surfaces_equal_the_single_process_surfaces(tmp_path):
     from landscape.surface import line, plane
 
