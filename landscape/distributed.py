@@ -126,15 +126,29 @@ def enabled(option: bool | None = None) -> bool:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers.
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile``.
 
     Evaluating the inner module keeps DDP's gradient hooks and buffer broadcasts out of the
-    diagnostic computations; parameter names are the inner module's (no ``module.`` prefix).
+    diagnostic computations; parameter names are the inner module's (no ``module.`` or
+    ``_orig_mod.`` prefix). A ``torch.compile``d module is evaluated through the module it
+    compiled (the same parameters and function): dynamo cannot trace the diagnostics'
+    ``torch.func`` transforms or double backward, and a graph break there marks the
+    user's own frame to run eagerly for the rest of the run.
     """
     parallel = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    while isinstance(model, parallel):
-        model = model.module
-    return model
+    while True:
+        if isinstance(model, parallel):
+            model = model.module
+        elif _compiled(model):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is ``torch.compile``'s wrapper (without importing dynamo)."""
+    return type(model).__name__ == "OptimizedModule" and isinstance(
+        getattr(model, "_orig_mod", None), nn.Module)
 
 
 # --------------------------------------------------------------------------- tensors

@@ -763,3 +763,42 @@ def test_steps_numbered_by_micro_batch_are_learned_not_read_as_skips():
     assert skipped.tolist() == [0.0] * len(skipped)
     assert np.isfinite(run.series("update", "norm")[1]).all()
     assert not mon.findings
+
+
+# -- a torch.compile'd model
+
+
+def test_a_compiled_model_keeps_running_its_compiled_graph_and_is_measured_exactly():
+    """The monitor evaluates the module torch.compile wrapped: the diagnostics' torch.func
+    transforms inside dynamo broke its graph and made the training forward eager for good."""
+    graph_calls = []
+
+    def counting_backend(gm, example_inputs):
+        def run(*args):
+            graph_calls.append(1)
+            return gm.forward(*args)
+
+        return run
+
+    torch._dynamo.reset()
+    model = torch.compile(models.mlp(), backend=counting_backend)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = _batches(4)
+    ran = []
+    metrics = ["loss", "sentinels", "hessian_trace", "taylor_radius"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback, no failure
+        with Monitor(model, F.cross_entropy, optimizer=opt, metrics=metrics,
+                     probe=batches[0], warn=False) as mon:
+            for step, (x, y) in enumerate(batches):
+                before = len(graph_calls)
+                loss = F.cross_entropy(model(x), y)
+                ran.append(len(graph_calls) > before)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                mon.step(step, batch=(x, y), loss=loss)
+    assert ran == [True] * 4
+    assert mon._names[0] == "0.weight"  # the compiled module's names, without _orig_mod.
+    _, trace = mon.run().series("hessian_trace", "value")
+    assert np.isfinite(trace).all() and not mon.findings
