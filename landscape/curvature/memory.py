@@ -108,6 +108,9 @@ def parse_budget(budget: int | float | str | None, step_bytes: float | None) -> 
     """
     if budget is None:
         return None
+    if isinstance(budget, bool) or not isinstance(budget, (int, float, str)):
+        raise ValueError(f"memory_budget: expected bytes, '<f>x step', 'auto' or None, "
+                         f"got {budget!r}")
     if isinstance(budget, str) and budget.strip().lower() == "auto":
         step = float(step_bytes) if step_bytes is not None else math.nan
         return max(step, float(BUDGET_FLOOR)) if math.isfinite(step) else float(BUDGET_FLOOR)

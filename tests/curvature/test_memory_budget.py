@@ -57,7 +57,7 @@ def test_auto_budget_is_one_step_with_a_floor():
     check_budget("auto")
     check_budget(None)
     check_budget("2x step")
-    for bad in ("a lot", 0, -5, "x step"):
+    for bad in ("a lot", 0, -5, "x step", True, [1e9]):
         with pytest.raises(ValueError):
             check_budget(bad)
 
