@@ -274,8 +274,7 @@ def plan_eigen(
             if got is not None:
                 return got
     need = plan(sizes[-1], least + extra_vectors, max_basis=least)
-    how = f"one product of {_fmt(need.product_bytes)} on micro-batches of " + (
-        f"{sizes[-1] or 'whole batches'}")
+    how = f"one product of {_fmt(need.product_bytes)} {_on_batches(sizes[-1])}"
     if prof.rows is not None and _has_first_order(op):
         product = _first_order_product(op, prof)
         fo = MemoryPlan(limit, step, product, vbytes, least + extra_vectors,
@@ -291,6 +290,11 @@ def plan_eigen(
         f"over the budget of {_fmt(limit)}; raise memory_budget= or select fewer "
         "parameters (params=)"
     )
+
+
+def _on_batches(size: int | None) -> str:
+    """``"on micro-batches of n"``, or ``"on whole batches"`` for ``None``."""
+    return "on whole batches" if size is None else f"on micro-batches of {size}"
 
 
 def plan_probes(
@@ -375,7 +379,7 @@ def plan_probes(
                 return plan(product, c, per_probe, reorthogonalize=basis,
                             microbatch_size=size if size != mb else None)
     least = prof.product(sizes[-1])
-    how = f"one product of {_fmt(least)} on micro-batches of {sizes[-1] or 'whole batches'}"
+    how = f"one product of {_fmt(least)} {_on_batches(sizes[-1])}"
     if prof.rows is not None and _has_first_order(op) and math.isfinite(prof.step_bytes):
         product = _first_order_product(op, prof)
         for per_probe, basis in variants:

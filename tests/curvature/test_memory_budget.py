@@ -140,6 +140,7 @@ def test_trace_refuses_in_one_line():
     with pytest.raises(MemoryBudgetError) as err:
         hessian_trace(op, "krylov", n_matvec=20, memory_budget=50 * 8)
     assert "\n" not in str(err.value) and "hessian_trace (krylov)" in str(err.value)
+    assert "on whole batches" in str(err.value) and "of whole" not in str(err.value)
     with pytest.raises(MemoryBudgetError, match="bytes"):
         hessian_trace(op, "krylov", n_matvec=20, memory_budget="1x step")
     # an explicit matrix has no step: "auto" is the floor, which fits
