@@ -508,7 +508,8 @@ class Monitor:
         )
 
     def step(
-        self, step: int, *, batch: Any = None, loss: Any = None, outputs: Any = None
+        self, step: int, *, batch: Any = None, loss: Any = None, outputs: Any = None,
+        grad_norm: Any = None,
     ) -> list[Finding]:
         """Record every metric due at ``step``; call it after ``optimizer.step()``.
 
@@ -518,6 +519,9 @@ class Monitor:
             loss: its loss (a tensor or float; never recomputed).
             outputs: optionally the model's output on ``batch`` (saves a forward pass for
                 logit metrics on the batch).
+            grad_norm: optionally the gradient norm before clipping (what
+                ``torch.nn.utils.clip_grad_norm_`` returns; a tensor or float): the
+                ``grad_norm`` metric records it instead of the norm of the clipped ``.grad``.
 
         Returns:
             The alarm findings raised at this step (under ``torch.distributed``, rank 0's).
@@ -527,6 +531,12 @@ class Monitor:
         Raises:
             StepOrderError: ``step`` does not come after the last recorded step.
         """
+        if grad_norm is not None:  # checked before anything is recorded
+            try:
+                grad_norm = float(grad_norm)
+            except (TypeError, ValueError, RuntimeError):
+                raise ValueError(f"grad_norm must be a number or a one-element tensor, got "
+                                 f"{grad_norm!r}") from None
         started_here = self.writer is None
         if started_here:
             self.start()  # installs the interrupt guard, so the first step is covered too
@@ -539,11 +549,13 @@ class Monitor:
             # need it record NaN for this one step, without a failure finding
             self._update_missed = started_here
             try:
-                return self._step(int(step), batch, loss, outputs)
+                return self._step(int(step), batch, loss, outputs, grad_norm)
             finally:
                 self._update_missed = False
 
-    def _step(self, step: int, batch: Any, loss: Any, outputs: Any) -> list[Finding]:
+    def _step(
+        self, step: int, batch: Any, loss: Any, outputs: Any, grad_norm: float | None = None
+    ) -> list[Finding]:
         if self._last_step is not None and step <= self._last_step:
             raise StepOrderError(
                 f"step {step} does not come after the last recorded step {self._last_step}"
@@ -581,6 +593,7 @@ class Monitor:
             return []
         ctx = self._context(step, batch, loss, outputs)
         ctx.optimizer_stepped = stepped
+        ctx.given_grad_norm = grad_norm
         if before is not None:
             ctx.params_before = before
             with torch.no_grad():  # the same values as difference() of detached tensors

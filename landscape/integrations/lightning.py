@@ -23,7 +23,9 @@ What it does, hook by hook:
   it); the loss is ``outputs["loss"]`` summed over the accumulated batches (Lightning
   divides each by ``accumulate_grad_batches``, so the sum is their mean; a shorter window
   at the end of an epoch is rescaled to its mean). The gradients
-  are still in ``.grad`` at this point (Lightning zeroes them inside the next step). A
+  are still in ``.grad`` at this point (Lightning zeroes them inside the next step); with
+  ``gradient_clip_val`` they are clipped there, so ``on_before_optimizer_step`` (which
+  Lightning calls before clipping) keeps their norm for the ``grad_norm`` metric. A
   list batch (``default_collate`` of ``(x, y)`` samples) is passed on as a tuple: to the
   monitor a list means several batches.
 * ``on_fit_end``, ``on_exception``, ``teardown``: close the run file (idempotent).
@@ -67,6 +69,7 @@ from landscape.integrations import (
 from landscape.integrations.mirrors import lightning_logger_mirrors
 from landscape.metrics import MissingInput
 from landscape.monitor import MetricsLike, Monitor, resolve_metrics
+from landscape.params import norm, trainable_named_parameters
 
 try:  # the unified package first, then the standalone one
     import lightning.pytorch as pl
@@ -198,6 +201,7 @@ class LandscapeCallback(CallbackSettings, Callback):
                         on_finding, stop_on, config, monitor_options, mirrors)
         self._seen_global_step = 0
         self._pending: list[torch.Tensor] = []
+        self._grad_norm: float | None = None  # before clipping, from on_before_optimizer_step
         self._closed = True
 
     # ------------------------------------------------------------------ lifecycle
@@ -245,6 +249,16 @@ class LandscapeCallback(CallbackSettings, Callback):
         self._seen_global_step = trainer.global_step
         self._pending = []
 
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        """Keep the gradient norm before Lightning clips it (``gradient_clip_val``)."""
+        if self.monitor is None or not trainer.gradient_clip_val:
+            return
+        grads = [p.grad.detach() for p in trainable_named_parameters(pl_module).values()
+                 if p.grad is not None]
+        self._grad_norm = float(norm(grads)) if grads else None
+
     def on_train_batch_end(
         self,
         trainer: pl.Trainer,
@@ -274,7 +288,9 @@ class LandscapeCallback(CallbackSettings, Callback):
             step_loss = torch.stack(pending).mean()
         if isinstance(batch, list):  # default_collate's (x, y) is one batch, not a list of them
             batch = tuple(batch)
-        found = self.monitor.step(trainer.global_step - 1, batch=batch, loss=step_loss)
+        grad_norm, self._grad_norm = self._grad_norm, None
+        found = self.monitor.step(trainer.global_step - 1, batch=batch, loss=step_loss,
+                                  grad_norm=grad_norm)
         if reaches(found, self.stop_on):
             trainer.should_stop = True
 

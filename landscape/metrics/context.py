@@ -158,7 +158,8 @@ class StepContext:
     ``parameter_objects`` optionally maps parameter names to the model's parameter objects
     (the monitor builds it once; otherwise it is looked up once per step).
     ``optimizer_stepped`` says whether the optimizer stepped since the monitor's previous
-    call (None: not known, without ``optimizer=``).
+    call (None: not known, without ``optimizer=``). ``given_grad_norm`` is the gradient
+    norm the caller passed (``Monitor.step(grad_norm=...)``: the norm before clipping).
     ``state`` survives between steps (warm starts); the rest lives for one step.
     """
 
@@ -172,6 +173,7 @@ class StepContext:
     probe: Any = None
     loss: Any = None
     outputs: Any = None
+    given_grad_norm: float | None = None
     params_before: Vector | None = None
     update: Vector | None = None
     state: dict = field(default_factory=dict)

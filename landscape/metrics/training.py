@@ -15,6 +15,7 @@ from landscape import distributed as _dist
 from landscape import functional as LF
 from landscape._deprecation import module_getattr
 from landscape._errors import MissingInput
+from landscape.capture import first_tensor
 from landscape.metrics.base import Metric, register
 from landscape.metrics.context import StepContext, softmax_logits, split_batch
 from landscape.params import norm
@@ -68,14 +69,22 @@ def _no_update(ctx: StepContext, metric: str) -> str:
 
 @register
 class GradNorm(Metric):
-    """Euclidean norm of the gradient left in ``.grad`` by the user's backward."""
+    """Euclidean norm of the gradient left in ``.grad`` by the user's backward.
+
+    With gradient clipping ``.grad`` holds the clipped gradient, whose norm never exceeds
+    the clipping threshold; ``Monitor.step(grad_norm=...)`` records the norm the caller
+    passes instead (what ``torch.nn.utils.clip_grad_norm_`` returns: the norm before
+    clipping), and the Lightning callback passes it when ``gradient_clip_val`` is set.
+    """
 
     name = "grad_norm"
     FIELDS = ("value",)
     default_data = "batch"
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
-        """||grad|| over the monitored parameters."""
+        """||grad|| over the monitored parameters, or the norm the caller gave."""
+        if ctx.given_grad_norm is not None:
+            return {"value": ctx.given_grad_norm}
         value = ctx.grad_norm()
         if value is None:
             raise MissingInput("grad_norm needs .grad of every monitored parameter")
@@ -228,6 +237,11 @@ class TaylorRadius(Metric):
 def radius_along(ctx: StepContext, inputs, targets, at, direction) -> Any:
     """Taylor radius at parameters ``at`` along ``direction``.
 
+    The logit tangent ``J p`` is one ``torch.func.jvp`` of the logits (read through
+    :func:`landscape.capture.first_tensor`); where forward-mode AD cannot go through the
+    model (reentrant activation checkpointing) a central difference of the logits
+    (:func:`_central_difference`), and on FSDP2 models :func:`_radius_in_place`.
+
     Args:
         ctx: the step context (its model and parameter names).
         inputs: the batch's inputs.
@@ -238,22 +252,60 @@ def radius_along(ctx: StepContext, inputs, targets, at, direction) -> Any:
     Returns:
         The result of :func:`landscape.functional.taylor_radius_from_logits`.
     """
-    from landscape.isolation import sdpa_math, stateless_call
+    from landscape.functional.taylor import logits_call
+    from landscape.isolation import sdpa_math
 
     if any(_dist.is_sharded(t) for t in at):
         return _radius_in_place(ctx, inputs, targets, at, direction)
     names = list(ctx.names)
+    # the logits alone: a tuple, dict or ModelOutput is read through first_tensor, and a
+    # Hugging Face model builds no key-value cache (jvp accepts tensors only)
+    call = logits_call(ctx.model, (inputs,))
 
     def logits_of(*flat):
-        return stateless_call(ctx.model, dict(zip(names, flat)), (inputs,))
+        return call(dict(zip(names, flat)))
 
-    with sdpa_math():
-        logits, tangent = torch.func.jvp(logits_of, tuple(at), tuple(direction))
+    try:
+        with sdpa_math():
+            logits, tangent = torch.func.jvp(logits_of, tuple(at), tuple(direction))
+    except Exception as err:  # no forward-mode AD: a custom autograd.Function (reentrant
+        # activation checkpointing: "must override the setup_context staticmethod")
+        try:
+            logits, tangent = _central_difference(logits_of, at, direction)
+        except Exception:
+            raise err from None
     step_norm = norm(direction)
     labels = targets if targets.shape == logits.shape[:-1] else None
     return LF.taylor_radius_from_logits(
         logits.detach(), tangent.detach(), step_norm=step_norm, targets=labels
     )
+
+
+def _central_difference(logits_of, at, direction) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z(at), J p)`` with ``J p = (z(at + ε p) − z(at − ε p)) / 2ε``, no forward-mode AD.
+
+    The fallback of :func:`radius_along` where ``torch.func.jvp`` cannot go through the
+    model (reentrant activation checkpointing, other custom autograd functions without
+    ``setup_context``); the step ``ε`` is that of :func:`_radius_in_place`. Three no-grad
+    forwards at substituted parameters: the model is not touched.
+    """
+    from landscape.curvature._first_order import step_size
+
+    at = [t.detach() for t in at]
+    step = [t.detach() for t in direction]
+    v_norm = float(norm(step))
+    with torch.no_grad():
+        logits = logits_of(*at).detach()
+        if v_norm == 0.0:
+            return logits, torch.zeros_like(logits)
+        eps = step_size(float(norm(at)), v_norm, at[0].dtype)
+
+        def shifted(sign: float) -> torch.Tensor:
+            moved = [(b.double() + sign * eps * d.double()).to(b.dtype) for b, d in zip(at, step)]
+            return logits_of(*moved).double()
+
+        tangent = (shifted(1.0) - shifted(-1.0)) / (2.0 * eps)
+    return logits, tangent.to(logits.dtype)
 
 
 def _radius_in_place(ctx: StepContext, inputs, targets, at, direction) -> Any:
@@ -283,7 +335,10 @@ def _radius_in_place(ctx: StepContext, inputs, targets, at, direction) -> Any:
             for dst, b, d in zip(storage, base, step):
                 dst.copy_((b.double() + alpha * d.double()).to(dst.dtype))
             _dist.reshard(model)  # FSDP2 may keep the root's unsharded copy after a forward
-            return model(inputs).detach()
+            out = first_tensor(model(inputs))  # a tuple or ModelOutput: its logits
+            if out is None:
+                raise MissingInput("the model's forward returned no tensor to read logits from")
+            return out.detach()
 
     try:
         logits = logits_at(0.0)

@@ -127,6 +127,21 @@ def test_monitored_fit_gives_bitwise_the_unmonitored_parameters(optimizer, metri
     assert np.isfinite(eig[0]).all()
 
 
+def test_with_gradient_clipping_grad_norm_is_the_norm_before_clipping():
+    seen = []
+
+    class BeforeClipping(pl.Callback):  # Lightning clips after this hook
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            seen.append(float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))))
+
+    cb = LandscapeCallback(None, F.cross_entropy, metrics=["grad_norm"], alarms=False)
+    _fit(Classifier(), [BeforeClipping(), cb], max_steps=4, gradient_clip_val=1e-3)
+    _, norms = cb.run().series("grad_norm", "value")
+    assert norms.tolist() == pytest.approx(seen, rel=1e-6)
+    assert min(seen) > 0.01  # far above the clipped norm of 1e-3
+
+
 def test_gradient_accumulation_records_one_row_per_optimizer_step_with_the_mean_loss():
     module = Classifier()
     cb = LandscapeCallback(None, F.cross_entropy, metrics=["loss", "update"], alarms=False)

@@ -59,6 +59,26 @@ def test_run_reads_the_recorded_rows_after_close(tmp_path, to_file):
     assert mon.run().steps("loss").tolist() == [0, 1, 2]
 
 
+def test_grad_norm_records_the_norm_before_clipping_when_given():
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = models.classification_data(16)
+    with Monitor(model, F.cross_entropy, optimizer=opt, metrics=["grad_norm"],
+                 alarms=False) as mon:
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        total = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        opt.step()
+        mon.step(0, batch=(x, y), loss=loss, grad_norm=total)
+        mon.step(1, batch=(x, y), loss=loss)  # not given: the clipped .grad
+        with pytest.raises(ValueError, match="grad_norm"):
+            mon.step(2, loss=loss, grad_norm="large")
+        mon.step(2, loss=loss)  # nothing was recorded for the refused call
+        _, norms = mon.run().series("grad_norm", "value")
+    assert norms[0] == pytest.approx(float(total)) and float(total) > 0.01
+    assert norms[1] == pytest.approx(1e-3, rel=1e-3)
+
+
 def test_update_norm_equals_the_actual_parameter_change():
     model = models.mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
