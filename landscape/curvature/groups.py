@@ -9,6 +9,7 @@ from torch import nn
 from landscape.curvature.ggn import GGN
 from landscape.curvature.hessian import Hessian
 from landscape.curvature.spectrum import EigenResult, top_eigenvalues
+from landscape.distributed import unwrap
 from landscape.params import ParamSpec, group_named_parameters, trainable_named_parameters
 
 __all__ = ["top_eigenvalues_by_group"]
@@ -40,6 +41,7 @@ def top_eigenvalues_by_group(
         raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
     if curvature == "ggn" and closure is not None:
         raise ValueError("closure: the GGN needs loss_fn; pass operator_kwargs={'forward': ...}")
+    model = unwrap(model)  # DDP, torch.compile: group by the wrapped module's names
     if groups is None or isinstance(groups, int):
         depth = 1 if groups is None else groups
         names = list(trainable_named_parameters(model))

@@ -256,6 +256,12 @@ def test_top_eigenvalues_by_group():
         curvature="ggn",
     )
     assert set(named) == {"first", "rest"}
+    # a torch.compile'd model: grouped by the names of the module it compiled
+    compiled = top_eigenvalues_by_group(torch.compile(model, backend="aot_eager"),
+                                        F.cross_entropy, batch, k=2, tol=1e-8)
+    assert list(compiled) == ["0", "2", "4"]
+    for label, r in compiled.items():
+        assert torch.allclose(r.values, res[label].values, rtol=1e-10)
 
 
 def test_float32_model_agrees_with_float64_truth():
