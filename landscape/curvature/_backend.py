@@ -17,6 +17,8 @@ from __future__ import annotations
 import warnings
 from typing import Any, Callable, ContextManager
 
+from landscape._errors import LandscapeError
+
 __all__ = ["BACKENDS", "Backend"]
 
 BACKENDS = ("auto", "exact", "func", "autograd", "first_order")
@@ -127,7 +129,9 @@ class Backend:
 
         Under ``"auto"``, when the exact evaluation raises and ``first_order_impl``
         succeeds, the operator takes the first-order path for good and warns once; when
-        both raise, the exact path's error is raised.
+        both raise, the exact path's error is raised, unless the first-order path diagnosed
+        the model (a :class:`~landscape._errors.LandscapeError`, e.g. parameters cut off
+        from the loss's graph), whose error is raised from it.
 
         Args:
             context: the evaluation context, entered around each exact attempt.
@@ -153,6 +157,8 @@ class Backend:
                 raise
             try:
                 out = first_order_impl()
+            except LandscapeError as diagnosed:  # it says what is wrong with the model
+                raise diagnosed from err
             except Exception:
                 raise err from None
             self._switch(f"{type(err).__name__}: {err}")

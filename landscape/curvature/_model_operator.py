@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from typing import Any, Callable, ContextManager, Sequence, TypeVar
 
 import torch
@@ -32,8 +33,9 @@ from landscape.curvature._batches import (
 from landscape.curvature._evaluation import detach_tree, evaluation, scalar_loss, zeros_for_none
 from landscape.curvature._first_order import FirstOrder, sharded_reason
 from landscape.curvature._reduction import RankReduction
+from landscape.curvature._shifted import NoGradientError, read_by_forward
 from landscape.curvature.base import CurvatureOperator
-from landscape.isolation import stateless_call, stateless_closure
+from landscape.isolation import same_rng, stateless_call, stateless_closure
 from landscape.params import ParamSpec, Vector, select_named_parameters
 
 __all__ = ["Closure", "Forward", "LossFn", "ModelOperator", "OperatorOptions"]
@@ -146,6 +148,7 @@ class ModelOperator(CurvatureOperator):
         self._reduce = RankReduction(_dist.enabled(opts.distributed), self._data.rank_size)
         self.options = dataclasses.replace(opts, distributed=self._reduce.enabled)
         self._backend = Backend(backend.name, type(self).__name__, self._impossible())
+        self._read_names: set[str] | None = None  # _parameters_read(), shared by subsets
         self._use_first_order()
         self.refresh()
 
@@ -338,6 +341,52 @@ class ModelOperator(CurvatureOperator):
     def _leaves(self) -> Tensors:
         return {n: t.detach().requires_grad_(True) for n, t in self._current().items()}
 
+    def _parameters_read(self, batch: Any) -> set[str]:
+        """The names of the trainable parameters the forward reads (found once per model).
+
+        One no-grad forward on ``batch`` with every trainable parameter substituted by a
+        fresh tensor, recording which of them a torch function receives
+        (:func:`~landscape.curvature._shifted.read_by_forward`); the RNG is rewound after
+        it. Run only when a selected parameter received no gradient.
+        """
+        if self._read_names is None:
+            probe = {n: p.detach().clone() for n, p in self.model.named_parameters()
+                     if p.requires_grad}
+            with same_rng(self.model) as rewind, torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # checkpoint: "none of the inputs need grad"
+                try:
+                    self._read_names = read_by_forward(
+                        lambda: self._batch_loss(probe, batch), probe
+                    )
+                finally:
+                    rewind()
+        return self._read_names
+
+    def _check_reached(self, grads: Sequence[Any], leaves: Tensors, batch: Any) -> None:
+        """Raise when a selected parameter the forward reads received no gradient.
+
+        A parameter without a gradient (``None`` from ``autograd.grad(...,
+        allow_unused=True)``, or no ``.grad`` after a backward) is unused by the forward,
+        and its curvature is zero, or cut off from the loss's graph (parameters inside a
+        reentrant activation checkpoint whose inputs need no gradient), where a zero would
+        be silently wrong.
+
+        Args:
+            grads: one gradient or ``None`` per leaf.
+            leaves: the selected leaves, by name.
+            batch: the batch they were evaluated on.
+
+        Raises:
+            NoGradientError: naming those parameters.
+        """
+        missing = [n for n, g in zip(leaves, grads) if g is None]
+        if not missing:
+            return
+        read = self._parameters_read(batch)
+        cut = [n for n in missing if n in read]
+        if cut:
+            raise NoGradientError(cut)
+
     def _model_output(self, p: Tensors, batch: Any) -> tuple[Any, Any]:
         """``(outputs, targets)`` with the parameters ``p`` substituted."""
         if self.forward is None:
@@ -383,7 +432,11 @@ class ModelOperator(CurvatureOperator):
                 def one(batch: Any) -> list[torch.Tensor]:
                     leaves = self._leaves()
                     value = self._batch_loss(leaves, batch)
-                    gs = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+                    if value.requires_grad:
+                        gs = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+                    else:
+                        gs = (None,) * len(leaves)
+                    self._check_reached(gs, leaves, batch)
                     return [value.detach(), *zeros_for_none(gs, leaves.values())]
 
                 return self._accumulate(one)

@@ -29,18 +29,21 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from landscape import distributed as _dist
+from landscape._errors import LandscapeError
 from landscape._sums import CHUNK
 from landscape.curvature._batches import to_device
 from landscape.curvature._evaluation import detach_tree, scalar_loss, seed_generators
 from landscape.distributed import full_tensor, is_sharded, local_tensor
-from landscape.isolation import isolated, stateless_closure
+from landscape.isolation import isolated, same_rng, stateless_closure
 
 if TYPE_CHECKING:  # pragma: no cover
     from landscape.curvature._model_operator import ModelOperator
 
-__all__ = ["ShiftedEvaluation", "Tensors", "moved"]
+__all__ = ["NoGradientError", "ShiftedEvaluation", "Tensors", "moved", "read_by_forward"]
 
 Tensors = dict[str, torch.Tensor]
 
@@ -91,6 +94,56 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
+class NoGradientError(LandscapeError, ValueError):
+    """Selected parameters that the forward reads received no gradient from the loss.
+
+    Args:
+        names: the parameters' names.
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        super().__init__(
+            f"no gradient reached {shown} although the forward reads them (a reentrant "
+            "activation checkpoint whose inputs need no gradient, or a detach); their "
+            "curvature would be a silent zero"
+        )
+        self.names = list(names)
+
+
+class _Reads(TorchFunctionMode):
+    """Records which of the watched tensors a torch function receives as an argument."""
+
+    def __init__(self, watched: dict[int, str]) -> None:
+        super().__init__()
+        self.watched = watched
+        self.read: set[str] = set()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        for t in tree_leaves((args, kwargs)):
+            name = self.watched.get(id(t)) if isinstance(t, torch.Tensor) else None
+            if name is not None:
+                self.read.add(name)
+        return func(*args, **kwargs)
+
+
+def read_by_forward(run: Any, leaves: Tensors) -> set[str]:
+    """The names of ``leaves`` that ``run()`` passes to a torch function (module code reads them).
+
+    Args:
+        run: a callable evaluating the model with ``leaves`` substituted.
+        leaves: the substituted tensors, by name.
+
+    Returns:
+        The names of those read.
+    """
+    mode = _Reads({id(t): n for n, t in leaves.items()})
+    with mode:
+        run()
+    return mode.read
+
+
 class ShiftedEvaluation:
     """Losses, gradients and outputs of one model operator at ``θ + s · shift``.
 
@@ -111,6 +164,9 @@ class ShiftedEvaluation:
         self._total: float | None = None
         self._n_passes: int | None = None
         self._weight = 1.0  # FSDP: the current batch's weight, folded into the backward
+        # reentrant activation checkpointing (_gradient_functional): every trainable
+        # parameter a leaf
+        self._widened = False
 
     def _rekey(self, before: Any) -> None:
         """A hook after an in-place write-and-restore of the shards (FSDP2).
@@ -185,8 +241,18 @@ class ShiftedEvaluation:
         if self.sharded:
             pull(op.model, batch)
         else:
-            leaves = self._shifted_leaves(None)
-            stateless_closure(op.model, pull, leaves, batch)
+            with same_rng(op.model) as rewind:
+                leaves = self._shifted_leaves(None)
+                stateless_closure(op.model, pull, self._with_others(leaves), batch)
+                if self._cut_off(leaves, batch) and not self._widened:
+                    self._widened = True  # as for the gradient (_gradient_functional)
+                    rewind()
+                    scalars.clear()
+                    leaves = self._shifted_leaves(None)
+                    stateless_closure(op.model, pull, self._with_others(leaves), batch)
+                missing = self._cut_off(leaves, batch)
+                if missing:
+                    raise NoGradientError(missing)
         if leaves is not None:
             return scalars + [torch.zeros_like(t) if t.grad is None else t.grad
                               for t in leaves.values()]
@@ -313,6 +379,29 @@ class ShiftedEvaluation:
     def _gradient_functional(
         self, batch: Any, shift: Tensors | None, sign: float
     ) -> list[torch.Tensor]:
+        with same_rng(self.op.model) as rewind:
+            value, leaves = self._backward_functional(batch, shift, sign)
+            if self._cut_off(leaves, batch) and not self._widened:
+                # reentrant activation checkpointing: a block whose inputs need no gradient
+                # passes none to its parameters; with every trainable parameter a leaf the
+                # inputs of the blocks they follow need one, as in training
+                self._widened = True
+                rewind()
+                value, leaves = self._backward_functional(batch, shift, sign)
+            missing = self._cut_off(leaves, batch)
+            if missing:
+                raise NoGradientError(missing)
+        grads = [torch.zeros_like(t) if t.grad is None else t.grad.detach()
+                 for t in leaves.values()]
+        return [value, *grads]
+
+    def _backward_functional(
+        self, batch: Any, shift: Tensors | None, sign: float
+    ) -> tuple[torch.Tensor, Tensors]:
+        """The loss at ``θ ± shift`` and the selected leaves, their ``.grad`` set by one backward.
+
+        After :attr:`_widened` every other trainable parameter is a leaf too (at ``θ``).
+        """
         leaves = self._shifted_leaves(shift, sign)
 
         def loss_and_backward(model: nn.Module, b: Any) -> torch.Tensor:
@@ -325,11 +414,38 @@ class ShiftedEvaluation:
                 value.backward()
             return value.detach()
 
-        value = stateless_closure(self.op.model, loss_and_backward, leaves, batch)
-        grads = [
-            torch.zeros_like(t) if t.grad is None else t.grad.detach() for t in leaves.values()
-        ]
-        return [value.detach(), *grads]
+        value = stateless_closure(self.op.model, loss_and_backward, self._with_others(leaves),
+                                  batch)
+        return value.detach(), leaves
+
+    def _with_others(self, leaves: Tensors) -> Tensors:
+        """``leaves``, and after :attr:`_widened` fresh leaves of the other trainable parameters.
+
+        Their gradients are computed and dropped: they only make the graph reach the
+        selected parameters through reentrant activation checkpointing.
+        """
+        if not self._widened:
+            return leaves
+        others = {n: p.detach().requires_grad_(True)
+                  for n, p in self.op.model.named_parameters()
+                  if p.requires_grad and n not in leaves}
+        return {**leaves, **others}
+
+    def _cut_off(self, leaves: Tensors, batch: Any) -> list[str]:
+        """The selected parameters that the forward reads but that received no gradient.
+
+        A parameter without a gradient is either unused by the forward (its gradient and
+        curvature are zero, as the exact products say) or cut off from the loss's graph,
+        e.g. inside a reentrant activation checkpoint whose inputs need no gradient, where
+        zeros would be wrong. Which parameters the forward reads is found once per model,
+        only when a gradient is missing (:meth:`~landscape.curvature._model_operator.
+        ModelOperator._parameters_read`).
+        """
+        missing = [n for n, t in leaves.items() if t.grad is None]
+        if not missing:
+            return []
+        read = self.op._parameters_read(batch)
+        return [n for n in missing if n in read]
 
     def _gradient_in_place(
         self, batch: Any, shift: Tensors | None, sign: float

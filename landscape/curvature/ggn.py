@@ -94,11 +94,14 @@ class GGN(ModelOperator):
         leaves = self._leaves()
         out, targets = self._model_output(leaves, batch)
         if not out.requires_grad:
+            # unused parameters, or cut off by a reentrant activation checkpoint: raises
+            self._check_reached([None] * len(leaves), leaves, batch)
             return [torch.zeros_like(t) for t in leaves.values()]
         probe = torch.zeros_like(out, requires_grad=True)
         jt = torch.autograd.grad(
             out, list(leaves.values()), probe, create_graph=True, allow_unused=True
         )
+        self._check_reached(jt, leaves, batch)
         pairs = [(g, tangent[n]) for g, n in zip(jt, self.names) if g is not None]
         jv = torch.autograd.grad([g for g, _ in pairs], probe, [t for _, t in pairs])[0]
         o = out.detach().requires_grad_(True)

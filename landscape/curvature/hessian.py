@@ -142,6 +142,7 @@ class Hessian(ModelOperator):
             gs = torch.autograd.grad(
                 value, list(leaves.values()), create_graph=True, allow_unused=True
             )
+            self._check_reached(gs, leaves, batch)  # a block cut off is no zero curvature
             self._graph = (key, leaves, gs) if cache else None
         pairs = [
             (g, tangent[n]) for g, n in zip(gs, self.names) if g is not None and g.requires_grad

@@ -17,19 +17,20 @@ the conservative disk, r >= 1 is where collapse appears.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from landscape._deprecation import module_getattr
+from landscape.capture import first_tensor
 from landscape.functional._common import MetricResult, as_float_tensor, fail
 from landscape.functional._model import (
     OutputFn,
     as_param_dict,
     detached_params,
-    identity,
     vec_norm,
 )
 from landscape.isolation import isolated, sdpa_math, stateless_call
@@ -168,6 +169,51 @@ def taylor_radius_from_logits(
     )
 
 
+def logits_call(
+    model: nn.Module, inputs: Any, output_fn: OutputFn | None = None
+) -> Callable[[Mapping[str, torch.Tensor]], torch.Tensor]:
+    """``params -> logits``: the model at ``params`` (:func:`stateless_call`), logits only.
+
+    The logits are read from the output by ``output_fn``, by default through
+    :func:`landscape.capture.first_tensor` (a ``(logits, aux)`` tuple, a dict or a Hugging
+    Face ``ModelOutput`` gives its logits), so a transform (``torch.func.jvp``) sees one
+    tensor. A model whose ``forward`` takes ``use_cache`` (Hugging Face language models) is
+    called with ``use_cache=False``: no key-value cache is built, nor returned.
+
+    Args:
+        model: the model.
+        inputs: a tensor or a tuple of positional arguments.
+        output_fn: extracts the logits from the model's output.
+
+    Returns:
+        The function of a ``{name: tensor}`` mapping of (some of) the parameters.
+
+    Raises:
+        ValueError: the output holds no tensor (raised when the function is called).
+    """
+    kwargs = {"use_cache": False} if _takes_use_cache(model) else {}
+
+    def call(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        out = stateless_call(model, params, inputs, kwargs)
+        logits = output_fn(out) if output_fn is not None else first_tensor(out)
+        if not isinstance(logits, torch.Tensor):
+            raise ValueError(
+                f"the model's output ({type(out).__name__}) holds no logits tensor; pass "
+                "output_fn= to extract it"
+            )
+        return logits
+
+    return call
+
+
+def _takes_use_cache(model: nn.Module) -> bool:
+    """Whether ``model.forward`` names a ``use_cache`` parameter."""
+    try:
+        return "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False
+
+
 def directional_logit_derivatives(
     model: nn.Module,
     inputs: Any,
@@ -185,7 +231,9 @@ def directional_logit_derivatives(
     ``requires_grad``, ``.grad`` and the RNG restored) and :func:`~landscape.isolation.sdpa_math`
     (fused attention kernels have no forward-mode derivative); no ``.grad`` is created.
     ``inputs`` is a tensor or a tuple of positional arguments; ``output_fn`` extracts the
-    logits from the model's output (default: the output itself).
+    logits from the model's output (default: :func:`landscape.capture.first_tensor`, so a
+    ``(logits, aux)`` tuple or a Hugging Face ``ModelOutput`` gives its logits; a model
+    taking ``use_cache`` is called with ``use_cache=False``: :func:`logits_call`).
     """
     params = detached_params(model)
     if not params:
@@ -194,10 +242,7 @@ def directional_logit_derivatives(
     if isinstance(direction, Mapping):  # differentiate only the named tensors
         params = {k: v for k, v in params.items() if k in direction}
         tangent = {k: tangent[k] for k in params}
-    extract = output_fn or identity
-
-    def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
-        return extract(stateless_call(model, p, inputs))
+    f = logits_call(model, inputs, output_fn)
 
     with isolated(model, eval_mode=eval_mode), sdpa_math():
         logits, a = torch.func.jvp(f, (params,), (tangent,))
@@ -284,6 +329,7 @@ __all__ = [
     "clip_step",
     "directional_logit_derivatives",
     "logit_spread",
+    "logits_call",
     "radius_from_spread",
     "taylor_radius",
     "taylor_radius_from_logits",

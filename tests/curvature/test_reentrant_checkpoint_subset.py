@@ -1,0 +1,119 @@
+"""Parameter blocks inside a reentrant activation checkpoint (docs/curvature.md, "Choosing
+automatically"): with only parameters inside the checkpoint selected, nothing upstream of it
+needs a gradient, so reentrant checkpointing passes none into it. The first-order products
+then differentiate with respect to every trainable parameter and read the selected ones;
+a selected parameter the forward reads that still receives no gradient raises."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from landscape.curvature import GGN, Hessian, top_eigenvalues, top_eigenvalues_by_group
+from tests.curvature._dense import dense_ggn, dense_hessian
+
+TOL = 1e-3  # first-order products in float32 (docs/curvature.md, "First-order products")
+
+
+class _Net(nn.Module):
+    def __init__(self, checkpointed=True, first=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.checkpointed, self.first = checkpointed, first
+        self.inp = nn.Linear(6, 16)
+        self.block = nn.Sequential(nn.Linear(6 if first else 16, 16), nn.Tanh())
+        self.head = nn.Linear(16, 3)
+        self.unused = nn.Linear(2, 2)
+
+    def forward(self, x):
+        if self.first:  # the checkpoint's input is the data: no gradient, even in training
+            h = checkpoint(self.block, x, use_reentrant=True) if self.checkpointed \
+                else self.block(x)
+            return self.head(torch.tanh(h))
+        h = self.inp(x)
+        h = checkpoint(self.block, h, use_reentrant=True) if self.checkpointed \
+            else self.block(h)
+        return self.head(h)
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)
+
+
+def _plain64(net):
+    """The same model in float64 without the checkpoint (the same function)."""
+    ref = copy.deepcopy(net).double()
+    ref.checkpointed = False
+    return ref
+
+
+def _top(dense):
+    return float(torch.linalg.eigvalsh(dense)[-1])
+
+
+def _quiet(fn):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn()
+
+
+@pytest.mark.parametrize("spec", ["block.*", ["head.*", "block.*"]])
+def test_hessian_of_a_block_inside_a_reentrant_checkpoint_matches_dense_truth(spec):
+    net, (x, y) = _Net(), _data()
+    want = _top(dense_hessian(_plain64(net), F.cross_entropy, (x.double(), y), params=spec))
+    op = Hessian(net, F.cross_entropy, (x, y), params=spec, backend="first_order")
+    got = float(_quiet(lambda: top_eigenvalues(op, tol=1e-6)).values[0])
+    assert want > 0.1
+    assert abs(got - want) / want < TOL, (got, want)  # was 0.0 for "block.*"
+
+
+@pytest.mark.parametrize("spec", ["block.*", ["head.*", "block.*"]])
+def test_auto_falls_back_and_matches_dense_truth_for_the_block(spec):
+    net, (x, y) = _Net(), _data()
+    want = _top(dense_hessian(_plain64(net), F.cross_entropy, (x.double(), y), params=spec))
+    op = Hessian(net, F.cross_entropy, (x, y), params=spec)
+    with pytest.warns(RuntimeWarning, match="first-order"):
+        got = float(top_eigenvalues(op, tol=1e-6).values[0])
+    assert op.backend_used == "first_order"
+    assert abs(got - want) / want < TOL, (got, want)
+
+
+def test_groups_inside_a_reentrant_checkpoint_match_dense_truth():
+    net, (x, y) = _Net(), _data()
+    ref = _plain64(net)
+    groups = {"block": "block.*", "head": "head.*", "unused": "unused.*"}
+    got = _quiet(lambda: top_eigenvalues_by_group(
+        net, F.cross_entropy, (x, y), groups=groups, tol=1e-6))
+    for label in ("block", "head"):
+        want = _top(dense_hessian(ref, F.cross_entropy, (x.double(), y), params=groups[label]))
+        value = float(got[label].values[0])
+        assert abs(value - want) / want < TOL, (label, value, want)
+    # a parameter the forward never reads has zero curvature, not an error
+    assert float(got["unused"].values[0]) == 0.0
+
+
+def test_ggn_of_a_block_inside_a_reentrant_checkpoint_matches_dense_truth():
+    net, (x, y) = _Net(), _data()
+    want = _top(dense_ggn(_plain64(net), F.cross_entropy, (x.double(), y), params="block.*"))
+    for backend in ("auto", "first_order"):
+        op = GGN(net, F.cross_entropy, (x, y), params="block.*", backend=backend)
+        got = float(_quiet(lambda op=op: top_eigenvalues(op, tol=1e-6)).values[0])
+        assert abs(got - want) / want < TOL, (backend, got, want)  # auto was 0.0
+
+
+@pytest.mark.parametrize("backend", ["auto", "first_order"])
+@pytest.mark.parametrize("curvature", [Hessian, GGN])
+def test_parameters_cut_off_from_the_loss_raise_naming_them(curvature, backend):
+    """The checkpoint's input is the data: no gradient reaches the block, even with every
+    parameter a leaf (as in training). A silent zero would be wrong: it raises."""
+    net, (x, y) = _Net(first=True), _data()
+    op = curvature(net, F.cross_entropy, (x, y), params="block.*", backend=backend)
+    with pytest.raises(ValueError, match=r"no gradient reached block\.0\.weight, block\.0\.bias"):
+        _quiet(lambda: top_eigenvalues(op))

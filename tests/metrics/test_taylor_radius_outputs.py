@@ -1,0 +1,171 @@
+"""TaylorRadius on models whose forward returns a tuple or a Hugging Face ``ModelOutput``:
+the logits are read through ``landscape.capture.first_tensor``, as everywhere else
+(docs/monitor.md), and the JVP differentiates the logits alone."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from landscape import Monitor
+from landscape.capture import first_tensor
+from landscape.functional import directional_logit_derivatives
+from landscape.isolation import isolated
+from landscape.metrics.training import radius_along
+
+
+class _Net(nn.Module):
+    def __init__(self, wrap):
+        super().__init__()
+        torch.manual_seed(0)
+        self.wrap = wrap
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    def forward(self, x):
+        z = self.net(x)
+        if self.wrap == "tuple":
+            return z, z.pow(2).mean()  # (logits, aux)
+        if self.wrap == "dict":
+            return {"aux": z.sum(), "logits": z}
+        return z
+
+
+def _ctx(model):
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    return types.SimpleNamespace(model=model, names=names)
+
+
+def _step(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return (tuple(p.detach() for p in params),
+            tuple(0.1 * torch.randn(p.shape, generator=g) for p in params))
+
+
+@pytest.mark.parametrize("wrap", ["tuple", "dict"])
+def test_radius_along_reads_the_logits_of_a_tuple_or_dict_output(wrap):
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(2))
+    plain, wrapped = _Net(None), _Net(wrap)
+    wrapped.load_state_dict(plain.state_dict())
+    at, step = _step(plain)
+    want = radius_along(_ctx(plain), x, y, at, step)
+    got = radius_along(_ctx(wrapped), x, y, at, step)  # was: 'tuple' object has no 'shape'
+    assert float(want.r) > 0
+    assert float(got.r) == pytest.approx(float(want.r), rel=1e-6)
+    assert float(got.rho_a) == pytest.approx(float(want.rho_a), rel=1e-6)
+    # the functional form reads the output the same way
+    _, a_plain, _ = directional_logit_derivatives(plain, x, list(step))
+    _, a_wrapped, _ = directional_logit_derivatives(wrapped, x, list(step))
+    torch.testing.assert_close(a_wrapped, a_plain)
+
+
+def test_taylor_radius_metric_on_a_tuple_output_model():
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(2))
+    rows = {}
+    for wrap in (None, "tuple"):
+        model = _Net(wrap)
+        opt = torch.optim.SGD(model.parameters(), lr=0.3)
+
+        def loss_fn(out, t):
+            return F.cross_entropy(first_tensor(out), t)
+
+        with Monitor(model, loss_fn, optimizer=opt, probe=(x, y), metrics=["taylor_radius"],
+                     warn=False) as mon:
+            loss = loss_fn(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(0, batch=(x, y), loss=loss)
+            run = mon.run()
+        assert not [f for f in mon.findings if f.rule == "metric_failed"], mon.findings
+        rows[wrap] = float(run.series("taylor_radius", "r")[1][0])
+    assert rows[None] > 0
+    assert rows["tuple"] == pytest.approx(rows[None], rel=1e-6)
+
+
+class _LogitsOnly(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, ids):
+        return self.inner(ids, use_cache=False).logits
+
+
+def test_taylor_radius_metric_on_a_hugging_face_causal_lm():
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=20,
+                                     n_positions=16, bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config)
+    ids = torch.randint(0, 20, (4, 8), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "labels": ids}
+
+    def loss_fn(out, labels):
+        logits = first_tensor(out)[:, :-1]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with Monitor(model, loss_fn, optimizer=opt, probe=batch, metrics=["taylor_radius"],
+                 warn=False) as mon:
+        before = tuple(p.detach().clone() for p in model.parameters())
+        loss = loss_fn(model(ids), ids)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step = tuple(p.detach() - b for p, b in zip(model.parameters(), before))
+        mon.step(0, batch=batch, loss=loss)  # was: jvp ... unsupported type DynamicCache
+        run = mon.run()
+    assert not [f for f in mon.findings if f.rule == "metric_failed"], mon.findings
+    got = float(run.series("taylor_radius", "r")[1][0])
+    # the same model returning its logits tensor only
+    with isolated(model):  # eval mode, as the monitor measures
+        want = radius_along(_ctx(_LogitsOnly(model)), ids, ids, before, step)
+    assert float(want.r) > 0
+    assert got == pytest.approx(float(want.r), rel=1e-5)
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, checkpointed):
+        super().__init__()
+        torch.manual_seed(0)
+        self.checkpointed = checkpointed
+        self.inp = nn.Linear(6, 16)
+        self.block = nn.Sequential(nn.Linear(16, 16), nn.Tanh())
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        if self.checkpointed:
+            from torch.utils.checkpoint import checkpoint
+
+            h = checkpoint(self.block, h, use_reentrant=True)
+        else:
+            h = self.block(h)
+        return self.head(h)
+
+
+def test_radius_along_through_reentrant_checkpointing_by_a_central_difference():
+    """torch.func.jvp refuses reentrant checkpointing ("must override setup_context"): the
+    logit tangent comes from a central difference of the logits instead."""
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(2))
+    plain, ckpt = _Checkpointed(False), _Checkpointed(True)
+    at, step = _step(plain)
+    want = radius_along(_ctx(plain), x, y, at, step)
+    with isolated(ckpt):
+        got = radius_along(_ctx(ckpt), x, y, at, step)
+    assert float(want.r) > 0
+    # float32: the difference's error is about u^(2/3) (docs/curvature.md)
+    assert float(got.r) == pytest.approx(float(want.r), rel=1e-3)
+    assert float(got.step_norm) == float(want.step_norm)
+    torch.testing.assert_close(got.spread, want.spread, rtol=1e-3, atol=1e-5)
+    for p, a in zip(ckpt.parameters(), at):
+        assert torch.equal(p.detach(), a)  # nothing written into the model
