@@ -170,7 +170,8 @@ def taylor_radius_from_logits(
 
 
 def logits_call(
-    model: nn.Module, inputs: Any, output_fn: OutputFn | None = None
+    model: nn.Module, inputs: Any, output_fn: OutputFn | None = None,
+    keywords: Mapping[str, Any] | None = None,
 ) -> Callable[[Mapping[str, torch.Tensor]], torch.Tensor]:
     """``params -> logits``: the model at ``params`` (:func:`stateless_call`), logits only.
 
@@ -184,6 +185,7 @@ def logits_call(
         model: the model.
         inputs: a tensor or a tuple of positional arguments.
         output_fn: extracts the logits from the model's output.
+        keywords: keyword arguments of the model (a tokenizer's output).
 
     Returns:
         The function of a ``{name: tensor}`` mapping of (some of) the parameters.
@@ -191,7 +193,9 @@ def logits_call(
     Raises:
         ValueError: the output holds no tensor (raised when the function is called).
     """
-    kwargs = {"use_cache": False} if _takes_use_cache(model) else {}
+    kwargs = dict(keywords or {})
+    if _takes_use_cache(model):
+        kwargs["use_cache"] = False
 
     def call(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         out = stateless_call(model, params, inputs, kwargs)

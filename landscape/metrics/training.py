@@ -7,7 +7,7 @@ of the optimizer's actual step; definitions in docs/metrics.md.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -17,7 +17,7 @@ from landscape._deprecation import module_getattr
 from landscape._errors import MissingInput
 from landscape.capture import first_tensor
 from landscape.metrics.base import Metric, register
-from landscape.metrics.context import StepContext, softmax_logits, split_batch
+from landscape.metrics.context import StepContext, keyword_batch, softmax_logits, split_batch
 from landscape.params import norm
 from landscape.schedules import every
 
@@ -223,10 +223,19 @@ class TaylorRadius(Metric):
         """``r``, ``rho_a`` and ``step_norm`` of the step on ``self.data``."""
         if ctx.update is None or ctx.params_before is None:
             raise MissingInput(_no_update(ctx, "taylor_radius"))
-        if ctx.closure is not None:
-            raise MissingInput("taylor_radius needs loss_fn-style (inputs, targets) batches")
-        inputs, targets = split_batch(ctx.data(self.data))
-        result = radius_along(ctx, inputs, targets, ctx.params_before, ctx.update)
+        batch = ctx.data(self.data)
+        if keyword_batch(batch):  # a tokenizer's output: model(**batch), logits only
+            # labels left out: the model need not compute its loss, and a language model's
+            # labels are not aligned with its logits (it shifts them itself)
+            keywords = {k: v for k, v in batch.items() if k != "labels"}
+            result = radius_along(ctx, (), None, ctx.params_before, ctx.update,
+                                  keywords=keywords)
+        elif ctx.closure is not None:
+            raise MissingInput("taylor_radius needs (inputs, targets) batches or dicts of "
+                               "the model's keyword arguments")
+        else:
+            inputs, targets = split_batch(batch)
+            result = radius_along(ctx, inputs, targets, ctx.params_before, ctx.update)
         return {
             "r": float(result.r),
             "rho_a": float(result.rho_a),
@@ -234,7 +243,9 @@ class TaylorRadius(Metric):
         }
 
 
-def radius_along(ctx: StepContext, inputs, targets, at, direction) -> Any:
+def radius_along(
+    ctx: StepContext, inputs, targets, at, direction, keywords: Mapping[str, Any] | None = None
+) -> Any:
     """Taylor radius at parameters ``at`` along ``direction``.
 
     The logit tangent ``J p`` is one ``torch.func.jvp`` of the logits (read through
@@ -244,10 +255,12 @@ def radius_along(ctx: StepContext, inputs, targets, at, direction) -> Any:
 
     Args:
         ctx: the step context (its model and parameter names).
-        inputs: the batch's inputs.
-        targets: its targets (class indices, used when they match the logits' shape).
+        inputs: the batch's inputs (``()`` with ``keywords`` alone).
+        targets: its targets (class indices, used when they match the logits' shape), or
+            None.
         at: parameter tensors, in the order of ``ctx.names``.
         direction: the step, in the same order.
+        keywords: keyword arguments of the model (``model(*inputs, **keywords)``).
 
     Returns:
         The result of :func:`landscape.functional.taylor_radius_from_logits`.
@@ -255,12 +268,13 @@ def radius_along(ctx: StepContext, inputs, targets, at, direction) -> Any:
     from landscape.functional.taylor import logits_call
     from landscape.isolation import sdpa_math
 
+    args = (inputs,) if keywords is None else tuple(inputs)
     if any(_dist.is_sharded(t) for t in at):
-        return _radius_in_place(ctx, inputs, targets, at, direction)
+        return _radius_in_place(ctx, args, keywords or {}, targets, at, direction)
     names = list(ctx.names)
     # the logits alone: a tuple, dict or ModelOutput is read through first_tensor, and a
     # Hugging Face model builds no key-value cache (jvp accepts tensors only)
-    call = logits_call(ctx.model, (inputs,))
+    call = logits_call(ctx.model, args, keywords=keywords)
 
     def logits_of(*flat):
         return call(dict(zip(names, flat)))
@@ -275,10 +289,17 @@ def radius_along(ctx: StepContext, inputs, targets, at, direction) -> Any:
         except Exception:
             raise err from None
     step_norm = norm(direction)
-    labels = targets if targets.shape == logits.shape[:-1] else None
     return LF.taylor_radius_from_logits(
-        logits.detach(), tangent.detach(), step_norm=step_norm, targets=labels
+        logits.detach(), tangent.detach(), step_norm=step_norm,
+        targets=_labels(targets, logits),
     )
+
+
+def _labels(targets: Any, logits: torch.Tensor) -> torch.Tensor | None:
+    """``targets`` when they are one class index per logit row, else None."""
+    if isinstance(targets, torch.Tensor) and targets.shape == logits.shape[:-1]:
+        return targets
+    return None
 
 
 def _central_difference(logits_of, at, direction) -> tuple[torch.Tensor, torch.Tensor]:
@@ -308,7 +329,7 @@ def _central_difference(logits_of, at, direction) -> tuple[torch.Tensor, torch.T
     return logits, tangent.to(logits.dtype)
 
 
-def _radius_in_place(ctx: StepContext, inputs, targets, at, direction) -> Any:
+def _radius_in_place(ctx: StepContext, args, keywords, targets, at, direction) -> Any:
     """:func:`radius_along` on an FSDP2 model: the logit tangent by a central difference.
 
     Forward-mode AD cannot go through DTensor parameters, so ``J p`` is
@@ -335,7 +356,7 @@ def _radius_in_place(ctx: StepContext, inputs, targets, at, direction) -> Any:
             for dst, b, d in zip(storage, base, step):
                 dst.copy_((b.double() + alpha * d.double()).to(dst.dtype))
             _dist.reshard(model)  # FSDP2 may keep the root's unsharded copy after a forward
-            out = first_tensor(model(inputs))  # a tuple or ModelOutput: its logits
+            out = first_tensor(model(*args, **keywords))  # a tuple or ModelOutput: logits
             if out is None:
                 raise MissingInput("the model's forward returned no tensor to read logits from")
             return out.detach()
@@ -351,9 +372,8 @@ def _radius_in_place(ctx: StepContext, inputs, targets, at, direction) -> Any:
             for dst, orig in zip(storage, saved):
                 dst.copy_(orig)
         _dist.reshard(model)
-    labels = targets if targets.shape == logits.shape[:-1] else None
     return LF.taylor_radius_from_logits(
-        logits, tangent.to(logits.dtype), step_norm=step_norm, targets=labels
+        logits, tangent.to(logits.dtype), step_norm=step_norm, targets=_labels(targets, logits)
     )
 
 

@@ -98,7 +98,16 @@ class _LogitsOnly(nn.Module):
         return self.inner(ids, use_cache=False).logits
 
 
-def test_taylor_radius_metric_on_a_hugging_face_causal_lm():
+def _lm_loss(out, labels):
+    logits = first_tensor(out)[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+
+
+@pytest.mark.parametrize("keywords", [False, True], ids=["loss_fn-pair", "closure-dict"])
+def test_taylor_radius_metric_on_a_hugging_face_causal_lm(keywords):
+    """A ``{"input_ids", "labels"}`` pair with a loss function (was: jvp ... unsupported
+    type DynamicCache); a tokenizer's dict with an attention mask and a closure, as the
+    Hugging Face callback passes them (was: needs loss_fn-style batches)."""
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
@@ -107,27 +116,27 @@ def test_taylor_radius_metric_on_a_hugging_face_causal_lm():
     model = transformers.GPT2LMHeadModel(config)
     ids = torch.randint(0, 20, (4, 8), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids, "labels": ids}
-
-    def loss_fn(out, labels):
-        logits = first_tensor(out)[:, :-1]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
-
+    how = {"loss_fn": _lm_loss}
+    if keywords:
+        batch["attention_mask"] = torch.ones_like(ids)
+        how = {"loss_fn": None, "closure": lambda m, b: m(**b).loss}
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    with Monitor(model, loss_fn, optimizer=opt, probe=batch, metrics=["taylor_radius"],
-                 warn=False) as mon:
+    with Monitor(model, optimizer=opt, probe=batch, metrics=["taylor_radius"], warn=False,
+                 **how) as mon:
         before = tuple(p.detach().clone() for p in model.parameters())
-        loss = loss_fn(model(ids), ids)
+        loss = _lm_loss(model(ids), ids)
         opt.zero_grad()
         loss.backward()
         opt.step()
         step = tuple(p.detach() - b for p, b in zip(model.parameters(), before))
-        mon.step(0, batch=batch, loss=loss)  # was: jvp ... unsupported type DynamicCache
+        mon.step(0, batch=batch, loss=loss)
         run = mon.run()
     assert not [f for f in mon.findings if f.rule == "metric_failed"], mon.findings
     got = float(run.series("taylor_radius", "r")[1][0])
-    # the same model returning its logits tensor only
+    # the same model returning its logits tensor only; a dict's labels are not read
     with isolated(model):  # eval mode, as the monitor measures
-        want = radius_along(_ctx(_LogitsOnly(model)), ids, ids, before, step)
+        want = radius_along(_ctx(_LogitsOnly(model)), ids, None if keywords else ids,
+                            before, step)
     assert float(want.r) > 0
     assert got == pytest.approx(float(want.r), rel=1e-5)
 
