@@ -23,7 +23,8 @@ class EdgeOfStability(Rule):
 
     Reads ``sharpness/ratio`` = λ_max / threshold, where the threshold is the
     optimizer-specific stability limit at the current learning rate (2/η for GD,
-    (2+2β)/η for heavy ball, (2+2β1)/((1−β1)η) for Adam's preconditioned sharpness; see
+    (2+2β)/η for heavy ball, (2+2β1)/((1−β1)η) for the preconditioned sharpness of Adam
+    and the other adaptive optimizers of :func:`landscape.curvature.stability_threshold`; see
     ``docs/metrics.md``, "Sharpness", and Cohen et al. 2021 arXiv:2103.00065 and 2022
     arXiv:2207.14484). When ``ratio`` is NaN, ``lambda_max / threshold`` is used if both are
     finite.

@@ -1,11 +1,13 @@
-"""The Adam-preconditioned curvature operator ``P^-1/2 A P^-1/2``.
+"""The preconditioned curvature operator ``P^-1/2 A P^-1/2`` of an adaptive optimizer.
 
 See docs/curvature.md, "Preconditioned operator and stability thresholds".
 
 Cohen et al., *Adaptive Gradient Methods at the Edge of Stability* (arXiv:2207.14484):
-with Adam's preconditioner ``P = diag(sqrt(v_hat) + eps)``, ``v_hat = v / (1 - beta2^t)``
-the bias-corrected second moment, the relevant sharpness is ``lambda_max(P^-1 H)``,
-computed as ``lambda_max`` of the symmetric, similar operator ``u -> P^-1/2 H P^-1/2 u``.
+with an adaptive optimiser's diagonal preconditioner ``P`` (Adam's ``sqrt(v_hat) + eps``,
+``v_hat = v / (1 - beta2^t)`` the bias-corrected second moment) the relevant sharpness is
+``lambda_max(P^-1 H)``, computed as ``lambda_max`` of the symmetric, similar operator
+``u -> P^-1/2 H P^-1/2 u``. :func:`preconditioned` reads ``P`` from Adam, AdamW, NAdam,
+RAdam, Adamax and RMSprop, each as its torch 2.13 update divides by it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from landscape.curvature.base import CurvatureOperator
+from landscape.curvature.stability import optimizer_kind
 from landscape.params import Vector
 
 __all__ = ["PreconditionedOperator", "preconditioned"]
@@ -24,8 +27,8 @@ class PreconditionedOperator(CurvatureOperator):
     """``u -> D A D u`` with ``D = P^-1/2`` diagonal (``scale`` holds ``D``'s entries).
 
     ``preconditioner`` holds ``P``'s entries; ``eps`` the optimiser's epsilon (when read
-    from one) and ``dead_fraction`` the fraction of coordinates with ``sqrt(v_hat) < eps``,
-    where ``P`` is dominated by ``eps`` and the preconditioned sharpness is inflated
+    from one) and ``dead_fraction`` the fraction of coordinates where ``P`` is dominated by
+    ``eps`` (``sqrt(v_hat) < eps`` for Adam) and the preconditioned sharpness is inflated
     (report it alongside). ``loss()``/``gradient()`` are those of the base operator.
     """
 
@@ -69,7 +72,76 @@ class PreconditionedOperator(CurvatureOperator):
         return [tuple(d * t for d, t in zip(self.scale, w)) for w in inner]
 
 
-def _adam_preconditioner(
+def _radam_rect(group: dict[str, Any], step: float) -> float | None:
+    """RAdam's rectification ``r_t`` at step ``t``, or None while ``rho_t <= 5`` (SGD)."""
+    beta2 = float(group["betas"][1])
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    rho_t = rho_inf - 2.0 * step * beta2**step / (1.0 - beta2**step)
+    if not rho_t > 5.0:
+        return None
+    return ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+
+
+def _needs(state: dict, keys: tuple[str, ...], name: str, kind: str) -> None:
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise ValueError(
+            f"optimizer: no {'/'.join(missing)} state of {kind} for parameter {name!r} yet "
+            "(no second-moment state: take at least one optimizer step first)"
+        )
+    step = float(state["step"])
+    if step < 1:
+        raise ValueError(f"optimizer: step count of {name!r} is {step}, expected >= 1")
+
+
+def _diagonal(
+    kind: str, cls: str, group: dict[str, Any], state: dict, name: str, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``P``'s entries for one parameter, the mask of eps-dominated ones and the eps.
+
+    ``P`` is the diagonal the optimiser's step at its latest step ``t`` divides by, read
+    from torch 2.13's update rules (torch/optim/{adam,nadam,radam,adamax,rmsprop}.py).
+    """
+    eps = float(group["eps"])
+    if kind in ("adam", "adamw", "nadam", "generic"):
+        # Adam, AdamW, NAdam: sqrt(v / (1 - beta2^t)) + eps (max_exp_avg_sq with amsgrad)
+        key = "max_exp_avg_sq" if group.get("amsgrad") and "max_exp_avg_sq" in state else (
+            "exp_avg_sq"
+        )
+        _needs(state, (key, "step"), name, cls)
+        step = float(state["step"])
+        root = (state[key].detach().to(dtype) / (1.0 - float(group["betas"][1]) ** step)).sqrt()
+        return root + eps, root < eps, eps
+    if kind == "radam":
+        # rho_t > 5: lr * r_t * m_hat * sqrt(1 - beta2^t) / (sqrt(v) + eps), so
+        # P = (sqrt(v) + eps) / (r_t sqrt(1 - beta2^t)); otherwise lr * m_hat: P = 1
+        _needs(state, ("exp_avg_sq", "step"), name, cls)
+        step = float(state["step"])
+        rect = _radam_rect(group, step)
+        v = state["exp_avg_sq"].detach().to(dtype)
+        if rect is None:
+            return torch.ones_like(v), torch.zeros_like(v, dtype=torch.bool), eps
+        root = v.sqrt()
+        scale = rect * (1.0 - float(group["betas"][1]) ** step) ** 0.5
+        return (root + eps) / scale, root < eps, eps
+    if kind == "adamax":
+        # lr / (1 - beta1^t) * m / u with u = max(beta2 u, |g| + eps): P = u (eps is inside;
+        # the first moment's bias correction is a step size, as Adam's)
+        _needs(state, ("exp_inf", "step"), name, cls)
+        u = state["exp_inf"].detach().to(dtype)
+        return u, u < 2.0 * eps, eps
+    # RMSprop: sqrt(square_avg [- grad_avg^2 when centered]) + eps, no bias correction
+    keys = ("square_avg", "grad_avg", "step") if group.get("centered") else (
+        "square_avg", "step")
+    _needs(state, keys, name, cls)
+    v = state["square_avg"].detach().to(dtype)
+    if group.get("centered"):
+        v = v - state["grad_avg"].detach().to(dtype) ** 2
+    root = v.clamp_min(0).sqrt()  # >= 0 exactly; rounding only where torch would give NaN
+    return root + eps, root < eps, eps
+
+
+def _optimizer_preconditioner(
     op: CurvatureOperator, optimizer: torch.optim.Optimizer
 ) -> tuple[Vector, float, float]:
     objects = getattr(op, "_param_objects", None)
@@ -78,63 +150,73 @@ def _adam_preconditioner(
             "optimizer: the operator is not tied to model parameters; pass the "
             "preconditioner diagonal as a vector instead"
         )
+    cls = type(optimizer).__name__
+    kind = optimizer_kind(optimizer)
+    if kind == "sgd":
+        raise ValueError(
+            f"optimizer: {cls} does not precondition its steps (no Adam-style betas/eps "
+            "or second moments); its sharpness is that of the operator itself"
+        )
+    if kind is None:
+        kind = "generic"  # an Adam-style optimiser we do not know: Adam's denominator
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     diag, eps_seen, dead, total = [], set(), 0, 0
     for name, p in zip(op.names, objects):
         group = group_of.get(id(p))
         if group is None:
             raise ValueError(f"optimizer: parameter {name!r} is not optimised by it")
-        if "betas" not in group or "eps" not in group:
-            raise ValueError(
-                f"optimizer: {type(optimizer).__name__} has no Adam-style betas/eps"
-            )
-        state = optimizer.state.get(p, {})
-        key = "max_exp_avg_sq" if group.get("amsgrad") and "max_exp_avg_sq" in state else (
-            "exp_avg_sq"
-        )
-        if key not in state or "step" not in state:
-            raise ValueError(
-                f"optimizer: no second-moment state for parameter {name!r} yet "
-                "(take at least one optimizer step first)"
-            )
-        step = float(state["step"])
-        if step < 1:
-            raise ValueError(f"optimizer: step count of {name!r} is {step}, expected >= 1")
-        beta2 = float(group["betas"][1])
-        eps = float(group["eps"])
-        v_hat = state[key].detach().to(op.dtype) / (1.0 - beta2**step)
-        root = v_hat.sqrt()
-        dead += int((root < eps).sum())
-        total += root.numel()
-        diag.append((root + eps).to(op.device))
+        if "eps" not in group or (kind not in ("adamax", "rmsprop") and "betas" not in group):
+            raise ValueError(f"optimizer: {cls} has no Adam-style betas/eps")
+        entries, small, eps = _diagonal(kind, cls, group, optimizer.state.get(p, {}), name,
+                                        op.dtype)
+        dead += int(small.sum())
+        total += entries.numel()
+        diag.append(entries.to(op.device))
         eps_seen.add(eps)
     eps_value = eps_seen.pop() if len(eps_seen) == 1 else float("nan")
     return tuple(diag), eps_value, dead / max(total, 1)
 
 
 def preconditioned(op: CurvatureOperator, optimizer: Any) -> PreconditionedOperator:
-    """``P^-1/2 op P^-1/2`` with Adam's bias-corrected preconditioner (docs/curvature.md).
+    """``P^-1/2 op P^-1/2`` with the optimizer's own preconditioner (docs/curvature.md).
 
-    ``optimizer`` is an Adam-family ``torch.optim`` optimizer (Adam, AdamW, NAdam, ... with
-    ``exp_avg_sq`` state; ``max_exp_avg_sq`` with amsgrad) that has taken at least one
-    step: ``P = sqrt(v / (1 - beta2^t)) + eps`` per parameter, exactly Adam's denominator.
-    Alternatively pass ``P``'s diagonal directly as a parameter-space vector. Its largest
-    eigenvalue is the preconditioned sharpness, compared with
-    ``stability_threshold(optimizer)``.
+    ``P`` is the diagonal the optimizer divided its step by at its latest step ``t``, read
+    from the state of a ``torch.optim`` optimizer that has taken at least one step (torch
+    2.13's update rules; Cohen et al. 2022, *Adaptive Gradient Methods at the Edge of
+    Stability*, arXiv:2207.14484, for the preconditioned sharpness ``lambda_max(P^-1 H)``):
+
+    * Adam, AdamW, NAdam: ``sqrt(v / (1 - beta2^t)) + eps`` (``max_exp_avg_sq`` with amsgrad);
+    * RAdam (Liu et al. 2020, arXiv:1908.03265): ``(sqrt(v) + eps) / (r_t sqrt(1 - beta2^t))``
+      while its rectification is on (``rho_t > 5``; ``r_t`` is a step-size factor it applies
+      with ``P``, folded in so that one threshold holds in both regimes); before, RAdam is
+      SGD with EMA momentum and ``P = 1`` (the operator itself);
+    * Adamax: its infinity norm ``u = max(beta2 u, |g| + eps)`` (``exp_inf``; eps is inside,
+      its first-moment bias correction is a step size as Adam's);
+    * RMSprop: ``sqrt(square_avg) + eps``, ``sqrt(square_avg - grad_avg^2) + eps`` with
+      ``centered=True``; no bias correction.
+
+    Another optimizer with Adam-style ``betas``, ``eps`` and ``exp_avg_sq`` state gets Adam's
+    ``P``; SGD, which does not precondition, raises. Alternatively pass ``P``'s diagonal as a
+    parameter-space vector. The largest eigenvalue is the preconditioned sharpness, compared
+    with ``stability_threshold(optimizer)``. The first-moment bias corrections and the
+    momentum (NAdam's schedule included) belong to the threshold, not to ``P``.
 
     Args:
         op: the operator (a model operator when ``optimizer`` is an optimizer).
-        optimizer: an Adam-family optimizer, or ``P``'s diagonal as a parameter-space vector.
+        optimizer: an adaptive optimizer, or ``P``'s diagonal as a parameter-space vector.
 
     Returns:
-        The preconditioned operator, with ``eps`` and ``dead_fraction`` from the optimizer.
+        The preconditioned operator, with ``eps`` and ``dead_fraction`` (the fraction of
+        entries where eps dominates ``P``: the root below eps, Adamax's ``u`` below 2 eps)
+        from the optimizer.
 
     Raises:
-        ValueError: the optimizer has no state yet, no Adam-style ``betas``/``eps``, or
-            does not optimise the operator's parameters; or a preconditioner entry <= 0.
+        ValueError: the optimizer has no state yet (or not for every parameter), is SGD or
+            has no Adam-style ``betas``/``eps``, or does not optimise the operator's
+            parameters; or a preconditioner entry is not finite and > 0.
     """
     if isinstance(optimizer, torch.optim.Optimizer):
-        diag, eps, dead = _adam_preconditioner(op, optimizer)
+        diag, eps, dead = _optimizer_preconditioner(op, optimizer)
         return PreconditionedOperator(op, diag, eps=eps, dead_fraction=dead)
     if isinstance(optimizer, (tuple, list)):
         return PreconditionedOperator(op, optimizer)

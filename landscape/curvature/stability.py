@@ -8,9 +8,18 @@ has the update rules and the numeric check):
 * gradient descent: ``2 / lr``;
 * heavy ball (``SGD(momentum=b, dampening=d)``): ``(2 + 2b) / ((1 - d) lr)``;
 * Nesterov (``nesterov=True``): ``(2 + 2b) / ((1 + 2b) lr)``;
-* Adam / AdamW / NAdam with a frozen preconditioner: ``(2 + 2 b1) / ((1 - b1) lr)`` on the
-  *preconditioned* sharpness ``lambda_max(P^-1 H)`` (38 / lr at b1 = 0.9);
-* RMSprop: ``2 / lr`` on the preconditioned sharpness (heavy-ball form with momentum).
+* Adam / AdamW / RAdam / Adamax with a frozen preconditioner: ``(2 + 2 b1) / ((1 - b1) lr)``
+  on the *preconditioned* sharpness ``lambda_max(P^-1 H)`` (38 / lr at b1 = 0.9), with ``P``
+  the diagonal the optimiser divides its step by (:func:`landscape.curvature.preconditioned`;
+  RAdam before its rectification starts is SGD with EMA momentum, ``P = 1``: the same value
+  on the Hessian itself);
+* NAdam: ``(2 + 2 b1) / ((c_g (1 + b1) + c_m (1 - b1)) lr)`` on the preconditioned sharpness,
+  with ``c_g = 1 - mu_t`` and ``c_m = mu_{t+1}`` its momentum schedule at the latest step
+  (``(2 + 2 b1) / ((1 - b1)(1 + 2 b1) lr)`` = 13.57 / lr in the limit ``mu -> b1``);
+* RMSprop: ``(2 + 2 momentum) / lr`` on the preconditioned sharpness (2 / lr without momentum).
+
+First-moment bias corrections (``1 - b1^t``, NAdam's ``1 - prod mu``) tend to 1 within a few
+dozen steps and are left out, as in Cohen et al. 2022.
 """
 
 from __future__ import annotations
@@ -19,10 +28,52 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["stability_threshold"]
+__all__ = ["optimizer_kind", "stability_threshold"]
 
 _ADAM = ("adam", "adamw", "nadam", "radam", "adamax")
 _NAMES = ("gd", "sgd", "heavy_ball", "momentum", "nesterov", "rmsprop", *_ADAM)
+# most derived first: AdamW subclasses Adam in torch 2.13
+_CLASSES = (
+    ("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam),
+    ("nadam", torch.optim.NAdam), ("radam", torch.optim.RAdam),
+    ("adamax", torch.optim.Adamax), ("rmsprop", torch.optim.RMSprop),
+)
+PRECONDITIONED = ("adam", "adamw", "nadam", "radam", "adamax", "rmsprop")
+"""The optimiser kinds whose threshold bounds the preconditioned sharpness (RAdam: once its
+rectification is on; before, its ``P`` is 1)."""
+
+
+def optimizer_kind(optimizer: Any) -> str | None:
+    """The kind of ``optimizer`` this module knows, or None.
+
+    ``"sgd"``, ``"adam"``, ``"adamw"``, ``"nadam"``, ``"radam"``, ``"adamax"`` or
+    ``"rmsprop"``: the ``torch.optim`` class it is an instance of (subclasses included), else
+    its class name when that is one of them (lower-cased).
+
+    Args:
+        optimizer: an optimizer.
+
+    Returns:
+        The kind, or None for an optimiser without a known threshold.
+    """
+    for name, cls in _CLASSES:
+        if isinstance(optimizer, cls):
+            return name
+    name = type(optimizer).__name__.lower()
+    return name if name in (*_ADAM, "sgd", "rmsprop") else None
+
+
+def latest_step(optimizer: torch.optim.Optimizer) -> int:
+    """The step count in the optimizer's state (its first parameter's with one), 0 if none."""
+    for state in optimizer.state.values():
+        if isinstance(state, dict) and "step" in state:
+            return int(float(state["step"]))
+    return 0
+
+
+def nadam_momentum(beta1: float, momentum_decay: float, step: float) -> float:
+    """NAdam's ``mu_t = beta1 (1 - 0.5 * 0.96^(t * momentum_decay))`` (torch.optim.NAdam)."""
+    return beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
 
 
 def _heavy_ball(lr: float, beta: float, dampening: float = 0.0) -> float:
@@ -44,20 +95,27 @@ def stability_threshold(
     ``dampening``, ``nesterov`` or ``betas`` are read from its first parameter group
     unless given) or a name: ``"gd"``/``"sgd"`` (momentum 0 unless given),
     ``"heavy_ball"``/``"momentum"``, ``"nesterov"``, ``"adam"``/``"adamw"``/``"nadam"``/
-    ``"radam"``/``"adamax"`` (``betas`` default (0.9, 0.999)), ``"rmsprop"``. For Adam-type
-    optimisers the threshold applies to the preconditioned sharpness
-    (:func:`landscape.curvature.preconditioned`). Unknown optimisers raise ``ValueError``.
+    ``"radam"``/``"adamax"`` (``betas`` default (0.9, 0.999)), ``"rmsprop"``. For Adam, AdamW,
+    NAdam, RAdam, Adamax and RMSprop the threshold applies to the preconditioned sharpness
+    ``lambda_max(P^-1 H)`` of :func:`landscape.curvature.preconditioned` with the same
+    optimizer (Cohen et al. 2022, arXiv:2207.14484), whose ``P`` is the diagonal the optimiser
+    divides its step by (1 for RAdam before its rectification starts, when it is SGD with
+    EMA momentum and the same value bounds the Hessian itself). NAdam's depends on its
+    momentum schedule ``mu_t``: given the optimizer, at its latest step (the first before
+    any); given the name, in the limit ``mu_t -> beta1`` of long training. Unknown
+    optimisers raise ``ValueError``.
 
     Args:
         optimizer_or_name: a ``torch.optim`` optimizer or an optimiser's name.
         lr: the learning rate (read from the optimizer when not given).
         momentum: the momentum (SGD, RMSprop).
-        betas: Adam's betas; only ``betas[0]`` matters.
+        betas: Adam's betas; only ``betas[0]`` matters (NAdam: with its step and
+            ``momentum_decay`` when an optimizer is given).
         nesterov: Nesterov momentum (SGD).
         dampening: SGD's dampening.
 
     Returns:
-        The threshold on the (preconditioned, for Adam and RMSprop) sharpness.
+        The threshold on the sharpness (the preconditioned one for the adaptive optimisers).
 
     Raises:
         ValueError: an unknown optimiser, no or a non-positive learning rate, or momentum,
@@ -67,9 +125,10 @@ def stability_threshold(
         >>> round(stability_threshold("adam", lr=0.01), 6)  # 38 / lr at b1 = 0.9
         3800.0
     """
+    mu: tuple[float, float] | None = None  # NAdam's (mu_t, mu_{t+1})
     if isinstance(optimizer_or_name, torch.optim.Optimizer):
         group = optimizer_or_name.param_groups[0]
-        cls = type(optimizer_or_name).__name__.lower()
+        cls = optimizer_kind(optimizer_or_name) or ""
         if lr is None:
             lr = group.get("lr")
         if cls == "sgd":
@@ -80,6 +139,11 @@ def stability_threshold(
         elif cls in _ADAM:
             betas = group.get("betas") if betas is None else betas
             name = cls
+            if cls == "nadam" and betas is not None:
+                decay = float(group.get("momentum_decay", 4e-3))
+                t = max(latest_step(optimizer_or_name), 1)
+                b1 = float(betas[0])
+                mu = (nadam_momentum(b1, decay, t), nadam_momentum(b1, decay, t + 1))
         elif cls == "rmsprop":
             momentum = group.get("momentum", 0.0) if momentum is None else momentum
             name = cls
@@ -123,4 +187,9 @@ def stability_threshold(
     b1 = float((betas or (0.9, 0.999))[0])
     if not 0.0 <= b1 < 1.0:
         raise ValueError(f"betas[0] must be in [0, 1), got {b1}")
+    if name == "nadam":
+        # theta <- theta - lr P^-1 (c_g g + c_m m), m the EMA of g: on f = x theta^2 / 2 the
+        # characteristic root reaches -1 at x lr (c_g (1 + b1) + c_m (1 - b1)) = 2 + 2 b1
+        c_g, c_m = (1.0 - mu[0], mu[1]) if mu is not None else (1.0 - b1, b1)
+        return (2.0 + 2.0 * b1) / ((c_g * (1.0 + b1) + c_m * (1.0 - b1)) * lr)
     return (2.0 + 2.0 * b1) / ((1.0 - b1) * lr)

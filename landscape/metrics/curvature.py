@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 
 from landscape._deprecation import deprecated_alias, module_getattr, renamed_kwargs
+from landscape._errors import MissingInput, PartialRow
 from landscape.metrics.base import Metric, register
 from landscape.metrics.context import StepContext
 from landscape.schedules import every
@@ -143,16 +144,27 @@ class TopEigenvalues(Metric):
 class Sharpness(Metric):
     """lambda_max against the optimizer's edge-of-stability threshold (docs/metrics.md).
 
-    For SGD (plain, heavy-ball, Nesterov) lambda_max is the Hessian's; for Adam/AdamW it is
-    the preconditioned sharpness of P^-1/2 H P^-1/2 (Cohen et al. 2022). ``ratio`` =
-    lambda_max / threshold; a ratio at or above 1 is the edge of stability. ``peak_memory``:
-    the Lanczos run's measured peak in bytes (the same run's when the row reuses the step's
-    ``top_eigenvalues`` run; NaN while Adam warms up).
+    For SGD (plain, heavy-ball, Nesterov) lambda_max is the Hessian's. For Adam, AdamW,
+    NAdam, RAdam, Adamax and RMSprop it is the preconditioned sharpness, the top eigenvalue
+    of ``P^-1/2 H P^-1/2`` with ``P`` the diagonal the optimizer divides its step by
+    (:func:`landscape.curvature.preconditioned`; Cohen et al. 2022, *Adaptive Gradient
+    Methods at the Edge of Stability*, arXiv:2207.14484), which is what
+    :func:`landscape.curvature.stability_threshold` bounds for them. RAdam before its
+    rectification starts (``rho_t <= 5``) is SGD with EMA momentum: the Hessian's own
+    lambda_max. ``ratio`` = lambda_max / threshold; a ratio at or above 1 is the edge of
+    stability. ``peak_memory``: the Lanczos run's measured peak in bytes (the same run's
+    when the row reuses the step's ``top_eigenvalues`` run; NaN during the warm-up).
+
+    The two are never mixed: when the preconditioner cannot be read (an adaptive optimizer
+    without state for every parameter) the row is NaN, and with an optimizer whose
+    threshold is not known (e.g. Adagrad, LBFGS) lambda_max is the Hessian's and threshold
+    and ratio are NaN; either way the monitor records one ``metric_failed`` finding saying
+    why.
 
     Args:
         tol: relative tolerance of the Lanczos run for lambda_max.
-        adam_warmup: Adam steps before which the row is NaN (the second-moment estimate
-            is a few-sample transient at first).
+        adam_warmup: steps of an adaptive optimizer (any of the six above) before which the
+            row is NaN (the second-moment estimate is a few-sample transient at first).
         memory_budget: as for :class:`TopEigenvalues` (default ``"auto"``).
         **kwargs: ``schedule`` and ``data`` (:class:`~landscape.metrics.Metric`).
     """
@@ -177,36 +189,83 @@ class Sharpness(Metric):
                             self.memory_budget)
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
-        """lambda_max, the optimizer's stability threshold, their ratio and the peak."""
-        from landscape.curvature import stability_threshold
+        """lambda_max, the optimizer's stability threshold, their ratio and the peak.
+
+        Raises:
+            MissingInput: an adaptive optimizer's preconditioner cannot be read (no row).
+            PartialRow: the optimizer's threshold is not known (lambda_max only).
+        """
+        from landscape.curvature.stability import (
+            PRECONDITIONED,
+            optimizer_kind,
+            stability_threshold,
+        )
 
         opt = ctx.optimizer
-        adam = opt is not None and isinstance(opt, (torch.optim.Adam, torch.optim.AdamW))
-        if adam and _adam_steps(opt) < self.adam_warmup:
-            # Adam's second-moment estimate is a one- or few-sample transient at first: the
+        kind = None if opt is None else optimizer_kind(opt)
+        nan = {"lambda_max": math.nan, "threshold": math.nan, "ratio": math.nan,
+               "peak_memory": math.nan}
+        adaptive = kind in PRECONDITIONED
+        if adaptive and _adam_steps(opt) < self.adam_warmup:
+            # the second-moment estimate is a one- or few-sample transient at first: the
             # preconditioned sharpness is meaningless until it has averaged some steps.
-            return {"lambda_max": math.nan, "threshold": math.nan, "ratio": math.nan,
-                    "peak_memory": math.nan}
-        result = _eigen(ctx, self.data, 1, self.tol, self.memory_budget, preconditioned=adam)
+            return nan
+        pre = adaptive and _preconditions(opt)
+        if pre:
+            try:
+                ctx.operator(self.data, preconditioned=True)
+            except ValueError as err:
+                raise MissingInput(
+                    f"no preconditioned sharpness for {type(opt).__name__}, whose threshold "
+                    f"bounds it (not the Hessian's): {err}"
+                ) from err
+        result = _eigen(ctx, self.data, 1, self.tol, self.memory_budget, preconditioned=pre)
         lam = float(result.values[0])
-        lr = None if opt is None else float(opt.param_groups[0].get("lr", math.nan))
+        row = {**nan, "lambda_max": lam, "peak_memory": _peak(result)}
         if opt is None:
-            threshold = math.nan
-        elif lr is not None and lr == 0.0:  # e.g. the first step of a warm-up: no limit
+            return row
+        if kind is None:
+            raise PartialRow(row, MissingInput(
+                f"no stability threshold known for {type(opt).__name__} (known: SGD, Adam, "
+                "AdamW, NAdam, RAdam, Adamax, RMSprop): lambda_max is the Hessian's, "
+                "threshold and ratio are NaN"
+            ))
+        lr = opt.param_groups[0].get("lr", math.nan)
+        lr = float(lr.item() if isinstance(lr, torch.Tensor) else lr)
+        if lr == 0.0:  # e.g. the first step of a warm-up: no limit
             threshold = math.inf
         else:
             threshold = stability_threshold(opt)
         ratio = lam / threshold if threshold and not math.isnan(threshold) else math.nan
-        return {"lambda_max": lam, "threshold": threshold, "ratio": ratio,
-                "peak_memory": _peak(result)}
+        return {**row, "threshold": threshold, "ratio": ratio}
 
 
 def _adam_steps(opt: torch.optim.Optimizer) -> int:
-    """How many steps the Adam optimizer has taken (its per-parameter ``step`` state)."""
-    for state in opt.state.values():
-        if "step" in state:
-            return int(state["step"])
-    return 0
+    """How many steps the adaptive optimizer has taken (its per-parameter ``step`` state)."""
+    from landscape.curvature.stability import latest_step
+
+    return latest_step(opt)
+
+
+def _preconditions(opt: torch.optim.Optimizer) -> bool:
+    """Whether the adaptive ``opt`` divided its latest step by a preconditioner.
+
+    Always, except RAdam while its rectification is off (``rho_t <= 5``, which includes
+    before its first step): then it is SGD with EMA momentum, ``P = 1``, and the Hessian's
+    own run (shared with ``top_eigenvalues``) is the one its threshold bounds.
+    """
+    from landscape.curvature.precondition import _radam_rect
+    from landscape.curvature.stability import optimizer_kind
+
+    if optimizer_kind(opt) != "radam":
+        return True
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state.get(p, {})
+            step = float(state.get("step", 0))
+            if step >= 1 and _radam_rect(group, step) is not None:
+                return True
+    return False
 
 
 @register
