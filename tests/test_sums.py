@@ -32,10 +32,12 @@ def test_long_float32_reductions_match_float64(n):
     q, w = _data(n)
     qd, wd = q.double(), w.double()
     exact = qd @ wd
-    # float32 partial sums of a chunk are good to ~1e-7 of |q| |w| (the rows are unit)
+    # a float32 chunk's own dot product is good to 1e-7 to 1.3e-5 of |q| |w| (the rows are
+    # unit), depending on the BLAS's summation order (1.3e-5: MKL on AVX-512); the float64
+    # sum of the chunks keeps it there, where one float32 dot of 3M entries is 1e-4 off
     scale = float(wd.norm())
-    assert float((dots(q, w) - exact).abs().max()) <= 1e-6 * scale
-    assert abs(float(dots(q[0], w)) - float(exact[0])) <= 1e-6 * scale
+    assert float((dots(q, w) - exact).abs().max()) <= 3e-5 * scale
+    assert abs(float(dots(q[0], w)) - float(exact[0])) <= 3e-5 * scale
     assert norm(w) == pytest.approx(float(wd.norm()), rel=1e-12)
     assert torch.allclose(row_norms(q), qd.norm(dim=1), rtol=1e-12)
     assert row_norms(q).dtype == torch.float64
