@@ -33,12 +33,14 @@ from landscape.curvature._batches import (
 from landscape.curvature._evaluation import detach_tree, evaluation, scalar_loss, zeros_for_none
 from landscape.curvature._first_order import FirstOrder, sharded_reason
 from landscape.curvature._reduction import RankReduction
-from landscape.curvature._shifted import NoGradientError, read_by_forward
+from landscape.curvature._shifted import NoGradientError
 from landscape.curvature.base import CurvatureOperator
 from landscape.isolation import same_rng, stateless_call, stateless_closure
 from landscape.params import ParamSpec, Vector, select_named_parameters
 
 __all__ = ["Closure", "Forward", "LossFn", "ModelOperator", "OperatorOptions"]
+
+_NO_GRAD_INPUTS = "None of the inputs have requires_grad=True"  # torch.utils.checkpoint
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 Closure = Callable[[nn.Module, Any], torch.Tensor]
@@ -148,7 +150,7 @@ class ModelOperator(CurvatureOperator):
         self._reduce = RankReduction(_dist.enabled(opts.distributed), self._data.rank_size)
         self.options = dataclasses.replace(opts, distributed=self._reduce.enabled)
         self._backend = Backend(backend.name, type(self).__name__, self._impossible())
-        self._read_names: set[str] | None = None  # _parameters_read(), shared by subsets
+        self._checkpoint_cut: dict[frozenset, bool] = {}  # _cut_by_checkpoint(), by leaves
         self._use_first_order()
         self.refresh()
 
@@ -341,35 +343,38 @@ class ModelOperator(CurvatureOperator):
     def _leaves(self) -> Tensors:
         return {n: t.detach().requires_grad_(True) for n, t in self._current().items()}
 
-    def _parameters_read(self, batch: Any) -> set[str]:
-        """The names of the trainable parameters the forward reads (found once per model).
+    def _cut_by_checkpoint(self, batch: Any, leaves: Tensors) -> bool:
+        """Whether a reentrant activation checkpoint receives inputs that need no gradient.
 
-        One no-grad forward on ``batch`` with every trainable parameter substituted by a
-        fresh tensor, recording which of them a torch function receives
-        (:func:`~landscape.curvature._shifted.read_by_forward`); the RNG is rewound after
-        it. Run only when a selected parameter received no gradient.
+        ``torch.utils.checkpoint`` then warns "None of the inputs have requires_grad=True"
+        and passes no gradient to the parameters inside it. One forward on ``batch`` with
+        ``leaves`` substituted, its warnings recorded (not shown) and the RNG rewound after
+        it; the answer is kept per set of leaves. Run only when a selected parameter
+        received no gradient.
         """
-        if self._read_names is None:
-            probe = {n: p.detach().clone() for n, p in self.model.named_parameters()
-                     if p.requires_grad}
-            with same_rng(self.model) as rewind, torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # checkpoint: "none of the inputs need grad"
+        key = frozenset(leaves)
+        if key not in self._checkpoint_cut:
+            fresh = {n: t.detach().requires_grad_(True) for n, t in leaves.items()}
+            with same_rng(self.model) as rewind, torch.enable_grad(), \
+                    warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
                 try:
-                    self._read_names = read_by_forward(
-                        lambda: self._batch_loss(probe, batch), probe
-                    )
+                    self._batch_loss(fresh, batch)
                 finally:
                     rewind()
-        return self._read_names
+            self._checkpoint_cut[key] = any(_NO_GRAD_INPUTS in str(w.message) for w in seen)
+        return self._checkpoint_cut[key]
 
     def _check_reached(self, grads: Sequence[Any], leaves: Tensors, batch: Any) -> None:
-        """Raise when a selected parameter the forward reads received no gradient.
+        """Raise when selected parameters are cut off from the loss by a checkpoint.
 
         A parameter without a gradient (``None`` from ``autograd.grad(...,
-        allow_unused=True)``, or no ``.grad`` after a backward) is unused by the forward,
-        and its curvature is zero, or cut off from the loss's graph (parameters inside a
-        reentrant activation checkpoint whose inputs need no gradient), where a zero would
-        be silently wrong.
+        allow_unused=True)``) is unused by the loss, or used where no gradient flows (an
+        auxiliary head the loss does not read, a comparison), and its curvature is zero;
+        or it sits inside a reentrant activation checkpoint whose inputs need no gradient
+        (nothing upstream of it is selected), where a zero would be silently wrong
+        (:meth:`_cut_by_checkpoint`). The first-order products then differentiate with
+        respect to every trainable parameter, as training does.
 
         Args:
             grads: one gradient or ``None`` per leaf.
@@ -377,15 +382,11 @@ class ModelOperator(CurvatureOperator):
             batch: the batch they were evaluated on.
 
         Raises:
-            NoGradientError: naming those parameters.
+            NoGradientError: naming the parameters without a gradient.
         """
         missing = [n for n, g in zip(leaves, grads) if g is None]
-        if not missing:
-            return
-        read = self._parameters_read(batch)
-        cut = [n for n in missing if n in read]
-        if cut:
-            raise NoGradientError(cut)
+        if missing and self._cut_by_checkpoint(batch, leaves):
+            raise NoGradientError(missing)
 
     def _model_output(self, p: Tensors, batch: Any) -> tuple[Any, Any]:
         """``(outputs, targets)`` with the parameters ``p`` substituted."""

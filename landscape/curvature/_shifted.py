@@ -29,8 +29,6 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
 
 from landscape import distributed as _dist
 from landscape._errors import LandscapeError
@@ -43,7 +41,7 @@ from landscape.isolation import isolated, same_rng, stateless_closure
 if TYPE_CHECKING:  # pragma: no cover
     from landscape.curvature._model_operator import ModelOperator
 
-__all__ = ["NoGradientError", "ShiftedEvaluation", "Tensors", "moved", "read_by_forward"]
+__all__ = ["NoGradientError", "ShiftedEvaluation", "Tensors", "moved"]
 
 Tensors = dict[str, torch.Tensor]
 
@@ -95,7 +93,7 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 
 
 class NoGradientError(LandscapeError, ValueError):
-    """Selected parameters that the forward reads received no gradient from the loss.
+    """Selected parameters cut off from the loss by a reentrant activation checkpoint.
 
     Args:
         names: the parameters' names.
@@ -104,44 +102,12 @@ class NoGradientError(LandscapeError, ValueError):
     def __init__(self, names: list[str]) -> None:
         shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
         super().__init__(
-            f"no gradient reached {shown} although the forward reads them (a reentrant "
-            "activation checkpoint whose inputs need no gradient, or a detach); their "
-            "curvature would be a silent zero"
+            f"no gradient reached {shown}: a reentrant activation checkpoint receives "
+            "inputs that need no gradient (torch warns 'None of the inputs have "
+            "requires_grad=True'); their curvature would be a silent zero. Use "
+            "use_reentrant=False, or make the checkpoint's inputs require grad"
         )
         self.names = list(names)
-
-
-class _Reads(TorchFunctionMode):
-    """Records which of the watched tensors a torch function receives as an argument."""
-
-    def __init__(self, watched: dict[int, str]) -> None:
-        super().__init__()
-        self.watched = watched
-        self.read: set[str] = set()
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        for t in tree_leaves((args, kwargs)):
-            name = self.watched.get(id(t)) if isinstance(t, torch.Tensor) else None
-            if name is not None:
-                self.read.add(name)
-        return func(*args, **kwargs)
-
-
-def read_by_forward(run: Any, leaves: Tensors) -> set[str]:
-    """The names of ``leaves`` that ``run()`` passes to a torch function (module code reads them).
-
-    Args:
-        run: a callable evaluating the model with ``leaves`` substituted.
-        leaves: the substituted tensors, by name.
-
-    Returns:
-        The names of those read.
-    """
-    mode = _Reads({id(t): n for n, t in leaves.items()})
-    with mode:
-        run()
-    return mode.read
 
 
 class ShiftedEvaluation:
@@ -432,20 +398,18 @@ class ShiftedEvaluation:
         return {**leaves, **others}
 
     def _cut_off(self, leaves: Tensors, batch: Any) -> list[str]:
-        """The selected parameters that the forward reads but that received no gradient.
+        """The selected parameters without a gradient, if a reentrant checkpoint cut them off.
 
-        A parameter without a gradient is either unused by the forward (its gradient and
-        curvature are zero, as the exact products say) or cut off from the loss's graph,
-        e.g. inside a reentrant activation checkpoint whose inputs need no gradient, where
-        zeros would be wrong. Which parameters the forward reads is found once per model,
-        only when a gradient is missing (:meth:`~landscape.curvature._model_operator.
-        ModelOperator._parameters_read`).
+        A parameter without a gradient is either unused by the loss (its gradient and
+        curvature are zero, as the exact products say) or inside a reentrant activation
+        checkpoint whose inputs need no gradient, where zeros would be wrong
+        (:meth:`~landscape.curvature._model_operator.ModelOperator._cut_by_checkpoint`,
+        asked only when a gradient is missing).
         """
         missing = [n for n, t in leaves.items() if t.grad is None]
-        if not missing:
+        if not missing or not self.op._cut_by_checkpoint(batch, self._with_others(leaves)):
             return []
-        read = self.op._parameters_read(batch)
-        return [n for n in missing if n in read]
+        return missing
 
     def _gradient_in_place(
         self, batch: Any, shift: Tensors | None, sign: float

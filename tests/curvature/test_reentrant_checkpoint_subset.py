@@ -117,3 +117,37 @@ def test_parameters_cut_off_from_the_loss_raise_naming_them(curvature, backend):
     op = curvature(net, F.cross_entropy, (x, y), params="block.*", backend=backend)
     with pytest.raises(ValueError, match=r"no gradient reached block\.0\.weight, block\.0\.bias"):
         _quiet(lambda: top_eigenvalues(op))
+
+
+class _UnreachedByTheLoss(nn.Module):
+    """Parameters the forward reads without a gradient reaching them, and no checkpoint:
+    an auxiliary head the loss does not read, a threshold in a comparison, a dtype read."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(6, 3)
+        self.aux = nn.Linear(6, 2)
+        self.thresh = nn.Parameter(torch.zeros(()))
+        self.marker = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        x = x.to(self.marker.dtype) * (x > self.thresh)
+        self.aux_out = self.aux(x)  # computed, not returned: the loss does not read it
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("backend", ["auto", "exact", "first_order"])
+@pytest.mark.parametrize("curvature", [Hessian, GGN])
+def test_parameters_without_a_gradient_and_no_checkpoint_have_zero_curvature(backend, curvature):
+    x, y = _data()
+    net = _UnreachedByTheLoss()
+
+    op = curvature(net, F.cross_entropy, (x, y), backend=backend)
+    v = tuple(torch.ones_like(p) for p in net.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no first-order fallback either
+        hv = dict(zip(op.names, op.matvec(v)))
+    for name in ("aux.weight", "aux.bias", "thresh", "marker"):
+        assert torch.count_nonzero(hv[name]) == 0, name
+    assert torch.count_nonzero(hv["lin.weight"]) > 0
