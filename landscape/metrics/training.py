@@ -224,16 +224,23 @@ class TaylorRadius(Metric):
         if ctx.update is None or ctx.params_before is None:
             raise MissingInput(_no_update(ctx, "taylor_radius"))
         batch = ctx.data(self.data)
+        result = None
         if keyword_batch(batch):  # a tokenizer's output: model(**batch), logits only
             # labels left out: the model need not compute its loss, and a language model's
             # labels are not aligned with its logits (it shifts them itself)
             keywords = {k: v for k, v in batch.items() if k != "labels"}
-            result = radius_along(ctx, (), None, ctx.params_before, ctx.update,
-                                  keywords=keywords)
-        elif ctx.closure is not None:
-            raise MissingInput("taylor_radius needs (inputs, targets) batches or dicts of "
-                               "the model's keyword arguments")
-        else:
+            try:
+                result = radius_along(ctx, (), None, ctx.params_before, ctx.update,
+                                      keywords=keywords)
+            except TypeError:
+                # only {input_ids, labels} has a positional reading, forward(idx, targets)
+                # (as StepContext's forward): any other key would be dropped silently
+                if set(batch) != {"input_ids", "labels"}:
+                    raise
+        if result is None:
+            if ctx.closure is not None and not keyword_batch(batch):
+                raise MissingInput("taylor_radius needs (inputs, targets) batches or dicts "
+                                   "of the model's keyword arguments")
             inputs, targets = split_batch(batch)
             result = radius_along(ctx, inputs, targets, ctx.params_before, ctx.update)
         return {

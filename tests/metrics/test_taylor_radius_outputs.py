@@ -178,3 +178,38 @@ def test_radius_along_through_reentrant_checkpointing_by_a_central_difference():
     torch.testing.assert_close(got.spread, want.spread, rtol=1e-3, atol=1e-5)
     for p, a in zip(ckpt.parameters(), at):
         assert torch.equal(p.detach(), a)  # nothing written into the model
+
+
+class _PositionalLM(nn.Module):
+    """nanoGPT's convention: ``forward(idx, targets=None)``, no ``input_ids`` keyword."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(20, 16)
+        self.head = nn.Linear(16, 20)
+
+    def forward(self, idx, targets=None):
+        return self.head(torch.tanh(self.emb(idx)))
+
+
+def test_taylor_radius_on_ids_and_labels_for_a_positional_forward():
+    model = _PositionalLM()
+    ids = torch.randint(0, 20, (4, 8), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "labels": ids}
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with Monitor(model, _lm_loss, optimizer=opt, probe=batch, metrics=["taylor_radius"],
+                 warn=False) as mon:
+        before = tuple(p.detach().clone() for p in model.parameters())
+        loss = _lm_loss(model(ids), ids)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step = tuple(p.detach() - b for p, b in zip(model.parameters(), before))
+        mon.step(0, batch=batch, loss=loss)  # was: unexpected keyword argument 'input_ids'
+        run = mon.run()
+    assert not mon.findings
+    with isolated(model):
+        want = radius_along(_ctx(model), ids, ids, before, step)
+    assert float(run.series("taylor_radius", "r")[1][0]) == pytest.approx(float(want.r),
+                                                                          rel=1e-6)
