@@ -40,16 +40,19 @@ def evaluation(model: nn.Module, *, eval_mode: bool, seed: int) -> Iterator[None
         seed_generators(model, seed)
         # the forward runs on cloned buffers (stateless_call), but a backward that
         # recomputes a checkpointed forward runs it on the module's own: in train mode
-        # BatchNorm would update its running statistics there (in a fused kernel that
-        # does not bump their version counters, hence the comparison of values)
-        buffers = [(b, b.clone()) for b in model.buffers()]
+        # BatchNorm would update its running statistics there, in a fused kernel that
+        # bumps no version counter. Its statistics (small) are kept and put back through
+        # .data, which bumps none either, so the values and the version counters (the
+        # cached gradient graph's key) are as before
+        kept = [(b, b.clone()) for m in model.modules()
+                if isinstance(m, nn.modules.batchnorm._NormBase)
+                for b in m._buffers.values() if b is not None]
         try:
             yield
         finally:
-            with torch.no_grad():
-                for b, saved in buffers:
-                    if not torch.equal(b, saved):
-                        b.copy_(saved)
+            for b, saved in kept:
+                if not torch.equal(b, saved):
+                    b.data.copy_(saved)
 
 
 def seed_generators(model: nn.Module, seed: int) -> None:

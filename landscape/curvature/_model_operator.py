@@ -333,9 +333,18 @@ class ModelOperator(CurvatureOperator):
         return evaluation(self.model, eval_mode=self.options.eval_mode, seed=self.options.seed)
 
     def _version_key(self) -> tuple[int, ...]:
-        """Version counters of the parameters and buffers: they change on in-place updates."""
-        tensors = [*self._param_objects, *self.model.buffers()]
-        return tuple(t._version for t in tensors)
+        """Version counters of the parameters and buffers: they change on in-place updates.
+
+        With ``eval_mode=False`` BatchNorm normalises by batch statistics, so its running
+        statistics are not part of the function and left out: a backward that recomputes
+        a checkpointed forward writes them (and the evaluation puts them back).
+        """
+        if self.options.eval_mode:
+            buffers = list(self.model.buffers())
+        else:
+            buffers = [b for m in self.model.modules() for b in m._buffers.values()
+                       if b is not None and not isinstance(m, nn.modules.batchnorm._NormBase)]
+        return tuple(t._version for t in [*self._param_objects, *buffers])
 
     def _current(self) -> Tensors:
         return {n: p.detach() for n, p in zip(self.names, self._param_objects)}

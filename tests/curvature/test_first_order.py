@@ -665,6 +665,7 @@ def test_non_reentrant_checkpointing_with_attention_and_batchnorm(eval_mode):
     H = Hessian(model, F.cross_entropy, (x, y), eval_mode=eval_mode)
     got = top_eigenvalues(H, k=2, tol=1e-8)
     assert got.n_matvec > 2 and H.backend_used == "auto"  # exact, through the cached graph
+    assert H._valid_graph() is not None  # kept: the restored statistics leave it valid
     torch.testing.assert_close(got.values, want, rtol=1e-7, atol=0)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert all(m.training for m in model.modules())
