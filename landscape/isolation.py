@@ -64,11 +64,6 @@ def _set_training(modules: list[nn.Module], modes: list[bool]) -> None:
             object.__setattr__(m, "training", mode)
 
 
-def _overrides_train(modules: list[nn.Module]) -> bool:
-    """Whether a module's class overrides ``nn.Module.train``."""
-    return any(type(m).train is not nn.Module.train for m in modules)
-
-
 @contextlib.contextmanager
 def isolated(
     model: nn.Module, *, eval_mode: bool = True, copy_grads: bool = False
@@ -87,8 +82,10 @@ def isolated(
     low-rank update into the weight on ``eval()`` and subtract it again on ``train()``,
     which would leave the weights rounded differently, or merged twice). Train mode
     (``eval_mode=False``) goes through ``model.train()`` when a module overrides it, so an
-    override that keeps BatchNorm frozen is honoured, and ``model.train(mode)`` with the
-    root's original mode is called again on exit before the flags are restored.
+    override that keeps BatchNorm frozen is honoured, and on exit each overriding module's
+    ``train()`` is called again with its own original mode, from the root down (a parent's
+    call reaches its children first, their own call then sets them back), before the flags
+    are restored.
 
     ``.grad`` tensors are restored by reference. Code inside the block should not write
     into them in place (``torch.autograd.grad`` and ``torch.func`` never do); if it might
@@ -105,17 +102,19 @@ def isolated(
     grads = [p.grad for p in params]
     values = [None if g is None else g.detach().clone() for g in grads] if copy_grads else None
     # an override's own train(): only for train mode (frozen BatchNorm), and undone on exit
-    through_override = not eval_mode and _overrides_train(modules)
+    overriders = [] if eval_mode else [
+        (m, mode) for m, mode in zip(modules, modes) if type(m).train is not nn.Module.train
+    ]
     with torch.random.fork_rng(devices=_cuda_devices(modules)):
         try:
-            if through_override:
+            if overriders:
                 model.train(True)
             else:
                 _set_training(modules, [not eval_mode] * len(modules))
             yield model
         finally:
-            if through_override:
-                model.train(modes[0])
+            for m, mode in overriders:  # pre-order: the root first
+                m.train(mode)
             _set_training(modules, modes)
             for i, (p, flag, g) in enumerate(zip(params, flags, grads)):
                 if p.requires_grad != flag:

@@ -189,3 +189,17 @@ def test_eval_mode_false_evaluates_in_training_mode_whatever_the_models_mode():
     assert not any(m.training for m in model.modules())
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k])
+
+
+def test_train_mode_restores_each_override_to_its_own_mode():
+    """A root in eval mode holding a LoRA layer that trains: each override is called back
+    with its own original mode (the root's train(False) would leave the layer merged)."""
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), models.MergingLoRA(6, 3))
+    model.eval()
+    model[1].train()  # unmerged, training
+    weights = [p.detach().clone() for p in model.parameters()]
+    with isolated(model, eval_mode=False):
+        assert all(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == [False, False, True]
+    assert not model[1].merged
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
