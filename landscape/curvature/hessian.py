@@ -24,14 +24,22 @@ __all__ = ["Hessian"]
 
 
 @contextlib.contextmanager
-def _module_calls() -> Iterator[list[nn.Module]]:
-    """Collect the modules whose forward runs inside the block.
+def _module_calls(model: nn.Module) -> Iterator[list[str]]:
+    """Collect the names of ``model``'s modules whose forward runs inside the block.
 
-    A global forward pre-hook, removed on exit. A backward pass runs module code only when
-    activation checkpointing recomputes a forward.
+    A global forward pre-hook, removed on exit; modules of other models (another thread's
+    forward) are not collected. A backward pass runs module code only when activation
+    checkpointing recomputes a forward.
     """
-    calls: list[nn.Module] = []
-    handle = register_module_forward_pre_hook(lambda module, args: calls.append(module))
+    names = {id(m): n for n, m in model.named_modules()}
+    calls: list[str] = []
+
+    def seen(module: nn.Module, args: Any) -> None:
+        name = names.get(id(module))
+        if name is not None:
+            calls.append(name)
+
+    handle = register_module_forward_pre_hook(seen)
     try:
         yield calls
     finally:
@@ -149,7 +157,7 @@ class Hessian(ModelOperator):
         ]
         if not pairs:
             return [torch.zeros_like(t) for t in leaves.values()]
-        with _module_calls() as calls:
+        with _module_calls(self.model) as calls:
             hv = torch.autograd.grad(
                 [g for g, _ in pairs], list(leaves.values()),
                 grad_outputs=[t for _, t in pairs], allow_unused=True, retain_graph=cache,
