@@ -103,6 +103,25 @@ def _lm_loss(out, labels):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
 
 
+def _one_lm_step(model, ids, batch, **how):
+    """One SGD step on ``ids`` monitored by ``taylor_radius`` on ``batch``.
+
+    Returns the recorded r, the parameters before the step, the step and the findings.
+    """
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with Monitor(model, optimizer=opt, probe=batch, metrics=["taylor_radius"], warn=False,
+                 **how) as mon:
+        before = tuple(p.detach().clone() for p in model.parameters())
+        loss = _lm_loss(model(ids), ids)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step = tuple(p.detach() - b for p, b in zip(model.parameters(), before))
+        mon.step(0, batch=batch, loss=loss)
+    r = float(mon.run().series("taylor_radius", "r")[1][0])
+    return r, before, step, mon.findings
+
+
 @pytest.mark.parametrize("keywords", [False, True], ids=["loss_fn-pair", "closure-dict"])
 def test_taylor_radius_metric_on_a_hugging_face_causal_lm(keywords):
     """A ``{"input_ids", "labels"}`` pair with a loss function (was: jvp ... unsupported
@@ -120,19 +139,8 @@ def test_taylor_radius_metric_on_a_hugging_face_causal_lm(keywords):
     if keywords:
         batch["attention_mask"] = torch.ones_like(ids)
         how = {"loss_fn": None, "closure": lambda m, b: m(**b).loss}
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    with Monitor(model, optimizer=opt, probe=batch, metrics=["taylor_radius"], warn=False,
-                 **how) as mon:
-        before = tuple(p.detach().clone() for p in model.parameters())
-        loss = _lm_loss(model(ids), ids)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        step = tuple(p.detach() - b for p, b in zip(model.parameters(), before))
-        mon.step(0, batch=batch, loss=loss)
-        run = mon.run()
-    assert not [f for f in mon.findings if f.rule == "metric_failed"], mon.findings
-    got = float(run.series("taylor_radius", "r")[1][0])
+    got, before, step, findings = _one_lm_step(model, ids, batch, **how)
+    assert not [f for f in findings if f.rule == "metric_failed"], findings
     # the same model returning its logits tensor only; a dict's labels are not read
     with isolated(model):  # eval mode, as the monitor measures
         want = radius_along(_ctx(_LogitsOnly(model)), ids, None if keywords else ids,
@@ -197,19 +205,9 @@ def test_taylor_radius_on_ids_and_labels_for_a_positional_forward():
     model = _PositionalLM()
     ids = torch.randint(0, 20, (4, 8), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids, "labels": ids}
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    with Monitor(model, _lm_loss, optimizer=opt, probe=batch, metrics=["taylor_radius"],
-                 warn=False) as mon:
-        before = tuple(p.detach().clone() for p in model.parameters())
-        loss = _lm_loss(model(ids), ids)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        step = tuple(p.detach() - b for p, b in zip(model.parameters(), before))
-        mon.step(0, batch=batch, loss=loss)  # was: unexpected keyword argument 'input_ids'
-        run = mon.run()
-    assert not mon.findings
+    # was: unexpected keyword argument 'input_ids'
+    got, before, step, findings = _one_lm_step(model, ids, batch, loss_fn=_lm_loss)
+    assert not findings
     with isolated(model):
         want = radius_along(_ctx(model), ids, ids, before, step)
-    assert float(run.series("taylor_radius", "r")[1][0]) == pytest.approx(float(want.r),
-                                                                          rel=1e-6)
+    assert got == pytest.approx(float(want.r), rel=1e-6)
