@@ -165,6 +165,9 @@ class Sharpness(Metric):
         tol: relative tolerance of the Lanczos run for lambda_max.
         adam_warmup: steps of an adaptive optimizer (any of the six above) before which the
             row is NaN (the second-moment estimate is a few-sample transient at first).
+            None (default): 10, and for RMSprop, which corrects no bias (its average of
+            squared gradients is ``1 - alpha^t`` of its value, 10 % at step 10 for alpha
+            = 0.99, so its first steps are ~3x larger), ``1 / (1 - alpha)`` (100).
         memory_budget: as for :class:`TopEigenvalues` (default ``"auto"``).
         **kwargs: ``schedule`` and ``data`` (:class:`~landscape.metrics.Metric`).
     """
@@ -175,12 +178,12 @@ class Sharpness(Metric):
     default_schedule = every(50)
 
     def __init__(
-        self, tol: float = 1e-3, adam_warmup: int = 10, memory_budget: Budget = "auto",
+        self, tol: float = 1e-3, adam_warmup: int | None = None, memory_budget: Budget = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.tol = float(tol)
-        self.adam_warmup = int(adam_warmup)
+        self.adam_warmup = None if adam_warmup is None else int(adam_warmup)
         self.memory_budget = _budget(memory_budget)
 
     def config(self) -> dict[str, Any]:
@@ -206,7 +209,7 @@ class Sharpness(Metric):
         nan = {"lambda_max": math.nan, "threshold": math.nan, "ratio": math.nan,
                "peak_memory": math.nan}
         adaptive = kind in PRECONDITIONED
-        if adaptive and _adam_steps(opt) < self.adam_warmup:
+        if adaptive and _adam_steps(opt) < _warmup(opt, kind, self.adam_warmup):
             # the second-moment estimate is a one- or few-sample transient at first: the
             # preconditioned sharpness is meaningless until it has averaged some steps.
             return nan
@@ -238,6 +241,24 @@ class Sharpness(Metric):
             threshold = stability_threshold(opt)
         ratio = lam / threshold if threshold and not math.isnan(threshold) else math.nan
         return {**row, "threshold": threshold, "ratio": ratio}
+
+
+def _warmup(opt: torch.optim.Optimizer, kind: str | None, steps: int | None) -> int:
+    """Steps before the preconditioned sharpness of ``opt`` is measured.
+
+    ``steps`` when given. Otherwise 10, or for RMSprop (no bias correction: its
+    squared-gradient average is ``1 - alpha^t`` of its value at step ``t``) the time
+    constant ``1 / (1 - alpha)`` of that average: before it the preconditioner is a
+    start-up transient, whose large first steps (``~ 1 / sqrt(1 - alpha^t)`` times the
+    settled ones) put a healthy run past the threshold for a few steps (docs/metrics.md,
+    "Sharpness").
+    """
+    if steps is not None:
+        return steps
+    alpha = float(opt.param_groups[0].get("alpha", 0.99))
+    if kind != "rmsprop" or not 0.0 <= alpha < 1.0:
+        return 10
+    return max(10, math.ceil(1.0 / (1.0 - alpha)))
 
 
 def _adam_steps(opt: torch.optim.Optimizer) -> int:

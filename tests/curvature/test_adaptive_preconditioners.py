@@ -156,3 +156,18 @@ def test_nadam_threshold_matches_simulated_divergence(decay):
             opt.step()
             seen.append(abs(float(theta.detach())))
         assert (max(seen[350:]) < max(seen[150:200])) == stable, margin
+
+
+def test_rmsprop_rows_wait_for_its_squared_gradient_average_by_default():
+    """RMSprop corrects no bias: by default its rows start after 1 / (1 - alpha) steps
+    (its first steps are up to ~3x larger); Adam's after 10; an explicit count is kept."""
+    for alpha, wait in ((0.99, 100), (0.9, 10)):
+        model, batch, opt = _trained(
+            lambda ps, a=alpha: torch.optim.RMSprop(ps, lr=LR, alpha=a, eps=1e-3), 12)
+        row = Sharpness(tol=1e-8, memory_budget=None).compute(_context(model, batch, opt))
+        assert math.isnan(row["lambda_max"]) == (wait > 12), alpha
+        assert Sharpness(adam_warmup=5, tol=1e-8, memory_budget=None).compute(
+            _context(model, batch, opt))["lambda_max"] > 0
+    model, batch, opt = _trained(CASES["adam"][0], 12)
+    assert Sharpness(tol=1e-8, memory_budget=None).compute(
+        _context(model, batch, opt))["lambda_max"] > 0
