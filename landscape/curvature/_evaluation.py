@@ -39,19 +39,18 @@ def evaluation(model: nn.Module, *, eval_mode: bool, seed: int) -> Iterator[None
             return
         seed_generators(model, seed)
         # the forward runs on cloned buffers (stateless_call), but a backward that
-        # recomputes a checkpointed forward runs it on the module's own: in train mode
-        # BatchNorm would update its running statistics there, in a fused kernel that
-        # bumps no version counter. Its statistics (small) are kept and put back through
-        # .data, which bumps none either, so the values and the version counters (the
-        # cached gradient graph's key) are as before
-        kept = [(b, b.clone()) for m in model.modules()
-                if isinstance(m, nn.modules.batchnorm._NormBase)
-                for b in m._buffers.values() if b is not None]
+        # recomputes a checkpointed forward runs it on the module's own buffers: in train
+        # mode BatchNorm updates its running statistics there, in a fused kernel that
+        # bumps no version counter (hence the comparison of values), and a spectral norm
+        # its power-iteration vectors. Every buffer is kept and put back through .data,
+        # which bumps no version counter, so the cached gradient graph's key is unmoved
+        kept = [(b, b._version, b.clone(), isinstance(m, nn.modules.batchnorm._NormBase))
+                for m in model.modules() for b in m._buffers.values() if b is not None]
         try:
             yield
         finally:
-            for b, saved in kept:
-                if not torch.equal(b, saved):
+            for b, version, saved, norm_stats in kept:
+                if b._version != version or (norm_stats and not torch.equal(b, saved)):
                     b.data.copy_(saved)
 
 

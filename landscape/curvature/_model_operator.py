@@ -150,7 +150,6 @@ class ModelOperator(CurvatureOperator):
         self._reduce = RankReduction(_dist.enabled(opts.distributed), self._data.rank_size)
         self.options = dataclasses.replace(opts, distributed=self._reduce.enabled)
         self._backend = Backend(backend.name, type(self).__name__, self._impossible())
-        self._checkpoint_cut: dict[frozenset, bool] = {}  # _cut_by_checkpoint(), by leaves
         self._use_first_order()
         self.refresh()
 
@@ -303,6 +302,7 @@ class ModelOperator(CurvatureOperator):
         self._cache: tuple[torch.Tensor, Vector] | None = None
         self._cache_key: tuple[int, ...] | None = None
         self._graph: tuple[Any, ...] | None = None
+        self._checkpoint_cut: dict[frozenset, bool] = {}  # _cut_by_checkpoint(), by leaves
         engine = getattr(self, "_first_order", None)
         if engine is not None:
             engine.reset()
@@ -337,12 +337,16 @@ class ModelOperator(CurvatureOperator):
 
         With ``eval_mode=False`` BatchNorm normalises by batch statistics, so its running
         statistics are not part of the function and left out: a backward that recomputes
-        a checkpointed forward writes them (and the evaluation puts them back).
+        a checkpointed forward writes them (and the evaluation puts them back). Not when a
+        module overrides ``train()``: :func:`~landscape.isolation.isolated` honours it
+        (a frozen BatchNorm reads its running statistics).
         """
-        if self.options.eval_mode:
+        modules = list(self.model.modules())
+        if self.options.eval_mode or any(type(m).train is not nn.Module.train
+                                         for m in modules):
             buffers = list(self.model.buffers())
         else:
-            buffers = [b for m in self.model.modules() for b in m._buffers.values()
+            buffers = [b for m in modules for b in m._buffers.values()
                        if b is not None and not isinstance(m, nn.modules.batchnorm._NormBase)]
         return tuple(t._version for t in [*self._param_objects, *buffers])
 

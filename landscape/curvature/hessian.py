@@ -24,20 +24,19 @@ __all__ = ["Hessian"]
 
 
 @contextlib.contextmanager
-def _module_calls(model: nn.Module) -> Iterator[list[str]]:
-    """Collect the names of ``model``'s modules whose forward runs inside the block.
+def _module_calls() -> Iterator[list[nn.Module]]:
+    """Collect the modules whose forward runs inside a backward pass within the block.
 
-    A global forward pre-hook, removed on exit; modules of other models (another thread's
-    forward) are not collected. A backward pass runs module code only when activation
-    checkpointing recomputes a forward.
+    A global forward pre-hook, removed on exit, that counts a call only while this thread
+    runs an autograd graph task (another thread's forward is not counted). A backward pass
+    runs module code only when activation checkpointing recomputes a forward (of the
+    model, or of any module its loss calls).
     """
-    names = {id(m): n for n, m in model.named_modules()}
-    calls: list[str] = []
+    calls: list[nn.Module] = []
 
     def seen(module: nn.Module, args: Any) -> None:
-        name = names.get(id(module))
-        if name is not None:
-            calls.append(name)
+        if torch._C._current_graph_task_id() != -1:
+            calls.append(module)
 
     handle = register_module_forward_pre_hook(seen)
     try:
@@ -157,7 +156,7 @@ class Hessian(ModelOperator):
         ]
         if not pairs:
             return [torch.zeros_like(t) for t in leaves.values()]
-        with _module_calls(self.model) as calls:
+        with _module_calls() as calls:
             hv = torch.autograd.grad(
                 [g for g, _ in pairs], list(leaves.values()),
                 grad_outputs=[t for _, t in pairs], allow_unused=True, retain_graph=cache,

@@ -669,3 +669,86 @@ def test_non_reentrant_checkpointing_with_attention_and_batchnorm(eval_mode):
     torch.testing.assert_close(got.values, want, rtol=1e-7, atol=0)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert all(m.training for m in model.modules())
+
+
+def test_a_recomputed_forward_leaves_no_buffer_moved_with_eval_mode_false():
+    """A spectral norm's power-iteration vectors, written by the forward a non-reentrant
+    checkpoint recomputes in every backward, are put back."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    class Normed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b, self.c = nn.Linear(6, 6), spectral_norm(nn.Linear(6, 6)), \
+                nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = checkpoint(lambda t: torch.tanh(self.b(t)), torch.tanh(self.a(x)),
+                           use_reentrant=False)
+            return self.c(h)
+
+    model = Normed().double().train()
+    x, y = _batch(torch.float64)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    top_eigenvalues(Hessian(model, F.cross_entropy, (x, y), eval_mode=False), k=1, tol=1e-6)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_a_frozen_batchnorm_override_keeps_its_statistics_in_the_graphs_key():
+    """With eval_mode=False a train() override that freezes BatchNorm is honoured, so the
+    running statistics are read: changing them invalidates the cached gradient graph."""
+
+    class Frozen(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.bn, self.c = nn.Linear(6, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)
+
+        def train(self, mode=True):
+            super().train(mode)
+            self.bn.eval()
+            return self
+
+        def forward(self, x):
+            return self.c(torch.tanh(self.bn(self.a(x))))
+
+    model = Frozen().double().train()
+    x, y = _batch(torch.float64)
+    H = Hessian(model, F.cross_entropy, (x, y), eval_mode=False)
+    v = tuple(torch.ones_like(p) for p in H.parameters)
+    H.matvec(v)
+    with torch.no_grad():  # as load_state_dict or swa_utils.update_bn would
+        model.bn.running_mean.copy_(torch.linspace(-1, 1, 6, dtype=torch.float64))
+    assert H._valid_graph() is None
+    fresh = Hessian(model, F.cross_entropy, (x, y), eval_mode=False).matvec(v)
+    assert all(torch.equal(a, b) for a, b in zip(H.matvec(v), fresh))
+
+
+def test_a_checkpointed_module_outside_the_model_is_recomputed_in_the_context():
+    """A closure's loss runs a frozen attention critic (not a submodule of the model)
+    under non-reentrant checkpointing: its recomputation marks the cached graph too."""
+
+    class Critic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.qkv, self.out = nn.Linear(8, 24), nn.Linear(8, 3)
+
+        def forward(self, h):
+            b, t, d = h.shape
+            q, k, v = (z.view(b, t, 2, 4).transpose(1, 2) for z in self.qkv(h).split(d, -1))
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.out(a.transpose(1, 2).reshape(h.shape)).mean(1)
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh()).double()
+    critic = Critic().double().requires_grad_(False)
+    x, y = torch.randn(16, 5, 8).double(), torch.randint(0, 3, (16,))
+
+    def closure(m, b):
+        return F.cross_entropy(checkpoint(critic, m(b[0]), use_reentrant=False), b[1])
+
+    H = Hessian(model, None, (x, y), closure=closure)
+    got = top_eigenvalues(H, k=1, tol=1e-8)
+    assert H._graph_runs_modules and H.backend_used == "auto" and got.values[0] > 0
