@@ -15,6 +15,22 @@ from tests import models
 STEPS = 6
 
 
+def _steps(model, opt, mon, input_shape):
+    """STEPS training steps on seeded batches of 12 inputs of ``input_shape``, 3 classes."""
+    g = torch.Generator().manual_seed(1)
+    for step in range(STEPS):
+        x = torch.randn(12, *input_shape, generator=g)
+        y = torch.randint(0, 3, (12,), generator=g)
+        loss = F.cross_entropy(model(x), y)  # dropout draws from the global RNG
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if mon is not None:
+            mon.step(step, batch=(x, y), loss=loss)
+    if mon is not None:
+        mon.close()
+
+
 def _run(opt_name: str, preset_name: str | None):
     torch.manual_seed(123)
     model = models.SmallCNN(seed=0)
@@ -24,24 +40,12 @@ def _run(opt_name: str, preset_name: str | None):
     else:
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     probe = models.image_data(24, seed=9)
-    g = torch.Generator().manual_seed(1)
     mon = None
     if preset_name is not None:
         metrics = preset(preset_name, **dict.fromkeys(PRESETS[preset_name], "every(2)"))
         mon = Monitor(model, F.cross_entropy, optimizer=opt, metrics=metrics, probe=probe,
                       strict=True, warn=False).start()
-    for step in range(STEPS):
-        x = torch.randn(12, 1, 6, 6, generator=g)
-        y = torch.randint(0, 3, (12,), generator=g)
-        out = model(x)  # dropout draws from the global RNG
-        loss = F.cross_entropy(out, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if mon is not None:
-            mon.step(step, batch=(x, y), loss=loss)
-    if mon is not None:
-        mon.close()
+    _steps(model, opt, mon, (1, 6, 6))
     state = {k: v.clone() for k, v in model.state_dict().items()}
     grads = [p.grad.clone() for p in model.parameters()]
     return state, grads, torch.get_rng_state(), model.training
@@ -72,18 +76,7 @@ def _adam_run(make_model, input_shape, monitor=None):
     model = make_model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     mon = None if monitor is None else monitor(model, opt).start()
-    g = torch.Generator().manual_seed(1)
-    for step in range(STEPS):
-        x = torch.randn(12, *input_shape, generator=g)
-        y = torch.randint(0, 3, (12,), generator=g)
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if mon is not None:
-            mon.step(step, batch=(x, y), loss=loss)
-    if mon is not None:
-        mon.close()
+    _steps(model, opt, mon, input_shape)
     return model.state_dict(), torch.get_rng_state(), mon
 
 
