@@ -20,7 +20,7 @@ from landscape.curvature.base import CurvatureOperator
 from landscape.curvature.stability import optimizer_kind
 from landscape.params import Vector
 
-__all__ = ["PreconditionedOperator", "preconditioned"]
+__all__ = ["PreconditionedOperator", "divides_by_preconditioner", "preconditioned"]
 
 
 class PreconditionedOperator(CurvatureOperator):
@@ -80,6 +80,23 @@ def _radam_rect(group: dict[str, Any], step: float) -> float | None:
     if not rho_t > 5.0:
         return None
     return ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+
+
+def divides_by_preconditioner(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the adaptive ``optimizer`` divided its latest step by a preconditioner.
+
+    Always, except RAdam while its rectification is off (``rho_t <= 5``, which includes
+    before its first step): then it is SGD with EMA momentum, ``P = 1``, and its threshold
+    bounds the Hessian's own sharpness.
+    """
+    if optimizer_kind(optimizer) != "radam":
+        return True
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            step = float(optimizer.state.get(p, {}).get("step", 0))
+            if step >= 1 and _radam_rect(group, step) is not None:
+                return True
+    return False
 
 
 def _needs(state: dict, keys: tuple[str, ...], name: str, kind: str) -> None:

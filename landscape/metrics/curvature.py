@@ -198,8 +198,10 @@ class Sharpness(Metric):
             MissingInput: an adaptive optimizer's preconditioner cannot be read (no row).
             PartialRow: the optimizer's threshold is not known (lambda_max only).
         """
+        from landscape.curvature.precondition import divides_by_preconditioner
         from landscape.curvature.stability import (
             PRECONDITIONED,
+            latest_step,
             optimizer_kind,
             stability_threshold,
         )
@@ -209,11 +211,11 @@ class Sharpness(Metric):
         nan = {"lambda_max": math.nan, "threshold": math.nan, "ratio": math.nan,
                "peak_memory": math.nan}
         adaptive = kind in PRECONDITIONED
-        if adaptive and _adam_steps(opt) < _warmup(opt, kind, self.adam_warmup):
+        if adaptive and latest_step(opt) < _warmup(opt, kind, self.adam_warmup):
             # the second-moment estimate is a one- or few-sample transient at first: the
             # preconditioned sharpness is meaningless until it has averaged some steps.
             return nan
-        pre = adaptive and _preconditions(opt)
+        pre = adaptive and divides_by_preconditioner(opt)
         if pre:
             try:
                 ctx.operator(self.data, preconditioned=True)
@@ -255,38 +257,8 @@ def _warmup(opt: torch.optim.Optimizer, kind: str | None, steps: int | None) -> 
     """
     if steps is not None:
         return steps
-    alpha = float(opt.param_groups[0].get("alpha", 0.99))
-    if kind != "rmsprop" or not 0.0 <= alpha < 1.0:
-        return 10
-    return max(10, math.ceil(1.0 / (1.0 - alpha)))
-
-
-def _adam_steps(opt: torch.optim.Optimizer) -> int:
-    """How many steps the adaptive optimizer has taken (its per-parameter ``step`` state)."""
-    from landscape.curvature.stability import latest_step
-
-    return latest_step(opt)
-
-
-def _preconditions(opt: torch.optim.Optimizer) -> bool:
-    """Whether the adaptive ``opt`` divided its latest step by a preconditioner.
-
-    Always, except RAdam while its rectification is off (``rho_t <= 5``, which includes
-    before its first step): then it is SGD with EMA momentum, ``P = 1``, and the Hessian's
-    own run (shared with ``top_eigenvalues``) is the one its threshold bounds.
-    """
-    from landscape.curvature.precondition import _radam_rect
-    from landscape.curvature.stability import optimizer_kind
-
-    if optimizer_kind(opt) != "radam":
-        return True
-    for group in opt.param_groups:
-        for p in group["params"]:
-            state = opt.state.get(p, {})
-            step = float(state.get("step", 0))
-            if step >= 1 and _radam_rect(group, step) is not None:
-                return True
-    return False
+    alpha = float(opt.param_groups[0].get("alpha", 0.99)) if kind == "rmsprop" else 1.0
+    return max(10, math.ceil(1.0 / (1.0 - alpha))) if 0.0 <= alpha < 1.0 else 10
 
 
 @register
