@@ -25,7 +25,7 @@ unsharded parameter beyond the operator's replicated vectors.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -203,22 +203,17 @@ class ShiftedEvaluation:
             if out.requires_grad:  # inside the substitution, as for the gradient
                 ((out * hjv).sum() * self._backward_scale()).backward()
 
+        def pull_at_theta() -> tuple[None, Tensors]:
+            scalars.clear()  # a second run (widened) starts over
+            leaves = self._shifted_leaves(None)
+            stateless_closure(op.model, pull, self._with_others(leaves), batch)
+            return None, leaves
+
         leaves = None
         if self.sharded:
             pull(op.model, batch)
         else:
-            with same_rng(op.model) as rewind:
-                leaves = self._shifted_leaves(None)
-                stateless_closure(op.model, pull, self._with_others(leaves), batch)
-                if self._cut_off(leaves, batch) and not self._widened:
-                    self._widened = True  # as for the gradient (_gradient_functional)
-                    rewind()
-                    scalars.clear()
-                    leaves = self._shifted_leaves(None)
-                    stateless_closure(op.model, pull, self._with_others(leaves), batch)
-                missing = self._cut_off(leaves, batch)
-                if missing:
-                    raise NoGradientError(missing)
+            _, leaves = self._reaching(pull_at_theta, batch)
         if leaves is not None:
             return scalars + [torch.zeros_like(t) if t.grad is None else t.grad
                               for t in leaves.values()]
@@ -345,21 +340,36 @@ class ShiftedEvaluation:
     def _gradient_functional(
         self, batch: Any, shift: Tensors | None, sign: float
     ) -> list[torch.Tensor]:
-        with same_rng(self.op.model) as rewind:
-            value, leaves = self._backward_functional(batch, shift, sign)
-            if self._cut_off(leaves, batch) and not self._widened:
-                # reentrant activation checkpointing: a block whose inputs need no gradient
-                # passes none to its parameters; with every trainable parameter a leaf the
-                # inputs of the blocks they follow need one, as in training
-                self._widened = True
-                rewind()
-                value, leaves = self._backward_functional(batch, shift, sign)
-            missing = self._cut_off(leaves, batch)
-            if missing:
-                raise NoGradientError(missing)
+        value, leaves = self._reaching(
+            lambda: self._backward_functional(batch, shift, sign), batch)
         grads = [torch.zeros_like(t) if t.grad is None else t.grad.detach()
                  for t in leaves.values()]
         return [value, *grads]
+
+    def _reaching(
+        self, run: Callable[[], tuple[Any, Tensors]], batch: Any
+    ) -> tuple[Any, Tensors]:
+        """``run()``: a value and the selected leaves, their ``.grad`` set, widened if needed.
+
+        Reentrant activation checkpointing: a block whose inputs need no gradient passes
+        none to its parameters. When :meth:`_cut_off` finds that, every trainable
+        parameter becomes a leaf (:attr:`_widened`, for good) and ``run`` is repeated with
+        the RNG rewound: the inputs of the blocks they follow then need a gradient, as in
+        training. A selected parameter still cut off raises.
+
+        Raises:
+            NoGradientError: naming the parameters no gradient reaches.
+        """
+        with same_rng(self.op.model) as rewind:
+            out = run()
+            if not self._widened and self._cut_off(out[1], batch):
+                self._widened = True
+                rewind()
+                out = run()
+            missing = self._cut_off(out[1], batch)
+            if missing:
+                raise NoGradientError(missing)
+        return out
 
     def _backward_functional(
         self, batch: Any, shift: Tensors | None, sign: float
