@@ -67,6 +67,16 @@ def keyword_batch(batch: Any) -> bool:
         x in batch and y in batch for x, y in PAIR_KEYS)
 
 
+def ids_and_labels(batch: Any) -> bool:
+    """Whether a keyword batch is exactly ``{input_ids, labels}``.
+
+    The one keyword batch with a positional reading, ``model(input_ids)``, for a forward
+    that takes the ids positionally (nanoGPT's ``forward(idx, targets)``); with any other
+    key (an attention mask) that reading would drop it silently.
+    """
+    return isinstance(batch, Mapping) and set(batch) == {"input_ids", "labels"}
+
+
 def batch_targets(batch: Any) -> Any:
     """The targets of a batch as :func:`split_batch` finds them, or a dict's ``labels``.
 
@@ -337,9 +347,7 @@ class StepContext:
             try:
                 return stateless_call(self.model, params, (), dict(batch))
             except TypeError:
-                # only {input_ids, labels} has a positional reading, forward(idx): any
-                # other key (an attention mask) would be dropped silently
-                if set(batch) != {"input_ids", "labels"}:
+                if not ids_and_labels(batch):  # the one batch with a positional reading
                     raise
         inputs, _ = split_batch(batch)
         return stateless_call(self.model, params, (inputs,))

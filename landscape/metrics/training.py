@@ -7,7 +7,7 @@ of the optimizer's actual step; definitions in docs/metrics.md.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -17,7 +17,13 @@ from landscape._deprecation import module_getattr
 from landscape._errors import MissingInput
 from landscape.capture import first_tensor
 from landscape.metrics.base import Metric, register
-from landscape.metrics.context import StepContext, keyword_batch, softmax_logits, split_batch
+from landscape.metrics.context import (
+    StepContext,
+    ids_and_labels,
+    keyword_batch,
+    softmax_logits,
+    split_batch,
+)
 from landscape.params import norm
 from landscape.schedules import every
 
@@ -224,21 +230,19 @@ class TaylorRadius(Metric):
         if ctx.update is None or ctx.params_before is None:
             raise MissingInput(_no_update(ctx, "taylor_radius"))
         batch = ctx.data(self.data)
+        keywords = keyword_batch(batch)
         result = None
-        if keyword_batch(batch):  # a tokenizer's output: model(**batch), logits only
+        if keywords:  # a tokenizer's output: model(**batch), logits only
             # labels left out: the model need not compute its loss, and a language model's
             # labels are not aligned with its logits (it shifts them itself)
-            keywords = {k: v for k, v in batch.items() if k != "labels"}
             try:
                 result = radius_along(ctx, (), None, ctx.params_before, ctx.update,
-                                      keywords=keywords)
+                                      keywords={k: v for k, v in batch.items() if k != "labels"})
             except TypeError:
-                # only {input_ids, labels} has a positional reading, forward(idx, targets)
-                # (as StepContext's forward): any other key would be dropped silently
-                if set(batch) != {"input_ids", "labels"}:
+                if not ids_and_labels(batch):  # the one batch with a positional reading
                     raise
         if result is None:
-            if ctx.closure is not None and not keyword_batch(batch):
+            if ctx.closure is not None and not keywords:
                 raise MissingInput("taylor_radius needs (inputs, targets) batches or dicts "
                                    "of the model's keyword arguments")
             inputs, targets = split_batch(batch)
@@ -322,17 +326,29 @@ def _central_difference(logits_of, at, direction) -> tuple[torch.Tensor, torch.T
     at = [t.detach() for t in at]
     step = [t.detach() for t in direction]
     v_norm = float(norm(step))
-    with torch.no_grad():
-        logits = logits_of(*at).detach()
-        if v_norm == 0.0:
-            return logits, torch.zeros_like(logits)
-        eps = step_size(float(norm(at)), v_norm, at[0].dtype)
+    eps = step_size(float(norm(at)), v_norm, at[0].dtype) if v_norm > 0 else 0.0
 
-        def shifted(sign: float) -> torch.Tensor:
-            moved = [(b.double() + sign * eps * d.double()).to(b.dtype) for b, d in zip(at, step)]
-            return logits_of(*moved).double()
+    def logits_at(alpha: float) -> torch.Tensor:
+        moved = at if alpha == 0.0 else [
+            (b.double() + alpha * d.double()).to(b.dtype) for b, d in zip(at, step)]
+        with torch.no_grad():
+            return logits_of(*moved).detach()
 
-        tangent = (shifted(1.0) - shifted(-1.0)) / (2.0 * eps)
+    return _difference_tangent(logits_at, eps)
+
+
+def _difference_tangent(
+    logits_at: Callable[[float], torch.Tensor], eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z(0), J p)`` from the logits ``z(α)`` at ``at + α p``.
+
+    ``J p = (z(ε) − z(−ε)) / 2ε``, subtracted in float64, in the logits' dtype; zero when
+    ``ε`` is 0 (no step).
+    """
+    logits = logits_at(0.0)
+    if eps <= 0:
+        return logits, torch.zeros_like(logits)
+    tangent = (logits_at(eps).double() - logits_at(-eps).double()) / (2.0 * eps)
     return logits, tangent.to(logits.dtype)
 
 
@@ -369,18 +385,14 @@ def _radius_in_place(ctx: StepContext, args, keywords, targets, at, direction) -
             return out.detach()
 
     try:
-        logits = logits_at(0.0)
-        if eps > 0:
-            tangent = (logits_at(eps).double() - logits_at(-eps).double()) / (2.0 * eps)
-        else:
-            tangent = torch.zeros_like(logits, dtype=torch.float64)
+        logits, tangent = _difference_tangent(logits_at, eps)
     finally:
         with torch.no_grad():
             for dst, orig in zip(storage, saved):
                 dst.copy_(orig)
         _dist.reshard(model)
     return LF.taylor_radius_from_logits(
-        logits, tangent.to(logits.dtype), step_norm=step_norm, targets=_labels(targets, logits)
+        logits, tangent, step_norm=step_norm, targets=_labels(targets, logits)
     )
 
 
