@@ -62,6 +62,12 @@ def norm(v: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.sqrt(dot(tensors, tensors))
 
 
+def gradient_norm(params: Iterable[torch.Tensor]) -> float | None:
+    """||grad|| over ``params``: a missing ``.grad`` counts as zero; None when none has one."""
+    present = [p.grad.detach() for p in params if p.grad is not None]
+    return float(norm(present)) if present else None
+
+
 def difference(u: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> Vector:
     """U - v (fused over the tensors)."""
     if len(u) != len(v):

@@ -69,7 +69,7 @@ from landscape.integrations import (
 from landscape.integrations.mirrors import lightning_logger_mirrors
 from landscape.metrics import MissingInput
 from landscape.monitor import MetricsLike, Monitor, resolve_metrics
-from landscape.params import norm, trainable_named_parameters
+from landscape.params import gradient_norm, trainable_named_parameters
 
 try:  # the unified package first, then the standalone one
     import lightning.pytorch as pl
@@ -255,9 +255,7 @@ class LandscapeCallback(CallbackSettings, Callback):
         """Keep the gradient norm before Lightning clips it (``gradient_clip_val``)."""
         if self.monitor is None or not trainer.gradient_clip_val:
             return
-        grads = [p.grad.detach() for p in trainable_named_parameters(pl_module).values()
-                 if p.grad is not None]
-        self._grad_norm = float(norm(grads)) if grads else None
+        self._grad_norm = gradient_norm(trainable_named_parameters(pl_module).values())
 
     def on_train_batch_end(
         self,

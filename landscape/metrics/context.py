@@ -23,7 +23,7 @@ from landscape._deprecation import deprecated_alias
 from landscape._errors import MissingInput
 from landscape.capture import Captured, capture, first_tensor
 from landscape.isolation import stateless_call, stateless_closure
-from landscape.params import Vector, norm, tensor_norms
+from landscape.params import Vector, gradient_norm, tensor_norms
 
 __all__ = ["MissingInput", "StepContext", "batch_targets", "softmax_logits", "split_batch"]
 
@@ -280,9 +280,7 @@ class StepContext:
         """
         if "grad_norm" not in self._cache:
             own = self._own()
-            present = [g.detach() for n in self.names if (g := own[n].grad) is not None]
-            # a missing .grad counts as zero: the norm needs no zeros for it
-            self._cache["grad_norm"] = float(norm(present)) if present else None
+            self._cache["grad_norm"] = gradient_norm(own[n] for n in self.names)
         return self._cache["grad_norm"]
 
     def tensor_norms(self, which: str) -> torch.Tensor | None:
