@@ -64,6 +64,11 @@ def _set_training(modules: list[nn.Module], modes: list[bool]) -> None:
             object.__setattr__(m, "training", mode)
 
 
+def overrides_train(module: nn.Module) -> bool:
+    """Whether ``module``'s class overrides ``nn.Module.train`` (honoured in train mode)."""
+    return type(module).train is not nn.Module.train
+
+
 @contextlib.contextmanager
 def isolated(
     model: nn.Module, *, eval_mode: bool = True, copy_grads: bool = False
@@ -103,7 +108,7 @@ def isolated(
     values = [None if g is None else g.detach().clone() for g in grads] if copy_grads else None
     # an override's own train(): only for train mode (frozen BatchNorm), and undone on exit
     overriders = [] if eval_mode else [
-        (m, mode) for m, mode in zip(modules, modes) if type(m).train is not nn.Module.train
+        (m, mode) for m, mode in zip(modules, modes) if overrides_train(m)
     ]
     with torch.random.fork_rng(devices=_cuda_devices(modules)):
         try:

@@ -35,7 +35,7 @@ from landscape.curvature._first_order import FirstOrder, sharded_reason
 from landscape.curvature._reduction import RankReduction
 from landscape.curvature._shifted import NoGradientError
 from landscape.curvature.base import CurvatureOperator
-from landscape.isolation import same_rng, stateless_call, stateless_closure
+from landscape.isolation import overrides_train, same_rng, stateless_call, stateless_closure
 from landscape.params import ParamSpec, Vector, select_named_parameters
 
 __all__ = ["Closure", "Forward", "LossFn", "ModelOperator", "OperatorOptions"]
@@ -341,13 +341,12 @@ class ModelOperator(CurvatureOperator):
         module overrides ``train()``: :func:`~landscape.isolation.isolated` honours it
         (a frozen BatchNorm reads its running statistics).
         """
-        modules = list(self.model.modules())
-        if self.options.eval_mode or any(type(m).train is not nn.Module.train
-                                         for m in modules):
-            buffers = list(self.model.buffers())
-        else:
-            buffers = [b for m in modules for b in m._buffers.values()
-                       if b is not None and not isinstance(m, nn.modules.batchnorm._NormBase)]
+        buffers = list(self.model.buffers())
+        if not self.options.eval_mode:
+            modules = list(self.model.modules())
+            if not any(overrides_train(m) for m in modules):
+                buffers = [b for m in modules for b in m._buffers.values() if b is not None
+                           and not isinstance(m, nn.modules.batchnorm._NormBase)]
         return tuple(t._version for t in [*self._param_objects, *buffers])
 
     def _current(self) -> Tensors:
