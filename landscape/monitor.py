@@ -67,8 +67,13 @@ __all__ = ["MetricsLike", "Monitor", "resolve_metrics", "unwrap_optimizer"]
 _log = logging.getLogger("landscape")
 _DENSE_AT = 0.5  # sentinels/r_secant at which the expensive metrics are measured densely
 _DENSE_STEPS = 20  # for this many steps after the last trigger
-_WARNING = severity_rank("warning")  # findings from this severity up open the window too
+_WARNING = severity_rank("warning")
 _PROBE_BYTES = 64 * 2**20  # the largest default probe stored in the run file for a resume
+
+
+def _opens_window(finding: Finding) -> bool:
+    """A warning or an error opens the dense window too (docs/monitor.md)."""
+    return severity_rank(finding.severity) >= _WARNING
 
 
 def _jsonable(value: Any) -> Any:
@@ -630,7 +635,7 @@ class Monitor:
             # `due` must be the same on every rank (curvature metrics reduce over them),
             # which also makes every rank reach this broadcast.
             found, self._dense_until = _dist.broadcast_object((found, self._dense_until))
-        if self.adaptive and any(severity_rank(f.severity) >= _WARNING for f in found):
+        if self.adaptive and any(_opens_window(f) for f in found):
             self._dense_until = max(self._dense_until, step + _DENSE_STEPS)
         raised: list[Finding] = []
         for f in dedupe(found):  # one finding per (step, rule), e.g. a NaN loss seen twice
@@ -643,7 +648,7 @@ class Monitor:
         if not self._distributed or _dist.rank() == 0:
             assert self.writer is not None
             run = self.writer.run()
-            opened = [f.step for f in run.findings() if severity_rank(f.severity) >= _WARNING]
+            opened = [f.step for f in run.findings() if _opens_window(f)]
             if "sentinels" in run.metrics():
                 steps, r = run.series("sentinels", "r_secant")
                 opened += steps[np.nan_to_num(r, nan=-1.0) >= _DENSE_AT].tolist()
