@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -248,9 +249,85 @@ def directional_logit_derivatives(
         tangent = {k: tangent[k] for k in params}
     f = logits_call(model, inputs, output_fn)
 
-    with isolated(model, eval_mode=eval_mode), sdpa_math():
-        logits, a = torch.func.jvp(f, (params,), (tangent,))
+    with isolated(model, eval_mode=eval_mode):
+        logits, a = logit_tangent(f, params, tangent)
     return logits.detach(), a.detach(), vec_norm(tangent).to(logits.device)
+
+
+def logit_tangent(
+    logits_of: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
+    at: Mapping[str, torch.Tensor],
+    direction: Mapping[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z(at), J_z(at) p)``: the logits and their derivative along ``p = direction``.
+
+    One forward-mode JVP (``torch.func.jvp``, under :func:`~landscape.isolation.sdpa_math`:
+    fused attention kernels have no forward-mode derivative). Where forward-mode AD cannot
+    go through the model (reentrant activation checkpointing and other custom autograd
+    functions without ``setup_context``), a central difference of the logits instead,
+    ``J p = (z(at + ε p) − z(at − ε p)) / 2ε`` with the step ``ε = u^{1/3} (1 + ‖at‖) /
+    (8 ‖p‖)`` of the first-order curvature products (docs/curvature.md, "First-order
+    products"): three no-grad forwards at substituted parameters, the error about
+    ``u^{2/3}`` relative. The error of the JVP is raised when the difference fails too.
+
+    Args:
+        logits_of: the logits as a function of a ``{name: tensor}`` mapping of parameters
+            (:func:`logits_call`).
+        at: the parameters to differentiate at.
+        direction: ``p``, the same names.
+
+    Returns:
+        The logits and the tangent ``J p``, in the logits' dtype.
+    """
+    try:
+        with sdpa_math():
+            return torch.func.jvp(logits_of, (dict(at),), (dict(direction),))
+    except Exception as err:  # no forward-mode AD through the model
+        try:
+            return _central_difference(logits_of, at, direction)
+        except Exception:
+            raise err from None
+
+
+def _central_difference(
+    logits_of: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
+    at: Mapping[str, torch.Tensor],
+    direction: Mapping[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`logit_tangent` by a central difference (its docstring); the model untouched."""
+    from landscape.curvature._step import step_size
+
+    base = {k: t.detach() for k, t in at.items()}
+    step = {k: direction[k].detach() for k in base}
+    v_norm = float(vec_norm(step))
+    eps = step_size(float(vec_norm(base)), v_norm, next(iter(base.values())).dtype) \
+        if v_norm > 0 else 0.0
+
+    def logits_at(alpha: float) -> torch.Tensor:
+        moved = base if alpha == 0.0 else {
+            k: (b.double() + alpha * step[k].double()).to(b.dtype) for k, b in base.items()}
+        with torch.no_grad(), warnings.catch_warnings():
+            # a reentrant checkpoint's note that no input requires grad: none is meant to
+            warnings.filterwarnings("ignore", message="None of the inputs have requires_grad")
+            return logits_of(moved).detach()
+
+    return difference_tangent(logits_at, eps)
+
+
+def difference_tangent(
+    logits_at: Callable[[float], torch.Tensor], eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z(0), J p)`` from the logits ``z(α)`` at ``at + α p``, by a central difference.
+
+    ``J p = (z(ε) − z(−ε)) / 2ε``, subtracted in float64, in the logits' dtype; zero when
+    ``ε`` is 0 (no step). Shared by :func:`logit_tangent` and the FSDP2 path of the
+    ``taylor_radius`` metric, which moves the shards in place.
+    """
+    logits = logits_at(0.0)
+    if eps <= 0:
+        return logits, torch.zeros_like(logits)
+    tangent = (logits_at(eps).double() - logits_at(-eps).double()) / (2.0 * eps)
+    return logits, tangent.to(logits.dtype)
 
 
 def taylor_radius(

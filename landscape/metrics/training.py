@@ -7,7 +7,7 @@ of the optimizer's actual step; definitions in docs/metrics.md.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -259,10 +259,11 @@ def radius_along(
 ) -> Any:
     """Taylor radius at parameters ``at`` along ``direction``.
 
-    The logit tangent ``J p`` is one ``torch.func.jvp`` of the logits (read through
-    :func:`landscape.capture.first_tensor`); where forward-mode AD cannot go through the
-    model (reentrant activation checkpointing) a central difference of the logits
-    (:func:`_central_difference`), and on FSDP2 models :func:`_radius_in_place`.
+    The logit tangent ``J p`` of the logits (read through
+    :func:`landscape.capture.first_tensor`) is
+    :func:`landscape.functional.taylor.logit_tangent`'s: one ``torch.func.jvp``, or a
+    central difference where forward-mode AD cannot go through the model (reentrant
+    activation checkpointing); on FSDP2 models :func:`_radius_in_place`.
 
     Args:
         ctx: the step context (its model and parameter names).
@@ -276,8 +277,7 @@ def radius_along(
     Returns:
         The result of :func:`landscape.functional.taylor_radius_from_logits`.
     """
-    from landscape.functional.taylor import logits_call
-    from landscape.isolation import sdpa_math
+    from landscape.functional.taylor import logit_tangent, logits_call
 
     args = (inputs,) if keywords is None else tuple(inputs)
     if any(_dist.is_sharded(t) for t in at):
@@ -286,19 +286,7 @@ def radius_along(
     # the logits alone: a tuple, dict or ModelOutput is read through first_tensor, and a
     # Hugging Face model builds no key-value cache (jvp accepts tensors only)
     call = logits_call(ctx.model, args, keywords=keywords)
-
-    def logits_of(*flat):
-        return call(dict(zip(names, flat)))
-
-    try:
-        with sdpa_math():
-            logits, tangent = torch.func.jvp(logits_of, tuple(at), tuple(direction))
-    except Exception as err:  # no forward-mode AD: a custom autograd.Function (reentrant
-        # activation checkpointing: "must override the setup_context staticmethod")
-        try:
-            logits, tangent = _central_difference(logits_of, at, direction)
-        except Exception:
-            raise err from None
+    logits, tangent = logit_tangent(call, dict(zip(names, at)), dict(zip(names, direction)))
     step_norm = norm(direction)
     return LF.taylor_radius_from_logits(
         logits.detach(), tangent.detach(), step_norm=step_norm,
@@ -313,45 +301,6 @@ def _labels(targets: Any, logits: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-def _central_difference(logits_of, at, direction) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(z(at), J p)`` with ``J p = (z(at + ε p) − z(at − ε p)) / 2ε``, no forward-mode AD.
-
-    The fallback of :func:`radius_along` where ``torch.func.jvp`` cannot go through the
-    model (reentrant activation checkpointing, other custom autograd functions without
-    ``setup_context``); the step ``ε`` is that of :func:`_radius_in_place`. Three no-grad
-    forwards at substituted parameters: the model is not touched.
-    """
-    from landscape.curvature._first_order import step_size
-
-    at = [t.detach() for t in at]
-    step = [t.detach() for t in direction]
-    v_norm = float(norm(step))
-    eps = step_size(float(norm(at)), v_norm, at[0].dtype) if v_norm > 0 else 0.0
-
-    def logits_at(alpha: float) -> torch.Tensor:
-        moved = at if alpha == 0.0 else [
-            (b.double() + alpha * d.double()).to(b.dtype) for b, d in zip(at, step)]
-        with torch.no_grad():
-            return logits_of(*moved).detach()
-
-    return _difference_tangent(logits_at, eps)
-
-
-def _difference_tangent(
-    logits_at: Callable[[float], torch.Tensor], eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(z(0), J p)`` from the logits ``z(α)`` at ``at + α p``.
-
-    ``J p = (z(ε) − z(−ε)) / 2ε``, subtracted in float64, in the logits' dtype; zero when
-    ``ε`` is 0 (no step).
-    """
-    logits = logits_at(0.0)
-    if eps <= 0:
-        return logits, torch.zeros_like(logits)
-    tangent = (logits_at(eps).double() - logits_at(-eps).double()) / (2.0 * eps)
-    return logits, tangent.to(logits.dtype)
-
-
 def _radius_in_place(ctx: StepContext, args, keywords, targets, at, direction) -> Any:
     """:func:`radius_along` on an FSDP2 model: the logit tangent by a central difference.
 
@@ -363,6 +312,7 @@ def _radius_in_place(ctx: StepContext, args, keywords, targets, at, direction) -
     the same three forward passes (FSDP's all-gathers).
     """
     from landscape.curvature._first_order import step_size
+    from landscape.functional.taylor import difference_tangent
 
     model = ctx.model
     own = ctx._own()
@@ -385,7 +335,7 @@ def _radius_in_place(ctx: StepContext, args, keywords, targets, at, direction) -
             return out.detach()
 
     try:
-        logits, tangent = _difference_tangent(logits_at, eps)
+        logits, tangent = difference_tangent(logits_at, eps)
     finally:
         with torch.no_grad():
             for dst, orig in zip(storage, saved):

@@ -289,3 +289,48 @@ def test_low_precision_logits_are_computed_in_float64():
         res = taylor_radius_from_logits(torch.zeros(2, 3, dtype=dt), a.to(dt))
         assert res.rho_a.dtype == torch.float64
         assert float(res.rho_a) == pytest.approx(math.pi / 4)
+
+
+class _CheckpointedMLP(nn.Module):
+    """A tanh MLP whose middle block runs under reentrant activation checkpointing, which
+    forward-mode AD cannot go through ("must override the setup_context staticmethod")."""
+
+    def __init__(self, checkpointed: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.checkpointed = checkpointed
+        self.inp = nn.Linear(6, 16)
+        self.block = nn.Sequential(nn.Linear(16, 16), nn.Tanh())
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        if self.checkpointed:
+            from torch.utils.checkpoint import checkpoint
+
+            h = checkpoint(self.block, h, use_reentrant=True)
+        else:
+            h = self.block(h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-8), (torch.float32, 1e-3)])
+def test_derivatives_through_reentrant_checkpointing_come_from_a_central_difference(dtype, rtol):
+    plain, ckpt = _CheckpointedMLP(False).to(dtype), _CheckpointedMLP(True).to(dtype)
+    x, _ = models.classification_data(n=10)
+    x = x.to(dtype)
+    v = _direction(plain)
+    with pytest.raises(Exception, match="setup_context"):  # the JVP alone cannot
+        torch.func.jvp(lambda p: functional_call(ckpt, p, (x,)),
+                       (dict(ckpt.named_parameters()),), (dict(zip(
+                           [k for k, _ in ckpt.named_parameters()], v)),))
+    want_logits, want, _ = directional_logit_derivatives(plain, x, v)
+    before = snapshot(ckpt)
+    logits, a, n = directional_logit_derivatives(ckpt, x, v)  # was: the JVP's error
+    assert torch.equal(logits, want_logits)
+    torch.testing.assert_close(a, want, rtol=rtol, atol=rtol * float(want.abs().max()))
+    assert float(n) == pytest.approx(float(norm(v)))
+    assert_untouched(ckpt, before)
+    # and the radius that rests on it
+    r_plain = taylor_radius(plain, x, v).r
+    assert float(taylor_radius(ckpt, x, v).r) == pytest.approx(float(r_plain), rel=rtol)
