@@ -16,6 +16,7 @@ from torch.func import grad, jvp, vjp
 
 from landscape.curvature._evaluation import scalar_loss, zeros_for_none
 from landscape.curvature._model_operator import Forward, LossFn, ModelOperator, Tensors
+from landscape.isolation import same_rng
 from landscape.params import Vector
 
 __all__ = ["GGN"]
@@ -79,11 +80,17 @@ class GGN(ModelOperator):
         def fwd(q: Tensors) -> tuple[Any, Any]:
             return self._model_output(q, batch)
 
-        out, jv, targets = jvp(fwd, (primal,), (tangent,), has_aux=True)
-        # output-space Hessian (small, symmetric) by reverse-over-reverse: F.mse_loss has no
-        # forward-mode derivative of its backward in torch 2.13
-        hjv = vjp(grad(lambda o: scalar_loss(self.loss_fn(o, targets))), out)[1](jv)[0]
-        _, pullback, _ = vjp(fwd, primal, has_aux=True)
+        # J v and J^T u come from two forwards; with stochastic layers (dropout with
+        # eval_mode=False) both must draw the same noise, else the product is J_b^T L J_a
+        # (not symmetric, not the GGN of either mask): rewind the RNG in between
+        with same_rng(self.model) as rewind:
+            out, jv, targets = jvp(fwd, (primal,), (tangent,), has_aux=True)
+            # output-space Hessian (small, symmetric) by reverse-over-reverse: F.mse_loss has
+            # no forward-mode derivative of its backward in torch 2.13
+            hjv = vjp(grad(lambda o: scalar_loss(self.loss_fn(o, targets))), out)[1](jv)[0]
+            if not self.options.eval_mode:
+                rewind()
+            _, pullback, _ = vjp(fwd, primal, has_aux=True)
         return pullback(hjv)[0]
 
     def _first_order_product(self, v: Vector) -> Vector:

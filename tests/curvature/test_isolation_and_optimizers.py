@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from landscape.curvature import (
     GGN,
@@ -87,6 +88,22 @@ def test_model_is_untouched_transformer_and_eval_mode_false_is_deterministic():
     evals = Hessian(model, data=batch, closure=models.lm_loss)
     assert not all(torch.equal(s, t) for s, t in zip(a, evals.matvec(v)))  # dropout was on
 
+
+
+def test_ggn_in_train_mode_draws_one_dropout_mask_per_product_on_every_backend():
+    """The func backend runs the model twice per product (J v, then J^T u): both forwards
+    draw the same mask, so the product is J^T Lambda J of that mask (symmetric), as with
+    the autograd backend's single forward. Was J_b^T Lambda J_a: asymmetric by 1e-1."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Dropout(0.5), nn.Linear(6, 3)).double()
+    x = torch.randn(10, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,))
+    want = GGN(model, F.cross_entropy, (x, y), eval_mode=False, backend="autograd").to_dense()
+    got = GGN(model, F.cross_entropy, (x, y), eval_mode=False, backend="func").to_dense()
+    assert torch.allclose(want, want.T, atol=1e-14)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    evals = GGN(model, F.cross_entropy, (x, y), backend="func").to_dense()
+    assert not torch.allclose(evals, want)  # dropout was on
 
 def test_torch_no_grad_caller_is_fine():
     model = models.mlp().double()
