@@ -103,6 +103,11 @@ def as_float_tensor(
     return x.detach()
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every entry of ``x`` is finite (NaN/inf features come from a diverged run)."""
+    return bool(torch.isfinite(x).all())
+
+
 def f64(x: torch.Tensor) -> torch.Tensor:
     """Upcast to float64 (no copy when already float64)."""
     return x.to(torch.float64)

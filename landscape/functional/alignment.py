@@ -259,6 +259,11 @@ def spectral_alignment(
     nrm = xd.norm(dim=1)
     cos = torch.where(nrm > 0, (xd @ vec) / torch.where(nrm > 0, nrm, 1.0), 0.0)
     summary = sign_diversity(cos)
+    if reason is None and not bool(torch.isfinite(xd).all()):
+        # a NaN/inf token has no cosine: do not count it as a zero input (nrm > 0 is False)
+        reason = fail("non_finite", "inputs are not finite", strict)
+        nan = torch.tensor(math.nan, dtype=torch.float64, device=x.device)
+        summary = {k: nan for k in summary}
     if reason is None and bool(torch.isnan(summary["minority_fraction"])):
         reason = fail("zero_inputs", "no input has a non-zero cosine", strict)
     if reason == "zero_matrix":

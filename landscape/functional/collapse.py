@@ -28,6 +28,7 @@ from landscape.functional._common import (
     NAN,
     MetricResult,
     Scalar,
+    all_finite,
     as_float_tensor,
     check_labels,
     f64,
@@ -298,12 +299,17 @@ def neural_collapse(
         b = None if b is None else b.to(dev)
     nan = torch.tensor(NAN, dtype=torch.float64, device=dev)
     reason: str | None = None
-    if stats.c < 2:
+    finite = all_finite(stats.h) and (w_full is None or all_finite(w_full))
+    if not finite:
+        reason = fail("non_finite", "features or classifier weights are not finite", strict)
+    elif stats.c < 2:
         reason = fail("single_class", "neural collapse needs at least two classes present", strict)
     elif float(stats.centred_means.abs().max()) == 0.0:
         reason = fail("rank_deficient", "all class means are equal (Sigma_B = 0)", strict)
 
     nc4 = _nc4(stats, w_full, b) if w_full is not None else None
+    if nc4 is not None and not finite:
+        nc4 = nan
     if reason is not None:
         with_w = w_full is not None
         return NeuralCollapseResult(
@@ -434,6 +440,9 @@ def variability_collapse_index(
     stats = _class_stats(features, labels, global_mean, None)
     dev = stats.h.device
     nan = torch.tensor(NAN, dtype=torch.float64, device=dev)
+    if not all_finite(stats.h):
+        reason = fail("non_finite", "features are not finite", strict)
+        return VariabilityCollapseResult(nan, nan, 0, 0, reason)
     if stats.c < 2:
         reason = fail("single_class", "VCI needs at least two classes present", strict)
         return VariabilityCollapseResult(nan, nan, 0, 0, reason)

@@ -31,6 +31,7 @@ from landscape._deprecation import module_getattr
 from landscape.functional._common import (
     MetricResult,
     Scalar,
+    all_finite,
     as_float_tensor,
     f64,
     fail,
@@ -95,6 +96,8 @@ def effective_rank(
         raise ValueError(f"eps must be >= 0, got {eps}")
     if z.shape[0] == 0 or z.shape[1] == 0:
         raise ValueError(f"features must be non-empty, got shape {tuple(z.shape)}")
+    if not all_finite(z):
+        return nan_scalar(z.device, fail("non_finite", "features are not finite", strict))
     z = f64(z)
     if center:
         z = z - z.mean(0)
@@ -116,6 +119,8 @@ def von_neumann_entropy(features: torch.Tensor, *, strict: bool = False) -> Scal
     per-row positive scaling and to row permutation.
     """
     h = as_float_tensor(features, "features", ndim=2)
+    if not all_finite(h):
+        return nan_scalar(h.device, fail("non_finite", "features are not finite", strict))
     h = _unit_rows(f64(h))
     if h.shape[0] == 0:
         return nan_scalar(features.device, fail("zero_matrix", "all feature rows are zero", strict))
@@ -163,6 +168,10 @@ def alpha_req(
     first, last = fit_range
     if first < 1 or (last is not None and last < first + 1):
         raise ValueError(f"fit_range must be (first >= 1, last > first or None), got {fit_range}")
+    if not all_finite(z):
+        nan = torch.tensor(math.nan, dtype=torch.float64, device=z.device)
+        reason = fail("non_finite", "features are not finite", strict)
+        return PowerLawFitResult(nan, nan, first, 0, reason)
     z = f64(z)
     if center:
         z = z - z.mean(0)
@@ -201,6 +210,8 @@ def alignment(
         )
     if alpha <= 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
+    if not (all_finite(x) and all_finite(y)):
+        return nan_scalar(x.device, fail("non_finite", "x or y is not finite", strict))
     xd, yd = x.to(work_dtype(x)), y.to(work_dtype(y))
     nx, ny = xd.norm(dim=1), yd.norm(dim=1)
     keep = (nx > 0) & (ny > 0)
@@ -238,6 +249,8 @@ def uniformity(
     z = as_float_tensor(features, "features", ndim=2)
     if t <= 0:
         raise ValueError(f"t must be > 0, got {t}")
+    if not all_finite(z):
+        return nan_scalar(z.device, fail("non_finite", "features are not finite", strict))
     dt = work_dtype(z)
     z = _unit_rows(z.to(dt))
     n = z.shape[0]
@@ -280,6 +293,8 @@ def wasserstein_uniformity(features: torch.Tensor, *, strict: bool = False) -> S
     sample replication and orthogonal maps. No non-zero rows gives NaN (``"zero_matrix"``).
     """
     z = as_float_tensor(features, "features", ndim=2)
+    if not all_finite(z):
+        return nan_scalar(z.device, fail("non_finite", "features are not finite", strict))
     z = _unit_rows(f64(z))
     n, m = z.shape
     if n == 0:
