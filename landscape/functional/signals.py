@@ -64,8 +64,9 @@ def softmax_collapse(
     cross-entropy would run in): z' = z - max_k z, s = sum_k exp(z'_k) (``torch.sum``), and SC
     is the fraction of samples with s == 1 exactly: every non-maximal probability underflowed,
     so those samples have an exactly zero gradient. With ``targets`` also ``zero_terms``, the
-    fraction with per-sample cross-entropy exactly 0 in that dtype. Exact float equality is
-    the definition, so it depends on the dtype and the reduction order.
+    fraction with per-sample cross-entropy exactly 0 in that dtype, over the samples whose
+    target is not negative (an ``ignore_index`` such as -100 leaves a position out). Exact
+    float equality is the definition, so it depends on the dtype and the reduction order.
     """
     z = _flat_logits(logits)
     if dtype is not None:
@@ -80,12 +81,13 @@ def softmax_collapse(
             raise ValueError(
                 f"targets must have {z.shape[0]} entries, got shape {tuple(targets.shape)}"
             )
-        if y.dtype.is_floating_point or (
-            y.numel() and (int(y.min()) < 0 or int(y.max()) >= z.shape[1])
-        ):
-            raise ValueError(f"targets must be integer class indices in [0, {z.shape[1]})")
-        ce = torch.nn.functional.cross_entropy(z, y.to(z.device).long(), reduction="none")
-        zero = (ce == 0).to(torch.float64).mean()
+        if y.dtype.is_floating_point or (y.numel() and int(y.max()) >= z.shape[1]):
+            raise ValueError(f"targets must be integer class indices in [0, {z.shape[1]}) "
+                             "or negative (ignored)")
+        kept = y.to(z.device).long() >= 0  # a negative target is an ignore_index (-100)
+        ce = torch.nn.functional.cross_entropy(z[kept], y.to(z.device).long()[kept],
+                                               reduction="none")
+        zero = (ce == 0).to(torch.float64).mean()  # NaN when every target is ignored
     return SoftmaxCollapseResult(frac, zero)
 
 

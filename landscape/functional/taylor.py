@@ -105,7 +105,8 @@ def taylor_radius_from_logits(
 
     ``logit_derivatives`` are along the *unnormalised* direction p of norm ``step_norm``
     (pass 1.0 when p is already a unit vector); both tensors have shape (..., C).
-    ``targets`` (shape (...)) choose y in the top-2 radius; default: the predicted class.
+    ``targets`` (shape (...)) choose y in the top-2 radius; default: the predicted class,
+    which also stands in for a negative target (an ``ignore_index`` such as -100).
     ``quantile`` replaces the max over samples by that quantile of Delta_a (the FAQ's
     outlier-robust variant; the bound guarantee is lost).
     """
@@ -134,10 +135,14 @@ def taylor_radius_from_logits(
                 f"shape {tuple(targets.shape)}"
             )
         y = targets.reshape(-1).to(device=dev, dtype=torch.long)
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= c):
+        if y.numel() and int(y.max()) >= c:
             raise ValueError(
-                f"targets must be in [0, {c}), got range [{int(y.min())}, {int(y.max())}]"
+                f"targets must be in [0, {c}) or negative (ignored), got range "
+                f"[{int(y.min())}, {int(y.max())}]"
             )
+        # a negative target is an ignore_index (-100, language-model padding): its
+        # position takes the predicted class, as without targets
+        y = torch.where(y < 0, z2.argmax(1), y)
     reason = None
     if not (bool(torch.isfinite(z2).all()) and bool(torch.isfinite(a2).all())):
         reason = fail(

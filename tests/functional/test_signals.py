@@ -55,6 +55,15 @@ def test_softmax_collapse_fraction_and_zero_terms():
         softmax_collapse(torch.zeros(3, 0))
 
 
+
+def test_softmax_collapse_leaves_ignored_targets_out_of_zero_terms():
+    """A negative target is cross-entropy's ignore_index (-100: language-model padding)."""
+    z = torch.tensor([[20.0, 0.0], [1.0, 0.0], [0.0, 30.0], [0.0, 0.0]])
+    res = softmax_collapse(z, torch.tensor([0, -100, 1, -100]))  # was: a ValueError
+    assert float(res.fraction) == 0.5  # every row counts here
+    assert float(res.zero_terms) == 1.0  # rows 0 and 2, both correct and collapsed
+    assert math.isnan(float(softmax_collapse(z, torch.full((4,), -100)).zero_terms))
+
 def test_logit_stats_known_answers():
     v = 7
     s = logit_stats(torch.zeros(5, v))

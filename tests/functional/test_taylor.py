@@ -334,3 +334,20 @@ def test_derivatives_through_reentrant_checkpointing_come_from_a_central_differe
     # and the radius that rests on it
     r_plain = taylor_radius(plain, x, v).r
     assert float(taylor_radius(ckpt, x, v).r) == pytest.approx(float(r_plain), rel=rtol)
+
+
+
+def test_a_negative_target_takes_the_predicted_class_in_the_top2_radius():
+    """-100 (language-model padding) is ignored as by cross-entropy, not an error."""
+    g = torch.Generator().manual_seed(0)
+    z, a = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    y = torch.tensor([1, -100, 3, 0, -1, 2])
+    got = taylor_radius_from_logits(z, a, targets=y)  # was: a ValueError
+    filled = torch.where(y < 0, z.argmax(1), y)
+    want = taylor_radius_from_logits(z, a, targets=filled)
+    for field in ("rho_a", "r", "spread", "radius_top2"):
+        torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=0, atol=0)
+    assert not torch.equal(want.radius_top2,
+                           taylor_radius_from_logits(z, a, targets=torch.zeros(6)).radius_top2)
+    with pytest.raises(ValueError, match="targets"):
+        taylor_radius_from_logits(z, a, targets=torch.tensor([0, 0, 0, 0, 0, 4]))
