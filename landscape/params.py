@@ -133,8 +133,10 @@ def select_named_parameters(model: nn.Module, spec: ParamSpec = None) -> dict[st
 
     ``spec`` is ``None`` (all trainable parameters), or one or several of: an exact
     parameter name, a glob pattern over names (``"blocks.0.*"``, ``"*.weight"``), a
-    submodule of ``model`` (all its trainable parameters) or a parameter object. Every
-    item must match at least one trainable parameter, otherwise ``ValueError`` names it.
+    submodule of ``model`` (all its trainable parameters) or a parameter object. A tied
+    parameter is selected by any of its names and listed under its first one
+    (``head.weight`` tied to ``emb.weight`` selects ``emb.weight``). Every item must match
+    at least one trainable parameter, otherwise ``ValueError`` names it.
     """
     named = trainable_named_parameters(model)
     if spec is None:
@@ -143,10 +145,15 @@ def select_named_parameters(model: nn.Module, spec: ParamSpec = None) -> dict[st
     if not items:
         raise ValueError("params: empty parameter selection")
     by_id = {id(p): n for n, p in named.items()}
+    # every name a parameter has: a tied weight (a language model's output head sharing the
+    # embedding) is listed once, under its first name, and selected by either
+    aliases = {n: by_id[id(p)] for n, p in model.named_parameters(remove_duplicate=False)
+               if id(p) in by_id}
     keep: set[str] = set()
     for item in items:
         if isinstance(item, str):
-            hits = {n for n in named if n == item or fnmatch.fnmatchcase(n, item)}
+            hits = {canon for n, canon in aliases.items()
+                    if n == item or fnmatch.fnmatchcase(n, item)}
         elif isinstance(item, nn.Module):
             hits = {by_id[id(p)] for p in item.parameters() if id(p) in by_id}
         elif isinstance(item, torch.Tensor):

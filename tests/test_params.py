@@ -30,6 +30,27 @@ def test_select_skips_frozen_and_names_bad_items():
         P.select_named_parameters(m, [])
 
 
+
+def test_a_tied_parameter_is_selected_by_either_name():
+    """A language model's head tied to its embedding: ``head.weight`` is listed once, as
+    ``emb.weight``, and selecting it by the head's name was 'matches no trainable'."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.lin = nn.Embedding(5, 3), nn.Linear(3, 3)
+            self.head = nn.Linear(3, 5, bias=False)
+            self.head.weight = self.emb.weight
+
+    m = Tied()
+    assert list(P.select_named_parameters(m, "head.weight")) == ["emb.weight"]
+    assert list(P.select_named_parameters(m, "head.*")) == ["emb.weight"]
+    assert list(P.select_named_parameters(m, m.head)) == ["emb.weight"]
+    assert list(P.select_named_parameters(m, ["head.weight", "emb.weight"])) == ["emb.weight"]
+    m.emb.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="matches no trainable"):
+        P.select_named_parameters(m, "head.weight")
+
 def test_group_named_parameters():
     names = ["blocks.0.a.weight", "blocks.0.b.bias", "blocks.1.a.weight", "head.weight"]
     assert P.group_named_parameters(names, depth=2) == {

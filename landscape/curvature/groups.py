@@ -32,7 +32,9 @@ def top_eigenvalues_by_group(
     ``groups`` maps a label to a parameter selection (names, globs, modules; see
     :func:`landscape.params.select_named_parameters`), or is an int ``depth`` to group by
     the first ``depth`` components of the parameter names (default 1: one group per
-    top-level module). The data are read once and shared by all groups. ``curvature`` is
+    top-level module; a tied parameter, listed once, belongs to the group of its first
+    name: a head tied to the embedding is in the embedding's). The data are read once and
+    shared by all groups. ``curvature`` is
     ``"hessian"`` or ``"ggn"``; ``operator_kwargs`` go to the operator (``eval_mode``,
     ``max_batches``, ...) and ``eigen_kwargs`` to :func:`top_eigenvalues` (``tol``,
     ``which``, ``seed``, ...). Returns ``{label: EigenResult}`` in the groups' order.

@@ -190,6 +190,10 @@ class NeuralCollapseResult(MetricResult):
     * ``nc4``: fraction of samples where the nearest class centre disagrees with the
       classifier's prediction argmax_c (W h + b)_c.
     * ``n_classes``: the number C of classes present.
+
+    A classifier row of zero norm (a zero-initialised head) makes the weight fields and
+    ``nc3``/``nc3_zhu`` NaN without a ``reason``, which describes the features
+    (docs/metrics.md, "Edge cases").
     """
 
     nc1: torch.Tensor

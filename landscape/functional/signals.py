@@ -118,7 +118,9 @@ def logit_stats(logits: torch.Tensor, *, z_loss_coef: float = 1e-4) -> LogitStat
 
     Computed in float32 or float64 whatever the logits' dtype. All-zero logits over V classes
     give log Z = log V; logits equal to log-probabilities give log Z = 0 and z-loss 0.
-    Non-finite logits give NaN fields with reason ``"non_finite"``.
+    Non-finite logits set the reason ``"non_finite"``; the fields are still computed from
+    them (an infinite logit gives infinite fields, a NaN NaN ones, and logits masked with
+    ``-inf`` keep a finite log Z but an infinite ``max_abs_logit``).
     """
     z = _flat_logits(logits)
     z = z.to(torch.float64 if z.dtype == torch.float64 else torch.float32)
