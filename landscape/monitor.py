@@ -103,6 +103,38 @@ def _skipped_overflow(ctx: StepContext) -> bool:
     return norm is not None and not math.isfinite(norm)
 
 
+_RESERVED = ("adaptive", "probe")  # tables the monitor writes itself
+
+
+def _check_names(metrics: Sequence[Metric]) -> None:
+    """Refuse empty names and the monitor's own; warn when a metric takes a registered name.
+
+    Raises:
+        ValueError: a metric has no name, or is named ``adaptive`` or ``probe``.
+    """
+    from landscape.metrics.base import _REGISTRY
+
+    for m in metrics:
+        if not isinstance(m.name, str) or not m.name or "/" in m.name:
+            raise ValueError(f"{type(m).__name__}.name must be a non-empty name without '/' "
+                             f"(set name = ... in the class), got {m.name!r}")
+        if m.name in _RESERVED:
+            raise ValueError(f"{type(m).__name__}: the metric name {m.name!r} is reserved for "
+                             f"the monitor's own /metrics/{m.name} table; choose another name")
+        owner = _REGISTRY.get(m.name)
+        if owner is not None and not isinstance(m, owner):
+            warnings.warn(
+                f"landscape: {type(m).__name__} is named {m.name!r}, the name of "
+                f"{owner.__module__}.{owner.__qualname__}: its rows go to /metrics/{m.name} "
+                f"and the alarm rules that watch {m.name!r} read them as that metric's",
+                UserWarning, stacklevel=user_stacklevel())
+
+
+def _nan_row(metric: Metric) -> dict[str, Any]:
+    """A row of NaN with the shapes of ``metric.fields()`` (a metric that failed)."""
+    return {k: np.full(shape, np.nan) for k, shape in metric.fields().items()}
+
+
 def _no_loss_fn(*args: Any) -> torch.Tensor:
     """The loss of a monitor given neither ``loss_fn`` nor ``closure``: none to evaluate.
 
@@ -258,6 +290,7 @@ class Monitor:
         self._probe_source = "given" if probe is not None else (
             "none" if probe_size is None else "first_batch")
         self.metrics = resolve_metrics(metrics)
+        _check_names(self.metrics)
         self.on_finding = on_finding
         self.mirrors = list(mirrors or ()) if _dist.rank() == 0 else []  # rank 0 mirrors
         self._broken_mirrors: set[int] = set()
@@ -443,10 +476,22 @@ class Monitor:
     def _make_alarms(self) -> Any:
         if self._alarm_rules is False:
             return None
+        from landscape._names import RENAMED_METRICS
         from landscape.alarms import OnlineAlarms
+        from landscape.metrics import available
 
         rules = None if self._alarm_rules is True else list(self._alarm_rules)
-        return OnlineAlarms(rules)
+        alarms = OnlineAlarms(rules, strict=self.strict)
+        known = {m.name for m in self.metrics} | set(available()) | set(RENAMED_METRICS)
+        for rule in alarms.rules:  # a typo in a rule's metrics: it would never fire
+            if not any(name in known for name in rule.metrics):
+                warnings.warn(
+                    f"landscape: alarm rule {rule.name!r} watches {', '.join(rule.metrics)}, "
+                    f"which is no metric of this monitor "
+                    f"({', '.join(m.name for m in self.metrics)}) nor a registered one; it "
+                    "will never fire",
+                    UserWarning, stacklevel=user_stacklevel())
+        return alarms
 
     # ------------------------------------------------------------------ optimizer hooks
 
@@ -616,8 +661,7 @@ class Monitor:
                 row = self._compute(m, ctx)
                 if self._sharded:  # FSDP2 keeps the root's gathered copy after a forward
                     _dist.reshard(self.model)
-                assert self.writer is not None
-                self.writer.append(m.name, step, row)
+                row = self._append(m, ctx, row)
                 if self.mirrors:
                     self._mirror("on_row", m.name, step, row)
                 if self._alarms is not None:
@@ -745,10 +789,37 @@ class Monitor:
                 raise err from None
             if not missed:
                 self._record_failure(metric, ctx.step, err, ctx.loss)
-            nan = {k: np.full(shape, np.nan) for k, shape in metric.fields().items()}
+            nan = _nan_row(metric)
             return nan if partial is None else {**nan, **partial}
         finally:
             self.timings[metric.name] += time.perf_counter() - start
+
+    def _append(self, metric: Metric, ctx: StepContext, row: dict[str, Any]) -> dict[str, Any]:
+        """Write ``row``; a row that does not fit ``metric.fields()`` is the metric's failure.
+
+        The writer checks the whole row before it keeps any of it, so a custom metric that
+        returns a misspelt, missing or undeclared field, or a value of the wrong shape,
+        leaves nothing behind: like a metric that raises, it records a row of NaN and one
+        ``metric_failed`` finding (``strict=True`` raises), and training goes on.
+
+        Returns:
+            The row written.
+        """
+        assert self.writer is not None
+        try:
+            self.writer.append(metric.name, ctx.step, row)
+            return row
+        except (ValueError, TypeError) as caught:
+            if isinstance(caught, StepOrderError):
+                raise
+            err = type(caught)(f"{type(metric).__name__}.compute() returned a row that does "
+                               f"not fit its fields() {list(metric.fields())}: {caught}")
+        if self.strict:
+            raise err
+        self._record_failure(metric, ctx.step, err, ctx.loss)
+        nan = _nan_row(metric)
+        self.writer.append(metric.name, ctx.step, nan)
+        return nan
 
     def _record_failure(
         self, metric: Metric, step: int, err: Exception, loss: Any = None

@@ -7,6 +7,7 @@ and nothing else, which is what keeps a monitored training loop cheap.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Iterable
@@ -75,14 +76,25 @@ class Never(Schedule):
         return "never()"
 
 
+def _whole(name: str, value: object) -> int:
+    """``value`` as an int; a bool or a fractional number is a ``ValueError``."""
+    whole = isinstance(value, numbers.Integral) or (
+        isinstance(value, numbers.Real) and float(value).is_integer())
+    if isinstance(value, bool) or not whole:
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    return int(value)  # type: ignore[arg-type]
+
+
 def every(n: int, start: int = 0) -> Every:
     """Every ``n`` steps from ``start`` on."""
-    return Every(int(n), int(start))
+    return Every(_whole("every(n): n", n), _whole("every(n, start): start", start))
 
 
-def at(steps: Iterable[int]) -> At:
-    """At the given steps."""
-    return At(frozenset(int(s) for s in steps))
+def at(steps: Iterable[int] | int) -> At:
+    """At the given steps (one step may be given alone: ``at(5)``)."""
+    if isinstance(steps, numbers.Integral):
+        steps = [steps]
+    return At(frozenset(_whole("at(...): a step", s) for s in steps))
 
 
 def logspace(first: int, last: int, num: int) -> At:
@@ -118,8 +130,11 @@ def parse(text: str | int | Schedule) -> Schedule:
     """
     if isinstance(text, Schedule):
         return text
-    if isinstance(text, int):
-        return every(text)
+    if isinstance(text, bool):
+        raise ValueError(f"cannot use {text!r} as a schedule; use every(n), at(...), "
+                         "logspace(a, b, n) or never()")
+    if isinstance(text, numbers.Integral):  # int, numpy integers
+        return every(int(text))
     match = _PATTERN.match(str(text))
     if not match:
         raise ValueError(
@@ -129,11 +144,15 @@ def parse(text: str | int | Schedule) -> Schedule:
     positional: list[int] = []
     keywords: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in args.split(","))):
-        if "=" in part:
-            key, value = (s.strip() for s in part.split("=", 1))
-            keywords[key] = int(value)
-        else:
-            positional.append(int(part))
+        try:
+            if "=" in part:
+                key, value = (s.strip() for s in part.split("=", 1))
+                keywords[key] = int(value)
+            else:
+                positional.append(int(part))
+        except ValueError:
+            raise ValueError(f"cannot parse schedule {text!r}: {part!r} is not a whole "
+                             "number") from None
     try:
         if kind == "every":
             return every(*positional, **keywords)
@@ -142,5 +161,5 @@ def parse(text: str | int | Schedule) -> Schedule:
         if kind == "logspace":
             return logspace(*positional, **keywords)
         return never()
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise ValueError(f"cannot parse schedule {text!r}: {err}") from None

@@ -43,3 +43,20 @@ def test_parse_accepts_int_and_schedule():
 def test_parse_rejects_bad_text_with_value_error(text):
     with pytest.raises(ValueError):
         S.parse(text)
+
+
+@pytest.mark.parametrize("make", [lambda: S.every(2.5), lambda: S.every(2, start=0.5),
+                                  lambda: S.at([1, 2.5]), lambda: S.parse(True),
+                                  lambda: S.parse("every(2.5)"), lambda: S.every(True)])
+def test_a_fractional_or_boolean_schedule_is_refused_not_rounded(make):
+    """every(2.5) was every(2), schedule=True every(1), "every(2.5)" int()'s own error."""
+    with pytest.raises(ValueError, match=r"whole number|schedule"):
+        make()
+
+
+def test_whole_numbers_of_any_kind_and_one_step_alone():
+    import numpy as np
+
+    assert S.parse(np.int64(5)) == S.every(5)  # was refused while 5 was accepted
+    assert S.every(4.0) == S.every(4)
+    assert S.at(5) == S.at([5])  # was 'int' object is not iterable

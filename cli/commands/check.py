@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import click
 from landscape_cli.app import CommandError, cli, input_errors, verbose_option
@@ -21,6 +22,7 @@ from landscape.report import (
     format_number,
 )
 from landscape.store import Run
+from landscape.store.format import json_default
 
 EXIT_FINDINGS = 1
 """Exit status when a finding reaches ``--fail-on``."""
@@ -34,10 +36,23 @@ def _json_number(value: float) -> float | str:
     return value if math.isfinite(value) else format_number(value)
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as strings, as ``value`` and ``threshold`` are."""
+    if isinstance(value, float):
+        return _json_number(value)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def _as_json(f: Finding) -> dict:
     row = f.as_dict()
     row["value"] = _json_number(f.value)
     row["threshold"] = _json_number(f.threshold)
+    # the rule's details (layer names, forecasts), as stored in the run file
+    row["extra"] = _json_safe(json.loads(json.dumps(f.extra, default=json_default)))
     return row
 
 

@@ -68,6 +68,15 @@ class Trigger:
     hint: str
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        severity_rank(self.severity)  # ValueError naming the three severities
+        for name in ("value", "threshold"):
+            try:
+                float(getattr(self, name))
+            except (TypeError, ValueError):
+                raise ValueError(f"Trigger.{name} must be a number, got "
+                                 f"{getattr(self, name)!r}") from None
+
 
 Evaluator = Callable[[int, Row], Union[Trigger, _Skip, None]]
 """``evaluate(step, row) -> Trigger | None | SKIP``: fire, do not fire, or ignore the row."""
@@ -211,6 +220,7 @@ class EpisodeTracker:
         self.emitted = -1  # highest severity rank emitted in the current episode
         self.firing_rows = 0  # consecutive firing rows (for sustain)
         self.quiet_rows = 0  # consecutive non-firing rows inside an episode (for rearm)
+        self.failed = False  # the rule raised on this stream (OnlineAlarms(strict=False))
 
     def observe(self, step: int, row: Row) -> Finding | None:
         """Evaluate one row and advance the episode.

@@ -8,6 +8,7 @@ drivers give the same findings (``docs/alarms.md``, "How rules read a run").
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -133,18 +134,32 @@ class OnlineAlarms:
     rows of a resumed run.
 
     Args:
-        rules: the rules to evaluate (default: :func:`default_rules`).
+        rules: the rules to evaluate (default: :func:`default_rules`); a single rule works.
+        strict: re-raise an exception of a rule (default). With ``False`` (the monitor's
+            default) a rule that raises warns once and is switched off for that metric:
+            a diagnostic never stops training.
 
     Raises:
-        ValueError: an item of ``rules`` is not a :class:`Rule`, or two rules share a name.
+        ValueError: an item of ``rules`` is not a :class:`Rule`, two rules share a name, or
+            a rule's ``name``, ``metrics``, ``sustain`` or ``rearm`` is invalid.
     """
 
-    def __init__(self, rules: Iterable[Rule] | None = None) -> None:
+    def __init__(self, rules: Iterable[Rule] | Rule | None = None, *,
+                 strict: bool = True) -> None:
+        if isinstance(rules, Rule):
+            rules = [rules]
         self.rules: list[Rule] = default_rules() if rules is None else list(rules)
+        self.strict = strict
         names: set[str] = set()
         for rule in self.rules:
             if not isinstance(rule, Rule):
-                raise ValueError(f"rules must contain Rule objects, got {rule!r}")
+                raise ValueError(f"rules must contain Rule objects, got {rule!r}"
+                                 + (" (a class: instantiate it)" if isinstance(rule, type)
+                                    else ""))
+            try:  # user rules do not call it themselves (only the built-ins' __post_init__)
+                rule._validate_common()
+            except ValueError as err:
+                raise ValueError(f"rule {type(rule).__name__}: {err}") from None
             if rule.name in names:
                 raise ValueError(f"rules: two rules are named {rule.name!r}")
             names.add(rule.name)
@@ -208,7 +223,23 @@ class OnlineAlarms:
             streams = [EpisodeTracker(rule, name, params) for rule in watchers]
             self._streams[name] = streams
         row = _as_row(values)
-        out = [f for f in (s.observe(step, row) for s in streams) if f is not None]
+        out = []
+        for s in streams:
+            if s.failed:
+                continue
+            try:
+                found = s.observe(step, row)
+            except Exception as err:
+                if self.strict:
+                    raise
+                s.failed = True
+                warnings.warn(
+                    f"landscape: alarm rule {s.rule.name!r} failed on metric {name!r} at step "
+                    f"{step} and is switched off for it: {type(err).__name__}: {err}",
+                    RuntimeWarning, stacklevel=2)
+                continue
+            if found is not None:
+                out.append(found)
         out.sort(key=_finding_order)
         self.findings.extend(out)
         return out

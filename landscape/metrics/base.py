@@ -140,7 +140,13 @@ class Metric:
 
         Returns:
             ``{field name: shape}``; by default every name in ``FIELDS`` as a scalar.
+
+        Raises:
+            TypeError: ``FIELDS`` is a string (``("value",)`` missing its comma).
         """
+        if isinstance(self.FIELDS, str):
+            raise TypeError(f"{type(self).__name__}.FIELDS must be a tuple of field names, "
+                            f"got the string {self.FIELDS!r} (write ({self.FIELDS!r},))")
         return {k: () for k in self.FIELDS}
 
     def config(self) -> dict[str, Any]:
@@ -187,7 +193,7 @@ class Metric:
             MissingInput: the step lacks something the metric needs (the monitor records
                 a NaN row and one ``metric_failed`` finding).
         """
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not define compute(ctx)")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(schedule={self.schedule}, data={self.data!r})"
@@ -216,10 +222,17 @@ def register(cls: M | None = None, *, replace: bool = False) -> Any:
     def add(c: M) -> M:
         if not (isinstance(c, type) and issubclass(c, Metric)):
             raise TypeError(f"register expects a Metric subclass, got {c!r}")
-        if not c.name or "/" in c.name:
+        if not isinstance(c.name, str) or not c.name or "/" in c.name:
             raise ValueError(f"{c.__name__}.name must be a non-empty name without '/'")
+        if isinstance(c.FIELDS, str):
+            raise TypeError(f"{c.__name__}.FIELDS must be a tuple of field names, got the "
+                            f"string {c.FIELDS!r} (write ({c.FIELDS!r},))")
         old = _REGISTRY.get(c.name)
-        if old is not None and old is not c and not replace:
+        # the same class defined again (a notebook cell re-run, importlib.reload) replaces
+        # its earlier definition; another class of that name is refused
+        redefined = old is not None and (old.__module__, old.__qualname__) == (
+            c.__module__, c.__qualname__)
+        if old is not None and old is not c and not replace and not redefined:
             raise ValueError(
                 f"a metric named {c.name!r} is already registered ({old.__module__}."
                 f"{old.__qualname__}); pass replace=True to replace it"

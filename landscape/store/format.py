@@ -171,7 +171,8 @@ def _attr_value(v: Any) -> Any:
 # --------------------------------------------------------------------------- findings
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    """``json.dumps``'s ``default=`` for a finding's ``extra``: arrays and tensors as lists."""
     if isinstance(value, (np.generic, np.ndarray)):
         return value.tolist()
     if hasattr(value, "detach"):  # torch tensor
@@ -181,11 +182,11 @@ def _json_default(value: Any) -> Any:
 
 def _encode_extra(extra: Mapping, width: int) -> str:
     """``extra`` as JSON of at most ``width`` bytes: the leading items that fit."""
-    text = json.dumps(dict(extra), default=_json_default)
+    text = json.dumps(dict(extra), default=json_default)
     items = list(extra.items())
     while len(text.encode("utf-8")) > width and items:
         items.pop()
-        text = json.dumps(dict(items), default=_json_default)
+        text = json.dumps(dict(items), default=json_default)
     return text
 
 

@@ -395,6 +395,18 @@ def test_check_json(runner, tmp_path):
     assert data["failed"] is True and data["fail_on"] == "warning"
     assert data["counts"] == {"info": 0, "warning": 0, "error": 1}
     assert data["findings"][0]["value"] == "nan" and data["findings"][0]["threshold"] == 1.0
+    assert data["findings"][0]["extra"] == {}
+
+
+def test_check_json_keeps_a_findings_extra(runner, tmp_path):
+    """The run file keeps a rule's details; --json dropped them."""
+    extra = {"layer": "blocks.0.qkv", "steps_to_limit": 3.5, "history": [1.0, float("inf")]}
+    run = _write_run(tmp_path / "x.h5", findings=(
+        Finding(5, "taylor_forecast", "warning", "sentinels/r_secant", 0.9, 1.0, "r rises",
+                extra=extra),))
+    result = runner.invoke(cli, ["check", str(run), "--json", "--stored"])
+    assert json.loads(result.stdout)["findings"][0]["extra"] == {
+        "layer": "blocks.0.qkv", "steps_to_limit": 3.5, "history": [1.0, "inf"]}
 
 
 def test_check_recomputes_the_alarm_rules_and_deduplicates(runner, tmp_path):

@@ -1,0 +1,203 @@
+"""A user's own metrics and alarm rules (docs/monitor.md, docs/alarms.md): their mistakes
+never stop training, and the mistakes a newcomer makes give one clear error."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import landscape as ls
+from landscape.alarms import LossSpike, OnlineAlarms, Rule, Trigger, default_rules
+from landscape.metrics import Metric
+from tests import models
+
+
+def _train(path, metrics, steps=3, **kwargs):
+    """A short monitored run; returns the monitor and the trained parameters."""
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = models.classification_data()
+    with ls.Monitor(model, F.cross_entropy, path, optimizer=opt, metrics=metrics,
+                    probe=(x, y), warn=False, **kwargs) as mon:
+        for step in range(steps):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(step, batch=(x, y), loss=loss)
+    return mon, [p.detach().clone() for p in model.parameters()]
+
+
+class Misspelt(Metric):
+    name = "misspelt"
+    FIELDS = ("value",)
+
+    def compute(self, ctx):
+        return {"valeu": 1.0}
+
+
+class WrongShape(Metric):
+    name = "wrong_shape"
+
+    def fields(self):
+        return {"norms": (3,)}
+
+    def compute(self, ctx):
+        return {"norms": np.ones(4)}
+
+
+@pytest.mark.parametrize("metric", [Misspelt(), WrongShape()], ids=lambda m: m.name)
+def test_a_row_that_does_not_fit_its_fields_is_the_metrics_failure(tmp_path, metric):
+    """It was a ValueError out of mon.step from the writer: training stopped, half a step
+    written. Now a NaN row and one metric_failed finding naming the class, as when
+    compute() raises."""
+    with pytest.warns(RuntimeWarning, match=f"{type(metric).__name__}.compute"):
+        _, trained = _train(tmp_path / "run.h5", ["loss", metric])
+    _, plain = _train(None, ["loss"])
+    assert all(torch.equal(a, b) for a, b in zip(trained, plain))  # training went on
+    run = ls.store.Run.open(tmp_path / "run.h5")
+    assert run.steps(metric.name).tolist() == run.steps("loss").tolist() == [0, 1, 2]
+    field = next(iter(metric.fields()))
+    assert np.isnan(run.series(metric.name, field)[1]).all()
+    failed = [f for f in run.findings() if f.rule == "metric_failed"]
+    assert len(failed) == 1 and "does not fit its fields()" in failed[0].message
+    with pytest.raises(ValueError, match="does not fit its fields"):
+        _train(tmp_path / "strict.h5", ["loss", metric], strict=True)
+
+
+class _Buggy(Rule):
+    metrics = ("loss",)
+    name = "buggy"
+
+    def evaluate(self, metric, row):
+        return row["no_such_field"] > 1  # KeyError
+
+
+def test_a_rule_that_raises_is_switched_off_with_one_warning(tmp_path):
+    rules = [*default_rules(), _Buggy()]
+    with pytest.warns(RuntimeWarning, match="alarm rule 'buggy' failed") as caught:
+        _, trained = _train(tmp_path / "run.h5", ["loss"], steps=4, alarms=rules)
+    assert sum("buggy" in str(w.message) for w in caught) == 1  # once, then off
+    _, plain = _train(None, ["loss"], steps=4)
+    assert all(torch.equal(a, b) for a, b in zip(trained, plain))
+    with pytest.raises(KeyError, match="no_such_field"):
+        _train(tmp_path / "strict.h5", ["loss"], alarms=rules, strict=True)
+    with pytest.raises(KeyError):  # offline evaluation is strict by default
+        OnlineAlarms([_Buggy()]).observe("loss", 0, {"value": 1.0})
+
+
+def test_a_trigger_checks_its_severity_and_numbers():
+    with pytest.raises(ValueError, match="severity"):
+        Trigger("critical", "value", 1.0, 0.5, "m", "h")
+    with pytest.raises(ValueError, match=r"Trigger\.value must be a number"):
+        Trigger("warning", "value", np.ones(3), 0.5, "m", "h")
+
+
+@dataclass
+class _UpdateTooLarge(Rule):
+    limit: float = 0.1
+    metrics: tuple = ("update",)
+    name: str = "update_too_large"
+
+    def evaluate(self, metric, row):
+        rel = row.get("relative")
+        if rel is None or math.isnan(rel) or rel <= self.limit:
+            return None
+        return Trigger("warning", "relative", rel, self.limit, "large update", "lower the lr")
+
+
+def test_user_rules_are_validated_like_the_built_in_ones():
+    with pytest.raises(ValueError, match="UpdateTooLarge: name must be a non-empty"):
+        OnlineAlarms([_UpdateTooLarge(name="")])
+    with pytest.raises(ValueError, match="metrics must be a sequence of metric names"):
+        OnlineAlarms([_UpdateTooLarge(metrics="update")])  # watched 'u', 'p', 'd', ...
+    with pytest.raises(ValueError, match="instantiate it"):
+        OnlineAlarms([_UpdateTooLarge])
+    assert OnlineAlarms(LossSpike()).rules[0].name == "loss_spike"  # one rule alone
+
+
+def test_a_rule_watching_no_metric_warns_at_start(tmp_path):
+    typo = _UpdateTooLarge(metrics=("updat",), name="typo")
+    with pytest.warns(UserWarning, match="alarm rule 'typo' watches updat"):
+        _train(tmp_path / "run.h5", ["loss"], steps=1, alarms=[*default_rules(), typo])
+    with warnings.catch_warnings():  # the built-in rules watch registered metrics
+        warnings.simplefilter("error", UserWarning)
+        _train(tmp_path / "quiet.h5", ["loss"], steps=1)
+
+
+class _Probe(Metric):
+    name = "probe"
+    FIELDS = ("value",)
+
+    def compute(self, ctx):
+        return {"value": 1.0}
+
+
+class _MyLoss(Metric):
+    name = "loss"
+    FIELDS = ("value",)
+
+    def compute(self, ctx):
+        return {"value": 1.0}
+
+
+class _NoName(Metric):
+    FIELDS = ("value",)
+
+
+class _StringFields(Metric):
+    name = "string_fields"
+    FIELDS = "value"  # ("value",) without its comma
+
+
+class _NoCompute(Metric):
+    name = "no_compute"
+    FIELDS = ("value",)
+
+
+def test_the_mistakes_a_newcomer_makes_in_a_metric(tmp_path):
+    with pytest.raises(ValueError, match="'probe' is reserved"):  # was 'already in the run'
+        ls.Monitor(models.mlp(), F.cross_entropy, metrics=[_Probe()])
+    with pytest.warns(UserWarning, match="_MyLoss is named 'loss'"):
+        ls.Monitor(models.mlp(), F.cross_entropy, metrics=[_MyLoss()])
+    with pytest.raises(ValueError, match=r"_NoName.name must be a non-empty name"):
+        ls.Monitor(models.mlp(), F.cross_entropy, metrics=[_NoName()])
+    with pytest.raises(TypeError, match=r"write \('value',\)"):
+        _train(tmp_path / "fields.h5", [_StringFields()])
+    with pytest.warns(RuntimeWarning, match="_NoCompute does not define compute"):
+        _train(tmp_path / "compute.h5", [_NoCompute()], steps=1)
+
+
+def test_registering_the_same_class_again_replaces_it():
+    """A notebook cell re-run (or importlib.reload) defines the class anew."""
+
+    def define():
+        @ls.metrics.register
+        class ReRegistered(Metric):
+            name = "re_registered_for_test"
+            FIELDS = ("value",)
+
+            def compute(self, ctx):
+                return {"value": 0.0}
+
+        return ReRegistered
+
+    from landscape.metrics.base import _REGISTRY
+
+    try:
+        first, second = define(), define()  # the second was 'already registered'
+        assert type(ls.metrics.create("re_registered_for_test")) is second is not first
+
+        class Other(Metric):
+            name = "re_registered_for_test"
+
+        with pytest.raises(ValueError, match="already registered"):
+            ls.metrics.register(Other)
+    finally:
+        _REGISTRY.pop("re_registered_for_test", None)
