@@ -133,3 +133,24 @@ def interruptible() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def rules_option(func: F) -> F:
+    """``--rules``: the user's alarm rules, besides the built-in ones (check, report, plot)."""
+    return click.option(
+        "--rules", "rule_specs", multiple=True, metavar="MODULE:NAME",
+        help="Your own alarm rules, evaluated with the built-in ones (with --recompute): "
+             "package.module:name or path/to/file.py:name naming a rule, a list of rules, a "
+             "Rule class or a function returning them. A rule named like a built-in one "
+             "replaces it. Repeatable.",
+    )(func)
+
+
+def load_rule_specs(specs: tuple[str, ...]) -> list | None:
+    """The rules ``--rules`` names, with the built-in ones; None when none is given."""
+    if not specs:
+        return None
+    from landscape.alarms import with_rules
+    from landscape.loading import load_rules
+
+    return with_rules([rule for spec in specs for rule in load_rules(spec)])

@@ -80,11 +80,11 @@ def _folder_on_path(spec: str) -> Iterator[None]:
             sys.path.remove(folder)
 
 
-def load_factory(spec: str, what: str = "factory") -> Callable[..., Any]:
+def load_factory(spec: str, what: str = "factory", *, need_callable: bool = True) -> Any:
     """The callable named by ``spec`` (``module:attr`` or ``file.py:attr``).
 
     A file's folder is on ``sys.path`` while the file is imported, so it can import its
-    neighbours.
+    neighbours. With ``need_callable=False`` any object is returned (a list of rules).
     """
     if ":" not in spec:
         raise LandscapeError(f"{what} {spec!r}: expected 'package.module:name' or 'file.py:name'")
@@ -115,7 +115,7 @@ def load_factory(spec: str, what: str = "factory") -> Callable[..., Any]:
         if not hasattr(obj, part):
             raise LandscapeError(f"{what} {spec!r}: {target!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
-    if not callable(obj):
+    if need_callable and not callable(obj):
         raise LandscapeError(f"{what} {spec!r} is not callable")
     return obj
 
@@ -132,6 +132,35 @@ def call_factory(spec: str, what: str) -> Any:
             return factory()
         except Exception as err:
             raise LandscapeError(f"{what} {spec!r} raised {type(err).__name__}: {err}") from err
+
+
+def load_rules(spec: str) -> list[Any]:
+    """The alarm rules named by ``spec`` (``module:attr`` or ``file.py:attr``).
+
+    ``attr`` is a rule, a list or tuple of rules, a rule class (made with its defaults)
+    or a zero-argument function returning a rule or a list of them: what
+    ``landscape check --rules`` evaluates besides the built-in rules
+    (:func:`landscape.alarms.with_rules`).
+
+    Raises:
+        LandscapeError: ``spec`` cannot be imported, or names no rules (one line).
+    """
+    from landscape.alarms import Rule
+
+    with _folder_on_path(spec):
+        obj = load_factory(spec, "rules", need_callable=False)
+        if (isinstance(obj, type) and issubclass(obj, Rule)) or (
+                callable(obj) and not isinstance(obj, (Rule, type))):
+            try:
+                obj = obj()
+            except Exception as err:
+                raise LandscapeError(f"rules {spec!r} raised {type(err).__name__}: {err}") \
+                    from err
+    rules = [obj] if isinstance(obj, Rule) else obj
+    if not isinstance(rules, (list, tuple)) or not all(isinstance(r, Rule) for r in rules):
+        raise LandscapeError(f"rules {spec!r}: expected a Rule, a list of rules, a Rule class "
+                             f"or a function returning them, got {type(obj).__name__}")
+    return list(rules)
 
 
 def resolve_loss(spec: str | Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 from landscape_cli.app import CommandError, cli, input_errors, verbose_option
+from landscape_cli.options import load_rule_specs, rules_option
 
 from landscape.findings import SEVERITIES, Finding
 from landscape.report import (
@@ -85,7 +86,8 @@ def _table(findings: list[Finding]) -> list[str]:
     epilog="\b\nExit status:\n  0  no finding reaches --fail-on\n"
     "  1  a finding reaches --fail-on\n"
     "  2  RUN cannot be checked (missing or unreadable file, bad option)\n\n"
-    "\b\nExample:\n  landscape check run.h5 --fail-on error"
+    "\b\nExamples:\n  landscape check run.h5 --fail-on error\n"
+    "  landscape check run.h5 --rules my_rules.py:RULES"
 )
 @click.argument("run_path", metavar="RUN", type=click.Path())
 @click.option(
@@ -97,19 +99,23 @@ def _table(findings: list[Finding]) -> list[str]:
     help="Re-evaluate the alarm rules on the whole run and add their findings to the "
     "stored ones (--recompute), or list only the findings stored in the file (--stored).",
 )
+@rules_option
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
 @verbose_option
-def check(run_path: str, fail_on: str, recompute: bool, as_json: bool, quiet: bool) -> None:
+def check(run_path: str, fail_on: str, recompute: bool, rule_specs: tuple[str, ...],
+          as_json: bool, quiet: bool) -> None:
     """List the findings of RUN and exit 1 when one reaches the --fail-on severity.
 
     Findings are those stored in the file (written online by the monitor) and, with
     --recompute, those the alarm rules find on the whole run; a finding is reported
     once per (step, rule, metric). A RUN that cannot be read exits 2, not 1.
     """
+    with input_errors(EXIT_INPUT):  # a rules module that cannot be loaded: exit 2
+        rules = load_rule_specs(rule_specs)
     try:
         with input_errors(EXIT_INPUT), Run.open(run_path) as run:
-            found = collect_findings(run, recompute=recompute)
+            found = collect_findings(run, recompute=recompute, rules=rules)
             source = run.source
     except (KeyError, ValueError, TypeError, OSError) as err:  # a damaged file's structure
         raise CommandError(f"{run_path}: cannot be read as a run file "

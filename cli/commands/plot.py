@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 from landscape_cli.app import cli, verbose_option
-from landscape_cli.options import output_directory
+from landscape_cli.options import load_rule_specs, output_directory, rules_option
 
 from landscape.plotting.timelines import SAVE_FORMATS, metrics_with_rows, save_figure, timelines
 from landscape.report import collect_findings, surface_figure
@@ -20,7 +20,7 @@ def _is_directory_target(out: str) -> bool:
     return out.endswith(("/", os.sep)) or path.is_dir() or not path.suffix
 
 
-def _run_figures(run, metrics, to_directory, log, recompute, quiet) -> dict:
+def _run_figures(run, metrics, to_directory, log, recompute, rules, quiet) -> dict:
     """Timelines of the chosen metrics; with no -m and a directory, every surface as well.
 
     Without -m, metrics that have no rows yet are left out.
@@ -34,7 +34,7 @@ def _run_figures(run, metrics, to_directory, log, recompute, quiet) -> dict:
     figures = {}
     names = list(metrics) or metrics_with_rows(run)
     if names:
-        found = collect_findings(run, recompute=recompute)
+        found = collect_findings(run, recompute=recompute, rules=rules)
         figures.update(timelines(run, names, log=log, findings=found))
     if not metrics and to_directory and run.surfaces():
         for name in run.surfaces():
@@ -80,6 +80,7 @@ def _message(err: Exception) -> str:
     help="Image format of the files written into a directory.",
 )
 @click.option("--dpi", type=click.IntRange(min=10), default=120, show_default=True)
+@rules_option
 @click.option("-q", "--quiet", is_flag=True, help="Do not list the files written.")
 @verbose_option
 def plot(
@@ -90,6 +91,7 @@ def plot(
     field: str | None,
     log: bool,
     recompute: bool,
+    rule_specs: tuple[str, ...],
     out: str,
     fmt: str,
     dpi: int,
@@ -113,6 +115,7 @@ def plot(
         raise click.ClickException("use either --metric or --surface, not both")
     target = Path(out)
     to_directory = _is_directory_target(out)
+    rules = load_rule_specs(rule_specs)
     with Run.open(run_path) as run:
         try:
             if surface_name:
@@ -121,7 +124,8 @@ def plot(
                     surface_name: surface_figure(surface, three_d=three_d, field=field, log=log)
                 }
             else:
-                figures = _run_figures(run, metrics, to_directory, log, recompute, quiet)
+                figures = _run_figures(run, metrics, to_directory, log, recompute, rules,
+                                       quiet)
         except (KeyError, ValueError) as err:
             raise click.ClickException(_message(err)) from None
     if to_directory:

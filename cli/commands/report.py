@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 from landscape_cli.app import cli, verbose_option
-from landscape_cli.options import output_directory
+from landscape_cli.options import load_rule_specs, output_directory, rules_option
 
 from landscape.plotting.timelines import metrics_with_rows
 from landscape.report import collect_findings, count_by_severity, report_path, write_report
@@ -27,17 +27,20 @@ from landscape.store import Run
     help="List the stored findings plus those the alarm rules find on the whole run "
     "(--recompute), or only those stored in the file (--stored).",
 )
+@rules_option
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 @verbose_option
-def report(run_path: str, out: str, title: str | None, log: bool, recompute: bool, quiet: bool):
+def report(run_path: str, out: str, title: str | None, log: bool, recompute: bool,
+           rule_specs: tuple[str, ...], quiet: bool):
     """Write an HTML report of RUN: summary, findings, timelines, surfaces, configuration.
 
     Every plot is embedded in the file, which needs nothing else to be viewed. Metrics
     without rows yet get no timeline (the report names them in one line).
     """
     target = report_path(out)
+    rules = load_rule_specs(rule_specs)
     with Run.open(run_path) as run:
-        found = collect_findings(run, recompute=recompute)
+        found = collect_findings(run, recompute=recompute, rules=rules)
         if target != Path(out):  # a directory: created as plot creates its output directory
             output_directory(target.parent)
         path = write_report(run, target, title=title, findings=found, log=log)

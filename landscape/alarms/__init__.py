@@ -31,7 +31,7 @@ Modules:
   :mod:`~landscape.alarms.training_rules`: the built-in rules;
 * :mod:`~landscape.alarms.statistics`: the rolling median/MAD of the spike rules;
 * :mod:`~landscape.alarms.online`: :class:`OnlineAlarms`, :func:`check`, :data:`RULES`,
-  :func:`default_rules`;
+  :func:`default_rules`, and with your own rules :func:`with_rules`;
 * :mod:`~landscape.alarms.leads`: :func:`early_warning`, :func:`rule_leads`,
   :func:`warning_leads`: how far ahead the warnings came (the demo, the examples).
 
@@ -53,7 +53,7 @@ from landscape.alarms.leads import (
     rule_leads,
     warning_leads,
 )
-from landscape.alarms.online import RULES, OnlineAlarms, check, default_rules
+from landscape.alarms.online import RULES, OnlineAlarms, check, default_rules, with_rules
 from landscape.alarms.representation_rules import (
     AttentionLogitGrowth,
     LogitGrowth,
@@ -81,6 +81,7 @@ __all__ = [
     "Trigger",
     "check",
     "default_rules",
+    "with_rules",
     "EarlyWarning",
     "early_warning",
     "loss_milestones",

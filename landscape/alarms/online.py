@@ -86,6 +86,24 @@ def default_rules(**overrides: Mapping[str, Any] | bool | None) -> list[Rule]:
     return rules
 
 
+def with_rules(extra: Iterable[Rule]) -> list[Rule]:
+    """The built-in rules (:func:`default_rules`) and ``extra``.
+
+    A rule of ``extra`` named like a built-in one replaces it (a ``LossSpike(z=10)`` keeps
+    the name ``loss_spike``), in the built-in one's place; the others follow, in order.
+
+    Args:
+        extra: the rules to add.
+
+    Returns:
+        The rules, for :class:`OnlineAlarms`, :func:`check` or ``Monitor(alarms=...)``.
+    """
+    extra = list(extra)
+    by_name = {r.name: r for r in extra}
+    built_in = [by_name.pop(r.name, r) for r in default_rules()]
+    return built_in + [r for r in extra if r.name in by_name]
+
+
 def _as_row(values: Mapping[str, Any]) -> dict[str, Value]:
     """Every numeric field of ``values`` as float64 (scalars as float, arrays as ndarray)."""
     if not isinstance(values, Mapping):

@@ -345,3 +345,14 @@ def test_one_hard_sample_near_zero_loss_is_not_a_spike_but_a_blow_up_is():
     blow_up = loss.copy()
     blow_up[250:] = 1.5  # an abrupt jump to 2/3 of the initial loss: at the first step
     assert [f.step for f in spikes(blow_up)] == [250]
+
+
+def test_with_rules_adds_the_users_rules_and_replaces_a_built_in_by_name():
+    from landscape.alarms import LossSpike, NonFiniteValues, default_rules, with_rules
+
+    mine = NonFiniteValues(name="nonfinite_again")
+    rules = with_rules([mine, LossSpike(z=10)])
+    names = [r.name for r in rules]
+    assert names == [r.name for r in default_rules()] + ["nonfinite_again"]
+    spike = rules[names.index("loss_spike")]
+    assert spike.z == 10 and rules[-1] is mine

@@ -610,3 +610,57 @@ def test_watch_retries_while_the_file_cannot_be_read(runner, run_file, monkeypat
     notes = [ln for ln in result.stderr.splitlines() if ln.startswith(("note:", "stopped"))]
     assert len(notes) == 2 and notes[1] == "stopped"  # one note for two failed looks
     assert notes[0].startswith("note: cannot read the run now (") and "retrying" in notes[0]
+
+
+_RULES_FILE = '''
+from dataclasses import dataclass
+
+from landscape.alarms import LossSpike, Rule, Trigger
+
+
+@dataclass
+class LossAbove(Rule):
+    limit: float = 0.5
+    metrics: tuple = ("loss",)
+    name: str = "loss_above"
+
+    def evaluate(self, metric, row):
+        v = row.get("value")
+        if v is None or not v > self.limit:
+            return None
+        return Trigger("warning", "value", v, self.limit, "loss above the limit", "look")
+
+
+RULES = [LossAbove(), LossSpike(z=1e9)]  # the second replaces the built-in loss_spike
+NOT_RULES = 42
+'''
+
+
+def test_check_report_and_plot_evaluate_the_users_rules(runner, tmp_path):
+    """A run recorded without a rule can be gated on it: --rules file.py:NAME (the command
+    line never imported user code, so a custom rule could not gate a job)."""
+    rules = tmp_path / "my_rules.py"
+    rules.write_text(_RULES_FILE)
+    run = _write_run(tmp_path / "r.h5", nan_loss_at=70)  # loss exp(-s/40) > 0.5 until 27
+    plain = json.loads(runner.invoke(cli, ["check", str(run), "--json"]).stdout)
+    assert not [f for f in plain["findings"] if f["rule"] == "loss_above"]
+    result = runner.invoke(cli, ["check", str(run), "--json", "--rules", f"{rules}:RULES"])
+    assert result.exit_code == 1, result.output
+    found = json.loads(result.stdout)["findings"]
+    assert [f["step"] for f in found if f["rule"] == "loss_above"] == [0]  # one episode
+    assert any(f["rule"] == "nonfinite" for f in found)  # the built-in rules still run
+    # the same rules through report and plot
+    out = runner.invoke(cli, ["report", str(run), "-o", str(tmp_path / "r.html"),
+                              "--rules", f"{rules}:RULES"])
+    assert out.exit_code == 0, out.output
+    assert "loss_above" in (tmp_path / "r.html").read_text()
+    out = runner.invoke(cli, ["plot", str(run), "-m", "loss", "-o", str(tmp_path / "l.png"),
+                              "--rules", f"{rules}:LossAbove"])  # a class: its defaults
+    assert out.exit_code == 0, out.output
+    # one line and exit 2 for a spec that names no rules
+    for spec, message in [(f"{rules}:NOT_RULES", "expected a Rule"),
+                          (f"{rules}:MISSING", "has no attribute"),
+                          (str(tmp_path / "nowhere.py:RULES"), "not found")]:
+        bad = runner.invoke(cli, ["check", str(run), "--rules", spec])
+        assert bad.exit_code == 2, bad.output
+        assert message in bad.output and "Traceback" not in bad.output
