@@ -86,8 +86,7 @@ def _table(findings: list[Finding]) -> list[str]:
     epilog="\b\nExit status:\n  0  no finding reaches --fail-on\n"
     "  1  a finding reaches --fail-on\n"
     "  2  RUN cannot be checked (missing or unreadable file, bad option)\n\n"
-    "\b\nExamples:\n  landscape check run.h5 --fail-on error\n"
-    "  landscape check run.h5 --rules my_rules.py:RULES"
+    "\b\nExample:\n  landscape check run.h5 --fail-on error"
 )
 @click.argument("run_path", metavar="RUN", type=click.Path())
 @click.option(
