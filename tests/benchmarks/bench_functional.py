@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
         ("alignment (N pairs)", lambda: LF.alignment(features, features.roll(1, 0))),
         ("wasserstein_uniformity", lambda: LF.wasserstein_uniformity(features)),
         (
-            "spectral_alignment (cold power iteration)",
+            "spectral_alignment (cold start)",
             lambda: LF.spectral_alignment(weight, features),
         ),
         (

@@ -121,16 +121,30 @@ def test_power_iteration_matches_svd_up_to_sign(d_out, d_in):
     assert float(top.v.abs().max()) == float(top.v.max())  # cold start: largest entry > 0
 
 
-def test_warm_start_converges_in_a_handful_of_iterations_and_keeps_the_sign():
+def test_warm_start_converges_in_fewer_products_and_keeps_the_sign():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 32, generator=g, dtype=torch.float64)
     cold = top_singular_vector(w, max_iter=5000, tol=1e-12)
     w2 = w + 1e-3 * torch.randn(64, 32, generator=g, dtype=torch.float64)  # one small step
     warm = top_singular_vector(w2, -cold.v, tol=1e-8)
-    assert warm.converged and warm.n_iter <= 6
+    assert warm.converged and warm.n_iter < top_singular_vector(w2, tol=1e-8).n_iter
     assert float(warm.v @ -cold.v) > 0  # sign follows the warm start (continuous series)
-    res = spectral_alignment(w2, torch.randn(10, 32, dtype=torch.float64), init=cold.v)
-    assert res.n_iter <= 8 and float(res.v @ cold.v) > 0
+    x = torch.randn(10, 32, dtype=torch.float64)
+    res = spectral_alignment(w2, x, init=cold.v)
+    assert res.n_iter < spectral_alignment(w2, x).n_iter and float(res.v @ cold.v) > 0
+
+
+@pytest.mark.parametrize("width", [256, 512])
+def test_a_freshly_initialised_wide_layer_gets_its_top_singular_vector(width):
+    """Its top singular values are close (s_1/s_2 ~ 1.007): power iteration stopped on the
+    change of its iterate ended far from v_1 (|<v, v_1>| = 0.56 at 768) and said converged.
+    """
+    torch.manual_seed(0)
+    w = torch.nn.Linear(width, width).weight.detach()
+    top = top_singular_vector(w)
+    vh = torch.linalg.svd(w.double())[2]
+    assert top.converged
+    assert float((top.v.double() @ vh[0]).abs()) == pytest.approx(1.0, abs=1e-4)
 
 
 def test_float32_weights_and_low_precision_inputs():
