@@ -344,8 +344,11 @@ class Monitor:
         self._own = list(named.values())
         self._objects = dict(self.model.named_parameters())
         self._sharded = any(_dist.is_sharded(p) for p in self._objects.values())
-        for m in self.metrics:
-            m.setup(self.model)
+        # setup may read parametrized weights (a spectral_norm parametrization runs a power
+        # iteration and writes its buffers when read in train mode): eval mode, RNG kept
+        with isolated(self.model):
+            for m in self.metrics:
+                m.setup(self.model)
         self.writer = RunWriter(self.path, config=self._config(), **self._writer_args)
         try:
             for m in self.metrics:

@@ -154,7 +154,13 @@ def _concat(parts: list[Captured]) -> Captured:
     for attr in ("inputs", "outputs"):
         keys = set.intersection(*(set(getattr(p, attr)) for p in parts))
         for k in keys:
-            getattr(joined, attr)[k] = torch.cat([getattr(p, attr)[k] for p in parts])
+            ts = [getattr(p, attr)[k] for p in parts]
+            if len({t.shape[1:] for t in ts}) > 1 and all(t.dim() == 3 for t in ts) \
+                    and len({t.shape[-1] for t in ts}) == 1:
+                # (N, T, d) sequences of different lengths: one row per position, as the
+                # metrics read them (a channels-first image batch is left to torch.cat)
+                ts = [t.reshape(-1, t.shape[-1]) for t in ts]
+            getattr(joined, attr)[k] = torch.cat(ts)
     return joined
 
 

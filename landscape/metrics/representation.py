@@ -25,9 +25,42 @@ from landscape.schedules import every
 __all__ = ["Collapse", "Representation", "SpectralAlignment"]
 
 
-def _tokens(x: torch.Tensor) -> torch.Tensor:
-    """(N, ..., d) -> (N * ..., d): every position is a sample (tokens, pixels)."""
+def _tokens(x: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
+    """(N, ..., d) -> (N * ..., d): every position is a sample (tokens, pixels).
+
+    A convolution's input is channels-first, (N, C, *spatial): its channels are the
+    features, so they are moved last before the positions are flattened.
+    """
+    if isinstance(module, nn.modules.conv._ConvNd) and x.dim() >= 3:
+        x = x.movedim(1, -1)
     return x.reshape(-1, x.shape[-1])
+
+
+def _conv_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The rows a convolution's flattened weight ``(out, C*k...)`` multiplies: its patches."""
+    if not isinstance(module, nn.modules.conv._ConvNd) or x.dim() < 3:
+        return _tokens(x)
+    k = tuple(module.kernel_size)
+    if module.groups == 1 and all(v == 1 for v in k) and all(v == 1 for v in module.stride):
+        return _tokens(x, module)  # a 1x1 convolution: one token per position
+    if (isinstance(module, nn.Conv2d) and module.groups == 1 and x.dim() == 4
+            and module.padding_mode == "zeros" and not isinstance(module.padding, str)):
+        cols = torch.nn.functional.unfold(x, k, module.dilation, module.padding, module.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    raise MissingInput(f"spectral_alignment: cannot form the input patches of "
+                       f"{type(module).__name__} (groups, padding mode or dimension not "
+                       "supported)")
+
+
+def _default_linears(model: nn.Module) -> list[str]:
+    """Every ``nn.Linear`` that is called as a module.
+
+    ``nn.MultiheadAttention`` reads its ``out_proj`` weight inside
+    ``F.multi_head_attention_forward``, so no hook would ever see that layer's input.
+    """
+    skip = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
+            if isinstance(m, nn.MultiheadAttention)}
+    return [n for n in linear_layers(model) if n not in skip]
 
 
 @register
@@ -56,7 +89,7 @@ class SpectralAlignment(Metric):
     def setup(self, model: nn.Module) -> None:
         """Default to every linear layer; check each layer has a weight matrix."""
         if not self.layers:
-            self.layers = linear_layers(model)
+            self.layers = _default_linears(model)
         if not self.layers:
             raise ValueError("spectral_alignment: the model has no nn.Linear layer to monitor")
         for name in self.layers:
@@ -82,12 +115,13 @@ class SpectralAlignment(Metric):
         rows = {k: torch.full((len(self.layers),), math.nan) for k in self.fields()}
         for i, name in enumerate(self.layers):
             # FSDP2 (DTensor shards): this one layer is gathered, on every rank alike
-            weight = _dist.full_tensor(resolve_module(ctx.model, name).weight.detach())
+            module = resolve_module(ctx.model, name)
+            weight = _dist.full_tensor(module.weight.detach())
             if name not in cap.inputs:
                 continue
             key = ("alignment_v", name)
             res = LF.spectral_alignment(
-                weight.reshape(weight.shape[0], -1), _tokens(cap.inputs[name]),
+                weight.reshape(weight.shape[0], -1), _conv_patches(module, cap.inputs[name]),
                 init=ctx.state.get(key),
             )
             ctx.state[key] = res.v
@@ -140,7 +174,7 @@ class _PenultimateMetric(Metric):
         cap = ctx.captured(self.data)
         if self.layer not in cap.inputs:
             raise MissingInput(f"layer {self.layer!r} was not called in the forward pass")
-        return _tokens(cap.inputs[str(self.layer)])
+        return _tokens(cap.inputs[str(self.layer)], resolve_module(ctx.model, str(self.layer)))
 
 
 @register
@@ -165,6 +199,9 @@ class Collapse(_PenultimateMetric):
         else:
             feats = self.features(ctx)
             labels = ctx.targets(self.data).reshape(-1)
+            if labels.shape[0] == feats.shape[0] and not labels.is_floating_point():
+                keep = labels >= 0  # padding / ignore_index (-100), as the cross-entropy does
+                feats, labels = feats[keep.to(feats.device)], labels[keep]
         if labels.shape[0] != feats.shape[0]:
             raise MissingInput("collapse: targets do not match the penultimate features")
         classifier: Any = resolve_module(ctx.model, str(self.layer))

@@ -1,0 +1,153 @@
+"""The monitor's representation metrics on the layers real models have (docs/metrics.md):
+convolutions read channels-first, padding labels, attention's out_proj, sequences of
+different lengths, parametrized weights. Each value against the same quantity computed by
+hand from the layer's input (float64)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrizations
+
+import landscape as ls
+from landscape.store import Run
+
+
+def _record(tmp_path, model, probe, metrics, loss_fn=F.cross_entropy):
+    path = tmp_path / "run.h5"
+    with ls.Monitor(model, loss_fn, path, probe=probe, metrics=metrics, strict=True,
+                    warn=False) as mon:
+        mon.step(0, batch=probe)
+    return Run.open(path)
+
+
+def _effective_rank(tokens: torch.Tensor) -> float:
+    s = torch.linalg.svdvals(tokens.double())
+    p = s / s.sum() + 1e-7  # RankMe's eps, as the metric
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def _sign_stats(tokens: torch.Tensor, weight: torch.Tensor) -> tuple[float, float]:
+    """Minority fraction and mean |cos| against the top right singular vector."""
+    v1 = torch.linalg.svd(weight.reshape(weight.shape[0], -1).double())[2][0]
+    tokens = tokens.double()[tokens.norm(dim=1) > 0]  # zero inputs have no cosine
+    cos = tokens @ v1 / tokens.norm(dim=1)
+    positive = float((cos > 0).double().mean())
+    return min(positive, 1 - positive), float(cos.abs().mean())
+
+
+class _Convolutional(nn.Module):
+    """A fully convolutional classifier: a 3x3 convolution, then a 1x1 one."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        return self.head(F.relu(self.c1(x))).mean((2, 3))
+
+
+def test_convolutions_read_one_token_per_pixel_and_their_patches(tmp_path):
+    """A (B, C, H, W) input was flattened to rows of width W: wrong numbers when W == C
+    (effective rank 7.4914 for 7.4490), a shape error otherwise."""
+    model = _Convolutional()
+    g = torch.Generator().manual_seed(1)
+    probe = (torch.randn(12, 3, 8, 8, generator=g), torch.randint(0, 5, (12,), generator=g))
+    run = _record(tmp_path, model, probe, [
+        ls.metrics.Representation(layer="head"),
+        ls.metrics.SpectralAlignment(layers=["head", "c1"]),
+    ])
+    with torch.no_grad():
+        head_in = F.relu(model.c1(probe[0]))
+    pixels = head_in.permute(0, 2, 3, 1).reshape(-1, 8)  # one 8-channel token per pixel
+    patches = F.unfold(probe[0], 3, padding=1).transpose(1, 2).reshape(-1, 27)
+    got = float(run.series("representation", "effective_rank")[1][0])
+    assert abs(got - _effective_rank(pixels)) < 1e-5
+    minority = run.series("spectral_alignment", "minority")[1][0]
+    mean_abs = run.series("spectral_alignment", "mean_abs_cos")[1][0]
+    for i, (tokens, layer) in enumerate([(pixels, model.head), (patches, model.c1)]):
+        want_minority, want_mean = _sign_stats(tokens, layer.weight.detach())
+        assert abs(minority[i] - want_minority) < 1e-6
+        assert abs(mean_abs[i] - want_mean) < 1e-5
+
+
+def test_collapse_leaves_padding_labels_out(tmp_path):
+    """A token classifier with -100 padding: 'labels must be non-negative' at every step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 16), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randint(1, 20, (10, 6), generator=g), torch.randint(0, 4, (10, 6), generator=g)
+    y[:5, -2:] = -100
+
+    def loss_fn(out, target):
+        return F.cross_entropy(out.reshape(-1, 4), target.reshape(-1))
+
+    run = _record(tmp_path, model, (x, y), [ls.metrics.Collapse()], loss_fn)
+    with torch.no_grad():
+        h = F.relu(model[1](model[0](x))).reshape(-1, 16)
+    keep = y.reshape(-1) >= 0
+    want = ls.functional.neural_collapse(h[keep], y.reshape(-1)[keep], classifier=model[3])
+    assert float(run.series("collapse", "nc1")[1][0]) == float(want.nc1)
+
+
+def test_spectral_alignment_skips_attention_out_proj_by_default(tmp_path):
+    """nn.MultiheadAttention reads out_proj.weight itself: that column was NaN for ever."""
+
+    class WithAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.inp = nn.Linear(6, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.inp(x)
+            return self.head(self.attn(h, h, h)[0].mean(1))
+
+    g = torch.Generator().manual_seed(3)
+    probe = (torch.randn(8, 5, 6, generator=g), torch.randint(0, 3, (8,), generator=g))
+    metric = ls.metrics.SpectralAlignment()
+    run = _record(tmp_path, WithAttention(), probe, [metric])
+    assert metric.layers == ["inp", "head"]
+    assert torch.isfinite(torch.as_tensor(run.series("spectral_alignment", "minority")[1])).all()
+
+
+def test_a_list_probe_of_sequences_of_different_lengths(tmp_path):
+    """torch.cat of (3, 6, d) and (3, 4, d) captures failed at every step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(16, 12), nn.Linear(12, 12), nn.GELU(), nn.Linear(12, 16))
+    g = torch.Generator().manual_seed(4)
+
+    def lm(n, t):
+        ids = torch.randint(0, 16, (n, t + 1), generator=g)
+        return ids[:, :-1], ids[:, 1:]
+
+    def loss_fn(out, target):
+        return F.cross_entropy(out.reshape(-1, 16), target.reshape(-1))
+
+    probe = [lm(3, 6), lm(3, 4)]
+    run = _record(tmp_path, model, probe, [ls.metrics.Representation()], loss_fn)
+    with torch.no_grad():
+        tokens = torch.cat([model[0](x).reshape(-1, 12) for x, _ in probe])
+        tokens = F.gelu(model[1](tokens))  # the input of the last linear layer
+    got = float(run.series("representation", "effective_rank")[1][0])
+    assert abs(got - _effective_rank(tokens)) < 1e-5
+
+
+def test_setup_does_not_run_a_spectral_norm_power_iteration(tmp_path):
+    """Reading a spectral-normed weight in train mode updates its _u buffer: the metric's
+    setup did that before the first step, so the monitored run differed from the plain one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 24), nn.ReLU(), nn.Linear(24, 4))
+    parametrizations.spectral_norm(model[2])
+    u = model[2].parametrizations.weight[0]._u.clone()
+    g = torch.Generator().manual_seed(5)
+    probe = (torch.randn(8, 10, generator=g), torch.randint(0, 4, (8,), generator=g))
+    with ls.Monitor(model, F.cross_entropy, tmp_path / "run.h5", probe=probe,
+                    metrics=[ls.metrics.SpectralAlignment()]):
+        assert torch.equal(model[2].parametrizations.weight[0]._u, u)  # was 1.2e-3 off
+    assert model.training
