@@ -283,6 +283,11 @@ class Monitor:
         self.loss_fn = loss_fn
         self.closure = closure
         self.optimizer = unwrap_optimizer(optimizer)  # accelerate's, Lightning's wrappers
+        if isinstance(probe, torch.utils.data.DataLoader) or hasattr(probe, "__next__"):
+            raise ValueError(
+                f"probe= must be a fixed batch or a list of batches, got a "
+                f"{type(probe).__name__} (every probe metric would read a different batch): "
+                "pass next(iter(loader)), or list(itertools.islice(loader, n)) for n batches")
         self.probe = probe
         if probe_size is not None and (not isinstance(probe_size, int) or probe_size < 1):
             raise ValueError(f"probe_size must be an integer >= 1 or None, got {probe_size!r}")

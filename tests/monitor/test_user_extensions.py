@@ -201,3 +201,13 @@ def test_registering_the_same_class_again_replaces_it():
             ls.metrics.register(Other)
     finally:
         _REGISTRY.pop("re_registered_for_test", None)
+
+
+def test_a_data_loader_or_an_iterator_as_the_probe_is_refused_at_once():
+    """It was accepted; every probe metric then recorded NaN and metric_failed."""
+    x, y = models.classification_data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    for probe in (loader, iter([(x, y)]), ((x[i:i + 4], y[i:i + 4]) for i in (0, 4))):
+        with pytest.raises(ValueError, match="fixed batch or a list of batches"):
+            ls.Monitor(models.mlp(), F.cross_entropy, probe=probe)
+    ls.Monitor(models.mlp(), F.cross_entropy, probe=[(x, y), (x, y)])  # a list is fine
