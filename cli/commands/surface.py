@@ -79,9 +79,12 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
         raise LandscapeError("--directions interpolate needs exactly two checkpoints")
     if directions == "pca" and len(ckpts) < 3:
         raise LandscapeError("--directions pca needs at least three checkpoints (a trajectory)")
+    states = []  # as loaded: wrapper prefixes (module., model.) removed, tied weights restored
     for c in ckpts:  # every checkpoint must fit the model and give a finite loss
         load_state_into(model, c)
         check_loss(model, loss_fn, batches, c, closure)
+        if directions in _FIXED_GRID:
+            states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     label = name or directions
     common = {"writer": out, "name": label, "progress": not quiet}
     if closure is not None:  # dict batches: the grid calls closure(model, batch)
@@ -92,11 +95,11 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
 
             RunWriter(out, mode="w").close()
         if directions == "interpolate":
-            surf = surface.interpolate(model, ckpts[0].state_dict, ckpts[1].state_dict,
-                                       loss_fn, data, steps, **common)
+            surf = surface.interpolate(model, states[0], states[1], loss_fn, data, steps,
+                                       **common)
         elif directions == "pca":
             surf = surface.trajectory_plane(model, loss_fn, data,
-                                            [c.state_dict for c in ckpts], steps, **common)
+                                            states, steps, **common)
         else:
             kind = "eigen" if directions == "eigen" else "random"
             if dims == 1:

@@ -239,7 +239,7 @@ class PointEvaluator:
 
     def _single(self, loss: torch.Tensor, out: Any, batch: Any) -> tuple[float, float]:
         acc = float("nan")
-        if self.accuracy and isinstance(out, torch.Tensor) and out.shape[:-1] == batch[-1].shape:
+        if self.accuracy and _classes(out, batch[-1]):
             acc = int((out.argmax(dim=-1) == batch[-1]).sum()) / max(1, batch[-1].numel())
         return float(loss), acc
 
@@ -284,7 +284,7 @@ class PointEvaluator:
             done += 1
             if self.accuracy and out is not None:
                 target = batch[-1]
-                if isinstance(out, torch.Tensor) and out.shape[:-1] == target.shape:
+                if _classes(out, target):
                     correct += int((out.argmax(dim=-1) == target).sum())
                     count += target.numel()
                 else:
@@ -330,7 +330,7 @@ class PointEvaluator:
             total = term if total is None else total + term
             n += bs
             if self.accuracy and out is not None:
-                if isinstance(out, torch.Tensor) and out.shape[:-1] == target.shape:
+                if _classes(out, target):
                     hits = (out.argmax(dim=-1) == target).sum()
                     correct = hits if correct is None else correct + hits
                     count += target.numel()
@@ -341,6 +341,16 @@ class PointEvaluator:
         if comparable and correct is not None and count > 0:
             acc = float(correct) / count
         return loss_value, acc
+
+
+def _classes(out: Any, target: torch.Tensor) -> bool:
+    """Whether ``argmax(out, -1)`` can be compared with ``target``.
+
+    Scores over at least two classes: a single logit, shape ``(..., 1)``, would always
+    give class 0 (its accuracy is NaN, as for any other output).
+    """
+    return (isinstance(out, torch.Tensor) and out.dim() > 0 and out.shape[-1] > 1
+            and out.shape[:-1] == target.shape)
 
 
 def fingerprint(tensors: Sequence[torch.Tensor]) -> list[float]:

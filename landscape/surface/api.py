@@ -41,7 +41,7 @@ def _pair(value: Any, name: str) -> tuple[Any, Any]:
 
 def _directions(
     model: nn.Module, loss_fn: LossFn, data: Any, n: int, directions: Any, seed: int,
-    normalization: str, ignore: str, params: ParamSpec,
+    normalization: str, ignore: str, params: ParamSpec, grid: Mapping[str, Any],
 ) -> Directions:
     if isinstance(directions, Directions):
         if directions.ndim != n:
@@ -52,7 +52,10 @@ def _directions(
             return random_directions(model, n, seed=seed, normalization=normalization,
                                      ignore=ignore, params=params)
         if directions == "eigen":
-            return eigen_directions(model, loss_fn, data, n, params=params)
+            # the Hessian of the loss the grid evaluates: same closure convention and mode
+            return eigen_directions(model, loss_fn, data, n, params=params,
+                                    closure=grid.get("closure"),
+                                    eval_mode=grid.get("eval_mode", True))
         raise ValueError(f"directions must be 'random', 'eigen' or vectors, got {directions!r}")
     vecs = list(directions)
     if len(vecs) != n:
@@ -91,7 +94,8 @@ def plane(
     sx, sy = _pair(span, "span")
     xs = axis(nx, sx) if x is None else x
     ys = axis(ny, sy) if y is None else y
-    dirs = _directions(model, loss_fn, data, 2, directions, seed, normalization, ignore, params)
+    dirs = _directions(model, loss_fn, data, 2, directions, seed, normalization, ignore, params,
+                       kwargs)
     return evaluate_grid(model, loss_fn, data, dirs, xs, ys, writer=writer, name=name, **kwargs)
 
 
@@ -117,7 +121,8 @@ def line(
     As :func:`plane` with one direction.
     """
     xs = axis(steps, span) if x is None else x
-    dirs = _directions(model, loss_fn, data, 1, directions, seed, normalization, ignore, params)
+    dirs = _directions(model, loss_fn, data, 1, directions, seed, normalization, ignore, params,
+                       kwargs)
     return evaluate_grid(model, loss_fn, data, dirs, xs, None, writer=writer, name=name, **kwargs)
 
 
@@ -212,6 +217,8 @@ def trajectory_plane(
     general. Stored with the surface: ``arrays/trajectory`` (``(T, 2)``, the path), and the
     explained variance (ratio) in the attributes.
     """
+    if not isinstance(trajectory, (np.ndarray, torch.Tensor)):
+        trajectory = list(trajectory)  # read twice: the PCA, then the last point's buffers
     pca = pca_directions(trajectory, 2, model=model, ignore=ignore, params=params)
     path = pca.path
     nx, ny = _pair(steps, "steps")
@@ -228,6 +235,11 @@ def trajectory_plane(
         p = named[k]
         center[k] = torch.from_numpy(final[offset:offset + p.numel()]).reshape(p.shape)
         offset += p.numel()
+    last = trajectory[-1] if isinstance(trajectory, list) and trajectory else None
+    if isinstance(last, (str, os.PathLike, Mapping, nn.Module)):
+        # the rest of theta_n (BatchNorm statistics, frozen parameters) from the checkpoint too,
+        # not from whatever state `model` is in
+        center = {**_state(last, "trajectory[-1]"), **center}
     attrs = {
         "explained_variance": [float(v) for v in pca.explained_variance],
         "explained_variance_ratio": [float(v) for v in pca.explained_variance_ratio],

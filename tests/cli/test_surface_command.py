@@ -102,3 +102,23 @@ def test_span_and_dims_that_do_not_apply_are_refused(setup, tmp_path, directions
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: ") and match in lines[0], lines
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("directions", "n_ckpt"), [("interpolate", 2), ("pca", 4)])
+def test_interpolation_and_pca_read_prefixed_checkpoints(setup, tmp_path, directions, n_ckpt):
+    """A DDP checkpoint's 'module.' keys: 'checkpoints lack parameters' (random worked)."""
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    prefixed = []
+    for p in paths[-n_ckpt:]:
+        q = tmp_path / f"ddp-{p.name}"
+        torch.save({f"module.{k}": v for k, v in torch.load(p).items()}, q)
+        prefixed.append(str(q))
+    values = []
+    for ckpts, out in ([str(p) for p in paths[-n_ckpt:]], tmp_path / "plain.h5"), \
+            (prefixed, tmp_path / "ddp.h5"):
+        result = _run(["surface", *ckpts, "--model", f"{fac}:model", "--data", f"{fac}:data",
+                       "--steps", "3", "--directions", directions, "-o", str(out), "-q"])
+        assert result.exit_code == 0, result.output
+        values.append(ls.Run.open(out).surface(directions).values["loss"])
+    np.testing.assert_array_equal(values[0], values[1])

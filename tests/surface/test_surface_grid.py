@@ -352,3 +352,37 @@ def test_directions_normalized_to_overflowing_weights_are_refused(tmp_path):
     assert not path.exists() or "plane" not in Run.open(path).surfaces()
     with pytest.raises(LandscapeError, match="directions are not finite"):
         plane(model, _ce, (x, y), steps=3, progress=False)  # in memory as well
+
+
+def test_a_single_logit_has_no_accuracy():
+    """argmax over one logit is always class 0: the 'accuracy' was the share of label 0."""
+    model = models.mlp(d_out=1)
+    x = torch.randn(16, 6)
+    y = (x[:, 0] > 0).long()
+    surf = line(model, lambda out, t: F.binary_cross_entropy_with_logits(out[:, 0], t.float()),
+                (x, y), steps=3, progress=False)
+    assert np.isnan(surf.values["accuracy"]).all()
+
+
+def test_eigen_directions_use_the_grids_closure_and_mode():
+    """directions='eigen' guessed the loss convention from the data (a dict), so a closure on
+    tuple batches, or on a list of dict batches, raised where random directions worked."""
+    # closure=True: loss_fn is called as loss_fn(model, batch)
+    torch.manual_seed(0)
+    model = models.mlp()
+    x, y = models.classification_data()
+    batches = [{"x": x[:8], "y": y[:8]}, {"x": x[8:], "y": y[8:]}]
+
+    def closure(m, b):
+        return F.cross_entropy(m(b["x"]), b["y"])
+
+    surf = line(model, closure, batches, steps=3, directions="eigen", closure=True,
+                progress=False)
+    model.eval()
+    with torch.no_grad():
+        want = (closure(model, batches[0]) + closure(model, batches[1])) / 2
+    assert surf.values["loss"][1] == pytest.approx(float(want), rel=1e-6)
+    tuple_closure = line(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (x, y), steps=3,
+                         directions="eigen", closure=True, progress=False)
+    assert tuple_closure.values["loss"][1] == pytest.approx(
+        float(F.cross_entropy(model(x), y)), rel=1e-6)

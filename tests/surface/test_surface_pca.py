@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from landscape import LandscapeError
 from landscape.store import RunWriter
@@ -154,3 +155,27 @@ def test_project_recovers_coordinates_in_a_random_plane():
             pt[n] = center[n] + a * d1 + b * d2
         points.append(pt)
     np.testing.assert_allclose(project(points, dirs, center), coords, atol=1e-5)
+
+
+def test_trajectory_plane_takes_the_last_checkpoints_buffers_too(tmp_path):
+    """A fresh model as the architecture (as for interpolate): the centre mixed the last
+    checkpoint's weights with the fresh model's BatchNorm statistics."""
+    torch.manual_seed(0)
+
+    def net():
+        return nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+    x, y = torch.randn(64, 5) * 3 + 1, torch.randint(0, 3, (64,))
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    paths = []
+    for step in range(4):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        paths.append(tmp_path / f"c{step}.pt")
+        torch.save(model.state_dict(), paths[-1])
+    fresh = trajectory_plane(net(), F.cross_entropy, (x, y), paths, steps=3, progress=False)
+    at_last = trajectory_plane(model, F.cross_entropy, (x, y), paths, steps=3, progress=False)
+    np.testing.assert_allclose(fresh.values["loss"], at_last.values["loss"], rtol=1e-6)
