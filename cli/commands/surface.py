@@ -7,8 +7,10 @@ from click.core import ParameterSource
 from landscape_cli.app import cli, verbose_option
 from landscape_cli.options import (
     FiniteFloatRange,
+    Terminated,
     checkpoint_options,
     factory_options,
+    interruptible,
     load_inputs,
 )
 
@@ -89,25 +91,31 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
     common = {"writer": out, "name": label, "progress": not quiet}
     if closure is not None:  # dict batches: the grid calls closure(model, batch)
         loss_fn, common["closure"] = closure, True
-    with discard_if_empty(out):
-        if overwrite:
-            from landscape.store import RunWriter
+    try:
+        with discard_if_empty(out), interruptible():
+            if overwrite:
+                from landscape.store import RunWriter
 
-            RunWriter(out, mode="w").close()
-        if directions == "interpolate":
-            surf = surface.interpolate(model, states[0], states[1], loss_fn, data, steps,
-                                       **common)
-        elif directions == "pca":
-            surf = surface.trajectory_plane(model, loss_fn, data,
-                                            states, steps, **common)
-        else:
-            kind = "eigen" if directions == "eigen" else "random"
-            if dims == 1:
-                surf = surface.line(model, loss_fn, data, steps, span, directions=kind,
-                                    seed=seed, **common)
+                RunWriter(out, mode="w").close()
+            if directions == "interpolate":
+                surf = surface.interpolate(model, states[0], states[1], loss_fn, data, steps,
+                                           **common)
+            elif directions == "pca":
+                surf = surface.trajectory_plane(model, loss_fn, data,
+                                                states, steps, **common)
             else:
-                surf = surface.plane(model, loss_fn, data, steps, span, directions=kind,
-                                     seed=seed, **common)
+                kind = "eigen" if directions == "eigen" else "random"
+                if dims == 1:
+                    surf = surface.line(model, loss_fn, data, steps, span, directions=kind,
+                                        seed=seed, **common)
+                else:
+                    surf = surface.plane(model, loss_fn, data, steps, span, directions=kind,
+                                         seed=seed, **common)
+    except KeyboardInterrupt as err:  # as analyze: what is stored, and how to go on
+        signal_name, status = ("SIGTERM", 143) if isinstance(err, Terminated) else ("SIGINT", 130)
+        click.echo(f"interrupted ({signal_name}): {_stored_points(out, label)}; run the same "
+                   "command again to continue", err=True)
+        raise SystemExit(status) from None
     import numpy as np
 
     loss = np.asarray(surf.values["loss"], dtype=np.float64)
@@ -120,6 +128,18 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
         nan = f", {loss.size - finite.size} not finite" if finite.size < loss.size else ""
         click.echo(f"wrote surface {label!r} ({shape} points, loss {finite.min():.4g} to "
                    f"{finite.max():.4g}{nan}) to {out}")
+
+
+def _stored_points(out: str, label: str) -> str:
+    """How many points of surface ``label`` the file ``out`` holds, in words."""
+    try:
+        from landscape.store import Run
+
+        with Run.open(out) as run:
+            done = run.surface(label).done
+            return f"{int(done.sum())} of {done.size} points of surface {label!r} stored in {out}"
+    except Exception:
+        return "no point stored"
 
 
 def _given(ctx: click.Context, name: str) -> bool:

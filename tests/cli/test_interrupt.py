@@ -132,3 +132,42 @@ def test_rows_of_a_checkpoint_a_killed_process_left_unfinished_are_recomputed(tm
         assert list(run.steps("sharpness")) == [10, 20, 30]
         assert list(run.steps("top_eigenvalues")) == [10, 20, 30]
         assert run.series("top_eigenvalues", "eigenvalues")[1][1][0] != 9.0
+
+
+def _points(out: Path, name: str) -> int:
+    try:
+        with ls.Run.open(out) as run:
+            return int(run.surface(name).done.sum())
+    except Exception:  # not created yet, or being created
+        return 0
+
+
+def test_a_signal_during_surface_leaves_its_points_and_a_rerun_continues(tmp_path):
+    """`landscape surface` said click's 'Aborted!' with status 1 (SIGTERM killed it)."""
+    paths = _checkpoints(tmp_path, n=1)
+    out = tmp_path / "surface.h5"
+    args = ["surface", str(paths[0]), "--model", f"{tmp_path / 'slow.py'}:model", "--data",
+            f"{tmp_path / 'slow.py'}:data", "--dims", "1", "--steps", "41", "-o", str(out),
+            "-q"]
+    env = {**os.environ, "LANDSCAPE_TEST_SLOW": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen([sys.executable, "-m", "landscape_cli.main", *args], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300  # a guard against hanging, not a timing assertion
+        while _points(out, "random") < 1 and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert child.poll() is None, child.communicate()
+        child.send_signal(signal.SIGTERM)
+        _, stderr = child.communicate(timeout=300)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 143, stderr
+    assert "Traceback" not in stderr
+    last = [ln for ln in stderr.splitlines() if ln.strip()][-1]
+    assert last.startswith("interrupted (SIGTERM): ") and "of 41 points" in last
+    assert 1 <= _points(out, "random") < 41
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0, again.output
+    assert _points(out, "random") == 41
