@@ -205,6 +205,14 @@ class Collapse(_PenultimateMetric):
         if labels.shape[0] != feats.shape[0]:
             raise MissingInput("collapse: targets do not match the penultimate features")
         classifier: Any = resolve_module(ctx.model, str(self.layer))
+        weight = getattr(classifier, "weight", None)
+        n_out = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() >= 1 else None
+        if n_out is not None and labels.numel() and int(labels.max()) >= n_out:
+            raise MissingInput(
+                f"collapse: layer {self.layer!r} has {n_out} outputs but the labels reach "
+                f"{int(labels.max())}, so it is not the classifier (a head computed with "
+                "F.linear, e.g. tied to the embedding?); pass Collapse(layer=...) naming the "
+                "layer whose input is the penultimate representation")
         bias = None
         if _dist.is_sharded(getattr(classifier, "weight", None)):  # FSDP2: gather this layer
             b = getattr(classifier, "bias", None)

@@ -5,6 +5,7 @@ hand from the layer's input (float64)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -151,3 +152,25 @@ def test_setup_does_not_run_a_spectral_norm_power_iteration(tmp_path):
                     metrics=[ls.metrics.SpectralAlignment()]):
         assert torch.equal(model[2].parametrizations.weight[0]._u, u)  # was 1.2e-3 off
     assert model.training
+
+
+def test_collapse_says_when_the_last_linear_layer_is_not_the_classifier(tmp_path):
+    """A head computed with F.linear (tied to the embedding): the last nn.Linear is an MLP
+    layer, and the failure read 'labels must be < 12'."""
+
+    class TiedHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb = nn.Embedding(30, 8)
+            self.mlp = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 8))
+
+        def forward(self, x):
+            return F.linear(self.mlp(self.emb(x)), self.emb.weight)
+
+    x = torch.randint(0, 30, (16,), generator=torch.Generator().manual_seed(6))
+    y = (x + 1) % 30
+    with ls.Monitor(TiedHead(), F.cross_entropy, tmp_path / "run.h5", probe=(x, y),
+                    metrics=[ls.metrics.Collapse()], warn=False) as mon:
+        with pytest.warns(RuntimeWarning, match="it is not the classifier"):
+            mon.step(0, batch=(x, y))
