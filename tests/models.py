@@ -133,6 +133,30 @@ class MergingLoRA(nn.Linear):
         return out if self.merged else out + x @ (self.lora_b @ self.lora_a).T
 
 
+class CheckpointedMLP(nn.Module):
+    """``6 -> 16 -> tanh(16) -> 3`` whose middle block runs under reentrant activation
+    checkpointing when ``checkpointed`` (forward-mode AD cannot go through it: "must
+    override the setup_context staticmethod"); the same weights either way."""
+
+    def __init__(self, checkpointed: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.checkpointed = checkpointed
+        self.inp = nn.Linear(6, 16)
+        self.block = nn.Sequential(nn.Linear(16, 16), nn.Tanh())
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        if self.checkpointed:
+            from torch.utils.checkpoint import checkpoint
+
+            h = checkpoint(self.block, h, use_reentrant=True)
+        else:
+            h = self.block(h)
+        return self.head(h)
+
+
 def classification_data(n: int = 16, d_in: int = 6, n_classes: int = 3, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, d_in, generator=g), torch.randint(0, n_classes, (n,), generator=g)

@@ -71,6 +71,29 @@ def _committed(out: Path) -> int:
         return 0
 
 
+def _signal_when(args: list[str], ready, sig: int) -> tuple[int, str]:
+    """Run the CLI with ``args`` in a child process, send ``sig`` once ``ready()`` holds.
+
+    Returns:
+        The child's exit status and its stderr.
+    """
+    env = {**os.environ, "LANDSCAPE_TEST_SLOW": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen([sys.executable, "-m", "landscape_cli.main", *args], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300  # a guard against hanging, not a timing assertion
+        while not ready() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert child.poll() is None, child.communicate()
+        child.send_signal(sig)
+        _, stderr = child.communicate(timeout=300)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    return child.returncode, stderr
+
+
 @pytest.mark.parametrize(("sig", "status", "name"), [(signal.SIGINT, 130, "SIGINT"),
                                                      (signal.SIGTERM, 143, "SIGTERM")])
 def test_a_signal_leaves_every_finished_checkpoint_and_a_rerun_continues(tmp_path, sig, status,
@@ -80,21 +103,8 @@ def test_a_signal_leaves_every_finished_checkpoint_and_a_rerun_continues(tmp_pat
     args = ["analyze", *map(str, paths), "--model", f"{tmp_path / 'slow.py'}:model", "--data",
             f"{tmp_path / 'slow.py'}:data", "-m", "top_eigenvalues", "-m", "sharpness",
             "--lr", "0.1", "-o", str(out), "-q"]
-    env = {**os.environ, "LANDSCAPE_TEST_SLOW": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(ROOT)}
-    child = subprocess.Popen([sys.executable, "-m", "landscape_cli.main", *args], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 300  # a guard against hanging, not a timing assertion
-        while _committed(out) < 1 and child.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert child.poll() is None, child.communicate()
-        child.send_signal(sig)
-        _, stderr = child.communicate(timeout=300)
-    finally:
-        if child.poll() is None:
-            child.kill()
-    assert child.returncode == status, stderr
+    returncode, stderr = _signal_when(args, lambda: _committed(out) >= 1, sig)
+    assert returncode == status, stderr
     assert "Traceback" not in stderr
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
     assert lines[-1].startswith(f"interrupted ({name}): ")
@@ -149,21 +159,8 @@ def test_a_signal_during_surface_leaves_its_points_and_a_rerun_continues(tmp_pat
     args = ["surface", str(paths[0]), "--model", f"{tmp_path / 'slow.py'}:model", "--data",
             f"{tmp_path / 'slow.py'}:data", "--dims", "1", "--steps", "41", "-o", str(out),
             "-q"]
-    env = {**os.environ, "LANDSCAPE_TEST_SLOW": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(ROOT)}
-    child = subprocess.Popen([sys.executable, "-m", "landscape_cli.main", *args], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 300  # a guard against hanging, not a timing assertion
-        while _points(out, "random") < 1 and child.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert child.poll() is None, child.communicate()
-        child.send_signal(signal.SIGTERM)
-        _, stderr = child.communicate(timeout=300)
-    finally:
-        if child.poll() is None:
-            child.kill()
-    assert child.returncode == 143, stderr
+    returncode, stderr = _signal_when(args, lambda: _points(out, "random") >= 1, signal.SIGTERM)
+    assert returncode == 143, stderr
     assert "Traceback" not in stderr
     last = [ln for ln in stderr.splitlines() if ln.strip()][-1]
     assert last.startswith("interrupted (SIGTERM): ") and "of 41 points" in last

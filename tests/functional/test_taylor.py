@@ -291,32 +291,9 @@ def test_low_precision_logits_are_computed_in_float64():
         assert float(res.rho_a) == pytest.approx(math.pi / 4)
 
 
-class _CheckpointedMLP(nn.Module):
-    """A tanh MLP whose middle block runs under reentrant activation checkpointing, which
-    forward-mode AD cannot go through ("must override the setup_context staticmethod")."""
-
-    def __init__(self, checkpointed: bool):
-        super().__init__()
-        torch.manual_seed(0)
-        self.checkpointed = checkpointed
-        self.inp = nn.Linear(6, 16)
-        self.block = nn.Sequential(nn.Linear(16, 16), nn.Tanh())
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x):
-        h = self.inp(x)
-        if self.checkpointed:
-            from torch.utils.checkpoint import checkpoint
-
-            h = checkpoint(self.block, h, use_reentrant=True)
-        else:
-            h = self.block(h)
-        return self.head(h)
-
-
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-8), (torch.float32, 1e-3)])
 def test_derivatives_through_reentrant_checkpointing_come_from_a_central_difference(dtype, rtol):
-    plain, ckpt = _CheckpointedMLP(False).to(dtype), _CheckpointedMLP(True).to(dtype)
+    plain, ckpt = models.CheckpointedMLP(False).to(dtype), models.CheckpointedMLP(True).to(dtype)
     x, _ = models.classification_data(n=10)
     x = x.to(dtype)
     v = _direction(plain)

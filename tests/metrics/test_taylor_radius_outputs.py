@@ -16,6 +16,7 @@ from landscape.capture import first_tensor
 from landscape.functional import directional_logit_derivatives
 from landscape.isolation import isolated
 from landscape.metrics.training import radius_along
+from tests import models
 
 
 class _Net(nn.Module):
@@ -149,32 +150,12 @@ def test_taylor_radius_metric_on_a_hugging_face_causal_lm(keywords):
     assert got == pytest.approx(float(want.r), rel=1e-5)
 
 
-class _Checkpointed(nn.Module):
-    def __init__(self, checkpointed):
-        super().__init__()
-        torch.manual_seed(0)
-        self.checkpointed = checkpointed
-        self.inp = nn.Linear(6, 16)
-        self.block = nn.Sequential(nn.Linear(16, 16), nn.Tanh())
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x):
-        h = self.inp(x)
-        if self.checkpointed:
-            from torch.utils.checkpoint import checkpoint
-
-            h = checkpoint(self.block, h, use_reentrant=True)
-        else:
-            h = self.block(h)
-        return self.head(h)
-
-
 def test_radius_along_through_reentrant_checkpointing_by_a_central_difference():
     """torch.func.jvp refuses reentrant checkpointing ("must override setup_context"): the
     logit tangent comes from a central difference of the logits instead."""
     x = torch.randn(32, 6, generator=torch.Generator().manual_seed(0))
     y = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(2))
-    plain, ckpt = _Checkpointed(False), _Checkpointed(True)
+    plain, ckpt = models.CheckpointedMLP(False), models.CheckpointedMLP(True)
     at, step = _step(plain)
     want = radius_along(_ctx(plain), x, y, at, step)
     with isolated(ckpt):
