@@ -20,7 +20,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from landscape._errors import InstabilityWarning, LandscapeError, RunFileError, StepOrderError
+from landscape._errors import (
+    InstabilityWarning,
+    LandscapeError,
+    RuleError,
+    RunFileError,
+    StepOrderError,
+)
 from landscape._version import __version__
 from landscape.findings import Finding
 from landscape.schedules import at, every, logspace
@@ -63,6 +69,7 @@ __all__ = [
     # errors and warnings
     "InstabilityWarning",
     "LandscapeError",
+    "RuleError",
     "RunFileError",
     "StepOrderError",
     "__version__",

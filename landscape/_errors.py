@@ -20,6 +20,14 @@ class StepOrderError(LandscapeError):
     """A step was appended that does not come after the last committed step."""
 
 
+class RuleError(LandscapeError):
+    """An alarm rule raised (strict evaluation: offline ``check``, ``Monitor(strict=True)``).
+
+    The message names the rule, the metric and the step; the rule's own exception is the
+    ``__cause__``.
+    """
+
+
 class InstabilityWarning(UserWarning):
     """A training-instability finding raised online by the monitor."""
 

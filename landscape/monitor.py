@@ -122,7 +122,9 @@ def _check_names(metrics: Sequence[Metric]) -> None:
             raise ValueError(f"{type(m).__name__}: the metric name {m.name!r} is reserved for "
                              f"the monitor's own /metrics/{m.name} table; choose another name")
         owner = _REGISTRY.get(m.name)
-        if owner is not None and not isinstance(m, owner):
+        same = owner is not None and (owner.__module__, owner.__qualname__) == (
+            type(m).__module__, type(m).__qualname__)  # the class re-run in a notebook
+        if owner is not None and not isinstance(m, owner) and not same:
             warnings.warn(
                 f"landscape: {type(m).__name__} is named {m.name!r}, the name of "
                 f"{owner.__module__}.{owner.__qualname__}: its rows go to /metrics/{m.name} "

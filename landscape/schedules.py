@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import re
 from dataclasses import dataclass
 from typing import Iterable
@@ -78,11 +79,14 @@ class Never(Schedule):
 
 def _whole(name: str, value: object) -> int:
     """``value`` as an int; a bool or a fractional number is a ``ValueError``."""
-    whole = isinstance(value, numbers.Integral) or (
-        isinstance(value, numbers.Real) and float(value).is_integer())
-    if isinstance(value, bool) or not whole:
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
-    return int(value)  # type: ignore[arg-type]
+    if not isinstance(value, bool):
+        try:  # int, numpy and torch integers (a 0-d integer tensor of at(torch.arange(...)))
+            return operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            pass
+        if isinstance(value, numbers.Real) and float(value).is_integer():
+            return int(value)
+    raise ValueError(f"{name} must be a whole number, got {value!r}")
 
 
 def every(n: int, start: int = 0) -> Every:

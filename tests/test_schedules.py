@@ -60,3 +60,10 @@ def test_whole_numbers_of_any_kind_and_one_step_alone():
     assert S.parse(np.int64(5)) == S.every(5)  # was refused while 5 was accepted
     assert S.every(4.0) == S.every(4)
     assert S.at(5) == S.at([5])  # was 'int' object is not iterable
+
+
+def test_torch_integers_are_whole_numbers_too():
+    import torch
+
+    assert S.every(torch.tensor(5)) == S.every(5)
+    assert S.at(torch.arange(0, 30, 10)) == S.at([0, 10, 20])

@@ -86,7 +86,10 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
         load_state_into(model, c)
         check_loss(model, loss_fn, batches, c, closure)
         if directions in _FIXED_GRID:
-            states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+            # on the host, as the checkpoints are: T copies of the model on the device
+            # would not fit (pca reads every checkpoint; the grid moves the centre back)
+            states.append({k: v.detach().to('cpu', copy=True)
+                           for k, v in model.state_dict().items()})
     label = name or directions
     common = {"writer": out, "name": label, "progress": not quiet}
     if closure is not None:  # dict batches: the grid calls closure(model, batch)

@@ -182,7 +182,8 @@ class Rule:
         _check_positive_int("rearm", self.rearm)
         if isinstance(self.metrics, str):
             raise ValueError("metrics must be a sequence of metric names, not a string")
-        self.metrics = tuple(self.metrics)
+        if not isinstance(self.metrics, tuple):  # a frozen dataclass or a property: leave it
+            self.metrics = tuple(self.metrics)
         if not self.metrics or not all(isinstance(m, str) and m for m in self.metrics):
             raise ValueError(f"metrics must be non-empty metric names, got {self.metrics!r}")
 

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from landscape._errors import StepOrderError
+from landscape._errors import RuleError, StepOrderError
 from landscape.alarms.base import EpisodeTracker, Rule, Value, _finding_order
 from landscape.alarms.curvature_rules import EdgeOfStability, TaylorRatio
 from landscape.alarms.forecast_rules import SharpnessForecast, TaylorForecast
@@ -153,9 +153,10 @@ class OnlineAlarms:
 
     Args:
         rules: the rules to evaluate (default: :func:`default_rules`); a single rule works.
-        strict: re-raise an exception of a rule (default). With ``False`` (the monitor's
-            default) a rule that raises warns once and is switched off for that metric:
-            a diagnostic never stops training.
+        strict: a rule that raises (in ``evaluator`` or on a row) raises
+            :class:`~landscape.RuleError` naming the rule, the metric and the step (default;
+            offline :func:`check`). With ``False`` (the monitor's default) it warns once and
+            is switched off for that metric: a diagnostic never stops training.
 
     Raises:
         ValueError: an item of ``rules`` is not a :class:`Rule`, two rules share a name, or
@@ -223,6 +224,7 @@ class OnlineAlarms:
 
         Raises:
             StepOrderError: ``step`` does not come after the metric's last step.
+            RuleError: a rule raised, with ``strict``.
             ValueError: ``values`` is not a mapping.
         """
         watchers = self._watchers.get(name)
@@ -238,7 +240,12 @@ class OnlineAlarms:
         streams = self._streams.get(name)
         if streams is None:
             params = self._params.get(name, {})
-            streams = [EpisodeTracker(rule, name, params) for rule in watchers]
+            streams = []
+            for rule in watchers:
+                try:  # a rule's evaluator(metric, params) is the user's code too
+                    streams.append(EpisodeTracker(rule, name, params))
+                except Exception as err:
+                    self._failed(rule, name, step, err)
             self._streams[name] = streams
         row = _as_row(values)
         out = []
@@ -248,19 +255,26 @@ class OnlineAlarms:
             try:
                 found = s.observe(step, row)
             except Exception as err:
-                if self.strict:
-                    raise
                 s.failed = True
-                warnings.warn(
-                    f"landscape: alarm rule {s.rule.name!r} failed on metric {name!r} at step "
-                    f"{step} and is switched off for it: {type(err).__name__}: {err}",
-                    RuntimeWarning, stacklevel=2)
+                self._failed(s.rule, name, step, err)
                 continue
             if found is not None:
                 out.append(found)
         out.sort(key=_finding_order)
         self.findings.extend(out)
         return out
+
+    def _failed(self, rule: Rule, name: str, step: int, err: Exception) -> None:
+        """``rule`` raised on metric ``name``: :class:`RuleError` when strict.
+
+        Else a warning; the caller switches the rule off for that metric.
+        """
+        what = (f"alarm rule {rule.name!r} raised {type(err).__name__} on metric {name!r} at "
+                f"step {step}: {err}")
+        if self.strict:
+            raise RuleError(what) from err
+        warnings.warn(f"landscape: {what}; it is switched off for that metric",
+                      RuntimeWarning, stacklevel=3)
 
     def replay(self, run: Any) -> list[Finding]:
         """Feed every committed row of a run.

@@ -103,9 +103,19 @@ def top_singular_vector(
     nv = v.norm()
     if not nv > 0:
         raise ValueError("init must be a non-zero vector")
+    if not bool(torch.isfinite(w).all()):  # a diverged layer: no v_1 (Lanczos would return one)
+        reason = fail("non_finite", "weight is not finite", strict)
+        nan_v = torch.full_like(v, math.nan)
+        nan_u = torch.full((w.shape[0],), math.nan, dtype=w.dtype, device=w.device)
+        return TopSingularResult(torch.tensor(math.nan, dtype=w.dtype, device=w.device),
+                                 nan_u, nan_v, 0, False, reason)
     from landscape.curvature.lanczos import krylov_eigsh
 
-    found = krylov_eigsh(lambda x: w.T @ (w @ x), v / nv, k=1, tol=tol,
+    # W^T W squares the entries: scaled to max |w| = 1 it neither overflows nor underflows
+    # (weights outside ~[1e-11, 1e8] stopped after one product at a wrong v_1, "converged")
+    scale = w.abs().max()
+    ws = w / scale if scale > 0 else w
+    found = krylov_eigsh(lambda x: ws.T @ (ws @ x), v / nv, k=1, tol=tol,
                          max_matvec=max_iter, generator=generator)
     assert found.largest is not None
     v = found.largest[1][0].to(w.dtype)
@@ -218,11 +228,11 @@ def spectral_alignment(
             is gathered, this one weight only (:func:`landscape.distributed.full_tensor`;
             every rank of its mesh must call).
         inputs: (..., d_in) layer inputs; every leading index is a token.
-        init: warm start for the power iteration (the previous call's ``v``).
-        v: use this top right singular vector as is (skips the power iteration).
-        max_iter: power-iteration steps at most (:func:`top_singular_vector`; a loop on
-            the weight matrix, not a curvature product, hence not ``max_matvec``).
-        tol: the power iteration's stopping tolerance.
+        init: warm start for the Lanczos solver (the previous call's ``v``).
+        v: use this top right singular vector as is (skips the solver).
+        max_iter: products with W^T W at most (:func:`top_singular_vector`; products with
+            the weight matrix, not curvature products, hence not ``max_matvec``).
+        tol: the solver's relative residual tolerance (:func:`top_singular_vector`).
         strict: raise instead of returning NaN with a ``reason``.
 
     Returns:
@@ -263,7 +273,7 @@ def spectral_alignment(
         summary = {k: nan for k in summary}
     if reason is None and bool(torch.isnan(summary["minority_fraction"])):
         reason = fail("zero_inputs", "no input has a non-zero cosine", strict)
-    if reason == "zero_matrix":
+    if reason in ("zero_matrix", "non_finite"):
         cos = torch.full_like(cos, math.nan)
         nan = torch.tensor(math.nan, dtype=torch.float64, device=x.device)
         summary = {k: nan for k in summary}

@@ -284,12 +284,24 @@ def logit_tangent(
     Returns:
         The logits and the tangent ``J p``, in the logits' dtype.
     """
+    # the difference's three forwards draw the noise the JVP's one forward drew (dropout
+    # with eval_mode=False; the failed JVP drew it too): else the difference of two masks,
+    # over 2 eps, is the tangent
+    cpu = torch.get_rng_state()
+    devices = sorted({t.device.index or 0 for t in at.values() if t.device.type == "cuda"})
+    cuda = [torch.cuda.get_rng_state(d) for d in devices]
+
+    def rewind() -> None:
+        torch.set_rng_state(cpu)
+        for d, state in zip(devices, cuda):
+            torch.cuda.set_rng_state(state, d)
+
     try:
         with sdpa_math():
             return torch.func.jvp(logits_of, (dict(at),), (dict(direction),))
     except Exception as err:  # no forward-mode AD through the model
         try:
-            return _central_difference(logits_of, at, direction)
+            return _central_difference(logits_of, at, direction, rewind)
         except Exception:
             raise err from None
 
@@ -298,8 +310,12 @@ def _central_difference(
     logits_of: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
     at: Mapping[str, torch.Tensor],
     direction: Mapping[str, torch.Tensor],
+    rewind: Callable[[], None],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`logit_tangent` by a central difference (its docstring); the model untouched."""
+    """:func:`logit_tangent` by a central difference (its docstring); the model untouched.
+
+    ``rewind()`` puts the RNG back before each forward, so all three draw the same noise.
+    """
     from landscape.curvature._step import step_size
 
     base = {k: t.detach() for k, t in at.items()}
@@ -309,6 +325,7 @@ def _central_difference(
         if v_norm > 0 else 0.0
 
     def logits_at(alpha: float) -> torch.Tensor:
+        rewind()
         moved = base if alpha == 0.0 else {
             k: (b.double() + alpha * step[k].double()).to(b.dtype) for k, b in base.items()}
         with torch.no_grad(), warnings.catch_warnings():

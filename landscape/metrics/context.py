@@ -3,7 +3,7 @@
 Several metrics due at the same step share one computation of each expensive piece: one
 forward pass per data source capturing every requested layer, one curvature operator and
 one Lanczos run per (data source, preconditioning), the gradient the user's backward left
-in ``.grad``. State that must survive between steps (Lanczos and power-iteration warm
+in ``.grad``. State that must survive between steps (Lanczos warm
 starts) lives in ``state``, a dict owned by the monitor.
 
 Everything here runs inside :func:`landscape.isolation.isolated` (entered by the monitor):

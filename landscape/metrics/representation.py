@@ -70,7 +70,7 @@ class SpectralAlignment(Metric):
     The cosines are taken with the top right singular vector of each layer's weight
     (definition in docs/metrics.md, spectral alignment). One row holds, per monitored
     layer, the minority sign fraction (0 = sign collapse), the sign entropy and the mean
-    |cos|. Power iterations are warm-started across steps. Formerly
+    |cos|. The Lanczos solver of v_1 is warm-started across steps. Formerly
     ``SpectralAlignmentMetric``.
 
     Args:

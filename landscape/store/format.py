@@ -146,7 +146,10 @@ def _encode(value: Any, spec: FieldSpec) -> np.ndarray:
             raw = raw[: width - 3].decode("utf-8", "ignore").encode("utf-8") + b"..."
         return np.asarray(raw, dtype=spec.dtype)
     if hasattr(value, "detach"):  # torch tensor, without importing torch here
-        value = value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":  # NumPy has no bfloat16
+            value = value.float()
+        value = value.numpy()
     arr = np.asarray(value, dtype=spec.dtype)
     if arr.shape != spec.shape:
         if arr.size == math.prod(spec.shape):

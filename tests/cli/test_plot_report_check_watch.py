@@ -633,6 +633,15 @@ class LossAbove(Rule):
 
 RULES = [LossAbove(), LossSpike(z=1e9)]  # the second replaces the built-in loss_spike
 NOT_RULES = 42
+
+
+@dataclass
+class Broken(Rule):
+    metrics: tuple = ("loss",)
+    name: str = "broken"
+
+    def evaluate(self, metric, row):
+        return 1 / 0
 '''
 
 
@@ -657,10 +666,12 @@ def test_check_report_and_plot_evaluate_the_users_rules(runner, tmp_path):
     out = runner.invoke(cli, ["plot", str(run), "-m", "loss", "-o", str(tmp_path / "l.png"),
                               "--rules", f"{rules}:LossAbove"])  # a class: its defaults
     assert out.exit_code == 0, out.output
-    # one line and exit 2 for a spec that names no rules
+    # one line and exit 2 for a spec that names no rules, or a rule that raises (a gate
+    # must not read a crash as a finding: the traceback exited 1)
     for spec, message in [(f"{rules}:NOT_RULES", "expected a Rule"),
                           (f"{rules}:MISSING", "has no attribute"),
-                          (str(tmp_path / "nowhere.py:RULES"), "not found")]:
+                          (str(tmp_path / "nowhere.py:RULES"), "not found"),
+                          (f"{rules}:Broken", "'broken' raised ZeroDivisionError on metric")]:
         bad = runner.invoke(cli, ["check", str(run), "--rules", spec])
         assert bad.exit_code == 2, bad.output
         assert message in bad.output and "Traceback" not in bad.output

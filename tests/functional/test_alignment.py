@@ -216,3 +216,24 @@ def test_summary_and_as_dict():
     assert set(s) == {*SUMMARY, "sigma"} and all(isinstance(x, float) for x in s.values())
     d = res.as_dict()
     assert isinstance(d["minority_fraction"], float) and d["cosines"].shape == (2,)
+
+
+def test_a_non_finite_weight_has_no_top_singular_vector():
+    """Lanczos returned a finite v for W with an inf entry (minority 0.433, no reason)."""
+    w = torch.randn(6, 9, generator=torch.Generator().manual_seed(0))
+    w[3, 4] = math.inf
+    top = top_singular_vector(w)
+    assert top.reason == "non_finite" and torch.isnan(top.v).all()
+    res = spectral_alignment(w, torch.randn(10, 9))
+    assert res.reason == "non_finite" and math.isnan(float(res.minority_fraction))
+
+
+@pytest.mark.parametrize("scale", [1e-14, 1e-8, 1e6, 1e12])
+def test_tiny_and_huge_weights_get_their_top_singular_vector(scale):
+    """W^T W under- or overflowed in float32: one product, 'converged', sigma 40 % off."""
+    w = torch.randn(32, 16, generator=torch.Generator().manual_seed(1)) * scale
+    top = top_singular_vector(w)
+    _, s, vh = torch.linalg.svd(w.double())
+    assert top.converged
+    assert float(top.sigma) == pytest.approx(float(s[0]), rel=1e-4)
+    assert float((top.v.double() @ vh[0]).abs()) == pytest.approx(1.0, abs=1e-4)

@@ -81,15 +81,46 @@ class _Buggy(Rule):
 
 def test_a_rule_that_raises_is_switched_off_with_one_warning(tmp_path):
     rules = [*default_rules(), _Buggy()]
-    with pytest.warns(RuntimeWarning, match="alarm rule 'buggy' failed") as caught:
+    with pytest.warns(RuntimeWarning, match="alarm rule 'buggy' raised KeyError") as caught:
         _, trained = _train(tmp_path / "run.h5", ["loss"], steps=4, alarms=rules)
     assert sum("buggy" in str(w.message) for w in caught) == 1  # once, then off
     _, plain = _train(None, ["loss"], steps=4)
     assert all(torch.equal(a, b) for a, b in zip(trained, plain))
-    with pytest.raises(KeyError, match="no_such_field"):
+    with pytest.raises(ls.RuleError, match="'buggy' raised KeyError on metric 'loss' at step 0"):
         _train(tmp_path / "strict.h5", ["loss"], alarms=rules, strict=True)
-    with pytest.raises(KeyError):  # offline evaluation is strict by default
+    with pytest.raises(ls.RuleError, match="no_such_field"):  # offline: strict by default
         OnlineAlarms([_Buggy()]).observe("loss", 0, {"value": 1.0})
+
+
+class _BuggyEvaluator(Rule):
+    metrics = ("loss",)
+    name = "buggy_evaluator"
+
+    def evaluator(self, metric, params):
+        return undefined_name  # noqa: F821 - the user's bug
+
+
+def test_a_rule_whose_evaluator_raises_is_switched_off_too(tmp_path):
+    """evaluator(metric, params) ran outside the guard: a NameError out of mon.step."""
+    with pytest.warns(RuntimeWarning, match="'buggy_evaluator' raised NameError"):
+        _, trained = _train(tmp_path / "run.h5", ["loss"], steps=3,
+                            alarms=[*default_rules(), _BuggyEvaluator()])
+    _, plain = _train(None, ["loss"], steps=3)
+    assert all(torch.equal(a, b) for a, b in zip(trained, plain))
+
+
+@dataclass(frozen=True)
+class _Frozen(Rule):
+    metrics: tuple = ("loss",)
+    name: str = "frozen"
+
+    def evaluate(self, metric, row):
+        return None
+
+
+def test_a_frozen_dataclass_rule_is_accepted():
+    """The validation assigned rule.metrics: FrozenInstanceError at start()."""
+    assert OnlineAlarms([_Frozen()]).rules[0].metrics == ("loss",)
 
 
 def test_a_trigger_checks_its_severity_and_numbers():
@@ -211,3 +242,45 @@ def test_a_data_loader_or_an_iterator_as_the_probe_is_refused_at_once():
         with pytest.raises(ValueError, match="fixed batch or a list of batches"):
             ls.Monitor(models.mlp(), F.cross_entropy, probe=probe)
     ls.Monitor(models.mlp(), F.cross_entropy, probe=[(x, y), (x, y)])  # a list is fine
+
+
+def test_an_instance_of_a_registered_class_defined_again_does_not_warn():
+    """A notebook cell re-run: the old instance's class is not the registered one, but the
+    same module and name (register() replaces it): no 'is named ..., the name of' warning."""
+    from landscape.metrics.base import _REGISTRY
+
+    def define():
+        @ls.metrics.register
+        class CellMetric(Metric):
+            name = "cell_metric_for_test"
+            FIELDS = ("value",)
+
+            def compute(self, ctx):
+                return {"value": 0.0}
+
+        return CellMetric
+
+    try:
+        old = define()()
+        define()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            ls.Monitor(models.mlp(), F.cross_entropy, metrics=[old])
+    finally:
+        _REGISTRY.pop("cell_metric_for_test", None)
+
+
+def test_a_bfloat16_tensor_in_a_row_is_stored():
+    """NumPy has no bfloat16: the row was a metric_failed 'does not fit its fields()'."""
+
+    class Half(Metric):
+        name = "half"
+        FIELDS = ("value",)
+
+        def compute(self, ctx):
+            return {"value": torch.tensor(1.5, dtype=torch.bfloat16)}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        mon, _ = _train(None, [Half()], steps=1)
+    assert mon.run().series("half", "value")[1].tolist() == [1.5]
