@@ -96,7 +96,8 @@ def every(n: int, start: int = 0) -> Every:
 
 def at(steps: Iterable[int] | int) -> At:
     """At the given steps (one step may be given alone: ``at(5)``)."""
-    if isinstance(steps, numbers.Integral):
+    if isinstance(steps, numbers.Number) or not hasattr(steps, "__iter__") or (
+            getattr(steps, "ndim", None) == 0):  # one step: 5, 5.0, a 0-d tensor
         steps = [steps]
     return At(frozenset(_whole("at(...): a step", s) for s in steps))
 

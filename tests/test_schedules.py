@@ -67,3 +67,4 @@ def test_torch_integers_are_whole_numbers_too():
 
     assert S.every(torch.tensor(5)) == S.every(5)
     assert S.at(torch.arange(0, 30, 10)) == S.at([0, 10, 20])
+    assert S.at(torch.tensor(3)) == S.at(3.0) == S.at([3])  # one step alone, any kind
