@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from landscape import StepOrderError
+from landscape import RuleError, StepOrderError
 from landscape.alarms import (
     RULES,
     SKIP,
@@ -327,7 +327,7 @@ def test_rolling_median_and_mad_match_numpy(size, values):
         assert mad == pytest.approx(np.median(np.abs(a - np.median(a))), abs=1e-12)
 
 
-def test_a_rule_returning_garbage_is_a_type_error():
+def test_a_rule_returning_garbage_is_a_rule_error_naming_the_type_error():
     @dataclass
     class Broken(Rule):
         metrics: tuple = ("loss",)
@@ -336,7 +336,7 @@ def test_a_rule_returning_garbage_is_a_type_error():
         def evaluate(self, metric, row):
             return True
 
-    with pytest.raises(TypeError, match="expected a Trigger, None or SKIP"):
+    with pytest.raises(RuleError, match=r"raised TypeError.*expected a Trigger, None or SKIP"):
         OnlineAlarms([Broken()]).observe("loss", 0, {"value": 1.0})
 
 
