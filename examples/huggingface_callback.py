@@ -7,9 +7,9 @@ towards the chain's entropy rate. The callback records the ``standard`` preset i
 gradient norm, update size and the logits of the LM head every step or ten; the Hessian
 spectrum, sharpness (preconditioned, against AdamW's threshold) and trace on a held-out
 probe batch every 50 or 100 steps, through the default closure ``model(**batch).loss``.
-Metrics that need ``(inputs, targets)`` classification batches or ``nn.Linear`` layers
-(``taylor_radius``, ``spectral_alignment``, ``collapse``) are left out: GPT-2's blocks use
-``Conv1D`` and its loss is computed inside the model.
+``taylor_radius``, ``spectral_alignment`` and ``collapse`` are left out to keep the run
+short (GPT-2's blocks use ``Conv1D``, so spectral alignment would see only ``lm_head``); all
+three work on Hugging Face models (docs/integrations.md).
 
     python examples/huggingface_callback.py --out hf-run      # 200 steps, minutes on CPU
     python examples/huggingface_callback.py --small           # seconds (CI smoke test)

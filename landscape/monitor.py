@@ -668,13 +668,15 @@ class Monitor:
         scope = contextlib.nullcontext() if self._distributed else _dist.local()
         with scope, isolated(self.model):
             for m in due:
-                row = self._compute(m, ctx)
+                row, measured = self._compute(m, ctx)
                 if self._sharded:  # FSDP2 keeps the root's gathered copy after a forward
                     _dist.reshard(self.model)
-                row = self._append(m, ctx, row)
+                row, measured = self._append(m, ctx, row, measured)
                 if self.mirrors:
                     self._mirror("on_row", m.name, step, row)
-                if self._alarms is not None:
+                # a metric that failed (no loss given, a missing input) wrote NaN for "not
+                # measured": the rules must not read it as a NaN the training produced
+                if self._alarms is not None and measured:
                     found.extend(self._alarms.observe(m.name, step, row))
                 if m.name == "sentinels" and self.adaptive:
                     r = float(row.get("r_secant", math.nan))
@@ -781,11 +783,19 @@ class Monitor:
         _log.info("landscape: resuming with the probe stored in the run file")
         return True
 
-    def _compute(self, metric: Metric, ctx: StepContext) -> dict[str, Any]:
+    def _compute(self, metric: Metric, ctx: StepContext) -> tuple[dict[str, Any], bool]:
+        """``metric``'s row, and whether it is a measurement for the alarm rules.
+
+        A metric that raises gives a row of NaN (with the fields it measured, for a
+        :class:`~landscape._errors.PartialRow`) and one ``metric_failed`` finding; that
+        row is no measurement. A step the optimizer hooks could not see (started inside
+        ``step()``, a skipped step) gives NaN for the fields that need the update, without
+        a finding, and counts as a row.
+        """
         start = time.perf_counter()
         partial = None
         try:
-            return dict(metric.compute(ctx))
+            return dict(metric.compute(ctx)), True
         except Exception as caught:  # a diagnostic never stops training unless strict
             err = caught
             if isinstance(caught, PartialRow):  # some fields measured: keep them
@@ -800,11 +810,13 @@ class Monitor:
             if not missed:
                 self._record_failure(metric, ctx.step, err, ctx.loss)
             nan = _nan_row(metric)
-            return nan if partial is None else {**nan, **partial}
+            return (nan, missed) if partial is None else ({**nan, **partial}, True)
         finally:
             self.timings[metric.name] += time.perf_counter() - start
 
-    def _append(self, metric: Metric, ctx: StepContext, row: dict[str, Any]) -> dict[str, Any]:
+    def _append(
+        self, metric: Metric, ctx: StepContext, row: dict[str, Any], measured: bool
+    ) -> tuple[dict[str, Any], bool]:
         """Write ``row``; a row that does not fit ``metric.fields()`` is the metric's failure.
 
         The writer checks the whole row before it keeps any of it, so a custom metric that
@@ -813,12 +825,12 @@ class Monitor:
         ``metric_failed`` finding (``strict=True`` raises), and training goes on.
 
         Returns:
-            The row written.
+            The row written, and ``measured`` (False for the NaN row of a failure).
         """
         assert self.writer is not None
         try:
             self.writer.append(metric.name, ctx.step, row)
-            return row
+            return row, measured
         except (ValueError, TypeError) as caught:
             if isinstance(caught, StepOrderError):
                 raise
@@ -829,7 +841,7 @@ class Monitor:
         self._record_failure(metric, ctx.step, err, ctx.loss)
         nan = _nan_row(metric)
         self.writer.append(metric.name, ctx.step, nan)
-        return nan
+        return nan, False
 
     def _record_failure(
         self, metric: Metric, step: int, err: Exception, loss: Any = None
@@ -849,6 +861,8 @@ class Monitor:
         assert self.writer is not None
         self.writer.add_finding(finding)
         self._mirror("on_finding", finding)
+        if self.on_finding is not None:  # called for every finding as it is raised
+            self.on_finding(finding)
 
     def _emit(self, finding: Finding) -> Finding:
         self.findings.append(finding)

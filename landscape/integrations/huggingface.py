@@ -46,6 +46,7 @@ Training is not changed: the hook only keeps references to tensors the Trainer a
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -90,6 +91,9 @@ def model_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
             "or loss_fn= to LandscapeTrainerCallback"
         )
     return loss
+
+
+model_loss.loss_of_model_output = True  # type: ignore[attr-defined]  # a plain forward suffices for captures
 
 
 class OutputEmbeddingLogits(Logits):
@@ -243,6 +247,13 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         self._reset_step()
         self._recorded = int(state.global_step) - 1
         self._hook = model.register_forward_hook(self._record, with_kwargs=True)
+        if getattr(args, "label_smoothing_factor", 0) and any(
+                m.name == "loss" for m in self.monitor.metrics):
+            warnings.warn(
+                "landscape: with label_smoothing_factor the Trainer computes the loss outside "
+                "the model (outputs.loss is None), so the callback cannot read it: call "
+                "callback.record_loss(loss) from a compute_loss override, or the 'loss' rows "
+                "are NaN", RuntimeWarning, stacklevel=2)
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Record the step that the optimizer just took."""

@@ -264,7 +264,14 @@ class StepContext:
         Returns:
             The flattened targets.
         """
-        return torch.cat([split_batch(b)[1].reshape(-1) for b in self.batches(source)])
+        parts = []
+        for b in self.batches(source):
+            t = batch_targets(b)  # (inputs, targets), or a keyword batch's labels
+            if not isinstance(t, torch.Tensor):
+                split_batch(b)  # raises MissingInput with the usual message
+                raise MissingInput(f"this metric needs integer targets; the {source} has none")
+            parts.append(t.reshape(-1))
+        return torch.cat(parts)
 
     def given_targets(self, source: str) -> Any:
         """The targets of ``source`` as given (:func:`batch_targets`), or None.
@@ -345,7 +352,10 @@ class StepContext:
     # -- the shared forward pass
 
     def _forward(self, batch: Any, params: dict[str, torch.Tensor]) -> Any:
-        if self.closure is not None:
+        # a closure that only computes model(**batch).loss (the Hugging Face callback's
+        # default) is not needed for a forward pass, and fails on a batch without labels
+        forward_only = getattr(self.closure, "loss_of_model_output", False)
+        if self.closure is not None and not (forward_only and keyword_batch(batch)):
             return stateless_closure(self.model, self.closure, params, batch)
         if keyword_batch(batch):  # the Hugging Face convention: model(**batch)
             try:

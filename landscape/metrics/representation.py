@@ -19,7 +19,7 @@ from landscape._errors import MissingInput
 from landscape._hf import is_causal_lm
 from landscape.capture import last_linear, linear_layers, resolve_module
 from landscape.metrics.base import Metric, register
-from landscape.metrics.context import StepContext, split_batch
+from landscape.metrics.context import StepContext, batch_targets, keyword_batch, split_batch
 from landscape.schedules import every
 
 __all__ = ["Collapse", "Representation", "SpectralAlignment"]
@@ -230,7 +230,8 @@ class Collapse(_PenultimateMetric):
         """Features of positions 0..T-2 and the tokens 1..T-1 they predict (no padding)."""
         self.features(ctx)  # the capture, and its error when the layer was not called
         raw = ctx.captured(self.data).inputs[str(self.layer)]
-        labels = torch.cat([split_batch(b)[1] for b in ctx.batches(self.data)])
+        labels = torch.cat([batch_targets(b) if keyword_batch(b) and "labels" in b
+                            else split_batch(b)[1] for b in ctx.batches(self.data)])
         if raw.dim() != 3 or labels.shape != raw.shape[:2]:
             raise MissingInput("collapse: labels do not match the (batch, position) features")
         feats = raw[:, :-1].reshape(-1, raw.shape[-1])

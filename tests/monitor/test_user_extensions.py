@@ -284,3 +284,23 @@ def test_a_bfloat16_tensor_in_a_row_is_stored():
         warnings.simplefilter("error", RuntimeWarning)
         mon, _ = _train(None, [Half()], steps=1)
     assert mon.run().series("half", "value")[1].tolist() == [1.5]
+
+
+def test_a_step_without_its_loss_is_no_nan_loss_and_every_finding_is_called_back(tmp_path):
+    """The failed loss metric's NaN row reached the rules: a 'training loss is nan' error.
+    And on_finding never saw metric_failed findings."""
+    seen = []
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = models.classification_data()
+    with ls.Monitor(model, F.cross_entropy, tmp_path / "run.h5", optimizer=opt,
+                    on_finding=seen.append, warn=False) as mon:
+        for step in range(3):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with pytest.warns(RuntimeWarning) if step == 0 else warnings.catch_warnings():
+                mon.step(step, batch=(x, y))  # no loss=
+    assert [(f.rule, f.metric) for f in mon.findings] == [("metric_failed", "loss")]
+    assert seen == mon.findings
