@@ -158,6 +158,14 @@ class Rule:
         """
         return lambda step, row: self.evaluate(metric, row)
 
+    @property
+    def episode_sustain(self) -> int:
+        """Consecutive firing rows that open an episode: ``sustain``.
+
+        A rule that applies ``sustain`` itself, more finely (per layer), says 1.
+        """
+        return self.sustain
+
     def evaluate(self, metric: str, row: Row) -> Trigger | _Skip | None:
         """Stateless evaluation of one row (override this or :meth:`evaluator`).
 
@@ -251,7 +259,7 @@ class EpisodeTracker:
         self.firing_rows += 1
         rank = severity_rank(result.severity)
         if not self.active:
-            if self.firing_rows < self.rule.sustain:
+            if self.firing_rows < self.rule.episode_sustain:
                 return None
             self.active = True
         elif rank <= self.emitted:

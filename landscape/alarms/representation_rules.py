@@ -129,8 +129,9 @@ class SignCollapse(Rule):
     thresholds are provisional.
 
     Fires (warning) when some layer's minority fraction is ``<= threshold`` (default
-    0.05) on ``sustain`` (default 2) consecutive rows, **and that layer was healthy
-    before**: its minority fraction exceeded ``healthy`` (default 0.2) on an earlier row.
+    0.05) on ``sustain`` (default 2) consecutive rows of its own (two layers that each dip
+    once, on successive rows, do not fire), **and that layer was healthy before**: its
+    minority fraction exceeded ``healthy`` (default 0.2) on an earlier row.
     The trend condition keeps the rule quiet at initialisation, where inputs with a
     non-zero mean (post-ReLU features) can align one-sidedly with a random top singular
     vector; what predicts divergence is *losing* a diversity the layer had. A layer that
@@ -153,6 +154,11 @@ class SignCollapse(Rule):
         _check_number("healthy", self.healthy, allow_none=True)
         if self.healthy is not None and self.healthy < self.threshold:
             raise ValueError(f"healthy ({self.healthy}) must be >= threshold ({self.threshold})")
+
+    @property
+    def episode_sustain(self) -> int:
+        """1: ``sustain`` counts each layer's own rows (:class:`SignCollapseState`)."""
+        return 1
 
     def evaluator(self, metric: str, params: Mapping[str, Any]) -> Evaluator:
         """A fresh :class:`SignCollapseState` for one stream.
@@ -178,12 +184,14 @@ class SignCollapseState:
     Attributes:
         seen_healthy: indices of the layers whose minority fraction exceeded
             ``rule.healthy`` on some earlier row.
+        collapsed_rows: per layer index, its consecutive collapsed rows so far.
     """
 
     def __init__(self, rule: SignCollapse, layers: list[Any]) -> None:
         self.rule = rule
         self.layers = layers
         self.seen_healthy: set[int] = set()
+        self.collapsed_rows: dict[int, int] = {}  # per layer: consecutive collapsed rows
 
     def __call__(self, step: int, row: Row) -> Trigger | _Skip | None:
         """Evaluate one row.
@@ -207,7 +215,11 @@ class SignCollapseState:
         worst: tuple[float, int] | None = None
         for i in np.flatnonzero(finite):
             v = float(m[i])
-            if v <= rule.threshold and (i in self.seen_healthy or rule.healthy is None):
+            low = v <= rule.threshold and (i in self.seen_healthy or rule.healthy is None)
+            # sustain counts this layer's own consecutive rows: two layers that each dip
+            # once, on successive rows, are two single noisy readings, not a collapse
+            self.collapsed_rows[int(i)] = self.collapsed_rows.get(int(i), 0) + 1 if low else 0
+            if low and self.collapsed_rows[int(i)] >= rule.sustain:
                 if worst is None or v < worst[0]:
                     worst = (v, int(i))
         if rule.healthy is not None:

@@ -111,6 +111,7 @@ def test_sign_collapse_quiet_at_init_collapse_and_on_a_single_dip():
     m = minority_series()
     m[:, 0] = 0.01  # collapsed from the first row: never healthy, never fires
     m[40, 2] = 0.0  # one-row dip: below sustain
+    m[41, 1] = 0.0  # and another layer's, on the next row: sustain is per layer
     assert findings_of({"spectral_alignment": (np.arange(100), {"minority": m})}) == []
     # healthy=None opts into firing on collapse at init
     rules = [SignCollapse(healthy=None)]
