@@ -103,7 +103,8 @@ def _skipped_overflow(ctx: StepContext) -> bool:
     return norm is not None and not math.isfinite(norm)
 
 
-_RESERVED = ("adaptive", "probe")  # tables the monitor writes itself
+_RESERVED = ("adaptive", "probe", "unmeasured")  # tables the monitor writes itself
+_UNMEASURED_WIDTH = 1024  # /metrics/unmeasured: the step's failed metrics, comma-separated
 
 
 def _check_names(metrics: Sequence[Metric]) -> None:
@@ -321,6 +322,7 @@ class Monitor:
         self._names: list[str] = []
         self._state: dict[Any, Any] = {}
         self._failed: set[str] = set()
+        self._failures_to_call: list[Finding] = []  # metric_failed findings for on_finding
         self._update_missed = False  # step() started the monitor: no update this step
         self._hooks: list[Any] = []
         self._objects: dict[str, nn.Parameter] | None = None
@@ -666,6 +668,7 @@ class Monitor:
         found: list[Finding] = []
         # distributed=False: operators built by the metrics stay on this rank's data
         scope = contextlib.nullcontext() if self._distributed else _dist.local()
+        unmeasured: list[str] = []
         with scope, isolated(self.model):
             for m in due:
                 row, measured = self._compute(m, ctx)
@@ -678,10 +681,20 @@ class Monitor:
                 # measured": the rules must not read it as a NaN the training produced
                 if self._alarms is not None and measured:
                     found.extend(self._alarms.observe(m.name, step, row))
+                if not measured:
+                    unmeasured.append(m.name)
                 if m.name == "sentinels" and self.adaptive:
                     r = float(row.get("r_secant", math.nan))
                     if r >= _DENSE_AT:
                         self._dense_until = step + _DENSE_STEPS
+            if unmeasured:
+                # the steps at which a metric failed: their NaN rows are no measurement, and
+                # OnlineAlarms.replay (resume, landscape check) skips them as the monitor did
+                self.writer.declare(  # idempotent; only runs with a failure have the table
+                    "unmeasured", {"metrics": f"S{_UNMEASURED_WIDTH}"},
+                    cls="landscape.monitor.Monitor", schedule="triggered",
+                )
+                self.writer.append("unmeasured", step, {"metrics": ",".join(unmeasured)})
             if extra:
                 self.writer.append("adaptive", step, {"dense": 1.0, "extra": float(len(extra))})
         if self._distributed:
@@ -693,6 +706,10 @@ class Monitor:
             found, self._dense_until = _dist.broadcast_object((found, self._dense_until))
         if self.adaptive and any(_opens_window(f) for f in found):
             self._dense_until = max(self._dense_until, step + _DENSE_STEPS)
+        failures, self._failures_to_call = self._failures_to_call, []
+        if self.on_finding is not None:  # this rank's metric_failed findings
+            for f in failures:
+                self.on_finding(f)
         raised: list[Finding] = []
         for f in dedupe(found):  # one finding per (step, rule), e.g. a NaN loss seen twice
             raised.append(self._emit(f))
@@ -861,8 +878,9 @@ class Monitor:
         assert self.writer is not None
         self.writer.add_finding(finding)
         self._mirror("on_finding", finding)
-        if self.on_finding is not None:  # called for every finding as it is raised
-            self.on_finding(finding)
+        # on_finding sees it at the end of the step, outside the metrics' isolation (the
+        # model back in its own mode), as it sees the alarm findings
+        self._failures_to_call.append(finding)
 
     def _emit(self, finding: Finding) -> Finding:
         self.findings.append(finding)

@@ -96,9 +96,10 @@ def every(n: int, start: int = 0) -> Every:
 
 def at(steps: Iterable[int] | int) -> At:
     """At the given steps (one step may be given alone: ``at(5)``)."""
-    if isinstance(steps, numbers.Number) or not hasattr(steps, "__iter__") or (
-            getattr(steps, "ndim", None) == 0):  # one step: 5, 5.0, a 0-d tensor
-        steps = [steps]
+    if getattr(steps, "ndim", None) == 0:  # a 0-d array or tensor: one step
+        steps = [steps.item()]  # type: ignore[union-attr]
+    elif isinstance(steps, (numbers.Number, str, bytes)) or not hasattr(steps, "__iter__"):
+        steps = [steps]  # one step alone: 5, 5.0 (a string is refused whole, not per letter)
     return At(frozenset(_whole("at(...): a step", s) for s in steps))
 
 

@@ -68,3 +68,12 @@ def test_torch_integers_are_whole_numbers_too():
     assert S.every(torch.tensor(5)) == S.every(5)
     assert S.at(torch.arange(0, 30, 10)) == S.at([0, 10, 20])
     assert S.at(torch.tensor(3)) == S.at(3.0) == S.at([3])  # one step alone, any kind
+
+
+def test_one_step_of_a_string_or_a_0d_array_is_read_whole():
+    import numpy as np
+    import torch
+
+    assert S.at(np.array(5.0)) == S.at(torch.tensor(5.0)) == S.at([5])
+    with pytest.raises(ValueError, match="got '12'"):  # was "got '1'", letter by letter
+        S.at("12")

@@ -10,6 +10,7 @@ ignored). :class:`EpisodeTracker` turns the answers of one (rule, metric) stream
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Callable, Mapping, Union
@@ -190,9 +191,13 @@ class Rule:
         _check_positive_int("rearm", self.rearm)
         if isinstance(self.metrics, str):
             raise ValueError("metrics must be a sequence of metric names, not a string")
-        if not isinstance(self.metrics, tuple):  # a frozen dataclass or a property: leave it
-            self.metrics = tuple(self.metrics)
-        if not self.metrics or not all(isinstance(m, str) and m for m in self.metrics):
+        metrics = tuple(self.metrics)
+        if not isinstance(self.metrics, tuple):
+            # object.__setattr__: a frozen dataclass refuses the plain assignment (a
+            # read-only property keeps its own value)
+            with contextlib.suppress(AttributeError):
+                object.__setattr__(self, "metrics", metrics)
+        if not metrics or not all(isinstance(m, str) and m for m in metrics):
             raise ValueError(f"metrics must be non-empty metric names, got {self.metrics!r}")
 
     def config(self) -> dict[str, Any]:

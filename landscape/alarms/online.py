@@ -116,7 +116,10 @@ def _as_row(values: Mapping[str, Any]) -> dict[str, Value]:
             out[key] = v
             continue
         if hasattr(v, "detach"):  # a torch tensor, without importing torch
-            v = v.detach().cpu().numpy()
+            v = v.detach().cpu()
+            if str(v.dtype) == "torch.bfloat16":  # NumPy has no bfloat16
+                v = v.float()
+            v = v.numpy()
         try:
             arr = np.asarray(v, dtype=np.float64)
         except (TypeError, ValueError):
@@ -293,6 +296,11 @@ class OnlineAlarms:
         """
         reader = _as_run(run)
         out: list[Finding] = []
+        skip: set[tuple[str, int]] = set()  # the NaN rows of a failed metric: not observed
+        if "unmeasured" in reader.metrics():
+            for s, joined in zip(*reader.series("unmeasured", "metrics")):
+                text = joined.decode() if isinstance(joined, bytes) else str(joined)
+                skip.update((n, int(s)) for n in text.split(",") if n)
         for name in reader.metrics():
             if name not in self._watchers:
                 continue
@@ -307,6 +315,8 @@ class OnlineAlarms:
                 _, col = reader.series(name, fname)
                 columns[fname] = col
             for i, step in enumerate(steps):
+                if (name, int(step)) in skip:
+                    continue
                 out.extend(self.observe(name, int(step), {k: c[i] for k, c in columns.items()}))
         out.sort(key=_finding_order)
         return out

@@ -213,6 +213,7 @@ class SignCollapseState:
         if not finite.any():
             return SKIP
         worst: tuple[float, int] | None = None
+        dipped = False  # some layer is collapsed on this row, not yet for sustain rows
         for i in np.flatnonzero(finite):
             v = float(m[i])
             low = v <= rule.threshold and (i in self.seen_healthy or rule.healthy is None)
@@ -222,12 +223,16 @@ class SignCollapseState:
             if low and self.collapsed_rows[int(i)] >= rule.sustain:
                 if worst is None or v < worst[0]:
                     worst = (v, int(i))
+            elif low:
+                dipped = True
         if rule.healthy is not None:
             for i in np.flatnonzero(finite):
                 if m[i] > rule.healthy:
                     self.seen_healthy.add(int(i))
         if worst is None:
-            return None
+            # a dip below sustain neither fires nor counts as a quiet row towards rearm:
+            # a layer collapsed on most rows keeps its episode open
+            return SKIP if dipped else None
         v, i = worst
         layer = str(self.layers[i]) if i < len(self.layers) else f"#{i}"
         return Trigger(

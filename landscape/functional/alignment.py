@@ -120,8 +120,8 @@ def top_singular_vector(
     assert found.largest is not None
     v = found.largest[1][0].to(w.dtype)
     it, converged = found.n_matvec, found.converged
-    wv = w @ v
-    sigma = wv.norm()
+    wv = ws @ v  # scaled, so a tiny weight's sigma does not underflow to 0 in its dtype
+    sigma = wv.norm() * scale if scale > 0 else wv.norm()
     if not sigma > 0:
         reason = fail("zero_matrix", "weight maps the iterate to zero (W = 0?)", strict)
         nan_v = torch.full_like(v, math.nan)
@@ -134,7 +134,8 @@ def top_singular_vector(
             reason,
         )
     v = _fix_sign(v, ref)
-    u = (w @ v) / sigma
+    wv = ws @ v
+    u = wv / wv.norm()
     return TopSingularResult(sigma, u, v, it, converged)
 
 

@@ -247,13 +247,17 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         self._reset_step()
         self._recorded = int(state.global_step) - 1
         self._hook = model.register_forward_hook(self._record, with_kwargs=True)
-        if getattr(args, "label_smoothing_factor", 0) and any(
-                m.name == "loss" for m in self.monitor.metrics):
+        # the Trainer switches label smoothing off for multi-label classification
+        multi_label = getattr(getattr(model, "config", None), "problem_type",
+                              None) == "multi_label_classification"
+        if getattr(args, "label_smoothing_factor", 0) and not multi_label:
             warnings.warn(
-                "landscape: with label_smoothing_factor the Trainer computes the loss outside "
-                "the model (outputs.loss is None), so the callback cannot read it: call "
+                "landscape: with label_smoothing_factor the Trainer pops the batch's labels "
+                "and computes the loss outside the model (outputs.loss is None): call "
                 "callback.record_loss(loss) from a compute_loss override, or the 'loss' rows "
-                "are NaN", RuntimeWarning, stacklevel=2)
+                "are NaN; metrics that need labels (curvature, collapse) need probe= with "
+                "labels, as the training batch the model sees has none",
+                RuntimeWarning, stacklevel=2)
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Record the step that the optimizer just took."""

@@ -92,7 +92,10 @@ def scalars(name: str, row: Mapping[str, Any], prefix: str = "landscape") -> dic
         if field == "step" or isinstance(value, (str, bytes)):
             continue
         if hasattr(value, "detach"):  # a torch tensor
-            value = value.detach().cpu().numpy()
+            value = value.detach().cpu()
+            if str(value.dtype) == "torch.bfloat16":  # NumPy has no bfloat16
+                value = value.float()
+            value = value.numpy()
         try:
             arr = np.asarray(value, dtype=np.float64)
         except (TypeError, ValueError):

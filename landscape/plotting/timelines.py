@@ -229,10 +229,11 @@ def _plot_field(
 
 
 def metrics_with_rows(run: Run) -> list[str]:
-    """The metrics of ``run`` that hold at least one row (those :func:`timelines` draws).
+    """The metrics of ``run`` with a numeric field and a row: what :func:`timelines` draws.
 
     A metric is declared before its first row (a monitor declares all of its metrics when it
-    opens the file, ``adaptive`` included), so a run may hold metrics without rows.
+    opens the file, ``adaptive`` included), so a run may hold metrics without rows; a
+    metric of strings only (the monitor's ``unmeasured`` table) has nothing to draw.
 
     Args:
         run: the run.
@@ -240,7 +241,8 @@ def metrics_with_rows(run: Run) -> list[str]:
     Returns:
         Their names, in the run's order.
     """
-    return [m for m in run.metrics() if len(run.steps(m))]
+    return [m for m in run.metrics()
+            if len(run.steps(m)) and any(not f.is_string for f in run.fields(m).values())]
 
 
 def timeline(

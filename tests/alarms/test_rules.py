@@ -107,6 +107,19 @@ def test_sign_collapse_fires_when_a_healthy_layer_loses_sign_diversity():
     assert "blocks.0.mlp.fc1" in f.message and f.extra["layer"] == "blocks.0.mlp.fc1"
 
 
+def test_sign_collapse_stays_one_episode_on_a_layer_that_flickers_into_collapse():
+    """Collapsed on 3 rows of every 5: a dip below sustain counted as a quiet row towards
+    rearm, so the episode closed and fired again every 5 rows."""
+    from landscape.alarms import OnlineAlarms
+
+    alarms = OnlineAlarms([SignCollapse()])
+    alarms.declare("spectral_alignment", {"layers": ["a", "b"]})
+    rows = [[0.3, 0.3]] + [[v, 0.3] for _ in range(8) for v in (0.0, 0.0, 0.3, 0.0, 0.3)]
+    found = [f.step for s, r in enumerate(rows)
+             for f in alarms.observe("spectral_alignment", s, {"minority": np.array(r)})]
+    assert found == [2]
+
+
 def test_sign_collapse_quiet_at_init_collapse_and_on_a_single_dip():
     m = minority_series()
     m[:, 0] = 0.01  # collapsed from the first row: never healthy, never fires

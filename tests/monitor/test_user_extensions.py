@@ -304,3 +304,77 @@ def test_a_step_without_its_loss_is_no_nan_loss_and_every_finding_is_called_back
                 mon.step(step, batch=(x, y))  # no loss=
     assert [(f.rule, f.metric) for f in mon.findings] == [("metric_failed", "loss")]
     assert seen == mon.findings
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_steps_without_loss_do_not_hide_a_real_nan_loss_online_resumed_or_offline(tmp_path,
+                                                                                   resume):
+    """The failed rows were skipped online but replayed on resume and by check(): the
+    replay opened a non-finite episode at step 0 (a false error offline) that swallowed
+    the real NaN loss of step 6."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    path = tmp_path / "run.h5"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mon = ls.Monitor(model, F.cross_entropy, path, metrics=["loss"], warn=False)
+        for step in range(5):
+            mon.step(step, batch=(x, y))  # no loss=: metric_failed, NaN rows
+        if resume:
+            mon.close()
+            mon = ls.Monitor(model, F.cross_entropy, path, metrics=["loss"], mode="a",
+                             warn=False)
+        found = []
+        for step in range(5, 9):
+            loss = torch.tensor(math.nan if step == 6 else 1.0)
+            found += mon.step(step, batch=(x, y), loss=loss)
+        mon.close()
+    assert [(f.rule, f.step) for f in found] == [("nonfinite", 6)]
+    assert [(f.rule, f.step) for f in ls.check(path)] == [("nonfinite", 6)]
+    assert ls.Run.open(path).steps("unmeasured").tolist() == [0, 1, 2, 3, 4]
+
+
+def test_on_finding_sees_a_metric_failure_with_the_model_in_its_own_mode(tmp_path):
+    """It ran inside the metrics' isolation (eval mode, a forked RNG)."""
+    modes = []
+    model = models.mlp()
+    model.train()
+    with ls.Monitor(model, F.cross_entropy, tmp_path / "run.h5", metrics=["loss"],
+                    on_finding=lambda f: modes.append(model.training), warn=False) as mon:
+        with pytest.warns(RuntimeWarning):
+            mon.step(0, batch=models.classification_data())
+    assert modes == [True]
+
+
+def test_a_bfloat16_value_watched_by_a_rule(tmp_path):
+    """The rules' row conversion called .numpy() on it: every step raised."""
+
+    class Half(Metric):
+        name = "half"
+        FIELDS = ("value",)
+
+        def compute(self, ctx):
+            return {"value": torch.tensor(1.5, dtype=torch.bfloat16)}
+
+    @dataclass
+    class Watch(Rule):
+        metrics: tuple = ("half",)
+        name: str = "watch"
+
+        def evaluate(self, metric, row):
+            return None if row["value"] == 1.5 else Trigger("info", "value", 0.0, 0.0, "", "")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        mon, _ = _train(None, [Half()], steps=2, alarms=[Watch()])
+    assert not mon.findings
+
+
+def test_a_frozen_rule_given_a_list_of_metrics():
+    @dataclass(frozen=True)
+    class FrozenList(Rule):
+        metrics: list = ("loss",)
+        name: str = "frozen_list"
+
+    assert OnlineAlarms([FrozenList(metrics=["loss"])]).rules[0].metrics == ("loss",)
