@@ -104,7 +104,7 @@ def _skipped_overflow(ctx: StepContext) -> bool:
 
 
 _RESERVED = ("adaptive", "probe", "unmeasured")  # tables the monitor writes itself
-_UNMEASURED_WIDTH = 1024  # /metrics/unmeasured: the step's failed metrics, comma-separated
+_UNMEASURED_WIDTH = 16  # /metrics/unmeasured: at least S16 (the metrics' names, joined)
 
 
 def _check_names(metrics: Sequence[Metric]) -> None:
@@ -116,9 +116,9 @@ def _check_names(metrics: Sequence[Metric]) -> None:
     from landscape.metrics.base import _REGISTRY
 
     for m in metrics:
-        if not isinstance(m.name, str) or not m.name or "/" in m.name:
+        if not isinstance(m.name, str) or not m.name or "/" in m.name or "," in m.name:
             raise ValueError(f"{type(m).__name__}.name must be a non-empty name without '/' "
-                             f"(set name = ... in the class), got {m.name!r}")
+                             f"or ',' (set name = ... in the class), got {m.name!r}")
         if m.name in _RESERVED:
             raise ValueError(f"{type(m).__name__}: the metric name {m.name!r} is reserved for "
                              f"the monitor's own /metrics/{m.name} table; choose another name")
@@ -323,6 +323,7 @@ class Monitor:
         self._state: dict[Any, Any] = {}
         self._failed: set[str] = set()
         self._failures_to_call: list[Finding] = []  # metric_failed findings for on_finding
+        self._unmeasured_declared = False  # /metrics/unmeasured exists (a failure)
         self._update_missed = False  # step() started the monitor: no update this step
         self._hooks: list[Any] = []
         self._objects: dict[str, nn.Parameter] | None = None
@@ -376,7 +377,10 @@ class Monitor:
                     "probe", {"samples": ()}, cls="landscape.monitor.Monitor",
                     params={"probe_size": self.probe_size}, schedule="first batch",
                 )
+            # the steps of the metrics (and of their failures, also of metrics no longer
+            # monitored): the next step must come after every one
             lasts = [self.writer.last_step(m.name) for m in self.metrics]
+            lasts.append(self.writer.last_step("unmeasured"))
             known = [s for s in lasts if s is not None]
             if self._distributed:  # resuming: only rank 0 has the file; agree on its steps
                 known = _dist.broadcast_object(known)
@@ -690,11 +694,22 @@ class Monitor:
             if unmeasured:
                 # the steps at which a metric failed: their NaN rows are no measurement, and
                 # OnlineAlarms.replay (resume, landscape check) skips them as the monitor did
-                self.writer.declare(  # idempotent; only runs with a failure have the table
-                    "unmeasured", {"metrics": f"S{_UNMEASURED_WIDTH}"},
-                    cls="landscape.monitor.Monitor", schedule="triggered",
-                )
+                fresh = False
+                if not self._unmeasured_declared:  # only runs with a failure have the table
+                    if "unmeasured" not in self.writer.run().metrics():  # (resumed: kept)
+                        # wide enough for every metric's name at once (never cut), and no
+                        # wider: a metric that fails at every step adds a row per step
+                        width = max(_UNMEASURED_WIDTH, len(",".join(
+                            m.name for m in self.metrics).encode("utf-8")))
+                        self.writer.declare(
+                            "unmeasured", {"metrics": f"S{width}"},
+                            cls="landscape.monitor.Monitor", schedule="triggered",
+                        )
+                        fresh = True
+                    self._unmeasured_declared = True
                 self.writer.append("unmeasured", step, {"metrics": ",".join(unmeasured)})
+                if fresh:  # declaring flushed this step's NaN rows: its unmeasured row too
+                    self.writer.flush()
             if extra:
                 self.writer.append("adaptive", step, {"dense": 1.0, "extra": float(len(extra))})
         if self._distributed:

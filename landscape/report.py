@@ -264,7 +264,7 @@ def _findings_html(findings: Sequence[Finding]) -> list[str]:
 def _timelines_html(run: Run, findings: Sequence[Finding], log: bool, dpi: int) -> list[str]:
     out = ['<section id="timelines"><h2>Timelines</h2>']
     drawn = metrics_with_rows(run)
-    empty = [m for m in run.metrics() if m not in drawn]
+    empty = [m for m in run.metrics() if not len(run.steps(m))]
     if empty:
         out.append(f'<p id="no-rows">No rows yet: {_e(", ".join(empty))}.</p>')
     if not drawn:

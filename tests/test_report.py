@@ -229,6 +229,12 @@ def test_metrics_without_rows_are_left_out_of_timelines_and_the_report():
     html = render_report(run)
     assert len(_images(html)) == 4 and 'id="timeline-adaptive"' not in html
     assert '<p id="no-rows">No rows yet: adaptive.</p>' in html
+    # a table of strings only (the monitor's unmeasured steps) has rows but no timeline
+    w.declare("unmeasured", {"metrics": "S16"})
+    w.append("unmeasured", 0, {"metrics": "loss"})
+    run = w.run()
+    assert "unmeasured" not in metrics_with_rows(run)
+    assert '<p id="no-rows">No rows yet: adaptive.</p>' in render_report(run)  # not listed
 
 
 def test_report_path_reads_a_trailing_separator_or_a_directory_as_report_html(tmp_path):

@@ -297,7 +297,9 @@ class OnlineAlarms:
         reader = _as_run(run)
         out: list[Finding] = []
         skip: set[tuple[str, int]] = set()  # the NaN rows of a failed metric: not observed
-        if "unmeasured" in reader.metrics():
+        # the monitor's own table (a file written before it was reserved may hold a
+        # metric of that name, replayed whole)
+        if "unmeasured" in reader.metrics() and "metrics" in reader.fields("unmeasured"):
             for s, joined in zip(*reader.series("unmeasured", "metrics")):
                 text = joined.decode() if isinstance(joined, bytes) else str(joined)
                 skip.update((n, int(s)) for n in text.split(",") if n)

@@ -192,6 +192,9 @@ class SignCollapseState:
         self.layers = layers
         self.seen_healthy: set[int] = set()
         self.collapsed_rows: dict[int, int] = {}  # per layer: consecutive collapsed rows
+        # the layers that fired, with their consecutive rows out of collapse since: a dip of
+        # one of them (flickering) keeps the episode open; another layer's dip is noise
+        self.fired: dict[int, int] = {}
 
     def __call__(self, step: int, row: Row) -> Trigger | _Skip | None:
         """Evaluate one row.
@@ -213,7 +216,7 @@ class SignCollapseState:
         if not finite.any():
             return SKIP
         worst: tuple[float, int] | None = None
-        dipped = False  # some layer is collapsed on this row, not yet for sustain rows
+        dipped = False  # a layer that fired is collapsed again, not yet for sustain rows
         for i in np.flatnonzero(finite):
             v = float(m[i])
             low = v <= rule.threshold and (i in self.seen_healthy or rule.healthy is None)
@@ -221,17 +224,23 @@ class SignCollapseState:
             # once, on successive rows, are two single noisy readings, not a collapse
             self.collapsed_rows[int(i)] = self.collapsed_rows.get(int(i), 0) + 1 if low else 0
             if low and self.collapsed_rows[int(i)] >= rule.sustain:
+                self.fired[int(i)] = 0
                 if worst is None or v < worst[0]:
                     worst = (v, int(i))
-            elif low:
+            elif low and int(i) in self.fired:
+                self.fired[int(i)] = 0
                 dipped = True
+            elif not low and int(i) in self.fired:
+                self.fired[int(i)] += 1
+                if self.fired[int(i)] >= rule.rearm:  # recovered: its episode may end
+                    del self.fired[int(i)]
         if rule.healthy is not None:
             for i in np.flatnonzero(finite):
                 if m[i] > rule.healthy:
                     self.seen_healthy.add(int(i))
         if worst is None:
-            # a dip below sustain neither fires nor counts as a quiet row towards rearm:
-            # a layer collapsed on most rows keeps its episode open
+            # a dip below sustain of a layer that fired neither fires nor counts as a quiet
+            # row towards rearm: a layer collapsed on most rows keeps its episode open
             return SKIP if dipped else None
         v, i = worst
         layer = str(self.layers[i]) if i < len(self.layers) else f"#{i}"

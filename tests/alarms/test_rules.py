@@ -120,6 +120,21 @@ def test_sign_collapse_stays_one_episode_on_a_layer_that_flickers_into_collapse(
     assert found == [2]
 
 
+def test_sign_collapse_episode_ends_while_other_layers_dip_once_each():
+    """Single dips of other layers held A's episode open for ever (every row a SKIP), so
+    D's real collapse 40 rows later raised nothing."""
+    from landscape.alarms import OnlineAlarms
+
+    alarms = OnlineAlarms([SignCollapse()])
+    alarms.declare("spectral_alignment", {"layers": ["a", "b", "c", "d"]})
+    rows = [[0.5] * 4] * 3 + [[0.0, 0.5, 0.5, 0.5]] * 2
+    rows += [[0.5, 0.0, 0.5, 0.5] if k % 2 == 0 else [0.5, 0.5, 0.0, 0.5] for k in range(40)]
+    rows += [[0.5, 0.5, 0.5, 0.0]] * 10
+    found = [(f.step, f.extra["layer"]) for s, r in enumerate(rows)
+             for f in alarms.observe("spectral_alignment", s, {"minority": np.array(r)})]
+    assert found == [(4, "a"), (46, "d")]
+
+
 def test_sign_collapse_quiet_at_init_collapse_and_on_a_single_dip():
     m = minority_series()
     m[:, 0] = 0.01  # collapsed from the first row: never healthy, never fires
