@@ -273,3 +273,46 @@ def test_a_fit_resumed_from_a_checkpoint_continues_the_run_file(tmp_path):
     trainer.fit(Classifier(), loader, ckpt_path=ckpt)
     with Run.open(path) as run:
         assert run.steps("loss").tolist() == [0, 1, 2, 3, 4]
+
+
+class _TwoOptimizers(pl.LightningModule):
+    """Manual optimization with two optimizers (a GAN's shape): two optimizer steps a batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.automatic_optimization = False
+        self.body = nn.Sequential(nn.Linear(6, 8), nn.Tanh())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        first, second = self.optimizers()
+        loss = F.cross_entropy(self(x), y)
+        first.zero_grad()
+        self.manual_backward(loss)
+        first.step()
+        other = F.cross_entropy(self.head(self.body(x).detach()), y)
+        second.zero_grad()
+        self.manual_backward(other)
+        second.step()
+        return {"loss": loss.detach()}
+
+    def configure_optimizers(self):
+        return (torch.optim.SGD(self.body.parameters(), lr=0.05),
+                torch.optim.SGD(self.head.parameters(), lr=0.05))
+
+
+def test_two_optimizers_record_one_row_per_batch_at_the_loggers_step(tmp_path):
+    """trainer.global_step counts every optimizer.step(): rows landed on 1, 3, 5, ... and a
+    metric due every 2 steps never ran."""
+    path = tmp_path / "run.h5"
+    callback = LandscapeCallback(str(path), metrics=["loss", create("logits", schedule="every(2)")])
+    trainer = _fit(_TwoOptimizers(), [callback], max_steps=12)
+    assert trainer.global_step == 12  # six batches, two optimizer steps each
+    with Run.open(path) as run:
+        assert run.steps("loss").tolist() == [0, 1, 2, 3, 4, 5]
+        assert run.steps("logits").tolist() == [0, 2, 4]
