@@ -52,6 +52,7 @@ metrics on its own batch and only global rank 0 writes the file (the monitor che
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
@@ -72,6 +73,7 @@ from landscape.integrations.mirrors import lightning_logger_mirrors
 from landscape.metrics import MissingInput
 from landscape.monitor import MetricsLike, Monitor, resolve_metrics
 from landscape.params import gradient_norm, trainable_named_parameters
+from landscape.store import Run
 
 try:  # the unified package first, then the standalone one
     import lightning.pytorch as pl
@@ -352,7 +354,13 @@ class LandscapeCallback(CallbackSettings, Callback):
         self._closed = True
 
     def run(self) -> Any:
-        """The recorded :class:`~landscape.Run` (also after the fit, for in-memory runs)."""
+        """The recorded :class:`~landscape.Run` (also after the fit, for in-memory runs).
+
+        Under ``strategy="ddp_spawn"`` the fit runs in spawned processes and this object,
+        in the launching process, never holds the monitor: the file rank 0 wrote is read.
+        """
+        if self.monitor is None and self.path is not None and os.path.exists(self.path):
+            return Run.open(self.path)
         return recorded_run(self.monitor, self._closed, "LandscapeCallback")
 
     def _found(self, finding: Finding) -> None:

@@ -305,6 +305,7 @@ class Sentinels(Metric):
         self._attention: bool | None = None  # None: not known yet (the first call tells)
         self._guard = _BufferGuard()
         self._keywords: bool | None = None  # dict batches as keyword arguments (None: untried)
+        self._whole_dict: bool | None = None  # model(batch) with the dict itself (None: untried)
         self._softmax: bool | None = None  # the probe's outputs are softmax logits (None: untried)
         self._own_loss = False  # the model returns its loss (probe_loss on every call)
 
@@ -348,19 +349,25 @@ class Sentinels(Metric):
             return {}
         batch = ctx.batches(self.data)[0]
         samples = self.subsample if self._samples is None else self._samples
-        args, kwargs, y = _model_call(batch, samples, self._keywords is not False)
         with torch.no_grad():  # the monitor's isolated(): eval mode, RNG restored
-            try:
+            if self._whole_dict:
+                args, kwargs, y = (head(batch, samples),), {}, None
                 output, attention = self._forward(ctx.model, args, kwargs)
-            except TypeError:
-                if not kwargs or self._keywords:
-                    raise
-                # a forward that takes the ids positionally: (input_ids, labels) pairs
-                self._keywords = False
-                args, kwargs, y = _model_call(batch, samples, False)
-                output, attention = self._forward(ctx.model, args, kwargs)
-            if kwargs:
-                self._keywords = True
+            else:
+                try:
+                    args, kwargs, y, output, attention = self._conventional(ctx, batch, samples)
+                except (TypeError, MissingInput):
+                    if self._whole_dict is not None or not isinstance(batch, Mapping):
+                        raise
+                    # a forward that takes the dict batch itself (a LightningModule's
+                    # forward(self, batch)): the last convention to try, once
+                    args, kwargs, y = (head(batch, samples),), {}, None
+                    try:
+                        output, attention = self._forward(ctx.model, args, kwargs)
+                    except Exception:
+                        self._whole_dict = False
+                        raise
+                    self._whole_dict = True
         z = first_tensor(output)
         if z is None or z.dim() == 0:
             raise MissingInput("sentinels: the model's output has no logits tensor")
@@ -409,6 +416,22 @@ class Sentinels(Metric):
             spread = out["r_secant"]
             out["r_secant"] = spread / math.pi if math.isfinite(spread) else math.nan
         return out
+
+    def _conventional(self, ctx: StepContext, batch: Any, samples: int) -> tuple:
+        """``model(inputs)`` or ``model(**batch)``, then ``model(input_ids)`` (see _model_call)."""
+        args, kwargs, y = _model_call(batch, samples, self._keywords is not False)
+        try:
+            output, attention = self._forward(ctx.model, args, kwargs)
+        except TypeError:
+            if not kwargs or self._keywords:
+                raise
+            # a forward that takes the ids positionally: (input_ids, labels) pairs
+            self._keywords = False
+            args, kwargs, y = _model_call(batch, samples, False)
+            output, attention = self._forward(ctx.model, args, kwargs)
+        if kwargs:
+            self._keywords = True
+        return args, kwargs, y, output, attention
 
     @staticmethod
     def _other_outputs(output: Any, attention: torch.Tensor | None) -> dict[str, float]:

@@ -316,3 +316,16 @@ def test_two_optimizers_record_one_row_per_batch_at_the_loggers_step(tmp_path):
     with Run.open(path) as run:
         assert run.steps("loss").tolist() == [0, 1, 2, 3, 4, 5]
         assert run.steps("logits").tolist() == [0, 2, 4]
+
+
+def test_run_reads_the_file_when_the_fit_ran_in_spawned_processes(tmp_path):
+    """ddp_spawn: the callback in the launching process never held a monitor, and run()
+    said 'nothing recorded yet' although rank 0 had written the file."""
+    from landscape.store import RunWriter
+
+    path = tmp_path / "run.h5"
+    with RunWriter(path, mode="w") as w:  # what rank 0 wrote in its own process
+        w.declare("loss", {"value": ()})
+        w.append("loss", 0, {"value": 1.0})
+    callback = LandscapeCallback(str(path), metrics=["loss"])
+    assert callback.run().steps("loss").tolist() == [0]

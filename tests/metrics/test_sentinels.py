@@ -445,3 +445,36 @@ def test_a_single_logit_classifier_raises_no_softmax_collapse_at_the_first_step(
             mon.step(step, batch=(x, y), loss=loss, outputs=out.detach()[:, None])
     assert not [f for f in mon.findings if f.rule == "logit_growth"]
     assert np.isnan(mon.run().series("logits", "softmax_collapse")[1]).all()
+
+
+def test_a_model_whose_forward_takes_the_dict_batch_itself(tmp_path):
+    """forward(self, batch) reading batch["features"] (a LightningModule's habit): the
+    sentinels called model(inputs) or model(**batch) and were NaN for the whole run."""
+
+    class DictModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(),
+                                           torch.nn.Linear(8, 3))
+
+        def forward(self, batch):
+            return self.net(batch["features"])
+
+    model = DictModel()
+    g = torch.Generator().manual_seed(0)
+    batch = {"features": torch.randn(16, 6, generator=g),
+             "label": torch.randint(0, 3, (16,), generator=g)}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with ls.Monitor(model, None, tmp_path / "run.h5", optimizer=opt, probe=batch,
+                    closure=lambda m, b: F.cross_entropy(m(b), b["label"]),
+                    metrics=["sentinels"], warn=False) as mon:
+        for step in range(3):
+            loss = F.cross_entropy(model(batch), batch["label"])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(step, batch=batch, loss=loss)
+    assert not mon.findings
+    r = mon.run().series("sentinels", "r_secant")[1]
+    assert np.isnan(r[0]) and np.isfinite(r[1:]).all() and (r[1:] > 0).all()
