@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
@@ -220,6 +221,7 @@ class LandscapeCallback(CallbackSettings, Callback):
                         on_finding, stop_on, config, monitor_options, mirrors)
         self._seen_global_step = 0
         self._pending: list[torch.Tensor] = []
+        self._told_no_loss = False  # the missing-loss hint, once per callback
         self._grad_norm: float | None = None  # before clipping, from on_before_optimizer_step
         self._closed = True
 
@@ -309,6 +311,12 @@ class LandscapeCallback(CallbackSettings, Callback):
         pending, self._pending = self._pending, []
         if not pending:
             step_loss = None
+            if not self._told_no_loss and any(m.name == "loss" for m in self.monitor.metrics):
+                self._told_no_loss = True  # once: the loss metric's own failure says the rest
+                warnings.warn(
+                    "landscape: LandscapeCallback: training_step returned no loss at step "
+                    f"{_logger_step(trainer)}: return the loss, or {{'loss': loss, ...}}, for "
+                    "the 'loss' rows (NaN until then)", RuntimeWarning, stacklevel=2)
         elif pl_module.automatic_optimization:
             # each batch's loss is already divided by accumulate_grad_batches, also in the
             # shorter window that ends an epoch: rescale so the sum is the mean there too

@@ -329,3 +329,18 @@ def test_run_reads_the_file_when_the_fit_ran_in_spawned_processes(tmp_path):
         w.append("loss", 0, {"value": 1.0})
     callback = LandscapeCallback(str(path), metrics=["loss"])
     assert callback.run().steps("loss").tolist() == [0]
+
+
+class _ReturnsNothing(_TwoOptimizers):
+    def training_step(self, batch, batch_idx):
+        super().training_step(batch, batch_idx)  # the usual manual-optimization step: no return
+
+
+def test_a_training_step_without_a_returned_loss_is_named_once(tmp_path):
+    """The only message was the loss metric's 'needs step(..., loss=loss)': the Monitor's
+    API, not the LightningModule's."""
+    callback = LandscapeCallback(str(tmp_path / "run.h5"), metrics=["loss"])
+    with pytest.warns(RuntimeWarning) as caught:
+        _fit(_ReturnsNothing(), [callback], max_steps=6)
+    hints = [w for w in caught if "training_step returned no loss" in str(w.message)]
+    assert len(hints) == 1
