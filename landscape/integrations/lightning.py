@@ -18,11 +18,9 @@ What it does, hook by hook:
   and finding is also sent to ``trainer.loggers`` (``mirrors=None`` turns that off).
 * ``on_train_batch_end``: when ``trainer.global_step`` advanced (an optimizer step
   happened; under gradient accumulation the other batches only collect their loss), calls
-  ``monitor.step(step, batch=batch, loss=...)``. The step index is the one Lightning's
-  loggers use for that batch (0-based count of batches that ended with an optimizer step
-  before it: ``trainer.global_step - 1`` with automatic optimization, while manual
-  optimization with two optimizers advances ``global_step`` twice a batch); the loss is
-  ``outputs["loss"]`` summed over the accumulated batches (Lightning
+  ``monitor.step(trainer.global_step - 1, batch=batch, loss=...)``. The step index is the
+  one Lightning's loggers use for that batch (0-based count of optimizer steps before
+  it); the loss is ``outputs["loss"]`` summed over the accumulated batches (Lightning
   divides each by ``accumulate_grad_batches``, so the sum is their mean; a shorter window
   at the end of an epoch is rescaled to its mean). The gradients
   are still in ``.grad`` at this point (Lightning zeroes them inside the next step); with
@@ -53,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, Iterator
@@ -147,21 +146,6 @@ def _no_loss_fn(*args: Any) -> torch.Tensor:
     )
 
 
-def _logger_step(trainer: pl.Trainer) -> int:
-    """The 0-based step Lightning's loggers use for the current batch.
-
-    That is ``fit_loop.epoch_loop._batches_that_stepped``: the number of batches that ended
-    with an optimizer step. It equals ``trainer.global_step - 1`` after an automatic
-    optimization step, but not with manual optimization and several optimizers, where
-    ``global_step`` counts every ``optimizer.step()`` (two per batch for a GAN).
-    """
-    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-    stepped = getattr(loop, "_batches_that_stepped", None)
-    if isinstance(stepped, int):
-        return stepped
-    return max(int(trainer.global_step) - 1, 0)
-
-
 def _loss_of(outputs: Any) -> torch.Tensor | None:
     if isinstance(outputs, Mapping):
         outputs = outputs.get("loss")
@@ -222,6 +206,7 @@ class LandscapeCallback(CallbackSettings, Callback):
         self._seen_global_step = 0
         self._pending: list[torch.Tensor] = []
         self._told_no_loss = False  # the missing-loss hint, once per callback
+        self._created = time.time()  # run() reads only a file written since (ddp_spawn)
         self._grad_norm: float | None = None  # before clipping, from on_before_optimizer_step
         self._closed = True
 
@@ -234,23 +219,10 @@ class LandscapeCallback(CallbackSettings, Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Build and start the monitor over ``pl_module`` and its first optimizer.
 
-        This runs after Lightning restored a checkpoint (``ckpt_path``). The step training
-        resumes at is the loggers' step (:func:`_logger_step`), which Lightning's epoch loop
-        only settles in its ``reset``, after this hook: the monitor is built before the first
-        batch (``on_train_batch_start``).
+        This runs after Lightning restored a checkpoint (``ckpt_path``), so
+        ``trainer.global_step`` is the step training resumes at.
         """
         self.close()
-        self._start_pending = True
-
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        """Start the monitor before the first batch of the fit."""
-        if getattr(self, "_start_pending", False):
-            self._start_pending = False
-            self._start(trainer, pl_module)
-
-    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loss_fn, closure = self.loss_fn, self.closure
         if loss_fn is None and closure is None:
             loss_fn = _no_loss_fn
@@ -273,7 +245,7 @@ class LandscapeCallback(CallbackSettings, Callback):
             self.mirrors,
             lambda: lightning_logger_mirrors(trainer.loggers) if trainer.is_global_zero else [],
         )
-        options = resume_options(self.monitor_options, self.path, _logger_step(trainer))
+        options = resume_options(self.monitor_options, self.path, int(trainer.global_step))
         self.monitor = Monitor(
             pl_module, loss_fn, self.path, optimizer=optimizer, metrics=self.metrics,
             probe=probe, closure=closure, config=config, on_finding=self._found,
@@ -315,7 +287,7 @@ class LandscapeCallback(CallbackSettings, Callback):
                 self._told_no_loss = True  # once: the loss metric's own failure says the rest
                 warnings.warn(
                     "landscape: LandscapeCallback: training_step returned no loss at step "
-                    f"{_logger_step(trainer)}: return the loss, or {{'loss': loss, ...}}, for "
+                    f"{trainer.global_step - 1}: return the loss, or {{'loss': loss, ...}}, for "
                     "the 'loss' rows (NaN until then)", RuntimeWarning, stacklevel=2)
         elif pl_module.automatic_optimization:
             # each batch's loss is already divided by accumulate_grad_batches, also in the
@@ -327,7 +299,7 @@ class LandscapeCallback(CallbackSettings, Callback):
         if isinstance(batch, list):  # default_collate's (x, y) is one batch, not a list of them
             batch = tuple(batch)
         grad_norm, self._grad_norm = self._grad_norm, None
-        found = self.monitor.step(_logger_step(trainer), batch=batch, loss=step_loss,
+        found = self.monitor.step(trainer.global_step - 1, batch=batch, loss=step_loss,
                                   grad_norm=grad_norm)
         if reaches(found, self.stop_on):
             trainer.should_stop = True
@@ -365,9 +337,11 @@ class LandscapeCallback(CallbackSettings, Callback):
         """The recorded :class:`~landscape.Run` (also after the fit, for in-memory runs).
 
         Under ``strategy="ddp_spawn"`` the fit runs in spawned processes and this object,
-        in the launching process, never holds the monitor: the file rank 0 wrote is read.
+        in the launching process, never holds the monitor: the file rank 0 wrote is read
+        (a file last written before this callback was made is an older run's, not read).
         """
-        if self.monitor is None and self.path is not None and os.path.exists(self.path):
+        if (self.monitor is None and self.path is not None and os.path.exists(self.path)
+                and os.path.getmtime(self.path) >= self._created - 1.0):
             return Run.open(self.path)
         return recorded_run(self.monitor, self._closed, "LandscapeCallback")
 

@@ -356,7 +356,7 @@ class Sentinels(Metric):
             else:
                 try:
                     args, kwargs, y, output, attention = self._conventional(ctx, batch, samples)
-                except (TypeError, MissingInput):
+                except (TypeError, MissingInput) as err:
                     if self._whole_dict is not None or not isinstance(batch, Mapping):
                         raise
                     # a forward that takes the dict batch itself (a LightningModule's
@@ -366,8 +366,11 @@ class Sentinels(Metric):
                         output, attention = self._forward(ctx.model, args, kwargs)
                     except Exception:
                         self._whole_dict = False
-                        raise
+                        raise err from None  # the model's own error, not model(dict)'s
                     self._whole_dict = True
+                else:
+                    if self._whole_dict is None:
+                        self._whole_dict = False  # a convention works: a later error is the model's
         z = first_tensor(output)
         if z is None or z.dim() == 0:
             raise MissingInput("sentinels: the model's output has no logits tensor")

@@ -478,3 +478,23 @@ def test_a_model_whose_forward_takes_the_dict_batch_itself(tmp_path):
     assert not mon.findings
     r = mon.run().series("sentinels", "r_secant")[1]
     assert np.isnan(r[0]) and np.isfinite(r[1:]).all() and (r[1:] > 0).all()
+
+
+def test_a_models_own_type_error_is_reported_not_the_dict_fallbacks(tmp_path):
+    """The model(batch) fallback's error ('must be Tensor, not dict') replaced the model's."""
+
+    class Broken(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.lin(x).sum(dim="no such dim")  # the model's own TypeError
+
+    batch = {"x": torch.randn(8, 6), "y": torch.randint(0, 3, (8,))}
+    with pytest.warns(RuntimeWarning):
+        with ls.Monitor(Broken(), F.cross_entropy, tmp_path / "run.h5", probe=batch,
+                        metrics=["sentinels"], warn=False) as mon:
+            mon.step(0, batch=batch)
+    (failed,) = [f for f in mon.findings if f.rule == "metric_failed"]
+    assert "not dict" not in failed.message and "sum" in failed.message
