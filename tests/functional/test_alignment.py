@@ -18,6 +18,7 @@ from landscape.functional import (
     spectral_alignment,
     top_singular_vector,
 )
+from landscape.functional.alignment import EXACT_SIDE
 
 SETTINGS = settings(max_examples=25, deadline=None)
 SUMMARY = ("frac_positive", "frac_negative", "minority_fraction", "sign_entropy", "mean_abs_cos")
@@ -123,13 +124,14 @@ def test_power_iteration_matches_svd_up_to_sign(d_out, d_in):
 
 def test_warm_start_converges_in_fewer_products_and_keeps_the_sign():
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(64, 32, generator=g, dtype=torch.float64)
+    shape = (600, EXACT_SIDE + 44)  # larger than the exact path's: Lanczos
+    w = torch.randn(*shape, generator=g, dtype=torch.float64)
     cold = top_singular_vector(w, max_iter=5000, tol=1e-12)
-    w2 = w + 1e-3 * torch.randn(64, 32, generator=g, dtype=torch.float64)  # one small step
+    w2 = w + 1e-3 * torch.randn(*shape, generator=g, dtype=torch.float64)  # one small step
     warm = top_singular_vector(w2, -cold.v, tol=1e-8)
     assert warm.converged and warm.n_iter < top_singular_vector(w2, tol=1e-8).n_iter
     assert float(warm.v @ -cold.v) > 0  # sign follows the warm start (continuous series)
-    x = torch.randn(10, 32, dtype=torch.float64)
+    x = torch.randn(10, shape[1], dtype=torch.float64)
     res = spectral_alignment(w2, x, init=cold.v)
     assert res.n_iter < spectral_alignment(w2, x).n_iter and float(res.v @ cold.v) > 0
 
@@ -237,3 +239,14 @@ def test_tiny_and_huge_weights_get_their_top_singular_vector(scale):
     assert top.converged
     assert float(top.sigma) == pytest.approx(float(s[0]), rel=1e-4)
     assert float((top.v.double() @ vh[0]).abs()) == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(40, 8), (8, 40), (EXACT_SIDE, 300), (1, 5), (5, 1)])
+def test_small_weights_get_the_exact_vector_without_products(shape):
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    top = top_singular_vector(w, init=torch.ones(shape[1]))
+    _, s, vh = torch.linalg.svd(w.double())
+    assert top.n_iter == 0 and top.converged
+    assert float(top.sigma) == pytest.approx(float(s[0]), rel=1e-5)
+    assert float(top.v.double() @ vh[0]) ** 2 == pytest.approx(1.0, abs=1e-6)
+    assert float(top.v.double() @ torch.ones(shape[1], dtype=torch.float64)) >= 0  # init's sign
