@@ -25,6 +25,7 @@ from landscape.alarms.representation_rules import (
 )
 from landscape.alarms.training_rules import GradNormSpike, LossSpike, NonFiniteValues
 from landscape.findings import Finding, dedupe
+from landscape.store.format import as_numpy
 
 __all__ = ["RULES", "OnlineAlarms", "check", "default_rules"]
 
@@ -115,13 +116,8 @@ def _as_row(values: Mapping[str, Any]) -> dict[str, Value]:
         if type(v) is float:  # the common case: a metric's scalar, as is
             out[key] = v
             continue
-        if hasattr(v, "detach"):  # a torch tensor, without importing torch
-            v = v.detach().cpu()
-            if str(v.dtype) == "torch.bfloat16":  # NumPy has no bfloat16
-                v = v.float()
-            v = v.numpy()
         try:
-            arr = np.asarray(v, dtype=np.float64)
+            arr = np.asarray(as_numpy(v), dtype=np.float64)
         except (TypeError, ValueError):
             continue  # strings and other non-numeric fields
         out[key] = float(arr) if arr.ndim == 0 else arr

@@ -51,6 +51,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from landscape.findings import Finding
+from landscape.store.format import as_numpy
 
 __all__ = [
     "MAX_VECTOR",
@@ -91,13 +92,8 @@ def scalars(name: str, row: Mapping[str, Any], prefix: str = "landscape") -> dic
     for field, value in row.items():
         if field == "step" or isinstance(value, (str, bytes)):
             continue
-        if hasattr(value, "detach"):  # a torch tensor
-            value = value.detach().cpu()
-            if str(value.dtype) == "torch.bfloat16":  # NumPy has no bfloat16
-                value = value.float()
-            value = value.numpy()
         try:
-            arr = np.asarray(value, dtype=np.float64)
+            arr = np.asarray(as_numpy(value), dtype=np.float64)
         except (TypeError, ValueError):
             continue
         key = f"{prefix}/{name}/{field}"

@@ -138,6 +138,20 @@ def _describe(specs: Mapping[str, FieldSpec]) -> str:
 # --------------------------------------------------------------------------- values
 
 
+def as_numpy(value: Any) -> Any:
+    """A torch tensor as a NumPy array on the host, any other value as it is.
+
+    bfloat16, which NumPy lacks, becomes float32. Shared by the writer, the alarm rules and
+    the mirrors, which all turn a metric's row into NumPy (without importing torch).
+    """
+    if not hasattr(value, "detach"):
+        return value
+    value = value.detach().cpu()
+    if str(value.dtype) == "torch.bfloat16":
+        value = value.float()
+    return value.numpy()
+
+
 def _encode(value: Any, spec: FieldSpec) -> np.ndarray:
     if spec.is_string:
         width = np.dtype(spec.dtype).itemsize
@@ -145,12 +159,7 @@ def _encode(value: Any, spec: FieldSpec) -> np.ndarray:
         if len(raw) > width:
             raw = raw[: width - 3].decode("utf-8", "ignore").encode("utf-8") + b"..."
         return np.asarray(raw, dtype=spec.dtype)
-    if hasattr(value, "detach"):  # torch tensor, without importing torch here
-        value = value.detach().cpu()
-        if str(value.dtype) == "torch.bfloat16":  # NumPy has no bfloat16
-            value = value.float()
-        value = value.numpy()
-    arr = np.asarray(value, dtype=spec.dtype)
+    arr = np.asarray(as_numpy(value), dtype=spec.dtype)
     if arr.shape != spec.shape:
         if arr.size == math.prod(spec.shape):
             arr = arr.reshape(spec.shape)
