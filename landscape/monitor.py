@@ -111,9 +111,10 @@ def _check_names(metrics: Sequence[Metric]) -> None:
     """Refuse empty names and the monitor's own; warn when a metric takes a registered name.
 
     Raises:
-        ValueError: a metric has no name, or is named ``adaptive`` or ``probe``.
+        ValueError: a metric has no name, a name with '/' or ',', or one of the monitor's
+            own tables (``adaptive``, ``probe``, ``unmeasured``).
     """
-    from landscape.metrics.base import _REGISTRY
+    from landscape.metrics.base import _REGISTRY, same_definition
 
     for m in metrics:
         if not isinstance(m.name, str) or not m.name or "/" in m.name or "," in m.name:
@@ -123,9 +124,8 @@ def _check_names(metrics: Sequence[Metric]) -> None:
             raise ValueError(f"{type(m).__name__}: the metric name {m.name!r} is reserved for "
                              f"the monitor's own /metrics/{m.name} table; choose another name")
         owner = _REGISTRY.get(m.name)
-        same = owner is not None and (owner.__module__, owner.__qualname__) == (
-            type(m).__module__, type(m).__qualname__)  # the class re-run in a notebook
-        if owner is not None and not isinstance(m, owner) and not same:
+        if owner is not None and not isinstance(m, owner) and not same_definition(owner,
+                                                                                  type(m)):
             warnings.warn(
                 f"landscape: {type(m).__name__} is named {m.name!r}, the name of "
                 f"{owner.__module__}.{owner.__qualname__}: its rows go to /metrics/{m.name} "

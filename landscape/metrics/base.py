@@ -144,9 +144,7 @@ class Metric:
         Raises:
             TypeError: ``FIELDS`` is a string (``("value",)`` missing its comma).
         """
-        if isinstance(self.FIELDS, str):
-            raise TypeError(f"{type(self).__name__}.FIELDS must be a tuple of field names, "
-                            f"got the string {self.FIELDS!r} (write ({self.FIELDS!r},))")
+        _check_fields_declaration(type(self))
         return {k: () for k in self.FIELDS}
 
     def config(self) -> dict[str, Any]:
@@ -199,6 +197,22 @@ class Metric:
         return f"{type(self).__name__}(schedule={self.schedule}, data={self.data!r})"
 
 
+def same_definition(a: type, b: type) -> bool:
+    """Whether two classes are one definition.
+
+    The same class, or the same module and qualified name: a notebook cell run again,
+    ``importlib.reload``.
+    """
+    return a is b or (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
+
+
+def _check_fields_declaration(cls: type) -> None:
+    """Refuse ``FIELDS = "value"``: a string, where ``("value",)`` was meant (TypeError)."""
+    if isinstance(cls.FIELDS, str):  # type: ignore[attr-defined]
+        raise TypeError(f"{cls.__name__}.FIELDS must be a tuple of field names, got the "
+                        f"string {cls.FIELDS!r} (write ({cls.FIELDS!r},))")  # type: ignore
+
+
 _REGISTRY: dict[str, type[Metric]] = {}
 M = TypeVar("M", bound=type[Metric])
 
@@ -224,15 +238,11 @@ def register(cls: M | None = None, *, replace: bool = False) -> Any:
             raise TypeError(f"register expects a Metric subclass, got {c!r}")
         if not isinstance(c.name, str) or not c.name or "/" in c.name:
             raise ValueError(f"{c.__name__}.name must be a non-empty name without '/'")
-        if isinstance(c.FIELDS, str):
-            raise TypeError(f"{c.__name__}.FIELDS must be a tuple of field names, got the "
-                            f"string {c.FIELDS!r} (write ({c.FIELDS!r},))")
+        _check_fields_declaration(c)
         old = _REGISTRY.get(c.name)
         # the same class defined again (a notebook cell re-run, importlib.reload) replaces
         # its earlier definition; another class of that name is refused
-        redefined = old is not None and (old.__module__, old.__qualname__) == (
-            c.__module__, c.__qualname__)
-        if old is not None and old is not c and not replace and not redefined:
+        if old is not None and not replace and not same_definition(old, c):
             raise ValueError(
                 f"a metric named {c.name!r} is already registered ({old.__module__}."
                 f"{old.__qualname__}); pass replace=True to replace it"
