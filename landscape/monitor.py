@@ -692,24 +692,7 @@ class Monitor:
                     if r >= _DENSE_AT:
                         self._dense_until = step + _DENSE_STEPS
             if unmeasured:
-                # the steps at which a metric failed: their NaN rows are no measurement, and
-                # OnlineAlarms.replay (resume, landscape check) skips them as the monitor did
-                fresh = False
-                if not self._unmeasured_declared:  # only runs with a failure have the table
-                    if "unmeasured" not in self.writer.run().metrics():  # (resumed: kept)
-                        # wide enough for every metric's name at once (never cut), and no
-                        # wider: a metric that fails at every step adds a row per step
-                        width = max(_UNMEASURED_WIDTH, len(",".join(
-                            m.name for m in self.metrics).encode("utf-8")))
-                        self.writer.declare(
-                            "unmeasured", {"metrics": f"S{width}"},
-                            cls="landscape.monitor.Monitor", schedule="triggered",
-                        )
-                        fresh = True
-                    self._unmeasured_declared = True
-                self.writer.append("unmeasured", step, {"metrics": ",".join(unmeasured)})
-                if fresh:  # declaring flushed this step's NaN rows: its unmeasured row too
-                    self.writer.flush()
+                self._record_unmeasured(step, unmeasured)
             if extra:
                 self.writer.append("adaptive", step, {"dense": 1.0, "extra": float(len(extra))})
         if self._distributed:
@@ -729,6 +712,27 @@ class Monitor:
         for f in dedupe(found):  # one finding per (step, rule), e.g. a NaN loss seen twice
             raised.append(self._emit(f))
         return raised
+
+    def _record_unmeasured(self, step: int, names: list[str]) -> None:
+        """List the metrics that failed at ``step`` in ``/metrics/unmeasured``.
+
+        Their NaN rows are no measurement: the monitor did not feed them to the rules, and
+        ``OnlineAlarms.replay`` (a resumed monitor, ``landscape check``) skips them too.
+        Only a run with a failure has the table; a resumed run keeps its own.
+        """
+        assert self.writer is not None
+        fresh = not self._unmeasured_declared and "unmeasured" not in self.writer.run().metrics()
+        if fresh:
+            # wide enough for every metric's name at once (never cut), and no wider: a
+            # metric that fails at every step adds a row per step
+            width = max(_UNMEASURED_WIDTH,
+                        len(",".join(m.name for m in self.metrics).encode("utf-8")))
+            self.writer.declare("unmeasured", {"metrics": f"S{width}"},
+                                cls="landscape.monitor.Monitor", schedule="triggered")
+        self._unmeasured_declared = True
+        self.writer.append("unmeasured", step, {"metrics": ",".join(names)})
+        if fresh:  # declaring flushed this step's NaN rows: its unmeasured row too
+            self.writer.flush()
 
     def _recorded_dense_until(self) -> int:
         """The end of the dense window that recorded sentinel rows and warnings opened (or -1)."""
@@ -863,9 +867,7 @@ class Monitor:
         try:
             self.writer.append(metric.name, ctx.step, row)
             return row, measured
-        except (ValueError, TypeError) as caught:
-            if isinstance(caught, StepOrderError):
-                raise
+        except (ValueError, TypeError) as caught:  # (a StepOrderError is neither)
             err = type(caught)(f"{type(metric).__name__}.compute() returned a row that does "
                                f"not fit its fields() {list(metric.fields())}: {caught}")
         if self.strict:
