@@ -145,6 +145,7 @@ def top_singular_vector(
         assert found.largest is not None
         v = found.largest[1][0].to(w.dtype)
         it, converged = found.n_matvec, found.converged
+    v = _fix_sign(v, ref)
     wv = ws @ v  # scaled, so a tiny weight's sigma does not underflow to 0 in its dtype
     sigma = wv.norm() * scale if scale > 0 else wv.norm()
     if not sigma > 0:
@@ -158,8 +159,6 @@ def top_singular_vector(
             False,
             reason,
         )
-    v = _fix_sign(v, ref)
-    wv = ws @ v
     u = wv / wv.norm()
     return TopSingularResult(sigma, u, v, it, converged)
 

@@ -19,7 +19,7 @@ from landscape._errors import MissingInput
 from landscape._hf import is_causal_lm
 from landscape.capture import last_linear, linear_layers, resolve_module
 from landscape.metrics.base import Metric, register
-from landscape.metrics.context import StepContext, batch_targets, keyword_batch, split_batch
+from landscape.metrics.context import StepContext
 from landscape.schedules import every
 
 __all__ = ["Collapse", "Representation", "SpectralAlignment"]
@@ -214,7 +214,7 @@ class Collapse(_PenultimateMetric):
                 "F.linear, e.g. tied to the embedding?); pass Collapse(layer=...) naming the "
                 "layer whose input is the penultimate representation")
         bias = None
-        if _dist.is_sharded(getattr(classifier, "weight", None)):  # FSDP2: gather this layer
+        if _dist.is_sharded(weight):  # FSDP2: gather this layer
             b = getattr(classifier, "bias", None)
             bias = _dist.full_tensor(b.detach()) if isinstance(b, torch.Tensor) else None
             classifier = _dist.full_tensor(classifier.weight.detach())
@@ -230,8 +230,9 @@ class Collapse(_PenultimateMetric):
         """Features of positions 0..T-2 and the tokens 1..T-1 they predict (no padding)."""
         self.features(ctx)  # the capture, and its error when the layer was not called
         raw = ctx.captured(self.data).inputs[str(self.layer)]
-        labels = torch.cat([batch_targets(b) if keyword_batch(b) and "labels" in b
-                            else split_batch(b)[1] for b in ctx.batches(self.data)])
+        labels = ctx.given_targets(self.data)  # (inputs, targets), or the dict's labels
+        if not isinstance(labels, torch.Tensor):
+            raise MissingInput(f"collapse needs the tokens' labels; the {self.data} has none")
         if raw.dim() != 3 or labels.shape != raw.shape[:2]:
             raise MissingInput("collapse: labels do not match the (batch, position) features")
         feats = raw[:, :-1].reshape(-1, raw.shape[-1])
