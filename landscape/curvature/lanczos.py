@@ -273,7 +273,9 @@ def krylov_eigsh(
                 # r^2 / gap once the Krylov space holds 5 Ritz values (a smaller one
                 # overstates the gap: its second Ritz value lies far below lambda_2)
                 if theta.size >= 5:
-                    value = np.minimum(r, r**2 / gap_estimate(theta, idx))
+                    # a zero gap (Ritz values repeated by a block start) gives inf: r rules
+                    with np.errstate(divide="ignore", invalid="ignore"):
+                        value = np.minimum(r, r**2 / gap_estimate(theta, idx))
                 else:
                     value = r
                 if stop == "value":

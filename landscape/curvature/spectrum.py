@@ -164,6 +164,7 @@ def top_eigenvalues(
     which: str = "largest",
     warm_start: EigenResult | Sequence[Sequence[torch.Tensor]] | None = None,
     seed: int = 0,
+    block: int = 1,
     min_matvec: int | None = None,
     stop: str = "auto",
     max_basis: int | None = None,
@@ -184,7 +185,15 @@ def top_eigenvalues(
     A warm start from a previous :class:`EigenResult` (its Ritz vectors, also from nearby
     parameters) forms the start block, so tracking an eigenvalue over nearby training
     steps costs a few matvecs (the first product alone gives the Rayleigh quotient and
-    its residual). See docs/curvature.md, "Top eigenvalues". The old keywords
+    its residual). See docs/curvature.md, "Top eigenvalues".
+
+    A cold start from one vector finds one vector per eigenspace: an eigenvalue of
+    multiplicity m (a multi-output least-squares layer repeats every eigenvalue once per
+    output) appears once among ``values``, whose later entries are then the next
+    eigenvalues down, each a true eigenpair with a small residual (``converged`` is
+    True). ``block=b`` starts from ``b`` random vectors (block Lanczos), which finds
+    multiplicities up to ``b`` for about twice the products at ``b = k`` (docs/curvature.md,
+    "Repeated eigenvalues"). The old keywords
     ``max_iter`` and ``min_iter`` still work and warn.
 
     Args:
@@ -198,9 +207,11 @@ def top_eigenvalues(
             with the same cap (:func:`_check_step`).
         which: ``"largest"``, ``"smallest"`` (most negative first) or ``"both"``.
         warm_start: a previous :class:`EigenResult` or a list of parameter-space vectors.
-        seed: the seed of the cold start's Gaussian vector.
+        seed: the seed of the cold start's Gaussian vector(s).
+        block: how many Gaussian vectors the cold start has (``1``: plain Lanczos; ``k``
+            finds eigenvalues repeated up to ``k`` times); unused with ``warm_start``.
         min_matvec: the least number of products before convergence may be declared
-            (default ``min(dim, k + 2)`` cold, 0 warm).
+            (default ``min(dim, max(k, block) + 2)`` cold, 0 warm).
         stop: ``"residual"`` (``||op(y) - theta y|| <= tol |theta|``), ``"value"``
             (the estimated eigenvalue error ``min(r, r^2 / gap) <= tol |theta|``) or
             ``"auto"`` (the residual rule; for ``k=1`` at one end also the value rule at
@@ -221,7 +232,8 @@ def top_eigenvalues(
         smallest end in ``.smallest``.
 
     Raises:
-        ValueError: ``k < 1``, ``tol <= 0``, an unknown ``which`` or ``max_matvec < 1``.
+        ValueError: ``k < 1``, ``tol <= 0``, an unknown ``which``, ``max_matvec < 1`` or
+            ``block < 1``.
         MemoryBudgetError: nothing fits ``memory_budget`` (a ``LandscapeError``).
 
     Example:
@@ -239,16 +251,19 @@ def top_eigenvalues(
         raise ValueError(f"which must be 'largest', 'smallest' or 'both', got {which!r}")
     if max_matvec is not None and max_matvec < 1:
         raise ValueError(f"max_matvec must be >= 1, got {max_matvec}")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be an integer >= 1, got {block!r}")
     check_budget(memory_budget)
     gen = _generator(seed)
     start = _warm_rows(warm_start, op, which)
     cold = start is None
     if cold:
-        start = torch.randn(op.dim, generator=gen, dtype=torch.float64).to(op.device, op.dtype)
+        shape = (op.dim,) if block == 1 else (min(block, op.dim), op.dim)
+        start = torch.randn(shape, generator=gen, dtype=torch.float64).to(op.device, op.dtype)
     if max_matvec is None:
         max_matvec = min(op.dim, 60 + 20 * k * (2 if which == "both" else 1))
     if min_matvec is None:
-        min_matvec = min(op.dim, k + 2) if cold else 0
+        min_matvec = min(op.dim, max(k, block) + 2) if cold else 0
     plan = None
     run_op = op
     if memory_budget is not None:
