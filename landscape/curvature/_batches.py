@@ -189,7 +189,11 @@ def materialize(
     if sizes is None:
         return batches, [1.0 / len(batches)] * len(batches), float(len(batches))
     total = sum(sizes)
-    return batches, [s / total for s in sizes], total
+    if total == 0:
+        raise ValueError("batch_size: every batch has size 0 (no sample or token counts)")
+    # a batch of size 0 (every token ignored) weighs nothing; its mean loss is 0/0
+    kept = [(b, s) for b, s in zip(batches, sizes) if s > 0]
+    return [b for b, _ in kept], [s / total for _, s in kept], total
 
 
 def batch_sizes(
@@ -204,11 +208,12 @@ def batch_sizes(
         batch_size: ``batch_size(b) -> int | None``, by default the leading dimension.
 
     Returns:
-        The sizes as floats, or ``None`` when any size is unknown (or not positive).
+        The sizes as floats (0 for a batch with nothing to count, e.g. every token
+        ignored), or ``None`` when any size is unknown (or negative).
     """
     sizer = batch_size or (lambda b: leading_size(b if closure_mode else b[0]))
     sizes = [sizer(b) for b in batches]
-    if any(s is None or s <= 0 for s in sizes):
+    if any(s is None or s < 0 for s in sizes):
         return None
     return [float(s) for s in sizes]
 
@@ -262,8 +267,10 @@ def microbatches(
             ]
         sizes = _piece_sizes(batch, pieces, closure_mode, batch_size)
         total = float(sum(sizes))
-        out_batches.extend(pieces)
-        out_weights.extend(w * s / total for s in sizes)
+        for piece, s in zip(pieces, sizes):
+            if s > 0:  # a piece of size 0 (every token ignored) weighs nothing: left out
+                out_batches.append(piece)
+                out_weights.append(w * s / total)
     return out_batches, out_weights
 
 

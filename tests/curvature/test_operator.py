@@ -478,3 +478,39 @@ def test_microbatch_weights_follow_samples_whatever_the_sizer(sizer):
     v = _rand(op, 1)[0]
     assert torch.allclose(flatten(op.matvec(v)), flatten(whole.matvec(v)), rtol=1e-9,
                           atol=1e-12)
+
+
+def _padded_tokens():
+    """An embedding LM batch of 10 rows whose last two hold only ignored (-100) targets."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Embedding(7, 5), nn.Tanh(), nn.Linear(5, 7)).double()
+    ids, tgt = torch.randint(0, 7, (10, 6)), torch.randint(0, 7, (10, 6))
+    for i, length in enumerate([6, 1, 2, 6, 5, 1, 3, 6, 0, 0]):
+        tgt[i, length:] = -100
+
+    def token_ce(out, t):
+        return F.cross_entropy(out.reshape(-1, 7), t.reshape(-1), ignore_index=-100)
+
+    return model, token_ce, ids, tgt
+
+
+def valid_tokens(batch):
+    return int((batch[1] != -100).sum())
+
+
+def test_a_piece_or_batch_without_valid_tokens_weighs_nothing():
+    # the piece of rows 8-9 has 0 tokens: weight 0, never evaluated (its mean loss is 0/0)
+    model, token_ce, ids, tgt = _padded_tokens()
+    truth = dense_hessian(model, token_ce, (ids, tgt))
+    micro = Hessian(model, token_ce, (ids, tgt), microbatch_size=4, batch_size=valid_tokens)
+    assert micro.batch_weights == pytest.approx((0.5, 0.5))
+    assert torch.allclose(micro.to_dense(), truth, rtol=1e-9, atol=1e-12)
+    with torch.no_grad():
+        whole_loss = float(token_ce(model(ids), tgt))
+    assert float(micro.loss()) == pytest.approx(whole_loss, rel=1e-12)
+    loader = Hessian(model, token_ce, [(ids[:8], tgt[:8]), (ids[8:], tgt[8:])],
+                     batch_size=valid_tokens)
+    assert loader.batch_weights == pytest.approx((1.0,))
+    assert torch.allclose(loader.to_dense(), truth, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="every batch has size 0"):
+        Hessian(model, token_ce, [(ids[8:], tgt[8:])], batch_size=valid_tokens)
