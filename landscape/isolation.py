@@ -27,7 +27,8 @@ from torch import nn
 from torch.func import functional_call
 
 __all__ = [
-    "ClosureModule", "isolated", "same_rng", "sdpa_math", "stateless_call", "stateless_closure",
+    "ClosureModule", "isolated", "no_grad_forward", "same_rng", "sdpa_math", "stateless_call",
+    "stateless_closure",
 ]
 
 
@@ -147,6 +148,19 @@ def same_rng(model: nn.Module) -> Iterator[Any]:
             torch.cuda.set_rng_state(s, d)
 
     yield rewind
+
+
+@contextlib.contextmanager
+def no_grad_forward() -> Iterator[None]:
+    """``torch.no_grad()`` without the note of a reentrant checkpoint that no input needs grad.
+
+    ``torch.utils.checkpoint`` (``use_reentrant=True``) warns "None of the inputs have
+    requires_grad=True" whenever it runs without gradients; in a forward that is meant to
+    run without them (a loss value, a logit difference) the note misleads.
+    """
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="None of the inputs have requires_grad")
+        yield
 
 
 @contextlib.contextmanager

@@ -70,7 +70,7 @@ from landscape.curvature._step import (
     truncation,
 )
 from landscape.distributed import is_sharded, local_tensor, shard_of, sharded_sum
-from landscape.isolation import same_rng, stateless_closure
+from landscape.isolation import no_grad_forward, same_rng, stateless_closure
 from landscape.params import Vector
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -310,7 +310,7 @@ class FirstOrder(ShiftedEvaluation):
             return self._loss0[1]
 
         def per_batch(batch: Any) -> list[torch.Tensor]:
-            with torch.no_grad():
+            with no_grad_forward():
                 if self.sharded:
                     value = self._direct_loss(batch).detach().double()
                     # FSDP2 keeps the root's gathered copy after a forward without

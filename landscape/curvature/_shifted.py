@@ -36,7 +36,7 @@ from landscape._sums import CHUNK
 from landscape.curvature._batches import to_device
 from landscape.curvature._evaluation import detach_tree, scalar_loss, seed_generators
 from landscape.distributed import full_tensor, is_sharded, local_tensor
-from landscape.isolation import isolated, same_rng, stateless_closure
+from landscape.isolation import isolated, no_grad_forward, same_rng, stateless_closure
 
 if TYPE_CHECKING:  # pragma: no cover
     from landscape.curvature._model_operator import ModelOperator
@@ -487,7 +487,7 @@ class ShiftedEvaluation:
         handles = [m.register_forward_hook(hook) for m in owners]
         try:
             batch = to_device(self.op._data.batches[0], self.op.device)
-            with self._context(), torch.no_grad():
+            with self._context(), no_grad_forward():
                 if self.sharded:
                     self._direct_loss(batch)
                     _dist.reshard(model)  # the root keeps no gathered copy

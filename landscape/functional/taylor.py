@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -34,7 +33,7 @@ from landscape.functional._model import (
     detached_params,
     vec_norm,
 )
-from landscape.isolation import isolated, sdpa_math, stateless_call
+from landscape.isolation import isolated, no_grad_forward, sdpa_math, stateless_call
 
 PI = math.pi
 
@@ -328,9 +327,7 @@ def _central_difference(
         rewind()
         moved = base if alpha == 0.0 else {
             k: (b.double() + alpha * step[k].double()).to(b.dtype) for k, b in base.items()}
-        with torch.no_grad(), warnings.catch_warnings():
-            # a reentrant checkpoint's note that no input requires grad: none is meant to
-            warnings.filterwarnings("ignore", message="None of the inputs have requires_grad")
+        with no_grad_forward():
             return logits_of(moved).detach()
 
     return difference_tangent(logits_at, eps)

@@ -151,3 +151,18 @@ def test_parameters_without_a_gradient_and_no_checkpoint_have_zero_curvature(bac
     for name in ("aux.weight", "aux.bias", "thresh", "marker"):
         assert torch.count_nonzero(hv[name]) == 0, name
     assert torch.count_nonzero(hv["lin.weight"]) > 0
+
+
+@pytest.mark.parametrize("backend", ["first_order", "auto"])
+def test_no_grad_forwards_keep_torchs_checkpoint_note_to_themselves(backend):
+    # the loss value and the dtype probe run without gradients by design: torch's "None of
+    # the inputs have requires_grad=True" there would read like the cut-off-parameter case
+    net = _Net()
+    op = Hessian(net, F.cross_entropy, _data(), backend=backend)
+    v = tuple(torch.ones_like(p) for p in net.parameters())
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        op.matvec(v)
+        op.loss()
+    notes = [str(w.message) for w in seen if "None of the inputs" in str(w.message)]
+    assert notes == []
