@@ -27,6 +27,7 @@ from landscape.curvature._batches import (
     BatchSize,
     ProbeData,
     check_microbatching,
+    microbatches,
     probe_data,
     to_device,
 )
@@ -141,17 +142,32 @@ class ModelOperator(CurvatureOperator):
         self._bind(opts.params)
         if opts.microbatch_size is not None:
             check_microbatching(self.model, opts.eval_mode)
-        self._data: ProbeData = probe_data(
-            data, closure_mode=closure is not None or forward is not None,
-            max_batches=opts.max_batches, single_batch=opts.single_batch,
-            batch_size=opts.batch_size, microbatch_size=opts.microbatch_size,
+        closure_mode = closure is not None or forward is not None
+        whole_data = probe_data(
+            data, closure_mode=closure_mode, max_batches=opts.max_batches,
+            single_batch=opts.single_batch, batch_size=opts.batch_size, microbatch_size=None,
         )
+        self._data: ProbeData = whole_data
+        if opts.microbatch_size is not None:
+            pieces, weights = microbatches(
+                list(whole_data.batches), list(whole_data.weights), int(opts.microbatch_size),
+                closure_mode=closure_mode, batch_size=opts.batch_size,
+            )
+            self._data = ProbeData(tuple(pieces), tuple(weights), whole_data.rank_size,
+                                   int(opts.microbatch_size))
         # torch.distributed: decided once, here; subset() inherits the decision
         self._reduce = RankReduction(_dist.enabled(opts.distributed), self._data.rank_size)
         self.options = dataclasses.replace(opts, distributed=self._reduce.enabled)
         self._backend = Backend(backend.name, type(self).__name__, self._impossible())
         self._use_first_order()
         self.refresh()
+        if len(self._data.batches) > len(whole_data.batches):
+            # the pieces' weighted losses must add up to the batches' (two no-grad passes)
+            from landscape.curvature._profile import check_losses_add_up
+
+            whole = copy.copy(self)
+            whole._data = whole_data
+            check_losses_add_up(whole, self)
 
     def _impossible(self) -> str | None:
         """Why the exact product cannot work on this model (FSDP2 shards), or ``None``."""

@@ -275,13 +275,99 @@ def _fit_product(op: Any, batch: int) -> tuple[float, float, float]:
 
 
 def _microbatchable(op: Any) -> bool:
+    """Whether plans may cut ``op``'s batches into micro-batches.
+
+    Not with a BatchNorm on batch statistics, nor when the losses do not add up over
+    micro-batches of an eighth of the batch (:func:`check_losses_add_up`; decided once per
+    operator: it costs two no-grad forward passes over the data).
+    """
     from landscape.curvature._batches import check_microbatching
 
+    known = op.__dict__.get("_losses_add_up")
+    if known is not None:
+        return known
     try:
         check_microbatching(op.model, op.options.eval_mode)
-    except ValueError:
+        rows = batch_rows(op)
+        size = max(1, (rows or 1) // 8)
+        if rows is not None and size < rows:
+            check_losses_add_up(op, with_microbatches(op, size))
+    except ValueError as err:
+        op._losses_add_up = False
+        op._no_microbatches = str(err)  # said when a budget cannot be met without them
         return False
+    op._losses_add_up = True
     return True
+
+
+def no_microbatches_note(op: Any) -> str:
+    """Why a plan could not cut ``op``'s batches, as a clause for an error (or ``""``)."""
+    model_op = _model_operator(op)
+    why = None if model_op is None else model_op.__dict__.get("_no_microbatches")
+    return "" if why is None else f" (no micro-batches here: {why})"
+
+
+def _eval_loss(op: Any, values: list[torch.Tensor] | None = None) -> float:
+    """``L`` over a model operator's data, in eval mode, without gradients.
+
+    At the parameters, or at ``values`` (one tensor per selected parameter, evaluated
+    through ``functional_call``: the parameters are not written). On a copy of ``op`` with
+    its own first-order engine (its no-grad loss,
+    :class:`~landscape.curvature._first_order.FirstOrder`); the model is left as it was.
+    """
+    probe = copy.copy(op)
+    probe.options = dataclasses.replace(op.options, eval_mode=True)
+    if values is not None:
+        probe._param_objects = values
+    probe._use_first_order()
+    probe.refresh()
+    return probe._first_order._loss_at_theta()
+
+
+def check_losses_add_up(whole: Any, micro: Any) -> None:
+    """Refuse micro-batches whose weighted losses do not add up to the batches' loss.
+
+    Micro-batches weighted by their sample counts (or by an additive ``batch_size``)
+    give the batches' operator only when each batch's loss is the mean of its samples'
+    losses (docs/curvature.md, "Micro-batches"). A summed loss, or a mean over tokens
+    whose count differs from sample to sample without a ``batch_size`` counting them,
+    gives another operator, silently (a padded language-model batch: λ_max 1.2 % off; a
+    summed loss: the Hessian 63 % off). The weighted losses are compared at the
+    parameters and at a random point near them (each tensor moved by Gaussian noise of
+    its own root-mean-square size, through ``functional_call``): at initialisation every
+    token's loss is close to log(vocabulary), and a wrong weighting hardly shows in the
+    loss there. In eval mode, without gradients (dropout would make the two differ by
+    chance; a BatchNorm on batch statistics is refused before).
+
+    Args:
+        whole: the model operator on the batches.
+        micro: the same operator on their micro-batches.
+
+    Raises:
+        ValueError: the losses differ beyond rounding (relative 1e-4).
+    """
+    pairs = [(_eval_loss(whole), _eval_loss(micro))]
+    if not whole._first_order.sharded:  # FSDP2 shards are evaluated in place: not moved
+        gen = torch.Generator().manual_seed(0)
+        moved = []
+        for p in whole._param_objects:
+            p = p.detach()
+            rms = float(p.double().pow(2).mean().sqrt()) if p.numel() else 0.0
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            moved.append(p + (noise * (rms or 0.02)).to(p.device, p.dtype))
+        pairs.append((_eval_loss(whole, moved), _eval_loss(micro, moved)))
+        del moved
+    for full, parts in pairs:
+        if math.isfinite(full) and not math.isclose(full, parts, rel_tol=1e-4, abs_tol=1e-9):
+            weights = "a batch_size= count" if micro.options.batch_size is not None else \
+                "their samples"
+            raise ValueError(
+                f"microbatch_size: the micro-batches' losses weighted by {weights} give "
+                f"{parts:.6g} where the whole batches give {full:.6g}: the loss is not a "
+                "mean over what the weights count (a summed loss, or a mean over tokens); "
+                "pass batch_size= counting what the loss averages over (e.g. the valid "
+                "tokens), or no micro-batches"
+            )
 
 
 def _vector_bytes(op: Any) -> int:

@@ -36,9 +36,11 @@ from landscape.curvature._profile import (
     _is_model_operator,
     _measure_pair,
     _measure_size,
+    _microbatchable,
     _vector_bytes,
     agree,
     batch_rows,
+    no_microbatches_note,
     profile_memory,
     with_backend,
     with_microbatches,
@@ -288,7 +290,7 @@ def plan_eigen(
         f"memory_budget: the measurement needs at least {_fmt(need.estimate)} "
         f"({least + extra_vectors} vectors of {_fmt(vbytes)} and {how}), "
         f"over the budget of {_fmt(limit)}; raise memory_budget= or select fewer "
-        "parameters (params=)"
+        f"parameters (params=){no_microbatches_note(op)}"
     )
 
 
@@ -394,7 +396,7 @@ def plan_probes(
         f"memory_budget: {what} needs at least {_fmt(fixed_bytes + lean + least)} "
         f"({_fmt(fixed_bytes)} kept, {_fmt(lean)} per probe and {how}), over the "
         f"budget of {_fmt(limit)}; raise memory_budget=, use fewer products (n_matvec=, "
-        "lanczos_steps=) or select fewer parameters (params=)"
+        f"lanczos_steps=) or select fewer parameters (params=){no_microbatches_note(op)}"
     )
 
 
@@ -440,6 +442,11 @@ def apply_plan(op: Any, plan: MemoryPlan) -> Any:
         new.n_matvec = 0
         return new
     if plan.microbatch_size is not None:
+        if not _microbatchable(op):  # a plan from a hand-made profile, which never looked
+            raise MemoryBudgetError(
+                f"memory_budget: the plan cuts the batches into micro-batches of "
+                f"{plan.microbatch_size}, which this operator cannot take"
+                f"{no_microbatches_note(op)}")
         op = with_microbatches(op, plan.microbatch_size)
     if plan.backend is not None:
         op = with_backend(op, plan.backend)

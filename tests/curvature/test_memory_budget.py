@@ -235,3 +235,49 @@ def dataclasses_replace(obj, **kw):
     import dataclasses
 
     return dataclasses.replace(obj, **kw)
+
+
+def _padded_lm():
+    """A token-mean loss over sequences of different lengths (padding ignored)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(11, 6), torch.nn.Tanh(),
+                                torch.nn.Linear(6, 11)).double()
+    ids, tgt = torch.randint(0, 11, (24, 9)), torch.randint(0, 11, (24, 9))
+    for i in range(24):
+        tgt[i, 1 + (i * 5) % 9:] = -100
+
+    def token_ce(out, t):
+        return F.cross_entropy(out.reshape(-1, 11), t.reshape(-1), ignore_index=-100)
+
+    return model, token_ce, (ids, tgt)
+
+
+def test_a_loss_that_is_no_mean_over_the_samples_is_never_cut_silently():
+    # micro-batches weighted by sample counts give another operator for a summed loss or a
+    # token mean over sequences of different lengths: refused with explicit micro-batches,
+    # never planned by a budget, refused when a hand-made profile's plan asks for them
+    model, token_ce, batch = _padded_lm()
+    with pytest.raises(ValueError, match="not a mean over what the weights count"):
+        Hessian(model, token_ce, batch, microbatch_size=8)
+
+    def summed(out, y):
+        return F.cross_entropy(out, y, reduction="sum")
+
+    cls, data, _ = _model_op()
+    with pytest.raises(ValueError, match="not a mean over what the weights count"):
+        Hessian(cls, summed, data, microbatch_size=8)
+    # a sizer that counts the tokens makes the pieces add up: the dense truth
+    tokens = Hessian(model, token_ce, batch, microbatch_size=8,
+                     batch_size=lambda b: int((b[1] != -100).sum()))
+    truth = dense_hessian(model, token_ce, batch)
+    assert torch.allclose(tokens.to_dense(), truth, rtol=1e-9, atol=1e-12)
+    # the planners' profile says it cannot be cut; a per-sample mean can
+    op = Hessian(model, token_ce, batch)
+    assert profile_memory(op, step_bytes=1e6).microbatchable is False
+    assert profile_memory(_model_op()[2], step_bytes=1e6).microbatchable is True
+    prof = _profile(op, intercept=0.0, slope=1e5, rows=24)  # hand-made: never looked
+    fixed, per_probe, _ = trace_module.trace_memory(op, "krylov", 12)
+    with pytest.raises(MemoryBudgetError, match="no micro-batches here: microbatch_size"):
+        hessian_trace(op, "krylov", n_matvec=12, memory_profile=prof,
+                      memory_budget=fixed + per_probe + prof.product(6))
+    assert op.n_matvec == 0
