@@ -228,9 +228,11 @@ def discard_if_empty(path: str | Path | None) -> Iterator[None]:
 
 def _recorded_steps(path: str | Path | None, mode: str, names: Sequence[str],
                     before: int | None = None) -> dict[str, list]:
-    """The steps each of the metrics ``names`` already has in the run file (appending).
+    """The steps each metric already has in the run file (appending): ``names`` and the others.
 
-    Steps at or after ``before`` (a checkpoint interrupted midway) are left out.
+    Every metric of the file counts, not only ``names``: a new step must come after all of
+    them (the monitor's step order), else nothing may be written. Steps at or after
+    ``before`` (a checkpoint interrupted midway) are left out.
     """
     if path is None or mode != "a" or not Path(path).is_file():
         return {}
@@ -238,7 +240,7 @@ def _recorded_steps(path: str | Path | None, mode: str, names: Sequence[str],
 
     with Run.open(path) as run:
         return {m: [int(s) for s in run.steps(m) if before is None or s < before]
-                for m in names if m in run.metrics()}
+                for m in run.metrics()}
 
 
 def _partial_step(path: str | Path | None, mode: str) -> int | None:
@@ -355,8 +357,10 @@ def _to_compute(
 ) -> list[tuple[int, Checkpoint]]:
     """The checkpoints whose step is not yet in the run file for every metric (resuming).
 
-    A step that every metric has is skipped (with a warning); one that cannot follow the
-    rows already recorded is an error that says how to start over.
+    A step that every metric of ``names`` has is skipped (with a warning); one that cannot
+    follow the rows already recorded, of any metric (adding a metric to checkpoints the file
+    already holds), is an error that says how to start over, raised before anything is
+    written.
     """
     if not recorded:
         return loaded
@@ -476,7 +480,10 @@ def analyze(
                       mode=mode, truncate_from=partial, microbatch_size=microbatch_size,
                       adaptive=False,
                       config={"analysis": {"checkpoints": [str(c.path) for _, c in loaded]}})
-    todo = _to_compute(loaded, _recorded_steps(path, mode, names, partial), names, path)
+    recorded = _recorded_steps(path, mode, names, partial)
+    todo = _to_compute(loaded, recorded, names, path)
+    # rows at or before this step were in the file before: never dropped on a failure
+    kept_until = max((max(v) for v in recorded.values() if v), default=None)
     for _, ckpt in todo:  # every checkpoint must fit the model before the file is touched
         load_state_into(net, ckpt)
     bars = _Progress(len(todo), len(chosen), progress)
@@ -500,7 +507,7 @@ def analyze(
                         step = None
                         bars.end_checkpoint()
             except BaseException:
-                if step is not None:
+                if step is not None and (kept_until is None or step > kept_until):
                     _drop_from(path, step)
                 raise
     finally:

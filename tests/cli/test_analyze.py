@@ -272,3 +272,24 @@ def test_momentum_without_lr_is_refused(setup, tmp_path):
     assert result.exit_code == 1
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert lines == ["Error: --momentum needs --lr (the SGD settings go together)"]
+
+
+def test_adding_a_metric_to_analysed_checkpoints_keeps_every_row(setup, tmp_path):
+    # the new metric has no rows, the others have them at every step: the monitor could not
+    # write step 10 after step 30, and the cleanup of "an unfinished checkpoint" dropped every
+    # row from step 10 on; now it is refused before anything is written
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    out = tmp_path / "run.h5"
+    common = ["--model", f"{fac}:model", "--data", f"{fac}:data", "-o", str(out), "-q"]
+    first = _invoke(["analyze", *map(str, paths), "-m", "sharpness", *common])
+    assert first.exit_code == 0, first.output
+    for chosen in (paths, paths[1:2]):
+        again = _invoke(["analyze", *map(str, chosen), "-m", "hessian_trace", *common])
+        assert again.exit_code == 1
+        assert "does not come after step 30" in again.output
+        assert "--overwrite" in again.output and "Traceback" not in again.output
+        run = ls.Run.open(out)
+        assert list(run.steps("sharpness")) == [10, 20, 30]
+        assert [s for s, _ in run.checkpoints()] == [10, 20, 30]
+        assert "hessian_trace" not in run.metrics()
