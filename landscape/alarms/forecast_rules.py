@@ -285,11 +285,13 @@ class ForecastState:
         early = self.rows <= rule.warmup
         if early:
             severity = "info"
+        field, value = rule.field, x
         if level:
             message = f"{rule._what} = {_fmt(x)} >= {_fmt(rule.limit)}"
             threshold = rule.limit if x < (rule.jump or math.inf) else rule.jump
-        elif not forecast:
+        elif not forecast:  # the update-to-weight ratio fired: its field, value, threshold
             message = self._growth_message(grown, f" (secant Taylor ratio r = {_fmt(x)})")
+            field, value = "update_ratio", grown[0]
             threshold = rule.update_growth * grown[1]
             if rule.update_confirm is not None and x < rule.update_confirm \
                     and not self._climbing():
@@ -315,8 +317,8 @@ class ForecastState:
             message += f" (within the first {rule.warmup} rows: early training)"
         return Trigger(
             severity=severity,
-            field=rule.field,
-            value=x,
+            field=field,
+            value=value,
             threshold=float(threshold),
             message=message,
             hint=rule._hint,

@@ -40,6 +40,10 @@ def test_a_growing_update_ratio_warns_before_r_reaches_the_limit():
     (first, *_) = _run(TaylorForecast(), r, update=u)
     assert first.severity == "warning" and "update-to-weight" in first.message
     assert first.step < 160 and r[first.step] < 1.0
+    # the finding is the ratio's: its field, its value and the threshold it crossed
+    median = np.median(u[max(0, first.step - 50):first.step])
+    assert first.metric == "sentinels/update_ratio" and first.value == u[first.step]
+    assert first.value >= first.threshold == pytest.approx(2 * median, rel=0.2)
     # the same noise without the ramp: nothing
     quiet = np.full(200, 0.005) * np.exp(0.1 * rng.standard_normal(200))
     assert _run(TaylorForecast(), np.full(200, 0.3), update=quiet) == []
