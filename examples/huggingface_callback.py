@@ -4,9 +4,10 @@ A GPT-2 built from a config (2 layers, width 64, vocabulary 64: no download) lea
 sequences from a fixed random first-order Markov chain, so the loss falls from log(64)
 towards the chain's entropy rate. The callback records the ``standard`` preset into
 ``OUT/run.h5``: the Trainer's own per-step loss (read from the model's forward output),
-gradient norm, update size and the logits of the LM head every step or ten; the Hessian
-spectrum, sharpness (preconditioned, against AdamW's threshold) and trace on a held-out
-probe batch every 50 or 100 steps, through the default closure ``model(**batch).loss``.
+gradient norm, update size and sentinels every step, the logits of the LM head every ten;
+sharpness (preconditioned, against AdamW's threshold) every 100 steps and the Hessian
+spectrum and trace every 500 (at step 0 in this 200-step run, denser while the sentinels
+move) on a held-out probe batch, through the default closure ``model(**batch).loss``.
 ``taylor_radius``, ``spectral_alignment`` and ``collapse`` are left out to keep the run
 short (GPT-2's blocks use ``Conv1D``, so spectral alignment would see only ``lm_head``); all
 three work on Hugging Face models (docs/integrations.md).

@@ -2,9 +2,10 @@
 
 A small MLP learns a 4-class problem (Gaussian blobs in 20 dimensions, 10% of the labels
 random) with SGD + momentum. The callback records the ``standard`` preset (loss, gradient
-norm, update, logits every step or ten; Taylor radius and spectral alignment every 10;
-Hessian spectrum, sharpness against the momentum-SGD threshold (2 + 2β)/η and the
-representation every 50; neural collapse and the Hessian trace every 100) into
+norm, update, sentinels every step, logits every ten; Taylor radius and spectral alignment
+every 10; the representation every 50; sharpness against the momentum-SGD threshold
+(2 + 2β)/η and neural collapse every 100; the Hessian spectrum and trace every 500, so at
+step 0 only in this run, denser while the sentinels move: docs/monitor.md) into
 ``OUT/run.h5``. With ``--spike-at S`` the learning rate is multiplied by ``--spike-factor``
 for 10 steps from step ``S`` (on by default in the full run), and the instability findings
 raised online are printed as they reach the trainer through ``on_finding``.

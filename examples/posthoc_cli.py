@@ -6,14 +6,16 @@ SGD + momentum, and a checkpoint ``{"model": state_dict, "step": N}`` is saved e
 epochs, as any training script would. Afterwards the ``landscape`` command analyses them:
 
 1. ``landscape analyze OUT/ckpt-*.pt --model OUT/factories.py:model --data
-   OUT/factories.py:data``: top Hessian eigenvalues, sharpness against the momentum-SGD
-   threshold (2 + 2 beta)/lr, the Hessian trace, the spectral density, neural collapse and
-   the representation metrics of every checkpoint, ordered by step, into ``OUT/run.h5``;
+   OUT/factories.py:data``: the command's default metrics, top Hessian eigenvalues,
+   sharpness against the momentum-SGD threshold (2 + 2 beta)/lr, neural collapse and the
+   representation metrics of every checkpoint, ordered by step, into ``OUT/run.h5`` (the
+   Hessian trace and the spectral density are opt-in, ``-m hessian_trace``);
 2. ``landscape surface ... --directions pca``: the loss over the plane of the top two
    principal components of the checkpoint trajectory (Li et al. 2018), with the path;
 3. ``landscape plot OUT/run.h5 -o OUT/plots``: one PNG per metric and per surface;
 4. ``landscape report OUT/run.h5 -o OUT/report.html``: one self-contained HTML file;
-5. ``landscape check OUT/run.h5``: the findings table (exit status 1 would flag an error).
+5. ``landscape check OUT/run.h5``: the findings table (exit status 1: a warning or worse,
+   the default ``--fail-on warning``).
 
 The model and data factories live in ``OUT/factories.py``, written by this script and
 imported by both the training below and the CLI (``path/to/file.py:function``). The CLI is

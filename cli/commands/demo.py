@@ -25,7 +25,7 @@ from landscape.demo import run_demo
               help="The learning rate's multiple at the end of the ramp.")
 @click.option("--spike-factor", default=None, type=click.FloatRange(min=0, min_open=True),
               help="Jump the learning rate by this factor at --ramp-step instead of ramping "
-                   "(an abrupt spike: every detector fires at the same step).")
+                   "(an abrupt spike: the detectors fire within a step or two of it).")
 @click.option("--surface-steps", default=21, show_default=True, type=click.IntRange(min=0),
               help="Grid points per axis of the loss surface (0: none).")
 @click.option("--seed", default=0, show_default=True, type=int)

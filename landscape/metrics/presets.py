@@ -88,7 +88,7 @@ def preset(name: str, **schedules: Schedule | str | int | None) -> list[Metric]:
     Example:
         >>> import landscape as ls
         >>> [m.name for m in ls.metrics.preset("cheap", logits=None)]
-        ['loss', 'grad_norm', 'nonfinite', 'update']
+        ['loss', 'grad_norm', 'nonfinite', 'update', 'sentinels']
     """
     if name not in _TABLES:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(_TABLES)}")
