@@ -50,6 +50,7 @@ their checks and the learned step.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
@@ -70,6 +71,7 @@ from landscape.curvature._step import (
     truncation,
 )
 from landscape.distributed import is_sharded, local_tensor, shard_of, sharded_sum
+from landscape.findings import user_stacklevel
 from landscape.isolation import no_grad_forward, same_rng, stateless_closure
 from landscape.params import Vector
 
@@ -113,6 +115,7 @@ class FirstOrder(ShiftedEvaluation):
         self._unchecked: Any = None  # a state whose check proved unreliable
         self.refined = 0  # products computed again at a refined step (_step.py)
         self._compute: torch.dtype | None = None  # compute_dtype, found at the first need
+        self._kinks_warned = False
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -129,11 +132,34 @@ class FirstOrder(ShiftedEvaluation):
         if self._compute is None:
             dtype = _dist.compute_dtype(self.op.model, self.op.dtype)
             if torch.finfo(dtype).bits >= 32:  # a narrower one may show in a forward
-                seen = self._forward_dtype()
+                seen = self._forward_dtype()  # which also lists the kinked ops (kinks)
                 if seen is not None and torch.finfo(seen).eps > torch.finfo(dtype).eps:
                     dtype = seen
             self._compute = dtype
         return self._compute
+
+    def _warn_kinks(self) -> None:
+        """Warn once per operator: gradient differences across kinks in 32 bits or fewer.
+
+        Raised by the first Hessian product when the forward that sizes the step ran a
+        kinked op (:mod:`landscape.curvature._kinks`) and the model computes in float32 or
+        narrower (autocast), where the step is large enough for many activations to cross
+        their kink. A model with 16-bit parameters runs no such forward and is not warned
+        about (its products are rough anyway: docs/curvature.md, "Precision").
+        """
+        if self._kinks_warned:
+            return
+        self._kinks_warned = True
+        if torch.finfo(self.compute_dtype).bits > 32 or not self.kinks:
+            return
+        warnings.warn(
+            f"{type(self.op).__name__}: first-order Hessian products in "
+            f"{str(self.compute_dtype).replace('torch.', '')} on a model with kinks "
+            f"({', '.join(sorted(self.kinks))}): a difference of gradients across them can "
+            "be far off (30 % on a ReLU MLP's top eigenvalue); prefer the exact product "
+            "(a reentrant checkpoint: use_reentrant=False) or float64 (docs/curvature.md, "
+            "'Limitation: kinks')", RuntimeWarning, stacklevel=user_stacklevel(),
+        )
 
     @property
     def _extrapolates(self) -> bool:
@@ -169,6 +195,7 @@ class FirstOrder(ShiftedEvaluation):
         Returns:
             ``H v`` in the parameters' dtype.
         """
+        self._warn_kinks()
         steps = self._steps_along(v, self._ratio())
         if steps is None:
             return tuple(torch.zeros_like(t) for t in v)

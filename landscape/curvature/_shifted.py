@@ -35,6 +35,7 @@ from landscape._errors import LandscapeError
 from landscape._sums import CHUNK
 from landscape.curvature._batches import to_device
 from landscape.curvature._evaluation import detach_tree, scalar_loss, seed_generators
+from landscape.curvature._kinks import KinkedOps
 from landscape.distributed import full_tensor, is_sharded, local_tensor
 from landscape.isolation import isolated, no_grad_forward, same_rng, stateless_closure
 
@@ -133,6 +134,7 @@ class ShiftedEvaluation:
         # reentrant activation checkpointing (_gradient_functional): every trainable
         # parameter a leaf
         self._widened = False
+        self.kinks: set[str] = set()  # kinked ops the forward of _forward_dtype ran
 
     def _rekey(self, before: Any) -> None:
         """A hook after an in-place write-and-restore of the shards (FSDP2).
@@ -472,8 +474,9 @@ class ShiftedEvaluation:
         One no-grad forward of the first batch at ``θ``, with a forward hook on every module
         that holds parameters: under ``torch.autocast`` (inside a closure or ``forward=``,
         where the operator cannot see it) their outputs are in the autocast dtype. None
-        when no such output was seen. Every rank runs it at the same point (FSDP2's
-        all-gathers).
+        when no such output was seen. The same forward lists the kinked ops it runs in
+        :attr:`kinks` (:class:`~landscape.curvature._kinks.KinkedOps`). Every rank runs it
+        at the same point (FSDP2's all-gathers).
         """
         model, seen = self.op.model, []
 
@@ -487,7 +490,7 @@ class ShiftedEvaluation:
         handles = [m.register_forward_hook(hook) for m in owners]
         try:
             batch = to_device(self.op._data.batches[0], self.op.device)
-            with self._context(), no_grad_forward():
+            with self._context(), no_grad_forward(), KinkedOps() as kinks:
                 if self.sharded:
                     self._direct_loss(batch)
                     _dist.reshard(model)  # the root keeps no gathered copy
@@ -497,6 +500,7 @@ class ShiftedEvaluation:
         finally:
             for h in handles:
                 h.remove()
+        self.kinks = kinks.names
         return max(seen, key=lambda d: torch.finfo(d).eps) if seen else None
 
     def _direct_loss(self, batch: Any) -> torch.Tensor:
