@@ -352,11 +352,13 @@ class H5Backend(Backend):
     Args:
         file: the open file.
         writable: whether it was opened for writing (structural changes need it).
+        path: the run file's path, when ``file`` is a copy of it (a file a killed writer
+            left open, read through a copy: :mod:`landscape.store.recovery`).
     """
 
-    def __init__(self, file: h5py.File, writable: bool) -> None:
+    def __init__(self, file: h5py.File, writable: bool, path: Path | None = None) -> None:
         self.file = file
-        self.path = Path(file.filename)
+        self.path = Path(file.filename) if path is None else Path(path)
         self.writable = writable
 
     @property

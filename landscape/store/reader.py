@@ -63,7 +63,7 @@ class Run:
             RunFileError: any problem with the file, in one line naming it.
         """
         p = Path(path)
-        return cls(H5Backend(open_for_reading(p), writable=False))
+        return cls(H5Backend(open_for_reading(p), writable=False, path=p))
 
     # -- file-level
 

@@ -4,11 +4,18 @@ A reader opens a file in SWMR-read mode after checking that it is a complete lan
 run; a writer reopening a file left in "open for SWMR write" state by a killed process
 first rewrites it once without that flag (``docs/file-format.md``, "Durability and live
 reading"). A file still written by a live process on this host is refused.
+
+A writer killed while the file was out of SWMR mode (a structural change, the first
+moments of a resume) leaves the plain "open for write" flag, which no HDF5 open accepts,
+although every committed row is intact. :func:`clear_open_flags` clears it as HDF5's
+``h5clear -s`` does, on a copy: readers read the copy, writers replace the file with it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -20,7 +27,9 @@ import h5py
 from landscape._errors import RunFileError
 from landscape.store.format import LOCKING, _attr_value, _check_format, _h5_reason
 
-__all__ = ["open_for_reading", "open_for_writing", "recover_crashed"]
+__all__ = [
+    "clear_open_flags", "holds_nothing", "open_for_reading", "open_for_writing", "recover_crashed",
+]
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _CHECK_ATTEMPTS = 3  # a live writer's metadata can be caught mid-flush: look again
@@ -54,6 +63,139 @@ def _check_not_truncated(path: Path) -> None:
         raise RunFileError(f"{path}: truncated file ({size} of {eof} bytes)")
 
 
+def holds_nothing(path: Path) -> bool:
+    """Whether ``path`` is an empty file, or an HDF5 superblock and nothing after it.
+
+    What a writer killed between creating a run file and its first flush leaves (48 bytes
+    whose superblock records a larger end of file): no table, no row, nothing to resume.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        return True
+    if size > _SUPERBLOCK:
+        return False
+    with open(path, "rb") as fh:
+        return fh.read(8) == _HDF5_SIGNATURE
+
+
+def _rot(x: int, k: int) -> int:
+    return ((x << k) | (x >> (32 - k))) & 0xFFFFFFFF
+
+
+def lookup3(data: bytes, initval: int = 0) -> int:
+    """Bob Jenkins' ``hashlittle`` (lookup3.c, 2006): HDF5's metadata checksum.
+
+    The HDF5 File Format Specification (section II.A, "Superblock", versions 2 and 3)
+    guards the superblock with this 32-bit hash of its preceding bytes.
+    """
+    m = 0xFFFFFFFF
+    n = len(data)
+    a = b = c = (0xDEADBEEF + n + initval) & m
+    i = 0
+    while n - i > 12:
+        a = (a + int.from_bytes(data[i:i + 4], "little")) & m
+        b = (b + int.from_bytes(data[i + 4:i + 8], "little")) & m
+        c = (c + int.from_bytes(data[i + 8:i + 12], "little")) & m
+        # mix(a, b, c)
+        a = (a - c) & m
+        a ^= _rot(c, 4)
+        c = (c + b) & m
+        b = (b - a) & m
+        b ^= _rot(a, 6)
+        a = (a + c) & m
+        c = (c - b) & m
+        c ^= _rot(b, 8)
+        b = (b + a) & m
+        a = (a - c) & m
+        a ^= _rot(c, 16)
+        c = (c + b) & m
+        b = (b - a) & m
+        b ^= _rot(a, 19)
+        a = (a + c) & m
+        c = (c - b) & m
+        c ^= _rot(b, 4)
+        b = (b + a) & m
+        i += 12
+    if n - i == 0:
+        return c
+    tail = data[i:] + bytes(12 - (n - i))  # the last 1-12 bytes, zero-padded
+    a = (a + int.from_bytes(tail[0:4], "little")) & m
+    b = (b + int.from_bytes(tail[4:8], "little")) & m
+    c = (c + int.from_bytes(tail[8:12], "little")) & m
+    # final(a, b, c)
+    c ^= b
+    c = (c - _rot(b, 14)) & m
+    a ^= c
+    a = (a - _rot(c, 11)) & m
+    b ^= a
+    b = (b - _rot(a, 25)) & m
+    c ^= b
+    c = (c - _rot(b, 16)) & m
+    a ^= c
+    a = (a - _rot(c, 4)) & m
+    b ^= a
+    b = (b - _rot(a, 14)) & m
+    c ^= b
+    c = (c - _rot(b, 24)) & m
+    return c
+
+
+_SUPERBLOCK = 48  # versions 2 and 3 with 8-byte offsets: 44 bytes, then the checksum
+
+
+def clear_open_flags(path: Path) -> bool:
+    """Zero the superblock's file consistency flags of ``path`` in place (``h5clear -s``).
+
+    Only a superblock of version 2 or 3 with 8-byte offsets at byte 0 (what
+    ``libver="latest"`` writes) whose checksum is intact is changed; its checksum is
+    recomputed (:func:`lookup3`).
+
+    Returns:
+        Whether flags were set and are now cleared (False: nothing to do, or a superblock
+        this does not know).
+    """
+    with open(path, "r+b") as fh:
+        block = bytearray(fh.read(_SUPERBLOCK))
+        if (len(block) < _SUPERBLOCK or block[:8] != _HDF5_SIGNATURE or block[8] not in (2, 3)
+                or block[9] != 8 or block[11] == 0):
+            return False
+        if int.from_bytes(block[44:48], "little") != lookup3(bytes(block[:44])):
+            return False  # not a superblock this understands (or a damaged one)
+        block[11] = 0
+        block[44:48] = lookup3(bytes(block[:44])).to_bytes(4, "little")
+        fh.seek(0)
+        fh.write(block)
+    return True
+
+
+def _cleared_copy(path: Path) -> Path:
+    """A copy of ``path`` beside it with the open flags cleared and its contents checked.
+
+    Raises:
+        RunFileError: the copy is not a readable HDF5 file either (really damaged).
+    """
+    fd, name = tempfile.mkstemp(prefix=path.name + ".", suffix=".recover", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        shutil.copyfile(path, tmp)
+        if not clear_open_flags(tmp):
+            raise RunFileError(f"{path}: not a readable HDF5 file (left open for writing by "
+                               "a process that stopped, in a form this cannot clear)")
+        _check_intact(tmp, report=path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return tmp
+
+
+def _plainly_open(err: BaseException) -> bool:
+    """Whether an HDF5 open failed on the plain (not SWMR) "open for write" flag."""
+    text = str(err)
+    return "not already open for SWMR writing" in text or "already open for write" in text
+
+
 def _touch(name: str, obj: Any) -> None:
     """Read one object's header and attributes (what a checksum guards)."""
     dict(obj.attrs)
@@ -61,7 +203,7 @@ def _touch(name: str, obj: Any) -> None:
         _ = obj.shape, obj.dtype
 
 
-def _check_intact(path: Path) -> None:
+def _check_intact(path: Path, report: Path | None = None) -> None:
     """Refuse a damaged file in one line, before it is opened in SWMR mode.
 
     A SWMR reader retries a metadata read whose checksum fails, sleeping in between (the
@@ -87,7 +229,7 @@ def _check_intact(path: Path) -> None:
             err = caught
             if attempt + 1 < _CHECK_ATTEMPTS:
                 time.sleep(0.1 * (attempt + 1))
-    raise RunFileError(f"{path}: not a readable HDF5 file ({_h5_reason(err)})")
+    raise RunFileError(f"{report or path}: not a readable HDF5 file ({_h5_reason(err)})")
 
 
 def open_for_reading(path: Path) -> h5py.File:
@@ -107,13 +249,31 @@ def open_for_reading(path: Path) -> h5py.File:
         raise RunFileError(f"{path}: no such file")
     if path.is_dir():
         raise RunFileError(f"{path}: is a directory, expected a run file (.h5)")
+    if path.stat().st_size > 0 and holds_nothing(path):  # (an empty file: below)
+        raise RunFileError(f"{path}: holds no run yet (its writer stopped before writing "
+                           "anything; writing to it again starts it anew)")
     _check_not_truncated(path)
     if str(path.resolve()) not in WRITING:
         _check_intact(path)
-    try:
-        f = h5py.File(path, "r", libver="latest", swmr=True, locking=LOCKING)
-    except _DAMAGED as err:
-        raise RunFileError(f"{path}: not a readable HDF5 file ({_h5_reason(err)})") from None
+    f = None
+    for attempt in range(_CHECK_ATTEMPTS):
+        try:
+            f = h5py.File(path, "r", libver="latest", swmr=True, locking=LOCKING)
+            break
+        except _DAMAGED as err:
+            if not _plainly_open(err):
+                raise RunFileError(
+                    f"{path}: not a readable HDF5 file ({_h5_reason(err)})") from None
+            # a live writer's structural change (milliseconds), or a writer killed in one
+            if attempt + 1 < _CHECK_ATTEMPTS:
+                time.sleep(0.1 * (attempt + 1))
+    if f is None:  # killed out of SWMR mode: read a copy without the flag
+        tmp = _cleared_copy(path)
+        try:
+            f = h5py.File(tmp, "r", libver="latest", swmr=True, locking=LOCKING)
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()  # the open file stays readable (POSIX)
     try:
         _check_format(f, path)
     except BaseException:
@@ -146,14 +306,27 @@ def recover_crashed(path: Path) -> None:
         RunFileError: the file is not a landscape run, or a live process on this host is
             writing it.
     """
-    src = h5py.File(path, "r", libver="latest", swmr=True, locking=LOCKING)
+    try:
+        src = h5py.File(path, "r", libver="latest", swmr=True, locking=LOCKING)
+    except _DAMAGED as err:
+        if not _plainly_open(err):
+            raise RunFileError(f"{path}: not a readable HDF5 file ({_h5_reason(err)})") from None
+        # killed out of SWMR mode: the flag-cleared copy replaces the file
+        tmp = _cleared_copy(path)
+        try:
+            with h5py.File(tmp, "r", libver="latest", locking=LOCKING) as check:
+                _check_format(check, path)
+                _refuse_live_writer(check, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        os.replace(tmp, path)
+        return
+    tmp = None
     try:
         _check_format(src, path)
-        owner_pid = int(_attr_value(src.attrs.get("writer_pid", -1)))
-        owner_host = _attr_value(src.attrs.get("writer_host", ""))
-        if owner_pid > 0 and owner_host == socket.gethostname() and owner_pid != os.getpid():
-            if _pid_alive(owner_pid):
-                raise RunFileError(f"{path}: is being written by another process (pid {owner_pid})")
+        _refuse_live_writer(src, path)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".recover", dir=path.parent)
         os.close(fd)
         with h5py.File(tmp, "w", libver="latest", locking=LOCKING) as dst:
@@ -161,9 +334,23 @@ def recover_crashed(path: Path) -> None:
                 dst.attrs[key] = value
             for key in src:
                 src.copy(src[key], dst, name=key)
+    except BaseException:
+        if tmp is not None:  # no half-written copy left beside the run
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
     finally:
         src.close()
     os.replace(tmp, path)
+
+
+def _refuse_live_writer(f: h5py.File, path: Path) -> None:
+    """Raise when the process recorded as the file's writer still runs on this host."""
+    owner_pid = int(_attr_value(f.attrs.get("writer_pid", -1)))
+    owner_host = _attr_value(f.attrs.get("writer_host", ""))
+    if owner_pid > 0 and owner_host == socket.gethostname() and owner_pid != os.getpid():
+        if _pid_alive(owner_pid):
+            raise RunFileError(f"{path}: is being written by another process (pid {owner_pid})")
 
 
 def open_for_writing(path: Path) -> h5py.File:

@@ -46,7 +46,7 @@ from landscape.store.format import (
     normalize_fields,
 )
 from landscape.store.reader import Run
-from landscape.store.recovery import WRITING, open_for_writing
+from landscape.store.recovery import WRITING, holds_nothing, open_for_writing
 
 __all__ = ["RunWriter"]
 
@@ -157,7 +157,8 @@ class RunWriter:
             raise RunFileError(f"{path}: is a directory, expected a run file (.h5)")
         if path.exists() and mode == "x":
             raise RunFileError(f"{path}: already exists")
-        if path.exists() and mode == "a":
+        # a file a writer left before its first flush holds nothing: started anew
+        if path.exists() and mode == "a" and not holds_nothing(path):
             backend = H5Backend(open_for_writing(path), writable=True)
             self._backend = backend
             _warn_other_model(path, backend.file.attrs.get("config"), config)

@@ -140,3 +140,84 @@ def test_an_open_reader_never_blocks_the_writer_adding_groups(tmp_path):
     assert Run.open(path).surfaces() == ["s"]
     writer.close()
     reader.close()
+
+
+KILLED_IN_STRUCTURAL_CHANGE = textwrap.dedent(
+    """
+    import os, signal, sys
+    from landscape.store import RunWriter
+    path, mode = sys.argv[1], sys.argv[2]
+    w = RunWriter(path, mode=mode, flush_every=1)
+    if mode == "w":
+        w.declare("m", {"v": None, "vec": (4,)})
+        for step in range(40):
+            w.append("m", step, {"v": 2.0 * step, "vec": [step] * 4})
+        w.flush()
+    with w._backend.structural():  # out of SWMR mode, as when a metric is declared
+        w._backend.file.create_group("half_made")
+        os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+def test_a_writer_killed_out_of_swmr_mode_leaves_a_file_that_reads_and_resumes(tmp_path):
+    # killed inside a structural change (declaring a metric; the first failure of a metric
+    # declares /metrics/unmeasured), HDF5 leaves its plain "open for write" flag, which no
+    # open accepts: every command said "not a readable HDF5 file" and resuming raised
+    # OSError although every committed row was intact
+    path = tmp_path / "run.h5"
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_IN_STRUCTURAL_CHANGE)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, str(script), str(path), "w"], env=env)
+    assert done.returncode == -signal.SIGKILL
+    with Run.open(path) as run:
+        assert _check_rows(run) == 40
+    assert not list(tmp_path.glob("*.recover"))  # the reader's copy is gone
+    from click.testing import CliRunner
+    from landscape_cli.main import cli
+
+    result = CliRunner().invoke(cli, ["check", str(path), "-q"])
+    assert result.exit_code == 0 and result.output.startswith(f"{path}: 0 findings")
+    # a writer resumes it (and is killed out of SWMR mode again: still fine)
+    done = subprocess.run([sys.executable, str(script), str(path), "a"], env=env)
+    assert done.returncode == -signal.SIGKILL
+    with RunWriter(path) as w:
+        assert w.last_step("m") == 39
+        w.append("m", 40, {"v": 80.0, "vec": [40] * 4})
+    with Run.open(path) as run:
+        assert _check_rows(run) == 41
+
+
+def test_a_writer_killed_before_its_first_flush_leaves_nothing_in_the_way(tmp_path):
+    # HDF5 writes the superblock at creation and the rest at the first flush: a kill in
+    # between left 48 bytes that every later run refused ("truncated file (48 of 2048")
+    path = tmp_path / "run.h5"
+    import h5py
+
+    f = h5py.File(path, "w", libver="latest")
+    f.flush()
+    head = path.read_bytes()[:48]
+    f.close()
+    path.write_bytes(head)
+    with pytest.raises(Exception, match="holds no run yet"):
+        Run.open(path)
+    with RunWriter(path) as w:
+        w.declare("m", {"v": None, "vec": (4,)})
+        w.append("m", 0, {"v": 0.0, "vec": [0] * 4})
+    with Run.open(path) as run:
+        assert _check_rows(run) == 1
+
+
+def test_lookup3_is_hdf5s_superblock_checksum(tmp_path):
+    from landscape.store.recovery import clear_open_flags, lookup3
+
+    assert lookup3(b"") == 0xDEADBEEF
+    assert lookup3(b"Four score and seven years ago") == 0x17770551
+    assert lookup3(b"Four score and seven years ago", 1) == 0xCD628161
+    with RunWriter(tmp_path / "run.h5") as w:  # a superblock HDF5 wrote and checksummed
+        w.declare("m", {"v": None})
+        block = (tmp_path / "run.h5").read_bytes()[:48]
+        assert int.from_bytes(block[44:48], "little") == lookup3(block[:44])
+        assert block[11] != 0  # open for writing
+    assert clear_open_flags(tmp_path / "run.h5") is False  # closed cleanly: flags are 0
