@@ -89,9 +89,14 @@ class TaylorForecast(Rule):
     Reads ``sentinels/r_secant`` (docs/monitor.md, "Sentinels") and ``sentinels/probe_loss``
     of the same row. Over the last ``window`` rows a line is fitted to log r:
 
-    * **level**: the last two rows both have r >= ``limit`` (default 1), or one row has
-      r >= ``jump`` (default 2: an abrupt step, e.g. a learning-rate spike, detected at
-      the first affected step);
+    * **level**: the last two rows both have r >= ``limit`` (default 1) and r >=
+      ``level_growth`` (default 5) times its median over the previous ``update_window``
+      rows, or one row has r >= ``jump`` (default 2: an abrupt step, e.g. a learning-rate
+      spike, detected at the first affected step) and >= ``jump_growth`` (default 20)
+      times that median. A run that trains at a steady r of 1-3 (a large learning rate
+      near zero loss, BatchNorm with weight decay) is not at a new limit; ramps and
+      spikes lift r far above where it sat (33-160 x on the spikes). ``None``: no
+      relative condition;
     * **forecast** (only with ``trend=True``; off by default, since on a healthy CNN near
       zero loss the noisy r rose to 0.6 three times in 300 steps and fired): the fitted r
       is >= ``floor`` (default 0.5, the paper's safe target),
@@ -106,8 +111,12 @@ class TaylorForecast(Rule):
       The step also grows in healthy training (warm restarts, Adam's adapting second
       moments), so this condition alone is info unless r on the row is at least
       ``update_confirm`` (default 0.4; None: always a warning) or the ratio rose on each
-      of the last ``update_sustain`` rows (``update_climb``, default True: a ramp climbs
-      steadily, a restart jumps once and drifts).
+      of the last ``update_sustain`` rows within the first ``update_onset_rows`` (default
+      10) rows of the growth (``update_climb``, default True: a ramp climbs steadily from
+      where it began, a restart jumps once and drifts). With r >= ``update_confirm`` the
+      growth is still info when the ratio fell on each of its grown rows
+      (``update_confirm_rising``, default True: one large step that momentum carries
+      over a few rows and that decays).
 
     Any condition is a warning, **unless the probe loss is still falling fast** (its
     fitted log slope <= -``falling``, default 0.01: more than 1 % per step, with a
@@ -137,6 +146,10 @@ class TaylorForecast(Rule):
     update_sustain: int = 3
     update_confirm: float | None = 0.4
     update_climb: bool = True
+    update_confirm_rising: bool = True
+    update_onset_rows: int | None = 10
+    level_growth: float | None = 5.0
+    jump_growth: float | None = 20.0
     field: str = "r_secant"
     sustain: int = 1
     rearm: int = 10
@@ -157,6 +170,10 @@ class TaylorForecast(Rule):
         _check_number("falling", self.falling, allow_none=True)
         _check_number("update_growth", self.update_growth, allow_none=True)
         _check_number("update_confirm", self.update_confirm, allow_none=True)
+        _check_number("level_growth", self.level_growth, allow_none=True)
+        if self.update_onset_rows is not None:
+            _check_positive_int("update_onset_rows", self.update_onset_rows)
+        _check_number("jump_growth", self.jump_growth, allow_none=True)
         _check_positive_int("update_window", self.update_window)
         _check_positive_int("update_sustain", self.update_sustain)
         _check_positive_int("window", self.window)
@@ -200,6 +217,8 @@ class SharpnessForecast(TaylorForecast):
     falling: float | None = None
     trend: bool = True
     update_growth: float | None = None
+    level_growth: float | None = None
+    jump_growth: float | None = None
     severity: str = "info"
     field: str = "ratio"
     rearm: int = 3
@@ -227,6 +246,7 @@ class ForecastState:
         self.previous: float | None = None
         self.rows = 0
         self.updates = RollingWindow(rule.update_window)
+        self.ratios = RollingWindow(rule.update_window)  # the previous rows' r
         self.grown = 0  # consecutive rows with update_ratio >= update_growth x median
         self.update_rows = 0  # rows read for update_ratio alone (no valid ratio)
 
@@ -251,8 +271,16 @@ class ForecastState:
             self.loss.append(step, loss)
         previous, self.previous = self.previous, x
         grown = self._update_growth(row)
-        level = (previous is not None and min(previous, x) >= rule.limit) or (
+        # r relative to its own recent history: a run that trains at a high, steady r
+        # (a large learning rate near zero loss, BatchNorm with weight decay) is not at a
+        # new limit; a ramp or a spike moves r far above where it sat
+        typical = self.ratios.median_mad()[0] if len(self.ratios) >= min(
+            rule.update_window, 20) else 0.0
+        self.ratios.append(x)
+        level = (previous is not None and min(previous, x) >= rule.limit
+                 and (rule.level_growth is None or x >= rule.level_growth * typical)) or (
             rule.jump is not None and x >= rule.jump
+            and (rule.jump_growth is None or x >= rule.jump_growth * typical)
         )
         steps_to = math.inf
         fitted = x
@@ -288,15 +316,22 @@ class ForecastState:
         field, value = rule.field, x
         if level:
             message = f"{rule._what} = {_fmt(x)} >= {_fmt(rule.limit)}"
+            if typical > 0:
+                message += f" ({_fmt(x / typical)} x its median {_fmt(typical)})"
             threshold = rule.limit if x < (rule.jump or math.inf) else rule.jump
         elif not forecast:  # the update-to-weight ratio fired: its field, value, threshold
             message = self._growth_message(grown, f" (secant Taylor ratio r = {_fmt(x)})")
             field, value = "update_ratio", grown[0]
             threshold = rule.update_growth * grown[1]
-            if rule.update_confirm is not None and x < rule.update_confirm \
-                    and not self._climbing():
-                severity = "info"  # r small: a scheduled or adaptive step change
-                message += f"; r < {_fmt(rule.update_confirm)}, so the step is still safe"
+            if rule.update_confirm is not None and not self._climbing():
+                if x < rule.update_confirm:
+                    severity = "info"  # r small: a scheduled or adaptive step change
+                    message += f"; r < {_fmt(rule.update_confirm)}, so the step is still safe"
+                elif rule.update_confirm_rising and self._decaying():
+                    # one large step that momentum carries over a few rows and that
+                    # decays (a hard batch at a high learning rate), not a growing step
+                    severity = "info"
+                    message += "; the ratio is falling since it grew (one large step)"
         else:
             n_steps = math.ceil(steps_to)
             if x >= rule.limit:  # crossed on this row: the level needs two rows above it
@@ -366,12 +401,29 @@ class ForecastState:
         )
 
     def _climbing(self) -> bool:
-        """Whether the ratio rose on each of the last ``update_sustain`` rows (a ramp)."""
-        if not self.rule.update_climb:
+        """Whether the ratio rose on each of the last ``update_sustain`` rows: a ramp.
+
+        Only within the first ``update_onset_rows`` rows of its growth.
+        """
+        rule = self.rule
+        if not rule.update_climb:
             return False
-        last = list(self.updates.order)[-(self.rule.update_sustain + 1):]
-        return len(last) > self.rule.update_sustain and all(
+        # a ramp climbs from where its growth began; inside a plateau that jumped up long
+        # ago (a warm restart, a smaller batch) a few rising rows are noise
+        if rule.update_onset_rows is not None and self.grown > rule.update_onset_rows:
+            return False
+        last = list(self.updates.order)[-(rule.update_sustain + 1):]
+        return len(last) > rule.update_sustain and all(
             a < b for a, b in pairwise(last))
+
+    def _decaying(self) -> bool:
+        """Whether the ratio fell on each of its grown rows.
+
+        One large step that momentum carries over a few rows, decaying geometrically.
+        """
+        last = list(self.updates.order)[-self.rule.update_sustain:]
+        return len(last) == self.rule.update_sustain and all(
+            a > b for a, b in pairwise(last))
 
     def _update_growth(self, row: Row) -> tuple[float, float] | None:
         """``(ratio, median)`` once ``update_ratio`` has stayed >= growth x median."""

@@ -43,15 +43,19 @@ __all__ = [
 class LogitGrowth(Rule):
     """Output logits grow large, or the softmax saturates numerically.
 
-    * ``logits/max_abs >= max_abs`` (default 100): warning. Logit growth precedes
-      output-logit divergence (Wortsman et al. 2024, arXiv:2309.14322; ``docs/metrics.md``,
-      "Cheap early-warning signals"); at |z| ~ 100 float32 softmax is one-hot for any
-      runner-up gap above ~17.
+    * ``logits/max_abs >= max_abs`` (default 100): ``max_abs_severity`` (default info: a
+      classifier trained to near-zero loss with SGD reaches 100-340 while healthy, and
+      on the learning-rate ramps it crossed 100 only after the loss had blown up). Logit
+      growth precedes output-logit divergence (Wortsman et al. 2024, arXiv:2309.14322;
+      ``docs/metrics.md``, "Cheap early-warning signals"); at |z| ~ 100 float32 softmax is
+      one-hot for any runner-up gap above ~17.
     * ``logits/softmax_collapse > softmax_collapse`` (default 0): info. A non-zero
       fraction of samples whose softmax sums to exactly 1 in floating point means their
       gradient is exactly zero (Softmax Collapse, Prieto et al. 2025, arXiv:2501.04697);
       a classifier that becomes confident on easy samples gets there in healthy training,
-      so it is info unless the fraction exceeds ``collapse_warn`` (default 0.5).
+      so it is info unless the fraction exceeds ``collapse_warn`` (default None: always
+      info; a classifier at a training loss of 1e-4 has more than half of its samples
+      collapsed).
 
     ``None`` disables either condition. When both fire, ``max_abs`` is reported.
 
@@ -60,8 +64,9 @@ class LogitGrowth(Rule):
     """
 
     max_abs: float | None = 100.0
+    max_abs_severity: str = "info"
     softmax_collapse: float | None = 0.0
-    collapse_warn: float | None = 0.5
+    collapse_warn: float | None = None
     sustain: int = 1
     rearm: int = 3
     metrics: tuple[str, ...] = ("logits",)
@@ -72,6 +77,9 @@ class LogitGrowth(Rule):
         _check_number("max_abs", self.max_abs, allow_none=True)
         _check_number("softmax_collapse", self.softmax_collapse, allow_none=True)
         _check_number("collapse_warn", self.collapse_warn, allow_none=True)
+        if self.max_abs_severity not in ("info", "warning", "error"):
+            raise ValueError(f"max_abs_severity must be info, warning or error, got "
+                             f"{self.max_abs_severity!r}")
 
     def evaluate(self, metric: str, row: Row) -> Trigger | _Skip | None:
         """Compare the row's largest logit and softmax-collapse fraction with the limits.
@@ -94,7 +102,7 @@ class LogitGrowth(Rule):
         )
         if self.max_abs is not None and big is not None and big >= self.max_abs:
             return Trigger(
-                severity="warning",
+                severity=self.max_abs_severity,
                 field="max_abs",
                 value=big,
                 threshold=self.max_abs,

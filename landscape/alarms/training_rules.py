@@ -58,6 +58,14 @@ class LossSpike(Rule):
     finding's severity (default warning); a rise to ``warn_ratio`` times that level is
     always a warning.
 
+    **One row is not enough** unless it is very large: near zero loss a single hard sample
+    decides a minibatch's loss (or gradient norm), and that row is both large and unusual.
+    A warning from one row alone needs a rise of at least ``single_row`` (default 1.0)
+    times the initial level (the median of the first ``min_history`` rows: for a
+    classifier, a jump back above its untrained loss); a smaller one is **info** on its
+    first row and becomes a warning when the next row fires too (a blow-up stays high,
+    a hard batch does not). ``None``: every firing row is at the full severity.
+
     Non-finite values are ignored here (they are :class:`NonFiniteValues`' business) and
     do not enter the window.
 
@@ -78,6 +86,7 @@ class LossSpike(Rule):
     initial_floor: float | None = 0.25
     severity: str = "warning"
     warn_ratio: float | None = None
+    single_row: float | None = 1.0
     field: str = "value"
     sustain: int = 1
     rearm: int = 20
@@ -102,6 +111,7 @@ class LossSpike(Rule):
             _check_number(name, getattr(self, name))
         _check_number("initial_floor", self.initial_floor, allow_none=True)
         _check_number("warn_ratio", self.warn_ratio, allow_none=True)
+        _check_number("single_row", self.single_row, allow_none=True)
         if self.severity not in ("info", "warning", "error"):
             raise ValueError(f"severity must be info, warning or error, got {self.severity!r}")
         if self.method not in ("zscore", "cusum"):
@@ -138,6 +148,7 @@ class SpikeState:
         self.history = RollingWindow(rule.window)
         self.cusum = 0.0
         self.initial: float | None = None  # median of the first min_history values
+        self.previous_warned = False  # the previous valid row met the warning condition
 
     def __call__(self, step: int, row: Row) -> Trigger | _Skip | None:
         """Evaluate one row, then add its value to the window.
@@ -174,17 +185,30 @@ class SpikeState:
         level = abs(med)
         if rule.initial_floor is not None and self.initial is not None:
             level = max(level, rule.initial_floor * self.initial)
+        previous, self.previous_warned = self.previous_warned, False
         if z >= rule.z and x - med >= (rule.min_ratio - 1.0) * level:
             severity = rule.severity
             if rule.warn_ratio is not None and x - med >= (rule.warn_ratio - 1.0) * level:
                 severity = "warning"
+            note = ""
+            if severity == "warning":
+                self.previous_warned = True
+                if rule.single_row is not None and self.initial is not None \
+                        and x - med < rule.single_row * self.initial:
+                    if previous:
+                        note = " on two rows in a row"
+                    else:
+                        severity = "info"
+                        note = (" on one row (a single hard batch? a warning if the next row "
+                                "is as high)")
             return Trigger(
                 severity=severity,
                 field=rule.field,
                 value=x,
                 threshold=med + (rule.min_ratio - 1.0) * level,
                 message=f"{rule._what} spike: {_fmt(x)} vs median {_fmt(med)} of the "
-                f"last {len(self.history)} rows (robust z = {_fmt(z)} >= {_fmt(rule.z)})",
+                f"last {len(self.history)} rows (robust z = {_fmt(z)} >= {_fmt(rule.z)})"
+                + note,
                 hint=rule._hint,
                 extra={"z": z, "median": med},
             )
@@ -219,11 +243,14 @@ class GradNormSpike(LossSpike):
     warm-up, while the loss falls fast). A jump to ``warn_ratio`` (default 10) times the
     median is a warning. Near zero loss the gradient norm is tiny and heavy-tailed, so the
     rise is measured against at least 0.25 × its early level too (``initial_floor``).
+    A warning needs two rows in a row at ``warn_ratio`` unless one row rises by at least
+    ``single_row`` (default 10) times the early level (see :class:`LossSpike`).
     """
 
     min_ratio: float = 2.0
     severity: str = "info"
     warn_ratio: float | None = 10.0
+    single_row: float | None = 10.0
     metrics: tuple[str, ...] = ("grad_norm",)
     name: str = "grad_norm_spike"
 

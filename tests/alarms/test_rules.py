@@ -163,10 +163,21 @@ def test_loss_spike_fires_on_a_spike_and_once_per_blow_up():
     loss[450:] = 10 * loss[450:]  # blow-up that stays
     found = one("loss_spike", findings_of({"loss": (np.arange(600), {"value": loss})}))
     assert [f.step for f in found] == [300, 450]
+    # one row that rises by less than the initial loss is info (a hard batch); the
+    # blow-up rises by more than the initial loss and warns on its first row
+    assert [f.severity for f in found] == ["info", "warning"]
     f = found[0]
-    assert f.severity == "warning" and f.metric == "loss/value"
+    assert f.metric == "loss/value" and "one row" in f.message
     assert f.value == pytest.approx(loss[300]) and f.threshold < f.value
     assert "median" in f.message and "learning rate" in f.hint
+
+
+def test_loss_spike_on_two_rows_in_a_row_is_a_warning():
+    loss = smooth_loss(600, 7)
+    loss[300:302] *= 3  # two rows: info on the first, a warning on the second
+    found = one("loss_spike", findings_of({"loss": (np.arange(600), {"value": loss})}))
+    assert [(f.step, f.severity) for f in found] == [(300, "info"), (301, "warning")]
+    assert "two rows in a row" in found[1].message
 
 
 def test_loss_spike_needs_history_and_a_relative_jump():
