@@ -278,7 +278,11 @@ def _check_format(f: h5py.File, path: Path) -> None:
     fmt = _attr_value(f.attrs.get("format", None))
     if fmt != FORMAT:
         raise RunFileError(f"{path}: an HDF5 file, but not a landscape run (no format='landscape')")
-    version = int(_attr_value(f.attrs.get("format_version", -1)))
+    try:
+        version = int(_attr_value(f.attrs.get("format_version", -1)))
+    except (TypeError, ValueError):
+        raise RunFileError(f"{path}: invalid format version "
+                           f"{_attr_value(f.attrs.get('format_version'))!r}") from None
     if version > FORMAT_VERSION:
         raise RunFileError(
             f"{path}: format version {version} is newer than this library reads "
@@ -286,6 +290,57 @@ def _check_format(f: h5py.File, path: Path) -> None:
         )
     if version < 1:
         raise RunFileError(f"{path}: invalid format version {version}")
+
+
+def check_tables(f: h5py.File, path: Path) -> None:
+    """Refuse a run file whose tables are damaged, in one line, before anything reads them.
+
+    The ``findings`` and ``checkpoints`` tables must exist (every writer creates them), and
+    every table must have a 1-D ``step`` dataset, a ``fields`` attribute that decodes to
+    field specs, and a dataset per field holding at least as many rows as ``step`` (a
+    crashed writer may leave them longer).
+
+    Raises:
+        RunFileError: the first damaged table, named.
+    """
+    for name in (FINDINGS_TABLE, CHECKPOINTS_TABLE):
+        if name not in f:
+            raise RunFileError(f"{path}: damaged run file: no {name!r} table")
+    groups = [FINDINGS_TABLE, CHECKPOINTS_TABLE]
+    if METRICS_GROUP in f:
+        groups += [f"{METRICS_GROUP}/{name}" for name in f[METRICS_GROUP]]
+    for name in groups:
+        try:
+            _check_table(f[name])
+        except (ValueError, TypeError) as err:  # json's JSONDecodeError is a ValueError
+            raise RunFileError(f"{path}: damaged run file: table {name!r} ({err})") from None
+
+
+def _check_table(g: Any) -> None:
+    """One table's structure (:func:`check_tables`); ``ValueError`` says what is wrong."""
+    if not isinstance(g, h5py.Group):
+        raise ValueError("not a group")
+    steps = g.get("step")
+    if not isinstance(steps, h5py.Dataset) or steps.ndim != 1:
+        raise ValueError("no 1-D step dataset")
+    if "fields" not in g.attrs:
+        raise ValueError("no fields attribute")
+    try:
+        fields = json.loads(_attr_value(g.attrs["fields"]))
+    except ValueError:
+        raise ValueError("its fields attribute is not JSON") from None
+    if not isinstance(fields, dict):
+        raise ValueError("its fields attribute is not a mapping")
+    for field_name, spec in fields.items():
+        try:
+            FieldSpec.from_json(spec)
+        except (KeyError, AttributeError) as err:
+            raise ValueError(f"field {field_name!r} has an invalid spec ({err})") from None
+        column = g.get(field_name)
+        if not isinstance(column, h5py.Dataset) or column.ndim == 0:
+            raise ValueError(f"no dataset for field {field_name!r}")
+        if column.shape[0] < steps.shape[0]:
+            raise ValueError(f"field {field_name!r} has fewer rows than its steps")
 
 
 def _h5_reason(err: BaseException | None) -> str:

@@ -25,7 +25,13 @@ from typing import Any
 import h5py
 
 from landscape._errors import RunFileError
-from landscape.store.format import LOCKING, _attr_value, _check_format, _h5_reason
+from landscape.store.format import (
+    LOCKING,
+    _attr_value,
+    _check_format,
+    _h5_reason,
+    check_tables,
+)
 
 __all__ = [
     "clear_open_flags", "holds_nothing", "open_for_reading", "open_for_writing", "recover_crashed",
@@ -276,6 +282,7 @@ def open_for_reading(path: Path) -> h5py.File:
                 tmp.unlink()  # the open file stays readable (POSIX)
     try:
         _check_format(f, path)
+        check_tables(f, path)
     except BaseException:
         f.close()
         raise

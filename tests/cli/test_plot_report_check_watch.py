@@ -447,7 +447,7 @@ def test_check_input_errors_exit_2_and_findings_exit_1(runner, run_file, tmp_pat
     usage = runner.invoke(cli, ["check", str(run_file), "--fail-on", "fatal"])
     assert usage.exit_code == 2
     damaged = runner.invoke(cli, ["check", str(_damaged_run(run_file, tmp_path))])
-    _one_line_error(damaged, "cannot be read as a run file")
+    _one_line_error(damaged, "damaged run file: no 'findings' table")
     assert damaged.exit_code == 2
     text = runner.invoke(cli, ["check", "-h"]).output
     assert "Exit status:" in text and "1  a finding reaches --fail-on" in text
@@ -675,3 +675,30 @@ def test_check_report_and_plot_evaluate_the_users_rules(runner, tmp_path):
         bad = runner.invoke(cli, ["check", str(run), "--rules", spec])
         assert bad.exit_code == 2, bad.output
         assert message in bad.output and "Traceback" not in bad.output
+
+
+@pytest.mark.parametrize("damage", ["no_findings", "no_step", "fields_not_json", "no_column"])
+def test_every_read_command_names_a_damaged_run_in_one_line(runner, run_file, tmp_path,
+                                                            damage):
+    # info, report and watch raised KeyError/JSONDecodeError tracebacks; check said
+    # "cannot be read" with h5py's text; the file is now checked as it is opened
+    import shutil
+
+    import h5py
+
+    path = tmp_path / "damaged.h5"
+    shutil.copy(run_file, path)
+    with h5py.File(path, "a") as f:
+        if damage == "no_findings":
+            del f["findings"]
+        elif damage == "no_step":
+            del f["metrics/loss/step"]
+        elif damage == "fields_not_json":
+            f["metrics/loss"].attrs["fields"] = "{not json"
+        else:
+            del f["metrics/loss/value"]
+    for args in (["check"], ["info"], ["report", "-o", str(tmp_path / "r.html")],
+                 ["plot", "-o", str(tmp_path / "plots")], ["watch", "--once"]):
+        result = runner.invoke(cli, [*args, str(path)])
+        _one_line_error(result, str(path), "damaged run file")
+        assert result.exit_code == (2 if args == ["check"] else 1)
