@@ -49,16 +49,23 @@ def input_errors(exit_code: int = 1) -> Iterator[None]:
         yield
     except LandscapeError as err:
         raise CommandError(str(err), exit_code) from None
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
-        raise CommandError(f"{err.strerror}: {err.filename}", exit_code) from None
+    except OSError as err:
+        if not err.strerror:  # no system error behind it (h5py's own): not the user's
+            raise
+        # a missing file, a directory, no permission, a full disk: the system's words
+        where = f": {err.filename}" if err.filename else ""
+        raise CommandError(f"{err.strerror}{where}", exit_code) from None
 
 
 class LandscapeGroup(click.Group):
     """A click group that turns library errors into one clean line on stderr."""
 
     def invoke(self, ctx: click.Context):
-        with one_line_warnings(), input_errors():
-            return super().invoke(ctx)
+        try:
+            with one_line_warnings(), input_errors():
+                return super().invoke(ctx)
+        except KeyboardInterrupt:  # Ctrl-C where no command handles it itself
+            raise CommandError("interrupted (SIGINT)", 130) from None
 
 
 @click.group(cls=LandscapeGroup, context_settings={"help_option_names": ["-h", "--help"]},

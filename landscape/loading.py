@@ -160,6 +160,12 @@ def load_rules(spec: str) -> list[Any]:
     if not isinstance(rules, (list, tuple)) or not all(isinstance(r, Rule) for r in rules):
         raise LandscapeError(f"rules {spec!r}: expected a Rule, a list of rules, a Rule class "
                              f"or a function returning them, got {type(obj).__name__}")
+    from landscape.alarms import OnlineAlarms
+
+    try:  # validated as the alarms will (a metrics string, a bad number): one line, here
+        OnlineAlarms(list(rules))
+    except ValueError as err:
+        raise LandscapeError(f"rules {spec!r}: {err}") from None
     return list(rules)
 
 

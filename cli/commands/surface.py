@@ -36,7 +36,7 @@ EXAMPLE = ("landscape surface ckpt-200.pt --model factories.py:model --data fact
 @click.option("--dims", type=click.IntRange(1, 2), default=2, show_default=True,
               help="1: a line, 2: a plane (random, eigen; interpolate is a line, pca a "
                    "plane).")
-@click.option("--steps", type=click.IntRange(2), default=51, show_default=True,
+@click.option("--steps", type=click.IntRange(2, 3001), default=51, show_default=True,
               help="Grid points per axis.")
 @click.option("--span", type=FiniteFloatRange(min=0, min_open=True), default=1.0,
               show_default=True,

@@ -413,12 +413,12 @@ class RunWriter:
             already computed.
 
         Raises:
-            ValueError: an invalid name.
-            RunFileError: the surface exists with another grid or other fields.
+            RunFileError: an invalid name, or the surface exists with another grid or other
+                fields.
         """
         self._check_open()
-        if not name or "/" in name:
-            raise ValueError(f"invalid surface name {name!r}")
+        if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+            raise RunFileError(f"invalid surface name {name!r}: a non-empty name without '/'")
         xs = np.asarray(x, dtype=np.float64)
         ys = None if y is None else np.asarray(y, dtype=np.float64)
         shape = (len(xs),) if ys is None else (len(ys), len(xs))

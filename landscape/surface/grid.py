@@ -39,7 +39,9 @@ from landscape.store import RunWriter, SurfaceData
 from landscape.surface._evaluator import GridData, PointEvaluator
 from landscape.surface.directions import Directions
 
-__all__ = ["axis", "evaluate_grid"]
+__all__ = ["MAX_POINTS", "axis", "evaluate_grid"]
+
+MAX_POINTS = 10_000_000  # grid points evaluate_grid accepts (one forward pass each)
 
 
 
@@ -142,6 +144,10 @@ def evaluate_grid(
     """
     xs = _coords(x, "x")
     ys = None if y is None else _coords(y, "y")
+    points = xs.size * (1 if ys is None else ys.size)
+    if points > MAX_POINTS:  # its arrays alone would not fit (and a forward pass a point)
+        raise ValueError(f"a grid of {points:,} points is too large (at most {MAX_POINTS:,}); "
+                         "use fewer steps")
     if not isinstance(directions, Directions):
         raise ValueError("directions: expected a Directions object (see random_directions)")
     if directions.ndim != (1 if ys is None else 2):

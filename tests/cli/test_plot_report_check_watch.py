@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -702,3 +703,38 @@ def test_every_read_command_names_a_damaged_run_in_one_line(runner, run_file, tm
         result = runner.invoke(cli, [*args, str(path)])
         _one_line_error(result, str(path), "damaged run file")
         assert result.exit_code == (2 if args == ["check"] else 1)
+
+
+def test_ctrl_c_a_full_disk_and_a_misdeclared_rule_are_one_line(runner, run_file, tmp_path,
+                                                                monkeypatch):
+    # Ctrl-C outside a command's own handler was click's "Aborted!" and exit 1 (for check:
+    # "a finding"); a full disk and a rule whose metrics is a string gave tracebacks
+    from landscape.store import Run
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Run, "open", classmethod(interrupted))
+        for args in (["check", str(run_file)], ["report", str(run_file), "-o",
+                                                 str(tmp_path / "r.html")]):
+            result = runner.invoke(cli, args)
+            assert result.exit_code == 130, result.output
+            assert result.stderr.strip() == "Error: interrupted (SIGINT)"
+    if Path("/dev/full").exists():
+        full = runner.invoke(cli, ["report", str(run_file), "-o", "/dev/full"])
+        _one_line_error(full, "No space left on device")
+    rules = tmp_path / "my_rules.py"
+    rules.write_text(
+        "from landscape.alarms import Rule\n"
+        "class StrMetrics(Rule):\n"
+        "    name = 'str_metrics'\n"
+        "    metrics = 'loss'\n"
+        "    def evaluate(self, step, row):\n"
+        "        return None\n"
+        "RULES = [StrMetrics()]\n"
+    )
+    for args in (["check", str(run_file)], ["report", str(run_file), "-o",
+                                             str(tmp_path / "r2.html")]):
+        result = runner.invoke(cli, [*args, "--rules", f"{rules}:RULES"])
+        _one_line_error(result, "my_rules.py:RULES", "metrics")

@@ -122,3 +122,28 @@ def test_interpolation_and_pca_read_prefixed_checkpoints(setup, tmp_path, direct
         assert result.exit_code == 0, result.output
         values.append(ls.Run.open(out).surface(directions).values["loss"])
     np.testing.assert_array_equal(values[0], values[1])
+
+
+@pytest.mark.parametrize(("args", "code", "match"), [
+    (["--name", "a/b"], 1, "invalid surface name 'a/b'"),
+    (["--name", "."], 1, "invalid surface name '.'"),
+    (["--steps", "100000"], 2, "100000 is not in the range"),
+])
+def test_a_bad_name_or_a_grid_too_large_is_one_line(setup, tmp_path, args, code, match):
+    # a ValueError traceback, h5py's "name already exists", numpy's 74.5 GiB MemoryError
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    result = _run(["surface", str(paths[-1]), "--model", f"{fac}:model", "--data",
+                   f"{fac}:data", "--steps", "3", "-o", str(tmp_path / "r.h5"), "-q", *args])
+    assert result.exit_code == code, result.output
+    assert match in result.output and "Traceback" not in result.output
+
+
+def test_the_library_refuses_a_grid_it_could_not_hold():
+    from landscape.surface.grid import MAX_POINTS
+
+    model = torch.nn.Linear(2, 2)
+    data = (torch.randn(4, 2), torch.randint(0, 2, (4,)))
+    with pytest.raises(ValueError, match="points is too large"):
+        ls.surface.plane(model, torch.nn.functional.cross_entropy, data,
+                         steps=int(MAX_POINTS ** 0.5) + 2)

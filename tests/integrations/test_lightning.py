@@ -197,7 +197,8 @@ def test_a_finding_reaches_the_trainer_warns_calls_back_and_stops_training():
     seen = []
     cb = LandscapeCallback(
         None, F.cross_entropy, probe=PROBE, metrics=["loss", create("logits", schedule=1)],
-        alarms=[LogitGrowth(max_abs=0.0, max_abs_severity="warning")], on_finding=seen.append, stop_on="warning",
+        alarms=[LogitGrowth(max_abs=0.0, max_abs_severity="warning")], on_finding=seen.append,
+        stop_on="warning",
     )
     with pytest.warns(InstabilityWarning, match="logit"):
         trainer = _fit(Classifier(), [cb])
