@@ -64,10 +64,13 @@ def collect_findings(
     Those stored in ``/findings`` plus, with ``recompute``, those that
     ``landscape.alarms.check(run, rules)`` finds on the whole run.
 
-    A finding is identified by ``(step, rule, metric)``: a recomputed finding that the
-    file already holds is dropped (the stored one, written online, is kept). The metric is
-    part of the key because one rule may fire on several sources at one step (the
-    non-finite rule on the ``nonfinite`` flags and on the loss itself).
+    A finding is identified by its step, rule and metric (the table, without the field): a
+    recomputed finding that the file already holds is dropped (the stored one, written
+    online, is kept). The metric is part of the key because one rule may fire on several
+    sources at one step (the non-finite rule on the ``nonfinite`` flags and on the loss
+    itself); the field is not, since a rule raises at most one finding per metric and
+    step, and a file written before a rule changed the field it names (``taylor_forecast``
+    naming ``update_ratio`` for its update-growth findings) would count one finding twice.
     The result is ordered by step, then by decreasing severity, then by rule.
     """
     found = list(run.findings())
@@ -75,7 +78,7 @@ def collect_findings(
         found.extend(_check_alarms(run, rules=rules))
     unique: dict[tuple[int, str, str], Finding] = {}
     for f in found:
-        unique.setdefault((int(f.step), f.rule, f.metric), f)
+        unique.setdefault((int(f.step), f.rule, f.metric.split("/")[0]), f)
     return sorted(unique.values(), key=lambda f: (f.step, -severity_rank(f.severity), f.rule))
 
 

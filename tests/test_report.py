@@ -263,6 +263,25 @@ def test_collect_findings_adds_recomputed_ones_once_per_step_rule_and_metric():
     assert [f.message for f in found] == ["seen online", "flagged"]
 
 
+def test_a_finding_whose_field_was_renamed_since_the_file_was_written_is_one():
+    # taylor_forecast's update-ratio findings named sentinels/r_secant before; a file written
+    # then holds that one and the recomputation gives sentinels/update_ratio: one finding
+    from landscape.alarms import Rule, Trigger
+
+    class Rising(Rule):
+        name = "rising"
+        metrics = ("hessian",)
+
+        def evaluate(self, step, row):
+            return Trigger("warning", "n_matvec", 8.0, 1.0, "recomputed") if step == 20 else None
+
+    old = Finding(20, "rising", "warning", "hessian/eigenvalues", 23.0, 1.0, "stored")
+    run = _writer((old,)).run()
+    found = [f for f in collect_findings(run, rules=[Rising()]) if f.rule == "rising"]
+    assert [(f.step, f.metric, f.message) for f in found] == [
+        (20, "hessian/eigenvalues", "stored")]
+
+
 # --------------------------------------------------------------------------- report
 
 
