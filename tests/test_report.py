@@ -272,8 +272,10 @@ def test_a_finding_whose_field_was_renamed_since_the_file_was_written_is_one():
         name = "rising"
         metrics = ("hessian",)
 
-        def evaluate(self, step, row):
-            return Trigger("warning", "n_matvec", 8.0, 1.0, "recomputed") if step == 20 else None
+        def evaluate(self, metric, row):  # fires at step 20 alone (eigenvalue 23)
+            top = float(row["eigenvalues"][0])
+            fired = Trigger("warning", "n_matvec", 8.0, 1.0, "recomputed", "")
+            return fired if top == 23 else None
 
     old = Finding(20, "rising", "warning", "hessian/eigenvalues", 23.0, 1.0, "stored")
     run = _writer((old,)).run()
