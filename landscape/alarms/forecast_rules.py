@@ -274,7 +274,7 @@ class ForecastState:
         # r relative to its own recent history: a run that trains at a high, steady r
         # (a large learning rate near zero loss, BatchNorm with weight decay) is not at a
         # new limit; a ramp or a spike moves r far above where it sat
-        typical = self.ratios.median_mad()[0] if len(self.ratios) >= min(
+        typical = self.ratios.median() if len(self.ratios) >= min(
             rule.update_window, 20) else 0.0
         self.ratios.append(x)
         level = (previous is not None and min(previous, x) >= rule.limit
@@ -433,7 +433,7 @@ class ForecastState:
             return None
         out = None
         if len(self.updates) >= min(rule.update_window, 20):
-            med, _ = self.updates.median_mad()
+            med = self.updates.median()
             if u >= rule.update_growth * med:
                 self.grown += 1
                 if self.grown >= rule.update_sustain:

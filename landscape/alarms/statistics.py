@@ -40,6 +40,12 @@ class RollingWindow:
         self.order.append(x)
         bisect.insort(self.sorted, x)
 
+    def median(self) -> float:
+        """The median of the values in the window (which must not be empty), as ``np.median``."""
+        a = self.sorted
+        h = len(a) // 2
+        return a[h] if len(a) % 2 else 0.5 * (a[h - 1] + a[h])
+
     def median_mad(self) -> tuple[float, float]:
         """Median and median absolute deviation from it (both as in ``np.median``).
 
@@ -49,7 +55,7 @@ class RollingWindow:
         a = self.sorted
         n = len(a)
         h = n // 2
-        med = a[h] if n % 2 else 0.5 * (a[h - 1] + a[h])
+        med = self.median()
         # the deviations left and right of the median are each sorted: merge them up to
         # the middle one
         right = bisect.bisect_left(a, med)

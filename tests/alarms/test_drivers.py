@@ -323,7 +323,7 @@ def test_rolling_median_and_mad_match_numpy(size, values):
         a = np.asarray(values[max(0, i + 1 - size) : i + 1])
         med, mad = w.median_mad()
         assert len(w) == len(a)
-        assert med == pytest.approx(np.median(a), abs=1e-12)
+        assert med == w.median() == pytest.approx(np.median(a), abs=1e-12)
         assert mad == pytest.approx(np.median(np.abs(a - np.median(a))), abs=1e-12)
 
 
