@@ -1,0 +1,695 @@
+"""The healthy setups: small models on digits or local data, trained the way real loops train.
+
+Each :class:`Setup` is one of the false-alarm hunt's setups, under the name its runs had
+there (the hunt's own function name is kept as ``hunt_key``, and ``--setups`` accepts
+either). ``build(seed, steps)`` returns a :class:`Trial`: the model, the optimizer, the
+batches and the loop's mechanics; the harness runs it. At the full size (``steps`` = the
+setup's ``steps``) a trial is the hunt's run op for op (same construction order, same
+generators), so its losses and findings can be compared with the hunt's; ``--small``
+passes fewer steps and the schedules shrink with them.
+
+Data: scikit-learn's bundled digits (1,797 8x8 images, no download), standardised and
+shuffled with a fixed generator, the first 1,500 for training; the regression, modular
+arithmetic and sequence tasks are generated here. Models: an MLP, a BatchNorm CNN for 8x8
+images, and the instability suite's ``TinyGPT`` and ``lm_loss``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..instability.models import TinyGPT, lm_loss
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Trial:
+    """One training run: what the harness's loop needs.
+
+    Attributes:
+        model: the model.
+        optimizer: its optimizer (the monitor hooks it).
+        loss_fn: ``loss_fn(model(x), y)``, the loss trained and reported.
+        batch: ``batch(step)``, the next training batch (one micro-batch per call).
+        steps: optimizer steps.
+        schedule: called before each step with the step: sets the learning rates.
+        scheduler: a ``torch.optim.lr_scheduler`` stepped after every optimizer step.
+        clip: ``clip_grad_norm_``'s max norm; the norm before clipping goes to the monitor.
+        accumulate: micro-batches per optimizer step (gradient accumulation).
+        per_micro: with ``accumulate``, call the monitor after every micro-batch (its step
+            counts micro-batches) instead of once per optimizer step with the mean loss.
+        scaler: a ``torch.amp.GradScaler`` that scales the backward and skips the steps
+            whose gradients overflow.
+        extra: counters the loop fills in (the scaler's skipped steps).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: LossFn
+    batch: Callable[[int], Batch]
+    steps: int
+    schedule: Callable[[int], None] | None = None
+    scheduler: Any = None
+    clip: float | None = None
+    accumulate: int = 1
+    per_micro: bool = False
+    scaler: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """A healthy training setup.
+
+    Attributes:
+        name: the name of its runs in the hunt (``per_setup_final.txt``).
+        what: one line on what it trains and why it is a hard case.
+        steps: optimizer steps at the full size.
+        build: ``build(seed, steps)`` -> :class:`Trial`.
+        hunt_key: the hunt's name for it (``setups.py NAME``).
+        excluded: why its runs never count as healthy, whatever the criterion says (a task
+            that changes on purpose); empty for the others.
+    """
+
+    name: str
+    what: str
+    steps: int
+    build: Callable[[int, int], Trial] = field(repr=False)
+    hunt_key: str = ""
+    excluded: str = ""
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+@functools.lru_cache(maxsize=1)
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """Standardised digits, shuffled with a fixed generator: the 1,500 training images."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    y = torch.tensor(d.target)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    x, y = x[perm], y[perm]
+    return x[:1500], y[:1500]
+
+
+class Batches:
+    """Shuffled minibatches without replacement, reshuffled when an epoch runs out."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, size: int, seed: int = 0) -> None:
+        self.x, self.y, self.size = x, y, size
+        self.g = torch.Generator().manual_seed(seed)
+        self.perm = torch.randperm(len(y), generator=self.g)
+        self.pos = 0
+
+    def next(self, size: int | None = None) -> Batch:
+        """The next batch of ``size`` samples (the default size without one)."""
+        size = size or self.size
+        if self.pos + size > len(self.y):
+            self.perm = torch.randperm(len(self.y), generator=self.g)
+            self.pos = 0
+        idx = self.perm[self.pos:self.pos + size]
+        self.pos += size
+        return self.x[idx], self.y[idx]
+
+
+def mlp(inputs: int = 64, hidden: int = 128, outputs: int = 10, depth: int = 2,
+        dropout: float = 0.0) -> nn.Sequential:
+    """ReLU MLP with ``depth`` hidden layers (optional dropout after each)."""
+    layers: list[nn.Module] = []
+    d = inputs
+    for _ in range(depth):
+        layers += [nn.Linear(d, hidden), nn.ReLU()]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        d = hidden
+    layers.append(nn.Linear(d, outputs))
+    return nn.Sequential(*layers)
+
+
+class DigitsCNN(nn.Module):
+    """Two 3x3 conv layers with BatchNorm, ReLU and max-pooling on 8x8 digits, linear head."""
+
+    def __init__(self, width: int = 16, classes: int = 10) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, width, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(width)
+        self.c2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.b2 = nn.BatchNorm2d(2 * width)
+        self.drop = nn.Dropout(0.0)  # the hunt's model had this no-op module: same layers
+        self.fc = nn.Linear(2 * width * 2 * 2, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of flattened (B, 64) or (B, 1, 8, 8) images."""
+        x = x.view(-1, 1, 8, 8)
+        h = F.max_pool2d(F.relu(self.b1(self.c1(x))), 2)
+        h = F.max_pool2d(F.relu(self.b2(self.c2(h))), 2)
+        return self.fc(self.drop(h.flatten(1)))
+
+
+class LastToken(nn.Module):
+    """A language model's logits at the last position, first ``classes`` entries."""
+
+    def __init__(self, model: nn.Module, classes: int) -> None:
+        super().__init__()
+        self.m, self.classes = model, classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T) tokens -> (B, classes) logits."""
+        return self.m(x)[:, -1, :self.classes]
+
+
+def cosine_warmup(step: int, total: int, base: float, warmup: int, floor: float = 0.0) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay from ``base`` to ``floor``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return floor + 0.5 * (base - floor) * (1 + math.cos(math.pi * p))
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's learning rate."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def _schedule(opt: torch.optim.Optimizer, lr: Callable[[int], float]) -> Callable[[int], None]:
+    return lambda step: set_lr(opt, lr(step))
+
+
+def _digits_trial(seed: int, steps: int, model: Callable[[], nn.Module],
+                  optimizer: Callable[[nn.Module], torch.optim.Optimizer], size: int,
+                  **kw: Any) -> Trial:
+    """Minibatches of the digits: seed, data, model, optimizer, batches (the hunt's order)."""
+    torch.manual_seed(seed)
+    x, y = digits()
+    m = model()
+    opt = optimizer(m)
+    b = Batches(x, y, size, seed)
+    return Trial(m, opt, F.cross_entropy, lambda s: b.next(), steps, **kw)
+
+
+# ------------------------------------------------------------------------------ schedules
+
+
+def cosine_warmup_adamw(seed: int, steps: int, lr: float = 3e-3) -> Trial:
+    """AdamW (wd 0.01), 100 warm-up steps, cosine decay; batch 32."""
+    t = _digits_trial(seed, steps, mlp,
+                      lambda m: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.01), 32)
+    t.schedule = _schedule(t.optimizer, lambda s: cosine_warmup(s, steps, lr, min(100, steps)))
+    return t
+
+
+def cosine_warmup_sgd(seed: int, steps: int, lr: float = 0.2) -> Trial:
+    """SGD momentum 0.9 (wd 5e-4) at lr 0.2, 100 warm-up steps, cosine decay; batch 64."""
+    t = _digits_trial(seed, steps, mlp, lambda m: torch.optim.SGD(
+        m.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4), 64)
+    t.schedule = _schedule(t.optimizer, lambda s: cosine_warmup(s, steps, lr, min(100, steps)))
+    return t
+
+
+def sgdr_sgd(seed: int, steps: int, lr: float = 0.1) -> Trial:
+    """SGD momentum with warm restarts (T_0 100, T_mult 2): the LR jumps back up 3 times."""
+    t = _digits_trial(seed, steps, mlp,
+                      lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9), 32)
+    t.scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(t.optimizer, T_0=100,
+                                                                       T_mult=2)
+    return t
+
+
+def sgdr_adam(seed: int, steps: int, lr: float = 3e-3) -> Trial:
+    """Adam with warm restarts every 150 steps."""
+    t = _digits_trial(seed, steps, mlp, lambda m: torch.optim.Adam(m.parameters(), lr=lr), 32)
+    t.scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(t.optimizer, T_0=150,
+                                                                       T_mult=1)
+    return t
+
+
+def onecycle_sgd(seed: int, steps: int, lr: float = 0.3) -> Trial:
+    """BatchNorm CNN, SGD Nesterov, one-cycle to lr 0.3; batch 64."""
+    t = _digits_trial(seed, steps, DigitsCNN, lambda m: torch.optim.SGD(
+        m.parameters(), lr=lr, momentum=0.9, nesterov=True), 64)
+    t.scheduler = torch.optim.lr_scheduler.OneCycleLR(t.optimizer, max_lr=lr, total_steps=steps)
+    return t
+
+
+def onecycle_adamw(seed: int, steps: int, lr: float = 1e-2) -> Trial:
+    """AdamW (wd 0.05), one-cycle to lr 0.01."""
+    t = _digits_trial(seed, steps, mlp, lambda m: torch.optim.AdamW(
+        m.parameters(), lr=lr, weight_decay=0.05), 32)
+    t.scheduler = torch.optim.lr_scheduler.OneCycleLR(t.optimizer, max_lr=lr, total_steps=steps)
+    return t
+
+
+def step_decay_sgd(seed: int, steps: int) -> Trial:
+    """SGD momentum at lr 0.1, x0.1 at 1/3 and 2/3 of the run."""
+    t = _digits_trial(seed, steps, mlp,
+                      lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), 32)
+    t.scheduler = torch.optim.lr_scheduler.MultiStepLR(
+        t.optimizer, [steps // 3, 2 * steps // 3], 0.1)
+    return t
+
+
+# ------------------------------------------------------------------------------ loop mechanics
+
+
+def grad_accum(seed: int, steps: int, per_micro: bool = False) -> Trial:
+    """AdamW, 4 micro-batches of 16 per step.
+
+    The monitor sees the mean loss once per step, without outputs (``per_micro``: after
+    every micro-batch, mid-accumulation).
+    """
+    t = _digits_trial(seed, steps, mlp, lambda m: torch.optim.AdamW(
+        m.parameters(), lr=2e-3, weight_decay=0.01), 16)
+    t.accumulate, t.per_micro = 4, per_micro
+    return t
+
+
+def gradscaler_skips(seed: int, steps: int) -> Trial:
+    """Adam through a real ``torch.amp.GradScaler`` on CPU at its largest scale, 2^127.
+
+    The hunt meant it to overflow and skip steps; it never does (0 skipped steps in the
+    hunt's runs and here, ``extra["skipped"]``): the scaled loss is inf, but autograd never
+    reads it, and fp32 gradients times 2^127 stay finite below 2; growth would reach inf,
+    which the scaler refuses. So it checks the scaler's step / unscale path, not skipping.
+    """
+    t = _digits_trial(seed, steps, mlp, lambda m: torch.optim.Adam(m.parameters(), lr=1e-3), 32)
+    t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127, growth_interval=40)
+    return t
+
+
+def clip_grad(seed: int, steps: int) -> Trial:
+    """SGD momentum with ``clip_grad_norm_(1.0)``; the monitor gets the norm before clipping."""
+    return _digits_trial(seed, steps, mlp,
+                         lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), 32,
+                         clip=1.0)
+
+
+def batch_size_change(seed: int, steps: int) -> Trial:
+    """Adam; batch 128, then 8 from 1/3 of the run, then 256 from 2/3."""
+    torch.manual_seed(seed)
+    x, y = digits()
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    b = Batches(x, y, 128, seed)
+
+    def batch(s: int) -> Batch:
+        return b.next(128 if s < steps // 3 else (8 if s < 2 * steps // 3 else 256))
+    return Trial(model, opt, F.cross_entropy, batch, steps)
+
+
+def batch_size_shrink_sgd(seed: int, steps: int) -> Trial:
+    """SGD momentum; batch 256, then 16 from half the run (the gradient noise jumps)."""
+    torch.manual_seed(seed)
+    x, y = digits()
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    b = Batches(x, y, 256, seed)
+    return Trial(model, opt, F.cross_entropy,
+                 lambda s: b.next(256 if s < steps // 2 else 16), steps)
+
+
+# ------------------------------------------------------------------------------ losses, data
+
+
+def label_smoothing(seed: int, steps: int) -> Trial:
+    """Adam, cross-entropy with label smoothing 0.1 (the loss floor is well above 0)."""
+    t = _digits_trial(seed, steps, mlp, lambda m: torch.optim.Adam(m.parameters(), lr=2e-3), 32)
+    t.loss_fn = functools.partial(F.cross_entropy, label_smoothing=0.1)
+    return t
+
+
+def _overfit(seed: int, steps: int, sgd: bool) -> Trial:
+    torch.manual_seed(seed)
+    x, y = digits()
+    x, y = x[:256], y[:256]
+    model = mlp(hidden=256)
+    opt = (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if sgd
+           else torch.optim.Adam(model.parameters(), lr=1e-3))
+    b = Batches(x, y, 32, seed)
+    return Trial(model, opt, F.cross_entropy, lambda s: b.next(), steps)
+
+
+def overfit_adam(seed: int, steps: int) -> Trial:
+    """256 images to 100 % training accuracy and on (loss -> ~1e-4), Adam."""
+    return _overfit(seed, steps, sgd=False)
+
+
+def overfit_sgd(seed: int, steps: int) -> Trial:
+    """256 images to 100 % training accuracy and on, SGD momentum at lr 0.1."""
+    return _overfit(seed, steps, sgd=True)
+
+
+def mse_regression(seed: int, steps: int) -> Trial:
+    """MLP regression (MSE) of a smooth function of 16 Gaussian inputs, Adam, warm-up+cosine."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(16, 1, generator=g)
+    x = torch.randn(4000, 16, generator=g)
+    y = torch.sin(x @ w) + 0.1 * (x[:, :1] ** 2) + 0.05 * torch.randn(4000, 1, generator=g)
+    model = mlp(16, 64, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    b = Batches(x, y, 64, seed)
+    return Trial(model, opt, F.mse_loss, lambda s: b.next(), steps,
+                 schedule=_schedule(opt, lambda s: cosine_warmup(s, steps, 3e-3, 50)))
+
+
+def mse_regression_sgd(seed: int, steps: int) -> Trial:
+    """MLP regression (MSE) of 3 tanh(sum of 4 inputs), SGD momentum, constant LR."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4000, 16, generator=g)
+    y = (x[:, :4].sum(1, keepdim=True)).tanh() * 3 + 0.1 * torch.randn(4000, 1, generator=g)
+    model = mlp(16, 64, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    b = Batches(x, y, 32, seed)
+    return Trial(model, opt, F.mse_loss, lambda s: b.next(), steps)
+
+
+def class_imbalance(seed: int, steps: int) -> Trial:
+    """All the zeros and 8 images of each other class (a ~2:1 majority class), Adam."""
+    torch.manual_seed(seed)
+    x, y = digits()
+    keep = torch.cat([torch.nonzero(y == 0).flatten(),
+                      *[torch.nonzero(y == c).flatten()[:8] for c in range(1, 10)]])
+    x, y = x[keep], y[keep]
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    b = Batches(x, y, 32, seed)
+    return Trial(model, opt, F.cross_entropy, lambda s: b.next(), steps)
+
+
+def curriculum(seed: int, steps: int) -> Trial:
+    """Classes 0-1 for the first third, then 0-4, then all ten: the loss jumps at each stage."""
+    torch.manual_seed(seed)
+    x, y = digits()
+    stages = [(0, 2), (steps // 3, 5), (2 * steps // 3, 10)]
+    pools = {n: Batches(x[y < n], y[y < n], 32, seed) for _, n in stages}
+
+    def batch(s: int) -> Batch:
+        return pools[[n for start, n in stages if s >= start][-1]].next()
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    return Trial(model, opt, F.cross_entropy, batch, steps)
+
+
+def curriculum_noise(seed: int, steps: int) -> Trial:
+    """Clean inputs, then Gaussian input noise (sigma 1) from 5/12 of the run on."""
+    torch.manual_seed(seed)
+    x, y = digits()
+    b = Batches(x, y, 32, seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    noisy_from = 5 * steps // 12
+
+    def batch(s: int) -> Batch:
+        xb, yb = b.next()
+        sigma = 0.0 if s < noisy_from else 1.0
+        return xb + sigma * torch.randn(xb.shape, generator=g), yb
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    return Trial(model, opt, F.cross_entropy, batch, steps)
+
+
+def dropout_heavy(seed: int, steps: int) -> Trial:
+    """Dropout 0.5 after both hidden layers (256 wide), Adam: a noisy training loss."""
+    return _digits_trial(seed, steps, lambda: mlp(hidden=256, dropout=0.5),
+                         lambda m: torch.optim.Adam(m.parameters(), lr=1e-3), 32)
+
+
+def bn_cnn_small_batch(seed: int, steps: int) -> Trial:
+    """BatchNorm CNN on batches of 8, SGD momentum at lr 0.05 (noisy batch statistics)."""
+    return _digits_trial(seed, steps, DigitsCNN,
+                         lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), 8)
+
+
+def bn_cnn_batch4_adam(seed: int, steps: int) -> Trial:
+    """BatchNorm CNN on batches of 4, Adam."""
+    return _digits_trial(seed, steps, DigitsCNN,
+                         lambda m: torch.optim.Adam(m.parameters(), lr=1e-3), 4)
+
+
+def wd_high_lr(seed: int, steps: int) -> Trial:
+    """AdamW at lr 0.01 with weight decay 0.5 (the loss wanders at a high level)."""
+    return _digits_trial(seed, steps, mlp, lambda m: torch.optim.AdamW(
+        m.parameters(), lr=1e-2, weight_decay=0.5), 32)
+
+
+def wd_high_lr_sgd(seed: int, steps: int) -> Trial:
+    """BatchNorm CNN, SGD momentum at lr 0.3 with weight decay 5e-3, batch 64."""
+    return _digits_trial(seed, steps, DigitsCNN, lambda m: torch.optim.SGD(
+        m.parameters(), lr=0.3, momentum=0.9, weight_decay=5e-3), 64)
+
+
+def _pretrained_body(seed: int, steps: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """An MLP body pretrained (unmonitored) on classes 0-4; the digits."""
+    torch.manual_seed(seed)
+    x, y = digits()
+    body = mlp(outputs=64, depth=2)
+    pre = nn.Sequential(body, nn.ReLU(), nn.Linear(64, 5))
+    opt = torch.optim.Adam(pre.parameters(), lr=1e-3)
+    b = Batches(x[y < 5], y[y < 5], 32, seed)
+    for _ in range(min(600, steps)):
+        xb, yb = b.next()
+        loss = F.cross_entropy(pre(xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return body, x, y
+
+
+def finetune_new_head(seed: int, steps: int) -> Trial:
+    """Pretrain on classes 0-4, replace the head, fine-tune on 5-9.
+
+    AdamW, body lr 1e-4, head 3e-3; the monitor is attached at the fine-tune.
+    """
+    body, x, y = _pretrained_body(seed, steps)
+    model = nn.Sequential(body, nn.ReLU(), nn.Linear(64, 5))
+    opt = torch.optim.AdamW([{"params": body.parameters(), "lr": 1e-4},
+                             {"params": model[2].parameters(), "lr": 3e-3}], weight_decay=0.01)
+    b = Batches(x[y >= 5], y[y >= 5] - 5, 32, seed)
+    return Trial(model, opt, F.cross_entropy, lambda s: b.next(), steps)
+
+
+def finetune_unfreeze(seed: int, steps: int) -> Trial:
+    """Pretrain on 0-4, new head on 5-9: a linear probe, then the body unfreezes.
+
+    Body lr 0 for the first third, then a 50-step warm-up to lr 1e-3.
+    """
+    body, x, y = _pretrained_body(seed, steps)
+    model = nn.Sequential(body, nn.ReLU(), nn.Linear(64, 5))
+    opt = torch.optim.Adam([{"params": body.parameters(), "lr": 0.0},
+                            {"params": model[2].parameters(), "lr": 3e-3}])
+    b = Batches(x[y >= 5], y[y >= 5] - 5, 32, seed)
+    unfreeze = steps // 3
+
+    def schedule(s: int) -> None:
+        opt.param_groups[0]["lr"] = 0.0 if s < unfreeze else 1e-3 * min(1.0, (s - unfreeze + 1)
+                                                                         / 50)
+    return Trial(model, opt, F.cross_entropy, lambda s: b.next(), steps, schedule=schedule)
+
+
+def full_batch_gd(seed: int, steps: int) -> Trial:
+    """Full-batch GD at lr 0.5 on 512 images, tanh MLP.
+
+    Edge of stability: the loss is non-monotone but decreasing.
+    """
+    torch.manual_seed(seed)
+    x, y = digits()
+    x, y = x[:512], y[:512]
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    return Trial(model, opt, F.cross_entropy, lambda s: (x, y), steps)
+
+
+# ------------------------------------------------------------------------------ phase changes
+
+
+def induction_lm(seed: int, steps: int, lr: float = 1e-3, vocab: int = 24,
+                 half: int = 16) -> Trial:
+    """A random sequence of 16 tokens repeated twice, 2-block TinyGPT, AdamW.
+
+    Warm-up and cosine to lr/10. The second half becomes copyable when an induction head
+    forms (a sudden loss drop).
+    """
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = TinyGPT(vocab, dim=64, depth=2, context=2 * half)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+
+    def batch(s: int) -> Batch:
+        a = torch.randint(0, vocab, (32, half), generator=g)
+        seq = torch.cat([a, a, a[:, :1]], 1)
+        return seq[:, :-1], seq[:, 1:]
+    return Trial(model, opt, lm_loss, batch, steps, schedule=_schedule(
+        opt, lambda s: cosine_warmup(s, steps, lr, min(100, steps), lr * 0.1)))
+
+
+def _modular(seed: int, p: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                          torch.Tensor]:
+    """Operands, labels (a + b) mod p and a random permutation of the p^2 pairs."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
+    a, b = a.flatten(), b.flatten()
+    return a, b, (a + b) % p, torch.randperm(p * p, generator=g)
+
+
+def grokking_mlp(seed: int, steps: int, p: int = 23) -> Trial:
+    """Modular addition (p 23), one-hot MLP, AdamW with weight decay 1.
+
+    50 % training split, full batch: memorisation, then (maybe) a late generalisation
+    phase.
+    """
+    a, b, y, perm = _modular(seed, p)
+    x = torch.cat([F.one_hot(a, p), F.one_hot(b, p)], 1).float()
+    train = perm[: p * p // 2]
+    model = nn.Sequential(nn.Linear(2 * p, 256), nn.ReLU(), nn.Linear(256, p))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1.0)
+    return Trial(model, opt, F.cross_entropy, lambda s: (x[train], y[train]), steps)
+
+
+def grokking_tf(seed: int, steps: int, p: int = 17) -> Trial:
+    """Modular addition (p 17) with a 1-block TinyGPT on "a b =" sequences.
+
+    Loss on the answer; AdamW with weight decay 1, 60 % split, full batch. Loss spikes of
+    the slingshot kind: not healthy by the criterion.
+    """
+    a, b, y, perm = _modular(seed, p)
+    x = torch.stack([a, b, torch.full_like(a, p)], 1)
+    train = perm[: int(0.6 * p * p)]
+    model = LastToken(TinyGPT(p + 1, dim=64, depth=1, context=3), p)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=1.0)
+    return Trial(model, opt, F.cross_entropy, lambda s: (x[train], y[train]), steps,
+                 schedule=_schedule(opt, lambda s: 1e-3 * min(1.0, (s + 1) / 10)))
+
+
+def wd_moderate(seed: int, steps: int) -> Trial:
+    """AdamW at lr 3e-3 with weight decay 0.1."""
+    return _digits_trial(seed, steps, mlp, lambda m: torch.optim.AdamW(
+        m.parameters(), lr=3e-3, weight_decay=0.1), 32)
+
+
+def sgd_moderate(seed: int, steps: int) -> Trial:
+    """SGD momentum at lr 0.03."""
+    return _digits_trial(seed, steps, mlp,
+                         lambda m: torch.optim.SGD(m.parameters(), lr=0.03, momentum=0.9), 32)
+
+
+# ------------------------------------------------------------------------------ the list
+
+TASK_CHANGES = "the task changes on purpose (the hunt kept it out of the healthy count)"
+
+
+def _setups() -> list[Setup]:
+    def bind(fn: Callable[..., Trial], **kw: Any) -> Callable[[int, int], Trial]:
+        return lambda seed, steps: fn(seed, steps, **kw)
+
+    return [
+        Setup("cosine_warmup_adamw_lr0.003", "MLP, AdamW 3e-3, warm-up + cosine", 1200,
+              cosine_warmup_adamw, "cosine_warmup_adamw"),
+        Setup("cosine_warmup_adamw_lr0.01", "MLP, AdamW 1e-2, warm-up + cosine", 1200,
+              bind(cosine_warmup_adamw, lr=1e-2), "cosine_warmup_adamw_hi"),
+        Setup("cosine_warmup_sgd_lr0.2", "MLP, SGD-momentum 0.2, warm-up + cosine", 1200,
+              cosine_warmup_sgd, "cosine_warmup_sgd"),
+        Setup("sgdr_sgd_lr0.1", "MLP, SGD-momentum 0.1, warm restarts", 1500, sgdr_sgd,
+              "sgdr_sgd"),
+        Setup("sgdr_adam_lr0.003", "MLP, Adam 3e-3, warm restarts", 1500, sgdr_adam,
+              "sgdr_adam"),
+        Setup("onecycle_sgd_cnn_lr0.3", "BN CNN, SGD-Nesterov, one-cycle to 0.3", 1200,
+              onecycle_sgd, "onecycle_sgd"),
+        Setup("onecycle_adamw_lr0.01", "MLP, AdamW, one-cycle to 1e-2", 1200, onecycle_adamw,
+              "onecycle_adamw"),
+        Setup("step_decay_sgd", "MLP, SGD-momentum 0.1, x0.1 steps", 1200, step_decay_sgd,
+              "step_decay_sgd"),
+        Setup("grad_accum_k4", "MLP, 4 micro-batches per step, mean loss", 600, grad_accum,
+              "grad_accum"),
+        Setup("grad_accum_k4_permicro", "MLP, 4 micro-batches, monitor per micro-batch", 300,
+              bind(grad_accum, per_micro=True), "grad_accum_permicro"),
+        Setup("gradscaler_skips", "MLP, Adam through a GradScaler at scale 2^127", 1000,
+              gradscaler_skips, "gradscaler_skips"),
+        Setup("clip_grad", "MLP, SGD-momentum, clip_grad_norm_ 1.0", 1000, clip_grad,
+              "clip_grad"),
+        Setup("batch_size_change", "MLP, Adam, batch 128 -> 8 -> 256", 1200, batch_size_change,
+              "batch_size_change"),
+        Setup("batch_size_shrink_sgd", "MLP, SGD-momentum, batch 256 -> 16", 1200,
+              batch_size_shrink_sgd, "batch_size_shrink_sgd"),
+        Setup("label_smoothing", "MLP, Adam, label smoothing 0.1", 1200, label_smoothing,
+              "label_smoothing"),
+        Setup("overfit_adam", "MLP on 256 images to ~0 loss, Adam", 1500, overfit_adam,
+              "overfit_adam"),
+        Setup("overfit_sgd", "MLP on 256 images to ~0 loss, SGD-momentum", 1500, overfit_sgd,
+              "overfit_sgd"),
+        Setup("mse_regression", "MLP regression, Adam, warm-up + cosine", 1200, mse_regression,
+              "mse_regression"),
+        Setup("mse_regression_sgd", "MLP regression, SGD-momentum", 1200, mse_regression_sgd,
+              "mse_regression_sgd"),
+        Setup("class_imbalance", "MLP, Adam, one class ~2/3 of the data", 1200,
+              class_imbalance, "class_imbalance"),
+        Setup("curriculum", "MLP, Adam, 2 -> 5 -> 10 classes", 1200, curriculum, "curriculum",
+              TASK_CHANGES),
+        Setup("curriculum_noise", "MLP, Adam, input noise from step 500", 1200,
+              curriculum_noise, "curriculum_noise", TASK_CHANGES),
+        Setup("dropout_heavy", "MLP, dropout 0.5, Adam", 1200, dropout_heavy, "dropout_heavy"),
+        Setup("bn_cnn_bs8", "BN CNN, batch 8, SGD-momentum", 1200, bn_cnn_small_batch,
+              "bn_cnn_small_batch"),
+        Setup("bn_cnn_bs4_adam", "BN CNN, batch 4, Adam", 1200, bn_cnn_batch4_adam,
+              "bn_cnn_batch4_adam"),
+        Setup("wd_high_lr_adamw", "MLP, AdamW 1e-2, weight decay 0.5", 1500, wd_high_lr,
+              "wd_high_lr"),
+        Setup("wd_high_lr_sgd_bncnn", "BN CNN, SGD-momentum 0.3, weight decay 5e-3", 1500,
+              wd_high_lr_sgd, "wd_high_lr_sgd"),
+        Setup("finetune_new_head", "pretrained MLP, new head, AdamW two LRs", 800,
+              finetune_new_head, "finetune_new_head"),
+        Setup("finetune_unfreeze", "pretrained MLP, linear probe then unfreeze", 900,
+              finetune_unfreeze, "finetune_unfreeze"),
+        Setup("full_batch_gd", "tanh MLP, full-batch GD at lr 0.5", 800, full_batch_gd,
+              "full_batch_gd"),
+        Setup("induction_lm_lr0.001", "TinyGPT on repeated sequences, AdamW 1e-3", 1500,
+              induction_lm, "induction_lm"),
+        Setup("induction_lm_lr0.003", "TinyGPT on repeated sequences, AdamW 3e-3", 1500,
+              bind(induction_lm, lr=3e-3), "induction_lm_hi"),
+        Setup("grokking_mlp", "modular addition, MLP, AdamW wd 1, full batch", 4000,
+              grokking_mlp, "grokking_mlp"),
+        Setup("grokking_tf", "modular addition, TinyGPT, AdamW wd 1, full batch", 3000,
+              grokking_tf, "grokking_tf", TASK_CHANGES),
+        Setup("wd_moderate_adamw", "MLP, AdamW 3e-3, weight decay 0.1", 1500, wd_moderate,
+              "wd_moderate"),
+        Setup("sgd_moderate", "MLP, SGD-momentum 0.03", 1200, sgd_moderate, "sgd_moderate"),
+    ]
+
+
+SETUPS: dict[str, Setup] = {s.name: s for s in _setups()}
+
+# --small: one of each loop mechanics (LR hook, scheduler, accumulation with a mean loss and
+# no outputs, a GradScaler, clipping with the pre-clip norm, a regression loss)
+SMALL = ("cosine_warmup_adamw_lr0.003", "step_decay_sgd", "grad_accum_k4", "gradscaler_skips",
+         "clip_grad", "mse_regression")
+SMALL_STEPS = 120
+
+
+def resolve(names: list[str]) -> list[Setup]:
+    """Setups by name or by the hunt's key.
+
+    Raises:
+        KeyError: an unknown name (the message lists the known ones).
+    """
+    by_key = {s.hunt_key: s for s in SETUPS.values()}
+    out = []
+    for n in names:
+        s = SETUPS.get(n) or by_key.get(n)
+        if s is None:
+            raise KeyError(f"unknown setup {n!r}; known: {', '.join(SETUPS)}")
+        out.append(s)
+    return out
