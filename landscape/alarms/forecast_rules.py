@@ -96,7 +96,9 @@ class TaylorForecast(Rule):
       times that median. A run that trains at a steady r of 1-3 (a large learning rate
       near zero loss, BatchNorm with weight decay) is not at a new limit; ramps and
       spikes lift r far above where it sat (33-160 x on the spikes). ``None``: no
-      relative condition;
+      relative condition. Two rows at r >= ``level_cap`` (default 10) warn whatever the
+      median: a slow ramp (3-5 % a row) lifts its own median along and never reaches 5x
+      it, while healthy runs stay at r <= 3;
     * **forecast** (only with ``trend=True``; off by default, since on a healthy CNN near
       zero loss the noisy r rose to 0.6 three times in 300 steps and fired): the fitted r
       is >= ``floor`` (default 0.5, the paper's safe target),
@@ -150,6 +152,7 @@ class TaylorForecast(Rule):
     update_onset_rows: int | None = 10
     level_growth: float | None = 5.0
     jump_growth: float | None = 20.0
+    level_cap: float | None = 10.0
     field: str = "r_secant"
     sustain: int = 1
     rearm: int = 10
@@ -174,6 +177,7 @@ class TaylorForecast(Rule):
         if self.update_onset_rows is not None:
             _check_positive_int("update_onset_rows", self.update_onset_rows)
         _check_number("jump_growth", self.jump_growth, allow_none=True)
+        _check_number("level_cap", self.level_cap, allow_none=True)
         _check_positive_int("update_window", self.update_window)
         _check_positive_int("update_sustain", self.update_sustain)
         _check_positive_int("window", self.window)
@@ -219,6 +223,7 @@ class SharpnessForecast(TaylorForecast):
     update_growth: float | None = None
     level_growth: float | None = None
     jump_growth: float | None = None
+    level_cap: float | None = None
     severity: str = "info"
     field: str = "ratio"
     rearm: int = 3
@@ -278,7 +283,8 @@ class ForecastState:
             rule.update_window, 20) else 0.0
         self.ratios.append(x)
         level = (previous is not None and min(previous, x) >= rule.limit
-                 and (rule.level_growth is None or x >= rule.level_growth * typical)) or (
+                 and (rule.level_growth is None or x >= rule.level_growth * typical
+                      or (rule.level_cap is not None and min(previous, x) >= rule.level_cap))) or (
             rule.jump is not None and x >= rule.jump
             and (rule.jump_growth is None or x >= rule.jump_growth * typical)
         )

@@ -28,7 +28,7 @@ from landscape.alarms.base import (
     _scalar,
     _Skip,
 )
-from landscape.findings import SEVERITIES
+from landscape.findings import SEVERITIES, severity_rank
 
 __all__ = [
     "AttentionLogitGrowth",
@@ -100,8 +100,9 @@ class LogitGrowth(Rule):
             "add a z-loss (1e-4 * logsumexp^2), qk-layernorm or weight decay, lower the "
             "learning rate, and compute the softmax/loss in float32"
         )
+        found = []
         if self.max_abs is not None and big is not None and big >= self.max_abs:
-            return Trigger(
+            found.append(Trigger(
                 severity=self.max_abs_severity,
                 field="max_abs",
                 value=big,
@@ -109,10 +110,10 @@ class LogitGrowth(Rule):
                 message=f"max |logit| {_fmt(big)} >= {_fmt(self.max_abs)}: output logits are "
                 "growing",
                 hint=hint,
-            )
+            ))
         if self.softmax_collapse is not None and sc is not None and sc > self.softmax_collapse:
             warn = self.collapse_warn is not None and sc > self.collapse_warn
-            return Trigger(
+            found.append(Trigger(
                 severity="warning" if warn else "info",
                 field="softmax_collapse",
                 value=sc,
@@ -120,7 +121,9 @@ class LogitGrowth(Rule):
                 message=f"softmax collapse in {_fmt(100 * sc)}% of samples: their softmax "
                 "rounds to one-hot and their gradient is exactly zero",
                 hint=hint,
-            )
+            ))
+        if found:  # both: the more severe one (max_abs on a tie)
+            return max(found, key=lambda t: severity_rank(t.severity))
         return None
 
 

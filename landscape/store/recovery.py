@@ -174,17 +174,31 @@ def clear_open_flags(path: Path) -> bool:
     return True
 
 
-def _cleared_copy(path: Path) -> Path:
+def _cleared_copy(path: Path, anywhere: bool = False) -> Path:
     """A copy of ``path`` beside it with the open flags cleared and its contents checked.
 
     Raises:
         RunFileError: the copy is not a readable HDF5 file either (really damaged).
     """
-    fd, name = tempfile.mkstemp(prefix=path.name + ".", suffix=".recover", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = None
+    # beside the run (a writer replaces the run with it), else (a reader) the temp folder
+    for where in (path.parent, None) if anywhere else (path.parent,):
+        try:
+            fd, name = tempfile.mkstemp(prefix=path.name + ".", suffix=".recover", dir=where)
+            os.close(fd)
+            tmp = Path(name)
+            shutil.copyfile(path, tmp)
+            break
+        except OSError as err:  # a read-only folder, a full disk
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                tmp = None
+            if where is None or not anywhere:
+                raise RunFileError(f"{path}: left open for writing by a process that stopped, "
+                                   f"and no room for a cleared copy ({err.strerror})") from None
+    assert tmp is not None
     try:
-        shutil.copyfile(path, tmp)
         if not clear_open_flags(tmp):
             raise RunFileError(f"{path}: not a readable HDF5 file (left open for writing by "
                                "a process that stopped, in a form this cannot clear)")
@@ -274,7 +288,7 @@ def open_for_reading(path: Path) -> h5py.File:
             if attempt + 1 < _CHECK_ATTEMPTS:
                 time.sleep(0.1 * (attempt + 1))
     if f is None:  # killed out of SWMR mode: read a copy without the flag
-        tmp = _cleared_copy(path)
+        tmp = _cleared_copy(path, anywhere=True)
         try:
             f = h5py.File(tmp, "r", libver="latest", swmr=True, locking=LOCKING)
         finally:

@@ -108,3 +108,17 @@ def test_the_forecast_message_never_says_zero_steps(r, says, step):
     (f, *_) = _run(SharpnessForecast(), r)
     assert f.step == step and says in f.message, f.message
     assert "0 steps" not in f.message and "1 steps" not in f.message
+
+
+@pytest.mark.parametrize("rate", [1.05, 1.03])
+def test_a_slow_ramp_still_warns_once_r_is_far_past_the_limit(rate):
+    # r >= 1 on two rows must also be 5x its own median, which a slow geometric ramp never
+    # reaches (its median climbs along); past r = 10 on two rows it warns whatever the median
+    rng = np.random.default_rng(0)
+    n = int(np.ceil(np.log(50 / 0.2) / np.log(rate)))
+    r = np.full(100 + n, 0.2) * np.exp(0.1 * rng.standard_normal(100 + n))
+    r[100:] *= rate ** np.arange(1, n + 1)
+    warnings_ = [f for f in _run(TaylorForecast(), r) if f.severity == "warning"]
+    assert warnings_, "no warning on the whole ramp"
+    assert r[warnings_[0].step] >= 10.0 and r[warnings_[0].step - 1] >= 10.0 * 0.9
+    assert not [f for f in _run(TaylorForecast(level_cap=None), r) if f.severity == "warning"]

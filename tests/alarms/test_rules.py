@@ -396,3 +396,13 @@ def test_with_rules_adds_the_users_rules_and_replaces_a_built_in_by_name():
     assert names == [r.name for r in default_rules()] + ["nonfinite_again"]
     spike = rules[names.index("loss_spike")]
     assert spike.z == 10 and rules[-1] is mine
+
+
+def test_logit_growth_reports_the_more_severe_of_its_two_conditions():
+    from landscape.alarms import LogitGrowth, OnlineAlarms
+
+    row = {"max_abs": 150.0, "softmax_collapse": 0.8}
+    (f,) = OnlineAlarms([LogitGrowth(collapse_warn=0.5)]).observe("logits", 0, row)
+    assert (f.severity, f.metric) == ("warning", "logits/softmax_collapse")
+    (f,) = OnlineAlarms([LogitGrowth()]).observe("logits", 0, row)  # both info: max_abs
+    assert (f.severity, f.metric) == ("info", "logits/max_abs")

@@ -793,3 +793,18 @@ def test_first_order_products_across_kinks_in_float32_say_so_once(kind):
     assert _kink_warnings(model.float(), (x, y), backend="autograd") == []
     smooth = nn.Sequential(nn.Flatten(), nn.Linear(36, 8), nn.Tanh(), nn.Linear(8, 3))
     assert _kink_warnings(smooth, (x, y)) == []
+
+
+def test_the_memory_probe_of_a_first_order_product_says_nothing_about_kinks():
+    # a budget that nothing fits measures a first-order product, then refuses: the kinks
+    # warning is about results, and no result came from first-order products
+    from landscape.curvature.memory import MemoryBudgetError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 10))
+    op = Hessian(model, F.cross_entropy, (torch.randn(256, 20), torch.randint(0, 10, (256,))))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(MemoryBudgetError):
+            top_eigenvalues(op, k=1, memory_budget=10_000)
+    assert not [w for w in seen if "kinks" in str(w.message)]

@@ -281,3 +281,34 @@ def test_a_loss_that_is_no_mean_over_the_samples_is_never_cut_silently():
         hessian_trace(op, "krylov", n_matvec=12, memory_profile=prof,
                       memory_budget=fixed + per_probe + prof.product(6))
     assert op.n_matvec == 0
+
+
+def test_the_micro_batch_check_stays_within_two_micro_batches_and_16_bit_rounding():
+    # it ran the whole batch forward (what micro-batches exist to avoid), refused valid
+    # bf16/fp16 models on their rounding, and a model whose eval forward differs
+    seen = []
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    handle = model.register_forward_hook(lambda m, a, out: seen.append(a[0].shape[0]))
+    x, y = torch.randn(256, 6), torch.randint(0, 3, (256,))
+    try:
+        Hessian(model, F.cross_entropy, (x, y), microbatch_size=8)
+    finally:
+        handle.remove()
+    assert seen and max(seen) <= 16
+    for dtype in (torch.bfloat16, torch.float16):
+        Hessian(model.to(dtype), F.cross_entropy, (x.to(dtype), y), microbatch_size=32)
+
+    class LossInTrainMode(torch.nn.Module):  # torchvision detection style
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(6, 3)
+
+        def forward(self, inputs):
+            out = self.fc(inputs)
+            return {"loss": out.pow(2).mean()} if self.training else [out]
+
+    def closure(m, batch):
+        return sum(m(batch[0]).values())
+
+    Hessian(LossInTrainMode(), closure=closure, data=(x, y), eval_mode=False,
+            microbatch_size=32)
