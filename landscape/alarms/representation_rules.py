@@ -154,6 +154,7 @@ class SignCollapse(Rule):
 
     threshold: float = 0.05
     healthy: float | None = 0.2
+    severity: str = "info"
     sustain: int = 2
     rearm: int = 3
     metrics: tuple[str, ...] = ("spectral_alignment",)
@@ -165,6 +166,8 @@ class SignCollapse(Rule):
         _check_number("healthy", self.healthy, allow_none=True)
         if self.healthy is not None and self.healthy < self.threshold:
             raise ValueError(f"healthy ({self.healthy}) must be >= threshold ({self.threshold})")
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"severity must be one of {SEVERITIES}, got {self.severity!r}")
 
     @property
     def episode_sustain(self) -> int:
@@ -256,7 +259,7 @@ class SignCollapseState:
         v, i = worst
         layer = str(self.layers[i]) if i < len(self.layers) else f"#{i}"
         return Trigger(
-            severity="warning",
+            severity=rule.severity,
             field="minority",
             value=v,
             threshold=rule.threshold,
