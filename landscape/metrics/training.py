@@ -220,13 +220,18 @@ class TaylorRadius(Metric):
 
     dense_every = 1
     name = "taylor_radius"
-    FIELDS = ("r", "rho_a", "step_norm")
+    FIELDS = ("r", "rho_a", "step_norm", "r_median")
     default_data = "batch"
     default_schedule = every(10)
     needs_update = True
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
-        """``r``, ``rho_a`` and ``step_norm`` of the step on ``self.data``."""
+        """``r``, ``rho_a``, ``step_norm`` and ``r_median`` of the step on ``self.data``.
+
+        ``r`` is the largest over the batch's samples (token positions for a sequence
+        model), which one hard sample decides; ``r_median`` is the median sample's, what
+        the ``taylor_ratio`` rule warns on (docs/alarms.md).
+        """
         if ctx.update is None or ctx.params_before is None:
             raise MissingInput(_no_update(ctx, "taylor_radius"))
         batch = ctx.data(self.data)
@@ -247,10 +252,14 @@ class TaylorRadius(Metric):
                                    "of the model's keyword arguments")
             inputs, targets = split_batch(batch)
             result = radius_along(ctx, inputs, targets, ctx.params_before, ctx.update)
+        spread = result.spread
+        finite = spread.numel() > 0 and bool(torch.isfinite(spread).all())
+        median = float(torch.quantile(spread.to(torch.float64), 0.5)) if finite else math.nan
         return {
             "r": float(result.r),
             "rho_a": float(result.rho_a),
             "step_norm": float(result.step_norm),
+            "r_median": float(result.step_norm) * median / math.pi,
         }
 
 

@@ -418,3 +418,22 @@ def test_logit_growth_reports_the_more_severe_of_its_two_conditions():
     assert (f.severity, f.metric) == ("warning", "logits/softmax_collapse")
     (f,) = OnlineAlarms([LogitGrowth()]).observe("logits", 0, row)  # both info: max_abs
     assert (f.severity, f.metric) == ("info", "logits/max_abs")
+
+
+def test_taylor_ratio_warns_on_the_median_sample_and_keeps_the_max_for_info():
+    """One hard sample decides the max over the batch (r = 10 on a healthy row whose median
+    sample is at 0.1): info. A step that moves the whole batch (median 3) warns. Rows
+    recorded before r_median existed read r, as before."""
+    from landscape.alarms import OnlineAlarms, TaylorRatio
+
+    alarms = OnlineAlarms([TaylorRatio()])
+    rows = [(10.0, 0.1), (0.1, 0.05), (0.1, 0.05), (0.1, 0.05), (10.0, 3.0)]
+    found = [f for i, (r, med) in enumerate(rows)
+             for f in alarms.observe("taylor_radius", 10 * i, {"r": r, "r_median": med})]
+    assert [(f.step, f.severity) for f in found] == [(0, "info"), (40, "warning")]
+    assert found[1].metric == "taylor_radius/r_median" and found[1].value == 3.0
+    old = OnlineAlarms([TaylorRatio()]).observe("taylor_radius", 0, {"r": 10.0})
+    assert [(f.severity, f.value) for f in old] == [("error", 10.0)]
+    legacy = OnlineAlarms([TaylorRatio(robust_field=None)]).observe(
+        "taylor_radius", 0, {"r": 10.0, "r_median": 0.1})
+    assert [f.severity for f in legacy] == ["error"]

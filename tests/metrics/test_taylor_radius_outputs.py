@@ -192,3 +192,35 @@ def test_taylor_radius_on_ids_and_labels_for_a_positional_forward():
     with isolated(model):
         want = radius_along(_ctx(model), ids, ids, before, step)
     assert got == pytest.approx(float(want.r), rel=1e-6)
+
+
+def test_the_metric_records_the_median_samples_ratio_beside_the_largest():
+    # r is the max over the batch (one hard sample decides it); r_median, what the
+    # taylor_ratio rule warns on, equals the functional radius at the median quantile
+    from landscape.functional import taylor_radius
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    from landscape.metrics import create
+
+    mon = Monitor(model, F.cross_entropy, optimizer=opt, warn=False,
+                  metrics=[create("taylor_radius", schedule=1)]).start()
+    for step in range(3):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mon.step(step, batch=(x, y), loss=loss.detach())
+    update = {n: p.detach() - before[n] for n, p in model.named_parameters()}
+    run = mon.run()
+    r, med = run.series("taylor_radius", "r")[1][-1], run.series("taylor_radius", "r_median")[1][-1]
+    mon.close()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(before[n])
+    want = taylor_radius(model, x, update, quantile=0.5)
+    assert 0 < med < r
+    assert med == pytest.approx(float(want.r), rel=1e-5)
