@@ -162,12 +162,11 @@ class ModelOperator(CurvatureOperator):
         self._use_first_order()
         self.refresh()
         if len(self._data.batches) > len(whole_data.batches):
-            # the pieces' weighted losses must add up to the batches' (two no-grad passes)
+            # the pieces' weighted losses must add up to the batches' (on a sample of the
+            # first batch: a few no-grad passes over two micro-batches)
             from landscape.curvature._profile import check_losses_add_up
 
-            whole = copy.copy(self)
-            whole._data = whole_data
-            check_losses_add_up(whole, self)
+            check_losses_add_up(self, whole_data.batches[0], int(opts.microbatch_size))
 
     def _impossible(self) -> str | None:
         """Why the exact product cannot work on this model (FSDP2 shards), or ``None``."""

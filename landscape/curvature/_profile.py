@@ -280,7 +280,7 @@ def _microbatchable(op: Any) -> bool:
 
     Not with a BatchNorm on batch statistics, nor when the losses do not add up over
     micro-batches of an eighth of the batch (:func:`check_losses_add_up`; decided once per
-    operator: it costs two no-grad forward passes over the data).
+    operator: it costs a few no-grad forward passes over a quarter of the first batch).
     """
     from landscape.curvature._batches import check_microbatching
 
@@ -292,7 +292,7 @@ def _microbatchable(op: Any) -> bool:
         rows = batch_rows(op)
         size = max(1, (rows or 1) // 8)
         if rows is not None and size < rows:
-            check_losses_add_up(op, with_microbatches(op, size))
+            check_losses_add_up(op, op._data.batches[0], size)
     except ValueError as err:
         op._losses_add_up = False
         op._no_microbatches = str(err)  # said when a budget cannot be met without them
@@ -328,7 +328,7 @@ def _eval_loss(op: Any, values: list[torch.Tensor] | None = None,
     return probe._first_order._loss_at_theta()
 
 
-def check_losses_add_up(whole: Any, micro: Any) -> None:
+def check_losses_add_up(op: Any, batch: Any, size: int) -> None:
     """Refuse micro-batches whose weighted losses do not add up to the batches' loss.
 
     Micro-batches weighted by their sample counts (or by an additive ``batch_size``)
@@ -348,44 +348,43 @@ def check_losses_add_up(whole: Any, micro: Any) -> None:
     of the parameters' precision for 16-bit models.
 
     Args:
-        whole: the model operator on the batches.
-        micro: the same operator on their micro-batches.
+        op: the model operator (its model, loss, options; its data are not read).
+        batch: a whole batch of it (the first).
+        size: the micro-batch size.
 
     Raises:
         ValueError: the losses differ beyond rounding.
     """
     from landscape.curvature._batches import ProbeData, microbatches
 
-    # a bounded sample: the first batch's leading two micro-batches, as one batch and cut
-    # (the check must not run the whole-batch forward that micro-batches exist to avoid)
-    closure_mode = whole.closure is not None or whole.forward is not None
-    size = int(micro._data.microbatch_size or micro.options.microbatch_size)
-    head = microbatches([whole._data.batches[0]], [1.0], 2 * size, closure_mode=closure_mode,
-                        batch_size=whole.options.batch_size)[0][:1]
-    cut, cut_w = microbatches(head, [1.0], size, closure_mode=closure_mode,
-                              batch_size=whole.options.batch_size)
-    one = ProbeData(tuple(head), (1.0,), whole._data.rank_size, None)
-    parts = ProbeData(tuple(cut), tuple(cut_w), whole._data.rank_size, size)
+    # a bounded sample: the batch's leading two micro-batches, as one batch and cut (the
+    # check must not run the whole-batch forward that micro-batches exist to avoid)
+    closure_mode = op.closure is not None or op.forward is not None
+    sizer = op.options.batch_size
+    head = microbatches([batch], [1.0], 2 * size, closure_mode=closure_mode,
+                        batch_size=sizer)[0][:1]
+    cut, cut_w = microbatches(head, [1.0], size, closure_mode=closure_mode, batch_size=sizer)
+    one = ProbeData(tuple(head), (1.0,), op._data.rank_size, None)
+    parts = ProbeData(tuple(cut), tuple(cut_w), op._data.rank_size, size)
     try:
-        pairs = [(_eval_loss(whole, data=one), _eval_loss(micro, data=parts))]
-        if not whole._first_order.sharded:  # FSDP2 shards are evaluated in place: not moved
+        pairs = [(_eval_loss(op, data=one), _eval_loss(op, data=parts))]
+        if not op._first_order.sharded:  # FSDP2 shards are evaluated in place: not moved
             gen = torch.Generator().manual_seed(0)
             moved = []
-            for p in whole._param_objects:
+            for p in op._param_objects:
                 p = p.detach()
                 rms = float(p.double().pow(2).mean().sqrt()) if p.numel() else 0.0
                 noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
                 moved.append(p + (noise * (rms or 0.02)).to(p.device, p.dtype))
-            pairs.append((_eval_loss(whole, moved, one), _eval_loss(micro, moved, parts)))
+            pairs.append((_eval_loss(op, moved, one), _eval_loss(op, moved, parts)))
             del moved
     except Exception:  # an eval-mode forward this loss cannot take (train-mode-only models):
         return  # nothing to compare; the operator's own evaluations say what is wrong
     # rounding: relative 1e-4, or a few units of the parameters' precision (16-bit models)
-    tol = max(1e-4, 4 * torch.finfo(whole.dtype).eps)
+    tol = max(1e-4, 4 * torch.finfo(op.dtype).eps)
     for full, parts in pairs:
         if math.isfinite(full) and not math.isclose(full, parts, rel_tol=tol, abs_tol=1e-9):
-            weights = "a batch_size= count" if micro.options.batch_size is not None else \
-                "their samples"
+            weights = "a batch_size= count" if sizer is not None else "their samples"
             raise ValueError(
                 f"microbatch_size: the micro-batches' losses weighted by {weights} give "
                 f"{parts:.6g} where the whole batches give {full:.6g}: the loss is not a "
