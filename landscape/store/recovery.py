@@ -88,6 +88,13 @@ def _rot(x: int, k: int) -> int:
     return ((x << k) | (x >> (32 - k))) & 0xFFFFFFFF
 
 
+# lookup3's mix(): six rounds of "x -= y; x ^= rot(y, k); y += z" with (x, y, z) turning
+# from (a, c, b) to (b, a, c) to (c, b, a); its final(): seven rounds of "x ^= y;
+# x -= rot(y, k)" with x = c, a, b, c, a, b, c and y the previous x
+_MIX = (4, 6, 8, 16, 19, 4)
+_FINAL = ((2, 14), (0, 11), (1, 25), (2, 16), (0, 4), (1, 14), (2, 24))  # (x, k); y = x - 1
+
+
 def lookup3(data: bytes, initval: int = 0) -> int:
     """Bob Jenkins' ``hashlittle`` (lookup3.c, 2006): HDF5's metadata checksum.
 
@@ -96,54 +103,28 @@ def lookup3(data: bytes, initval: int = 0) -> int:
     """
     m = 0xFFFFFFFF
     n = len(data)
-    a = b = c = (0xDEADBEEF + n + initval) & m
+    v = [(0xDEADBEEF + n + initval) & m] * 3  # a, b, c
+
+    def add(block: bytes) -> None:
+        for j in range(3):
+            v[j] = (v[j] + int.from_bytes(block[4 * j:4 * j + 4], "little")) & m
+
     i = 0
     while n - i > 12:
-        a = (a + int.from_bytes(data[i:i + 4], "little")) & m
-        b = (b + int.from_bytes(data[i + 4:i + 8], "little")) & m
-        c = (c + int.from_bytes(data[i + 8:i + 12], "little")) & m
-        # mix(a, b, c)
-        a = (a - c) & m
-        a ^= _rot(c, 4)
-        c = (c + b) & m
-        b = (b - a) & m
-        b ^= _rot(a, 6)
-        a = (a + c) & m
-        c = (c - b) & m
-        c ^= _rot(b, 8)
-        b = (b + a) & m
-        a = (a - c) & m
-        a ^= _rot(c, 16)
-        c = (c + b) & m
-        b = (b - a) & m
-        b ^= _rot(a, 19)
-        a = (a + c) & m
-        c = (c - b) & m
-        c ^= _rot(b, 4)
-        b = (b + a) & m
+        add(data[i:i + 12])
+        x, y, z = 0, 2, 1  # a, c, b
+        for k in _MIX:
+            v[x] = ((v[x] - v[y]) & m) ^ _rot(v[y], k)
+            v[y] = (v[y] + v[z]) & m
+            x, y, z = z, x, y
         i += 12
     if n - i == 0:
-        return c
-    tail = data[i:] + bytes(12 - (n - i))  # the last 1-12 bytes, zero-padded
-    a = (a + int.from_bytes(tail[0:4], "little")) & m
-    b = (b + int.from_bytes(tail[4:8], "little")) & m
-    c = (c + int.from_bytes(tail[8:12], "little")) & m
-    # final(a, b, c)
-    c ^= b
-    c = (c - _rot(b, 14)) & m
-    a ^= c
-    a = (a - _rot(c, 11)) & m
-    b ^= a
-    b = (b - _rot(a, 25)) & m
-    c ^= b
-    c = (c - _rot(b, 16)) & m
-    a ^= c
-    a = (a - _rot(c, 4)) & m
-    b ^= a
-    b = (b - _rot(a, 14)) & m
-    c ^= b
-    c = (c - _rot(b, 24)) & m
-    return c
+        return v[2]
+    add(data[i:] + bytes(12 - (n - i)))  # the last 1-12 bytes, zero-padded
+    for x, k in _FINAL:
+        y = (x - 1) % 3
+        v[x] = ((v[x] ^ v[y]) - _rot(v[y], k)) & m
+    return v[2]
 
 
 _SUPERBLOCK = 48  # versions 2 and 3 with 8-byte offsets: 44 bytes, then the checksum
@@ -175,7 +156,10 @@ def clear_open_flags(path: Path) -> bool:
 
 
 def _cleared_copy(path: Path, anywhere: bool = False) -> Path:
-    """A copy of ``path`` beside it with the open flags cleared and its contents checked.
+    """A copy of ``path`` with the open flags cleared and its contents checked.
+
+    Beside the run (a writer replaces the run with it); with ``anywhere`` (a reader), in
+    the system's temporary folder when the run's folder takes no copy.
 
     Raises:
         RunFileError: the copy is not a readable HDF5 file either (really damaged).
@@ -191,8 +175,7 @@ def _cleared_copy(path: Path, anywhere: bool = False) -> Path:
             break
         except OSError as err:  # a read-only folder, a full disk
             if tmp is not None:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
+                _discard(tmp)
                 tmp = None
             if where is None or not anywhere:
                 raise RunFileError(f"{path}: left open for writing by a process that stopped, "
@@ -204,10 +187,15 @@ def _cleared_copy(path: Path, anywhere: bool = False) -> Path:
                                "a process that stopped, in a form this cannot clear)")
         _check_intact(tmp, report=path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        _discard(tmp)
         raise
     return tmp
+
+
+def _discard(tmp: Path | str) -> None:
+    """Remove a temporary copy, quietly (it may be gone or its folder read-only)."""
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
 
 
 def _plainly_open(err: BaseException) -> bool:
@@ -292,8 +280,7 @@ def open_for_reading(path: Path) -> h5py.File:
         try:
             f = h5py.File(tmp, "r", libver="latest", swmr=True, locking=LOCKING)
         finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink()  # the open file stays readable (POSIX)
+            _discard(tmp)  # the open file stays readable (POSIX)
     try:
         _check_format(f, path)
         check_tables(f, path)
@@ -339,8 +326,7 @@ def recover_crashed(path: Path) -> None:
                 _check_format(check, path)
                 _refuse_live_writer(check, path)
         except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            _discard(tmp)
             raise
         os.replace(tmp, path)
         return
@@ -357,8 +343,7 @@ def recover_crashed(path: Path) -> None:
                 src.copy(src[key], dst, name=key)
     except BaseException:
         if tmp is not None:  # no half-written copy left beside the run
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            _discard(tmp)
         raise
     finally:
         src.close()
