@@ -282,12 +282,13 @@ class ForecastState:
         typical = self.ratios.median() if len(self.ratios) >= min(
             rule.update_window, 20) else 0.0
         self.ratios.append(x)
-        level = (previous is not None and min(previous, x) >= rule.limit
-                 and (rule.level_growth is None or x >= rule.level_growth * typical
-                      or (rule.level_cap is not None and min(previous, x) >= rule.level_cap))) or (
-            rule.jump is not None and x >= rule.jump
-            and (rule.jump_growth is None or x >= rule.jump_growth * typical)
-        )
+        both = -math.inf if previous is None else min(previous, x)  # the last two rows' lower
+        two_rows = both >= rule.limit and (
+            rule.level_growth is None or x >= rule.level_growth * typical
+            or (rule.level_cap is not None and both >= rule.level_cap))
+        jumped = rule.jump is not None and x >= rule.jump and (
+            rule.jump_growth is None or x >= rule.jump_growth * typical)
+        level = two_rows or jumped
         steps_to = math.inf
         fitted = x
         slope = 0.0

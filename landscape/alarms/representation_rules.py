@@ -57,7 +57,8 @@ class LogitGrowth(Rule):
       info; a classifier at a training loss of 1e-4 has more than half of its samples
       collapsed).
 
-    ``None`` disables either condition. When both fire, ``max_abs`` is reported.
+    ``None`` disables either condition. When both fire, the more severe is reported
+    (``max_abs`` on a tie).
 
     Raises:
         ValueError: a setting is not a number or None.
@@ -77,8 +78,8 @@ class LogitGrowth(Rule):
         _check_number("max_abs", self.max_abs, allow_none=True)
         _check_number("softmax_collapse", self.softmax_collapse, allow_none=True)
         _check_number("collapse_warn", self.collapse_warn, allow_none=True)
-        if self.max_abs_severity not in ("info", "warning", "error"):
-            raise ValueError(f"max_abs_severity must be info, warning or error, got "
+        if self.max_abs_severity not in SEVERITIES:
+            raise ValueError(f"max_abs_severity must be one of {SEVERITIES}, got "
                              f"{self.max_abs_severity!r}")
 
     def evaluate(self, metric: str, row: Row) -> Trigger | _Skip | None:
