@@ -8,6 +8,7 @@ of a sort (the spike rules of ``docs/alarms.md`` call it on every training step)
 from __future__ import annotations
 
 import bisect
+import math
 from collections import deque
 
 __all__ = ["RollingWindow"]
@@ -70,3 +71,16 @@ class RollingWindow:
                 right += 1
         mad = devs[h] if n % 2 else 0.5 * (devs[h - 1] + devs[h])
         return med, mad
+
+    def maximum(self, but_newest: bool = False) -> float:
+        """The largest value in the window (``-inf`` when empty).
+
+        Args:
+            but_newest: leave the most recently appended value out.
+        """
+        a = self.sorted
+        if but_newest and self.order:
+            newest = self.order[-1]
+            if a and a[-1] == newest:  # the newest is (one of) the largest
+                return a[-2] if len(a) > 1 else -math.inf
+        return a[-1] if a else -math.inf

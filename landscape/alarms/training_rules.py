@@ -64,7 +64,11 @@ class LossSpike(Rule):
     times the initial level (the median of the first ``min_history`` rows: for a
     classifier, a jump back above its untrained loss); a smaller one is **info** on its
     first row and becomes a warning when the next row fires too (a blow-up stays high,
-    a hard batch does not). ``None``: every firing row is at the full severity.
+    a hard batch does not). ``None``: every firing row is at the full severity. With
+    ``new_high`` (default True) the two rows must also each be above every other value of
+    the window: a blow-up climbs out of the range the recent rows set, while two hard
+    batches in a row (a batch of 8 near zero loss) stay within the range earlier hard
+    batches set, and are info.
 
     Non-finite values are ignored here (they are :class:`NonFiniteValues`' business) and
     do not enter the window.
@@ -87,6 +91,7 @@ class LossSpike(Rule):
     severity: str = "warning"
     warn_ratio: float | None = None
     single_row: float | None = 1.0
+    new_high: bool = True
     field: str = "value"
     sustain: int = 1
     rearm: int = 20
@@ -114,6 +119,8 @@ class LossSpike(Rule):
         _check_number("single_row", self.single_row, allow_none=True)
         if self.severity not in ("info", "warning", "error"):
             raise ValueError(f"severity must be info, warning or error, got {self.severity!r}")
+        if not isinstance(self.new_high, bool):
+            raise ValueError(f"new_high must be True or False, got {self.new_high!r}")
         if self.method not in ("zscore", "cusum"):
             raise ValueError(f"method must be 'zscore' or 'cusum', got {self.method!r}")
         if self.rel_floor < 0:
@@ -149,6 +156,8 @@ class SpikeState:
         self.cusum = 0.0
         self.initial: float | None = None  # median of the first min_history values
         self.previous_warned = False  # the previous valid row met the warning condition
+        self.previous_high = False  # ... and was above the rest of its window
+        self.high = False  # the current row is above the window (but the previous row)
 
     def __call__(self, step: int, row: Row) -> Trigger | _Skip | None:
         """Evaluate one row, then add its value to the window.
@@ -172,6 +181,8 @@ class SpikeState:
                 self.initial = abs(med)
             scale = max(1.4826 * mad, rule.rel_floor * abs(med), 1e-12)
             z = (x - med) / scale
+            # a pair of rows is compared with the window without its other row
+            self.high = x > self.history.maximum(but_newest=self.previous_warned)
             if rule.method == "zscore":
                 trigger = self._zscore(x, med, z)
             else:
@@ -186,21 +197,26 @@ class SpikeState:
         if rule.initial_floor is not None and self.initial is not None:
             level = max(level, rule.initial_floor * self.initial)
         previous, self.previous_warned = self.previous_warned, False
+        previous_high, self.previous_high = self.previous_high, False
         if z >= rule.z and x - med >= (rule.min_ratio - 1.0) * level:
             severity = rule.severity
             if rule.warn_ratio is not None and x - med >= (rule.warn_ratio - 1.0) * level:
                 severity = "warning"
             note = ""
             if severity == "warning":
-                self.previous_warned = True
+                self.previous_warned, self.previous_high = True, self.high
                 if rule.single_row is not None and self.initial is not None \
                         and x - med < rule.single_row * self.initial:
-                    if previous:
-                        note = " on two rows in a row"
-                    else:
+                    if not previous:
                         severity = "info"
                         note = (" on one row (a single hard batch? a warning if the next row "
                                 "is as high)")
+                    elif rule.new_high and not (previous_high and self.high):
+                        severity = "info"
+                        note = (" on two rows in a row, within the range of the window (hard "
+                                "batches?)")
+                    else:
+                        note = " on two rows in a row"
             return Trigger(
                 severity=severity,
                 field=rule.field,

@@ -325,6 +325,9 @@ def test_rolling_median_and_mad_match_numpy(size, values):
         assert len(w) == len(a)
         assert med == w.median() == pytest.approx(np.median(a), abs=1e-12)
         assert mad == pytest.approx(np.median(np.abs(a - np.median(a))), abs=1e-12)
+        assert w.maximum() == a.max()
+        # the window without its newest value (a repeated maximum stays)
+        assert w.maximum(but_newest=True) == (a[:-1].max() if len(a) > 1 else -np.inf)
 
 
 def test_a_rule_returning_garbage_is_a_rule_error_naming_the_type_error():

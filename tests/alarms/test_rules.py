@@ -192,6 +192,46 @@ def test_loss_spike_on_two_rows_in_a_row_is_a_warning():
     assert "two rows in a row" in found[1].message
 
 
+def hard_batches(n=600, seed=7, every=25, factor=8.0):
+    """A loss trained from 2.3 to near zero, one hard batch (``factor`` x) every ``every`` rows.
+
+    The hard batches (from row 200) rise by less than the initial loss: each is info.
+    """
+    rng = np.random.default_rng(seed)
+    loss = 0.05 + 2.25 * np.exp(-np.arange(n) / 50) + 0.002 * rng.standard_normal(n)
+    loss[200::every] *= factor
+    return loss
+
+
+def test_two_hard_batches_in_a_row_within_the_recent_range_are_info():
+    # a batch of 8 near zero loss: a hard batch every 25 rows sets the window's range,
+    # and two in a row that stay below it are no blow-up
+    loss, clean = hard_batches(), hard_batches(every=10**6)
+    loss[321:323] = 6.0 * clean[321:323]  # below the 8x hard batches
+    found = one("loss_spike", findings_of({"loss": (np.arange(600), {"value": loss})}))
+    assert 321 in [f.step for f in found] and all(f.severity == "info" for f in found)
+    evaluate = LossSpike().evaluator("loss", {})  # the second row, as the rule sees it
+    second = [evaluate(step, {"value": x}) for step, x in enumerate(loss)][322]
+    assert second.severity == "info" and "within the range" in second.message
+    # the same pair above every hard batch of the window warns on its second row
+    loss[321:323] = 12.0 * clean[321:323]
+    found = one("loss_spike", findings_of({"loss": (np.arange(600), {"value": loss})}))
+    assert [(f.step, f.severity) for f in found if f.severity == "warning"] == [(322, "warning")]
+    # new_high=False: any two rows in a row warn, as before
+    loss[321:323] = 6.0 * clean[321:323]
+    found = one("loss_spike", findings_of({"loss": (np.arange(600), {"value": loss})},
+                                           [LossSpike(new_high=False)]))
+    assert (322, "warning") in [(f.step, f.severity) for f in found]
+
+
+def test_a_pair_whose_second_row_falls_back_into_the_range_is_info():
+    loss = hard_batches()
+    loss[321] = 12.0 * loss[321]  # above every hard batch
+    loss[322] = 6.0 * loss[322]  # but the next row is within their range
+    found = one("loss_spike", findings_of({"loss": (np.arange(600), {"value": loss})}))
+    assert 321 in [f.step for f in found] and all(f.severity == "info" for f in found)
+
+
 def test_loss_spike_needs_history_and_a_relative_jump():
     loss = smooth_loss(200, 8)
     loss[10] *= 5  # before min_history
