@@ -27,8 +27,8 @@ from torch import nn
 from torch.func import functional_call
 
 __all__ = [
-    "ClosureModule", "isolated", "no_grad_forward", "same_rng", "sdpa_math", "stateless_call",
-    "stateless_closure",
+    "ClosureModule", "isolated", "no_grad_forward", "normalises_by_batch", "same_rng",
+    "sdpa_math", "stateless_call", "stateless_closure",
 ]
 
 
@@ -65,6 +65,17 @@ def _set_training(modules: list[nn.Module], modes: list[bool]) -> None:
             object.__setattr__(m, "training", mode)
 
 
+def normalises_by_batch(module: nn.Module) -> bool:
+    """Whether ``module`` normalises by the batch's statistics in train mode.
+
+    BatchNorm and InstanceNorm (``torch.nn.modules.batchnorm._NormBase``), except
+    ``SyncBatchNorm``, whose train mode all-reduces the statistics over the process group:
+    a measurement on one rank's data must not start a collective the other ranks never join.
+    """
+    return (isinstance(module, nn.modules.batchnorm._NormBase)
+            and not isinstance(module, nn.SyncBatchNorm))
+
+
 def overrides_train(module: nn.Module) -> bool:
     """Whether ``module``'s class overrides ``nn.Module.train`` (honoured in train mode)."""
     return type(module).train is not nn.Module.train
@@ -72,7 +83,8 @@ def overrides_train(module: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def isolated(
-    model: nn.Module, *, eval_mode: bool = True, copy_grads: bool = False
+    model: nn.Module, *, eval_mode: bool = True, copy_grads: bool = False,
+    batch_statistics: bool = False,
 ) -> Iterator[nn.Module]:
     """Run a block with the model's observable state saved and restored on exit.
 
@@ -92,6 +104,12 @@ def isolated(
     ``train()`` is called again with its own original mode, from the root down (a parent's
     call reaches its children first, their own call then sets them back), before the flags
     are restored.
+
+    With ``batch_statistics=True`` in eval mode, the layers that normalise by batch
+    statistics in train mode (BatchNorm, InstanceNorm; :func:`normalises_by_batch`) are
+    in train mode and everything else in eval mode: the function the optimizer descends,
+    without dropout's noise. Their running statistics are then written by a forward pass:
+    run it on copies of the buffers (:func:`stateless_call`).
 
     ``.grad`` tensors are restored by reference. Code inside the block should not write
     into them in place (``torch.autograd.grad`` and ``torch.func`` never do); if it might
@@ -115,6 +133,8 @@ def isolated(
         try:
             if overriders:
                 model.train(True)
+            elif eval_mode and batch_statistics:
+                _set_training(modules, [normalises_by_batch(m) for m in modules])
             else:
                 _set_training(modules, [not eval_mode] * len(modules))
             yield model

@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from landscape.isolation import isolated, sdpa_math, stateless_call, stateless_closure
 from tests import models
@@ -203,3 +204,18 @@ def test_train_mode_restores_each_override_to_its_own_mode():
     assert [m.training for m in model.modules()] == [False, False, True]
     assert not model[1].merged
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+
+
+@pytest.mark.parametrize("outer", [True, False])
+def test_batch_statistics_puts_only_normalisation_layers_in_train_mode(outer):
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.5),
+                          nn.InstanceNorm1d(4, track_running_stats=True), nn.SyncBatchNorm(4),
+                          nn.LayerNorm(4))
+    model.train(outer)
+    with isolated(model, batch_statistics=True):
+        # SyncBatchNorm's train mode all-reduces over the ranks: left in eval mode
+        assert [m.training for m in model] == [False, True, False, True, False, False]
+        assert not model.training
+    assert all(m.training is outer for m in model.modules())
+    with isolated(model, eval_mode=False, batch_statistics=True):  # no effect in train mode
+        assert all(m.training for m in model.modules())

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from landscape.batches import leading_size, split, to_device
+from landscape.isolation import normalises_by_batch
 
 __all__ = [
     "BatchSize", "ProbeData", "batch_sizes", "check_microbatching", "is_single_batch",
@@ -82,15 +83,20 @@ def probe_data(
     return ProbeData(tuple(batches), tuple(weights), rank_size, microbatch_size)
 
 
-def check_microbatching(model: nn.Module, eval_mode: bool) -> None:
+def check_microbatching(
+    model: nn.Module, eval_mode: bool, batch_statistics: bool = False
+) -> None:
     """Refuse micro-batches where they would change the operator.
 
     Micro-batches change what a layer normalising by batch statistics computes: any
-    BatchNorm in train mode, and one without running statistics in eval mode too.
+    BatchNorm in train mode (or with ``batch_statistics``), and one without running
+    statistics in eval mode too.
 
     Args:
         model: the model.
         eval_mode: whether the operator evaluates in eval mode.
+        batch_statistics: the operator's option of that name (normalisation layers on
+            batch statistics in eval mode).
 
     Raises:
         ValueError: the model has such a layer.
@@ -98,8 +104,10 @@ def check_microbatching(model: nn.Module, eval_mode: bool) -> None:
     for name, module in model.named_modules():
         if not isinstance(module, nn.modules.batchnorm._BatchNorm):
             continue
-        if not eval_mode or module.running_mean is None:
+        on_batch = batch_statistics and normalises_by_batch(module)
+        if not eval_mode or on_batch or module.running_mean is None:
             when = ("with eval_mode=False" if not eval_mode
+                    else "with batch_statistics=True" if on_batch
                     else "(it has no running statistics)")
             raise ValueError(
                 f"microbatch_size: {name or 'the model'} ({type(module).__name__}) "

@@ -21,7 +21,9 @@ __all__ = ["detach_tree", "evaluation", "scalar_loss", "seed_generators", "zeros
 
 
 @contextlib.contextmanager
-def evaluation(model: nn.Module, *, eval_mode: bool, seed: int) -> Iterator[None]:
+def evaluation(
+    model: nn.Module, *, eval_mode: bool, seed: int, batch_statistics: bool = False
+) -> Iterator[None]:
     """Evaluate ``model`` on the side, with gradients on.
 
     Args:
@@ -29,15 +31,19 @@ def evaluation(model: nn.Module, *, eval_mode: bool, seed: int) -> Iterator[None
         eval_mode: evaluate in eval mode (BatchNorm running statistics, dropout off); when
             False the generators are re-seeded with ``seed`` on entry.
         seed: the seed of the stochastic layers' noise when ``eval_mode`` is False.
+        batch_statistics: in eval mode, normalisation layers on batch statistics
+            (:func:`landscape.isolation.isolated`).
 
     Yields:
         Nothing; the model's RNG state, modes and gradients are restored on exit.
     """
-    with isolated(model, eval_mode=eval_mode), sdpa_math(), torch.enable_grad():
-        if eval_mode:
+    with isolated(model, eval_mode=eval_mode, batch_statistics=batch_statistics), \
+            sdpa_math(), torch.enable_grad():
+        if eval_mode and not batch_statistics:
             yield
             return
-        seed_generators(model, seed)
+        if not eval_mode:
+            seed_generators(model, seed)
         # the forward runs on cloned buffers (stateless_call), but a backward that
         # recomputes a checkpointed forward runs it on the module's own buffers: in train
         # mode BatchNorm updates its running statistics there, in a fused kernel that

@@ -36,7 +36,13 @@ from landscape.curvature._first_order import FirstOrder, sharded_reason
 from landscape.curvature._reduction import RankReduction
 from landscape.curvature._shifted import NoGradientError
 from landscape.curvature.base import CurvatureOperator
-from landscape.isolation import overrides_train, same_rng, stateless_call, stateless_closure
+from landscape.isolation import (
+    normalises_by_batch,
+    overrides_train,
+    same_rng,
+    stateless_call,
+    stateless_closure,
+)
 from landscape.params import ParamSpec, Vector, select_named_parameters
 
 __all__ = ["Closure", "Forward", "LossFn", "ModelOperator", "OperatorOptions"]
@@ -59,6 +65,10 @@ class OperatorOptions:
             :func:`landscape.params.select_named_parameters`); ``None`` for all trainable
             ones. A subset gives the diagonal block of the full operator.
         eval_mode: evaluate in eval mode (BatchNorm running statistics, dropout off).
+        batch_statistics: in eval mode, BatchNorm and InstanceNorm normalise by the
+            batch's statistics, as in train mode, and dropout stays off: the function the
+            optimizer descends, without its noise (:func:`landscape.isolation.isolated`).
+            No micro-batches then. No effect with ``eval_mode=False``.
         max_batches: keep the first ``max_batches`` batches of an iterable.
         backend: ``"auto"``, ``"exact"``, ``"func"``, ``"autograd"`` or ``"first_order"``
             (:mod:`landscape.curvature._backend`, :mod:`landscape.curvature._first_order`).
@@ -75,6 +85,7 @@ class OperatorOptions:
 
     params: ParamSpec = None
     eval_mode: bool = True
+    batch_statistics: bool = False
     max_batches: int | None = None
     backend: str = "auto"
     batch_size: BatchSize | None = None
@@ -141,7 +152,7 @@ class ModelOperator(CurvatureOperator):
         self.forward = forward
         self._bind(opts.params)
         if opts.microbatch_size is not None:
-            check_microbatching(self.model, opts.eval_mode)
+            check_microbatching(self.model, opts.eval_mode, opts.batch_statistics)
         closure_mode = closure is not None or forward is not None
         whole_data = probe_data(
             data, closure_mode=closure_mode, max_batches=opts.max_batches,
@@ -345,7 +356,8 @@ class ModelOperator(CurvatureOperator):
 
     # -- evaluation ------------------------------------------------------------------------
     def _context(self) -> ContextManager[None]:
-        return evaluation(self.model, eval_mode=self.options.eval_mode, seed=self.options.seed)
+        return evaluation(self.model, eval_mode=self.options.eval_mode, seed=self.options.seed,
+                          batch_statistics=self.options.batch_statistics)
 
     def _version_key(self) -> tuple[int, ...]:
         """Version counters of the parameters and buffers: they change on in-place updates.
@@ -354,14 +366,19 @@ class ModelOperator(CurvatureOperator):
         statistics are not part of the function and left out: a backward that recomputes
         a checkpointed forward writes them (and the evaluation puts them back). Not when a
         module overrides ``train()``: :func:`~landscape.isolation.isolated` honours it
-        (a frozen BatchNorm reads its running statistics).
+        (a frozen BatchNorm reads its running statistics). With ``batch_statistics`` the
+        layers it puts in train mode are left out alike.
         """
         buffers = list(self.model.buffers())
-        if not self.options.eval_mode:
+        opts = self.options
+        if not opts.eval_mode:
             modules = list(self.model.modules())
             if not any(overrides_train(m) for m in modules):
                 buffers = [b for m in modules for b in m._buffers.values() if b is not None
                            and not isinstance(m, nn.modules.batchnorm._NormBase)]
+        elif opts.batch_statistics:
+            buffers = [b for m in self.model.modules() for b in m._buffers.values()
+                       if b is not None and not normalises_by_batch(m)]
         return tuple(t._version for t in [*self._param_objects, *buffers])
 
     def _current(self) -> Tensors:

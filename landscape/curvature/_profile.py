@@ -181,7 +181,7 @@ def with_microbatches(op: Any, size: int) -> Any:
     """
     from landscape.curvature._batches import ProbeData, check_microbatching, microbatches
 
-    check_microbatching(op.model, op.options.eval_mode)
+    check_microbatching(op.model, op.options.eval_mode, op.options.batch_statistics)
     closure_mode = op.closure is not None or op.forward is not None
     batches, weights = microbatches(
         list(op._data.batches), list(op._data.weights), int(size),
@@ -288,7 +288,7 @@ def _microbatchable(op: Any) -> bool:
     if known is not None:
         return known
     try:
-        check_microbatching(op.model, op.options.eval_mode)
+        check_microbatching(op.model, op.options.eval_mode, op.options.batch_statistics)
         rows = batch_rows(op)
         size = max(1, (rows or 1) // 8)
         if rows is not None and size < rows:

@@ -234,7 +234,8 @@ class ShiftedEvaluation:
         op = self.op
         buffers = [(b, b.detach().clone()) for b in op.model.buffers()] if self.sharded else []
         try:
-            with isolated(op.model, eval_mode=op.options.eval_mode), torch.enable_grad():
+            with isolated(op.model, eval_mode=op.options.eval_mode,
+                          batch_statistics=op.options.batch_statistics), torch.enable_grad():
                 if not op.options.eval_mode:
                     seed_generators(op.model, op.options.seed)
                 yield

@@ -89,8 +89,8 @@ class Hessian(ModelOperator):
         closure: ``closure(model, batch) -> scalar loss``; give this or ``loss_fn``.
         cache_graph: keep the gradient's graph between products (single batch, autograd).
         **options: the shared options of :class:`~landscape.curvature.OperatorOptions`:
-            ``params``, ``eval_mode``, ``max_batches``, ``backend``, ``batch_size``,
-            ``single_batch``, ``seed``, ``distributed``, ``microbatch_size``.
+            ``params``, ``eval_mode``, ``batch_statistics``, ``max_batches``, ``backend``,
+            ``batch_size``, ``single_batch``, ``seed``, ``distributed``, ``microbatch_size``.
 
     Raises:
         ValueError: not exactly one of ``loss_fn`` and ``closure``, or a bad option or data.

@@ -415,7 +415,13 @@ class StepContext:
         Args:
             source: ``"probe"`` or ``"batch"``.
             preconditioned: wrap it in the optimizer's preconditioner
-                (:func:`landscape.curvature.preconditioned`).
+                (:func:`landscape.curvature.preconditioned`). That Hessian normalises by
+                batch statistics (``batch_statistics=True``; dropout stays off): the
+                preconditioner was accumulated from train-mode gradients, and the two must
+                describe one function. In eval mode a bias before a BatchNorm has curvature
+                that train mode removes, while its gradient, hence Adam's preconditioner,
+                is ~0: a preconditioned sharpness 10^3-10^4 times the stability threshold
+                on a healthy run (docs/metrics.md, "Sharpness").
 
         Returns:
             The curvature operator.
@@ -431,6 +437,7 @@ class StepContext:
                 closure=self.closure,
                 params=list(self.names),
                 microbatch_size=self.microbatch_size,
+                batch_statistics=preconditioned,
             )
             if preconditioned:
                 op = curvature.preconditioned(op, self.optimizer)

@@ -225,3 +225,55 @@ def test_loss_and_gradient_follow_an_in_place_optimizer_step():
     assert float(op.loss()) != pytest.approx(before, rel=1e-6)
     torch.testing.assert_close(flatten(op.gradient()),
                                flatten([p.grad for p in model.parameters()]))
+
+
+# -- normalisation on batch statistics ---------------------------------------------------------
+def _bn_dropout_mlp():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Dropout(0.5),
+                          nn.Linear(5, 3)).double()
+    x, y = torch.randn(12, 3, dtype=torch.float64), torch.randint(0, 3, (12,))
+    with torch.no_grad():  # running statistics away from the batch's
+        for _ in range(3):
+            model(2.0 * torch.randn(12, 3, dtype=torch.float64) + 1.0)
+    return model, (x, y)
+
+
+def test_batch_statistics_is_the_train_mode_normalisation_without_dropout():
+    """Dense float64 truth: BatchNorm in train mode, every other module in eval mode."""
+    import copy
+
+    model, (x, y) = _bn_dropout_mlp()
+    before = _snapshot(model)
+    got = Hessian(model, F.cross_entropy, (x, y), batch_statistics=True).to_dense()
+    _assert_same(before, model)  # running statistics, modes, RNG all as they were
+    truth = copy.deepcopy(model).eval()
+    truth[1].train()
+    names = [n for n, _ in truth.named_parameters()]
+    buffers = {n: b.clone() for n, b in truth.named_buffers()}
+
+    def loss(*tensors):
+        out = torch.func.functional_call(truth, ({**dict(zip(names, tensors)), **buffers}), (x,))
+        return F.cross_entropy(out, y)
+
+    blocks = torch.autograd.functional.hessian(loss, tuple(p.detach() for p in truth.parameters()))
+    sizes = [p.numel() for p in truth.parameters()]
+    want = torch.cat([torch.cat([blocks[i][j].reshape(sizes[i], sizes[j])
+                                 for j in range(len(sizes))], 1) for i in range(len(sizes))])
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    # neither eval mode (running statistics) nor train mode (dropout on) is this function
+    assert not torch.allclose(Hessian(model, F.cross_entropy, (x, y)).to_dense(), want)
+    train = Hessian(model, F.cross_entropy, (x, y), eval_mode=False).to_dense()
+    assert not torch.allclose(train, want)
+    # the first-order product evaluates the same function
+    v = Hessian(model, F.cross_entropy, (x, y)).parameters
+    first = Hessian(model, F.cross_entropy, (x, y), batch_statistics=True, backend="first_order")
+    torch.testing.assert_close(flatten(first.matvec(v)), want @ flatten(v), rtol=1e-5, atol=1e-7)
+    _assert_same(before, model)
+
+
+def test_batch_statistics_refuses_micro_batches_in_one_line():
+    model, batch = _bn_dropout_mlp()
+    with pytest.raises(ValueError, match="with batch_statistics=True would normalise each"):
+        Hessian(model, F.cross_entropy, batch, batch_statistics=True, microbatch_size=4)
+    Hessian(model, F.cross_entropy, batch, microbatch_size=4)  # running statistics: fine
