@@ -118,7 +118,12 @@ class TaylorForecast(Rule):
       where it began, a restart jumps once and drifts). With r >= ``update_confirm`` the
       growth is still info when the ratio fell on each of its grown rows
       (``update_confirm_rising``, default True: one large step that momentum carries
-      over a few rows and that decays).
+      over a few rows and that decays). Growth the schedule explains is info too
+      (``restart_info``, default True): the row's learning rate (``sentinels/lr``) is no
+      higher than on an earlier row, and the ratio per unit of learning rate has not
+      grown (< ``update_growth`` times its median): a warm restart back to a learning
+      rate the run trained at. A ramp past every earlier learning rate, and growth at a
+      constant one, are not explained.
 
     Any condition is a warning, **unless the probe loss is still falling fast** (its
     fitted log slope <= -``falling``, default 0.01: more than 1 % per step, with a
@@ -150,6 +155,7 @@ class TaylorForecast(Rule):
     update_climb: bool = True
     update_confirm_rising: bool = True
     update_onset_rows: int | None = 10
+    restart_info: bool = True
     level_growth: float | None = 5.0
     jump_growth: float | None = 20.0
     level_cap: float | None = 10.0
@@ -178,6 +184,8 @@ class TaylorForecast(Rule):
             _check_positive_int("update_onset_rows", self.update_onset_rows)
         _check_number("jump_growth", self.jump_growth, allow_none=True)
         _check_number("level_cap", self.level_cap, allow_none=True)
+        if not isinstance(self.restart_info, bool):
+            raise ValueError(f"restart_info must be True or False, got {self.restart_info!r}")
         _check_positive_int("update_window", self.update_window)
         _check_positive_int("update_sustain", self.update_sustain)
         _check_positive_int("window", self.window)
@@ -254,6 +262,9 @@ class ForecastState:
         self.ratios = RollingWindow(rule.update_window)  # the previous rows' r
         self.grown = 0  # consecutive rows with update_ratio >= update_growth x median
         self.update_rows = 0  # rows read for update_ratio alone (no valid ratio)
+        self.per_lr = RollingWindow(rule.update_window)  # update_ratio / lr of earlier rows
+        self.lr_high = -math.inf  # the largest learning rate of the earlier rows
+        self.restart: float | None = None  # this row's lr when the schedule explains growth
 
     def __call__(self, step: int, row: Row) -> Trigger | _Skip | None:
         """Evaluate one row.
@@ -330,7 +341,10 @@ class ForecastState:
             message = self._growth_message(grown, f" (secant Taylor ratio r = {_fmt(x)})")
             field, value = "update_ratio", grown[0]
             threshold = rule.update_growth * grown[1]
-            if rule.update_confirm is not None and not self._climbing():
+            if self.restart is not None:
+                severity = "info"
+                message += self._restart_note()
+            elif rule.update_confirm is not None and not self._climbing():
                 if x < rule.update_confirm:
                     severity = "info"  # r small: a scheduled or adaptive step change
                     message += f"; r < {_fmt(rule.update_confirm)}, so the step is still safe"
@@ -387,10 +401,13 @@ class ForecastState:
         unconfirmed = rule.update_confirm is not None and not self._climbing()
         if early:
             message += f" (within the first {rule.warmup} rows: early training)"
+        elif self.restart is not None:
+            message += self._restart_note()
         elif unconfirmed:
             message += " (no Taylor ratio on this row to confirm it)"
+        quiet = early or unconfirmed or self.restart is not None
         return Trigger(
-            severity="info" if early or unconfirmed else getattr(rule, "severity", "warning"),
+            severity="info" if quiet else getattr(rule, "severity", "warning"),
             field="update_ratio",
             value=grown[0],
             threshold=float(rule.update_growth * grown[1]),
@@ -406,6 +423,10 @@ class ForecastState:
             f"median {_fmt(med)} for {self.rule.update_sustain} steps{detail}: the step size "
             "is growing"
         )
+
+    def _restart_note(self) -> str:
+        return (f"; the learning rate {_fmt(self.restart)} is back where the run trained "
+                "before and the step per unit of it has not grown (a warm restart)")
 
     def _climbing(self) -> bool:
         """Whether the ratio rose on each of the last ``update_sustain`` rows: a ramp.
@@ -439,7 +460,8 @@ class ForecastState:
         if rule.update_growth is None or u is None or not math.isfinite(u) or u <= 0:
             return None
         out = None
-        if len(self.updates) >= min(rule.update_window, 20):
+        enough = min(rule.update_window, 20)
+        if len(self.updates) >= enough:
             med = self.updates.median()
             if u >= rule.update_growth * med:
                 self.grown += 1
@@ -448,4 +470,16 @@ class ForecastState:
             else:
                 self.grown = 0
         self.updates.append(u)
+        # growth the learning rate explains: back to a rate of earlier rows, and no more
+        # step per unit of it than usual (SGD's step is lr x momentum buffer, Adam's lr x
+        # its normalised direction)
+        self.restart = None
+        lr = _scalar(row, "lr")
+        if lr is not None and math.isfinite(lr) and lr > 0:
+            if (out is not None and rule.restart_info and lr <= self.lr_high
+                    and len(self.per_lr) >= enough
+                    and u / lr < rule.update_growth * self.per_lr.median()):
+                self.restart = lr
+            self.per_lr.append(u / lr)
+            self.lr_high = max(self.lr_high, lr)
         return out

@@ -42,7 +42,7 @@ from landscape.metrics.context import (
 from landscape.params import tensor_norms, trainable_named_parameters
 from landscape.schedules import every
 
-__all__ = ["Sentinels", "secant_ratio"]
+__all__ = ["Sentinels", "largest_lr", "secant_ratio"]
 
 _STATE = "sentinels.logits"  # key in the monitor's state: (step, logits of the subsample)
 
@@ -71,6 +71,21 @@ def _max_spread(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     delta = (after.double() - before.double()).reshape(-1, after.shape[-1])
     low, high = torch.aminmax(delta, dim=-1)
     return (high - low).max()
+
+
+def largest_lr(optimizer: torch.optim.Optimizer | None) -> float:
+    """The largest ``lr`` over ``optimizer``'s parameter groups (NaN: none, or none readable).
+
+    A tensor learning rate (``torch.optim.Adam(lr=torch.tensor(...))``) is read as a float.
+    """
+    rates = []
+    for group in getattr(optimizer, "param_groups", None) or ():
+        lr = group.get("lr")
+        if isinstance(lr, torch.Tensor) and lr.numel() == 1:
+            lr = lr.item()
+        if isinstance(lr, (int, float)) and math.isfinite(lr):
+            rates.append(float(lr))
+    return max(rates, default=math.nan)
 
 
 def _samples_for_rows(z: torch.Tensor, x: Any, samples: int, rows: int | None) -> int:
@@ -236,6 +251,11 @@ class Sentinels(Metric):
     * ``update_ratio``, ``update_layer``: the largest ||Δθ_l|| / ||θ_l|| over the weight
       tensors (two or more dimensions) and the index of that tensor in
       ``config()["layers"]``.
+    * ``lr``: the largest learning rate of the optimizer's parameter groups at this call
+      (NaN without an optimizer): what lets ``taylor_forecast`` tell a step that grows
+      because a warm restart raised the learning rate back to where the run trained
+      before from one growing past it (docs/alarms.md). Run files written before it have
+      no such column; resumed, their earlier rows read NaN.
 
     The forward pass calls the model directly, ``model(inputs)`` or ``model(**batch)``
     (:func:`_model_call`; never the monitor's ``loss_fn`` or closure), in eval mode without
@@ -274,6 +294,7 @@ class Sentinels(Metric):
         "attention_logit_max",
         "update_ratio",
         "update_layer",
+        "lr",
     )
     default_schedule = every(1)
     default_data = "probe"
@@ -337,6 +358,7 @@ class Sentinels(Metric):
         """
         row = dict.fromkeys(self.FIELDS, math.nan)
         row.update(self._update_ratio(ctx))
+        row["lr"] = largest_lr(ctx.optimizer)
         try:
             row.update(self._logit_fields(ctx))
         except Exception as err:

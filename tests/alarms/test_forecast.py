@@ -6,13 +6,15 @@ import pytest
 from landscape.alarms import OnlineAlarms, SharpnessForecast, TaylorForecast, default_rules
 
 
-def _run(rule, r, loss=None, start=0, update=None):
+def _run(rule, r, loss=None, start=0, update=None, lr=None):
     alarms = OnlineAlarms([rule])
     found = []
     for i, v in enumerate(r):
         row = {"r_secant": v, "probe_loss": 0.5 if loss is None else loss[i], "ratio": v}
         if update is not None:
             row["update_ratio"] = update[i]
+        if lr is not None:
+            row["lr"] = lr[i]
         found += alarms.observe(rule.metrics[0], start + i, row)
     return found
 
@@ -47,6 +49,42 @@ def test_a_growing_update_ratio_warns_before_r_reaches_the_limit():
     # the same noise without the ramp: nothing
     quiet = np.full(200, 0.005) * np.exp(0.1 * rng.standard_normal(200))
     assert _run(TaylorForecast(), np.full(200, 0.3), update=quiet) == []
+
+
+def _scheduled_steps(lr, seed=0):
+    """Update ratios of a step that is the learning rate times a steady direction."""
+    rng = np.random.default_rng(seed)
+    return lr * 0.05 * np.exp(0.1 * rng.standard_normal(len(lr)))
+
+
+def test_growth_a_warm_restart_explains_is_info_and_a_ramp_past_it_warns():
+    cycle = 0.1 * 0.5 * (1 + np.cos(np.pi * np.arange(100) / 100))  # cosine from 0.1 to ~0
+    lr = np.concatenate([cycle, cycle, cycle])  # restarts at rows 100 and 200
+    u, r = _scheduled_steps(lr), np.full(300, 0.6)  # r above update_confirm: not safe
+    found = [f for f in _run(TaylorForecast(), r, update=u, lr=lr)
+             if f.metric == "sentinels/update_ratio"]
+    assert found and {f.step // 100 for f in found} == {1, 2}  # at both restarts
+    assert all(f.severity == "info" and "warm restart" in f.message for f in found)
+    # without the learning rate (run files before it, no optimizer) the same rows warn
+    warned = [f for f in _run(TaylorForecast(), r, update=u) if f.severity == "warning"]
+    assert {f.step // 100 for f in warned} == {1, 2}
+    assert [f.step for f in _run(TaylorForecast(restart_info=False), r, update=u, lr=lr)
+            if f.severity == "warning"] == [f.step for f in warned]
+    # past every earlier learning rate (a ramp), the same growth warns
+    ramp = lr.copy()
+    ramp[200:] = 0.1 * 1.12 ** np.arange(1, 101)
+    u = _scheduled_steps(ramp)
+    late = [f for f in _run(TaylorForecast(), r, update=u, lr=ramp) if f.step >= 200]
+    assert late[0].severity == "warning" and late[0].step < 210
+
+
+def test_growth_at_a_constant_learning_rate_is_not_explained():
+    lr = np.full(300, 0.01)
+    u = _scheduled_steps(lr)
+    u[200:] *= 1.12 ** np.arange(1, 101)  # the step grows, the learning rate does not
+    found = [f for f in _run(TaylorForecast(), np.full(300, 0.6), update=u, lr=lr)
+             if f.severity == "warning"]
+    assert found and found[0].metric == "sentinels/update_ratio" and found[0].step < 210
 
 
 def test_noise_a_decaying_burst_and_early_training_give_no_warning():

@@ -83,6 +83,31 @@ def test_sentinels_metric_matches_the_taylor_radius_metric_on_small_steps():
     assert (ratio[1:] > 0).all() and set(layer[1:]) <= {0.0, 1.0, 2.0}
 
 
+def test_the_row_records_the_largest_learning_rate_of_the_step():
+    model = models.mlp(d_in=6, hidden=16, d_out=3, seed=0)
+    head_params = list(model.parameters())[-2:]
+    body = list(model.parameters())[:-2]
+    opt = torch.optim.SGD([{"params": body, "lr": 0.01}, {"params": head_params, "lr": 0.05}])
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    x, y = models.classification_data(16, seed=1)
+    with ls.Monitor(model, F.cross_entropy, optimizer=opt, metrics=[Sentinels()],
+                    probe=(x, y), warn=False, strict=True) as mon:
+        for step in range(5):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(step, batch=(x, y), loss=loss)
+            sched.step()
+        _, lr = mon.run().series("sentinels", "lr")
+    assert list(lr) == [0.05, 0.05, 0.025, 0.025, 0.0125]  # the head's group, as stepped
+    from landscape.metrics.sentinels import largest_lr
+
+    assert math.isnan(largest_lr(None))
+    assert largest_lr(torch.optim.Adam(model.parameters(), lr=torch.tensor(3e-4))) \
+        == pytest.approx(3e-4)
+
+
 def test_head_slices_nested_batches():
     batch = {"x": torch.arange(10), "y": (torch.ones(10, 2), 3)}
     out = head(batch, 4)
