@@ -84,7 +84,7 @@ def overrides_train(module: nn.Module) -> bool:
 @contextlib.contextmanager
 def isolated(
     model: nn.Module, *, eval_mode: bool = True, copy_grads: bool = False,
-    batch_statistics: bool = False,
+    batch_statistics: bool = False, modules: list[nn.Module] | None = None,
 ) -> Iterator[nn.Module]:
     """Run a block with the model's observable state saved and restored on exit.
 
@@ -117,9 +117,12 @@ def isolated(
     their values, at the cost of one copy of the gradients.
 
     The monitor enters this block at every step, so it walks the module tree once and
-    reuses that list for the modes, the parameters and the devices.
+    reuses that list for the modes, the parameters and the devices; ``modules`` passes a
+    walk the caller made itself (``list(model.modules())``, taken just before), which the
+    monitor shares with the sentinels' buffer guard.
     """
-    modules = list(model.modules())
+    if modules is None:
+        modules = list(model.modules())
     modes = [m.training for m in modules]
     params = _parameters(modules)
     flags = [p.requires_grad for p in params]

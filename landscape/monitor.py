@@ -673,7 +673,9 @@ class Monitor:
         # distributed=False: operators built by the metrics stay on this rank's data
         scope = contextlib.nullcontext() if self._distributed else _dist.local()
         unmeasured: list[str] = []
-        with scope, isolated(self.model):
+        # one walk of the module tree per step, for isolated() and the sentinels' guard
+        ctx.modules = list(self.model.modules())
+        with scope, isolated(self.model, modules=ctx.modules):
             for m in due:
                 row, measured = self._compute(m, ctx)
                 if self._sharded:  # FSDP2 keeps the root's gathered copy after a forward

@@ -63,9 +63,16 @@ def norm(v: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def gradient_norm(params: Iterable[torch.Tensor]) -> float | None:
-    """||grad|| over ``params``: a missing ``.grad`` counts as zero; None when none has one."""
-    present = [p.grad.detach() for p in params if p.grad is not None]
-    return float(norm(present)) if present else None
+    """||grad|| over ``params``: a missing ``.grad`` counts as zero; None when none has one.
+
+    Computed without gradients (the values of the detached ``.grad``, without a detached
+    view of each: the monitor reads it at every step).
+    """
+    present = [g for p in params if (g := p.grad) is not None]
+    if not present:
+        return None
+    with torch.no_grad():
+        return float(norm(present))
 
 
 def difference(u: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> Vector:

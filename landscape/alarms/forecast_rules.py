@@ -303,14 +303,14 @@ class ForecastState:
         steps_to = math.inf
         fitted = x
         slope = 0.0
-        if len(self.trend) >= rule.min_rows:
+        fit = len(self.trend) >= rule.min_rows
+        if fit and rule.trend:
             now, slope, t = self.trend.fit()
             fitted = math.exp(now)
             span = self.trend.points[-1][0] - self.trend.points[0][0]
             high = max(math.exp(v) for _, v in self.trend.points)
             rising = (
-                rule.trend
-                and slope > 0
+                slope > 0
                 and t >= rule.min_t
                 and slope * span >= math.log(rule.growth)
                 and min(fitted, x) >= rule.floor
@@ -321,6 +321,9 @@ class ForecastState:
         forecast = steps_to <= rule.horizon
         if not (level or forecast or grown):
             return None
+        if fit and not rule.trend:  # without the trend test the fit only fills the finding
+            now, slope, _ = self.trend.fit()
+            fitted = math.exp(now)
         severity = getattr(rule, "severity", "warning")
         falling = False
         if rule.falling is not None and len(self.loss) >= rule.min_rows:

@@ -355,6 +355,8 @@ class NonFiniteValues(Rule):
         raw = row.get("value")
         if raw is None:
             return SKIP
+        if type(raw) is float and math.isfinite(raw):  # the common case, without numpy
+            return None
         arr = np.asarray(raw, dtype=np.float64)
         if arr.size == 0:
             return SKIP

@@ -176,6 +176,8 @@ class StepContext:
     ``optimizer_stepped`` says whether the optimizer stepped since the monitor's previous
     call (None: not known, without ``optimizer=``). ``given_grad_norm`` is the gradient
     norm the caller passed (``Monitor.step(grad_norm=...)``: the norm before clipping).
+    ``modules`` is the model's ``list(model.modules())`` as the monitor walked it for this
+    step (None: whoever needs it walks the model).
     ``state`` survives between steps (warm starts); the rest lives for one step.
     """
 
@@ -197,6 +199,7 @@ class StepContext:
     parameter_objects: dict[str, nn.Parameter] | None = None
     optimizer_stepped: bool | None = None
     capture_plan: dict[str, tuple[set[str], set[str]]] = field(default_factory=dict)
+    modules: list[nn.Module] | None = None
     _captured: dict[str, Captured] = field(default_factory=dict)
     _cache: dict[Any, Any] = field(default_factory=dict)
 

@@ -180,12 +180,19 @@ class _BufferGuard:
         self._n_modules = -1  # modules when the slots were listed
 
     @contextlib.contextmanager
-    def watch(self, model: nn.Module) -> Iterator[bool]:
-        """Guard one forward; yields whether it must go through ``functional_call``."""
+    def watch(
+        self, model: nn.Module, modules: list[nn.Module] | None = None
+    ) -> Iterator[bool]:
+        """Guard one forward; yields whether it must go through ``functional_call``.
+
+        ``modules``: ``list(model.modules())`` when the caller has it (the monitor walks
+        the model once per step), else the model is walked here.
+        """
         if self.stateless:
             yield True
             return
-        modules = list(model.modules())
+        if modules is None:
+            modules = list(model.modules())
         fresh = self.stateless is None or len(modules) != self._n_modules
         if fresh:  # the first call, or modules added since (prepare_qat in place, ...)
             self._n_modules = len(modules)
@@ -374,7 +381,7 @@ class Sentinels(Metric):
         with torch.no_grad():  # the monitor's isolated(): eval mode, RNG restored
             if self._whole_dict:
                 args, kwargs, y = (head(batch, samples),), {}, None
-                output, attention = self._forward(ctx.model, args, kwargs)
+                output, attention = self._forward(ctx.model, args, kwargs, ctx.modules)
             else:
                 try:
                     args, kwargs, y, output, attention = self._conventional(ctx, batch, samples)
@@ -385,7 +392,7 @@ class Sentinels(Metric):
                     # forward(self, batch)): the last convention to try, once
                     args, kwargs, y = (head(batch, samples),), {}, None
                     try:
-                        output, attention = self._forward(ctx.model, args, kwargs)
+                        output, attention = self._forward(ctx.model, args, kwargs, ctx.modules)
                     except Exception:
                         self._whole_dict = False
                         raise err from None  # the model's own error, not model(dict)'s
@@ -446,14 +453,14 @@ class Sentinels(Metric):
         """``model(inputs)`` or ``model(**batch)``, then ``model(input_ids)`` (see _model_call)."""
         args, kwargs, y = _model_call(batch, samples, self._keywords is not False)
         try:
-            output, attention = self._forward(ctx.model, args, kwargs)
+            output, attention = self._forward(ctx.model, args, kwargs, ctx.modules)
         except TypeError:
             if not kwargs or self._keywords:
                 raise
             # a forward that takes the ids positionally: (input_ids, labels) pairs
             self._keywords = False
             args, kwargs, y = _model_call(batch, samples, False)
-            output, attention = self._forward(ctx.model, args, kwargs)
+            output, attention = self._forward(ctx.model, args, kwargs, ctx.modules)
         if kwargs:
             self._keywords = True
         return args, kwargs, y, output, attention
@@ -475,16 +482,18 @@ class Sentinels(Metric):
                 and self._calls % self.attention_every == 0)
 
     def _forward(
-        self, model: nn.Module, args: tuple, kwargs: dict
+        self, model: nn.Module, args: tuple, kwargs: dict,
+        modules: list[nn.Module] | None = None,
     ) -> tuple[Any, torch.Tensor | None]:
         """The model's output and its largest attention logit (None: no attention).
 
         The model's buffers are guarded (:class:`_BufferGuard`). The attention capture
         mode is active only during this call and removed on exit, also when the forward
-        raises; once a first call saw no attention op it is skipped.
+        raises; once a first call saw no attention op it is skipped. ``modules``: the
+        model's modules as the monitor walked them for this step (:class:`_BufferGuard`).
         """
         watch = self._attention_due()
-        with self._guard.watch(model) as stateless, contextlib.ExitStack() as stack:
+        with self._guard.watch(model, modules) as stateless, contextlib.ExitStack() as stack:
             att = stack.enter_context(AttentionLogits()) if watch else None
             if stateless:
                 output = stateless_call(model, {}, args, kwargs)
@@ -514,7 +523,7 @@ class Sentinels(Metric):
             ratios = norms[: len(idx)] / norms[len(idx):].clamp_min(1e-12)
         else:  # the per-tensor norms shared with the update metric (the same values)
             at = self._index_on(per_step.device)
-            ratios = per_step[at] / per_base[at].clamp_min(1e-12)
+            ratios = per_step.index_select(0, at) / per_base.index_select(0, at).clamp_min(1e-12)
         best = int(ratios.argmax())
         layer = self.layers.index(ctx.names[idx[best]])
         return {"update_ratio": float(ratios[best]), "update_layer": float(layer)}
