@@ -221,9 +221,15 @@ class Monitor:
             of at most this many samples (:class:`~landscape.curvature.Hessian`): peak
             memory of one micro-batch instead of the whole batch, for more time per
             product. ``None`` (default): whole batches.
+        batch_size: ``batch_size(batch) -> int | None``, the weight of a batch or
+            micro-batch in the curvature metrics' mean loss, e.g. its count of target
+            tokens for a token-mean loss over padded sequences (``lambda b: int((b[1] !=
+            -100).sum())``); by default the leading dimension of the inputs. Needed to cut
+            such a loss into micro-batches (``microbatch_size``, or the ``"auto"`` memory
+            budget's plans), which is otherwise refused as not a per-sample mean.
 
     Raises:
-        ValueError: a bad ``microbatch_size``;
+        ValueError: a bad ``microbatch_size`` or ``batch_size``;
             ``taylor_guard`` without ``optimizer`` and ``probe``; or a bad ``metrics``.
 
     Example:
@@ -266,6 +272,7 @@ class Monitor:
         flush_every: int = 256,
         distributed: bool | None = None,
         microbatch_size: int | None = None,
+        batch_size: Callable[[Any], int | None] | None = None,
         probe_size: int | None = 32,
         adaptive: bool = True,
     ) -> None:
@@ -280,6 +287,10 @@ class Monitor:
             not isinstance(microbatch_size, int) or microbatch_size < 1
         ):
             raise ValueError(f"microbatch_size must be an integer >= 1, got {microbatch_size!r}")
+        if batch_size is not None and not callable(batch_size):
+            raise ValueError(
+                f"batch_size must be a function batch -> int (e.g. a token count), got "
+                f"{type(batch_size).__name__} {batch_size!r}")
         if taylor_guard is not None and (optimizer is None or probe is None):
             raise ValueError("taylor_guard needs optimizer= and probe=(inputs, targets)")
         self.model = _dist.unwrap(model)  # the module inside a DDP / DataParallel wrapper
@@ -309,6 +320,7 @@ class Monitor:
         self.warn = warn
         self.taylor_guard = taylor_guard
         self.microbatch_size = microbatch_size
+        self.batch_size = batch_size
         self.path = path if _dist.rank() == 0 else None  # only rank 0 writes a file
         self._distributed = _dist.enabled(distributed)
         self._writer_args = {"mode": mode, "truncate_from": truncate_from,
@@ -570,7 +582,8 @@ class Monitor:
             step=step, model=self.model, loss_fn=self.loss_fn, closure=self.closure,
             optimizer=self.optimizer, names=self._names, batch=batch, probe=self.probe,
             loss=loss, outputs=outputs, state=self._state,
-            microbatch_size=self.microbatch_size, parameter_objects=self._objects,
+            microbatch_size=self.microbatch_size, batch_size=self.batch_size,
+            parameter_objects=self._objects,
         )
 
     def step(

@@ -49,7 +49,7 @@ _LAZY = {
 
 MONITOR_OPTIONS = frozenset(
     {"alarms", "strict", "warn", "taylor_guard", "mode", "truncate_from", "flush_every",
-     "microbatch_size", "probe_size", "adaptive", "distributed"}
+     "microbatch_size", "batch_size", "probe_size", "adaptive", "distributed"}
 )
 """Keyword arguments an adapter passes through to :class:`~landscape.Monitor` unchanged."""
 

@@ -174,8 +174,8 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
             :func:`~landscape.integrations.mirrors.report_to_mirrors`); ``None``: none; or
             a list of mirrors (:mod:`landscape.integrations.mirrors`).
         **monitor_options: ``alarms``, ``strict``, ``warn``, ``taylor_guard``, ``mode``,
-            ``truncate_from``, ``flush_every``, ``microbatch_size``, ``probe_size``,
-            ``adaptive``, ``distributed``, passed to
+            ``truncate_from``, ``flush_every``, ``microbatch_size``, ``batch_size``,
+            ``probe_size``, ``adaptive``, ``distributed``, passed to
             :class:`~landscape.Monitor`. Resumed from a checkpoint (``state.global_step``
             > 0 when training starts), the run file is truncated to the checkpoint's step
             unless ``truncate_from`` or ``mode`` says otherwise.

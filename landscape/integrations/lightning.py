@@ -178,8 +178,8 @@ class LandscapeCallback(CallbackSettings, Callback):
             :class:`~landscape.integrations.mirrors.LightningLoggerMirror`); ``None``:
             nowhere else; or a list of mirrors (:mod:`landscape.integrations.mirrors`).
         **monitor_options: ``alarms``, ``strict``, ``warn``, ``taylor_guard``, ``mode``,
-            ``truncate_from``, ``flush_every``, ``microbatch_size``, ``probe_size``,
-            ``adaptive``, ``distributed``, passed to
+            ``truncate_from``, ``flush_every``, ``microbatch_size``, ``batch_size``,
+            ``probe_size``, ``adaptive``, ``distributed``, passed to
             :class:`~landscape.Monitor`. A fit resumed from a checkpoint (``ckpt_path``)
             truncates the run file to the checkpoint's step unless ``truncate_from`` or
             ``mode`` says otherwise.

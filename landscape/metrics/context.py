@@ -177,7 +177,8 @@ class StepContext:
     call (None: not known, without ``optimizer=``). ``given_grad_norm`` is the gradient
     norm the caller passed (``Monitor.step(grad_norm=...)``: the norm before clipping).
     ``modules`` is the model's ``list(model.modules())`` as the monitor walked it for this
-    step (None: whoever needs it walks the model).
+    step (None: whoever needs it walks the model). ``microbatch_size`` and ``batch_size``
+    (a batch's weight, e.g. its token count) go to the curvature operators.
     ``state`` survives between steps (warm starts); the rest lives for one step.
     """
 
@@ -196,6 +197,7 @@ class StepContext:
     update: Vector | None = None
     state: dict = field(default_factory=dict)
     microbatch_size: int | None = None
+    batch_size: Callable[[Any], int | None] | None = None
     parameter_objects: dict[str, nn.Parameter] | None = None
     optimizer_stepped: bool | None = None
     capture_plan: dict[str, tuple[set[str], set[str]]] = field(default_factory=dict)
@@ -440,6 +442,7 @@ class StepContext:
                 closure=self.closure,
                 params=list(self.names),
                 microbatch_size=self.microbatch_size,
+                batch_size=self.batch_size,
                 batch_statistics=preconditioned,
             )
             if preconditioned:

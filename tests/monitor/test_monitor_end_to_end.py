@@ -165,3 +165,34 @@ def test_microbatched_curvature_metrics_record_the_same_numbers():
     assert micro_trace == pytest.approx(whole_trace, rel=1e-9)  # same probes, same operator
     with pytest.raises(ValueError, match="microbatch_size"):
         Monitor(net, loss_fn, microbatch_size=0)
+
+
+def test_a_token_count_sizer_lets_a_padded_token_mean_loss_use_micro_batches():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Embedding(7, 4), nn.Tanh(), nn.Linear(4, 7)).double()
+    x = torch.randint(0, 7, (6, 5))
+    y = torch.randint(0, 7, (6, 5))
+    y[0, 1:] = y[3, 3:] = -100  # padding: the samples hold 1 to 5 target tokens
+
+    def loss_fn(out, target):  # a mean over the target tokens, as Hugging Face's LM loss
+        return F.cross_entropy(out.reshape(-1, 7), target.reshape(-1), ignore_index=-100)
+
+    def tokens(batch):
+        return int((batch[1] != -100).sum())
+
+    def record(**options):
+        metric = create("top_eigenvalues", schedule=1, k=1, tol=1e-9)
+        with Monitor(net, loss_fn, metrics=[metric], probe=(x, y), warn=False,
+                     **options) as mon:
+            mon.step(0)
+            return mon.run().series("top_eigenvalues", "eigenvalues")[1][0][0], mon.findings
+
+    whole, _ = record()
+    # weighted by samples, two micro-batches of 3 are not the token mean: refused, one line
+    with pytest.warns(RuntimeWarning, match="not a mean over what the weights count"):
+        refused, found = record(microbatch_size=3)
+    assert math.isnan(refused) and "not a mean" in found[0].message
+    micro, found = record(microbatch_size=3, batch_size=tokens)
+    assert found == [] and micro == pytest.approx(whole, rel=1e-8)
+    with pytest.raises(ValueError, match="batch_size must be a function"):
+        Monitor(net, loss_fn, batch_size=3)
