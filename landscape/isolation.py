@@ -76,6 +76,25 @@ def normalises_by_batch(module: nn.Module) -> bool:
             and not isinstance(module, nn.SyncBatchNorm))
 
 
+_OUTERMOST: dict[int, tuple[list[nn.Module], list[bool]]] = {}
+"""Per model (by ``id``) inside an :func:`isolated` block: its modules and their
+``training`` flags when the outermost block began, before any block changed them."""
+
+
+def _modes_on_entry(model: nn.Module, modules: list[nn.Module],
+                    modes: list[bool]) -> list[bool]:
+    """Each module's ``training`` flag before the outermost enclosing :func:`isolated` block.
+
+    The monitor puts the model in eval mode around every metric; a curvature operator
+    inside needs the modes the user trains in. Modules not known there keep ``modes``.
+    """
+    outer = _OUTERMOST.get(id(model))
+    if outer is None:
+        return modes
+    known = {id(m): mode for m, mode in zip(*outer)}
+    return [known.get(id(m), mode) for m, mode in zip(modules, modes)]
+
+
 def overrides_train(module: nn.Module) -> bool:
     """Whether ``module``'s class overrides ``nn.Module.train`` (honoured in train mode)."""
     return type(module).train is not nn.Module.train
@@ -106,10 +125,13 @@ def isolated(
     are restored.
 
     With ``batch_statistics=True`` in eval mode, the layers that normalise by batch
-    statistics in train mode (BatchNorm, InstanceNorm; :func:`normalises_by_batch`) are
-    in train mode and everything else in eval mode: the function the optimizer descends,
-    without dropout's noise. Their running statistics are then written by a forward pass:
-    run it on copies of the buffers (:func:`stateless_call`).
+    statistics in train mode (BatchNorm, InstanceNorm; :func:`normalises_by_batch`) and
+    were in train mode are in train mode, everything else in eval mode: the function the
+    optimizer descends, without dropout's noise. A BatchNorm the user froze in eval mode
+    (fine-tuning) keeps its running statistics. "Were" means before the outermost
+    enclosing block of this model (the monitor's, which puts it in eval mode around its
+    metrics). Their running statistics are then written by a forward pass: run it on
+    copies of the buffers (:func:`stateless_call`).
 
     ``.grad`` tensors are restored by reference. Code inside the block should not write
     into them in place (``torch.autograd.grad`` and ``torch.func`` never do); if it might
@@ -132,16 +154,23 @@ def isolated(
     overriders = [] if eval_mode else [
         (m, mode) for m, mode in zip(modules, modes) if overrides_train(m)
     ]
+    outermost = id(model) not in _OUTERMOST
     with torch.random.fork_rng(devices=_cuda_devices(modules)):
         try:
+            if outermost:
+                _OUTERMOST[id(model)] = (modules, modes)
             if overriders:
                 model.train(True)
             elif eval_mode and batch_statistics:
-                _set_training(modules, [normalises_by_batch(m) for m in modules])
+                trained = _modes_on_entry(model, modules, modes)
+                _set_training(modules, [normalises_by_batch(m) and was
+                                        for m, was in zip(modules, trained)])
             else:
                 _set_training(modules, [not eval_mode] * len(modules))
             yield model
         finally:
+            if outermost:
+                del _OUTERMOST[id(model)]
             for m, mode in overriders:  # pre-order: the root first
                 m.train(mode)
             _set_training(modules, modes)

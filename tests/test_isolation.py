@@ -213,9 +213,24 @@ def test_batch_statistics_puts_only_normalisation_layers_in_train_mode(outer):
                           nn.LayerNorm(4))
     model.train(outer)
     with isolated(model, batch_statistics=True):
-        # SyncBatchNorm's train mode all-reduces over the ranks: left in eval mode
-        assert [m.training for m in model] == [False, True, False, True, False, False]
+        # SyncBatchNorm's train mode all-reduces over the ranks: left in eval mode; and a
+        # model the user evaluates keeps its running statistics
+        assert [m.training for m in model] == [False, outer, False, outer, False, False]
         assert not model.training
     assert all(m.training is outer for m in model.modules())
     with isolated(model, eval_mode=False, batch_statistics=True):  # no effect in train mode
         assert all(m.training for m in model.modules())
+
+
+def test_batch_statistics_reads_the_modes_before_the_outermost_block():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.BatchNorm1d(4))
+    model.train()
+    model[2].eval()  # frozen for fine-tuning: the optimizer descends its running statistics
+    with isolated(model):  # the monitor's block: everything in eval mode
+        assert not any(m.training for m in model.modules())
+        with isolated(model, batch_statistics=True):  # a curvature operator inside it
+            assert [m.training for m in model] == [False, True, False]
+        assert not any(m.training for m in model.modules())
+    assert [m.training for m in model] == [True, True, False]
+    with isolated(model, batch_statistics=True):  # the outermost block is gone
+        assert [m.training for m in model] == [False, True, False]

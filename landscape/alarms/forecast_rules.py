@@ -120,10 +120,11 @@ class TaylorForecast(Rule):
       (``update_confirm_rising``, default True: one large step that momentum carries
       over a few rows and that decays). Growth the schedule explains is info too
       (``restart_info``, default True): the row's learning rate (``sentinels/lr``) is no
-      higher than on an earlier row, and the ratio per unit of learning rate has not
-      grown (< ``update_growth`` times its median): a warm restart back to a learning
-      rate the run trained at. A ramp past every earlier learning rate, and growth at a
-      constant one, are not explained.
+      higher than the largest of the rows before its latest rise, and the ratio per unit
+      of learning rate has not grown (< ``update_growth`` times its median): a warm
+      restart back to a learning rate the run trained at. A ramp past every earlier
+      learning rate (also one stepped every few rows), and growth at a constant one, are
+      not explained.
 
     Any condition is a warning, **unless the probe loss is still falling fast** (its
     fitted log slope <= -``falling``, default 0.01: more than 1 % per step, with a
@@ -264,6 +265,8 @@ class ForecastState:
         self.update_rows = 0  # rows read for update_ratio alone (no valid ratio)
         self.per_lr = RollingWindow(rule.update_window)  # update_ratio / lr of earlier rows
         self.lr_high = -math.inf  # the largest learning rate of the earlier rows
+        self.lr_last: float | None = None  # the previous row's learning rate
+        self.lr_before_rise = -math.inf  # lr_high when the learning rate last rose
         self.restart: float | None = None  # this row's lr when the schedule explains growth
 
     def __call__(self, step: int, row: Row) -> Trigger | _Skip | None:
@@ -479,10 +482,15 @@ class ForecastState:
         self.restart = None
         lr = _scalar(row, "lr")
         if lr is not None and math.isfinite(lr) and lr > 0:
-            if (out is not None and rule.restart_info and lr <= self.lr_high
+            # compared with the rates before the latest rise: on the later rows of a stair
+            # of a ramp stepped every k rows the rate equals the largest so far
+            if self.lr_last is not None and lr > self.lr_last:
+                self.lr_before_rise = self.lr_high
+            if (out is not None and rule.restart_info and lr <= self.lr_before_rise
                     and len(self.per_lr) >= enough
                     and u / lr < rule.update_growth * self.per_lr.median()):
                 self.restart = lr
             self.per_lr.append(u / lr)
             self.lr_high = max(self.lr_high, lr)
+            self.lr_last = lr
         return out

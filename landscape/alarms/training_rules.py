@@ -68,7 +68,7 @@ class LossSpike(Rule):
     ``new_high`` (default True) the two rows must also each be above every other value of
     the window: a blow-up climbs out of the range the recent rows set, while two hard
     batches in a row (a batch of 8 near zero loss) stay within the range earlier hard
-    batches set, and are info.
+    batches set, and are info; a third row in a row warns whatever the range (a plateau).
 
     Non-finite values are ignored here (they are :class:`NonFiniteValues`' business) and
     do not enter the window.
@@ -156,6 +156,7 @@ class SpikeState:
         self.cusum = 0.0
         self.initial: float | None = None  # median of the first min_history values
         self.previous_warned = False  # the previous valid row met the warning condition
+        self.run = 0  # consecutive valid rows that met it, up to the previous one
         self.previous_high = False  # ... and was above the rest of its window
         self.high = False  # the current row is above the window (but the previous row)
 
@@ -198,6 +199,7 @@ class SpikeState:
             level = max(level, rule.initial_floor * self.initial)
         previous, self.previous_warned = self.previous_warned, False
         previous_high, self.previous_high = self.previous_high, False
+        run, self.run = self.run, 0
         if z >= rule.z and x - med >= (rule.min_ratio - 1.0) * level:
             severity = rule.severity
             if rule.warn_ratio is not None and x - med >= (rule.warn_ratio - 1.0) * level:
@@ -205,18 +207,21 @@ class SpikeState:
             note = ""
             if severity == "warning":
                 self.previous_warned, self.previous_high = True, self.high
+                self.run = run + 1
                 if rule.single_row is not None and self.initial is not None \
                         and x - med < rule.single_row * self.initial:
                     if not previous:
                         severity = "info"
                         note = (" on one row (a single hard batch? a warning if the next row "
                                 "is as high)")
-                    elif rule.new_high and not (previous_high and self.high):
+                    elif rule.new_high and self.run == 2 and not (previous_high and self.high):
+                        # a third row in a row warns whatever the range: a plateau
                         severity = "info"
                         note = (" on two rows in a row, within the range of the window (hard "
-                                "batches?)")
+                                "batches? a warning if the next row is as high)")
                     else:
-                        note = " on two rows in a row"
+                        note = (" on two rows in a row" if self.run == 2
+                                else f" on {self.run} rows in a row")
             return Trigger(
                 severity=severity,
                 field=rule.field,

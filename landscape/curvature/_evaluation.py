@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from landscape.isolation import isolated, sdpa_math
+from landscape.isolation import isolated, normalises_by_batch, sdpa_math
 
 __all__ = ["detach_tree", "evaluation", "scalar_loss", "seed_generators", "zeros_for_none"]
 
@@ -37,9 +37,12 @@ def evaluation(
     Yields:
         Nothing; the model's RNG state, modes and gradients are restored on exit.
     """
+    # in eval mode only the normalisation layers batch_statistics trains can write buffers
+    writers = [m for m in model.modules() if normalises_by_batch(m)] \
+        if eval_mode and batch_statistics else []
     with isolated(model, eval_mode=eval_mode, batch_statistics=batch_statistics), \
             sdpa_math(), torch.enable_grad():
-        if eval_mode and not batch_statistics:
+        if eval_mode and not writers:
             yield
             return
         if not eval_mode:
@@ -51,7 +54,8 @@ def evaluation(
         # its power-iteration vectors. Every buffer is kept and put back through .data,
         # which bumps no version counter, so the cached gradient graph's key is unmoved
         kept = [(b, b._version, b.clone(), isinstance(m, nn.modules.batchnorm._NormBase))
-                for m in model.modules() for b in m._buffers.values() if b is not None]
+                for m in (writers or model.modules()) for b in m._buffers.values()
+                if b is not None]
         try:
             yield
         finally:

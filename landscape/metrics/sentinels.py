@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import warnings
 from typing import Any, Iterator, Mapping
 
@@ -83,7 +84,7 @@ def largest_lr(optimizer: torch.optim.Optimizer | None) -> float:
         lr = group.get("lr")
         if isinstance(lr, torch.Tensor) and lr.numel() == 1:
             lr = lr.item()
-        if isinstance(lr, (int, float)) and math.isfinite(lr):
+        if isinstance(lr, numbers.Real) and math.isfinite(lr):  # numpy scalars too
             rates.append(float(lr))
     return max(rates, default=math.nan)
 

@@ -78,6 +78,18 @@ def test_growth_a_warm_restart_explains_is_info_and_a_ramp_past_it_warns():
     assert late[0].severity == "warning" and late[0].step < 210
 
 
+def test_a_ramp_stepped_every_few_rows_is_not_a_restart():
+    # a per-epoch ramp: x1.5 every 16 rows; on a stair's later rows the rate equals the
+    # largest so far, but it rose past every earlier rate
+    lr = np.full(300, 0.01)
+    lr[200:] = 0.01 * 1.5 ** (np.arange(1, 101) // 16 + 1)
+    u = _scheduled_steps(lr)
+    found = [f for f in _run(TaylorForecast(), np.full(300, 0.6), update=u, lr=lr)
+             if f.metric == "sentinels/update_ratio"]
+    assert found and all("warm restart" not in f.message for f in found)
+    assert found[0].severity == "warning"
+
+
 def test_growth_at_a_constant_learning_rate_is_not_explained():
     lr = np.full(300, 0.01)
     u = _scheduled_steps(lr)

@@ -232,6 +232,14 @@ def test_a_pair_whose_second_row_falls_back_into_the_range_is_info():
     assert 321 in [f.step for f in found] and all(f.severity == "info" for f in found)
 
 
+def test_a_plateau_within_the_range_of_hard_batches_warns_on_its_third_row():
+    loss, clean = hard_batches(), hard_batches(every=10**6)
+    loss[321:345] = 6.0 * clean[321:345]  # stays at 6x, below the 8x hard batches
+    found = one("loss_spike", findings_of({"loss": (np.arange(600), {"value": loss})}))
+    warned = [f for f in found if f.severity == "warning"]
+    assert warned and warned[0].step == 323 and "3 rows in a row" in warned[0].message
+
+
 def test_loss_spike_needs_history_and_a_relative_jump():
     loss = smooth_loss(200, 8)
     loss[10] *= 5  # before min_history

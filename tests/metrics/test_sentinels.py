@@ -106,6 +106,8 @@ def test_the_row_records_the_largest_learning_rate_of_the_step():
     assert math.isnan(largest_lr(None))
     assert largest_lr(torch.optim.Adam(model.parameters(), lr=torch.tensor(3e-4))) \
         == pytest.approx(3e-4)
+    opt.param_groups[1]["lr"] = np.float32(0.5)  # a schedule computed in numpy
+    assert largest_lr(opt) == 0.5
 
 
 def test_head_slices_nested_batches():
