@@ -277,3 +277,41 @@ def test_batch_statistics_refuses_micro_batches_in_one_line():
     with pytest.raises(ValueError, match="with batch_statistics=True would normalise each"):
         Hessian(model, F.cross_entropy, batch, batch_statistics=True, microbatch_size=4)
     Hessian(model, F.cross_entropy, batch, microbatch_size=4)  # running statistics: fine
+
+
+class _Masked(nn.Module):
+    """A linear layer behind a fixed mask buffer (as a causal mask or a rotary cache)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.register_buffer("mask", (torch.arange(4) % 2).float())
+
+    def forward(self, x):
+        return self.lin(x * self.mask)
+
+
+def test_batch_statistics_copies_no_buffer_of_a_model_without_normalisation(monkeypatch):
+    """Only the layers it trains can write buffers: the mask is not cloned for it."""
+    torch.manual_seed(0)
+    model = _Masked().double()
+    batch = (torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,)))
+    mask = model.mask.data_ptr()
+    copied = []
+    clone = torch.Tensor.clone
+
+    def counting_clone(self, *args, **kwargs):
+        if self.data_ptr() == mask:
+            copied.append(1)
+        return clone(self, *args, **kwargs)
+
+    counts = []
+    for options in ({}, {"batch_statistics": True}):
+        op = Hessian(model, F.cross_entropy, batch, backend="func", **options)
+        v = op.parameters
+        monkeypatch.setattr(torch.Tensor, "clone", counting_clone)
+        copied.clear()
+        op.matvec(v)
+        monkeypatch.undo()
+        counts.append(len(copied))
+    assert counts[1] == counts[0]  # what eval mode copies anyway (functional_call), no more
