@@ -53,6 +53,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from landscape._hf import is_causal_lm
 from landscape.findings import Finding
 from landscape.integrations import (
     CallbackSettings,
@@ -77,7 +78,7 @@ except ImportError as err:  # pragma: no cover - depends on what is installed
         "pip install 'landscape-for-pytorch[transformers]'"
     ) from err
 
-__all__ = ["LandscapeTrainerCallback", "OutputEmbeddingLogits", "model_loss"]
+__all__ = ["LandscapeTrainerCallback", "OutputEmbeddingLogits", "model_loss", "next_token_targets"]
 
 _NOT_BATCH = ("num_items_in_batch", "return_dict", "output_hidden_states", "output_attentions")
 
@@ -94,6 +95,21 @@ def model_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
 
 
 model_loss.loss_of_model_output = True  # type: ignore[attr-defined]  # a plain forward suffices for captures
+
+
+def next_token_targets(batch: Any) -> int | None:
+    """The labels a causal language model's loss averages over: those that follow a token.
+
+    transformers' causal LM loss shifts the labels by one and takes the mean over the
+    ones that are not ``-100`` (its ``ignore_index``), so a batch weighs
+    ``(labels[..., 1:] != -100).sum()``. The callback's default ``batch_size`` for a causal
+    LM under the default closure: micro-batches of a padded batch then average exactly
+    (the operator checks it on the first batch). None (the sample count) without labels.
+    """
+    labels = batch.get("labels") if isinstance(batch, Mapping) else None
+    if not isinstance(labels, torch.Tensor) or labels.dim() < 1:
+        return None
+    return int((labels[..., 1:] != -100).sum())
 
 
 class OutputEmbeddingLogits(Logits):
@@ -234,6 +250,8 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
             lambda: report_to_mirrors(getattr(args, "report_to", None), args) if zero else [],
         )
         options = resume_options(self.monitor_options, self.path, int(state.global_step))
+        if self.closure is model_loss and "batch_size" not in options and is_causal_lm(model):
+            options["batch_size"] = next_token_targets  # a token mean over padded batches
         self.monitor = Monitor(
             model, self.loss_fn, self.path, optimizer=optimizer, metrics=self.metrics,
             probe=probe, closure=self.closure, config=config, on_finding=self._found,

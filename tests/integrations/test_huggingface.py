@@ -186,3 +186,26 @@ def test_without_on_optimizer_step_the_step_is_recorded_at_step_end(tmp_path):
     assert steps.tolist() == [0, 1, 2, 3]
     assert losses.tolist() == pytest.approx([v for _, v in _logged_losses(trainer)], rel=1e-4)
     assert np.isnan(cb.run().series("grad_norm", "value")[1]).all()  # zeroed before step end
+
+
+def test_a_causal_lm_counts_its_next_token_targets_so_padded_micro_batches_average_exactly(
+        tmp_path):
+    padded = {k: v.clone() for k, v in PROBE.items()}
+    padded["labels"][0, 4:] = -100  # samples with 3 to 11 next-token targets
+    padded["labels"][5, 8:] = -100
+    from landscape.integrations.huggingface import next_token_targets
+
+    assert next_token_targets(padded) == 8 * 11 - 8 - 4
+    assert next_token_targets({"input_ids": PROBE_IDS}) is None
+    values = {}
+    for micro in (None, 2):
+        metric = create("top_eigenvalues", schedule=1, k=1, tol=1e-8)
+        cb = LandscapeTrainerCallback(None, metrics=[metric], probe=padded, alarms=False,
+                                      microbatch_size=micro, warn=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _train(tmp_path / str(micro), [cb], max_steps=2)
+        assert cb.monitor.batch_size is next_token_targets
+        assert [f for f in cb.monitor.findings if f.rule == "metric_failed"] == []
+        values[micro] = cb.run().series("top_eigenvalues", "eigenvalues")[1][:, 0]
+    np.testing.assert_allclose(values[2], values[None], rtol=1e-6)
