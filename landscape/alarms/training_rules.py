@@ -155,9 +155,8 @@ class SpikeState:
         self.history = RollingWindow(rule.window)
         self.cusum = 0.0
         self.initial: float | None = None  # median of the first min_history values
-        self.previous_warned = False  # the previous valid row met the warning condition
-        self.run = 0  # consecutive valid rows that met it, up to the previous one
-        self.previous_high = False  # ... and was above the rest of its window
+        self.run = 0  # consecutive valid rows up to the previous one that met the warning
+        self.previous_high = False  # the previous one of them was above the rest of its window
         self.high = False  # the current row is above the window (but the previous row)
 
     def __call__(self, step: int, row: Row) -> Trigger | _Skip | None:
@@ -183,7 +182,7 @@ class SpikeState:
             scale = max(1.4826 * mad, rule.rel_floor * abs(med), 1e-12)
             z = (x - med) / scale
             # a pair of rows is compared with the window without its other row
-            self.high = x > self.history.maximum(but_newest=self.previous_warned)
+            self.high = x > self.history.maximum(but_newest=self.run > 0)
             if rule.method == "zscore":
                 trigger = self._zscore(x, med, z)
             else:
@@ -197,7 +196,6 @@ class SpikeState:
         level = abs(med)
         if rule.initial_floor is not None and self.initial is not None:
             level = max(level, rule.initial_floor * self.initial)
-        previous, self.previous_warned = self.previous_warned, False
         previous_high, self.previous_high = self.previous_high, False
         run, self.run = self.run, 0
         if z >= rule.z and x - med >= (rule.min_ratio - 1.0) * level:
@@ -206,11 +204,10 @@ class SpikeState:
                 severity = "warning"
             note = ""
             if severity == "warning":
-                self.previous_warned, self.previous_high = True, self.high
-                self.run = run + 1
+                self.run, self.previous_high = run + 1, self.high
                 if rule.single_row is not None and self.initial is not None \
                         and x - med < rule.single_row * self.initial:
-                    if not previous:
+                    if run == 0:
                         severity = "info"
                         note = (" on one row (a single hard batch? a warning if the next row "
                                 "is as high)")
