@@ -498,6 +498,9 @@ class Monitor:
                 leading_size(self.probe) if self._probe_source == "given" else self.probe_size)},
             "taylor_guard": self.taylor_guard,
             "microbatch_size": self.microbatch_size,
+            # the sizer by name (a function is no JSON): which weights the curvature used
+            "batch_size": None if self.batch_size is None else getattr(
+                self.batch_size, "__qualname__", type(self.batch_size).__name__),
             **self._user_config,
         }
 

@@ -194,5 +194,7 @@ def test_a_token_count_sizer_lets_a_padded_token_mean_loss_use_micro_batches():
     assert math.isnan(refused) and "not a mean" in found[0].message
     micro, found = record(microbatch_size=3, batch_size=tokens)
     assert found == [] and micro == pytest.approx(whole, rel=1e-8)
+    with Monitor(net, loss_fn, batch_size=tokens) as mon:
+        assert mon.run().config["batch_size"].endswith("tokens")  # recorded by name
     with pytest.raises(ValueError, match="batch_size must be a function"):
         Monitor(net, loss_fn, batch_size=3)
