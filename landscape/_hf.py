@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 
 from torch import nn
 
-__all__ = ["is_causal_lm"]
+__all__ = ["is_causal_lm", "uses_causal_lm_loss"]
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -28,3 +29,25 @@ def is_causal_lm(model: nn.Module) -> bool:
     except ImportError:  # pragma: no cover - very old transformers
         return False
     return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def uses_causal_lm_loss(model: nn.Module) -> bool:
+    """Whether ``model``'s loss is transformers' shifted causal-LM mean over the labels.
+
+    A causal LM class (:func:`is_causal_lm`) whose ``forward`` calls ``self.loss_function``
+    (transformers' ``ForCausalLMLoss``: the labels shifted by one, their mean over those
+    that are not ``-100``), and which nobody replaced on the instance. Some classes the
+    causal-LM mapping names compute their own loss instead (XLNet and XLM average over
+    unshifted labels; Bart-style decoders, Musicgen, Whisper's decoder): False for them.
+
+    Args:
+        model: any module.
+
+    Returns:
+        True when a batch's weight in its loss is ``(labels[..., 1:] != -100).sum()``.
+    """
+    if not is_causal_lm(model) or "_loss_function" in vars(model):
+        return False
+    forward = inspect.unwrap(type(model).forward)
+    code = getattr(forward, "__code__", None)
+    return code is not None and "loss_function" in code.co_names

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from landscape.distributed import unwrap
+
 __all__ = [
     "ClosureModule", "isolated", "no_grad_forward", "normalises_by_batch", "same_rng",
     "sdpa_math", "stateless_call", "stateless_closure",
@@ -77,7 +79,8 @@ def normalises_by_batch(module: nn.Module) -> bool:
 
 
 _OUTERMOST: dict[int, tuple[list[nn.Module], list[bool]]] = {}
-"""Per model (by ``id``) inside an :func:`isolated` block: its modules and their
+"""Per model (by ``id`` of the module inside any DDP or ``torch.compile`` wrapper,
+:func:`landscape.distributed.unwrap`) inside an :func:`isolated` block: its modules and their
 ``training`` flags when the outermost block began, before any block changed them."""
 
 
@@ -88,7 +91,7 @@ def _modes_on_entry(model: nn.Module, modules: list[nn.Module],
     The monitor puts the model in eval mode around every metric; a curvature operator
     inside needs the modes the user trains in. Modules not known there keep ``modes``.
     """
-    outer = _OUTERMOST.get(id(model))
+    outer = _OUTERMOST.get(id(unwrap(model)))
     if outer is None:
         return modes
     known = {id(m): mode for m, mode in zip(*outer)}
@@ -154,11 +157,12 @@ def isolated(
     overriders = [] if eval_mode else [
         (m, mode) for m, mode in zip(modules, modes) if overrides_train(m)
     ]
-    outermost = id(model) not in _OUTERMOST
+    key = id(unwrap(model))  # a wrapper's block covers the operators on its inner module
+    outermost = key not in _OUTERMOST
     with torch.random.fork_rng(devices=_cuda_devices(modules)):
         try:
             if outermost:
-                _OUTERMOST[id(model)] = (modules, modes)
+                _OUTERMOST[key] = (modules, modes)
             if overriders:
                 model.train(True)
             elif eval_mode and batch_statistics:
@@ -170,7 +174,7 @@ def isolated(
             yield model
         finally:
             if outermost:
-                del _OUTERMOST[id(model)]
+                del _OUTERMOST[key]
             for m, mode in overriders:  # pre-order: the root first
                 m.train(mode)
             _set_training(modules, modes)

@@ -234,3 +234,14 @@ def test_batch_statistics_reads_the_modes_before_the_outermost_block():
     assert [m.training for m in model] == [True, True, False]
     with isolated(model, batch_statistics=True):  # the outermost block is gone
         assert [m.training for m in model] == [False, True, False]
+
+
+def test_a_wrappers_block_covers_the_operators_on_its_inner_module():
+    """The monitor and the operators evaluate the module inside DDP / torch.compile."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).train()
+    compiled = torch.compile(model)  # not compiled until called: nothing runs here
+    with isolated(compiled):
+        assert not model[1].training
+        with isolated(model, batch_statistics=True):
+            assert model[1].training
+    assert model[1].training and compiled.training

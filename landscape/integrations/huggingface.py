@@ -53,7 +53,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from landscape._hf import is_causal_lm
+from landscape import distributed as _dist
+from landscape._hf import uses_causal_lm_loss
 from landscape.findings import Finding
 from landscape.integrations import (
     CallbackSettings,
@@ -102,14 +103,27 @@ def next_token_targets(batch: Any) -> int | None:
 
     transformers' causal LM loss shifts the labels by one and takes the mean over the
     ones that are not ``-100`` (its ``ignore_index``), so a batch weighs
-    ``(labels[..., 1:] != -100).sum()``. The callback's default ``batch_size`` for a causal
-    LM under the default closure: micro-batches of a padded batch then average exactly
-    (the operator checks it on the first batch). None (the sample count) without labels.
+    ``(labels[..., 1:] != -100).sum()``. The callback's default ``batch_size`` for a model
+    whose loss is that (:func:`landscape._hf.uses_causal_lm_loss`) under the default
+    closure, in one process: micro-batches of a padded batch then average exactly (the
+    operator checks it on the first batch). None (the sample count) without labels.
     """
     labels = batch.get("labels") if isinstance(batch, Mapping) else None
     if not isinstance(labels, torch.Tensor) or labels.dim() < 1:
         return None
     return int((labels[..., 1:] != -100).sum())
+
+
+def _counts_next_tokens(model: nn.Module, closure: Any, options: Mapping[str, Any]) -> bool:
+    """Whether the callback weighs ``model``'s batches by :func:`next_token_targets`.
+
+    Under the default closure, for a model whose loss is the shifted causal-LM mean
+    (:func:`landscape._hf.uses_causal_lm_loss`), in one process: across ranks, a rank whose
+    probe held no target token would refuse its operator while the others wait for it in
+    the curvature all-reduce.
+    """
+    return (closure is model_loss and uses_causal_lm_loss(model)
+            and not _dist.enabled(options.get("distributed")))
 
 
 class OutputEmbeddingLogits(Logits):
@@ -250,7 +264,7 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
             lambda: report_to_mirrors(getattr(args, "report_to", None), args) if zero else [],
         )
         options = resume_options(self.monitor_options, self.path, int(state.global_step))
-        if self.closure is model_loss and "batch_size" not in options and is_causal_lm(model):
+        if "batch_size" not in options and _counts_next_tokens(model, self.closure, options):
             options["batch_size"] = next_token_targets  # a token mean over padded batches
         self.monitor = Monitor(
             model, self.loss_fn, self.path, optimizer=optimizer, metrics=self.metrics,
