@@ -474,8 +474,11 @@ class ShiftedEvaluation:
 
         One no-grad forward of the first batch at ``θ``, with a forward hook on every module
         that holds parameters: under ``torch.autocast`` (inside a closure or ``forward=``,
-        where the operator cannot see it) their outputs are in the autocast dtype. None
-        when no such output was seen. The same forward lists the kinked ops it runs in
+        where the operator cannot see it) their outputs are in the autocast dtype. The loss
+        counts too: transformers computes a language model's loss from logits cast to
+        float32, also for a float64 model, whose gradient then carries float32 rounding
+        (a step sized for float64 left first-order products 10-28 % off). None when no
+        such output was seen. The same forward lists the kinked ops it runs in
         :attr:`kinks` (:class:`~landscape.curvature._kinks.KinkedOps`). Every rank runs it
         at the same point (FSDP2's all-gathers).
         """
@@ -493,11 +496,13 @@ class ShiftedEvaluation:
             batch = to_device(self.op._data.batches[0], self.op.device)
             with self._context(), no_grad_forward(), KinkedOps() as kinks:
                 if self.sharded:
-                    self._direct_loss(batch)
+                    loss = self._direct_loss(batch)
                     _dist.reshard(model)  # the root keeps no gathered copy
                 else:
-                    stateless_closure(model, lambda m, b: self._direct_loss(b),
-                                      self._shifted_leaves(None), batch)
+                    loss = stateless_closure(model, lambda m, b: self._direct_loss(b),
+                                             self._shifted_leaves(None), batch)
+            if isinstance(loss, torch.Tensor) and loss.is_floating_point():
+                seen.append(loss.dtype)
         finally:
             for h in handles:
                 h.remove()
