@@ -148,28 +148,41 @@ def test_spectral_density_lanczos_steps_and_the_old_n_iter():
         assert ls.metrics.SpectralDensity(n_iter=5).lanczos_steps == 5
 
 
-def test_adam_sharpness_of_a_batchnorm_cnn_is_measured_on_batch_statistics():
-    """Conv biases before a BatchNorm get no gradient in train mode, so Adam's preconditioner
-    is ~eps there, while eval mode (running statistics) gives them curvature: the ratio was
-    84-147 x the threshold on this healthy run. On batch statistics it is ~0.003."""
+def _adam_bn_cnn(steps, dtype=torch.float32, frozen=False, **sharpness):
+    """A BatchNorm CNN trained with Adam under a Sharpness metric every 5 steps.
+
+    Returns the model, its optimizer, the probe and the run's ``sharpness`` series.
+    """
     from torch import nn
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(4 * 6 * 6, 3))
+                          nn.Linear(4 * 6 * 6, 3)).to(dtype)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 3, (64,))
-    metric = ls.metrics.Sharpness(schedule=ls.every(5))
+    x, y = torch.randn(64, 1, 8, 8, dtype=dtype), torch.randint(0, 3, (64,))
+    model.train()
+    if frozen:
+        model[1].eval()  # kept on its running statistics while the rest trains
+    probe = (x[:16], y[:16])
+    metric = ls.metrics.Sharpness(schedule=ls.every(5), **sharpness)
     with ls.Monitor(model, F.cross_entropy, None, optimizer=opt, metrics=[metric],
-                    probe=(x[:16], y[:16]), warn=False) as mon:
-        for step in range(30):
+                    probe=probe, warn=False) as mon:
+        for step in range(steps):
             i = torch.randint(0, 64, (16,))
             loss = F.cross_entropy(model(x[i]), y[i])
             opt.zero_grad()
             loss.backward()
             opt.step()
             mon.step(step, batch=(x[i], y[i]), loss=loss.detach())
-        _, ratio = mon.run().series("sharpness", "ratio")
+        run = mon.run()
+    return model, opt, probe, {f: run.series("sharpness", f)[1] for f in ("ratio", "lambda_max")}
+
+
+def test_adam_sharpness_of_a_batchnorm_cnn_is_measured_on_batch_statistics():
+    """Conv biases before a BatchNorm get no gradient in train mode, so Adam's preconditioner
+    is ~eps there, while eval mode (running statistics) gives them curvature: the ratio was
+    84-147 x the threshold on this healthy run. On batch statistics it is ~0.003."""
+    ratio = _adam_bn_cnn(30)[3]["ratio"]
     measured = ratio[~np.isnan(ratio)]
     assert len(measured) == 4 and (measured > 0).all() and (measured < 0.1).all()
 
@@ -177,30 +190,11 @@ def test_adam_sharpness_of_a_batchnorm_cnn_is_measured_on_batch_statistics():
 def test_adam_sharpness_keeps_a_frozen_batchnorm_on_its_running_statistics():
     """A BatchNorm kept in eval mode while the rest trains (fine-tuning): the optimizer
     descends its running statistics, and so does the measured Hessian."""
-    from torch import nn
-
     from landscape.curvature import Hessian, preconditioned, top_eigenvalues
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(4 * 6 * 6, 3)).double()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x, y = torch.randn(64, 1, 8, 8, dtype=torch.float64), torch.randint(0, 3, (64,))
-    model.train()
-    model[1].eval()  # frozen
-    probe = (x[:16], y[:16])
-    metric = ls.metrics.Sharpness(schedule=ls.every(5), tol=1e-8)
-    with ls.Monitor(model, F.cross_entropy, None, optimizer=opt, metrics=[metric],
-                    probe=probe, warn=False) as mon:
-        for step in range(11):  # rows at 0, 5 (Adam's warm-up: NaN) and 10, the last step
-            i = torch.randint(0, 64, (16,))
-            loss = F.cross_entropy(model(x[i]), y[i])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            mon.step(step, batch=(x[i], y[i]), loss=loss.detach())
-        _, lam = mon.run().series("sharpness", "lambda_max")
+    # rows at 0, 5 (Adam's warm-up: NaN) and 10, the last step
+    model, opt, probe, rows = _adam_bn_cnn(11, torch.float64, frozen=True, tol=1e-8)
     assert model[1].training is False and model[0].training is True
     want = top_eigenvalues(preconditioned(Hessian(model, F.cross_entropy, probe), opt), k=1,
                            tol=1e-10).values[0]
-    assert lam[-1] == pytest.approx(float(want), rel=1e-6)
+    assert rows["lambda_max"][-1] == pytest.approx(float(want), rel=1e-6)
