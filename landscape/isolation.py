@@ -84,14 +84,14 @@ _OUTERMOST: dict[int, tuple[list[nn.Module], list[bool]]] = {}
 ``training`` flags when the outermost block began, before any block changed them."""
 
 
-def _modes_on_entry(model: nn.Module, modules: list[nn.Module],
-                    modes: list[bool]) -> list[bool]:
+def _modes_on_entry(key: int, modules: list[nn.Module], modes: list[bool]) -> list[bool]:
     """Each module's ``training`` flag before the outermost enclosing :func:`isolated` block.
 
     The monitor puts the model in eval mode around every metric; a curvature operator
-    inside needs the modes the user trains in. Modules not known there keep ``modes``.
+    inside needs the modes the user trains in. ``key``: the model's :data:`_OUTERMOST` key.
+    Modules not known there keep ``modes``.
     """
-    outer = _OUTERMOST.get(id(unwrap(model)))
+    outer = _OUTERMOST.get(key)
     if outer is None:
         return modes
     known = {id(m): mode for m, mode in zip(*outer)}
@@ -166,7 +166,7 @@ def isolated(
             if overriders:
                 model.train(True)
             elif eval_mode and batch_statistics:
-                trained = _modes_on_entry(model, modules, modes)
+                trained = _modes_on_entry(key, modules, modes)
                 _set_training(modules, [normalises_by_batch(m) and was
                                         for m, was in zip(modules, trained)])
             else:
