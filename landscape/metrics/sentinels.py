@@ -45,7 +45,7 @@ from landscape.schedules import every
 
 __all__ = ["Sentinels", "largest_lr", "secant_ratio"]
 
-_STATE = "sentinels.logits"  # key in the monitor's state: (step, logits of the subsample)
+_STATE = "sentinels.logits"  # key in the monitor's state: the last call's logits
 
 
 def secant_ratio(before: torch.Tensor, after: torch.Tensor) -> float:
@@ -68,8 +68,10 @@ def _max_spread(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     """max_x spread(after(x) - before(x)) as a 0-d float64 tensor, not read back.
 
     NaN or inf when a logit is not finite (``aminmax`` and ``max`` propagate them).
+    A float64 argument is used as it is (the sentinels keep the previous call's logits
+    in float64).
     """
-    delta = (after.double() - before.double()).reshape(-1, after.shape[-1])
+    delta = (after.to(torch.float64) - before.to(torch.float64)).reshape(-1, after.shape[-1])
     low, high = torch.aminmax(delta, dim=-1)
     return (high - low).max()
 
@@ -121,20 +123,27 @@ def _model_call(batch: Any, samples: int, keywords: bool) -> tuple[tuple, dict, 
     return (head(inputs, samples),), {}, head(targets, samples)
 
 
-def _target_loss(flat: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+def _target_loss(
+    flat: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor | None = None
+) -> torch.Tensor | None:
     """Cross-entropy of the logit rows ``flat`` against integer ``targets`` in range.
 
     Targets outside ``[0, C)`` (padding such as ``ignore_index=-1``) are left out: an
     out-of-range index raises on the CPU and is a device-side assert on CUDA. None when no
-    target is in range.
+    target is in range. ``lse``: the rows' log-partition ``logsumexp(flat, -1)`` when the
+    caller has it; the loss is then ``mean(lse - flat[y])`` without a second pass over
+    the exponentials (the same value as ``F.cross_entropy`` up to rounding).
     """
     y = targets.reshape(-1).to(flat.device)
     valid = (y >= 0) & (y < flat.shape[-1])
-    if bool(valid.all()):
-        return F.cross_entropy(flat, y)
-    if not bool(valid.any()):
+    every = bool(valid.all())
+    if not every and not bool(valid.any()):
         return None
-    return F.cross_entropy(flat[valid], y[valid])
+    if lse is None:
+        return F.cross_entropy(flat, y) if every else F.cross_entropy(flat[valid], y[valid])
+    picked = flat.gather(1, y.clamp(0, flat.shape[-1] - 1).unsqueeze(1)).squeeze(1)
+    losses = lse - picked
+    return losses.mean() if every else losses[valid].mean()
 
 
 def _output_loss(output: Any) -> torch.Tensor | None:
@@ -420,14 +429,15 @@ class Sentinels(Metric):
         # every statistic as a 0-d tensor, read back in one transfer (secant_ratio() reads
         # the same spread back on its own)
         names = ["max_abs", "logsumexp_max"]
-        parts = [flat.abs().max(), torch.logsumexp(flat, dim=-1).max()]
+        lse = torch.logsumexp(flat, dim=-1)
+        parts = [flat.abs().max(), lse.max()]
         loss = _output_loss(output)
         if loss is not None:
             names.append("probe_loss")
             parts.append(loss.detach().reshape(()).to(flat))
         elif isinstance(y, torch.Tensor) and y.shape == z.shape[:-1] \
                 and not y.is_floating_point():  # a classifier's or next-token targets
-            loss = _target_loss(flat, y)
+            loss = _target_loss(flat, y, lse)
             if loss is not None:
                 names.append("probe_loss")
                 parts.append(loss)
@@ -435,15 +445,15 @@ class Sentinels(Metric):
             names.append("attention_logit_max")
             parts.append(attention.to(flat.device))
         out: dict[str, float] = {}
-        prev = ctx.state.get(_STATE)
-        if prev is not None and prev[1].shape == z.shape:
+        prev = ctx.state.get(_STATE)  # (step, its logits' shape, its rows in float64)
+        if prev is not None and prev[1] == z.shape:
             out["gap"] = float(ctx.step - prev[0])
             if flat.numel() == 0:
                 out["r_secant"] = math.nan
             else:
                 names.append("r_secant")
-                parts.append(_max_spread(prev[1], z))
-        ctx.state[_STATE] = (ctx.step, z)
+                parts.append(_max_spread(prev[2], flat))
+        ctx.state[_STATE] = (ctx.step, z.shape, flat)
         out.update(zip(names, torch.stack(parts).tolist()))
         if "r_secant" in names:
             spread = out["r_secant"]

@@ -111,6 +111,31 @@ def test_the_row_records_the_largest_learning_rate_of_the_step():
     assert largest_lr(opt) == 0.5
 
 
+@pytest.mark.parametrize("padding", ["none", "some", "all"])
+def test_probe_loss_is_the_cross_entropy_of_the_targets_in_range(padding):
+    """probe_loss reuses the rows' log-partition; it must equal F.cross_entropy over the
+    targets in [0, C), with padding (-100, or an index past the classes) left out."""
+    model = models.mlp(d_in=6, hidden=16, d_out=3, seed=0)
+    x, y = models.classification_data(8, seed=1)
+    if padding == "some":
+        y = y.clone()
+        y[1], y[5] = -100, 3  # ignore_index padding and an index past the 3 classes
+    elif padding == "all":
+        y = torch.full_like(y, -100)
+    with ls.Monitor(model, F.cross_entropy, metrics=[Sentinels(subsample=8)], probe=(x, y),
+                    warn=False, strict=True) as mon:
+        mon.step(0)
+        _, got = mon.run().series("sentinels", "probe_loss")
+    with torch.no_grad():
+        z = model(x).double()
+    keep = (y >= 0) & (y < 3)
+    if padding == "all":
+        assert math.isnan(got[0])
+    else:
+        want = float(F.cross_entropy(z[keep], y[keep]))
+        assert got[0] == pytest.approx(want, rel=1e-12)
+
+
 def test_head_slices_nested_batches():
     batch = {"x": torch.arange(10), "y": (torch.ones(10, 2), 3)}
     out = head(batch, 4)
