@@ -62,9 +62,15 @@ class LossSpike(Rule):
     decides a minibatch's loss (or gradient norm), and that row is both large and unusual.
     A warning from one row alone needs a rise of at least ``single_row`` (default 1.0)
     times the initial level (the median of the first ``min_history`` rows: for a
-    classifier, a jump back above its untrained loss); a smaller one is **info** on its
-    first row and becomes a warning when the next row fires too (a blow-up stays high,
-    a hard batch does not). ``None``: every firing row is at the full severity. With
+    classifier, a jump back above its untrained loss), and the row at least
+    ``single_row_outlier`` (default 3) times the largest value of the window: small
+    batches have heavy tails, which the window shows (a hard batch of 8 near zero loss
+    comes to 0.9-2.6 times the largest of the 50 rows before it, and up to 16 times
+    once a step decay has drawn the loss down; a learning-rate spike or a corrupted
+    batch lands at 7-300 times; docs/alarms.md). A row short of either is **info** on
+    its own and becomes a warning when the next row fires too (a blow-up stays high, a
+    hard batch does not). ``None``: no such condition (``single_row=None``: every firing
+    row is at the full severity). With
     ``new_high`` (default True) the two rows must also each be above every other value of
     the window: a blow-up climbs out of the range the recent rows set, while two hard
     batches in a row (a batch of 8 near zero loss) stay within the range earlier hard
@@ -91,6 +97,7 @@ class LossSpike(Rule):
     severity: str = "warning"
     warn_ratio: float | None = None
     single_row: float | None = 1.0
+    single_row_outlier: float | None = 3.0
     new_high: bool = True
     field: str = "value"
     sustain: int = 1
@@ -117,6 +124,9 @@ class LossSpike(Rule):
         _check_number("initial_floor", self.initial_floor, allow_none=True)
         _check_number("warn_ratio", self.warn_ratio, allow_none=True)
         _check_number("single_row", self.single_row, allow_none=True)
+        _check_number("single_row_outlier", self.single_row_outlier, allow_none=True)
+        if self.single_row_outlier is not None and self.single_row_outlier <= 0:
+            raise ValueError(f"single_row_outlier must be > 0, got {self.single_row_outlier}")
         if self.severity not in ("info", "warning", "error"):
             raise ValueError(f"severity must be info, warning or error, got {self.severity!r}")
         if not isinstance(self.new_high, bool):
@@ -205,8 +215,10 @@ class SpikeState:
             note = ""
             if severity == "warning":
                 self.run, self.previous_high = run + 1, self.high
-                if rule.single_row is not None and self.initial is not None \
-                        and x - med < rule.single_row * self.initial:
+                # a first row is also judged against the largest of the window before it
+                if rule.single_row is not None and self.initial is not None and (
+                        x - med < rule.single_row * self.initial
+                        or (run == 0 and self._within_tail(x))):
                     if run == 0:
                         severity = "info"
                         note = (" on one row (a single hard batch? a warning if the next row "
@@ -231,6 +243,11 @@ class SpikeState:
                 extra={"z": z, "median": med},
             )
         return None
+
+    def _within_tail(self, x: float) -> bool:
+        """Whether ``x`` is under ``single_row_outlier`` times the window's largest value."""
+        factor = self.rule.single_row_outlier
+        return factor is not None and x < factor * self.history.maximum()
 
     def _cusum(self, x: float, med: float, z: float) -> Trigger | None:
         """Advance the one-sided CUSUM by this row's clipped z-score and test it."""

@@ -240,6 +240,33 @@ def test_a_plateau_within_the_range_of_hard_batches_warns_on_its_third_row():
     assert warned and warned[0].step == 323 and "3 rows in a row" in warned[0].message
 
 
+def test_one_row_within_three_times_the_windows_largest_is_info():
+    """Hard batches back at the untrained loss (batch 8 near zero loss) set the window's
+    range; one row above the initial loss but under 3x that range is info, one above it
+    (a corrupted batch, a learning-rate spike) warns at once."""
+    loss = hard_batches()
+    loss[200::25] = 2.0  # every 25th row: a hard batch near the untrained loss
+    evaluate = LossSpike().evaluator("loss", {})
+    quiet = loss.copy()
+    quiet[321] = 4.0  # rises by more than the initial loss (about 2.2), under 3 x 2.0
+    rows = [evaluate(step, {"value": x}) for step, x in enumerate(quiet)]
+    assert rows[321].severity == "info" and "one row" in rows[321].message
+    plain = LossSpike(single_row_outlier=None).evaluator("loss", {})
+    assert [plain(step, {"value": x}) for step, x in enumerate(quiet)][321].severity == "warning"
+    loud = loss.copy()
+    loud[321] = 6.5  # above 3 x the window's largest
+    evaluate = LossSpike().evaluator("loss", {})
+    rows = [evaluate(step, {"value": x}) for step, x in enumerate(loud)]
+    assert rows[321].severity == "warning" and "rows in a row" not in rows[321].message
+    stays = loss.copy()
+    stays[321:323] = 4.0  # the same row, and the next as high: a blow-up
+    evaluate = LossSpike().evaluator("loss", {})
+    rows = [evaluate(step, {"value": x}) for step, x in enumerate(stays)]
+    assert (rows[321].severity, rows[322].severity) == ("info", "warning")
+    with pytest.raises(ValueError, match="single_row_outlier"):
+        LossSpike(single_row_outlier=-1.0)
+
+
 def test_loss_spike_needs_history_and_a_relative_jump():
     loss = smooth_loss(200, 8)
     loss[10] *= 5  # before min_history
