@@ -24,11 +24,13 @@ dozen steps and are left out, as in Cohen et al. 2022.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Sequence
 
 import torch
 
-__all__ = ["optimizer_kind", "stability_threshold"]
+__all__ = ["learning_rate", "optimizer_kind", "stability_threshold"]
 
 _ADAM = ("adam", "adamw", "nadam", "radam", "adamax")
 _NAMES = ("gd", "sgd", "heavy_ball", "momentum", "nesterov", "rmsprop", *_ADAM)
@@ -61,6 +63,25 @@ def optimizer_kind(optimizer: Any) -> str | None:
             return name
     name = type(optimizer).__name__.lower()
     return name if name in (*_ADAM, "sgd", "rmsprop") else None
+
+
+def learning_rate(value: Any) -> float:
+    """A parameter group's ``lr`` as a float (NaN when it is none).
+
+    A float, an int, a numpy scalar or a 1-element tensor
+    (``torch.optim.Adam(lr=torch.tensor(...))``).
+
+    Args:
+        value: the ``lr`` entry of a parameter group.
+
+    Returns:
+        The learning rate (NaN: missing or unreadable).
+    """
+    if isinstance(value, torch.Tensor):
+        return float(value.item()) if value.numel() == 1 else math.nan
+    if isinstance(value, numbers.Real):  # numpy scalars too
+        return float(value)
+    return math.nan
 
 
 def latest_step(optimizer: torch.optim.Optimizer) -> int:
@@ -167,7 +188,7 @@ def stability_threshold(
         )
     if lr is None:
         raise ValueError("lr: a learning rate is required")
-    lr = float(lr.item() if isinstance(lr, torch.Tensor) else lr)
+    lr = learning_rate(lr)
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     beta = float(momentum or 0.0)

@@ -202,6 +202,7 @@ class Sharpness(Metric):
         from landscape.curvature.stability import (
             PRECONDITIONED,
             latest_step,
+            learning_rate,
             optimizer_kind,
             stability_threshold,
         )
@@ -235,9 +236,7 @@ class Sharpness(Metric):
                 "AdamW, NAdam, RAdam, Adamax, RMSprop): lambda_max is the Hessian's, "
                 "threshold and ratio are NaN"
             ))
-        lr = opt.param_groups[0].get("lr", math.nan)
-        lr = float(lr.item() if isinstance(lr, torch.Tensor) else lr)
-        if lr == 0.0:  # e.g. the first step of a warm-up: no limit
+        if learning_rate(opt.param_groups[0].get("lr")) == 0.0:  # the first step of a warm-up
             threshold = math.inf
         else:
             threshold = stability_threshold(opt)

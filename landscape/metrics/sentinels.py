@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import warnings
 from typing import Any, Iterator, Mapping
 
@@ -29,6 +28,7 @@ from torch import nn
 from landscape._errors import MissingInput, PartialRow
 from landscape.batches import head, leading_size
 from landscape.capture import first_tensor
+from landscape.curvature.stability import learning_rate
 from landscape.findings import user_stacklevel
 from landscape.isolation import stateless_call
 from landscape.metrics._attention import AttentionLogits
@@ -81,14 +81,9 @@ def largest_lr(optimizer: torch.optim.Optimizer | None) -> float:
 
     A tensor learning rate (``torch.optim.Adam(lr=torch.tensor(...))``) is read as a float.
     """
-    rates = []
-    for group in getattr(optimizer, "param_groups", None) or ():
-        lr = group.get("lr")
-        if isinstance(lr, torch.Tensor) and lr.numel() == 1:
-            lr = lr.item()
-        if isinstance(lr, numbers.Real) and math.isfinite(lr):  # numpy scalars too
-            rates.append(float(lr))
-    return max(rates, default=math.nan)
+    rates = [learning_rate(group.get("lr"))
+             for group in getattr(optimizer, "param_groups", None) or ()]
+    return max((lr for lr in rates if math.isfinite(lr)), default=math.nan)
 
 
 def _samples_for_rows(z: torch.Tensor, x: Any, samples: int, rows: int | None) -> int:

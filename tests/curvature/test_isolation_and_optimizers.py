@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -175,6 +177,20 @@ def test_thresholds_from_optimizers():
     assert stability_threshold(nest) == pytest.approx(135.714285714)
     adamw = torch.optim.AdamW(params, lr=torch.tensor(0.01), betas=(0.8, 0.99))
     assert stability_threshold(adamw) == pytest.approx(3.6 / 0.2 / 0.01)
+
+
+def test_learning_rate_reads_every_form_a_parameter_group_holds():
+    import numpy as np
+
+    from landscape.curvature.stability import learning_rate
+
+    assert learning_rate(0.1) == 0.1 and learning_rate(1) == 1.0
+    assert learning_rate(np.float32(0.5)) == 0.5
+    assert learning_rate(torch.tensor(3e-4)) == pytest.approx(3e-4)
+    for unreadable in (None, "0.1", torch.ones(2)):
+        assert math.isnan(learning_rate(unreadable))
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        stability_threshold("gd", "0.1")  # a string is no learning rate
 
 
 def test_threshold_matches_simulated_divergence_of_heavy_ball():
