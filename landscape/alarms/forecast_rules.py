@@ -112,10 +112,11 @@ class TaylorForecast(Rule):
       smoothly and steadily, while r_secant is noisy (healthy controls reach r = 0.85).
       The step also grows in healthy training (warm restarts, Adam's adapting second
       moments), so this condition alone is info unless r on the row is at least
-      ``update_confirm`` (default 0.4; None: always a warning) or the ratio rose on each
-      of the last ``update_sustain`` rows within the first ``update_onset_rows`` (default
-      10) rows of the growth (``update_climb``, default True: a ramp climbs steadily from
-      where it began, a restart jumps once and drifts). With r >= ``update_confirm`` the
+      ``update_confirm`` (default 0.5, the paper's safe target; None: always a warning)
+      or the ratio rose on each of the last ``update_sustain`` rows within the first
+      ``update_onset_rows`` (default 10) rows of the growth (``update_climb``, default
+      True: a ramp climbs steadily from where it began, a restart jumps once and
+      drifts). With r >= ``update_confirm`` the
       growth is still info when the ratio fell on each of its grown rows
       (``update_confirm_rising``, default True: one large step that momentum carries
       over a few rows and that decays). Growth the schedule explains is info too
@@ -152,7 +153,7 @@ class TaylorForecast(Rule):
     update_growth: float | None = 2.0
     update_window: int = 50
     update_sustain: int = 3
-    update_confirm: float | None = 0.4
+    update_confirm: float | None = 0.5
     update_climb: bool = True
     update_confirm_rising: bool = True
     update_onset_rows: int | None = 10

@@ -78,6 +78,21 @@ def test_growth_a_warm_restart_explains_is_info_and_a_ramp_past_it_warns():
     assert late[0].severity == "warning" and late[0].step < 210
 
 
+@pytest.mark.parametrize("r, severity", [(0.45, "info"), (0.55, "warning")])
+def test_a_step_that_grew_once_needs_r_at_the_safe_target_to_warn(r, severity):
+    """update_confirm is the paper's safe target r = 0.5: a step that grew once (a smaller
+    batch under Adam) at r = 0.42-0.47 is info, above 0.5 a warning."""
+    u = np.full(300, 0.005)
+    u[200:] = 0.0125  # 2.5x, at once and then flat: no climb, no decay
+    (first, *_) = _run(TaylorForecast(), np.full(300, r), update=u)
+    assert first.metric == "sentinels/update_ratio" and first.step == 202
+    assert first.severity == severity
+    if severity == "info":
+        assert "still safe" in first.message
+        (old, *_) = _run(TaylorForecast(update_confirm=0.4), np.full(300, r), update=u)
+        assert old.severity == "warning"
+
+
 def test_a_ramp_stepped_every_few_rows_is_not_a_restart():
     # a per-epoch ramp: x1.5 every 16 rows; on a stair's later rows the rate equals the
     # largest so far, but it rose past every earlier rate
