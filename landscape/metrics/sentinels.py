@@ -22,7 +22,6 @@ import warnings
 from typing import Any, Iterator, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from landscape._errors import MissingInput, PartialRow
@@ -118,27 +117,39 @@ def _model_call(batch: Any, samples: int, keywords: bool) -> tuple[tuple, dict, 
     return (head(inputs, samples),), {}, head(targets, samples)
 
 
-def _target_loss(
-    flat: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor | None = None
-) -> torch.Tensor | None:
-    """Cross-entropy of the logit rows ``flat`` against integer ``targets`` in range.
+def _target_index(
+    targets: torch.Tensor, classes: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Where each logit row's integer target is, for :func:`_target_loss`.
 
-    Targets outside ``[0, C)`` (padding such as ``ignore_index=-1``) are left out: an
-    out-of-range index raises on the CPU and is a device-side assert on CUDA. None when no
-    target is in range. ``lse``: the rows' log-partition ``logsumexp(flat, -1)`` when the
-    caller has it; the loss is then ``mean(lse - flat[y])`` without a second pass over
-    the exponentials (the same value as ``F.cross_entropy`` up to rounding).
+    Targets outside ``[0, classes)`` (padding such as ``ignore_index=-1``) are left out:
+    an out-of-range index raises on the CPU and is a device-side assert on CUDA.
+
+    Returns:
+        ``(index, valid)``: the targets as a ``(rows, 1)`` index, clamped into range, and
+        the mask of the rows whose target is in range (None when every one is); None when
+        no target is in range.
     """
-    y = targets.reshape(-1).to(flat.device)
-    valid = (y >= 0) & (y < flat.shape[-1])
-    every = bool(valid.all())
-    if not every and not bool(valid.any()):
+    y = targets.reshape(-1).to(device)
+    valid = (y >= 0) & (y < classes)
+    if bool(valid.all()):
+        return y.unsqueeze(1), None
+    if not bool(valid.any()):
         return None
-    if lse is None:
-        return F.cross_entropy(flat, y) if every else F.cross_entropy(flat[valid], y[valid])
-    picked = flat.gather(1, y.clamp(0, flat.shape[-1] - 1).unsqueeze(1)).squeeze(1)
-    losses = lse - picked
-    return losses.mean() if every else losses[valid].mean()
+    return y.clamp(0, classes - 1).unsqueeze(1), valid
+
+
+def _target_loss(
+    flat: torch.Tensor, lse: torch.Tensor, index: torch.Tensor, valid: torch.Tensor | None
+) -> torch.Tensor:
+    """Cross-entropy of the logit rows ``flat`` at their targets (:func:`_target_index`).
+
+    ``lse`` is the rows' log-partition ``logsumexp(flat, -1)``, which the sentinels
+    compute anyway: the loss is ``mean(lse - flat[y])`` over the rows in range, the value
+    of ``F.cross_entropy`` up to rounding, without a second pass over the exponentials.
+    """
+    losses = lse - flat.gather(1, index).squeeze(1)
+    return losses.mean() if valid is None else losses[valid].mean()
 
 
 def _output_loss(output: Any) -> torch.Tensor | None:
@@ -341,6 +352,7 @@ class Sentinels(Metric):
         self._whole_dict: bool | None = None  # model(batch) with the dict itself (None: untried)
         self._softmax: bool | None = None  # the probe's outputs are softmax logits (None: untried)
         self._own_loss = False  # the model returns its loss (probe_loss on every call)
+        self._target_cache: tuple | None = None  # (probe, shapes, _target_index of its targets)
 
     def setup(self, model: nn.Module) -> None:
         """Resolve the weight tensors whose update ratio is tracked.
@@ -432,10 +444,10 @@ class Sentinels(Metric):
             parts.append(loss.detach().reshape(()).to(flat))
         elif isinstance(y, torch.Tensor) and y.shape == z.shape[:-1] \
                 and not y.is_floating_point():  # a classifier's or next-token targets
-            loss = _target_loss(flat, y, lse)
-            if loss is not None:
+            where = self._targets_of(batch, y, flat)
+            if where is not None:
                 names.append("probe_loss")
-                parts.append(loss)
+                parts.append(_target_loss(flat, lse, *where))
         if attention is not None:
             names.append("attention_logit_max")
             parts.append(attention.to(flat.device))
@@ -454,6 +466,22 @@ class Sentinels(Metric):
             spread = out["r_secant"]
             out["r_secant"] = spread / math.pi if math.isfinite(spread) else math.nan
         return out
+
+    def _targets_of(
+        self, batch: Any, y: torch.Tensor, flat: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """:func:`_target_index` of ``y``, the targets of ``batch``'s subsample.
+
+        Computed once for the probe (``data="probe"``: one fixed batch object, so its
+        targets are too) and kept while the same object comes back.
+        """
+        key = (y.shape, flat.shape[-1], flat.device)
+        cached = self._target_cache
+        if cached is not None and cached[0] is batch and cached[1] == key:
+            return cached[2]
+        where = _target_index(y, flat.shape[-1], flat.device)
+        self._target_cache = (batch, key, where) if self.data == "probe" else None
+        return where
 
     def _conventional(self, ctx: StepContext, batch: Any, samples: int) -> tuple:
         """``model(inputs)`` or ``model(**batch)``, then ``model(input_ids)`` (see _model_call)."""
