@@ -18,6 +18,7 @@ amortized over their schedules: each metric's measured time per call divided by 
 period, plus the monitor's per-step time outside the metrics.
 
     .venv/bin/python -m tests.benchmarks.bench_monitor --suite [--steps 100] [--repeats 5]
+        [--archs gpt,cnn] [--variants default]
 """
 
 from __future__ import annotations
@@ -161,15 +162,19 @@ def suite_run(arch: str, variant: str, steps: int) -> dict[str, Any]:
     return result
 
 
-def suite(steps: int, repeats: int, archs: tuple[str, ...] = ARCHS) -> None:
-    """The ``--suite`` tables (module docstring)."""
+VARIANTS = ("plain", "default", "standard", "full")
+
+
+def suite(steps: int, repeats: int, archs: tuple[str, ...] = ARCHS,
+          variants: tuple[str, ...] = VARIANTS) -> None:
+    """The ``--suite`` tables (module docstring); ``variants`` always holds ``plain``."""
     import logging
     import os
 
     logging.getLogger("landscape").setLevel(logging.ERROR)  # the default-probe notice
 
+    variants = ("plain", *[v for v in variants if v != "plain"])
     for arch in archs:
-        variants = ["plain", "default", "standard", "full"]
         runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
         suite_run(arch, "default", 10)  # warm-up
         for r in range(repeats):
@@ -182,11 +187,13 @@ def suite(steps: int, repeats: int, archs: tuple[str, ...] = ARCHS) -> None:
         print(f"\n{arch}: {steps} steps x {repeats} repeats, median; torch threads "
               f"{torch.get_num_threads()}; load {os.getloadavg()[0]:.1f}")
         print(f"  plain {base:.2f} ms/step")
-        d = med["default"]
-        print(f"  default {d['ms']:.2f} ms/step end to end ({100 * (d['ms'] / base - 1):+.1f}%); "
-              f"in Monitor.step {d['in_call']:.3f} ms ({100 * d['in_call'] / base:.1f}% of a "
-              f"plain step), of which metrics (Monitor.timings) {d['metrics']:.3f} ms")
-        for v in ("default", "standard", "full"):
+        if "default" in med:
+            d = med["default"]
+            print(f"  default {d['ms']:.2f} ms/step end to end "
+                  f"({100 * (d['ms'] / base - 1):+.1f}%); in Monitor.step {d['in_call']:.3f} ms "
+                  f"({100 * d['in_call'] / base:.1f}% of a plain step), of which metrics "
+                  f"(Monitor.timings) {d['metrics']:.3f} ms")
+        for v in variants[1:]:
             per_call = {k: statistics.median(x["per_call"][k][0] for x in runs[v])
                         for k in runs[v][0]["per_call"]}
             periods = {k: runs[v][0]["per_call"][k][1] for k in per_call}
@@ -211,11 +218,18 @@ def main() -> None:
                         "CIFAR-sized CNN) instead")
     parser.add_argument("--archs", default=",".join(ARCHS),
                         help=f"with --suite: which models, of {','.join(ARCHS)}")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="with --suite: which monitors beside the plain run, of "
+                        f"{','.join(VARIANTS[1:])} (e.g. default alone, for more repeats)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     if args.suite:
-        suite(args.steps, args.repeats, tuple(args.archs.split(",")))
+        unknown = set(args.variants.split(",")) - set(VARIANTS)
+        if unknown:
+            parser.error(f"--variants: unknown {sorted(unknown)}; known: {','.join(VARIANTS)}")
+        suite(args.steps, args.repeats, tuple(args.archs.split(",")),
+              tuple(args.variants.split(",")))
         return
     variants = ["plain", "cheap", "standard"]
     times: dict[str, list[float]] = {v: [] for v in variants}
