@@ -62,15 +62,17 @@ class LossSpike(Rule):
     decides a minibatch's loss (or gradient norm), and that row is both large and unusual.
     A warning from one row alone needs a rise of at least ``single_row`` (default 1.0)
     times the initial level (the median of the first ``min_history`` rows: for a
-    classifier, a jump back above its untrained loss), and the row at least
-    ``single_row_outlier`` (default 3) times the largest value of the window: small
-    batches have heavy tails, which the window shows (a hard batch of 8 near zero loss
-    comes to 0.9-2.6 times the largest of the 50 rows before it, and up to 16 times
-    once a step decay has drawn the loss down; a learning-rate spike or a corrupted
-    batch lands at 7-300 times; docs/alarms.md). A row short of either is **info** on
-    its own and becomes a warning when the next row fires too (a blow-up stays high, a
-    hard batch does not). ``None``: no such condition (``single_row=None``: every firing
-    row is at the full severity). With
+    classifier, a jump back above its untrained loss), and a rise above the median of at
+    least ``single_row_outlier`` (default 3) times the window's largest rise (its
+    maximum minus its median): small batches have heavy tails, which the window shows
+    (a hard batch of 8 near zero loss rises 0.9-2.7 times as far as the largest of the
+    50 rows before it, once 5.4 times, and up to 16 times once a step decay has drawn
+    the loss down; a learning-rate spike or a corrupted batch 7-320 times;
+    docs/alarms.md). A row short of either is **info** on its own and becomes a warning
+    when the next row fires too (a blow-up stays high, a hard batch does not); after a
+    first row held back by the range, the next must pass the two-row test below.
+    ``None``: no such condition (``single_row=None``: every firing row is at the full
+    severity). With
     ``new_high`` (default True) the two rows must also each be above every other value of
     the window: a blow-up climbs out of the range the recent rows set, while two hard
     batches in a row (a batch of 8 near zero loss) stay within the range earlier hard
@@ -168,6 +170,7 @@ class SpikeState:
         self.run = 0  # consecutive valid rows up to the previous one that met the warning
         self.previous_high = False  # the previous one of them was above the rest of its window
         self.high = False  # the current row is above the window (but the previous row)
+        self.in_range = False  # the run's first row was within single_row_outlier's range
 
     def __call__(self, step: int, row: Row) -> Trigger | _Skip | None:
         """Evaluate one row, then add its value to the window.
@@ -215,10 +218,12 @@ class SpikeState:
             note = ""
             if severity == "warning":
                 self.run, self.previous_high = run + 1, self.high
-                # a first row is also judged against the largest of the window before it
+                # a first row is also judged against the largest of the window before it;
+                # the rows after one it held back go through the two-row test
+                if run == 0:
+                    self.in_range = self._within_range(x, med)
                 if rule.single_row is not None and self.initial is not None and (
-                        x - med < rule.single_row * self.initial
-                        or (run == 0 and self._within_tail(x))):
+                        x - med < rule.single_row * self.initial or self.in_range):
                     if run == 0:
                         severity = "info"
                         note = (" on one row (a single hard batch? a warning if the next row "
@@ -244,10 +249,14 @@ class SpikeState:
             )
         return None
 
-    def _within_tail(self, x: float) -> bool:
-        """Whether ``x`` is under ``single_row_outlier`` times the window's largest value."""
+    def _within_range(self, x: float, med: float) -> bool:
+        """Whether ``x``'s rise above the median ``med`` is within the window's range.
+
+        Within: less than ``single_row_outlier`` times the window's largest rise (its
+        maximum minus its median). Shifting every value alike changes nothing.
+        """
         factor = self.rule.single_row_outlier
-        return factor is not None and x < factor * self.history.maximum()
+        return factor is not None and x - med < factor * (self.history.maximum() - med)
 
     def _cusum(self, x: float, med: float, z: float) -> Trigger | None:
         """Advance the one-sided CUSUM by this row's clipped z-score and test it."""
@@ -279,7 +288,8 @@ class GradNormSpike(LossSpike):
     median is a warning. Near zero loss the gradient norm is tiny and heavy-tailed, so the
     rise is measured against at least 0.25 × its early level too (``initial_floor``).
     A warning needs two rows in a row at ``warn_ratio`` unless one row rises by at least
-    ``single_row`` (default 10) times the early level (see :class:`LossSpike`).
+    ``single_row`` (default 10) times the early level and 3 times as far as the window's
+    largest (``single_row_outlier``; see :class:`LossSpike`).
     """
 
     min_ratio: float = 2.0

@@ -25,7 +25,6 @@ dozen steps and are left out, as in Cohen et al. 2022.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Sequence
 
 import torch
@@ -68,8 +67,9 @@ def optimizer_kind(optimizer: Any) -> str | None:
 def learning_rate(value: Any) -> float:
     """A parameter group's ``lr`` as a float (NaN when it is none).
 
-    A float, an int, a numpy scalar or a 1-element tensor
-    (``torch.optim.Adam(lr=torch.tensor(...))``).
+    Whatever ``float()`` reads as one number: a float, an int, a numpy scalar or 0-d
+    array, a ``Decimal``, a 1-element tensor (``torch.optim.Adam(lr=torch.tensor(...))``);
+    not a string.
 
     Args:
         value: the ``lr`` entry of a parameter group.
@@ -77,11 +77,14 @@ def learning_rate(value: Any) -> float:
     Returns:
         The learning rate (NaN: missing or unreadable).
     """
+    if value is None or isinstance(value, (str, bytes)):
+        return math.nan
     if isinstance(value, torch.Tensor):
         return float(value.item()) if value.numel() == 1 else math.nan
-    if isinstance(value, numbers.Real):  # numpy scalars too
+    try:
         return float(value)
-    return math.nan
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def latest_step(optimizer: torch.optim.Optimizer) -> int:
@@ -188,7 +191,10 @@ def stability_threshold(
         )
     if lr is None:
         raise ValueError("lr: a learning rate is required")
-    lr = learning_rate(lr)
+    rate = learning_rate(lr)
+    if math.isnan(rate):
+        raise ValueError(f"lr must be a number, got {lr!r}")
+    lr = rate
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     beta = float(momentum or 0.0)

@@ -44,7 +44,7 @@ from landscape.schedules import every
 
 __all__ = ["Sentinels", "largest_lr", "secant_ratio"]
 
-_STATE = "sentinels.logits"  # key in the monitor's state: the last call's logits
+_STATE = "sentinels.logits"  # key in the monitor's state: (step, logits of the subsample)
 
 
 def secant_ratio(before: torch.Tensor, after: torch.Tensor) -> float:
@@ -67,8 +67,7 @@ def _max_spread(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     """max_x spread(after(x) - before(x)) as a 0-d float64 tensor, not read back.
 
     NaN or inf when a logit is not finite (``aminmax`` and ``max`` propagate them).
-    A float64 argument is used as it is (the sentinels keep the previous call's logits
-    in float64).
+    A float64 argument is used as it is.
     """
     delta = (after.to(torch.float64) - before.to(torch.float64)).reshape(-1, after.shape[-1])
     low, high = torch.aminmax(delta, dim=-1)
@@ -130,7 +129,7 @@ def _target_index(
         the mask of the rows whose target is in range (None when every one is); None when
         no target is in range.
     """
-    y = targets.reshape(-1).to(device)
+    y = targets.reshape(-1).to(device=device, dtype=torch.long)  # gather's index type
     valid = (y >= 0) & (y < classes)
     if bool(valid.all()):
         return y.unsqueeze(1), None
@@ -452,15 +451,17 @@ class Sentinels(Metric):
             names.append("attention_logit_max")
             parts.append(attention.to(flat.device))
         out: dict[str, float] = {}
-        prev = ctx.state.get(_STATE)  # (step, its logits' shape, its rows in float64)
-        if prev is not None and prev[1] == z.shape:
+        # the previous call's logits stay in the model's dtype: a float64 copy of 64 rows
+        # of a 256k-token vocabulary would hold 131 MB of device memory between calls
+        prev = ctx.state.get(_STATE)
+        if prev is not None and prev[1].shape == z.shape:
             out["gap"] = float(ctx.step - prev[0])
             if flat.numel() == 0:
                 out["r_secant"] = math.nan
             else:
                 names.append("r_secant")
-                parts.append(_max_spread(prev[2], flat))
-        ctx.state[_STATE] = (ctx.step, z.shape, flat)
+                parts.append(_max_spread(prev[1], z))
+        ctx.state[_STATE] = (ctx.step, z)
         out.update(zip(names, torch.stack(parts).tolist()))
         if "r_secant" in names:
             spread = out["r_secant"]
@@ -473,9 +474,10 @@ class Sentinels(Metric):
         """:func:`_target_index` of ``y``, the targets of ``batch``'s subsample.
 
         Computed once for the probe (``data="probe"``: one fixed batch object, so its
-        targets are too) and kept while the same object comes back.
+        targets are too) and kept while the same object comes back with the same target
+        storage, unwritten (its version counter: a probe edited in place is read again).
         """
-        key = (y.shape, flat.shape[-1], flat.device)
+        key = (y.shape, y.data_ptr(), y._version, flat.shape[-1], flat.device)
         cached = self._target_cache
         if cached is not None and cached[0] is batch and cached[1] == key:
             return cached[2]

@@ -263,8 +263,31 @@ def test_one_row_within_three_times_the_windows_largest_is_info():
     evaluate = LossSpike().evaluator("loss", {})
     rows = [evaluate(step, {"value": x}) for step, x in enumerate(stays)]
     assert (rows[321].severity, rows[322].severity) == ("info", "warning")
+    assert "two rows in a row" in rows[322].message
+    # two hard batches in a row, both above the initial loss but below the window's
+    # largest: the two-row test holds them back too
+    pair = loss.copy()
+    pair[200::25] = 2.6
+    pair[321:323] = 2.4
+    evaluate = LossSpike().evaluator("loss", {})
+    rows = [evaluate(step, {"value": x}) for step, x in enumerate(pair)]
+    assert (rows[321].severity, rows[322].severity) == ("info", "info")
+    assert "within the range" in rows[322].message
     with pytest.raises(ValueError, match="single_row_outlier"):
         LossSpike(single_row_outlier=-1.0)
+
+
+@pytest.mark.parametrize("shift", [0.0, -3.0])
+def test_the_range_of_one_row_does_not_depend_on_where_the_loss_sits(shift):
+    """A negative log-likelihood of a density may be negative: shifted below zero, the
+    window's range still holds the hard batch back and lets the outlier warn (the range
+    was once a multiple of the window's maximum, which a negative maximum inverts)."""
+    loss = hard_batches()
+    loss[200::25] = 2.0
+    loss[321], loss[400] = 4.0, 6.5  # within the range (info); an outlier (a warning)
+    evaluate = LossSpike(initial_floor=None).evaluator("loss", {})
+    rows = [evaluate(step, {"value": x + shift}) for step, x in enumerate(loss)]
+    assert (rows[321].severity, rows[400].severity) == ("info", "warning")
 
 
 def test_loss_spike_needs_history_and_a_relative_jump():

@@ -180,16 +180,20 @@ def test_thresholds_from_optimizers():
 
 
 def test_learning_rate_reads_every_form_a_parameter_group_holds():
+    from decimal import Decimal
+
     import numpy as np
 
     from landscape.curvature.stability import learning_rate
 
     assert learning_rate(0.1) == 0.1 and learning_rate(1) == 1.0
-    assert learning_rate(np.float32(0.5)) == 0.5
+    assert learning_rate(np.float32(0.5)) == 0.5 and learning_rate(np.array(0.5)) == 0.5
+    assert learning_rate(Decimal("0.1")) == 0.1
     assert learning_rate(torch.tensor(3e-4)) == pytest.approx(3e-4)
-    for unreadable in (None, "0.1", torch.ones(2)):
+    for unreadable in (None, "0.1", torch.ones(2), np.ones(2), object()):
         assert math.isnan(learning_rate(unreadable))
-    with pytest.raises(ValueError, match="lr must be > 0"):
+    assert stability_threshold("gd", np.array(0.1)) == pytest.approx(20.0)
+    with pytest.raises(ValueError, match=r"lr must be a number, got '0\.1'"):
         stability_threshold("gd", "0.1")  # a string is no learning rate
 
 

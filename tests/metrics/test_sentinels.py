@@ -143,6 +143,22 @@ def test_probe_loss_is_the_cross_entropy_of_the_targets_in_range(padding):
         assert list(got) == pytest.approx(want, rel=1e-12)
 
 
+def test_probe_loss_reads_uint8_targets_and_a_probe_edited_in_place():
+    model = models.mlp(d_in=6, hidden=16, d_out=3, seed=0)
+    x, y = models.classification_data(8, seed=1)
+    labels = y.to(torch.uint8)  # labels from a uint8 numpy array
+    with ls.Monitor(model, F.cross_entropy, metrics=[Sentinels(subsample=8)],
+                    probe=(x, labels), warn=False, strict=True) as mon:
+        mon.step(0)
+        labels.copy_((labels + 1) % 3)  # the probe's targets rewritten in place
+        mon.step(1)
+        _, got = mon.run().series("sentinels", "probe_loss")
+    with torch.no_grad():
+        z = model(x).double()
+    want = [float(F.cross_entropy(z, y)), float(F.cross_entropy(z, (y + 1) % 3))]
+    assert list(got) == pytest.approx(want, rel=1e-12)
+
+
 def test_head_slices_nested_batches():
     batch = {"x": torch.arange(10), "y": (torch.ones(10, 2), 3)}
     out = head(batch, 4)
