@@ -69,8 +69,8 @@ class LossSpike(Rule):
     50 rows before it, once 5.4 times, and up to 16 times once a step decay has drawn
     the loss down; a learning-rate spike or a corrupted batch 7-320 times;
     docs/alarms.md). A row short of either is **info** on its own and becomes a warning
-    when the next row fires too (a blow-up stays high, a hard batch does not); after a
-    first row held back by the range, the next must pass the two-row test below.
+    when the next row fires too (a blow-up stays high, a hard batch does not); a later
+    row of such a run that is itself inside the range must pass the two-row test below.
     ``None``: no such condition (``single_row=None``: every firing row is at the full
     severity). With
     ``new_high`` (default True) the two rows must also each be above every other value of
@@ -170,7 +170,6 @@ class SpikeState:
         self.run = 0  # consecutive valid rows up to the previous one that met the warning
         self.previous_high = False  # the previous one of them was above the rest of its window
         self.high = False  # the current row is above the window (but the previous row)
-        self.in_range = False  # the run's first row was within single_row_outlier's range
 
     def __call__(self, step: int, row: Row) -> Trigger | _Skip | None:
         """Evaluate one row, then add its value to the window.
@@ -218,12 +217,11 @@ class SpikeState:
             note = ""
             if severity == "warning":
                 self.run, self.previous_high = run + 1, self.high
-                # a first row is also judged against the largest of the window before it;
-                # the rows after one it held back go through the two-row test
-                if run == 0:
-                    self.in_range = self._within_range(x, med)
+                # a row is also judged against the largest of the window before it: one
+                # inside that range warns only as part of a run (the two-row test below)
                 if rule.single_row is not None and self.initial is not None and (
-                        x - med < rule.single_row * self.initial or self.in_range):
+                        x - med < rule.single_row * self.initial
+                        or self._within_range(x, med)):
                     if run == 0:
                         severity = "info"
                         note = (" on one row (a single hard batch? a warning if the next row "

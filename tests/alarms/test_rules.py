@@ -273,6 +273,13 @@ def test_one_row_within_three_times_the_windows_largest_is_info():
     rows = [evaluate(step, {"value": x}) for step, x in enumerate(pair)]
     assert (rows[321].severity, rows[322].severity) == ("info", "info")
     assert "within the range" in rows[322].message
+    # an outlier right after a row inside the range warns at once (a blow-up's first
+    # row often still looks like a hard batch)
+    jump = loss.copy()
+    jump[321], jump[322] = 1.5, 30.0
+    evaluate = LossSpike().evaluator("loss", {})
+    rows = [evaluate(step, {"value": x}) for step, x in enumerate(jump)]
+    assert (rows[321].severity, rows[322].severity) == ("info", "warning")
     with pytest.raises(ValueError, match="single_row_outlier"):
         LossSpike(single_row_outlier=-1.0)
 
