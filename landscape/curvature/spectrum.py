@@ -82,7 +82,14 @@ class EigenResult:
     eigenvector estimates (Ritz vectors) as parameter-space vectors. ``residuals``: float64
     ``||A y - theta y||`` per pair. ``n_matvec``: products used. ``converged``: every wanted
     pair met the stopping rule. ``smallest``: for ``which="smallest"`` or ``"both"``, the
-    most negative end as an :class:`EigenResult` (ascending). ``ritz_values``: all Ritz
+    most negative end as an :class:`EigenResult` (ascending). ``tol``: the relative
+    tolerance the run was given, as its stopping rule applied it, so ``residuals /
+    |values|`` may exceed it: the ``"value"`` rule (and ``"auto"`` for one eigenvalue)
+    judges the eigenvalue's error estimate min(r, r²/gap) rather than the residual r,
+    and a residual at the products' rounding floor
+    (:func:`~landscape.curvature.lanczos.residual_floor` of their dtype times the largest
+    |Ritz value|) counts as converged, which decides only for eigenvalues near zero.
+    ``ritz_values``: all Ritz
     values of the final Krylov space (ascending). ``peak_memory``: the run's measured peak
     above the memory in use when it began, in bytes (:class:`~landscape.curvature.memory.
     PeakMemory`); ``memory_plan``: the :class:`~landscape.curvature.memory.MemoryPlan`
