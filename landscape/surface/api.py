@@ -219,6 +219,8 @@ def trajectory_plane(
     """
     if not isinstance(trajectory, (np.ndarray, torch.Tensor)):
         trajectory = list(trajectory)  # read twice: the PCA, then the last point's buffers
+        if trajectory:  # a checkpoint file is loaded once for both
+            trajectory[-1] = _load(trajectory[-1])
     pca = pca_directions(trajectory, 2, model=model, ignore=ignore, params=params)
     path = pca.path
     nx, ny = _pair(steps, "steps")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
@@ -176,6 +179,16 @@ def test_trajectory_plane_takes_the_last_checkpoints_buffers_too(tmp_path):
         opt.step()
         paths.append(tmp_path / f"c{step}.pt")
         torch.save(model.state_dict(), paths[-1])
-    fresh = trajectory_plane(net(), F.cross_entropy, (x, y), paths, steps=3, progress=False)
+    loads = []
+    real_load = torch.load
+
+    def counting_load(path, *args, **kwargs):
+        loads.append(os.fspath(path))
+        return real_load(path, *args, **kwargs)
+
+    with mock.patch.object(torch, "load", counting_load):
+        fresh = trajectory_plane(net(), F.cross_entropy, (x, y), paths, steps=3,
+                                 progress=False)
+    assert sorted(loads) == sorted(os.fspath(p) for p in paths)  # each checkpoint once
     at_last = trajectory_plane(model, F.cross_entropy, (x, y), paths, steps=3, progress=False)
     np.testing.assert_allclose(fresh.values["loss"], at_last.values["loss"], rtol=1e-6)
