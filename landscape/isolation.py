@@ -29,7 +29,8 @@ from torch.func import functional_call
 from landscape.distributed import unwrap
 
 __all__ = [
-    "ClosureModule", "isolated", "no_grad_forward", "normalises_by_batch", "same_rng",
+    "ClosureModule", "isolated", "no_grad_forward", "normalises_by_batch",
+    "on_batch_statistics", "same_rng",
     "sdpa_math", "stateless_call", "stateless_closure",
 ]
 
@@ -96,6 +97,21 @@ def _modes_on_entry(key: int, modules: list[nn.Module], modes: list[bool]) -> li
         return modes
     known = {id(m): mode for m, mode in zip(*outer)}
     return [known.get(id(m), mode) for m, mode in zip(modules, modes)]
+
+
+def on_batch_statistics(model: nn.Module) -> list[nn.Module]:
+    """The modules that ``isolated(model, batch_statistics=True)`` runs on batch statistics.
+
+    Those that normalise by batch (:func:`normalises_by_batch`) and were in train mode
+    before the outermost enclosing :func:`isolated` block (the monitor's), or now when
+    there is none: a BatchNorm the user froze in eval mode keeps its running statistics.
+
+    Args:
+        model: the model (inside any DDP or ``torch.compile`` wrapper).
+    """
+    modules = list(model.modules())
+    trained = _modes_on_entry(id(unwrap(model)), modules, [m.training for m in modules])
+    return [m for m, was in zip(modules, trained) if was and normalises_by_batch(m)]
 
 
 def overrides_train(module: nn.Module) -> bool:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from landscape.batches import leading_size, split, to_device
-from landscape.isolation import normalises_by_batch
+from landscape.isolation import on_batch_statistics
 
 __all__ = [
     "BatchSize", "ProbeData", "batch_sizes", "check_microbatching", "is_single_batch",
@@ -89,7 +89,8 @@ def check_microbatching(
     """Refuse micro-batches where they would change the operator.
 
     Micro-batches change what a layer normalising by batch statistics computes: any
-    BatchNorm in train mode (or with ``batch_statistics``), and one without running
+    BatchNorm in train mode (or with ``batch_statistics``, unless the user froze it in
+    eval mode: :func:`~landscape.isolation.on_batch_statistics`), and one without running
     statistics in eval mode too.
 
     Args:
@@ -101,10 +102,11 @@ def check_microbatching(
     Raises:
         ValueError: the model has such a layer.
     """
+    trained = {id(m) for m in on_batch_statistics(model)} if batch_statistics else set()
     for name, module in model.named_modules():
         if not isinstance(module, nn.modules.batchnorm._BatchNorm):
             continue
-        on_batch = batch_statistics and normalises_by_batch(module)
+        on_batch = id(module) in trained
         if not eval_mode or on_batch or module.running_mean is None:
             when = ("with eval_mode=False" if not eval_mode
                     else "with batch_statistics=True" if on_batch

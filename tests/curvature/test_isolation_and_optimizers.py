@@ -19,6 +19,7 @@ from landscape.curvature import (
     stability_threshold,
     top_eigenvalues,
 )
+from landscape.isolation import isolated
 from landscape.params import flatten
 from tests import models
 from tests.curvature._dense import dense_hessian
@@ -297,6 +298,23 @@ def test_batch_statistics_refuses_micro_batches_in_one_line():
     with pytest.raises(ValueError, match="with batch_statistics=True would normalise each"):
         Hessian(model, F.cross_entropy, batch, batch_statistics=True, microbatch_size=4)
     Hessian(model, F.cross_entropy, batch, microbatch_size=4)  # running statistics: fine
+    # inside an enclosing block (the monitor's eval block) the modes before it count
+    with isolated(model), pytest.raises(ValueError, match="batch_statistics=True"):
+        Hessian(model, F.cross_entropy, batch, batch_statistics=True, microbatch_size=4)
+
+
+def test_batch_statistics_takes_micro_batches_when_the_batchnorm_is_frozen():
+    """A BatchNorm the user froze in eval mode (fine-tuning) keeps its running statistics
+    under batch_statistics, so micro-batches give the whole batch's operator."""
+    model, batch = _bn_dropout_mlp()
+    model[1].eval()  # frozen; the rest trains
+    whole = Hessian(model, F.cross_entropy, batch, batch_statistics=True).to_dense()
+    micro = Hessian(model, F.cross_entropy, batch, batch_statistics=True, microbatch_size=4)
+    torch.testing.assert_close(micro.to_dense(), whole, rtol=1e-10, atol=1e-12)
+    with isolated(model):  # the monitor's block: the frozen mode is read from before it
+        inside = Hessian(model, F.cross_entropy, batch, batch_statistics=True,
+                         microbatch_size=4).to_dense()
+    torch.testing.assert_close(inside, whole, rtol=1e-10, atol=1e-12)
 
 
 class _Masked(nn.Module):
