@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from landscape.isolation import isolated, normalises_by_batch, sdpa_math
+from landscape.isolation import isolated, on_batch_statistics, sdpa_math
 
 __all__ = ["detach_tree", "evaluation", "scalar_loss", "seed_generators", "zeros_for_none"]
 
@@ -38,8 +38,8 @@ def evaluation(
         Nothing; the model's RNG state, modes and gradients are restored on exit.
     """
     # in eval mode only the normalisation layers batch_statistics trains can write buffers
-    writers = [m for m in model.modules() if normalises_by_batch(m)] \
-        if eval_mode and batch_statistics else []
+    # (not one the user froze in eval mode)
+    writers = on_batch_statistics(model) if eval_mode and batch_statistics else []
     with isolated(model, eval_mode=eval_mode, batch_statistics=batch_statistics), \
             sdpa_math(), torch.enable_grad():
         if eval_mode and not writers:

@@ -37,7 +37,7 @@ from landscape.curvature._reduction import RankReduction
 from landscape.curvature._shifted import NoGradientError
 from landscape.curvature.base import CurvatureOperator
 from landscape.isolation import (
-    normalises_by_batch,
+    on_batch_statistics,
     overrides_train,
     same_rng,
     stateless_call,
@@ -377,8 +377,9 @@ class ModelOperator(CurvatureOperator):
                 buffers = [b for m in modules for b in m._buffers.values() if b is not None
                            and not isinstance(m, nn.modules.batchnorm._NormBase)]
         elif opts.batch_statistics:
+            trained = {id(m) for m in on_batch_statistics(self.model)}
             buffers = [b for m in self.model.modules() for b in m._buffers.values()
-                       if b is not None and not normalises_by_batch(m)]
+                       if b is not None and id(m) not in trained]
         return tuple(t._version for t in [*self._param_objects, *buffers])
 
     def _current(self) -> Tensors:

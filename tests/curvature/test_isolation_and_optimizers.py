@@ -353,3 +353,30 @@ def test_batch_statistics_copies_no_buffer_of_a_model_without_normalisation(monk
         monkeypatch.undo()
         counts.append(len(copied))
     assert counts[1] == counts[0]  # what eval mode copies anyway (functional_call), no more
+
+
+def test_batch_statistics_copies_no_statistics_of_a_frozen_batchnorm(monkeypatch):
+    """A frozen BatchNorm reads its running statistics and writes none: they are copied
+    no more than any eval-mode product copies them, while a training one's are."""
+    counts = []
+    for frozen, options in ((False, {"batch_statistics": True}),
+                            (True, {"batch_statistics": True}), (True, {})):
+        model, batch = _bn_dropout_mlp()
+        if frozen:
+            model[1].eval()
+        stats = model[1].running_mean.data_ptr()
+        copied: list[int] = []
+
+        def counting_clone(self, *args, _stats=stats, _copied=copied,
+                           _clone=torch.Tensor.clone, **kwargs):
+            if self.data_ptr() == _stats:
+                _copied.append(1)
+            return _clone(self, *args, **kwargs)
+
+        op = Hessian(model, F.cross_entropy, batch, backend="func", **options)
+        v = op.parameters
+        monkeypatch.setattr(torch.Tensor, "clone", counting_clone)
+        op.matvec(v)
+        monkeypatch.undo()
+        counts.append(len(copied))
+    assert counts[1] == counts[2] < counts[0]
