@@ -110,8 +110,18 @@ def on_batch_statistics(model: nn.Module) -> list[nn.Module]:
         model: the model (inside any DDP or ``torch.compile`` wrapper).
     """
     modules = list(model.modules())
-    trained = _modes_on_entry(id(unwrap(model)), modules, [m.training for m in modules])
-    return [m for m, was in zip(modules, trained) if was and normalises_by_batch(m)]
+    flags = _batch_statistics_flags(id(unwrap(model)), modules, [m.training for m in modules])
+    return [m for m, on_batch in zip(modules, flags) if on_batch]
+
+
+def _batch_statistics_flags(key: int, modules: list[nn.Module], modes: list[bool]) -> list[bool]:
+    """Per module, whether ``batch_statistics=True`` runs it on batch statistics.
+
+    It normalises by batch and was in train mode before the outermost enclosing block
+    (:func:`_modes_on_entry`; ``modes``: the flags now).
+    """
+    trained = _modes_on_entry(key, modules, modes)
+    return [normalises_by_batch(m) and was for m, was in zip(modules, trained)]
 
 
 def overrides_train(module: nn.Module) -> bool:
@@ -182,9 +192,7 @@ def isolated(
             if overriders:
                 model.train(True)
             elif eval_mode and batch_statistics:
-                trained = _modes_on_entry(key, modules, modes)
-                _set_training(modules, [normalises_by_batch(m) and was
-                                        for m, was in zip(modules, trained)])
+                _set_training(modules, _batch_statistics_flags(key, modules, modes))
             else:
                 _set_training(modules, [not eval_mode] * len(modules))
             yield model

@@ -66,8 +66,8 @@ class LossSpike(Rule):
     least ``single_row_outlier`` (default 3) times the window's largest rise (its
     maximum minus its median): small batches have heavy tails, which the window shows
     (a hard batch of 8 near zero loss rises 0.9-2.7 times as far as the largest of the
-    50 rows before it, once 5.4 times, and up to 16 times once a step decay has drawn
-    the loss down; a learning-rate spike or a corrupted batch 7-320 times;
+    50 rows before it, once 5.8 times, and up to 16 times once a step decay has drawn
+    the loss down; a learning-rate spike or a corrupted batch 22-480 times;
     docs/alarms.md). A row short of either is **info** on its own and becomes a warning
     when the next row fires too (a blow-up stays high, a hard batch does not); a later
     row of such a run that is itself inside the range must pass the two-row test below.

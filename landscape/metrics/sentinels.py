@@ -67,9 +67,8 @@ def _max_spread(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     """max_x spread(after(x) - before(x)) as a 0-d float64 tensor, not read back.
 
     NaN or inf when a logit is not finite (``aminmax`` and ``max`` propagate them).
-    A float64 argument is used as it is.
     """
-    delta = (after.to(torch.float64) - before.to(torch.float64)).reshape(-1, after.shape[-1])
+    delta = (after.double() - before.double()).reshape(-1, after.shape[-1])
     low, high = torch.aminmax(delta, dim=-1)
     return (high - low).max()
 
