@@ -170,3 +170,16 @@ def image_data(n: int = 12, n_classes: int = 3, seed: int = 0):
 def token_data(n: int = 4, seq: int = 7, vocab: int = 11, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {"ids": torch.randint(0, vocab, (n, seq), generator=g)}
+
+
+def full_batch_steps(mon, model, opt, x, y, steps, after_step=None):
+    """``steps`` optimizer steps of cross-entropy on ``(x, y)``, each recorded by ``mon``
+    (``mon.step(step, batch=(x, y), loss=loss)``); ``after_step()`` after each, if given."""
+    for step in range(steps):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mon.step(step, batch=(x, y), loss=loss)
+        if after_step is not None:
+            after_step()

@@ -21,6 +21,7 @@ from landscape.integrations.mirrors import (
     report_to_mirrors,
     scalars,
 )
+from tests import models
 from tests.integrations import _readers
 
 
@@ -36,12 +37,7 @@ def _loop(path, mirrors, steps=5):
     with ls.Monitor(model, F.cross_entropy, path, optimizer=opt, metrics=metrics,
                     probe=(x, y), alarms=[LogitGrowth(max_abs=0.0)], warn=False,
                     mirrors=mirrors) as mon:
-        for step in range(steps):
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            mon.step(step, batch=(x, y), loss=loss)
+        models.full_batch_steps(mon, model, opt, x, y, steps)
     return ls.Run.open(path)
 
 

@@ -56,18 +56,6 @@ def test_secant_is_monotone_in_the_step_length_like_the_exact_ratio():
     assert secant[-1] > 1.0 and 0.2 < secant[-1] / exact[-1] < 5  # same scale at large r
 
 
-def _full_batch_steps(mon, model, opt, x, y, steps, after_step=None):
-    """``steps`` optimizer steps of cross-entropy on ``(x, y)``, each recorded by ``mon``."""
-    for step in range(steps):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        mon.step(step, batch=(x, y), loss=loss)
-        if after_step is not None:
-            after_step()
-
-
 def test_sentinels_metric_matches_the_taylor_radius_metric_on_small_steps():
     torch.manual_seed(0)
     model = models.mlp(d_in=6, hidden=16, d_out=3, seed=0)
@@ -76,7 +64,7 @@ def test_sentinels_metric_matches_the_taylor_radius_metric_on_small_steps():
     metrics = [Sentinels(subsample=16), ls.metrics.TaylorRadius(schedule=1, data="probe")]
     with ls.Monitor(model, F.cross_entropy, optimizer=opt, metrics=metrics, probe=(x, y),
                     warn=False, strict=True) as mon:
-        _full_batch_steps(mon, model, opt, x, y, 4)
+        models.full_batch_steps(mon, model, opt, x, y, 4)
         run = mon.run()
     _, secant = run.series("sentinels", "r_secant")
     _, exact = run.series("taylor_radius", "r")
@@ -99,7 +87,7 @@ def test_the_row_records_the_largest_learning_rate_of_the_step():
     x, y = models.classification_data(16, seed=1)
     with ls.Monitor(model, F.cross_entropy, optimizer=opt, metrics=[Sentinels()],
                     probe=(x, y), warn=False, strict=True) as mon:
-        _full_batch_steps(mon, model, opt, x, y, 5, after_step=sched.step)
+        models.full_batch_steps(mon, model, opt, x, y, 5, after_step=sched.step)
         _, lr = mon.run().series("sentinels", "lr")
     assert list(lr) == [0.05, 0.05, 0.025, 0.025, 0.0125]  # the head's group, as stepped
     from landscape.metrics.sentinels import largest_lr

@@ -25,12 +25,7 @@ def _train(path, metrics, steps=3, **kwargs):
     x, y = models.classification_data()
     with ls.Monitor(model, F.cross_entropy, path, optimizer=opt, metrics=metrics,
                     probe=(x, y), warn=False, **kwargs) as mon:
-        for step in range(steps):
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            mon.step(step, batch=(x, y), loss=loss)
+        models.full_batch_steps(mon, model, opt, x, y, steps)
     return mon, [p.detach().clone() for p in model.parameters()]
 
 
