@@ -93,6 +93,8 @@ class LandscapeMonitor(Detector):
         warn = severity_rank("warning")
         self.alarms = [(f.step, f.rule) for f in self.mon.findings
                        if severity_rank(f.severity) >= warn]
+        # every finding with its message, for reading a rule's behaviour off a saved run
+        self.findings = [(f.step, f.rule, f.severity, f.message) for f in self.mon.findings]
 
 
 class LossZScore(Detector):

@@ -198,6 +198,7 @@ def train(scenario: Scenario, seed: int, treated: bool, detector_names: list[str
             "train_ms": 1000 * t_train / len(losses),
             "detectors": {d.name: {"alarms": d.alarms,
                                    "raw_alarms": getattr(d, "raw_alarms", None),
+                                   "findings": getattr(d, "findings", None),
                                    "ms_per_step": 1000 * d.seconds / len(losses)}
                           for d in dets}}
 
