@@ -72,7 +72,19 @@ class LossSpike(Rule):
     when the next row fires too (a blow-up stays high, a hard batch does not); a later
     row of such a run that is itself inside the range must pass the two-row test below.
     ``None``: no such condition (``single_row=None``: every firing row is at the full
-    severity). With
+    severity).
+
+    **One hard sample per batch is not a spike either.** The loss of a batch of n samples
+    is their mean, so one sample the model gets confidently wrong lifts it by up to about
+    its own loss over n. With ``single_sample`` (default 3: a sample at ``p = 1e-3`` on its
+    class among 10 has 3 times the untrained loss ln 10), a row whose rise above the median
+    is less than ``single_sample`` × the initial level / n, n read from the row's
+    ``samples`` (the batch's leading size, recorded by the ``loss`` metric), is held to
+    the run test below like a row inside the window's range, and two such rows in a row
+    are info too: a batch of 8 near zero loss rises by 0.3-0.6 on two rows when one hard
+    sample lands in each (0.75 is one sample's reach there), where the instability suite's
+    blow-ups rise 0.8-0.9 on their second row with batches of 32 (0.27). A row without
+    ``samples`` (no ``batch=``, a grad-norm stream) has no such condition; None: off. With
     ``new_high`` (default True) the two rows must also each be above every other value of
     the window: a blow-up climbs out of the range the recent rows set, while two hard
     batches in a row (a batch of 8 near zero loss) stay within the range earlier hard
@@ -100,6 +112,7 @@ class LossSpike(Rule):
     warn_ratio: float | None = None
     single_row: float | None = 1.0
     single_row_outlier: float | None = 3.0
+    single_sample: float | None = 3.0
     new_high: bool = True
     field: str = "value"
     sustain: int = 1
@@ -127,6 +140,9 @@ class LossSpike(Rule):
         _check_number("warn_ratio", self.warn_ratio, allow_none=True)
         _check_number("single_row", self.single_row, allow_none=True)
         _check_number("single_row_outlier", self.single_row_outlier, allow_none=True)
+        _check_number("single_sample", self.single_sample, allow_none=True)
+        if self.single_sample is not None and self.single_sample <= 0:
+            raise ValueError(f"single_sample must be > 0, got {self.single_sample}")
         if self.single_row_outlier is not None and self.single_row_outlier <= 0:
             raise ValueError(f"single_row_outlier must be > 0, got {self.single_row_outlier}")
         if self.severity not in ("info", "warning", "error"):
@@ -169,6 +185,8 @@ class SpikeState:
         self.initial: float | None = None  # median of the first min_history values
         self.run = 0  # consecutive valid rows up to the previous one that met the warning
         self.previous_high = False  # the previous one of them was above the rest of its window
+        self.previous_one_sample = False  # one hard sample explains the previous one's rise
+        self.samples: float | None = None  # the current row's batch size (``samples``)
         self.high = False  # the current row is above the window (but the previous row)
 
     def __call__(self, step: int, row: Row) -> Trigger | _Skip | None:
@@ -187,6 +205,8 @@ class SpikeState:
         if x is None or not math.isfinite(x):
             return SKIP
         trigger = None
+        samples = _scalar(row, "samples")
+        self.samples = samples if samples is not None and samples >= 1 else None
         if len(self.history) >= rule.min_history:
             med, mad = self.history.median_mad()
             if self.initial is None:
@@ -209,6 +229,7 @@ class SpikeState:
         if rule.initial_floor is not None and self.initial is not None:
             level = max(level, rule.initial_floor * self.initial)
         previous_high, self.previous_high = self.previous_high, False
+        previous_one, self.previous_one_sample = self.previous_one_sample, False
         run, self.run = self.run, 0
         if z >= rule.z and x - med >= (rule.min_ratio - 1.0) * level:
             severity = rule.severity
@@ -216,16 +237,24 @@ class SpikeState:
                 severity = "warning"
             note = ""
             if severity == "warning":
+                one_sample = self._one_sample(x, med)
                 self.run, self.previous_high = run + 1, self.high
+                self.previous_one_sample = one_sample
                 # a row is also judged against the largest of the window before it: one
                 # inside that range warns only as part of a run (the two-row test below)
                 if rule.single_row is not None and self.initial is not None and (
                         x - med < rule.single_row * self.initial
-                        or self._within_range(x, med)):
+                        or self._within_range(x, med) or one_sample):
                     if run == 0:
                         severity = "info"
                         note = (" on one row (a single hard batch? a warning if the next row "
                                 "is as high)")
+                    elif self.run == 2 and previous_one and one_sample:
+                        # a third row in a row warns whatever the rise: a plateau
+                        severity = "info"
+                        note = (" on two rows in a row, each within what one hard sample "
+                                f"in a batch of {self.samples:g} explains (a warning if the "
+                                "next row is as high)")
                     elif rule.new_high and self.run == 2 and not (previous_high and self.high):
                         # a third row in a row warns whatever the range: a plateau
                         severity = "info"
@@ -246,6 +275,17 @@ class SpikeState:
                 extra={"z": z, "median": med},
             )
         return None
+
+    def _one_sample(self, x: float, med: float) -> bool:
+        """Whether one hard sample in the row's batch explains ``x``'s rise above ``med``.
+
+        Within ``single_sample`` times the initial level over the row's ``samples``; False
+        when the row has no batch size or the rule no ``single_sample``.
+        """
+        factor = self.rule.single_sample
+        if factor is None or self.samples is None or self.initial is None:
+            return False
+        return x - med < factor * self.initial / self.samples
 
     def _within_range(self, x: float, med: float) -> bool:
         """Whether ``x``'s rise above the median ``med`` is within the window's range.
@@ -294,6 +334,7 @@ class GradNormSpike(LossSpike):
     severity: str = "info"
     warn_ratio: float | None = 10.0
     single_row: float | None = 10.0
+    single_sample: float | None = None
     metrics: tuple[str, ...] = ("grad_norm",)
     name: str = "grad_norm_spike"
 

@@ -15,11 +15,13 @@ from landscape import distributed as _dist
 from landscape import functional as LF
 from landscape._deprecation import module_getattr
 from landscape._errors import MissingInput
+from landscape.batches import leading_size
 from landscape.capture import first_tensor
 from landscape.metrics.base import Metric, register
 from landscape.metrics.context import (
     StepContext,
     ids_and_labels,
+    is_batch_list,
     keyword_batch,
     softmax_logits,
     split_batch,
@@ -52,17 +54,31 @@ def _as_float(value: Any) -> float:
 
 @register
 class Loss(Metric):
-    """The training loss the user passed to ``step(loss=...)`` (no recomputation)."""
+    """The training loss the user passed to ``step(loss=...)`` (no recomputation).
+
+    Fields: ``value``, the loss; ``samples``, the number of samples in the step's batch
+    (the leading size of ``batch=``, summed over a list of batches; NaN without one), which
+    tells :class:`~landscape.alarms.LossSpike` how far one hard sample can move the mean.
+    Run files written before it have no such column; resumed, their earlier rows read NaN.
+    """
 
     name = "loss"
-    FIELDS = ("value",)
+    FIELDS = ("value", "samples")
     default_data = "batch"
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
-        """The loss as a float (the mean of a non-scalar tensor)."""
+        """The loss as a float (the mean of a non-scalar tensor) and the batch's samples."""
         if ctx.loss is None:
             raise MissingInput("the loss metric needs step(..., loss=loss)")
-        return {"value": _as_float(ctx.loss)}
+        return {"value": _as_float(ctx.loss), "samples": _samples(ctx.batch)}
+
+
+def _samples(batch: Any) -> float:
+    """Samples in ``batch`` (a batch or a list of batches): leading sizes summed, else NaN."""
+    if batch is None:
+        return math.nan
+    sizes = [leading_size(b) for b in (batch if is_batch_list(batch) else [batch])]
+    return float(sum(sizes)) if sizes and None not in sizes else math.nan
 
 
 def _no_update(ctx: StepContext, metric: str) -> str:

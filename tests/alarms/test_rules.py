@@ -284,6 +284,44 @@ def test_one_row_within_three_times_the_windows_largest_is_info():
         LossSpike(single_row_outlier=-1.0)
 
 
+def test_two_rows_one_hard_sample_each_explains_are_info_for_a_small_batch():
+    """A batch of 8 near zero loss, no hard batch in the window: two rows in a row rising
+    0.45 and 0.55 (one confidently wrong sample in each batch) are new highs, but one
+    sample of a batch of 8 moves the mean by up to 3 x the initial loss / 8 (about 0.86
+    here): info. The same rows in batches of 32 (0.22), or with no batch size, warn on the
+    second row; a third row in a row warns whatever the batch."""
+    clean = hard_batches(every=10**6)
+    pair = clean.copy()
+    pair[321:323] = [0.45, 0.55]
+
+    def severities(loss, samples, **kw):
+        evaluate = LossSpike(**kw).evaluator("loss", {})
+        row = {} if samples is None else {"samples": float(samples)}
+        return [(t.severity, t.message) if t else None
+                for t in (evaluate(s, {"value": x, **row}) for s, x in enumerate(loss))]
+
+    small = severities(pair, 8)
+    assert [r[0] for r in small[321:323]] == ["info", "info"]
+    assert "one hard sample in a batch of 8" in small[322][1]
+    assert severities(pair, 32)[322][0] == "warning"
+    assert severities(pair, None)[322][0] == "warning"
+    assert severities(pair, 8, single_sample=None)[322][0] == "warning"
+    # one of the two rows beyond one sample's reach: the pair warns
+    beyond = clean.copy()
+    beyond[321:323] = [0.45, 1.2]
+    assert severities(beyond, 8)[322][0] == "warning"
+    plateau = clean.copy()
+    plateau[321:324] = [0.45, 0.55, 0.5]
+    rows = severities(plateau, 8)
+    assert rows[323][0] == "warning" and "3 rows in a row" in rows[323][1]
+    # a jump by more than the untrained loss: one sample of 8 cannot explain it
+    jump = clean.copy()
+    jump[321] = 5.0
+    assert severities(jump, 8)[321][0] == "warning"
+    with pytest.raises(ValueError, match="single_sample"):
+        LossSpike(single_sample=0.0)
+
+
 @pytest.mark.parametrize("shift", [0.0, -3.0])
 def test_the_range_of_one_row_does_not_depend_on_where_the_loss_sits(shift):
     """A negative log-likelihood of a density may be negative: shifted below zero, the

@@ -802,3 +802,19 @@ def test_a_compiled_model_keeps_running_its_compiled_graph_and_is_measured_exact
     assert mon._names[0] == "0.weight"  # the compiled module's names, without _orig_mod.
     _, trace = mon.run().series("hessian_trace", "value")
     assert np.isfinite(trace).all() and not mon.findings
+
+
+def test_the_loss_row_records_how_many_samples_the_batch_held():
+    """``loss/samples`` (LossSpike's one-sample reach): the batch's leading size, summed
+    over a list of batches, the keyword batch's ``input_ids`` rows, NaN without a batch."""
+    model = models.mlp()
+    x, y = models.classification_data(24)
+    with Monitor(model, F.cross_entropy, metrics=["loss"], warn=False) as mon:
+        mon.step(0, batch=(x[:8], y[:8]), loss=torch.tensor(1.0))
+        mon.step(1, batch=[(x[:8], y[:8]), (x[8:20], y[8:20])], loss=torch.tensor(1.0))
+        mon.step(2, batch={"input_ids": torch.zeros(5, 7, dtype=torch.long)},
+                 loss=torch.tensor(1.0))
+        mon.step(3, loss=torch.tensor(1.0))
+        steps, samples = mon.run().series("loss", "samples")
+    assert list(steps) == [0, 1, 2, 3]
+    assert list(samples[:3]) == [8.0, 20.0, 5.0] and math.isnan(samples[3])
