@@ -54,6 +54,7 @@ __all__ = [
     "local_tensor",
     "map_sharded",
     "rank",
+    "raise_together",
     "reshard",
     "same_on_all_ranks",
     "shard",
@@ -300,6 +301,27 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def raise_together(error: BaseException | None, what: str) -> None:
+    """Raise on every rank when ``error`` was raised on any, so none waits in a collective.
+
+    Every rank must call this at the same point, with its own ``error`` (None when it
+    succeeded). The failing rank raises its own exception, the others a ``ValueError``
+    naming it and its message (``what``: the work that failed, for that message). One
+    object all-gather; nothing without a process group (a local ``error`` is raised).
+    """
+    if not is_distributed():
+        if error is not None:
+            raise error
+        return
+    messages = all_gather_objects(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    if failed:
+        who, message = failed[0]
+        raise ValueError(f"{what} failed on rank {who}: {message}")
 
 
 def _object_device() -> torch.device | None:

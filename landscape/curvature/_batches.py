@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from landscape.batches import leading_size, split, to_device
+from landscape.distributed import raise_together
 from landscape.isolation import on_batch_statistics
 
 __all__ = [
@@ -54,6 +55,7 @@ def probe_data(
     single_batch: bool | None,
     batch_size: BatchSize | None,
     microbatch_size: int | None,
+    collective: bool = False,
 ) -> ProbeData:
     """Read the probe data: :func:`materialize`, then :func:`microbatches` when asked.
 
@@ -64,6 +66,8 @@ def probe_data(
         single_batch: ``data`` is one batch (``None``: :func:`is_single_batch` guesses).
         batch_size: ``batch_size(batch) -> int | None``, by default the leading dimension.
         microbatch_size: cut every batch into micro-batches of at most this many samples.
+        collective: the ranks of a process group read their data together (see
+            :func:`materialize`).
 
     Returns:
         The batches, their weights and this rank's data size.
@@ -73,7 +77,7 @@ def probe_data(
     """
     batches, weights, rank_size = materialize(
         data, closure_mode=closure_mode, max_batches=max_batches, single_batch=single_batch,
-        batch_size=batch_size,
+        batch_size=batch_size, collective=collective,
     )
     if microbatch_size is not None:
         batches, weights = microbatches(
@@ -157,8 +161,15 @@ def materialize(
     max_batches: int | None,
     single_batch: bool | None,
     batch_size: BatchSize | None,
+    collective: bool = False,
 ) -> tuple[list[Any], list[float], float]:
     """The batches as a list, their weights and their total size.
+
+    With ``collective`` (the operator reduces over the ranks of a process group) every rank
+    calls this together, and bad data on one rank (no batch, a sizer that counts nothing:
+    every token of its batches ignored) raises on every rank
+    (:func:`landscape.distributed.raise_together`): alone, that rank would leave the
+    others waiting in the first reduction.
 
     Args:
         data: one batch or an iterable of batches.
@@ -166,15 +177,33 @@ def materialize(
         max_batches: keep the first ones only.
         single_batch: ``data`` is one batch (``None``: :func:`is_single_batch` guesses).
         batch_size: ``batch_size(batch) -> int | None``, by default the leading dimension.
+        collective: check the data on every rank together (above).
 
     Returns:
         ``(batches, weights, total)``: the weights ``n_b / N`` (equal if a size is unknown)
         and the total size ``N`` (the number of batches if a size is unknown).
 
     Raises:
-        ValueError: no data, an empty iterable, or a batch that is not an
-            ``(inputs, targets)`` pair with ``loss_fn``.
+        ValueError: no data, an empty iterable, a batch that is not an ``(inputs,
+            targets)`` pair with ``loss_fn``, or nothing to count (on any rank, with
+            ``collective``).
     """
+    if not collective:
+        return _materialize(data, closure_mode, max_batches, single_batch, batch_size)
+    error: BaseException | None = None
+    try:
+        result = _materialize(data, closure_mode, max_batches, single_batch, batch_size)
+    except Exception as err:  # raised on every rank below
+        error = err
+    raise_together(error, "reading the probe data")
+    return result
+
+
+def _materialize(
+    data: Any, closure_mode: bool, max_batches: int | None, single_batch: bool | None,
+    batch_size: BatchSize | None,
+) -> tuple[list[Any], list[float], float]:
+    """:func:`materialize` on this rank alone."""
     if data is None:
         raise ValueError("data: no probe data given (a batch or an iterable of batches)")
     if max_batches is not None and max_batches < 1:

@@ -154,9 +154,12 @@ class ModelOperator(CurvatureOperator):
         if opts.microbatch_size is not None:
             check_microbatching(self.model, opts.eval_mode, opts.batch_statistics)
         closure_mode = closure is not None or forward is not None
+        # torch.distributed: decided once, here; subset() inherits the decision
+        reduce = _dist.enabled(opts.distributed)
         whole_data = probe_data(
             data, closure_mode=closure_mode, max_batches=opts.max_batches,
             single_batch=opts.single_batch, batch_size=opts.batch_size, microbatch_size=None,
+            collective=reduce,
         )
         self._data: ProbeData = whole_data
         if opts.microbatch_size is not None:
@@ -166,8 +169,7 @@ class ModelOperator(CurvatureOperator):
             )
             self._data = ProbeData(tuple(pieces), tuple(weights), whole_data.rank_size,
                                    int(opts.microbatch_size))
-        # torch.distributed: decided once, here; subset() inherits the decision
-        self._reduce = RankReduction(_dist.enabled(opts.distributed), self._data.rank_size)
+        self._reduce = RankReduction(reduce, self._data.rank_size)
         self.options = dataclasses.replace(opts, distributed=self._reduce.enabled)
         self._backend = Backend(backend.name, type(self).__name__, self._impossible())
         self._use_first_order()

@@ -453,3 +453,38 @@ def fsdp_sharp_worker(rank: int, out_dir: str) -> None:
     out.update(ratio=engine._ratio(), refined=engine.refined, unchecked=engine._unchecked)
     out.update(ggn_ratio=G._first_order._ratio(), ggn_refined=G._first_order.refined)
     _save(out_dir, rank, out)
+
+
+# ------------------------------------------------------ a rank with nothing to count
+
+
+def targets_counted(batch: Any) -> int:
+    """The token sizer of a padded loss: targets that are not ``ignore_index`` (-100)."""
+    return int((batch[1] != -100).sum())
+
+
+def empty_rank_worker(rank: int, out_dir: str) -> None:
+    """Rank 1's probe has every target ignored: its sizer counts nothing.
+
+    The operator and a monitored curvature metric must fail on both ranks together (rank 1
+    alone used to raise, leaving rank 0 in the first reduction); both ranks then go on in
+    step.
+    """
+    from landscape.metrics.curvature import TopEigenvalues
+
+    x, y = dataset()
+    data = (x[:8], y[:8]) if rank == 0 else (x[8:], torch.full((8,), -100))
+    net = model()
+    try:
+        Hessian(net, F.cross_entropy, data, batch_size=targets_counted)
+        error = None
+    except ValueError as err:
+        error = str(err)
+    mon = Monitor(net, F.cross_entropy, metrics=[TopEigenvalues(k=1, schedule=1)], probe=data,
+                  batch_size=targets_counted, warn=False)
+    with mon:
+        for step in range(2):
+            mon.step(step, batch=data, loss=torch.tensor(1.0))
+        failed = [(f.step, f.message) for f in mon.findings if f.rule == "metric_failed"]
+    _save(out_dir, rank, {"error": error, "failed": failed,
+                          "after": ld.all_gather_objects("still in step")})

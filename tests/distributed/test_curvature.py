@@ -143,6 +143,9 @@ def test_helpers_are_identities_without_a_process_group():
     assert seen == [(1, 2), (2, 3)]
     with ld.local():
         assert not ld.enabled()
+    ld.raise_together(None, "nothing")  # no error: returns
+    with pytest.raises(KeyError, match="mine"):
+        ld.raise_together(KeyError("mine"), "reading")  # the local error itself
     assert ld.same_on_all_ranks(torch.arange(3))
     model = W.model()
     assert ld.unwrap(torch.nn.DataParallel(model)) is model
@@ -212,3 +215,15 @@ def test_first_order_steps_are_decided_alike_inside_a_batch_of_products(tmp_path
         want = flatten(exact.matvec(unflatten(v, exact._like())))
         assert float((got - want).norm() / want.norm()) <= 1e-4
 
+
+
+def test_a_rank_with_nothing_to_count_fails_every_rank_instead_of_hanging(tmp_path):
+    run_ranks(W.empty_rank_worker, tmp_path, timeout=90.0)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert "every batch has size 0" in r1["error"]
+    assert r0["error"].startswith("reading the probe data failed on rank 1: ValueError:")
+    assert r0["after"] == r1["after"] == ["still in step"] * 2
+    # the monitor records the failure on every rank (one finding for the repeated failure)
+    # and goes on to the next step
+    assert [s for s, _ in r0["failed"]] == [s for s, _ in r1["failed"]] == [0]
+    assert "rank 1" in r0["failed"][0][1]
