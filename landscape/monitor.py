@@ -377,6 +377,7 @@ class Monitor:
                 self.writer.declare(
                     m.name, m.fields(), cls=f"{type(m).__module__}.{type(m).__qualname__}",
                     params={**m.config(), "data": m.data}, schedule=str(m.schedule),
+                    context=m.CONTEXT_FIELDS,
                 )
             if self.adaptive and any(m.dense_every for m in self.metrics):
                 self.writer.declare(
@@ -697,8 +698,9 @@ class Monitor:
                 if self._sharded:  # FSDP2 keeps the root's gathered copy after a forward
                     _dist.reshard(self.model)
                 row, measured = self._append(m, ctx, row, measured)
-                if self.mirrors:
-                    self._mirror("on_row", m.name, step, row)
+                if self.mirrors:  # the measurements, not the rows' context (the batch's size)
+                    self._mirror("on_row", m.name, step, {
+                        k: v for k, v in row.items() if k not in m.CONTEXT_FIELDS})
                 # a metric that failed (no loss given, a missing input) wrote NaN for "not
                 # measured": the rules must not read it as a NaN the training produced
                 if self._alarms is not None and measured:

@@ -83,6 +83,44 @@ def test_timeline_has_one_subplot_per_numeric_field_and_one_line_per_component()
     assert labels == ["minority[fc1]", "minority[fc2]"]
 
 
+def test_context_fields_are_left_out_of_the_default_timeline():
+    """A field the run records as context (the monitor's ``loss/samples``: how many samples
+    the batch held) is stored and readable, but the default timeline draws only the
+    measurements; asked for by name it is drawn."""
+    w = RunWriter.memory()
+    w.declare("loss", {"value": None, "samples": None}, context=("samples",))
+    w.declare("only", {"n": None}, context=("n",))  # nothing but context: drawn after all
+    for s in range(5):
+        w.append("loss", s, {"value": 1.0 / (s + 1), "samples": 8.0})
+        w.append("only", s, {"n": 8.0})
+    run = w.run()
+    assert run.metric_attrs("loss")["context"] == ["samples"]
+    assert [ax.get_ylabel() for ax in timeline(run, "loss").axes] == ["value"]
+    both = timeline(run, "loss", fields=["value", "samples"])
+    assert [ax.get_ylabel() for ax in both.axes] == ["value", "samples"]
+    assert [ax.get_ylabel() for ax in timeline(run, "only").axes] == ["n"]
+    assert _writer().run().metric_attrs("loss")["context"] == []  # none recorded
+    with pytest.raises(ValueError, match="context"):
+        RunWriter.memory().declare("m", {"value": None}, context=("missing",))
+
+
+def test_the_default_monitors_loss_timeline_is_the_loss_alone():
+    import torch
+    import torch.nn.functional as F
+
+    import landscape as ls
+    from tests import models
+
+    model = models.mlp()
+    x, y = models.classification_data(16)
+    with ls.Monitor(model, F.cross_entropy, warn=False, probe_size=None) as mon:
+        for s in range(3):
+            mon.step(s, batch=(x, y), loss=torch.tensor(1.0))
+        run = mon.run()
+        assert list(run.series("loss", "samples")[1]) == [16.0] * 3
+        assert [ax.get_ylabel() for ax in timeline(run, "loss").axes] == ["value"]
+
+
 def test_wide_vector_fields_become_a_median_and_a_band():
     fig = timeline(_writer().run(), "wide", findings=[], max_lines=12)
     ax = fig.axes[0]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 import torch
 from torch import nn
@@ -20,6 +20,8 @@ from torch import nn
 from landscape.batches import leading_size, split, to_device
 from landscape.distributed import raise_together
 from landscape.isolation import on_batch_statistics
+
+T = TypeVar("T")
 
 __all__ = [
     "BatchSize", "ProbeData", "batch_sizes", "check_microbatching", "is_single_batch",
@@ -80,9 +82,10 @@ def probe_data(
         batch_size=batch_size, collective=collective,
     )
     if microbatch_size is not None:
-        batches, weights = microbatches(
-            batches, weights, int(microbatch_size), closure_mode=closure_mode,
-            batch_size=batch_size,
+        batches, weights = together(
+            collective, "cutting the probe data into micro-batches",
+            lambda: microbatches(batches, weights, int(microbatch_size),
+                                 closure_mode=closure_mode, batch_size=batch_size),
         )
     return ProbeData(tuple(batches), tuple(weights), rank_size, microbatch_size)
 
@@ -188,14 +191,27 @@ def materialize(
             targets)`` pair with ``loss_fn``, or nothing to count (on any rank, with
             ``collective``).
     """
+    return together(collective, "reading the probe data", _materialize, data, closure_mode,
+                    max_batches, single_batch, batch_size)
+
+
+def together(collective: bool, what: str, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``; with ``collective``, an error on any rank raises on every rank.
+
+    Reading and cutting the probe data happen on each rank alone, before the first
+    reduction; one rank raising there alone would leave the others waiting in it
+    (:func:`landscape.distributed.raise_together`, one object all-gather). ``what``
+    names the work in the other ranks' message.
+    """
     if not collective:
-        return _materialize(data, closure_mode, max_batches, single_batch, batch_size)
+        return fn(*args)
     error: BaseException | None = None
+    result: Any = None
     try:
-        result = _materialize(data, closure_mode, max_batches, single_batch, batch_size)
+        result = fn(*args)
     except Exception as err:  # raised on every rank below
         error = err
-    raise_together(error, "reading the probe data")
+    raise_together(error, what)
     return result
 
 

@@ -30,6 +30,7 @@ from landscape.curvature._batches import (
     microbatches,
     probe_data,
     to_device,
+    together,
 )
 from landscape.curvature._evaluation import detach_tree, evaluation, scalar_loss, zeros_for_none
 from landscape.curvature._first_order import FirstOrder, sharded_reason
@@ -163,9 +164,13 @@ class ModelOperator(CurvatureOperator):
         )
         self._data: ProbeData = whole_data
         if opts.microbatch_size is not None:
-            pieces, weights = microbatches(
-                list(whole_data.batches), list(whole_data.weights), int(opts.microbatch_size),
-                closure_mode=closure_mode, batch_size=opts.batch_size,
+            pieces, weights = together(
+                reduce, "cutting the probe data into micro-batches",
+                lambda: microbatches(
+                    list(whole_data.batches), list(whole_data.weights),
+                    int(opts.microbatch_size), closure_mode=closure_mode,
+                    batch_size=opts.batch_size,
+                ),
             )
             self._data = ProbeData(tuple(pieces), tuple(weights), whole_data.rank_size,
                                    int(opts.microbatch_size))

@@ -84,8 +84,11 @@ class Metric:
     One row per due step is written to ``/metrics/<name>`` of the run file. Class
     attributes a subclass sets: ``name`` (the registry name: snake_case of the class name),
     ``FIELDS`` (names of scalar fields; override :meth:`fields` for vector fields or
-    shapes that depend on the model), ``default_schedule``, ``default_data``, and
-    ``needs_update = True`` when it uses the optimizer's actual step Δθ. Settings recorded
+    shapes that depend on the model), ``CONTEXT_FIELDS`` (those of ``FIELDS`` that record
+    the conditions of a row, such as the batch's size, rather than a measurement: stored
+    like the others, left out of the default plots), ``default_schedule``,
+    ``default_data``, and ``needs_update = True`` when it uses the optimizer's actual step
+    Δθ. Settings recorded
     in the run file come from :meth:`config`. See docs/monitor.md.
 
     Args:
@@ -111,6 +114,7 @@ class Metric:
 
     name: ClassVar[str] = ""
     FIELDS: ClassVar[tuple[str, ...]] = ()
+    CONTEXT_FIELDS: ClassVar[tuple[str, ...]] = ()
     default_schedule: ClassVar[Schedule] = every(1)
     default_data: ClassVar[str] = "probe"
     needs_update: ClassVar[bool] = False

@@ -56,14 +56,17 @@ def _as_float(value: Any) -> float:
 class Loss(Metric):
     """The training loss the user passed to ``step(loss=...)`` (no recomputation).
 
-    Fields: ``value``, the loss; ``samples``, the number of samples in the step's batch
-    (the leading size of ``batch=``, summed over a list of batches; NaN without one), which
-    tells :class:`~landscape.alarms.LossSpike` how far one hard sample can move the mean.
+    Fields: ``value``, the loss; ``samples``, the number of samples in the batch passed to
+    ``step(batch=...)`` (its leading size, summed over a list of batches; NaN without one;
+    with gradient accumulation usually one micro-batch's, as the callbacks pass the last),
+    which tells :class:`~landscape.alarms.LossSpike` how far one hard sample can move the
+    mean. A context field (``CONTEXT_FIELDS``): left out of the default plots and mirrors.
     Run files written before it have no such column; resumed, their earlier rows read NaN.
     """
 
     name = "loss"
     FIELDS = ("value", "samples")
+    CONTEXT_FIELDS = ("samples",)
     default_data = "batch"
 
     def compute(self, ctx: StepContext) -> dict[str, float]:

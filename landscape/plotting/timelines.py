@@ -258,7 +258,8 @@ def timeline(
 ) -> Figure:
     """The timeline figure of one metric group: one subplot per field.
 
-    ``fields``: which fields to draw (default: every numeric field). ``findings``: the
+    ``fields``: which fields to draw (default: every numeric field but those the run
+    records as the rows' context, such as ``loss/samples``). ``findings``: the
     findings to mark (default: the run's stored findings; pass ``[]`` for none).
     ``log``: logarithmic y axes (symmetric-log where a field has values <= 0).
     ``max_lines``: vector fields with more components are drawn as median and min-max band.
@@ -267,7 +268,8 @@ def timeline(
         raise ValueError(f"max_lines must be >= 1, got {max_lines}")
     available = plottable_fields(run, metric)  # raises KeyError for an unknown metric
     if fields is None:
-        fields = available
+        context = set(run.metric_attrs(metric).get("context", ()))
+        fields = [f for f in available if f not in context] or available
     else:
         unknown = [f for f in fields if f not in available]
         if unknown:

@@ -157,6 +157,9 @@ class Run:
     def metric_attrs(self, metric: str) -> dict:
         """What the run records about a metric: ``kind``, ``class``, ``params``, ``schedule``.
 
+        ``context`` (a list; empty when the run records none) names the fields that record
+        a row's conditions rather than a measurement.
+
         Args:
             metric: the metric name.
 
@@ -170,6 +173,7 @@ class Run:
         attrs.pop("fields", None)
         if "params" in attrs:
             attrs["params"] = json.loads(attrs["params"] or "{}")
+        attrs["context"] = json.loads(attrs.get("context") or "[]")
         return attrs
 
     def steps(self, metric: str) -> np.ndarray:

@@ -215,6 +215,7 @@ class RunWriter:
         cls: str = "",
         params: Mapping | None = None,
         schedule: str = "",
+        context: Sequence[str] = (),
     ) -> None:
         """Declare metric ``name`` with its fields; idempotent when the fields match.
 
@@ -224,9 +225,11 @@ class RunWriter:
             cls: the class that computes it, recorded in the group's attributes.
             params: its settings (JSON-able), recorded in the group's attributes.
             schedule: its schedule, recorded in the group's attributes.
+            context: the fields that record a row's conditions, not a measurement (the
+                ``context`` attribute; plots leave them out by default).
 
         Raises:
-            ValueError: an invalid name or fields.
+            ValueError: an invalid name or fields, or a ``context`` field not among them.
             RunFileError: the run already has the metric with other fields, or the writer
                 is closed.
         """
@@ -234,6 +237,9 @@ class RunWriter:
         if not name or "/" in name:
             raise ValueError(f"invalid metric name {name!r}")
         specs = normalize_fields(fields)
+        unknown = [c for c in context if c not in specs]
+        if unknown:
+            raise ValueError(f"context: {', '.join(map(repr, unknown))} not among the fields")
         path = f"{METRICS_GROUP}/{name}"
         if path in self._fields:
             stored = self._fields[path]
@@ -255,6 +261,8 @@ class RunWriter:
             "params": json.dumps(dict(params or {}), default=str),
             "schedule": schedule,
         }
+        if context:
+            attrs["context"] = json.dumps(list(context))
         self._flush_pending()
         self._backend.create_table(path, specs, attrs)
         self._fields[path] = specs

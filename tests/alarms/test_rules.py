@@ -314,10 +314,13 @@ def test_two_rows_one_hard_sample_each_explains_are_info_for_a_small_batch():
     plateau[321:324] = [0.45, 0.55, 0.5]
     rows = severities(plateau, 8)
     assert rows[323][0] == "warning" and "3 rows in a row" in rows[323][1]
-    # a jump by more than the untrained loss: one sample of 8 cannot explain it
+    # a jump by more than the untrained loss: one sample of 8 cannot explain it, nor can
+    # one of a batch of 1 (the reach is at most single_row x the initial loss)
     jump = clean.copy()
     jump[321] = 5.0
     assert severities(jump, 8)[321][0] == "warning"
+    assert severities(jump, 1)[321][0] == "warning"
+    assert severities(pair, 1)[322][0] == "info"  # a smaller pair: one sample of 1 explains it
     with pytest.raises(ValueError, match="single_sample"):
         LossSpike(single_sample=0.0)
 

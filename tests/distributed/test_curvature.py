@@ -227,3 +227,7 @@ def test_a_rank_with_nothing_to_count_fails_every_rank_instead_of_hanging(tmp_pa
     # and goes on to the next step
     assert [s for s, _ in r0["failed"]] == [s for s, _ in r1["failed"]] == [0]
     assert "rank 1" in r0["failed"][0][1]
+    # the same for a probe that cannot be cut into micro-batches on rank 1
+    assert [s for s, _ in r0["uncut_failed"]] == [s for s, _ in r1["uncut_failed"]] == [0]
+    assert "cutting the probe data into micro-batches failed on rank 1" in r0["uncut_failed"][0][1]
+    assert "leading dimension" in r1["uncut_failed"][0][1]

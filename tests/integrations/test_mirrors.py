@@ -91,6 +91,8 @@ def test_tensorboard_mirror_writes_every_scalar_and_the_findings(tmp_path):
     with _loop(tmp_path / "run.h5", [TensorBoardMirror(str(logdir))]) as run:
         tb = _readers.tensorboard_scalars(logdir)
         steps, loss = run.series("loss", "value")
+        # the rows' context (the batch's size, loss/samples) is in the run, not mirrored
+        assert "landscape/loss/samples" not in tb and "samples" in run.fields("loss")
         assert [s for s, _ in tb["landscape/loss/value"]] == steps.tolist()
         assert [v for _, v in tb["landscape/loss/value"]] == pytest.approx(loss.tolist(),
                                                                            rel=1e-6)
