@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from landscape.curvature._peak import PeakMemory
+from landscape.distributed import raise_together
 
 __all__ = [
     "CPU_MARGIN", "MemoryProfile", "agree", "batch_rows", "profile_memory", "with_backend",
@@ -309,14 +310,17 @@ def no_microbatches_note(op: Any) -> str:
 
 
 def _eval_loss(op: Any, values: list[torch.Tensor] | None = None,
-               data: Any = None) -> float:
+               data: Any = None, *, local: bool = False) -> float:
     """``L`` over a model operator's data, in eval mode, without gradients.
 
     At the parameters, or at ``values`` (one tensor per selected parameter, evaluated
     through ``functional_call``: the parameters are not written). On a copy of ``op`` with
     its own first-order engine (its no-grad loss,
     :class:`~landscape.curvature._first_order.FirstOrder`); the model is left as it was.
+    ``local``: this rank's loss, not reduced over the ranks (an unsharded model only).
     """
+    from landscape.curvature._reduction import RankReduction
+
     probe = copy.copy(op)
     probe.options = dataclasses.replace(op.options, eval_mode=True)
     if data is not None:
@@ -324,6 +328,8 @@ def _eval_loss(op: Any, values: list[torch.Tensor] | None = None,
     if values is not None:
         probe._param_objects = values
     probe._use_first_order()
+    if local:
+        probe._reduce = RankReduction(False, probe._data.rank_size)
     probe.refresh()
     return probe._first_order._loss_at_theta()
 
@@ -345,7 +351,11 @@ def check_losses_add_up(op: Any, batch: Any, size: int) -> None:
     eval mode, without gradients (dropout would make the two differ by chance; a
     BatchNorm on batch statistics is refused before); a model whose eval-mode forward
     this loss cannot take is not checked. The tolerance is relative 1e-4, or four units
-    of the parameters' precision for 16-bit models.
+    of the parameters' precision for 16-bit models. Under a process group each rank checks
+    its own batch (an unsharded model: no reduction, so a forward that fails on one rank
+    leaves no other waiting) and a mismatch on any rank raises on every rank
+    (:func:`landscape.distributed.raise_together`); an FSDP2-sharded model's forward is
+    collective, and its losses are the ranks' together.
 
     Args:
         op: the model operator (its model, loss, options; its data are not read).
@@ -366,8 +376,24 @@ def check_losses_add_up(op: Any, batch: Any, size: int) -> None:
     cut, cut_w = microbatches(head, [1.0], size, closure_mode=closure_mode, batch_size=sizer)
     one = ProbeData(tuple(head), (1.0,), op._data.rank_size, None)
     parts = ProbeData(tuple(cut), tuple(cut_w), op._data.rank_size, size)
+    local = op._reduce.enabled and not op._first_order.sharded
+    error: ValueError | None = None
     try:
-        pairs = [(_eval_loss(op, data=one), _eval_loss(op, data=parts))]
+        _compare_losses(op, one, parts, local)
+    except ValueError as err:
+        error = err
+    if local:
+        raise_together(error, "checking that the micro-batches' losses add up")
+    elif error is not None:
+        raise error
+
+
+def _compare_losses(op: Any, one: Any, parts: Any, local: bool) -> None:
+    """:func:`check_losses_add_up`'s comparison on this rank (``local``) or on all ranks."""
+    sizer = op.options.batch_size
+    try:
+        pairs = [(_eval_loss(op, data=one, local=local),
+                  _eval_loss(op, data=parts, local=local))]
         if not op._first_order.sharded:  # FSDP2 shards are evaluated in place: not moved
             gen = torch.Generator().manual_seed(0)
             moved = []
@@ -376,7 +402,8 @@ def check_losses_add_up(op: Any, batch: Any, size: int) -> None:
                 rms = float(p.double().pow(2).mean().sqrt()) if p.numel() else 0.0
                 noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
                 moved.append(p + (noise * (rms or 0.02)).to(p.device, p.dtype))
-            pairs.append((_eval_loss(op, moved, one), _eval_loss(op, moved, parts)))
+            pairs.append((_eval_loss(op, moved, one, local=local),
+                          _eval_loss(op, moved, parts, local=local)))
             del moved
     except Exception:  # an eval-mode forward this loss cannot take (train-mode-only models):
         return  # nothing to compare; the operator's own evaluations say what is wrong

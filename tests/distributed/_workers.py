@@ -495,3 +495,41 @@ def empty_rank_worker(rank: int, out_dir: str) -> None:
         uncut_failed = [(f.step, f.message) for f in mon.findings if f.rule == "metric_failed"]
     _save(out_dir, rank, {"error": error, "failed": failed, "uncut_failed": uncut_failed,
                           "after": ld.all_gather_objects("still in step")})
+
+
+def _eval_fails_on_rank_1(net: torch.nn.Module, batch: Any) -> torch.Tensor:
+    """A closure whose eval-mode forward fails on rank 1 only (a train-mode-only model)."""
+    if not net.training and ld.rank() == 1:
+        raise RuntimeError("this model has no eval mode here")
+    x, y = batch
+    return F.cross_entropy(net(x), y)
+
+
+def _token_mean(net: torch.nn.Module, batch: Any) -> torch.Tensor:
+    """Cross-entropy averaged over the targets that are not ignored (-100)."""
+    x, y = batch
+    return F.cross_entropy(net(x), y, ignore_index=-100)
+
+
+def microbatch_check_worker(rank: int, out_dir: str) -> None:
+    """The micro-batch check (the losses must add up) on each rank's own batch.
+
+    A forward that fails on rank 1 alone skips the check there without leaving rank 0 in
+    a reduction; a loss that does not add up on rank 1 alone raises on both ranks.
+    """
+    x, y = dataset()
+    net = model()
+    mine = (x[:8], y[:8]) if rank == 0 else (x[8:], y[8:])
+    Hessian(net, None, mine, closure=_eval_fails_on_rank_1, microbatch_size=4,
+            eval_mode=False)
+    built = ld.all_gather_objects("built")
+    # rank 1's batch has ignored targets in one micro-batch only: a mean over tokens
+    # weighted by samples does not add up there (rank 0's has none: it does)
+    padded = mine if rank == 0 else (x[8:], torch.cat([y[8:10], torch.full((6,), -100)]))
+    try:
+        Hessian(net, None, padded, closure=_token_mean, microbatch_size=4)
+        error = None
+    except ValueError as err:
+        error = str(err)
+    _save(out_dir, rank, {"built": built, "error": error,
+                          "after": ld.all_gather_objects("still in step")})

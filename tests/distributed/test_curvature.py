@@ -231,3 +231,13 @@ def test_a_rank_with_nothing_to_count_fails_every_rank_instead_of_hanging(tmp_pa
     assert [s for s, _ in r0["uncut_failed"]] == [s for s, _ in r1["uncut_failed"]] == [0]
     assert "cutting the probe data into micro-batches failed on rank 1" in r0["uncut_failed"][0][1]
     assert "leading dimension" in r1["uncut_failed"][0][1]
+
+
+def test_the_micro_batch_check_runs_on_each_ranks_own_batch(tmp_path):
+    run_ranks(W.microbatch_check_worker, tmp_path, timeout=90.0)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["built"] == ["built", "built"]
+    assert "the loss is not a mean over what the weights count" in r1["error"]
+    assert r0["error"].startswith(
+        "checking that the micro-batches' losses add up failed on rank 1: ValueError:")
+    assert r0["after"] == r1["after"] == ["still in step"] * 2
