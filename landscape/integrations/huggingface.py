@@ -14,6 +14,7 @@ What it does, event by event:
   ``AcceleratedOptimizer``; step hooks on the wrapper would never fire), moves the probe
   batch to the model's device, and attaches one forward hook on the model that reads the
   training loss (below).
+* ``on_pre_optimizer_step``: reads the fp16 loss scale of the step (below).
 * ``on_optimizer_step`` (right after ``optimizer.step()``, *before* the Trainer zeroes the
   gradients, which it does before ``on_step_end``): calls ``monitor.step(step,
   batch=..., loss=...)`` with ``step = state.global_step`` before its increment, i.e. the
@@ -40,12 +41,20 @@ itself (call :meth:`record_loss` from its ``compute_loss``).
 The default ``closure`` (for probe metrics such as ``top_eigenvalues``) is
 ``model(**batch).loss``: pass a ``probe`` dict with ``labels``.
 
+The gradient norm. With ``max_grad_norm > 0`` the Trainer clips ``.grad`` in place before
+the optimizer step and keeps its own norm before clipping to itself. In one process the
+callback then keeps, after every backward, the norm of each trainable parameter's
+``.grad`` (a read-only post-accumulate-grad hook per parameter, :class:`_NormBeforeClipping`)
+and passes their total, divided by the fp16 loss scale, as ``grad_norm=``: the norm the
+Trainer logs. Under DDP, FSDP or DeepSpeed the ``grad_norm`` rows hold the clipped norm.
+
 Training is not changed: the hook only keeps references to tensors the Trainer already made
 (``tests/integrations/test_huggingface.py`` checks the final parameters bitwise).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 from typing import Any, Callable
@@ -55,6 +64,7 @@ from torch import nn
 
 from landscape import distributed as _dist
 from landscape._hf import uses_causal_lm_loss
+from landscape._sums import tensor_norms
 from landscape.findings import Finding
 from landscape.integrations import (
     CallbackSettings,
@@ -181,6 +191,67 @@ def _output_loss(output: Any) -> torch.Tensor | None:
     return loss.detach() if isinstance(loss, torch.Tensor) else None
 
 
+class _NormBeforeClipping:
+    """The gradient norm of a Trainer step before the Trainer clips it (``max_grad_norm``).
+
+    The Trainer clips ``.grad`` in place between the last backward of a step and the
+    optimizer step, and no callback runs in between; its own pre-clipping norm stays in a
+    local variable. A post-accumulate-grad hook on every trainable parameter keeps the norm
+    of that parameter's ``.grad`` after each backward (one chunked norm,
+    :func:`~landscape._sums.tensor_norms`; read-only), so after the step's last backward
+    the kept norms are those of the accumulated, unclipped gradient. With fp16 the
+    gradients are still multiplied by the loss scale there: :meth:`take` divides by the
+    scale read before the optimizer step. One process only: under DDP the hooks would see
+    each rank's gradient before the all-reduce.
+    """
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self._norms: dict[int, torch.Tensor] = {}
+        self.scale: float | None = None
+        self._handles = [p.register_post_accumulate_grad_hook(self._keeper(i))
+                         for i, p in enumerate(params)]
+
+    def _keeper(self, i: int) -> Callable[[torch.Tensor], None]:
+        def keep(p: torch.Tensor) -> None:
+            if p.grad is not None:
+                self._norms[i] = tensor_norms([p.grad.detach()])[0]
+        return keep
+
+    def take(self) -> float | None:
+        """The step's norm (None when no hook fired), and forget it for the next step."""
+        norms, self._norms = self._norms, {}
+        scale, self.scale = self.scale, None
+        if not norms:
+            return None
+        values = [n.double() for n in norms.values()]
+        if len({n.device for n in values}) == 1:  # one read-back
+            total = float(torch.stack(values).pow(2).sum().sqrt())
+        else:  # a model split over devices
+            total = math.sqrt(sum(float(n) ** 2 for n in values))
+        return total / scale if scale else total
+
+    def remove(self) -> None:
+        """Remove the hooks."""
+        for h in self._handles:
+            h.remove()
+        self._handles, self._norms = [], {}
+
+
+def _clips_in_one_process(args: Any) -> bool:
+    """Whether the Trainer clips ``.grad`` in one process (the hooks see it whole).
+
+    ``max_grad_norm > 0``, no DDP, FSDP or DeepSpeed, and a Trainer with
+    ``on_pre_optimizer_step`` (transformers >= 4.42).
+    """
+    clip = getattr(args, "max_grad_norm", None)
+    return (
+        isinstance(clip, (int, float)) and clip > 0
+        and hasattr(TrainerCallback, "on_pre_optimizer_step")
+        and int(getattr(args, "world_size", 1) or 1) == 1 and _dist.world_size() == 1
+        and not getattr(args, "deepspeed", None) and not getattr(args, "fsdp", None)
+    )
+
+
 class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
     """Record landscape diagnostics of a ``transformers.Trainer`` run.
 
@@ -239,6 +310,8 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         self._busy = False
         self._world = 1
         self._recorded: int | None = None
+        self._unclipped: _NormBeforeClipping | None = None
+        self._wrapped_optimizer: Any = None
 
     # ------------------------------------------------------------------ events
 
@@ -279,6 +352,10 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         self._reset_step()
         self._recorded = int(state.global_step) - 1
         self._hook = model.register_forward_hook(self._record, with_kwargs=True)
+        self._wrapped_optimizer = kwargs.get("optimizer")
+        if _clips_in_one_process(args):
+            self._unclipped = _NormBeforeClipping(
+                [p for p in model.parameters() if p.requires_grad])
         # the Trainer switches label smoothing off for multi-label classification
         multi_label = getattr(getattr(model, "config", None), "problem_type",
                               None) == "multi_label_classification"
@@ -290,6 +367,13 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
                 "are NaN; metrics that need labels (curvature, collapse) need probe= with "
                 "labels, as the training batch the model sees has none",
                 RuntimeWarning, stacklevel=2)
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any,
+                              **kwargs: Any) -> None:
+        """Read the fp16 loss scale of this step (the optimizer step may change it)."""
+        scaler = getattr(self._wrapped_optimizer, "scaler", None)
+        if self._unclipped is not None and scaler is not None and scaler.is_enabled():
+            self._unclipped.scale = float(scaler.get_scale())
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Record the step that the optimizer just took."""
@@ -306,11 +390,12 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
             return
         loss = self._step_loss()
         batch = self._batch
+        grad_norm = None if self._unclipped is None else self._unclipped.take()
         self._reset_step()
         self._recorded = step
         self._busy = True
         try:
-            found = self.monitor.step(step, batch=batch, loss=loss)
+            found = self.monitor.step(step, batch=batch, loss=loss, grad_norm=grad_norm)
         finally:
             self._busy = False
         if reaches(found, self.stop_on):
@@ -372,6 +457,10 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if self._unclipped is not None:
+            self._unclipped.remove()
+            self._unclipped = None
+        self._wrapped_optimizer = None
         if self.monitor is not None:
             self.monitor.close()
         self._closed = True

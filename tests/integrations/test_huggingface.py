@@ -174,10 +174,15 @@ def test_bad_arguments_name_themselves():
         LandscapeTrainerCallback(None, optimiser=None)
 
 
-def test_without_on_optimizer_step_the_step_is_recorded_at_step_end(tmp_path):
+def test_without_on_optimizer_step_the_step_is_recorded_at_step_end(tmp_path, monkeypatch):
+    import landscape.integrations.huggingface as hf
+
     class OldTransformers(LandscapeTrainerCallback):  # transformers < 4.42 never calls it
         def on_optimizer_step(self, args, state, control, **kwargs):
             return None
+
+    # nor on_pre_optimizer_step: no loss scale to read, so no norm kept before clipping
+    monkeypatch.setattr(hf, "_clips_in_one_process", lambda args: False)
 
     cb = OldTransformers(None, metrics=["loss", "grad_norm"], alarms=False)
     with pytest.warns(RuntimeWarning, match="grad_norm"):
@@ -228,3 +233,69 @@ def test_only_a_shifted_causal_lm_loss_in_one_process_counts_next_tokens(monkeyp
     monkeypatch.setattr(distributed, "is_distributed", lambda: True)
     assert not _counts_next_tokens(_model(), model_loss, {})
     assert _counts_next_tokens(_model(), model_loss, {"distributed": False})  # told: one rank
+
+
+def _logged_grad_norms(trainer):
+    return [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_grad_norm_is_the_norm_the_trainer_clipped_from(tmp_path, accumulate):
+    """The Trainer clips .grad in place before the optimizer step (max_grad_norm); the
+    callback records the norm before clipping, the one the Trainer logs, not the clipped
+    norm (at most max_grad_norm) that .grad holds when callbacks run."""
+    cb = LandscapeTrainerCallback(None, metrics=["loss", "grad_norm"], alarms=False)
+    trainer, model = _train(tmp_path, [cb], max_grad_norm=0.05,
+                            gradient_accumulation_steps=accumulate)
+    _, norms = cb.run().series("grad_norm", "value")
+    logged = _logged_grad_norms(trainer)
+    assert len(logged) == 4 and min(logged) > 0.05  # every step was clipped
+    assert norms.tolist() == pytest.approx(logged, rel=1e-5)
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+
+
+def test_without_clipping_no_parameter_hooks_are_needed(tmp_path):
+    cb = LandscapeTrainerCallback(None, metrics=["grad_norm"], alarms=False)
+    trainer, _ = _train(tmp_path, [cb], max_grad_norm=0.0, max_steps=2)
+    assert cb._unclipped is None
+    _, norms = cb.run().series("grad_norm", "value")
+    assert norms.tolist() == pytest.approx(_logged_grad_norms(trainer), rel=1e-5)
+
+
+def test_the_norm_before_clipping_follows_accumulation_and_the_loss_scale():
+    """Two backwards accumulate into .grad; the kept norm is the accumulated one, divided
+    by the fp16 loss scale read before the step; clipping after the hooks changes nothing."""
+    from landscape.integrations.huggingface import _NormBeforeClipping
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    keeper = _NormBeforeClipping(list(net.parameters()))
+    x = torch.randn(8, 4)
+    scale = 1024.0
+    for half in (x[:4], x[4:]):
+        (net(half).pow(2).mean() * scale).backward()
+    whole = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in net.parameters())) / scale
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1e-3)  # in place, after the hooks
+    keeper.scale = scale
+    assert keeper.take() == pytest.approx(float(whole), rel=1e-6)
+    assert keeper.take() is None  # forgotten for the next step
+    keeper.remove()
+    net(x).sum().backward()
+    assert keeper.take() is None and not any(p._post_accumulate_grad_hooks for p in
+                                             net.parameters())
+
+
+def test_the_norm_before_clipping_is_kept_in_one_process_only():
+    import types
+
+    from landscape.integrations.huggingface import _clips_in_one_process
+
+    def args(**kw):
+        return types.SimpleNamespace(**{"max_grad_norm": 1.0, "world_size": 1, **kw})
+
+    assert _clips_in_one_process(args())
+    assert not _clips_in_one_process(args(max_grad_norm=0.0))
+    assert not _clips_in_one_process(args(max_grad_norm=None))
+    assert not _clips_in_one_process(args(world_size=2))  # DDP: the local gradient
+    assert not _clips_in_one_process(args(deepspeed="ds.json"))
+    assert not _clips_in_one_process(args(fsdp="full_shard"))
