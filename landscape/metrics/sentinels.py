@@ -278,6 +278,9 @@ class Sentinels(Metric):
       before from one growing past it (docs/alarms.md). Run files written before it have
       no such column; resumed, their earlier rows read NaN.
 
+    ``gap`` and ``lr`` are context fields (``CONTEXT_FIELDS``): stored, but left out of the
+    default plots and the mirrors.
+
     The forward pass calls the model directly, ``model(inputs)`` or ``model(**batch)``
     (:func:`_model_call`; never the monitor's ``loss_fn`` or closure), in eval mode without
     gradients, inside the monitor's :func:`landscape.isolation.isolated` (RNG and modes
@@ -317,6 +320,7 @@ class Sentinels(Metric):
         "update_layer",
         "lr",
     )
+    CONTEXT_FIELDS = ("gap", "lr")  # the rows' conditions: stored, not plotted by default
     default_schedule = every(1)
     default_data = "probe"
     needs_update = True
