@@ -179,9 +179,12 @@ class ModelOperator(CurvatureOperator):
         self._backend = Backend(backend.name, type(self).__name__, self._impossible())
         self._use_first_order()
         self.refresh()
-        if len(self._data.batches) > len(whole_data.batches):
+        cut = len(self._data.batches) > len(whole_data.batches)
+        if cut or (reduce and opts.microbatch_size is not None):
             # the pieces' weighted losses must add up to the batches' (on a sample of the
-            # first batch: a few no-grad passes over two micro-batches)
+            # first batch: a few no-grad passes over two micro-batches); under a process
+            # group on every rank, whether its own batches were cut or not, since the
+            # check is collective (a rank with nothing cut compares a batch with itself)
             from landscape.curvature._profile import check_losses_add_up
 
             check_losses_add_up(self, whole_data.batches[0], int(opts.microbatch_size))

@@ -365,18 +365,12 @@ def check_losses_add_up(op: Any, batch: Any, size: int) -> None:
     Raises:
         ValueError: the losses differ beyond rounding.
     """
-    from landscape.curvature._batches import ProbeData, microbatches
+    from landscape.curvature._batches import together
 
-    # a bounded sample: the batch's leading two micro-batches, as one batch and cut (the
-    # check must not run the whole-batch forward that micro-batches exist to avoid)
-    closure_mode = op.closure is not None or op.forward is not None
-    sizer = op.options.batch_size
-    head = microbatches([batch], [1.0], 2 * size, closure_mode=closure_mode,
-                        batch_size=sizer)[0][:1]
-    cut, cut_w = microbatches(head, [1.0], size, closure_mode=closure_mode, batch_size=sizer)
-    one = ProbeData(tuple(head), (1.0,), op._data.rank_size, None)
-    parts = ProbeData(tuple(cut), tuple(cut_w), op._data.rank_size, size)
-    local = op._reduce.enabled and not op._first_order.sharded
+    collective = bool(op.options.distributed)  # every rank runs this check together
+    one, parts = together(collective, "cutting the probe data for the micro-batch check",
+                          _check_sample, op, batch, size)
+    local = collective and not op._first_order.sharded
     error: ValueError | None = None
     try:
         _compare_losses(op, one, parts, local)
@@ -386,6 +380,24 @@ def check_losses_add_up(op: Any, batch: Any, size: int) -> None:
         raise_together(error, "checking that the micro-batches' losses add up")
     elif error is not None:
         raise error
+
+
+def _check_sample(op: Any, batch: Any, size: int) -> tuple[Any, Any]:
+    """The check's sample: the batch's leading two micro-batches, as one batch and cut.
+
+    Bounded: the check must not run the whole-batch forward that micro-batches exist to
+    avoid.
+    """
+    from landscape.curvature._batches import ProbeData, microbatches
+
+    closure_mode = op.closure is not None or op.forward is not None
+    sizer = op.options.batch_size
+    head = microbatches([batch], [1.0], 2 * size, closure_mode=closure_mode,
+                        batch_size=sizer)[0][:1]
+    cut, cut_w = microbatches(head, [1.0], size, closure_mode=closure_mode, batch_size=sizer)
+    one = ProbeData(tuple(head), (1.0,), op._data.rank_size, None)
+    parts = ProbeData(tuple(cut), tuple(cut_w), op._data.rank_size, size)
+    return one, parts
 
 
 def _compare_losses(op: Any, one: Any, parts: Any, local: bool) -> None:

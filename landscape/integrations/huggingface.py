@@ -202,19 +202,30 @@ class _NormBeforeClipping:
     the kept norms are those of the accumulated, unclipped gradient. With fp16 the
     gradients are still multiplied by the loss scale there: :meth:`take` divides by the
     scale read before the optimizer step. One process only: under DDP the hooks would see
-    each rank's gradient before the all-reduce.
+    each rank's gradient before the all-reduce. :meth:`watch` is called again at each step,
+    so a parameter unfrozen during training (a frozen body released after a few steps) is
+    hooked before its first backward.
     """
 
-    def __init__(self, params: list[nn.Parameter]) -> None:
+    def __init__(self, model: nn.Module) -> None:
+        self._model = model
         self._norms: dict[int, torch.Tensor] = {}
         self.scale: float | None = None
-        self._handles = [p.register_post_accumulate_grad_hook(self._keeper(i))
-                         for i, p in enumerate(params)]
+        self._handles: list[Any] = []
+        self._watched: set[int] = set()  # id() of every hooked parameter
+        self.watch()
 
-    def _keeper(self, i: int) -> Callable[[torch.Tensor], None]:
+    def watch(self) -> None:
+        """Hook every parameter that requires a gradient and has no hook yet."""
+        for p in self._model.parameters():
+            if p.requires_grad and id(p) not in self._watched:
+                self._watched.add(id(p))
+                self._handles.append(p.register_post_accumulate_grad_hook(self._keeper(id(p))))
+
+    def _keeper(self, key: int) -> Callable[[torch.Tensor], None]:
         def keep(p: torch.Tensor) -> None:
             if p.grad is not None:
-                self._norms[i] = tensor_norms([p.grad.detach()])[0]
+                self._norms[key] = tensor_norms([p.grad.detach()])[0]
         return keep
 
     def take(self) -> float | None:
@@ -234,7 +245,7 @@ class _NormBeforeClipping:
         """Remove the hooks."""
         for h in self._handles:
             h.remove()
-        self._handles, self._norms = [], {}
+        self._handles, self._norms, self._watched = [], {}, set()
 
 
 def _clips_in_one_process(args: Any) -> bool:
@@ -354,8 +365,7 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         self._hook = model.register_forward_hook(self._record, with_kwargs=True)
         self._wrapped_optimizer = kwargs.get("optimizer")
         if _clips_in_one_process(args):
-            self._unclipped = _NormBeforeClipping(
-                [p for p in model.parameters() if p.requires_grad])
+            self._unclipped = _NormBeforeClipping(model)
         # the Trainer switches label smoothing off for multi-label classification
         multi_label = getattr(getattr(model, "config", None), "problem_type",
                               None) == "multi_label_classification"
@@ -367,6 +377,11 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
                 "are NaN; metrics that need labels (curvature, collapse) need probe= with "
                 "labels, as the training batch the model sees has none",
                 RuntimeWarning, stacklevel=2)
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Hook the parameters unfrozen since the last step (the norm before clipping)."""
+        if self._unclipped is not None:
+            self._unclipped.watch()
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any,
                               **kwargs: Any) -> None:

@@ -531,5 +531,13 @@ def microbatch_check_worker(rank: int, out_dir: str) -> None:
         error = None
     except ValueError as err:
         error = str(err)
-    _save(out_dir, rank, {"built": built, "error": error,
+    # rank 1's batch fits one micro-batch (nothing to cut there): the check is collective,
+    # so it runs on both ranks all the same
+    uneven = (x[:8], y[:8]) if rank == 0 else (x[8:12], y[8:12])
+    try:
+        Hessian(net, F.cross_entropy, uneven, microbatch_size=4)
+        uneven_error = None
+    except ValueError as err:
+        uneven_error = str(err)
+    _save(out_dir, rank, {"built": built, "error": error, "uneven_error": uneven_error,
                           "after": ld.all_gather_objects("still in step")})

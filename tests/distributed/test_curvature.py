@@ -240,4 +240,5 @@ def test_the_micro_batch_check_runs_on_each_ranks_own_batch(tmp_path):
     assert "the loss is not a mean over what the weights count" in r1["error"]
     assert r0["error"].startswith(
         "checking that the micro-batches' losses add up failed on rank 1: ValueError:")
+    assert r0["uneven_error"] is None and r1["uneven_error"] is None
     assert r0["after"] == r1["after"] == ["still in step"] * 2

@@ -269,7 +269,7 @@ def test_the_norm_before_clipping_follows_accumulation_and_the_loss_scale():
 
     torch.manual_seed(0)
     net = torch.nn.Linear(4, 3)
-    keeper = _NormBeforeClipping(list(net.parameters()))
+    keeper = _NormBeforeClipping(net)
     x = torch.randn(8, 4)
     scale = 1024.0
     for half in (x[:4], x[4:]):
@@ -299,3 +299,31 @@ def test_the_norm_before_clipping_is_kept_in_one_process_only():
     assert not _clips_in_one_process(args(world_size=2))  # DDP: the local gradient
     assert not _clips_in_one_process(args(deepspeed="ds.json"))
     assert not _clips_in_one_process(args(fsdp="full_shard"))
+
+
+def test_a_body_unfrozen_during_training_counts_in_the_norm_before_clipping(tmp_path):
+    """The transformer blocks are frozen when training starts and released at step 2: their
+    gradients then count in the norm the Trainer clips, and in the recorded one."""
+
+    class Unfreeze(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 2:
+                for p in model.transformer.h.parameters():
+                    p.requires_grad_(True)
+
+    model = _model()
+    for p in model.transformer.h.parameters():
+        p.requires_grad_(False)
+    cb = LandscapeTrainerCallback(None, metrics=["grad_norm"], alarms=False)
+    transformers.logging.set_verbosity_error()
+    arguments = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "trainer"), use_cpu=True, report_to=[], save_strategy="no",
+        max_steps=4, per_device_train_batch_size=4, logging_steps=1, disable_tqdm=True,
+        seed=0, data_seed=0, learning_rate=1e-3, max_grad_norm=0.05,
+    )
+    # the unfreezing callback runs before ours at each step begin
+    trainer = transformers.Trainer(model=model, args=arguments, train_dataset=Tokens(),
+                                   callbacks=[Unfreeze(), cb])
+    trainer.train()
+    _, norms = cb.run().series("grad_norm", "value")
+    assert norms.tolist() == pytest.approx(_logged_grad_norms(trainer), rel=1e-5)
