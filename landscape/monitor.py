@@ -593,6 +593,7 @@ class Monitor:
     def step(
         self, step: int, *, batch: Any = None, loss: Any = None, outputs: Any = None,
         grad_norm: Any = None,
+        samples: int | None = None,
     ) -> list[Finding]:
         """Record every metric due at ``step``; call it after ``optimizer.step()``.
 
@@ -605,6 +606,9 @@ class Monitor:
             grad_norm: optionally the gradient norm before clipping (what
                 ``torch.nn.utils.clip_grad_norm_`` returns; a tensor or float): the
                 ``grad_norm`` metric records it instead of the norm of the clipped ``.grad``.
+            samples: optionally how many samples ``loss`` averages over, when ``batch`` holds
+                only some of them (the last micro-batch of an accumulated step): the
+                ``loss`` metric's ``samples`` (default: the leading size of ``batch``).
 
         Returns:
             The alarm findings raised at this step (under ``torch.distributed``, rank 0's).
@@ -620,6 +624,9 @@ class Monitor:
             except (TypeError, ValueError, RuntimeError):
                 raise ValueError(f"grad_norm must be a number or a one-element tensor, got "
                                  f"{grad_norm!r}") from None
+        if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int)
+                                    or samples < 1):
+            raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
         started_here = self.writer is None
         if started_here:
             self.start()  # installs the interrupt guard, so the first step is covered too
@@ -632,12 +639,13 @@ class Monitor:
             # need it record NaN for this one step, without a failure finding
             self._update_missed = started_here
             try:
-                return self._step(int(step), batch, loss, outputs, grad_norm)
+                return self._step(int(step), batch, loss, outputs, grad_norm, samples)
             finally:
                 self._update_missed = False
 
     def _step(
-        self, step: int, batch: Any, loss: Any, outputs: Any, grad_norm: float | None = None
+        self, step: int, batch: Any, loss: Any, outputs: Any, grad_norm: float | None = None,
+        samples: int | None = None,
     ) -> list[Finding]:
         if self._last_step is not None and step <= self._last_step:
             raise StepOrderError(
@@ -677,6 +685,7 @@ class Monitor:
         ctx = self._context(step, batch, loss, outputs)
         ctx.optimizer_stepped = stepped
         ctx.given_grad_norm = grad_norm
+        ctx.given_samples = samples
         if before is not None:
             ctx.params_before = before
             with torch.no_grad():  # the same values as difference() of detached tensors

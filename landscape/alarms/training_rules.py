@@ -79,8 +79,8 @@ class LossSpike(Rule):
     its own loss over n. With ``single_sample`` (default 3: a sample at ``p = 1e-3`` on its
     class among 10 has 3 times the untrained loss ln 10), a row whose rise above the median
     is less than ``single_sample`` × the initial level / n (at most ``single_row`` × the
-    initial level), n read from the row's ``samples`` (the leading size of the batch
-    passed to ``step``: with gradient accumulation usually one micro-batch's), is held to
+    initial level), n read from the row's ``samples`` (``step(samples=...)``, else the
+    leading size of the batch passed to ``step``), is held to
     the run test below like a row inside the window's range, and two such rows in a row
     are info too: a batch of 8 near zero loss rises by 0.3-0.6 on two rows when one hard
     sample lands in each (0.75 is one sample's reach there), where the instability suite's

@@ -65,6 +65,7 @@ from torch import nn
 from landscape import distributed as _dist
 from landscape._hf import uses_causal_lm_loss
 from landscape._sums import tensor_norms
+from landscape.batches import leading_size
 from landscape.findings import Finding
 from landscape.integrations import (
     CallbackSettings,
@@ -406,11 +407,13 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         loss = self._step_loss()
         batch = self._batch
         grad_norm = None if self._unclipped is None else self._unclipped.take()
+        samples = self._samples or None
         self._reset_step()
         self._recorded = step
         self._busy = True
         try:
-            found = self.monitor.step(step, batch=batch, loss=loss, grad_norm=grad_norm)
+            found = self.monitor.step(step, batch=batch, loss=loss, grad_norm=grad_norm,
+                                      samples=samples)
         finally:
             self._busy = False
         if reaches(found, self.stop_on):
@@ -448,6 +451,10 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
             self._batch = {k: v for k, v in kwargs.items() if k not in _NOT_BATCH}
         elif len(args) == 1:
             self._batch = args[0]
+        else:
+            return
+        size = leading_size(self._batch)  # every micro-batch of the step counts
+        self._samples = None if size is None or self._samples is None else self._samples + size
 
     def _step_loss(self) -> Any:
         if self._explicit_loss is not None:
@@ -460,6 +467,7 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         return losses.mean()
 
     def _reset_step(self) -> None:
+        self._samples: int | None = 0  # None: a micro-batch whose size is not known
         self._losses = []
         self._token_normalised = False
         self._batch = None

@@ -59,6 +59,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from landscape.batches import leading_size
 from landscape.findings import Finding
 from landscape.integrations import (
     CallbackSettings,
@@ -205,6 +206,7 @@ class LandscapeCallback(CallbackSettings, Callback):
                         on_finding, stop_on, config, monitor_options, mirrors)
         self._seen_global_step = 0
         self._pending: list[torch.Tensor] = []
+        self._pending_samples: int | None = 0  # the window's samples (None: not known)
         self._told_no_loss = False  # the missing-loss hint, once per callback
         self._created = time.time()  # run() reads only a file written since (ddp_spawn)
         self._grad_norm: float | None = None  # before clipping, from on_before_optimizer_step
@@ -254,6 +256,7 @@ class LandscapeCallback(CallbackSettings, Callback):
         self._closed = False
         self._seen_global_step = trainer.global_step
         self._pending = []
+        self._pending_samples = 0
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
@@ -277,10 +280,14 @@ class LandscapeCallback(CallbackSettings, Callback):
         loss = _loss_of(outputs)
         if loss is not None:
             self._pending.append(loss)
+        size = leading_size(batch)  # every batch of an accumulation window counts
+        self._pending_samples = (None if size is None or self._pending_samples is None
+                                 else self._pending_samples + size)
         if trainer.global_step == self._seen_global_step:
             return  # accumulating gradients: no optimizer step yet
         self._seen_global_step = trainer.global_step
         pending, self._pending = self._pending, []
+        samples, self._pending_samples = self._pending_samples or None, 0
         if not pending:
             step_loss = None
             if not self._told_no_loss and any(m.name == "loss" for m in self.monitor.metrics):
@@ -300,7 +307,7 @@ class LandscapeCallback(CallbackSettings, Callback):
             batch = tuple(batch)
         grad_norm, self._grad_norm = self._grad_norm, None
         found = self.monitor.step(trainer.global_step - 1, batch=batch, loss=step_loss,
-                                  grad_norm=grad_norm)
+                                  grad_norm=grad_norm, samples=samples)
         if reaches(found, self.stop_on):
             trainer.should_stop = True
 

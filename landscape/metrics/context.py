@@ -175,7 +175,8 @@ class StepContext:
     (the monitor builds it once; otherwise it is looked up once per step).
     ``optimizer_stepped`` says whether the optimizer stepped since the monitor's previous
     call (None: not known, without ``optimizer=``). ``given_grad_norm`` is the gradient
-    norm the caller passed (``Monitor.step(grad_norm=...)``: the norm before clipping).
+    norm the caller passed (``Monitor.step(grad_norm=...)``: the norm before clipping),
+    ``given_samples`` the samples behind the loss it passed (``Monitor.step(samples=...)``).
     ``modules`` is the model's ``list(model.modules())`` as the monitor walked it for this
     step (None: whoever needs it walks the model). ``microbatch_size`` and ``batch_size``
     (a batch's weight, e.g. its token count) go to the curvature operators.
@@ -193,6 +194,7 @@ class StepContext:
     loss: Any = None
     outputs: Any = None
     given_grad_norm: float | None = None
+    given_samples: int | None = None
     params_before: Vector | None = None
     update: Vector | None = None
     state: dict = field(default_factory=dict)

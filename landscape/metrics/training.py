@@ -56,9 +56,10 @@ def _as_float(value: Any) -> float:
 class Loss(Metric):
     """The training loss the user passed to ``step(loss=...)`` (no recomputation).
 
-    Fields: ``value``, the loss; ``samples``, the number of samples in the batch passed to
-    ``step(batch=...)`` (its leading size, summed over a list of batches; NaN without one;
-    with gradient accumulation usually one micro-batch's, as the callbacks pass the last),
+    Fields: ``value``, the loss; ``samples``, the number of samples behind it:
+    ``step(samples=...)`` when given (the Hugging Face and Lightning callbacks count every
+    micro-batch of an accumulated step), else the leading size of ``step(batch=...)``
+    (summed over a list of batches; NaN without one),
     which tells :class:`~landscape.alarms.LossSpike` how far one hard sample can move the
     mean. A context field (``CONTEXT_FIELDS``): left out of the default plots and mirrors.
     Run files written before it have no such column; resumed, their earlier rows read NaN.
@@ -73,7 +74,9 @@ class Loss(Metric):
         """The loss as a float (the mean of a non-scalar tensor) and the batch's samples."""
         if ctx.loss is None:
             raise MissingInput("the loss metric needs step(..., loss=loss)")
-        return {"value": _as_float(ctx.loss), "samples": _samples(ctx.batch)}
+        samples = ctx.given_samples
+        return {"value": _as_float(ctx.loss),
+                "samples": _samples(ctx.batch) if samples is None else float(samples)}
 
 
 def _samples(batch: Any) -> float:

@@ -111,6 +111,8 @@ def test_gradient_accumulation_gives_the_step_loss_the_trainer_logged(tmp_path):
     steps, losses = cb.run().series("loss", "value")
     assert steps.tolist() == [0, 1]
     assert losses.tolist() == pytest.approx([v for _, v in _logged_losses(trainer)], rel=1e-4)
+    # loss/samples counts both micro-batches of 4 sequences, not the last one
+    assert cb.run().series("loss", "samples")[1].tolist() == [8.0, 8.0]
 
 
 def test_evaluation_passes_during_training_do_not_count_as_training_losses(tmp_path):

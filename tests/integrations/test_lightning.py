@@ -164,6 +164,8 @@ def test_the_short_accumulation_window_that_ends_an_epoch_records_its_mean_loss(
     windows = [module.losses[0:4], module.losses[4:6], module.losses[6:10], module.losses[10:12]]
     expected = [sum(w) / len(w) for w in windows]
     assert losses.tolist() == pytest.approx(expected, rel=1e-6)
+    # loss/samples counts every batch of the window (batches of 16), not the last one
+    assert cb.run().series("loss", "samples")[1].tolist() == [64.0, 32.0, 64.0, 32.0]
 
 
 class _ParamSpy(pl.Callback):
