@@ -34,6 +34,7 @@ import io
 import json
 import logging
 import math
+import operator
 import os
 import time
 import warnings
@@ -624,9 +625,14 @@ class Monitor:
             except (TypeError, ValueError, RuntimeError):
                 raise ValueError(f"grad_norm must be a number or a one-element tensor, got "
                                  f"{grad_norm!r}") from None
-        if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int)
-                                    or samples < 1):
-            raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
+        if samples is not None:
+            try:  # any integer type (numpy's too), not a float or a bool
+                count = operator.index(samples) if not isinstance(samples, bool) else 0
+            except TypeError:
+                count = 0
+            if count < 1:
+                raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
+            samples = count
         started_here = self.writer is None
         if started_here:
             self.start()  # installs the interrupt guard, so the first step is covered too

@@ -817,9 +817,11 @@ def test_the_loss_row_records_how_many_samples_the_batch_held():
         mon.step(3, loss=torch.tensor(1.0))
         # the last of four accumulated micro-batches, with the step's sample count
         mon.step(4, batch=(x[:8], y[:8]), loss=torch.tensor(1.0), samples=32)
-        with pytest.raises(ValueError, match="samples must be an integer >= 1"):
-            mon.step(5, batch=(x[:8], y[:8]), loss=torch.tensor(1.0), samples=0)
+        for bad in (0, 2.5, True, "8"):
+            with pytest.raises(ValueError, match="samples must be an integer >= 1"):
+                mon.step(5, batch=(x[:8], y[:8]), loss=torch.tensor(1.0), samples=bad)
+        mon.step(5, batch=(x[:8], y[:8]), loss=torch.tensor(1.0), samples=np.int64(16))
         steps, samples = mon.run().series("loss", "samples")
-    assert list(steps) == [0, 1, 2, 3, 4]
+    assert list(steps) == [0, 1, 2, 3, 4, 5]
     assert list(samples[:3]) == [8.0, 20.0, 5.0] and math.isnan(samples[3])
-    assert samples[4] == 32.0
+    assert list(samples[4:]) == [32.0, 16.0]
