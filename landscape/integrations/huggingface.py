@@ -451,7 +451,8 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
             self._batch = {k: v for k, v in kwargs.items() if k not in _NOT_BATCH}
         elif len(args) == 1:
             self._batch = args[0]
-        else:
+        else:  # model(a, b): no batch to keep, and its samples are not known
+            self._samples = None
             return
         size = leading_size(self._batch)  # every micro-batch of the step counts
         self._samples = None if size is None or self._samples is None else self._samples + size
