@@ -60,6 +60,7 @@ __all__ = [
     "shard",
     "shard_of",
     "sharded_sum",
+    "together",
     "total_weight",
     "unwrap",
     "world_size",
@@ -322,6 +323,26 @@ def raise_together(error: BaseException | None, what: str) -> None:
     if failed:
         who, message = failed[0]
         raise ValueError(f"{what} failed on rank {who}: {message}")
+
+
+def together(collective: bool, what: str, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``; with ``collective``, an error on any rank raises on every rank.
+
+    For work each rank does alone before a collective (reading and cutting the probe
+    data): one rank raising there alone would leave the others waiting in it
+    (:func:`raise_together`, one object all-gather). ``what`` names the work in the
+    other ranks' message. Every rank must call it with the same ``collective``.
+    """
+    if not collective:
+        return fn(*args)
+    error: BaseException | None = None
+    result: Any = None
+    try:
+        result = fn(*args)
+    except Exception as err:  # raised on every rank below
+        error = err
+    raise_together(error, what)
+    return result
 
 
 def _object_device() -> torch.device | None:

@@ -12,16 +12,14 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from typing import Any, Callable, Iterable, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from landscape.batches import leading_size, split, to_device
-from landscape.distributed import raise_together
+from landscape.distributed import together
 from landscape.isolation import on_batch_statistics
-
-T = TypeVar("T")
 
 __all__ = [
     "BatchSize", "ProbeData", "batch_sizes", "check_microbatching", "is_single_batch",
@@ -193,26 +191,6 @@ def materialize(
     """
     return together(collective, "reading the probe data", _materialize, data, closure_mode,
                     max_batches, single_batch, batch_size)
-
-
-def together(collective: bool, what: str, fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)``; with ``collective``, an error on any rank raises on every rank.
-
-    Reading and cutting the probe data happen on each rank alone, before the first
-    reduction; one rank raising there alone would leave the others waiting in it
-    (:func:`landscape.distributed.raise_together`, one object all-gather). ``what``
-    names the work in the other ranks' message.
-    """
-    if not collective:
-        return fn(*args)
-    error: BaseException | None = None
-    result: Any = None
-    try:
-        result = fn(*args)
-    except Exception as err:  # raised on every rank below
-        error = err
-    raise_together(error, what)
-    return result
 
 
 def _materialize(

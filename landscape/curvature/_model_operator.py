@@ -30,7 +30,6 @@ from landscape.curvature._batches import (
     microbatches,
     probe_data,
     to_device,
-    together,
 )
 from landscape.curvature._evaluation import detach_tree, evaluation, scalar_loss, zeros_for_none
 from landscape.curvature._first_order import FirstOrder, sharded_reason
@@ -164,7 +163,7 @@ class ModelOperator(CurvatureOperator):
         )
         self._data: ProbeData = whole_data
         if opts.microbatch_size is not None:
-            pieces, weights = together(
+            pieces, weights = _dist.together(
                 reduce, "cutting the probe data into micro-batches",
                 lambda: microbatches(
                     list(whole_data.batches), list(whole_data.weights),

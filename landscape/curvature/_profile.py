@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from landscape.curvature._peak import PeakMemory
-from landscape.distributed import raise_together
+from landscape.distributed import raise_together, together
 
 __all__ = [
     "CPU_MARGIN", "MemoryProfile", "agree", "batch_rows", "profile_memory", "with_backend",
@@ -365,8 +365,6 @@ def check_losses_add_up(op: Any, batch: Any, size: int) -> None:
     Raises:
         ValueError: the losses differ beyond rounding.
     """
-    from landscape.curvature._batches import together
-
     collective = bool(op.options.distributed)  # every rank runs this check together
     one, parts = together(collective, "cutting the probe data for the micro-batch check",
                           _check_sample, op, batch, size)
