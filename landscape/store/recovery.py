@@ -155,6 +155,31 @@ def clear_open_flags(path: Path) -> bool:
     return True
 
 
+def _copy_prefix(path: Path) -> str:
+    """The name prefix of this process's recovery copies of ``path``: run, host, pid.
+
+    A copy is renamed over the run or removed when the recovery ends; a process killed in
+    between (SIGKILL, out of memory) leaves it, and :func:`_sweep_stale_copies` removes it
+    at the next recovery on the same host once that process is gone.
+    """
+    host = socket.gethostname().replace(".", "_") or "host"
+    return f"{path.name}.{host}.{os.getpid()}."
+
+
+def _sweep_stale_copies(path: Path) -> None:
+    """Remove recovery copies of ``path`` left by dead processes of this host (quietly).
+
+    Only copies named by :func:`_copy_prefix` whose process no longer runs here: a copy of
+    a live process (a recovery in progress) or of another host is left alone.
+    """
+    host = socket.gethostname().replace(".", "_") or "host"
+    with contextlib.suppress(OSError):
+        for copy in path.parent.glob(f"{path.name}.{host}.*.recover"):
+            pid = copy.name[len(f"{path.name}.{host}."):].split(".", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                _discard(copy)
+
+
 def _cleared_copy(path: Path, anywhere: bool = False) -> Path:
     """A copy of ``path`` with the open flags cleared and its contents checked.
 
@@ -165,10 +190,11 @@ def _cleared_copy(path: Path, anywhere: bool = False) -> Path:
         RunFileError: the copy is not a readable HDF5 file either (really damaged).
     """
     tmp = None
+    _sweep_stale_copies(path)
     # beside the run (a writer replaces the run with it), else (a reader) the temp folder
     for where in (path.parent, None) if anywhere else (path.parent,):
         try:
-            fd, name = tempfile.mkstemp(prefix=path.name + ".", suffix=".recover", dir=where)
+            fd, name = tempfile.mkstemp(prefix=_copy_prefix(path), suffix=".recover", dir=where)
             os.close(fd)
             tmp = Path(name)
             shutil.copyfile(path, tmp)
@@ -334,7 +360,9 @@ def recover_crashed(path: Path) -> None:
     try:
         _check_format(src, path)
         _refuse_live_writer(src, path)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".recover", dir=path.parent)
+        _sweep_stale_copies(path)
+        fd, tmp = tempfile.mkstemp(prefix=_copy_prefix(path), suffix=".recover",
+                                   dir=path.parent)
         os.close(fd)
         with h5py.File(tmp, "w", libver="latest", locking=LOCKING) as dst:
             for key, value in src.attrs.items():

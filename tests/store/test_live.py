@@ -221,3 +221,35 @@ def test_lookup3_is_hdf5s_superblock_checksum(tmp_path):
         assert int.from_bytes(block[44:48], "little") == lookup3(block[:44])
         assert block[11] != 0  # open for writing
     assert clear_open_flags(tmp_path / "run.h5") is False  # closed cleanly: flags are 0
+
+
+def test_a_recovery_copy_left_by_a_killed_process_is_removed_by_the_next_recovery(tmp_path):
+    # a process killed while it recovered a run (SIGKILL, out of memory) left its copy,
+    # named at random, beside the run for good; copies now carry the host and pid, and
+    # the next recovery on the host removes those of processes that are gone
+    import socket
+
+    path = tmp_path / "run.h5"
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_IN_STRUCTURAL_CHANGE)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    assert subprocess.run([sys.executable, str(script), str(path), "w"],
+                          env=env).returncode == -signal.SIGKILL
+    leave_copy = ("import sys, tempfile; from pathlib import Path; "
+                  "from landscape.store.recovery import _copy_prefix; "
+                  "p = Path(sys.argv[1]); "
+                  "print(tempfile.mkstemp(prefix=_copy_prefix(p), suffix='.recover', "
+                  "dir=p.parent)[1])")
+    out = subprocess.run([sys.executable, "-c", leave_copy, str(path)], env=env,
+                         capture_output=True, text=True, check=True)
+    stale = Path(out.stdout.strip())  # its process has exited
+    host = socket.gethostname().replace(".", "_")
+    live = tmp_path / f"run.h5.{host}.{os.getpid()}.inprogress.recover"  # this process
+    other = tmp_path / "run.h5.elsewhere.12.x.recover"  # another host's
+    for f in (live, other):
+        f.write_bytes(b"")
+    assert stale.exists() and stale.name.startswith(f"run.h5.{host}.")
+    with Run.open(path) as run:  # a reader recovers through a copy
+        assert _check_rows(run) == 40
+    assert not stale.exists() and live.exists() and other.exists()
+    assert sorted(tmp_path.glob("*.recover")) == sorted([live, other])
