@@ -55,6 +55,7 @@ Training is not changed: the hook only keeps references to tensors the Trainer a
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from collections.abc import Mapping
 from typing import Any, Callable
@@ -324,6 +325,7 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         self._recorded: int | None = None
         self._unclipped: _NormBeforeClipping | None = None
         self._wrapped_optimizer: Any = None
+        self._count_lock = threading.Lock()
 
     # ------------------------------------------------------------------ events
 
@@ -455,7 +457,9 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
             self._samples = None
             return
         size = leading_size(self._batch)  # every micro-batch of the step counts
-        self._samples = None if size is None or self._samples is None else self._samples + size
+        with self._count_lock:  # DataParallel runs this hook in one thread per replica
+            self._samples = (None if size is None or self._samples is None
+                             else self._samples + size)
 
     def _step_loss(self) -> Any:
         if self._explicit_loss is not None:
