@@ -80,13 +80,12 @@ class LossSpike(Rule):
     class among 10 has 3 times the untrained loss ln 10), a row whose rise above the median
     is less than ``single_sample`` × the initial level / n (at most ``single_row`` × the
     initial level), n read from the row's ``samples`` (``step(samples=...)``, else the
-    leading size of the batch passed to ``step``), is held to
-    the run test below like a row inside the window's range, and two such rows in a row
-    are info too: a batch of 8 near zero loss rises by 0.3-0.6 on two rows when one hard
-    sample lands in each (0.75 is one sample's reach there), where the instability suite's
-    blow-ups rise 0.8-0.9 on their second row with batches of 32 (0.27). A row without
-    ``samples`` (neither ``batch=`` nor ``samples=``, a grad-norm stream) has no such
-    condition; None: off. With
+    leading size of the batch passed to ``step``), is held to the run test below like a row
+    inside the window's range, and two such rows in a row are info too: a batch of 8 near
+    zero loss rises by 0.3-0.6 on two rows when one hard sample lands in each (0.75 is one
+    sample's reach there), where the instability suite's blow-ups rise 0.8-0.9 on their
+    second row with batches of 32 (0.27). A row without ``samples`` (neither ``batch=`` nor
+    ``samples=``, a grad-norm stream) has no such condition; None: off. With
     ``new_high`` (default True) the two rows must also each be above every other value of
     the window: a blow-up climbs out of the range the recent rows set, while two hard
     batches in a row (a batch of 8 near zero loss) stay within the range earlier hard

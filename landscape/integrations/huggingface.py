@@ -326,6 +326,7 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         self._unclipped: _NormBeforeClipping | None = None
         self._wrapped_optimizer: Any = None
         self._count_lock = threading.Lock()
+        self._samples: int | None = 0  # the step's samples so far (None: one not known)
 
     # ------------------------------------------------------------------ events
 
@@ -472,7 +473,7 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         return losses.mean()
 
     def _reset_step(self) -> None:
-        self._samples: int | None = 0  # None: a micro-batch whose size is not known
+        self._samples = 0
         self._losses = []
         self._token_normalised = False
         self._batch = None
