@@ -54,6 +54,7 @@ Training is not changed: the hook only keeps references to tensors the Trainer a
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import warnings
@@ -370,6 +371,12 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         self._wrapped_optimizer = kwargs.get("optimizer")
         if _clips_in_one_process(args):
             self._unclipped = _NormBeforeClipping(model)
+        elif (getattr(args, "max_grad_norm", None) or 0) > 0:
+            logging.getLogger("landscape").warning(
+                "landscape: LandscapeTrainerCallback: with max_grad_norm=%s under DDP, FSDP "
+                "or DeepSpeed the grad_norm rows hold the clipped norm (at most %s): "
+                "grad_norm_spike cannot see a spike that clipping cut (docs/integrations.md)",
+                args.max_grad_norm, args.max_grad_norm)
         # the Trainer switches label smoothing off for multi-label classification
         multi_label = getattr(getattr(model, "config", None), "problem_type",
                               None) == "multi_label_classification"

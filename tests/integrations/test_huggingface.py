@@ -329,3 +329,19 @@ def test_a_body_unfrozen_during_training_counts_in_the_norm_before_clipping(tmp_
     trainer.train()
     _, norms = cb.run().series("grad_norm", "value")
     assert norms.tolist() == pytest.approx(_logged_grad_norms(trainer), rel=1e-5)
+
+
+def test_where_the_norm_before_clipping_cannot_be_kept_the_log_says_so(tmp_path, monkeypatch,
+                                                                      caplog):
+    import landscape.integrations.huggingface as hf
+
+    monkeypatch.setattr(hf, "_clips_in_one_process", lambda args: False)  # as under DDP
+    cb = LandscapeTrainerCallback(None, metrics=["grad_norm"], alarms=False)
+    with caplog.at_level(logging.WARNING, logger="landscape"):
+        _train(tmp_path, [cb], max_steps=1)
+    assert [r for r in caplog.records if "hold the clipped norm" in r.getMessage()]
+    caplog.clear()
+    cb = LandscapeTrainerCallback(None, metrics=["grad_norm"], alarms=False)
+    with caplog.at_level(logging.WARNING, logger="landscape"):
+        _train(tmp_path, [cb], max_steps=1, max_grad_norm=0.0)  # no clipping: nothing to say
+    assert not [r for r in caplog.records if "clipped norm" in r.getMessage()]
