@@ -140,12 +140,11 @@ class LossSpike(Rule):
         _check_number("initial_floor", self.initial_floor, allow_none=True)
         _check_number("warn_ratio", self.warn_ratio, allow_none=True)
         _check_number("single_row", self.single_row, allow_none=True)
-        _check_number("single_row_outlier", self.single_row_outlier, allow_none=True)
-        _check_number("single_sample", self.single_sample, allow_none=True)
-        if self.single_sample is not None and self.single_sample <= 0:
-            raise ValueError(f"single_sample must be > 0, got {self.single_sample}")
-        if self.single_row_outlier is not None and self.single_row_outlier <= 0:
-            raise ValueError(f"single_row_outlier must be > 0, got {self.single_row_outlier}")
+        for name in ("single_row_outlier", "single_sample"):  # factors: None or > 0
+            value = getattr(self, name)
+            _check_number(name, value, allow_none=True)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
         if self.severity not in ("info", "warning", "error"):
             raise ValueError(f"severity must be info, warning or error, got {self.severity!r}")
         if not isinstance(self.new_high, bool):

@@ -24,6 +24,7 @@ import importlib
 import math
 from typing import Any, Callable, Iterable, Sequence
 
+from landscape.batches import leading_size
 from landscape.batches import to_device as move_to_device
 from landscape.findings import Finding, severity_rank
 from landscape.metrics import Metric
@@ -218,6 +219,16 @@ def thin_metrics(metrics: Iterable[Metric], n: int) -> list[Metric]:
             m.schedule = thin_schedule(m.schedule, n)
         out.append(m)
     return out
+
+
+def add_samples(total: int | None, batch: Any) -> int | None:
+    """``total`` plus the samples of ``batch`` (its leading size): a step's running count.
+
+    None once a batch of unknown size was counted (``total`` None, or ``batch`` without a
+    leading dimension): the step's count is then not known.
+    """
+    size = leading_size(batch)
+    return None if size is None or total is None else total + size
 
 
 def reaches(findings: Sequence[Finding], severity: str | None) -> bool:

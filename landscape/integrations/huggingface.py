@@ -67,10 +67,10 @@ from torch import nn
 from landscape import distributed as _dist
 from landscape._hf import uses_causal_lm_loss
 from landscape._sums import tensor_norms
-from landscape.batches import leading_size
 from landscape.findings import Finding
 from landscape.integrations import (
     CallbackSettings,
+    add_samples,
     chosen_mirrors,
     move_to_device,
     reaches,
@@ -464,10 +464,8 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         else:  # model(a, b): no batch to keep, and its samples are not known
             self._samples = None
             return
-        size = leading_size(self._batch)  # every micro-batch of the step counts
         with self._count_lock:  # DataParallel runs this hook in one thread per replica
-            self._samples = (None if size is None or self._samples is None
-                             else self._samples + size)
+            self._samples = add_samples(self._samples, self._batch)  # every micro-batch
 
     def _step_loss(self) -> Any:
         if self._explicit_loss is not None:

@@ -59,10 +59,10 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from landscape.batches import leading_size
 from landscape.findings import Finding
 from landscape.integrations import (
     CallbackSettings,
+    add_samples,
     chosen_mirrors,
     move_to_device,
     reaches,
@@ -280,9 +280,8 @@ class LandscapeCallback(CallbackSettings, Callback):
         loss = _loss_of(outputs)
         if loss is not None:
             self._pending.append(loss)
-        size = leading_size(batch)  # every batch of an accumulation window counts
-        self._pending_samples = (None if size is None or self._pending_samples is None
-                                 else self._pending_samples + size)
+        # every batch of an accumulation window counts
+        self._pending_samples = add_samples(self._pending_samples, batch)
         if trainer.global_step == self._seen_global_step:
             return  # accumulating gradients: no optimizer step yet
         self._seen_global_step = trainer.global_step

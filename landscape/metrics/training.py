@@ -21,7 +21,6 @@ from landscape.metrics.base import Metric, register
 from landscape.metrics.context import (
     StepContext,
     ids_and_labels,
-    is_batch_list,
     keyword_batch,
     softmax_logits,
     split_batch,
@@ -59,9 +58,9 @@ class Loss(Metric):
     Fields: ``value``, the loss; ``samples``, the number of samples behind it:
     ``step(samples=...)`` when given (the Hugging Face and Lightning callbacks count every
     micro-batch of an accumulated step), else the leading size of ``step(batch=...)``
-    (summed over a list of batches; NaN without one),
-    which tells :class:`~landscape.alarms.LossSpike` how far one hard sample can move the
-    mean. A context field (``CONTEXT_FIELDS``): left out of the default plots and mirrors.
+    (summed over a list of batches; NaN without one), which tells
+    :class:`~landscape.alarms.LossSpike` how far one hard sample can move the mean. A
+    context field (``CONTEXT_FIELDS``): left out of the default plots and mirrors.
     Run files written before it have no such column; resumed, their earlier rows read NaN.
     """
 
@@ -74,16 +73,16 @@ class Loss(Metric):
         """The loss as a float (the mean of a non-scalar tensor) and the batch's samples."""
         if ctx.loss is None:
             raise MissingInput("the loss metric needs step(..., loss=loss)")
-        samples = ctx.given_samples
-        return {"value": _as_float(ctx.loss),
-                "samples": _samples(ctx.batch) if samples is None else float(samples)}
+        return {"value": _as_float(ctx.loss), "samples": _samples(ctx)}
 
 
-def _samples(batch: Any) -> float:
-    """Samples in ``batch`` (a batch or a list of batches): leading sizes summed, else NaN."""
-    if batch is None:
+def _samples(ctx: StepContext) -> float:
+    """``step(samples=...)``, else the leading sizes of the step's batches summed; NaN."""
+    if ctx.given_samples is not None:
+        return float(ctx.given_samples)
+    if ctx.batch is None:
         return math.nan
-    sizes = [leading_size(b) for b in (batch if is_batch_list(batch) else [batch])]
+    sizes = [leading_size(b) for b in ctx.batches("batch")]
     return float(sum(sizes)) if sizes and None not in sizes else math.nan
 
 

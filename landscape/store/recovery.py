@@ -155,6 +155,12 @@ def clear_open_flags(path: Path) -> bool:
     return True
 
 
+def _host_prefix(path: Path) -> str:
+    """The name prefix of this host's recovery copies of ``path``: ``<run>.<host>.``."""
+    host = socket.gethostname().replace(".", "_") or "host"
+    return f"{path.name}.{host}."
+
+
 def _copy_prefix(path: Path) -> str:
     """The name prefix of this process's recovery copies of ``path``: run, host, pid.
 
@@ -162,8 +168,7 @@ def _copy_prefix(path: Path) -> str:
     between (SIGKILL, out of memory) leaves it, and :func:`_sweep_stale_copies` removes it
     at the next recovery on the same host once that process is gone.
     """
-    host = socket.gethostname().replace(".", "_") or "host"
-    return f"{path.name}.{host}.{os.getpid()}."
+    return f"{_host_prefix(path)}{os.getpid()}."
 
 
 def _sweep_stale_copies(path: Path) -> None:
@@ -172,10 +177,10 @@ def _sweep_stale_copies(path: Path) -> None:
     Only copies named by :func:`_copy_prefix` whose process no longer runs here: a copy of
     a live process (a recovery in progress) or of another host is left alone.
     """
-    host = socket.gethostname().replace(".", "_") or "host"
+    prefix = _host_prefix(path)
     with contextlib.suppress(OSError):
-        for copy in path.parent.glob(f"{path.name}.{host}.*.recover"):
-            pid = copy.name[len(f"{path.name}.{host}."):].split(".", 1)[0]
+        for copy in path.parent.glob(f"{prefix}*.recover"):
+            pid = copy.name[len(prefix):].split(".", 1)[0]
             if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
                 _discard(copy)
 
