@@ -6,43 +6,46 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from landscape.alarms import check
+from landscape.alarms import check, default_rules
+from landscape._names import RENAMED_METRICS
+from landscape.metrics import create
 from landscape.store import RunWriter
 
 NAN = float("nan")
 INF = float("inf")
 
-# metric name -> {field: row shape} (the naming contract the monitor writes; ``taylor`` is
-# the old name of ``taylor_radius``, still read by the rules)
-CONTRACT = {
-    "loss": {"value": ()},
-    "grad_norm": {"value": ()},
-    "nonfinite": {"loss": (), "grad": ()},
-    "logits": {
-        "max_abs": (),
-        "logsumexp_mean": (),
-        "logsumexp_max": (),
-        "softmax_collapse": (),
-        "zloss": (),
-    },
-    "sharpness": {"lambda_max": (), "threshold": (), "ratio": ()},
-    "taylor": {"r": (), "rho_a": (), "step_norm": ()},
-    "taylor_radius": {"r": (), "rho_a": (), "step_norm": ()},
-    "spectral_alignment": {"minority": (3,), "entropy": (3,), "mean_abs_cos": (3,)},
-    "representation": {"effective_rank": (), "uniformity": ()},
-}
 LAYERS = ["blocks.0.attn.qkv", "blocks.0.mlp.fc1", "head"]
 
 
+def _contract() -> dict[str, dict[str, tuple[int, ...]]]:
+    """metric name -> {field: row shape} for every metric a default rule reads.
+
+    Taken from the metric classes' ``FIELDS`` (so that a field added to a metric reaches the
+    online-equals-offline property test without anyone editing a list); spectral alignment's
+    fields are per-layer vectors (one value per name in :data:`LAYERS`). ``taylor``, the old
+    name of ``taylor_radius``, is still read by the rules.
+    """
+    contract = {}
+    for name in sorted({m for rule in default_rules() for m in rule.metrics}):
+        cls = type(create(RENAMED_METRICS.get(name, name)))
+        shape = (len(LAYERS),) if name == "spectral_alignment" else ()
+        fields = cls.FIELDS or tuple(cls().fields())
+        contract[name] = dict.fromkeys(fields, shape)
+    return contract
+
+
+CONTRACT = _contract()
+
+
 def make_writer(series, path=None):
-    """A run with ``series = {metric: (steps, {field: values})}``; other fields are 0."""
+    """A run with ``series = {metric: (steps, {field: values})}``; other fields are NaN."""
     w = RunWriter.memory() if path is None else RunWriter(path, mode="w")
     for name, (steps, cols) in series.items():
         fields = CONTRACT.get(name) or {k: np.shape(v[0]) for k, v in cols.items()}
         params = {"layers": LAYERS} if name == "spectral_alignment" else None
         w.declare(name, fields, params=params)
         for i, step in enumerate(steps):
-            row = {f: np.zeros(shape) for f, shape in fields.items()}
+            row = {f: np.full(shape, NAN) for f, shape in fields.items()}
             row.update({f: v[i] for f, v in cols.items()})
             w.append(name, int(step), row)
     return w

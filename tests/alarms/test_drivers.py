@@ -155,7 +155,8 @@ def _writer_from_rows(run_rows, path=None):
         params = {"layers": LAYERS} if name == "spectral_alignment" else None
         w.declare(name, CONTRACT[name], params=params)
         for step, row in rows:
-            w.append(name, step, row)
+            missing = {f: np.full(shape, NAN) for f, shape in CONTRACT[name].items()}
+            w.append(name, step, {**missing, **row})  # a field the row lacks is NaN
     return w
 
 
