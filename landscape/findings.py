@@ -108,6 +108,21 @@ def count_by_severity(findings: Iterable[Finding]) -> dict[str, int]:
     return counts
 
 
+def at_or_above(findings: Iterable[Finding], severity: str) -> list[Finding]:
+    """The findings whose severity is ``severity`` or more serious."""
+    level = severity_rank(severity)
+    return [f for f in findings if severity_rank(f.severity) >= level]
+
+
+def format_number(value: float) -> str:
+    """A short rendering of a finding's value or threshold (``nan``, ``inf`` kept)."""
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return f"{value:.4g}"
+
+
 class Findings(list):
     """A list of :class:`Finding` that prints readably.
 

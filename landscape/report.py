@@ -22,16 +22,21 @@ import base64
 import datetime as _dt
 import html
 import json
-import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from landscape._errors import LandscapeError
 from landscape._version import __version__
-from landscape.alarms import check as _check_alarms
-from landscape.findings import SEVERITIES, Finding, count_by_severity, severity_rank
+from landscape.alarms import collect_findings
+from landscape.findings import (
+    SEVERITIES,
+    Finding,
+    at_or_above,  # noqa: F401 (its old home; it lives in findings)
+    count_by_severity,
+    format_number,
+)
 from landscape.plotting import surfaces as _surface_plots
 from landscape.plotting.timelines import figure_png, metrics_with_rows, timelines
 from landscape.store import Run, SurfaceData
@@ -54,47 +59,6 @@ def alarms_available() -> bool:
         stacklevel=2,
     )
     return True
-
-
-def collect_findings(
-    run: Run, *, recompute: bool = True, rules: Sequence[Any] | None = None
-) -> list[Finding]:
-    """Return the run's findings, stored and (with ``recompute``) recomputed.
-
-    Those stored in ``/findings`` plus, with ``recompute``, those that
-    ``landscape.alarms.check(run, rules)`` finds on the whole run.
-
-    A finding is identified by its step, rule and metric (the table, without the field): a
-    recomputed finding that the file already holds is dropped (the stored one, written
-    online, is kept). The metric is part of the key because one rule may fire on several
-    sources at one step (the non-finite rule on the ``nonfinite`` flags and on the loss
-    itself); the field is not, since a rule raises at most one finding per metric and
-    step, and a file written before a rule changed the field it names (``taylor_forecast``
-    naming ``update_ratio`` for its update-growth findings) would count one finding twice.
-    The result is ordered by step, then by decreasing severity, then by rule.
-    """
-    found = list(run.findings())
-    if recompute:
-        found.extend(_check_alarms(run, rules=rules))
-    unique: dict[tuple[int, str, str], Finding] = {}
-    for f in found:
-        unique.setdefault((int(f.step), f.rule, f.metric.split("/")[0]), f)
-    return sorted(unique.values(), key=lambda f: (f.step, -severity_rank(f.severity), f.rule))
-
-
-def at_or_above(findings: Iterable[Finding], severity: str) -> list[Finding]:
-    """The findings whose severity is ``severity`` or more serious."""
-    level = severity_rank(severity)
-    return [f for f in findings if severity_rank(f.severity) >= level]
-
-
-def format_number(value: float) -> str:
-    """A short rendering of a finding's value or threshold (``nan``, ``inf`` kept)."""
-    if math.isnan(value):
-        return "nan"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return f"{value:.4g}"
 
 
 # --------------------------------------------------------------------------- surfaces

@@ -15,10 +15,11 @@ import click
 from landscape_cli.app import CommandError, cli, input_errors, verbose_option
 from landscape_cli.options import load_rule_specs, rules_option
 
-from landscape.findings import SEVERITIES, Finding
-from landscape.report import (
+from landscape.alarms import collect_findings
+from landscape.findings import (
+    SEVERITIES,
+    Finding,
     at_or_above,
-    collect_findings,
     count_by_severity,
     format_number,
 )

@@ -9,8 +9,9 @@ import click
 from landscape_cli.app import cli, verbose_option
 from landscape_cli.options import load_rule_specs, output_directory, rules_option
 
+from landscape.alarms import collect_findings
 from landscape.plotting.timelines import SAVE_FORMATS, metrics_with_rows, save_figure, timelines
-from landscape.report import collect_findings, surface_figure
+from landscape.report import surface_figure
 from landscape.store import Run
 
 

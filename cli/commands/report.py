@@ -8,8 +8,10 @@ import click
 from landscape_cli.app import cli, verbose_option
 from landscape_cli.options import load_rule_specs, output_directory, rules_option
 
+from landscape.alarms import collect_findings
+from landscape.findings import count_by_severity
 from landscape.plotting.timelines import metrics_with_rows
-from landscape.report import collect_findings, count_by_severity, report_path, write_report
+from landscape.report import report_path, write_report
 from landscape.store import Run
 
 

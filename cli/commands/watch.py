@@ -20,7 +20,7 @@ from landscape_cli.app import cli, verbose_option
 from landscape_cli.options import FiniteFloatRange
 
 from landscape._errors import RunFileError
-from landscape.report import format_number
+from landscape.findings import format_number
 from landscape.store import Run
 
 # seams for tests (no wall clock in the test suite)

@@ -53,7 +53,14 @@ from landscape.alarms.leads import (
     rule_leads,
     warning_leads,
 )
-from landscape.alarms.online import RULES, OnlineAlarms, check, default_rules, with_rules
+from landscape.alarms.online import (
+    RULES,
+    OnlineAlarms,
+    check,
+    collect_findings,
+    default_rules,
+    with_rules,
+)
 from landscape.alarms.representation_rules import (
     AttentionLogitGrowth,
     LogitGrowth,
@@ -80,6 +87,7 @@ __all__ = [
     "TaylorRatio",
     "Trigger",
     "check",
+    "collect_findings",
     "default_rules",
     "with_rules",
     "EarlyWarning",

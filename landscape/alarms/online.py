@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -24,8 +24,11 @@ from landscape.alarms.representation_rules import (
     SignCollapse,
 )
 from landscape.alarms.training_rules import GradNormSpike, LossSpike, NonFiniteValues
-from landscape.findings import Finding, dedupe
+from landscape.findings import Finding, dedupe, severity_rank
 from landscape.store.format import as_numpy
+
+if TYPE_CHECKING:
+    from landscape.store import Run
 
 __all__ = ["RULES", "OnlineAlarms", "check", "default_rules"]
 
@@ -339,3 +342,29 @@ def check(run: Any, rules: Sequence[Rule] | None = None) -> list[Finding]:
         ValueError: ``run`` is none of the accepted kinds, or ``rules`` is invalid.
     """
     return dedupe(OnlineAlarms(rules).replay(run))  # one finding per (step, rule)
+
+
+def collect_findings(
+    run: Run, *, recompute: bool = True, rules: Sequence[Any] | None = None
+) -> list[Finding]:
+    """Return the run's findings, stored and (with ``recompute``) recomputed.
+
+    Those stored in ``/findings`` plus, with ``recompute``, those that
+    ``landscape.alarms.check(run, rules)`` finds on the whole run.
+
+    A finding is identified by its step, rule and metric (the table, without the field): a
+    recomputed finding that the file already holds is dropped (the stored one, written
+    online, is kept). The metric is part of the key because one rule may fire on several
+    sources at one step (the non-finite rule on the ``nonfinite`` flags and on the loss
+    itself); the field is not, since a rule raises at most one finding per metric and
+    step, and a file written before a rule changed the field it names (``taylor_forecast``
+    naming ``update_ratio`` for its update-growth findings) would count one finding twice.
+    The result is ordered by step, then by decreasing severity, then by rule.
+    """
+    found = list(run.findings())
+    if recompute:
+        found.extend(check(run, rules=rules))
+    unique: dict[tuple[int, str, str], Finding] = {}
+    for f in found:
+        unique.setdefault((int(f.step), f.rule, f.metric.split("/")[0]), f)
+    return sorted(unique.values(), key=lambda f: (f.step, -severity_rank(f.severity), f.rule))

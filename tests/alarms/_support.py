@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from landscape.alarms import check, default_rules
 from landscape._names import RENAMED_METRICS
+from landscape.alarms import check, default_rules
 from landscape.metrics import create
 from landscape.store import RunWriter
 
