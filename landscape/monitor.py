@@ -85,6 +85,27 @@ def _jsonable(value: Any) -> Any:
         return repr(value)
 
 
+
+_RESERVED_CONFIG = ("name", "schedule", "data")
+
+
+def _stored_config(metric: Metric) -> dict[str, Any]:
+    """The metric's ``config()`` and its data source, as the run file stores them.
+
+    Raises:
+        ValueError: ``config()`` uses a key the monitor records itself (``name``,
+            ``schedule``, ``data``): it would be overwritten, or overwrite them, silently.
+    """
+    config = metric.config()
+    taken = [k for k in _RESERVED_CONFIG if k in config]
+    if taken:
+        raise ValueError(
+            f"{type(metric).__name__}.config() uses the key {taken[0]!r}, which the monitor "
+            f"records itself (reserved: {', '.join(_RESERVED_CONFIG)}); rename it"
+        )
+    return {**config, "data": metric.data}
+
+
 def _optimizer_config(opt: torch.optim.Optimizer | None) -> dict[str, Any] | None:
     if opt is None:
         return None
@@ -377,7 +398,7 @@ class Monitor:
             for m in self.metrics:
                 self.writer.declare(
                     m.name, m.fields(), cls=f"{type(m).__module__}.{type(m).__qualname__}",
-                    params={**m.config(), "data": m.data}, schedule=str(m.schedule),
+                    params=_stored_config(m), schedule=str(m.schedule),
                     context=m.CONTEXT_FIELDS,
                 )
             if self.adaptive and any(m.dense_every for m in self.metrics):
@@ -404,7 +425,7 @@ class Monitor:
             self._alarms = self._make_alarms()
             if self._alarms is not None:
                 for m in self.metrics:
-                    self._alarms.declare(m.name, {**m.config(), "data": m.data})
+                    self._alarms.declare(m.name, _stored_config(m))
                 if known:  # resuming: rebuild rule state from the recorded rows
                     self._alarms.replay(self.writer.run())
             if known and self.adaptive:  # and the dense window the sentinels opened
@@ -492,7 +513,7 @@ class Monitor:
             "n_parameters": n_params,
             "optimizer": _optimizer_config(self.optimizer),
             "metrics": [
-                {"name": m.name, "schedule": str(m.schedule), "data": m.data, **m.config()}
+                {"name": m.name, "schedule": str(m.schedule), **_stored_config(m)}
                 for m in self.metrics
             ],
             # a given probe's own sample count; the first batch's probe: at most probe_size

@@ -121,6 +121,23 @@ def test_config_replaces_params_and_an_old_subclass_still_records_its_settings()
     assert run.config["metrics"][0]["alpha"] == 2
 
 
+@pytest.mark.parametrize("key", ["name", "schedule", "data"])
+def test_a_config_key_the_monitor_records_itself_is_refused(tmp_path, key):
+    class Clash(Metric):
+        name = "test_clash"
+        FIELDS = ("value",)
+
+        def config(self):
+            return {key: "mine"}
+
+        def compute(self, ctx):
+            return {"value": 1.0}
+
+    mon = ls.Monitor(models.mlp(), F.cross_entropy, tmp_path / "run.h5", metrics=[Clash()])
+    with pytest.raises(ValueError, match=rf"Clash.config\(\) uses the key '{key}'"):
+        mon.start()
+
+
 def test_step_context_parameters_and_the_deprecated_params():
     seen = {}
 
