@@ -67,7 +67,7 @@ from torch import nn
 from landscape import distributed as _dist
 from landscape._hf import uses_causal_lm_loss
 from landscape._sums import tensor_norms
-from landscape.findings import Finding
+from landscape.findings import Finding, user_stacklevel
 from landscape.integrations import (
     CallbackSettings,
     add_samples,
@@ -319,9 +319,11 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         self._losses: list[torch.Tensor] = []
         self._token_normalised = False
         self._batch: Any = None
-        self._explicit_loss: Any = None
+        self._explicit_losses: list[torch.Tensor] = []  # record_loss() values of the step
+        self._explicit_share = False
         self._closed = True
         self._busy = False
+        self._warned_no_loss = False
         self._world = 1
         self._recorded: int | None = None
         self._unclipped: _NormBeforeClipping | None = None
@@ -366,6 +368,7 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
             if getattr(args, "average_tokens_across_devices", False) else 1
         )
         self._reset_step()
+        self._warned_no_loss = False
         self._recorded = int(state.global_step) - 1
         self._hook = model.register_forward_hook(self._record, with_kwargs=True)
         self._wrapped_optimizer = kwargs.get("optimizer")
@@ -387,7 +390,8 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
                 "callback.record_loss(loss) from a compute_loss override, or the 'loss' rows "
                 "are NaN; metrics that need labels (curvature, collapse) need probe= with "
                 "labels, as the training batch the model sees has none",
-                RuntimeWarning, stacklevel=2)
+                RuntimeWarning, stacklevel=user_stacklevel())
+            self._warned_no_loss = True  # said here already: no second warning at the step
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Hook the parameters unfrozen since the last step (the norm before clipping)."""
@@ -415,6 +419,14 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         if self.monitor is None or self._closed:
             return
         loss = self._step_loss()
+        if loss is None and not self._warned_no_loss:
+            self._warned_no_loss = True
+            warnings.warn(
+                "landscape: the model returned no loss in this step (outputs.loss is None: "
+                "the Trainer computed it outside the model, e.g. with compute_loss_func= or "
+                "label_smoothing_factor): call callback.record_loss(loss) where the loss is "
+                "computed, or the 'loss' rows are NaN and loss_spike sees nothing",
+                RuntimeWarning, stacklevel=user_stacklevel())
         batch = self._batch
         grad_norm = None if self._unclipped is None else self._unclipped.take()
         samples = self._samples or None
@@ -440,15 +452,23 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
 
     # ------------------------------------------------------------------ the loss
 
-    def record_loss(self, loss: torch.Tensor | float) -> None:
-        """Give the loss of the current optimizer step explicitly (from a custom ``compute_loss``).
+    def record_loss(self, loss: torch.Tensor | float, *, share: bool = False) -> None:
+        """Give a micro-batch's loss explicitly (from a custom ``compute_loss``).
 
-        It replaces what the forward hook read for this step.
+        ``compute_loss`` runs once per micro-batch: call this each time. The step's loss is
+        the mean of the values given during the step, or their sum with ``share=True``
+        (each value is its micro-batch's share of the step's loss: a token-loss sum
+        divided by the step's ``num_items_in_batch``; times the world size under
+        ``average_tokens_across_devices``, as for the model's own losses). Given values
+        replace what the forward hook read for the step.
 
         Args:
-            loss: the step's loss.
+            loss: a micro-batch's loss.
+            share: the values of a step add up to its loss, rather than average to it.
         """
-        self._explicit_loss = loss.detach() if isinstance(loss, torch.Tensor) else loss
+        value = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        self._explicit_losses.append(value)
+        self._explicit_share = share
 
     def _record(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if self._busy or not module.training or not torch.is_grad_enabled():
@@ -468,13 +488,13 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
             self._samples = add_samples(self._samples, self._batch)  # every micro-batch
 
     def _step_loss(self) -> Any:
-        if self._explicit_loss is not None:
-            return self._explicit_loss
-        if not self._losses:
+        given = bool(self._explicit_losses)
+        values = self._explicit_losses if given else self._losses
+        if not values:
             return None
-        losses = torch.stack([v.float() for v in self._losses])
-        if self._token_normalised:  # each is (its token-loss sum) / (the step's token count)
-            return losses.sum() * self._world
+        losses = torch.stack([v.float().mean() for v in values])
+        if self._explicit_share if given else self._token_normalised:
+            return losses.sum() * self._world  # each: its token-loss sum / the step's tokens
         return losses.mean()
 
     def _reset_step(self) -> None:
@@ -482,7 +502,8 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         self._losses = []
         self._token_normalised = False
         self._batch = None
-        self._explicit_loss = None
+        self._explicit_losses = []
+        self._explicit_share = False
 
     # ------------------------------------------------------------------ access
 

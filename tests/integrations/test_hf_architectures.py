@@ -133,8 +133,44 @@ def test_label_smoothing_warns_and_the_missing_loss_raises_no_false_alarm(tmp_pa
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.train()
-    assert any("label_smoothing_factor" in str(w.message) for w in caught)
+    ours = [w for w in caught if "outside the model" in str(w.message)]
+    assert len(ours) == 1 and "label_smoothing_factor" in str(ours[0].message)
+    assert ours[0].filename == __file__  # points at trainer.train(), not at transformers
     assert trainer.state.global_step == 3  # stopped after one step before
     run = Run.open(tmp_path / "run.h5")
     assert [f.rule for f in run.findings() if f.severity != "info"] == []
     assert np.isfinite(run.series("logits", "max_abs")[1]).all()
+
+
+def test_a_loss_computed_outside_the_model_is_said_once(tmp_path):
+    """Trainer(compute_loss_func=...) pops the labels too: the model returns no loss."""
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    from landscape.integrations import LandscapeTrainerCallback
+
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=16, bos_token_id=0,
+        eos_token_id=0))
+    ids = torch.randint(0, VOCAB, (16, 8), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+
+    def loss_func(outputs, labels, num_items_in_batch=None):
+        logits = outputs.logits[:, :-1].reshape(-1, VOCAB)
+        return torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1))
+
+    callback = LandscapeTrainerCallback(None, metrics=["loss"])
+    arguments = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "trainer"), use_cpu=True, report_to=[], save_strategy="no",
+        max_steps=3, per_device_train_batch_size=4, disable_tqdm=True, seed=0,
+    )
+    trainer = transformers.Trainer(model=model, args=arguments, train_dataset=data,
+                                   callbacks=[callback], compute_loss_func=loss_func)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    ours = [w for w in caught if "outside the model" in str(w.message)]
+    assert len(ours) == 1 and "record_loss" in str(ours[0].message)
+    assert ours[0].filename == __file__
+    assert np.isnan(callback.run().series("loss", "value")[1]).all()

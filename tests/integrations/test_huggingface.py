@@ -47,7 +47,7 @@ def _model():
     return transformers.GPT2LMHeadModel(config)  # dropout 0.1 in embeddings, attention, MLP
 
 
-def _train(tmp_path, callbacks=(), max_steps=4, eval_dataset=None, **args):
+def _train(tmp_path, callbacks=(), max_steps=4, eval_dataset=None, trainer_class=None, **args):
     transformers.logging.set_verbosity_error()
     logging.getLogger("transformers").setLevel(logging.ERROR)
     model = _model()
@@ -56,7 +56,7 @@ def _train(tmp_path, callbacks=(), max_steps=4, eval_dataset=None, **args):
         max_steps=max_steps, per_device_train_batch_size=4, logging_steps=1, disable_tqdm=True,
         seed=0, data_seed=0, learning_rate=1e-3, **args,
     )
-    trainer = transformers.Trainer(
+    trainer = (trainer_class or transformers.Trainer)(
         model=model, args=arguments, train_dataset=Tokens(), eval_dataset=eval_dataset,
         callbacks=list(callbacks),
     )
@@ -156,6 +156,26 @@ def test_explicit_record_loss_wins_over_the_forward_hook(tmp_path):
     cb = LandscapeTrainerCallback(None, metrics=["loss"], alarms=False)
     _train(tmp_path, [Override(), cb], max_steps=3)
     assert cb.run().series("loss", "value")[1].tolist() == [0.0, 1.0, 2.0]
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_record_loss_from_compute_loss_combines_the_micro_batches(tmp_path, share):
+    """compute_loss runs once per micro-batch: the step's loss is their mean (or sum)."""
+    micro: list[float] = []
+
+    class Recording(transformers.Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = model(**inputs)
+            micro.append(float(out.loss))
+            cb.record_loss(out.loss / 2 if share else out.loss, share=share)
+            return (out.loss, out) if return_outputs else out.loss
+
+    cb = LandscapeTrainerCallback(None, metrics=["loss"], alarms=False)
+    _train(tmp_path, [cb], max_steps=3, gradient_accumulation_steps=2, trainer_class=Recording)
+    expected = np.asarray(micro).reshape(3, 2).mean(axis=1)
+    assert len(set(micro)) == 6  # six different micro-batch losses
+    np.testing.assert_allclose(cb.run().series("loss", "value")[1], expected, rtol=1e-6)
+    assert cb.run().series("loss", "samples")[1].tolist() == [8, 8, 8]
 
 
 def test_monitor_options_reach_the_monitor(tmp_path):
