@@ -104,7 +104,9 @@ def softmax_logits(outputs: torch.Tensor, targets: Any) -> bool:
     * floating-point targets that are not distributions over the ``C`` classes
       (regression, autoencoders, multi-label BCE); soft labels (mixup, distillation), of
       the outputs' shape with rows of non-negative entries summing to 1, are classes;
-    * integer targets that are not one index per logit row (multi-hot labels).
+    * integer targets of the outputs' shape that are not one index per logit row
+      (multi-hot labels). Integer targets of another shape (a nanoGPT-style model that,
+      called without targets, returns only the last position's logits) still say yes.
 
     Class indices (padding such as -100 included) and a batch without targets say yes.
 
@@ -129,7 +131,12 @@ def softmax_logits(outputs: torch.Tensor, targets: Any) -> bool:
         return bool((t >= 0).all()) and bool(((t.sum(-1) - 1).abs() <= tol).all())
     if targets.dtype == torch.bool or targets.is_complex():
         return False
-    return targets.numel() * outputs.shape[-1] == outputs.numel()
+    if targets.numel() * outputs.shape[-1] == outputs.numel():
+        return True  # one class index per logit row
+    # targets of the outputs' own shape are labels per logit (multi-hot); other shapes do
+    # not line up with the rows (a nanoGPT-style forward without targets returns only the
+    # last position's logits): still class logits, just not of these targets
+    return targets.shape != outputs.shape
 
 
 def is_batch_list(value: Any) -> bool:

@@ -267,10 +267,7 @@ class TaylorRadius(Metric):
             except TypeError:
                 if not ids_and_labels(batch):  # the one batch with a positional reading
                     raise
-        if result is None:
-            if ctx.closure is not None and not keywords:
-                raise MissingInput("taylor_radius needs (inputs, targets) batches or dicts "
-                                   "of the model's keyword arguments")
+        if result is None:  # (inputs, targets), also under a closure: model(inputs)'s logits
             inputs, targets = split_batch(batch)
             result = radius_along(ctx, inputs, targets, ctx.params_before, ctx.update)
         spread = result.spread

@@ -1,5 +1,6 @@
 """The every-step sentinels: the secant Taylor ratio against the exact JVP ratio."""
 
+import itertools
 import math
 
 import numpy as np
@@ -289,6 +290,51 @@ def test_a_tuple_output_model_gives_the_rows_of_its_logits():
         np.testing.assert_array_equal(wrapped[f], plain[f], err_msg=f)
 
 
+class _NanoGPTStyle(torch.nn.Module):
+    """nanoGPT's convention: ``forward(idx, targets=None) -> (logits, loss)``, and without
+    targets only the last position's logits (what generation needs)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, idx, targets=None):
+        logits = self.inner(idx)
+        if targets is None:
+            return logits[:, -1:], None
+        return logits, _lm_loss(logits, targets)
+
+
+def test_a_nanogpt_style_model_gets_its_secant_ratio_from_the_last_position():
+    """Its probe targets (B, T) do not line up with the (B, 1, V) logits the sentinels see:
+    those are still class logits (they were read as multi-hot labels: every row NaN)."""
+    model = _NanoGPTStyle(models.TinyTransformer(vocab=VOCAB, d=8, heads=2, layers=1,
+                                                 seq=SEQ, seed=3))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    probe = _tokens(5, 99)
+    mon = ls.Monitor(model, closure=lambda m, b: m(*b)[1], optimizer=opt,
+                     metrics=[Sentinels()], probe=probe, warn=False, strict=True).start()
+    last = []
+    for step in range(4):
+        x, y = _tokens(8, step)
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mon.step(step, batch=(x, y), loss=loss)
+        with torch.no_grad():
+            model.eval()
+            last.append(model(probe[0][:4])[0].double())  # the sentinels' 4 samples
+            model.train()
+    run = mon.run()
+    r = run.series("sentinels", "r_secant")[1]
+    expected = [float(((b - a).amax(-1) - (b - a).amin(-1)).max()) / math.pi
+                for a, b in itertools.pairwise(last)]
+    np.testing.assert_allclose(r[1:], expected, rtol=1e-6)
+    assert np.isfinite(run.series("sentinels", "max_abs")[1]).all()
+    assert np.isnan(run.series("sentinels", "probe_loss")[1]).all()  # no aligned targets
+
+
 class _RaisesInEval(torch.nn.Module):
     """Attention, then an error, in eval mode (the sentinels' forward) only."""
 
@@ -410,6 +456,8 @@ def test_softmax_logits_tells_class_logits_from_other_outputs():
     assert not softmax_logits(z, torch.randn(8, 5))  # regression of 5 values
     assert not softmax_logits(z, torch.rand(8, 5).round())  # multi-label BCE targets
     assert not softmax_logits(z, torch.randint(0, 2, (8, 5)))  # multi-hot indices
+    # a nanoGPT-style forward without targets: the last position's logits, (B, T) targets
+    assert softmax_logits(torch.randn(8, 1, 5), torch.randint(0, 5, (8, 6)))
     assert not softmax_logits(z, torch.randn(8, 3))  # float targets of another shape
     assert not softmax_logits(torch.randn(8), torch.eye(8)[0])  # (B,) sigmoid logits
     mix = 0.37 * F.one_hot(torch.arange(8) % 5, 5) + 0.63 * F.one_hot(torch.arange(8) % 3, 5)

@@ -66,18 +66,21 @@ def test_radius_along_reads_the_logits_of_a_tuple_or_dict_output(wrap):
 
 
 def test_taylor_radius_metric_on_a_tuple_output_model():
+    """Also with closure= on (inputs, targets) batches: model(inputs)'s logits (it refused)."""
     x = torch.randn(32, 6, generator=torch.Generator().manual_seed(0))
     y = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(2))
     rows = {}
-    for wrap in (None, "tuple"):
-        model = _Net(wrap)
+    for wrap in (None, "tuple", "closure"):
+        model = _Net(None if wrap == "closure" else wrap)
         opt = torch.optim.SGD(model.parameters(), lr=0.3)
 
         def loss_fn(out, t):
             return F.cross_entropy(first_tensor(out), t)
 
-        with Monitor(model, loss_fn, optimizer=opt, probe=(x, y), metrics=["taylor_radius"],
-                     warn=False) as mon:
+        how = ({"closure": lambda m, b: loss_fn(m(b[0]), b[1])} if wrap == "closure"
+               else {"loss_fn": loss_fn})
+        with Monitor(model, optimizer=opt, probe=(x, y), metrics=["taylor_radius"],
+                     warn=False, **how) as mon:
             loss = loss_fn(model(x), y)
             opt.zero_grad()
             loss.backward()
@@ -88,6 +91,7 @@ def test_taylor_radius_metric_on_a_tuple_output_model():
         rows[wrap] = float(run.series("taylor_radius", "r")[1][0])
     assert rows[None] > 0
     assert rows["tuple"] == pytest.approx(rows[None], rel=1e-6)
+    assert rows["closure"] == pytest.approx(rows[None], rel=1e-6)
 
 
 class _LogitsOnly(nn.Module):
