@@ -61,6 +61,20 @@ def _parameters(modules: list[nn.Module]) -> list[nn.Parameter]:
     return list(seen.values())
 
 
+def _written_in_forward(modules: list[nn.Module]) -> list[torch.Tensor]:
+    """The parameters that a forward pass of ``modules`` writes in place, in any mode.
+
+    ``nn.Embedding`` and ``nn.EmbeddingBag`` with ``max_norm`` renormalise the rows they look
+    up (``torch.embedding_renorm_``, without gradients, in eval mode too), so a measurement's
+    forward on other inputs than training's would change the weights.
+    """
+    seen: dict[int, torch.Tensor] = {}
+    for m in modules:
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None:
+            seen.setdefault(id(m.weight), m.weight)
+    return list(seen.values())
+
+
 def _set_training(modules: list[nn.Module], modes: list[bool]) -> None:
     """Set each module's ``training`` flag, skipping ``nn.Module.__setattr__``'s lookups."""
     for m, mode in zip(modules, modes):
@@ -138,7 +152,9 @@ def isolated(
 
     Restored on exit (also on exceptions): the CPU RNG state and that of every CUDA device
     holding a parameter or buffer; each submodule's ``training`` flag; each parameter's
-    ``requires_grad`` and its ``.grad`` attribute (the same tensor object, or ``None``).
+    ``requires_grad`` and its ``.grad`` attribute (the same tensor object, or ``None``); and
+    the values of weights that a forward pass writes in place (an ``nn.Embedding`` with
+    ``max_norm``: a copy of its weight is kept for the outermost block).
     The model is put in ``eval()`` inside the block, or with ``eval_mode=False`` in
     ``train()`` (dropout active, BatchNorm on batch statistics), whatever mode it was in.
 
@@ -185,6 +201,10 @@ def isolated(
     ]
     key = id(unwrap(model))  # a wrapper's block covers the operators on its inner module
     outermost = key not in _OUTERMOST
+    # weights that a forward pass writes in place (renormalised embedding rows): copied on
+    # entry to the outermost block, written back on exit
+    written = _written_in_forward(modules) if outermost else []
+    saved = [w.detach().clone() for w in written]
     with torch.random.fork_rng(devices=_cuda_devices(modules)):
         try:
             if outermost:
@@ -199,6 +219,10 @@ def isolated(
         finally:
             if outermost:
                 del _OUTERMOST[key]
+            if written:
+                with torch.no_grad():
+                    for w, value in zip(written, saved):
+                        w.copy_(value)
             for m, mode in overriders:  # pre-order: the root first
                 m.train(mode)
             _set_training(modules, modes)

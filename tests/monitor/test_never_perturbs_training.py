@@ -116,3 +116,33 @@ def test_a_model_whose_eval_merges_lora_weights_trains_bitwise_identically(prese
         warnings.simplefilter("ignore")
         state, _, _ = _adam_run(lora, (6,), monitor)
     assert all(torch.equal(state[k], ref[k]) for k in ref)
+
+
+class _MaxNormEmbedding(torch.nn.Module):
+    """``nn.Embedding(max_norm=...)`` renormalises the rows it looks up in place, in any
+    mode and without gradients: a forward on the probe writes the weight."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(30, 8, max_norm=1.0)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        ids = (x.abs() * 5).long().clamp(max=29)  # token ids from the seeded inputs
+        return self.head(self.embed(ids).mean(1))
+
+
+@pytest.mark.parametrize("preset_name", [None, "standard"])
+def test_an_embedding_with_max_norm_trains_bitwise_identically(preset_name):
+    def monitor(model, opt):
+        metrics = None if preset_name is None else preset(
+            preset_name, **dict.fromkeys(PRESETS[preset_name], "every(2)"))
+        return Monitor(model, F.cross_entropy, optimizer=opt, metrics=metrics, warn=False,
+                       strict=True)
+
+    ref, _, _ = _adam_run(_MaxNormEmbedding, (6,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state, _, _ = _adam_run(_MaxNormEmbedding, (6,), monitor)
+    assert all(torch.equal(state[k], ref[k]) for k in ref)
