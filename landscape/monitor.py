@@ -170,6 +170,22 @@ def _no_loss_fn(*args: Any) -> torch.Tensor:
     raise MissingInput("this metric evaluates the loss: pass loss_fn= or closure= to Monitor")
 
 
+def _step_index(step: Any) -> int:
+    """``step`` as an int: any integer type, or a float with an integer value.
+
+    Raises:
+        ValueError: anything else (``0.5``: fractional epochs are not steps; a string; a bool).
+    """
+    if not isinstance(step, bool):
+        try:
+            return operator.index(step)  # int, numpy integers, integer 0-d tensors
+        except TypeError:
+            if isinstance(step, float) and step.is_integer():
+                return int(step)
+    raise ValueError(f"step must be an integer (the optimizer step's index), got "
+                     f"{type(step).__name__} {step!r}")
+
+
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
     """The torch optimizer inside framework wrappers.
 
@@ -298,6 +314,17 @@ class Monitor:
         probe_size: int | None = 32,
         adaptive: bool = True,
     ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__} "
+                            f"{model!r}" + (" (wrap a function in an nn.Module)"
+                                            if callable(model) else ""))
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a file path (str or os.PathLike), or None for a "
+                            f"run in memory, got {type(path).__name__} {path!r}")
+        for name, value in (("closure", closure), ("on_finding", on_finding)):
+            if value is not None and not callable(value):
+                raise TypeError(f"{name} must be callable, got {type(value).__name__} "
+                                f"{value!r}")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(
                 f"loss_fn must be callable, got {type(loss_fn).__name__} {loss_fn!r}"
@@ -640,7 +667,12 @@ class Monitor:
         Raises:
             StepOrderError: ``step`` does not come after the last recorded step.
         """
-        if grad_norm is not None:  # checked before anything is recorded
+        step = _step_index(step)  # the arguments are checked before anything is recorded
+        if isinstance(loss, bool) or (
+                loss is not None and not isinstance(loss, (torch.Tensor, int, float, np.number))):
+            raise ValueError(f"loss must be a tensor or a number, got {type(loss).__name__} "
+                             f"{loss!r}")
+        if grad_norm is not None:
             try:
                 grad_norm = float(grad_norm)
             except (TypeError, ValueError, RuntimeError):
@@ -666,7 +698,7 @@ class Monitor:
             # need it record NaN for this one step, without a failure finding
             self._update_missed = started_here
             try:
-                return self._step(int(step), batch, loss, outputs, grad_norm, samples)
+                return self._step(step, batch, loss, outputs, grad_norm, samples)
             finally:
                 self._update_missed = False
 

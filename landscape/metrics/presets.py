@@ -128,6 +128,9 @@ def resolve_metrics(metrics: MetricsLike) -> list[Metric]:
         return preset(metrics) if metrics in _TABLES else [create(metrics)]
     if isinstance(metrics, Metric):
         return [metrics]
+    if not isinstance(metrics, Iterable):
+        raise TypeError(f"metrics: expected a preset name, a metric, or a list of metrics and "
+                        f"names, got {type(metrics).__name__} {metrics!r}")
     out = [create(m) if isinstance(m, str) else m for m in metrics]
     for m in out:
         if not isinstance(m, Metric):

@@ -114,7 +114,10 @@ class GradNorm(Metric):
             return {"value": ctx.given_grad_norm}
         value = ctx.grad_norm()
         if value is None:
-            raise MissingInput("grad_norm needs .grad of every monitored parameter")
+            raise MissingInput(
+                "grad_norm needs .grad of the monitored parameters, and none has one: call "
+                "mon.step() before optimizer.zero_grad(), or pass step(grad_norm=...) (what "
+                "clip_grad_norm_ returns)")
         return {"value": value}
 
 

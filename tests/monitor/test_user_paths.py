@@ -528,6 +528,39 @@ def test_a_path_in_the_loss_functions_place_is_refused():
         Monitor(models.mlp(), "run.h5")
 
 
+@pytest.mark.parametrize(("make", "error", "match"), [
+    (lambda m: Monitor("resnet", F.cross_entropy), TypeError,
+     "model must be a torch.nn.Module, got str 'resnet'"),
+    (lambda m: Monitor(lambda x: m(x), F.cross_entropy), TypeError,
+     r"wrap a function in an nn.Module"),
+    (lambda m: Monitor(m, F.cross_entropy, 123), TypeError,
+     "path must be a file path .* got int 123"),
+    (lambda m: Monitor(m, F.cross_entropy, metrics=5), TypeError,
+     "metrics: expected a preset name, a metric, or a list"),
+    (lambda m: Monitor(m, F.cross_entropy, on_finding="print"), TypeError,
+     "on_finding must be callable, got str 'print'"),
+    (lambda m: Monitor(m, closure="loss"), TypeError, "closure must be callable"),
+])
+def test_a_wrong_argument_is_one_line_that_names_it(make, error, match):
+    with pytest.raises(error, match=match):
+        make(models.mlp())
+
+
+def test_step_arguments_of_the_wrong_type_are_refused_before_anything_is_recorded():
+    model = models.mlp()
+    with Monitor(model, F.cross_entropy, metrics=["loss"], warn=False) as mon:
+        for bad in (0.5, "one", True, None):
+            with pytest.raises(ValueError, match="step must be an integer"):
+                mon.step(bad, loss=1.0)
+        with pytest.raises(ValueError, match="loss must be a tensor or a number, got str"):
+            mon.step(0, loss="high")
+        mon.step(np.int64(0), loss=np.float32(1.5))
+        mon.step(torch.tensor(1), loss=2)
+        mon.step(2.0, loss=torch.tensor(2.5))  # a float with an integer value
+        steps, values = mon.run().series("loss", "value")
+    assert steps.tolist() == [0, 1, 2] and values.tolist() == [1.5, 2.0, 2.5]
+
+
 # -- fp16 with a GradScaler: skipped steps are not errors
 
 
