@@ -402,10 +402,18 @@ class Sentinels(Metric):
                 args, kwargs, y = (head(batch, samples),), {}, None
                 output, attention = self._forward(ctx.model, args, kwargs, ctx.modules)
             else:
+                # the first call on a dict batch may try the wrong convention: its warnings
+                # (torch's, indexing a tensor with a key) are kept until one works
+                trying = self._whole_dict is None and isinstance(batch, Mapping)
                 try:
-                    args, kwargs, y, output, attention = self._conventional(ctx, batch, samples)
-                except (TypeError, MissingInput) as err:
-                    if self._whole_dict is not None or not isinstance(batch, Mapping):
+                    with warnings.catch_warnings(record=True) if trying \
+                            else contextlib.nullcontext() as caught:
+                        args, kwargs, y, output, attention = self._conventional(
+                            ctx, batch, samples)
+                    for w in caught or ():  # it worked: they were the model's own
+                        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+                except (TypeError, IndexError, KeyError, MissingInput) as err:
+                    if not trying:
                         raise
                     # a forward that takes the dict batch itself (a LightningModule's
                     # forward(self, batch)): the last convention to try, once

@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -559,9 +560,13 @@ def test_a_single_logit_classifier_raises_no_softmax_collapse_at_the_first_step(
     assert np.isnan(mon.run().series("logits", "softmax_collapse")[1]).all()
 
 
-def test_a_model_whose_forward_takes_the_dict_batch_itself(tmp_path):
+@pytest.mark.parametrize("keys", [("features", "label"), ("inputs", "targets")])
+def test_a_model_whose_forward_takes_the_dict_batch_itself(tmp_path, keys):
     """forward(self, batch) reading batch["features"] (a LightningModule's habit): the
-    sentinels called model(inputs) or model(**batch) and were NaN for the whole run."""
+    sentinels called model(inputs) or model(**batch) and were NaN for the whole run. With
+    the keys inputs/targets, model(inputs) came first: its IndexError (a tensor indexed
+    by a key) ended the search, and torch's indexing warning reached the user."""
+    features, label = keys
 
     class DictModel(torch.nn.Module):
         def __init__(self):
@@ -571,23 +576,26 @@ def test_a_model_whose_forward_takes_the_dict_batch_itself(tmp_path):
                                            torch.nn.Linear(8, 3))
 
         def forward(self, batch):
-            return self.net(batch["features"])
+            return self.net(batch[features])
 
     model = DictModel()
     g = torch.Generator().manual_seed(0)
-    batch = {"features": torch.randn(16, 6, generator=g),
-             "label": torch.randint(0, 3, (16,), generator=g)}
+    batch = {features: torch.randn(16, 6, generator=g),
+             label: torch.randint(0, 3, (16,), generator=g)}
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with ls.Monitor(model, None, tmp_path / "run.h5", optimizer=opt, probe=batch,
-                    closure=lambda m, b: F.cross_entropy(m(b), b["label"]),
-                    metrics=["sentinels"], warn=False) as mon:
+                    closure=lambda m, b: F.cross_entropy(m(b), b[label]),
+                    metrics=["sentinels"], warn=False) as mon, \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         for step in range(3):
-            loss = F.cross_entropy(model(batch), batch["label"])
+            loss = F.cross_entropy(model(batch), batch[label])
             opt.zero_grad()
             loss.backward()
             opt.step()
             mon.step(step, batch=batch, loss=loss)
     assert not mon.findings
+    assert not caught, [str(w.message) for w in caught]
     r = mon.run().series("sentinels", "r_secant")[1]
     assert np.isnan(r[0]) and np.isfinite(r[1:]).all() and (r[1:] > 0).all()
 
