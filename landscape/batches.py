@@ -18,6 +18,7 @@ __all__ = [
     "in_containers_of",
     "leading_size",
     "map_tensors",
+    "normal_tensors",
     "plain_containers",
     "split",
     "to_device",
@@ -39,6 +40,21 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any], other: Callable[[An
     if isinstance(obj, (tuple, list)):
         return _rebuilt(obj, [map_tensors(v, fn, other) for v in obj])
     return other(obj) if other is not None else obj
+
+
+def normal_tensors(obj: Any) -> Any:
+    """``obj`` with each tensor made under ``torch.inference_mode()`` copied to a normal one.
+
+    Autograd cannot save an inference tensor for backward, so a batch collated in an
+    inference-mode block could not be differentiated through; ``obj`` itself when it holds
+    none (the common case: no copy, no rebuilt containers).
+    """
+    found: list[bool] = []
+    map_tensors(obj, lambda t: found.append(t.is_inference()))
+    if not any(found):
+        return obj
+    with torch.inference_mode(False):
+        return map_tensors(obj, lambda t: t.clone() if t.is_inference() else t)
 
 
 def _rebuilt(like: Any, items: Any) -> Any:

@@ -29,7 +29,7 @@ from torch.func import functional_call
 from landscape.distributed import unwrap
 
 __all__ = [
-    "ClosureModule", "isolated", "no_grad_forward", "normalises_by_batch",
+    "ClosureModule", "differentiable", "isolated", "no_grad_forward", "normalises_by_batch",
     "on_batch_statistics", "same_rng",
     "sdpa_math", "stateless_call", "stateless_closure",
 ]
@@ -252,6 +252,17 @@ def same_rng(model: nn.Module) -> Iterator[Any]:
             torch.cuda.set_rng_state(s, d)
 
     yield rewind
+
+
+@contextlib.contextmanager
+def differentiable() -> Iterator[None]:
+    """Gradients on, also inside the caller's ``torch.no_grad()`` or ``inference_mode()``.
+
+    A logging or evaluation block may wrap a curvature measurement; without this its
+    products would differentiate nothing (an exact product fails, a first-order one is 0).
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
 
 
 @contextlib.contextmanager

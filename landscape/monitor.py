@@ -692,8 +692,10 @@ class Monitor:
         guard = self._interrupts
         assert self.writer is not None
         # a step's rows reach the file together (an automatic flush waits for the last)
+        # inside torch.inference_mode() (a logging block) nothing could be differentiated,
+        # and its tensors have no version counters: leave it for the step
         with guard.deferred() if guard is not None else contextlib.nullcontext(), \
-                self.writer.one_step():
+                torch.inference_mode(False), self.writer.one_step():
             # started here, the optimizer hooks missed this step's update: the metrics that
             # need it record NaN for this one step, without a failure finding
             self._update_missed = started_here

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from landscape.batches import leading_size, split, to_device
+from landscape.batches import leading_size, normal_tensors, split, to_device
 from landscape.distributed import together
 from landscape.isolation import on_batch_statistics
 
@@ -79,6 +79,7 @@ def probe_data(
         data, closure_mode=closure_mode, max_batches=max_batches, single_batch=single_batch,
         batch_size=batch_size, collective=collective,
     )
+    batches = [normal_tensors(b) for b in batches]  # a batch collated in inference mode
     if microbatch_size is not None:
         batches, weights = together(
             collective, "cutting the probe data into micro-batches",

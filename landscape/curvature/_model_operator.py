@@ -37,6 +37,7 @@ from landscape.curvature._reduction import RankReduction
 from landscape.curvature._shifted import NoGradientError
 from landscape.curvature.base import CurvatureOperator
 from landscape.isolation import (
+    differentiable,
     on_batch_statistics,
     overrides_train,
     same_rng,
@@ -409,7 +410,7 @@ class ModelOperator(CurvatureOperator):
         key = frozenset(leaves)
         if key not in self._checkpoint_cut:
             fresh = {n: t.detach().requires_grad_(True) for n, t in leaves.items()}
-            with same_rng(self.model) as rewind, torch.enable_grad(), \
+            with same_rng(self.model) as rewind, differentiable(), \
                     warnings.catch_warnings(record=True) as seen:
                 warnings.simplefilter("always")
                 try:

@@ -37,7 +37,13 @@ from landscape.curvature._batches import to_device
 from landscape.curvature._evaluation import detach_tree, scalar_loss, seed_generators
 from landscape.curvature._kinks import KinkedOps
 from landscape.distributed import full_tensor, is_sharded, local_tensor
-from landscape.isolation import isolated, no_grad_forward, same_rng, stateless_closure
+from landscape.isolation import (
+    differentiable,
+    isolated,
+    no_grad_forward,
+    same_rng,
+    stateless_closure,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from landscape.curvature._model_operator import ModelOperator
@@ -235,7 +241,7 @@ class ShiftedEvaluation:
         buffers = [(b, b.detach().clone()) for b in op.model.buffers()] if self.sharded else []
         try:
             with isolated(op.model, eval_mode=op.options.eval_mode,
-                          batch_statistics=op.options.batch_statistics), torch.enable_grad():
+                          batch_statistics=op.options.batch_statistics), differentiable():
                 if not op.options.eval_mode:
                     seed_generators(op.model, op.options.seed)
                 yield

@@ -18,6 +18,7 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 
 from landscape.curvature._evaluation import zeros_for_none
 from landscape.curvature._model_operator import Closure, LossFn, ModelOperator, Tensors
+from landscape.isolation import differentiable
 from landscape.params import Vector
 
 __all__ = ["Hessian"]
@@ -179,7 +180,7 @@ class Hessian(ModelOperator):
         if self._valid_graph() is None:
             return None
         self._backend.ran = True
-        scope = self._context() if self._graph_runs_modules else torch.enable_grad()
+        scope = self._context() if self._graph_runs_modules else differentiable()
         with scope:
             out = self._autograd_product(dict(zip(self.names, v)), None)
         w = self._data.weights[0]

@@ -108,14 +108,22 @@ def test_ggn_in_train_mode_draws_one_dropout_mask_per_product_on_every_backend()
     evals = GGN(model, F.cross_entropy, (x, y), backend="func").to_dense()
     assert not torch.allclose(evals, want)  # dropout was on
 
-def test_torch_no_grad_caller_is_fine():
+@pytest.mark.parametrize("caller", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("backend", ["auto", "first_order"])
+def test_a_no_grad_or_inference_mode_caller_gets_the_same_products(caller, backend):
+    """Under inference_mode the exact product failed (nothing differentiable), the automatic
+    fallback to first-order products then returned zeros: lambda_max = 0, silently."""
     model = models.mlp().double()
     x, y = models.classification_data()
-    op = Hessian(model, F.cross_entropy, (x.double(), y))
-    with torch.no_grad():
-        out = op.matvec(op.parameters)
-        g = op.gradient()
+    op = Hessian(model, F.cross_entropy, (x.double(), y), backend=backend)
+    want = op.matvec(op.parameters)
+    with caller():
+        inside = Hessian(model, F.cross_entropy, (x.double(), y), backend=backend)
+        out = inside.matvec(inside.parameters)
+        g = inside.gradient()
     assert all(not t.requires_grad for t in (*out, *g))
+    for a, b in zip(out, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 # -- Adam preconditioning ---------------------------------------------------------------------

@@ -5,6 +5,7 @@ Each test is a path a user review found broken; each asserts the value the monit
 record, computed independently where there is one.
 """
 
+import contextlib
 import math
 import signal
 import warnings
@@ -18,7 +19,7 @@ from torch import nn
 from landscape import Monitor, Run
 from landscape._interrupts import InterruptGuard
 from landscape.alarms import OnlineAlarms, TaylorForecast
-from landscape.metrics import Sentinels
+from landscape.metrics import Sentinels, Sharpness
 from tests import models
 
 
@@ -858,3 +859,29 @@ def test_the_loss_row_records_how_many_samples_the_batch_held():
     assert list(steps) == [0, 1, 2, 3, 4, 5]
     assert list(samples[:3]) == [8.0, 20.0, 5.0] and math.isnan(samples[3])
     assert list(samples[4:]) == [32.0, 16.0]
+
+
+def test_a_step_called_inside_inference_mode_records_what_it_records_outside():
+    """A logging block under torch.inference_mode(): the Hessian fell back to a first-order
+    product and stored lambda_max = 0 as a measurement, the sentinels failed."""
+    rows = []
+    for context in (contextlib.nullcontext, torch.inference_mode):
+        model = models.mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x, y = models.classification_data(16)
+        metrics = ["loss", "sentinels", Sharpness(schedule="every(1)")]
+        with Monitor(model, F.cross_entropy, optimizer=opt, metrics=metrics, probe=(x, y),
+                     warn=False, strict=True) as mon:
+            for step in range(3):
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                with context():
+                    mon.step(step, batch=(x, y), loss=loss)
+            run = mon.run()
+            rows.append([run.series(m, f)[1] for m, f in (
+                ("sharpness", "lambda_max"), ("sentinels", "r_secant"))])
+    for plain, inside in zip(*rows):
+        np.testing.assert_array_equal(inside, plain)
+    assert (rows[0][0] > 0).all()
