@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import json
 import os
 import socket
@@ -157,6 +158,13 @@ class RunWriter:
             raise RunFileError(f"{path}: is a directory, expected a run file (.h5)")
         if path.exists() and mode == "x":
             raise RunFileError(f"{path}: already exists")
+        if str(path.resolve()) in WRITING:
+            gc.collect()  # a writer dropped without close() (a cell run again) closes now
+        if str(path.resolve()) in WRITING:
+            raise RunFileError(
+                f"{path}: is already open for writing in this process (a Monitor or "
+                "RunWriter not closed yet, e.g. from a notebook cell run before): close() it "
+                "first, or write to another path")
         # a file a writer left before its first flush holds nothing: started anew
         if path.exists() and mode == "a" and not holds_nothing(path):
             backend = H5Backend(open_for_writing(path), writable=True)

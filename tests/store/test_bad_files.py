@@ -102,3 +102,25 @@ def test_an_undecodable_superblock_is_refused_in_one_line(tmp_path):
     path.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))
     with pytest.raises(RunFileError, match="not a readable HDF5 file"):
         Run.open(path)
+
+
+@pytest.mark.parametrize("mode", ["a", "w"])
+def test_a_file_this_process_still_writes_is_refused_in_one_line(tmp_path, mode):
+    """A notebook cell run twice: h5py said 'Unable to start swmr writing' (mode a)."""
+    path = tmp_path / "run.h5"
+    first = RunWriter(path, mode="w")
+    with pytest.raises(RunFileError, match="already open for writing in this process"):
+        RunWriter(path, mode=mode)
+    first.close()
+    RunWriter(path, mode=mode).close()  # once closed, it opens
+
+
+def test_a_writer_dropped_without_close_does_not_block_its_file(tmp_path):
+    path = tmp_path / "run.h5"
+    first = RunWriter(path, mode="w")
+    first.declare("loss", {"value": ()})
+    cycle = [first]
+    cycle.append(cycle)  # only the garbage collector frees it
+    del first, cycle
+    with RunWriter(path) as again:  # appends to the first one's file
+        assert "loss" in again.run().metrics()
