@@ -122,6 +122,7 @@ class RunWriter:
         self._last_flush = time.monotonic()
         self._closed = False
         self._holding = 0  # nesting depth of one_step(): automatic flushes wait
+        self._urgent = False  # an error finding waits for the end of its step, no longer
         self.path = None if path is None else Path(path)
 
         if self.path is None:
@@ -271,7 +272,8 @@ class RunWriter:
         }
         if context:
             attrs["context"] = json.dumps(list(context))
-        self._flush_pending()
+        if not self._holding:  # inside one_step() the step's rows stay together
+            self._flush_pending()
         self._backend.create_table(path, specs, attrs)
         self._fields[path] = specs
         self._last[path] = None
@@ -302,11 +304,18 @@ class RunWriter:
         Args:
             finding: the finding.
 
+        An error-severity finding is written to the file right away (at the end of the
+        step inside :meth:`one_step`): the process may be about to die of what it reports.
+
         Raises:
             StepOrderError: its step comes before the last finding's.
         """
         row = _finding_row(finding, self._fields[FINDINGS_TABLE])
         self._add_row(FINDINGS_TABLE, int(finding.step), row, strict=False)
+        if finding.severity == "error":  # the run may be about to die: on disk at once
+            self._urgent = True
+            if not self._holding:
+                self.flush()
 
     def record_checkpoint(self, step: int, source: str) -> None:
         """Record that ``step`` was computed from checkpoint ``source``.
@@ -380,7 +389,10 @@ class RunWriter:
         finally:
             self._holding -= 1
             if not self._holding and not self._closed:
-                self._flush_if_due()
+                if self._urgent:
+                    self.flush()
+                else:
+                    self._flush_if_due()
 
     def _flush_if_due(self) -> None:
         """Flush after ``flush_every`` buffered rows and points or ``flush_seconds``."""
@@ -508,6 +520,7 @@ class RunWriter:
         self._flush_pending()
         self._backend.flush()
         self._last_flush = time.monotonic()
+        self._urgent = False
 
     def close(self) -> None:
         """Write buffered rows and close the file; closing twice is harmless."""

@@ -253,3 +253,32 @@ def test_a_recovery_copy_left_by_a_killed_process_is_removed_by_the_next_recover
         assert _check_rows(run) == 40
     assert not stale.exists() and live.exists() and other.exists()
     assert sorted(tmp_path.glob("*.recover")) == sorted([live, other])
+
+
+def test_a_step_declaring_a_table_keeps_its_rows_together(tmp_path):
+    """A metric's first failure declares /metrics/unmeasured mid-step: that flushed the
+    step's rows so far, and a kill during the declaration left half a step on disk."""
+    from landscape.findings import Finding
+
+    path = tmp_path / "run.h5"
+    writer = RunWriter(path, flush_every=10_000, flush_seconds=1e9)
+    writer.declare("loss", {"value": None})
+    with writer.one_step():
+        writer.append("loss", 0, {"value": 1.0})
+        writer.declare("unmeasured", {"metric": None})
+        with Run.open(path) as run:  # another reader, mid-step
+            assert run.steps("loss").tolist() == []
+    writer.flush()
+    with Run.open(path) as run:
+        assert run.steps("loss").tolist() == [0]
+    # an error finding is on disk at the end of its step; a warning waits for the flush
+    for step, severity, on_disk in ((1, "warning", 0), (2, "error", 2)):
+        with writer.one_step():
+            writer.append("loss", step, {"value": float("nan")})
+            writer.add_finding(Finding(step=step, rule="nonfinite", metric="loss/value",
+                                       severity=severity, value=float("nan"), threshold=0.0,
+                                       message="training loss is nan"))
+        with Run.open(path) as run:
+            assert len(run.findings()) == on_disk
+            assert run.steps("loss").tolist() == ([0] if on_disk == 0 else [0, 1, 2])
+    writer.close()
