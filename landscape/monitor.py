@@ -516,6 +516,14 @@ class Monitor:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    @property
+    def last_step(self) -> int | None:
+        """The last step recorded, by this monitor or the run it resumed; None before any.
+
+        ``step()`` accepts only steps after it (:class:`~landscape.StepOrderError`).
+        """
+        return self._last_step
+
     def run(self) -> Run:
         """A reader of what has been recorded, also after ``close()`` (in memory: no path).
 

@@ -24,6 +24,7 @@ import importlib
 import math
 from typing import Any, Callable, Iterable, Sequence
 
+from landscape._errors import StepOrderError
 from landscape.batches import leading_size
 from landscape.batches import to_device as move_to_device
 from landscape.findings import Finding, severity_rank
@@ -158,6 +159,31 @@ def resume_options(options: dict[str, Any], path: Any, resumed_step: int) -> dic
             and out.get("truncate_from") is None):
         out["truncate_from"] = int(resumed_step)
     return out
+
+
+def refuse_stale_start(monitor: Monitor, first_step: int, owner: str) -> None:
+    """Refuse, before training moves, a run whose first step the file already holds.
+
+    A fresh ``trainer.train()`` / ``fit()`` (step 0) into a file of an earlier run failed
+    only at its first optimizer step, after the model had moved, with hooks left on it.
+
+    Args:
+        monitor: the started monitor (closed here when it refuses).
+        first_step: the step the framework's training starts at (its restored step count).
+        owner: the callback's name, for the message.
+
+    Raises:
+        StepOrderError: the run file already holds ``first_step`` or a later step.
+    """
+    last = monitor.last_step
+    if last is None or first_step > last:
+        return
+    path = monitor.writer.path if monitor.writer is not None else None
+    monitor.close()
+    raise StepOrderError(
+        f"{owner}: {path} already holds steps up to {last}, and this training starts at step "
+        f"{first_step}: pass another path, mode='w' to start the file over, or resume from a "
+        "checkpoint (the file's rows from its step on are then replaced)")
 
 
 def recorded_run(monitor: Monitor | None, closed: bool, owner: str) -> Run:

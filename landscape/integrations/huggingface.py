@@ -75,6 +75,7 @@ from landscape.integrations import (
     move_to_device,
     reaches,
     recorded_run,
+    refuse_stale_start,
     resume_options,
     unwrap_optimizer,
 )
@@ -362,6 +363,7 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
             probe=probe, closure=self.closure, config=config, on_finding=self._found,
             mirrors=mirrors, **options,
         ).start()
+        refuse_stale_start(self.monitor, int(state.global_step), type(self).__name__)
         self._closed = False
         self._world = (
             int(getattr(args, "world_size", 1) or 1)

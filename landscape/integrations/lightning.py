@@ -67,6 +67,7 @@ from landscape.integrations import (
     move_to_device,
     reaches,
     recorded_run,
+    refuse_stale_start,
     resume_options,
     unwrap_optimizer,
 )
@@ -253,6 +254,7 @@ class LandscapeCallback(CallbackSettings, Callback):
             probe=probe, closure=closure, config=config, on_finding=self._found,
             mirrors=mirrors, **options,
         ).start()
+        refuse_stale_start(self.monitor, int(trainer.global_step), type(self).__name__)
         self._closed = False
         self._seen_global_step = trainer.global_step
         self._pending = []

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from landscape import InstabilityWarning
+from landscape import InstabilityWarning, StepOrderError
 from landscape.alarms import LogitGrowth
 from landscape.metrics import create
 from landscape.store import Run
@@ -176,6 +176,26 @@ def test_record_loss_from_compute_loss_combines_the_micro_batches(tmp_path, shar
     assert len(set(micro)) == 6  # six different micro-batch losses
     np.testing.assert_allclose(cb.run().series("loss", "value")[1], expected, rtol=1e-6)
     assert cb.run().series("loss", "samples")[1].tolist() == [8, 8, 8]
+
+
+def test_a_fresh_train_into_a_file_of_an_earlier_run_is_refused_before_it_trains(tmp_path):
+    """train() twice, or a script run again: it failed at the first optimizer step, after
+    the model had moved, with the forward hook left on it."""
+    path = tmp_path / "run.h5"
+    _train(tmp_path, [LandscapeTrainerCallback(str(path), metrics=["loss"])], max_steps=2)
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    arguments = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "again"), use_cpu=True, report_to=[], save_strategy="no",
+        max_steps=2, per_device_train_batch_size=4, disable_tqdm=True)
+    trainer = transformers.Trainer(
+        model=model, args=arguments, train_dataset=Tokens(),
+        callbacks=[LandscapeTrainerCallback(str(path), metrics=["loss"])])
+    with pytest.raises(StepOrderError, match="already holds steps up to 1, and this training "
+                                             "starts at step 0"):
+        trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(not m._forward_hooks for m in model.modules())
 
 
 def test_monitor_options_reach_the_monitor(tmp_path):

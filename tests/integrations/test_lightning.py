@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from landscape import InstabilityWarning
+from landscape import InstabilityWarning, StepOrderError
 from landscape.alarms import LogitGrowth
 from landscape.metrics import create
 from landscape.store import Run
@@ -276,6 +276,21 @@ def test_a_fit_resumed_from_a_checkpoint_continues_the_run_file(tmp_path):
     trainer.fit(Classifier(), loader, ckpt_path=ckpt)
     with Run.open(path) as run:
         assert run.steps("loss").tolist() == [0, 1, 2, 3, 4]
+
+
+def test_a_fresh_fit_into_a_file_of_an_earlier_run_is_refused_before_it_trains(tmp_path):
+    """It failed at the first optimizer step, after the model had moved."""
+    path = tmp_path / "run.h5"
+    _fit(Classifier(), [LandscapeCallback(str(path), metrics=["loss"])], max_steps=3)
+    module = Classifier()
+    before = [p.detach().clone() for p in module.parameters()]
+    with pytest.raises(StepOrderError, match=r"already holds steps up to 2, and this "
+                                             r"training starts at step 0: pass another path"):
+        _fit(module, [LandscapeCallback(str(path), metrics=["loss"])], max_steps=3)
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
+    assert all(not m._forward_hooks for m in module.modules())
+    with Run.open(path) as run:  # the earlier run's file is as it was
+        assert run.steps("loss").tolist() == [0, 1, 2]
 
 
 class _TwoOptimizers(pl.LightningModule):
