@@ -13,6 +13,7 @@ restored afterwards. Forward passes go through ``functional_call`` with cloned b
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -104,9 +105,10 @@ def softmax_logits(outputs: torch.Tensor, targets: Any) -> bool:
     * floating-point targets that are not distributions over the ``C`` classes
       (regression, autoencoders, multi-label BCE); soft labels (mixup, distillation), of
       the outputs' shape with rows of non-negative entries summing to 1, are classes;
-    * integer targets of the outputs' shape that are not one index per logit row
-      (multi-hot labels). Integer targets of another shape (a nanoGPT-style model that,
-      called without targets, returns only the last position's logits) still say yes.
+    * integer targets that are not one index per logit row (multi-hot labels, per-pixel
+      targets of a channels-first map), except those of a sequence model that returns
+      fewer positions than its targets hold (a nanoGPT-style model, called without
+      targets, returns only the last position's logits): those say yes.
 
     Class indices (padding such as -100 included) and a batch without targets say yes.
 
@@ -133,10 +135,13 @@ def softmax_logits(outputs: torch.Tensor, targets: Any) -> bool:
         return False
     if targets.numel() * outputs.shape[-1] == outputs.numel():
         return True  # one class index per logit row
-    # targets of the outputs' own shape are labels per logit (multi-hot); other shapes do
-    # not line up with the rows (a nanoGPT-style forward without targets returns only the
-    # last position's logits): still class logits, just not of these targets
-    return targets.shape != outputs.shape
+    # a sequence model that returns fewer positions than its targets hold (a nanoGPT-style
+    # forward without targets: the last position's logits); not labels per logit
+    # (multi-hot), nor a channels-first map (B, C, H, W) of per-pixel targets (B, H, W)
+    return (targets.dim() == outputs.dim() - 1
+            and targets.shape[:1] == outputs.shape[:1]
+            and targets.shape != outputs.shape[:1] + outputs.shape[2:]
+            and math.prod(outputs.shape[1:-1]) < math.prod(targets.shape[1:]))
 
 
 def is_batch_list(value: Any) -> bool:
