@@ -18,6 +18,7 @@ __all__ = [
     "Captured",
     "capture",
     "first_tensor",
+    "last_child_output",
     "last_linear",
     "linear_layers",
     "resolve_module",
@@ -140,6 +141,38 @@ def capture(
                 module.register_forward_hook(make_hook(name, name in in_names, name in out_names))
             )
         yield found
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def last_child_output(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Keep the output of the last direct child of ``model`` called with logits-like output.
+
+    For a closure that calls a submodule instead of the model itself (a Lightning
+    ``training_step`` doing ``self.net(x)``): the root module's own output, which the
+    logits metrics read, is then never produced. The kept tensor is the first tensor of the
+    last child call whose output has at least two dimensions (a loss or a metric module
+    called after the network returns a scalar, and is passed over).
+
+    Args:
+        model: the model whose direct children are hooked.
+
+    Yields:
+        A list that holds the kept (detached) output once a child produced one; the hooks
+        are removed on exit, also after an error.
+    """
+    kept: list[torch.Tensor] = []
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        t = first_tensor(output)
+        if t is not None and t.dim() >= 2:
+            kept[:] = [t.detach()]
+
+    handles = [child.register_forward_hook(hook) for child in model.children()]
+    try:
+        yield kept
     finally:
         for h in handles:
             h.remove()

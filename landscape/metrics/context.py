@@ -13,6 +13,7 @@ restored afterwards. Forward passes go through ``functional_call`` with cloned b
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -22,7 +23,7 @@ from torch import nn
 
 from landscape._deprecation import deprecated_alias
 from landscape._errors import MissingInput
-from landscape.capture import Captured, capture, first_tensor
+from landscape.capture import Captured, capture, first_tensor, last_child_output
 from landscape.isolation import stateless_call, stateless_closure
 from landscape.params import Vector, gradient_norm, tensor_norms
 
@@ -398,8 +399,15 @@ class StepContext:
             ins, outs = self.capture_plan.get(source, (set(), set()))
             parts = []
             for batch in self.batches(source):
-                with torch.no_grad(), capture(self.model, inputs=ins, outputs={"", *outs}) as cap:
+                # a closure may call a submodule rather than the model (a Lightning
+                # training_step doing self.net(x)): its last child output stands in
+                children = (last_child_output(self.model) if self.closure is not None
+                            else contextlib.nullcontext([]))
+                with torch.no_grad(), children as kept, \
+                        capture(self.model, inputs=ins, outputs={"", *outs}) as cap:
                     self._forward(batch, self.named_params)
+                if "" not in cap.outputs and kept:
+                    cap.outputs[""] = kept[0]
                 parts.append(cap)
             self._captured[source] = parts[0] if len(parts) == 1 else _concat(parts)
         return self._captured[source]

@@ -236,6 +236,32 @@ def test_training_step_loss_keeps_the_probe_out_of_the_users_logs():
     assert len(module.losses) == 2
 
 
+class _CallsItsNet(Classifier):
+    """A training_step that calls the submodule, self.net(x), not self(x); a loss module
+    called after it returns a scalar."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.criterion = nn.CrossEntropyLoss()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return self.criterion(self.net(x), y)
+
+
+def test_under_training_step_loss_the_logits_come_from_the_submodule_it_calls():
+    """The logits metric read the root module's output, which such a closure never makes:
+    NaN rows and a metric_failed finding in the default preset."""
+    rows = {}
+    for how in ({"loss_fn": F.cross_entropy}, {"closure": training_step_loss}):
+        cb = LandscapeCallback(None, probe=PROBE, metrics=["logits"], alarms=False, **how)
+        _fit(_CallsItsNet(), [cb], max_steps=2)
+        assert not [f for f in cb.monitor.findings if f.rule == "metric_failed"]
+        rows[next(iter(how))] = cb.run().series("logits", "max_abs")[1]
+    assert np.isfinite(rows["closure"]).all()
+    np.testing.assert_array_equal(rows["closure"], rows["loss_fn"])
+
+
 def test_without_a_loss_the_cheap_metrics_run_and_curvature_says_what_it_needs():
     cb = LandscapeCallback(None, probe=PROBE,
                            metrics=["loss", "update", "logits", "top_eigenvalues"])
