@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.utils import parametrize
 
 from landscape.distributed import unwrap
 
@@ -70,7 +71,10 @@ def _written_in_forward(modules: list[nn.Module]) -> list[torch.Tensor]:
     """
     seen: dict[int, torch.Tensor] = {}
     for m in modules:
-        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None:
+        # a parametrized weight is computed afresh at each read: the renormalisation writes
+        # into that copy, never into the parameter
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None \
+                and not parametrize.is_parametrized(m, "weight"):
             seen.setdefault(id(m.weight), m.weight)
     return list(seen.values())
 

@@ -93,15 +93,17 @@ def _stored_config(metric: Metric) -> dict[str, Any]:
     """The metric's ``config()`` and its data source, as the run file stores them.
 
     Raises:
-        ValueError: ``config()`` uses a key the monitor records itself (``name``,
-            ``schedule``, ``data``): it would be overwritten, or overwrite them, silently.
+        ValueError: ``config()`` gives a key the monitor records itself (``name``,
+            ``schedule``, ``data``) another value: one would overwrite the other silently.
     """
     config = metric.config()
-    taken = [k for k in _RESERVED_CONFIG if k in config]
+    own = {"name": metric.name, "schedule": str(metric.schedule), "data": metric.data}
+    taken = [k for k in _RESERVED_CONFIG if k in config and config[k] != own[k]]
     if taken:
         raise ValueError(
             f"{type(metric).__name__}.config() uses the key {taken[0]!r}, which the monitor "
-            f"records itself (reserved: {', '.join(_RESERVED_CONFIG)}); rename it"
+            f"records itself with another value (reserved: {', '.join(_RESERVED_CONFIG)}); "
+            "rename it"
         )
     return {**config, "data": metric.data}
 
@@ -171,7 +173,7 @@ def _no_loss_fn(*args: Any) -> torch.Tensor:
 
 
 def _step_index(step: Any) -> int:
-    """``step`` as an int: any integer type, or a float with an integer value.
+    """``step`` as an int: any integer type, or a float (of any kind) with an integer value.
 
     Raises:
         ValueError: anything else (``0.5``: fractional epochs are not steps; a string; a bool).
@@ -180,8 +182,10 @@ def _step_index(step: Any) -> int:
         try:
             return operator.index(step)  # int, numpy integers, integer 0-d tensors
         except TypeError:
-            if isinstance(step, float) and step.is_integer():
-                return int(step)
+            with contextlib.suppress(TypeError, ValueError, RuntimeError):
+                value = float(step)  # a float of any kind, a one-element float tensor
+                if value.is_integer():
+                    return int(value)
     raise ValueError(f"step must be an integer (the optimizer step's index), got "
                      f"{type(step).__name__} {step!r}")
 
@@ -629,7 +633,10 @@ class Monitor:
         ctx = self._context(self._next_step(), None, None, None)
         with isolated(self.model):
             inputs, targets = split_batch(self.probe)
-            r = float(radius_along(ctx, inputs, targets, self._before, update).r)
+            try:
+                r = float(radius_along(ctx, inputs, targets, self._before, update).r)
+            except MissingInput:  # not a classifier's logits: no radius, nothing to guard
+                return
         if math.isfinite(r) and r > self.taylor_guard:
             scale = self.taylor_guard / r
             with torch.no_grad():
@@ -676,8 +683,7 @@ class Monitor:
             StepOrderError: ``step`` does not come after the last recorded step.
         """
         step = _step_index(step)  # the arguments are checked before anything is recorded
-        if isinstance(loss, bool) or (
-                loss is not None and not isinstance(loss, (torch.Tensor, int, float, np.number))):
+        if isinstance(loss, (str, bytes, bool)):  # arrays of any kind still read
             raise ValueError(f"loss must be a tensor or a number, got {type(loss).__name__} "
                              f"{loss!r}")
         if grad_norm is not None:

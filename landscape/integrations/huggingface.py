@@ -396,7 +396,9 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
             self._warned_no_loss = True  # said here already: no second warning at the step
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Hook the parameters unfrozen since the last step (the norm before clipping)."""
+        """Start the step's losses afresh; hook the parameters unfrozen since the last step."""
+        self._explicit_losses = []  # nothing an evaluation between two steps recorded
+        self._explicit_share = False
         if self._unclipped is not None:
             self._unclipped.watch()
 
@@ -464,10 +466,18 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         ``average_tokens_across_devices``, as for the model's own losses). Given values
         replace what the forward hook read for the step.
 
+        Calls without gradients (the Trainer's evaluation runs ``compute_loss`` too) are
+        ignored. Under ``average_tokens_across_devices`` give the value before the Trainer's
+        own scaling (the model's ``outputs.loss``, not ``super().compute_loss()``'s result,
+        which the Trainer has multiplied by the number of processes): the callback applies
+        the world size itself.
+
         Args:
             loss: a micro-batch's loss.
             share: the values of a step add up to its loss, rather than average to it.
         """
+        if self._closed or not torch.is_grad_enabled():
+            return  # an evaluation loop's compute_loss (no gradients), or no training
         value = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
         self._explicit_losses.append(value)
         self._explicit_share = share

@@ -14,7 +14,6 @@ restored afterwards. Forward passes go through ``functional_call`` with cloned b
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -107,9 +106,9 @@ def softmax_logits(outputs: torch.Tensor, targets: Any) -> bool:
       (regression, autoencoders, multi-label BCE); soft labels (mixup, distillation), of
       the outputs' shape with rows of non-negative entries summing to 1, are classes;
     * integer targets that are not one index per logit row (multi-hot labels, per-pixel
-      targets of a channels-first map), except those of a sequence model that returns
-      fewer positions than its targets hold (a nanoGPT-style model, called without
-      targets, returns only the last position's logits): those say yes.
+      targets of a channels-first map), except ``(B, T)`` targets of ``(B, 1, V)`` outputs:
+      a nanoGPT-style model, called without targets, returns only the last position's
+      logits, and those say yes.
 
     Class indices (padding such as -100 included) and a batch without targets say yes.
 
@@ -136,13 +135,12 @@ def softmax_logits(outputs: torch.Tensor, targets: Any) -> bool:
         return False
     if targets.numel() * outputs.shape[-1] == outputs.numel():
         return True  # one class index per logit row
-    # a sequence model that returns fewer positions than its targets hold (a nanoGPT-style
-    # forward without targets: the last position's logits); not labels per logit
-    # (multi-hot), nor a channels-first map (B, C, H, W) of per-pixel targets (B, H, W)
-    return (targets.dim() == outputs.dim() - 1
-            and targets.shape[:1] == outputs.shape[:1]
-            and targets.shape != outputs.shape[:1] + outputs.shape[2:]
-            and math.prod(outputs.shape[1:-1]) < math.prod(targets.shape[1:]))
+    # a nanoGPT-style forward without targets returns the last position's logits (B, 1, V)
+    # of (B, T) targets; any other misalignment is not class logits of these targets
+    # (multi-hot labels, per-pixel targets of a channels-first map at any resolution)
+    return (outputs.dim() == 3 and targets.dim() == 2
+            and outputs.shape[0] == targets.shape[0]
+            and outputs.shape[1] == 1 < targets.shape[1])
 
 
 def is_batch_list(value: Any) -> bool:

@@ -115,6 +115,12 @@ def _model_call(batch: Any, samples: int, keywords: bool) -> tuple[tuple, dict, 
     return (head(inputs, samples),), {}, head(targets, samples)
 
 
+def _reissue(caught: Any) -> None:
+    """Warn again what ``warnings.catch_warnings(record=True)`` kept."""
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 def _target_index(
     targets: torch.Tensor, classes: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -405,16 +411,17 @@ class Sentinels(Metric):
                 # the first call on a dict batch may try the wrong convention: its warnings
                 # (torch's, indexing a tensor with a key) are kept until one works
                 trying = self._whole_dict is None and isinstance(batch, Mapping)
+                caught: list[warnings.WarningMessage] = []
                 try:
                     with warnings.catch_warnings(record=True) if trying \
-                            else contextlib.nullcontext() as caught:
+                            else contextlib.nullcontext() as seen:
                         args, kwargs, y, output, attention = self._conventional(
                             ctx, batch, samples)
-                    for w in caught or ():  # it worked: they were the model's own
-                        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+                    _reissue(seen or ())  # it worked: they were the model's own
                 except (TypeError, IndexError, KeyError, MissingInput) as err:
                     if not trying:
                         raise
+                    caught = list(seen or ())
                     # a forward that takes the dict batch itself (a LightningModule's
                     # forward(self, batch)): the last convention to try, once
                     args, kwargs, y = (head(batch, samples),), {}, None
@@ -422,6 +429,7 @@ class Sentinels(Metric):
                         output, attention = self._forward(ctx.model, args, kwargs, ctx.modules)
                     except Exception:
                         self._whole_dict = False
+                        _reissue(caught)  # neither worked: the model's error, its warnings
                         raise err from None  # the model's own error, not model(dict)'s
                     self._whole_dict = True
                 else:

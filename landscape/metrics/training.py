@@ -306,6 +306,10 @@ def radius_along(
 
     Returns:
         The result of :func:`landscape.functional.taylor_radius_from_logits`.
+
+    Raises:
+        MissingInput: the outputs are not softmax logits of ``targets``
+            (:func:`~landscape.metrics.context.softmax_logits`: a regression head, ...).
     """
     from landscape.functional.taylor import logit_tangent, logits_call
 
@@ -317,6 +321,9 @@ def radius_along(
     # Hugging Face model builds no key-value cache (jvp accepts tensors only)
     call = logits_call(ctx.model, args, keywords=keywords)
     logits, tangent = logit_tangent(call, dict(zip(names, at)), dict(zip(names, direction)))
+    if not softmax_logits(logits, targets):  # a regression head, ...: r means nothing
+        raise MissingInput("taylor_radius: the model's outputs are not softmax logits of "
+                           "these targets (docs/conventions.md, 'Which outputs are logits')")
     step_norm = norm(direction)
     return LF.taylor_radius_from_logits(
         logits.detach(), tangent.detach(), step_norm=step_norm,

@@ -40,10 +40,11 @@ from landscape.store.format import (
     normalize_fields,
 )
 from landscape.store.reader import Run
-from landscape.store.writer import RunWriter
+from landscape.store.writer import RunWriter, close_writers
 
 __all__ = [
-    "Run", "RunWriter", "SurfaceData", "FieldSpec", "FieldsLike", "normalize_fields",
+    "Run", "RunWriter", "SurfaceData", "close_writers", "FieldSpec", "FieldsLike",
+    "normalize_fields",
     "FORMAT", "FORMAT_VERSION", "METRICS_GROUP", "FINDINGS_TABLE", "CHECKPOINTS_TABLE",
     "SURFACES_GROUP", "LOCKING", "FINDING_FIELDS", "CHECKPOINT_FIELDS",
 ]

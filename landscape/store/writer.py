@@ -49,7 +49,7 @@ from landscape.store.format import (
 from landscape.store.reader import Run
 from landscape.store.recovery import WRITING, holds_nothing, open_for_writing
 
-__all__ = ["RunWriter"]
+__all__ = ["RunWriter", "close_writers"]
 
 
 @dataclass
@@ -75,6 +75,27 @@ def _close_at_exit() -> None:
     for writer in list(_OPEN):
         with contextlib.suppress(Exception):
             writer.close()
+
+
+def close_writers(path: str | os.PathLike | None = None) -> int:
+    """Close the run files this process still writes: all of them, or those at ``path``.
+
+    For a writer no variable holds any more (a notebook cell run again whose first monitor
+    an error's traceback keeps alive): a new writer of its file is refused until it closes.
+
+    Args:
+        path: the run file (None: every open writer).
+
+    Returns:
+        How many writers were closed.
+    """
+    want = None if path is None else str(Path(path).resolve())
+    closed = 0
+    for writer in list(_OPEN):
+        if writer.path is not None and (want is None or str(writer.path.resolve()) == want):
+            writer.close()
+            closed += 1
+    return closed
 
 
 class RunWriter:
@@ -165,7 +186,8 @@ class RunWriter:
             raise RunFileError(
                 f"{path}: is already open for writing in this process (a Monitor or "
                 "RunWriter not closed yet, e.g. from a notebook cell run before): close() it "
-                "first, or write to another path")
+                "first (landscape.store.close_writers(path) when you no longer hold it), or "
+                "write to another path")
         # a file a writer left before its first flush holds nothing: started anew
         if path.exists() and mode == "a" and not holds_nothing(path):
             backend = H5Backend(open_for_writing(path), writable=True)

@@ -160,18 +160,21 @@ def test_explicit_record_loss_wins_over_the_forward_hook(tmp_path):
 
 @pytest.mark.parametrize("share", [False, True])
 def test_record_loss_from_compute_loss_combines_the_micro_batches(tmp_path, share):
-    """compute_loss runs once per micro-batch: the step's loss is their mean (or sum)."""
+    """compute_loss runs once per micro-batch: the step's loss is their mean (or sum); the
+    evaluation between steps runs it too, and its losses are not the next step's."""
     micro: list[float] = []
 
     class Recording(transformers.Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             out = model(**inputs)
-            micro.append(float(out.loss))
+            if model.training:  # the evaluation after each step calls it too
+                micro.append(float(out.loss))
             cb.record_loss(out.loss / 2 if share else out.loss, share=share)
             return (out.loss, out) if return_outputs else out.loss
 
     cb = LandscapeTrainerCallback(None, metrics=["loss"], alarms=False)
-    _train(tmp_path, [cb], max_steps=3, gradient_accumulation_steps=2, trainer_class=Recording)
+    _train(tmp_path, [cb], max_steps=3, gradient_accumulation_steps=2, trainer_class=Recording,
+           eval_dataset=Tokens(8, seed=2), eval_strategy="steps", eval_steps=1)
     expected = np.asarray(micro).reshape(3, 2).mean(axis=1)
     assert len(set(micro)) == 6  # six different micro-batch losses
     np.testing.assert_allclose(cb.run().series("loss", "value")[1], expected, rtol=1e-6)

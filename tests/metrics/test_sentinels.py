@@ -459,8 +459,11 @@ def test_softmax_logits_tells_class_logits_from_other_outputs():
     assert not softmax_logits(z, torch.randint(0, 2, (8, 5)))  # multi-hot indices
     # a nanoGPT-style forward without targets: the last position's logits, (B, T) targets
     assert softmax_logits(torch.randn(8, 1, 5), torch.randint(0, 5, (8, 6)))
-    # ... but not per-pixel targets of a channels-first map, nor two labels per sample
+    # ... but not per-pixel targets of a channels-first map (at any resolution: SegFormer
+    # predicts at 1/4), frame labels of a Conv1d, nor two labels per sample
     assert not softmax_logits(torch.randn(4, 3, 6, 7), torch.randint(0, 3, (4, 6, 7)))
+    assert not softmax_logits(torch.randn(2, 19, 8, 8), torch.randint(0, 19, (2, 32, 32)))
+    assert not softmax_logits(torch.randn(4, 5, 100), torch.randint(0, 5, (4, 400)))
     assert not softmax_logits(z, torch.randint(0, 5, (8, 2)))
     assert not softmax_logits(z, torch.randn(8, 3))  # float targets of another shape
     assert not softmax_logits(torch.randn(8), torch.eye(8)[0])  # (B,) sigmoid logits

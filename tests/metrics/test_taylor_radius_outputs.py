@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import types
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -228,3 +229,25 @@ def test_the_metric_records_the_median_samples_ratio_beside_the_largest():
     want = taylor_radius(model, x, update, quantile=0.5)
     assert 0 < med < r
     assert med == pytest.approx(float(want.r), rel=1e-5)
+
+
+@pytest.mark.parametrize("how", ["loss_fn", "closure"])
+def test_taylor_radius_of_a_regression_head_is_not_measured(how):
+    """r is a cross-entropy quantity: on a regression head's outputs it means nothing (it
+    was recorded as a number, and under a closure it was refused for the wrong reason)."""
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(0))
+    y = torch.randn(32, 3, generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    kwargs = ({"loss_fn": F.mse_loss} if how == "loss_fn"
+              else {"closure": lambda m, b: F.mse_loss(m(b[0]), b[1])})
+    with Monitor(model, optimizer=opt, probe=(x, y), metrics=["taylor_radius"], warn=False,
+                 **kwargs) as mon:
+        loss = F.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mon.step(0, batch=(x, y), loss=loss)
+    assert np.isnan(mon.run().series("taylor_radius", "r")[1]).all()
+    (failed,) = [f for f in mon.findings if f.rule == "metric_failed"]
+    assert "not softmax logits" in failed.message

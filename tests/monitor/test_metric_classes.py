@@ -137,6 +137,15 @@ def test_a_config_key_the_monitor_records_itself_is_refused(tmp_path, key):
     with pytest.raises(ValueError, match=rf"Clash.config\(\) uses the key '{key}'"):
         mon.start()
 
+    class Same(Clash):  # the value the monitor records anyway: harmless
+        def config(self):
+            return {key: {"name": "test_clash", "schedule": str(self.schedule),
+                          "data": self.data}[key]}
+
+    with ls.Monitor(models.mlp(), F.cross_entropy, metrics=[Same()], alarms=False) as mon:
+        mon.step(0)
+    assert mon.run().config["metrics"][0]["name"] == "test_clash"
+
 
 def test_step_context_parameters_and_the_deprecated_params():
     seen = {}

@@ -558,8 +558,11 @@ def test_step_arguments_of_the_wrong_type_are_refused_before_anything_is_recorde
         mon.step(np.int64(0), loss=np.float32(1.5))
         mon.step(torch.tensor(1), loss=2)
         mon.step(2.0, loss=torch.tensor(2.5))  # a float with an integer value
+        mon.step(np.float32(3.0), loss=np.array(3.5))  # what loss.cpu().numpy() gives
+        mon.step(torch.tensor(4.0), loss=[4.0, 5.0])  # not a loss, but training goes on
         steps, values = mon.run().series("loss", "value")
-    assert steps.tolist() == [0, 1, 2] and values.tolist() == [1.5, 2.0, 2.5]
+    assert steps.tolist() == [0, 1, 2, 3, 4]
+    assert values[:4].tolist() == [1.5, 2.0, 2.5, 3.5] and math.isnan(values[4])
 
 
 # -- fp16 with a GradScaler: skipped steps are not errors

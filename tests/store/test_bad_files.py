@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from landscape import RunFileError
-from landscape.store import FORMAT_VERSION, Run, RunWriter
+from landscape.store import FORMAT_VERSION, Run, RunWriter, close_writers
 
 
 @pytest.mark.parametrize(
@@ -113,6 +113,9 @@ def test_a_file_this_process_still_writes_is_refused_in_one_line(tmp_path, mode)
         RunWriter(path, mode=mode)
     first.close()
     RunWriter(path, mode=mode).close()  # once closed, it opens
+    held = [RunWriter(path)]  # one the user no longer reaches, kept alive elsewhere
+    assert close_writers(path) == 1 and held[0].closed
+    RunWriter(path, mode=mode).close()
 
 
 def test_a_writer_dropped_without_close_does_not_block_its_file(tmp_path):
