@@ -161,7 +161,7 @@ def resume_options(options: dict[str, Any], path: Any, resumed_step: int) -> dic
     return out
 
 
-def refuse_stale_start(monitor: Monitor, first_step: int, owner: str) -> None:
+def refuse_stale_start(monitor: Monitor, first_step: int, owner: str, path: Any) -> None:
     """Refuse, before training moves, a run whose first step the file already holds.
 
     A fresh ``trainer.train()`` / ``fit()`` (step 0) into a file of an earlier run failed
@@ -171,6 +171,7 @@ def refuse_stale_start(monitor: Monitor, first_step: int, owner: str) -> None:
         monitor: the started monitor (closed here when it refuses).
         first_step: the step the framework's training starts at (its restored step count).
         owner: the callback's name, for the message.
+        path: the run file, for the message (on every rank; only rank 0 writes it).
 
     Raises:
         StepOrderError: the run file already holds ``first_step`` or a later step.
@@ -178,7 +179,6 @@ def refuse_stale_start(monitor: Monitor, first_step: int, owner: str) -> None:
     last = monitor.last_step
     if last is None or first_step > last:
         return
-    path = monitor.writer.path if monitor.writer is not None else None
     monitor.close()
     raise StepOrderError(
         f"{owner}: {path} already holds steps up to {last}, and this training starts at step "

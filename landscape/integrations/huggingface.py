@@ -363,7 +363,8 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
             probe=probe, closure=self.closure, config=config, on_finding=self._found,
             mirrors=mirrors, **options,
         ).start()
-        refuse_stale_start(self.monitor, int(state.global_step), type(self).__name__)
+        refuse_stale_start(self.monitor, int(state.global_step), type(self).__name__,
+                           self.path)
         self._closed = False
         self._world = (
             int(getattr(args, "world_size", 1) or 1)

@@ -254,7 +254,8 @@ class LandscapeCallback(CallbackSettings, Callback):
             probe=probe, closure=closure, config=config, on_finding=self._found,
             mirrors=mirrors, **options,
         ).start()
-        refuse_stale_start(self.monitor, int(trainer.global_step), type(self).__name__)
+        refuse_stale_start(self.monitor, int(trainer.global_step), type(self).__name__,
+                           self.path)
         self._closed = False
         self._seen_global_step = trainer.global_step
         self._pending = []
