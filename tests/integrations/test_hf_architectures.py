@@ -104,23 +104,27 @@ def test_a_vision_classifiers_collapse_reads_the_batchs_labels(tmp_path):
     assert run.series("collapse", "nc1")[1][0] == pytest.approx(float(want.nc1), rel=1e-5)
 
 
-def test_label_smoothing_warns_and_the_missing_loss_raises_no_false_alarm(tmp_path):
-    """The Trainer pops the labels and computes a smoothed loss itself, so outputs.loss is
-    None: every loss row is NaN, and the non-finite rule read them as a NaN training loss
-    (an error that stop_on='error' acted on after one step). The logits capture ran the
-    default closure, which needs labels."""
+def _tiny_gpt2_and_tokens():
+    """A one-layer GPT-2 and 16 token rows of 8 with labels, for the Trainer (quiet)."""
     pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
-    from landscape.integrations import LandscapeTrainerCallback
-
     transformers.logging.set_verbosity_error()
     logging.getLogger("transformers").setLevel(logging.ERROR)
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=16, bos_token_id=0,
         eos_token_id=0))
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, VOCAB, (16, 8), generator=g)
-    data = [{"input_ids": row, "labels": row} for row in ids]
+    ids = torch.randint(0, VOCAB, (16, 8), generator=torch.Generator().manual_seed(0))
+    return model, [{"input_ids": row, "labels": row} for row in ids]
+
+
+def test_label_smoothing_warns_and_the_missing_loss_raises_no_false_alarm(tmp_path):
+    """The Trainer pops the labels and computes a smoothed loss itself, so outputs.loss is
+    None: every loss row is NaN, and the non-finite rule read them as a NaN training loss
+    (an error that stop_on='error' acted on after one step). The logits capture ran the
+    default closure, which needs labels."""
+    from landscape.integrations import LandscapeTrainerCallback
+
+    model, data = _tiny_gpt2_and_tokens()
     callback = LandscapeTrainerCallback(tmp_path / "run.h5", metrics=["loss", "logits"],
                                         stop_on="error")
     arguments = transformers.TrainingArguments(
@@ -144,17 +148,9 @@ def test_label_smoothing_warns_and_the_missing_loss_raises_no_false_alarm(tmp_pa
 
 def test_a_loss_computed_outside_the_model_is_said_once(tmp_path):
     """Trainer(compute_loss_func=...) pops the labels too: the model returns no loss."""
-    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
     from landscape.integrations import LandscapeTrainerCallback
 
-    transformers.logging.set_verbosity_error()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=16, bos_token_id=0,
-        eos_token_id=0))
-    ids = torch.randint(0, VOCAB, (16, 8), generator=torch.Generator().manual_seed(0))
-    data = [{"input_ids": row, "labels": row} for row in ids]
+    model, data = _tiny_gpt2_and_tokens()
 
     def loss_func(outputs, labels, num_items_in_batch=None):
         logits = outputs.logits[:, :-1].reshape(-1, VOCAB)

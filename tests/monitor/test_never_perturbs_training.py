@@ -105,16 +105,23 @@ def test_a_model_whose_eval_merges_lora_weights_trains_bitwise_identically(prese
         return torch.nn.Sequential(models.MergingLoRA(6, 8), torch.nn.Tanh(),
                                    models.MergingLoRA(8, 3))
 
+    _assert_bitwise_identical(lora, preset_name)
+
+
+def _assert_bitwise_identical(make_model, preset_name):
+    """Adam on inputs of 6 features, monitored by the default (None) or ``preset_name`` with
+    every metric due every other step, against the unmonitored run."""
+
     def monitor(model, opt):
         metrics = None if preset_name is None else preset(
             preset_name, **dict.fromkeys(PRESETS[preset_name], "every(2)"))
         return Monitor(model, F.cross_entropy, optimizer=opt, metrics=metrics, warn=False,
                        strict=True)
 
-    ref, _, _ = _adam_run(lora, (6,))
+    ref, _, _ = _adam_run(make_model, (6,))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        state, _, _ = _adam_run(lora, (6,), monitor)
+        state, _, _ = _adam_run(make_model, (6,), monitor)
     assert all(torch.equal(state[k], ref[k]) for k in ref)
 
 
@@ -135,14 +142,4 @@ class _MaxNormEmbedding(torch.nn.Module):
 
 @pytest.mark.parametrize("preset_name", [None, "standard"])
 def test_an_embedding_with_max_norm_trains_bitwise_identically(preset_name):
-    def monitor(model, opt):
-        metrics = None if preset_name is None else preset(
-            preset_name, **dict.fromkeys(PRESETS[preset_name], "every(2)"))
-        return Monitor(model, F.cross_entropy, optimizer=opt, metrics=metrics, warn=False,
-                       strict=True)
-
-    ref, _, _ = _adam_run(_MaxNormEmbedding, (6,))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        state, _, _ = _adam_run(_MaxNormEmbedding, (6,), monitor)
-    assert all(torch.equal(state[k], ref[k]) for k in ref)
+    _assert_bitwise_identical(_MaxNormEmbedding, preset_name)
