@@ -283,8 +283,10 @@ class LandscapeCallback(CallbackSettings, Callback):
         loss = _loss_of(outputs)
         if loss is not None:
             self._pending.append(loss)
-        # every batch of an accumulation window counts
-        self._pending_samples = add_samples(self._pending_samples, batch)
+        # every batch of an accumulation window counts, but one whose training_step returned
+        # None under automatic optimization: Lightning skipped its backward
+        if loss is not None or not pl_module.automatic_optimization:
+            self._pending_samples = add_samples(self._pending_samples, batch)
         if trainer.global_step == self._seen_global_step:
             return  # accumulating gradients: no optimizer step yet
         self._seen_global_step = trainer.global_step

@@ -168,6 +168,20 @@ def test_the_short_accumulation_window_that_ends_an_epoch_records_its_mean_loss(
     assert cb.run().series("loss", "samples")[1].tolist() == [64.0, 32.0, 64.0, 32.0]
 
 
+class _SkipsOddBatches(Classifier):
+    """Returns None for odd batches: Lightning skips their backward (automatic optimization)."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return None if batch_idx % 2 else loss
+
+
+def test_a_batch_whose_training_step_returned_none_is_not_counted_in_samples():
+    cb = LandscapeCallback(None, F.cross_entropy, metrics=["loss"], alarms=False)
+    _fit(_SkipsOddBatches(), [cb], max_steps=2, accumulate_grad_batches=2)
+    assert cb.run().series("loss", "samples")[1].tolist() == [16.0, 16.0]  # was 32
+
+
 class _ParamSpy(pl.Callback):
     """Parameters after every optimizer step (list index = step)."""
 
