@@ -261,9 +261,10 @@ class Checkpoint:
         return f"Checkpoint({str(self.path)!r}, step={self.step}, {len(self.state_dict)} tensors)"
 
 
-_STEP_FOLDER = re.compile(
+STEP_FOLDER = re.compile(
     r"(?:checkpoint|ckpt|step|global_step|iter|iteration|epoch)[-_=]?(\d+)", re.IGNORECASE
 )
+"""The name of a checkpoint folder that gives its step (``checkpoint-40``, ``step_200``)."""
 
 
 def step_from_name(path: str | Path) -> int | None:
@@ -277,7 +278,7 @@ def step_from_name(path: str | Path) -> int | None:
     numbers = re.findall(r"\d+", path.stem)
     if numbers:
         return int(numbers[-1])
-    folder = _STEP_FOLDER.fullmatch(path.parent.name)
+    folder = STEP_FOLDER.fullmatch(path.parent.name)
     return int(folder.group(1)) if folder else None
 
 

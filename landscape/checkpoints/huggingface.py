@@ -23,6 +23,7 @@ from torch import nn
 
 from landscape._errors import LandscapeError
 from landscape._hf import is_causal_lm
+from landscape.loading import STEP_FOLDER
 
 __all__ = [
     "build_model",
@@ -72,7 +73,9 @@ def folder_step(path: Path) -> int | None:
         path: a model folder.
 
     Returns:
-        ``global_step`` of ``trainer_state.json``, the N of ``checkpoint-N``, or None.
+        ``global_step`` of ``trainer_state.json``, else the N of a folder named
+        ``checkpoint-N`` (also ``step-N``, ``ckpt_N``, ``global_step=N``, ...:
+        :data:`landscape.loading.STEP_FOLDER`), or None.
     """
     state = path / "trainer_state.json"
     if state.is_file():
@@ -82,7 +85,7 @@ def folder_step(path: Path) -> int | None:
                 return step
         except (OSError, ValueError):
             pass
-    m = _CHECKPOINT.fullmatch(path.name)
+    m = STEP_FOLDER.fullmatch(path.name)
     return int(m.group(1)) if m else None
 
 

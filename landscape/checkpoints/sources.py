@@ -59,8 +59,10 @@ class Opened:
 def expand(paths: Sequence[str | Path]) -> list[Path]:
     """Each path, with the folders that hold several checkpoints replaced by them.
 
-    A ``Trainer`` output folder by its checkpoint folders, a folder of Lightning ``.ckpt``
-    files by those files (``last*.ckpt`` left out).
+    A ``Trainer`` output folder by its checkpoint folders (also when a final ``save_model()``
+    made it a model folder itself: those weights count only when its ``trainer_state.json``
+    dates them after the last checkpoint), a folder of Lightning ``.ckpt`` files by those
+    files (``last*.ckpt`` left out).
 
     Args:
         paths: files and folders as given.
@@ -75,10 +77,16 @@ def expand(paths: Sequence[str | Path]) -> list[Path]:
     for p in map(Path, paths):
         if not p.is_dir():
             out.append(p)
-        elif hf.is_model_folder(p):
-            out.append(p)
         elif subs := hf.trainer_checkpoints(p):
             out.extend(subs)
+            # a final trainer.save_model() into the output folder itself: its weights too,
+            # when trainer_state.json (trainer.save_state()) dates them after the last one
+            last = hf.folder_step(subs[-1])
+            final = hf.folder_step(p) if hf.is_model_folder(p) else None
+            if final is not None and last is not None and final > last:
+                out.append(p)
+        elif hf.is_model_folder(p):
+            out.append(p)
         elif ckpts := sorted(c for c in p.glob("*.ckpt") if c.is_file()):
             # a ModelCheckpoint folder; last.ckpt repeats the latest checkpoint
             out.extend([c for c in ckpts if not lit.is_last_copy(c)] or ckpts)

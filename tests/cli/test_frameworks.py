@@ -263,3 +263,38 @@ def test_text_with_a_folder_without_tokenizer_says_so(stack, tmp_path):
     result = _invoke(["analyze", folder, "--text", stack["root"] / "corpus.txt", *LM,
                       "-o", tmp_path / "r.h5"])
     _one_line_error(result, "no usable tokenizer for --text")
+
+
+def test_a_trainer_folder_with_a_final_save_model_keeps_its_checkpoints(stack, tmp_path):
+    """trainer.save_model() writes config.json and the weights into the output folder: it
+    was then read as one model of unknown step, and every checkpoint-N/ was left out."""
+    import json
+    import shutil
+
+    from landscape.checkpoints.sources import expand, open_checkpoints
+
+    out = tmp_path / "hf-out"
+    shutil.copytree(stack["trainer"], out)
+    for f in (stack["trainer"] / "checkpoint-4").iterdir():  # what save_model() writes
+        if f.name in ("config.json", "model.safetensors", "generation_config.json"):
+            shutil.copy(f, out / f.name)
+    assert [p.name for p in expand([out])] == ["checkpoint-2", "checkpoint-4"]
+    # with trainer.save_state() the final weights have a step: after the last checkpoint
+    (out / "trainer_state.json").write_text(json.dumps({"global_step": 5}))
+    assert [p.name for p in expand([out])] == ["checkpoint-2", "checkpoint-4", "hf-out"]
+    assert [c.step for c in open_checkpoints([out]).checkpoints] == [2, 4, 5]
+
+
+def test_save_pretrained_folders_named_by_step_are_read_in_step_order(stack, tmp_path):
+    """step-200/ and step-100/ were numbered 0 and 1 in the order given."""
+    import shutil
+
+    for step in (100, 200):
+        shutil.copytree(stack["pretrained"], tmp_path / f"step-{step}")
+    out = tmp_path / "run.h5"
+    result = _invoke(["analyze", tmp_path / "step-200", tmp_path / "step-100", "--tokens",
+                      stack["root"] / "ids.npy", *LM, "-m", "collapse", "-o", out, "-q"])
+    assert result.exit_code == 0, result.output
+    with ls.Run.open(out) as run:
+        assert [(s, p.rsplit("/", 1)[-1]) for s, p in run.checkpoints()] == [
+            (100, "step-100"), (200, "step-200")]
