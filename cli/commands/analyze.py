@@ -89,8 +89,9 @@ def analyze_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
             where = f"{done} checkpoint{'s' if done != 1 else ''} recorded in {out}"
         except Exception:
             where = "no checkpoint recorded"
-        click.echo(f"interrupted ({signal_name}): {where}; run the same command again to "
-                   "continue", err=True)
+        again = "the same command without --overwrite" if overwrite else "the same command"
+        click.echo(f"interrupted ({signal_name}): {where}; run {again} again to continue",
+                   err=True)
         raise SystemExit(status) from None
     if not quiet:
         with Run.open(out) as run:  # the monitor is closed: read the file it wrote

@@ -93,7 +93,12 @@ def token_batches(
         if tokenizer is None:
             raise LandscapeError("--text needs the tokenizer saved with the model "
                                  "(a Hugging Face model folder); give --tokens instead")
-        encoded = tokenizer(path.read_text(encoding="utf-8"))["input_ids"]
+        try:
+            text_read = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise LandscapeError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); "
+                                 "give a text file, or token ids as --tokens") from None
+        encoded = tokenizer(text_read)["input_ids"]
         ids, source = torch.as_tensor(encoded, dtype=torch.long), str(path)
     if ids.dim() == 1:
         n = ids.numel() // seq_len

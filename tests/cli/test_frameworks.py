@@ -265,6 +265,13 @@ def test_text_with_a_folder_without_tokenizer_says_so(stack, tmp_path):
     _one_line_error(result, "no usable tokenizer for --text")
 
 
+def test_text_that_is_not_utf8_is_one_line(stack, tmp_path):
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe binary \x00\x81")
+    result = _invoke(["analyze", stack["pretrained"], "--text", tmp_path / "bin.txt", *LM,
+                      "-o", tmp_path / "r.h5"])
+    _one_line_error(result, "not UTF-8 text")  # was a UnicodeDecodeError traceback
+
+
 def test_a_trainer_folder_with_a_final_save_model_keeps_its_checkpoints(stack, tmp_path):
     """trainer.save_model() writes config.json and the weights into the output folder: it
     was then read as one model of unknown step, and every checkpoint-N/ was left out."""

@@ -170,3 +170,22 @@ def test_a_signal_during_surface_leaves_its_points_and_a_rerun_continues(tmp_pat
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0, again.output
     assert _points(out, "random") == 201
+
+
+def test_after_an_interrupted_overwrite_the_message_says_to_drop_it(tmp_path, monkeypatch):
+    """'Run the same command again' with --overwrite started the file over: the work lost."""
+    import landscape_cli.commands.analyze as analyze_command
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    paths = _checkpoints(tmp_path, n=1)
+    monkeypatch.setattr(analyze_command, "analyze", interrupted)
+    args = ["analyze", str(paths[0]), "--model", f"{tmp_path / 'slow.py'}:model", "--data",
+            f"{tmp_path / 'slow.py'}:data", "-o", str(tmp_path / "run.h5")]
+    for extra, advice in (([], "run the same command again to continue"),
+                          (["--overwrite"], "run the same command without --overwrite again "
+                                            "to continue")):
+        result = CliRunner().invoke(cli, [*args, *extra])
+        assert result.exit_code == 130
+        assert result.stderr.strip().splitlines()[-1].endswith(advice)
