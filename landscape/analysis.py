@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -147,8 +148,8 @@ def _apply_saved(opt: torch.optim.Optimizer, model: nn.Module, saved: dict[str, 
 
 
 def check_loss(net: nn.Module, loss_fn: Callable | None, batches: Sequence[Any], ckpt: Checkpoint,
-               closure: Callable | None = None) -> None:
-    """Refuse data on which the loss is not a finite number (a clear error, not NaN rows).
+               closure: Callable | None = None, *, finite: bool = True) -> float:
+    """Refuse data on which the loss is not a number (a clear error, not NaN rows).
 
     Args:
         net: the model, holding the weights of ``ckpt``.
@@ -156,10 +157,15 @@ def check_loss(net: nn.Module, loss_fn: Callable | None, batches: Sequence[Any],
         batches: the data, as :func:`landscape.loading.prepare` returns it.
         ckpt: the checkpoint loaded into ``net`` (named in the error).
         closure: ``closure(model, batch)``, the loss (dict batches).
+        finite: refuse a loss that is not finite too (a surface of a diverged checkpoint
+            holds nothing); ``False`` returns it (``analyze`` records such a checkpoint).
+
+    Returns:
+        The loss on the first batch that is not finite, else on the last batch.
 
     Raises:
         LandscapeError: when the model or the loss fails on a batch, the loss is not a
-            scalar, or it is not finite.
+            scalar, or (with ``finite``) it is not finite.
     """
     from landscape.isolation import isolated
     from landscape.metrics import split_batch
@@ -181,9 +187,18 @@ def check_loss(net: nn.Module, loss_fn: Callable | None, batches: Sequence[Any],
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             raise LandscapeError("the loss function must return a scalar tensor")
         if not torch.isfinite(value).all():
-            raise LandscapeError(
-                f"{ckpt.path}: the loss on the data is {float(value)} (not finite)"
-            )
+            if finite:
+                raise LandscapeError(
+                    f"{ckpt.path}: the loss on the data is {float(value)} (not finite)"
+                )
+            return float(value)
+    return float(value)
+
+
+def _finite_weights(ckpt: Checkpoint) -> bool:
+    """Whether every floating-point tensor of the checkpoint is finite (a run not blown up)."""
+    return all(bool(torch.isfinite(t).all()) for t in ckpt.state_dict.values()
+               if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 
 def _holds_nothing(path: Path) -> bool:
@@ -427,7 +442,11 @@ def analyze(
     Each checkpoint's rows are committed before the next one starts; on an interruption
     (``KeyboardInterrupt``, or any exception) the unfinished checkpoint's rows are removed
     and the exception propagates. A run file this call created is removed again when it
-    fails before writing a row.
+    fails before writing a row. The data are tried on the first checkpoint to compute
+    before the file is opened: a model or loss that fails there, or a non-finite loss on
+    finite weights (the data, not the run), is refused and leaves the file as it was. A
+    later checkpoint of a run that blew up (a non-finite loss) is recorded with a warning:
+    its metrics are NaN where they cannot be computed.
 
     Args:
         checkpoints: paths (:func:`landscape.loading.load_checkpoint`) or loaded
@@ -473,6 +492,18 @@ def analyze(
     opt = _optimizer(net, spec)
     net.eval()
     partial = _partial_step(path, mode)
+    recorded = _recorded_steps(path, mode, names, partial)
+    todo = _to_compute(loaded, recorded, names, path)
+    # rows at or before this step were in the file before: never dropped on a failure
+    kept_until = max((max(v) for v in recorded.values() if v), default=None)
+    for _, ckpt in todo:  # every checkpoint must fit the model before the file is touched
+        load_state_into(net, ckpt)
+    if todo:  # and the data the model (mode="w" empties the file when the monitor starts)
+        first = todo[0][1]
+        load_state_into(net, first)
+        value = check_loss(net, loss_fn, batches, first, closure, finite=False)
+        if not math.isfinite(value) and _finite_weights(first):  # the data, not a blow-up
+            raise LandscapeError(f"{first.path}: the loss on the data is {value} (not finite)")
     monitor = Monitor(net, None if closure is not None else loss_fn,
                       None if path is None else str(path), optimizer=opt,
                       closure=closure, metrics=chosen,
@@ -480,12 +511,6 @@ def analyze(
                       mode=mode, truncate_from=partial, microbatch_size=microbatch_size,
                       adaptive=False,
                       config={"analysis": {"checkpoints": [str(c.path) for _, c in loaded]}})
-    recorded = _recorded_steps(path, mode, names, partial)
-    todo = _to_compute(loaded, recorded, names, path)
-    # rows at or before this step were in the file before: never dropped on a failure
-    kept_until = max((max(v) for v in recorded.values() if v), default=None)
-    for _, ckpt in todo:  # every checkpoint must fit the model before the file is touched
-        load_state_into(net, ckpt)
     bars = _Progress(len(todo), len(chosen), progress)
     for m in chosen:
         bars.instrument(m)
@@ -499,7 +524,12 @@ def analyze(
                         load_state_into(net, ckpt)
                         if saved and opt is not None:
                             _apply_saved(opt, net, ckpt.optimizer, ckpt)
-                        check_loss(net, loss_fn, batches, ckpt, closure)
+                        value = check_loss(net, loss_fn, batches, ckpt, closure, finite=False)
+                        if not math.isfinite(value):  # a run that blew up: its rows say so
+                            warnings.warn(
+                                f"{ckpt.path}: the loss on the data is {value} (not finite): "
+                                "its metrics are NaN where they cannot be computed",
+                                RuntimeWarning, stacklevel=2)
                         monitor.step(step)
                         assert monitor.writer is not None
                         monitor.writer.record_checkpoint(step, str(ckpt.path))

@@ -386,3 +386,35 @@ def test_bug10_a_shape_mismatch_names_the_shapes(tmp_path):
     saved = Checkpoint(tmp_path / "w.pt", nn.Linear(3, 2).state_dict(), 0)
     with pytest.raises(LandscapeError, match=r"weight \(2, 3\) vs model \(2, 4\)"):
         load_state_into(nn.Linear(4, 2), saved)
+
+
+def test_overwrite_with_data_that_do_not_fit_leaves_the_file_as_it_was(setup, tmp_path):
+    """--overwrite emptied the file before the data were tried on the first checkpoint."""
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    out = tmp_path / "r.h5"
+    assert _invoke(["analyze", *paths, *_factories(root), "-m", "sharpness", "-o", out,
+                    "-q"]).exit_code == 0
+    result = _invoke(["analyze", paths[0], "--model", f"{fac}:model", "--data",
+                      f"{fac}:nan_data", "-o", out, "--overwrite"])
+    _one_line_error(result, "not finite")
+    with ls.Run.open(out) as run:
+        assert [s for s, _ in run.checkpoints()] == [10, 20, 30]
+
+
+def test_a_checkpoint_of_a_run_that_blew_up_is_recorded_not_refused(setup, tmp_path):
+    """A diverged checkpoint (NaN weights) among healthy ones stopped analyze for good."""
+    root, paths, _ = setup
+    diverged = tmp_path / "ckpt-25.pt"
+    saved = torch.load(paths[1])
+    torch.save({"model": {k: v * float("nan") for k, v in saved["model"].items()},
+                "step": 25}, diverged)
+    out = tmp_path / "r.h5"
+    result = _invoke(["analyze", paths[0], diverged, paths[2], *_factories(root),
+                      "-m", "sharpness", "-o", out, "-q"])
+    assert result.exit_code == 0, result.output
+    assert "ckpt-25.pt: the loss on the data is nan (not finite)" in result.stderr
+    with ls.Run.open(out) as run:
+        steps, ratio = run.series("sharpness", "lambda_max")
+        assert steps.tolist() == [10, 25, 30]
+        assert np.isfinite(ratio[[0, 2]]).all() and np.isnan(ratio[1])
