@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,6 +103,13 @@ def test_demo_warns_before_the_loss_moves(runner, tmp_path):
     assert (int(first), int(on), int(ex)) == (warned[0], onset, explosion)
     assert int(lead) == onset - warned[0] > 0 and int(lead_x) == explosion - warned[0]
     assert rule == "taylor_forecast"
+    # docs/getting-started.md shows this output: every line it quotes is printed as shown
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "getting-started.md").read_text()
+    block = "trained 220 steps" + doc.split("```\ntrained 220 steps", 1)[1].split("```", 1)[0]
+    quoted = [ln for ln in block.splitlines() if ln.strip() and ln.strip() != "..."]
+    printed = result.output.splitlines()
+    assert len(quoted) > 8 and all(ln in printed for ln in quoted), [
+        ln for ln in quoted if ln not in printed]
     assert "no warning before the ramp" in result.output
     assert f"  {rule:<20} {lead_x}" in result.output  # the lead table agrees
     for name in ("loss.png", "warning.png", "surface.png", "report.html"):
