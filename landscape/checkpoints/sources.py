@@ -168,6 +168,16 @@ def _vocab_size(model: nn.Module) -> int | None:
     return int(emb.num_embeddings) if isinstance(emb, nn.Embedding) else None
 
 
+def _max_positions(model: nn.Module) -> int | None:
+    """A Hugging Face model's position limit (``n_positions``, ``max_position_embeddings``)."""
+    config = getattr(model, "config", None)
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def open_data(
     opened: Opened,
     data: str | None = None,
@@ -205,6 +215,11 @@ def open_data(
             + (f" (not {' and '.join(given)})" if given else ""))
     if data is not None:
         return call_factory(data, "data factory")
+    positions = _max_positions(opened.model)
+    if positions is not None and seq_len > positions:
+        raise LandscapeError(f"--seq-len {seq_len} is longer than the model's {positions} "
+                             f"positions (its config's position limit): pass --seq-len "
+                             f"{positions} or less")
     tokenizer = None
     if text is not None:
         if opened.folder is None:

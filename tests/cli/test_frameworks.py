@@ -305,3 +305,11 @@ def test_save_pretrained_folders_named_by_step_are_read_in_step_order(stack, tmp
     with ls.Run.open(out) as run:
         assert [(s, p.rsplit("/", 1)[-1]) for s, p in run.checkpoints()] == [
             (100, "step-100"), (200, "step-200")]
+
+
+def test_a_seq_len_beyond_the_models_positions_is_one_line(stack, tmp_path):
+    """'the model or loss fails on the data: index out of range in self' before."""
+    limit = fw.gpt2().config.n_positions
+    result = _invoke(["analyze", stack["pretrained"], "--tokens", stack["root"] / "ids.npy",
+                      "--seq-len", limit + 1, "-o", tmp_path / "r.h5"])
+    _one_line_error(result, f"--seq-len {limit + 1} is longer than the model's {limit} positions")
