@@ -215,17 +215,18 @@ def open_data(
             + (f" (not {' and '.join(given)})" if given else ""))
     if data is not None:
         return call_factory(data, "data factory")
-    positions = _max_positions(opened.model)
-    if positions is not None and seq_len > positions:
-        raise LandscapeError(f"--seq-len {seq_len} is longer than the model's {positions} "
-                             f"positions (its config's position limit): pass --seq-len "
-                             f"{positions} or less")
     tokenizer = None
     if text is not None:
         if opened.folder is None:
             raise LandscapeError("--text needs the tokenizer of a Hugging Face model folder; "
                                  "give token ids with --tokens instead")
         tokenizer = hf.load_tokenizer(opened.folder)
-    return token_batches(tokens=tokens, text=text, tokenizer=tokenizer, seq_len=seq_len,
-                         batch_size=batch_size, n_batches=n_batches,
-                         vocab_size=_vocab_size(opened.model))
+    batches = token_batches(tokens=tokens, text=text, tokenizer=tokenizer, seq_len=seq_len,
+                            batch_size=batch_size, n_batches=n_batches,
+                            vocab_size=_vocab_size(opened.model))
+    positions = _max_positions(opened.model)
+    if positions is not None and seq_len > positions:
+        raise LandscapeError(f"--seq-len {seq_len} is longer than the model's {positions} "
+                             f"positions (its config's position limit): pass --seq-len "
+                             f"{positions} or less")
+    return batches
