@@ -23,7 +23,7 @@ from torch import nn
 
 from landscape._errors import LandscapeError
 from landscape._hf import is_causal_lm
-from landscape.loading import STEP_FOLDER, torch_load
+from landscape.loading import STEP_FOLDER
 
 __all__ = [
     "build_model",
@@ -94,7 +94,7 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return dict(load_file(str(path)))
-    return dict(torch_load(path, kind="PyTorch weights file"))  # mapped, not read
+    return dict(torch.load(path, map_location="cpu", weights_only=True))
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -15,8 +15,6 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from landscape.loading import torch_load
-
 __all__ = ["load_second_moments", "optimizer_settings"]
 
 _KEEP = ("lr", "momentum", "dampening", "nesterov", "betas", "eps", "weight_decay", "amsgrad")
@@ -68,7 +66,7 @@ def read_optimizer_file(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return optimizer_settings(torch_load(path, kind="optimizer file"))  # mapped
+        return optimizer_settings(torch.load(path, map_location="cpu", weights_only=True))
     except Exception:  # an optimizer we cannot read only costs the threshold
         return None
 
