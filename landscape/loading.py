@@ -314,10 +314,7 @@ def torch_load(path: Path, *, trust: bool = False, kind: str = "torch checkpoint
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # zip, or a pickle
         raise LandscapeError(f"{path}: not a {kind} (neither a zip archive nor a pickle)")
     try:
-        # a zip archive's tensors are mapped, not read: a checkpoint costs no memory until
-        # it is loaded into the model (analyze holds every checkpoint given, in step order)
-        return torch.load(path, map_location="cpu", weights_only=not trust,
-                          mmap=head.startswith(b"PK\x03\x04"))
+        return torch.load(path, map_location="cpu", weights_only=not trust)
     except Exception as err:
         if not trust and "weights_only" in str(err):
             raise LandscapeError(

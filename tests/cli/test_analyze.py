@@ -293,21 +293,3 @@ def test_adding_a_metric_to_analysed_checkpoints_keeps_every_row(setup, tmp_path
         assert list(run.steps("sharpness")) == [10, 20, 30]
         assert [s for s, _ in run.checkpoints()] == [10, 20, 30]
         assert "hessian_trace" not in run.metrics()
-
-
-@pytest.mark.parametrize("zipped", [True, False])
-def test_checkpoint_files_are_mapped_not_read_until_used(tmp_path, monkeypatch, zipped):
-    """analyze holds every checkpoint given: 20 of 12 MB took 235 MB of memory before any
-    work started; a zip archive's tensors are now memory-mapped (a legacy pickle cannot)."""
-    from landscape.loading import load_checkpoint
-
-    state = {"w": torch.randn(64, 8), "b": torch.randn(8)}
-    path = tmp_path / "ckpt-10.pt"
-    torch.save(state, path, _use_new_zipfile_serialization=zipped)
-    calls = []
-    real = torch.load
-    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k) or real(*a, **k))
-    loaded = load_checkpoint(path)
-    assert [k["mmap"] for k in calls] == [zipped]
-    assert loaded.step == 10 and all(torch.equal(loaded.state_dict[k], v)
-                                     for k, v in state.items())
