@@ -195,10 +195,26 @@ def check_loss(net: nn.Module, loss_fn: Callable | None, batches: Sequence[Any],
     return float(value)
 
 
-def _finite_weights(ckpt: Checkpoint) -> bool:
-    """Whether every floating-point tensor of the checkpoint is finite (a run not blown up)."""
-    return all(bool(torch.isfinite(t).all()) for t in ckpt.state_dict.values()
-               if isinstance(t, torch.Tensor) and t.is_floating_point())
+def _check_diverged_or_refuse(net: nn.Module, loss_fn: Callable | None,
+                              batches: Sequence[Any], ckpt: Checkpoint,
+                              closure: Callable | None) -> bool:
+    """:func:`check_loss` of the checkpoint loaded into ``net``, a blown-up run let through.
+
+    Returns:
+        True when the weights themselves are not finite (a run that diverged: its metrics
+        can only be NaN, recorded as such); False for a finite loss.
+
+    Raises:
+        LandscapeError: the model or loss fails on the data, or the loss is not finite on
+            finite weights (the data, or logits beyond float range: nothing to measure).
+    """
+    value = check_loss(net, loss_fn, batches, ckpt, closure, finite=False)
+    if math.isfinite(value):
+        return False
+    with torch.no_grad():
+        if all(bool(torch.isfinite(p).all()) for p in net.parameters()):
+            raise LandscapeError(f"{ckpt.path}: the loss on the data is {value} (not finite)")
+    return True
 
 
 def _holds_nothing(path: Path) -> bool:
@@ -443,10 +459,10 @@ def analyze(
     (``KeyboardInterrupt``, or any exception) the unfinished checkpoint's rows are removed
     and the exception propagates. A run file this call created is removed again when it
     fails before writing a row. The data are tried on the first checkpoint to compute
-    before the file is opened: a model or loss that fails there, or a non-finite loss on
-    finite weights (the data, not the run), is refused and leaves the file as it was. A
-    later checkpoint of a run that blew up (a non-finite loss) is recorded with a warning:
-    its metrics are NaN where they cannot be computed.
+    before the file is opened: a model or loss that fails there is refused and leaves the
+    file as it was. A non-finite loss on finite weights is refused at any checkpoint (the
+    data, or logits beyond float range); a checkpoint whose weights are not finite (a run
+    that blew up) is recorded with a warning, its metrics NaN.
 
     Args:
         checkpoints: paths (:func:`landscape.loading.load_checkpoint`) or loaded
@@ -499,11 +515,8 @@ def analyze(
     for _, ckpt in todo:  # every checkpoint must fit the model before the file is touched
         load_state_into(net, ckpt)
     if todo:  # and the data the model (mode="w" empties the file when the monitor starts)
-        first = todo[0][1]
-        load_state_into(net, first)
-        value = check_loss(net, loss_fn, batches, first, closure, finite=False)
-        if not math.isfinite(value) and _finite_weights(first):  # the data, not a blow-up
-            raise LandscapeError(f"{first.path}: the loss on the data is {value} (not finite)")
+        load_state_into(net, todo[0][1])
+        _check_diverged_or_refuse(net, loss_fn, batches, todo[0][1], closure)
     monitor = Monitor(net, None if closure is not None else loss_fn,
                       None if path is None else str(path), optimizer=opt,
                       closure=closure, metrics=chosen,
@@ -524,12 +537,11 @@ def analyze(
                         load_state_into(net, ckpt)
                         if saved and opt is not None:
                             _apply_saved(opt, net, ckpt.optimizer, ckpt)
-                        value = check_loss(net, loss_fn, batches, ckpt, closure, finite=False)
-                        if not math.isfinite(value):  # a run that blew up: its rows say so
+                        if _check_diverged_or_refuse(net, loss_fn, batches, ckpt, closure):
                             warnings.warn(
-                                f"{ckpt.path}: the loss on the data is {value} (not finite): "
-                                "its metrics are NaN where they cannot be computed",
-                                RuntimeWarning, stacklevel=2)
+                                f"{ckpt.path}: the weights are not finite (a run that blew "
+                                "up): its metrics are recorded as NaN", RuntimeWarning,
+                                stacklevel=2)
                         monitor.step(step)
                         assert monitor.writer is not None
                         monitor.writer.record_checkpoint(step, str(ckpt.path))

@@ -413,8 +413,26 @@ def test_a_checkpoint_of_a_run_that_blew_up_is_recorded_not_refused(setup, tmp_p
     result = _invoke(["analyze", paths[0], diverged, paths[2], *_factories(root),
                       "-m", "sharpness", "-o", out, "-q"])
     assert result.exit_code == 0, result.output
-    assert "ckpt-25.pt: the loss on the data is nan (not finite)" in result.stderr
+    assert "ckpt-25.pt: the weights are not finite (a run that blew up)" in result.stderr
     with ls.Run.open(out) as run:
         steps, ratio = run.series("sharpness", "lambda_max")
         assert steps.tolist() == [10, 25, 30]
         assert np.isfinite(ratio[[0, 2]]).all() and np.isnan(ratio[1])
+
+
+def test_a_non_finite_loss_on_finite_weights_is_refused_also_when_resuming(setup, tmp_path):
+    """Logits beyond float range give an infinite loss and a meaningless curvature (a fresh
+    run recorded lambda_max 9.7e28); a resumed run refused it. Both refuse now."""
+    root, paths, _ = setup
+    huge = tmp_path / "ckpt-25.pt"
+    saved = torch.load(paths[1])
+    torch.save({"model": {k: v * 1e38 for k, v in saved["model"].items()}, "step": 25}, huge)
+    out = tmp_path / "r.h5"
+    fresh = _invoke(["analyze", paths[0], huge, *_factories(root), "-m", "sharpness",
+                     "-o", out, "-q"])
+    _one_line_error(fresh, "ckpt-25.pt: the loss on the data is")
+    with ls.Run.open(out) as run:  # the first checkpoint is kept, resumable
+        assert [s for s, _ in run.checkpoints()] == [10]
+    resumed = _invoke(["analyze", paths[0], huge, *_factories(root), "-m", "sharpness",
+                       "-o", out, "-q"])
+    _one_line_error(resumed, "ckpt-25.pt: the loss on the data is")
