@@ -169,12 +169,21 @@ def _vocab_size(model: nn.Module) -> int | None:
 
 
 def _max_positions(model: nn.Module) -> int | None:
-    """A Hugging Face model's position limit (``n_positions``, ``max_position_embeddings``)."""
+    """A Hugging Face model's hard position limit, or None.
+
+    ``n_positions`` / ``max_position_embeddings`` of its config, when the model has a
+    learned position table of that many rows (GPT-2's ``wpe``, BERT's
+    ``position_embeddings``): a longer sequence indexes past it. Rotary or relative
+    positions (Llama, GPT-NeoX, T5) have no such table and take longer sequences.
+    """
     config = getattr(model, "config", None)
     for name in ("n_positions", "max_position_embeddings"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
-            return value
+            vocab = _vocab_size(model)
+            learned = any(isinstance(m, nn.Embedding) and m.num_embeddings == value
+                          and value != vocab for m in model.modules())
+            return value if learned else None
     return None
 
 

@@ -313,3 +313,18 @@ def test_a_seq_len_beyond_the_models_positions_is_one_line(stack, tmp_path):
     result = _invoke(["analyze", stack["pretrained"], "--tokens", stack["root"] / "ids.npy",
                       "--seq-len", limit + 1, "-o", tmp_path / "r.h5"])
     _one_line_error(result, f"--seq-len {limit + 1} is longer than the model's {limit} positions")
+
+
+def test_only_a_learned_position_table_limits_the_sequence_length():
+    """Rotary positions (Llama) take sequences past max_position_embeddings: not refused."""
+    import transformers
+
+    from landscape.checkpoints.sources import _max_positions
+
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, vocab_size=100, max_position_embeddings=32))
+    assert _max_positions(llama) is None
+    ids = torch.randint(0, 100, (1, 64))
+    assert llama(input_ids=ids).logits.shape == (1, 64, 100)  # it runs
+    assert _max_positions(fw.gpt2()) == fw.gpt2().config.n_positions
