@@ -23,7 +23,6 @@ from torch import nn
 
 from landscape._errors import LandscapeError
 from landscape._hf import is_causal_lm
-from landscape.loading import STEP_FOLDER
 
 __all__ = [
     "build_model",
@@ -66,16 +65,11 @@ def trainer_checkpoints(path: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def folder_step(path: Path) -> int | None:
-    """The training step of a model folder: ``trainer_state.json``, else its name.
+def saved_step(path: Path) -> int | None:
+    """``global_step`` of the folder's ``trainer_state.json`` (the Trainer's record), or None.
 
     Args:
         path: a model folder.
-
-    Returns:
-        ``global_step`` of ``trainer_state.json``, else the N of a folder named
-        ``checkpoint-N`` (also ``step-N``, ``ckpt_N``, ``global_step=N``, ...:
-        :data:`landscape.loading.STEP_FOLDER`), or None.
     """
     state = path / "trainer_state.json"
     if state.is_file():
@@ -85,7 +79,29 @@ def folder_step(path: Path) -> int | None:
                 return step
         except (OSError, ValueError):
             pass
-    m = STEP_FOLDER.fullmatch(path.name)
+    return None
+
+
+_STEP_NAME = re.compile(r"(?:checkpoint|ckpt|step|global_step|iter|iteration)[-_=]?(\d+)",
+                        re.IGNORECASE)
+"""A model folder's name that gives its step (an ``epoch-N`` folder does not: epochs are no
+steps, and would mix with the steps of other folders)."""
+
+
+def folder_step(path: Path) -> int | None:
+    """The training step of a model folder: ``trainer_state.json``, else its name.
+
+    Args:
+        path: a model folder.
+
+    Returns:
+        :func:`saved_step`, else the N of a folder named ``checkpoint-N`` (also
+        ``step-N``, ``ckpt_N``, ``global_step=N``, ``iter-N``), or None.
+    """
+    step = saved_step(path)
+    if step is not None:
+        return step
+    m = _STEP_NAME.fullmatch(path.name)
     return int(m.group(1)) if m else None
 
 

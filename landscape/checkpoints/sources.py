@@ -82,7 +82,7 @@ def expand(paths: Sequence[str | Path]) -> list[Path]:
             # a final trainer.save_model() into the output folder itself: its weights too,
             # when trainer_state.json (trainer.save_state()) dates them after the last one
             last = hf.folder_step(subs[-1])
-            final = hf.folder_step(p) if hf.is_model_folder(p) else None
+            final = hf.saved_step(p) if hf.is_model_folder(p) else None
             if final is not None and last is not None and final > last:
                 out.append(p)
         elif hf.is_model_folder(p):

@@ -280,7 +280,7 @@ def test_a_trainer_folder_with_a_final_save_model_keeps_its_checkpoints(stack, t
 
     from landscape.checkpoints.sources import expand, open_checkpoints
 
-    out = tmp_path / "hf-out"
+    out = tmp_path / "step_5000"  # a name that gives a step: only trainer_state.json dates it
     shutil.copytree(stack["trainer"], out)
     for f in (stack["trainer"] / "checkpoint-4").iterdir():  # what save_model() writes
         if f.name in ("config.json", "model.safetensors", "generation_config.json"):
@@ -288,13 +288,17 @@ def test_a_trainer_folder_with_a_final_save_model_keeps_its_checkpoints(stack, t
     assert [p.name for p in expand([out])] == ["checkpoint-2", "checkpoint-4"]
     # with trainer.save_state() the final weights have a step: after the last checkpoint
     (out / "trainer_state.json").write_text(json.dumps({"global_step": 5}))
-    assert [p.name for p in expand([out])] == ["checkpoint-2", "checkpoint-4", "hf-out"]
+    assert [p.name for p in expand([out])] == ["checkpoint-2", "checkpoint-4", "step_5000"]
     assert [c.step for c in open_checkpoints([out]).checkpoints] == [2, 4, 5]
 
 
 def test_save_pretrained_folders_named_by_step_are_read_in_step_order(stack, tmp_path):
     """step-200/ and step-100/ were numbered 0 and 1 in the order given."""
     import shutil
+
+    from landscape.checkpoints.huggingface import folder_step
+
+    assert folder_step(tmp_path / "epoch_3") is None  # epochs are no steps
 
     for step in (100, 200):
         shutil.copytree(stack["pretrained"], tmp_path / f"step-{step}")
