@@ -89,7 +89,8 @@ def analyze_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
             where = f"{done} checkpoint{'s' if done != 1 else ''} recorded in {out}"
         except Exception:
             where = "no checkpoint recorded"
-        again = "the same command without --overwrite" if overwrite else "the same command"
+        again = ("the same command without --overwrite (with it, to start over)" if overwrite
+                 else "the same command")
         click.echo(f"interrupted ({signal_name}): {where}; run {again} again to continue",
                    err=True)
         raise SystemExit(status) from None

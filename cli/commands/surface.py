@@ -116,7 +116,8 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
                                          seed=seed, **common)
     except KeyboardInterrupt as err:  # as analyze: what is stored, and how to go on
         signal_name, status = ("SIGTERM", 143) if isinstance(err, Terminated) else ("SIGINT", 130)
-        again = "the same command without --overwrite" if overwrite else "the same command"
+        again = ("the same command without --overwrite (with it, to start over)" if overwrite
+                 else "the same command")
         click.echo(f"interrupted ({signal_name}): {_stored_points(out, label)}; run {again} "
                    "again to continue", err=True)
         raise SystemExit(status) from None

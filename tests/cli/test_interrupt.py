@@ -184,8 +184,8 @@ def test_after_an_interrupted_overwrite_the_message_says_to_drop_it(tmp_path, mo
     args = ["analyze", str(paths[0]), "--model", f"{tmp_path / 'slow.py'}:model", "--data",
             f"{tmp_path / 'slow.py'}:data", "-o", str(tmp_path / "run.h5")]
     for extra, advice in (([], "run the same command again to continue"),
-                          (["--overwrite"], "run the same command without --overwrite again "
-                                            "to continue")):
+                          (["--overwrite"], "run the same command without --overwrite (with "
+                                            "it, to start over) again to continue")):
         result = CliRunner().invoke(cli, [*args, *extra])
         assert result.exit_code == 130
         assert result.stderr.strip().splitlines()[-1].endswith(advice)
