@@ -17,6 +17,7 @@ checkpoint records.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -85,6 +86,12 @@ def expand(paths: Sequence[str | Path]) -> list[Path]:
             final = hf.saved_step(p) if hf.is_model_folder(p) else None
             if final is not None and last is not None and final > last:
                 out.append(p)
+            elif hf.is_model_folder(p):
+                warnings.warn(
+                    f"{p}: the model saved in the folder itself (trainer.save_model()) is left "
+                    f"out, only its checkpoint-N/ folders are read: no trainer_state.json "
+                    f"there dates it after {subs[-1].name} (trainer.save_state() writes one)",
+                    stacklevel=2)
         elif hf.is_model_folder(p):
             out.append(p)
         elif ckpts := sorted(c for c in p.glob("*.ckpt") if c.is_file()):
