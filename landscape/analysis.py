@@ -195,6 +195,12 @@ def check_loss(net: nn.Module, loss_fn: Callable | None, batches: Sequence[Any],
     return float(value)
 
 
+def _released(ckpt: Checkpoint) -> Checkpoint:
+    """``ckpt`` with its weights dropped until used (:meth:`Checkpoint.release`)."""
+    ckpt.release()
+    return ckpt
+
+
 def _check_diverged_or_refuse(net: nn.Module, loss_fn: Callable | None,
                               batches: Sequence[Any], ckpt: Checkpoint,
                               closure: Callable | None) -> bool:
@@ -495,8 +501,8 @@ def analyze(
     if loss_fn is None and closure is None:
         raise LandscapeError("analyze needs loss_fn or closure")
     net, batches = prepare(model, data, device)
-    loaded = order_checkpoints([c if isinstance(c, Checkpoint) else load_checkpoint(c, trust=trust)
-                                for c in checkpoints])
+    loaded = order_checkpoints([c if isinstance(c, Checkpoint) else _released(
+        load_checkpoint(c, trust=trust)) for c in checkpoints])
     chosen = []
     for name in metrics:
         metric = create(name, schedule=1)  # an old name warns and gives the renamed metric
@@ -514,6 +520,7 @@ def analyze(
     kept_until = max((max(v) for v in recorded.values() if v), default=None)
     for _, ckpt in todo:  # every checkpoint must fit the model before the file is touched
         load_state_into(net, ckpt)
+        ckpt.release()  # one in memory at a time (read again when computed)
     if todo:  # and the data the model (mode="w" empties the file when the monitor starts)
         load_state_into(net, todo[0][1])
         _check_diverged_or_refuse(net, loss_fn, batches, todo[0][1], closure)
@@ -546,6 +553,7 @@ def analyze(
                         assert monitor.writer is not None
                         monitor.writer.record_checkpoint(step, str(ckpt.path))
                         monitor.writer.flush()  # this checkpoint's rows are committed
+                        ckpt.release()
                         step = None
                         bars.end_checkpoint()
             except BaseException:

@@ -245,20 +245,72 @@ def resolve_objective(
     return resolve_loss(spec), None
 
 
+class _Deferred(Mapping):
+    """A mapping read from its file only when first used (a released optimizer state)."""
+
+    def __init__(self, read: Callable[[], Mapping[str, Any]]) -> None:
+        self._read = read
+        self._value: Mapping[str, Any] | None = None
+
+    def _get(self) -> Mapping[str, Any]:
+        if self._value is None:
+            self._value = self._read()
+        return self._value
+
+    def __getitem__(self, key: str) -> Any:
+        return self._get()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
 class Checkpoint:
-    """A loaded checkpoint: its ``state_dict``, the ``step`` it belongs to and its ``path``.
+    """A checkpoint: its ``state_dict``, the ``step`` it belongs to and its ``path``.
 
     ``optimizer`` holds the optimizer's settings saved with it, when the checkpoint has them
-    (:func:`landscape.checkpoints.optimizer_settings`).
+    (:func:`landscape.checkpoints.optimizer_settings`). With ``reload`` (a function that
+    reads the file again), :meth:`release` drops the weights and the optimizer's saved
+    state until they are used again: ``analyze`` holds every checkpoint it is given, one
+    in memory at a time.
     """
 
     def __init__(self, path: Path, state_dict: dict[str, torch.Tensor], step: int | None,
-                 optimizer: dict[str, Any] | None = None):
-        self.path, self.state_dict, self.step = path, state_dict, step
+                 optimizer: dict[str, Any] | None = None, *,
+                 reload: Callable[[], Checkpoint] | None = None):
+        self.path, self.step = path, step
+        self._state_dict: dict[str, torch.Tensor] | None = state_dict
         self.optimizer = optimizer
+        self._reload = reload
+
+    @property
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights by name (read from the file again after :meth:`release`)."""
+        if self._state_dict is None:
+            assert self._reload is not None
+            fresh = self._reload()
+            self._state_dict = fresh.state_dict
+            if fresh.optimizer is not None:  # its saved state too, from the same reading
+                self.optimizer = fresh.optimizer
+        return self._state_dict
+
+    def release(self) -> None:
+        """Drop the weights and the optimizer's saved state; they are read again when used.
+
+        Nothing happens for a checkpoint that cannot be read again (no ``reload``).
+        """
+        if self._reload is None:
+            return
+        self._state_dict = None
+        if self.optimizer and "state_dict" in self.optimizer:
+            reload = self._reload
+            self.optimizer = {**self.optimizer, "state_dict": _Deferred(
+                lambda: (reload().optimizer or {}).get("state_dict") or {})}
 
     def __repr__(self) -> str:
-        return f"Checkpoint({str(self.path)!r}, step={self.step}, {len(self.state_dict)} tensors)"
+        return f"Checkpoint({str(self.path)!r}, step={self.step})"
 
 
 STEP_FOLDER = re.compile(
@@ -338,7 +390,8 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:
         except ImportError as err:
             raise LandscapeError(f"{path}: install 'safetensors' to read this file") from err
         try:
-            return Checkpoint(path, dict(load_file(str(path))), step_from_name(path))
+            return Checkpoint(path, dict(load_file(str(path))), step_from_name(path),
+                              reload=lambda: load_checkpoint(path, trust=trust))
         except Exception as err:
             raise LandscapeError(f"{path}: not a readable safetensors file ({err})") from err
     obj = torch_load(path, trust=trust, kind="torch checkpoint")
@@ -362,7 +415,8 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:
             f"{path}: no state dict found (expected tensors by name, or one under "
             f"{', '.join(repr(k) for k in STATE_KEYS)})"
         )
-    return Checkpoint(path, dict(obj), step if step is not None else step_from_name(path))
+    return Checkpoint(path, dict(obj), step if step is not None else step_from_name(path),
+                      reload=lambda: load_checkpoint(path, trust=trust))
 
 
 def _strip_prefix(state: Mapping[str, torch.Tensor], own: Mapping[str, Any]) -> dict:

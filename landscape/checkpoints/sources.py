@@ -107,16 +107,20 @@ def expand(paths: Sequence[str | Path]) -> list[Path]:
 
 def _load(path: Path, trust: bool) -> tuple[Checkpoint, dict[str, Any] | None]:
     """One checkpoint (and the raw Lightning dict, for building its module)."""
+    def reload() -> Checkpoint:
+        return _load(path, trust)[0]
+
     if path.is_dir():
         return Checkpoint(path, hf.read_weights(path), hf.folder_step(path),
-                          optimizer=read_optimizer_file(path / "optimizer.pt")), None
+                          optimizer=read_optimizer_file(path / "optimizer.pt"),
+                          reload=reload), None
     if path.suffix == ".ckpt" and path.is_file():
         ck = lit.read_ckpt(path, trust=trust)
         states = ck.get("optimizer_states") or [None]
         step = ck.get("global_step")
         return Checkpoint(path, dict(ck["state_dict"]),
                           step if isinstance(step, int) else step_from_name(path),
-                          optimizer=optimizer_settings(states[0])), ck
+                          optimizer=optimizer_settings(states[0]), reload=reload), ck
     return load_checkpoint(path, trust=trust), None
 
 
@@ -141,9 +145,17 @@ def open_checkpoints(
         raise LandscapeError("no checkpoints given")
     # a trusted whole-model pickle names its classes' module (``fac`` for a class defined
     # in fac.py): the factory file's folder is importable while the checkpoints load
+    loaded: list[tuple[Checkpoint, dict[str, Any] | None]] = []
     with _folder_on_path(model) if model is not None and trust else contextlib.nullcontext():
-        loaded = [_load(p, trust) for p in expand(paths)]
-    kinds = {"huggingface" if c.path.is_dir() else "lightning" if raw else "file"
+        for p in expand(paths):
+            ckpt, raw = _load(p, trust)
+            # one checkpoint in memory at a time: the first Lightning one's raw dict builds
+            # the module; the others need only their kind, step and settings until used
+            if raw is not None and any(r is not None for _, r in loaded):
+                raw = {}
+            loaded.append((ckpt, raw))
+            ckpt.release()
+    kinds = {"huggingface" if c.path.is_dir() else "lightning" if raw is not None else "file"
              for c, raw in loaded}
     folder = next((c.path for c, _ in loaded if c.path.is_dir()), None)
     lightning = next(((c, raw) for c, raw in loaded if raw is not None), None)

@@ -293,3 +293,19 @@ def test_adding_a_metric_to_analysed_checkpoints_keeps_every_row(setup, tmp_path
         assert list(run.steps("sharpness")) == [10, 20, 30]
         assert [s for s, _ in run.checkpoints()] == [10, 20, 30]
         assert "hessian_trace" not in run.metrics()
+
+
+def test_checkpoints_hold_their_weights_only_while_they_are_used(setup):
+    """analyze held every checkpoint it was given in memory at once (20 checkpoints of
+    8 MB: +182 MB before any work; +22 MB now): each is read again when computed."""
+    from landscape.checkpoints.sources import open_checkpoints
+
+    root, paths, _ = setup
+    opened = open_checkpoints(paths, f"{root / 'factories.py'}:model")
+    assert [c._state_dict for c in opened.checkpoints] == [None] * len(paths)  # released
+    for path, ckpt in zip(paths, opened.checkpoints):
+        want = torch.load(path)["model"]
+        assert ckpt.state_dict.keys() == want.keys()
+        assert all(torch.equal(ckpt.state_dict[k], v) for k, v in want.items())
+        ckpt.release()
+        assert ckpt._state_dict is None
