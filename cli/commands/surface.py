@@ -82,7 +82,9 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
     if directions == "pca" and len(ckpts) < 3:
         raise LandscapeError("--directions pca needs at least three checkpoints (a trajectory)")
     states = []  # as loaded: wrapper prefixes (module., model.) removed, tied weights restored
-    for c in ckpts:  # every checkpoint must fit the model and give a finite loss
+    # every checkpoint the grid uses must fit the model and give a finite loss: all of them
+    # for pca and interpolate, the last (the centre) for random and eigen directions
+    for c in ckpts if directions in _FIXED_GRID else ckpts[-1:]:
         load_state_into(model, c)
         check_loss(model, loss_fn, batches, c, closure)
         if directions in _FIXED_GRID:
@@ -90,6 +92,7 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
             # would not fit (pca reads every checkpoint; the grid moves the centre back)
             states.append({k: v.detach().to('cpu', copy=True)
                            for k, v in model.state_dict().items()})
+            c.release()
     label = name or directions
     common = {"writer": out, "name": label, "progress": not quiet}
     if closure is not None:  # dict batches: the grid calls closure(model, batch)

@@ -436,3 +436,19 @@ def test_a_non_finite_loss_on_finite_weights_is_refused_also_when_resuming(setup
     resumed = _invoke(["analyze", paths[0], huge, *_factories(root), "-m", "sharpness",
                        "-o", out, "-q"])
     _one_line_error(resumed, "ckpt-25.pt: the loss on the data is")
+
+
+def test_a_random_surface_reads_only_its_centre(setup, tmp_path):
+    """Around the last checkpoint: the others were each loaded and evaluated (and one that
+    diverged stopped the command), though the grid never uses them."""
+    root, paths, _ = setup
+    diverged = tmp_path / "ckpt-5.pt"
+    saved = torch.load(paths[0])
+    torch.save({"model": {k: v * float("nan") for k, v in saved["model"].items()},
+                "step": 5}, diverged)
+    out = tmp_path / "r.h5"
+    result = _invoke(["surface", diverged, paths[-1], *_factories(root), "--dims", "1",
+                      "--steps", "3", "-o", out, "-q"])
+    assert result.exit_code == 0, result.output
+    with ls.Run.open(out) as run:
+        assert np.isfinite(run.surface("random").values["loss"]).all()
