@@ -189,3 +189,23 @@ def test_after_an_interrupted_overwrite_the_message_says_to_drop_it(tmp_path, mo
         result = CliRunner().invoke(cli, [*args, *extra])
         assert result.exit_code == 130
         assert result.stderr.strip().splitlines()[-1].endswith(advice)
+
+
+def test_a_ctrl_c_while_the_command_loads_is_one_line(monkeypatch, capsys):
+    """The console script imports torch first (about a second): an interrupt there printed
+    a traceback from inside the import."""
+    from landscape_cli import entry
+
+    class Interrupted:
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name == "landscape_cli.main":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "landscape_cli.main")
+    monkeypatch.setattr(sys, "meta_path", [Interrupted, *sys.meta_path])
+    with pytest.raises(SystemExit) as ended:
+        entry.main()
+    assert ended.value.code == 130
+    assert capsys.readouterr().err == "Error: interrupted (SIGINT)\n"
