@@ -11,6 +11,7 @@ labels itself and returns its loss
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -115,5 +116,10 @@ def token_batches(
         raise LandscapeError(f"{source}: token ids range over [{int(rows.min())}, "
                              f"{int(rows.max())}], outside the model's vocabulary of "
                              f"{vocab_size}")
+    if rows.shape[0] < batch_size * n_batches:
+        warnings.warn(f"{source}: {rows.shape[0]} sequences of {seq_len} tokens, fewer than "
+                      f"--batches {n_batches} x --batch-size {batch_size}: the data are "
+                      f"{-(-rows.shape[0] // batch_size)} batch(es), the last one "
+                      f"{rows.shape[0] % batch_size or batch_size} sequences", stacklevel=2)
     rows = rows[: batch_size * n_batches]
     return [{"input_ids": b.clone(), "labels": b.clone()} for b in rows.split(batch_size)]

@@ -333,3 +333,12 @@ def test_only_a_learned_position_table_limits_the_sequence_length():
     ids = torch.randint(0, 100, (1, 64))
     assert llama(input_ids=ids).logits.shape == (1, 64, 100)  # it runs
     assert _max_positions(fw.gpt2()) == fw.gpt2().config.n_positions
+
+
+def test_more_batches_than_the_data_hold_is_said(stack, tmp_path):
+    """--batches 1000 used the sequences there were, silently."""
+    result = _invoke(["analyze", stack["pretrained"], "--tokens", stack["root"] / "ids.npy",
+                      *LM, "--batches", 1000, "-m", "collapse", "-o", tmp_path / "r.h5",
+                      "-q"])
+    assert result.exit_code == 0, result.output
+    assert "fewer than --batches 1000 x --batch-size 4" in result.stderr
