@@ -253,8 +253,9 @@ def open_data(
                             batch_size=batch_size, n_batches=n_batches,
                             vocab_size=_vocab_size(opened.model))
     positions = _max_positions(opened.model)
-    if positions is not None and seq_len > positions:
-        raise LandscapeError(f"--seq-len {seq_len} is longer than the model's {positions} "
+    length = batches[0]["input_ids"].shape[1]  # --seq-len, or the rows of a 2-D array
+    if positions is not None and length > positions:
+        raise LandscapeError(f"--seq-len {length} is longer than the model's {positions} "
                              f"positions (its config's position limit): pass --seq-len "
                              f"{positions} or less")
     return batches

@@ -3,7 +3,7 @@
 Token ids come from a ``.npy`` file (``numpy.load``, no pickles) or a ``.pt`` file holding
 one integer tensor (``torch.load(weights_only=True)``), or from a UTF-8 text encoded by the
 tokenizer saved with the model. A 1-D stream is cut into consecutive sequences of
-``seq_len`` tokens; a 2-D array is taken row by row (each row truncated to ``seq_len``).
+``seq_len`` tokens; a 2-D array is taken row by row (each row cut to ``seq_len`` when longer).
 Each batch is ``{"input_ids": ids, "labels": ids}``: a causal language model shifts the
 labels itself and returns its loss
 (https://huggingface.co/docs/transformers/tasks/language_modeling).
@@ -104,10 +104,7 @@ def token_batches(
     if ids.dim() == 1:
         n = ids.numel() // seq_len
         rows = ids[: n * seq_len].reshape(n, seq_len)
-    else:
-        if ids.shape[1] < seq_len:
-            raise LandscapeError(f"{source}: rows of {ids.shape[1]} tokens, fewer than "
-                                 f"--seq-len {seq_len}")
+    else:  # sequences as they come, cut to seq_len when longer
         rows = ids[:, :seq_len]
     if rows.shape[0] == 0:
         raise LandscapeError(f"{source}: {ids.numel()} tokens, fewer than one sequence of "

@@ -342,3 +342,14 @@ def test_more_batches_than_the_data_hold_is_said(stack, tmp_path):
                       "-q"])
     assert result.exit_code == 0, result.output
     assert "fewer than --batches 1000 x --batch-size 4" in result.stderr
+
+
+def test_a_2d_token_array_of_short_rows_needs_no_seq_len(stack, tmp_path):
+    """Rows of 16 tokens with the default --seq-len 128 were an error."""
+    rows = np.asarray(fw.token_ids()[: 8 * 16]).reshape(8, 16)
+    np.save(tmp_path / "rows.npy", rows)
+    out = tmp_path / "r.h5"
+    result = _invoke(["analyze", stack["pretrained"], "--tokens", tmp_path / "rows.npy",
+                      "--batch-size", 4, "-m", "collapse", "-o", out, "-q"])
+    assert result.exit_code == 0, result.output
+    assert ls.Run.open(out).steps("collapse").size == 1
