@@ -49,8 +49,16 @@ def _run_figures(run, metrics, to_directory, log, recompute, rules, quiet) -> di
     return figures
 
 
+# the library names its arguments in its errors; the command line, its options
+_OPTION_OF = {"three_d: ": "--3d: ", "field: ": "--field: ", "path: ": "-o: "}
+
+
 def _message(err: Exception) -> str:
-    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    for argument, option in _OPTION_OF.items():
+        if text.startswith(argument):
+            return option + text[len(argument):]
+    return text
 
 
 @cli.command(epilog="\b\nExample:\n  landscape plot run.h5 -m loss -o loss.png")
@@ -145,6 +153,6 @@ def plot(
         try:
             save_figure(fig, paths[name], dpi=dpi)
         except ValueError as err:
-            raise click.ClickException(str(err)) from None
+            raise click.ClickException(_message(err)) from None
         if not quiet:
             click.echo(f"wrote {paths[name]}")

@@ -240,8 +240,9 @@ def test_plot_surface_uses_the_surface_plots(runner, tmp_path, monkeypatch):
     assert calls == [("curve", "line", 1), ("contour", "plane", 2), ("3d", "plane", 2)]
     for name in ("l.png", "p.png", "q.png"):
         assert (tmp_path / name).read_bytes().startswith(PNG)
-    _one_line_error(
-        runner.invoke(cli, [*plot, "line", "--3d", "-o", str(tmp_path / "x.png")]), "is 1-D"
+    _one_line_error(  # named by its option, not the library's argument (three_d:)
+        runner.invoke(cli, [*plot, "line", "--3d", "-o", str(tmp_path / "x.png")]),
+        "--3d: surface 'line' is 1-D"
     )
 
 
