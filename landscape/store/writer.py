@@ -484,7 +484,7 @@ class RunWriter:
             if not same:
                 raise RunFileError(
                     f"surface {name!r} already exists in the run with a different grid or fields; "
-                    "choose another name"
+                    "choose another name (on the command line --name)"
                 )
             return existing
         data = SurfaceData(
