@@ -402,13 +402,18 @@ def test_overwrite_with_data_that_do_not_fit_leaves_the_file_as_it_was(setup, tm
         assert [s for s, _ in run.checkpoints()] == [10, 20, 30]
 
 
+def _scaled(path, factor, out, step):
+    """The checkpoint at ``path`` with every weight times ``factor`` (NaN: a run that blew
+    up; 1e38: logits beyond float range), saved at ``out`` as step ``step``."""
+    saved = torch.load(path)
+    torch.save({"model": {k: v * factor for k, v in saved["model"].items()}, "step": step}, out)
+    return out
+
+
 def test_a_checkpoint_of_a_run_that_blew_up_is_recorded_not_refused(setup, tmp_path):
     """A diverged checkpoint (NaN weights) among healthy ones stopped analyze for good."""
     root, paths, _ = setup
-    diverged = tmp_path / "ckpt-25.pt"
-    saved = torch.load(paths[1])
-    torch.save({"model": {k: v * float("nan") for k, v in saved["model"].items()},
-                "step": 25}, diverged)
+    diverged = _scaled(paths[1], float("nan"), tmp_path / "ckpt-25.pt", 25)
     out = tmp_path / "r.h5"
     result = _invoke(["analyze", paths[0], diverged, paths[2], *_factories(root),
                       "-m", "sharpness", "-o", out, "-q"])
@@ -424,9 +429,7 @@ def test_a_non_finite_loss_on_finite_weights_is_refused_also_when_resuming(setup
     """Logits beyond float range give an infinite loss and a meaningless curvature (a fresh
     run recorded lambda_max 9.7e28); a resumed run refused it. Both refuse now."""
     root, paths, _ = setup
-    huge = tmp_path / "ckpt-25.pt"
-    saved = torch.load(paths[1])
-    torch.save({"model": {k: v * 1e38 for k, v in saved["model"].items()}, "step": 25}, huge)
+    huge = _scaled(paths[1], 1e38, tmp_path / "ckpt-25.pt", 25)
     out = tmp_path / "r.h5"
     fresh = _invoke(["analyze", paths[0], huge, *_factories(root), "-m", "sharpness",
                      "-o", out, "-q"])
@@ -442,10 +445,7 @@ def test_a_random_surface_reads_only_its_centre(setup, tmp_path):
     """Around the last checkpoint: the others were each loaded and evaluated (and one that
     diverged stopped the command), though the grid never uses them."""
     root, paths, _ = setup
-    diverged = tmp_path / "ckpt-5.pt"
-    saved = torch.load(paths[0])
-    torch.save({"model": {k: v * float("nan") for k, v in saved["model"].items()},
-                "step": 5}, diverged)
+    diverged = _scaled(paths[0], float("nan"), tmp_path / "ckpt-5.pt", 5)
     out = tmp_path / "r.h5"
     result = _invoke(["surface", diverged, paths[-1], *_factories(root), "--dims", "1",
                       "--steps", "3", "-o", out, "-q"])
