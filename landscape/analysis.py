@@ -280,6 +280,32 @@ def _recorded_steps(path: str | Path | None, mode: str, names: Sequence[str],
                 for m in run.metrics()}
 
 
+def _refuse_renumbered(loaded: list[tuple[int, Checkpoint]], path: str | Path | None,
+                       mode: str) -> None:
+    """Refuse a checkpoint the run file already records under another step.
+
+    A file analysed when the checkpoints had no step (numbered 0, 1, ... in the given
+    order), resumed once they have one (renamed, or read by a version that reads their
+    folder names), would hold each checkpoint twice under two numberings.
+
+    Raises:
+        LandscapeError: naming the checkpoint, both steps and how to start over.
+    """
+    if path is None or mode != "a" or not Path(path).is_file():
+        return
+    from landscape.store import Run
+
+    with Run.open(path) as run:
+        known = {p: int(s) for s, p in run.checkpoints()}
+    for step, ckpt in loaded:
+        was = known.get(str(ckpt.path))
+        if was is not None and was != step:
+            raise LandscapeError(
+                f"{path}: {ckpt.path} is recorded there as step {was}, and is step {step} "
+                "now; to start over with the new steps, overwrite the file (mode='w'; on the "
+                "command line --overwrite) or write to another one")
+
+
 def _partial_step(path: str | Path | None, mode: str) -> int | None:
     """The first step of an analysis interrupted midway: rows without a ``/checkpoints`` entry.
 
@@ -515,6 +541,7 @@ def analyze(
     net.eval()
     partial = _partial_step(path, mode)
     recorded = _recorded_steps(path, mode, names, partial)
+    _refuse_renumbered(loaded, path, mode)
     todo = _to_compute(loaded, recorded, names, path)
     # rows at or before this step were in the file before: never dropped on a failure
     kept_until = max((max(v) for v in recorded.values() if v), default=None)

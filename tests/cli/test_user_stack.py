@@ -452,3 +452,16 @@ def test_a_random_surface_reads_only_its_centre(setup, tmp_path):
     assert result.exit_code == 0, result.output
     with ls.Run.open(out) as run:
         assert np.isfinite(run.surface("random").values["loss"]).all()
+
+
+def test_a_checkpoint_recorded_under_another_step_is_refused(setup, tmp_path):
+    """A file analysed when its checkpoints were numbered 0, 1, ... and resumed once they
+    give a step held every checkpoint twice, under both numberings."""
+    from landscape.store import RunWriter
+
+    root, paths, _ = setup
+    out = tmp_path / "r.h5"
+    with RunWriter(out, mode="w", config={"analysis": {"checkpoints": [str(paths[0])]}}) as w:
+        w.record_checkpoint(0, str(paths[0]))  # the numbering of the earlier analysis
+    result = _invoke(["analyze", paths[0], *_factories(root), "-m", "sharpness", "-o", out])
+    _one_line_error(result, "is recorded there as step 0, and is step 10 now")
