@@ -359,10 +359,12 @@ class Monitor:
         if probe_size is not None and (not isinstance(probe_size, int) or probe_size < 1):
             raise ValueError(f"probe_size must be an integer >= 1 or None, got {probe_size!r}")
         self.probe_size = probe_size
-        self._probe_source = "given" if probe is not None else (
-            "none" if probe_size is None else "first_batch")
         self.metrics = resolve_metrics(metrics)
         _check_names(self.metrics)
+        # no default probe for metrics that never read one (loss, grad_norm, ...)
+        wanted = probe_size is not None and any(m.data == "probe" for m in self.metrics)
+        self._probe_source = "given" if probe is not None else (
+            "first_batch" if wanted else "none")
         self.on_finding = on_finding
         self.mirrors = list(mirrors or ()) if _dist.rank() == 0 else []  # rank 0 mirrors
         self._broken_mirrors: set[int] = set()

@@ -75,6 +75,20 @@ def test_a_given_probe_has_no_probe_table():
         assert "probe" not in mon.run().metrics()
 
 
+def test_no_probe_is_taken_when_no_metric_reads_one(caplog):
+    """metrics=["loss", "grad_norm"]: the first batch was copied, stored and announced."""
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with caplog.at_level(logging.WARNING, logger="landscape"):
+        with ls.Monitor(model, F.cross_entropy, optimizer=opt, metrics=["loss", "grad_norm"],
+                        strict=True) as mon:
+            _train(mon, model, opt, 2)
+            run = mon.run()
+    assert mon.probe is None and "probe" not in run.metrics()
+    assert run.config["probe"]["source"] == "none"
+    assert not [r for r in caplog.records if "first training batch" in r.message]
+
+
 def test_a_moving_sentinel_makes_the_expensive_metrics_dense_then_they_relax():
     torch.manual_seed(0)
     model = models.mlp()
