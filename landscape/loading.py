@@ -313,10 +313,10 @@ class Checkpoint:
         return f"Checkpoint({str(self.path)!r}, step={self.step})"
 
 
-STEP_FOLDER = re.compile(
-    r"(?:checkpoint|ckpt|step|global_step|iter|iteration|epoch)[-_=]?(\d+)", re.IGNORECASE
-)
-"""The name of a checkpoint folder that gives its step (``checkpoint-40``, ``step_200``)."""
+_STEP_WORDS = "checkpoint|ckpt|step|global_step|iter|iteration"
+"""The words before a step number in a checkpoint folder's name (``checkpoint-40``)."""
+
+_STEP_FOLDER = re.compile(rf"(?:{_STEP_WORDS}|epoch)[-_=]?(\d+)", re.IGNORECASE)
 
 
 def step_from_name(path: str | Path) -> int | None:
@@ -330,7 +330,7 @@ def step_from_name(path: str | Path) -> int | None:
     numbers = re.findall(r"\d+", path.stem)
     if numbers:
         return int(numbers[-1])
-    folder = STEP_FOLDER.fullmatch(path.parent.name)
+    folder = _STEP_FOLDER.fullmatch(path.parent.name)
     return int(folder.group(1)) if folder else None
 
 

@@ -85,7 +85,6 @@ def _jsonable(value: Any) -> Any:
         return repr(value)
 
 
-
 _RESERVED_CONFIG = ("name", "schedule", "data")
 
 

@@ -145,20 +145,19 @@ def open_checkpoints(
         raise LandscapeError("no checkpoints given")
     # a trusted whole-model pickle names its classes' module (``fac`` for a class defined
     # in fac.py): the factory file's folder is importable while the checkpoints load
-    loaded: list[tuple[Checkpoint, dict[str, Any] | None]] = []
+    checkpoints: list[Checkpoint] = []
+    kinds: set[str] = set()
+    lightning: tuple[Checkpoint, dict[str, Any]] | None = None  # its raw dict builds the module
     with _folder_on_path(model) if model is not None and trust else contextlib.nullcontext():
         for p in expand(paths):
             ckpt, raw = _load(p, trust)
-            # one checkpoint in memory at a time: the first Lightning one's raw dict builds
-            # the module; the others need only their kind, step and settings until used
-            if raw is not None and any(r is not None for _, r in loaded):
-                raw = {}
-            loaded.append((ckpt, raw))
-            ckpt.release()
-    kinds = {"huggingface" if c.path.is_dir() else "lightning" if raw is not None else "file"
-             for c, raw in loaded}
-    folder = next((c.path for c, _ in loaded if c.path.is_dir()), None)
-    lightning = next(((c, raw) for c, raw in loaded if raw is not None), None)
+            kinds.add("huggingface" if ckpt.path.is_dir() else "lightning" if raw is not None
+                      else "file")
+            if raw is not None and lightning is None:
+                lightning = (ckpt, raw)
+            checkpoints.append(ckpt)
+            ckpt.release()  # one in memory at a time: read again when used
+    folder = next((c.path for c in checkpoints if c.path.is_dir()), None)
     net: Any
     if model is not None:
         obj = load_factory(model, "model factory")
@@ -178,7 +177,7 @@ def open_checkpoints(
             f"the model factory returned a {type(net).__name__}, not a torch.nn.Module "
             "(does --model name the data factory?)"
         )
-    return Opened(net, [c for c, _ in loaded], folder, kinds)
+    return Opened(net, checkpoints, folder, kinds)
 
 
 def _vocab_size(model: nn.Module) -> int | None:

@@ -323,21 +323,19 @@ class RunWriter:
     def add_finding(self, finding: Finding) -> None:
         """Append a finding to ``/findings`` (steps non-decreasing), its ``extra`` as JSON.
 
-        Args:
-            finding: the finding.
-
         An error-severity finding is written to the file right away (at the end of the
         step inside :meth:`one_step`): the process may be about to die of what it reports.
+
+        Args:
+            finding: the finding.
 
         Raises:
             StepOrderError: its step comes before the last finding's.
         """
-        row = _finding_row(finding, self._fields[FINDINGS_TABLE])
-        self._add_row(FINDINGS_TABLE, int(finding.step), row, strict=False)
         if finding.severity == "error":  # the run may be about to die: on disk at once
             self._urgent = True
-            if not self._holding:
-                self.flush()
+        row = _finding_row(finding, self._fields[FINDINGS_TABLE])
+        self._add_row(FINDINGS_TABLE, int(finding.step), row, strict=False)
 
     def record_checkpoint(self, step: int, source: str) -> None:
         """Record that ``step`` was computed from checkpoint ``source``.
@@ -411,15 +409,13 @@ class RunWriter:
         finally:
             self._holding -= 1
             if not self._holding and not self._closed:
-                if self._urgent:
-                    self.flush()
-                else:
-                    self._flush_if_due()
+                self._flush_if_due()
 
     def _flush_if_due(self) -> None:
-        """Flush after ``flush_every`` buffered rows and points or ``flush_seconds``."""
+        """Flush after an error finding, ``flush_every`` rows and points or ``flush_seconds``."""
         if (
-            self._n_pending >= self.flush_every
+            self._urgent
+            or self._n_pending >= self.flush_every
             or time.monotonic() - self._last_flush >= self.flush_seconds
         ):
             self.flush()
