@@ -82,7 +82,11 @@ def _labels(surf: SurfaceData) -> tuple[str, str]:
 
 
 def _title(surf: SurfaceData, field: str, log: bool) -> str:
-    return f"{surf.name}: {'log10 ' if log else ''}{field}"
+    title = f"{surf.name}: {'log10 ' if log else ''}{field}"
+    done, total = int(surf.done.sum()), int(surf.done.size)
+    if done < total:  # an interrupted or still-running grid: say how much the gaps hide
+        title += f" ({done} of {total} points computed)"
+    return title
 
 
 def curve(

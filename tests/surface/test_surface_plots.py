@@ -64,6 +64,12 @@ def test_partially_computed_surfaces_plot_with_gaps():
     surf.values["loss"][2:, :] = np.nan
     for fig in (plots.contour(surf), plots.contourf(surf, log=True), plots.surface3d(surf)):
         assert _png(fig).startswith(b"\x89PNG")
+        assert fig.axes[0].get_title().endswith("(12 of 24 points computed)")
+    line = _surface(nx=6, ny=1)
+    line = type(line)(line.name, line.x, None, {"loss": line.values["loss"][0]},
+                      np.array([True] * 5 + [False]), line.attrs, {})
+    assert plots.curve(line).axes[0].get_title() == "s: loss (5 of 6 points computed)"
+    assert "computed" not in plots.contour(_surface()).axes[0].get_title()
 
 
 def test_surface3d_axes_follow_x_and_y():
