@@ -90,3 +90,27 @@ def test_layers_import_only_downwards(package, forbidden):
 def test_the_library_never_imports_the_cli():
     for path in sorted(ROOT.rglob("*.py")):
         assert not any(m.startswith("landscape_cli") for m in _imports(path)), path
+
+
+def test_every_package_folder_is_in_the_wheel():
+    """pyproject.toml lists the packages by hand: a folder left out is missing from a wheel.
+
+    An editable install imports it anyway, so only this comparison catches the omission
+    (``landscape.checkpoints`` was missing: ``landscape analyze`` failed from a wheel).
+    """
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: pytest's own dependency
+        import tomli as tomllib
+    repo = ROOT.parent
+    setuptools = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setuptools["packages"])
+    folders = {"landscape": repo / "landscape", "landscape_cli": repo / "cli"}
+    found = set()
+    for top, folder in folders.items():
+        assert setuptools["package-dir"][top] == folder.name
+        for init in folder.rglob("__init__.py"):
+            parts = init.parent.relative_to(folder).parts
+            found.add(".".join((top, *parts)))
+    assert found - listed == set(), "add these to [tool.setuptools] packages"
+    assert listed - found == set(), "listed in pyproject.toml, but no such package"
