@@ -317,7 +317,7 @@ def dense_window_worker(rank: int, out_dir: str) -> None:
             loss.backward()
             opt.step()
             mon.step(step, batch=(x, y), loss=loss)
-            windows.append(mon._dense_until)
+            windows.append(mon._dense.until)
     _save(out_dir, rank, {"windows": windows})
 
 

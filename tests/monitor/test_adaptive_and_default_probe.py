@@ -205,9 +205,9 @@ def test_a_run_file_without_its_probe_says_the_probe_changes(tmp_path, caplog):
 
 
 def test_a_resumed_run_keeps_the_dense_window_its_sentinels_opened(tmp_path, monkeypatch):
-    import landscape.monitor as monitor_module
+    from landscape.monitor import adaptive
 
-    monkeypatch.setattr(monitor_module, "_DENSE_AT", 1e-12)  # every finite r opens it
+    monkeypatch.setattr(adaptive, "DENSE_AT", 1e-12)  # every finite r opens it
     path = tmp_path / "run.h5"
     model = models.mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -219,7 +219,7 @@ def test_a_resumed_run_keeps_the_dense_window_its_sentinels_opened(tmp_path, mon
             _train(first, model, opt, range(4), seed=1)
         with ls.Monitor(model, F.cross_entropy, path, optimizer=opt, warn=False,
                         metrics=[ls.metrics.Sentinels(), ls.metrics.Update(schedule=10)]) as mon:
-            assert mon._dense_until == 3 + monitor_module._DENSE_STEPS
+            assert mon._dense.until == 3 + adaptive.DENSE_STEPS
             _train(mon, model, opt, range(4, 6), seed=2)
     finally:
         del ls.metrics.Update.dense_every

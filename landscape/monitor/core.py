@@ -30,12 +30,7 @@ A metric that fails (out of memory, missing input) records a NaN row, one warnin
 from __future__ import annotations
 
 import contextlib
-import io
-import json
-import logging
 import math
-import operator
-import os
 import time
 import warnings
 from typing import Any, Callable, Sequence
@@ -47,71 +42,27 @@ from torch import nn
 from landscape import distributed as _dist
 from landscape._errors import InstabilityWarning, MissingInput, PartialRow, StepOrderError
 from landscape._interrupts import InterruptGuard
-from landscape.batches import (
-    head,
-    in_containers_of,
-    leading_size,
-    map_tensors,
-    plain_containers,
-)
-from landscape.capture import first_tensor
+from landscape.batches import leading_size
 from landscape.failures import failure_finding, nonfinite_state
-from landscape.findings import Finding, Findings, dedupe, severity_rank, user_stacklevel
+from landscape.findings import Finding, Findings, dedupe, user_stacklevel
 from landscape.isolation import isolated
 from landscape.metrics import Metric, StepContext, split_batch
 from landscape.metrics.presets import MetricsLike, resolve_metrics
+from landscape.monitor.adaptive import DENSE_AT, DENSE_STEPS, DenseWindow, recorded_window_end
+from landscape.monitor.arguments import (
+    check_metric_names,
+    check_monitor_arguments,
+    optimizer_config,
+    step_arguments,
+    stored_config,
+    unwrap_optimizer,
+)
+from landscape.monitor.clock import StepClock
+from landscape.monitor.probe import restore_probe, store_probe, take_probe
 from landscape.params import trainable_named_parameters
 from landscape.store import Run, RunWriter
 
 __all__ = ["MetricsLike", "Monitor", "resolve_metrics", "unwrap_optimizer"]
-
-_log = logging.getLogger("landscape")
-_DENSE_AT = 0.5  # sentinels/r_secant at which the expensive metrics are measured densely
-_DENSE_STEPS = 20  # for this many steps after the last trigger
-_WARNING = severity_rank("warning")
-_PROBE_BYTES = 64 * 2**20  # the largest default probe stored in the run file for a resume
-
-
-def _opens_window(finding: Finding) -> bool:
-    """A warning or an error opens the dense window too (docs/monitor.md)."""
-    return severity_rank(finding.severity) >= _WARNING
-
-
-def _jsonable(value: Any) -> Any:
-    try:
-        json.dumps(value)
-        return value
-    except TypeError:
-        return repr(value)
-
-
-_RESERVED_CONFIG = ("name", "schedule", "data")
-
-
-def _stored_config(metric: Metric) -> dict[str, Any]:
-    """The metric's ``config()`` and its data source, as the run file stores them.
-
-    Raises:
-        ValueError: ``config()`` gives a key the monitor records itself (``name``,
-            ``schedule``, ``data``) another value: one would overwrite the other silently.
-    """
-    config = metric.config()
-    own = {"name": metric.name, "schedule": str(metric.schedule), "data": metric.data}
-    taken = [k for k in _RESERVED_CONFIG if k in config and config[k] != own[k]]
-    if taken:
-        raise ValueError(
-            f"{type(metric).__name__}.config() uses the key {taken[0]!r}, which the monitor "
-            f"records itself with another value (reserved: {', '.join(_RESERVED_CONFIG)}); "
-            "rename it"
-        )
-    return {**config, "data": metric.data}
-
-
-def _optimizer_config(opt: torch.optim.Optimizer | None) -> dict[str, Any] | None:
-    if opt is None:
-        return None
-    group = {k: _jsonable(v) for k, v in opt.param_groups[0].items() if k != "params"}
-    return {"class": type(opt).__name__, "param_group_0": group}
 
 
 def _skipped_overflow(ctx: StepContext) -> bool:
@@ -126,34 +77,7 @@ def _skipped_overflow(ctx: StepContext) -> bool:
     return norm is not None and not math.isfinite(norm)
 
 
-_RESERVED = ("adaptive", "probe", "unmeasured")  # tables the monitor writes itself
 _UNMEASURED_WIDTH = 16  # /metrics/unmeasured: at least S16 (the metrics' names, joined)
-
-
-def _check_names(metrics: Sequence[Metric]) -> None:
-    """Refuse empty names and the monitor's own; warn when a metric takes a registered name.
-
-    Raises:
-        ValueError: a metric has no name, a name with '/' or ',', or one of the monitor's
-            own tables (``adaptive``, ``probe``, ``unmeasured``).
-    """
-    from landscape.metrics.base import _REGISTRY, same_definition
-
-    for m in metrics:
-        if not isinstance(m.name, str) or not m.name or "/" in m.name or "," in m.name:
-            raise ValueError(f"{type(m).__name__}.name must be a non-empty name without '/' "
-                             f"or ',' (set name = ... in the class), got {m.name!r}")
-        if m.name in _RESERVED:
-            raise ValueError(f"{type(m).__name__}: the metric name {m.name!r} is reserved for "
-                             f"the monitor's own /metrics/{m.name} table; choose another name")
-        owner = _REGISTRY.get(m.name)
-        if owner is not None and not isinstance(m, owner) and not same_definition(owner,
-                                                                                  type(m)):
-            warnings.warn(
-                f"landscape: {type(m).__name__} is named {m.name!r}, the name of "
-                f"{owner.__module__}.{owner.__qualname__}: its rows go to /metrics/{m.name} "
-                f"and the alarm rules that watch {m.name!r} read them as that metric's",
-                UserWarning, stacklevel=user_stacklevel())
 
 
 def _nan_row(metric: Metric) -> dict[str, Any]:
@@ -169,43 +93,6 @@ def _no_loss_fn(*args: Any) -> torch.Tensor:
     ``metric_failed`` finding with this message.
     """
     raise MissingInput("this metric evaluates the loss: pass loss_fn= or closure= to Monitor")
-
-
-def _step_index(step: Any) -> int:
-    """``step`` as an int: any integer type, or a float (of any kind) with an integer value.
-
-    Raises:
-        ValueError: anything else (``0.5``: fractional epochs are not steps; a string; a bool).
-    """
-    if not isinstance(step, bool):
-        try:
-            return operator.index(step)  # int, numpy integers, integer 0-d tensors
-        except TypeError:
-            with contextlib.suppress(TypeError, ValueError, RuntimeError):
-                value = float(step)  # a float of any kind, a one-element float tensor
-                if value.is_integer():
-                    return int(value)
-    raise ValueError(f"step must be an integer (the optimizer step's index), got "
-                     f"{type(step).__name__} {step!r}")
-
-
-def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
-    """The torch optimizer inside framework wrappers.
-
-    Lightning's ``LightningOptimizer`` and accelerate's ``AcceleratedOptimizer`` (used by the
-    Hugging Face ``Trainer``) keep the real optimizer in ``.optimizer``; step hooks registered
-    on the wrapper would never fire, because the wrapper's ``step`` calls the inner
-    optimizer's ``step``. Returns ``None`` for ``None``.
-    """
-    for _ in range(8):
-        inner = getattr(optimizer, "optimizer", None)
-        is_torch = isinstance(optimizer, torch.optim.Optimizer)
-        if inner is None or (is_torch and not isinstance(inner, torch.optim.Optimizer)):
-            break
-        optimizer = inner
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {optimizer!r}")
-    return optimizer
 
 
 class Monitor:
@@ -317,49 +204,20 @@ class Monitor:
         probe_size: int | None = 32,
         adaptive: bool = True,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__} "
-                            f"{model!r}" + (" (wrap a function in an nn.Module)"
-                                            if callable(model) else ""))
-        if path is not None and not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path must be a file path (str or os.PathLike), or None for a "
-                            f"run in memory, got {type(path).__name__} {path!r}")
-        for name, value in (("closure", closure), ("on_finding", on_finding)):
-            if value is not None and not callable(value):
-                raise TypeError(f"{name} must be callable, got {type(value).__name__} "
-                                f"{value!r}")
-        if loss_fn is not None and not callable(loss_fn):
-            raise TypeError(
-                f"loss_fn must be callable, got {type(loss_fn).__name__} {loss_fn!r}"
-                + (" (the run file is the third argument, or path=...)"
-                   if isinstance(loss_fn, (str, os.PathLike)) else ""))
-        if loss_fn is None and closure is None:  # the metrics that evaluate a loss say so
-            loss_fn = _no_loss_fn
-        if microbatch_size is not None and (
-            not isinstance(microbatch_size, int) or microbatch_size < 1
-        ):
-            raise ValueError(f"microbatch_size must be an integer >= 1, got {microbatch_size!r}")
-        if batch_size is not None and not callable(batch_size):
-            raise ValueError(
-                f"batch_size must be a function batch -> int (e.g. a token count), got "
-                f"{type(batch_size).__name__} {batch_size!r}")
+        check_monitor_arguments(model, loss_fn, path, closure, on_finding, microbatch_size,
+                                batch_size, probe, probe_size)
         if taylor_guard is not None and (optimizer is None or probe is None):
             raise ValueError("taylor_guard needs optimizer= and probe=(inputs, targets)")
+        if loss_fn is None and closure is None:  # the metrics that evaluate a loss say so
+            loss_fn = _no_loss_fn
         self.model = _dist.unwrap(model)  # the module inside a DDP / DataParallel wrapper
         self.loss_fn = loss_fn
         self.closure = closure
         self.optimizer = unwrap_optimizer(optimizer)  # accelerate's, Lightning's wrappers
-        if isinstance(probe, torch.utils.data.DataLoader) or hasattr(probe, "__next__"):
-            raise ValueError(
-                f"probe= must be a fixed batch or a list of batches, got a "
-                f"{type(probe).__name__} (every probe metric would read a different batch): "
-                "pass next(iter(loader)), or list(itertools.islice(loader, n)) for n batches")
         self.probe = probe
-        if probe_size is not None and (not isinstance(probe_size, int) or probe_size < 1):
-            raise ValueError(f"probe_size must be an integer >= 1 or None, got {probe_size!r}")
         self.probe_size = probe_size
         self.metrics = resolve_metrics(metrics)
-        _check_names(self.metrics)
+        check_metric_names(self.metrics)
         # no default probe for metrics that never read one (loss, grad_norm, ...)
         wanted = probe_size is not None and any(m.data == "probe" for m in self.metrics)
         self._probe_source = "given" if probe is not None else (
@@ -394,16 +252,10 @@ class Monitor:
         self._hooks: list[Any] = []
         self._objects: dict[str, nn.Parameter] | None = None
         self._before: tuple[torch.Tensor, ...] | None = None
-        self._last_step: int | None = None
         self._sharded = False  # FSDP2 parameters (set by start())
-        self._opt_steps = 0  # optimizer steps since the last call of step()
-        self._stepped_once = False  # an optimizer step was seen (a call without one: a skip)
-        self._opt_per_call: int | None = None  # between the last two calls (None: unknown)
-        self._steps_per_opt = 1.0  # steps (as numbered by the caller) per optimizer step
-        self._last_gap: int | None = None  # steps between the last two calls
-        self._first_step = 0
+        self._clock = StepClock()  # optimizer steps between calls, the next call's step
         self.adaptive = adaptive
-        self._dense_until = -1  # dense measurements are on through this step
+        self._dense = DenseWindow(adaptive)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -430,13 +282,13 @@ class Monitor:
             for m in self.metrics:
                 self.writer.declare(
                     m.name, m.fields(), cls=f"{type(m).__module__}.{type(m).__qualname__}",
-                    params=_stored_config(m), schedule=str(m.schedule),
+                    params=stored_config(m), schedule=str(m.schedule),
                     context=m.CONTEXT_FIELDS,
                 )
             if self.adaptive and any(m.dense_every for m in self.metrics):
                 self.writer.declare(
                     "adaptive", {"dense": (), "extra": ()}, cls="landscape.monitor.Monitor",
-                    params={"dense_at": _DENSE_AT, "dense_steps": _DENSE_STEPS},
+                    params={"dense_at": DENSE_AT, "dense_steps": DENSE_STEPS},
                     schedule="triggered",
                 )
             if self._probe_source == "first_batch" and self.probe is None:
@@ -452,16 +304,15 @@ class Monitor:
             if self._distributed:  # resuming: only rank 0 has the file; agree on its steps
                 known = _dist.broadcast_object(known)
             if known:  # resuming: the next step must come after every recorded one
-                self._last_step = max(known)
-                self._first_step = self._last_step + 1
+                self._clock.resume_after(max(known))
             self._alarms = self._make_alarms()
             if self._alarms is not None:
                 for m in self.metrics:
-                    self._alarms.declare(m.name, _stored_config(m))
+                    self._alarms.declare(m.name, stored_config(m))
                 if known:  # resuming: rebuild rule state from the recorded rows
                     self._alarms.replay(self.writer.run())
             if known and self.adaptive:  # and the dense window the sentinels opened
-                self._dense_until = self._recorded_dense_until()
+                self._dense.until = self._recorded_window_end()
             if self.optimizer is not None:
                 self._hooks.append(self.optimizer.register_step_pre_hook(self._pre_step))
                 self._hooks.append(self.optimizer.register_step_post_hook(self._post_step))
@@ -527,7 +378,7 @@ class Monitor:
 
         ``step()`` accepts only steps after it (:class:`~landscape.StepOrderError`).
         """
-        return self._last_step
+        return self._clock.last_step
 
     def run(self) -> Run:
         """A reader of what has been recorded, also after ``close()`` (in memory: no path).
@@ -551,9 +402,9 @@ class Monitor:
         return {
             "model": type(self.model).__name__,
             "n_parameters": n_params,
-            "optimizer": _optimizer_config(self.optimizer),
+            "optimizer": optimizer_config(self.optimizer),
             "metrics": [
-                {"name": m.name, "schedule": str(m.schedule), **_stored_config(m)}
+                {"name": m.name, "schedule": str(m.schedule), **stored_config(m)}
                 for m in self.metrics
             ],
             # a given probe's own sample count; the first batch's probe: at most probe_size
@@ -589,35 +440,16 @@ class Monitor:
 
     # ------------------------------------------------------------------ optimizer hooks
 
-    def _next_step(self) -> int:
-        """The step the next call of :meth:`step` will most likely have.
-
-        After ``k`` optimizer steps since the last call, the last step plus ``k`` times the
-        steps per optimizer step seen between earlier calls (1 until two calls with an
-        optimizer step between them were seen), so that a metric's schedule is asked about
-        the step the call will have. Which optimizer step precedes the call is learned
-        separately: :meth:`_pre_step` copies the parameters from the ``n``-th optimizer
-        step since the last call on, ``n`` the count between the last two calls.
-        """
-        k = max(self._opt_steps, 1)
-        if self._last_step is None:  # nothing learned before the first call: one per step
-            return self._first_step + k - 1
-        return self._last_step + max(1, round(self._steps_per_opt * k))
-
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        # the parameters before the optimizer step that comes right before the next
-        # call: taken before every optimizer step that may be that one (from the count
-        # between the last two calls on), so the update is one optimizer step, never
-        # several, when calls are sparser, and a sparse caller copies twice per call. The
-        # interval's first step is always copied: a call that comes earlier than the
-        # count says measures the steps since the last call, rather than nothing.
-        self._opt_steps += 1
-        if (self.taylor_guard is None and self._opt_steps > 1 and self._opt_per_call is not None
-                and self._opt_steps < self._opt_per_call):
+        # the parameters before the optimizer step that comes right before the next call
+        # (StepClock.optimizer_step says which steps may be that one): the update is one
+        # optimizer step, never several, when calls are sparser
+        may_precede_call = self._clock.optimizer_step()
+        if self.taylor_guard is None and not may_precede_call:
             return  # the copy of the interval's first step stays, in case the call is early
-        upcoming = self._next_step()
+        upcoming = self._clock.next_step()
         wanted = self.taylor_guard is not None or any(
-            m.needs_update and self._is_due(m, upcoming) for m in self.metrics
+            m.needs_update and self._dense.is_due(m, upcoming) for m in self.metrics
         )
         self._before = None
         if wanted:
@@ -631,7 +463,7 @@ class Monitor:
 
         current = self._own
         update = tuple(p.detach() - b for p, b in zip(current, self._before))
-        ctx = self._context(self._next_step(), None, None, None)
+        ctx = self._context(self._clock.next_step(), None, None, None)
         with isolated(self.model):
             inputs, targets = split_batch(self.probe)
             try:
@@ -683,24 +515,8 @@ class Monitor:
         Raises:
             StepOrderError: ``step`` does not come after the last recorded step.
         """
-        step = _step_index(step)  # the arguments are checked before anything is recorded
-        if isinstance(loss, (str, bytes, bool)):  # arrays of any kind still read
-            raise ValueError(f"loss must be a tensor or a number, got {type(loss).__name__} "
-                             f"{loss!r}")
-        if grad_norm is not None:
-            try:
-                grad_norm = float(grad_norm)
-            except (TypeError, ValueError, RuntimeError):
-                raise ValueError(f"grad_norm must be a number or a one-element tensor, got "
-                                 f"{grad_norm!r}") from None
-        if samples is not None:
-            try:  # any integer type (numpy's too), not a float or a bool
-                count = operator.index(samples) if not isinstance(samples, bool) else 0
-            except TypeError:
-                count = 0
-            if count < 1:
-                raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
-            samples = count
+        # the arguments are checked before anything is recorded
+        step, grad_norm, samples = step_arguments(step, loss, grad_norm, samples)
         started_here = self.writer is None
         if started_here:
             self.start()  # installs the interrupt guard, so the first step is covered too
@@ -723,39 +539,23 @@ class Monitor:
         self, step: int, batch: Any, loss: Any, outputs: Any, grad_norm: float | None = None,
         samples: int | None = None,
     ) -> list[Finding]:
-        if self._last_step is not None and step <= self._last_step:
+        last = self._clock.last_step
+        if last is not None and step <= last:
             raise StepOrderError(
-                f"step {step} does not come after the last recorded step {self._last_step}"
+                f"step {step} does not come after the last recorded step {last}"
                 + ("" if self.path is None else f" in {self.path} (to start the file over, "
                    f"pass mode='w'; to resume from step {step}, truncate_from={step})")
             )
         if self.probe is None and self._probe_source == "first_batch" and batch is not None:
-            if not self._restore_probe(batch):
-                self._take_probe(batch, step)
-        due = [m for m in self.metrics if self._is_due(m, step)]
+            self._default_probe(batch, step)
+        due = [m for m in self.metrics if self._dense.is_due(m, step)]
         extra = [m for m in due if not m.schedule(step)]
         before, self._before = self._before, None
         # the hooks count optimizer steps from start(): unknown when step() started it
-        stepped = None if self.optimizer is None or self._update_missed else self._opt_steps > 0
-        # the latest step applied this call's gradient unless the interval came up short:
-        # called every n steps, a step the GradScaler skipped leaves n - 1 since the last
-        # call, where the previous interval of the same length had n
-        gap = None if self._last_step is None else step - self._last_step
-        short = (gap is not None and gap == self._last_gap and self._opt_per_call is not None
-                 and 0 < self._opt_steps < self._opt_per_call)
-        self._last_gap = gap
-        if stepped and short:
-            stepped = False
-        if stepped is False and self._stepped_once and not short:
-            # nothing to measure: a GradScaler skipped the step, a micro-batch in between
+        watching = self.optimizer is not None and not self._update_missed
+        stepped, skipped = self._clock.call(step, watching=watching)
+        if skipped:  # a GradScaler skipped the step, a micro-batch in between: no update
             self._update_missed = True
-        self._stepped_once = self._stepped_once or bool(stepped)
-        if (self._last_step is not None or self._opt_steps > 0) and not short:
-            self._opt_per_call = self._opt_steps  # since the last call, or since start()
-        if self._last_step is not None and self._opt_steps > 0 and not short:
-            self._steps_per_opt = (step - self._last_step) / self._opt_steps
-        self._opt_steps = 0
-        self._last_step = step
         if not due:
             return []
         ctx = self._context(step, batch, loss, outputs)
@@ -792,10 +592,7 @@ class Monitor:
                     found.extend(self._alarms.observe(m.name, step, row))
                 if not measured:
                     unmeasured.append(m.name)
-                if m.name == "sentinels" and self.adaptive:
-                    r = float(row.get("r_secant", math.nan))
-                    if r >= _DENSE_AT:
-                        self._dense_until = step + _DENSE_STEPS
+                self._dense.observe_row(m.name, step, row)
             if unmeasured:
                 self._record_unmeasured(step, unmeasured)
             if extra:
@@ -806,9 +603,8 @@ class Monitor:
             # Rank 0's dense window too: ranks with their own probes see different r, and
             # `due` must be the same on every rank (curvature metrics reduce over them),
             # which also makes every rank reach this broadcast.
-            found, self._dense_until = _dist.broadcast_object((found, self._dense_until))
-        if self.adaptive and any(_opens_window(f) for f in found):
-            self._dense_until = max(self._dense_until, step + _DENSE_STEPS)
+            found, self._dense.until = _dist.broadcast_object((found, self._dense.until))
+        self._dense.observe_findings(step, found)
         failures, self._failures_to_call = self._failures_to_call, []
         if self.on_finding is not None:  # this rank's metric_failed findings
             for f in failures:
@@ -839,90 +635,29 @@ class Monitor:
         if fresh:  # declaring flushed this step's NaN rows: its unmeasured row too
             self.writer.flush()
 
-    def _recorded_dense_until(self) -> int:
-        """The end of the dense window that recorded sentinel rows and warnings opened (or -1)."""
+    def _recorded_window_end(self) -> int:
+        """The end of the dense window the resumed run's file had open (or -1)."""
         until = -1
         if not self._distributed or _dist.rank() == 0:
             assert self.writer is not None
-            run = self.writer.run()
-            opened = [f.step for f in run.findings() if _opens_window(f)]
-            if "sentinels" in run.metrics():
-                steps, r = run.series("sentinels", "r_secant")
-                opened += steps[np.nan_to_num(r, nan=-1.0) >= _DENSE_AT].tolist()
-            if opened:
-                until = int(max(opened)) + _DENSE_STEPS
+            until = recorded_window_end(self.writer.run())
         return _dist.broadcast_object(until) if self._distributed else until
 
-    def _is_due(self, metric: Metric, step: int) -> bool:
-        """On the metric's schedule, or dense while the sentinels have moved (adaptive)."""
-        if metric.schedule(step):
-            return True
-        every = metric.dense_every
-        return bool(self.adaptive and every and step <= self._dense_until and step % every == 0)
+    def _default_probe(self, batch: Any, step: int) -> None:
+        """The probe stored by the run this one resumes, or the first samples of ``batch``.
 
-    def _take_probe(self, batch: Any, step: int) -> None:
-        """Keep a copy of the first ``probe_size`` samples of ``batch`` as the probe.
-
-        The number of samples kept (fewer than ``probe_size`` when the batch is smaller) is
-        the one row of ``/metrics/probe``, at the step the probe was taken.
+        The number of samples taken is the one row of ``/metrics/probe``. Under
+        ``torch.distributed`` each rank takes its own, and rank 0's file stores none.
         """
-        self.probe = map_tensors(head(batch, self.probe_size), lambda t: t.detach().clone())
-        kept = leading_size(self.probe) or self.probe_size
-        _log.warning(
-            "landscape: no probe= given; the monitor keeps the first %d samples of the first "
-            "training batch as its fixed probe (probe_size=None turns this off)", kept,
-        )
         assert self.writer is not None
+        if not self._distributed:
+            self.probe = restore_probe(self.writer, batch)
+            if self.probe is not None:
+                return
+        self.probe, kept = take_probe(batch, self.probe_size)
         self.writer.append("probe", step, {"samples": float(kept)})
-        self._store_probe()
-
-    def _store_probe(self) -> None:
-        """Keep the default probe in the run file, so that a resumed run reads it back."""
-        assert self.writer is not None
-        if self._distributed:  # rank 0's file cannot hold every rank's probe
-            return
-        buffer = io.BytesIO()
-        try:
-            torch.save(plain_containers(self.probe), buffer)
-        except Exception as err:  # a batch type that does not pickle: resume takes anew
-            _log.warning("landscape: the default probe cannot be stored in the run file "
-                         "(%s); a resumed run will take a new one", err)
-            return
-        if buffer.tell() > _PROBE_BYTES:
-            _log.warning("landscape: the default probe (%.0f MiB) is too large to store in "
-                         "the run file; a resumed run will take a new one",
-                         buffer.tell() / 2**20)
-            return
-        self.writer.save_blob("probe", buffer.getvalue())
-
-    def _restore_probe(self, batch: Any) -> bool:
-        """Resuming a run that took its probe from its first batch: read that probe back.
-
-        Returns:
-            Whether the probe was restored (False: a new run, a run truncated before its
-            probe was taken, or a file without a stored probe; then a new one is taken).
-        """
-        assert self.writer is not None
-        if self._distributed or self.writer.last_step("probe") is None:
-            return False
-        data = self.writer.load_blob("probe")
-        probe, why = None, "is not stored in its file"
-        if data is not None:
-            try:
-                probe = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-            except Exception as err:  # written by a newer torch, damaged: take a new one
-                why = f"cannot be read back ({err})"
-        if probe is None:
-            _log.warning("landscape: resuming a run whose default probe %s; a new probe is "
-                         "taken from this batch, so the probe metrics are not comparable "
-                         "across this step", why)
-            return False
-        first = first_tensor(batch)  # the probe goes where this run's batches are
-        if first is not None:
-            probe = map_tensors(probe, lambda t: t.to(first.device))
-        self.probe = in_containers_of(probe, batch)
-        _log.info("landscape: resuming with the probe stored in the run file")
-        return True
+        if not self._distributed:  # rank 0's file cannot hold every rank's probe
+            store_probe(self.writer, self.probe)
 
     def _compute(self, metric: Metric, ctx: StepContext) -> tuple[dict[str, Any], bool]:
         """``metric``'s row, and whether it is a measurement for the alarm rules.

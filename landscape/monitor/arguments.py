@@ -1,0 +1,218 @@
+"""What the monitor is given: one-line errors for bad arguments, and their stored form.
+
+A user mistake (a model that is no module, a run file given as the loss, a fractional step,
+a metric named like the monitor's own tables) is refused at once with a ``TypeError`` or
+``ValueError`` naming the argument, before anything is recorded (docs/monitor.md). What the
+run file's config stores of the optimizer and the metrics is written here too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import operator
+import os
+import warnings
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from landscape.findings import user_stacklevel
+from landscape.metrics import Metric
+
+__all__ = [
+    "RESERVED_CONFIG",
+    "RESERVED_TABLES",
+    "check_metric_names",
+    "check_monitor_arguments",
+    "optimizer_config",
+    "step_arguments",
+    "step_index",
+    "stored_config",
+    "unwrap_optimizer",
+]
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        return repr(value)
+
+
+
+RESERVED_CONFIG = ("name", "schedule", "data")
+
+
+def stored_config(metric: Metric) -> dict[str, Any]:
+    """The metric's ``config()`` and its data source, as the run file stores them.
+
+    Raises:
+        ValueError: ``config()`` gives a key the monitor records itself (``name``,
+            ``schedule``, ``data``) another value: one would overwrite the other silently.
+    """
+    config = metric.config()
+    own = {"name": metric.name, "schedule": str(metric.schedule), "data": metric.data}
+    taken = [k for k in RESERVED_CONFIG if k in config and config[k] != own[k]]
+    if taken:
+        raise ValueError(
+            f"{type(metric).__name__}.config() uses the key {taken[0]!r}, which the monitor "
+            f"records itself with another value (reserved: {', '.join(RESERVED_CONFIG)}); "
+            "rename it"
+        )
+    return {**config, "data": metric.data}
+
+
+
+def optimizer_config(opt: torch.optim.Optimizer | None) -> dict[str, Any] | None:
+    """The optimizer's class and first parameter group's settings, as the config stores them."""
+    if opt is None:
+        return None
+    group = {k: _jsonable(v) for k, v in opt.param_groups[0].items() if k != "params"}
+    return {"class": type(opt).__name__, "param_group_0": group}
+
+
+
+RESERVED_TABLES = ("adaptive", "probe", "unmeasured")  # tables the monitor writes itself
+
+def check_metric_names(metrics: Sequence[Metric]) -> None:
+    """Refuse empty names and the monitor's own; warn when a metric takes a registered name.
+
+    Raises:
+        ValueError: a metric has no name, a name with '/' or ',', or one of the monitor's
+            own tables (``adaptive``, ``probe``, ``unmeasured``).
+    """
+    from landscape.metrics.base import _REGISTRY, same_definition
+
+    for m in metrics:
+        if not isinstance(m.name, str) or not m.name or "/" in m.name or "," in m.name:
+            raise ValueError(f"{type(m).__name__}.name must be a non-empty name without '/' "
+                             f"or ',' (set name = ... in the class), got {m.name!r}")
+        if m.name in RESERVED_TABLES:
+            raise ValueError(f"{type(m).__name__}: the metric name {m.name!r} is reserved for "
+                             f"the monitor's own /metrics/{m.name} table; choose another name")
+        owner = _REGISTRY.get(m.name)
+        if owner is not None and not isinstance(m, owner) and not same_definition(owner,
+                                                                                  type(m)):
+            warnings.warn(
+                f"landscape: {type(m).__name__} is named {m.name!r}, the name of "
+                f"{owner.__module__}.{owner.__qualname__}: its rows go to /metrics/{m.name} "
+                f"and the alarm rules that watch {m.name!r} read them as that metric's",
+                UserWarning, stacklevel=user_stacklevel())
+
+
+
+def step_index(step: Any) -> int:
+    """``step`` as an int: any integer type, or a float (of any kind) with an integer value.
+
+    Raises:
+        ValueError: anything else (``0.5``: fractional epochs are not steps; a string; a bool).
+    """
+    if not isinstance(step, bool):
+        try:
+            return operator.index(step)  # int, numpy integers, integer 0-d tensors
+        except TypeError:
+            with contextlib.suppress(TypeError, ValueError, RuntimeError):
+                value = float(step)  # a float of any kind, a one-element float tensor
+                if value.is_integer():
+                    return int(value)
+    raise ValueError(f"step must be an integer (the optimizer step's index), got "
+                     f"{type(step).__name__} {step!r}")
+
+
+
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
+    """The torch optimizer inside framework wrappers.
+
+    Lightning's ``LightningOptimizer`` and accelerate's ``AcceleratedOptimizer`` (used by the
+    Hugging Face ``Trainer``) keep the real optimizer in ``.optimizer``; step hooks registered
+    on the wrapper would never fire, because the wrapper's ``step`` calls the inner
+    optimizer's ``step``. Returns ``None`` for ``None``.
+    """
+    for _ in range(8):
+        inner = getattr(optimizer, "optimizer", None)
+        is_torch = isinstance(optimizer, torch.optim.Optimizer)
+        if inner is None or (is_torch and not isinstance(inner, torch.optim.Optimizer)):
+            break
+        optimizer = inner
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {optimizer!r}")
+    return optimizer
+
+
+def check_monitor_arguments(
+    model: Any, loss_fn: Any, path: Any, closure: Any, on_finding: Any,
+    microbatch_size: Any, batch_size: Any, probe: Any, probe_size: Any,
+) -> None:
+    """Refuse what ``Monitor(...)`` cannot use, with one line naming the argument.
+
+    Raises:
+        TypeError: ``model`` is no ``nn.Module``; ``path`` is no path; ``loss_fn``,
+            ``closure`` or ``on_finding`` is not callable.
+        ValueError: a bad ``microbatch_size``, ``batch_size`` or ``probe_size``, or a
+            ``probe`` that is a loader or an iterator rather than a fixed batch.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__} "
+                        f"{model!r}" + (" (wrap a function in an nn.Module)"
+                                        if callable(model) else ""))
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file path (str or os.PathLike), or None for a "
+                        f"run in memory, got {type(path).__name__} {path!r}")
+    for name, value in (("closure", closure), ("on_finding", on_finding)):
+        if value is not None and not callable(value):
+            raise TypeError(f"{name} must be callable, got {type(value).__name__} "
+                            f"{value!r}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(
+            f"loss_fn must be callable, got {type(loss_fn).__name__} {loss_fn!r}"
+            + (" (the run file is the third argument, or path=...)"
+               if isinstance(loss_fn, (str, os.PathLike)) else ""))
+    if microbatch_size is not None and (
+        not isinstance(microbatch_size, int) or microbatch_size < 1
+    ):
+        raise ValueError(f"microbatch_size must be an integer >= 1, got {microbatch_size!r}")
+    if batch_size is not None and not callable(batch_size):
+        raise ValueError(
+            f"batch_size must be a function batch -> int (e.g. a token count), got "
+            f"{type(batch_size).__name__} {batch_size!r}")
+    if isinstance(probe, torch.utils.data.DataLoader) or hasattr(probe, "__next__"):
+        raise ValueError(
+            f"probe= must be a fixed batch or a list of batches, got a "
+            f"{type(probe).__name__} (every probe metric would read a different batch): "
+            "pass next(iter(loader)), or list(itertools.islice(loader, n)) for n batches")
+    if probe_size is not None and (not isinstance(probe_size, int) or probe_size < 1):
+        raise ValueError(f"probe_size must be an integer >= 1 or None, got {probe_size!r}")
+
+
+def step_arguments(
+    step: Any, loss: Any, grad_norm: Any, samples: Any
+) -> tuple[int, float | None, int | None]:
+    """``Monitor.step``'s arguments checked: the step, the gradient norm and the sample count.
+
+    Raises:
+        ValueError: a step that is no integer, a loss that is a string or a bool (arrays of
+            any kind still read), a gradient norm that is no number, a sample count that is
+            no integer >= 1.
+    """
+    step = step_index(step)
+    if isinstance(loss, (str, bytes, bool)):
+        raise ValueError(f"loss must be a tensor or a number, got {type(loss).__name__} "
+                         f"{loss!r}")
+    if grad_norm is not None:
+        try:
+            grad_norm = float(grad_norm)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"grad_norm must be a number or a one-element tensor, got "
+                             f"{grad_norm!r}") from None
+    if samples is not None:
+        try:  # any integer type (numpy's too), not a float or a bool
+            count = operator.index(samples) if not isinstance(samples, bool) else 0
+        except TypeError:
+            count = 0
+        if count < 1:
+            raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
+        samples = count
+    return step, grad_norm, samples

@@ -1,0 +1,89 @@
+"""The default probe: the first training batch's first samples, kept for the whole run.
+
+Without ``probe=``, the metrics on probe data (curvature, representations, sentinels) read
+a copy of the first ``probe_size`` samples of the first batch the monitor sees
+(docs/monitor.md). The copy is stored in the run file (up to :data:`PROBE_BYTES`), so a
+resumed run measures on the same samples and its rows stay comparable across the resume.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any
+
+import torch
+
+from landscape.batches import head, in_containers_of, leading_size, map_tensors, plain_containers
+from landscape.capture import first_tensor
+from landscape.store import RunWriter
+
+__all__ = ["PROBE_BYTES", "restore_probe", "store_probe", "take_probe"]
+
+_log = logging.getLogger("landscape")
+PROBE_BYTES = 64 * 2**20  # the largest default probe stored in the run file for a resume
+
+
+def take_probe(batch: Any, size: int) -> tuple[Any, int]:
+    """A detached copy of the first ``size`` samples of ``batch``, and how many it holds.
+
+    The monitor says once on the ``landscape`` logger that it took it.
+    """
+    probe = map_tensors(head(batch, size), lambda t: t.detach().clone())
+    kept = leading_size(probe) or size
+    _log.warning(
+        "landscape: no probe= given; the monitor keeps the first %d samples of the first "
+        "training batch as its fixed probe (probe_size=None turns this off)", kept,
+    )
+    return probe, kept
+
+
+def store_probe(writer: RunWriter, probe: Any) -> None:
+    """Keep ``probe`` in the run file, so that a resumed run reads it back.
+
+    A batch that does not pickle, or is larger than :data:`PROBE_BYTES`, is not stored
+    (said once): a resumed run then takes a new probe.
+    """
+    buffer = io.BytesIO()
+    try:
+        torch.save(plain_containers(probe), buffer)
+    except Exception as err:  # a batch type that does not pickle: resume takes anew
+        _log.warning("landscape: the default probe cannot be stored in the run file "
+                     "(%s); a resumed run will take a new one", err)
+        return
+    if buffer.tell() > PROBE_BYTES:
+        _log.warning("landscape: the default probe (%.0f MiB) is too large to store in "
+                     "the run file; a resumed run will take a new one",
+                     buffer.tell() / 2**20)
+        return
+    writer.save_blob("probe", buffer.getvalue())
+
+
+def restore_probe(writer: RunWriter, batch: Any) -> Any | None:
+    """Resuming a run that took its probe from its first batch: that probe, read back.
+
+    The probe moves to the device of ``batch`` and takes its container types.
+
+    Returns:
+        The probe, or ``None`` for a new run, a run truncated before its probe was taken,
+        or a file without a readable stored probe (said once); then a new one is taken.
+    """
+    if writer.last_step("probe") is None:
+        return None
+    data = writer.load_blob("probe")
+    probe, why = None, "is not stored in its file"
+    if data is not None:
+        try:
+            probe = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as err:  # written by a newer torch, damaged: take a new one
+            why = f"cannot be read back ({err})"
+    if probe is None:
+        _log.warning("landscape: resuming a run whose default probe %s; a new probe is "
+                     "taken from this batch, so the probe metrics are not comparable "
+                     "across this step", why)
+        return None
+    first = first_tensor(batch)  # the probe goes where this run's batches are
+    if first is not None:
+        probe = map_tensors(probe, lambda t: t.to(first.device))
+    _log.info("landscape: resuming with the probe stored in the run file")
+    return in_containers_of(probe, batch)
