@@ -43,7 +43,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from landscape.alarms.base import SKIP, Rule, Trigger
+from landscape.alarms.base import SKIP, Rule, Trigger, check_number, check_positive_int, row_value
 from landscape.alarms.curvature_rules import EdgeOfStability, TaylorRatio
 from landscape.alarms.forecast_rules import SharpnessForecast, TaylorForecast
 from landscape.alarms.leads import (
@@ -87,6 +87,9 @@ __all__ = [
     "TaylorRatio",
     "Trigger",
     "check",
+    "check_number",
+    "check_positive_int",
+    "row_value",
     "collect_findings",
     "default_rules",
     "with_rules",

@@ -19,7 +19,10 @@ import numpy as np
 
 from landscape.findings import Finding, severity_rank
 
-__all__ = ["SKIP", "EpisodeTracker", "Evaluator", "Row", "Rule", "Trigger", "Value"]
+__all__ = [
+    "SKIP", "EpisodeTracker", "Evaluator", "Row", "Rule", "Trigger", "Value", "check_number",
+    "check_positive_int", "row_value",
+]
 
 Value = Union[float, np.ndarray]
 """One field of a row: a float, or an array for a vector field."""
@@ -88,8 +91,12 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
-def _scalar(row: Row, name: str) -> float | None:
-    """The finite-or-not scalar ``row[name]``; None when absent, not scalar or NaN."""
+def row_value(row: Row, name: str) -> float | None:
+    """The scalar ``row[name]`` as a float (inf included); None when absent, not scalar or NaN.
+
+    A rule's ``evaluate`` returns ``SKIP`` for ``None``: a row without a usable value (a
+    failed measurement is NaN) is no evidence either way.
+    """
     v = row.get(name)
     if v is None:
         return None
@@ -101,14 +108,20 @@ def _scalar(row: Row, name: str) -> float | None:
     return None if math.isnan(v) else v
 
 
-def _check_positive_int(name: str, value: int) -> None:
-    """Raise ``ValueError`` unless ``value`` is an integer >= 1 (not a bool)."""
+def check_positive_int(name: str, value: int) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is an integer >= 1 (not a bool).
+
+    For a rule's settings, in its dataclass ``__post_init__``.
+    """
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
-def _check_number(name: str, value: float | None, *, allow_none: bool = False) -> None:
-    """Raise ``ValueError`` unless ``value`` is a number that is not NaN (or allowed None)."""
+def check_number(name: str, value: float | None, *, allow_none: bool = False) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a number, not NaN (or None).
+
+    For a rule's settings, in its dataclass ``__post_init__``.
+    """
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
@@ -187,8 +200,8 @@ class Rule:
         """Check ``name``, ``sustain``, ``rearm`` and ``metrics`` (``ValueError``)."""
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name must be a non-empty string, got {self.name!r}")
-        _check_positive_int("sustain", self.sustain)
-        _check_positive_int("rearm", self.rearm)
+        check_positive_int("sustain", self.sustain)
+        check_positive_int("rearm", self.rearm)
         if isinstance(self.metrics, str):
             raise ValueError("metrics must be a sequence of metric names, not a string")
         metrics = tuple(self.metrics)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from landscape.alarms.base import SKIP, Row, Rule, Trigger, _check_number, _fmt, _scalar, _Skip
+from landscape.alarms.base import SKIP, Row, Rule, Trigger, _fmt, _Skip, check_number, row_value
 
 __all__ = ["EdgeOfStability", "TaylorRatio"]
 
@@ -50,8 +50,8 @@ class EdgeOfStability(Rule):
 
     def __post_init__(self) -> None:
         self._validate_common()
-        _check_number("threshold", self.threshold)
-        _check_number("approach", self.approach, allow_none=True)
+        check_number("threshold", self.threshold)
+        check_number("approach", self.approach, allow_none=True)
         if self.approach is not None and self.approach > self.threshold:
             raise ValueError(
                 f"approach ({self.approach}) must not exceed threshold ({self.threshold})"
@@ -67,9 +67,9 @@ class EdgeOfStability(Rule):
         Returns:
             A warning or info :class:`Trigger`, None, or :data:`SKIP` without a ratio.
         """
-        ratio = _scalar(row, "ratio")
-        lam = _scalar(row, "lambda_max")
-        limit = _scalar(row, "threshold")
+        ratio = row_value(row, "ratio")
+        lam = row_value(row, "lambda_max")
+        limit = row_value(row, "threshold")
         if ratio is None and lam is not None and limit is not None and limit > 0:
             ratio = lam / limit
         if ratio is None:
@@ -144,9 +144,9 @@ class TaylorRatio(Rule):
 
     def __post_init__(self) -> None:
         self._validate_common()
-        _check_number("warn", self.warn)
-        _check_number("error", self.error)
-        _check_number("info", self.info, allow_none=True)
+        check_number("warn", self.warn)
+        check_number("error", self.error)
+        check_number("info", self.info, allow_none=True)
         if self.info is not None and self.info > self.warn:
             raise ValueError(f"info ({self.info}) must be <= warn ({self.warn})")
         if self.error < self.warn:
@@ -162,14 +162,14 @@ class TaylorRatio(Rule):
         Returns:
             An error or warning :class:`Trigger`, None, or :data:`SKIP` without ``r``.
         """
-        r = _scalar(row, "r")
+        r = row_value(row, "r")
         if r is None:
             return SKIP
         hint = (
             "lower the learning rate or add warm-up, or clip the step to the radius "
             "(the monitor's Taylor guard); r = 0.5 is a safe target"
         )
-        robust = _scalar(row, self.robust_field) if self.robust_field else None
+        robust = row_value(row, self.robust_field) if self.robust_field else None
         if robust is not None and not math.isfinite(robust):
             robust = None  # not measured on this row: the max decides, as before
         level, field = (r, "r") if robust is None else (robust, str(self.robust_field))

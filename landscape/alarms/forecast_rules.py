@@ -27,11 +27,11 @@ from landscape.alarms.base import (
     Row,
     Rule,
     Trigger,
-    _check_number,
-    _check_positive_int,
     _fmt,
-    _scalar,
     _Skip,
+    check_number,
+    check_positive_int,
+    row_value,
 )
 from landscape.alarms.statistics import RollingWindow
 
@@ -176,23 +176,23 @@ class TaylorForecast(Rule):
     def __post_init__(self) -> None:
         self._validate_common()
         for name in ("limit", "floor", "min_t"):
-            _check_number(name, getattr(self, name))
-        _check_number("jump", self.jump, allow_none=True)
-        _check_number("falling", self.falling, allow_none=True)
-        _check_number("update_growth", self.update_growth, allow_none=True)
-        _check_number("update_confirm", self.update_confirm, allow_none=True)
-        _check_number("level_growth", self.level_growth, allow_none=True)
+            check_number(name, getattr(self, name))
+        check_number("jump", self.jump, allow_none=True)
+        check_number("falling", self.falling, allow_none=True)
+        check_number("update_growth", self.update_growth, allow_none=True)
+        check_number("update_confirm", self.update_confirm, allow_none=True)
+        check_number("level_growth", self.level_growth, allow_none=True)
         if self.update_onset_rows is not None:
-            _check_positive_int("update_onset_rows", self.update_onset_rows)
-        _check_number("jump_growth", self.jump_growth, allow_none=True)
-        _check_number("level_cap", self.level_cap, allow_none=True)
+            check_positive_int("update_onset_rows", self.update_onset_rows)
+        check_number("jump_growth", self.jump_growth, allow_none=True)
+        check_number("level_cap", self.level_cap, allow_none=True)
         if not isinstance(self.restart_info, bool):
             raise ValueError(f"restart_info must be True or False, got {self.restart_info!r}")
-        _check_positive_int("update_window", self.update_window)
-        _check_positive_int("update_sustain", self.update_sustain)
-        _check_positive_int("window", self.window)
-        _check_positive_int("horizon", self.horizon)
-        _check_positive_int("min_rows", self.min_rows)
+        check_positive_int("update_window", self.update_window)
+        check_positive_int("update_sustain", self.update_sustain)
+        check_positive_int("window", self.window)
+        check_positive_int("horizon", self.horizon)
+        check_positive_int("min_rows", self.min_rows)
         if self.min_rows > self.window or self.min_rows < 3:
             raise ValueError(f"min_rows must be in [3, window], got {self.min_rows}")
         if not 0 < self.floor <= self.limit:
@@ -281,12 +281,12 @@ class ForecastState:
             A :class:`Trigger`, None, or :data:`SKIP` for a missing or non-positive value.
         """
         rule = self.rule
-        x = _scalar(row, rule.field)
+        x = row_value(row, rule.field)
         if x is None or not math.isfinite(x) or x <= 0:
             return self._update_only(row)
         self.trend.append(step, x)
         self.rows += 1
-        loss = _scalar(row, "probe_loss")
+        loss = row_value(row, "probe_loss")
         if loss is not None and math.isfinite(loss) and loss > 0:
             self.loss.append(step, loss)
         previous, self.previous = self.previous, x
@@ -396,7 +396,7 @@ class ForecastState:
         A probe the model cannot read, or the first row: ``update_ratio`` needs no forward.
         """
         rule = self.rule
-        u = _scalar(row, "update_ratio")
+        u = row_value(row, "update_ratio")
         if rule.update_growth is None or u is None or not math.isfinite(u) or u <= 0:
             return SKIP
         self.update_rows += 1
@@ -463,7 +463,7 @@ class ForecastState:
     def _update_growth(self, row: Row) -> tuple[float, float] | None:
         """``(ratio, median)`` once ``update_ratio`` has stayed >= growth x median."""
         rule = self.rule
-        u = _scalar(row, "update_ratio")
+        u = row_value(row, "update_ratio")
         if rule.update_growth is None or u is None or not math.isfinite(u) or u <= 0:
             return None
         out = None
@@ -481,7 +481,7 @@ class ForecastState:
         # step per unit of it than usual (SGD's step is lr x momentum buffer, Adam's lr x
         # its normalised direction)
         self.restart = None
-        lr = _scalar(row, "lr")
+        lr = row_value(row, "lr")
         if lr is not None and math.isfinite(lr) and lr > 0:
             # compared with the rates before the latest rise: on the later rows of a stair
             # of a ramp stepped every k rows the rate equals the largest so far

@@ -22,11 +22,11 @@ from landscape.alarms.base import (
     Row,
     Rule,
     Trigger,
-    _check_number,
-    _check_positive_int,
     _fmt,
-    _scalar,
     _Skip,
+    check_number,
+    check_positive_int,
+    row_value,
 )
 from landscape.findings import SEVERITIES, severity_rank
 
@@ -75,9 +75,9 @@ class LogitGrowth(Rule):
 
     def __post_init__(self) -> None:
         self._validate_common()
-        _check_number("max_abs", self.max_abs, allow_none=True)
-        _check_number("softmax_collapse", self.softmax_collapse, allow_none=True)
-        _check_number("collapse_warn", self.collapse_warn, allow_none=True)
+        check_number("max_abs", self.max_abs, allow_none=True)
+        check_number("softmax_collapse", self.softmax_collapse, allow_none=True)
+        check_number("collapse_warn", self.collapse_warn, allow_none=True)
         if self.max_abs_severity not in SEVERITIES:
             raise ValueError(f"max_abs_severity must be one of {SEVERITIES}, got "
                              f"{self.max_abs_severity!r}")
@@ -93,8 +93,8 @@ class LogitGrowth(Rule):
             A warning :class:`Trigger`, None, or :data:`SKIP` when neither enabled field
             has a value.
         """
-        big = _scalar(row, "max_abs")
-        sc = _scalar(row, "softmax_collapse")
+        big = row_value(row, "max_abs")
+        sc = row_value(row, "softmax_collapse")
         if (big is None or self.max_abs is None) and (sc is None or self.softmax_collapse is None):
             return SKIP
         hint = (
@@ -163,8 +163,8 @@ class SignCollapse(Rule):
 
     def __post_init__(self) -> None:
         self._validate_common()
-        _check_number("threshold", self.threshold)
-        _check_number("healthy", self.healthy, allow_none=True)
+        check_number("threshold", self.threshold)
+        check_number("healthy", self.healthy, allow_none=True)
         if self.healthy is not None and self.healthy < self.threshold:
             raise ValueError(f"healthy ({self.healthy}) must be >= threshold ({self.threshold})")
         if self.severity not in SEVERITIES:
@@ -299,7 +299,7 @@ class RankCollapse(Rule):
 
     def __post_init__(self) -> None:
         self._validate_common()
-        _check_number("ratio", self.ratio)
+        check_number("ratio", self.ratio)
         if not 0 < self.ratio < 1:
             raise ValueError(f"ratio must be in (0, 1), got {self.ratio}")
         if not isinstance(self.warmup, int) or self.warmup < 0:
@@ -346,7 +346,7 @@ class RankCollapseState:
             non-finite rank.
         """
         rule = self.rule
-        v = _scalar(row, rule.field)
+        v = row_value(row, rule.field)
         if v is None or not math.isfinite(v):
             return SKIP
         self.rows += 1
@@ -405,9 +405,9 @@ class AttentionLogitGrowth(Rule):
 
     def __post_init__(self) -> None:
         self._validate_common()
-        _check_number("max_logit", self.max_logit)
-        _check_number("growth", self.growth, allow_none=True)
-        _check_positive_int("baseline_rows", self.baseline_rows)
+        check_number("max_logit", self.max_logit)
+        check_number("growth", self.growth, allow_none=True)
+        check_positive_int("baseline_rows", self.baseline_rows)
         if self.growth is not None and self.growth <= 0:
             raise ValueError(f"growth must be > 0 or None, got {self.growth}")
         if self.severity not in SEVERITIES:
@@ -453,7 +453,7 @@ class AttentionLogitGrowthState:
             without a value (no attention, or not measured at this step).
         """
         rule = self.rule
-        v = _scalar(row, "attention_logit_max")
+        v = row_value(row, "attention_logit_max")
         if v is None:
             return SKIP
         limit = rule.max_logit

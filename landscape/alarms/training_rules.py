@@ -21,11 +21,11 @@ from landscape.alarms.base import (
     Row,
     Rule,
     Trigger,
-    _check_number,
-    _check_positive_int,
     _fmt,
-    _scalar,
     _Skip,
+    check_number,
+    check_positive_int,
+    row_value,
 )
 from landscape.alarms.statistics import RollingWindow
 
@@ -129,20 +129,20 @@ class LossSpike(Rule):
 
     def __post_init__(self) -> None:
         self._validate_common()
-        _check_positive_int("window", self.window)
-        _check_positive_int("min_history", self.min_history)
+        check_positive_int("window", self.window)
+        check_positive_int("min_history", self.min_history)
         if self.min_history > self.window:
             raise ValueError(
                 f"min_history ({self.min_history}) must not exceed window ({self.window})"
             )
         for name in ("z", "min_ratio", "cusum_k", "cusum_h", "cusum_clip", "rel_floor"):
-            _check_number(name, getattr(self, name))
-        _check_number("initial_floor", self.initial_floor, allow_none=True)
-        _check_number("warn_ratio", self.warn_ratio, allow_none=True)
-        _check_number("single_row", self.single_row, allow_none=True)
+            check_number(name, getattr(self, name))
+        check_number("initial_floor", self.initial_floor, allow_none=True)
+        check_number("warn_ratio", self.warn_ratio, allow_none=True)
+        check_number("single_row", self.single_row, allow_none=True)
         for name in ("single_row_outlier", "single_sample"):  # factors: None or > 0
             value = getattr(self, name)
-            _check_number(name, value, allow_none=True)
+            check_number(name, value, allow_none=True)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
         if self.severity not in ("info", "warning", "error"):
@@ -201,11 +201,11 @@ class SpikeState:
             non-finite value.
         """
         rule = self.rule
-        x = _scalar(row, rule.field)
+        x = row_value(row, rule.field)
         if x is None or not math.isfinite(x):
             return SKIP
         trigger = None
-        samples = _scalar(row, "samples")
+        samples = row_value(row, "samples")
         self.samples = samples if samples is not None and samples >= 1 else None
         if len(self.history) >= rule.min_history:
             med, mad = self.history.median_mad()
@@ -397,11 +397,11 @@ class NonFiniteValues(Rule):
             check (all flags NaN, no value).
         """
         if metric == "nonfinite":
-            flags = [(f, _scalar(row, f)) for f in ("loss", "grad")]
+            flags = [(f, row_value(row, f)) for f in ("loss", "grad")]
             valid = [(f, v) for f, v in flags if v is not None]
             if not valid:
                 return SKIP
-            skipped = _scalar(row, "skipped") == 1.0
+            skipped = row_value(row, "skipped") == 1.0
             for f, v in valid:
                 if v != 0:
                     what = "training loss" if f == "loss" else "gradient"
