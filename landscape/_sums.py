@@ -33,7 +33,7 @@ import torch
 
 Tensor = torch.Tensor
 
-__all__ = ["CHUNK", "NORM_CHUNK", "dots", "norm", "row_norms", "tensor_norms"]
+__all__ = ["CHUNK", "NORM_CHUNK", "dots", "flat_norm", "row_norms", "tensor_norms"]
 
 CHUNK = 2**20
 """Entries per partial sum of a long float32 (or 16-bit) reduction."""
@@ -80,8 +80,11 @@ def row_norms(x: Tensor) -> Tensor:
     return squares.sqrt()
 
 
-def norm(x: Tensor) -> float:
-    """The Euclidean norm of a vector, as a float (:func:`row_norms`)."""
+def flat_norm(x: Tensor) -> float:
+    """The Euclidean norm of one flat vector, as a float (:func:`row_norms`).
+
+    Not :func:`landscape.params.norm`, which takes a list of parameter-shaped tensors.
+    """
     return float(row_norms(x))
 
 

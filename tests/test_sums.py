@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from landscape import _sums
-from landscape._sums import CHUNK, dots, norm, row_norms
+from landscape._sums import CHUNK, dots, flat_norm, row_norms
 
 
 def _data(n, rows=3, seed=0):
@@ -22,9 +22,9 @@ def test_short_vectors_are_reduced_exactly_as_torch_does():
     q, w = _data(1000)
     assert torch.equal(dots(q, w), (q @ w).double())
     assert torch.equal(dots(q[1], w), (q[1] @ w).double())
-    assert norm(w) == float(torch.linalg.vector_norm(w))
+    assert flat_norm(w) == float(torch.linalg.vector_norm(w))
     assert torch.equal(row_norms(q), torch.linalg.vector_norm(q, dim=1).double())
-    assert norm(torch.tensor(-3.0)) == 3.0  # a 0-d tensor, as vector_norm allows
+    assert flat_norm(torch.tensor(-3.0)) == 3.0  # a 0-d tensor, as vector_norm allows
 
 
 @pytest.mark.parametrize("n", [CHUNK + 1, 3 * CHUNK + 5])
@@ -38,7 +38,7 @@ def test_long_float32_reductions_match_float64(n):
     scale = float(wd.norm())
     assert float((dots(q, w) - exact).abs().max()) <= 3e-5 * scale
     assert abs(float(dots(q[0], w)) - float(exact[0])) <= 3e-5 * scale
-    assert norm(w) == pytest.approx(float(wd.norm()), rel=1e-12)
+    assert flat_norm(w) == pytest.approx(float(wd.norm()), rel=1e-12)
     assert torch.allclose(row_norms(q), qd.norm(dim=1), rtol=1e-12)
     assert row_norms(q).dtype == torch.float64
 
@@ -48,7 +48,7 @@ def test_many_chunks_against_float64(monkeypatch):
     monkeypatch.setattr(_sums, "CHUNK", 7)
     q, w = _data(100)
     assert torch.allclose(dots(q, w), q.double() @ w.double(), rtol=1e-6)
-    assert norm(w) == pytest.approx(float(w.double().norm()), rel=1e-12)
+    assert flat_norm(w) == pytest.approx(float(w.double().norm()), rel=1e-12)
     assert torch.allclose(row_norms(q), q.double().norm(dim=1), rtol=1e-12)
     f64 = w.double()  # float64 vectors are never chunked: the plain reduction
-    assert norm(f64) == float(torch.linalg.vector_norm(f64))
+    assert flat_norm(f64) == float(torch.linalg.vector_norm(f64))

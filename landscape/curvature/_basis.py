@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from landscape._sums import dots, norm
+from landscape._sums import dots, flat_norm
 
 Tensor = torch.Tensor
 
@@ -56,16 +56,16 @@ def _orthogonalize_pieces(
     """:func:`orthogonalize` against ``size`` rows given in pieces (one or many blocks)."""
     coef = torch.zeros(size, dtype=torch.float64, device=w.device)
     if not size:
-        return w, coef, norm(w)
+        return w, coef, flat_norm(w)
     if near is not None:
         w = _project_out(pieces(max(0, near - 1), min(near + 1, size)), w, coef, overwrite)
         overwrite = True  # w is a new vector now, or was the caller's to overwrite
-    after = norm(w)
+    after = flat_norm(w)
     for _ in range(2):
         before = after
         w = _project_out(pieces(0, size), w, coef, overwrite)
         overwrite = True
-        after = norm(w)
+        after = flat_norm(w)
         if after >= _DGKS * before:
             break
     return w, coef, after
@@ -276,14 +276,14 @@ class Basis:
             return _orthogonalize_pieces(self._pieces, self.size, w, near, overwrite)
         coef = torch.zeros(self.size, dtype=torch.float64, device=w.device)
         if not self.size:
-            return w, coef, norm(w)
+            return w, coef, flat_norm(w)
         if near is not None:
             for i in (near - 1, near) if near > 0 else (near,):
                 q = self.row(i)
                 c = dots(q, w)
                 w = w - c.to(q.dtype) * q
                 coef[i] += c
-        after = norm(w)
+        after = flat_norm(w)
         for _ in range(2):
             before = after
             # classical Gram-Schmidt: every coefficient from the same w0, one stream
@@ -296,7 +296,7 @@ class Basis:
                 coef[lo : lo + q.shape[0]] += c
             del w0
             self._transient -= 1
-            after = norm(w)
+            after = flat_norm(w)
             if after >= _DGKS * before:
                 break
         return w, coef, after

@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from landscape._sums import dots, norm, row_norms
+from landscape._sums import dots, flat_norm, row_norms
 from landscape.curvature._basis import Basis as _Basis
 from landscape.curvature._basis import orthogonalize, work_dtype
 
@@ -220,7 +220,7 @@ def krylov_eigsh(
             basis.append(w, divisor=r)
 
     for row in block:
-        nrm = norm(row)
+        nrm = flat_norm(row)
         if nrm > 0:
             add_unit(row / nrm)
     j = 0  # rows multiplied (the leading j rows of the basis)
@@ -244,7 +244,7 @@ def krylov_eigsh(
         owned = _owned(w, fresh_products or w is not raw, basis)
         del raw
         used += 1
-        norm_est = max(norm_est, norm(w))
+        norm_est = max(norm_est, flat_norm(w))
         w, c, r = basis.orthogonalize(w, near=j, overwrite=owned)
         coeffs[: c.numel(), j] = c.cpu().numpy()
         if basis.size < n and r > break_rel * norm_est and r > 0:
@@ -413,7 +413,7 @@ def krylov_basis(
     norm_est = 0.0
     for j in range(m):
         w = matvec(rows[j].to(op_dtype)).to(rows.dtype)
-        norm_est = max(norm_est, norm(w))
+        norm_est = max(norm_est, flat_norm(w))
         alphas[j] = float(dots(rows[j], w))
         if j + 1 == m:
             break
