@@ -6,7 +6,9 @@ module that evaluates a model on the side:
 
 * :func:`isolated` saves and restores the RNG state (CPU and the model's CUDA devices),
   every module's ``training`` flag, each parameter's ``requires_grad`` and ``.grad``
-  (the very tensor object, or ``None``), and can put the model in eval mode meanwhile.
+  (the very tensor object, or ``None``), and can put the model in eval mode meanwhile;
+  ``torch.compile``d code inside the model runs eagerly in the block
+  (:func:`eager_compiled_code`).
 * :func:`same_rng` rewinds the RNG to one state, so two evaluations of a stochastic
   model (dropout in train mode) draw the same noise.
 * :func:`sdpa_math` switches ``F.scaled_dot_product_attention`` to its math backend, the
@@ -19,6 +21,7 @@ module that evaluates a model on the side:
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from typing import Any, Callable, Iterator, Mapping
 
@@ -30,10 +33,29 @@ from torch.nn.utils import parametrize
 from landscape.distributed import unwrap
 
 __all__ = [
-    "ClosureModule", "differentiable", "isolated", "no_grad_forward", "normalises_by_batch",
-    "on_batch_statistics", "same_rng",
+    "ClosureModule", "differentiable", "eager_compiled_code", "isolated", "no_grad_forward",
+    "normalises_by_batch", "on_batch_statistics", "same_rng",
     "sdpa_math", "stateless_call", "stateless_closure",
 ]
+
+
+def eager_compiled_code() -> contextlib.AbstractContextManager[Any]:
+    """Run ``torch.compile``d functions eagerly in the block, leaving their compiled code alone.
+
+    A diagnostic calls the model in contexts training never uses: under ``torch.no_grad()``,
+    ``torch.func`` transforms, double backward. Dynamo guards on them, so a compiled
+    function inside the model (``self.block = torch.compile(block)``) would be recompiled
+    for each (seconds each, entries in its limited cache), and a recompilation under a
+    functorch transform changed the later compiled *training* steps in the last bits (4e-9
+    after one Taylor-radius JVP, seen with torch 2.13). Eagerly, the diagnostic's products are exact
+    (the compiled code has no double backward) and training's compiled graphs are never
+    touched. ``torch.compiler.set_stance("force_eager")`` (torch >= 2.6); nothing to do when
+    dynamo was never imported (nothing is compiled) or on older torch.
+    """
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None or "torch._dynamo" not in sys.modules:
+        return contextlib.nullcontext()
+    return set_stance("force_eager")
 
 
 def _cuda_devices(modules: list[nn.Module]) -> list[int]:
@@ -171,7 +193,8 @@ def isolated(
     override that keeps BatchNorm frozen is honoured, and on exit each overriding module's
     ``train()`` is called again with its own original mode, from the root down (a parent's
     call reaches its children first, their own call then sets them back), before the flags
-    are restored.
+    are restored. ``torch.compile``d code inside the model runs eagerly in the block
+    (:func:`eager_compiled_code`).
 
     With ``batch_statistics=True`` in eval mode, the layers that normalise by batch
     statistics in train mode (BatchNorm, InstanceNorm; :func:`normalises_by_batch`) and
@@ -209,7 +232,8 @@ def isolated(
     # entry to the outermost block, written back on exit
     written = _written_in_forward(modules) if outermost else []
     saved = [w.detach().clone() for w in written]
-    with torch.random.fork_rng(devices=_cuda_devices(modules)):
+    eager = eager_compiled_code() if outermost else contextlib.nullcontext()
+    with torch.random.fork_rng(devices=_cuda_devices(modules)), eager:
         try:
             if outermost:
                 _OUTERMOST[key] = (modules, modes)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import landscape as ls
 from landscape.metrics import PRESETS, preset
 from landscape.monitor import Monitor
 from tests import models
@@ -143,3 +144,47 @@ class _MaxNormEmbedding(torch.nn.Module):
 @pytest.mark.parametrize("preset_name", [None, "standard"])
 def test_an_embedding_with_max_norm_trains_bitwise_identically(preset_name):
     _assert_bitwise_identical(_MaxNormEmbedding, preset_name)
+
+
+class _CompiledBlock(torch.nn.Module):
+    """A compiled function inside the model, as ``self.block = torch.compile(...)`` gives.
+
+    The diagnostics call it under no_grad, torch.func transforms and double backward; dynamo
+    recompiled it for each, and the recompilation under a JVP (taylor_radius,
+    spectral_density's products) changed the later compiled training steps by ~4e-9.
+    """
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l0, self.l1, self.l2 = (torch.nn.Linear(6, 16), torch.nn.Linear(16, 16),
+                                     torch.nn.Linear(16, 3))
+        self.compiled = torch.compile(self.body, dynamic=False)
+
+    def body(self, h):
+        return torch.tanh(self.l1(h))
+
+    def forward(self, x):
+        return self.l2(self.compiled(F.gelu(self.l0(x))))
+
+
+def test_a_model_with_a_compiled_function_trains_bitwise_identically():
+    torch._dynamo.reset()
+    _assert_bitwise_identical(_CompiledBlock, "full")
+
+
+def test_a_compiled_function_inside_the_model_is_measured_with_the_exact_product():
+    """Eager inside the measurement: double backward works, no first-order fallback."""
+    torch._dynamo.reset()
+    model = _CompiledBlock()
+    x, y = torch.randn(12, 6), torch.randint(0, 3, (12,))
+    model(x).sum().backward()  # compiled for training first
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the fallback's warning
+        op = ls.Hessian(model, F.cross_entropy, (x, y))
+        got = ls.top_eigenvalues(op, k=1, tol=1e-6).values
+    assert op.backend_used != "first_order" and op.first_order_reason is None
+    with ls.isolation.isolated(model):  # reference: the same function, never compiled
+        model.compiled = model.body
+        want = ls.top_eigenvalues(ls.Hessian(model, F.cross_entropy, (x, y)), k=1, tol=1e-6)
+    assert torch.allclose(got, want.values, rtol=1e-5)
