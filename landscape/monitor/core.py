@@ -13,8 +13,8 @@ At each ``step`` the monitor asks every metric's schedule whether it is due (off
 that check only), builds one :class:`~landscape.metrics.StepContext` shared by the due
 metrics, computes them inside :func:`landscape.isolation.isolated` and appends one row per
 metric to the run file; the alarm rules (:mod:`landscape.alarms`) see each row and their
-findings become :class:`~landscape.InstabilityWarning` warnings, ``on_finding`` calls and
-rows of ``/findings``.
+findings become ``on_finding`` calls and rows of ``/findings``, and those of severity
+warning or error :class:`~landscape.InstabilityWarning` warnings (info ones a log line).
 
 Training is never changed (docs/monitor.md): a monitored run gives bitwise the parameters of the
 unmonitored run on CPU. The only state the monitor attaches to user objects are the
@@ -30,6 +30,7 @@ A metric that fails (out of memory, missing input) records a NaN row, one warnin
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 import warnings
@@ -44,7 +45,7 @@ from landscape._errors import InstabilityWarning, MissingInput, PartialRow, Step
 from landscape._interrupts import InterruptGuard
 from landscape.batches import leading_size
 from landscape.failures import failure_finding, nonfinite_state
-from landscape.findings import Finding, Findings, dedupe, user_stacklevel
+from landscape.findings import Finding, Findings, dedupe, severity_rank, user_stacklevel
 from landscape.isolation import isolated
 from landscape.metrics import Metric, StepContext, split_batch
 from landscape.metrics.presets import MetricsLike, resolve_metrics
@@ -63,6 +64,9 @@ from landscape.params import trainable_named_parameters
 from landscape.store import Run, RunWriter
 
 __all__ = ["MetricsLike", "Monitor", "resolve_metrics", "unwrap_optimizer"]
+
+_log = logging.getLogger("landscape")
+_WARNING = severity_rank("warning")
 
 
 def _skipped_overflow(ctx: StepContext) -> bool:
@@ -135,7 +139,9 @@ class Monitor:
             :mod:`landscape.integrations.mirrors`. A mirror that raises warns once and is
             not called again; training goes on.
         strict: re-raise metric failures instead of recording them.
-        warn: emit findings as :class:`~landscape.InstabilityWarning`.
+        warn: emit warning and error findings as :class:`~landscape.InstabilityWarning`
+            (``info`` findings go to the ``landscape`` logger at INFO level; all of them are
+            in :attr:`findings`, the run file and ``on_finding``).
         taylor_guard: ``None`` (off) or a target r (e.g. 1.0): rescale any optimizer step
             whose normalized size on the probe batch exceeds it. This changes training.
         mode, truncate_from, flush_every: passed to :class:`~landscape.store.RunWriter`.
@@ -743,8 +749,10 @@ class Monitor:
         self.findings.append(finding)
         assert self.writer is not None
         self.writer.add_finding(finding)
-        if self.warn:
+        if self.warn and severity_rank(finding.severity) >= _WARNING:
             warnings.warn(InstabilityWarning(finding.describe()), stacklevel=user_stacklevel())
+        elif self.warn:  # info: something moved that healthy training also moves
+            _log.info("landscape: %s", finding.describe())
         self._mirror("on_finding", finding)
         if self.on_finding is not None:
             self.on_finding(finding)

@@ -32,11 +32,31 @@ def test_instability_warning_points_at_the_line_that_called_step():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with ls.Monitor(model, F.cross_entropy, metrics=[ls.metrics.create("logits", schedule=1)],
-                        alarms=[LogitGrowth(max_abs=0.0)]) as mon:
+                        alarms=[LogitGrowth(max_abs=0.0, max_abs_severity="warning")]) as mon:
             loss = _step_once(mon, model, x, y, 0, opt)
             mon.step(0, batch=(x, y), loss=loss); line = _line()  # noqa: E702
     (w,) = [w for w in caught if issubclass(w.category, InstabilityWarning)]
     assert w.filename == __file__ and w.lineno == line
+
+
+def test_info_findings_are_logged_not_raised_as_instability_warnings(caplog):
+    """alarms.md: only warning and error findings are InstabilityWarnings worth stopping for;
+    an info one (a classifier growing confident) printed as one on healthy runs."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    found = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InstabilityWarning)  # -W error::InstabilityWarning
+        with caplog.at_level("INFO", logger="landscape"), ls.Monitor(
+                model, F.cross_entropy, metrics=[ls.metrics.create("logits", schedule=1)],
+                alarms=[LogitGrowth(max_abs=0.0)], on_finding=found.append) as mon:
+            loss = _step_once(mon, model, x, y, 0, opt)
+            raised = mon.step(0, batch=(x, y), loss=loss)
+    assert [f.severity for f in raised] == ["info"] and found == raised == list(mon.findings)
+    assert [f.rule for f in mon.run().findings()] == ["logit_growth"]
+    assert any("[info] logit_growth" in r.getMessage() for r in caplog.records)
 
 
 def _line():
@@ -65,7 +85,8 @@ def test_under_lightning_the_warning_points_at_the_fit_call():
 
     data = torch.utils.data.TensorDataset(torch.randn(16, 4), torch.randint(0, 3, (16,)))
     cb = LandscapeCallback(None, metrics=[ls.metrics.create("logits", schedule=1)],
-                           alarms=[LogitGrowth(max_abs=0.0)], mirrors=None)
+                           alarms=[LogitGrowth(max_abs=0.0, max_abs_severity="warning")],
+                           mirrors=None)
     trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
     with warnings.catch_warnings(record=True) as caught:
