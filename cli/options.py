@@ -146,10 +146,17 @@ def rules_option(func: F) -> F:
     )(func)
 
 
-def load_rule_specs(specs: tuple[str, ...]) -> list | None:
-    """The rules ``--rules`` names, with the built-in ones; None when none is given."""
+def load_rule_specs(specs: tuple[str, ...], recompute: bool = True) -> list | None:
+    """The rules ``--rules`` names, with the built-in ones; None when none is given.
+
+    Raises:
+        click.UsageError: ``--rules`` with ``--stored``, which evaluates no rule.
+    """
     if not specs:
         return None
+    if not recompute:
+        raise click.UsageError("--rules needs --recompute: with --stored no rule is evaluated, "
+                               "only the findings stored in the file are listed")
     from landscape.alarms import with_rules
     from landscape.loading import load_rules
 

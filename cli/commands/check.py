@@ -112,7 +112,7 @@ def check(run_path: str, fail_on: str, recompute: bool, rule_specs: tuple[str, .
     once per (step, rule, metric). A RUN that cannot be read exits 2, not 1.
     """
     with input_errors(EXIT_INPUT):  # a rules module that cannot be loaded: exit 2
-        rules = load_rule_specs(rule_specs)
+        rules = load_rule_specs(rule_specs, recompute)
     try:
         with input_errors(EXIT_INPUT), Run.open(run_path) as run:
             found = collect_findings(run, recompute=recompute, rules=rules)

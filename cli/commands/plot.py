@@ -124,7 +124,7 @@ def plot(
         raise click.ClickException("use either --metric or --surface, not both")
     target = Path(out)
     to_directory = _is_directory_target(out)
-    rules = load_rule_specs(rule_specs)
+    rules = load_rule_specs(rule_specs, recompute)
     with Run.open(run_path) as run:
         try:
             if surface_name:

@@ -40,7 +40,7 @@ def report(run_path: str, out: str, title: str | None, log: bool, recompute: boo
     without rows yet get no timeline (the report names them in one line).
     """
     target = report_path(out)
-    rules = load_rule_specs(rule_specs)
+    rules = load_rule_specs(rule_specs, recompute)
     with Run.open(run_path) as run:
         found = collect_findings(run, recompute=recompute, rules=rules)
         if target != Path(out):  # a directory: created as plot creates its output directory

@@ -360,7 +360,13 @@ def collect_findings(
     step, and a file written before a rule changed the field it names (``taylor_forecast``
     naming ``update_ratio`` for its update-growth findings) would count one finding twice.
     The result is ordered by step, then by decreasing severity, then by rule.
+
+    Raises:
+        ValueError: ``rules`` with ``recompute=False``, which evaluates no rule.
     """
+    if rules is not None and not recompute:
+        raise ValueError("rules: only evaluated with recompute=True (recompute=False lists "
+                         "the stored findings)")
     found = list(run.findings())
     if recompute:
         found.extend(check(run, rules=rules))

@@ -21,6 +21,7 @@ from landscape_cli.commands import watch as watch_cmd
 from landscape_cli.main import cli
 from matplotlib.figure import Figure
 
+import landscape as ls
 from landscape.findings import Finding
 from landscape.store import RunWriter
 
@@ -677,6 +678,14 @@ def test_check_report_and_plot_evaluate_the_users_rules(runner, tmp_path):
         bad = runner.invoke(cli, ["check", str(run), "--rules", spec])
         assert bad.exit_code == 2, bad.output
         assert message in bad.output and "Traceback" not in bad.output
+    # with --stored no rule is evaluated: the gate passed (exit 0) on findings it never saw
+    for args in (["check"], ["report", "-o", str(tmp_path / "s.html")],
+                 ["plot", "-m", "loss", "-o", str(tmp_path / "s.png")]):
+        stored = runner.invoke(cli, [*args, str(run), "--stored", "--rules", f"{rules}:RULES"])
+        assert stored.exit_code == 2, stored.output
+        assert "--rules needs --recompute" in stored.output
+    with ls.Run.open(run) as opened, pytest.raises(ValueError, match="recompute=True"):
+        ls.alarms.collect_findings(opened, recompute=False, rules=[])
 
 
 @pytest.mark.parametrize("damage", ["no_findings", "no_step", "fields_not_json", "no_column"])
