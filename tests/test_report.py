@@ -113,12 +113,18 @@ def test_the_default_monitors_loss_timeline_is_the_loss_alone():
 
     model = models.mlp()
     x, y = models.classification_data(16)
-    with ls.Monitor(model, F.cross_entropy, warn=False, probe_size=None) as mon:
+    with ls.Monitor(model, F.cross_entropy, warn=False) as mon:
         for s in range(3):
             mon.step(s, batch=(x, y), loss=torch.tensor(1.0))
         run = mon.run()
         assert list(run.series("loss", "samples")[1]) == [16.0] * 3
         assert [ax.get_ylabel() for ax in timeline(run, "loss").axes] == ["value"]
+        # the default probe's one-row note is no timeline (plot and report drew "probe: 1
+        # rows"), though it can be asked for by name
+        assert run.steps("probe").tolist() == [0]
+        assert "probe" not in metrics_with_rows(run) and "probe" not in timelines(run)
+        assert "probe" in timelines(run, ["probe"])
+        assert 'id="timeline-probe"' not in render_report(run)
 
 
 def test_wide_vector_fields_become_a_median_and_a_band():

@@ -233,7 +233,9 @@ def metrics_with_rows(run: Run) -> list[str]:
 
     A metric is declared before its first row (a monitor declares all of its metrics when it
     opens the file, ``adaptive`` included), so a run may hold metrics without rows; a
-    metric of strings only (the monitor's ``unmeasured`` table) has nothing to draw.
+    metric of strings only (the monitor's ``unmeasured`` table) has nothing to draw, and
+    the monitor's ``probe`` table (one row: how many samples its default probe kept) is a
+    note, not a series.
 
     Args:
         run: the run.
@@ -242,7 +244,8 @@ def metrics_with_rows(run: Run) -> list[str]:
         Their names, in the run's order.
     """
     return [m for m in run.metrics()
-            if len(run.steps(m)) and any(not f.is_string for f in run.fields(m).values())]
+            if m != "probe" and len(run.steps(m))
+            and any(not f.is_string for f in run.fields(m).values())]
 
 
 def timeline(
