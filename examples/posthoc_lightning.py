@@ -46,8 +46,10 @@ MODULE = textwrap.dedent('''\
                      momentum: float = 0.9):
             super().__init__()
             self.save_hyperparameters()
-            self.model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=64,
-                                                    n_embd=width, n_layer=2, n_head=2))
+            # token 0 as bos/eos: GPT-2's default 50256 lies outside this vocabulary
+            self.model = GPT2LMHeadModel(GPT2Config(
+                vocab_size=vocab, n_positions=64, n_embd=width, n_layer=2, n_head=2,
+                bos_token_id=0, eos_token_id=0))
 
         def training_step(self, batch, _):
             return self.model(input_ids=batch, labels=batch).loss
