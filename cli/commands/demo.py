@@ -55,7 +55,8 @@ def demo(out_dir, steps, ramp_step, ramp_steps, ramp_factor, spike_factor, surfa
         click.echo(f"warning lead before the loss reached {w.explosion_factor:g}x (steps):")
         for rule, lead in result.leads.items():
             click.echo(f"  {rule:<20} {'after it' if lead is None else lead}")
-    click.echo(f"baseline loss {w.baseline:.4g} (median of the 50 steps before the ramp)"
+    window = ("the step" if w.baseline_steps == 1 else f"the {w.baseline_steps} steps")
+    click.echo(f"baseline loss {w.baseline:.4g} (median of {window} before the ramp)"
                + (f"; warnings before the ramp: {len(w.early)}" if w.early else
                   "; no warning before the ramp"))
     click.echo(w.describe())

@@ -58,6 +58,11 @@ class EarlyWarning:
     explosion_factor: float = EXPLOSION
 
     @property
+    def baseline_steps(self) -> int:
+        """How many steps the baseline is the median of (fewer than 50 when ``start`` is)."""
+        return min(BASELINE_WINDOW, self.start)
+
+    @property
     def lead_to_onset(self) -> int | None:
         """Steps from the first warning to the loss onset (``None``: either is missing)."""
         if self.first_step is None or self.onset is None:

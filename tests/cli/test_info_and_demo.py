@@ -133,3 +133,13 @@ def test_demo_rejects_a_ramp_after_the_end(runner, tmp_path):
                                      option, "40"])
         assert result.exit_code == 2
         assert "--ramp-step" in result.output and "Traceback" not in result.output
+
+
+def test_a_short_demo_says_how_many_steps_its_baseline_is_the_median_of(runner, tmp_path):
+    # the line said "the 50 steps before the ramp" when only 9 (or 1) preceded it
+    for steps, start, window in ((30, 9, "the 9 steps"), (20, 1, "the step")):
+        result = runner.invoke(cli, ["demo", "--out", str(tmp_path / str(start)), "--steps",
+                                     str(steps), "--ramp-step", str(start), "--ramp-steps",
+                                     "5", "--surface-steps", "0", "-q"])
+        assert result.exit_code == 0, result.output
+        assert f"(median of {window} before the ramp)" in result.output
