@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from landscape._errors import LandscapeError
-from landscape.batches import to_device
+from landscape.batches import leading_size, to_device
 
 __all__ = [
     "LOSSES",
@@ -177,7 +177,8 @@ def resolve_loss(spec: str | Callable[..., torch.Tensor]) -> Callable[..., torch
         return LOSSES[spec]
     if ":" in spec:
         return load_factory(spec, "loss")
-    raise LandscapeError(f"unknown loss {spec!r}; use one of {', '.join(LOSSES)} or module:fn")
+    raise LandscapeError(f"unknown loss {spec!r}; use one of {', '.join(LOSSES)}, model (the "
+                         "model's own loss) or module:fn")
 
 
 def model_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -535,4 +536,8 @@ def prepare(
     batches = [to_device(b, target) for b in as_batches(data)]
     if not batches:
         raise LandscapeError("the data factory produced no batches")
+    empty = [i for i, b in enumerate(batches) if leading_size(b) == 0]
+    if empty:  # its loss is a mean over nothing: NaN, which read as a diverged model
+        raise LandscapeError(f"the data factory produced an empty batch (0 samples; batch "
+                             f"{empty[0]} of {len(batches)})")
     return net, batches

@@ -27,6 +27,10 @@ FACTORIES = textwrap.dedent(
     def empty():
         return []
 
+    def zero_samples():
+        x, y = data()
+        return x[:0], y[:0]
+
     def nan_data():
         x, y = data()
         return x * float("nan"), y

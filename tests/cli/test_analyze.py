@@ -78,6 +78,8 @@ def test_analyze_accepts_a_loader_and_file_name_steps(setup, tmp_path):
         ("broken_zip", "not a readable torch checkpoint"),
         ("run_file", "is an HDF5 file (a landscape run file?)"),
         ("empty", "no batches"),
+        ("zero_samples", "an empty batch (0 samples; batch 0 of 1)"),  # was "loss is nan"
+        ("unknown_loss", "use one of cross_entropy, mse, nll, bce_with_logits, model (the"),
         ("nan", "not finite"),
         ("pickled", "--trust-checkpoint"),
     ],
@@ -113,15 +115,16 @@ def test_bad_input_gives_one_line_and_nonzero_exit(setup, tmp_path, kind, match)
         with ls.RunWriter(bad) as w:
             w.declare("a", {"v": None})
         ckpt = str(bad)
-    elif kind == "empty":
-        data = f"{fac}:empty"
+    elif kind in ("empty", "zero_samples"):
+        data = f"{fac}:{kind}"
     elif kind == "nan":
         data = f"{fac}:nan_data"
     elif kind == "pickled":
         p = tmp_path / "pickled.pt"
         torch.save({"model": torch.load(paths[0])["model"], "note": _Opaque()}, p)
         ckpt = str(p)
-    result = _invoke(["analyze", ckpt, "--model", model, "--data", data, "-o",
+    loss = ["--loss", "nosuch"] if kind == "unknown_loss" else []
+    result = _invoke(["analyze", ckpt, "--model", model, "--data", data, *loss, "-o",
                       str(tmp_path / "r.h5"), "-q"])
     assert result.exit_code != 0
     assert "Traceback" not in result.output
