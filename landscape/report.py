@@ -39,7 +39,7 @@ from landscape.findings import (
 )
 from landscape.plotting import surfaces as _surface_plots
 from landscape.plotting.timelines import figure_png, metrics_with_rows, timelines
-from landscape.store import Run, SurfaceData
+from landscape.store import Run, SurfaceData, refuse_to_overwrite_hdf5
 
 # --------------------------------------------------------------------------- findings
 
@@ -363,13 +363,15 @@ def write_report(
     ``path`` is the file; :func:`report_path` turns a directory into the file in it.
 
     Raises:
-        LandscapeError: ``path`` is a directory, or its directory does not exist.
+        LandscapeError: ``path`` is a directory, its directory does not exist, or it is an
+            HDF5 file (a run file, which the report would replace).
     """
     p = Path(path)
     if p.is_dir():
         raise LandscapeError(f"{p}: is a directory, expected the report's file name")
     if not p.parent.exists():
         raise LandscapeError(f"{p}: directory {p.parent} does not exist")
+    refuse_to_overwrite_hdf5(p, "the report")  # -o run.h5: the run itself
     text = render_report(run, title=title, findings=findings, log=log, dpi=dpi)
     p.write_text(text, encoding="utf-8")
     return p

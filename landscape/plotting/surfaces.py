@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from landscape.store import Run, SurfaceData
+from landscape.store import Run, SurfaceData, refuse_to_overwrite_hdf5
 
 __all__ = ["contour", "contourf", "curve", "export_vtk", "load_surface", "surface3d"]
 
@@ -270,5 +270,6 @@ def export_vtk(
     lines += ["SCALARS computed int 1", "LOOKUP_TABLE default"]
     lines += [str(int(v)) for v in surf.done.reshape(-1)]
     out = Path(path)
+    refuse_to_overwrite_hdf5(out, "the VTK file")
     out.write_text("\n".join(lines) + "\n", encoding="ascii")
     return out

@@ -36,7 +36,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from landscape.findings import SEVERITIES, Finding
-from landscape.store import Run
+from landscape.store import Run, refuse_to_overwrite_hdf5
 
 SEVERITY_COLORS: dict[str, str] = {"info": "#1f77b4", "warning": "#ff7f0e", "error": "#d62728"}
 """Colour of the vertical finding markers, by severity."""
@@ -363,6 +363,7 @@ def figure_png(fig: Figure, *, dpi: int = 100) -> bytes:
 def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 120) -> Path:
     """Write ``fig`` to ``path``; the format follows the suffix (see :data:`SAVE_FORMATS`)."""
     p = Path(path)
+    refuse_to_overwrite_hdf5(p, "a figure")  # -o run.h5: the run itself
     fmt = p.suffix.lower().lstrip(".")
     if fmt not in SAVE_FORMATS:
         raise ValueError(

@@ -40,10 +40,12 @@ from landscape.store.format import (
     normalize_fields,
 )
 from landscape.store.reader import Run
+from landscape.store.recovery import is_hdf5, refuse_to_overwrite_hdf5
 from landscape.store.writer import RunWriter, close_writers
 
 __all__ = [
-    "Run", "RunWriter", "SurfaceData", "close_writers", "FieldSpec", "FieldsLike",
+    "Run", "RunWriter", "SurfaceData", "close_writers", "is_hdf5",
+    "refuse_to_overwrite_hdf5", "FieldSpec", "FieldsLike",
     "normalize_fields",
     "FORMAT", "FORMAT_VERSION", "METRICS_GROUP", "FINDINGS_TABLE", "CHECKPOINTS_TABLE",
     "SURFACES_GROUP", "LOCKING", "FINDING_FIELDS", "CHECKPOINT_FIELDS",

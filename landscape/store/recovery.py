@@ -24,7 +24,7 @@ from typing import Any
 
 import h5py
 
-from landscape._errors import RunFileError
+from landscape._errors import LandscapeError, RunFileError
 from landscape.store.format import (
     LOCKING,
     _attr_value,
@@ -34,7 +34,8 @@ from landscape.store.format import (
 )
 
 __all__ = [
-    "clear_open_flags", "holds_nothing", "open_for_reading", "open_for_writing", "recover_crashed",
+    "clear_open_flags", "holds_nothing", "is_hdf5", "open_for_reading", "open_for_writing",
+    "recover_crashed", "refuse_to_overwrite_hdf5",
 ]
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -46,6 +47,28 @@ WRITING: set[str] = set()
 # what h5py raises for a damaged file: OSError at open, RuntimeError for a superblock it
 # cannot decode or a bad checksum found later, KeyError/ValueError for broken links
 _DAMAGED = (OSError, RuntimeError, KeyError, ValueError)
+
+
+def is_hdf5(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an existing file that starts with the HDF5 signature.
+
+    The report and the figures refuse to write over such a file: ``-o run.h5`` would
+    replace the run itself.
+    """
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(8) == _HDF5_SIGNATURE
+    except OSError:  # missing, a directory, unreadable
+        return False
+
+
+def refuse_to_overwrite_hdf5(path: str | os.PathLike, by: str) -> None:
+    """Raise :class:`LandscapeError` when ``path`` is an HDF5 file (:func:`is_hdf5`).
+
+    ``by``: what would have been written over it ("the report", "a figure"), for the message.
+    """
+    if is_hdf5(path):
+        raise LandscapeError(f"{path}: is an HDF5 file (a run file?); not overwritten by {by}")
 
 
 def _check_not_truncated(path: Path) -> None:

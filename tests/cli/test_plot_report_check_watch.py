@@ -748,3 +748,33 @@ def test_ctrl_c_a_full_disk_and_a_misdeclared_rule_are_one_line(runner, run_file
                                              str(tmp_path / "r2.html")]):
         result = runner.invoke(cli, [*args, "--rules", f"{rules}:RULES"])
         _one_line_error(result, "my_rules.py:RULES", "metrics")
+
+
+def test_report_and_plot_never_write_over_a_run_file(runner, run_file, tmp_path):
+    """`report run.h5 -o run.h5` replaced the run with HTML (exit 0): the data were lost."""
+    import shutil
+
+    copy = tmp_path / "copy.h5"
+    shutil.copy(run_file, copy)
+    before = run_file.read_bytes()
+    for args in (["report", str(run_file), "-o", str(run_file)],
+                 ["report", str(run_file), "-o", str(copy)],
+                 ["plot", str(run_file), "-m", "loss", "-o", str(copy)],
+                 ["plot", str(run_file), "-m", "loss", "-o", str(tmp_path / "x.png")]):
+        if args[-1].endswith(".png"):  # a run file renamed to what a figure would be
+            shutil.copy(run_file, args[-1])
+        result = runner.invoke(cli, args)
+        _one_line_error(result, "is an HDF5 file (a run file?); not overwritten")
+    assert run_file.read_bytes() == before and copy.read_bytes() == before
+    from landscape.plotting import surfaces
+
+    with pytest.raises(ls.LandscapeError, match="not overwritten by the VTK file"):
+        surfaces.export_vtk(_tiny_surface(), copy)
+
+
+def _tiny_surface():
+    from landscape.store import SurfaceData
+
+    x = np.linspace(-1, 1, 3)
+    return SurfaceData("s", x, None, {"loss": x**2}, np.ones(3, bool),
+                       {"directions": {"kind": "random"}}, {})
