@@ -382,7 +382,7 @@ def recover_crashed(path: Path) -> None:
         except BaseException:
             _discard(tmp)
             raise
-        os.replace(tmp, path)
+        _replace(tmp, path)
         return
     tmp = None
     try:
@@ -403,7 +403,21 @@ def recover_crashed(path: Path) -> None:
         raise
     finally:
         src.close()
-    os.replace(tmp, path)
+    _replace(tmp, path)
+
+
+def _replace(copy: Path | str, path: Path) -> None:
+    """Put a recovered ``copy`` in place of ``path``, with ``path``'s permissions.
+
+    The copy was made by ``mkstemp`` (mode 0600): a run another user or a dashboard read
+    would become unreadable to them. The owner and group are kept where this process may
+    set them (as root, or its own group).
+    """
+    stat = os.stat(path)
+    shutil.copymode(path, copy)
+    with contextlib.suppress(OSError, AttributeError):  # not ours to give away; Windows
+        os.chown(copy, stat.st_uid, stat.st_gid)
+    os.replace(copy, path)
 
 
 def _refuse_live_writer(f: h5py.File, path: Path) -> None:

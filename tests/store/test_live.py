@@ -93,10 +93,13 @@ def test_sigkill_mid_run_keeps_every_committed_row_and_can_resume(tmp_path, spaw
     with Run.open(path) as run:
         n = _check_rows(run)
     assert n >= last_committed + 1
-    # the crashed file can be resumed for writing and keeps its rows
+    # the crashed file can be resumed for writing and keeps its rows, and its permissions
+    # (the recovered copy replaced it as mkstemp made it: 0600, unreadable to the others)
+    path.chmod(0o644)
     with RunWriter(path) as w:
         assert w.last_step("m") == n - 1
         w.append("m", n, {"v": 2.0 * n, "vec": [n] * 4})
+    assert path.stat().st_mode & 0o777 == 0o644
     with Run.open(path) as run:
         assert _check_rows(run) == n + 1
 
@@ -182,9 +185,11 @@ def test_a_writer_killed_out_of_swmr_mode_leaves_a_file_that_reads_and_resumes(t
     # a writer resumes it (and is killed out of SWMR mode again: still fine)
     done = subprocess.run([sys.executable, str(script), str(path), "a"], env=env)
     assert done.returncode == -signal.SIGKILL
+    path.chmod(0o640)
     with RunWriter(path) as w:
         assert w.last_step("m") == 39
         w.append("m", 40, {"v": 80.0, "vec": [40] * 4})
+    assert path.stat().st_mode & 0o777 == 0o640  # the flag-cleared copy keeps them too
     with Run.open(path) as run:
         assert _check_rows(run) == 41
 
