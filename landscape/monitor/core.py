@@ -302,11 +302,10 @@ class Monitor:
                     "probe", {"samples": ()}, cls="landscape.monitor.Monitor",
                     params={"probe_size": self.probe_size}, schedule="first batch",
                 )
-            # the steps of the metrics (and of their failures, also of metrics no longer
-            # monitored): the next step must come after every one
-            lasts = [self.writer.last_step(m.name) for m in self.metrics]
-            lasts.append(self.writer.last_step("unmeasured"))
-            known = [s for s in lasts if s is not None]
+            # the steps of every table (metrics no longer monitored, failures, findings,
+            # checkpoints): the next step must come after every one
+            last = self.writer.last_recorded_step()
+            known = [] if last is None else [last]
             if self._distributed:  # resuming: only rank 0 has the file; agree on its steps
                 known = _dist.broadcast_object(known)
             if known:  # resuming: the next step must come after every recorded one

@@ -357,6 +357,15 @@ class RunWriter:
         """
         return self._last.get(f"{METRICS_GROUP}/{name}")
 
+    def last_recorded_step(self) -> int | None:
+        """The last step of any table: every metric's, the findings', the checkpoints'.
+
+        Returns:
+            The step, or None when nothing has a row.
+        """
+        steps = [s for s in self._last.values() if s is not None]
+        return max(steps) if steps else None
+
     def _add_row(self, path: str, step: int, values: Mapping[str, Any], strict: bool) -> None:
         self._check_open()
         specs = self._fields[path]

@@ -159,6 +159,26 @@ def test_steps_must_increase_and_resume_continues(tmp_path):
     assert run.config["optimizer"]["class"] == "SGD"
 
 
+def test_a_resume_with_other_metrics_continues_after_every_recorded_table(tmp_path):
+    """Only the resumed metrics' own last steps were checked: a monitor with another metric
+    set accepted steps 0, 1, ... into a file recorded to step 12 and died at its first
+    finding ("findings: step 1 does not come after the last step 12") mid-training."""
+    path = tmp_path / "run.h5"
+    with ls.RunWriter(path, mode="w") as w:
+        w.declare("loss", {"value": None})
+        for step in range(10):
+            w.append("loss", step, {"value": 1.0})
+        w.add_finding(ls.Finding(step=12, rule="r", metric="loss/value", severity="info",
+                                 message="m", value=1.0, threshold=0.5))
+    model = models.mlp()
+    with Monitor(model, F.cross_entropy, path=str(path), metrics=["grad_norm"],
+                 alarms=False) as mon:
+        assert mon.last_step == 12
+        with pytest.raises(StepOrderError, match="last recorded step 12"):
+            mon.step(0, loss=1.0)
+        mon.step(13, loss=1.0)
+
+
 def test_missing_inputs_give_nan_rows_not_crashes():
     model = models.mlp()
     with warnings.catch_warnings(record=True) as caught:
