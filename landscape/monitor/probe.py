@@ -24,6 +24,16 @@ _log = logging.getLogger("landscape")
 PROBE_BYTES = 64 * 2**20  # the largest default probe stored in the run file for a resume
 
 
+def _layout(batch: Any) -> list[tuple[int, torch.dtype]]:
+    """Each tensor's number of dimensions and dtype, in order.
+
+    Not their sizes: a language model's sequences may vary in length from batch to batch.
+    """
+    found: list[tuple[int, torch.dtype]] = []
+    map_tensors(batch, lambda t: found.append((t.dim(), t.dtype)))
+    return found
+
+
 def take_probe(batch: Any, size: int) -> tuple[Any, int]:
     """A detached copy of the first ``size`` samples of ``batch``, and how many it holds.
 
@@ -77,6 +87,9 @@ def restore_probe(writer: RunWriter, batch: Any) -> Any | None:
             probe = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as err:  # written by a newer torch, damaged: take a new one
             why = f"cannot be read back ({err})"
+    if probe is not None and _layout(probe) != _layout(batch):
+        # another model appended to the file (a warning said so): its batches differ
+        probe, why = None, "does not fit this run's batches (other shapes or dtypes)"
     if probe is None:
         _log.warning("landscape: resuming a run whose default probe %s; a new probe is "
                      "taken from this batch, so the probe metrics are not comparable "

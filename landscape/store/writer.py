@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 
 from landscape._errors import RunFileError, StepOrderError
-from landscape.findings import Finding
+from landscape.findings import Finding, user_stacklevel
 from landscape.store.backends import Backend, H5Backend, MemoryBackend
 from landscape.store.format import (
     CHECKPOINT_FIELDS,
@@ -660,5 +660,5 @@ def _warn_other_model(path: Path, stored: Any, config: Mapping | None) -> None:
         f"{old.get('n_parameters')} trainable parameters and this run ({new.get('model')}, "
         f"{new.get('n_parameters')}) is appended to it; pass mode='w' (the command line: "
         "--overwrite) to start the file over, or another path, if it is not the same run",
-        RuntimeWarning, stacklevel=2,
+        RuntimeWarning, stacklevel=user_stacklevel(),
     )

@@ -4,6 +4,8 @@ import logging
 import math
 import warnings
 
+import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -188,6 +190,31 @@ def test_a_resumed_run_reads_its_default_probe_back_from_the_file(tmp_path, capl
         restarted, _, _ = _run_in(path, range(2), 3, model, opt, truncate_from=0)
     assert not torch.equal(restarted.probe[0], first.probe[0])
     assert any("first training batch" in r.message for r in caplog.records)
+
+
+def test_another_model_appended_to_a_run_takes_a_probe_that_fits_it(tmp_path, caplog):
+    """The MLP run's stored probe was restored for a CNN appended to the file (only a
+    warning says it is another model): the sentinels failed on it at every step."""
+    path = tmp_path / "run.h5"
+    _run_in(path, range(3), seed=1)
+    cnn = models.SmallCNN(seed=0)
+    opt = torch.optim.SGD(cnn.parameters(), lr=0.05)
+    x, y = models.image_data(16)
+    with caplog.at_level(logging.WARNING, logger="landscape"), \
+            pytest.warns(RuntimeWarning, match="holds a run of Sequential") as warned, \
+            ls.Monitor(cnn, F.cross_entropy, path, optimizer=opt, warn=False) as mon:
+        for step in range(3, 6):
+            loss = F.cross_entropy(cnn(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(step, batch=(x, y), loss=loss)
+    assert warned[0].filename == __file__  # the user's line, not the store's
+    assert any("does not fit this run's batches" in r.message for r in caplog.records)
+    assert mon.probe[0].shape == (16, 1, 6, 6) and not mon.findings  # no metric_failed
+    with ls.Run.open(path) as run:
+        assert run.steps("probe").tolist() == [0, 3]
+        assert np.isfinite(run.series("sentinels", "r_secant")[1][-2:]).all()
 
 
 def test_a_run_file_without_its_probe_says_the_probe_changes(tmp_path, caplog):
