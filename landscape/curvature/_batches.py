@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import warnings
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 
 from landscape.batches import leading_size, normal_tensors, split, to_device
 from landscape.distributed import together
+from landscape.findings import user_stacklevel
 from landscape.isolation import on_batch_statistics
 
 __all__ = [
@@ -219,6 +221,13 @@ def _materialize(
                     "data: with loss_fn every batch must be an (inputs, targets) pair; "
                     "use closure= for other batch structures"
                 )
+    if batch_size is None and len(batches) > 1 and any(map(_has_ignored_targets, batches)):
+        warnings.warn(
+            "data: the targets hold -100 (ignored positions, such as padding): the batches "
+            "are weighted by their samples, not by the targets the loss averages over, so "
+            "the curvature of several batches is off; pass batch_size=lambda b: <the count "
+            "of targets that are not -100> (docs/conventions.md, 'Loss reduction')",
+            RuntimeWarning, stacklevel=user_stacklevel())
     sizes = batch_sizes(batches, closure_mode, batch_size)
     if sizes is None:
         return batches, [1.0 / len(batches)] * len(batches), float(len(batches))
@@ -228,6 +237,22 @@ def _materialize(
     # a batch of size 0 (every token ignored) weighs nothing; its mean loss is 0/0
     kept = [(b, s) for b, s in zip(batches, sizes) if s > 0]
     return [b for b, _ in kept], [s / total for _, s in kept], total
+
+
+def _has_ignored_targets(batch: Any) -> bool:
+    """Integer targets (``(inputs, targets)``, or a dict's ``labels``) holding -100.
+
+    -100 is ``F.cross_entropy``'s default ``ignore_index`` and the label of positions that
+    Hugging Face models leave out of their loss.
+    """
+    if isinstance(batch, Mapping):
+        targets = batch.get("labels")
+    elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+        targets = batch[1]
+    else:
+        return False
+    return (isinstance(targets, torch.Tensor) and not targets.is_floating_point()
+            and bool((targets == -100).any()))
 
 
 def batch_sizes(

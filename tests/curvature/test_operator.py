@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -514,3 +516,38 @@ def test_a_piece_or_batch_without_valid_tokens_weighs_nothing():
     assert torch.allclose(loader.to_dense(), truth, rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="every batch has size 0"):
         Hessian(model, token_ce, [(ids[8:], tgt[8:])], batch_size=valid_tokens)
+
+
+def test_batches_with_ignored_targets_and_no_token_count_are_warned_about():
+    """Several batches are weighted by their rows; with -100 targets the loss averages over
+    fewer, and the Hessian came out silently off (2.4e-2 in an audit's case)."""
+    model, token_ce, ids, tgt = _padded_tokens()
+    truth = dense_hessian(model, token_ce, (ids, tgt))
+    halves = [(ids[:5], tgt[:5]), (ids[5:], tgt[5:])]
+    with pytest.warns(RuntimeWarning, match="targets hold -100") as caught:
+        off = Hessian(model, token_ce, halves).to_dense()
+    assert caught[0].filename == __file__
+    assert not torch.allclose(off, truth, rtol=1e-3)  # what the warning is about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the fix, and one batch: no warning
+        fixed = Hessian(model, token_ce, halves, batch_size=valid_tokens).to_dense()
+        Hessian(model, token_ce, (ids, tgt))
+    assert torch.allclose(fixed, truth, rtol=1e-9, atol=1e-12)
+
+
+def test_a_class_weighted_loss_over_batches_is_weighted_by_its_target_weights():
+    """conventions.md: the weighted cross-entropy averages over the targets' class weights;
+    a float batch_size says so and several batches give the one batch's Hessian."""
+    import functools
+
+    torch.manual_seed(0)
+    model = models.mlp().double()
+    x, y = models.classification_data(20)
+    x = x.double()
+    w = torch.tensor([1.0, 3.0, 0.5], dtype=torch.float64)
+    loss = functools.partial(F.cross_entropy, weight=w)
+    truth = dense_hessian(model, loss, (x, y))
+    halves = [(x[:10], y[:10]), (x[10:], y[10:])]
+    by_weight = Hessian(model, loss, halves, batch_size=lambda b: float(w[b[1]].sum()))
+    assert torch.allclose(by_weight.to_dense(), truth, rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(Hessian(model, loss, halves).to_dense(), truth, rtol=1e-4)
