@@ -21,7 +21,7 @@ import matplotlib.colors as mcolors
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
-from matplotlib.collections import PolyCollection
+from matplotlib.collections import LineCollection, PolyCollection
 from matplotlib.figure import Figure
 
 from landscape.findings import Finding
@@ -136,25 +136,42 @@ def test_wide_vector_fields_become_a_median_and_a_band():
     assert len(timeline(_writer().run(), "wide", max_lines=20).axes[0].get_lines()) == 20
 
 
+def _finding_lines(ax) -> dict[int, tuple]:
+    """step -> (colour, line style) of the vertical finding lines (one LineCollection per
+    severity and kind)."""
+    out = {}
+    for c in ax.collections:
+        if isinstance(c, LineCollection):
+            for seg in c.get_segments():
+                out[int(seg[0][0])] = (c.get_colors()[0], c.get_linestyle()[0])
+    return out
+
+
 def test_findings_are_vertical_lines_coloured_by_severity():
     run = _writer((WARN, ERR, INFO)).run()
     ax = timeline(run, "loss").axes[0]
-    vlines = {
-        int(line.get_xdata()[0]): line
-        for line in ax.get_lines()
-        if len(line.get_xdata()) == 2 and line.get_xdata()[0] == line.get_xdata()[1]
-    }
+    vlines = _finding_lines(ax)
     assert sorted(vlines) == [12, 20, 30]
     for f in (WARN, ERR, INFO):
-        assert mcolors.same_color(vlines[f.step].get_color(), SEVERITY_COLORS[f.severity])
-    assert vlines[12].get_linestyle() == "-"  # raised on loss itself
-    assert vlines[20].get_linestyle() == "--"
-    assert len(timeline(run, "loss", findings=[]).axes[0].get_lines()) == 2  # value, NaN mark
+        assert mcolors.same_color(vlines[f.step][0][:3], SEVERITY_COLORS[f.severity])
+    assert vlines[12][1][1] is None  # raised on loss itself: solid (no dash pattern)
+    assert vlines[20][1][1] is not None  # on another metric: dashed
+    assert not _finding_lines(timeline(run, "loss", findings=[]).axes[0])
     # a finding of another metric far beyond this metric's steps is left out
     far = Finding(5000, "rank_collapse", "info", "representation/erank", 2.0, 3.0, "later")
-    assert len(timeline(run, "loss", findings=[far]).axes[0].get_lines()) == 2
+    assert not _finding_lines(timeline(run, "loss", findings=[far]).axes[0])
     own_far = Finding(5000, "loss_spike", "warning", "loss/value", 2.0, 3.0, "later")
-    assert len(timeline(run, "loss", findings=[own_far]).axes[0].get_lines()) == 3
+    assert list(_finding_lines(timeline(run, "loss", findings=[own_far]).axes[0])) == [5000]
+
+
+def test_many_findings_are_drawn_as_a_few_collections():
+    """A line artist per finding per axes: a run with 10k findings took minutes and GBs."""
+    run = _writer().run()
+    many = [Finding(s, "r", "warning", "loss/value", 1.0, 0.5, "m") for s in range(0, 40)]
+    many += [Finding(s, "q", "info", "loss/value", 1.0, 0.5, "m") for s in range(0, 40, 2)]
+    ax = timeline(run, "loss", findings=many).axes[0]
+    assert sum(isinstance(c, LineCollection) for c in ax.collections) == 2
+    assert len(_finding_lines(ax)) == 40
 
 
 def test_log_scale_and_non_finite_marks():
