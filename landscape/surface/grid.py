@@ -25,6 +25,7 @@ missing points.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -72,6 +73,18 @@ def _same(a: Sequence[float], b: Sequence[float]) -> bool:
     return len(a) == len(b) and all(
         abs(u - v) <= 1e-5 * max(1.0, abs(u), abs(v)) for u, v in zip(a, b)
     )
+
+
+def _same_loss(a: float, b: float) -> bool:
+    """Equal losses at the centre (NaN equals NaN: a diverged model, resumed)."""
+    return (math.isnan(a) and math.isnan(b)) or _same([a], [b])
+
+
+def _center_loss(evaluator: PointEvaluator, ndim: int, eval_mode: bool) -> float:
+    """The loss at the grid's origin: one pass over the data, on every rank."""
+    with isolated(evaluator.model, eval_mode=eval_mode), torch.no_grad(), evaluator.bind():
+        evaluator.move((0.0,) * ndim)
+        return float(evaluator.loss_and_accuracy()[0])
 
 
 def _nonfinite_directions(name: str, directions: Directions) -> str:
@@ -188,6 +201,8 @@ def evaluate_grid(
     meta = {
         **dir_attrs,
         "center_fingerprint": evaluator.fingerprint(),
+        # the loss at the centre tells other data or another loss function from a resume
+        "center_loss": _center_loss(evaluator, 1 if ys is None else 2, eval_mode),
         "eval_mode": bool(eval_mode),
         "closure": bool(closure),
         **dict(attrs or {}),
@@ -218,6 +233,13 @@ def evaluate_grid(
                 if bool(old.get("eval_mode", eval_mode)) != bool(eval_mode):
                     raise LandscapeError(
                         f"surface {name!r} exists in the run with eval_mode={old['eval_mode']}")
+                was = old.get("center_loss")  # absent in surfaces of earlier versions
+                if was is not None and not _same_loss(float(was), meta["center_loss"]):
+                    raise LandscapeError(
+                        f"surface {name!r} exists in the run with a loss of {float(was):.6g} at "
+                        f"its centre, {meta['center_loss']:.6g} now: other data or another "
+                        "loss function; choose another name (on the command line --name) or "
+                        "another run file")
             todo = [tuple(int(v) for v in idx) for idx in np.argwhere(~surf.done)]
         except Exception as err:
             if not dist_on:

@@ -117,7 +117,7 @@ def test_resume_computes_only_the_missing_points(tmp_path):
     path = tmp_path / "run.h5"
     model = models.mlp()
     x, y = models.classification_data()
-    first = _Counting(fail_after=7)
+    first = _Counting(fail_after=8)  # the loss at the centre (checked on resume), 7 points
     with pytest.raises(KeyboardInterrupt):
         plane(model, first, (x, y), steps=(4, 3), span=1.0, writer=path, seed=1, progress=False)
     with Run.open(path) as run:
@@ -129,7 +129,7 @@ def test_resume_computes_only_the_missing_points(tmp_path):
     second = _Counting()
     done = plane(model, second, (x, y), steps=(4, 3), span=1.0, writer=path, seed=1,
                  progress=False)
-    assert second.calls == 12 - 7
+    assert second.calls == 1 + 12 - 7
     assert done.complete
     fresh = plane(model, _ce, (x, y), steps=(4, 3), span=1.0, seed=1, progress=False)
     np.testing.assert_allclose(done.values["loss"], fresh.values["loss"], rtol=1e-6)
@@ -137,7 +137,7 @@ def test_resume_computes_only_the_missing_points(tmp_path):
 
     third = _Counting()
     plane(model, third, (x, y), steps=(4, 3), span=1.0, writer=path, seed=1, progress=False)
-    assert third.calls == 0  # nothing left to compute
+    assert third.calls == 1  # nothing left to compute but the centre's check
 
 
 def test_resume_refuses_other_directions_or_center(tmp_path):
@@ -151,6 +151,28 @@ def test_resume_refuses_other_directions_or_center(tmp_path):
         model[0].bias.add_(1.0)  # directions (biasbn) unchanged, the center moved
     with pytest.raises(LandscapeError, match="other parameters"):
         line(model, _ce, (x, y), steps=5, writer=path, seed=1, progress=False)
+
+
+def test_resume_refuses_other_data_or_another_loss(tmp_path):
+    """Only the centre, directions and mode were compared: the same name on other data
+    returned the stored surface, and a resumed one mixed the two data sets' points."""
+    path = tmp_path / "run.h5"
+    model = models.mlp()
+    x, y = models.classification_data(24)
+    half = line(model, _ce, (x, y), steps=7, writer=path, seed=1, progress=False)
+    x2, y2 = models.classification_data(24, seed=5)
+    with pytest.raises(LandscapeError, match="other data or another loss function"):
+        line(model, _ce, (x2, y2), steps=7, writer=path, seed=1, progress=False)
+
+    def smoothed(out, t):
+        return F.cross_entropy(out, t, label_smoothing=0.1)
+
+    with pytest.raises(LandscapeError, match="other data or another loss function"):
+        line(model, smoothed, (x, y), steps=7, writer=path, seed=1, progress=False)
+    # the same data as a loader of two batches: the same loss, a resume
+    again = line(model, _ce, [(x[:12], y[:12]), (x[12:], y[12:])], steps=7, writer=path,
+                 seed=1, progress=False)
+    np.testing.assert_allclose(again.values["loss"], half.values["loss"], rtol=1e-12)
 
 
 class _Quadratic(nn.Module):
