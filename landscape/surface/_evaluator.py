@@ -153,6 +153,10 @@ class PointEvaluator:
         index = {n: i for i, n in enumerate(buffers)}
         self.buf_moving = [self.buf_work[index[n]] for n in directions.buffer_names]
         self.buf_moving_base = [self.buf_base[index[n]] for n in directions.buffer_names]
+        # variances interpolated beyond the two checkpoints (alpha < 0 or > 1) can cross
+        # zero, and BatchNorm then divides by the square root of a negative number: NaN
+        self.buf_variances = [t for n, t in zip(directions.buffer_names, self.buf_moving)
+                              if n.rsplit(".", 1)[-1] == "running_var"]
         self.buf_dirs = [[t.detach().to(b.device, b.dtype) for t, b in zip(v, self.buf_moving)]
                          for v in directions.buffer_vectors]
         self.state = state
@@ -236,6 +240,8 @@ class PointEvaluator:
             torch._foreach_copy_(self.buf_moving, self.buf_moving_base)
             for d, c in zip(self.buf_dirs, coords):
                 torch._foreach_add_(self.buf_moving, d, alpha=float(c))
+            for var in self.buf_variances:
+                var.clamp_(min=0.0)
 
     def _single(self, loss: torch.Tensor, out: Any, batch: Any) -> tuple[float, float]:
         acc = float("nan")

@@ -159,7 +159,9 @@ def interpolate(
     dicts or checkpoint paths (``weights_only=True``) for ``model``'s architecture; ``model``
     itself is only the architecture and is not changed. With ``buffers=True`` floating-point
     buffers (BatchNorm statistics) are interpolated as well (the reference code's
-    ``dir_type='states'``). ``x`` overrides the ``steps`` points on ``bounds``.
+    ``dir_type='states'``). The ``steps`` points on ``bounds`` always hold ``alpha = 0`` and
+    ``1`` (added where the even spacing misses them: the default 51 points on (-0.5, 1.5)
+    would evaluate neither checkpoint); ``x`` overrides them.
     """
     a = _state(theta_a, "theta_a")
     b = _state(theta_b, "theta_b")
@@ -189,9 +191,25 @@ def interpolate(
         lo, hi = bounds
         if not hi > lo:
             raise ValueError(f"bounds must be (low, high) with low < high, got {bounds!r}")
-        x = np.linspace(float(lo), float(hi), int(steps))
+        x = _with_endpoints(np.linspace(float(lo), float(hi), int(steps)))
     return evaluate_grid(model, loss_fn, data, dirs, x, None, center=a, writer=writer,
                          name=name, **kwargs)
+
+
+def _with_endpoints(grid: np.ndarray) -> np.ndarray:
+    """``grid`` holding alpha = 0 and 1 exactly where within its range (snapped or added)."""
+    points = grid.copy()
+    tol = 1e-9 * float(points[-1] - points[0])
+    extra = []
+    for alpha in (0.0, 1.0):
+        if not points[0] - tol <= alpha <= points[-1] + tol:
+            continue
+        near = np.abs(points - alpha) <= tol
+        if near.any():
+            points[near] = alpha
+        else:
+            extra.append(alpha)
+    return np.sort(np.concatenate([points, extra])) if extra else points
 
 
 def trajectory_plane(

@@ -337,6 +337,27 @@ def test_interpolation_endpoints_are_the_two_checkpoints(tmp_path):
     assert nobuf.values["loss"][0] != pytest.approx(want[1], rel=1e-6)
 
 
+def test_the_default_interpolation_evaluates_both_checkpoints_and_stays_finite():
+    """The default 51 points on (-0.5, 1.5) missed alpha = 0 and 1; extrapolated BatchNorm
+    variances crossed zero beyond them and the loss was NaN there."""
+    a, b = models.cnn_bn(seed=0), models.cnn_bn(seed=1)
+    with torch.no_grad():
+        a.bn.running_var.fill_(0.2)
+        b.bn.running_var.fill_(1.0)  # alpha < -0.25 extrapolates a negative variance
+    x, y = models.image_data()
+    surf = interpolate(models.cnn_bn(seed=5), a, b, _ce, (x, y), progress=False)
+    assert len(surf.x) == 53 and {0.0, 1.0} <= set(surf.x.tolist())
+    assert np.isfinite(surf.values["loss"]).all()
+    want = []
+    for m in (a, b):
+        m.eval()
+        with torch.no_grad():
+            want.append(float(F.cross_entropy(m(x), y)))
+    got = dict(zip(surf.x.tolist(), surf.values["loss"].tolist()))
+    assert got[0.0] == pytest.approx(want[0], rel=1e-6)
+    assert got[1.0] == pytest.approx(want[1], rel=1e-6)
+
+
 def test_written_into_the_writer_given(tmp_path):
     with RunWriter(tmp_path / "run.h5") as w:
         model = models.mlp()
