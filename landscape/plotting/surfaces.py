@@ -239,7 +239,9 @@ def export_vtk(
     the largest finite height. Every stored field is attached as point data, so ParaView can
     colour by loss or accuracy; no NaN is written (not every VTK reader parses it): values
     not computed or not finite take the field's largest finite value, and the ``computed``
-    array (1/0) tells them apart. A 1-D surface becomes a curve (``DIMENSIONS nx 1 1``).
+    array (1/0: evaluated) and the ``finite`` array (1/0: ``field``'s value is a number, 0
+    for a diverged point that was computed) tell them apart. A 1-D surface becomes a curve
+    (``DIMENSIONS nx 1 1``).
     """
     surf = load_surface(surface, name)
     z = _values(surf, field, log, zmax)
@@ -269,6 +271,8 @@ def export_vtk(
         lines += [_fmt(float(v)) for v in vals]
     lines += ["SCALARS computed int 1", "LOOKUP_TABLE default"]
     lines += [str(int(v)) for v in surf.done.reshape(-1)]
+    lines += ["SCALARS finite int 1", "LOOKUP_TABLE default"]
+    lines += [str(int(v)) for v in np.isfinite(z).reshape(-1)]
     out = Path(path)
     refuse_to_overwrite_hdf5(out, "the VTK file")
     out.write_text("\n".join(lines) + "\n", encoding="ascii")

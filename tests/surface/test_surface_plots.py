@@ -124,6 +124,7 @@ def test_vtk_export_parses_back(tmp_path):
     surf = _surface(nx=4, ny=3, f=lambda X, Y: X**2 + 3 * Y)
     surf.done[0, 0] = False
     surf.values["loss"][0, 0] = np.nan
+    surf.values["loss"][2, 3] = np.inf  # computed, diverged: told apart by "finite"
     path = plots.export_vtk(surf, tmp_path / "s.vtk")
     dims, points, scalars = _parse_vtk(path.read_text())
     assert dims == [4, 3, 1]
@@ -136,6 +137,7 @@ def test_vtk_export_parses_back(tmp_path):
     assert points[0, 2] == pytest.approx(np.nanmax(z))  # not computed: at the top
     np.testing.assert_allclose(scalars["loss"][ok], z[ok], rtol=1e-8)
     np.testing.assert_array_equal(scalars["computed"], surf.done.reshape(-1).astype(float))
+    assert scalars["finite"].tolist() == [0.0] + [1.0] * 10 + [0.0]
     np.testing.assert_allclose(scalars["accuracy"], 0.5)
     flat = _parse_vtk(plots.export_vtk(surf, tmp_path / "f.vtk", height=False).read_text())[1]
     assert (flat[:, 2] == 0).all()
