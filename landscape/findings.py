@@ -8,6 +8,7 @@ needs nothing but this module.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -176,13 +177,16 @@ _FRAMEWORKS = ("torch", "lightning", "pytorch_lightning", "lightning_fabric", "t
 
 
 def _internal_dirs() -> tuple[str, ...]:
-    dirs = [os.path.dirname(os.path.abspath(__file__))]
+    dirs = [os.path.dirname(os.path.abspath(__file__)) + os.sep]
     for name in _FRAMEWORKS:
         module = sys.modules.get(name)
         path = getattr(module, "__file__", None)
         if path:
-            dirs.append(os.path.dirname(os.path.abspath(path)))
-    return tuple(d + os.sep for d in dirs)
+            dirs.append(os.path.dirname(os.path.abspath(path)) + os.sep)
+    # the exit of a with-block this package entered (a warning raised as it ends) is no line
+    # of the user's either: contextlib's own file
+    dirs.append(os.path.abspath(contextlib.__file__))
+    return tuple(dirs)
 
 
 def user_stacklevel() -> int:

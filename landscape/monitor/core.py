@@ -283,7 +283,9 @@ class Monitor:
         with isolated(self.model):
             for m in self.metrics:
                 m.setup(self.model)
-        self.writer = RunWriter(self.path, config=self._config(), **self._writer_args)
+        # a full disk stops the writing, never the training
+        self.writer = RunWriter(self.path, config=self._config(), on_disk_full="stop",
+                                **self._writer_args)
         try:
             for m in self.metrics:
                 self.writer.declare(

@@ -15,6 +15,7 @@ import contextlib
 import gc
 import json
 import os
+import shutil
 import socket
 import time
 import warnings
@@ -63,6 +64,9 @@ def _last_or_none(steps: np.ndarray) -> int | None:
 
 
 _OPEN: weakref.WeakSet[RunWriter] = weakref.WeakSet()  # file writers not closed yet
+DISK_MARGIN = 8 * 2**20
+"""Bytes a writer leaves free on the run file's disk: HDF5's metadata and closing the file
+need room, and a write that fills the disk crashed the process inside HDF5."""
 
 
 @atexit.register
@@ -112,6 +116,11 @@ class RunWriter:
             (restarting from a checkpoint).
         flush_every: write the buffer after this many rows and surface points.
         flush_seconds: write the buffer when this long has passed since the last write.
+        on_disk_full: what a write does when the disk holding the file lacks room for it
+            and :data:`DISK_MARGIN` besides: ``"raise"`` a :class:`RunFileError`, or
+            ``"stop"`` writing (one ``RuntimeWarning``; later rows are dropped, those
+            written stay readable). HDF5 itself crashed the process on a full disk; the
+            monitor stops, so that training goes on.
 
     Raises:
         ValueError: an unknown ``mode`` or ``flush_every < 1``.
@@ -128,9 +137,14 @@ class RunWriter:
         truncate_from: int | None = None,
         flush_every: int = 256,
         flush_seconds: float = 2.0,
+        on_disk_full: str = "raise",
     ) -> None:
         if mode not in ("a", "w", "x"):
             raise ValueError(f"mode must be 'a', 'w' or 'x', got {mode!r}")
+        if on_disk_full not in ("raise", "stop"):
+            raise ValueError(f"on_disk_full must be 'raise' or 'stop', got {on_disk_full!r}")
+        self.on_disk_full = on_disk_full
+        self._full = False  # "stop": the disk filled up, nothing more is written
         if flush_every < 1:
             raise ValueError("flush_every must be >= 1")
         self.flush_every = int(flush_every)
@@ -430,16 +444,47 @@ class RunWriter:
             self.flush()
 
     def _flush_pending(self) -> None:
-        for path, pending in self._pending.items():
-            if not pending.steps:
-                continue
-            cols = {n: np.stack(v) for n, v in pending.cols.items()}
-            self._backend.append_rows(path, np.asarray(pending.steps, np.int64), cols)
-        self._pending.clear()
-        for name, points in self._pending_points.items():
-            self._backend.write_surface(name, points)
+        tables = {path: (np.asarray(p.steps, np.int64), {n: np.stack(v) for n, v in p.cols.items()})
+                  for path, p in self._pending.items() if p.steps}
+        size = sum(steps.nbytes + sum(c.nbytes for c in cols.values())
+                   for steps, cols in tables.values())
+        size += 64 * sum(len(points) for points in self._pending_points.values())
+        if (tables or self._pending_points) and self._room_for(size):
+            for path, (steps, cols) in tables.items():
+                self._backend.append_rows(path, steps, cols)
+            for name, points in self._pending_points.items():
+                self._backend.write_surface(name, points)
+        self._pending.clear()  # written, or dropped on a full disk ("stop")
         self._pending_points.clear()
         self._n_pending = 0
+
+    def _room_for(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more fit on the file's disk with :data:`DISK_MARGIN` to spare.
+
+        On ``"stop"`` the first shortage warns and stops every later write.
+
+        Raises:
+            RunFileError: the disk is short, with ``on_disk_full="raise"``.
+        """
+        if self._full:
+            return False
+        if self.path is None:
+            return True
+        try:
+            free = shutil.disk_usage(self.path.parent).free
+        except OSError:  # cannot tell: HDF5 says so if it fails
+            return True
+        if free >= DISK_MARGIN + 4 * nbytes:
+            return True
+        message = (f"{self.path}: {free / 2**20:.1f} MiB free on its disk, too little to write "
+                   f"more ({DISK_MARGIN / 2**20:.0f} MiB are kept free)")
+        if self.on_disk_full == "raise":
+            raise RunFileError(message)
+        self._full = True
+        warnings.warn(f"landscape: {message}: the monitor stops writing to it and training "
+                      "goes on; the rows written so far stay readable", RuntimeWarning,
+                      stacklevel=user_stacklevel())
+        return False
 
     # -- surfaces
 
@@ -545,7 +590,8 @@ class RunWriter:
         """
         self._check_open()
         self._flush_pending()
-        self._backend.flush()
+        if not self._full:
+            self._backend.flush()
         self._last_flush = time.monotonic()
         self._urgent = False
 
@@ -555,7 +601,8 @@ class RunWriter:
             return
         try:
             self._flush_pending()
-            self._backend.flush()
+            if not self._full:
+                self._backend.flush()
         finally:
             if isinstance(self._backend, H5Backend):
                 self._backend.close()
@@ -585,7 +632,8 @@ class RunWriter:
             data: its bytes.
         """
         self._check_open()  # buffered rows stay buffered: a step's rows go out together
-        self._backend.write_blob(name, data)
+        if self._room_for(len(data)):
+            self._backend.write_blob(name, data)
 
     def load_blob(self, name: str) -> bytes | None:
         """The bytes :meth:`save_blob` stored under ``name`` (None: none).

@@ -15,9 +15,9 @@ from landscape.monitor import Monitor
 from tests import models
 
 
-def _train(model, opt, steps, mon=None, data_seed=0):
+def _train(model, opt, steps, mon=None, data_seed=0, start=0):
     g = torch.Generator().manual_seed(data_seed)
-    for step in range(steps):
+    for step in range(start, start + steps):
         x = torch.randn(16, 6, generator=g)
         y = torch.randint(0, 3, (16,), generator=g)
         out = model(x)
@@ -210,3 +210,32 @@ def test_nonfinite_flags_nan_gradients_but_not_large_finite_ones():
         run = mon.run()
     assert list(run.series("nonfinite", "grad")[1]) == [0.0, 1.0]
     assert list(run.series("nonfinite", "loss")[1]) == [0.0, 1.0]
+
+
+def test_a_full_disk_stops_the_writing_not_the_training(tmp_path, monkeypatch):
+    """HDF5 crashed the training process (a segfault) when the run file filled its disk."""
+    import shutil
+    from collections import namedtuple
+
+    from landscape.store import writer as writer_module
+
+    usage = namedtuple("usage", "total used free")
+    free = {"bytes": 10**12}
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(0, 0, free["bytes"]))
+    path = tmp_path / "run.h5"
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Monitor(model, F.cross_entropy, path=str(path), optimizer=opt, flush_every=1) as mon:
+        _train(model, opt, 3, mon)
+        free["bytes"] = writer_module.DISK_MARGIN - 1  # the disk fills up
+        with pytest.warns(RuntimeWarning, match="too little to write more.*training goes on") \
+                as full:
+            _train(model, opt, 3, mon, start=3)
+        assert full[0].filename == __file__  # the loop's line (it named contextlib's)
+        _train(model, opt, 2, mon, start=6)  # said once; training goes on
+    with ls.Run.open(path) as run:
+        assert list(run.steps("loss")) == [0, 1, 2]  # what was written stays readable
+    with pytest.raises(ls.RunFileError, match="too little to write more"):
+        with ls.RunWriter(tmp_path / "other.h5") as w:  # the library's default: one line
+            w.declare("m", {"v": None})
+            w.append("m", 0, {"v": 1.0})
