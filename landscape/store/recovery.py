@@ -312,8 +312,9 @@ def open_for_reading(path: Path) -> h5py.File:
     if path.is_dir():
         raise RunFileError(f"{path}: is a directory, expected a run file (.h5)")
     if path.stat().st_size > 0 and holds_nothing(path):  # (an empty file: below)
-        raise RunFileError(f"{path}: holds no run yet (its writer stopped before writing "
-                           "anything; writing to it again starts it anew)")
+        raise RunFileError(f"{path}: holds no run yet (its writer has just created it, or "
+                           "stopped before writing anything; writing to it again starts it "
+                           "anew)")
     _check_not_truncated(path)
     if str(path.resolve()) not in WRITING:
         _check_intact(path)
