@@ -109,7 +109,8 @@ def check(run_path: str, fail_on: str, recompute: bool, rule_specs: tuple[str, .
 
     Findings are those stored in the file (written online by the monitor) and, with
     --recompute, those the alarm rules find on the whole run; a finding is reported
-    once per (step, rule, metric). A RUN that cannot be read exits 2, not 1.
+    once per (step, rule, metric). A RUN that cannot be read, or holds no row yet, exits 2,
+    not 1.
     """
     with input_errors(EXIT_INPUT):  # a rules module that cannot be loaded: exit 2
         rules = load_rule_specs(rule_specs, recompute)
@@ -117,9 +118,13 @@ def check(run_path: str, fail_on: str, recompute: bool, rule_specs: tuple[str, .
         with input_errors(EXIT_INPUT), Run.open(run_path) as run:
             found = collect_findings(run, recompute=recompute, rules=rules)
             source = run.source
+            recorded = bool(run.surfaces()) or any(len(run.steps(m)) for m in run.metrics())
     except (KeyError, ValueError, TypeError, OSError) as err:  # a damaged file's structure
         raise CommandError(f"{run_path}: cannot be read as a run file "
                            f"({type(err).__name__}: {err})", EXIT_INPUT) from None
+    if not recorded and not found:  # a gate must not pass a job that recorded nothing
+        raise CommandError(f"{run_path}: no rows recorded, nothing to check (the run stopped "
+                           "before its first flush, or has not started)", EXIT_INPUT)
     failing = at_or_above(found, fail_on)
     counts = count_by_severity(found)
     if as_json:

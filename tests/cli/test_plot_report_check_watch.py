@@ -431,8 +431,10 @@ def test_check_recomputes_the_alarm_rules_and_deduplicates(runner, tmp_path):
 def test_check_bad_inputs_and_empty_run(runner, empty_run, tmp_path):
     for path, fragment in _bad_inputs(tmp_path):
         _one_line_error(runner.invoke(cli, ["check", path]), fragment)
+    # a run that recorded nothing passed the gate ("0 findings; ok", exit 0)
     result = runner.invoke(cli, ["check", str(empty_run)])
-    assert result.exit_code == 0 and "0 findings" in result.output
+    _one_line_error(result, "no rows recorded, nothing to check")
+    assert result.exit_code == 2
     bad_choice = runner.invoke(cli, ["check", str(empty_run), "--fail-on", "fatal"])
     assert bad_choice.exit_code == 2 and "Traceback" not in bad_choice.output
 
