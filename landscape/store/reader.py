@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from landscape._errors import RunFileError
 from landscape._names import RENAMED_METRICS, metric_name_aliases
 from landscape.findings import Finding, Findings
 from landscape.store.backends import Backend, H5Backend
@@ -34,6 +35,17 @@ from landscape.store.recovery import open_for_reading
 __all__ = ["Run"]
 
 
+def _identity(backend: Backend) -> tuple[int, int, int] | None:
+    """Device, inode and size of the file a reader holds (None: memory, or a writer's view)."""
+    if not isinstance(backend, H5Backend) or backend.writable:
+        return None
+    try:
+        st = os.stat(backend.file.filename)
+    except OSError:  # removed: not the file the reader holds any more
+        return None
+    return st.st_dev, st.st_ino, st.st_size
+
+
 class Run:
     """Read-only view of a run (an HDF5 file or an in-memory writer's data).
 
@@ -48,6 +60,7 @@ class Run:
 
     def __init__(self, backend: Backend) -> None:
         self._backend = backend
+        self._identity = _identity(backend)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> Run:
@@ -295,7 +308,20 @@ class Run:
     # -- lifecycle
 
     def refresh(self) -> None:
-        """See rows a live writer committed since this reader opened (SWMR)."""
+        """See rows a live writer committed since this reader opened (SWMR).
+
+        Raises:
+            RunFileError: the file was replaced (a crash recovery) or started over (a writer
+                with ``mode="w"``) since it was opened: open it again. HDF5 hung for
+                minutes refreshing such a file.
+        """
+        if self._identity is not None:
+            now = _identity(self._backend)
+            if now is None or now[:2] != self._identity[:2] or now[2] < self._identity[2]:
+                raise RunFileError(f"{self.source}: was replaced or started over since it was "
+                                   "opened (a writer with mode='w', or a crash recovery): "
+                                   "open it again")
+            self._identity = now
         self._backend.refresh()
 
     def close(self) -> None:

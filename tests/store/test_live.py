@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from landscape import RunFileError
 from landscape.store import Run, RunWriter
 
 REPO = Path(__file__).resolve().parents[2]
@@ -287,3 +288,24 @@ def test_a_step_declaring_a_table_keeps_its_rows_together(tmp_path):
             assert len(run.findings()) == on_disk
             assert run.steps("loss").tolist() == ([0] if on_disk == 0 else [0, 1, 2])
     writer.close()
+
+
+def test_a_reader_of_a_run_started_over_is_told_to_open_it_again(tmp_path):
+    """A reader refreshing a file that a writer with mode='w' restarted hung in HDF5."""
+    path = tmp_path / "run.h5"
+    with RunWriter(path, mode="w") as w:
+        w.declare("m", {"v": None, "vec": (4,)})
+        for step in range(200):
+            w.append("m", step, {"v": 2.0 * step, "vec": [step] * 4})
+    reader = Run.open(path)
+    reader.refresh()  # nothing changed: fine
+    restart = ("from landscape.store import RunWriter\n"
+               f"with RunWriter({str(path)!r}, mode='w') as w:\n"
+               "    w.declare('m', {'v': None, 'vec': (4,)})\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-c", restart], env=env, check=True)  # smaller now
+    with pytest.raises(RunFileError, match="replaced or started over since it was opened"):
+        reader.refresh()
+    reader.close()
+    with Run.open(path) as again:
+        assert again.steps("m").tolist() == []
