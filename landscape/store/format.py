@@ -311,18 +311,25 @@ def check_tables(f: h5py.File, path: Path) -> None:
         groups += [f"{METRICS_GROUP}/{name}" for name in f[METRICS_GROUP]]
     for name in groups:
         try:
-            _check_table(f[name])
+            _check_table(f[name], strict=name.startswith(METRICS_GROUP))
         except (ValueError, TypeError) as err:  # json's JSONDecodeError is a ValueError
             raise RunFileError(f"{path}: damaged run file: table {name!r} ({err})") from None
 
 
-def _check_table(g: Any) -> None:
-    """One table's structure (:func:`check_tables`); ``ValueError`` says what is wrong."""
+def _check_table(g: Any, strict: bool) -> None:
+    """One table's structure (:func:`check_tables`); ``ValueError`` says what is wrong.
+
+    Its steps must be >= 0 and increase: strictly (``strict``, a metric's: one row a step)
+    or not (findings, checkpoints).
+    """
     if not isinstance(g, h5py.Group):
         raise ValueError("not a group")
     steps = g.get("step")
     if not isinstance(steps, h5py.Dataset) or steps.ndim != 1:
         raise ValueError("no 1-D step dataset")
+    values = np.asarray(steps[()])
+    if len(values) and (values[0] < 0 or (np.diff(values) <= (0 if strict else -1)).any()):
+        raise ValueError("its steps do not increase")
     if "fields" not in g.attrs:
         raise ValueError("no fields attribute")
     try:

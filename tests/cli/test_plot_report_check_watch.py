@@ -690,7 +690,8 @@ def test_check_report_and_plot_evaluate_the_users_rules(runner, tmp_path):
         ls.alarms.collect_findings(opened, recompute=False, rules=[])
 
 
-@pytest.mark.parametrize("damage", ["no_findings", "no_step", "fields_not_json", "no_column"])
+@pytest.mark.parametrize("damage", ["no_findings", "no_step", "fields_not_json", "no_column",
+                                    "steps_backwards"])
 def test_every_read_command_names_a_damaged_run_in_one_line(runner, run_file, tmp_path,
                                                             damage):
     # info, report and watch raised KeyError/JSONDecodeError tracebacks; check said
@@ -708,6 +709,8 @@ def test_every_read_command_names_a_damaged_run_in_one_line(runner, run_file, tm
             del f["metrics/loss/step"]
         elif damage == "fields_not_json":
             f["metrics/loss"].attrs["fields"] = "{not json"
+        elif damage == "steps_backwards":  # overwritten bytes: info showed "steps -1..99"
+            f["metrics/loss/step"][10] = -1
         else:
             del f["metrics/loss/value"]
     for args in (["check"], ["info"], ["report", "-o", str(tmp_path / "r.html")],
