@@ -10,6 +10,7 @@ data (a shuffling loader would otherwise change the operator between iterations)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import warnings
@@ -237,6 +238,27 @@ def _materialize(
     # a batch of size 0 (every token ignored) weighs nothing; its mean loss is 0/0
     kept = [(b, s) for b, s in zip(batches, sizes) if s > 0]
     return [b for b, _ in kept], [s / total for _, s in kept], total
+
+
+def refuse_summed_loss(loss_fn: Any, several: bool) -> None:
+    """Refuse a loss that sums over its samples (``reduction="sum"``) for several batches.
+
+    Batches are averaged by their sizes (docs/conventions.md, "Loss reduction"): with a
+    summed loss that is neither the sum nor the mean (3 batches gave a third of the one
+    batch's curvature). One batch is fine: its curvature is ``N`` times the mean's.
+
+    Raises:
+        ValueError: ``several`` batches and a loss module or ``functools.partial`` with
+            ``reduction="sum"``.
+    """
+    reduction = getattr(loss_fn, "reduction", None)
+    if reduction is None and isinstance(loss_fn, functools.partial):
+        reduction = loss_fn.keywords.get("reduction")
+    if several and reduction == "sum":
+        raise ValueError(
+            "loss_fn: reduction='sum' over several batches: they are averaged by their sizes, "
+            "which gives neither the sum nor the mean; use reduction='mean' (the curvature of "
+            "the sum is N times it) or one batch (docs/conventions.md, 'Loss reduction')")
 
 
 def _has_ignored_targets(batch: Any) -> bool:

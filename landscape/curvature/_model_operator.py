@@ -29,6 +29,7 @@ from landscape.curvature._batches import (
     check_microbatching,
     microbatches,
     probe_data,
+    refuse_summed_loss,
     to_device,
 )
 from landscape.curvature._evaluation import detach_tree, evaluation, scalar_loss, zeros_for_none
@@ -163,6 +164,8 @@ class ModelOperator(CurvatureOperator):
             collective=reduce,
         )
         self._data: ProbeData = whole_data
+        _dist.together(reduce, "checking the loss's reduction", lambda: refuse_summed_loss(
+            loss_fn, len(whole_data.batches) > 1))
         if opts.microbatch_size is not None:
             pieces, weights = _dist.together(
                 reduce, "cutting the probe data into micro-batches",

@@ -35,6 +35,7 @@ from torch import nn
 
 from landscape import distributed as _dist
 from landscape._errors import LandscapeError
+from landscape.curvature._batches import refuse_summed_loss
 from landscape.isolation import isolated
 from landscape.store import RunWriter, SurfaceData
 from landscape.surface._evaluator import GridData, PointEvaluator
@@ -176,6 +177,7 @@ def evaluate_grid(
     except StopIteration:
         raise ValueError("model: has no parameters") from None
     batches = GridData(data, device)
+    refuse_summed_loss(loss_fn, batches.loader is not None)  # a loader: size-weighted mean
     if closure is None:
         closure = not isinstance(batches.first, (tuple, list))
     elif not closure and not isinstance(batches.first, (tuple, list)):

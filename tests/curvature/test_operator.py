@@ -551,3 +551,24 @@ def test_a_class_weighted_loss_over_batches_is_weighted_by_its_target_weights():
     by_weight = Hessian(model, loss, halves, batch_size=lambda b: float(w[b[1]].sum()))
     assert torch.allclose(by_weight.to_dense(), truth, rtol=1e-9, atol=1e-12)
     assert not torch.allclose(Hessian(model, loss, halves).to_dense(), truth, rtol=1e-4)
+
+
+def test_a_summed_loss_over_several_batches_is_refused():
+    """Size-weighted batches of a summed loss gave neither the sum nor the mean (3 batches:
+    a third of the one batch's curvature)."""
+    import functools
+
+    from landscape.surface import line
+
+    model = models.mlp()
+    x, y = models.classification_data(24)
+    batches = [(x[:8], y[:8]), (x[8:16], y[8:16]), (x[16:], y[16:])]
+    for summed in (nn.CrossEntropyLoss(reduction="sum"),
+                   functools.partial(F.cross_entropy, reduction="sum")):
+        with pytest.raises(ValueError, match="reduction='sum' over several batches"):
+            Hessian(model, summed, batches)
+        with pytest.raises(ValueError, match="reduction='sum' over several batches"):
+            line(model, summed, batches, steps=3, progress=False)
+        one = top_eigenvalues(Hessian(model, summed, (x, y)), tol=1e-6).values[0]
+        mean = top_eigenvalues(Hessian(model, F.cross_entropy, (x, y)), tol=1e-6).values[0]
+        assert float(one) == pytest.approx(24 * float(mean), rel=1e-4)  # one batch: N x
