@@ -15,12 +15,14 @@ measurement is then planned from them before it runs, and refused with one line
 from __future__ import annotations
 
 import math
+import warnings
 from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
 from landscape._deprecation import deprecated_alias, module_getattr, renamed_kwargs
 from landscape._errors import MissingInput, PartialRow
+from landscape.findings import user_stacklevel
 from landscape.metrics.base import Metric, register
 from landscape.metrics.context import StepContext
 from landscape.schedules import every
@@ -185,11 +187,33 @@ class Sharpness(Metric):
         self.tol = float(tol)
         self.adam_warmup = None if adam_warmup is None else int(adam_warmup)
         self.memory_budget = _budget(memory_budget)
+        self._groups_said = False  # parameter groups of other settings: warned once
 
     def config(self) -> dict[str, Any]:
         """``tol``, ``adam_warmup`` and ``memory_budget`` (when not ``"auto"``)."""
         return _with_budget({"tol": self.tol, "adam_warmup": self.adam_warmup},
                             self.memory_budget)
+
+    def _say_groups_differ(self, opt: torch.optim.Optimizer) -> None:
+        """Warn once when the parameter groups' learning rates or momenta differ.
+
+        The threshold is the first group's (docs/curvature.md, "Preconditioned operator and
+        stability thresholds"): a
+        group with a larger learning rate (a new head trained faster than a fine-tuned body)
+        reaches its own edge of stability at a lower sharpness than the ratio says.
+        """
+        if self._groups_said or len(set(_group_settings(opt))) < 2:
+            return
+        self._groups_said = True
+        from landscape.curvature.stability import learning_rate
+
+        lrs = sorted({learning_rate(g.get("lr")) for g in opt.param_groups if g.get("params")})
+        warnings.warn(
+            f"landscape: sharpness: the optimizer's parameter groups differ in learning rate "
+            f"or momentum (learning rates {', '.join(f'{v:g}' for v in lrs)}); the threshold "
+            "is the first group's, so the ratio is that group's edge of stability (a group "
+            "with a larger learning rate reaches its own at a lower sharpness)",
+            RuntimeWarning, stacklevel=user_stacklevel())
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
         """lambda_max, the optimizer's stability threshold, their ratio and the peak.
@@ -240,8 +264,18 @@ class Sharpness(Metric):
             threshold = math.inf
         else:
             threshold = stability_threshold(opt)
+        self._say_groups_differ(opt)
         ratio = lam / threshold if threshold and not math.isnan(threshold) else math.nan
         return {**row, "threshold": threshold, "ratio": ratio}
+
+
+_STABILITY_SETTINGS = ("lr", "momentum", "dampening", "nesterov", "betas")
+
+
+def _group_settings(opt: torch.optim.Optimizer) -> list[tuple]:
+    """The settings the stability threshold reads, per parameter group holding parameters."""
+    return [tuple(repr(g.get(k)) for k in _STABILITY_SETTINGS)
+            for g in opt.param_groups if g.get("params")]
 
 
 def _warmup(opt: torch.optim.Optimizer, kind: str | None, steps: int | None) -> int:

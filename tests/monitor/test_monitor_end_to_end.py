@@ -141,6 +141,32 @@ def test_sharpness_threshold_follows_the_optimizer_and_its_learning_rate():
     assert thr[0] == pytest.approx(3.8 / 0.1) and thr[1] == pytest.approx(3.8 / 0.2)
 
 
+def test_sharpness_says_once_when_parameter_groups_differ_in_learning_rate():
+    """The threshold is the first group's: a head at 10x the body's learning rate reaches
+    its edge of stability 10x earlier than the ratio says, which went unsaid."""
+    model, _, x, y = _classifier_step(lr=0.1)
+    params = list(model.parameters())
+    opt = torch.optim.SGD([{"params": params[:-2], "lr": 0.01},
+                           {"params": params[-2:], "lr": 0.1}], momentum=0.9)
+    with pytest.warns(RuntimeWarning, match=r"learning rates 0.01, 0.1\); the threshold is "
+                                            "the first group's") as caught, \
+            Monitor(model, F.cross_entropy, optimizer=opt, probe=(x, y), warn=False,
+                    metrics=[create("sharpness", schedule=1)]) as mon:
+        mon.step(0)
+        mon.step(1)
+    assert sum("parameter groups differ" in str(w.message) for w in caught) == 1
+    assert caught[0].filename == __file__
+    _, thr = mon.run().series("sharpness", "threshold")
+    assert thr[0] == pytest.approx(3.8 / 0.01)
+    with warnings.catch_warnings():  # one group, or groups differing in weight decay only
+        warnings.simplefilter("error", RuntimeWarning)
+        same = torch.optim.SGD([{"params": params[:-2], "weight_decay": 0.1},
+                                {"params": params[-2:]}], lr=0.1)
+        with Monitor(model, F.cross_entropy, optimizer=same, probe=(x, y), warn=False,
+                     metrics=[create("sharpness", schedule=1)]) as mon:
+            mon.step(0)
+
+
 def test_microbatched_curvature_metrics_record_the_same_numbers():
     net, x, y = _tiny_regression()
 
