@@ -38,6 +38,7 @@ from landscape.findings import (
     format_number,
 )
 from landscape.plotting import surfaces as _surface_plots
+from landscape.plotting.spectra import is_density
 from landscape.plotting.timelines import figure_png, metrics_with_rows, timelines
 from landscape.store import Run, SurfaceData, refuse_to_overwrite_hdf5
 
@@ -241,13 +242,16 @@ def _timelines_html(run: Run, findings: Sequence[Finding], log: bool, dpi: int) 
         return out
     for name, fig in timelines(run, drawn, findings=findings, log=log).items():
         rows = len(run.steps(name))
-        img = _img(figure_png(fig, dpi=dpi), f"timeline of {name}")
-        out.append(
-            f'<figure id="timeline-{_e(name)}">{img}'
-            f"<figcaption>{_e(name)}: {rows} rows; vertical lines mark findings "
-            "(blue info, orange warning, red error; solid when raised on this metric)."
-            "</figcaption></figure>"
-        )
+        if is_density(run, name):  # drawn as the density of its last row
+            img = _img(figure_png(fig, dpi=dpi), f"eigenvalue density of {name}")
+            caption = (f"{_e(name)}: {rows} rows; the eigenvalue density of the last, the "
+                       "quadrature nodes marked at the bottom.")
+        else:
+            img = _img(figure_png(fig, dpi=dpi), f"timeline of {name}")
+            caption = (f"{_e(name)}: {rows} rows; vertical lines mark findings (blue info, "
+                       "orange warning, red error; solid when raised on this metric).")
+        out.append(f'<figure id="timeline-{_e(name)}">{img}<figcaption>{caption}'
+                   "</figcaption></figure>")
         _release(fig)
     out.append("</section>")
     return out

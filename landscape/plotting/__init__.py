@@ -1,9 +1,12 @@
-"""Matplotlib figures: metric timelines (:mod:`.timelines`) and loss surfaces (:mod:`.surfaces`).
+"""Matplotlib figures: metric timelines, loss surfaces and the Hessian's eigenvalue density.
+
+:mod:`.timelines`, :mod:`.surfaces` and :mod:`.spectra`.
 
 Every function returns a :class:`matplotlib.figure.Figure` built without pyplot (Agg), so it
 works headless; save it with ``fig.savefig(...)`` or :func:`save_figure`.
 """
 
+from landscape.plotting.spectra import density
 from landscape.plotting.surfaces import contour, contourf, curve, export_vtk, surface3d
 from landscape.plotting.timelines import figure_png, save_figure, timeline
 
@@ -18,4 +21,6 @@ __all__ = [
     "curve",
     "export_vtk",
     "surface3d",
+    # spectra
+    "density",
 ]

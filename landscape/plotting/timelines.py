@@ -36,6 +36,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from landscape.findings import SEVERITIES, Finding
+from landscape.plotting.spectra import density, is_density
 from landscape.store import Run, refuse_to_overwrite_hdf5
 
 SEVERITY_COLORS: dict[str, str] = {"info": "#1f77b4", "warning": "#ff7f0e", "error": "#d62728"}
@@ -339,7 +340,10 @@ def timelines(
     """One :func:`timeline` figure per metric, by name.
 
     ``metrics``: the metrics to draw (default: every metric of the run that has rows, see
-    :func:`metrics_with_rows`; a metric named here is drawn even without rows).
+    :func:`metrics_with_rows`; a metric named here is drawn even without rows). A metric of
+    quadrature nodes and weights (``spectral_density``) is drawn as the eigenvalue density
+    of its last row instead (:func:`landscape.plotting.spectra.density`): a timeline of its
+    nodes says nothing of the spectrum.
     """
     names = metrics_with_rows(run) if metrics is None else list(metrics)
     known = set(run.metrics())
@@ -351,7 +355,8 @@ def timelines(
         )
     marks = list(run.findings() if findings is None else findings)
     return {
-        m: timeline(run, m, findings=marks, log=log, max_lines=max_lines)
+        m: density(run, metric=m) if len(run.steps(m)) and is_density(run, m)
+        else timeline(run, m, findings=marks, log=log, max_lines=max_lines)
         for m in names
     }
 

@@ -1,0 +1,70 @@
+"""The eigenvalue density figure: of a spectral_density result, and of a run's stored row."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import landscape as ls
+from landscape.curvature.spectrum import gaussian_density
+from landscape.plotting import density
+from landscape.plotting.spectra import density_of_row
+from landscape.plotting.timelines import timelines
+from tests import models
+
+
+def _run_with_density(steps=2):
+    model = models.mlp().double()
+    x, y = models.classification_data(32)
+    x = x.double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    metrics = [ls.metrics.SpectralDensity(schedule=1, lanczos_steps=12), "loss"]
+    with ls.Monitor(model, F.cross_entropy, optimizer=opt, probe=(x, y), metrics=metrics,
+                    warn=False) as mon:
+        for step in range(steps):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(step, batch=(x, y), loss=loss)
+        return mon.run(), model, x, y
+
+
+def test_the_density_of_a_result_is_drawn_as_computed():
+    model = models.mlp().double()
+    x, y = models.classification_data(32)
+    res = ls.curvature.spectral_density(ls.curvature.Hessian(model, F.cross_entropy,
+                                                             (x.double(), y)), 12, 2)
+    line = density(res).axes[0].get_lines()[0]
+    np.testing.assert_allclose(line.get_xdata(), res.grid.numpy())
+    np.testing.assert_allclose(line.get_ydata(), np.maximum(res.density.numpy(), 1e-12))
+    assert density(res).axes[0].get_yscale() == "log"
+
+
+def test_a_stored_row_gives_a_density_of_mass_one_from_its_own_nodes():
+    run, *_ = _run_with_density()
+    step, grid, rho, nodes, weights = density_of_row(run)
+    assert step == 1
+    _, stored = run.series("spectral_density", "nodes")
+    finite = stored[-1][np.isfinite(stored[-1])]
+    np.testing.assert_array_equal(np.sort(nodes), np.sort(finite))
+    assert weights.sum() == pytest.approx(1.0, rel=1e-9)
+    assert np.trapezoid(rho, grid) == pytest.approx(1.0, abs=1e-3)
+    sigma = 0.01 * (nodes.max() - nodes.min())
+    want = gaussian_density(torch.from_numpy(nodes), torch.from_numpy(weights),
+                            torch.from_numpy(grid), sigma).numpy()
+    np.testing.assert_allclose(rho, want)
+    assert density_of_row(run, 0)[0] == 0
+    with pytest.raises(ValueError, match="no row at step 7"):
+        density_of_row(run, 7)
+
+
+def test_plot_and_report_draw_the_density_not_a_timeline_of_nodes(tmp_path):
+    """`plot -m spectral_density` drew the quadrature nodes' min-max band against step."""
+    run, *_ = _run_with_density()
+    figs = timelines(run)
+    assert figs["spectral_density"].axes[0].get_title() == "eigenvalue density at step 1"
+    assert figs["loss"].axes[0].get_ylabel() == "value"  # the others stay timelines
+    assert "eigenvalue density" in ls.report.render_report(run)
