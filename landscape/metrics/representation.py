@@ -44,12 +44,19 @@ def _conv_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if module.groups == 1 and all(v == 1 for v in k) and all(v == 1 for v in module.stride):
         return _tokens(x, module)  # a 1x1 convolution: one token per position
     if (isinstance(module, nn.Conv2d) and module.groups == 1 and x.dim() == 4
-            and module.padding_mode == "zeros" and not isinstance(module.padding, str)):
-        cols = torch.nn.functional.unfold(x, k, module.dilation, module.padding, module.stride)
+            and module.padding_mode == "zeros"):
+        padding = module.padding
+        if padding == "valid":
+            padding = (0, 0)
+        elif padding == "same":  # torch's split: the odd zero goes after (right, bottom)
+            h, w = (d * (size - 1) for d, size in zip(module.dilation, k))
+            x = torch.nn.functional.pad(x, (w // 2, w - w // 2, h // 2, h - h // 2))
+            padding = (0, 0)
+        cols = torch.nn.functional.unfold(x, k, module.dilation, padding, module.stride)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
     raise MissingInput(f"spectral_alignment: cannot form the input patches of "
-                       f"{type(module).__name__} (groups, padding mode or dimension not "
-                       "supported)")
+                       f"{type(module).__name__} (groups, a padding mode other than zeros, or "
+                       "a dimension other than 2-D: not supported)")
 
 
 def _default_linears(model: nn.Module) -> list[str]:

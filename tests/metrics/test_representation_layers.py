@@ -174,3 +174,21 @@ def test_collapse_says_when_the_last_linear_layer_is_not_the_classifier(tmp_path
                     metrics=[ls.metrics.Collapse()], warn=False) as mon:
         with pytest.warns(RuntimeWarning, match="it is not the classifier"):
             mon.step(0, batch=(x, y))
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 4, padding="same"),
+    nn.Conv2d(3, 4, 3, padding="same", dilation=2), nn.Conv2d(3, 4, 3, padding="valid"),
+    nn.Conv2d(3, 4, 3, stride=2)])
+def test_conv_patches_reproduce_the_convolution(conv):
+    """padding='same' (an even kernel pads one more zero after) and 'valid' were a NaN row."""
+    from landscape.metrics.representation import _conv_patches
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 7, 6)
+    with torch.no_grad():
+        out = conv(x) - conv.bias[:, None, None]
+    patches = _conv_patches(conv, x)
+    flat = patches @ conv.weight.detach().reshape(4, -1).T  # (positions, out)
+    want = out.permute(0, 2, 3, 1).reshape(-1, 4)
+    assert torch.allclose(flat, want, atol=1e-5)
