@@ -17,6 +17,7 @@ from landscape_cli.options import (
 from landscape._errors import LandscapeError
 from landscape.analysis import check_loss, discard_if_empty
 from landscape.loading import load_state_into
+from landscape.surface.directions import IGNORES, NORMALIZATIONS
 
 DIRECTIONS = ("random", "eigen", "pca", "interpolate")
 # what --span and --dims mean for the kinds whose grid is not around the last checkpoint
@@ -46,6 +47,13 @@ EXAMPLE = ("landscape surface ckpt-200.pt --model factories.py:model --data fact
               help="random: filter-normalized Gaussian; eigen: top Hessian eigenvectors; "
                    "pca: principal components of the CHECKPOINTS trajectory; interpolate: "
                    "the line between two CHECKPOINTS.")
+@click.option("--normalization", type=click.Choice(NORMALIZATIONS), default="filter",
+              show_default=True,
+              help="How random directions are scaled to the weights (Li et al. 2018): per "
+                   "filter, per layer, per weight entry, or not at all (random only).")
+@click.option("--ignore", type=click.Choice(IGNORES), default="biasbn", show_default=True,
+              help="biasbn: biases and normalization parameters are not moved (the reference "
+                   "code's --xignore biasbn); none: every parameter moves (random only).")
 @click.option("--name", default=None, help="Surface name in the run file (default: the kind).")
 @click.option("-o", "--out", default="run.h5", show_default=True, type=click.Path(),
               help="Run file to write into (resumes an interrupted surface of that name).")
@@ -56,15 +64,19 @@ EXAMPLE = ("landscape surface ckpt-200.pt --model factories.py:model --data fact
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @verbose_option
 def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, batch_size,
-                    n_batches, loss_spec, dims, steps, span, directions, name, out, overwrite,
-                    seed, trust_checkpoint, device, threads, quiet):
+                    n_batches, loss_spec, dims, steps, span, directions, normalization, ignore,
+                    name, out, overwrite, seed, trust_checkpoint, device, threads, quiet):
     """Evaluate the loss (and accuracy) on a grid around the last of CHECKPOINTS.
 
     CHECKPOINTS are as for analyze: state-dict files, Hugging Face model folders, Trainer
     output folders or Lightning .ckpt files. --directions pca and interpolate set their own
     grid: --span does not apply to them, nor --dims 1 to pca or --dims 2 to interpolate.
     """
-    _refuse_fixed_grid_options(click.get_current_context(), directions, dims)
+    ctx = click.get_current_context()
+    _refuse_fixed_grid_options(ctx, directions, dims)
+    for option in ("normalization", "ignore"):
+        if directions != "random" and _given(ctx, option):
+            raise click.ClickException(f"--{option} applies to --directions random only")
     import torch
 
     from landscape import surface
@@ -111,12 +123,13 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
                                                 states, steps, **common)
             else:
                 kind = "eigen" if directions == "eigen" else "random"
+                scaling = {"normalization": normalization, "ignore": ignore}
                 if dims == 1:
                     surf = surface.line(model, loss_fn, data, steps, span, directions=kind,
-                                        seed=seed, **common)
+                                        seed=seed, **scaling, **common)
                 else:
                     surf = surface.plane(model, loss_fn, data, steps, span, directions=kind,
-                                         seed=seed, **common)
+                                         seed=seed, **scaling, **common)
     except KeyboardInterrupt as err:  # as analyze: what is stored, and how to go on
         signal_name, status = ("SIGTERM", 143) if isinstance(err, Terminated) else ("SIGINT", 130)
         again = ("the same command without --overwrite (with it, to start over)" if overwrite

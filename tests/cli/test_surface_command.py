@@ -88,6 +88,9 @@ def test_a_non_finite_or_non_positive_span_is_a_usage_error(setup, tmp_path, spa
         ("pca", 4, ["--span", "0.1"], "--span does not apply to --directions pca"),
         ("pca", 4, ["--dims", "1"], "--dims 1 does not apply to --directions pca"),
         ("pca", 4, ["--span", "1.0"], "--span does not apply"),  # given, even at the default
+        ("eigen", 1, ["--normalization", "layer"], "--normalization applies to --directions "
+                                                   "random only"),
+        ("pca", 4, ["--ignore", "none"], "--ignore applies to --directions random only"),
     ],
 )
 def test_span_and_dims_that_do_not_apply_are_refused(setup, tmp_path, directions, n_ckpt,
@@ -147,3 +150,21 @@ def test_the_library_refuses_a_grid_it_could_not_hold():
     with pytest.raises(ValueError, match="points is too large"):
         ls.surface.plane(model, torch.nn.functional.cross_entropy, data,
                          steps=int(MAX_POINTS ** 0.5) + 2)
+
+
+def test_normalization_and_ignore_reach_the_random_directions(setup, tmp_path):
+    """The reference code's --xnorm/--xignore had no counterpart on the command line."""
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    out = tmp_path / "r.h5"
+    for name, args in (("default", []), ("layer", ["--normalization", "layer", "--ignore",
+                                                    "none"])):
+        result = _run(["surface", str(paths[-1]), "--model", f"{fac}:model", "--data",
+                       f"{fac}:data", "--steps", "3", "--dims", "1", "--name", name, *args,
+                       "-o", str(out), "-q"])
+        assert result.exit_code == 0, result.output
+    with ls.Run.open(out) as run:
+        default = run.surface("default").attrs["directions"]
+        layer = run.surface("layer").attrs["directions"]
+    assert (default["normalization"], default["ignore"]) == ("filter", "biasbn")
+    assert (layer["normalization"], layer["ignore"]) == ("layer", "none")
