@@ -191,17 +191,17 @@ def interpolate(
         lo, hi = bounds
         if not hi > lo:
             raise ValueError(f"bounds must be (low, high) with low < high, got {bounds!r}")
-        x = _with_endpoints(np.linspace(float(lo), float(hi), int(steps)))
+        x = _holding(np.linspace(float(lo), float(hi), int(steps)), (0.0, 1.0))
     return evaluate_grid(model, loss_fn, data, dirs, x, None, center=a, writer=writer,
                          name=name, **kwargs)
 
 
-def _with_endpoints(grid: np.ndarray) -> np.ndarray:
-    """``grid`` holding alpha = 0 and 1 exactly where within its range (snapped or added)."""
+def _holding(grid: np.ndarray, values: Sequence[float]) -> np.ndarray:
+    """``grid`` holding ``values`` exactly where within its range (snapped or added)."""
     points = grid.copy()
     tol = 1e-9 * float(points[-1] - points[0])
     extra = []
-    for alpha in (0.0, 1.0):
+    for alpha in values:
         if not points[0] - tol <= alpha <= points[-1] + tol:
             continue
         near = np.abs(points - alpha) <= tol
@@ -220,6 +220,8 @@ def trajectory_plane(
     steps: int | tuple[int, int] = 51,
     *,
     margin: float = 0.25,
+    x: Sequence[float] | None = None,
+    y: Sequence[float] | None = None,
     ignore: str = "biasbn",
     params: ParamSpec = None,
     writer: Any = None,
@@ -232,8 +234,10 @@ def trajectory_plane(
     trajectory (checkpoint paths, state dicts, modules, tensor tuples or a ``(T, P)`` array of
     recorded weights), centred at its last point ``theta_n``; the grid covers the projected
     path with ``margin`` (a fraction of its extent) on each side, so it is non-square in
-    general. Stored with the surface: ``arrays/trajectory`` (``(T, 2)``, the path), and the
-    explained variance (ratio) in the attributes.
+    general, and holds the origin (the last point, added where the even spacing misses it).
+    ``x``/``y`` give the coordinates instead. Stored with the surface:
+    ``arrays/trajectory`` (``(T, 2)``, the path), and the explained variance (ratio) in the
+    attributes.
     """
     if not isinstance(trajectory, (np.ndarray, torch.Tensor)):
         trajectory = list(trajectory)  # read twice: the PCA, then the last point's buffers
@@ -246,7 +250,9 @@ def trajectory_plane(
     for k, n in zip(range(2), (nx, ny)):
         lo, hi = float(min(path[:, k].min(), 0.0)), float(max(path[:, k].max(), 0.0))
         width = max(hi - lo, 1e-12)
-        axes.append(np.linspace(lo - margin * width, hi + margin * width, int(n)))
+        axes.append(_holding(np.linspace(lo - margin * width, hi + margin * width, int(n)),
+                             (0.0,)))
+    axes = [axes[0] if x is None else x, axes[1] if y is None else y]
     final = pca.final
     center = {}
     offset = 0

@@ -124,7 +124,19 @@ def test_trajectory_plane_is_centred_at_the_final_point_and_stores_the_path():
     arch = models.mlp(seed=3)  # only the architecture; the plane centres on states[-1]
     surf = trajectory_plane(arch, F.cross_entropy, (x, y), states, steps=(7, 5),
                             progress=False)
-    assert surf.shape == (5, 7)
+    # the grid holds the origin, the final point (an even spacing missed it: the centre's
+    # loss could not be read off the surface), added where missing
+    assert 0.0 in surf.x.tolist() and 0.0 in surf.y.tolist()
+    assert surf.shape[0] in (5, 6) and surf.shape[1] in (7, 8)
+    last = models.mlp()
+    last.load_state_dict(states[-1])
+    with torch.no_grad():
+        final_loss = float(F.cross_entropy(last(x), y))
+    origin = (surf.y.tolist().index(0.0), surf.x.tolist().index(0.0))
+    assert surf.values["loss"][origin] == pytest.approx(final_loss, rel=1e-5)
+    given = trajectory_plane(arch, F.cross_entropy, (x, y), states, x=[-1.0, 0.0, 2.0],
+                             y=[0.0, 0.5], progress=False)  # a TypeError before
+    assert given.shape == (2, 3) and given.x.tolist() == [-1.0, 0.0, 2.0]
     path = surf.arrays["trajectory"]
     assert path.shape == (len(states), 2)
     assert surf.x.min() < path[:, 0].min() and surf.x.max() > path[:, 0].max()
