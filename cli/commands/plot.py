@@ -10,6 +10,7 @@ from landscape_cli.app import cli, verbose_option
 from landscape_cli.options import load_rule_specs, output_directory, rules_option
 
 from landscape.alarms import collect_findings
+from landscape.plotting.surfaces import export_vtk
 from landscape.plotting.timelines import SAVE_FORMATS, metrics_with_rows, save_figure, timelines
 from landscape.report import surface_figure
 from landscape.store import Run
@@ -81,8 +82,9 @@ def _message(err: Exception) -> str:
 )
 @click.option(
     "-o", "--out", "out", required=True, type=click.Path(),
-    help="Image file (.png, .pdf, .svg, .jpg; several metrics: FILE-METRIC.png each), or a "
-    "directory (existing, or ending in /) for one image per metric.",
+    help="Image file (.png, .pdf, .svg, .jpg; several metrics: FILE-METRIC.png each), a "
+    "directory (existing, or ending in /) for one image per metric, or with --surface a .vtk "
+    "file (a structured grid for ParaView).",
 )
 @click.option(
     "--format", "fmt", type=click.Choice(SAVE_FORMATS), default="png", show_default=True,
@@ -125,6 +127,9 @@ def plot(
     target = Path(out)
     to_directory = _is_directory_target(out)
     rules = load_rule_specs(rule_specs, recompute)
+    if target.suffix.lower() == ".vtk" and not to_directory:
+        _write_vtk(run_path, surface_name, target, field, log, quiet)
+        return
     with Run.open(run_path) as run:
         try:
             if surface_name:
@@ -156,3 +161,19 @@ def plot(
             raise click.ClickException(_message(err)) from None
         if not quiet:
             click.echo(f"wrote {paths[name]}")
+
+
+def _write_vtk(run_path: str, surface_name: str | None, target: Path, field: str | None,
+               log: bool, quiet: bool) -> None:
+    """``-o NAME.vtk``: the surface as a VTK structured grid for ParaView (export_vtk)."""
+    if not surface_name:
+        raise click.ClickException("a .vtk file holds a surface: add --surface NAME")
+    if not target.parent.exists():
+        raise click.ClickException(f"{target}: directory {target.parent} does not exist")
+    with Run.open(run_path) as run:
+        try:
+            path = export_vtk(run.surface(surface_name), target, field or "loss", log=log)
+        except (KeyError, ValueError) as err:
+            raise click.ClickException(_message(err)) from None
+    if not quiet:
+        click.echo(f"wrote {path}")

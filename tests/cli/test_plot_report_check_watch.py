@@ -783,3 +783,17 @@ def _tiny_surface():
     x = np.linspace(-1, 1, 3)
     return SurfaceData("s", x, None, {"loss": x**2}, np.ones(3, bool),
                        {"directions": {"kind": "random"}}, {})
+
+
+def test_plot_writes_a_surface_as_vtk(runner, tmp_path):
+    """The command line had no VTK export (loss-landscape's h52vtp)."""
+    run = _write_run(tmp_path / "r.h5", surface=True)
+    with ls.Run.open(run) as opened:
+        name = opened.surfaces()[0]
+    out = tmp_path / "s.vtk"
+    result = runner.invoke(cli, ["plot", str(run), "--surface", name, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    assert text.startswith("# vtk DataFile") and "SCALARS computed int 1" in text
+    _one_line_error(runner.invoke(cli, ["plot", str(run), "-o", str(tmp_path / "t.vtk")]),
+                    "a .vtk file holds a surface: add --surface NAME")
