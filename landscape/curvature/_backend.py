@@ -15,6 +15,7 @@ the first-order product, with one warning naming the reason (docs/curvature.md,
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any, Callable, ContextManager
 
 from landscape._errors import LandscapeError
@@ -22,6 +23,8 @@ from landscape._errors import LandscapeError
 __all__ = ["BACKENDS", "Backend"]
 
 BACKENDS = ("auto", "exact", "func", "autograd", "first_order")
+_SAID: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+"""Per model, the reasons for the first-order product already warned about."""
 
 
 class Backend:
@@ -33,6 +36,8 @@ class Backend:
         impossible: why the exact product cannot work on this model (FSDP-sharded
             parameters), known before any evaluation; ``None`` when it may.
         warn: warn when ``impossible`` makes ``"auto"`` take the first-order product.
+        model: the model the operator differentiates: the switch is said once per model and
+            reason (a monitor builds an operator at every measurement).
 
     Raises:
         ValueError: ``name`` is not one of these, or an exact backend was asked for where
@@ -51,7 +56,7 @@ class Backend:
 
     def __init__(
         self, name: str, owner: str = "operator", impossible: str | None = None,
-        *, warn: bool = True,
+        *, warn: bool = True, model: Any = None,
     ) -> None:
         if name not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
@@ -62,6 +67,7 @@ class Backend:
         self.reverse_over_reverse = False
         self.first_order_reason: str | None = "asked for" if name == "first_order" else None
         self.ran = False
+        self._model = model
         if impossible is not None and name != "first_order":
             if name != "auto":
                 raise ValueError(
@@ -72,6 +78,10 @@ class Backend:
 
     def _switch(self, reason: str, *, warn: bool = True) -> None:
         self.first_order_reason = reason
+        if warn and self._model is not None:
+            said = _SAID.setdefault(self._model, set())
+            warn = reason not in said
+            said.add(reason)
         if warn:
             warnings.warn(
                 f"{self.owner}: the exact curvature product is impossible ({reason}); using "

@@ -179,7 +179,8 @@ class ModelOperator(CurvatureOperator):
                                    int(opts.microbatch_size))
         self._reduce = RankReduction(reduce, self._data.rank_size)
         self.options = dataclasses.replace(opts, distributed=self._reduce.enabled)
-        self._backend = Backend(backend.name, type(self).__name__, self._impossible())
+        self._backend = Backend(backend.name, type(self).__name__, self._impossible(),
+                                model=self.model)
         self._use_first_order()
         self.refresh()
         cut = len(self._data.batches) > len(whole_data.batches)

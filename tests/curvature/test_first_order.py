@@ -163,6 +163,13 @@ def test_auto_falls_back_once_with_a_warning_and_exact_refuses():
     assert float(((eig.values - want).abs() / want.abs()).max()) <= 1e-4
     # the gradient alone needs no double backward: exact
     assert H.subset(["m.0.weight"]).backend_used is None
+    # a monitor builds an operator at every measurement: said once per model and reason
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        Hessian(model, F.cross_entropy, (x, y)).matvec(H.parameters)
+        other = _Fused()
+        Hessian(other, F.cross_entropy, (x, y)).matvec(H.parameters)
+    assert len([w for w in again if "first-order" in str(w.message)]) == 1  # the new model's
     with pytest.raises(RuntimeError, match="fused_tanh_backward"):
         Hessian(model, F.cross_entropy, (x, y), backend="exact").matvec(
             tuple(torch.ones(s, dtype=torch.float64) for s in H.shapes))
