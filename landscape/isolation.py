@@ -33,10 +33,19 @@ from torch.nn.utils import parametrize
 from landscape.distributed import unwrap
 
 __all__ = [
-    "ClosureModule", "differentiable", "eager_compiled_code", "isolated", "no_grad_forward",
+    "EAGER_COMPILED", "ClosureModule", "differentiable", "eager_compiled_code", "isolated",
+    "no_grad_forward",
     "normalises_by_batch", "on_batch_statistics", "same_rng",
     "sdpa_math", "stateless_call", "stateless_closure",
 ]
+
+
+EAGER_COMPILED = True
+"""Whether measurements run ``torch.compile``d code eagerly (:func:`eager_compiled_code`).
+
+Set it to ``False`` for a model whose compiled parts must stay compiled to fit in memory
+(``torch.compile(flex_attention)`` materializes the whole score matrix eagerly); their
+curvature products then fall back to the first-order product."""
 
 
 def eager_compiled_code() -> contextlib.AbstractContextManager[Any]:
@@ -50,10 +59,13 @@ def eager_compiled_code() -> contextlib.AbstractContextManager[Any]:
     after one Taylor-radius JVP, seen with torch 2.13). Eagerly, the diagnostic's products are exact
     (the compiled code has no double backward) and training's compiled graphs are never
     touched. ``torch.compiler.set_stance("force_eager")`` (torch >= 2.6); nothing to do when
-    dynamo was never imported (nothing is compiled) or on older torch.
+    dynamo was never imported (nothing is compiled), on older torch, inside code dynamo is
+    compiling (a compiled training step that calls the monitor), or with
+    :data:`EAGER_COMPILED` off.
     """
     set_stance = getattr(torch.compiler, "set_stance", None)
-    if set_stance is None or "torch._dynamo" not in sys.modules:
+    if (not EAGER_COMPILED or set_stance is None or "torch._dynamo" not in sys.modules
+            or torch.compiler.is_compiling()):  # dynamo refuses to trace set_stance
         return contextlib.nullcontext()
     return set_stance("force_eager")
 

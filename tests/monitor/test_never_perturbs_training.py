@@ -188,3 +188,29 @@ def test_a_compiled_function_inside_the_model_is_measured_with_the_exact_product
         model.compiled = model.body
         want = ls.top_eigenvalues(ls.Hessian(model, F.cross_entropy, (x, y)), k=1, tol=1e-6)
     assert torch.allclose(got, want.values, rtol=1e-5)
+
+
+def test_isolated_works_inside_code_dynamo_compiles_and_can_leave_compiled_code_alone():
+    """set_stance is a callable dynamo refuses to trace: a compiled training step that called
+    the monitor raised 'Attempt to trace forbidden callable'."""
+    from landscape import isolation
+
+    torch._dynamo.reset()
+    model = _CompiledBlock()
+    x = torch.randn(4, 6)
+
+    @torch.compile(backend="eager")
+    def step(inputs):
+        with isolation.isolated(model):
+            return model(inputs).sum()
+
+    assert torch.isfinite(step(x))
+    # the opt-out: compiled parts stay compiled in measurements (flex attention's memory)
+    try:
+        isolation.EAGER_COMPILED = False
+        with pytest.warns(RuntimeWarning, match="first-order"):
+            op = ls.Hessian(model, F.cross_entropy, (x, torch.tensor([0, 1, 2, 0])))
+            ls.top_eigenvalues(op, k=1, tol=1e-3)
+        assert op.backend_used == "first_order"
+    finally:
+        isolation.EAGER_COMPILED = True
