@@ -164,6 +164,17 @@ def test_findings_are_vertical_lines_coloured_by_severity():
     assert list(_finding_lines(timeline(run, "loss", findings=[own_far]).axes[0])) == [5000]
 
 
+def test_finding_lines_leave_the_y_axis_to_the_data():
+    """vlines(transform=...) counted its 0..1 as data on matplotlib < 3.8: a series at
+    1000-1019 got y limits from -51."""
+    w = RunWriter.memory()
+    w.declare("loss", {"value": None})
+    for s in range(20):
+        w.append("loss", s, {"value": 1000.0 + s})
+    ax = timeline(w.run(), "loss", findings=[WARN]).axes[0]
+    assert ax.get_ylim()[0] > 990
+
+
 def test_many_findings_are_drawn_as_a_few_collections():
     """A line artist per finding per axes: a run with 10k findings took minutes and GBs."""
     run = _writer().run()

@@ -68,3 +68,22 @@ def test_plot_and_report_draw_the_density_not_a_timeline_of_nodes(tmp_path):
     assert figs["spectral_density"].axes[0].get_title() == "eigenvalue density at step 1"
     assert figs["loss"].axes[0].get_ylabel() == "value"  # the others stay timelines
     assert "eigenvalue density" in ls.report.render_report(run)
+
+
+def test_a_failed_last_row_draws_the_last_measured_one_and_all_failed_a_timeline():
+    """A NaN last row (a failed measurement) made report and plot raise."""
+    w = ls.RunWriter.memory()
+    w.declare("spectral_density", {"nodes": (1, 3), "weights": (1, 3), "peak_memory": None})
+    w.append("spectral_density", 0, {"nodes": [[0.1, 0.5, 2.0]], "weights": [[0.2, 0.3, 0.5]],
+                                     "peak_memory": 1.0})
+    w.append("spectral_density", 5, {"nodes": [[np.nan] * 3], "weights": [[np.nan] * 3],
+                                     "peak_memory": np.nan})
+    run = w.run()
+    assert density_of_row(run)[0] == 0
+    assert timelines(run)["spectral_density"].axes[0].get_title() == "eigenvalue density at step 0"
+    assert "eigenvalue density" in ls.report.render_report(run)
+    none = ls.RunWriter.memory()
+    none.declare("spectral_density", {"nodes": (1, 2), "weights": (1, 2)})
+    none.append("spectral_density", 0, {"nodes": [[np.nan] * 2], "weights": [[np.nan] * 2]})
+    fig = timelines(none.run())["spectral_density"]  # nothing to smooth: the timeline
+    assert "density" not in fig.axes[0].get_title()

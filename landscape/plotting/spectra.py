@@ -32,7 +32,10 @@ def density_of_row(
     run: Run, step: int | None = None, *, metric: str = "spectral_density", points: int = 400,
     sigma: float | None = None,
 ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The density a run's ``spectral_density`` row at ``step`` (default: its last) gives.
+    """The density a run's ``spectral_density`` row at ``step`` gives.
+
+    Without ``step``: the last row with a finite node (a failed measurement, or a diverged
+    model, writes a row of NaN).
 
     Returns:
         ``(step, grid, density, nodes, weights)``: the smoothed density on ``points`` grid
@@ -46,10 +49,15 @@ def density_of_row(
     _, weights = run.series(metric, "weights")
     if not len(steps):
         raise ValueError(f"{metric}: no rows in {run.source}")
-    hits = [len(steps) - 1] if step is None else np.flatnonzero(steps == step).tolist()
-    if not hits:
-        raise ValueError(f"{metric}: no row at step {step} (rows at {steps[0]}..{steps[-1]})")
-    at = hits[0]
+    if step is None:
+        finite = [i for i in range(len(steps)) if np.isfinite(nodes[i]).any()]
+        at = finite[-1] if finite else len(steps) - 1
+    else:
+        hits = np.flatnonzero(steps == step).tolist()
+        if not hits:
+            raise ValueError(f"{metric}: no row at step {step} (rows at {steps[0]}.."
+                             f"{steps[-1]})")
+        at = hits[0]
     x = np.asarray(nodes[at], dtype=np.float64).reshape(-1)
     w = np.asarray(weights[at], dtype=np.float64).reshape(-1)
     keep = np.isfinite(x) & np.isfinite(w)

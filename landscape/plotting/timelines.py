@@ -32,6 +32,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
@@ -187,14 +188,16 @@ def _draw_findings(
             continue
         steps.setdefault((f.severity, own), set()).add(int(f.step))
     for (severity, own), at in steps.items():
-        ax.vlines(
-            sorted(at), 0.0, 1.0, transform=ax.get_xaxis_transform(),
+        # x in data, y in axes coordinates; autolim off, as axvline: matplotlib < 3.8 read
+        # the 0..1 of vlines(transform=...) as data and squashed the curves
+        ax.add_collection(LineCollection(
+            [[(x, 0.0), (x, 1.0)] for x in sorted(at)], transform=ax.get_xaxis_transform(),
             colors=SEVERITY_COLORS.get(severity, "grey"),
             linestyles="-" if own else "--",
-            linewidth=1.4 if own else 0.8,
+            linewidths=1.4 if own else 0.8,
             alpha=0.9 if own else 0.45,
             zorder=0.5,
-        )
+        ), autolim=False)
     return {severity for severity, _ in steps}
 
 
@@ -354,11 +357,17 @@ def timelines(
             f"(metrics: {', '.join(sorted(known)) or 'none'})"
         )
     marks = list(run.findings() if findings is None else findings)
-    return {
-        m: density(run, metric=m) if len(run.steps(m)) and is_density(run, m)
-        else timeline(run, m, findings=marks, log=log, max_lines=max_lines)
-        for m in names
-    }
+    return {m: _figure(run, m, marks, log, max_lines) for m in names}
+
+
+def _figure(run: Run, metric: str, marks: list[Finding], log: bool, max_lines: int) -> Figure:
+    """The density of a spectral_density metric's last measured row, else the timeline."""
+    if len(run.steps(metric)) and is_density(run, metric):
+        try:
+            return density(run, metric=metric)
+        except ValueError:  # no row holds a finite node: every measurement failed
+            pass
+    return timeline(run, metric, findings=marks, log=log, max_lines=max_lines)
 
 
 def figure_png(fig: Figure, *, dpi: int = 100) -> bytes:
