@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -36,6 +37,7 @@ from torch import nn
 from landscape import distributed as _dist
 from landscape._errors import LandscapeError
 from landscape.curvature._batches import refuse_summed_loss
+from landscape.findings import user_stacklevel
 from landscape.isolation import isolated
 from landscape.store import RunWriter, SurfaceData
 from landscape.surface._evaluator import GridData, PointEvaluator
@@ -82,8 +84,15 @@ def _same_loss(a: float, b: float) -> bool:
 
 
 def _center_loss(evaluator: PointEvaluator, ndim: int, eval_mode: bool) -> float:
-    """The loss at the grid's origin: one pass over the data, on every rank."""
-    with isolated(evaluator.model, eval_mode=eval_mode), torch.no_grad(), evaluator.bind():
+    """The loss at the grid's origin: one pass over the data, on every rank.
+
+    Under a fixed seed (the caller's RNG restored), so that dropout with ``eval_mode=False``
+    gives the same value at every call.
+    """
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices), isolated(evaluator.model, eval_mode=eval_mode), \
+            torch.no_grad(), evaluator.bind():
+        torch.manual_seed(0)
         evaluator.move((0.0,) * ndim)
         return float(evaluator.loss_and_accuracy()[0])
 
@@ -177,7 +186,9 @@ def evaluate_grid(
     except StopIteration:
         raise ValueError("model: has no parameters") from None
     batches = GridData(data, device)
-    refuse_summed_loss(loss_fn, batches.loader is not None)  # a loader: size-weighted mean
+    loader = batches.loader  # a loader is a size-weighted mean of its batches
+    refuse_summed_loss(loss_fn, loader is not None and (
+        not hasattr(loader, "__len__") or len(loader) > 1))
     if closure is None:
         closure = not isinstance(batches.first, (tuple, list))
     elif not closure and not isinstance(batches.first, (tuple, list)):
@@ -237,11 +248,16 @@ def evaluate_grid(
                         f"surface {name!r} exists in the run with eval_mode={old['eval_mode']}")
                 was = old.get("center_loss")  # absent in surfaces of earlier versions
                 if was is not None and not _same_loss(float(was), meta["center_loss"]):
-                    raise LandscapeError(
-                        f"surface {name!r} exists in the run with a loss of {float(was):.6g} at "
-                        f"its centre, {meta['center_loss']:.6g} now: other data or another "
-                        "loss function; choose another name (on the command line --name) or "
-                        "another run file")
+                    message = (f"surface {name!r} exists in the run with a loss of "
+                               f"{float(was):.6g} at its centre, {meta['center_loss']:.6g} now")
+                    if batches.loader is None:  # one batch: the same data give the same loss
+                        raise LandscapeError(
+                            f"{message}: other data or another loss function; choose another "
+                            "name (on the command line --name) or another run file")
+                    # a loader may shuffle or augment, so that no two passes agree
+                    warnings.warn(f"landscape: {message}: other data or another loss "
+                                  "function, or a loader that shuffles or augments; resuming",
+                                  RuntimeWarning, stacklevel=user_stacklevel())
             todo = [tuple(int(v) for v in idx) for idx in np.argwhere(~surf.done)]
         except Exception as err:
             if not dist_on:

@@ -569,6 +569,7 @@ def test_a_summed_loss_over_several_batches_is_refused():
             Hessian(model, summed, batches)
         with pytest.raises(ValueError, match="reduction='sum' over several batches"):
             line(model, summed, batches, steps=3, progress=False)
+        line(model, summed, [(x, y)], steps=3, progress=False)  # a loader of one batch: fine
         one = top_eigenvalues(Hessian(model, summed, (x, y)), tol=1e-6).values[0]
         mean = top_eigenvalues(Hessian(model, F.cross_entropy, (x, y)), tol=1e-6).values[0]
         assert float(one) == pytest.approx(24 * float(mean), rel=1e-4)  # one batch: N x

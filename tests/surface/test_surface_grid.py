@@ -173,6 +173,22 @@ def test_resume_refuses_other_data_or_another_loss(tmp_path):
     again = line(model, _ce, [(x[:12], y[:12]), (x[12:], y[12:])], steps=7, writer=path,
                  seed=1, progress=False)
     np.testing.assert_allclose(again.values["loss"], half.values["loss"], rtol=1e-12)
+    # a loader may shuffle or augment: another loss at the centre is said, not refused
+    with pytest.warns(RuntimeWarning, match="a loader that shuffles or augments; resuming"):
+        line(model, _ce, [(x2[:12], y2[:12]), (x2[12:], y2[12:])], steps=7, writer=path,
+             seed=1, progress=False)
+
+
+def test_a_dropout_surface_in_train_mode_resumes_whatever_the_callers_rng(tmp_path):
+    """The centre's loss drew dropout from the caller's RNG: a resume after another seed
+    was refused as other data."""
+    path = tmp_path / "run.h5"
+    model = nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.5), nn.Tanh(), nn.Linear(16, 3))
+    x, y = models.classification_data(24)
+    torch.manual_seed(1)
+    line(model, _ce, (x, y), steps=5, writer=path, eval_mode=False, progress=False)
+    torch.manual_seed(123)
+    line(model, _ce, (x, y), steps=5, writer=path, eval_mode=False, progress=False)
 
 
 class _Quadratic(nn.Module):
