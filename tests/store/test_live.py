@@ -309,3 +309,22 @@ def test_a_reader_of_a_run_started_over_is_told_to_open_it_again(tmp_path):
     reader.close()
     with Run.open(path) as again:
         assert again.steps("m").tolist() == []
+
+
+def test_negative_steps_the_writer_takes_are_read_back():
+    """The open-time check refused a run whose first step was -1, which the writer took."""
+    w = RunWriter.memory()
+    w.declare("m", {"v": None})
+    for step in (-1, 0, 3):
+        w.append("m", step, {"v": 1.0})
+    assert w.run().steps("m").tolist() == [-1, 0, 3]
+
+
+def test_negative_steps_in_a_file_open(tmp_path):
+    path = tmp_path / "run.h5"
+    with RunWriter(path, mode="w") as w:
+        w.declare("m", {"v": None})
+        for step in (-1, 0):
+            w.append("m", step, {"v": 1.0})
+    with Run.open(path) as run:
+        assert run.steps("m").tolist() == [-1, 0]
