@@ -35,15 +35,33 @@ from landscape.store.recovery import open_for_reading
 __all__ = ["Run"]
 
 
-def _identity(backend: Backend) -> tuple[int, int, int] | None:
-    """Device, inode and size of the file a reader holds (None: memory, or a writer's view)."""
+def _held(backend: Backend) -> os.stat_result | None:
+    """``fstat`` of the file a reader's HDF5 handle holds (None: memory, a writer's view)."""
     if not isinstance(backend, H5Backend) or backend.writable:
         return None
     try:
-        st = os.stat(backend.file.filename)
-    except OSError:  # removed: not the file the reader holds any more
+        return os.fstat(backend.file.id.get_vfd_handle())
+    except (OSError, ValueError, RuntimeError, TypeError):  # a driver without one descriptor
         return None
-    return st.st_dev, st.st_ino, st.st_size
+
+
+def _identity(backend: Backend) -> tuple[int, int, int, str] | None:
+    """Device, inode and size of the file a reader holds, and its absolute path.
+
+    None for memory, a writer's view, or a file read through a recovery copy (removed once
+    open: nothing can replace it).
+    """
+    held = _held(backend)
+    if held is None:
+        return None
+    where = os.path.abspath(backend.file.filename)  # now: a later chdir must not matter
+    try:
+        named = os.stat(where)
+    except OSError:
+        return None
+    if (named.st_dev, named.st_ino) != (held.st_dev, held.st_ino):
+        return None
+    return held.st_dev, held.st_ino, held.st_size, where
 
 
 class Run:
@@ -316,12 +334,20 @@ class Run:
                 minutes refreshing such a file.
         """
         if self._identity is not None:
-            now = _identity(self._backend)
-            if now is None or now[:2] != self._identity[:2] or now[2] < self._identity[2]:
+            dev, ino, size, where = self._identity
+            held = _held(self._backend)
+            try:
+                named = os.stat(where)
+            except OSError:
+                named = None
+            # another file at the path (replaced), or the one held shrank (started over;
+            # one that has grown past its old size since cannot be told from a live run)
+            if (named is None or (named.st_dev, named.st_ino) != (dev, ino)
+                    or held is None or held.st_size < size):
                 raise RunFileError(f"{self.source}: was replaced or started over since it was "
                                    "opened (a writer with mode='w', or a crash recovery): "
                                    "open it again")
-            self._identity = now
+            self._identity = (dev, ino, held.st_size, where)
         self._backend.refresh()
 
     def close(self) -> None:

@@ -328,3 +328,17 @@ def test_negative_steps_in_a_file_open(tmp_path):
             w.append("m", step, {"v": 1.0})
     with Run.open(path) as run:
         assert run.steps("m").tolist() == [-1, 0]
+
+
+def test_a_reader_refreshes_after_the_working_directory_changes(tmp_path, monkeypatch):
+    """The identity was taken from the relative name the file was opened with."""
+    path = tmp_path / "rel.h5"
+    with RunWriter(path, mode="w") as w:
+        w.declare("m", {"v": None})
+        w.append("m", 0, {"v": 1.0})
+    monkeypatch.chdir(tmp_path)
+    reader = Run.open("rel.h5")
+    monkeypatch.chdir("/")
+    reader.refresh()
+    assert reader.steps("m").tolist() == [0]
+    reader.close()
