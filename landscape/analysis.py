@@ -556,7 +556,7 @@ def analyze(
                       closure=closure, metrics=chosen,
                       probe=batches if len(batches) > 1 else batches[0],
                       mode=mode, truncate_from=partial, microbatch_size=microbatch_size,
-                      adaptive=False,
+                      adaptive=False, on_disk_full="raise",  # a full disk ends the command
                       config={"analysis": {"checkpoints": [str(c.path) for _, c in loaded]}})
     bars = _Progress(len(todo), len(chosen), progress)
     for m in chosen:

@@ -145,6 +145,9 @@ class Monitor:
         taylor_guard: ``None`` (off) or a target r (e.g. 1.0): rescale any optimizer step
             whose normalized size on the probe batch exceeds it. This changes training.
         mode, truncate_from, flush_every: passed to :class:`~landscape.store.RunWriter`.
+        on_disk_full: ``"stop"`` (default): a disk too full for the next write stops the
+            writing with one warning and training goes on; ``"raise"``: a
+            :class:`~landscape.RunFileError` (:class:`~landscape.store.RunWriter`).
         distributed: under ``torch.distributed`` (``None``: when a process group of several
             ranks is initialized; ``False``: never): only rank 0 writes ``path``, curvature
             metrics are all-reduced over the ranks' probe data, and rank 0's findings are
@@ -204,6 +207,7 @@ class Monitor:
         mode: str = "a",
         truncate_from: int | None = None,
         flush_every: int = 256,
+        on_disk_full: str = "stop",
         distributed: bool | None = None,
         microbatch_size: int | None = None,
         batch_size: Callable[[Any], int | None] | None = None,
@@ -214,6 +218,8 @@ class Monitor:
                                 batch_size, probe, probe_size)
         if taylor_guard is not None and (optimizer is None or probe is None):
             raise ValueError("taylor_guard needs optimizer= and probe=(inputs, targets)")
+        if on_disk_full not in ("stop", "raise"):
+            raise ValueError(f"on_disk_full must be 'stop' or 'raise', got {on_disk_full!r}")
         if loss_fn is None and closure is None:  # the metrics that evaluate a loss say so
             loss_fn = _no_loss_fn
         self.model = _dist.unwrap(model)  # the module inside a DDP / DataParallel wrapper
@@ -242,7 +248,7 @@ class Monitor:
         self.path = path if _dist.rank() == 0 else None  # only rank 0 writes a file
         self._distributed = _dist.enabled(distributed)
         self._writer_args = {"mode": mode, "truncate_from": truncate_from,
-                             "flush_every": flush_every}
+                             "flush_every": flush_every, "on_disk_full": on_disk_full}
         self._user_config = dict(config or {})
         self._alarm_rules = alarms
         self.findings: list[Finding] = Findings()
@@ -283,9 +289,7 @@ class Monitor:
         with isolated(self.model):
             for m in self.metrics:
                 m.setup(self.model)
-        # a full disk stops the writing, never the training
-        self.writer = RunWriter(self.path, config=self._config(), on_disk_full="stop",
-                                **self._writer_args)
+        self.writer = RunWriter(self.path, config=self._config(), **self._writer_args)
         try:
             for m in self.metrics:
                 self.writer.declare(

@@ -312,3 +312,20 @@ def test_checkpoints_hold_their_weights_only_while_they_are_used(setup):
         assert all(torch.equal(ckpt.state_dict[k], v) for k, v in want.items())
         ckpt.release()
         assert ckpt._state_dict is None
+
+
+def test_analyze_on_a_full_disk_ends_with_one_line(setup, tmp_path, monkeypatch):
+    """analyze went through the monitor's 'stop' mode: it computed every checkpoint for
+    nothing and exited 0 with an empty run file."""
+    import shutil
+    from collections import namedtuple
+
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(0, 0, 1024))
+    result = _invoke(["analyze", *map(str, paths), "--model", f"{fac}:model", "--data",
+                      f"{fac}:data", "-m", "sharpness", "-o", str(tmp_path / "r.h5"), "-q"])
+    assert result.exit_code == 1, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "too little to write more" in lines[0], result.output
