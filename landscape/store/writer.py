@@ -64,6 +64,7 @@ def _last_or_none(steps: np.ndarray) -> int | None:
 
 
 _OPEN: weakref.WeakSet[RunWriter] = weakref.WeakSet()  # file writers not closed yet
+_STRUCTURE_BYTES = 64 * 2**10  # room a new table or field takes (its datasets' first chunks)
 DISK_MARGIN = 8 * 2**20
 """Bytes a writer leaves free on the run file's disk: HDF5's metadata and closing the file
 need room, and a write that fills the disk crashed the process inside HDF5."""
@@ -291,7 +292,8 @@ class RunWriter:
             added = {n: spec for n, spec in specs.items() if n not in stored}
             if added and _can_add(stored, specs, added):  # a field a newer version records
                 self._flush_pending()
-                self._backend.add_fields(path, added)
+                if self._room_for(_STRUCTURE_BYTES):
+                    self._backend.add_fields(path, added)
                 self._fields[path] = {**stored, **added}
                 self._scalars.pop(path, None)
             elif stored != specs:
@@ -310,7 +312,8 @@ class RunWriter:
             attrs["context"] = json.dumps(list(context))
         if not self._holding:  # inside one_step() the step's rows stay together
             self._flush_pending()
-        self._backend.create_table(path, specs, attrs)
+        if self._room_for(_STRUCTURE_BYTES):  # on a full disk ("stop") known, not written
+            self._backend.create_table(path, specs, attrs)
         self._fields[path] = specs
         self._last[path] = None
 
@@ -470,8 +473,8 @@ class RunWriter:
             return False
         if self.path is None:
             return True
-        try:
-            free = shutil.disk_usage(self.path.parent).free
+        try:  # the disk of the file itself, also when the path is a link to another
+            free = shutil.disk_usage(self.path.resolve().parent).free
         except OSError:  # cannot tell: HDF5 says so if it fails
             return True
         if free >= DISK_MARGIN + 4 * nbytes:
@@ -481,8 +484,8 @@ class RunWriter:
         if self.on_disk_full == "raise":
             raise RunFileError(message)
         self._full = True
-        warnings.warn(f"landscape: {message}: the monitor stops writing to it and training "
-                      "goes on; the rows written so far stay readable", RuntimeWarning,
+        warnings.warn(f"landscape: {message}: nothing more is written to it (training goes "
+                      "on); what was written stays readable", RuntimeWarning,
                       stacklevel=user_stacklevel())
         return False
 
@@ -547,6 +550,8 @@ class RunWriter:
             arrays={k: np.asarray(v) for k, v in (arrays or {}).items()},
         )
         self._flush_pending()
+        if not self._room_for(_STRUCTURE_BYTES + 16 * data.done.size):
+            raise RunFileError(f"{self.path}: the disk is full; no room for surface {name!r}")
         self._backend.create_surface(data)
         self._backend.flush()
         return self._backend.read_surface(name)

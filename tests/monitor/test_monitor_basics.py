@@ -233,6 +233,8 @@ def test_a_full_disk_stops_the_writing_not_the_training(tmp_path, monkeypatch):
             _train(model, opt, 3, mon, start=3)
         assert full[0].filename == __file__  # the loop's line (it named contextlib's)
         _train(model, opt, 2, mon, start=6)  # said once; training goes on
+        mon.writer.declare("late", {"v": None})  # a table declared on the full disk: known
+        mon.writer.append("late", 8, {"v": 1.0})  # (rows dropped), never a crash
     with ls.Run.open(path) as run:
         assert list(run.steps("loss")) == [0, 1, 2]  # what was written stays readable
     with pytest.raises(ls.RunFileError, match="too little to write more"):
