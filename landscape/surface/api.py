@@ -16,7 +16,7 @@ from torch import nn
 
 from landscape._errors import LandscapeError
 from landscape.params import ParamSpec
-from landscape.store import SurfaceData
+from landscape.store import Run, RunWriter, SurfaceData
 from landscape.surface.directions import (
     Directions,
     as_directions,
@@ -191,9 +191,27 @@ def interpolate(
         lo, hi = bounds
         if not hi > lo:
             raise ValueError(f"bounds must be (low, high) with low < high, got {bounds!r}")
-        x = _holding(np.linspace(float(lo), float(hi), int(steps)), (0.0, 1.0))
+        even = np.linspace(float(lo), float(hi), int(steps))
+        x = _holding(even, (0.0, 1.0))
+        stored = _stored_x(writer, name)
+        if stored is not None and stored.shape == even.shape and np.allclose(stored, even):
+            x = even  # resuming a surface begun on the even grid (before 0 and 1 were added)
     return evaluate_grid(model, loss_fn, data, dirs, x, None, center=a, writer=writer,
                          name=name, **kwargs)
+
+
+def _stored_x(writer: Any, name: str) -> np.ndarray | None:
+    """The x coordinates of surface ``name`` already in ``writer`` (a path or a writer)."""
+    try:
+        if isinstance(writer, RunWriter):
+            run = writer.run()
+            return run.surface(name).x if name in run.surfaces() else None
+        if isinstance(writer, (str, os.PathLike)) and os.path.exists(writer):
+            with Run.open(writer) as run:
+                return run.surface(name).x if name in run.surfaces() else None
+    except LandscapeError:  # unreadable: evaluate_grid says so in its own words
+        return None
+    return None
 
 
 def _holding(grid: np.ndarray, values: Sequence[float]) -> np.ndarray:

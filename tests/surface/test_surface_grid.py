@@ -374,6 +374,20 @@ def test_the_default_interpolation_evaluates_both_checkpoints_and_stays_finite()
     assert got[1.0] == pytest.approx(want[1], rel=1e-6)
 
 
+def test_an_interpolation_begun_on_the_even_grid_resumes_on_it(tmp_path):
+    """Resuming one begun before 0 and 1 were added: 'already exists with a different grid'."""
+    a, b = models.mlp(seed=0), models.mlp(seed=1)
+    x, y = models.classification_data()
+    path = tmp_path / "run.h5"
+    even = np.linspace(-0.5, 1.5, 51)
+    with pytest.raises(KeyboardInterrupt):  # as an earlier version began it
+        interpolate(models.mlp(seed=5), a, b, _Counting(fail_after=6), (x, y), x=even,
+                    writer=path, progress=False)
+    surf = interpolate(models.mlp(seed=5), a, b, _ce, (x, y), writer=path, progress=False)
+    np.testing.assert_array_equal(surf.x, even)
+    assert surf.complete
+
+
 def test_written_into_the_writer_given(tmp_path):
     with RunWriter(tmp_path / "run.h5") as w:
         model = models.mlp()
