@@ -222,12 +222,13 @@ def _materialize(
                     "data: with loss_fn every batch must be an (inputs, targets) pair; "
                     "use closure= for other batch structures"
                 )
-    if batch_size is None and len(batches) > 1 and any(map(_has_ignored_targets, batches)):
+    if batch_size is None and len(batches) > 1 and _unevenly_ignored(batches):
         warnings.warn(
-            "data: the targets hold -100 (ignored positions, such as padding): the batches "
-            "are weighted by their samples, not by the targets the loss averages over, so "
-            "the curvature of several batches is off; pass batch_size=lambda b: <the count "
-            "of targets that are not -100> (docs/conventions.md, 'Loss reduction')",
+            "data: the targets hold -100 (ignored positions, such as padding) in unequal "
+            "shares of the batches: they are weighted by their samples, not by the targets "
+            "the loss averages over, so the curvature of several batches is off; pass "
+            "batch_size=lambda b: <the count of targets that are not -100>, or give batches "
+            "with equal shares (docs/conventions.md, 'Loss reduction')",
             RuntimeWarning, stacklevel=user_stacklevel())
     sizes = batch_sizes(batches, closure_mode, batch_size)
     if sizes is None:
@@ -261,20 +262,24 @@ def refuse_summed_loss(loss_fn: Any, several: bool) -> None:
             "the sum is N times it) or one batch (docs/conventions.md, 'Loss reduction')")
 
 
-def _has_ignored_targets(batch: Any) -> bool:
-    """Integer targets (``(inputs, targets)``, or a dict's ``labels``) holding -100.
+def _unevenly_ignored(batches: list[Any]) -> bool:
+    """Whether the batches' integer targets hold -100 in unequal shares of their rows.
 
-    -100 is ``F.cross_entropy``'s default ``ignore_index`` and the label of positions that
-    Hugging Face models leave out of their loss.
+    Targets are ``(inputs, targets)``'s second item or a dict's ``labels``; -100 is
+    ``F.cross_entropy``'s default ``ignore_index`` and the label of positions Hugging Face
+    models leave out of their loss. Weighting by rows is right when every batch counts the
+    same share of its targets (no -100 at all, or as many per row).
     """
-    if isinstance(batch, Mapping):
-        targets = batch.get("labels")
-    elif isinstance(batch, (tuple, list)) and len(batch) == 2:
-        targets = batch[1]
-    else:
-        return False
-    return (isinstance(targets, torch.Tensor) and not targets.is_floating_point()
-            and bool((targets == -100).any()))
+    shares = set()
+    for batch in batches:
+        targets = batch.get("labels") if isinstance(batch, Mapping) else (
+            batch[1] if isinstance(batch, (tuple, list)) and len(batch) == 2 else None)
+        if not isinstance(targets, torch.Tensor) or targets.is_floating_point() \
+                or targets.dim() == 0 or targets.shape[0] == 0:
+            return False
+        counted = int((targets != -100).sum())
+        shares.add(round(counted / targets.shape[0], 9))
+    return len(shares) > 1
 
 
 def batch_sizes(

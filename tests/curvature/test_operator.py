@@ -532,6 +532,9 @@ def test_batches_with_ignored_targets_and_no_token_count_are_warned_about():
         warnings.simplefilter("error", RuntimeWarning)  # the fix, and one batch: no warning
         fixed = Hessian(model, token_ce, halves, batch_size=valid_tokens).to_dense()
         Hessian(model, token_ce, (ids, tgt))
+        even = torch.randint(0, 7, tgt.shape)
+        even[:, 3:] = -100  # the same share of every batch ignored: rows weigh right
+        Hessian(model, token_ce, [(ids[:5], even[:5]), (ids[5:], even[5:])])
     assert torch.allclose(fixed, truth, rtol=1e-9, atol=1e-12)
 
 
