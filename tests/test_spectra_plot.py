@@ -23,12 +23,7 @@ def _run_with_density(steps=2):
     metrics = [ls.metrics.SpectralDensity(schedule=1, lanczos_steps=12), "loss"]
     with ls.Monitor(model, F.cross_entropy, optimizer=opt, probe=(x, y), metrics=metrics,
                     warn=False) as mon:
-        for step in range(steps):
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            mon.step(step, batch=(x, y), loss=loss)
+        models.full_batch_steps(mon, model, opt, x, y, steps)
         return mon.run(), model, x, y
 
 
