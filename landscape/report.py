@@ -92,7 +92,8 @@ def _as_figure(obj: Any):
 
 
 def surface_figure(
-    surface: SurfaceData, *, three_d: bool = False, field: str | None = None, log: bool = False
+    surface: SurfaceData, *, three_d: bool = False, field: str | None = None, log: bool = False,
+    vmax: float | None = None, levels: int = 30,
 ):
     """The figure of a stored surface: a curve (1-D), a contour map or a 3-D view (2-D).
 
@@ -102,12 +103,15 @@ def surface_figure(
         field: which stored grid to draw (default ``loss``, or the first one stored when
             there is no loss).
         log: draw log10 of the values.
+        vmax: clip a 2-D surface's values at this (a diverged corner flattens the rest).
+        levels: contour levels of a 2-D contour map.
 
     Returns:
         A matplotlib figure.
 
     Raises:
-        ValueError: an unknown field, or ``three_d`` on a 1-D surface.
+        ValueError: an unknown field, ``three_d`` on a 1-D surface, or ``vmax`` or
+            ``levels`` on a 1-D one.
     """
     plots = _surface_plots
     if field is None:
@@ -118,11 +122,14 @@ def surface_figure(
             f"(fields: {', '.join(surface.values)})"
         )
     if surface.ndim == 1:
-        if three_d:
-            raise ValueError(f"three_d: surface {surface.name!r} is 1-D; a 3-D view needs 2-D")
+        for name, given in (("three_d", three_d), ("vmax", vmax is not None),
+                            ("levels", levels != 30)):
+            if given:
+                raise ValueError(f"{name}: surface {surface.name!r} is 1-D; it applies to 2-D")
         return _as_figure(plots.curve(surface, field, log=log))
-    draw = plots.surface3d if three_d else plots.contour
-    return _as_figure(draw(surface, field, log=log))
+    if three_d:
+        return _as_figure(plots.surface3d(surface, field, log=log, vmax=vmax))
+    return _as_figure(plots.contour(surface, field, log=log, vmax=vmax, levels=levels))
 
 
 def _release(fig: Any) -> None:

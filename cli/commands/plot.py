@@ -6,8 +6,14 @@ import os
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 from landscape_cli.app import cli, verbose_option
-from landscape_cli.options import load_rule_specs, output_directory, rules_option
+from landscape_cli.options import (
+    FiniteFloatRange,
+    load_rule_specs,
+    output_directory,
+    rules_option,
+)
 
 from landscape.alarms import collect_findings
 from landscape.plotting.surfaces import export_vtk
@@ -51,7 +57,8 @@ def _run_figures(run, metrics, to_directory, log, recompute, rules, quiet) -> di
 
 
 # the library names its arguments in its errors; the command line, its options
-_OPTION_OF = {"three_d: ": "--3d: ", "field: ": "--field: ", "path: ": "-o: "}
+_OPTION_OF = {"three_d: ": "--3d: ", "field: ": "--field: ", "path: ": "-o: ",
+              "vmax: ": "--vmax: ", "levels: ": "--levels: "}
 
 
 def _message(err: Exception) -> str:
@@ -70,6 +77,11 @@ def _message(err: Exception) -> str:
 )
 @click.option("--surface", "surface_name", metavar="NAME", help="Plot this stored surface instead.")
 @click.option("--3d", "three_d", is_flag=True, help="3-D view of a 2-D surface (with --surface).")
+@click.option("--vmax", type=FiniteFloatRange(), default=None,
+              help="Clip a 2-D surface's values at this, so that a diverged corner does not "
+                   "flatten the rest (with --surface).")
+@click.option("--levels", type=click.IntRange(2, 500), default=30, show_default=True,
+              help="Contour levels of a 2-D surface (with --surface).")
 @click.option(
     "--field", default=None,
     help="Which grid of the surface to draw (with --surface): loss (default) or accuracy, ...",
@@ -99,6 +111,8 @@ def plot(
     metrics: tuple[str, ...],
     surface_name: str | None,
     three_d: bool,
+    vmax: float | None,
+    levels: int,
     field: str | None,
     log: bool,
     recompute: bool,
@@ -115,8 +129,12 @@ def plot(
     ...). Findings are marked as vertical lines coloured by severity. Without --metric, a
     directory also receives every surface (surface-NAME.png).
     """
-    if three_d and not surface_name:
-        raise click.ClickException("--3d applies to surfaces only; add --surface NAME")
+    ctx = click.get_current_context()
+    for option, given in (("--3d", three_d), ("--vmax", vmax is not None),
+                          ("--levels", ctx.get_parameter_source("levels")
+                           != ParameterSource.DEFAULT)):
+        if given and not surface_name:
+            raise click.ClickException(f"{option} applies to surfaces only; add --surface NAME")
     if field is not None and not surface_name:
         raise click.ClickException(
             "--field applies to surfaces only; add --surface NAME (a metric's fields are "
@@ -135,7 +153,8 @@ def plot(
             if surface_name:
                 surface = run.surface(surface_name)
                 figures = {
-                    surface_name: surface_figure(surface, three_d=three_d, field=field, log=log)
+                    surface_name: surface_figure(surface, three_d=three_d, field=field,
+                                                 log=log, vmax=vmax, levels=levels)
                 }
             else:
                 figures = _run_figures(run, metrics, to_directory, log, recompute, rules,

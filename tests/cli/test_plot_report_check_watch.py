@@ -797,3 +797,31 @@ def test_plot_writes_a_surface_as_vtk(runner, tmp_path):
     assert text.startswith("# vtk DataFile") and "SCALARS computed int 1" in text
     _one_line_error(runner.invoke(cli, ["plot", str(run), "-o", str(tmp_path / "t.vtk")]),
                     "a .vtk file holds a surface: add --surface NAME")
+
+
+def test_plot_clips_and_levels_a_surface_on_the_command_line(runner, tmp_path):
+    """The Python functions took vmax and levels; the command line had neither."""
+    import torch.nn.functional as F
+
+    from landscape.report import surface_figure
+    from landscape.surface import plane
+    from tests import models
+
+    path = tmp_path / "p.h5"
+    x, y = models.classification_data()
+    surf = plane(models.mlp(), F.cross_entropy, (x, y), steps=5, span=3.0, writer=path,
+                 progress=False)
+    result = runner.invoke(cli, ["plot", str(path), "--surface", "plane", "--vmax", "2.0",
+                                 "--levels", "7", "-o", str(tmp_path / "s.png")])
+    assert result.exit_code == 0, result.output
+    fig = surface_figure(surf, vmax=2.0, levels=7)
+    (contours,) = [c for c in fig.axes[0].get_children() if hasattr(c, "levels")]
+    levels = np.asarray(contours.levels)
+    assert len(levels) <= 9 and levels.max() <= 2.0 + 1e-9 < surf.values["loss"].max()
+    _one_line_error(runner.invoke(cli, ["plot", str(path), "--vmax", "1", "-o",
+                                        str(tmp_path / "t.png")]), "--vmax applies to surfaces")
+    line = _write_run(tmp_path / "r.h5", surface=True)  # a 1-D surface
+    with ls.Run.open(line) as opened:
+        name = opened.surfaces()[0]
+    _one_line_error(runner.invoke(cli, ["plot", str(line), "--surface", name, "--levels", "5",
+                                        "-o", str(tmp_path / "u.png")]), "--levels: surface")
