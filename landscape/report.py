@@ -93,7 +93,7 @@ def _as_figure(obj: Any):
 
 def surface_figure(
     surface: SurfaceData, *, three_d: bool = False, field: str | None = None, log: bool = False,
-    vmax: float | None = None, levels: int = 30,
+    vmax: float | None = None, levels: int | None = None,
 ):
     """The figure of a stored surface: a curve (1-D), a contour map or a 3-D view (2-D).
 
@@ -104,7 +104,7 @@ def surface_figure(
             there is no loss).
         log: draw log10 of the values.
         vmax: clip a 2-D surface's values at this (a diverged corner flattens the rest).
-        levels: contour levels of a 2-D contour map.
+        levels: contour levels of a 2-D contour map (default: :func:`contour`'s).
 
     Returns:
         A matplotlib figure.
@@ -123,13 +123,14 @@ def surface_figure(
         )
     if surface.ndim == 1:
         for name, given in (("three_d", three_d), ("vmax", vmax is not None),
-                            ("levels", levels != 30)):
+                            ("levels", levels is not None)):
             if given:
                 raise ValueError(f"{name}: surface {surface.name!r} is 1-D; it applies to 2-D")
         return _as_figure(plots.curve(surface, field, log=log))
     if three_d:
         return _as_figure(plots.surface3d(surface, field, log=log, vmax=vmax))
-    return _as_figure(plots.contour(surface, field, log=log, vmax=vmax, levels=levels))
+    shape = {} if levels is None else {"levels": levels}
+    return _as_figure(plots.contour(surface, field, log=log, vmax=vmax, **shape))
 
 
 def _release(fig: Any) -> None:

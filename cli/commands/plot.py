@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import click
-from click.core import ParameterSource
 from landscape_cli.app import cli, verbose_option
 from landscape_cli.options import (
     FiniteFloatRange,
@@ -80,8 +79,8 @@ def _message(err: Exception) -> str:
 @click.option("--vmax", type=FiniteFloatRange(), default=None,
               help="Clip a 2-D surface's values at this, so that a diverged corner does not "
                    "flatten the rest (with --surface).")
-@click.option("--levels", type=click.IntRange(2, 500), default=30, show_default=True,
-              help="Contour levels of a 2-D surface (with --surface).")
+@click.option("--levels", type=click.IntRange(2, 500), default=None,
+              help="Contour levels of a 2-D surface (default 30; with --surface).")
 @click.option(
     "--field", default=None,
     help="Which grid of the surface to draw (with --surface): loss (default) or accuracy, ...",
@@ -112,7 +111,7 @@ def plot(
     surface_name: str | None,
     three_d: bool,
     vmax: float | None,
-    levels: int,
+    levels: int | None,
     field: str | None,
     log: bool,
     recompute: bool,
@@ -129,10 +128,8 @@ def plot(
     ...). Findings are marked as vertical lines coloured by severity. Without --metric, a
     directory also receives every surface (surface-NAME.png).
     """
-    ctx = click.get_current_context()
     for option, given in (("--3d", three_d), ("--vmax", vmax is not None),
-                          ("--levels", ctx.get_parameter_source("levels")
-                           != ParameterSource.DEFAULT)):
+                          ("--levels", levels is not None)):
         if given and not surface_name:
             raise click.ClickException(f"{option} applies to surfaces only; add --surface NAME")
     if field is not None and not surface_name:

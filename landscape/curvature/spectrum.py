@@ -443,6 +443,38 @@ def gaussian_density(
     return kern @ weights
 
 
+def smoothed_density(
+    nodes: torch.Tensor, weights: torch.Tensor, *, grid: torch.Tensor | int | None = None,
+    sigma: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Quadrature nodes and weights smoothed into a density, as :func:`spectral_density` does.
+
+    Args:
+        nodes: the finite nodes (float64).
+        weights: their weights.
+        grid: the points (default 1000, or this many, spanning the nodes plus ``5 sigma``).
+        sigma: the kernel's width (default ``0.01 * (max node - min node)``, or
+            ``1e-3 * max(1, |node|)`` for a single point).
+
+    Returns:
+        ``(grid, density, sigma)``.
+
+    Raises:
+        ValueError: a grid of fewer than 2 points.
+    """
+    lo, hi = float(nodes.min()), float(nodes.max())
+    if sigma is None:
+        sigma = 0.01 * (hi - lo) if hi > lo else 1e-3 * max(1.0, abs(hi))
+    if grid is None or isinstance(grid, int):
+        points = 1000 if grid is None else int(grid)
+        if points < 2:
+            raise ValueError(f"grid must have >= 2 points, got {points}")
+        grid_t = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, points, dtype=torch.float64)
+    else:
+        grid_t = torch.as_tensor(grid, dtype=torch.float64).reshape(-1)
+    return grid_t, gaussian_density(nodes, weights, grid_t, sigma), float(sigma)
+
+
 @renamed_kwargs(n_iter="lanczos_steps")
 def spectral_density(
     op: CurvatureOperator,
@@ -569,17 +601,8 @@ def spectral_density(
         node_t[i, : theta.numel()] = theta
         weight_t[i, : theta.numel()] = s[0] ** 2 / n_probes
     mask = ~torch.isnan(node_t)
-    lo, hi = float(node_t[mask].min()), float(node_t[mask].max())
-    if sigma is None:
-        sigma = 0.01 * (hi - lo) if hi > lo else 1e-3 * max(1.0, abs(hi))
-    if grid is None or isinstance(grid, int):
-        points = 1000 if grid is None else int(grid)
-        if points < 2:
-            raise ValueError(f"grid must have >= 2 points, got {points}")
-        grid_t = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, points, dtype=torch.float64)
-    else:
-        grid_t = torch.as_tensor(grid, dtype=torch.float64).reshape(-1)
-    density = gaussian_density(node_t[mask], weight_t[mask], grid_t, sigma)
+    grid_t, density, sigma = smoothed_density(node_t[mask], weight_t[mask], grid=grid,
+                                              sigma=sigma)
     return DensityResult(
         grid=grid_t, density=density, nodes=node_t, weights=weight_t,
         n_matvec=used, sigma=float(sigma), dim=op.dim, peak_memory=mem.peak,

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from landscape.findings import Finding, severity_rank
+from landscape.findings import Finding, at_or_above
 from landscape.metrics import Metric
 from landscape.store import Run
 
@@ -22,12 +22,6 @@ __all__ = ["DENSE_AT", "DENSE_STEPS", "DenseWindow"]
 
 DENSE_AT = 0.5  # sentinels/r_secant at which the expensive metrics are measured densely
 DENSE_STEPS = 20  # for this many steps after the last trigger
-_WARNING = severity_rank("warning")
-
-
-def opens_window(finding: Finding) -> bool:
-    """A warning or an error opens the dense window too."""
-    return severity_rank(finding.severity) >= _WARNING
 
 
 class DenseWindow:
@@ -60,7 +54,7 @@ class DenseWindow:
 
     def observe_findings(self, step: int, findings: Iterable[Finding]) -> None:
         """A warning or an error raised at ``step`` opens (or extends) the window."""
-        if self.enabled and any(opens_window(f) for f in findings):
+        if self.enabled and at_or_above(findings, "warning"):
             self.until = max(self.until, step + DENSE_STEPS)
 
 
@@ -69,7 +63,7 @@ def recorded_window_end(run: Run) -> int:
 
     A resumed monitor continues the window its run file had open.
     """
-    opened = [f.step for f in run.findings() if opens_window(f)]
+    opened = [f.step for f in at_or_above(run.findings(), "warning")]
     if "sentinels" in run.metrics():
         steps, r = run.series("sentinels", "r_secant")
         opened += steps[np.nan_to_num(r, nan=-1.0) >= DENSE_AT].tolist()

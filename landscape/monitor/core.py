@@ -45,7 +45,7 @@ from landscape._errors import InstabilityWarning, MissingInput, PartialRow, Step
 from landscape._interrupts import InterruptGuard
 from landscape.batches import leading_size
 from landscape.failures import failure_finding, nonfinite_state
-from landscape.findings import Finding, Findings, dedupe, severity_rank, user_stacklevel
+from landscape.findings import Finding, Findings, at_or_above, dedupe, user_stacklevel
 from landscape.isolation import isolated
 from landscape.metrics import Metric, StepContext, split_batch
 from landscape.metrics.presets import MetricsLike, resolve_metrics
@@ -66,7 +66,6 @@ from landscape.store import Run, RunWriter
 __all__ = ["MetricsLike", "Monitor", "resolve_metrics", "unwrap_optimizer"]
 
 _log = logging.getLogger("landscape")
-_WARNING = severity_rank("warning")
 
 
 def _skipped_overflow(ctx: StepContext) -> bool:
@@ -266,7 +265,6 @@ class Monitor:
         self._before: tuple[torch.Tensor, ...] | None = None
         self._sharded = False  # FSDP2 parameters (set by start())
         self._clock = StepClock()  # optimizer steps between calls, the next call's step
-        self.adaptive = adaptive
         self._dense = DenseWindow(adaptive)
 
     # ------------------------------------------------------------------ lifecycle
@@ -311,18 +309,18 @@ class Monitor:
             # the steps of every table (metrics no longer monitored, failures, findings,
             # checkpoints): the next step must come after every one
             last = self.writer.last_recorded_step()
-            known = [] if last is None else [last]
             if self._distributed:  # resuming: only rank 0 has the file; agree on its steps
-                known = _dist.broadcast_object(known)
-            if known:  # resuming: the next step must come after every recorded one
-                self._clock.resume_after(max(known))
+                last = _dist.broadcast_object(last)
+            resuming = last is not None
+            if resuming:  # the next step must come after every recorded one
+                self._clock.resume_after(last)
             self._alarms = self._make_alarms()
             if self._alarms is not None:
                 for m in self.metrics:
                     self._alarms.declare(m.name, stored_config(m))
-                if known:  # resuming: rebuild rule state from the recorded rows
+                if resuming:  # rebuild rule state from the recorded rows
                     self._alarms.replay(self.writer.run())
-            if known and self.adaptive:  # and the dense window the sentinels opened
+            if resuming and self.adaptive:  # and the dense window the sentinels opened
                 self._dense.until = self._recorded_window_end()
             if self.optimizer is not None:
                 self._hooks.append(self.optimizer.register_step_pre_hook(self._pre_step))
@@ -382,6 +380,11 @@ class Monitor:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the adaptive schedules are on (the ``adaptive`` argument)."""
+        return self._dense.enabled
 
     @property
     def last_step(self) -> int | None:
@@ -754,7 +757,7 @@ class Monitor:
         self.findings.append(finding)
         assert self.writer is not None
         self.writer.add_finding(finding)
-        if self.warn and severity_rank(finding.severity) >= _WARNING:
+        if self.warn and at_or_above([finding], "warning"):
             warnings.warn(InstabilityWarning(finding.describe()), stacklevel=user_stacklevel())
         elif self.warn:  # info: something moved that healthy training also moves
             _log.info("landscape: %s", finding.describe())

@@ -2,7 +2,7 @@
 
 Stochastic Lanczos quadrature (Ghorbani et al. 2019, arXiv:1901.10159, Sec. 3) gives nodes
 ``x_k`` and weights ``w_k``; the density is their Gaussian smoothing
-``sum_k w_k N(t; x_k, sigma^2)`` (:func:`landscape.curvature.spectrum.gaussian_density`, the
+``sum_k w_k N(t; x_k, sigma^2)`` (:func:`landscape.curvature.spectrum.smoothed_density`, the
 convention of :func:`landscape.curvature.spectral_density`), drawn on a logarithmic y axis
 so that the outliers' small mass stays visible next to the bulk near zero.
 """
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from landscape.curvature.spectrum import gaussian_density
+from landscape.curvature.spectrum import smoothed_density
 from landscape.store import Run
 
 __all__ = ["density", "density_of_row", "is_density"]
@@ -29,7 +29,7 @@ def is_density(run: Run, metric: str) -> bool:
 
 
 def density_of_row(
-    run: Run, step: int | None = None, *, metric: str = "spectral_density", points: int = 400,
+    run: Run, step: int | None = None, *, metric: str = "spectral_density", points: int = 1000,
     sigma: float | None = None,
 ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The density a run's ``spectral_density`` row at ``step`` gives.
@@ -38,9 +38,10 @@ def density_of_row(
     model, writes a row of NaN).
 
     Returns:
-        ``(step, grid, density, nodes, weights)``: the smoothed density on ``points`` grid
-        points spanning the nodes plus three ``sigma`` (default ``0.01 (max - min)``), and
-        the row's finite nodes and their weights.
+        ``(step, grid, density, nodes, weights)``: the density on ``points`` grid points,
+        smoothed as :func:`landscape.curvature.spectral_density` smooths it
+        (:func:`~landscape.curvature.spectrum.smoothed_density`), and the row's finite
+        nodes and their weights.
 
     Raises:
         ValueError: no such row, or a row without a finite node (a failed measurement).
@@ -64,13 +65,9 @@ def density_of_row(
     x, w = x[keep], w[keep]
     if not x.size:
         raise ValueError(f"{metric}: the row at step {int(steps[at])} holds no finite node")
-    spread = float(x.max() - x.min())
-    s = float(sigma) if sigma is not None else (
-        0.01 * spread if spread > 0 else 1e-3 * max(1.0, abs(float(x[0]))))
-    grid = np.linspace(x.min() - 3 * s, x.max() + 3 * s, int(points))
-    rho = gaussian_density(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(grid),
-                           s).numpy()
-    return int(steps[at]), grid, rho, x, w
+    grid, rho, _ = smoothed_density(torch.from_numpy(x), torch.from_numpy(w), grid=int(points),
+                                    sigma=sigma)
+    return int(steps[at]), grid.numpy(), rho.numpy(), x, w
 
 
 def density(
