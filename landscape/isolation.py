@@ -34,8 +34,7 @@ from landscape.distributed import unwrap
 
 __all__ = [
     "EAGER_COMPILED", "ClosureModule", "differentiable", "eager_compiled_code", "isolated",
-    "no_grad_forward",
-    "normalises_by_batch", "on_batch_statistics", "same_rng",
+    "no_grad_forward", "normalises_by_batch", "on_batch_statistics", "same_rng",
     "sdpa_math", "stateless_call", "stateless_closure",
 ]
 
@@ -56,9 +55,9 @@ def eager_compiled_code() -> contextlib.AbstractContextManager[Any]:
     function inside the model (``self.block = torch.compile(block)``) would be recompiled
     for each (seconds each, entries in its limited cache), and a recompilation under a
     functorch transform changed the later compiled *training* steps in the last bits (4e-9
-    after one Taylor-radius JVP, seen with torch 2.13). Eagerly, the diagnostic's products are exact
-    (the compiled code has no double backward) and training's compiled graphs are never
-    touched. ``torch.compiler.set_stance("force_eager")`` (torch >= 2.6); nothing to do when
+    after one Taylor-radius JVP, seen with torch 2.13). Eagerly, the diagnostic's products
+    are exact (the compiled code has no double backward) and training's compiled graphs are
+    never touched. ``torch.compiler.set_stance("force_eager")`` (torch >= 2.6); nothing to do when
     dynamo was never imported (nothing is compiled), on older torch, inside code dynamo is
     compiling (a compiled training step that calls the monitor), or with
     :data:`EAGER_COMPILED` off.

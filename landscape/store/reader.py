@@ -45,16 +45,19 @@ def _held(backend: Backend) -> os.stat_result | None:
         return None
 
 
-def _identity(backend: Backend) -> tuple[int, int, int, str] | None:
-    """Device, inode and size of the file a reader holds, and its absolute path.
+def _identity(backend: Backend, where: str | None = None) -> tuple[int, int, int, str] | None:
+    """Device, inode and size of the file a reader holds, and its absolute path ``where``.
 
-    None for memory, a writer's view, or a file read through a recovery copy (removed once
-    open: nothing can replace it).
+    None for memory, a writer's view, a file read through a recovery copy (removed once
+    open: nothing can replace it), or when another file (or none) is at ``where`` now.
+    ``where`` defaults to the handle's file name made absolute: take it at open, since a
+    later ``chdir`` changes what a relative name points at.
     """
     held = _held(backend)
     if held is None:
         return None
-    where = os.path.abspath(backend.file.filename)  # now: a later chdir must not matter
+    if where is None:
+        where = os.path.abspath(backend.file.filename)
     try:
         named = os.stat(where)
     except OSError:
@@ -334,20 +337,14 @@ class Run:
                 minutes refreshing such a file.
         """
         if self._identity is not None:
-            dev, ino, size, where = self._identity
-            held = _held(self._backend)
-            try:
-                named = os.stat(where)
-            except OSError:
-                named = None
-            # another file at the path (replaced), or the one held shrank (started over;
-            # one that has grown past its old size since cannot be told from a live run)
-            if (named is None or (named.st_dev, named.st_ino) != (dev, ino)
-                    or held is None or held.st_size < size):
+            now = _identity(self._backend, self._identity[3])
+            # another file at the path (replaced: None), or the one held shrank (started
+            # over; one that has grown past its old size since cannot be told from a live run)
+            if now is None or now[2] < self._identity[2]:
                 raise RunFileError(f"{self.source}: was replaced or started over since it was "
                                    "opened (a writer with mode='w', or a crash recovery): "
                                    "open it again")
-            self._identity = (dev, ino, held.st_size, where)
+            self._identity = now
         self._backend.refresh()
 
     def close(self) -> None:
