@@ -49,6 +49,10 @@ def input_errors(exit_code: int = 1) -> Iterator[None]:
         yield
     except LandscapeError as err:
         raise CommandError(str(err), exit_code) from None
+    except BrokenPipeError:
+        # the reader went away (``| head``): not an error of the input; click's own
+        # handler ends the command quietly, as other tools do
+        raise
     except OSError as err:
         if not err.strerror:  # no system error behind it (h5py's own): not the user's
             raise

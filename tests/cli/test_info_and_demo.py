@@ -64,6 +64,27 @@ def test_info_lists_metrics_fields_steps_findings_and_surfaces(runner, tmp_path)
     assert data["surfaces"]["plane"]["computed"] == 1
 
 
+def test_a_reader_that_closes_the_pipe_early_gets_no_error_line(tmp_path):
+    """``landscape info run.h5 | head -1``: the closed pipe is not reported as an error."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "run.h5"
+    with RunWriter(path) as w:
+        w.declare("loss", {"value": None})
+        w.append("loss", 0, {"value": 1.0})
+    root = Path(__file__).resolve().parents[2]
+    child = subprocess.Popen([sys.executable, "-m", "landscape_cli.main", "info", str(path)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env={**os.environ, "PYTHONPATH": str(root)})
+    child.stdout.close()  # the reader is gone before the command prints its first line
+    stderr = child.stderr.read().decode()
+    child.wait(timeout=300)
+    assert child.returncode != 0  # the output did not reach its reader
+    assert "Error" not in stderr and "Traceback" not in stderr, stderr
+
+
 def test_info_bad_inputs_give_one_line(runner, tmp_path):
     _one_line_error(runner.invoke(cli, ["info", str(tmp_path / "missing.h5")]), "no such file")
     _one_line_error(runner.invoke(cli, ["info", str(tmp_path)]), "is a directory")
