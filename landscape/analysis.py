@@ -26,7 +26,13 @@ from torch import nn
 
 from landscape._errors import LandscapeError
 from landscape.checkpoints.lightning import is_last_copy
-from landscape.loading import Checkpoint, load_checkpoint, load_state_into, prepare
+from landscape.loading import (
+    Checkpoint,
+    load_checkpoint,
+    load_state_into,
+    prepare,
+    refuse_mismatch,
+)
 from landscape.metrics import create
 from landscape.monitor import Monitor
 
@@ -546,11 +552,13 @@ def analyze(
     # rows at or before this step were in the file before: never dropped on a failure
     kept_until = max((max(v) for v in recorded.values() if v), default=None)
     for _, ckpt in todo:  # every checkpoint must fit the model before the file is touched
-        load_state_into(net, ckpt)
-        ckpt.release()  # one in memory at a time (read again when computed)
-    if todo:  # and the data the model (mode="w" empties the file when the monitor starts)
+        refuse_mismatch(net, ckpt)  # (from the shapes it kept: the file is not read again)
+    # and the data the model (mode="w" empties the file when the monitor starts); the first
+    # checkpoint stays loaded for its computation
+    first_diverged = None
+    if todo:
         load_state_into(net, todo[0][1])
-        _check_diverged_or_refuse(net, loss_fn, batches, todo[0][1], closure)
+        first_diverged = _check_diverged_or_refuse(net, loss_fn, batches, todo[0][1], closure)
     monitor = Monitor(net, None if closure is not None else loss_fn,
                       None if path is None else str(path), optimizer=opt,
                       closure=closure, metrics=chosen,
@@ -571,7 +579,10 @@ def analyze(
                         load_state_into(net, ckpt)
                         if saved and opt is not None:
                             _apply_saved(opt, net, ckpt.optimizer, ckpt)
-                        if _check_diverged_or_refuse(net, loss_fn, batches, ckpt, closure):
+                        diverged = (first_diverged if ckpt is todo[0][1] else
+                                    _check_diverged_or_refuse(net, loss_fn, batches, ckpt,
+                                                              closure))
+                        if diverged:
                             warnings.warn(
                                 f"{ckpt.path}: the weights are not finite (a run that blew "
                                 "up): its metrics are recorded as NaN", RuntimeWarning,

@@ -36,6 +36,7 @@ __all__ = [
     "load_state_into",
     "model_loss",
     "prepare",
+    "refuse_mismatch",
     "resolve_loss",
     "resolve_objective",
     "step_from_name",
@@ -271,6 +272,9 @@ class _Deferred(Mapping):
 class Checkpoint:
     """A checkpoint: its ``state_dict``, the ``step`` it belongs to and its ``path``.
 
+    ``shapes`` (each tensor's shape by name) stays when the weights are released:
+    :func:`refuse_mismatch` checks a checkpoint against a model without reading it again.
+
     ``optimizer`` holds the optimizer's settings saved with it, when the checkpoint has them
     (:func:`landscape.checkpoints.optimizer_settings`). With ``reload`` (a function that
     reads the file again), :meth:`release` drops the weights and the optimizer's saved
@@ -283,6 +287,11 @@ class Checkpoint:
                  reload: Callable[[], Checkpoint] | None = None):
         self.path, self.step = path, step
         self._state_dict: dict[str, torch.Tensor] | None = state_dict
+        # kept after release(): whether the checkpoint fits a model needs no second reading
+        # (None for an entry that is not a tensor: a module's extra state)
+        self.shapes: dict[str, tuple[int, ...] | None] = {
+            k: tuple(v.shape) if isinstance(v, torch.Tensor) else None
+            for k, v in state_dict.items()}
         self.optimizer = optimizer
         self._reload = reload
 
@@ -420,7 +429,7 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:
                       reload=lambda: load_checkpoint(path, trust=trust))
 
 
-def _strip_prefix(state: Mapping[str, torch.Tensor], own: Mapping[str, Any]) -> dict:
+def _strip_prefix(state: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, Any]:
     """``state`` with the prefix that makes its keys the model's removed.
 
     A DDP wrapper saves ``module.``-prefixed keys, a ``LightningModule`` its submodules'
@@ -441,11 +450,12 @@ def _strip_prefix(state: Mapping[str, torch.Tensor], own: Mapping[str, Any]) -> 
     return best
 
 
-def _restore_tied(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+def _restore_tied(state: dict[str, Any], model: nn.Module) -> dict[str, Any]:
     """Fill keys a checkpoint left out because the model ties them to a saved one.
 
     ``save_pretrained`` (safetensors) stores a tensor shared by several names once, e.g.
-    GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``.
+    GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``. ``state`` maps names to
+    tensors, or to what stands for them (their shapes, :func:`refuse_mismatch`).
     """
     own = model.state_dict(keep_vars=True)
     by_storage: dict[tuple, list[str]] = {}
@@ -461,6 +471,38 @@ def _restore_tied(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str,
     return state
 
 
+def refuse_mismatch(model: nn.Module, ckpt: Checkpoint) -> None:
+    """Raise a one-line error when ``ckpt`` does not fit ``model``; nothing is loaded.
+
+    The check :func:`load_state_into` makes, on the names and shapes the checkpoint keeps
+    after :meth:`Checkpoint.release` (the file is not read again). Prefixes of wrappers
+    (``module.`` of DDP, ``model.`` of a ``LightningModule``) are removed and tied weights
+    saved once count as saved.
+
+    Raises:
+        LandscapeError: keys missing, unexpected or of another shape.
+    """
+    own = model.state_dict()
+    shapes = _restore_tied(_strip_prefix(ckpt.shapes, own), model)
+    missing = [k for k in own if k not in shapes]
+    unexpected = [k for k in shapes if k not in own]
+    mismatched = [
+        f"{k} {shapes[k]} vs model {tuple(own[k].shape)}"
+        for k in own if shapes.get(k) is not None and isinstance(own[k], torch.Tensor)
+        and tuple(own[k].shape) != shapes[k]
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected),
+                            ("shape mismatch", mismatched)):
+            if keys:
+                more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+                parts.append(f"{label}: {', '.join(keys[:3])}{more}")
+        raise LandscapeError(
+            f"{ckpt.path}: checkpoint does not match the model ({'; '.join(parts)})"
+        )
+
+
 def load_state_into(model: nn.Module, ckpt: Checkpoint) -> None:
     """``model.load_state_dict`` with a one-line error naming what does not match.
 
@@ -472,27 +514,12 @@ def load_state_into(model: nn.Module, ckpt: Checkpoint) -> None:
         ckpt: the checkpoint.
 
     Raises:
-        LandscapeError: keys missing, unexpected or of another shape.
+        LandscapeError: keys missing, unexpected or of another shape
+            (:func:`refuse_mismatch`).
     """
+    refuse_mismatch(model, ckpt)
     own = model.state_dict()
-    state = _restore_tied(_strip_prefix(ckpt.state_dict, own), model)
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own if k in state and own[k].shape != state[k].shape
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected),
-                            ("shape mismatch", shapes)):
-            if keys:
-                more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
-                parts.append(f"{label}: {', '.join(keys[:3])}{more}")
-        raise LandscapeError(
-            f"{ckpt.path}: checkpoint does not match the model ({'; '.join(parts)})"
-        )
-    model.load_state_dict(state)
+    model.load_state_dict(_restore_tied(_strip_prefix(ckpt.state_dict, own), model))
 
 
 def as_batches(data: Any) -> list[Any]:

@@ -329,3 +329,52 @@ def test_analyze_on_a_full_disk_ends_with_one_line(setup, tmp_path, monkeypatch)
     assert result.exit_code == 1, result.output
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and "too little to write more" in lines[0], result.output
+
+
+def test_each_checkpoint_is_read_twice_and_the_first_loss_checked_once(setup, tmp_path,
+                                                                        monkeypatch):
+    """analyze read every checkpoint three times (to order them, to check that it fits the
+    model, to compute) and evaluated the first one's loss twice; the fit is now checked on
+    the names and shapes kept from the first reading."""
+    import landscape.analysis as analysis
+    import landscape.loading as loading
+
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    reads, checks = [], []
+    real_load, real_check = torch.load, analysis.check_loss
+
+    def counted_load(path, *args, **kwargs):
+        reads.append(str(path))
+        return real_load(path, *args, **kwargs)
+
+    def counted_check(net, loss_fn, batches, ckpt, *args, **kwargs):
+        checks.append(str(ckpt.path))
+        return real_check(net, loss_fn, batches, ckpt, *args, **kwargs)
+
+    monkeypatch.setattr(loading.torch, "load", counted_load)
+    monkeypatch.setattr(analysis, "check_loss", counted_check)
+    out = tmp_path / "run.h5"
+    result = _invoke(["analyze", *map(str, paths), "--model", f"{fac}:model", "--data",
+                      f"{fac}:data", "-m", "sharpness", "--lr", "0.5", "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    assert sorted(reads) == sorted(map(str, paths * 2))
+    assert sorted(checks) == sorted(map(str, paths))
+    assert list(ls.Run.open(out).steps("sharpness")) == [10, 20, 30]
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_before_the_file_is_touched(setup, tmp_path):
+    root, paths, ns = setup
+    fac = root / "factories.py"
+    out = tmp_path / "run.h5"
+    wrong = tmp_path / "ckpt-40.pt"
+    state = torch.load(paths[0])["model"]
+    name = next(iter(state))
+    state[name] = torch.zeros(*state[name].shape, 2)
+    torch.save({"model": state, "step": 40}, wrong)
+    result = _invoke(["analyze", *map(str, paths), str(wrong), "--model", f"{fac}:model",
+                      "--data", f"{fac}:data", "-m", "sharpness", "-o", str(out), "-q"])
+    assert result.exit_code == 1
+    assert f"{wrong}: checkpoint does not match the model (shape mismatch: " in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()
