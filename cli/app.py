@@ -12,12 +12,15 @@ runs with ``-v``: they concern the library's code, not the user's run.
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import importlib
+import importlib.util
 import sys
 import sysconfig
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -61,8 +64,67 @@ def input_errors(exit_code: int = 1) -> Iterator[None]:
         raise CommandError(f"{err.strerror}{where}", exit_code) from None
 
 
+def _docstring_of_command(module: str) -> str:
+    """The docstring of the click command ``module`` defines, read from its source.
+
+    Without importing the module: the commands that compute import torch and matplotlib
+    (seconds), which ``landscape -h`` should not wait for.
+    """
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        return ""
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and any(
+            isinstance(d, ast.Call) and ast.unparse(d.func) == "cli.command"
+            for d in node.decorator_list
+        ):
+            return ast.get_docstring(node) or ""
+    return ""
+
+
 class LandscapeGroup(click.Group):
-    """A click group that turns library errors into one clean line on stderr."""
+    """A click group that turns library errors into one clean line on stderr.
+
+    Its commands are loaded on first use (:meth:`add_lazy_commands`): those that compute
+    import torch and matplotlib, which ``landscape -h``, ``info``, ``check`` and ``watch``
+    do not need.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy_commands: dict[str, str] = {}
+
+    def add_lazy_commands(self, modules: dict[str, str]) -> None:
+        """Register commands by name and the module that attaches each when imported."""
+        self.lazy_commands.update(modules)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(self.commands) | set(self.lazy_commands))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in self.lazy_commands:
+            importlib.import_module(self.lazy_commands[cmd_name])  # attaches itself
+        return self.commands.get(cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list of ``-h``, short help of unloaded commands from their source."""
+        names = self.list_commands(ctx)
+        if not names:
+            return
+        limit = formatter.width - 6 - max(map(len, names))
+        rows = []
+        for name in names:
+            if name in self.commands:
+                if self.commands[name].hidden:
+                    continue
+                text = self.commands[name].get_short_help_str(limit)
+            else:
+                text = click.utils.make_default_short_help(
+                    _docstring_of_command(self.lazy_commands[name]), limit)
+            rows.append((name, text))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context):
         try:

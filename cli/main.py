@@ -1,20 +1,15 @@
-"""Entry point of the ``landscape`` command: the group with every command attached."""
+"""Entry point of the ``landscape`` command: the group with every command registered."""
 
 from __future__ import annotations
 
 from landscape_cli.app import cli
-from landscape_cli.commands import (  # noqa: F401  (they attach themselves to `cli`)
-    analyze,
-    check,
-    demo,
-    info,
-    plot,
-    report,
-    surface,
-    watch,
-)
 
-__all__ = ["cli", "main"]
+COMMANDS = ("analyze", "check", "demo", "info", "plot", "report", "surface", "watch")
+"""Each command attaches itself to :data:`cli` when its module is imported (on first use)."""
+
+cli.add_lazy_commands({name: f"landscape_cli.commands.{name}" for name in COMMANDS})
+
+__all__ = ["COMMANDS", "cli", "main"]
 
 
 def main() -> None:

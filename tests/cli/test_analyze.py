@@ -364,7 +364,7 @@ def test_each_checkpoint_is_read_twice_and_the_first_loss_checked_once(setup, tm
 
 
 def test_a_checkpoint_that_does_not_fit_is_refused_before_the_file_is_touched(setup, tmp_path):
-    root, paths, ns = setup
+    root, paths, _ = setup
     fac = root / "factories.py"
     out = tmp_path / "run.h5"
     wrong = tmp_path / "ckpt-40.pt"

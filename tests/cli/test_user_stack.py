@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from landscape_cli.commands import watch as watch_cmd
-from landscape_cli.main import cli
+from landscape_cli.main import COMMANDS, cli
 
 import landscape as ls
 from landscape.store import RunWriter
@@ -325,7 +325,7 @@ def test_watch_stops_waiting_at_the_timeout(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- help: one runnable example
 
 
-@pytest.mark.parametrize("name", [None, *sorted(cli.commands)])
+@pytest.mark.parametrize("name", [None, *COMMANDS])
 def test_help_ends_with_one_runnable_example(name):
     result = _invoke(["-h"] if name is None else [name, "-h"])
     assert result.exit_code == 0, result.output
@@ -334,12 +334,62 @@ def test_help_ends_with_one_runnable_example(name):
     assert sum(ln == "Example:" for ln in lines) == 1
     words = shlex.split(lines[-1])
     assert words[0] == "landscape"
-    command = cli.commands[words[1]]
+    command = cli.get_command(None, words[1])
+    assert command is not None
     assert name is None or words[1] == name
     # the example parses: every option exists and has its values
     parent = click.Context(cli, info_name="landscape", **cli.context_settings)
     ctx = command.make_context(words[1], words[2:], parent=parent)
     assert isinstance(ctx, click.Context)
+
+
+def _fresh_cli(code: str) -> str:
+    """Run ``code`` in a new interpreter (no command module imported yet); its stdout."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(root)}, check=True)
+    return done.stdout
+
+
+def test_help_and_the_light_commands_do_not_import_torch(tmp_path):
+    """Every command module was imported to print `landscape -h` (torch and matplotlib:
+    seconds); the commands now load on first use."""
+    from landscape.store import RunWriter
+
+    run_file = tmp_path / "run.h5"
+    with RunWriter(run_file) as w:
+        w.declare("loss", {"value": None})
+        w.append("loss", 0, {"value": np.float64(1.0)})
+    code = textwrap.dedent(f"""
+        import sys
+        from landscape_cli.main import cli
+        for args in (["-h"], ["info", {str(run_file)!r}], ["check", {str(run_file)!r}]):
+            try:
+                cli.main(args, prog_name="landscape", standalone_mode=False)
+            except SystemExit:
+                pass
+        print("torch" in sys.modules, "matplotlib" in sys.modules)
+    """)
+    assert _fresh_cli(code).splitlines()[-1] == "False False"
+
+
+def test_the_command_list_of_help_is_that_of_the_loaded_commands():
+    # the short help of an unloaded command is read from its module's source
+    code = ("from landscape_cli.main import cli\n"
+            "cli.main(['-h'], prog_name='landscape', standalone_mode=False, terminal_width=80)")
+    unloaded = _fresh_cli(code)
+    for name in COMMANDS:
+        assert cli.get_command(None, name) is not None  # loads it
+    loaded = CliRunner().invoke(cli, ["-h"], prog_name="landscape", terminal_width=80)
+    assert loaded.exit_code == 0
+    assert unloaded == loaded.output
+    for name in COMMANDS:
+        assert f"  {name}  " in unloaded
 
 
 # ---------------------------------------------------------------- the default path of the rest
