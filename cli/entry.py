@@ -2,8 +2,9 @@
 
 Loading the command line (click, h5py) takes a moment; once loaded, ``landscape_cli.main``
 handles interruptions itself (``Error: interrupted (SIGINT)``, exit status 130, as
-docs/cli.md says), also while a command that computes imports torch on first use. This module imports nothing heavy, so that an interruption before that is the same
-one line, not a traceback from inside the import.
+docs/cli.md says), also while a command that computes imports torch on first use. This
+module imports nothing heavy, so that an interruption before that is the same one line,
+not a traceback from inside the import.
 """
 
 from __future__ import annotations
