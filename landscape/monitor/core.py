@@ -256,7 +256,7 @@ class Monitor:
         self._alarms: Any = None
         self._names: list[str] = []
         self._state: dict[Any, Any] = {}
-        self._failed: set[str] = set()
+        self._failed: set[tuple[str, str]] = set()
         self._failures_to_call: list[Finding] = []  # metric_failed findings for on_finding
         self._unmeasured_declared = False  # /metrics/unmeasured exists (a failure)
         self._update_missed = False  # step() started the monitor: no update this step
@@ -734,9 +734,12 @@ class Monitor:
     def _record_failure(
         self, metric: Metric, step: int, err: Exception, loss: Any = None
     ) -> None:
-        if metric.name in self._failed:
+        # once per metric and kind of error: the same failure at every due step is one
+        # report, another one later (out of memory after a missing input) is reported too
+        key = (metric.name, type(err).__qualname__)
+        if key in self._failed:
             return
-        self._failed.add(metric.name)
+        self._failed.add(key)
         bad = nonfinite_state(self.model, loss)
         if bad is not None:  # not the metric's fault: one finding for all metrics
             if self._nonfinite_reported:

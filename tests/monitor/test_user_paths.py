@@ -199,6 +199,37 @@ def test_a_probe_the_model_cannot_read_keeps_the_update_ratio_and_says_why():
         _train(model, opt, mon, _batches(1), F.cross_entropy)
 
 
+def test_a_metric_that_fails_in_another_way_later_is_reported_again():
+    """Only a metric's first failure was reported: an out-of-memory error after a
+    RuntimeError stayed a NaN row without a word."""
+    import landscape as ls
+
+    class Flaky(ls.metrics.Metric):
+        name = "flaky"
+        FIELDS = ("value",)
+        default_data = "batch"
+        errors = {0: RuntimeError("first"), 1: RuntimeError("again"),
+                  2: torch.OutOfMemoryError("out of memory"), 4: RuntimeError("third")}
+
+        def compute(self, ctx):
+            if ctx.step in self.errors:
+                raise self.errors[ctx.step]
+            return {"value": 1.0}
+
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as caught, Monitor(
+            model, F.cross_entropy, optimizer=opt, metrics=[Flaky()], warn=False) as mon:
+        warnings.simplefilter("always")
+        _train(model, opt, mon, _batches(5), F.cross_entropy)
+        values = mon.run().series("flaky", "value")[1]
+    failed = [f for f in mon.findings if f.rule == "metric_failed"]
+    assert [f.step for f in failed] == [0, 2]
+    assert "out of memory" in failed[1].message
+    assert sum("flaky" in str(w.message) for w in caught) == 2
+    assert np.isnan(values[[0, 1, 2, 4]]).all() and values[3] == 1.0
+
+
 def _growing_step(rng):
     u = np.full(200, 0.005) * np.exp(0.1 * rng.standard_normal(200))
     u[150:] *= 1.12 ** np.arange(1, 51)
