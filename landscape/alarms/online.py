@@ -326,7 +326,9 @@ class OnlineAlarms:
 def check(run: Any, rules: Sequence[Rule] | None = None) -> list[Finding]:
     """Re-evaluate alarm rules over a whole run, offline.
 
-    Metrics a rule watches that are absent are skipped. The findings are exactly what
+    Metrics a rule watches that are absent are skipped (a warning names a rule of
+    ``rules`` other than a built-in one that finds none of its metrics in the run: a typo
+    would otherwise pass without a word). The findings are exactly what
     :class:`OnlineAlarms` emits when fed the same rows as they are appended. The findings
     already stored in the run are not read: this recomputes them.
 
@@ -341,16 +343,30 @@ def check(run: Any, rules: Sequence[Rule] | None = None) -> list[Finding]:
     Raises:
         ValueError: ``run`` is none of the accepted kinds, or ``rules`` is invalid.
     """
-    return dedupe(OnlineAlarms(rules).replay(run))  # one finding per (step, rule)
+    alarms = OnlineAlarms(rules)
+    reader = _as_run(run)
+    if rules is not None:  # a typo in a rule of the user's: it would pass without a word
+        held = set(reader.metrics())
+        for rule in alarms.rules:
+            if rule.name not in RULES and not held.intersection(rule.metrics):
+                warnings.warn(
+                    f"alarm rule {rule.name!r} watches {', '.join(rule.metrics)}, which this "
+                    f"run does not hold ({', '.join(sorted(held)) or 'no metric'}): it was "
+                    "not evaluated", UserWarning, stacklevel=2)
+    return dedupe(alarms.replay(reader))  # one finding per (step, rule)
 
 
 def collect_findings(
-    run: Run, *, recompute: bool = True, rules: Sequence[Any] | None = None
+    run: Run | str | os.PathLike, *, recompute: bool = True, rules: Sequence[Any] | None = None
 ) -> list[Finding]:
     """Return the run's findings, stored and (with ``recompute``) recomputed.
 
     Those stored in ``/findings`` plus, with ``recompute``, those that
-    ``landscape.alarms.check(run, rules)`` finds on the whole run.
+    ``landscape.alarms.check(run, rules)`` finds on the whole run: what ``landscape check``
+    lists. The stored ones include what only the monitor could see (a metric that failed,
+    a rule of the training script's own).
+
+    ``run``: a :class:`~landscape.store.Run`, a ``RunWriter`` or a path to a run file.
 
     A finding is identified by its step, rule and metric (the table, without the field): a
     recomputed finding that the file already holds is dropped (the stored one, written
@@ -367,6 +383,7 @@ def collect_findings(
     if rules is not None and not recompute:
         raise ValueError("rules: only evaluated with recompute=True (recompute=False lists "
                          "the stored findings)")
+    run = _as_run(run)
     found = list(run.findings())
     if recompute:
         found.extend(check(run, rules=rules))

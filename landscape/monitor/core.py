@@ -130,7 +130,9 @@ class Monitor:
         closure: ``closure(model, batch) -> loss`` for models whose loss is not
             ``loss_fn(model(x), y)`` (dict batches, language models).
         config: extra JSON-able run configuration stored in the file.
-        alarms: ``True`` (default rules), ``False``, or a list of rules (landscape.alarms).
+        alarms: ``True`` (default rules), ``False``, or a list of rules (landscape.alarms),
+            which replaces the default rules (a warning says so when it holds none of
+            them): ``landscape.alarms.with_rules([...])`` adds yours to them.
         on_finding: called with each :class:`~landscape.findings.Finding` as it is raised.
         mirrors: objects with ``on_row(name, step, row)``, ``on_finding(finding)`` and
             ``close()`` that copy every row and finding elsewhere as they are written, e.g.
@@ -436,11 +438,18 @@ class Monitor:
         if self._alarm_rules is False:
             return None
         from landscape._names import RENAMED_METRICS
-        from landscape.alarms import OnlineAlarms
+        from landscape.alarms import RULES, OnlineAlarms
         from landscape.metrics import available
 
         rules = None if self._alarm_rules is True else list(self._alarm_rules)
         alarms = OnlineAlarms(rules, strict=self.strict)
+        if rules is not None and not any(r.name in RULES for r in alarms.rules):
+            # (the command line's --rules adds to them: a list here replaces them)
+            warnings.warn(
+                "landscape: alarms=[...] replaces the built-in rules, and none of them is in "
+                "the list (not even 'nonfinite': a NaN loss goes unreported); to add your "
+                "rules to them, pass alarms=ls.alarms.with_rules([...])",
+                UserWarning, stacklevel=user_stacklevel())
         known = {m.name for m in self.metrics} | set(available()) | set(RENAMED_METRICS)
         for rule in alarms.rules:  # a typo in a rule's metrics: it would never fire
             if not any(name in known for name in rule.metrics):

@@ -157,6 +157,33 @@ def test_a_rule_watching_no_metric_warns_at_start(tmp_path):
         _train(tmp_path / "quiet.h5", ["loss"], steps=1)
 
 
+def test_a_list_of_rules_without_any_built_in_one_says_it_replaces_them(tmp_path):
+    """Monitor(alarms=[MyRule()]) silently dropped every built-in rule, the non-finite one
+    too (landscape check --rules adds to them)."""
+    mine = _UpdateTooLarge()
+    with pytest.warns(UserWarning, match=r"replaces the built-in rules.*with_rules"):
+        _train(tmp_path / "mine.h5", ["loss", "update"], steps=1, alarms=[mine])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        mon, _ = _train(tmp_path / "both.h5", ["loss", "update"], steps=1,
+                        alarms=ls.alarms.with_rules([mine]))
+        assert {"nonfinite", "update_too_large"} <= {r.name for r in mon._alarms.rules}
+        _train(tmp_path / "one.h5", ["loss"], steps=1, alarms=[LossSpike()])
+
+
+def test_an_offline_rule_that_finds_none_of_its_metrics_says_so(tmp_path):
+    """landscape check --rules with a misspelt metric passed a CI gate without a word."""
+    _train(tmp_path / "run.h5", ["loss"], steps=3)
+    typo = _UpdateTooLarge(metrics=("updat",), name="typo")
+    with pytest.warns(UserWarning, match=r"alarm rule 'typo' watches updat, which this run "
+                                         r"does not hold \(loss.*not evaluated"):
+        assert ls.check(tmp_path / "run.h5", ls.alarms.with_rules([typo])) == []
+    with warnings.catch_warnings():  # the built-in rules watch metrics a run may lack
+        warnings.simplefilter("error", UserWarning)
+        ls.check(tmp_path / "run.h5", ls.alarms.default_rules())
+        ls.alarms.collect_findings(tmp_path / "run.h5")  # a path, as check takes
+
+
 class _Probe(Metric):
     name = "probe"
     FIELDS = ("value",)
@@ -362,7 +389,7 @@ def test_a_bfloat16_value_watched_by_a_rule(tmp_path):
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        mon, _ = _train(None, [Half()], steps=2, alarms=[Watch()])
+        mon, _ = _train(None, [Half()], steps=2, alarms=ls.alarms.with_rules([Watch()]))
     assert not mon.findings
 
 
