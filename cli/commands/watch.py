@@ -32,10 +32,10 @@ MIN_INTERVAL = 0.01
 """The shortest ``--interval`` (seconds): 0 would read the file in a busy loop."""
 
 
-def _format_value(value: np.ndarray) -> str:
+def _format_value(value: np.ndarray | str) -> str:
+    if isinstance(value, str):  # a string field (Run.series decodes them)
+        return repr(value)
     arr = np.asarray(value)
-    if arr.dtype.kind == "S":
-        return repr(arr.item().decode("utf-8", "replace"))
     if arr.ndim == 0:
         return format_number(float(arr))
     flat = arr.reshape(-1).astype(np.float64)

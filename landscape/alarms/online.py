@@ -300,8 +300,7 @@ class OnlineAlarms:
         # metric of that name, replayed whole)
         if "unmeasured" in reader.metrics() and "metrics" in reader.fields("unmeasured"):
             for s, joined in zip(*reader.series("unmeasured", "metrics")):
-                text = joined.decode() if isinstance(joined, bytes) else str(joined)
-                skip.update((n, int(s)) for n in text.split(",") if n)
+                skip.update((n, int(s)) for n in str(joined).split(",") if n)
         for name in reader.metrics():
             if name not in self._watchers:
                 continue

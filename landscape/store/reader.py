@@ -232,7 +232,8 @@ class Run:
             field_name: one of its fields.
 
         Returns:
-            The steps ``(N,)`` and the values ``(N, *shape)``.
+            The steps ``(N,)`` and the values ``(N, *shape)``; a string field's values as
+            ``str`` (an object array), decoded from the file's UTF-8 bytes.
 
         Raises:
             KeyError: no such metric or field.
@@ -245,6 +246,9 @@ class Run:
             )
         steps = self._backend.steps(path)
         values = self._backend.column(path, field_name, len(steps))
+        if specs[field_name].is_string:
+            values = np.array(_decode_strings(values.reshape(-1)), dtype=object).reshape(
+                values.shape)
         return steps, values
 
     def all_series(self) -> Iterator[tuple[str, str, np.ndarray, np.ndarray]]:

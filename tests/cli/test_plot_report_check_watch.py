@@ -478,6 +478,17 @@ def test_watch_once_prints_the_latest_row_of_each_metric_and_the_findings(runner
     ]
 
 
+def test_watch_prints_a_string_field_as_text(runner, tmp_path):
+    # the monitor's /metrics/unmeasured table names the metrics that failed at a step
+    path = tmp_path / "run.h5"
+    with RunWriter(path) as w:
+        w.declare("unmeasured", {"metrics": "S16"})
+        w.append("unmeasured", 3, {"metrics": "flaky"})
+    result = runner.invoke(cli, ["watch", str(path), "--once", "-q"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "unmeasured  step 3  (+1)  metrics='flaky'\n"
+
+
 def test_watch_bad_inputs_and_empty_run(runner, empty_run, run_file, tmp_path):
     for path, fragment in _bad_inputs(tmp_path):
         _one_line_error(runner.invoke(cli, ["watch", path, "--once"]), fragment)

@@ -82,3 +82,17 @@ def test_long_strings_are_cut_not_rejected(writer_factory):
     msg = w.run().findings()[0].message
     assert msg.endswith("...") and len(msg.encode()) <= 512
     w.close()
+
+
+def test_a_string_field_reads_back_as_text(writer_factory):
+    """Run.series returned a string field as raw bytes (b'flaky'); the findings and
+    checkpoints readers already decoded theirs."""
+    w = writer_factory()
+    w.declare("notes", {"text": "S16", "v": None})
+    w.append("notes", 0, {"text": "flaky,sharpness", "v": 1.0})
+    w.append("notes", 1, {"text": "é", "v": 2.0})
+    steps, text = w.run().series("notes", "text")
+    assert list(steps) == [0, 1] and list(text) == ["flaky,sharpness", "é"]
+    assert all(type(t) is str for t in text)
+    assert w.run().series("notes", "v")[1].dtype == np.float64
+    w.close()
