@@ -82,7 +82,8 @@ class Metric:
     """Base class of every metric: computes named fields at scheduled steps.
 
     One row per due step is written to ``/metrics/<name>`` of the run file. Class
-    attributes a subclass sets: ``name`` (the registry name: snake_case of the class name),
+    attributes a subclass sets: ``name`` (the registry name; unset, the snake_case of the
+    class name),
     ``FIELDS`` (names of scalar fields; override :meth:`fields` for vector fields or
     shapes that depend on the model), ``CONTEXT_FIELDS`` (those of ``FIELDS`` that record
     the conditions of a row, such as the batch's size, rather than a measurement: stored
@@ -121,6 +122,11 @@ class Metric:
     #: while the monitor's sentinels have moved (``Monitor(adaptive=True)``), the metric is
     #: also due every ``dense_every`` steps (None: only on its schedule)
     dense_every: ClassVar[int | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.name:  # no name set (none inherited): the snake_case of the class name
+            cls.name = snake_case(cls.__name__.lstrip("_"))
 
     def __init__(self, schedule: Schedule | str | int | None = None, data: str | None = None):
         self.schedule: Schedule = (

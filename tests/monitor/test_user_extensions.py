@@ -204,6 +204,11 @@ class _NoName(Metric):
     FIELDS = ("value",)
 
 
+class _Slashed(Metric):
+    name = "a/b"
+    FIELDS = ("value",)
+
+
 class _StringFields(Metric):
     name = "string_fields"
     FIELDS = "value"  # ("value",) without its comma
@@ -219,8 +224,10 @@ def test_the_mistakes_a_newcomer_makes_in_a_metric(tmp_path):
         ls.Monitor(models.mlp(), F.cross_entropy, metrics=[_Probe()])
     with pytest.warns(UserWarning, match="_MyLoss is named 'loss'"):
         ls.Monitor(models.mlp(), F.cross_entropy, metrics=[_MyLoss()])
-    with pytest.raises(ValueError, match=r"_NoName.name must be a non-empty name"):
-        ls.Monitor(models.mlp(), F.cross_entropy, metrics=[_NoName()])
+    # a metric without a name was refused; it is now named after its class
+    assert _NoName.name == "no_name" and _MyLoss.name == "loss"  # (one it sets is kept)
+    with pytest.raises(ValueError, match=r"_Slashed.name must be a non-empty name"):
+        ls.Monitor(models.mlp(), F.cross_entropy, metrics=[_Slashed()])
     with pytest.raises(TypeError, match=r"write \('value',\)"):
         _train(tmp_path / "fields.h5", [_StringFields()])
     with pytest.warns(RuntimeWarning, match="_NoCompute does not define compute"):
