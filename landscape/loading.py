@@ -62,7 +62,7 @@ def _factory_file(spec: str) -> Path | None:
 
 
 @contextlib.contextmanager
-def _folder_on_path(spec: str) -> Iterator[None]:
+def folder_on_path(spec: str) -> Iterator[None]:
     """The folder of a factory file first on ``sys.path`` while it is imported and called.
 
     So a factory file can import the modules next to it, as ``python file.py`` would let it,
@@ -101,7 +101,7 @@ def load_factory(spec: str, what: str = "factory", *, need_callable: bool = True
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[name] = module
         try:
-            with _folder_on_path(spec):
+            with folder_on_path(spec):
                 module_spec.loader.exec_module(module)
         except Exception as err:
             del sys.modules[name]
@@ -127,7 +127,7 @@ def call_factory(spec: str, what: str) -> Any:
     A factory file's folder is on ``sys.path`` during the call too (for imports inside the
     function).
     """
-    with _folder_on_path(spec):
+    with folder_on_path(spec):
         factory = load_factory(spec, what)
         try:
             return factory()
@@ -148,7 +148,7 @@ def load_rules(spec: str) -> list[Any]:
     """
     from landscape.alarms import Rule
 
-    with _folder_on_path(spec):
+    with folder_on_path(spec):
         obj = load_factory(spec, "rules", need_callable=False)
         if (isinstance(obj, type) and issubclass(obj, Rule)) or (
                 callable(obj) and not isinstance(obj, (Rule, type))):
@@ -323,10 +323,10 @@ class Checkpoint:
         return f"Checkpoint({str(self.path)!r}, step={self.step})"
 
 
-_STEP_WORDS = "checkpoint|ckpt|step|global_step|iter|iteration"
+STEP_WORDS = "checkpoint|ckpt|step|global_step|iter|iteration"
 """The words before a step number in a checkpoint folder's name (``checkpoint-40``)."""
 
-_STEP_FOLDER = re.compile(rf"(?:{_STEP_WORDS}|epoch)[-_=]?(\d+)", re.IGNORECASE)
+_STEP_FOLDER = re.compile(rf"(?:{STEP_WORDS}|epoch)[-_=]?(\d+)", re.IGNORECASE)
 
 
 def step_from_name(path: str | Path) -> int | None:

@@ -23,7 +23,7 @@ from torch import nn
 
 from landscape._errors import LandscapeError
 from landscape._hf import is_causal_lm
-from landscape.loading import _STEP_WORDS
+from landscape.loading import STEP_WORDS
 
 __all__ = [
     "build_model",
@@ -83,7 +83,7 @@ def saved_step(path: Path) -> int | None:
     return None
 
 
-_STEP_NAME = re.compile(rf"(?:{_STEP_WORDS})[-_=]?(\d+)", re.IGNORECASE)
+_STEP_NAME = re.compile(rf"(?:{STEP_WORDS})[-_=]?(\d+)", re.IGNORECASE)
 """A model folder's name that gives its step: that of a checkpoint file's folder, but not
 ``epoch-N`` (epochs are no steps, and would mix with the steps of other folders)."""
 

@@ -30,8 +30,8 @@ from landscape.checkpoints import lightning as lit
 from landscape.checkpoints.optim import optimizer_settings, read_optimizer_file
 from landscape.loading import (
     Checkpoint,
-    _folder_on_path,
     call_factory,
+    folder_on_path,
     load_checkpoint,
     load_factory,
     step_from_name,
@@ -148,7 +148,7 @@ def open_checkpoints(
     checkpoints: list[Checkpoint] = []
     kinds: set[str] = set()
     lightning: tuple[Checkpoint, dict[str, Any]] | None = None  # its raw dict builds the module
-    with _folder_on_path(model) if model is not None and trust else contextlib.nullcontext():
+    with folder_on_path(model) if model is not None and trust else contextlib.nullcontext():
         for p in expand(paths):
             ckpt, raw = _load(p, trust)
             kinds.add("huggingface" if ckpt.path.is_dir() else "lightning" if raw is not None

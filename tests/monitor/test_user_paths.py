@@ -208,12 +208,11 @@ def test_a_metric_that_fails_in_another_way_later_is_reported_again():
         name = "flaky"
         FIELDS = ("value",)
         default_data = "batch"
-        errors = {0: RuntimeError("first"), 1: RuntimeError("again"),
-                  2: torch.OutOfMemoryError("out of memory"), 4: RuntimeError("third")}
-
         def compute(self, ctx):
-            if ctx.step in self.errors:
-                raise self.errors[ctx.step]
+            errors = {0: RuntimeError("first"), 1: RuntimeError("again"),
+                      2: torch.OutOfMemoryError("out of memory"), 4: RuntimeError("third")}
+            if ctx.step in errors:
+                raise errors[ctx.step]
             return {"value": 1.0}
 
     model = models.mlp()
