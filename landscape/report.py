@@ -40,7 +40,7 @@ from landscape.findings import (
 from landscape.plotting import surfaces as _surface_plots
 from landscape.plotting.spectra import is_density
 from landscape.plotting.timelines import figure_png, metrics_with_rows, timelines
-from landscape.store import Run, SurfaceData, refuse_to_overwrite_hdf5
+from landscape.store import FieldSpec, Run, SurfaceData, refuse_to_overwrite_hdf5
 
 # --------------------------------------------------------------------------- findings
 
@@ -170,11 +170,6 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{_e(alt)}" src="data:image/png;base64,{data}">'
 
 
-def _shape(spec: dict) -> str:
-    shape = spec["shape"]
-    return f"{spec['dtype']}[{','.join(map(str, shape))}]" if shape else spec["dtype"]
-
-
 def _summary_html(summary: dict, counts: dict[str, int]) -> list[str]:
     out = ['<section id="summary"><h2>Summary</h2>']
     metrics = summary["metrics"]
@@ -184,7 +179,7 @@ def _summary_html(summary: dict, counts: dict[str, int]) -> list[str]:
             "<th>schedule</th><th>class</th></tr></thead><tbody>"
         )
         for name, m in metrics.items():
-            fields = ", ".join(f"{f} {_shape(s)}" for f, s in m["fields"].items())
+            fields = ", ".join(f"{f} {FieldSpec.from_json(s)}" for f, s in m["fields"].items())
             span = "&ndash;" if not m["rows"] else f"{m['first_step']} &hellip; {m['last_step']}"
             out.append(
                 f"<tr><td>{_e(name)}</td><td>{_e(fields)}</td><td class=num>{m['rows']}</td>"

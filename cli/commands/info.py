@@ -7,12 +7,7 @@ import json
 import click
 from landscape_cli.app import cli, verbose_option
 
-from landscape.store import Run
-
-
-def _shape(spec: dict) -> str:
-    shape = spec["shape"]
-    return f"{spec['dtype']}[{','.join(map(str, shape))}]" if shape else spec["dtype"]
+from landscape.store import FieldSpec, Run
 
 
 @cli.command(epilog="\b\nExample:\n  landscape info run.h5")
@@ -36,7 +31,7 @@ def info(run_path: str, as_json: bool) -> None:
     click.echo(f"  metrics: {len(summary['metrics'])}")
     for name, m in summary["metrics"].items():
         span = "no rows" if not m["rows"] else f"steps {m['first_step']}..{m['last_step']}"
-        fields = ", ".join(f"{f} {_shape(s)}" for f, s in m["fields"].items())
+        fields = ", ".join(f"{f} {FieldSpec.from_json(s)}" for f, s in m["fields"].items())
         schedule = f", schedule {m['schedule']}" if m.get("schedule") else ""
         click.echo(f"    {name}: {m['rows']} rows, {span}{schedule}; fields: {fields}")
     click.echo(f"  findings: {summary['findings']}")

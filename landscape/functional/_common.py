@@ -13,7 +13,6 @@ Conventions (docs/metrics.md, "Conventions shared by every function"):
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import torch
@@ -144,7 +143,3 @@ def safe_log_term(p: torch.Tensor) -> torch.Tensor:
     return torch.where(
         p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p)
     )
-
-
-def is_finite_number(x: float) -> bool:
-    return not (math.isnan(x) or math.isinf(x))

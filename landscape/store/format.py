@@ -79,6 +79,10 @@ class FieldSpec:
         """Whether the field holds fixed-width byte strings (dtype kind ``S``)."""
         return np.dtype(self.dtype).kind == "S"
 
+    def __str__(self) -> str:
+        """``float64`` for a scalar, ``float64[5]`` (``float64[2,3]``) for an array."""
+        return f"{self.dtype}[{','.join(map(str, self.shape))}]" if self.shape else self.dtype
+
 
 FieldsLike = Mapping[str, Union[FieldSpec, tuple, str, None]]
 
