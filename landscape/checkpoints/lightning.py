@@ -113,12 +113,24 @@ def build_module(ckpt: Mapping[str, Any], path: Path, cls: type | None = None) -
     return module
 
 
+def defines_forward(module: nn.Module) -> bool:
+    """Whether the class of ``module`` (not Lightning's or torch's) defines ``forward``."""
+    for klass in type(module).__mro__:
+        if klass.__module__.split(".")[0] in ("lightning", "pytorch_lightning", "torch"):
+            return False
+        if "forward" in vars(klass):
+            return True
+    return False
+
+
 def inner_module(module: nn.Module) -> tuple[nn.Module, str]:
     """The network a ``LightningModule`` wraps, and the state-dict prefix it has.
 
-    A module whose parameters all belong to one child (``self.model = ...``) is analyzed
-    through that child (its forward and, for a Hugging Face model, its loss); otherwise
-    the module itself.
+    A module that defines no ``forward`` of its own and whose parameters all belong to one
+    child (``self.model = ...``, called in ``training_step``) is analyzed through that
+    child (its forward and, for a Hugging Face model, its loss); otherwise the module
+    itself: a ``forward`` that normalises or reshapes its inputs before the network is
+    part of the function the checkpoint computes.
 
     Args:
         module: the ``LightningModule``.
@@ -126,6 +138,8 @@ def inner_module(module: nn.Module) -> tuple[nn.Module, str]:
     Returns:
         ``(network, prefix)``, the prefix ``"model."`` or ``""``.
     """
+    if defines_forward(module):
+        return module, ""
     total = sum(1 for _ in module.parameters())
     for name, child in module.named_children():
         n = sum(1 for _ in child.parameters())
