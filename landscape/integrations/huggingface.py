@@ -318,10 +318,12 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
                         on_finding, stop_on, config, monitor_options, mirrors)
         self._hook: Any = None
         self._losses: list[torch.Tensor] = []
+        # the Trainer passed num_items_in_batch to the model in this step: it normalised each
+        # micro-batch's loss by the whole step's token count (their sum is the step's loss)
         self._token_normalised = False
         self._batch: Any = None
         self._explicit_losses: list[torch.Tensor] = []  # record_loss() values of the step
-        self._explicit_share = False
+        self._explicit_share: bool | None = None
         self._closed = True
         self._busy = False
         self._warned_no_loss = False
@@ -386,20 +388,21 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         # the Trainer switches label smoothing off for multi-label classification
         multi_label = getattr(getattr(model, "config", None), "problem_type",
                               None) == "multi_label_classification"
-        if getattr(args, "label_smoothing_factor", 0) and not multi_label:
+        if getattr(args, "label_smoothing_factor", 0) and not multi_label \
+                and self.probe is None:
+            # (the loss: a warning at the first step that records none, if it comes)
             warnings.warn(
                 "landscape: with label_smoothing_factor the Trainer pops the batch's labels "
-                "and computes the loss outside the model (outputs.loss is None): call "
-                "callback.record_loss(loss) from a compute_loss override, or the 'loss' rows "
-                "are NaN; metrics that need labels (curvature, collapse) need probe= with "
-                "labels, as the training batch the model sees has none",
+                "before the model sees them: metrics that need labels (curvature, collapse) "
+                "need probe= with labels; and it computes the loss outside the model, so "
+                "call callback.record_loss(loss) from a compute_loss override",
                 RuntimeWarning, stacklevel=user_stacklevel())
             self._warned_no_loss = True  # said here already: no second warning at the step
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Start the step's losses afresh; hook the parameters unfrozen since the last step."""
         self._explicit_losses = []  # nothing an evaluation between two steps recorded
-        self._explicit_share = False
+        self._explicit_share = None
         if self._unclipped is not None:
             self._unclipped.watch()
 
@@ -457,15 +460,19 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
 
     # ------------------------------------------------------------------ the loss
 
-    def record_loss(self, loss: torch.Tensor | float, *, share: bool = False) -> None:
+    def record_loss(self, loss: torch.Tensor | float, *, share: bool | None = None) -> None:
         """Give a micro-batch's loss explicitly (from a custom ``compute_loss``).
 
         ``compute_loss`` runs once per micro-batch: call this each time. The step's loss is
-        the mean of the values given during the step, or their sum with ``share=True``
-        (each value is its micro-batch's share of the step's loss: a token-loss sum
-        divided by the step's ``num_items_in_batch``; times the world size under
-        ``average_tokens_across_devices``, as for the model's own losses). Given values
-        replace what the forward hook read for the step.
+        the sum of the values given during the step when each is its micro-batch's share of
+        the step's loss (a token-loss sum divided by the step's ``num_items_in_batch``;
+        times the world size under ``average_tokens_across_devices``, as for the model's
+        own losses), else their mean. By default (``share=None``) they are shares when the
+        Trainer passed ``num_items_in_batch`` to the model in the step: it then normalises
+        the loss by the step's token count, its label smoother and ``compute_loss_func``
+        too, and adds the micro-batches' values up instead of averaging them.
+        ``share=True`` or ``False`` says it. Given values replace what the forward hook
+        read for the step.
 
         Calls without gradients (the Trainer's evaluation runs ``compute_loss`` too) are
         ignored. Under ``average_tokens_across_devices`` give the value before the Trainer's
@@ -475,7 +482,8 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
 
         Args:
             loss: a micro-batch's loss.
-            share: the values of a step add up to its loss, rather than average to it.
+            share: the values of a step add up to its loss (True), average to it (False),
+                or, None, as the Trainer counts them (above).
         """
         if self._closed or not torch.is_grad_enabled():
             return  # an evaluation loop's compute_loss (no gradients), or no training
@@ -489,7 +497,8 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         loss = _output_loss(output)
         if loss is not None:
             self._losses.append(loss)
-            self._token_normalised = kwargs.get("num_items_in_batch") is not None
+        # (also without a loss: label smoothing pops the labels, the model returns none)
+        self._token_normalised = kwargs.get("num_items_in_batch") is not None
         if kwargs:
             self._batch = {k: v for k, v in kwargs.items() if k not in _NOT_BATCH}
         elif len(args) == 1:
@@ -506,7 +515,8 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         if not values:
             return None
         losses = torch.stack([v.float().mean() for v in values])
-        if self._explicit_share if given else self._token_normalised:
+        share = self._explicit_share if given else None
+        if self._token_normalised if share is None else share:
             return losses.sum() * self._world  # each: its token-loss sum / the step's tokens
         return losses.mean()
 
@@ -516,7 +526,7 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         self._token_normalised = False
         self._batch = None
         self._explicit_losses = []
-        self._explicit_share = False
+        self._explicit_share = None
 
     # ------------------------------------------------------------------ access
 

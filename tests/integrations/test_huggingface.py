@@ -181,6 +181,28 @@ def test_record_loss_from_compute_loss_combines_the_micro_batches(tmp_path, shar
     assert cb.run().series("loss", "samples")[1].tolist() == [8, 8, 8]
 
 
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_record_loss_of_a_label_smoothed_loss_is_the_trainers_loss(tmp_path, accumulation):
+    """With label_smoothing_factor the Trainer normalises each micro-batch's smoothed loss
+    by the step's token count: record_loss(loss), as the warning said, recorded 1/k of the
+    loss under accumulation k (a false loss_spike at an epoch's short last window)."""
+
+    class Smoothed(transformers.Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            cb.record_loss(result[0] if return_outputs else result)
+            return result
+
+    cb = LandscapeTrainerCallback(None, metrics=["loss"], alarms=False, probe=PROBE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a probe with labels: nothing to say
+        trainer, _ = _train(tmp_path, [cb], max_steps=5, trainer_class=Smoothed,
+                            label_smoothing_factor=0.1,
+                            gradient_accumulation_steps=accumulation)
+    logged = [loss for _, loss in _logged_losses(trainer)]
+    np.testing.assert_allclose(cb.run().series("loss", "value")[1], logged, rtol=1e-4)
+
+
 def test_a_fresh_train_into_a_file_of_an_earlier_run_is_refused_before_it_trains(tmp_path):
     """train() twice, or a script run again: it failed at the first optimizer step, after
     the model had moved, with the forward hook left on it."""
