@@ -59,6 +59,12 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     )
 
 
+def _as_pair(batch: Any) -> Any:
+    """A dict ``(inputs, targets)`` batch (:data:`PAIR_KEYS`) as a tuple; others unchanged."""
+    return split_batch(batch) if isinstance(batch, Mapping) and not keyword_batch(batch) \
+        else batch
+
+
 def keyword_batch(batch: Any) -> bool:
     """Whether ``batch`` holds the model's keyword arguments (a tokenizer's output).
 
@@ -455,10 +461,14 @@ class StepContext:
         if key not in self._cache:
             from landscape import curvature
 
+            data = self.data(source)
+            if self.closure is None:  # loss_fn(model(x), y): a {"x": ..., "y": ...} batch too
+                data = ([_as_pair(b) for b in data] if is_batch_list(data)
+                        else _as_pair(data))
             op = curvature.Hessian(
                 self.model,
                 None if self.closure is not None else self.loss_fn,
-                self.data(source),
+                data,
                 closure=self.closure,
                 params=list(self.names),
                 microbatch_size=self.microbatch_size,

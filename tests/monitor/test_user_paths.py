@@ -229,6 +229,23 @@ def test_a_metric_that_fails_in_another_way_later_is_reported_again():
     assert np.isnan(values[[0, 1, 2, 4]]).all() and values[3] == 1.0
 
 
+def test_a_dict_probe_of_inputs_and_targets_works_for_curvature_under_loss_fn():
+    """{"x": ..., "y": ...} worked for the sentinels and collapse, but the curvature
+    metrics refused it under loss_fn ('every batch must be an (inputs, targets) pair')."""
+    x, y = models.classification_data()
+    rows = []
+    for probe in ((x, y), {"x": x, "y": y}, [{"inputs": x[:8], "targets": y[:8]},
+                                            {"inputs": x[8:], "targets": y[8:]}]):
+        model = models.mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with Monitor(model, F.cross_entropy, optimizer=opt, probe=probe, strict=True,
+                     metrics=["top_eigenvalues"], warn=False) as mon:
+            _train(model, opt, mon, _batches(2), F.cross_entropy)
+            rows.append(mon.run().series("top_eigenvalues", "eigenvalues")[1])
+    np.testing.assert_allclose(rows[1], rows[0], rtol=1e-5)
+    np.testing.assert_allclose(rows[2], rows[0], rtol=1e-4)
+
+
 def _growing_step(rng):
     u = np.full(200, 0.005) * np.exp(0.1 * rng.standard_normal(200))
     u[150:] *= 1.12 ** np.arange(1, 51)
