@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> Path:
                      representation=None)
     callback = LandscapeTrainerCallback(
         str(path), metrics=metrics, probe={"input_ids": probe_ids, "labels": probe_ids},
+        # mode="w": each run of the example starts afresh; a job that resumes from
+        # checkpoints leaves mode at "a", and the run file follows it
         on_finding=report, mode="w", warn=False,
     )
     training_args = transformers.TrainingArguments(

@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     callback = LandscapeCallback(
         str(path), F.cross_entropy, metrics="standard", probe=probe, on_finding=report,
+        # mode="w": each run of the example starts afresh; a job that resumes from
+        # checkpoints leaves mode at "a", and the run file follows it
         mode="w", warn=False,
     )
     trainer = pl.Trainer(

@@ -22,12 +22,13 @@ from __future__ import annotations
 import copy
 import importlib
 import math
+import warnings
 from typing import Any, Callable, Iterable, Sequence
 
 from landscape._errors import StepOrderError
 from landscape.batches import leading_size
 from landscape.batches import to_device as move_to_device
-from landscape.findings import Finding, severity_rank
+from landscape.findings import Finding, severity_rank, user_stacklevel
 from landscape.metrics import Metric
 from landscape.monitor import Monitor, unwrap_optimizer
 from landscape.schedules import At, Every, Never, Schedule, at, every, never
@@ -158,6 +159,11 @@ def resume_options(options: dict[str, Any], path: Any, resumed_step: int) -> dic
     if (resumed_step > 0 and path is not None and out.get("mode", "a") == "a"
             and out.get("truncate_from") is None):
         out["truncate_from"] = int(resumed_step)
+    if resumed_step > 0 and path is not None and out.get("mode") == "w":
+        warnings.warn(
+            f"landscape: training resumes at step {resumed_step}, and mode='w' empties the "
+            f"run file {path}: the rows before that step are lost; leave mode at its "
+            "default ('a') to continue the file", RuntimeWarning, stacklevel=user_stacklevel())
     return out
 
 

@@ -50,6 +50,7 @@ metrics on its own batch and only global rank 0 writes the file (the monitor che
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 import warnings
@@ -59,7 +60,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from landscape.findings import Finding
+from landscape.findings import Finding, user_stacklevel
 from landscape.integrations import (
     CallbackSettings,
     add_samples,
@@ -148,6 +149,17 @@ def _no_loss_fn(*args: Any) -> torch.Tensor:
     )
 
 
+def _as_trained(trainer: pl.Trainer, batch: Any) -> Any:
+    """``batch`` converted as the precision plugin converts training inputs.
+
+    ``precision="bf16-true"`` (or ``"16-true"``) trains the module in that dtype and casts
+    each batch's floating-point tensors to it; a float32 probe would fail every metric.
+    """
+    plugin = getattr(getattr(trainer, "strategy", None), "precision_plugin", None)
+    convert = getattr(plugin, "convert_input", None)
+    return batch if convert is None else convert(batch)
+
+
 def _loss_of(outputs: Any) -> torch.Tensor | None:
     if isinstance(outputs, Mapping):
         outputs = outputs.get("loss")
@@ -209,6 +221,7 @@ class LandscapeCallback(CallbackSettings, Callback):
         self._pending: list[torch.Tensor] = []
         self._pending_samples: int | None = 0  # the window's samples (None: not known)
         self._told_no_loss = False  # the missing-loss hint, once per callback
+        self._told_unreachable = False  # every_n_steps that no recorded step can meet
         self._created = time.time()  # run() reads only a file written since (ddp_spawn)
         self._grad_norm: float | None = None  # before clipping, from on_before_optimizer_step
         self._closed = True
@@ -236,7 +249,8 @@ class LandscapeCallback(CallbackSettings, Callback):
             )
         optimizers = trainer.optimizers
         optimizer = unwrap_optimizer(optimizers[0]) if optimizers else None
-        probe = None if self.probe is None else move_to_device(self.probe, pl_module.device)
+        probe = None if self.probe is None else _as_trained(
+            trainer, move_to_device(self.probe, pl_module.device))
         config = {
             "integration": "lightning",
             "lightning_version": pl.__version__,
@@ -264,8 +278,18 @@ class LandscapeCallback(CallbackSettings, Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
-        """Keep the gradient norm before Lightning clips it (``gradient_clip_val``)."""
-        if self.monitor is None or not trainer.gradient_clip_val:
+        """Keep the gradient norm before Lightning clips it, or before manual code zeroes it.
+
+        With ``gradient_clip_val`` the ``.grad`` the monitor sees later is clipped; with
+        manual optimization the module may zero it right after ``opt.step()``
+        (``opt.step(); opt.zero_grad()``), before ``on_train_batch_end``. Only for the
+        watched (first) optimizer, and only when the ``grad_norm`` metric is recorded.
+        """
+        if self.monitor is None or not (trainer.gradient_clip_val
+                                        or not pl_module.automatic_optimization):
+            return
+        if unwrap_optimizer(optimizer) is not self.monitor.optimizer or not any(
+                m.name == "grad_norm" for m in self.monitor.metrics):
             return
         self._grad_norm = gradient_norm(trainable_named_parameters(pl_module).values())
 
@@ -289,6 +313,7 @@ class LandscapeCallback(CallbackSettings, Callback):
             self._pending_samples = add_samples(self._pending_samples, batch)
         if trainer.global_step == self._seen_global_step:
             return  # accumulating gradients: no optimizer step yet
+        self._refuse_unreachable_steps(trainer.global_step - self._seen_global_step)
         self._seen_global_step = trainer.global_step
         pending, self._pending = self._pending, []
         samples, self._pending_samples = self._pending_samples or None, 0
@@ -335,6 +360,23 @@ class LandscapeCallback(CallbackSettings, Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Close the run file."""
         self.close()
+
+    def _refuse_unreachable_steps(self, advance: int) -> None:
+        """Warn once when ``every_n_steps`` can never meet the steps recorded.
+
+        With k optimizers stepping per batch (manual optimization) ``global_step``
+        advances by k, and the rows fall on steps k-1, 2k-1, ...: none is a multiple of an
+        ``every_n_steps`` that shares a factor with k, and the run would stay empty.
+        """
+        n = self.every_n_steps
+        if advance > 1 and n > 1 and math.gcd(n, advance) > 1 and not self._told_unreachable:
+            self._told_unreachable = True
+            warnings.warn(
+                f"landscape: LandscapeCallback: trainer.global_step advances by {advance} per "
+                f"batch ({advance} optimizer steps), so the rows fall on steps {advance - 1}, "
+                f"{2 * advance - 1}, ...: none is a multiple of every_n_steps={n}, and "
+                f"nothing will be recorded; pass an every_n_steps with no factor in common "
+                f"with {advance}", RuntimeWarning, stacklevel=user_stacklevel())
 
     # ------------------------------------------------------------------ access
 

@@ -316,6 +316,14 @@ def test_a_fit_resumed_from_a_checkpoint_continues_the_run_file(tmp_path):
     trainer.fit(Classifier(), loader, ckpt_path=ckpt)
     with Run.open(path) as run:
         assert run.steps("loss").tolist() == [0, 1, 2, 3, 4]
+    # the examples' mode="w" on a resumed fit empties the file: said, not silent
+    trainer = pl.Trainer(max_steps=5, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False,
+                         callbacks=[LandscapeCallback(str(path), metrics=["loss"], mode="w")])
+    with pytest.warns(RuntimeWarning, match="resumes at step 3, and mode='w' empties"):
+        trainer.fit(Classifier(), loader, ckpt_path=ckpt)
+    with Run.open(path) as run:
+        assert run.steps("loss").tolist() == [3, 4]
 
 
 def test_a_fresh_fit_into_a_file_of_an_earlier_run_is_refused_before_it_trains(tmp_path):
@@ -373,6 +381,64 @@ def test_two_optimizers_record_at_lightnings_global_step(tmp_path):
     assert trainer.global_step == 12  # six batches, two optimizer steps each
     with Run.open(path) as run:
         assert run.steps("loss").tolist() == [1, 3, 5, 7, 9, 11]
+
+
+def test_an_every_n_steps_that_no_recorded_step_meets_is_said():
+    """Two optimizers put the rows on odd steps: every_n_steps=2 recorded nothing, silently."""
+    callback = LandscapeCallback(None, metrics=["loss"], every_n_steps=2)
+    with pytest.warns(RuntimeWarning, match=r"advances by 2 per batch.*every_n_steps=2, and "
+                                            r"nothing will be recorded"):
+        _fit(_TwoOptimizers(), [callback], max_steps=8)
+    assert callback.run().steps("loss").tolist() == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        callback = LandscapeCallback(None, metrics=["loss"], every_n_steps=3)
+        _fit(_TwoOptimizers(), [callback], max_steps=12)
+    assert callback.run().steps("loss").tolist() == [3, 9]
+
+
+class _ManualAccumulation(Classifier):
+    """Lightning's manual-optimization pattern: step and zero the gradients every 2 batches."""
+
+    def __init__(self) -> None:
+        super().__init__(manual=True)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.manual_backward(loss / 2)
+        if batch_idx % 2 == 1:
+            self.seen_norms.append(float(torch.linalg.vector_norm(torch.cat(
+                [p.grad.flatten() for p in self.parameters()]))))
+            opt = self.optimizers()
+            opt.step()
+            opt.zero_grad()
+        return loss.detach()
+
+    seen_norms: list[float]
+
+
+def test_manual_optimization_that_zeroes_the_gradients_keeps_grad_norm():
+    """grad_norm was NaN at every row: the callback read .grad after opt.zero_grad()."""
+    module = _ManualAccumulation()
+    module.seen_norms = []
+    callback = LandscapeCallback(None, metrics=["loss", "grad_norm"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        trainer = _fit(module, [callback], max_steps=3)
+    assert trainer.global_step == 3
+    np.testing.assert_allclose(callback.run().series("grad_norm", "value")[1],
+                               module.seen_norms, rtol=1e-5)
+
+
+def test_a_bf16_true_fit_casts_the_probe_as_it_casts_the_batches():
+    """precision='bf16-true': the float32 probe failed every probe metric (dtype mismatch)."""
+    callback = LandscapeCallback(None, F.cross_entropy, probe=PROBE, strict=True,
+                                 metrics=["sentinels", "top_eigenvalues"])
+    _fit(Classifier(), [callback], max_steps=3, precision="bf16-true")
+    run = callback.run()
+    assert np.isfinite(run.series("top_eigenvalues", "eigenvalues")[1]).all()
+    assert np.isfinite(run.series("sentinels", "r_secant")[1][1:]).all()
 
 
 def test_run_reads_the_file_when_the_fit_ran_in_spawned_processes(tmp_path):
