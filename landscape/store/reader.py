@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
+import h5py
 import numpy as np
 
 from landscape._errors import RunFileError
@@ -67,6 +68,11 @@ def _identity(backend: Backend, where: str | None = None) -> tuple[int, int, int
     return held.st_dev, held.st_ino, held.st_size, where
 
 
+_FIRST_OPEN: dict[tuple[int, int], tuple[int, int]] = {}
+"""Per file (device, inode) read afresh by :meth:`Run.open`: its size and modification time
+then (``Run._warn_if_shared_and_stale``)."""
+
+
 class Run:
     """Read-only view of a run (an HDF5 file or an in-memory writer's data).
 
@@ -97,7 +103,33 @@ class Run:
             RunFileError: any problem with the file, in one line naming it.
         """
         p = Path(path)
-        return cls(H5Backend(open_for_reading(p), writable=False, path=p))
+        run = cls(H5Backend(open_for_reading(p), writable=False, path=p))
+        run._warn_if_shared_and_stale()
+        return run
+
+    def _warn_if_shared_and_stale(self) -> None:
+        """Warn when HDF5 gave this reader an older reader's view of a file changed since.
+
+        A second read-only open of a file in one process shares the first one's HDF5 file:
+        what another process wrote since the first open (metrics, surfaces, rows) is not
+        seen, whatever the second open does. The file's size and modification time at the
+        first open are kept (:data:`_FIRST_OPEN`) to tell a changed file from the same one.
+        """
+        assert isinstance(self._backend, H5Backend)
+        file, held = self._backend.file, _held(self._backend)
+        if held is None or file.id.get_intent() & h5py.h5f.ACC_RDWR:
+            return  # a writer's handle in this process: its view is the current one
+        key, now = (held.st_dev, held.st_ino), (held.st_size, held.st_mtime_ns)
+        if h5py.h5f.get_obj_count(file.id, h5py.h5f.OBJ_FILE) == 1:
+            _FIRST_OPEN[key] = now  # this open read the file afresh
+            return
+        if _FIRST_OPEN.get(key, now) != now:
+            warnings.warn(
+                f"{self.source}: another Run of this file is open in this process, and HDF5 "
+                "shares it: this one sees the file as it was when that one was opened "
+                "(metrics, surfaces and rows written since by another process are missing); "
+                "close the other Run first (with ls.Run.open(path) as run: ...)",
+                RuntimeWarning, stacklevel=3)
 
     # -- file-level
 

@@ -342,3 +342,34 @@ def test_a_reader_refreshes_after_the_working_directory_changes(tmp_path, monkey
     reader.refresh()
     assert reader.steps("m").tolist() == [0]
     reader.close()
+
+
+def test_a_second_reader_that_hdf5_gives_a_stale_view_says_so(tmp_path):
+    """A Run left open in a notebook, a CLI command writing a surface into the file, and a
+    fresh Run.open: HDF5 shares the first reader's file, and the new reader saw no surface
+    and no new rows, without a word."""
+    import warnings
+
+    path = tmp_path / "run.h5"
+    with RunWriter(path) as w:
+        w.declare("loss", {"value": None})
+        w.append("loss", 0, {"value": 1.0})
+    first = Run.open(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        Run.open(path).close()  # the same file, unchanged: nothing to say
+    code = textwrap.dedent(f"""
+        from landscape.store import RunWriter
+        with RunWriter({str(path)!r}) as w:
+            w.declare("extra", {{"value": None}})
+            w.append("extra", 0, {{"value": 2.0}})
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True,
+                   env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    with pytest.warns(RuntimeWarning, match="another Run of this file is open in this process"):
+        stale = Run.open(path)
+    assert stale.metrics() == ["loss"]  # what HDF5 shows it (the warning is why)
+    stale.close()
+    first.close()
+    with Run.open(path) as fresh:
+        assert fresh.metrics() == ["extra", "loss"]
