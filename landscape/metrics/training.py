@@ -91,7 +91,8 @@ def _no_update(ctx: StepContext, metric: str) -> str:
     if ctx.optimizer is None:
         return f"{metric} needs Monitor(optimizer=...) and an optimizer step"
     return (f"{metric}: the optimizer did not step since the previous call (a GradScaler "
-            "skipping a step, or optimizer= is not the optimizer that steps)")
+            "skipping a step, an optimizer that steps less often than the monitor is "
+            "called, or optimizer= is not the optimizer that steps)")
 
 
 @register
