@@ -34,7 +34,8 @@ from landscape.distributed import unwrap
 
 __all__ = [
     "EAGER_COMPILED", "ClosureModule", "differentiable", "eager_compiled_code", "isolated",
-    "no_grad_forward", "normalises_by_batch", "on_batch_statistics", "same_rng",
+    "loader_randomness_kept", "no_grad_forward", "normalises_by_batch", "on_batch_statistics",
+    "same_rng",
     "sdpa_math", "stateless_call", "stateless_closure",
 ]
 
@@ -83,6 +84,39 @@ def _cuda_devices(modules: list[nn.Module]) -> list[int]:
             if t is not None and t.device.type == "cuda":
                 devices.add(t.device.index or 0)
     return sorted(devices)
+
+
+def _loader_generators(data: Any) -> list[torch.Generator]:
+    """The ``torch.Generator`` objects a ``DataLoader`` and its samplers draw from."""
+    holders = [data, getattr(data, "sampler", None), getattr(data, "batch_sampler", None),
+               getattr(getattr(data, "batch_sampler", None), "sampler", None)]
+    found: dict[int, torch.Generator] = {}
+    for holder in holders:
+        g = getattr(holder, "generator", None)
+        if isinstance(g, torch.Generator):
+            found.setdefault(id(g), g)
+    return list(found.values())
+
+
+@contextlib.contextmanager
+def loader_randomness_kept(data: Any) -> Iterator[None]:
+    """Iterate a user's loader in the block without moving what training draws from.
+
+    Each iterator a ``DataLoader`` makes draws a seed from the loader's ``generator`` (or
+    torch's global one), and a shuffling ``RandomSampler`` draws its order from its own (or
+    the global one): reading a validation loader for a measurement would change every
+    later shuffle and dropout mask of training. Restored on exit: the global CPU generator
+    and every generator the loader and its samplers hold (PyTorch's reproducibility recipe
+    passes ``generator=g``).
+    """
+    generators = _loader_generators(data)
+    states = [g.get_state() for g in generators]
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            for g, state in zip(generators, states):
+                g.set_state(state)
 
 
 def _parameters(modules: list[nn.Module]) -> list[nn.Parameter]:

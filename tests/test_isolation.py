@@ -245,3 +245,26 @@ def test_a_wrappers_block_covers_the_operators_on_its_inner_module():
         with isolated(model, batch_statistics=True):
             assert model[1].training
     assert model[1].training and compiled.training
+
+
+@pytest.mark.parametrize("with_generator", [False, True])
+def test_reading_a_loader_leaves_trainings_randomness_where_it_was(with_generator):
+    """ls.Hessian on a validation DataLoader drew a seed from torch's global generator (every
+    later shuffle and dropout mask changed), and one built with generator=g advanced g,
+    as surface.plane did at every grid point."""
+    import landscape as ls
+
+    x, y = models.classification_data()
+    g = torch.Generator().manual_seed(3) if with_generator else None
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8,
+                                         shuffle=with_generator, generator=g)
+    model = models.mlp()
+    torch.manual_seed(11)
+    before = torch.get_rng_state()
+    loader_before = None if g is None else g.get_state()
+    H = ls.Hessian(model, F.cross_entropy, loader)
+    ls.top_eigenvalues(H, k=1)
+    ls.surface.line(model, F.cross_entropy, loader, steps=3, progress=False)
+    assert torch.equal(torch.get_rng_state(), before)
+    if g is not None:
+        assert torch.equal(g.get_state(), loader_before)

@@ -22,7 +22,7 @@ from torch import nn
 from landscape.batches import leading_size, normal_tensors, split, to_device
 from landscape.distributed import together
 from landscape.findings import user_stacklevel
-from landscape.isolation import on_batch_statistics
+from landscape.isolation import loader_randomness_kept, on_batch_statistics
 
 __all__ = [
     "BatchSize", "ProbeData", "batch_sizes", "check_microbatching", "is_single_batch",
@@ -212,7 +212,8 @@ def _materialize(
     else:
         if not isinstance(data, Iterable):
             raise ValueError(f"data: expected a batch or an iterable of batches, got {data!r}")
-        batches = list(itertools.islice(iter(data), max_batches))
+        with loader_randomness_kept(data):
+            batches = list(itertools.islice(iter(data), max_batches))
     if not batches:
         raise ValueError("data: the iterable of batches is empty")
     if not closure_mode:

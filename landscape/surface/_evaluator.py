@@ -17,7 +17,7 @@ from torch.func import functional_call
 
 from landscape import distributed as _dist
 from landscape.batches import leading_size, to_device
-from landscape.isolation import ClosureModule
+from landscape.isolation import ClosureModule, loader_randomness_kept
 from landscape.surface.directions import Directions
 
 __all__ = ["GridData", "PointEvaluator", "fingerprint"]
@@ -58,8 +58,7 @@ class GridData:
                 data = list(data)
             self.loader = data
             self.single = None
-            # a DataLoader draws a seed from the global RNG for every iterator it makes
-            with torch.random.fork_rng(devices=[]):
+            with loader_randomness_kept(data):  # (a DataLoader seeds every iterator)
                 first = next(iter(data), None)
             if first is None:
                 raise ValueError("data: the loader yields no batches")
@@ -73,8 +72,9 @@ class GridData:
         if self.loader is None:
             yield self.single
             return
-        for batch in self.loader:
-            yield to_device(batch, self.device, non_blocking=True)
+        with loader_randomness_kept(self.loader):
+            for batch in self.loader:
+                yield to_device(batch, self.device, non_blocking=True)
 
 
 # --------------------------------------------------------------------------- evaluator
