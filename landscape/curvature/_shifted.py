@@ -99,6 +99,44 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
+
+def _graph_leaves(value: torch.Tensor) -> list[torch.Tensor]:
+    """The leaf tensors whose ``.grad`` a ``value.backward()`` would accumulate into."""
+    leaves: dict[int, torch.Tensor] = {}
+    seen: set[int] = set()
+    stack = [value.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node
+        if isinstance(variable, torch.Tensor):
+            leaves.setdefault(id(variable), variable)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return list(leaves.values())
+
+
+@contextlib.contextmanager
+def grads_of_other_leaves_kept(value: torch.Tensor, ours: Tensors) -> Iterator[None]:
+    """Restore the ``.grad`` of every leaf ``value``'s graph reaches, but ``ours``.
+
+    The same object, with its values: a backward accumulates in place into an existing
+    ``.grad``. The leaves used only inside a reentrant activation checkpoint are not in
+    the graph before the backward recomputes it; the model's parameters there are
+    substituted by ``ours``.
+    """
+    mine = {id(t) for t in ours.values()}
+    others = [t for t in _graph_leaves(value) if id(t) not in mine]
+    saved = [(t, t.grad, None if t.grad is None else t.grad.detach().clone()) for t in others]
+    try:
+        yield
+    finally:
+        for t, grad, values in saved:
+            if grad is not None and values is not None:
+                grad.detach().copy_(values)
+            t.grad = grad
+
 class NoGradientError(LandscapeError, ValueError):
     """Selected parameters cut off from the loss by a reentrant activation checkpoint.
 
@@ -388,19 +426,21 @@ class ShiftedEvaluation:
         After :attr:`_widened` every other trainable parameter is a leaf too (at ``θ``).
         """
         leaves = self._shifted_leaves(shift, sign)
+        substituted = self._with_others(leaves)
 
         def loss_and_backward(model: nn.Module, b: Any) -> torch.Tensor:
             # the backward runs while the leaves are substituted: activation checkpointing
             # recomputes the forward in it; backward(), not autograd.grad, since reentrant
-            # checkpointing allows only the former (the leaves are fresh tensors, so
-            # nothing else accumulates .grad)
+            # checkpointing allows only the former (nor backward(inputs=...)). The leaves
+            # are fresh tensors; other leaves the loss reaches (a learnable temperature in
+            # the loss function) get their .grad back as it was
             value = self._direct_loss(b)
             if value.requires_grad:
-                value.backward()
+                with grads_of_other_leaves_kept(value, ours=substituted):
+                    value.backward()
             return value.detach()
 
-        value = stateless_closure(self.op.model, loss_and_backward, self._with_others(leaves),
-                                  batch)
+        value = stateless_closure(self.op.model, loss_and_backward, substituted, batch)
         return value.detach(), leaves
 
     def _with_others(self, leaves: Tensors) -> Tensors:

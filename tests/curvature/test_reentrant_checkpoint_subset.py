@@ -166,3 +166,22 @@ def test_no_grad_forwards_keep_torchs_checkpoint_note_to_themselves(backend):
         op.loss()
     notes = [str(w.message) for w in seen if "None of the inputs" in str(w.message)]
     assert notes == []
+
+
+def test_a_learnable_tensor_in_the_loss_keeps_its_grad_through_first_order_products():
+    """The first-order products call backward(): a learnable temperature in the loss got the
+    probe's gradient accumulated into its .grad (46x the training one at the next step)."""
+    log_t = torch.zeros((), requires_grad=True)
+    log_t.grad = torch.full((), -0.25)
+    held = log_t.grad
+    untouched = torch.zeros((), requires_grad=True)  # no .grad yet: stays None
+
+    def tempered(logits, y):
+        return F.cross_entropy(logits / log_t.exp() + 0 * untouched, y)
+
+    net = _Net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the first-order fallback says it is taken
+        top_eigenvalues(Hessian(net, tempered, _data()), k=1)
+    assert log_t.grad is held and float(held) == -0.25
+    assert untouched.grad is None
