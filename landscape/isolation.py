@@ -21,6 +21,7 @@ module that evaluates a model on the side:
 from __future__ import annotations
 
 import contextlib
+import random
 import sys
 import warnings
 from typing import Any, Callable, Iterator, Mapping
@@ -33,9 +34,9 @@ from torch.nn.utils import parametrize
 from landscape.distributed import unwrap
 
 __all__ = [
-    "EAGER_COMPILED", "ClosureModule", "differentiable", "eager_compiled_code", "isolated",
-    "loader_randomness_kept", "no_grad_forward", "normalises_by_batch", "on_batch_statistics",
-    "same_rng",
+    "EAGER_COMPILED", "ClosureModule", "buffers_kept", "differentiable", "eager_compiled_code",
+    "isolated", "loader_randomness_kept", "measuring", "no_grad_forward", "normalises_by_batch",
+    "on_batch_statistics", "same_rng",
     "sdpa_math", "stateless_call", "stateless_closure",
 ]
 
@@ -84,6 +85,39 @@ def _cuda_devices(modules: list[nn.Module]) -> list[int]:
             if t is not None and t.device.type == "cuda":
                 devices.add(t.device.index or 0)
     return sorted(devices)
+
+
+def measuring() -> bool:
+    """Whether a landscape measurement is running (an :func:`isolated` block is open).
+
+    For your own hooks: the monitor's forward and backward passes run them too, with
+    gradients for the curvature products and with BatchNorm in train mode for the
+    preconditioned sharpness, so ``module.training`` alone cannot tell them from
+    training. ``if landscape.isolation.measuring(): return`` can.
+    """
+    return bool(_OUTERMOST)
+
+
+@contextlib.contextmanager
+def buffers_kept(module: nn.Module) -> Iterator[None]:
+    """Put every buffer of ``module`` back on exit: the same tensor, with its values.
+
+    For a loss function with state (an ``nn.Module`` that updates a running centre in its
+    forward, as DINO's does): the curvature metrics call it on the probe. A buffer
+    replaced by assignment gets its object back; one written in place (its version
+    counter moved) gets its values back.
+    """
+    held = [(m, name, b, b._version, b.detach().clone())
+            for m in module.modules() for name, b in m._buffers.items() if b is not None]
+    try:
+        yield
+    finally:
+        for m, name, b, version, values in held:
+            if m._buffers.get(name) is not b:
+                m._buffers[name] = b
+            if b._version != version:
+                with torch.no_grad():
+                    b.copy_(values)
 
 
 def _loader_generators(data: Any) -> list[torch.Generator]:
@@ -222,8 +256,9 @@ def isolated(
     """Run a block with the model's observable state saved and restored on exit.
 
     Restored on exit (also on exceptions): the CPU RNG state and that of every CUDA device
-    holding a parameter or buffer; each submodule's ``training`` flag; each parameter's
-    ``requires_grad`` and its ``.grad`` attribute (the same tensor object, or ``None``); and
+    holding a parameter or buffer, and Python's ``random`` state (not NumPy's global one);
+    each submodule's ``training`` flag; each parameter's ``requires_grad`` and its
+    ``.grad`` attribute (the same tensor object, or ``None``); and
     the values of weights that a forward pass writes in place (an ``nn.Embedding`` with
     ``max_norm``: a copy of its weight is kept for the outermost block).
     The model is put in ``eval()`` inside the block, or with ``eval_mode=False`` in
@@ -278,6 +313,9 @@ def isolated(
     written = _written_in_forward(modules) if outermost else []
     saved = [w.detach().clone() for w in written]
     eager = eager_compiled_code() if outermost else contextlib.nullcontext()
+    # Python's generator too (a layer-drop drawn with random.uniform before the model tests
+    # self.training: older Hugging Face encoders); 10 us. NumPy's global one is not (60 us)
+    python_rng = random.getstate() if outermost else None
     with torch.random.fork_rng(devices=_cuda_devices(modules)), eager:
         try:
             if outermost:
@@ -292,6 +330,8 @@ def isolated(
         finally:
             if outermost:
                 del _OUTERMOST[key]
+            if python_rng is not None:
+                random.setstate(python_rng)
             if written:
                 with torch.no_grad():
                     for w, value in zip(written, saved):

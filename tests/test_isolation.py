@@ -1,3 +1,5 @@
+import random
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,12 +35,15 @@ def test_isolated_restores_modes_rng_flags_and_grad_objects():
     grads = [p.grad for p in model.parameters()]
     values = [g.clone() for g in grads]
     snap = _snapshot(model)
+    python_rng = random.getstate()
     with isolated(model, copy_grads=True):
         assert not model.training
         torch.randn(5)  # consume RNG
+        random.random()  # and Python's (a layer-drop drawn before testing self.training)
         model.fc.weight.requires_grad_(False)
         F.cross_entropy(model(x), y).backward()  # accumulates into .grad in place
     _assert_same(model, snap)
+    assert random.getstate() == python_rng
     for p, g, v in zip(model.parameters(), grads, values):
         assert p.grad is g and torch.equal(g, v)
 

@@ -246,6 +246,48 @@ def test_a_dict_probe_of_inputs_and_targets_works_for_curvature_under_loss_fn():
     np.testing.assert_allclose(rows[2], rows[0], rtol=1e-4)
 
 
+class _CentredLoss(nn.Module):
+    """A loss with state, as DINO's: a running centre of the logits, moved in its forward."""
+
+    def __init__(self, in_place: bool) -> None:
+        super().__init__()
+        self.in_place = in_place
+        self.register_buffer("center", torch.zeros(3))
+
+    def forward(self, logits, y):
+        with torch.no_grad():
+            new = 0.9 * self.center + 0.1 * logits.mean(0)
+            if self.in_place:
+                self.center.copy_(new)
+            else:
+                self.center = new
+        return F.cross_entropy(logits - self.center, y)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_loss_function_with_state_is_put_back_after_the_measurements(in_place):
+    """The curvature metrics call loss_fn on the probe: a running centre in the loss moved,
+    and training diverged from the unmonitored run."""
+    from landscape.isolation import measuring
+
+    final = []
+    for monitored in (False, True):
+        model = models.mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss_fn = _CentredLoss(in_place)
+        seen: list[bool] = []
+        model.register_forward_hook(lambda *_, seen=seen: seen.append(measuring()))
+        mon = Monitor(model, loss_fn, optimizer=opt, probe=models.classification_data(),
+                      metrics=["top_eigenvalues", "hessian_trace"], warn=False,
+                      strict=True) if monitored else None
+        _train(model, opt, mon, _batches(4), loss_fn)
+        if mon is not None:
+            mon.close()
+            assert seen.count(False) == 4 and seen.count(True) > 4  # training's, then ours
+        final.append([p.detach().clone() for p in model.parameters()] + [loss_fn.center])
+    assert all(torch.equal(a, b) for a, b in zip(*final))
+
+
 def _growing_step(rng):
     u = np.full(200, 0.005) * np.exp(0.1 * rng.standard_normal(200))
     u[150:] *= 1.12 ** np.arange(1, 51)
