@@ -52,7 +52,9 @@ def evaluation(
         # mode BatchNorm updates its running statistics there, in a fused kernel that
         # bumps no version counter (hence the comparison of values), and a spectral norm
         # its power-iteration vectors. Every buffer is kept and put back through .data,
-        # which bumps no version counter, so the cached gradient graph's key is unmoved
+        # which adds no version bump of its own (the recomputation's in-place writes, such
+        # as num_batches_tracked += 1, have bumped it already: the values are restored, not
+        # the version counters)
         kept = [(b, b._version, b.clone(), isinstance(m, nn.modules.batchnorm._NormBase))
                 for m in (writers or model.modules()) for b in m._buffers.values()
                 if b is not None]
