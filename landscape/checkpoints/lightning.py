@@ -101,6 +101,12 @@ def build_module(ckpt: Mapping[str, Any], path: Path, cls: type | None = None) -
             raise LandscapeError(f"{path}: the checkpoint does not record its LightningModule "
                                  "class; pass --model package.module:LitClass")
         cls = _import_class(dotted, path)
+    # checked before the call: a checkpoint that names any other callable (subprocess.Popen)
+    # would have it run with arguments of the file's choosing, without --trust-checkpoint
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise LandscapeError(f"{path}: {getattr(cls, '__name__', cls)!s} is not a "
+                             "torch.nn.Module class (the LightningModule the checkpoint "
+                             "belongs to); pass --model package.module:LitClass")
     hp = {k: v for k, v in dict(ckpt.get("hyper_parameters") or {}).items()
           if not str(k).startswith("_") and k not in CLASS_KEYS}
     try:
@@ -108,8 +114,6 @@ def build_module(ckpt: Mapping[str, Any], path: Path, cls: type | None = None) -
     except Exception as err:
         raise LandscapeError(f"{path}: {cls.__name__}(**hyper_parameters) raised "
                              f"{type(err).__name__}: {err}") from err
-    if not isinstance(module, nn.Module):
-        raise LandscapeError(f"{path}: {cls.__name__} is not a torch.nn.Module")
     return module
 
 

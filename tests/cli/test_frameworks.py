@@ -407,3 +407,18 @@ def test_a_lightning_module_is_analyzed_through_its_own_forward(tmp_path):
     with ls.Run.open(out) as run:
         got = run.series("top_eigenvalues", "eigenvalues")[1][0]
     assert np.allclose(got, direct.numpy(), rtol=1e-3), (got, direct)
+
+
+def test_a_checkpoint_cannot_name_any_callable_as_its_class(tmp_path):
+    """A .ckpt whose hyper-parameters record _class_path 'subprocess.Popen' had it called
+    with the file's arguments (touch PWNED), without --trust-checkpoint."""
+    marker = tmp_path / "PWNED"
+    torch.save({"state_dict": {"model.weight": torch.zeros(3, 4)}, "global_step": 7,
+                "hyper_parameters": {"_class_path": "subprocess.Popen",
+                                     "args": ["touch", str(marker)]}}, tmp_path / "evil-7.ckpt")
+    (tmp_path / "data.py").write_text("import torch\ndef val():\n    return torch.zeros(4, 4), "
+                                      "torch.zeros(4, dtype=torch.long)\n")
+    result = _invoke(["analyze", tmp_path / "evil-7.ckpt", "--data", f"{tmp_path / 'data.py'}:val",
+                      "-o", tmp_path / "r.h5", "-q"])
+    _one_line_error(result, "Popen is not a torch.nn.Module class")
+    assert not marker.exists()
