@@ -26,6 +26,7 @@ import h5py
 
 from landscape._errors import LandscapeError, RunFileError
 from landscape.store.format import (
+    FORMAT,
     LOCKING,
     _attr_value,
     _check_format,
@@ -35,6 +36,7 @@ from landscape.store.format import (
 
 __all__ = [
     "clear_open_flags", "holds_nothing", "is_hdf5", "open_for_reading", "open_for_writing",
+    "refuse_to_replace_with_a_run",
     "recover_crashed", "refuse_to_overwrite_hdf5",
 ]
 
@@ -60,6 +62,31 @@ def is_hdf5(path: str | os.PathLike) -> bool:
             return fh.read(8) == _HDF5_SIGNATURE
     except OSError:  # missing, a directory, unreadable
         return False
+
+
+def refuse_to_replace_with_a_run(path: Path) -> None:
+    """Raise :class:`RunFileError` unless ``path`` may be replaced by a new run file.
+
+    ``RunWriter(mode="w")`` (``--overwrite``) replaces a run file, an empty file, or an
+    HDF5 file that cannot be read (a damaged run); anything else it would destroy: a
+    checkpoint named by mistake (``-o ckpt.pt``, or a shell glob after ``-o``), a report,
+    source code, another program's HDF5 file.
+    """
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    if not is_hdf5(path):
+        raise RunFileError(f"{path}: is not a landscape run file (an HDF5 file), so it is not "
+                           "overwritten: a checkpoint, a report or code? write the run to "
+                           "another path")
+    try:
+        with h5py.File(path, "r", locking=LOCKING) as f:
+            fmt = f.attrs.get("format", None)
+    except Exception:  # a damaged run (or another file HDF5 cannot read): replaced
+        return
+    if _attr_value(fmt) != FORMAT:
+        raise RunFileError(f"{path}: an HDF5 file, but not a landscape run (no "
+                           "format='landscape'), so it is not overwritten: write the run to "
+                           "another path")
 
 
 def refuse_to_overwrite_hdf5(path: str | os.PathLike, by: str) -> None:

@@ -48,7 +48,12 @@ from landscape.store.format import (
     normalize_fields,
 )
 from landscape.store.reader import Run
-from landscape.store.recovery import WRITING, holds_nothing, open_for_writing
+from landscape.store.recovery import (
+    WRITING,
+    holds_nothing,
+    open_for_writing,
+    refuse_to_replace_with_a_run,
+)
 
 __all__ = ["RunWriter", "close_writers"]
 
@@ -215,6 +220,7 @@ class RunWriter:
             return backend
         if not path.parent.exists():
             raise RunFileError(f"{path}: directory {path.parent} does not exist")
+        refuse_to_replace_with_a_run(path)
         try:
             f = h5py.File(path, "w", libver="latest", locking=LOCKING)
         except OSError as err:

@@ -378,3 +378,17 @@ def test_a_checkpoint_that_does_not_fit_is_refused_before_the_file_is_touched(se
     assert f"{wrong}: checkpoint does not match the model (shape mismatch: " in result.output
     assert "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_overwrite_never_destroys_a_file_that_is_not_a_run(setup, tmp_path):
+    """`analyze c1.pt ... -o c1.pt --overwrite` replaced the checkpoint with a run file."""
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    target = tmp_path / "c1.pt"
+    target.write_bytes(paths[0].read_bytes())
+    result = _invoke(["analyze", str(target), "--model", f"{fac}:model", "--data",
+                      f"{fac}:data", "-m", "sharpness", "-o", str(target), "--overwrite", "-q"])
+    assert result.exit_code == 1
+    assert f"{target}: is not a landscape run file" in result.output
+    assert "Traceback" not in result.output
+    assert target.read_bytes() == paths[0].read_bytes()

@@ -127,3 +127,40 @@ def test_a_writer_dropped_without_close_does_not_block_its_file(tmp_path):
     del first, cycle
     with RunWriter(path) as again:  # appends to the first one's file
         assert "loss" in again.run().metrics()
+
+
+def test_mode_w_replaces_a_run_file_but_never_another_file(tmp_path):
+    """--overwrite (mode='w') replaced whatever -o named: the checkpoint being analyzed
+    (-o c1.pt), a report, source code, another program's HDF5 file."""
+    import h5py
+    import torch
+
+    from landscape.store import RunWriter
+
+    ckpt = tmp_path / "c1.pt"
+    torch.save({"w": torch.zeros(3)}, ckpt)
+    code = tmp_path / "mypkg.py"
+    code.write_text("def net(): ...\n")
+    foreign = tmp_path / "weights.h5"
+    with h5py.File(foreign, "w") as f:
+        f["w"] = [1.0, 2.0]
+    for path, fragment in ((ckpt, "is not a landscape run file"),
+                           (code, "is not a landscape run file"),
+                           (foreign, "but not a landscape run")):
+        before = path.read_bytes()
+        with pytest.raises(RunFileError, match=fragment):
+            RunWriter(path, mode="w")
+        assert path.read_bytes() == before
+    run = tmp_path / "run.h5"
+    with RunWriter(run) as w:
+        w.declare("loss", {"value": None})
+        w.append("loss", 3, {"value": 1.0})
+    damaged = tmp_path / "damaged.h5"
+    damaged.write_bytes(run.read_bytes()[:600])  # an HDF5 file that no longer reads
+    empty = tmp_path / "empty.h5"
+    empty.touch()
+    for path in (run, damaged, empty):
+        with RunWriter(path, mode="w") as w:
+            w.declare("loss", {"value": None})
+            w.append("loss", 0, {"value": 1.0})
+        assert list(w.run().steps("loss")) == [0]
