@@ -356,6 +356,21 @@ def report_path(path: str | os.PathLike) -> Path:
     return p
 
 
+def _refuse_to_overwrite_other_than_html(path: Path) -> None:
+    """Refuse to write the report over an existing file that is not an HTML page.
+
+    ``-o ckpt-100.pt`` or ``-o mypkg.py`` replaced the checkpoint or the code; an earlier
+    report (or any HTML page) is replaced, as asked.
+    """
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb") as fh:
+        head = fh.read(512).lstrip().lower()
+    if not head.startswith((b"<!doctype html", b"<html")):
+        raise LandscapeError(f"{path}: exists and is not an HTML page (a checkpoint, code?); "
+                             "not overwritten by the report: give another -o")
+
+
 def write_report(
     run: Run,
     path: str | os.PathLike,
@@ -379,6 +394,7 @@ def write_report(
     if not p.parent.exists():
         raise LandscapeError(f"{p}: directory {p.parent} does not exist")
     refuse_to_overwrite_hdf5(p, "the report")  # -o run.h5: the run itself
+    _refuse_to_overwrite_other_than_html(p)
     text = render_report(run, title=title, findings=findings, log=log, dpi=dpi)
     p.write_text(text, encoding="utf-8")
     return p

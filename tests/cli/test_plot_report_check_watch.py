@@ -788,6 +788,19 @@ def test_report_and_plot_never_write_over_a_run_file(runner, run_file, tmp_path)
         surfaces.export_vtk(_tiny_surface(), copy)
 
 
+def test_the_report_never_writes_over_a_file_that_is_not_html(runner, run_file, tmp_path):
+    """`report run.h5 -o ckpt-100.pt` (or -o mypkg.py) replaced the file with HTML."""
+    code = tmp_path / "mypkg.py"
+    code.write_text("def net():\n    ...\n")
+    result = runner.invoke(cli, ["report", str(run_file), "-o", str(code)])
+    _one_line_error(result, "exists and is not an HTML page", "-o")
+    assert code.read_text() == "def net():\n    ...\n"
+    earlier = tmp_path / "report.html"
+    for _ in range(2):  # an earlier report is replaced, as asked
+        again = runner.invoke(cli, ["report", str(run_file), "-o", str(earlier)])
+        assert again.exit_code == 0, again.output
+
+
 def _tiny_surface():
     from landscape.store import SurfaceData
 
