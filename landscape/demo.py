@@ -21,15 +21,18 @@ next to ``run.h5``.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
+from landscape._errors import LandscapeError
 from landscape.alarms.leads import EXPLOSION, EarlyWarning, early_warning, rule_leads
 from landscape.findings import Finding
 from landscape.monitor import Monitor
@@ -176,6 +179,36 @@ def run_demo(
         torch.set_num_threads(previous)
 
 
+def _refuse_to_replace_another_run(path: Path) -> None:
+    """Refuse an output directory whose ``run.h5`` is not a demo's (a run of the user's).
+
+    Raises:
+        LandscapeError: ``path`` exists and is not the run file of an earlier demo.
+    """
+    if not path.exists():
+        return
+    try:
+        with Run.open(path) as run:
+            if run.config.get("demo"):
+                return
+    except LandscapeError:
+        pass
+    raise LandscapeError(f"{path}: is not the run file of an earlier demo; the demo does not "
+                         "replace it: give another --out (out_dir)")
+
+
+@contextlib.contextmanager
+def _quiet_probe_note() -> Iterator[None]:
+    """The monitor's note that it keeps a default probe, left out: the demo's own choice."""
+    log = logging.getLogger("landscape")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _run_demo(out_dir, steps, lr, ramp_step, ramp_steps, ramp_factor, seed, surface_steps,
               blowup_factor, progress, on_finding, spike_step, spike_factor) -> DemoResult:
     """:func:`run_demo` with torch's threads set."""
@@ -190,6 +223,10 @@ def _run_demo(out_dir, steps, lr, ramp_step, ramp_steps, ramp_factor, seed, surf
     if ramp_steps < 1:
         raise ValueError(f"ramp_steps must be >= 1, got {ramp_steps}")
     out = Path(out_dir)
+    if not str(out_dir).strip():
+        raise ValueError("out_dir: give a directory (an empty name would write into the "
+                         "current one)")
+    _refuse_to_replace_another_run(out / "run.h5")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     all_inputs, all_labels = synthetic_blobs(n=1024 + 256, seed=seed)
@@ -204,7 +241,7 @@ def _run_demo(out_dir, steps, lr, ramp_step, ramp_steps, ramp_factor, seed, surf
     g = torch.Generator().manual_seed(seed)
     pre_ramp: dict[str, torch.Tensor] | None = None
     losses: list[float] = []
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_probe_note():
         warnings.simplefilter("ignore")  # findings are collected and printed by the caller
         # the default monitor: no metrics=, no probe= (it keeps part of the first batch)
         with Monitor(model, loss_fn, str(path), optimizer=opt, config=config, mode="w",

@@ -5,7 +5,9 @@ the loss moved the first warning came."""
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
 from landscape_cli.app import cli, verbose_option
+from landscape_cli.options import FiniteFloatRange
 
 from landscape.demo import run_demo
 
@@ -21,9 +23,9 @@ from landscape.demo import run_demo
 @click.option("--ramp-steps", default=60, show_default=True, type=click.IntRange(min=1),
               help="Steps the geometric ramp takes.")
 @click.option("--ramp-factor", default=1000.0, show_default=True,
-              type=click.FloatRange(min=0, min_open=True),
+              type=FiniteFloatRange(min=0, min_open=True),
               help="The learning rate's multiple at the end of the ramp.")
-@click.option("--spike-factor", default=None, type=click.FloatRange(min=0, min_open=True),
+@click.option("--spike-factor", default=None, type=FiniteFloatRange(min=0, min_open=True),
               help="Jump the learning rate by this factor at --ramp-step instead of ramping "
                    "(an abrupt spike: the detectors fire within a step or two of it).")
 @click.option("--surface-steps", default=21, show_default=True, type=click.IntRange(min=0),
@@ -36,17 +38,31 @@ def demo(out_dir, steps, ramp_step, ramp_steps, ramp_factor, spike_factor, surfa
     """Train a small classifier under the default monitor while the learning rate ramps up;
     print what the alarms saw, how many steps before the loss moved they warned, and where
     the pictures and report are."""
+    if not out_dir.strip():
+        raise click.BadParameter("give a directory (an empty name would write into the "
+                                 "current one)", param_hint="--out")
     start = ramp_step if ramp_step is not None else max(1, steps - 70)
     if start >= steps:
         raise click.BadParameter(f"must be < --steps ({steps})", param_hint="--ramp-step")
+    ctx = click.get_current_context()
+    ramp_given = [f"--{name.replace('_', '-')}" for name in ("ramp_factor", "ramp_steps")
+                  if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT]
+    if spike_factor is not None and ramp_given:
+        raise click.UsageError(f"--spike-factor (a jump at one step) and {ramp_given[0]} (a "
+                               "ramp) exclude each other")
     if spike_factor is not None:
         ramp_factor, ramp_steps = spike_factor, 1
     result = run_demo(out_dir, steps=steps, ramp_step=start, ramp_steps=ramp_steps,
                       ramp_factor=ramp_factor, surface_steps=surface_steps, seed=seed,
                       progress=not quiet)
     w = result.warning
+    reached = min(ramp_steps, steps - start)  # a ramp cut short by the end of training
     change = (f"learning rate x{ramp_factor:g} at step {start}" if ramp_steps == 1 else
-              f"learning rate ramped x{ramp_factor:g} over {ramp_steps} steps from step {start}")
+              f"learning rate ramped x{ramp_factor:g} over {ramp_steps} steps from step {start}"
+              if reached == ramp_steps else
+              f"learning rate ramped from step {start}, {reached} of its {ramp_steps} steps "
+              f"(to x{ramp_factor ** (reached / ramp_steps):.3g} of x{ramp_factor:g}) before "
+              "training ended")
     click.echo(f"trained {result.steps} steps; {change}; final loss {result.final_loss:.4g}")
     click.echo(f"findings ({len(result.findings)}):")
     for f in result.findings:

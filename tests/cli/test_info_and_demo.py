@@ -156,6 +156,37 @@ def test_demo_rejects_a_ramp_after_the_end(runner, tmp_path):
         assert "--ramp-step" in result.output and "Traceback" not in result.output
 
 
+def test_demo_options_that_contradict_or_destroy_are_refused(runner, tmp_path):
+    """demo --out DIR replaced a run.h5 of the user's there; --out '' wrote into the current
+    directory; --ramp-factor nan ran (a NaN learning rate); --spike-factor beside
+    --ramp-factor used one of them silently; and -q printed the monitor's probe note."""
+    mine = tmp_path / "exp"
+    mine.mkdir()
+    with RunWriter(mine / "run.h5") as w:
+        w.declare("loss", {"value": None})
+        w.append("loss", 0, {"value": 1.0})
+    before = (mine / "run.h5").read_bytes()
+    _one_line_error(runner.invoke(cli, ["demo", "--out", str(mine), "-q", "--steps", "20"]),
+                    "is not the run file of an earlier demo")
+    assert (mine / "run.h5").read_bytes() == before
+    empty = runner.invoke(cli, ["demo", "--out", "", "-q", "--steps", "20"])
+    assert empty.exit_code == 2 and "give a directory" in empty.output
+    for args in (["--ramp-factor", "nan"], ["--spike-factor", "inf"],
+                 ["--spike-factor", "5", "--ramp-factor", "10"],
+                 ["--spike-factor", "5", "--ramp-steps", "7"]):
+        result = runner.invoke(cli, ["demo", "--out", str(tmp_path / "d"), "-q", *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert "Traceback" not in result.output
+    short = runner.invoke(cli, ["demo", "--out", str(tmp_path / "d"), "-q", "--steps", "30",
+                                "--ramp-step", "20", "--surface-steps", "0"])
+    assert short.exit_code == 0, short.output
+    assert "ramped from step 20, 10 of its 60 steps (to x3.16 of x1000)" in short.output
+    assert "probe" not in short.stderr
+    again = runner.invoke(cli, ["demo", "--out", str(tmp_path / "d"), "-q", "--steps", "20",
+                                "--surface-steps", "0"])
+    assert again.exit_code == 0, again.output  # an earlier demo's run is replaced
+
+
 def test_a_short_demo_says_how_many_steps_its_baseline_is_the_median_of(runner, tmp_path):
     # the line said "the 50 steps before the ramp" when only 9 (or 1) preceded it
     for steps, start, window in ((30, 9, "the 9 steps"), (20, 1, "the step")):
