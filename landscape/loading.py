@@ -103,12 +103,19 @@ def load_factory(spec: str, what: str = "factory", *, need_callable: bool = True
         try:
             with folder_on_path(spec):
                 module_spec.loader.exec_module(module)
+        except SystemExit as err:
+            del sys.modules[name]
+            raise LandscapeError(f"{what} {spec!r}: {_exited(err, f'importing {path}')}") \
+                from None
         except Exception as err:
             del sys.modules[name]
             raise LandscapeError(f"{what} {spec!r}: importing {path} failed: {err}") from err
     else:
         try:
             module = importlib.import_module(target)
+        except SystemExit as err:
+            raise LandscapeError(f"{what} {spec!r}: {_exited(err, f'importing {target}')}") \
+                from None
         except Exception as err:
             raise LandscapeError(f"{what} {spec!r}: cannot import {target!r}: {err}") from err
     obj: Any = module
@@ -121,6 +128,12 @@ def load_factory(spec: str, what: str = "factory", *, need_callable: bool = True
     return obj
 
 
+def _exited(err: SystemExit, doing: str) -> str:
+    """What to say when user code called ``sys.exit`` (an argument parser at import)."""
+    return (f"{doing} called sys.exit({err.code!r}) (does it parse command-line arguments "
+            "or run a script when imported? guard that with if __name__ == '__main__':)")
+
+
 def call_factory(spec: str, what: str) -> Any:
     """Load and call a zero-argument factory, turning its exceptions into one line.
 
@@ -131,6 +144,8 @@ def call_factory(spec: str, what: str) -> Any:
         factory = load_factory(spec, what)
         try:
             return factory()
+        except SystemExit as err:
+            raise LandscapeError(f"{what} {spec!r}: {_exited(err, 'calling it')}") from None
         except Exception as err:
             raise LandscapeError(f"{what} {spec!r} raised {type(err).__name__}: {err}") from err
 
@@ -154,6 +169,8 @@ def load_rules(spec: str) -> list[Any]:
                 callable(obj) and not isinstance(obj, (Rule, type))):
             try:
                 obj = obj()
+            except SystemExit as err:
+                raise LandscapeError(f"rules {spec!r}: {_exited(err, 'calling it')}") from None
             except Exception as err:
                 raise LandscapeError(f"rules {spec!r} raised {type(err).__name__}: {err}") \
                     from err

@@ -392,3 +392,31 @@ def test_overwrite_never_destroys_a_file_that_is_not_a_run(setup, tmp_path):
     assert f"{target}: is not a landscape run file" in result.output
     assert "Traceback" not in result.output
     assert target.read_bytes() == paths[0].read_bytes()
+
+
+def test_user_code_that_calls_sys_exit_is_one_line_and_never_passes(setup, tmp_path):
+    """A factory file that parses arguments at import printed its own usage and exited 2;
+    one that raised SystemExit(0) ended analyze with nothing written and exit 0, and
+    `check --rules` with such a function passed the gate."""
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    (tmp_path / "train.py").write_text(
+        "import argparse\np = argparse.ArgumentParser()\np.add_argument('--lr')\n"
+        "p.parse_args()\n\ndef net():\n    return None\n")
+    (tmp_path / "quits.py").write_text("def net():\n    raise SystemExit(0)\n")
+    for model, doing in ((f"{tmp_path / 'train.py'}:net", "importing"),
+                         (f"{tmp_path / 'quits.py'}:net", "calling it")):
+        out = tmp_path / "r.h5"
+        result = _invoke(["analyze", str(paths[0]), "--model", model, "--data",
+                          f"{fac}:data", "-o", str(out), "-q"])
+        assert result.exit_code == 1, result.output
+        # (argparse prints its own usage first: the user's code, not ours)
+        last = [ln for ln in result.output.splitlines() if ln.strip()][-1]
+        assert last.startswith("Error: ") and doing in last and "sys.exit(" in last
+        assert "Traceback" not in result.output and not out.exists()
+    ok = _invoke(["analyze", str(paths[0]), "--model", f"{fac}:model", "--data",
+                  f"{fac}:data", "-m", "sharpness", "-o", str(tmp_path / "ok.h5"), "-q"])
+    assert ok.exit_code == 0, ok.output
+    check = _invoke(["check", str(tmp_path / "ok.h5"), "--rules",
+                     f"{tmp_path / 'quits.py'}:net"])
+    assert check.exit_code == 2 and "sys.exit(0)" in check.output
