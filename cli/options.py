@@ -166,7 +166,12 @@ def load_rule_specs(specs: tuple[str, ...], recompute: bool = True) -> list | No
     if not recompute:
         raise click.UsageError("--rules needs --recompute: with --stored no rule is evaluated, "
                                "only the findings stored in the file are listed")
-    from landscape.alarms import with_rules
+    from landscape.alarms import OnlineAlarms, with_rules
     from landscape.loading import load_rules
 
-    return with_rules([rule for spec in specs for rule in load_rules(spec)])
+    rules = with_rules([rule for spec in specs for rule in load_rules(spec)])
+    try:  # rules named alike across the modules (one module given twice)
+        OnlineAlarms(rules)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--rules") from None
+    return rules

@@ -118,7 +118,10 @@ def check(run_path: str, fail_on: str, recompute: bool, rule_specs: tuple[str, .
         with input_errors(EXIT_INPUT), Run.open(run_path) as run:
             found = collect_findings(run, recompute=recompute, rules=rules)
             source = run.source
-            recorded = bool(run.surfaces()) or any(len(run.steps(m)) for m in run.metrics())
+            # a surface counts once a point of it is computed: a job killed before its
+            # first point recorded nothing either
+            recorded = any(len(run.steps(m)) for m in run.metrics()) or any(
+                run.surface(s).done.any() for s in run.surfaces())
     except (KeyError, ValueError, TypeError, OSError) as err:  # a damaged file's structure
         raise CommandError(f"{run_path}: cannot be read as a run file "
                            f"({type(err).__name__}: {err})", EXIT_INPUT) from None

@@ -766,6 +766,32 @@ def test_ctrl_c_a_full_disk_and_a_misdeclared_rule_are_one_line(runner, run_file
         _one_line_error(result, "my_rules.py:RULES", "metrics")
 
 
+def test_one_rules_module_given_twice_is_a_usage_error(runner, run_file, tmp_path):
+    """report gave a traceback, check called the run file unreadable."""
+    rules = tmp_path / "twice.py"
+    rules.write_text("from landscape.alarms import LossSpike\n"
+                     "RULES = [LossSpike(name='loss_high')]\n")
+    for args in (["check", str(run_file)], ["report", str(run_file), "-o",
+                                             str(tmp_path / "r.html")]):
+        result = runner.invoke(cli, [*args, "--rules", f"{rules}:RULES", "--rules",
+                                     f"{rules}:RULES"])
+        assert result.exit_code == 2, result.output
+        assert "--rules" in result.stderr and "two rules are named 'loss_high'" in result.stderr
+        assert "Traceback" not in result.output and "cannot be read" not in result.output
+
+
+def test_check_does_not_pass_a_run_whose_only_surface_has_no_point(runner, tmp_path):
+    """A surface job killed before its first point: check said 'ok' (exit 0)."""
+    path = tmp_path / "run.h5"
+    with RunWriter(path) as w:
+        w.create_surface("random", np.linspace(-1, 1, 5), np.linspace(-1, 1, 5))
+    result = runner.invoke(cli, ["check", str(path)])
+    assert result.exit_code == 2 and "no rows recorded" in result.stderr
+    with RunWriter(path) as w:
+        w.write_surface("random", (0, 0), {"loss": 1.0})
+    assert runner.invoke(cli, ["check", str(path)]).exit_code == 0
+
+
 def test_report_and_plot_never_write_over_a_run_file(runner, run_file, tmp_path):
     """`report run.h5 -o run.h5` replaced the run with HTML (exit 0): the data were lost."""
     import shutil
