@@ -37,6 +37,10 @@ _OTHERS = tuple(
 )
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, like Ctrl-C's KeyboardInterrupt."""
+
+
 class CommandError(click.ClickException):
     """A one-line error with a chosen exit status (``click.ClickException``'s is 1)."""
 
@@ -130,7 +134,9 @@ class LandscapeGroup(click.Group):
         try:
             with one_line_warnings(), input_errors():
                 return super().invoke(ctx)
-        except KeyboardInterrupt:  # Ctrl-C where no command handles it itself
+        except KeyboardInterrupt as err:  # Ctrl-C (or SIGTERM) where no command handles it
+            if isinstance(err, Terminated):
+                raise CommandError("interrupted (SIGTERM)", 143) from None
             raise CommandError("interrupted (SIGINT)", 130) from None
 
 

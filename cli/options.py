@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import click
+from landscape_cli.app import Terminated
 
 F = Callable[..., object]
 
@@ -106,16 +107,15 @@ def load_inputs(checkpoints, model_spec, data_spec, loss_spec, tokens, text, seq
 
         torch.set_num_threads(threads)
 
-    opened = open_checkpoints(checkpoints, model_spec, trust=trust_checkpoint)
-    data = open_data(opened, data_spec, tokens=tokens, text=text, seq_len=seq_len,
-                     batch_size=batch_size, n_batches=n_batches)
-    opened.model, batches = prepare(opened.model, data, device)
-    loss_fn, closure = resolve_objective(loss_spec, batches)
+    # a signal while the checkpoints and data load (an endless iterator, a slow disk) ends
+    # the command too, also when the process was started with SIGINT ignored
+    with interruptible():
+        opened = open_checkpoints(checkpoints, model_spec, trust=trust_checkpoint)
+        data = open_data(opened, data_spec, tokens=tokens, text=text, seq_len=seq_len,
+                         batch_size=batch_size, n_batches=n_batches)
+        opened.model, batches = prepare(opened.model, data, device)
+        loss_fn, closure = resolve_objective(loss_spec, batches)
     return opened, batches, loss_fn, closure
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is, like Ctrl-C's KeyboardInterrupt."""
 
 
 @contextlib.contextmanager

@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import itertools
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -539,14 +541,30 @@ def load_state_into(model: nn.Module, ckpt: Checkpoint) -> None:
     model.load_state_dict(_restore_tied(_strip_prefix(ckpt.state_dict, own), model))
 
 
+MAX_DATA_BATCHES = 1000
+"""The most batches a data factory's iterable is read for (an endless iterator, such as
+``itertools.cycle(loader)``, filled the memory): each checkpoint's curvature products run
+over every batch, so more would take days anyway."""
+
+
 def as_batches(data: Any) -> list[Any]:
-    """A data factory's result as a list of batches (one ``(x, y)`` batch or an iterable)."""
+    """A data factory's result as a list of batches (one ``(x, y)`` batch or an iterable).
+
+    An iterable is read for at most :data:`MAX_DATA_BATCHES` batches, with a warning when
+    it holds more.
+    """
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
         return [tuple(data)]
     if isinstance(data, dict):
         return [data]
     if isinstance(data, Iterable):
-        return list(data)
+        batches = list(itertools.islice(iter(data), MAX_DATA_BATCHES + 1))
+        if len(batches) > MAX_DATA_BATCHES:
+            warnings.warn(f"data: the data factory yields more than {MAX_DATA_BATCHES} "
+                          f"batches (an endless iterator?); the first {MAX_DATA_BATCHES} are "
+                          "used", UserWarning, stacklevel=2)
+            del batches[MAX_DATA_BATCHES:]
+        return batches
     raise LandscapeError(f"data: expected a batch (inputs, targets) or batches, got {type(data)}")
 
 

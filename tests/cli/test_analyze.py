@@ -420,3 +420,15 @@ def test_user_code_that_calls_sys_exit_is_one_line_and_never_passes(setup, tmp_p
     check = _invoke(["check", str(tmp_path / "ok.h5"), "--rules",
                      f"{tmp_path / 'quits.py'}:net"])
     assert check.exit_code == 2 and "sys.exit(0)" in check.output
+
+
+def test_an_endless_data_iterator_is_read_for_a_bounded_number_of_batches():
+    """analyze read an itertools.cycle(loader) into a list until the memory ran out."""
+    import itertools
+
+    from landscape.loading import MAX_DATA_BATCHES, as_batches
+
+    batch = (torch.zeros(2, 4), torch.zeros(2, dtype=torch.long))
+    with pytest.warns(UserWarning, match=f"more than {MAX_DATA_BATCHES} batches"):
+        assert len(as_batches(itertools.repeat(batch))) == MAX_DATA_BATCHES
+    assert len(as_batches([batch] * 3)) == 3

@@ -209,3 +209,33 @@ def test_a_ctrl_c_while_the_command_loads_is_one_line(monkeypatch, capsys):
         entry.main()
     assert ended.value.code == 130
     assert capsys.readouterr().err == "Error: interrupted (SIGINT)\n"
+
+
+ENDLESS = textwrap.dedent("""
+    import pathlib, time
+    import torch
+
+    def data():  # an endless iterator (itertools.cycle of a loader), slow to read
+        g = torch.Generator().manual_seed(1)
+        while True:
+            pathlib.Path(__file__).with_name("reading").touch()
+            time.sleep(0.05)
+            yield torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+""")
+
+
+def test_a_signal_while_the_data_load_ends_the_command_in_one_line(tmp_path):
+    """The signal handlers were installed only once the computation began: a data factory
+    that read forever (filling the memory) could not be stopped by a SIGINT a job runner
+    sends to a process started with SIGINT ignored."""
+    paths = _checkpoints(tmp_path, n=1)
+    (tmp_path / "endless.py").write_text(ENDLESS)
+    args = ["analyze", str(paths[0]), "--model", f"{tmp_path / 'slow.py'}:model", "--data",
+            f"{tmp_path / 'endless.py'}:data", "-o", str(tmp_path / "run.h5"), "-q"]
+    for sig, status, name in ((signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")):
+        (tmp_path / "reading").unlink(missing_ok=True)
+        returncode, stderr = _signal_when(args, (tmp_path / "reading").exists, sig)
+        assert returncode == status, stderr
+        assert "Traceback" not in stderr
+        assert [ln for ln in stderr.splitlines() if ln.strip()][-1] == \
+            f"Error: interrupted ({name})"
