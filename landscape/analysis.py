@@ -538,6 +538,8 @@ def analyze(
     chosen = []
     for name in metrics:
         metric = create(name, schedule=1)  # an old name warns and gives the renamed metric
+        if any(m.name == metric.name for m in chosen):  # named twice (or old and new name)
+            continue
         chosen.append(create(metric.name, k=k, schedule=1)
                       if metric.name == "top_eigenvalues" else metric)
     names = [m.name for m in chosen]

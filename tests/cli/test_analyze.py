@@ -432,3 +432,16 @@ def test_an_endless_data_iterator_is_read_for_a_bounded_number_of_batches():
     with pytest.warns(UserWarning, match=f"more than {MAX_DATA_BATCHES} batches"):
         assert len(as_batches(itertools.repeat(batch))) == MAX_DATA_BATCHES
     assert len(as_batches([batch] * 3)) == 3
+
+
+def test_a_metric_named_twice_is_computed_once(setup, tmp_path):
+    """-m sharpness -m sharpness (or an old name beside its new one) gave a traceback."""
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    out = tmp_path / "run.h5"
+    result = _invoke(["analyze", str(paths[0]), "--model", f"{fac}:model", "--data",
+                      f"{fac}:data", "-m", "sharpness", "-m", "sharpness", "-m", "hessian",
+                      "-m", "top_eigenvalues", "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    with ls.Run.open(out) as run:
+        assert {"sharpness", "top_eigenvalues"} <= set(run.metrics())
