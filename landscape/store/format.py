@@ -302,7 +302,8 @@ def check_tables(f: h5py.File, path: Path) -> None:
     The ``findings`` and ``checkpoints`` tables must exist (every writer creates them), and
     every table must have a 1-D ``step`` dataset, a ``fields`` attribute that decodes to
     field specs, and a dataset per field holding at least as many rows as ``step`` (a
-    crashed writer may leave them longer).
+    crashed writer may leave them longer). Every surface must hold its grids
+    (:func:`_check_surface`).
 
     Raises:
         RunFileError: the first damaged table, named.
@@ -318,6 +319,34 @@ def check_tables(f: h5py.File, path: Path) -> None:
             _check_table(f[name], strict=name.startswith(METRICS_GROUP))
         except (ValueError, TypeError) as err:  # json's JSONDecodeError is a ValueError
             raise RunFileError(f"{path}: damaged run file: table {name!r} ({err})") from None
+    for name in f[SURFACES_GROUP] if SURFACES_GROUP in f else ():
+        try:
+            _check_surface(f[SURFACES_GROUP][name])
+        except (ValueError, TypeError) as err:
+            raise RunFileError(f"{path}: damaged run file: surface {name!r} ({err})") from None
+
+
+def _check_surface(g: Any) -> None:
+    """One surface's structure (:func:`check_tables`); ``ValueError`` says what is wrong.
+
+    Its ``fields`` attribute lists its grids; ``x``, ``done`` and every field's grid
+    must be there, of ``done``'s shape.
+    """
+    if not isinstance(g, h5py.Group):
+        raise ValueError("not a group")
+    try:
+        fields = json.loads(_attr_value(g.attrs["fields"]))
+    except (KeyError, ValueError):
+        raise ValueError("no fields attribute, or not JSON") from None
+    if not isinstance(fields, list):
+        raise ValueError("its fields attribute is not a list")
+    for name in ("x", "done", *fields):
+        if not isinstance(g.get(name), h5py.Dataset):
+            raise ValueError(f"no {name!r} grid")
+    shape = g["done"].shape
+    for name in fields:
+        if g[name].shape != shape:
+            raise ValueError(f"the {name!r} grid is {g[name].shape}, its done mask {shape}")
 
 
 _CHECKED_STEPS = 65536  # rows of each table whose steps are checked at open

@@ -164,3 +164,15 @@ def test_mode_w_replaces_a_run_file_but_never_another_file(tmp_path):
             w.declare("loss", {"value": None})
             w.append("loss", 0, {"value": 1.0})
         assert list(w.run().steps("loss")) == [0]
+
+
+def test_a_surface_without_its_grids_is_a_damaged_file(tmp_path):
+    """info and report gave a KeyError traceback; check passed it."""
+    path = tmp_path / "run.h5"
+    with RunWriter(path) as w:
+        w.create_surface("random", np.linspace(-1, 1, 3), np.linspace(-1, 1, 3))
+        w.write_surface("random", (0, 0), {"loss": 1.0})
+    with h5py.File(path, "a") as f:
+        del f["surfaces/random/loss"]
+    with pytest.raises(RunFileError, match="damaged run file: surface 'random' \\(no 'loss'"):
+        Run.open(path)
