@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from typing import Any
 
 import click
@@ -83,6 +85,23 @@ def _table(findings: list[Finding]) -> list[str]:
     return out
 
 
+def _print(found: list, failing: list, source: str, fail_on: str, as_json: bool,
+           quiet: bool) -> None:
+    """The findings table (or JSON) and the verdict line."""
+    counts = count_by_severity(found)
+    if as_json:
+        click.echo(json.dumps({"run": source, "fail_on": fail_on, "failed": bool(failing),
+                               "counts": counts, "findings": [_as_json(f) for f in found]},
+                              indent=2))
+        return
+    if found and not quiet:
+        click.echo("\n".join(_table(found)))
+    detail = ", ".join(f"{counts[s]} {s}" for s in reversed(SEVERITIES))
+    verdict = "FAIL" if failing else "ok"
+    click.echo(f"{source}: {len(found)} findings ({detail}); "
+               f"{verdict} (fail on {fail_on} or worse)")
+
+
 @cli.command(
     epilog="\b\nExit status:\n  0  no finding reaches --fail-on\n"
     "  1  a finding reaches --fail-on\n"
@@ -129,28 +148,12 @@ def check(run_path: str, fail_on: str, recompute: bool, rule_specs: tuple[str, .
         raise CommandError(f"{run_path}: no rows recorded, nothing to check (the run stopped "
                            "before its first flush, or has not started)", EXIT_INPUT)
     failing = at_or_above(found, fail_on)
-    counts = count_by_severity(found)
-    if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "run": source,
-                    "fail_on": fail_on,
-                    "failed": bool(failing),
-                    "counts": counts,
-                    "findings": [_as_json(f) for f in found],
-                },
-                indent=2,
-            )
-        )
-    else:
-        if found and not quiet:
-            click.echo("\n".join(_table(found)))
-        detail = ", ".join(f"{counts[s]} {s}" for s in reversed(SEVERITIES))
-        verdict = "FAIL" if failing else "ok"
-        click.echo(
-            f"{source}: {len(found)} findings ({detail}); "
-            f"{verdict} (fail on {fail_on} or worse)"
-        )
+    try:  # exit 1 means a finding: an output that cannot be written is 2, as input errors
+        with input_errors(EXIT_INPUT):
+            _print(found, failing, source, fail_on, as_json, quiet)
+            sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away (| head): quietly, as click does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(EXIT_INPUT) from None
     if failing:
         click.get_current_context().exit(EXIT_FINDINGS)

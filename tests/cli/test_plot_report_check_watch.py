@@ -875,3 +875,25 @@ def test_plot_clips_and_levels_a_surface_on_the_command_line(runner, tmp_path):
         name = opened.surfaces()[0]
     _one_line_error(runner.invoke(cli, ["plot", str(line), "--surface", name, "--levels", "5",
                                         "-o", str(tmp_path / "u.png")]), "--levels: surface")
+
+
+def test_check_whose_output_cannot_be_written_exits_2_not_1(run_file, tmp_path):
+    """`check run.h5 > /dev/full` and `check run.h5 | true` exited 1, which for check means
+    a finding reached --fail-on: a gate read an output error as an unstable run."""
+    import os
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    command = [sys.executable, "-m", "landscape_cli.main", "check", str(run_file),
+               "--fail-on", "error", "--json"]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    child.stdout.close()  # the reader is gone before the first line
+    stderr = child.stderr.read().decode()
+    assert child.wait(timeout=300) == 2 and "Traceback" not in stderr, stderr
+    if Path("/dev/full").exists():
+        with open("/dev/full", "w") as full:
+            done = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, env=env,
+                                  timeout=300)
+        assert done.returncode == 2
+        assert done.stderr.decode().strip() == "Error: No space left on device"
