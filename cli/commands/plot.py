@@ -175,7 +175,8 @@ def plot(
             save_figure(fig, paths[name], dpi=dpi)
         except ValueError as err:
             raise click.ClickException(_message(err)) from None
-        if not quiet:
+    if not quiet:  # after every file is written: a closed pipe must not stop the writing
+        for name in figures:
             click.echo(f"wrote {paths[name]}")
 
 
