@@ -13,6 +13,9 @@ from landscape_cli.app import Terminated
 
 F = Callable[..., object]
 
+SEED_MAX = 2**63 - 1
+"""The largest ``--seed`` (``torch.manual_seed`` takes a 64-bit integer)."""
+
 
 class FiniteFloatRange(click.FloatRange):
     """A :class:`click.FloatRange` that also refuses ``nan`` and ``inf`` (a usage error).
@@ -67,7 +70,7 @@ def factory_options(func: F) -> F:
         click.option("--text", type=click.Path(), default=None,
                      help="Language-model data: a text file, encoded with the tokenizer of "
                           "the Hugging Face model folder."),
-        click.option("--seq-len", type=click.IntRange(2), default=128, show_default=True,
+        click.option("--seq-len", type=click.IntRange(2, 2**20), default=128, show_default=True,
                      help="Tokens per sequence (--tokens, --text)."),
         click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True,
                      help="Sequences per batch (--tokens, --text)."),
@@ -88,7 +91,7 @@ def checkpoint_options(func: F) -> F:
         click.option("--trust-checkpoint", is_flag=True,
                      help="Allow pickled objects in checkpoints (can run arbitrary code)."),
         click.option("--device", default=None, help="Device to run on, e.g. cpu or cuda:0."),
-        click.option("--threads", type=click.IntRange(1), default=None,
+        click.option("--threads", type=click.IntRange(1, 1024), default=None,
                      help="torch CPU threads (default: torch's; 1 is often fastest for small "
                           "models and on a busy machine)."),
     ]):

@@ -533,6 +533,10 @@ def analyze(
     if loss_fn is None and closure is None:
         raise LandscapeError("analyze needs loss_fn or closure")
     net, batches = prepare(model, data, device)
+    size = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    if k > size:  # (beyond it the eigenvalues would be stored as NaN, silently)
+        raise LandscapeError(f"k={k}: the model has {size} trainable parameters, so at most "
+                             f"{size} eigenvalues")
     loaded = order_checkpoints([c if isinstance(c, Checkpoint) else _released(
         load_checkpoint(c, trust=trust)) for c in checkpoints])
     chosen = []

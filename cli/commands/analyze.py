@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 from landscape_cli.app import cli, verbose_option
 from landscape_cli.options import (
+    SEED_MAX,
     FiniteFloatRange,
     Terminated,
     checkpoint_options,
@@ -49,7 +50,8 @@ EXAMPLE = ("landscape analyze ckpt-100.pt ckpt-200.pt --model factories.py:model
               help="Curvature products in micro-batches of at most this many samples "
                    "(bounds their memory; slower).")
 @checkpoint_options
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed for the factories.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX),
+              help="Seed for the factories.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @verbose_option
 def analyze_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, batch_size,

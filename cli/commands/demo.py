@@ -7,7 +7,7 @@ from __future__ import annotations
 import click
 from click.core import ParameterSource
 from landscape_cli.app import cli, verbose_option
-from landscape_cli.options import FiniteFloatRange
+from landscape_cli.options import SEED_MAX, FiniteFloatRange
 
 from landscape.demo import run_demo
 
@@ -30,7 +30,7 @@ from landscape.demo import run_demo
                    "(an abrupt spike: the detectors fire within a step or two of it).")
 @click.option("--surface-steps", default=21, show_default=True, type=click.IntRange(min=0),
               help="Grid points per axis of the loss surface (0: none).")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX))
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @verbose_option
 def demo(out_dir, steps, ramp_step, ramp_steps, ramp_factor, spike_factor, surface_steps, seed,

@@ -101,7 +101,7 @@ def _message(err: Exception) -> str:
     "--format", "fmt", type=click.Choice(SAVE_FORMATS), default="png", show_default=True,
     help="Image format of the files written into a directory.",
 )
-@click.option("--dpi", type=click.IntRange(min=10), default=120, show_default=True)
+@click.option("--dpi", type=click.IntRange(min=10, max=2400), default=120, show_default=True)
 @rules_option
 @click.option("-q", "--quiet", is_flag=True, help="Do not list the files written.")
 @verbose_option

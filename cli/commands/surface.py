@@ -6,6 +6,7 @@ import click
 from click.core import ParameterSource
 from landscape_cli.app import cli, verbose_option
 from landscape_cli.options import (
+    SEED_MAX,
     FiniteFloatRange,
     Terminated,
     checkpoint_options,
@@ -39,7 +40,7 @@ EXAMPLE = ("landscape surface ckpt-200.pt --model factories.py:model --data fact
                    "plane).")
 @click.option("--steps", type=click.IntRange(2, 3001), default=51, show_default=True,
               help="Grid points per axis.")
-@click.option("--span", type=FiniteFloatRange(min=0, min_open=True), default=1.0,
+@click.option("--span", type=FiniteFloatRange(min=0, max=1e6, min_open=True), default=1.0,
               show_default=True,
               help="Half-width of the grid in direction units (random, eigen).")
 @click.option("--directions", type=click.Choice(DIRECTIONS), default="random",
@@ -59,7 +60,7 @@ EXAMPLE = ("landscape surface ckpt-200.pt --model factories.py:model --data fact
               help="Run file to write into (resumes an interrupted surface of that name).")
 @click.option("--overwrite", is_flag=True,
               help="Start the run file over instead of adding to it.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX))
 @checkpoint_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @verbose_option

@@ -110,7 +110,8 @@ def _wait_for(run_path: str, interval: float, timeout: float | None, quiet: bool
 @cli.command(epilog="\b\nExample:\n  landscape watch run.h5 --interval 5 -m loss")
 @click.argument("run_path", metavar="RUN", type=click.Path())
 @click.option(
-    "--interval", type=FiniteFloatRange(min=MIN_INTERVAL), default=2.0, show_default=True,
+    "--interval", type=FiniteFloatRange(min=MIN_INTERVAL, max=86400), default=2.0,
+    show_default=True,
     help=f"Seconds between looks at the file (at least {MIN_INTERVAL:g}).",
 )
 @click.option("--once", is_flag=True, help="Print the current state and exit.")

@@ -159,7 +159,8 @@ def as_numpy(value: Any) -> Any:
 def _encode(value: Any, spec: FieldSpec) -> np.ndarray:
     if spec.is_string:
         width = np.dtype(spec.dtype).itemsize
-        raw = str(value).encode("utf-8")
+        # (a file name with bytes that are not UTF-8, as the OS gave them: kept, not refused)
+        raw = str(value).encode("utf-8", "surrogateescape")
         if len(raw) > width:
             raw = raw[: width - 3].decode("utf-8", "ignore").encode("utf-8") + b"..."
         return np.asarray(raw, dtype=spec.dtype)

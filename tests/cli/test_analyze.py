@@ -445,3 +445,25 @@ def test_a_metric_named_twice_is_computed_once(setup, tmp_path):
     assert result.exit_code == 0, result.output
     with ls.Run.open(out) as run:
         assert {"sharpness", "top_eigenvalues"} <= set(run.metrics())
+
+
+def test_option_values_beyond_what_can_be_computed_are_one_line(setup, tmp_path):
+    """--seed 1e20 and -k 10^12 gave tracebacks; -k above the number of parameters stored
+    NaN eigenvalues silently; a file name that is not UTF-8 failed in the store."""
+    import os
+
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    common = ["--model", f"{fac}:model", "--data", f"{fac}:data", "-q"]
+    seed = _invoke(["analyze", str(paths[0]), *common, "--seed", "99999999999999999999",
+                    "-o", str(tmp_path / "a.h5")])
+    assert seed.exit_code == 2 and "--seed" in seed.output
+    k = _invoke(["analyze", str(paths[0]), *common, "-k", "1000000000000",
+                 "-o", str(tmp_path / "b.h5")])
+    assert k.exit_code == 1 and "trainable parameters, so at most" in k.output
+    assert "Traceback" not in seed.output + k.output
+    odd = os.fsdecode(bytes(tmp_path) + b"/ckpt-\xff-10.pt")
+    with open(odd, "wb") as fh:
+        fh.write(paths[0].read_bytes())
+    result = _invoke(["analyze", odd, *common, "-m", "sharpness", "-o", str(tmp_path / "c.h5")])
+    assert result.exit_code == 0, result.output
