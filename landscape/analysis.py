@@ -209,8 +209,17 @@ def _released(ckpt: Checkpoint) -> Checkpoint:
 
 def _check_diverged_or_refuse(net: nn.Module, loss_fn: Callable | None,
                               batches: Sequence[Any], ckpt: Checkpoint,
-                              closure: Callable | None) -> bool:
+                              closure: Callable | None, data_known_good: bool = False) -> bool:
     """:func:`check_loss` of the checkpoint loaded into ``net``, a blown-up run let through.
+
+    Args:
+        net: the model, holding the checkpoint's weights.
+        loss_fn: ``loss_fn(outputs, targets)`` (or ``closure``).
+        batches: the data.
+        ckpt: the checkpoint (named in the error).
+        closure: ``closure(model, batch)``, the loss.
+        data_known_good: an earlier checkpoint gave a finite loss on the same data: the
+            error then blames the weights, not the data.
 
     Returns:
         True when the weights themselves are not finite (a run that diverged: its metrics
@@ -225,7 +234,11 @@ def _check_diverged_or_refuse(net: nn.Module, loss_fn: Callable | None,
         return False
     with torch.no_grad():
         if all(bool(torch.isfinite(p).all()) for p in net.parameters()):
-            raise LandscapeError(f"{ckpt.path}: the loss on the data is {value} (not finite)")
+            why = (" on data an earlier checkpoint gave a finite loss on: its finite weights "
+                   "overflow (a run that blew up; the checkpoints before it are stored)"
+                   if data_known_good else "")
+            raise LandscapeError(
+                f"{ckpt.path}: the loss on the data is {value} (not finite){why}")
     return True
 
 
@@ -576,6 +589,7 @@ def analyze(
     for m in chosen:
         bars.instrument(m)
     step = None
+    data_good = False  # an earlier checkpoint of this call gave a finite loss on the data
     try:
         with discard_if_empty(path):
             try:
@@ -587,7 +601,8 @@ def analyze(
                             _apply_saved(opt, net, ckpt.optimizer, ckpt)
                         diverged = (first_diverged if ckpt is todo[0][1] else
                                     _check_diverged_or_refuse(net, loss_fn, batches, ckpt,
-                                                              closure))
+                                                              closure, data_good))
+                        data_good = data_good or not diverged
                         if diverged:
                             warnings.warn(
                                 f"{ckpt.path}: the weights are not finite (a run that blew "

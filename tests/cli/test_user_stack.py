@@ -484,7 +484,10 @@ def test_a_non_finite_loss_on_finite_weights_is_refused_also_when_resuming(setup
     out = tmp_path / "r.h5"
     fresh = _invoke(["analyze", paths[0], huge, *_factories(root), "-m", "sharpness",
                      "-o", out, "-q"])
+    # the data gave a finite loss on step 10: the error says the weights overflow
     _one_line_error(fresh, "ckpt-25.pt: the loss on the data is")
+    assert "its finite weights overflow" in fresh.stderr
+    assert "the checkpoints before it are stored" in fresh.stderr
     with ls.Run.open(out) as run:  # the first checkpoint is kept, resumable
         assert [s for s, _ in run.checkpoints()] == [10]
     resumed = _invoke(["analyze", paths[0], huge, *_factories(root), "-m", "sharpness",
