@@ -254,6 +254,11 @@ def resolve_objective(
     if spec is None:
         return (None, model_loss) if dicts else (LOSSES["cross_entropy"], None)
     if spec == "model":
+        if not dicts:
+            raise LandscapeError(
+                "--loss model (the model's own loss, model(**batch).loss) needs dict "
+                "batches; the data are (inputs, targets) pairs: leave --loss out "
+                f"(cross_entropy) or name one ({', '.join(LOSSES)}, module:fn)")
         return None, model_loss
     if dicts:
         if isinstance(spec, str) and spec in LOSSES:

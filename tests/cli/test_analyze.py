@@ -467,3 +467,14 @@ def test_option_values_beyond_what_can_be_computed_are_one_line(setup, tmp_path)
         fh.write(paths[0].read_bytes())
     result = _invoke(["analyze", odd, *common, "-m", "sharpness", "-o", str(tmp_path / "c.h5")])
     assert result.exit_code == 0, result.output
+
+
+def test_loss_model_with_input_target_pairs_says_what_it_needs(setup, tmp_path):
+    """It failed in the model's call with the model's repr spread over many lines."""
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    result = _invoke(["analyze", str(paths[0]), "--model", f"{fac}:model", "--data",
+                      f"{fac}:data", "--loss", "model", "-o", str(tmp_path / "r.h5"), "-q"])
+    assert result.exit_code == 1
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--loss model" in lines[0] and "needs dict batches" in lines[0]
