@@ -305,7 +305,9 @@ class RunWriter:
             elif stored != specs:
                 raise RunFileError(
                     f"metric {name!r} is already in the run with fields "
-                    f"{_describe(stored)}, not {_describe(specs)}"
+                    f"{_describe(stored)}, not {_describe(specs)} (other settings than the "
+                    "run was recorded with, such as k; write to another file, or start this "
+                    "one over: mode='w', on the command line --overwrite)"
                 )
             return
         attrs = {
