@@ -400,9 +400,9 @@ def test_user_code_that_calls_sys_exit_is_one_line_and_never_passes(setup, tmp_p
     `check --rules` with such a function passed the gate."""
     root, paths, _ = setup
     fac = root / "factories.py"
-    (tmp_path / "train.py").write_text(
+    (tmp_path / "train.py").write_text(  # as argparse does on arguments it does not know
         "import argparse\np = argparse.ArgumentParser()\np.add_argument('--lr')\n"
-        "p.parse_args()\n\ndef net():\n    return None\n")
+        "p.parse_args(['analyze', '--model'])\n\ndef net():\n    return None\n")
     (tmp_path / "quits.py").write_text("def net():\n    raise SystemExit(0)\n")
     for model, doing in ((f"{tmp_path / 'train.py'}:net", "importing"),
                          (f"{tmp_path / 'quits.py'}:net", "calling it")):
