@@ -562,6 +562,15 @@ def as_batches(data: Any) -> list[Any]:
         return [tuple(data)]
     if isinstance(data, dict):
         return [data]
+    if isinstance(data, nn.Module):
+        raise LandscapeError(f"the data factory returned a {type(data).__name__}, a "
+                             "torch.nn.Module (does --data name the model factory?)")
+    if isinstance(data, (tuple, list)) and data and all(
+            isinstance(t, torch.Tensor) for t in data):
+        raise LandscapeError(
+            f"data: the data factory returned {len(data)} tensors; a batch is (inputs, "
+            "targets): return those two (a third, such as sample weights, needs a loss of "
+            "your own: --loss module:fn taking (model, batch))")
     if isinstance(data, Iterable):
         batches = list(itertools.islice(iter(data), MAX_DATA_BATCHES + 1))
         if len(batches) > MAX_DATA_BATCHES:

@@ -38,6 +38,10 @@ FACTORIES = textwrap.dedent(
     def broken():
         raise RuntimeError("no GPU here")
 
+    def weighted():
+        x, y = data()
+        return x, y, torch.ones(len(y))
+
     def other_model():
         return nn.Linear(4, 3)
     """

@@ -82,6 +82,8 @@ def test_analyze_accepts_a_loader_and_file_name_steps(setup, tmp_path):
         ("unknown_loss", "use one of cross_entropy, mse, nll, bce_with_logits, model (the"),
         ("nan", "not finite"),
         ("pickled", "--trust-checkpoint"),
+        ("model_as_data", "does --data name the model factory?"),  # was "got Sequential"
+        ("three_tensors", "returned 3 tensors; a batch is (inputs, targets)"),  # "got Tensor"
     ],
 )
 def test_bad_input_gives_one_line_and_nonzero_exit(setup, tmp_path, kind, match):
@@ -119,6 +121,10 @@ def test_bad_input_gives_one_line_and_nonzero_exit(setup, tmp_path, kind, match)
         data = f"{fac}:{kind}"
     elif kind == "nan":
         data = f"{fac}:nan_data"
+    elif kind == "model_as_data":
+        data = f"{fac}:model"
+    elif kind == "three_tensors":
+        data = f"{fac}:weighted"
     elif kind == "pickled":
         p = tmp_path / "pickled.pt"
         torch.save({"model": torch.load(paths[0])["model"], "note": _Opaque()}, p)

@@ -71,7 +71,7 @@ def test_rows_must_match_the_declaration(writer_factory):
     with pytest.raises(KeyError, match="not declared"):
         w.append("nope", 0, {"v": 1.0})
     w.declare("a", {"v": None, "w": (2,)})  # same declaration: fine
-    with pytest.raises(RunFileError, match="already in the run.*--overwrite"):
+    with pytest.raises(RunFileError, match=r"already in the run.*--overwrite"):
         w.declare("a", {"v": None})
     w.close()
 
