@@ -1,4 +1,5 @@
-"""The worked examples of docs/architecture.md run as written (add a metric, a rule, a command)."""
+"""The worked examples of docs/architecture.md run as written (add a metric, a rule, a
+curvature operator, a command)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ def _examples() -> dict[str, str]:
     return {name: code for name, code in BLOCK.findall(PAGE.read_text())}
 
 
-def test_the_page_has_the_three_examples():
-    assert set(_examples()) == {"metric", "rule", "command"}
+def test_the_page_has_the_four_examples():
+    assert set(_examples()) == {"metric", "rule", "operator", "command"}
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,8 @@ def run_path(tmp_path_factory):
     return str(tmp_path_factory.mktemp("architecture") / "run.h5")
 
 
-@pytest.mark.parametrize("name", ["metric", "rule", "command"])  # in order: later ones reuse
+# in order: later ones reuse the run file of the first
+@pytest.mark.parametrize("name", ["metric", "rule", "operator", "command"])
 def test_example_runs(name, run_path):
     module = types.ModuleType(f"architecture_example_{name}")  # dataclasses need a real module
     module.RUN_PATH = run_path
