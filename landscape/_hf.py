@@ -7,7 +7,25 @@ import sys
 
 from torch import nn
 
-__all__ = ["is_causal_lm", "uses_causal_lm_loss"]
+__all__ = ["is_causal_lm", "is_pretrained_model", "uses_causal_lm_loss"]
+
+
+def is_pretrained_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers ``PreTrainedModel`` (only if transformers is loaded).
+
+    Args:
+        model: any module.
+
+    Returns:
+        True for a Hugging Face model.
+    """
+    if "transformers" not in sys.modules:
+        return False
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - a broken install
+        return False
+    return isinstance(model, PreTrainedModel)
 
 
 def is_causal_lm(model: nn.Module) -> bool:

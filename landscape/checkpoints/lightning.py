@@ -17,6 +17,7 @@ from typing import Any, Mapping
 from torch import nn
 
 from landscape._errors import LandscapeError
+from landscape._hf import is_pretrained_model
 from landscape.loading import torch_load
 
 __all__ = [
@@ -130,11 +131,13 @@ def defines_forward(module: nn.Module) -> bool:
 def inner_module(module: nn.Module) -> tuple[nn.Module, str]:
     """The network a ``LightningModule`` wraps, and the state-dict prefix it has.
 
-    A module that defines no ``forward`` of its own and whose parameters all belong to one
-    child (``self.model = ...``, called in ``training_step``) is analyzed through that
-    child (its forward and, for a Hugging Face model, its loss); otherwise the module
-    itself: a ``forward`` that normalises or reshapes its inputs before the network is
-    part of the function the checkpoint computes.
+    A module whose parameters all belong to one child (``self.model = ...``) is analyzed
+    through that child (its forward and, for a Hugging Face model, its loss) when the
+    module defines no ``forward`` of its own (the child is called in ``training_step``) or
+    the child is a Hugging Face model (a ``forward(**batch)`` that passes the batch on: the
+    model's own checks, loss and next-token labels apply); otherwise the module itself: a
+    ``forward`` that normalises or reshapes its inputs before the network is part of the
+    function the checkpoint computes.
 
     Args:
         module: the ``LightningModule``.
@@ -142,11 +145,9 @@ def inner_module(module: nn.Module) -> tuple[nn.Module, str]:
     Returns:
         ``(network, prefix)``, the prefix ``"model."`` or ``""``.
     """
-    if defines_forward(module):
-        return module, ""
     total = sum(1 for _ in module.parameters())
     for name, child in module.named_children():
         n = sum(1 for _ in child.parameters())
-        if n and n == total:
+        if n and n == total and (not defines_forward(module) or is_pretrained_model(child)):
             return child, f"{name}."
     return module, ""

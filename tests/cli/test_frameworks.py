@@ -422,3 +422,23 @@ def test_a_checkpoint_cannot_name_any_callable_as_its_class(tmp_path):
                       "-o", tmp_path / "r.h5", "-q"])
     _one_line_error(result, "Popen is not a torch.nn.Module class")
     assert not marker.exists()
+
+
+def test_a_lightning_module_passing_its_batch_to_a_hugging_face_model_is_unwrapped():
+    """forward(**batch) -> self.model(**batch) around a GPT-2: analyzing the wrapper lost the
+    model's own checks (positions, vocabulary) and collapse's next-token labels."""
+    import lightning.pytorch as pl
+
+    from landscape.checkpoints.lightning import inner_module
+
+    class LitForward(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = fw.gpt2()
+
+        def forward(self, **batch):
+            return self.model(**batch)
+
+    module = LitForward()
+    net, prefix = inner_module(module)
+    assert net is module.model and prefix == "model."
