@@ -11,6 +11,7 @@ submodules' keys prefixed by their attribute name, e.g. ``model.``), ``global_st
 from __future__ import annotations
 
 import importlib
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -74,12 +75,37 @@ def recorded_class(ckpt: Mapping[str, Any]) -> str | None:
 
 
 def _import_class(dotted: str, path: Path) -> type:
+    """The ``LightningModule`` class a checkpoint records, refused unless it is one.
+
+    The file chooses the name, so nothing it names is called, and no module of the
+    standard library (``this``, ``antigravity`` do things on import) or ``__main__`` is
+    imported; what is imported must be a ``LightningModule`` class (``LightningCLI``
+    records only those), checked before anything calls it.
+    """
     module, _, name = dotted.replace(":", ".").rpartition(".")
+    top = module.split(".")[0]
+    refuse = LandscapeError(f"{path}: the recorded class {dotted!r} is not a LightningModule "
+                            "class; pass --model package.module:LitClass")
+    if not module or top == "__main__" or top in sys.stdlib_module_names:
+        raise refuse
     try:
-        return getattr(importlib.import_module(module), name)
+        cls = getattr(importlib.import_module(module), name)
     except Exception as err:
         raise LandscapeError(f"{path}: cannot import the recorded class {dotted!r} ({err}); "
                              "pass --model package.module:LitClass") from err
+    if not (isinstance(cls, type) and issubclass(cls, _lightning_module())):
+        raise refuse
+    return cls
+
+
+def _lightning_module() -> type:
+    """Lightning's ``LightningModule`` (either package), or ``nn.Module`` without Lightning."""
+    for name in ("lightning.pytorch", "pytorch_lightning"):
+        try:
+            return importlib.import_module(name).LightningModule
+        except ImportError:
+            continue
+    return nn.Module
 
 
 def build_module(ckpt: Mapping[str, Any], path: Path, cls: type | None = None) -> nn.Module:
@@ -105,9 +131,9 @@ def build_module(ckpt: Mapping[str, Any], path: Path, cls: type | None = None) -
     # checked before the call: a checkpoint that names any other callable (subprocess.Popen)
     # would have it run with arguments of the file's choosing, without --trust-checkpoint
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise LandscapeError(f"{path}: {getattr(cls, '__name__', cls)!s} is not a "
-                             "torch.nn.Module class (the LightningModule the checkpoint "
-                             "belongs to); pass --model package.module:LitClass")
+        raise LandscapeError(f"{path}: {getattr(cls, '__qualname__', type(cls).__name__)} "
+                             "is not a torch.nn.Module class (the LightningModule the "
+                             "checkpoint belongs to); pass --model package.module:LitClass")
     hp = {k: v for k, v in dict(ckpt.get("hyper_parameters") or {}).items()
           if not str(k).startswith("_") and k not in CLASS_KEYS}
     try:

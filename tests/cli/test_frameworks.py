@@ -420,8 +420,15 @@ def test_a_checkpoint_cannot_name_any_callable_as_its_class(tmp_path):
                                       "torch.zeros(4, dtype=torch.long)\n")
     result = _invoke(["analyze", tmp_path / "evil-7.ckpt", "--data", f"{tmp_path / 'data.py'}:val",
                       "-o", tmp_path / "r.h5", "-q"])
-    _one_line_error(result, "Popen is not a torch.nn.Module class")
+    _one_line_error(result, "'subprocess.Popen' is not a LightningModule class")
     assert not marker.exists()
+    # nor is a module of the standard library imported (this prints the Zen of Python)
+    torch.save({"state_dict": {"model.weight": torch.zeros(3, 4)}, "global_step": 7,
+                "hyper_parameters": {"_class_path": "this.s"}}, tmp_path / "zen-7.ckpt")
+    zen = _invoke(["analyze", tmp_path / "zen-7.ckpt", "--data", f"{tmp_path / 'data.py'}:val",
+                   "-o", tmp_path / "r.h5", "-q"])
+    _one_line_error(zen, "'this.s' is not a LightningModule class")
+    assert "Zen of Python" not in zen.output
 
 
 def test_a_lightning_module_passing_its_batch_to_a_hugging_face_model_is_unwrapped():
