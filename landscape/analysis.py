@@ -546,10 +546,6 @@ def analyze(
     if loss_fn is None and closure is None:
         raise LandscapeError("analyze needs loss_fn or closure")
     net, batches = prepare(model, data, device)
-    size = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    if k > size:  # (beyond it the eigenvalues would be stored as NaN, silently)
-        raise LandscapeError(f"k={k}: the model has {size} trainable parameters, so at most "
-                             f"{size} eigenvalues")
     loaded = order_checkpoints([c if isinstance(c, Checkpoint) else _released(
         load_checkpoint(c, trust=trust)) for c in checkpoints])
     chosen = []
@@ -560,6 +556,10 @@ def analyze(
         chosen.append(create(metric.name, k=k, schedule=1)
                       if metric.name == "top_eigenvalues" else metric)
     names = [m.name for m in chosen]
+    size = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    if "top_eigenvalues" in names and k > size:  # (beyond it NaN would be stored, silently)
+        raise LandscapeError(f"k={k}: the model has {size} trainable parameters, so at most "
+                             f"{size} eigenvalues")
     saved = optimizer is None and any(c.optimizer for _, c in loaded)
     spec = next((c.optimizer for _, c in loaded if c.optimizer), None) if saved else optimizer
     opt = _optimizer(net, spec)

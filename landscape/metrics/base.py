@@ -78,6 +78,10 @@ def canonical_name(name: str, *, stacklevel: int = 3) -> str:
     return new
 
 
+_DERIVED_NAMES: set[str] = set()
+"""The names :class:`Metric` made from a class name (``Metric.__init_subclass__``)."""
+
+
 class Metric:
     """Base class of every metric: computes named fields at scheduled steps.
 
@@ -125,8 +129,11 @@ class Metric:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if not cls.name:  # no name set (none inherited): the snake_case of the class name
+        # no name set, or only one made from a base class's name: the snake_case of its own
+        # (a subclass of a class that sets its name, as a built-in one, keeps that name)
+        if "name" not in vars(cls) and (not cls.name or cls.name in _DERIVED_NAMES):
             cls.name = snake_case(cls.__name__.lstrip("_"))
+            _DERIVED_NAMES.add(cls.name)
 
     def __init__(self, schedule: Schedule | str | int | None = None, data: str | None = None):
         self.schedule: Schedule = (

@@ -484,3 +484,20 @@ def test_loss_model_with_input_target_pairs_says_what_it_needs(setup, tmp_path):
     assert result.exit_code == 1
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and "--loss model" in lines[0] and "needs dict batches" in lines[0]
+
+
+def test_k_is_checked_only_when_the_eigenvalues_are_computed(tmp_path):
+    """A 2-parameter model with -m sharpness failed on the default k=3 it does not use."""
+    from landscape.analysis import analyze
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 1), torch.randint(0, 2, (8,))
+    ckpt = tmp_path / "ckpt-1.pt"
+    torch.save(torch.nn.Linear(1, 2, bias=False).state_dict(), ckpt)
+    analyze([ckpt], lambda: torch.nn.Linear(1, 2, bias=False), (x, y),
+            torch.nn.functional.cross_entropy, tmp_path / "r.h5", metrics=["sharpness"],
+            progress=False)
+    with pytest.raises(ls.LandscapeError, match="k=3: the model has 2 trainable parameters"):
+        analyze([ckpt], lambda: torch.nn.Linear(1, 2, bias=False), (x, y),
+                torch.nn.functional.cross_entropy, tmp_path / "s.h5",
+                metrics=["top_eigenvalues"], progress=False)

@@ -226,6 +226,18 @@ def test_the_mistakes_a_newcomer_makes_in_a_metric(tmp_path):
         ls.Monitor(models.mlp(), F.cross_entropy, metrics=[_MyLoss()])
     # a metric without a name was refused; it is now named after its class
     assert _NoName.name == "no_name" and _MyLoss.name == "loss"  # (one it sets is kept)
+
+    class ProbeStat(Metric):  # a base of the user's own: its subclasses get their names
+        FIELDS = ("value",)
+
+    class WeightMean(ProbeStat):
+        pass
+
+    class MySharpness(ls.metrics.Sharpness):  # a built-in's subclass keeps its name
+        pass
+
+    assert (ProbeStat.name, WeightMean.name, MySharpness.name) == (
+        "probe_stat", "weight_mean", "sharpness")
     with pytest.raises(ValueError, match=r"_Slashed.name must be a non-empty name"):
         ls.Monitor(models.mlp(), F.cross_entropy, metrics=[_Slashed()])
     with pytest.raises(TypeError, match=r"write \('value',\)"):
