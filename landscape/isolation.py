@@ -104,19 +104,20 @@ def buffers_kept(module: nn.Module) -> Iterator[None]:
 
     For a loss function with state (an ``nn.Module`` that updates a running centre in its
     forward, as DINO's does): the curvature metrics call it on the probe. A buffer
-    replaced by assignment gets its object back; one written in place (its version
-    counter moved) gets its values back.
+    replaced by assignment gets its object back; one written in place (also through
+    ``.data``, which moves no version counter: values are compared) gets its values back.
     """
-    held = [(m, name, b, b._version, b.detach().clone())
+    held = [(m, name, b, b.detach().clone())
             for m in module.modules() for name, b in m._buffers.items() if b is not None]
     try:
         yield
     finally:
-        for m, name, b, version, values in held:
+        for m, name, b, values in held:
             if m._buffers.get(name) is not b:
                 m._buffers[name] = b
-            if b._version != version:
-                with torch.no_grad():
+            # (a buffer made under inference_mode can only be written there)
+            with torch.inference_mode() if b.is_inference() else torch.no_grad():
+                if not torch.equal(b, values):
                     b.copy_(values)
 
 

@@ -23,7 +23,7 @@ from torch import nn
 from landscape._deprecation import deprecated_alias
 from landscape._errors import MissingInput
 from landscape.capture import Captured, capture, first_tensor, last_child_output
-from landscape.isolation import stateless_call, stateless_closure
+from landscape.isolation import buffers_kept, stateless_call, stateless_closure
 from landscape.params import Vector, gradient_norm, tensor_norms
 
 __all__ = ["MissingInput", "StepContext", "batch_targets", "softmax_logits", "split_batch"]
@@ -221,6 +221,10 @@ class StepContext:
     optimizer_stepped: bool | None = None
     capture_plan: dict[str, tuple[set[str], set[str]]] = field(default_factory=dict)
     modules: list[nn.Module] | None = None
+    #: the monitor's step-long stack: a loss function's buffers are kept on it once the
+    #: step's first curvature operator is built (:meth:`operator`)
+    loss_guard: contextlib.ExitStack | None = None
+    _loss_kept: bool = False
     _captured: dict[str, Captured] = field(default_factory=dict)
     _cache: dict[Any, Any] = field(default_factory=dict)
 
@@ -460,6 +464,13 @@ class StepContext:
         key = ("operator", source, preconditioned)
         if key not in self._cache:
             from landscape import curvature
+
+            if (self.loss_guard is not None and isinstance(self.loss_fn, nn.Module)
+                    and not self._loss_kept):
+                # the products call the loss function: a loss with state (a running
+                # centre) gets its buffers back when the monitor's step ends
+                self.loss_guard.enter_context(buffers_kept(self.loss_fn))
+                self._loss_kept = True
 
             data = self.data(source)
             if self.closure is None:  # loss_fn(model(x), y): a {"x": ..., "y": ...} batch too

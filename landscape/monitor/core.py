@@ -46,7 +46,7 @@ from landscape._interrupts import InterruptGuard
 from landscape.batches import leading_size
 from landscape.failures import failure_finding, nonfinite_state
 from landscape.findings import Finding, Findings, at_or_above, dedupe, user_stacklevel
-from landscape.isolation import buffers_kept, isolated
+from landscape.isolation import isolated
 from landscape.metrics import Metric, StepContext, split_batch
 from landscape.metrics.presets import MetricsLike, resolve_metrics
 from landscape.monitor.adaptive import DENSE_AT, DENSE_STEPS, DenseWindow, recorded_window_end
@@ -600,10 +600,10 @@ class Monitor:
         unmeasured: list[str] = []
         # one walk of the module tree per step, for isolated() and the sentinels' guard
         ctx.modules = list(self.model.modules())
-        # a loss function with state (an EMA centre in its forward) is called on the probe
-        loss_state = (buffers_kept(self.loss_fn) if isinstance(self.loss_fn, nn.Module)
-                      else contextlib.nullcontext())
-        with scope, isolated(self.model, modules=ctx.modules), loss_state:
+        # a loss function with state (an EMA centre in its forward) gets its buffers back
+        # after the step's curvature metrics called it on the probe (ctx.operator)
+        with scope, isolated(self.model, modules=ctx.modules), \
+                contextlib.ExitStack() as ctx.loss_guard:
             for m in due:
                 row, measured = self._compute(m, ctx)
                 if self._sharded:  # FSDP2 keeps the root's gathered copy after a forward

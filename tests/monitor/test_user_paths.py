@@ -249,23 +249,32 @@ def test_a_dict_probe_of_inputs_and_targets_works_for_curvature_under_loss_fn():
 class _CentredLoss(nn.Module):
     """A loss with state, as DINO's: a running centre of the logits, moved in its forward."""
 
-    def __init__(self, in_place: bool) -> None:
+    def __init__(self, how: str) -> None:
         super().__init__()
-        self.in_place = in_place
-        self.register_buffer("center", torch.zeros(3))
+        self.how = how
+        if how == "inference":  # a buffer made under inference_mode: written only there
+            with torch.inference_mode():
+                self.register_buffer("center", torch.zeros(3))
+        else:
+            self.register_buffer("center", torch.zeros(3))
 
     def forward(self, logits, y):
         with torch.no_grad():
             new = 0.9 * self.center + 0.1 * logits.mean(0)
-            if self.in_place:
+            if self.how == "in_place":
                 self.center.copy_(new)
+            elif self.how == "data":  # moves no version counter
+                self.center.data.copy_(new)
+            elif self.how == "inference":
+                with torch.inference_mode():
+                    self.center.copy_(new)
             else:
                 self.center = new
-        return F.cross_entropy(logits - self.center, y)
+        return F.cross_entropy(logits - self.center.clone(), y)
 
 
-@pytest.mark.parametrize("in_place", [False, True])
-def test_a_loss_function_with_state_is_put_back_after_the_measurements(in_place):
+@pytest.mark.parametrize("how", ["assign", "in_place", "data", "inference"])
+def test_a_loss_function_with_state_is_put_back_after_the_measurements(how):
     """The curvature metrics call loss_fn on the probe: a running centre in the loss moved,
     and training diverged from the unmonitored run."""
     from landscape.isolation import measuring
@@ -274,7 +283,7 @@ def test_a_loss_function_with_state_is_put_back_after_the_measurements(in_place)
     for monitored in (False, True):
         model = models.mlp()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        loss_fn = _CentredLoss(in_place)
+        loss_fn = _CentredLoss(how)
         seen: list[bool] = []
         model.register_forward_hook(lambda *_, seen=seen: seen.append(measuring()))
         mon = Monitor(model, loss_fn, optimizer=opt, probe=models.classification_data(),
@@ -286,6 +295,26 @@ def test_a_loss_function_with_state_is_put_back_after_the_measurements(in_place)
             assert seen.count(False) == 4 and seen.count(True) > 4  # training's, then ours
         final.append([p.detach().clone() for p in model.parameters()] + [loss_fn.center])
     assert all(torch.equal(a, b) for a, b in zip(*final))
+
+
+def test_a_loss_functions_buffers_are_copied_only_on_steps_that_call_it(monkeypatch):
+    """Every step cloned every buffer of the loss module (a MoCo queue), also when no
+    metric due called the loss function."""
+    import landscape.metrics.context as context
+
+    kept = []
+    real = context.buffers_kept
+    monkeypatch.setattr(context, "buffers_kept", lambda m: kept.append(m) or real(m))
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = _CentredLoss("in_place")
+    from landscape.metrics import TopEigenvalues
+
+    with Monitor(model, loss_fn, optimizer=opt, probe=models.classification_data(),
+                 metrics=["loss", "grad_norm", "sentinels", TopEigenvalues(schedule=2)],
+                 warn=False, strict=True) as mon:
+        _train(model, opt, mon, _batches(4), loss_fn)
+    assert len(kept) == 2  # steps 0 and 2, where top_eigenvalues was due
 
 
 def _growing_step(rng):
