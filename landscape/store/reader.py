@@ -126,8 +126,8 @@ class Run:
         if _FIRST_OPEN.get(key, now) != now:
             warnings.warn(
                 f"{self.source}: another Run of this file is open in this process, and HDF5 "
-                "shares it: this one sees the file as it was when that one was opened "
-                "(metrics, surfaces and rows written since by another process are missing); "
+                "shares it: this one sees the file's metrics and surfaces as they were when "
+                "that one was opened (those another process added since may be missing); "
                 "close the other Run first (with ls.Run.open(path) as run: ...)",
                 RuntimeWarning, stacklevel=3)
 
@@ -381,11 +381,16 @@ class Run:
                                    "opened (a writer with mode='w', or a crash recovery): "
                                    "open it again")
             self._identity = now
-        self._backend.refresh()
+        self._backend.refresh()  # (rows only: groups added since stay unseen, so the
+        # size at the first open stays what Run.open compares with)
 
     def close(self) -> None:
         """Close a file opened by :meth:`open` (a writer's view stays the writer's)."""
         if isinstance(self._backend, H5Backend) and not self._backend.writable:
+            held = _held(self._backend)
+            if held is not None and h5py.h5f.get_obj_count(
+                    self._backend.file.id, h5py.h5f.OBJ_FILE) == 1:
+                _FIRST_OPEN.pop((held.st_dev, held.st_ino), None)  # the last Run of it
             self._backend.close()
 
     def __enter__(self) -> Run:
