@@ -222,6 +222,7 @@ class LandscapeCallback(CallbackSettings, Callback):
         self._pending_samples: int | None = 0  # the window's samples (None: not known)
         self._told_no_loss = False  # the missing-loss hint, once per callback
         self._told_unreachable = False  # every_n_steps that no recorded step can meet
+        self._last_advance: int | None = None  # global_step's advance at the last step
         self._created = time.time()  # run() reads only a file written since (ddp_spawn)
         self._grad_norm: float | None = None  # before clipping, from on_before_optimizer_step
         self._closed = True
@@ -369,7 +370,11 @@ class LandscapeCallback(CallbackSettings, Callback):
         ``every_n_steps`` that shares a factor with k, and the run would stay empty.
         """
         n = self.every_n_steps
-        if advance > 1 and n > 1 and math.gcd(n, advance) > 1 and not self._told_unreachable:
+        last, self._last_advance = self._last_advance, advance
+        # twice the same advance: optimizers that step at different rates (a GAN's
+        # discriminator every batch, its generator every other) do reach every residue
+        if (last == advance > 1 and n > 1 and math.gcd(n, advance) > 1
+                and not self._told_unreachable):
             self._told_unreachable = True
             warnings.warn(
                 f"landscape: LandscapeCallback: trainer.global_step advances by {advance} per "

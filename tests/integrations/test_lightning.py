@@ -395,6 +395,30 @@ def test_an_every_n_steps_that_no_recorded_step_meets_is_said():
         callback = LandscapeCallback(None, metrics=["loss"], every_n_steps=3)
         _fit(_TwoOptimizers(), [callback], max_steps=12)
     assert callback.run().steps("loss").tolist() == [3, 9]
+    with warnings.catch_warnings():  # optimizers at different rates reach even steps too
+        warnings.simplefilter("error", RuntimeWarning)
+        callback = LandscapeCallback(None, metrics=["loss"], every_n_steps=2)
+        _fit(_UnevenOptimizers(), [callback], max_steps=9)
+    steps = callback.run().steps("loss").tolist()
+    assert steps and all(s % 2 == 0 for s in steps)
+
+
+class _UnevenOptimizers(_TwoOptimizers):
+    """The second optimizer steps every other batch only (a WGAN's generator)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        first, second = self.optimizers()
+        loss = F.cross_entropy(self(x), y)
+        first.zero_grad()
+        self.manual_backward(loss)
+        first.step()
+        if batch_idx % 2 == 0:
+            other = F.cross_entropy(self.head(self.body(x).detach()), y)
+            second.zero_grad()
+            self.manual_backward(other)
+            second.step()
+        return {"loss": loss.detach()}
 
 
 class _ManualAccumulation(Classifier):
