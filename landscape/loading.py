@@ -547,16 +547,16 @@ def load_state_into(model: nn.Module, ckpt: Checkpoint) -> None:
 
 
 MAX_DATA_BATCHES = 1000
-"""The most batches a data factory's iterable is read for (an endless iterator, such as
-``itertools.cycle(loader)``, filled the memory): each checkpoint's curvature products run
-over every batch, so more would take days anyway."""
+"""The most batches a data factory's iterator without a length is read for (an endless
+one, such as ``itertools.cycle(loader)``, filled the memory)."""
 
 
 def as_batches(data: Any) -> list[Any]:
     """A data factory's result as a list of batches (one ``(x, y)`` batch or an iterable).
 
-    An iterable is read for at most :data:`MAX_DATA_BATCHES` batches, with a warning when
-    it holds more.
+    An iterator without a length (a generator) is read for at most
+    :data:`MAX_DATA_BATCHES` batches, with a warning when it holds more; a list or a
+    ``DataLoader`` whole.
     """
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
         return [tuple(data)]
@@ -572,11 +572,13 @@ def as_batches(data: Any) -> list[Any]:
             "targets): return those two (a third, such as sample weights, needs a loss of "
             "your own: --loss module:fn taking (model, batch))")
     if isinstance(data, Iterable):
+        if hasattr(data, "__len__"):  # a list, a DataLoader: finite, read whole
+            return list(data)
         batches = list(itertools.islice(iter(data), MAX_DATA_BATCHES + 1))
         if len(batches) > MAX_DATA_BATCHES:
-            warnings.warn(f"data: the data factory yields more than {MAX_DATA_BATCHES} "
-                          f"batches (an endless iterator?); the first {MAX_DATA_BATCHES} are "
-                          "used", UserWarning, stacklevel=2)
+            warnings.warn(f"data: the data factory's iterator yields more than "
+                          f"{MAX_DATA_BATCHES} batches (an endless one?); the first "
+                          f"{MAX_DATA_BATCHES} are used", UserWarning, stacklevel=2)
             del batches[MAX_DATA_BATCHES:]
         return batches
     raise LandscapeError(f"data: expected a batch (inputs, targets) or batches, got {type(data)}")
