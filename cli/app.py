@@ -16,6 +16,7 @@ import ast
 import contextlib
 import importlib
 import importlib.util
+import inspect
 import sys
 import sysconfig
 import warnings
@@ -68,23 +69,41 @@ def input_errors(exit_code: int = 1) -> Iterator[None]:
         raise CommandError(f"{err.strerror}{where}", exit_code) from None
 
 
-def _docstring_of_command(module: str) -> str:
+def _docstring_of_command(module: str) -> str | None:
     """The docstring of the click command ``module`` defines, read from its source.
 
     Without importing the module: the commands that compute import torch and matplotlib
-    (seconds), which ``landscape -h`` should not wait for.
+    (seconds), which ``landscape -h`` should not wait for. None when the source cannot be
+    read (an installation without ``.py`` files).
     """
     spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        return ""
-    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    try:
+        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))  # type: ignore[union-attr, arg-type]
+    except (AttributeError, TypeError, OSError, SyntaxError):
+        return None
     for node in tree.body:
         if isinstance(node, ast.FunctionDef) and any(
             isinstance(d, ast.Call) and ast.unparse(d.func) == "cli.command"
             for d in node.decorator_list
         ):
             return ast.get_docstring(node) or ""
-    return ""
+    return None
+
+
+def short_help(text: str, limit: int) -> str:
+    """A command's line in ``-h``: its help's first sentence, cut to ``limit`` with ``...``."""
+    words = inspect.cleandoc(text).split("\n\n")[0].split()
+    line = ""
+    for word in words:
+        candidate = f"{line} {word}" if line else word
+        if len(candidate) > limit:
+            while line and len(line) + 3 > limit:
+                line = line.rsplit(" ", 1)[0] if " " in line else ""
+            return f"{line}..."
+        line = candidate
+        if word.endswith("."):
+            break
+    return line
 
 
 class LandscapeGroup(click.Group):
@@ -119,14 +138,14 @@ class LandscapeGroup(click.Group):
         limit = formatter.width - 6 - max(map(len, names))
         rows = []
         for name in names:
-            if name in self.commands:
-                if self.commands[name].hidden:
+            doc = (None if name in self.commands
+                   else _docstring_of_command(self.lazy_commands[name]))
+            if doc is None:  # loaded already, or its source unreadable: load it
+                command = self.get_command(ctx, name)
+                if command is None or command.hidden:
                     continue
-                text = self.commands[name].get_short_help_str(limit)
-            else:
-                text = click.utils.make_default_short_help(
-                    _docstring_of_command(self.lazy_commands[name]), limit)
-            rows.append((name, text))
+                doc = command.short_help or command.help or ""
+            rows.append((name, short_help(doc, limit)))
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 

@@ -24,17 +24,19 @@ class FiniteFloatRange(click.FloatRange):
     false), so a plain range lets them through to the library.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        if self.min is None and self.max is None:  # any finite number: FLOAT in the help
-            self.name = "float"
-
-    def _describe_range(self) -> str:
-        """The range for the help (``[x<=None]`` for an unbounded one: nothing)."""
-        return "" if self.min is None and self.max is None else super()._describe_range()
-
     def convert(self, value, param, ctx):
         """The value as a float, or a usage error when it is not finite or out of range."""
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+class FiniteFloat(click.types.FloatParamType):
+    """A float that is not ``nan`` or ``inf`` (a usage error), without bounds."""
+
+    def convert(self, value, param, ctx):
+        """The value as a float, or a usage error when it is not finite."""
         number = super().convert(value, param, ctx)
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number.", param, ctx)

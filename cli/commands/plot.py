@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from landscape_cli.app import cli, verbose_option
 from landscape_cli.options import (
-    FiniteFloatRange,
+    FiniteFloat,
     load_rule_specs,
     output_directory,
     rules_option,
@@ -76,7 +76,7 @@ def _message(err: Exception) -> str:
 )
 @click.option("--surface", "surface_name", metavar="NAME", help="Plot this stored surface instead.")
 @click.option("--3d", "three_d", is_flag=True, help="3-D view of a 2-D surface (with --surface).")
-@click.option("--vmax", type=FiniteFloatRange(), default=None,
+@click.option("--vmax", type=FiniteFloat(), default=None,
               help="Clip a 2-D surface's values at this, so that a diverged corner does not "
                    "flatten the rest (with --surface).")
 @click.option("--levels", type=click.IntRange(2, 500), default=None,

@@ -391,6 +391,16 @@ def test_the_command_list_of_help_is_that_of_the_loaded_commands():
     assert unloaded == loaded.output
     for name in COMMANDS:
         assert f"  {name}  " in unloaded
+    # an installation without .py sources: the command is loaded for its help
+    import landscape_cli.app as app
+
+    real = app._docstring_of_command
+    try:
+        app._docstring_of_command = lambda module: None
+        without = CliRunner().invoke(cli, ["-h"], prog_name="landscape", terminal_width=80)
+    finally:
+        app._docstring_of_command = real
+    assert without.output == loaded.output
 
 
 # ---------------------------------------------------------------- the default path of the rest
