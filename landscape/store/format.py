@@ -330,8 +330,9 @@ def check_tables(f: h5py.File, path: Path) -> None:
 def _check_surface(g: Any) -> None:
     """One surface's structure (:func:`check_tables`); ``ValueError`` says what is wrong.
 
-    Its ``fields`` attribute lists its grids; ``x``, ``done`` and every field's grid
-    must be there, of ``done``'s shape.
+    Its ``fields`` attribute lists its grids and its ``attrs`` attribute is JSON; ``x``,
+    ``done`` and every field's grid must be there, of ``done``'s shape, and ``y`` for a
+    2-D surface.
     """
     if not isinstance(g, h5py.Group):
         raise ValueError("not a group")
@@ -341,10 +342,16 @@ def _check_surface(g: Any) -> None:
         raise ValueError("no fields attribute, or not JSON") from None
     if not isinstance(fields, list):
         raise ValueError("its fields attribute is not a list")
+    try:
+        json.loads(_attr_value(g.attrs["attrs"]))
+    except (KeyError, ValueError):
+        raise ValueError("no attrs attribute, or not JSON") from None
     for name in ("x", "done", *fields):
         if not isinstance(g.get(name), h5py.Dataset):
             raise ValueError(f"no {name!r} grid")
     shape = g["done"].shape
+    if len(shape) == 2 and not isinstance(g.get("y"), h5py.Dataset):
+        raise ValueError("a 2-D surface without its 'y' grid")
     for name in fields:
         if g[name].shape != shape:
             raise ValueError(f"the {name!r} grid is {g[name].shape}, its done mask {shape}")

@@ -176,3 +176,13 @@ def test_a_surface_without_its_grids_is_a_damaged_file(tmp_path):
         del f["surfaces/random/loss"]
     with pytest.raises(RunFileError, match="damaged run file: surface 'random' \\(no 'loss'"):
         Run.open(path)
+    for what, fragment in (("y", "without its 'y' grid"), ("attrs", "no attrs attribute")):
+        with RunWriter(path, mode="w") as w:
+            w.create_surface("random", np.linspace(-1, 1, 3), np.linspace(-1, 1, 3))
+        with h5py.File(path, "a") as f:
+            if what == "y":
+                del f["surfaces/random/y"]
+            else:
+                del f["surfaces/random"].attrs["attrs"]
+        with pytest.raises(RunFileError, match=fragment):
+            Run.open(path)
