@@ -199,14 +199,20 @@ def _refuse_to_replace_another_run(path: Path) -> None:
 
 @contextlib.contextmanager
 def _quiet_probe_note() -> Iterator[None]:
-    """The monitor's note that it keeps a default probe, left out: the demo's own choice."""
+    """The monitor's note that it keeps a default probe, left out: the demo's own choice.
+
+    Only that record: the logger's other messages pass.
+    """
     log = logging.getLogger("landscape")
-    level = log.level
-    log.setLevel(logging.ERROR)
+
+    def not_the_probe_note(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("landscape: no probe= given")
+
+    log.addFilter(not_the_probe_note)
     try:
         yield
     finally:
-        log.setLevel(level)
+        log.removeFilter(not_the_probe_note)
 
 
 def _run_demo(out_dir, steps, lr, ramp_step, ramp_steps, ramp_factor, seed, surface_steps,

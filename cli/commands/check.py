@@ -105,7 +105,8 @@ def _print(found: list, failing: list, source: str, fail_on: str, as_json: bool,
 @cli.command(
     epilog="\b\nExit status:\n  0  no finding reaches --fail-on\n"
     "  1  a finding reaches --fail-on\n"
-    "  2  RUN cannot be checked (missing or unreadable file, bad option)\n\n"
+    "  2  RUN cannot be checked (missing or unreadable file, bad option),\n"
+    "     or the output cannot be written\n\n"
     "\b\nExample:\n  landscape check run.h5 --fail-on error"
 )
 @click.argument("run_path", metavar="RUN", type=click.Path())

@@ -170,14 +170,18 @@ def plot(
             paths = {
                 name: target.with_name(f"{target.stem}-{name}{target.suffix}") for name in figures
             }
-    for name, fig in figures.items():
-        try:
-            save_figure(fig, paths[name], dpi=dpi)
-        except ValueError as err:
-            raise click.ClickException(_message(err)) from None
-    if not quiet:  # after every file is written: a closed pipe must not stop the writing
-        for name in figures:
-            click.echo(f"wrote {paths[name]}")
+    written = []
+    try:
+        for name, fig in figures.items():
+            try:
+                save_figure(fig, paths[name], dpi=dpi)
+            except ValueError as err:
+                raise click.ClickException(_message(err)) from None
+            written.append(paths[name])
+    finally:  # after the files: a closed pipe must not stop the writing
+        if not quiet:
+            for path in written:
+                click.echo(f"wrote {path}")
 
 
 def _write_vtk(run_path: str, surface_name: str | None, target: Path, field: str | None,

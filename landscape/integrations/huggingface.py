@@ -467,12 +467,13 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         the sum of the values given during the step when each is its micro-batch's share of
         the step's loss (a token-loss sum divided by the step's ``num_items_in_batch``;
         times the world size under ``average_tokens_across_devices``, as for the model's
-        own losses), else their mean. By default (``share=None``) they are shares when the
-        Trainer passed ``num_items_in_batch`` to the model in the step: it then normalises
-        the loss by the step's token count, its label smoother and ``compute_loss_func``
-        too, and adds the micro-batches' values up instead of averaging them.
-        ``share=True`` or ``False`` says it. Given values replace what the forward hook
-        read for the step.
+        own losses), else their mean. By default (``share=None``) they are added up when
+        the Trainer passed ``num_items_in_batch`` to the model in the step, as the Trainer
+        itself then adds the micro-batches' losses up instead of averaging them (its label
+        smoother and ``compute_loss_func`` normalise by the step's token count; a
+        transformers version whose label smoother does not gives k times the mean under
+        accumulation k, in the Trainer's own log too). ``share=True`` or ``False`` says it.
+        Given values replace what the forward hook read for the step.
 
         Calls without gradients (the Trainer's evaluation runs ``compute_loss`` too) are
         ignored. Under ``average_tokens_across_devices`` give the value before the Trainer's
