@@ -99,7 +99,6 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
-
 def _graph_leaves(value: torch.Tensor) -> list[torch.Tensor]:
     """The leaf tensors whose ``.grad`` a ``value.backward()`` would accumulate into."""
     leaves: dict[int, torch.Tensor] = {}
@@ -136,6 +135,7 @@ def grads_of_other_leaves_kept(value: torch.Tensor, ours: Tensors) -> Iterator[N
             if grad is not None and values is not None:
                 grad.detach().copy_(values)
             t.grad = grad
+
 
 class NoGradientError(LandscapeError, ValueError):
     """Selected parameters cut off from the loss by a reentrant activation checkpoint.

@@ -155,8 +155,7 @@ def _as_trained(trainer: pl.Trainer, batch: Any) -> Any:
     ``precision="bf16-true"`` (or ``"16-true"``) trains the module in that dtype and casts
     each batch's floating-point tensors to it; a float32 probe would fail every metric.
     """
-    plugin = getattr(getattr(trainer, "strategy", None), "precision_plugin", None)
-    convert = getattr(plugin, "convert_input", None)
+    convert = getattr(getattr(trainer, "precision_plugin", None), "convert_input", None)
     return batch if convert is None else convert(batch)
 
 

@@ -36,8 +36,7 @@ from landscape.store.format import (
 
 __all__ = [
     "clear_open_flags", "holds_nothing", "is_hdf5", "open_for_reading", "open_for_writing",
-    "refuse_to_replace_with_a_run",
-    "recover_crashed", "refuse_to_overwrite_hdf5",
+    "recover_crashed", "refuse_to_overwrite_hdf5", "refuse_to_replace_with_a_run",
 ]
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
