@@ -232,7 +232,8 @@ def _findings_html(findings: Sequence[Finding]) -> list[str]:
     return out
 
 
-def _timelines_html(run: Run, findings: Sequence[Finding], log: bool, dpi: int) -> list[str]:
+def _timelines_html(run: Run, findings: Sequence[Finding], log: bool | None,
+                    dpi: int) -> list[str]:
     out = ['<section id="timelines"><h2>Timelines</h2>']
     drawn = metrics_with_rows(run)
     empty = [m for m in run.metrics() if not len(run.steps(m))]
@@ -292,13 +293,15 @@ def render_report(
     *,
     title: str | None = None,
     findings: Sequence[Finding] | None = None,
-    log: bool = False,
+    log: bool | None = None,
     dpi: int = 90,
 ) -> str:
     """The report of ``run`` as one HTML document (a string).
 
     ``findings``: the findings to list and mark (default :func:`collect_findings`).
-    ``log``: logarithmic y axes on the timelines. ``dpi``: resolution of the images.
+    ``log``: logarithmic y axes on the timelines (``None``, the default: where a field's
+    positive values span two decades, :func:`landscape.plotting.timelines.timeline`).
+    ``dpi``: resolution of the images.
     """
     if dpi < 10:
         raise ValueError(f"dpi must be >= 10, got {dpi}")
@@ -377,7 +380,7 @@ def write_report(
     *,
     title: str | None = None,
     findings: Sequence[Finding] | None = None,
-    log: bool = False,
+    log: bool | None = None,
     dpi: int = 90,
 ) -> Path:
     """Write the self-contained HTML report of ``run`` to ``path`` (see :func:`render_report`).

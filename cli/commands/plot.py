@@ -85,7 +85,11 @@ def _message(err: Exception) -> str:
     "--field", default=None,
     help="Which grid of the surface to draw (with --surface): loss (default) or accuracy, ...",
 )
-@click.option("--log", is_flag=True, help="Logarithmic y axes (symmetric-log around zero).")
+@click.option("--log/--linear", default=None,
+              help="Logarithmic (symmetric-log around zero) or linear y axes on every "
+                   "timeline, log10 of a surface's values (default: timelines logarithmic "
+                   "where a field's positive values span two decades or more; surfaces "
+                   "linear).")
 @click.option(
     "--recompute/--stored", default=True, show_default=True,
     help="Mark the stored findings plus those the alarm rules find on the whole run "
@@ -113,7 +117,7 @@ def plot(
     vmax: float | None,
     levels: int | None,
     field: str | None,
-    log: bool,
+    log: bool | None,
     recompute: bool,
     rule_specs: tuple[str, ...],
     out: str,

@@ -23,7 +23,9 @@ from landscape.store import Run
     "plot's) to write report.html into.",
 )
 @click.option("--title", help="Title of the report (default: from the run's file name).")
-@click.option("--log", is_flag=True, help="Logarithmic y axes on the timelines.")
+@click.option("--log/--linear", default=None,
+              help="Logarithmic (or linear) y axes on every timeline (default: logarithmic "
+                   "where a field's positive values span two decades or more).")
 @click.option(
     "--recompute/--stored", default=True, show_default=True,
     help="List the stored findings plus those the alarm rules find on the whole run "
@@ -32,7 +34,7 @@ from landscape.store import Run
 @rules_option
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 @verbose_option
-def report(run_path: str, out: str, title: str | None, log: bool, recompute: bool,
+def report(run_path: str, out: str, title: str | None, log: bool | None, recompute: bool,
            rule_specs: tuple[str, ...], quiet: bool):
     """Write an HTML report of RUN: summary, findings, timelines, surfaces, configuration.
 

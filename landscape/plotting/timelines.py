@@ -91,6 +91,19 @@ def _field_labels(run: Run, metric: str, field: str) -> Sequence[str] | None:
     return None
 
 
+AUTO_LOG_RANGE = 100.0
+"""``log=None`` draws a field on a log axis when its finite values are all positive and the
+largest is at least this many times the smallest: a ratio that climbs from 0.02 to 3,500,
+a loss that explodes, stay legible (on a linear axis their early rise is a flat line)."""
+
+
+def _spans_decades(values: np.ndarray) -> bool:
+    """Whether ``values`` are positive and span :data:`AUTO_LOG_RANGE` (``log=None``)."""
+    finite = values[np.isfinite(values)]
+    return bool(finite.size > 1 and (finite > 0).all()
+                and finite.max() >= AUTO_LOG_RANGE * finite.min())
+
+
 def _set_log_scale(ax, values: np.ndarray) -> None:
     finite = values[np.isfinite(values)]
     if finite.size and (finite > 0).all():
@@ -202,7 +215,8 @@ def _draw_findings(
 
 
 def _plot_field(
-    ax, steps: np.ndarray, values: np.ndarray, field: str, labels, max_lines: int, log: bool
+    ax, steps: np.ndarray, values: np.ndarray, field: str, labels, max_lines: int,
+    log: bool | None,
 ) -> tuple[bool, bool]:
     """Draw one field on ``ax``.
 
@@ -228,7 +242,7 @@ def _plot_field(
             ax.fill_between(steps, lo, hi, alpha=0.25, label=f"{field} min-max ({flat.shape[1]})")
             _draw_series(ax, steps, med, f"{field} median", 1.2)
     marked = _mark_nonfinite(ax, steps, values)
-    if log and len(steps):
+    if len(steps) and (log or (log is None and _spans_decades(values))):
         _set_log_scale(ax, values)
     ax.set_ylabel(field)
     ax.grid(True, alpha=0.3)
@@ -261,7 +275,7 @@ def timeline(
     *,
     fields: Sequence[str] | None = None,
     findings: Iterable[Finding] | None = None,
-    log: bool = False,
+    log: bool | None = None,
     max_lines: int = 12,
     width: float = 8.0,
     row_height: float = 2.4,
@@ -271,7 +285,9 @@ def timeline(
     ``fields``: which fields to draw (default: every numeric field but those the run
     records as the rows' context, such as ``loss/samples``). ``findings``: the
     findings to mark (default: the run's stored findings; pass ``[]`` for none).
-    ``log``: logarithmic y axes (symmetric-log where a field has values <= 0).
+    ``log``: logarithmic y axes (symmetric-log where a field has values <= 0); ``None``
+    (default): a log axis for each field whose values are positive and span a factor of
+    :data:`AUTO_LOG_RANGE` or more, linear otherwise; ``False``: linear everywhere.
     ``max_lines``: vector fields with more components are drawn as median and min-max band.
     """
     if max_lines < 1:
@@ -336,7 +352,7 @@ def timelines(
     run: Run,
     metrics: Sequence[str] | None = None,
     *,
-    log: bool = False,
+    log: bool | None = None,
     findings: Iterable[Finding] | None = None,
     max_lines: int = 12,
 ) -> dict[str, Figure]:
@@ -360,7 +376,8 @@ def timelines(
     return {m: _figure(run, m, marks, log, max_lines) for m in names}
 
 
-def _figure(run: Run, metric: str, marks: list[Finding], log: bool, max_lines: int) -> Figure:
+def _figure(run: Run, metric: str, marks: list[Finding], log: bool | None,
+            max_lines: int) -> Figure:
     """The density of a spectral_density metric's last measured row, else the timeline."""
     if len(run.steps(metric)) and is_density(run, metric):
         try:

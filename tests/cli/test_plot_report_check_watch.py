@@ -897,3 +897,25 @@ def test_check_whose_output_cannot_be_written_exits_2_not_1(run_file, tmp_path):
                                   timeout=300)
         assert done.returncode == 2
         assert done.stderr.decode().strip() == "Error: No space left on device"
+
+
+def test_a_field_spanning_decades_is_drawn_on_a_log_axis_by_default(runner, tmp_path):
+    """On a linear axis a ratio climbing from 0.02 to 3,500 was a flat line until its last
+    rows: the early rise the alarms read could not be seen."""
+    from landscape.plotting.timelines import timeline
+
+    path = tmp_path / "run.h5"
+    with RunWriter(path) as w:
+        w.declare("ratio", {"r": None, "small": None, "signed": None})
+        for step in range(40):
+            w.append("ratio", step, {"r": 0.02 * 1.35 ** step, "small": 1.0 + 0.01 * step,
+                                     "signed": float(step - 20) * 100})
+    with ls.Run.open(path) as run:
+        scales = [ax.get_yscale() for ax in timeline(run, "ratio", findings=[]).axes[:3]]
+        assert scales == ["log", "linear", "linear"]
+        assert {ax.get_yscale() for ax in timeline(run, "ratio", findings=[],
+                                                   log=False).axes[:3]} == {"linear"}
+        assert timeline(run, "ratio", findings=[], log=True).axes[2].get_yscale() == "symlog"
+    for args in ([], ["--linear"], ["--log"]):
+        result = runner.invoke(cli, ["plot", str(path), "-o", str(tmp_path / "f.png"), *args])
+        assert result.exit_code == 0, result.output
