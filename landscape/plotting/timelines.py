@@ -40,8 +40,8 @@ from landscape.findings import SEVERITIES, Finding
 from landscape.plotting.spectra import density, is_density
 from landscape.store import Run, refuse_to_overwrite_hdf5
 
-SEVERITY_COLORS: dict[str, str] = {"info": "#1f77b4", "warning": "#ff7f0e", "error": "#d62728"}
-"""Colour of the vertical finding markers, by severity."""
+SEVERITY_COLORS: dict[str, str] = {"info": "#7f7f7f", "warning": "#ff7f0e", "error": "#d62728"}
+"""Colour of the vertical finding markers, by severity (info grey: the data lines are blue)."""
 
 SAVE_FORMATS: tuple[str, ...] = ("png", "pdf", "svg", "jpg", "jpeg")
 """File suffixes :func:`save_figure` accepts."""
