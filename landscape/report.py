@@ -252,7 +252,7 @@ def _timelines_html(run: Run, findings: Sequence[Finding], log: bool | None,
                        "quadrature nodes marked at the bottom.")
         else:
             img = _img(figure_png(fig, dpi=dpi), f"timeline of {name}")
-            caption = (f"{_e(name)}: {rows} rows; vertical lines mark findings (blue info, "
+            caption = (f"{_e(name)}: {rows} rows; vertical lines mark findings (grey info, "
                        "orange warning, red error; solid when raised on this metric).")
         out.append(f'<figure id="timeline-{_e(name)}">{img}<figcaption>{caption}'
                    "</figcaption></figure>")
