@@ -61,9 +61,8 @@ class _View:
         lines: list[str] = []
         rows = dict(self.rows)
         names = [m for m in self.selected if m in run.metrics()] if self.selected else run.metrics()
-        for m in names:
-            steps = run.steps(m)
-            n = len(steps)
+        for m in names:  # the last row only: a look costs the same at any run length
+            n = run.rows(m)
             seen = rows.get(m)
             if seen is None and not first:
                 lines.append(f"new metric {m}")
@@ -73,16 +72,14 @@ class _View:
                 seen = 0
             rows[m] = n
             if n > seen:
-                values = "  ".join(
-                    f"{name}={_format_value(run.series(m, name)[1][-1])}" for name in run.fields(m)
-                )
-                lines.append(f"{m}  step {int(steps[-1])}  (+{n - seen})  {values}")
-        findings = run.findings()
-        start = self.findings if len(findings) >= self.findings else 0
-        lines.extend(
-            f"finding {f.describe()}" for f in findings[start:] if self._shows(f.metric)
-        )
-        self.rows, self.findings = rows, len(findings)
+                step, row = run.last_row(m)
+                values = "  ".join(f"{name}={_format_value(v)}" for name, v in row.items())
+                lines.append(f"{m}  step {step}  (+{n - seen})  {values}")
+        # those added since the last look (fewer than seen: the run restarted)
+        start = self.findings if run.finding_count() >= self.findings else 0
+        found = run.findings(start=start)
+        lines.extend(f"finding {f.describe()}" for f in found if self._shows(f.metric))
+        self.rows, self.findings = rows, start + len(found)
         return lines
 
 

@@ -109,27 +109,33 @@ class Backend(ABC):
         """
 
     @abstractmethod
-    def steps(self, path: str) -> np.ndarray:
+    def steps(self, path: str, start: int = 0) -> np.ndarray:
         """The committed steps of a table; their number is the number of committed rows.
 
         Args:
             path: the table's path.
+            start: the first row to read (the rows before it are not read).
 
         Returns:
             An int64 array, a copy.
         """
 
     @abstractmethod
-    def column(self, path: str, name: str, n: int) -> np.ndarray:
-        """The first ``n`` rows of one column.
+    def rows(self, path: str) -> int:
+        """The number of committed rows of a table, found without reading its steps."""
+
+    @abstractmethod
+    def column(self, path: str, name: str, n: int, start: int = 0) -> np.ndarray:
+        """Rows ``start`` to ``n`` of one column.
 
         Args:
             path: the table's path.
             name: the field.
-            n: how many rows (the committed ones: ``len(steps(path))``).
+            n: the end row (the committed ones: ``len(steps(path))``).
+            start: the first row to read.
 
         Returns:
-            An ``(n, *shape)`` array, a copy.
+            An ``(n - start, *shape)`` array, a copy.
         """
 
     @abstractmethod
@@ -264,13 +270,17 @@ class MemoryBackend(Backend):
         """A copy of a table's field specs."""
         return dict(self._tables[path]["fields"])
 
-    def steps(self, path):
-        """A copy of a table's steps."""
-        return self._tables[path]["step"].copy()
+    def steps(self, path, start=0):
+        """A copy of a table's steps (from row ``start``)."""
+        return self._tables[path]["step"][start:].copy()
 
-    def column(self, path, name, n):
-        """A copy of the first ``n`` rows of a column."""
-        return self._tables[path]["cols"][name][:n].copy()
+    def rows(self, path):
+        """The table's number of rows."""
+        return len(self._tables[path]["step"])
+
+    def column(self, path, name, n, start=0):
+        """A copy of rows ``start`` to ``n`` of a column."""
+        return self._tables[path]["cols"][name][start:n].copy()
 
     def add_fields(self, path, fields):
         """NaN columns as long as the table."""
@@ -455,13 +465,17 @@ class H5Backend(Backend):
         raw = json.loads(_attr_value(self.file[path].attrs["fields"]))
         return {n: FieldSpec.from_json(s) for n, s in raw.items()}
 
-    def steps(self, path):
-        """The ``step`` dataset, read."""
-        return np.asarray(self.file[path]["step"][:], dtype=np.int64)
+    def steps(self, path, start=0):
+        """The ``step`` dataset, read from row ``start``."""
+        return np.asarray(self.file[path]["step"][start:], dtype=np.int64)
 
-    def column(self, path, name, n):
-        """The first ``n`` rows of the field's dataset."""
-        return np.asarray(self.file[path][name][:n])
+    def rows(self, path):
+        """The length of the ``step`` dataset (its shape: nothing is read)."""
+        return int(self.file[path]["step"].shape[0])
+
+    def column(self, path, name, n, start=0):
+        """Rows ``start`` to ``n`` of the field's dataset."""
+        return np.asarray(self.file[path][name][start:n])
 
     def append_rows(self, path, steps, cols):
         """Resize and write every field, then ``step``."""

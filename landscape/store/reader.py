@@ -283,6 +283,38 @@ class Run:
                 values.shape)
         return steps, values
 
+    def rows(self, metric: str) -> int:
+        """The number of committed rows of a metric, read without its steps (cheap).
+
+        Raises:
+            KeyError: no such metric.
+        """
+        return self._backend.rows(self._metric_path(metric))
+
+    def last_row(self, metric: str) -> tuple[int, dict[str, Any]]:
+        """The step and the values of a metric's last committed row, reading that row only.
+
+        What ``landscape watch`` prints at each look: its cost does not grow with the run.
+
+        Returns:
+            ``(step, {field: value})``; a string field's value as ``str``.
+
+        Raises:
+            KeyError: no such metric.
+            ValueError: the metric has no row.
+        """
+        path = self._metric_path(metric)
+        n = self._backend.rows(path)
+        if not n:
+            raise ValueError(f"metric {metric!r} has no row yet")
+        step = int(self._backend.steps(path, start=n - 1)[0])
+        row: dict[str, Any] = {}
+        for name, spec in self._backend.table_fields(path).items():
+            value = self._backend.column(path, name, n, start=n - 1)[0]
+            row[name] = _decode_strings(np.asarray(value).reshape(-1))[0] \
+                if spec.is_string else value
+        return step, row
+
     def all_series(self) -> Iterator[tuple[str, str, np.ndarray, np.ndarray]]:
         """Every scalar-or-array field: ``(metric, field, steps, values)``.
 
@@ -296,18 +328,27 @@ class Run:
 
     # -- tables
 
-    def findings(self) -> list[Finding]:
+    def finding_count(self) -> int:
+        """The number of committed findings, read without the findings themselves."""
+        return self._backend.rows(FINDINGS_TABLE)
+
+    def findings(self, start: int = 0) -> list[Finding]:
         """The committed findings, in the order they were raised (``print`` lists them).
+
+        Args:
+            start: the first to read (``watch`` reads only those added since it looked).
 
         Returns:
             The findings, ``extra`` included (``{}`` in files written before it was
             stored).
         """
-        steps = self._backend.steps(FINDINGS_TABLE)
+        steps = self._backend.steps(FINDINGS_TABLE, start=start)
+        end = start + len(steps)
         n = len(steps)
         stored = self._backend.table_fields(FINDINGS_TABLE)
         names = [name for name in FINDING_FIELDS if name in stored]
-        col = {name: self._backend.column(FINDINGS_TABLE, name, n) for name in names}
+        col = {name: self._backend.column(FINDINGS_TABLE, name, end, start=start)
+               for name in names}
         strings = {k: _decode_strings(v) for k, v in col.items() if FINDING_FIELDS[k].is_string}
         extras = strings.get("extra", [""] * n)
         return Findings([

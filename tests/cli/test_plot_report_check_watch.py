@@ -919,3 +919,26 @@ def test_a_field_spanning_decades_is_drawn_on_a_log_axis_by_default(runner, tmp_
     for args in ([], ["--linear"], ["--log"]):
         result = runner.invoke(cli, ["plot", str(path), "-o", str(tmp_path / "f.png"), *args])
         assert result.exit_code == 0, result.output
+
+
+def test_watch_reads_only_what_it_prints(tmp_path, monkeypatch):
+    """Each look read whole columns to print their last value: its cost grew with the run."""
+    from landscape.store.backends import H5Backend
+
+    path = tmp_path / "run.h5"
+    with RunWriter(path) as w:
+        w.declare("loss", {"value": None})
+        for step in range(500):
+            w.append("loss", step, {"value": 1.0})
+    read = []
+    real = H5Backend.column
+
+    def counted(self, path_, name, n, start=0):
+        read.append(n - start)
+        return real(self, path_, name, n, start)
+
+    monkeypatch.setattr(H5Backend, "column", counted)
+    view = watch_cmd._View(())
+    with ls.Run.open(path) as run:
+        assert view.update(run, first=True)[0].startswith("loss  step 499  (+500)  value=1")
+    assert max(read) <= 1

@@ -96,3 +96,23 @@ def test_a_string_field_reads_back_as_text(writer_factory):
     assert all(type(t) is str for t in text)
     assert w.run().series("notes", "v")[1].dtype == np.float64
     w.close()
+
+
+def test_the_last_row_and_new_findings_are_read_without_the_rest(writer_factory):
+    """watch read every committed row of every column at each look (367 ms a look at 1M
+    steps, growing with the run) to print the last value."""
+    w = writer_factory()
+    w.declare("m", {"v": None, "vec": (2,), "note": "S8"})
+    for step in range(5):
+        w.append("m", step * 10, {"v": float(step), "vec": [step, -step], "note": f"n{step}"})
+        w.add_finding(Finding(step * 10, "r", "info", "m", 1.0, 1.0, f"f{step}"))
+    run = w.run()
+    assert run.rows("m") == 5 and run.finding_count() == 5
+    step, row = run.last_row("m")
+    assert step == 40 and row["v"] == 4.0 and list(row["vec"]) == [4, -4] and row["note"] == "n4"
+    assert [f.message for f in run.findings(start=3)] == ["f3", "f4"]
+    assert run.findings(start=5) == []
+    w.declare("empty", {"v": None})
+    with pytest.raises(ValueError, match="no row yet"):
+        w.run().last_row("empty")
+    w.close()
