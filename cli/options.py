@@ -160,6 +160,27 @@ def rules_option(func: F) -> F:
     )(func)
 
 
+LONG_RUN_ROWS = 100_000
+"""Rows of a run above which re-evaluating the rules is announced (about 10 s per 250,000
+steps of the default monitor, 2 cores)."""
+
+
+def findings_of(run, recompute: bool, rules: list | None, quiet: bool) -> list:
+    """``collect_findings`` for check, plot and report; on a long run a line says so first.
+
+    The recomputation replays every row through the rules (seconds per 100,000 steps);
+    ``--stored`` lists what the monitor stored while it ran, at once.
+    """
+    from landscape.alarms import collect_findings
+
+    if recompute and not quiet:
+        rows = sum(run.rows(m) for m in run.metrics())
+        if rows > LONG_RUN_ROWS:
+            click.echo(f"re-evaluating the alarm rules over {rows:,} rows (--stored lists the "
+                       "findings stored while the run was written, at once)", err=True)
+    return collect_findings(run, recompute=recompute, rules=rules)
+
+
 def load_rule_specs(specs: tuple[str, ...], recompute: bool = True) -> list | None:
     """The rules ``--rules`` names, with the built-in ones; None when none is given.
 

@@ -15,9 +15,8 @@ from typing import Any
 
 import click
 from landscape_cli.app import CommandError, cli, input_errors, verbose_option
-from landscape_cli.options import load_rule_specs, rules_option
+from landscape_cli.options import findings_of, load_rule_specs, rules_option
 
-from landscape.alarms import collect_findings
 from landscape.findings import (
     SEVERITIES,
     Finding,
@@ -136,7 +135,7 @@ def check(run_path: str, fail_on: str, recompute: bool, rule_specs: tuple[str, .
         rules = load_rule_specs(rule_specs, recompute)
     try:
         with input_errors(EXIT_INPUT), Run.open(run_path) as run:
-            found = collect_findings(run, recompute=recompute, rules=rules)
+            found = findings_of(run, recompute, rules, quiet or as_json)
             source = run.source
             # a surface counts once a point of it is computed: a job killed before its
             # first point recorded nothing either

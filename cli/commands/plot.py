@@ -9,12 +9,12 @@ import click
 from landscape_cli.app import cli, verbose_option
 from landscape_cli.options import (
     FiniteFloat,
+    findings_of,
     load_rule_specs,
     output_directory,
     rules_option,
 )
 
-from landscape.alarms import collect_findings
 from landscape.plotting.surfaces import export_vtk
 from landscape.plotting.timelines import SAVE_FORMATS, metrics_with_rows, save_figure, timelines
 from landscape.report import surface_figure
@@ -41,7 +41,7 @@ def _run_figures(run, metrics, to_directory, log, recompute, rules, quiet) -> di
     figures = {}
     names = list(metrics) or metrics_with_rows(run)
     if names:
-        found = collect_findings(run, recompute=recompute, rules=rules)
+        found = findings_of(run, recompute, rules, quiet)
         figures.update(timelines(run, names, log=log, findings=found))
     if not metrics and to_directory and run.surfaces():
         for name in run.surfaces():

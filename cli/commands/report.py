@@ -6,9 +6,13 @@ from pathlib import Path
 
 import click
 from landscape_cli.app import cli, verbose_option
-from landscape_cli.options import load_rule_specs, output_directory, rules_option
+from landscape_cli.options import (
+    findings_of,
+    load_rule_specs,
+    output_directory,
+    rules_option,
+)
 
-from landscape.alarms import collect_findings
 from landscape.findings import count_by_severity
 from landscape.plotting.timelines import metrics_with_rows
 from landscape.report import report_path, write_report
@@ -44,7 +48,7 @@ def report(run_path: str, out: str, title: str | None, log: bool | None, recompu
     target = report_path(out)
     rules = load_rule_specs(rule_specs, recompute)
     with Run.open(run_path) as run:
-        found = collect_findings(run, recompute=recompute, rules=rules)
+        found = findings_of(run, recompute, rules, quiet)
         if target != Path(out):  # a directory: created as plot creates its output directory
             output_directory(target.parent)
         path = write_report(run, target, title=title, findings=found, log=log)

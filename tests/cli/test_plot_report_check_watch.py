@@ -942,3 +942,18 @@ def test_watch_reads_only_what_it_prints(tmp_path, monkeypatch):
     with ls.Run.open(path) as run:
         assert view.update(run, first=True)[0].startswith("loss  step 499  (+500)  value=1")
     assert max(read) <= 1
+
+
+def test_re_evaluating_the_rules_over_a_long_run_is_announced(runner, run_file, tmp_path,
+                                                               monkeypatch):
+    """check on a 1M-step run sat silent for 41 s; --stored answers at once."""
+    import landscape_cli.options as options
+
+    monkeypatch.setattr(options, "LONG_RUN_ROWS", 10)
+    long = runner.invoke(cli, ["check", str(run_file)])
+    assert "re-evaluating the alarm rules over" in long.stderr and "--stored" in long.stderr
+    for args in (["--stored"], ["-q"], ["--json"]):
+        quiet = runner.invoke(cli, ["check", str(run_file), *args])
+        assert "re-evaluating" not in quiet.stderr, args
+    report = runner.invoke(cli, ["report", str(run_file), "-o", str(tmp_path / "r.html")])
+    assert "re-evaluating the alarm rules" in report.stderr
