@@ -342,7 +342,10 @@ def test_a_fresh_fit_into_a_file_of_an_earlier_run_is_refused_before_it_trains(t
 
 
 class _TwoOptimizers(pl.LightningModule):
-    """Manual optimization with two optimizers (a GAN's shape): two optimizer steps a batch."""
+    """Manual optimization with two optimizers (a GAN's shape): two optimizer steps a batch
+    (the second one every ``second_every`` batches)."""
+
+    second_every = 1
 
     def __init__(self) -> None:
         super().__init__()
@@ -361,10 +364,11 @@ class _TwoOptimizers(pl.LightningModule):
         first.zero_grad()
         self.manual_backward(loss)
         first.step()
-        other = F.cross_entropy(self.head(self.body(x).detach()), y)
-        second.zero_grad()
-        self.manual_backward(other)
-        second.step()
+        if batch_idx % self.second_every == 0:
+            other = F.cross_entropy(self.head(self.body(x).detach()), y)
+            second.zero_grad()
+            self.manual_backward(other)
+            second.step()
         return {"loss": loss.detach()}
 
     def configure_optimizers(self):
@@ -406,19 +410,7 @@ def test_an_every_n_steps_that_no_recorded_step_meets_is_said():
 class _UnevenOptimizers(_TwoOptimizers):
     """The second optimizer steps every other batch only (a WGAN's generator)."""
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        first, second = self.optimizers()
-        loss = F.cross_entropy(self(x), y)
-        first.zero_grad()
-        self.manual_backward(loss)
-        first.step()
-        if batch_idx % 2 == 0:
-            other = F.cross_entropy(self.head(self.body(x).detach()), y)
-            second.zero_grad()
-            self.manual_backward(other)
-            second.step()
-        return {"loss": loss.detach()}
+    second_every = 2
 
 
 class _ManualAccumulation(Classifier):
