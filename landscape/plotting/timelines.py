@@ -91,6 +91,9 @@ def _field_labels(run: Run, metric: str, field: str) -> Sequence[str] | None:
     return None
 
 
+_LIMITS = {"lambda_max": "threshold"}
+"""A field drawn with its limit on the same axis (sharpness: the stability threshold)."""
+
 AUTO_LOG_RANGE = 100.0
 """``log=None`` draws a field on a log axis when its finite values are all positive and the
 largest is at least this many times the smallest: a ratio that climbs from 0.02 to 3,500,
@@ -327,6 +330,14 @@ def timeline(
         else:
             labels = _field_labels(run, metric, name)
             legend, marked = _plot_field(ax, steps, numbers, name, labels, max_lines, log)
+            limit = _LIMITS.get(name)
+            if limit is not None and limit in available and numbers.ndim == 1:
+                # the quantity and the limit it must stay under, on one axis: where they
+                # cross is what the edge_of_stability rule reads
+                _, bound = run.series(metric, limit)
+                ax.plot(steps, np.asarray(bound, dtype=np.float64), linestyle="--",
+                        color="#d62728", lw=1.0, label=limit)
+                legend = True
             if legend:
                 # "best" scans every point: affordable only on short series
                 ax.legend(fontsize="small", loc="best" if len(steps) <= 2000 else "upper right")

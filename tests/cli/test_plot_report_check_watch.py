@@ -957,3 +957,22 @@ def test_re_evaluating_the_rules_over_a_long_run_is_announced(runner, run_file, 
         assert "re-evaluating" not in quiet.stderr, args
     report = runner.invoke(cli, ["report", str(run_file), "-o", str(tmp_path / "r.html")])
     assert "re-evaluating the alarm rules" in report.stderr
+
+
+def test_sharpness_is_drawn_with_its_threshold_on_one_axis(tmp_path):
+    """lambda_max and the stability threshold were on separate panels with their own
+    scales: where they cross (what edge_of_stability reads) could not be seen."""
+    from landscape.plotting.timelines import timeline
+
+    path = tmp_path / "run.h5"
+    with RunWriter(path) as w:
+        w.declare("sharpness", {"lambda_max": None, "threshold": None, "ratio": None})
+        for step in range(10):
+            w.append("sharpness", step, {"lambda_max": 1.0 + step, "threshold": 8.0,
+                                         "ratio": (1.0 + step) / 8.0})
+    with ls.Run.open(path) as run:
+        fig = timeline(run, "sharpness", findings=[])
+    top = fig.axes[0]
+    assert top.get_ylabel() == "lambda_max"
+    lines = {line.get_label(): line for line in top.get_lines()}
+    assert "threshold" in lines and list(lines["threshold"].get_ydata()) == [8.0] * 10
