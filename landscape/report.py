@@ -236,7 +236,7 @@ def _timelines_html(run: Run, findings: Sequence[Finding], log: bool | None,
                     dpi: int) -> list[str]:
     out = ['<section id="timelines"><h2>Timelines</h2>']
     drawn = metrics_with_rows(run)
-    empty = [m for m in run.metrics() if not len(run.steps(m))]
+    empty = [m for m in run.metrics() if not run.rows(m)]
     if empty:
         out.append(f'<p id="no-rows">No rows yet: {_e(", ".join(empty))}.</p>')
     if not drawn:
@@ -245,7 +245,7 @@ def _timelines_html(run: Run, findings: Sequence[Finding], log: bool | None,
         out.append("</section>")
         return out
     for name, fig in timelines(run, drawn, findings=findings, log=log).items():
-        rows = len(run.steps(name))
+        rows = run.rows(name)
         if is_density(run, name):  # drawn as the density of its last row
             img = _img(figure_png(fig, dpi=dpi), f"eigenvalue density of {name}")
             caption = (f"{_e(name)}: {rows} rows; the eigenvalue density of the last, the "

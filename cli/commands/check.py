@@ -139,7 +139,7 @@ def check(run_path: str, fail_on: str, recompute: bool, rule_specs: tuple[str, .
             source = run.source
             # a surface counts once a point of it is computed: a job killed before its
             # first point recorded nothing either
-            recorded = any(len(run.steps(m)) for m in run.metrics()) or any(
+            recorded = any(run.rows(m) for m in run.metrics()) or any(
                 run.surface(s).done.any() for s in run.surfaces())
     except (KeyError, ValueError, TypeError, OSError) as err:  # a damaged file's structure
         raise CommandError(f"{run_path}: cannot be read as a run file "

@@ -268,7 +268,7 @@ def metrics_with_rows(run: Run) -> list[str]:
         Their names, in the run's order.
     """
     return [m for m in run.metrics()
-            if m != "probe" and len(run.steps(m))
+            if m != "probe" and run.rows(m)
             and any(not f.is_string for f in run.fields(m).values())]
 
 
@@ -390,7 +390,7 @@ def timelines(
 def _figure(run: Run, metric: str, marks: list[Finding], log: bool | None,
             max_lines: int) -> Figure:
     """The density of a spectral_density metric's last measured row, else the timeline."""
-    if len(run.steps(metric)) and is_density(run, metric):
+    if run.rows(metric) and is_density(run, metric):
         try:
             return density(run, metric=metric)
         except ValueError:  # no row holds a finite node: every measurement failed
