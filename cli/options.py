@@ -17,30 +17,23 @@ SEED_MAX = 2**63 - 1
 """The largest ``--seed`` (``torch.manual_seed`` takes a 64-bit integer)."""
 
 
-class FiniteFloatRange(click.FloatRange):
-    """A :class:`click.FloatRange` that also refuses ``nan`` and ``inf`` (a usage error).
+class FiniteFloat(click.types.FloatParamType):
+    """A float that is not ``nan`` or ``inf`` (a usage error).
 
     ``float()`` accepts both, and ``nan`` passes every range check (comparisons with it are
-    false), so a plain range lets them through to the library.
+    false), so a plain float or range lets them through to the library.
     """
 
     def convert(self, value, param, ctx):
-        """The value as a float, or a usage error when it is not finite or out of range."""
+        """The value as a float, or a usage error when it is not finite (or out of range)."""
         number = super().convert(value, param, ctx)
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         return number
 
 
-class FiniteFloat(click.types.FloatParamType):
-    """A float that is not ``nan`` or ``inf`` (a usage error), without bounds."""
-
-    def convert(self, value, param, ctx):
-        """The value as a float, or a usage error when it is not finite."""
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number.", param, ctx)
-        return number
+class FiniteFloatRange(FiniteFloat, click.FloatRange):
+    """A :class:`click.FloatRange` that also refuses ``nan`` and ``inf`` (:class:`FiniteFloat`)."""
 
 
 def output_directory(path: Path) -> Path:
