@@ -24,6 +24,14 @@ def _invoke(args):
     return result
 
 
+def _analyze_first(setup, tmp_path, *args):
+    """``landscape analyze`` of the first checkpoint with the setup's factories, quiet."""
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    return _invoke(["analyze", str(paths[0]), "--model", f"{fac}:model", "--data",
+                    f"{fac}:data", *args, "-o", str(tmp_path / "r.h5"), "-q"])
+
+
 def test_analyze_writes_one_row_per_checkpoint_in_step_order(setup, tmp_path):
     root, paths, ns = setup
     out = tmp_path / "run.h5"
@@ -266,18 +274,12 @@ def test_analyze_without_a_learning_rate_on_plain_state_dicts_warns(setup, tmp_p
     (["--momentum", "1.0", "--lr", "1"], "--momentum"),  # SGD momentum lies in [0, 1)
 ])
 def test_bad_sgd_settings_are_usage_errors(setup, tmp_path, args, match):
-    root, paths, _ = setup
-    fac = root / "factories.py"
-    result = _invoke(["analyze", str(paths[0]), "--model", f"{fac}:model", "--data",
-                      f"{fac}:data", *args, "-o", str(tmp_path / "r.h5"), "-q"])
+    result = _analyze_first(setup, tmp_path, *args)
     assert result.exit_code == 2 and match in result.stderr and "Traceback" not in result.output
 
 
 def test_momentum_without_lr_is_refused(setup, tmp_path):
-    root, paths, _ = setup
-    fac = root / "factories.py"
-    result = _invoke(["analyze", str(paths[0]), "--model", f"{fac}:model", "--data",
-                      f"{fac}:data", "--momentum", "0.9", "-o", str(tmp_path / "r.h5"), "-q"])
+    result = _analyze_first(setup, tmp_path, "--momentum", "0.9")
     assert result.exit_code == 1
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert lines == ["Error: --momentum needs --lr (the SGD settings go together)"]
@@ -477,10 +479,7 @@ def test_option_values_beyond_what_can_be_computed_are_one_line(setup, tmp_path)
 
 def test_loss_model_with_input_target_pairs_says_what_it_needs(setup, tmp_path):
     """It failed in the model's call with the model's repr spread over many lines."""
-    root, paths, _ = setup
-    fac = root / "factories.py"
-    result = _invoke(["analyze", str(paths[0]), "--model", f"{fac}:model", "--data",
-                      f"{fac}:data", "--loss", "model", "-o", str(tmp_path / "r.h5"), "-q"])
+    result = _analyze_first(setup, tmp_path, "--loss", "model")
     assert result.exit_code == 1
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and "--loss model" in lines[0] and "needs dict batches" in lines[0]
