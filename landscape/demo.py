@@ -36,6 +36,7 @@ from landscape._errors import LandscapeError
 from landscape.alarms.leads import EXPLOSION, EarlyWarning, early_warning, rule_leads
 from landscape.findings import Finding
 from landscape.monitor import Monitor
+from landscape.monitor.probe import PROBE_NOTE
 from landscape.store import Run, RunWriter
 
 __all__ = [
@@ -206,7 +207,7 @@ def _quiet_probe_note() -> Iterator[None]:
     log = logging.getLogger("landscape")
 
     def not_the_probe_note(record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("landscape: no probe= given")
+        return record.msg != PROBE_NOTE
 
     log.addFilter(not_the_probe_note)
     try:

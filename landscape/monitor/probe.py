@@ -18,7 +18,7 @@ from landscape.batches import head, in_containers_of, leading_size, map_tensors,
 from landscape.capture import first_tensor
 from landscape.store import RunWriter
 
-__all__ = ["PROBE_BYTES", "restore_probe", "store_probe", "take_probe"]
+__all__ = ["PROBE_BYTES", "PROBE_NOTE", "restore_probe", "store_probe", "take_probe"]
 
 _log = logging.getLogger("landscape")
 PROBE_BYTES = 64 * 2**20  # the largest default probe stored in the run file for a resume
@@ -34,6 +34,11 @@ def _layout(batch: Any) -> list[tuple[int, torch.dtype]]:
     return found
 
 
+PROBE_NOTE = ("landscape: no probe= given; the monitor keeps the first %d samples of the "
+              "first training batch as its fixed probe (probe_size=None turns this off)")
+"""What :func:`take_probe` logs once (the demo, whose own choice it is, leaves it out)."""
+
+
 def take_probe(batch: Any, size: int) -> tuple[Any, int]:
     """A detached copy of the first ``size`` samples of ``batch``, and how many it holds.
 
@@ -41,10 +46,7 @@ def take_probe(batch: Any, size: int) -> tuple[Any, int]:
     """
     probe = map_tensors(head(batch, size), lambda t: t.detach().clone())
     kept = leading_size(probe) or size
-    _log.warning(
-        "landscape: no probe= given; the monitor keeps the first %d samples of the first "
-        "training batch as its fixed probe (probe_size=None turns this off)", kept,
-    )
+    _log.warning(PROBE_NOTE, kept)
     return probe, kept
 
 

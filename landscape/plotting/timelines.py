@@ -336,7 +336,7 @@ def timeline(
                 # cross is what the edge_of_stability rule reads
                 _, bound = run.series(metric, limit)
                 ax.plot(steps, np.asarray(bound, dtype=np.float64), linestyle="--",
-                        color="#d62728", lw=1.0, label=limit)
+                        color=SEVERITY_COLORS["error"], lw=1.0, label=limit)
                 legend = True
             if legend:
                 # "best" scans every point: affordable only on short series
