@@ -38,6 +38,7 @@ from matplotlib.lines import Line2D
 
 from landscape.findings import SEVERITIES, Finding
 from landscape.plotting.spectra import density, is_density
+from landscape.plotting.thinning import thin, thin_marks
 from landscape.store import Run, refuse_to_overwrite_hdf5
 
 SEVERITY_COLORS: dict[str, str] = {"info": "#7f7f7f", "warning": "#ff7f0e", "error": "#d62728"}
@@ -148,12 +149,13 @@ def nonfinite_rows(values: np.ndarray) -> np.ndarray:
 
 def _mark_nonfinite(ax, steps: np.ndarray, values: np.ndarray) -> bool:
     """Tick marks along the bottom of ``ax`` at the :func:`nonfinite_rows`; True if any."""
-    bad = nonfinite_rows(values)
-    if not bad.any():
+    bad = np.flatnonzero(nonfinite_rows(values))
+    if not bad.size:
         return False
+    bad = bad[thin_marks(steps[bad])]
     ax.plot(
         steps[bad],
-        np.zeros(int(bad.sum())),
+        np.zeros(bad.size),
         linestyle="none",
         marker="|",
         markersize=10,
@@ -172,13 +174,18 @@ def _isolated(finite: np.ndarray) -> np.ndarray:
 
 
 def _draw_series(ax, steps: np.ndarray, y: np.ndarray, label: str, linewidth: float) -> None:
-    """One line; markers on every point when there are few, else on the isolated ones."""
+    """One line; markers on every point when there are few, else on the isolated ones.
+
+    A long series is drawn through the points that show (:func:`~.thinning.thin`).
+    """
     finite = np.isfinite(y)
     few = int(finite.sum()) <= FEW_POINTS
     style = {"marker": "o", "markersize": _MARKER_SIZE} if few else {}
-    (line,) = ax.plot(steps, y, label=label, linewidth=linewidth, **style)
-    alone = _isolated(finite)
-    if not few and alone.any():
+    shown = thin(steps, y)
+    (line,) = ax.plot(steps[shown], y[shown], label=label, linewidth=linewidth, **style)
+    alone = np.flatnonzero(_isolated(finite))
+    if not few and alone.size:
+        alone = alone[thin(steps[alone], y[alone])]
         ax.plot(steps[alone], y[alone], linestyle="none", marker="o", markersize=_MARKER_SIZE,
                 color=line.get_color(), label=f"_{label} isolated")
 
@@ -242,7 +249,9 @@ def _plot_field(
                 warnings.simplefilter("ignore", RuntimeWarning)
                 lo, med, hi = (np.nanmin(masked, 1), np.nanmedian(masked, 1),
                                np.nanmax(masked, 1))
-            ax.fill_between(steps, lo, hi, alpha=0.25, label=f"{field} min-max ({flat.shape[1]})")
+            shown = np.union1d(thin(steps, lo), thin(steps, hi))
+            ax.fill_between(steps[shown], lo[shown], hi[shown], alpha=0.25,
+                            label=f"{field} min-max ({flat.shape[1]})")
             _draw_series(ax, steps, med, f"{field} median", 1.2)
     marked = _mark_nonfinite(ax, steps, values)
     if len(steps) and (log or (log is None and _spans_decades(values))):
@@ -335,7 +344,9 @@ def timeline(
                 # the quantity and the limit it must stay under, on one axis: where they
                 # cross is what the edge_of_stability rule reads
                 _, bound = run.series(metric, limit)
-                ax.plot(steps, np.asarray(bound, dtype=np.float64), linestyle="--",
+                bound = np.asarray(bound, dtype=np.float64)
+                shown = thin(steps, bound)
+                ax.plot(steps[shown], bound[shown], linestyle="--",
                         color=SEVERITY_COLORS["error"], lw=1.0, label=limit)
                 legend = True
             if legend:
