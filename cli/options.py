@@ -32,6 +32,20 @@ class FiniteFloat(click.types.FloatParamType):
         return number
 
 
+class FiniteFloatOr(FiniteFloat):
+    """A finite float, or one of a few words (returned as given, lower-cased)."""
+
+    def __init__(self, *words: str) -> None:
+        self.words = words
+        self.name = f"float|{'|'.join(words)}"
+
+    def convert(self, value, param, ctx):
+        """The word, or the value as a finite float."""
+        if isinstance(value, str) and value.lower() in self.words:
+            return value.lower()
+        return super().convert(value, param, ctx)
+
+
 class FiniteFloatRange(FiniteFloat, click.FloatRange):
     """A :class:`click.FloatRange` that also refuses ``nan`` and ``inf`` (:class:`FiniteFloat`)."""
 

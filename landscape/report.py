@@ -93,7 +93,7 @@ def _as_figure(obj: Any):
 
 def surface_figure(
     surface: SurfaceData, *, three_d: bool = False, field: str | None = None, log: bool = False,
-    vmax: float | None = None, levels: int | None = None,
+    vmax: float | str | None = "auto", levels: int | None = None,
 ):
     """The figure of a stored surface: a curve (1-D), a contour map or a 3-D view (2-D).
 
@@ -103,15 +103,16 @@ def surface_figure(
         field: which stored grid to draw (default ``loss``, or the first one stored when
             there is no loss).
         log: draw log10 of the values.
-        vmax: clip a 2-D surface's values at this (a diverged corner flattens the rest).
+        vmax: clip the values at this; ``"auto"`` (default): at the outlier fence when
+            values lie beyond it, so a diverged corner does not flatten the rest
+            (:func:`landscape.plotting.surfaces.outlier_fence`); None: never.
         levels: contour levels of a 2-D contour map (default: :func:`contour`'s).
 
     Returns:
         A matplotlib figure.
 
     Raises:
-        ValueError: an unknown field, ``three_d`` on a 1-D surface, or ``vmax`` or
-            ``levels`` on a 1-D one.
+        ValueError: an unknown field, or ``three_d`` or ``levels`` on a 1-D surface.
     """
     plots = _surface_plots
     if field is None:
@@ -122,11 +123,10 @@ def surface_figure(
             f"(fields: {', '.join(surface.values)})"
         )
     if surface.ndim == 1:
-        for name, given in (("three_d", three_d), ("vmax", vmax is not None),
-                            ("levels", levels is not None)):
+        for name, given in (("three_d", three_d), ("levels", levels is not None)):
             if given:
                 raise ValueError(f"{name}: surface {surface.name!r} is 1-D; it applies to 2-D")
-        return _as_figure(plots.curve(surface, field, log=log))
+        return _as_figure(plots.curve(surface, field, log=log, vmax=vmax))
     if three_d:
         return _as_figure(plots.surface3d(surface, field, log=log, vmax=vmax))
     shape = {} if levels is None else {"levels": levels}

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from landscape_cli.app import cli, verbose_option
 from landscape_cli.options import (
-    FiniteFloat,
+    FiniteFloatOr,
     findings_of,
     load_rule_specs,
     output_directory,
@@ -76,9 +76,11 @@ def _message(err: Exception) -> str:
 )
 @click.option("--surface", "surface_name", metavar="NAME", help="Plot this stored surface instead.")
 @click.option("--3d", "three_d", is_flag=True, help="3-D view of a 2-D surface (with --surface).")
-@click.option("--vmax", type=FiniteFloat(), default=None,
-              help="Clip a 2-D surface's values at this, so that a diverged corner does not "
-                   "flatten the rest (with --surface).")
+@click.option("--vmax", type=FiniteFloatOr("auto", "none"), default=None,
+              help="Clip a surface's values at this, so that a diverged corner does not "
+                   "flatten the rest (with --surface). Default auto: at the outlier fence "
+                   "(upper quartile + 3 interquartile ranges) when values lie beyond it; "
+                   "none: never.")
 @click.option("--levels", type=click.IntRange(2, 500), default=None,
               help="Contour levels of a 2-D surface (default 30; with --surface).")
 @click.option(
@@ -114,7 +116,7 @@ def plot(
     metrics: tuple[str, ...],
     surface_name: str | None,
     three_d: bool,
-    vmax: float | None,
+    vmax: float | str | None,
     levels: int | None,
     field: str | None,
     log: bool | None,
@@ -154,8 +156,9 @@ def plot(
             if surface_name:
                 surface = run.surface(surface_name)
                 figures = {
-                    surface_name: surface_figure(surface, three_d=three_d, field=field,
-                                                 log=log, vmax=vmax, levels=levels)
+                    surface_name: surface_figure(
+                        surface, three_d=three_d, field=field, log=log, levels=levels,
+                        vmax={None: "auto", "none": None}.get(vmax, vmax))
                 }
             else:
                 figures = _run_figures(run, metrics, to_directory, log, recompute, rules,

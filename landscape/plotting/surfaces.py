@@ -61,6 +61,70 @@ def _values(surf: SurfaceData, field: str, log: bool, vmax: float | None) -> np.
     return z
 
 
+AUTO = "auto"
+"""``vmax="auto"``: clip at :func:`outlier_fence` when values lie beyond it (the default)."""
+
+FAR_OUT = 3.0
+"""Interquartile ranges above the upper quartile where :func:`outlier_fence` sits."""
+
+
+def outlier_fence(z: np.ndarray) -> float | None:
+    """Where a surface's values stop being its landscape and become a diverged region.
+
+    Tukey's "far out" fence, the upper quartile plus :data:`FAR_OUT` interquartile ranges
+    of the finite values (Tukey 1977, *Exploratory Data Analysis*, ch. 2): a bowl, however
+    steep, keeps its values inside it, while a corner where the loss explodes by orders of
+    magnitude lies far beyond it and, drawn to scale, leaves the rest one flat colour.
+
+    Args:
+        z: the values as drawn (``log10`` of them on a log plot).
+
+    Returns:
+        The fence when some finite value exceeds it, else None (nothing to clip, or fewer
+        than four finite values, or half of them equal).
+    """
+    finite = z[np.isfinite(z)]
+    if finite.size < 4:
+        return None
+    q1, q3 = np.percentile(finite, [25.0, 75.0])
+    if not q3 > q1:
+        return None
+    fence = float(q3 + FAR_OUT * (q3 - q1))
+    return fence if float(finite.max()) > fence else None
+
+
+def _drawn(
+    surf: SurfaceData, field: str, log: bool, vmax: float | str | None
+) -> tuple[np.ndarray, float | None]:
+    """The values to draw and the value they are clipped at (None: not clipped)."""
+    if isinstance(vmax, str):
+        if vmax != AUTO:
+            raise ValueError(f"vmax: expected a number, {AUTO!r} or None, got {vmax!r}")
+        z = _values(surf, field, log, None)
+        fence = outlier_fence(z)
+        return (z if fence is None else np.minimum(z, fence)), fence
+    z = _values(surf, field, log, vmax)
+    if vmax is None:
+        return z, None
+    return z, (float(np.log10(vmax)) if vmax > 0 else None) if log else float(vmax)
+
+
+def _diverged(surf: SurfaceData, field: str) -> np.ndarray:
+    """Computed points whose value is not finite (the loss overflowed there)."""
+    return surf.done & ~np.isfinite(np.asarray(surf.values[field], dtype=np.float64))
+
+
+def _clip_note(surf: SurfaceData, field: str, log: bool, clipped: float | None) -> str:
+    """``"clipped at V (max M)"`` when values were clipped, else ``""``."""
+    if clipped is None:
+        return ""
+    z = _values(surf, field, log, None)
+    finite = z[np.isfinite(z)]
+    if not finite.size or float(finite.max()) <= clipped:
+        return ""
+    return f"clipped at {clipped:.3g} (max {float(finite.max()):.3g})"
+
+
 def _labels(surf: SurfaceData) -> tuple[str, str]:
     d = surf.attrs.get("directions", {})
     kind = d.get("kind", "custom")
@@ -81,12 +145,47 @@ def _labels(surf: SurfaceData) -> tuple[str, str]:
     return f"α  (along δ{suffix})", f"β  (along η{suffix})"
 
 
-def _title(surf: SurfaceData, field: str, log: bool) -> str:
-    title = f"{surf.name}: {'log10 ' if log else ''}{field}"
+def _title(surf: SurfaceData, field: str, log: bool, clipped: float | None = None) -> str:
+    """The surface and field, and below them what the picture leaves out, if anything."""
+    notes = []
     done, total = int(surf.done.sum()), int(surf.done.size)
     if done < total:  # an interrupted or still-running grid: say how much the gaps hide
-        title += f" ({done} of {total} points computed)"
-    return title
+        notes.append(f"{done} of {total} points computed")
+    diverged = int(_diverged(surf, field).sum())
+    if diverged:
+        notes.append(f"{diverged} non-finite")
+    clip = _clip_note(surf, field, log, clipped)
+    if clip:
+        notes.append(clip)
+    title = f"{surf.name}: {'log10 ' if log else ''}{field}"
+    lines: list[str] = []
+    for note in notes:  # a note is never split; a line holds those that fit 50 characters
+        if lines and len(lines[-1]) + 2 + len(note) <= 50:
+            lines[-1] += "; " + note
+        else:
+            lines.append(note)
+    return "\n".join([title, *lines])
+
+
+_NONFINITE_COLOR = "#7f0000"  # as the timelines' non-finite ticks
+
+
+def _mark_points(ax, surf: SurfaceData, field: str) -> bool:
+    """Mark the grid points a 2-D picture leaves blank; True if any was marked."""
+    assert surf.y is not None
+    X, Y = np.meshgrid(surf.x, surf.y)
+    marked = False
+    pending = ~surf.done
+    if pending.any():
+        ax.plot(X[pending], Y[pending], ls="none", marker=".", ms=2.5, color="0.6",
+                label="not computed")
+        marked = True
+    diverged = _diverged(surf, field)
+    if diverged.any():
+        ax.plot(X[diverged], Y[diverged], ls="none", marker="x", ms=5, mew=1.2,
+                color=_NONFINITE_COLOR, label="non-finite")
+        marked = True
+    return marked
 
 
 def curve(
@@ -95,20 +194,36 @@ def curve(
     *,
     name: str | None = None,
     log: bool = False,
+    vmax: float | str | None = AUTO,
     accuracy: bool = True,
     figsize: tuple[float, float] = (6.0, 4.0),
 ) -> Figure:
-    """A 1-D surface as a curve; the accuracy (if stored) on a second axis, dashed."""
+    """A 1-D surface as a curve; the accuracy (if stored) on a second axis, dashed.
+
+    ``vmax`` clips large values: a number, ``"auto"`` (default: at :func:`outlier_fence`
+    when values lie beyond it) or None. Clipped points are drawn as triangles at the
+    limit, non-finite ones as ticks along the bottom.
+    """
     surf = load_surface(surface, name)
     if surf.ndim != 1:
         raise ValueError(f"curve: surface {surf.name!r} is 2-D; use contour or surface3d")
     fig = Figure(figsize=figsize, layout="constrained")
     ax = fig.add_subplot()
-    z = _values(surf, field, log, None)
+    z, clipped = _drawn(surf, field, log, vmax)
     ax.plot(surf.x, z, color="C0", marker="." if len(surf.x) <= 60 else None, label=field)
+    if clipped is not None:
+        above = _values(surf, field, log, None) > clipped
+        if above.any():
+            ax.plot(surf.x[above], z[above], ls="none", marker="^", ms=6, color="C0",
+                    label=f"above {clipped:.3g}")
+    diverged = _diverged(surf, field)
+    if diverged.any():
+        ax.plot(surf.x[diverged], np.zeros(int(diverged.sum())), ls="none", marker="|",
+                ms=10, color=_NONFINITE_COLOR, transform=ax.get_xaxis_transform(),
+                clip_on=False, label="non-finite")
     ax.set_xlabel(_labels(surf)[0])
     ax.set_ylabel(("log10 " if log else "") + field, color="C0")
-    ax.set_title(_title(surf, field, log))
+    ax.set_title(_title(surf, field, log, clipped))
     if surf.attrs.get("directions", {}).get("kind") == "interpolation":
         for a in (0.0, 1.0):
             ax.axvline(a, color="0.6", lw=0.8, ls=":")
@@ -117,6 +232,8 @@ def curve(
         ax2.plot(surf.x, _values(surf, "accuracy", False, None), color="C1", ls="--")
         ax2.set_ylabel("accuracy", color="C1")
         ax2.set_ylim(-0.02, 1.02)
+    if len(ax.get_lines()) > 1:
+        ax.legend(loc="upper left", fontsize=8)
     return fig
 
 
@@ -141,44 +258,55 @@ def contour(
     levels: int | np.ndarray = 30,
     trajectory: Any = "auto",
     log: bool = False,
-    vmax: float | None = None,
+    vmax: float | str | None = AUTO,
     figsize: tuple[float, float] = (6.0, 5.0),
 ) -> Figure:
-    """Contour lines (``filled=True``: filled contours with a colour bar) of a 2-D surface.
+    """Contour lines or filled contours (``filled=True``) of a 2-D surface, with a colour bar.
 
     ``trajectory``: ``"auto"`` overlays the projected path stored with the surface (PCA
     planes), or give a ``(T, 2)`` array of plane coordinates; ``None`` for none. The path is
     drawn from its first point (open circle) to its last (filled). ``vmax`` clips large
-    values (as the reference code's ``--vmax``), ``log`` plots ``log10``.
+    values (as the reference code's ``--vmax``): a number, ``"auto"`` (default: at
+    :func:`outlier_fence` when values lie beyond it, so a diverged corner does not leave
+    the rest of the plane one colour) or None; ``log`` plots ``log10``. Points not computed
+    (grey dots) and points whose value is not finite (crosses) are marked.
     """
     surf = load_surface(surface, name)
     if surf.ndim != 2:
         raise ValueError(f"contour: surface {surf.name!r} is 1-D; use curve")
     assert surf.y is not None
-    z = np.ma.masked_invalid(_values(surf, field, log, vmax))
+    drawn, clipped = _drawn(surf, field, log, vmax)
+    z = np.ma.masked_invalid(drawn)
     fig = Figure(figsize=figsize, layout="constrained")
     ax = fig.add_subplot()
     if z.count() >= 4 and np.ptp(z.compressed()) > 0:
+        label = ("log10 " if log else "") + field
         if filled:
-            cs = ax.contourf(surf.x, surf.y, z, levels=levels, cmap="viridis")
-            fig.colorbar(cs, ax=ax, label=("log10 " if log else "") + field)
+            cs = ax.contourf(surf.x, surf.y, z, levels=levels, cmap="viridis",
+                             extend="neither" if clipped is None else "max")
         else:
             cs = ax.contour(surf.x, surf.y, z, levels=levels, cmap="viridis", linewidths=0.9)
             ax.clabel(cs, cs.levels[:: max(1, len(cs.levels) // 8)], inline=True, fontsize=7,
                       fmt="%.3g")
+        fig.colorbar(cs, ax=ax, label=label if clipped is None else f"{label} (clipped)")
     ax.plot([0.0], [0.0], marker="+", color="k", ms=9, ls="none", label="center")
+    legend = _mark_points(ax, surf, field)
     path = _trajectory(surf, trajectory)
     if path is not None and len(path):
         ax.plot(path[:, 0], path[:, 1], color="C3", lw=1.2, marker=".", ms=4, label="trajectory")
         ax.plot(path[0, 0], path[0, 1], "o", mfc="none", mec="C3", ms=8)
         ax.plot(path[-1, 0], path[-1, 1], "o", color="C3", ms=6)
-        ax.legend(loc="upper right", fontsize=8)
+        legend = True
+    if legend:  # below the axes: inside, it would hide the marks it explains
+        handles, labels = ax.get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncol=len(handles),
+                   fontsize=8, frameon=False)
     ax.set_xlim(float(surf.x[0]), float(surf.x[-1]))
     ax.set_ylim(float(surf.y[0]), float(surf.y[-1]))
     xl, yl = _labels(surf)
     ax.set_xlabel(xl)
     ax.set_ylabel(yl)
-    ax.set_title(_title(surf, field, log))
+    ax.set_title(_title(surf, field, log, clipped))
     return fig
 
 
@@ -193,17 +321,20 @@ def surface3d(
     *,
     name: str | None = None,
     log: bool = False,
-    vmax: float | None = None,
+    vmax: float | str | None = AUTO,
     elev: float = 35.0,
     azim: float = -60.0,
     figsize: tuple[float, float] = (7.0, 5.5),
 ) -> Figure:
-    """A 2-D surface as a 3-D plot (``meshgrid(x, y)``, so x stays the first axis)."""
+    """A 2-D surface as a 3-D plot (``meshgrid(x, y)``, so x stays the first axis).
+
+    ``vmax`` clips large values, as in :func:`contour` (default ``"auto"``).
+    """
     surf = load_surface(surface, name)
     if surf.ndim != 2:
         raise ValueError(f"surface3d: surface {surf.name!r} is 1-D; use curve")
     assert surf.y is not None
-    z = _values(surf, field, log, vmax)
+    z, clipped = _drawn(surf, field, log, vmax)
     X, Y = np.meshgrid(surf.x, surf.y)  # (ny, nx), like z
     fig = Figure(figsize=figsize, layout="constrained")
     ax = fig.add_subplot(projection="3d")
@@ -214,7 +345,7 @@ def surface3d(
     ax.set_xlabel(xl, fontsize=8)
     ax.set_ylabel(yl, fontsize=8)
     ax.set_zlabel(("log10 " if log else "") + field)
-    ax.set_title(_title(surf, field, log))
+    ax.set_title(_title(surf, field, log, clipped))
     return fig
 
 

@@ -870,6 +870,13 @@ def test_plot_clips_and_levels_a_surface_on_the_command_line(runner, tmp_path):
     assert len(levels) <= 9 and levels.max() <= 2.0 + 1e-9 < surf.values["loss"].max()
     _one_line_error(runner.invoke(cli, ["plot", str(path), "--vmax", "1", "-o",
                                         str(tmp_path / "t.png")]), "--vmax applies to surfaces")
+    for word in ("auto", "none", "NONE"):
+        result = runner.invoke(cli, ["plot", str(path), "--surface", "plane", "--vmax", word,
+                                     "-o", str(tmp_path / f"{word}.png")])
+        assert result.exit_code == 0, result.output
+    result = runner.invoke(cli, ["plot", str(path), "--surface", "plane", "--vmax", "some",
+                                 "-o", str(tmp_path / "x.png")])
+    assert result.exit_code == 2 and "float|auto|none" in result.output
     line = _write_run(tmp_path / "r.h5", surface=True)  # a 1-D surface
     with ls.Run.open(line) as opened:
         name = opened.surfaces()[0]

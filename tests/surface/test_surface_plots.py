@@ -64,12 +64,89 @@ def test_partially_computed_surfaces_plot_with_gaps():
     surf.values["loss"][2:, :] = np.nan
     for fig in (plots.contour(surf), plots.contourf(surf, log=True), plots.surface3d(surf)):
         assert _png(fig).startswith(b"\x89PNG")
-        assert fig.axes[0].get_title().endswith("(12 of 24 points computed)")
+        assert fig.axes[0].get_title().endswith("\n12 of 24 points computed")
     line = _surface(nx=6, ny=1)
     line = type(line)(line.name, line.x, None, {"loss": line.values["loss"][0]},
                       np.array([True] * 5 + [False]), line.attrs, {})
-    assert plots.curve(line).axes[0].get_title() == "s: loss (5 of 6 points computed)"
+    assert plots.curve(line).axes[0].get_title() == "s: loss\n5 of 6 points computed"
     assert "computed" not in plots.contour(_surface()).axes[0].get_title()
+
+
+def _exploded(n=21):
+    """A bowl whose corner blows up by seven orders of magnitude, two points non-finite."""
+    x = y = np.linspace(-1.0, 1.0, n)
+    X, Y = np.meshgrid(x, y)
+    bowl = 0.1 + 2 * X**2 + Y**2
+    corner = (X > 0.6) & (Y > 0.5)
+    z = np.where(corner, 1e7 * (1 + X + Y), bowl)
+    z[-1, -1], z[-1, -2] = np.nan, np.inf
+    done = np.ones_like(z, bool)
+    done[:2, :3] = False
+    surf = SurfaceData("s", x, y, {"loss": z}, done, {"directions": {"kind": "random"}})
+    return surf, float(bowl[~corner].max())
+
+
+def test_the_outlier_fence_clips_a_blown_up_corner_and_leaves_a_bowl_alone():
+    surf, bowl_max = _exploded()
+    z = surf.values["loss"]
+    fence = plots.outlier_fence(np.where(surf.done, z, np.nan))
+    assert bowl_max <= fence < 1e7
+    x = np.linspace(-1, 1, 21)
+    X, Y = np.meshgrid(x, x)
+    for bowl in (X**2 + Y**2, np.exp(2 * np.hypot(X, Y)), 1 - np.exp(-(X**2 + Y**2))):
+        assert plots.outlier_fence(bowl) is None
+    assert plots.outlier_fence(np.array([1.0, 2.0, np.nan])) is None  # too few values
+    assert plots.outlier_fence(np.r_[np.ones(20), 1e9]) is None  # no spread to measure
+
+
+def _levels(fig):
+    (contours,) = [c for c in fig.axes[0].get_children() if hasattr(c, "levels")]
+    return np.asarray(contours.levels)
+
+
+def test_a_blown_up_corner_no_longer_blanks_the_contour_map():
+    surf, bowl_max = _exploded()
+    for filled in (False, True):
+        levels = _levels(plots.contour(surf, filled=filled))
+        assert (levels < bowl_max).sum() >= 10  # the basin is drawn
+        raw = _levels(plots.contour(surf, filled=filled, vmax=None))
+        assert (raw < bowl_max).sum() <= 1  # to scale, one level or none below the rim
+    title = plots.contour(surf).axes[0].get_title()
+    assert title.startswith("s: loss\n") and "clipped at" in title
+    assert "2 non-finite" in title and "435 of 441 points computed" in title
+    assert "clipped" not in plots.contour(surf, vmax=None).axes[0].get_title()
+    assert "clipped" not in plots.contour(_surface()).axes[0].get_title()
+
+
+def test_non_finite_and_missing_points_are_marked_on_the_plane():
+    surf, _ = _exploded()
+    fig = plots.contourf(surf)
+    marks = {ln.get_label(): ln for ln in fig.axes[0].get_lines()}
+    bad = marks["non-finite"]
+    np.testing.assert_allclose(sorted(zip(bad.get_xdata(), bad.get_ydata())),
+                               [(0.9, 1.0), (1.0, 1.0)])
+    pending = marks["not computed"]
+    assert len(pending.get_xdata()) == 6
+    np.testing.assert_allclose(sorted(set(pending.get_ydata())), [-1.0, -0.9])
+    assert {t.get_text() for t in fig.legends[0].get_texts()} >= {"non-finite", "not computed"}
+    assert not fig.legends or "non-finite" not in str(plots.contour(_surface()).legends)
+
+
+def test_a_curve_clips_a_blown_up_end_and_marks_it():
+    x = np.linspace(-1, 1, 21)
+    y = 0.2 + x**2
+    y[-1], y[-2] = 1e6, np.nan
+    surf = SurfaceData("line", x, None, {"loss": y}, np.ones(21, bool), {})
+    ax = plots.curve(surf).axes[0]
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert ax.get_ylim()[1] < 10  # the bowl fills the axes
+    (above,) = [ln for label, ln in lines.items() if label.startswith("above ")]
+    assert list(above.get_xdata()) == [1.0]
+    np.testing.assert_allclose(lines["non-finite"].get_xdata(), [0.9])
+    assert "1 non-finite" in ax.get_title() and "clipped at" in ax.get_title()
+    assert plots.curve(surf, vmax=None).axes[0].get_ylim()[1] > 1e5
+    with pytest.raises(ValueError, match="vmax"):
+        plots.curve(surf, vmax="everything")
 
 
 def test_surface3d_axes_follow_x_and_y():
