@@ -191,9 +191,9 @@ class NeuralCollapseResult(MetricResult):
       classifier's prediction argmax_c (W h + b)_c.
     * ``n_classes``: the number C of classes present.
 
-    A classifier row of zero norm (a zero-initialised head) makes the weight fields and
-    ``nc3``/``nc3_zhu`` NaN without a ``reason``, which describes the features
-    (docs/metrics.md, "Edge cases").
+    A classifier row of zero norm makes the weights' cosine fields NaN; a head of zero
+    norm (zero-initialised) makes every weight field and ``nc3``/``nc3_zhu`` NaN; neither
+    sets ``reason``, which describes the features (docs/metrics.md, "Edge cases").
     """
 
     nc1: torch.Tensor

@@ -165,11 +165,12 @@ class Sharpness(Metric):
 
     Args:
         tol: relative tolerance of the Lanczos run for lambda_max.
-        adam_warmup: steps of an adaptive optimizer (any of the six above) before which the
-            row is NaN (the second-moment estimate is a few-sample transient at first).
-            None (default): 10, and for RMSprop, which corrects no bias (its average of
-            squared gradients is ``1 - alpha^t`` of its value, 10 % at step 10 for alpha
-            = 0.99, so its first steps are ~3x larger), ``1 / (1 - alpha)`` (100).
+        adam_warmup: the optimizer step (any of the six above) from which the row is
+            measured; NaN before it (the second-moment estimate is a few-sample transient
+            at first). None (default): 10, and for RMSprop, which corrects no bias (its
+            average of squared gradients is ``1 - alpha^t`` of its value, 10 % at step 10
+            for alpha = 0.99, so its first steps are ~3x larger),
+            ``max(10, ceil(1 / (1 - alpha)))`` (100).
         memory_budget: as for :class:`TopEigenvalues` (default ``"auto"``).
         **kwargs: ``schedule`` and ``data`` (:class:`~landscape.metrics.Metric`).
     """

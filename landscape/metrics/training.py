@@ -40,14 +40,16 @@ __all__ = [
 ]
 
 
-_EXACT_IN_FLOAT32 = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _as_float(value: Any) -> float:
+    """A loss as a Python float: its value, or its mean in float64 (a non-scalar loss).
+
+    Never through float32: a float64 loss of 1e39 is finite and stays so, and a mean of
+    finite float32 values does not overflow in float64.
+    """
     if isinstance(value, torch.Tensor):
-        if value.dim() == 0 and value.dtype in _EXACT_IN_FLOAT32:  # the same value, one call
+        if value.dim() == 0:  # the same value, one call
             return float(value.item())
-        return float(value.detach().float().mean().item())
+        return float(value.detach().to(torch.float64).mean().item())
     return float(value)
 
 
@@ -254,8 +256,9 @@ class TaylorRadius(Metric):
         """``r``, ``rho_a``, ``step_norm`` and ``r_median`` of the step on ``self.data``.
 
         ``r`` is the largest over the batch's samples (token positions for a sequence
-        model), which one hard sample decides; ``r_median`` is the median sample's, what
-        the ``taylor_ratio`` rule warns on (docs/alarms.md).
+        model), which one hard sample decides; ``r_median`` is the median over the samples
+        (interpolated: the mean of the two middle ones for an even count), what the
+        ``taylor_ratio`` rule warns on (docs/alarms.md).
         """
         if ctx.update is None or ctx.params_before is None:
             raise MissingInput(_no_update(ctx, "taylor_radius"))

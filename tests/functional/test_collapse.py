@@ -427,3 +427,21 @@ def test_inputs_with_autograd_history_are_detached():
     res = neural_collapse(feats, y, torch.randn(3, 4, dtype=torch.float64, requires_grad=True))
     assert res.nc1.grad_fn is None and res.nc3.grad_fn is None
     assert variability_collapse_index(feats, y).value.grad_fn is None
+
+
+def test_a_zero_classifier_row_leaves_only_its_cosines_undefined():
+    """docs/metrics.md, "Edge cases": one zero row, and a whole zero head."""
+    torch.manual_seed(8)
+    h = torch.randn(10, 4, dtype=torch.float64)
+    y = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
+    w = torch.randn(3, 4, dtype=torch.float64)
+    w[1] = 0.0
+    row = neural_collapse(h, y, w).as_dict()
+    assert math.isnan(row["nc2_equiangular_weights"]) and math.isnan(row["nc2_maxangle_weights"])
+    for name in ("nc2_equinorm_weights", "nc2_etf_weights", "nc3", "nc3_zhu", "nc1"):
+        assert math.isfinite(row[name]), name
+    head = neural_collapse(h, y, torch.zeros(3, 4, dtype=torch.float64))
+    fields = head.as_dict()
+    assert head.reason is None and math.isfinite(fields["nc1"])
+    assert all(math.isnan(v) for k, v in fields.items() if k.endswith("_weights") or
+               k in ("nc3", "nc3_zhu"))

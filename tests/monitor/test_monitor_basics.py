@@ -212,6 +212,19 @@ def test_nonfinite_flags_nan_gradients_but_not_large_finite_ones():
     assert list(run.series("nonfinite", "loss")[1]) == [0.0, 1.0]
 
 
+def test_a_float64_loss_is_recorded_exactly_and_a_large_one_is_not_called_infinite():
+    model = models.mlp()
+    exact = torch.tensor(1.3957952044868938, dtype=torch.float64)
+    huge = torch.tensor(4.66e39, dtype=torch.float64)  # finite in float64, inf in float32
+    wide = torch.full((4,), 3e38, dtype=torch.float32)  # finite entries, their sum is not
+    with Monitor(model, F.cross_entropy, metrics=["loss", "nonfinite"], alarms=False) as mon:
+        for step, loss in enumerate((exact, huge, wide)):
+            mon.step(step, loss=loss)
+        run = mon.run()
+    assert list(run.series("loss", "value")[1]) == [exact.item(), 4.66e39, wide[0].item()]
+    assert list(run.series("nonfinite", "loss")[1]) == [0.0, 0.0, 0.0]
+
+
 def test_a_full_disk_stops_the_writing_not_the_training(tmp_path, monkeypatch):
     """HDF5 crashed the training process (a segfault) when the run file filled its disk."""
     import shutil
