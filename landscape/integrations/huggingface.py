@@ -515,7 +515,7 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         values = self._explicit_losses if given else self._losses
         if not values:
             return None
-        losses = torch.stack([v.float().mean() for v in values])
+        losses = torch.stack([v.detach().double().mean() for v in values])
         share = self._explicit_share if given else None
         if self._token_normalised if share is None else share:
             return losses.sum() * self._world  # each: its token-loss sum / the step's tokens
