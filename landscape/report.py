@@ -4,6 +4,9 @@ Everything the report shows is inside the file: plots are PNG images embedded as
 ``data:`` URIs, the style sheet is inline, there is no script and no external resource,
 so the file can be mailed, archived or opened offline. Sections:
 
+* at a glance: the first warning (or error) with its message and what to do, the findings
+  by rule (worst severity, count, first and last step), and the last, smallest and largest
+  value of every scalar field (with its count of non-finite rows);
 * a summary: where the run comes from, its metric groups (fields, rows, step range,
   schedule) and surfaces;
 * the findings table (step, rule, severity, metric, value, threshold, message, hint):
@@ -27,6 +30,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from landscape._errors import LandscapeError
 from landscape._version import __version__
 from landscape.alarms import collect_findings
@@ -36,10 +41,16 @@ from landscape.findings import (
     at_or_above,  # noqa: F401 (its old home; it lives in findings)
     count_by_severity,
     format_number,
+    severity_rank,
 )
 from landscape.plotting import surfaces as _surface_plots
 from landscape.plotting.spectra import is_density
-from landscape.plotting.timelines import figure_png, metrics_with_rows, timelines
+from landscape.plotting.timelines import (
+    figure_png,
+    metrics_with_rows,
+    nonfinite_rows,
+    timelines,
+)
 from landscape.store import FieldSpec, Run, SurfaceData, refuse_to_overwrite_hdf5
 
 # --------------------------------------------------------------------------- findings
@@ -154,10 +165,13 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.sev-error td.sev { background: #fbd5d5; font-weight: bold; }
 tr.sev-warning td.sev { background: #fde8c8; }
 tr.sev-info td.sev { background: #dbe9f6; }
+span.sev-error { background: #fbd5d5; font-weight: bold; padding: 0 0.3em; }
+span.sev-warning { background: #fde8c8; padding: 0 0.3em; }
 figure { margin: 1em 0 2em; } figure img { max-width: 100%; height: auto; }
 figcaption { color: #555; font-size: 0.9em; }
 pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; }
 .note { color: #8a5a00; }
+caption { text-align: left; color: #555; padding-bottom: 0.3em; }
 """
 
 
@@ -168,6 +182,90 @@ def _e(value: Any) -> str:
 def _img(png: bytes, alt: str) -> str:
     data = base64.b64encode(png).decode("ascii")
     return f'<img alt="{_e(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _verdict_html(findings: Sequence[Finding]) -> str:
+    """One paragraph: the first warning or error and what to do, or that there is none."""
+    alarming = [f for f in findings if severity_rank(f.severity) >= severity_rank("warning")]
+    if not findings:
+        return '<p id="verdict">No rule fired on this run.</p>'
+    if not alarming:
+        return (f'<p id="verdict">No warning or error; {len(findings)} info '
+                f"finding{'s' if len(findings) != 1 else ''} (context, not alarms).</p>")
+    lines = []
+    first = min(alarming, key=lambda f: (f.step, -severity_rank(f.severity), f.rule))
+    errors = [f for f in alarming if f.severity == "error"]
+    shown = [first] + ([min(errors, key=lambda f: (f.step, f.rule))]
+                       if errors and first.severity != "error" else [])
+    for f in shown:
+        hint = f" What to do: {_e(f.hint)}" if f.hint else ""
+        lines.append(f'<span class="sev-{_e(f.severity)}">First {_e(f.severity)}</span> at '
+                     f"step {f.step}: <b>{_e(f.rule)}</b> on {_e(f.metric)}: "
+                     f"{_e(f.message)}.{hint}")
+    return '<p id="verdict">' + "<br>".join(lines) + "</p>"
+
+
+def _rules_html(findings: Sequence[Finding]) -> list[str]:
+    """The findings by rule: worst severity, count, first and last step, metrics."""
+    if not findings:
+        return []
+    by_rule: dict[str, list[Finding]] = {}
+    for f in findings:
+        by_rule.setdefault(f.rule, []).append(f)
+    out = ['<table id="findings-by-rule"><caption>Findings by rule</caption>'
+           "<thead><tr><th>rule</th><th>worst</th>"
+           "<th>findings</th><th>first step</th><th>last step</th><th>metrics</th>"
+           "</tr></thead><tbody>"]
+    rows = sorted(by_rule.items(), key=lambda item: (
+        -max(severity_rank(f.severity) for f in item[1]), min(f.step for f in item[1])))
+    for rule, found in rows:
+        worst = max((f.severity for f in found), key=severity_rank)
+        metrics = ", ".join(sorted({f.metric for f in found}))
+        out.append(
+            f'<tr class="sev-{_e(worst)}"><td>{_e(rule)}</td><td class=sev>{_e(worst)}</td>'
+            f"<td class=num>{len(found)}</td>"
+            f"<td class=num>{min(f.step for f in found)}</td>"
+            f"<td class=num>{max(f.step for f in found)}</td><td>{_e(metrics)}</td></tr>")
+    out.append("</tbody></table>")
+    return out
+
+
+def _values_html(run: Run) -> list[str]:
+    """Last, smallest and largest value of every scalar numeric field, non-finite rows."""
+    rows = []
+    for metric in metrics_with_rows(run):
+        if is_density(run, metric):
+            continue
+        context = set(run.metric_attrs(metric).get("context", ()))
+        for name, spec in run.fields(metric).items():
+            if spec.is_string or spec.shape or name in context:
+                continue
+            steps, values = run.series(metric, name)
+            values = np.asarray(values, dtype=np.float64)
+            finite = np.isfinite(values)
+            if not finite.any():
+                continue  # not measured here (NaN on every row): nothing to say
+            last = int(np.flatnonzero(finite)[-1])
+            bad = int(nonfinite_rows(values).sum())  # ±inf, and NaN where a value was due
+            rows.append(
+                f"<tr><td>{_e(metric)}</td><td>{_e(name)}</td>"
+                f"<td class=num>{format_number(float(values[last]))}</td>"
+                f"<td class=num>{int(steps[last])}</td>"
+                f"<td class=num>{format_number(float(values[finite].min()))}</td>"
+                f"<td class=num>{format_number(float(values[finite].max()))}</td>"
+                f"<td class=num>{bad or ''}</td></tr>")
+    if not rows:
+        return []
+    return ['<table id="values"><caption>Every scalar field: its last finite value, its '
+            "range, and its non-finite rows (±inf, or NaN where a value was due)</caption>"
+            "<thead><tr><th>metric</th><th>field</th><th>last</th>"
+            "<th>at step</th><th>min</th><th>max</th><th>non-finite rows</th></tr></thead>"
+            "<tbody>", *rows, "</tbody></table>"]
+
+
+def _overview_html(run: Run, findings: Sequence[Finding]) -> list[str]:
+    return ['<section id="overview"><h2>At a glance</h2>', _verdict_html(findings),
+            *_rules_html(findings), *_values_html(run), "</section>"]
 
 
 def _summary_html(summary: dict, counts: dict[str, int]) -> list[str]:
@@ -325,6 +423,7 @@ def render_report(
         f"<h1>{_e(title)}</h1>",
         f'<p class="meta">{meta}</p>',
     ]
+    parts += _overview_html(run, found)
     parts += _summary_html(summary, counts)
     parts += _findings_html(found)
     parts += _timelines_html(run, found, log, dpi)

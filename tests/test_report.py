@@ -525,3 +525,59 @@ def test_surface_plots_available_is_deprecated_and_true():
 
     with pytest.warns(DeprecationWarning, match="always installed"):
         assert surface_plots_available() is True
+
+
+# --------------------------------------------------------------------------- at a glance
+
+
+def _section(html, section_id):
+    return re.search(rf'<section id="{section_id}">(.*?)</section>', html, re.S).group(1)
+
+
+def _table(html, table_id):
+    body = re.search(rf'<table id="{table_id}">.*?<tbody>(.*?)</tbody>', html, re.S).group(1)
+    return [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in re.findall(r"<tr.*?</tr>", body)]
+
+
+def test_the_report_opens_with_the_first_warning_and_what_to_do():
+    late_warn = Finding(33, "grad_norm_spike", "warning", "grad_norm/value", 9.0, 3.0, "big")
+    html = render_report(_writer().run(), findings=[WARN, ERR, INFO, late_warn])
+    glance = _section(html, "overview")
+    assert html.index('id="overview"') < html.index('id="summary"')
+    verdict = re.search(r'<p id="verdict">(.*?)</p>', glance, re.S).group(1)
+    first, error = verdict.split("<br>")
+    assert "First warning</span> at step 12: <b>loss_spike</b> on loss/value" in first
+    assert "loss &lt;jumped&gt;. What to do: lower lr" in first
+    assert "First error</span> at step 20: <b>edge_of_stability</b>" in error
+    rows = _table(glance, "findings-by-rule")
+    assert [r[:5] for r in rows] == [
+        ["edge_of_stability", "error", "1", "20", "20"],
+        ["loss_spike", "warning", "1", "12", "12"],
+        ["grad_norm_spike", "warning", "1", "33", "33"],
+        ["rank_collapse", "info", "1", "30", "30"],
+    ]
+
+
+def test_the_verdict_of_a_quiet_run_and_of_one_with_info_only():
+    assert '<p id="verdict">No rule fired on this run.</p>' in render_report(
+        _writer().run(), findings=[])
+    only_info = render_report(_writer((INFO,)).run(), findings=[INFO, INFO])
+    assert "No warning or error; 2 info findings (context, not alarms)." in only_info
+    assert "First" not in _section(only_info, "overview")
+
+
+def test_the_values_table_gives_each_scalar_fields_last_value_range_and_non_finite_rows():
+    w = _writer()
+    w.declare("gappy", {"a": None, "b": None, "samples": None}, context=("samples",))
+    for s in range(6):
+        w.append("gappy", s, {"a": [1.0, 5.0, np.inf, -2.0, 3.0, np.nan][s],
+                              "b": np.nan, "samples": 8.0})
+    rows = {(r[0], r[1]): r[2:] for r in _table(render_report(w.run(), findings=[]), "values")}
+    # loss: 1/(s+1), NaN at step 25 (due: counted); the last finite value is at step 39
+    assert rows[("loss", "value")] == ["0.025", "39", "0.025", "1", "1"]
+    # a: the inf and the trailing NaN (due every row) are non-finite; min/max of the finite
+    assert rows[("gappy", "a")] == ["3", "4", "-2", "5", "2"]
+    assert ("gappy", "b") not in rows  # never measured: nothing to say
+    assert ("gappy", "samples") not in rows  # a context field
+    assert ("hessian", "eigenvalues") not in rows and ("wide", "v") not in rows  # vectors
+    assert ("hessian", "n_matvec") in rows
