@@ -17,11 +17,13 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from landscape._errors import LandscapeError
@@ -55,26 +57,36 @@ ANALYZE_METRICS = ("top_eigenvalues", "sharpness", "hessian_trace", "spectral_de
 DEFAULT_METRICS = ("top_eigenvalues", "sharpness", "collapse", "representation")
 
 
-def order_checkpoints(checkpoints: Sequence[Checkpoint]) -> list[tuple[int, Checkpoint]]:
+def order_checkpoints(
+    checkpoints: Sequence[Checkpoint], *, given_order_if_unknown: bool = False,
+) -> list[tuple[int, Checkpoint]]:
     """``(step, checkpoint)`` pairs sorted by step.
 
     Steps come from the checkpoint, its file name or its folder (see
-    :func:`landscape.loading.step_from_name`); when none has one, the given order numbers
-    them 0, 1, ... Two checkpoints of the same step are an error.
+    :func:`landscape.loading.step_from_name`). When none has one, they are numbered 0, 1,
+    ... in the order of the numbers that alone tell their paths apart (``run2/model.pt``
+    before ``run10/model.pt``, which a shell's glob lists after it), else in the given
+    order (``init.pt final.pt``).
 
     Args:
         checkpoints: the loaded checkpoints, in any order.
+        given_order_if_unknown: number them in the given order, rather than fail, when
+            only some have a step or two share one (an interpolation between
+            ``net18_init.pt`` and ``net18_final.pt``, both "step 18").
 
     Returns:
         The pairs in increasing step order.
 
     Raises:
-        LandscapeError: when only some checkpoints have a step, or two share one.
+        LandscapeError: when only some checkpoints have a step, or two share one (unless
+            ``given_order_if_unknown``).
     """
     if all(c.step is None for c in checkpoints):
-        return list(enumerate(checkpoints))
+        return list(enumerate(_by_path_numbers(checkpoints)))
     missing = [str(c.path) for c in checkpoints if c.step is None]
     if missing:
+        if given_order_if_unknown:
+            return list(enumerate(checkpoints))
         raise LandscapeError(f"cannot tell the training step of {missing[0]} "
                              "(name it ...-N.pt, or put it in a folder checkpoint-N/)")
     pairs = sorted(((int(c.step), c) for c in checkpoints), key=lambda p: p[0])  # type: ignore[arg-type]
@@ -84,15 +96,26 @@ def order_checkpoints(checkpoints: Sequence[Checkpoint]) -> list[tuple[int, Chec
              if not (is_last_copy(c.path) and sum(t == s for t, _ in pairs) > 1)]
     for (a, ca), (b, cb) in itertools.pairwise(pairs):
         if a == b:
+            if given_order_if_unknown:
+                return list(enumerate(checkpoints))
             raise LandscapeError(f"{ca.path} and {cb.path} are both step {a}")
     return pairs
+
+
+def _by_path_numbers(checkpoints: Sequence[Checkpoint]) -> list[Checkpoint]:
+    """Sorted by the numbers in their paths when only those tell them apart, else as given."""
+    split = [re.split(r"(\d+)", str(c.path)) for c in checkpoints]
+    if len({tuple(parts[0::2]) for parts in split}) != 1:  # other words differ
+        return list(checkpoints)
+    keys = [tuple(int(n) for n in parts[1::2]) for parts in split]
+    return [c for _, c in sorted(zip(keys, checkpoints), key=lambda kc: kc[0])]
 
 
 NO_LEARNING_RATE = (
     "sharpness: the optimizer's learning rate was not found (none given, and the checkpoints "
     "hold no optimizer state), so its threshold and ratio are NaN and the edge_of_stability "
-    "rule cannot fire; pass the training's settings: optimizer={'name': 'sgd', 'lr': ..., "
-    "'momentum': ...} (on the command line --lr and --momentum)"
+    "rule cannot fire; pass the training's settings: on the command line --lr and "
+    "--momentum, in Python optimizer={'name': 'sgd', 'lr': ..., 'momentum': ...}"
 )
 """The warning :func:`analyze` gives when the sharpness metric has no learning rate."""
 
@@ -183,7 +206,10 @@ def check_loss(net: nn.Module, loss_fn: Callable | None, batches: Sequence[Any],
                     value = closure(net, batch)
                 else:
                     inputs, targets = split_batch(batch)
-                    value = loss_fn(net(inputs), targets)  # type: ignore[misc]
+                    outputs = net(inputs)
+                    if loss_fn is F.cross_entropy:
+                        refuse_constant_cross_entropy(outputs, targets)
+                    value = loss_fn(outputs, targets)  # type: ignore[misc]
         except LandscapeError:
             raise
         except Exception as err:
@@ -199,6 +225,35 @@ def check_loss(net: nn.Module, loss_fn: Callable | None, batches: Sequence[Any],
                 )
             return float(value)
     return float(value)
+
+
+def refuse_constant_cross_entropy(outputs: Any, targets: Any) -> None:
+    """Refuse cross-entropy where it measures nothing (one output, or non-probability targets).
+
+    The softmax of a single logit is 1, so cross-entropy over one output (a regression or
+    a one-logit binary head) is 0 at every weight: every eigenvalue 0, a flat surface.
+    Float targets of the outputs' shape are read as class probabilities; a regression's
+    targets (negative, or rows that do not sum to 1) give a number without meaning.
+
+    Raises:
+        LandscapeError: either case, naming the loss to pass instead.
+    """
+    if not isinstance(outputs, torch.Tensor) or outputs.dim() < 2:
+        return
+    if outputs.shape[1] == 1:
+        raise LandscapeError(
+            "the model gives one output per sample (a regression or a one-logit binary "
+            "head): cross-entropy over one output is 0 at every weight; pass --loss mse "
+            "or --loss bce_with_logits")
+    if isinstance(targets, torch.Tensor) and targets.is_floating_point() \
+            and targets.shape == outputs.shape:
+        t = targets.detach().double()
+        if bool((t < 0).any()) or not torch.allclose(t.sum(1), torch.ones_like(t.sum(1)),
+                                                       atol=1e-3):
+            raise LandscapeError(
+                "the targets are floats of the outputs' shape that are not class "
+                "probabilities (negative, or rows that do not sum to 1): a regression's "
+                "targets; pass --loss mse (cross_entropy reads them as soft labels)")
 
 
 def _released(ckpt: Checkpoint) -> Checkpoint:

@@ -53,6 +53,11 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {
 }
 STATE_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "weights")
 STEP_KEYS = ("step", "global_step", "iteration", "epoch")
+"""Entries of a checkpoint dict that give its step, in order; ``epoch`` only when the file
+name gives none (``ckpt_2000.pt`` saved within epoch 0 is step 2000)."""
+OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optimizer_state", "optim", "opt")
+"""Entries of a checkpoint dict that hold ``Optimizer.state_dict()`` (the PyTorch tutorial's
+``optimizer_state_dict`` included)."""
 
 
 def _factory_file(spec: str) -> Path | None:
@@ -358,12 +363,15 @@ def step_from_name(path: str | Path) -> int | None:
 
     The last integer in the file name (``ckpt-step=1200.pt`` -> 1200); when the file name
     has none, the step of a checkpoint folder (``checkpoint-40/model.safetensors`` -> 40,
-    the layout of Hugging Face's ``Trainer``; also ``ckpt-N``, ``step-N``, ``epoch=N``).
+    the layout of Hugging Face's ``Trainer``; also ``ckpt-N``, ``step-N``, ``epoch=N``, and
+    a folder named by its number alone, ``1500/model.pt``).
     """
     path = Path(path)
     numbers = re.findall(r"\d+", path.stem)
     if numbers:
         return int(numbers[-1])
+    if path.parent.name.isdigit():
+        return int(path.parent.name)
     folder = _STEP_FOLDER.fullmatch(path.parent.name)
     return int(folder.group(1)) if folder else None
 
@@ -408,7 +416,11 @@ def torch_load(path: Path, *, trust: bool = False, kind: str = "torch checkpoint
                 "--trust-checkpoint (it can run arbitrary code)"
             ) from err
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise LandscapeError(f"{path}: not a readable {kind} ({first})") from err
+        hint = ""
+        if isinstance(err, (AttributeError, ModuleNotFoundError)):  # torch.save(model)
+            hint = ("; it pickles a whole model whose class cannot be imported here: save "
+                    "model.state_dict() instead and pass --model FACTORY")
+        raise LandscapeError(f"{path}: not a readable {kind} ({first}){hint}") from err
 
 
 def load_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:
@@ -428,14 +440,23 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:
                               reload=lambda: load_checkpoint(path, trust=trust))
         except Exception as err:
             raise LandscapeError(f"{path}: not a readable safetensors file ({err})") from err
+    from landscape.checkpoints.optim import optimizer_settings  # it imports this module
+
     obj = torch_load(path, trust=trust, kind="torch checkpoint")
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
-    step = None
+    step = epoch = optimizer = None
     if isinstance(obj, Mapping) and not _looks_like_state_dict(obj):
         for key in STEP_KEYS:
-            if isinstance(obj.get(key), int):
-                step = int(obj[key])
+            if isinstance(obj.get(key), int) and not isinstance(obj.get(key), bool):
+                if key == "epoch":
+                    epoch = int(obj[key])
+                else:
+                    step = int(obj[key])
+                    break
+        for key in OPTIMIZER_KEYS:
+            optimizer = optimizer_settings(obj.get(key))
+            if optimizer is not None:
                 break
         for key in STATE_KEYS:
             inner = obj.get(key)
@@ -449,7 +470,9 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:
             f"{path}: no state dict found (expected tensors by name, or one under "
             f"{', '.join(repr(k) for k in STATE_KEYS)})"
         )
-    return Checkpoint(path, dict(obj), step if step is not None else step_from_name(path),
+    if step is None:
+        step = step_from_name(path)
+    return Checkpoint(path, dict(obj), step if step is not None else epoch, optimizer,
                       reload=lambda: load_checkpoint(path, trust=trust))
 
 
@@ -457,21 +480,56 @@ def _strip_prefix(state: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str,
     """``state`` with the prefix that makes its keys the model's removed.
 
     A DDP wrapper saves ``module.``-prefixed keys, a ``LightningModule`` its submodules'
-    (``model.``): the first prefix (up to a dot) under which the state holds more of the
-    model's keys than as it is, only its keys kept.
+    (``model.``), ``torch.compile`` ``_orig_mod.``, and they nest (``module._orig_mod.``):
+    the prefix of up to three dotted names under which the state holds the most of the
+    model's keys, when more than as it is; only its keys are kept (a LightningModule's loss
+    and metric modules are not the model's).
+
+    Raises:
+        LandscapeError: two prefixes each hold every key of the model with other values
+            (a model and its EMA copy, a student and its teacher): which one is meant
+            cannot be told.
     """
     state = dict(state)
     hits = sum(k in own for k in state)
-    best, best_hits = state, hits
-    prefixes = {k.split(".", 1)[0] + "." for k in state if "." in k}
-    for prefix in sorted(prefixes):
+    if own and hits == len(own):
+        return state
+    candidates = set()
+    for k in state:
+        parts = k.split(".")
+        candidates.update(".".join(parts[:i]) + "." for i in range(1, min(len(parts), 4)))
+    best, best_hits, complete = state, hits, []
+    for prefix in sorted(candidates):
         if any(k.startswith(prefix) for k in own):
             continue
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         n = sum(k in own for k in sub)
+        if own and n == len(own):
+            complete.append((prefix, sub))
         if n > best_hits:
             best, best_hits = sub, n
+    if len(complete) > 1 and _differ(*(sub for _, sub in complete)):
+        names = ", ".join(repr(p) for p, _ in complete)
+        raise LandscapeError(
+            f"the checkpoint holds complete copies of the model under {names} (a model and "
+            "its EMA, a student and its teacher): which one to analyze cannot be told; "
+            "save that one's state_dict() on its own")
     return best
+
+
+def _differ(*states: Mapping[str, Any]) -> bool:
+    """Whether two of the state dicts hold different tensors under one key.
+
+    False for views of shapes only (:func:`refuse_mismatch`'s), which cannot tell.
+    """
+    first = states[0]
+    for other in states[1:]:
+        for k, v in first.items():
+            w = other.get(k)
+            if isinstance(v, torch.Tensor) and isinstance(w, torch.Tensor) and (
+                    v.shape != w.shape or not torch.equal(v, w)):
+                return True
+    return False
 
 
 def _restore_tied(state: dict[str, Any], model: nn.Module) -> dict[str, Any]:

@@ -89,7 +89,9 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
         n_batches, trust_checkpoint, device, threads)
     model = opened.model
     data = batches[0] if len(batches) == 1 else batches
-    ckpts = [c for _, c in order_checkpoints(opened.checkpoints)]
+    # an interpolation needs no steps: net18_init.pt net18_final.pt go in the given order
+    ckpts = [c for _, c in order_checkpoints(
+        opened.checkpoints, given_order_if_unknown=directions == "interpolate")]
     if directions == "interpolate" and len(ckpts) != 2:
         raise LandscapeError("--directions interpolate needs exactly two checkpoints")
     if directions == "pca" and len(ckpts) < 3:

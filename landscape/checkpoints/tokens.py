@@ -114,7 +114,7 @@ def token_batches(
                              f"{int(rows.max())}], outside the model's vocabulary of "
                              f"{vocab_size}")
     if rows.shape[0] < batch_size * n_batches:
-        warnings.warn(f"{source}: {rows.shape[0]} sequences of {seq_len} tokens, fewer than "
+        warnings.warn(f"{source}: {rows.shape[0]} sequences of {rows.shape[1]} tokens, fewer than "
                       f"--batches {n_batches} x --batch-size {batch_size}: the data are "
                       f"{-(-rows.shape[0] // batch_size)} batch(es), the last one "
                       f"{rows.shape[0] % batch_size or batch_size} sequences", stacklevel=2)

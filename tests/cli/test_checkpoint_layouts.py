@@ -1,0 +1,155 @@
+"""Checkpoints as ordinary training scripts save them: keys, prefixes, steps, optimizer state.
+
+Each case once gave a wrong answer without a word (an audit of post-hoc workflows): the
+EMA copy analyzed instead of the model, checkpoints in glob order, an ``epoch`` entry taken
+for the step, a regression's loss read as cross-entropy (0 at every weight).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+from landscape_cli.commands import analyze as _analyze_command  # noqa: F401  (attaches it)
+from landscape_cli.commands import surface as _surface_command  # noqa: F401
+from landscape_cli.main import cli
+from torch import nn
+
+import landscape as ls
+from landscape._errors import LandscapeError
+from landscape.analysis import order_checkpoints
+from landscape.loading import Checkpoint, load_checkpoint, load_state_into, step_from_name
+from tests.cli._checkpoints import FACTORIES
+
+
+@pytest.fixture()
+def fac(tmp_path):
+    path = tmp_path / "factories.py"
+    path.write_text(FACTORIES + "\n\ndef reg_data():\n    x, _ = data()\n"
+                    "    return x, x.sum(1, keepdim=True)\n\n"
+                    "def reg_model():\n    torch.manual_seed(0)\n"
+                    "    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1))\n\n"
+                    "def wide_reg_data():\n    x, _ = data()\n    return x, x[:, :3] * 2.0\n")
+    ns: dict = {}
+    exec(path.read_text(), ns)
+    return path, ns
+
+
+def _run_analyze(fac_path, *paths, extra=(), out):
+    return CliRunner().invoke(cli, [
+        "analyze", *map(str, paths), "--model", f"{fac_path}:model", "--data",
+        f"{fac_path}:data", "-m", "sharpness", "-q", "-o", str(out), *extra])
+
+
+def test_nested_wrapper_prefixes_are_removed_level_by_level(fac):
+    _, ns = fac
+    model = ns["model"]()
+    sd = model.state_dict()
+    for prefix in ("module._orig_mod.", "_orig_mod.module.", "model.module."):
+        ckpt = Checkpoint(None, {prefix + k: v + 1 for k, v in sd.items()}, 1)
+        fresh = ns["model"]()
+        load_state_into(fresh, ckpt)
+        for k, v in fresh.state_dict().items():
+            assert torch.equal(v, sd[k] + 1), prefix
+
+
+def test_two_different_complete_copies_are_refused_and_identical_ones_are_not(fac, tmp_path):
+    fac_path, ns = fac
+    sd = ns["model"]().state_dict()
+    ema = {"ema_model." + k: torch.zeros_like(v) for k, v in sd.items()}
+    both = {**{"model." + k: v for k, v in sd.items()}, **ema}
+    torch.save(both, tmp_path / "both-3.pt")
+    result = _run_analyze(fac_path, tmp_path / "both-3.pt", out=tmp_path / "r.h5")
+    assert result.exit_code == 1
+    assert "complete copies of the model under 'ema_model.', 'model.'" in result.output
+    assert "Traceback" not in result.output
+    same = {**{"model." + k: v for k, v in sd.items()}, **{"copy." + k: v for k, v in sd.items()}}
+    fresh = ns["model"]()
+    load_state_into(fresh, Checkpoint(None, same, 1))  # nothing to choose between
+    assert all(torch.equal(v, sd[k]) for k, v in fresh.state_dict().items())
+
+
+def test_a_folder_named_by_its_number_gives_the_step():
+    assert step_from_name("ckpts/1500/model.pt") == 1500
+    assert step_from_name("ckpts/run/model.pt") is None
+
+
+def _unnumbered(*paths):
+    return [Checkpoint(p, {}, None) for p in paths]
+
+
+def test_checkpoints_without_steps_follow_the_numbers_that_tell_them_apart():
+    glob_order = _unnumbered("x/run10/model.pt", "x/run12/model.pt", "x/run2/model.pt")
+    ordered = [str(c.path) for _, c in order_checkpoints(glob_order)]
+    assert ordered == ["x/run2/model.pt", "x/run10/model.pt", "x/run12/model.pt"]
+    named = _unnumbered("init.pt", "final.pt")  # words differ: the given order stands
+    assert [str(c.path) for _, c in order_checkpoints(named)] == ["init.pt", "final.pt"]
+
+
+def test_an_interpolation_needs_no_steps():
+    same = [Checkpoint("net18_final.pt", {}, 18), Checkpoint("net18_init.pt", {}, 18)]
+    with pytest.raises(LandscapeError, match="both step 18"):
+        order_checkpoints(same)
+    given = order_checkpoints(same, given_order_if_unknown=True)
+    assert [str(c.path) for _, c in given] == ["net18_final.pt", "net18_init.pt"]
+    some = [Checkpoint("init.pt", {}, None), Checkpoint("ckpt-3000.pt", {}, 3000)]
+    assert [c.step for _, c in order_checkpoints(some, given_order_if_unknown=True)] == [
+        None, 3000]
+
+
+def test_interpolate_on_the_command_line_between_two_files_of_one_number(fac, tmp_path):
+    fac_path, _ = fac
+    for name, seed in (("net18_init.pt", 1), ("net18_final.pt", 2)):
+        torch.manual_seed(seed)
+        torch.save(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).state_dict(),
+                   tmp_path / name)
+    result = CliRunner().invoke(cli, [
+        "surface", str(tmp_path / "net18_init.pt"), str(tmp_path / "net18_final.pt"),
+        "--model", f"{fac_path}:model", "--data", f"{fac_path}:data", "--directions",
+        "interpolate", "--steps", "5", "-q", "-o", str(tmp_path / "s.h5")])
+    assert result.exit_code == 0, result.output
+
+
+def test_the_step_entry_and_the_name_come_before_an_epoch(fac, tmp_path):
+    _, ns = fac
+    sd = ns["model"]().state_dict()
+    torch.save({"model": sd, "epoch": 0}, tmp_path / "ckpt_2000.pt")
+    torch.save({"model": sd, "epoch": 3}, tmp_path / "last.pt")
+    torch.save({"model": sd, "epoch": 3, "global_step": 700}, tmp_path / "ckpt_9.pt")
+    assert load_checkpoint(tmp_path / "ckpt_2000.pt").step == 2000
+    assert load_checkpoint(tmp_path / "last.pt").step == 3
+    assert load_checkpoint(tmp_path / "ckpt_9.pt").step == 700
+
+
+@pytest.mark.parametrize("key", ["optimizer", "optimizer_state_dict"])
+def test_an_optimizer_saved_beside_the_weights_gives_the_sharpness_threshold(fac, tmp_path,
+                                                                            key):
+    fac_path, ns = fac
+    model = ns["model"]()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    torch.save({"model_state_dict": model.state_dict(), key: opt.state_dict(), "epoch": 3},
+               tmp_path / "ck.pt")
+    assert load_checkpoint(tmp_path / "ck.pt").optimizer["lr"] == 0.1
+    result = _run_analyze(fac_path, tmp_path / "ck.pt", out=tmp_path / "r.h5")
+    assert result.exit_code == 0, result.output
+    assert "learning rate was not found" not in result.output
+    _, threshold = ls.Run.open(tmp_path / "r.h5").series("sharpness", "threshold")
+    assert threshold[0] == pytest.approx((2 + 2 * 0.9) / 0.1)
+
+
+@pytest.mark.parametrize("data, match", [
+    ("reg_data", "one output per sample"),
+    ("wide_reg_data", "not class probabilities"),
+])
+def test_cross_entropy_that_cannot_measure_anything_is_refused(fac, tmp_path, data, match):
+    fac_path, ns = fac
+    factory = "reg_model" if data == "reg_data" else "model"
+    torch.save(ns[factory]().state_dict(), tmp_path / "m.pt")
+    args = ["--model", f"{fac_path}:{factory}", "--data", f"{fac_path}:{data}", "-q"]
+    for command in (["analyze", "-m", "top_eigenvalues"], ["surface", "--steps", "3"]):
+        result = CliRunner().invoke(cli, [command[0], str(tmp_path / "m.pt"), *command[1:],
+                                          *args, "-o", str(tmp_path / f"{command[0]}.h5")])
+        assert result.exit_code == 1 and match in result.output, result.output
+    ok = CliRunner().invoke(cli, ["analyze", str(tmp_path / "m.pt"), "-m", "top_eigenvalues",
+                                  *args, "--loss", "mse", "-o", str(tmp_path / "mse.h5")])
+    assert ok.exit_code == 0, ok.output
