@@ -18,6 +18,7 @@ import torch
 
 from landscape.curvature.base import CurvatureOperator
 from landscape.curvature.stability import optimizer_kind
+from landscape.distributed import full_tensor, is_sharded
 from landscape.params import Vector
 
 __all__ = ["PreconditionedOperator", "divides_by_preconditioner", "preconditioned"]
@@ -184,8 +185,11 @@ def _optimizer_preconditioner(
             raise ValueError(f"optimizer: parameter {name!r} is not optimised by it")
         if "eps" not in group or (kind not in ("adamax", "rmsprop") and "betas" not in group):
             raise ValueError(f"optimizer: {cls} has no Adam-style betas/eps")
-        entries, small, eps = _diagonal(kind, cls, group, optimizer.state.get(p, {}), name,
-                                        op.dtype)
+        state = optimizer.state.get(p, {})
+        if any(is_sharded(v) for v in state.values()):  # FSDP2: this rank's rows of each
+            # moment; the operator's vectors are whole (one parameter gathered at a time)
+            state = {k: full_tensor(v) if is_sharded(v) else v for k, v in state.items()}
+        entries, small, eps = _diagonal(kind, cls, group, state, name, op.dtype)
         dead += int(small.sum())
         total += entries.numel()
         diag.append(entries.to(op.device))

@@ -31,13 +31,16 @@ def curvature_metrics() -> list[Any]:
             SpectralAlignment(schedule=1), Collapse(schedule=1)]
 
 
-def train(net: torch.nn.Module, shard: slice, path: str | None, **monitor: Any) -> dict[str, Any]:
-    """SGD on samples ``shard`` of ``dataset(N)``, monitored with ``monitor`` options.
+def train(net: torch.nn.Module, shard: slice, path: str | None, *, adam: bool = False,
+          **monitor: Any) -> dict[str, Any]:
+    """SGD (or Adam) on samples ``shard`` of ``dataset(N)``, monitored with ``monitor``.
 
     Under FSDP each rank trains on its half and the reduce-scatter averages the gradients:
-    the full-batch gradient (the halves have equal sizes)."""
+    the full-batch gradient (the halves have equal sizes). Adam's moments are sharded as
+    its parameters are (DTensors)."""
     x, y = W.dataset(N)
-    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2) if adam else torch.optim.SGD(
+        net.parameters(), lr=0.5)
     with Monitor(net, F.cross_entropy, path, optimizer=opt, warn=False, mode="w",
                  **monitor) as mon:
         for step in range(STEPS):
@@ -57,7 +60,14 @@ def monitor_worker(rank: int, out_dir: str) -> None:
     default = train(W.fsdp_model(), half, os.path.join(out_dir, "default.h5"))
     curvature = train(W.fsdp_model(), half, os.path.join(out_dir, "curvature.h5"),
                       metrics=curvature_metrics(), probe=W.probe())
-    W._save(out_dir, rank, {"default": default, "curvature": curvature})
+    adam = train(W.fsdp_model(), half, os.path.join(out_dir, "adam.h5"), adam=True,
+                 metrics=adam_metrics(), probe=W.probe())
+    W._save(out_dir, rank, {"default": default, "curvature": curvature, "adam": adam})
+
+
+def adam_metrics() -> list[Any]:
+    """The preconditioned sharpness: Adam's second moments are sharded like the weights."""
+    return [Sharpness(tol=1e-6, schedule=1, adam_warmup=1)]
 
 
 def root_only_worker(rank: int, out_dir: str) -> None:

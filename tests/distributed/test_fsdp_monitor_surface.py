@@ -49,8 +49,10 @@ def test_fsdp_monitor_records_the_single_process_values(tmp_path):
         "default": FW.train(W.model(), slice(0, FW.N), str(tmp_path / "one_default.h5")),
         "curvature": FW.train(W.model(), slice(0, FW.N), str(tmp_path / "one_curvature.h5"),
                               metrics=FW.curvature_metrics(), probe=W.probe()),
+        "adam": FW.train(W.model(), slice(0, FW.N), str(tmp_path / "one_adam.h5"),
+                         adam=True, metrics=FW.adam_metrics(), probe=W.probe()),
     }
-    for kind in ("default", "curvature"):
+    for kind in ("default", "curvature", "adam"):
         assert r0[kind]["writes"] is not None and r1[kind]["writes"] is None  # rank 0 writes
         assert r0[kind]["failed"] == r1[kind]["failed"] == [] == single[kind]["failed"]
         for a, b in zip(r0[kind]["params"], single[kind]["params"]):  # training unchanged
@@ -69,6 +71,10 @@ def test_fsdp_monitor_records_the_single_process_values(tmp_path):
             _compare(fsdp, one, metric, fields, 1e-6)
         for metric in WHOLE_WEIGHT:  # one layer gathered at a time
             _compare(fsdp, one, metric, one.fields(metric), 1e-9)
+    with Run.open(tmp_path / "adam.h5") as fsdp, Run.open(tmp_path / "one_adam.h5") as one:
+        # Adam's sharded second moments gathered one parameter at a time (they failed on
+        # every row: a DTensor times the operator's whole vectors)
+        _compare(fsdp, one, "sharpness", CURVATURE["sharpness"], 1e-6)
 
 
 def test_a_root_only_fsdp_model_trains_on_after_the_monitors_forwards(tmp_path):
