@@ -33,6 +33,7 @@ device). :func:`same_on_all_ranks` checks a tensor is bitwise equal on all ranks
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
@@ -256,6 +257,17 @@ def same_on_all_ranks(tensor: torch.Tensor) -> bool:
     n = flat.numel()
     # max(x) == x and max(-x) == -x on every entry  <=>  min(x) == max(x)
     return bool(torch.equal(mx[:n], flat) and torch.equal(mx[n:], -flat))
+
+
+def max_over_ranks(value: float, device: torch.device) -> float:
+    """The largest of every rank's ``value`` (NaN counts as -inf); every rank must call it.
+
+    Args:
+        value: this rank's number.
+        device: where the collective's tensor lives (the model's device).
+    """
+    number = value if value == value else -math.inf
+    return float(_all_reduce_max(torch.tensor([number], dtype=torch.float64, device=device)))
 
 
 def _all_reduce_max(flat: torch.Tensor) -> torch.Tensor:

@@ -492,7 +492,9 @@ class Monitor:
             try:
                 r = float(radius_along(ctx, inputs, targets, self._before, update).r)
             except MissingInput:  # not a classifier's logits: no radius, nothing to guard
-                return
+                r = math.nan
+        if self._distributed:  # every rank rescales by the same factor (probes may differ):
+            r = _dist.max_over_ranks(r, current[0].device)  # else the copies drift apart
         if math.isfinite(r) and r > self.taylor_guard:
             scale = self.taylor_guard / r
             with torch.no_grad():

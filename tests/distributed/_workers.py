@@ -541,3 +541,28 @@ def microbatch_check_worker(rank: int, out_dir: str) -> None:
         uneven_error = str(err)
     _save(out_dir, rank, {"built": built, "error": error, "uneven_error": uneven_error,
                           "after": ld.all_gather_objects("still in step")})
+
+
+def taylor_guard_worker(rank: int, out_dir: str) -> None:
+    """DDP with ``taylor_guard`` and a probe of each rank's own: the guard rescales every
+    rank's step by one factor (the largest r over the ranks), so the copies stay equal."""
+    net = DDP(model())
+    half = N // dist.get_world_size()
+    shard = slice(rank * half, (rank + 1) * half)
+    x, y = dataset()
+    opt = torch.optim.SGD(net.parameters(), lr=2.0)
+    rescaled = 0
+    with Monitor(net, F.cross_entropy, None, optimizer=opt, metrics=["loss"],
+                 probe=dataset(16, seed=7 + rank), taylor_guard=0.05, warn=False) as mon:
+        for step in range(4):
+            loss = F.cross_entropy(net(x[shard]), y[shard])
+            opt.zero_grad()
+            loss.backward()
+            before = [p.detach().clone() for p in net.parameters()]
+            opt.step()
+            plain = [b - 2.0 * p.grad for b, p in zip(before, net.parameters())]
+            rescaled += not all(torch.equal(a, p.detach()) for a, p in zip(plain,
+                                                                          net.parameters()))
+            mon.step(step, batch=(x[shard], y[shard]), loss=loss)
+    _save(out_dir, rank, {"params": [p.detach().clone() for p in ld.unwrap(net).parameters()],
+                          "rescaled": rescaled})

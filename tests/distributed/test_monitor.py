@@ -61,3 +61,13 @@ def test_every_rank_keeps_rank_zeros_dense_window(tmp_path):
     run_ranks(W.dense_window_worker, tmp_path, timeout=60)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert r0["windows"] == r1["windows"] == [-1] * 8
+
+
+def test_taylor_guard_rescales_every_ranks_step_alike_with_per_rank_probes(tmp_path):
+    """Each rank read r on its own probe and rescaled its own step: the DDP copies drifted
+    apart (1.6e-4 after 6 steps), which DDP never repairs."""
+    run_ranks(W.taylor_guard_worker, tmp_path)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["rescaled"] > 0  # the guard acted
+    for a, b in zip(r0["params"], r1["params"]):
+        assert torch.equal(a, b)
