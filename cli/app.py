@@ -17,6 +17,8 @@ import contextlib
 import importlib
 import importlib.util
 import inspect
+import logging
+import os
 import sys
 import sysconfig
 import warnings
@@ -212,7 +214,41 @@ def one_line_warnings() -> Iterator[None]:
             return
         click.echo(f"warning: {message}", err=True)
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_library_logs(not _verbose()):
         warnings.simplefilter("default")
         warnings.showwarning = show
         yield
+
+
+_CHATTY_LOGGERS = {"transformers": "TRANSFORMERS_VERBOSITY"}
+"""Libraries that log warnings on their own handlers, and the variable that sets their
+level when they are first imported."""
+
+
+@contextlib.contextmanager
+def _quiet_library_logs(quiet: bool) -> Iterator[None]:
+    """Hold the log messages of :data:`_CHATTY_LOGGERS` below errors (unless ``-v``).
+
+    Hugging Face ``transformers`` logs its notices (``loss_type=None ...``) through a handler
+    of its own on stderr, not as Python warnings: its level is set through its logger when
+    it is imported already, else through its environment variable, and restored after.
+    """
+    if not quiet:
+        yield
+        return
+    levels, variables = [], []
+    for name, variable in _CHATTY_LOGGERS.items():
+        if name in sys.modules:
+            logger = logging.getLogger(name)
+            levels.append((logger, logger.level))
+            logger.setLevel(logging.ERROR)
+        elif variable not in os.environ:
+            variables.append(variable)
+            os.environ[variable] = "error"
+    try:
+        yield
+    finally:
+        for logger, level in levels:
+            logger.setLevel(level)
+        for variable in variables:
+            os.environ.pop(variable, None)

@@ -5,7 +5,9 @@ Every command is run here without ``-q``: the quiet flag hid the first bug below
 
 from __future__ import annotations
 
+import os
 import shlex
+import sys
 import textwrap
 
 import click
@@ -252,6 +254,31 @@ def test_other_libraries_warnings_only_with_verbose(setup, tmp_path):
     verbose = _invoke([*args, "-o", tmp_path / "b.h5", "-v"])
     assert verbose.exit_code == 0, verbose.output
     assert "warning: `torch.jit.script` is deprecated." in verbose.stderr
+
+
+def test_transformers_log_notices_only_with_verbose(monkeypatch):
+    """transformers logs its notices on a handler of its own, not as Python warnings."""
+    import logging
+
+    import transformers  # noqa: F401  (configures its logger)
+    from landscape_cli.app import _VERBOSE, one_line_warnings
+
+    logger = logging.getLogger("transformers")
+    monkeypatch.setattr(logger, "level", logging.WARNING)
+    with click.Context(click.Command("x")):
+        with one_line_warnings():
+            assert logger.getEffectiveLevel() == logging.ERROR
+    assert logger.level == logging.WARNING  # restored
+    with click.Context(click.Command("x")) as ctx:
+        ctx.meta[_VERBOSE] = True
+        with one_line_warnings():
+            assert logger.getEffectiveLevel() == logging.WARNING
+    monkeypatch.delitem(sys.modules, "transformers")  # as before its first import
+    monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)
+    with click.Context(click.Command("x")):
+        with one_line_warnings():
+            assert os.environ["TRANSFORMERS_VERBOSITY"] == "error"
+    assert "TRANSFORMERS_VERBOSITY" not in os.environ
 
 
 def test_the_librarys_own_warnings_are_shown(setup, tmp_path):
