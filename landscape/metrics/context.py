@@ -181,6 +181,38 @@ def _concat(parts: list[Captured]) -> Captured:
     return joined
 
 
+class ParamsBefore(Sequence):
+    """The parameters before the optimizer step, rebuilt from those after it and Δθ.
+
+    The monitor keeps one copy of the parameters per step, which becomes Δθ in place
+    (:attr:`StepContext.update`); the parameters before the step are ``θ_after − Δθ``,
+    computed when first read (and kept for the step). That is bitwise ``θ_before`` wherever
+    the step changed a weight by less than a factor of two (Sterbenz's lemma: the rounded
+    difference of two floats within a factor two of each other is exact, Higham,
+    *Accuracy and Stability of Numerical Algorithms*, 2nd ed., Lemma 2.4), and within one
+    rounding elsewhere.
+    """
+
+    def __init__(self, after: Sequence[torch.Tensor], update: Sequence[torch.Tensor]) -> None:
+        self._after, self._update = list(after), list(update)
+        self._built: tuple[torch.Tensor, ...] | None = None
+
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        if self._built is None:
+            with torch.no_grad():
+                self._built = tuple(torch._foreach_sub(self._after, self._update))
+        return self._built
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self._tensors()[index]
+
+    def __len__(self) -> int:
+        return len(self._update)
+
+    def __iter__(self):
+        return iter(self._tensors())
+
+
 @dataclass
 class StepContext:
     """Everything a metric may read at one step, built by the monitor (module docstring).
@@ -214,6 +246,9 @@ class StepContext:
     given_samples: int | None = None
     params_before: Vector | None = None
     update: Vector | None = None
+    #: per-tensor norms of ``params_before`` when the monitor took them before it turned
+    #: its copy of the parameters into ``update`` (:meth:`tensor_norms` then reads them)
+    before_norms: torch.Tensor | None = None
     state: dict = field(default_factory=dict)
     microbatch_size: int | None = None
     batch_size: Callable[[Any], int | None] | None = None
@@ -342,14 +377,17 @@ class StepContext:
         if "tensor_norms" not in self._cache:
             self._cache["tensor_norms"] = None
             if self.update is not None and self.params_before is not None:
-                both = list(self.update) + list(self.params_before)
+                known = self.before_norms
+                update = list(self.update)
+                both = update if known is not None else update + list(self.params_before)
                 plain = all(type(t) is torch.Tensor for t in both)  # no DTensor shards
                 if both and plain and len({(t.device, t.dtype) for t in both}) == 1:
                     norms = tensor_norms(both)
-                    n = len(self.update)
+                    n = len(update)
                     self._cache["tensor_norms"] = {
                         "update": torch.stack(norms[:n]),
-                        "params_before": torch.stack(norms[n:]),
+                        "params_before": known if known is not None
+                        else torch.stack(norms[n:]),
                     }
         cached = self._cache["tensor_norms"]
         return None if cached is None else cached[which]

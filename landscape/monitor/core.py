@@ -48,6 +48,7 @@ from landscape.failures import failure_finding, nonfinite_state
 from landscape.findings import Finding, Findings, at_or_above, dedupe, user_stacklevel
 from landscape.isolation import isolated
 from landscape.metrics import Metric, StepContext, split_batch
+from landscape.metrics.context import ParamsBefore
 from landscape.metrics.presets import MetricsLike, resolve_metrics
 from landscape.monitor.adaptive import DENSE_AT, DENSE_STEPS, DenseWindow, recorded_window_end
 from landscape.monitor.arguments import (
@@ -60,7 +61,7 @@ from landscape.monitor.arguments import (
 )
 from landscape.monitor.clock import StepClock
 from landscape.monitor.probe import restore_probe, store_probe, take_probe
-from landscape.params import trainable_named_parameters
+from landscape.params import tensor_norms, trainable_named_parameters
 from landscape.store import Run, RunWriter
 
 __all__ = ["MetricsLike", "Monitor", "resolve_metrics", "unwrap_optimizer"]
@@ -477,7 +478,9 @@ class Monitor:
         self._before = None
         if wanted:
             with torch.no_grad():
-                self._before = tuple([p.clone() for p in self._own])
+                # −θ: the call adds θ after the step to it in place, which leaves Δθ (bitwise
+                # θ_after − θ_before) in the same memory: one copy of the parameters, not two
+                self._before = tuple(torch._foreach_neg(self._own))
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self.taylor_guard is None or self._before is None:
@@ -485,12 +488,14 @@ class Monitor:
         from landscape.metrics.training import radius_along
 
         current = self._own
-        update = tuple(p.detach() - b for p, b in zip(current, self._before))
+        with torch.no_grad():
+            before = tuple(torch._foreach_neg(self._before))  # the copy holds −θ_before
+        update = tuple(p.detach() - b for p, b in zip(current, before))
         ctx = self._context(self._clock.next_step(), None, None, None)
         with isolated(self.model):
             inputs, targets = split_batch(self.probe)
             try:
-                r = float(radius_along(ctx, inputs, targets, self._before, update).r)
+                r = float(radius_along(ctx, inputs, targets, before, update).r)
             except MissingInput:  # not a classifier's logits: no radius, nothing to guard
                 r = math.nan
         if self._distributed:  # every rank rescales by the same factor (probes may differ):
@@ -498,7 +503,7 @@ class Monitor:
         if math.isfinite(r) and r > self.taylor_guard:
             scale = self.taylor_guard / r
             with torch.no_grad():
-                for p, b, u in zip(current, self._before, update):
+                for p, b, u in zip(current, before, update):
                     p.copy_(b + scale * u)
 
     # ------------------------------------------------------------------ the step
@@ -587,10 +592,14 @@ class Monitor:
         ctx.optimizer_stepped = stepped
         ctx.given_grad_norm = grad_norm
         ctx.given_samples = samples
-        if before is not None:
-            ctx.params_before = before
-            with torch.no_grad():  # the same values as difference() of detached tensors
-                ctx.update = tuple(torch._foreach_sub(self._own, before))
+        if before is not None:  # −θ before the optimizer step (_pre_step)
+            with torch.no_grad():
+                if all(type(t) is torch.Tensor for t in before) and \
+                        len({(t.device, t.dtype) for t in before}) == 1:
+                    ctx.before_norms = torch.stack(tensor_norms(before))  # ‖−θ‖ = ‖θ‖
+                torch._foreach_add_(before, self._own)  # Δθ, bitwise θ_after − θ_before
+            ctx.update = before
+            ctx.params_before = ParamsBefore(self._own, before)  # rebuilt when read
         for m in due:
             ins, outs = m.captures()
             plan = ctx.capture_plan.setdefault(m.data, (set(), set()))

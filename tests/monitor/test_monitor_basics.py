@@ -91,6 +91,56 @@ def test_update_norm_equals_the_actual_parameter_change():
     assert norms[0] == pytest.approx(float((after - before).norm()), rel=1e-6)
 
 
+
+def test_one_copy_of_the_parameters_gives_the_update_and_the_parameters_before_it():
+    """The copy taken before the optimizer step becomes Δθ in place; the parameters before
+    the step are rebuilt only for a metric that reads them (the default metrics do not)."""
+    seen = []
+
+    class Reader(Metric):
+        name = "reader"
+        FIELDS = ("x",)
+        needs_update = True
+
+        def compute(self, ctx):
+            built_by_defaults = ctx.params_before._built is not None
+            seen.append((built_by_defaults, [u.clone() for u in ctx.update],
+                         [b.clone() for b in ctx.params_before]))
+            return {"x": 0.0}
+
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x, y = models.classification_data()
+    exact = []
+    with Monitor(model, F.cross_entropy, optimizer=opt, alarms=False,
+                 metrics=["loss", "nonfinite", "update", "sentinels", Reader()],
+                 probe=(x, y)) as mon:
+        for step in range(3):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            before = [p.detach().clone() for p in model.parameters()]
+            opt.step()
+            after = [p.detach().clone() for p in model.parameters()]
+            mon.step(step, batch=(x, y), loss=loss)
+            built, update, rebuilt = seen[-1]
+            assert not built
+            for u, b, a, r in zip(update, before, after, rebuilt):
+                assert torch.equal(u, a - b)  # bitwise the step
+                # θ_after − Δθ is exact where a weight moved by less than a factor two
+                # (Sterbenz), within a rounding of its terms elsewhere
+                near = (b / 2 <= a) & (a <= 2 * b) | (2 * b <= a) & (a <= b / 2)
+                assert torch.equal(r[near], b[near])
+                exact.append(near.float().mean())
+                eps = torch.finfo(a.dtype).eps
+                assert ((r - b).abs() <= eps * (a.abs() + u.abs())).all()
+        _, relative = mon.run().series("update", "relative")
+    assert float(torch.stack(exact).mean()) > 0.9  # most weights: bitwise
+    flat = torch.cat([u.flatten() for u in update])
+    base = torch.cat([b.flatten() for b in before])
+    assert relative[-1] == pytest.approx(float(flat.norm() / base.norm()), rel=1e-6)
+
+
 def test_a_failing_metric_records_nan_a_warning_and_one_finding():
     @register(replace=True)
     class Broken(Metric):
