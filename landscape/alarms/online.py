@@ -110,7 +110,7 @@ def with_rules(extra: Iterable[Rule]) -> list[Rule]:
 
 def _as_row(values: Mapping[str, Any]) -> dict[str, Value]:
     """Every numeric field of ``values`` as float64 (scalars as float, arrays as ndarray)."""
-    if not isinstance(values, Mapping):
+    if type(values) is not dict and not isinstance(values, Mapping):  # a dict: no ABC check
         raise ValueError(f"values must be a mapping of field name to value, got {values!r}")
     out: dict[str, Value] = {}
     for key, v in values.items():
@@ -313,7 +313,9 @@ class OnlineAlarms:
                 if spec.is_string:
                     continue
                 _, col = reader.series(name, fname)
-                columns[fname] = col
+                # a scalar column as Python floats: observe() takes them as they are
+                columns[fname] = col.tolist() if getattr(col, "ndim", 0) == 1 \
+                    and col.dtype.kind == "f" else col
             for i, step in enumerate(steps):
                 if (name, int(step)) in skip:
                     continue

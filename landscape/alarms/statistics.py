@@ -50,6 +50,10 @@ class RollingWindow:
     def median_mad(self) -> tuple[float, float]:
         """Median and median absolute deviation from it (both as in ``np.median``).
 
+        The deviations left and right of the median are each sorted, so the middle one of
+        all is found by a binary search over how many come from the left, in O(log size)
+        (the k-th smallest of two sorted sequences) instead of merging them.
+
         Returns:
             ``(median, mad)`` of the values in the window (which must not be empty).
         """
@@ -57,20 +61,11 @@ class RollingWindow:
         n = len(a)
         h = n // 2
         med = self.median()
-        # the deviations left and right of the median are each sorted: merge them up to
-        # the middle one
         right = bisect.bisect_left(a, med)
-        left = right - 1
-        devs: list[float] = []
-        while len(devs) <= h:
-            if left >= 0 and (right >= n or med - a[left] <= a[right] - med):
-                devs.append(med - a[left])
-                left -= 1
-            else:
-                devs.append(a[right] - med)
-                right += 1
-        mad = devs[h] if n % 2 else 0.5 * (devs[h - 1] + devs[h])
-        return med, mad
+        if n % 2:
+            return med, _kth_deviation(a, med, right, h)
+        return med, 0.5 * (_kth_deviation(a, med, right, h - 1)
+                           + _kth_deviation(a, med, right, h))
 
     def maximum(self, but_newest: bool = False) -> float:
         """The largest value in the window (``-inf`` when empty).
@@ -84,3 +79,26 @@ class RollingWindow:
             if a and a[-1] == newest:  # the newest is (one of) the largest
                 return a[-2] if len(a) > 1 else -math.inf
         return a[-1] if a else -math.inf
+
+
+def _kth_deviation(a: list[float], med: float, right: int, k: int) -> float:
+    """The k-th smallest (from 0) of the deviations ``|x - med|`` of the sorted ``a``.
+
+    Those left of ``right`` (``med - a[right - 1 - i]``, i = 0, 1, ...) and from ``right``
+    on (``a[right + j] - med``) are each increasing: the k+1 smallest are the first ``i``
+    of the left and the first ``k + 1 - i`` of the right for the smallest ``i`` whose next
+    left deviation is not below the right's last taken one.
+    """
+    n_left, n_right = right, len(a) - right
+    lo, hi = max(0, k + 1 - n_right), min(k + 1, n_left)
+    while lo < hi:
+        i = (lo + hi) // 2
+        j = k + 1 - i
+        if med - a[right - 1 - i] < a[right + j - 1] - med:
+            lo = i + 1  # the left's next deviation is smaller: take more from the left
+        else:
+            hi = i
+    i, j = lo, k + 1 - lo
+    last_left = med - a[right - i] if i > 0 else -math.inf
+    last_right = a[right + j - 1] - med if j > 0 else -math.inf
+    return max(last_left, last_right)

@@ -331,6 +331,36 @@ def test_rolling_median_and_mad_match_numpy(size, values):
         assert w.maximum(but_newest=True) == (a[:-1].max() if len(a) > 1 else -np.inf)
 
 
+def _mad_by_merging(values):
+    """The median and MAD by merging the deviations left and right of the median."""
+    a = sorted(values)
+    n, h = len(a), len(a) // 2
+    med = a[h] if n % 2 else 0.5 * (a[h - 1] + a[h])
+    right = int(np.searchsorted(a, med, side="left"))
+    left, devs = right - 1, []
+    while len(devs) <= h:
+        if left >= 0 and (right >= n or med - a[left] <= a[right] - med):
+            devs.append(med - a[left])
+            left -= 1
+        else:
+            devs.append(a[right] - med)
+            right += 1
+    return med, (devs[h] if n % 2 else 0.5 * (devs[h - 1] + devs[h]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.lists(st.one_of(st.floats(-1e6, 1e6, allow_nan=False),
+                                 st.integers(-3, 3).map(float)), min_size=1, max_size=80))
+def test_the_mad_by_binary_search_is_bitwise_the_merged_one(values):
+    """The spike rules' statistics must not move by one rounding: findings would."""
+    from landscape.alarms.statistics import RollingWindow
+
+    w = RollingWindow(len(values))
+    for x in values:
+        w.append(x)
+    assert w.median_mad() == _mad_by_merging(values)
+
+
 def test_a_rule_returning_garbage_is_a_rule_error_naming_the_type_error():
     @dataclass
     class Broken(Rule):
