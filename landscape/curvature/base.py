@@ -12,7 +12,7 @@ their flat forms), so they work on every operator: :class:`MatrixOperator`,
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -20,6 +20,22 @@ from landscape._deprecation import deprecated_alias
 from landscape.params import Vector, flatten, unflatten
 
 __all__ = ["CurvatureOperator", "MatrixOperator"]
+
+
+def check_operator(op: Any) -> None:
+    """Refuse what is not a :class:`CurvatureOperator` with a line that says what to pass.
+
+    Raises:
+        TypeError: ``op`` is a model, a matrix or anything else.
+    """
+    if isinstance(op, CurvatureOperator):
+        return
+    hint = ""
+    if isinstance(op, torch.nn.Module):
+        hint = ": build one from the model, ls.Hessian(model, loss_fn, data)"
+    elif isinstance(op, torch.Tensor):
+        hint = ": wrap a symmetric matrix in landscape.curvature.MatrixOperator(matrix)"
+    raise TypeError(f"op: expected a curvature operator, got {type(op).__name__}{hint}")
 
 
 class CurvatureOperator:

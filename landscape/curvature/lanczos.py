@@ -23,6 +23,7 @@ matrix, its eigen-decomposition, residuals) is float64 (docs/curvature.md, "Conv
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import numpy as np
@@ -103,6 +104,21 @@ def gap_estimate(theta: np.ndarray, idx: np.ndarray) -> np.ndarray:
 
 
 STOPPING_RULES = ("auto", "residual", "value")
+
+
+def _finite(norm: float) -> float:
+    """A product's norm, or a clear error when the product is not finite.
+
+    Raises:
+        ValueError: NaN or inf in the product (the model's weights, its data or its loss
+            are not finite, or overflow): an eigen-solver fed it fails deep inside LAPACK
+            ("Eigenvalues did not converge") or returns nothing.
+    """
+    if not math.isfinite(norm):
+        raise ValueError(
+            "a curvature product is not finite (NaN or inf): the model's weights, its data "
+            "or its loss are not finite, or overflow in this dtype")
+    return norm
 
 
 def _owned(w: Tensor, fresh: bool, basis: _Basis) -> bool:
@@ -244,7 +260,7 @@ def krylov_eigsh(
         owned = _owned(w, fresh_products or w is not raw, basis)
         del raw
         used += 1
-        norm_est = max(norm_est, flat_norm(w))
+        norm_est = max(norm_est, _finite(flat_norm(w)))
         w, c, r = basis.orthogonalize(w, near=j, overwrite=owned)
         coeffs[: c.numel(), j] = c.cpu().numpy()
         if basis.size < n and r > break_rel * norm_est and r > 0:
@@ -367,7 +383,7 @@ def lanczos_tridiagonal(
         cur = bases[active, at]
         out = matmat(cur.to(op_dtype)).to(bases.dtype)
         used += len(active)
-        norm_est = max(norm_est, float(row_norms(out).max()))
+        norm_est = max(norm_est, _finite(float(row_norms(out).max())))
         still = []
         for row, run in enumerate(active):
             w = out[row]
@@ -413,7 +429,7 @@ def krylov_basis(
     norm_est = 0.0
     for j in range(m):
         w = matvec(rows[j].to(op_dtype)).to(rows.dtype)
-        norm_est = max(norm_est, flat_norm(w))
+        norm_est = max(norm_est, _finite(flat_norm(w)))
         alphas[j] = float(dots(rows[j], w))
         if j + 1 == m:
             break

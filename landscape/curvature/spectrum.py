@@ -26,7 +26,7 @@ from landscape._deprecation import renamed_kwargs
 from landscape.curvature._probes import generator as _generator
 from landscape.curvature._probes import rademacher as _rademacher
 from landscape.curvature._probes import to_vectors as _to_vectors
-from landscape.curvature.base import CurvatureOperator
+from landscape.curvature.base import CurvatureOperator, check_operator
 from landscape.curvature.lanczos import KrylovResult, krylov_eigsh, lanczos_tridiagonal
 from landscape.curvature.memory import (
     MemoryProfile,
@@ -250,8 +250,9 @@ def top_eigenvalues(
         >>> [round(v, 6) for v in top_eigenvalues(op, k=2).values.tolist()]
         [4.0, 2.0]
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    check_operator(op)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol}")
     if which not in ("largest", "smallest", "both"):
@@ -551,6 +552,7 @@ def spectral_density(
         >>> round(spectral_density(op, lanczos_steps=10, n_probes=2).trace, 6)
         55.0
     """
+    check_operator(op)
     if lanczos_steps < 1:
         raise ValueError(f"lanczos_steps must be >= 1, got {lanczos_steps}")
     if n_probes < 1:

@@ -15,7 +15,7 @@ import torch
 
 from landscape.curvature._probes import generator as _generator
 from landscape.curvature._probes import rademacher as _rademacher
-from landscape.curvature.base import CurvatureOperator
+from landscape.curvature.base import CurvatureOperator, check_operator
 from landscape.curvature.lanczos import krylov_basis
 from landscape.curvature.memory import (
     BUDGET_FLOOR,
@@ -151,6 +151,7 @@ def hessian_trace(
         >>> round(hessian_trace(op, "krylov", n_matvec=30).value, 6)  # Krylov space exact
         55.0
     """
+    check_operator(op)
     method = _TRACE_METHODS.get(method.lower().replace("_", "").replace("-", ""))
     if method is None:
         raise ValueError(

@@ -8,7 +8,6 @@ run file's config stores of the optimizer and the metrics is written here too.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import operator
 import os
@@ -20,6 +19,7 @@ from torch import nn
 
 from landscape.findings import user_stacklevel
 from landscape.metrics import Metric
+from landscape.store.format import step_value
 
 __all__ = [
     "RESERVED_CONFIG",
@@ -105,22 +105,16 @@ def check_metric_names(metrics: Sequence[Metric]) -> None:
 
 
 def step_index(step: Any) -> int:
-    """``step`` as an int: any integer type, or a float (of any kind) with an integer value.
+    """``step`` as an int >= 0: any integer type, or a float (of any kind) with an integer value.
 
     Raises:
-        ValueError: anything else (``0.5``: fractional epochs are not steps; a string; a bool).
+        ValueError: anything else (``0.5``: fractional epochs are not steps; a string; a
+            bool; a negative step, which no schedule is due at).
     """
-    if not isinstance(step, bool):
-        try:
-            return operator.index(step)  # int, numpy integers, integer 0-d tensors
-        except TypeError:
-            with contextlib.suppress(TypeError, ValueError, RuntimeError):
-                value = float(step)  # a float of any kind, a one-element float tensor
-                if value.is_integer():
-                    return int(value)
-    raise ValueError(f"step must be an integer (the optimizer step's index), got "
-                     f"{type(step).__name__} {step!r}")
-
+    value = step_value(step)
+    if value < 0:
+        raise ValueError(f"step must be >= 0 (the optimizer step's index), got {value}")
+    return value
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:

@@ -220,6 +220,13 @@ class Monitor:
                                 batch_size, probe, probe_size)
         if taylor_guard is not None and (optimizer is None or probe is None):
             raise ValueError("taylor_guard needs optimizer= and probe=(inputs, targets)")
+        if taylor_guard is not None and (isinstance(taylor_guard, bool) or not (
+                isinstance(taylor_guard, (int, float)) and 0 < taylor_guard < math.inf)):
+            raise ValueError(f"taylor_guard must be a positive number (a target r, e.g. 1.0) "
+                             f"or None, got {taylor_guard!r}")
+        if isinstance(alarms, (str, bytes)) or not (
+                isinstance(alarms, bool) or hasattr(alarms, "__iter__")):
+            raise ValueError(f"alarms must be True, False or a list of rules, got {alarms!r}")
         if on_disk_full not in ("stop", "raise"):
             raise ValueError(f"on_disk_full must be 'stop' or 'raise', got {on_disk_full!r}")
         if loss_fn is None and closure is None:  # the metrics that evaluate a loss say so

@@ -87,6 +87,41 @@ class FieldSpec:
 FieldsLike = Mapping[str, Union[FieldSpec, tuple, str, None]]
 
 
+_STEP_RANGE = (-(2**63), 2**63 - 1)  # the int64 of the step datasets
+
+
+def step_value(step: Any, what: str = "step") -> int:
+    """``step`` as an int: an integer of any type, or a float with an integer value.
+
+    Args:
+        step: the value given.
+        what: its name in the error.
+
+    Raises:
+        ValueError: a string, a bool, a fraction (``3.5``), NaN, or beyond the int64 the
+            run file stores steps in.
+    """
+    import operator
+
+    value: int | None = None
+    if not isinstance(step, (bool, str, bytes)):
+        try:
+            value = operator.index(step)  # int, numpy integers, integer 0-d tensors
+        except TypeError:
+            try:
+                number = float(step)  # a float of any kind, a one-element float tensor
+            except (TypeError, ValueError, RuntimeError):
+                number = math.nan
+            if number.is_integer():
+                value = int(number)
+    if value is None:
+        raise ValueError(f"{what} must be an integer (the optimizer step's index), got "
+                         f"{type(step).__name__} {step!r}")
+    if not _STEP_RANGE[0] <= value <= _STEP_RANGE[1]:
+        raise ValueError(f"{what} {value} is beyond the 64-bit integers a run file stores")
+    return value
+
+
 def normalize_fields(fields: FieldsLike) -> dict[str, FieldSpec]:
     """Accept ``{name: FieldSpec | shape-tuple | dtype-string | None}`` and return FieldSpecs.
 
@@ -101,6 +136,9 @@ def normalize_fields(fields: FieldsLike) -> dict[str, FieldSpec]:
         ValueError: for an empty mapping, an invalid name (empty, with ``/``, or ``step``)
             or a spec of another type.
     """
+    if not isinstance(fields, Mapping):
+        raise TypeError(f"fields: expected a mapping {{name: spec}} (None for a float64 "
+                        f"scalar), got {type(fields).__name__} {fields!r}")
     out: dict[str, FieldSpec] = {}
     for name, spec in fields.items():
         if not isinstance(name, str) or not name or "/" in name or name == "step":
@@ -113,6 +151,8 @@ def normalize_fields(fields: FieldsLike) -> dict[str, FieldSpec]:
             spec = FieldSpec(tuple(int(s) for s in spec))
         elif not isinstance(spec, FieldSpec):
             raise ValueError(f"field {name!r}: expected a FieldSpec, shape tuple or dtype string")
+        if any(s < 0 for s in spec.shape):
+            raise ValueError(f"field {name!r}: shape {spec.shape} has a negative size")
         np.dtype(spec.dtype)  # validates
         out[name] = spec
     if not out:
@@ -156,7 +196,7 @@ def as_numpy(value: Any) -> Any:
     return value.numpy()
 
 
-def _encode(value: Any, spec: FieldSpec) -> np.ndarray:
+def _encode(value: Any, spec: FieldSpec, name: str = "value") -> np.ndarray:
     if spec.is_string:
         width = np.dtype(spec.dtype).itemsize
         # (a file name with bytes that are not UTF-8, as the OS gave them: kept, not refused)
@@ -164,12 +204,21 @@ def _encode(value: Any, spec: FieldSpec) -> np.ndarray:
         if len(raw) > width:
             raw = raw[: width - 3].decode("utf-8", "ignore").encode("utf-8") + b"..."
         return np.asarray(raw, dtype=spec.dtype)
-    arr = np.asarray(as_numpy(value), dtype=spec.dtype)
+    raw = as_numpy(value)
+    if np.iscomplexobj(raw) and np.dtype(spec.dtype).kind != "c":
+        raise ValueError(f"field {name!r}: a complex value {value!r} in a field of "
+                         f"{spec.dtype} (its imaginary part would be dropped)")
+    try:
+        arr = np.asarray(raw, dtype=spec.dtype)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"field {name!r}: {value!r} is not a number ({spec.dtype}): "
+                         f"{err}") from None
     if arr.shape != spec.shape:
         if arr.size == math.prod(spec.shape):
             arr = arr.reshape(spec.shape)
         else:
-            raise ValueError(f"value of shape {arr.shape} does not fit field shape {spec.shape}")
+            raise ValueError(f"field {name!r}: a value of shape {arr.shape} does not fit its "
+                             f"shape {spec.shape}")
     return arr
 
 

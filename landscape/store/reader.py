@@ -102,6 +102,9 @@ class Run:
         Raises:
             RunFileError: any problem with the file, in one line naming it.
         """
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path: expected a run file's path, got {type(path).__name__} "
+                            f"{path!r}")
         p = Path(path)
         run = cls(H5Backend(open_for_reading(p), writable=False, path=p))
         run._warn_if_shared_and_stale()

@@ -46,6 +46,7 @@ from landscape.store.format import (
     _h5_reason,
     _root_attrs,
     normalize_fields,
+    step_value,
 )
 from landscape.store.reader import Run
 from landscape.store.recovery import (
@@ -343,7 +344,10 @@ class RunWriter:
         path = f"{METRICS_GROUP}/{name}"
         if path not in self._fields:
             raise KeyError(f"metric {name!r} was not declared")
-        self._add_row(path, int(step), values, strict=True)
+        if not isinstance(values, Mapping):
+            raise TypeError(f"values: expected a mapping {{field: value}}, got "
+                            f"{type(values).__name__}")
+        self._add_row(path, step_value(step), values, strict=True)
 
     def add_finding(self, finding: Finding) -> None:
         """Append a finding to ``/findings`` (steps non-decreasing), its ``extra`` as JSON.
@@ -369,7 +373,11 @@ class RunWriter:
             step: the step (after the last recorded one).
             source: the checkpoint's path or name.
         """
-        self._add_row(CHECKPOINTS_TABLE, int(step), {"path": source}, strict=True)
+        if not isinstance(source, (str, os.PathLike)):
+            raise TypeError(f"source: expected the checkpoint's path or name, got "
+                            f"{type(source).__name__} {source!r}")
+        self._add_row(CHECKPOINTS_TABLE, step_value(step), {"path": os.fspath(source)},
+                      strict=True)
 
     def last_step(self, name: str) -> int | None:
         """Last step appended to metric ``name`` (committed or buffered), or None.
@@ -414,11 +422,15 @@ class RunWriter:
             scalars = self._scalars[path] = [
                 spec.shape == () and np.dtype(spec.dtype).kind == "f" for spec in specs.values()
             ]
-        row = [
-            np.asarray(v, dtype=spec.dtype) if fast and type(v) is float else _encode(v, spec)
-            for (n, spec), fast in zip(specs.items(), scalars)
-            for v in (values[n],)
-        ]
+        try:
+            row = [
+                np.asarray(v, dtype=spec.dtype) if fast and type(v) is float
+                else _encode(v, spec, n)
+                for (n, spec), fast in zip(specs.items(), scalars)
+                for v in (values[n],)
+            ]
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
         pending = self._pending.get(path)
         if pending is None:
             pending = self._pending[path] = _Pending(cols={n: [] for n in specs})

@@ -66,6 +66,8 @@ class GridData:
                 raise ValueError(
                     f"data: a batch must be a tensor, a tuple of tensors or a dict, got "
                     f"{type(first).__name__}")
+        if leading_size(first) == 0:  # its loss is NaN at every point, all marked computed
+            raise ValueError("data: the batch has no samples (leading size 0)")
         self.first = first
 
     def __iter__(self) -> Iterator[Any]:

@@ -56,6 +56,8 @@ def axis(steps: int, span: float) -> np.ndarray:
     """``steps`` evenly spaced coordinates on ``[-span, span]`` (odd ``steps`` include 0)."""
     if int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if isinstance(span, bool) or not isinstance(span, (int, float, np.floating, np.integer)):
+        raise ValueError(f"span must be a positive number, got {span!r}")
     if not np.isfinite(span) or span <= 0:
         raise ValueError(f"span must be a positive number, got {span!r}")
     if steps == 1:
