@@ -14,7 +14,7 @@ restored afterwards. Forward passes go through ``functional_call`` with cloned b
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -24,7 +24,7 @@ from landscape._deprecation import deprecated_alias
 from landscape._errors import MissingInput
 from landscape.capture import Captured, capture, first_tensor, last_child_output
 from landscape.isolation import buffers_kept, stateless_call, stateless_closure
-from landscape.params import Vector, gradient_norm, tensor_norms
+from landscape.params import Vector, difference, gradient_norm, tensor_norms
 
 __all__ = ["MissingInput", "StepContext", "batch_targets", "softmax_logits", "split_batch"]
 
@@ -181,36 +181,24 @@ def _concat(parts: list[Captured]) -> Captured:
     return joined
 
 
-class ParamsBefore(Sequence):
-    """The parameters before the optimizer step, rebuilt from those after it and Δθ.
+class _Rebuilt:
+    """The parameters before the optimizer step, to rebuild from those after it and Δθ.
 
     The monitor keeps one copy of the parameters per step, which becomes Δθ in place
     (:attr:`StepContext.update`); the parameters before the step are ``θ_after − Δθ``,
-    computed when first read (and kept for the step). That is bitwise ``θ_before`` wherever
-    the step changed a weight by less than a factor of two (Sterbenz's lemma: the rounded
-    difference of two floats within a factor two of each other is exact, Higham,
-    *Accuracy and Stability of Numerical Algorithms*, 2nd ed., Lemma 2.4), and within one
-    rounding elsewhere.
+    computed when first read (:attr:`StepContext.params_before`). That is bitwise
+    ``θ_before`` wherever the step changed a weight by less than a factor of two
+    (Sterbenz's lemma: the rounded difference of two floats within a factor two of each
+    other is exact, Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed.,
+    Lemma 2.4), and within one rounding elsewhere.
     """
 
     def __init__(self, after: Sequence[torch.Tensor], update: Sequence[torch.Tensor]) -> None:
-        self._after, self._update = list(after), list(update)
-        self._built: tuple[torch.Tensor, ...] | None = None
+        self.after, self.update = list(after), list(update)
 
-    def _tensors(self) -> tuple[torch.Tensor, ...]:
-        if self._built is None:
-            with torch.no_grad():
-                self._built = tuple(torch._foreach_sub(self._after, self._update))
-        return self._built
-
-    def __getitem__(self, index):  # type: ignore[override]
-        return self._tensors()[index]
-
-    def __len__(self) -> int:
-        return len(self._update)
-
-    def __iter__(self):
-        return iter(self._tensors())
+    def build(self) -> Vector:
+        with torch.no_grad():
+            return difference(self.after, self.update)
 
 
 @dataclass
@@ -244,7 +232,7 @@ class StepContext:
     outputs: Any = None
     given_grad_norm: float | None = None
     given_samples: int | None = None
-    params_before: Vector | None = None
+    params_before: InitVar[Vector | None] = None  # a property below: rebuilt when read
     update: Vector | None = None
     #: per-tensor norms of ``params_before`` when the monitor took them before it turned
     #: its copy of the parameters into ``update`` (:meth:`tensor_norms` then reads them)
@@ -262,6 +250,20 @@ class StepContext:
     _loss_kept: bool = False
     _captured: dict[str, Captured] = field(default_factory=dict)
     _cache: dict[Any, Any] = field(default_factory=dict)
+    _params_before: Any = field(default=None, init=False, repr=False)
+
+    def __post_init__(self, params_before: Vector | None) -> None:
+        self._params_before = params_before
+
+    @property
+    def has_params_before(self) -> bool:
+        """Whether :attr:`params_before` is known (without rebuilding it)."""
+        return self._params_before is not None
+
+    def rebuild_params_before(self, after: Sequence[torch.Tensor],
+                              update: Sequence[torch.Tensor]) -> None:
+        """Make :attr:`params_before` ``after − update``, computed when first read."""
+        self._params_before = _Rebuilt(after, update)
 
     # -- parameters and data
 
@@ -376,7 +378,7 @@ class StepContext:
         """
         if "tensor_norms" not in self._cache:
             self._cache["tensor_norms"] = None
-            if self.update is not None and self.params_before is not None:
+            if self.update is not None and self.has_params_before:
                 known = self.before_norms
                 update = list(self.update)
                 both = update if known is not None else update + list(self.params_before)
@@ -562,3 +564,22 @@ class StepContext:
         self.state[key] = result
         self._cache[key] = result
         return result
+
+
+def _get_params_before(self: StepContext) -> Vector | None:
+    """The parameters before the optimizer step, a tuple (rebuilt on first read)."""
+    value = self._params_before
+    if isinstance(value, _Rebuilt):
+        value = self._params_before = value.build()
+    return value
+
+
+def _set_params_before(self: StepContext, value: Vector | None) -> None:
+    self._params_before = value
+
+
+# a property over a dataclass InitVar: StepContext(params_before=...) still constructs it
+StepContext.params_before = property(  # type: ignore[assignment]
+    _get_params_before, _set_params_before,
+    doc="The parameters before the optimizer step (a tuple; rebuilt from the update when "
+        "first read), or None.")

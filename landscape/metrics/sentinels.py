@@ -563,7 +563,7 @@ class Sentinels(Metric):
         return output, attention
 
     def _update_ratio(self, ctx: StepContext) -> dict[str, float]:
-        if ctx.update is None or ctx.params_before is None:
+        if ctx.update is None or not ctx.has_params_before:
             return {}
         if self._layer_index is None:
             wanted = set(self.layers)

@@ -182,7 +182,7 @@ class Update(Metric):
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
         """||Δθ|| and ||Δθ|| / ||θ_before||."""
-        if ctx.update is None or ctx.params_before is None:
+        if ctx.update is None or not ctx.has_params_before:
             raise MissingInput(_no_update(ctx, "update"))
         per_step, per_base = ctx.tensor_norms("update"), ctx.tensor_norms("params_before")
         if per_step is None or per_base is None:  # mixed devices or dtypes, sharded tensors
@@ -260,7 +260,7 @@ class TaylorRadius(Metric):
         (interpolated: the mean of the two middle ones for an even count), what the
         ``taylor_ratio`` rule warns on (docs/alarms.md).
         """
-        if ctx.update is None or ctx.params_before is None:
+        if ctx.update is None or not ctx.has_params_before:
             raise MissingInput(_no_update(ctx, "taylor_radius"))
         batch = ctx.data(self.data)
         keywords = keyword_batch(batch)

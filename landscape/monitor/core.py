@@ -48,7 +48,6 @@ from landscape.failures import failure_finding, nonfinite_state
 from landscape.findings import Finding, Findings, at_or_above, dedupe, user_stacklevel
 from landscape.isolation import isolated
 from landscape.metrics import Metric, StepContext, split_batch
-from landscape.metrics.context import ParamsBefore
 from landscape.metrics.presets import MetricsLike, resolve_metrics
 from landscape.monitor.adaptive import DENSE_AT, DENSE_STEPS, DenseWindow, recorded_window_end
 from landscape.monitor.arguments import (
@@ -606,7 +605,7 @@ class Monitor:
                     ctx.before_norms = torch.stack(tensor_norms(before))  # ‖−θ‖ = ‖θ‖
                 torch._foreach_add_(before, self._own)  # Δθ, bitwise θ_after − θ_before
             ctx.update = before
-            ctx.params_before = ParamsBefore(self._own, before)  # rebuilt when read
+            ctx.rebuild_params_before(self._own, before)  # θ_after − Δθ, when read
         for m in due:
             ins, outs = m.captures()
             plan = ctx.capture_plan.setdefault(m.data, (set(), set()))
