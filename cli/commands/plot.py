@@ -79,8 +79,8 @@ def _message(err: Exception) -> str:
 @click.option("--vmax", type=FiniteFloatOr("auto", "none"), default=None,
               help="Clip a surface's values at this, so that a diverged corner does not "
                    "flatten the rest (with --surface). Default auto: at the outlier fence "
-                   "(upper quartile + 3 interquartile ranges) when values lie beyond it; "
-                   "none: never.")
+                   "(upper quartile + 3 interquartile ranges) when values lie orders of "
+                   "magnitude beyond it; none: never.")
 @click.option("--levels", type=click.IntRange(2, 500), default=None,
               help="Contour levels of a 2-D surface (default 30; with --surface).")
 @click.option(

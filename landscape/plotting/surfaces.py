@@ -67,30 +67,39 @@ AUTO = "auto"
 FAR_OUT = 3.0
 """Interquartile ranges above the upper quartile where :func:`outlier_fence` sits."""
 
+FAR_BEYOND = 10.0
+"""How far beyond the fence the largest value must lie for :func:`outlier_fence` to clip."""
+
 
 def outlier_fence(z: np.ndarray) -> float | None:
     """Where a surface's values stop being its landscape and become a diverged region.
 
     Tukey's "far out" fence, the upper quartile plus :data:`FAR_OUT` interquartile ranges
-    of the finite values (Tukey 1977, *Exploratory Data Analysis*, ch. 2): a bowl, however
-    steep, keeps its values inside it, while a corner where the loss explodes by orders of
-    magnitude lies far beyond it and, drawn to scale, leaves the rest one flat colour.
+    of the finite values (Tukey 1977, *Exploratory Data Analysis*, ch. 2), used only when
+    the largest value lies :data:`FAR_BEYOND` times beyond it (measured from the smallest
+    value): a loss that explodes by orders of magnitude in a corner, which drawn to scale
+    leaves the rest one flat colour. A steep bowl (``|t|^8``, ``exp(4 t^2)``) reaches past
+    the fence by a small factor and is drawn whole.
 
     Args:
         z: the values as drawn (``log10`` of them on a log plot).
 
     Returns:
-        The fence when some finite value exceeds it, else None (nothing to clip, or fewer
-        than four finite values, or half of them equal).
+        The fence when clipping there helps, else None (nothing far beyond it, fewer than
+        four finite values, half of them equal, or a field within [0, 1] such as an
+        accuracy, which cannot explode).
     """
     finite = z[np.isfinite(z)]
     if finite.size < 4:
+        return None
+    low, high = float(finite.min()), float(finite.max())
+    if low >= 0.0 and high <= 1.0:
         return None
     q1, q3 = np.percentile(finite, [25.0, 75.0])
     if not q3 > q1:
         return None
     fence = float(q3 + FAR_OUT * (q3 - q1))
-    return fence if float(finite.max()) > fence else None
+    return fence if high - low > FAR_BEYOND * (fence - low) else None
 
 
 def _drawn(

@@ -93,8 +93,15 @@ def test_the_outlier_fence_clips_a_blown_up_corner_and_leaves_a_bowl_alone():
     assert bowl_max <= fence < 1e7
     x = np.linspace(-1, 1, 21)
     X, Y = np.meshgrid(x, x)
-    for bowl in (X**2 + Y**2, np.exp(2 * np.hypot(X, Y)), 1 - np.exp(-(X**2 + Y**2))):
+    bowls = (X**2 + Y**2, np.exp(2 * np.hypot(X, Y)), 1 - np.exp(-(X**2 + Y**2)),
+             0.1 + np.abs(X) ** 8, np.hypot(X, Y) ** 10, np.exp(4 * X**2))
+    for bowl in bowls:
         assert plots.outlier_fence(bowl) is None
+    t = np.linspace(-1, 1, 41)
+    assert plots.outlier_fence(0.1 + np.abs(t) ** 8) is None  # the 1-D case
+    # an accuracy plane: chance around, a basin of 0.9 (above the fence, but in [0, 1])
+    acc = np.where(X**2 + Y**2 < 0.2, 0.9, 0.1 + 0.02 * np.sin(7 * X))
+    assert plots.outlier_fence(acc) is None
     assert plots.outlier_fence(np.array([1.0, 2.0, np.nan])) is None  # too few values
     assert plots.outlier_fence(np.r_[np.ones(20), 1e9]) is None  # no spread to measure
 
