@@ -65,8 +65,9 @@ def order_checkpoints(
     Steps come from the checkpoint, its file name or its folder (see
     :func:`landscape.loading.step_from_name`). When none has one, they are numbered 0, 1,
     ... in the order of the numbers that alone tell their paths apart (``run2/model.pt``
-    before ``run10/model.pt``, which a shell's glob lists after it), else in the given
-    order (``init.pt final.pt``).
+    before ``run10/model.pt``, which a shell's glob lists first), else in the given order
+    (``init.pt final.pt``). Steps read from file names that collide (``epoch_1/resnet18.pt``
+    and ``epoch_2/resnet18.pt``: both 18) give way to the epochs saved in the files.
 
     Args:
         checkpoints: the loaded checkpoints, in any order.
@@ -89,7 +90,11 @@ def order_checkpoints(
             return list(enumerate(checkpoints))
         raise LandscapeError(f"cannot tell the training step of {missing[0]} "
                              "(name it ...-N.pt, or put it in a folder checkpoint-N/)")
-    pairs = sorted(((int(c.step), c) for c in checkpoints), key=lambda p: p[0])  # type: ignore[arg-type]
+    steps = [int(c.step) for c in checkpoints]  # type: ignore[arg-type]
+    epochs = [c.epoch for c in checkpoints]
+    if len(set(steps)) < len(steps) and None not in epochs and len(set(epochs)) == len(epochs):
+        steps = epochs  # numbers of the names that are not steps: the saved epochs are
+    pairs = sorted(zip(steps, checkpoints), key=lambda p: p[0])
     # Lightning's ModelCheckpoint(save_last=True) writes last.ckpt, a copy of the latest
     # checkpoint: a shell glob (ckpts/*.ckpt) lists it beside the one it repeats
     pairs = [(s, c) for s, c in pairs
@@ -243,17 +248,22 @@ def refuse_constant_cross_entropy(outputs: Any, targets: Any) -> None:
     if outputs.shape[1] == 1:
         raise LandscapeError(
             "the model gives one output per sample (a regression or a one-logit binary "
-            "head): cross-entropy over one output is 0 at every weight; pass --loss mse "
-            "or --loss bce_with_logits")
+            "head): cross-entropy over one output is 0 at every weight; use the mean "
+            "squared error or binary cross-entropy (--loss mse or --loss bce_with_logits; "
+            "in Python loss_fn=F.mse_loss, ...)")
     if isinstance(targets, torch.Tensor) and targets.is_floating_point() \
             and targets.shape == outputs.shape:
         t = targets.detach().double()
-        if bool((t < 0).any()) or not torch.allclose(t.sum(1), torch.ones_like(t.sum(1)),
-                                                       atol=1e-3):
+        sums = t.sum(1)
+        # rounding of each of C entries in the targets' own dtype (bf16 label smoothing)
+        slack = max(1e-3, 2 * targets.shape[1] * torch.finfo(targets.dtype).eps)
+        if bool((t < 0).any()) or not torch.allclose(sums, torch.ones_like(sums),
+                                                       atol=slack):
             raise LandscapeError(
                 "the targets are floats of the outputs' shape that are not class "
                 "probabilities (negative, or rows that do not sum to 1): a regression's "
-                "targets; pass --loss mse (cross_entropy reads them as soft labels)")
+                "targets; use the mean squared error (--loss mse; in Python "
+                "loss_fn=F.mse_loss): cross_entropy reads them as soft labels")
 
 
 def _released(ckpt: Checkpoint) -> Checkpoint:

@@ -323,6 +323,9 @@ class Checkpoint:
             for k, v in state_dict.items()}
         self.optimizer = optimizer
         self._reload = reload
+        #: the checkpoint's saved ``epoch`` when its step came from the file name (whose
+        #: number may name the architecture, resnet18.pt): the order's fallback
+        self.epoch: int | None = None
 
     @property
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -470,10 +473,14 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:
             f"{path}: no state dict found (expected tensors by name, or one under "
             f"{', '.join(repr(k) for k in STATE_KEYS)})"
         )
+    named = step is None and step_from_name(path) is not None
     if step is None:
         step = step_from_name(path)
-    return Checkpoint(path, dict(obj), step if step is not None else epoch, optimizer,
+    ckpt = Checkpoint(path, dict(obj), step if step is not None else epoch, optimizer,
                       reload=lambda: load_checkpoint(path, trust=trust))
+    if named:  # the file name's number: analysis falls back to the epoch when they collide
+        ckpt.epoch = epoch
+    return ckpt
 
 
 def _strip_prefix(state: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, Any]:
@@ -499,9 +506,8 @@ def _strip_prefix(state: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str,
         parts = k.split(".")
         candidates.update(".".join(parts[:i]) + "." for i in range(1, min(len(parts), 4)))
     best, best_hits, complete = state, hits, []
-    for prefix in sorted(candidates):
-        if any(k.startswith(prefix) for k in own):
-            continue
+    for prefix in sorted(candidates):  # (a prefix the model's own keys share too, a
+        # LightningModule's model.model.layers for model.layers, is tried like any other)
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         n = sum(k in own for k in sub)
         if own and n == len(own):

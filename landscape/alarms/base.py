@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Union
 
 import numpy as np
 
+from landscape._checks import positive_int
 from landscape.findings import Finding, severity_rank
 
 __all__ = [
@@ -113,8 +114,7 @@ def check_positive_int(name: str, value: int) -> None:
 
     For a rule's settings, in its dataclass ``__post_init__``.
     """
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    positive_int(name, value)
 
 
 def check_number(name: str, value: float | None, *, allow_none: bool = False) -> None:

@@ -112,6 +112,11 @@ def _needs(state: dict, keys: tuple[str, ...], name: str, kind: str) -> None:
         raise ValueError(f"optimizer: step count of {name!r} is {step}, expected >= 1")
 
 
+_DIAGONAL_STATE = frozenset(
+    {"step", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "square_avg", "grad_avg"})
+"""The optimizer state entries :func:`_diagonal` reads."""
+
+
 def _diagonal(
     kind: str, cls: str, group: dict[str, Any], state: dict, name: str, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -187,8 +192,10 @@ def _optimizer_preconditioner(
             raise ValueError(f"optimizer: {cls} has no Adam-style betas/eps")
         state = optimizer.state.get(p, {})
         if any(is_sharded(v) for v in state.values()):  # FSDP2: this rank's rows of each
-            # moment; the operator's vectors are whole (one parameter gathered at a time)
-            state = {k: full_tensor(v) if is_sharded(v) else v for k, v in state.items()}
+            # moment; the operator's vectors are whole (one parameter gathered at a time,
+            # only the second moments the diagonal reads, not Adam's first)
+            state = {k: full_tensor(v) if is_sharded(v) else v for k, v in state.items()
+                     if k in _DIAGONAL_STATE}
         entries, small, eps = _diagonal(kind, cls, group, state, name, op.dtype)
         dead += int(small.sum())
         total += entries.numel()

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
+from landscape._checks import positive_int
 from landscape._deprecation import renamed_kwargs
 from landscape.curvature._probes import generator as _generator
 from landscape.curvature._probes import rademacher as _rademacher
@@ -251,8 +252,7 @@ def top_eigenvalues(
         [4.0, 2.0]
     """
     check_operator(op)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    k = positive_int("k", k)
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol}")
     if which not in ("largest", "smallest", "both"):

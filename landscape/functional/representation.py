@@ -27,6 +27,7 @@ import math
 
 import torch
 
+from landscape._checks import positive_int
 from landscape._deprecation import module_getattr
 from landscape.functional._common import (
     MetricResult,
@@ -267,8 +268,7 @@ def uniformity(
         z = z[pick]
         n = max_samples
     total = torch.zeros((), dtype=torch.float64, device=z.device)
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-        raise ValueError(f"block must be an integer >= 1, got {block!r}")
+    block = positive_int("block", block)
     for i0 in range(0, n, block):
         b = min(block, n - i0)
         g = z[i0 : i0 + b] @ z[i0:].T  # rows i in the block, columns j >= i0

@@ -498,12 +498,17 @@ class Monitor:
             before = tuple(torch._foreach_neg(self._before))  # the copy holds −θ_before
         update = tuple(p.detach() - b for p, b in zip(current, before))
         ctx = self._context(self._clock.next_step(), None, None, None)
-        with isolated(self.model):
-            inputs, targets = split_batch(self.probe)
-            try:
-                r = float(radius_along(ctx, inputs, targets, before, update).r)
-            except MissingInput:  # not a classifier's logits: no radius, nothing to guard
-                r = math.nan
+
+        def radius() -> float:
+            with isolated(self.model):
+                inputs, targets = split_batch(self.probe)
+                try:
+                    return float(radius_along(ctx, inputs, targets, before, update).r)
+                except MissingInput:  # not a classifier's logits: nothing to guard
+                    return math.nan
+
+        # an error on one rank raises on every rank, rather than leave them in the max
+        r = _dist.together(self._distributed, "the Taylor guard's radius", radius)
         if self._distributed:  # every rank rescales by the same factor (probes may differ):
             r = _dist.max_over_ranks(r, current[0].device)  # else the copies drift apart
         if math.isfinite(r) and r > self.taylor_guard:

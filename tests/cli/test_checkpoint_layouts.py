@@ -153,3 +153,42 @@ def test_cross_entropy_that_cannot_measure_anything_is_refused(fac, tmp_path, da
     ok = CliRunner().invoke(cli, ["analyze", str(tmp_path / "m.pt"), "-m", "top_eigenvalues",
                                   *args, "--loss", "mse", "-o", str(tmp_path / "mse.h5")])
     assert ok.exit_code == 0, ok.output
+
+
+def test_a_prefix_the_models_own_keys_share_is_removed_too():
+    """A LightningModule around a model whose keys start with model. (Hugging Face's
+    Llama: model.layers...) saves model.model.layers...: the shared prefix is stripped."""
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+
+    sd = Wrapped().state_dict()
+    saved = {"model." + k: v + 1 for k, v in sd.items()}
+    saved["loss_fn.weight"] = torch.ones(3)  # a LightningModule's own loss module
+    fresh = Wrapped()
+    load_state_into(fresh, Checkpoint(None, saved, 1))
+    assert all(torch.equal(v, sd[k] + 1) for k, v in fresh.state_dict().items())
+
+
+def test_name_numbers_that_collide_give_way_to_the_saved_epochs(fac, tmp_path):
+    _, ns = fac
+    sd = ns["model"]().state_dict()
+    paths = []
+    for epoch in (2, 1):
+        (tmp_path / f"epoch_{epoch}").mkdir()
+        paths.append(tmp_path / f"epoch_{epoch}" / "resnet18.pt")
+        torch.save({"model": sd, "epoch": epoch}, paths[-1])
+    ordered = order_checkpoints([load_checkpoint(p) for p in paths])
+    assert [(s, c.path.parent.name) for s, c in ordered] == [(1, "epoch_1"), (2, "epoch_2")]
+
+
+def test_soft_labels_in_bfloat16_are_probabilities():
+    from landscape.analysis import refuse_constant_cross_entropy
+
+    smooth = torch.full((4, 1000), 0.1 / 999)
+    smooth[:, 0] = 0.9
+    refuse_constant_cross_entropy(torch.randn(4, 1000), smooth.to(torch.bfloat16))
+    with pytest.raises(LandscapeError, match="not class probabilities"):
+        refuse_constant_cross_entropy(torch.randn(4, 3), 2.0 * torch.rand(4, 3) - 1.0)
