@@ -218,8 +218,9 @@ class Collapse(_PenultimateMetric):
             raise MissingInput(
                 f"collapse: layer {self.layer!r} has {n_out} outputs but the labels reach "
                 f"{int(labels.max())}, so it is not the classifier (a head computed with "
-                "F.linear, e.g. tied to the embedding?); pass Collapse(layer=...) naming the "
-                "layer whose input is the penultimate representation")
+                "F.linear, e.g. tied to the embedding?); in Python, pass Collapse(layer=...) "
+                "naming the layer whose input is the penultimate representation; on the "
+                "command line, leave collapse out (-m)")
         bias = None
         if _dist.is_sharded(weight):  # FSDP2: gather this layer
             b = getattr(classifier, "bias", None)
