@@ -39,7 +39,11 @@ def nonfinite_state(model: nn.Module, loss: Any = None) -> str | None:
     return None
 
 
-def failure_finding(metric: str, step: int, err: Exception, nonfinite: str | None) -> Finding:
+_DATA = {"probe": "the probe", "batch": "the step's batch"}
+
+
+def failure_finding(metric: str, step: int, err: Exception, nonfinite: str | None,
+                    data: str | None = None) -> Finding:
     """The ``metric_failed`` info finding for a metric that raised ``err`` at ``step``.
 
     Args:
@@ -48,6 +52,8 @@ def failure_finding(metric: str, step: int, err: Exception, nonfinite: str | Non
         err: what the metric raised.
         nonfinite: :func:`nonfinite_state` at that step; when not None the message blames the
             non-finite parameters or loss, not the metric.
+        data: the metric's data source (``"probe"``, ``"batch"``), named in the message: a
+            probe of another shape or dtype than the model takes fails in torch's words.
 
     Returns:
         The finding (value and threshold NaN).
@@ -61,7 +67,11 @@ def failure_finding(metric: str, step: int, err: Exception, nonfinite: str | Non
         message = f"metric {metric!r} cannot run at step {step}: {err}"
         hint = "see the message; the metric records NaN until this is fixed"
     else:
-        message = f"metric {metric!r} failed at step {step}: {err}"
+        on = f" on {_DATA[data]}" if data in _DATA else ""
+        message = f"metric {metric!r} failed at step {step}{on}: {err}"
         hint = "the metric records NaN; pass strict=True to Monitor to see the traceback"
+        if data == "probe":
+            hint += ("; a probe must be a batch the model takes, (inputs, targets) like "
+                     "the training batches, on the model's device and dtype")
     return Finding(step=step, rule="metric_failed", severity="info", metric=metric,
                    value=math.nan, threshold=math.nan, message=message, hint=hint)

@@ -127,3 +127,17 @@ def test_surface_and_representation_arguments():
     for block in (0, -1, 2.5):
         with pytest.raises(ValueError, match="block must be an integer >= 1"):
             LF.uniformity(torch.randn(30, 5), block=block)
+
+
+def test_a_probe_the_model_cannot_take_is_named_in_the_failure():
+    model, (x, y) = _model_and_data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(RuntimeWarning, match="failed at step 0 on the probe"):
+        with ls.Monitor(model, F.cross_entropy, optimizer=opt, alarms=False,
+                        probe=(torch.randn(8, 5), y[:8]), metrics=["loss", "sentinels"]) as mon:
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            mon.step(0, batch=(x, y), loss=loss)
+    (failed,) = [f for f in mon.findings if f.rule == "metric_failed"]
+    assert "a probe must be a batch the model takes" in failed.hint

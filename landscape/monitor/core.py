@@ -779,7 +779,7 @@ class Monitor:
             if self._nonfinite_reported:
                 return
             self._nonfinite_reported = True
-        finding = failure_finding(metric.name, step, err, bad)
+        finding = failure_finding(metric.name, step, err, bad, getattr(metric, "data", None))
         warnings.warn(f"landscape: {finding.message}", RuntimeWarning,
                       stacklevel=user_stacklevel())
         self.findings.append(finding)
