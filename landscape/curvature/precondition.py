@@ -164,15 +164,64 @@ def _diagonal(
     return root + eps, root < eps, eps
 
 
-def _optimizer_preconditioner(
-    op: CurvatureOperator, optimizer: torch.optim.Optimizer
-) -> tuple[Vector, float, float]:
+def _objects(op: CurvatureOperator) -> Sequence[torch.nn.Parameter]:
     objects = getattr(op, "_param_objects", None)
     if objects is None:
         raise ValueError(
             "optimizer: the operator is not tied to model parameters; pass the "
             "preconditioner diagonal as a vector instead"
         )
+    return objects
+
+
+def _group_lr_factors(op: CurvatureOperator, optimizer: torch.optim.Optimizer) -> list[float]:
+    """Per operator parameter: the first group's learning rate over its own group's.
+
+    Raises:
+        ValueError: a parameter outside the optimizer, or a learning rate that is not > 0.
+    """
+    from landscape.curvature.stability import learning_rate
+
+    first = learning_rate(optimizer.param_groups[0].get("lr"))
+    lr_of = {id(p): learning_rate(g.get("lr")) for g in optimizer.param_groups
+             for p in g["params"]}
+    factors = []
+    for name, p in zip(op.names, _objects(op)):
+        lr = lr_of.get(id(p))
+        if lr is None:
+            raise ValueError(f"optimizer: parameter {name!r} is not optimised by it")
+        if not (lr > 0 and first > 0):
+            raise ValueError(f"optimizer: learning rates must be > 0 to compare groups, "
+                             f"got {lr} for {name!r} and {first} for the first group")
+        factors.append(first / lr)
+    return factors
+
+
+def group_learning_rates(op: CurvatureOperator, optimizer: torch.optim.Optimizer
+                         ) -> PreconditionedOperator:
+    """``D^1/2 op D^1/2`` with ``D`` each parameter's learning rate over the first group's.
+
+    SGD with parameter groups of different learning rates (a new head trained faster than
+    a fine-tuned body, layer-wise decay) steps ``θ ← θ − η_g b``: on a quadratic it is
+    stable while ``λ_max(D^1/2 H D^1/2) < (2 + 2β)/((1 − d) η_1)``, the first group's
+    threshold, when the groups share their momentum (the 1-D argument of
+    docs/curvature.md, "Preconditioned operator and stability thresholds", on the
+    eigenvectors of ``D^1/2 H D^1/2``). So the operator is :class:`PreconditionedOperator`
+    with ``P = η_1 / η_g`` per parameter.
+
+    Raises:
+        ValueError: a parameter outside the optimizer, or a learning rate that is not > 0.
+    """
+    diag = tuple(torch.full(shape, f, dtype=op.dtype, device=op.device)
+                 for shape, f in zip(op.shapes, _group_lr_factors(op, optimizer)))
+    return PreconditionedOperator(op, diag)
+
+
+def _optimizer_preconditioner(
+    op: CurvatureOperator, optimizer: torch.optim.Optimizer, group_lr: bool = False,
+) -> tuple[Vector, float, float]:
+    objects = _objects(op)
+    factors = _group_lr_factors(op, optimizer) if group_lr else [1.0] * len(objects)
     cls = type(optimizer).__name__
     kind = optimizer_kind(optimizer)
     if kind == "sgd":
@@ -184,7 +233,7 @@ def _optimizer_preconditioner(
         kind = "generic"  # an Adam-style optimiser we do not know: Adam's denominator
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     diag, eps_seen, dead, total = [], set(), 0, 0
-    for name, p in zip(op.names, objects):
+    for name, p, factor in zip(op.names, objects, factors):
         group = group_of.get(id(p))
         if group is None:
             raise ValueError(f"optimizer: parameter {name!r} is not optimised by it")
@@ -199,13 +248,14 @@ def _optimizer_preconditioner(
         entries, small, eps = _diagonal(kind, cls, group, state, name, op.dtype)
         dead += int(small.sum())
         total += entries.numel()
-        diag.append(entries.to(op.device))
+        diag.append((entries if factor == 1.0 else entries * factor).to(op.device))
         eps_seen.add(eps)
     eps_value = eps_seen.pop() if len(eps_seen) == 1 else float("nan")
     return tuple(diag), eps_value, dead / max(total, 1)
 
 
-def preconditioned(op: CurvatureOperator, optimizer: Any) -> PreconditionedOperator:
+def preconditioned(op: CurvatureOperator, optimizer: Any, *,
+                   group_lr: bool = False) -> PreconditionedOperator:
     """``P^-1/2 op P^-1/2`` with the optimizer's own preconditioner (docs/curvature.md).
 
     ``P`` is the diagonal the optimizer divided its step by at its latest step ``t``, read
@@ -232,6 +282,9 @@ def preconditioned(op: CurvatureOperator, optimizer: Any) -> PreconditionedOpera
     Args:
         op: the operator (a model operator when ``optimizer`` is an optimizer).
         optimizer: an adaptive optimizer, or ``P``'s diagonal as a parameter-space vector.
+        group_lr: fold each parameter group's learning rate relative to the first group's
+            into ``P`` (``P · η_1/η_g``), so that the first group's threshold bounds the
+            operator when the groups' learning rates differ (:func:`group_learning_rates`).
 
     Returns:
         The preconditioned operator, with ``eps`` and ``dead_fraction`` (the fraction of
@@ -244,7 +297,7 @@ def preconditioned(op: CurvatureOperator, optimizer: Any) -> PreconditionedOpera
             parameters; or a preconditioner entry is not finite and > 0.
     """
     if isinstance(optimizer, torch.optim.Optimizer):
-        diag, eps, dead = _optimizer_preconditioner(op, optimizer)
+        diag, eps, dead = _optimizer_preconditioner(op, optimizer, group_lr)
         return PreconditionedOperator(op, diag, eps=eps, dead_fraction=dead)
     if isinstance(optimizer, (tuple, list)):
         return PreconditionedOperator(op, optimizer)

@@ -484,7 +484,8 @@ class StepContext:
 
     # -- curvature, shared between metrics
 
-    def operator(self, source: str, preconditioned: bool = False) -> Any:
+    def operator(self, source: str, preconditioned: bool = False,
+                 group_lr: bool = False) -> Any:
         """The Hessian of the loss on ``source``, shared by the metrics due at this step.
 
         Args:
@@ -497,11 +498,14 @@ class StepContext:
                 that train mode removes, while its gradient, hence Adam's preconditioner,
                 is ~0: a preconditioned sharpness 10^3-10^4 times the stability threshold
                 on a healthy run (docs/metrics.md, "Sharpness").
+            group_lr: scale each parameter group by its learning rate relative to the
+                first group's (:func:`landscape.curvature.precondition.group_learning_rates`;
+                with ``preconditioned``, folded into the preconditioner).
 
         Returns:
             The curvature operator.
         """
-        key = ("operator", source, preconditioned)
+        key = ("operator", source, preconditioned, group_lr)
         if key not in self._cache:
             from landscape import curvature
 
@@ -527,13 +531,17 @@ class StepContext:
                 batch_statistics=preconditioned,
             )
             if preconditioned:
-                op = curvature.preconditioned(op, self.optimizer)
+                op = curvature.preconditioned(op, self.optimizer, group_lr=group_lr)
+            elif group_lr:
+                from landscape.curvature.precondition import group_learning_rates
+
+                op = group_learning_rates(op, self.optimizer)
             self._cache[key] = op
         return self._cache[key]
 
     def eigen(
         self, source: str, k: int, preconditioned: bool = False, tol: float = 1e-3,
-        **memory: Any,
+        group_lr: bool = False, **memory: Any,
     ) -> Any:
         """Top-``k`` eigenpairs, warm-started from the previous measurement of the same kind.
 
@@ -542,20 +550,22 @@ class StepContext:
             k: how many eigenpairs.
             preconditioned: of the preconditioned operator (see :meth:`operator`).
             tol: relative tolerance of :func:`landscape.curvature.top_eigenvalues`.
+            group_lr: of the operator scaled by the groups' learning rates (see
+                :meth:`operator`).
             **memory: ``memory_budget=`` and ``memory_profile=`` of
                 :func:`landscape.curvature.top_eigenvalues` (docs/curvature.md).
 
         Returns:
             The eigen result (a larger ``k`` computed earlier in the step is reused).
         """
-        key = ("eigen", source, preconditioned)
+        key = ("eigen", source, preconditioned) + (("group_lr",) if group_lr else ())
         cached = self._cache.get(key)
         if cached is not None and len(cached.values) >= k:
             return cached
         from landscape import curvature
 
         result = curvature.top_eigenvalues(
-            self.operator(source, preconditioned),
+            self.operator(source, preconditioned, group_lr),
             k=k,
             tol=tol,
             warm_start=self.state.get(key),

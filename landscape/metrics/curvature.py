@@ -75,10 +75,10 @@ def _budget_kwargs(ctx: StepContext, source: str, budget: Budget) -> dict[str, A
 
 def _eigen(
     ctx: StepContext, source: str, k: int, tol: float, budget: Budget,
-    preconditioned: bool = False,
+    preconditioned: bool = False, group_lr: bool = False,
 ) -> Any:
     """:meth:`StepContext.eigen` within ``budget``: the same cache and warm starts."""
-    return ctx.eigen(source, k, preconditioned=preconditioned, tol=tol,
+    return ctx.eigen(source, k, preconditioned=preconditioned, tol=tol, group_lr=group_lr,
                      **_budget_kwargs(ctx, source, budget))
 
 
@@ -196,24 +196,25 @@ class Sharpness(Metric):
                             self.memory_budget)
 
     def _say_groups_differ(self, opt: torch.optim.Optimizer) -> None:
-        """Warn once when the parameter groups' learning rates or momenta differ.
+        """Warn once when the parameter groups differ in momentum, dampening or betas.
 
-        The threshold is the first group's (docs/curvature.md, "Preconditioned operator and
-        stability thresholds"): a
-        group with a larger learning rate (a new head trained faster than a fine-tuned body)
-        reaches its own edge of stability at a lower sharpness than the ratio says.
+        Groups that differ in learning rate alone are exact (each scaled by its rate,
+        :func:`_only_lr_differs`); otherwise no single threshold bounds them and the first
+        group's is reported (docs/curvature.md, "Parameter groups with different learning
+        rates").
         """
-        if self._groups_said or len(set(_group_settings(opt))) < 2:
-            return
+        if self._groups_said or len(set(_group_settings(opt))) < 2 or _only_lr_differs(opt):
+            return  # (learning rates alone: each group is scaled by its own, exact)
         self._groups_said = True
         from landscape.curvature.stability import learning_rate
 
         lrs = sorted({learning_rate(g.get("lr")) for g in opt.param_groups if g.get("params")})
         warnings.warn(
-            f"landscape: sharpness: the optimizer's parameter groups differ in learning rate "
-            f"or momentum (learning rates {', '.join(f'{v:g}' for v in lrs)}); the threshold "
-            "is the first group's, so the ratio is that group's edge of stability (a group "
-            "with a larger learning rate reaches its own at a lower sharpness)",
+            f"landscape: sharpness: the optimizer's parameter groups differ in momentum or "
+            f"betas, not only in learning rate (learning rates "
+            f"{', '.join(f'{v:g}' for v in lrs)}); the threshold is the first group's, so "
+            "the ratio is that group's edge of stability (a group with a larger learning "
+            "rate or momentum reaches its own at a lower sharpness)",
             RuntimeWarning, stacklevel=user_stacklevel())
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
@@ -242,15 +243,17 @@ class Sharpness(Metric):
             # preconditioned sharpness is meaningless until it has averaged some steps.
             return nan
         pre = adaptive and divides_by_preconditioner(opt)
+        group_lr = opt is not None and kind is not None and _only_lr_differs(opt)
         if pre:
             try:
-                ctx.operator(self.data, preconditioned=True)
+                ctx.operator(self.data, preconditioned=True, group_lr=group_lr)
             except ValueError as err:
                 raise MissingInput(
                     f"no preconditioned sharpness for {type(opt).__name__}, whose threshold "
                     f"bounds it (not the Hessian's): {err}"
                 ) from err
-        result = _eigen(ctx, self.data, 1, self.tol, self.memory_budget, preconditioned=pre)
+        result = _eigen(ctx, self.data, 1, self.tol, self.memory_budget, preconditioned=pre,
+                        group_lr=group_lr)
         lam = float(result.values[0])
         row = {**nan, "lambda_max": lam, "peak_memory": _peak(result)}
         if opt is None:
@@ -277,6 +280,23 @@ def _group_settings(opt: torch.optim.Optimizer) -> list[tuple]:
     """The settings the stability threshold reads, per parameter group holding parameters."""
     return [tuple(repr(g.get(k)) for k in _STABILITY_SETTINGS)
             for g in opt.param_groups if g.get("params")]
+
+
+def _only_lr_differs(opt: torch.optim.Optimizer) -> bool:
+    """Whether the groups differ in learning rate alone (all > 0): then the ratio is exact.
+
+    Each group scaled by its rate relative to the first group's (``group_lr``) makes the
+    first group's threshold bound the operator; other settings (momentum, betas) that
+    differ change the threshold itself, which one ratio cannot hold.
+    """
+    from landscape.curvature.stability import learning_rate
+
+    settings = _group_settings(opt)
+    if len(set(settings)) < 2 or len({s[1:] for s in settings}) > 1:
+        return False
+    lrs = [learning_rate(g.get("lr")) for g in opt.param_groups if g.get("params")]
+    first = learning_rate(opt.param_groups[0].get("lr"))
+    return all(lr > 0 for lr in lrs) and first > 0
 
 
 def _warmup(opt: torch.optim.Optimizer, kind: str | None, steps: int | None) -> int:

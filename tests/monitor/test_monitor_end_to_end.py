@@ -141,13 +141,14 @@ def test_sharpness_threshold_follows_the_optimizer_and_its_learning_rate():
     assert thr[0] == pytest.approx(3.8 / 0.1) and thr[1] == pytest.approx(3.8 / 0.2)
 
 
-def test_sharpness_says_once_when_parameter_groups_differ_in_learning_rate():
-    """The threshold is the first group's: a head at 10x the body's learning rate reaches
-    its edge of stability 10x earlier than the ratio says, which went unsaid."""
+def test_sharpness_says_once_when_parameter_groups_differ_in_momentum_too():
+    """Groups that differ in learning rate alone get an exact ratio (each scaled by its
+    rate, tests/metrics/test_sharpness_groups.py); groups that differ in momentum as well
+    have no single threshold: the first group's is reported, and said once."""
     model, _, x, y = _classifier_step(lr=0.1)
     params = list(model.parameters())
-    opt = torch.optim.SGD([{"params": params[:-2], "lr": 0.01},
-                           {"params": params[-2:], "lr": 0.1}], momentum=0.9)
+    opt = torch.optim.SGD([{"params": params[:-2], "lr": 0.01, "momentum": 0.9},
+                           {"params": params[-2:], "lr": 0.1, "momentum": 0.5}])
     with pytest.warns(RuntimeWarning, match=r"learning rates 0.01, 0.1\); the threshold is "
                                             "the first group's") as caught, \
             Monitor(model, F.cross_entropy, optimizer=opt, probe=(x, y), warn=False,

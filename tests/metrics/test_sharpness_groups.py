@@ -1,0 +1,146 @@
+"""Sharpness with parameter groups of different learning rates: the ratio is exact.
+
+SGD with a head trained at 10x the body's rate is stable on a quadratic exactly while
+lambda_max(D^1/2 H D^1/2) < (2 + 2 beta)/eta_1, D the groups' rates over the first's
+(docs/curvature.md). The first group's threshold against the Hessian's own lambda_max
+(what the metric recorded before, with a warning) overstates the margin by the factor the
+head's rate brings.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import landscape as ls
+from landscape.metrics import Sharpness
+
+
+def _regression(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 5, generator=g, dtype=torch.float64)
+    y = torch.randn(64, 2, generator=g, dtype=torch.float64)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 2)).double()  # deep linear: quartic
+    return model, (x, y)
+
+
+def _dense_ratio(model, batch, lrs, beta):
+    """lambda_max(D^1/2 H D^1/2) * eta_1 / (2 + 2 beta) from the dense Hessian."""
+    names = [n for n, _ in model.named_parameters()]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    x, y = batch
+
+    def loss(*flat):
+        out = torch.func.functional_call(model, dict(zip(names, flat)), (x,))
+        return F.mse_loss(out, y)
+
+    blocks = torch.func.hessian(loss, argnums=tuple(range(len(names))))(*params.values())
+    sizes = [p.numel() for p in params.values()]
+    h = torch.cat([torch.cat([blocks[i][j].reshape(sizes[i], sizes[j])
+                              for j in range(len(sizes))], 1) for i in range(len(sizes))])
+    group = {"0.weight": 0, "0.bias": 0, "1.weight": 1, "1.bias": 1}
+    d = torch.cat([torch.full((s,), lrs[group[n]] / lrs[0], dtype=torch.float64)
+                   for n, s in zip(names, sizes)])
+    scaled = d.sqrt()[:, None] * h * d.sqrt()[None, :]
+    return float(torch.linalg.eigvalsh(scaled)[-1]) * lrs[0] / (2 + 2 * beta)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.9])
+def test_the_ratio_of_groups_with_different_learning_rates_is_the_scaled_operators(beta):
+    model, batch = _regression()
+    lrs = (0.01, 0.1)  # the head at 10x the body's rate
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": lrs[0]},
+                           {"params": model[1].parameters(), "lr": lrs[1]}], momentum=beta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "groups differ" warning: the ratio is exact
+        with ls.Monitor(model, F.mse_loss, optimizer=opt, probe=batch, alarms=False,
+                        metrics=[Sharpness(tol=1e-10, schedule=1)]) as mon:
+            mon.step(0, batch=batch, loss=1.0)
+            (row,) = [dict(zip(("lambda_max", "threshold", "ratio"), v))
+                      for v in zip(*(mon.run().series("sharpness", f)[1]
+                                     for f in ("lambda_max", "threshold", "ratio")))]
+    assert row["threshold"] == pytest.approx((2 + 2 * beta) / lrs[0])
+    assert row["ratio"] == pytest.approx(_dense_ratio(model, batch, lrs, beta), rel=1e-8)
+
+
+def test_at_the_ratio_one_the_two_group_iteration_turns_unstable():
+    """Gradient descent with the two groups' rates on a linear least-squares model (a
+    quadratic, convex loss): below ratio 1 the iterates settle, above it they grow,
+    whatever the Hessian's own lambda_max says."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 5, generator=g, dtype=torch.float64) + 2.0  # a large bias curvature
+    y = torch.randn(64, 2, generator=g, dtype=torch.float64)
+    model = nn.Linear(5, 2).double()
+    lrs = (0.01, 0.1)  # weight at the first rate, bias at 10x
+    opt = torch.optim.SGD([{"params": [model.weight], "lr": lrs[0]},
+                           {"params": [model.bias], "lr": lrs[1]}])
+    with ls.Monitor(model, F.mse_loss, optimizer=opt, probe=(x, y), alarms=False,
+                    metrics=[Sharpness(tol=1e-10, schedule=1)]) as mon:
+        mon.step(0, batch=(x, y), loss=1.0)
+        _, (ratio,) = mon.run().series("sharpness", "ratio")
+
+    def loss(flat):
+        parts = {"weight": flat[:10].reshape(2, 5), "bias": flat[10:]}
+        return F.mse_loss(torch.func.functional_call(model, parts, (x,)), y)
+
+    theta = torch.cat([model.weight.detach().flatten(), model.bias.detach()])
+    h = torch.func.hessian(loss)(theta)
+    # the first group's rate against the Hessian's own lambda_max: a margin 1.5x too wide
+    assert float(torch.linalg.eigvalsh(h)[-1]) * lrs[0] / 2 < ratio / 1.4
+    for factor, grows in ((0.97, False), (1.03, True)):
+        lr = torch.full_like(theta, lrs[0] * factor / ratio)
+        lr[10:] = lrs[1] * factor / ratio
+        v = torch.randn(theta.numel(), dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(0))
+        for _ in range(4000):  # the deviation from the minimum: v <- (I - diag(lr) H) v
+            v = v - lr * (h @ v)
+            if v.norm() > 1e6:
+                break
+        assert (v.norm() > 1e6) == grows, factor
+        assert (v.norm() < 1e-3) == (not grows), factor  # below the edge: it settles
+
+
+def test_adams_groups_fold_their_rates_into_the_preconditioner():
+    model, batch = _regression(1)
+    lrs, betas, eps = (1e-3, 5e-3), (0.9, 0.999), 1e-8
+    opt = torch.optim.Adam([{"params": model[0].parameters(), "lr": lrs[0]},
+                            {"params": model[1].parameters(), "lr": lrs[1]}], betas=betas,
+                           eps=eps)
+    x, y = batch
+    with ls.Monitor(model, F.mse_loss, optimizer=opt, probe=batch, alarms=False,
+                    metrics=[Sharpness(tol=1e-10, schedule=1, adam_warmup=1)]) as mon:
+        for step in range(3):
+            loss = F.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(step, batch=batch, loss=loss)
+        _, ratios = mon.run().series("sharpness", "ratio")
+    # dense: lambda_max(S H S), S = sqrt(eta_g / eta_1 / P), P = sqrt(v_hat) + eps
+    scale = []
+    for i, layer in enumerate(model):
+        for p in layer.parameters():
+            st = opt.state[p]
+            v_hat = st["exp_avg_sq"] / (1 - betas[1] ** float(st["step"]))
+            scale.append((lrs[i] / lrs[0] / (v_hat.sqrt() + eps)).sqrt().flatten())
+    s = torch.cat(scale)
+    names = [n for n, _ in model.named_parameters()]
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    shapes = [p.shape for p in model.parameters()]
+
+    def loss_of(v):
+        parts, at = {}, 0
+        for n, sh in zip(names, shapes):
+            parts[n] = v[at: at + sh.numel()].reshape(sh)
+            at += sh.numel()
+        return F.mse_loss(torch.func.functional_call(model, parts, (x,)), y)
+
+    h = torch.func.hessian(loss_of)(flat)
+    lam = float(torch.linalg.eigvalsh(s[:, None] * h * s[None, :])[-1])
+    threshold = (2 + 2 * betas[0]) / ((1 - betas[0]) * lrs[0])
+    assert ratios[-1] == pytest.approx(lam / threshold, rel=1e-7)
