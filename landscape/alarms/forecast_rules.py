@@ -116,7 +116,10 @@ class TaylorForecast(Rule):
       or the ratio rose on each of the last ``update_sustain`` rows within the first
       ``update_onset_rows`` (default 10) rows of the growth (``update_climb``, default
       True: a ramp climbs steadily from where it began, a restart jumps once and
-      drifts). With r >= ``update_confirm`` the
+      drifts), and, when the rows record ``lr``, the learning rate is above its lowest
+      of the last ``update_onset_rows`` rows (``climb_with_lr``, default True: momentum
+      also builds a step up over a few rows after one hard batch, at a constant rate;
+      docs/alarms.md). With r >= ``update_confirm`` the
       growth is still info when the ratio fell on each of its grown rows
       (``update_confirm_rising``, default True: one large step that momentum carries
       over a few rows and that decays). Growth the schedule explains is info too
@@ -161,6 +164,7 @@ class TaylorForecast(Rule):
     level_growth: float | None = 5.0
     jump_growth: float | None = 20.0
     level_cap: float | None = 10.0
+    climb_with_lr: bool = True
     field: str = "r_secant"
     sustain: int = 1
     rearm: int = 10
@@ -186,6 +190,8 @@ class TaylorForecast(Rule):
             check_positive_int("update_onset_rows", self.update_onset_rows)
         check_number("jump_growth", self.jump_growth, allow_none=True)
         check_number("level_cap", self.level_cap, allow_none=True)
+        if not isinstance(self.climb_with_lr, bool):
+            raise ValueError(f"climb_with_lr must be True or False, got {self.climb_with_lr!r}")
         if not isinstance(self.restart_info, bool):
             raise ValueError(f"restart_info must be True or False, got {self.restart_info!r}")
         check_positive_int("update_window", self.update_window)
@@ -269,6 +275,7 @@ class ForecastState:
         self.lr_last: float | None = None  # the previous row's learning rate
         self.lr_before_rise = -math.inf  # lr_high when the learning rate last rose
         self.restart: float | None = None  # this row's lr when the schedule explains growth
+        self.lrs: deque[float] = deque(maxlen=(rule.update_onset_rows or 10) + 1)
 
     def __call__(self, step: int, row: Row) -> Trigger | _Skip | None:
         """Evaluate one row.
@@ -448,8 +455,15 @@ class ForecastState:
         if rule.update_onset_rows is not None and self.grown > rule.update_onset_rows:
             return False
         last = list(self.updates.order)[-(rule.update_sustain + 1):]
-        return len(last) > rule.update_sustain and all(
-            a < b for a, b in pairwise(last))
+        if not (len(last) > rule.update_sustain and all(a < b for a, b in pairwise(last))):
+            return False
+        # a ramp of the learning rate, when the row records it: momentum (SGD's buffer,
+        # Adam's first moment) also builds the step up over a few rows after one hard
+        # batch, at a constant rate
+        lrs = [lr for lr in self.lrs if math.isfinite(lr)]
+        if rule.climb_with_lr and len(lrs) == len(self.lrs) and len(lrs) > 1:
+            return lrs[-1] > min(lrs)
+        return True
 
     def _decaying(self) -> bool:
         """Whether the ratio fell on each of its grown rows.
@@ -482,6 +496,7 @@ class ForecastState:
         # its normalised direction)
         self.restart = None
         lr = row_value(row, "lr")
+        self.lrs.append(lr if lr is not None and math.isfinite(lr) and lr > 0 else math.nan)
         if lr is not None and math.isfinite(lr) and lr > 0:
             # compared with the rates before the latest rise: on the later rows of a stair
             # of a ramp stepped every k rows the rate equals the largest so far

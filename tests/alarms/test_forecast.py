@@ -114,6 +114,30 @@ def test_growth_at_a_constant_learning_rate_is_not_explained():
     assert found and found[0].metric == "sentinels/update_ratio" and found[0].step < 210
 
 
+def test_momentum_building_a_step_up_at_a_constant_rate_is_not_a_ramp():
+    """After one hard batch, momentum (beta 0.9) builds the step up over a few rows: the
+    ratio rises on each of them at r ~ 0.01-0.1, as under a ramp, but the rate does not
+    (memorising with AdamW, focal loss, SGD with momentum: three false warnings)."""
+    lr = np.full(300, 0.01)
+    u = np.full(300, 0.004) * np.exp(0.05 * np.random.default_rng(2).standard_normal(300))
+    u[200:204] = [0.0085, 0.0092, 0.0105, 0.0119]  # >= 2x the median and rising
+    u[204:] = 0.004
+    r = np.full(300, 0.05)
+    found = [f for f in _run(TaylorForecast(), r, update=u, lr=lr)
+             if f.metric == "sentinels/update_ratio"]
+    assert found and all(f.severity == "info" for f in found)
+    # the same climb while the learning rate climbs too: a ramp, a warning
+    ramp = lr.copy()
+    ramp[195:] = 0.01 * 1.05 ** np.arange(1, 106)
+    warned = [f for f in _run(TaylorForecast(), r, update=u, lr=ramp)
+              if f.severity == "warning"]
+    assert warned and warned[0].step == 202
+    # and without a recorded learning rate the climb alone still warns (older files)
+    assert _run(TaylorForecast(), r, update=u)[0].severity == "warning"
+    assert _run(TaylorForecast(climb_with_lr=False), r, update=u, lr=lr)[0].severity == (
+        "warning")
+
+
 def test_noise_a_decaying_burst_and_early_training_give_no_warning():
     rng = np.random.default_rng(1)
     r = 0.25 * np.exp(0.3 * rng.standard_normal(400))
