@@ -466,8 +466,8 @@ class _Progress:
         ctx._landscape_progress = True
         make = ctx.operator
 
-        def operator(source: str, preconditioned: bool = False) -> Any:
-            op = make(source, preconditioned)
+        def operator(source: str, *args: Any, **kwargs: Any) -> Any:
+            op = make(source, *args, **kwargs)
             for target in (op, getattr(op, "base", None), getattr(op, "operator", None)):
                 if target is not None and not getattr(target, "_landscape_counted", False):
                     self._wrap_products(target)
