@@ -44,6 +44,10 @@ def _format_value(value: np.ndarray | str) -> str:
     return f"[{shown}{more}]"
 
 
+FIRST_FINDINGS = 20
+"""The latest findings the first look at a run prints (later looks print every new one)."""
+
+
 class _View:
     """What has been printed so far: committed rows per metric and the number of findings."""
 
@@ -75,8 +79,14 @@ class _View:
                 step, row = run.last_row(m)
                 values = "  ".join(f"{name}={_format_value(v)}" for name, v in row.items())
                 lines.append(f"{m}  step {step}  (+{n - seen})  {values}")
-        # those added since the last look (fewer than seen: the run restarted)
-        start = self.findings if run.finding_count() >= self.findings else 0
+        # those added since the last look (fewer than seen: the run restarted); the first
+        # look at a long run shows the latest few, not thousands of lines
+        count = run.finding_count()
+        start = self.findings if count >= self.findings else 0
+        if first and count - start > FIRST_FINDINGS:
+            lines.append(f"({count - FIRST_FINDINGS - start} earlier findings not shown; "
+                         "`landscape check RUN --stored` lists them all)")
+            start = count - FIRST_FINDINGS
         found = run.findings(start=start)
         lines.extend(f"finding {f.describe()}" for f in found if self._shows(f.metric))
         self.rows, self.findings = rows, start + len(found)

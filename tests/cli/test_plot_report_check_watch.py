@@ -478,6 +478,22 @@ def test_watch_once_prints_the_latest_row_of_each_metric_and_the_findings(runner
     ]
 
 
+def test_watch_shows_the_latest_findings_of_a_long_run_first(runner, tmp_path):
+    path = tmp_path / "long.h5"
+    with RunWriter(path, mode="w") as w:
+        w.declare("loss", {"value": None})
+        for s in range(50):
+            w.append("loss", s, {"value": 1.0})
+            w.add_finding(Finding(s, "loss_spike", "warning", "loss/value", 5.0, 3.0, f"n{s}"))
+    result = runner.invoke(cli, ["watch", str(path), "--once", "-q"])
+    assert result.exit_code == 0, result.output
+    out = result.stdout.splitlines()
+    assert "(30 earlier findings not shown; `landscape check RUN --stored` lists them all)" in out
+    shown = [line for line in out if line.startswith("finding ")]
+    assert len(shown) == 20 and shown[0].startswith("finding step 30:")
+    assert shown[-1].startswith("finding step 49:")
+
+
 def test_watch_prints_a_string_field_as_text(runner, tmp_path):
     # the monitor's /metrics/unmeasured table names the metrics that failed at a step
     path = tmp_path / "run.h5"
