@@ -109,12 +109,13 @@ class Backend(ABC):
         """
 
     @abstractmethod
-    def steps(self, path: str, start: int = 0) -> np.ndarray:
+    def steps(self, path: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """The committed steps of a table; their number is the number of committed rows.
 
         Args:
             path: the table's path.
             start: the first row to read (the rows before it are not read).
+            stop: the row to stop before (None: the last committed row included).
 
         Returns:
             An int64 array, a copy.
@@ -270,9 +271,9 @@ class MemoryBackend(Backend):
         """A copy of a table's field specs."""
         return dict(self._tables[path]["fields"])
 
-    def steps(self, path, start=0):
-        """A copy of a table's steps (from row ``start``)."""
-        return self._tables[path]["step"][start:].copy()
+    def steps(self, path, start=0, stop=None):
+        """A copy of a table's steps (rows ``start`` to ``stop``)."""
+        return self._tables[path]["step"][start:stop].copy()
 
     def rows(self, path):
         """The table's number of rows."""
@@ -465,9 +466,9 @@ class H5Backend(Backend):
         raw = json.loads(_attr_value(self.file[path].attrs["fields"]))
         return {n: FieldSpec.from_json(s) for n, s in raw.items()}
 
-    def steps(self, path, start=0):
-        """The ``step`` dataset, read from row ``start``."""
-        return np.asarray(self.file[path]["step"][start:], dtype=np.int64)
+    def steps(self, path, start=0, stop=None):
+        """The ``step`` dataset, rows ``start`` to ``stop``."""
+        return np.asarray(self.file[path]["step"][start:stop], dtype=np.int64)
 
     def rows(self, path):
         """The length of the ``step`` dataset (its shape: nothing is read)."""

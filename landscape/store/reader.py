@@ -451,12 +451,15 @@ class Run:
         """
         metrics = {}
         for m in self.metrics():
-            steps = self.steps(m)
+            path = self._metric_path(m)
+            rows = self._backend.rows(path)  # the first and last steps read, not the column
+            first = self._backend.steps(path, stop=1) if rows else None
+            last = self._backend.steps(path, start=rows - 1) if rows else None
             metrics[m] = {
                 "fields": {n: s.to_json() for n, s in self.fields(m).items()},
-                "rows": len(steps),
-                "first_step": int(steps[0]) if len(steps) else None,
-                "last_step": int(steps[-1]) if len(steps) else None,
+                "rows": rows,
+                "first_step": None if first is None else int(first[0]),
+                "last_step": None if last is None else int(last[0]),
                 **{k: v for k, v in self.metric_attrs(m).items() if k != "kind"},
             }
         surfaces = {}
@@ -477,7 +480,7 @@ class Run:
             "created": attrs.get("created"),
             "config": self.config,
             "metrics": metrics,
-            "findings": len(self._backend.steps(FINDINGS_TABLE)),
-            "checkpoints": len(self._backend.steps(CHECKPOINTS_TABLE)),
+            "findings": self._backend.rows(FINDINGS_TABLE),
+            "checkpoints": self._backend.rows(CHECKPOINTS_TABLE),
             "surfaces": surfaces,
         }
