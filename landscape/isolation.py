@@ -164,7 +164,7 @@ def _parameters(modules: list[nn.Module]) -> list[nn.Parameter]:
     return list(seen.values())
 
 
-def _written_in_forward(modules: list[nn.Module]) -> list[torch.Tensor]:
+def written_in_forward(modules: list[nn.Module]) -> list[torch.Tensor]:
     """The parameters that a forward pass of ``modules`` writes in place, in any mode.
 
     ``nn.Embedding`` and ``nn.EmbeddingBag`` with ``max_norm`` renormalise the rows they look
@@ -311,7 +311,7 @@ def isolated(
     outermost = key not in _OUTERMOST
     # weights that a forward pass writes in place (renormalised embedding rows): copied on
     # entry to the outermost block, written back on exit
-    written = _written_in_forward(modules) if outermost else []
+    written = written_in_forward(modules) if outermost else []
     saved = [w.detach().clone() for w in written]
     eager = eager_compiled_code() if outermost else contextlib.nullcontext()
     # Python's generator too (a layer-drop drawn with random.uniform before the model tests

@@ -46,7 +46,7 @@ from landscape._interrupts import InterruptGuard
 from landscape.batches import leading_size
 from landscape.failures import failure_finding, nonfinite_state
 from landscape.findings import Finding, Findings, at_or_above, dedupe, user_stacklevel
-from landscape.isolation import isolated
+from landscape.isolation import isolated, written_in_forward
 from landscape.metrics import Metric, StepContext, split_batch
 from landscape.metrics.presets import MetricsLike, resolve_metrics
 from landscape.monitor.adaptive import DENSE_AT, DENSE_STEPS, DenseWindow, recorded_window_end
@@ -611,6 +611,12 @@ class Monitor:
                 torch._foreach_add_(before, self._own)  # Δθ, bitwise θ_after − θ_before
             ctx.update = before
             ctx.rebuild_params_before(self._own, before)  # θ_after − Δθ, when read
+        # one walk of the module tree per step, for isolated() and the sentinels' guard
+        ctx.modules = list(self.model.modules())
+        if before is not None and written_in_forward(ctx.modules):
+            # a metric's forward renormalises embedding rows in place (max_norm) until
+            # isolated() writes them back: θ_after − Δθ is taken before any forward
+            ctx.params_before  # noqa: B018 (the property builds it now)
         for m in due:
             ins, outs = m.captures()
             plan = ctx.capture_plan.setdefault(m.data, (set(), set()))
@@ -620,8 +626,6 @@ class Monitor:
         # distributed=False: operators built by the metrics stay on this rank's data
         scope = contextlib.nullcontext() if self._distributed else _dist.local()
         unmeasured: list[str] = []
-        # one walk of the module tree per step, for isolated() and the sentinels' guard
-        ctx.modules = list(self.model.modules())
         # a loss function with state (an EMA centre in its forward) gets its buffers back
         # after the step's curvature metrics called it on the probe (ctx.operator)
         with scope, isolated(self.model, modules=ctx.modules), \

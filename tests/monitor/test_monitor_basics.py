@@ -144,6 +144,51 @@ def test_one_copy_of_the_parameters_gives_the_update_and_the_parameters_before_i
     assert relative[-1] == pytest.approx(float(flat.norm() / base.norm()), rel=1e-6)
 
 
+def test_the_parameters_before_the_step_are_not_read_after_a_forward_renormalised_them():
+    """An embedding with ``max_norm`` renormalises the rows a forward looks up, in place,
+    until the monitor puts them back at the end of its step: the parameters before the
+    step were rebuilt from those renormalised weights when a metric read them after the
+    logits' forward (0.03 off)."""
+    truth = []
+
+    class Reader(Metric):
+        name = "reader"
+        FIELDS = ("error",)
+        needs_update = True
+
+        def compute(self, ctx):
+            return {"error": max(float((a - b).abs().max())
+                                 for a, b in zip(ctx.params_before, truth[-1]))}
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(50, 8, max_norm=1.0)
+            self.fc = torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(self.emb(x).mean(1))
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 50, (64, 5), generator=g), torch.randint(0, 3, (64,), generator=g)
+    probe = (torch.randint(0, 50, (64, 5), generator=g), torch.randint(0, 3, (64,), generator=g))
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=5.0)
+    with Monitor(model, F.cross_entropy, optimizer=opt, probe=probe, alarms=False,
+                 metrics=["logits", Reader()]) as mon:
+        for step in range(4):
+            batch = (x[8 * step:8 * step + 8], y[8 * step:8 * step + 8])
+            opt.zero_grad()
+            loss = F.cross_entropy(model(batch[0]), batch[1])
+            loss.backward()
+            truth.append([p.detach().clone() for p in model.parameters()])
+            opt.step()
+            mon.step(step, batch=batch, loss=loss)
+        _, error = mon.run().series("reader", "error")
+    assert (error < 1e-6).all(), error  # rounding of θ_after − Δθ only
+
+
 def test_a_failing_metric_records_nan_a_warning_and_one_finding():
     @register(replace=True)
     class Broken(Metric):
