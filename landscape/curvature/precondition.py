@@ -12,6 +12,7 @@ RAdam, Adamax and RMSprop, each as its torch 2.13 update divides by it.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
@@ -27,10 +28,12 @@ __all__ = ["PreconditionedOperator", "divides_by_preconditioner", "preconditione
 class PreconditionedOperator(CurvatureOperator):
     """``u -> D A D u`` with ``D = P^-1/2`` diagonal (``scale`` holds ``D``'s entries).
 
-    ``preconditioner`` holds ``P``'s entries; ``eps`` the optimiser's epsilon (when read
-    from one) and ``dead_fraction`` the fraction of coordinates where ``P`` is dominated by
-    ``eps`` (``sqrt(v_hat) < eps`` for Adam) and the preconditioned sharpness is inflated
-    (report it alongside). ``loss()``/``gradient()`` are those of the base operator.
+    ``preconditioner`` holds ``P``'s entries (``inf`` where the optimizer does not move a
+    coordinate: ``D`` is 0 there, which removes it from the operator exactly); ``eps`` the
+    optimiser's epsilon (when read from one) and ``dead_fraction`` the fraction of
+    coordinates where ``P`` is dominated by ``eps`` (``sqrt(v_hat) < eps`` for Adam) and
+    the preconditioned sharpness is inflated (report it alongside). ``loss()`` and
+    ``gradient()`` are those of the base operator.
     """
 
     def __init__(
@@ -43,8 +46,9 @@ class PreconditionedOperator(CurvatureOperator):
     ) -> None:
         super().__init__(base.names, base.shapes, base.dtype, base.device)
         p = base._check(preconditioner, "preconditioner")
-        if any(bool((t <= 0).any()) or not bool(torch.isfinite(t).all()) for t in p):
-            raise ValueError("preconditioner: entries must be finite and > 0")
+        if any(not bool((t > 0).all()) for t in p):  # NaN fails too
+            raise ValueError("preconditioner: entries must be > 0 (inf: a coordinate the "
+                             "optimizer does not move)")
         self.base = base
         self.preconditioner: Vector = p
         self.scale: Vector = tuple(t.rsqrt() for t in p)
@@ -175,14 +179,20 @@ def _objects(op: CurvatureOperator) -> Sequence[torch.nn.Parameter]:
 
 
 def _group_lr_factors(op: CurvatureOperator, optimizer: torch.optim.Optimizer) -> list[float]:
-    """Per operator parameter: the first group's learning rate over its own group's.
+    """Per operator parameter: the reference group's learning rate over its own group's.
+
+    The reference is the first group that trains (``stability.reference_group``); a group at
+    learning rate 0 does not move its parameters: ``inf`` (``D = 0``).
 
     Raises:
-        ValueError: a parameter outside the optimizer, or a learning rate that is not > 0.
+        ValueError: a parameter outside the optimizer, no group that trains, or a learning
+            rate that is not a number >= 0.
     """
-    from landscape.curvature.stability import learning_rate
+    from landscape.curvature.stability import learning_rate, reference_group
 
-    first = learning_rate(optimizer.param_groups[0].get("lr"))
+    first = learning_rate(reference_group(optimizer).get("lr"))
+    if not first > 0:
+        raise ValueError(f"optimizer: no parameter group trains (learning rate {first})")
     lr_of = {id(p): learning_rate(g.get("lr")) for g in optimizer.param_groups
              for p in g["params"]}
     factors = []
@@ -190,16 +200,16 @@ def _group_lr_factors(op: CurvatureOperator, optimizer: torch.optim.Optimizer) -
         lr = lr_of.get(id(p))
         if lr is None:
             raise ValueError(f"optimizer: parameter {name!r} is not optimised by it")
-        if not (lr > 0 and first > 0):
-            raise ValueError(f"optimizer: learning rates must be > 0 to compare groups, "
-                             f"got {lr} for {name!r} and {first} for the first group")
-        factors.append(first / lr)
+        if not lr >= 0:
+            raise ValueError(f"optimizer: learning rates must be numbers >= 0 to compare "
+                             f"groups, got {lr} for {name!r}")
+        factors.append(first / lr if lr > 0 else math.inf)
     return factors
 
 
 def group_learning_rates(op: CurvatureOperator, optimizer: torch.optim.Optimizer
                          ) -> PreconditionedOperator:
-    """``D^1/2 op D^1/2`` with ``D`` each parameter's learning rate over the first group's.
+    """``D^1/2 op D^1/2`` with ``D`` each parameter's learning rate over the reference group's.
 
     SGD with parameter groups of different learning rates (a new head trained faster than
     a fine-tuned body, layer-wise decay) steps ``θ ← θ − η_g b``: on a quadratic it is
@@ -207,10 +217,12 @@ def group_learning_rates(op: CurvatureOperator, optimizer: torch.optim.Optimizer
     threshold, when the groups share their momentum (the 1-D argument of
     docs/curvature.md, "Preconditioned operator and stability thresholds", on the
     eigenvectors of ``D^1/2 H D^1/2``). So the operator is :class:`PreconditionedOperator`
-    with ``P = η_1 / η_g`` per parameter.
+    with ``P = η_1 / η_g`` per parameter, ``η_1`` the first group that trains
+    (``stability.reference_group``); a group at learning rate 0 has ``D = 0``.
 
     Raises:
-        ValueError: a parameter outside the optimizer, or a learning rate that is not > 0.
+        ValueError: a parameter outside the optimizer, no group that trains, or a learning
+            rate that is not a number >= 0.
     """
     diag = tuple(torch.full(shape, f, dtype=op.dtype, device=op.device)
                  for shape, f in zip(op.shapes, _group_lr_factors(op, optimizer)))
@@ -233,12 +245,15 @@ def _optimizer_preconditioner(
         kind = "generic"  # an Adam-style optimiser we do not know: Adam's denominator
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     diag, eps_seen, dead, total = [], set(), 0, 0
-    for name, p, factor in zip(op.names, objects, factors):
+    for name, shape, p, factor in zip(op.names, op.shapes, objects, factors):
         group = group_of.get(id(p))
         if group is None:
             raise ValueError(f"optimizer: parameter {name!r} is not optimised by it")
         if "eps" not in group or (kind not in ("adamax", "rmsprop") and "betas" not in group):
             raise ValueError(f"optimizer: {cls} has no Adam-style betas/eps")
+        if factor == math.inf:  # a group at learning rate 0: D = 0, whatever its state
+            diag.append(torch.full(shape, math.inf, dtype=op.dtype, device=op.device))
+            continue
         state = optimizer.state.get(p, {})
         if any(is_sharded(v) for v in state.values()):  # FSDP2: this rank's rows of each
             # moment; the operator's vectors are whole (one parameter gathered at a time,

@@ -29,7 +29,8 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["learning_rate", "optimizer_kind", "stability_threshold"]
+__all__ = ["learning_rate", "optimizer_kind", "reference_group", "stability_threshold",
+           "training_groups"]
 
 _ADAM = ("adam", "adamw", "nadam", "radam", "adamax")
 _NAMES = ("gd", "sgd", "heavy_ball", "momentum", "nesterov", "rmsprop", *_ADAM)
@@ -95,6 +96,28 @@ def latest_step(optimizer: torch.optim.Optimizer) -> int:
     return 0
 
 
+def training_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """The parameter groups that move their parameters: holding some, learning rate > 0.
+
+    A group at learning rate 0 (a frozen backbone kept in the optimizer, a layer not yet
+    warmed up) and a group without parameters do not take part in the dynamics.
+    """
+    return [g for g in optimizer.param_groups
+            if g.get("params") and learning_rate(g.get("lr")) > 0]
+
+
+def reference_group(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The group whose settings give the optimizer's stability threshold.
+
+    The first group that trains (:func:`training_groups`); the first group when none does
+    (every learning rate 0: the first step of a warm-up from 0). The sharpness metric
+    scales the other groups by their learning rates relative to this one's
+    (docs/curvature.md, "Parameter groups with different learning rates").
+    """
+    groups = training_groups(optimizer)
+    return groups[0] if groups else optimizer.param_groups[0]
+
+
 def nadam_momentum(beta1: float, momentum_decay: float, step: float) -> float:
     """NAdam's ``mu_t = beta1 (1 - 0.5 * 0.96^(t * momentum_decay))`` (torch.optim.NAdam)."""
     return beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
@@ -116,11 +139,12 @@ def stability_threshold(
     """The largest stable curvature for an optimiser at learning rate ``lr``.
 
     ``optimizer_or_name`` is a ``torch.optim`` optimizer (``lr``, ``momentum``,
-    ``dampening``, ``nesterov`` or ``betas`` are read from its first parameter group
-    unless given) or a name: ``"gd"``/``"sgd"`` (momentum 0 unless given),
-    ``"heavy_ball"``/``"momentum"``, ``"nesterov"``, ``"adam"``/``"adamw"``/``"nadam"``/
-    ``"radam"``/``"adamax"`` (``betas`` default (0.9, 0.999)), ``"rmsprop"``. For Adam, AdamW,
-    NAdam, RAdam, Adamax and RMSprop the threshold applies to the preconditioned sharpness
+    ``dampening``, ``nesterov`` or ``betas`` are read from its first parameter group that
+    trains, :func:`reference_group`, unless given) or a name: ``"gd"``/``"sgd"``
+    (momentum 0 unless given), ``"heavy_ball"``/``"momentum"``, ``"nesterov"``,
+    ``"adam"``/``"adamw"``/``"nadam"``/``"radam"``/``"adamax"`` (``betas`` default
+    (0.9, 0.999)), ``"rmsprop"``. For Adam, AdamW, NAdam, RAdam, Adamax and RMSprop the
+    threshold applies to the preconditioned sharpness
     ``lambda_max(P^-1 H)`` of :func:`landscape.curvature.preconditioned` with the same
     optimizer (Cohen et al. 2022, arXiv:2207.14484), whose ``P`` is the diagonal the optimiser
     divides its step by (1 for RAdam before its rectification starts, when it is SGD with
@@ -151,7 +175,7 @@ def stability_threshold(
     """
     mu: tuple[float, float] | None = None  # NAdam's (mu_t, mu_{t+1})
     if isinstance(optimizer_or_name, torch.optim.Optimizer):
-        group = optimizer_or_name.param_groups[0]
+        group = reference_group(optimizer_or_name)
         cls = optimizer_kind(optimizer_or_name) or ""
         if lr is None:
             lr = group.get("lr")

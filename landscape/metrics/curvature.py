@@ -203,18 +203,29 @@ class Sharpness(Metric):
         group's is reported (docs/curvature.md, "Parameter groups with different learning
         rates").
         """
-        if self._groups_said or len(set(_group_settings(opt))) < 2 or _only_lr_differs(opt):
+        if self._groups_said or len({s[1:] for s in _group_settings(opt)}) < 2:
             return  # (learning rates alone: each group is scaled by its own, exact)
         self._groups_said = True
-        from landscape.curvature.stability import learning_rate
+        from landscape.curvature.stability import learning_rate, training_groups
 
-        lrs = sorted({learning_rate(g.get("lr")) for g in opt.param_groups if g.get("params")})
+        lrs = sorted({learning_rate(g.get("lr")) for g in training_groups(opt)})
         warnings.warn(
             f"landscape: sharpness: the optimizer's parameter groups differ in momentum or "
             f"betas, not only in learning rate (learning rates "
             f"{', '.join(f'{v:g}' for v in lrs)}); the threshold is the first group's, so "
             "the ratio is that group's edge of stability (a group with a larger learning "
             "rate or momentum reaches its own at a lower sharpness)",
+            RuntimeWarning, stacklevel=user_stacklevel())
+
+    def _say_not_scaled(self, err: ValueError) -> None:
+        """Warn once when the groups' learning rates cannot scale the operator."""
+        if self._groups_said:
+            return
+        self._groups_said = True
+        warnings.warn(
+            f"landscape: sharpness: the parameter groups' learning rates differ but cannot "
+            f"scale the Hessian ({err}); lambda_max is the Hessian's and the threshold the "
+            "first training group's, so the ratio is that group's edge of stability",
             RuntimeWarning, stacklevel=user_stacklevel())
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
@@ -244,6 +255,12 @@ class Sharpness(Metric):
             return nan
         pre = adaptive and divides_by_preconditioner(opt)
         group_lr = opt is not None and kind is not None and _only_lr_differs(opt)
+        if group_lr and not pre:
+            try:
+                ctx.operator(self.data, group_lr=True)
+            except ValueError as err:  # a trainable parameter the optimizer does not step
+                group_lr = False
+                self._say_not_scaled(err)
         if pre:
             try:
                 ctx.operator(self.data, preconditioned=True, group_lr=group_lr)
@@ -264,8 +281,8 @@ class Sharpness(Metric):
                 "AdamW, NAdam, RAdam, Adamax, RMSprop): lambda_max is the Hessian's, "
                 "threshold and ratio are NaN"
             ))
-        if learning_rate(opt.param_groups[0].get("lr")) == 0.0:  # the first step of a warm-up
-            threshold = math.inf
+        if all(learning_rate(g.get("lr")) == 0.0 for g in opt.param_groups):
+            threshold = math.inf  # the first step of a warm-up from 0
         else:
             threshold = stability_threshold(opt)
         self._say_groups_differ(opt)
@@ -277,26 +294,25 @@ _STABILITY_SETTINGS = ("lr", "momentum", "dampening", "nesterov", "betas")
 
 
 def _group_settings(opt: torch.optim.Optimizer) -> list[tuple]:
-    """The settings the stability threshold reads, per parameter group holding parameters."""
-    return [tuple(repr(g.get(k)) for k in _STABILITY_SETTINGS)
-            for g in opt.param_groups if g.get("params")]
+    """The settings the stability threshold reads, per parameter group that trains."""
+    from landscape.curvature.stability import training_groups
+
+    return [tuple(repr(g.get(k)) for k in _STABILITY_SETTINGS) for g in training_groups(opt)]
 
 
 def _only_lr_differs(opt: torch.optim.Optimizer) -> bool:
-    """Whether the groups differ in learning rate alone (all > 0): then the ratio is exact.
+    """Whether the groups differ in learning rate alone: then the ratio is exact.
 
-    Each group scaled by its rate relative to the first group's (``group_lr``) makes the
-    first group's threshold bound the operator; other settings (momentum, betas) that
-    differ change the threshold itself, which one ratio cannot hold.
+    Each group scaled by its rate relative to the first training group's (``group_lr``;
+    a group at learning rate 0 does not move: scaled by 0) makes that group's threshold
+    bound the operator; other settings (momentum, betas) that differ among the groups that
+    train change the threshold itself, which one ratio cannot hold.
     """
     from landscape.curvature.stability import learning_rate
 
     settings = _group_settings(opt)
-    if len(set(settings)) < 2 or len({s[1:] for s in settings}) > 1:
-        return False
-    lrs = [learning_rate(g.get("lr")) for g in opt.param_groups if g.get("params")]
-    first = learning_rate(opt.param_groups[0].get("lr"))
-    return all(lr > 0 for lr in lrs) and first > 0
+    rates = {learning_rate(g.get("lr")) for g in opt.param_groups if g.get("params")}
+    return bool(settings) and len(rates) > 1 and len({s[1:] for s in settings}) == 1
 
 
 def _warmup(opt: torch.optim.Optimizer, kind: str | None, steps: int | None) -> int:
@@ -311,7 +327,9 @@ def _warmup(opt: torch.optim.Optimizer, kind: str | None, steps: int | None) -> 
     """
     if steps is not None:
         return steps
-    alpha = float(opt.param_groups[0].get("alpha", 0.99)) if kind == "rmsprop" else 1.0
+    from landscape.curvature.stability import reference_group
+
+    alpha = float(reference_group(opt).get("alpha", 0.99)) if kind == "rmsprop" else 1.0
     return max(10, math.ceil(1.0 / (1.0 - alpha))) if 0.0 <= alpha < 1.0 else 10
 
 

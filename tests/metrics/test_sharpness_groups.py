@@ -44,10 +44,20 @@ def _dense_ratio(model, batch, lrs, beta):
     h = torch.cat([torch.cat([blocks[i][j].reshape(sizes[i], sizes[j])
                               for j in range(len(sizes))], 1) for i in range(len(sizes))])
     group = {"0.weight": 0, "0.bias": 0, "1.weight": 1, "1.bias": 1}
-    d = torch.cat([torch.full((s,), lrs[group[n]] / lrs[0], dtype=torch.float64)
+    ref = next(lr for lr in lrs if lr > 0)  # the first group that trains
+    d = torch.cat([torch.full((s,), lrs[group[n]] / ref, dtype=torch.float64)
                    for n, s in zip(names, sizes)])
     scaled = d.sqrt()[:, None] * h * d.sqrt()[None, :]
-    return float(torch.linalg.eigvalsh(scaled)[-1]) * lrs[0] / (2 + 2 * beta)
+    return float(torch.linalg.eigvalsh(scaled)[-1]) * ref / (2 + 2 * beta)
+
+
+def _sharpness_row(model, opt, batch) -> dict[str, float]:
+    with ls.Monitor(model, F.mse_loss, optimizer=opt, probe=batch, alarms=False,
+                    metrics=[Sharpness(tol=1e-10, schedule=1)]) as mon:
+        mon.step(0, batch=batch, loss=1.0)
+        run = mon.run()
+        return {f: float(run.series("sharpness", f)[1][0])
+                for f in ("lambda_max", "threshold", "ratio")}
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.9])
@@ -105,9 +115,10 @@ def test_at_the_ratio_one_the_two_group_iteration_turns_unstable():
         assert (v.norm() < 1e-3) == (not grows), factor  # below the edge: it settles
 
 
-def test_adams_groups_fold_their_rates_into_the_preconditioner():
+@pytest.mark.parametrize("lrs", [(1e-3, 5e-3), (1e-3, 0.0)])
+def test_adams_groups_fold_their_rates_into_the_preconditioner(lrs):
     model, batch = _regression(1)
-    lrs, betas, eps = (1e-3, 5e-3), (0.9, 0.999), 1e-8
+    betas, eps = (0.9, 0.999), 1e-8
     opt = torch.optim.Adam([{"params": model[0].parameters(), "lr": lrs[0]},
                             {"params": model[1].parameters(), "lr": lrs[1]}], betas=betas,
                            eps=eps)
@@ -144,3 +155,44 @@ def test_adams_groups_fold_their_rates_into_the_preconditioner():
     lam = float(torch.linalg.eigvalsh(s[:, None] * h * s[None, :])[-1])
     threshold = (2 + 2 * betas[0]) / ((1 - betas[0]) * lrs[0])
     assert ratios[-1] == pytest.approx(lam / threshold, rel=1e-7)
+
+
+@pytest.mark.parametrize("lrs", [(0.01, 0.0), (0.0, 0.1)])
+def test_a_group_at_learning_rate_zero_does_not_move_and_leaves_the_operator(lrs):
+    """A frozen group kept in the optimizer (lr 0) was counted at the first group's rate,
+    or, first itself, made the threshold infinite and the ratio 0 whatever the head did."""
+    model, batch = _regression(2)
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": lrs[0]},
+                           {"params": model[1].parameters(), "lr": lrs[1]}])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # exact: no "groups differ" warning
+        row = _sharpness_row(model, opt, batch)
+    assert row["threshold"] == pytest.approx(2 / max(lrs))
+    assert row["ratio"] == pytest.approx(_dense_ratio(model, batch, lrs, 0.0), rel=1e-8)
+
+
+def test_an_empty_first_group_gives_no_setting_to_the_threshold():
+    """The threshold read the first group's momentum even when it held no parameter: a
+    ratio 1.9x too small here, without a warning."""
+    model, batch = _regression(3)
+    lrs = (0.01, 0.1)
+    opt = torch.optim.SGD([{"params": [], "lr": 0.5, "momentum": 0.9},
+                           {"params": model[0].parameters(), "lr": lrs[0]},
+                           {"params": model[1].parameters(), "lr": lrs[1]}])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        row = _sharpness_row(model, opt, batch)
+    assert row["threshold"] == pytest.approx(2 / lrs[0])
+    assert row["ratio"] == pytest.approx(_dense_ratio(model, batch, lrs, 0.0), rel=1e-8)
+
+
+def test_a_trainable_parameter_outside_the_optimizer_falls_back_with_a_warning():
+    """The scaled operator needs every parameter's rate: one outside the optimizer failed
+    every row (edge_of_stability could never fire); now the Hessian's own lambda_max."""
+    model, batch = _regression(4)
+    opt = torch.optim.SGD([{"params": [model[0].weight], "lr": 0.01},
+                           {"params": model[1].parameters(), "lr": 0.1}])  # 0.bias left out
+    with pytest.warns(RuntimeWarning, match="not optimised by it"):
+        row = _sharpness_row(model, opt, batch)
+    hessian = _dense_ratio(model, batch, (0.01, 0.01), 0.0)  # D = 1: the Hessian's own
+    assert row["ratio"] == pytest.approx(hessian, rel=1e-8)
