@@ -172,6 +172,7 @@ def _apply_saved(opt: torch.optim.Optimizer, model: nn.Module, saved: dict[str, 
         return
     for group in opt.param_groups:
         group.update({k: v for k, v in saved.items() if k in _HYPER and k in group})
+    _say_saved_groups(saved, ckpt)
     if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) and "state_dict" in saved:
         from landscape.checkpoints.optim import load_second_moments
 
@@ -179,6 +180,28 @@ def _apply_saved(opt: torch.optim.Optimizer, model: nn.Module, saved: dict[str, 
             opt.state.clear()  # the sharpness row is NaN rather than another step's moments
             warnings.warn(f"{ckpt.path}: the saved Adam state does not match the model's "
                           "parameters; no preconditioned sharpness for it", stacklevel=3)
+
+
+def _say_saved_groups(saved: dict[str, Any], ckpt: Checkpoint) -> None:
+    """Warn when the saved optimizer's groups trained at different rates (read: the first).
+
+    The saved groups number their parameters by position only, so which weight trained at
+    which rate is not known for certain: every parameter gets the first group's settings.
+    """
+    from landscape.curvature.stability import learning_rate
+
+    state = saved.get("state_dict")
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    if not isinstance(groups, list):
+        return
+    rates = sorted({learning_rate(g.get("lr")) for g in groups
+                    if isinstance(g, dict) and g.get("params")})
+    if len(rates) > 1:
+        warnings.warn(
+            f"{ckpt.path}: its optimizer trained parameter groups at learning rates "
+            f"{', '.join(f'{r:g}' for r in rates)}; analyze gives every parameter the first "
+            "group's settings, so the sharpness ratio is that group's edge of stability "
+            "(the Monitor scales each group by its own rate)", stacklevel=4)
 
 
 def check_loss(net: nn.Module, loss_fn: Callable | None, batches: Sequence[Any], ckpt: Checkpoint,

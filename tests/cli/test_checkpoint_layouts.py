@@ -137,6 +137,22 @@ def test_an_optimizer_saved_beside_the_weights_gives_the_sharpness_threshold(fac
     assert threshold[0] == pytest.approx((2 + 2 * 0.9) / 0.1)
 
 
+def test_a_saved_optimizer_with_groups_at_different_rates_is_named(fac, tmp_path):
+    """analyze gives every parameter the first group's rate: it says so (it did not)."""
+    fac_path, ns = fac
+    model = ns["model"]()
+    params = list(model.parameters())
+    opt = torch.optim.SGD([{"params": params[:-1], "lr": 0.01},
+                           {"params": params[-1:], "lr": 0.1}])
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "ck.pt")
+    result = _run_analyze(fac_path, tmp_path / "ck.pt", out=tmp_path / "r.h5")
+    assert result.exit_code == 0, result.output
+    assert "learning rates 0.01, 0.1" in result.output
+    assert "first group's settings" in result.output
+    _, threshold = ls.Run.open(tmp_path / "r.h5").series("sharpness", "threshold")
+    assert threshold[0] == pytest.approx(2 / 0.01)
+
+
 @pytest.mark.parametrize("data, match", [
     ("reg_data", "one output per sample"),
     ("wide_reg_data", "not class probabilities"),
