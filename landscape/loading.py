@@ -493,34 +493,34 @@ def _strip_prefix(state: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str,
     and metric modules are not the model's).
 
     Raises:
-        LandscapeError: two prefixes each hold every key of the model with other values
-            (a model and its EMA copy, a student and its teacher): which one is meant
-            cannot be told.
+        LandscapeError: two prefixes (or the keys as they are and a prefix) each hold as
+            many of the model's keys as any, with other values (a model and its EMA copy,
+            a student and its teacher; a tied weight saved once may leave both short of
+            one key): which one is meant cannot be told.
     """
     state = dict(state)
     hits = sum(k in own for k in state)
-    if own and hits == len(own):
-        return state
+    # keys as they are that hold the whole model: only a prefix of the other keys can
+    # hold a second copy
+    foreign = [k for k in state if k not in own] if own and hits == len(own) else list(state)
     candidates = set()
-    for k in state:
+    for k in foreign:
         parts = k.split(".")
         candidates.update(".".join(parts[:i]) + "." for i in range(1, min(len(parts), 4)))
-    best, best_hits, complete = state, hits, []
+    scored = [("", state, hits)]
     for prefix in sorted(candidates):  # (a prefix the model's own keys share too, a
         # LightningModule's model.model.layers for model.layers, is tried like any other)
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        n = sum(k in own for k in sub)
-        if own and n == len(own):
-            complete.append((prefix, sub))
-        if n > best_hits:
-            best, best_hits = sub, n
-    if len(complete) > 1 and _differ(*(sub for _, sub in complete)):
-        names = ", ".join(repr(p) for p, _ in complete)
+        scored.append((prefix, sub, sum(k in own for k in sub)))
+    most = max(n for _, _, n in scored)
+    tops = [(prefix, sub) for prefix, sub, n in scored if n == most and n > 0]
+    if len(tops) > 1 and _differ(*(sub for _, sub in tops)):
+        names = ", ".join(repr(p) if p else "the keys as they are" for p, _ in tops)
         raise LandscapeError(
-            f"the checkpoint holds complete copies of the model under {names} (a model and "
-            "its EMA, a student and its teacher): which one to analyze cannot be told; "
-            "save that one's state_dict() on its own")
-    return best
+            f"the checkpoint holds copies of the model under {names} (a model and its "
+            "EMA, a student and its teacher): which one to analyze cannot be told; save "
+            "that one's state_dict() on its own")
+    return tops[0][1] if tops else state
 
 
 def _differ(*states: Mapping[str, Any]) -> bool:

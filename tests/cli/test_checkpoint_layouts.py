@@ -61,12 +61,37 @@ def test_two_different_complete_copies_are_refused_and_identical_ones_are_not(fa
     torch.save(both, tmp_path / "both-3.pt")
     result = _run_analyze(fac_path, tmp_path / "both-3.pt", out=tmp_path / "r.h5")
     assert result.exit_code == 1
-    assert "complete copies of the model under 'ema_model.', 'model.'" in result.output
+    assert "copies of the model under 'ema_model.', 'model.'" in result.output
     assert "Traceback" not in result.output
     same = {**{"model." + k: v for k, v in sd.items()}, **{"copy." + k: v for k, v in sd.items()}}
     fresh = ns["model"]()
     load_state_into(fresh, Checkpoint(None, same, 1))  # nothing to choose between
     assert all(torch.equal(v, sd[k]) for k, v in fresh.state_dict().items())
+
+
+def test_two_copies_short_of_a_tied_weight_are_refused_too():
+    """A tied weight saved once (safetensors, save_pretrained) left both copies one key
+    short: the first prefix in sorted order was loaded, 'ema.' before 'model.'."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.mid = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+    torch.manual_seed(0)
+    model, ema = Tied(), Tied()
+    state = {f"{prefix}.{k}": v for prefix, m in (("model", model), ("ema", ema))
+             for k, v in m.state_dict().items() if k != "head.weight"}
+    with pytest.raises(LandscapeError, match=r"copies of the model under 'ema\.', 'model\.'"):
+        load_state_into(Tied(), Checkpoint(None, state, 1))
+    alone = {k: v for k, v in state.items() if k.startswith("model.")}
+    fresh = Tied()
+    load_state_into(fresh, Checkpoint(None, alone, 1))  # one copy: its tied key restored
+    assert torch.equal(fresh.mid.weight, model.mid.weight)
+    assert fresh.head.weight is fresh.emb.weight
 
 
 def test_a_folder_named_by_its_number_gives_the_step():
