@@ -54,11 +54,16 @@ def _values(surf: SurfaceData, field: str, log: bool, vmax: float | None) -> np.
     z = np.array(surf.values[field], dtype=np.float64)
     z[~surf.done] = np.nan
     if vmax is not None:
-        z = np.minimum(z, vmax)
+        z = _clip(z, vmax)
     if log:
         with np.errstate(divide="ignore", invalid="ignore"):
             z = np.where(z > 0, np.log10(np.where(z > 0, z, 1.0)), np.nan)
     return z
+
+
+def _clip(z: np.ndarray, limit: float) -> np.ndarray:
+    """``z`` with finite values above ``limit`` set to it; an overflow (inf) stays a gap."""
+    return np.where(np.isfinite(z), np.minimum(z, limit), z)
 
 
 AUTO = "auto"
@@ -111,7 +116,7 @@ def _drawn(
             raise ValueError(f"vmax: expected a number, {AUTO!r} or None, got {vmax!r}")
         z = _values(surf, field, log, None)
         fence = outlier_fence(z)
-        return (z if fence is None else np.minimum(z, fence)), fence
+        return (z, None) if fence is None else (_clip(z, fence), fence)
     z = _values(surf, field, log, vmax)
     if vmax is None:
         return z, None
@@ -221,7 +226,8 @@ def curve(
     z, clipped = _drawn(surf, field, log, vmax)
     ax.plot(surf.x, z, color="C0", marker="." if len(surf.x) <= 60 else None, label=field)
     if clipped is not None:
-        above = _values(surf, field, log, None) > clipped
+        unclipped = _values(surf, field, log, None)
+        above = np.isfinite(unclipped) & (unclipped > clipped)
         if above.any():
             ax.plot(surf.x[above], z[above], ls="none", marker="^", ms=6, color="C0",
                     label=f"above {clipped:.3g}")

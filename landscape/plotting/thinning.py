@@ -8,8 +8,9 @@ at most ``bins`` pixel columns (the M4 aggregation of Jugel et al. 2014, "M4: a
 visualization-oriented time series data aggregation", PVLDB 7(10)), at a drawing cost that
 no longer grows with the run's length (docs/benchmarks.md, "Long runs").
 
-A gap stays a gap: a slice that holds a non-finite value keeps its first one, so the line
-breaks there as it does through the whole series. Series of at most ``THIN_ABOVE`` points
+A gap stays a gap: a slice that holds a non-finite value keeps its first one, and two kept
+points with a non-finite value between them keep one of those too, so the line breaks
+wherever it breaks through the whole series. Series of at most ``THIN_ABOVE`` points
 are returned whole.
 """
 
@@ -53,7 +54,8 @@ def thin(x: np.ndarray, y: np.ndarray, bins: int = THIN_BINS) -> np.ndarray:
         Increasing indices into ``x``: every index when the series has at most
         :data:`THIN_ABOVE` points (or ``4 * bins``) or ``x`` is not sorted; else, per slice,
         the first and last point, the first with the smallest and the first with the
-        largest finite value, and the first non-finite one.
+        largest finite value, and the first non-finite one; and a non-finite one between
+        any two of those the series breaks between.
     """
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
@@ -77,7 +79,26 @@ def thin(x: np.ndarray, y: np.ndarray, bins: int = THIN_BINS) -> np.ndarray:
         _first_per_slice(np.flatnonzero(finite & (high == highest)), slice_of),
         _first_per_slice(np.flatnonzero(~finite), slice_of),
     ]
-    return np.unique(np.concatenate(keep))
+    return _gaps_kept(np.unique(np.concatenate(keep)), finite)
+
+
+def _gaps_kept(kept: np.ndarray, finite: np.ndarray) -> np.ndarray:
+    """``kept`` with a non-finite index between two kept points the series breaks between.
+
+    Two finite kept points with a non-finite value between them, none of it kept, would be
+    joined by a line the whole series does not draw: the first non-finite index after the
+    first of them is added (at most one per kept point).
+    """
+    gaps = np.flatnonzero(~finite)
+    if gaps.size == 0:
+        return kept
+    before = np.cumsum(~finite)  # non-finite values up to and including each index
+    a, b = kept[:-1], kept[1:]
+    broken = finite[a] & finite[b] & (before[b - 1] - before[a] > 0)  # a gap between
+    if not broken.any():
+        return kept
+    added = gaps[np.searchsorted(gaps, a[broken], side="right")]
+    return np.unique(np.concatenate((kept, added)))
 
 
 def thin_marks(x: np.ndarray, bins: int = THIN_BINS) -> np.ndarray:

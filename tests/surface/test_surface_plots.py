@@ -156,6 +156,26 @@ def test_a_curve_clips_a_blown_up_end_and_marks_it():
         plots.curve(surf, vmax="everything")
 
 
+@pytest.mark.parametrize("vmax", ["auto", 5.0])
+def test_an_overflow_stays_a_gap_where_values_are_clipped(vmax):
+    """An inf was clipped like a large value: drawn at the limit and joined to the line."""
+    x = np.linspace(-1, 1, 21)
+    y = 0.2 + x**2
+    y[-3], y[-2], y[-1] = 1e6, np.inf, np.inf
+    surf = SurfaceData("line", x, None, {"loss": y}, np.ones(21, bool), {})
+    ax = plots.curve(surf, vmax=vmax).axes[0]
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert np.isinf(lines["loss"].get_ydata()[-2:]).all()  # not drawn: the line breaks
+    (above,) = [ln for label, ln in lines.items() if label.startswith("above ")]
+    np.testing.assert_allclose(above.get_xdata(), [0.8])  # the finite one only
+    np.testing.assert_allclose(lines["non-finite"].get_xdata(), [0.9, 1.0])
+    grid = np.add.outer(x**2, x**2) + 1.0
+    grid[0, :3], grid[0, 0] = 1e9, np.inf
+    drawn, _ = plots._drawn(SurfaceData("plane", x, x, {"loss": grid},
+                                        np.ones((21, 21), bool), {}), "loss", False, vmax)
+    assert np.isinf(drawn[0, 0]) and np.isfinite(drawn[0, 1]) and drawn[0, 1] < 1e9
+
+
 def test_surface3d_axes_follow_x_and_y():
     surf = _surface(nx=8, ny=3)
     fig = plots.surface3d(surf, vmax=2.0)
