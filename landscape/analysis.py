@@ -170,9 +170,13 @@ def _apply_saved(opt: torch.optim.Optimizer, model: nn.Module, saved: dict[str, 
     """Set ``opt``'s hyper-parameters (and Adam's moments) to those saved with ``ckpt``."""
     if not saved:
         return
-    for group in opt.param_groups:
-        group.update({k: v for k, v in saved.items() if k in _HYPER and k in group})
-    _say_saved_groups(saved, ckpt)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    base = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+    base.update({k: v for k, v in saved.items() if k in _HYPER and k in base})
+    groups = _saved_groups(saved.get("state_dict"), model, base)
+    opt.param_groups[:] = groups or [{**base, "params": params}]
+    if groups is None:
+        _say_saved_groups(saved, ckpt)
     if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) and "state_dict" in saved:
         from landscape.checkpoints.optim import load_second_moments
 
@@ -182,11 +186,51 @@ def _apply_saved(opt: torch.optim.Optimizer, model: nn.Module, saved: dict[str, 
                           "parameters; no preconditioned sharpness for it", stacklevel=3)
 
 
+_GROUP_SETTINGS = ("lr", "momentum", "dampening", "nesterov", "betas")
+
+
+def _saved_groups(state: Any, model: nn.Module, base: dict[str, Any]
+                  ) -> list[dict[str, Any]] | None:
+    """The saved optimizer's parameter groups over ``model``'s parameters, when they differ.
+
+    A saved ``state_dict`` numbers the parameters group after group, by position only: an
+    order of the model's parameters (:func:`_param_orders`) is taken when every parameter's
+    saved state (momentum buffer, Adam's moments) has its shape, the evidence that the
+    numbers mean those parameters. None: one group, groups alike in the settings the
+    threshold reads, or no order borne out by a saved state (plain SGD keeps none).
+    """
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        return None
+    if len({tuple(repr(g.get(k)) for k in _GROUP_SETTINGS) for g in groups
+            if g.get("params")}) < 2:
+        return None
+    ids = [i for g in groups for i in g.get("params", [])]
+    states = state.get("state", {})
+    for order in _param_orders(model):
+        if len(order) != len(ids):
+            continue
+        of = dict(zip(ids, order))
+        if all(_state_fits(states.get(i), p) for i, p in of.items()):
+            return [{**base, **{k: g[k] for k in _HYPER if k in g and k in base},
+                     "params": [of[i] for i in g.get("params", [])]} for g in groups]
+    return None
+
+
+def _state_fits(state: Any, param: nn.Parameter) -> bool:
+    """Whether a parameter's saved state holds tensors, every one of ``param``'s shape."""
+    if not isinstance(state, dict):
+        return False
+    shapes = [tuple(v.shape) for v in state.values() if isinstance(v, torch.Tensor) and v.dim()]
+    return bool(shapes) and all(shape == tuple(param.shape) for shape in shapes)
+
+
 def _say_saved_groups(saved: dict[str, Any], ckpt: Checkpoint) -> None:
     """Warn when the saved optimizer's groups trained at different rates (read: the first).
 
-    The saved groups number their parameters by position only, so which weight trained at
-    which rate is not known for certain: every parameter gets the first group's settings.
+    Its groups number their parameters by position only, and no saved state bore out an
+    order of the model's parameters (:func:`_saved_groups`): every parameter gets the
+    first group's settings.
     """
     from landscape.curvature.stability import learning_rate
 
@@ -199,9 +243,10 @@ def _say_saved_groups(saved: dict[str, Any], ckpt: Checkpoint) -> None:
     if len(rates) > 1:
         warnings.warn(
             f"{ckpt.path}: its optimizer trained parameter groups at learning rates "
-            f"{', '.join(f'{r:g}' for r in rates)}; analyze gives every parameter the first "
-            "group's settings, so the sharpness ratio is that group's edge of stability "
-            "(the Monitor scales each group by its own rate)", stacklevel=4)
+            f"{', '.join(f'{r:g}' for r in rates)}, and no saved state tells which weight "
+            "was in which; analyze gives every parameter the first group's settings, so the "
+            "sharpness ratio is that group's edge of stability (the Monitor scales each "
+            "group by its own rate)", stacklevel=4)
 
 
 def check_loss(net: nn.Module, loss_fn: Callable | None, batches: Sequence[Any], ckpt: Checkpoint,

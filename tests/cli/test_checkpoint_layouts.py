@@ -162,8 +162,37 @@ def test_an_optimizer_saved_beside_the_weights_gives_the_sharpness_threshold(fac
     assert threshold[0] == pytest.approx((2 + 2 * 0.9) / 0.1)
 
 
-def test_a_saved_optimizer_with_groups_at_different_rates_is_named(fac, tmp_path):
-    """analyze gives every parameter the first group's rate: it says so (it did not)."""
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_a_saved_optimizers_groups_give_the_live_monitors_ratio(fac, tmp_path, kind):
+    """analyze gave every parameter the first group's rate (a head at 10x: another ratio
+    than the monitor's on the same weights); a saved state whose shapes bear out which
+    weight is which gives each group its own."""
+    fac_path, ns = fac
+    model = ns["model"]()
+    groups = [{"params": model[0].parameters(), "lr": 0.01},
+              {"params": model[2].parameters(), "lr": 0.1}]
+    opt = (torch.optim.SGD(groups, momentum=0.9) if kind == "sgd"
+           else torch.optim.Adam(groups, betas=(0.9, 0.999)))
+    x, y = ns["data"]()
+    for _ in range(12):  # past the sharpness metric's Adam warm-up
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 12},
+               tmp_path / "ck.pt")
+    result = _run_analyze(fac_path, tmp_path / "ck.pt", out=tmp_path / "r.h5")
+    assert result.exit_code == 0, result.output
+    assert "first group's settings" not in result.output
+    _, (ratio,) = ls.Run.open(tmp_path / "r.h5").series("sharpness", "ratio")
+    with ls.Monitor(model, nn.functional.cross_entropy, optimizer=opt, probe=(x, y),
+                    alarms=False, metrics=[ls.metrics.Sharpness(schedule=1)]) as mon:
+        mon.step(12, batch=(x, y), loss=1.0)
+        _, (live,) = mon.run().series("sharpness", "ratio")
+    assert ratio == pytest.approx(live, rel=1e-3)
+
+
+def test_saved_groups_no_state_tells_apart_are_named(fac, tmp_path):
+    """Plain SGD saves no state: which weight trained at which rate cannot be told."""
     fac_path, ns = fac
     model = ns["model"]()
     params = list(model.parameters())
