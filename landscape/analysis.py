@@ -196,8 +196,10 @@ def _saved_groups(state: Any, model: nn.Module, base: dict[str, Any]
     A saved ``state_dict`` numbers the parameters group after group, by position only: an
     order of the model's parameters (:func:`_param_orders`) is taken when every parameter's
     saved state (momentum buffer, Adam's moments) has its shape, the evidence that the
-    numbers mean those parameters. None: one group, groups alike in the settings the
-    threshold reads, or no order borne out by a saved state (plain SGD keeps none).
+    numbers mean those parameters, and no two parameters of one shape fall in groups of
+    different settings (equal shapes prove nothing: layer-wise rates listed from the top
+    layer down would be given to the wrong layers). None: one group, groups alike in the
+    settings the threshold reads, or no order borne out (plain SGD keeps no state).
     """
     groups = state.get("param_groups") if isinstance(state, dict) else None
     if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
@@ -211,9 +213,17 @@ def _saved_groups(state: Any, model: nn.Module, base: dict[str, Any]
         if len(order) != len(ids):
             continue
         of = dict(zip(ids, order))
-        if all(_state_fits(states.get(i), p) for i, p in of.items()):
-            return [{**base, **{k: g[k] for k in _HYPER if k in g and k in base},
-                     "params": [of[i] for i in g.get("params", [])]} for g in groups]
+        if not all(_state_fits(states.get(i), p) for i, p in of.items()):
+            continue
+        settings_of_shape: dict[tuple, set] = {}
+        for g in groups:
+            setting = tuple(repr(g.get(k)) for k in _GROUP_SETTINGS)
+            for i in g.get("params", []):
+                settings_of_shape.setdefault(tuple(of[i].shape), set()).add(setting)
+        if any(len(found) > 1 for found in settings_of_shape.values()):
+            return None  # which of the equal shapes trained at which rate is not borne out
+        return [{**base, **{k: g[k] for k in _HYPER if k in g and k in base},
+                 "params": [of[i] for i in g.get("params", [])]} for g in groups]
     return None
 
 
@@ -243,10 +253,11 @@ def _say_saved_groups(saved: dict[str, Any], ckpt: Checkpoint) -> None:
     if len(rates) > 1:
         warnings.warn(
             f"{ckpt.path}: its optimizer trained parameter groups at learning rates "
-            f"{', '.join(f'{r:g}' for r in rates)}, and no saved state tells which weight "
-            "was in which; analyze gives every parameter the first group's settings, so the "
-            "sharpness ratio is that group's edge of stability (the Monitor scales each "
-            "group by its own rate)", stacklevel=4)
+            f"{', '.join(f'{r:g}' for r in rates)}, and its saved state cannot tell which "
+            "weight was in which (none saved, or parameters of one shape in groups of "
+            "different settings); analyze gives every parameter the first training group's "
+            "settings, so the sharpness ratio is that group's edge of stability (the Monitor "
+            "scales each group by its own rate)", stacklevel=4)
 
 
 def check_loss(net: nn.Module, loss_fn: Callable | None, batches: Sequence[Any], ckpt: Checkpoint,

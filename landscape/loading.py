@@ -520,7 +520,13 @@ def _strip_prefix(state: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str,
             f"the checkpoint holds copies of the model under {names} (a model and its "
             "EMA, a student and its teacher): which one to analyze cannot be told; save "
             "that one's state_dict() on its own")
-    return tops[0][1] if tops else state
+    if not tops:
+        return state
+    prefix, best = tops[0]
+    if len(tops) > 1 and not prefix:  # copies alike (or shapes alone, which cannot tell):
+        # the model's own keys, without the other copies' (the values then decide)
+        return {k: v for k, v in best.items() if k in own}
+    return best
 
 
 def _differ(*states: Mapping[str, Any]) -> bool:

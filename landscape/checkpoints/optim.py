@@ -23,9 +23,11 @@ _KEEP = ("lr", "momentum", "dampening", "nesterov", "betas", "eps", "weight_deca
 def optimizer_settings(state: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """``{"name": "sgd"|"adam", "lr": ..., ...}`` from an optimizer's ``state_dict``.
 
-    The first parameter group's hyper-parameters; ``"adam"`` when it has ``betas``
-    (Adam, AdamW), ``"sgd"`` when it has ``momentum``. The state dict itself is kept under
-    ``"state_dict"`` for :func:`load_second_moments`.
+    The hyper-parameters of the first parameter group that trains (holding parameters, at
+    a learning rate > 0; the first group when none does), as the sharpness threshold reads
+    a live optimizer's (``landscape.curvature.stability.reference_group``); ``"adam"`` when
+    it has ``betas`` (Adam, AdamW), ``"sgd"`` when it has ``momentum``. The state dict
+    itself is kept under ``"state_dict"`` for :func:`load_second_moments`.
 
     Args:
         state: ``Optimizer.state_dict()`` as saved, or None.
@@ -33,10 +35,13 @@ def optimizer_settings(state: Mapping[str, Any] | None) -> dict[str, Any] | None
     Returns:
         The settings, or None when the state holds no recognisable group.
     """
+    from landscape.curvature.stability import learning_rate
+
     groups = state.get("param_groups") if isinstance(state, Mapping) else None
-    if not groups or not isinstance(groups[0], Mapping) or "lr" not in groups[0]:
+    if not groups or not all(isinstance(g, Mapping) for g in groups) or "lr" not in groups[0]:
         return None
-    group = groups[0]
+    group = next((g for g in groups if g.get("params") and learning_rate(g.get("lr")) > 0),
+                 groups[0])
     if "betas" in group:
         name = "adam"
     elif "momentum" in group:

@@ -28,8 +28,9 @@ __all__ = ["PreconditionedOperator", "divides_by_preconditioner", "preconditione
 class PreconditionedOperator(CurvatureOperator):
     """``u -> D A D u`` with ``D = P^-1/2`` diagonal (``scale`` holds ``D``'s entries).
 
-    ``preconditioner`` holds ``P``'s entries (``inf`` where the optimizer does not move a
-    coordinate: ``D`` is 0 there, which removes it from the operator exactly); ``eps`` the
+    ``preconditioner`` holds ``P``'s entries, finite and > 0; with ``frozen=True`` also
+    ``inf`` where the optimizer does not move a coordinate (a group at learning rate 0:
+    ``D`` is 0 there, which removes it from the operator exactly); ``eps`` the
     optimiser's epsilon (when read from one) and ``dead_fraction`` the fraction of
     coordinates where ``P`` is dominated by ``eps`` (``sqrt(v_hat) < eps`` for Adam) and
     the preconditioned sharpness is inflated (report it alongside). ``loss()`` and
@@ -43,12 +44,15 @@ class PreconditionedOperator(CurvatureOperator):
         *,
         eps: float | None = None,
         dead_fraction: float | None = None,
+        frozen: bool = False,
     ) -> None:
         super().__init__(base.names, base.shapes, base.dtype, base.device)
         p = base._check(preconditioner, "preconditioner")
-        if any(not bool((t > 0).all()) for t in p):  # NaN fails too
-            raise ValueError("preconditioner: entries must be > 0 (inf: a coordinate the "
-                             "optimizer does not move)")
+        # (an overflowed second moment is inf too: only the caller that set it may pass it)
+        ok = (lambda t: bool((t > 0).all())) if frozen else (
+            lambda t: bool((t > 0).all()) and bool(torch.isfinite(t).all()))
+        if not all(ok(t) for t in p):  # NaN fails too
+            raise ValueError("preconditioner: entries must be finite and > 0")
         self.base = base
         self.preconditioner: Vector = p
         self.scale: Vector = tuple(t.rsqrt() for t in p)
@@ -226,7 +230,7 @@ def group_learning_rates(op: CurvatureOperator, optimizer: torch.optim.Optimizer
     """
     diag = tuple(torch.full(shape, f, dtype=op.dtype, device=op.device)
                  for shape, f in zip(op.shapes, _group_lr_factors(op, optimizer)))
-    return PreconditionedOperator(op, diag)
+    return PreconditionedOperator(op, diag, frozen=True)
 
 
 def _optimizer_preconditioner(
@@ -261,6 +265,9 @@ def _optimizer_preconditioner(
             state = {k: full_tensor(v) if is_sharded(v) else v for k, v in state.items()
                      if k in _DIAGONAL_STATE}
         entries, small, eps = _diagonal(kind, cls, group, state, name, op.dtype)
+        if not bool(torch.isfinite(entries).all()):
+            raise ValueError(f"optimizer: the second moment of {name!r} is not finite (an "
+                             "overflow): no preconditioner to read")
         dead += int(small.sum())
         total += entries.numel()
         diag.append((entries if factor == 1.0 else entries * factor).to(op.device))
@@ -313,7 +320,7 @@ def preconditioned(op: CurvatureOperator, optimizer: Any, *,
     """
     if isinstance(optimizer, torch.optim.Optimizer):
         diag, eps, dead = _optimizer_preconditioner(op, optimizer, group_lr)
-        return PreconditionedOperator(op, diag, eps=eps, dead_fraction=dead)
+        return PreconditionedOperator(op, diag, eps=eps, dead_fraction=dead, frozen=group_lr)
     if isinstance(optimizer, (tuple, list)):
         return PreconditionedOperator(op, optimizer)
     raise ValueError(

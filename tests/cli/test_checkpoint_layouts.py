@@ -94,6 +94,20 @@ def test_two_copies_short_of_a_tied_weight_are_refused_too():
     assert fresh.head.weight is fresh.emb.weight
 
 
+def test_the_keys_as_they_are_and_a_different_prefixed_copy_are_refused(fac):
+    """The model's own keys beside an EMA copy under 'ema.': which is meant is not told
+    (it was an 'unexpected: ema.0.weight' error before)."""
+    _, ns = fac
+    sd = ns["model"]().state_dict()
+    both = {**sd, **{"ema." + k: v + 1 for k, v in sd.items()}}
+    with pytest.raises(LandscapeError, match=r"under the keys as they are, 'ema\."):
+        load_state_into(ns["model"](), Checkpoint(None, both, 1))
+    same = {**sd, **{"ema." + k: v for k, v in sd.items()}}
+    fresh = ns["model"]()
+    load_state_into(fresh, Checkpoint(None, same, 1))  # identical: nothing to choose
+    assert all(torch.equal(v, sd[k]) for k, v in fresh.state_dict().items())
+
+
 def test_a_folder_named_by_its_number_gives_the_step():
     assert step_from_name("ckpts/1500/model.pt") == 1500
     assert step_from_name("ckpts/run/model.pt") is None
@@ -182,13 +196,53 @@ def test_a_saved_optimizers_groups_give_the_live_monitors_ratio(fac, tmp_path, k
                tmp_path / "ck.pt")
     result = _run_analyze(fac_path, tmp_path / "ck.pt", out=tmp_path / "r.h5")
     assert result.exit_code == 0, result.output
-    assert "first group's settings" not in result.output
+    assert "first training group's settings" not in result.output
     _, (ratio,) = ls.Run.open(tmp_path / "r.h5").series("sharpness", "ratio")
     with ls.Monitor(model, nn.functional.cross_entropy, optimizer=opt, probe=(x, y),
                     alarms=False, metrics=[ls.metrics.Sharpness(schedule=1)]) as mon:
         mon.step(12, batch=(x, y), loss=1.0)
         _, (live,) = mon.run().series("sharpness", "ratio")
     assert ratio == pytest.approx(live, rel=1e-3)
+
+
+def test_groups_of_equal_shapes_are_not_given_by_position(fac, tmp_path):
+    """Layer-wise rates listed from the top layer down fit the model's order by shape as
+    well as the true one: they were given to the wrong layers without a word."""
+    fac_path = tmp_path / "square.py"
+    fac_path.write_text(
+        "import torch\nfrom torch import nn\n\ndef model():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))\n\n"
+        "def data():\n    g = torch.Generator().manual_seed(1)\n"
+        "    return torch.randn(48, 4, generator=g), torch.randint(0, 4, (48,), generator=g)\n")
+    ns: dict = {}
+    exec(fac_path.read_text(), ns)
+    model = ns["model"]()
+    opt = torch.optim.SGD([{"params": model[2].parameters(), "lr": 0.1},  # the top first
+                           {"params": model[0].parameters(), "lr": 0.01}], momentum=0.9)
+    x, y = ns["data"]()
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "ck.pt")
+    result = _run_analyze(fac_path, tmp_path / "ck.pt", out=tmp_path / "r.h5")
+    assert result.exit_code == 0, result.output
+    assert "parameters of one shape in groups of different settings" in result.output
+    _, threshold = ls.Run.open(tmp_path / "r.h5").series("sharpness", "threshold")
+    assert threshold[0] == pytest.approx(3.8 / 0.1)  # the first training group's
+
+
+def test_a_first_group_at_rate_zero_gives_no_threshold_of_its_own(fac, tmp_path):
+    """A frozen first group made analyze's threshold inf and its ratio 0 on every row."""
+    fac_path, ns = fac
+    model = ns["model"]()
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.0},
+                           {"params": model[2].parameters(), "lr": 0.1}])
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "ck.pt")
+    result = _run_analyze(fac_path, tmp_path / "ck.pt", out=tmp_path / "r.h5")
+    assert result.exit_code == 0, result.output
+    _, threshold = ls.Run.open(tmp_path / "r.h5").series("sharpness", "threshold")
+    assert threshold[0] == pytest.approx(2 / 0.1)
 
 
 def test_saved_groups_no_state_tells_apart_are_named(fac, tmp_path):
@@ -202,7 +256,7 @@ def test_saved_groups_no_state_tells_apart_are_named(fac, tmp_path):
     result = _run_analyze(fac_path, tmp_path / "ck.pt", out=tmp_path / "r.h5")
     assert result.exit_code == 0, result.output
     assert "learning rates 0.01, 0.1" in result.output
-    assert "first group's settings" in result.output
+    assert "first training group's settings" in result.output
     _, threshold = ls.Run.open(tmp_path / "r.h5").series("sharpness", "threshold")
     assert threshold[0] == pytest.approx(2 / 0.01)
 

@@ -171,3 +171,19 @@ def test_rmsprop_rows_wait_for_its_squared_gradient_average_by_default():
     model, batch, opt = _trained(CASES["adam"][0], 12)
     assert Sharpness(tol=1e-8, memory_budget=None).compute(
         _context(model, batch, opt))["lambda_max"] > 0
+
+
+def test_an_overflowed_second_moment_or_an_infinite_entry_is_refused():
+    """An inf second moment (fp16 training past |g| > 256) read as P = inf would drop the
+    coordinates that blew up from the operator: a finite, too small sharpness."""
+    model, batch, opt = _trained(lambda p: torch.optim.Adam(p, lr=1e-3), 3)
+    op = Hessian(model, F.cross_entropy, batch)
+    preconditioned(op, opt)  # finite: read
+    first = next(iter(model.parameters()))
+    opt.state[first]["exp_avg_sq"].fill_(math.inf)
+    with pytest.raises(ValueError, match=r"second moment of .* is not finite"):
+        preconditioned(op, opt)
+    vector = [torch.ones_like(p) for p in model.parameters()]
+    vector[0][0] = math.inf
+    with pytest.raises(ValueError, match="finite and > 0"):
+        preconditioned(op, vector)
