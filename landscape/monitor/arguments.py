@@ -67,11 +67,23 @@ def stored_config(metric: Metric) -> dict[str, Any]:
 
 
 def optimizer_config(opt: torch.optim.Optimizer | None) -> dict[str, Any] | None:
-    """The optimizer's class and first parameter group's settings, as the config stores them."""
+    """The optimizer's class and first parameter group's settings, as the config stores them.
+
+    With several groups, ``param_groups`` lists each one's number of parameter tensors and
+    the settings in which it differs from the first (a head at another learning rate, a
+    frozen backbone at 0, layer-wise decay): what the sharpness threshold depends on.
+    """
     if opt is None:
         return None
-    group = {k: _jsonable(v) for k, v in opt.param_groups[0].items() if k != "params"}
-    return {"class": type(opt).__name__, "param_group_0": group}
+    groups = [{k: _jsonable(v) for k, v in g.items() if k != "params"}
+              for g in opt.param_groups]
+    config = {"class": type(opt).__name__, "param_group_0": groups[0]}
+    if len(groups) > 1:
+        config["param_groups"] = [
+            {"params": len(g["params"]),
+             **{k: v for k, v in settings.items() if groups[0].get(k) != v}}
+            for g, settings in zip(opt.param_groups, groups)]
+    return config
 
 
 

@@ -257,6 +257,21 @@ def test_steps_must_increase_and_resume_continues(tmp_path):
     assert run.config["optimizer"]["class"] == "SGD"
 
 
+def test_the_config_names_each_parameter_groups_own_settings():
+    model = models.mlp()
+    layers = [m for m in model if isinstance(m, torch.nn.Linear)]
+    opt = torch.optim.SGD([{"params": layers[0].parameters(), "lr": 0.0},
+                           {"params": layers[-1].parameters(), "lr": 0.1}],
+                          lr=0.01, momentum=0.9)
+    with Monitor(model, F.cross_entropy, optimizer=opt, alarms=False) as mon:
+        config = mon.run().config["optimizer"]
+    assert config["param_group_0"]["lr"] == 0.0 and config["param_group_0"]["momentum"] == 0.9
+    assert config["param_groups"] == [{"params": 2}, {"params": 2, "lr": 0.1}]
+    with Monitor(model, F.cross_entropy, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                 alarms=False) as mon:
+        assert "param_groups" not in mon.run().config["optimizer"]  # one group: as before
+
+
 def test_a_resume_with_other_metrics_continues_after_every_recorded_table(tmp_path):
     """Only the resumed metrics' own last steps were checked: a monitor with another metric
     set accepted steps 0, 1, ... into a file recorded to step 12 and died at its first
