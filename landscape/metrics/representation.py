@@ -131,7 +131,10 @@ class SpectralAlignment(Metric):
                 weight.reshape(weight.shape[0], -1), _conv_patches(module, cap.inputs[name]),
                 init=ctx.state.get(key),
             )
-            ctx.state[key] = res.v
+            if bool(torch.isfinite(res.v).all()) and bool(res.v.any()):
+                ctx.state[key] = res.v
+            else:  # a zero (LoRA's B before its first step) or diverged layer: no warm
+                ctx.state.pop(key, None)  # start for the next step, which starts cold
             rows["minority"][i] = float(res.minority_fraction)
             rows["entropy"][i] = float(res.sign_entropy)
             rows["mean_abs_cos"][i] = float(res.mean_abs_cos)

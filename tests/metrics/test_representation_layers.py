@@ -5,6 +5,8 @@ hand from the layer's input (float64)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -115,6 +117,34 @@ def test_spectral_alignment_skips_attention_out_proj_by_default(tmp_path):
     run = _record(tmp_path, WithAttention(), probe, [metric])
     assert metric.layers == ["inp", "head"]
     assert torch.isfinite(torch.as_tensor(run.series("spectral_alignment", "minority")[1])).all()
+
+
+def test_a_layer_that_starts_at_zero_is_aligned_once_it_moves(tmp_path):
+    """LoRA's B starts at zero: its NaN singular vector was kept as the next warm start,
+    and every later row of every layer failed ("init must be a non-zero vector")."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[2].weight.zero_()
+    g = torch.Generator().manual_seed(3)
+    probe = (torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    path = tmp_path / "run.h5"
+    with ls.Monitor(model, F.cross_entropy, path, optimizer=opt, probe=probe, warn=False,
+                    metrics=[ls.metrics.SpectralAlignment(schedule=1)], alarms=False) as mon:
+        for step in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(probe[0]), probe[1]).backward()
+            if step > 0:
+                opt.step()  # the zero layer moves from the second step on
+            mon.step(step, batch=probe)
+        run = mon.run()
+        _, minority = run.series("spectral_alignment", "minority")
+        assert not run.findings()  # no metric failed
+    assert torch.isfinite(torch.as_tensor(minority[:, 0])).all()
+    assert math.isnan(minority[0, 1]) and torch.isfinite(torch.as_tensor(minority[1:, 1])).all()
+    expected, _ = _sign_stats(torch.tanh(model[0](probe[0])).detach(), model[2].weight.detach())
+    assert minority[-1, 1] == pytest.approx(expected, abs=1e-6)
 
 
 def test_a_list_probe_of_sequences_of_different_lengths(tmp_path):
