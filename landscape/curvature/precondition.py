@@ -186,11 +186,11 @@ def _group_lr_factors(op: CurvatureOperator, optimizer: torch.optim.Optimizer) -
     """Per operator parameter: the reference group's learning rate over its own group's.
 
     The reference is the first group that trains (``stability.reference_group``); a group at
-    learning rate 0 does not move its parameters: ``inf`` (``D = 0``).
+    learning rate 0 does not move its parameters, nor does the optimizer move a parameter
+    it does not hold: ``inf`` (``D = 0``).
 
     Raises:
-        ValueError: a parameter outside the optimizer, no group that trains, or a learning
-            rate that is not a number >= 0.
+        ValueError: no group that trains, or a learning rate that is not a number >= 0.
     """
     from landscape.curvature.stability import learning_rate, reference_group
 
@@ -201,13 +201,18 @@ def _group_lr_factors(op: CurvatureOperator, optimizer: torch.optim.Optimizer) -
              for p in g["params"]}
     factors = []
     for name, p in zip(op.names, _objects(op)):
-        lr = lr_of.get(id(p))
-        if lr is None:
-            raise ValueError(f"optimizer: parameter {name!r} is not optimised by it")
+        lr = lr_of.get(id(p), 0.0)  # (a parameter outside the optimizer: not moved by it)
         if not lr >= 0:
             raise ValueError(f"optimizer: learning rates must be numbers >= 0 to compare "
                              f"groups, got {lr} for {name!r}")
         factors.append(first / lr if lr > 0 else math.inf)
+    return _moving(factors)
+
+
+def _moving(factors: list[float]) -> list[float]:
+    """``factors``, refused when the optimizer moves none of the operator's parameters."""
+    if factors and all(f == math.inf for f in factors):
+        raise ValueError("optimizer: it moves none of the operator's parameters")
     return factors
 
 
@@ -222,11 +227,11 @@ def group_learning_rates(op: CurvatureOperator, optimizer: torch.optim.Optimizer
     docs/curvature.md, "Preconditioned operator and stability thresholds", on the
     eigenvectors of ``D^1/2 H D^1/2``). So the operator is :class:`PreconditionedOperator`
     with ``P = η_1 / η_g`` per parameter, ``η_1`` the first group that trains
-    (``stability.reference_group``); a group at learning rate 0 has ``D = 0``.
+    (``stability.reference_group``); a group at learning rate 0, and a parameter the
+    optimizer does not hold, have ``D = 0``.
 
     Raises:
-        ValueError: a parameter outside the optimizer, no group that trains, or a learning
-            rate that is not a number >= 0.
+        ValueError: no group that trains, or a learning rate that is not a number >= 0.
     """
     diag = tuple(torch.full(shape, f, dtype=op.dtype, device=op.device)
                  for shape, f in zip(op.shapes, _group_lr_factors(op, optimizer)))
@@ -237,7 +242,9 @@ def _optimizer_preconditioner(
     op: CurvatureOperator, optimizer: torch.optim.Optimizer, group_lr: bool = False,
 ) -> tuple[Vector, float, float]:
     objects = _objects(op)
-    factors = _group_lr_factors(op, optimizer) if group_lr else [1.0] * len(objects)
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    factors = _group_lr_factors(op, optimizer) if group_lr else _moving([
+        1.0 if id(p) in held else math.inf for p in objects])  # (outside: not moved by it)
     cls = type(optimizer).__name__
     kind = optimizer_kind(optimizer)
     if kind == "sgd":
@@ -250,14 +257,12 @@ def _optimizer_preconditioner(
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     diag, eps_seen, dead, total = [], set(), 0, 0
     for name, shape, p, factor in zip(op.names, op.shapes, objects, factors):
-        group = group_of.get(id(p))
-        if group is None:
-            raise ValueError(f"optimizer: parameter {name!r} is not optimised by it")
-        if "eps" not in group or (kind not in ("adamax", "rmsprop") and "betas" not in group):
-            raise ValueError(f"optimizer: {cls} has no Adam-style betas/eps")
-        if factor == math.inf:  # a group at learning rate 0: D = 0, whatever its state
+        if factor == math.inf:  # not moved (a group at rate 0, or not held): D = 0
             diag.append(torch.full(shape, math.inf, dtype=op.dtype, device=op.device))
             continue
+        group = group_of[id(p)]
+        if "eps" not in group or (kind not in ("adamax", "rmsprop") and "betas" not in group):
+            raise ValueError(f"optimizer: {cls} has no Adam-style betas/eps")
         state = optimizer.state.get(p, {})
         if any(is_sharded(v) for v in state.values()):  # FSDP2: this rank's rows of each
             # moment; the operator's vectors are whole (one parameter gathered at a time,
@@ -314,13 +319,14 @@ def preconditioned(op: CurvatureOperator, optimizer: Any, *,
         from the optimizer.
 
     Raises:
-        ValueError: the optimizer has no state yet (or not for every parameter), is SGD or
-            has no Adam-style ``betas``/``eps``, or does not optimise the operator's
-            parameters; or a preconditioner entry is not finite and > 0.
+        ValueError: the optimizer has no state yet (or not for every parameter it holds),
+            is SGD or has no Adam-style ``betas``/``eps``, or moves none of the operator's
+            parameters; or a preconditioner entry is not finite and > 0. (A parameter of the
+            operator that the optimizer does not hold is not moved by it: ``P = inf``.)
     """
     if isinstance(optimizer, torch.optim.Optimizer):
         diag, eps, dead = _optimizer_preconditioner(op, optimizer, group_lr)
-        return PreconditionedOperator(op, diag, eps=eps, dead_fraction=dead, frozen=group_lr)
+        return PreconditionedOperator(op, diag, eps=eps, dead_fraction=dead, frozen=True)
     if isinstance(optimizer, (tuple, list)):
         return PreconditionedOperator(op, optimizer)
     raise ValueError(

@@ -189,6 +189,7 @@ class Sharpness(Metric):
         self.adam_warmup = None if adam_warmup is None else int(adam_warmup)
         self.memory_budget = _budget(memory_budget)
         self._groups_said = False  # parameter groups of other settings: warned once
+        self._left_out_said = False  # trainable parameters the optimizer does not hold
 
     def config(self) -> dict[str, Any]:
         """``tol``, ``adam_warmup`` and ``memory_budget`` (when not ``"auto"``)."""
@@ -217,6 +218,19 @@ class Sharpness(Metric):
             "rate or momentum reaches its own at a lower sharpness)",
             RuntimeWarning, stacklevel=user_stacklevel())
 
+    def _say_left_out(self, names: list[str]) -> None:
+        """Warn once that the optimizer holds only some of the trainable parameters."""
+        if self._left_out_said:
+            return
+        self._left_out_said = True
+        warnings.warn(
+            f"landscape: sharpness: the optimizer does not hold {len(names)} of the model's "
+            f"trainable parameter tensors ({', '.join(repr(n) for n in names[:3])}"
+            f"{', ...' if len(names) > 3 else ''}): it does not move them, so they are left "
+            "out of lambda_max (docs/curvature.md); set requires_grad=False on them if "
+            "they are frozen, which also saves their gradients' memory",
+            RuntimeWarning, stacklevel=user_stacklevel())
+
     def _say_not_scaled(self, err: ValueError) -> None:
         """Warn once when the groups' learning rates cannot scale the operator."""
         if self._groups_said:
@@ -242,6 +256,7 @@ class Sharpness(Metric):
             learning_rate,
             optimizer_kind,
             stability_threshold,
+            training_groups,
         )
 
         opt = ctx.optimizer
@@ -254,11 +269,15 @@ class Sharpness(Metric):
             # preconditioned sharpness is meaningless until it has averaged some steps.
             return nan
         pre = adaptive and divides_by_preconditioner(opt)
-        group_lr = opt is not None and kind is not None and _only_lr_differs(opt)
+        outside = [] if opt is None or kind is None else _not_held(ctx, opt)
+        if outside:
+            self._say_left_out(outside)
+        group_lr = opt is not None and kind is not None and (
+            _only_lr_differs(opt) or bool(outside and training_groups(opt)))
         if group_lr and not pre:
             try:
                 ctx.operator(self.data, group_lr=True)
-            except ValueError as err:  # a trainable parameter the optimizer does not step
+            except ValueError as err:  # a learning rate that is not a number
                 group_lr = False
                 self._say_not_scaled(err)
         if pre:
@@ -298,6 +317,13 @@ def _group_settings(opt: torch.optim.Optimizer) -> list[tuple]:
     from landscape.curvature.stability import training_groups
 
     return [tuple(repr(g.get(k)) for k in _STABILITY_SETTINGS) for g in training_groups(opt)]
+
+
+def _not_held(ctx: StepContext, opt: torch.optim.Optimizer) -> list[str]:
+    """The monitored parameters that ``opt`` does not hold (it never moves them)."""
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    own = ctx._own()
+    return [n for n in ctx.names if id(own[n]) not in held]
 
 
 def _only_lr_differs(opt: torch.optim.Optimizer) -> bool:

@@ -29,8 +29,11 @@ def _regression(seed: int = 0):
     return model, (x, y)
 
 
-def _dense_ratio(model, batch, lrs, beta):
-    """lambda_max(D^1/2 H D^1/2) * eta_1 / (2 + 2 beta) from the dense Hessian."""
+def _dense_ratio(model, batch, lrs, beta, lr_of=None):
+    """lambda_max(D^1/2 H D^1/2) * eta_1 / (2 + 2 beta) from the dense Hessian.
+
+    ``lrs`` are the two layers' rates; ``lr_of`` overrides them per parameter name.
+    """
     names = [n for n, _ in model.named_parameters()]
     params = {n: p.detach() for n, p in model.named_parameters()}
     x, y = batch
@@ -45,7 +48,8 @@ def _dense_ratio(model, batch, lrs, beta):
                               for j in range(len(sizes))], 1) for i in range(len(sizes))])
     group = {"0.weight": 0, "0.bias": 0, "1.weight": 1, "1.bias": 1}
     ref = next(lr for lr in lrs if lr > 0)  # the first group that trains
-    d = torch.cat([torch.full((s,), lrs[group[n]] / ref, dtype=torch.float64)
+    lr_of = lr_of or {n: lrs[group[n]] for n in names}
+    d = torch.cat([torch.full((s,), lr_of[n] / ref, dtype=torch.float64)
                    for n, s in zip(names, sizes)])
     scaled = d.sqrt()[:, None] * h * d.sqrt()[None, :]
     return float(torch.linalg.eigvalsh(scaled)[-1]) * ref / (2 + 2 * beta)
@@ -187,13 +191,51 @@ def test_an_empty_first_group_gives_no_setting_to_the_threshold():
     assert row["ratio"] == pytest.approx(_dense_ratio(model, batch, lrs, 0.0), rel=1e-8)
 
 
-def test_a_trainable_parameter_outside_the_optimizer_falls_back_with_a_warning():
-    """The scaled operator needs every parameter's rate: one outside the optimizer failed
-    every row (edge_of_stability could never fire); now the Hessian's own lambda_max."""
+@pytest.mark.parametrize("rates", [(0.01, 0.1), (0.01, 0.01)])
+def test_a_trainable_parameter_outside_the_optimizer_is_left_out(rates):
+    """The optimizer never moves a parameter it does not hold: D = 0 there. With groups of
+    different rates every row failed; with one rate it was the whole Hessian's, silently
+    (2.2x too high for a head trained alone on a backbone left requiring grad)."""
     model, batch = _regression(4)
-    opt = torch.optim.SGD([{"params": [model[0].weight], "lr": 0.01},
-                           {"params": model[1].parameters(), "lr": 0.1}])  # 0.bias left out
-    with pytest.warns(RuntimeWarning, match="not optimised by it"):
+    opt = torch.optim.SGD([{"params": [model[0].weight], "lr": rates[0]},
+                           {"params": model[1].parameters(), "lr": rates[1]}])  # 0.bias out
+    with pytest.warns(RuntimeWarning, match=r"does not hold 1 .*'0\.bias'"):
         row = _sharpness_row(model, opt, batch)
-    hessian = _dense_ratio(model, batch, (0.01, 0.01), 0.0)  # D = 1: the Hessian's own
-    assert row["ratio"] == pytest.approx(hessian, rel=1e-8)
+    lr_of = {"0.weight": rates[0], "0.bias": 0.0, "1.weight": rates[1], "1.bias": rates[1]}
+    assert row["ratio"] == pytest.approx(_dense_ratio(model, batch, rates, 0.0, lr_of),
+                                         rel=1e-8)
+
+
+def test_an_adaptive_optimizer_holding_some_parameters_leaves_the_others_out():
+    """It failed every row ('parameter ... is not optimised by it')."""
+    model, batch = _regression(5)
+    opt = torch.optim.Adam(model[1].parameters(), lr=1e-3)  # the head alone
+    x, y = batch
+    with pytest.warns(RuntimeWarning, match="does not hold 2"), \
+            ls.Monitor(model, F.mse_loss, optimizer=opt, probe=batch, alarms=False,
+                       metrics=[Sharpness(tol=1e-10, schedule=1, adam_warmup=1)]) as mon:
+        for step in range(2):
+            opt.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            opt.step()
+            mon.step(step, batch=batch, loss=1.0)
+        _, ratios = mon.run().series("sharpness", "ratio")
+    head = {n: p for n, p in model.named_parameters() if n.startswith("1.")}
+    p_hat = torch.cat([(opt.state[p]["exp_avg_sq"] / (1 - 0.999 ** float(opt.state[p]["step"])))
+                       .sqrt().flatten() + 1e-8 for p in head.values()])
+    names = [n for n, _ in model.named_parameters()]
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    shapes = [p.shape for p in model.parameters()]
+
+    def loss_of(v):
+        parts, at = {}, 0
+        for n, sh in zip(names, shapes):
+            parts[n] = v[at: at + sh.numel()].reshape(sh)
+            at += sh.numel()
+        return F.mse_loss(torch.func.functional_call(model, parts, (x,)), y)
+
+    h = torch.func.hessian(loss_of)(flat)
+    inner = sum(p.numel() for n, p in model.named_parameters() if n.startswith("0."))
+    s = p_hat.rsqrt()
+    lam = float(torch.linalg.eigvalsh(s[:, None] * h[inner:, inner:] * s[None, :])[-1])
+    assert ratios[-1] == pytest.approx(lam / (3.8 / (0.1 * 1e-3)), rel=1e-7)
