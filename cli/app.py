@@ -212,7 +212,12 @@ def one_line_warnings() -> Iterator[None]:
     def show(message, category, filename, lineno, file=None, line=None):
         if _from_other_library(str(filename)) and not _verbose():
             return
-        click.echo(f"warning: {message}", err=True)
+        bar = getattr(sys.modules.get("tqdm"), "tqdm", None)
+        if bar is not None and getattr(bar, "_instances", None):
+            # a progress bar is drawn: clear its line, print, draw it again below
+            bar.write(f"warning: {message}", file=sys.stderr)
+        else:
+            click.echo(f"warning: {message}", err=True)
 
     with warnings.catch_warnings(), _quiet_library_logs(not _verbose()):
         warnings.simplefilter("default")

@@ -7,6 +7,8 @@ for the step, a regression's loss read as cross-entropy (0 at every weight).
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -230,6 +232,24 @@ def test_groups_of_equal_shapes_are_not_given_by_position(fac, tmp_path):
     assert "parameters of one shape in groups of different settings" in result.output
     _, threshold = ls.Run.open(tmp_path / "r.h5").series("sharpness", "threshold")
     assert threshold[0] == pytest.approx(3.8 / 0.1)  # the first training group's
+
+
+def test_a_warning_is_not_written_onto_the_progress_bar(fac, tmp_path):
+    """By default (no -q) analyze draws progress bars: a warning went onto the bar's line
+    ('... step 0]warning: ...'), where the bar's next redraw hid it."""
+    fac_path, ns = fac
+    model = ns["model"]()
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.01},
+                           {"params": model[2].parameters(), "lr": 0.1}])
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "ck.pt")
+    result = CliRunner().invoke(cli, [
+        "analyze", str(tmp_path / "ck.pt"), "--model", f"{fac_path}:model", "--data",
+        f"{fac_path}:data", "-m", "sharpness", "-o", str(tmp_path / "r.h5")])
+    assert result.exit_code == 0, result.output
+    # (the bars' own cursor moves removed: what a terminal shows, line by line)
+    lines = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", result.output).replace("\r", "\n").splitlines()
+    warned = [ln for ln in lines if "learning rates 0.01, 0.1" in ln]
+    assert warned and all(ln.startswith("warning: ") for ln in warned), warned
 
 
 def test_a_first_group_at_rate_zero_gives_no_threshold_of_its_own(fac, tmp_path):
