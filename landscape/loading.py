@@ -592,8 +592,13 @@ def refuse_mismatch(model: nn.Module, ckpt: Checkpoint) -> None:
             if keys:
                 more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
                 parts.append(f"{label}: {', '.join(keys[:3])}{more}")
+        hint = ""
+        if any(".lora_A." in k or ".lora_B." in k for k in unexpected):
+            hint = ("; it looks like PEFT adapter weights saved alone (their keys lack the "
+                    "adapter's name): save the merged model or the whole model's "
+                    "state_dict() instead")
         raise LandscapeError(
-            f"{ckpt.path}: checkpoint does not match the model ({'; '.join(parts)})"
+            f"{ckpt.path}: checkpoint does not match the model ({'; '.join(parts)}){hint}"
         )
 
 

@@ -97,12 +97,27 @@ def expand(paths: Sequence[str | Path]) -> list[Path]:
         elif ckpts := sorted(c for c in p.glob("*.ckpt") if c.is_file()):
             # a ModelCheckpoint folder; last.ckpt repeats the latest checkpoint
             out.extend([c for c in ckpts if not lit.is_last_copy(c)] or ckpts)
+        elif _holds_peft_adapter(p):
+            raise LandscapeError(f"{p}: {PEFT_ADAPTER}")
         else:
             raise LandscapeError(
                 f"{p}: is a directory, but neither a Hugging Face model folder (config.json "
                 "and weights), a Trainer output folder (checkpoint-N/ folders) nor a folder of "
                 "Lightning .ckpt files")
     return out
+
+
+PEFT_ADAPTER = (
+    "holds PEFT adapters (adapter_config.json), whose weights alone are not a model: save "
+    "the merged model (model.merge_and_unload().save_pretrained(folder)) or the whole "
+    "model's torch.save(model.state_dict(), path) with a --model factory that builds it")
+"""The error for a folder of PEFT (LoRA) adapter weights, saved without the model's."""
+
+
+def _holds_peft_adapter(folder: Path) -> bool:
+    """Whether ``folder`` (or its ``checkpoint-N/`` folders) holds PEFT adapter weights."""
+    return (folder / "adapter_config.json").is_file() or any(
+        (sub / "adapter_config.json").is_file() for sub in folder.glob("checkpoint-*"))
 
 
 def _load(path: Path, trust: bool) -> tuple[Checkpoint, dict[str, Any] | None]:

@@ -110,6 +110,30 @@ def test_the_keys_as_they_are_and_a_different_prefixed_copy_are_refused(fac):
     assert all(torch.equal(v, sd[k]) for k, v in fresh.state_dict().items())
 
 
+@pytest.mark.parametrize("layout", ["adapter", "trainer"])
+def test_peft_adapter_folders_are_refused_saying_what_to_save(fac, tmp_path, layout):
+    """A LoRA run's Trainer folders hold adapter weights alone: the error denied that the
+    folder was a Trainer output folder and said nothing of adapters."""
+    fac_path, _ = fac
+    folder = tmp_path / "out"
+    adapter = folder / "checkpoint-20" if layout == "trainer" else folder
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    torch.save({"lora_A.weight": torch.zeros(2, 4)}, adapter / "adapter_model.bin")
+    result = CliRunner().invoke(cli, ["analyze", str(folder), "--model", f"{fac_path}:model",
+                                      "--data", f"{fac_path}:data", "-m", "sharpness"])
+    assert result.exit_code == 1
+    assert "holds PEFT adapters" in result.output and "merge_and_unload" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_adapter_weights_given_as_a_file_are_named_in_the_mismatch(fac):
+    _, ns = fac
+    adapter = {"0.lora_A.weight": torch.zeros(2, 4), "0.lora_B.weight": torch.zeros(6, 2)}
+    with pytest.raises(LandscapeError, match="PEFT adapter weights saved alone"):
+        load_state_into(ns["model"](), Checkpoint(None, adapter, 1))
+
+
 def test_a_folder_named_by_its_number_gives_the_step():
     assert step_from_name("ckpts/1500/model.pt") == 1500
     assert step_from_name("ckpts/run/model.pt") is None
