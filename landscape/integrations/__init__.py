@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import importlib
 import math
+import os
 import warnings
 from typing import Any, Callable, Iterable, Sequence
 
@@ -165,6 +166,17 @@ def resume_options(options: dict[str, Any], path: Any, resumed_step: int) -> dic
             f"run file {path}: the rows before that step are lost; leave mode at its "
             "default ('a') to continue the file", RuntimeWarning, stacklevel=user_stacklevel())
     return out
+
+
+def make_run_folder(path: Any) -> None:
+    """Create the run file's folder, as the frameworks create their output folders.
+
+    A run file under the ``Trainer``'s ``output_dir`` or Lightning's log folder was refused
+    at the start of training when that folder did not exist yet (the framework creates it
+    later, at its first save).
+    """
+    if path is not None:
+        os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
 
 
 def refuse_stale_start(monitor: Monitor, first_step: int, owner: str, path: Any) -> None:

@@ -72,6 +72,7 @@ from landscape.integrations import (
     CallbackSettings,
     add_samples,
     chosen_mirrors,
+    make_run_folder,
     move_to_device,
     reaches,
     recorded_run,
@@ -358,6 +359,7 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
             lambda: report_to_mirrors(getattr(args, "report_to", None), args) if zero else [],
         )
         options = resume_options(self.monitor_options, self.path, int(state.global_step))
+        make_run_folder(self.path)
         if "batch_size" not in options and _counts_next_tokens(model, self.closure, options):
             options["batch_size"] = next_token_targets  # a token mean over padded batches
         self.monitor = Monitor(

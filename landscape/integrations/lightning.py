@@ -65,6 +65,7 @@ from landscape.integrations import (
     CallbackSettings,
     add_samples,
     chosen_mirrors,
+    make_run_folder,
     move_to_device,
     reaches,
     recorded_run,
@@ -263,6 +264,7 @@ class LandscapeCallback(CallbackSettings, Callback):
             lambda: lightning_logger_mirrors(trainer.loggers) if trainer.is_global_zero else [],
         )
         options = resume_options(self.monitor_options, self.path, int(trainer.global_step))
+        make_run_folder(self.path)
         self.monitor = Monitor(
             pl_module, loss_fn, self.path, optimizer=optimizer, metrics=self.metrics,
             probe=probe, closure=closure, config=config, on_finding=self._found,

@@ -105,6 +105,15 @@ def test_records_every_optimizer_step_with_the_loss_lightning_backpropagated(tmp
     _no_hooks_left(trainer, module)
 
 
+def test_the_run_files_folder_is_created_as_the_frameworks_create_theirs(tmp_path):
+    """A run file under a log folder that Lightning creates later was refused at the
+    start of training ('directory ... does not exist')."""
+    path = tmp_path / "logs" / "version_0" / "run.h5"
+    _fit(Classifier(), [LandscapeCallback(str(path), F.cross_entropy, probe=PROBE)], max_steps=2)
+    with Run.open(path) as run:
+        assert list(run.steps("loss")) == [0, 1]
+
+
 @pytest.mark.parametrize(
     ("optimizer", "metrics", "closure"),
     [("sgd", "full", None), ("adam", "standard", training_step_loss)],
