@@ -183,7 +183,10 @@ def _apply_saved(opt: torch.optim.Optimizer, model: nn.Module, saved: dict[str, 
         if not load_second_moments(opt, saved["state_dict"], _param_orders(model)):
             opt.state.clear()  # the sharpness row is NaN rather than another step's moments
             warnings.warn(f"{ckpt.path}: the saved Adam state does not match the model's "
-                          "parameters; no preconditioned sharpness for it", stacklevel=3)
+                          "parameters in their order (nor in the Hugging Face Trainer's): no "
+                          "preconditioned sharpness for it; an optimizer built over "
+                          "model.parameters() in order can be read, or record the sharpness "
+                          "during training with the Monitor", stacklevel=3)
 
 
 _GROUP_SETTINGS = ("lr", "momentum", "dampening", "nesterov", "betas")
@@ -256,8 +259,9 @@ def _say_saved_groups(saved: dict[str, Any], ckpt: Checkpoint) -> None:
             f"{', '.join(f'{r:g}' for r in rates)}, and its saved state cannot tell which "
             "weight was in which (none saved, or parameters of one shape in groups of "
             "different settings); analyze gives every parameter the first training group's "
-            "settings, so the sharpness ratio is that group's edge of stability (the Monitor "
-            "scales each group by its own rate)", stacklevel=4)
+            "settings: lambda_max is the Hessian's, not scaled by each group's rate, so the "
+            "ratio may be off by up to the ratio of the groups' rates (the Monitor, during "
+            "training, scales each group by its own)", stacklevel=4)
 
 
 def check_loss(net: nn.Module, loss_fn: Callable | None, batches: Sequence[Any], ckpt: Checkpoint,
