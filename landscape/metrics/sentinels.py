@@ -575,10 +575,15 @@ class Sentinels(Metric):
         if per_step is None or per_base is None:  # mixed devices or dtypes, sharded tensors
             norms = torch.stack(tensor_norms(
                 [ctx.update[i] for i in idx] + [ctx.params_before[i] for i in idx]))
-            ratios = norms[: len(idx)] / norms[len(idx):].clamp_min(1e-12)
+            steps, bases = norms[: len(idx)], norms[len(idx):]
         else:  # the per-tensor norms shared with the update metric (the same values)
             at = self._index_on(per_step.device)
-            ratios = per_step.index_select(0, at) / per_base.index_select(0, at).clamp_min(1e-12)
+            steps, bases = per_step.index_select(0, at), per_base.index_select(0, at)
+        # a weight that was exactly zero (LoRA's B before its first step) has no relative
+        # change: it is left out (its ratio read ~1e10 against a floor of 1e-12)
+        ratios = torch.where(bases > 0, steps / bases.clamp_min(1e-12), torch.zeros_like(steps))
+        if not bool((bases > 0).any()):
+            return {}
         best = int(ratios.argmax())
         layer = self.layers.index(ctx.names[idx[best]])
         return {"update_ratio": float(ratios[best]), "update_layer": float(layer)}

@@ -80,6 +80,25 @@ def test_sentinels_metric_matches_the_taylor_radius_metric_on_small_steps():
     assert (ratio[1:] > 0).all() and set(layer[1:]) <= {0.0, 1.0, 2.0}
 
 
+def test_a_weight_that_was_zero_has_no_update_ratio():
+    """LoRA's B starts at zero: its ratio read |dB| / 1e-12 (~1e10), a spike on every
+    LoRA run's first measured step."""
+    model = models.mlp(d_in=6, hidden=16, d_out=3, seed=0)
+    weights = [m.weight for m in model if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        weights[-1].zero_()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = models.classification_data(16, seed=1)
+    with ls.Monitor(model, F.cross_entropy, optimizer=opt, metrics=[Sentinels()], probe=(x, y),
+                    warn=False, strict=True) as mon:
+        before = [w.detach().clone() for w in weights]
+        models.full_batch_steps(mon, model, opt, x, y, 1)
+        _, (ratio,) = mon.run().series("sentinels", "update_ratio")
+    expected = max(float((w.detach() - b).norm() / b.norm()) for w, b in zip(weights, before)
+                   if b.norm() > 0)
+    assert ratio == pytest.approx(expected, rel=1e-5) and ratio < 1
+
+
 def test_the_row_records_the_largest_learning_rate_of_the_step():
     model = models.mlp(d_in=6, hidden=16, d_out=3, seed=0)
     head_params = list(model.parameters())[-2:]
