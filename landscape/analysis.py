@@ -288,6 +288,7 @@ def check_loss(net: nn.Module, loss_fn: Callable | None, batches: Sequence[Any],
     from landscape.metrics import split_batch
 
     for batch in batches:
+        outputs = None
         try:
             with isolated(net), torch.no_grad():
                 if closure is not None:
@@ -301,8 +302,15 @@ def check_loss(net: nn.Module, loss_fn: Callable | None, batches: Sequence[Any],
         except LandscapeError:
             raise
         except Exception as err:
+            hint = ""
+            if outputs is not None and not isinstance(outputs, torch.Tensor) \
+                    and hasattr(outputs, "logits"):
+                hint = (f" (the model returns a {type(outputs).__name__}, a Hugging Face "
+                        "output, not logits: give dict batches with labels for its own "
+                        "loss, or --loss module:fn taking (model, batch); a LightningModule "
+                        "around a Hugging Face model is analyzed through that model)")
             raise LandscapeError(
-                f"{ckpt.path}: the model or loss fails on the data: {err}"
+                f"{ckpt.path}: the model or loss fails on the data: {err}{hint}"
             ) from err
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             raise LandscapeError("the loss function must return a scalar tensor")

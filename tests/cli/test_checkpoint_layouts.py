@@ -134,6 +134,29 @@ def test_adapter_weights_given_as_a_file_are_named_in_the_mismatch(fac):
         load_state_into(ns["model"](), Checkpoint(None, adapter, 1))
 
 
+def test_a_hugging_face_output_under_a_tensor_loss_says_what_to_give(tmp_path):
+    """(inputs, targets) batches on a Hugging Face model failed in torch's words only
+    ('argument input must be Tensor, not SequenceClassifierOutput')."""
+    factories = tmp_path / "hf.py"
+    factories.write_text(
+        "import torch\nfrom transformers import BertConfig, BertForSequenceClassification\n\n"
+        "def model():\n    torch.manual_seed(0)\n    return BertForSequenceClassification("
+        "BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,"
+        " intermediate_size=32, max_position_embeddings=16, num_labels=3))\n\n"
+        "def data():\n    g = torch.Generator().manual_seed(1)\n"
+        "    return torch.randint(0, 50, (8, 6), generator=g), "
+        "torch.randint(0, 3, (8,), generator=g)\n")
+    ns: dict = {}
+    exec(factories.read_text(), ns)
+    torch.save(ns["model"]().state_dict(), tmp_path / "m.pt")
+    result = CliRunner().invoke(cli, ["analyze", str(tmp_path / "m.pt"), "--model",
+                                      f"{factories}:model", "--data", f"{factories}:data",
+                                      "-m", "sharpness", "-q"])
+    assert result.exit_code == 1
+    assert "a Hugging Face output, not logits: give dict batches with labels" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_a_folder_named_by_its_number_gives_the_step():
     assert step_from_name("ckpts/1500/model.pt") == 1500
     assert step_from_name("ckpts/run/model.pt") is None
