@@ -209,6 +209,25 @@ def _group_lr_factors(op: CurvatureOperator, optimizer: torch.optim.Optimizer) -
     return _moving(factors)
 
 
+def _moving_factors(op: CurvatureOperator, optimizer: torch.optim.Optimizer) -> list[float]:
+    """Per operator parameter: 1 where the optimizer moves it, ``inf`` (``D = 0``) where not.
+
+    Not moved: a parameter it does not hold, or one in a group at learning rate 0 while
+    another group trains (when none does, the first step of a warm-up from 0, every held
+    parameter counts as moving: the step's shape is still the optimizer's).
+
+    Raises:
+        ValueError: the optimizer moves none of the operator's parameters.
+    """
+    from landscape.curvature.stability import learning_rate, training_groups
+
+    trains = bool(training_groups(optimizer))
+    lr_of = {id(p): learning_rate(g.get("lr")) for g in optimizer.param_groups
+             for p in g["params"]}
+    return _moving([1.0 if id(p) in lr_of and not (trains and lr_of[id(p)] == 0) else math.inf
+                    for p in _objects(op)])
+
+
 def _moving(factors: list[float]) -> list[float]:
     """``factors``, refused when the optimizer moves none of the operator's parameters."""
     if factors and all(f == math.inf for f in factors):
@@ -216,8 +235,8 @@ def _moving(factors: list[float]) -> list[float]:
     return factors
 
 
-def group_learning_rates(op: CurvatureOperator, optimizer: torch.optim.Optimizer
-                         ) -> PreconditionedOperator:
+def group_learning_rates(op: CurvatureOperator, optimizer: torch.optim.Optimizer, *,
+                         rates: bool = True) -> PreconditionedOperator:
     """``D^1/2 op D^1/2`` with ``D`` each parameter's learning rate over the reference group's.
 
     SGD with parameter groups of different learning rates (a new head trained faster than
@@ -228,13 +247,16 @@ def group_learning_rates(op: CurvatureOperator, optimizer: torch.optim.Optimizer
     eigenvectors of ``D^1/2 H D^1/2``). So the operator is :class:`PreconditionedOperator`
     with ``P = η_1 / η_g`` per parameter, ``η_1`` the first group that trains
     (``stability.reference_group``); a group at learning rate 0, and a parameter the
-    optimizer does not hold, have ``D = 0``.
+    optimizer does not hold, have ``D = 0``. With ``rates=False`` only those are left out
+    (``D`` is 1 elsewhere): groups that differ in momentum have no common scaled threshold,
+    but what the optimizer does not move still has no part in its stability.
 
     Raises:
         ValueError: no group that trains, or a learning rate that is not a number >= 0.
     """
     diag = tuple(torch.full(shape, f, dtype=op.dtype, device=op.device)
-                 for shape, f in zip(op.shapes, _group_lr_factors(op, optimizer)))
+                 for shape, f in zip(op.shapes, _group_lr_factors(op, optimizer) if rates
+                                     else _moving_factors(op, optimizer)))
     return PreconditionedOperator(op, diag, frozen=True)
 
 
@@ -242,9 +264,7 @@ def _optimizer_preconditioner(
     op: CurvatureOperator, optimizer: torch.optim.Optimizer, group_lr: bool = False,
 ) -> tuple[Vector, float, float]:
     objects = _objects(op)
-    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    factors = _group_lr_factors(op, optimizer) if group_lr else _moving([
-        1.0 if id(p) in held else math.inf for p in objects])  # (outside: not moved by it)
+    factors = (_group_lr_factors if group_lr else _moving_factors)(op, optimizer)
     cls = type(optimizer).__name__
     kind = optimizer_kind(optimizer)
     if kind == "sgd":
@@ -322,7 +342,8 @@ def preconditioned(op: CurvatureOperator, optimizer: Any, *,
         ValueError: the optimizer has no state yet (or not for every parameter it holds),
             is SGD or has no Adam-style ``betas``/``eps``, or moves none of the operator's
             parameters; or a preconditioner entry is not finite and > 0. (A parameter of the
-            operator that the optimizer does not hold is not moved by it: ``P = inf``.)
+            operator that the optimizer does not hold, or holds at learning rate 0 while
+            another group trains, is not moved by it: ``P = inf``.)
     """
     if isinstance(optimizer, torch.optim.Optimizer):
         diag, eps, dead = _optimizer_preconditioner(op, optimizer, group_lr)

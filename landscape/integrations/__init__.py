@@ -175,8 +175,12 @@ def make_run_folder(path: Any) -> None:
     at the start of training when that folder did not exist yet (the framework creates it
     later, at its first save).
     """
-    if path is not None:
+    if path is None:
+        return
+    try:
         os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+    except (OSError, TypeError):  # (a file in the way, no permission: the run file's own
+        pass  # one-line error says what is wrong with its path)
 
 
 def refuse_stale_start(monitor: Monitor, first_step: int, owner: str, path: Any) -> None:

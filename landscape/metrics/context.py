@@ -485,7 +485,7 @@ class StepContext:
     # -- curvature, shared between metrics
 
     def operator(self, source: str, preconditioned: bool = False,
-                 group_lr: bool = False) -> Any:
+                 group_lr: bool | str = False) -> Any:
         """The Hessian of the loss on ``source``, shared by the metrics due at this step.
 
         Args:
@@ -500,7 +500,9 @@ class StepContext:
                 on a healthy run (docs/metrics.md, "Sharpness").
             group_lr: scale each parameter group by its learning rate relative to the
                 first group's (:func:`landscape.curvature.precondition.group_learning_rates`;
-                with ``preconditioned``, folded into the preconditioner).
+                with ``preconditioned``, folded into the preconditioner); ``"moving"``: only
+                leave out what the optimizer does not move (groups at rate 0, parameters it
+                does not hold), unscaled.
 
         Returns:
             The curvature operator.
@@ -530,18 +532,18 @@ class StepContext:
                 batch_size=self.batch_size,
                 batch_statistics=preconditioned,
             )
-            if preconditioned:
-                op = curvature.preconditioned(op, self.optimizer, group_lr=group_lr)
+            if preconditioned:  # (which leaves out what the optimizer does not hold)
+                op = curvature.preconditioned(op, self.optimizer, group_lr=group_lr is True)
             elif group_lr:
                 from landscape.curvature.precondition import group_learning_rates
 
-                op = group_learning_rates(op, self.optimizer)
+                op = group_learning_rates(op, self.optimizer, rates=group_lr is True)
             self._cache[key] = op
         return self._cache[key]
 
     def eigen(
         self, source: str, k: int, preconditioned: bool = False, tol: float = 1e-3,
-        group_lr: bool = False, **memory: Any,
+        group_lr: bool | str = False, **memory: Any,
     ) -> Any:
         """Top-``k`` eigenpairs, warm-started from the previous measurement of the same kind.
 
@@ -558,7 +560,7 @@ class StepContext:
         Returns:
             The eigen result (a larger ``k`` computed earlier in the step is reused).
         """
-        key = ("eigen", source, preconditioned) + (("group_lr",) if group_lr else ())
+        key = ("eigen", source, preconditioned) + ((("group_lr", group_lr),) if group_lr else ())
         cached = self._cache.get(key)
         if cached is not None and len(cached.values) >= k:
             return cached

@@ -75,7 +75,7 @@ def _budget_kwargs(ctx: StepContext, source: str, budget: Budget) -> dict[str, A
 
 def _eigen(
     ctx: StepContext, source: str, k: int, tol: float, budget: Budget,
-    preconditioned: bool = False, group_lr: bool = False,
+    preconditioned: bool = False, group_lr: bool | str = False,
 ) -> Any:
     """:meth:`StepContext.eigen` within ``budget``: the same cache and warm starts."""
     return ctx.eigen(source, k, preconditioned=preconditioned, tol=tol, group_lr=group_lr,
@@ -270,10 +270,17 @@ class Sharpness(Metric):
             return nan
         pre = adaptive and divides_by_preconditioner(opt)
         outside = [] if opt is None or kind is None else _not_held(ctx, opt)
+        if outside and len(outside) == len(ctx.names):
+            raise MissingInput(f"the optimizer ({type(opt).__name__}) holds none of the "
+                               "model's trainable parameters: no sharpness of its steps")
         if outside:
             self._say_left_out(outside)
-        group_lr = opt is not None and kind is not None and (
-            _only_lr_differs(opt) or bool(outside and training_groups(opt)))
+        group_lr: bool | str = False
+        if opt is not None and kind is not None and training_groups(opt):
+            if _only_lr_differs(opt):
+                group_lr = True  # each group scaled by its rate (what does not move: 0)
+            elif outside or _frozen_groups(opt):
+                group_lr = "moving"  # only what the optimizer does not move left out
         if group_lr and not pre:
             try:
                 ctx.operator(self.data, group_lr=True)
@@ -324,6 +331,13 @@ def _not_held(ctx: StepContext, opt: torch.optim.Optimizer) -> list[str]:
     held = {id(p) for g in opt.param_groups for p in g["params"]}
     own = ctx._own()
     return [n for n in ctx.names if id(own[n]) not in held]
+
+
+def _frozen_groups(opt: torch.optim.Optimizer) -> bool:
+    """Whether a parameter group holds parameters at learning rate 0 (they do not move)."""
+    from landscape.curvature.stability import learning_rate
+
+    return any(g.get("params") and learning_rate(g.get("lr")) == 0 for g in opt.param_groups)
 
 
 def _only_lr_differs(opt: torch.optim.Optimizer) -> bool:

@@ -581,8 +581,9 @@ class Sentinels(Metric):
             steps, bases = per_step.index_select(0, at), per_base.index_select(0, at)
         # a weight that was exactly zero (LoRA's B before its first step) has no relative
         # change: it is left out (its ratio read ~1e10 against a floor of 1e-12)
-        ratios = torch.where(bases > 0, steps / bases.clamp_min(1e-12), torch.zeros_like(steps))
-        if not bool((bases > 0).any()):
+        # (a NaN weight keeps its NaN ratio, which the row reports)
+        ratios = torch.where(bases != 0, steps / bases.clamp_min(1e-12), torch.zeros_like(steps))
+        if not bool((bases != 0).any()):
             return {}
         best = int(ratios.argmax())
         layer = self.layers.index(ctx.names[idx[best]])

@@ -286,6 +286,9 @@ class Monitor:
         """
         if self.writer is not None:
             return self
+        # FSDP2: a forward before the start (an evaluation) leaves the root's parameters
+        # unsharded; the optimizer holds the sharded ones, which the monitor must see too
+        _dist.reshard(self.model)
         named = trainable_named_parameters(self.model)
         self._names = list(named)
         self._own = list(named.values())

@@ -32,15 +32,19 @@ def curvature_metrics() -> list[Any]:
 
 
 def train(net: torch.nn.Module, shard: slice, path: str | None, *, adam: bool = False,
-          **monitor: Any) -> dict[str, Any]:
+          evaluate_first: bool = False, **monitor: Any) -> dict[str, Any]:
     """SGD (or Adam) on samples ``shard`` of ``dataset(N)``, monitored with ``monitor``.
 
     Under FSDP each rank trains on its half and the reduce-scatter averages the gradients:
     the full-batch gradient (the halves have equal sizes). Adam's moments are sharded as
-    its parameters are (DTensors)."""
+    its parameters are (DTensors). ``evaluate_first``: a no-grad forward before the
+    monitor starts (an evaluation), which leaves FSDP2's root unsharded."""
     x, y = W.dataset(N)
     opt = torch.optim.Adam(net.parameters(), lr=1e-2) if adam else torch.optim.SGD(
         net.parameters(), lr=0.5)
+    if evaluate_first:
+        with torch.no_grad():
+            net(x[shard])
     with Monitor(net, F.cross_entropy, path, optimizer=opt, warn=False, mode="w",
                  **monitor) as mon:
         for step in range(STEPS):
@@ -82,6 +86,28 @@ def root_only_worker(rank: int, out_dir: str) -> None:
 
 
 WHOLE_WEIGHT_METRICS = ("spectral_alignment", "representation", "collapse")
+
+
+def evaluated_worker(rank: int, out_dir: str) -> None:
+    """An evaluation forward before the monitor starts: it saw the root's gathered copies,
+    not the optimizer's sharded parameters (a 'does not hold' warning; with the sentinels
+    and the update besides, a segmentation fault)."""
+    import warnings
+
+    from torch.distributed.fsdp import fully_shard
+
+    half = slice(rank * N // 2, (rank + 1) * N // 2)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        result = train(fully_shard(W.model()), half, os.path.join(out_dir, "evaluated.h5"),
+                       adam=True, evaluate_first=True, metrics=evaluated_metrics(),
+                       probe=W.probe())
+    result["warnings"] = [str(w.message) for w in seen if "landscape" in str(w.message)]
+    W._save(out_dir, rank, result)
+
+
+def evaluated_metrics() -> list[Any]:
+    return ["loss", "sentinels", "update", Sharpness(tol=1e-8, schedule=1, adam_warmup=1)]
 
 
 # ----------------------------------------------------------------------------- surfaces

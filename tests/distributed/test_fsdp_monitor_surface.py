@@ -92,6 +92,18 @@ def test_a_root_only_fsdp_model_trains_on_after_the_monitors_forwards(tmp_path):
             _compare(fsdp, one, metric, one.fields(metric), 1e-9)
 
 
+def test_a_monitor_started_after_an_evaluation_forward_sees_the_sharded_parameters(tmp_path):
+    run_ranks(FW.evaluated_worker, tmp_path, timeout=300)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    single = FW.train(W.model(), slice(0, FW.N), str(tmp_path / "one.h5"), adam=True,
+                      evaluate_first=True, metrics=FW.evaluated_metrics(), probe=W.probe())
+    assert r0["failed"] == r1["failed"] == [] == single["failed"]
+    assert not [w for w in r0["warnings"] + r1["warnings"] if "does not hold" in w]
+    with Run.open(tmp_path / "evaluated.h5") as fsdp, Run.open(tmp_path / "one.h5") as one:
+        _compare(fsdp, one, "sharpness", CURVATURE["sharpness"], 1e-6)
+        _compare(fsdp, one, "update", one.fields("update"), 1e-9)
+
+
 def test_fsdp_surfaces_equal_the_single_process_surfaces(tmp_path):
     from landscape.surface import line, plane
 

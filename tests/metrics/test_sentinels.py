@@ -97,6 +97,16 @@ def test_a_weight_that_was_zero_has_no_update_ratio():
     expected = max(float((w.detach() - b).norm() / b.norm()) for w, b in zip(weights, before)
                    if b.norm() > 0)
     assert ratio == pytest.approx(expected, rel=1e-5) and ratio < 1
+    with ls.Monitor(model, F.cross_entropy, optimizer=opt, metrics=[Sentinels()], probe=(x, y),
+                    warn=False) as mon:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        with torch.no_grad():
+            weights[0][0, 0] = float("nan")  # diverged before the step: its ratio is NaN
+        opt.step()
+        mon.step(0, batch=(x, y), loss=1.0)
+        _, (ratio,) = mon.run().series("sentinels", "update_ratio")
+    assert math.isnan(ratio)  # not another layer's finite ratio
 
 
 def test_the_row_records_the_largest_learning_rate_of_the_step():

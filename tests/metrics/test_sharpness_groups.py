@@ -239,3 +239,26 @@ def test_an_adaptive_optimizer_holding_some_parameters_leaves_the_others_out():
     s = p_hat.rsqrt()
     lam = float(torch.linalg.eigvalsh(s[:, None] * h[inner:, inner:] * s[None, :])[-1])
     assert ratios[-1] == pytest.approx(lam / (3.8 / (0.1 * 1e-3)), rel=1e-7)
+
+
+def test_groups_of_other_momenta_leave_out_what_does_not_move_unscaled():
+    """Groups differing in momentum have no common scaled threshold: the Hessian's own
+    lambda_max (with a warning). A parameter outside the optimizer switched it to the
+    rate-scaled operator (7.7x higher); it only leaves that parameter out."""
+    model, batch = _regression(6)
+    opt = torch.optim.SGD([{"params": [model[0].weight], "lr": 0.01, "momentum": 0.9},
+                           {"params": model[1].parameters(), "lr": 0.1}])  # 0.bias out
+    with pytest.warns(RuntimeWarning, match="differ in momentum"):
+        row = _sharpness_row(model, opt, batch)
+    lr_of = {"0.weight": 1.0, "0.bias": 0.0, "1.weight": 1.0, "1.bias": 1.0}  # D: 1 or 0
+    hessian_moving = _dense_ratio(model, batch, (1.0, 1.0), 0.0, lr_of) * 2  # lambda_max
+    assert row["lambda_max"] == pytest.approx(hessian_moving, rel=1e-8)
+    assert row["threshold"] == pytest.approx(3.8 / 0.01)
+
+
+def test_an_optimizer_holding_none_of_the_parameters_gives_no_row():
+    model, batch = _regression(7)
+    other = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    with pytest.warns(RuntimeWarning, match="holds none of the model's trainable"):
+        row = _sharpness_row(model, other, batch)
+    assert all(v != v for v in row.values())  # NaN: the metric failed, saying why
