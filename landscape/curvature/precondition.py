@@ -252,7 +252,8 @@ def group_learning_rates(op: CurvatureOperator, optimizer: torch.optim.Optimizer
     but what the optimizer does not move still has no part in its stability.
 
     Raises:
-        ValueError: no group that trains, or a learning rate that is not a number >= 0.
+        ValueError: the optimizer moves none of the operator's parameters; with ``rates``,
+            no group that trains, or a learning rate that is not a number >= 0.
     """
     diag = tuple(torch.full(shape, f, dtype=op.dtype, device=op.device)
                  for shape, f in zip(op.shapes, _group_lr_factors(op, optimizer) if rates
