@@ -55,6 +55,22 @@ def _dense_ratio(model, batch, lrs, beta, lr_of=None):
     return float(torch.linalg.eigvalsh(scaled)[-1]) * ref / (2 + 2 * beta)
 
 
+def _flat_hessian(model, x, y) -> torch.Tensor:
+    """The dense Hessian of the MSE loss over every parameter, flattened in model order."""
+    names = [n for n, _ in model.named_parameters()]
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    shapes = [p.shape for p in model.parameters()]
+
+    def loss_of(v):
+        parts, at = {}, 0
+        for n, sh in zip(names, shapes):
+            parts[n] = v[at: at + sh.numel()].reshape(sh)
+            at += sh.numel()
+        return F.mse_loss(torch.func.functional_call(model, parts, (x,)), y)
+
+    return torch.func.hessian(loss_of)(flat)
+
+
 def _sharpness_row(model, opt, batch) -> dict[str, float]:
     with ls.Monitor(model, F.mse_loss, optimizer=opt, probe=batch, alarms=False,
                     metrics=[Sharpness(tol=1e-10, schedule=1)]) as mon:
@@ -145,18 +161,7 @@ def test_adams_groups_fold_their_rates_into_the_preconditioner(lrs):
             ref = max(lrs) if lrs[0] == 0 else lrs[0]  # the first group that trains
             scale.append((lrs[i] / ref / (v_hat.sqrt() + eps)).sqrt().flatten())
     s = torch.cat(scale)
-    names = [n for n, _ in model.named_parameters()]
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-    shapes = [p.shape for p in model.parameters()]
-
-    def loss_of(v):
-        parts, at = {}, 0
-        for n, sh in zip(names, shapes):
-            parts[n] = v[at: at + sh.numel()].reshape(sh)
-            at += sh.numel()
-        return F.mse_loss(torch.func.functional_call(model, parts, (x,)), y)
-
-    h = torch.func.hessian(loss_of)(flat)
+    h = _flat_hessian(model, x, y)
     lam = float(torch.linalg.eigvalsh(s[:, None] * h * s[None, :])[-1])
     threshold = (2 + 2 * betas[0]) / ((1 - betas[0]) * (lrs[0] or lrs[1]))
     assert ratios[-1] == pytest.approx(lam / threshold, rel=1e-7)
@@ -223,18 +228,7 @@ def test_an_adaptive_optimizer_holding_some_parameters_leaves_the_others_out():
     head = {n: p for n, p in model.named_parameters() if n.startswith("1.")}
     p_hat = torch.cat([(opt.state[p]["exp_avg_sq"] / (1 - 0.999 ** float(opt.state[p]["step"])))
                        .sqrt().flatten() + 1e-8 for p in head.values()])
-    names = [n for n, _ in model.named_parameters()]
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-    shapes = [p.shape for p in model.parameters()]
-
-    def loss_of(v):
-        parts, at = {}, 0
-        for n, sh in zip(names, shapes):
-            parts[n] = v[at: at + sh.numel()].reshape(sh)
-            at += sh.numel()
-        return F.mse_loss(torch.func.functional_call(model, parts, (x,)), y)
-
-    h = torch.func.hessian(loss_of)(flat)
+    h = _flat_hessian(model, x, y)
     inner = sum(p.numel() for n, p in model.named_parameters() if n.startswith("0."))
     s = p_hat.rsqrt()
     lam = float(torch.linalg.eigvalsh(s[:, None] * h[inner:, inner:] * s[None, :])[-1])
