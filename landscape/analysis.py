@@ -189,53 +189,37 @@ def _apply_saved(opt: torch.optim.Optimizer, model: nn.Module, saved: dict[str, 
                           "during training with the Monitor", stacklevel=3)
 
 
-_GROUP_SETTINGS = ("lr", "momentum", "dampening", "nesterov", "betas")
-
-
 def _saved_groups(state: Any, model: nn.Module, base: dict[str, Any]
                   ) -> list[dict[str, Any]] | None:
     """The saved optimizer's parameter groups over ``model``'s parameters, when they differ.
 
     A saved ``state_dict`` numbers the parameters group after group, by position only: an
-    order of the model's parameters (:func:`_param_orders`) is taken when every parameter's
-    saved state (momentum buffer, Adam's moments) has its shape, the evidence that the
-    numbers mean those parameters, and no two parameters of one shape fall in groups of
-    different settings (equal shapes prove nothing: layer-wise rates listed from the top
-    layer down would be given to the wrong layers). None: one group, groups alike in the
-    settings the threshold reads, or no order borne out (plain SGD keeps no state).
+    order of the model's parameters (:func:`_param_orders`) is taken when the saved states
+    bear it out (:func:`~landscape.checkpoints.optim.saved_parameters`) and no two
+    parameters of one shape fall in groups of different settings (equal shapes prove
+    nothing: layer-wise rates listed from the top layer down would be given to the wrong
+    layers). None: one group, groups alike in the settings the threshold reads, or no
+    order borne out (plain SGD keeps no state).
     """
+    from landscape.checkpoints.optim import saved_parameters
+    from landscape.curvature.stability import stability_settings
+
     groups = state.get("param_groups") if isinstance(state, dict) else None
     if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
         return None
-    if len({tuple(repr(g.get(k)) for k in _GROUP_SETTINGS) for g in groups
-            if g.get("params")}) < 2:
+    if len({stability_settings(g) for g in groups if g.get("params")}) < 2:
         return None
-    ids = [i for g in groups for i in g.get("params", [])]
-    states = state.get("state", {})
-    for order in _param_orders(model):
-        if len(order) != len(ids):
-            continue
-        of = dict(zip(ids, order))
-        if not all(_state_fits(states.get(i), p) for i, p in of.items()):
-            continue
-        settings_of_shape: dict[tuple, set] = {}
-        for g in groups:
-            setting = tuple(repr(g.get(k)) for k in _GROUP_SETTINGS)
-            for i in g.get("params", []):
-                settings_of_shape.setdefault(tuple(of[i].shape), set()).add(setting)
-        if any(len(found) > 1 for found in settings_of_shape.values()):
-            return None  # which of the equal shapes trained at which rate is not borne out
-        return [{**base, **{k: g[k] for k in _HYPER if k in g and k in base},
-                 "params": [of[i] for i in g.get("params", [])]} for g in groups]
-    return None
-
-
-def _state_fits(state: Any, param: nn.Parameter) -> bool:
-    """Whether a parameter's saved state holds tensors, every one of ``param``'s shape."""
-    if not isinstance(state, dict):
-        return False
-    shapes = [tuple(v.shape) for v in state.values() if isinstance(v, torch.Tensor) and v.dim()]
-    return bool(shapes) and all(shape == tuple(param.shape) for shape in shapes)
+    of = saved_parameters(state, _param_orders(model))
+    if of is None:
+        return None
+    settings_of_shape: dict[tuple, set] = {}
+    for g in groups:
+        for i in g.get("params", []):
+            settings_of_shape.setdefault(tuple(of[i].shape), set()).add(stability_settings(g))
+    if any(len(found) > 1 for found in settings_of_shape.values()):
+        return None  # which of the equal shapes trained at which rate is not borne out
+    return [{**base, **{k: g[k] for k in _HYPER if k in g and k in base},
+             "params": [of[i] for i in g.get("params", [])]} for g in groups]
 
 
 def _say_saved_groups(saved: dict[str, Any], ckpt: Checkpoint) -> None:

@@ -49,6 +49,16 @@ def dot(u: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> torch.Tensor:
     )
 
 
+def stackable(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether per-tensor results of ``tensors`` stack into one tensor.
+
+    True for a non-empty sequence of plain tensors (no DTensor shards) on one device, in
+    one dtype: their fused norms (:func:`tensor_norms`) then stack.
+    """
+    return (bool(tensors) and all(type(t) is torch.Tensor for t in tensors)
+            and len({(t.device, t.dtype) for t in tensors}) == 1)
+
+
 def norm(v: Sequence[torch.Tensor]) -> torch.Tensor:
     """Euclidean norm over all tensors (a 0-d tensor), in one fused pass where possible.
 

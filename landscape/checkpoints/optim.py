@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-__all__ = ["load_second_moments", "optimizer_settings"]
+__all__ = ["load_second_moments", "optimizer_settings", "saved_parameters"]
 
 _KEEP = ("lr", "momentum", "dampening", "nesterov", "betas", "eps", "weight_decay", "amsgrad")
 
@@ -35,13 +35,12 @@ def optimizer_settings(state: Mapping[str, Any] | None) -> dict[str, Any] | None
     Returns:
         The settings, or None when the state holds no recognisable group.
     """
-    from landscape.curvature.stability import learning_rate
+    from landscape.curvature.stability import reference_group
 
     groups = state.get("param_groups") if isinstance(state, Mapping) else None
     if not groups or not all(isinstance(g, Mapping) for g in groups) or "lr" not in groups[0]:
         return None
-    group = next((g for g in groups if g.get("params") and learning_rate(g.get("lr")) > 0),
-                 groups[0])
+    group = reference_group(groups)
     if "betas" in group:
         name = "adam"
     elif "momentum" in group:
@@ -76,15 +75,52 @@ def read_optimizer_file(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def saved_parameters(
+    saved: Mapping[str, Any], orders: Sequence[Sequence[torch.nn.Parameter]],
+    needs: Sequence[str] = (),
+) -> dict[Any, torch.nn.Parameter] | None:
+    """The parameters a saved optimizer ``state_dict``'s numbers stand for, or None.
+
+    The saved state numbers the parameters group after group, by position only; ``orders``
+    are candidate parameter orders (the model's; the Hugging Face ``Trainer``'s decay /
+    no-decay split): the first in which every parameter's saved state holds the entries
+    ``needs`` and tensors of that parameter's shape only (the evidence that the numbers
+    mean those parameters) is taken.
+
+    Args:
+        saved: the saved ``state_dict``.
+        orders: candidate orders of the parameters.
+        needs: state entries every parameter must have (Adam's ``exp_avg_sq``).
+
+    Returns:
+        ``{saved number: parameter}``, or None when no order fits.
+    """
+    ids = [i for g in saved.get("param_groups", []) for i in g.get("params", [])]
+    states = saved.get("state", {})
+    for order in orders:
+        if len(order) == len(ids):
+            of = dict(zip(ids, order))
+            if all(_state_fits(states.get(i), p, needs) for i, p in of.items()):
+                return of
+    return None
+
+
+def _state_fits(state: Any, param: torch.nn.Parameter, needs: Sequence[str]) -> bool:
+    """Whether a parameter's saved state holds ``needs`` and tensors, all of its shape."""
+    if not isinstance(state, Mapping) or any(k not in state for k in needs):
+        return False
+    shapes = [tuple(v.shape) for v in state.values() if isinstance(v, torch.Tensor) and v.dim()]
+    return bool(shapes) and all(shape == tuple(param.shape) for shape in shapes)
+
+
 def load_second_moments(
     optimizer: torch.optim.Optimizer, saved: Mapping[str, Any],
     orders: Sequence[Sequence[torch.nn.Parameter]],
 ) -> bool:
     """Put a saved Adam state (``exp_avg_sq``, ``step``, ...) into ``optimizer``.
 
-    The saved state numbers the parameters group after group; ``orders`` are candidate
-    parameter orders (the model's; the Hugging Face ``Trainer``'s decay / no-decay split),
-    the first whose every shape matches the saved moments is used.
+    The parameters are those :func:`saved_parameters` finds in ``orders`` for the saved
+    moments.
 
     Args:
         optimizer: an Adam-type optimizer over the analyzed parameters.
@@ -94,17 +130,12 @@ def load_second_moments(
     Returns:
         Whether a matching order was found and loaded.
     """
-    ids = [i for g in saved.get("param_groups", []) for i in g.get("params", [])]
+    of = saved_parameters(saved, orders, needs=("exp_avg_sq",))
+    if of is None:
+        return False
     states = saved.get("state", {})
-    for order in orders:
-        if len(order) != len(ids):
-            continue
-        pairs = list(zip(ids, order))
-        if all(isinstance(states.get(i), Mapping) and "exp_avg_sq" in states[i]
-               and tuple(states[i]["exp_avg_sq"].shape) == tuple(p.shape) for i, p in pairs):
-            optimizer.state.clear()
-            for i, p in pairs:
-                optimizer.state[p] = {k: (v.to(p.device).clone() if isinstance(v, torch.Tensor)
-                                          and v.dim() else v) for k, v in states[i].items()}
-            return True
-    return False
+    optimizer.state.clear()
+    for i, p in of.items():
+        optimizer.state[p] = {k: (v.to(p.device).clone() if isinstance(v, torch.Tensor)
+                                  and v.dim() else v) for k, v in states[i].items()}
+    return True

@@ -182,6 +182,14 @@ def _objects(op: CurvatureOperator) -> Sequence[torch.nn.Parameter]:
     return objects
 
 
+def _rates(optimizer: torch.optim.Optimizer) -> dict[int, float]:
+    """Each held parameter's learning rate, by ``id``."""
+    from landscape.curvature.stability import learning_rate
+
+    return {id(p): learning_rate(g.get("lr")) for g in optimizer.param_groups
+            for p in g["params"]}
+
+
 def _group_lr_factors(op: CurvatureOperator, optimizer: torch.optim.Optimizer) -> list[float]:
     """Per operator parameter: the reference group's learning rate over its own group's.
 
@@ -197,8 +205,7 @@ def _group_lr_factors(op: CurvatureOperator, optimizer: torch.optim.Optimizer) -
     first = learning_rate(reference_group(optimizer).get("lr"))
     if not first > 0:
         raise ValueError(f"optimizer: no parameter group trains (learning rate {first})")
-    lr_of = {id(p): learning_rate(g.get("lr")) for g in optimizer.param_groups
-             for p in g["params"]}
+    lr_of = _rates(optimizer)
     factors = []
     for name, p in zip(op.names, _objects(op)):
         lr = lr_of.get(id(p), 0.0)  # (a parameter outside the optimizer: not moved by it)
@@ -219,11 +226,10 @@ def _moving_factors(op: CurvatureOperator, optimizer: torch.optim.Optimizer) -> 
     Raises:
         ValueError: the optimizer moves none of the operator's parameters.
     """
-    from landscape.curvature.stability import learning_rate, training_groups
+    from landscape.curvature.stability import training_groups
 
     trains = bool(training_groups(optimizer))
-    lr_of = {id(p): learning_rate(g.get("lr")) for g in optimizer.param_groups
-             for p in g["params"]}
+    lr_of = _rates(optimizer)
     return _moving([1.0 if id(p) in lr_of and not (trains and lr_of[id(p)] == 0) else math.inf
                     for p in _objects(op)])
 
@@ -330,9 +336,10 @@ def preconditioned(op: CurvatureOperator, optimizer: Any, *,
     Args:
         op: the operator (a model operator when ``optimizer`` is an optimizer).
         optimizer: an adaptive optimizer, or ``P``'s diagonal as a parameter-space vector.
-        group_lr: fold each parameter group's learning rate relative to the first group's
-            into ``P`` (``P · η_1/η_g``), so that the first group's threshold bounds the
-            operator when the groups' learning rates differ (:func:`group_learning_rates`).
+        group_lr: fold each parameter group's learning rate relative to the first
+            training group's into ``P`` (``P · η_1/η_g``), so that that group's threshold
+            bounds the operator when the groups' learning rates differ
+            (:func:`group_learning_rates`).
 
     Returns:
         The preconditioned operator, with ``eps`` and ``dead_fraction`` (the fraction of

@@ -25,12 +25,12 @@ dozen steps and are left out, as in Cohen et al. 2022.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence, Union
 
 import torch
 
-__all__ = ["learning_rate", "optimizer_kind", "reference_group", "stability_threshold",
-           "training_groups"]
+__all__ = ["STABILITY_SETTINGS", "learning_rate", "optimizer_kind", "reference_group",
+           "stability_settings", "stability_threshold", "training_groups"]
 
 _ADAM = ("adam", "adamw", "nadam", "radam", "adamax")
 _NAMES = ("gd", "sgd", "heavy_ball", "momentum", "nesterov", "rmsprop", *_ADAM)
@@ -96,17 +96,29 @@ def latest_step(optimizer: torch.optim.Optimizer) -> int:
     return 0
 
 
-def training_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+Groups = Union[torch.optim.Optimizer, Sequence[Mapping[str, Any]]]
+"""An optimizer, or parameter groups as ``param_groups`` holds them (or a saved state has)."""
+
+STABILITY_SETTINGS = ("lr", "momentum", "dampening", "nesterov", "betas")
+"""The settings of a parameter group that its stability threshold reads."""
+
+
+def stability_settings(group: Mapping[str, Any]) -> tuple[str, ...]:
+    """A group's :data:`STABILITY_SETTINGS`, comparable (``repr`` of each, learning rate first)."""
+    return tuple(repr(group.get(k)) for k in STABILITY_SETTINGS)
+
+
+def training_groups(groups: Groups) -> list[Mapping[str, Any]]:
     """The parameter groups that move their parameters: holding some, learning rate > 0.
 
     A group at learning rate 0 (a frozen backbone kept in the optimizer, a layer not yet
     warmed up) and a group without parameters do not take part in the dynamics.
     """
-    return [g for g in optimizer.param_groups
+    return [g for g in getattr(groups, "param_groups", groups)
             if g.get("params") and learning_rate(g.get("lr")) > 0]
 
 
-def reference_group(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def reference_group(groups: Groups) -> Mapping[str, Any]:
     """The group whose settings give the optimizer's stability threshold.
 
     The first group that trains (:func:`training_groups`); the first group when none does
@@ -114,8 +126,8 @@ def reference_group(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     scales the other groups by their learning rates relative to this one's
     (docs/curvature.md, "Parameter groups with different learning rates").
     """
-    groups = training_groups(optimizer)
-    return groups[0] if groups else optimizer.param_groups[0]
+    training = training_groups(groups)
+    return training[0] if training else getattr(groups, "param_groups", groups)[0]
 
 
 def nadam_momentum(beta1: float, momentum_decay: float, step: float) -> float:

@@ -24,7 +24,7 @@ from landscape._deprecation import deprecated_alias
 from landscape._errors import MissingInput
 from landscape.capture import Captured, capture, first_tensor, last_child_output
 from landscape.isolation import buffers_kept, stateless_call, stateless_closure
-from landscape.params import Vector, difference, gradient_norm, tensor_norms
+from landscape.params import Vector, difference, gradient_norm, stackable, tensor_norms
 
 __all__ = ["MissingInput", "StepContext", "batch_targets", "softmax_logits", "split_batch"]
 
@@ -382,8 +382,7 @@ class StepContext:
                 known = self.before_norms
                 update = list(self.update)
                 both = update if known is not None else update + list(self.params_before)
-                plain = all(type(t) is torch.Tensor for t in both)  # no DTensor shards
-                if both and plain and len({(t.device, t.dtype) for t in both}) == 1:
+                if stackable(both):
                     norms = tensor_norms(both)
                     n = len(update)
                     self._cache["tensor_norms"] = {

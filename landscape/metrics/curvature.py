@@ -316,14 +316,11 @@ class Sharpness(Metric):
         return {**row, "threshold": threshold, "ratio": ratio}
 
 
-_STABILITY_SETTINGS = ("lr", "momentum", "dampening", "nesterov", "betas")
-
-
 def _group_settings(opt: torch.optim.Optimizer) -> list[tuple]:
     """The settings the stability threshold reads, per parameter group that trains."""
-    from landscape.curvature.stability import training_groups
+    from landscape.curvature.stability import stability_settings, training_groups
 
-    return [tuple(repr(g.get(k)) for k in _STABILITY_SETTINGS) for g in training_groups(opt)]
+    return [stability_settings(g) for g in training_groups(opt)]
 
 
 def _not_held(ctx: StepContext, opt: torch.optim.Optimizer) -> list[str]:

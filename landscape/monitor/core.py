@@ -60,7 +60,7 @@ from landscape.monitor.arguments import (
 )
 from landscape.monitor.clock import StepClock
 from landscape.monitor.probe import restore_probe, store_probe, take_probe
-from landscape.params import tensor_norms, trainable_named_parameters
+from landscape.params import stackable, tensor_norms, trainable_named_parameters
 from landscape.store import Run, RunWriter
 
 __all__ = ["MetricsLike", "Monitor", "resolve_metrics", "unwrap_optimizer"]
@@ -608,8 +608,7 @@ class Monitor:
         ctx.given_samples = samples
         if before is not None:  # −θ before the optimizer step (_pre_step)
             with torch.no_grad():
-                if all(type(t) is torch.Tensor for t in before) and \
-                        len({(t.device, t.dtype) for t in before}) == 1:
+                if stackable(before):
                     ctx.before_norms = torch.stack(tensor_norms(before))  # ‖−θ‖ = ‖θ‖
                 torch._foreach_add_(before, self._own)  # Δθ, bitwise θ_after − θ_before
             ctx.update = before
