@@ -283,7 +283,7 @@ class Sharpness(Metric):
                 group_lr = "moving"  # only what the optimizer does not move left out
         if group_lr and not pre:
             try:
-                ctx.operator(self.data, group_lr=True)
+                ctx.operator(self.data, group_lr=group_lr)
             except ValueError as err:  # a learning rate that is not a number
                 group_lr = False
                 self._say_not_scaled(err)
