@@ -30,6 +30,7 @@ from landscape._errors import StepOrderError
 from landscape.batches import leading_size
 from landscape.batches import to_device as move_to_device
 from landscape.findings import Finding, severity_rank, user_stacklevel
+from landscape.integrations.options import MONITOR_OPTIONS, MonitorOptions
 from landscape.metrics import Metric
 from landscape.monitor import Monitor, unwrap_optimizer
 from landscape.schedules import At, Every, Never, Schedule, at, every, never
@@ -39,6 +40,7 @@ __all__ = [
     "LandscapeCallback",
     "LandscapeTrainerCallback",
     "MONITOR_OPTIONS",
+    "MonitorOptions",
     "move_to_device",
     "reaches",
     "thin_metrics",
@@ -50,12 +52,6 @@ _LAZY = {
     "LandscapeCallback": "landscape.integrations.lightning",
     "LandscapeTrainerCallback": "landscape.integrations.huggingface",
 }
-
-MONITOR_OPTIONS = frozenset(
-    {"alarms", "strict", "warn", "taylor_guard", "mode", "truncate_from", "flush_every",
-     "microbatch_size", "batch_size", "probe_size", "adaptive", "distributed"}
-)
-"""Keyword arguments an adapter passes through to :class:`~landscape.Monitor` unchanged."""
 
 
 def __getattr__(name: str) -> Any:

@@ -63,6 +63,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from typing_extensions import Unpack
 
 from landscape import distributed as _dist
 from landscape._hf import uses_causal_lm_loss
@@ -70,6 +71,7 @@ from landscape._sums import tensor_norms
 from landscape.findings import Finding, user_stacklevel
 from landscape.integrations import (
     CallbackSettings,
+    MonitorOptions,
     add_samples,
     chosen_mirrors,
     make_run_folder,
@@ -291,11 +293,12 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
             :func:`~landscape.integrations.mirrors.report_to_mirrors`); ``None``: none; or
             a list of mirrors (:mod:`landscape.integrations.mirrors`).
         **monitor_options: ``alarms``, ``strict``, ``warn``, ``taylor_guard``, ``mode``,
-            ``truncate_from``, ``flush_every``, ``microbatch_size``, ``batch_size``,
-            ``probe_size``, ``adaptive``, ``distributed``, passed to
-            :class:`~landscape.Monitor`. Resumed from a checkpoint (``state.global_step``
-            > 0 when training starts), the run file is truncated to the checkpoint's step
-            unless ``truncate_from`` or ``mode`` says otherwise.
+            ``truncate_from``, ``flush_every``, ``on_disk_full``, ``microbatch_size``,
+            ``batch_size``, ``probe_size``, ``adaptive``, ``distributed``
+            (:class:`~landscape.integrations.MonitorOptions`), passed to
+            :class:`~landscape.Monitor`; one left out keeps the monitor's default. Resumed from a
+            checkpoint (``state.global_step`` > 0 when training starts), the run file is truncated
+            to the checkpoint's step unless ``truncate_from`` or ``mode`` says otherwise.
     """
 
     def __init__(
@@ -311,7 +314,7 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         stop_on: str | None = None,
         config: dict[str, Any] | None = None,
         mirrors: Any = "auto",
-        **monitor_options: Any,
+        **monitor_options: Unpack[MonitorOptions],
     ) -> None:
         if closure is None and loss_fn is None:
             closure = model_loss

@@ -59,10 +59,12 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from typing_extensions import Unpack
 
 from landscape.findings import Finding, user_stacklevel
 from landscape.integrations import (
     CallbackSettings,
+    MonitorOptions,
     add_samples,
     chosen_mirrors,
     make_run_folder,
@@ -192,11 +194,12 @@ class LandscapeCallback(CallbackSettings, Callback):
             :class:`~landscape.integrations.mirrors.LightningLoggerMirror`); ``None``:
             nowhere else; or a list of mirrors (:mod:`landscape.integrations.mirrors`).
         **monitor_options: ``alarms``, ``strict``, ``warn``, ``taylor_guard``, ``mode``,
-            ``truncate_from``, ``flush_every``, ``microbatch_size``, ``batch_size``,
-            ``probe_size``, ``adaptive``, ``distributed``, passed to
-            :class:`~landscape.Monitor`. A fit resumed from a checkpoint (``ckpt_path``)
-            truncates the run file to the checkpoint's step unless ``truncate_from`` or
-            ``mode`` says otherwise.
+            ``truncate_from``, ``flush_every``, ``on_disk_full``, ``microbatch_size``,
+            ``batch_size``, ``probe_size``, ``adaptive``, ``distributed``
+            (:class:`~landscape.integrations.MonitorOptions`), passed to
+            :class:`~landscape.Monitor`; one left out keeps the monitor's default. A fit resumed
+            from a checkpoint (``ckpt_path``) truncates the run file to the checkpoint's step unless
+            ``truncate_from`` or ``mode`` says otherwise.
     """
 
     def __init__(
@@ -212,7 +215,7 @@ class LandscapeCallback(CallbackSettings, Callback):
         stop_on: str | None = None,
         config: dict[str, Any] | None = None,
         mirrors: Any = "auto",
-        **monitor_options: Any,
+        **monitor_options: Unpack[MonitorOptions],
     ) -> None:
         super().__init__()
         self._configure(path, loss_fn, closure, resolve_metrics(metrics), probe, every_n_steps,
