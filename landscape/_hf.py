@@ -4,10 +4,49 @@ from __future__ import annotations
 
 import inspect
 import sys
+from typing import Any, Mapping
 
+import torch
 from torch import nn
 
-__all__ = ["is_causal_lm", "is_pretrained_model", "uses_causal_lm_loss"]
+from landscape._errors import LandscapeError
+
+__all__ = ["is_causal_lm", "is_pretrained_model", "model_loss", "uses_causal_lm_loss"]
+
+
+def model_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+    """The loss a model computes itself from a dict batch: ``model(**batch).loss``.
+
+    The default closure of the Hugging Face callback and of ``landscape analyze`` on dict
+    batches. A Hugging Face causal language model given ``labels`` (the input ids) shifts
+    them and returns the mean next-token cross-entropy
+    (https://huggingface.co/docs/transformers/tasks/language_modeling). It carries
+    ``loss_of_model_output = True``: the shared forward pass of the metrics then calls
+    ``model(**batch)`` directly (the same outputs; a batch without labels works too).
+
+    Args:
+        model: the model.
+        batch: keyword arguments of its forward, with ``labels``.
+
+    Returns:
+        The scalar loss.
+
+    Raises:
+        LandscapeError: the model returned no loss.
+    """
+    out = model(**batch)
+    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+    if loss is None:
+        raise LandscapeError(
+            f"{type(model).__name__} returned no loss for the dict batch (keys "
+            f"{', '.join(batch)}): include 'labels', or give a loss of your own (closure= "
+            "or loss_fn= in Python, --loss module:fn taking (model, batch) on the command "
+            "line)"
+        )
+    return loss
+
+
+model_loss.loss_of_model_output = True  # type: ignore[attr-defined]
 
 
 def is_pretrained_model(model: nn.Module) -> bool:

@@ -18,7 +18,7 @@ call.
 Two shapes, two methods, each the cheapest accurate one for its callers:
 
 * flat vectors and rows of a basis (the Krylov solvers): :func:`dots`, :func:`row_norms`,
-  :func:`norm`, in chunks of :data:`CHUNK` entries as above;
+  :func:`flat_norm`, in chunks of :data:`CHUNK` entries as above;
 * many parameter tensors at once (the monitor's gradient, update and parameter norms at
   every step): :func:`tensor_norms`, one fused ``torch._foreach_norm`` per call, long
   tensors cut into :data:`NORM_CHUNK`-entry views whose float32 norms are combined in

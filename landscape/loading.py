@@ -6,9 +6,10 @@ factory, so the command line can print it without a traceback.
 * factories: ``"pkg.module:callable"`` or ``"path/to/file.py:callable"``;
 * losses: a name (``cross_entropy``, ``mse``, ``nll``, ``bce_with_logits``) or a factory spec;
 * checkpoints: a state dict, a dict holding one under a common key (``model``,
-  ``state_dict``, ``model_state_dict``, ``module``, ``net``), or a ``.safetensors`` file (when
-  the ``safetensors`` package is installed). ``torch.load`` runs with ``weights_only=True``
-  unless the caller trusts the file (pickled code can run arbitrary code).
+  ``state_dict``, ``model_state_dict``, ``module``, ``net``, ``weights``), or a
+  ``.safetensors`` file (when the ``safetensors`` package is installed). ``torch.load``
+  runs with ``weights_only=True`` unless the caller trusts the file (pickled code can run
+  arbitrary code).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from landscape._errors import LandscapeError
+from landscape._hf import model_loss
 from landscape.batches import leading_size, to_device
 
 __all__ = [
@@ -204,34 +206,6 @@ def resolve_loss(spec: str | Callable[..., torch.Tensor]) -> Callable[..., torch
         return load_factory(spec, "loss")
     raise LandscapeError(f"unknown loss {spec!r}; use one of {', '.join(LOSSES)}, model (the "
                          "model's own loss) or module:fn")
-
-
-def model_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-    """The loss a model computes itself from a dict batch: ``model(**batch).loss``.
-
-    A Hugging Face causal language model given ``labels`` (the input ids) shifts them and
-    returns the mean next-token cross-entropy
-    (https://huggingface.co/docs/transformers/tasks/language_modeling).
-
-    Args:
-        model: the model.
-        batch: keyword arguments of its forward, with ``labels``.
-
-    Returns:
-        The scalar loss.
-
-    Raises:
-        LandscapeError: the model returned no loss.
-    """
-    out = model(**batch)
-    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
-    if loss is None:
-        raise LandscapeError(
-            f"{type(model).__name__} returned no loss for the dict batch (keys "
-            f"{', '.join(batch)}); include 'labels', or pass --loss module:fn taking "
-            "(model, batch)"
-        )
-    return loss
 
 
 def resolve_objective(

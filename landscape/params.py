@@ -1,9 +1,10 @@
 """Vectors in parameter space.
 
 A parameter-space vector is a tuple of tensors with the shapes of the parameters it
-belongs to (docs/conventions.md, parameter vector). These helpers are the only place that
-implements the inner product, norms and linear combinations over such tuples, so every module agrees
-on them. They never touch ``.data`` of a model: they work on plain tensors.
+belongs to (docs/conventions.md, parameter vector). These helpers are the one place for the
+inner product, norms and linear combinations over such tuples, so every module agrees on
+them (the long sums themselves are :mod:`landscape._sums`'s). They never touch ``.data``
+of a model: they work on plain tensors.
 """
 
 from __future__ import annotations

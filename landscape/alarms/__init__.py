@@ -27,8 +27,9 @@ Modules:
 
 * :mod:`~landscape.alarms.base`: :class:`Rule`, :class:`Trigger`, :data:`SKIP` and the
   episode state machine;
-* :mod:`~landscape.alarms.curvature_rules`, :mod:`~landscape.alarms.representation_rules`,
-  :mod:`~landscape.alarms.training_rules`: the built-in rules;
+* :mod:`~landscape.alarms.curvature_rules`, :mod:`~landscape.alarms.forecast_rules`,
+  :mod:`~landscape.alarms.representation_rules`, :mod:`~landscape.alarms.training_rules`:
+  the built-in rules;
 * :mod:`~landscape.alarms.statistics`: the rolling median/MAD of the spike rules;
 * :mod:`~landscape.alarms.online`: :class:`OnlineAlarms`, :func:`check`, :data:`RULES`,
   :func:`default_rules`, and with your own rules :func:`with_rules`;

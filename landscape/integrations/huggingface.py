@@ -66,7 +66,7 @@ from torch import nn
 from typing_extensions import Unpack
 
 from landscape import distributed as _dist
-from landscape._hf import uses_causal_lm_loss
+from landscape._hf import model_loss, uses_causal_lm_loss
 from landscape._sums import tensor_norms
 from landscape.findings import Finding, user_stacklevel
 from landscape.integrations import (
@@ -99,20 +99,6 @@ except ImportError as err:  # pragma: no cover - depends on what is installed
 __all__ = ["LandscapeTrainerCallback", "OutputEmbeddingLogits", "model_loss", "next_token_targets"]
 
 _NOT_BATCH = ("num_items_in_batch", "return_dict", "output_hidden_states", "output_attentions")
-
-
-def model_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-    """The default closure: ``model(**batch).loss`` (the batch must hold ``labels``)."""
-    loss = getattr(model(**batch), "loss", None)
-    if loss is None:
-        raise ValueError(
-            "the model returned no loss for this batch: give it labels, or pass closure= "
-            "or loss_fn= to LandscapeTrainerCallback"
-        )
-    return loss
-
-
-model_loss.loss_of_model_output = True  # type: ignore[attr-defined]  # a plain forward suffices for captures
 
 
 def next_token_targets(batch: Any) -> int | None:

@@ -15,6 +15,7 @@ own metric takes a few lines (docs/monitor.md)::
     class WeightNorm(ls.metrics.Metric):
         name = "weight_norm"
         FIELDS = ("value",)
+        default_data = "batch"  # reads no data: no probe needed
 
         def compute(self, ctx):
             return {"value": ls.params.norm(ctx.parameters).item()}
@@ -110,11 +111,12 @@ class Metric:
         >>> class WeightNorm(ls.metrics.Metric):
         ...     name = "weight_norm"
         ...     FIELDS = ("value",)
+        ...     default_data = "batch"  # reads no data: a monitor keeps no probe for it
         ...
         ...     def compute(self, ctx):
         ...         return {"value": ls.params.norm(ctx.parameters).item()}
         >>> WeightNorm(schedule=ls.every(5))
-        WeightNorm(schedule=every(5), data='probe')
+        WeightNorm(schedule=every(5), data='batch')
     """
 
     name: ClassVar[str] = ""
