@@ -33,10 +33,27 @@ import torch
 
 Tensor = torch.Tensor
 
-__all__ = ["CHUNK", "NORM_CHUNK", "dots", "flat_norm", "row_norms", "tensor_norms"]
+__all__ = ["CHUNK", "NORM_CHUNK", "dots", "flat_norm", "row_norms", "tensor_norms", "work_dtype"]
 
 CHUNK = 2**20
 """Entries per partial sum of a long float32 (or 16-bit) reduction."""
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of long reductions and kept vectors for data of ``dtype``: at least float32.
+
+    Products and forwards run in the model's own dtype; Krylov bases, Gram-Schmidt
+    coefficients, dot products and the functional metrics' elementwise work are kept in
+    at least float32, so a bfloat16/float16 model is multiplied in its own dtype but
+    reduced in float32 (docs/conventions.md, "Precision"; docs/curvature.md, "Precision").
+
+    Args:
+        dtype: the data's (or the operator's) dtype.
+
+    Returns:
+        ``float32`` for 16-bit floats (and integers), else ``dtype`` (``float64`` stays).
+    """
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _chunked(n: int, dtype: torch.dtype) -> bool:

@@ -3,8 +3,8 @@
 :func:`orthogonalize` is the Gram-Schmidt step (the three-term recurrence, then classical
 Gram-Schmidt with the Daniel-Gragg-Kaufman-Stewart test); :class:`Basis` keeps the rows,
 either as one device tensor grown on demand or in host memory streamed through the device
-in chunks (docs/curvature.md, "Memory"); :func:`work_dtype` is the dtype they are kept in
-(docs/curvature.md, "Precision").
+in chunks (docs/curvature.md, "Memory"); :func:`~landscape._sums.work_dtype` is the dtype
+they are kept in (docs/curvature.md, "Precision").
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from landscape._sums import dots, flat_norm
+from landscape._sums import dots, flat_norm, work_dtype
 
 Tensor = torch.Tensor
 
@@ -91,22 +91,6 @@ def _subtract(w: Tensor, q: Tensor, c: Tensor, overwrite: bool) -> Tensor:
     if overwrite:
         return w.addmv_(q.T, c, alpha=-1.0)
     return torch.addmv(w, q.T, c, alpha=-1.0)
-
-
-def work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the solvers' vectors and reductions for an operator of ``dtype``.
-
-    Products run in the operator's dtype; Krylov bases, Gram-Schmidt coefficients and dot
-    products are kept in at least float32, so a bfloat16/float16 model is multiplied in
-    its own dtype but orthogonalised in float32 (docs/curvature.md, "Precision").
-
-    Args:
-        dtype: the operator's dtype.
-
-    Returns:
-        ``float32`` for 16-bit floating dtypes, else ``dtype``.
-    """
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 BLOCK_ROWS = 8

@@ -32,7 +32,7 @@ from torch import nn
 
 from landscape import distributed as _dist
 from landscape._errors import LandscapeError
-from landscape._sums import CHUNK
+from landscape._sums import CHUNK, work_dtype
 from landscape.curvature._batches import to_device
 from landscape.curvature._evaluation import detach_tree, scalar_loss, seed_generators
 from landscape.curvature._kinks import KinkedOps
@@ -204,7 +204,7 @@ class ShiftedEvaluation:
     @property
     def _work_dtype(self) -> torch.dtype:
         """The parameters' dtype, at least float32 (bfloat16/float16 models work in float32)."""
-        return torch.promote_types(self.op.dtype, torch.float32)
+        return work_dtype(self.op.dtype)
 
     def _output(
         self, batch: Any, shift: Tensors | None, sign: float = 1

@@ -112,11 +112,6 @@ def f64(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float64)
 
 
-def work_dtype(x: torch.Tensor) -> torch.dtype:
-    """float32 for half/bfloat16/float32 inputs, float64 for float64 (large elementwise work)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def check_labels(
     labels: Any, n: int, num_classes: int | None = None, name: str = "labels"
 ) -> torch.Tensor:

@@ -33,7 +33,8 @@ from torch import nn
 
 from landscape import distributed as _dist
 from landscape._deprecation import module_getattr
-from landscape.functional._common import MetricResult, as_float_tensor, fail, work_dtype
+from landscape._sums import work_dtype
+from landscape.functional._common import MetricResult, as_float_tensor, fail
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +109,7 @@ def top_singular_vector(
     W = 0 gives sigma = 0, NaN vectors and reason ``"zero_matrix"``.
     """
     w = as_float_tensor(_dist.full_tensor(weight), "weight", ndim=2).detach()
-    w = w.to(work_dtype(w))
+    w = w.to(work_dtype(w.dtype))
     d_in = w.shape[1]
     if init is not None:
         init = as_float_tensor(init, "init", ndim=1).detach()

@@ -29,6 +29,7 @@ import torch
 
 from landscape._checks import positive_int
 from landscape._deprecation import module_getattr
+from landscape._sums import work_dtype
 from landscape.functional._common import (
     MetricResult,
     Scalar,
@@ -39,7 +40,6 @@ from landscape.functional._common import (
     nan_scalar,
     safe_log_term,
     scalar,
-    work_dtype,
 )
 
 
@@ -213,7 +213,7 @@ def alignment(
         raise ValueError(f"alpha must be > 0, got {alpha}")
     if not (all_finite(x) and all_finite(y)):
         return nan_scalar(x.device, fail("non_finite", "x or y is not finite", strict))
-    xd, yd = x.to(work_dtype(x)), y.to(work_dtype(y))
+    xd, yd = x.to(work_dtype(x.dtype)), y.to(work_dtype(y.dtype))
     nx, ny = xd.norm(dim=1), yd.norm(dim=1)
     keep = (nx > 0) & (ny > 0)
     if not bool(keep.any()):
@@ -252,7 +252,7 @@ def uniformity(
         raise ValueError(f"t must be > 0, got {t}")
     if not all_finite(z):
         return nan_scalar(z.device, fail("non_finite", "features are not finite", strict))
-    dt = work_dtype(z)
+    dt = work_dtype(z.dtype)
     z = _unit_rows(z.to(dt))
     n = z.shape[0]
     if n < 2:
