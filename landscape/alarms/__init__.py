@@ -44,7 +44,15 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from landscape.alarms.base import SKIP, Rule, Trigger, check_number, check_positive_int, row_value
+from landscape.alarms.base import (
+    SKIP,
+    Rule,
+    Trigger,
+    check_number,
+    check_positive_int,
+    check_severity,
+    row_value,
+)
 from landscape.alarms.curvature_rules import EdgeOfStability, TaylorRatio
 from landscape.alarms.forecast_rules import SharpnessForecast, TaylorForecast
 from landscape.alarms.leads import (
@@ -89,6 +97,7 @@ __all__ = [
     "Trigger",
     "check",
     "check_number",
+    "check_severity",
     "check_positive_int",
     "row_value",
     "collect_findings",

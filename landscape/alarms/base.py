@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Union
 import numpy as np
 
 from landscape._checks import positive_int
-from landscape.findings import Finding, severity_rank
+from landscape.findings import SEVERITIES, Finding, severity_rank
 
 __all__ = [
     "SKIP", "EpisodeTracker", "Evaluator", "Row", "Rule", "Trigger", "Value", "check_number",
@@ -128,6 +128,15 @@ def check_number(name: str, value: float | None, *, allow_none: bool = False) ->
         raise ValueError(f"{name} must be a number, got {value!r}")
     if math.isnan(float(value)):
         raise ValueError(f"{name} must not be NaN")
+
+
+def check_severity(name: str, value: str) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a severity (info, warning, error).
+
+    For a rule's settings, in its dataclass ``__post_init__``.
+    """
+    if value not in SEVERITIES:
+        raise ValueError(f"{name} must be one of {', '.join(SEVERITIES)}, got {value!r}")
 
 
 def _finding_order(f: Finding) -> tuple:

@@ -26,9 +26,10 @@ from landscape.alarms.base import (
     _Skip,
     check_number,
     check_positive_int,
+    check_severity,
     row_value,
 )
-from landscape.findings import SEVERITIES, severity_rank
+from landscape.findings import severity_rank
 
 __all__ = [
     "AttentionLogitGrowth",
@@ -78,9 +79,7 @@ class LogitGrowth(Rule):
         check_number("max_abs", self.max_abs, allow_none=True)
         check_number("softmax_collapse", self.softmax_collapse, allow_none=True)
         check_number("collapse_warn", self.collapse_warn, allow_none=True)
-        if self.max_abs_severity not in SEVERITIES:
-            raise ValueError(f"max_abs_severity must be one of {SEVERITIES}, got "
-                             f"{self.max_abs_severity!r}")
+        check_severity("max_abs_severity", self.max_abs_severity)
 
     def evaluate(self, metric: str, row: Row) -> Trigger | _Skip | None:
         """Compare the row's largest logit and softmax-collapse fraction with the limits.
@@ -167,8 +166,7 @@ class SignCollapse(Rule):
         check_number("healthy", self.healthy, allow_none=True)
         if self.healthy is not None and self.healthy < self.threshold:
             raise ValueError(f"healthy ({self.healthy}) must be >= threshold ({self.threshold})")
-        if self.severity not in SEVERITIES:
-            raise ValueError(f"severity must be one of {SEVERITIES}, got {self.severity!r}")
+        check_severity("severity", self.severity)
 
     @property
     def episode_sustain(self) -> int:
@@ -410,8 +408,7 @@ class AttentionLogitGrowth(Rule):
         check_positive_int("baseline_rows", self.baseline_rows)
         if self.growth is not None and self.growth <= 0:
             raise ValueError(f"growth must be > 0 or None, got {self.growth}")
-        if self.severity not in SEVERITIES:
-            raise ValueError(f"severity must be one of {SEVERITIES}, got {self.severity!r}")
+        check_severity("severity", self.severity)
 
     def evaluator(self, metric: str, params: Mapping[str, Any]) -> Evaluator:
         """A fresh :class:`AttentionLogitGrowthState` for one stream.

@@ -25,6 +25,7 @@ from landscape.alarms.base import (
     _Skip,
     check_number,
     check_positive_int,
+    check_severity,
     row_value,
 )
 from landscape.alarms.statistics import RollingWindow
@@ -145,8 +146,7 @@ class LossSpike(Rule):
             check_number(name, value, allow_none=True)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
-        if self.severity not in ("info", "warning", "error"):
-            raise ValueError(f"severity must be info, warning or error, got {self.severity!r}")
+        check_severity("severity", self.severity)
         if not isinstance(self.new_high, bool):
             raise ValueError(f"new_high must be True or False, got {self.new_high!r}")
         if self.method not in ("zscore", "cusum"):

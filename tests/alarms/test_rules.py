@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+import landscape.alarms as ls_alarms
 from landscape._names import metric_name_aliases
 from landscape.alarms import (
     RULES,
@@ -117,6 +118,18 @@ def test_sign_collapse_severity_can_be_raised_to_warning():
     assert [(f.severity, f.step) for f in found] == [("warning", 61 * 5)]
     with pytest.raises(ValueError, match="severity"):
         SignCollapse(severity="loud")
+
+
+@pytest.mark.parametrize("make", [
+    lambda: SignCollapse(severity="loud"),
+    lambda: ls_alarms.GradNormSpike(severity="Warning"),
+    lambda: ls_alarms.AttentionLogitGrowth(severity="warn"),
+    lambda: ls_alarms.LossSpike(severity="critical"),
+    lambda: ls_alarms.LogitGrowth(max_abs_severity="high"),
+])
+def test_a_bad_severity_setting_is_one_error_naming_it(make):
+    with pytest.raises(ValueError, match=r"severity must be one of info, warning, error, got"):
+        make()
 
 
 def test_sign_collapse_stays_one_episode_on_a_layer_that_flickers_into_collapse():
