@@ -26,6 +26,7 @@ import os
 import warnings
 from typing import Any, Callable, Iterable, Sequence
 
+from landscape._checks import positive_int
 from landscape._errors import StepOrderError
 from landscape.batches import leading_size
 from landscape.batches import to_device as move_to_device
@@ -94,8 +95,7 @@ class CallbackSettings:
         monitor_options: dict[str, Any],
         mirrors: Any = "auto",
     ) -> None:
-        if not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
+        positive_int("every_n_steps", every_n_steps)
         if stop_on is not None:
             severity_rank(stop_on)  # ValueError naming the severities
         self.path = path

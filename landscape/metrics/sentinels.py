@@ -24,6 +24,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
+from landscape._checks import positive_int
 from landscape._errors import MissingInput, PartialRow
 from landscape.batches import head, leading_size
 from landscape.capture import first_tensor
@@ -336,10 +337,8 @@ class Sentinels(Metric):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if not isinstance(subsample, int) or subsample < 1:
-            raise ValueError(f"subsample must be an integer >= 1, got {subsample!r}")
-        if rows is not None and (not isinstance(rows, int) or rows < 1):
-            raise ValueError(f"rows must be an integer >= 1 or None, got {rows!r}")
+        subsample = positive_int("subsample", subsample)
+        rows = None if rows is None else positive_int("rows", rows)
         if not isinstance(attention_every, int) or attention_every < 0:
             raise ValueError(f"attention_every must be an integer >= 0, got {attention_every!r}")
         self.subsample = subsample

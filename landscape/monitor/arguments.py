@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from landscape._checks import positive_int
 from landscape.findings import user_stacklevel
 from landscape.metrics import Metric
 from landscape.store.format import step_value
@@ -176,10 +177,8 @@ def check_monitor_arguments(
             f"loss_fn must be callable, got {type(loss_fn).__name__} {loss_fn!r}"
             + (" (the run file is the third argument, or path=...)"
                if isinstance(loss_fn, (str, os.PathLike)) else ""))
-    if microbatch_size is not None and (
-        not isinstance(microbatch_size, int) or microbatch_size < 1
-    ):
-        raise ValueError(f"microbatch_size must be an integer >= 1, got {microbatch_size!r}")
+    if microbatch_size is not None:
+        positive_int("microbatch_size", microbatch_size)
     if batch_size is not None and not callable(batch_size):
         raise ValueError(
             f"batch_size must be a function batch -> int (e.g. a token count), got "
