@@ -7,11 +7,16 @@ appends a row and after it raises a finding (``Monitor(..., mirrors=[...])``)::
     on_finding(finding)       # a landscape.Finding
     close()                   # the run ended (the monitor was closed)
 
+and optionally ``declare(name, components)``, called once per metric when the monitor
+starts with the names of its vector fields' components (:meth:`Mirror.declare`).
+
 A mirror that raises is switched off with one ``RuntimeWarning``; training goes on.
 
 Each scalar field becomes one scalar series named ``landscape/<metric>/<field>`` at the
 row's step; a vector field of at most :data:`MAX_VECTOR` entries becomes one series per
-entry (``landscape/top_eigenvalues/eigenvalues/0``), larger arrays (spectral densities) and
+entry, named by the component's layer where the metric names them
+(``landscape/spectral_alignment/minority/fc1``), else by its index
+(``landscape/top_eigenvalues/eigenvalues/0``); larger arrays (spectral densities) and
 strings are skipped. Each finding becomes a text entry (its ``str``: step, severity, rule,
 message, hint) and the scalar ``landscape/findings/count``, the number of findings so far.
 
@@ -46,7 +51,7 @@ import importlib.util
 import os
 import socket
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -76,17 +81,21 @@ def _needs(module: str, extra: str) -> ImportError:
     )
 
 
-def scalars(name: str, row: Mapping[str, Any], prefix: str = "landscape") -> dict[str, float]:
+def scalars(name: str, row: Mapping[str, Any], prefix: str = "landscape",
+            components: Mapping[str, Sequence[str]] | None = None) -> dict[str, float]:
     """The scalar series of one row: ``{"<prefix>/<name>/<field>": value}``.
 
     Args:
         name: the metric name.
         row: field -> value (numbers, arrays, tensors; strings are skipped).
         prefix: the first part of every name.
+        components: field -> the names of its components (the layers of a per-layer
+            field; :func:`~landscape.metrics.base.component_names`), where the metric
+            gives them.
 
     Returns:
         Scalars as floats (NaN kept); vector fields of at most :data:`MAX_VECTOR` entries
-        as ``<field>/<i>``; larger arrays are left out.
+        as ``<field>/<component>`` (its name, else its index); larger arrays are left out.
     """
     out: dict[str, float] = {}
     for field, value in row.items():
@@ -100,7 +109,10 @@ def scalars(name: str, row: Mapping[str, Any], prefix: str = "landscape") -> dic
         if arr.ndim == 0:
             out[key] = float(arr)
         elif arr.ndim == 1 and arr.size <= MAX_VECTOR:
-            out.update({f"{key}/{i}": float(v) for i, v in enumerate(arr)})
+            names = (components or {}).get(field)
+            if names is None or len(names) != arr.size:
+                names = [str(i) for i in range(arr.size)]
+            out.update({f"{key}/{n}": float(v) for n, v in zip(names, arr)})
     return out
 
 
@@ -119,8 +131,23 @@ class Mirror:
         self.n_findings = 0
         self._step: int | None = None
         self._buffer: dict[str, float] = {}
+        self._components: dict[str, dict[str, list[str]]] = {}
 
     # -- the interface the monitor calls
+
+    def declare(self, name: str, components: Mapping[str, Sequence[str]]) -> None:
+        """Name the components of a metric's vector fields, before its first row.
+
+        Optional in a mirror: the monitor calls it when the mirror has it, once per metric
+        when it starts, with the names of :func:`~landscape.metrics.base.component_names`
+        (a per-layer field then reads ``.../minority/blocks.0.mlp`` instead of
+        ``.../minority/3``).
+
+        Args:
+            name: the metric name.
+            components: field -> one name per component (only the fields that have them).
+        """
+        self._components[name] = {f: list(n) for f, n in components.items()}
 
     def on_row(self, name: str, step: int, row: Mapping[str, Any]) -> None:
         """Mirror one row (buffered until the step changes, a finding or :meth:`close`).
@@ -134,7 +161,7 @@ class Mirror:
         if self._step is not None and step != self._step:
             self.flush()
         self._step = step
-        self._buffer.update(scalars(name, row, self.prefix))
+        self._buffer.update(scalars(name, row, self.prefix, self._components.get(name)))
 
     def on_finding(self, finding: Finding) -> None:
         """Mirror one finding: its text and the running count.

@@ -42,12 +42,44 @@ __all__ = [
     "Metric",
     "available",
     "canonical_name",
+    "component_names",
     "create",
     "register",
     "snake_case",
 ]
 
 DATA_SOURCES = ("probe", "batch")
+
+
+def component_names(config: Any, field: str, shape: tuple[int, ...]) -> list[str] | None:
+    """The names of a vector field's components, when the metric's ``config()`` gives them.
+
+    ``config["labels"][field]`` names the components of one field; otherwise
+    ``config["layers"]`` (per-layer metrics: spectral alignment's modules, the sentinels'
+    parameters) names those of every field with one value per layer (docs/monitor.md,
+    "Writing your own metric"). The plots, the report and the dashboard mirrors read them.
+
+    Args:
+        config: the metric's stored configuration (anything else: no names).
+        field: the field.
+        shape: its per-row shape.
+
+    Returns:
+        One name per component, or None when the configuration names none of this shape.
+    """
+    if not isinstance(config, Mapping) or not shape:
+        return None
+    labels = config.get("labels")
+    names = labels.get(field) if isinstance(labels, Mapping) else None
+    if isinstance(names, (list, tuple)):  # one per component, in row-major order
+        size = 1
+        for n in shape:
+            size *= n
+        return [str(x) for x in names] if len(names) == size else None
+    layers = config.get("layers")
+    if isinstance(layers, (list, tuple)) and tuple(shape) == (len(layers),):
+        return [str(x) for x in layers]
+    return None
 
 
 def snake_case(class_name: str) -> str:

@@ -48,6 +48,7 @@ from landscape.failures import failure_finding, nonfinite_state
 from landscape.findings import Finding, Findings, at_or_above, dedupe, user_stacklevel
 from landscape.isolation import isolated, written_in_forward
 from landscape.metrics import Metric, StepContext, split_batch
+from landscape.metrics.base import component_names
 from landscape.metrics.presets import MetricsLike, resolve_metrics
 from landscape.monitor.adaptive import DENSE_AT, DENSE_STEPS, DenseWindow, recorded_window_end
 from landscape.monitor.arguments import (
@@ -307,6 +308,7 @@ class Monitor:
                     params=stored_config(m), schedule=str(m.schedule),
                     context=m.CONTEXT_FIELDS,
                 )
+                self._declare_to_mirrors(m)
             if self.adaptive and any(m.dense_every for m in self.metrics):
                 self.writer.declare(
                     "adaptive", {"dense": (), "extra": ()}, cls="landscape.monitor.Monitor",
@@ -357,20 +359,35 @@ class Monitor:
         if self.writer is not None and not self.writer.closed:
             self.writer.flush()
 
+    def _declare_to_mirrors(self, metric: Metric) -> None:
+        """Give the mirrors that take them (``declare``) the names of ``metric``'s components."""
+        if not self.mirrors:
+            return
+        config = stored_config(metric)
+        names = {field: n for field, shape in metric.fields().items()
+                 if (n := component_names(config, field, tuple(shape))) is not None}
+        for mirror in self.mirrors:
+            if names and callable(getattr(mirror, "declare", None)):
+                self._mirror_one(mirror, "declare", metric.name, names)
+
     def _mirror(self, method: str, *args: Any) -> None:
         """Call ``method`` on every mirror; one that raises warns once and is dropped."""
         for mirror in self.mirrors:
-            if id(mirror) in self._broken_mirrors:
-                continue
-            try:
-                getattr(mirror, method)(*args)
-            except Exception as err:  # a mirror never stops training
-                self._broken_mirrors.add(id(mirror))
-                warnings.warn(
-                    f"landscape: mirror {type(mirror).__name__} failed in {method} and is "
-                    f"switched off for this run: {type(err).__name__}: {err}",
-                    RuntimeWarning, stacklevel=user_stacklevel(),
-                )
+            self._mirror_one(mirror, method, *args)
+
+    def _mirror_one(self, mirror: Any, method: str, *args: Any) -> None:
+        """Call ``mirror.method(*args)``; a mirror that raises warns once and is dropped."""
+        if id(mirror) in self._broken_mirrors:
+            return
+        try:
+            getattr(mirror, method)(*args)
+        except Exception as err:  # a mirror never stops training
+            self._broken_mirrors.add(id(mirror))
+            warnings.warn(
+                f"landscape: mirror {type(mirror).__name__} failed in {method} and is "
+                f"switched off for this run: {type(err).__name__}: {err}",
+                RuntimeWarning, stacklevel=user_stacklevel(),
+            )
 
     def close(self) -> None:
         """Remove the optimizer hooks, flush and close the run file, close the mirrors."""

@@ -28,7 +28,7 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -37,6 +37,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from landscape.findings import SEVERITIES, Finding
+from landscape.metrics.base import component_names
 from landscape.plotting.spectra import density, is_density
 from landscape.plotting.thinning import thin, thin_marks
 from landscape.store import Run, refuse_to_overwrite_hdf5
@@ -74,22 +75,9 @@ def _component_labels(field: str, shape: tuple[int, ...], labels: Sequence[str] 
 
 
 def _field_labels(run: Run, metric: str, field: str) -> Sequence[str] | None:
-    """Component names from the metric's params, when it stores them.
-
-    ``params["labels"][field]`` names the components of one field; otherwise
-    ``params["layers"]`` (per-layer metrics such as spectral alignment) names the
-    components of every field with one value per layer.
-    """
-    params = run.metric_attrs(metric).get("params") or {}
-    if not isinstance(params, Mapping):
-        return None
-    labels = params.get("labels")
-    if isinstance(labels, Mapping) and isinstance(labels.get(field), (list, tuple)):
-        return [str(x) for x in labels[field]]
-    layers = params.get("layers")
-    if isinstance(layers, (list, tuple)) and run.fields(metric)[field].shape == (len(layers),):
-        return [str(x) for x in layers]
-    return None
+    """Component names from the metric's stored configuration (:func:`component_names`)."""
+    return component_names(run.metric_attrs(metric).get("params"), field,
+                           tuple(run.fields(metric)[field].shape))
 
 
 _LIMITS = {"lambda_max": "threshold"}

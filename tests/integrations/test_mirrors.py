@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -46,6 +47,43 @@ def test_scalars_flattens_small_vectors_and_skips_the_rest():
            "name": "x", "t": torch.tensor(2.0), "big": np.arange(40.0)}
     assert scalars("m", row) == {"landscape/m/value": 1.5, "landscape/m/eigenvalues/0": 3.0,
                                  "landscape/m/eigenvalues/1": 2.0, "landscape/m/t": 2.0}
+
+
+def test_scalars_names_components_by_their_layer_where_given():
+    row = {"minority": np.array([0.1, 0.2]), "eigenvalues": np.array([3.0, 2.0])}
+    out = scalars("m", row, components={"minority": ["fc1", "fc2"], "eigenvalues": ["a"]})
+    assert out == {"landscape/m/minority/fc1": 0.1, "landscape/m/minority/fc2": 0.2,
+                   "landscape/m/eigenvalues/0": 3.0, "landscape/m/eigenvalues/1": 2.0}
+
+
+def test_the_monitor_names_per_layer_series_in_mirrors_by_their_layers(tmp_path):
+    """spectral_alignment's fields hold one value per layer: the series carry the module
+    names the plots use, not indices; a duck-typed mirror without ``declare`` still works."""
+
+    class Kept(ls.integrations.mirrors.Mirror):
+        def __init__(self):
+            super().__init__()
+            self.scalars = {}
+
+        def write_scalars(self, step, values):
+            self.scalars.update(values)
+
+        def write_finding(self, finding, count):
+            pass
+
+    kept, plain = Kept(), _Recorder()
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(fc1=nn.Linear(4, 8), act=nn.Tanh(), head=nn.Linear(8, 3)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    with ls.Monitor(model, F.cross_entropy, tmp_path / "run.h5", optimizer=opt,
+                    metrics=[ls.metrics.create("spectral_alignment", schedule=1)],
+                    probe=(x, y), warn=False, mirrors=[kept, plain]) as mon:
+        models.full_batch_steps(mon, model, opt, x, y, 2)
+    names = {k for k in kept.scalars if k.startswith("landscape/spectral_alignment/minority/")}
+    assert names == {"landscape/spectral_alignment/minority/fc1",
+                     "landscape/spectral_alignment/minority/head"}
+    assert ("row", "spectral_alignment", 1) in plain.calls
 
 
 class _Recorder:
