@@ -156,6 +156,16 @@ def interruptible() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def recompute_option(what: str) -> Callable[[F], F]:
+    """``--recompute/--stored`` (check, report, plot); ``what`` says what the command does
+    with the findings ("List", "Mark")."""
+    return click.option(
+        "--recompute/--stored", default=True, show_default=True,
+        help=f"{what} the stored findings plus those the alarm rules find on the whole run "
+             "(--recompute), or only those stored in the file (--stored).",
+    )
+
+
 def rules_option(func: F) -> F:
     """``--rules``: the user's alarm rules, besides the built-in ones (check, report, plot)."""
     return click.option(

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 from landscape_cli.app import CommandError, cli, input_errors, verbose_option
-from landscape_cli.options import findings_of, load_rule_specs, rules_option
+from landscape_cli.options import findings_of, load_rule_specs, recompute_option, rules_option
 
 from landscape.findings import (
     SEVERITIES,
@@ -113,11 +113,7 @@ def _print(found: list, failing: list, source: str, fail_on: str, as_json: bool,
     "--fail-on", type=click.Choice(SEVERITIES), default="warning", show_default=True,
     help="Exit with status 1 when a finding has this severity or a more serious one.",
 )
-@click.option(
-    "--recompute/--stored", default=True, show_default=True,
-    help="Re-evaluate the alarm rules on the whole run and add their findings to the "
-    "stored ones (--recompute), or list only the findings stored in the file (--stored).",
-)
+@recompute_option("List")
 @rules_option
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")

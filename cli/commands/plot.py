@@ -12,6 +12,7 @@ from landscape_cli.options import (
     findings_of,
     load_rule_specs,
     output_directory,
+    recompute_option,
     rules_option,
 )
 
@@ -92,11 +93,7 @@ def _message(err: Exception) -> str:
                    "timeline, log10 of a surface's values (default: timelines logarithmic "
                    "where a field's positive values span two decades or more; surfaces "
                    "linear).")
-@click.option(
-    "--recompute/--stored", default=True, show_default=True,
-    help="Mark the stored findings plus those the alarm rules find on the whole run "
-    "(--recompute), or only those stored in the file (--stored).",
-)
+@recompute_option("Mark")
 @click.option(
     "-o", "--out", "out", required=True, type=click.Path(),
     help="Image file (.png, .pdf, .svg, .jpg; several metrics: FILE-METRIC.png each), a "

@@ -10,6 +10,7 @@ from landscape_cli.options import (
     findings_of,
     load_rule_specs,
     output_directory,
+    recompute_option,
     rules_option,
 )
 
@@ -30,11 +31,7 @@ from landscape.store import Run
 @click.option("--log/--linear", default=None,
               help="Logarithmic (or linear) y axes on every timeline (default: logarithmic "
                    "where a field's positive values span two decades or more).")
-@click.option(
-    "--recompute/--stored", default=True, show_default=True,
-    help="List the stored findings plus those the alarm rules find on the whole run "
-    "(--recompute), or only those stored in the file (--stored).",
-)
+@recompute_option("List")
 @rules_option
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 @verbose_option
