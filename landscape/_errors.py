@@ -56,6 +56,15 @@ class MissingInput(LandscapeError):
     """
 
 
+class NotApplicable(LandscapeError, ValueError):
+    """A metric that picks its layers by itself finds none on this model (no ``nn.Linear``).
+
+    :class:`landscape.Monitor` leaves such a metric out with one warning when it starts (a
+    preset on a fully convolutional model), unless ``strict=True``; a layer named
+    explicitly that does not exist is a plain ``ValueError`` (a mistake to fix).
+    """
+
+
 class PartialRow(Exception):
     """A metric measured some of its fields and failed on the others.
 

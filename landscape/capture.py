@@ -14,6 +14,8 @@ from typing import Any, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
+from landscape._errors import NotApplicable
+
 __all__ = [
     "Captured",
     "capture",
@@ -58,7 +60,8 @@ def last_linear(model: nn.Module) -> str:
     """
     names = linear_layers(model)
     if not names:
-        raise ValueError("the model has no nn.Linear layer; name the classifier layer explicitly")
+        raise NotApplicable(
+            "the model has no nn.Linear layer; name the classifier layer explicitly")
     return names[-1]
 
 

@@ -15,7 +15,7 @@ name (docs/vocabulary.md)::
 """
 
 from landscape._deprecation import module_getattr
-from landscape._errors import MissingInput
+from landscape._errors import MissingInput, NotApplicable
 from landscape.metrics.base import (
     DATA_SOURCES,
     Metric,
@@ -37,6 +37,7 @@ __all__ = [
     "DATA_SOURCES",
     "Metric",
     "MissingInput",
+    "NotApplicable",
     "StepContext",
     "split_batch",
     # the built-in metrics

@@ -15,7 +15,7 @@ from torch import nn
 from landscape import distributed as _dist
 from landscape import functional as LF
 from landscape._deprecation import module_getattr
-from landscape._errors import MissingInput
+from landscape._errors import MissingInput, NotApplicable
 from landscape._hf import is_causal_lm
 from landscape.capture import last_linear, linear_layers, resolve_module
 from landscape.metrics.base import Metric, register
@@ -98,7 +98,8 @@ class SpectralAlignment(Metric):
         if not self.layers:
             self.layers = _default_linears(model)
         if not self.layers:
-            raise ValueError("spectral_alignment: the model has no nn.Linear layer to monitor")
+            raise NotApplicable("spectral_alignment: the model has no nn.Linear layer to "
+                                "monitor; name the layers (layers=[...])")
         for name in self.layers:
             if not isinstance(getattr(resolve_module(model, name), "weight", None), torch.Tensor):
                 raise ValueError(f"spectral_alignment: layer {name!r} has no weight matrix")

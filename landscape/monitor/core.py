@@ -41,7 +41,13 @@ import torch
 from torch import nn
 
 from landscape import distributed as _dist
-from landscape._errors import InstabilityWarning, MissingInput, PartialRow, StepOrderError
+from landscape._errors import (
+    InstabilityWarning,
+    MissingInput,
+    NotApplicable,
+    PartialRow,
+    StepOrderError,
+)
 from landscape._interrupts import InterruptGuard
 from landscape.batches import leading_size
 from landscape.failures import failure_finding, nonfinite_state
@@ -298,8 +304,8 @@ class Monitor:
         # setup may read parametrized weights (a spectral_norm parametrization runs a power
         # iteration and writes its buffers when read in train mode): eval mode, RNG kept
         with isolated(self.model):
-            for m in self.metrics:
-                m.setup(self.model)
+            self.metrics = [m for m in self.metrics if self._set_up(m)]
+        self.timings = {m.name: self.timings.get(m.name, 0.0) for m in self.metrics}
         self.writer = RunWriter(self.path, config=self._config(), **self._writer_args)
         try:
             for m in self.metrics:
@@ -358,6 +364,23 @@ class Monitor:
         """
         if self.writer is not None and not self.writer.closed:
             self.writer.flush()
+
+    def _set_up(self, metric: Metric) -> bool:
+        """``metric.setup(model)``; False (one warning) for a metric with nothing to measure.
+
+        A metric that picks its layers by itself and finds none (``spectral_alignment`` or
+        ``collapse`` of a preset on a model without ``nn.Linear``) is left out, so that a
+        preset works on any model; under ``strict=True`` it raises.
+        """
+        try:
+            metric.setup(self.model)
+        except NotApplicable as err:
+            if self.strict:
+                raise
+            warnings.warn(f"landscape: metric {metric.name!r} is left out: {err}",
+                          RuntimeWarning, stacklevel=user_stacklevel())
+            return False
+        return True
 
     def _declare_to_mirrors(self, metric: Metric) -> None:
         """Give the mirrors that take them (``declare``) the names of ``metric``'s components."""

@@ -367,3 +367,48 @@ def test_a_full_disk_stops_the_writing_not_the_training(tmp_path, monkeypatch):
         with ls.RunWriter(tmp_path / "other.h5") as w:  # the library's default: one line
             w.declare("m", {"v": None})
             w.append("m", 0, {"v": 1.0})
+
+
+class _AllConv(torch.nn.Module):
+    """A fully convolutional classifier (a segmentation-style head): no nn.Linear."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Tanh(),
+                                        torch.nn.Conv2d(4, 3, 1))
+
+    def forward(self, x):
+        return self.body(x).mean(dim=(2, 3))
+
+
+@pytest.mark.parametrize("preset_name", ["standard", "full"])
+def test_a_preset_on_a_model_without_linear_layers_leaves_out_what_it_cannot_place(preset_name):
+    model = _AllConv()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))
+    with pytest.warns(RuntimeWarning, match="metric 'spectral_alignment' is left out: .*no "
+                                            "nn.Linear layer"):
+        mon = Monitor(model, F.cross_entropy, optimizer=opt, metrics=preset_name,
+                      probe=(x, y), warn=False).start()
+    names = [m.name for m in mon.metrics]
+    assert {"spectral_alignment", "collapse", "representation"}.isdisjoint(names)
+    assert "sharpness" in names and set(mon.timings) == set(names)
+    out = model(x)
+    loss = F.cross_entropy(out, y)
+    loss.backward()
+    opt.step()
+    mon.step(0, batch=(x, y), loss=loss, outputs=out)
+    run = mon.run()
+    assert [m["name"] for m in run.config["metrics"]] == names
+    assert np.isfinite(run.series("sharpness", "lambda_max")[1]).all()
+    mon.close()
+
+
+def test_strict_or_a_named_layer_that_does_not_exist_still_raises():
+    model = _AllConv()
+    with pytest.raises(ls.metrics.NotApplicable, match=r"no nn\.Linear"):
+        Monitor(model, F.cross_entropy, metrics="standard", strict=True).start()
+    with pytest.raises(ValueError, match="not a submodule"):
+        Monitor(model, F.cross_entropy,
+                metrics=[ls.metrics.create("spectral_alignment", layers=["head"])]).start()
