@@ -127,17 +127,21 @@ def to_device(obj: Any, device: torch.device | str, *, non_blocking: bool = Fals
 
 
 def head(obj: Any, n: int) -> Any:
-    """The first ``n`` samples of a batch: every tensor sliced along dimension 0 (views).
+    """The first ``n`` samples of a batch (views).
+
+    The batch dimension is found as in :func:`split`: every tensor whose leading dimension
+    has the first tensor's length is sliced along it; the others (a ``(T, T)`` attention
+    mask shared by the samples, 0-d tensors) and other values pass through.
 
     Args:
-        obj: a tensor, or tuples, lists and mappings of them; 0-d tensors and other values
-            pass through.
+        obj: a tensor, or tuples, lists and mappings of them.
         n: how many samples to keep.
 
     Returns:
         ``obj`` with the same structure.
     """
-    return map_tensors(obj, lambda t: t[:n] if t.dim() > 0 else t)
+    size = leading_size(obj)
+    return map_tensors(obj, lambda t: t[:n] if t.dim() > 0 and t.shape[0] == size else t)
 
 
 def split(obj: Any, size: int) -> list[Any]:

@@ -7,7 +7,7 @@ from collections import OrderedDict, namedtuple
 import pytest
 import torch
 
-from landscape.batches import leading_size, map_tensors, split, to_device
+from landscape.batches import head, leading_size, map_tensors, split, to_device
 
 Pair = namedtuple("Pair", "x y")
 
@@ -43,3 +43,12 @@ def test_map_tensors_keeps_container_types():
     assert torch.equal(out["a"], torch.full((2,), 2.0)) and out["b"][1] == 3
     moved = to_device(Pair(torch.ones(1), "s"), "cpu")
     assert isinstance(moved, Pair) and moved.y == "s"
+
+
+def test_head_keeps_the_first_samples_and_passes_shared_tensors_through():
+    ids = torch.arange(8 * 10).reshape(8, 10)
+    mask = torch.zeros(10, 10)  # one (T, T) attention mask shared by the 8 samples
+    out = head({"input_ids": ids, "attn_mask": mask, "scale": torch.tensor(2.0), "name": "x"}, 3)
+    assert torch.equal(out["input_ids"], ids[:3]) and out["attn_mask"] is mask
+    assert out["scale"].item() == 2.0 and out["name"] == "x"
+    assert torch.equal(head((ids, ids[:, 0]), 2)[1], ids[:2, 0])
