@@ -109,8 +109,13 @@ def zeros_like(v: Sequence[torch.Tensor]) -> Vector:
 
 
 def flatten(v: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Concatenate a parameter-space vector into one 1-D tensor."""
-    return torch.cat([a.reshape(-1) for a in v])
+    """Concatenate a parameter-space vector into one 1-D tensor.
+
+    A sparse entry (the gradient, or a Hessian-vector product, of
+    ``nn.Embedding(sparse=True)``) enters as the dense tensor it stands for.
+    """
+    return torch.cat([(a if a.layout == torch.strided else a.to_dense()).reshape(-1)
+                      for a in v])
 
 
 def unflatten(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> Vector:

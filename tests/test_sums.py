@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from landscape import _sums
-from landscape._sums import CHUNK, dots, flat_norm, row_norms
+from landscape._sums import CHUNK, dots, flat_norm, row_norms, tensor_norms
 
 
 def _data(n, rows=3, seed=0):
@@ -52,3 +52,15 @@ def test_many_chunks_against_float64(monkeypatch):
     assert torch.allclose(row_norms(q), q.double().norm(dim=1), rtol=1e-12)
     f64 = w.double()  # float64 vectors are never chunked: the plain reduction
     assert flat_norm(f64) == float(torch.linalg.vector_norm(f64))
+
+
+def test_tensor_norms_of_sparse_gradients_are_the_dense_tensors_norms():
+    """nn.Embedding(sparse=True) gives sparse COO gradients, with repeated indices."""
+    dense = torch.zeros(10, 4)
+    dense[2] = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    dense[7] = torch.tensor([0.0, 4.0, -1.0, 2.0])
+    idx = torch.tensor([[2, 7, 2]])  # row 2 twice: halves that coalesce adds up
+    vals = torch.stack([dense[2] / 2, dense[7], dense[2] / 2])
+    coo = torch.sparse_coo_tensor(idx, vals, (10, 4))
+    norms = tensor_norms([coo, dense, dense.to_sparse_csr()])
+    assert [float(n) for n in norms] == pytest.approx([float(dense.norm())] * 3, rel=1e-6)

@@ -1006,3 +1006,36 @@ def test_a_step_called_inside_inference_mode_records_what_it_records_outside():
     for plain, inside in zip(*rows):
         np.testing.assert_array_equal(inside, plain)
     assert (rows[0][0] > 0).all()
+
+
+def test_sparse_embedding_gradients_are_measured_like_dense_ones():
+    """nn.Embedding(sparse=True): grad_norm, the non-finite check and the curvature metrics
+    (they failed at every step) equal those of the same model with dense gradients."""
+    import landscape as ls
+
+    def loss_fn(out, target):
+        return F.cross_entropy(out.flatten(0, 1), target.flatten())
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 20, (6, 7), generator=g), torch.randint(0, 20, (6, 7), generator=g)
+    runs = {}
+    for sparse in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Embedding(20, 8, sparse=sparse), nn.Linear(8, 20)).double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        metrics = [ls.metrics.create(n) for n in ("loss", "grad_norm", "nonfinite")] + [
+            ls.metrics.create("top_eigenvalues", k=2, schedule=1)]
+        with ls.Monitor(model, loss_fn, optimizer=opt, metrics=metrics, probe=(x, y),
+                        warn=False, strict=True) as mon:
+            for step in range(2):
+                loss = loss_fn(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                mon.step(step, batch=(x, y), loss=loss)
+            run = mon.run()
+            runs[sparse] = {f: run.series(m, f)[1] for m, f in (
+                ("grad_norm", "value"), ("nonfinite", "grad"), ("top_eigenvalues", "eigenvalues"))}
+    for key, dense_values in runs[False].items():
+        np.testing.assert_allclose(runs[True][key], dense_values, rtol=1e-9, err_msg=key)
+    assert runs[True]["grad"].tolist() == [0.0, 0.0] and np.isfinite(runs[True]["value"]).all()
