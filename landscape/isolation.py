@@ -21,9 +21,12 @@ module that evaluates a model on the side:
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import random
 import sys
 import warnings
+import weakref
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -98,6 +101,82 @@ def measuring() -> bool:
     return bool(_OUTERMOST)
 
 
+def modules_reached(fn: Any, exclude: nn.Module | None = None, depth: int = 3) -> list[nn.Module]:
+    """The ``nn.Module`` objects a loss function or closure holds, the model's left out.
+
+    A loss with state need not be an ``nn.Module`` itself: ``lambda out, y: crit(out, y)``,
+    ``functools.partial(crit, ...)``, a bound method of a trainer object, a closure over a
+    GAN's discriminator. This finds the modules such a callable reaches: itself, a bound
+    method's object, a partial's function and arguments, a function's closure cells,
+    defaults and the globals its code names, an object's attributes, to ``depth`` levels
+    of nested callables. The model's own modules are measured under :func:`isolated`
+    already and are left out.
+
+    Args:
+        fn: the loss function or closure (None: nothing).
+        exclude: the model.
+        depth: how many levels of wrapping functions to look through.
+
+    Returns:
+        The modules found, each once, outermost first (their submodules are not listed:
+        :func:`buffers_kept` walks them).
+    """
+    skip = {id(m) for m in exclude.modules()} if exclude is not None else set()
+    found: dict[int, nn.Module] = {}
+    seen: set[int] = set()
+
+    def visit(obj: Any, level: int) -> None:
+        if obj is None or id(obj) in seen or level > depth:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, nn.Module):
+            if id(obj) not in skip:
+                found.setdefault(id(obj), obj)
+            return
+        if isinstance(obj, functools.partial):
+            for item in (obj.func, *obj.args, *obj.keywords.values()):
+                visit(item, level + 1)
+        elif inspect.ismethod(obj):
+            owner = obj.__self__
+            visit(owner, level + 1)
+            if not isinstance(owner, (nn.Module, type)) and hasattr(owner, "__dict__"):
+                for item in vars(owner).values():  # a trainer object's discriminator
+                    if isinstance(item, nn.Module) or callable(item):
+                        visit(item, level + 1)
+            visit(obj.__func__, level + 1)
+        elif inspect.isfunction(obj):
+            if (getattr(obj, "__module__", None) or "").split(".")[0] in _LIBRARIES:
+                return  # F.cross_entropy and the like: no state of yours
+            code = obj.__code__
+            cells = [c.cell_contents for c in obj.__closure__ or ()
+                     if _cell_is_set(c)]
+            named = [obj.__globals__[n] for n in code.co_names if n in obj.__globals__]
+            for item in (*cells, *(obj.__defaults__ or ()),
+                         *(obj.__kwdefaults__ or {}).values(), *named):
+                if isinstance(item, nn.Module) or callable(item):
+                    visit(item, level + 1)
+        elif callable(obj) and hasattr(obj, "__dict__") and not isinstance(obj, type):
+            for item in vars(obj).values():  # a callable object: its attributes
+                if isinstance(item, nn.Module) or callable(item):
+                    visit(item, level + 1)
+
+    visit(fn, 0)
+    return list(found.values())
+
+
+_LIBRARIES = frozenset({"torch", "numpy", "landscape", "transformers", "lightning",
+                        "pytorch_lightning", "functools", "builtins"})
+"""Top-level packages whose functions :func:`modules_reached` does not look into."""
+
+
+def _cell_is_set(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises
+    except ValueError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def buffers_kept(module: nn.Module) -> Iterator[None]:
     """Put every buffer of ``module`` back on exit: the same tensor, with its values.
@@ -164,6 +243,29 @@ def _parameters(modules: list[nn.Module]) -> list[nn.Parameter]:
     return list(seen.values())
 
 
+_GENERATORS: weakref.WeakKeyDictionary[nn.Module, tuple[int, list[torch.Generator]]] = (
+    weakref.WeakKeyDictionary())
+"""Per model: its number of modules and the generators they hold (walked again when the
+number of modules changes)."""
+
+
+def module_generators(model: nn.Module, modules: list[nn.Module]) -> list[torch.Generator]:
+    """The ``torch.Generator`` objects that ``modules`` hold as attributes.
+
+    A noise layer may draw from a generator seeded per module. Found once per model while
+    its number of modules holds.
+    """
+    cached = _GENERATORS.get(model)
+    if cached is None or cached[0] != len(modules):
+        found: dict[int, torch.Generator] = {}
+        for m in modules:
+            for value in vars(m).values():
+                if isinstance(value, torch.Generator):
+                    found.setdefault(id(value), value)
+        cached = _GENERATORS[model] = (len(modules), list(found.values()))
+    return cached[1]
+
+
 def written_in_forward(modules: list[nn.Module]) -> list[torch.Tensor]:
     """The parameters that a forward pass of ``modules`` writes in place, in any mode.
 
@@ -182,10 +284,18 @@ def written_in_forward(modules: list[nn.Module]) -> list[torch.Tensor]:
 
 
 def _set_training(modules: list[nn.Module], modes: list[bool]) -> None:
-    """Set each module's ``training`` flag, skipping ``nn.Module.__setattr__``'s lookups."""
+    """Set each module's ``training`` flag, skipping ``nn.Module.__setattr__``'s lookups.
+
+    A TorchScript module keeps its flag in C++: only its own ``__setattr__`` reaches it (a
+    plain attribute would shadow it in Python and stay behind, the scripted code running
+    on in train mode).
+    """
     for m, mode in zip(modules, modes):
         if m.training is not mode:
-            object.__setattr__(m, "training", mode)
+            if isinstance(m, torch.jit.ScriptModule):
+                m.training = mode
+            else:
+                object.__setattr__(m, "training", mode)
 
 
 def normalises_by_batch(module: nn.Module) -> bool:
@@ -317,6 +427,9 @@ def isolated(
     # Python's generator too (a layer-drop drawn with random.uniform before the model tests
     # self.training: older Hugging Face encoders); 10 us. NumPy's global one is not (60 us)
     python_rng = random.getstate() if outermost else None
+    # and the generators that modules hold themselves (a noise layer seeded per module)
+    own_rng = ([(g, g.get_state()) for g in module_generators(unwrap(model), modules)]
+               if outermost else [])
     with torch.random.fork_rng(devices=_cuda_devices(modules)), eager:
         try:
             if outermost:
@@ -333,6 +446,8 @@ def isolated(
                 del _OUTERMOST[key]
             if python_rng is not None:
                 random.setstate(python_rng)
+            for g, state in own_rng:
+                g.set_state(state)
             if written:
                 with torch.no_grad():
                     for w, value in zip(written, saved):

@@ -244,9 +244,11 @@ class StepContext:
     optimizer_stepped: bool | None = None
     capture_plan: dict[str, tuple[set[str], set[str]]] = field(default_factory=dict)
     modules: list[nn.Module] | None = None
-    #: the monitor's step-long stack: a loss function's buffers are kept on it once the
-    #: step's first curvature operator is built (:meth:`operator`)
+    #: the monitor's step-long stack: the buffers of the modules the loss function or
+    #: closure holds (``loss_modules``) are kept on it once the step first calls either
     loss_guard: contextlib.ExitStack | None = None
+    #: :func:`~landscape.isolation.modules_reached` from the loss function and the closure
+    loss_modules: Sequence[nn.Module] = ()
     _loss_kept: bool = False
     _captured: dict[str, Captured] = field(default_factory=dict)
     _cache: dict[Any, Any] = field(default_factory=dict)
@@ -416,6 +418,17 @@ class StepContext:
                 )
         return self._cache["grads"]
 
+    def _keep_loss_state(self) -> None:
+        """Keep the buffers of the modules the loss function and closure hold.
+
+        Called before the step first calls either: a loss with a running centre, a GAN's
+        discriminator with BatchNorm get their buffers back when the monitor's step ends.
+        """
+        if self.loss_guard is not None and not self._loss_kept:
+            for module in self.loss_modules:
+                self.loss_guard.enter_context(buffers_kept(module))
+            self._loss_kept = True
+
     # -- the shared forward pass
 
     def _forward(self, batch: Any, params: dict[str, torch.Tensor]) -> Any:
@@ -423,6 +436,7 @@ class StepContext:
         # default) is not needed for a forward pass, and fails on a batch without labels
         forward_only = getattr(self.closure, "loss_of_model_output", False)
         if self.closure is not None and not (forward_only and keyword_batch(batch)):
+            self._keep_loss_state()
             return stateless_closure(self.model, self.closure, params, batch)
         if keyword_batch(batch):  # the Hugging Face convention: model(**batch)
             try:
@@ -510,12 +524,7 @@ class StepContext:
         if key not in self._cache:
             from landscape import curvature
 
-            if (self.loss_guard is not None and isinstance(self.loss_fn, nn.Module)
-                    and not self._loss_kept):
-                # the products call the loss function: a loss with state (a running
-                # centre) gets its buffers back when the monitor's step ends
-                self.loss_guard.enter_context(buffers_kept(self.loss_fn))
-                self._loss_kept = True
+            self._keep_loss_state()  # the products call the loss function or closure
 
             data = self.data(source)
             if self.closure is None:  # loss_fn(model(x), y): a {"x": ..., "y": ...} batch too

@@ -221,7 +221,10 @@ class _BufferGuard:
                 self.stateless = True  # they may start writing at any step
                 yield True
                 return
-            self._slots = [(m, k) for m in modules for k in m._buffers]
+            # a TorchScript module's buffers are not a dict (in eval mode they are not
+            # written: _set_training reaches its C++ flag)
+            self._slots = [(m, k) for m in modules if not isinstance(m, torch.jit.ScriptModule)
+                           for k in m._buffers]
         entries = [(m, k, t, t._version) for m, k in self._slots
                    if (t := m._buffers.get(k)) is not None]
         saved = [t.clone() for _, _, t, _ in entries] if fresh else None

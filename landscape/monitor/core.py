@@ -52,7 +52,7 @@ from landscape._interrupts import InterruptGuard
 from landscape.batches import leading_size
 from landscape.failures import failure_finding, nonfinite_state
 from landscape.findings import Finding, Findings, at_or_above, dedupe, user_stacklevel
-from landscape.isolation import isolated, written_in_forward
+from landscape.isolation import isolated, modules_reached, written_in_forward
 from landscape.metrics import Metric, StepContext, split_batch
 from landscape.metrics.base import component_names
 from landscape.metrics.presets import MetricsLike, resolve_metrics
@@ -271,6 +271,7 @@ class Monitor:
         self.writer: RunWriter | None = None
         self._alarms: Any = None
         self._names: list[str] = []
+        self._loss_modules: list[nn.Module] = []
         self._state: dict[Any, Any] = {}
         self._failed: set[tuple[str, str]] = set()
         self._failures_to_call: list[Finding] = []  # metric_failed findings for on_finding
@@ -297,6 +298,9 @@ class Monitor:
         # unsharded; the optimizer holds the sharded ones, which the monitor must see too
         _dist.reshard(self.model)
         named = trainable_named_parameters(self.model)
+        # modules the loss function or closure holds (a loss with state): kept per step
+        self._loss_modules = [*modules_reached(self.loss_fn, self.model),
+                              *modules_reached(self.closure, self.model)]
         self._names = list(named)
         self._own = list(named.values())
         self._objects = dict(self.model.named_parameters())
@@ -568,7 +572,7 @@ class Monitor:
             optimizer=self.optimizer, names=self._names, batch=batch, probe=self.probe,
             loss=loss, outputs=outputs, state=self._state,
             microbatch_size=self.microbatch_size, batch_size=self.batch_size,
-            parameter_objects=self._objects,
+            parameter_objects=self._objects, loss_modules=self._loss_modules,
         )
 
     def step(

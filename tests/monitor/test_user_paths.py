@@ -297,6 +297,98 @@ def test_a_loss_function_with_state_is_put_back_after_the_measurements(how):
     assert all(torch.equal(a, b) for a, b in zip(*final))
 
 
+@pytest.mark.parametrize("wrap", ["lambda_loss_fn", "partial_loss_fn", "closure"])
+@pytest.mark.parametrize("metrics", [None, "standard"])
+def test_a_stateful_loss_inside_a_lambda_partial_or_closure_is_put_back(wrap, metrics):
+    """The loss module need not be the loss_fn itself: a lambda, a partial or a closure
+    holding it. With a closure and no outputs= the default monitor's logits metric calls it
+    every 10 steps (training diverged from step 1 in an audit)."""
+    import functools
+
+    final = []
+    for monitored in (False, True):
+        model = models.mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        crit = _CentredLoss("in_place")
+        loss_fn = closure = None
+        if wrap == "lambda_loss_fn":
+            loss_fn = lambda out, y: crit(out, y)  # noqa: E731, B023
+        elif wrap == "partial_loss_fn":
+            loss_fn = functools.partial(crit)
+        else:
+            closure = lambda m, b: crit(m(b[0]), b[1])  # noqa: E731, B023
+        mon = Monitor(model, loss_fn, closure=closure, optimizer=opt, metrics=metrics,
+                      warn=False).start() if monitored else None
+        for step, (x, y) in enumerate(_batches(12)):
+            loss = crit(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if mon is not None:
+                mon.step(step, batch=(x, y), loss=loss)  # no outputs=: the logits re-run
+        if mon is not None:
+            mon.close()
+        final.append([p.detach().clone() for p in model.parameters()] + [crit.center.clone()])
+    assert all(torch.equal(a, b) for a, b in zip(*final))
+
+
+def test_modules_reached_finds_the_modules_a_loss_holds_but_not_the_models():
+    import functools
+
+    from landscape.isolation import modules_reached
+
+    model, crit, disc = models.mlp(), _CentredLoss("in_place"), nn.BatchNorm1d(3)
+
+    class Trainer:
+        def __init__(self):
+            self.disc, self.model = disc, model
+
+        def loss(self, out, y):
+            return F.cross_entropy(self.disc(out), y)
+
+    def make_closure():
+        def closure(m, b):
+            return crit(m(b[0]), b[1]) + disc(m(b[0])).sum()
+        return closure
+
+    assert modules_reached(crit, model) == [crit]
+    assert modules_reached(lambda o, y: crit(o, y), model) == [crit]
+    assert modules_reached(functools.partial(crit), model) == [crit]
+    assert modules_reached(Trainer().loss, model) == [disc]
+    assert modules_reached(make_closure(), model) == [crit, disc]
+    assert modules_reached(F.cross_entropy, model) == []
+    assert modules_reached(lambda o, y: F.cross_entropy(model(o), y), model) == []
+    assert modules_reached(None, model) == []
+
+
+def test_a_layer_drawing_from_its_own_generator_trains_bitwise_identically():
+    """Noise drawn from a generator the module holds (seeded per layer): the sentinels'
+    forward advanced it, and every later training step's noise moved."""
+
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 3)
+            self.gen = torch.Generator().manual_seed(5)
+
+        def forward(self, x):
+            noise = torch.randn(x.shape, generator=self.gen) * 0.1
+            return self.lin(x + noise)
+
+    final = []
+    for monitored in (False, True):
+        torch.manual_seed(0)
+        model = Noisy()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        mon = Monitor(model, F.cross_entropy, optimizer=opt, warn=False).start() \
+            if monitored else None
+        _train(model, opt, mon, _batches(6), F.cross_entropy)
+        if mon is not None:
+            mon.close()
+        final.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*final))
+
+
 def test_a_loss_functions_buffers_are_copied_only_on_steps_that_call_it(monkeypatch):
     """Every step cloned every buffer of the loss module (a MoCo queue), also when no
     metric due called the loss function."""
@@ -1039,3 +1131,31 @@ def test_sparse_embedding_gradients_are_measured_like_dense_ones():
     for key, dense_values in runs[False].items():
         np.testing.assert_allclose(runs[True][key], dense_values, rtol=1e-9, err_msg=key)
     assert runs[True]["grad"].tolist() == [0.0, 0.0] and np.isfinite(runs[True]["value"]).all()
+
+
+def test_a_scripted_submodule_is_put_in_eval_mode_through_torchscript_and_left_clean():
+    """The monitor set `training` on a ScriptModule as a plain attribute: the scripted code
+    ran on in train mode during the measurements, the attribute stayed behind (the module
+    then reported the wrong mode), and the sentinels failed at every step."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.jit.script(nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8),
+                                                       nn.Tanh()))
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    torch.manual_seed(0)
+    model = Model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stats_before = model.body[1].running_mean.clone()
+    with Monitor(model, F.cross_entropy, optimizer=opt, warn=False, strict=True) as mon:
+        _train(model, opt, mon, _batches(3), F.cross_entropy)
+    assert all("training" not in vars(m) for m in model.body.modules())
+    model.eval()
+    assert model.body._c.getattr("training") is False and model.body.training is False
+    assert np.isfinite(mon.run().series("sentinels", "probe_loss")[1]).all()
+    assert not torch.equal(stats_before, model.body[1].running_mean)  # training's own steps
