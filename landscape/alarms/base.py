@@ -167,13 +167,13 @@ class Rule:
     sustain: int = 1
     rearm: int = 3
 
-    def evaluator(self, metric: str, params: Mapping[str, Any]) -> Evaluator:
+    def evaluator(self, metric: str, config: Mapping[str, Any]) -> Evaluator:
         """A fresh evaluator for the rows of one metric.
 
         Args:
             metric: the metric name the rows belong to.
-            params: the metric's declared ``params`` (e.g. ``spectral_alignment``'s layer
-                names).
+            config: the metric's stored ``config()`` (e.g. ``spectral_alignment``'s layer
+                names; the run file keeps it as the table's ``params`` attribute).
 
         Returns:
             A callable ``(step, row) -> Trigger | None | SKIP`` holding the stream's state;
@@ -245,13 +245,13 @@ class EpisodeTracker:
     Args:
         rule: the rule.
         metric: the metric name of the stream.
-        params: the metric's declared ``params``, passed to :meth:`Rule.evaluator`.
+        config: the metric's stored ``config()``, passed to :meth:`Rule.evaluator`.
     """
 
-    def __init__(self, rule: Rule, metric: str, params: Mapping[str, Any]) -> None:
+    def __init__(self, rule: Rule, metric: str, config: Mapping[str, Any]) -> None:
         self.rule = rule
         self.metric = metric
-        self.evaluate = rule.evaluator(metric, params)
+        self.evaluate = rule.evaluator(metric, config)
         self.active = False  # inside an episode
         self.emitted = -1  # highest severity rank emitted in the current episode
         self.firing_rows = 0  # consecutive firing rows (for sustain)

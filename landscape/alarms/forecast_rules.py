@@ -204,12 +204,12 @@ class TaylorForecast(Rule):
         if not 0 < self.floor <= self.limit:
             raise ValueError(f"floor must be in (0, limit], got {self.floor}")
 
-    def evaluator(self, metric: str, params: Mapping[str, Any]) -> Evaluator:
+    def evaluator(self, metric: str, config: Mapping[str, Any]) -> Evaluator:
         """A fresh :class:`ForecastState` for one stream.
 
         Args:
             metric: the metric name.
-            params: the metric's ``params`` (unused).
+            config: the metric's stored ``config()`` (unused).
 
         Returns:
             The stream's evaluator.

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from landscape._deprecation import renamed_kwargs
 from landscape._errors import RuleError, StepOrderError
 from landscape.alarms.base import EpisodeTracker, Rule, Value, _finding_order
 from landscape.alarms.curvature_rules import EdgeOfStability, TaylorRatio
@@ -149,7 +150,7 @@ class OnlineAlarms:
     Each call costs O(window) per rule watching that metric, independent of the run
     length. ``findings`` keeps everything emitted so far.
 
-    Call :meth:`declare` with a metric's ``params`` before its first row when a rule uses
+    Call :meth:`declare` with a metric's ``config()`` before its first row when a rule uses
     them (``spectral_alignment``'s layer names), and :meth:`replay` to catch up with the
     rows of a resumed run.
 
@@ -188,7 +189,7 @@ class OnlineAlarms:
         for rule in self.rules:
             for metric in rule.metrics:
                 self._watchers.setdefault(metric, []).append(rule)
-        self._params: dict[str, dict] = {}
+        self._configs: dict[str, dict] = {}
         self._streams: dict[str, list[EpisodeTracker]] = {}
         self._last: dict[str, int] = {}
         self.findings: list[Finding] = []
@@ -198,20 +199,22 @@ class OnlineAlarms:
         """Metric names some rule watches."""
         return sorted(self._watchers)
 
-    def declare(self, name: str, params: Mapping[str, Any] | None = None) -> None:
-        """Record metric ``name``'s ``params`` (used when its first row arrives).
+    @renamed_kwargs(params="config")
+    def declare(self, name: str, config: Mapping[str, Any] | None = None) -> None:
+        """Record metric ``name``'s ``config()`` (used when its first row arrives).
 
         Args:
             name: the metric name.
-            params: the metric's ``params`` (``None``: none).
+            config: the metric's stored ``config()`` (``None``: none; it was called
+                ``params``, still accepted with a ``DeprecationWarning``).
 
         Raises:
-            ValueError: the metric already has rows and ``params`` differ from those it
+            ValueError: the metric already has rows and ``config`` differs from the one it
                 started with.
         """
-        if name in self._streams and dict(params or {}) != self._params.get(name, {}):
+        if name in self._streams and dict(config or {}) != self._configs.get(name, {}):
             raise ValueError(f"metric {name!r} already has rows; declare it before observing")
-        self._params[name] = dict(params or {})
+        self._configs[name] = dict(config or {})
 
     def observe(self, name: str, step: int, values: Mapping[str, Any]) -> list[Finding]:
         """Evaluate one row of metric ``name`` at ``step``.
@@ -241,11 +244,11 @@ class OnlineAlarms:
         self._last[name] = step
         streams = self._streams.get(name)
         if streams is None:
-            params = self._params.get(name, {})
+            config = self._configs.get(name, {})
             streams = []
             for rule in watchers:
-                try:  # a rule's evaluator(metric, params) is the user's code too
-                    streams.append(EpisodeTracker(rule, name, params))
+                try:  # a rule's evaluator(metric, config) is the user's code too
+                    streams.append(EpisodeTracker(rule, name, config))
                 except Exception as err:
                     self._failed(rule, name, step, err)
             self._streams[name] = streams
@@ -305,8 +308,8 @@ class OnlineAlarms:
             if name not in self._watchers:
                 continue
             if name not in self._streams:
-                params = reader.metric_attrs(name).get("params") or {}
-                self._params[name] = dict(params) if isinstance(params, Mapping) else {}
+                config = reader.metric_attrs(name).get("params") or {}  # the file's name
+                self._configs[name] = dict(config) if isinstance(config, Mapping) else {}
             columns = {}
             steps = reader.steps(name)
             for fname, spec in reader.fields(name).items():

@@ -132,7 +132,7 @@ class SignCollapse(Rule):
     """Spectral-alignment sign diversity collapses in some layer.
 
     Reads ``spectral_alignment/minority`` (one value per monitored layer; layer names
-    from the metric's ``params["layers"]``): the fraction of tokens whose alignment with
+    from the metric's ``config()["layers"]``): the fraction of tokens whose alignment with
     the top singular direction of the layer's weight has the minority sign (0.5 balanced,
     0 collapsed). A collapse of this sign diversity predicts loss explosion hundreds to
     thousands of steps ahead (Qiu et al. 2025, arXiv:2510.04202). The statistic is our
@@ -173,17 +173,18 @@ class SignCollapse(Rule):
         """1: ``sustain`` counts each layer's own rows (:class:`SignCollapseState`)."""
         return 1
 
-    def evaluator(self, metric: str, params: Mapping[str, Any]) -> Evaluator:
+    def evaluator(self, metric: str, config: Mapping[str, Any]) -> Evaluator:
         """A fresh :class:`SignCollapseState` for one stream.
 
         Args:
             metric: the metric name (``spectral_alignment``).
-            params: the metric's ``params``; ``params["layers"]`` names the layers.
+            config: the metric's stored ``config()``; ``config["layers"]`` names the
+                layers.
 
         Returns:
             The stream's evaluator.
         """
-        layers = list(params.get("layers") or []) if isinstance(params, Mapping) else []
+        layers = list(config.get("layers") or []) if isinstance(config, Mapping) else []
         return SignCollapseState(self, layers)
 
 
@@ -303,12 +304,12 @@ class RankCollapse(Rule):
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"warmup must be an integer >= 0, got {self.warmup!r}")
 
-    def evaluator(self, metric: str, params: Mapping[str, Any]) -> Evaluator:
+    def evaluator(self, metric: str, config: Mapping[str, Any]) -> Evaluator:
         """A fresh :class:`RankCollapseState` for one stream.
 
         Args:
             metric: the metric name (``representation``).
-            params: the metric's ``params`` (unused).
+            config: the metric's stored ``config()`` (unused).
 
         Returns:
             The stream's evaluator.
@@ -410,12 +411,12 @@ class AttentionLogitGrowth(Rule):
             raise ValueError(f"growth must be > 0 or None, got {self.growth}")
         check_severity("severity", self.severity)
 
-    def evaluator(self, metric: str, params: Mapping[str, Any]) -> Evaluator:
+    def evaluator(self, metric: str, config: Mapping[str, Any]) -> Evaluator:
         """A fresh :class:`AttentionLogitGrowthState` for one stream.
 
         Args:
             metric: the metric name (``sentinels``).
-            params: the metric's ``params`` (unused).
+            config: the metric's stored ``config()`` (unused).
 
         Returns:
             The stream's evaluator.

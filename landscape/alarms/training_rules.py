@@ -154,12 +154,12 @@ class LossSpike(Rule):
         if self.rel_floor < 0:
             raise ValueError(f"rel_floor must be >= 0, got {self.rel_floor}")
 
-    def evaluator(self, metric: str, params: Mapping[str, Any]) -> Evaluator:
+    def evaluator(self, metric: str, config: Mapping[str, Any]) -> Evaluator:
         """A fresh :class:`SpikeState` for one stream.
 
         Args:
             metric: the metric name (``loss``, ``grad_norm``, ...).
-            params: the metric's ``params`` (unused).
+            config: the metric's stored ``config()`` (unused).
 
         Returns:
             The stream's evaluator.
