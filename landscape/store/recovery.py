@@ -69,7 +69,10 @@ def refuse_to_replace_with_a_run(path: Path) -> None:
     ``RunWriter(mode="w")`` (``--overwrite``) replaces a run file, an empty file, or an
     HDF5 file that cannot be read (a damaged run); anything else it would destroy: a
     checkpoint named by mistake (``-o ckpt.pt``, or a shell glob after ``-o``), a report,
-    source code, another program's HDF5 file.
+    source code, another program's HDF5 file, and a run file that a live process is still
+    writing (a plain open fails on a file open for SWMR writing, which once let
+    ``--overwrite`` truncate a training run under its writer: such a file is read in SWMR
+    mode, as a reader does, once it is known not to be cut short).
     """
     if not path.exists() or path.stat().st_size == 0:
         return
@@ -80,8 +83,19 @@ def refuse_to_replace_with_a_run(path: Path) -> None:
     try:
         with h5py.File(path, "r", locking=LOCKING) as f:
             fmt = f.attrs.get("format", None)
-    except Exception:  # a damaged run (or another file HDF5 cannot read): replaced
-        return
+    except Exception as err:
+        if not _plainly_open(err):
+            return  # a damaged run (or another file HDF5 cannot read): replaced
+        try:  # marked open for writing: a live writer's file, or a killed one's
+            _check_not_truncated(path)
+            with h5py.File(path, "r", libver="latest", swmr=True, locking=LOCKING) as f:
+                fmt = f.attrs.get("format", None)
+                writer = _live_writer(f)
+        except Exception:  # cut short, or unreadable: damaged
+            return
+        if writer is not None:
+            raise RunFileError(
+                f"{path}: is being written by another process (pid {writer})") from None
     if _attr_value(fmt) != FORMAT:
         raise RunFileError(f"{path}: an HDF5 file, but not a landscape run (no "
                            "format='landscape'), so it is not overwritten: write the run to "
@@ -447,13 +461,21 @@ def _replace(copy: Path | str, path: Path) -> None:
     os.replace(copy, path)
 
 
-def _refuse_live_writer(f: h5py.File, path: Path) -> None:
-    """Raise when the process recorded as the file's writer still runs on this host."""
+def _live_writer(f: h5py.File) -> int | None:
+    """The pid of the file's recorded writer when it is another process still running here."""
     owner_pid = int(_attr_value(f.attrs.get("writer_pid", -1)))
     owner_host = _attr_value(f.attrs.get("writer_host", ""))
-    if owner_pid > 0 and owner_host == socket.gethostname() and owner_pid != os.getpid():
-        if _pid_alive(owner_pid):
-            raise RunFileError(f"{path}: is being written by another process (pid {owner_pid})")
+    if (owner_pid > 0 and owner_host == socket.gethostname() and owner_pid != os.getpid()
+            and _pid_alive(owner_pid)):
+        return owner_pid
+    return None
+
+
+def _refuse_live_writer(f: h5py.File, path: Path) -> None:
+    """Raise when the process recorded as the file's writer still runs on this host."""
+    owner_pid = _live_writer(f)
+    if owner_pid is not None:
+        raise RunFileError(f"{path}: is being written by another process (pid {owner_pid})")
 
 
 def open_for_writing(path: Path) -> h5py.File:

@@ -380,3 +380,23 @@ def test_a_second_reader_that_hdf5_gives_a_stale_view_says_so(tmp_path):
         warnings.simplefilter("error", RuntimeWarning)
         with Run.open(path) as fresh:
             assert fresh.metrics() == ["extra", "loss"]
+
+
+def test_overwrite_refuses_a_run_file_that_a_live_process_writes(tmp_path, spawn_writer):
+    """``mode="w"`` (the CLI's --overwrite) truncated a file held open for SWMR writing: a
+    plain read-only open fails on it, and that was taken for a damaged file."""
+    path = tmp_path / "run.h5"
+    proc = spawn_writer(path, 20, 0.01, 5, "wait")
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "declared"
+    size = path.stat().st_size
+    with pytest.raises(RunFileError, match=r"being written by another process \(pid"):
+        RunWriter(path, mode="w")
+    assert path.stat().st_size == size
+    (tmp_path / "run.h5.ready").touch()
+    proc.wait()
+    with Run.open(path) as run:
+        assert _check_rows(run) == 20  # the writer finished undisturbed
+    with RunWriter(path, mode="w") as w:  # its writer gone: replaced
+        w.declare("m", {"v": None})
+    with Run.open(path) as run:
+        assert run.rows("m") == 0
