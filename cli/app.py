@@ -71,6 +71,25 @@ def input_errors(exit_code: int = 1) -> Iterator[None]:
         raise CommandError(f"{err.strerror}{where}", exit_code) from None
 
 
+@contextlib.contextmanager
+def run_file_errors(run_path: str, exit_code: int = 1) -> Iterator[None]:
+    """A run file whose contents are not what the format says, as one line and ``exit_code``.
+
+    The store refuses a damaged structure itself (:class:`~landscape.RunFileError`); a value
+    of the wrong kind inside a well-formed file (a ``config`` attribute that is not JSON, a
+    severity no rule gives, a text column where numbers belong) surfaces as the error of
+    whatever reads it: ``info``, ``report``, ``plot``, ``watch`` and ``check`` name the
+    file instead of printing a traceback.
+    """
+    try:
+        yield
+    except LandscapeError as err:
+        raise CommandError(str(err), exit_code) from None
+    except (KeyError, ValueError, TypeError, IndexError) as err:
+        raise CommandError(f"{run_path}: cannot be read as a run file "
+                           f"({type(err).__name__}: {err})", exit_code) from None
+
+
 def _docstring_of_command(module: str) -> str | None:
     """The docstring of the click command ``module`` defines, read from its source.
 

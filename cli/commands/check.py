@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 import click
-from landscape_cli.app import CommandError, cli, input_errors, verbose_option
+from landscape_cli.app import CommandError, cli, input_errors, run_file_errors, verbose_option
 from landscape_cli.options import findings_of, load_rule_specs, recompute_option, rules_option
 
 from landscape.findings import (
@@ -130,14 +130,15 @@ def check(run_path: str, fail_on: str, recompute: bool, rule_specs: tuple[str, .
     with input_errors(EXIT_INPUT):  # a rules module that cannot be loaded: exit 2
         rules = load_rule_specs(rule_specs, recompute)
     try:
-        with input_errors(EXIT_INPUT), Run.open(run_path) as run:
+        with input_errors(EXIT_INPUT), run_file_errors(run_path, EXIT_INPUT), \
+                Run.open(run_path) as run:
             found = findings_of(run, recompute, rules, quiet or as_json)
             source = run.source
             # a surface counts once a point of it is computed: a job killed before its
             # first point recorded nothing either
             recorded = any(run.rows(m) for m in run.metrics()) or any(
                 run.surface(s).done.any() for s in run.surfaces())
-    except (KeyError, ValueError, TypeError, OSError) as err:  # a damaged file's structure
+    except OSError as err:  # one without a system error behind it (h5py's own)
         raise CommandError(f"{run_path}: cannot be read as a run file "
                            f"({type(err).__name__}: {err})", EXIT_INPUT) from None
     if not recorded and not found:  # a gate must not pass a job that recorded nothing

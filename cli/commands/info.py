@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import click
-from landscape_cli.app import cli, verbose_option
+from landscape_cli.app import cli, run_file_errors, verbose_option
 
 from landscape.store import FieldSpec, Run
 
@@ -16,7 +16,7 @@ from landscape.store import FieldSpec, Run
 @verbose_option
 def info(run_path: str, as_json: bool) -> None:
     """Show the metrics, fields, step ranges, findings and surfaces of RUN."""
-    with Run.open(run_path) as run:
+    with run_file_errors(run_path), Run.open(run_path) as run:
         summary = run.summary()
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))

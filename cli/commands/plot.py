@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import click
-from landscape_cli.app import cli, verbose_option
+from landscape_cli.app import cli, run_file_errors, verbose_option
 from landscape_cli.options import (
     FiniteFloatOr,
     findings_of,
@@ -148,7 +148,7 @@ def plot(
     if target.suffix.lower() == ".vtk" and not to_directory:
         _write_vtk(run_path, surface_name, target, field, log, quiet)
         return
-    with Run.open(run_path) as run:
+    with run_file_errors(run_path), Run.open(run_path) as run:
         try:
             if surface_name:
                 surface = run.surface(surface_name)

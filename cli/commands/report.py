@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from landscape_cli.app import cli, verbose_option
+from landscape_cli.app import cli, run_file_errors, verbose_option
 from landscape_cli.options import (
     findings_of,
     load_rule_specs,
@@ -44,7 +44,7 @@ def report(run_path: str, out: str, title: str | None, log: bool | None, recompu
     """
     target = report_path(out)
     rules = load_rule_specs(rule_specs, recompute)
-    with Run.open(run_path) as run:
+    with run_file_errors(run_path), Run.open(run_path) as run:
         found = findings_of(run, recompute, rules, quiet)
         if target != Path(out):  # a directory: created as plot creates its output directory
             output_directory(target.parent)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 import numpy as np
-from landscape_cli.app import cli, verbose_option
+from landscape_cli.app import cli, run_file_errors, verbose_option
 from landscape_cli.options import FiniteFloatRange
 
 from landscape._errors import RunFileError
@@ -167,7 +167,7 @@ def watch(
             if not waited or (timeout is not None and _clock() - start >= timeout):
                 raise
             _sleep(max(0.05, interval))
-    with run:
+    with run_file_errors(run_path), run:
         unknown = [m for m in metrics if m not in run.metrics()]
         if unknown:
             known = ", ".join(run.metrics()) or "none"
@@ -195,7 +195,7 @@ def watch(
                     lines = view.update(run, first=False)
                 finally:
                     run.close()
-            except (RunFileError, OSError, KeyError) as err:
+            except (RunFileError, OSError, KeyError, ValueError, TypeError, IndexError) as err:
                 # e.g. the writer is changing the file's structure right now: look again later
                 if not unreadable and not quiet:
                     click.echo(f"note: cannot read the run now ({err}); retrying", err=True)

@@ -154,10 +154,17 @@ class Run:
         """The file's format version."""
         return int(self.attrs["format_version"])
 
+    def _json(self, text: Any, what: str) -> Any:
+        """``text`` decoded from JSON; a :class:`RunFileError` naming the file if it is not."""
+        try:
+            return json.loads(text)
+        except (TypeError, ValueError):
+            raise RunFileError(f"{self.source}: damaged run file: {what} is not JSON") from None
+
     @property
     def config(self) -> dict:
         """The run's configuration (the root ``config`` attribute, decoded)."""
-        return json.loads(self.attrs.get("config", "{}") or "{}")
+        return self._json(self.attrs.get("config", "{}") or "{}", "its config attribute")
 
     # -- metrics
 
@@ -241,8 +248,8 @@ class Run:
         attrs = self._backend.table_attrs(self._metric_path(metric))
         attrs.pop("fields", None)
         if "params" in attrs:
-            attrs["params"] = json.loads(attrs["params"] or "{}")
-        attrs["context"] = json.loads(attrs.get("context") or "[]")
+            attrs["params"] = self._json(attrs["params"] or "{}", f"{metric}'s params")
+        attrs["context"] = self._json(attrs.get("context") or "[]", f"{metric}'s context")
         return attrs
 
     def steps(self, metric: str) -> np.ndarray:
@@ -354,6 +361,15 @@ class Run:
                for name in names}
         strings = {k: _decode_strings(v) for k, v in col.items() if FINDING_FIELDS[k].is_string}
         extras = strings.get("extra", [""] * n)
+        try:
+            return self._findings(steps, col, strings, extras)
+        except (KeyError, TypeError, ValueError) as err:  # a severity no rule gives, text
+            raise RunFileError(f"{self.source}: damaged run file: its findings do not "
+                               f"read ({err})") from None
+
+    @staticmethod
+    def _findings(steps: np.ndarray, col: dict, strings: dict, extras: list) -> Findings:
+        n = len(steps)
         return Findings([
             Finding(
                 step=int(steps[i]),

@@ -999,3 +999,45 @@ def test_sharpness_is_drawn_with_its_threshold_on_one_axis(tmp_path):
     assert top.get_ylabel() == "lambda_max"
     lines = {line.get_label(): line for line in top.get_lines()}
     assert "threshold" in lines and list(lines["threshold"].get_ydata()) == [8.0] * 10
+
+
+def _with_damaged_contents(run_file, tmp_path, how):
+    """A copy of ``run_file`` that is well formed but holds a value of the wrong kind."""
+    import shutil
+
+    import h5py
+
+    path = tmp_path / f"{how}.h5"
+    shutil.copy(run_file, path)
+    with h5py.File(path, "a") as f:
+        if how == "config":
+            f.attrs["config"] = "{bad"
+        elif how == "params":
+            f["metrics/hessian"].attrs["params"] = "{bad"
+        elif how == "severity":
+            f["findings/severity"][0] = b"bogus"
+        elif how == "dtype":
+            fields = json.loads(f["metrics/loss"].attrs["fields"])
+            fields["value"]["dtype"] = "bogus"
+            f["metrics/loss"].attrs["fields"] = json.dumps(fields)
+    return path
+
+
+@pytest.mark.parametrize("how", ["config", "params", "severity", "dtype"])
+def test_damaged_contents_are_one_line_naming_the_file_in_every_reading_command(
+        runner, run_file, tmp_path, how):
+    """info, report, plot and watch printed tracebacks (JSONDecodeError, a ValueError from
+    the severity, a TypeError from the dtype); check gave one line."""
+    path = _with_damaged_contents(run_file, tmp_path, how)
+    commands = {"info": [], "report": ["-o", str(tmp_path / "r.html")],
+                "plot": ["-o", str(tmp_path / "plots")], "watch": ["--once"], "check": []}
+    failed = 0
+    for command, extra in commands.items():
+        result = runner.invoke(cli, [command, str(path), *extra])
+        assert "Traceback" not in result.output and not (
+            result.exception and not isinstance(result.exception, SystemExit)), (
+            command, result.exception)
+        if result.exit_code != 0 and not (command == "check" and result.exit_code == 1):
+            _one_line_error(result, path.name)
+            failed += 1
+    assert failed >= 2  # what reads the damaged value refuses the file, naming it
