@@ -195,10 +195,15 @@ def open_checkpoints(
     return Opened(net, checkpoints, folder, kinds)
 
 
-def _vocab_size(model: nn.Module) -> int | None:
+def _input_embeddings(model: nn.Module) -> nn.Embedding | None:
     get = getattr(model, "get_input_embeddings", None)
     emb = get() if callable(get) else None
-    return int(emb.num_embeddings) if isinstance(emb, nn.Embedding) else None
+    return emb if isinstance(emb, nn.Embedding) else None
+
+
+def _vocab_size(model: nn.Module) -> int | None:
+    emb = _input_embeddings(model)
+    return None if emb is None else int(emb.num_embeddings)
 
 
 def _max_positions(model: nn.Module) -> int | None:
@@ -213,9 +218,11 @@ def _max_positions(model: nn.Module) -> int | None:
     for name in ("n_positions", "max_position_embeddings"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
-            vocab = _vocab_size(model)
+            # a table of that many rows besides the token embeddings (a vocabulary as
+            # large as the context, 64 and 64, is no reason to skip the check)
+            tokens = _input_embeddings(model)
             learned = any(isinstance(m, nn.Embedding) and m.num_embeddings == value
-                          and value != vocab for m in model.modules())
+                          and m is not tokens for m in model.modules())
             return value if learned else None
     return None
 

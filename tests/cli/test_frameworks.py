@@ -333,6 +333,15 @@ def test_only_a_learned_position_table_limits_the_sequence_length():
     ids = torch.randint(0, 100, (1, 64))
     assert llama(input_ids=ids).logits.shape == (1, 64, 100)  # it runs
     assert _max_positions(fw.gpt2()) == fw.gpt2().config.n_positions
+    # a vocabulary as large as the context (64 and 64, examples/posthoc_huggingface.py's
+    # model): the position table still limits it; Llama's 32-token vocabulary does not
+    square = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=64, n_positions=64, n_embd=16, n_layer=1, n_head=2))
+    assert _max_positions(square) == 64
+    llama32 = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, vocab_size=32, max_position_embeddings=32))
+    assert _max_positions(llama32) is None
 
 
 def test_more_batches_than_the_data_hold_is_said(stack, tmp_path):
