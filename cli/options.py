@@ -50,6 +50,14 @@ class FiniteFloatRange(FiniteFloat, click.FloatRange):
     """A :class:`click.FloatRange` that also refuses ``nan`` and ``inf`` (:class:`FiniteFloat`)."""
 
 
+def named_output(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A ``-o`` callback: refuse an empty name (it would write into the current directory)."""
+    if value is not None and not str(value).strip():
+        raise click.BadParameter("give a file or directory name (an empty name would write "
+                                 "into the current directory)")
+    return value
+
+
 def output_directory(path: Path) -> Path:
     """Create the output directory ``path`` (and its parents) unless it exists as a file.
 

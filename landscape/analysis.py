@@ -300,6 +300,9 @@ def check_loss(net: nn.Module, loss_fn: Callable | None, batches: Sequence[Any],
             raise LandscapeError("the loss function must return a scalar tensor")
         if not torch.isfinite(value).all():
             if finite:
+                if not all(bool(torch.isfinite(p).all()) for p in net.parameters()):
+                    raise LandscapeError(f"{ckpt.path}: the weights are not finite (a run "
+                                         "that blew up): nothing to evaluate around them")
                 raise LandscapeError(
                     f"{ckpt.path}: the loss on the data is {float(value)} (not finite)"
                 )

@@ -11,6 +11,7 @@ from landscape_cli.options import (
     FiniteFloatOr,
     findings_of,
     load_rule_specs,
+    named_output,
     output_directory,
     recompute_option,
     rules_option,
@@ -96,6 +97,7 @@ def _message(err: Exception) -> str:
 @recompute_option("Mark")
 @click.option(
     "-o", "--out", "out", required=True, type=click.Path(),
+    callback=named_output,
     help="Image file (.png, .pdf, .svg, .jpg; several metrics: FILE-METRIC.png each), a "
     "directory (existing, or ending in /) for one image per metric, or with --surface a .vtk "
     "file (a structured grid for ParaView).",

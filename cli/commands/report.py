@@ -9,6 +9,7 @@ from landscape_cli.app import cli, run_file_errors, verbose_option
 from landscape_cli.options import (
     findings_of,
     load_rule_specs,
+    named_output,
     output_directory,
     recompute_option,
     rules_option,
@@ -24,6 +25,7 @@ from landscape.store import Run
 @click.argument("run_path", metavar="RUN", type=click.Path())
 @click.option(
     "-o", "--out", default="report.html", show_default=True, type=click.Path(),
+    callback=named_output,
     help="The HTML file to write, or a directory (existing, or ending in /; created like "
     "plot's) to write report.html into.",
 )

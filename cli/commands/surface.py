@@ -13,6 +13,7 @@ from landscape_cli.options import (
     factory_options,
     interruptible,
     load_inputs,
+    named_output,
 )
 
 from landscape._errors import LandscapeError
@@ -57,6 +58,7 @@ EXAMPLE = ("landscape surface ckpt-200.pt --model factories.py:model --data fact
                    "code's --xignore biasbn); none: every parameter moves (random only).")
 @click.option("--name", default=None, help="Surface name in the run file (default: the kind).")
 @click.option("-o", "--out", default="run.h5", show_default=True, type=click.Path(),
+              callback=named_output,
               help="Run file to write into (resumes an interrupted surface of that name).")
 @click.option("--overwrite", is_flag=True,
               help="Start the run file over instead of adding to it.")

@@ -117,6 +117,13 @@ def _drawn(
         z = _values(surf, field, log, None)
         fence = outlier_fence(z)
         return (z, None) if fence is None else (_clip(z, fence), fence)
+    if vmax is not None:  # a clip at or below every value would draw one flat colour
+        raw = _values(surf, field, False, None)
+        finite = raw[np.isfinite(raw)]
+        if finite.size and vmax <= finite.min():
+            raise ValueError(f"vmax {vmax:g} is at or below the smallest {field} "
+                             f"({finite.min():.4g}): nothing would be drawn; give a value "
+                             f"between {finite.min():.4g} and {finite.max():.4g}")
     z = _values(surf, field, log, vmax)
     if vmax is None:
         return z, None

@@ -184,6 +184,9 @@ def interpolate(
                        and tuple(a[k].shape) == tuple(v.shape) == tuple(b[k].shape))
         bvec = tuple((b[k].detach().to(bufs[k].device, bufs[k].dtype)
                       - a[k].detach().to(bufs[k].device, bufs[k].dtype)) for k in bnames)
+    if all(not bool(v.any()) for v in (*vec, *bvec)):  # a segment of length zero
+        raise LandscapeError("interpolate: the two checkpoints hold the same weights (the "
+                             "same file twice, or a copy): the line between them is a point")
     dirs = Directions(names, (vec,), {"kind": "interpolation", "normalization": "none",
                                       "ignore": "none", "buffers": bool(buffers)},
                       bnames, (bvec,) if bnames else ())

@@ -890,6 +890,10 @@ def test_plot_clips_and_levels_a_surface_on_the_command_line(runner, tmp_path):
         result = runner.invoke(cli, ["plot", str(path), "--surface", "plane", "--vmax", word,
                                      "-o", str(tmp_path / f"{word}.png")])
         assert result.exit_code == 0, result.output
+    low = float(np.nanmin(surf.values["loss"]))  # a clip below every value: a blank image
+    _one_line_error(runner.invoke(cli, ["plot", str(path), "--surface", "plane", "--vmax",
+                                        f"{low - 0.01}", "-o", str(tmp_path / "b.png")]),
+                    "is at or below the smallest loss")
     result = runner.invoke(cli, ["plot", str(path), "--surface", "plane", "--vmax", "some",
                                  "-o", str(tmp_path / "x.png")])
     assert result.exit_code == 2 and "float|auto|none" in result.output
@@ -1041,3 +1045,11 @@ def test_damaged_contents_are_one_line_naming_the_file_in_every_reading_command(
             _one_line_error(result, path.name)
             failed += 1
     assert failed >= 2  # what reads the damaged value refuses the file, naming it
+
+
+
+@pytest.mark.parametrize("command", ["plot", "report", "analyze", "surface"])
+def test_an_empty_output_name_is_refused(runner, run_file, command):
+    """plot and report wrote into the current directory for -o ''."""
+    result = runner.invoke(cli, [command, str(run_file), "-o", " "])
+    assert result.exit_code == 2 and "an empty name would write" in result.output

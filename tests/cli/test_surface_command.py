@@ -172,3 +172,33 @@ def test_normalization_and_ignore_reach_the_random_directions(setup, tmp_path):
         layer = run.surface("layer").attrs["directions"]
     assert (default["normalization"], default["ignore"]) == ("filter", "biasbn")
     assert (layer["normalization"], layer["ignore"]) == ("layer", "none")
+
+
+def test_two_identical_checkpoints_are_no_line_to_interpolate(setup, tmp_path):
+    """A zero-length segment gave a flat line, exit 0 (analyze refuses the same pair)."""
+    import shutil
+
+    root, paths, _ = setup
+    copy = tmp_path / "copy.pt"
+    shutil.copy(paths[1], copy)
+    fac = root / "factories.py"
+    result = _run(["surface", str(paths[1]), str(copy), "--model", f"{fac}:model", "--data",
+                   f"{fac}:data", "--directions", "interpolate", "-o", str(tmp_path / "i.h5")])
+    assert result.exit_code == 1 and "hold the same weights" in result.output
+
+
+def test_a_checkpoint_with_weights_that_are_not_finite_is_said_so(setup, tmp_path):
+    """'the loss on the data is nan' blamed the data."""
+    import torch
+
+    root, paths, _ = setup
+    state = torch.load(paths[1], weights_only=True)
+    weights = state["model"] if "model" in state else state
+    first = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[first] = torch.full_like(weights[first], float("nan"))
+    bad = tmp_path / "nan.pt"
+    torch.save(state, bad)
+    fac = root / "factories.py"
+    result = _run(["surface", str(bad), "--model", f"{fac}:model", "--data", f"{fac}:data",
+                   "--steps", "3", "-o", str(tmp_path / "n.h5")])
+    assert result.exit_code == 1 and "the weights are not finite" in result.output
