@@ -71,6 +71,19 @@ def input_errors(exit_code: int = 1) -> Iterator[None]:
         raise CommandError(f"{err.strerror}{where}", exit_code) from None
 
 
+def interrupted(err: KeyboardInterrupt, stored: str, overwrite: bool) -> SystemExit:
+    """Say what an interrupted ``analyze`` or ``surface`` left and how to go on.
+
+    Prints one line (``stored``: what the run file holds now) and returns the exit to
+    raise: 143 for SIGTERM, 130 for SIGINT.
+    """
+    signal_name, status = ("SIGTERM", 143) if isinstance(err, Terminated) else ("SIGINT", 130)
+    how = ("run the same command again without --overwrite (with it, it starts over)"
+           if overwrite else "run the same command again")
+    click.echo(f"interrupted ({signal_name}): {stored}; to continue, {how}", err=True)
+    return SystemExit(status)
+
+
 @contextlib.contextmanager
 def run_file_errors(run_path: str, exit_code: int = 1) -> Iterator[None]:
     """A run file whose contents are not what the format says, as one line and ``exit_code``.

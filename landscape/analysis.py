@@ -508,13 +508,13 @@ class _Progress:
     """
 
     def __init__(self, total: int, n_metrics: int, enabled: bool) -> None:
-        from tqdm.auto import tqdm
+        from landscape._progress import bar
 
         self.enabled = enabled
-        self.outer = tqdm(total=total, desc="checkpoints", unit="ckpt", disable=not enabled,
-                          position=0)
-        self.inner = tqdm(total=n_metrics, desc="metrics", unit="metric",
-                          disable=not enabled, position=1, leave=False)
+        self.outer = bar(enabled=enabled, total=total, desc="checkpoints", unit="ckpt",
+                         position=0)
+        self.inner = bar(enabled=enabled, nested=True, total=n_metrics, desc="metrics",
+                         unit="metric", position=1, leave=False)
         self.products = 0
 
     def start_checkpoint(self, step: int) -> None:

@@ -219,7 +219,7 @@ def _quiet_probe_note() -> Iterator[None]:
 def _run_demo(out_dir, steps, lr, ramp_step, ramp_steps, ramp_factor, seed, surface_steps,
               blowup_factor, progress, on_finding, spike_step, spike_factor) -> DemoResult:
     """:func:`run_demo` with torch's threads set."""
-    from tqdm.auto import tqdm
+    from landscape._progress import bar as progress_bar
 
     if spike_step is not None:
         ramp_step = spike_step
@@ -253,7 +253,8 @@ def _run_demo(out_dir, steps, lr, ramp_step, ramp_steps, ramp_factor, seed, surf
         # the default monitor: no metrics=, no probe= (it keeps part of the first batch)
         with Monitor(model, loss_fn, str(path), optimizer=opt, config=config, mode="w",
                      on_finding=on_finding) as mon:
-            for step in tqdm(range(steps), desc="training", unit="step", disable=not progress):
+            for step in progress_bar(range(steps), enabled=progress, desc="training",
+                                     unit="step"):
                 if step == ramp_step:
                     pre_ramp = {k: v.clone() for k, v in model.state_dict().items()}
                 for group in opt.param_groups:

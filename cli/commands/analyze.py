@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import click
-from landscape_cli.app import cli, verbose_option
+from landscape_cli.app import cli, interrupted, verbose_option
 from landscape_cli.options import (
     SEED_MAX,
     FiniteFloatRange,
-    Terminated,
     checkpoint_options,
     factory_options,
     interruptible,
@@ -85,7 +84,6 @@ def analyze_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
                 closure=closure,
             )
     except KeyboardInterrupt as err:
-        signal_name, status = ("SIGTERM", 143) if isinstance(err, Terminated) else ("SIGINT", 130)
         done = 0
         try:
             with Run.open(out) as run:
@@ -93,11 +91,7 @@ def analyze_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
             where = f"{done} checkpoint{'s' if done != 1 else ''} recorded in {out}"
         except Exception:
             where = "no checkpoint recorded"
-        again = ("the same command without --overwrite (with it, to start over)" if overwrite
-                 else "the same command")
-        click.echo(f"interrupted ({signal_name}): {where}; run {again} again to continue",
-                   err=True)
-        raise SystemExit(status) from None
+        raise interrupted(err, where, overwrite) from None
     if not quiet:
         with Run.open(out) as run:  # the monitor is closed: read the file it wrote
             wanted = {RENAMED_METRICS.get(m, m) for m in metrics or DEFAULT_METRICS}

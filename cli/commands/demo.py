@@ -29,7 +29,7 @@ from landscape.demo import run_demo
               help="Jump the learning rate by this factor at --ramp-step instead of ramping "
                    "(an abrupt spike: the detectors fire within a step or two of it).")
 @click.option("--surface-steps", default=21, show_default=True, type=click.IntRange(min=0),
-              help="Grid points per axis of the loss surface (0: none).")
+              help="Grid points per axis of the loss surface (0 or 1: none).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX))
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @verbose_option

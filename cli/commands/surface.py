@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import click
 from click.core import ParameterSource
-from landscape_cli.app import cli, verbose_option
+from landscape_cli.app import cli, interrupted, verbose_option
 from landscape_cli.options import (
     SEED_MAX,
     FiniteFloatRange,
-    Terminated,
     checkpoint_options,
     factory_options,
     interruptible,
@@ -136,12 +135,7 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
                     surf = surface.plane(model, loss_fn, data, steps, span, directions=kind,
                                          seed=seed, **scaling, **common)
     except KeyboardInterrupt as err:  # as analyze: what is stored, and how to go on
-        signal_name, status = ("SIGTERM", 143) if isinstance(err, Terminated) else ("SIGINT", 130)
-        again = ("the same command without --overwrite (with it, to start over)" if overwrite
-                 else "the same command")
-        click.echo(f"interrupted ({signal_name}): {_stored_points(out, label)}; run {again} "
-                   "again to continue", err=True)
-        raise SystemExit(status) from None
+        raise interrupted(err, _stored_points(out, label), overwrite) from None
     import numpy as np
 
     loss = np.asarray(surf.values["loss"], dtype=np.float64)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Union
@@ -446,7 +447,15 @@ def _check_table(g: Any, strict: bool) -> None:
 
 
 def _h5_reason(err: BaseException | None) -> str:
+    """The reason in an HDF5 error's text: the system's words where it gives them.
+
+    ``unable to open file: name = '...', errno = 1, error message = 'Operation not
+    permitted', flags = 13, ...`` is ``Operation not permitted``.
+    """
     text = str(err)
+    system = re.search(r"error message = '([^']*)'", text)
+    if system:
+        return system.group(1)
     if "(" in text and text.endswith(")"):
         text = text[text.index("(") + 1 : -1]
     return text or "unknown error"

@@ -298,11 +298,11 @@ def _compute(
     progress: bool,
     dist_on: bool = False,
 ) -> None:
-    from tqdm import tqdm
+    from landscape._progress import bar as progress_bar
 
     quiet = not progress or not todo or (dist_on and _dist.rank() != 0)
-    bar = tqdm(total=total, initial=total - len(todo), disable=quiet,
-               desc=f"surface {name}", unit="pt", leave=False)
+    bar = progress_bar(enabled=not quiet, total=total, initial=total - len(todo),
+                       desc=f"surface {name}", unit="pt", leave=False)
 
     def point(idx: tuple[int, ...]) -> dict[str, float]:
         coords = (xs[idx[0]],) if ys is None else (xs[idx[1]], ys[idx[0]])

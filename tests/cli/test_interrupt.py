@@ -108,7 +108,7 @@ def test_a_signal_leaves_every_finished_checkpoint_and_a_rerun_continues(tmp_pat
     assert "Traceback" not in stderr
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
     assert lines[-1].startswith(f"interrupted ({name}): ")
-    assert lines[-1].endswith("run the same command again to continue")
+    assert lines[-1].endswith("; to continue, run the same command again")
     with ls.Run.open(out) as run:  # a valid file: every finished checkpoint, nothing else
         done = [s for s, _ in run.checkpoints()]
         assert 1 <= len(done) < len(paths)
@@ -183,9 +183,9 @@ def test_after_an_interrupted_overwrite_the_message_says_to_drop_it(tmp_path, mo
     monkeypatch.setattr(analyze_command, "analyze", interrupted)
     args = ["analyze", str(paths[0]), "--model", f"{tmp_path / 'slow.py'}:model", "--data",
             f"{tmp_path / 'slow.py'}:data", "-o", str(tmp_path / "run.h5")]
-    for extra, advice in (([], "run the same command again to continue"),
-                          (["--overwrite"], "run the same command without --overwrite (with "
-                                            "it, to start over) again to continue")):
+    for extra, advice in (([], "; to continue, run the same command again"),
+                          (["--overwrite"], "; to continue, run the same command again "
+                                            "without --overwrite (with it, it starts over)")):
         result = CliRunner().invoke(cli, [*args, *extra])
         assert result.exit_code == 130
         assert result.stderr.strip().splitlines()[-1].endswith(advice)

@@ -186,3 +186,16 @@ def test_a_surface_without_its_grids_is_a_damaged_file(tmp_path):
                 del f["surfaces/random"].attrs["attrs"]
         with pytest.raises(RunFileError, match=fragment):
             Run.open(path)
+
+
+def test_hdf5_errors_give_the_systems_words():
+    """'cannot create (unable to open file: name = ..., errno = 1, error message = ...,
+    flags = 13, o_flags = 242)' leaked h5py's internals into a one-line error."""
+    from landscape.store.format import _h5_reason
+
+    raw = OSError("Unable to create file (unable to open file: name = '../ro/new.h5', "
+                  "errno = 1, error message = 'Operation not permitted', flags = 13, "
+                  "o_flags = 242)")
+    assert _h5_reason(raw) == "Operation not permitted"
+    assert _h5_reason(OSError("Unable to open file (file signature not found)")) == (
+        "file signature not found")
