@@ -1049,7 +1049,8 @@ def test_damaged_contents_are_one_line_naming_the_file_in_every_reading_command(
 
 
 @pytest.mark.parametrize("command", ["plot", "report", "analyze", "surface"])
-def test_an_empty_output_name_is_refused(runner, run_file, command):
+def test_an_empty_output_name_is_refused(runner, run_file, command, tmp_path, monkeypatch):
     """plot and report wrote into the current directory for -o ''."""
+    monkeypatch.chdir(tmp_path)  # where a regression would write
     result = runner.invoke(cli, [command, str(run_file), "-o", " "])
     assert result.exit_code == 2 and "an empty name would write" in result.output
