@@ -129,9 +129,11 @@ def to_device(obj: Any, device: torch.device | str, *, non_blocking: bool = Fals
 def head(obj: Any, n: int) -> Any:
     """The first ``n`` samples of a batch (views).
 
-    The batch dimension is found as in :func:`split`: every tensor whose leading dimension
-    has the first tensor's length is sliced along it; the others (a ``(T, T)`` attention
-    mask shared by the samples, 0-d tensors) and other values pass through.
+    The batch's size is the leading length most of its tensors share (on a tie the first
+    tensor's, passing over a length of 1: a broadcast scale): every tensor of that leading
+    length is sliced, the others (a ``(T, T)`` attention mask shared by the samples, a
+    one-element scale, 0-d tensors) and other values pass through. A mask whose side equals the
+    batch's size cannot be told apart and is sliced too.
 
     Args:
         obj: a tensor, or tuples, lists and mappings of them.
@@ -140,7 +142,11 @@ def head(obj: Any, n: int) -> Any:
     Returns:
         ``obj`` with the same structure.
     """
-    size = leading_size(obj)
+    sizes: list[int] = []
+    map_tensors(obj, lambda t: sizes.append(int(t.shape[0])) if t.dim() > 0 else None)
+    if not sizes:
+        return obj
+    size = max(sizes, key=lambda s: (sizes.count(s), s != 1, -sizes.index(s)))
     return map_tensors(obj, lambda t: t[:n] if t.dim() > 0 and t.shape[0] == size else t)
 
 

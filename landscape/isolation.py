@@ -23,11 +23,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import random
 import sys
+import types
 import warnings
 import weakref
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -101,68 +103,81 @@ def measuring() -> bool:
     return bool(_OUTERMOST)
 
 
-def modules_reached(fn: Any, exclude: nn.Module | None = None, depth: int = 3) -> list[nn.Module]:
-    """The ``nn.Module`` objects a loss function or closure holds, the model's left out.
+def modules_reached(fn: Any, depth: int = 4) -> list[nn.Module]:
+    """The ``nn.Module`` objects a loss function or closure holds.
 
     A loss with state need not be an ``nn.Module`` itself: ``lambda out, y: crit(out, y)``,
     ``functools.partial(crit, ...)``, a bound method of a trainer object, a closure over a
-    GAN's discriminator. This finds the modules such a callable reaches: itself, a bound
-    method's object, a partial's function and arguments, a function's closure cells,
-    defaults and the globals its code names, an object's attributes, to ``depth`` levels
-    of nested callables. The model's own modules are measured under :func:`isolated`
-    already and are left out.
+    GAN's discriminator, a list of losses, a submodule of the model (``model.criterion``).
+    This finds the modules such a callable reaches: itself, a bound method's object, a
+    partial's function and arguments, a function's closure cells, defaults and the
+    globals its code (and the code nested in it: a generator expression) names, the
+    attributes of an object and the first :data:`_ITEMS` items of a list, tuple or dict,
+    to ``depth`` levels. Functions of the libraries in :data:`_LIBRARIES` are not looked
+    into (``F.cross_entropy`` holds no state of yours).
 
     Args:
         fn: the loss function or closure (None: nothing).
-        exclude: the model.
-        depth: how many levels of wrapping functions to look through.
+        depth: how many levels of holders to look through.
 
     Returns:
-        The modules found, each once, outermost first (their submodules are not listed:
-        :func:`buffers_kept` walks them).
+        The modules found, each once (their submodules are not listed: :func:`buffers_kept`
+        walks them).
     """
-    skip = {id(m) for m in exclude.modules()} if exclude is not None else set()
     found: dict[int, nn.Module] = {}
     seen: set[int] = set()
 
     def visit(obj: Any, level: int) -> None:
-        if obj is None or id(obj) in seen or level > depth:
+        if obj is None or level > depth or id(obj) in seen or isinstance(obj, _LEAVES):
             return
         seen.add(id(obj))
         if isinstance(obj, nn.Module):
-            if id(obj) not in skip:
-                found.setdefault(id(obj), obj)
+            found.setdefault(id(obj), obj)
             return
+        items: Iterable[Any]
         if isinstance(obj, functools.partial):
-            for item in (obj.func, *obj.args, *obj.keywords.values()):
-                visit(item, level + 1)
+            items = (obj.func, *obj.args, *obj.keywords.values())
         elif inspect.ismethod(obj):
-            owner = obj.__self__
-            visit(owner, level + 1)
-            if not isinstance(owner, (nn.Module, type)) and hasattr(owner, "__dict__"):
-                for item in vars(owner).values():  # a trainer object's discriminator
-                    if isinstance(item, nn.Module) or callable(item):
-                        visit(item, level + 1)
-            visit(obj.__func__, level + 1)
+            items = (obj.__self__, obj.__func__)
         elif inspect.isfunction(obj):
             if (getattr(obj, "__module__", None) or "").split(".")[0] in _LIBRARIES:
-                return  # F.cross_entropy and the like: no state of yours
-            code = obj.__code__
-            cells = [c.cell_contents for c in obj.__closure__ or ()
-                     if _cell_is_set(c)]
-            named = [obj.__globals__[n] for n in code.co_names if n in obj.__globals__]
-            for item in (*cells, *(obj.__defaults__ or ()),
-                         *(obj.__kwdefaults__ or {}).values(), *named):
-                if isinstance(item, nn.Module) or callable(item):
-                    visit(item, level + 1)
-        elif callable(obj) and hasattr(obj, "__dict__") and not isinstance(obj, type):
-            for item in vars(obj).values():  # a callable object: its attributes
-                if isinstance(item, nn.Module) or callable(item):
-                    visit(item, level + 1)
+                return
+            cells = [c.cell_contents for c in obj.__closure__ or () if _cell_is_set(c)]
+            named = [obj.__globals__[n] for n in _names_in(obj.__code__)
+                     if n in obj.__globals__]
+            items = (*cells, *(obj.__defaults__ or ()),
+                     *(obj.__kwdefaults__ or {}).values(), *named)
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            items = itertools.islice(obj, _ITEMS)
+        elif isinstance(obj, Mapping):
+            items = itertools.islice(obj.values(), _ITEMS)
+        elif hasattr(obj, "__dict__"):  # an object: a trainer holding its discriminator
+            items = list(vars(obj).values())
+        else:
+            return
+        for item in items:
+            visit(item, level + 1)
 
     visit(fn, 0)
     return list(found.values())
 
+
+def _names_in(code: types.CodeType) -> list[str]:
+    """The global names ``code`` and the code objects nested in it use."""
+    names = list(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names.extend(_names_in(const))
+    return names
+
+
+_ITEMS = 64
+"""Items of a list, tuple or dict :func:`modules_reached` looks at (a list of losses, not a
+dataset)."""
+
+_LEAVES = (str, bytes, int, float, complex, bool, torch.Tensor, type, types.ModuleType,
+           torch.Generator, torch.dtype, torch.device)
+"""What holds no module: :func:`modules_reached` does not look into these."""
 
 _LIBRARIES = frozenset({"torch", "numpy", "landscape", "transformers", "lightning",
                         "pytorch_lightning", "functools", "builtins"})
@@ -185,14 +200,15 @@ def buffers_kept(module: nn.Module) -> Iterator[None]:
     forward, as DINO's does): the curvature metrics call it on the probe. A buffer
     replaced by assignment gets its object back; one written in place (also through
     ``.data``, which moves no version counter: values are compared) gets its values back.
+    A TorchScript module's buffers (not a dict) get their values back.
     """
     held = [(m, name, b, b.detach().clone())
-            for m in module.modules() for name, b in m._buffers.items() if b is not None]
+            for m in module.modules() for name, b in m.named_buffers(recurse=False)]
     try:
         yield
     finally:
         for m, name, b, values in held:
-            if m._buffers.get(name) is not b:
+            if not isinstance(m, torch.jit.ScriptModule) and m._buffers.get(name) is not b:
                 m._buffers[name] = b
             # (a buffer made under inference_mode can only be written there)
             with torch.inference_mode() if b.is_inference() else torch.no_grad():
@@ -243,27 +259,34 @@ def _parameters(modules: list[nn.Module]) -> list[nn.Parameter]:
     return list(seen.values())
 
 
-_GENERATORS: weakref.WeakKeyDictionary[nn.Module, tuple[int, list[torch.Generator]]] = (
+_GENERATORS: weakref.WeakKeyDictionary[nn.Module, tuple[int, int, list[torch.Generator]]] = (
     weakref.WeakKeyDictionary())
-"""Per model: its number of modules and the generators they hold (walked again when the
-number of modules changes)."""
+"""Per model: its number of modules, how often they were walked, and the generators they
+hold."""
+
+_GENERATOR_WALKS = 3
+"""Walks of a model's modules before its generators are taken as known: the monitor's
+start, and its first steps, after training's first forward passes (a layer may make its
+generator there, on the input's device)."""
 
 
 def module_generators(model: nn.Module, modules: list[nn.Module]) -> list[torch.Generator]:
     """The ``torch.Generator`` objects that ``modules`` hold as attributes.
 
-    A noise layer may draw from a generator seeded per module. Found once per model while
-    its number of modules holds.
+    A noise layer may draw from a generator seeded per module. The modules are walked on
+    the first :data:`_GENERATOR_WALKS` calls for ``model`` and whenever their number
+    changes; a generator made later than that, or replaced by another, is not seen.
     """
     cached = _GENERATORS.get(model)
-    if cached is None or cached[0] != len(modules):
+    if cached is None or cached[0] != len(modules) or cached[1] < _GENERATOR_WALKS:
         found: dict[int, torch.Generator] = {}
         for m in modules:
             for value in vars(m).values():
                 if isinstance(value, torch.Generator):
                     found.setdefault(id(value), value)
-        cached = _GENERATORS[model] = (len(modules), list(found.values()))
-    return cached[1]
+        walks = 1 if cached is None or cached[0] != len(modules) else cached[1] + 1
+        cached = _GENERATORS[model] = (len(modules), walks, list(found.values()))
+    return cached[2]
 
 
 def written_in_forward(modules: list[nn.Module]) -> list[torch.Tensor]:

@@ -52,3 +52,14 @@ def test_head_keeps_the_first_samples_and_passes_shared_tensors_through():
     assert torch.equal(out["input_ids"], ids[:3]) and out["attn_mask"] is mask
     assert out["scale"].item() == 2.0 and out["name"] == "x"
     assert torch.equal(head((ids, ids[:, 0]), 2)[1], ids[:2, 0])
+
+
+def test_head_takes_the_leading_length_most_tensors_share():
+    """The first tensor's length was taken: a mask or a one-element scale placed first made
+    the probe the whole batch, or cut the mask."""
+    ids, mask = torch.zeros(8, 5), torch.zeros(5, 5)
+    out = head({"attn_mask": mask, "input_ids": ids, "labels": ids}, 2)
+    assert out["attn_mask"] is mask and out["input_ids"].shape == (2, 5)
+    out = head({"scale": torch.ones(1), "x": torch.zeros(8, 3)}, 2)  # a tie: not the 1
+    assert out["scale"].shape == (1,) and out["x"].shape == (2, 3)
+    assert head({"n": 3}, 2) == {"n": 3}

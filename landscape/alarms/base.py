@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Union
 import numpy as np
 
 from landscape._checks import positive_int
+from landscape._deprecation import renamed_kwargs
 from landscape.findings import SEVERITIES, Finding, severity_rank
 
 __all__ = [
@@ -167,6 +168,7 @@ class Rule:
     sustain: int = 1
     rearm: int = 3
 
+    @renamed_kwargs(params="config")
     def evaluator(self, metric: str, config: Mapping[str, Any]) -> Evaluator:
         """A fresh evaluator for the rows of one metric.
 

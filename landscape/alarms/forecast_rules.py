@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any, Mapping
 
+from landscape._deprecation import renamed_kwargs
 from landscape.alarms.base import (
     SKIP,
     Evaluator,
@@ -204,6 +205,7 @@ class TaylorForecast(Rule):
         if not 0 < self.floor <= self.limit:
             raise ValueError(f"floor must be in (0, limit], got {self.floor}")
 
+    @renamed_kwargs(params="config")
     def evaluator(self, metric: str, config: Mapping[str, Any]) -> Evaluator:
         """A fresh :class:`ForecastState` for one stream.
 

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from landscape._deprecation import renamed_kwargs
 from landscape.alarms.base import (
     SKIP,
     Evaluator,
@@ -173,6 +174,7 @@ class SignCollapse(Rule):
         """1: ``sustain`` counts each layer's own rows (:class:`SignCollapseState`)."""
         return 1
 
+    @renamed_kwargs(params="config")
     def evaluator(self, metric: str, config: Mapping[str, Any]) -> Evaluator:
         """A fresh :class:`SignCollapseState` for one stream.
 
@@ -304,6 +306,7 @@ class RankCollapse(Rule):
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"warmup must be an integer >= 0, got {self.warmup!r}")
 
+    @renamed_kwargs(params="config")
     def evaluator(self, metric: str, config: Mapping[str, Any]) -> Evaluator:
         """A fresh :class:`RankCollapseState` for one stream.
 
@@ -411,6 +414,7 @@ class AttentionLogitGrowth(Rule):
             raise ValueError(f"growth must be > 0 or None, got {self.growth}")
         check_severity("severity", self.severity)
 
+    @renamed_kwargs(params="config")
     def evaluator(self, metric: str, config: Mapping[str, Any]) -> Evaluator:
         """A fresh :class:`AttentionLogitGrowthState` for one stream.
 

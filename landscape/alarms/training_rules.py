@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from landscape._deprecation import renamed_kwargs
 from landscape.alarms.base import (
     SKIP,
     Evaluator,
@@ -154,6 +155,7 @@ class LossSpike(Rule):
         if self.rel_floor < 0:
             raise ValueError(f"rel_floor must be >= 0, got {self.rel_floor}")
 
+    @renamed_kwargs(params="config")
     def evaluator(self, metric: str, config: Mapping[str, Any]) -> Evaluator:
         """A fresh :class:`SpikeState` for one stream.
 

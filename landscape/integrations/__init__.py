@@ -24,7 +24,7 @@ import importlib
 import math
 import os
 import warnings
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from landscape._checks import positive_int
 from landscape._errors import StepOrderError
@@ -67,7 +67,7 @@ def __dir__() -> list[str]:
     return sorted(__all__)
 
 
-def check_monitor_options(options: dict[str, Any]) -> dict[str, Any]:
+def check_monitor_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """``options`` unchanged if every key is a :data:`MONITOR_OPTIONS` name, else ValueError."""
     unknown = sorted(set(options) - MONITOR_OPTIONS)
     if unknown:
@@ -92,10 +92,10 @@ class CallbackSettings:
         on_finding: Any,
         stop_on: str | None,
         config: dict[str, Any] | None,
-        monitor_options: dict[str, Any],
+        monitor_options: Mapping[str, Any],
         mirrors: Any = "auto",
     ) -> None:
-        positive_int("every_n_steps", every_n_steps)
+        every_n_steps = positive_int("every_n_steps", every_n_steps)
         if stop_on is not None:
             severity_rank(stop_on)  # ValueError naming the severities
         self.path = path

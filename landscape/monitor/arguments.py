@@ -178,7 +178,7 @@ def check_monitor_arguments(
             + (" (the run file is the third argument, or path=...)"
                if isinstance(loss_fn, (str, os.PathLike)) else ""))
     if microbatch_size is not None:
-        positive_int("microbatch_size", microbatch_size)
+        positive_int("microbatch_size", microbatch_size)  # the monitor keeps int(...)
     if batch_size is not None and not callable(batch_size):
         raise ValueError(
             f"batch_size must be a function batch -> int (e.g. a token count), got "

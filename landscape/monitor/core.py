@@ -258,7 +258,7 @@ class Monitor:
         self.strict = strict
         self.warn = warn
         self.taylor_guard = taylor_guard
-        self.microbatch_size = microbatch_size
+        self.microbatch_size = None if microbatch_size is None else int(microbatch_size)
         self.batch_size = batch_size
         self.path = path if _dist.rank() == 0 else None  # only rank 0 writes a file
         self._distributed = _dist.enabled(distributed)
@@ -299,8 +299,7 @@ class Monitor:
         _dist.reshard(self.model)
         named = trainable_named_parameters(self.model)
         # modules the loss function or closure holds (a loss with state): kept per step
-        self._loss_modules = [*modules_reached(self.loss_fn, self.model),
-                              *modules_reached(self.closure, self.model)]
+        self._loss_modules = modules_reached([self.loss_fn, self.closure])
         self._names = list(named)
         self._own = list(named.values())
         self._objects = dict(self.model.named_parameters())

@@ -70,9 +70,10 @@ def refuse_to_replace_with_a_run(path: Path) -> None:
     HDF5 file that cannot be read (a damaged run); anything else it would destroy: a
     checkpoint named by mistake (``-o ckpt.pt``, or a shell glob after ``-o``), a report,
     source code, another program's HDF5 file, and a run file that a live process is still
-    writing (a plain open fails on a file open for SWMR writing, which once let
-    ``--overwrite`` truncate a training run under its writer: such a file is read in SWMR
-    mode, as a reader does, once it is known not to be cut short).
+    writing. A plain open fails on a file marked open for writing (a live writer's, or
+    one whose writer was killed), which once let ``--overwrite`` truncate a training run
+    under its writer: its recorded writer is read from a copy with the marks cleared (a
+    SWMR open of a damaged file could retry for minutes), and a damaged copy is replaced.
     """
     if not path.exists() or path.stat().st_size == 0:
         return
@@ -86,13 +87,18 @@ def refuse_to_replace_with_a_run(path: Path) -> None:
     except Exception as err:
         if not _plainly_open(err):
             return  # a damaged run (or another file HDF5 cannot read): replaced
+        tmp = None
         try:  # marked open for writing: a live writer's file, or a killed one's
             _check_not_truncated(path)
-            with h5py.File(path, "r", libver="latest", swmr=True, locking=LOCKING) as f:
+            tmp = _cleared_copy(path, anywhere=True)
+            with h5py.File(tmp, "r", libver="latest", locking=LOCKING) as f:
                 fmt = f.attrs.get("format", None)
                 writer = _live_writer(f)
         except Exception:  # cut short, or unreadable: damaged
             return
+        finally:
+            if tmp is not None:
+                _discard(tmp)
         if writer is not None:
             raise RunFileError(
                 f"{path}: is being written by another process (pid {writer})") from None

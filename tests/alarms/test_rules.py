@@ -596,3 +596,13 @@ def test_taylor_ratio_warns_on_the_median_sample_and_keeps_the_max_for_info():
     legacy = OnlineAlarms([TaylorRatio(robust_field=None)]).observe(
         "taylor_radius", 0, {"r": 10.0, "r_median": 0.1})
     assert [f.severity for f in legacy] == ["error"]
+
+
+def test_a_rules_evaluator_still_takes_params_with_a_deprecation_warning():
+    """The argument was renamed config; a user rule calling
+    super().evaluator(metric, params=...) broke without a deprecation period."""
+    rule = SignCollapse()
+    with pytest.warns(DeprecationWarning, match="'params' is deprecated, use 'config'"):
+        evaluate = rule.evaluator("spectral_alignment", params={"layers": ["a", "b"]})
+    assert callable(evaluate)
+    assert callable(ls_alarms.LossSpike().evaluator("loss", config={}))

@@ -8,6 +8,7 @@ record, computed independently where there is one.
 import contextlib
 import math
 import signal
+import types
 import warnings
 
 import numpy as np
@@ -332,12 +333,17 @@ def test_a_stateful_loss_inside_a_lambda_partial_or_closure_is_put_back(wrap, me
     assert all(torch.equal(a, b) for a, b in zip(*final))
 
 
-def test_modules_reached_finds_the_modules_a_loss_holds_but_not_the_models():
+_HOLDER = types.SimpleNamespace(crit=None)  # a global object holding a loss
+
+
+def test_modules_reached_finds_the_modules_a_loss_holds():
     import functools
 
     from landscape.isolation import modules_reached
 
     model, crit, disc = models.mlp(), _CentredLoss("in_place"), nn.BatchNorm1d(3)
+    _HOLDER.crit = crit
+    losses = [crit, disc]
 
     class Trainer:
         def __init__(self):
@@ -351,14 +357,17 @@ def test_modules_reached_finds_the_modules_a_loss_holds_but_not_the_models():
             return crit(m(b[0]), b[1]) + disc(m(b[0])).sum()
         return closure
 
-    assert modules_reached(crit, model) == [crit]
-    assert modules_reached(lambda o, y: crit(o, y), model) == [crit]
-    assert modules_reached(functools.partial(crit), model) == [crit]
-    assert modules_reached(Trainer().loss, model) == [disc]
-    assert modules_reached(make_closure(), model) == [crit, disc]
-    assert modules_reached(F.cross_entropy, model) == []
-    assert modules_reached(lambda o, y: F.cross_entropy(model(o), y), model) == []
-    assert modules_reached(None, model) == []
+    assert modules_reached(crit) == [crit]
+    assert modules_reached(lambda o, y: crit(o, y)) == [crit]
+    assert modules_reached(functools.partial(crit)) == [crit]
+    assert set(map(id, modules_reached(Trainer().loss))) == {id(disc), id(model)}
+    assert modules_reached(make_closure()) == [crit, disc]
+    assert modules_reached(F.cross_entropy) == []
+    assert modules_reached(lambda o, y: F.cross_entropy(model(o), y)) == [model]
+    assert modules_reached(None) == []
+    assert modules_reached(lambda o, y: _HOLDER.crit(o, y)) == [crit]  # an object's attribute
+    assert modules_reached(lambda o, y: sum(f(o, y) for f in losses)) == [crit, disc]
+    assert modules_reached(model[0]) == [model[0]]  # a submodule of the model: loss_fn=...
 
 
 def test_a_layer_drawing_from_its_own_generator_trains_bitwise_identically():
@@ -1159,3 +1168,72 @@ def test_a_scripted_submodule_is_put_in_eval_mode_through_torchscript_and_left_c
     assert model.body._c.getattr("training") is False and model.body.training is False
     assert np.isfinite(mon.run().series("sentinels", "probe_loss")[1]).all()
     assert not torch.equal(stats_before, model.body[1].running_mean)  # training's own steps
+
+
+def test_a_stateful_loss_inside_the_model_or_holding_a_scripted_module_is_put_back():
+    """loss_fn=model.criterion (a submodule with a running centre) was left out as "the
+    model's", though it is called outside the model's functional call; a loss holding a
+    TorchScript module crashed the step (its buffers are not a dict)."""
+
+    class WithCriterion(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = models.mlp()
+            self.criterion = _CentredLoss("in_place")
+
+        def forward(self, x):
+            return self.net(x)
+
+    class ScriptedCentre(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.centre = torch.jit.script(nn.BatchNorm1d(3))
+
+        def forward(self, out, y):
+            return F.cross_entropy(self.centre(out), y)
+
+    for make_loss in ("criterion", "scripted"):
+        final = []
+        for monitored in (False, True):
+            torch.manual_seed(0)
+            model = WithCriterion()
+            loss_fn = model.criterion if make_loss == "criterion" else ScriptedCentre()
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            mon = Monitor(model, loss_fn, optimizer=opt, probe=models.classification_data(),
+                          metrics=["top_eigenvalues"], warn=False, strict=True).start() \
+                if monitored else None
+            _train(model, opt, mon, _batches(3), loss_fn)
+            if mon is not None:
+                mon.close()
+            final.append([t.detach().clone() for t in (*model.state_dict().values(),
+                                                       *loss_fn.state_dict().values())])
+        assert all(torch.equal(a, b) for a, b in zip(*final)), make_loss
+
+
+def test_a_generator_a_layer_makes_in_its_first_forward_is_restored():
+    """The generators were looked for once, when the monitor started: one made on the
+    first forward (on the input's device) was never restored."""
+
+    class LazyNoise(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 3)
+            self.gen = None
+
+        def forward(self, x):
+            if self.gen is None:
+                self.gen = torch.Generator(device=x.device).manual_seed(5)
+            return self.lin(x + 0.1 * torch.randn(x.shape, generator=self.gen))
+
+    final = []
+    for monitored in (False, True):
+        torch.manual_seed(0)
+        model = LazyNoise()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        mon = Monitor(model, F.cross_entropy, optimizer=opt, warn=False).start() \
+            if monitored else None
+        _train(model, opt, mon, _batches(6), F.cross_entropy)
+        if mon is not None:
+            mon.close()
+        final.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*final))

@@ -400,3 +400,59 @@ def test_overwrite_refuses_a_run_file_that_a_live_process_writes(tmp_path, spawn
         w.declare("m", {"v": None})
     with Run.open(path) as run:
         assert run.rows("m") == 0
+
+
+def test_overwrite_refuses_a_live_writer_out_of_swmr_mode_and_replaces_a_killed_damaged_one(
+        tmp_path):
+    """A writer declaring a table mid-run holds the plain open-for-write mark: its file was
+    replaced (a race of milliseconds). A killed writer's file with a damaged header made
+    --overwrite hang in SWMR retries (its way out)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    live = tmp_path / "live.h5"
+    writer = textwrap.dedent("""
+        import os, sys, time
+        from landscape.store import RunWriter
+        w = RunWriter(sys.argv[1], mode="w")
+        w.declare("m", {"v": None})
+        for i in range(20):
+            w.append("m", i, {"v": float(i)})
+        w.flush()
+        with w._backend.structural():  # what a declare mid-run does
+            print("structural", flush=True)
+            while not os.path.exists(sys.argv[1] + ".ready"):
+                time.sleep(0.02)
+        w.close()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", writer, str(live)], stdout=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "structural"
+        size = live.stat().st_size
+        with pytest.raises(RunFileError, match=r"being written by another process"):
+            RunWriter(live, mode="w")
+        assert live.stat().st_size == size
+    finally:
+        (tmp_path / "live.h5.ready").touch()
+        proc.wait(timeout=60)
+    killed = tmp_path / "killed.h5"
+    script = textwrap.dedent("""
+        import os, signal, sys
+        from landscape.store import RunWriter
+        w = RunWriter(sys.argv[1], mode="w")
+        w.declare("m", {"v": None})
+        for i in range(50):
+            w.append("m", i, {"v": float(i)})
+        w.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    subprocess.run([sys.executable, "-c", script, str(killed)], env=env)
+    data = bytearray(killed.read_bytes())
+    header = data.index(b"OHDR")
+    data[header + 8:header + 24] = bytes(16)  # the root's object header, checksum broken
+    killed.write_bytes(bytes(data))
+    start = time.monotonic()
+    with RunWriter(killed, mode="w") as w:  # damaged, its writer gone: replaced at once
+        w.declare("m", {"v": None})
+    assert time.monotonic() - start < 20
+    with Run.open(killed) as run:
+        assert run.rows("m") == 0
