@@ -129,11 +129,10 @@ def to_device(obj: Any, device: torch.device | str, *, non_blocking: bool = Fals
 def head(obj: Any, n: int) -> Any:
     """The first ``n`` samples of a batch (views).
 
-    The batch's size is the leading length most of its tensors share (on a tie the first
-    tensor's, passing over a length of 1: a broadcast scale): every tensor of that leading
-    length is sliced, the others (a ``(T, T)`` attention mask shared by the samples, a
-    one-element scale, 0-d tensors) and other values pass through. A mask whose side equals the
-    batch's size cannot be told apart and is sliced too.
+    Every tensor whose leading length is the batch's (:func:`leading_size`) is sliced; the
+    others (a ``(T, T)`` attention mask shared by the samples, a one-element scale, 0-d
+    tensors) and other values pass through. A mask whose side equals the batch's size
+    cannot be told apart and is sliced too.
 
     Args:
         obj: a tensor, or tuples, lists and mappings of them.
@@ -142,20 +141,18 @@ def head(obj: Any, n: int) -> Any:
     Returns:
         ``obj`` with the same structure.
     """
-    sizes: list[int] = []
-    map_tensors(obj, lambda t: sizes.append(int(t.shape[0])) if t.dim() > 0 else None)
-    if not sizes:
+    size = leading_size(obj)
+    if size is None:
         return obj
-    size = max(sizes, key=lambda s: (sizes.count(s), s != 1, -sizes.index(s)))
     return map_tensors(obj, lambda t: t[:n] if t.dim() > 0 and t.shape[0] == size else t)
 
 
 def split(obj: Any, size: int) -> list[Any]:
     """``obj`` cut into micro-batches of at most ``size`` samples, in order.
 
-    The batch dimension is the leading dimension of the first tensor (:func:`leading_size`);
-    every tensor whose leading dimension has that length is sliced along it, everything
-    else (scalars, masks of another shape, non-tensors) is shared by all micro-batches.
+    The batch dimension is the leading length :func:`leading_size` gives; every tensor
+    whose leading dimension has that length is sliced along it, everything else (scalars,
+    masks of another shape, non-tensors) is shared by all micro-batches.
     """
     if size < 1:
         raise ValueError(f"micro-batch size must be >= 1, got {size}")
@@ -172,13 +169,30 @@ def split(obj: Any, size: int) -> list[Any]:
 
 
 def leading_size(obj: Any) -> int | None:
-    """Length of the first dimension of the first tensor found in ``obj`` (depth first)."""
-    if isinstance(obj, torch.Tensor):
+    """The batch's size: the leading length most of the tensors in ``obj`` share.
+
+    On a tie, the first tensor's (depth first), passing over a length of 1 (a broadcast
+    scale): ``(x, y)`` gives ``len(x)``, and a dict batch whose shared ``(T, T)``
+    attention mask comes first still gives the samples' count. None without a tensor of
+    at least one dimension.
+    """
+    if isinstance(obj, torch.Tensor):  # the common case, without collecting
         return int(obj.shape[0]) if obj.dim() > 0 else None
-    values = obj.values() if isinstance(obj, Mapping) else obj
-    if isinstance(obj, (Mapping, tuple, list)):
-        for value in values:
-            size = leading_size(value)
-            if size is not None:
-                return size
-    return None
+    sizes: list[int] = []
+    _leading_lengths(obj, sizes)
+    if not sizes:
+        return None
+    return max(sizes, key=lambda s: (sizes.count(s), s != 1, -sizes.index(s)))
+
+
+def _leading_lengths(obj: Any, into: list[int]) -> None:
+    """Append the leading length of every tensor in ``obj`` (depth first) to ``into``."""
+    if isinstance(obj, torch.Tensor):
+        if obj.dim() > 0:
+            into.append(int(obj.shape[0]))
+    elif isinstance(obj, Mapping):
+        for value in obj.values():
+            _leading_lengths(value, into)
+    elif isinstance(obj, (tuple, list)):
+        for value in obj:
+            _leading_lengths(value, into)

@@ -63,3 +63,17 @@ def test_head_takes_the_leading_length_most_tensors_share():
     out = head({"scale": torch.ones(1), "x": torch.zeros(8, 3)}, 2)  # a tie: not the 1
     assert out["scale"].shape == (1,) and out["x"].shape == (2, 3)
     assert head({"n": 3}, 2) == {"n": 3}
+
+
+def test_leading_size_and_split_take_the_samples_not_a_shared_mask_placed_first():
+    """The first tensor's length was the batch's: a dict whose (T, T) mask came first was
+    split (and its samples counted) by T."""
+    ids, mask = torch.arange(8 * 5).reshape(8, 5), torch.zeros(5, 5)
+    batch = {"attn_mask": mask, "input_ids": ids, "labels": ids}
+    assert leading_size(batch) == 8
+    pieces = split(batch, 3)
+    assert [p["input_ids"].shape[0] for p in pieces] == [3, 3, 2]
+    assert all(p["attn_mask"] is mask for p in pieces)
+    assert leading_size((torch.zeros(4, 2), torch.zeros(4))) == 4
+    assert leading_size({"scale": torch.ones(1), "x": torch.zeros(6, 3)}) == 6
+    assert leading_size({"n": 3, "t": torch.tensor(1.0)}) is None
