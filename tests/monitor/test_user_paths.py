@@ -370,6 +370,23 @@ def test_modules_reached_finds_the_modules_a_loss_holds():
     assert modules_reached(model[0]) == [model[0]]  # a submodule of the model: loss_fn=...
 
 
+def _assert_trains_as_unmonitored(make_model):
+    """Six SGD steps of ``make_model()`` under the default monitor end on bitwise the
+    parameters of the unmonitored run."""
+    final = []
+    for monitored in (False, True):
+        torch.manual_seed(0)
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        mon = Monitor(model, F.cross_entropy, optimizer=opt, warn=False).start() \
+            if monitored else None
+        _train(model, opt, mon, _batches(6), F.cross_entropy)
+        if mon is not None:
+            mon.close()
+        final.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*final))
+
+
 def test_a_layer_drawing_from_its_own_generator_trains_bitwise_identically():
     """Noise drawn from a generator the module holds (seeded per layer): the sentinels'
     forward advanced it, and every later training step's noise moved."""
@@ -384,18 +401,7 @@ def test_a_layer_drawing_from_its_own_generator_trains_bitwise_identically():
             noise = torch.randn(x.shape, generator=self.gen) * 0.1
             return self.lin(x + noise)
 
-    final = []
-    for monitored in (False, True):
-        torch.manual_seed(0)
-        model = Noisy()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        mon = Monitor(model, F.cross_entropy, optimizer=opt, warn=False).start() \
-            if monitored else None
-        _train(model, opt, mon, _batches(6), F.cross_entropy)
-        if mon is not None:
-            mon.close()
-        final.append([p.detach().clone() for p in model.parameters()])
-    assert all(torch.equal(a, b) for a, b in zip(*final))
+    _assert_trains_as_unmonitored(Noisy)
 
 
 def test_a_loss_functions_buffers_are_copied_only_on_steps_that_call_it(monkeypatch):
@@ -1225,15 +1231,4 @@ def test_a_generator_a_layer_makes_in_its_first_forward_is_restored():
                 self.gen = torch.Generator(device=x.device).manual_seed(5)
             return self.lin(x + 0.1 * torch.randn(x.shape, generator=self.gen))
 
-    final = []
-    for monitored in (False, True):
-        torch.manual_seed(0)
-        model = LazyNoise()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        mon = Monitor(model, F.cross_entropy, optimizer=opt, warn=False).start() \
-            if monitored else None
-        _train(model, opt, mon, _batches(6), F.cross_entropy)
-        if mon is not None:
-            mon.close()
-        final.append([p.detach().clone() for p in model.parameters()])
-    assert all(torch.equal(a, b) for a, b in zip(*final))
+    _assert_trains_as_unmonitored(LazyNoise)
