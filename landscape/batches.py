@@ -129,10 +129,10 @@ def to_device(obj: Any, device: torch.device | str, *, non_blocking: bool = Fals
 def head(obj: Any, n: int) -> Any:
     """The first ``n`` samples of a batch (views).
 
-    Every tensor whose leading length is the batch's (:func:`leading_size`) is sliced; the
-    others (a ``(T, T)`` attention mask shared by the samples, a one-element scale, 0-d
-    tensors) and other values pass through. A mask whose side equals the batch's size
-    cannot be told apart and is sliced too.
+    Every tensor whose leading length is the batch's (:func:`leading_size`: the first
+    tensor's) is sliced; the others (a ``(T, T)`` attention mask shared by the samples, a
+    one-element scale, 0-d tensors) and other values pass through. A mask whose side
+    equals the batch's size cannot be told apart and is sliced too.
 
     Args:
         obj: a tensor, or tuples, lists and mappings of them.
@@ -150,9 +150,9 @@ def head(obj: Any, n: int) -> Any:
 def split(obj: Any, size: int) -> list[Any]:
     """``obj`` cut into micro-batches of at most ``size`` samples, in order.
 
-    The batch dimension is the leading length :func:`leading_size` gives; every tensor
-    whose leading dimension has that length is sliced along it, everything else (scalars,
-    masks of another shape, non-tensors) is shared by all micro-batches.
+    The batch dimension is the leading dimension of the first tensor (:func:`leading_size`);
+    every tensor whose leading dimension has that length is sliced along it, everything
+    else (scalars, masks of another shape, non-tensors) is shared by all micro-batches.
     """
     if size < 1:
         raise ValueError(f"micro-batch size must be >= 1, got {size}")
@@ -169,30 +169,19 @@ def split(obj: Any, size: int) -> list[Any]:
 
 
 def leading_size(obj: Any) -> int | None:
-    """The batch's size: the leading length most of the tensors in ``obj`` share.
+    """Length of the first dimension of the first tensor found in ``obj`` (depth first).
 
-    On a tie, the first tensor's (depth first), passing over a length of 1 (a broadcast
-    scale): ``(x, y)`` gives ``len(x)``, and a dict batch whose shared ``(T, T)``
-    attention mask comes first still gives the samples' count. None without a tensor of
-    at least one dimension.
+    The batch's samples come first by convention (``(inputs, targets)``, ``input_ids``):
+    a rule that counted the lengths most tensors share instead was tried and dropped, as
+    the tensors inside per-sample lists (a detection batch's target dicts) and the
+    positions of a one-sample batch outvote the samples.
     """
-    if isinstance(obj, torch.Tensor):  # the common case, without collecting
-        return int(obj.shape[0]) if obj.dim() > 0 else None
-    sizes: list[int] = []
-    _leading_lengths(obj, sizes)
-    if not sizes:
-        return None
-    return max(sizes, key=lambda s: (sizes.count(s), s != 1, -sizes.index(s)))
-
-
-def _leading_lengths(obj: Any, into: list[int]) -> None:
-    """Append the leading length of every tensor in ``obj`` (depth first) to ``into``."""
     if isinstance(obj, torch.Tensor):
-        if obj.dim() > 0:
-            into.append(int(obj.shape[0]))
-    elif isinstance(obj, Mapping):
-        for value in obj.values():
-            _leading_lengths(value, into)
-    elif isinstance(obj, (tuple, list)):
-        for value in obj:
-            _leading_lengths(value, into)
+        return int(obj.shape[0]) if obj.dim() > 0 else None
+    values = obj.values() if isinstance(obj, Mapping) else obj
+    if isinstance(obj, (Mapping, tuple, list)):
+        for value in values:
+            size = leading_size(value)
+            if size is not None:
+                return size
+    return None

@@ -112,9 +112,10 @@ def modules_reached(fn: Any, depth: int = 4) -> list[nn.Module]:
     This finds the modules such a callable reaches: itself, a bound method's object, a
     partial's function and arguments, a function's closure cells, defaults and the
     globals its code (and the code nested in it: a generator expression) names, the
-    attributes of an object and the first :data:`_ITEMS` items of a list, tuple or dict,
-    to ``depth`` levels. Functions of the libraries in :data:`_LIBRARIES` are not looked
-    into (``F.cross_entropy`` holds no state of yours).
+    attributes of an object and the first :data:`_ITEMS` items of a built-in list, tuple
+    or dict (a lazy mapping is not read), breadth first to ``depth`` levels. Functions of
+    the libraries in :data:`_LIBRARIES` are not looked into (``F.cross_entropy`` holds no
+    state of yours), and an object that raises when looked at is passed over.
 
     Args:
         fn: the loss function or closure (None: nothing).
@@ -125,41 +126,49 @@ def modules_reached(fn: Any, depth: int = 4) -> list[nn.Module]:
         walks them).
     """
     found: dict[int, nn.Module] = {}
-    seen: set[int] = set()
-
-    def visit(obj: Any, level: int) -> None:
-        if obj is None or level > depth or id(obj) in seen or isinstance(obj, _LEAVES):
-            return
-        seen.add(id(obj))
-        if isinstance(obj, nn.Module):
-            found.setdefault(id(obj), obj)
-            return
-        items: Iterable[Any]
-        if isinstance(obj, functools.partial):
-            items = (obj.func, *obj.args, *obj.keywords.values())
-        elif inspect.ismethod(obj):
-            items = (obj.__self__, obj.__func__)
-        elif inspect.isfunction(obj):
-            if (getattr(obj, "__module__", None) or "").split(".")[0] in _LIBRARIES:
-                return
-            cells = [c.cell_contents for c in obj.__closure__ or () if _cell_is_set(c)]
-            named = [obj.__globals__[n] for n in _names_in(obj.__code__)
-                     if n in obj.__globals__]
-            items = (*cells, *(obj.__defaults__ or ()),
-                     *(obj.__kwdefaults__ or {}).values(), *named)
-        elif isinstance(obj, (list, tuple, set, frozenset)):
-            items = itertools.islice(obj, _ITEMS)
-        elif isinstance(obj, Mapping):
-            items = itertools.islice(obj.values(), _ITEMS)
-        elif hasattr(obj, "__dict__"):  # an object: a trainer holding its discriminator
-            items = list(vars(obj).values())
-        else:
-            return
-        for item in items:
-            visit(item, level + 1)
-
-    visit(fn, 0)
+    seen: set[int] = {id(fn)}
+    level: list[Any] = [fn]
+    for _ in range(depth + 1):  # breadth first: each object at the shortest path to it
+        below: list[Any] = []
+        for obj in level:
+            try:  # user objects: a dead weakref proxy, a property that raises
+                if isinstance(obj, nn.Module):
+                    found.setdefault(id(obj), obj)
+                    continue
+                held = list(_held(obj))
+            except Exception:
+                continue
+            for item in held:
+                try:
+                    if item is None or id(item) in seen or isinstance(item, _LEAVES):
+                        continue
+                except Exception:  # isinstance on a dead proxy raises
+                    continue
+                seen.add(id(item))
+                below.append(item)
+        level = below
     return list(found.values())
+
+
+def _held(obj: Any) -> Iterable[Any]:
+    """What ``obj`` holds that may hold a module, for :func:`modules_reached`."""
+    if isinstance(obj, functools.partial):
+        return (obj.func, *obj.args, *obj.keywords.values())
+    if inspect.ismethod(obj):
+        return (obj.__self__, obj.__func__)
+    if inspect.isfunction(obj):
+        if (getattr(obj, "__module__", None) or "").split(".")[0] in _LIBRARIES:
+            return ()
+        cells = [c.cell_contents for c in obj.__closure__ or () if _cell_is_set(c)]
+        named = [obj.__globals__[n] for n in _names_in(obj.__code__) if n in obj.__globals__]
+        return (*cells, *(obj.__defaults__ or ()), *(obj.__kwdefaults__ or {}).values(), *named)
+    if type(obj) in (list, tuple, set, frozenset):  # builtin containers only: a lazy
+        return itertools.islice(obj, _ITEMS)          # mapping would load what it holds
+    if type(obj) is dict:
+        return itertools.islice(obj.values(), _ITEMS)
+    if hasattr(obj, "__dict__"):  # an object: a trainer holding its discriminator
+        return itertools.islice(vars(obj).values(), 4 * _ITEMS)
+    return ()
 
 
 def _names_in(code: types.CodeType) -> list[str]:
@@ -208,7 +217,10 @@ def buffers_kept(module: nn.Module) -> Iterator[None]:
         yield
     finally:
         for m, name, b, values in held:
-            if not isinstance(m, torch.jit.ScriptModule) and m._buffers.get(name) is not b:
+            if isinstance(m, torch.jit.ScriptModule):  # its buffers are attributes in C++
+                if getattr(m, name) is not b:
+                    setattr(m, name, b)
+            elif m._buffers.get(name) is not b:
                 m._buffers[name] = b
             # (a buffer made under inference_mode can only be written there)
             with torch.inference_mode() if b.is_inference() else torch.no_grad():

@@ -54,26 +54,16 @@ def test_head_keeps_the_first_samples_and_passes_shared_tensors_through():
     assert torch.equal(head((ids, ids[:, 0]), 2)[1], ids[:2, 0])
 
 
-def test_head_takes_the_leading_length_most_tensors_share():
-    """The first tensor's length was taken: a mask or a one-element scale placed first made
-    the probe the whole batch, or cut the mask."""
-    ids, mask = torch.zeros(8, 5), torch.zeros(5, 5)
-    out = head({"attn_mask": mask, "input_ids": ids, "labels": ids}, 2)
-    assert out["attn_mask"] is mask and out["input_ids"].shape == (2, 5)
-    out = head({"scale": torch.ones(1), "x": torch.zeros(8, 3)}, 2)  # a tie: not the 1
-    assert out["scale"].shape == (1,) and out["x"].shape == (2, 3)
-    assert head({"n": 3}, 2) == {"n": 3}
-
-
-def test_leading_size_and_split_take_the_samples_not_a_shared_mask_placed_first():
-    """The first tensor's length was the batch's: a dict whose (T, T) mask came first was
-    split (and its samples counted) by T."""
-    ids, mask = torch.arange(8 * 5).reshape(8, 5), torch.zeros(5, 5)
-    batch = {"attn_mask": mask, "input_ids": ids, "labels": ids}
-    assert leading_size(batch) == 8
-    pieces = split(batch, 3)
-    assert [p["input_ids"].shape[0] for p in pieces] == [3, 3, 2]
-    assert all(p["attn_mask"] is mask for p in pieces)
-    assert leading_size((torch.zeros(4, 2), torch.zeros(4))) == 4
-    assert leading_size({"scale": torch.ones(1), "x": torch.zeros(6, 3)}) == 6
-    assert leading_size({"n": 3, "t": torch.tensor(1.0)}) is None
+def test_the_batch_size_is_the_first_tensors_even_where_others_outnumber_it():
+    """A majority rule was tried: per-sample target dicts (a detection batch) and the
+    positions of a one-sample batch outvoted the samples."""
+    images = torch.zeros(8, 3, 4, 4)
+    labels = [{"size": torch.tensor([4, 4]), "boxes": torch.zeros(2, 4)} for _ in range(8)]
+    assert leading_size({"pixel_values": images, "labels": labels}) == 8
+    out = head({"pixel_values": images, "labels": labels}, 3)
+    assert out["pixel_values"].shape[0] == 3
+    ids, mask = torch.zeros(1, 16), torch.zeros(16, 16)
+    assert leading_size((ids, torch.zeros(16))) == 1
+    assert leading_size({"input_ids": ids, "mask": mask}) == 1
+    assert [p["input_ids"].shape[0] for p in split({"input_ids": torch.zeros(5, 2),
+                                                     "mask": torch.zeros(2, 2)}, 2)] == [2, 2, 1]

@@ -299,7 +299,8 @@ class Monitor:
         _dist.reshard(self.model)
         named = trainable_named_parameters(self.model)
         # modules the loss function or closure holds (a loss with state): kept per step
-        self._loss_modules = modules_reached([self.loss_fn, self.closure])
+        self._loss_modules = list({id(m): m for fn in (self.loss_fn, self.closure)
+                                   for m in modules_reached(fn)}.values())
         self._names = list(named)
         self._own = list(named.values())
         self._objects = dict(self.model.named_parameters())

@@ -94,7 +94,12 @@ def refuse_to_replace_with_a_run(path: Path) -> None:
             with h5py.File(tmp, "r", libver="latest", locking=LOCKING) as f:
                 fmt = f.attrs.get("format", None)
                 writer = _live_writer(f)
-        except Exception:  # cut short, or unreadable: damaged
+        except NoRoomForCopy:  # who writes it cannot be read: not replaced on a guess
+            raise RunFileError(
+                f"{path}: is marked open for writing (a live writer, or one that was killed) "
+                "and there is no room to read who writes it, so it is not overwritten: free "
+                "some space, or write the run to another path") from None
+        except Exception:  # cut short, or unreadable even with its marks cleared: damaged
             return
         finally:
             if tmp is not None:
@@ -254,6 +259,10 @@ def _sweep_stale_copies(path: Path) -> None:
                 _discard(copy)
 
 
+class NoRoomForCopy(RunFileError):
+    """:func:`_cleared_copy` found no room for its copy (a full disk, a read-only folder)."""
+
+
 def _cleared_copy(path: Path, anywhere: bool = False) -> Path:
     """A copy of ``path`` with the open flags cleared and its contents checked.
 
@@ -278,8 +287,8 @@ def _cleared_copy(path: Path, anywhere: bool = False) -> Path:
                 _discard(tmp)
                 tmp = None
             if where is None or not anywhere:
-                raise RunFileError(f"{path}: left open for writing by a process that stopped, "
-                                   f"and no room for a cleared copy ({err.strerror})") from None
+                raise NoRoomForCopy(f"{path}: left open for writing by a process that stopped, "
+                                    f"and no room for a cleared copy ({err.strerror})") from None
     assert tmp is not None
     try:
         if not clear_open_flags(tmp):

@@ -1232,3 +1232,52 @@ def test_a_generator_a_layer_makes_in_its_first_forward_is_restored():
             return self.lin(x + 0.1 * torch.randn(x.shape, generator=self.gen))
 
     _assert_trains_as_unmonitored(LazyNoise)
+
+
+def test_modules_reached_passes_over_objects_that_raise_and_finds_the_shortest_path():
+    """A dead weakref proxy or a lazy mapping that raises crashed Monitor.start; a list
+    first met at the deepest level was never looked into, even when a shorter path led to
+    it; a replaced TorchScript buffer was not put back."""
+    import weakref
+    from collections.abc import Mapping
+
+    from landscape.isolation import buffers_kept, modules_reached
+
+    crit = nn.MSELoss()
+
+    class Gone:
+        pass
+
+    class Lazy(Mapping):  # an OmegaConf-like config whose values raise
+        def __getitem__(self, key):
+            raise KeyError(key)
+
+        def __iter__(self):
+            return iter(["x"])
+
+        def __len__(self):
+            return 1
+
+    gone = Gone()
+    holder = types.SimpleNamespace(dead=weakref.proxy(gone), config=Lazy(), crit=crit)
+    del gone
+    assert modules_reached(lambda o, y: holder.crit(o, y)) == [crit]
+
+    disc = nn.BatchNorm1d(3)
+    losses = [disc]
+    deep = types.SimpleNamespace(a=types.SimpleNamespace(b=types.SimpleNamespace(c=losses)))
+    assert modules_reached(lambda: (deep, losses)) == [disc]  # losses via the short path
+
+    class Centre(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("center", torch.zeros(3))
+
+        def forward(self, x):
+            self.center = 0.9 * self.center + 0.1 * x.mean(0)  # replaced by assignment
+            return x - self.center
+
+    scripted = torch.jit.script(Centre())
+    with buffers_kept(scripted):
+        scripted(torch.ones(4, 3))
+    assert torch.equal(scripted.center, torch.zeros(3))

@@ -456,3 +456,33 @@ def test_overwrite_refuses_a_live_writer_out_of_swmr_mode_and_replaces_a_killed_
     assert time.monotonic() - start < 20
     with Run.open(killed) as run:
         assert run.rows("m") == 0
+
+
+def test_overwrite_refuses_a_marked_file_it_has_no_room_to_check(tmp_path, monkeypatch):
+    """With no room for the copy its writer is read from, the file was taken for damaged
+    and replaced under a live writer."""
+    import shutil
+
+    from landscape.store import recovery
+
+    path = tmp_path / "run.h5"
+    script = textwrap.dedent("""
+        import os, signal, sys
+        from landscape.store import RunWriter
+        w = RunWriter(sys.argv[1], mode="w")
+        w.declare("m", {"v": None})
+        w.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)  # a writer's marks left on the file, as a live one holds them
+    subprocess.run([sys.executable, "-c", script, str(path)],
+                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    size = path.stat().st_size
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(recovery.shutil, "copyfile", full)
+    with pytest.raises(RunFileError, match="no room to read who writes it"):
+        RunWriter(path, mode="w")
+    assert path.stat().st_size == size
+    monkeypatch.setattr(recovery.shutil, "copyfile", shutil.copyfile)
