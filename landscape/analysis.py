@@ -28,6 +28,7 @@ from torch import nn
 
 from landscape._errors import LandscapeError
 from landscape.checkpoints.lightning import is_last_copy
+from landscape.failures import nonfinite_state
 from landscape.loading import (
     Checkpoint,
     load_checkpoint,
@@ -300,7 +301,7 @@ def check_loss(net: nn.Module, loss_fn: Callable | None, batches: Sequence[Any],
             raise LandscapeError("the loss function must return a scalar tensor")
         if not torch.isfinite(value).all():
             if finite:
-                if not all(bool(torch.isfinite(p).all()) for p in net.parameters()):
+                if nonfinite_state(net) == "parameters":
                     raise LandscapeError(f"{ckpt.path}: the weights are not finite (a run "
                                          "that blew up): nothing to evaluate around them")
                 raise LandscapeError(
@@ -375,13 +376,12 @@ def _check_diverged_or_refuse(net: nn.Module, loss_fn: Callable | None,
     value = check_loss(net, loss_fn, batches, ckpt, closure, finite=False)
     if math.isfinite(value):
         return False
-    with torch.no_grad():
-        if all(bool(torch.isfinite(p).all()) for p in net.parameters()):
-            why = (" on data an earlier checkpoint gave a finite loss on: its finite weights "
-                   "overflow (a run that blew up; the checkpoints before it are stored)"
-                   if data_known_good else "")
-            raise LandscapeError(
-                f"{ckpt.path}: the loss on the data is {value} (not finite){why}")
+    if nonfinite_state(net) != "parameters":
+        why = (" on data an earlier checkpoint gave a finite loss on: its finite weights "
+               "overflow (a run that blew up; the checkpoints before it are stored)"
+               if data_known_good else "")
+        raise LandscapeError(
+            f"{ckpt.path}: the loss on the data is {value} (not finite){why}")
     return True
 
 

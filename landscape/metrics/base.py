@@ -25,6 +25,7 @@ The registry refuses to replace an existing name silently (pass ``replace=True``
 
 from __future__ import annotations
 
+import math
 import re
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, TypeVar
 
@@ -72,10 +73,7 @@ def component_names(config: Any, field: str, shape: tuple[int, ...]) -> list[str
     labels = config.get("labels")
     names = labels.get(field) if isinstance(labels, Mapping) else None
     if isinstance(names, (list, tuple)):  # one per component, in row-major order
-        size = 1
-        for n in shape:
-            size *= n
-        return [str(x) for x in names] if len(names) == size else None
+        return [str(x) for x in names] if len(names) == math.prod(shape) else None
     layers = config.get("layers")
     if isinstance(layers, (list, tuple)) and tuple(shape) == (len(layers),):
         return [str(x) for x in layers]

@@ -672,8 +672,8 @@ class Monitor:
         # distributed=False: operators built by the metrics stay on this rank's data
         scope = contextlib.nullcontext() if self._distributed else _dist.local()
         unmeasured: list[str] = []
-        # a loss function with state (an EMA centre in its forward) gets its buffers back
-        # after the step's curvature metrics called it on the probe (ctx.operator)
+        # the modules a loss function or closure holds (an EMA centre, a discriminator)
+        # get their buffers back once a metric called either (ctx.operator, the forward)
         with scope, isolated(self.model, modules=ctx.modules), \
                 contextlib.ExitStack() as ctx.loss_guard:
             for m in due:

@@ -105,8 +105,7 @@ def refuse_to_replace_with_a_run(path: Path) -> None:
             if tmp is not None:
                 _discard(tmp)
         if writer is not None:
-            raise RunFileError(
-                f"{path}: is being written by another process (pid {writer})") from None
+            raise _being_written(path, writer) from None
     if _attr_value(fmt) != FORMAT:
         raise RunFileError(f"{path}: an HDF5 file, but not a landscape run (no "
                            "format='landscape'), so it is not overwritten: write the run to "
@@ -486,11 +485,16 @@ def _live_writer(f: h5py.File) -> int | None:
     return None
 
 
+def _being_written(path: Path, pid: int) -> RunFileError:
+    """The refusal of a file that process ``pid`` is writing."""
+    return RunFileError(f"{path}: is being written by another process (pid {pid})")
+
+
 def _refuse_live_writer(f: h5py.File, path: Path) -> None:
     """Raise when the process recorded as the file's writer still runs on this host."""
     owner_pid = _live_writer(f)
     if owner_pid is not None:
-        raise RunFileError(f"{path}: is being written by another process (pid {owner_pid})")
+        raise _being_written(path, owner_pid)
 
 
 def open_for_writing(path: Path) -> h5py.File:
