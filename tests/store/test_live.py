@@ -402,6 +402,24 @@ def test_overwrite_refuses_a_run_file_that_a_live_process_writes(tmp_path, spawn
         assert run.rows("m") == 0
 
 
+def _killed_writer(path: Path, rows: int) -> Path:
+    """``path`` as a writer killed after ``rows`` rows and a flush leaves it: marked open for
+    SWMR writing, its recorded writer gone."""
+    script = textwrap.dedent("""
+        import os, signal, sys
+        from landscape.store import RunWriter
+        w = RunWriter(sys.argv[1], mode="w")
+        w.declare("m", {"v": None})
+        for i in range(int(sys.argv[2])):
+            w.append("m", i, {"v": float(i)})
+        w.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    subprocess.run([sys.executable, "-c", script, str(path), str(rows)],
+                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    return path
+
+
 def test_overwrite_refuses_a_live_writer_out_of_swmr_mode_and_replaces_a_killed_damaged_one(
         tmp_path):
     """A writer declaring a table mid-run holds the plain open-for-write mark: its file was
@@ -434,18 +452,7 @@ def test_overwrite_refuses_a_live_writer_out_of_swmr_mode_and_replaces_a_killed_
     finally:
         (tmp_path / "live.h5.ready").touch()
         proc.wait(timeout=60)
-    killed = tmp_path / "killed.h5"
-    script = textwrap.dedent("""
-        import os, signal, sys
-        from landscape.store import RunWriter
-        w = RunWriter(sys.argv[1], mode="w")
-        w.declare("m", {"v": None})
-        for i in range(50):
-            w.append("m", i, {"v": float(i)})
-        w.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
-    """)
-    subprocess.run([sys.executable, "-c", script, str(killed)], env=env)
+    killed = _killed_writer(tmp_path / "killed.h5", rows=50)
     data = bytearray(killed.read_bytes())
     header = data.index(b"OHDR")
     data[header + 8:header + 24] = bytes(16)  # the root's object header, checksum broken
@@ -465,17 +472,7 @@ def test_overwrite_refuses_a_marked_file_it_has_no_room_to_check(tmp_path, monke
 
     from landscape.store import recovery
 
-    path = tmp_path / "run.h5"
-    script = textwrap.dedent("""
-        import os, signal, sys
-        from landscape.store import RunWriter
-        w = RunWriter(sys.argv[1], mode="w")
-        w.declare("m", {"v": None})
-        w.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
-    """)  # a writer's marks left on the file, as a live one holds them
-    subprocess.run([sys.executable, "-c", script, str(path)],
-                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    path = _killed_writer(tmp_path / "run.h5", rows=0)  # its marks, as a live one holds them
     size = path.stat().st_size
 
     def full(*args, **kwargs):
