@@ -66,7 +66,7 @@ def analyze_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
     after Ctrl-C or SIGTERM, the same command continues where it stopped.
     """
     if momentum is not None and lr is None:
-        raise click.ClickException("--momentum needs --lr (the SGD settings go together)")
+        raise click.UsageError("--momentum needs --lr (the SGD settings go together)")
     import torch
 
     torch.manual_seed(seed)

@@ -136,14 +136,14 @@ def plot(
     for option, given in (("--3d", three_d), ("--vmax", vmax is not None),
                           ("--levels", levels is not None)):
         if given and not surface_name:
-            raise click.ClickException(f"{option} applies to surfaces only; add --surface NAME")
+            raise click.UsageError(f"{option} applies to surfaces only; add --surface NAME")
     if field is not None and not surface_name:
-        raise click.ClickException(
+        raise click.UsageError(
             "--field applies to surfaces only; add --surface NAME (a metric's fields are "
             "all drawn)"
         )
     if surface_name and metrics:
-        raise click.ClickException("use either --metric or --surface, not both")
+        raise click.UsageError("use either --metric or --surface, not both")
     target = Path(out)
     to_directory = _is_directory_target(out)
     rules = load_rule_specs(rule_specs, recompute)
@@ -194,7 +194,7 @@ def _write_vtk(run_path: str, surface_name: str | None, target: Path, field: str
                log: bool, quiet: bool) -> None:
     """``-o NAME.vtk``: the surface as a VTK structured grid for ParaView (export_vtk)."""
     if not surface_name:
-        raise click.ClickException("a .vtk file holds a surface: add --surface NAME")
+        raise click.UsageError("a .vtk file holds a surface: add --surface NAME")
     if not target.parent.exists():
         raise click.ClickException(f"{target}: directory {target.parent} does not exist")
     with Run.open(run_path) as run:

@@ -78,7 +78,7 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
     _refuse_fixed_grid_options(ctx, directions, dims)
     for option in ("normalization", "ignore"):
         if directions != "random" and _given(ctx, option):
-            raise click.ClickException(f"--{option} applies to --directions random only")
+            raise click.UsageError(f"--{option} applies to --directions random only")
     import torch
 
     from landscape import surface
@@ -174,10 +174,10 @@ def _refuse_fixed_grid_options(ctx: click.Context, directions: str, dims: int) -
         return
     n_dims, grid = _FIXED_GRID[directions]
     if _given(ctx, "span"):
-        raise click.ClickException(
+        raise click.UsageError(
             f"--span does not apply to --directions {directions}: its grid is {grid}"
         )
     if _given(ctx, "dims") and dims != n_dims:
-        raise click.ClickException(
+        raise click.UsageError(
             f"--dims {dims} does not apply to --directions {directions}: its grid is {grid}"
         )

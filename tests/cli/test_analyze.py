@@ -280,9 +280,10 @@ def test_bad_sgd_settings_are_usage_errors(setup, tmp_path, args, match):
 
 def test_momentum_without_lr_is_refused(setup, tmp_path):
     result = _analyze_first(setup, tmp_path, "--momentum", "0.9")
-    assert result.exit_code == 1
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert lines == ["Error: --momentum needs --lr (the SGD settings go together)"]
+    assert result.exit_code == 2  # a usage error, like the SGD settings' ranges above
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert lines[0].startswith("Usage: ")
+    assert lines[-1] == "Error: --momentum needs --lr (the SGD settings go together)"
 
 
 def test_adding_a_metric_to_analysed_checkpoints_keeps_every_row(setup, tmp_path):

@@ -44,6 +44,15 @@ def _one_line_error(result, *fragments):
     assert "Traceback" not in result.output
 
 
+def _usage_error(result, *fragments):
+    """Click's usage error: exit 2, the usage line, then one ``Error:`` line."""
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("Usage: "), result.stderr
+    assert lines[-1].startswith("Error: ") and all(f in lines[-1] for f in fragments), lines
+    assert "Traceback" not in result.output
+
+
 def _write_run(path, *, nan_loss_at=None, findings=(), surface=False):
     """loss (100 steps), hessian eigenvalues (k=3, every 10), per-layer alignment (2 layers)."""
     with RunWriter(path, mode="w", config={"lr": 0.1, "note": "<b>&"}) as w:
@@ -159,7 +168,9 @@ def test_plot_bad_inputs(runner, run_file, empty_run, tmp_path):
         runner.invoke(cli, [*plot, "-m", "loss", "-o", str(tmp_path / "no" / "a.png")]),
         "does not exist",
     )
-    _one_line_error(runner.invoke(cli, [*plot, "--3d", "-o", "x.png"]), "--surface")
+    _usage_error(runner.invoke(cli, [*plot, "--3d", "-o", "x.png"]), "--surface")
+    _usage_error(runner.invoke(cli, [*plot, "-m", "loss", "--surface", "plane", "-o", "x.png"]),
+                 "use either --metric or --surface, not both")
     _one_line_error(
         runner.invoke(cli, ["plot", str(empty_run), "-o", str(tmp_path / "e.png")]),
         "no metrics to plot",
@@ -175,7 +186,7 @@ def test_plot_bad_inputs(runner, run_file, empty_run, tmp_path):
 
 def test_plot_field_without_surface_is_refused(runner, run_file, tmp_path):
     out = tmp_path / "x.png"
-    _one_line_error(
+    _usage_error(
         runner.invoke(cli, ["plot", str(run_file), "--field", "accuracy", "-o", str(out)]),
         "--field applies to surfaces only", "--surface",
     )
@@ -861,8 +872,8 @@ def test_plot_writes_a_surface_as_vtk(runner, tmp_path):
     assert result.exit_code == 0, result.output
     text = out.read_text()
     assert text.startswith("# vtk DataFile") and "SCALARS computed int 1" in text
-    _one_line_error(runner.invoke(cli, ["plot", str(run), "-o", str(tmp_path / "t.vtk")]),
-                    "a .vtk file holds a surface: add --surface NAME")
+    _usage_error(runner.invoke(cli, ["plot", str(run), "-o", str(tmp_path / "t.vtk")]),
+                 "a .vtk file holds a surface: add --surface NAME")
 
 
 def test_plot_clips_and_levels_a_surface_on_the_command_line(runner, tmp_path):
@@ -884,8 +895,8 @@ def test_plot_clips_and_levels_a_surface_on_the_command_line(runner, tmp_path):
     (contours,) = [c for c in fig.axes[0].get_children() if hasattr(c, "levels")]
     levels = np.asarray(contours.levels)
     assert len(levels) <= 9 and levels.max() <= 2.0 + 1e-9 < surf.values["loss"].max()
-    _one_line_error(runner.invoke(cli, ["plot", str(path), "--vmax", "1", "-o",
-                                        str(tmp_path / "t.png")]), "--vmax applies to surfaces")
+    _usage_error(runner.invoke(cli, ["plot", str(path), "--vmax", "1", "-o",
+                                     str(tmp_path / "t.png")]), "--vmax applies to surfaces")
     for word in ("auto", "none", "NONE"):
         result = runner.invoke(cli, ["plot", str(path), "--surface", "plane", "--vmax", word,
                                      "-o", str(tmp_path / f"{word}.png")])

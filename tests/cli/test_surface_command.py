@@ -105,10 +105,11 @@ def test_span_and_dims_that_do_not_apply_are_refused(setup, tmp_path, directions
     ckpts = [str(p) for p in paths[-n_ckpt:]]
     result = _run(["surface", *ckpts, "--model", f"{fac}:model", "--data", f"{fac}:data",
                    "--steps", "3", "--directions", directions, *args, "-o", str(out), "-q"])
-    assert result.exit_code == 1, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and match in lines[0], lines
-    assert not out.exists()
+    assert result.exit_code == 2, result.output  # a usage error, as click's own
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert lines[0].startswith("Usage: ") and lines[-1].startswith("Error: ") \
+        and match in lines[-1], lines
+    assert "Traceback" not in result.output and not out.exists()
 
 
 @pytest.mark.parametrize(("directions", "n_ckpt"), [("interpolate", 2), ("pca", 4)])
