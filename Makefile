@@ -5,7 +5,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,pyhessian,lightning,transformers,safetensors,tensorboard,wandb,mlflow
+EXTRAS ?= dev,pyhessian,lightning,transformers,peft,safetensors,tensorboard,wandb,mlflow
 STAMP := $(VENV)/.landscape-installed
 
 .PHONY: demo test browser lint bench clean

@@ -283,16 +283,21 @@ class Checkpoint:
     reads the file again), :meth:`release` drops the weights and the optimizer's saved
     state until they are used again: ``analyze`` holds every checkpoint it is given, one
     in memory at a time.
+
+    A ``partial`` checkpoint holds only the weights training moved (PEFT adapters saved
+    alone, :mod:`landscape.checkpoints.adapters`): the model's other weights stay as they
+    are when it is loaded, and :meth:`rename` gives its saved names the model's.
     """
 
     def __init__(self, path: Path, state_dict: dict[str, torch.Tensor], step: int | None,
                  optimizer: dict[str, Any] | None = None, *,
-                 reload: Callable[[], Checkpoint] | None = None):
-        self.path, self.step = path, step
-        self._state_dict: dict[str, torch.Tensor] | None = state_dict
+                 reload: Callable[[], Checkpoint] | None = None, partial: bool = False):
+        self.path, self.step, self.partial = path, step, partial
+        self._names: dict[str, str] = {}  # saved name -> the model's (rename())
+        self._state_dict: dict[str, torch.Tensor] | None = state_dict  # under saved names
         # kept after release(): whether the checkpoint fits a model needs no second reading
         # (None for an entry that is not a tensor: a module's extra state)
-        self.shapes: dict[str, tuple[int, ...] | None] = {
+        self._saved_shapes: dict[str, tuple[int, ...] | None] = {
             k: tuple(v.shape) if isinstance(v, torch.Tensor) else None
             for k, v in state_dict.items()}
         self.optimizer = optimizer
@@ -302,15 +307,31 @@ class Checkpoint:
         self.epoch: int | None = None
 
     @property
+    def shapes(self) -> dict[str, tuple[int, ...] | None]:
+        """Each tensor's shape by name (None for an entry that is not a tensor)."""
+        return self._renamed(self._saved_shapes)
+
+    @property
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The weights by name (read from the file again after :meth:`release`)."""
         if self._state_dict is None:
             assert self._reload is not None
             fresh = self._reload()
-            self._state_dict = fresh.state_dict
+            self._state_dict = fresh._state_dict
             if fresh.optimizer is not None:  # its saved state too, from the same reading
                 self.optimizer = fresh.optimizer
-        return self._state_dict
+        assert self._state_dict is not None
+        return self._renamed(self._state_dict)
+
+    def rename(self, names: Mapping[str, str]) -> None:
+        """Name the weights as the model does: ``names`` maps a saved name to the model's.
+
+        Names it does not map stay as saved; a second call replaces the first.
+        """
+        self._names = dict(names)
+
+    def _renamed(self, state: dict[str, Any]) -> dict[str, Any]:
+        return {self._names.get(k, k): v for k, v in state.items()} if self._names else state
 
     def release(self) -> None:
         """Drop the weights and the optimizer's saved state; they are read again when used.
@@ -547,12 +568,18 @@ def refuse_mismatch(model: nn.Module, ckpt: Checkpoint) -> None:
     (``module.`` of DDP, ``model.`` of a ``LightningModule``) are removed and tied weights
     saved once count as saved.
 
+    A partial checkpoint (:class:`Checkpoint`) may leave out what the model does not train:
+    only its trainable parameters count as missing.
+
     Raises:
         LandscapeError: keys missing, unexpected or of another shape.
     """
     own = model.state_dict()
     shapes = _restore_tied(_strip_prefix(ckpt.shapes, own), model)
     missing = [k for k in own if k not in shapes]
+    if ckpt.partial:  # the weights it leaves out stay the model's (a frozen base model)
+        trained = {k for k, p in model.named_parameters() if p.requires_grad}
+        missing = [k for k in missing if k in trained]
     unexpected = [k for k in shapes if k not in own]
     mismatched = [
         f"{k} {shapes[k]} vs model {tuple(own[k].shape)}"
@@ -569,8 +596,8 @@ def refuse_mismatch(model: nn.Module, ckpt: Checkpoint) -> None:
         hint = ""
         if any(".lora_A." in k or ".lora_B." in k for k in unexpected):
             hint = ("; it looks like PEFT adapter weights saved alone (their keys lack the "
-                    "adapter's name): save the merged model or the whole model's "
-                    "state_dict() instead")
+                    "adapter's name): give the folder PeftModel.save_pretrained writes (with "
+                    "its adapter_config.json) instead, or the merged model")
         raise LandscapeError(
             f"{ckpt.path}: checkpoint does not match the model ({'; '.join(parts)}){hint}"
         )
@@ -592,7 +619,8 @@ def load_state_into(model: nn.Module, ckpt: Checkpoint) -> None:
     """
     refuse_mismatch(model, ckpt)
     own = model.state_dict()
-    model.load_state_dict(_restore_tied(_strip_prefix(ckpt.state_dict, own), model))
+    model.load_state_dict(_restore_tied(_strip_prefix(ckpt.state_dict, own), model),
+                          strict=not ckpt.partial)
 
 
 MAX_DATA_BATCHES = 1000

@@ -61,8 +61,9 @@ def analyze_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
     """Compute Hessian spectra, trace, sharpness and collapse metrics of CHECKPOINTS
     (ordered by training step) into one run file.
 
-    CHECKPOINTS are state-dict files, Hugging Face model folders, Trainer output folders
-    (every checkpoint-N inside) or Lightning .ckpt files. Rows are committed per checkpoint:
+    CHECKPOINTS are state-dict files, Hugging Face model folders, PEFT adapter folders (on
+    the base model their config names), Trainer output folders (every checkpoint-N inside)
+    or Lightning .ckpt files. Rows are committed per checkpoint:
     after Ctrl-C or SIGTERM, the same command continues where it stopped.
     """
     if momentum is not None and lr is None:

@@ -3,8 +3,8 @@
 * :mod:`~landscape.checkpoints.sources`: expand what the user names (files, Hugging Face
   model folders, ``Trainer`` output folders, Lightning ``.ckpt`` files) into loaded
   checkpoints and the model to load them into;
-* :mod:`~landscape.checkpoints.huggingface` and :mod:`~landscape.checkpoints.lightning`: the
-  two frameworks' layouts;
+* :mod:`~landscape.checkpoints.huggingface`, :mod:`~landscape.checkpoints.lightning` and
+  :mod:`~landscape.checkpoints.adapters` (PEFT adapter folders): the frameworks' layouts;
 * :mod:`~landscape.checkpoints.tokens`: language-model batches from a token file or a text;
 * :mod:`~landscape.checkpoints.optim`: the optimizer's hyper-parameters (and Adam's second
   moments) recorded next to the weights.

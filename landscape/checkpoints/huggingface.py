@@ -16,7 +16,7 @@ import contextlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ __all__ = [
     "is_causal_lm",
     "is_model_folder",
     "load_tokenizer",
+    "quiet_transformers",
     "read_weights",
     "trainer_checkpoints",
 ]
@@ -52,17 +53,21 @@ def is_model_folder(path: Path) -> bool:
     return (path / "config.json").is_file() and any((path / f).is_file() for f in WEIGHT_FILES)
 
 
-def trainer_checkpoints(path: Path) -> list[Path]:
+def trainer_checkpoints(
+    path: Path, accept: Callable[[Path], bool] = is_model_folder,
+) -> list[Path]:
     """The ``checkpoint-<step>`` model folders of a ``Trainer`` output folder, by step.
 
     Args:
         path: a folder.
+        accept: which ``checkpoint-<step>`` folders count (default: model folders; PEFT
+            adapter folders, :mod:`landscape.checkpoints.adapters`).
 
     Returns:
         The checkpoint folders in increasing step order (empty when there are none).
     """
     found = [(int(m.group(1)), p) for p in path.iterdir()
-             if p.is_dir() and (m := _CHECKPOINT.fullmatch(p.name)) and is_model_folder(p)]
+             if p.is_dir() and (m := _CHECKPOINT.fullmatch(p.name)) and accept(p)]
     return [p for _, p in sorted(found)]
 
 
@@ -113,11 +118,12 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
     return dict(torch.load(path, map_location="cpu", weights_only=True))
 
 
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+def read_weights(folder: Path, files: Sequence[str] = WEIGHT_FILES) -> dict[str, torch.Tensor]:
     """The state dict a model folder holds, its shards joined (tied weights saved once).
 
     Args:
         folder: a model folder.
+        files: the weight files to look for, the first found read (default: a model's).
 
     Returns:
         The tensors by name, on the CPU.
@@ -125,7 +131,7 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     Raises:
         LandscapeError: when no weight file is readable.
     """
-    for name in WEIGHT_FILES:
+    for name in files:
         path = folder / name
         if not path.is_file():
             continue
@@ -140,7 +146,7 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
         except Exception as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise LandscapeError(f"{path}: not a readable weight file ({first})") from err
-    raise LandscapeError(f"{folder}: no weight file ({', '.join(WEIGHT_FILES)})")
+    raise LandscapeError(f"{folder}: no weight file ({', '.join(files)})")
 
 
 def build_model(folder: Path) -> nn.Module:
@@ -169,7 +175,7 @@ def build_model(folder: Path) -> nn.Module:
     classes = [getattr(transformers, arch)] if arch and hasattr(transformers, arch) else []
     classes += [transformers.AutoModelForCausalLM, transformers.AutoModel]
     errors = []
-    with _quiet_transformers():
+    with quiet_transformers():
         for cls in classes:
             try:
                 model = cls.from_pretrained(str(folder), local_files_only=True).eval()
@@ -183,7 +189,7 @@ def build_model(folder: Path) -> nn.Module:
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """Transformers' info messages and loading bars off while it loads (errors still raise)."""
     from transformers.utils import logging as hf_logging
 
@@ -214,7 +220,7 @@ def load_tokenizer(folder: Path) -> Any:
     try:
         from transformers import AutoTokenizer
 
-        with _quiet_transformers():
+        with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]

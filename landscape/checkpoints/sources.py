@@ -7,11 +7,13 @@
 * Hugging Face model folders (``config.json`` + weights) and ``Trainer`` output folders,
   whose ``checkpoint-<step>`` subfolders become one checkpoint each
   (:mod:`landscape.checkpoints.huggingface`);
-* Lightning ``.ckpt`` files (:mod:`landscape.checkpoints.lightning`).
+* Lightning ``.ckpt`` files (:mod:`landscape.checkpoints.lightning`);
+* PEFT adapter folders, and ``Trainer`` output folders of them
+  (:mod:`landscape.checkpoints.adapters`).
 
 Without a model factory the model comes from the checkpoints themselves: built with
-``from_pretrained`` from the first model folder, or the ``LightningModule`` class the
-checkpoint records.
+``from_pretrained`` from the first model folder, the ``LightningModule`` class the
+checkpoint records, or the local base model an adapter folder names, its adapters on it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any, Sequence
 from torch import nn
 
 from landscape._errors import LandscapeError
+from landscape.checkpoints import adapters
 from landscape.checkpoints import huggingface as hf
 from landscape.checkpoints import lightning as lit
 from landscape.checkpoints.optim import optimizer_settings, read_optimizer_file
@@ -47,8 +50,10 @@ class Opened:
     Attributes:
         model: the network the checkpoints are loaded into.
         checkpoints: the loaded checkpoints (in the order found).
-        folder: the first Hugging Face model folder (its tokenizer reads ``--text``).
-        kinds: the kinds of checkpoint met: ``"huggingface"``, ``"lightning"``, ``"file"``.
+        folder: the first Hugging Face model folder (its tokenizer reads ``--text``; for
+            adapter folders without a tokenizer, their local base model's folder).
+        kinds: the kinds of checkpoint met: ``"huggingface"``, ``"peft"``, ``"lightning"``,
+            ``"file"``.
     """
 
     model: nn.Module
@@ -62,8 +67,9 @@ def expand(paths: Sequence[str | Path]) -> list[Path]:
 
     A ``Trainer`` output folder by its checkpoint folders (also when a final ``save_model()``
     made it a model folder itself: those weights count only when its ``trainer_state.json``
-    dates them after the last checkpoint), a folder of Lightning ``.ckpt`` files by those
-    files (``last*.ckpt`` left out).
+    dates them after the last checkpoint), a ``Trainer`` output folder of a PEFT model by its
+    adapter folders, a folder of Lightning ``.ckpt`` files by those files (``last*.ckpt``
+    left out).
 
     Args:
         paths: files and folders as given.
@@ -92,32 +98,20 @@ def expand(paths: Sequence[str | Path]) -> list[Path]:
                     f"out, only its checkpoint-N/ folders are read: no trainer_state.json "
                     f"there dates it after {subs[-1].name} (trainer.save_state() writes one)",
                     stacklevel=2)
-        elif hf.is_model_folder(p):
+        elif hf.is_model_folder(p) or adapters.is_adapter_folder(p):
             out.append(p)
+        elif subs := adapters.trainer_checkpoints(p):  # a PEFT model's Trainer folder
+            out.extend(subs)
         elif ckpts := sorted(c for c in p.glob("*.ckpt") if c.is_file()):
             # a ModelCheckpoint folder; last.ckpt repeats the latest checkpoint
             out.extend([c for c in ckpts if not lit.is_last_copy(c)] or ckpts)
-        elif _holds_peft_adapter(p):
-            raise LandscapeError(f"{p}: {PEFT_ADAPTER}")
         else:
             raise LandscapeError(
                 f"{p}: is a directory, but neither a Hugging Face model folder (config.json "
-                "and weights), a Trainer output folder (checkpoint-N/ folders) nor a folder of "
-                "Lightning .ckpt files")
+                "and weights), a PEFT adapter folder (adapter_config.json and weights), a "
+                "Trainer output folder (checkpoint-N/ folders) nor a folder of Lightning "
+                ".ckpt files")
     return out
-
-
-PEFT_ADAPTER = (
-    "holds PEFT adapters (adapter_config.json), whose weights alone are not a model: save "
-    "the merged model (model.merge_and_unload().save_pretrained(folder)) or the whole "
-    "model's torch.save(model.state_dict(), path) with a --model factory that builds it")
-"""The error for a folder of PEFT (LoRA) adapter weights, saved without the model's."""
-
-
-def _holds_peft_adapter(folder: Path) -> bool:
-    """Whether ``folder`` (or its ``checkpoint-N/`` folders) holds PEFT adapter weights."""
-    return (folder / "adapter_config.json").is_file() or any(
-        (sub / "adapter_config.json").is_file() for sub in folder.glob("checkpoint-*"))
 
 
 def _load(path: Path, trust: bool) -> tuple[Checkpoint, dict[str, Any] | None]:
@@ -126,9 +120,11 @@ def _load(path: Path, trust: bool) -> tuple[Checkpoint, dict[str, Any] | None]:
         return _load(path, trust)[0]
 
     if path.is_dir():
-        return Checkpoint(path, hf.read_weights(path), hf.folder_step(path),
+        adapter = not hf.is_model_folder(path) and adapters.is_adapter_folder(path)
+        return Checkpoint(path, adapters.read_weights(path) if adapter else hf.read_weights(path),
+                          hf.folder_step(path),
                           optimizer=read_optimizer_file(path / "optimizer.pt"),
-                          reload=reload), None
+                          reload=reload, partial=adapter), None
     if path.suffix == ".ckpt" and path.is_file():
         ck = lit.read_ckpt(path, trust=trust)
         states = ck.get("optimizer_states") or [None]
@@ -166,13 +162,14 @@ def open_checkpoints(
     with folder_on_path(model) if model is not None and trust else contextlib.nullcontext():
         for p in expand(paths):
             ckpt, raw = _load(p, trust)
-            kinds.add("huggingface" if ckpt.path.is_dir() else "lightning" if raw is not None
-                      else "file")
+            kinds.add("peft" if ckpt.partial else "huggingface" if ckpt.path.is_dir()
+                      else "lightning" if raw is not None else "file")
             if raw is not None and lightning is None:
                 lightning = (ckpt, raw)
             checkpoints.append(ckpt)
             ckpt.release()  # one in memory at a time: read again when used
     folder = next((c.path for c in checkpoints if c.path.is_dir()), None)
+    adapter = next((c.path for c in checkpoints if c.partial), None)
     net: Any
     if model is not None:
         obj = load_factory(model, "model factory")
@@ -180,8 +177,13 @@ def open_checkpoints(
             net, _ = lit.inner_module(lit.build_module(lightning[1], lightning[0].path, obj))
         else:
             net = call_factory(model, "model factory")
+            if adapter is not None and isinstance(net, nn.Module) \
+                    and not adapters.model_keys(net):  # the base model: the adapters go on it
+                net = adapters.build_model(adapter, base=net)
     elif lightning is not None:
         net, _ = lit.inner_module(lit.build_module(lightning[1], lightning[0].path))
+    elif adapter is not None:
+        net = adapters.build_model(adapter)
     elif folder is not None:
         net = hf.build_model(folder)
     else:
@@ -192,6 +194,13 @@ def open_checkpoints(
             f"the model factory returned a {type(net).__name__}, not a torch.nn.Module "
             "(does --model name the data factory?)"
         )
+    if adapter is not None:
+        names = adapters.model_keys(net)
+        for c in checkpoints:
+            if c.partial:
+                c.rename(names)
+        if folder == adapter:  # the tokenizer for --text
+            folder = adapters.tokenizer_folder(adapter)
     return Opened(net, checkpoints, folder, kinds)
 
 

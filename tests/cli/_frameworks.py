@@ -5,7 +5,8 @@ downloaded), a word-level tokenizer trained on a generated corpus, and:
 
 * ``save_pretrained`` folders (safetensors, tied input/output embeddings);
 * a real ``transformers.Trainer`` run of 4 steps saving ``checkpoint-2`` and ``checkpoint-4``;
-* a real ``lightning.Trainer`` fit of 4 steps saving a ``.ckpt`` of :class:`LitGPT`.
+* a real ``lightning.Trainer`` fit of 4 steps saving a ``.ckpt`` of :class:`LitGPT`;
+* a real ``transformers.Trainer`` run of a LoRA (PEFT) model, saving its adapters alone.
 """
 
 from __future__ import annotations
@@ -116,6 +117,36 @@ def hf_trainer(out: Path, *, steps: int = 4, save_steps: int = 2, adamw: bool = 
     )
     Trainer(model=model, args=args, train_dataset=_Blocks(blocks(32)),
             processing_class=tokenizer()).train()
+    return out
+
+
+def lora(base: torch.nn.Module, r: int = 2):
+    """``base`` with LoRA adapters of rank ``r`` on its attention projections."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    config = LoraConfig(r=r, lora_alpha=4, target_modules=["c_attn"], lora_dropout=0.0,
+                        fan_in_fan_out=True, init_lora_weights="gaussian")
+    return get_peft_model(base, config)
+
+
+def lora_trainer(out: Path, base_folder: Path, *, steps: int = 4, save_steps: int = 2) -> Path:
+    """A real ``Trainer`` run of a LoRA model on the base model saved in ``base_folder``.
+
+    Each ``checkpoint-N`` holds the adapters alone (``adapter_config.json`` naming
+    ``base_folder``, ``adapter_model.safetensors``) and the Trainer's AdamW state; no tokenizer
+    (it is the base folder's).
+    """
+    from transformers import GPT2LMHeadModel, Trainer, TrainingArguments
+
+    model = lora(GPT2LMHeadModel.from_pretrained(str(base_folder)))
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=steps, save_steps=save_steps, per_device_train_batch_size=4,
+        learning_rate=1e-2, lr_scheduler_type="constant", report_to=[], use_cpu=True,
+        logging_steps=1, save_strategy="steps", seed=0, disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    Trainer(model=model, args=args, train_dataset=_Blocks(blocks(32))).train()
     return out
 
 

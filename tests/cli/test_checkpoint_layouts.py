@@ -111,20 +111,25 @@ def test_the_keys_as_they_are_and_a_different_prefixed_copy_are_refused(fac):
 
 
 @pytest.mark.parametrize("layout", ["adapter", "trainer"])
-def test_peft_adapter_folders_are_refused_saying_what_to_save(fac, tmp_path, layout):
-    """A LoRA run's Trainer folders hold adapter weights alone: the error denied that the
-    folder was a Trainer output folder and said nothing of adapters."""
+def test_peft_adapter_folders_without_a_base_model_say_what_to_give(fac, tmp_path, layout):
+    """A LoRA run's Trainer folders hold adapter weights alone. They were refused; now they
+    load onto their base model (tests/cli/test_peft_adapters.py), and when there is none to
+    be had the error says so in one line."""
     fac_path, _ = fac
     folder = tmp_path / "out"
     adapter = folder / "checkpoint-20" if layout == "trainer" else folder
     adapter.mkdir(parents=True)
     (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}')
     torch.save({"lora_A.weight": torch.zeros(2, 4)}, adapter / "adapter_model.bin")
+    data = ["--data", f"{fac_path}:data", "-m", "sharpness", "-o", str(tmp_path / "r.h5")]
+    result = CliRunner().invoke(cli, ["analyze", str(folder), *data])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "names no base model; pass --model" in result.stderr, result.output
+    # a base model the adapters were not made for: one line too
     result = CliRunner().invoke(cli, ["analyze", str(folder), "--model", f"{fac_path}:model",
-                                      "--data", f"{fac_path}:data", "-m", "sharpness"])
-    assert result.exit_code == 1
-    assert "holds PEFT adapters" in result.output and "merge_and_unload" in result.output
-    assert "Traceback" not in result.output
+                                      *data])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "the adapters do not fit the base model" in result.stderr, result.output
 
 
 def test_adapter_weights_given_as_a_file_are_named_in_the_mismatch(fac):

@@ -1,0 +1,206 @@
+"""PEFT (LoRA) adapter folders, as a Hugging Face ``Trainer`` fine-tuning a ``PeftModel`` saves
+them: each ``checkpoint-N`` holds the adapters alone, the base model stays where it was.
+
+They were refused ("whose weights alone are not a model: save the merged model"): a LoRA
+run's checkpoints could not be analyzed at all without glue code.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from landscape_cli.commands import analyze as _analyze_command  # noqa: F401  (attaches it)
+from landscape_cli.commands import surface as _surface_command  # noqa: F401
+from landscape_cli.main import cli
+
+import landscape as ls
+from landscape.checkpoints import adapters, open_checkpoints, token_batches
+from landscape.isolation import sdpa_math
+from landscape.loading import load_state_into
+from tests.cli import _frameworks as fw
+
+pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+LM = ["--seq-len", "16", "--batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    np.save(root / "ids.npy", fw.token_ids())
+    base = fw.save_pretrained(root / "base")
+    out = fw.lora_trainer(root / "out", base, steps=24, save_steps=12)
+    factories = root / "lora_factories.py"
+    factories.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(fw.__file__.rsplit('/tests/', 1)[0])!r})
+        from transformers import GPT2LMHeadModel
+        from tests.cli import _frameworks as fw
+
+        def base():
+            return GPT2LMHeadModel.from_pretrained({str(base)!r})
+
+        def lora_model():
+            return fw.lora(base())
+
+        def wider_lora():
+            return fw.lora(base(), r=4)
+    """))
+    return {"root": root, "base": base, "out": out, "factories": factories}
+
+
+def _invoke(args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def _reference(run, checkpoint):
+    """The PEFT model of ``checkpoint`` as PEFT itself loads it."""
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+
+    return PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(str(run["base"])),
+                                     str(checkpoint), is_trainable=True).eval()
+
+
+def test_a_lora_trainer_folder_loads_as_peft_loads_it(lora_run):
+    opened = open_checkpoints([lora_run["out"]])
+    assert [c.step for c in opened.checkpoints] == [12, 24]
+    assert opened.kinds == {"peft"} and all(c.partial for c in opened.checkpoints)
+    assert opened.folder == lora_run["base"]  # the tokenizer for --text: the base model's
+    trained = {n for n, p in opened.model.named_parameters() if p.requires_grad}
+    assert trained and all(".lora_" in n for n in trained)
+    for ckpt in opened.checkpoints:
+        load_state_into(opened.model, ckpt)
+        ours, theirs = opened.model.state_dict(), _reference(lora_run, ckpt.path).state_dict()
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), ckpt.path
+    # the two checkpoints differ in their adapters only
+    first, last = (_reference(lora_run, c.path).state_dict() for c in opened.checkpoints)
+    assert {k for k in first if not torch.equal(first[k], last[k])} <= trained
+
+
+def _dense_lambda_max(model, batch):
+    """The largest eigenvalue of the loss's Hessian in the adapters, dense, in float64."""
+    model = model.double()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    flat = torch.cat([params[n].reshape(-1) for n in names])
+    sizes = [params[n].numel() for n in names]
+
+    def loss(v):
+        chunks = dict(zip(names, (c.view_as(params[n]) for c, n in
+                                  zip(torch.split(v, sizes), names))))
+        return torch.func.functional_call(model, {**params, **chunks}, (), batch).loss
+
+    with sdpa_math():  # the fused CPU attention has no forward-mode derivative
+        hessian = torch.func.hessian(loss)(flat)
+    return float(torch.linalg.eigvalsh(hessian)[-1])
+
+
+def test_analyze_a_lora_trainer_folder_by_default(lora_run, tmp_path):
+    """The default invocation, no --model: the base model the adapter config names."""
+    out = tmp_path / "run.h5"
+    result = _invoke(["analyze", lora_run["out"], "--tokens", lora_run["root"] / "ids.npy",
+                      *LM, "-o", out])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}: 2 checkpoints" in result.stdout
+    with ls.Run.open(out) as run:
+        steps, eig = run.series("top_eigenvalues", "eigenvalues")
+        # the Trainer's AdamW state was read: the preconditioned sharpness of step 24 (step
+        # 12 is within the default adam_warmup of 10 steps... of the saved state's count)
+        ratio = run.series("sharpness", "ratio")[1]
+        assert not [f for f in run.findings() if f.rule == "metric_failed"]
+    assert list(steps) == [12, 24] and np.isfinite(ratio[-1])
+    batch = token_batches(tokens=lora_run["root"] / "ids.npy", seq_len=16, batch_size=4)[0]
+    for step, top in zip(steps, eig[:, 0]):
+        dense = _dense_lambda_max(_reference(lora_run, lora_run["out"] / f"checkpoint-{step}"),
+                                  {k: v for k, v in batch.items()})
+        assert top == pytest.approx(dense, rel=1e-5), step
+
+
+@pytest.mark.parametrize("factory", ["base", "lora_model"])
+def test_a_model_factory_gives_the_base_or_the_peft_model(lora_run, tmp_path, factory):
+    """--model may build the base model (the adapters go on it) or the PEFT model itself."""
+    rows = []
+    given = ["--model", f"{lora_run['factories']}:{factory}"]
+    for name, extra in (("default", []), (factory, given)):
+        out = tmp_path / f"{name}.h5"
+        result = _invoke(["analyze", lora_run["out"] / "checkpoint-24", "--tokens",
+                          lora_run["root"] / "ids.npy", *LM, "-m", "top_eigenvalues", "-k", "2",
+                          *extra, "-o", out])
+        assert result.exit_code == 0, result.output
+        with ls.Run.open(out) as run:
+            rows.append(run.series("top_eigenvalues", "eigenvalues")[1])
+    np.testing.assert_allclose(rows[1], rows[0], rtol=1e-6)
+
+
+def _one_line_error(result, *fragments):
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("Error: ")]
+    assert len(errors) == 1 and all(f in errors[0] for f in fragments), result.stderr
+
+
+def test_a_base_model_that_is_not_local_is_one_line_naming_model(lora_run, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(lora_run["out"] / "checkpoint-24", adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "openai-community/gpt2"  # a Hub id: never downloaded
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    result = _invoke(["analyze", adapter, "--tokens", lora_run["root"] / "ids.npy", *LM,
+                      "-m", "sharpness", "-o", tmp_path / "r.h5"])
+    _one_line_error(result, "'openai-community/gpt2' is not a local model folder", "--model")
+    assert not (tmp_path / "r.h5").exists()
+
+
+def test_adapters_of_another_rank_are_one_line(lora_run, tmp_path):
+    result = _invoke(["analyze", lora_run["out"], "--tokens", lora_run["root"] / "ids.npy", *LM,
+                      "--model", f"{lora_run['factories']}:wider_lora", "-m", "sharpness",
+                      "-o", tmp_path / "r.h5"])
+    _one_line_error(result, "checkpoint does not match the model", "shape mismatch")
+
+
+def test_adapters_on_a_model_they_were_not_made_for_are_one_line(lora_run, tmp_path):
+    factories = tmp_path / "f.py"
+    factories.write_text("import torch\n\ndef model():\n"
+                         "    return torch.nn.Sequential(torch.nn.Linear(4, 3))\n")
+    result = _invoke(["analyze", lora_run["out"], "--tokens", lora_run["root"] / "ids.npy", *LM,
+                      "--model", f"{factories}:model", "-m", "sharpness",
+                      "-o", tmp_path / "r.h5"])
+    _one_line_error(result, "the adapters do not fit the base model")
+
+
+def test_surface_of_a_lora_checkpoint_moves_the_adapters(lora_run, tmp_path):
+    out = tmp_path / "s.h5"
+    result = _invoke(["surface", lora_run["out"] / "checkpoint-24", "--tokens",
+                      lora_run["root"] / "ids.npy", *LM, "--steps", "3", "-o", out, "-q"])
+    assert result.exit_code == 0, result.output
+    with ls.Run.open(out) as run:
+        surf = run.surface(run.surfaces()[0])
+    values = surf.values["loss"]
+    assert np.all(np.isfinite(values)) and np.ptp(values) > 0
+
+
+def test_an_adapter_named_otherwise_in_the_factory_loads(lora_run):
+    """PEFT saves no adapter name; a factory's PEFT model may call its adapter anything."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    base = GPT2LMHeadModel.from_pretrained(str(lora_run["base"]))
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], lora_dropout=0.0,
+                        fan_in_fan_out=True)
+    model = get_peft_model(base, config, adapter_name="mine")
+    ckpt = open_checkpoints([lora_run["out"] / "checkpoint-24"]).checkpoints[0]
+    ckpt.rename(adapters.model_keys(model))
+    load_state_into(model, ckpt)
+    ours = {k.replace(".mine.", ".default."): v for k, v in model.state_dict().items()}
+    theirs = _reference(lora_run, ckpt.path).state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
