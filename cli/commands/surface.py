@@ -71,8 +71,9 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
     """Evaluate the loss (and accuracy) on a grid around the last of CHECKPOINTS.
 
     CHECKPOINTS are as for analyze: state-dict files, Hugging Face model folders, PEFT
-    adapter folders, Trainer output folders or Lightning .ckpt files. --directions pca and interpolate set their own
-    grid: --span does not apply to them, nor --dims 1 to pca or --dims 2 to interpolate.
+    adapter folders, Trainer output folders or Lightning .ckpt files. --directions pca and
+    interpolate set their own grid: --span does not apply to them, nor --dims 1 to pca or
+    --dims 2 to interpolate.
     """
     ctx = click.get_current_context()
     _refuse_fixed_grid_options(ctx, directions, dims)
