@@ -29,6 +29,7 @@ import click
 
 import landscape
 from landscape import LandscapeError, __version__
+from landscape._progress import above_bars
 
 _VERBOSE = "landscape.verbose"
 # the code of this project: its warnings are always shown
@@ -244,11 +245,7 @@ def one_line_warnings() -> Iterator[None]:
     def show(message, category, filename, lineno, file=None, line=None):
         if _from_other_library(str(filename)) and not _verbose():
             return
-        bar = getattr(sys.modules.get("tqdm"), "tqdm", None)
-        if bar is not None and getattr(bar, "_instances", None):
-            # a progress bar is drawn: clear its line, print, draw it again below
-            bar.write(f"warning: {message}", file=sys.stderr)
-        else:
+        with above_bars():  # a progress bar is drawn: clear it, print, draw it again below
             click.echo(f"warning: {message}", err=True)
 
     with warnings.catch_warnings(), _quiet_library_logs(not _verbose()):

@@ -9,10 +9,11 @@ notebook, whose bars are widgets) a bar here redraws at most every
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Any
+from typing import Any, Iterator
 
-__all__ = ["LOG_INTERVAL", "bar", "interactive"]
+__all__ = ["LOG_INTERVAL", "above_bars", "bar", "interactive"]
 
 LOG_INTERVAL = 30.0
 """Seconds between the redraws of a bar written to a file or a log."""
@@ -48,3 +49,21 @@ def bar(iterable: Any = None, *, enabled: bool, nested: bool = False, **kwargs: 
     if not live:
         kwargs.setdefault("mininterval", LOG_INTERVAL)
     return tqdm(iterable, disable=disable, **kwargs)
+
+
+@contextlib.contextmanager
+def above_bars() -> Iterator[None]:
+    """Lines printed to stderr inside the block go above the ``tqdm`` bars being drawn.
+
+    A warning printed while a bar is drawn (the user's ``tqdm(loader)``, a Hugging Face
+    ``Trainer``'s or Lightning's bar) landed on the bar's line, after its text, and the next
+    redraw overwrote it. The bars are cleared first and drawn again after the block
+    (``tqdm.external_write_mode``); what prints the line is untouched (a warning keeps its
+    filters, ``-W error`` and whoever records it). Nothing happens without a bar.
+    """
+    cls = getattr(sys.modules.get("tqdm"), "tqdm", None)  # never imported here: no bar
+    if cls is None or not getattr(cls, "_instances", None):
+        yield
+        return
+    with cls.external_write_mode(file=sys.stderr):
+        yield

@@ -67,6 +67,7 @@ from typing_extensions import Unpack
 
 from landscape import distributed as _dist
 from landscape._hf import model_loss, uses_causal_lm_loss
+from landscape._progress import above_bars
 from landscape._sums import tensor_norms
 from landscape.findings import Finding, user_stacklevel
 from landscape.integrations import (
@@ -420,12 +421,14 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         loss = self._step_loss()
         if loss is None and not self._warned_no_loss:
             self._warned_no_loss = True
-            warnings.warn(
-                "landscape: the model returned no loss in this step (outputs.loss is None: "
-                "the Trainer computed it outside the model, e.g. with compute_loss_func= or "
-                "label_smoothing_factor): call callback.record_loss(loss) where the loss is "
-                "computed, or the 'loss' rows are NaN and loss_spike sees nothing",
-                RuntimeWarning, stacklevel=user_stacklevel())
+            with above_bars():  # the Trainer's progress bar is drawn
+                warnings.warn(
+                    "landscape: the model returned no loss in this step (outputs.loss is "
+                    "None: the Trainer computed it outside the model, e.g. with "
+                    "compute_loss_func= or label_smoothing_factor): call "
+                    "callback.record_loss(loss) where the loss is computed, or the 'loss' "
+                    "rows are NaN and loss_spike sees nothing",
+                    RuntimeWarning, stacklevel=user_stacklevel())
         batch = self._batch
         grad_norm = None if self._unclipped is None else self._unclipped.take()
         samples = self._samples or None

@@ -61,6 +61,7 @@ import torch
 from torch import nn
 from typing_extensions import Unpack
 
+from landscape._progress import above_bars
 from landscape.findings import Finding, user_stacklevel
 from landscape.integrations import (
     CallbackSettings,
@@ -326,10 +327,11 @@ class LandscapeCallback(CallbackSettings, Callback):
             step_loss = None
             if not self._told_no_loss and any(m.name == "loss" for m in self.monitor.metrics):
                 self._told_no_loss = True  # once: the loss metric's own failure says the rest
-                warnings.warn(
-                    "landscape: LandscapeCallback: training_step returned no loss at step "
-                    f"{trainer.global_step - 1}: return the loss, or {{'loss': loss, ...}}, for "
-                    "the 'loss' rows (NaN until then)", RuntimeWarning, stacklevel=2)
+                with above_bars():  # Lightning's progress bar is drawn
+                    warnings.warn(
+                        "landscape: LandscapeCallback: training_step returned no loss at step "
+                        f"{trainer.global_step - 1}: return the loss, or {{'loss': loss, ...}}, "
+                        "for the 'loss' rows (NaN until then)", RuntimeWarning, stacklevel=2)
         elif pl_module.automatic_optimization:
             # each batch's loss is already divided by accumulate_grad_batches, also in the
             # shorter window that ends an epoch: rescale so the sum is the mean there too

@@ -49,6 +49,7 @@ from landscape._errors import (
     StepOrderError,
 )
 from landscape._interrupts import InterruptGuard
+from landscape._progress import above_bars
 from landscape.batches import leading_size
 from landscape.failures import failure_finding, nonfinite_state
 from landscape.findings import Finding, Findings, at_or_above, dedupe, user_stacklevel
@@ -830,8 +831,9 @@ class Monitor:
                 return
             self._nonfinite_reported = True
         finding = failure_finding(metric.name, step, err, bad, getattr(metric, "data", None))
-        warnings.warn(f"landscape: {finding.message}", RuntimeWarning,
-                      stacklevel=user_stacklevel())
+        with above_bars():
+            warnings.warn(f"landscape: {finding.message}", RuntimeWarning,
+                          stacklevel=user_stacklevel())
         self.findings.append(finding)
         assert self.writer is not None
         self.writer.add_finding(finding)
@@ -845,7 +847,9 @@ class Monitor:
         assert self.writer is not None
         self.writer.add_finding(finding)
         if self.warn and at_or_above([finding], "warning"):
-            warnings.warn(InstabilityWarning(finding.describe()), stacklevel=user_stacklevel())
+            with above_bars():  # a training loop's progress bar would swallow the line
+                warnings.warn(InstabilityWarning(finding.describe()),
+                              stacklevel=user_stacklevel())
         elif self.warn:  # info: something moved that healthy training also moves
             _log.info("landscape: %s", finding.describe())
         self._mirror("on_finding", finding)
