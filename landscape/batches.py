@@ -18,6 +18,7 @@ __all__ = [
     "in_containers_of",
     "leading_size",
     "map_tensors",
+    "model_args",
     "normal_tensors",
     "plain_containers",
     "split",
@@ -185,3 +186,13 @@ def leading_size(obj: Any) -> int | None:
             if size is not None:
                 return size
     return None
+
+
+def model_args(inputs: Any) -> tuple:
+    """The positional arguments of ``model(...)`` for a batch's ``inputs``.
+
+    A tuple is several inputs, unpacked (``((x1, x2), y)`` calls ``model(x1, x2)``, as the
+    curvature operators do, docs/curvature.md, "Data"); anything else is one argument (a
+    list stays one: torchvision's detection models take a list of images).
+    """
+    return inputs if isinstance(inputs, tuple) else (inputs,)

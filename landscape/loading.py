@@ -631,11 +631,16 @@ one, such as ``itertools.cycle(loader)``, filled the memory)."""
 def as_batches(data: Any) -> list[Any]:
     """A data factory's result as a list of batches (one ``(x, y)`` batch or an iterable).
 
+    One batch is told from several as the curvature operators tell it
+    (:func:`~landscape.curvature._batches.is_single_batch`): ``(inputs, targets)`` with
+    inputs a tensor, a mapping or a tuple of tensors (a model of several inputs), or a dict.
     An iterator without a length (a generator) is read for at most
     :data:`MAX_DATA_BATCHES` batches, with a warning when it holds more; a list or a
     ``DataLoader`` whole.
     """
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+    from landscape.curvature._batches import is_single_batch
+
+    if is_single_batch(data, closure_mode=False):
         return [tuple(data)]
     if isinstance(data, dict):
         return [data]

@@ -26,7 +26,7 @@ from torch import nn
 
 from landscape._checks import positive_int
 from landscape._errors import MissingInput, PartialRow
-from landscape.batches import head, leading_size
+from landscape.batches import head, leading_size, model_args
 from landscape.capture import first_tensor
 from landscape.curvature.stability import learning_rate
 from landscape.findings import user_stacklevel
@@ -113,7 +113,7 @@ def _model_call(batch: Any, samples: int, keywords: bool) -> tuple[tuple, dict, 
     if keywords and keyword_batch(batch):
         return (), dict(head(batch, samples)), None
     inputs, targets = split_batch(batch)
-    return (head(inputs, samples),), {}, head(targets, samples)
+    return model_args(head(inputs, samples)), {}, head(targets, samples)
 
 
 def _reissue(caught: Any) -> None:

@@ -15,7 +15,7 @@ from landscape import distributed as _dist
 from landscape import functional as LF
 from landscape._deprecation import module_getattr
 from landscape._errors import MissingInput
-from landscape.batches import leading_size
+from landscape.batches import leading_size, model_args
 from landscape.capture import first_tensor
 from landscape.metrics.base import Metric, register
 from landscape.metrics.context import (
@@ -317,7 +317,7 @@ def radius_along(
     """
     from landscape.functional.taylor import logit_tangent, logits_call
 
-    args = (inputs,) if keywords is None else tuple(inputs)
+    args = model_args(inputs) if keywords is None else tuple(inputs)
     if any(_dist.is_sharded(t) for t in at):
         return _radius_in_place(ctx, args, keywords or {}, targets, at, direction)
     names = list(ctx.names)

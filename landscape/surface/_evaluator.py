@@ -32,21 +32,38 @@ def _is_batch(obj: Any) -> bool:
         isinstance(obj, (tuple, list))
         and len(obj) > 0
         and all(isinstance(t, torch.Tensor) for t in obj)
-    )
+    ) or _nested_inputs(obj)
+
+
+def _nested_inputs(obj: Any) -> bool:
+    """Whether ``obj`` is ``((x1, x2, ...), targets)``, a batch of several model inputs.
+
+    The curvature operators' form (docs/curvature.md, "Data").
+    """
+    return (isinstance(obj, (tuple, list)) and len(obj) == 2
+            and isinstance(obj[0], (tuple, list)) and len(obj[0]) > 0
+            and all(isinstance(t, torch.Tensor) for t in obj[0])
+            and isinstance(obj[1], torch.Tensor))
+
+
+def _flat(batch: Any) -> Any:
+    """``((x1, x2), y)`` as ``(x1, x2, y)``; any other batch as it is."""
+    return (*batch[0], batch[1]) if _nested_inputs(batch) else batch
 
 
 class GridData:
     """One batch (a tensor, a tuple of tensors, a dict) or an iterable of batches.
 
-    A tuple or list of tensors is one batch ``(*inputs, targets)``; anything else iterable
-    (a ``DataLoader``, a list of batches) is a loader, re-iterated at every grid point.
-    Tensors are moved to the model's device.
+    A tuple or list of tensors is one batch ``(*inputs, targets)``, and so is
+    ``((x1, x2), targets)`` (the curvature operators' form of several inputs, flattened
+    here); anything else iterable (a ``DataLoader``, a list of batches) is a loader,
+    re-iterated at every grid point. Tensors are moved to the model's device.
     """
 
     def __init__(self, data: Any, device: torch.device) -> None:
         self.device = device
         if _is_batch(data):
-            self.single: Any = to_device(data, device, non_blocking=True)
+            self.single: Any = to_device(_flat(data), device, non_blocking=True)
             self.loader = None
             first = self.single
         else:
@@ -59,7 +76,7 @@ class GridData:
             self.loader = data
             self.single = None
             with loader_randomness_kept(data):  # (a DataLoader seeds every iterator)
-                first = next(iter(data), None)
+                first = _flat(next(iter(data), None))
             if first is None:
                 raise ValueError("data: the loader yields no batches")
             if not _is_batch(first):
@@ -76,7 +93,7 @@ class GridData:
             return
         with loader_randomness_kept(self.loader):
             for batch in self.loader:
-                yield to_device(batch, self.device, non_blocking=True)
+                yield to_device(_flat(batch), self.device, non_blocking=True)
 
 
 # --------------------------------------------------------------------------- evaluator

@@ -1,0 +1,163 @@
+"""Models of several inputs, batches ``((x1, x2), y)``: the curvature operators' convention
+(docs/curvature.md, "Data"), now every consumer's.
+
+The curvature operators unpacked a tuple of inputs into ``model(x1, x2)``; the sentinels,
+the Taylor radius, the captured forward pass of the representation metrics, ``landscape
+analyze``'s loss check and its data factories, and the surfaces did not: the default
+monitor's sentinels failed at every step ("forward() missing 1 required positional
+argument"), and a data factory's ``((x1, x2), y)`` was split into two batches.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from landscape_cli.commands import analyze as _analyze_command  # noqa: F401  (attaches it)
+from landscape_cli.commands import surface as _surface_command  # noqa: F401
+from landscape_cli.main import cli
+from torch import nn
+
+import landscape as ls
+from landscape.metrics import PRESETS, preset
+from landscape.monitor import Monitor
+
+STEPS = 6
+
+
+class TwoInputs(nn.Module):
+    """A classifier of two inputs: an image-like part and a side vector."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(5, 8)
+        self.b = nn.Linear(2, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.a(x1) + self.b(x2)))
+
+
+class Joined(nn.Module):
+    """The same function of one input, ``cat(x1, x2)``: the reference."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = TwoInputs()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x[:, :5], x[:, 5:])
+
+
+def _batches(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [((torch.randn(12, 5, generator=g), torch.randn(12, 2, generator=g)),
+             torch.randint(0, 3, (12,), generator=g)) for _ in range(STEPS)]
+
+
+def _train(model, batches, metrics, joined):
+    """STEPS SGD steps under a monitor of ``metrics`` (None: unmonitored, "default")."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    probe = batches[0] if not joined else (torch.cat(batches[0][0], 1), batches[0][1])
+    mon = None
+    if metrics == "default":
+        mon = Monitor(model, F.cross_entropy, optimizer=opt, warn=False, strict=True).start()
+    elif metrics is not None:
+        mon = Monitor(model, F.cross_entropy, optimizer=opt, metrics=metrics, probe=probe,
+                      warn=False, strict=True).start()
+    for step, ((x1, x2), y) in enumerate(batches):
+        inputs = torch.cat([x1, x2], 1) if joined else (x1, x2)
+        out = model(inputs) if joined else model(*inputs)
+        loss = F.cross_entropy(out, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if mon is not None:
+            mon.step(step, batch=(inputs, y), loss=loss, outputs=out)
+    rows = {}
+    if mon is not None:
+        run = mon.run()
+        series = {(m, f): np.asarray(run.series(m, f)[1]) for m in run.metrics()
+                  for f in run.fields(m)}
+        rows = {k: v for k, v in series.items()  # measured values (not memory peaks)
+                if v.dtype.kind == "f" and k[1] != "peak_memory"}
+        mon.close()
+    return {k: v.clone() for k, v in model.state_dict().items()}, rows
+
+
+@pytest.mark.parametrize("preset_name", ["default", "standard", "full"])
+def test_every_metric_reads_a_model_of_two_inputs_as_it_reads_the_same_model_of_one(
+        preset_name):
+    def metrics():  # fresh metric objects for each model (they resolve its layers)
+        return "default" if preset_name == "default" else preset(
+            preset_name, **dict.fromkeys(PRESETS[preset_name], "every(2)"))
+
+    batches = _batches()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state, rows = _train(TwoInputs(), batches, metrics(), joined=False)
+        _, reference = _train(Joined(), batches, metrics(), joined=True)
+    unmonitored, _ = _train(TwoInputs(), batches, None, joined=False)
+    assert all(torch.equal(state[k], unmonitored[k]) for k in state)  # training untouched
+    assert rows.keys() == reference.keys()
+    assert ("sentinels", "r_secant") in rows
+    for key in rows:
+        np.testing.assert_allclose(rows[key], reference[key], rtol=1e-5, atol=1e-9,
+                                   equal_nan=True, err_msg=str(key))
+    measured = [k for k, v in rows.items() if np.isfinite(v).any()]
+    assert ("sentinels", "r_secant") in measured and len(measured) > 10
+
+
+def _factories(tmp_path):
+    path = tmp_path / "two.py"
+    path.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(__file__.rsplit('/tests/', 1)[0])!r})\n"
+        "from tests.monitor.test_several_model_inputs import TwoInputs, Joined, _batches\n"
+        "import torch\n\n"
+        "def model():\n    return TwoInputs()\n\n"
+        "def joined():\n    return Joined()\n\n"
+        "def data():\n    return _batches()[0]\n\n"
+        "def joined_data():\n    (x1, x2), y = _batches()[0]\n"
+        "    return torch.cat([x1, x2], 1), y\n")
+    torch.save(TwoInputs().state_dict(), tmp_path / "two-1.pt")
+    torch.save(Joined().state_dict(), tmp_path / "joined-1.pt")
+    return path
+
+
+def test_analyze_and_surface_take_a_data_factory_of_two_inputs(tmp_path):
+    fac = _factories(tmp_path)
+    values = {}
+    for name, model, data in (("two", "model", "data"), ("joined", "joined", "joined_data")):
+        out = tmp_path / f"{name}.h5"
+        common = ["--model", f"{fac}:{model}", "--data", f"{fac}:{data}", "-o", str(out), "-q"]
+        analyzed = CliRunner().invoke(cli, ["analyze", str(tmp_path / f"{name}-1.pt"),
+                                            "-m", "top_eigenvalues", "-k", "2", *common])
+        assert analyzed.exit_code == 0, analyzed.output
+        surface = CliRunner().invoke(cli, ["surface", str(tmp_path / f"{name}-1.pt"),
+                                           "--steps", "3", "--dims", "1", *common])
+        assert surface.exit_code == 0, surface.output
+        with ls.Run.open(out) as run:
+            values[name] = (run.series("top_eigenvalues", "eigenvalues")[1],
+                            run.surface(run.surfaces()[0]).values["loss"])
+    np.testing.assert_allclose(values["two"][0], values["joined"][0], rtol=1e-5)
+    np.testing.assert_allclose(values["two"][1], values["joined"][1], rtol=1e-6)
+    (x1, x2), y = _batches()[0]
+    with torch.no_grad():
+        centre = float(F.cross_entropy(TwoInputs()(x1, x2), y))
+    assert values["two"][1][1] == pytest.approx(centre, rel=1e-6)
+
+
+def test_a_surface_takes_nested_and_flat_batches_of_two_inputs_alike():
+    (x1, x2), y = _batches()[0]
+    nested = ls.surface.line(TwoInputs(), F.cross_entropy, ((x1, x2), y), steps=5, seed=0,
+                             progress=False)
+    flat = ls.surface.line(TwoInputs(), F.cross_entropy, (x1, x2, y), steps=5, seed=0,
+                           progress=False)
+    np.testing.assert_array_equal(nested.values["loss"], flat.values["loss"])
+    assert np.isfinite(nested.values["accuracy"]).all()
