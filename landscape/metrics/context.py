@@ -36,11 +36,13 @@ PAIR_KEYS = (("inputs", "targets"), ("x", "y"))  # dict batches of (inputs, targ
 
 
 def split_batch(batch: Any) -> tuple[Any, Any]:
-    """``(inputs, targets)`` of a batch given as a 2-sequence or a dict with those keys.
+    """``(inputs, targets)`` of a batch given as a sequence or a dict with those keys.
 
     Args:
-        batch: ``(inputs, targets)``, or a dict with the keys ``inputs``/``targets``,
-            ``x``/``y`` or ``input_ids``/``labels``.
+        batch: ``(inputs, targets)``, ``(inputs, targets, *extra)`` (sample weights or
+            indices that a closure reads: the model's forward pass and the labels need
+            the first two), or a dict with the keys ``inputs``/``targets``, ``x``/``y`` or
+            ``input_ids``/``labels``.
 
     Returns:
         ``(inputs, targets)``.
@@ -48,7 +50,7 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     Raises:
         MissingInput: the batch has neither form.
     """
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[0], batch[1]
     if isinstance(batch, dict):
         for xk, yk in (*PAIR_KEYS, ("input_ids", "labels")):
@@ -83,6 +85,23 @@ def ids_and_labels(batch: Any) -> bool:
     key (an attention mask) that reading would drop it silently.
     """
     return isinstance(batch, Mapping) and set(batch) == {"input_ids", "labels"}
+
+
+def without_labels(model: torch.nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """A keyword batch without ``labels``, for a logits-only forward.
+
+    An encoder-decoder model (T5, BART, Marian, ...) that builds its ``decoder_input_ids``
+    from ``labels`` gets them built here, as its own forward would, so that dropping the
+    labels does not leave its decoder without inputs.
+    """
+    keywords = {k: v for k, v in batch.items() if k != "labels"}
+    labels = batch.get("labels")
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if (callable(prepare) and isinstance(labels, torch.Tensor)
+            and keywords.get("decoder_input_ids") is None
+            and keywords.get("decoder_inputs_embeds") is None):
+        keywords["decoder_input_ids"] = prepare(labels=labels)
+    return keywords
 
 
 def batch_targets(batch: Any) -> Any:
@@ -528,13 +547,16 @@ class StepContext:
             self._keep_loss_state()  # the products call the loss function or closure
 
             data = self.data(source)
+            # one batch or a list of batches, read as the metrics read it (batches()): the
+            # operator's own guess takes a collated [x, y] list for two batches of a closure
+            several = is_batch_list(data)
             if self.closure is None:  # loss_fn(model(x), y): a {"x": ..., "y": ...} batch too
-                data = ([_as_pair(b) for b in data] if is_batch_list(data)
-                        else _as_pair(data))
+                data = [_as_pair(b) for b in data] if several else _as_pair(data)
             op = curvature.Hessian(
                 self.model,
                 None if self.closure is not None else self.loss_fn,
                 data,
+                single_batch=not several,
                 closure=self.closure,
                 params=list(self.names),
                 microbatch_size=self.microbatch_size,

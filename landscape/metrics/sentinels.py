@@ -36,9 +36,11 @@ from landscape.metrics.base import Metric, register
 from landscape.metrics.context import (
     StepContext,
     batch_targets,
+    ids_and_labels,
     keyword_batch,
     softmax_logits,
     split_batch,
+    without_labels,
 )
 from landscape.params import tensor_norms, trainable_named_parameters
 from landscape.schedules import every
@@ -98,20 +100,27 @@ def _samples_for_rows(z: torch.Tensor, x: Any, samples: int, rows: int | None) -
     return max(1, min(samples, math.ceil(rows / max(per_sample, 1))))
 
 
-def _model_call(batch: Any, samples: int, keywords: bool) -> tuple[tuple, dict, Any]:
+def _model_call(
+    model: nn.Module, batch: Any, samples: int, keywords: bool, labels: bool = True,
+) -> tuple[tuple, dict, Any]:
     """How the sentinels call the model on the first ``samples`` samples of ``batch``.
 
     ``(args, kwargs, targets)``: ``model(inputs)`` for an ``(inputs, targets)`` batch (a
     2-sequence, or a dict with the keys ``inputs``/``targets`` or ``x``/``y``); with
     ``keywords``, any other dict holds the model's keyword arguments (the Hugging Face
     convention: ``input_ids``, ``attention_mask``, ``labels``) and is passed as
-    ``model(**batch)``, targets None (without: ``input_ids``/``labels`` are ``(inputs,
-    targets)``, for a model whose forward takes the ids positionally). Never the
-    monitor's ``loss_fn`` or ``closure``: they are user code that may keep state (a loss
-    with running statistics, a Lightning ``training_step``), and this runs at every step.
+    ``model(**batch)``, targets None; without ``labels``, ``labels`` left out of them (a
+    forward that takes no ``labels``; :func:`~landscape.metrics.context.without_labels`).
+    Without ``keywords``, ``input_ids``/``labels`` are ``(inputs, targets)``, for a model
+    whose forward takes the ids positionally. Never the monitor's ``loss_fn`` or
+    ``closure``: they are user code that may keep state (a loss with running statistics, a
+    Lightning ``training_step``), and this runs at every step.
     """
     if keywords and keyword_batch(batch):
-        return (), dict(head(batch, samples)), None
+        kwargs = dict(head(batch, samples))
+        if labels:  # the model computes its loss (probe_loss) from them
+            return (), kwargs, None
+        return (), without_labels(model, kwargs), kwargs.get("labels")
     inputs, targets = split_batch(batch)
     return model_args(head(inputs, samples)), {}, head(targets, samples)
 
@@ -155,6 +164,23 @@ def _target_loss(
     """
     losses = lse - flat.gather(1, index).squeeze(1)
     return losses.mean() if valid is None else losses[valid].mean()
+
+
+def _labels_are_the_ids(args: tuple, kwargs: dict, labels: torch.Tensor) -> bool:
+    """Whether ``labels`` are the call's ``input_ids`` themselves (language-model labels).
+
+    In the Hugging Face convention a causal language model is given ``labels = input_ids``
+    (padding set to ``-100``) and shifts them itself; a token is never its own next-token
+    target otherwise (a model trained on pre-shifted targets gets other labels; a masked
+    language model's labels are the tokens its inputs hide). So: every label in range
+    (``>= 0``) is the id at its position.
+    """
+    ids = kwargs.get("input_ids") if kwargs else (args[0] if args else None)
+    if not (isinstance(ids, torch.Tensor) and ids.shape == labels.shape and labels.dim() >= 2):
+        return False
+    labels = labels.to(ids.device)
+    kept = labels >= 0
+    return bool(kept.any()) and bool((labels == ids)[kept].all())
 
 
 def _output_loss(output: Any) -> torch.Tensor | None:
@@ -359,6 +385,7 @@ class Sentinels(Metric):
         self._attention: bool | None = None  # None: not known yet (the first call tells)
         self._guard = _BufferGuard()
         self._keywords: bool | None = None  # dict batches as keyword arguments (None: untried)
+        self._labels: bool | None = None  # with their labels (None: untried)
         self._whole_dict: bool | None = None  # model(batch) with the dict itself (None: untried)
         self._softmax: bool | None = None  # the probe's outputs are softmax logits (None: untried)
         self._own_loss = False  # the model returns its loss (probe_loss on every call)
@@ -464,10 +491,16 @@ class Sentinels(Metric):
             parts.append(loss.detach().reshape(()).to(flat))
         elif isinstance(y, torch.Tensor) and y.shape == z.shape[:-1] \
                 and not y.is_floating_point():  # a classifier's or next-token targets
-            where = self._targets_of(batch, y, flat)
+            rows, row_lse = flat, lse
+            if _labels_are_the_ids(args, kwargs, y) and z.dim() == 3:
+                # the Hugging Face convention, labels = input_ids: the model (or the
+                # user's loss) shifts them, position t predicting token t + 1
+                rows = flat.view(z.shape)[:, :-1].reshape(-1, z.shape[-1])
+                row_lse, y = lse.view(z.shape[:-1])[:, :-1].reshape(-1), y[:, 1:]
+            where = self._targets_of(batch, y, rows)
             if where is not None:
                 names.append("probe_loss")
-                parts.append(_target_loss(flat, lse, *where))
+                parts.append(_target_loss(rows, row_lse, *where))
         if attention is not None:
             names.append("attention_logit_max")
             parts.append(attention.to(flat.device))
@@ -507,19 +540,33 @@ class Sentinels(Metric):
         return where
 
     def _conventional(self, ctx: StepContext, batch: Any, samples: int) -> tuple:
-        """``model(inputs)`` or ``model(**batch)``, then ``model(input_ids)`` (see _model_call)."""
-        args, kwargs, y = _model_call(batch, samples, self._keywords is not False)
+        """The first call that works (see _model_call).
+
+        ``model(inputs)`` or ``model(**batch)``; then ``model(**batch)`` without its labels;
+        then ``model(input_ids)``.
+        """
+        args, kwargs, y = _model_call(ctx.model, batch, samples, self._keywords is not False,
+                                      self._labels is not False)
         try:
             output, attention = self._forward(ctx.model, args, kwargs, ctx.modules)
         except TypeError:
             if not kwargs or self._keywords:
                 raise
+            if self._labels is None and "labels" in kwargs:
+                # a forward without a labels argument (the user's closure computes the
+                # loss): the rest of the dict, its attention mask included
+                self._labels = False
+                return self._conventional(ctx, batch, samples)
+            if not ids_and_labels(batch):  # model(input_ids) would drop the other keys
+                raise
             # a forward that takes the ids positionally: (input_ids, labels) pairs
             self._keywords = False
-            args, kwargs, y = _model_call(batch, samples, False)
+            args, kwargs, y = _model_call(ctx.model, batch, samples, False)
             output, attention = self._forward(ctx.model, args, kwargs, ctx.modules)
         if kwargs:
             self._keywords = True
+            if self._labels is None:
+                self._labels = True
         return args, kwargs, y, output, attention
 
     @staticmethod

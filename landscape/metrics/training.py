@@ -24,6 +24,7 @@ from landscape.metrics.context import (
     keyword_batch,
     softmax_logits,
     split_batch,
+    without_labels,
 )
 from landscape.params import norm
 from landscape.schedules import every
@@ -270,7 +271,7 @@ class TaylorRadius(Metric):
             # labels are not aligned with its logits (it shifts them itself)
             try:
                 result = radius_along(ctx, (), None, ctx.params_before, ctx.update,
-                                      keywords=_without_labels(ctx.model, batch))
+                                      keywords=without_labels(ctx.model, batch))
             except TypeError:
                 if not ids_and_labels(batch):  # the one batch with a positional reading
                     raise
@@ -333,23 +334,6 @@ def radius_along(
         logits.detach(), tangent.detach(), step_norm=step_norm,
         targets=_labels(targets, logits),
     )
-
-
-def _without_labels(model: torch.nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
-    """A keyword batch without ``labels``, for a logits-only forward.
-
-    An encoder-decoder model (T5, BART, Marian, ...) that builds its ``decoder_input_ids``
-    from ``labels`` gets them built here, as its own forward would, so that dropping the
-    labels does not leave its decoder without inputs.
-    """
-    keywords = {k: v for k, v in batch.items() if k != "labels"}
-    labels = batch.get("labels")
-    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
-    if (callable(prepare) and isinstance(labels, torch.Tensor)
-            and keywords.get("decoder_input_ids") is None
-            and keywords.get("decoder_inputs_embeds") is None):
-        keywords["decoder_input_ids"] = prepare(labels=labels)
-    return keywords
 
 
 def _labels(targets: Any, logits: torch.Tensor) -> torch.Tensor | None:

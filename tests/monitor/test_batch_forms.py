@@ -1,0 +1,158 @@
+"""Batches as training loops hand them over, under the default monitor and ``standard``.
+
+From an audit of common shapes: a ``DataLoader``'s ``[x, y]`` list with ``closure=`` (every
+curvature metric failed: the closure was called on ``x``, then on ``y``), ``(x, y, w)``
+batches (the sentinels failed), and a custom language model's dict batch whose forward
+takes no ``labels`` (the sentinels dropped its attention mask without a word, and read
+``labels = input_ids`` unshifted).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from landscape.metrics import PRESETS, preset
+from landscape.monitor import Monitor
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 4))
+
+
+def _data(n=6, extra=False):
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        x, y = torch.randn(16, 10, generator=g), torch.randint(0, 4, (16,), generator=g)
+        out.append([x, y, torch.rand(16, generator=g)] if extra else [x, y])  # as collated
+    return out
+
+
+def _weighted(model, batch):
+    x, y, *w = batch
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    return (losses * w[0]).mean() if w else losses.mean()
+
+
+def _run(batches, probe, metrics="standard"):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    chosen = None if metrics is None else preset(metrics, **dict.fromkeys(PRESETS[metrics],
+                                                                         "every(1)"))
+    mon = Monitor(model, None, optimizer=opt, closure=_weighted, metrics=chosen, probe=probe,
+                  warn=False, strict=True).start()
+    for step, batch in enumerate(batches):
+        loss = _weighted(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mon.step(step, batch=batch, loss=loss)
+    run = mon.run()
+    rows = {m: {f: run.series(m, f)[1] for f in run.fields(m)} for m in run.metrics()}
+    mon.close()
+    return rows
+
+
+def test_a_collated_list_batch_with_a_closure_is_one_batch():
+    batches = _data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        as_list = _run(batches, batches[-1])  # strict: a failing metric raises
+        as_tuple = _run([tuple(b) for b in batches], tuple(batches[-1]))
+    for metric in ("top_eigenvalues", "sharpness", "hessian_trace"):
+        for field, values in as_tuple[metric].items():
+            if field != "peak_memory":
+                np.testing.assert_allclose(as_list[metric][field], values, rtol=1e-6,
+                                           err_msg=f"{metric}/{field}")
+    assert np.isfinite(as_list["top_eigenvalues"]["eigenvalues"]).all()
+
+
+@pytest.mark.parametrize("metrics", [None, "standard"])
+def test_batches_with_sample_weights_and_a_closure(metrics):
+    batches = _data(extra=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rows = _run(batches, None if metrics is None else batches[-1], metrics)
+    assert np.isfinite(rows["sentinels"]["r_secant"][1:]).all()
+    if metrics:
+        assert np.isfinite(rows["top_eigenvalues"]["eigenvalues"]).all()
+        assert np.isfinite(rows["taylor_radius"]["r"]).all()
+
+
+V, T = 40, 12
+
+
+class MaskedLM(nn.Module):
+    """A causal LM whose forward takes ids and a padding mask, no labels (the user's
+    closure computes the shifted loss)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(V, 32)
+        self.att = nn.MultiheadAttention(32, 2, batch_first=True)
+        self.head = nn.Linear(32, V)
+
+    def forward(self, input_ids, attention_mask=None):
+        x = self.emb(input_ids)
+        causal = torch.triu(torch.ones(T, T, dtype=torch.bool), 1)
+        pad = None if attention_mask is None else attention_mask == 0
+        a, _ = self.att(x, x, x, attn_mask=causal, key_padding_mask=pad, need_weights=False)
+        return self.head(x + a)
+
+
+def _lm_batches(n=5):
+    g = torch.Generator().manual_seed(2)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, V, (4, T), generator=g)
+        mask = (torch.arange(T) < torch.randint(6, T + 1, (4, 1), generator=g)).long()
+        ids = ids * mask
+        out.append({"input_ids": ids, "attention_mask": mask,
+                    "labels": ids.masked_fill(mask == 0, -100)})  # the Hugging Face collator's
+    return out
+
+
+def _shifted_loss(model, batch):
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    return F.cross_entropy(logits[:, :-1].reshape(-1, V), batch["labels"][:, 1:].reshape(-1),
+                           ignore_index=-100)
+
+
+def test_a_dict_batch_for_a_forward_without_labels_keeps_its_mask_and_shifts_its_labels():
+    model = MaskedLM()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    batches = _lm_batches()
+    probe = {k: v[:2] for k, v in batches[0].items()}
+    sub = {"input_ids": probe["input_ids"], "attention_mask": probe["attention_mask"]}
+    mon = Monitor(model, None, optimizer=opt, closure=_shifted_loss, probe=probe, warn=False,
+                  strict=True).start()
+    expected_r, expected_loss, previous = [], [], None
+    for step, batch in enumerate(batches):
+        loss = _shifted_loss(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mon.step(step, batch=batch, loss=loss)
+        model.eval()
+        with torch.no_grad():  # the sentinels' reading, by hand: the mask kept, shifted
+            z = model(**sub).double()
+            expected_loss.append(float(_shifted_loss(model, probe)))
+        model.train()
+        if previous is not None:
+            delta = (z - previous).reshape(-1, V)
+            expected_r.append(float((delta.amax(-1) - delta.amin(-1)).max()) / np.pi)
+        previous = z
+    run = mon.run()
+    r = run.series("sentinels", "r_secant")[1]
+    probe_loss = run.series("sentinels", "probe_loss")[1]
+    mon.close()
+    np.testing.assert_allclose(r[1:], expected_r, rtol=1e-6)
+    np.testing.assert_allclose(probe_loss, expected_loss, rtol=1e-5)
