@@ -67,8 +67,23 @@ def is_pretrained_model(model: nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
+def _peft_base(model: nn.Module) -> nn.Module:
+    """The transformers model a PEFT model wraps (``get_base_model()``), else ``model``.
+
+    A ``PeftModelForCausalLM`` passes its batch to the model it wraps, whose loss it
+    returns: that model's class says what the loss is.
+    """
+    if "peft" not in sys.modules:
+        return model
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - a broken install
+        return model
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
 def is_causal_lm(model: nn.Module) -> bool:
-    """Whether ``model`` is a transformers causal language model.
+    """Whether ``model`` is a transformers causal language model (also under PEFT adapters).
 
     transformers is consulted only when the user's code has imported it already, so a
     plain PyTorch model never pulls it in.
@@ -85,7 +100,7 @@ def is_causal_lm(model: nn.Module) -> bool:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     except ImportError:  # pragma: no cover - very old transformers
         return False
-    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    return type(_peft_base(model)).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 def uses_causal_lm_loss(model: nn.Module) -> bool:
@@ -103,6 +118,7 @@ def uses_causal_lm_loss(model: nn.Module) -> bool:
     Returns:
         True when a batch's weight in its loss is ``(labels[..., 1:] != -100).sum()``.
     """
+    model = _peft_base(model)
     if not is_causal_lm(model) or "_loss_function" in vars(model):
         return False
     forward = inspect.unwrap(type(model).forward)

@@ -577,19 +577,25 @@ def refuse_mismatch(model: nn.Module, ckpt: Checkpoint) -> None:
     own = model.state_dict()
     shapes = _restore_tied(_strip_prefix(ckpt.shapes, own), model)
     missing = [k for k in own if k not in shapes]
+    frozen: list[str] = []
     if ckpt.partial:  # the weights it leaves out stay the model's (a frozen base model)
         trained = {k for k, p in model.named_parameters() if p.requires_grad}
         missing = [k for k in missing if k in trained]
+        # and it holds what training moved: a weight the model does not train (a head
+        # saved as modules_to_save, frozen in a model built without it) would be measured
+        # as a constant
+        frozen = [k for k, p in model.named_parameters() if k in shapes and not p.requires_grad]
     unexpected = [k for k in shapes if k not in own]
     mismatched = [
         f"{k} {shapes[k]} vs model {tuple(own[k].shape)}"
         for k in own if shapes.get(k) is not None and isinstance(own[k], torch.Tensor)
         and tuple(own[k].shape) != shapes[k]
     ]
-    if missing or unexpected or mismatched:
+    if missing or unexpected or mismatched or frozen:
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected),
-                            ("shape mismatch", mismatched)):
+                            ("shape mismatch", mismatched),
+                            ("trained but frozen in the model", frozen)):
             if keys:
                 more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
                 parts.append(f"{label}: {', '.join(keys[:3])}{more}")

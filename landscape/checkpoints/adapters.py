@@ -19,6 +19,7 @@ downloaded. The saved keys lack the adapter's name (``...lora_A.weight`` for the
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,9 @@ from torch import nn
 from landscape._errors import LandscapeError
 from landscape.checkpoints import huggingface as hf
 
-__all__ = ["ADAPTER_FILES", "build_model", "is_adapter_folder", "model_keys", "read_weights",
-           "tokenizer_folder", "trainer_checkpoints"]
+__all__ = ["ADAPTER_FILES", "build_model", "checkpoint_folder", "chosen_adapter",
+           "is_adapter_folder", "model_keys", "read_weights", "refuse_other_config",
+           "saved_adapters", "tokenizer_folder", "trainer_checkpoints"]
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 _CONFIG = "adapter_config.json"
@@ -39,9 +41,64 @@ def is_adapter_folder(path: Path) -> bool:
     return (path / _CONFIG).is_file() and any((path / f).is_file() for f in ADAPTER_FILES)
 
 
+def saved_adapters(folder: Path) -> dict[str, Path]:
+    """The adapters a ``save_pretrained`` folder holds, by name.
+
+    PEFT writes the one named ``default`` into the folder itself and any other into a
+    subfolder of its name.
+    """
+    found = {"default": folder} if is_adapter_folder(folder) else {}
+    if folder.is_dir():  # (a Trainer output folder's checkpoint-N/ are no adapter names)
+        found.update((sub.name, sub) for sub in sorted(folder.iterdir())
+                     if sub.is_dir() and hf.folder_step(sub) is None
+                     and is_adapter_folder(sub))
+    return found
+
+
+def chosen_adapter(folder: Path) -> Path | None:
+    """The adapter folder to read for ``folder`` (None: it holds no adapters).
+
+    The folder itself when it holds the ``default`` adapter, else its one named adapter
+    (``get_peft_model(..., adapter_name="task")`` saves ``checkpoint-N/task/``). With
+    several adapters, the ``default`` one, with a warning naming the others' folders (to
+    be given instead); several named ones alone cannot be told apart: an error.
+
+    Raises:
+        LandscapeError: several named adapters and no ``default`` one.
+    """
+    found = saved_adapters(folder)
+    if len(found) <= 1:
+        return next(iter(found.values()), None)
+    others = ", ".join(str(path) for name, path in found.items() if name != "default")
+    if "default" not in found:
+        raise LandscapeError(f"{folder}: holds several PEFT adapters ({', '.join(found)}): "
+                             f"give the folder of the one to analyze ({others})")
+    warnings.warn(f"{folder}: holds several PEFT adapters ({', '.join(found)}); the one "
+                  f"saved in the folder itself (default) is analyzed: give {others} for "
+                  "another", stacklevel=3)
+    return folder
+
+
 def trainer_checkpoints(path: Path) -> list[Path]:
-    """The ``checkpoint-<step>`` adapter folders of a ``Trainer`` output folder, by step."""
-    return hf.trainer_checkpoints(path, accept=is_adapter_folder)
+    """The adapter folders of a PEFT model's ``Trainer`` output folder, by step.
+
+    Each ``checkpoint-<step>`` folder's :func:`chosen_adapter`.
+    """
+    found = hf.trainer_checkpoints(path, accept=lambda p: bool(saved_adapters(p)))
+    return [chosen for p in found if (chosen := chosen_adapter(p)) is not None]
+
+
+def checkpoint_folder(adapter: Path) -> Path:
+    """The folder that holds an adapter's ``optimizer.pt`` and gives its step.
+
+    A named adapter's subfolder (``checkpoint-40/task/``) belongs to the checkpoint
+    folder above it; any other adapter folder is its own.
+    """
+    parent = adapter.parent
+    if hf.folder_step(adapter) is None and hf.folder_step(parent) is not None \
+            and adapter.name in saved_adapters(parent):
+        return parent
+    return adapter
 
 
 def read_weights(folder: Path) -> dict[str, Any]:
@@ -129,6 +186,57 @@ def build_model(folder: Path, base: nn.Module | None = None) -> nn.Module:
         raise LandscapeError(f"{folder}: the adapters do not fit the base model ({first})") \
             from err
     return model.eval()
+
+
+_SETUP_ONLY = {"base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+               "peft_version", "init_lora_weights", "lora_dropout", "loftq_config",
+               "eva_config", "corda_config", "lora_ga_config", "runtime_config"}
+"""Adapter-config fields that do not change the function the adapters compute: where the
+base came from, how the adapters were initialised, dropout (off in the measurements)."""
+
+
+def _comparable(value: Any) -> Any:
+    """A config value as compared: collections as sets, empty ones as None.
+
+    PEFT extends a loaded model's ``modules_to_save`` with its task's defaults, repeating
+    them.
+    """
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return sorted(set(map(str, value))) or None
+    if hasattr(value, "value") and not isinstance(value, (int, float, str, bool)):
+        return value.value  # an enum (peft_type, task_type)
+    return value
+
+
+def refuse_other_config(folder: Path, model: nn.Module) -> None:
+    """Refuse adapters saved with another configuration than the model's active adapter.
+
+    The fields both configurations have are compared, but those of :data:`_SETUP_ONLY`: a
+    model built with another ``lora_alpha`` (a scale), rank, target modules or
+    ``modules_to_save`` computes another function from the same weights (a ``--model``
+    factory's PEFT model, or adapter folders of two runs in one call).
+
+    Raises:
+        LandscapeError: naming the first fields that differ.
+    """
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - the model could not have been built
+        return
+    if not isinstance(model, PeftModel):
+        return
+    saved = _config(folder)
+    own = model.peft_config[model.active_adapter].to_dict()
+    differ = [f"{k} {_comparable(saved[k])!r} (the model: {_comparable(own[k])!r})"
+              for k in sorted(set(saved) & set(own) - _SETUP_ONLY)
+              if _comparable(saved[k]) != _comparable(own[k])]
+    if differ:
+        more = f" (+{len(differ) - 3} more)" if len(differ) > 3 else ""
+        raise LandscapeError(
+            f"{folder}: its adapters were saved with another configuration than the model's "
+            f"adapter {model.active_adapter!r}: {'; '.join(differ[:3])}{more}; build the "
+            "PEFT model with the saved configuration, give --model the base model, or "
+            "analyze the runs apart")
 
 
 def model_keys(model: nn.Module) -> dict[str, str]:

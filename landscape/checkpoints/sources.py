@@ -86,22 +86,14 @@ def expand(paths: Sequence[str | Path]) -> list[Path]:
             out.append(p)
         elif subs := hf.trainer_checkpoints(p):
             out.extend(subs)
-            # a final trainer.save_model() into the output folder itself: its weights too,
-            # when trainer_state.json (trainer.save_state()) dates them after the last one
-            last = hf.folder_step(subs[-1])
-            final = hf.saved_step(p) if hf.is_model_folder(p) else None
-            if final is not None and last is not None and final > last:
-                out.append(p)
-            elif hf.is_model_folder(p):
-                warnings.warn(
-                    f"{p}: the model saved in the folder itself (trainer.save_model()) is left "
-                    f"out, only its checkpoint-N/ folders are read: no trainer_state.json "
-                    f"there dates it after {subs[-1].name} (trainer.save_state() writes one)",
-                    stacklevel=2)
-        elif hf.is_model_folder(p) or adapters.is_adapter_folder(p):
-            out.append(p)
+            out.extend(_final_save(p, subs[-1], hf.is_model_folder(p), "model"))
         elif subs := adapters.trainer_checkpoints(p):  # a PEFT model's Trainer folder
             out.extend(subs)
+            out.extend(_final_save(p, subs[-1], adapters.is_adapter_folder(p), "adapters"))
+        elif hf.is_model_folder(p):
+            out.append(p)
+        elif chosen := adapters.chosen_adapter(p):
+            out.append(chosen)
         elif ckpts := sorted(c for c in p.glob("*.ckpt") if c.is_file()):
             # a ModelCheckpoint folder; last.ckpt repeats the latest checkpoint
             out.extend([c for c in ckpts if not lit.is_last_copy(c)] or ckpts)
@@ -114,6 +106,25 @@ def expand(paths: Sequence[str | Path]) -> list[Path]:
     return out
 
 
+def _final_save(folder: Path, last: Path, saved: bool, what: str) -> list[Path]:
+    """The weights a final ``trainer.save_model()`` wrote into a Trainer output folder.
+
+    Counted when ``trainer_state.json`` (``trainer.save_state()``) dates them after the
+    last checkpoint folder; left out with a warning otherwise. ``saved``: the folder holds
+    such weights (``what``: the model, or a PEFT model's adapters).
+    """
+    if not saved:
+        return []
+    final, step = hf.saved_step(folder), hf.folder_step(adapters.checkpoint_folder(last))
+    if final is not None and step is not None and final > step:
+        return [folder]
+    warnings.warn(
+        f"{folder}: the {what} saved in the folder itself (trainer.save_model()) are left "
+        f"out, only its checkpoint-N/ folders are read: no trainer_state.json there dates "
+        f"them after {last.name} (trainer.save_state() writes one)", stacklevel=3)
+    return []
+
+
 def _load(path: Path, trust: bool) -> tuple[Checkpoint, dict[str, Any] | None]:
     """One checkpoint (and the raw Lightning dict, for building its module)."""
     def reload() -> Checkpoint:
@@ -121,9 +132,11 @@ def _load(path: Path, trust: bool) -> tuple[Checkpoint, dict[str, Any] | None]:
 
     if path.is_dir():
         adapter = not hf.is_model_folder(path) and adapters.is_adapter_folder(path)
+        # a named adapter's subfolder: its step and optimizer are the checkpoint folder's
+        home = adapters.checkpoint_folder(path) if adapter else path
         return Checkpoint(path, adapters.read_weights(path) if adapter else hf.read_weights(path),
-                          hf.folder_step(path),
-                          optimizer=read_optimizer_file(path / "optimizer.pt"),
+                          hf.folder_step(home),
+                          optimizer=read_optimizer_file(home / "optimizer.pt"),
                           reload=reload, partial=adapter), None
     if path.suffix == ".ckpt" and path.is_file():
         ck = lit.read_ckpt(path, trust=trust)
@@ -195,6 +208,7 @@ def open_checkpoints(
             "(does --model name the data factory?)"
         )
     if adapter is not None:
+        _refuse_unusable_adapters(net, checkpoints, kinds)
         names = adapters.model_keys(net)
         for c in checkpoints:
             if c.partial:
@@ -202,6 +216,30 @@ def open_checkpoints(
         if folder == adapter:  # the tokenizer for --text
             folder = adapters.tokenizer_folder(adapter)
     return Opened(net, checkpoints, folder, kinds)
+
+
+def _refuse_unusable_adapters(net: nn.Module, checkpoints: list[Checkpoint],
+                              kinds: set[str]) -> None:
+    """One line for adapter checkpoints that cannot be analyzed on ``net`` as it is.
+
+    Adapters mixed with whole models (one model cannot hold both), a PEFT model whose
+    adapters are frozen (``PeftModel.from_pretrained``'s default ``is_trainable=False``:
+    nothing to differentiate), adapters saved with another configuration
+    (:func:`~landscape.checkpoints.adapters.refuse_other_config`).
+    """
+    if len(kinds) > 1:
+        raise LandscapeError(
+            "PEFT adapter folders cannot be analyzed with whole-model checkpoints in one "
+            f"call ({', '.join(sorted(kinds - {'peft'}))} given too): analyze them apart, or "
+            "save merged models (merge_and_unload().save_pretrained) for all")
+    if not any(p.requires_grad for p in net.parameters()):
+        raise LandscapeError(
+            "the PEFT model's adapters are frozen, so there is nothing to analyze "
+            "(PeftModel.from_pretrained loads them with is_trainable=False by default): "
+            "pass is_trainable=True, or let --model return the base model")
+    for c in checkpoints:
+        if c.partial:
+            adapters.refuse_other_config(c.path, net)
 
 
 def _input_embeddings(model: nn.Module) -> nn.Embedding | None:

@@ -164,7 +164,7 @@ def test_adapters_of_another_rank_are_one_line(lora_run, tmp_path):
     result = _invoke(["analyze", lora_run["out"], "--tokens", lora_run["root"] / "ids.npy", *LM,
                       "--model", f"{lora_run['factories']}:wider_lora", "-m", "sharpness",
                       "-o", tmp_path / "r.h5"])
-    _one_line_error(result, "checkpoint does not match the model", "shape mismatch")
+    _one_line_error(result, "saved with another configuration", "r 2 (the model: 4)")
 
 
 def test_adapters_on_a_model_they_were_not_made_for_are_one_line(lora_run, tmp_path):
@@ -204,3 +204,147 @@ def test_an_adapter_named_otherwise_in_the_factory_loads(lora_run):
     theirs = _reference(lora_run, ckpt.path).state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+# ---------------------------------------------------------------- from the PEFT workflow audit
+
+
+def _copy_run(lora_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(lora_run["out"], out)
+    return out
+
+
+def _adapter_files(folder):
+    return [folder / name for name in ("adapter_config.json", "adapter_model.safetensors")]
+
+
+def test_a_final_save_model_of_the_adapters_does_not_hide_the_checkpoints(lora_run, tmp_path):
+    """trainer.save_model() writes the adapters into the output folder itself: that folder
+    was read as one adapter folder, step 0, its checkpoint-N/ left out without a word."""
+    out = _copy_run(lora_run, tmp_path)
+    for f in _adapter_files(out / "checkpoint-24"):
+        shutil.copy(f, out / f.name)
+    with pytest.warns(UserWarning, match="saved in the folder itself"):
+        assert [c.step for c in open_checkpoints([out]).checkpoints] == [12, 24]
+    (out / "trainer_state.json").write_text(json.dumps({"global_step": 30}))  # save_state()
+    assert [c.step for c in open_checkpoints([out]).checkpoints] == [12, 24, 30]
+
+
+def test_a_named_adapter_reads_its_step_and_optimizer_from_its_checkpoint(lora_run, tmp_path):
+    """get_peft_model(..., adapter_name="task") saves checkpoint-N/task/: the output folder
+    was refused, and the subfolders numbered 0, 1 without their optimizer.pt."""
+    out = _copy_run(lora_run, tmp_path)
+    for ckpt in ("checkpoint-12", "checkpoint-24"):
+        (out / ckpt / "task").mkdir()
+        for f in _adapter_files(out / ckpt):
+            f.rename(out / ckpt / "task" / f.name)
+    opened = open_checkpoints([out])
+    assert [(c.step, c.path.name) for c in opened.checkpoints] == [(12, "task"), (24, "task")]
+    assert all(c.optimizer for c in opened.checkpoints)  # the Trainer's AdamW state
+    reference = open_checkpoints([lora_run["out"] / "checkpoint-24"])
+    load_state_into(opened.model, opened.checkpoints[1])
+    load_state_into(reference.model, reference.checkpoints[0])
+    ours, theirs = opened.model.state_dict(), reference.model.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_several_adapters_in_a_checkpoint_say_which_one_is_read(lora_run, tmp_path):
+    out = _copy_run(lora_run, tmp_path)
+    for ckpt in ("checkpoint-12", "checkpoint-24"):
+        shutil.copytree(out / ckpt, out / ckpt / "other",
+                        ignore=lambda d, names: [n for n in names if not n.startswith("adapter")])
+    with pytest.warns(UserWarning, match=r"several PEFT adapters \(default, other\).*"
+                                         r"checkpoint-12/other for another"):
+        opened = open_checkpoints([out])
+    assert [c.path.name for c in opened.checkpoints] == ["checkpoint-12", "checkpoint-24"]
+    named = open_checkpoints([out / "checkpoint-12" / "other", out / "checkpoint-24" / "other"])
+    assert [c.step for c in named.checkpoints] == [12, 24]
+
+
+def test_adapters_of_another_scale_in_one_call_are_refused(lora_run, tmp_path):
+    """Two runs' adapter folders with another lora_alpha: the second was loaded into the
+    first's model (scale 4/2 instead of 16/2), silently."""
+    other = tmp_path / "alt" / "checkpoint-30"
+    shutil.copytree(lora_run["out"] / "checkpoint-24", other)
+    config = json.loads((other / "adapter_config.json").read_text())
+    config["lora_alpha"] = 16
+    (other / "adapter_config.json").write_text(json.dumps(config))
+    result = _invoke(["analyze", lora_run["out"] / "checkpoint-12", other, "--tokens",
+                      lora_run["root"] / "ids.npy", *LM, "-m", "sharpness",
+                      "-o", tmp_path / "r.h5"])
+    _one_line_error(result, "saved with another configuration", "lora_alpha 16 (the model: 4)")
+
+
+def test_a_frozen_peft_model_from_the_factory_is_one_line(lora_run, tmp_path):
+    factories = tmp_path / "frozen.py"
+    factories.write_text(textwrap.dedent(f"""
+        from peft import PeftModel
+        from transformers import GPT2LMHeadModel
+
+        def model():
+            base = GPT2LMHeadModel.from_pretrained({str(lora_run["base"])!r})
+            return PeftModel.from_pretrained(base, {str(lora_run["out"] / "checkpoint-12")!r})
+    """))
+    for metrics in (["-m", "top_eigenvalues"], ["-m", "sharpness"]):
+        result = _invoke(["analyze", lora_run["out"], "--tokens", lora_run["root"] / "ids.npy",
+                          *LM, "--model", f"{factories}:model", *metrics,
+                          "-o", tmp_path / "r.h5"])
+        _one_line_error(result, "adapters are frozen", "is_trainable=True")
+
+
+def test_adapters_mixed_with_a_whole_model_are_one_line(lora_run, tmp_path):
+    merged = tmp_path / "step-30"
+    _reference(lora_run, lora_run["out"] / "checkpoint-24").merge_and_unload() \
+        .save_pretrained(merged)
+    result = _invoke(["analyze", lora_run["out"], merged, "--tokens",
+                      lora_run["root"] / "ids.npy", *LM, "-m", "sharpness",
+                      "-o", tmp_path / "r.h5"])
+    _one_line_error(result, "cannot be analyzed with whole-model checkpoints")
+
+
+def test_collapse_of_a_lora_causal_lm_equals_the_merged_models(lora_run, tmp_path):
+    """A PEFT causal LM was not taken for one: collapse labelled position t with token t
+    instead of t + 1 (nc1 0.16 against the merged model's 0.52 in the audit)."""
+    merged = tmp_path / "merged" / "step-24"
+    _reference(lora_run, lora_run["out"] / "checkpoint-24").merge_and_unload() \
+        .save_pretrained(merged)
+    values = []
+    for ckpt in (lora_run["out"] / "checkpoint-24", merged):
+        out = tmp_path / f"{ckpt.parent.name}.h5"
+        result = _invoke(["analyze", ckpt, "--tokens", lora_run["root"] / "ids.npy", *LM,
+                          "-m", "collapse", "-o", out, "-q"])
+        assert result.exit_code == 0, result.output
+        with ls.Run.open(out) as run:
+            values.append([run.series("collapse", f)[1][0] for f in ("nc1", "nc4")])
+    np.testing.assert_allclose(values[0], values[1], rtol=1e-4)
+
+
+def test_a_partial_checkpoint_refuses_weights_the_model_does_not_train():
+    """Adapters hold what training moved: one landing in a frozen parameter (a head saved
+    as modules_to_save into a model built without it) would be measured as a constant."""
+    from landscape._errors import LandscapeError
+    from landscape.loading import Checkpoint
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    model[1].requires_grad_(False)
+    ckpt = Checkpoint(None, {"0.weight": torch.zeros(3, 4), "1.weight": torch.zeros(2, 3)}, 1,
+                      partial=True)
+    with pytest.raises(LandscapeError, match=r"trained but frozen in the model: 1\.weight"):
+        load_state_into(model, ckpt)
+    # what the model does not train may be left out, and keeps its values
+    frozen = model[1].weight.detach().clone()
+    trained = {"0.weight": torch.zeros(3, 4), "0.bias": torch.ones(3)}
+    load_state_into(model, Checkpoint(None, trained, 1, partial=True))
+    assert torch.equal(model[0].bias, torch.ones(3)) and torch.equal(model[1].weight, frozen)
+
+
+def test_a_peft_causal_lm_is_one_for_the_metrics_and_the_trainer_callback(lora_run):
+    """PeftModelForCausalLM passes the batch to the GPT-2 it wraps, whose loss is the
+    shifted next-token mean: collapse's next-token labels and the Trainer callback's
+    next_token_targets batch sizes depend on seeing it (they did not)."""
+    from landscape._hf import is_causal_lm, uses_causal_lm_loss
+
+    model = _reference(lora_run, lora_run["out"] / "checkpoint-24")
+    assert is_causal_lm(model) and uses_causal_lm_loss(model)
+    assert not is_causal_lm(torch.nn.Linear(2, 2))
