@@ -99,6 +99,10 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
     if directions == "pca" and len(ckpts) < 3:
         raise LandscapeError("--directions pca needs at least three checkpoints (a trajectory)")
     states = []  # as loaded: wrapper prefixes (module., model.) removed, tied weights restored
+    # what the grid moves (and the buffers): a PEFT run's frozen base weights are the same
+    # in every checkpoint, and one copy per checkpoint would be T copies of the base model
+    kept = {n for n, p in model.named_parameters() if p.requires_grad} | {
+        n for n, _ in model.named_buffers()}
     # every checkpoint the grid uses must fit the model and give a finite loss: all of them
     # for pca and interpolate, the last (the centre) for random and eigen directions
     for c in ckpts if directions in _FIXED_GRID else ckpts[-1:]:
@@ -108,7 +112,7 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
             # on the host, as the checkpoints are: T copies of the model on the device
             # would not fit (pca reads every checkpoint; the grid moves the centre back)
             states.append({k: v.detach().to('cpu', copy=True)
-                           for k, v in model.state_dict().items()})
+                           for k, v in model.state_dict().items() if k in kept})
             c.release()
     label = name or directions
     common = {"writer": out, "name": label, "progress": not quiet}

@@ -161,11 +161,15 @@ def interpolate(
     buffers (BatchNorm statistics) are interpolated as well (the reference code's
     ``dir_type='states'``). The ``steps`` points on ``bounds`` always hold ``alpha = 0`` and
     ``1`` (added where the even spacing misses them: the default 51 points on (-0.5, 1.5)
-    would evaluate neither checkpoint); ``x`` overrides them.
+    would evaluate neither checkpoint); ``x`` overrides them. A parameter that ``model``
+    does not train and that neither state holds stays at ``model``'s value.
     """
     a = _state(theta_a, "theta_a")
     b = _state(theta_b, "theta_b")
-    named = dict(model.named_parameters())
+    # a parameter the model does not train may be left out of both states (the frozen base
+    # of PEFT adapter checkpoints): it stays at the model's value, out of the direction
+    named = {k: p for k, p in model.named_parameters()
+             if p.requires_grad or k in a or k in b}
     missing = [k for k in named if k not in a or k not in b]
     if missing:
         raise LandscapeError(f"interpolate: checkpoints lack parameters {missing[:3]}")

@@ -348,3 +348,23 @@ def test_a_peft_causal_lm_is_one_for_the_metrics_and_the_trainer_callback(lora_r
     model = _reference(lora_run, lora_run["out"] / "checkpoint-24")
     assert is_causal_lm(model) and uses_causal_lm_loss(model)
     assert not is_causal_lm(torch.nn.Linear(2, 2))
+
+
+def test_interpolating_two_lora_checkpoints_moves_the_adapters_alone(lora_run, tmp_path):
+    """The stored direction covered every weight of the base model (zeros but for the
+    adapters), and the command kept a copy of the whole model per checkpoint."""
+    out = tmp_path / "s.h5"
+    result = _invoke(["surface", lora_run["out"] / "checkpoint-12",
+                      lora_run["out"] / "checkpoint-24", "--directions", "interpolate",
+                      "--tokens", lora_run["root"] / "ids.npy", *LM, "--steps", "5", "-o", out,
+                      "-q"])
+    assert result.exit_code == 0, result.output
+    with ls.Run.open(out) as run:
+        surf = run.surface(run.surfaces()[0])
+    model = _reference(lora_run, lora_run["out"] / "checkpoint-24")
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert surf.arrays["directions"].shape == (1, trained)
+    batch = token_batches(tokens=lora_run["root"] / "ids.npy", seq_len=16, batch_size=4)[0]
+    with torch.no_grad():
+        end = float(model(**batch).loss)
+    assert surf.values["loss"][list(surf.x).index(1.0)] == pytest.approx(end, rel=1e-5)
