@@ -144,18 +144,18 @@ def _base_folder(folder: Path) -> Path:
         "local files, or the PEFT model")
 
 
-def tokenizer_folder(folder: Path) -> Path:
+def tokenizer_folder(folder: Path) -> Path | None:
     """Where the tokenizer of an adapter folder is, for ``--text``.
 
-    The folder itself when the Trainer saved one there, else its local base model's folder
-    (else ``folder``, which ``--text`` then refuses).
+    The folder itself when the Trainer saved one there, else its local base model's folder;
+    None when neither holds one (a base model named by its Hub id).
     """
     if (folder / "tokenizer_config.json").is_file():
         return folder
     try:
         return _base_folder(folder)
     except LandscapeError:
-        return folder
+        return None
 
 
 def build_model(folder: Path, base: nn.Module | None = None) -> nn.Module:

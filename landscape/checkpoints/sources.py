@@ -314,8 +314,9 @@ def open_data(
     tokenizer = None
     if text is not None:
         if opened.folder is None:
-            raise LandscapeError("--text needs the tokenizer of a Hugging Face model folder; "
-                                 "give token ids with --tokens instead")
+            raise LandscapeError("--text needs the tokenizer of a Hugging Face model folder "
+                                 "(beside PEFT adapters, or in their local base model's "
+                                 "folder); give token ids with --tokens instead")
         tokenizer = hf.load_tokenizer(opened.folder)
     batches = token_batches(tokens=tokens, text=text, tokenizer=tokenizer, seq_len=seq_len,
                             batch_size=batch_size, n_batches=n_batches,

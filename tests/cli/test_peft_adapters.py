@@ -368,3 +368,18 @@ def test_interpolating_two_lora_checkpoints_moves_the_adapters_alone(lora_run, t
     with torch.no_grad():
         end = float(model(**batch).loss)
     assert surf.values["loss"][list(surf.x).index(1.0)] == pytest.approx(end, rel=1e-5)
+
+
+def test_text_without_a_tokenizer_to_be_had_says_so(lora_run, tmp_path):
+    """Adapters without a tokenizer, on a base named by its Hub id: the error quoted the
+    tokenizer library's "Couldn't instantiate the backend tokenizer from one of: "."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(lora_run["out"] / "checkpoint-24", adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "openai-community/gpt2"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(fw.corpus(seed=3))
+    result = _invoke(["analyze", adapter, "--model", f"{lora_run['factories']}:base",
+                      "--text", corpus, *LM, "-m", "sharpness", "-o", tmp_path / "r.h5"])
+    _one_line_error(result, "--text needs the tokenizer", "beside PEFT adapters")
