@@ -63,11 +63,18 @@ def _default_linears(model: nn.Module) -> list[str]:
     """Every ``nn.Linear`` that is called as a module.
 
     ``nn.MultiheadAttention`` reads its ``out_proj`` weight inside
-    ``F.multi_head_attention_forward``, so no hook would ever see that layer's input.
+    ``F.multi_head_attention_forward``, so no hook would ever see that layer's input; PEFT's
+    ``original_module`` of a ``modules_to_save`` head is never called.
     """
     skip = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
             if isinstance(m, nn.MultiheadAttention)}
-    return [n for n in linear_layers(model) if n not in skip]
+    # PEFT keeps a frozen copy of each modules_to_save module beside the trained one, and
+    # never calls it: its layers would have no input at any step
+    unused = tuple(f"{n}.original_module" for n, m in model.named_modules()
+                   if isinstance(getattr(m, "modules_to_save", None), nn.ModuleDict)
+                   and isinstance(getattr(m, "original_module", None), nn.Module))
+    return [n for n in linear_layers(model) if n not in skip
+            and not any(n == u or n.startswith(u + ".") for u in unused)]
 
 
 @register

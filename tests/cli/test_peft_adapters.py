@@ -383,3 +383,29 @@ def test_text_without_a_tokenizer_to_be_had_says_so(lora_run, tmp_path):
     result = _invoke(["analyze", adapter, "--model", f"{lora_run['factories']}:base",
                       "--text", corpus, *LM, "-m", "sharpness", "-o", tmp_path / "r.h5"])
     _one_line_error(result, "--text needs the tokenizer", "beside PEFT adapters")
+
+
+def test_spectral_alignment_leaves_out_the_unused_copy_of_a_saved_head():
+    """PEFT keeps the original of a modules_to_save head beside the trained copy and never
+    calls it: spectral_alignment recorded NaN for it at every row."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["0"], modules_to_save=["2"]))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    metric = ls.metrics.SpectralAlignment(schedule=1)
+    mon = ls.Monitor(model, torch.nn.functional.cross_entropy, None, optimizer=opt,
+                     metrics=[metric], probe=(x, y), warn=False, strict=True).start()
+    assert metric.layers and not any("original_module" in n for n in metric.layers)
+    assert any("modules_to_save" in n for n in metric.layers)
+    for step in range(3):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mon.step(step, batch=(x, y), loss=loss)
+    rows = mon.run().series("spectral_alignment", "minority")[1]
+    mon.close()
+    assert np.isfinite(rows).all()
