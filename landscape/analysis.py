@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from landscape._errors import LandscapeError
-from landscape.batches import model_args
+from landscape.batches import model_call
 from landscape.checkpoints.lightning import is_last_copy
 from landscape.failures import nonfinite_state
 from landscape.loading import (
@@ -281,7 +281,8 @@ def check_loss(net: nn.Module, loss_fn: Callable | None, batches: Sequence[Any],
                     value = closure(net, batch)
                 else:
                     inputs, targets = split_batch(batch)
-                    outputs = net(*model_args(inputs))  # ((x1, x2), y): net(x1, x2)
+                    args, kwargs = model_call(net, inputs)  # ((x1, x2), y): net(x1, x2)
+                    outputs = net(*args, **kwargs)
                     if loss_fn is F.cross_entropy:
                         refuse_constant_cross_entropy(outputs, targets)
                     value = loss_fn(outputs, targets)  # type: ignore[misc]

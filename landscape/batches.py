@@ -9,16 +9,20 @@ A batch is a tensor, or tuples, lists and mappings of them (possibly nested), as
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, Callable, Mapping
 
 import torch
+
+from landscape.distributed import unwrap
 
 __all__ = [
     "head",
     "in_containers_of",
     "leading_size",
     "map_tensors",
-    "model_args",
+    "model_call",
     "normal_tensors",
     "plain_containers",
     "split",
@@ -188,11 +192,47 @@ def leading_size(obj: Any) -> int | None:
     return None
 
 
-def model_args(inputs: Any) -> tuple:
-    """The positional arguments of ``model(...)`` for a batch's ``inputs``.
+def model_call(model: Callable[..., Any], inputs: Any) -> tuple[tuple, dict[str, Any]]:
+    """``(args, kwargs)`` of ``model(*args, **kwargs)`` for a batch's ``inputs``.
 
-    A tuple is several inputs, unpacked (``((x1, x2), y)`` calls ``model(x1, x2)``, as the
-    curvature operators do, docs/curvature.md, "Data"); anything else is one argument (a
-    list stays one: torchvision's detection models take a list of images).
+    * a tuple is several inputs, unpacked: ``((x1, x2), y)`` calls ``model(x1, x2)``, as
+      the curvature operators always did (docs/curvature.md, "Data");
+    * a mapping whose keys all name parameters of the model's ``forward`` is its keyword
+      arguments: ``(tokenizer(texts), labels)`` calls ``model(**inputs)``, as a training
+      loop does; any other mapping is one argument (a ``forward(self, features)`` of a
+      dict of features);
+    * anything else is one argument (a list stays one: torchvision's detection models take
+      a list of images).
     """
-    return inputs if isinstance(inputs, tuple) else (inputs,)
+    if isinstance(inputs, tuple):
+        return inputs, {}
+    if isinstance(inputs, Mapping) and inputs and all(isinstance(k, str) for k in inputs) \
+            and set(inputs) <= _keyword_names(_forward_of(model)):
+        return (), dict(inputs)
+    return (inputs,), {}
+
+
+def _forward_of(model: Any) -> Any:
+    """What ``model(...)`` runs: a module's ``forward``, else ``model`` itself.
+
+    The forward of the module that DDP or ``torch.compile`` wraps: their own takes
+    ``*args, **kwargs``.
+    """
+    if isinstance(model, torch.nn.Module):
+        return type(unwrap(model)).forward
+    return model
+
+
+@functools.lru_cache(maxsize=256)
+def _keyword_names(function: Callable[..., Any]) -> frozenset[str]:
+    """The parameters of ``function`` that a keyword can name.
+
+    Not ``self``, ``*args``, ``**kwargs`` or positional-only ones.
+    """
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # a builtin without a signature
+        return frozenset()
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return frozenset(n for n, p in signature.parameters.items()
+                     if p.kind in kinds and n != "self")

@@ -22,6 +22,7 @@ from torch import nn
 from torch.func import grad_and_value, vmap
 
 from landscape import distributed as _dist
+from landscape.batches import model_call
 from landscape.curvature._backend import Backend
 from landscape.curvature._batches import (
     BatchSize,
@@ -451,7 +452,7 @@ class ModelOperator(CurvatureOperator):
         """``(outputs, targets)`` with the parameters ``p`` substituted."""
         if self.forward is None:
             inputs, targets = batch
-            return stateless_call(self.model, p, inputs), targets
+            return stateless_call(self.model, p, *model_call(self.model, inputs)), targets
         out, targets = stateless_closure(self.model, self.forward, p, batch)
         return out, detach_tree(targets)
 

@@ -33,7 +33,7 @@ from torch import nn
 from landscape import distributed as _dist
 from landscape._errors import LandscapeError
 from landscape._sums import CHUNK, work_dtype
-from landscape.batches import model_args
+from landscape.batches import model_call
 from landscape.curvature._batches import to_device
 from landscape.curvature._evaluation import detach_tree, scalar_loss, seed_generators
 from landscape.curvature._kinks import KinkedOps
@@ -570,7 +570,8 @@ class ShiftedEvaluation:
             out, targets = op.forward(op.model, batch)
             return out, detach_tree(targets)
         inputs, targets = batch
-        out = op.model(*model_args(inputs))
+        args, kwargs = model_call(op.model, inputs)
+        out = op.model(*args, **kwargs)
         return out, targets
 
     def _state_key(self) -> Any:

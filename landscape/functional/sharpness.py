@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from landscape._deprecation import module_getattr
+from landscape.batches import model_call
 from landscape.functional._common import MetricResult, fail
 from landscape.functional._model import as_param_dict, detached_params
 from landscape.isolation import isolated, same_rng, stateless_call
@@ -65,7 +66,7 @@ def _loss_and_grad(
     params: dict[str, torch.Tensor],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
-        return loss_fn(stateless_call(model, p, inputs), targets)
+        return loss_fn(stateless_call(model, p, *model_call(model, inputs)), targets)
 
     grads, loss = torch.func.grad_and_value(f)(params)
     return loss.detach(), {k: g.detach() for k, g in grads.items()}
@@ -79,7 +80,8 @@ def _loss_at(
     params: dict[str, torch.Tensor],
 ) -> torch.Tensor:
     with torch.no_grad():
-        return loss_fn(stateless_call(model, params, inputs), targets).detach()
+        return loss_fn(stateless_call(model, params, *model_call(model, inputs)),
+                       targets).detach()
 
 
 def _norm(v: Mapping[str, torch.Tensor], p: float = 2.0) -> torch.Tensor:

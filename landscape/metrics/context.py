@@ -22,7 +22,7 @@ from torch import nn
 
 from landscape._deprecation import deprecated_alias
 from landscape._errors import MissingInput
-from landscape.batches import model_args
+from landscape.batches import model_call
 from landscape.capture import Captured, capture, first_tensor, last_child_output
 from landscape.isolation import buffers_kept, stateless_call, stateless_closure
 from landscape.params import Vector, difference, gradient_norm, stackable, tensor_norms
@@ -465,7 +465,7 @@ class StepContext:
                 if not ids_and_labels(batch):  # the one batch with a positional reading
                     raise
         inputs, _ = split_batch(batch)
-        return stateless_call(self.model, params, model_args(inputs))
+        return stateless_call(self.model, params, *model_call(self.model, inputs))
 
     def captured(self, source: str) -> Captured:
         """One no-grad forward pass on ``source`` capturing the layers the due metrics ask for.

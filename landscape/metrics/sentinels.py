@@ -26,7 +26,7 @@ from torch import nn
 
 from landscape._checks import positive_int
 from landscape._errors import MissingInput, PartialRow
-from landscape.batches import head, leading_size, model_args
+from landscape.batches import head, leading_size, model_call
 from landscape.capture import first_tensor
 from landscape.curvature.stability import learning_rate
 from landscape.findings import user_stacklevel
@@ -122,7 +122,8 @@ def _model_call(
             return (), kwargs, None
         return (), without_labels(model, kwargs), kwargs.get("labels")
     inputs, targets = split_batch(batch)
-    return model_args(head(inputs, samples)), {}, head(targets, samples)
+    args, kwargs = model_call(model, head(inputs, samples))
+    return args, kwargs, head(targets, samples)
 
 
 def _reissue(caught: Any) -> None:

@@ -15,7 +15,7 @@ from landscape import distributed as _dist
 from landscape import functional as LF
 from landscape._deprecation import module_getattr
 from landscape._errors import MissingInput
-from landscape.batches import leading_size, model_args
+from landscape.batches import leading_size, model_call
 from landscape.capture import first_tensor
 from landscape.metrics.base import Metric, register
 from landscape.metrics.context import (
@@ -318,7 +318,11 @@ def radius_along(
     """
     from landscape.functional.taylor import logit_tangent, logits_call
 
-    args = model_args(inputs) if keywords is None else tuple(inputs)
+    if keywords is None:
+        args, keywords = model_call(ctx.model, inputs)
+    else:
+        args = tuple(inputs)
+    keywords = keywords or None
     if any(_dist.is_sharded(t) for t in at):
         return _radius_in_place(ctx, args, keywords or {}, targets, at, direction)
     names = list(ctx.names)

@@ -16,7 +16,7 @@ from torch import nn
 from torch.func import functional_call
 
 from landscape import distributed as _dist
-from landscape.batches import leading_size, to_device
+from landscape.batches import leading_size, model_call, to_device
 from landscape.isolation import ClosureModule, loader_randomness_kept
 from landscape.surface.directions import Directions
 
@@ -36,19 +36,22 @@ def _is_batch(obj: Any) -> bool:
 
 
 def _nested_inputs(obj: Any) -> bool:
-    """Whether ``obj`` is ``((x1, x2, ...), targets)``, a batch of several model inputs.
+    """Whether ``obj`` is ``((x1, x2, ...), targets)`` or ``(inputs_dict, targets)``.
 
-    The curvature operators' form (docs/curvature.md, "Data").
+    The curvature operators' forms of several model inputs (docs/curvature.md, "Data").
     """
     return (isinstance(obj, (tuple, list)) and len(obj) == 2
-            and isinstance(obj[0], (tuple, list)) and len(obj[0]) > 0
-            and all(isinstance(t, torch.Tensor) for t in obj[0])
-            and isinstance(obj[1], torch.Tensor))
+            and isinstance(obj[1], torch.Tensor)
+            and (isinstance(obj[0], Mapping)
+                 or (isinstance(obj[0], (tuple, list)) and len(obj[0]) > 0
+                     and all(isinstance(t, torch.Tensor) for t in obj[0]))))
 
 
 def _flat(batch: Any) -> Any:
     """``((x1, x2), y)`` as ``(x1, x2, y)``; any other batch as it is."""
-    return (*batch[0], batch[1]) if _nested_inputs(batch) else batch
+    if _nested_inputs(batch) and not isinstance(batch[0], Mapping):
+        return (*batch[0], batch[1])
+    return batch
 
 
 class GridData:
@@ -343,10 +346,14 @@ class PointEvaluator:
                     loss = functional_call(self.wrapper, self.call_state, (batch,))
             else:
                 inputs, target = tuple(batch[:-1]), batch[-1]
+                # (inputs_dict, y): the model's keyword arguments when they name its own
+                args, kwargs = (model_call(self.model, inputs[0])
+                                if len(inputs) == 1 and isinstance(inputs[0], Mapping)
+                                else (inputs, {}))
                 if self.bound:
-                    out = self.model(*inputs)
+                    out = self.model(*args, **kwargs)
                 else:
-                    out = functional_call(self.model, self.state, inputs)
+                    out = functional_call(self.model, self.state, args, kwargs)
                 loss = self.loss_fn(out, target)
             if self.data.loader is None:  # one batch: two host syncs and no bookkeeping
                 return self._single(loss, out, batch)
