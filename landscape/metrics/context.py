@@ -32,7 +32,8 @@ __all__ = ["MissingInput", "StepContext", "batch_targets", "softmax_logits", "sp
 Closure = Callable[[nn.Module, Any], torch.Tensor]
 
 
-PAIR_KEYS = (("inputs", "targets"), ("x", "y"))  # dict batches of (inputs, targets)
+# dict batches of (inputs, targets): common conventions, and Hugging Face datasets' images
+PAIR_KEYS = (("inputs", "targets"), ("x", "y"), ("image", "label"), ("images", "labels"))
 
 
 def split_batch(batch: Any) -> tuple[Any, Any]:
@@ -41,8 +42,8 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     Args:
         batch: ``(inputs, targets)``, ``(inputs, targets, *extra)`` (sample weights or
             indices that a closure reads: the model's forward pass and the labels need
-            the first two), or a dict with the keys ``inputs``/``targets``, ``x``/``y`` or
-            ``input_ids``/``labels``.
+            the first two), or a dict with the keys ``inputs``/``targets``, ``x``/``y``,
+            ``image``/``label``, ``images``/``labels`` or ``input_ids``/``labels``.
 
     Returns:
         ``(inputs, targets)``.

@@ -156,3 +156,37 @@ def test_a_dict_batch_for_a_forward_without_labels_keeps_its_mask_and_shifts_its
     mon.close()
     np.testing.assert_allclose(r[1:], expected_r, rtol=1e-6)
     np.testing.assert_allclose(probe_loss, expected_loss, rtol=1e-5)
+
+
+@pytest.mark.parametrize("keys", [("image", "label"), ("images", "labels"), ("x", "y")])
+def test_dict_batches_of_images_and_labels_read_as_the_tuple(keys):
+    """Hugging Face datasets give {"image", "label"}: the sentinels called model(**batch)
+    and failed at every step ("unexpected keyword argument 'image'")."""
+    def run(as_dict):
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        data = _data()
+        probe = dict(zip(keys, data[-1])) if as_dict else tuple(data[-1])
+        mon = Monitor(model, F.cross_entropy, optimizer=opt, probe=probe, warn=False,
+                      strict=True, metrics=preset("standard", **dict.fromkeys(
+                          PRESETS["standard"], "every(2)"))).start()
+        for step, (x, y) in enumerate(data):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(step, batch=dict(zip(keys, (x, y))) if as_dict else (x, y), loss=loss)
+        run = mon.run()
+        rows = {(m, f): run.series(m, f)[1] for m in run.metrics() for f in run.fields(m)
+                if f != "peak_memory"}
+        mon.close()
+        return rows
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        keyed, plain = run(True), run(False)
+    assert keyed.keys() == plain.keys()
+    for key, values in plain.items():
+        if np.asarray(values).dtype.kind == "f":
+            np.testing.assert_allclose(keyed[key], values, rtol=1e-6, equal_nan=True,
+                                       err_msg=str(key))
