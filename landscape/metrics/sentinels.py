@@ -185,7 +185,18 @@ def _labels_are_the_ids(args: tuple, kwargs: dict, labels: torch.Tensor) -> bool
 
 
 def _output_loss(output: Any) -> torch.Tensor | None:
-    """The scalar loss a model returned with its output (Hugging Face, given ``labels``)."""
+    """The scalar loss a model returned with its output (Hugging Face, given ``labels``).
+
+    Its ``loss`` entry or attribute, or the leading scalar of a tuple whose logits come
+    after it (``return_dict=False``: ``(loss, logits, ...)``, as
+    :func:`~landscape.capture.first_tensor` reads it).
+    """
+    if isinstance(output, (tuple, list)) and output:
+        head_ = output[0]
+        if isinstance(head_, torch.Tensor) and head_.dim() == 0 \
+                and first_tensor(output) is not head_:
+            return head_
+        return None
     loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
     return loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
 

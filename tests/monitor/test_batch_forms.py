@@ -190,3 +190,36 @@ def test_dict_batches_of_images_and_labels_read_as_the_tuple(keys):
         if np.asarray(values).dtype.kind == "f":
             np.testing.assert_allclose(keyed[key], values, rtol=1e-6, equal_nan=True,
                                        err_msg=str(key))
+
+
+class TupleOutput(nn.Module):
+    """Hugging Face's return_dict=False: (loss, logits) when given labels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _mlp()
+
+    def forward(self, input_ids, labels=None):
+        logits = self.net(input_ids)
+        return (logits,) if labels is None else (F.cross_entropy(logits, labels), logits)
+
+
+def test_the_loss_leading_a_tuple_output_is_the_probe_loss():
+    model = TupleOutput()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = [{"input_ids": x, "labels": y} for x, y in _data(3)]
+    mon = Monitor(model, None, optimizer=opt, closure=lambda m, b: m(**b)[0], probe=data[0],
+                  warn=False, strict=True).start()
+    expected = []
+    for step, batch in enumerate(data):
+        loss = model(**batch)[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mon.step(step, batch=batch, loss=loss)
+        with torch.no_grad():
+            expected.append(float(F.cross_entropy(model.net(data[0]["input_ids"][:4]),
+                                                  data[0]["labels"][:4])))
+    probe_loss = mon.run().series("sentinels", "probe_loss")[1]
+    mon.close()
+    np.testing.assert_allclose(probe_loss, expected, rtol=1e-6)
