@@ -99,9 +99,11 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
     if directions == "pca" and len(ckpts) < 3:
         raise LandscapeError("--directions pca needs at least three checkpoints (a trajectory)")
     states = []  # as loaded: wrapper prefixes (module., model.) removed, tied weights restored
-    # what the grid moves (and the buffers): a PEFT run's frozen base weights are the same
-    # in every checkpoint, and one copy per checkpoint would be T copies of the base model
-    kept = {n for n, p in model.named_parameters() if p.requires_grad} | {
+    # of a PEFT run's adapter checkpoints, what the grid moves (and the buffers): the frozen
+    # base weights are the model's in every checkpoint, and one copy per checkpoint would
+    # be T copies of the base model; of whole checkpoints, everything (frozen weights that
+    # differ between them are part of an interpolation)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad} | {
         n for n, _ in model.named_buffers()}
     # every checkpoint the grid uses must fit the model and give a finite loss: all of them
     # for pca and interpolate, the last (the centre) for random and eigen directions
@@ -112,7 +114,8 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
             # on the host, as the checkpoints are: T copies of the model on the device
             # would not fit (pca reads every checkpoint; the grid moves the centre back)
             states.append({k: v.detach().to('cpu', copy=True)
-                           for k, v in model.state_dict().items() if k in kept})
+                           for k, v in model.state_dict().items()
+                           if k in trained or not c.partial})
             c.release()
     label = name or directions
     common = {"writer": out, "name": label, "progress": not quiet}

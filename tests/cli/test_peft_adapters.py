@@ -365,9 +365,12 @@ def test_interpolating_two_lora_checkpoints_moves_the_adapters_alone(lora_run, t
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert surf.arrays["directions"].shape == (1, trained)
     batch = token_batches(tokens=lora_run["root"] / "ids.npy", seq_len=16, batch_size=4)[0]
+    start = _reference(lora_run, lora_run["out"] / "checkpoint-12")
     with torch.no_grad():
-        end = float(model(**batch).loss)
-    assert surf.values["loss"][list(surf.x).index(1.0)] == pytest.approx(end, rel=1e-5)
+        ends = [float(m(**batch).loss) for m in (start, model)]
+    x = list(surf.x)
+    assert surf.values["loss"][x.index(0.0)] == pytest.approx(ends[0], rel=1e-5)
+    assert surf.values["loss"][x.index(1.0)] == pytest.approx(ends[1], rel=1e-5)
 
 
 def test_text_without_a_tokenizer_to_be_had_says_so(lora_run, tmp_path):

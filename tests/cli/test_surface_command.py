@@ -203,3 +203,40 @@ def test_a_checkpoint_with_weights_that_are_not_finite_is_said_so(setup, tmp_pat
     result = _run(["surface", str(bad), "--model", f"{fac}:model", "--data", f"{fac}:data",
                    "--steps", "3", "-o", str(tmp_path / "n.h5")])
     assert result.exit_code == 1 and "the weights are not finite" in result.output
+
+
+def test_interpolation_moves_frozen_weights_that_differ_between_the_checkpoints(tmp_path):
+    """A --model factory that freezes a layer: its weights differ between the two whole
+    checkpoints, and the grid must go from one to the other (alpha 0 is the first's loss;
+    once only the trainable weights were kept, alpha 0 held the second's frozen layer)."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    fac = tmp_path / "frozen.py"
+    fac.write_text("import torch\nfrom torch import nn\n\n"
+                   "def model():\n    torch.manual_seed(0)\n"
+                   "    m = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))\n"
+                   "    m[0].requires_grad_(False)\n    return m\n\n"
+                   "def data():\n    g = torch.Generator().manual_seed(1)\n"
+                   "    x = torch.randn(32, 4, generator=g)\n"
+                   "    return x, torch.randint(0, 3, (32,), generator=g)\n")
+    ns: dict = {}
+    exec(fac.read_text(), ns)
+    nets = []
+    for i in (1, 2):
+        torch.manual_seed(i)
+        net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+        torch.save(net.state_dict(), tmp_path / f"ckpt-{i}.pt")
+        nets.append(net)
+    out = tmp_path / "s.h5"
+    result = _run(["surface", str(tmp_path / "ckpt-1.pt"), str(tmp_path / "ckpt-2.pt"),
+                   "--model", f"{fac}:model", "--data", f"{fac}:data", "--directions",
+                   "interpolate", "--steps", "5", "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    with ls.Run.open(out) as run:
+        surf = run.surface(run.surfaces()[0])
+    x, y = ns["data"]()
+    with torch.no_grad():
+        losses = [float(F.cross_entropy(net(x), y)) for net in nets]
+    assert surf.values["loss"][list(surf.x).index(0.0)] == pytest.approx(losses[0], rel=1e-5)
+    assert surf.values["loss"][list(surf.x).index(1.0)] == pytest.approx(losses[1], rel=1e-5)
