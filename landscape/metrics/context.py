@@ -37,13 +37,16 @@ PAIR_KEYS = (("inputs", "targets"), ("x", "y"), ("image", "label"), ("images", "
 
 
 def split_batch(batch: Any) -> tuple[Any, Any]:
-    """``(inputs, targets)`` of a batch given as a sequence or a dict with those keys.
+    """``(inputs, targets)`` of a batch given as a 2-sequence or a dict with those keys.
+
+    A longer sequence is refused: ``(x, y, w)`` (sample weights for a closure) and the
+    surfaces' ``(x1, x2, y)`` (several inputs) cannot be told apart, and reading the one as
+    the other gives wrong numbers without a word.
 
     Args:
-        batch: ``(inputs, targets)``, ``(inputs, targets, *extra)`` (sample weights or
-            indices that a closure reads: the model's forward pass and the labels need
-            the first two), or a dict with the keys ``inputs``/``targets``, ``x``/``y``,
-            ``image``/``label``, ``images``/``labels`` or ``input_ids``/``labels``.
+        batch: ``(inputs, targets)``, or a dict with the keys ``inputs``/``targets``,
+            ``x``/``y``, ``image``/``label``, ``images``/``labels`` or
+            ``input_ids``/``labels``.
 
     Returns:
         ``(inputs, targets)``.
@@ -51,7 +54,7 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     Raises:
         MissingInput: the batch has neither form.
     """
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
     if isinstance(batch, dict):
         for xk, yk in (*PAIR_KEYS, ("input_ids", "labels")):

@@ -74,16 +74,30 @@ def test_a_collated_list_batch_with_a_closure_is_one_batch():
     assert np.isfinite(as_list["top_eigenvalues"]["eigenvalues"]).all()
 
 
-@pytest.mark.parametrize("metrics", [None, "standard"])
-def test_batches_with_sample_weights_and_a_closure(metrics):
+def test_batches_with_sample_weights_and_a_closure():
+    """(x, y, w) with a closure: the curvature metrics call the closure on the whole batch;
+    the sentinels cannot tell it from (x1, x2, y) (several inputs) and say so, rather than
+    read the wrong one silently."""
     batches = _data(extra=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rows = _run(batches, None if metrics is None else batches[-1], metrics)
-    assert np.isfinite(rows["sentinels"]["r_secant"][1:]).all()
-    if metrics:
-        assert np.isfinite(rows["top_eigenvalues"]["eigenvalues"]).all()
-        assert np.isfinite(rows["taylor_radius"]["r"]).all()
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        metrics = preset("standard", **dict.fromkeys(PRESETS["standard"], "every(1)"))
+        mon = Monitor(model, None, optimizer=opt, closure=_weighted, metrics=metrics,
+                      probe=batches[-1], warn=False).start()
+        for step, batch in enumerate(batches):
+            loss = _weighted(model, batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(step, batch=batch, loss=loss)
+    run = mon.run()
+    failed = {f.metric: f.message for f in mon.findings if f.rule == "metric_failed"}
+    assert np.isfinite(run.series("top_eigenvalues", "eigenvalues")[1]).all()
+    assert np.isfinite(run.series("hessian_trace", "value")[1]).all()
+    assert "(inputs, targets) batches" in failed["sentinels"]
+    mon.close()
 
 
 V, T = 40, 12
