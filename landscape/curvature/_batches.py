@@ -130,9 +130,10 @@ def check_microbatching(
 def is_single_batch(data: Any, closure_mode: bool) -> bool:
     """Whether ``data`` is one batch rather than an iterable of batches.
 
-    With ``loss_fn``: a tuple or list of length 2 whose first item is a tensor or a mapping,
-    or a tuple of tensors followed by a tensor (several model inputs), is one
-    ``(inputs, targets)`` batch. With a closure: a tensor, a mapping or a tuple is
+    With ``loss_fn``: a tuple or list of length 2 whose first item is a tensor, or a
+    mapping followed by targets that are not one (two dict batches are two), or a tuple of
+    tensors followed by a tensor (several model inputs), is one ``(inputs, targets)``
+    batch. With a closure: a tensor, a mapping or a tuple is
     one batch; lists, loaders and other iterables are batches. Pass ``single_batch=`` to
     the operator to override.
 
@@ -148,8 +149,10 @@ def is_single_batch(data: Any, closure_mode: bool) -> bool:
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
         return False
     inputs, targets = data
-    if isinstance(inputs, (torch.Tensor, Mapping)):
+    if isinstance(inputs, torch.Tensor):
         return True
+    if isinstance(inputs, Mapping):  # (inputs_dict, targets); two dict batches are a pair too
+        return not isinstance(targets, Mapping)
     # ((x1, x2), y): several model inputs and a tensor target; two batches would have a
     # pair, not a tensor, in second place
     return (

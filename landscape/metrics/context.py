@@ -32,8 +32,20 @@ __all__ = ["MissingInput", "StepContext", "batch_targets", "softmax_logits", "sp
 Closure = Callable[[nn.Module, Any], torch.Tensor]
 
 
-# dict batches of (inputs, targets): common conventions, and Hugging Face datasets' images
-PAIR_KEYS = (("inputs", "targets"), ("x", "y"), ("image", "label"), ("images", "labels"))
+PAIR_KEYS = (("inputs", "targets"), ("x", "y"))  # dict batches of (inputs, targets)
+WHOLE_PAIR_KEYS = (("image", "label"), ("images", "labels"))
+"""Dict batches of (inputs, targets) when they are the dict's only keys: Hugging Face's
+image datasets; beside other keys (a vision-language batch's ``input_ids``) they are
+keyword arguments."""
+
+
+def _pair_keys(batch: Mapping) -> tuple[str, str] | None:
+    """The keys of a dict ``(inputs, targets)`` batch, or None (a keyword batch)."""
+    for xk, yk in PAIR_KEYS:
+        if xk in batch and yk in batch:
+            return xk, yk
+    keys = set(batch)
+    return next(((xk, yk) for xk, yk in WHOLE_PAIR_KEYS if keys == {xk, yk}), None)
 
 
 def split_batch(batch: Any) -> tuple[Any, Any]:
@@ -57,9 +69,10 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
     if isinstance(batch, dict):
-        for xk, yk in (*PAIR_KEYS, ("input_ids", "labels")):
-            if xk in batch and yk in batch:
-                return batch[xk], batch[yk]
+        keys = _pair_keys(batch) or (("input_ids", "labels")
+                                     if "input_ids" in batch and "labels" in batch else None)
+        if keys is not None:
+            return batch[keys[0]], batch[keys[1]]
     raise MissingInput(
         "this metric needs (inputs, targets) batches; got "
         f"{type(batch).__name__} (pass batch=(x, y) or probe=(x, y))"
@@ -77,8 +90,7 @@ def keyword_batch(batch: Any) -> bool:
 
     A mapping that is not an ``(inputs, targets)`` pair (:data:`PAIR_KEYS`).
     """
-    return isinstance(batch, Mapping) and not any(
-        x in batch and y in batch for x, y in PAIR_KEYS)
+    return isinstance(batch, Mapping) and _pair_keys(batch) is None
 
 
 def ids_and_labels(batch: Any) -> bool:

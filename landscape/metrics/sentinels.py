@@ -170,6 +170,8 @@ def _target_loss(
 def _labels_are_the_ids(args: tuple, kwargs: dict, labels: torch.Tensor) -> bool:
     """Whether ``labels`` are the call's ``input_ids`` themselves (language-model labels).
 
+    Asked of dict batches only (``{input_ids, ..., labels}``): a tuple ``(ids, ids)`` is the
+    user's own convention (a copy task's targets are its inputs, unshifted).
     In the Hugging Face convention a causal language model is given ``labels = input_ids``
     (padding set to ``-100``) and shifts them itself; a token is never its own next-token
     target otherwise (a model trained on pre-shifted targets gets other labels; a masked
@@ -504,7 +506,8 @@ class Sentinels(Metric):
         elif isinstance(y, torch.Tensor) and y.shape == z.shape[:-1] \
                 and not y.is_floating_point():  # a classifier's or next-token targets
             rows, row_lse = flat, lse
-            if _labels_are_the_ids(args, kwargs, y) and z.dim() == 3:
+            if isinstance(batch, Mapping) and _labels_are_the_ids(args, kwargs, y) \
+                    and z.dim() == 3:
                 # the Hugging Face convention, labels = input_ids: the model (or the
                 # user's loss) shifts them, position t predicting token t + 1
                 rows = flat.view(z.shape)[:, :-1].reshape(-1, z.shape[-1])

@@ -237,3 +237,52 @@ def test_the_loss_leading_a_tuple_output_is_the_probe_loss():
     probe_loss = mon.run().series("sentinels", "probe_loss")[1]
     mon.close()
     np.testing.assert_allclose(probe_loss, expected, rtol=1e-6)
+
+
+def test_image_label_keys_are_a_pair_only_as_the_whole_dict():
+    """A vision-language batch holds images and labels beside its input_ids: it is the
+    model's keyword arguments (the sentinels called model(images) and failed)."""
+    from landscape.metrics.context import keyword_batch, split_batch
+
+    x, y = torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)
+    assert split_batch({"image": x, "label": y}) == (x, y)
+    assert not keyword_batch({"images": x, "labels": y})
+    vlm = {"input_ids": y, "attention_mask": y, "images": x, "labels": y}
+    assert keyword_batch(vlm)
+
+
+def test_a_data_factory_of_two_dict_batches_gives_two_batches():
+    from landscape.loading import as_batches
+
+    y = torch.zeros(2, dtype=torch.long)
+    assert len(as_batches([{"input_ids": y, "labels": y}] * 2)) == 2
+    assert len(as_batches(({"input_ids": y}, y))) == 1  # (inputs_dict, targets): one
+
+
+def test_a_tuple_of_ids_and_equal_targets_is_not_shifted():
+    """A copy task's (ids, ids) batch: its targets are the inputs, unshifted; the shift is
+    the Hugging Face convention of dict batches only (probe_loss rose while the loss fell)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 16), nn.Linear(16, 20))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ids = torch.randint(0, 20, (8, 6))
+
+    def loss_fn(out, y):
+        return F.cross_entropy(out.reshape(-1, 20), y.reshape(-1))
+
+    mon = Monitor(model, loss_fn, optimizer=opt, probe=(ids, ids), warn=False,
+                  strict=True).start()
+    expected = []
+    for step in range(3):
+        loss = loss_fn(model(ids), ids)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mon.step(step, batch=(ids, ids), loss=loss)
+        sentinels = next(m for m in mon.metrics if m.name == "sentinels")
+        sub = ids[:sentinels.subsample]  # (6 positions a sample: 4 samples give 24 rows)
+        with torch.no_grad():
+            expected.append(float(loss_fn(model(sub), sub)))
+    probe_loss = mon.run().series("sentinels", "probe_loss")[1]
+    mon.close()
+    np.testing.assert_allclose(probe_loss, expected, rtol=1e-5)
