@@ -195,44 +195,68 @@ def leading_size(obj: Any) -> int | None:
 def model_call(model: Callable[..., Any], inputs: Any) -> tuple[tuple, dict[str, Any]]:
     """``(args, kwargs)`` of ``model(*args, **kwargs)`` for a batch's ``inputs``.
 
-    * a tuple is several inputs, unpacked: ``((x1, x2), y)`` calls ``model(x1, x2)``, as
-      the curvature operators always did (docs/curvature.md, "Data");
-    * a mapping whose keys all name parameters of the model's ``forward`` is its keyword
-      arguments: ``(tokenizer(texts), labels)`` calls ``model(**inputs)``, as a training
-      loop does; any other mapping is one argument (a ``forward(self, features)`` of a
-      dict of features);
+    Read from the signature of the model's ``forward`` (of the module a wrapper such as
+    DDP, ``torch.compile`` or a PEFT model passes its arguments to):
+
+    * a tuple is several inputs, unpacked, ``((x1, x2), y)`` calling ``model(x1, x2)`` as
+      the curvature operators always did (docs/curvature.md, "Data"), when the forward
+      takes that many positional arguments (or its signature cannot be read); else one
+      argument (a ``forward(self, pair)``);
+    * a mapping whose keys all name parameters of a forward that has several is its
+      keyword arguments: ``(tokenizer(texts), labels)`` calls ``model(**inputs)``, as a
+      training loop does; any other mapping is one argument (a ``forward(self,
+      features)`` of a dict of features, also ``{"features": ...}``);
     * anything else is one argument (a list stays one: torchvision's detection models take
       a list of images).
     """
     if isinstance(inputs, tuple):
-        return inputs, {}
-    if isinstance(inputs, Mapping) and inputs and all(isinstance(k, str) for k in inputs) \
-            and set(inputs) <= _keyword_names(_forward_of(model)):
-        return (), dict(inputs)
+        capacity = _signature(_forward_of(model))[1]
+        return (inputs, {}) if capacity is None or capacity >= len(inputs) else ((inputs,), {})
+    if isinstance(inputs, Mapping) and inputs and all(isinstance(k, str) for k in inputs):
+        names = _signature(_forward_of(model))[0]
+        if len(names) > 1 and set(inputs) <= names:
+            return (), dict(inputs)
     return (inputs,), {}
 
 
 def _forward_of(model: Any) -> Any:
-    """What ``model(...)`` runs: a module's ``forward``, else ``model`` itself.
+    """The ``forward`` whose signature says how ``model(...)`` is called.
 
-    The forward of the module that DDP or ``torch.compile`` wraps: their own takes
-    ``*args, **kwargs``.
+    Wrappers whose own forward takes ``*args, **kwargs`` and passes them on to the one
+    module they hold (DDP, FSDP, a PEFT model without a task, ``torch.compile``) are looked
+    through, a few levels deep; a callable that is no module is itself.
     """
-    if isinstance(model, torch.nn.Module):
-        return type(unwrap(model)).forward
-    return model
+    if not isinstance(model, torch.nn.Module):
+        return model
+    module = unwrap(model)
+    for _ in range(4):
+        forward = type(module).forward
+        children = list(module.children())
+        if not _signature(forward)[2] or len(children) != 1:
+            return forward
+        module = children[0]
+    return type(module).forward
 
 
 @functools.lru_cache(maxsize=256)
-def _keyword_names(function: Callable[..., Any]) -> frozenset[str]:
-    """The parameters of ``function`` that a keyword can name.
+def _signature(function: Callable[..., Any]) -> tuple[frozenset[str], int | None, bool]:
+    """``(names, positional, passes_on)`` of ``function``'s parameters, ``self`` left out.
 
-    Not ``self``, ``*args``, ``**kwargs`` or positional-only ones.
+    ``names``: those a keyword can name; ``positional``: how many positional arguments it
+    takes (None: any number, ``*args``, or a signature that cannot be read);
+    ``passes_on``: it takes nothing but ``*args`` and ``**kwargs`` (a wrapper's forward).
     """
     try:
-        signature = inspect.signature(function)
+        parameters = [p for n, p in inspect.signature(function).parameters.items()
+                      if n != "self"]
     except (TypeError, ValueError):  # a builtin without a signature
-        return frozenset()
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return frozenset(n for n, p in signature.parameters.items()
-                     if p.kind in kinds and n != "self")
+        return frozenset(), None, False
+    kind = inspect.Parameter
+    names = frozenset(p.name for p in parameters
+                      if p.kind in (kind.POSITIONAL_OR_KEYWORD, kind.KEYWORD_ONLY))
+    varargs = any(p.kind == kind.VAR_POSITIONAL for p in parameters)
+    positional = None if varargs else sum(
+        p.kind in (kind.POSITIONAL_ONLY, kind.POSITIONAL_OR_KEYWORD) for p in parameters)
+    passes_on = bool(parameters) and all(
+        p.kind in (kind.VAR_POSITIONAL, kind.VAR_KEYWORD) for p in parameters)
+    return names, positional, passes_on

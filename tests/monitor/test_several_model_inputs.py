@@ -255,3 +255,74 @@ def test_a_dict_whose_keys_name_no_parameter_stays_one_argument():
         rows = _rows_of(model, [({"image": x1, "side": x2}, y)] * 3, "cheap",
                         call=lambda m, inputs: m(inputs))
     assert np.isfinite(rows[("sentinels", "r_secant")][1:]).all()
+
+
+class Pair(nn.Module):
+    """A forward that takes the pair of inputs as one argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = TwoInputs()
+
+    def forward(self, pair):
+        return self.inner(*pair)
+
+
+class Features(nn.Module):
+    """A forward of one parameter that takes a dict named after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = TwoInputs()
+
+    def forward(self, x):
+        return self.inner(x["x"][:, :5], x["x"][:, 5:])
+
+
+class PassesOn(nn.Module):
+    """A wrapper whose forward takes *args, **kwargs and hands them to the module it holds."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+
+def test_model_call_reads_the_forward_signature():
+    from landscape.batches import model_call
+
+    t = torch.zeros(2, 5)
+    assert model_call(TwoInputs(), (t, t)) == ((t, t), {})
+    assert model_call(Pair(), (t, t)) == (((t, t),), {})  # one argument: the pair
+    assert model_call(Features(), {"x": t}) == (({"x": t},), {})
+    ids = {"input_ids": t, "attention_mask": t}
+    assert model_call(Tagger(), ids) == ((), ids)
+    assert model_call(PassesOn(PassesOn(Tagger())), ids) == ((), ids)  # looked through
+    assert model_call(PassesOn(Tagger()), {"other": t}) == (({"other": t},), {})
+
+
+@pytest.mark.parametrize("make", [Pair, Features])
+def test_a_forward_taking_its_inputs_as_one_argument_keeps_working(make):
+    """((x1, x2), y) for forward(self, pair), {"x": ...} for forward(self, x): unpacking
+    them everywhere broke the sentinels of both."""
+    (x1, x2), y = _batches()[0]
+    inputs = (x1, x2) if make is Pair else {"x": torch.cat([x1, x2], 1)}
+    model = make()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    metrics = preset("standard", **dict.fromkeys(PRESETS["standard"], "every(2)"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mon = Monitor(model, F.cross_entropy, optimizer=opt, metrics=metrics,
+                      probe=(inputs, y), warn=False, strict=True).start()
+        for step in range(3):
+            loss = F.cross_entropy(model(inputs), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(step, batch=(inputs, y), loss=loss)
+    run = mon.run()
+    assert np.isfinite(run.series("sentinels", "r_secant")[1][1:]).all()
+    assert np.isfinite(run.series("top_eigenvalues", "eigenvalues")[1]).all()
+    mon.close()
