@@ -100,7 +100,7 @@ def _samples_for_rows(z: torch.Tensor, x: Any, samples: int, rows: int | None) -
     return max(1, min(samples, math.ceil(rows / max(per_sample, 1))))
 
 
-def _model_call(
+def _call_parts(
     model: nn.Module, batch: Any, samples: int, keywords: bool, labels: bool = True,
 ) -> tuple[tuple, dict, Any]:
     """How the sentinels call the model on the first ``samples`` samples of ``batch``.
@@ -194,10 +194,10 @@ def _output_loss(output: Any) -> torch.Tensor | None:
     :func:`~landscape.capture.first_tensor` reads it).
     """
     if isinstance(output, (tuple, list)) and output:
-        head_ = output[0]
-        if isinstance(head_, torch.Tensor) and head_.dim() == 0 \
-                and first_tensor(output) is not head_:
-            return head_
+        first = output[0]
+        if isinstance(first, torch.Tensor) and first.dim() == 0 \
+                and first_tensor(output) is not first:
+            return first
         return None
     loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
     return loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
@@ -332,7 +332,7 @@ class Sentinels(Metric):
     default plots and the mirrors.
 
     The forward pass calls the model directly, ``model(inputs)`` or ``model(**batch)``
-    (:func:`_model_call`; never the monitor's ``loss_fn`` or closure), in eval mode without
+    (:func:`_call_parts`; never the monitor's ``loss_fn`` or closure), in eval mode without
     gradients, inside the monitor's :func:`landscape.isolation.isolated` (RNG and modes
     restored; docs/conventions.md): half the time of a ``functional_call`` on small
     models. A model that writes its buffers in eval mode goes through ``functional_call``
@@ -555,12 +555,12 @@ class Sentinels(Metric):
         return where
 
     def _conventional(self, ctx: StepContext, batch: Any, samples: int) -> tuple:
-        """The first call that works (see _model_call).
+        """The first call that works (see _call_parts).
 
         ``model(inputs)`` or ``model(**batch)``; then ``model(**batch)`` without its labels;
         then ``model(input_ids)``.
         """
-        args, kwargs, y = _model_call(ctx.model, batch, samples, self._keywords is not False,
+        args, kwargs, y = _call_parts(ctx.model, batch, samples, self._keywords is not False,
                                       self._labels is not False)
         try:
             output, attention = self._forward(ctx.model, args, kwargs, ctx.modules)
@@ -576,7 +576,7 @@ class Sentinels(Metric):
                 raise
             # a forward that takes the ids positionally: (input_ids, labels) pairs
             self._keywords = False
-            args, kwargs, y = _model_call(ctx.model, batch, samples, False)
+            args, kwargs, y = _call_parts(ctx.model, batch, samples, False)
             output, attention = self._forward(ctx.model, args, kwargs, ctx.modules)
         if kwargs:
             self._keywords = True

@@ -57,10 +57,12 @@ def _flat(batch: Any) -> Any:
 class GridData:
     """One batch (a tensor, a tuple of tensors, a dict) or an iterable of batches.
 
-    A tuple or list of tensors is one batch ``(*inputs, targets)``, and so is
+    A tuple or list of tensors is one batch ``(*inputs, targets)``, and so are
     ``((x1, x2), targets)`` (the curvature operators' form of several inputs, flattened
-    here); anything else iterable (a ``DataLoader``, a list of batches) is a loader,
-    re-iterated at every grid point. Tensors are moved to the model's device.
+    here) and ``(inputs_dict, targets)`` (called through
+    :func:`~landscape.batches.model_call`); anything else iterable (a ``DataLoader``, a
+    list of batches) is a loader, re-iterated at every grid point. Tensors are moved to
+    the model's device.
     """
 
     def __init__(self, data: Any, device: torch.device) -> None:
