@@ -564,10 +564,14 @@ class Sentinels(Metric):
                                       self._labels is not False)
         try:
             output, attention = self._forward(ctx.model, args, kwargs, ctx.modules)
-        except TypeError:
-            if not kwargs or self._keywords:
+        except TypeError as err:
+            # only the call's own error says which convention is wrong ("got an unexpected
+            # keyword argument 'labels'"); any other TypeError is the model's, and the
+            # choice made on it would hold for the whole run
+            said = str(err)
+            if not kwargs or self._keywords or "keyword argument" not in said:
                 raise
-            if self._labels is None and "labels" in kwargs:
+            if self._labels is None and "labels" in kwargs and "'labels'" in said:
                 # a forward without a labels argument (the user's closure computes the
                 # loss): the rest of the dict, its attention mask included
                 self._labels = False

@@ -286,3 +286,48 @@ def test_a_tuple_of_ids_and_equal_targets_is_not_shifted():
     probe_loss = mon.run().series("sentinels", "probe_loss")[1]
     mon.close()
     np.testing.assert_allclose(probe_loss, expected, rtol=1e-5)
+
+
+class OwnLoss(nn.Module):
+    """Returns {"loss", "logits"} given labels, its loss with an auxiliary term; its first
+    call in eval mode raises a TypeError of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _mlp()
+        self.fail_once = True
+
+    def forward(self, input_ids, labels=None):
+        if not self.training and self.fail_once:
+            self.fail_once = False
+            raise TypeError("a transient failure of the model's own")
+        logits = self.net(input_ids)
+        loss = None if labels is None else F.cross_entropy(logits, labels) + 1.0
+        return {"loss": loss, "logits": logits}
+
+
+def test_a_type_error_of_the_models_own_does_not_change_how_the_sentinels_call_it():
+    """The first TypeError dropped the labels for the whole run: probe_loss became the
+    sentinels' cross-entropy (without the model's auxiliary term), silently."""
+    model = OwnLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = [{"input_ids": x, "labels": y} for x, y in _data(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mon = Monitor(model, None, optimizer=opt, closure=lambda m, b: m(**b)["loss"],
+                      probe=data[0], warn=False).start()
+        expected = []
+        for step, batch in enumerate(data):
+            loss = model(**batch)["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(step, batch=batch, loss=loss)
+            with torch.no_grad():
+                sub = {k: v[:4] for k, v in data[0].items()}
+                expected.append(float(F.cross_entropy(model.net(sub["input_ids"]),
+                                                      sub["labels"]) + 1.0))
+    probe_loss = mon.run().series("sentinels", "probe_loss")[1]
+    mon.close()
+    assert np.isnan(probe_loss[0])  # the step whose forward failed
+    np.testing.assert_allclose(probe_loss[1:], expected[1:], rtol=1e-6)
