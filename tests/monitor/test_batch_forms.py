@@ -331,3 +331,26 @@ def test_a_type_error_of_the_models_own_does_not_change_how_the_sentinels_call_i
     mon.close()
     assert np.isnan(probe_loss[0])  # the step whose forward failed
     np.testing.assert_allclose(probe_loss[1:], expected[1:], rtol=1e-6)
+
+
+def test_a_probe_of_bare_token_batches_with_a_closure_is_several_batches():
+    """[ids_1, ids_2] with a closure: batches of token ids (the operator took the list for
+    one batch once a collated [x, y] list was; the closure then got the list)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def closure(m, b):
+        return F.cross_entropy(m(b[:, :-1]).flatten(0, 1), b[:, 1:].flatten())
+
+    probe = [torch.randint(0, 10, (4, 6)), torch.randint(0, 10, (4, 6))]
+    mon = Monitor(model, None, closure=closure, optimizer=opt, probe=probe,
+                  metrics=["top_eigenvalues"], warn=False, strict=True).start()
+    for step in range(2):
+        loss = closure(model, probe[0])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mon.step(step, batch=probe[0], loss=loss)
+    assert np.isfinite(mon.run().series("top_eigenvalues", "eigenvalues")[1]).all()
+    mon.close()
