@@ -55,13 +55,14 @@ def saved_adapters(folder: Path) -> dict[str, Path]:
     return found
 
 
-def chosen_adapter(folder: Path) -> Path | None:
+def chosen_adapter(folder: Path, warn: bool = True) -> Path | None:
     """The adapter folder to read for ``folder`` (None: it holds no adapters).
 
     The folder itself when it holds the ``default`` adapter, else its one named adapter
     (``get_peft_model(..., adapter_name="task")`` saves ``checkpoint-N/task/``). With
     several adapters, the ``default`` one, with a warning naming the others' folders (to
-    be given instead); several named ones alone cannot be told apart: an error.
+    be given instead; ``warn=False``: the caller says it); several named ones alone cannot
+    be told apart: an error.
 
     Raises:
         LandscapeError: several named adapters and no ``default`` one.
@@ -73,19 +74,30 @@ def chosen_adapter(folder: Path) -> Path | None:
     if "default" not in found:
         raise LandscapeError(f"{folder}: holds several PEFT adapters ({', '.join(found)}): "
                              f"give the folder of the one to analyze ({others})")
-    warnings.warn(f"{folder}: holds several PEFT adapters ({', '.join(found)}); the one "
-                  f"saved in the folder itself (default) is analyzed: give {others} for "
-                  "another", stacklevel=3)
+    if warn:
+        warnings.warn(f"{folder}: holds several PEFT adapters ({', '.join(found)}); the one "
+                      f"saved in the folder itself (default) is analyzed: give {others} for "
+                      "another", stacklevel=3)
     return folder
 
 
 def trainer_checkpoints(path: Path) -> list[Path]:
     """The adapter folders of a PEFT model's ``Trainer`` output folder, by step.
 
-    Each ``checkpoint-<step>`` folder's :func:`chosen_adapter`.
+    Each ``checkpoint-<step>`` folder's :func:`chosen_adapter`; several adapters per
+    checkpoint are warned about once for the whole folder.
     """
     found = hf.trainer_checkpoints(path, accept=lambda p: bool(saved_adapters(p)))
-    return [chosen for p in found if (chosen := chosen_adapter(p)) is not None]
+    chosen = [c for p in found if (c := chosen_adapter(p, warn=False)) is not None]
+    named = [sorted(set(saved_adapters(p)) - {"default"}) for p in found
+             if (p / _CONFIG).is_file()]  # a checkpoint whose default adapter is read
+    names = sorted({n for ns in named for n in ns})
+    if names:  # once for the whole folder
+        others = ", ".join(f"{path}/checkpoint-*/{n}" for n in names)
+        warnings.warn(f"{path}: its checkpoints hold several PEFT adapters (default, "
+                      f"{', '.join(names)}); the one saved in each checkpoint folder itself "
+                      f"(default) is analyzed: give {others} for another", stacklevel=3)
+    return chosen
 
 
 def checkpoint_folder(adapter: Path) -> Path:
