@@ -27,7 +27,8 @@ from landscape.capture import Captured, capture, first_tensor, last_child_output
 from landscape.isolation import buffers_kept, stateless_call, stateless_closure
 from landscape.params import Vector, difference, gradient_norm, stackable, tensor_norms
 
-__all__ = ["MissingInput", "StepContext", "batch_targets", "softmax_logits", "split_batch"]
+__all__ = ["MissingInput", "StepContext", "batch_targets", "classes_last", "softmax_logits",
+           "split_batch"]
 
 Closure = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -183,6 +184,32 @@ def softmax_logits(outputs: torch.Tensor, targets: Any) -> bool:
     return (outputs.dim() == 3 and targets.dim() == 2
             and outputs.shape[0] == targets.shape[0]
             and outputs.shape[1] == 1 < targets.shape[1])
+
+
+def classes_last(outputs: torch.Tensor, targets: Any) -> torch.Tensor:
+    """Channels-first class logits with their classes moved to the last dimension.
+
+    ``(N, C, d1, ...)`` logits of ``(N, d1, ...)`` integer targets, ``F.cross_entropy``'s
+    convention for per-position classes (a segmentation map), become ``(N, d1, ..., C)``,
+    the layout the logit statistics read; any other outputs are returned as they are (also
+    those whose classes are last already, as a sequence model's ``(B, T, V)`` of ``(B, T)``
+    targets: with ``T == V`` both readings fit, and the last one is kept).
+
+    Args:
+        outputs: the model's output tensor.
+        targets: the batch's targets, or None.
+
+    Returns:
+        ``outputs``, or a view of them with dimension 1 moved last.
+    """
+    if (isinstance(targets, torch.Tensor) and not targets.is_floating_point()
+            and targets.dtype != torch.bool and not targets.is_complex()
+            and outputs.dim() >= 3 and targets.dim() == outputs.dim() - 1
+            and targets.shape != outputs.shape[:-1]
+            and targets.shape[0] == outputs.shape[0]
+            and targets.shape[1:] == outputs.shape[2:]):
+        return outputs.movedim(1, -1)
+    return outputs
 
 
 def is_batch_list(value: Any, closure: bool = False) -> bool:

@@ -36,6 +36,7 @@ from landscape.metrics.base import Metric, register
 from landscape.metrics.context import (
     StepContext,
     batch_targets,
+    classes_last,
     ids_and_labels,
     keyword_batch,
     softmax_logits,
@@ -481,7 +482,8 @@ class Sentinels(Metric):
         z = first_tensor(output)
         if z is None or z.dim() == 0:
             raise MissingInput("sentinels: the model's output has no logits tensor")
-        z = z.detach()
+        # a segmentation map's (N, C, H, W) logits of (N, H, W) targets: classes last
+        z = classes_last(z.detach(), y if y is not None else batch_targets(kwargs))
         if self._samples is None:  # the first call: as few samples as `rows` needs
             self._samples = _samples_for_rows(z, args[0] if args else kwargs, samples,
                                               self.rows)

@@ -20,6 +20,7 @@ from landscape.capture import first_tensor
 from landscape.metrics.base import Metric, register
 from landscape.metrics.context import (
     StepContext,
+    classes_last,
     ids_and_labels,
     keyword_batch,
     softmax_logits,
@@ -212,8 +213,9 @@ class Logits(Metric):
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
         """The logit statistics of the model's output on ``self.data``."""
-        z = ctx.logits(self.data)
-        if not softmax_logits(z, ctx.given_targets(self.data)):
+        targets = ctx.given_targets(self.data)
+        z = classes_last(ctx.logits(self.data), targets)  # (N, C, H, W): classes last
+        if not softmax_logits(z, targets):
             return dict.fromkeys(self.FIELDS, math.nan)
         return logit_row(z)
 
@@ -330,6 +332,8 @@ def radius_along(
     # Hugging Face model builds no key-value cache (jvp accepts tensors only)
     call = logits_call(ctx.model, args, keywords=keywords)
     logits, tangent = logit_tangent(call, dict(zip(names, at)), dict(zip(names, direction)))
+    # a segmentation map's (N, C, H, W) logits of (N, H, W) targets: classes last
+    logits, tangent = classes_last(logits, targets), classes_last(tangent, targets)
     if not softmax_logits(logits, targets):  # a regression head, ...: r means nothing
         raise MissingInput("taylor_radius: the model's outputs are not softmax logits of "
                            "these targets (docs/conventions.md, 'Which outputs are logits')")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from landscape.metrics import PRESETS, preset
+from landscape.metrics import PRESETS, create, preset
 from landscape.monitor import Monitor
 
 
@@ -347,3 +347,58 @@ def test_a_probe_of_bare_token_batches_with_a_closure_is_several_batches():
         mon.step(step, batch=probe[0], loss=loss)
     assert np.isfinite(mon.run().series("top_eigenvalues", "eigenvalues")[1]).all()
     mon.close()
+
+
+class Segmenter(nn.Module):
+    """Per-pixel classes: (N, C, H, W) logits (``channels_last``: (N, H, W, C))."""
+
+    def __init__(self, channels_last: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+        self.channels_last = channels_last
+
+    def forward(self, x):
+        z = self.net(x)
+        return z.permute(0, 2, 3, 1) if self.channels_last else z
+
+
+def _segmentation_rows(channels_last: bool):
+    g = torch.Generator().manual_seed(5)
+    data = [(torch.randn(4, 3, 6, 6, generator=g), torch.randint(0, 4, (4, 6, 6), generator=g))
+            for _ in range(5)]
+
+    def loss_fn(out, y):  # F.cross_entropy's own layout, either way
+        return F.cross_entropy(out.permute(0, 3, 1, 2) if channels_last else out, y)
+
+    model = Segmenter(channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    metrics = ["sentinels", "logits", create("taylor_radius", schedule=1)]
+    mon = Monitor(model, loss_fn, optimizer=opt, metrics=metrics, probe=data[0], warn=False,
+                  strict=True).start()
+    for step, (x, y) in enumerate(data):
+        out = model(x)
+        loss = loss_fn(out, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mon.step(step, batch=(x, y), loss=loss, outputs=out.detach())
+    run = mon.run()
+    rows = {(m, f): np.asarray(run.series(m, f)[1]) for m in ("sentinels", "logits",
+                                                              "taylor_radius")
+            for f in run.fields(m)}
+    mon.close()
+    return rows
+
+
+def test_a_segmentation_maps_channels_first_logits_are_read_per_pixel():
+    """(N, C, H, W) logits of (N, H, W) targets, F.cross_entropy's convention: the
+    sentinels, logits and taylor_radius took them for no logits (NaN, the headline warning
+    off), where the same model with its classes last was read."""
+    first, last = _segmentation_rows(False), _segmentation_rows(True)
+    for key, values in last.items():
+        np.testing.assert_allclose(first[key], values, rtol=1e-6, equal_nan=True,
+                                   err_msg=str(key))
+    assert np.isfinite(first[("sentinels", "r_secant")][1:]).all()
+    assert np.isfinite(first[("taylor_radius", "r")]).all()
+    assert np.isfinite(first[("logits", "max_abs")]).all()
