@@ -17,6 +17,7 @@ first order in the step p (docs/monitor.md, "Sentinels").
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import warnings
 from typing import Any, Iterator, Mapping
@@ -48,6 +49,7 @@ from landscape.schedules import every
 
 __all__ = ["Sentinels", "largest_lr", "secant_ratio"]
 
+_log = logging.getLogger("landscape")
 _STATE = "sentinels.logits"  # key in the monitor's state: (step, logits of the subsample)
 
 
@@ -185,6 +187,26 @@ def _labels_are_the_ids(args: tuple, kwargs: dict, labels: torch.Tensor) -> bool
     labels = labels.to(ids.device)
     kept = labels >= 0
     return bool(kept.any()) and bool((labels == ids)[kept].all())
+
+
+def _say_not_logits(outputs: torch.Tensor, targets: Any) -> None:
+    """Say once why the sentinels read no logits (their fields stay NaN).
+
+    Integer targets that do not line up with the outputs are most likely a batch whose
+    samples are not its first dimension (a sequence-first RNN's ``(T, N, F)``): a
+    warning-level log line. A regression head or float targets are by design: info.
+    """
+    shapes = (f"the model's outputs on the probe, shape {tuple(outputs.shape)}, are not "
+              "class logits")
+    if isinstance(targets, torch.Tensor) and not targets.is_floating_point() \
+            and targets.dtype != torch.bool and outputs.dim() >= 2 and outputs.shape[-1] > 1:
+        _log.warning("landscape: sentinels: %s of its integer targets, shape %s: r_secant, "
+                     "max_abs and probe_loss are not recorded (are the samples the first "
+                     "dimension of every tensor of the batch? docs/conventions.md, \"Which "
+                     "outputs are logits\")", shapes, tuple(targets.shape))
+    else:
+        _log.info("landscape: sentinels: %s: r_secant, max_abs and probe_loss are not "
+                  "recorded (docs/conventions.md, \"Which outputs are logits\")", shapes)
 
 
 def _output_loss(output: Any) -> torch.Tensor | None:
@@ -491,8 +513,11 @@ class Sentinels(Metric):
                 self._calls, self._attention = 0, None
                 return self._logit_fields(ctx)
         if self._softmax is None:  # the probe is fixed: its outputs' kind is too
-            self._softmax = softmax_logits(z, y if y is not None else batch_targets(kwargs))
+            targets = y if y is not None else batch_targets(kwargs)
+            self._softmax = softmax_logits(z, targets)
             self._own_loss = _output_loss(output) is not None
+            if not self._softmax:
+                _say_not_logits(z, targets)
         if not self._softmax:  # a regression head, ...: no logits to read, r means nothing
             return self._other_outputs(output, attention)
         flat = z.reshape(-1, z.shape[-1]).double()

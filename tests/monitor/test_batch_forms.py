@@ -402,3 +402,45 @@ def test_a_segmentation_maps_channels_first_logits_are_read_per_pixel():
     assert np.isfinite(first[("sentinels", "r_secant")][1:]).all()
     assert np.isfinite(first[("taylor_radius", "r")]).all()
     assert np.isfinite(first[("logits", "max_abs")]).all()
+
+
+class SequenceFirst(nn.Module):
+    """An LSTM classifier on (T, N, F) inputs, classes of the last step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn = nn.LSTM(5, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.head(out[-1])
+
+
+@pytest.mark.parametrize("case", ["sequence_first", "regression"])
+def test_why_the_sentinels_read_no_logits_is_said_once(case, caplog):
+    """A sequence-first batch's subsample cut time steps, and the sentinels' fields were NaN
+    at every step without a word; a regression head's NaN is by design (info only)."""
+    import logging
+
+    if case == "sequence_first":
+        model, x, y = SequenceFirst(), torch.randn(20, 8, 5), torch.randint(0, 3, (8,))
+        loss_fn = F.cross_entropy
+    else:
+        model, x, y = nn.Linear(5, 1), torch.randn(8, 5), torch.randn(8, 1)
+        loss_fn = F.mse_loss
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = Monitor(model, loss_fn, optimizer=opt, probe=(x, y), warn=False).start()
+    with caplog.at_level(logging.INFO, logger="landscape"):
+        for step in range(3):
+            loss = loss_fn(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(step, batch=(x, y), loss=loss)
+    mon.close()
+    said = [r for r in caplog.records if "sentinels:" in r.getMessage()]
+    assert len(said) == 1 and "r_secant" in said[0].getMessage()
+    expected = logging.WARNING if case == "sequence_first" else logging.INFO
+    assert said[0].levelno == expected
