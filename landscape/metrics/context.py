@@ -205,6 +205,7 @@ def classes_last(outputs: torch.Tensor, targets: Any) -> torch.Tensor:
     if (isinstance(targets, torch.Tensor) and not targets.is_floating_point()
             and targets.dtype != torch.bool and not targets.is_complex()
             and outputs.dim() >= 3 and targets.dim() == outputs.dim() - 1
+            and outputs.shape[1] > 1  # (B, 1, V): a nanoGPT-style last position, not classes
             and targets.shape != outputs.shape[:-1]
             and targets.shape[0] == outputs.shape[0]
             and targets.shape[1:] == outputs.shape[2:]):

@@ -444,3 +444,15 @@ def test_why_the_sentinels_read_no_logits_is_said_once(case, caplog):
     assert len(said) == 1 and "r_secant" in said[0].getMessage()
     expected = logging.WARNING if case == "sequence_first" else logging.INFO
     assert said[0].levelno == expected
+
+
+def test_classes_last_keeps_outputs_whose_last_dimension_is_the_classes():
+    from landscape.metrics.context import classes_last
+
+    t = torch.randint(0, 8, (2, 8))
+    sequence = torch.randn(2, 8, 8)  # (B, T, V) with T == V: the last one is the classes
+    assert classes_last(sequence, t) is sequence
+    last_position = torch.randn(2, 1, 8)  # a nanoGPT-style forward without targets, T == V
+    assert classes_last(last_position, t) is last_position
+    per_pixel = torch.randn(2, 4, 6, 6)
+    assert classes_last(per_pixel, torch.randint(0, 4, (2, 6, 6))).shape == (2, 6, 6, 4)
