@@ -202,7 +202,8 @@ def model_call(model: Callable[..., Any], inputs: Any) -> tuple[tuple, dict[str,
       the curvature operators always did (docs/curvature.md, "Data"), when the forward
       takes that many positional arguments (or its signature cannot be read); else one
       argument (a ``forward(self, pair)``);
-    * a mapping whose keys all name parameters of a forward that has several is its
+    * a mapping whose keys all name parameters of a forward that has several (or one
+      that takes ``**kwargs`` the keys it does not name; or keyword-only ones) is its
       keyword arguments: ``(tokenizer(texts), labels)`` calls ``model(**inputs)``, as a
       training loop does; any other mapping is one argument (a ``forward(self,
       features)`` of a dict of features, also ``{"features": ...}``);
@@ -213,39 +214,61 @@ def model_call(model: Callable[..., Any], inputs: Any) -> tuple[tuple, dict[str,
         capacity = _signature(_forward_of(model))[1]
         return (inputs, {}) if capacity is None or capacity >= len(inputs) else ((inputs,), {})
     if isinstance(inputs, Mapping) and inputs and all(isinstance(k, str) for k in inputs):
-        names = _signature(_forward_of(model))[0]
-        if len(names) > 1 and set(inputs) <= names:
+        names, positional, more = _signature(_forward_of(model))
+        keys = set(inputs)
+        named = keys <= names or (more and bool(keys & names))  # **kwargs takes the rest
+        if named and (len(names) > 1 or positional == 0):
             return (), dict(inputs)
     return (inputs,), {}
 
 
 def _forward_of(model: Any) -> Any:
-    """The ``forward`` whose signature says how ``model(...)`` is called.
+    """The ``forward`` whose signature says how ``model(...)`` is called (None: unknown).
 
-    Wrappers whose own forward takes ``*args, **kwargs`` and passes them on to the one
-    module they hold (DDP, FSDP, a PEFT model without a task, ``torch.compile``) are looked
-    through, a few levels deep; a callable that is no module is itself.
+    Wrappers whose own forward takes ``*args, **kwargs`` and passes them on are looked
+    through: DDP, ``DataParallel`` and ``torch.compile`` (:func:`~landscape.distributed.unwrap`),
+    FSDP's ``FullyShardedDataParallel`` and a PEFT model (its base model's forward). A
+    TorchScript module's forward has no Python signature: unknown. A callable that is no
+    module is itself.
     """
     if not isinstance(model, torch.nn.Module):
         return model
     module = unwrap(model)
     for _ in range(4):
-        forward = type(module).forward
-        children = list(module.children())
-        if not _signature(forward)[2] or len(children) != 1:
-            return forward
-        module = children[0]
-    return type(module).forward
+        inner = _wrapped(module)
+        if inner is None:
+            break
+        module = inner
+    if isinstance(module, torch.jit.ScriptModule):
+        return None
+    return getattr(type(module), "forward", None)
+
+
+def _wrapped(module: torch.nn.Module) -> torch.nn.Module | None:
+    """The module a known pass-through wrapper holds, else None."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - a torch without distributed
+        FullyShardedDataParallel = ()  # type: ignore[assignment,misc]
+    if isinstance(module, FullyShardedDataParallel):
+        return module.module
+    get_base = getattr(module, "get_base_model", None)  # a PEFT model (and its tuners)
+    if callable(get_base) and type(module).__module__.startswith("peft."):
+        base = get_base()
+        return base if isinstance(base, torch.nn.Module) and base is not module else None
+    return None
 
 
 @functools.lru_cache(maxsize=256)
-def _signature(function: Callable[..., Any]) -> tuple[frozenset[str], int | None, bool]:
-    """``(names, positional, passes_on)`` of ``function``'s parameters, ``self`` left out.
+def _signature(function: Callable[..., Any] | None) -> tuple[frozenset[str], int | None, bool]:
+    """``(names, positional, more)`` of ``function``'s parameters, ``self`` left out.
 
     ``names``: those a keyword can name; ``positional``: how many positional arguments it
-    takes (None: any number, ``*args``, or a signature that cannot be read);
-    ``passes_on``: it takes nothing but ``*args`` and ``**kwargs`` (a wrapper's forward).
+    takes (None: any number, ``*args``, or no signature to read); ``more``: it takes
+    ``**kwargs``.
     """
+    if function is None:
+        return frozenset(), None, False
     try:
         parameters = [p for n, p in inspect.signature(function).parameters.items()
                       if n != "self"]
@@ -257,6 +280,4 @@ def _signature(function: Callable[..., Any]) -> tuple[frozenset[str], int | None
     varargs = any(p.kind == kind.VAR_POSITIONAL for p in parameters)
     positional = None if varargs else sum(
         p.kind in (kind.POSITIONAL_ONLY, kind.POSITIONAL_OR_KEYWORD) for p in parameters)
-    passes_on = bool(parameters) and all(
-        p.kind in (kind.VAR_POSITIONAL, kind.VAR_KEYWORD) for p in parameters)
-    return names, positional, passes_on
+    return names, positional, any(p.kind == kind.VAR_KEYWORD for p in parameters)

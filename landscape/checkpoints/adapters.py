@@ -202,9 +202,10 @@ def build_model(folder: Path, base: nn.Module | None = None) -> nn.Module:
 
 _SETUP_ONLY = {"base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
                "peft_version", "init_lora_weights", "lora_dropout", "loftq_config",
-               "eva_config", "corda_config", "lora_ga_config", "runtime_config"}
+               "eva_config", "corda_config", "lora_ga_config", "runtime_config", "task_type"}
 """Adapter-config fields that do not change the function the adapters compute: where the
-base came from, how the adapters were initialised, dropout (off in the measurements)."""
+base came from, how the adapters were initialised, dropout (off in the measurements), the
+task (the heads it saves are ``modules_to_save``, compared on their own)."""
 
 
 def _comparable(value: Any) -> Any:

@@ -86,10 +86,14 @@ def expand(paths: Sequence[str | Path]) -> list[Path]:
             out.append(p)
         elif subs := hf.trainer_checkpoints(p):
             out.extend(subs)
-            out.extend(_final_save(p, subs[-1], hf.is_model_folder(p), "model"))
+            out.extend(_final_save(p, subs[-1], p if hf.is_model_folder(p) else None,
+                                   "model"))
         elif subs := adapters.trainer_checkpoints(p):  # a PEFT model's Trainer folder
             out.extend(subs)
-            out.extend(_final_save(p, subs[-1], adapters.is_adapter_folder(p), "adapters"))
+            # the adapters save_model() wrote: into the folder itself, or a named one's
+            # subfolder (out/task/)
+            out.extend(_final_save(p, subs[-1], adapters.chosen_adapter(p, warn=False),
+                                   "adapters"))
         elif hf.is_model_folder(p):
             out.append(p)
         elif chosen := adapters.chosen_adapter(p):
@@ -106,18 +110,19 @@ def expand(paths: Sequence[str | Path]) -> list[Path]:
     return out
 
 
-def _final_save(folder: Path, last: Path, saved: bool, what: str) -> list[Path]:
+def _final_save(folder: Path, last: Path, saved: Path | None, what: str) -> list[Path]:
     """The weights a final ``trainer.save_model()`` wrote into a Trainer output folder.
 
     Counted when ``trainer_state.json`` (``trainer.save_state()``) dates them after the
-    last checkpoint folder; left out with a warning otherwise. ``saved``: the folder holds
-    such weights (``what``: the model, or a PEFT model's adapters).
+    last checkpoint folder; left out with a warning otherwise. ``saved``: where in the
+    folder such weights are (None: nowhere; ``what``: the model, or a PEFT model's
+    adapters).
     """
-    if not saved:
+    if saved is None:
         return []
     final, step = hf.saved_step(folder), hf.folder_step(adapters.checkpoint_folder(last))
     if final is not None and step is not None and final > step:
-        return [folder]
+        return [saved]
     warnings.warn(
         f"{folder}: the {what} saved in the folder itself (trainer.save_model()) are left "
         f"out, only its checkpoint-N/ folders are read: no trainer_state.json there dates "

@@ -213,24 +213,22 @@ def classes_last(outputs: torch.Tensor, targets: Any) -> torch.Tensor:
     return outputs
 
 
-def is_batch_list(value: Any, closure: bool = False) -> bool:
+def is_batch_list(value: Any) -> bool:
     """Whether ``value`` is a list of batches; a collated ``[inputs, targets]`` list is one batch.
+
+    A list of bare tensors is one collated batch too, even when its tensors share a shape
+    and dtype (a language model's ``[ids[:-1], ids[1:]]``, an autoencoder's ``[x_noisy,
+    x]``): several bare-tensor batches cannot be told from it, and are given as one
+    tensor (their concatenation: the operators weigh batches by their size anyway).
 
     Args:
         value: a batch or a list of batches.
-        closure: batches go to a closure, which may take bare tensors: then a list of two
-            or more tensors of one shape and dtype is batches of them (token ids), where a
-            collated ``[inputs, targets]`` list holds tensors of other shapes or dtypes.
 
     Returns:
-        True for a non-empty list whose items are all batches.
+        True for a non-empty list whose items are all batches (tuples, lists or dicts).
     """
-    if not isinstance(value, list) or not value:
-        return False
-    if all(isinstance(b, (tuple, list, dict)) for b in value):
-        return True
-    return (closure and len(value) > 1 and all(isinstance(b, torch.Tensor) for b in value)
-            and len({(b.shape, b.dtype) for b in value}) == 1)
+    return (isinstance(value, list) and len(value) > 0
+            and all(isinstance(b, (tuple, list, dict)) for b in value))
 
 
 def _concat(parts: list[Captured]) -> Captured:
@@ -388,7 +386,7 @@ class StepContext:
             The batches.
         """
         value = self.data(source)
-        return list(value) if is_batch_list(value, self.closure is not None) else [value]
+        return list(value) if is_batch_list(value) else [value]
 
     def targets(self, source: str) -> torch.Tensor:
         """Targets of ``source``, concatenated over its batches.
@@ -597,7 +595,7 @@ class StepContext:
             data = self.data(source)
             # one batch or a list of batches, read as the metrics read it (batches()): the
             # operator's own guess takes a collated [x, y] list for two batches of a closure
-            several = is_batch_list(data, self.closure is not None)
+            several = is_batch_list(data)
             if self.closure is None:  # loss_fn(model(x), y): a {"x": ..., "y": ...} batch too
                 data = [_as_pair(b) for b in data] if several else _as_pair(data)
             op = curvature.Hessian(

@@ -189,24 +189,30 @@ def _labels_are_the_ids(args: tuple, kwargs: dict, labels: torch.Tensor) -> bool
     return bool(kept.any()) and bool((labels == ids)[kept].all())
 
 
-def _say_not_logits(outputs: torch.Tensor, targets: Any) -> None:
+def _say_not_logits(outputs: torch.Tensor, batch: Any) -> None:
     """Say once why the sentinels read no logits (their fields stay NaN).
 
-    Integer targets that do not line up with the outputs are most likely a batch whose
-    samples are not its first dimension (a sequence-first RNN's ``(T, N, F)``): a
-    warning-level log line. A regression head or float targets are by design: info.
+    A warning-level log line when the batch's inputs and integer targets disagree on their
+    first dimension: most likely its samples are not that dimension (a sequence-first
+    RNN's ``(T, N, F)`` inputs of ``(N,)`` targets), which every consumer takes for them.
+    Anything else is by design (a regression head, multi-hot labels, a map at another
+    resolution, outputs that are no tensor of logits): info.
     """
-    shapes = (f"the model's outputs on the probe, shape {tuple(outputs.shape)}, are not "
-              "class logits")
-    if isinstance(targets, torch.Tensor) and not targets.is_floating_point() \
-            and targets.dtype != torch.bool and outputs.dim() >= 2 and outputs.shape[-1] > 1:
-        _log.warning("landscape: sentinels: %s of its integer targets, shape %s: r_secant, "
-                     "max_abs and probe_loss are not recorded (are the samples the first "
-                     "dimension of every tensor of the batch? docs/conventions.md, \"Which "
-                     "outputs are logits\")", shapes, tuple(targets.shape))
+    what = (f"the model's outputs on the probe, shape {tuple(outputs.shape)}, are not class "
+            "logits of its targets: r_secant, max_abs and probe_loss are not recorded")
+    inputs, targets = split_batch(batch) if isinstance(batch, (tuple, list)) \
+        and len(batch) == 2 else (None, None)
+    first = first_tensor(inputs) if inputs is not None else None
+    if (isinstance(targets, torch.Tensor) and isinstance(first, torch.Tensor)
+            and targets.dim() > 0 and first.dim() > 0 and not targets.is_floating_point()
+            and targets.dtype != torch.bool and first.shape[0] != targets.shape[0]):
+        _log.warning("landscape: sentinels: %s; the batch's inputs have %d rows in their "
+                     "first dimension and its targets %d: are the samples the first "
+                     "dimension of every tensor of the batch? (docs/conventions.md, \"Which "
+                     "outputs are logits\")", what, first.shape[0], targets.shape[0])
     else:
-        _log.info("landscape: sentinels: %s: r_secant, max_abs and probe_loss are not "
-                  "recorded (docs/conventions.md, \"Which outputs are logits\")", shapes)
+        _log.info("landscape: sentinels: %s (docs/conventions.md, \"Which outputs are "
+                  "logits\")", what)
 
 
 def _output_loss(output: Any) -> torch.Tensor | None:
@@ -517,7 +523,7 @@ class Sentinels(Metric):
             self._softmax = softmax_logits(z, targets)
             self._own_loss = _output_loss(output) is not None
             if not self._softmax:
-                _say_not_logits(z, targets)
+                _say_not_logits(z, batch)
         if not self._softmax:  # a regression head, ...: no logits to read, r means nothing
             return self._other_outputs(output, attention)
         flat = z.reshape(-1, z.shape[-1]).double()

@@ -242,6 +242,10 @@ def test_a_named_adapter_reads_its_step_and_optimizer_from_its_checkpoint(lora_r
     opened = open_checkpoints([out])
     assert [(c.step, c.path.name) for c in opened.checkpoints] == [(12, "task"), (24, "task")]
     assert all(c.optimizer for c in opened.checkpoints)  # the Trainer's AdamW state
+    # a final save_model() of the named adapter: out/task/, dated by trainer_state.json
+    shutil.copytree(out / "checkpoint-24" / "task", out / "task")
+    (out / "trainer_state.json").write_text(json.dumps({"global_step": 30}))
+    assert [c.step for c in open_checkpoints([out]).checkpoints] == [12, 24, 30]
     reference = open_checkpoints([lora_run["out"] / "checkpoint-24"])
     load_state_into(opened.model, opened.checkpoints[1])
     load_state_into(reference.model, reference.checkpoints[0])

@@ -299,8 +299,9 @@ def test_model_call_reads_the_forward_signature():
     assert model_call(Features(), {"x": t}) == (({"x": t},), {})
     ids = {"input_ids": t, "attention_mask": t}
     assert model_call(Tagger(), ids) == ((), ids)
-    assert model_call(PassesOn(PassesOn(Tagger())), ids) == ((), ids)  # looked through
-    assert model_call(PassesOn(Tagger()), {"other": t}) == (({"other": t},), {})
+    # a wrapper of the user's own is not looked through (a forward(*xs) holding one child
+    # is as likely a model of several inputs, StarInputs below): the dict is one argument
+    assert model_call(PassesOn(Tagger()), ids) == ((ids,), {})
 
 
 @pytest.mark.parametrize("make", [Pair, Features])
@@ -326,3 +327,44 @@ def test_a_forward_taking_its_inputs_as_one_argument_keeps_working(make):
     assert np.isfinite(run.series("sentinels", "r_secant")[1][1:]).all()
     assert np.isfinite(run.series("top_eigenvalues", "eigenvalues")[1]).all()
     mon.close()
+
+
+class StarInputs(nn.Module):
+    """A model of several inputs whose forward takes *xs, holding one child: a real model,
+    not a wrapper to look through (its child takes one argument)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = nn.Linear(7, 3)
+
+    def forward(self, *xs):
+        return self.head(torch.cat(xs, 1))
+
+
+def test_a_forward_of_star_args_is_no_wrapper():
+    from landscape.batches import model_call
+
+    t1, t2 = torch.zeros(2, 5), torch.zeros(2, 2)
+    assert model_call(StarInputs(), (t1, t2)) == ((t1, t2), {})
+
+
+def test_a_scripted_model_keeps_its_tuple_unpacked():
+    """A TorchScript module's forward has no Python signature: reading it raised."""
+    from landscape.batches import model_call
+
+    scripted = torch.jit.script(TwoInputs())
+    t1, t2 = torch.zeros(2, 5), torch.zeros(2, 2)
+    assert model_call(scripted, (t1, t2)) == ((t1, t2), {})
+    assert model_call(scripted, {"x1": t1, "x2": t2}) == (({"x1": t1, "x2": t2},), {})
+
+
+def test_a_dict_of_more_keys_than_named_goes_to_a_forward_taking_kwargs():
+    from landscape.batches import model_call
+
+    class Kw(nn.Module):
+        def forward(self, input_ids, attention_mask=None, **kwargs):
+            return input_ids
+
+    keys = {"input_ids": torch.zeros(2, 3), "token_type_ids": torch.zeros(2, 3)}
+    assert model_call(Kw(), keys) == ((), keys)
