@@ -417,3 +417,29 @@ def test_spectral_alignment_leaves_out_the_unused_copy_of_a_saved_head():
     rows = mon.run().series("spectral_alignment", "minority")[1]
     mon.close()
     assert np.isfinite(rows).all()
+
+
+def test_a_task_type_alone_is_no_other_configuration(lora_run, tmp_path):
+    """The same adapters as a PeftModelForCausalLM (task_type set; the run saved none)
+    compute the same function: they were refused as another configuration."""
+    factories = tmp_path / "task.py"
+    factories.write_text(textwrap.dedent(f"""
+        from peft import LoraConfig, get_peft_model
+        from transformers import GPT2LMHeadModel
+
+        def model():
+            base = GPT2LMHeadModel.from_pretrained({str(lora_run["base"])!r})
+            return get_peft_model(base, LoraConfig(
+                r=2, lora_alpha=4, target_modules=["c_attn"], lora_dropout=0.0,
+                fan_in_fan_out=True, task_type="CAUSAL_LM"))
+    """))
+    values = []
+    for extra in ([], ["--model", f"{factories}:model"]):
+        out = tmp_path / f"r{len(values)}.h5"
+        result = _invoke(["analyze", lora_run["out"] / "checkpoint-24", "--tokens",
+                          lora_run["root"] / "ids.npy", *LM, "-m", "top_eigenvalues", "-k", "1",
+                          *extra, "-o", out, "-q"])
+        assert result.exit_code == 0, result.output
+        with ls.Run.open(out) as run:
+            values.append(run.series("top_eigenvalues", "eigenvalues")[1])
+    np.testing.assert_allclose(values[1], values[0], rtol=1e-6)
