@@ -11,7 +11,7 @@ from torch import nn
 
 from landscape._errors import LandscapeError
 
-__all__ = ["is_causal_lm", "is_pretrained_model", "model_loss", "uses_causal_lm_loss"]
+__all__ = ["is_causal_lm", "is_pretrained_model", "model_loss", "peft_base", "uses_causal_lm_loss"]
 
 
 def model_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -67,7 +67,7 @@ def is_pretrained_model(model: nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
-def _peft_base(model: nn.Module) -> nn.Module:
+def peft_base(model: nn.Module) -> nn.Module:
     """The transformers model a PEFT model wraps (``get_base_model()``), else ``model``.
 
     A ``PeftModelForCausalLM`` passes its batch to the model it wraps, whose loss it
@@ -100,7 +100,7 @@ def is_causal_lm(model: nn.Module) -> bool:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     except ImportError:  # pragma: no cover - very old transformers
         return False
-    return type(_peft_base(model)).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    return type(peft_base(model)).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 def uses_causal_lm_loss(model: nn.Module) -> bool:
@@ -118,7 +118,7 @@ def uses_causal_lm_loss(model: nn.Module) -> bool:
     Returns:
         True when a batch's weight in its loss is ``(labels[..., 1:] != -100).sum()``.
     """
-    model = _peft_base(model)
+    model = peft_base(model)
     if not is_causal_lm(model) or "_loss_function" in vars(model):
         return False
     forward = inspect.unwrap(type(model).forward)

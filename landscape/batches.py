@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from landscape._hf import peft_base
 from landscape.distributed import unwrap
 
 __all__ = [
@@ -252,11 +253,8 @@ def _wrapped(module: torch.nn.Module) -> torch.nn.Module | None:
         FullyShardedDataParallel = ()  # type: ignore[assignment,misc]
     if isinstance(module, FullyShardedDataParallel):
         return module.module
-    get_base = getattr(module, "get_base_model", None)  # a PEFT model (and its tuners)
-    if callable(get_base) and type(module).__module__.startswith("peft."):
-        base = get_base()
-        return base if isinstance(base, torch.nn.Module) and base is not module else None
-    return None
+    base = peft_base(module)
+    return base if base is not module else None
 
 
 @functools.lru_cache(maxsize=256)

@@ -67,7 +67,11 @@ def chosen_adapter(folder: Path, warn: bool = True) -> Path | None:
     Raises:
         LandscapeError: several named adapters and no ``default`` one.
     """
-    found = saved_adapters(folder)
+    return _choose(folder, saved_adapters(folder), warn)
+
+
+def _choose(folder: Path, found: dict[str, Path], warn: bool) -> Path | None:
+    """:func:`chosen_adapter` of ``folder``, whose :func:`saved_adapters` are ``found``."""
     if len(found) <= 1:
         return next(iter(found.values()), None)
     others = ", ".join(str(path) for name, path in found.items() if name != "default")
@@ -87,11 +91,16 @@ def trainer_checkpoints(path: Path) -> list[Path]:
     Each ``checkpoint-<step>`` folder's :func:`chosen_adapter`; several adapters per
     checkpoint are warned about once for the whole folder.
     """
-    found = hf.trainer_checkpoints(path, accept=lambda p: bool(saved_adapters(p)))
-    chosen = [c for p in found if (c := chosen_adapter(p, warn=False)) is not None]
-    named = [sorted(set(saved_adapters(p)) - {"default"}) for p in found
-             if (p / _CONFIG).is_file()]  # a checkpoint whose default adapter is read
-    names = sorted({n for ns in named for n in ns})
+    held: dict[Path, dict[str, Path]] = {}  # each checkpoint folder's adapters, read once
+
+    def holds_adapters(folder: Path) -> bool:
+        held[folder] = saved_adapters(folder)
+        return bool(held[folder])
+
+    found = hf.trainer_checkpoints(path, accept=holds_adapters)
+    chosen = [c for p in found if (c := _choose(p, held[p], warn=False)) is not None]
+    # the other adapters of checkpoints whose default one is read
+    names = sorted({n for p in found if "default" in held[p] for n in held[p]} - {"default"})
     if names:  # once for the whole folder
         others = ", ".join(f"{path}/checkpoint-*/{n}" for n in names)
         warnings.warn(f"{path}: its checkpoints hold several PEFT adapters (default, "

@@ -510,8 +510,9 @@ class Sentinels(Metric):
         z = first_tensor(output)
         if z is None or z.dim() == 0:
             raise MissingInput("sentinels: the model's output has no logits tensor")
+        targets = y if y is not None else batch_targets(kwargs)
         # a segmentation map's (N, C, H, W) logits of (N, H, W) targets: classes last
-        z = classes_last(z.detach(), y if y is not None else batch_targets(kwargs))
+        z = classes_last(z.detach(), targets)
         if self._samples is None:  # the first call: as few samples as `rows` needs
             self._samples = _samples_for_rows(z, args[0] if args else kwargs, samples,
                                               self.rows)
@@ -519,7 +520,6 @@ class Sentinels(Metric):
                 self._calls, self._attention = 0, None
                 return self._logit_fields(ctx)
         if self._softmax is None:  # the probe is fixed: its outputs' kind is too
-            targets = y if y is not None else batch_targets(kwargs)
             self._softmax = softmax_logits(z, targets)
             self._own_loss = _output_loss(output) is not None
             if not self._softmax:
@@ -615,7 +615,7 @@ class Sentinels(Metric):
             self._keywords = False
             args, kwargs, y = _call_parts(ctx.model, batch, samples, False)
             output, attention = self._forward(ctx.model, args, kwargs, ctx.modules)
-        if kwargs:
+        if kwargs and keyword_batch(batch):  # (not the inputs dict of an (inputs, y) pair)
             self._keywords = True
             if self._labels is None:
                 self._labels = True
