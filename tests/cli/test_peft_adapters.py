@@ -125,20 +125,23 @@ def test_analyze_a_lora_trainer_folder_by_default(lora_run, tmp_path):
         assert top == pytest.approx(dense, rel=1e-5), step
 
 
+def _eigenvalues_of_checkpoint_24(lora_run, out, *extra):
+    """The top-2 eigenvalues ``analyze`` records for checkpoint-24 (``extra``: options)."""
+    result = _invoke(["analyze", lora_run["out"] / "checkpoint-24", "--tokens",
+                      lora_run["root"] / "ids.npy", *LM, "-m", "top_eigenvalues", "-k", "2",
+                      *extra, "-o", out])
+    assert result.exit_code == 0, result.output
+    with ls.Run.open(out) as run:
+        return run.series("top_eigenvalues", "eigenvalues")[1]
+
+
 @pytest.mark.parametrize("factory", ["base", "lora_model"])
 def test_a_model_factory_gives_the_base_or_the_peft_model(lora_run, tmp_path, factory):
     """--model may build the base model (the adapters go on it) or the PEFT model itself."""
-    rows = []
-    given = ["--model", f"{lora_run['factories']}:{factory}"]
-    for name, extra in (("default", []), (factory, given)):
-        out = tmp_path / f"{name}.h5"
-        result = _invoke(["analyze", lora_run["out"] / "checkpoint-24", "--tokens",
-                          lora_run["root"] / "ids.npy", *LM, "-m", "top_eigenvalues", "-k", "2",
-                          *extra, "-o", out])
-        assert result.exit_code == 0, result.output
-        with ls.Run.open(out) as run:
-            rows.append(run.series("top_eigenvalues", "eigenvalues")[1])
-    np.testing.assert_allclose(rows[1], rows[0], rtol=1e-6)
+    default = _eigenvalues_of_checkpoint_24(lora_run, tmp_path / "default.h5")
+    given = _eigenvalues_of_checkpoint_24(lora_run, tmp_path / f"{factory}.h5", "--model",
+                                          f"{lora_run['factories']}:{factory}")
+    np.testing.assert_allclose(given, default, rtol=1e-6)
 
 
 def _one_line_error(result, *fragments):
@@ -433,13 +436,7 @@ def test_a_task_type_alone_is_no_other_configuration(lora_run, tmp_path):
                 r=2, lora_alpha=4, target_modules=["c_attn"], lora_dropout=0.0,
                 fan_in_fan_out=True, task_type="CAUSAL_LM"))
     """))
-    values = []
-    for extra in ([], ["--model", f"{factories}:model"]):
-        out = tmp_path / f"r{len(values)}.h5"
-        result = _invoke(["analyze", lora_run["out"] / "checkpoint-24", "--tokens",
-                          lora_run["root"] / "ids.npy", *LM, "-m", "top_eigenvalues", "-k", "1",
-                          *extra, "-o", out, "-q"])
-        assert result.exit_code == 0, result.output
-        with ls.Run.open(out) as run:
-            values.append(run.series("top_eigenvalues", "eigenvalues")[1])
-    np.testing.assert_allclose(values[1], values[0], rtol=1e-6)
+    default = _eigenvalues_of_checkpoint_24(lora_run, tmp_path / "default.h5")
+    given = _eigenvalues_of_checkpoint_24(lora_run, tmp_path / "task.h5", "--model",
+                                          f"{factories}:model")
+    np.testing.assert_allclose(given, default, rtol=1e-6)
