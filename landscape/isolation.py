@@ -39,10 +39,10 @@ from torch.nn.utils import parametrize
 from landscape.distributed import unwrap
 
 __all__ = [
-    "EAGER_COMPILED", "ClosureModule", "buffers_kept", "differentiable", "eager_compiled_code",
-    "isolated", "loader_randomness_kept", "measuring", "no_grad_forward", "normalises_by_batch",
-    "on_batch_statistics", "same_rng",
-    "sdpa_math", "stateless_call", "stateless_closure",
+    "AUTOCAST_DEVICES", "EAGER_COMPILED", "ClosureModule", "autocast_off", "buffers_kept",
+    "differentiable", "eager_compiled_code", "isolated", "loader_randomness_kept", "measuring",
+    "no_grad_forward", "normalises_by_batch", "on_batch_statistics", "same_rng", "sdpa_math",
+    "stateless_call", "stateless_closure", "without_autocast",
 ]
 
 
@@ -74,6 +74,51 @@ def eager_compiled_code() -> contextlib.AbstractContextManager[Any]:
             or torch.compiler.is_compiling()):  # dynamo refuses to trace set_stance
         return contextlib.nullcontext()
     return set_stance("force_eager")
+
+
+AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+"""The device types :func:`autocast_off` looks at when it is given none."""
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether ``torch.autocast`` is on for ``device_type`` here."""
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # torch < 2.4: no device type argument
+        if device_type == "cpu":
+            return bool(torch.is_autocast_cpu_enabled())
+        return device_type == "cuda" and bool(torch.is_autocast_enabled())
+    except RuntimeError:  # a device type autocast does not know
+        return False
+
+
+@contextlib.contextmanager
+def autocast_off(device_types: Iterable[str] = AUTOCAST_DEVICES) -> Iterator[None]:
+    """``torch.autocast`` off inside the block, for each of ``device_types`` it is on for.
+
+    A training loop may call the monitor inside its own ``torch.autocast`` block. The
+    diagnostics would then run in the autocast dtype (the products, and the solvers' own
+    matrix products), and a forward pass would read the low-precision copies of the
+    weights that autocast caches until its block ends: copies made before the optimizer
+    step, so one step late. With autocast off they read the weights themselves, in the
+    model's dtype, as they do when called outside the block (docs/curvature.md,
+    "Precision"). Where autocast is off already nothing is entered: leaving an outermost
+    autocast block clears its cache.
+    """
+    with contextlib.ExitStack() as stack:
+        for device_type in sorted(set(device_types)):
+            if _autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
+
+
+def without_autocast(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run under :func:`autocast_off` (the solvers called inside a training loop)."""
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with autocast_off():
+            return fn(*args, **kwargs)
+    return run
 
 
 def _cuda_devices(modules: list[nn.Module]) -> list[int]:
@@ -459,13 +504,16 @@ def isolated(
     written = written_in_forward(modules) if outermost else []
     saved = [w.detach().clone() for w in written]
     eager = eager_compiled_code() if outermost else contextlib.nullcontext()
+    # measured in the model's dtype, on the weights themselves, inside a caller's autocast
+    autocast = (autocast_off({"cpu", *(p.device.type for p in params)}) if outermost
+                else contextlib.nullcontext())
     # Python's generator too (a layer-drop drawn with random.uniform before the model tests
     # self.training: older Hugging Face encoders); 10 us. NumPy's global one is not (60 us)
     python_rng = random.getstate() if outermost else None
     # and the generators that modules hold themselves (a noise layer seeded per module)
     own_rng = ([(g, g.get_state()) for g in module_generators(unwrap(model), modules)]
                if outermost else [])
-    with torch.random.fork_rng(devices=_cuda_devices(modules)), eager:
+    with torch.random.fork_rng(devices=_cuda_devices(modules)), eager, autocast:
         try:
             if outermost:
                 _OUTERMOST[key] = (modules, modes)

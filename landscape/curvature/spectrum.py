@@ -38,6 +38,7 @@ from landscape.curvature.memory import (
     plan_probes,
 )
 from landscape.curvature.trace import TraceResult, hessian_trace
+from landscape.isolation import without_autocast
 from landscape.params import Vector, flatten
 
 __all__ = [
@@ -162,6 +163,7 @@ def _warm_rows(warm_start: Any, op: CurvatureOperator, which: str) -> torch.Tens
     return torch.stack(rows)
 
 
+@without_autocast
 @renamed_kwargs(max_iter="max_matvec", min_iter="min_matvec")
 def top_eigenvalues(
     op: CurvatureOperator,
@@ -476,6 +478,7 @@ def smoothed_density(
     return grid_t, gaussian_density(nodes, weights, grid_t, sigma), float(sigma)
 
 
+@without_autocast
 @renamed_kwargs(n_iter="lanczos_steps")
 def spectral_density(
     op: CurvatureOperator,

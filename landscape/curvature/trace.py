@@ -26,6 +26,7 @@ from landscape.curvature.memory import (
     check_budget,
     plan_probes,
 )
+from landscape.isolation import without_autocast
 
 __all__ = ["TraceResult", "hessian_trace", "trace_memory"]
 
@@ -76,6 +77,7 @@ def _mean_and_stderr(samples: torch.Tensor) -> tuple[float, float]:
     return mean, float(samples.std(unbiased=True)) / math.sqrt(n)
 
 
+@without_autocast
 def hessian_trace(
     op: CurvatureOperator,
     method: str = "krylov",
