@@ -42,7 +42,7 @@ __all__ = [
     "AUTOCAST_DEVICES", "EAGER_COMPILED", "ClosureModule", "autocast_off", "buffers_kept",
     "differentiable", "eager_compiled_code", "isolated", "loader_randomness_kept", "measuring",
     "no_grad_forward", "normalises_by_batch", "on_batch_statistics", "same_rng", "sdpa_math",
-    "stateless_call", "stateless_closure", "without_autocast",
+    "stateless_call", "stateless_closure", "torch_notes_hidden", "without_autocast",
 ]
 
 
@@ -507,13 +507,14 @@ def isolated(
     # measured in the model's dtype, on the weights themselves, inside a caller's autocast
     autocast = (autocast_off({"cpu", *(p.device.type for p in params)}) if outermost
                 else contextlib.nullcontext())
+    notes = torch_notes_hidden() if outermost else contextlib.nullcontext()
     # Python's generator too (a layer-drop drawn with random.uniform before the model tests
     # self.training: older Hugging Face encoders); 10 us. NumPy's global one is not (60 us)
     python_rng = random.getstate() if outermost else None
     # and the generators that modules hold themselves (a noise layer seeded per module)
     own_rng = ([(g, g.get_state()) for g in module_generators(unwrap(model), modules)]
                if outermost else [])
-    with torch.random.fork_rng(devices=_cuda_devices(modules)), eager, autocast:
+    with torch.random.fork_rng(devices=_cuda_devices(modules)), eager, autocast, notes:
         try:
             if outermost:
                 _OUTERMOST[key] = (modules, modes)
@@ -577,16 +578,51 @@ def differentiable() -> Iterator[None]:
         yield
 
 
+TORCH_NOTES = (
+    # torch.utils.checkpoint(use_reentrant=True) run without gradients (a no-grad forward)
+    "None of the inputs have requires_grad",
+    # vmap of an op without a batching rule (a weight_norm parametrization's backward)
+    "There is a performance drop because we have not yet implemented the batching rule",
+)
+"""The starts of torch's warnings about how a measurement calls the model, which
+:func:`torch_notes_hidden` leaves out: they concern no code of the user's."""
+
+
+@contextlib.contextmanager
+def torch_notes_hidden() -> Iterator[None]:
+    """Leave out torch's :data:`TORCH_NOTES` raised inside the block; show every other warning.
+
+    A measurement calls the model in ways training does not: a reentrant activation
+    checkpoint warns that no input needs gradients in a no-grad forward pass, and
+    ``vmap`` of the batched products warns of a slow fallback. The notes are dropped at
+    ``warnings.showwarning``, not by a filter: entering ``warnings.catch_warnings`` resets
+    Python's once-per-location registry, so the training loop's own warnings would be shown
+    again after every measurement.
+    """
+    shown = warnings.showwarning
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        if not str(message).startswith(TORCH_NOTES):
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 @contextlib.contextmanager
 def no_grad_forward() -> Iterator[None]:
     """``torch.no_grad()`` without the note of a reentrant checkpoint that no input needs grad.
 
     ``torch.utils.checkpoint`` (``use_reentrant=True``) warns "None of the inputs have
     requires_grad=True" whenever it runs without gradients; in a forward that is meant to
-    run without them (a loss value, a logit difference) the note misleads.
+    run without them (a loss value, a logit difference) the note misleads
+    (:func:`torch_notes_hidden`).
     """
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="None of the inputs have requires_grad")
+    with torch.no_grad(), torch_notes_hidden():
         yield
 
 

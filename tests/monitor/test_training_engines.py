@@ -4,6 +4,12 @@ Each test is a setup a training loop uses, checked against the same measurement 
 """
 
 import contextlib
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,3 +109,86 @@ def test_autocast_off_enters_nothing_where_autocast_is_off(monkeypatch):
             assert not torch.is_autocast_enabled("cpu")
         assert torch.is_autocast_enabled("cpu")
     assert len(entered) == 1
+
+
+class _Checkpointed(nn.Module):
+    """An MLP whose middle block runs under activation checkpointing."""
+
+    def __init__(self, reentrant):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.head = nn.Linear(12, 16), nn.Linear(16, 5)
+        self.block = nn.Sequential(nn.Linear(16, 16), nn.Tanh())
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        return self.head(checkpoint(self.block, self.inp(x), use_reentrant=self.reentrant))
+
+
+@pytest.mark.parametrize("metrics", [None, ["sharpness"]], ids=["default", "sharpness"])
+def test_a_reentrant_checkpoint_raises_no_torch_note_from_the_monitors_passes(metrics):
+    # "None of the inputs have requires_grad=True" concerns the monitor's no-grad forward
+    # passes (and the first-order products' losses), not the user's training
+    model = _Checkpointed(reentrant=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    data = _batches(4)
+    kw = {} if metrics is None else {"metrics": metrics, "probe": data[0]}
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with Monitor(model, F.cross_entropy, None, optimizer=opt, warn=False, **kw) as mon:
+            for step, (x, y) in enumerate(data):
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                warnings.warn("the loop's own note", stacklevel=1)  # still shown
+                mon.step(step, batch=(x, y), loss=loss)
+            rows = mon.run().series("sentinels" if metrics is None else "sharpness",
+                                    "probe_loss" if metrics is None else "lambda_max")[1]
+    notes = [str(w.message) for w in seen]
+    assert not [n for n in notes if "requires_grad" in n], notes
+    assert notes.count("the loop's own note") == 4
+    assert np.isfinite(rows).all()
+
+
+def test_a_weight_norm_layer_raises_no_vmap_note_from_the_batched_products():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(12, 16)), nn.Tanh(),
+                          nn.Linear(16, 5))
+    op = ls.Hessian(model, F.cross_entropy, _batches(1)[0])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trace = ls.hessian_trace(op, n_matvec=8)
+    assert not [w for w in seen if "batching rule" in str(w.message)]
+    assert math.isfinite(trace.value)
+
+
+SHOWN_ONCE = """
+import warnings, torch, torch.nn.functional as F
+import landscape as ls
+from tests.monitor.test_training_engines import _Checkpointed, _batches
+model = _Checkpointed(reentrant=True)
+opt = torch.optim.SGD(model.parameters(), lr=0.05)
+data = _batches(4)
+mon = ls.Monitor(model, F.cross_entropy, None, optimizer=opt, warn=False,
+                 metrics=["sharpness"], probe=data[0])
+for step, (x, y) in enumerate(data):
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad(); loss.backward(); opt.step()
+    warnings.warn("the loop's own note")
+    mon.step(step, batch=(x, y), loss=loss)
+mon.close()
+"""
+
+
+def test_the_loops_own_warnings_are_shown_once_under_pythons_default_filters():
+    # a warnings.catch_warnings() inside a measurement resets Python's once-per-location
+    # registry: the loop's warning came back after every measurement (here the
+    # first-order products a reentrant checkpoint takes)
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", SHOWN_ONCE], cwd=root, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": ""})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("UserWarning: the loop's own note") == 1, done.stderr[-2000:]
