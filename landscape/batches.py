@@ -21,6 +21,7 @@ from landscape.distributed import unwrap
 __all__ = [
     "head",
     "in_containers_of",
+    "in_dtype",
     "leading_size",
     "map_tensors",
     "model_call",
@@ -46,6 +47,29 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any], other: Callable[[An
     if isinstance(obj, (tuple, list)):
         return _rebuilt(obj, [map_tensors(v, fn, other) for v in obj])
     return other(obj) if other is not None else obj
+
+
+def in_dtype(obj: Any, dtype: torch.dtype) -> tuple[Any, list[torch.dtype]]:
+    """``obj`` with its floating-point tensors of another dtype cast to ``dtype``.
+
+    What a precision plugin does to the batches of a model trained in one dtype (Lightning's
+    ``precision="bf16-true"``): integer and boolean tensors (token ids, masks, class
+    targets) stay as they are.
+
+    Returns:
+        The batch (``obj`` itself when nothing was cast) and the dtypes that were cast.
+    """
+    cast: list[torch.dtype] = []
+
+    def one(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point() and t.dtype != dtype:
+            if t.dtype not in cast:
+                cast.append(t.dtype)
+            return t.to(dtype)
+        return t
+
+    out = map_tensors(obj, one)
+    return (out, cast) if cast else (obj, cast)
 
 
 def normal_tensors(obj: Any) -> Any:

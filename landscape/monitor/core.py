@@ -50,7 +50,7 @@ from landscape._errors import (
 )
 from landscape._interrupts import InterruptGuard
 from landscape._progress import above_bars
-from landscape.batches import leading_size
+from landscape.batches import in_dtype, leading_size
 from landscape.failures import failure_finding, nonfinite_state
 from landscape.findings import Finding, Findings, at_or_above, dedupe, user_stacklevel
 from landscape.isolation import isolated, modules_reached, written_in_forward
@@ -86,6 +86,27 @@ def _skipped_overflow(ctx: StepContext) -> bool:
         return False
     norm = ctx.grad_norm()
     return norm is not None and not math.isfinite(norm)
+
+
+def _probe_in_models_dtype(probe: Any, params: list[torch.Tensor]) -> Any:
+    """A given probe with its floating-point tensors in the dtype of the model's weights.
+
+    A model trained in bfloat16 (``model.to(torch.bfloat16)``, its batches cast in the
+    loop) given a float32 validation batch as its probe would fail every probe metric on
+    the dtypes; the probe is cast once, as a precision plugin casts the training batches,
+    and said on the ``landscape`` logger. Models whose weights mix floating dtypes are
+    left to their own forward.
+    """
+    dtypes = {p.dtype for p in params if p.is_floating_point()}
+    if len(dtypes) != 1:
+        return probe
+    (dtype,) = dtypes
+    probe, cast = in_dtype(probe, dtype)
+    if cast:
+        _log.info("landscape: the probe's %s tensors are cast to the model's %s",
+                  ", ".join(str(d).removeprefix("torch.") for d in cast),
+                  str(dtype).removeprefix("torch."))
+    return probe
 
 
 _UNMEASURED_WIDTH = 16  # /metrics/unmeasured: at least S16 (the metrics' names, joined)
@@ -306,6 +327,8 @@ class Monitor:
         self._own = list(named.values())
         self._objects = dict(self.model.named_parameters())
         self._sharded = any(_dist.is_sharded(p) for p in self._objects.values())
+        if self.probe is not None:
+            self.probe = _probe_in_models_dtype(self.probe, list(self._objects.values()))
         # setup may read parametrized weights (a spectral_norm parametrization runs a power
         # iteration and writes its buffers when read in train mode): eval mode, RNG kept
         with isolated(self.model):

@@ -192,3 +192,41 @@ def test_the_loops_own_warnings_are_shown_once_under_pythons_default_filters():
                           text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": ""})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stderr.count("UserWarning: the loop's own note") == 1, done.stderr[-2000:]
+
+
+def _bf16_run(probe_dtype):
+    model = _mlp().to(torch.bfloat16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    data = [(x.to(torch.bfloat16), y) for x, y in _batches(4)]
+    probe = (_batches(1, seed=7)[0][0].to(probe_dtype), _batches(1, seed=7)[0][1])
+    with Monitor(model, F.cross_entropy, None, optimizer=opt, warn=False, probe=probe,
+                 metrics=["sentinels", ls.metrics.Sharpness(schedule=ls.every(2))]) as mon:
+        for step, (x, y) in enumerate(data):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(step, batch=(x, y), loss=loss)
+        return _rows(mon.run()), [f.rule for f in mon.findings]
+
+
+def test_a_float32_probe_of_a_bfloat16_model_is_cast_to_bfloat16(caplog):
+    # every probe metric failed on "mat1 and mat2 must have the same dtype"
+    with caplog.at_level("INFO", logger="landscape"):
+        rows, findings = _bf16_run(torch.float32)
+    assert "the probe's float32 tensors are cast to the model's bfloat16" in caplog.text
+    same, same_findings = _bf16_run(torch.bfloat16)
+    assert findings == same_findings == []
+    for key, values in same.items():
+        np.testing.assert_array_equal(rows[key], values, err_msg=str(key))
+    assert np.isfinite(rows[("sentinels", "probe_loss")]).all()
+    assert np.isfinite(rows[("sharpness", "lambda_max")]).all()
+
+
+def test_a_probe_of_a_model_of_mixed_dtypes_is_left_as_given():
+    model = _mlp()
+    model[2].to(torch.float64)  # its own forward would cast between them
+    probe = _batches(1)[0]
+    mon = Monitor(model, F.cross_entropy, None, probe=probe, warn=False).start()
+    assert mon.probe is probe
+    mon.close()
