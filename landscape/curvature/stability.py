@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence, Union
 import torch
 
 __all__ = ["STABILITY_SETTINGS", "learning_rate", "optimizer_kind", "reference_group",
-           "stability_settings", "stability_threshold", "training_groups"]
+           "sharded_state", "stability_settings", "stability_threshold", "training_groups"]
 
 _ADAM = ("adam", "adamw", "nadam", "radam", "adamax")
 _NAMES = ("gd", "sgd", "heavy_ball", "momentum", "nesterov", "rmsprop", *_ADAM)
@@ -50,7 +50,11 @@ def optimizer_kind(optimizer: Any) -> str | None:
 
     ``"sgd"``, ``"adam"``, ``"adamw"``, ``"nadam"``, ``"radam"``, ``"adamax"`` or
     ``"rmsprop"``: the ``torch.optim`` class it is an instance of (subclasses included), else
-    its class name when that is one of them (lower-cased).
+    its class name when that is one of them (lower-cased). A ``ZeroRedundancyOptimizer``
+    over SGD is ``"sgd"``: its parameter groups hold SGD's settings for every parameter,
+    which is all SGD's threshold reads. Over an adaptive optimiser it is None: each rank
+    holds the second moments of its own shard only, which the preconditioned sharpness
+    needs for every parameter (:func:`sharded_state`).
 
     Args:
         optimizer: an optimizer.
@@ -58,11 +62,27 @@ def optimizer_kind(optimizer: Any) -> str | None:
     Returns:
         The kind, or None for an optimiser without a known threshold.
     """
+    inner = sharded_state(optimizer)
+    if inner is not None:
+        return "sgd" if issubclass(inner, torch.optim.SGD) else None
     for name, cls in _CLASSES:
         if isinstance(optimizer, cls):
             return name
     name = type(optimizer).__name__.lower()
     return name if name in (*_ADAM, "sgd", "rmsprop") else None
+
+
+def sharded_state(optimizer: Any) -> type | None:
+    """The optimizer class a ``ZeroRedundancyOptimizer`` runs on each rank's shard, or None.
+
+    ``torch.distributed.optim.ZeroRedundancyOptimizer`` keeps the user's parameter groups
+    (with every parameter and the inner optimiser's settings) and builds the inner one on
+    each rank's shard of them, so its state is split over the ranks.
+    """
+    if type(optimizer).__name__ != "ZeroRedundancyOptimizer":
+        return None
+    inner = getattr(optimizer, "_optim_constructor", None)
+    return inner if isinstance(inner, type) else None
 
 
 def learning_rate(value: Any) -> float:

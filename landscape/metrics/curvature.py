@@ -255,6 +255,7 @@ class Sharpness(Metric):
             latest_step,
             learning_rate,
             optimizer_kind,
+            sharded_state,
             stability_threshold,
             training_groups,
         )
@@ -302,11 +303,13 @@ class Sharpness(Metric):
         if opt is None:
             return row
         if kind is None:
+            inner = sharded_state(opt)
+            why = (f"no stability threshold known for {type(opt).__name__} (known: SGD, Adam, "
+                   "AdamW, NAdam, RAdam, Adamax, RMSprop)") if inner is None else (
+                f"ZeroRedundancyOptimizer shards {inner.__name__}'s state over the ranks, "
+                "and its threshold bounds the sharpness preconditioned by all of it")
             raise PartialRow(row, MissingInput(
-                f"no stability threshold known for {type(opt).__name__} (known: SGD, Adam, "
-                "AdamW, NAdam, RAdam, Adamax, RMSprop): lambda_max is the Hessian's, "
-                "threshold and ratio are NaN"
-            ))
+                f"{why}: lambda_max is the Hessian's, threshold and ratio are NaN"))
         if all(learning_rate(g.get("lr")) == 0.0 for g in opt.param_groups):
             threshold = math.inf  # the first step of a warm-up from 0
         else:

@@ -566,3 +566,30 @@ def taylor_guard_worker(rank: int, out_dir: str) -> None:
             mon.step(step, batch=(x[shard], y[shard]), loss=loss)
     _save(out_dir, rank, {"params": [p.detach().clone() for p in ld.unwrap(net).parameters()],
                           "rescaled": rescaled})
+
+
+def zero_worker(rank: int, out_dir: str) -> None:
+    """DDP with a ZeroRedundancyOptimizer over SGD with momentum, then over AdamW: the
+    sharpness rows and findings of a few steps."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    x, y = dataset()
+    half = N // dist.get_world_size()
+    shard = slice(rank * half, (rank + 1) * half)
+    result: dict[str, Any] = {}
+    for name, cls, kw in (("sgd", torch.optim.SGD, {"lr": 0.5, "momentum": 0.9}),
+                          ("adamw", torch.optim.AdamW, {"lr": 1e-2})):
+        net = DDP(model())
+        opt = ZeroRedundancyOptimizer(net.parameters(), optimizer_class=cls, **kw)
+        with Monitor(net, F.cross_entropy, None, optimizer=opt, probe=probe(), warn=False,
+                     metrics=[Sharpness(tol=1e-6, schedule=1, adam_warmup=0)]) as mon:
+            for step in range(3):
+                loss = F.cross_entropy(net(x[shard]), y[shard])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                mon.step(step, batch=(x[shard], y[shard]), loss=loss)
+            run = mon.run()
+            rows = {f: run.series("sharpness", f)[1] for f in ("lambda_max", "threshold")}
+            result[name] = {"rows": rows, "findings": [f.message for f in mon.findings]}
+    _save(out_dir, rank, result)

@@ -71,3 +71,20 @@ def test_taylor_guard_rescales_every_ranks_step_alike_with_per_rank_probes(tmp_p
     assert r0["rescaled"] > 0  # the guard acted
     for a, b in zip(r0["params"], r1["params"]):
         assert torch.equal(a, b)
+
+
+def test_sharpness_under_a_zero_redundancy_optimizer_over_sgd_has_its_threshold(tmp_path):
+    # ZeroRedundancyOptimizer's groups hold SGD's settings for every parameter: its
+    # threshold 2(1 + beta)/lr was NaN, "no stability threshold known"; over AdamW each rank
+    # holds its shard's second moments only, which the finding now says
+    run_ranks(W.zero_worker, tmp_path)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    sgd = r0["sgd"]["rows"]
+    np.testing.assert_allclose(sgd["threshold"], 2 * (1 + 0.9) / 0.5, rtol=1e-12)
+    assert np.isfinite(sgd["lambda_max"]).all() and r0["sgd"]["findings"] == []
+    np.testing.assert_array_equal(r1["sgd"]["rows"]["lambda_max"], sgd["lambda_max"])
+    adamw = r0["adamw"]
+    assert np.isnan(adamw["rows"]["threshold"]).all()
+    assert np.isfinite(adamw["rows"]["lambda_max"]).all()
+    assert len(adamw["findings"]) == 1
+    assert "ZeroRedundancyOptimizer shards AdamW's state over the ranks" in adamw["findings"][0]
