@@ -590,6 +590,8 @@ class StepContext:
         if key not in self._cache:
             from landscape import curvature
 
+            if self.closure is None and getattr(self.loss_fn, "evaluates_nothing", False):
+                self.loss_fn()  # the monitor's stand-in: its reason, before the data's
             self._keep_loss_state()  # the products call the loss function or closure
 
             data = self.data(source)

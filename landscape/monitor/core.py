@@ -127,6 +127,9 @@ def _no_loss_fn(*args: Any) -> torch.Tensor:
     raise MissingInput("this metric evaluates the loss: pass loss_fn= or closure= to Monitor")
 
 
+_no_loss_fn.evaluates_nothing = True  # type: ignore[attr-defined]  # StepContext.operator
+
+
 class Monitor:
     """Record diagnostics of ``model`` during training into one run file.
 

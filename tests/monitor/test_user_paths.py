@@ -724,6 +724,19 @@ def test_a_monitor_without_loss_function_runs_the_defaults():
     assert [f.rule for f in mon.findings] == ["metric_failed"]
 
 
+def test_without_a_loss_function_a_dict_batch_gets_the_same_reason():
+    # the reason was the data's: "with loss_fn every batch must be an (inputs, targets)
+    # pair", where no loss_fn was given
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _batches(1)[0]
+    with pytest.warns(RuntimeWarning, match="this metric evaluates the loss: pass loss_fn= "
+                      "or closure= to Monitor$"), \
+            Monitor(model, optimizer=opt, metrics=["sharpness"], warn=False) as mon:
+        mon.step(0, batch={"features": x, "mask": torch.ones_like(x), "labels": y}, loss=1.0)
+    assert [f.rule for f in mon.findings] == ["metric_failed"]
+
+
 def test_appending_a_run_of_another_model_warns(tmp_path):
     path = tmp_path / "run.h5"
     model = models.mlp()
