@@ -62,3 +62,33 @@ def test_every_option_of_a_command_is_in_its_synopsis_in_cli_md(command):
         if param.name == "quiet" and command not in ("check",):
             continue  # -q: the same on every command, said once above the table
         assert any(re.search(rf"{re.escape(n)}\b", row) for n in names), (command, names)
+
+
+def _documented_signature(text: str) -> list[tuple[str, str, object]]:
+    """``(name, kind, default)`` of each parameter of ``Name(params)`` as a page writes it."""
+    import ast
+
+    params = ast.parse(f"def f({text}): pass").body[0].args
+    out = []
+    defaults = [None] * (len(params.args) - len(params.defaults)) + list(params.defaults)
+    for a, d in zip(params.args, defaults):
+        out.append((a.arg, "POSITIONAL_OR_KEYWORD", None if d is None else ast.literal_eval(d)))
+    for a, d in zip(params.kwonlyargs, params.kw_defaults):
+        out.append((a.arg, "KEYWORD_ONLY", None if d is None else ast.literal_eval(d)))
+    return out
+
+
+def test_the_mirror_table_gives_each_mirrors_signature():
+    import inspect
+
+    from landscape.integrations import mirrors
+
+    text = (ROOT / "docs" / "integrations.md").read_text()
+    rows = re.findall(r"^\| `(\w+Mirror)\((.*?)\)` \|", text, re.M)
+    assert {name for name, _ in rows} >= {"TensorBoardMirror", "WandbMirror", "MLflowMirror",
+                                          "LightningLoggerMirror"}
+    for name, params in rows:
+        real = inspect.signature(getattr(mirrors, name))
+        actual = [(p.name, p.kind.name, None if p.default is p.empty else p.default)
+                  for p in real.parameters.values()]
+        assert _documented_signature(params) == actual, name
