@@ -92,8 +92,9 @@ def _autocast_enabled(device_type: str) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def autocast_off(device_types: Iterable[str] = AUTOCAST_DEVICES) -> Iterator[None]:
+def autocast_off(
+    device_types: Iterable[str] = AUTOCAST_DEVICES,
+) -> contextlib.AbstractContextManager[Any]:
     """``torch.autocast`` off inside the block, for each of ``device_types`` it is on for.
 
     A training loop may call the monitor inside its own ``torch.autocast`` block. The
@@ -102,13 +103,18 @@ def autocast_off(device_types: Iterable[str] = AUTOCAST_DEVICES) -> Iterator[Non
     weights that autocast caches until its block ends: copies made before the optimizer
     step, so one step late. With autocast off they read the weights themselves, in the
     model's dtype, as they do when called outside the block (docs/curvature.md,
-    "Precision"). Where autocast is off already nothing is entered: leaving an outermost
-    autocast block clears its cache.
+    "Precision"). Where autocast is off already nothing is entered (the monitor's every
+    step): leaving an outermost autocast block would clear its cache.
     """
+    on = sorted({d for d in device_types if _autocast_enabled(d)})
+    return _autocast_disabled(on) if on else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _autocast_disabled(device_types: list[str]) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
-        for device_type in sorted(set(device_types)):
-            if _autocast_enabled(device_type):
-                stack.enter_context(torch.autocast(device_type, enabled=False))
+        for device_type in device_types:
+            stack.enter_context(torch.autocast(device_type, enabled=False))
         yield
 
 
@@ -505,8 +511,7 @@ def isolated(
     saved = [w.detach().clone() for w in written]
     eager = eager_compiled_code() if outermost else contextlib.nullcontext()
     # measured in the model's dtype, on the weights themselves, inside a caller's autocast
-    autocast = (autocast_off({"cpu", *(p.device.type for p in params)}) if outermost
-                else contextlib.nullcontext())
+    autocast = autocast_off() if outermost else contextlib.nullcontext()
     notes = torch_notes_hidden() if outermost else contextlib.nullcontext()
     # Python's generator too (a layer-drop drawn with random.uniform before the model tests
     # self.training: older Hugging Face encoders); 10 us. NumPy's global one is not (60 us)
