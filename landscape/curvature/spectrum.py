@@ -163,8 +163,8 @@ def _warm_rows(warm_start: Any, op: CurvatureOperator, which: str) -> torch.Tens
     return torch.stack(rows)
 
 
+@renamed_kwargs(max_iter="max_matvec", min_iter="min_matvec")  # outermost: its stacklevel
 @without_autocast
-@renamed_kwargs(max_iter="max_matvec", min_iter="min_matvec")
 def top_eigenvalues(
     op: CurvatureOperator,
     k: int = 1,
@@ -478,8 +478,8 @@ def smoothed_density(
     return grid_t, gaussian_density(nodes, weights, grid_t, sigma), float(sigma)
 
 
-@without_autocast
 @renamed_kwargs(n_iter="lanczos_steps")
+@without_autocast
 def spectral_density(
     op: CurvatureOperator,
     lanczos_steps: int = 80,

@@ -34,8 +34,9 @@ def _diag(n=6):
 
 def test_top_eigenvalues_max_iter_and_min_iter_still_work_and_warn():
     new = top_eigenvalues(_diag(), k=1, max_matvec=4, min_matvec=3)
-    with pytest.warns(DeprecationWarning, match="'max_iter'.*'max_matvec'"):
+    with pytest.warns(DeprecationWarning, match="'max_iter'.*'max_matvec'") as seen:
         old = top_eigenvalues(_diag(), k=1, max_iter=4)
+    assert seen[0].filename == __file__  # the caller's line: shown by default filters
     with pytest.warns(DeprecationWarning, match="'min_iter'.*'min_matvec'"):
         old_min = top_eigenvalues(_diag(), k=1, max_matvec=4, min_iter=3)
     assert old.n_matvec == new.n_matvec == old_min.n_matvec <= 4
@@ -49,8 +50,9 @@ def test_old_and_new_keyword_together_is_an_error():
 
 def test_spectral_density_n_iter_still_works_and_warns():
     new = spectral_density(_diag(), lanczos_steps=4, n_probes=2)
-    with pytest.warns(DeprecationWarning, match="'n_iter'.*'lanczos_steps'"):
+    with pytest.warns(DeprecationWarning, match="'n_iter'.*'lanczos_steps'") as seen:
         old = spectral_density(_diag(), n_iter=4, n_probes=2)
+    assert seen[0].filename == __file__
     assert old.n_matvec == new.n_matvec == 8
     assert torch.equal(old.nodes.nan_to_num(), new.nodes.nan_to_num())
     # positional use is unchanged
