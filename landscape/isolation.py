@@ -25,6 +25,7 @@ import functools
 import inspect
 import itertools
 import random
+import re
 import sys
 import types
 import warnings
@@ -593,29 +594,36 @@ TORCH_NOTES = (
 :func:`torch_notes_hidden` leaves out: they concern no code of the user's."""
 
 
+_NOTES_FILTER = ("ignore", re.compile("|".join(re.escape(n) for n in TORCH_NOTES)), Warning,
+                 None, 0)
+
+
 @contextlib.contextmanager
 def torch_notes_hidden() -> Iterator[None]:
-    """Leave out torch's :data:`TORCH_NOTES` raised inside the block; show every other warning.
+    """Ignore torch's :data:`TORCH_NOTES` raised inside the block; every other warning as set.
 
     A measurement calls the model in ways training does not: a reentrant activation
     checkpoint warns that no input needs gradients in a no-grad forward pass, and
-    ``vmap`` of the batched products warns of a slow fallback. The notes are dropped at
-    ``warnings.showwarning``, not by a filter: entering ``warnings.catch_warnings`` resets
-    Python's once-per-location registry, so the training loop's own warnings would be shown
-    again after every measurement.
+    ``vmap`` of the batched products warns of a slow fallback. An ``"ignore"`` entry is put
+    at the front of ``warnings.filters`` for the block and taken out after, by identity
+    (blocks may end in any order). Not through ``warnings.catch_warnings`` or
+    ``filterwarnings``: they reset Python's once-per-location registry, so the training
+    loop's own warnings would be shown again after every measurement. Unlike a hook on
+    ``warnings.showwarning``, ``"ignore"`` wins over an ``"error"`` filter (``pytest -W
+    error``) and leaves no mark in the registry, so the user's own forward still shows the
+    note. While the block runs, other threads' notes are ignored too.
     """
-    shown = warnings.showwarning
-
-    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
-             line: str | None = None) -> None:
-        if not str(message).startswith(TORCH_NOTES):
-            shown(message, category, filename, lineno, file, line)
-
-    warnings.showwarning = show
+    entry = (*_NOTES_FILTER,)  # a tuple of its own: the one this block takes out
+    filters = warnings.filters
+    filters.insert(0, entry)
     try:
         yield
     finally:
-        warnings.showwarning = shown
+        for held in (filters, warnings.filters):  # a user's catch_warnings swaps the list
+            for i, f in enumerate(held):
+                if f is entry:
+                    del held[i]
+                    break
 
 
 @contextlib.contextmanager

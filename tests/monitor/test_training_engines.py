@@ -180,6 +180,8 @@ for step, (x, y) in enumerate(data):
     warnings.warn("the loop's own note")
     mon.step(step, batch=(x, y), loss=loss)
 mon.close()
+with torch.no_grad():  # the user's own evaluation: torch's note is the user's to see
+    model(x)
 """
 
 
@@ -192,6 +194,31 @@ def test_the_loops_own_warnings_are_shown_once_under_pythons_default_filters():
                           text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": ""})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stderr.count("UserWarning: the loop's own note") == 1, done.stderr[-2000:]
+    # the measurements' own notes were ignored, not marked as shown at torch's line
+    assert done.stderr.count("UserWarning: None of the inputs have requires_grad") == 1
+
+
+def test_the_notes_are_ignored_also_where_warnings_are_errors():
+    # hidden at showwarning, the note was raised under an "error" filter (pytest -W
+    # error) and the first-order products failed
+    model = _Checkpointed(reentrant=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    data = _batches(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        with Monitor(model, F.cross_entropy, None, optimizer=opt, warn=False,
+                     metrics=["sharpness"], probe=data[0]) as mon:
+            for step, (x, y) in enumerate(data):
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                mon.step(step, batch=(x, y), loss=loss)
+            assert mon.findings == []
+            assert np.isfinite(mon.run().series("sharpness", "lambda_max")[1]).all()
+        with pytest.raises(UserWarning, match="None of the inputs"):  # the user's own
+            with torch.no_grad():
+                model(x)
 
 
 def _bf16_run(probe_dtype):
