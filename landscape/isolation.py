@@ -113,10 +113,18 @@ def autocast_off(
 
 @contextlib.contextmanager
 def _autocast_disabled(device_types: list[str]) -> Iterator[None]:
-    with contextlib.ExitStack() as stack:
-        for device_type in device_types:
-            stack.enter_context(torch.autocast(device_type, enabled=False))
-        yield
+    # and no cached weight copies: a model that opens its own autocast block in forward
+    # would read those the training forward cached before the optimizer step (the cache
+    # itself is kept for the caller's block)
+    cached = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        with contextlib.ExitStack() as stack:
+            for device_type in device_types:
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+            yield
+    finally:
+        torch.set_autocast_cache_enabled(cached)
 
 
 def without_autocast(fn: Callable[..., Any]) -> Callable[..., Any]:

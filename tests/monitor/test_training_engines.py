@@ -38,9 +38,21 @@ def _rows(run):
             if not run.fields(m)[f].is_string and f != "peak_memory"}
 
 
-def _autocast_run(inside, metrics=None):
+class _OwnAutocast(nn.Module):
+    """An MLP whose forward opens its own bfloat16 autocast block."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _mlp()
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.net(x).float()
+
+
+def _autocast_run(inside, metrics=None, own_block=False):
     """An MLP trained under CPU bfloat16 autocast, the monitor called inside or after it."""
-    model = _mlp()
+    model = _OwnAutocast() if own_block else _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     data = _batches()
     kw = {} if metrics is None else {"metrics": metrics, "probe": data[0]}
@@ -59,14 +71,17 @@ def _autocast_run(inside, metrics=None):
     return model, rows
 
 
-@pytest.mark.parametrize("sharpness", [False, True], ids=["default", "sharpness"])
+@pytest.mark.parametrize(("sharpness", "own_block"), [(False, False), (True, False),
+                                                      (False, True)],
+                         ids=["default", "sharpness", "model-opens-autocast"])
 def test_the_monitor_called_inside_an_autocast_block_records_what_it_records_after_it(
-        sharpness):
+        sharpness, own_block):
     # inside the block the sentinels read the bfloat16 copies autocast cached before the
-    # optimizer step (one step late), and the curvature ran in bfloat16
+    # optimizer step (one step late), and the curvature ran in bfloat16; a model that opens
+    # its own autocast block in forward read those copies through it
     metrics = [ls.metrics.Sharpness(schedule=ls.every(2))] if sharpness else None
-    after_model, after = _autocast_run(False, metrics)
-    inside_model, inside = _autocast_run(True, metrics)
+    after_model, after = _autocast_run(False, metrics, own_block)
+    inside_model, inside = _autocast_run(True, metrics, own_block)
     assert after.keys() == inside.keys()
     for key, values in after.items():
         np.testing.assert_array_equal(inside[key], values, err_msg=str(key))
