@@ -19,9 +19,9 @@ from landscape._hf import peft_base
 from landscape.distributed import unwrap
 
 __all__ = [
+    "cast_like",
     "head",
     "in_containers_of",
-    "in_dtype",
     "leading_size",
     "map_tensors",
     "model_call",
@@ -49,20 +49,31 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any], other: Callable[[An
     return other(obj) if other is not None else obj
 
 
-def in_dtype(obj: Any, dtype: torch.dtype) -> tuple[Any, list[torch.dtype]]:
-    """``obj`` with its floating-point tensors of another dtype cast to ``dtype``.
+def cast_like(obj: Any, like: Any) -> tuple[Any, list[torch.dtype]]:
+    """``obj`` with each floating-point tensor in the dtype of the tensor at its place in ``like``.
 
-    What a precision plugin does to the batches of a model trained in one dtype (Lightning's
-    ``precision="bf16-true"``): integer and boolean tensors (token ids, masks, class
-    targets) stay as they are.
+    The places match when the two hold as many tensors, with the same numbers of
+    dimensions, in the same order (their sizes may differ); else ``obj`` is returned as it
+    is. Only a floating-point tensor facing a floating-point tensor of another dtype is
+    cast: a float32 validation batch next to the bfloat16 inputs of a model trained in
+    bfloat16 becomes bfloat16, while integer targets, masks, and float targets the loop
+    keeps in float32 stay as they are.
 
     Returns:
         The batch (``obj`` itself when nothing was cast) and the dtypes that were cast.
     """
+    wanted: list[torch.Tensor] = []
+    map_tensors(like, wanted.append)
+    have: list[torch.Tensor] = []
+    map_tensors(obj, have.append)
+    if len(have) != len(wanted) or any(a.dim() != b.dim() for a, b in zip(have, wanted)):
+        return obj, []
     cast: list[torch.dtype] = []
+    targets = iter(wanted)
 
     def one(t: torch.Tensor) -> torch.Tensor:
-        if t.is_floating_point() and t.dtype != dtype:
+        dtype = next(targets).dtype
+        if t.is_floating_point() and dtype.is_floating_point and t.dtype != dtype:
             if t.dtype not in cast:
                 cast.append(t.dtype)
             return t.to(dtype)

@@ -50,7 +50,7 @@ from landscape._errors import (
 )
 from landscape._interrupts import InterruptGuard
 from landscape._progress import above_bars
-from landscape.batches import in_dtype, leading_size
+from landscape.batches import leading_size
 from landscape.failures import failure_finding, nonfinite_state
 from landscape.findings import Finding, Findings, at_or_above, dedupe, user_stacklevel
 from landscape.isolation import isolated, modules_reached, written_in_forward
@@ -67,7 +67,7 @@ from landscape.monitor.arguments import (
     unwrap_optimizer,
 )
 from landscape.monitor.clock import StepClock
-from landscape.monitor.probe import restore_probe, store_probe, take_probe
+from landscape.monitor.probe import in_batch_dtypes, restore_probe, store_probe, take_probe
 from landscape.params import stackable, tensor_norms, trainable_named_parameters
 from landscape.store import Run, RunWriter
 
@@ -86,27 +86,6 @@ def _skipped_overflow(ctx: StepContext) -> bool:
         return False
     norm = ctx.grad_norm()
     return norm is not None and not math.isfinite(norm)
-
-
-def _probe_in_models_dtype(probe: Any, params: list[torch.Tensor]) -> Any:
-    """A given probe with its floating-point tensors in the dtype of the model's weights.
-
-    A model trained in bfloat16 (``model.to(torch.bfloat16)``, its batches cast in the
-    loop) given a float32 validation batch as its probe would fail every probe metric on
-    the dtypes; the probe is cast once, as a precision plugin casts the training batches,
-    and said on the ``landscape`` logger. Models whose weights mix floating dtypes are
-    left to their own forward.
-    """
-    dtypes = {p.dtype for p in params if p.is_floating_point()}
-    if len(dtypes) != 1:
-        return probe
-    (dtype,) = dtypes
-    probe, cast = in_dtype(probe, dtype)
-    if cast:
-        _log.info("landscape: the probe's %s tensors are cast to the model's %s",
-                  ", ".join(str(d).removeprefix("torch.") for d in cast),
-                  str(dtype).removeprefix("torch."))
-    return probe
 
 
 _UNMEASURED_WIDTH = 16  # /metrics/unmeasured: at least S16 (the metrics' names, joined)
@@ -274,6 +253,7 @@ class Monitor:
         wanted = probe_size is not None and any(m.data == "probe" for m in self.metrics)
         self._probe_source = "given" if probe is not None else (
             "first_batch" if wanted else "none")
+        self._probe_aligned = False  # a given probe: cast to the first batch's dtypes
         self.on_finding = on_finding
         self.mirrors = list(mirrors or ()) if _dist.rank() == 0 else []  # rank 0 mirrors
         self._broken_mirrors: set[int] = set()
@@ -330,8 +310,6 @@ class Monitor:
         self._own = list(named.values())
         self._objects = dict(self.model.named_parameters())
         self._sharded = any(_dist.is_sharded(p) for p in self._objects.values())
-        if self.probe is not None:
-            self.probe = _probe_in_models_dtype(self.probe, list(self._objects.values()))
         # setup may read parametrized weights (a spectral_norm parametrization runs a power
         # iteration and writes its buffers when read in train mode): eval mode, RNG kept
         with isolated(self.model):
@@ -663,6 +641,9 @@ class Monitor:
             )
         if self.probe is None and self._probe_source == "first_batch" and batch is not None:
             self._default_probe(batch, step)
+        elif self._probe_source == "given" and not self._probe_aligned and batch is not None:
+            self.probe = in_batch_dtypes(self.probe, batch)  # once, at the first batch
+            self._probe_aligned = True
         due = [m for m in self.metrics if self._dense.is_due(m, step)]
         extra = [m for m in due if not m.schedule(step)]
         before, self._before = self._before, None

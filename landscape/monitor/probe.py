@@ -14,11 +14,19 @@ from typing import Any
 
 import torch
 
-from landscape.batches import head, in_containers_of, leading_size, map_tensors, plain_containers
+from landscape.batches import (
+    cast_like,
+    head,
+    in_containers_of,
+    leading_size,
+    map_tensors,
+    plain_containers,
+)
 from landscape.capture import first_tensor
 from landscape.store import RunWriter
 
-__all__ = ["PROBE_BYTES", "PROBE_NOTE", "restore_probe", "store_probe", "take_probe"]
+__all__ = ["PROBE_BYTES", "PROBE_NOTE", "in_batch_dtypes", "restore_probe", "store_probe",
+           "take_probe"]
 
 _log = logging.getLogger("landscape")
 PROBE_BYTES = 64 * 2**20  # the largest default probe stored in the run file for a resume
@@ -102,3 +110,30 @@ def restore_probe(writer: RunWriter, batch: Any) -> Any | None:
         probe = map_tensors(probe, lambda t: t.to(first.device))
     _log.info("landscape: resuming with the probe stored in the run file")
     return in_containers_of(probe, batch)
+
+
+def in_batch_dtypes(probe: Any, batch: Any) -> Any:
+    """A given probe with its floating-point tensors in the dtypes of the training batch's.
+
+    A model trained in bfloat16 (``model.to(torch.bfloat16)``, its batches cast in the
+    loop) given a float32 validation batch as its probe failed every probe metric on the
+    dtypes. The probe is cast, tensor by tensor, to the dtype of the first training
+    batch's tensor at its place (:func:`~landscape.batches.cast_like`; each batch of a
+    probe given as a list of batches), and the ``landscape`` logger says so: the targets
+    and inputs keep whatever dtype the loop gives its own. A probe whose layout differs
+    from the batch's is left as given.
+    """
+    from landscape.metrics.context import is_batch_list
+
+    cast: list[torch.dtype] = []
+    if is_batch_list(probe) and not is_batch_list(batch):
+        parts = [cast_like(p, batch) for p in probe]
+        if any(c for _, c in parts):
+            probe = type(probe)(p for p, _ in parts)
+            cast = sorted({d for _, c in parts for d in c}, key=str)
+    else:
+        probe, cast = cast_like(probe, batch)
+    if cast:
+        _log.info("landscape: the probe's %s tensors are cast to the dtypes of the training "
+                  "batch's", ", ".join(str(d).removeprefix("torch.") for d in cast))
+    return probe

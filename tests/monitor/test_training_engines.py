@@ -236,39 +236,62 @@ def test_the_notes_are_ignored_also_where_warnings_are_errors():
                 model(x)
 
 
-def _bf16_run(probe_dtype):
+def _bf16_run(probe, loss_fn=F.cross_entropy, data=None, metrics=None):
+    """A bfloat16 MLP whose loop casts its inputs to bfloat16 (targets as they come)."""
     model = _mlp().to(torch.bfloat16)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    data = [(x.to(torch.bfloat16), y) for x, y in _batches(4)]
-    probe = (_batches(1, seed=7)[0][0].to(probe_dtype), _batches(1, seed=7)[0][1])
-    with Monitor(model, F.cross_entropy, None, optimizer=opt, warn=False, probe=probe,
-                 metrics=["sentinels", ls.metrics.Sharpness(schedule=ls.every(2))]) as mon:
+    data = data or [(x.to(torch.bfloat16), y) for x, y in _batches(4)]
+    metrics = metrics or ["sentinels", ls.metrics.Sharpness(schedule=ls.every(2))]
+    with Monitor(model, loss_fn, None, optimizer=opt, warn=False, probe=probe,
+                 metrics=metrics) as mon:
         for step, (x, y) in enumerate(data):
-            loss = F.cross_entropy(model(x), y)
+            loss = loss_fn(model(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
             mon.step(step, batch=(x, y), loss=loss)
-        return _rows(mon.run()), [f.rule for f in mon.findings]
+        return _rows(mon.run()), [f.rule for f in mon.findings], mon.probe
 
 
-def test_a_float32_probe_of_a_bfloat16_model_is_cast_to_bfloat16(caplog):
+def test_a_float32_probe_of_a_bfloat16_model_is_cast_as_the_loop_casts_its_batches(caplog):
     # every probe metric failed on "mat1 and mat2 must have the same dtype"
+    x, y = _batches(1, seed=7)[0]
     with caplog.at_level("INFO", logger="landscape"):
-        rows, findings = _bf16_run(torch.float32)
-    assert "the probe's float32 tensors are cast to the model's bfloat16" in caplog.text
-    same, same_findings = _bf16_run(torch.bfloat16)
+        rows, findings, _ = _bf16_run((x, y))
+    assert "the probe's float32 tensors are cast to the dtypes of the training batch's" \
+        in caplog.text
+    same, same_findings, _ = _bf16_run((x.to(torch.bfloat16), y))
     assert findings == same_findings == []
     for key, values in same.items():
         np.testing.assert_array_equal(rows[key], values, err_msg=str(key))
     assert np.isfinite(rows[("sentinels", "probe_loss")]).all()
     assert np.isfinite(rows[("sharpness", "lambda_max")]).all()
+    # a probe given as a list of batches: each of them
+    _, findings, probe = _bf16_run([(x[:12], y[:12]), (x[12:], y[12:])])
+    assert findings == [] and [b[0].dtype for b in probe] == [torch.bfloat16] * 2
 
 
-def test_a_probe_of_a_model_of_mixed_dtypes_is_left_as_given():
+def test_float_targets_the_loop_keeps_in_float32_stay_float32():
+    # a regression loop that casts only its inputs and upcasts the output for the loss
+    def loss_fn(out, y):
+        return F.mse_loss(out.float(), y)
+
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(24, 12, generator=g).to(torch.bfloat16),
+             300 + torch.randn(24, 5, generator=g)) for _ in range(3)]
+    probe = (torch.randn(24, 12, generator=g), 300 + torch.randn(24, 5, generator=g))
+    _, findings, kept = _bf16_run(probe, loss_fn, data,
+                                  [ls.metrics.Sharpness(schedule=ls.every(2))])
+    assert "metric_failed" not in findings
+    assert kept[0].dtype == torch.bfloat16
+    assert kept[1] is probe[1]  # not rounded to bfloat16 (300.0 + noise loses its digits)
+
+
+def test_a_probe_laid_out_unlike_the_batches_is_left_as_given():
+    x, y = _batches(1)[0]
+    probe = {"x": x, "y": y, "extra": torch.ones(3)}
     model = _mlp()
-    model[2].to(torch.float64)  # its own forward would cast between them
-    probe = _batches(1)[0]
-    mon = Monitor(model, F.cross_entropy, None, probe=probe, warn=False).start()
-    assert mon.probe is probe
-    mon.close()
+    mon = Monitor(model, F.cross_entropy, None, probe=probe, warn=False, metrics=["loss"])
+    with mon:
+        mon.step(0, batch=(x.double(), y), loss=1.0)
+        assert mon.probe is probe
