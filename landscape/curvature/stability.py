@@ -75,14 +75,24 @@ def optimizer_kind(optimizer: Any) -> str | None:
 def sharded_state(optimizer: Any) -> type | None:
     """The optimizer class a ``ZeroRedundancyOptimizer`` runs on each rank's shard, or None.
 
-    ``torch.distributed.optim.ZeroRedundancyOptimizer`` keeps the user's parameter groups
-    (with every parameter and the inner optimiser's settings) and builds the inner one on
-    each rank's shard of them, so its state is split over the ranks.
+    ``torch.distributed.optim.ZeroRedundancyOptimizer`` (or a subclass) keeps the user's
+    parameter groups (with every parameter and the inner optimiser's settings) and builds
+    the inner one on each rank's shard of them, so its state is split over the ranks. With
+    ``overlap_with_ddp=True`` it holds the functional twin of the class (``_FunctionalSGD``),
+    given back here as the ``torch.optim`` class it stands for.
     """
-    if type(optimizer).__name__ != "ZeroRedundancyOptimizer":
+    if not any(c.__name__ == "ZeroRedundancyOptimizer" for c in type(optimizer).__mro__):
         return None
     inner = getattr(optimizer, "_optim_constructor", None)
-    return inner if isinstance(inner, type) else None
+    if not isinstance(inner, type):
+        return None
+    if not issubclass(inner, torch.optim.Optimizer):
+        try:
+            from torch.distributed.optim.utils import functional_optim_map
+        except ImportError:  # torch built without distributed: no such optimizer either
+            return None
+        inner = {f: cls for cls, f in functional_optim_map.items()}.get(inner, inner)
+    return inner
 
 
 def learning_rate(value: Any) -> float:

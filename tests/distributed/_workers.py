@@ -592,4 +592,10 @@ def zero_worker(rank: int, out_dir: str) -> None:
             run = mon.run()
             rows = {f: run.series("sharpness", f)[1] for f in ("lambda_max", "threshold")}
             result[name] = {"rows": rows, "findings": [f.message for f in mon.findings]}
+    from landscape.curvature.stability import optimizer_kind
+
+    # overlap_with_ddp holds the functional twin of the class (_FunctionalSGD)
+    result["kinds"] = [optimizer_kind(ZeroRedundancyOptimizer(
+        model().parameters(), optimizer_class=cls, overlap_with_ddp=True, lr=0.1))
+        for cls in (torch.optim.SGD, torch.optim.AdamW)]
     _save(out_dir, rank, result)

@@ -88,3 +88,4 @@ def test_sharpness_under_a_zero_redundancy_optimizer_over_sgd_has_its_threshold(
     assert np.isfinite(adamw["rows"]["lambda_max"]).all()
     assert len(adamw["findings"]) == 1
     assert "ZeroRedundancyOptimizer shards AdamW's state over the ranks" in adamw["findings"][0]
+    assert r0["kinds"] == ["sgd", None]
