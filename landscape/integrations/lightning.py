@@ -77,7 +77,7 @@ from landscape.integrations import (
     unwrap_optimizer,
 )
 from landscape.integrations.mirrors import lightning_logger_mirrors
-from landscape.metrics import MissingInput
+from landscape.metrics.context import NoLossFunction
 from landscape.monitor import MetricsLike, Monitor, resolve_metrics
 from landscape.params import gradient_norm, trainable_named_parameters
 from landscape.store import Run
@@ -144,13 +144,6 @@ def training_step_loss(module: nn.Module, batch: Any) -> torch.Tensor:
             "training_step returned no loss tensor; pass loss_fn= or closure= to LandscapeCallback"
         )
     return out
-
-
-def _no_loss_fn(*args: Any) -> torch.Tensor:
-    raise MissingInput(
-        "this metric evaluates a loss: pass loss_fn= or closure= to LandscapeCallback "
-        "(e.g. closure=landscape.integrations.lightning.training_step_loss)"
-    )
 
 
 def _as_trained(trainer: pl.Trainer, batch: Any) -> Any:
@@ -246,7 +239,8 @@ class LandscapeCallback(CallbackSettings, Callback):
         self.close()
         loss_fn, closure = self.loss_fn, self.closure
         if loss_fn is None and closure is None:
-            loss_fn = _no_loss_fn
+            loss_fn = NoLossFunction("LandscapeCallback (e.g. closure=landscape.integrations."
+                                     "lightning.training_step_loss)")
         if closure is training_step_loss and not pl_module.automatic_optimization:
             raise ValueError(
                 "LandscapeCallback: closure=training_step_loss would step the optimizers of a "

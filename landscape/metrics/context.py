@@ -27,8 +27,8 @@ from landscape.capture import Captured, capture, first_tensor, last_child_output
 from landscape.isolation import buffers_kept, stateless_call, stateless_closure
 from landscape.params import Vector, difference, gradient_norm, stackable, tensor_norms
 
-__all__ = ["MissingInput", "StepContext", "batch_targets", "classes_last", "softmax_logits",
-           "split_batch"]
+__all__ = ["MissingInput", "NoLossFunction", "StepContext", "batch_targets", "classes_last",
+           "softmax_logits", "split_batch"]
 
 Closure = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -38,6 +38,26 @@ WHOLE_PAIR_KEYS = (("image", "label"), ("images", "labels"))
 """Dict batches of (inputs, targets) when they are the dict's only keys: Hugging Face's
 image datasets; beside other keys (a vision-language batch's ``input_ids``) they are
 keyword arguments."""
+
+
+class NoLossFunction:
+    """The loss function of a monitor given neither ``loss_fn`` nor ``closure``: none.
+
+    The default metrics need no loss function (the sentinels then read a classifier's
+    cross-entropy from its targets); a metric that evaluates the loss records NaN and one
+    ``metric_failed`` finding with this reason, before anything checks the data's form
+    for a loss function (:meth:`StepContext.operator`).
+
+    Args:
+        where: what to pass ``loss_fn=`` or ``closure=`` to, as the reason says it.
+    """
+
+    def __init__(self, where: str) -> None:
+        self.reason = f"this metric evaluates the loss: pass loss_fn= or closure= to {where}"
+
+    def __call__(self, *args: Any) -> torch.Tensor:
+        """Raise :class:`MissingInput` with the reason, whatever it is given."""
+        raise MissingInput(self.reason)
 
 
 def _pair_keys(batch: Mapping) -> tuple[str, str] | None:
@@ -590,8 +610,8 @@ class StepContext:
         if key not in self._cache:
             from landscape import curvature
 
-            if self.closure is None and getattr(self.loss_fn, "evaluates_nothing", False):
-                self.loss_fn()  # the monitor's stand-in: its reason, before the data's
+            if self.closure is None and isinstance(self.loss_fn, NoLossFunction):
+                self.loss_fn()  # its reason, before the data check's for a loss function
             self._keep_loss_state()  # the products call the loss function or closure
 
             data = self.data(source)

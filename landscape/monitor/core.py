@@ -56,6 +56,7 @@ from landscape.findings import Finding, Findings, at_or_above, dedupe, user_stac
 from landscape.isolation import isolated, modules_reached, written_in_forward
 from landscape.metrics import Metric, StepContext, split_batch
 from landscape.metrics.base import component_names
+from landscape.metrics.context import NoLossFunction
 from landscape.metrics.presets import MetricsLike, resolve_metrics
 from landscape.monitor.adaptive import DENSE_AT, DENSE_STEPS, DenseWindow, recorded_window_end
 from landscape.monitor.arguments import (
@@ -94,19 +95,6 @@ _UNMEASURED_WIDTH = 16  # /metrics/unmeasured: at least S16 (the metrics' names,
 def _nan_row(metric: Metric) -> dict[str, Any]:
     """A row of NaN with the shapes of ``metric.fields()`` (a metric that failed)."""
     return {k: np.full(shape, np.nan) for k, shape in metric.fields().items()}
-
-
-def _no_loss_fn(*args: Any) -> torch.Tensor:
-    """The loss of a monitor given neither ``loss_fn`` nor ``closure``: none to evaluate.
-
-    The default metrics need no loss function (the sentinels then read a classifier's
-    cross-entropy from its targets); a metric that evaluates the loss records NaN and one
-    ``metric_failed`` finding with this message.
-    """
-    raise MissingInput("this metric evaluates the loss: pass loss_fn= or closure= to Monitor")
-
-
-_no_loss_fn.evaluates_nothing = True  # type: ignore[attr-defined]  # StepContext.operator
 
 
 class Monitor:
@@ -240,7 +228,7 @@ class Monitor:
         if on_disk_full not in ("stop", "raise"):
             raise ValueError(f"on_disk_full must be 'stop' or 'raise', got {on_disk_full!r}")
         if loss_fn is None and closure is None:  # the metrics that evaluate a loss say so
-            loss_fn = _no_loss_fn
+            loss_fn = NoLossFunction("Monitor")
         self.model = _dist.unwrap(model)  # the module inside a DDP / DataParallel wrapper
         self.loss_fn = loss_fn
         self.closure = closure

@@ -297,6 +297,17 @@ def test_without_a_loss_the_cheap_metrics_run_and_curvature_says_what_it_needs()
     assert [f.rule for f in run.findings()] == ["metric_failed"]
 
 
+def test_without_a_loss_a_dict_probe_gets_the_same_reason():
+    # the data check's reason came first: "with loss_fn every batch must be an
+    # (inputs, targets) pair"
+    x, y = PROBE
+    cb = LandscapeCallback(None, probe={"features": x, "mask": torch.ones_like(x),
+                                        "labels": y}, metrics=["top_eigenvalues"])
+    with pytest.warns(RuntimeWarning, match="pass loss_fn= or closure= to LandscapeCallback"):
+        _fit(Classifier(), [cb], max_steps=1)
+    assert [f.rule for f in cb.run().findings()] == ["metric_failed"]
+
+
 def test_training_step_loss_is_refused_with_manual_optimization():
     cb = LandscapeCallback(None, closure=training_step_loss)
     with pytest.raises(ValueError, match="manual optimization"):
