@@ -77,8 +77,14 @@ def eager_compiled_code() -> contextlib.AbstractContextManager[Any]:
     return set_stance("force_eager")
 
 
-AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
-"""The device types :func:`autocast_off` looks at when it is given none."""
+def _autocast_devices() -> tuple[str, ...]:
+    named = getattr(torch._C, "_get_privateuse1_backend_name", lambda: "privateuse1")()
+    return ("cpu", "cuda", "xpu", "mps", "hpu", "xla", named)
+
+
+AUTOCAST_DEVICES = _autocast_devices()
+"""The device types :func:`autocast_off` looks at when it is given none (with an
+out-of-tree backend's own name, such as ``"npu"``); one autocast does not know is off."""
 
 
 def _autocast_enabled(device_type: str) -> bool:

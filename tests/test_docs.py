@@ -72,10 +72,13 @@ def _documented_signature(text: str) -> list[tuple[str, str, object]]:
     out = []
     defaults = [None] * (len(params.args) - len(params.defaults)) + list(params.defaults)
     for a, d in zip(params.args, defaults):
-        out.append((a.arg, "POSITIONAL_OR_KEYWORD", None if d is None else ast.literal_eval(d)))
+        out.append((a.arg, "POSITIONAL_OR_KEYWORD", _NONE if d is None else ast.literal_eval(d)))
     for a, d in zip(params.kwonlyargs, params.kw_defaults):
-        out.append((a.arg, "KEYWORD_ONLY", None if d is None else ast.literal_eval(d)))
+        out.append((a.arg, "KEYWORD_ONLY", _NONE if d is None else ast.literal_eval(d)))
     return out
+
+
+_NONE = object()  # no default (a default of None is None)
 
 
 def test_the_mirror_table_gives_each_mirrors_signature():
@@ -89,6 +92,6 @@ def test_the_mirror_table_gives_each_mirrors_signature():
                                           "LightningLoggerMirror"}
     for name, params in rows:
         real = inspect.signature(getattr(mirrors, name))
-        actual = [(p.name, p.kind.name, None if p.default is p.empty else p.default)
+        actual = [(p.name, p.kind.name, _NONE if p.default is p.empty else p.default)
                   for p in real.parameters.values()]
         assert _documented_signature(params) == actual, name
