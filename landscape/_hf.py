@@ -11,11 +11,31 @@ from torch import nn
 
 from landscape._errors import LandscapeError
 
-__all__ = ["is_causal_lm", "is_pretrained_model", "model_loss", "peft_base", "uses_causal_lm_loss"]
+__all__ = ["is_causal_lm", "is_pretrained_model", "model_loss", "output_loss", "peft_base",
+           "uses_causal_lm_loss"]
+
+
+def output_loss(output: Any) -> torch.Tensor | None:
+    """The loss in a model's output, read as the Hugging Face ``Trainer`` reads it; or None.
+
+    A ``ModelOutput`` or a dict: its ``loss``. A ``return_dict=False`` tuple: its first
+    item when that is a scalar tensor (a model given ``labels`` returns ``(loss, logits,
+    ...)``; without them ``(logits, ...)``, which holds no loss).
+    """
+    if isinstance(output, Mapping):
+        loss = output.get("loss")
+    elif isinstance(output, (tuple, list)):
+        loss = output[0] if output and isinstance(output[0], torch.Tensor) \
+            and output[0].dim() == 0 else None
+    else:
+        loss = getattr(output, "loss", None)
+    return loss if isinstance(loss, torch.Tensor) else None
 
 
 def model_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     """The loss a model computes itself from a dict batch: ``model(**batch).loss``.
+
+    Or the first item of a ``return_dict=False`` tuple (:func:`output_loss`).
 
     The default closure of the Hugging Face callback and of ``landscape analyze`` on dict
     batches. A Hugging Face causal language model given ``labels`` (the input ids) shifts
@@ -34,8 +54,7 @@ def model_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     Raises:
         LandscapeError: the model returned no loss.
     """
-    out = model(**batch)
-    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+    loss = output_loss(model(**batch))
     if loss is None:
         raise LandscapeError(
             f"{type(model).__name__} returned no loss for the dict batch (keys "

@@ -66,7 +66,7 @@ from torch import nn
 from typing_extensions import Unpack
 
 from landscape import distributed as _dist
-from landscape._hf import model_loss, uses_causal_lm_loss
+from landscape._hf import model_loss, output_loss, uses_causal_lm_loss
 from landscape._progress import above_bars
 from landscape._sums import tensor_norms
 from landscape.findings import Finding, user_stacklevel
@@ -181,8 +181,8 @@ def _hf_metrics(metrics: MetricsLike) -> list[Metric]:
 
 
 def _output_loss(output: Any) -> torch.Tensor | None:
-    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
-    return loss.detach() if isinstance(loss, torch.Tensor) else None
+    loss = output_loss(output)  # a ModelOutput's, or a return_dict=False tuple's first
+    return None if loss is None else loss.detach()
 
 
 class _NormBeforeClipping:

@@ -47,10 +47,11 @@ def _model():
     return transformers.GPT2LMHeadModel(config)  # dropout 0.1 in embeddings, attention, MLP
 
 
-def _train(tmp_path, callbacks=(), max_steps=4, eval_dataset=None, trainer_class=None, **args):
+def _train(tmp_path, callbacks=(), max_steps=4, eval_dataset=None, trainer_class=None,
+           model=None, **args):
     transformers.logging.set_verbosity_error()
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    model = _model()
+    model = model or _model()
     arguments = transformers.TrainingArguments(
         output_dir=str(tmp_path / "trainer"), use_cpu=True, report_to=[], save_strategy="no",
         max_steps=max_steps, per_device_train_batch_size=4, logging_steps=1, disable_tqdm=True,
@@ -146,6 +147,29 @@ def test_every_n_steps_and_a_closed_file_after_training(tmp_path):
         assert run.steps("loss").tolist() == [0, 3, 6]
         assert run.metric_attrs("update")["schedule"] == "every(3)"
     assert cb.run().steps("update").tolist() == [0, 3, 6]
+
+
+def test_a_model_returning_tuples_has_its_loss_read_as_the_trainer_reads_it(tmp_path):
+    # return_dict=False: (loss, logits, ...); the rows were NaN with a warning that the
+    # Trainer computed the loss outside the model, and the curvature failed on "returned
+    # no loss"
+    class TupleGPT2(transformers.GPT2LMHeadModel):
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            return super().forward(input_ids=input_ids, labels=labels, **kwargs).to_tuple()
+
+    model = _model()
+    tuples = TupleGPT2(model.config)
+    tuples.load_state_dict(model.state_dict())
+    cb = LandscapeTrainerCallback(None, probe=PROBE, alarms=False,
+                                  metrics=["loss", create("top_eigenvalues", k=1)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no "returned no loss" warning
+        trainer, _ = _train(tmp_path, [cb], max_steps=2, model=tuples)
+    run = cb.run()
+    logged = [v for _, v in _logged_losses(trainer)]
+    assert run.series("loss", "value")[1].tolist() == pytest.approx(logged, rel=1e-4)
+    assert np.isfinite(run.series("top_eigenvalues", "eigenvalues")[1]).all()
+    assert run.findings() == []
 
 
 def test_explicit_record_loss_wins_over_the_forward_hook(tmp_path):
