@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import threading
 import warnings
 from collections.abc import Mapping
@@ -183,6 +184,29 @@ def _hf_metrics(metrics: MetricsLike) -> list[Metric]:
 def _output_loss(output: Any) -> torch.Tensor | None:
     loss = output_loss(output)  # a ModelOutput's, or a return_dict=False tuple's first
     return None if loss is None else loss.detach()
+
+
+def _trainer_counts_shares(frame: Any) -> bool | None:
+    """Whether the Trainer whose ``compute_loss`` runs in ``frame`` adds its losses up.
+
+    The Trainer's own rule for the value ``compute_loss`` returns (``Trainer.training_step``):
+    it is taken as already scaled for gradient accumulation, and the micro-batches' values
+    are added up, when ``loss_is_scaled_for_ga`` says so, else when the model accepts loss
+    keyword arguments and the step has a ``num_items_in_batch`` (the batches carry
+    labels), or when a ``compute_loss_func`` is set; otherwise the Trainer divides each by
+    the accumulation steps (a mean). None when ``frame`` is no method of a Trainer
+    (``record_loss`` called from elsewhere).
+    """
+    trainer = frame.f_locals.get("self")
+    transformers = sys.modules.get("transformers")
+    if transformers is None or not isinstance(trainer, transformers.Trainer):
+        return None
+    fixed = getattr(trainer, "loss_is_scaled_for_ga", None)
+    if fixed is not None:
+        return bool(fixed)
+    items = frame.f_locals.get("num_items_in_batch")
+    return bool((getattr(trainer, "model_accepts_loss_kwargs", False) and items is not None)
+                or getattr(trainer, "compute_loss_func", None) is not None)
 
 
 class _NormBeforeClipping:
@@ -461,13 +485,17 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         the sum of the values given during the step when each is its micro-batch's share of
         the step's loss (a token-loss sum divided by the step's ``num_items_in_batch``;
         times the world size under ``average_tokens_across_devices``, as for the model's
-        own losses), else their mean. By default (``share=None``) they are added up when
-        the Trainer passed ``num_items_in_batch`` to the model in the step, as the Trainer
-        itself then adds the micro-batches' losses up instead of averaging them (its label
-        smoother and ``compute_loss_func`` normalise by the step's token count; a
-        transformers version whose label smoother does not gives k times the mean under
-        accumulation k, in the Trainer's own log too). ``share=True`` or ``False`` says it.
-        Given values replace what the forward hook read for the step.
+        own losses), else their mean. By default (``share=None``) they are counted as the
+        Trainer counts what its ``compute_loss`` returns: called from a Trainer's
+        ``compute_loss``, as that Trainer decides (``loss_is_scaled_for_ga``, else the
+        model accepts loss keyword arguments and the step has a ``num_items_in_batch``,
+        or a ``compute_loss_func`` is set: added up; otherwise averaged, the Trainer
+        dividing by the accumulation steps), whether or not the ``compute_loss`` passes
+        ``num_items_in_batch`` on to the model; from anywhere else, added up when the
+        Trainer passed ``num_items_in_batch`` to the model in the step. (A transformers
+        version whose label smoother does not normalise by the token count gives k times
+        the mean under accumulation k, in the Trainer's own log too.) ``share=True`` or
+        ``False`` says it. Given values replace what the forward hook read for the step.
 
         Calls without gradients (the Trainer's evaluation runs ``compute_loss`` too) are
         ignored. Under ``average_tokens_across_devices`` give the value before the Trainer's
@@ -484,7 +512,8 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
             return  # an evaluation loop's compute_loss (no gradients), or no training
         value = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
         self._explicit_losses.append(value)
-        self._explicit_share = share
+        self._explicit_share = share if share is not None else _trainer_counts_shares(
+            sys._getframe(1))
 
     def _record(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if self._busy or not module.training or not torch.is_grad_enabled():

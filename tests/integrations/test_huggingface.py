@@ -205,6 +205,27 @@ def test_record_loss_from_compute_loss_combines_the_micro_batches(tmp_path, shar
     assert cb.run().series("loss", "samples")[1].tolist() == [8, 8, 8]
 
 
+def test_record_loss_counts_a_compute_loss_as_its_trainer_counts_it(tmp_path):
+    # the transformers recipe: labels popped, the token-loss sum over num_items_in_batch,
+    # which the model never receives; the default counted the micro-batches' mean (a
+    # quarter of the Trainer's loss under accumulation 4)
+    class TokenSum(transformers.Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            out = model(**inputs)
+            logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
+            loss = torch.nn.functional.cross_entropy(
+                logits, labels[:, 1:].reshape(-1), reduction="sum") / num_items_in_batch
+            cb.record_loss(loss)
+            return (loss, out) if return_outputs else loss
+
+    cb = LandscapeTrainerCallback(None, metrics=["loss"], alarms=False)
+    trainer, _ = _train(tmp_path, [cb], max_steps=2, gradient_accumulation_steps=4,
+                        trainer_class=TokenSum)
+    logged = [v for _, v in _logged_losses(trainer)]
+    assert cb.run().series("loss", "value")[1].tolist() == pytest.approx(logged, rel=1e-4)
+
+
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_record_loss_of_a_label_smoothed_loss_is_the_trainers_loss(tmp_path, accumulation):
     """With label_smoothing_factor the Trainer normalises each micro-batch's smoothed loss
