@@ -54,6 +54,11 @@ def model_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     Raises:
         LandscapeError: the model returned no loss.
     """
+    if not isinstance(batch, Mapping):  # model(**batch) would name the whole module tree
+        raise LandscapeError(
+            f"the model's own loss, model(**batch).loss, needs dict batches (with 'labels'); "
+            f"got a {type(batch).__name__}: give the data as a dict, or a loss of your own "
+            "(closure= or loss_fn= in Python, --loss module:fn on the command line)")
     loss = output_loss(model(**batch))
     if loss is None:
         raise LandscapeError(

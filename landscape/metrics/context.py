@@ -520,8 +520,9 @@ class StepContext:
     def _forward(self, batch: Any, params: dict[str, torch.Tensor]) -> Any:
         # a closure that only computes model(**batch).loss (the Hugging Face callback's
         # default) is not needed for a forward pass, and fails on a batch without labels
+        # (or on an (inputs, targets) probe, which the model reads as any other's)
         forward_only = getattr(self.closure, "loss_of_model_output", False)
-        if self.closure is not None and not (forward_only and keyword_batch(batch)):
+        if self.closure is not None and not forward_only:
             self._keep_loss_state()
             return stateless_closure(self.model, self.closure, params, batch)
         if keyword_batch(batch):  # the Hugging Face convention: model(**batch)

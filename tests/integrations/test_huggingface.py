@@ -455,3 +455,18 @@ def test_where_the_norm_before_clipping_cannot_be_kept_the_log_says_so(tmp_path,
     with caplog.at_level(logging.WARNING, logger="landscape"):
         _train(tmp_path, [cb], max_steps=1, max_grad_norm=0.0)  # no clipping: nothing to say
     assert not [r for r in caplog.records if "clipped norm" in r.getMessage()]
+
+
+def test_a_tuple_probe_under_the_models_own_loss_gets_one_line_and_the_forward_metrics(
+        tmp_path):
+    # the curvature said "GPT2LMHeadModel(<the module tree>) argument after ** must be a
+    # mapping", and the forward-only metrics failed on the closure too
+    cb = LandscapeTrainerCallback(None, probe=(PROBE_IDS, PROBE_IDS), alarms=False,
+                                  metrics=["representation", create("top_eigenvalues", k=1)])
+    with pytest.warns(RuntimeWarning) as seen:
+        _train(tmp_path, [cb], max_steps=1)
+    failed = [str(w.message) for w in seen if "failed" in str(w.message)]
+    assert len(failed) == 1 and "top_eigenvalues" in failed[0]
+    assert "needs dict batches (with 'labels'); got a tuple" in failed[0]
+    assert "\n" not in failed[0] and "GPT2LMHeadModel(" not in failed[0]
+    assert np.isfinite(cb.run().series("representation", "effective_rank")[1]).all()
