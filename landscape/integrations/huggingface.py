@@ -68,7 +68,6 @@ from typing_extensions import Unpack
 
 from landscape import distributed as _dist
 from landscape._hf import model_loss, output_loss, uses_causal_lm_loss
-from landscape._progress import above_bars
 from landscape._sums import tensor_norms
 from landscape.findings import Finding, user_stacklevel
 from landscape.integrations import (
@@ -341,7 +340,6 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         self._explicit_share: bool | None = None
         self._closed = True
         self._busy = False
-        self._warned_no_loss = False
         self._world = 1
         self._recorded: int | None = None
         self._unclipped: _NormBeforeClipping | None = None
@@ -380,7 +378,13 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
             model, self.loss_fn, self.path, optimizer=optimizer, metrics=self.metrics,
             probe=probe, closure=self.closure, config=config, on_finding=self._found,
             mirrors=mirrors, **options,
-        ).start()
+        )
+        self.monitor.no_loss_reason = (
+            "the model returned no loss in this step (the Trainer computed it outside the "
+            "model: compute_loss_func=, label_smoothing_factor, a compute_loss of your own): "
+            "call callback.record_loss(loss) where the loss is computed; until then the "
+            "'loss' rows are NaN and loss_spike sees nothing")
+        self.monitor.start()
         refuse_stale_start(self.monitor, int(state.global_step), type(self).__name__,
                            self.path)
         self._closed = False
@@ -389,7 +393,6 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
             if getattr(args, "average_tokens_across_devices", False) else 1
         )
         self._reset_step()
-        self._warned_no_loss = False
         self._recorded = int(state.global_step) - 1
         self._hook = model.register_forward_hook(self._record, with_kwargs=True)
         self._wrapped_optimizer = kwargs.get("optimizer")
@@ -410,10 +413,8 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
             warnings.warn(
                 "landscape: with label_smoothing_factor the Trainer pops the batch's labels "
                 "before the model sees them: metrics that need labels (curvature, collapse) "
-                "need probe= with labels; and it computes the loss outside the model, so "
-                "call callback.record_loss(loss) from a compute_loss override",
+                "need probe= with labels",
                 RuntimeWarning, stacklevel=user_stacklevel())
-            self._warned_no_loss = True  # said here already: no second warning at the step
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Start the step's losses afresh; hook the parameters unfrozen since the last step."""
@@ -442,17 +443,7 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
     def _step(self, step: int, control: Any) -> None:
         if self.monitor is None or self._closed:
             return
-        loss = self._step_loss()
-        if loss is None and not self._warned_no_loss:
-            self._warned_no_loss = True
-            with above_bars():  # the Trainer's progress bar is drawn
-                warnings.warn(
-                    "landscape: the model returned no loss in this step (outputs.loss is "
-                    "None: the Trainer computed it outside the model, e.g. with "
-                    "compute_loss_func= or label_smoothing_factor): call "
-                    "callback.record_loss(loss) where the loss is computed, or the 'loss' "
-                    "rows are NaN and loss_spike sees nothing",
-                    RuntimeWarning, stacklevel=user_stacklevel())
+        loss = self._step_loss()  # None: the loss metric's finding says what to do
         batch = self._batch
         grad_norm = None if self._unclipped is None else self._unclipped.take()
         samples = self._samples or None

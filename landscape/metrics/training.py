@@ -74,9 +74,14 @@ class Loss(Metric):
     default_data = "batch"
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
-        """The loss as a float (the mean of a non-scalar tensor) and the batch's samples."""
+        """The loss as a float (the mean of a non-scalar tensor) and the batch's samples.
+
+        Raises:
+            MissingInput: the step has no loss, with the monitor's ``no_loss_reason`` (a
+                row of NaN the rules do not read: a NaN loss would be a non-finite one).
+        """
         if ctx.loss is None:
-            raise MissingInput("the loss metric needs step(..., loss=loss)")
+            raise MissingInput(ctx.no_loss_reason)
         return {"value": _as_float(ctx.loss), "samples": _samples(ctx)}
 
 

@@ -242,6 +242,9 @@ class Monitor:
         self._probe_source = "given" if probe is not None else (
             "first_batch" if wanted else "none")
         self._probe_aligned = False  # a given probe: cast to the first batch's dtypes
+        #: what the ``loss`` metric's finding says at a step given no loss (an integration
+        #: that gathers the loss itself says where it looked)
+        self.no_loss_reason = "the loss metric needs step(..., loss=loss)"
         self.on_finding = on_finding
         self.mirrors = list(mirrors or ()) if _dist.rank() == 0 else []  # rank 0 mirrors
         self._broken_mirrors: set[int] = set()
@@ -566,6 +569,7 @@ class Monitor:
             loss=loss, outputs=outputs, state=self._state,
             microbatch_size=self.microbatch_size, batch_size=self.batch_size,
             parameter_objects=self._objects, loss_modules=self._loss_modules,
+            no_loss_reason=self.no_loss_reason,
         )
 
     def step(

@@ -170,3 +170,8 @@ def test_a_loss_computed_outside_the_model_is_said_once(tmp_path):
     assert len(ours) == 1 and "record_loss" in str(ours[0].message)
     assert ours[0].filename == __file__
     assert np.isnan(callback.run().series("loss", "value")[1]).all()
+    # one warning for one cause (a second said "needs step(..., loss=loss)", which a Trainer
+    # user never calls), and the stored finding, all that `landscape check` shows, says it
+    assert [str(w.message) for w in caught if "landscape" in str(w.message)] == \
+        [str(ours[0].message)]
+    assert ["record_loss" in f.message for f in callback.run().findings()] == [True]
