@@ -135,6 +135,10 @@ class GradNorm(Metric):
 class NonFinite(Metric):
     """1.0 when the loss (resp. any gradient entry) is NaN or infinite, else 0.0.
 
+    The gradient is read from ``.grad``; where no monitored parameter has one (the monitor
+    called after ``optimizer.zero_grad()``), from the norm passed as
+    ``step(grad_norm=...)``, which ``clip_grad_norm_`` returns non-finite when any entry is.
+
     ``skipped`` says whether this gradient was left out of the weights. With a non-finite
     gradient it is 1.0 when every weight is still finite and none moved since the
     previous call: no step applied it (a GradScaler skipping an overflowed step, a fused
@@ -157,7 +161,11 @@ class NonFinite(Metric):
         """The ``loss``, ``grad`` and ``skipped`` flags (NaN when not known)."""
         loss_bad = math.nan if ctx.loss is None else float(not math.isfinite(_as_float(ctx.loss)))
         gnorm = ctx.grad_norm()
-        if gnorm is None:
+        if gnorm is None and ctx.given_grad_norm is not None:
+            # .grad already zeroed (accelerate's loop calls the monitor after zero_grad):
+            # the norm clip_grad_norm_ returned is non-finite with any entry
+            grad_bad = float(not math.isfinite(float(ctx.given_grad_norm)))
+        elif gnorm is None:
             grad_bad = math.nan
         elif math.isfinite(gnorm):  # a finite norm proves every entry finite
             grad_bad = 0.0

@@ -295,3 +295,24 @@ def test_a_probe_laid_out_unlike_the_batches_is_left_as_given():
     with mon:
         mon.step(0, batch=(x.double(), y), loss=1.0)
         assert mon.probe is probe
+
+
+def test_after_zero_grad_the_given_norm_tells_a_non_finite_gradient():
+    # accelerate's loop zeroes the gradients inside accumulate() and calls the monitor
+    # after, with what clip_grad_norm_ returned: nonfinite/grad was NaN at every step
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = _batches(1)[0]
+    flags = []
+    with Monitor(model, F.cross_entropy, None, optimizer=opt, warn=False,
+                 metrics=["nonfinite"]) as mon:
+        for step, poison in enumerate([False, True]):
+            loss = F.cross_entropy(model(x), y) * (math.inf if poison else 1.0)
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if not poison:
+                opt.step()
+            opt.zero_grad()
+            mon.step(step, batch=(x, y), loss=loss, grad_norm=norm)
+        flags = mon.run().series("nonfinite", "grad")[1].tolist()
+    assert flags == [0.0, 1.0]
