@@ -22,6 +22,7 @@ __all__ = [
     "cast_like",
     "head",
     "in_containers_of",
+    "inputs_in_dtype",
     "leading_size",
     "map_tensors",
     "model_call",
@@ -49,38 +50,81 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any], other: Callable[[An
     return other(obj) if other is not None else obj
 
 
+class _Unlike(Exception):
+    """Two batches laid out differently (:func:`cast_like`)."""
+
+
 def cast_like(obj: Any, like: Any) -> tuple[Any, list[torch.dtype]]:
     """``obj`` with each floating-point tensor in the dtype of the tensor at its place in ``like``.
 
-    The places match when the two hold as many tensors, with the same numbers of
-    dimensions, in the same order (their sizes may differ); else ``obj`` is returned as it
-    is. Only a floating-point tensor facing a floating-point tensor of another dtype is
-    cast: a float32 validation batch next to the bfloat16 inputs of a model trained in
-    bfloat16 becomes bfloat16, while integer targets, masks, and float targets the loop
-    keeps in float32 stay as they are.
+    The places match when the two are laid out alike: mappings with the same keys (matched
+    by key), sequences of the same length (matched by position), and tensors with the same
+    number of dimensions (their sizes may differ); else ``obj`` is returned as it is. Only
+    a floating-point tensor facing a floating-point tensor of another dtype is cast: a
+    float32 validation batch next to the bfloat16 inputs of a model trained in bfloat16
+    becomes bfloat16, while integer targets, masks, and float targets the loop keeps in
+    float32 stay as they are.
 
     Returns:
         The batch (``obj`` itself when nothing was cast) and the dtypes that were cast.
     """
-    wanted: list[torch.Tensor] = []
-    map_tensors(like, wanted.append)
-    have: list[torch.Tensor] = []
-    map_tensors(obj, have.append)
-    if len(have) != len(wanted) or any(a.dim() != b.dim() for a, b in zip(have, wanted)):
-        return obj, []
     cast: list[torch.dtype] = []
-    targets = iter(wanted)
+
+    def walk(a: Any, b: Any) -> Any:
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) \
+                    or a.dim() != b.dim():
+                raise _Unlike
+            if a.is_floating_point() and b.is_floating_point() and a.dtype != b.dtype:
+                if a.dtype not in cast:
+                    cast.append(a.dtype)
+                return a.to(b.dtype)
+            return a
+        if isinstance(a, Mapping) or isinstance(b, Mapping):
+            if not (isinstance(a, Mapping) and isinstance(b, Mapping)) or set(a) != set(b):
+                raise _Unlike
+            return _rebuilt(a, {k: walk(v, b[k]) for k, v in a.items()})
+        if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+            if not (isinstance(a, (tuple, list)) and isinstance(b, (tuple, list))) \
+                    or len(a) != len(b):
+                raise _Unlike
+            return _rebuilt(a, [walk(x, y) for x, y in zip(a, b)])
+        return a
+
+    try:
+        out = walk(obj, like)
+    except _Unlike:
+        return obj, []
+    return (out, cast) if cast else (obj, cast)
+
+
+def inputs_in_dtype(batch: Any, dtype: torch.dtype) -> tuple[Any, list[torch.dtype]]:
+    """``batch`` with the floating-point tensors of its inputs cast to ``dtype``.
+
+    The inputs are the first item of an ``(inputs, targets)`` pair, every entry but
+    ``labels`` / ``label`` of a mapping, or the batch itself; targets stay as they are
+    (a float regression target in float32 keeps its digits).
+
+    Returns:
+        The batch (``batch`` itself when nothing was cast) and the dtypes that were cast.
+    """
+    cast: list[torch.dtype] = []
 
     def one(t: torch.Tensor) -> torch.Tensor:
-        dtype = next(targets).dtype
-        if t.is_floating_point() and dtype.is_floating_point and t.dtype != dtype:
+        if t.is_floating_point() and t.dtype != dtype:
             if t.dtype not in cast:
                 cast.append(t.dtype)
             return t.to(dtype)
         return t
 
-    out = map_tensors(obj, one)
-    return (out, cast) if cast else (obj, cast)
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        out = _rebuilt(batch, [map_tensors(batch[0], one), batch[1]])
+    elif isinstance(batch, Mapping):
+        out = _rebuilt(batch, {k: v if k in ("labels", "label") else map_tensors(v, one)
+                               for k, v in batch.items()})
+    else:
+        out = map_tensors(batch, one)
+    return (out, cast) if cast else (batch, cast)
 
 
 def normal_tensors(obj: Any) -> Any:

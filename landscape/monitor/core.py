@@ -68,7 +68,13 @@ from landscape.monitor.arguments import (
     unwrap_optimizer,
 )
 from landscape.monitor.clock import StepClock
-from landscape.monitor.probe import in_batch_dtypes, restore_probe, store_probe, take_probe
+from landscape.monitor.probe import (
+    in_batch_dtypes,
+    inputs_in_models_dtype,
+    restore_probe,
+    store_probe,
+    take_probe,
+)
 from landscape.params import stackable, tensor_norms, trainable_named_parameters
 from landscape.store import Run, RunWriter
 
@@ -241,7 +247,7 @@ class Monitor:
         wanted = probe_size is not None and any(m.data == "probe" for m in self.metrics)
         self._probe_source = "given" if probe is not None else (
             "first_batch" if wanted else "none")
-        self._probe_aligned = False  # a given probe: cast to the first batch's dtypes
+        self._probe_aligned = False  # a given probe: cast to the first batch's dtypes too
         #: what the ``loss`` metric's finding says at a step given no loss (an integration
         #: that gathers the loss itself says where it looked)
         self.no_loss_reason = "the loss metric needs step(..., loss=loss)"
@@ -301,6 +307,8 @@ class Monitor:
         self._own = list(named.values())
         self._objects = dict(self.model.named_parameters())
         self._sharded = any(_dist.is_sharded(p) for p in self._objects.values())
+        if self._probe_source == "given":  # before the Taylor guard or a metric reads it
+            self.probe = inputs_in_models_dtype(self.probe, list(self._objects.values()))
         # setup may read parametrized weights (a spectral_norm parametrization runs a power
         # iteration and writes its buffers when read in train mode): eval mode, RNG kept
         with isolated(self.model):

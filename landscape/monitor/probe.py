@@ -18,6 +18,7 @@ from landscape.batches import (
     cast_like,
     head,
     in_containers_of,
+    inputs_in_dtype,
     leading_size,
     map_tensors,
     plain_containers,
@@ -25,8 +26,8 @@ from landscape.batches import (
 from landscape.capture import first_tensor
 from landscape.store import RunWriter
 
-__all__ = ["PROBE_BYTES", "PROBE_NOTE", "in_batch_dtypes", "restore_probe", "store_probe",
-           "take_probe"]
+__all__ = ["PROBE_BYTES", "PROBE_NOTE", "in_batch_dtypes", "inputs_in_models_dtype",
+           "restore_probe", "store_probe", "take_probe"]
 
 _log = logging.getLogger("landscape")
 PROBE_BYTES = 64 * 2**20  # the largest default probe stored in the run file for a resume
@@ -112,28 +113,51 @@ def restore_probe(writer: RunWriter, batch: Any) -> Any | None:
     return in_containers_of(probe, batch)
 
 
+def _each_batch(probe: Any, cast: Any) -> tuple[Any, list[torch.dtype]]:
+    """``cast(batch)`` of a probe, or of each batch of a probe given as a list of batches."""
+    from landscape.metrics.context import is_batch_list
+
+    if not is_batch_list(probe):
+        return cast(probe)
+    parts = [cast(p) for p in probe]
+    dtypes = sorted({d for _, c in parts for d in c}, key=str)
+    return (type(probe)(p for p, _ in parts) if dtypes else probe), dtypes
+
+
+def _say_cast(cast: list[torch.dtype], to: str) -> None:
+    if cast:
+        _log.info("landscape: the probe's %s tensors are cast to %s",
+                  ", ".join(str(d).removeprefix("torch.") for d in cast), to)
+
+
+def inputs_in_models_dtype(probe: Any, params: list[torch.Tensor]) -> Any:
+    """A given probe with its inputs' floating-point tensors in the dtype of the model's weights.
+
+    A model trained in bfloat16 (``model.to(torch.bfloat16)``, its batches cast in the
+    loop) given a float32 validation batch as its probe failed every probe metric on
+    "mat1 and mat2 must have the same dtype". When the monitor starts, before any metric
+    or the Taylor guard reads the probe, its inputs are cast to the weights' one floating
+    dtype (:func:`~landscape.batches.inputs_in_dtype`: the targets stay as given); a model
+    whose weights mix floating dtypes gets the probe as given. The first training batch
+    then sets the rest (:func:`in_batch_dtypes`).
+    """
+    dtypes = {p.dtype for p in params if p.is_floating_point()}
+    if len(dtypes) != 1:
+        return probe
+    (dtype,) = dtypes
+    probe, cast = _each_batch(probe, lambda b: inputs_in_dtype(b, dtype))
+    _say_cast(cast, f"the model's {str(dtype).removeprefix('torch.')}")
+    return probe
+
+
 def in_batch_dtypes(probe: Any, batch: Any) -> Any:
     """A given probe with its floating-point tensors in the dtypes of the training batch's.
 
-    A model trained in bfloat16 (``model.to(torch.bfloat16)``, its batches cast in the
-    loop) given a float32 validation batch as its probe failed every probe metric on the
-    dtypes. The probe is cast, tensor by tensor, to the dtype of the first training
-    batch's tensor at its place (:func:`~landscape.batches.cast_like`; each batch of a
-    probe given as a list of batches), and the ``landscape`` logger says so: the targets
-    and inputs keep whatever dtype the loop gives its own. A probe whose layout differs
-    from the batch's is left as given.
+    At the first step that passes ``batch=``, the probe is cast, tensor by tensor, to the
+    dtype of the batch's tensor at its place (:func:`~landscape.batches.cast_like`; each
+    batch of a probe given as a list of batches): its targets take whatever dtype the loop
+    gives its own. A probe laid out unlike the batch is left as it is.
     """
-    from landscape.metrics.context import is_batch_list
-
-    cast: list[torch.dtype] = []
-    if is_batch_list(probe) and not is_batch_list(batch):
-        parts = [cast_like(p, batch) for p in probe]
-        if any(c for _, c in parts):
-            probe = type(probe)(p for p, _ in parts)
-            cast = sorted({d for _, c in parts for d in c}, key=str)
-    else:
-        probe, cast = cast_like(probe, batch)
-    if cast:
-        _log.info("landscape: the probe's %s tensors are cast to the dtypes of the training "
-                  "batch's", ", ".join(str(d).removeprefix("torch.") for d in cast))
+    probe, cast = _each_batch(probe, lambda b: cast_like(b, batch))
+    _say_cast(cast, "the dtypes of the training batch's")
     return probe

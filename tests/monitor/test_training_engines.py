@@ -258,8 +258,7 @@ def test_a_float32_probe_of_a_bfloat16_model_is_cast_as_the_loop_casts_its_batch
     x, y = _batches(1, seed=7)[0]
     with caplog.at_level("INFO", logger="landscape"):
         rows, findings, _ = _bf16_run((x, y))
-    assert "the probe's float32 tensors are cast to the dtypes of the training batch's" \
-        in caplog.text
+    assert "the probe's float32 tensors are cast to the model's bfloat16" in caplog.text
     same, same_findings, _ = _bf16_run((x.to(torch.bfloat16), y))
     assert findings == same_findings == []
     for key, values in same.items():
@@ -285,6 +284,39 @@ def test_float_targets_the_loop_keeps_in_float32_stay_float32():
     assert "metric_failed" not in findings
     assert kept[0].dtype == torch.bfloat16
     assert kept[1] is probe[1]  # not rounded to bfloat16 (300.0 + noise loses its digits)
+
+
+def test_the_probe_is_cast_before_the_taylor_guard_or_a_step_without_a_batch_reads_it():
+    # the guard reads the probe inside the first optimizer step, before step(batch=): it
+    # raised "mat1 and mat2 must have the same dtype" out of opt.step(); a loop that never
+    # passes batch= had every probe metric fail
+    x, y = _batches(1, seed=7)[0]
+    for kw, with_batch in (({"taylor_guard": 1.0}, True), ({}, False)):
+        model = _mlp().to(torch.bfloat16)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        with Monitor(model, F.cross_entropy, None, optimizer=opt, warn=False, probe=(x, y),
+                     metrics=["sentinels"], **kw) as mon:
+            for step, (bx, by) in enumerate(_batches(3)):
+                loss = F.cross_entropy(model(bx.to(torch.bfloat16)), by)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                mon.step(step, batch=(bx.to(torch.bfloat16), by) if with_batch else None,
+                         loss=loss)
+            assert mon.findings == []
+            assert np.isfinite(mon.run().series("sentinels", "probe_loss")[1]).all()
+
+
+def test_a_dict_probe_is_matched_to_the_batch_by_key():
+    # matched by order, the target of {"y", "x"} took the inputs' bfloat16 (298.46 -> 298)
+    from landscape.batches import cast_like
+
+    x, y = torch.randn(4, 3), 300 + torch.randn(4, 2)
+    probe = {"y": y, "x": x}
+    cast, dtypes = cast_like(probe, {"x": x.to(torch.bfloat16), "y": y})
+    assert list(cast) == ["y", "x"] and cast["y"] is y
+    assert cast["x"].dtype == torch.bfloat16 and dtypes == [torch.float32]
+    assert cast_like(probe, {"x": x, "z": y}) == (probe, [])  # other keys: as given
 
 
 def test_a_probe_laid_out_unlike_the_batches_is_left_as_given():
