@@ -186,19 +186,31 @@ def _output_loss(output: Any) -> torch.Tensor | None:
 
 
 def _trainer_counts_shares(frame: Any) -> bool | None:
-    """Whether the Trainer whose ``compute_loss`` runs in ``frame`` adds its losses up.
+    """Whether the Trainer whose ``training_step`` is running adds the step's losses up.
 
-    The Trainer's own rule for the value ``compute_loss`` returns (``Trainer.training_step``):
-    it is taken as already scaled for gradient accumulation, and the micro-batches' values
-    are added up, when ``loss_is_scaled_for_ga`` says so, else when the model accepts loss
-    keyword arguments and the step has a ``num_items_in_batch`` (the batches carry
-    labels), or when a ``compute_loss_func`` is set; otherwise the Trainer divides each by
-    the accumulation steps (a mean). None when ``frame`` is no method of a Trainer
-    (``record_loss`` called from elsewhere).
+    The Trainer's own rule for the value ``compute_loss`` returns
+    (``Trainer.training_step``): it is taken as already scaled for gradient accumulation,
+    and the micro-batches' values are added up, when ``loss_is_scaled_for_ga`` says so,
+    else when the model accepts loss keyword arguments and the step has a
+    ``num_items_in_batch`` (the batches carry labels), or when a ``compute_loss_func`` is
+    set; otherwise the Trainer divides each by the accumulation steps (a mean). Read from
+    the ``training_step`` frame of a ``transformers.Trainer`` among the callers of
+    ``frame`` (``compute_loss``, a ``super()`` call, a helper it calls: however
+    ``record_loss`` is reached); None when there is none (``record_loss`` called outside
+    a Trainer's step).
     """
-    trainer = frame.f_locals.get("self")
     transformers = sys.modules.get("transformers")
-    if transformers is None or not isinstance(trainer, transformers.Trainer):
+    if transformers is None:
+        return None
+    for _ in range(64):
+        if frame is None:
+            return None
+        if frame.f_code.co_name == "training_step":
+            trainer = frame.f_locals.get("self")
+            if isinstance(trainer, transformers.Trainer):
+                break
+        frame = frame.f_back
+    else:
         return None
     fixed = getattr(trainer, "loss_is_scaled_for_ga", None)
     if fixed is not None:
@@ -477,11 +489,12 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         the step's loss (a token-loss sum divided by the step's ``num_items_in_batch``;
         times the world size under ``average_tokens_across_devices``, as for the model's
         own losses), else their mean. By default (``share=None``) they are counted as the
-        Trainer counts what its ``compute_loss`` returns: called from a Trainer's
-        ``compute_loss``, as that Trainer decides (``loss_is_scaled_for_ga``, else the
-        model accepts loss keyword arguments and the step has a ``num_items_in_batch``,
-        or a ``compute_loss_func`` is set: added up; otherwise averaged, the Trainer
-        dividing by the accumulation steps), whether or not the ``compute_loss`` passes
+        Trainer counts what its ``compute_loss`` returns: called during a Trainer's
+        ``training_step`` (from ``compute_loss``, a ``compute_loss_func``, or anything they
+        call), as that Trainer decides (``loss_is_scaled_for_ga``, else the model accepts
+        loss keyword arguments and the step has a ``num_items_in_batch``, or a
+        ``compute_loss_func`` is set: added up; otherwise averaged, the Trainer dividing by
+        the accumulation steps), whether or not the ``compute_loss`` passes
         ``num_items_in_batch`` on to the model; from anywhere else, added up when the
         Trainer passed ``num_items_in_batch`` to the model in the step. (A transformers
         version whose label smoother does not normalise by the token count gives k times

@@ -205,23 +205,41 @@ def test_record_loss_from_compute_loss_combines_the_micro_batches(tmp_path, shar
     assert cb.run().series("loss", "samples")[1].tolist() == [8, 8, 8]
 
 
-def test_record_loss_counts_a_compute_loss_as_its_trainer_counts_it(tmp_path):
-    # the transformers recipe: labels popped, the token-loss sum over num_items_in_batch,
-    # which the model never receives; the default counted the micro-batches' mean (a
-    # quarter of the Trainer's loss under accumulation 4)
-    class TokenSum(transformers.Trainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            labels = inputs.pop("labels")
-            out = model(**inputs)
-            logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
-            loss = torch.nn.functional.cross_entropy(
-                logits, labels[:, 1:].reshape(-1), reduction="sum") / num_items_in_batch
-            cb.record_loss(loss)
-            return (loss, out) if return_outputs else loss
+class _TokenSum(transformers.Trainer):
+    """The transformers recipe: labels popped, the token-loss sum over num_items_in_batch,
+    which the model never receives."""
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        out = model(**inputs)
+        logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
+        loss = torch.nn.functional.cross_entropy(
+            logits, labels[:, 1:].reshape(-1), reduction="sum") / num_items_in_batch
+        self.callback.record_loss(loss)
+        return (loss, out) if return_outputs else loss
+
+
+class _Super(transformers.Trainer):
+    """compute_loss(**kwargs) over super().compute_loss, recorded through a helper."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        loss = super().compute_loss(model, inputs, return_outputs=False, **kwargs)
+        self._keep(loss)
+        return loss
+
+    def _keep(self, value):
+        self.callback.record_loss(value)
+
+
+@pytest.mark.parametrize("trainer_class", [_TokenSum, _Super], ids=["recipe", "super"])
+def test_record_loss_counts_a_compute_loss_as_its_trainer_counts_it(tmp_path, trainer_class):
+    # the default counted the micro-batches' mean: a quarter of the Trainer's loss under
+    # accumulation 4 (the recipe's model never receives num_items_in_batch; and reading it
+    # from the caller's own locals missed compute_loss(**kwargs) and helpers)
     cb = LandscapeTrainerCallback(None, metrics=["loss"], alarms=False)
+    trainer_class.callback = cb
     trainer, _ = _train(tmp_path, [cb], max_steps=2, gradient_accumulation_steps=4,
-                        trainer_class=TokenSum)
+                        trainer_class=trainer_class)
     logged = [v for _, v in _logged_losses(trainer)]
     assert cb.run().series("loss", "value")[1].tolist() == pytest.approx(logged, rel=1e-4)
 
