@@ -306,8 +306,9 @@ def _forward_of(model: Any) -> Any:
     """The ``forward`` whose signature says how ``model(...)`` is called (None: unknown).
 
     Wrappers whose own forward takes ``*args, **kwargs`` and passes them on are looked
-    through: DDP, ``DataParallel`` and ``torch.compile`` (:func:`~landscape.distributed.unwrap`),
-    FSDP's ``FullyShardedDataParallel`` and a PEFT model (its base model's forward). A
+    through: DDP, ``DataParallel``, ``torch.compile`` and Lightning Fabric
+    (:func:`~landscape.distributed.unwrap`), FSDP's ``FullyShardedDataParallel`` and a
+    PEFT model (its base model's forward). A
     TorchScript module's forward has no Python signature: unknown. A callable that is no
     module is itself.
     """

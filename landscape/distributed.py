@@ -136,7 +136,11 @@ def unwrap(model: nn.Module) -> nn.Module:
     ``_orig_mod.`` prefix). A ``torch.compile``d module is evaluated through the module it
     compiled (the same parameters and function): dynamo cannot trace the diagnostics'
     ``torch.func`` transforms or double backward, and a graph break there marks the
-    user's own frame to run eagerly for the rest of the run.
+    user's own frame to run eagerly for the rest of the run. Lightning Fabric's
+    ``_FabricModule`` (what ``fabric.setup`` returns) is looked through too: it redirects
+    attribute writes to the module it wraps, so the weights a measurement substitutes
+    were never put back (the model left holding plain tensors, cut off from its optimizer),
+    and its precision casting is the training's, not the measurement's.
     """
     parallel = (nn.parallel.DistributedDataParallel, nn.DataParallel)
     while True:
@@ -144,8 +148,16 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         elif _compiled(model):
             model = model._orig_mod
+        elif _fabric(model):
+            model = model._forward_module
         else:
             return model
+
+
+def _fabric(model: nn.Module) -> bool:
+    """Whether ``model`` is Lightning Fabric's wrapper (without importing lightning)."""
+    return type(model).__name__ == "_FabricModule" and isinstance(
+        getattr(model, "_forward_module", None), nn.Module)
 
 
 def _compiled(model: nn.Module) -> bool:

@@ -511,3 +511,40 @@ def test_a_training_step_without_a_returned_loss_is_named_once(tmp_path):
         _fit(_ReturnsNothing(), [callback], max_steps=6)
     hints = [w for w in caught if "training_step returned no loss" in str(w.message)]
     assert len(hints) == 1
+
+
+def _fabric_fit(monitored):
+    from lightning.fabric import Fabric
+
+    from landscape import Monitor
+
+    fabric = Fabric(accelerator="cpu", devices=1)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    model, opt = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9))
+    x, y = _data(48)
+    mon = None if not monitored else Monitor(
+        model, F.cross_entropy, None, optimizer=opt, probe=PROBE, warn=False,
+        metrics=["taylor_radius", "representation", "hessian_trace", "sentinels"]).start()
+    for step in range(3):
+        batch = (x[16 * step:16 * (step + 1)], y[16 * step:16 * (step + 1)])
+        loss = F.cross_entropy(model(batch[0]), batch[1])
+        opt.zero_grad()
+        fabric.backward(loss)
+        opt.step()
+        if mon is not None:
+            mon.step(step, batch=batch, loss=loss)
+    findings = [] if mon is None else list(mon.findings)
+    if mon is not None:
+        mon.close()
+    return net, findings
+
+
+def test_a_fabric_model_is_measured_through_the_module_it_wraps():
+    # the wrapper redirects attribute writes: the weights a measurement substituted were
+    # never put back, and the next backward failed ("does not require grad")
+    plain, _ = _fabric_fit(False)
+    monitored, findings = _fabric_fit(True)
+    assert findings == []
+    for a, b in zip(plain.parameters(), monitored.parameters()):
+        assert torch.equal(a, b)
