@@ -99,10 +99,9 @@ def _autocast_enabled(device_type: str) -> bool:
         return False
 
 
-def autocast_off(
-    device_types: Iterable[str] = AUTOCAST_DEVICES,
-) -> contextlib.AbstractContextManager[Any]:
-    """``torch.autocast`` off inside the block, for each of ``device_types`` it is on for.
+@contextlib.contextmanager
+def autocast_off(device_types: Iterable[str] = AUTOCAST_DEVICES) -> Iterator[None]:
+    """``torch.autocast`` and its weight cache off inside the block.
 
     A training loop may call the monitor inside its own ``torch.autocast`` block. The
     diagnostics would then run in the autocast dtype (the products, and the solvers' own
@@ -110,27 +109,28 @@ def autocast_off(
     weights that autocast caches until its block ends: copies made before the optimizer
     step, so one step late. With autocast off they read the weights themselves, in the
     model's dtype, as they do when called outside the block (docs/curvature.md,
-    "Precision"). Where autocast is off already nothing is entered (the monitor's every
-    step): leaving an outermost autocast block would clear its cache.
+    "Precision"). Autocast is switched off (``enabled=False`` entered) for each of
+    ``device_types`` it is on for; where it is off nothing is entered (leaving an
+    outermost autocast block would clear its cache). The weight cache is off whatever the
+    state, with the caller's cache kept for its own block: a model that opens its own
+    autocast block in ``forward``, inside a loop's block (even a disabled one,
+    ``enabled=use_amp``), would otherwise read the copies the training forward cached.
     """
     on = sorted({d for d in device_types if _autocast_enabled(d)})
-    return _autocast_disabled(on) if on else contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def _autocast_disabled(device_types: list[str]) -> Iterator[None]:
-    # and no cached weight copies: a model that opens its own autocast block in forward
-    # would read those the training forward cached before the optimizer step (the cache
-    # itself is kept for the caller's block)
     cached = torch.is_autocast_cache_enabled()
-    torch.set_autocast_cache_enabled(False)
+    if cached:
+        torch.set_autocast_cache_enabled(False)
     try:
+        if not on:
+            yield
+            return
         with contextlib.ExitStack() as stack:
-            for device_type in device_types:
+            for device_type in on:
                 stack.enter_context(torch.autocast(device_type, enabled=False))
             yield
     finally:
-        torch.set_autocast_cache_enabled(cached)
+        if cached:
+            torch.set_autocast_cache_enabled(True)
 
 
 def without_autocast(fn: Callable[..., Any]) -> Callable[..., Any]:

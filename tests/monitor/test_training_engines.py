@@ -50,7 +50,7 @@ class _OwnAutocast(nn.Module):
             return self.net(x).float()
 
 
-def _autocast_run(inside, metrics=None, own_block=False):
+def _autocast_run(inside, metrics=None, own_block=False, enabled=True):
     """An MLP trained under CPU bfloat16 autocast, the monitor called inside or after it."""
     model = _OwnAutocast() if own_block else _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -58,7 +58,7 @@ def _autocast_run(inside, metrics=None, own_block=False):
     kw = {} if metrics is None else {"metrics": metrics, "probe": data[0]}
     with Monitor(model, F.cross_entropy, None, optimizer=opt, warn=False, **kw) as mon:
         for step, (x, y) in enumerate(data):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
                 loss = F.cross_entropy(model(x), y)
                 opt.zero_grad()
                 loss.backward()
@@ -71,17 +71,18 @@ def _autocast_run(inside, metrics=None, own_block=False):
     return model, rows
 
 
-@pytest.mark.parametrize(("sharpness", "own_block"), [(False, False), (True, False),
-                                                      (False, True)],
-                         ids=["default", "sharpness", "model-opens-autocast"])
+@pytest.mark.parametrize(("sharpness", "own_block", "enabled"), [
+    (False, False, True), (True, False, True), (False, True, True), (False, True, False)],
+    ids=["default", "sharpness", "model-opens-autocast", "loop-block-disabled"])
 def test_the_monitor_called_inside_an_autocast_block_records_what_it_records_after_it(
-        sharpness, own_block):
+        sharpness, own_block, enabled):
     # inside the block the sentinels read the bfloat16 copies autocast cached before the
     # optimizer step (one step late), and the curvature ran in bfloat16; a model that opens
-    # its own autocast block in forward read those copies through it
+    # its own autocast block in forward read those copies through it, also inside a loop's
+    # disabled block (torch.autocast(..., enabled=use_amp))
     metrics = [ls.metrics.Sharpness(schedule=ls.every(2))] if sharpness else None
-    after_model, after = _autocast_run(False, metrics, own_block)
-    inside_model, inside = _autocast_run(True, metrics, own_block)
+    after_model, after = _autocast_run(False, metrics, own_block, enabled)
+    inside_model, inside = _autocast_run(True, metrics, own_block, enabled)
     assert after.keys() == inside.keys()
     for key, values in after.items():
         np.testing.assert_array_equal(inside[key], values, err_msg=str(key))
