@@ -7,7 +7,7 @@ of the optimizer's actual step; definitions in docs/metrics.md.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -131,13 +131,28 @@ class GradNorm(Metric):
         return {"value": value}
 
 
+def _given_norm_flag(norm: float, params: Sequence[torch.Tensor]) -> float:
+    """Whether the gradient behind a given norm has a non-finite entry (NaN: not known).
+
+    A NaN norm has one. An infinite one has one too, unless the gradients are float16:
+    ``clip_grad_norm_`` then overflows to inf past 65504 with every entry finite.
+    """
+    if math.isnan(norm):
+        return 1.0
+    if math.isfinite(norm):
+        return 0.0
+    return math.nan if any(p.dtype == torch.float16 for p in params) else 1.0
+
+
 @register
 class NonFinite(Metric):
     """1.0 when the loss (resp. any gradient entry) is NaN or infinite, else 0.0.
 
-    The gradient is read from ``.grad``; where no monitored parameter has one (the monitor
-    called after ``optimizer.zero_grad()``), from the norm passed as
-    ``step(grad_norm=...)``, which ``clip_grad_norm_`` returns non-finite when any entry is.
+    The gradient is read from ``.grad``; where no monitored parameter has one, or where it
+    is all zeros and the norm passed as ``step(grad_norm=...)`` is not finite (the monitor
+    called after ``optimizer.zero_grad()``), from that norm, which ``clip_grad_norm_``
+    returns non-finite when any entry is (an infinite norm of float16 gradients may be an
+    overflow of finite entries: NaN, not known).
 
     ``skipped`` says whether this gradient was left out of the weights. With a non-finite
     gradient it is 1.0 when every weight is still finite and none moved since the
@@ -161,10 +176,11 @@ class NonFinite(Metric):
         """The ``loss``, ``grad`` and ``skipped`` flags (NaN when not known)."""
         loss_bad = math.nan if ctx.loss is None else float(not math.isfinite(_as_float(ctx.loss)))
         gnorm = ctx.grad_norm()
-        if gnorm is None and ctx.given_grad_norm is not None:
-            # .grad already zeroed (accelerate's loop calls the monitor after zero_grad):
-            # the norm clip_grad_norm_ returned is non-finite with any entry
-            grad_bad = float(not math.isfinite(float(ctx.given_grad_norm)))
+        given = None if ctx.given_grad_norm is None else float(ctx.given_grad_norm)
+        if given is not None and (gnorm is None or (gnorm == 0.0 and not math.isfinite(given))):
+            # .grad already zeroed (accelerate's loop calls the monitor after zero_grad, to
+            # None or to zeros): the norm clip_grad_norm_ returned says it
+            grad_bad = _given_norm_flag(given, ctx.parameters)
         elif gnorm is None:
             grad_bad = math.nan
         elif math.isfinite(gnorm):  # a finite norm proves every entry finite

@@ -330,9 +330,11 @@ def test_a_probe_laid_out_unlike_the_batches_is_left_as_given():
         assert mon.probe is probe
 
 
-def test_after_zero_grad_the_given_norm_tells_a_non_finite_gradient():
+@pytest.mark.parametrize("to_none", [True, False], ids=["set_to_none", "zeros"])
+def test_after_zero_grad_the_given_norm_tells_a_non_finite_gradient(to_none):
     # accelerate's loop zeroes the gradients inside accumulate() and calls the monitor
-    # after, with what clip_grad_norm_ returned: nonfinite/grad was NaN at every step
+    # after, with what clip_grad_norm_ returned: nonfinite/grad was NaN at every step (and
+    # 0.0 where zero_grad left zeros)
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     x, y = _batches(1)[0]
@@ -345,7 +347,16 @@ def test_after_zero_grad_the_given_norm_tells_a_non_finite_gradient():
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             if not poison:
                 opt.step()
-            opt.zero_grad()
+            opt.zero_grad(set_to_none=to_none)
             mon.step(step, batch=(x, y), loss=loss, grad_norm=norm)
         flags = mon.run().series("nonfinite", "grad")[1].tolist()
     assert flags == [0.0, 1.0]
+
+
+def test_an_infinite_given_norm_of_float16_gradients_is_not_known():
+    from landscape.metrics.training import _given_norm_flag
+
+    half, single = [torch.zeros(2, dtype=torch.float16)], [torch.zeros(2)]
+    assert _given_norm_flag(math.inf, single) == 1.0 and _given_norm_flag(math.nan, half) == 1.0
+    assert math.isnan(_given_norm_flag(math.inf, half))  # past 65504 with finite entries
+    assert _given_norm_flag(3.0, half) == 0.0
