@@ -628,16 +628,35 @@ def torch_notes_hidden() -> Iterator[None]:
     note. While the block runs, other threads' notes are ignored too.
     """
     entry = (*_NOTES_FILTER,)  # a tuple of its own: the one this block takes out
-    filters = warnings.filters
-    filters.insert(0, entry)
+    with _filters_lock():
+        filters = _active_filters()
+        filters.insert(0, entry)
     try:
         yield
     finally:
-        for held in (filters, warnings.filters):  # a user's catch_warnings swaps the list
-            for i, f in enumerate(held):
-                if f is entry:
-                    del held[i]
-                    break
+        with _filters_lock():
+            # a user's catch_warnings inside the block swaps the list
+            for held in (filters, _active_filters()):
+                for i, f in enumerate(held):
+                    if f is entry:
+                        del held[i]
+                        break
+
+
+def _active_filters() -> list[Any]:
+    """The warning filters in force here.
+
+    ``warnings.filters``, or on Python 3.14 with context-aware warnings the list of the
+    ``catch_warnings`` context that is active.
+    """
+    get = getattr(warnings, "_get_filters", None)
+    return get() if callable(get) else warnings.filters
+
+
+def _filters_lock() -> contextlib.AbstractContextManager[Any]:
+    """The warnings module's own lock where it has one (Python 3.14), else nothing."""
+    lock = getattr(warnings, "_lock", None)
+    return lock if lock is not None and hasattr(lock, "__enter__") else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
