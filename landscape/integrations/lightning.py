@@ -50,6 +50,7 @@ metrics on its own batch and only global rank 0 writes the file (the monitor che
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import time
@@ -218,6 +219,7 @@ class LandscapeCallback(CallbackSettings, Callback):
         self._pending: list[torch.Tensor] = []
         self._pending_samples: int | None = 0  # the window's samples (None: not known)
         self._told_no_loss = False  # the missing-loss hint, once per callback
+        self._told_skipped = False  # the skipped-batch note, once per callback
         self._told_unreachable = False  # every_n_steps that no recorded step can meet
         self._last_advance: int | None = None  # global_step's advance at the last step
         self._created = time.time()  # run() reads only a file written since (ddp_spawn)
@@ -317,6 +319,16 @@ class LandscapeCallback(CallbackSettings, Callback):
         self._seen_global_step = trainer.global_step
         pending, self._pending = self._pending, []
         samples, self._pending_samples = self._pending_samples or None, 0
+        if not pending and pl_module.automatic_optimization:
+            # every training_step of the step returned None, Lightning's way to skip a
+            # batch: no backward, nothing trained, nothing to record
+            if not self._told_skipped:
+                self._told_skipped = True
+                logging.getLogger("landscape").info(
+                    "landscape: LandscapeCallback: training_step returned None at step %d "
+                    "(a skipped batch): no row is recorded for such steps",
+                    trainer.global_step - 1)
+            return
         if not pending:
             step_loss = None
             if not self._told_no_loss and any(m.name == "loss" for m in self.monitor.metrics):
@@ -325,7 +337,8 @@ class LandscapeCallback(CallbackSettings, Callback):
                     warnings.warn(
                         "landscape: LandscapeCallback: training_step returned no loss at step "
                         f"{trainer.global_step - 1}: return the loss, or {{'loss': loss, ...}}, "
-                        "for the 'loss' rows (NaN until then)", RuntimeWarning, stacklevel=2)
+                        "for the 'loss' rows (NaN until then)", RuntimeWarning,
+                        stacklevel=user_stacklevel())
         elif pl_module.automatic_optimization:
             # each batch's loss is already divided by accumulate_grad_batches, also in the
             # shorter window that ends an epoch: rescale so the sum is the mean there too

@@ -191,6 +191,22 @@ def test_a_batch_whose_training_step_returned_none_is_not_counted_in_samples():
     assert cb.run().series("loss", "samples")[1].tolist() == [16.0, 16.0]  # was 32
 
 
+def test_a_step_whose_every_training_step_returned_none_is_skipped_without_a_word():
+    # Lightning's documented way to skip a batch: three warnings said to return the loss,
+    # to call mon.step(..., loss=loss) and to call it before zero_grad
+    cb = LandscapeCallback(None, F.cross_entropy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning at all
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", module="lightning")  # its own notes on the loader
+        _fit(_SkipsOddBatches(), [cb], max_steps=4)
+    run = cb.run()
+    assert run.steps("loss").tolist() == [0, 2]  # the trained steps
+    assert np.isfinite(run.series("loss", "value")[1]).all()
+    assert np.isfinite(run.series("grad_norm", "value")[1]).all()
+    assert run.findings() == []
+
+
 class _ParamSpy(pl.Callback):
     """Parameters after every optimizer step (list index = step)."""
 
