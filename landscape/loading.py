@@ -18,6 +18,7 @@ import contextlib
 import importlib
 import importlib.util
 import itertools
+import os
 import re
 import sys
 import warnings
@@ -75,14 +76,24 @@ def folder_on_path(spec: str) -> Iterator[None]:
     """The folder of a factory file first on ``sys.path`` while it is imported and called.
 
     So a factory file can import the modules next to it, as ``python file.py`` would let it,
-    without ``PYTHONPATH=.``. The folder is removed again afterwards unless it was there.
+    without ``PYTHONPATH=.``. A ``module:name`` spec gets the current folder, last (an
+    installed package of the same name wins), as ``python -m`` finds the modules there;
+    a console command such as ``landscape`` does not put it on ``sys.path`` itself. The
+    folder is removed again afterwards unless it was there.
     """
     path = _factory_file(spec) if ":" in spec else None
-    folder = str(path.resolve().parent) if path is not None and path.is_file() else None
+    if ":" in spec and path is None:
+        folder, first = os.getcwd(), False
+    else:
+        folder = str(path.resolve().parent) if path is not None and path.is_file() else None
+        first = True
     if folder is None or folder in sys.path:
         yield
         return
-    sys.path.insert(0, folder)
+    if first:
+        sys.path.insert(0, folder)
+    else:
+        sys.path.append(folder)
     try:
         yield
     finally:
@@ -121,7 +132,8 @@ def load_factory(spec: str, what: str = "factory", *, need_callable: bool = True
             raise LandscapeError(f"{what} {spec!r}: importing {path} failed: {err}") from err
     else:
         try:
-            module = importlib.import_module(target)
+            with folder_on_path(spec):
+                module = importlib.import_module(target)
         except SystemExit as err:
             raise LandscapeError(f"{what} {spec!r}: {_exited(err, f'importing {target}')}") \
                 from None

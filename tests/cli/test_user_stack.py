@@ -226,6 +226,37 @@ def test_a_factory_file_imports_the_module_next_to_it(setup, tmp_path, monkeypat
     sys.modules.pop("nets_for_landscape_test", None)
 
 
+def test_a_module_factory_in_the_current_folder_imports(setup, tmp_path, monkeypatch):
+    # the documented module:fn form failed for a module in the current folder ("No module
+    # named ..."): a console command does not put it on sys.path, as python -m does
+    import sys
+
+    root, paths, _ = setup
+    (tmp_path / "here_for_landscape_test.py").write_text(textwrap.dedent(f"""
+        from torch import nn
+
+        def model():
+            return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+
+        def data():
+            import importlib.util
+            spec = importlib.util.spec_from_file_location("_f", {str(root / 'factories.py')!r})
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            return mod.data()
+    """))
+    monkeypatch.chdir(tmp_path)
+    before = list(sys.path)
+    try:
+        result = _invoke(["analyze", paths[0], "--model", "here_for_landscape_test:model",
+                          "--data", "here_for_landscape_test:data", "-m", "sharpness", "-o",
+                          "run.h5", "-q"])
+    finally:
+        sys.modules.pop("here_for_landscape_test", None)
+    assert result.exit_code == 0, result.output
+    assert sys.path == before
+
+
 # ---------------------------------------------------------------- warnings
 
 
