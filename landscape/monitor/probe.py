@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from landscape import distributed as _dist
 from landscape.batches import (
     cast_like,
     head,
@@ -51,11 +52,13 @@ PROBE_NOTE = ("landscape: no probe= given; the monitor keeps the first %d sample
 def take_probe(batch: Any, size: int) -> tuple[Any, int]:
     """A detached copy of the first ``size`` samples of ``batch``, and how many it holds.
 
-    The monitor says once on the ``landscape`` logger that it took it.
+    The monitor says once on the ``landscape`` logger that it took it (rank 0 under
+    ``torch.distributed``).
     """
     probe = map_tensors(head(batch, size), lambda t: t.detach().clone())
     kept = leading_size(probe) or size
-    _log.warning(PROBE_NOTE, kept)
+    if _dist.rank() == 0:  # every rank takes its own; one says so
+        _log.warning(PROBE_NOTE, kept)
     return probe, kept
 
 

@@ -599,3 +599,25 @@ def zero_worker(rank: int, out_dir: str) -> None:
         model().parameters(), optimizer_class=cls, overlap_with_ddp=True, lr=0.1))
         for cls in (torch.optim.SGD, torch.optim.AdamW)]
     _save(out_dir, rank, result)
+
+
+def probe_note_worker(rank: int, out_dir: str) -> None:
+    """The default monitor's note that it took its probe, as each rank logged it."""
+    import logging
+
+    notes: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: notes.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("landscape").addHandler(handler)
+    try:
+        x, y = dataset()
+        net = DDP(model())
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        with Monitor(net, F.cross_entropy, None, optimizer=opt, warn=False) as mon:
+            loss = F.cross_entropy(net(x), y)
+            loss.backward()
+            opt.step()
+            mon.step(0, batch=(x, y), loss=loss)
+    finally:
+        logging.getLogger("landscape").removeHandler(handler)
+    _save(out_dir, rank, {"notes": [n for n in notes if "fixed probe" in n]})

@@ -89,3 +89,9 @@ def test_sharpness_under_a_zero_redundancy_optimizer_over_sgd_has_its_threshold(
     assert len(adamw["findings"]) == 1
     assert "ZeroRedundancyOptimizer shards AdamW's state over the ranks" in adamw["findings"][0]
     assert r0["kinds"] == ["sgd", None]
+
+
+def test_the_default_probes_note_is_logged_by_rank_zero_alone(tmp_path):
+    run_ranks(W.probe_note_worker, tmp_path)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert len(r0["notes"]) == 1 and r1["notes"] == []
