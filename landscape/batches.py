@@ -29,6 +29,7 @@ __all__ = [
     "normal_tensors",
     "plain_containers",
     "split",
+    "takes_whole_batch",
     "to_device",
 ]
 
@@ -300,6 +301,17 @@ def model_call(model: Callable[..., Any], inputs: Any) -> tuple[tuple, dict[str,
         if named and (len(names) > 1 or positional == 0):
             return (), dict(inputs)
     return (inputs,), {}
+
+
+def takes_whole_batch(model: Callable[..., Any], batch: Mapping[str, Any]) -> bool:
+    """Whether ``model`` takes the dict ``batch`` itself as its one argument.
+
+    A ``forward(self, batch)`` (a LightningModule's, reading ``batch["feats"]`` itself):
+    one positional parameter, no ``**kwargs``, and keys that do not name it. Such a model
+    cannot be called as ``model(**batch)``.
+    """
+    names, positional, more = _signature(_forward_of(model))
+    return positional == 1 and not more and not set(batch) <= names
 
 
 def _forward_of(model: Any) -> Any:

@@ -22,7 +22,7 @@ from torch import nn
 
 from landscape._deprecation import deprecated_alias
 from landscape._errors import MissingInput
-from landscape.batches import model_call
+from landscape.batches import model_call, takes_whole_batch
 from landscape.capture import Captured, capture, first_tensor, last_child_output
 from landscape.isolation import buffers_kept, stateless_call, stateless_closure
 from landscape.params import Vector, difference, gradient_norm, stackable, tensor_norms
@@ -528,6 +528,10 @@ class StepContext:
             self._keep_loss_state()
             return stateless_closure(self.model, self.closure, params, batch)
         if keyword_batch(batch):  # the Hugging Face convention: model(**batch)
+            # forward(self, batch): the dict itself (not nanoGPT's forward(idx) of
+            # {input_ids, labels}, which reads the ids below)
+            if takes_whole_batch(self.model, batch) and not ids_and_labels(batch):
+                return stateless_call(self.model, params, batch)
             try:
                 return stateless_call(self.model, params, (), dict(batch))
             except TypeError:

@@ -15,11 +15,12 @@ from landscape import distributed as _dist
 from landscape import functional as LF
 from landscape._deprecation import module_getattr
 from landscape._errors import MissingInput
-from landscape.batches import leading_size, model_call
+from landscape.batches import leading_size, model_call, takes_whole_batch
 from landscape.capture import first_tensor
 from landscape.metrics.base import Metric, register
 from landscape.metrics.context import (
     StepContext,
+    batch_targets,
     classes_last,
     ids_and_labels,
     keyword_batch,
@@ -297,7 +298,11 @@ class TaylorRadius(Metric):
         batch = ctx.data(self.data)
         keywords = keyword_batch(batch)
         result = None
-        if keywords:  # a tokenizer's output: model(**batch), logits only
+        if keywords and takes_whole_batch(ctx.model, batch) and not ids_and_labels(batch):
+            # forward(self, batch): the dict itself
+            result = radius_along(ctx, (batch,), batch_targets(batch), ctx.params_before,
+                                  ctx.update, keywords={})
+        elif keywords:  # a tokenizer's output: model(**batch), logits only
             # labels left out: the model need not compute its loss, and a language model's
             # labels are not aligned with its logits (it shifts them itself)
             try:

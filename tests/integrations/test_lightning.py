@@ -564,3 +564,47 @@ def test_a_fabric_model_is_measured_through_the_module_it_wraps():
     assert findings == []
     for a, b in zip(plain.parameters(), monitored.parameters()):
         assert torch.equal(a, b)
+
+
+class _ReadsTheDict(pl.LightningModule):
+    """forward(self, batch) reads the dict batch's own keys."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    def forward(self, batch):
+        return self.net(batch["feats"])
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch), batch["label"])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_forward_that_takes_the_dict_batch_itself_is_called_so():
+    # logits and taylor_radius called module(**batch): "unexpected keyword argument 'feats'"
+    x, y = _data()
+
+    class Dicts(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(x)
+
+        def __getitem__(self, i):
+            return {"feats": x[i], "label": y[i]}
+
+    data = torch.utils.data.DataLoader(Dicts(), batch_size=16)
+    cb = LandscapeCallback(None, closure=training_step_loss, alarms=False,
+                           probe={"feats": x[:16], "label": y[:16]},
+                           metrics=[create("logits", schedule=1), "taylor_radius"])
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[cb])
+    trainer.fit(_ReadsTheDict(), data)
+    run = cb.run()
+    assert run.findings() == []
+    assert np.isfinite(run.series("logits", "max_abs")[1]).all()
+    assert np.isfinite(run.series("taylor_radius", "r")[1][1:]).all()  # from the 2nd step
