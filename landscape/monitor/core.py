@@ -95,6 +95,29 @@ def _skipped_overflow(ctx: StepContext) -> bool:
     return norm is not None and not math.isfinite(norm)
 
 
+def _warn_failures(failures: list[Finding]) -> None:
+    """Warn the step's ``metric_failed`` findings, one line for those of one reason.
+
+    Three curvature metrics that all need a loss function, or seven probe metrics that
+    all fail on a probe of the wrong shape, are one mistake: one line names them all
+    (each keeps its own finding).
+    """
+    groups: dict[str, list[str]] = {}
+    for f in failures:
+        own = f"metric {f.metric!r} "
+        reason = f.message.replace(own, "metric {} ", 1) if f.message.startswith(own) \
+            else f.message
+        groups.setdefault(reason, []).append(f.metric)
+    for reason, metrics in groups.items():
+        if len(metrics) == 1 or "{}" not in reason:
+            message = reason.replace("{}", repr(metrics[0]), 1)
+        else:
+            message = reason.replace("metric {}", "metrics " + ", ".join(map(repr, metrics)),
+                                     1)
+        with above_bars():
+            warnings.warn(f"landscape: {message}", RuntimeWarning, stacklevel=user_stacklevel())
+
+
 _UNMEASURED_WIDTH = 16  # /metrics/unmeasured: at least S16 (the metrics' names, joined)
 
 
@@ -712,6 +735,7 @@ class Monitor:
             found, self._dense.until = _dist.broadcast_object((found, self._dense.until))
         self._dense.observe_findings(step, found)
         failures, self._failures_to_call = self._failures_to_call, []
+        _warn_failures(failures)
         if self.on_finding is not None:  # this rank's metric_failed findings
             for f in failures:
                 self.on_finding(f)
@@ -838,9 +862,6 @@ class Monitor:
                 return
             self._nonfinite_reported = True
         finding = failure_finding(metric.name, step, err, bad, getattr(metric, "data", None))
-        with above_bars():
-            warnings.warn(f"landscape: {finding.message}", RuntimeWarning,
-                          stacklevel=user_stacklevel())
         self.findings.append(finding)
         assert self.writer is not None
         self.writer.add_finding(finding)

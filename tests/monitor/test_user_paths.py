@@ -724,6 +724,24 @@ def test_a_monitor_without_loss_function_runs_the_defaults():
     assert [f.rule for f in mon.findings] == ["metric_failed"]
 
 
+def test_metrics_that_fail_for_one_reason_are_warned_in_one_line():
+    # standard without a loss function: three warnings said the same thing
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _batches(1)[0]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with Monitor(model, optimizer=opt, probe=(x, y), warn=False,
+                     metrics=["top_eigenvalues", "sharpness", "hessian_trace", "loss"]) as mon:
+            _train(model, opt, mon, _batches(1), F.cross_entropy)
+    ours = [str(w.message) for w in seen if str(w.message).startswith("landscape:")]
+    assert ours == ["landscape: metrics 'top_eigenvalues', 'sharpness', 'hessian_trace' "
+                    "cannot run at step 0: this metric evaluates the loss: pass loss_fn= or "
+                    "closure= to Monitor"]
+    assert [f.metric for f in mon.findings] == ["top_eigenvalues", "sharpness",
+                                                "hessian_trace"]
+
+
 def test_without_a_loss_function_a_dict_batch_gets_the_same_reason():
     # the reason was the data's: "with loss_fn every batch must be an (inputs, targets)
     # pair", where no loss_fn was given
