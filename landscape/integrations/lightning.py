@@ -81,6 +81,7 @@ from landscape.integrations.mirrors import lightning_logger_mirrors
 from landscape.metrics.context import NoLossFunction
 from landscape.monitor import MetricsLike, Monitor, resolve_metrics
 from landscape.params import gradient_norm, trainable_named_parameters
+from landscape.schedules import Every
 from landscape.store import Run
 
 try:  # the unified package first, then the standalone one
@@ -395,6 +396,20 @@ class LandscapeCallback(CallbackSettings, Callback):
                 f"{2 * advance - 1}, ...: none is a multiple of every_n_steps={n}, and "
                 f"nothing will be recorded; pass an every_n_steps with no factor in common "
                 f"with {advance}", RuntimeWarning, stacklevel=user_stacklevel())
+        if last == advance > 1 and not self._told_unreachable and self.monitor is not None:
+            # the same for a metric's own every(m) schedule (the presets' every(10), ...)
+            never = [f"{m.name} ({m.schedule.describe()})" for m in self.monitor.metrics
+                     if isinstance(m.schedule, Every) and m.schedule.n > 1
+                     and (advance - 1 - m.schedule.start) % math.gcd(m.schedule.n, advance)]
+            if never:
+                self._told_unreachable = True
+                warnings.warn(
+                    f"landscape: LandscapeCallback: trainer.global_step advances by {advance} "
+                    f"per batch ({advance} optimizer steps), so the rows fall on steps "
+                    f"{advance - 1}, {2 * advance - 1}, ...: {', '.join(never)} will never "
+                    f"run; give them schedules with no factor in common with {advance} "
+                    "(metrics=[create(name, schedule=...)])", RuntimeWarning,
+                    stacklevel=user_stacklevel())
 
     # ------------------------------------------------------------------ access
 

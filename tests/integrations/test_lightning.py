@@ -443,6 +443,20 @@ def test_an_every_n_steps_that_no_recorded_step_meets_is_said():
     assert steps and all(s % 2 == 0 for s in steps)
 
 
+def test_a_metric_schedule_that_no_recorded_step_meets_is_said():
+    # the default logits metric, every(10), got no row under two optimizers, silently
+    callback = LandscapeCallback(None, metrics=["loss", "logits"])
+    with pytest.warns(RuntimeWarning, match=r"advances by 2 per batch.*logits \(every\(10\)\) "
+                                            r"will never run"):
+        _fit(_TwoOptimizers(), [callback], max_steps=8)
+    assert callback.run().steps("logits").tolist() == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # every(3) meets odd steps
+        callback = LandscapeCallback(None, metrics=["loss", create("logits", schedule=3)])
+        _fit(_TwoOptimizers(), [callback], max_steps=8)
+    assert callback.run().steps("logits").tolist() == [3]
+
+
 class _UnevenOptimizers(_TwoOptimizers):
     """The second optimizer steps every other batch only (a WGAN's generator)."""
 
