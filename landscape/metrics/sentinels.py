@@ -351,8 +351,12 @@ class Sentinels(Metric):
     * ``update_ratio``, ``update_layer``: the largest ||Δθ_l|| / ||θ_l|| over the weight
       tensors (two or more dimensions) and the index of that tensor in
       ``config()["layers"]``.
-    * ``lr``: the largest learning rate of the optimizer's parameter groups at this call
-      (NaN without an optimizer): what lets ``taylor_forecast`` tell a step that grows
+    * ``lr``: the largest learning rate of the optimizer's parameter groups at the
+      optimizer step this call follows (read by the monitor's pre-step hook: a scheduler
+      stepped between ``optimizer.step()`` and the call, as Lightning does, has already
+      set the next step's rate; without a hooked step, at this call; NaN without an
+      optimizer): the rate of the update ``update_ratio`` measures, and what lets
+      ``taylor_forecast`` tell a step that grows
       because a warm restart raised the learning rate back to where the run trained
       before from one growing past it (docs/alarms.md). Run files written before it have
       no such column; resumed, their earlier rows read NaN.
@@ -462,7 +466,7 @@ class Sentinels(Metric):
         """
         row = dict.fromkeys(self.FIELDS, math.nan)
         row.update(self._update_ratio(ctx))
-        row["lr"] = largest_lr(ctx.optimizer)
+        row["lr"] = ctx.step_lr if ctx.step_lr is not None else largest_lr(ctx.optimizer)
         try:
             row.update(self._logit_fields(ctx))
         except Exception as err:

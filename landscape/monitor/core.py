@@ -58,6 +58,7 @@ from landscape.metrics import Metric, StepContext, split_batch
 from landscape.metrics.base import component_names
 from landscape.metrics.context import NoLossFunction
 from landscape.metrics.presets import MetricsLike, resolve_metrics
+from landscape.metrics.sentinels import largest_lr
 from landscape.monitor.adaptive import DENSE_AT, DENSE_STEPS, DenseWindow, recorded_window_end
 from landscape.monitor.arguments import (
     check_metric_names,
@@ -271,6 +272,7 @@ class Monitor:
         self._probe_source = "given" if probe is not None else (
             "first_batch" if wanted else "none")
         self._probe_aligned = False  # a given probe: cast to the first batch's dtypes too
+        self._step_lr: float | None = None  # the rate of the last hooked optimizer step
         #: what the ``loss`` metric's finding says at a step given no loss (an integration
         #: that gathers the loss itself says where it looked)
         self.no_loss_reason = "the loss metric needs step(..., loss=loss)"
@@ -545,6 +547,9 @@ class Monitor:
     # ------------------------------------------------------------------ optimizer hooks
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        # the rate this step takes: a scheduler stepped before the next call (Lightning's)
+        # will have moved on to the next step's
+        self._step_lr = largest_lr(optimizer)
         # the parameters before the optimizer step that comes right before the next call
         # (StepClock.optimizer_step says which steps may be that one): the update is one
         # optimizer step, never several, when calls are sparser
@@ -600,7 +605,7 @@ class Monitor:
             loss=loss, outputs=outputs, state=self._state,
             microbatch_size=self.microbatch_size, batch_size=self.batch_size,
             parameter_objects=self._objects, loss_modules=self._loss_modules,
-            no_loss_reason=self.no_loss_reason,
+            no_loss_reason=self.no_loss_reason, step_lr=self._step_lr,
         )
 
     def step(

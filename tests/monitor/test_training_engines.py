@@ -360,3 +360,25 @@ def test_an_infinite_given_norm_of_float16_gradients_is_not_known():
     assert _given_norm_flag(math.inf, single) == 1.0 and _given_norm_flag(math.nan, half) == 1.0
     assert math.isnan(_given_norm_flag(math.inf, half))  # past 65504 with finite entries
     assert _given_norm_flag(3.0, half) == 0.0
+
+
+def test_the_sentinels_lr_is_the_rate_of_the_step_they_follow():
+    # a scheduler stepped between optimizer.step() and the call (Lightning steps its
+    # interval="step" schedulers there) had set the next step's rate: one step ahead
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    used = []
+    with Monitor(model, F.cross_entropy, None, optimizer=opt, warn=False,
+                 metrics=["sentinels"]) as mon:
+        for step, (x, y) in enumerate(_batches(6)):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            used.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+            mon.step(step, batch=(x, y), loss=loss)
+        recorded = mon.run().series("sentinels", "lr")[1].tolist()
+    assert used == [0.1, 0.1, 0.05, 0.05, 0.025, 0.025]
+    assert recorded == pytest.approx(used)
