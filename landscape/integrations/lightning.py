@@ -80,7 +80,7 @@ from landscape.integrations import (
 from landscape.integrations.mirrors import lightning_logger_mirrors
 from landscape.metrics.context import NoLossFunction
 from landscape.monitor import MetricsLike, Monitor, resolve_metrics
-from landscape.params import gradient_norm, trainable_named_parameters
+from landscape.params import gradient_norm
 from landscape.schedules import Every
 from landscape.store import Run
 
@@ -286,7 +286,8 @@ class LandscapeCallback(CallbackSettings, Callback):
         With ``gradient_clip_val`` the ``.grad`` the monitor sees later is clipped; with
         manual optimization the module may zero it right after ``opt.step()``
         (``opt.step(); opt.zero_grad()``), before ``on_train_batch_end``. Only for the
-        watched (first) optimizer, and only when the ``grad_norm`` metric is recorded.
+        watched (first) optimizer, over the parameters it holds, and only when the
+        ``grad_norm`` metric is recorded.
         """
         if self.monitor is None or not (trainer.gradient_clip_val
                                         or not pl_module.automatic_optimization):
@@ -294,7 +295,11 @@ class LandscapeCallback(CallbackSettings, Callback):
         if unwrap_optimizer(optimizer) is not self.monitor.optimizer or not any(
                 m.name == "grad_norm" for m in self.monitor.metrics):
             return
-        self._grad_norm = gradient_norm(trainable_named_parameters(pl_module).values())
+        # the gradient this optimizer steps on (and Lightning clips): with several
+        # optimizers, the others' parameters hold gradients of their own steps
+        held = {id(p): p for g in self.monitor.optimizer.param_groups for p in g["params"]
+                if p.requires_grad}
+        self._grad_norm = gradient_norm(held.values())
 
     def on_train_batch_end(
         self,

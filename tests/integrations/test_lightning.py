@@ -412,6 +412,37 @@ class _TwoOptimizers(pl.LightningModule):
                 torch.optim.SGD(self.head.parameters(), lr=0.05))
 
 
+class _TwoOptimizersNorms(_TwoOptimizers):
+    """Keeps the norm of the first optimizer's gradient as it steps."""
+
+    def training_step(self, batch, batch_idx):
+        first, _ = self.optimizers()
+        real_step = first.step
+
+        def step(*args, **kwargs):
+            grads = [p.grad for p in self.body.parameters()]
+            self.norms.append(float(torch.linalg.vector_norm(torch.cat(
+                [g.reshape(-1) for g in grads]))))
+            return real_step(*args, **kwargs)
+
+        first.step = step
+        try:
+            return super().training_step(batch, batch_idx)
+        finally:
+            del first.step
+
+
+def test_with_two_optimizers_grad_norm_is_the_first_ones_gradient():
+    # it was the norm over every parameter: the second optimizer's gradients included
+    module = _TwoOptimizersNorms()
+    module.norms = []
+    callback = LandscapeCallback(None, metrics=["grad_norm"], alarms=False)
+    _fit(module, [callback], max_steps=6)
+    steps, norms = callback.run().series("grad_norm", "value")
+    assert steps.tolist() == [1, 3, 5]
+    np.testing.assert_allclose(norms, module.norms, rtol=1e-6)
+
+
 def test_two_optimizers_record_at_lightnings_global_step(tmp_path):
     """Manual optimization with two optimizers: trainer.global_step counts both steps, and
     the rows follow it (documented in docs/integrations.md, with schedules to match)."""
