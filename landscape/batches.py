@@ -22,7 +22,6 @@ __all__ = [
     "cast_like",
     "head",
     "in_containers_of",
-    "inputs_in_dtype",
     "leading_size",
     "map_tensors",
     "model_call",
@@ -97,35 +96,6 @@ def cast_like(obj: Any, like: Any) -> tuple[Any, list[torch.dtype]]:
     except _Unlike:
         return obj, []
     return (out, cast) if cast else (obj, cast)
-
-
-def inputs_in_dtype(batch: Any, dtype: torch.dtype) -> tuple[Any, list[torch.dtype]]:
-    """``batch`` with the floating-point tensors of its inputs cast to ``dtype``.
-
-    The inputs are the first item of an ``(inputs, targets)`` pair, every entry but
-    ``labels`` / ``label`` of a mapping, or the batch itself; targets stay as they are
-    (a float regression target in float32 keeps its digits).
-
-    Returns:
-        The batch (``batch`` itself when nothing was cast) and the dtypes that were cast.
-    """
-    cast: list[torch.dtype] = []
-
-    def one(t: torch.Tensor) -> torch.Tensor:
-        if t.is_floating_point() and t.dtype != dtype:
-            if t.dtype not in cast:
-                cast.append(t.dtype)
-            return t.to(dtype)
-        return t
-
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        out = _rebuilt(batch, [map_tensors(batch[0], one), batch[1]])
-    elif isinstance(batch, Mapping):
-        out = _rebuilt(batch, {k: v if k in ("labels", "label") else map_tensors(v, one)
-                               for k, v in batch.items()})
-    else:
-        out = map_tensors(batch, one)
-    return (out, cast) if cast else (batch, cast)
 
 
 def normal_tensors(obj: Any) -> Any:

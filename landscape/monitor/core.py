@@ -56,7 +56,7 @@ from landscape.findings import Finding, Findings, at_or_above, dedupe, user_stac
 from landscape.isolation import isolated, modules_reached, written_in_forward
 from landscape.metrics import Metric, StepContext, split_batch
 from landscape.metrics.base import component_names
-from landscape.metrics.context import NoLossFunction
+from landscape.metrics.context import NoLossFunction, is_batch_list
 from landscape.metrics.presets import MetricsLike, resolve_metrics
 from landscape.metrics.sentinels import largest_lr
 from landscape.monitor.adaptive import DENSE_AT, DENSE_STEPS, DenseWindow, recorded_window_end
@@ -70,11 +70,11 @@ from landscape.monitor.arguments import (
 )
 from landscape.monitor.clock import StepClock
 from landscape.monitor.probe import (
-    in_batch_dtypes,
     inputs_in_models_dtype,
     restore_probe,
     store_probe,
     take_probe,
+    targets_in_batch_dtype,
 )
 from landscape.params import stackable, tensor_norms, trainable_named_parameters
 from landscape.store import Run, RunWriter
@@ -271,7 +271,8 @@ class Monitor:
         wanted = probe_size is not None and any(m.data == "probe" for m in self.metrics)
         self._probe_source = "given" if probe is not None else (
             "first_batch" if wanted else "none")
-        self._probe_aligned = False  # a given probe: cast to the first batch's dtypes too
+        self._probe_aligned = False  # a given probe: its targets take the first batch's dtype
+        self._given_probe: Any = None  # the probe as given (the casts read it, not a copy)
         self._step_lr: float | None = None  # the rate of the last hooked optimizer step
         #: what the ``loss`` metric's finding says at a step given no loss (an integration
         #: that gathers the loss itself says where it looked)
@@ -333,6 +334,7 @@ class Monitor:
         self._objects = dict(self.model.named_parameters())
         self._sharded = any(_dist.is_sharded(p) for p in self._objects.values())
         if self._probe_source == "given":  # before the Taylor guard or a metric reads it
+            self._given_probe = self.probe
             self.probe = inputs_in_models_dtype(self.probe, list(self._objects.values()))
         # setup may read parametrized weights (a spectral_norm parametrization runs a power
         # iteration and writes its buffers when read in train mode): eval mode, RNG kept
@@ -670,7 +672,10 @@ class Monitor:
         if self.probe is None and self._probe_source == "first_batch" and batch is not None:
             self._default_probe(batch, step)
         elif self._probe_source == "given" and not self._probe_aligned and batch is not None:
-            self.probe = in_batch_dtypes(self.probe, batch)  # once, at the first batch
+            # once, at the first batch: the targets' dtype is the loop's (a list probe's
+            # batches keep theirs)
+            if not is_batch_list(self._given_probe):
+                self.probe = targets_in_batch_dtype(self.probe, self._given_probe, batch)
             self._probe_aligned = True
         due = [m for m in self.metrics if self._dense.is_due(m, step)]
         extra = [m for m in due if not m.schedule(step)]
@@ -785,14 +790,18 @@ class Monitor:
         ``torch.distributed`` each rank takes its own, and rank 0's file stores none.
         """
         assert self.writer is not None
+        weights = list(self._objects.values())
         if not self._distributed:
-            self.probe = restore_probe(self.writer, batch)
-            if self.probe is not None:
+            restored = restore_probe(self.writer, batch)
+            if restored is not None:
+                self.probe = inputs_in_models_dtype(restored, weights)
                 return
-        self.probe, kept = take_probe(batch, self.probe_size)
+        probe, kept = take_probe(batch, self.probe_size)
         self.writer.append("probe", step, {"samples": float(kept)})
         if not self._distributed:  # rank 0's file cannot hold every rank's probe
-            store_probe(self.writer, self.probe)
+            store_probe(self.writer, probe)  # as the batches are: a resume compares them
+        # batches a wrapper casts on the way in (Fabric's bf16-true): inputs as the weights
+        self.probe = inputs_in_models_dtype(probe, weights)
 
     def _compute(self, metric: Metric, ctx: StepContext) -> tuple[dict[str, Any], bool]:
         """``metric``'s row, and whether it is a measurement for the alarm rules.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -19,7 +19,6 @@ from landscape.batches import (
     cast_like,
     head,
     in_containers_of,
-    inputs_in_dtype,
     leading_size,
     map_tensors,
     plain_containers,
@@ -27,8 +26,8 @@ from landscape.batches import (
 from landscape.capture import first_tensor
 from landscape.store import RunWriter
 
-__all__ = ["PROBE_BYTES", "PROBE_NOTE", "in_batch_dtypes", "inputs_in_models_dtype",
-           "restore_probe", "store_probe", "take_probe"]
+__all__ = ["PROBE_BYTES", "PROBE_NOTE", "inputs_in_models_dtype", "restore_probe", "store_probe",
+           "take_probe", "targets_in_batch_dtype"]
 
 _log = logging.getLogger("landscape")
 PROBE_BYTES = 64 * 2**20  # the largest default probe stored in the run file for a resume
@@ -127,40 +126,107 @@ def _each_batch(probe: Any, cast: Any) -> tuple[Any, list[torch.dtype]]:
     return (type(probe)(p for p, _ in parts) if dtypes else probe), dtypes
 
 
-def _say_cast(cast: list[torch.dtype], to: str) -> None:
+def _say_cast(cast: list[torch.dtype], what: str, to: str) -> None:
     if cast:
-        _log.info("landscape: the probe's %s tensors are cast to %s",
-                  ", ".join(str(d).removeprefix("torch.") for d in cast), to)
+        _log.info("landscape: the probe's %s %s tensors are cast to %s",
+                  ", ".join(str(d).removeprefix("torch.") for d in cast), what, to)
+
+
+def _target_place(batch: Any) -> Any:
+    """Where a batch keeps its targets: an index, a key, or None (none told apart).
+
+    The second item of an ``(inputs, targets)`` pair; the target key of a dict pair
+    (``{"x", "y"}``, ``{"inputs", "targets"}``, ``{"image", "label"}`` alone, ...);
+    ``labels`` / ``label`` of a dict of keyword arguments.
+    """
+    from landscape.metrics.context import _pair_keys
+
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return 1
+    if isinstance(batch, Mapping):
+        keys = _pair_keys(batch)
+        if keys is not None:
+            return keys[1]
+        return next((k for k in ("labels", "label") if k in batch), None)
+    return None
+
+
+def _inputs_in(batch: Any, dtype: torch.dtype) -> tuple[Any, list[torch.dtype]]:
+    """``batch`` with the floating-point tensors of its inputs in ``dtype``; targets as given.
+
+    The inputs: everything but the targets (:func:`_target_place`); of a longer sequence
+    (``(x, y, w)``, whose parts cannot be told apart), the first item alone.
+    """
+    cast: list[torch.dtype] = []
+
+    def one(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point() and t.dtype != dtype:
+            if t.dtype not in cast:
+                cast.append(t.dtype)
+            return t.to(dtype)
+        return t
+
+    place = _target_place(batch)
+    if isinstance(batch, (tuple, list)):
+        keep = 1 if place == 1 else len(batch)
+        items = [map_tensors(v, one) if i == 0 or (i < keep and place is None) else v
+                 for i, v in enumerate(batch)]
+        out = type(batch)(items) if not hasattr(batch, "_fields") else type(batch)(*items)
+    elif isinstance(batch, Mapping):
+        out = {k: v if k == place else map_tensors(v, one) for k, v in batch.items()}
+        try:
+            out = type(batch)(out)
+        except TypeError:
+            pass
+    else:
+        out = map_tensors(batch, one)
+    return (out, cast) if cast else (batch, cast)
 
 
 def inputs_in_models_dtype(probe: Any, params: list[torch.Tensor]) -> Any:
-    """A given probe with its inputs' floating-point tensors in the dtype of the model's weights.
+    """A probe with its inputs' floating-point tensors in the dtype of the model's weights.
 
-    A model trained in bfloat16 (``model.to(torch.bfloat16)``, its batches cast in the
-    loop) given a float32 validation batch as its probe failed every probe metric on
-    "mat1 and mat2 must have the same dtype". When the monitor starts, before any metric
-    or the Taylor guard reads the probe, its inputs are cast to the weights' one floating
-    dtype (:func:`~landscape.batches.inputs_in_dtype`: the targets stay as given); a model
-    whose weights mix floating dtypes gets the probe as given. The first training batch
-    then sets the rest (:func:`in_batch_dtypes`).
+    A model trained in bfloat16 given a float32 probe failed every probe metric on "mat1
+    and mat2 must have the same dtype"; so did a default probe taken from float32 batches
+    that a wrapper casts on the way in (Lightning Fabric's ``bf16-true``). The inputs are
+    cast to the weights' one floating dtype before any metric or the Taylor guard reads
+    the probe (:func:`_inputs_in`); the targets stay as given, and a model whose weights
+    mix floating dtypes gets the probe as it is. The first training batch then sets the
+    targets' dtype (:func:`targets_in_batch_dtype`).
     """
     dtypes = {p.dtype for p in params if p.is_floating_point()}
     if len(dtypes) != 1:
         return probe
     (dtype,) = dtypes
-    probe, cast = _each_batch(probe, lambda b: inputs_in_dtype(b, dtype))
-    _say_cast(cast, f"the model's {str(dtype).removeprefix('torch.')}")
+    probe, cast = _each_batch(probe, lambda b: _inputs_in(b, dtype))
+    _say_cast(cast, "input", f"the model's {str(dtype).removeprefix('torch.')}")
     return probe
 
 
-def in_batch_dtypes(probe: Any, batch: Any) -> Any:
-    """A given probe with its floating-point tensors in the dtypes of the training batch's.
+def targets_in_batch_dtype(probe: Any, given: Any, batch: Any) -> Any:
+    """``probe`` with its floating-point targets in the dtype of the training batch's targets.
 
-    At the first step that passes ``batch=``, the probe is cast, tensor by tensor, to the
-    dtype of the batch's tensor at its place (:func:`~landscape.batches.cast_like`; each
-    batch of a probe given as a list of batches): its targets take whatever dtype the loop
-    gives its own. A probe laid out unlike the batch is left as it is.
+    Read from the probe as it was ``given`` (never a copy already rounded), where both
+    hold their targets at the same kind of place (:func:`_target_place`) and those are laid
+    out alike (:func:`~landscape.batches.cast_like`): a loop that keeps its float targets
+    in float32 keeps the probe's in float32, one that casts them casts the probe's too.
     """
-    probe, cast = _each_batch(probe, lambda b: cast_like(b, batch))
-    _say_cast(cast, "the dtypes of the training batch's")
-    return probe
+    place, batch_place = _target_place(given), _target_place(batch)
+    if place is None or batch_place is None or type(place) is not type(batch_place):
+        return probe
+    targets, cast = cast_like(given[place], batch[batch_place])
+    if not cast:
+        return probe
+    if isinstance(probe, Mapping):
+        out = dict(probe)
+        out[place] = targets
+        try:
+            out = type(probe)(out)
+        except TypeError:
+            pass
+    else:
+        items = list(probe)
+        items[place] = targets
+        out = type(probe)(items) if not hasattr(probe, "_fields") else type(probe)(*items)
+    _say_cast(cast, "target", "the dtype of the training batch's")
+    return out

@@ -259,7 +259,7 @@ def test_a_float32_probe_of_a_bfloat16_model_is_cast_as_the_loop_casts_its_batch
     x, y = _batches(1, seed=7)[0]
     with caplog.at_level("INFO", logger="landscape"):
         rows, findings, _ = _bf16_run((x, y))
-    assert "the probe's float32 tensors are cast to the model's bfloat16" in caplog.text
+    assert "the probe's float32 input tensors are cast to the model's bfloat16" in caplog.text
     same, same_findings, _ = _bf16_run((x.to(torch.bfloat16), y))
     assert findings == same_findings == []
     for key, values in same.items():
@@ -285,6 +285,12 @@ def test_float_targets_the_loop_keeps_in_float32_stay_float32():
     assert "metric_failed" not in findings
     assert kept[0].dtype == torch.bfloat16
     assert kept[1] is probe[1]  # not rounded to bfloat16 (300.0 + noise loses its digits)
+    # a dict pair: its target key is a target too (it was rounded at the start, then cast
+    # back to float32 at the first batch without its digits)
+    _, findings, kept = _bf16_run({"x": probe[0], "y": probe[1]}, loss_fn, data,
+                                  [ls.metrics.Sharpness(schedule=ls.every(2))])
+    assert "metric_failed" not in findings
+    assert kept["x"].dtype == torch.bfloat16 and kept["y"] is probe[1]
 
 
 def test_the_probe_is_cast_before_the_taylor_guard_or_a_step_without_a_batch_reads_it():
