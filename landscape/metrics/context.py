@@ -318,8 +318,8 @@ class StepContext:
     outputs: Any = None
     given_grad_norm: float | None = None
     given_samples: int | None = None
-    #: the largest learning rate at the last optimizer step (None: no hooked step seen)
-    step_lr: float | None = None
+    #: the parameter groups' ``lr`` at the last optimizer step (None: no hooked step seen)
+    step_lrs: list[Any] | None = None
     #: what the ``loss`` metric says at a step without a loss (the monitor's ``no_loss_reason``)
     no_loss_reason: str = "the loss metric needs step(..., loss=loss)"
     params_before: InitVar[Vector | None] = None  # a property below: rebuilt when read

@@ -84,9 +84,14 @@ def largest_lr(optimizer: torch.optim.Optimizer | None) -> float:
 
     A tensor learning rate (``torch.optim.Adam(lr=torch.tensor(...))``) is read as a float.
     """
-    rates = [learning_rate(group.get("lr"))
-             for group in getattr(optimizer, "param_groups", None) or ()]
-    return max((lr for lr in rates if math.isfinite(lr)), default=math.nan)
+    return largest_of([group.get("lr")
+                       for group in getattr(optimizer, "param_groups", None) or ()])
+
+
+def largest_of(rates: list[Any]) -> float:
+    """The largest of parameter groups' ``lr`` values read as floats (NaN: none readable)."""
+    values = [learning_rate(r) for r in rates]
+    return max((lr for lr in values if math.isfinite(lr)), default=math.nan)
 
 
 def _samples_for_rows(z: torch.Tensor, x: Any, samples: int, rows: int | None) -> int:
@@ -466,7 +471,8 @@ class Sentinels(Metric):
         """
         row = dict.fromkeys(self.FIELDS, math.nan)
         row.update(self._update_ratio(ctx))
-        row["lr"] = ctx.step_lr if ctx.step_lr is not None else largest_lr(ctx.optimizer)
+        row["lr"] = (largest_lr(ctx.optimizer) if ctx.step_lrs is None
+                     else largest_of(ctx.step_lrs))
         try:
             row.update(self._logit_fields(ctx))
         except Exception as err:

@@ -58,7 +58,6 @@ from landscape.metrics import Metric, StepContext, split_batch
 from landscape.metrics.base import component_names
 from landscape.metrics.context import NoLossFunction, is_batch_list
 from landscape.metrics.presets import MetricsLike, resolve_metrics
-from landscape.metrics.sentinels import largest_lr
 from landscape.monitor.adaptive import DENSE_AT, DENSE_STEPS, DenseWindow, recorded_window_end
 from landscape.monitor.arguments import (
     check_metric_names,
@@ -93,6 +92,8 @@ def _skipped_overflow(ctx: StepContext) -> bool:
     if ctx.optimizer_stepped is not False:
         return False
     norm = ctx.grad_norm()
+    if (norm is None or norm == 0.0) and ctx.given_grad_norm is not None:
+        norm = float(ctx.given_grad_norm)  # .grad zeroed before the call (accelerate's loop)
     return norm is not None and not math.isfinite(norm)
 
 
@@ -273,7 +274,7 @@ class Monitor:
             "first_batch" if wanted else "none")
         self._probe_aligned = False  # a given probe: its targets take the first batch's dtype
         self._given_probe: Any = None  # the probe as given (the casts read it, not a copy)
-        self._step_lr: float | None = None  # the rate of the last hooked optimizer step
+        self._step_lrs: list[Any] | None = None  # the groups' rates at the last hooked step
         #: what the ``loss`` metric's finding says at a step given no loss (an integration
         #: that gathers the loss itself says where it looked)
         self.no_loss_reason = "the loss metric needs step(..., loss=loss)"
@@ -551,7 +552,9 @@ class Monitor:
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         # the rate this step takes: a scheduler stepped before the next call (Lightning's)
         # will have moved on to the next step's
-        self._step_lr = largest_lr(optimizer)
+        # raw values (a tensor rate cloned, no host sync per step): read at a sentinels row
+        self._step_lrs = [g.get("lr").clone() if isinstance(g.get("lr"), torch.Tensor)
+                          else g.get("lr") for g in optimizer.param_groups]
         # the parameters before the optimizer step that comes right before the next call
         # (StepClock.optimizer_step says which steps may be that one): the update is one
         # optimizer step, never several, when calls are sparser
@@ -607,7 +610,7 @@ class Monitor:
             loss=loss, outputs=outputs, state=self._state,
             microbatch_size=self.microbatch_size, batch_size=self.batch_size,
             parameter_objects=self._objects, loss_modules=self._loss_modules,
-            no_loss_reason=self.no_loss_reason, step_lr=self._step_lr,
+            no_loss_reason=self.no_loss_reason, step_lrs=self._step_lrs,
         )
 
     def step(
