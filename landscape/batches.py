@@ -277,11 +277,12 @@ def takes_whole_batch(model: Callable[..., Any], batch: Mapping[str, Any]) -> bo
     """Whether ``model`` takes the dict ``batch`` itself as its one argument.
 
     A ``forward(self, batch)`` (a LightningModule's, reading ``batch["feats"]`` itself):
-    one positional parameter, no ``**kwargs``, and keys that do not name it. Such a model
-    cannot be called as ``model(**batch)``.
+    one positional parameter, no ``**kwargs``, and no key that names it. Such a model
+    cannot be called as ``model(**batch)``; a ``forward(self, input_ids)`` given
+    ``{input_ids, attention_mask}`` is called so, and says which key it does not take.
     """
     names, positional, more = _signature(_forward_of(model))
-    return positional == 1 and not more and not set(batch) <= names
+    return positional == 1 and not more and not set(batch) & names
 
 
 def _forward_of(model: Any) -> Any:

@@ -67,3 +67,23 @@ def test_the_batch_size_is_the_first_tensors_even_where_others_outnumber_it():
     assert leading_size({"input_ids": ids, "mask": mask}) == 1
     assert [p["input_ids"].shape[0] for p in split({"input_ids": torch.zeros(5, 2),
                                                      "mask": torch.zeros(2, 2)}, 2)] == [2, 2, 1]
+
+
+def test_a_forward_takes_the_whole_dict_only_when_no_key_names_its_parameter():
+    from torch import nn
+
+    from landscape.batches import takes_whole_batch
+
+    class Whole(nn.Module):
+        def forward(self, batch):
+            return batch["feats"]
+
+    class Ids(nn.Module):
+        def forward(self, input_ids):
+            return input_ids
+
+    feats = {"feats": torch.ones(2), "label": torch.zeros(2)}
+    assert takes_whole_batch(Whole(), feats)
+    assert not takes_whole_batch(Whole(), {"batch": torch.ones(2)})
+    # model(**batch) names the key it does not take; the dict itself failed in embedding()
+    assert not takes_whole_batch(Ids(), {"input_ids": torch.ones(2), "attention_mask": 1})

@@ -62,7 +62,6 @@ import torch
 from torch import nn
 from typing_extensions import Unpack
 
-from landscape._progress import above_bars
 from landscape.findings import Finding, user_stacklevel
 from landscape.integrations import (
     CallbackSettings,
@@ -219,7 +218,6 @@ class LandscapeCallback(CallbackSettings, Callback):
         self._seen_global_step = 0
         self._pending: list[torch.Tensor] = []
         self._pending_samples: int | None = 0  # the window's samples (None: not known)
-        self._told_no_loss = False  # the missing-loss hint, once per callback
         self._told_skipped = False  # the skipped-batch note, once per callback
         self._told_unreachable = False  # every_n_steps that no recorded step can meet
         self._last_advance: int | None = None  # global_step's advance at the last step
@@ -270,7 +268,11 @@ class LandscapeCallback(CallbackSettings, Callback):
             pl_module, loss_fn, self.path, optimizer=optimizer, metrics=self.metrics,
             probe=probe, closure=closure, config=config, on_finding=self._found,
             mirrors=mirrors, **options,
-        ).start()
+        )
+        self.monitor.no_loss_reason = (
+            "training_step returned no loss: return the loss, or {'loss': loss, ...} "
+            "(with manual optimization too), for the 'loss' rows (NaN until then)")
+        self.monitor.start()
         refuse_stale_start(self.monitor, int(trainer.global_step), type(self).__name__,
                            self.path)
         self._closed = False
@@ -336,15 +338,7 @@ class LandscapeCallback(CallbackSettings, Callback):
                     trainer.global_step - 1)
             return
         if not pending:
-            step_loss = None
-            if not self._told_no_loss and any(m.name == "loss" for m in self.monitor.metrics):
-                self._told_no_loss = True  # once: the loss metric's own failure says the rest
-                with above_bars():  # Lightning's progress bar is drawn
-                    warnings.warn(
-                        "landscape: LandscapeCallback: training_step returned no loss at step "
-                        f"{trainer.global_step - 1}: return the loss, or {{'loss': loss, ...}}, "
-                        "for the 'loss' rows (NaN until then)", RuntimeWarning,
-                        stacklevel=user_stacklevel())
+            step_loss = None  # the loss metric's finding says what to do (no_loss_reason)
         elif pl_module.automatic_optimization:
             # each batch's loss is already divided by accumulate_grad_batches, also in the
             # shorter window that ends an epoch: rescale so the sum is the mean there too
@@ -412,8 +406,9 @@ class LandscapeCallback(CallbackSettings, Callback):
                     f"landscape: LandscapeCallback: trainer.global_step advances by {advance} "
                     f"per batch ({advance} optimizer steps), so the rows fall on steps "
                     f"{advance - 1}, {2 * advance - 1}, ...: {', '.join(never)} will never "
-                    f"run; give them schedules with no factor in common with {advance} "
-                    "(metrics=[create(name, schedule=...)])", RuntimeWarning,
+                    "run on their own schedules (only inside the adaptive dense windows the "
+                    f"sentinels open); give them schedules with no factor in common with "
+                    f"{advance} (metrics=[create(name, schedule=...)])", RuntimeWarning,
                     stacklevel=user_stacklevel())
 
     # ------------------------------------------------------------------ access

@@ -97,6 +97,11 @@ def _skipped_overflow(ctx: StepContext) -> bool:
     return norm is not None and not math.isfinite(norm)
 
 
+_PLURALS = ((": this metric evaluates ", ": these metrics evaluate "),
+            (": this metric needs ", ": these metrics need "))
+"""The reasons' own words for one metric, as several share them (:func:`_warn_failures`)."""
+
+
 def _warn_failures(failures: list[Finding]) -> None:
     """Warn the step's ``metric_failed`` findings, one line for those of one reason.
 
@@ -116,6 +121,8 @@ def _warn_failures(failures: list[Finding]) -> None:
         else:
             message = reason.replace("metric {}", "metrics " + ", ".join(map(repr, metrics)),
                                      1)
+            for one, several in _PLURALS:
+                message = message.replace(one, several, 1)
         with above_bars():
             warnings.warn(f"landscape: {message}", RuntimeWarning, stacklevel=user_stacklevel())
 

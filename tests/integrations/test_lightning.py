@@ -572,6 +572,11 @@ def test_a_training_step_without_a_returned_loss_is_named_once(tmp_path):
         _fit(_ReturnsNothing(), [callback], max_steps=6)
     hints = [w for w in caught if "training_step returned no loss" in str(w.message)]
     assert len(hints) == 1
+    # and nothing else: the loss metric's own warning said "needs step(..., loss=loss)"
+    assert [str(w.message) for w in caught if "landscape" in str(w.message)] == \
+        [str(hints[0].message)]
+    assert ["training_step returned no loss" in f.message
+            for f in callback.run().findings()] == [True]
 
 
 def _fabric_fit(monitored):

@@ -736,7 +736,7 @@ def test_metrics_that_fail_for_one_reason_are_warned_in_one_line():
             _train(model, opt, mon, _batches(1), F.cross_entropy)
     ours = [str(w.message) for w in seen if str(w.message).startswith("landscape:")]
     assert ours == ["landscape: metrics 'top_eigenvalues', 'sharpness', 'hessian_trace' "
-                    "cannot run at step 0: this metric evaluates the loss: pass loss_fn= or "
+                    "cannot run at step 0: these metrics evaluate the loss: pass loss_fn= or "
                     "closure= to Monitor"]
     assert [f.metric for f in mon.findings] == ["top_eigenvalues", "sharpness",
                                                 "hessian_trace"]
