@@ -222,6 +222,12 @@ class Collapse(_PenultimateMetric):
                 feats, labels = feats[keep.to(feats.device)], labels[keep]
         if labels.shape[0] != feats.shape[0]:
             raise MissingInput("collapse: targets do not match the penultimate features")
+        if labels.numel() and not labels.is_floating_point() \
+                and int(torch.unique(labels).numel()) < 2:
+            # every index is undefined with one class (NaN): a probe drawn from one class
+            # (a loader sorted by class) is a mistake worth a line, not a quiet NaN
+            raise MissingInput(f"collapse needs at least two classes in the {self.data}; "
+                               f"it holds class {int(labels[0])} alone")
         classifier: Any = resolve_module(ctx.model, str(self.layer))
         weight = getattr(classifier, "weight", None)
         n_out = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() >= 1 else None

@@ -206,6 +206,18 @@ def test_collapse_says_when_the_last_linear_layer_is_not_the_classifier(tmp_path
             mon.step(0, batch=(x, y))
 
 
+def test_collapse_says_when_the_probe_holds_one_class(tmp_path):
+    # every index was NaN without a word (a probe from a loader sorted by class)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(16, 6), torch.full((16,), 2)
+    with ls.Monitor(model, F.cross_entropy, tmp_path / "run.h5", probe=(x, y),
+                    metrics=[ls.metrics.Collapse()], warn=False) as mon:
+        with pytest.warns(RuntimeWarning, match="collapse needs at least two classes in the "
+                                                "probe; it holds class 2 alone"):
+            mon.step(0, batch=(x, y))
+
+
 @pytest.mark.parametrize("conv", [
     nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 4, padding="same"),
     nn.Conv2d(3, 4, 3, padding="same", dilation=2), nn.Conv2d(3, 4, 3, padding="valid"),
