@@ -22,13 +22,13 @@ from torch import nn
 
 from landscape._deprecation import deprecated_alias
 from landscape._errors import MissingInput
-from landscape.batches import model_call, takes_whole_batch
+from landscape.batches import map_tensors, model_call, takes_whole_batch
 from landscape.capture import Captured, capture, first_tensor, last_child_output
 from landscape.isolation import buffers_kept, stateless_call, stateless_closure
 from landscape.params import Vector, difference, gradient_norm, stackable, tensor_norms
 
 __all__ = ["MissingInput", "NoLossFunction", "StepContext", "batch_targets", "classes_last",
-           "softmax_logits", "split_batch"]
+           "inputs_in", "softmax_logits", "split_batch", "target_place"]
 
 Closure = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -67,6 +67,55 @@ def _pair_keys(batch: Mapping) -> tuple[str, str] | None:
             return xk, yk
     keys = set(batch)
     return next(((xk, yk) for xk, yk in WHOLE_PAIR_KEYS if keys == {xk, yk}), None)
+
+
+def target_place(batch: Any) -> Any:
+    """Where a batch keeps its targets: an index, a key, or None (none told apart).
+
+    The second item of an ``(inputs, targets)`` pair; the target key of a dict pair
+    (``{"x", "y"}``, ``{"inputs", "targets"}``, ``{"image", "label"}`` alone, ...);
+    ``labels`` / ``label`` of a dict of keyword arguments.
+    """
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return 1
+    if isinstance(batch, Mapping):
+        keys = _pair_keys(batch)
+        if keys is not None:
+            return keys[1]
+        return next((k for k in ("labels", "label") if k in batch), None)
+    return None
+
+
+def inputs_in(batch: Any, dtype: torch.dtype) -> tuple[Any, list[torch.dtype]]:
+    """``batch`` with the floating-point tensors of its inputs in ``dtype``; targets as given.
+
+    The inputs: everything but the targets (:func:`target_place`); of a longer sequence
+    (``(x, y, w)``, whose parts cannot be told apart), the first item alone.
+    """
+    cast: list[torch.dtype] = []
+
+    def one(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point() and t.dtype != dtype:
+            if t.dtype not in cast:
+                cast.append(t.dtype)
+            return t.to(dtype)
+        return t
+
+    place = target_place(batch)
+    if isinstance(batch, (tuple, list)):
+        keep = 1 if place == 1 else len(batch)
+        items = [map_tensors(v, one) if i == 0 or (i < keep and place is None) else v
+                 for i, v in enumerate(batch)]
+        out = type(batch)(items) if not hasattr(batch, "_fields") else type(batch)(*items)
+    elif isinstance(batch, Mapping):
+        out = {k: v if k == place else map_tensors(v, one) for k, v in batch.items()}
+        try:
+            out = type(batch)(out)
+        except TypeError:
+            pass
+    else:
+        out = map_tensors(batch, one)
+    return (out, cast) if cast else (batch, cast)
 
 
 def split_batch(batch: Any) -> tuple[Any, Any]:
@@ -318,6 +367,9 @@ class StepContext:
     outputs: Any = None
     given_grad_norm: float | None = None
     given_samples: int | None = None
+    #: the one floating dtype of the model's weights (None: several); the batch's inputs
+    #: are read in it
+    weights_dtype: torch.dtype | None = None
     #: the parameter groups' ``lr`` at the last optimizer step (None: no hooked step seen)
     step_lrs: list[Any] | None = None
     #: what the ``loss`` metric says at a step without a loss (the monitor's ``no_loss_reason``)
@@ -398,6 +450,15 @@ class StepContext:
         if value is None:
             hint = "pass probe=... to Monitor" if source == "probe" else "pass batch=... to step()"
             raise MissingInput(f"this metric needs the {source} data: {hint}")
+        if source == "batch" and self.weights_dtype is not None:
+            # the inputs in the weights' dtype, as the probe's: batches that a wrapper casts
+            # on the way in (Fabric's bf16-true), which the monitor looks through
+            if "batch_in_dtype" not in self._cache:
+                dtype = self.weights_dtype
+                self._cache["batch_in_dtype"] = (
+                    type(value)(inputs_in(b, dtype)[0] for b in value)
+                    if is_batch_list(value) else inputs_in(value, dtype)[0])
+            value = self._cache["batch_in_dtype"]
         return value
 
     def batches(self, source: str) -> list[Any]:

@@ -282,6 +282,7 @@ class Monitor:
         self._probe_aligned = False  # a given probe: its targets take the first batch's dtype
         self._given_probe: Any = None  # the probe as given (the casts read it, not a copy)
         self._step_lrs: list[Any] | None = None  # the groups' rates at the last hooked step
+        self._weights_dtype: torch.dtype | None = None  # the weights' one floating dtype
         #: what the ``loss`` metric's finding says at a step given no loss (an integration
         #: that gathers the loss itself says where it looked)
         self.no_loss_reason = "the loss metric needs step(..., loss=loss)"
@@ -341,6 +342,8 @@ class Monitor:
         self._own = list(named.values())
         self._objects = dict(self.model.named_parameters())
         self._sharded = any(_dist.is_sharded(p) for p in self._objects.values())
+        floating = {p.dtype for p in self._objects.values() if p.is_floating_point()}
+        self._weights_dtype = next(iter(floating)) if len(floating) == 1 else None
         if self._probe_source == "given":  # before the Taylor guard or a metric reads it
             self._given_probe = self.probe
             self.probe = inputs_in_models_dtype(self.probe, list(self._objects.values()))
@@ -618,6 +621,7 @@ class Monitor:
             microbatch_size=self.microbatch_size, batch_size=self.batch_size,
             parameter_objects=self._objects, loss_modules=self._loss_modules,
             no_loss_reason=self.no_loss_reason, step_lrs=self._step_lrs,
+            weights_dtype=self._weights_dtype,
         )
 
     def step(

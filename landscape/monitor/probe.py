@@ -24,6 +24,7 @@ from landscape.batches import (
     plain_containers,
 )
 from landscape.capture import first_tensor
+from landscape.metrics.context import inputs_in, target_place
 from landscape.store import RunWriter
 
 __all__ = ["PROBE_BYTES", "PROBE_NOTE", "inputs_in_models_dtype", "restore_probe", "store_probe",
@@ -132,57 +133,6 @@ def _say_cast(cast: list[torch.dtype], what: str, to: str) -> None:
                   ", ".join(str(d).removeprefix("torch.") for d in cast), what, to)
 
 
-def _target_place(batch: Any) -> Any:
-    """Where a batch keeps its targets: an index, a key, or None (none told apart).
-
-    The second item of an ``(inputs, targets)`` pair; the target key of a dict pair
-    (``{"x", "y"}``, ``{"inputs", "targets"}``, ``{"image", "label"}`` alone, ...);
-    ``labels`` / ``label`` of a dict of keyword arguments.
-    """
-    from landscape.metrics.context import _pair_keys
-
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return 1
-    if isinstance(batch, Mapping):
-        keys = _pair_keys(batch)
-        if keys is not None:
-            return keys[1]
-        return next((k for k in ("labels", "label") if k in batch), None)
-    return None
-
-
-def _inputs_in(batch: Any, dtype: torch.dtype) -> tuple[Any, list[torch.dtype]]:
-    """``batch`` with the floating-point tensors of its inputs in ``dtype``; targets as given.
-
-    The inputs: everything but the targets (:func:`_target_place`); of a longer sequence
-    (``(x, y, w)``, whose parts cannot be told apart), the first item alone.
-    """
-    cast: list[torch.dtype] = []
-
-    def one(t: torch.Tensor) -> torch.Tensor:
-        if t.is_floating_point() and t.dtype != dtype:
-            if t.dtype not in cast:
-                cast.append(t.dtype)
-            return t.to(dtype)
-        return t
-
-    place = _target_place(batch)
-    if isinstance(batch, (tuple, list)):
-        keep = 1 if place == 1 else len(batch)
-        items = [map_tensors(v, one) if i == 0 or (i < keep and place is None) else v
-                 for i, v in enumerate(batch)]
-        out = type(batch)(items) if not hasattr(batch, "_fields") else type(batch)(*items)
-    elif isinstance(batch, Mapping):
-        out = {k: v if k == place else map_tensors(v, one) for k, v in batch.items()}
-        try:
-            out = type(batch)(out)
-        except TypeError:
-            pass
-    else:
-        out = map_tensors(batch, one)
-    return (out, cast) if cast else (batch, cast)
-
-
 def inputs_in_models_dtype(probe: Any, params: list[torch.Tensor]) -> Any:
     """A probe with its inputs' floating-point tensors in the dtype of the model's weights.
 
@@ -190,15 +140,15 @@ def inputs_in_models_dtype(probe: Any, params: list[torch.Tensor]) -> Any:
     and mat2 must have the same dtype"; so did a default probe taken from float32 batches
     that a wrapper casts on the way in (Lightning Fabric's ``bf16-true``). The inputs are
     cast to the weights' one floating dtype before any metric or the Taylor guard reads
-    the probe (:func:`_inputs_in`); the targets stay as given, and a model whose weights
-    mix floating dtypes gets the probe as it is. The first training batch then sets the
-    targets' dtype (:func:`targets_in_batch_dtype`).
+    the probe (:func:`~landscape.metrics.context.inputs_in`); the targets stay as given,
+    and a model whose weights mix floating dtypes gets the probe as it is. The first
+    training batch then sets the targets' dtype (:func:`targets_in_batch_dtype`).
     """
     dtypes = {p.dtype for p in params if p.is_floating_point()}
     if len(dtypes) != 1:
         return probe
     (dtype,) = dtypes
-    probe, cast = _each_batch(probe, lambda b: _inputs_in(b, dtype))
+    probe, cast = _each_batch(probe, lambda b: inputs_in(b, dtype))
     _say_cast(cast, "input", f"the model's {str(dtype).removeprefix('torch.')}")
     return probe
 
@@ -207,11 +157,12 @@ def targets_in_batch_dtype(probe: Any, given: Any, batch: Any) -> Any:
     """``probe`` with its floating-point targets in the dtype of the training batch's targets.
 
     Read from the probe as it was ``given`` (never a copy already rounded), where both
-    hold their targets at the same kind of place (:func:`_target_place`) and those are laid
-    out alike (:func:`~landscape.batches.cast_like`): a loop that keeps its float targets
-    in float32 keeps the probe's in float32, one that casts them casts the probe's too.
+    hold their targets at the same kind of place
+    (:func:`~landscape.metrics.context.target_place`) and those are laid out alike
+    (:func:`~landscape.batches.cast_like`): a loop that keeps its float targets in
+    float32 keeps the probe's in float32, one that casts them casts the probe's too.
     """
-    place, batch_place = _target_place(given), _target_place(batch)
+    place, batch_place = target_place(given), target_place(batch)
     if place is None or batch_place is None or type(place) is not type(batch_place):
         return probe
     targets, cast = cast_like(given[place], batch[batch_place])

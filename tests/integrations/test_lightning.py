@@ -658,3 +658,31 @@ def test_a_forward_that_takes_the_dict_batch_itself_is_called_so():
     assert run.findings() == []
     assert np.isfinite(run.series("logits", "max_abs")[1]).all()
     assert np.isfinite(run.series("taylor_radius", "r")[1][1:]).all()  # from the 2nd step
+
+
+def test_a_fabric_bf16_true_loop_is_measured_in_the_weights_dtype():
+    # Fabric casts the loop's float32 batches inside the wrapper the monitor looks through:
+    # the default probe and the batch's forward passes failed on the dtypes
+    from lightning.fabric import Fabric
+
+    from landscape import Monitor
+
+    fabric = Fabric(accelerator="cpu", devices=1, precision="bf16-true")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    model, opt = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    x, y = _data(48)
+    with Monitor(model, F.cross_entropy, None, optimizer=opt, warn=False,
+                 metrics=["sentinels", create("logits", schedule=1), "taylor_radius"]) as mon:
+        for step in range(3):
+            batch = (x[16 * step:16 * (step + 1)], y[16 * step:16 * (step + 1)])
+            loss = F.cross_entropy(model(batch[0]), batch[1])
+            opt.zero_grad()
+            fabric.backward(loss)
+            opt.step()
+            mon.step(step, batch=batch, loss=loss)
+        run = mon.run()
+        assert mon.findings == []
+    assert np.isfinite(run.series("sentinels", "probe_loss")[1]).all()
+    assert np.isfinite(run.series("logits", "max_abs")[1]).all()
+    assert np.isfinite(run.series("taylor_radius", "r")[1][1:]).all()
