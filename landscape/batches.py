@@ -27,6 +27,7 @@ __all__ = [
     "model_call",
     "normal_tensors",
     "plain_containers",
+    "rebuilt",
     "split",
     "takes_whole_batch",
     "to_device",
@@ -44,9 +45,9 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any], other: Callable[[An
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, Mapping):
-        return _rebuilt(obj, {k: map_tensors(v, fn, other) for k, v in obj.items()})
+        return rebuilt(obj, {k: map_tensors(v, fn, other) for k, v in obj.items()})
     if isinstance(obj, (tuple, list)):
-        return _rebuilt(obj, [map_tensors(v, fn, other) for v in obj])
+        return rebuilt(obj, [map_tensors(v, fn, other) for v in obj])
     return other(obj) if other is not None else obj
 
 
@@ -83,12 +84,12 @@ def cast_like(obj: Any, like: Any) -> tuple[Any, list[torch.dtype]]:
         if isinstance(a, Mapping) or isinstance(b, Mapping):
             if not (isinstance(a, Mapping) and isinstance(b, Mapping)) or set(a) != set(b):
                 raise _Unlike
-            return _rebuilt(a, {k: walk(v, b[k]) for k, v in a.items()})
+            return rebuilt(a, {k: walk(v, b[k]) for k, v in a.items()})
         if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
             if not (isinstance(a, (tuple, list)) and isinstance(b, (tuple, list))) \
                     or len(a) != len(b):
                 raise _Unlike
-            return _rebuilt(a, [walk(x, y) for x, y in zip(a, b)])
+            return rebuilt(a, [walk(x, y) for x, y in zip(a, b)])
         return a
 
     try:
@@ -113,7 +114,7 @@ def normal_tensors(obj: Any) -> Any:
         return map_tensors(obj, lambda t: t.clone() if t.is_inference() else t)
 
 
-def _rebuilt(like: Any, items: Any) -> Any:
+def rebuilt(like: Any, items: Any) -> Any:
     """``items`` (a dict, or a list of a sequence's items) in the container type of ``like``.
 
     Namedtuples take their items as arguments; a mapping type that cannot be built from a
@@ -153,10 +154,10 @@ def in_containers_of(obj: Any, like: Any) -> Any:
     ``batch.input_ids``); elsewhere ``obj`` stays as it is.
     """
     if isinstance(like, Mapping) and isinstance(obj, Mapping):
-        return _rebuilt(like, {k: in_containers_of(v, like.get(k)) for k, v in obj.items()})
+        return rebuilt(like, {k: in_containers_of(v, like.get(k)) for k, v in obj.items()})
     if isinstance(like, (tuple, list)) and isinstance(obj, (tuple, list)) \
             and len(obj) == len(like):
-        return _rebuilt(like, [in_containers_of(v, u) for v, u in zip(obj, like)])
+        return rebuilt(like, [in_containers_of(v, u) for v, u in zip(obj, like)])
     return obj
 
 

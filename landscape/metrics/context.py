@@ -14,6 +14,7 @@ restored afterwards. Forward passes go through ``functional_call`` with cloned b
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import InitVar, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -22,13 +23,13 @@ from torch import nn
 
 from landscape._deprecation import deprecated_alias
 from landscape._errors import MissingInput
-from landscape.batches import map_tensors, model_call, takes_whole_batch
+from landscape.batches import map_tensors, model_call, rebuilt, takes_whole_batch
 from landscape.capture import Captured, capture, first_tensor, last_child_output
 from landscape.isolation import buffers_kept, stateless_call, stateless_closure
 from landscape.params import Vector, difference, gradient_norm, stackable, tensor_norms
 
 __all__ = ["MissingInput", "NoLossFunction", "StepContext", "batch_targets", "classes_last",
-           "inputs_in", "softmax_logits", "split_batch", "target_place"]
+           "each_batch", "inputs_in", "softmax_logits", "split_batch", "target_place"]
 
 Closure = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -89,8 +90,9 @@ def target_place(batch: Any) -> Any:
 def inputs_in(batch: Any, dtype: torch.dtype) -> tuple[Any, list[torch.dtype]]:
     """``batch`` with the floating-point tensors of its inputs in ``dtype``; targets as given.
 
-    The inputs: everything but the targets (:func:`target_place`); of a longer sequence
-    (``(x, y, w)``, whose parts cannot be told apart), the first item alone.
+    The inputs: the first item of a sequence (an ``(inputs, targets)`` pair's, and of a
+    longer one, ``(x, y, w)``, whose parts cannot be told apart), everything but the
+    targets of a mapping (:func:`target_place`).
     """
     cast: list[torch.dtype] = []
 
@@ -101,21 +103,29 @@ def inputs_in(batch: Any, dtype: torch.dtype) -> tuple[Any, list[torch.dtype]]:
             return t.to(dtype)
         return t
 
-    place = target_place(batch)
     if isinstance(batch, (tuple, list)):
-        keep = 1 if place == 1 else len(batch)
-        items = [map_tensors(v, one) if i == 0 or (i < keep and place is None) else v
-                 for i, v in enumerate(batch)]
-        out = type(batch)(items) if not hasattr(batch, "_fields") else type(batch)(*items)
+        out = rebuilt(batch, [map_tensors(v, one) if i == 0 else v for i, v in enumerate(batch)])
     elif isinstance(batch, Mapping):
-        out = {k: v if k == place else map_tensors(v, one) for k, v in batch.items()}
-        try:
-            out = type(batch)(out)
-        except TypeError:
-            pass
+        place = target_place(batch)
+        out = rebuilt(batch, {k: v if k == place else map_tensors(v, one)
+                              for k, v in batch.items()})
     else:
         out = map_tensors(batch, one)
     return (out, cast) if cast else (batch, cast)
+
+
+def each_batch(data: Any, cast: Callable[[Any], tuple[Any, list[torch.dtype]]]
+               ) -> tuple[Any, list[torch.dtype]]:
+    """``cast(batch)`` of one batch, or of each batch of a list of batches (:func:`inputs_in`).
+
+    Returns:
+        The data (itself when nothing was cast) and the dtypes cast, over its batches.
+    """
+    if not is_batch_list(data):
+        return cast(data)
+    parts = [cast(b) for b in data]
+    dtypes = sorted({d for _, c in parts for d in c}, key=str)
+    return (type(data)(b for b, _ in parts) if dtypes else data), dtypes
 
 
 def split_batch(batch: Any) -> tuple[Any, Any]:
@@ -454,10 +464,8 @@ class StepContext:
             # the inputs in the weights' dtype, as the probe's: batches that a wrapper casts
             # on the way in (Fabric's bf16-true), which the monitor looks through
             if "batch_in_dtype" not in self._cache:
-                dtype = self.weights_dtype
-                self._cache["batch_in_dtype"] = (
-                    type(value)(inputs_in(b, dtype)[0] for b in value)
-                    if is_batch_list(value) else inputs_in(value, dtype)[0])
+                self._cache["batch_in_dtype"] = each_batch(
+                    value, lambda b: inputs_in(b, self.weights_dtype))[0]
             value = self._cache["batch_in_dtype"]
         return value
 
@@ -513,6 +521,19 @@ class StepContext:
             own = self._own()
             self._cache["grad_norm"] = gradient_norm(own[n] for n in self.names)
         return self._cache["grad_norm"]
+
+    def given_norm_stands_in(self) -> bool:
+        """Whether the norm passed as ``step(grad_norm=...)`` stands for the gradient.
+
+        It does where no monitored parameter has a ``.grad``, or where ``.grad`` is all
+        zeros and the given norm is not finite: the monitor called after
+        ``optimizer.zero_grad()`` (accelerate's loop), to None or to zeros.
+        """
+        given = self.given_grad_norm
+        if given is None:
+            return False
+        norm = self.grad_norm()
+        return norm is None or (norm == 0.0 and not math.isfinite(float(given)))
 
     def tensor_norms(self, which: str) -> torch.Tensor | None:
         """Per-tensor norms of ``"update"`` or ``"params_before"``, stacked (cached).

@@ -177,11 +177,8 @@ class NonFinite(Metric):
         """The ``loss``, ``grad`` and ``skipped`` flags (NaN when not known)."""
         loss_bad = math.nan if ctx.loss is None else float(not math.isfinite(_as_float(ctx.loss)))
         gnorm = ctx.grad_norm()
-        given = None if ctx.given_grad_norm is None else float(ctx.given_grad_norm)
-        if given is not None and (gnorm is None or (gnorm == 0.0 and not math.isfinite(given))):
-            # .grad already zeroed (accelerate's loop calls the monitor after zero_grad, to
-            # None or to zeros): the norm clip_grad_norm_ returned says it
-            grad_bad = _given_norm_flag(given, ctx.parameters)
+        if ctx.given_norm_stands_in():  # .grad zeroed before the call: the norm says it
+            grad_bad = _given_norm_flag(float(ctx.given_grad_norm), ctx.parameters)
         elif gnorm is None:
             grad_bad = math.nan
         elif math.isfinite(gnorm):  # a finite norm proves every entry finite

@@ -91,9 +91,7 @@ def _skipped_overflow(ctx: StepContext) -> bool:
     """
     if ctx.optimizer_stepped is not False:
         return False
-    norm = ctx.grad_norm()
-    if (norm is None or norm == 0.0) and ctx.given_grad_norm is not None:
-        norm = float(ctx.given_grad_norm)  # .grad zeroed before the call (accelerate's loop)
+    norm = float(ctx.given_grad_norm) if ctx.given_norm_stands_in() else ctx.grad_norm()
     return norm is not None and not math.isfinite(norm)
 
 
@@ -346,7 +344,7 @@ class Monitor:
         self._weights_dtype = next(iter(floating)) if len(floating) == 1 else None
         if self._probe_source == "given":  # before the Taylor guard or a metric reads it
             self._given_probe = self.probe
-            self.probe = inputs_in_models_dtype(self.probe, list(self._objects.values()))
+            self.probe = inputs_in_models_dtype(self.probe, self._weights_dtype)
         # setup may read parametrized weights (a spectral_norm parametrization runs a power
         # iteration and writes its buffers when read in train mode): eval mode, RNG kept
         with isolated(self.model):
@@ -804,18 +802,17 @@ class Monitor:
         ``torch.distributed`` each rank takes its own, and rank 0's file stores none.
         """
         assert self.writer is not None
-        weights = list(self._objects.values())
         if not self._distributed:
             restored = restore_probe(self.writer, batch)
             if restored is not None:
-                self.probe = inputs_in_models_dtype(restored, weights)
+                self.probe = inputs_in_models_dtype(restored, self._weights_dtype)
                 return
         probe, kept = take_probe(batch, self.probe_size)
         self.writer.append("probe", step, {"samples": float(kept)})
         if not self._distributed:  # rank 0's file cannot hold every rank's probe
             store_probe(self.writer, probe)  # as the batches are: a resume compares them
         # batches a wrapper casts on the way in (Fabric's bf16-true): inputs as the weights
-        self.probe = inputs_in_models_dtype(probe, weights)
+        self.probe = inputs_in_models_dtype(probe, self._weights_dtype)
 
     def _compute(self, metric: Metric, ctx: StepContext) -> tuple[dict[str, Any], bool]:
         """``metric``'s row, and whether it is a measurement for the alarm rules.

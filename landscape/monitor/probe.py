@@ -22,9 +22,10 @@ from landscape.batches import (
     leading_size,
     map_tensors,
     plain_containers,
+    rebuilt,
 )
 from landscape.capture import first_tensor
-from landscape.metrics.context import inputs_in, target_place
+from landscape.metrics.context import each_batch, inputs_in, target_place
 from landscape.store import RunWriter
 
 __all__ = ["PROBE_BYTES", "PROBE_NOTE", "inputs_in_models_dtype", "restore_probe", "store_probe",
@@ -116,39 +117,27 @@ def restore_probe(writer: RunWriter, batch: Any) -> Any | None:
     return in_containers_of(probe, batch)
 
 
-def _each_batch(probe: Any, cast: Any) -> tuple[Any, list[torch.dtype]]:
-    """``cast(batch)`` of a probe, or of each batch of a probe given as a list of batches."""
-    from landscape.metrics.context import is_batch_list
-
-    if not is_batch_list(probe):
-        return cast(probe)
-    parts = [cast(p) for p in probe]
-    dtypes = sorted({d for _, c in parts for d in c}, key=str)
-    return (type(probe)(p for p, _ in parts) if dtypes else probe), dtypes
-
-
 def _say_cast(cast: list[torch.dtype], what: str, to: str) -> None:
     if cast:
         _log.info("landscape: the probe's %s %s tensors are cast to %s",
                   ", ".join(str(d).removeprefix("torch.") for d in cast), what, to)
 
 
-def inputs_in_models_dtype(probe: Any, params: list[torch.Tensor]) -> Any:
+def inputs_in_models_dtype(probe: Any, dtype: torch.dtype | None) -> Any:
     """A probe with its inputs' floating-point tensors in the dtype of the model's weights.
 
     A model trained in bfloat16 given a float32 probe failed every probe metric on "mat1
     and mat2 must have the same dtype"; so did a default probe taken from float32 batches
     that a wrapper casts on the way in (Lightning Fabric's ``bf16-true``). The inputs are
-    cast to the weights' one floating dtype before any metric or the Taylor guard reads
+    cast to the weights' one floating dtype (``dtype``; None: they mix several) before
+    any metric or the Taylor guard reads
     the probe (:func:`~landscape.metrics.context.inputs_in`); the targets stay as given,
     and a model whose weights mix floating dtypes gets the probe as it is. The first
     training batch then sets the targets' dtype (:func:`targets_in_batch_dtype`).
     """
-    dtypes = {p.dtype for p in params if p.is_floating_point()}
-    if len(dtypes) != 1:
+    if dtype is None:  # weights of several floating dtypes
         return probe
-    (dtype,) = dtypes
-    probe, cast = _each_batch(probe, lambda b: inputs_in(b, dtype))
+    probe, cast = each_batch(probe, lambda b: inputs_in(b, dtype))
     _say_cast(cast, "input", f"the model's {str(dtype).removeprefix('torch.')}")
     return probe
 
@@ -169,15 +158,8 @@ def targets_in_batch_dtype(probe: Any, given: Any, batch: Any) -> Any:
     if not cast:
         return probe
     if isinstance(probe, Mapping):
-        out = dict(probe)
-        out[place] = targets
-        try:
-            out = type(probe)(out)
-        except TypeError:
-            pass
+        out = rebuilt(probe, {**probe, place: targets})
     else:
-        items = list(probe)
-        items[place] = targets
-        out = type(probe)(items) if not hasattr(probe, "_fields") else type(probe)(*items)
+        out = rebuilt(probe, [targets if i == place else v for i, v in enumerate(probe)])
     _say_cast(cast, "target", "the dtype of the training batch's")
     return out

@@ -390,3 +390,17 @@ def test_the_sentinels_lr_is_the_rate_of_the_step_they_follow():
         recorded = mon.run().series("sentinels", "lr")[1].tolist()
     assert used == [0.1, 0.1, 0.05, 0.05, 0.025, 0.025]
     assert recorded == pytest.approx(used)
+
+
+def test_a_batchs_inputs_are_its_first_item_or_a_dicts_non_target_entries():
+    from landscape.metrics.context import inputs_in
+
+    x, y, w = torch.randn(4, 3), 300 + torch.randn(4, 2), torch.rand(4)
+    out, cast = inputs_in((x, y, w), torch.bfloat16)  # sample weights stay as given
+    assert out[0].dtype == torch.bfloat16 and out[1] is y and out[2] is w
+    assert cast == [torch.float32]
+    out, _ = inputs_in({"x": x, "y": y}, torch.bfloat16)
+    assert out["x"].dtype == torch.bfloat16 and out["y"] is y
+    out, _ = inputs_in({"pixel_values": x, "labels": y}, torch.bfloat16)
+    assert out["pixel_values"].dtype == torch.bfloat16 and out["labels"] is y
+    assert inputs_in((x.bfloat16(), y), torch.bfloat16)[1] == []
