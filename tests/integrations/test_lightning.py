@@ -579,19 +579,23 @@ def test_a_training_step_without_a_returned_loss_is_named_once(tmp_path):
             for f in callback.run().findings()] == [True]
 
 
-def _fabric_fit(monitored):
+def _fabric_fit(metrics=None, precision="32-true", probe=None):
+    """Three SGD steps of a Fabric loop; monitored with ``metrics`` unless None.
+
+    Returns the trained module, the monitor's findings and its run (None unmonitored).
+    """
     from lightning.fabric import Fabric
 
     from landscape import Monitor
 
-    fabric = Fabric(accelerator="cpu", devices=1)
+    fabric = Fabric(accelerator="cpu", devices=1, precision=precision)
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
     model, opt = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9))
     x, y = _data(48)
-    mon = None if not monitored else Monitor(
-        model, F.cross_entropy, None, optimizer=opt, probe=PROBE, warn=False,
-        metrics=["taylor_radius", "representation", "hessian_trace", "sentinels"]).start()
+    mon = None if metrics is None else Monitor(
+        model, F.cross_entropy, None, optimizer=opt, probe=probe, warn=False,
+        metrics=metrics).start()
     for step in range(3):
         batch = (x[16 * step:16 * (step + 1)], y[16 * step:16 * (step + 1)])
         loss = F.cross_entropy(model(batch[0]), batch[1])
@@ -600,17 +604,19 @@ def _fabric_fit(monitored):
         opt.step()
         if mon is not None:
             mon.step(step, batch=batch, loss=loss)
-    findings = [] if mon is None else list(mon.findings)
-    if mon is not None:
-        mon.close()
-    return net, findings
+    if mon is None:
+        return net, [], None
+    findings, run = list(mon.findings), mon.run()
+    mon.close()
+    return net, findings, run
 
 
 def test_a_fabric_model_is_measured_through_the_module_it_wraps():
     # the wrapper redirects attribute writes: the weights a measurement substituted were
     # never put back, and the next backward failed ("does not require grad")
-    plain, _ = _fabric_fit(False)
-    monitored, findings = _fabric_fit(True)
+    plain, _, _ = _fabric_fit()
+    monitored, findings, _ = _fabric_fit(
+        ["taylor_radius", "representation", "hessian_trace", "sentinels"], probe=PROBE)
     assert findings == []
     for a, b in zip(plain.parameters(), monitored.parameters()):
         assert torch.equal(a, b)
@@ -663,26 +669,9 @@ def test_a_forward_that_takes_the_dict_batch_itself_is_called_so():
 def test_a_fabric_bf16_true_loop_is_measured_in_the_weights_dtype():
     # Fabric casts the loop's float32 batches inside the wrapper the monitor looks through:
     # the default probe and the batch's forward passes failed on the dtypes
-    from lightning.fabric import Fabric
-
-    from landscape import Monitor
-
-    fabric = Fabric(accelerator="cpu", devices=1, precision="bf16-true")
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
-    model, opt = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.1))
-    x, y = _data(48)
-    with Monitor(model, F.cross_entropy, None, optimizer=opt, warn=False,
-                 metrics=["sentinels", create("logits", schedule=1), "taylor_radius"]) as mon:
-        for step in range(3):
-            batch = (x[16 * step:16 * (step + 1)], y[16 * step:16 * (step + 1)])
-            loss = F.cross_entropy(model(batch[0]), batch[1])
-            opt.zero_grad()
-            fabric.backward(loss)
-            opt.step()
-            mon.step(step, batch=batch, loss=loss)
-        run = mon.run()
-        assert mon.findings == []
+    _, findings, run = _fabric_fit(
+        ["sentinels", create("logits", schedule=1), "taylor_radius"], precision="bf16-true")
+    assert findings == []
     assert np.isfinite(run.series("sentinels", "probe_loss")[1]).all()
     assert np.isfinite(run.series("logits", "max_abs")[1]).all()
     assert np.isfinite(run.series("taylor_radius", "r")[1][1:]).all()
