@@ -183,6 +183,17 @@ def ids_and_labels(batch: Any) -> bool:
     return isinstance(batch, Mapping) and set(batch) == {"input_ids", "labels"}
 
 
+def whole_dict_call(model: nn.Module, batch: Any) -> bool:
+    """Whether a keyword batch is passed to ``model`` as the dict itself, ``model(batch)``.
+
+    A ``forward(self, batch)`` (:func:`~landscape.batches.takes_whole_batch`), but not
+    nanoGPT's ``forward(idx)`` given ``{input_ids, labels}``, which reads the ids
+    (:func:`ids_and_labels`).
+    """
+    return keyword_batch(batch) and takes_whole_batch(model, batch) \
+        and not ids_and_labels(batch)
+
+
 def without_labels(model: torch.nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
     """A keyword batch without ``labels``, for a logits-only forward.
 
@@ -612,9 +623,7 @@ class StepContext:
             self._keep_loss_state()
             return stateless_closure(self.model, self.closure, params, batch)
         if keyword_batch(batch):  # the Hugging Face convention: model(**batch)
-            # forward(self, batch): the dict itself (not nanoGPT's forward(idx) of
-            # {input_ids, labels}, which reads the ids below)
-            if takes_whole_batch(self.model, batch) and not ids_and_labels(batch):
+            if whole_dict_call(self.model, batch):  # forward(self, batch)
                 return stateless_call(self.model, params, batch)
             try:
                 return stateless_call(self.model, params, (), dict(batch))

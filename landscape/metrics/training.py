@@ -15,7 +15,7 @@ from landscape import distributed as _dist
 from landscape import functional as LF
 from landscape._deprecation import module_getattr
 from landscape._errors import MissingInput
-from landscape.batches import leading_size, model_call, takes_whole_batch
+from landscape.batches import leading_size, model_call
 from landscape.capture import first_tensor
 from landscape.metrics.base import Metric, register
 from landscape.metrics.context import (
@@ -26,6 +26,7 @@ from landscape.metrics.context import (
     keyword_batch,
     softmax_logits,
     split_batch,
+    whole_dict_call,
     without_labels,
 )
 from landscape.params import norm
@@ -295,8 +296,7 @@ class TaylorRadius(Metric):
         batch = ctx.data(self.data)
         keywords = keyword_batch(batch)
         result = None
-        if keywords and takes_whole_batch(ctx.model, batch) and not ids_and_labels(batch):
-            # forward(self, batch): the dict itself
+        if whole_dict_call(ctx.model, batch):  # forward(self, batch): the dict itself
             result = radius_along(ctx, (batch,), batch_targets(batch), ctx.params_before,
                                   ctx.update, keywords={})
         elif keywords:  # a tokenizer's output: model(**batch), logits only
