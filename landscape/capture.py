@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -105,7 +105,8 @@ def first_tensor(value: Any) -> torch.Tensor | None:
 
 @contextlib.contextmanager
 def capture(
-    model: nn.Module, *, inputs: Iterable[str] = (), outputs: Iterable[str] = ()
+    model: nn.Module, *, inputs: Iterable[str] = (), outputs: Iterable[str] = (),
+    output_fn: Callable[[Any], torch.Tensor | None] | None = None,
 ) -> Iterator[Captured]:
     """Capture module inputs and outputs during the forward passes run inside the block.
 
@@ -115,6 +116,9 @@ def capture(
         model: the model whose submodules are hooked.
         inputs: names (as in ``named_modules``) of the modules whose input is kept.
         outputs: names of the modules whose output is kept.
+        output_fn: reads the tensor kept for the model's own output (the name ``""``) from
+            what its forward returned, e.g. ``lambda out: out[1]`` for a ``(features,
+            logits)`` tuple; by default (and for every other module) :func:`first_tensor`.
 
     Yields:
         A :class:`Captured` that fills as forwards run; the hooks are removed on exit, also
@@ -124,14 +128,16 @@ def capture(
     handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def make_hook(name: str, want_input: bool, want_output: bool):
+        own_output = name == "" and output_fn is not None
+
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if want_input:
                 t = first_tensor(args)
                 if t is not None:
                     found.inputs[name] = t.detach()
             if want_output:
-                t = first_tensor(output)
-                if t is not None:
+                t = output_fn(output) if own_output else first_tensor(output)
+                if isinstance(t, torch.Tensor):
                     found.outputs[name] = t.detach()
 
         return hook

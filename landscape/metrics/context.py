@@ -393,6 +393,9 @@ class StepContext:
     weights_dtype: torch.dtype | None = None
     #: the parameter groups' ``lr`` at the last optimizer step (None: no hooked step seen)
     step_lrs: list[Any] | None = None
+    #: reads the logits from the model's output (the monitor's ``output_fn``; None:
+    #: :func:`~landscape.capture.first_tensor`); :meth:`logits_of` applies it
+    output_fn: Callable[[Any], torch.Tensor | None] | None = None
     #: what the ``loss`` metric says at a step without a loss (the monitor's ``no_loss_reason``)
     no_loss_reason: str = "the loss metric needs step(..., loss=loss)"
     params_before: InitVar[Vector | None] = None  # a property below: rebuilt when read
@@ -651,7 +654,8 @@ class StepContext:
                 children = (last_child_output(self.model) if self.closure is not None
                             else contextlib.nullcontext([]))
                 with torch.no_grad(), children as kept, \
-                        capture(self.model, inputs=ins, outputs={"", *outs}) as cap:
+                        capture(self.model, inputs=ins, outputs={"", *outs},
+                                output_fn=self.output_fn) as cap:
                     self._forward(batch, self.named_params)
                 if "" not in cap.outputs and kept:
                     cap.outputs[""] = kept[0]
@@ -672,14 +676,31 @@ class StepContext:
             MissingInput: the forward pass returned no tensor.
         """
         if source == "batch" and self.outputs is not None:
-            given = first_tensor(self.outputs)  # a tuple or ModelOutput: its logits
+            given = self.logits_of(self.outputs)  # a tuple or ModelOutput: its logits
             if given is None:
-                raise MissingInput("outputs= holds no tensor to read logits from")
+                raise MissingInput(f"outputs= holds no tensor to read logits from"
+                                   f"{self._by_output_fn}")
             return given.detach()
         out = self.captured(source).outputs.get("")
         if out is None:
-            raise MissingInput("the model's forward returned no tensor to read logits from")
+            raise MissingInput(f"the model's forward returned no tensor to read logits from"
+                               f"{self._by_output_fn}")
         return out
+
+    def logits_of(self, output: Any) -> torch.Tensor | None:
+        """The logits in a model's ``output``; None when there is no tensor to read.
+
+        The monitor's ``output_fn`` reads them, by default
+        :func:`~landscape.capture.first_tensor` (a tensor, the ``logits`` of a mapping or
+        ``ModelOutput``, else the first tensor of a tuple).
+        """
+        logits = self.output_fn(output) if self.output_fn is not None else first_tensor(output)
+        return logits if isinstance(logits, torch.Tensor) else None
+
+    @property
+    def _by_output_fn(self) -> str:
+        """The tail of a "no logits" message: which function read the output."""
+        return " (through output_fn=)" if self.output_fn is not None else ""
 
     # -- curvature, shared between metrics
 

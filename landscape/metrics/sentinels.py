@@ -517,9 +517,10 @@ class Sentinels(Metric):
                 else:
                     if self._whole_dict is None:
                         self._whole_dict = False  # a convention works: a later error is the model's
-        z = first_tensor(output)
+        z = ctx.logits_of(output)
         if z is None or z.dim() == 0:
-            raise MissingInput("sentinels: the model's output has no logits tensor")
+            raise MissingInput(f"sentinels: the model's output has no logits tensor"
+                               f"{ctx._by_output_fn}")
         targets = y if y is not None else batch_targets(kwargs)
         # a segmentation map's (N, C, H, W) logits of (N, H, W) targets: classes last
         z = classes_last(z.detach(), targets)

@@ -16,7 +16,6 @@ from landscape import functional as LF
 from landscape._deprecation import module_getattr
 from landscape._errors import MissingInput
 from landscape.batches import leading_size, model_call
-from landscape.capture import first_tensor
 from landscape.metrics.base import Metric, register
 from landscape.metrics.context import (
     StepContext,
@@ -327,8 +326,8 @@ def radius_along(
 ) -> Any:
     """Taylor radius at parameters ``at`` along ``direction``.
 
-    The logit tangent ``J p`` of the logits (read through
-    :func:`landscape.capture.first_tensor`) is
+    The logit tangent ``J p`` of the logits (read by the monitor's ``output_fn``, by
+    default :func:`landscape.capture.first_tensor`) is
     :func:`landscape.functional.taylor.logit_tangent`'s: one ``torch.func.jvp``, or a
     central difference where forward-mode AD cannot go through the model (reentrant
     activation checkpointing); on FSDP2 models :func:`_radius_in_place`.
@@ -361,7 +360,7 @@ def radius_along(
     names = list(ctx.names)
     # the logits alone: a tuple, dict or ModelOutput is read through first_tensor, and a
     # Hugging Face model builds no key-value cache (jvp accepts tensors only)
-    call = logits_call(ctx.model, args, keywords=keywords)
+    call = logits_call(ctx.model, args, ctx.output_fn, keywords=keywords)
     logits, tangent = logit_tangent(call, dict(zip(names, at)), dict(zip(names, direction)))
     # a segmentation map's (N, C, H, W) logits of (N, H, W) targets: classes last
     logits, tangent = classes_last(logits, targets), classes_last(tangent, targets)
@@ -410,9 +409,10 @@ def _radius_in_place(ctx: StepContext, args, keywords, targets, at, direction) -
             for dst, b, d in zip(storage, base, step):
                 dst.copy_((b.double() + alpha * d.double()).to(dst.dtype))
             _dist.reshard(model)  # FSDP2 may keep the root's unsharded copy after a forward
-            out = first_tensor(model(*args, **keywords))  # a tuple or ModelOutput: logits
+            out = ctx.logits_of(model(*args, **keywords))  # a tuple or ModelOutput: logits
             if out is None:
-                raise MissingInput("the model's forward returned no tensor to read logits from")
+                raise MissingInput(f"the model's forward returned no tensor to read logits "
+                                   f"from{ctx._by_output_fn}")
             return out.detach()
 
     try:

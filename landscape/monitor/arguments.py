@@ -152,12 +152,13 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
 def check_monitor_arguments(
     model: Any, loss_fn: Any, path: Any, closure: Any, on_finding: Any,
     microbatch_size: Any, batch_size: Any, probe: Any, probe_size: Any,
+    output_fn: Any = None,
 ) -> None:
     """Refuse what ``Monitor(...)`` cannot use, with one line naming the argument.
 
     Raises:
         TypeError: ``model`` is no ``nn.Module``; ``path`` is no path; ``loss_fn``,
-            ``closure`` or ``on_finding`` is not callable.
+            ``closure``, ``on_finding`` or ``output_fn`` is not callable.
         ValueError: a bad ``microbatch_size``, ``batch_size`` or ``probe_size``, or a
             ``probe`` that is a loader or an iterator rather than a fixed batch.
     """
@@ -168,7 +169,8 @@ def check_monitor_arguments(
     if path is not None and not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a file path (str or os.PathLike), or None for a "
                         f"run in memory, got {type(path).__name__} {path!r}")
-    for name, value in (("closure", closure), ("on_finding", on_finding)):
+    for name, value in (("closure", closure), ("on_finding", on_finding),
+                        ("output_fn", output_fn)):
         if value is not None and not callable(value):
             raise TypeError(f"{name} must be callable, got {type(value).__name__} "
                             f"{value!r}")

@@ -162,6 +162,13 @@ class Monitor:
             spectral alignment every 2, sharpness and top eigenvalues every 5) are also
             measured densely, for 20 steps after the last trigger; those steps get a row
             in ``/metrics/adaptive``. Training is never changed.
+        output_fn: ``output_fn(output) -> logits``, reads the logits from what the model
+            returns, for every metric that reads logits (the sentinels, ``logits``,
+            ``taylor_radius``, the Taylor guard) and for ``step(outputs=...)``; e.g.
+            ``lambda out: out[1]`` for a model returning ``(features, logits)``. By default
+            :func:`landscape.capture.first_tensor`: the output itself, its ``logits``
+            entry or attribute, else its first tensor (docs/conventions.md, "Which outputs
+            are logits").
         closure: ``closure(model, batch) -> loss`` for models whose loss is not
             ``loss_fn(model(x), y)`` (dict batches, language models).
         config: extra JSON-able run configuration stored in the file.
@@ -249,9 +256,10 @@ class Monitor:
         batch_size: Callable[[Any], int | None] | None = None,
         probe_size: int | None = 32,
         adaptive: bool = True,
+        output_fn: Callable[[Any], torch.Tensor] | None = None,
     ) -> None:
         check_monitor_arguments(model, loss_fn, path, closure, on_finding, microbatch_size,
-                                batch_size, probe, probe_size)
+                                batch_size, probe, probe_size, output_fn)
         if taylor_guard is not None and (optimizer is None or probe is None):
             raise ValueError("taylor_guard needs optimizer= and probe=(inputs, targets)")
         if taylor_guard is not None and (isinstance(taylor_guard, bool) or not (
@@ -268,6 +276,7 @@ class Monitor:
         self.model = _dist.unwrap(model)  # the module inside a DDP / DataParallel wrapper
         self.loss_fn = loss_fn
         self.closure = closure
+        self.output_fn = output_fn
         self.optimizer = unwrap_optimizer(optimizer)  # accelerate's, Lightning's wrappers
         self.probe = probe
         self.probe_size = probe_size
@@ -619,7 +628,7 @@ class Monitor:
             microbatch_size=self.microbatch_size, batch_size=self.batch_size,
             parameter_objects=self._objects, loss_modules=self._loss_modules,
             no_loss_reason=self.no_loss_reason, step_lrs=self._step_lrs,
-            weights_dtype=self._weights_dtype,
+            weights_dtype=self._weights_dtype, output_fn=self.output_fn,
         )
 
     def step(

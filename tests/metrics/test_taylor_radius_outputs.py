@@ -4,8 +4,6 @@ the logits are read through ``landscape.capture.first_tensor``, as everywhere el
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
 import pytest
 import torch
@@ -16,6 +14,7 @@ from landscape import Monitor
 from landscape.capture import first_tensor
 from landscape.functional import directional_logit_derivatives
 from landscape.isolation import isolated
+from landscape.metrics.context import StepContext
 from landscape.metrics.training import radius_along
 from tests import models
 
@@ -38,7 +37,8 @@ class _Net(nn.Module):
 
 def _ctx(model):
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    return types.SimpleNamespace(model=model, names=names)
+    return StepContext(step=0, model=model, loss_fn=None, closure=None, optimizer=None,
+                       names=names)
 
 
 def _step(model, seed=1):
