@@ -292,33 +292,43 @@ class TaylorRadius(Metric):
         """
         if ctx.update is None or not ctx.has_params_before:
             raise MissingInput(_no_update(ctx, "taylor_radius"))
-        batch = ctx.data(self.data)
-        keywords = keyword_batch(batch)
-        result = None
-        if whole_dict_call(ctx.model, batch):  # forward(self, batch): the dict itself
-            result = radius_along(ctx, (batch,), batch_targets(batch), ctx.params_before,
-                                  ctx.update, keywords={})
-        elif keywords:  # a tokenizer's output: model(**batch), logits only
-            # labels left out: the model need not compute its loss, and a language model's
-            # labels are not aligned with its logits (it shifts them itself)
-            try:
-                result = radius_along(ctx, (), None, ctx.params_before, ctx.update,
-                                      keywords=without_labels(ctx.model, batch))
-            except TypeError:
-                if not ids_and_labels(batch):  # the one batch with a positional reading
-                    raise
-        if result is None:  # (inputs, targets), also under a closure: model(inputs)'s logits
-            inputs, targets = split_batch(batch)
-            result = radius_along(ctx, inputs, targets, ctx.params_before, ctx.update)
-        spread = result.spread
+        # a list of micro-batches (gradient accumulation): the one step over all of them,
+        # so r is the largest and rho_a the smallest over the micro-batches
+        results = [_radius_on(ctx, batch) for batch in ctx.batches(self.data)]
+        spread = torch.cat([r.spread.reshape(-1) for r in results])
         finite = spread.numel() > 0 and bool(torch.isfinite(spread).all())
         median = float(torch.quantile(spread.to(torch.float64), 0.5)) if finite else math.nan
+        step_norm = float(results[0].step_norm)
         return {
-            "r": float(result.r),
-            "rho_a": float(result.rho_a),
-            "step_norm": float(result.step_norm),
-            "r_median": float(result.step_norm) * median / math.pi,
+            "r": max(float(r.r) for r in results),
+            "rho_a": min(float(r.rho_a) for r in results),
+            "step_norm": step_norm,
+            "r_median": step_norm * median / math.pi,
         }
+
+
+def _radius_on(ctx: StepContext, batch: Any) -> Any:
+    """:func:`radius_along` of the step from ``ctx.params_before`` on one batch.
+
+    The batch is read as the model takes it: the dict itself, a tokenizer's keywords, or
+    ``(inputs, targets)``.
+    """
+    keywords = keyword_batch(batch)
+    if whole_dict_call(ctx.model, batch):  # forward(self, batch): the dict itself
+        return radius_along(ctx, (batch,), batch_targets(batch), ctx.params_before,
+                            ctx.update, keywords={})
+    if keywords:  # a tokenizer's output: model(**batch), logits only
+        # labels left out: the model need not compute its loss, and a language model's
+        # labels are not aligned with its logits (it shifts them itself)
+        try:
+            return radius_along(ctx, (), None, ctx.params_before, ctx.update,
+                                keywords=without_labels(ctx.model, batch))
+        except TypeError:
+            if not ids_and_labels(batch):  # the one batch with a positional reading
+                raise
+    # (inputs, targets), also under a closure: model(inputs)'s logits
+    inputs, targets = split_batch(batch)
+    return radius_along(ctx, inputs, targets, ctx.params_before, ctx.update)
 
 
 def radius_along(

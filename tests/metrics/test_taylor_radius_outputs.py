@@ -251,3 +251,32 @@ def test_taylor_radius_of_a_regression_head_is_not_measured(how):
     assert np.isnan(mon.run().series("taylor_radius", "r")[1]).all()
     (failed,) = [f for f in mon.findings if f.rule == "metric_failed"]
     assert "not softmax logits" in failed.message
+
+
+def test_taylor_radius_on_a_list_of_micro_batches_is_that_of_their_union():
+    """Gradient accumulation: ``batch=[micro-batches]`` gives the radius of the one step over
+    all their samples, as the concatenated batch does (it used to fail: "needs (inputs,
+    targets) batches; got list")."""
+    g = torch.Generator().manual_seed(3)
+    micro = [(torch.randn(5, 4, generator=g), torch.randint(0, 3, (5,), generator=g))
+             for _ in range(3)]
+    whole = (torch.cat([x for x, _ in micro]), torch.cat([y for _, y in micro]))
+
+    def record(batch):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        with Monitor(model, F.cross_entropy, optimizer=opt, probe=whole, warn=False,
+                     metrics=["taylor_radius"]) as mon:
+            for step in range(2):
+                opt.zero_grad()
+                F.cross_entropy(model(whole[0]), whole[1]).backward()
+                opt.step()
+                mon.step(step, batch=batch, loss=1.0)
+            run = mon.run()
+            return {f: run.series("taylor_radius", f)[1] for f in ("r", "rho_a", "r_median")}
+
+    listed, joined = record(micro), record(whole)
+    for field, values in joined.items():
+        assert np.isfinite(values).all(), field
+        np.testing.assert_allclose(listed[field], values, rtol=1e-5, err_msg=field)
