@@ -260,7 +260,8 @@ def model_call(model: Callable[..., Any], inputs: Any) -> tuple[tuple, dict[str,
       training loop does; any other mapping is one argument (a ``forward(self,
       features)`` of a dict of features, also ``{"features": ...}``);
     * anything else is one argument (a list stays one: torchvision's detection models take
-      a list of images).
+      a list of images), named when the forward takes no positional argument and one
+      keyword-only one without a default (``forward(self, *, x)``: ``model(x=inputs)``).
     """
     if isinstance(inputs, tuple):
         capacity = _signature(_forward_of(model))[1]
@@ -271,6 +272,10 @@ def model_call(model: Callable[..., Any], inputs: Any) -> tuple[tuple, dict[str,
         named = keys <= names or (more and bool(keys & names))  # **kwargs takes the rest
         if named and (len(names) > 1 or positional == 0):
             return (), dict(inputs)
+    elif not isinstance(inputs, Mapping):
+        _, positional, _, required = _parameters(_forward_of(model))
+        if positional == 0 and len(required) == 1:  # forward(self, *, x): model(x=inputs)
+            return (), {required[0]: inputs}
     return (inputs,), {}
 
 
@@ -311,17 +316,25 @@ def _forward_of(model: Any) -> Any:
 
 def _wrapped(module: torch.nn.Module) -> torch.nn.Module | None:
     """The module a known pass-through wrapper holds, else None."""
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:  # pragma: no cover - a torch without distributed
-        FullyShardedDataParallel = ()  # type: ignore[assignment,misc]
-    if isinstance(module, FullyShardedDataParallel):
+    if isinstance(module, _fsdp_wrapper()):
         return module.module
     base = peft_base(module)
     return base if base is not module else None
 
 
-@functools.lru_cache(maxsize=256)
+@functools.cache
+def _fsdp_wrapper() -> type | tuple:
+    """FSDP's ``FullyShardedDataParallel`` class, looked up once.
+
+    The ``from ... import`` costs ~60 µs a call; the forward is read at every step.
+    """
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - a torch without distributed
+        return ()
+    return FullyShardedDataParallel
+
+
 def _signature(function: Callable[..., Any] | None) -> tuple[frozenset[str], int | None, bool]:
     """``(names, positional, more)`` of ``function``'s parameters, ``self`` left out.
 
@@ -329,17 +342,46 @@ def _signature(function: Callable[..., Any] | None) -> tuple[frozenset[str], int
     takes (None: any number, ``*args``, or no signature to read); ``more``: it takes
     ``**kwargs``.
     """
+    return _parameters(function)[:3]
+
+
+def _parameters(
+    function: Callable[..., Any] | None,
+) -> tuple[frozenset[str], int | None, bool, tuple[str, ...]]:
+    """:func:`_signature` and the keyword-only parameters without a default.
+
+    Read once per function: the monitor reads the model's forward at every step.
+    """
     if function is None:
-        return frozenset(), None, False
+        return frozenset(), None, False, ()
+    # a bound forward is read through its function: one entry per class, not per instance
+    inner = getattr(function, "__func__", None)
     try:
-        parameters = [p for n, p in inspect.signature(function).parameters.items()
-                      if n != "self"]
+        return _read_parameters(inner, True) if inner is not None \
+            else _read_parameters(function, False)
+    except TypeError:  # unhashable: an object whose __eq__ has no __hash__
+        return _read_parameters.__wrapped__(function, False)
+
+
+@functools.lru_cache(maxsize=256)
+def _read_parameters(
+    function: Callable[..., Any], bound: bool,
+) -> tuple[frozenset[str], int | None, bool, tuple[str, ...]]:
+    """:func:`_parameters` of ``function``; ``bound``: its first parameter is the instance."""
+    try:
+        parameters = list(inspect.signature(function).parameters.values())
     except (TypeError, ValueError):  # a builtin without a signature
-        return frozenset(), None, False
+        return frozenset(), None, False, ()
+    if bound and parameters and parameters[0].kind in (
+            inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        parameters = parameters[1:]
+    parameters = [p for p in parameters if p.name != "self"]
     kind = inspect.Parameter
     names = frozenset(p.name for p in parameters
                       if p.kind in (kind.POSITIONAL_OR_KEYWORD, kind.KEYWORD_ONLY))
     varargs = any(p.kind == kind.VAR_POSITIONAL for p in parameters)
     positional = None if varargs else sum(
         p.kind in (kind.POSITIONAL_ONLY, kind.POSITIONAL_OR_KEYWORD) for p in parameters)
-    return names, positional, any(p.kind == kind.VAR_KEYWORD for p in parameters)
+    required = tuple(p.name for p in parameters
+                     if p.kind == kind.KEYWORD_ONLY and p.default is inspect.Parameter.empty)
+    return names, positional, any(p.kind == kind.VAR_KEYWORD for p in parameters), required

@@ -368,3 +368,49 @@ def test_a_dict_of_more_keys_than_named_goes_to_a_forward_taking_kwargs():
 
     keys = {"input_ids": torch.zeros(2, 3), "token_type_ids": torch.zeros(2, 3)}
     assert model_call(Kw(), keys) == ((), keys)
+
+
+class KeywordOnly(nn.Module):
+    """``forward(self, *, x)``: called as ``model(x=...)``; the same function as ``Joined``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = Joined()
+
+    def forward(self, *, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return self.inner(x) * scale
+
+
+@pytest.mark.parametrize("preset_name", ["default", "standard"])
+def test_a_keyword_only_forward_takes_a_tensor_batch_by_its_name(preset_name):
+    """A tensor batch goes to a forward of one required keyword-only parameter by name;
+    before, every forward-pass metric failed ("takes 1 positional argument")."""
+    batches = [(torch.cat(x, 1), y) for x, y in _batches()]
+
+    def train(model, call):
+        opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+        metrics = {} if preset_name == "default" else {
+            "metrics": preset(preset_name, **dict.fromkeys(PRESETS[preset_name], "every(2)")),
+            "probe": batches[0]}
+        with Monitor(model, F.cross_entropy, optimizer=opt, warn=False, strict=True,
+                     **metrics) as mon:
+            for step, (x, y) in enumerate(batches):
+                loss = F.cross_entropy(call(model, x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                mon.step(step, batch=(x, y), loss=loss)
+            run = mon.run()
+            return {(m, f): np.asarray(run.series(m, f)[1]) for m in run.metrics()
+                    for f in run.fields(m) if f != "peak_memory"}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        named = train(KeywordOnly(), lambda m, x: m(x=x))
+        reference = train(Joined(), lambda m, x: m(x))
+    assert named.keys() == reference.keys()
+    for key, values in reference.items():
+        if values.dtype.kind == "f":
+            np.testing.assert_allclose(named[key], values, rtol=1e-5, atol=1e-9,
+                                       equal_nan=True, err_msg=str(key))
+    assert np.isfinite(named[("sentinels", "r_secant")][1:]).all()
