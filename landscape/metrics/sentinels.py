@@ -175,6 +175,16 @@ def _target_loss(
     return losses.mean() if valid is None else losses[valid].mean()
 
 
+def _soft_target_loss(flat: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the logit rows ``flat`` against class probabilities ``targets``.
+
+    ``mean_i sum_c t_ic (lse_i - z_ic)``, ``F.cross_entropy``'s value for probability
+    targets, from the log-partition ``lse`` the sentinels compute anyway.
+    """
+    t = targets.reshape(flat.shape).to(flat)
+    return (lse * t.sum(-1) - (flat * t).sum(-1)).mean()
+
+
 def _labels_are_the_ids(args: tuple, kwargs: dict, labels: torch.Tensor) -> bool:
     """Whether ``labels`` are the call's ``input_ids`` themselves (language-model labels).
 
@@ -352,7 +362,9 @@ class Sentinels(Metric):
       ``attention_every=k`` it is measured on every k-th call only (NaN in between).
     * ``probe_loss``: the loss the model returns itself given ``labels`` (Hugging Face
       models: a language model's shifted next-token loss); otherwise the cross-entropy of
-      the subsample's integer targets when their shape matches the logits' (NaN when not).
+      the subsample's integer targets when their shape matches the logits', or of its
+      class probabilities (soft labels: mixup, distillation) of the logits' own shape (NaN
+      when neither).
     * ``update_ratio``, ``update_layer``: the largest ||Δθ_l|| / ||θ_l|| over the weight
       tensors (two or more dimensions) and the index of that tensor in
       ``config()["layers"]``.
@@ -560,6 +572,11 @@ class Sentinels(Metric):
             if where is not None:
                 names.append("probe_loss")
                 parts.append(_target_loss(rows, row_lse, *where))
+        elif isinstance(y, torch.Tensor) and y.shape == z.shape and y.is_floating_point():
+            # soft labels (mixup, label smoothing as distributions, distillation): their
+            # cross-entropy -sum_c t_c log softmax(z)_c, as F.cross_entropy reads them
+            names.append("probe_loss")
+            parts.append(_soft_target_loss(flat, lse, y))
         if attention is not None:
             names.append("attention_logit_max")
             parts.append(attention.to(flat.device))

@@ -162,6 +162,34 @@ def test_probe_loss_is_the_cross_entropy_of_the_targets_in_range(padding):
         assert list(got) == pytest.approx(want, rel=1e-12)
 
 
+@pytest.mark.parametrize("targets", ["mixup", "one_hot_bf16"])
+def test_probe_loss_is_the_cross_entropy_of_soft_labels(targets):
+    """Class probabilities of the logits' shape (mixup, distillation) give F.cross_entropy's
+    value for probability targets; they gave NaN, so taylor_forecast's 'the loss still
+    falls fast' never applied to such runs."""
+    model = models.mlp(d_in=6, hidden=16, d_out=3, seed=0)
+    x, labels = models.classification_data(8, seed=1)
+    one_hot = F.one_hot(labels, 3).double()
+    if targets == "mixup":
+        y = (0.7 * one_hot + 0.3 * one_hot.roll(1, 0)).float()
+    else:
+        y = one_hot.to(torch.bfloat16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    want = []
+    with ls.Monitor(model, F.cross_entropy, optimizer=opt, metrics=[Sentinels(subsample=8)],
+                    probe=(x, y), warn=False, strict=True) as mon:
+        for step in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y.float()).backward()
+            opt.step()
+            mon.step(step)
+            with torch.no_grad():
+                want.append(float(F.cross_entropy(model(x).double(), y.double())))
+        _, got = mon.run().series("sentinels", "probe_loss")
+    assert len(set(want)) == 3
+    assert list(got) == pytest.approx(want, rel=1e-12)
+
+
 def test_probe_loss_reads_uint8_targets_and_a_probe_edited_in_place():
     model = models.mlp(d_in=6, hidden=16, d_out=3, seed=0)
     x, y = models.classification_data(8, seed=1)
