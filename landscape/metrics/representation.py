@@ -216,8 +216,14 @@ class Collapse(_PenultimateMetric):
             feats, labels = self._next_token(ctx)
         else:
             feats = self.features(ctx)
-            labels = ctx.targets(self.data).reshape(-1)
-            if labels.shape[0] == feats.shape[0] and not labels.is_floating_point():
+            labels = ctx.targets(self.data)
+            if labels.is_floating_point():  # said before a shape check can blame the shape
+                raise MissingInput(
+                    f"collapse needs integer class labels; the {self.data}'s targets are "
+                    f"{labels.dtype} (regression targets, soft labels or probabilities): "
+                    "leave collapse out of the metrics, or give a probe of class indices")
+            labels = labels.reshape(-1)
+            if labels.shape[0] == feats.shape[0]:
                 keep = labels >= 0  # padding / ignore_index (-100), as the cross-entropy does
                 feats, labels = feats[keep.to(feats.device)], labels[keep]
         if labels.shape[0] != feats.shape[0]:

@@ -218,6 +218,25 @@ def test_collapse_says_when_the_probe_holds_one_class(tmp_path):
             mon.step(0, batch=(x, y))
 
 
+@pytest.mark.parametrize("targets", ["soft", "regression"])
+def test_collapse_says_it_needs_class_labels_for_float_targets(tmp_path, targets):
+    # mixup's soft labels were blamed on a shape ("targets do not match the penultimate
+    # features"), a regression head's on a tied embedding ("it is not the classifier")
+    torch.manual_seed(0)
+    x = torch.randn(16, 6)
+    if targets == "soft":
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        y = F.softmax(torch.randn(16, 3), -1)
+    else:
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+        y = torch.randn(16, 1)
+    with ls.Monitor(model, F.mse_loss, tmp_path / "run.h5", probe=(x, y),
+                    metrics=[ls.metrics.Collapse()], warn=False) as mon:
+        with pytest.warns(RuntimeWarning, match="collapse needs integer class labels; the "
+                                                "probe's targets are torch.float32"):
+            mon.step(0, batch=(x, y))
+
+
 @pytest.mark.parametrize("conv", [
     nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 4, padding="same"),
     nn.Conv2d(3, 4, 3, padding="same", dilation=2), nn.Conv2d(3, 4, 3, padding="valid"),
