@@ -141,3 +141,11 @@ def test_a_probe_the_model_cannot_take_is_named_in_the_failure():
             mon.step(0, batch=(x, y), loss=loss)
     (failed,) = [f for f in mon.findings if f.rule == "metric_failed"]
     assert "a probe must be a batch the model takes" in failed.hint
+
+
+def test_a_run_built_from_a_path_says_how_to_open_one(tmp_path):
+    # it failed at the first read: "'str' object has no attribute 'table_paths'"
+    with pytest.raises(TypeError, match=re.escape("landscape.Run.open('run.h5')")):
+        Run("run.h5")
+    with pytest.raises(TypeError, match=r"open a run file with landscape\.Run\.open"):
+        Run(tmp_path / "run.h5")

@@ -86,6 +86,9 @@ class Run:
     """
 
     def __init__(self, backend: Backend) -> None:
+        if isinstance(backend, (str, os.PathLike)):  # failed later, reading, without a word
+            raise TypeError(f"Run(...) takes a storage backend; open a run file with "
+                            f"landscape.Run.open({os.fspath(backend)!r})")
         self._backend = backend
         self._identity = _identity(backend)
 
