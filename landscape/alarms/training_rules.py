@@ -80,8 +80,9 @@ class LossSpike(Rule):
     is their mean, so one sample the model gets confidently wrong lifts it by up to about
     its own loss over n. With ``single_sample`` (default 3: a sample at ``p = 1e-3`` on its
     class among 10 has 3 times the untrained loss ln 10), a row whose rise above the median
-    is less than ``single_sample`` × the initial level / n (at most ``single_row`` × the
-    initial level), n read from the row's ``samples`` (``step(samples=...)``, else the
+    is less than ``single_sample`` × the initial level / n (above the initial level for a
+    batch of 1 or 2, where one sample's loss is most of the row), n read from the row's
+    ``samples`` (``step(samples=...)``, else the
     leading size of the batch passed to ``step``), is held to the run test below like a row
     inside the window's range, and two such rows in a row are info too: a batch of 8 near
     zero loss rises by 0.3-0.6 on two rows when one hard sample lands in each (0.75 is one
@@ -281,18 +282,13 @@ class SpikeState:
     def _one_sample(self, x: float, med: float) -> bool:
         """Whether one hard sample in the row's batch explains ``x``'s rise above ``med``.
 
-        Within ``single_sample`` times the initial level over the row's ``samples``, at most
-        ``single_row`` times the initial level (a batch of 1 or 2 does not excuse a rise
-        the one-row test warns about); False when the row has no batch size or the rule
-        no ``single_sample``.
+        Within ``single_sample`` times the initial level over the row's ``samples``; False
+        when the row has no batch size or the rule no ``single_sample``.
         """
         factor = self.rule.single_sample
         if factor is None or self.samples is None or self.initial is None:
             return False
-        reach = factor / self.samples
-        if self.rule.single_row is not None:
-            reach = min(reach, self.rule.single_row)
-        return x - med < reach * self.initial
+        return x - med < factor / self.samples * self.initial
 
     def _within_range(self, x: float, med: float) -> bool:
         """Whether ``x``'s rise above the median ``med`` is within the window's range.
