@@ -603,6 +603,9 @@ TORCH_NOTES = (
     "None of the inputs have requires_grad",
     # vmap of an op without a batching rule (a weight_norm parametrization's backward)
     "There is a performance drop because we have not yet implemented the batching rule",
+    # the first forward-mode JVP of a process loads torch's JVP decompositions, which
+    # torch.jit.script's (18 DeprecationWarnings under pytest or -W always)
+    "`torch.jit.script` is deprecated",
 )
 """The starts of torch's warnings about how a measurement calls the model, which
 :func:`torch_notes_hidden` leaves out: they concern no code of the user's."""

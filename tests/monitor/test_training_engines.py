@@ -404,3 +404,27 @@ def test_a_batchs_inputs_are_its_first_item_or_a_dicts_non_target_entries():
     out, _ = inputs_in({"pixel_values": x, "labels": y}, torch.bfloat16)
     assert out["pixel_values"].dtype == torch.bfloat16 and out["labels"] is y
     assert inputs_in((x.bfloat16(), y), torch.bfloat16)[1] == []
+
+
+JVP_FIRST = """
+import torch, torch.nn.functional as F, landscape as ls
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+with ls.Monitor(model, F.cross_entropy, optimizer=opt, metrics=["taylor_radius"],
+                warn=False, strict=True) as mon:
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad(); loss.backward(); opt.step()
+    mon.step(0, batch=(x, y), loss=loss)
+"""
+
+
+def test_the_first_jvp_of_a_process_shows_none_of_torchs_own_deprecations():
+    # the first forward-mode JVP loads torch's JVP decompositions, which call
+    # torch.jit.script: 18 DeprecationWarnings under pytest (the recipes audit)
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-W", "always", "-c", JVP_FIRST], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "torch.jit.script" not in done.stderr, done.stderr[-2000:]
