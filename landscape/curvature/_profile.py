@@ -291,6 +291,7 @@ def _microbatchable(op: Any) -> bool:
     try:
         check_microbatching(op.model, op.options.eval_mode, op.options.batch_statistics)
         rows = batch_rows(op)
+        rows = least_rows(op, rows) if rows is not None else None
         size = max(1, (rows or 1) // 8)
         if rows is not None and size < rows:
             check_losses_add_up(op, op._data.batches[0], size)
@@ -450,9 +451,10 @@ def profile_memory(op: Any, *, step_bytes: float | None = None) -> MemoryProfile
     In all about one and a half products. One product is taken to hold at least two
     parameter-sized vectors (the gradient and the result). The step is the fitted
     forward/backward peak at the whole batch plus Adam's two moments. Under
-    ``torch.distributed`` every rank takes the largest value over the ranks, so all ranks
-    plan alike. Other operators measure nothing (a product is counted as its result
-    alone).
+    ``torch.distributed`` every rank takes the largest value over the ranks, and which
+    measurements run follows the fewest samples any rank holds (:func:`least_rows`), so
+    all ranks measure and plan alike. Other operators measure nothing (a product is
+    counted as its result alone).
 
     Args:
         op: the operator.
@@ -469,6 +471,7 @@ def profile_memory(op: Any, *, step_bytes: float | None = None) -> MemoryProfile
         return MemoryProfile(step, float(op.dim * _element_size(op.dtype)), 0.0, rows,
                              None, vbytes)
     pbytes = model_op.dim * model_op.parameters[0].element_size()
+    own_rows, rows = rows, least_rows(model_op, rows)  # plans alike on every rank
     batch = model_op.microbatch_size or rows
     pi, ps, whole = _fit_product(model_op, batch)
     # a product holds at least the gradient and its result; a step, the gradient (the
@@ -476,7 +479,7 @@ def profile_memory(op: Any, *, step_bytes: float | None = None) -> MemoryProfile
     pi, whole = max(pi, 2.0 * pbytes), max(whole, 2.0 * pbytes)
     if step_bytes is None:  # an Adam step: forward/backward, and two moments
         gi, gs = _fit(model_op, "gradient", rows)
-        step_bytes = max(gi, float(pbytes)) + gs * rows + 2.0 * pbytes
+        step_bytes = max(gi, float(pbytes)) + gs * own_rows + 2.0 * pbytes
     step, pi, ps, whole = agree(model_op, (float(step_bytes), pi, ps, whole))
     margin = CPU_MARGIN if model_op.device.type == "cpu" else 1.0
     return MemoryProfile(step, pi, ps, rows, model_op.microbatch_size, vbytes,
@@ -561,6 +564,17 @@ def _first_order_product(op: Any, prof: MemoryProfile) -> float:
 
 def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def least_rows(op: Any, rows: int) -> int:
+    """The fewest samples any rank's batches hold, when the operator reduces over them.
+
+    The profile's choices that run collectives (a second measured point, the micro-batch
+    check) are taken from it, so every rank takes them: a rank holding one sample (a
+    1-sample shard of a probe, a short last batch) skipped a product and a check the others
+    ran, and the job hung in them.
+    """
+    return int(-agree(op, (-float(rows),))[0])
 
 
 def agree(op: Any, values: tuple[float, ...]) -> tuple[float, ...]:

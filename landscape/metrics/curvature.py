@@ -47,7 +47,8 @@ def memory_profile(ctx: StepContext, source: str) -> MemoryProfile:
     """The memory profile of the Hessian on ``source``, measured once and kept.
 
     Kept in the monitor's state under ``("memory_profile", source)`` and measured again
-    only when the batch's number of samples changes.
+    only when the batch's number of samples changes (the fewest over the ranks under
+    ``torch.distributed``: a measurement is collective, so every rank decides alike).
 
     Args:
         ctx: the step context.
@@ -56,12 +57,13 @@ def memory_profile(ctx: StepContext, source: str) -> MemoryProfile:
     Returns:
         The profile (:func:`landscape.curvature.memory.profile_memory`).
     """
-    from landscape.curvature.memory import batch_rows, profile_memory
+    from landscape.curvature.memory import batch_rows, least_rows, profile_memory
 
     op = ctx.operator(source)
     key = ("memory_profile", source)
     kept = ctx.state.get(key)
-    if kept is None or kept.rows != batch_rows(op):
+    rows = batch_rows(op)
+    if kept is None or kept.rows != (least_rows(op, rows) if rows is not None else None):
         kept = profile_memory(op)
         ctx.state[key] = kept
     return kept

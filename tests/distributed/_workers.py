@@ -621,3 +621,55 @@ def probe_note_worker(rank: int, out_dir: str) -> None:
     finally:
         logging.getLogger("landscape").removeHandler(handler)
     _save(out_dir, rank, {"notes": [n for n in notes if "fixed probe" in n]})
+
+
+ONE_SAMPLE_SHARDS = (8, 1)  # rank 0's and rank 1's samples of the probe
+
+
+def one_sample_probe_run(net: torch.nn.Module, probe_rows: slice, path: str | None) -> dict:
+    """Three SGD steps on the whole data set, sharpness every step (default memory budget)
+    on the probe's samples ``probe_rows``; under DDP every rank trains on the same batch."""
+    x, y = dataset()
+    px, py = dataset(sum(ONE_SAMPLE_SHARDS), seed=5)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    with Monitor(net, F.cross_entropy, path, optimizer=opt, warn=False, strict=True,
+                 metrics=[Sharpness(tol=1e-8, schedule=1)],
+                 probe=(px[probe_rows], py[probe_rows])) as mon:
+        for step in range(3):
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(step, batch=(x, y), loss=loss)
+        _, lam = mon.run().series("sharpness", "lambda_max")
+    return {"lambda_max": torch.as_tensor(lam)}
+
+
+def one_sample_shard_worker(rank: int, out_dir: str) -> None:
+    """A probe cut into shards of 8 and 1 samples: the memory profile's choices (a second
+    measured point, the micro-batch check) followed each rank's own sample count, so the
+    rank of one sample skipped collectives the other ran, and the job hung."""
+    lo = sum(ONE_SAMPLE_SHARDS[:rank])
+    shard = slice(lo, lo + ONE_SAMPLE_SHARDS[rank])
+    _save(out_dir, rank, one_sample_probe_run(DDP(model()), shard,
+                                             os.path.join(out_dir, "ddp.h5")))
+
+
+def short_last_batch_worker(rank: int, out_dir: str) -> None:
+    """Sharpness on the training batches; at the last step rank 1's batch holds 1 sample,
+    rank 0's its usual 16: the rank whose count changed measured its memory profile again
+    alone (and within it took other branches), and the job hung."""
+    x, y = dataset()
+    net = DDP(model())
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    with Monitor(net, F.cross_entropy, None, optimizer=opt, warn=False, strict=True,
+                 metrics=[Sharpness(tol=1e-8, schedule=1, data="batch")]) as mon:
+        for step in range(3):
+            rows = slice(0, 1) if step == 2 and rank == 1 else slice(0, N)
+            loss = F.cross_entropy(net(x[rows]), y[rows])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(step, batch=(x[rows], y[rows]), loss=loss)
+        _, lam = mon.run().series("sharpness", "lambda_max")
+    _save(out_dir, rank, {"lambda_max": torch.as_tensor(lam)})

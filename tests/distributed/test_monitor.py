@@ -95,3 +95,22 @@ def test_the_default_probes_note_is_logged_by_rank_zero_alone(tmp_path):
     run_ranks(W.probe_note_worker, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert len(r0["notes"]) == 1 and r1["notes"] == []
+
+
+def test_a_rank_holding_one_probe_sample_measures_with_the_others(tmp_path):
+    """Probe shards of 8 and 1 samples under the default memory budget: the job hung (the
+    memory profile's branches followed each rank's own sample count); the sharpness is the
+    single process's on the 9 samples together."""
+    run_ranks(W.one_sample_shard_worker, tmp_path)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    single = W.one_sample_probe_run(W.model(), slice(0, sum(W.ONE_SAMPLE_SHARDS)), None)
+    assert torch.isfinite(single["lambda_max"]).all()
+    for got in (r0["lambda_max"], r1["lambda_max"]):
+        torch.testing.assert_close(got, single["lambda_max"], rtol=1e-7, atol=0)
+
+
+def test_a_rank_whose_batch_shrinks_alone_measures_with_the_others(tmp_path):
+    run_ranks(W.short_last_batch_worker, tmp_path)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert torch.isfinite(r0["lambda_max"]).all() and len(r0["lambda_max"]) == 3
+    torch.testing.assert_close(r0["lambda_max"], r1["lambda_max"], rtol=0, atol=0)
