@@ -7,6 +7,7 @@ jsonargparse (``LightningCLI``) would ask for all of them.
 
 from typing import Any, Callable, Sequence
 
+import torch
 from typing_extensions import NotRequired, TypedDict
 
 __all__ = ["MONITOR_OPTIONS", "MonitorOptions"]
@@ -35,6 +36,7 @@ class MonitorOptions(TypedDict):
     batch_size: NotRequired[Callable[[Any], int | None] | None]
     probe_size: NotRequired[int | None]
     adaptive: NotRequired[bool]
+    output_fn: NotRequired[Callable[[Any], torch.Tensor] | None]
 
 
 MONITOR_OPTIONS = frozenset(MonitorOptions.__annotations__)
