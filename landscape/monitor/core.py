@@ -294,7 +294,8 @@ class Monitor:
         #: that gathers the loss itself says where it looked)
         self.no_loss_reason = "the loss metric needs step(..., loss=loss)"
         self.on_finding = on_finding
-        self.mirrors = list(mirrors or ()) if _dist.rank() == 0 else []  # rank 0 mirrors
+        self._given_mirrors = list(mirrors or ())
+        self.mirrors = self._given_mirrors if _dist.rank() == 0 else []  # rank 0 mirrors
         self._broken_mirrors: set[int] = set()
         self._interrupts: InterruptGuard | None = None
         self._mirrors_closed = False
@@ -304,6 +305,7 @@ class Monitor:
         self.taylor_guard = taylor_guard
         self.microbatch_size = None if microbatch_size is None else int(microbatch_size)
         self.batch_size = batch_size
+        self._given_path, self._distributed_option = path, distributed
         self.path = path if _dist.rank() == 0 else None  # only rank 0 writes a file
         self._distributed = _dist.enabled(distributed)
         self._writer_args = {"mode": mode, "truncate_from": truncate_from,
@@ -330,6 +332,18 @@ class Monitor:
 
     # ------------------------------------------------------------------ lifecycle
 
+    def _join_process_group(self) -> None:
+        """Read the ranks again when the monitor starts.
+
+        A monitor built before ``init_process_group`` (in setup code) took every process
+        for rank 0 of one: every rank opened the run file, and nothing was broadcast.
+        """
+        if _dist.rank() != 0:
+            self.path, self.mirrors = None, []
+        else:
+            self.path, self.mirrors = self._given_path, self._given_mirrors
+        self._distributed = _dist.enabled(self._distributed_option)
+
     def start(self) -> Monitor:
         """Open the run file, declare every metric, attach the optimizer step hooks.
 
@@ -338,6 +352,7 @@ class Monitor:
         """
         if self.writer is not None:
             return self
+        self._join_process_group()
         # FSDP2: a forward before the start (an evaluation) leaves the root's parameters
         # unsharded; the optimizer holds the sharded ones, which the monitor must see too
         _dist.reshard(self.model)

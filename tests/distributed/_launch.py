@@ -27,10 +27,18 @@ def free_port() -> int:
 
 
 def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, out_dir: str,
-           args: tuple[Any, ...]) -> None:
+           args: tuple[Any, ...], init: bool) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
+    os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world_size)
     torch.set_num_threads(1)
+    if not init:  # fn starts the group itself (env://)
+        try:
+            fn(rank, out_dir, *args)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        return
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         fn(rank, out_dir, *args)
@@ -39,10 +47,15 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, out_di
 
 
 def run_ranks(fn: Callable[..., Any], out_dir: str, *args: Any, world_size: int = 2,
-              timeout: float = 120.0) -> None:
-    """Run ``fn(rank, out_dir, *args)`` on ``world_size`` gloo ranks; raise on any failure."""
+              timeout: float = 120.0, init: bool = True) -> None:
+    """Run ``fn(rank, out_dir, *args)`` on ``world_size`` gloo ranks; raise on any failure.
+
+    ``init=False``: ``fn`` calls ``init_process_group("gloo")`` itself (the environment
+    holds ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK`` and ``WORLD_SIZE``, as torchrun sets).
+    """
     ctx = mp.start_processes(
-        _entry, args=(fn, world_size, free_port(), str(out_dir), args), nprocs=world_size,
+        _entry, args=(fn, world_size, free_port(), str(out_dir), args, init),
+        nprocs=world_size,
         join=False, start_method="fork" if "fork" in mp.get_all_start_methods() else "spawn",
     )
     deadline = time.monotonic() + timeout

@@ -673,3 +673,26 @@ def short_last_batch_worker(rank: int, out_dir: str) -> None:
             mon.step(step, batch=(x[rows], y[rows]), loss=loss)
         _, lam = mon.run().series("sharpness", "lambda_max")
     _save(out_dir, rank, {"lambda_max": torch.as_tensor(lam)})
+
+
+def built_before_init_worker(rank: int, out_dir: str) -> None:
+    """The monitor is built in setup code, before ``init_process_group`` (env://, as under
+    torchrun), and started after it: every rank opened the run file."""
+    x, y = dataset()
+    net = model()
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    path = os.path.join(out_dir, "run.h5")
+    mon = Monitor(net, F.cross_entropy, path, optimizer=opt, warn=False, strict=True,
+                  metrics=[Loss(), Sharpness(tol=1e-8, schedule=1)], probe=probe())
+    dist.init_process_group("gloo")
+    ddp = DDP(net)
+    with mon:
+        for step in range(3):
+            loss = F.cross_entropy(ddp(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(step, batch=(x, y), loss=loss)
+        _, lam = mon.run().series("sharpness", "lambda_max")
+    _save(out_dir, rank, {"path": mon.path, "distributed": mon._distributed,
+                          "lambda_max": torch.as_tensor(lam)})

@@ -114,3 +114,13 @@ def test_a_rank_whose_batch_shrinks_alone_measures_with_the_others(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert torch.isfinite(r0["lambda_max"]).all() and len(r0["lambda_max"]) == 3
     torch.testing.assert_close(r0["lambda_max"], r1["lambda_max"], rtol=0, atol=0)
+
+
+def test_a_monitor_built_before_the_process_group_writes_on_rank_zero_alone(tmp_path):
+    run_ranks(W.built_before_init_worker, tmp_path, init=False)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["path"] == str(tmp_path / "run.h5") and r1["path"] is None
+    assert r0["distributed"] and r1["distributed"]
+    torch.testing.assert_close(r0["lambda_max"], r1["lambda_max"], rtol=0, atol=0)
+    with Run.open(tmp_path / "run.h5") as run:
+        assert list(run.steps("loss")) == [0, 1, 2]
