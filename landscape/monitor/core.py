@@ -402,6 +402,7 @@ class Monitor:
             resuming = last is not None
             if resuming:  # the next step must come after every recorded one
                 self._clock.resume_after(last)
+                self._say_resume_gap(last)
             self._alarms = self._make_alarms()
             if self._alarms is not None:
                 for m in self.metrics:
@@ -423,6 +424,32 @@ class Monitor:
         # Ctrl-C / SIGTERM: flush the file first, never in the middle of a step's rows
         self._interrupts = InterruptGuard(self.flush, self.close).install()
         return self
+
+    def _say_resume_gap(self, last: int) -> None:
+        """Warn once when a resume from a checkpoint leaves steps without rows.
+
+        ``truncate_from`` names the checkpoint's step; rows the killed process had not
+        flushed before it are lost, which the steps of a metric recorded at every call
+        show: the gap from the run's last row to the resumed step is wider than that
+        metric's spacing.
+        """
+        resume = self._writer_args["truncate_from"]
+        if resume is None or self.writer is None or self.writer.path is None:
+            return
+        run = self.writer.run()
+        spacing = None
+        for m in self.metrics:
+            steps = run.steps(m.name) if m.name in run.metrics() else ()
+            if len(steps) >= 2:
+                gap = int(steps[-1] - steps[-2])
+                spacing = gap if spacing is None else min(spacing, gap)
+        if spacing is not None and int(resume) - last > spacing:
+            warnings.warn(
+                f"landscape: {self.writer.path}: resuming at step {int(resume)} "
+                f"(truncate_from), but its rows end at step {last}: steps {last + 1} to "
+                f"{int(resume) - 1} were never written (the process stopped before it "
+                "flushed them); call mon.flush() where the loop saves a checkpoint",
+                RuntimeWarning, stacklevel=user_stacklevel())
 
     def flush(self) -> None:
         """Write the buffered rows to the run file now (nothing to do unless it is open).

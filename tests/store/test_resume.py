@@ -157,3 +157,41 @@ for i in range(7):
     subprocess.run([sys.executable, "-c", script], check=False, timeout=120, capture_output=True)
     with Run.open(path) as run:
         assert list(run.steps("a")) == list(range(7))
+
+
+def _monitored(path, steps, **options):
+    import torch
+    import torch.nn.functional as F
+
+    import landscape as ls
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with ls.Monitor(model, F.cross_entropy, path, optimizer=opt, warn=False,
+                    metrics=["loss", "grad_norm"], **options) as mon:
+        for step in steps:
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(step, batch=(x, y), loss=loss)
+
+
+def test_a_resume_past_the_last_row_says_which_steps_were_never_written(tmp_path, recwarn):
+    """A process killed between flushes loses its last rows; resuming from its checkpoint
+    (truncate_from) then left a gap in every series without a word (distributed audit)."""
+    path = tmp_path / "run.h5"
+    _monitored(path, range(14))  # rows 0-13 reached the file; 14-19 died with the process
+    with pytest.warns(RuntimeWarning, match="resuming at step 20 .*rows end at step 13: "
+                                            "steps 14 to 19 were never written"):
+        _monitored(path, range(20, 22), truncate_from=20)
+    with Run.open(path) as run:
+        assert list(run.steps("loss")) == [*range(14), 20, 21]
+    # no gap: nothing to say; nor for a loop that calls the monitor every 5 steps
+    recwarn.clear()
+    _monitored(path, range(22, 24), truncate_from=22)
+    _monitored(tmp_path / "sparse.h5", range(0, 15, 5))
+    _monitored(tmp_path / "sparse.h5", range(15, 25, 5), truncate_from=15)
+    assert not [w for w in recwarn if "never written" in str(w.message)]
