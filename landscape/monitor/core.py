@@ -950,11 +950,14 @@ class Monitor:
         self.findings.append(finding)
         assert self.writer is not None
         self.writer.add_finding(finding)
-        if self.warn and at_or_above([finding], "warning"):
+        # rank 0's findings, which every rank emits: said once, by rank 0 (torchrun would
+        # print one copy per rank); each rank still returns them and calls on_finding
+        say = self.warn and (not self._distributed or _dist.rank() == 0)
+        if say and at_or_above([finding], "warning"):
             with above_bars():  # a training loop's progress bar would swallow the line
                 warnings.warn(InstabilityWarning(finding.describe()),
                               stacklevel=user_stacklevel())
-        elif self.warn:  # info: something moved that healthy training also moves
+        elif say:  # info: something moved that healthy training also moves
             _log.info("landscape: %s", finding.describe())
         self._mirror("on_finding", finding)
         if self.on_finding is not None:

@@ -696,3 +696,27 @@ def built_before_init_worker(rank: int, out_dir: str) -> None:
         _, lam = mon.run().series("sharpness", "lambda_max")
     _save(out_dir, rank, {"path": mon.path, "distributed": mon._distributed,
                           "lambda_max": torch.as_tensor(lam)})
+
+
+def warned_once_worker(rank: int, out_dir: str) -> None:
+    """Rank 0's finding, broadcast to every rank: each returns it, rank 0 alone warns."""
+    import warnings
+
+    from landscape import InstabilityWarning
+
+    x, y = dataset()
+    net = DDP(model())
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with Monitor(net, F.cross_entropy, None, optimizer=opt, metrics=[GradNorm()],
+                     alarms=[RankZeroOnly()]) as mon:
+            returned = []
+            for step in range(STOP_AT + 1):
+                loss = F.cross_entropy(net(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                returned += [(f.step, f.rule) for f in mon.step(step, batch=(x, y), loss=loss)]
+    said = [str(w.message) for w in seen if issubclass(w.category, InstabilityWarning)]
+    _save(out_dir, rank, {"returned": returned, "said": said})

@@ -124,3 +124,12 @@ def test_a_monitor_built_before_the_process_group_writes_on_rank_zero_alone(tmp_
     torch.testing.assert_close(r0["lambda_max"], r1["lambda_max"], rtol=0, atol=0)
     with Run.open(tmp_path / "run.h5") as run:
         assert list(run.steps("loss")) == [0, 1, 2]
+
+
+def test_rank_zeros_findings_are_returned_everywhere_and_said_once(tmp_path):
+    # every rank warned: N copies of each warning under torchrun (distributed audit)
+    run_ranks(W.warned_once_worker, tmp_path)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["returned"] == r1["returned"] == [(W.STOP_AT, "rank_zero_only")]
+    assert len(r0["said"]) == 1 and "stop now" in r0["said"][0]
+    assert r1["said"] == []
