@@ -285,6 +285,8 @@ def check_loss(net: nn.Module, loss_fn: Callable | None, batches: Sequence[Any],
                     outputs = net(*args, **kwargs)
                     if loss_fn is F.cross_entropy:
                         refuse_constant_cross_entropy(outputs, targets)
+                    if loss_fn is F.mse_loss:
+                        refuse_broadcast(outputs, targets, ckpt)
                     value = loss_fn(outputs, targets)  # type: ignore[misc]
         except LandscapeError:
             raise
@@ -311,6 +313,22 @@ def check_loss(net: nn.Module, loss_fn: Callable | None, batches: Sequence[Any],
                 )
             return float(value)
     return float(value)
+
+
+def refuse_broadcast(outputs: Any, targets: Any, ckpt: Checkpoint) -> None:
+    """Refuse the mean squared error of outputs and targets of different shapes.
+
+    ``F.mse_loss`` broadcasts them (with a warning): ``(N, 1)`` outputs of ``(N,)``
+    targets give the mean over an ``(N, N)`` grid of differences, another loss, whose
+    curvature and surface the command would record without a word.
+    """
+    if isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor) \
+            and outputs.shape != targets.shape:
+        raise LandscapeError(
+            f"{ckpt.path}: the mean squared error (--loss mse) of outputs of shape "
+            f"{tuple(outputs.shape)} and targets of shape {tuple(targets.shape)} would "
+            "broadcast them into another loss; give targets of the outputs' shape from "
+            "the data factory (e.g. y[:, None] for one output per sample)")
 
 
 def refuse_constant_cross_entropy(outputs: Any, targets: Any) -> None:

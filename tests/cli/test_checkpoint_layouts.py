@@ -31,7 +31,8 @@ def fac(tmp_path):
                     "    return x, x.sum(1, keepdim=True)\n\n"
                     "def reg_model():\n    torch.manual_seed(0)\n"
                     "    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1))\n\n"
-                    "def wide_reg_data():\n    x, _ = data()\n    return x, x[:, :3] * 2.0\n")
+                    "def wide_reg_data():\n    x, _ = data()\n    return x, x[:, :3] * 2.0\n\n"
+                    "def flat_reg_data():\n    x, _ = data()\n    return x, x.sum(1)\n")
     ns: dict = {}
     exec(path.read_text(), ns)
     return path, ns
@@ -349,6 +350,21 @@ def test_cross_entropy_that_cannot_measure_anything_is_refused(fac, tmp_path, da
     ok = CliRunner().invoke(cli, ["analyze", str(tmp_path / "m.pt"), "-m", "top_eigenvalues",
                                   *args, "--loss", "mse", "-o", str(tmp_path / "mse.h5")])
     assert ok.exit_code == 0, ok.output
+
+
+def test_mse_of_outputs_and_targets_of_other_shapes_is_refused(fac, tmp_path):
+    """(N, 1) outputs of (N,) targets: mse_loss broadcast them to (N, N) with a warning, and
+    analyze and surface recorded that other loss's curvature and surface (CLI audit)."""
+    fac_path, ns = fac
+    torch.save(ns["reg_model"]().state_dict(), tmp_path / "m.pt")
+    args = ["--model", f"{fac_path}:reg_model", "--data", f"{fac_path}:flat_reg_data",
+            "--loss", "mse", "-q"]
+    for command in (["analyze", "-m", "top_eigenvalues"], ["surface", "--steps", "3"]):
+        result = CliRunner().invoke(cli, [command[0], str(tmp_path / "m.pt"), *command[1:],
+                                          *args, "-o", str(tmp_path / f"{command[0]}.h5")])
+        lines = [ln for ln in result.output.splitlines() if ln.strip()]
+        assert result.exit_code == 1 and len(lines) == 1, result.output
+        assert "outputs of shape (48, 1) and targets of shape (48,)" in lines[0], lines[0]
 
 
 def test_a_prefix_the_models_own_keys_share_is_removed_too():
