@@ -15,6 +15,7 @@ given.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import math
 import re
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from landscape._errors import LandscapeError
-from landscape.batches import model_call
+from landscape.batches import map_tensors, model_call
 from landscape.checkpoints.lightning import is_last_copy
 from landscape.failures import nonfinite_state
 from landscape.loading import (
@@ -488,6 +489,47 @@ def _refuse_renumbered(loaded: list[tuple[int, Checkpoint]], path: str | Path | 
                 "command line --overwrite) or write to another one")
 
 
+def data_fingerprint(batches: Sequence[Any], loss: Any) -> str:
+    """What an analysis measures on: the loss function's name and the batches' tensors.
+
+    The tensors by shape, dtype and a hash of their first megabyte each. Stored in the
+    run's config (``analysis.data``), so an append with other data or another loss is
+    refused (:func:`_refuse_other_data`) instead of joining two series.
+    """
+    digest = hashlib.sha256()
+    parts = []
+    for batch in batches:
+        found: list[torch.Tensor] = []
+        map_tensors(batch, found.append)
+        for t in found:
+            parts.append(f"{tuple(t.shape)}:{str(t.dtype).removeprefix('torch.')}")
+            head = t.detach().reshape(-1)[: 2**20 // max(t.element_size(), 1)]
+            digest.update(head.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    name = getattr(loss, "__qualname__", None) or type(loss).__qualname__
+    shown = ", ".join(parts[:4]) + (f" (+{len(parts) - 4} tensors)" if len(parts) > 4 else "")
+    return f"{name} on {len(batches)} batch(es) [{shown}] #{digest.hexdigest()[:12]}"
+
+
+def _refuse_other_data(path: str | Path | None, mode: str, data_print: str) -> None:
+    """Refuse to append an analysis of other data, or another loss, to ``path``.
+
+    Raises:
+        LandscapeError: naming what the file holds and what this call measures on.
+    """
+    if path is None or mode != "a" or not Path(path).is_file():
+        return
+    from landscape.store import Run
+
+    with Run.open(path) as run:
+        held = (run.config.get("analysis") or {}).get("data")
+    if held is not None and held != data_print:  # older files hold none: not compared
+        raise LandscapeError(
+            f"{path}: it holds an analysis of other data or another loss ({held}); this "
+            f"one measures {data_print}; write to another file, or overwrite it (mode='w'; "
+            "on the command line --overwrite). A data factory must give the same batches "
+            "each time (no shuffling, a fixed seed)")
+
+
 def _partial_step(path: str | Path | None, mode: str) -> int | None:
     """The first step of an analysis interrupted midway: rows without a ``/checkpoints`` entry.
 
@@ -730,6 +772,8 @@ def analyze(
     partial = _partial_step(path, mode)
     recorded = _recorded_steps(path, mode, names, partial)
     _refuse_renumbered(loaded, path, mode)
+    data_print = data_fingerprint(batches, closure if closure is not None else loss_fn)
+    _refuse_other_data(path, mode, data_print)
     todo = _to_compute(loaded, recorded, names, path)
     # rows at or before this step were in the file before: never dropped on a failure
     kept_until = max((max(v) for v in recorded.values() if v), default=None)
@@ -747,7 +791,8 @@ def analyze(
                       probe=batches if len(batches) > 1 else batches[0],
                       mode=mode, truncate_from=partial, microbatch_size=microbatch_size,
                       adaptive=False, on_disk_full="raise",  # a full disk ends the command
-                      config={"analysis": {"checkpoints": [str(c.path) for _, c in loaded]}})
+                      config={"analysis": {"checkpoints": [str(c.path) for _, c in loaded],
+                                           "data": data_print}})
     bars = _Progress(len(todo), len(chosen), progress)
     for m in chosen:
         bars.instrument(m)

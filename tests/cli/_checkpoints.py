@@ -20,6 +20,10 @@ FACTORIES = textwrap.dedent(
         g = torch.Generator().manual_seed(1)
         return torch.randn(48, 4, generator=g), torch.randint(0, 3, (48,), generator=g)
 
+    def other_data():
+        g = torch.Generator().manual_seed(2)
+        return torch.randn(48, 4, generator=g), torch.randint(0, 3, (48,), generator=g)
+
     def loader():
         x, y = data()
         return [(x[:24], y[:24]), (x[24:], y[24:])]

@@ -58,6 +58,28 @@ def test_analyze_writes_one_row_per_checkpoint_in_step_order(setup, tmp_path):
     assert not set(run.metrics()) & {"hessian_trace", "spectral_density"}
 
 
+def test_appending_an_analysis_of_other_data_or_loss_is_refused(setup, tmp_path):
+    """An append with another --data (or --loss) joined two series in one run, exit 0, the
+    stored config naming the first call's alone (CLI audit)."""
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    out = tmp_path / "run.h5"
+
+    def analyze(path, data, *extra):
+        return _invoke(["analyze", str(path), "--model", f"{fac}:model", "--data",
+                        f"{fac}:{data}", "-m", "top_eigenvalues", "-k", "1", *extra, "-o",
+                        str(out), "-q"])
+
+    assert analyze(paths[0], "data").exit_code == 0
+    for data, extra in (("other_data", ()), ("data", ("--loss", "nll"))):
+        result = analyze(paths[1], data, *extra)
+        lines = [ln for ln in result.output.splitlines() if ln.strip()]
+        assert result.exit_code == 1 and len(lines) == 1, result.output
+        assert "holds an analysis of other data or another loss" in lines[0]
+    assert analyze(paths[1], "data").exit_code == 0  # the same data: appended
+    assert list(ls.Run.open(out).steps("top_eigenvalues")) == [10, 20]
+
+
 def test_analyze_accepts_a_loader_and_file_name_steps(setup, tmp_path):
     root, paths, _ = setup
     plain = tmp_path / "w-7.pt"
