@@ -18,6 +18,7 @@ import contextlib
 import importlib
 import importlib.util
 import itertools
+import numbers
 import os
 import re
 import sys
@@ -366,17 +367,41 @@ STEP_WORDS = "checkpoint|ckpt|step|global_step|iter|iteration"
 """The words before a step number in a checkpoint folder's name (``checkpoint-40``)."""
 
 _STEP_FOLDER = re.compile(rf"(?:{STEP_WORDS}|epoch)[-_=]?(\d+)", re.IGNORECASE)
+_STEP_IN_NAME = re.compile(rf"(?<![a-z])(?:{STEP_WORDS})[-_=]?(\d+)", re.IGNORECASE)
+
+
+def _whole_number(value: Any) -> int | None:
+    """``value`` as an int when it is a whole number, else None (a bool included).
+
+    A Python or numpy integer, or a one-element integer tensor (``{"step":
+    torch.tensor(500)}``).
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_floating_point() \
+                or value.is_complex():
+            return None
+        return int(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    return int(value)
 
 
 def step_from_name(path: str | Path) -> int | None:
     """The step a checkpoint's path names, or None.
 
-    The last integer in the file name (``ckpt-step=1200.pt`` -> 1200); when the file name
-    has none, the step of a checkpoint folder (``checkpoint-40/model.safetensors`` -> 40,
-    the layout of Hugging Face's ``Trainer``; also ``ckpt-N``, ``step-N``, ``epoch=N``, and
-    a folder named by its number alone, ``1500/model.pt``).
+    The number after a step word in the file name (``step``, ``global_step``, ``iter``,
+    ``iteration``, ``ckpt``, ``checkpoint``, then ``-``, ``_``, ``=`` or nothing; the last
+    such: ``epoch=3-step=400-val_loss=0.52.pt`` -> 400, ``model_step10_loss1.001.pt`` ->
+    10, ``ckpt-000500-acc93.pt`` -> 500); without one, the last integer in the file name
+    (``model_1200.pt`` -> 1200); when the file name has none, the step of a checkpoint
+    folder (``checkpoint-40/model.safetensors`` -> 40, the layout of Hugging Face's
+    ``Trainer``; also ``ckpt-N``, ``step-N``, ``epoch=N``, and a folder named by its
+    number alone, ``1500/model.pt``).
     """
     path = Path(path)
+    named = _STEP_IN_NAME.findall(path.stem)
+    if named:  # a metric's value or a date beside it is no step
+        return int(named[-1])
     numbers = re.findall(r"\d+", path.stem)
     if numbers:
         return int(numbers[-1])
@@ -458,11 +483,12 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:
     step = epoch = optimizer = None
     if isinstance(obj, Mapping) and not _looks_like_state_dict(obj):
         for key in STEP_KEYS:
-            if isinstance(obj.get(key), int) and not isinstance(obj.get(key), bool):
+            value = _whole_number(obj.get(key))
+            if value is not None:
                 if key == "epoch":
-                    epoch = int(obj[key])
+                    epoch = value
                 else:
-                    step = int(obj[key])
+                    step = value
                     break
         for key in OPTIMIZER_KEYS:
             optimizer = optimizer_settings(obj.get(key))

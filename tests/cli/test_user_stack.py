@@ -120,6 +120,29 @@ def test_step_from_name_reads_checkpoint_folders_only():
     assert step_from_name("results2/model.pt") is None  # not a checkpoint folder
 
 
+
+@pytest.mark.parametrize("name, step", [
+    # a metric's value, a date or a version after the step was read as the step (CLI audit)
+    ("epoch=3-step=400-val_loss=0.52.pt", 400), ("model_step10_loss1.001.pt", 10),
+    ("ckpt-000500-acc93.pt", 500), ("step100_2024-05-01.pt", 100), ("ckpt_1000_v2.pt", 1000),
+    ("global_step=55.pt", 55), ("iteration_30.pt", 30),
+    ("model_1200.pt", 1200), ("timestep7_3.pt", 3),  # no step word: the last number
+])
+def test_the_step_of_a_file_name_is_the_number_after_its_step_word(name, step):
+    from landscape.loading import step_from_name
+
+    assert step_from_name(name) == step
+
+
+def test_a_step_entry_held_in_a_tensor_gives_the_step(tmp_path):
+    # {"step": torch.tensor(12)} was passed over for the file name's 0
+    from landscape.loading import load_checkpoint
+
+    torch.save({"model": torch.nn.Linear(2, 2).state_dict(), "step": torch.tensor(12)},
+               tmp_path / "last_0.pt")
+    assert load_checkpoint(tmp_path / "last_0.pt").step == 12
+
+
 # ---------------------------------------------------------------- 9: no empty file left
 
 
