@@ -729,6 +729,14 @@ def prepare(
             f"the model factory returned a {type(net).__name__}, not a torch.nn.Module "
             "(does --model name the data factory?)"
         )
+    if device is not None and str(device).partition(":")[0] == "meta":
+        raise LandscapeError("device 'meta': tensors there hold no values to evaluate; "
+                             "choose cpu or an accelerator")
+    if any(p.is_meta for p in net.parameters()):
+        raise LandscapeError(
+            "the model factory built its parameters on the meta device (torch.device('meta'))"
+            ", which hold no values to load a checkpoint into; build the model on the CPU in "
+            "the factory")
     if device is not None:
         try:
             net = net.to(device)
@@ -744,4 +752,31 @@ def prepare(
     if empty:  # its loss is a mean over nothing: NaN, which read as a diverged model
         raise LandscapeError(f"the data factory produced an empty batch (0 samples; batch "
                              f"{empty[0]} of {len(batches)})")
+    _materialize_lazy(net, batches[0])
     return net, batches
+
+
+def _materialize_lazy(net: nn.Module, batch: Any) -> None:
+    """Give lazy modules (``nn.LazyLinear``, ...) their shapes: one forward on ``batch``.
+
+    As a training script does before it trains; the values they draw are replaced by the
+    checkpoint's. Without it every count of the parameters failed ("Attempted to use an
+    uninitialized parameter").
+    """
+    from torch.nn.parameter import UninitializedParameter
+
+    if not any(isinstance(p, UninitializedParameter) for p in net.parameters()):
+        return
+    from landscape.batches import model_call
+    from landscape.isolation import isolated
+    from landscape.metrics.context import split_batch
+
+    try:
+        inputs = split_batch(batch)[0] if not isinstance(batch, Mapping) else batch
+        args, kwargs = model_call(net, inputs)
+        with isolated(net), torch.no_grad():
+            net(*args, **kwargs)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LandscapeError(f"the model has lazy modules, and a forward pass on the first "
+                             f"batch to give them their shapes failed: {first}") from None

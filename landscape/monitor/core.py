@@ -100,6 +100,13 @@ _PLURALS = ((": this metric evaluates ", ": these metrics evaluate "),
 """The reasons' own words for one metric, as several share them (:func:`_warn_failures`)."""
 
 
+def _uninitialized(model: nn.Module) -> bool:
+    """Whether ``model`` holds lazy parameters that have no shape yet (``nn.LazyLinear``)."""
+    from torch.nn.parameter import UninitializedParameter
+
+    return any(isinstance(p, UninitializedParameter) for p in model.parameters())
+
+
 def _warn_failures(failures: list[Finding]) -> None:
     """Warn the step's ``metric_failed`` findings, one line for those of one reason.
 
@@ -351,6 +358,10 @@ class Monitor:
             The monitor (a second call does nothing).
         """
         if self.writer is not None:
+            return self
+        if _uninitialized(self.model):  # lazy modules take their shapes in the first forward
+            _log.info("landscape: the model has lazy modules without their shapes yet; the "
+                      "monitor starts at its first step")
             return self
         self._join_process_group()
         # FSDP2: a forward before the start (an evaluation) leaves the root's parameters
@@ -706,8 +717,10 @@ class Monitor:
         started_here = self.writer is None
         if started_here:
             self.start()  # installs the interrupt guard, so the first step is covered too
+            if self.writer is None:
+                raise ValueError("the model's lazy modules have no shapes yet at this step: "
+                                 "call mon.step after a forward pass of the model")
         guard = self._interrupts
-        assert self.writer is not None
         # a step's rows reach the file together (an automatic flush waits for the last)
         # inside torch.inference_mode() (a logging block) nothing could be differentiated,
         # and its tensors have no version counters: leave it for the step

@@ -48,6 +48,13 @@ FACTORIES = textwrap.dedent(
 
     def other_model():
         return nn.Linear(4, 3)
+
+    def lazy_model():
+        return nn.Sequential(nn.LazyLinear(6), nn.Tanh(), nn.Linear(6, 3))
+
+    def meta_model():
+        with torch.device("meta"):
+            return model()
     """
 )
 

@@ -58,6 +58,26 @@ def test_analyze_writes_one_row_per_checkpoint_in_step_order(setup, tmp_path):
     assert not set(run.metrics()) & {"hessian_trace", "spectral_density"}
 
 
+def test_a_model_of_lazy_modules_is_given_its_shapes_by_one_forward(setup, tmp_path):
+    """nn.LazyLinear: analyze and surface ended in a traceback ("Attempted to use an
+    uninitialized parameter"); now the same numbers as the model built with its shapes."""
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    rows = {}
+    for name in ("model", "lazy_model"):
+        out = tmp_path / f"{name}.h5"
+        result = _invoke(["analyze", str(paths[1]), "--model", f"{fac}:{name}", "--data",
+                          f"{fac}:data", "-m", "top_eigenvalues", "-k", "2", "-o", str(out),
+                          "-q"])
+        assert result.exit_code == 0, result.output
+        rows[name] = ls.Run.open(out).series("top_eigenvalues", "eigenvalues")[1]
+        surface = _invoke(["surface", str(paths[1]), "--model", f"{fac}:{name}", "--data",
+                           f"{fac}:data", "--steps", "3", "-o", str(tmp_path / f"s{name}.h5"),
+                           "-q"])
+        assert surface.exit_code == 0, surface.output
+    np.testing.assert_allclose(rows["lazy_model"], rows["model"], rtol=1e-6)
+
+
 def test_appending_an_analysis_of_other_data_or_loss_is_refused(setup, tmp_path):
     """An append with another --data (or --loss) joined two series in one run, exit 0, the
     stored config naming the first call's alone (CLI audit)."""
@@ -114,6 +134,8 @@ def test_analyze_accepts_a_loader_and_file_name_steps(setup, tmp_path):
         ("pickled", "--trust-checkpoint"),
         ("model_as_data", "does --data name the model factory?"),  # was "got Sequential"
         ("three_tensors", "returned 3 tensors; a batch is (inputs, targets)"),  # "got Tensor"
+        ("meta_model", "built its parameters on the meta device"),  # was a traceback
+        ("meta_device", "device 'meta': tensors there hold no values"),  # was a traceback
     ],
 )
 def test_bad_input_gives_one_line_and_nonzero_exit(setup, tmp_path, kind, match):
@@ -155,11 +177,15 @@ def test_bad_input_gives_one_line_and_nonzero_exit(setup, tmp_path, kind, match)
         data = f"{fac}:model"
     elif kind == "three_tensors":
         data = f"{fac}:weighted"
+    elif kind == "meta_model":
+        model = f"{fac}:meta_model"
     elif kind == "pickled":
         p = tmp_path / "pickled.pt"
         torch.save({"model": torch.load(paths[0])["model"], "note": _Opaque()}, p)
         ckpt = str(p)
     loss = ["--loss", "nosuch"] if kind == "unknown_loss" else []
+    if kind == "meta_device":
+        loss = ["--device", "meta"]
     result = _invoke(["analyze", ckpt, "--model", model, "--data", data, *loss, "-o",
                       str(tmp_path / "r.h5"), "-q"])
     assert result.exit_code != 0

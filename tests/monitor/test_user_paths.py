@@ -1312,3 +1312,35 @@ def test_modules_reached_passes_over_objects_that_raise_and_finds_the_shortest_p
     with buffers_kept(scripted):
         scripted(torch.ones(4, 3))
     assert torch.equal(scripted.center, torch.zeros(3))
+
+
+def test_a_model_of_lazy_modules_is_monitored_from_its_first_step():
+    """nn.LazyLinear has no shapes until its first forward: entering the monitor before it
+    raised ValueError ("Attempted to use an uninitialized parameter") out of the loop."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    import landscape as ls
+
+    def train(monitored):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.LazyLinear(8), nn.Tanh(), nn.Linear(8, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        g = torch.Generator().manual_seed(1)
+        data = [(torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g))
+                for _ in range(4)]
+        mon = ls.Monitor(model, F.cross_entropy, optimizer=opt, warn=False, strict=True)
+        with mon if monitored else contextlib.nullcontext():
+            for step, (x, y) in enumerate(data):
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if monitored:
+                    mon.step(step, batch=(x, y), loss=loss)
+            rows = mon.run().series("sentinels", "r_secant")[1] if monitored else None
+        return [p.detach().clone() for p in model.parameters()], rows
+
+    (watched, r), (plain, _) = train(True), train(False)
+    assert all(torch.equal(a, b) for a, b in zip(watched, plain))
+    assert np.isfinite(r[1:]).all()
