@@ -130,6 +130,22 @@ def test_a_pytorch_model_bin_folder(stack, tmp_path):
     assert result.exit_code == 0, result.output
 
 
+def test_a_folder_saved_in_bfloat16_is_analyzed_in_float32(stack, tmp_path):
+    """transformers 5 builds a folder in its saved dtype: a bfloat16 folder was analyzed
+    in bfloat16 (λ_max 0.4 % off, a jagged surface), where transformers 4 read it in
+    float32. Its values are exact in float32: the same numbers as the float32 folder's."""
+    from landscape.checkpoints.huggingface import build_model
+
+    folder = fw.save_pretrained(tmp_path / "f32")
+    model = build_model(folder)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    fw.tokenizer().save_pretrained(tmp_path / "bf16")
+    rebuilt = build_model(tmp_path / "bf16")
+    assert {p.dtype for p in rebuilt.parameters()} == {torch.float32}
+    rounded = model.to(torch.bfloat16).float().state_dict()
+    assert all(torch.equal(v, rounded[k]) for k, v in rebuilt.state_dict().items())
+
+
 @pytest.mark.parametrize("how", ["model_class", "recorded_class"])
 def test_lightning_ckpt_analyze_and_surface(stack, tmp_path, how):
     ckpt = stack["ckpt"] if how == "model_class" else stack["ckpt_recorded"]
