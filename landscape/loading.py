@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -672,6 +673,21 @@ MAX_DATA_BATCHES = 1000
 one, such as ``itertools.cycle(loader)``, filled the memory)."""
 
 
+def _numpy_as_tensors(data: Any) -> Any:
+    """``data`` with its numpy arrays as tensors (``torch.from_numpy``, no copy).
+
+    Inside plain tuples, lists and dicts (a factory returning scikit-learn's arrays);
+    anything else (a loader, tensors) as it is.
+    """
+    if isinstance(data, np.ndarray):
+        return torch.from_numpy(data)
+    if type(data) in (tuple, list):
+        return type(data)(_numpy_as_tensors(v) for v in data)
+    if type(data) is dict:
+        return {k: _numpy_as_tensors(v) for k, v in data.items()}
+    return data
+
+
 def as_batches(data: Any) -> list[Any]:
     """A data factory's result as a list of batches (one ``(x, y)`` batch or an iterable).
 
@@ -684,6 +700,7 @@ def as_batches(data: Any) -> list[Any]:
     """
     from landscape.curvature._batches import is_single_batch
 
+    data = _numpy_as_tensors(data)
     if is_single_batch(data, closure_mode=False):
         return [tuple(data)]
     if isinstance(data, dict):

@@ -24,6 +24,10 @@ FACTORIES = textwrap.dedent(
         g = torch.Generator().manual_seed(2)
         return torch.randn(48, 4, generator=g), torch.randint(0, 3, (48,), generator=g)
 
+    def numpy_data():
+        x, y = data()
+        return x.numpy(), y.numpy()
+
     def loader():
         x, y = data()
         return [(x[:24], y[:24]), (x[24:], y[24:])]

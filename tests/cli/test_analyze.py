@@ -78,6 +78,21 @@ def test_a_model_of_lazy_modules_is_given_its_shapes_by_one_forward(setup, tmp_p
     np.testing.assert_allclose(rows["lazy_model"], rows["model"], rtol=1e-6)
 
 
+def test_a_data_factory_of_numpy_arrays_gives_the_numbers_of_its_tensors(setup, tmp_path):
+    # "this metric needs (inputs, targets) batches; got ndarray (pass batch=(x, y) ...)"
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    rows = {}
+    for data in ("data", "numpy_data"):
+        out = tmp_path / f"{data}.h5"
+        result = _invoke(["analyze", str(paths[1]), "--model", f"{fac}:model", "--data",
+                          f"{fac}:{data}", "-m", "top_eigenvalues", "-k", "2", "-o", str(out),
+                          "-q"])
+        assert result.exit_code == 0, result.output
+        rows[data] = ls.Run.open(out).series("top_eigenvalues", "eigenvalues")[1]
+    np.testing.assert_array_equal(rows["numpy_data"], rows["data"])
+
+
 def test_appending_an_analysis_of_other_data_or_loss_is_refused(setup, tmp_path):
     """An append with another --data (or --loss) joined two series in one run, exit 0, the
     stored config naming the first call's alone (CLI audit)."""
