@@ -146,6 +146,12 @@ def plot(
         raise click.UsageError("use either --metric or --surface, not both")
     target = Path(out)
     to_directory = _is_directory_target(out)
+    given = click.get_current_context().get_parameter_source("fmt")
+    if not to_directory and given is click.core.ParameterSource.COMMANDLINE \
+            and target.suffix.lower().lstrip(".") != fmt:
+        raise click.UsageError(f"--format {fmt} names the format of files written into a "
+                               f"directory; the file {target.name}'s own suffix sets its "
+                               f"format: -o {target.with_suffix('.' + fmt).name}")
     rules = load_rule_specs(rule_specs, recompute)
     if target.suffix.lower() == ".vtk" and not to_directory:
         _write_vtk(run_path, surface_name, target, field, log, quiet)

@@ -1065,3 +1065,15 @@ def test_an_empty_output_name_is_refused(runner, run_file, command, tmp_path, mo
     monkeypatch.chdir(tmp_path)  # where a regression would write
     result = runner.invoke(cli, [command, str(run_file), "-o", " "])
     assert result.exit_code == 2 and "an empty name would write" in result.output
+
+
+def test_a_format_other_than_the_files_own_suffix_is_a_usage_error(runner, run_file, tmp_path):
+    # --format svg -o w.png wrote a PNG without a word
+    out = tmp_path / "w.png"
+    _usage_error(runner.invoke(cli, ["plot", str(run_file), "-m", "loss", "--format", "svg",
+                                     "-o", str(out)]), "--format svg", "-o w.svg")
+    assert not out.exists()
+    ok = runner.invoke(cli, ["plot", str(run_file), "-m", "loss", "--format", "svg", "-o",
+                             str(tmp_path / "w.svg"), "-q"])
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "w.svg").read_bytes().lstrip().startswith((b"<?xml", b"<svg"))
