@@ -343,14 +343,15 @@ def _timelines_html(run: Run, findings: Sequence[Finding], log: bool | None,
         out.append("</section>")
         return out
     for name, fig in timelines(run, drawn, findings=findings, log=log).items():
-        rows = run.rows(name)
+        n = run.rows(name)
+        rows = f"{n} row" if n == 1 else f"{n} rows"
         if is_density(run, name):  # drawn as the density of its last row
             img = _img(figure_png(fig, dpi=dpi), f"eigenvalue density of {name}")
-            caption = (f"{_e(name)}: {rows} rows; the eigenvalue density of the last, the "
+            caption = (f"{_e(name)}: {rows}; the eigenvalue density of the last, the "
                        "quadrature nodes marked at the bottom.")
         else:
             img = _img(figure_png(fig, dpi=dpi), f"timeline of {name}")
-            caption = (f"{_e(name)}: {rows} rows; vertical lines mark findings (grey info, "
+            caption = (f"{_e(name)}: {rows}; vertical lines mark findings (grey info, "
                        "orange warning, red error; solid when raised on this metric).")
         out.append(f'<figure id="timeline-{_e(name)}">{img}<figcaption>{caption}'
                    "</figcaption></figure>")
@@ -428,7 +429,8 @@ def render_report(
     parts += _findings_html(found)
     parts += _timelines_html(run, found, log, dpi)
     parts += _surfaces_html(run, dpi)
-    config = json.dumps(summary["config"], indent=2, sort_keys=True, default=str)
+    config = json.dumps(summary["config"], indent=2, sort_keys=True, default=str,
+                        ensure_ascii=False)  # the page is UTF-8: "édge", not "\u00e9dge"
     parts.append(f'<section id="config"><h2>Configuration</h2><pre>{_e(config)}</pre></section>')
     parts.append("</body></html>")
     return "\n".join(parts)

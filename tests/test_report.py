@@ -581,3 +581,21 @@ def test_the_values_table_gives_each_scalar_fields_last_value_range_and_non_fini
     assert ("gappy", "samples") not in rows  # a context field
     assert ("hessian", "eigenvalues") not in rows and ("wide", "v") not in rows  # vectors
     assert ("hessian", "n_matvec") in rows
+
+
+def test_a_one_row_run_reads_as_one_row_of_a_whole_step():
+    # the axis was ticked 6.56, 6.64, ... around step 7, the caption said "1 rows", and the
+    # configuration showed "\u00e9dge" for "édge" (CLI audit)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    w = RunWriter.memory(config={"name": "édge"})
+    w.declare("loss", {"value": None})
+    w.append("loss", 7, {"value": 1.0})
+    run = w.run()
+    fig = timelines(run, ["loss"])["loss"]
+    FigureCanvasAgg(fig).draw()
+    ticks = [t.get_text() for t in fig.axes[-1].get_xticklabels()]
+    assert ticks and all(re.fullmatch(r"−?\d+", t) for t in ticks), ticks
+    html = render_report(run)
+    assert "loss: 1 row;" in html
+    assert "édge" in html and "\\u00e9" not in html

@@ -35,6 +35,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from landscape.findings import SEVERITIES, Finding
 from landscape.metrics.base import component_names
@@ -343,6 +344,8 @@ def timeline(
             nonfinite |= marked
         severities |= _draw_findings(ax, marks, metric, span)
     axes[-1].set_xlabel("step")
+    # steps are whole: a one-row run had ticks at 6.56, 6.64, ...
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     handles = [
         Line2D([], [], color=SEVERITY_COLORS[s], label=f"finding: {s}")
         for s in SEVERITIES
