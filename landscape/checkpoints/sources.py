@@ -82,6 +82,14 @@ def expand(paths: Sequence[str | Path]) -> list[Path]:
     """
     out: list[Path] = []
     for p in map(Path, paths):
+        if p.suffix == ".distcp" or (p.is_dir() and (p / ".metadata").is_file() \
+                and any(p.glob("*.distcp"))):
+            folder = p.parent if p.suffix == ".distcp" else p
+            what = "a shard of a" if p.suffix == ".distcp" else "a"
+            raise LandscapeError(
+                f"{p}: {what} torch.distributed.checkpoint (DCP) folder, which this command "
+                "does not read; convert the folder to one file first: torch.distributed."
+                f"checkpoint.format_utils.dcp_to_torch_save({str(folder)!r}, 'model.pt')")
         if not p.is_dir():
             out.append(p)
         elif subs := hf.trainer_checkpoints(p):
@@ -107,7 +115,9 @@ def expand(paths: Sequence[str | Path]) -> list[Path]:
                 "and weights), a PEFT adapter folder (adapter_config.json and weights), a "
                 "Trainer output folder (checkpoint-N/ folders) nor a folder of Lightning "
                 ".ckpt files")
-    return out
+    # overlapping globs (ckpts/*.pt ckpts/ckpt-3*) name a file twice: once is enough
+    seen: set[Path] = set()
+    return [q for q in out if not (q.resolve() in seen or seen.add(q.resolve()))]
 
 
 def _final_save(folder: Path, last: Path, saved: Path | None, what: str) -> list[Path]:

@@ -404,3 +404,36 @@ def test_soft_labels_in_bfloat16_are_probabilities():
     refuse_constant_cross_entropy(torch.randn(4, 1000), smooth.to(torch.bfloat16))
     with pytest.raises(LandscapeError, match="not class probabilities"):
         refuse_constant_cross_entropy(torch.randn(4, 3), 2.0 * torch.rand(4, 3) - 1.0)
+
+
+def test_a_dcp_folder_or_shard_says_how_to_convert_it(fac, tmp_path):
+    # "neither a Hugging Face model folder ...", or for the shard "...not saved properly"
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    fac_path, ns = fac
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        dcp.save({"model": ns["model"]().state_dict()}, checkpoint_id=str(tmp_path / "dcp"))
+    shard = next((tmp_path / "dcp").glob("*.distcp"))
+    for path in (tmp_path / "dcp", shard):
+        result = CliRunner().invoke(cli, ["analyze", str(path), "--model", f"{fac_path}:model",
+                                          "--data", f"{fac_path}:data", "-q", "-o",
+                                          str(tmp_path / "r.h5")])
+        lines = [ln for ln in result.output.splitlines() if ln.strip()]
+        assert result.exit_code == 1 and len(lines) == 1, result.output
+        assert "torch.distributed.checkpoint (DCP) folder" in lines[0]
+        assert "dcp_to_torch_save" in lines[0]
+
+
+def test_a_checkpoint_named_twice_is_analyzed_once(fac, tmp_path):
+    # overlapping globs: "ckpt-3.pt and ckpt-3.pt are both step 3"
+    fac_path, ns = fac
+    torch.save(ns["model"]().state_dict(), tmp_path / "ckpt-3.pt")
+    same = [str(tmp_path / "ckpt-3.pt"), str(tmp_path / "." / "ckpt-3.pt")]
+    result = CliRunner().invoke(cli, ["analyze", *same, "--model", f"{fac_path}:model",
+                                      "--data", f"{fac_path}:data", "-m", "top_eigenvalues",
+                                      "-q", "-o", str(tmp_path / "r.h5")])
+    assert result.exit_code == 0, result.output
+    assert list(ls.Run.open(tmp_path / "r.h5").steps("top_eigenvalues")) == [3]
