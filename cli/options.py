@@ -116,6 +116,22 @@ def checkpoint_options(func: F) -> F:
     return func
 
 
+def _refuse_token_options_with_data(data_spec: str | None) -> None:
+    """Refuse ``--seq-len``, ``--batch-size`` and ``--batches`` beside ``--data``.
+
+    They shape --tokens and --text data; with --data they were ignored without a word.
+    """
+    ctx = click.get_current_context(silent=True)
+    if data_spec is None or ctx is None:
+        return
+    given = [name for param, name in (("seq_len", "--seq-len"), ("batch_size", "--batch-size"),
+                                      ("n_batches", "--batches"))
+             if ctx.get_parameter_source(param) is click.core.ParameterSource.COMMANDLINE]
+    if given:
+        raise click.UsageError(f"{', '.join(given)}: for --tokens and --text data only; "
+                               "the --data factory returns its own batches")
+
+
 def load_inputs(checkpoints, model_spec, data_spec, loss_spec, tokens, text, seq_len,
                 batch_size, n_batches, trust_checkpoint, device, threads=None):
     """The library calls behind :func:`factory_options`: ``(opened, batches, loss_fn, closure)``."""
@@ -126,6 +142,7 @@ def load_inputs(checkpoints, model_spec, data_spec, loss_spec, tokens, text, seq
         import torch
 
         torch.set_num_threads(threads)
+    _refuse_token_options_with_data(data_spec)
 
     # a signal while the checkpoints and data load (an endless iterator, a slow disk) ends
     # the command too, also when the process was started with SIGINT ignored

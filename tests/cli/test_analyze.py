@@ -564,3 +564,17 @@ def test_k_is_checked_only_when_the_eigenvalues_are_computed(tmp_path):
         analyze([ckpt], lambda: torch.nn.Linear(1, 2, bias=False), (x, y),
                 torch.nn.functional.cross_entropy, tmp_path / "s.h5",
                 metrics=["top_eigenvalues"], progress=False)
+
+
+def test_token_options_beside_a_data_factory_are_a_usage_error(setup, tmp_path):
+    # --batch-size, --batches and --seq-len shape --tokens/--text data; with --data they
+    # were ignored without a word
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    for command in ("analyze", "surface"):
+        result = _invoke([command, str(paths[0]), "--model", f"{fac}:model", "--data",
+                          f"{fac}:data", "--batch-size", "4", "--batches", "2", "-q", "-o",
+                          str(tmp_path / f"{command}.h5")])
+        assert result.exit_code == 2, result.output
+        assert "--batch-size, --batches: for --tokens and --text data only" in result.output
+        assert not (tmp_path / f"{command}.h5").exists()
