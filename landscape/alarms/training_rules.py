@@ -343,8 +343,9 @@ class GradNormSpike(LossSpike):
 
     _what = "gradient norm"
     _hint = (
-        "enable gradient clipping (e.g. clip_grad_norm_ to 1.0), lower the learning rate "
-        "or add warm-up, and check the batch at this step"
+        "enable gradient clipping (e.g. clip_grad_norm_ to 1.0; with clipping on, pass the "
+        "norm it returns, step(..., grad_norm=norm), or this is the clipped norm), lower "
+        "the learning rate or add warm-up, and check the batch at this step"
     )
 
 
