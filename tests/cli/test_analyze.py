@@ -58,39 +58,33 @@ def test_analyze_writes_one_row_per_checkpoint_in_step_order(setup, tmp_path):
     assert not set(run.metrics()) & {"hessian_trace", "spectral_density"}
 
 
+def _two_eigenvalues(setup, tmp_path, model, data):
+    """``analyze`` of the second checkpoint with factories ``model`` and ``data``, and a
+    3x3 surface around it (both must succeed): the top two eigenvalues recorded."""
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    out = tmp_path / f"{model}-{data}.h5"
+    factories = ["--model", f"{fac}:{model}", "--data", f"{fac}:{data}", "-q"]
+    result = _invoke(["analyze", str(paths[1]), *factories, "-m", "top_eigenvalues", "-k",
+                      "2", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    surface = _invoke(["surface", str(paths[1]), *factories, "--steps", "3", "-o",
+                       str(tmp_path / f"surface-{model}-{data}.h5")])
+    assert surface.exit_code == 0, surface.output
+    return ls.Run.open(out).series("top_eigenvalues", "eigenvalues")[1]
+
+
 def test_a_model_of_lazy_modules_is_given_its_shapes_by_one_forward(setup, tmp_path):
     """nn.LazyLinear: analyze and surface ended in a traceback ("Attempted to use an
     uninitialized parameter"); now the same numbers as the model built with its shapes."""
-    root, paths, _ = setup
-    fac = root / "factories.py"
-    rows = {}
-    for name in ("model", "lazy_model"):
-        out = tmp_path / f"{name}.h5"
-        result = _invoke(["analyze", str(paths[1]), "--model", f"{fac}:{name}", "--data",
-                          f"{fac}:data", "-m", "top_eigenvalues", "-k", "2", "-o", str(out),
-                          "-q"])
-        assert result.exit_code == 0, result.output
-        rows[name] = ls.Run.open(out).series("top_eigenvalues", "eigenvalues")[1]
-        surface = _invoke(["surface", str(paths[1]), "--model", f"{fac}:{name}", "--data",
-                           f"{fac}:data", "--steps", "3", "-o", str(tmp_path / f"s{name}.h5"),
-                           "-q"])
-        assert surface.exit_code == 0, surface.output
-    np.testing.assert_allclose(rows["lazy_model"], rows["model"], rtol=1e-6)
+    np.testing.assert_allclose(_two_eigenvalues(setup, tmp_path, "lazy_model", "data"),
+                               _two_eigenvalues(setup, tmp_path, "model", "data"), rtol=1e-6)
 
 
 def test_a_data_factory_of_numpy_arrays_gives_the_numbers_of_its_tensors(setup, tmp_path):
     # "this metric needs (inputs, targets) batches; got ndarray (pass batch=(x, y) ...)"
-    root, paths, _ = setup
-    fac = root / "factories.py"
-    rows = {}
-    for data in ("data", "numpy_data"):
-        out = tmp_path / f"{data}.h5"
-        result = _invoke(["analyze", str(paths[1]), "--model", f"{fac}:model", "--data",
-                          f"{fac}:{data}", "-m", "top_eigenvalues", "-k", "2", "-o", str(out),
-                          "-q"])
-        assert result.exit_code == 0, result.output
-        rows[data] = ls.Run.open(out).series("top_eigenvalues", "eigenvalues")[1]
-    np.testing.assert_array_equal(rows["numpy_data"], rows["data"])
+    np.testing.assert_array_equal(_two_eigenvalues(setup, tmp_path, "model", "numpy_data"),
+                                  _two_eigenvalues(setup, tmp_path, "model", "data"))
 
 
 def test_appending_an_analysis_of_other_data_or_loss_is_refused(setup, tmp_path):
