@@ -156,7 +156,9 @@ def capture(
 
 
 @contextlib.contextmanager
-def last_child_output(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+def last_child_output(
+    model: nn.Module, output_fn: Callable[[Any], torch.Tensor | None] | None = None,
+) -> Iterator[list[torch.Tensor]]:
     """Keep the output of the last direct child of ``model`` called with logits-like output.
 
     For a closure that calls a submodule instead of the model itself (a Lightning
@@ -167,6 +169,8 @@ def last_child_output(model: nn.Module) -> Iterator[list[torch.Tensor]]:
 
     Args:
         model: the model whose direct children are hooked.
+        output_fn: reads the tensor from a child's output (the monitor's ``output_fn``: a
+            ``self.net`` returning ``(features, logits)``); by default :func:`first_tensor`.
 
     Yields:
         A list that holds the kept (detached) output once a child produced one; the hooks
@@ -175,8 +179,8 @@ def last_child_output(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     kept: list[torch.Tensor] = []
 
     def hook(module: nn.Module, args: Any, output: Any) -> None:
-        t = first_tensor(output)
-        if t is not None and t.dim() >= 2:
+        t = output_fn(output) if output_fn is not None else first_tensor(output)
+        if isinstance(t, torch.Tensor) and t.dim() >= 2:
             kept[:] = [t.detach()]
 
     handles = [child.register_forward_hook(hook) for child in model.children()]

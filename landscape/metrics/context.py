@@ -651,7 +651,8 @@ class StepContext:
             for batch in self.batches(source):
                 # a closure may call a submodule rather than the model (a Lightning
                 # training_step doing self.net(x)): its last child output stands in
-                children = (last_child_output(self.model) if self.closure is not None
+                children = (last_child_output(self.model, self.output_fn)
+                            if self.closure is not None
                             else contextlib.nullcontext([]))
                 with torch.no_grad(), children as kept, \
                         capture(self.model, inputs=ins, outputs={"", *outs},

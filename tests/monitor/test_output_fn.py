@@ -97,3 +97,47 @@ def test_output_fn_that_finds_no_tensor_fails_the_logit_metrics_with_its_name():
         failed = [f for f in mon.findings if f.rule == "metric_failed"]
         assert len(failed) == 1 and "output_fn=" in failed[0].message
         assert math.isnan(mon.run().series("logits", "max_abs")[1][0])
+
+
+class Wrapper(nn.Module):
+    """A LightningModule-like wrapper whose training step calls its ``net`` directly."""
+
+    def __init__(self, pair: bool) -> None:
+        super().__init__()
+        self.net = Net(pair)
+
+    def forward(self, x: torch.Tensor):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("how", ["forward", "closure_on_a_child"])
+def test_output_fn_reads_the_logits_of_the_monitors_own_forward(how):
+    """Without outputs=, the logits come from the monitor's forward: of the model (the
+    capture of its output) or, under a closure that calls a child (self.net(x)), of that
+    child; the child's output was read through first_tensor, ignoring output_fn."""
+
+    def logits_rows(pair, output_fn=None):
+        model = Wrapper(pair)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+
+        def loss_fn(out, y):
+            return F.cross_entropy(out[1] if pair else out, y)
+
+        options = {"output_fn": output_fn} if output_fn is not None else {}
+        if how == "closure_on_a_child":
+            options["closure"] = lambda m, b: loss_fn(m.net(b[0]), b[1])
+        g = torch.Generator().manual_seed(1)
+        with ls.Monitor(model, loss_fn, optimizer=opt, warn=False, strict=True,
+                        metrics=[ls.metrics.Logits(schedule=ls.every(1))], **options) as mon:
+            for step in range(3):
+                x, y = torch.randn(12, 8, generator=g), torch.randint(0, 5, (12,), generator=g)
+                loss = loss_fn(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                mon.step(step, batch=(x, y), loss=loss)
+            return mon.run().series("logits", "max_abs")[1]
+
+    alone = logits_rows(False)
+    assert np.isfinite(alone).all()
+    np.testing.assert_allclose(logits_rows(True, lambda out: out[1]), alone, rtol=1e-6)
