@@ -255,11 +255,12 @@ def _fit(op: Any, what: str, rows: int) -> tuple[float, float]:
     return max(0.0, p1 - slope * m), slope
 
 
-def _fit_product(op: Any, batch: int) -> tuple[float, float, float]:
+def _fit_product(op: Any, batch: int, own: int | None = None) -> tuple[float, float, float]:
     """One product's measured peak on the whole batch, and a line to propose micro-batches.
 
     Returns ``(intercept, slope, whole)``: ``whole`` measured on the operator's own
-    batches, the line through it and one micro-batch of ``batch // 8`` samples. The
+    batches (``own`` samples; default ``batch``), the line through it and one micro-batch
+    of ``batch // 8`` samples. The
     whole-batch product is what a plan without micro-batches runs, so its estimate is a
     measurement, not an extrapolation: on a CIFAR-sized CNN (94,762 parameters, batch
     128) the line through an eighth and a quarter of the batch put it at 269 MB where 355
@@ -272,7 +273,9 @@ def _fit_product(op: Any, batch: int) -> tuple[float, float, float]:
     if not _microbatchable(op) or m >= batch:
         return whole, 0.0, whole
     p1 = _probe_peak(op, m, "product")
-    slope = max(0.0, (whole - p1) / (batch - m))
+    # ``whole`` was measured on this rank's own samples (``own``; ``batch``, the fewest any
+    # rank holds, sets m alike on every rank)
+    slope = max(0.0, (whole - p1) / ((own or batch) - m))
     return max(0.0, p1 - slope * m), slope, whole
 
 
@@ -473,7 +476,7 @@ def profile_memory(op: Any, *, step_bytes: float | None = None) -> MemoryProfile
     pbytes = model_op.dim * model_op.parameters[0].element_size()
     own_rows, rows = rows, least_rows(model_op, rows)  # plans alike on every rank
     batch = model_op.microbatch_size or rows
-    pi, ps, whole = _fit_product(model_op, batch)
+    pi, ps, whole = _fit_product(model_op, batch, model_op.microbatch_size or own_rows)
     # a product holds at least the gradient and its result; a step, the gradient (the
     # resident set misses memory the allocator reuses, which matters on tiny models)
     pi, whole = max(pi, 2.0 * pbytes), max(whole, 2.0 * pbytes)

@@ -445,7 +445,8 @@ class Monitor:
         metric's spacing.
         """
         resume = self._writer_args["truncate_from"]
-        if resume is None or self.writer is None or self.writer.path is None:
+        if resume is None or self.writer is None or self.writer.path is None \
+                or "analysis" in self._user_config:  # analyze: checkpoints, flushed each
             return
         run = self.writer.run()
         spacing = None

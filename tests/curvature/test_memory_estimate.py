@@ -130,3 +130,16 @@ def test_a_generous_budget_changes_nothing(cnn, name):
         else:
             assert torch.allclose(planned.nodes, free.nodes, rtol=1e-5, atol=1e-6,
                                   equal_nan=True)
+
+
+def test_a_rank_holding_more_samples_than_the_fewest_keeps_its_own_slope(monkeypatch):
+    """Under torch.distributed the profile's choices follow the fewest samples any rank
+    holds (least_rows), but the whole-batch product is measured on the rank's own: the
+    slope divided that peak of 64 samples by 16 - 2 (5.85 instead of 1.27 MB a sample)."""
+    from landscape.curvature import _profile
+
+    alone = profile_memory(_cnn_op())
+    monkeypatch.setattr(_profile, "least_rows", lambda op, rows: 16)  # another rank: 16
+    beside = profile_memory(_cnn_op())
+    assert beside.rows == 16
+    assert 0.5 * alone.product_slope < beside.product_slope < 2 * alone.product_slope

@@ -195,3 +195,36 @@ def test_a_resume_past_the_last_row_says_which_steps_were_never_written(tmp_path
     _monitored(tmp_path / "sparse.h5", range(0, 15, 5))
     _monitored(tmp_path / "sparse.h5", range(15, 25, 5), truncate_from=15)
     assert not [w for w in recwarn if "never written" in str(w.message)]
+
+
+def test_an_analysis_resumed_after_an_unfinished_checkpoint_warns_of_no_gap(tmp_path, recwarn):
+    """analyze resumes with truncate_from at its unfinished checkpoint; log-spaced
+    checkpoints (10, 20, 40) made that look like lost rows (review)."""
+    import torch
+    import torch.nn.functional as F
+
+    from landscape.analysis import analyze
+
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    model, paths = net(), []
+    for step in (10, 20, 40):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        paths.append(tmp_path / f"ckpt-{step}.pt")
+        torch.save({"model": model.state_dict(), "step": step}, paths[-1])
+    out = tmp_path / "run.h5"
+    options = {"metrics": ["top_eigenvalues"], "k": 1, "progress": False}
+    analyze(paths[:2], net, (x, y), F.cross_entropy, out, **options)
+    with RunWriter(out, mode="a") as w:  # killed within the third: a row, no checkpoint entry
+        w.append("top_eigenvalues", 40, {"eigenvalues": [1.0], "n_matvec": 1.0,
+                                         "peak_memory": 0.0})
+    recwarn.clear()
+    analyze(paths, net, (x, y), F.cross_entropy, out, **options)
+    assert not [w for w in recwarn if "never written" in str(w.message)]
+    with Run.open(out) as run:
+        assert [s for s, _ in run.checkpoints()] == [10, 20, 40]
