@@ -680,7 +680,13 @@ def _numpy_as_tensors(data: Any) -> Any:
     anything else (a loader, tensors) as it is.
     """
     if isinstance(data, np.ndarray):
-        return torch.from_numpy(data)
+        if data.dtype.kind not in "biuf":  # strings, objects (a DataFrame's .values)
+            raise LandscapeError(f"data: the data factory returned a numpy array of dtype "
+                                 f"{data.dtype}, not numbers: return numeric arrays (class "
+                                 "indices for labels) or tensors")
+        # torch takes neither negative strides (X[::-1]) nor read-only memory without a note
+        keep = data.flags.c_contiguous and data.flags.writeable
+        return torch.from_numpy(data if keep else np.array(data, order="C"))
     if type(data) in (tuple, list):
         return type(data)(_numpy_as_tensors(v) for v in data)
     if type(data) is dict:

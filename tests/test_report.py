@@ -599,3 +599,14 @@ def test_a_one_row_run_reads_as_one_row_of_a_whole_step():
     html = render_report(run)
     assert "loss: 1 row;" in html
     assert "édge" in html and "\\u00e9" not in html
+
+
+def test_a_config_holding_a_path_that_is_not_utf8_is_escaped_in_the_report():
+    # a checkpoint named with the byte 0xff (stored by analyze as a lone surrogate) made
+    # report fail once the configuration was written unescaped
+    w = RunWriter.memory(config={"analysis": {"checkpoints": ["ckpt-\udcff-10.pt"]}})
+    w.declare("loss", {"value": None})
+    w.append("loss", 0, {"value": 1.0})
+    html = render_report(w.run())
+    html.encode("utf-8")  # writable as the UTF-8 page it declares
+    assert "ckpt-\\udcff-10.pt" in html

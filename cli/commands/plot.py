@@ -147,8 +147,10 @@ def plot(
     target = Path(out)
     to_directory = _is_directory_target(out)
     given = click.get_current_context().get_parameter_source("fmt")
+    same = {"jpeg": "jpg"}  # one format, two suffixes
     if not to_directory and given is click.core.ParameterSource.COMMANDLINE \
-            and target.suffix.lower().lstrip(".") != fmt:
+            and same.get(target.suffix.lower().lstrip("."), target.suffix.lower().lstrip(".")) \
+            != same.get(fmt, fmt):
         raise click.UsageError(f"--format {fmt} names the format of files written into a "
                                f"directory; the file {target.name}'s own suffix sets its "
                                f"format: -o {target.with_suffix('.' + fmt).name}")

@@ -28,6 +28,17 @@ FACTORIES = textwrap.dedent(
         x, y = data()
         return x.numpy(), y.numpy()
 
+    def flipped_numpy_data():  # negative strides, a read-only array
+        x, y = numpy_data()
+        y = y[::-1][::-1]
+        y.flags.writeable = False
+        return x[::-1], y[::-1]
+
+    def text_labels():
+        import numpy as np
+        x, y = numpy_data()
+        return x, np.array([str(v) for v in y])
+
     def loader():
         x, y = data()
         return [(x[:24], y[:24]), (x[24:], y[24:])]

@@ -83,8 +83,19 @@ def test_a_model_of_lazy_modules_is_given_its_shapes_by_one_forward(setup, tmp_p
 
 def test_a_data_factory_of_numpy_arrays_gives_the_numbers_of_its_tensors(setup, tmp_path):
     # "this metric needs (inputs, targets) batches; got ndarray (pass batch=(x, y) ...)"
+    tensors = _two_eigenvalues(setup, tmp_path, "model", "data")
     np.testing.assert_array_equal(_two_eigenvalues(setup, tmp_path, "model", "numpy_data"),
-                                  _two_eigenvalues(setup, tmp_path, "model", "data"))
+                                  tensors)
+    # the samples in reverse order (negative strides, a read-only array): the same mean loss
+    np.testing.assert_allclose(_two_eigenvalues(setup, tmp_path, "model", "flipped_numpy_data"),
+                               tensors, rtol=1e-5)
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    words = _invoke(["analyze", str(paths[1]), "--model", f"{fac}:model", "--data",
+                     f"{fac}:text_labels", "-q", "-o", str(tmp_path / "w.h5")])
+    lines = [ln for ln in words.output.splitlines() if ln.strip()]
+    assert words.exit_code == 1 and len(lines) == 1, words.output
+    assert "a numpy array of dtype <U1, not numbers" in lines[0]
 
 
 def test_appending_an_analysis_of_other_data_or_loss_is_refused(setup, tmp_path):

@@ -1077,3 +1077,11 @@ def test_a_format_other_than_the_files_own_suffix_is_a_usage_error(runner, run_f
                              str(tmp_path / "w.svg"), "-q"])
     assert ok.exit_code == 0, ok.output
     assert (tmp_path / "w.svg").read_bytes().lstrip().startswith((b"<?xml", b"<svg"))
+
+
+def test_jpg_and_jpeg_are_one_format(runner, run_file, tmp_path):
+    for fmt, name in (("jpg", "w.jpeg"), ("jpeg", "v.JPG")):
+        ok = runner.invoke(cli, ["plot", str(run_file), "-m", "loss", "--format", fmt, "-o",
+                                 str(tmp_path / name), "-q"])
+        assert ok.exit_code == 0, ok.output
+        assert (tmp_path / name).read_bytes()[:2] == b"\xff\xd8"  # a JPEG
