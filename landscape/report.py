@@ -243,10 +243,14 @@ def _values_html(run: Run) -> list[str]:
             steps, values = run.series(metric, name)
             values = np.asarray(values, dtype=np.float64)
             finite = np.isfinite(values)
+            bad = int(nonfinite_rows(values).sum())  # ±inf, and NaN where a value was due
             if not finite.any():
+                if bad:  # a run non-finite from its start: its count is the news
+                    dash = "<td class=num>&ndash;</td>"
+                    rows.append(f"<tr><td>{_e(metric)}</td><td>{_e(name)}</td>{dash * 4}"
+                                f"<td class=num>{bad}</td></tr>")
                 continue  # not measured here (NaN on every row): nothing to say
             last = int(np.flatnonzero(finite)[-1])
-            bad = int(nonfinite_rows(values).sum())  # ±inf, and NaN where a value was due
             rows.append(
                 f"<tr><td>{_e(metric)}</td><td>{_e(name)}</td>"
                 f"<td class=num>{format_number(float(values[last]))}</td>"

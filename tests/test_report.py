@@ -610,3 +610,21 @@ def test_a_config_holding_a_path_that_is_not_utf8_is_escaped_in_the_report():
     html = render_report(w.run())
     html.encode("utf-8")  # writable as the UTF-8 page it declares
     assert "ckpt-\\udcff-10.pt" in html
+
+
+def test_a_field_without_a_finite_value_is_still_said():
+    # a loss of inf and NaN from its first row: the values table left it out and the
+    # timeline drew an empty axis without a word (CLI audit)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    w = RunWriter.memory()
+    w.declare("loss", {"value": None})
+    for step in range(6):
+        w.append("loss", step, {"value": np.inf if step % 2 else np.nan})
+    run = w.run()
+    fig = timelines(run, ["loss"])["loss"]
+    FigureCanvasAgg(fig).draw()
+    assert "no finite value (±inf or NaN)" in [t.get_text() for t in fig.axes[0].texts]
+    html = render_report(run)
+    row = re.search(r"<tr><td>loss</td><td>value</td>(.*?)</tr>", html)
+    assert row is not None and row.group(1).endswith("<td class=num>3</td>"), html[-2000:]

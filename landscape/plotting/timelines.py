@@ -318,9 +318,11 @@ def timeline(
     for ax, name in zip(axes, fields):
         steps, values = run.series(metric, name)
         numbers = np.asarray(values, dtype=np.float64)
-        if len(steps) == 0 or np.isnan(numbers).all():
-            # no rows, or NaN on every row: not measured here, or a run NaN from its start
-            text = "no rows yet" if len(steps) == 0 else "NaN on every row"
+        if len(steps) == 0 or not np.isfinite(numbers).any():
+            # no rows, or NaN on every row: not measured here, or a run NaN from its start;
+            # ±inf among the NaN rows: nothing finite to draw either
+            text = ("no rows yet" if len(steps) == 0 else "NaN on every row"
+                    if np.isnan(numbers).all() else "no finite value (±inf or NaN)")
             ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
             if len(steps):
                 ax.set_xlim(float(steps[0]) - 0.5, float(steps[-1]) + 0.5)
