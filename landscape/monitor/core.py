@@ -336,6 +336,10 @@ class Monitor:
         self._sharded = False  # FSDP2 parameters (set by start())
         self._clock = StepClock()  # optimizer steps between calls, the next call's step
         self._dense = DenseWindow(adaptive)
+        # set_optimizer's hint: the weights' versions after a call without a watched step
+        self._idle_versions: tuple[int, ...] | None = None
+        self._watch_idle = False
+        self._told_unwatched = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -422,9 +426,7 @@ class Monitor:
                     self._alarms.replay(self.writer.run())
             if resuming and self.adaptive:  # and the dense window the sentinels opened
                 self._dense.until = self._recorded_window_end()
-            if self.optimizer is not None:
-                self._hooks.append(self.optimizer.register_step_pre_hook(self._pre_step))
-                self._hooks.append(self.optimizer.register_step_post_hook(self._post_step))
+            self._hook_optimizer()
         except BaseException:
             for h in self._hooks:
                 h.remove()
@@ -620,6 +622,55 @@ class Monitor:
 
     # ------------------------------------------------------------------ optimizer hooks
 
+    def _hook_optimizer(self) -> None:
+        """Hook the watched optimizer's steps (the update and its learning rates)."""
+        if self.optimizer is not None:
+            self._hooks.append(self.optimizer.register_step_pre_hook(self._pre_step))
+            self._hooks.append(self.optimizer.register_step_post_hook(self._post_step))
+
+    def set_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Watch ``optimizer`` from now on, in place of the one given before.
+
+        For a loop that builds a new optimizer mid-run (a second stage, fine-tuning with
+        other settings): the monitor's hooks sit on the old one, whose steps stop, so the
+        update metrics would record NaN and the sentinels' learning rate the old one's.
+        The next call measures the first step the new optimizer takes.
+
+        Args:
+            optimizer: the new optimizer (wrappers such as accelerate's are unwrapped), or
+                None to watch none.
+        """
+        for h in self._hooks:
+            h.remove()
+        self._hooks, self._before, self._step_lrs = [], None, None
+        self.optimizer = unwrap_optimizer(optimizer)
+        self._idle_versions = None
+        if self.writer is not None:  # started: hook it now (else start() will)
+            self._hook_optimizer()
+
+    def _say_unwatched_steps(self, stepped: bool | None) -> None:
+        """Warn once when the weights change while the watched optimizer does not step.
+
+        The sign of a new optimizer object the monitor never saw: its hooks sit on the old
+        one. Between two calls in a row with no watched step (a gradient-accumulation call,
+        a GradScaler's skip) nothing else moves the weights, which their version counters
+        show; the monitor's own measurements restore them within its calls.
+        """
+        if stepped is not False or self._told_unwatched:
+            self._idle_versions = None
+            return
+        versions = tuple(p._version for p in self._own)
+        if self._idle_versions is not None and versions != self._idle_versions:
+            self._told_unwatched = True
+            warnings.warn(
+                "landscape: the model's weights changed since the last call, but the "
+                "optimizer the monitor watches did not step: a new optimizer? Hand it to the "
+                "monitor, mon.set_optimizer(opt); until then the update metrics are NaN and "
+                "the learning rate recorded is the old optimizer's", RuntimeWarning,
+                stacklevel=user_stacklevel())
+        self._idle_versions = None
+        self._watch_idle = True  # the versions are taken when this call ends
+
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         # the rate this step takes: a scheduler stepped before the next call (Lightning's)
         # will have moved on to the next step's
@@ -734,6 +785,9 @@ class Monitor:
                 return self._step(step, batch, loss, outputs, grad_norm, samples)
             finally:
                 self._update_missed = False
+                if self._watch_idle:  # after this call's own measurements
+                    self._watch_idle = False
+                    self._idle_versions = tuple(p._version for p in self._own)
 
     def _step(
         self, step: int, batch: Any, loss: Any, outputs: Any, grad_norm: float | None = None,
@@ -760,6 +814,7 @@ class Monitor:
         # the hooks count optimizer steps from start(): unknown when step() started it
         watching = self.optimizer is not None and not self._update_missed
         stepped, skipped = self._clock.call(step, watching=watching)
+        self._say_unwatched_steps(stepped)
         if skipped:  # a GradScaler skipped the step, a micro-batch in between: no update
             self._update_missed = True
         if not due:

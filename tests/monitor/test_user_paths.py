@@ -1344,3 +1344,39 @@ def test_a_model_of_lazy_modules_is_monitored_from_its_first_step():
     (watched, r), (plain, _) = train(True), train(False)
     assert all(torch.equal(a, b) for a, b in zip(watched, plain))
     assert np.isfinite(r[1:]).all()
+
+
+@pytest.mark.parametrize("handed_over", [False, True])
+def test_a_new_optimizer_mid_run_is_said_or_watched(handed_over):
+    """A fine-tuning stage that builds a new optimizer: the monitor's hooks sat on the old
+    one, so update_ratio was NaN and the recorded lr the old one's, without a word (a ramp's
+    lead fell from 29-32 steps to 4-7 in the alarm audit)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with Monitor(model, F.cross_entropy, optimizer=opt, warn=False,
+                     metrics=["sentinels"]) as mon:
+            for step in range(8):
+                if step == 4:
+                    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+                    if handed_over:
+                        mon.set_optimizer(opt)
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                mon.step(step, batch=(x, y), loss=loss)
+            run = mon.run()
+            _, lr = run.series("sentinels", "lr")
+            _, ratio = run.series("sentinels", "update_ratio")
+    said = [w for w in seen if "did not step: a new optimizer?" in str(w.message)]
+    if handed_over:
+        assert said == []
+        assert list(lr[4:]) == [0.05] * 4 and np.isfinite(ratio[4:]).all()
+    else:
+        assert len(said) == 1  # once, at the second call without a watched step
+        assert np.isnan(ratio[4:]).all()
