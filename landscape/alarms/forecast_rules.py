@@ -349,10 +349,12 @@ class ForecastState:
             severity = "info"
         field, value = rule.field, x
         if level:
-            message = f"{rule._what} = {_fmt(x)} >= {_fmt(rule.limit)}"
+            # the bar that fired, in the message and as the threshold alike: two rows at
+            # the limit, or one row at the jump
+            threshold = rule.limit if two_rows else rule.jump
+            message = f"{rule._what} = {_fmt(x)} >= {_fmt(threshold)}"
             if typical > 0:
                 message += f" ({_fmt(x / typical)} x its median {_fmt(typical)})"
-            threshold = rule.limit if x < (rule.jump or math.inf) else rule.jump
         elif not forecast:  # the update-to-weight ratio fired: its field, value, threshold
             message = self._growth_message(grown, f" (secant Taylor ratio r = {_fmt(x)})")
             field, value = "update_ratio", grown[0]

@@ -26,6 +26,7 @@ import os
 import warnings
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from landscape import distributed as _dist
 from landscape._checks import positive_int
 from landscape._errors import StepOrderError
 from landscape.batches import leading_size
@@ -156,7 +157,8 @@ def resume_options(options: dict[str, Any], path: Any, resumed_step: int) -> dic
     if (resumed_step > 0 and path is not None and out.get("mode", "a") == "a"
             and out.get("truncate_from") is None):
         out["truncate_from"] = int(resumed_step)
-    if resumed_step > 0 and path is not None and out.get("mode") == "w":
+    if resumed_step > 0 and path is not None and out.get("mode") == "w" \
+            and _dist.rank() == 0:  # said once per job
         warnings.warn(
             f"landscape: training resumes at step {resumed_step}, and mode='w' empties the "
             f"run file {path}: the rows before that step are lost; leave mode at its "

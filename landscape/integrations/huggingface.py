@@ -410,7 +410,7 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         self._wrapped_optimizer = kwargs.get("optimizer")
         if _clips_in_one_process(args):
             self._unclipped = _NormBeforeClipping(model)
-        elif (getattr(args, "max_grad_norm", None) or 0) > 0:
+        elif (getattr(args, "max_grad_norm", None) or 0) > 0 and zero:  # said once per job
             logging.getLogger("landscape").warning(
                 "landscape: LandscapeTrainerCallback: with max_grad_norm=%s under DDP, FSDP "
                 "or DeepSpeed the grad_norm rows hold the clipped norm (at most %s): "
@@ -420,7 +420,7 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         multi_label = getattr(getattr(model, "config", None), "problem_type",
                               None) == "multi_label_classification"
         if getattr(args, "label_smoothing_factor", 0) and not multi_label \
-                and self.probe is None:
+                and self.probe is None and zero:
             # (the loss: a warning at the first step that records none, if it comes)
             warnings.warn(
                 "landscape: with label_smoothing_factor the Trainer pops the batch's labels "

@@ -486,8 +486,9 @@ class Monitor:
         except NotApplicable as err:
             if self.strict:
                 raise
-            warnings.warn(f"landscape: metric {metric.name!r} is left out: {err}",
-                          RuntimeWarning, stacklevel=user_stacklevel())
+            if _dist.rank() == 0:  # the same model on every rank: said once per job
+                warnings.warn(f"landscape: metric {metric.name!r} is left out: {err}",
+                              RuntimeWarning, stacklevel=user_stacklevel())
             return False
         return True
 

@@ -160,6 +160,8 @@ def test_an_abrupt_jump_warns_at_the_first_row():
     r[150:] = 8.0
     (f, *_) = _run(TaylorForecast(), r)
     assert f.step == 150 and f.severity == "warning" and f.threshold == 2.0
+    # the message names the bar that fired, as the threshold does (it said ">= 1")
+    assert "secant Taylor ratio r = 8 >= 2 " in f.message, f.message
 
 
 def test_sharpness_forecast_is_info_and_in_the_defaults():

@@ -720,3 +720,18 @@ def warned_once_worker(rank: int, out_dir: str) -> None:
                 returned += [(f.step, f.rule) for f in mon.step(step, batch=(x, y), loss=loss)]
     said = [str(w.message) for w in seen if issubclass(w.category, InstabilityWarning)]
     _save(out_dir, rank, {"returned": returned, "said": said})
+
+
+def left_out_worker(rank: int, out_dir: str) -> None:
+    """A preset on a model without nn.Linear: its metrics that pick a linear layer are left
+    out, said by rank 0 alone (every rank printed each one)."""
+    import warnings
+
+    net = DDP(torch.nn.Sequential(torch.nn.Conv1d(1, 2, 3), torch.nn.Flatten()).double())
+    x = torch.randn(8, 1, 6, dtype=torch.float64)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        Monitor(net, F.mse_loss, None, optimizer=opt, metrics="standard",
+                probe=(x, torch.zeros(8, 8, dtype=torch.float64)), warn=False).start().close()
+    _save(out_dir, rank, {"said": [str(w.message) for w in seen if "left out" in str(w.message)]})

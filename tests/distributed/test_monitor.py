@@ -133,3 +133,9 @@ def test_rank_zeros_findings_are_returned_everywhere_and_said_once(tmp_path):
     assert r0["returned"] == r1["returned"] == [(W.STOP_AT, "rank_zero_only")]
     assert len(r0["said"]) == 1 and "stop now" in r0["said"][0]
     assert r1["said"] == []
+
+
+def test_metrics_left_out_of_a_preset_are_said_once(tmp_path):
+    run_ranks(W.left_out_worker, tmp_path)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert len(r0["said"]) >= 2 and r1["said"] == []  # spectral_alignment, collapse, ...

@@ -108,3 +108,18 @@ def test_reaches_compares_severities():
     assert not reaches([warn], "error") and not reaches([warn], None)
     with pytest.raises(ValueError, match="severity"):
         reaches([warn], "fatal")
+
+
+def test_a_resumed_run_emptied_by_mode_w_is_said_by_rank_zero_alone(monkeypatch):
+    # every rank of a DDP job printed it (the framework audit)
+    import warnings
+
+    import landscape.integrations as integrations
+
+    for rank, copies in ((0, 1), (1, 0)):
+        monkeypatch.setattr(integrations._dist, "rank", lambda rank=rank: rank)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            out = integrations.resume_options({"mode": "w"}, "run.h5", 15)
+        assert out == {"mode": "w"}
+        assert sum("mode='w' empties" in str(w.message) for w in seen) == copies

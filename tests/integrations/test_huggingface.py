@@ -488,3 +488,26 @@ def test_a_tuple_probe_under_the_models_own_loss_gets_one_line_and_the_forward_m
     assert "needs dict batches (with 'labels'); got a tuple" in failed[0]
     assert "\n" not in failed[0] and "GPT2LMHeadModel(" not in failed[0]
     assert np.isfinite(cb.run().series("representation", "effective_rank")[1]).all()
+
+
+@pytest.mark.parametrize("zero", [True, False])
+def test_the_setup_notes_are_said_by_the_first_process_alone(tmp_path, monkeypatch, caplog,
+                                                              zero):
+    """Under DDP (torchrun) each process printed the clipping note and the label-smoothing
+    warning: two copies of each (the framework audit)."""
+    from landscape.integrations import huggingface
+
+    class Rank(transformers.TrainerCallback):  # what the Trainer sets on rank 1
+        def on_train_begin(self, args, state, control, **kwargs):
+            state.is_world_process_zero = zero
+
+    monkeypatch.setattr(huggingface, "_clips_in_one_process", lambda args: False)  # DDP
+    cb = LandscapeTrainerCallback(None, metrics=["loss"], alarms=False)
+    with warnings.catch_warnings(record=True) as seen, caplog.at_level(logging.WARNING,
+                                                                        "landscape"):
+        warnings.simplefilter("always")
+        _train(tmp_path, [Rank(), cb], max_steps=1, max_grad_norm=1.0,
+               label_smoothing_factor=0.1)
+    clipping = [r for r in caplog.records if "hold the clipped norm" in r.getMessage()]
+    smoothing = [w for w in seen if "label_smoothing_factor the Trainer pops" in str(w.message)]
+    assert (len(clipping), len(smoothing)) == ((1, 1) if zero else (0, 0))
