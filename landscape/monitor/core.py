@@ -660,7 +660,7 @@ class Monitor:
         if stepped is not False or self._told_unwatched:
             self._idle_versions = None
             return
-        versions = tuple(p._version for p in self._own)
+        versions = self._versions()
         if self._idle_versions is not None and versions != self._idle_versions:
             self._told_unwatched = True
             warnings.warn(
@@ -671,6 +671,15 @@ class Monitor:
                 stacklevel=user_stacklevel())
         self._idle_versions = None
         self._watch_idle = True  # the versions are taken when this call ends
+
+    def _versions(self) -> tuple[int, ...]:
+        """The version counters of the parameters no forward pass writes.
+
+        An embedding's ``max_norm`` renormalises its rows in every forward, also in the
+        loop's forward passes between two calls.
+        """
+        written = {id(t) for t in written_in_forward(list(self.model.modules()))}
+        return tuple(p._version for p in self._own if id(p) not in written)
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         # the rate this step takes: a scheduler stepped before the next call (Lightning's)
@@ -788,7 +797,7 @@ class Monitor:
                 self._update_missed = False
                 if self._watch_idle:  # after this call's own measurements
                     self._watch_idle = False
-                    self._idle_versions = tuple(p._version for p in self._own)
+                    self._idle_versions = self._versions()
 
     def _step(
         self, step: int, batch: Any, loss: Any, outputs: Any, grad_norm: float | None = None,

@@ -1380,3 +1380,36 @@ def test_a_new_optimizer_mid_run_is_said_or_watched(handed_over):
     else:
         assert len(said) == 1  # once, at the second call without a watched step
         assert np.isnan(ratio[4:]).all()
+
+
+def test_calls_per_micro_batch_of_a_model_renormalising_its_embedding_say_nothing():
+    """Gradient accumulation with a call per micro-batch: the optimizer steps on every
+    third call only, and an Embedding(max_norm=...) writes its rows in each forward in
+    between; neither is a new optimizer."""
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(20, 6, max_norm=0.5)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, ids):
+            return self.head(self.emb(ids).mean(1))
+
+    torch.manual_seed(0)
+    model = Tokens()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    g = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with Monitor(model, F.cross_entropy, optimizer=opt, warn=False,
+                     metrics=["loss", "sentinels"]) as mon:
+            for step in range(9):
+                ids, y = torch.randint(0, 20, (8, 5), generator=g), torch.randint(0, 3, (8,),
+                                                                                  generator=g)
+                (F.cross_entropy(model(ids), y) / 3).backward()
+                if step % 3 == 2:
+                    opt.step()
+                    opt.zero_grad()
+                mon.step(step, batch=(ids, y), loss=1.0)
+    assert not [w for w in seen if "new optimizer?" in str(w.message)]
