@@ -337,7 +337,9 @@ class Monitor:
         self._clock = StepClock()  # optimizer steps between calls, the next call's step
         self._dense = DenseWindow(adaptive)
         # set_optimizer's hint: the weights' versions after a call without a watched step
-        self._idle_versions: tuple[int, ...] | None = None
+        self._idle_versions: tuple[Any, ...] | None = None
+        self._hooked_steps = 0  # the watched optimizer's steps, counted by its pre-step hook
+        self._hooked_at_call = 0  # ... at the last call
         self._watch_idle = False
         self._told_unwatched = False
 
@@ -641,27 +643,32 @@ class Monitor:
             optimizer: the new optimizer (wrappers such as accelerate's are unwrapped), or
                 None to watch none.
         """
+        new = unwrap_optimizer(optimizer)  # a bad argument raises before the hooks go
         for h in self._hooks:
             h.remove()
         self._hooks, self._before, self._step_lrs = [], None, None
-        self.optimizer = unwrap_optimizer(optimizer)
-        self._idle_versions = None
-        if self.writer is not None:  # started: hook it now (else start() will)
-            self._hook_optimizer()
+        self.optimizer = new
+        self._idle_versions, self._told_unwatched = None, False
+        if self.writer is not None and not self.writer.closed:  # started: hook it now
+            self._hook_optimizer()  # (before the start, start() does; after close, none)
 
-    def _say_unwatched_steps(self, stepped: bool | None) -> None:
+    def _say_unwatched_steps(self, watching: bool) -> None:
         """Warn once when the weights change while the watched optimizer does not step.
 
         The sign of a new optimizer object the monitor never saw: its hooks sit on the old
-        one. Between two calls in a row with no watched step (a gradient-accumulation call,
-        a GradScaler's skip) nothing else moves the weights, which their version counters
-        show; the monitor's own measurements restore them within its calls.
+        one. Between two calls in a row with no watched step at all (a gradient-accumulation
+        call, a GradScaler's skip) nothing else moves the parameters the watched optimizer
+        holds, which their version counters and first values show (another optimizer of
+        the loop moves its own); the monitor's own measurements restore them within its
+        calls. Said by rank 0 alone under ``torch.distributed``.
         """
-        if stepped is not False or self._told_unwatched:
+        since, self._hooked_at_call = self._hooked_at_call, self._hooked_steps
+        if not watching or self._hooked_steps != since or self._told_unwatched:
             self._idle_versions = None
             return
         versions = self._versions()
-        if self._idle_versions is not None and versions != self._idle_versions:
+        if self._idle_versions is not None and versions != self._idle_versions \
+                and (not self._distributed or _dist.rank() == 0):
             self._told_unwatched = True
             warnings.warn(
                 "landscape: the model's weights changed since the last call, but the "
@@ -672,16 +679,25 @@ class Monitor:
         self._idle_versions = None
         self._watch_idle = True  # the versions are taken when this call ends
 
-    def _versions(self) -> tuple[int, ...]:
-        """The version counters of the parameters no forward pass writes.
+    def _versions(self) -> tuple[Any, ...]:
+        """The state of the parameters the watched optimizer holds that no forward writes.
 
-        An embedding's ``max_norm`` renormalises its rows in every forward, also in the
-        loop's forward passes between two calls.
+        Their version counters, and their first values (an optimizer that writes through
+        ``p.data`` leaves the counters as they were). An embedding's ``max_norm``
+        renormalises its rows in every forward, also in the loop's forward passes between
+        two calls: left out.
         """
+        assert self.optimizer is not None
         written = {id(t) for t in written_in_forward(list(self.model.modules()))}
-        return tuple(p._version for p in self._own if id(p) not in written)
+        held = [p for g in self.optimizer.param_groups for p in g["params"]
+                if id(p) not in written and p.numel()]
+        with torch.no_grad():
+            first = torch.cat([_dist.local_tensor(p.detach()).reshape(-1)[:1].float()
+                               for p in held]).cpu() if held else torch.zeros(0)
+        return tuple(p._version for p in held), tuple(first.tolist())
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._hooked_steps += 1
         # the rate this step takes: a scheduler stepped before the next call (Lightning's)
         # will have moved on to the next step's
         # raw values (a tensor rate cloned, no host sync per step): read at a sentinels row
@@ -824,7 +840,7 @@ class Monitor:
         # the hooks count optimizer steps from start(): unknown when step() started it
         watching = self.optimizer is not None and not self._update_missed
         stepped, skipped = self._clock.call(step, watching=watching)
-        self._say_unwatched_steps(stepped)
+        self._say_unwatched_steps(watching)
         if skipped:  # a GradScaler skipped the step, a micro-batch in between: no update
             self._update_missed = True
         if not due:

@@ -1413,3 +1413,89 @@ def test_calls_per_micro_batch_of_a_model_renormalising_its_embedding_say_nothin
                     opt.zero_grad()
                 mon.step(step, batch=(ids, y), loss=1.0)
     assert not [w for w in seen if "new optimizer?" in str(w.message)]
+
+
+def _new_optimizer_said(loop) -> bool:
+    """Whether ``loop(mon, model, opt)`` makes the monitor say 'a new optimizer?'."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model[0].parameters(), lr=0.05)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with Monitor(model, F.cross_entropy, optimizer=opt, warn=False,
+                     metrics=["sentinels"]) as mon:
+            loop(mon, model, opt)
+    return any("new optimizer?" in str(w.message) for w in seen)
+
+
+def _backward(model):
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    return x, y
+
+
+def test_the_new_optimizer_check_says_nothing_of_loops_that_have_none():
+    """(review) A second optimizer of the loop stepping between the watched one's steps (a
+    GAN's critic, Lightning's manual optimization); calls every 4th step whose intervals
+    lost a step to a GradScaler skip."""
+
+    def critic(mon, model, opt):
+        other = torch.optim.SGD(model[2].parameters(), lr=0.05)
+        for step in range(9):
+            batch = _backward(model)
+            other.step()
+            if step % 3 == 2:
+                opt.step()
+            mon.step(step, batch=batch, loss=1.0)
+
+    def skips(mon, model, opt):
+        model[2].requires_grad_(False)
+        for step in range(24):
+            batch = _backward(model)
+            if step not in (9, 13):  # the scaler skipped these
+                opt.step()
+            if step % 4 == 3:
+                mon.step(step, batch=batch, loss=1.0)
+
+    assert not _new_optimizer_said(critic)
+    assert not _new_optimizer_said(skips)
+
+
+def test_a_new_optimizer_writing_through_data_is_said_too():
+    """(review) p.data.add_ leaves the version counters as they were."""
+
+    class DataSGD(torch.optim.Optimizer):
+        def __init__(self, params, lr):
+            super().__init__(params, {"lr": lr})
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.data.add_(p.grad, alpha=-group["lr"])
+
+    def swap(mon, model, opt):
+        new = DataSGD(model[0].parameters(), lr=0.05)
+        for step in range(6):
+            batch = _backward(model)
+            (opt if step < 3 else new).step()
+            mon.step(step, batch=batch, loss=1.0)
+
+    assert _new_optimizer_said(swap)
+
+
+def test_set_optimizer_refuses_a_bad_argument_keeping_its_hooks_and_hooks_nothing_once_closed():
+    # (review) the old hooks went before the TypeError; after close() the new optimizer was
+    # hooked, its steps copied the parameters (and the Taylor guard would rescale them)
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = Monitor(model, F.cross_entropy, optimizer=opt, warn=False, metrics=["loss"]).start()
+    with pytest.raises(TypeError, match="optimizer"):
+        mon.set_optimizer(object())
+    assert mon.optimizer is opt and len(mon._hooks) == 2
+    mon.close()
+    mon.set_optimizer(torch.optim.SGD(model.parameters(), lr=0.2))
+    assert mon._hooks == []
