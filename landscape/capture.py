@@ -179,7 +179,13 @@ def last_child_output(
     kept: list[torch.Tensor] = []
 
     def hook(module: nn.Module, args: Any, output: Any) -> None:
-        t = output_fn(output) if output_fn is not None else first_tensor(output)
+        if output_fn is None:
+            t = first_tensor(output)
+        else:
+            try:  # written for the network's output: a loss or metric child may not fit it
+                t = output_fn(output)
+            except Exception:
+                return
         if isinstance(t, torch.Tensor) and t.dim() >= 2:
             kept[:] = [t.detach()]
 

@@ -674,19 +674,21 @@ one, such as ``itertools.cycle(loader)``, filled the memory)."""
 
 
 def _numpy_as_tensors(data: Any) -> Any:
-    """``data`` with its numpy arrays as tensors (``torch.from_numpy``, no copy).
+    """``data`` with its numpy arrays as tensors (``torch.from_numpy``).
 
     Inside plain tuples, lists and dicts (a factory returning scikit-learn's arrays);
-    anything else (a loader, tensors) as it is.
+    anything else (a loader, tensors) as it is. An array torch can share is not copied.
     """
     if isinstance(data, np.ndarray):
-        if data.dtype.kind not in "biuf":  # strings, objects (a DataFrame's .values)
-            raise LandscapeError(f"data: the data factory returned a numpy array of dtype "
-                                 f"{data.dtype}, not numbers: return numeric arrays (class "
-                                 "indices for labels) or tensors")
-        # torch takes neither negative strides (X[::-1]) nor read-only memory without a note
+        # torch takes neither negative strides (X[::-1]) nor read-only memory (np.load's
+        # mmap_mode="r") without a note: those are copied
         keep = data.flags.c_contiguous and data.flags.writeable
-        return torch.from_numpy(data if keep else np.array(data, order="C"))
+        try:
+            return torch.from_numpy(data if keep else np.array(data, order="C"))
+        except TypeError:  # strings, objects (a DataFrame's .values), float128
+            raise LandscapeError(f"data: the data factory returned a numpy array of dtype "
+                                 f"{data.dtype}, which torch cannot hold: return numeric "
+                                 "arrays (class indices for labels) or tensors") from None
     if type(data) in (tuple, list):
         return type(data)(_numpy_as_tensors(v) for v in data)
     if type(data) is dict:

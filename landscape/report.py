@@ -435,11 +435,11 @@ def render_report(
     parts += _surfaces_html(run, dpi)
     config = json.dumps(summary["config"], indent=2, sort_keys=True, default=str,
                         ensure_ascii=False)  # the page is UTF-8: "édge", not "\u00e9dge"
-    # a file name that is not UTF-8 (a checkpoint's path) holds lone surrogates: escaped
-    config = config.encode("utf-8", "backslashreplace").decode("utf-8")
     parts.append(f'<section id="config"><h2>Configuration</h2><pre>{_e(config)}</pre></section>')
     parts.append("</body></html>")
-    return "\n".join(parts)
+    # a name that is not UTF-8 (a run file's or a checkpoint's path, in the title, the
+    # source line or the config) holds lone surrogates: escaped, so the page can be written
+    return "\n".join(parts).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 REPORT_NAME = "report.html"

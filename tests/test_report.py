@@ -601,15 +601,16 @@ def test_a_one_row_run_reads_as_one_row_of_a_whole_step():
     assert "édge" in html and "\\u00e9" not in html
 
 
-def test_a_config_holding_a_path_that_is_not_utf8_is_escaped_in_the_report():
+def test_names_that_are_not_utf8_are_escaped_in_the_report(tmp_path):
     # a checkpoint named with the byte 0xff (stored by analyze as a lone surrogate) made
-    # report fail once the configuration was written unescaped
+    # report fail once the configuration was written unescaped; so did a run file's name in
+    # the title (review)
     w = RunWriter.memory(config={"analysis": {"checkpoints": ["ckpt-\udcff-10.pt"]}})
     w.declare("loss", {"value": None})
     w.append("loss", 0, {"value": 1.0})
-    html = render_report(w.run())
-    html.encode("utf-8")  # writable as the UTF-8 page it declares
-    assert "ckpt-\\udcff-10.pt" in html
+    out = write_report(w.run(), tmp_path / "r.html", title="run-\udce9")
+    html = out.read_text(encoding="utf-8")
+    assert "ckpt-\\udcff-10.pt" in html and "run-\\udce9" in html
 
 
 def test_a_field_without_a_finite_value_is_still_said():

@@ -307,9 +307,9 @@ class ForecastState:
             rule.update_window, 20) else 0.0
         self.ratios.append(x)
         both = -math.inf if previous is None else min(previous, x)  # the last two rows' lower
-        two_rows = both >= rule.limit and (
-            rule.level_growth is None or x >= rule.level_growth * typical
-            or (rule.level_cap is not None and both >= rule.level_cap))
+        grown_level = rule.level_growth is None or x >= rule.level_growth * typical
+        capped = rule.level_cap is not None and both >= rule.level_cap
+        two_rows = both >= rule.limit and (grown_level or capped)
         jumped = rule.jump is not None and x >= rule.jump and (
             rule.jump_growth is None or x >= rule.jump_growth * typical)
         level = two_rows or jumped
@@ -351,7 +351,8 @@ class ForecastState:
         if level:
             # the bar that fired, in the message and as the threshold alike: two rows at
             # the limit, or one row at the jump
-            threshold = rule.limit if two_rows else rule.jump
+            threshold = (rule.limit if grown_level else rule.level_cap) if two_rows \
+                else rule.jump
             message = f"{rule._what} = {_fmt(x)} >= {_fmt(threshold)}"
             if typical > 0:
                 message += f" ({_fmt(x / typical)} x its median {_fmt(typical)})"

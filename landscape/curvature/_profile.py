@@ -476,7 +476,9 @@ def profile_memory(op: Any, *, step_bytes: float | None = None) -> MemoryProfile
     pbytes = model_op.dim * model_op.parameters[0].element_size()
     own_rows, rows = rows, least_rows(model_op, rows)  # plans alike on every rank
     batch = model_op.microbatch_size or rows
-    pi, ps, whole = _fit_product(model_op, batch, model_op.microbatch_size or own_rows)
+    # the whole-batch product runs micro-batches of at most microbatch_size of own_rows
+    pi, ps, whole = _fit_product(model_op, batch, min(model_op.microbatch_size or own_rows,
+                                                      own_rows))
     # a product holds at least the gradient and its result; a step, the gradient (the
     # resident set misses memory the allocator reuses, which matters on tiny models)
     pi, whole = max(pi, 2.0 * pbytes), max(whole, 2.0 * pbytes)

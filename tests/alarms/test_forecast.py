@@ -213,3 +213,12 @@ def test_a_slow_ramp_still_warns_once_r_is_far_past_the_limit(rate):
     assert warnings_, "no warning on the whole ramp"
     assert r[warnings_[0].step] >= 10.0 and r[warnings_[0].step - 1] >= 10.0 * 0.9
     assert not [f for f in _run(TaylorForecast(level_cap=None), r) if f.severity == "warning"]
+
+
+def test_a_level_above_the_cap_names_the_cap():
+    """Two rows at r >= level_cap, under level_growth x the median: the bar that fired is
+    the cap (10), which the message and threshold said was the limit (1) (review)."""
+    r = np.array([4.0] * 60 + [11.0, 11.0])
+    found = [f for f in _run(TaylorForecast(), r) if f.step == 61]
+    assert found and found[0].threshold == 10.0
+    assert "r = 11 >= 10 " in found[0].message, found[0].message

@@ -95,7 +95,7 @@ def test_a_data_factory_of_numpy_arrays_gives_the_numbers_of_its_tensors(setup, 
                      f"{fac}:text_labels", "-q", "-o", str(tmp_path / "w.h5")])
     lines = [ln for ln in words.output.splitlines() if ln.strip()]
     assert words.exit_code == 1 and len(lines) == 1, words.output
-    assert "a numpy array of dtype <U1, not numbers" in lines[0]
+    assert "a numpy array of dtype <U1, which torch cannot hold" in lines[0]
 
 
 def test_appending_an_analysis_of_other_data_or_loss_is_refused(setup, tmp_path):

@@ -100,21 +100,24 @@ def test_output_fn_that_finds_no_tensor_fails_the_logit_metrics_with_its_name():
 
 
 class Wrapper(nn.Module):
-    """A LightningModule-like wrapper whose training step calls its ``net`` directly."""
+    """A LightningModule-like wrapper whose training step calls its ``net`` directly, and
+    its loss module after it."""
 
     def __init__(self, pair: bool) -> None:
         super().__init__()
         self.net = Net(pair)
+        self.criterion = nn.CrossEntropyLoss()
 
     def forward(self, x: torch.Tensor):
         return self.net(x)
 
 
-@pytest.mark.parametrize("how", ["forward", "closure_on_a_child"])
+@pytest.mark.parametrize("how", ["forward", "closure_on_a_child", "closure_and_a_loss_child"])
 def test_output_fn_reads_the_logits_of_the_monitors_own_forward(how):
     """Without outputs=, the logits come from the monitor's forward: of the model (the
     capture of its output) or, under a closure that calls a child (self.net(x)), of that
-    child; the child's output was read through first_tensor, ignoring output_fn."""
+    child; the child's output was read through first_tensor, ignoring output_fn, and then
+    output_fn raised on a loss module's scalar (review)."""
 
     def logits_rows(pair, output_fn=None):
         model = Wrapper(pair)
@@ -126,6 +129,9 @@ def test_output_fn_reads_the_logits_of_the_monitors_own_forward(how):
         options = {"output_fn": output_fn} if output_fn is not None else {}
         if how == "closure_on_a_child":
             options["closure"] = lambda m, b: loss_fn(m.net(b[0]), b[1])
+        elif how == "closure_and_a_loss_child":  # output_fn cannot read the loss's scalar
+            options["closure"] = lambda m, b: m.criterion(
+                m.net(b[0])[1] if pair else m.net(b[0]), b[1])
         g = torch.Generator().manual_seed(1)
         with ls.Monitor(model, loss_fn, optimizer=opt, warn=False, strict=True,
                         metrics=[ls.metrics.Logits(schedule=ls.every(1))], **options) as mon:
