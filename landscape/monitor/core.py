@@ -694,7 +694,8 @@ class Monitor:
         with torch.no_grad():
             first = torch.cat([_dist.local_tensor(p.detach()).reshape(-1)[:1].float()
                                for p in held]).cpu() if held else torch.zeros(0)
-        return tuple(p._version for p in held), tuple(first.tolist())
+        # their bits: a NaN weight (a diverged run) is equal to itself there
+        return tuple(p._version for p in held), tuple(first.view(torch.int32).tolist())
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._hooked_steps += 1

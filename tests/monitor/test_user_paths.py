@@ -1499,3 +1499,15 @@ def test_set_optimizer_refuses_a_bad_argument_keeping_its_hooks_and_hooks_nothin
     mon.close()
     mon.set_optimizer(torch.optim.SGD(model.parameters(), lr=0.2))
     assert mon._hooks == []
+
+
+def test_a_nan_weight_is_no_change_to_the_new_optimizer_check():
+    # its first value read as a float is unequal to itself: every call without a step (a
+    # GradScaler skipping a diverged run's steps) looked like a change
+    def diverged(mon, model, opt):
+        with torch.no_grad():
+            model[0].weight[0, 0] = float("nan")
+        for step in range(4):
+            mon.step(step, batch=_backward(model), loss=1.0)  # no step taken
+
+    assert not _new_optimizer_said(diverged)
