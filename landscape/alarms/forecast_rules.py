@@ -372,6 +372,7 @@ class ForecastState:
                     # decays (a hard batch at a high learning rate), not a growing step
                     severity = "info"
                     message += "; the ratio is falling since it grew (one large step)"
+            message += self._flat_lr_note()
         else:
             n_steps = math.ceil(steps_to)
             if x >= rule.limit:  # crossed on this row: the level needs two rows above it
@@ -442,6 +443,18 @@ class ForecastState:
             f"median {_fmt(med)} for {self.rule.update_sustain} steps{detail}: the step size "
             "is growing"
         )
+
+    def _flat_lr_note(self) -> str:
+        """Where the hint's "check the schedule" does not apply: the rate did not move.
+
+        The rows' recorded learning rates (``lr``) all equal: the step grew by other
+        causes, which the note names.
+        """
+        lrs = [lr for lr in self.lrs if math.isfinite(lr)]
+        if len(lrs) < 2 or len(lrs) < len(self.lrs) or max(lrs) != min(lrs):
+            return ""
+        return ("; the learning rate has not changed: weight decay, gradient clipping or an "
+                "optimizer whose state was reset can grow the step too")
 
     def _restart_note(self) -> str:
         return (f"; the learning rate {_fmt(self.restart)} is back where the run trained "

@@ -222,3 +222,22 @@ def test_a_level_above_the_cap_names_the_cap():
     found = [f for f in _run(TaylorForecast(), r) if f.step == 61]
     assert found and found[0].threshold == 10.0
     assert "r = 11 >= 10 " in found[0].message, found[0].message
+
+
+def test_growth_at_a_constant_learning_rate_names_the_other_causes():
+    """The hint says to check the schedule; at a rate that never moved, the step grew by
+    weight decay, clipping or a reset optimizer state (the alarm audit's weight-decay and
+    clipped-RNN runs)."""
+    rng = np.random.default_rng(0)
+    r = np.full(200, 0.3) * np.exp(0.2 * rng.standard_normal(200))
+    u = np.full(200, 0.005) * np.exp(0.1 * rng.standard_normal(200))
+    ramp = 1.12 ** np.arange(1, 51)
+    r[150:] *= ramp
+    u[150:] *= ramp
+    note = "the learning rate has not changed"
+    (flat, *_) = _run(TaylorForecast(), r, update=u, lr=np.full(200, 1e-3))
+    assert flat.metric == "sentinels/update_ratio" and note in flat.message
+    lr = np.full(200, 1e-3)
+    lr[150:] *= ramp  # the ramp is the schedule's: no such note
+    (ramped, *_) = _run(TaylorForecast(), r, update=u, lr=lr)
+    assert ramped.metric == "sentinels/update_ratio" and note not in ramped.message
