@@ -83,3 +83,14 @@ class PartialRow(Exception):
         super().__init__(str(error))
         self.row = row
         self.error = error
+
+
+def first_line(err: BaseException, empty: str | None = None) -> str:
+    """The first line of ``err``'s message, for an error said in one line.
+
+    Args:
+        err: the exception.
+        empty: what an empty message gives (default: the exception's class name).
+    """
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else (type(err).__name__ if empty is None else empty)

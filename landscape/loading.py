@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from landscape._errors import LandscapeError
+from landscape._errors import LandscapeError, first_line
 from landscape._hf import model_loss
 from landscape.batches import leading_size, to_device
 
@@ -451,7 +451,7 @@ def torch_load(path: Path, *, trust: bool = False, kind: str = "torch checkpoint
                 f"{path}: holds pickled objects beyond tensors; if you trust the file, pass "
                 "--trust-checkpoint (it can run arbitrary code)"
             ) from err
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         hint = ""
         if isinstance(err, (AttributeError, ModuleNotFoundError)):  # torch.save(model)
             hint = ("; it pickles a whole model whose class cannot be imported here: save "
@@ -766,7 +766,7 @@ def prepare(
         try:
             net = net.to(device)
         except (RuntimeError, AssertionError, ValueError) as err:  # no such device here
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = first_line(err)
             raise LandscapeError(f"device {str(device)!r}: cannot move the model there ({first})") \
                 from None
     target = next((p.device for p in net.parameters()), torch.device("cpu"))
@@ -802,6 +802,6 @@ def _materialize_lazy(net: nn.Module, batch: Any) -> None:
         with isolated(net), torch.no_grad():
             net(*args, **kwargs)
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise LandscapeError(f"the model has lazy modules, and a forward pass on the first "
                              f"batch to give them their shapes failed: {first}") from None

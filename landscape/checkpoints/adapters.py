@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from landscape._errors import LandscapeError
+from landscape._errors import LandscapeError, first_line
 from landscape.checkpoints import huggingface as hf
 
 __all__ = ["ADAPTER_FILES", "build_model", "checkpoint_folder", "chosen_adapter",
@@ -203,7 +203,7 @@ def build_model(folder: Path, base: nn.Module | None = None) -> nn.Module:
         with hf.quiet_transformers():
             model = PeftModel.from_pretrained(base, str(folder), is_trainable=True)
     except Exception as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         raise LandscapeError(f"{folder}: the adapters do not fit the base model ({first})") \
             from err
     return model.eval()

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from landscape._errors import LandscapeError
+from landscape._errors import LandscapeError, first_line
 from landscape._hf import is_causal_lm
 from landscape.loading import STEP_WORDS
 
@@ -144,7 +144,7 @@ def read_weights(folder: Path, files: Sequence[str] = WEIGHT_FILES) -> dict[str,
                 return state
             return _load_file(path)
         except Exception as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            first = first_line(err)
             raise LandscapeError(f"{path}: not a readable weight file ({first})") from err
     raise LandscapeError(f"{folder}: no weight file ({', '.join(files)})")
 
@@ -194,7 +194,7 @@ def build_model(folder: Path) -> nn.Module:
             try:
                 model = cls.from_pretrained(str(folder), local_files_only=True).eval()
             except Exception as err:  # the next class may fit
-                errors.append(f"{cls.__name__}: {(str(err).strip().splitlines() or [''])[0]}")
+                errors.append(f"{cls.__name__}: {first_line(err, '')}")
                 continue
             if is_causal_lm(model) and getattr(model, "loss_type", None) is None:
                 model.loss_type = "ForCausalLM"  # transformers' default, without its notice
@@ -237,7 +237,7 @@ def load_tokenizer(folder: Path) -> Any:
         with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         raise LandscapeError(f"{folder}: no usable tokenizer for --text ({first}); "
                              "give token ids with --tokens instead") from err
     # recent transformers build a tokenizer of special tokens alone instead of raising

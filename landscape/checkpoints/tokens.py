@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from landscape._errors import LandscapeError
+from landscape._errors import LandscapeError, first_line
 
 __all__ = ["read_tokens", "token_batches"]
 
@@ -48,7 +48,7 @@ def read_tokens(path: Path) -> torch.Tensor:
     except LandscapeError:
         raise
     except Exception as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         raise LandscapeError(f"{path}: not a readable token file ({first})") from err
     if (not isinstance(ids, torch.Tensor) or ids.dim() not in (1, 2)
             or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool):
