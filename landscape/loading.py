@@ -788,9 +788,9 @@ def _materialize_lazy(net: nn.Module, batch: Any) -> None:
     checkpoint's. Without it every count of the parameters failed ("Attempted to use an
     uninitialized parameter").
     """
-    from torch.nn.parameter import UninitializedParameter
+    from landscape.params import has_lazy_parameters
 
-    if not any(isinstance(p, UninitializedParameter) for p in net.parameters()):
+    if not has_lazy_parameters(net):
         return
     from landscape.batches import model_call
     from landscape.isolation import isolated

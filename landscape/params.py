@@ -40,6 +40,14 @@ def trainable_named_parameters(
     return {n: p for n, p in named.items() if n in keep}
 
 
+def has_lazy_parameters(model: nn.Module) -> bool:
+    """Whether ``model`` holds lazy parameters without a shape yet.
+
+    ``nn.LazyLinear`` and its kind take their shapes in their first forward pass.
+    """
+    return any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters())
+
+
 def dot(u: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> torch.Tensor:
     """<u, v> summed over all tensors (a 0-d tensor)."""
     if len(u) != len(v):

@@ -75,7 +75,12 @@ from landscape.monitor.probe import (
     take_probe,
     targets_in_batch_dtype,
 )
-from landscape.params import stackable, tensor_norms, trainable_named_parameters
+from landscape.params import (
+    has_lazy_parameters,
+    stackable,
+    tensor_norms,
+    trainable_named_parameters,
+)
 from landscape.store import Run, RunWriter
 
 __all__ = ["MetricsLike", "Monitor", "resolve_metrics", "unwrap_optimizer"]
@@ -98,13 +103,6 @@ def _skipped_overflow(ctx: StepContext) -> bool:
 _PLURALS = ((": this metric evaluates ", ": these metrics evaluate "),
             (": this metric needs ", ": these metrics need "))
 """The reasons' own words for one metric, as several share them (:func:`_warn_failures`)."""
-
-
-def _uninitialized(model: nn.Module) -> bool:
-    """Whether ``model`` holds lazy parameters that have no shape yet (``nn.LazyLinear``)."""
-    from torch.nn.parameter import UninitializedParameter
-
-    return any(isinstance(p, UninitializedParameter) for p in model.parameters())
 
 
 def _warn_failures(failures: list[Finding]) -> None:
@@ -365,7 +363,7 @@ class Monitor:
         """
         if self.writer is not None:
             return self
-        if _uninitialized(self.model):  # lazy modules take their shapes in the first forward
+        if has_lazy_parameters(self.model):  # lazy modules take their shapes in the first forward
             _log.info("landscape: the model has lazy modules without their shapes yet; the "
                       "monitor starts at its first step")
             return self
