@@ -679,13 +679,11 @@ class StepContext:
         if source == "batch" and self.outputs is not None:
             given = self.logits_of(self.outputs)  # a tuple or ModelOutput: its logits
             if given is None:
-                raise MissingInput(f"outputs= holds no tensor to read logits from"
-                                   f"{self._by_output_fn}")
+                raise self.no_logits("outputs= holds no tensor to read logits from")
             return given.detach()
         out = self.captured(source).outputs.get("")
         if out is None:
-            raise MissingInput(f"the model's forward returned no tensor to read logits from"
-                               f"{self._by_output_fn}")
+            raise self.no_logits("the model's forward returned no tensor to read logits from")
         return out
 
     def logits_of(self, output: Any) -> torch.Tensor | None:
@@ -698,10 +696,10 @@ class StepContext:
         logits = self.output_fn(output) if self.output_fn is not None else first_tensor(output)
         return logits if isinstance(logits, torch.Tensor) else None
 
-    @property
-    def _by_output_fn(self) -> str:
-        """The tail of a "no logits" message: which function read the output."""
-        return " (through output_fn=)" if self.output_fn is not None else ""
+    def no_logits(self, what: str) -> MissingInput:
+        """The error for an output without logits: ``what``, and which function read it."""
+        return MissingInput(what + (" (through output_fn=)" if self.output_fn is not None
+                                    else ""))
 
     # -- curvature, shared between metrics
 

@@ -531,8 +531,7 @@ class Sentinels(Metric):
                         self._whole_dict = False  # a convention works: a later error is the model's
         z = ctx.logits_of(output)
         if z is None or z.dim() == 0:
-            raise MissingInput(f"sentinels: the model's output has no logits tensor"
-                               f"{ctx._by_output_fn}")
+            raise ctx.no_logits("sentinels: the model's output has no logits tensor")
         targets = y if y is not None else batch_targets(kwargs)
         # a segmentation map's (N, C, H, W) logits of (N, H, W) targets: classes last
         z = classes_last(z.detach(), targets)

@@ -421,8 +421,8 @@ def _radius_in_place(ctx: StepContext, args, keywords, targets, at, direction) -
             _dist.reshard(model)  # FSDP2 may keep the root's unsharded copy after a forward
             out = ctx.logits_of(model(*args, **keywords))  # a tuple or ModelOutput: logits
             if out is None:
-                raise MissingInput(f"the model's forward returned no tensor to read logits "
-                                   f"from{ctx._by_output_fn}")
+                raise ctx.no_logits("the model's forward returned no tensor to read logits "
+                                    "from")
             return out.detach()
 
     try:
