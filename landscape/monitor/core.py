@@ -451,9 +451,10 @@ class Monitor:
                 or "analysis" in self._user_config:  # analyze: checkpoints, flushed each
             return
         run = self.writer.run()
+        held = set(run.metrics())
         spacing = None
         for m in self.metrics:
-            steps = run.steps(m.name) if m.name in run.metrics() else ()
+            steps = run.steps(m.name) if m.name in held else ()
             if len(steps) >= 2:
                 gap = int(steps[-1] - steps[-2])
                 spacing = gap if spacing is None else min(spacing, gap)
