@@ -27,6 +27,7 @@ from torch import nn
 
 from landscape._checks import positive_int
 from landscape._errors import MissingInput, PartialRow
+from landscape._hf import output_loss
 from landscape.batches import head, leading_size, model_call
 from landscape.capture import first_tensor
 from landscape.curvature.stability import learning_rate
@@ -233,18 +234,17 @@ def _say_not_logits(outputs: torch.Tensor, batch: Any) -> None:
 def _output_loss(output: Any) -> torch.Tensor | None:
     """The scalar loss a model returned with its output (Hugging Face, given ``labels``).
 
-    Its ``loss`` entry or attribute, or the leading scalar of a tuple whose logits come
-    after it (``return_dict=False``: ``(loss, logits, ...)``, as
-    :func:`~landscape.capture.first_tensor` reads it).
+    :func:`landscape._hf.output_loss` (its ``loss`` entry or attribute, or the leading
+    scalar of a ``return_dict=False`` tuple), when it is one number and not the tensor
+    :func:`~landscape.capture.first_tensor` reads as the logits (a tuple holding a scalar
+    alone).
     """
-    if isinstance(output, (tuple, list)) and output:
-        first = output[0]
-        if isinstance(first, torch.Tensor) and first.dim() == 0 \
-                and first_tensor(output) is not first:
-            return first
+    loss = output_loss(output)
+    if loss is None or loss.numel() != 1:
         return None
-    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
-    return loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
+    if isinstance(output, (tuple, list)) and first_tensor(output) is loss:
+        return None
+    return loss
 
 
 def _has_observers(modules: list[nn.Module]) -> bool:
