@@ -107,7 +107,11 @@ def test_every_metric_reads_a_model_of_two_inputs_as_it_reads_the_same_model_of_
     assert rows.keys() == reference.keys()
     assert ("sentinels", "r_secant") in rows
     for key in rows:
-        np.testing.assert_allclose(rows[key], reference[key], rtol=1e-5, atol=1e-9,
+        # the same function in float32, its products rounded otherwise (the joined model
+        # slices its input): SLQ's last Lanczos steps amplify that rounding (its weights
+        # moved 2.8e-5 on one machine), a misread input moves every value by far more
+        rtol = 1e-3 if key[0] == "spectral_density" else 1e-5
+        np.testing.assert_allclose(rows[key], reference[key], rtol=rtol, atol=1e-9,
                                    equal_nan=True, err_msg=str(key))
     measured = [k for k, v in rows.items() if np.isfinite(v).any()]
     assert ("sentinels", "r_secant") in measured and len(measured) > 10
