@@ -86,3 +86,18 @@ def test_small_benchmark_end_to_end(capsys):
     assert f"**Total: 0 warnings on {len(SMALL)} healthy runs**" in table
     assert printed["setups"] == ["clip_grad"]
     assert "| clip_grad | 1 | 120 | H |" in capsys.readouterr().out
+    assert "taylor_radius" not in accum["metrics"] and "sentinels" in accum["metrics"]
+
+
+def test_small_benchmark_with_a_preset_tries_the_rules_of_its_metrics(capsys):
+    """--preset standard: the monitor records taylor_radius, sharpness, ... on the setups."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        printed = main(["--small", "--setups", "clip_grad", "--preset", "standard"])
+    finally:
+        torch.set_num_threads(threads)
+    (run,) = printed["runs"]
+    assert printed["preset"] == "standard"
+    assert {"taylor_radius", "spectral_alignment", "sharpness"} <= set(run["metrics"])
+    assert "`Monitor(..., metrics='standard')`" in capsys.readouterr().out

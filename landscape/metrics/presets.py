@@ -1,20 +1,20 @@
 """Named bundles of metrics with schedules, and the resolution of a ``metrics=`` argument.
 
-* ``cheap`` (the default) — every step: loss, gradient norm, non-finite flags, update size,
-  the sentinels (secant Taylor ratio, logit growth, update ratios); logits every
-  10 steps. About 1 to 3 ms of fixed work per step: a fifth of a 13 ms step of a tiny
-  transformer, half of a 2 ms step of a tiny CNN, less on real models (docs/benchmarks.md).
-* ``standard`` — ``cheap`` plus the Taylor radius of the step and spectral alignment every
-  10 steps, sharpness (warm-started lambda_max) every 100, effective rank and uniformity
-  every 50, neural collapse every 100, top-3 Hessian eigenvalues and the trace every 500.
-* ``full`` — denser: Taylor radius, alignment and logits every 5, sharpness and
-  representations every 25, collapse every 50, top-3 eigenvalues every 100, trace every
-  200, spectral density every 500.
+* ``cheap`` (the default) — the every-step sentinels (secant Taylor ratio, logit growth,
+  update ratios) and training signals (loss, gradient norm, non-finite flags, update
+  size), logits at intervals. About 1 to 3 ms of fixed work per step: a fifth of a 13 ms
+  step of a tiny transformer, half of a 2 ms step of a tiny CNN, less on real models
+  (docs/benchmarks.md).
+* ``standard`` — ``cheap`` plus the Taylor radius of the step, spectral alignment,
+  sharpness (warm-started lambda_max), effective rank and uniformity, neural collapse, the
+  top-3 Hessian eigenvalues and the trace, each at its own interval.
+* ``full`` — all of them more densely, and the spectral density.
 
 A metric runs on its class's ``default_schedule`` unless the preset's table below says
-otherwise, so each schedule is written once. Each can be overridden by metric name:
-``preset("standard", top_eigenvalues="every(10)")``; a name mapped to ``None`` drops that
-metric. The tables are in docs/monitor.md.
+otherwise, so each schedule is written once; :data:`PRESETS` and the table in
+docs/monitor.md ("Metrics and presets") list the resulting schedules. Each can be
+overridden by metric name: ``preset("standard", top_eigenvalues="every(10)")``; a name
+mapped to ``None`` drops that metric.
 """
 
 from __future__ import annotations

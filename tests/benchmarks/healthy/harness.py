@@ -5,7 +5,8 @@ findings, its loss curve and whether it was healthy; :func:`summarise` pools a s
 seeds into one table row.
 
 The monitor is ``Monitor(model, loss_fn, None, optimizer=opt, warn=False)``: no
-``metrics=`` (the ``cheap`` preset), no ``probe=`` (up to 32 samples of the first batch), default
+``metrics=`` (the ``cheap`` preset; ``--preset standard`` or ``full`` tries the rules that
+read the other metrics), no ``probe=`` (up to 32 samples of the first batch), default
 alarm rules, in memory. It is started before the first step and called after every
 ``optimizer.step()`` (after the scheduler, as the hunt did) with the batch, the detached
 loss and the detached outputs; with gradient clipping also the norm before clipping
@@ -183,26 +184,31 @@ def _quiet_probe_note() -> Iterator[None]:
         log.removeFilter(_default_probe_note)
 
 
-def run(setup: Setup, seed: int, steps: int | None = None) -> dict[str, Any]:
+def run(setup: Setup, seed: int, steps: int | None = None,
+        preset: str | None = None) -> dict[str, Any]:
     """Train ``setup`` for ``seed`` under the default monitor.
 
     Args:
         setup: the setup.
         seed: its seed (initialisation and batch order).
         steps: optimizer steps (default: the setup's full size).
+        preset: ``metrics=`` of the monitor (default: none, the ``cheap`` preset); a rule
+            that reads a metric outside ``cheap`` is only tried on healthy runs with a
+            preset that records it (``"standard"``, ``"full"``).
 
     Returns:
         ``setup``, ``seed``, ``steps`` (monitor calls), ``seconds`` (build and training),
         ``healthy``, ``why``, ``worst_ratio`` (:func:`health`), ``counted`` (healthy and not
-        excluded by design), ``warnings`` (every finding of severity >= warning: step, rule,
-        severity, metric, value, threshold, message), ``info`` (info findings per rule),
+        excluded by design), ``metrics`` (the monitor's), ``warnings`` (every finding of
+        severity >= warning: step, rule, severity, metric, value, threshold, message),
+        ``info`` (info findings per rule),
         ``loss_first`` / ``loss_last`` (median of the first 20 / last 50 losses),
         ``extra`` (the loop's counters) and ``losses``.
     """
     t0 = time.perf_counter()
     trial = setup.build(seed, steps or setup.steps)
     mon = Monitor(trial.model, trial.loss_fn, None, optimizer=trial.optimizer,
-                  warn=False).start()
+                  metrics=preset, warn=False).start()
     losses: list[float] = []
     call_steps: list[int] = []
     with _quiet_probe_note(), contextlib.closing(mon):
@@ -223,6 +229,7 @@ def run(setup: Setup, seed: int, steps: int | None = None) -> dict[str, Any]:
             "warnings": warnings, "info": dict(sorted(info.items())),
             "loss_first": float(np.median(losses[:20])),
             "loss_last": float(np.median(losses[-50:])),
+            "metrics": [m.name for m in mon.metrics],
             "extra": dict(trial.extra), "losses": losses}
 
 

@@ -31,14 +31,16 @@ def totals(result: dict[str, Any]) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     """The per-setup table, the total line, the warnings on healthy runs, the unhealthy runs."""
     t = totals(result)
+    monitor = ("Default monitor (`Monitor(model, loss_fn, None, optimizer=opt, warn=False)`)"
+               if not result.get("preset") else f"`Monitor(..., metrics={result['preset']!r})`")
     lines = [
-        f"Default monitor (`Monitor(model, loss_fn, None, optimizer=opt, warn=False)`), "
-        f"seeds {result['seeds']}{', --small' if result['small'] else ''}. health: one letter "
-        "per seed, H healthy, u not (non-finite loss, or the 20-step rolling median of the "
-        "loss >= 1.25x its running minimum, and >= 5 % of the initial loss above it, for 20 "
-        "steps from step 50 on); † task changes by design, never counted. worst: largest "
-        "rolling median / running minimum. Warnings: findings of severity >= warning, per "
-        "rule, on all runs; 'on healthy': those on the counted runs.", "",
+        f"{monitor}, seeds {result['seeds']}{', --small' if result['small'] else ''}. "
+        "health: one letter per seed, H healthy, u not (non-finite loss, or the 20-step "
+        "rolling median of the loss >= 1.25x its running minimum, and >= 5 % of the "
+        "initial loss above it, for 20 steps from step 50 on); † task changes by design, "
+        "never counted. worst: largest rolling median / running minimum. Warnings: "
+        "findings of severity >= warning, per rule, on all runs; 'on healthy': those on "
+        "the counted runs.", "",
         "| setup | seeds | steps | health | worst | warnings (all runs) | on healthy | info "
         "| s |",
         "|" + "---|" * 9,

@@ -1,0 +1,70 @@
+"""The hand-kept lists of built-in metrics and rules agree with the registries.
+
+A built-in touches several lists (docs/architecture.md, "Adding a built-in"); each test
+here fails when one of them is forgotten, so the checklist is checked, not only written.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+
+import landscape as ls
+from landscape.alarms import RULES
+from landscape.metrics.base import _REGISTRY
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+MONITOR_MD = (DOCS / "monitor.md").read_text()
+ALARMS_MD = (DOCS / "alarms.md").read_text()
+
+
+def _table_row(text: str, first_cells: str) -> list[str]:
+    """The cells of the markdown table row that starts with ``first_cells``."""
+    for line in text.splitlines():
+        if line.startswith(f"| {first_cells} |"):
+            return [c.strip() for c in line.strip().strip("|").split(" | ")]
+    raise AssertionError(f"no table row starts with {first_cells!r}")
+
+
+@pytest.mark.parametrize("name", sorted(_REGISTRY))
+def test_every_built_in_metric_has_its_row_in_the_metric_table_of_monitor_md(name):
+    cls = _REGISTRY[name]
+    cells = _table_row(MONITOR_MD, f"`{cls.__name__}` | `{name}`")
+    fields, schedule = cells[2], cells[4]
+    for field in cls.FIELDS:
+        assert re.search(rf"\b{field}\b", fields), f"{name}: field {field} not in {fields!r}"
+    assert schedule == str(cls.default_schedule), name
+
+
+@pytest.mark.parametrize("name", sorted(_REGISTRY))
+def test_every_built_in_metric_is_exported_by_its_module_and_the_package(name):
+    cls = _REGISTRY[name]
+    assert cls.__name__ in importlib.import_module(cls.__module__).__all__
+    assert getattr(ls.metrics, cls.__name__) is cls
+    assert cls.__name__ in ls.metrics.__all__
+
+
+def test_the_preset_table_of_monitor_md_is_the_presets():
+    header = _table_row(MONITOR_MD, "metric")
+    presets = [re.match(r"`(\w+)`", cell).group(1) for cell in header[1:]]
+    assert sorted(presets) == sorted(ls.metrics.PRESETS)
+    documented: dict[str, dict[str, str]] = {p: {} for p in presets}
+    for name in _REGISTRY:
+        for preset, cell in zip(presets, _table_row(MONITOR_MD, f"`{name}`")[1:]):
+            if cell != "—":
+                documented[preset][name] = cell.strip("`")
+    assert documented == ls.metrics.PRESETS
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_every_built_in_rule_is_exported_and_documented_in_alarms_md(name):
+    cls = RULES[name]
+    assert cls.__name__ in importlib.import_module(cls.__module__).__all__
+    assert getattr(ls.alarms, cls.__name__) is cls and cls.__name__ in ls.alarms.__all__
+    _table_row(ALARMS_MD, f"`{name}` (`{cls.__name__}`)")  # the rules table
+    assert f"\n### `{name}`\n" in ALARMS_MD, f"no section for {name} in alarms.md"
+    where = _table_row(ALARMS_MD, f"`{cls.__module__}`")  # "Where the code lives"
+    assert f"`{cls.__name__}`" in where[1], (cls.__module__, where)
