@@ -359,11 +359,19 @@ def refuse_constant_cross_entropy(outputs: Any, targets: Any) -> None:
         slack = max(1e-3, 2 * targets.shape[1] * torch.finfo(targets.dtype).eps)
         if bool((t < 0).any()) or not torch.allclose(sums, torch.ones_like(sums),
                                                        atol=slack):
+            if bool(((t == 0) | (t == 1)).all()):  # several 1s in a row: multi-label
+                raise LandscapeError(
+                    "the targets are 0/1 floats of the outputs' shape with rows that do "
+                    "not sum to 1: multi-label targets; use binary cross-entropy "
+                    "(--loss bce_with_logits; in Python "
+                    "loss_fn=F.binary_cross_entropy_with_logits): cross_entropy reads "
+                    "them as soft labels")
             raise LandscapeError(
                 "the targets are floats of the outputs' shape that are not class "
                 "probabilities (negative, or rows that do not sum to 1): a regression's "
                 "targets; use the mean squared error (--loss mse; in Python "
-                "loss_fn=F.mse_loss): cross_entropy reads them as soft labels")
+                "loss_fn=F.mse_loss), or binary cross-entropy for targets in [0, 1] "
+                "(--loss bce_with_logits): cross_entropy reads them as soft labels")
 
 
 def _released(ckpt: Checkpoint) -> Checkpoint:
@@ -807,6 +815,8 @@ def analyze(
                         load_state_into(net, ckpt)
                         if saved and opt is not None:
                             _apply_saved(opt, net, ckpt.optimizer, ckpt)
+                        if opt is not None:  # the weights change with no step of it: each
+                            monitor.set_optimizer(opt)  # checkpoint's optimizer is a new one
                         diverged = (first_diverged if ckpt is todo[0][1] else
                                     _check_diverged_or_refuse(net, loss_fn, batches, ckpt,
                                                               closure, data_good))

@@ -404,6 +404,11 @@ def test_soft_labels_in_bfloat16_are_probabilities():
     refuse_constant_cross_entropy(torch.randn(4, 1000), smooth.to(torch.bfloat16))
     with pytest.raises(LandscapeError, match="not class probabilities"):
         refuse_constant_cross_entropy(torch.randn(4, 3), 2.0 * torch.rand(4, 3) - 1.0)
+    # multi-hot rows (two 1s, or none): multi-label targets, binary cross-entropy
+    multi_hot = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    with pytest.raises(LandscapeError, match=r"multi-label targets.*--loss bce_with_logits"):
+        refuse_constant_cross_entropy(torch.randn(3, 3), multi_hot)
+    refuse_constant_cross_entropy(torch.randn(3, 3), torch.eye(3))  # one-hot: probabilities
 
 
 def test_a_dcp_folder_or_shard_says_how_to_convert_it(fac, tmp_path):
