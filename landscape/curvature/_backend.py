@@ -134,6 +134,7 @@ class Backend:
         func_impl: Callable[[], Any],
         autograd_impl: Callable[[], Any],
         first_order_impl: Callable[[], Any] | None = None,
+        diagnose: Callable[[], None] | None = None,
     ) -> Any:
         """One evaluation by the chosen path, falling back under ``"auto"``.
 
@@ -149,6 +150,10 @@ class Backend:
             autograd_impl: the evaluation by autograd.
             first_order_impl: the first-order evaluation (enters its own context), or
                 ``None`` where there is none.
+            diagnose: run when the exact evaluation raised, before the fallback; raises a
+                :class:`~landscape._errors.LandscapeError` when the user's model or loss
+                is what went wrong (a loss without a gradient graph), which no other
+                product would fix.
 
         Returns:
             What the implementation that ran returned.
@@ -163,6 +168,11 @@ class Backend:
         try:
             return self._run_exact(context, func_impl, autograd_impl)
         except Exception as err:
+            if diagnose is not None:
+                try:
+                    diagnose()
+                except LandscapeError as diagnosed:
+                    raise diagnosed from err
             if self.name != "auto" or first_order_impl is None:
                 raise
             try:

@@ -22,6 +22,7 @@ from torch import nn
 from torch.func import grad_and_value, vmap
 
 from landscape import distributed as _dist
+from landscape._errors import LandscapeError
 from landscape.batches import model_call
 from landscape.curvature._backend import Backend
 from landscape.curvature._batches import (
@@ -118,6 +119,20 @@ class OperatorOptions:
         return cls(**kwargs)
 
 
+class LossWithoutGraphError(LandscapeError, ValueError):
+    """The loss does not depend on the parameters: it carries no gradient graph.
+
+    Args:
+        what: what computed it (``"loss_fn"``, ``"the closure"``).
+    """
+
+    def __init__(self, what: str) -> None:
+        super().__init__(
+            f"the loss has no gradient graph: {what} returns a value that does not depend "
+            "on the parameters (.detach(), .item(), a new torch.tensor or torch.no_grad() "
+            "inside it?); every curvature of it would be 0")
+
+
 class ModelOperator(CurvatureOperator):
     """Common machinery of :class:`Hessian` and :class:`GGN`: data, isolation, backends.
 
@@ -183,6 +198,7 @@ class ModelOperator(CurvatureOperator):
         self._backend = Backend(backend.name, type(self).__name__, self._impossible(),
                                 model=self.model)
         self._use_first_order()
+        self._graph_checked = False  # the loss has a gradient graph (_check_loss_graph)
         self.refresh()
         cut = len(self._data.batches) > len(whole_data.batches)
         if cut or (reduce and opts.microbatch_size is not None):
@@ -448,6 +464,40 @@ class ModelOperator(CurvatureOperator):
         if missing and self._cut_by_checkpoint(batch, leaves):
             raise NoGradientError(missing)
 
+    def _checked_nonzero(self, out: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        """``out``, once checked: an all-zero first result may come from a loss without graph.
+
+        ``torch.func`` differentiates a loss that does not depend on the parameters (a
+        ``loss_fn`` that detaches) to zeros, and the first-order product does alike, so
+        every curvature would be a silent 0. The first non-zero result ends the checks.
+        """
+        if not self._graph_checked:
+            if any(bool(t.any()) for t in out):
+                self._graph_checked = True
+            else:
+                self._check_loss_graph()
+        return out
+
+    def _check_loss_graph(self) -> None:
+        """Raise :class:`LossWithoutGraphError` when the loss has no gradient graph.
+
+        One forward of the loss on the first batch by autograd, every trainable parameter
+        a leaf (selected parameters the loss does not reach have a curvature of 0, no
+        error), run when a result was all zeros or the exact product raised, until a
+        graph is seen.
+        """
+        if self._graph_checked:
+            return
+        batch = to_device(self._data.batches[0], self.device)
+        leaves = {n: p.detach().requires_grad_(True)
+                  for n, p in self.model.named_parameters() if p.requires_grad}
+        with self._context():
+            value = self._batch_loss({**leaves, **self._leaves()}, batch)
+            if not value.requires_grad and torch.is_grad_enabled():
+                raise LossWithoutGraphError(
+                    "the closure" if self.closure is not None else "loss_fn")
+        self._graph_checked = True
+
     def _model_output(self, p: Tensors, batch: Any) -> tuple[Any, Any]:
         """``(outputs, targets)`` with the parameters ``p`` substituted."""
         if self.forward is None:
@@ -503,8 +553,10 @@ class ModelOperator(CurvatureOperator):
                 return self._accumulate(one)
 
             out = self._backend.run(
-                self._context, func_impl, autograd_impl, self._first_order.loss_and_grad
+                self._context, func_impl, autograd_impl, self._first_order.loss_and_grad,
+                self._check_loss_graph,
             )
+            self._checked_nonzero(out[1:])
             self._cache = (out[0], tuple(out[1:]))
         return self._cache
 
@@ -528,7 +580,9 @@ class ModelOperator(CurvatureOperator):
         def first_order_impl() -> Vector:
             return self._first_order_product(v)
 
-        return tuple(self._backend.run(self._context, func_impl, autograd_impl, first_order_impl))
+        out = tuple(self._backend.run(self._context, func_impl, autograd_impl,
+                                      first_order_impl, self._check_loss_graph))
+        return self._checked_nonzero(out)
 
     def _matmat(self, vs: list[Vector]) -> list[Vector]:
         if len(vs) == 1 and self._prefers_single_products():
@@ -544,6 +598,9 @@ class ModelOperator(CurvatureOperator):
             flat = self._accumulate(one)
             return [tuple(t[i] for t in flat) for i in range(len(vs))]
 
-        return self._backend.run_batched(
+        outs = self._backend.run_batched(
             self._context, vmapped, lambda: [self._matvec(v) for v in vs]
         )
+        for out in outs:
+            self._checked_nonzero(out)
+        return outs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
@@ -576,3 +577,31 @@ def test_a_summed_loss_over_several_batches_is_refused():
         one = top_eigenvalues(Hessian(model, summed, (x, y)), tol=1e-6).values[0]
         mean = top_eigenvalues(Hessian(model, F.cross_entropy, (x, y)), tol=1e-6).values[0]
         assert float(one) == pytest.approx(24 * float(mean), rel=1e-4)  # one batch: N x
+
+
+@pytest.mark.parametrize("backend", ["auto", "func", "autograd", "first_order"])
+@pytest.mark.parametrize("how", ["detach", "item"])
+def test_a_loss_without_gradient_graph_is_refused_not_measured_as_zero(backend, how):
+    """A loss_fn that detaches gave eigenvalues, traces and gradients of exactly 0 (the
+    func and first-order paths differentiate it to zeros; "auto" fell back to first
+    order on the autograd path's error and said the exact product was impossible)."""
+    from landscape.curvature import hessian_trace
+    from landscape.curvature._model_operator import LossWithoutGraphError
+
+    def loss_fn(out, y):
+        value = F.cross_entropy(out, y)
+        return value.detach() if how == "detach" else torch.tensor(value.item())
+
+    model, (x, y) = models.mlp(), models.classification_data()
+    for op in (Hessian(model, loss_fn, (x, y), backend=backend),
+               GGN(model, loss_fn, (x, y))):
+        for measure in (functools.partial(top_eigenvalues, op, k=1),
+                        functools.partial(hessian_trace, op, n_matvec=4), op.gradient):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no "exact product impossible" either
+                with pytest.raises(LossWithoutGraphError, match="no gradient graph"):
+                    measure()
+    # a selected subset the loss does not reach has zero curvature, and that is no error
+    model.register_parameter("unused", nn.Parameter(torch.ones(3)))
+    assert top_eigenvalues(Hessian(model, F.cross_entropy, (x, y), params=[model.unused]),
+                           k=1).values.abs().max() == 0

@@ -200,6 +200,26 @@ def test_a_probe_the_model_cannot_read_keeps_the_update_ratio_and_says_why():
         _train(model, opt, mon, _batches(1), F.cross_entropy)
 
 
+def test_a_loss_fn_that_detaches_is_a_failure_not_a_sharpness_of_zero():
+    """The monitor recorded lambda_max = 0 and a trace of 0, with no finding (API audit)."""
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = models.classification_data()
+
+    def detached(out, y):
+        return F.cross_entropy(out, y).detach()
+
+    with Monitor(model, detached, optimizer=opt, probe=probe, warn=False,
+                 metrics=["sharpness", "hessian_trace"]) as mon:
+        _train(model, opt, mon, _batches(2), F.cross_entropy)
+        run = mon.run()
+    assert np.isnan(run.series("sharpness", "lambda_max")[1]).all()
+    assert np.isnan(run.series("hessian_trace", "value")[1]).all()
+    failed = [f for f in mon.findings if f.rule == "metric_failed"]
+    assert {f.metric.split("/")[0] for f in failed} == {"sharpness", "hessian_trace"}
+    assert all("no gradient graph" in f.message for f in failed), failed
+
+
 def test_a_metric_that_fails_in_another_way_later_is_reported_again():
     """Only a metric's first failure was reported: an out-of-memory error after a
     RuntimeError stayed a NaN row without a word."""
