@@ -23,6 +23,8 @@ __all__ = [
     "last_child_output",
     "last_linear",
     "linear_layers",
+    "output_logits",
+    "predictions_per_sample",
     "resolve_module",
 ]
 
@@ -103,6 +105,27 @@ def first_tensor(value: Any) -> torch.Tensor | None:
     return logits if isinstance(logits, torch.Tensor) else None
 
 
+def predictions_per_sample(value: Any) -> bool:
+    """Whether a model's output is a list of per-sample prediction dicts.
+
+    A torchvision detection or segmentation model in eval mode returns one
+    ``{"boxes", "labels", "scores", ...}`` per image: no logits, though
+    :func:`first_tensor` would find the first image's boxes.
+    """
+    return isinstance(value, (tuple, list)) and bool(value) and all(
+        isinstance(v, Mapping) for v in value)
+
+
+def output_logits(value: Any) -> torch.Tensor | None:
+    """The logits in a model's output: :func:`first_tensor`, None for per-sample predictions.
+
+    The default reading of the monitor's ``output_fn`` (the model's own output, and
+    :meth:`~landscape.metrics.StepContext.logits_of`): a list of per-sample prediction
+    dicts (:func:`predictions_per_sample`) holds no logits.
+    """
+    return None if predictions_per_sample(value) else first_tensor(value)
+
+
 @contextlib.contextmanager
 def capture(
     model: nn.Module, *, inputs: Iterable[str] = (), outputs: Iterable[str] = (),
@@ -118,7 +141,8 @@ def capture(
         outputs: names of the modules whose output is kept.
         output_fn: reads the tensor kept for the model's own output (the name ``""``) from
             what its forward returned, e.g. ``lambda out: out[1]`` for a ``(features,
-            logits)`` tuple; by default (and for every other module) :func:`first_tensor`.
+            logits)`` tuple; by default :func:`output_logits` (and for every other module
+            :func:`first_tensor`).
 
     Yields:
         A :class:`Captured` that fills as forwards run; the hooks are removed on exit, also
@@ -128,7 +152,7 @@ def capture(
     handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def make_hook(name: str, want_input: bool, want_output: bool):
-        own_output = name == "" and output_fn is not None
+        read = (output_fn or output_logits) if name == "" else first_tensor
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if want_input:
@@ -136,7 +160,7 @@ def capture(
                 if t is not None:
                     found.inputs[name] = t.detach()
             if want_output:
-                t = output_fn(output) if own_output else first_tensor(output)
+                t = read(output)
                 if isinstance(t, torch.Tensor):
                     found.outputs[name] = t.detach()
 
@@ -170,7 +194,7 @@ def last_child_output(
     Args:
         model: the model whose direct children are hooked.
         output_fn: reads the tensor from a child's output (the monitor's ``output_fn``: a
-            ``self.net`` returning ``(features, logits)``); by default :func:`first_tensor`.
+            ``self.net`` returning ``(features, logits)``); by default :func:`output_logits`.
 
     Yields:
         A list that holds the kept (detached) output once a child produced one; the hooks
@@ -180,7 +204,7 @@ def last_child_output(
 
     def hook(module: nn.Module, args: Any, output: Any) -> None:
         if output_fn is None:
-            t = first_tensor(output)
+            t = output_logits(output)
         else:
             try:  # written for the network's output: a loss or metric child may not fit it
                 t = output_fn(output)

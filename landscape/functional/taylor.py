@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from landscape._deprecation import module_getattr
-from landscape.capture import first_tensor
+from landscape.capture import output_logits, predictions_per_sample
 from landscape.functional._common import MetricResult, as_float_tensor, fail
 from landscape.functional._model import (
     OutputFn,
@@ -181,7 +181,7 @@ def logits_call(
     """``params -> logits``: the model at ``params`` (:func:`stateless_call`), logits only.
 
     The logits are read from the output by ``output_fn``, by default through
-    :func:`landscape.capture.first_tensor` (a ``(logits, aux)`` tuple, a dict or a Hugging
+    :func:`landscape.capture.output_logits` (a ``(logits, aux)`` tuple, a dict or a Hugging
     Face ``ModelOutput`` gives its logits), so a transform (``torch.func.jvp``) sees one
     tensor. A model whose ``forward`` takes ``use_cache`` (Hugging Face language models) is
     called with ``use_cache=False``: no key-value cache is built, nor returned.
@@ -204,12 +204,17 @@ def logits_call(
 
     def call(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         out = stateless_call(model, params, inputs, kwargs)
-        logits = output_fn(out) if output_fn is not None else first_tensor(out)
+        logits = output_fn(out) if output_fn is not None else output_logits(out)
         if not isinstance(logits, torch.Tensor):
+            if output_fn is not None:
+                how = f"output_fn= returned {type(logits).__name__}, not a tensor"
+            elif predictions_per_sample(out):
+                how = ("per-sample prediction dicts (a detection model in eval mode); "
+                       "the Taylor radius needs logits")
+            else:
+                how = "pass output_fn= to extract it"
             raise ValueError(
-                f"the model's output ({type(out).__name__}) holds no logits tensor; pass "
-                "output_fn= to extract it"
-            )
+                f"the model's output ({type(out).__name__}) holds no logits tensor: {how}")
         return logits
 
     return call
@@ -240,7 +245,7 @@ def directional_logit_derivatives(
     ``requires_grad``, ``.grad`` and the RNG restored) and :func:`~landscape.isolation.sdpa_math`
     (fused attention kernels have no forward-mode derivative); no ``.grad`` is created.
     ``inputs`` is a tensor or a tuple of positional arguments; ``output_fn`` extracts the
-    logits from the model's output (default: :func:`landscape.capture.first_tensor`, so a
+    logits from the model's output (default: :func:`landscape.capture.output_logits`, so a
     ``(logits, aux)`` tuple or a Hugging Face ``ModelOutput`` gives its logits; a model
     taking ``use_cache`` is called with ``use_cache=False``: :func:`logits_call`).
     """

@@ -24,7 +24,12 @@ from torch import nn
 from landscape._deprecation import deprecated_alias
 from landscape._errors import MissingInput
 from landscape.batches import map_tensors, model_call, rebuilt, takes_whole_batch
-from landscape.capture import Captured, capture, first_tensor, last_child_output
+from landscape.capture import (
+    Captured,
+    capture,
+    last_child_output,
+    output_logits,
+)
 from landscape.isolation import buffers_kept, stateless_call, stateless_closure
 from landscape.params import Vector, difference, gradient_norm, stackable, tensor_norms
 
@@ -394,7 +399,7 @@ class StepContext:
     #: the parameter groups' ``lr`` at the last optimizer step (None: no hooked step seen)
     step_lrs: list[Any] | None = None
     #: reads the logits from the model's output (the monitor's ``output_fn``; None:
-    #: :func:`~landscape.capture.first_tensor`); :meth:`logits_of` applies it
+    #: :func:`~landscape.capture.output_logits`); :meth:`logits_of` applies it
     output_fn: Callable[[Any], torch.Tensor | None] | None = None
     #: what the ``loss`` metric says at a step without a loss (the monitor's ``no_loss_reason``)
     no_loss_reason: str = "the loss metric needs step(..., loss=loss)"
@@ -683,17 +688,21 @@ class StepContext:
             return given.detach()
         out = self.captured(source).outputs.get("")
         if out is None:
-            raise self.no_logits("the model's forward returned no tensor to read logits from")
+            raise self.no_logits(
+                "the model's forward returned no tensor to read logits from (a list of "
+                "per-sample prediction dicts, as a detection model returns in eval mode, "
+                "holds none)")
         return out
 
     def logits_of(self, output: Any) -> torch.Tensor | None:
         """The logits in a model's ``output``; None when there is no tensor to read.
 
         The monitor's ``output_fn`` reads them, by default
-        :func:`~landscape.capture.first_tensor` (a tensor, the ``logits`` of a mapping or
-        ``ModelOutput``, else the first tensor of a tuple).
+        :func:`~landscape.capture.output_logits` (a tensor, the ``logits`` of a mapping or
+        ``ModelOutput``, else the first tensor of a tuple; none in a list of per-sample
+        prediction dicts).
         """
-        logits = self.output_fn(output) if self.output_fn is not None else first_tensor(output)
+        logits = self.output_fn(output) if self.output_fn is not None else output_logits(output)
         return logits if isinstance(logits, torch.Tensor) else None
 
     def no_logits(self, what: str) -> MissingInput:

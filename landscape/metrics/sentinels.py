@@ -29,7 +29,7 @@ from landscape._checks import positive_int
 from landscape._errors import MissingInput, PartialRow
 from landscape._hf import output_loss
 from landscape.batches import head, leading_size, model_call
-from landscape.capture import first_tensor
+from landscape.capture import first_tensor, predictions_per_sample
 from landscape.curvature.stability import learning_rate
 from landscape.findings import user_stacklevel
 from landscape.isolation import stateless_call
@@ -531,7 +531,10 @@ class Sentinels(Metric):
                         self._whole_dict = False  # a convention works: a later error is the model's
         z = ctx.logits_of(output)
         if z is None or z.dim() == 0:
-            raise ctx.no_logits("sentinels: the model's output has no logits tensor")
+            raise ctx.no_logits(
+                "sentinels: the model's output has no logits tensor" + (
+                    " (per-sample prediction dicts: a detection model in eval mode)"
+                    if predictions_per_sample(output) else ""))
         targets = y if y is not None else batch_targets(kwargs)
         # a segmentation map's (N, C, H, W) logits of (N, H, W) targets: classes last
         z = classes_last(z.detach(), targets)

@@ -171,9 +171,9 @@ class Monitor:
             returns, for every metric that reads logits (the sentinels, ``logits``,
             ``taylor_radius``, the Taylor guard) and for ``step(outputs=...)``; e.g.
             ``lambda out: out[1]`` for a model returning ``(features, logits)``. By default
-            :func:`landscape.capture.first_tensor`: the output itself, its ``logits``
-            entry or attribute, else its first tensor (docs/conventions.md, "Which outputs
-            are logits").
+            :func:`landscape.capture.output_logits`: the output itself, its ``logits``
+            entry or attribute, else its first tensor; none in a list of per-sample
+            prediction dicts (docs/conventions.md, "Which outputs are logits").
         closure: ``closure(model, batch) -> loss`` for models whose loss is not
             ``loss_fn(model(x), y)`` (dict batches, language models).
         config: extra JSON-able run configuration stored in the file.

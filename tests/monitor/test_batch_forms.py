@@ -465,3 +465,60 @@ def test_classes_last_keeps_outputs_whose_last_dimension_is_the_classes():
     assert classes_last(last_position, t) is last_position
     per_pixel = torch.randn(2, 4, 6, 6)
     assert classes_last(per_pixel, torch.randint(0, 4, (2, 6, 6))).shape == (2, 6, 6, 4)
+
+
+class Detector(nn.Module):
+    """torchvision's detection convention: ``model(images, targets)`` gives a dict of
+    losses in train mode, a list of per-image prediction dicts in eval mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Conv2d(3, 4, 3, padding=1)
+        self.box, self.cls = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, images, targets=None):
+        feats = [self.body(im[None]).mean((2, 3))[0] for im in images]
+        if self.training:
+            return {"cls": sum(F.cross_entropy(self.cls(f)[None], t["labels"])
+                               for f, t in zip(feats, targets)),
+                    "box": sum(F.smooth_l1_loss(self.box(f)[None], t["boxes"])
+                               for f, t in zip(feats, targets))}
+        return [{"boxes": self.box(f)[None], "labels": self.cls(f).argmax()[None]}
+                for f in feats]
+
+
+def _detection_batch(g):
+    images = [torch.randn(3, 12, 12, generator=g) for _ in range(6)]
+    targets = [{"boxes": torch.rand(1, 4, generator=g),
+                "labels": torch.randint(0, 3, (1,), generator=g)} for _ in range(6)]
+    return images, targets
+
+
+def test_a_detection_models_predictions_are_no_logits():
+    """The sentinels and the logits metric read the first image's boxes as 4-class logits
+    (vision audit); now they record NaN and say why, and the update ratio is kept."""
+    from landscape.functional import taylor_radius
+
+    model = Detector()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Monitor(model, None, optimizer=opt, warn=False) as mon:
+            for step in range(3):
+                images, targets = _detection_batch(g)
+                loss = sum(model(images, targets).values())
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                mon.step(step, batch=(images, targets), loss=loss)
+            run = mon.run()
+    assert np.isnan(run.series("sentinels", "max_abs")[1]).all()
+    assert np.isnan(run.series("sentinels", "r_secant")[1]).all()
+    assert np.isfinite(run.series("sentinels", "update_ratio")[1]).all()
+    messages = [f.message for f in mon.findings if f.rule == "metric_failed"]
+    assert messages and all("per-sample prediction dicts" in m for m in messages), messages
+    step = [torch.zeros_like(p) for p in model.parameters()]
+    with pytest.raises(ValueError, match="per-sample prediction dicts"):
+        taylor_radius(model, (images,), step)
