@@ -238,6 +238,8 @@ class Collapse(_PenultimateMetric):
         weight = getattr(classifier, "weight", None)
         n_out = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() >= 1 else None
         if n_out is not None and labels.numel() and int(labels.max()) >= n_out:
+            feats, labels = _without_ignore_index(feats, labels, n_out)
+        if n_out is not None and labels.numel() and int(labels.max()) >= n_out:
             raise MissingInput(
                 f"collapse: layer {self.layer!r} has {n_out} outputs but the labels reach "
                 f"{int(labels.max())}, so it is not the classifier (a head computed with "
@@ -249,6 +251,12 @@ class Collapse(_PenultimateMetric):
             b = getattr(classifier, "bias", None)
             bias = _dist.full_tensor(b.detach()) if isinstance(b, torch.Tensor) else None
             classifier = _dist.full_tensor(classifier.weight.detach())
+        elif isinstance(weight, torch.Tensor) and weight.dim() > 2 \
+                and all(s == 1 for s in weight.shape[2:]):
+            # a 1x1 convolution (a segmentation head): a linear map of each pixel's features
+            b = getattr(classifier, "bias", None)
+            bias = b.detach() if isinstance(b, torch.Tensor) else None
+            classifier = weight.detach().reshape(weight.shape[0], -1)
         nc = LF.neural_collapse(feats, labels, classifier=classifier, bias=bias).as_dict()
         vci = LF.variability_collapse_index(feats, labels)
         source = {"nc2_equinorm": "nc2_equinorm_means", "nc2_equiangular": "nc2_equiangular_means",
@@ -270,6 +278,22 @@ class Collapse(_PenultimateMetric):
         nxt = labels[:, 1:].reshape(-1).to(feats.device)
         keep = nxt != -100
         return feats[keep], nxt[keep]
+
+
+def _without_ignore_index(feats: torch.Tensor, labels: torch.Tensor,
+                           classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples whose label is not one ``ignore_index`` past the classes.
+
+    Segmentation masks mark unlabelled pixels with one index past the classes (255 in
+    VOC and Cityscapes), which the training loss ignores: those pixels are left out, as
+    negative labels are. Labels past the classes that take several values are left as
+    they are: the layer is then not the classifier, which the caller says.
+    """
+    past = labels >= classes
+    if int(torch.unique(labels[past]).numel()) != 1:
+        return feats, labels
+    keep = ~past
+    return feats[keep.to(feats.device)], labels[keep]
 
 
 @register

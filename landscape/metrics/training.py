@@ -385,10 +385,17 @@ def radius_along(
 
 
 def _labels(targets: Any, logits: torch.Tensor) -> torch.Tensor | None:
-    """``targets`` when they are one class index per logit row, else None."""
-    if isinstance(targets, torch.Tensor) and targets.shape == logits.shape[:-1]:
-        return targets
-    return None
+    """``targets`` when they are one class index per logit row, else None.
+
+    An index past the classes is an ``ignore_index`` the training loss accepted (255 in
+    VOC- and Cityscapes-style segmentation masks): ignored, as a negative one (-100) is.
+    """
+    if not isinstance(targets, torch.Tensor) or targets.shape != logits.shape[:-1]:
+        return None
+    classes = logits.shape[-1]
+    if not targets.is_floating_point() and targets.numel() and int(targets.max()) >= classes:
+        return torch.where(targets >= classes, torch.full_like(targets, -100), targets)
+    return targets
 
 
 def _radius_in_place(ctx: StepContext, args, keywords, targets, at, direction) -> Any:

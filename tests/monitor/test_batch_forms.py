@@ -366,17 +366,23 @@ class Segmenter(nn.Module):
         return z.permute(0, 2, 3, 1) if self.channels_last else z
 
 
-def _segmentation_rows(channels_last: bool):
+def _segmentation_rows(channels_last: bool, ignore: int | None = None):
     g = torch.Generator().manual_seed(5)
     data = [(torch.randn(4, 3, 6, 6, generator=g), torch.randint(0, 4, (4, 6, 6), generator=g))
             for _ in range(5)]
+    if ignore is not None:  # unlabelled pixels (a mask's border): 255 in VOC, Cityscapes
+        for _, y in data:
+            y[:, 0, :] = ignore
 
     def loss_fn(out, y):  # F.cross_entropy's own layout, either way
-        return F.cross_entropy(out.permute(0, 3, 1, 2) if channels_last else out, y)
+        return F.cross_entropy(out.permute(0, 3, 1, 2) if channels_last else out, y,
+                               ignore_index=-100 if ignore is None else ignore)
 
     model = Segmenter(channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     metrics = ["sentinels", "logits", create("taylor_radius", schedule=1)]
+    if ignore is not None:  # the 1x1 convolution is the classifier of each pixel
+        metrics.append(create("collapse", schedule=1, layer="net.2"))
     mon = Monitor(model, loss_fn, optimizer=opt, metrics=metrics, probe=data[0], warn=False,
                   strict=True).start()
     for step, (x, y) in enumerate(data):
@@ -387,8 +393,8 @@ def _segmentation_rows(channels_last: bool):
         opt.step()
         mon.step(step, batch=(x, y), loss=loss, outputs=out.detach())
     run = mon.run()
-    rows = {(m, f): np.asarray(run.series(m, f)[1]) for m in ("sentinels", "logits",
-                                                              "taylor_radius")
+    rows = {(m, f): np.asarray(run.series(m, f)[1]) for m in run.metrics()
+            if m in ("sentinels", "logits", "taylor_radius", "collapse")
             for f in run.fields(m)}
     mon.close()
     return rows
@@ -405,6 +411,23 @@ def test_a_segmentation_maps_channels_first_logits_are_read_per_pixel():
     assert np.isfinite(first[("sentinels", "r_secant")][1:]).all()
     assert np.isfinite(first[("taylor_radius", "r")]).all()
     assert np.isfinite(first[("logits", "max_abs")]).all()
+
+
+def test_a_segmentation_masks_ignore_index_past_the_classes_is_ignored_as_minus_100_is():
+    """Masks with 255 on unlabelled pixels (VOC, Cityscapes) and a loss that ignores it:
+    taylor_radius failed at every step ("targets must be in [0, 4)") and collapse on the
+    1x1-convolution head failed ("classifier weight must be 2-D"), or blamed the layer for
+    the 255 (vision audit). Now the rows equal those of the same masks with -100."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        by_255, by_minus_100 = _segmentation_rows(False, 255), _segmentation_rows(False, -100)
+    assert by_255.keys() == by_minus_100.keys()
+    for key, values in by_minus_100.items():
+        np.testing.assert_allclose(by_255[key], values, rtol=1e-6, equal_nan=True,
+                                   err_msg=str(key))
+    assert np.isfinite(by_255[("taylor_radius", "r")]).all()
+    assert np.isfinite(by_255[("collapse", "nc1")]).all()
+    assert np.isfinite(by_255[("collapse", "nc3")]).all()
 
 
 class SequenceFirst(nn.Module):
