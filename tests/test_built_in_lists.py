@@ -59,6 +59,16 @@ def test_the_preset_table_of_monitor_md_is_the_presets():
     assert documented == ls.metrics.PRESETS
 
 
+def test_the_monitor_options_of_integrations_md_are_the_callbacks_options():
+    from landscape.integrations.options import MonitorOptions
+
+    text = " ".join((DOCS / "integrations.md").read_text().split())
+    listed = re.search(r"`monitor_options` are (.+?), passed to `Monitor` unchanged", text)
+    assert listed, "integrations.md lists the monitor_options"
+    names = set(re.findall(r"`(\w+)`(?! \()", re.sub(r"\([^)]*\)", "", listed.group(1))))
+    assert names == set(MonitorOptions.__annotations__)
+
+
 @pytest.mark.parametrize("name", sorted(RULES))
 def test_every_built_in_rule_is_exported_and_documented_in_alarms_md(name):
     cls = RULES[name]

@@ -336,6 +336,7 @@ class Monitor:
         self._dense = DenseWindow(adaptive)
         # set_optimizer's hint: the weights' versions after a call without a watched step
         self._idle_versions: tuple[Any, ...] | None = None
+        self._with_depth = 0  # nested `with mon:` blocks: the outermost one closes
         self._hooked_steps = 0  # the watched optimizer's steps, counted by its pre-step hook
         self._hooked_at_call = 0  # ... at the last call
         self._watch_idle = False
@@ -360,8 +361,15 @@ class Monitor:
 
         Returns:
             The monitor (a second call does nothing).
+
+        Raises:
+            RuntimeError: the monitor was closed (a monitor records one stretch of a run).
         """
         if self.writer is not None:
+            if self.writer.closed:
+                raise RuntimeError(
+                    "this Monitor was closed; build a new one to go on recording (mode='a' "
+                    "appends to its run file)")
             return self
         if has_lazy_parameters(self.model):  # lazy modules take their shapes in the first forward
             _log.info("landscape: the model has lazy modules without their shapes yet; the "
@@ -539,10 +547,14 @@ class Monitor:
                 self._mirror("close")
 
     def __enter__(self) -> Monitor:
-        return self.start()
+        self.start()
+        self._with_depth += 1
+        return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.close()
+        self._with_depth -= 1
+        if self._with_depth == 0:  # a nested `with mon:` leaves it open for the outer one
+            self.close()
 
     @property
     def adaptive(self) -> bool:

@@ -257,6 +257,25 @@ def test_steps_must_increase_and_resume_continues(tmp_path):
     assert run.config["optimizer"]["class"] == "SGD"
 
 
+def test_a_closed_monitor_says_so_and_a_nested_with_leaves_it_open(tmp_path):
+    """`with mon:` twice, or start() after close(), failed at the next step with "the run
+    writer is closed"; a nested `with mon:` closed it for the outer block (API audit)."""
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = Monitor(model, F.cross_entropy, path=str(tmp_path / "run.h5"), optimizer=opt,
+                  alarms=False)
+    with mon:
+        with mon:
+            _train(model, opt, 2, mon)
+        _train(model, opt, 1, mon, start=2)  # still open after the inner block
+    with pytest.raises(RuntimeError, match="this Monitor was closed; build a new one"):
+        with mon:
+            pass
+    with pytest.raises(RuntimeError, match="this Monitor was closed"):
+        mon.start()
+    assert list(ls.Run.open(tmp_path / "run.h5").steps("loss")) == [0, 1, 2]
+
+
 def test_the_config_names_each_parameter_groups_own_settings():
     model = models.mlp()
     layers = [m for m in model if isinstance(m, torch.nn.Linear)]
