@@ -600,6 +600,9 @@ class Monitor:
             "probe": {"source": self._probe_source, "size": (
                 leading_size(self.probe) if self._probe_source == "given" else self.probe_size)},
             "taylor_guard": self.taylor_guard,
+            # which output the logit metrics read: a resume without it reads another one
+            "output_fn": None if self.output_fn is None else getattr(
+                self.output_fn, "__qualname__", type(self.output_fn).__name__),
             "microbatch_size": self.microbatch_size,
             # the sizer by name (a function is no JSON): which weights the curvature used
             "batch_size": None if self.batch_size is None else getattr(

@@ -714,7 +714,8 @@ def _warn_other_model(path: Path, stored: Any, config: Mapping | None) -> None:
 
     Compares the ``model`` class name and the trainable-parameter count ``n_parameters``
     the monitor stores in the run's configuration, where both the file and the new run
-    have them. A warning, not an error: a legitimate resume may change either (layers
+    have them; and its ``output_fn`` (which tensor of the output the logit metrics read),
+    warned about on its own. A warning, not an error: a legitimate resume may change either (layers
     unfrozen in a second stage, ``torch.compile`` switched on), and a run that refused to
     start would stop training (under DDP, on rank 0 only).
     """
@@ -725,6 +726,13 @@ def _warn_other_model(path: Path, stored: Any, config: Mapping | None) -> None:
     if not isinstance(old, dict):
         return
     new = dict(config or {})
+    if "output_fn" in old and "output_fn" in new and old["output_fn"] != new["output_fn"]:
+        warnings.warn(
+            f"landscape: {path} was recorded with output_fn={old['output_fn']} and this run "
+            f"is appended with output_fn={new['output_fn']}: the logit metrics (sentinels, "
+            "logits, taylor_radius) read another tensor of the model's output from here "
+            "on; pass the same output_fn= as the run before", RuntimeWarning,
+            stacklevel=user_stacklevel())
     keys = [k for k in ("model", "n_parameters") if k in old and k in new]
     if all(old[k] == new[k] for k in keys):
         return

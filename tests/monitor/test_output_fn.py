@@ -9,6 +9,7 @@ network returning its logits alone records.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -147,3 +148,39 @@ def test_output_fn_reads_the_logits_of_the_monitors_own_forward(how):
     alone = logits_rows(False)
     assert np.isfinite(alone).all()
     np.testing.assert_allclose(logits_rows(True, lambda out: out[1]), alone, rtol=1e-6)
+
+
+def second_of_pair(out):
+    return out[1]
+
+
+def test_a_resume_without_the_output_fn_of_the_run_before_is_warned_about(tmp_path):
+    """Resumed without output_fn=, the sentinels read the features from then on, with no
+    word; the run's config now records the output_fn and the resume compares it."""
+    model = Net(pair=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    path = str(tmp_path / "run.h5")
+    x, y = torch.randn(12, 8), torch.randint(0, 5, (12,))
+
+    def steps(mon, start):
+        for step in range(start, start + 2):
+            out = model(x)
+            loss = F.cross_entropy(out[1], y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(step, batch=(x, y), loss=loss)
+
+    with ls.Monitor(model, None, path, optimizer=opt, warn=False,
+                    output_fn=second_of_pair) as mon:
+        steps(mon, 0)
+    assert ls.Run.open(path).config["output_fn"] == "second_of_pair"
+    with pytest.warns(RuntimeWarning, match="recorded with output_fn=second_of_pair and this "
+                                            "run is appended with output_fn=None"):
+        with ls.Monitor(model, None, path, optimizer=opt, warn=False) as mon:
+            steps(mon, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same output_fn: nothing to say
+        with ls.Monitor(model, None, path, optimizer=opt, warn=False,
+                        output_fn=second_of_pair) as mon:
+            steps(mon, 4)
