@@ -10,7 +10,7 @@ of a model: they work on plain tensors.
 from __future__ import annotations
 
 import fnmatch
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Mapping, Sequence, Union
 
 import torch
 from torch import nn
@@ -38,6 +38,22 @@ def trainable_named_parameters(
         raise ValueError(f"unknown or frozen parameter names: {', '.join(unknown)}")
     keep = set(wanted)
     return {n: p for n, p in named.items() if n in keep}
+
+
+def refuse_complex(named: Mapping[str, torch.Tensor]) -> None:
+    """Raise ``ValueError`` naming the complex-valued parameters among ``named``.
+
+    Curvature, norms and update ratios are defined here for real parameters: a complex
+    one was cast to its real part without a word, which gave eigenvalues 40 times the
+    true ones (the Hessian over real and imaginary parts).
+    """
+    complex_ = [n for n, p in named.items() if p.is_complex()]
+    if complex_:
+        shown = ", ".join(complex_[:4]) + (f" and {len(complex_) - 4} more"
+                                           if len(complex_) > 4 else "")
+        raise ValueError(
+            f"complex-valued parameters are not supported ({shown}): hold each as a real "
+            "pair (a parameter of shape (..., 2), read with torch.view_as_complex)")
 
 
 def has_lazy_parameters(model: nn.Module) -> bool:

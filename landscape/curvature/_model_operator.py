@@ -47,7 +47,7 @@ from landscape.isolation import (
     stateless_call,
     stateless_closure,
 )
-from landscape.params import ParamSpec, Vector, select_named_parameters
+from landscape.params import ParamSpec, Vector, refuse_complex, select_named_parameters
 
 __all__ = ["Closure", "Forward", "LossFn", "ModelOperator", "OperatorOptions"]
 
@@ -231,6 +231,7 @@ class ModelOperator(CurvatureOperator):
         named = select_named_parameters(self.model, params)
         if not named:
             raise ValueError("params: the model has no trainable parameters")
+        refuse_complex(named)
         dtypes = {p.dtype for p in named.values()}
         if len(dtypes) != 1:
             raise ValueError(f"params: selected parameters mix dtypes {sorted(map(str, dtypes))}")

@@ -77,6 +77,7 @@ from landscape.monitor.probe import (
 )
 from landscape.params import (
     has_lazy_parameters,
+    refuse_complex,
     stackable,
     tensor_norms,
     trainable_named_parameters,
@@ -364,6 +365,7 @@ class Monitor:
 
         Raises:
             RuntimeError: the monitor was closed (a monitor records one stretch of a run).
+            ValueError: the model holds complex-valued parameters.
         """
         if self.writer is not None:
             if self.writer.closed:
@@ -380,6 +382,7 @@ class Monitor:
         # unsharded; the optimizer holds the sharded ones, which the monitor must see too
         _dist.reshard(self.model)
         named = trainable_named_parameters(self.model)
+        refuse_complex(named)  # before the run file is opened
         # modules the loss function or closure holds (a loss with state): kept per step
         self._loss_modules = list({id(m): m for fn in (self.loss_fn, self.closure)
                                    for m in modules_reached(fn)}.values())
