@@ -12,7 +12,7 @@ import json
 import operator
 import os
 import warnings
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ __all__ = [
     "RESERVED_TABLES",
     "check_metric_names",
     "check_monitor_arguments",
+    "check_monitor_settings",
     "optimizer_config",
     "step_arguments",
     "step_index",
@@ -190,8 +191,50 @@ def check_monitor_arguments(
             f"probe= must be a fixed batch or a list of batches, got a "
             f"{type(probe).__name__} (every probe metric would read a different batch): "
             "pass next(iter(loader)), or list(itertools.islice(loader, n)) for n batches")
-    if probe_size is not None and (not isinstance(probe_size, int) or probe_size < 1):
+    if probe_size is not None and (not isinstance(probe_size, int) or isinstance(
+            probe_size, bool) or probe_size < 1):
         raise ValueError(f"probe_size must be an integer >= 1 or None, got {probe_size!r}")
+
+
+def check_monitor_settings(
+    config: Any, mirrors: Any, truncate_from: Any, flush_every: Any, flags: dict[str, Any],
+) -> None:
+    """Refuse ``Monitor(...)`` settings of the wrong kind, with one line naming the setting.
+
+    Args:
+        config: a mapping or None.
+        mirrors: a sequence of objects with an ``on_row`` method.
+        truncate_from: a step (an integer >= 0) or None.
+        flush_every: an integer >= 1.
+        flags: the settings that must be True or False, by name.
+
+    Raises:
+        ValueError: any of them of the wrong kind (``truncate_from=2.5`` cut from step 2,
+            ``strict="no"`` turned strict mode on, ``mirrors=["tensorboard"]`` failed at
+            the first row).
+    """
+    if config is not None and not isinstance(config, Mapping):
+        raise ValueError(f"config must be a mapping of JSON-able settings, got "
+                         f"{type(config).__name__} {config!r}")
+    if isinstance(mirrors, (str, bytes)) or not (mirrors is None
+                                                 or hasattr(mirrors, "__iter__")):
+        raise ValueError(f"mirrors must be a list of mirror objects, got {mirrors!r}")
+    for mirror in mirrors or ():
+        if not callable(getattr(mirror, "on_row", None)):
+            raise ValueError(
+                f"mirrors must hold objects with on_row(name, step, row), on_finding(finding) "
+                f"and close(), e.g. landscape.integrations.mirrors.TensorBoardMirror(...); "
+                f"got {type(mirror).__name__} {mirror!r}")
+    if truncate_from is not None:
+        try:
+            step_index(truncate_from)
+        except ValueError:
+            raise ValueError(f"truncate_from must be a step (an integer >= 0), got "
+                             f"{truncate_from!r}") from None
+    positive_int("flush_every", flush_every)
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 def step_arguments(

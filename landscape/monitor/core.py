@@ -62,6 +62,7 @@ from landscape.monitor.adaptive import DENSE_AT, DENSE_STEPS, DenseWindow, recor
 from landscape.monitor.arguments import (
     check_metric_names,
     check_monitor_arguments,
+    check_monitor_settings,
     optimizer_config,
     step_arguments,
     stored_config,
@@ -266,6 +267,8 @@ class Monitor:
     ) -> None:
         check_monitor_arguments(model, loss_fn, path, closure, on_finding, microbatch_size,
                                 batch_size, probe, probe_size, output_fn)
+        check_monitor_settings(config, mirrors, truncate_from, flush_every,
+                               {"strict": strict, "warn": warn, "adaptive": adaptive})
         if taylor_guard is not None and (optimizer is None or probe is None):
             raise ValueError("taylor_guard needs optimizer= and probe=(inputs, targets)")
         if taylor_guard is not None and (isinstance(taylor_guard, bool) or not (

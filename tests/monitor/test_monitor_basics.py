@@ -331,6 +331,24 @@ def test_bad_arguments_are_value_errors():
         Monitor(model, F.cross_entropy, metrics=["nope"])
 
 
+@pytest.mark.parametrize(("setting", "match"), [
+    # each was accepted and failed later, or silently did something else (API audit)
+    ({"mirrors": 5}, "mirrors must be a list"),
+    ({"mirrors": ["tensorboard"]}, "mirrors must hold objects with on_row"),
+    ({"config": [1, 2]}, "config must be a mapping"),
+    ({"truncate_from": -5}, "truncate_from must be a step"),
+    ({"truncate_from": 2.5}, "truncate_from must be a step"),
+    ({"flush_every": 2.5}, "flush_every must be an integer >= 1"),
+    ({"probe_size": True}, "probe_size must be an integer >= 1"),
+    ({"strict": "no"}, "strict must be True or False"),
+    ({"adaptive": "yes"}, "adaptive must be True or False"),
+    ({"warn": None}, "warn must be True or False"),
+])
+def test_settings_of_the_wrong_kind_are_refused_in_one_line(setting, match):
+    with pytest.raises(ValueError, match=match):
+        Monitor(models.mlp(), F.cross_entropy, **setting)
+
+
 def test_nonfinite_flags_nan_gradients_but_not_large_finite_ones():
     model = models.mlp()
     with Monitor(model, F.cross_entropy, metrics=["nonfinite", "grad_norm"], alarms=False) as mon:
