@@ -341,6 +341,7 @@ class Monitor:
         # set_optimizer's hint: the weights' versions after a call without a watched step
         self._idle_versions: tuple[Any, ...] | None = None
         self._with_depth = 0  # nested `with mon:` blocks: the outermost one closes
+        self._first_step_seen = False  # the first step after a resume is checked once
         self._hooked_steps = 0  # the watched optimizer's steps, counted by its pre-step hook
         self._hooked_at_call = 0  # ... at the last call
         self._watch_idle = False
@@ -478,6 +479,24 @@ class Monitor:
                 f"(truncate_from), but its rows end at step {last}: steps {last + 1} to "
                 f"{int(resume) - 1} were never written (the process stopped before it "
                 "flushed them); call mon.flush() where the loop saves a checkpoint",
+                RuntimeWarning, stacklevel=user_stacklevel())
+
+    def _say_dropped_rows_left_empty(self, step: int) -> None:
+        """Warn when the first step after a resume skips steps whose rows were dropped.
+
+        ``truncate_from`` is the first step the resumed loop runs (a checkpoint saved after
+        step s: ``s + 1``). One too small drops rows of steps the loop does not run again,
+        which then have none: step 50's rows, resumed with ``truncate_from=50`` at step 51.
+        """
+        dropped = None if self.writer is None else self.writer.dropped_from
+        if dropped is not None and step > dropped:
+            empty = (f"step {dropped} has" if step - 1 == dropped
+                     else f"steps {dropped} to {step - 1} have")
+            warnings.warn(
+                f"landscape: {self.writer.path}: truncate_from dropped the rows from step "
+                f"{dropped} on, and the run goes on at step {step}: {empty} no rows now. "
+                "truncate_from is the first step the resumed loop runs (a checkpoint saved "
+                "after step s: truncate_from=s + 1)",
                 RuntimeWarning, stacklevel=user_stacklevel())
 
     def flush(self) -> None:
@@ -841,6 +860,9 @@ class Monitor:
         samples: int | None = None,
     ) -> list[Finding]:
         last = self._clock.last_step
+        if not self._first_step_seen:
+            self._first_step_seen = True
+            self._say_dropped_rows_left_empty(step)
         if last is not None and step <= last:
             raise StepOrderError(
                 f"step {step} does not come after the last recorded step {last}"

@@ -492,11 +492,22 @@ class H5Backend(Backend):
         ds[n0:n1] = steps
 
     def truncate(self, path, n):
-        """Shrink every dataset of the group longer than ``n`` rows."""
+        """Shrink every dataset of the group longer than ``n`` rows, ``step`` first.
+
+        Out of SWMR mode (:meth:`structural`): a reader opening the file meanwhile waits
+        for the change instead of reading half-shrunk columns, which HDF5's SWMR does not
+        promise to show consistently (a resume's ``truncate_from`` read as a damaged file:
+        "its steps do not increase"). ``step`` commits the rows, so it goes first: a
+        column longer than it is rows not committed yet, one shorter would be damage.
+        """
         g = self.file[path]
-        for name in g:
-            if g[name].shape[0] > n:
-                g[name].resize(n, axis=0)
+        if not any(g[name].shape[0] > n for name in g):
+            return
+        with self.structural():
+            g = self.file[path]
+            for name in sorted(g, key=lambda name: name != "step"):
+                if g[name].shape[0] > n:
+                    g[name].resize(n, axis=0)
 
     def write_blob(self, name, data):
         """A uint8 dataset under ``/state`` (replaced when it exists)."""

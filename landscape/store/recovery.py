@@ -392,11 +392,39 @@ def open_for_reading(path: Path) -> h5py.File:
             _discard(tmp)  # the open file stays readable (POSIX)
     try:
         _check_format(f, path)
-        check_tables(f, path)
+        _check_tables_of_live_file(f, path)
     except BaseException:
         f.close()
         raise
     return f
+
+
+def _check_tables_of_live_file(f: h5py.File, path: Path) -> None:
+    """:func:`check_tables`, looked at again while a live writer may be mid-change.
+
+    A reader can catch a writer's change half done (a resume's ``truncate_from``
+    shrinking the tables), or share, in one process, an HDF5 view that another open
+    handle refreshed only in part (a notebook's long-lived ``Run`` and its ``refresh()``):
+    read as damage, both were transient. While the file's writer runs (another process
+    on this host, or this one), a failed check waits a moment, refreshes every dataset
+    and looks again; a file that stays damaged is refused as before.
+    """
+    for attempt in range(_CHECK_ATTEMPTS + 2):
+        try:
+            check_tables(f, path)
+            return
+        except RunFileError:
+            live = _live_writer(f) is not None or str(path.resolve()) in WRITING
+            if not live or attempt + 1 == _CHECK_ATTEMPTS + 2:
+                raise
+        time.sleep(0.05 * (attempt + 1))
+        f.visititems(_refresh)
+
+
+def _refresh(name: str, obj: Any) -> None:
+    """Refresh a dataset's view of a file a live writer extends (SWMR)."""
+    if isinstance(obj, h5py.Dataset):
+        obj.refresh()
 
 
 def _pid_alive(pid: int) -> bool:

@@ -176,6 +176,8 @@ class RunWriter:
             _OPEN.add(self)
         self._fields = {p: self._backend.table_fields(p) for p in self._backend.table_paths()}
         self._last = {p: _last_or_none(self._backend.steps(p)) for p in self._fields}
+        #: the first step whose rows ``truncate_from`` dropped (None: none dropped)
+        self.dropped_from: int | None = None
         if truncate_from is not None:
             self._truncate(int(truncate_from))
 
@@ -254,6 +256,10 @@ class RunWriter:
         for p in self._fields:
             steps = self._backend.steps(p)
             n = int(np.searchsorted(steps, first_dropped, side="left"))
+            if n < len(steps):
+                first = int(steps[n])
+                self.dropped_from = first if self.dropped_from is None else min(
+                    self.dropped_from, first)
             self._backend.truncate(p, n)
             self._last[p] = _last_or_none(steps[:n])
         self._backend.flush()

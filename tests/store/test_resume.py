@@ -197,6 +197,25 @@ def test_a_resume_past_the_last_row_says_which_steps_were_never_written(tmp_path
     assert not [w for w in recwarn if "never written" in str(w.message)]
 
 
+def test_a_truncate_from_before_the_first_resumed_step_says_which_steps_lost_their_rows(
+        tmp_path, recwarn):
+    """A checkpoint saved after step 9 ({"step": 9}) resumed with truncate_from=9 and the
+    loop at step 10: step 9's rows were dropped and never recorded again, without a word
+    (resume audit)."""
+    path = tmp_path / "run.h5"
+    _monitored(path, range(12))
+    with pytest.warns(RuntimeWarning, match="dropped the rows from step 9 on, and the run "
+                                            "goes on at step 10: step 9 has no rows now"):
+        _monitored(path, range(10, 12), truncate_from=9)
+    with Run.open(path) as run:
+        assert list(run.steps("loss")) == [*range(9), 10, 11]
+    recwarn.clear()  # the first resumed step at truncate_from: nothing to say
+    _monitored(path, range(11, 13), truncate_from=11)
+    _monitored(tmp_path / "sparse.h5", range(0, 15, 5))  # a call every 5 steps
+    _monitored(tmp_path / "sparse.h5", range(10, 20, 5), truncate_from=6)
+    assert not [w for w in recwarn if "no rows now" in str(w.message)]
+
+
 def test_an_analysis_resumed_after_an_unfinished_checkpoint_warns_of_no_gap(tmp_path, recwarn):
     """analyze resumes with truncate_from at its unfinished checkpoint; log-spaced
     checkpoints (10, 20, 40) made that look like lost rows (review)."""
