@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 
 
@@ -23,3 +24,35 @@ def positive_int(name: str, value: object) -> int:
         if number >= 1:
             return number
     raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def positive_number(name: str, value: object) -> float:
+    """``value`` as a finite float > 0: an int or a float of any kind; not a bool.
+
+    Raises:
+        ValueError: anything else (a string, NaN, 0, a negative number).
+    """
+    if not isinstance(value, (bool, str, bytes)):
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            number = math.nan
+        if number > 0 and math.isfinite(number):
+            return number
+    raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def seed_value(value: object) -> int:
+    """``value`` as an int seed >= 0 (any integer type; not a bool or a float).
+
+    Raises:
+        ValueError: anything else.
+    """
+    if not isinstance(value, bool):
+        try:
+            number = operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            number = -1
+        if number >= 0:
+            return number
+    raise ValueError(f"seed must be an integer >= 0, got {value!r}")

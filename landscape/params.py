@@ -188,7 +188,12 @@ def select_named_parameters(model: nn.Module, spec: ParamSpec = None) -> dict[st
     named = trainable_named_parameters(model)
     if spec is None:
         return named
-    items = [spec] if isinstance(spec, (str, nn.Module, torch.Tensor)) else list(spec)
+    if isinstance(spec, (str, nn.Module, torch.Tensor)):
+        items = [spec]
+    elif hasattr(spec, "__iter__"):
+        items = list(spec)
+    else:
+        raise ValueError(f"params: cannot select parameters with {type(spec).__name__}")
     if not items:
         raise ValueError("params: empty parameter selection")
     by_id = {id(p): n for n, p in named.items()}

@@ -100,7 +100,13 @@ def at(steps: Iterable[int] | int) -> At:
         steps = [steps.item()]  # type: ignore[union-attr]
     elif isinstance(steps, (numbers.Number, str, bytes)) or not hasattr(steps, "__iter__"):
         steps = [steps]  # one step alone: 5, 5.0 (a string is refused whole, not per letter)
-    return At(frozenset(_whole("at(...): a step", s) for s in steps))
+    chosen = frozenset(_whole("at(...): a step", s) for s in steps)
+    if not chosen:
+        raise ValueError("at(...) needs at least one step (a schedule that is never due is "
+                         "landscape.schedules.never())")
+    if min(chosen) < 0:
+        raise ValueError(f"at(...): steps are >= 0 (optimizer steps), got {min(chosen)}")
+    return At(chosen)
 
 
 def logspace(first: int, last: int, num: int) -> At:

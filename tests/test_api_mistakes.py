@@ -149,3 +149,43 @@ def test_a_run_built_from_a_path_says_how_to_open_one(tmp_path):
         Run("run.h5")
     with pytest.raises(TypeError, match=r"open a run file with landscape\.Run\.open"):
         Run(tmp_path / "run.h5")
+
+
+@pytest.mark.parametrize(("call", "error", "match"), [
+    # each raised from deep inside (params.py, isolation.py, pathlib), or only later
+    (lambda m, d: ls.Hessian(lambda t: t, F.cross_entropy, d), TypeError,
+     "Hessian: model must be a torch.nn.Module, got function"),
+    (lambda m, d: ls.Hessian(m, "cross_entropy", d), TypeError,
+     "Hessian: loss_fn must be callable, got str"),
+    (lambda m, d: ls.GGN(m, F.cross_entropy, d, forward=5), TypeError,
+     "GGN: forward must be callable"),
+    (lambda m, d: ls.Hessian(m, F.cross_entropy, d, params=5), ValueError,
+     "params: cannot select parameters with int"),
+    (lambda m, d: RunWriter(5), TypeError, "path must be a file path"),
+    (lambda m, d: ls.alarms.OnlineAlarms(rules=5), ValueError,
+     "rules must be a list of Rule objects"),
+    (lambda m, d: ls.at([]), ValueError, "at least one step"),
+    (lambda m, d: ls.at([-1, 3]), ValueError, r"steps are >= 0"),
+])
+def test_mistakes_in_building_operators_writers_rules_and_schedules(call, error, match):
+    model, data = _model_and_data()
+    with pytest.raises(error, match=match):
+        call(model, data)
+
+
+def test_a_callback_given_no_path_says_so_when_built():
+    pytest.importorskip("lightning")
+    from landscape.integrations.lightning import LandscapeCallback
+
+    with pytest.raises(TypeError, match="path must be a file path"):
+        LandscapeCallback(5)  # it failed only when fit() started
+
+
+def test_an_optimizer_of_another_model_is_warned_about():
+    """The update metrics blamed a GradScaler, the recorded lr was the other model's."""
+    model, _ = _model_and_data()
+    other, _ = _model_and_data()
+    opt = torch.optim.SGD(other.parameters(), lr=0.1)
+    with pytest.warns(RuntimeWarning, match="the optimizer holds none of the model's "
+                                            "trainable parameters"):
+        ls.Monitor(model, F.cross_entropy, optimizer=opt, warn=False).start().close()

@@ -170,6 +170,9 @@ class OnlineAlarms:
                  strict: bool = True) -> None:
         if isinstance(rules, Rule):
             rules = [rules]
+        if rules is not None and (isinstance(rules, (str, bytes))
+                                  or not hasattr(rules, "__iter__")):
+            raise ValueError(f"rules must be a list of Rule objects, got {rules!r}")
         self.rules: list[Rule] = default_rules() if rules is None else list(rules)
         self.strict = strict
         names: set[str] = set()

@@ -162,7 +162,15 @@ class ModelOperator(CurvatureOperator):
         forward: Forward | None = None,
         **options: Any,
     ) -> None:
-        opts = OperatorOptions.from_kwargs(type(self).__name__, options)
+        owner = type(self).__name__
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{owner}: model must be a torch.nn.Module, got "
+                            f"{type(model).__name__}")
+        for name, fn in (("loss_fn", loss_fn), ("closure", closure), ("forward", forward)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{owner}: {name} must be callable, got "
+                                f"{type(fn).__name__} {fn!r}")
+        opts = OperatorOptions.from_kwargs(owner, options)
         backend = Backend(opts.backend)
         self.model = _dist.unwrap(model)
         self.loss_fn = loss_fn

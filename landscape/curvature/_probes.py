@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from landscape._checks import seed_value
 from landscape.curvature.base import CurvatureOperator
 from landscape.params import Vector, unflatten
 
@@ -16,8 +17,8 @@ __all__ = ["generator", "rademacher", "to_vectors"]
 
 
 def generator(seed: int) -> torch.Generator:
-    """A CPU generator seeded with ``seed``."""
-    return torch.Generator().manual_seed(int(seed))
+    """A CPU generator seeded with ``seed`` (``ValueError`` for a seed that is no integer)."""
+    return torch.Generator().manual_seed(seed_value(seed))
 
 
 def rademacher(n_rows: int, op: CurvatureOperator, gen: torch.Generator) -> torch.Tensor:

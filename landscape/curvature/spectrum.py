@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-from landscape._checks import positive_int
+from landscape._checks import positive_int, positive_number
 from landscape._deprecation import renamed_kwargs
 from landscape.curvature._probes import generator as _generator
 from landscape.curvature._probes import rademacher as _rademacher
@@ -152,8 +152,11 @@ def _warm_rows(warm_start: Any, op: CurvatureOperator, which: str) -> torch.Tens
             vectors = low or top
         else:
             vectors = top + low
-    else:
+    elif isinstance(warm_start, (list, tuple)):
         vectors = list(warm_start)
+    else:
+        raise ValueError(f"warm_start must be an EigenResult or a list of parameter-space "
+                         f"vectors, got {type(warm_start).__name__}")
     if not vectors:
         return None
     rows = []
@@ -255,12 +258,11 @@ def top_eigenvalues(
     """
     check_operator(op)
     k = positive_int("k", k)
-    if not tol > 0:
-        raise ValueError(f"tol must be > 0, got {tol}")
+    tol = positive_number("tol", tol)
     if which not in ("largest", "smallest", "both"):
         raise ValueError(f"which must be 'largest', 'smallest' or 'both', got {which!r}")
-    if max_matvec is not None and max_matvec < 1:
-        raise ValueError(f"max_matvec must be >= 1, got {max_matvec}")
+    if max_matvec is not None:
+        max_matvec = positive_int("max_matvec", max_matvec)
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"block must be an integer >= 1, got {block!r}")
     check_budget(memory_budget)
@@ -556,14 +558,12 @@ def spectral_density(
         55.0
     """
     check_operator(op)
-    if lanczos_steps < 1:
-        raise ValueError(f"lanczos_steps must be >= 1, got {lanczos_steps}")
-    if n_probes < 1:
-        raise ValueError(f"n_probes must be >= 1, got {n_probes}")
-    if sigma is not None and not sigma > 0:
-        raise ValueError(f"sigma must be > 0, got {sigma}")
-    if probe_batch is not None and probe_batch < 1:
-        raise ValueError(f"probe_batch must be >= 1, got {probe_batch}")
+    lanczos_steps = positive_int("lanczos_steps", lanczos_steps)
+    n_probes = positive_int("n_probes", n_probes)
+    if sigma is not None:
+        sigma = positive_number("sigma", sigma)
+    if probe_batch is not None:
+        probe_batch = positive_int("probe_batch", probe_batch)
     check_reorthogonalize(reorthogonalize)
     check_budget(memory_budget)
     plan = None

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from landscape._checks import positive_int
 from landscape.curvature._probes import generator as _generator
 from landscape.curvature._probes import rademacher as _rademacher
 from landscape.curvature.base import CurvatureOperator, check_operator
@@ -28,7 +29,7 @@ from landscape.curvature.memory import (
 )
 from landscape.isolation import without_autocast
 
-__all__ = ["TraceResult", "hessian_trace", "trace_memory"]
+__all__ = ["TraceResult", "hessian_trace", "trace_memory", "trace_method"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -75,6 +76,22 @@ def _mean_and_stderr(samples: torch.Tensor) -> tuple[float, float]:
     if n < 2:
         return mean, math.nan
     return mean, float(samples.std(unbiased=True)) / math.sqrt(n)
+
+
+def trace_method(method: object) -> str:
+    """``method``'s canonical name (``"hutch++"`` for ``"hutchpp"``, ...).
+
+    Raises:
+        ValueError: no trace method of :func:`hessian_trace`.
+    """
+    name = _TRACE_METHODS.get(method.lower().replace("_", "").replace("-", "")) \
+        if isinstance(method, str) else None
+    if name is None:
+        raise ValueError(
+            f"method must be one of {', '.join(sorted(set(_TRACE_METHODS.values())))}, got "
+            f"{method!r}" + (" (the probe count is n_matvec=)" if isinstance(method, int)
+                             and not isinstance(method, bool) else ""))
+    return name
 
 
 @without_autocast
@@ -154,16 +171,13 @@ def hessian_trace(
         55.0
     """
     check_operator(op)
-    method = _TRACE_METHODS.get(method.lower().replace("_", "").replace("-", ""))
-    if method is None:
-        raise ValueError(
-            f"method must be one of {', '.join(sorted(set(_TRACE_METHODS.values())))}"
-        )
+    method = trace_method(method)
     least = {"hutchinson": 1, "hutch++": 3, "krylov": 2}[method]
+    n_matvec = positive_int("n_matvec", n_matvec)
     if n_matvec < least:
         raise ValueError(f"n_matvec must be >= {least} for {method}, got {n_matvec}")
-    if probe_batch is not None and probe_batch < 1:
-        raise ValueError(f"probe_batch must be >= 1, got {probe_batch}")
+    if probe_batch is not None:
+        probe_batch = positive_int("probe_batch", probe_batch)
     check_budget(memory_budget)
     plan = None
     run_op = op

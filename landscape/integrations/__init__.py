@@ -97,6 +97,12 @@ class CallbackSettings:
         mirrors: Any = "auto",
     ) -> None:
         every_n_steps = positive_int("every_n_steps", every_n_steps)
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a file path (str or os.PathLike), or None for a "
+                            f"run in memory, got {type(path).__name__} {path!r}")
+        for name, fn in (("loss_fn", loss_fn), ("closure", closure)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be callable, got {type(fn).__name__} {fn!r}")
         if stop_on is not None:
             severity_rank(stop_on)  # ValueError naming the severities
         self.path = path

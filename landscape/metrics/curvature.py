@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
+from landscape._checks import positive_int, positive_number
 from landscape._deprecation import deprecated_alias, module_getattr, renamed_kwargs
 from landscape._errors import MissingInput, PartialRow
 from landscape.findings import user_stacklevel
@@ -122,9 +123,7 @@ class TopEigenvalues(Metric):
         self, k: int = 3, tol: float = 1e-3, memory_budget: Budget = "auto", **kwargs: Any
     ) -> None:
         super().__init__(**kwargs)
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        self.k, self.tol = int(k), float(tol)
+        self.k, self.tol = positive_int("k", k), positive_number("tol", tol)
         self.memory_budget = _budget(memory_budget)
 
     def fields(self) -> dict[str, tuple[int, ...]]:
@@ -187,7 +186,7 @@ class Sharpness(Metric):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.tol = float(tol)
+        self.tol = positive_number("tol", tol)
         self.adam_warmup = None if adam_warmup is None else int(adam_warmup)
         self.memory_budget = _budget(memory_budget)
         self._groups_said = False  # parameter groups of other settings: warned once
@@ -395,8 +394,11 @@ class HessianTrace(Metric):
         self, n_matvec: int = 30, method: str = "krylov", memory_budget: Budget = "auto",
         **kwargs: Any,
     ) -> None:
+        from landscape.curvature.trace import trace_method
+
         super().__init__(**kwargs)
-        self.n_matvec, self.method = int(n_matvec), method
+        self.n_matvec, self.method = positive_int("n_matvec", n_matvec), method
+        trace_method(method)  # a bad one fails here, not at every due step
         self.memory_budget = _budget(memory_budget)
 
     def config(self) -> dict[str, Any]:
@@ -452,7 +454,8 @@ class SpectralDensity(Metric):
         from landscape.curvature.spectrum import check_reorthogonalize
 
         super().__init__(**kwargs)
-        self.lanczos_steps, self.n_probes = int(lanczos_steps), int(n_probes)
+        self.lanczos_steps = positive_int("lanczos_steps", lanczos_steps)
+        self.n_probes = positive_int("n_probes", n_probes)
         self.memory_budget = _budget(memory_budget)
         self.reorthogonalize = check_reorthogonalize(reorthogonalize)
 

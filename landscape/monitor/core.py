@@ -665,7 +665,20 @@ class Monitor:
     # ------------------------------------------------------------------ optimizer hooks
 
     def _hook_optimizer(self) -> None:
-        """Hook the watched optimizer's steps (the update and its learning rates)."""
+        """Hook the watched optimizer's steps (the update and its learning rates).
+
+        An optimizer that holds none of the model's trainable parameters (another
+        model's) is warned about: the update metrics would blame a skipped step.
+        """
+        if self.optimizer is not None and self._own:
+            held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+            if held and not held & {id(p) for p in self._own} and (
+                    not self._distributed or _dist.rank() == 0):
+                warnings.warn(
+                    "landscape: the optimizer holds none of the model's trainable "
+                    "parameters: pass the optimizer that steps this model (the update "
+                    "metrics and the learning rate recorded would be another's)",
+                    RuntimeWarning, stacklevel=user_stacklevel())
         if self.optimizer is not None:
             self._hooks.append(self.optimizer.register_step_pre_hook(self._pre_step))
             self._hooks.append(self.optimizer.register_step_post_hook(self._post_step))

@@ -146,6 +146,9 @@ class RunWriter:
         flush_seconds: float = 2.0,
         on_disk_full: str = "raise",
     ) -> None:
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a file path (str or os.PathLike), or None for a "
+                            f"run in memory, got {type(path).__name__} {path!r}")
         if mode not in ("a", "w", "x"):
             raise ValueError(f"mode must be 'a', 'w' or 'x', got {mode!r}")
         if on_disk_full not in ("raise", "stop"):

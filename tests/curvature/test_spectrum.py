@@ -183,6 +183,26 @@ def test_bad_arguments():
         spectral_density(op, lanczos_steps=0)
 
 
+@pytest.mark.parametrize(("call", "match"), [
+    # each raised from deep inside (a TypeError of torch.empty, "'>' not supported", ...)
+    (lambda op: top_eigenvalues(op, tol="x"), "tol must be a positive number"),
+    (lambda op: top_eigenvalues(op, tol=float("nan")), "tol must be a positive number"),
+    (lambda op: top_eigenvalues(op, seed="a"), "seed must be an integer >= 0"),
+    (lambda op: top_eigenvalues(op, warm_start=5), "warm_start must be an EigenResult"),
+    (lambda op: top_eigenvalues(op, max_matvec=2.5), "max_matvec must be an integer"),
+    (lambda op: hessian_trace(op, 4), r"method must be one of .*got 4 \(the probe count is "
+                                      r"n_matvec=\)"),
+    (lambda op: hessian_trace(op, n_matvec=2.5), "n_matvec must be an integer"),
+    (lambda op: hessian_trace(op, seed=None), "seed must be an integer >= 0"),
+    (lambda op: spectral_density(op, lanczos_steps=2.5), "lanczos_steps must be an integer"),
+    (lambda op: spectral_density(op, n_probes="2"), "n_probes must be an integer"),
+    (lambda op: spectral_density(op, sigma=-1.0), "sigma must be a positive number"),
+])
+def test_arguments_of_the_wrong_kind_are_named_in_one_line(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(MatrixOperator(sym(5)))
+
+
 @settings(max_examples=15, deadline=None)
 @given(n=st.integers(2, 25), k=st.integers(1, 3), seed=st.integers(0, 10_000))
 def test_lanczos_matches_eigvalsh(n, k, seed):

@@ -54,6 +54,22 @@ def test_presets_return_instances_of_the_classes_on_the_documented_schedules():
     assert str(ls.metrics.Logits.default_schedule) == PRESETS["cheap"]["logits"]
 
 
+@pytest.mark.parametrize(("make", "match"), [
+    # each was built, then failed at every due step with a metric_failed finding
+    (lambda: ls.metrics.HessianTrace(n_matvec=0), "n_matvec must be an integer >= 1"),
+    (lambda: ls.metrics.HessianTrace(n_matvec=-3), "n_matvec must be an integer >= 1"),
+    (lambda: ls.metrics.HessianTrace(method="bogus"), "method must be one of"),
+    (lambda: ls.metrics.SpectralDensity(lanczos_steps=0), "lanczos_steps must be an integer"),
+    (lambda: ls.metrics.SpectralDensity(n_probes=1.5), "n_probes must be an integer"),
+    (lambda: ls.metrics.TopEigenvalues(k=0), "k must be an integer >= 1"),
+    (lambda: ls.metrics.TopEigenvalues(tol=0), "tol must be a positive number"),
+    (lambda: ls.metrics.Sharpness(tol="tight"), "tol must be a positive number"),
+])
+def test_curvature_metric_settings_are_checked_when_the_metric_is_built(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
 def test_old_metric_names_warn_and_give_the_renamed_metrics():
     with pytest.warns(DeprecationWarning, match="'top_eigenvalues'"):
         m = ls.metrics.create("hessian", k=2)
