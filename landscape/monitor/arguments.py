@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from landscape._checks import positive_int
+from landscape.batches import leading_size
 from landscape.findings import user_stacklevel
 from landscape.metrics import Metric
 from landscape.store.format import step_value
@@ -191,6 +192,8 @@ def check_monitor_arguments(
             f"probe= must be a fixed batch or a list of batches, got a "
             f"{type(probe).__name__} (every probe metric would read a different batch): "
             "pass next(iter(loader)), or list(itertools.islice(loader, n)) for n batches")
+    if probe is not None and leading_size(probe) == 0:
+        raise ValueError("probe= holds no samples (its tensors' first dimension is 0)")
     if probe_size is not None and (not isinstance(probe_size, int) or isinstance(
             probe_size, bool) or probe_size < 1):
         raise ValueError(f"probe_size must be an integer >= 1 or None, got {probe_size!r}")

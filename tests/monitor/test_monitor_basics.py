@@ -343,6 +343,7 @@ def test_bad_arguments_are_value_errors():
     ({"strict": "no"}, "strict must be True or False"),
     ({"adaptive": "yes"}, "adaptive must be True or False"),
     ({"warn": None}, "warn must be True or False"),
+    ({"probe": (torch.zeros(0, 6), torch.zeros(0, dtype=torch.long))}, "holds no samples"),
 ])
 def test_settings_of_the_wrong_kind_are_refused_in_one_line(setting, match):
     with pytest.raises(ValueError, match=match):
