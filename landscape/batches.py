@@ -28,6 +28,7 @@ __all__ = [
     "normal_tensors",
     "plain_containers",
     "rebuilt",
+    "sample_sequences",
     "split",
     "takes_whole_batch",
     "to_device",
@@ -183,13 +184,80 @@ def to_device(obj: Any, device: torch.device | str, *, non_blocking: bool = Fals
     return map_tensors(obj, lambda t: t.to(device, non_blocking=non_blocking), other)
 
 
+def sample_sequences(obj: Any) -> tuple[int, set[int]] | None:
+    """``(samples, ids)`` of the per-sample lists inside a batch; None when it has none.
+
+    torchvision's detection convention: ``(images, targets)`` with ``images`` a list of
+    ``(C, H, W)`` tensors and ``targets`` a list of dicts, one per image. A list or tuple
+    of dicts with one set of keys, inside the batch, is such a list; so is a list or tuple
+    of tensors of one number of dimensions and the same length beside it. Their length is
+    the batch's size (the first tensor's leading dimension would be the channels), and
+    they are cut by index (:func:`head`, :func:`split`). Without such a list of dicts a
+    list of tensors stays what a ``DataLoader`` collates: fields, ``[inputs, targets]``.
+
+    Returns:
+        The samples, and the ``id`` of each per-sample list.
+    """
+    if not isinstance(obj, (tuple, list, Mapping)):
+        return None
+    found: list[Any] = []
+    _walk_sequences(obj, found)
+    dicts = [s for s in found if all(isinstance(v, Mapping) for v in s)
+             and len({frozenset(v) for v in s}) == 1]
+    if not dicts:
+        return None
+    n = len(dicts[0])
+    ids = {id(s) for s in dicts if len(s) == n}
+    ids |= {id(s) for s in found if len(s) == n and all(
+        isinstance(v, torch.Tensor) and v.dim() >= 1 for v in s)
+        and len({v.dim() for v in s}) == 1}
+    return n, ids
+
+
+def _walk_sequences(obj: Any, found: list[Any]) -> None:
+    """The non-empty lists and tuples below ``obj`` (``obj`` itself left out)."""
+    values = obj.values() if isinstance(obj, Mapping) else obj
+    for v in values:
+        if isinstance(v, (tuple, list)) and v:
+            found.append(v)
+        if isinstance(v, (tuple, list, Mapping)):
+            _walk_sequences(v, found)
+
+
+def _cut(obj: Any, start: int, stop: int) -> Any:
+    """Samples ``start`` to ``stop`` of ``obj``.
+
+    Per-sample lists by index, tensors along their leading dimension when it is the
+    batch's (:func:`leading_size`).
+    """
+    size = leading_size(obj)
+    if size is None:
+        return obj
+    found = sample_sequences(obj)
+    ids = found[1] if found is not None else set()
+
+    def walk(value: Any) -> Any:
+        if id(value) in ids:
+            return rebuilt(value, list(value[start:stop]))
+        if isinstance(value, torch.Tensor):
+            return value[start:stop] if value.dim() > 0 and value.shape[0] == size else value
+        if isinstance(value, Mapping):
+            return rebuilt(value, {k: walk(v) for k, v in value.items()})
+        if isinstance(value, (tuple, list)):
+            return rebuilt(value, [walk(v) for v in value])
+        return value
+
+    return walk(obj)
+
+
 def head(obj: Any, n: int) -> Any:
     """The first ``n`` samples of a batch (views).
 
     Every tensor whose leading length is the batch's (:func:`leading_size`: the first
     tensor's) is sliced; the others (a ``(T, T)`` attention mask shared by the samples, a
     one-element scale, 0-d tensors) and other values pass through. A mask whose side
-    equals the batch's size cannot be told apart and is sliced too.
+    equals the batch's size cannot be told apart and is sliced too. Per-sample lists
+    (:func:`sample_sequences`) keep their first ``n`` items.
 
     Args:
         obj: a tensor, or tuples, lists and mappings of them.
@@ -198,31 +266,23 @@ def head(obj: Any, n: int) -> Any:
     Returns:
         ``obj`` with the same structure.
     """
-    size = leading_size(obj)
-    if size is None:
-        return obj
-    return map_tensors(obj, lambda t: t[:n] if t.dim() > 0 and t.shape[0] == size else t)
+    return _cut(obj, 0, n)
 
 
 def split(obj: Any, size: int) -> list[Any]:
     """``obj`` cut into micro-batches of at most ``size`` samples, in order.
 
     The batch dimension is the leading dimension of the first tensor (:func:`leading_size`);
-    every tensor whose leading dimension has that length is sliced along it, everything
-    else (scalars, masks of another shape, non-tensors) is shared by all micro-batches.
+    every tensor whose leading dimension has that length is sliced along it, per-sample
+    lists (:func:`sample_sequences`) by index, everything else (scalars, masks of another
+    shape, non-tensors) is shared by all micro-batches.
     """
     if size < 1:
         raise ValueError(f"micro-batch size must be >= 1, got {size}")
     n = leading_size(obj)
     if n is None:
         raise ValueError("cannot split a batch without tensors (no batch dimension found)")
-
-    def piece(start: int) -> Any:
-        return map_tensors(
-            obj, lambda t: t[start:start + size] if t.dim() and t.shape[0] == n else t
-        )
-
-    return [piece(start) for start in range(0, n, size)]
+    return [_cut(obj, start, start + size) for start in range(0, n, size)]
 
 
 def leading_size(obj: Any) -> int | None:
@@ -231,14 +291,23 @@ def leading_size(obj: Any) -> int | None:
     The batch's samples come first by convention (``(inputs, targets)``, ``input_ids``):
     a rule that counted the lengths most tensors share instead was tried and dropped, as
     the tensors inside per-sample lists (a detection batch's target dicts) and the
-    positions of a one-sample batch outvote the samples.
+    positions of a one-sample batch outvote the samples. A batch holding per-sample lists
+    (:func:`sample_sequences`: images and their target dicts) has their length.
     """
+    found = sample_sequences(obj)
+    if found is not None:
+        return found[0]
+    return _first_leading(obj)
+
+
+def _first_leading(obj: Any) -> int | None:
+    """The first tensor's leading length, depth first (:func:`leading_size`'s rule)."""
     if isinstance(obj, torch.Tensor):
         return int(obj.shape[0]) if obj.dim() > 0 else None
     values = obj.values() if isinstance(obj, Mapping) else obj
     if isinstance(obj, (Mapping, tuple, list)):
         for value in values:
-            size = leading_size(value)
+            size = _first_leading(value)
             if size is not None:
                 return size
     return None

@@ -19,14 +19,15 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from landscape.batches import leading_size, normal_tensors, split, to_device
+from landscape.batches import leading_size, normal_tensors, sample_sequences, split, to_device
 from landscape.distributed import together
 from landscape.findings import user_stacklevel
 from landscape.isolation import loader_randomness_kept, on_batch_statistics
 
 __all__ = [
     "BatchSize", "ProbeData", "batch_sizes", "check_microbatching", "is_single_batch",
-    "leading_size", "materialize", "microbatches", "probe_data", "to_device",
+    "leading_size", "materialize", "microbatches", "probe_data", "sample_sequences",
+    "to_device",
 ]
 
 BatchSize = Callable[[Any], "int | None"]
@@ -301,7 +302,10 @@ def batch_sizes(
         The sizes as floats (0 for a batch with nothing to count, e.g. every token
         ignored), or ``None`` when any size is unknown (or negative).
     """
-    sizer = batch_size or (lambda b: leading_size(b if closure_mode else b[0]))
+    def leading(b: Any) -> int | None:  # the inputs' samples; per-sample lists: the batch's
+        return leading_size(b if closure_mode or sample_sequences(b) else b[0])
+
+    sizer = batch_size or leading
     sizes = [sizer(b) for b in batches]
     if any(s is None or s < 0 for s in sizes):
         return None
@@ -345,8 +349,8 @@ def microbatches(
     out_batches: list[Any] = []
     out_weights: list[float] = []
     for batch, w in zip(batches, weights):
-        if closure_mode:
-            pieces = split(batch, size)
+        if closure_mode or sample_sequences(batch):  # images with their target dicts: cut
+            pieces = split(batch, size)  # together, by index
         else:
             inputs, targets = batch
             n = leading_size(inputs)

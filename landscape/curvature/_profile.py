@@ -139,14 +139,15 @@ def batch_rows(op: Any) -> int | None:
     Returns:
         The samples, or ``None`` (not a model operator, or a batch without a sample size).
     """
-    from landscape.curvature._batches import leading_size
+    from landscape.curvature._batches import leading_size, sample_sequences
 
     op = _model_operator(op)
     if op is None:
         return None
     sizes = []
     for b in op._data.batches:
-        first = b if op.closure is not None or op.forward is not None else b[0]
+        whole = op.closure is not None or op.forward is not None or sample_sequences(b)
+        first = b if whole else b[0]
         n = leading_size(first)
         if n is None:
             return None

@@ -28,7 +28,7 @@ from torch import nn
 from landscape._checks import positive_int
 from landscape._errors import MissingInput, PartialRow
 from landscape._hf import output_loss
-from landscape.batches import head, leading_size, model_call
+from landscape.batches import head, leading_size, model_call, sample_sequences
 from landscape.capture import first_tensor, predictions_per_sample
 from landscape.curvature.stability import learning_rate
 from landscape.findings import user_stacklevel
@@ -130,6 +130,9 @@ def _call_parts(
         if labels:  # the model computes its loss (probe_loss) from them
             return (), kwargs, None
         return (), without_labels(model, kwargs), kwargs.get("labels")
+    if sample_sequences(batch):  # images and their target dicts: cut together, by index
+        inputs, targets = split_batch(head(batch, samples))
+        return (*model_call(model, inputs), targets)
     inputs, targets = split_batch(batch)
     args, kwargs = model_call(model, head(inputs, samples))
     return args, kwargs, head(targets, samples)

@@ -502,11 +502,11 @@ class Detector(nn.Module):
 
     def forward(self, images, targets=None):
         feats = [self.body(im[None]).mean((2, 3))[0] for im in images]
-        if self.training:
+        if self.training:  # means over the images, as torchvision's losses are
             return {"cls": sum(F.cross_entropy(self.cls(f)[None], t["labels"])
-                               for f, t in zip(feats, targets)),
+                               for f, t in zip(feats, targets)) / len(images),
                     "box": sum(F.smooth_l1_loss(self.box(f)[None], t["boxes"])
-                               for f, t in zip(feats, targets))}
+                               for f, t in zip(feats, targets)) / len(images)}
         return [{"boxes": self.box(f)[None], "labels": self.cls(f).argmax()[None]}
                 for f in feats]
 
@@ -545,3 +545,54 @@ def test_a_detection_models_predictions_are_no_logits():
     step = [torch.zeros_like(p) for p in model.parameters()]
     with pytest.raises(ValueError, match="per-sample prediction dicts"):
         taylor_radius(model, (images,), step)
+
+
+def _detection_loss(model, batch):  # docs/monitor.md's recipe: train-mode losses
+    images, targets = batch
+    model.train()
+    return sum(model(images, targets).values())
+
+
+def test_a_detection_batch_counts_its_images_and_is_cut_by_image():
+    """A list of (3, H, W) images was read as 3 samples (the channels): the loss recorded
+    3 samples, probe_size=2 cut every image to 2 channels, and micro-batches split the
+    channels (vision audit). Now the images and their target dicts are cut together."""
+    from landscape.batches import head, leading_size, split
+    from landscape.curvature import Hessian, top_eigenvalues
+
+    g = torch.Generator().manual_seed(0)
+    images, targets = _detection_batch(g)
+    batch = (images, targets)
+    assert leading_size(batch) == 6
+    first = head(batch, 2)
+    assert len(first[0]) == 2 and first[0][0].shape == (3, 12, 12) and len(first[1]) == 2
+    assert [len(p[0]) for p in split(batch, 4)] == [4, 2]
+    # a DataLoader's [inputs, targets] list is still two fields, not two samples
+    assert leading_size([torch.zeros(5, 3), torch.zeros(5)]) == 5
+    model = Detector()
+    whole = top_eigenvalues(Hessian(model, None, batch, closure=_detection_loss), k=2,
+                            tol=1e-8)
+    pieces = top_eigenvalues(Hessian(model, None, batch, closure=_detection_loss,
+                                     microbatch_size=2), k=2, tol=1e-8)
+    torch.testing.assert_close(pieces.values, whole.values, rtol=1e-4, atol=1e-6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    metrics = preset("standard", **dict.fromkeys(PRESETS["standard"], "every(2)"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Monitor(model, None, optimizer=opt, closure=_detection_loss, metrics=metrics,
+                     probe_size=2, warn=False) as mon:
+            for step in range(3):
+                images, targets = _detection_batch(g)
+                loss = _detection_loss(model, (images, targets))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                mon.step(step, batch=(images, targets), loss=loss)
+            run = mon.run()
+    assert list(run.series("loss", "samples")[1]) == [6, 6]  # steps 0 and 2
+    assert run.config["probe"]["size"] == 2
+    assert np.isfinite(run.series("sharpness", "lambda_max")[1]).all()
+    assert np.isfinite(run.series("top_eigenvalues", "eigenvalues")[1]).all()
+    failed = {f.metric.split("/")[0] for f in mon.findings if f.rule == "metric_failed"}
+    assert failed <= {"sentinels", "logits", "taylor_radius", "collapse", "spectral_alignment",
+                      "representation"}, failed  # the logit metrics: predictions, no logits
