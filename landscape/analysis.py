@@ -299,6 +299,10 @@ def check_loss(net: nn.Module, loss_fn: Callable | None, batches: Sequence[Any],
                         "output, not logits: give dict batches with labels for its own "
                         "loss, or --loss module:fn taking (model, batch); a LightningModule "
                         "around a Hugging Face model is analyzed through that model)")
+            elif loss_fn is F.cross_entropy and "out of bounds" in str(err):
+                hint = (" (labels past the classes: an ignore_index such as 255 on "
+                        "unlabelled pixels? pass --loss module:fn, a function calling "
+                        "F.cross_entropy(outputs, targets, ignore_index=255))")
             raise LandscapeError(
                 f"{ckpt.path}: the model or loss fails on the data: {err}{hint}"
             ) from err

@@ -54,6 +54,12 @@ FACTORIES = textwrap.dedent(
         x, y = data()
         return x * float("nan"), y
 
+    def ignore_255_data():
+        x, y = data()
+        y = y.clone()
+        y[0] = 255
+        return x, y
+
     def broken():
         raise RuntimeError("no GPU here")
 

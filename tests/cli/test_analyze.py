@@ -154,6 +154,7 @@ def test_analyze_accepts_a_loader_and_file_name_steps(setup, tmp_path):
         ("zero_samples", "an empty batch (0 samples; batch 0 of 1)"),  # was "loss is nan"
         ("unknown_loss", "use one of cross_entropy, mse, nll, bce_with_logits, model (the"),
         ("nan", "not finite"),
+        ("ignore_255", "an ignore_index such as 255 on unlabelled pixels? pass --loss"),
         ("pickled", "--trust-checkpoint"),
         ("model_as_data", "does --data name the model factory?"),  # was "got Sequential"
         ("three_tensors", "returned 3 tensors; a batch is (inputs, targets)"),  # "got Tensor"
@@ -196,6 +197,8 @@ def test_bad_input_gives_one_line_and_nonzero_exit(setup, tmp_path, kind, match)
         data = f"{fac}:{kind}"
     elif kind == "nan":
         data = f"{fac}:nan_data"
+    elif kind == "ignore_255":
+        data = f"{fac}:ignore_255_data"
     elif kind == "model_as_data":
         data = f"{fac}:model"
     elif kind == "three_tensors":
