@@ -185,43 +185,43 @@ def to_device(obj: Any, device: torch.device | str, *, non_blocking: bool = Fals
 
 
 def sample_sequences(obj: Any) -> tuple[int, set[int]] | None:
-    """``(samples, ids)`` of the per-sample lists inside a batch; None when it has none.
+    """``(samples, ids)`` of the per-sample lists of a batch; None when it has none.
 
-    torchvision's detection convention: ``(images, targets)`` with ``images`` a list of
-    ``(C, H, W)`` tensors and ``targets`` a list of dicts, one per image. A list or tuple
-    of dicts with one set of keys, inside the batch, is such a list; so is a list or tuple
-    of tensors of one number of dimensions and the same length beside it. Their length is
-    the batch's size (the first tensor's leading dimension would be the channels), and
-    they are cut by index (:func:`head`, :func:`split`). Without such a list of dicts a
-    list of tensors stays what a ``DataLoader`` collates: fields, ``[inputs, targets]``.
+    torchvision's detection convention: an ``(images, targets)`` pair whose ``targets`` is
+    a list (or tuple) of dicts with one set of keys, one per image, and whose ``images``
+    may be a list of ``(C, H, W)`` tensors of the same length. Their length is the batch's
+    size (the first tensor's leading dimension would be the channels), and they are cut
+    by index (:func:`head`, :func:`split`). Nothing else is: a list of tensors alone is
+    what a ``DataLoader`` collates, fields (``[inputs, targets]``), and a pair of
+    tokenizer encodings inside the inputs is two inputs of the batch's samples. A dict
+    batch's list of dicts as long as its tensors' leading dimension (Hugging Face DETR's
+    ``{"pixel_values", "labels": [{...}, ...]}``) is cut by index too.
 
     Returns:
         The samples, and the ``id`` of each per-sample list.
     """
-    if not isinstance(obj, (tuple, list, Mapping)):
+    if isinstance(obj, Mapping):
+        n = _first_leading(obj)
+        found = {id(v) for v in obj.values() if _dicts_alike(v) and len(v) == n}
+        return (n, found) if n is not None and found else None
+    if not isinstance(obj, (tuple, list)) or len(obj) != 2:
         return None
-    found: list[Any] = []
-    _walk_sequences(obj, found)
-    dicts = [s for s in found if all(isinstance(v, Mapping) for v in s)
-             and len({frozenset(v) for v in s}) == 1]
-    if not dicts:
+    inputs, targets = obj
+    if not _dicts_alike(targets):
         return None
-    n = len(dicts[0])
-    ids = {id(s) for s in dicts if len(s) == n}
-    ids |= {id(s) for s in found if len(s) == n and all(
-        isinstance(v, torch.Tensor) and v.dim() >= 1 for v in s)
-        and len({v.dim() for v in s}) == 1}
+    n = len(targets)
+    ids = {id(targets)}
+    if isinstance(inputs, (tuple, list)) and len(inputs) == n and all(
+            isinstance(v, torch.Tensor) and v.dim() >= 1 for v in inputs) \
+            and len({v.dim() for v in inputs}) == 1:
+        ids.add(id(inputs))
     return n, ids
 
 
-def _walk_sequences(obj: Any, found: list[Any]) -> None:
-    """The non-empty lists and tuples below ``obj`` (``obj`` itself left out)."""
-    values = obj.values() if isinstance(obj, Mapping) else obj
-    for v in values:
-        if isinstance(v, (tuple, list)) and v:
-            found.append(v)
-        if isinstance(v, (tuple, list, Mapping)):
-            _walk_sequences(v, found)
+def _dicts_alike(value: Any) -> bool:
+    """Whether ``value`` is a non-empty list or tuple of dicts with one set of keys."""
+    return isinstance(value, (tuple, list)) and bool(value) and all(
+        isinstance(v, Mapping) for v in value) and len({frozenset(v) for v in value}) == 1
 
 
 def _cut(obj: Any, start: int, stop: int) -> Any:
@@ -230,10 +230,10 @@ def _cut(obj: Any, start: int, stop: int) -> Any:
     Per-sample lists by index, tensors along their leading dimension when it is the
     batch's (:func:`leading_size`).
     """
-    size = leading_size(obj)
+    found = sample_sequences(obj)
+    size = found[0] if found is not None else _first_leading(obj)
     if size is None:
         return obj
-    found = sample_sequences(obj)
     ids = found[1] if found is not None else set()
 
     def walk(value: Any) -> Any:

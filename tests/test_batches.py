@@ -87,3 +87,31 @@ def test_a_forward_takes_the_whole_dict_only_when_no_key_names_its_parameter():
     assert not takes_whole_batch(Whole(), {"batch": torch.ones(2)})
     # model(**batch) names the key it does not take; the dict itself failed in embedding()
     assert not takes_whole_batch(Ids(), {"input_ids": torch.ones(2), "attention_mask": 1})
+
+
+def test_per_sample_lists_are_detection_targets_not_pairs_of_inputs():
+    """torchvision's (images, targets) lists and a DETR dict's labels list are cut by
+    index; a pair of tokenizer encodings inside the inputs stays two inputs (review: it
+    was read as 2 samples, and the sentinels recorded NaN), and a DataLoader's list of
+    fields stays fields."""
+    from torch.utils.data import default_collate
+
+    def enc(b=8):
+        return {"input_ids": torch.ones(b, 5, dtype=torch.long),
+                "attention_mask": torch.ones(b, 5, dtype=torch.long)}
+
+    pair = ((enc(), enc()), torch.arange(8))
+    assert leading_size(pair) == 8
+    assert head(pair, 4)[1].shape == (4,) and head(pair, 4)[0][0]["input_ids"].shape == (4, 5)
+    assert len(split(pair, 4)) == 2
+    collated = default_collate([({"ids": torch.ones(5)}, {"ids": torch.ones(5)}, 1)] * 8)
+    assert leading_size((collated[:2], collated[2])) == 8
+    assert leading_size([torch.zeros(6, 3), torch.zeros(6)]) == 6  # [inputs, targets]
+    images = [torch.zeros(3, 4, 4) for _ in range(5)]
+    targets = [{"boxes": torch.zeros(1, 4), "labels": torch.zeros(1)} for _ in range(5)]
+    assert leading_size((images, targets)) == 5
+    assert [len(p[0]) for p in split((images, targets), 2)] == [2, 2, 1]
+    assert head((images, targets), 2)[0][1].shape == (3, 4, 4)
+    detr = {"pixel_values": torch.zeros(5, 3, 4, 4), "labels": targets}
+    pieces = split(detr, 3)
+    assert [(p["pixel_values"].shape[0], len(p["labels"])) for p in pieces] == [(3, 3), (2, 2)]

@@ -10,6 +10,7 @@ rho = spectral_density(H, lanczos_steps=80)  # SLQ
 See docs/curvature.md for the conventions (stopping rule, warm start, error bars).
 """
 
+from landscape.curvature._model_operator import LossWithoutGraphError
 from landscape.curvature.groups import top_eigenvalues_by_group
 from landscape.curvature.operator import GGN, CurvatureOperator, Hessian, MatrixOperator
 from landscape.curvature.precondition import PreconditionedOperator, preconditioned
@@ -41,4 +42,6 @@ __all__ = [
     "top_eigenvalues_by_group",
     # edge of stability
     "stability_threshold",
+    # errors
+    "LossWithoutGraphError",
 ]

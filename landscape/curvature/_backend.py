@@ -173,6 +173,8 @@ class Backend:
                     diagnose()
                 except LandscapeError as diagnosed:
                     raise diagnosed from err
+                except Exception:  # the diagnosis failed itself: the fallback decides
+                    pass
             if self.name != "auto" or first_order_impl is None:
                 raise
             try:

@@ -493,7 +493,8 @@ class ModelOperator(CurvatureOperator):
         One forward of the loss on the first batch by autograd, every trainable parameter
         a leaf (selected parameters the loss does not reach have a curvature of 0, no
         error), run when a result was all zeros or the exact product raised, until a
-        graph is seen.
+        graph is seen. Every parameter inside a reentrant activation checkpoint whose
+        inputs need no gradient leaves no graph either: :class:`NoGradientError` says so.
         """
         if self._graph_checked:
             return
@@ -502,9 +503,12 @@ class ModelOperator(CurvatureOperator):
                   for n, p in self.model.named_parameters() if p.requires_grad}
         with self._context():
             value = self._batch_loss({**leaves, **self._leaves()}, batch)
-            if not value.requires_grad and torch.is_grad_enabled():
-                raise LossWithoutGraphError(
-                    "the closure" if self.closure is not None else "loss_fn")
+        if not value.requires_grad:
+            selected = self._leaves()
+            if self._cut_by_checkpoint(batch, selected):  # the model's graph, not the loss's
+                raise NoGradientError(list(selected))
+            raise LossWithoutGraphError(
+                "the closure" if self.closure is not None else "loss_fn")
         self._graph_checked = True
 
     def _model_output(self, p: Tensors, batch: Any) -> tuple[Any, Any]:

@@ -34,7 +34,8 @@ from landscape.isolation import buffers_kept, stateless_call, stateless_closure
 from landscape.params import Vector, difference, gradient_norm, stackable, tensor_norms
 
 __all__ = ["MissingInput", "NoLossFunction", "StepContext", "batch_targets", "classes_last",
-           "each_batch", "inputs_in", "softmax_logits", "split_batch", "target_place"]
+           "each_batch", "ignored_past_classes", "inputs_in", "softmax_logits", "split_batch",
+           "target_place"]
 
 Closure = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -229,6 +230,22 @@ def batch_targets(batch: Any) -> Any:
         return split_batch(batch)[1]
     except MissingInput:
         return batch.get("labels") if isinstance(batch, Mapping) else None
+
+
+def ignored_past_classes(labels: torch.Tensor, classes: int) -> torch.Tensor | None:
+    """The mask of the labels that are one ``ignore_index`` past the classes; else None.
+
+    Segmentation masks mark unlabelled pixels with one index past the classes (255 in
+    VOC and Cityscapes), which the training loss ignores, as it ignores -100. Labels past
+    the classes that take several values are no ignore index (a head too small for the
+    labels): None, and the caller's own check says so.
+    """
+    if labels.is_floating_point() or labels.numel() == 0:
+        return None
+    past = labels >= classes
+    if not bool(past.any()) or int(torch.unique(labels[past]).numel()) != 1:
+        return None
+    return past
 
 
 def softmax_logits(outputs: torch.Tensor, targets: Any) -> bool:

@@ -19,7 +19,7 @@ from landscape._errors import MissingInput, NotApplicable
 from landscape._hf import is_causal_lm
 from landscape.capture import last_linear, linear_layers, resolve_module
 from landscape.metrics.base import Metric, register
-from landscape.metrics.context import StepContext
+from landscape.metrics.context import StepContext, ignored_past_classes
 from landscape.schedules import every
 
 __all__ = ["Collapse", "Representation", "SpectralAlignment"]
@@ -284,13 +284,12 @@ def _without_ignore_index(feats: torch.Tensor, labels: torch.Tensor,
                            classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The samples whose label is not one ``ignore_index`` past the classes.
 
-    Segmentation masks mark unlabelled pixels with one index past the classes (255 in
-    VOC and Cityscapes), which the training loss ignores: those pixels are left out, as
-    negative labels are. Labels past the classes that take several values are left as
-    they are: the layer is then not the classifier, which the caller says.
+    Left out as negative labels are (:func:`~landscape.metrics.context.ignored_past_classes`);
+    labels past the classes that take several values are left as they are: the layer is
+    then not the classifier, which the caller says.
     """
-    past = labels >= classes
-    if int(torch.unique(labels[past]).numel()) != 1:
+    past = ignored_past_classes(labels, classes)
+    if past is None:
         return feats, labels
     keep = ~past
     return feats[keep.to(feats.device)], labels[keep]

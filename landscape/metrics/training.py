@@ -22,6 +22,7 @@ from landscape.metrics.context import (
     batch_targets,
     classes_last,
     ids_and_labels,
+    ignored_past_classes,
     keyword_batch,
     softmax_logits,
     split_batch,
@@ -387,14 +388,15 @@ def radius_along(
 def _labels(targets: Any, logits: torch.Tensor) -> torch.Tensor | None:
     """``targets`` when they are one class index per logit row, else None.
 
-    An index past the classes is an ``ignore_index`` the training loss accepted (255 in
-    VOC- and Cityscapes-style segmentation masks): ignored, as a negative one (-100) is.
+    One index past the classes is an ``ignore_index`` the training loss accepted (255 in
+    VOC- and Cityscapes-style segmentation masks): ignored, as a negative one (-100) is
+    (:func:`~landscape.metrics.context.ignored_past_classes`).
     """
     if not isinstance(targets, torch.Tensor) or targets.shape != logits.shape[:-1]:
         return None
-    classes = logits.shape[-1]
-    if not targets.is_floating_point() and targets.numel() and int(targets.max()) >= classes:
-        return torch.where(targets >= classes, torch.full_like(targets, -100), targets)
+    past = ignored_past_classes(targets, logits.shape[-1])
+    if past is not None:
+        return torch.where(past, torch.full_like(targets, -100), targets)
     return targets
 
 

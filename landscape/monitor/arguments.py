@@ -201,7 +201,7 @@ def check_monitor_arguments(
 
 def check_monitor_settings(
     config: Any, mirrors: Any, truncate_from: Any, flush_every: Any, flags: dict[str, Any],
-) -> None:
+) -> list[Any]:
     """Refuse ``Monitor(...)`` settings of the wrong kind, with one line naming the setting.
 
     Args:
@@ -210,6 +210,9 @@ def check_monitor_settings(
         truncate_from: a step (an integer >= 0) or None.
         flush_every: an integer >= 1.
         flags: the settings that must be True or False, by name.
+
+    Returns:
+        The mirrors, as a list (a generator is read once, here).
 
     Raises:
         ValueError: any of them of the wrong kind (``truncate_from=2.5`` cut from step 2,
@@ -222,7 +225,8 @@ def check_monitor_settings(
     if isinstance(mirrors, (str, bytes)) or not (mirrors is None
                                                  or hasattr(mirrors, "__iter__")):
         raise ValueError(f"mirrors must be a list of mirror objects, got {mirrors!r}")
-    for mirror in mirrors or ():
+    mirrors = list(mirrors or ())
+    for mirror in mirrors:
         if not callable(getattr(mirror, "on_row", None)):
             raise ValueError(
                 f"mirrors must hold objects with on_row(name, step, row), on_finding(finding) "
@@ -238,6 +242,7 @@ def check_monitor_settings(
     for name, value in flags.items():
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be True or False, got {value!r}")
+    return mirrors
 
 
 def step_arguments(

@@ -267,8 +267,8 @@ class Monitor:
     ) -> None:
         check_monitor_arguments(model, loss_fn, path, closure, on_finding, microbatch_size,
                                 batch_size, probe, probe_size, output_fn)
-        check_monitor_settings(config, mirrors, truncate_from, flush_every,
-                               {"strict": strict, "warn": warn, "adaptive": adaptive})
+        mirrors = check_monitor_settings(config, mirrors, truncate_from, flush_every,
+                                         {"strict": strict, "warn": warn, "adaptive": adaptive})
         if taylor_guard is not None and (optimizer is None or probe is None):
             raise ValueError("taylor_guard needs optimizer= and probe=(inputs, targets)")
         if taylor_guard is not None and (isinstance(taylor_guard, bool) or not (
@@ -489,6 +489,8 @@ class Monitor:
         which then have none: step 50's rows, resumed with ``truncate_from=50`` at step 51.
         """
         dropped = None if self.writer is None else self.writer.dropped_from
+        if "analysis" in self._user_config:  # analyze resumes at its unfinished checkpoint
+            return
         if dropped is not None and step > dropped:
             empty = (f"step {dropped} has" if step - 1 == dropped
                      else f"steps {dropped} to {step - 1} have")
@@ -670,7 +672,9 @@ class Monitor:
         An optimizer that holds none of the model's trainable parameters (another
         model's) is warned about: the update metrics would blame a skipped step.
         """
-        if self.optimizer is not None and self._own:
+        # (DeepSpeed's ZeRO optimizers hold flat partitions of the weights, not the weights)
+        if self.optimizer is not None and self._own and not type(
+                self.optimizer).__module__.startswith("deepspeed"):
             held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
             if held and not held & {id(p) for p in self._own} and (
                     not self._distributed or _dist.rank() == 0):

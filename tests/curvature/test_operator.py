@@ -585,8 +585,7 @@ def test_a_loss_without_gradient_graph_is_refused_not_measured_as_zero(backend, 
     """A loss_fn that detaches gave eigenvalues, traces and gradients of exactly 0 (the
     func and first-order paths differentiate it to zeros; "auto" fell back to first
     order on the autograd path's error and said the exact product was impossible)."""
-    from landscape.curvature import hessian_trace
-    from landscape.curvature._model_operator import LossWithoutGraphError
+    from landscape.curvature import LossWithoutGraphError, hessian_trace
 
     def loss_fn(out, y):
         value = F.cross_entropy(out, y)
@@ -626,3 +625,27 @@ def test_complex_parameters_are_refused_in_one_line():
             make(model, F.cross_entropy, (x, y))
     with pytest.raises(ValueError, match="complex-valued parameters are not supported"):
         Monitor(model, F.cross_entropy).start()
+
+
+def test_a_model_checkpointed_whole_and_reentrantly_is_named_as_such_not_as_a_detached_loss():
+    """Every parameter inside a reentrant checkpoint whose inputs need no gradient leaves
+    the loss without a graph too: the graph check blamed the loss_fn (review)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from landscape.curvature._shifted import NoGradientError
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = models.mlp()
+
+        def forward(self, x):
+            return checkpoint(self.body, x, use_reentrant=True)
+
+    x, y = models.classification_data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: "None of the inputs have requires_grad"
+        for backend in ("auto", "first_order"):
+            with pytest.raises(NoGradientError, match="reentrant activation checkpoint"):
+                top_eigenvalues(Hessian(Checkpointed(), F.cross_entropy, (x, y),
+                                        backend=backend), k=1)

@@ -350,6 +350,18 @@ def test_settings_of_the_wrong_kind_are_refused_in_one_line(setting, match):
         Monitor(models.mlp(), F.cross_entropy, **setting)
 
 
+def test_mirrors_given_as_a_generator_are_kept():
+    """The settings check read the generator, and the monitor got none (review)."""
+
+    class Mirror:
+        def on_row(self, name, step, row):
+            pass
+
+    mirror = Mirror()
+    assert Monitor(models.mlp(), F.cross_entropy, mirrors=(m for m in [mirror])).mirrors \
+        == [mirror]
+
+
 def test_nonfinite_flags_nan_gradients_but_not_large_finite_ones():
     model = models.mlp()
     with Monitor(model, F.cross_entropy, metrics=["nonfinite", "grad_norm"], alarms=False) as mon:
