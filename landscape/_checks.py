@@ -6,12 +6,13 @@ import math
 import operator
 
 
-def positive_int(name: str, value: object) -> int:
-    """``value`` as an int >= 1: an int, a numpy or torch integer; not a bool or a float.
+def integer_at_least(name: str, value: object, least: int) -> int:
+    """``value`` as an int >= ``least``: an int, a numpy or torch integer; not a bool or a float.
 
     Args:
         name: the argument's name, for the error.
         value: what was given.
+        least: the smallest value allowed.
 
     Raises:
         ValueError: anything else.
@@ -20,10 +21,15 @@ def positive_int(name: str, value: object) -> int:
         try:
             number = operator.index(value)  # type: ignore[arg-type]
         except TypeError:
-            number = 0
-        if number >= 1:
+            number = least - 1
+        if number >= least:
             return number
-    raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
+def positive_int(name: str, value: object) -> int:
+    """``value`` as an int >= 1 (:func:`integer_at_least`)."""
+    return integer_at_least(name, value, 1)
 
 
 def positive_number(name: str, value: object) -> float:
@@ -43,16 +49,5 @@ def positive_number(name: str, value: object) -> float:
 
 
 def seed_value(value: object) -> int:
-    """``value`` as an int seed >= 0 (any integer type; not a bool or a float).
-
-    Raises:
-        ValueError: anything else.
-    """
-    if not isinstance(value, bool):
-        try:
-            number = operator.index(value)  # type: ignore[arg-type]
-        except TypeError:
-            number = -1
-        if number >= 0:
-            return number
-    raise ValueError(f"seed must be an integer >= 0, got {value!r}")
+    """``value`` as an int seed >= 0 (:func:`integer_at_least`)."""
+    return integer_at_least("seed", value, 0)
