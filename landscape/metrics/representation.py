@@ -227,7 +227,11 @@ class Collapse(_PenultimateMetric):
                 keep = labels >= 0  # padding / ignore_index (-100), as the cross-entropy does
                 feats, labels = feats[keep.to(feats.device)], labels[keep]
         if labels.shape[0] != feats.shape[0]:
-            raise MissingInput("collapse: targets do not match the penultimate features")
+            raise MissingInput(
+                f"collapse: {labels.shape[0]} labels for {feats.shape[0]} rows of "
+                f"penultimate features at layer {self.layer!r} (a sequence model whose "
+                "classifier reads every position while the labels are one per sequence?): "
+                "pass Collapse(layer=...) naming a layer fed one row per label")
         if labels.numel() and not labels.is_floating_point() \
                 and int(torch.unique(labels).numel()) < 2:
             # every index is undefined with one class (NaN): a probe drawn from one class

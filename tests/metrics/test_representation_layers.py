@@ -253,3 +253,29 @@ def test_conv_patches_reproduce_the_convolution(conv):
     flat = patches @ conv.weight.detach().reshape(4, -1).T  # (positions, out)
     want = out.permute(0, 2, 3, 1).reshape(-1, 4)
     assert torch.allclose(flat, want, atol=1e-5)
+
+
+def test_collapse_on_a_sequence_classifier_reading_every_position_says_what_it_counted():
+    """The message was "targets do not match the penultimate features" (the healthy
+    benchmark under standard, on a transformer classifying by its last position)."""
+
+    class LastPosition(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(10, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.emb(x))[:, -1]
+
+    model = LastPosition()
+    x, y = torch.randint(0, 10, (6, 5)), torch.randint(0, 3, (6,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with ls.Monitor(model, F.cross_entropy, optimizer=opt, metrics=["collapse"],
+                    probe=(x, y), warn=False) as mon:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mon.step(0, batch=(x, y), loss=loss)
+    (finding,) = mon.findings
+    assert "6 labels for 30 rows of penultimate features at layer 'head'" in finding.message
