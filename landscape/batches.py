@@ -193,7 +193,9 @@ def sample_sequences(obj: Any) -> tuple[int, set[int]] | None:
     size (the first tensor's leading dimension would be the channels), and they are cut
     by index (:func:`head`, :func:`split`). Nothing else is: a list of tensors alone is
     what a ``DataLoader`` collates, fields (``[inputs, targets]``), and a pair of
-    tokenizer encodings inside the inputs is two inputs of the batch's samples. A dict
+    tokenizer encodings inside the inputs is two inputs of the batch's samples; inputs
+    whose first tensor leads with another length than the dicts' count are no such pair.
+    A dict
     batch's list of dicts as long as its tensors' leading dimension (Hugging Face DETR's
     ``{"pixel_values", "labels": [{...}, ...]}``) is cut by index too.
 
@@ -215,6 +217,8 @@ def sample_sequences(obj: Any) -> tuple[int, set[int]] | None:
             isinstance(v, torch.Tensor) and v.dim() >= 1 for v in inputs) \
             and len({v.dim() for v in inputs}) == 1:
         ids.add(id(inputs))
+    elif _first_leading(inputs) not in (None, n):  # (x of 32 samples, [2 dicts]): no
+        return None
     return n, ids
 
 

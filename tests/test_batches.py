@@ -112,6 +112,8 @@ def test_per_sample_lists_are_detection_targets_not_pairs_of_inputs():
     assert leading_size((images, targets)) == 5
     assert [len(p[0]) for p in split((images, targets), 2)] == [2, 2, 1]
     assert head((images, targets), 2)[0][1].shape == (3, 4, 4)
+    assert leading_size((torch.zeros(5, 3, 4, 4), targets)) == 5  # batched images
+    assert leading_size((torch.zeros(32, 3), targets[:2])) == 32  # 2 dicts: no samples
     detr = {"pixel_values": torch.zeros(5, 3, 4, 4), "labels": targets}
     pieces = split(detr, 3)
     assert [(p["pixel_values"].shape[0], len(p["labels"])) for p in pieces] == [(3, 3), (2, 2)]
