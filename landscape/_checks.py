@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 
 
 def integer_at_least(name: str, value: object, least: int) -> int:
@@ -51,3 +52,29 @@ def positive_number(name: str, value: object) -> float:
 def seed_value(value: object) -> int:
     """``value`` as an int seed >= 0 (:func:`integer_at_least`)."""
     return integer_at_least("seed", value, 0)
+
+
+def run_path(path: object) -> None:
+    """Refuse a run file's ``path`` that is neither a path nor None (a run in memory).
+
+    Raises:
+        TypeError: naming what was given.
+    """
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file path (str or os.PathLike), or None for a "
+                        f"run in memory, got {type(path).__name__} {path!r}")
+
+
+def callables(owner: str = "", **functions: object) -> None:
+    """Refuse any of ``functions`` that is neither callable nor None.
+
+    Args:
+        owner: prefixed to the message (``"Hessian: "``), or nothing.
+        **functions: the arguments by name.
+
+    Raises:
+        TypeError: naming the first argument that is not callable.
+    """
+    for name, fn in functions.items():
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{owner}{name} must be callable, got {type(fn).__name__} {fn!r}")

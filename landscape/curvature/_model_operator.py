@@ -22,6 +22,7 @@ from torch import nn
 from torch.func import grad_and_value, vmap
 
 from landscape import distributed as _dist
+from landscape._checks import callables
 from landscape._errors import LandscapeError
 from landscape.batches import model_call
 from landscape.curvature._backend import Backend
@@ -166,10 +167,7 @@ class ModelOperator(CurvatureOperator):
         if not isinstance(model, nn.Module):
             raise TypeError(f"{owner}: model must be a torch.nn.Module, got "
                             f"{type(model).__name__}")
-        for name, fn in (("loss_fn", loss_fn), ("closure", closure), ("forward", forward)):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"{owner}: {name} must be callable, got "
-                                f"{type(fn).__name__} {fn!r}")
+        callables(f"{owner}: ", loss_fn=loss_fn, closure=closure, forward=forward)
         opts = OperatorOptions.from_kwargs(owner, options)
         backend = Backend(opts.backend)
         self.model = _dist.unwrap(model)

@@ -27,7 +27,7 @@ import warnings
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from landscape import distributed as _dist
-from landscape._checks import positive_int
+from landscape._checks import callables, positive_int, run_path
 from landscape._errors import StepOrderError
 from landscape.batches import leading_size
 from landscape.batches import to_device as move_to_device
@@ -97,12 +97,8 @@ class CallbackSettings:
         mirrors: Any = "auto",
     ) -> None:
         every_n_steps = positive_int("every_n_steps", every_n_steps)
-        if path is not None and not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path must be a file path (str or os.PathLike), or None for a "
-                            f"run in memory, got {type(path).__name__} {path!r}")
-        for name, fn in (("loss_fn", loss_fn), ("closure", closure)):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"{name} must be callable, got {type(fn).__name__} {fn!r}")
+        run_path(path)
+        callables(loss_fn=loss_fn, closure=closure)
         if stop_on is not None:
             severity_rank(stop_on)  # ValueError naming the severities
         self.path = path

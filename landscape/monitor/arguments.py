@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from landscape._checks import positive_int
+from landscape._checks import callables, positive_int, run_path
 from landscape.batches import leading_size
 from landscape.findings import user_stacklevel
 from landscape.metrics import Metric
@@ -168,14 +168,8 @@ def check_monitor_arguments(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__} "
                         f"{model!r}" + (" (wrap a function in an nn.Module)"
                                         if callable(model) else ""))
-    if path is not None and not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a file path (str or os.PathLike), or None for a "
-                        f"run in memory, got {type(path).__name__} {path!r}")
-    for name, value in (("closure", closure), ("on_finding", on_finding),
-                        ("output_fn", output_fn)):
-        if value is not None and not callable(value):
-            raise TypeError(f"{name} must be callable, got {type(value).__name__} "
-                            f"{value!r}")
+    run_path(path)
+    callables(closure=closure, on_finding=on_finding, output_fn=output_fn)
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(
             f"loss_fn must be callable, got {type(loss_fn).__name__} {loss_fn!r}"

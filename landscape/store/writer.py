@@ -27,6 +27,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import h5py
 import numpy as np
 
+from landscape._checks import run_path
 from landscape._errors import RunFileError, StepOrderError
 from landscape.findings import Finding, user_stacklevel
 from landscape.store.backends import Backend, H5Backend, MemoryBackend
@@ -146,9 +147,7 @@ class RunWriter:
         flush_seconds: float = 2.0,
         on_disk_full: str = "raise",
     ) -> None:
-        if path is not None and not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path must be a file path (str or os.PathLike), or None for a "
-                            f"run in memory, got {type(path).__name__} {path!r}")
+        run_path(path)
         if mode not in ("a", "w", "x"):
             raise ValueError(f"mode must be 'a', 'w' or 'x', got {mode!r}")
         if on_disk_full not in ("raise", "stop"):
