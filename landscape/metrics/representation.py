@@ -242,14 +242,17 @@ class Collapse(_PenultimateMetric):
         weight = getattr(classifier, "weight", None)
         n_out = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() >= 1 else None
         if n_out is not None and labels.numel() and int(labels.max()) >= n_out:
-            feats, labels = _without_ignore_index(feats, labels, n_out)
-        if n_out is not None and labels.numel() and int(labels.max()) >= n_out:
-            raise MissingInput(
-                f"collapse: layer {self.layer!r} has {n_out} outputs but the labels reach "
-                f"{int(labels.max())}, so it is not the classifier (a head computed with "
-                "F.linear, e.g. tied to the embedding?); in Python, pass Collapse(layer=...) "
-                "naming the layer whose input is the penultimate representation; on the "
-                "command line, leave collapse out (-m)")
+            # one index past the classes is an ignore_index (255 on unlabelled pixels),
+            # left out as -100 is; several mean the layer is not the classifier
+            past = ignored_past_classes(labels, n_out)
+            if past is None:
+                raise MissingInput(
+                    f"collapse: layer {self.layer!r} has {n_out} outputs but the labels "
+                    f"reach {int(labels.max())}, so it is not the classifier (a head "
+                    "computed with F.linear, e.g. tied to the embedding?); in Python, pass "
+                    "Collapse(layer=...) naming the layer whose input is the penultimate "
+                    "representation; on the command line, leave collapse out (-m)")
+            feats, labels = feats[(~past).to(feats.device)], labels[~past]
         bias = None
         if _dist.is_sharded(weight):  # FSDP2: gather this layer
             b = getattr(classifier, "bias", None)
@@ -282,21 +285,6 @@ class Collapse(_PenultimateMetric):
         nxt = labels[:, 1:].reshape(-1).to(feats.device)
         keep = nxt != -100
         return feats[keep], nxt[keep]
-
-
-def _without_ignore_index(feats: torch.Tensor, labels: torch.Tensor,
-                           classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The samples whose label is not one ``ignore_index`` past the classes.
-
-    Left out as negative labels are (:func:`~landscape.metrics.context.ignored_past_classes`);
-    labels past the classes that take several values are left as they are: the layer is
-    then not the classifier, which the caller says.
-    """
-    past = ignored_past_classes(labels, classes)
-    if past is None:
-        return feats, labels
-    keep = ~past
-    return feats[keep.to(feats.device)], labels[keep]
 
 
 @register

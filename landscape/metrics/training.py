@@ -338,7 +338,7 @@ def radius_along(
     """Taylor radius at parameters ``at`` along ``direction``.
 
     The logit tangent ``J p`` of the logits (read by the monitor's ``output_fn``, by
-    default :func:`landscape.capture.first_tensor`) is
+    default :func:`landscape.capture.output_logits`) is
     :func:`landscape.functional.taylor.logit_tangent`'s: one ``torch.func.jvp``, or a
     central difference where forward-mode AD cannot go through the model (reentrant
     activation checkpointing); on FSDP2 models :func:`_radius_in_place`.
@@ -369,7 +369,7 @@ def radius_along(
     if any(_dist.is_sharded(t) for t in at):
         return _radius_in_place(ctx, args, keywords or {}, targets, at, direction)
     names = list(ctx.names)
-    # the logits alone: a tuple, dict or ModelOutput is read through first_tensor, and a
+    # the logits alone: a tuple, dict or ModelOutput is read through output_logits, and a
     # Hugging Face model builds no key-value cache (jvp accepts tensors only)
     call = logits_call(ctx.model, args, ctx.output_fn, keywords=keywords)
     logits, tangent = logit_tangent(call, dict(zip(names, at)), dict(zip(names, direction)))
