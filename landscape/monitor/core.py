@@ -463,7 +463,7 @@ class Monitor:
         """
         resume = self._writer_args["truncate_from"]
         if resume is None or self.writer is None or self.writer.path is None \
-                or "analysis" in self._user_config:  # analyze: checkpoints, flushed each
+                or self._analyzing:  # analyze: checkpoints, flushed each
             return
         run = self.writer.run()
         held = set(run.metrics())
@@ -489,9 +489,7 @@ class Monitor:
         which then have none: step 50's rows, resumed with ``truncate_from=50`` at step 51.
         """
         dropped = None if self.writer is None else self.writer.dropped_from
-        if "analysis" in self._user_config:  # analyze resumes at its unfinished checkpoint
-            return
-        if dropped is not None and step > dropped:
+        if dropped is not None and step > dropped and not self._analyzing:
             empty = (f"step {dropped} has" if step - 1 == dropped
                      else f"steps {dropped} to {step - 1} have")
             warnings.warn(
@@ -582,6 +580,24 @@ class Monitor:
         self._with_depth -= 1
         if self._with_depth == 0:  # a nested `with mon:` leaves it open for the outer one
             self.close()
+
+    @property
+    def _leads(self) -> bool:
+        """Whether this process speaks for the job: it writes the file and says warnings.
+
+        Rank 0 under ``torch.distributed`` (every rank emits the same findings), else
+        every process.
+        """
+        return not self._distributed or _dist.rank() == 0
+
+    @property
+    def _analyzing(self) -> bool:
+        """Whether ``landscape analyze`` runs the monitor (its config names the analysis).
+
+        Its resumes start at an unfinished checkpoint, flushed one at a time: no rows are
+        missing that the resume warnings would name.
+        """
+        return "analysis" in self._user_config
 
     @property
     def adaptive(self) -> bool:
@@ -676,8 +692,7 @@ class Monitor:
         if self.optimizer is not None and self._own and not type(
                 self.optimizer).__module__.startswith("deepspeed"):
             held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
-            if held and not held & {id(p) for p in self._own} and (
-                    not self._distributed or _dist.rank() == 0):
+            if held and not held & {id(p) for p in self._own} and self._leads:
                 warnings.warn(
                     "landscape: the optimizer holds none of the model's trainable "
                     "parameters: pass the optimizer that steps this model (the update "
@@ -724,7 +739,7 @@ class Monitor:
             return
         versions = self._versions()
         if self._idle_versions is not None and versions != self._idle_versions \
-                and (not self._distributed or _dist.rank() == 0):
+                and self._leads:
             self._told_unwatched = True
             warnings.warn(
                 "landscape: the model's weights changed since the last call, but the "
@@ -996,7 +1011,7 @@ class Monitor:
     def _recorded_window_end(self) -> int:
         """The end of the dense window the resumed run's file had open (or -1)."""
         until = -1
-        if not self._distributed or _dist.rank() == 0:
+        if self._leads:
             assert self.writer is not None
             until = recorded_window_end(self.writer.run())
         return _dist.broadcast_object(until) if self._distributed else until
@@ -1107,7 +1122,7 @@ class Monitor:
         self.writer.add_finding(finding)
         # rank 0's findings, which every rank emits: said once, by rank 0 (torchrun would
         # print one copy per rank); each rank still returns them and calls on_finding
-        say = self.warn and (not self._distributed or _dist.rank() == 0)
+        say = self.warn and self._leads
         if say and at_or_above([finding], "warning"):
             with above_bars():  # a training loop's progress bar would swallow the line
                 warnings.warn(InstabilityWarning(finding.describe()),
