@@ -27,7 +27,7 @@ from landscape.isolation import loader_randomness_kept, on_batch_statistics
 __all__ = [
     "BatchSize", "ProbeData", "batch_sizes", "check_microbatching", "is_single_batch",
     "leading_size", "materialize", "microbatches", "probe_data", "sample_sequences",
-    "to_device",
+    "samples_in", "to_device",
 ]
 
 BatchSize = Callable[[Any], "int | None"]
@@ -287,6 +287,17 @@ def _unevenly_ignored(batches: list[Any]) -> bool:
     return len(shares) > 1
 
 
+def samples_in(batch: Any, closure_mode: bool) -> int | None:
+    """The samples of one batch: its leading size (:func:`leading_size`).
+
+    Of the whole batch when it goes to a closure or holds per-sample lists (images and
+    their target dicts, :func:`sample_sequences`), else of its inputs (``loss_fn``'s
+    ``(inputs, targets)``).
+    """
+    whole = closure_mode or sample_sequences(batch)
+    return leading_size(batch if whole else batch[0])
+
+
 def batch_sizes(
     batches: list[Any], closure_mode: bool, batch_size: BatchSize | None
 ) -> list[float] | None:
@@ -302,10 +313,7 @@ def batch_sizes(
         The sizes as floats (0 for a batch with nothing to count, e.g. every token
         ignored), or ``None`` when any size is unknown (or negative).
     """
-    def leading(b: Any) -> int | None:  # the inputs' samples; per-sample lists: the batch's
-        return leading_size(b if closure_mode or sample_sequences(b) else b[0])
-
-    sizer = batch_size or leading
+    sizer = batch_size or (lambda b: samples_in(b, closure_mode))
     sizes = [sizer(b) for b in batches]
     if any(s is None or s < 0 for s in sizes):
         return None

@@ -139,16 +139,14 @@ def batch_rows(op: Any) -> int | None:
     Returns:
         The samples, or ``None`` (not a model operator, or a batch without a sample size).
     """
-    from landscape.curvature._batches import leading_size, sample_sequences
+    from landscape.curvature._batches import samples_in
 
     op = _model_operator(op)
     if op is None:
         return None
     sizes = []
     for b in op._data.batches:
-        whole = op.closure is not None or op.forward is not None or sample_sequences(b)
-        first = b if whole else b[0]
-        n = leading_size(first)
+        n = samples_in(b, op.closure is not None or op.forward is not None)
         if n is None:
             return None
         sizes.append(n)
