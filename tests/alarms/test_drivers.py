@@ -262,7 +262,7 @@ def test_default_rules_are_the_documented_rules_and_configurable():
         (lambda: LossSpike(window=10, min_history=20), "min_history"),
         (lambda: LossSpike(method="ewma"), "method"),
         (lambda: TaylorRatio(warn=2.0, error=1.0), "error"),
-        (lambda: EdgeOfStability(approach=1.2), "approach"),
+        (lambda: EdgeOfStability(approach=13.0), "approach"),
         (lambda: RankCollapse(ratio=1.5), "ratio"),
         (lambda: SignCollapse(healthy=0.01), "healthy"),
         (lambda: LogitGrowth(rearm=0), "rearm"),

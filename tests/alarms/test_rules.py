@@ -34,21 +34,45 @@ from tests.alarms._support import (
 
 
 
-def test_edge_of_stability_fires_once_when_sharpness_crosses_the_threshold():
+def test_edge_of_stability_reads_the_edge_as_info_once_while_the_ratio_hovers_there():
+    # progressive sharpening to the edge, then hovering around 1 for 150 rows: what full-batch
+    # gradient descent does while its loss keeps falling (Cohen et al. 2021)
     ratio, cols = sharpening()
     steps = np.arange(len(ratio)) * 10
     found = one("edge_of_stability", findings_of({"sharpness": (steps, cols)}))
     first_info = int(np.argmax(ratio >= 0.9))
-    first_warn = int(np.argmax(ratio >= 1.0))
+    assert [(f.severity, f.step) for f in found] == [("info", steps[first_info])]
+    info = found[0]
+    assert info.metric == "sharpness/ratio" and info.threshold == 0.9
+    assert info.value == pytest.approx(ratio[first_info])
+    assert "40" in info.message and "edge of stability" in info.message  # 2/lr is named
+    assert info.hint
+
+
+def test_edge_of_stability_warns_far_past_the_edge_within_the_same_episode():
+    ratio, cols = sharpening()
+    ratio[200], ratio[201] = 11.9, 12.5  # a learning-rate spike on the hovering iterate
+    cols = {**cols, "lambda_max": ratio * 40, "ratio": ratio}
+    steps = np.arange(len(ratio))
+    found = one("edge_of_stability", findings_of({"sharpness": (steps, cols)}))
     assert [(f.severity, f.step) for f in found] == [
-        ("info", steps[first_info]),
-        ("warning", steps[first_warn]),
+        ("info", int(np.argmax(ratio >= 0.9))),
+        ("warning", 201),
     ]
     warn = found[1]
-    assert warn.metric == "sharpness/ratio" and warn.threshold == 1.0
-    assert warn.value == pytest.approx(ratio[first_warn])
-    assert "40" in warn.message  # the optimizer's threshold 2/lr is named
-    assert warn.hint
+    assert warn.threshold == 12.0 and warn.value == pytest.approx(12.5)
+    assert "far past" in warn.message and "500" in warn.message  # lambda_max 12.5 * 40
+
+
+def test_edge_of_stability_threshold_one_warns_at_the_edge_itself():
+    ratio, cols = sharpening()
+    steps = np.arange(len(ratio)) * 10
+    rules = [EdgeOfStability(threshold=1.0)]
+    found = findings_of({"sharpness": (steps, cols)}, rules)
+    assert [(f.severity, f.step) for f in found] == [
+        ("info", steps[int(np.argmax(ratio >= 0.9))]),
+        ("warning", steps[int(np.argmax(ratio >= 1.0))]),
+    ]
 
 
 def test_edge_of_stability_quiet_below_the_threshold_and_uses_lambda_over_threshold():
@@ -58,15 +82,19 @@ def test_edge_of_stability_quiet_below_the_threshold_and_uses_lambda_over_thresh
     cols = {"lambda_max": ratio * 40, "threshold": np.full(200, 40.0), "ratio": ratio}
     assert findings_of({"sharpness": (steps, cols)}) == []
     # ratio missing (NaN) but lambda_max and threshold present: the rule divides
-    cols = {"lambda_max": np.full(3, 44.0), "threshold": np.full(3, 40.0), "ratio": [NAN] * 3}
-    (f,) = findings_of({"sharpness": ([0, 1, 2], cols)})
-    assert f.severity == "warning" and f.value == pytest.approx(1.1) and f.step == 0
+    cols = {"lambda_max": np.array([44.0, 44.0, 520.0]), "threshold": np.full(3, 40.0),
+            "ratio": [NAN] * 3}
+    found = findings_of({"sharpness": ([0, 1, 2], cols)})
+    assert [(f.severity, f.step) for f in found] == [("info", 0), ("warning", 2)]
+    assert found[0].value == pytest.approx(1.1) and found[1].value == pytest.approx(13.0)
 
 
 def test_edge_of_stability_approach_level_can_be_disabled():
     ratio, cols = sharpening()
-    rules = [EdgeOfStability(approach=None)]
-    found = findings_of({"sharpness": (np.arange(len(ratio)), cols)}, rules)
+    steps = np.arange(len(ratio))
+    assert findings_of({"sharpness": (steps, cols)}, [EdgeOfStability(approach=None)]) == []
+    rules = [EdgeOfStability(threshold=1.0, approach=None)]
+    found = findings_of({"sharpness": (steps, cols)}, rules)
     assert found and all(f.severity == "warning" for f in found)
 
 

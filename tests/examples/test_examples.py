@@ -45,7 +45,10 @@ def test_edge_of_stability(tmp_path, capsys):
     assert s["sharpness_initial"] < 0.5 * s["threshold"]
     assert s["sharpness_max"] >= s["threshold"]
     assert s["eos_first_step"] is not None
-    assert 0.5 < s["ratio_second_half_median"] < 2.0
+    assert s["eos_first_severity"] == "info"  # hovering at the edge is healthy: no warning
+    # past the edge and back below it (the sharpness does not run away): self-stabilisation
+    low, high = s["ratio_second_half_range"]
+    assert low < 1.0 < high and s["ratio_second_half_median"] < 2.0
     assert s["loss_final"] < s["loss_initial"]
     assert "edge_of_stability" in capsys.readouterr().out
 
