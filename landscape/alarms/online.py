@@ -377,7 +377,11 @@ def collect_findings(
 
     A finding is identified by its step, rule and metric (the table, without the field): a
     recomputed finding that the file already holds is dropped (the stored one, written
-    online, is kept). The metric is part of the key because one rule may fire on several
+    online, is kept). A rule of ``rules`` that differs from the built-in rule of its name
+    (a rule of your own, or a built-in one with other settings, as ``with_rules`` and
+    ``--rules`` pass them) and watches a metric the run holds replaces the stored findings
+    of that name: ``EdgeOfStability(threshold=1.0)`` warns where the monitor stored the
+    default rule's info finding. The metric is part of the key because one rule may fire on several
     sources at one step (the non-finite rule on the ``nonfinite`` flags and on the loss
     itself); the field is not, since a rule raises at most one finding per metric and
     step, and a file written before a rule changed the field it names (``taylor_forecast``
@@ -393,8 +397,27 @@ def collect_findings(
     run = _as_run(run)
     found = list(run.findings())
     if recompute:
+        replaced = _replacing_rules(run, rules)
+        found = [f for f in found if f.rule not in replaced]
         found.extend(check(run, rules=rules))
     unique: dict[tuple[int, str, str], Finding] = {}
     for f in found:
         unique.setdefault((int(f.step), f.rule, f.metric.split("/")[0]), f)
     return sorted(unique.values(), key=lambda f: (f.step, -severity_rank(f.severity), f.rule))
+
+
+def _replacing_rules(run: Run, rules: Sequence[Any] | None) -> set[str]:
+    """The names of the rules of ``rules`` whose recomputed findings replace the stored ones.
+
+    Those that differ from the built-in rule of their name (or have none) and watch a metric
+    the run holds; a built-in rule as it is keeps the stored findings (a monitor's own
+    settings of it, recorded online, are not overridden by the defaults).
+    """
+    if rules is None:
+        return set()
+    if isinstance(rules, Rule):
+        rules = [rules]
+    built_in = {r.name: r.config() for r in default_rules()}
+    held = set(run.metrics())
+    return {r.name for r in rules if isinstance(r, Rule)
+            and built_in.get(r.name) != r.config() and held.intersection(r.metrics)}

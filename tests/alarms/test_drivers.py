@@ -28,7 +28,9 @@ from landscape.alarms import (
     TaylorRatio,
     Trigger,
     check,
+    collect_findings,
     default_rules,
+    with_rules,
 )
 from landscape.findings import Finding, dedupe
 from landscape.store import Run, RunWriter
@@ -379,3 +381,30 @@ def test_the_report_always_has_the_alarm_rules():
 
     with pytest.warns(DeprecationWarning, match="always installed"):
         assert alarms_available() is True
+
+
+def test_a_rule_given_with_other_settings_replaces_the_stored_findings_of_its_name():
+    # the monitor stored the default rule's info at the edge; a gate asks for a warning there
+    ratio = np.array([0.5, 1.1, 1.2, 0.5, 0.5, 0.5])
+    w = make_writer({"sharpness": (np.arange(6) * 10, {"ratio": ratio}),
+                     "loss": (np.arange(60), {"value": np.ones(60)})})
+    for f in check(w):
+        w.add_finding(f)
+    w.add_finding(Finding(30, "loss_spike", "warning", "loss/value", 9.0, 6.0, "online"))
+    stored = [(f.step, f.rule, f.severity) for f in w.run().findings()]
+    assert (10, "edge_of_stability", "info") in stored
+    found = [(f.step, f.rule, f.severity) for f in collect_findings(w)]
+    assert found == sorted(stored)  # the default path: the stored findings stand
+    found = [(f.step, f.rule, f.severity)
+             for f in collect_findings(w, rules=with_rules([EdgeOfStability(threshold=1.0)]))]
+    assert [x for x in found if x[1] == "edge_of_stability"] == [(10, "edge_of_stability",
+                                                                  "warning")]
+    # a built-in rule given as it is keeps the stored findings of its name (a monitor's own
+    # settings of it, recorded online), as the default path does
+    assert (30, "loss_spike", "warning") in found
+    found = collect_findings(w, rules=default_rules())
+    assert (10, "edge_of_stability", "info") in [(f.step, f.rule, f.severity) for f in found]
+    # a rule watching no metric of the run replaces nothing
+    found = collect_findings(w, rules=[*default_rules(loss_spike=None),
+                                       LossSpike(z=99.0, metrics=("grad_norm",))])
+    assert (30, "loss_spike", "warning") in [(f.step, f.rule, f.severity) for f in found]

@@ -688,6 +688,30 @@ class Broken(Rule):
 '''
 
 
+def test_check_rules_with_other_settings_replace_what_the_monitor_stored(runner, tmp_path):
+    """--rules with a built-in rule of other settings gates on it: the monitor's stored info
+    at the edge of stability no longer hides the warning that threshold=1.0 asks for."""
+    rules = tmp_path / "eos_rules.py"
+    rules.write_text("from landscape.alarms import EdgeOfStability\n"
+                     "RULES = [EdgeOfStability(threshold=1.0)]\n")
+    path = tmp_path / "eos.h5"
+    with RunWriter(path, mode="w") as w:
+        w.declare("sharpness", {"lambda_max": None, "threshold": None, "ratio": None})
+        for step, ratio in enumerate([0.5, 1.1, 0.5, 0.5, 0.5]):
+            w.append("sharpness", 10 * step, {"lambda_max": 40 * ratio, "threshold": 40.0,
+                                              "ratio": ratio})
+        for f in ls.check(w):  # what the monitor stored online: the default rule's info
+            w.add_finding(f)
+    plain = runner.invoke(cli, ["check", str(path), "--json"])
+    assert plain.exit_code == 0, plain.output
+    assert [(f["step"], f["severity"]) for f in json.loads(plain.stdout)["findings"]] == [
+        (10, "info")]
+    gated = runner.invoke(cli, ["check", str(path), "--json", "--rules", f"{rules}:RULES"])
+    assert gated.exit_code == 1, gated.output
+    assert [(f["step"], f["severity"]) for f in json.loads(gated.stdout)["findings"]] == [
+        (10, "warning")]
+
+
 def test_check_report_and_plot_evaluate_the_users_rules(runner, tmp_path):
     """A run recorded without a rule can be gated on it: --rules file.py:NAME (the command
     line never imported user code, so a custom rule could not gate a job)."""
