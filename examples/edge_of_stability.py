@@ -21,7 +21,7 @@ batch, its threshold 2/lr for plain SGD, and their ratio) every few steps; the
 * ``edge_of_stability.png``: loss and sharpness against the step with 2/lr dashed;
 * ``summary.json``: the numbers printed at the end.
 
-    python examples/edge_of_stability.py --out eos-out      # 800 steps, about a minute
+    python examples/edge_of_stability.py --out eos-out      # 800 steps, about 10 s
     python examples/edge_of_stability.py --small            # a few seconds (CI smoke test)
 """
 

@@ -89,10 +89,11 @@ class EdgeOfStability(Rule):
                 field="ratio",
                 value=ratio,
                 threshold=self.threshold,
-                message=f"sharpness ratio {_fmt(ratio)} >= {_fmt(self.threshold)}: far past the "
-                f"optimizer's linear-stability limit{detail}",
-                hint="a learning-rate spike or a step the curvature cannot absorb: lower the "
-                "learning rate or lengthen warm-up",
+                message=f"sharpness ratio {_fmt(ratio)} >= {_fmt(self.threshold)}: "
+                f"{'far ' if self.threshold >= 2 else ''}past the optimizer's "
+                f"linear-stability limit{detail}",
+                hint="lower the learning rate or lengthen warm-up (a learning-rate spike, or "
+                "a rate the curvature cannot absorb)",
             )
         if self.approach is not None and ratio >= self.approach:
             return Trigger(
@@ -100,8 +101,9 @@ class EdgeOfStability(Rule):
                 field="ratio",
                 value=ratio,
                 threshold=self.approach,
-                message=f"sharpness ratio {_fmt(ratio)} >= {_fmt(self.approach)}: at or near "
-                f"the optimizer's stability limit (the edge of stability){detail}",
+                message=f"sharpness ratio {_fmt(ratio)} >= {_fmt(self.approach)}: "
+                f"{'past' if ratio >= 1 else 'approaching'} the optimizer's stability limit "
+                f"(the edge of stability){detail}",
                 hint="expected in full-batch training and common at high learning rates; "
                 "lower the learning rate if the loss oscillates or rises",
             )

@@ -227,7 +227,8 @@ class SharpnessForecast(TaylorForecast):
     "Sharpness"), without the loss condition (the row has no loss) and without a warm-up
     (sharpness rows are sparse: 100 of them are thousands of steps). Progressive
     sharpening towards the edge of stability is expected in full-batch training, so the
-    default severity is info; the crossing itself is :class:`EdgeOfStability`'s warning.
+    default severity is info, as the crossing itself is for :class:`EdgeOfStability`
+    (which warns only far past the edge).
     """
 
     jump: float | None = None

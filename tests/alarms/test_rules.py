@@ -46,6 +46,7 @@ def test_edge_of_stability_reads_the_edge_as_info_once_while_the_ratio_hovers_th
     assert info.metric == "sharpness/ratio" and info.threshold == 0.9
     assert info.value == pytest.approx(ratio[first_info])
     assert "40" in info.message and "edge of stability" in info.message  # 2/lr is named
+    assert "approaching" in info.message  # ratio < 1
     assert info.hint
 
 
@@ -73,6 +74,8 @@ def test_edge_of_stability_threshold_one_warns_at_the_edge_itself():
         ("info", steps[int(np.argmax(ratio >= 0.9))]),
         ("warning", steps[int(np.argmax(ratio >= 1.0))]),
     ]
+    assert "past the optimizer's linear-stability limit" in found[1].message
+    assert "far past" not in found[1].message  # at the edge itself, not far past it
 
 
 def test_edge_of_stability_quiet_below_the_threshold_and_uses_lambda_over_threshold():
@@ -86,6 +89,7 @@ def test_edge_of_stability_quiet_below_the_threshold_and_uses_lambda_over_thresh
             "ratio": [NAN] * 3}
     found = findings_of({"sharpness": ([0, 1, 2], cols)})
     assert [(f.severity, f.step) for f in found] == [("info", 0), ("warning", 2)]
+    assert "1.1 >= 0.9: past the optimizer's stability limit" in found[0].message
     assert found[0].value == pytest.approx(1.1) and found[1].value == pytest.approx(13.0)
 
 
