@@ -35,6 +35,7 @@ from landscape.alarms.base import (
     row_value,
 )
 from landscape.alarms.statistics import RollingWindow
+from landscape.findings import severity_rank
 
 __all__ = ["ForecastState", "LogLinearTrend", "SharpnessForecast", "TaylorForecast"]
 
@@ -177,6 +178,10 @@ class TaylorForecast(Rule):
         "the step is outgrowing the softmax convergence radius: lower the learning rate "
         "(check the schedule), add warm-up or clip the step to the radius (r = 0.5 is safe)"
     )
+    _info_hint = (  # the same signal, read as healthy (the message says why)
+        "healthy training also does this; act only if r keeps rising towards 1 or the loss "
+        "turns up: then lower the learning rate or add warm-up"
+    )
 
     def __post_init__(self) -> None:
         self._validate_common()
@@ -254,6 +259,14 @@ class SharpnessForecast(TaylorForecast):
         "progressive sharpening towards the optimizer's stability limit: watch the loss; "
         "lower the learning rate if it starts to oscillate"
     )
+    _info_hint = None  # info is its default severity: the hint above is written for it
+
+
+def _hint_for(rule: TaylorForecast, severity: str) -> str:
+    """The rule's hint, or its softer ``_info_hint`` on a finding that came down to info."""
+    if severity_rank(severity) < severity_rank("warning") and rule._info_hint:
+        return rule._info_hint
+    return rule._hint
 
 
 class ForecastState:
@@ -398,7 +411,7 @@ class ForecastState:
             value=value,
             threshold=float(threshold),
             message=message,
-            hint=rule._hint,
+            hint=_hint_for(rule, severity),
             extra={"steps_to_limit": 0.0 if level else (
                        float(math.ceil(steps_to)) if forecast else math.nan),
                    "slope": slope, "fitted": fitted},
@@ -427,13 +440,14 @@ class ForecastState:
         elif unconfirmed:
             message += " (no Taylor ratio on this row to confirm it)"
         quiet = early or unconfirmed or self.restart is not None
+        severity = "info" if quiet else getattr(rule, "severity", "warning")
         return Trigger(
-            severity="info" if quiet else getattr(rule, "severity", "warning"),
+            severity=severity,
             field="update_ratio",
             value=grown[0],
             threshold=float(rule.update_growth * grown[1]),
             message=message,
-            hint=rule._hint,
+            hint=_hint_for(rule, severity),
             extra={"steps_to_limit": math.nan, "slope": math.nan, "fitted": math.nan},
         )
 
