@@ -292,6 +292,11 @@ class Representation(_PenultimateMetric):
     """Effective rank and uniformity of the penultimate features.
 
     Effective rank is RankMe (Garrido et al. 2023); uniformity is Wang and Isola's (2020).
+    Features that are all zero (every unit of the layer dead, as after a learning-rate
+    spike through ReLUs) record an effective rank of 0, the rank of the zero matrix: RankMe
+    itself is undefined there (NaN from :func:`landscape.functional.effective_rank`), and a
+    NaN row would leave the total collapse unseen by the ``rank_collapse`` rule
+    (docs/metrics.md, "Effective rank").
     """
 
     name = "representation"
@@ -300,8 +305,9 @@ class Representation(_PenultimateMetric):
     def compute(self, ctx: StepContext) -> dict[str, float]:
         """Effective rank and uniformity of the penultimate features on ``self.data``."""
         feats = self.features(ctx)
+        rank = LF.effective_rank(feats)
         return {
-            "effective_rank": float(LF.effective_rank(feats).value),
+            "effective_rank": 0.0 if rank.reason == "zero_matrix" else float(rank.value),
             "uniformity": float(LF.uniformity(feats).value),
         }
 

@@ -279,3 +279,27 @@ def test_collapse_on_a_sequence_classifier_reading_every_position_says_what_it_c
         mon.step(0, batch=(x, y), loss=loss)
     (finding,) = mon.findings
     assert "6 labels for 30 rows of penultimate features at layer 'head'" in finding.message
+
+
+def test_a_layer_whose_units_all_died_records_rank_zero_and_rank_collapse_warns(tmp_path):
+    """Every ReLU unit dead (a learning-rate spike): RankMe of the zero matrix is NaN, and a
+    NaN row left the total collapse without a finding; the monitor records rank 0."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    g = torch.Generator().manual_seed(2)
+    probe = (torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
+    path = tmp_path / "run.h5"
+    with ls.Monitor(model, F.cross_entropy, path, probe=probe, warn=False,
+                    metrics=[ls.metrics.Representation(schedule=1)]) as mon:
+        for step in range(10):
+            if step == 8:  # the step that kills every unit
+                with torch.no_grad():
+                    model[0].bias.fill_(-1e3)
+            mon.step(step, batch=probe)
+    with Run.open(path) as run:
+        _, rank = run.series("representation", "effective_rank")
+        found = [(f.step, f.rule, f.severity) for f in run.findings()]
+    assert (rank[:8] > 2).all()
+    assert rank[8] == 0.0 and rank[9] == 0.0
+    assert (8, "rank_collapse", "warning") in found
+    assert math.isnan(float(ls.functional.effective_rank(torch.zeros(4, 3)).value))
