@@ -337,7 +337,18 @@ def test_collect_findings_adds_recomputed_ones_once_per_step_rule_and_metric():
 
 def test_a_finding_whose_field_was_renamed_since_the_file_was_written_is_one():
     # taylor_forecast's update-ratio findings named sentinels/r_secant before; a file written
-    # then holds that one and the recomputation gives sentinels/update_ratio: one finding
+    # then holds that one and the recomputation gives sentinels/update_ratio: one finding,
+    # the stored one (the same table, another field). Here: nonfinite on the loss at step 25,
+    # stored under another field of the loss table.
+    old = Finding(25, "nonfinite", "error", "loss/phase", float("nan"), 1.0, "stored")
+    found = [f for f in collect_findings(_writer((old,)).run()) if f.rule == "nonfinite"]
+    assert [(f.step, f.metric, f.message) for f in found] == [(25, "loss/phase", "stored")]
+
+
+def test_a_rule_of_the_users_replaces_the_stored_findings_of_its_name():
+    # a rule given to collect_findings that is no built-in one as it is (a rule of the
+    # user's, or a built-in with other settings) is the one to trust: its recomputed
+    # findings replace what the file holds under its name (one finding, the recomputed)
     from landscape.alarms import Rule, Trigger
 
     class Rising(Rule):
@@ -353,7 +364,9 @@ def test_a_finding_whose_field_was_renamed_since_the_file_was_written_is_one():
     run = _writer((old,)).run()
     found = [f for f in collect_findings(run, rules=[Rising()]) if f.rule == "rising"]
     assert [(f.step, f.metric, f.message) for f in found] == [
-        (20, "hessian/eigenvalues", "stored")]
+        (20, "hessian/n_matvec", "recomputed")]
+    found = [f for f in collect_findings(run) if f.rule == "rising"]  # not re-evaluated
+    assert [f.message for f in found] == ["stored"]
 
 
 # --------------------------------------------------------------------------- report

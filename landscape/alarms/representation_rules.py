@@ -260,12 +260,14 @@ class SignCollapseState:
             return SKIP if dipped else None
         v, i = worst
         layer = str(self.layers[i]) if i < len(self.layers) else f"#{i}"
+        # a name in quotes: a Sequential's "7" read as a count without them
+        named = repr(layer) if i < len(self.layers) else layer
         return Trigger(
             severity=rule.severity,
             field="minority",
             value=v,
             threshold=rule.threshold,
-            message=f"spectral-alignment sign collapse in layer {layer}: minority-sign "
+            message=f"spectral-alignment sign collapse in layer {named}: minority-sign "
             f"fraction {_fmt(v)} <= {_fmt(rule.threshold)}",
             hint="often precedes a loss explosion: lower the learning rate, check "
             "normalization (pre-LN, qk-layernorm) and mixed precision in this layer",

@@ -333,11 +333,13 @@ def timeline(
             limit = _LIMITS.get(name)
             if limit is not None and limit in available and numbers.ndim == 1:
                 # the quantity and the limit it must stay under, on one axis: where they
-                # cross is what the edge_of_stability rule reads
+                # cross is the edge of stability (the edge_of_stability rule's ratio 1). The
+                # limit holds from its row to the next (a learning rate changed between two
+                # rows at once, not along a slope): drawn as steps
                 _, bound = run.series(metric, limit)
                 bound = np.asarray(bound, dtype=np.float64)
                 shown = thin(steps, bound)
-                ax.plot(steps[shown], bound[shown], linestyle="--",
+                ax.plot(steps[shown], bound[shown], linestyle="--", drawstyle="steps-post",
                         color=SEVERITY_COLORS["error"], lw=1.0, label=limit)
                 legend = True
             if legend:

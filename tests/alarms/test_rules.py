@@ -139,7 +139,7 @@ def test_sign_collapse_fires_when_a_healthy_layer_loses_sign_diversity():
     assert f.rule == "sign_collapse" and f.severity == "info"
     assert f.step == 61 * 5  # sustain = 2 rows: emitted at the row completing it
     assert f.value == pytest.approx(0.02) and f.threshold == 0.05
-    assert "blocks.0.mlp.fc1" in f.message and f.extra["layer"] == "blocks.0.mlp.fc1"
+    assert "layer 'blocks.0.mlp.fc1':" in f.message and f.extra["layer"] == "blocks.0.mlp.fc1"
 
 
 def test_sign_collapse_severity_can_be_raised_to_warning():

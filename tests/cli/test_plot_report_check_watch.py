@@ -1023,7 +1023,7 @@ def test_re_evaluating_the_rules_over_a_long_run_is_announced(runner, run_file, 
 
 def test_sharpness_is_drawn_with_its_threshold_on_one_axis(tmp_path):
     """lambda_max and the stability threshold were on separate panels with their own
-    scales: where they cross (what edge_of_stability reads) could not be seen."""
+    scales: where they cross (the edge of stability) could not be seen."""
     from landscape.plotting.timelines import timeline
 
     path = tmp_path / "run.h5"
@@ -1038,6 +1038,9 @@ def test_sharpness_is_drawn_with_its_threshold_on_one_axis(tmp_path):
     assert top.get_ylabel() == "lambda_max"
     lines = {line.get_label(): line for line in top.get_lines()}
     assert "threshold" in lines and list(lines["threshold"].get_ydata()) == [8.0] * 10
+    # a learning rate changed between two rows: the threshold holds, then drops at once
+    # (a sloped line read as a gradual change)
+    assert lines["threshold"].get_drawstyle() == "steps-post"
 
 
 def _with_damaged_contents(run_file, tmp_path, how):
