@@ -139,8 +139,9 @@ def run_demo(
 ) -> DemoResult:
     """Train the demo model under the default monitor, then write the surface, plots, report.
 
-    The learning rate follows :func:`ramp_lr`. The alarms treat their first 100 rows as
-    early training (info only), so a ramp that starts before step 100 raises no warning.
+    The learning rate follows :func:`ramp_lr`. ``taylor_forecast``, the demo's first
+    warning, reads its first 100 rows as early training (info only), so a ramp that starts
+    before step 100 is warned about later, by the rules that read the loss itself.
 
     Args:
         out_dir: the directory for ``run.h5``, the pictures and ``report.html``.

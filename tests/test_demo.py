@@ -67,3 +67,7 @@ def test_early_warning_describes_what_is_missing():
     no_onset = EarlyWarning(10, 1.0, 11, "loss_spike", onset=None, explosion=None)
     assert no_onset.describe() == ("first warning at step 11 (loss_spike), loss 1.25x baseline "
                                    "never, 10x never")
+    one = EarlyWarning(10, 1.0, 11, "loss_spike", onset=12, explosion=None)  # not "1 steps"
+    assert one.describe().endswith("10x never: 1 step of warning before the loss moved")
+    one_x = EarlyWarning(10, 1.0, 11, "loss_spike", onset=None, explosion=12)
+    assert one_x.describe().endswith(": 1 step of warning before the loss exploded")

@@ -19,7 +19,7 @@ from landscape.demo import run_demo
 @click.option("--ramp-step", "--spike-step", "ramp_step", default=None,
               type=click.IntRange(min=1),
               help="First step of the learning-rate ramp (default: --steps minus 70; the "
-                   "alarms' first 100 steps are early training, info only).")
+                   "taylor_forecast reads its first 100 rows as early training, info only).")
 @click.option("--ramp-steps", default=60, show_default=True, type=click.IntRange(min=1),
               help="Steps the geometric ramp takes.")
 @click.option("--ramp-factor", default=1000.0, show_default=True,
@@ -67,7 +67,7 @@ def demo(out_dir, steps, ramp_step, ramp_steps, ramp_factor, spike_factor, surfa
     click.echo(f"findings ({len(result.findings)}):")
     for f in result.findings:
         click.echo(f"  {f.describe()}")
-    if result.leads:
+    if result.leads and w.explosion is not None:
         click.echo(f"warning lead before the loss reached {w.explosion_factor:g}x (steps):")
         for rule, lead in result.leads.items():
             click.echo(f"  {rule:<20} {'after it' if lead is None else lead}")

@@ -93,7 +93,7 @@ class EarlyWarning:
         line = ", ".join(parts)
         lead, lead_x = self.lead_to_onset, self.lead_to_explosion
         if lead is not None and lead >= 0:
-            line += f": {lead} steps of warning before the loss moved"
+            line += f": {lead} step{'' if lead == 1 else 's'} of warning before the loss moved"
             if lead_x is not None:
                 line += f", {lead_x} before it exploded"
         elif lead is not None:
@@ -102,7 +102,8 @@ class EarlyWarning:
                 line += (f", {lead_x} before it exploded" if lead_x >= 0 else
                          f", {-lead_x} after it exploded")
         elif lead_x is not None:
-            line += (f": {lead_x} steps of warning before the loss exploded" if lead_x >= 0
+            line += (f": {lead_x} step{'' if lead_x == 1 else 's'} of warning before the loss "
+                     "exploded" if lead_x >= 0
                      else f": the first warning came {-lead_x} steps after the loss exploded")
         return line
 

@@ -98,6 +98,18 @@ LEAD = re.compile(r"^first warning at step (\d+) \((\w+)\), loss 1\.25x baseline
                   r"the loss moved, (\d+) before it exploded$", re.M)
 
 
+def test_demo_without_an_explosion_prints_no_lead_before_it(runner, tmp_path):
+    """A spike the model survives (x20: the loss peaks at 1.9x): the lead table read "after it"
+    for every rule, an explosion that never came, while the closing line said the loss never
+    reached 10x."""
+    result = runner.invoke(cli, ["demo", "--out", str(tmp_path / "out"), "--spike-factor", "20",
+                                 "--surface-steps", "0", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "10x never" in result.output
+    assert "warning lead before the loss reached" not in result.output
+    assert "after it" not in result.output
+
+
 def test_demo_warns_before_the_loss_moves(runner, tmp_path):
     out = tmp_path / "out"
     result = runner.invoke(cli, ["demo", "--out", str(out), "--surface-steps", "5", "-q"])
