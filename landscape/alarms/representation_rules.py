@@ -259,9 +259,9 @@ class SignCollapseState:
             # row towards rearm: a layer collapsed on most rows keeps its episode open
             return SKIP if dipped else None
         v, i = worst
-        layer = str(self.layers[i]) if i < len(self.layers) else f"#{i}"
-        # a name in quotes: a Sequential's "7" read as a count without them
-        named = repr(layer) if i < len(self.layers) else layer
+        known = i < len(self.layers)
+        layer = str(self.layers[i]) if known else f"#{i}"
+        named = repr(layer) if known else layer  # a Sequential's "7" reads as a count unquoted
         return Trigger(
             severity=rule.severity,
             field="minority",
