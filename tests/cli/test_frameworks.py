@@ -19,6 +19,7 @@ from landscape_cli.main import cli
 
 import landscape as ls
 from tests.cli import _frameworks as fw
+from tests.cli._results import error_line
 
 pytest.importorskip("transformers")
 pytest.importorskip("lightning")
@@ -60,13 +61,6 @@ def _invoke(args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
-def _one_line_error(result, fragment):
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("Error: ")]
-    assert len(errors) == 1 and fragment in errors[0], result.stderr
-
-
 LM = ["--seq-len", "16", "--batch-size", "4"]
 
 
@@ -102,7 +96,7 @@ def test_bug3_dict_batches_from_factories_use_the_models_loss(stack, tmp_path):
     with ls.Run.open(tmp_path / "r.h5") as run:
         assert np.isfinite(run.series("top_eigenvalues", "eigenvalues")[1]).all()
     named = _invoke(["analyze", ckpt, *args, "--loss", "cross_entropy", "-q"])
-    _one_line_error(named, "dict batches")
+    error_line(named, "dict batches")
 
 
 def test_bug6_a_tied_weight_safetensors_file_loads(stack, tmp_path):
@@ -180,7 +174,7 @@ def test_a_folder_of_lightning_checkpoints(stack, tmp_path):
 
 def test_lightning_ckpt_without_a_class_asks_for_model(stack):
     result = _invoke(["analyze", stack["ckpt"], "--tokens", stack["root"] / "ids.npy", *LM])
-    _one_line_error(result, "--model package.module:LitClass")
+    error_line(result, "--model package.module:LitClass")
 
 
 def test_adamw_trainer_checkpoints_give_the_preconditioned_sharpness(stack, tmp_path):
@@ -224,13 +218,13 @@ def test_bad_language_model_data_is_one_line(stack, tmp_path, args, fragment):
              "FLOAT": tmp_path / "float.npy", "MISSING": tmp_path / "none.npy"}
     args = [names.get(a, a) for a in args]
     result = _invoke(["analyze", stack["trainer"], *args, "-o", tmp_path / "r.h5"])
-    _one_line_error(result, fragment)
+    error_line(result, fragment)
     assert not (tmp_path / "r.h5").exists()
 
 
 def test_a_folder_that_holds_no_checkpoint_is_one_line(stack, tmp_path):
     result = _invoke(["analyze", tmp_path, "--tokens", stack["root"] / "ids.npy"])
-    _one_line_error(result, "neither a Hugging Face model folder")
+    error_line(result, "neither a Hugging Face model folder")
 
 
 def test_bug8_collapse_of_a_causal_lm_labels_each_position_by_its_next_token(stack):
@@ -278,14 +272,14 @@ def test_text_with_a_folder_without_tokenizer_says_so(stack, tmp_path):
             f.unlink()
     result = _invoke(["analyze", folder, "--text", stack["root"] / "corpus.txt", *LM,
                       "-o", tmp_path / "r.h5"])
-    _one_line_error(result, "no usable tokenizer for --text")
+    error_line(result, "no usable tokenizer for --text")
 
 
 def test_text_that_is_not_utf8_is_one_line(stack, tmp_path):
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe binary \x00\x81")
     result = _invoke(["analyze", stack["pretrained"], "--text", tmp_path / "bin.txt", *LM,
                       "-o", tmp_path / "r.h5"])
-    _one_line_error(result, "not UTF-8 text")  # was a UnicodeDecodeError traceback
+    error_line(result, "not UTF-8 text")  # was a UnicodeDecodeError traceback
 
 
 def test_a_trainer_folder_with_a_final_save_model_keeps_its_checkpoints(stack, tmp_path):
@@ -333,7 +327,7 @@ def test_a_seq_len_beyond_the_models_positions_is_one_line(stack, tmp_path):
     limit = fw.gpt2().config.n_positions
     result = _invoke(["analyze", stack["pretrained"], "--tokens", stack["root"] / "ids.npy",
                       "--seq-len", limit + 1, "-o", tmp_path / "r.h5"])
-    _one_line_error(result, f"--seq-len {limit + 1} is longer than the model's {limit} positions")
+    error_line(result, f"--seq-len {limit + 1} is longer than the model's {limit} positions")
 
 
 def test_only_a_learned_position_table_limits_the_sequence_length():
@@ -445,14 +439,14 @@ def test_a_checkpoint_cannot_name_any_callable_as_its_class(tmp_path):
                                       "torch.zeros(4, dtype=torch.long)\n")
     result = _invoke(["analyze", tmp_path / "evil-7.ckpt", "--data", f"{tmp_path / 'data.py'}:val",
                       "-o", tmp_path / "r.h5", "-q"])
-    _one_line_error(result, "'subprocess.Popen' is not a LightningModule class")
+    error_line(result, "'subprocess.Popen' is not a LightningModule class")
     assert not marker.exists()
     # nor is a module of the standard library imported (this prints the Zen of Python)
     torch.save({"state_dict": {"model.weight": torch.zeros(3, 4)}, "global_step": 7,
                 "hyper_parameters": {"_class_path": "this.s"}}, tmp_path / "zen-7.ckpt")
     zen = _invoke(["analyze", tmp_path / "zen-7.ckpt", "--data", f"{tmp_path / 'data.py'}:val",
                    "-o", tmp_path / "r.h5", "-q"])
-    _one_line_error(zen, "'this.s' is not a LightningModule class")
+    error_line(zen, "'this.s' is not a LightningModule class")
     assert "Zen of Python" not in zen.output
 
 

@@ -8,30 +8,13 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pytest
-from click.testing import CliRunner
 from landscape_cli.main import cli
 
 from landscape import __version__
 from landscape.demo import run_demo
 from landscape.findings import Finding
 from landscape.store import Run, RunWriter
-
-
-@pytest.fixture
-def runner():
-    return CliRunner()
-
-
-def _one_line_error(result, *fragments):
-    assert result.exit_code != 0
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("Error: ")
-    for f in fragments:
-        assert f in lines[0]
-    assert "Traceback" not in result.output
+from tests.cli._results import one_line_error
 
 
 def test_version(runner):
@@ -86,11 +69,11 @@ def test_a_reader_that_closes_the_pipe_early_gets_no_error_line(tmp_path):
 
 
 def test_info_bad_inputs_give_one_line(runner, tmp_path):
-    _one_line_error(runner.invoke(cli, ["info", str(tmp_path / "missing.h5")]), "no such file")
-    _one_line_error(runner.invoke(cli, ["info", str(tmp_path)]), "is a directory")
+    one_line_error(runner.invoke(cli, ["info", str(tmp_path / "missing.h5")]), "no such file")
+    one_line_error(runner.invoke(cli, ["info", str(tmp_path)]), "is a directory")
     bad = tmp_path / "bad.h5"
     bad.write_bytes(b"garbage" * 100)
-    _one_line_error(runner.invoke(cli, ["info", str(bad)]), "not a readable HDF5 file", str(bad))
+    one_line_error(runner.invoke(cli, ["info", str(bad)]), "not a readable HDF5 file", str(bad))
 
 
 LEAD = re.compile(r"^first warning at step (\d+) \((\w+)\), loss 1\.25x baseline at step "
@@ -183,7 +166,7 @@ def test_demo_options_that_contradict_or_destroy_are_refused(runner, tmp_path):
         w.declare("loss", {"value": None})
         w.append("loss", 0, {"value": 1.0})
     before = (mine / "run.h5").read_bytes()
-    _one_line_error(runner.invoke(cli, ["demo", "--out", str(mine), "-q", "--steps", "20"]),
+    one_line_error(runner.invoke(cli, ["demo", "--out", str(mine), "-q", "--steps", "20"]),
                     "is not the run file of an earlier demo")
     assert (mine / "run.h5").read_bytes() == before
     empty = runner.invoke(cli, ["demo", "--out", "", "-q", "--steps", "20"])

@@ -24,6 +24,7 @@ from landscape.checkpoints import adapters, open_checkpoints, token_batches
 from landscape.isolation import sdpa_math
 from landscape.loading import load_state_into
 from tests.cli import _frameworks as fw
+from tests.cli._results import error_line
 
 pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -144,13 +145,6 @@ def test_a_model_factory_gives_the_base_or_the_peft_model(lora_run, tmp_path, fa
     np.testing.assert_allclose(given, default, rtol=1e-6)
 
 
-def _one_line_error(result, *fragments):
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("Error: ")]
-    assert len(errors) == 1 and all(f in errors[0] for f in fragments), result.stderr
-
-
 def test_a_base_model_that_is_not_local_is_one_line_naming_model(lora_run, tmp_path):
     adapter = tmp_path / "adapter"
     shutil.copytree(lora_run["out"] / "checkpoint-24", adapter)
@@ -159,7 +153,7 @@ def test_a_base_model_that_is_not_local_is_one_line_naming_model(lora_run, tmp_p
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     result = _invoke(["analyze", adapter, "--tokens", lora_run["root"] / "ids.npy", *LM,
                       "-m", "sharpness", "-o", tmp_path / "r.h5"])
-    _one_line_error(result, "'openai-community/gpt2' is not a local model folder", "--model")
+    error_line(result, "'openai-community/gpt2' is not a local model folder", "--model")
     assert not (tmp_path / "r.h5").exists()
 
 
@@ -167,7 +161,7 @@ def test_adapters_of_another_rank_are_one_line(lora_run, tmp_path):
     result = _invoke(["analyze", lora_run["out"], "--tokens", lora_run["root"] / "ids.npy", *LM,
                       "--model", f"{lora_run['factories']}:wider_lora", "-m", "sharpness",
                       "-o", tmp_path / "r.h5"])
-    _one_line_error(result, "saved with another configuration", "r 2 (the model: 4)")
+    error_line(result, "saved with another configuration", "r 2 (the model: 4)")
 
 
 def test_adapters_on_a_model_they_were_not_made_for_are_one_line(lora_run, tmp_path):
@@ -177,7 +171,7 @@ def test_adapters_on_a_model_they_were_not_made_for_are_one_line(lora_run, tmp_p
     result = _invoke(["analyze", lora_run["out"], "--tokens", lora_run["root"] / "ids.npy", *LM,
                       "--model", f"{factories}:model", "-m", "sharpness",
                       "-o", tmp_path / "r.h5"])
-    _one_line_error(result, "the adapters do not fit the base model")
+    error_line(result, "the adapters do not fit the base model")
 
 
 def test_surface_of_a_lora_checkpoint_moves_the_adapters(lora_run, tmp_path):
@@ -281,7 +275,7 @@ def test_adapters_of_another_scale_in_one_call_are_refused(lora_run, tmp_path):
     result = _invoke(["analyze", lora_run["out"] / "checkpoint-12", other, "--tokens",
                       lora_run["root"] / "ids.npy", *LM, "-m", "sharpness",
                       "-o", tmp_path / "r.h5"])
-    _one_line_error(result, "saved with another configuration", "lora_alpha 16 (the model: 4)")
+    error_line(result, "saved with another configuration", "lora_alpha 16 (the model: 4)")
 
 
 def test_a_frozen_peft_model_from_the_factory_is_one_line(lora_run, tmp_path):
@@ -298,7 +292,7 @@ def test_a_frozen_peft_model_from_the_factory_is_one_line(lora_run, tmp_path):
         result = _invoke(["analyze", lora_run["out"], "--tokens", lora_run["root"] / "ids.npy",
                           *LM, "--model", f"{factories}:model", *metrics,
                           "-o", tmp_path / "r.h5"])
-        _one_line_error(result, "adapters are frozen", "is_trainable=True")
+        error_line(result, "adapters are frozen", "is_trainable=True")
 
 
 def test_adapters_mixed_with_a_whole_model_are_one_line(lora_run, tmp_path):
@@ -308,7 +302,7 @@ def test_adapters_mixed_with_a_whole_model_are_one_line(lora_run, tmp_path):
     result = _invoke(["analyze", lora_run["out"], merged, "--tokens",
                       lora_run["root"] / "ids.npy", *LM, "-m", "sharpness",
                       "-o", tmp_path / "r.h5"])
-    _one_line_error(result, "cannot be analyzed with whole-model checkpoints")
+    error_line(result, "cannot be analyzed with whole-model checkpoints")
 
 
 def test_collapse_of_a_lora_causal_lm_equals_the_merged_models(lora_run, tmp_path):
@@ -393,7 +387,7 @@ def test_text_without_a_tokenizer_to_be_had_says_so(lora_run, tmp_path):
     corpus.write_text(fw.corpus(seed=3))
     result = _invoke(["analyze", adapter, "--model", f"{lora_run['factories']}:base",
                       "--text", corpus, *LM, "-m", "sharpness", "-o", tmp_path / "r.h5"])
-    _one_line_error(result, "--text needs the tokenizer", "beside PEFT adapters")
+    error_line(result, "--text needs the tokenizer", "beside PEFT adapters")
 
 
 def test_spectral_alignment_leaves_out_the_unused_copy_of_a_saved_head():

@@ -21,6 +21,7 @@ from landscape_cli.main import COMMANDS, cli
 import landscape as ls
 from landscape.store import RunWriter
 from tests.cli._checkpoints import train_and_save
+from tests.cli._results import error_line
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +38,6 @@ def _invoke(args):
 def _factories(root):
     fac = root / "factories.py"
     return ["--model", f"{fac}:model", "--data", f"{fac}:data"]
-
-
-def _one_line_error(result, fragment, *, no_warnings=False):
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip() and "it/s" not in ln]
-    errors = [ln for ln in lines if ln.startswith("Error: ")]
-    assert len(errors) == 1, result.stderr
-    assert fragment in errors[0], errors[0]
-    if no_warnings:
-        assert not [ln for ln in lines if ln.startswith("warning:")], result.stderr
 
 
 # ---------------------------------------------------------------- 1: analyze's default path
@@ -72,7 +62,7 @@ def test_model_factory_returning_a_tuple_is_one_line(setup, tmp_path):
     for command in ("analyze", "surface"):
         result = _invoke([command, paths[0], "--model", f"{fac}:data", "--data",
                           f"{fac}:data", "-o", tmp_path / "r.h5"])
-        _one_line_error(result, "returned a tuple, not a torch.nn.Module")
+        error_line(result, "returned a tuple, not a torch.nn.Module")
         assert not (tmp_path / "r.h5").exists()
 
 
@@ -85,7 +75,7 @@ def test_surface_on_a_non_finite_loss_is_one_line_and_leaves_no_file(setup, tmp_
     out = tmp_path / "r.h5"
     result = _invoke(["surface", paths[-1], "--model", f"{fac}:model", "--data",
                       f"{fac}:nan_data", "--steps", "3", "-o", out])
-    _one_line_error(result, "not finite", no_warnings=True)
+    error_line(result, "not finite", no_warnings=True)
     assert not out.exists()
 
 
@@ -154,7 +144,7 @@ def test_a_failed_command_removes_the_empty_run_file_it_created(setup, tmp_path)
         result = _invoke([command, paths[0], "--model", f"{fac}:model", "--data",
                           f"{fac}:nan_data", "-o", out, "--steps", "3"][: None if command ==
                                                                           "surface" else -2])
-        _one_line_error(result, "not finite")
+        error_line(result, "not finite")
         assert not out.exists(), command
 
 
@@ -165,7 +155,7 @@ def test_a_failed_command_never_removes_a_file_that_was_there(setup, tmp_path):
     RunWriter(out, mode="w").close()
     result = _invoke(["analyze", paths[0], "--model", f"{fac}:model", "--data",
                       f"{fac}:nan_data", "-o", out])
-    _one_line_error(result, "not finite")
+    error_line(result, "not finite")
     assert out.exists()
 
 
@@ -196,7 +186,7 @@ def test_an_earlier_step_than_the_file_holds_says_how_to_start_over(setup, tmp_p
     args = [*_factories(root), "-m", "sharpness", "-o", out, "-q"]
     assert _invoke(["analyze", paths[1], *args]).exit_code == 0
     result = _invoke(["analyze", paths[0], *args])
-    _one_line_error(result, "--overwrite")
+    error_line(result, "--overwrite")
     assert "mode='w'" in result.stderr
 
 
@@ -539,7 +529,7 @@ def test_overwrite_with_data_that_do_not_fit_leaves_the_file_as_it_was(setup, tm
                     "-q"]).exit_code == 0
     result = _invoke(["analyze", paths[0], "--model", f"{fac}:model", "--data",
                       f"{fac}:nan_data", "-o", out, "--overwrite"])
-    _one_line_error(result, "not finite")
+    error_line(result, "not finite")
     with ls.Run.open(out) as run:
         assert [s for s, _ in run.checkpoints()] == [10, 20, 30]
 
@@ -576,14 +566,14 @@ def test_a_non_finite_loss_on_finite_weights_is_refused_also_when_resuming(setup
     fresh = _invoke(["analyze", paths[0], huge, *_factories(root), "-m", "sharpness",
                      "-o", out, "-q"])
     # the data gave a finite loss on step 10: the error says the weights overflow
-    _one_line_error(fresh, "ckpt-25.pt: the loss on the data is")
+    error_line(fresh, "ckpt-25.pt: the loss on the data is")
     assert "its finite weights overflow" in fresh.stderr
     assert "the checkpoints before it are stored" in fresh.stderr
     with ls.Run.open(out) as run:  # the first checkpoint is kept, resumable
         assert [s for s, _ in run.checkpoints()] == [10]
     resumed = _invoke(["analyze", paths[0], huge, *_factories(root), "-m", "sharpness",
                        "-o", out, "-q"])
-    _one_line_error(resumed, "ckpt-25.pt: the loss on the data is")
+    error_line(resumed, "ckpt-25.pt: the loss on the data is")
 
 
 def test_a_random_surface_reads_only_its_centre(setup, tmp_path):
@@ -609,4 +599,4 @@ def test_a_checkpoint_recorded_under_another_step_is_refused(setup, tmp_path):
     with RunWriter(out, mode="w", config={"analysis": {"checkpoints": [str(paths[0])]}}) as w:
         w.record_checkpoint(0, str(paths[0]))  # the numbering of the earlier analysis
     result = _invoke(["analyze", paths[0], *_factories(root), "-m", "sharpness", "-o", out])
-    _one_line_error(result, "is recorded there as step 0, and is step 10 now")
+    error_line(result, "is recorded there as step 0, and is step 10 now")

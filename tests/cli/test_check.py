@@ -1,0 +1,280 @@
+"""``landscape check`` through click's CliRunner: the table, the gate, ``--json``, ``--rules``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from landscape_cli.main import cli
+
+import landscape as ls
+from landscape.findings import Finding
+from landscape.store import RunWriter
+from tests.cli._results import one_line_error
+from tests.cli._runs import WARN, bad_inputs, damaged_run, write_run
+
+
+def test_check_table_and_exit_status_follow_fail_on(runner, run_file):
+    result = runner.invoke(cli, ["check", str(run_file), "--stored"])
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["step", "severity", "rule", "metric", "value", "threshold",
+                                "message"]
+    assert lines[2].split()[:4] == ["30", "warning", "loss_spike", "loss/value"]
+    assert "hint: lower lr" in lines[3]
+    assert lines[4].split()[:3] == ["60", "error", "edge_of_stability"]
+    assert "2 findings (1 error, 1 warning, 0 info); FAIL" in lines[-1]
+    assert runner.invoke(cli, ["check", str(run_file), "--stored", "--fail-on", "error"]
+                         ).exit_code == 1
+
+    assert runner.invoke(cli, ["check", str(run_file), "--stored", "--fail-on", "info"]
+                         ).exit_code == 1
+
+
+def test_check_passes_below_the_threshold_and_on_a_clean_run(runner, tmp_path):
+    only_warning = write_run(tmp_path / "w.h5", findings=(WARN,))
+    result = runner.invoke(cli, ["check", str(only_warning), "--fail-on", "error"])
+    assert result.exit_code == 0, result.output
+    assert "1 findings (0 error, 1 warning, 0 info); ok (fail on error or worse)" in result.output
+    clean = write_run(tmp_path / "clean.h5")
+    result = runner.invoke(cli, ["check", str(clean)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        f"{clean}: 0 findings (0 error, 0 warning, 0 info); ok (fail on warning or worse)"
+    ]
+
+
+def test_check_json(runner, tmp_path):
+    run = write_run(
+        tmp_path / "j.h5",
+        findings=(Finding(5, "nonfinite", "error", "loss/value", float("nan"), 1.0, "nan loss"),),
+    )
+    result = runner.invoke(cli, ["check", str(run), "--json", "--stored"])
+    assert result.exit_code == 1
+    data = json.loads(result.stdout)
+    assert data["failed"] is True and data["fail_on"] == "warning"
+    assert data["counts"] == {"info": 0, "warning": 0, "error": 1}
+    assert data["findings"][0]["value"] == "nan" and data["findings"][0]["threshold"] == 1.0
+    assert data["findings"][0]["extra"] == {}
+
+
+def test_check_json_keeps_a_findings_extra(runner, tmp_path):
+    """The run file keeps a rule's details; --json dropped them."""
+    extra = {"layer": "blocks.0.qkv", "steps_to_limit": 3.5, "history": [1.0, float("inf")]}
+    run = write_run(tmp_path / "x.h5", findings=(
+        Finding(5, "taylor_forecast", "warning", "sentinels/r_secant", 0.9, 1.0, "r rises",
+                extra=extra),))
+    result = runner.invoke(cli, ["check", str(run), "--json", "--stored"])
+    assert json.loads(result.stdout)["findings"][0]["extra"] == {
+        "layer": "blocks.0.qkv", "steps_to_limit": 3.5, "history": [1.0, "inf"]}
+
+
+def test_check_recomputes_the_alarm_rules_and_deduplicates(runner, tmp_path):
+    # a NaN loss at step 50 trips the nonfinite rule of landscape.alarms
+    run = write_run(tmp_path / "nan.h5", nan_loss_at=50)
+    stored = runner.invoke(cli, ["check", str(run), "--stored", "--json"])
+    assert json.loads(stored.stdout)["findings"] == []
+    recomputed = json.loads(runner.invoke(cli, ["check", str(run), "--json"]).stdout)
+    rules = [(f["step"], f["rule"], f["severity"]) for f in recomputed["findings"]]
+    assert (50, "nonfinite", "error") in rules
+    # the same finding stored online is listed once, with the stored message
+    online = Finding(50, "nonfinite", "error", "loss/value", float("nan"), 1.0, "seen online")
+    both = write_run(tmp_path / "both.h5", nan_loss_at=50, findings=(online,))
+    data = json.loads(runner.invoke(cli, ["check", str(both), "--json"]).stdout)
+    at_50 = [f for f in data["findings"] if (f["step"], f["rule"]) == (50, "nonfinite")]
+    assert len(at_50) == 1 and at_50[0]["message"] == "seen online"
+
+
+def test_check_bad_inputs_and_empty_run(runner, empty_run, tmp_path):
+    for path, fragment in bad_inputs(tmp_path):
+        one_line_error(runner.invoke(cli, ["check", path]), fragment)
+    # a run that recorded nothing passed the gate ("0 findings; ok", exit 0)
+    result = runner.invoke(cli, ["check", str(empty_run)])
+    one_line_error(result, "no rows recorded, nothing to check")
+    assert result.exit_code == 2
+    bad_choice = runner.invoke(cli, ["check", str(empty_run), "--fail-on", "fatal"])
+    assert bad_choice.exit_code == 2 and "Traceback" not in bad_choice.output
+
+
+def test_check_input_errors_exit_2_and_findings_exit_1(runner, run_file, tmp_path):
+    # `check run.h5 --fail-on error || ...` must tell a typo from an unstable run
+    for path, fragment in bad_inputs(tmp_path):
+        result = runner.invoke(cli, ["check", path, "--fail-on", "error"])
+        one_line_error(result, fragment)
+        assert result.exit_code == 2, (path, result.output)
+        as_json = runner.invoke(cli, ["check", path, "--json"])
+        assert as_json.exit_code == 2 and as_json.stdout == ""
+    assert runner.invoke(cli, ["check", str(run_file), "--stored", "--fail-on", "error"]
+                         ).exit_code == 1
+    usage = runner.invoke(cli, ["check", str(run_file), "--fail-on", "fatal"])
+    assert usage.exit_code == 2
+    damaged = runner.invoke(cli, ["check", str(damaged_run(run_file, tmp_path))])
+    one_line_error(damaged, "damaged run file: no 'findings' table")
+    assert damaged.exit_code == 2
+    text = runner.invoke(cli, ["check", "-h"]).output
+    assert "Exit status:" in text and "1  a finding reaches --fail-on" in text
+    assert "2  RUN cannot be checked" in text
+
+
+_RULES_FILE = '''
+from dataclasses import dataclass
+
+from landscape.alarms import LossSpike, Rule, Trigger
+
+
+@dataclass
+class LossAbove(Rule):
+    limit: float = 0.5
+    metrics: tuple = ("loss",)
+    name: str = "loss_above"
+
+    def evaluate(self, metric, row):
+        v = row.get("value")
+        if v is None or not v > self.limit:
+            return None
+        return Trigger("warning", "value", v, self.limit, "loss above the limit", "look")
+
+
+RULES = [LossAbove(), LossSpike(z=1e9)]  # the second replaces the built-in loss_spike
+NOT_RULES = 42
+
+
+@dataclass
+class Broken(Rule):
+    metrics: tuple = ("loss",)
+    name: str = "broken"
+
+    def evaluate(self, metric, row):
+        return 1 / 0
+'''
+
+
+def test_check_rules_with_other_settings_replace_what_the_monitor_stored(runner, tmp_path):
+    """--rules with a built-in rule of other settings gates on it: the monitor's stored info
+    at the edge of stability no longer hides the warning that threshold=1.0 asks for."""
+    rules = tmp_path / "eos_rules.py"
+    rules.write_text("from landscape.alarms import EdgeOfStability\n"
+                     "RULES = [EdgeOfStability(threshold=1.0)]\n")
+    path = tmp_path / "eos.h5"
+    with RunWriter(path, mode="w") as w:
+        w.declare("sharpness", {"lambda_max": None, "threshold": None, "ratio": None})
+        for step, ratio in enumerate([0.5, 1.1, 0.5, 0.5, 0.5]):
+            w.append("sharpness", 10 * step, {"lambda_max": 40 * ratio, "threshold": 40.0,
+                                              "ratio": ratio})
+        for f in ls.check(w):  # what the monitor stored online: the default rule's info
+            w.add_finding(f)
+    plain = runner.invoke(cli, ["check", str(path), "--json"])
+    assert plain.exit_code == 0, plain.output
+    assert [(f["step"], f["severity"]) for f in json.loads(plain.stdout)["findings"]] == [
+        (10, "info")]
+    gated = runner.invoke(cli, ["check", str(path), "--json", "--rules", f"{rules}:RULES"])
+    assert gated.exit_code == 1, gated.output
+    assert [(f["step"], f["severity"]) for f in json.loads(gated.stdout)["findings"]] == [
+        (10, "warning")]
+
+
+def test_check_report_and_plot_evaluate_the_users_rules(runner, tmp_path):
+    """A run recorded without a rule can be gated on it: --rules file.py:NAME (the command
+    line never imported user code, so a custom rule could not gate a job)."""
+    rules = tmp_path / "my_rules.py"
+    rules.write_text(_RULES_FILE)
+    run = write_run(tmp_path / "r.h5", nan_loss_at=70)  # loss exp(-s/40) > 0.5 until 27
+    plain = json.loads(runner.invoke(cli, ["check", str(run), "--json"]).stdout)
+    assert not [f for f in plain["findings"] if f["rule"] == "loss_above"]
+    result = runner.invoke(cli, ["check", str(run), "--json", "--rules", f"{rules}:RULES"])
+    assert result.exit_code == 1, result.output
+    found = json.loads(result.stdout)["findings"]
+    assert [f["step"] for f in found if f["rule"] == "loss_above"] == [0]  # one episode
+    assert any(f["rule"] == "nonfinite" for f in found)  # the built-in rules still run
+    # the same rules through report and plot
+    out = runner.invoke(cli, ["report", str(run), "-o", str(tmp_path / "r.html"),
+                              "--rules", f"{rules}:RULES"])
+    assert out.exit_code == 0, out.output
+    assert "loss_above" in (tmp_path / "r.html").read_text()
+    out = runner.invoke(cli, ["plot", str(run), "-m", "loss", "-o", str(tmp_path / "l.png"),
+                              "--rules", f"{rules}:LossAbove"])  # a class: its defaults
+    assert out.exit_code == 0, out.output
+    # one line and exit 2 for a spec that names no rules, or a rule that raises (a gate
+    # must not read a crash as a finding: the traceback exited 1)
+    for spec, message in [(f"{rules}:NOT_RULES", "expected a Rule"),
+                          (f"{rules}:MISSING", "has no attribute"),
+                          (str(tmp_path / "nowhere.py:RULES"), "not found"),
+                          (f"{rules}:Broken", "'broken' raised ZeroDivisionError on metric")]:
+        bad = runner.invoke(cli, ["check", str(run), "--rules", spec])
+        assert bad.exit_code == 2, bad.output
+        assert message in bad.output and "Traceback" not in bad.output
+    # with --stored no rule is evaluated: the gate passed (exit 0) on findings it never saw
+    for args in (["check"], ["report", "-o", str(tmp_path / "s.html")],
+                 ["plot", "-m", "loss", "-o", str(tmp_path / "s.png")]):
+        stored = runner.invoke(cli, [*args, str(run), "--stored", "--rules", f"{rules}:RULES"])
+        assert stored.exit_code == 2, stored.output
+        assert "--rules needs --recompute" in stored.output
+    with ls.Run.open(run) as opened, pytest.raises(ValueError, match="recompute=True"):
+        ls.alarms.collect_findings(opened, recompute=False, rules=[])
+
+
+def test_one_rules_module_given_twice_is_a_usage_error(runner, run_file, tmp_path):
+    """report gave a traceback, check called the run file unreadable."""
+    rules = tmp_path / "twice.py"
+    rules.write_text("from landscape.alarms import LossSpike\n"
+                     "RULES = [LossSpike(name='loss_high')]\n")
+    for args in (["check", str(run_file)], ["report", str(run_file), "-o",
+                                             str(tmp_path / "r.html")]):
+        result = runner.invoke(cli, [*args, "--rules", f"{rules}:RULES", "--rules",
+                                     f"{rules}:RULES"])
+        assert result.exit_code == 2, result.output
+        assert "--rules" in result.stderr and "two rules are named 'loss_high'" in result.stderr
+        assert "Traceback" not in result.output and "cannot be read" not in result.output
+
+
+def test_check_does_not_pass_a_run_whose_only_surface_has_no_point(runner, tmp_path):
+    """A surface job killed before its first point: check said 'ok' (exit 0)."""
+    path = tmp_path / "run.h5"
+    with RunWriter(path) as w:
+        w.create_surface("random", np.linspace(-1, 1, 5), np.linspace(-1, 1, 5))
+    result = runner.invoke(cli, ["check", str(path)])
+    assert result.exit_code == 2 and "no rows recorded" in result.stderr
+    with RunWriter(path) as w:
+        w.write_surface("random", (0, 0), {"loss": 1.0})
+    assert runner.invoke(cli, ["check", str(path)]).exit_code == 0
+
+
+def test_check_whose_output_cannot_be_written_exits_2_not_1(run_file, tmp_path):
+    """`check run.h5 > /dev/full` and `check run.h5 | true` exited 1, which for check means
+    a finding reached --fail-on: a gate read an output error as an unstable run."""
+    import os
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    command = [sys.executable, "-m", "landscape_cli.main", "check", str(run_file),
+               "--fail-on", "error", "--json"]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    child.stdout.close()  # the reader is gone before the first line
+    stderr = child.stderr.read().decode()
+    assert child.wait(timeout=300) == 2 and "Traceback" not in stderr, stderr
+    if Path("/dev/full").exists():
+        with open("/dev/full", "w") as full:
+            done = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, env=env,
+                                  timeout=300)
+        assert done.returncode == 2
+        assert done.stderr.decode().strip() == "Error: No space left on device"
+
+
+def test_re_evaluating_the_rules_over_a_long_run_is_announced(runner, run_file, tmp_path,
+                                                               monkeypatch):
+    """check on a 1M-step run sat silent for 41 s; --stored answers at once."""
+    import landscape_cli.options as options
+
+    monkeypatch.setattr(options, "LONG_RUN_ROWS", 10)
+    long = runner.invoke(cli, ["check", str(run_file)])
+    assert "re-evaluating the alarm rules over" in long.stderr and "--stored" in long.stderr
+    for args in (["--stored"], ["-q"], ["--json"]):
+        quiet = runner.invoke(cli, ["check", str(run_file), *args])
+        assert "re-evaluating" not in quiet.stderr, args
+    report = runner.invoke(cli, ["report", str(run_file), "-o", str(tmp_path / "r.html")])
+    assert "re-evaluating the alarm rules" in report.stderr
+
