@@ -41,7 +41,8 @@ class TraceResult:
 
     Attributes:
         value: the estimate (``float(result)`` gives it too).
-        stderr: its standard error (NaN when it cannot be estimated).
+        stderr: its standard error (NaN when it cannot be estimated). ``value ± 1.96 stderr``
+            is a normal-theory interval, too narrow for a few probes: :meth:`interval`.
         n_matvec: the products used.
         method: ``"hutchinson"``, ``"hutch++"`` or ``"krylov"``.
         samples: the per-probe quadratic forms of the stochastic part.
@@ -63,6 +64,31 @@ class TraceResult:
 
     def __float__(self) -> float:
         return float(self.value)
+
+    def interval(self, confidence: float = 0.95) -> tuple[float, float]:
+        """A Student-t confidence interval for the trace: ``value ± t·stderr``.
+
+        ``t`` is the two-sided quantile of Student's t with ``len(samples) - 1`` degrees
+        of freedom (Student 1908): ``stderr`` comes from that many probes' quadratic forms
+        (all of them for Hutchinson, the projected ones for Hutch++ and Krylov), whose
+        sample standard deviation is itself uncertain. With a few probes the normal
+        quantile 1.96 covers too little (docs/curvature.md, "Error bars").
+
+        Args:
+            confidence: the coverage asked for, in (0, 1).
+
+        Returns:
+            ``(low, high)``; ``(nan, nan)`` with fewer than two probes.
+        """
+        if not (isinstance(confidence, (int, float)) and 0 < confidence < 1):
+            raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
+        n = 0 if self.samples is None else self.samples.numel()
+        if n < 2 or not math.isfinite(self.stderr):
+            return math.nan, math.nan
+        from scipy import stats
+
+        half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * self.stderr
+        return self.value - half, self.value + half
 
     def as_dict(self) -> dict[str, Any]:
         """Plain Python numbers: value, stderr, n_matvec, method, peak_memory."""
