@@ -10,8 +10,10 @@ parameters before this step, and
     r_secant = max_x spread(z_t(x) - z_{t-1}(x)) / pi,   spread(a) = max_k a_k - min_k a_k,
 
 the secant version of the exact r = max_x spread(J_z(x) p) / pi of
-:class:`~landscape.metrics.TaylorRadius` (which costs a forward-mode JVP). The two agree to
-first order in the step p (docs/monitor.md, "Sentinels").
+:class:`~landscape.metrics.TaylorRadius` (which costs a forward-mode JVP). On the same
+samples the two agree to first order in the step p; the maximum runs over the subsample
+only, so ``r_secant`` reads lower than the r of a larger batch (docs/monitor.md,
+"Sentinels").
 """
 
 from __future__ import annotations
