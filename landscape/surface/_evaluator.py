@@ -177,12 +177,22 @@ class PointEvaluator:
         index = {n: i for i, n in enumerate(buffers)}
         self.buf_moving = [self.buf_work[index[n]] for n in directions.buffer_names]
         self.buf_moving_base = [self.buf_base[index[n]] for n in directions.buffer_names]
-        # variances interpolated beyond the two checkpoints (alpha < 0 or > 1) can cross
-        # zero, and BatchNorm then divides by the square root of a negative number: NaN
-        self.buf_variances = [t for n, t in zip(directions.buffer_names, self.buf_moving)
-                              if n.rsplit(".", 1)[-1] == "running_var"]
         self.buf_dirs = [[t.detach().to(b.device, b.dtype) for t, b in zip(v, self.buf_moving)]
                          for v in directions.buffer_vectors]
+        # variances extrapolated beyond the two checkpoints (alpha < 0 or > 1) fall
+        # without bound where they shrank between them: below zero BatchNorm takes the
+        # square root of a negative number, and near zero it divides by sqrt(eps), a cliff
+        # that no weight makes. Each is held at the smaller of its values at the center and
+        # at center + each direction (the two checkpoints; between them it never goes lower)
+        variances = [i for i, n in enumerate(directions.buffer_names)
+                     if n.rsplit(".", 1)[-1] == "running_var"]
+        self.buf_variances = [self.buf_moving[i] for i in variances]
+        self.variance_floors = []
+        for i in variances:
+            floor = self.buf_moving_base[i].clone()
+            for d in self.buf_dirs:
+                floor = torch.minimum(floor, self.buf_moving_base[i] + d[i])
+            self.variance_floors.append(floor.clamp_(min=0.0))
         self.state = state
         self.bound = False
         # sharded: every parameter's storage, and the center of the fixed ones when given
@@ -264,8 +274,8 @@ class PointEvaluator:
             torch._foreach_copy_(self.buf_moving, self.buf_moving_base)
             for d, c in zip(self.buf_dirs, coords):
                 torch._foreach_add_(self.buf_moving, d, alpha=float(c))
-            for var in self.buf_variances:
-                var.clamp_(min=0.0)
+            for var, floor in zip(self.buf_variances, self.variance_floors):
+                torch.maximum(var, floor, out=var)
 
     def _single(self, loss: torch.Tensor, out: Any, batch: Any) -> tuple[float, float]:
         acc = float("nan")

@@ -374,6 +374,31 @@ def test_the_default_interpolation_evaluates_both_checkpoints_and_stays_finite()
     assert got[1.0] == pytest.approx(want[1], rel=1e-6)
 
 
+def test_an_extrapolated_variance_is_held_at_the_smaller_checkpoints_value():
+    """Clamped at 0 it made a cliff past theta_b (BatchNorm dividing by sqrt(eps)): a loss of
+    67 at alpha 1.1 where the weights there with theta_b's statistics gave 0.018."""
+    a, b = models.cnn_bn(seed=0), models.cnn_bn(seed=1)
+    with torch.no_grad():
+        a.bn.running_var.copy_(torch.tensor([1.0, 2.0, 0.5]))
+        b.bn.running_var.copy_(torch.tensor([0.2, 2.5, 0.6]))  # the first shrinks 5-fold
+    x, y = models.image_data()
+    alphas = [-0.5, 0.5, 1.5]
+    surf = interpolate(models.cnn_bn(seed=5), a, b, _ce, (x, y), x=alphas, progress=False)
+    sa, sb = a.state_dict(), b.state_dict()
+    for alpha, got in zip(alphas, surf.values["loss"]):
+        m = models.cnn_bn(seed=5)
+        state = {k: sa[k] + alpha * (sb[k] - sa[k]) if sa[k].is_floating_point() else sa[k]
+                 for k in sa}
+        low = torch.minimum(sa["bn.running_var"], sb["bn.running_var"])
+        state["bn.running_var"] = torch.maximum(state["bn.running_var"], low)
+        m.load_state_dict(state)
+        m.eval()
+        with torch.no_grad():
+            assert got == pytest.approx(float(F.cross_entropy(m(x), y)), rel=1e-5), alpha
+    # at 1.5 the first channel's variance extrapolates to -0.2 and is held at 0.2; the
+    # other two stay as extrapolated (2.75 and 0.65), and at -0.5 none is held (1.4, ...)
+
+
 def test_an_interpolation_begun_on_the_even_grid_resumes_on_it(tmp_path):
     """Resuming one begun before 0 and 1 were added: 'already exists with a different grid'."""
     a, b = models.mlp(seed=0), models.mlp(seed=1)
