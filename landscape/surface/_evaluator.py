@@ -67,6 +67,9 @@ class GridData:
 
     def __init__(self, data: Any, device: torch.device) -> None:
         self.device = device
+        # a batch, or a list of them: every pass over the data sees the same samples (a
+        # loader or an iterator may shuffle or augment)
+        self.repeatable = _is_batch(data) or isinstance(data, (list, tuple))
         if _is_batch(data):
             self.single: Any = to_device(_flat(data), device, non_blocking=True)
             self.loader = None

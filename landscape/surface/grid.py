@@ -252,10 +252,12 @@ def evaluate_grid(
                 if was is not None and not _same_loss(float(was), meta["center_loss"]):
                     message = (f"surface {name!r} exists in the run with a loss of "
                                f"{float(was):.6g} at its centre, {meta['center_loss']:.6g} now")
-                    if batches.loader is None:  # one batch: the same data give the same loss
+                    if batches.repeatable:  # a batch or a list: the same data give the same loss
                         raise LandscapeError(
-                            f"{message}: other data or another loss function; choose another "
-                            "name (on the command line --name) or another run file")
+                            f"{message}: other data or another loss function (a loader that "
+                            "shuffles a subset or augments gives other data at each run); "
+                            "choose another name (on the command line --name) or another run "
+                            "file")
                     # a loader may shuffle or augment, so that no two passes agree
                     warnings.warn(f"landscape: {message}: other data or another loss "
                                   "function, or a loader that shuffles or augments; resuming",

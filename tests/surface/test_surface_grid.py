@@ -173,10 +173,15 @@ def test_resume_refuses_other_data_or_another_loss(tmp_path):
     again = line(model, _ce, [(x[:12], y[:12]), (x[12:], y[12:])], steps=7, writer=path,
                  seed=1, progress=False)
     np.testing.assert_allclose(again.values["loss"], half.values["loss"], rtol=1e-12)
-    # a loader may shuffle or augment: another loss at the centre is said, not refused
-    with pytest.warns(RuntimeWarning, match="a loader that shuffles or augments; resuming"):
+    # a list of batches is the same data at every pass: other data are refused (they were
+    # resumed with a warning, a surface of two data sets)
+    with pytest.raises(LandscapeError, match="other data or another loss function"):
         line(model, _ce, [(x2[:12], y2[:12]), (x2[12:], y2[12:])], steps=7, writer=path,
              seed=1, progress=False)
+    # a loader may shuffle or augment: another loss at the centre is said, not refused
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x2, y2), batch_size=12)
+    with pytest.warns(RuntimeWarning, match="a loader that shuffles or augments; resuming"):
+        line(model, _ce, loader, steps=7, writer=path, seed=1, progress=False)
 
 
 def test_a_dropout_surface_in_train_mode_resumes_whatever_the_callers_rng(tmp_path):
