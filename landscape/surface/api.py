@@ -8,6 +8,7 @@ the run file (``/surfaces/<name>``) and resumes an interrupted computation.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from landscape._errors import LandscapeError
+from landscape.findings import user_stacklevel
 from landscape.params import ParamSpec
 from landscape.store import Run, RunWriter, SurfaceData
 from landscape.surface.directions import (
@@ -291,6 +293,8 @@ def trajectory_plane(
         # the rest of theta_n (BatchNorm statistics, frozen parameters) from the checkpoint too,
         # not from whatever state `model` is in
         center = {**_state(last, "trajectory[-1]"), **center}
+    else:
+        _say_foreign_buffers(model, center)
     attrs = {
         "explained_variance": [float(v) for v in pca.explained_variance],
         "explained_variance_ratio": [float(v) for v in pca.explained_variance_ratio],
@@ -299,6 +303,32 @@ def trajectory_plane(
     return evaluate_grid(model, loss_fn, data, pca.directions, axes[0], axes[1], center=center,
                          writer=writer, name=name, attrs=attrs,
                          arrays={"trajectory": path}, **kwargs)
+
+
+def _say_foreign_buffers(model: nn.Module, center: Mapping[str, torch.Tensor]) -> None:
+    """Warn when recorded weights meet buffers that cannot be theta_n's.
+
+    Weights alone (a ``(T, P)`` array, flat vectors) carry no BatchNorm statistics: the plane
+    reads them from ``model``. A model whose weights are theta_n's was most likely loaded
+    with its state, buffers included; one whose weights differ (a fresh instance) has
+    other statistics, and the loss at the origin is not theta_n's (surfaces audit: 1.32
+    where theta_n's was 0.0136).
+    """
+    buffers = [n for n, b in model.named_buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    named = dict(model.named_parameters())
+    if all(torch.allclose(named[k].detach().to("cpu", torch.float64), v.to(torch.float64),
+                          rtol=1e-6, atol=0.0) for k, v in center.items()):
+        return
+    shown = ", ".join(buffers[:3]) + (", ..." if len(buffers) > 3 else "")
+    warnings.warn(
+        f"landscape: trajectory_plane: the trajectory holds weights only, and the "
+        f"floating-point buffers of `model` ({shown}) belong to other weights than its last "
+        "point's: the plane is evaluated with them, so the loss at its origin is not the "
+        "last point's. Load the last point's state into `model` first, or give the "
+        "trajectory as checkpoints, whose buffers are read",
+        UserWarning, stacklevel=user_stacklevel())
 
 
 def project(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from unittest import mock
 
 import numpy as np
@@ -204,3 +205,40 @@ def test_trajectory_plane_takes_the_last_checkpoints_buffers_too(tmp_path):
     assert sorted(loads) == sorted(os.fspath(p) for p in paths)  # each checkpoint once
     at_last = trajectory_plane(model, F.cross_entropy, (x, y), paths, steps=3, progress=False)
     np.testing.assert_allclose(fresh.values["loss"], at_last.values["loss"], rtol=1e-6)
+
+
+def test_recorded_weights_with_a_fresh_models_statistics_are_warned_about():
+    """A (T, P) array carries no BatchNorm statistics: with a fresh model the plane took
+    its statistics silently, and the loss at the origin was not the last point's."""
+    torch.manual_seed(0)
+
+    def net():
+        return nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+    x, y = torch.randn(64, 5) * 3 + 1, torch.randint(0, 3, (64,))
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rows = []
+    for _ in range(4):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        rows.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy())
+    weights = np.stack(rows)
+    with pytest.warns(UserWarning, match=r"buffers of `model` \(1.running_mean, 1.running_var"):
+        trajectory_plane(net(), F.cross_entropy, (x, y), weights, steps=3, progress=False)
+    # the trained model, its statistics theta_n's: no warning, and the origin is its loss
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        surf = trajectory_plane(model, F.cross_entropy, (x, y), weights, steps=3,
+                                progress=False)
+    model.eval()
+    with torch.no_grad():
+        origin = surf.values["loss"][list(surf.y).index(0.0), list(surf.x).index(0.0)]
+        assert origin == pytest.approx(float(F.cross_entropy(model(x), y)), rel=1e-6)
+    # no floating buffers: nothing to say
+    plain = nn.Sequential(nn.Linear(5, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trajectory_plane(plain, F.cross_entropy, (x, y), np.random.default_rng(0).normal(
+            size=(4, 18)), steps=3, progress=False)
