@@ -92,7 +92,7 @@ def analyze_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
             where = f"{done} checkpoint{'s' if done != 1 else ''} recorded in {out}"
         except Exception:
             where = "no checkpoint recorded"
-        raise interrupted(err, where, overwrite) from None
+        raise interrupted(err, where, "--overwrite" if overwrite else None) from None
     if not quiet:
         with Run.open(out) as run:  # the monitor is closed: read the file it wrote
             wanted = {RENAMED_METRICS.get(m, m) for m in metrics or DEFAULT_METRICS}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 from click.core import ParameterSource
 from landscape_cli.app import cli, interrupted, verbose_option
@@ -59,15 +61,21 @@ EXAMPLE = ("landscape surface ckpt-200.pt --model factories.py:model --data fact
 @click.option("-o", "--out", default="run.h5", show_default=True, type=click.Path(),
               callback=named_output,
               help="Run file to write into (resumes an interrupted surface of that name).")
+@click.option("--replace", is_flag=True,
+              help="Compute the surface named --name (default: the kind) again from scratch, "
+                   "keeping everything else in the run file.")
 @click.option("--overwrite", is_flag=True,
-              help="Start the run file over instead of adding to it.")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX))
+              help="Start the whole run file over (every metric and surface in it is "
+                   "deleted) instead of adding to it.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX),
+              help="Seed of the random directions (--directions random).")
 @checkpoint_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @verbose_option
 def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, batch_size,
                     n_batches, loss_spec, dims, steps, span, directions, normalization, ignore,
-                    name, out, overwrite, seed, trust_checkpoint, device, threads, quiet):
+                    name, out, replace, overwrite, seed, trust_checkpoint, device, threads,
+                    quiet):
     """Evaluate the loss (and accuracy) on a grid around the last of CHECKPOINTS.
 
     CHECKPOINTS are as for analyze: state-dict files, Hugging Face model folders, PEFT
@@ -77,6 +85,9 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
     """
     ctx = click.get_current_context()
     _refuse_fixed_grid_options(ctx, directions, dims)
+    if replace and overwrite:
+        raise click.UsageError("--replace and --overwrite do not go together: --overwrite "
+                               "deletes the whole run file, --replace one surface of it")
     for option in ("normalization", "ignore"):
         if directions != "random" and _given(ctx, option):
             raise click.UsageError(f"--{option} applies to --directions random only")
@@ -127,6 +138,11 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
                 from landscape.store import RunWriter
 
                 RunWriter(out, mode="w").close()
+            elif replace and os.path.exists(out):
+                from landscape.store import RunWriter
+
+                with RunWriter(out) as writer:
+                    writer.remove_surface(label)
             if directions == "interpolate":
                 surf = surface.interpolate(model, states[0], states[1], loss_fn, data, steps,
                                            **common)
@@ -143,7 +159,8 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
                     surf = surface.plane(model, loss_fn, data, steps, span, directions=kind,
                                          seed=seed, **scaling, **common)
     except KeyboardInterrupt as err:  # as analyze: what is stored, and how to go on
-        raise interrupted(err, _stored_points(out, label), overwrite) from None
+        starts_over = "--overwrite" if overwrite else "--replace" if replace else None
+        raise interrupted(err, _stored_points(out, label), starts_over) from None
     import numpy as np
 
     loss = np.asarray(surf.values["loss"], dtype=np.float64)

@@ -186,6 +186,14 @@ class Backend(ABC):
         """
 
     @abstractmethod
+    def delete_surface(self, name: str) -> None:
+        """Remove a stored surface, its grid, values and arrays.
+
+        Args:
+            name: the surface's name.
+        """
+
+    @abstractmethod
     def write_surface(self, name: str, points: list[Point]) -> None:
         """Store computed points of a surface and mark them done (values before ``done``).
 
@@ -333,6 +341,10 @@ class MemoryBackend(Backend):
             dict(s.attrs),
             {k: v.copy() for k, v in s.arrays.items()},
         )
+
+    def delete_surface(self, name):
+        """Forget the surface."""
+        del self._surfaces[name]
 
     def write_surface(self, name, points):
         """Set the points' values and done flags."""
@@ -559,6 +571,11 @@ class H5Backend(Backend):
             attrs=json.loads(_attr_value(g.attrs["attrs"])),
             arrays=arrays,
         )
+
+    def delete_surface(self, name):
+        """Unlink ``/surfaces/<name>`` (HDF5 reuses the space for later writes)."""
+        with self.structural():
+            del self.file[SURFACES_GROUP][name]
 
     def write_surface(self, name, points):
         """One read-modify-write of the covering span per grid row and field, ``done`` last.

@@ -564,8 +564,9 @@ class RunWriter:
             )
             if not same:
                 raise RunFileError(
-                    f"surface {name!r} already exists in the run with a different grid or fields; "
-                    "choose another name (on the command line --name)"
+                    f"surface {name!r} already exists in the run with a different grid or "
+                    "fields; choose another name (on the command line --name), or remove it "
+                    "(remove_surface; on the command line --replace)"
                 )
             return existing
         data = SurfaceData(
@@ -583,6 +584,24 @@ class RunWriter:
         self._backend.create_surface(data)
         self._backend.flush()
         return self._backend.read_surface(name)
+
+    def remove_surface(self, name: str) -> bool:
+        """Remove surface ``name`` and its points (to compute it again from scratch).
+
+        Args:
+            name: the surface's name.
+
+        Returns:
+            Whether the run held it.
+        """
+        self._check_open()
+        self._flush_pending()  # its buffered points too, before the group goes
+        self._known_surfaces.discard(name)
+        if name not in self._backend.surface_names():
+            return False
+        self._backend.delete_surface(name)
+        self._backend.flush()
+        return True
 
     def write_surface(
         self, name: str, index: int | tuple[int, ...], values: Mapping[str, float]

@@ -74,6 +74,11 @@ def _coords(values: Any, name: str) -> np.ndarray:
     return arr
 
 
+ELSEWHERE = ("choose another name (on the command line --name) or another run file, or "
+             "remove the stored surface (RunWriter.remove_surface; on the command line "
+             "--replace)")
+
+
 def _same(a: Sequence[float], b: Sequence[float]) -> bool:
     return len(a) == len(b) and all(
         abs(u - v) <= 1e-5 * max(1.0, abs(u), abs(v)) for u, v in zip(a, b)
@@ -239,15 +244,15 @@ def evaluate_grid(
                 if not _same(old.get("center_fingerprint", []), meta["center_fingerprint"]):
                     raise LandscapeError(
                         f"surface {name!r} exists in the run around other parameters (another "
-                        "checkpoint); choose another name (on the command line --name) or "
-                        "another run file")
+                        f"checkpoint); {ELSEWHERE}")
                 if not _same(old.get("direction_fingerprint", []), meta["direction_fingerprint"]):
                     raise LandscapeError(
-                        f"surface {name!r} exists in the run with other directions; choose "
-                        "another name (or the same seed/normalization to resume)")
+                        f"surface {name!r} exists in the run with other directions (the same "
+                        f"seed and normalization resume it); {ELSEWHERE}")
                 if bool(old.get("eval_mode", eval_mode)) != bool(eval_mode):
                     raise LandscapeError(
-                        f"surface {name!r} exists in the run with eval_mode={old['eval_mode']}")
+                        f"surface {name!r} exists in the run with eval_mode={old['eval_mode']}; "
+                        f"{ELSEWHERE}")
                 was = old.get("center_loss")  # absent in surfaces of earlier versions
                 if was is not None and not _same_loss(float(was), meta["center_loss"]):
                     message = (f"surface {name!r} exists in the run with a loss of "
@@ -255,9 +260,8 @@ def evaluate_grid(
                     if batches.repeatable:  # a batch or a list: the same data give the same loss
                         raise LandscapeError(
                             f"{message}: other data or another loss function (a loader that "
-                            "shuffles a subset or augments gives other data at each run); "
-                            "choose another name (on the command line --name) or another run "
-                            "file")
+                            f"shuffles a subset or augments gives other data at each run); "
+                            f"{ELSEWHERE}")
                     # a loader may shuffle or augment, so that no two passes agree
                     warnings.warn(f"landscape: {message}: other data or another loss "
                                   "function, or a loader that shuffles or augments; resuming",

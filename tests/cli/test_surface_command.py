@@ -240,3 +240,25 @@ def test_interpolation_moves_frozen_weights_that_differ_between_the_checkpoints(
         losses = [float(F.cross_entropy(net(x), y)) for net in nets]
     assert surf.values["loss"][list(surf.x).index(0.0)] == pytest.approx(losses[0], rel=1e-5)
     assert surf.values["loss"][list(surf.x).index(1.0)] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_replace_computes_one_surface_again_and_keeps_the_rest(setup, tmp_path):
+    """--overwrite, the only way to recompute a stored surface, deleted every other surface
+    and metric of the run file (surfaces audit)."""
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    out = tmp_path / "run.h5"
+    base = ["surface", str(paths[-1]), "--model", f"{fac}:model", "--data", f"{fac}:data",
+            "-o", str(out), "-q"]
+    for args in (["--steps", "5"], ["--steps", "3", "--name", "keep"]):
+        assert _run([*base, *args]).exit_code == 0
+    refused = _run([*base, "--steps", "7"])
+    assert refused.exit_code == 1 and "--replace" in refused.stderr
+    again = _run([*base, "--steps", "7", "--replace"])
+    assert again.exit_code == 0, again.output
+    with ls.Run.open(out) as run:
+        assert sorted(run.surfaces()) == ["keep", "random"]
+        assert run.surface("random").values["loss"].shape == (7, 7)
+        assert run.surface("keep").values["loss"].shape == (3, 3)
+    both = _run([*base, "--replace", "--overwrite"])
+    assert both.exit_code == 2 and "do not go together" in both.stderr

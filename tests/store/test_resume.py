@@ -78,6 +78,22 @@ def test_surface_resume_keeps_computed_points_and_rejects_a_different_grid(tmp_p
             w.create_surface("line", np.linspace(-1, 1, 7))
 
 
+def test_remove_surface_keeps_the_rest_of_the_run(writer_factory):
+    w = writer_factory(flush_seconds=3600)
+    w.declare("loss", {"value": None})
+    w.append("loss", 0, {"value": 1.0})
+    w.create_surface("line", np.linspace(-1, 1, 5))
+    w.create_surface("other", np.linspace(-1, 1, 3))
+    w.write_surface("line", 1, {"loss": 2.0})  # buffered, not yet written
+    assert w.remove_surface("line") and not w.remove_surface("line")
+    run = w.run()
+    assert run.surfaces() == ["other"] and run.series("loss", "value")[1].tolist() == [1.0]
+    # created again from scratch, with another grid if need be
+    surf = w.create_surface("line", np.linspace(-2, 2, 7))
+    assert not surf.done.any() and len(surf.x) == 7
+    w.close()
+
+
 @pytest.mark.parametrize("backend", ["hdf5", "memory"])
 def test_surface_points_are_buffered_and_written_row_by_row(tmp_path, backend):
     w = RunWriter(tmp_path / "run.h5", flush_seconds=3600) if backend == "hdf5" \
