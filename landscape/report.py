@@ -103,7 +103,8 @@ def _as_figure(obj: Any):
 
 
 def surface_figure(
-    surface: SurfaceData, *, three_d: bool = False, field: str | None = None, log: bool = False,
+    surface: SurfaceData, *, three_d: bool = False, field: str | None = None,
+    log: bool | None = None,
     vmax: float | str | None = "auto", levels: int | None = None,
 ):
     """The figure of a stored surface: a curve (1-D), a contour map or a 3-D view (2-D).
@@ -113,7 +114,8 @@ def surface_figure(
         three_d: a 3-D view of a 2-D surface instead of a contour map.
         field: which stored grid to draw (default ``loss``, or the first one stored when
             there is no loss).
-        log: draw log10 of the values.
+        log: draw log10 of the values; None (default): when they are positive and span
+            two decades (:func:`landscape.plotting.surfaces.contour`).
         vmax: clip the values at this; ``"auto"`` (default): at the outlier fence when
             values lie beyond it, so a diverged corner does not flatten the rest
             (:func:`landscape.plotting.surfaces.outlier_fence`); None: never.

@@ -91,9 +91,8 @@ def _message(err: Exception) -> str:
 )
 @click.option("--log/--linear", default=None,
               help="Logarithmic (symmetric-log around zero) or linear y axes on every "
-                   "timeline, log10 of a surface's values (default: timelines logarithmic "
-                   "where a field's positive values span two decades or more; surfaces "
-                   "linear).")
+                   "timeline, log10 of a surface's values (default: logarithmic where a "
+                   "field's positive values span two decades or more).")
 @recompute_option("Mark")
 @click.option(
     "-o", "--out", "out", required=True, type=click.Path(),

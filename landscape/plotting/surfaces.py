@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from landscape.plotting.timelines import spans_decades
 from landscape.store import Run, SurfaceData, refuse_to_overwrite_hdf5
 
 __all__ = ["contour", "contourf", "curve", "export_vtk", "load_surface", "surface3d"]
@@ -107,6 +108,26 @@ def outlier_fence(z: np.ndarray) -> float | None:
     return fence if high - low > FAR_BEYOND * (fence - low) else None
 
 
+def _log_scale(surf: SurfaceData, field: str, log: bool | None, vmax: Any) -> bool:
+    """``log``; for None, whether the default picture is drawn on a log10 scale.
+
+    A trained model's basin sits orders of magnitude below the loss at the grid's edges
+    (0.01 against 69 on a digits CNN at span 1): evenly spaced contour levels from the
+    minimum to the maximum leave it one blank region, while log10 resolves it. So with
+    the default ``vmax="auto"``, a field whose values are positive and span two decades
+    (:func:`~landscape.plotting.timelines.spans_decades`) is drawn as log10, unless a
+    diverged region lies far beyond the rest (:func:`outlier_fence`), which the linear
+    picture clips instead. A value at or below zero keeps the scale linear (log10 would
+    leave it out), and so does a ``vmax`` given (a number, or None: to scale).
+    """
+    if log is not None:
+        return bool(log)
+    if not (isinstance(vmax, str) and vmax == AUTO):
+        return False
+    raw = _values(surf, field, False, None)
+    return outlier_fence(raw) is None and spans_decades(raw)
+
+
 def _drawn(
     surf: SurfaceData, field: str, log: bool, vmax: float | str | None
 ) -> tuple[np.ndarray, float | None]:
@@ -133,6 +154,13 @@ def _drawn(
 def _diverged(surf: SurfaceData, field: str) -> np.ndarray:
     """Computed points whose value is not finite (the loss overflowed there)."""
     return surf.done & ~np.isfinite(np.asarray(surf.values[field], dtype=np.float64))
+
+
+def _not_positive(surf: SurfaceData, field: str) -> np.ndarray:
+    """Computed points whose value is at or below zero: no log10 (a log plot's gaps)."""
+    z = np.asarray(surf.values[field], dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        return surf.done & np.isfinite(z) & (z <= 0)
 
 
 def _clip_note(surf: SurfaceData, field: str, log: bool, clipped: float | None) -> str:
@@ -175,6 +203,14 @@ def _title(surf: SurfaceData, field: str, log: bool, clipped: float | None = Non
     diverged = int(_diverged(surf, field).sum())
     if diverged:
         notes.append(f"{diverged} non-finite")
+    if log:
+        below = int(_not_positive(surf, field).sum())
+        if below:
+            notes.append(f"{below} at or below 0, left out of the log scale")
+    raw = _values(surf, field, False, None)
+    finite = raw[np.isfinite(raw)]
+    if finite.size > 1 and float(finite.min()) == float(finite.max()):
+        notes.append(f"constant: {field} {float(finite[0]):.6g} at every point")
     clip = _clip_note(surf, field, log, clipped)
     if clip:
         notes.append(clip)
@@ -191,11 +227,24 @@ def _title(surf: SurfaceData, field: str, log: bool, clipped: float | None = Non
 _NONFINITE_COLOR = "#7f0000"  # as the timelines' non-finite ticks
 
 
-def _mark_points(ax, surf: SurfaceData, field: str) -> bool:
-    """Mark the grid points a 2-D picture leaves blank; True if any was marked."""
+def _mark_points(ax, surf: SurfaceData, field: str, log: bool) -> bool:
+    """Mark the grid points a 2-D picture leaves blank, and the minimum; True if any."""
     assert surf.y is not None
     X, Y = np.meshgrid(surf.x, surf.y)
     marked = False
+    raw = np.where(surf.done, np.asarray(surf.values[field], dtype=np.float64), np.nan)
+    if np.isfinite(raw).sum() > 1 and np.nanmin(raw) < np.nanmax(raw):
+        j, i = np.unravel_index(int(np.nanargmin(raw)), raw.shape)
+        if (surf.x[i], surf.y[j]) != (0.0, 0.0):  # the centre's "+" is drawn anyway
+            ax.plot(X[j, i], Y[j, i], ls="none", marker="*", ms=11, color="w", mec="k",
+                    mew=0.8, label=f"minimum ({float(raw[j, i]):.3g})")
+            marked = True
+    if log:
+        below = _not_positive(surf, field)
+        if below.any():
+            ax.plot(X[below], Y[below], ls="none", marker="v", ms=4, color="0.35",
+                    label="≤ 0 (not on the log scale)")
+            marked = True
     pending = ~surf.done
     if pending.any():
         ax.plot(X[pending], Y[pending], ls="none", marker=".", ms=2.5, color="0.6",
@@ -214,7 +263,7 @@ def curve(
     field: str = "loss",
     *,
     name: str | None = None,
-    log: bool = False,
+    log: bool | None = None,
     vmax: float | str | None = AUTO,
     accuracy: bool = True,
     figsize: tuple[float, float] = (6.0, 4.0),
@@ -223,11 +272,14 @@ def curve(
 
     ``vmax`` clips large values: a number, ``"auto"`` (default: at :func:`outlier_fence`
     when values lie beyond it) or None. Clipped points are drawn as triangles at the
-    limit, non-finite ones as ticks along the bottom.
+    limit, non-finite ones as ticks along the bottom. ``log``: log10 of the values; None
+    (default): when they are positive, span two decades and no diverged end is clipped
+    (:func:`_log_scale`).
     """
     surf = load_surface(surface, name)
     if surf.ndim != 1:
         raise ValueError(f"curve: surface {surf.name!r} is 2-D; use contour or surface3d")
+    log = _log_scale(surf, field, log, vmax)
     fig = Figure(figsize=figsize, layout="constrained")
     ax = fig.add_subplot()
     z, clipped = _drawn(surf, field, log, vmax)
@@ -279,7 +331,7 @@ def contour(
     filled: bool = False,
     levels: int | np.ndarray = 30,
     trajectory: Any = "auto",
-    log: bool = False,
+    log: bool | None = None,
     vmax: float | str | None = AUTO,
     figsize: tuple[float, float] = (6.0, 5.0),
 ) -> Figure:
@@ -290,13 +342,18 @@ def contour(
     drawn from its first point (open circle) to its last (filled). ``vmax`` clips large
     values (as the reference code's ``--vmax``): a number, ``"auto"`` (default: at
     :func:`outlier_fence` when values lie beyond it, so a diverged corner does not leave
-    the rest of the plane one colour) or None; ``log`` plots ``log10``. Points not computed
-    (grey dots) and points whose value is not finite (crosses) are marked.
+    the rest of the plane one colour) or None; ``log`` plots ``log10`` (None, the default:
+    when the values are positive and span two decades and ``vmax`` clips nothing, so the
+    basin of a trained model gets levels of its own; :func:`_log_scale`). Points not
+    computed (grey dots), points whose value is not finite (crosses), the minimum (a star)
+    and, on a log scale, points at or below zero (triangles) are marked; a constant surface
+    says so in its title.
     """
     surf = load_surface(surface, name)
     if surf.ndim != 2:
         raise ValueError(f"contour: surface {surf.name!r} is 1-D; use curve")
     assert surf.y is not None
+    log = _log_scale(surf, field, log, vmax)
     drawn, clipped = _drawn(surf, field, log, vmax)
     z = np.ma.masked_invalid(drawn)
     fig = Figure(figsize=figsize, layout="constrained")
@@ -311,8 +368,11 @@ def contour(
             ax.clabel(cs, cs.levels[:: max(1, len(cs.levels) // 8)], inline=True, fontsize=7,
                       fmt="%.3g")
         fig.colorbar(cs, ax=ax, label=label if clipped is None else f"{label} (clipped)")
+    elif z.count():  # one value everywhere: no level to draw, say it on the plane itself
+        ax.text(0.5, 0.5, f"{field} {float(z.compressed()[0]):.6g} at every computed point",
+                transform=ax.transAxes, ha="center", va="center", fontsize=9, color="0.3")
     ax.plot([0.0], [0.0], marker="+", color="k", ms=9, ls="none", label="center")
-    legend = _mark_points(ax, surf, field)
+    legend = _mark_points(ax, surf, field, log)
     path = _trajectory(surf, trajectory)
     if path is not None and len(path):
         ax.plot(path[:, 0], path[:, 1], color="C3", lw=1.2, marker=".", ms=4, label="trajectory")
@@ -342,7 +402,7 @@ def surface3d(
     field: str = "loss",
     *,
     name: str | None = None,
-    log: bool = False,
+    log: bool | None = None,
     vmax: float | str | None = AUTO,
     elev: float = 35.0,
     azim: float = -60.0,
@@ -350,12 +410,14 @@ def surface3d(
 ) -> Figure:
     """A 2-D surface as a 3-D plot (``meshgrid(x, y)``, so x stays the first axis).
 
-    ``vmax`` clips large values, as in :func:`contour` (default ``"auto"``).
+    ``vmax`` clips large values and ``log`` draws log10, as in :func:`contour` (defaults
+    ``"auto"`` and None).
     """
     surf = load_surface(surface, name)
     if surf.ndim != 2:
         raise ValueError(f"surface3d: surface {surf.name!r} is 1-D; use curve")
     assert surf.y is not None
+    log = _log_scale(surf, field, log, vmax)
     z, clipped = _drawn(surf, field, log, vmax)
     X, Y = np.meshgrid(surf.x, surf.y)  # (ny, nx), like z
     fig = Figure(figsize=figsize, layout="constrained")

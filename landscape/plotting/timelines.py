@@ -90,7 +90,7 @@ largest is at least this many times the smallest: a ratio that climbs from 0.02 
 a loss that explodes, stay legible (on a linear axis their early rise is a flat line)."""
 
 
-def _spans_decades(values: np.ndarray) -> bool:
+def spans_decades(values: np.ndarray) -> bool:
     """Whether ``values`` are positive and span :data:`AUTO_LOG_RANGE` (``log=None``)."""
     finite = values[np.isfinite(values)]
     return bool(finite.size > 1 and (finite > 0).all()
@@ -243,7 +243,7 @@ def _plot_field(
                             label=f"{field} min-max ({flat.shape[1]})")
             _draw_series(ax, steps, med, f"{field} median", 1.2)
     marked = _mark_nonfinite(ax, steps, values)
-    if len(steps) and (log or (log is None and _spans_decades(values))):
+    if len(steps) and (log or (log is None and spans_decades(values))):
         _set_log_scale(ax, values)
     ax.set_ylabel(field)
     ax.grid(True, alpha=0.3)

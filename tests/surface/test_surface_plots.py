@@ -269,3 +269,51 @@ def test_plots_read_surfaces_from_run_files(tmp_path):
     fig = plots.contour(path, name="a")
     assert fig.axes[0].get_xlim() == (0.0, 2.0)
     assert s.shape == (2, 3)
+
+
+def _basin(offset=0.01):
+    """A trained model's plane: a smooth bowl from ``offset`` at (0.3, -0.2) to ~70."""
+    x = np.linspace(-1.0, 1.0, 21)
+    X, Y = np.meshgrid(x, x)
+    loss = offset + 70 * ((X - 0.3) ** 2 + (Y + 0.2) ** 2) ** 1.5 / 2.5
+    return SurfaceData("plane", x, x, {"loss": loss}, np.ones((21, 21), bool),
+                       {"directions": {"kind": "random", "normalization": "filter"}}, {})
+
+
+def test_a_basin_decades_below_the_rim_is_drawn_on_a_log_scale_by_default():
+    """Linear levels 0, 2.5, 5, ... left everything below the chance loss one blank region
+    (surfaces audit: a digits CNN from 0.0096 to 69, no level under 2.3)."""
+    surf = _basin()
+    assert plots.outlier_fence(surf.values["loss"]) is None  # nothing to clip: a bowl
+    fig = plots.contour(surf)
+    assert fig.axes[0].get_title().startswith("plane: log10 loss")
+    assert (_levels(fig) < np.log10(2.3)).sum() >= 10  # the basin has levels of its own
+    for linear in (plots.contour(surf, log=False), plots.contour(surf, vmax=None),
+                   plots.contour(_basin(offset=-0.5))):  # told, to scale, or not positive
+        assert linear.axes[0].get_title().startswith("plane: loss")
+    assert plots.curve(SurfaceData("l", surf.x, None, {"loss": surf.values["loss"][10]},
+                                   np.ones(21, bool), {})).axes[0].get_title() \
+        .startswith("l: log10 loss")
+    # the minimum is marked where it is, off the centre
+    (star,) = [ln for ln in fig.axes[0].get_lines() if ln.get_label() == "minimum (0.01)"]
+    assert (star.get_xdata()[0], star.get_ydata()[0]) == pytest.approx((0.3, -0.2))
+
+
+def test_values_at_or_below_zero_on_a_log_scale_are_counted_and_marked():
+    """log10 left the whole basin of an offset loss blank without a word."""
+    surf = _basin(offset=-0.5)
+    fig = plots.contour(surf, log=True)
+    below = int((surf.values["loss"] <= 0).sum())
+    assert f"{below} at or below 0, left out of the log scale" in fig.axes[0].get_title()
+    marks = {ln.get_label(): ln for ln in fig.axes[0].get_lines()}
+    assert len(marks["≤ 0 (not on the log scale)"].get_xdata()) == below
+
+
+def test_a_constant_surface_says_so():
+    """A dead network's plane (one loss everywhere) was an empty frame without a word."""
+    surf = _surface(f=lambda X, Y: 15.17 + 0.0 * X)
+    fig = plots.contour(surf)
+    ax = fig.axes[0]
+    assert "constant: loss 15.17 at every point" in ax.get_title()
+    assert any("15.17 at every computed point" in t.get_text() for t in ax.texts)
+    assert "minimum" not in str([ln.get_label() for ln in ax.get_lines()])
