@@ -155,7 +155,13 @@ def plot(
                                f"format: -o {target.with_suffix('.' + fmt).name}")
     rules = load_rule_specs(rule_specs, recompute)
     if target.suffix.lower() == ".vtk" and not to_directory:
-        _write_vtk(run_path, surface_name, target, field, log, quiet)
+        ctx = click.get_current_context()
+        for option, name in (("--3d", "three_d"), ("--levels", "levels"), ("--dpi", "dpi")):
+            if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE:
+                raise click.UsageError(f"{option} does not apply to a .vtk file (a grid of "
+                                       "heights, not an image)")
+        _write_vtk(run_path, surface_name, target, field, bool(log),
+                   {None: "auto", "none": None}.get(vmax, vmax), quiet)
         return
     with run_file_errors(run_path), Run.open(run_path) as run:
         try:
@@ -198,7 +204,7 @@ def plot(
 
 
 def _write_vtk(run_path: str, surface_name: str | None, target: Path, field: str | None,
-               log: bool, quiet: bool) -> None:
+               log: bool, zmax: float | str | None, quiet: bool) -> None:
     """``-o NAME.vtk``: the surface as a VTK structured grid for ParaView (export_vtk)."""
     if not surface_name:
         raise click.UsageError("a .vtk file holds a surface: add --surface NAME")
@@ -206,7 +212,8 @@ def _write_vtk(run_path: str, surface_name: str | None, target: Path, field: str
         raise click.ClickException(f"{target}: directory {target.parent} does not exist")
     with Run.open(run_path) as run:
         try:
-            path = export_vtk(run.surface(surface_name), target, field or "loss", log=log)
+            path = export_vtk(run.surface(surface_name), target, field or "loss", log=log,
+                              zmax=zmax)
         except (KeyError, ValueError) as err:
             raise click.ClickException(_message(err)) from None
     if not quiet:

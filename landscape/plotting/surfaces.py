@@ -444,14 +444,16 @@ def export_vtk(
     *,
     name: str | None = None,
     log: bool = False,
-    zmax: float | None = None,
+    zmax: float | str | None = AUTO,
     height: bool = True,
 ) -> Path:
     """Write a surface as a legacy ASCII VTK structured grid (opens in ParaView).
 
     Points are ``(x_i, y_j, z)`` with ``x`` varying fastest (VTK's order), ``z`` the value
-    (``height=False``: 0, a flat sheet); ``zmax`` clips the height, points not computed sit at
-    the largest finite height. Every stored field is attached as point data, so ParaView can
+    (``height=False``: 0, a flat sheet); ``zmax`` clips the height as ``vmax`` clips the
+    plots (a number, ``"auto"``, the default: at :func:`outlier_fence` when a diverged
+    region lies far beyond the rest, or None), points not computed sit at the largest
+    finite height. Every stored field is attached as point data, so ParaView can
     colour by loss or accuracy; no NaN is written (not every VTK reader parses it): values
     not computed or not finite take the field's largest finite value, and the ``computed``
     array (1/0: evaluated) and the ``finite`` array (1/0: ``field``'s value is a number, 0
@@ -459,7 +461,7 @@ def export_vtk(
     (``DIMENSIONS nx 1 1``).
     """
     surf = load_surface(surface, name)
-    z = _values(surf, field, log, zmax)
+    z, _ = _drawn(surf, field, log, zmax)
     ys = surf.y if surf.y is not None else np.zeros(1)
     Z = z.reshape(len(ys), len(surf.x))
     finite = Z[np.isfinite(Z)]

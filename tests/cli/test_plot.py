@@ -5,6 +5,7 @@ from __future__ import annotations
 import types
 
 import numpy as np
+import pytest
 from landscape_cli.main import cli
 from matplotlib.figure import Figure
 
@@ -210,6 +211,32 @@ def test_plot_writes_a_surface_as_vtk(runner, tmp_path):
     assert text.startswith("# vtk DataFile") and "SCALARS computed int 1" in text
     usage_error(runner.invoke(cli, ["plot", str(run), "-o", str(tmp_path / "t.vtk")]),
                  "a .vtk file holds a surface: add --surface NAME")
+
+
+def test_a_vtk_file_takes_vmax_and_refuses_the_image_options(runner, tmp_path):
+    """--vmax, --3d, --levels and --dpi were ignored without a word for a .vtk file: the
+    heights reached 69 under --vmax 3 (surfaces audit)."""
+    path = tmp_path / "r.h5"
+    x = np.linspace(-1, 1, 5)
+    with RunWriter(path) as w:
+        w.create_surface("plane", x, x)
+        for j in range(5):
+            for i in range(5):
+                w.write_surface("plane", (j, i), {"loss": 0.1 + x[i] ** 2 + x[j] ** 2})
+    out = tmp_path / "s.vtk"
+
+    def heights():
+        lines = out.read_text().splitlines()
+        start = next(k for k, ln in enumerate(lines) if ln.startswith("POINTS")) + 1
+        return [float(ln.split()[2]) for ln in lines[start:start + 25]]
+
+    base = ["plot", str(path), "--surface", "plane", "-o", str(out), "-q"]
+    assert runner.invoke(cli, base).exit_code == 0
+    assert max(heights()) == pytest.approx(2.1)
+    assert runner.invoke(cli, [*base, "--vmax", "1"]).exit_code == 0
+    assert max(heights()) == pytest.approx(1.0)
+    for option in (["--3d"], ["--levels", "4"], ["--dpi", "300"]):
+        usage_error(runner.invoke(cli, [*base, *option]), option[0], "does not apply to a .vtk")
 
 
 def test_plot_clips_and_levels_a_surface_on_the_command_line(runner, tmp_path):
