@@ -38,7 +38,7 @@ def info(run_path: str, as_json: bool) -> None:
     click.echo(f"  checkpoints: {summary['checkpoints']}")
     click.echo(f"  surfaces: {len(summary['surfaces'])}")
     for name, s in summary["surfaces"].items():
-        shape = "x".join(map(str, s["shape"]))
+        shape = "x".join(map(str, s["shape"][::-1]))  # x by y, as `surface` prints it
         click.echo(
             f"    {name}: {shape} grid, {s['computed']}/{s['total']} points computed; "
             f"fields: {', '.join(s['fields'])}"

@@ -132,6 +132,7 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
     common = {"writer": out, "name": label, "progress": not quiet}
     if closure is not None:  # dict batches: the grid calls closure(model, batch)
         loss_fn, common["closure"] = closure, True
+    complete_before = not (overwrite or replace) and _complete(out, label)
     try:
         with discard_if_empty(out), interruptible():
             if overwrite:
@@ -171,8 +172,27 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
     if not quiet:
         shape = "x".join(str(n) for n in loss.shape[::-1])  # nx x ny
         nan = f", {loss.size - finite.size} not finite" if finite.size < loss.size else ""
-        click.echo(f"wrote surface {label!r} ({shape} points, loss {finite.min():.4g} to "
-                   f"{finite.max():.4g}{nan}) to {out}")
+        values = (f"loss {finite.min():.6g} at every point" if finite.min() == finite.max()
+                  else f"loss {finite.min():.4g} to {finite.max():.4g}")
+        what = f"({shape} points, {values}{nan})"
+        if complete_before:
+            click.echo(f"surface {label!r} in {out} was complete already {what}: nothing "
+                       "computed (--replace computes it again)")
+        else:
+            click.echo(f"wrote surface {label!r} {what} to {out}")
+
+
+def _complete(out: str, label: str) -> bool:
+    """Whether the run file ``out`` holds surface ``label`` with every point computed."""
+    if not os.path.isfile(out):
+        return False
+    try:
+        from landscape.store import Run
+
+        with Run.open(out) as run:
+            return label in run.surfaces() and bool(run.surface(label).done.all())
+    except Exception:  # not a run file yet: the command's own checks say so
+        return False
 
 
 def _stored_points(out: str, label: str) -> str:

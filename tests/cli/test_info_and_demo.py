@@ -38,7 +38,7 @@ def test_info_lists_metrics_fields_steps_findings_and_surfaces(runner, tmp_path)
     assert "hessian: 3 rows, steps 10..30, schedule every(10)" in out
     assert "top float64[5]" in out and "trace float64" in out
     assert "findings: 1" in out
-    assert "plane: 3x4 grid, 1/12 points computed" in out
+    assert "plane: 4x3 grid, 1/12 points computed" in out  # x by y: `surface` said 4x3
     assert '"lr": 0.5' in out
 
     as_json = runner.invoke(cli, ["info", str(path), "--json"])

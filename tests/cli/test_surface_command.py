@@ -262,3 +262,19 @@ def test_replace_computes_one_surface_again_and_keeps_the_rest(setup, tmp_path):
         assert run.surface("keep").values["loss"].shape == (3, 3)
     both = _run([*base, "--replace", "--overwrite"])
     assert both.exit_code == 2 and "do not go together" in both.stderr
+
+
+def test_a_finished_surface_run_again_says_nothing_was_computed(setup, tmp_path):
+    """It printed 'wrote surface ...' though every point was read back from the file."""
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    out = tmp_path / "run.h5"
+    args = ["surface", str(paths[-1]), "--model", f"{fac}:model", "--data", f"{fac}:data",
+            "--steps", "3", "-o", str(out)]
+    first = _run(args)
+    assert first.exit_code == 0 and "wrote surface 'random' (3x3 points" in first.stdout
+    again = _run(args)
+    assert again.exit_code == 0, again.output
+    assert again.stdout.startswith(f"surface 'random' in {out} was complete already (3x3 "
+                                   "points, loss ")
+    assert "nothing computed (--replace computes it again)" in again.stdout
