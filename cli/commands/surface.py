@@ -102,11 +102,15 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
         n_batches, trust_checkpoint, device, threads)
     model = opened.model
     data = batches[0] if len(batches) == 1 else batches
-    # an interpolation needs no steps: net18_init.pt net18_final.pt go in the given order
-    ckpts = [c for _, c in order_checkpoints(
-        opened.checkpoints, given_order_if_unknown=directions == "interpolate")]
+    if directions == "interpolate" and len(checkpoints) == 2 == len(opened.checkpoints):
+        ckpts = list(opened.checkpoints)  # alpha = 0 is the first given, whatever its step
+    else:  # (an interpolation needs no steps: net18_init.pt net18_final.pt as given)
+        ckpts = [c for _, c in order_checkpoints(
+            opened.checkpoints, given_order_if_unknown=directions == "interpolate")]
     if directions == "interpolate" and len(ckpts) != 2:
-        raise LandscapeError("--directions interpolate needs exactly two checkpoints")
+        twice = len(checkpoints) == 2 and len(ckpts) == 1
+        raise LandscapeError("--directions interpolate needs exactly two checkpoints" + (
+            ": the two given are one checkpoint" if twice else ""))
     if directions == "pca" and len(ckpts) < 3:
         raise LandscapeError("--directions pca needs at least three checkpoints (a trajectory)")
     states = []  # as loaded: wrapper prefixes (module., model.) removed, tied weights restored

@@ -278,3 +278,30 @@ def test_a_finished_surface_run_again_says_nothing_was_computed(setup, tmp_path)
     assert again.stdout.startswith(f"surface 'random' in {out} was complete already (3x3 "
                                    "points, loss ")
     assert "nothing computed (--replace computes it again)" in again.stdout
+
+
+def test_an_interpolation_runs_from_the_first_checkpoint_given_to_the_second(setup, tmp_path):
+    """ckpt-late ckpt-early was put in step order without a word (alpha = 0 at the early
+    one); the same file given twice said 'needs exactly two checkpoints'."""
+    root, paths, ns = setup
+    fac = root / "factories.py"
+    common = ["--model", f"{fac}:model", "--data", f"{fac}:data", "--directions",
+              "interpolate", "--steps", "3", "-q"]
+    out = tmp_path / "back.h5"
+    result = _run(["surface", str(paths[-1]), str(paths[0]), *common, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    x, y = ns["data"]()
+    want = []
+    for path in (paths[-1], paths[0]):
+        model = ns["model"]()
+        model.load_state_dict(torch.load(path))
+        with torch.no_grad():
+            want.append(float(torch.nn.functional.cross_entropy(model(x), y)))
+    with ls.Run.open(out) as run:
+        surf = run.surface("interpolate")
+    got = dict(zip(surf.x.tolist(), surf.values["loss"].tolist()))
+    assert got[0.0] == pytest.approx(want[0], rel=1e-5)
+    assert got[1.0] == pytest.approx(want[1], rel=1e-5)
+    twice = _run(["surface", str(paths[0]), str(paths[0]), *common, "-o",
+                  str(tmp_path / "t.h5")])
+    assert twice.exit_code == 1 and "the two given are one checkpoint" in twice.stderr
