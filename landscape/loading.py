@@ -716,6 +716,11 @@ def as_batches(data: Any) -> list[Any]:
     if isinstance(data, nn.Module):
         raise LandscapeError(f"the data factory returned a {type(data).__name__}, a "
                              "torch.nn.Module (does --data name the model factory?)")
+    if isinstance(data, (str, bytes, os.PathLike)):  # iterable, but of characters
+        raise LandscapeError(
+            f"data: the data factory returned a {type(data).__name__} ({str(data)[:40]!r}), "
+            "not batches: return a batch (inputs, targets) or an iterable of them (a "
+            "DataLoader); to read a token file, use --tokens")
     if isinstance(data, (tuple, list)) and data and all(
             isinstance(t, torch.Tensor) for t in data):
         raise LandscapeError(

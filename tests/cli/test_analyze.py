@@ -158,6 +158,7 @@ def test_analyze_accepts_a_loader_and_file_name_steps(setup, tmp_path):
         ("pickled", "--trust-checkpoint"),
         ("model_as_data", "does --data name the model factory?"),  # was "got Sequential"
         ("three_tensors", "returned 3 tensors; a batch is (inputs, targets)"),  # "got Tensor"
+        ("string_data", "returned a str ('data/train.txt'), not batches"),  # "batch=(x, y)"
         ("meta_model", "built its parameters on the meta device"),  # was a traceback
         ("meta_device", "device 'meta': tensors there hold no values"),  # was a traceback
     ],
@@ -203,6 +204,9 @@ def test_bad_input_gives_one_line_and_nonzero_exit(setup, tmp_path, kind, match)
         data = f"{fac}:model"
     elif kind == "three_tensors":
         data = f"{fac}:weighted"
+    elif kind == "string_data":  # was read as batches of characters: "pass batch=(x, y)"
+        (tmp_path / "strings.py").write_text("def data():\n    return 'data/train.txt'\n")
+        data = f"{tmp_path / 'strings.py'}:data"
     elif kind == "meta_model":
         model = f"{fac}:meta_model"
     elif kind == "pickled":
