@@ -210,7 +210,7 @@ def _title(surf: SurfaceData, field: str, log: bool, clipped: float | None = Non
     raw = _values(surf, field, False, None)
     finite = raw[np.isfinite(raw)]
     if finite.size > 1 and float(finite.min()) == float(finite.max()):
-        notes.append(f"constant: {field} {float(finite[0]):.6g} at every point")
+        notes.append(f"constant: {field} {float(finite[0]):.6g} at every computed point")
     clip = _clip_note(surf, field, log, clipped)
     if clip:
         notes.append(clip)
@@ -233,7 +233,8 @@ def _mark_points(ax, surf: SurfaceData, field: str, log: bool) -> bool:
     X, Y = np.meshgrid(surf.x, surf.y)
     marked = False
     raw = np.where(surf.done, np.asarray(surf.values[field], dtype=np.float64), np.nan)
-    if np.isfinite(raw).sum() > 1 and np.nanmin(raw) < np.nanmax(raw):
+    # the minimum of a loss (of an accuracy, the worst point: not marked)
+    if field != "accuracy" and np.isfinite(raw).sum() > 1 and np.nanmin(raw) < np.nanmax(raw):
         j, i = np.unravel_index(int(np.nanargmin(raw)), raw.shape)
         if (surf.x[i], surf.y[j]) != (0.0, 0.0):  # the centre's "+" is drawn anyway
             ax.plot(X[j, i], Y[j, i], ls="none", marker="*", ms=11, color="w", mec="k",

@@ -314,6 +314,6 @@ def test_a_constant_surface_says_so():
     surf = _surface(f=lambda X, Y: 15.17 + 0.0 * X)
     fig = plots.contour(surf)
     ax = fig.axes[0]
-    assert "constant: loss 15.17 at every point" in ax.get_title()
+    assert "constant: loss 15.17 at every computed point" in ax.get_title()
     assert any("15.17 at every computed point" in t.get_text() for t in ax.texts)
     assert "minimum" not in str([ln.get_label() for ln in ax.get_lines()])
