@@ -133,7 +133,12 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
                            if k in trained or not c.partial})
             c.release()
     label = name or directions
-    common = {"writer": out, "name": label, "progress": not quiet}
+    # where the surface comes from, for the figure of a paper: `info` and the report show it
+    used = ckpts if directions in _FIXED_GRID else ckpts[-1:]
+    source = {"checkpoints": [str(c.path) for c in used], "model": model_spec,
+              "data": data_spec or tokens or text, "loss": loss_spec}
+    common = {"writer": out, "name": label, "progress": not quiet,
+              "attrs": {"source": {k: v for k, v in source.items() if v is not None}}}
     if closure is not None:  # dict batches: the grid calls closure(model, batch)
         loss_fn, common["closure"] = closure, True
     complete_before = not (overwrite or replace) and _complete(out, label)

@@ -489,6 +489,7 @@ class Run:
                 "fields": list(data.values),
                 "computed": int(data.done.sum()),
                 "total": int(data.done.size),
+                **({"source": data.attrs["source"]} if "source" in data.attrs else {}),
             }
         attrs = self.attrs
         return {

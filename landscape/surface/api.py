@@ -296,6 +296,7 @@ def trajectory_plane(
     else:
         _say_foreign_buffers(model, center)
     attrs = {
+        **dict(kwargs.pop("attrs", None) or {}),
         "explained_variance": [float(v) for v in pca.explained_variance],
         "explained_variance_ratio": [float(v) for v in pca.explained_variance_ratio],
         "singular_values": [float(v) for v in pca.singular_values],

@@ -305,3 +305,22 @@ def test_an_interpolation_runs_from_the_first_checkpoint_given_to_the_second(set
     twice = _run(["surface", str(paths[0]), str(paths[0]), *common, "-o",
                   str(tmp_path / "t.h5")])
     assert twice.exit_code == 1 and "the two given are one checkpoint" in twice.stderr
+
+
+def test_a_surface_records_what_it_was_computed_from_and_info_shows_it(setup, tmp_path):
+    """Only fingerprints were stored: no checkpoint, data or loss a paper's figure could cite."""
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    out = tmp_path / "run.h5"
+    for extra in ([str(paths[-1])], [str(paths[0]), str(paths[-1]), "--directions",
+                                      "interpolate", "--name", "line"]):
+        result = _run(["surface", *extra, "--model", f"{fac}:model", "--data", f"{fac}:data",
+                       "--steps", "3", "-o", str(out), "-q"])
+        assert result.exit_code == 0, result.output
+    with ls.Run.open(out) as run:
+        assert run.surface("random").attrs["source"] == {
+            "checkpoints": [str(paths[-1])], "model": f"{fac}:model", "data": f"{fac}:data"}
+        assert run.surface("line").attrs["source"]["checkpoints"] == [str(paths[0]),
+                                                                     str(paths[-1])]
+    info = _run(["info", str(out)])
+    assert f"      from {paths[-1]} (model {fac}:model, data {fac}:data)" in info.stdout
