@@ -21,23 +21,9 @@ from landscape._sums import NORM_CHUNK, tensor_norms  # noqa: F401 (re-exported)
 Vector = tuple[torch.Tensor, ...]
 
 
-def trainable_named_parameters(
-    model: nn.Module, include: Iterable[str] | None = None
-) -> dict[str, nn.Parameter]:
-    """Named parameters with ``requires_grad=True`` in registration order.
-
-    ``include`` restricts to the given names (an exact subset); unknown names raise
-    ``ValueError``.
-    """
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if include is None:
-        return named
-    wanted = list(include)
-    unknown = [n for n in wanted if n not in named]
-    if unknown:
-        raise ValueError(f"unknown or frozen parameter names: {', '.join(unknown)}")
-    keep = set(wanted)
-    return {n: p for n, p in named.items() if n in keep}
+def trainable_named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Named parameters with ``requires_grad=True`` in registration order."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 def refuse_complex(named: Mapping[str, torch.Tensor]) -> None:
@@ -117,19 +103,9 @@ def difference(u: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> Vector:
     return tuple(torch._foreach_sub(list(u), list(v)))
 
 
-def add(u: Sequence[torch.Tensor], v: Sequence[torch.Tensor], alpha: float = 1.0) -> Vector:
-    """U + alpha * v."""
-    return tuple(a + alpha * b for a, b in zip(u, v))
-
-
 def scale(v: Sequence[torch.Tensor], alpha: float | torch.Tensor) -> Vector:
     """Alpha * v."""
     return tuple(alpha * a for a in v)
-
-
-def zeros_like(v: Sequence[torch.Tensor]) -> Vector:
-    """Return a zero vector with the shapes, dtypes and devices of ``v``."""
-    return tuple(torch.zeros_like(a) for a in v)
 
 
 def flatten(v: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -148,18 +124,6 @@ def unflatten(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> Vector:
     if flat.numel() != sum(sizes):
         raise ValueError(f"flat vector has {flat.numel()} entries, expected {sum(sizes)}")
     return tuple(piece.reshape(a.shape) for piece, a in zip(torch.split(flat, sizes), like))
-
-
-def rademacher_like(v: Sequence[torch.Tensor], generator: torch.Generator | None = None) -> Vector:
-    """Independent ±1 entries with the shapes, dtype and device of ``v``.
-
-    Drawn on the CPU from ``generator`` so results do not depend on the device.
-    """
-    out = []
-    for a in v:
-        bits = torch.randint(0, 2, a.shape, generator=generator, dtype=torch.int8)
-        out.append((bits.to(a.dtype) * 2 - 1).to(a.device))
-    return tuple(out)
 
 
 def gaussian_like(v: Sequence[torch.Tensor], generator: torch.Generator | None = None) -> Vector:

@@ -9,7 +9,13 @@ import math
 
 import pytest
 
-from landscape.alarms import EarlyWarning, early_warning, loss_milestones, rule_leads
+from landscape.alarms import (
+    EarlyWarning,
+    early_warning,
+    loss_milestones,
+    rule_leads,
+    warning_leads,
+)
 from landscape.demo import ramp_lr
 from landscape.findings import Finding
 
@@ -53,6 +59,24 @@ def test_early_warning_lead_and_false_alarms():
         "10x at step 70: 3 steps of warning before the loss moved, 8 before it exploded")
     assert rule_leads(findings, 60, w.explosion) == {"taylor_forecast": 8, "loss_spike": 4}
     assert rule_leads(findings, 60, None) == {"taylor_forecast": None, "loss_spike": None}
+
+
+def test_warning_leads_reads_a_run_file_as_early_warning_reads_losses(tmp_path):
+    """Untested, it took its baseline from 20 steps where every other lead uses 50: a loss
+    that fell 10-fold in the 20 steps before the ramp put its explosion 3 steps early."""
+    from landscape.store import RunWriter
+
+    losses = [1.0] * 40 + [0.1] * 20 + [0.1] * 5 + [2.0] * 3 + [40.0]
+    findings = [_finding(61, "taylor_forecast"), _finding(66, "loss_spike")]
+    path = tmp_path / "run.h5"
+    with RunWriter(path) as w:
+        w.declare("loss", {"value": None})
+        for step, loss in enumerate(losses):
+            w.append("loss", step, {"value": loss})
+    explosion, leads = warning_leads(path, findings, after=60)
+    want = early_warning(losses, findings, 60)
+    assert want.baseline == 1.0 and want.explosion == 68  # 2.0 was 20x the 20-step median
+    assert (explosion, leads) == (want.explosion, rule_leads(findings, 60, want.explosion))
 
 
 def test_early_warning_describes_what_is_missing():

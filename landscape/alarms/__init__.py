@@ -34,7 +34,7 @@ Modules:
 * :mod:`~landscape.alarms.online`: :class:`OnlineAlarms`, :func:`check`, :data:`RULES`,
   :func:`default_rules`, and with your own rules :func:`with_rules`;
 * :mod:`~landscape.alarms.leads`: :func:`early_warning`, :func:`rule_leads`,
-  :func:`warning_leads`: how far ahead the warnings came (the demo, the examples).
+  :func:`warning_leads`: how far ahead the warnings came (the demo, the benchmarks).
 
 The thresholds and their sources are documented on each rule and in ``docs/alarms.md``.
 """

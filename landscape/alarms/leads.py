@@ -213,16 +213,14 @@ def rule_leads(findings: Iterable[Finding], start: int,
     return leads
 
 
-
-
 def warning_leads(
     run: Any, findings: Iterable[Finding], *, after: int, factor: float = 10.0
 ) -> tuple[int | None, dict[str, int | None]]:
     """How many steps each rule warned before the loss blew up.
 
     The blow-up step is the first step ``>= after`` whose training loss exceeds ``factor``
-    times the median loss of the 20 recorded steps before ``after`` (or is not finite).
-    Used by the demo and the early-warning example.
+    times the median loss of the ``BASELINE_WINDOW`` (50) recorded steps before ``after``
+    (or is not finite): the explosion of :func:`early_warning`, read from a run file.
 
     Args:
         run: a ``Run``, a ``RunWriter`` or a path to a run file with a ``loss`` metric.
@@ -236,7 +234,7 @@ def warning_leads(
         ``after`` (``None`` when it fired only after the blow-up, or there was none).
     """
     steps, values = _as_run(run).series("loss", "value")
-    before = values[(steps < after)][-20:]
+    before = values[(steps < after)][-BASELINE_WINDOW:]
     baseline = float(np.median(before)) if len(before) else math.nan
     blowup = None
     for s, v in zip(steps, values):

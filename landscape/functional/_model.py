@@ -76,6 +76,3 @@ def vec_norm(v: Mapping[str, torch.Tensor]) -> torch.Tensor:
         total = total + (t.double() ** 2).sum().cpu()
     return torch.sqrt(total)
 
-
-def identity(x: Any) -> Any:
-    return x
