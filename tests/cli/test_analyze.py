@@ -159,6 +159,10 @@ def test_analyze_accepts_a_loader_and_file_name_steps(setup, tmp_path):
         ("model_as_data", "does --data name the model factory?"),  # was "got Sequential"
         ("three_tensors", "returned 3 tensors; a batch is (inputs, targets)"),  # "got Tensor"
         ("string_data", "returned a str ('data/train.txt'), not batches"),  # "batch=(x, y)"
+        ("no_colon", "expected 'package.module:name' or 'file.py:name'"),
+        ("import_raises", "failed: boom at import"),
+        ("not_callable", "is not callable"),
+        ("state_dict_without_model", "--model is needed for these checkpoints"),
         ("meta_model", "built its parameters on the meta device"),  # was a traceback
         ("meta_device", "device 'meta': tensors there hold no values"),  # was a traceback
     ],
@@ -207,6 +211,18 @@ def test_bad_input_gives_one_line_and_nonzero_exit(setup, tmp_path, kind, match)
     elif kind == "string_data":  # was read as batches of characters: "pass batch=(x, y)"
         (tmp_path / "strings.py").write_text("def data():\n    return 'data/train.txt'\n")
         data = f"{tmp_path / 'strings.py'}:data"
+    elif kind == "no_colon":
+        model = "make_model"
+    elif kind == "import_raises":
+        (tmp_path / "boom.py").write_text("raise RuntimeError('boom at import')\n")
+        model = f"{tmp_path / 'boom.py'}:model"
+    elif kind == "not_callable":
+        (tmp_path / "consts.py").write_text("MODEL = 3\n")
+        model = f"{tmp_path / 'consts.py'}:MODEL"
+    elif kind == "state_dict_without_model":  # the most common first mistake
+        plain = tmp_path / "c-1.pt"
+        torch.save(torch.load(paths[0])["model"], plain)
+        ckpt = str(plain)
     elif kind == "meta_model":
         model = f"{fac}:meta_model"
     elif kind == "pickled":
@@ -216,7 +232,8 @@ def test_bad_input_gives_one_line_and_nonzero_exit(setup, tmp_path, kind, match)
     loss = ["--loss", "nosuch"] if kind == "unknown_loss" else []
     if kind == "meta_device":
         loss = ["--device", "meta"]
-    result = _invoke(["analyze", ckpt, "--model", model, "--data", data, *loss, "-o",
+    given = [] if kind == "state_dict_without_model" else ["--model", model]
+    result = _invoke(["analyze", ckpt, *given, "--data", data, *loss, "-o",
                       str(tmp_path / "r.h5"), "-q"])
     assert result.exit_code != 0
     assert "Traceback" not in result.output

@@ -442,3 +442,23 @@ def test_a_checkpoint_named_twice_is_analyzed_once(fac, tmp_path):
                                       "-q", "-o", str(tmp_path / "r.h5")])
     assert result.exit_code == 0, result.output
     assert list(ls.Run.open(tmp_path / "r.h5").steps("top_eigenvalues")) == [3]
+
+
+def test_lightning_files_whose_class_cannot_be_imported_or_that_hold_no_weights(fac, tmp_path):
+    """Run outside the training project, a .ckpt's recorded class does not import: untested
+    until the coverage audit, as was a .ckpt without a state_dict."""
+    fac_path, ns = fac
+    state = {f"model.{k}": v for k, v in ns["model"]().state_dict().items()}
+    recorded = tmp_path / "epoch=1-step=10.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": {"_class_path": "no_such_pkg.Lit"}},
+               recorded)
+    empty = tmp_path / "epoch=2-step=20.ckpt"
+    torch.save({"epoch": 2}, empty)
+    for path, match in ((recorded, "cannot import the recorded class 'no_such_pkg.Lit'"),
+                        (empty, "not a Lightning checkpoint (no 'state_dict' entry)")):
+        result = CliRunner().invoke(cli, ["analyze", str(path), "--data", f"{fac_path}:data",
+                                          "-o", str(tmp_path / "r.h5"), "-q"])
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        errors = [ln for ln in result.stderr.splitlines() if ln.startswith("Error: ")]
+        assert len(errors) == 1 and match in errors[0], result.stderr
+        assert not (tmp_path / "r.h5").exists()

@@ -7,7 +7,7 @@ import pytest
 
 from landscape import RunFileError, StepOrderError
 from landscape.findings import Finding
-from landscape.store import FORMAT_VERSION
+from landscape.store import FORMAT_VERSION, RunWriter
 
 
 def test_round_trip_of_metrics_findings_checkpoints_and_surfaces(writer_factory):
@@ -147,3 +147,22 @@ def test_the_summary_reads_each_metrics_first_and_last_step_only(writer_factory,
     assert (summary["findings"], summary["checkpoints"]) == (1, 1)
     assert read and max(read) == 1
     w.close()
+
+
+def test_a_closed_writer_and_bad_settings_are_one_clear_error(tmp_path):
+    """Untested until the coverage audit: writing after close() and bad constructor values."""
+    w = RunWriter.memory()
+    w.declare("a", {"v": None})
+    w.close()
+    for late in (lambda: w.append("a", 0, {"v": 1.0}), lambda: w.create_surface("s", [0.0]),
+                 w.flush):
+        with pytest.raises(RunFileError, match="the run writer is closed"):
+            late()
+    with pytest.raises(RunFileError, match="is a directory, expected a run file"):
+        RunWriter(tmp_path)
+    for kwargs, match in (({"mode": "z"}, "mode must be 'a', 'w' or 'x'"),
+                          ({"flush_every": 0}, "flush_every must be >= 1"),
+                          ({"on_disk_full": "explode"}, "on_disk_full must be 'raise' or")):
+        with pytest.raises(ValueError, match=match):
+            RunWriter(tmp_path / "x.h5", **kwargs)
+    assert not (tmp_path / "x.h5").exists()

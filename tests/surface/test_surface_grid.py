@@ -489,3 +489,21 @@ def test_eigen_directions_use_the_grids_closure_and_mode():
                          directions="eigen", closure=True, progress=False)
     assert tuple_closure.values["loss"][1] == pytest.approx(
         float(F.cross_entropy(model(x), y)), rel=1e-6)
+
+
+def test_directions_given_as_an_object_or_vectors_give_the_random_plane():
+    """Documented, untested until the coverage audit: directions= other than a name."""
+    model = models.mlp()
+    x, y = models.classification_data()
+    want = plane(model, _ce, (x, y), steps=3, seed=4, progress=False)
+    dirs = random_directions(model, 2, seed=4)
+    by_object = plane(model, _ce, (x, y), steps=3, directions=dirs, progress=False)
+    by_vectors = plane(model, _ce, (x, y), steps=3, directions=list(dirs.vectors),
+                       progress=False)
+    for got in (by_object, by_vectors):
+        np.testing.assert_allclose(got.values["loss"], want.values["loss"], rtol=1e-12)
+    with pytest.raises(ValueError, match="1 given, 2 needed"):
+        plane(model, _ce, (x, y), steps=3, directions=random_directions(model, 1),
+              progress=False)
+    with pytest.raises(ValueError, match="must be 'random', 'eigen' or vectors"):
+        plane(model, _ce, (x, y), steps=3, directions="pca", progress=False)
