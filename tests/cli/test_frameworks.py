@@ -468,3 +468,25 @@ def test_a_lightning_module_passing_its_batch_to_a_hugging_face_model_is_unwrapp
     module = LitForward()
     net, prefix = inner_module(module)
     assert net is module.model and prefix == "model."
+
+
+def test_a_sharded_folder_and_pt_token_ids_give_the_numbers_of_the_whole_one(stack, tmp_path):
+    """Untested until the coverage audit: the shards large save_pretrained folders are
+    written in, and token ids in a .pt file (documented beside .npy)."""
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(stack["pretrained"]).save_pretrained(
+        sharded, max_shard_size=20_000)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    torch.save(torch.from_numpy(np.load(stack["root"] / "ids.npy")), tmp_path / "ids.pt")
+    values = []
+    for folder, ids in ((stack["pretrained"], stack["root"] / "ids.npy"),
+                        (sharded, tmp_path / "ids.pt")):
+        out = tmp_path / f"{folder.name}.h5"
+        result = _invoke(["analyze", folder, "--tokens", ids, *LM, "-m", "top_eigenvalues",
+                          "-k", 1, "-o", out, "-q"])
+        assert result.exit_code == 0, result.output
+        with ls.Run.open(out) as run:
+            values.append(run.series("top_eigenvalues", "eigenvalues")[1][-1])
+    np.testing.assert_allclose(values[1], values[0], rtol=1e-6)
