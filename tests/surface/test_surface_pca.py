@@ -242,3 +242,31 @@ def test_recorded_weights_with_a_fresh_models_statistics_are_warned_about():
         warnings.simplefilter("error")
         trajectory_plane(plain, F.cross_entropy, (x, y), np.random.default_rng(0).normal(
             size=(4, 18)), steps=3, progress=False)
+
+
+def test_wrapped_checkpoints_and_modules_give_the_plane_of_plain_state_dicts(tmp_path):
+    """Untested until the coverage audit: {"state_dict": ...} files (Lightning's layout),
+    modules without model=, and state dicts without it (refused, naming model=)."""
+    model, (x, y) = models.mlp(), models.classification_data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    plain, wrapped, modules = [], [], []
+    for e in range(4):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        plain.append(tmp_path / f"p{e}.pt")
+        torch.save(model.state_dict(), plain[-1])
+        wrapped.append(tmp_path / f"w{e}.pt")
+        torch.save({"state_dict": model.state_dict(), "epoch": e}, wrapped[-1])
+        modules.append(models.mlp())
+        modules[-1].load_state_dict(model.state_dict())
+    a = trajectory_plane(models.mlp(seed=3), F.cross_entropy, (x, y), plain, steps=3,
+                         progress=False)
+    b = trajectory_plane(models.mlp(seed=3), F.cross_entropy, (x, y), wrapped, steps=3,
+                         progress=False)
+    np.testing.assert_allclose(b.values["loss"], a.values["loss"], rtol=1e-12)
+    np.testing.assert_allclose(b.arrays["trajectory"], a.arrays["trajectory"], rtol=1e-12)
+    np.testing.assert_allclose(pca_directions(modules).path, a.arrays["trajectory"],
+                               rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="needs model= to pick the trainable parameters"):
+        pca_directions([torch.load(p) for p in plain])
