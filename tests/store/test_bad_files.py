@@ -199,3 +199,38 @@ def test_hdf5_errors_give_the_systems_words():
     assert _h5_reason(raw) == "Operation not permitted"
     assert _h5_reason(OSError("Unable to open file (file signature not found)")) == (
         "file signature not found")
+
+
+def _column_shorter_than_its_steps(f):
+    f["metrics/loss/value"].resize(1, axis=0)
+
+
+def _surface_as_a_dataset(f):
+    del f["surfaces/s"]
+    f["surfaces"].create_dataset("s", data=np.zeros(3))
+
+
+@pytest.mark.parametrize(("damage", "match"), [
+    (lambda f: f.attrs.__setitem__("format_version", "x"), "invalid format version 'x'"),
+    (lambda f: f.attrs.__setitem__("format_version", 0), "invalid format version 0"),
+    (lambda f: f["metrics/loss"].attrs.__delitem__("fields"),
+     "table 'metrics/loss' (no fields attribute)"),
+    (_column_shorter_than_its_steps,
+     "table 'metrics/loss' (field 'value' has fewer rows than its steps)"),
+    (_surface_as_a_dataset, "surface 's' (not a group)"),
+])
+def test_a_damaged_version_table_or_surface_is_a_run_file_error(tmp_path, damage, match):
+    """Untested until the coverage audit; each was a one-line RunFileError already."""
+    path = tmp_path / "run.h5"
+    with RunWriter(path) as w:
+        w.declare("loss", {"value": None})
+        for s in range(4):
+            w.append("loss", s, {"value": float(s)})
+        w.create_surface("s", np.linspace(-1, 1, 3))
+        w.write_surface("s", 0, {"loss": 1.0})
+    with h5py.File(path, "a") as f:
+        damage(f)
+    with pytest.raises(RunFileError, match=match.replace("(", r"\(").replace(")", r"\)")):
+        with Run.open(path) as run:
+            run.series("loss", "value")
+            run.surface("s")
