@@ -125,7 +125,8 @@ def surface_figure(
         A matplotlib figure.
 
     Raises:
-        ValueError: an unknown field, or ``three_d`` or ``levels`` on a 1-D surface.
+        ValueError: an unknown field, ``three_d`` or ``levels`` on a 1-D surface, or
+            ``levels`` with ``three_d``.
     """
     plots = _surface_plots
     if field is None:
@@ -141,6 +142,9 @@ def surface_figure(
                 raise ValueError(f"{name}: surface {surface.name!r} is 1-D; it applies to 2-D")
         return _as_figure(plots.curve(surface, field, log=log, vmax=vmax))
     if three_d:
+        if levels is not None:  # a 3-D view has no contour levels: not ignored in silence
+            raise ValueError("levels: a 3-D view draws no contour levels; leave out three_d "
+                             "for a contour map")
         return _as_figure(plots.surface3d(surface, field, log=log, vmax=vmax))
     shape = {} if levels is None else {"levels": levels}
     return _as_figure(plots.contour(surface, field, log=log, vmax=vmax, **shape))

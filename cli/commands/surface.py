@@ -160,14 +160,15 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
                 surf = surface.trajectory_plane(model, loss_fn, data,
                                                 states, steps, **common)
             else:
-                kind = "eigen" if directions == "eigen" else "random"
+                # the library's name of the kind: one it does not know is its error, never
+                # a random plane stored under another kind's name
                 scaling = {"normalization": normalization, "ignore": ignore}
                 if dims == 1:
-                    surf = surface.line(model, loss_fn, data, steps, span, directions=kind,
-                                        seed=seed, **scaling, **common)
+                    surf = surface.line(model, loss_fn, data, steps, span,
+                                        directions=directions, seed=seed, **scaling, **common)
                 else:
-                    surf = surface.plane(model, loss_fn, data, steps, span, directions=kind,
-                                         seed=seed, **scaling, **common)
+                    surf = surface.plane(model, loss_fn, data, steps, span,
+                                         directions=directions, seed=seed, **scaling, **common)
     except KeyboardInterrupt as err:  # as analyze: what is stored, and how to go on
         starts_over = "--overwrite" if overwrite else "--replace" if replace else None
         raise interrupted(err, _stored_points(out, label), starts_over) from None

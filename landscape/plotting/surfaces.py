@@ -190,7 +190,9 @@ def _labels(surf: SurfaceData) -> tuple[str, str]:
     if kind == "interpolation":
         return "α  (0: θ_a, 1: θ_b)", ""
     norm = d.get("normalization", "none")
-    suffix = f", {norm}-normalized" if norm not in ("none", None) else ""
+    what = [] if kind in ("random", "custom") else [f"{kind} direction"]  # a kind of its own
+    what += [f"{norm}-normalized"] if norm not in ("none", None) else []
+    suffix = "".join(f", {w}" for w in what)
     return f"α  (along δ{suffix})", f"β  (along η{suffix})"
 
 

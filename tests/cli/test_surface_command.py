@@ -42,6 +42,9 @@ def test_surface_kinds(setup, tmp_path, directions, dims, n_ckpt, shape):
     else:
         assert surf.values["loss"].shape == shape
     assert bool(surf.done.all())
+    # the kind asked for, not a random plane under its name
+    assert surf.attrs["directions"]["kind"] == {"interpolate": "interpolation"}.get(
+        directions, directions)
     if directions in ("random", "eigen"):
         # the grid centre is the checkpoint itself
         model = ns["model"]()

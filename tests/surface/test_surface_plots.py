@@ -317,3 +317,14 @@ def test_a_constant_surface_says_so():
     assert "constant: loss 15.17 at every computed point" in ax.get_title()
     assert any("15.17 at every computed point" in t.get_text() for t in ax.texts)
     assert "minimum" not in str([ln.get_label() for ln in ax.get_lines()])
+
+
+def test_a_kind_the_labels_do_not_know_is_named_not_drawn_as_random():
+    """A new kind of direction was labelled as a filter-normalized random one (newcomer
+    audit): the axes now name it."""
+    surf = _surface()
+    surf.attrs["directions"] = {"kind": "gradient", "normalization": "filter"}
+    assert plots._labels(surf) == ("α  (along δ, gradient direction, filter-normalized)",
+                                   "β  (along η, gradient direction, filter-normalized)")
+    surf.attrs["directions"] = {"kind": "random", "normalization": "filter"}
+    assert plots._labels(surf)[0] == "α  (along δ, filter-normalized)"
