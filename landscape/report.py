@@ -52,6 +52,7 @@ from landscape.plotting.timelines import (
     timelines,
 )
 from landscape.store import FieldSpec, Run, SurfaceData, refuse_to_overwrite_hdf5
+from landscape.store.reader import surface_source
 
 # --------------------------------------------------------------------------- findings
 
@@ -370,7 +371,7 @@ def _timelines_html(run: Run, findings: Sequence[Finding], log: bool | None,
     return out
 
 
-def _surfaces_html(run: Run, dpi: int) -> list[str]:
+def _surfaces_html(run: Run, dpi: int, log: bool | None = None) -> list[str]:
     names = run.surfaces()
     if not names:
         return []
@@ -380,16 +381,17 @@ def _surfaces_html(run: Run, dpi: int) -> list[str]:
         kind = "curve" if surface.ndim == 1 else "contour map"
         field = "loss" if "loss" in surface.values else next(iter(surface.values))
         try:
-            fig = surface_figure(surface, field=field)
+            fig = surface_figure(surface, field=field, log=log)
         except Exception as err:  # one broken plot must not lose the rest of the report
             out.append(f'<p class="note">Surface {_e(name)}: could not be plotted ({_e(err)}).</p>')
             continue
         done = int(surface.done.sum())
+        origin = surface_source(surface.attrs.get("source"))
         img = _img(figure_png(fig, dpi=dpi), f"surface {name}")
         out.append(
             f'<figure id="surface-{_e(name)}">{img}'
             f"<figcaption>{_e(name)}: {kind} of {_e(field)}, {done} of {surface.done.size} "
-            "points computed."
+            "points computed" + (f"; from {_e(origin)}" if origin else "") + "."
             "</figcaption></figure>"
         )
         _release(fig)
@@ -408,8 +410,9 @@ def render_report(
     """The report of ``run`` as one HTML document (a string).
 
     ``findings``: the findings to list and mark (default :func:`collect_findings`).
-    ``log``: logarithmic y axes on the timelines (``None``, the default: where a field's
-    positive values span two decades, :func:`landscape.plotting.timelines.timeline`).
+    ``log``: logarithmic y axes on the timelines and log10 of the surfaces (``None``, the
+    default: where a field's positive values span two decades,
+    :func:`landscape.plotting.timelines.timeline`, :func:`~landscape.plotting.surfaces.contour`).
     ``dpi``: resolution of the images.
     """
     if dpi < 10:
@@ -438,7 +441,7 @@ def render_report(
     parts += _summary_html(summary, counts)
     parts += _findings_html(found)
     parts += _timelines_html(run, found, log, dpi)
-    parts += _surfaces_html(run, dpi)
+    parts += _surfaces_html(run, dpi, log)
     config = json.dumps(summary["config"], indent=2, sort_keys=True, default=str,
                         ensure_ascii=False)  # the page is UTF-8: "édge", not "\u00e9dge"
     parts.append(f'<section id="config"><h2>Configuration</h2><pre>{_e(config)}</pre></section>')

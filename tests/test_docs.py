@@ -64,6 +64,24 @@ def test_every_option_of_a_command_is_in_its_synopsis_in_cli_md(command):
         assert any(re.search(rf"{re.escape(n)}\b", row) for n in names), (command, names)
 
 
+@pytest.mark.parametrize("command", sorted(cli.list_commands(None)))
+def test_the_choices_a_synopsis_lists_are_the_options_choices(command):
+    """Only option names were checked: a choice left out of a row (or one that no longer
+    exists) passed (newcomer audit)."""
+    import click
+
+    row = _synopsis(command).replace("\\|", "|")
+    ctx = click.Context(cli)
+    for param in cli.get_command(ctx, command).params:
+        if not isinstance(param, click.Option) or not isinstance(param.type, click.Choice):
+            continue
+        for name in param.opts:
+            listed = re.search(rf"{re.escape(name)} ([\w.-]+(?:\|[\w.-]+)+)", row)
+            if listed:
+                assert set(listed.group(1).split("|")) == {str(c) for c in param.type.choices}, (
+                    command, name, listed.group(1))
+
+
 def _documented_signature(text: str) -> list[tuple[str, str, object]]:
     """``(name, kind, default)`` of each parameter of ``Name(params)`` as a page writes it."""
     import ast

@@ -43,9 +43,5 @@ def info(run_path: str, as_json: bool) -> None:
             f"    {name}: {shape} grid, {s['computed']}/{s['total']} points computed; "
             f"fields: {', '.join(s['fields'])}"
         )
-        source = s.get("source") or {}
-        if source.get("checkpoints"):  # written by `landscape surface`
-            given = ", ".join(f"{k} {source[k]}" for k in ("model", "data", "loss")
-                              if source.get(k))
-            click.echo(f"      from {', '.join(source['checkpoints'])}"
-                       + (f" ({given})" if given else ""))
+        if s.get("from"):  # what it was computed from (landscape surface records it)
+            click.echo(f"      from {s['from']}")

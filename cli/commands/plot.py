@@ -62,6 +62,11 @@ _OPTION_OF = {"three_d: ": "--3d: ", "field: ": "--field: ", "path: ": "-o: ",
               "vmax: ": "--vmax: ", "levels: ": "--levels: "}
 
 
+def _clip(vmax: float | str | None) -> float | str | None:
+    """``--vmax`` as the library takes it: not given is ``"auto"``, ``none`` is None."""
+    return {None: "auto", "none": None}.get(vmax, vmax)  # type: ignore[arg-type]
+
+
 def _message(err: Exception) -> str:
     text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
     for argument, option in _OPTION_OF.items():
@@ -92,7 +97,8 @@ def _message(err: Exception) -> str:
 @click.option("--log/--linear", default=None,
               help="Logarithmic (symmetric-log around zero) or linear y axes on every "
                    "timeline, log10 of a surface's values (default: logarithmic where a "
-                   "field's positive values span two decades or more).")
+                   "field's positive values span two decades or more; a .vtk file's heights "
+                   "linear).")
 @recompute_option("Mark")
 @click.option(
     "-o", "--out", "out", required=True, type=click.Path(),
@@ -160,8 +166,7 @@ def plot(
             if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE:
                 raise click.UsageError(f"{option} does not apply to a .vtk file (a grid of "
                                        "heights, not an image)")
-        _write_vtk(run_path, surface_name, target, field, bool(log),
-                   {None: "auto", "none": None}.get(vmax, vmax), quiet)
+        _write_vtk(run_path, surface_name, target, field, bool(log), _clip(vmax), quiet)
         return
     with run_file_errors(run_path), Run.open(run_path) as run:
         try:
@@ -170,7 +175,7 @@ def plot(
                 figures = {
                     surface_name: surface_figure(
                         surface, three_d=three_d, field=field, log=log, levels=levels,
-                        vmax={None: "auto", "none": None}.get(vmax, vmax))
+                        vmax=_clip(vmax))
                 }
             else:
                 figures = _run_figures(run, metrics, to_directory, log, recompute, rules,

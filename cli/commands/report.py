@@ -31,8 +31,9 @@ from landscape.store import Run
 )
 @click.option("--title", help="Title of the report (default: from the run's file name).")
 @click.option("--log/--linear", default=None,
-              help="Logarithmic (or linear) y axes on every timeline (default: logarithmic "
-                   "where a field's positive values span two decades or more).")
+              help="Logarithmic (or linear) y axes on every timeline, log10 of the surfaces "
+                   "(default: logarithmic where a field's positive values span two decades "
+                   "or more).")
 @recompute_option("List")
 @rules_option
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")

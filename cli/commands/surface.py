@@ -111,6 +111,9 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
         twice = len(checkpoints) == 2 and len(ckpts) == 1
         raise LandscapeError("--directions interpolate needs exactly two checkpoints" + (
             ": the two given are one checkpoint" if twice else ""))
+    if directions == "interpolate" and not quiet:  # a glob lists ckpt-12 before ckpt-3
+        click.echo(f"interpolating from {ckpts[0].path} (alpha 0) to {ckpts[1].path} "
+                   "(alpha 1)", err=True)
     if directions == "pca" and len(ckpts) < 3:
         raise LandscapeError("--directions pca needs at least three checkpoints (a trajectory)")
     states = []  # as loaded: wrapper prefixes (module., model.) removed, tied weights restored
@@ -133,7 +136,8 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
                            if k in trained or not c.partial})
             c.release()
     label = name or directions
-    # where the surface comes from, for the figure of a paper: `info` and the report show it
+    # where the surface comes from, for the figure of a paper: `info` and the report's
+    # caption show it
     used = ckpts if directions in _FIXED_GRID else ckpts[-1:]
     source = {"checkpoints": [str(c.path) for c in used], "model": model_spec,
               "data": data_spec or tokens or text, "loss": loss_spec}

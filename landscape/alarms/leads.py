@@ -218,8 +218,8 @@ def warning_leads(
 ) -> tuple[int | None, dict[str, int | None]]:
     """How many steps each rule warned before the loss blew up.
 
-    The blow-up step is the first step ``>= after`` whose training loss exceeds ``factor``
-    times the median loss of the ``BASELINE_WINDOW`` (50) recorded steps before ``after``
+    The blow-up step is the first step ``>= after`` whose training loss is at least
+    ``factor`` times the median loss of the ``BASELINE_WINDOW`` (50) recorded steps before ``after``
     (or is not finite): the explosion of :func:`early_warning`, read from a run file.
 
     Args:
@@ -238,7 +238,7 @@ def warning_leads(
     baseline = float(np.median(before)) if len(before) else math.nan
     blowup = None
     for s, v in zip(steps, values):
-        if s >= after and (not math.isfinite(v) or v > factor * baseline):
+        if s >= after and (not math.isfinite(v) or v >= factor * baseline):
             blowup = int(s)
             break
     return blowup, rule_leads(findings, after, blowup)

@@ -108,7 +108,9 @@ def outlier_fence(z: np.ndarray) -> float | None:
     return fence if high - low > FAR_BEYOND * (fence - low) else None
 
 
-def _log_scale(surf: SurfaceData, field: str, log: bool | None, vmax: Any) -> bool:
+def _log_scale(
+    surf: SurfaceData, field: str, log: bool | None, vmax: Any, levels: Any = None
+) -> bool:
     """``log``; for None, whether the default picture is drawn on a log10 scale.
 
     A trained model's basin sits orders of magnitude below the loss at the grid's edges
@@ -118,11 +120,13 @@ def _log_scale(surf: SurfaceData, field: str, log: bool | None, vmax: Any) -> bo
     (:func:`~landscape.plotting.timelines.spans_decades`) is drawn as log10, unless a
     diverged region lies far beyond the rest (:func:`outlier_fence`), which the linear
     picture clips instead. A value at or below zero keeps the scale linear (log10 would
-    leave it out), and so does a ``vmax`` given (a number, or None: to scale).
+    leave it out), and so do a ``vmax`` given (a number, or None: to scale), contour
+    ``levels`` given as values (in the field's units) and an accuracy (bounded by 1).
     """
     if log is not None:
         return bool(log)
-    if not (isinstance(vmax, str) and vmax == AUTO):
+    if not (isinstance(vmax, str) and vmax == AUTO) or field == "accuracy" \
+            or not isinstance(levels, (int, type(None))):
         return False
     raw = _values(surf, field, False, None)
     return outlier_fence(raw) is None and spans_decades(raw)
@@ -234,7 +238,8 @@ def _mark_points(ax, surf: SurfaceData, field: str, log: bool) -> bool:
     assert surf.y is not None
     X, Y = np.meshgrid(surf.x, surf.y)
     marked = False
-    raw = np.where(surf.done, np.asarray(surf.values[field], dtype=np.float64), np.nan)
+    raw = np.asarray(surf.values[field], dtype=np.float64)
+    raw = np.where(surf.done & np.isfinite(raw), raw, np.nan)
     # the minimum of a loss (of an accuracy, the worst point: not marked)
     if field != "accuracy" and np.isfinite(raw).sum() > 1 and np.nanmin(raw) < np.nanmax(raw):
         j, i = np.unravel_index(int(np.nanargmin(raw)), raw.shape)
@@ -356,7 +361,7 @@ def contour(
     if surf.ndim != 2:
         raise ValueError(f"contour: surface {surf.name!r} is 1-D; use curve")
     assert surf.y is not None
-    log = _log_scale(surf, field, log, vmax)
+    log = _log_scale(surf, field, log, vmax, levels)
     drawn, clipped = _drawn(surf, field, log, vmax)
     z = np.ma.masked_invalid(drawn)
     fig = Figure(figsize=figsize, layout="constrained")
@@ -371,7 +376,7 @@ def contour(
             ax.clabel(cs, cs.levels[:: max(1, len(cs.levels) // 8)], inline=True, fontsize=7,
                       fmt="%.3g")
         fig.colorbar(cs, ax=ax, label=label if clipped is None else f"{label} (clipped)")
-    elif z.count():  # one value everywhere: no level to draw, say it on the plane itself
+    elif z.count() and np.ptp(z.compressed()) == 0:  # one value: no level, say so there
         ax.text(0.5, 0.5, f"{field} {float(z.compressed()[0]):.6g} at every computed point",
                 transform=ax.transAxes, ha="center", va="center", fontsize=9, color="0.3")
     ax.plot([0.0], [0.0], marker="+", color="k", ms=9, ls="none", label="center")

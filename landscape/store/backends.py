@@ -573,7 +573,11 @@ class H5Backend(Backend):
         )
 
     def delete_surface(self, name):
-        """Unlink ``/surfaces/<name>`` (HDF5 reuses the space for later writes)."""
+        """Unlink ``/surfaces/<name>``.
+
+        HDF5 does not give the space back: the file keeps its size (``h5repack`` copies it
+        without the freed space), and a surface computed again after a reopen grows it.
+        """
         with self.structural():
             del self.file[SURFACES_GROUP][name]
 

@@ -12,7 +12,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import h5py
 import numpy as np
@@ -72,6 +72,28 @@ _FIRST_OPEN: dict[tuple[int, int], tuple[int, int]] = {}
 """Per file (device, inode) read afresh by :meth:`Run.open`: its size and modification time
 then (``Run._warn_if_shared_and_stale``)."""
 
+
+
+def surface_source(source: Any) -> str | None:
+    """What a surface was computed from, in words (``None``: not recorded).
+
+    ``source`` is the ``source`` attribute ``landscape surface`` writes: the checkpoints
+    (the centre; both ends of an interpolation; a PCA plane's trajectory) and the model,
+    data and loss as given. A user's own ``source`` of another form is shown as it is.
+    """
+    if source is None:
+        return None
+    if not isinstance(source, Mapping):
+        return str(source)
+    ckpts = source.get("checkpoints")
+    ckpts = [str(c) for c in ckpts] if isinstance(ckpts, (list, tuple)) else \
+        [] if ckpts is None else [str(ckpts)]
+    given = ", ".join(f"{k} {source[k]}" for k in ("model", "data", "loss")
+                      if source.get(k) is not None)
+    text = ", ".join(ckpts)
+    if given:
+        text = f"{text} ({given})" if text else given
+    return text or None
 
 class Run:
     """Read-only view of a run (an HDF5 file or an in-memory writer's data).
@@ -490,6 +512,7 @@ class Run:
                 "computed": int(data.done.sum()),
                 "total": int(data.done.size),
                 **({"source": data.attrs["source"]} if "source" in data.attrs else {}),
+                "from": surface_source(data.attrs.get("source")),
             }
         attrs = self.attrs
         return {

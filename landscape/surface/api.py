@@ -319,8 +319,10 @@ def _say_foreign_buffers(model: nn.Module, center: Mapping[str, torch.Tensor]) -
     if not buffers:
         return
     named = dict(model.named_parameters())
+    # a loose match: weights recorded in half precision round at 1e-3, a fresh model's
+    # differ by their whole size
     if all(torch.allclose(named[k].detach().to("cpu", torch.float64), v.to(torch.float64),
-                          rtol=1e-6, atol=0.0) for k, v in center.items()):
+                          rtol=1e-2, atol=1e-3) for k, v in center.items()):
         return
     shown = ", ".join(buffers[:3]) + (", ..." if len(buffers) > 3 else "")
     warnings.warn(

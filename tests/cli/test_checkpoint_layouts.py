@@ -22,6 +22,7 @@ from landscape._errors import LandscapeError
 from landscape.analysis import order_checkpoints
 from landscape.loading import Checkpoint, load_checkpoint, load_state_into, step_from_name
 from tests.cli._checkpoints import FACTORIES
+from tests.cli._results import error_line
 
 
 @pytest.fixture()
@@ -458,7 +459,5 @@ def test_lightning_files_whose_class_cannot_be_imported_or_that_hold_no_weights(
                         (empty, "not a Lightning checkpoint (no 'state_dict' entry)")):
         result = CliRunner().invoke(cli, ["analyze", str(path), "--data", f"{fac_path}:data",
                                           "-o", str(tmp_path / "r.h5"), "-q"])
-        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
-        errors = [ln for ln in result.stderr.splitlines() if ln.startswith("Error: ")]
-        assert len(errors) == 1 and match in errors[0], result.stderr
+        error_line(result, match)
         assert not (tmp_path / "r.h5").exists()

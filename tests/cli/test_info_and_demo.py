@@ -195,3 +195,23 @@ def test_a_short_demo_says_how_many_steps_its_baseline_is_the_median_of(runner, 
                                      "5", "--surface-steps", "0", "-q"])
         assert result.exit_code == 0, result.output
         assert f"(median of {window} before the ramp)" in result.output
+
+
+def test_a_surface_source_of_the_users_own_form_is_shown_not_a_traceback(runner, tmp_path):
+    """Review: info assumed `landscape surface`'s dict: a string source was a traceback, a
+    string of checkpoints came out one letter at a time."""
+    from landscape.store import RunWriter
+    from landscape.store.reader import surface_source
+
+    path = tmp_path / "run.h5"
+    with RunWriter(path) as w:
+        w.create_surface("a", np.linspace(-1, 1, 3), attrs={"source": "cifar10 resnet, seed 3"})
+        w.create_surface("b", np.linspace(-1, 1, 3), attrs={"source": {"checkpoints": "f.pt"}})
+        w.create_surface("c", np.linspace(-1, 1, 3))
+    result = runner.invoke(cli, ["info", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "      from cifar10 resnet, seed 3" in result.output
+    assert "      from f.pt\n" in result.output
+    assert result.output.count("      from ") == 2
+    assert surface_source({"checkpoints": ["a.pt", "b.pt"], "model": "f.py:m"}) == \
+        "a.pt, b.pt (model f.py:m)"

@@ -255,6 +255,9 @@ def test_replace_computes_one_surface_again_and_keeps_the_rest(setup, tmp_path):
             "-o", str(out), "-q"]
     for args in (["--steps", "5"], ["--steps", "3", "--name", "keep"]):
         assert _run([*base, *args]).exit_code == 0
+    with ls.RunWriter(out) as w:  # a metric of the run, which --replace must keep too
+        w.declare("loss", {"value": None})
+        w.append("loss", 0, {"value": 1.0})
     refused = _run([*base, "--steps", "7"])
     assert refused.exit_code == 1 and "--replace" in refused.stderr
     again = _run([*base, "--steps", "7", "--replace"])
@@ -263,6 +266,7 @@ def test_replace_computes_one_surface_again_and_keeps_the_rest(setup, tmp_path):
         assert sorted(run.surfaces()) == ["keep", "random"]
         assert run.surface("random").values["loss"].shape == (7, 7)
         assert run.surface("keep").values["loss"].shape == (3, 3)
+        assert run.series("loss", "value")[1].tolist() == [1.0]
     both = _run([*base, "--replace", "--overwrite"])
     assert both.exit_code == 2 and "do not go together" in both.stderr
 
@@ -293,6 +297,9 @@ def test_an_interpolation_runs_from_the_first_checkpoint_given_to_the_second(set
     out = tmp_path / "back.h5"
     result = _run(["surface", str(paths[-1]), str(paths[0]), *common, "-o", str(out)])
     assert result.exit_code == 0, result.output
+    loud = _run(["surface", str(paths[-1]), str(paths[0]), *common[:-1], "-o",
+                 str(tmp_path / "loud.h5")])  # not -q: the order is said (a glob's may surprise)
+    assert f"interpolating from {paths[-1]} (alpha 0) to {paths[0]} (alpha 1)" in loud.stderr
     x, y = ns["data"]()
     want = []
     for path in (paths[-1], paths[0]):
@@ -327,3 +334,6 @@ def test_a_surface_records_what_it_was_computed_from_and_info_shows_it(setup, tm
                                                                      str(paths[-1])]
     info = _run(["info", str(out)])
     assert f"      from {paths[-1]} (model {fac}:model, data {fac}:data)" in info.stdout
+    report = tmp_path / "r.html"
+    assert _run(["report", str(out), "-o", str(report), "-q"]).exit_code == 0
+    assert f"points computed; from {paths[-1]} (model {fac}:model" in report.read_text()

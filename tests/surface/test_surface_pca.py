@@ -232,6 +232,10 @@ def test_recorded_weights_with_a_fresh_models_statistics_are_warned_about():
         warnings.simplefilter("error")
         surf = trajectory_plane(model, F.cross_entropy, (x, y), weights, steps=3,
                                 progress=False)
+    with warnings.catch_warnings():  # recorded in half precision: still the same weights
+        warnings.simplefilter("error")
+        trajectory_plane(model, F.cross_entropy, (x, y), weights.astype(np.float16), steps=3,
+                         progress=False)
     model.eval()
     with torch.no_grad():
         origin = surf.values["loss"][list(surf.y).index(0.0), list(surf.x).index(0.0)]

@@ -328,3 +328,27 @@ def test_a_kind_the_labels_do_not_know_is_named_not_drawn_as_random():
                                    "β  (along η, gradient direction, filter-normalized)")
     surf.attrs["directions"] = {"kind": "random", "normalization": "filter"}
     assert plots._labels(surf)[0] == "α  (along δ, filter-normalized)"
+
+
+def test_levels_given_as_values_keep_the_scale_linear_and_few_points_are_not_constant():
+    """Review: under the default log scale, levels=[0.05, 0.5, 5, 50] were drawn as log10
+    values; three computed points of a plane read 'loss 0.9 at every computed point'."""
+    surf = _basin()
+    levels = [0.05, 0.5, 5.0, 50.0]
+    fig = plots.contour(surf, levels=levels)
+    assert fig.axes[0].get_title().startswith("plane: loss")
+    np.testing.assert_allclose(_levels(fig), levels)
+    assert plots.contour(_basin(), levels=12).axes[0].get_title().startswith("plane: log10")
+    partial = _surface(nx=5, ny=5, f=lambda X, Y: 0.5 + X**2 + Y)
+    partial.done[:] = False
+    partial.done[0, :3] = True
+    ax = plots.contour(partial).axes[0]
+    assert not ax.texts and "constant" not in ax.get_title()
+    # a non-finite point is no minimum; an accuracy spanning decades stays linear
+    inf = _basin()
+    inf.values["loss"][0, 0] = -np.inf
+    labels = [ln.get_label() for ln in plots.contour(inf).axes[0].get_lines()]
+    assert "minimum (0.01)" in labels and "minimum (-inf)" not in labels
+    acc = _basin()
+    acc.values = {"accuracy": 1e-3 + 0.99 * (acc.values["loss"] / acc.values["loss"].max())}
+    assert plots.contour(acc, "accuracy").axes[0].get_title().startswith("plane: accuracy")
