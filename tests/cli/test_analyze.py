@@ -1,5 +1,7 @@
 """`landscape analyze`: checkpoints into one run; every bad input gives one line."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -610,3 +612,36 @@ def test_token_options_beside_a_data_factory_are_a_usage_error(setup, tmp_path):
         assert result.exit_code == 2, result.output
         assert "--batch-size, --batches: for --tokens and --text data only" in result.output
         assert not (tmp_path / f"{command}.h5").exists()
+
+
+def test_the_python_analyze_checks_its_optimizer_and_says_an_unreadable_adam_state(tmp_path):
+    """Untested until the coverage audit: an optimizer analyze() does not know, Adam without
+    its saved moments, bad settings, and saved moments of another model (a NaN row and a
+    warning, never another parameter's moments)."""
+    from landscape.analysis import analyze
+
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+
+    x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+    loss = torch.nn.functional.cross_entropy
+    ckpt = tmp_path / "ckpt-1.pt"
+    torch.save(net().state_dict(), ckpt)
+    for spec, match in (({"name": "lbfgs"}, "optimizer 'lbfgs': use one of sgd, adam, adamw"),
+                        ({"name": "adam", "lr": 1e-3}, "needs its second moments"),
+                        ({"name": "sgd", "lr": -1.0}, "optimizer 'sgd': Invalid learning rate")):
+        with pytest.raises(ls.LandscapeError, match=re.escape(match)):
+            analyze([ckpt], net, (x, y), loss, tmp_path / "r.h5", metrics=["sharpness"],
+                    optimizer=spec, progress=False)
+    other = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    adam = torch.optim.Adam(other.parameters(), lr=1e-3)
+    loss(other(x), y).backward()
+    adam.step()
+    saved = tmp_path / "ckpt-2.pt"
+    torch.save({"model": net().state_dict(), "optimizer": adam.state_dict()}, saved)
+    with pytest.warns(UserWarning, match="the saved Adam state does not match the model"):
+        analyze([saved], net, (x, y), loss, tmp_path / "s.h5", metrics=["sharpness"],
+                progress=False)
+    with ls.Run.open(tmp_path / "s.h5") as run:
+        assert np.isnan(run.series("sharpness", "lambda_max")[1]).all()
