@@ -72,7 +72,7 @@ class _View:
                 lines.append(f"new metric {m}")
             seen = seen or 0
             if n < seen:
-                lines.append(f"{m}: {seen - n} rows dropped (the run restarted)")
+                lines.append(f"{m}: the run restarted ({seen} rows before, {n} now)")
                 seen = 0
             rows[m] = n
             if n > seen:

@@ -216,3 +216,24 @@ def test_watch_reads_only_what_it_prints(tmp_path, monkeypatch):
         assert view.update(run, first=True)[0].startswith("loss  step 499  (+500)  value=1")
     assert max(read) <= 1
 
+
+
+def test_a_run_started_over_is_said_and_its_new_rows_shown(tmp_path):
+    """Untested until the coverage audit: a run rewritten (mode='w') between two looks,
+    which read '7 rows dropped' for 10 rows replaced by 3."""
+    path = tmp_path / "run.h5"
+
+    def write(n):
+        with RunWriter(path, mode="w") as w:
+            w.declare("loss", {"value": None})
+            for step in range(n):
+                w.append("loss", step, {"value": float(step)})
+
+    write(10)
+    view = watch_cmd._View(())
+    with ls.Run.open(path) as run:
+        assert view.update(run, first=True) == ["loss  step 9  (+10)  value=9"]
+    write(3)
+    with ls.Run.open(path) as run:
+        assert view.update(run, first=False) == [
+            "loss: the run restarted (10 rows before, 3 now)", "loss  step 2  (+3)  value=2"]
