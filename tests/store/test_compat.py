@@ -127,3 +127,14 @@ def test_unknown_metrics_are_still_unknown(tmp_path):
         assert "taylor" not in run and "taylor_radius" not in run and 3 not in run
         with pytest.raises(KeyError, match=r"no metric 'taylor'.*top_eigenvalues"):
             run.series("taylor", "radius")
+
+
+def test_tensors_in_a_findings_extra_are_stored_as_numbers(writer_factory):
+    """A custom rule's extra may hold tensors (untested until the coverage audit)."""
+    import torch
+
+    w = writer_factory()
+    w.add_finding(Finding(3, "mine", "warning", "loss/value", 1.0, 0.5, "m",
+                          extra={"t": torch.tensor([1.0, 2.0]), "s": torch.tensor(3.0)}))
+    assert w.run().findings()[0].extra == {"t": [1.0, 2.0], "s": 3.0}
+    w.close()
