@@ -173,25 +173,34 @@ def test_project_recovers_coordinates_in_a_random_plane():
     np.testing.assert_allclose(project(points, dirs, center), coords, atol=1e-5)
 
 
+def _bn_net():
+    return nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def _bn_trajectory(steps=4):
+    """A BatchNorm MLP trained ``steps`` SGD steps: the model, its data and each step's state."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 5) * 3 + 1, torch.randint(0, 3, (64,))
+    model = _bn_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    states = []
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    return model, x, y, states
+
+
 def test_trajectory_plane_takes_the_last_checkpoints_buffers_too(tmp_path):
     """A fresh model as the architecture (as for interpolate): the centre mixed the last
     checkpoint's weights with the fresh model's BatchNorm statistics."""
-    torch.manual_seed(0)
-
-    def net():
-        return nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
-
-    x, y = torch.randn(64, 5) * 3 + 1, torch.randint(0, 3, (64,))
-    model = net()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, x, y, states = _bn_trajectory()
+    net = _bn_net
     paths = []
-    for step in range(4):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    for step, state in enumerate(states):
         paths.append(tmp_path / f"c{step}.pt")
-        torch.save(model.state_dict(), paths[-1])
+        torch.save(state, paths[-1])
     loads = []
     real_load = torch.load
 
@@ -210,21 +219,11 @@ def test_trajectory_plane_takes_the_last_checkpoints_buffers_too(tmp_path):
 def test_recorded_weights_with_a_fresh_models_statistics_are_warned_about():
     """A (T, P) array carries no BatchNorm statistics: with a fresh model the plane took
     its statistics silently, and the loss at the origin was not the last point's."""
-    torch.manual_seed(0)
-
-    def net():
-        return nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
-
-    x, y = torch.randn(64, 5) * 3 + 1, torch.randint(0, 3, (64,))
-    model = net()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    rows = []
-    for _ in range(4):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        rows.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy())
-    weights = np.stack(rows)
+    model, x, y, states = _bn_trajectory()
+    net = _bn_net
+    names = [n for n, _ in model.named_parameters()]
+    weights = np.stack([torch.cat([state[n].reshape(-1) for n in names]).numpy()
+                        for state in states])
     with pytest.warns(UserWarning, match=r"buffers of `model` \(1.running_mean, 1.running_var"):
         trajectory_plane(net(), F.cross_entropy, (x, y), weights, steps=3, progress=False)
     # the trained model, its statistics theta_n's: no warning, and the origin is its loss
