@@ -563,10 +563,15 @@ class RunWriter:
                 and list(existing.values) == list(fields)
             )
             if not same:
+                def grid(shape: tuple[int, ...], names: Sequence[str]) -> str:
+                    return f"{'x'.join(map(str, shape[::-1]))} points of {', '.join(names)}"
+
                 raise RunFileError(
                     f"surface {name!r} already exists in the run with a different grid or "
-                    "fields; choose another name (on the command line --name), or remove it "
-                    "(remove_surface; on the command line --replace)"
+                    f"fields ({grid(existing.shape, list(existing.values))} stored, "
+                    f"{grid(shape, list(fields))} asked); choose another name (on the "
+                    "command line --name), or remove it (remove_surface; on the command "
+                    "line --replace)"
                 )
             return existing
         data = SurfaceData(

@@ -74,7 +74,8 @@ def test_surface_resume_keeps_computed_points_and_rejects_a_different_grid(tmp_p
     with RunWriter(path) as w:
         surf = w.create_surface("line", np.linspace(-1, 1, 5))
         assert list(surf.done) == [True, False, False, True, False]
-        with pytest.raises(RunFileError, match="different grid"):
+        with pytest.raises(RunFileError, match=r"different grid or fields \(5 points of loss "
+                                                r"stored, 7 points of loss asked\)"):
             w.create_surface("line", np.linspace(-1, 1, 7))
 
 
