@@ -130,11 +130,15 @@ def tensor_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     A sparse tensor (the gradient of ``nn.Embedding(sparse=True)``) counts by its stored
     values, duplicates summed (``coalesce``): the norm of the dense tensor it stands for.
 
+    A 16-bit tensor (bfloat16, float16) is reduced in float32 and its norm returned in
+    float32: in its own dtype a bfloat16 gradient's norm was 0.2 % off, and a float16
+    one of norm 94,868 read inf (float16 ends at 65,504).
+
     Args:
         tensors: tensors of one device (as ``torch._foreach_norm`` needs).
 
     Returns:
-        One 0-d tensor per input, in its dtype.
+        One 0-d tensor per input, in its dtype (float32 for a 16-bit one).
     """
     tensors = [_values(t) for t in tensors]
     long = [
@@ -142,18 +146,45 @@ def tensor_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if t.numel() > NORM_CHUNK and type(t) is torch.Tensor and t.dtype != torch.float64
     ]
     if not long:
-        return list(torch._foreach_norm(tensors))
+        return _foreach_norms(tensors)
     is_long = set(long)
     out: list[torch.Tensor | None] = [None] * len(tensors)
     short = [i for i in range(len(tensors)) if i not in is_long]
     if short:
-        for i, n in zip(short, torch._foreach_norm([tensors[i] for i in short])):
+        for i, n in zip(short, _foreach_norms([tensors[i] for i in short])):
             out[i] = n
     pieces = [list(tensors[i].reshape(-1).split(NORM_CHUNK)) for i in long]
-    parts = torch._foreach_norm([c for chunks in pieces for c in chunks])
+    parts = _foreach_norms([c for chunks in pieces for c in chunks])
     at = 0
     for i, chunks in zip(long, pieces):
         squares = torch.stack(parts[at : at + len(chunks)]).double().pow(2).sum()
-        out[i] = squares.sqrt().to(tensors[i].dtype)
+        out[i] = squares.sqrt().to(_norm_dtype(tensors[i].dtype))
         at += len(chunks)
     return [n for n in out if n is not None]
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a tensor's norm is computed and returned in: float32 for 16-bit floats."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def _foreach_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``torch._foreach_norm``, the 16-bit tensors among ``tensors`` reduced in float32."""
+    half = [i for i, t in enumerate(tensors) if t.dtype in _HALF]
+    if not half:
+        return list(torch._foreach_norm(list(tensors)))
+    out = list(tensors)
+    rest = [i for i in range(len(tensors)) if i not in set(half)]
+    if rest:
+        for i, n in zip(rest, torch._foreach_norm([tensors[i] for i in rest])):
+            out[i] = n
+    try:
+        wide = torch._foreach_norm([tensors[i] for i in half], 2, dtype=torch.float32)
+    except TypeError:  # a torch whose _foreach_norm takes no dtype
+        wide = [torch.linalg.vector_norm(tensors[i], dtype=torch.float32) for i in half]
+    for i, n in zip(half, wide):
+        out[i] = n
+    return out

@@ -91,7 +91,7 @@ def synthetic_blobs(
 
 def demo_model(dim: int = 32, hidden: int = 64, classes: int = 8, seed: int = 0) -> nn.Module:
     """A two-hidden-layer tanh MLP (about 7k parameters)."""
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=[]):  # a CPU model: no CUDA started for it
         torch.manual_seed(seed)
         return nn.Sequential(
             nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),

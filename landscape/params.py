@@ -51,9 +51,16 @@ def has_lazy_parameters(model: nn.Module) -> bool:
 
 
 def dot(u: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> torch.Tensor:
-    """<u, v> summed over all tensors (a 0-d tensor)."""
+    """<u, v> summed over all tensors (a 0-d tensor).
+
+    Tensors on several devices (a model split over GPUs) are summed on the host in float64:
+    a 0-d tensor of one GPU cannot be added to another's.
+    """
     if len(u) != len(v):
         raise ValueError(f"vectors have {len(u)} and {len(v)} tensors")
+    if len({a.device for a in u}) > 1:
+        return sum((torch.sum(a * b).to("cpu", torch.float64) for a, b in zip(u, v)),
+                   torch.zeros((), dtype=torch.float64))
     return sum(
         (torch.sum(a * b) for a, b in zip(u, v)),
         torch.zeros((), dtype=u[0].dtype, device=u[0].device),

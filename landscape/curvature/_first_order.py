@@ -452,7 +452,7 @@ class FirstOrder(ShiftedEvaluation):
         v = 0. The other side, ``θ - εv``, is formed with ``sign=-1`` from the same shift
         (bitwise what adding ``-εv`` gives; no negated copy of it).
         """
-        v_norm = float(torch.sqrt(sum(t.double().pow(2).sum() for t in v)))
+        v_norm = math.sqrt(_squares(v))
         if v_norm == 0.0:
             return None
         eps = ratio * step_size(self._theta_norm(), v_norm, self.compute_dtype)
@@ -478,7 +478,18 @@ class FirstOrder(ShiftedEvaluation):
                     sq = sq + p.detach().double().pow(2).sum()
             norm = float(sq.sqrt())
         else:
-            norm = float(torch.sqrt(sum(p.detach().double().pow(2).sum() for p in params)))
+            norm = math.sqrt(_squares([p.detach() for p in params]))
         self._norm = (key, norm)
         return norm
 
+
+def _squares(tensors: Sequence[torch.Tensor]) -> float:
+    """The sum of the squares of every entry of ``tensors``, in float64.
+
+    One read-back for tensors on one device; on several (a model split over GPUs, whose
+    0-d tensors cannot be added across devices) one per tensor.
+    """
+    parts = [t.double().pow(2).sum() for t in tensors]
+    if len({t.device for t in parts}) > 1:
+        return sum(float(t) for t in parts)
+    return float(sum(parts))  # in order, as the sum has always been taken

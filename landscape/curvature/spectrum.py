@@ -467,6 +467,9 @@ def smoothed_density(
     Raises:
         ValueError: a grid of fewer than 2 points.
     """
+    # on the host, in float64: nodes, weights or a grid given on a device meet here
+    nodes = nodes.detach().to("cpu", torch.float64)
+    weights = weights.detach().to("cpu", torch.float64)
     lo, hi = float(nodes.min()), float(nodes.max())
     if sigma is None:
         sigma = 0.01 * (hi - lo) if hi > lo else 1e-3 * max(1.0, abs(hi))
@@ -476,7 +479,7 @@ def smoothed_density(
             raise ValueError(f"grid must have >= 2 points, got {points}")
         grid_t = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, points, dtype=torch.float64)
     else:
-        grid_t = torch.as_tensor(grid, dtype=torch.float64).reshape(-1)
+        grid_t = torch.as_tensor(grid).detach().to("cpu", torch.float64).reshape(-1)
     return grid_t, gaussian_density(nodes, weights, grid_t, sigma), float(sigma)
 
 

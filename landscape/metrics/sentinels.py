@@ -709,8 +709,13 @@ class Sentinels(Metric):
             return {}
         per_step, per_base = ctx.tensor_norms("update"), ctx.tensor_norms("params_before")
         if per_step is None or per_base is None:  # mixed devices or dtypes, sharded tensors
-            norms = torch.stack(tensor_norms(
-                [ctx.update[i] for i in idx] + [ctx.params_before[i] for i in idx]))
+            tensors = [ctx.update[i] for i in idx] + [ctx.params_before[i] for i in idx]
+            if len({t.device for t in tensors}) > 1:  # a model split over devices: per
+                # tensor (tensor_norms fuses one device's), on the host in float64
+                norms = torch.stack([tensor_norms([t])[0].to("cpu", torch.float64)
+                                     for t in tensors])
+            else:
+                norms = torch.stack([n.double() for n in tensor_norms(tensors)])
             steps, bases = norms[: len(idx)], norms[len(idx):]
         else:  # the per-tensor norms shared with the update metric (the same values)
             at = self._index_on(per_step.device)

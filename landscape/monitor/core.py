@@ -763,8 +763,10 @@ class Monitor:
         held = [p for g in self.optimizer.param_groups for p in g["params"]
                 if id(p) not in written and p.numel()]
         with torch.no_grad():
-            first = torch.cat([_dist.local_tensor(p.detach()).reshape(-1)[:1].float()
-                               for p in held]).cpu() if held else torch.zeros(0)
+            pieces = [_dist.local_tensor(p.detach()).reshape(-1)[:1].float() for p in held]
+            if len({t.device for t in pieces}) > 1:  # a model split over devices
+                pieces = [t.cpu() for t in pieces]
+            first = torch.cat(pieces).cpu() if pieces else torch.zeros(0)
         # their bits: a NaN weight (a diverged run) is equal to itself there
         return tuple(p._version for p in held), tuple(first.view(torch.int32).tolist())
 

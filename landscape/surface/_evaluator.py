@@ -71,7 +71,8 @@ class GridData:
         # loader or an iterator may shuffle or augment)
         self.repeatable = _is_batch(data) or isinstance(data, (list, tuple))
         if _is_batch(data):
-            self.single: Any = to_device(_flat(data), device, non_blocking=True)
+            # a copy to the host must finish before a CPU forward reads it: blocking there
+            self.single: Any = to_device(_flat(data), device, non_blocking=device.type != "cpu")
             self.loader = None
             first = self.single
         else:
@@ -101,7 +102,8 @@ class GridData:
             return
         with loader_randomness_kept(self.loader):
             for batch in self.loader:
-                yield to_device(_flat(batch), self.device, non_blocking=True)
+                yield to_device(_flat(batch), self.device,
+                                non_blocking=self.device.type != "cpu")
 
 
 # --------------------------------------------------------------------------- evaluator
