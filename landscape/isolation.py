@@ -121,16 +121,40 @@ def autocast_off(device_types: Iterable[str] = AUTOCAST_DEVICES) -> Iterator[Non
     if cached:
         torch.set_autocast_cache_enabled(False)
     try:
-        if not on:
-            yield
-            return
-        with contextlib.ExitStack() as stack:
+        with full_float32(), contextlib.ExitStack() as stack:
             for device_type in on:
                 stack.enter_context(torch.autocast(device_type, enabled=False))
             yield
     finally:
         if cached:
             torch.set_autocast_cache_enabled(True)
+
+
+@contextlib.contextmanager
+def full_float32() -> Iterator[None]:
+    """TF32 off inside the block, the caller's settings restored on exit.
+
+    On Ampere and later GPUs cuDNN's convolutions use TF32 by default, and every float32
+    matrix product does after ``torch.set_float32_matmul_precision("high")``: a 10-bit
+    mantissa, about 1e-3 relative, the size of the solvers' default tolerance, so Lanczos
+    would stall at it and the micro-batch check would compare noise. The measurements run
+    in full float32 (docs/curvature.md, "Precision"); training keeps its settings.
+    """
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    conv = torch.backends.cudnn.allow_tf32
+    precision = torch.get_float32_matmul_precision()
+    changed = matmul or conv or precision != "highest"
+    if changed:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        if changed:
+            torch.set_float32_matmul_precision(precision)
+            torch.backends.cuda.matmul.allow_tf32 = matmul
+            torch.backends.cudnn.allow_tf32 = conv
 
 
 def without_autocast(fn: Callable[..., Any]) -> Callable[..., Any]:

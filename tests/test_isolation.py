@@ -273,3 +273,35 @@ def test_reading_a_loader_leaves_trainings_randomness_where_it_was(with_generato
     assert torch.equal(torch.get_rng_state(), before)
     if g is not None:
         assert torch.equal(g.get_state(), loader_before)
+
+
+def test_measurements_run_without_tf32_and_give_the_callers_settings_back():
+    """On Ampere GPUs cuDNN uses TF32 by default (1e-3 relative, the solvers' tolerance),
+    and every matmul after set_float32_matmul_precision('high') (CUDA audit): a forward
+    inside a measurement sees both off, training keeps its own settings."""
+    import torch.nn.functional as F
+
+    from landscape.curvature import Hessian
+
+    seen = []
+
+    class Probe(torch.nn.Linear):
+        def forward(self, x):
+            seen.append((torch.backends.cuda.matmul.allow_tf32,
+                         torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()))
+            return super().forward(x)
+
+    model = Probe(4, 3)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    before = (torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        op = Hessian(model, F.cross_entropy, (x, y))
+        op.matvec(tuple(torch.randn_like(p) for p in model.parameters()))
+        assert seen and all(s == (False, False, "highest") for s in seen)
+        assert torch.get_float32_matmul_precision() == "high"
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(before[1])
+        torch.backends.cudnn.allow_tf32 = before[0]

@@ -277,6 +277,18 @@ class _NormBeforeClipping:
         self._handles, self._norms, self._watched = [], {}, set()
 
 
+def _on_device_of(batch: Any, module: nn.Module) -> bool:
+    """Whether ``batch``'s first tensor is on the device of ``module``'s first parameter.
+
+    True when either has none (nothing to tell apart).
+    """
+    from landscape.capture import first_tensor
+
+    tensor = first_tensor(batch)
+    param = next(module.parameters(), None)
+    return tensor is None or param is None or tensor.device == param.device
+
+
 def _clips_in_one_process(args: Any) -> bool:
     """Whether the Trainer clips ``.grad`` in one process (the hooks see it whole).
 
@@ -528,21 +540,27 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         # (also without a loss: label smoothing pops the labels, the model returns none)
         self._token_normalised = kwargs.get("num_items_in_batch") is not None
         if kwargs:
-            self._batch = {k: v for k, v in kwargs.items() if k not in _NOT_BATCH}
+            batch = {k: v for k, v in kwargs.items() if k not in _NOT_BATCH}
         elif len(args) == 1:
-            self._batch = args[0]
+            batch = args[0]
         else:  # model(a, b): no batch to keep, and its samples are not known
             self._samples = None
             return
         with self._count_lock:  # DataParallel runs this hook in one thread per replica
-            self._samples = add_samples(self._samples, self._batch)  # every micro-batch
+            self._samples = add_samples(self._samples, batch)  # every micro-batch
+            # DataParallel's replicas share this hook: the batch kept is the slice on the
+            # device of the monitored model, which the batch metrics call
+            watched = getattr(self.monitor, "model", None) or module
+            if self._batch is None or _on_device_of(batch, watched):
+                self._batch = batch
 
     def _step_loss(self) -> Any:
         given = bool(self._explicit_losses)
         values = self._explicit_losses if given else self._losses
         if not values:
             return None
-        losses = torch.stack([v.detach().double().mean() for v in values])
+        # (on one device: DataParallel's replicas return theirs on their own GPUs)
+        losses = torch.stack([v.detach().double().mean().to(values[0].device) for v in values])
         share = self._explicit_share if given else None
         if self._token_normalised if share is None else share:
             return losses.sum() * self._world  # each: its token-loss sum / the step's tokens
