@@ -723,6 +723,29 @@ def sdpa_math() -> Iterator[None]:
         yield
 
 
+def _cuda_recurrent(model: nn.Module) -> bool:
+    """Whether ``model`` holds a recurrent layer (``nn.RNNBase``) with CUDA weights."""
+    return any(isinstance(m, nn.RNNBase) and any(p.is_cuda for p in m.parameters(recurse=False))
+               for m in model.modules())
+
+
+@contextlib.contextmanager
+def rnn_differentiable(model: nn.Module) -> Iterator[None]:
+    """Turn cuDNN off inside the block when ``model`` has recurrent layers on a GPU.
+
+    cuDNN's RNN kernels refuse a backward in eval mode ("cudnn RNN backward can only be
+    called in training mode") and have no double backward: a measurement that
+    differentiates an LSTM, GRU or RNN on a GPU (the curvature products, SAM, the Taylor
+    radius) runs them on the native kernels instead. Other layers keep cuDNN only where
+    the model has no recurrent layer on a GPU; on the CPU nothing changes.
+    """
+    if not _cuda_recurrent(model):
+        yield
+        return
+    with torch.backends.cudnn.flags(enabled=False):
+        yield
+
+
 def _state_for_call(
     model: nn.Module, params: Mapping[str, torch.Tensor], clone_buffers: bool, prefix: str = ""
 ) -> dict[str, torch.Tensor]:

@@ -305,3 +305,37 @@ def test_measurements_run_without_tf32_and_give_the_callers_settings_back():
     finally:
         torch.set_float32_matmul_precision(before[1])
         torch.backends.cudnn.allow_tf32 = before[0]
+
+
+def test_recurrent_layers_on_a_gpu_are_differentiated_without_cudnn(monkeypatch):
+    """cuDNN's RNN backward refuses eval mode and has no double backward (CUDA audit): the
+    curvature products of an LSTM on a GPU would all fail. Checked on the CPU through the
+    device test the context reads."""
+    import landscape.isolation as iso
+    from landscape.curvature import Hessian
+
+    lstm = nn.Sequential(nn.LSTM(3, 4, batch_first=True))
+
+    class Last(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+
+        def forward(self, x):
+            seen.append(torch.backends.cudnn.enabled)
+            return self.head(self.rnn(x)[0][:, -1])
+
+    seen = []
+    model = Last()
+    x, y = torch.randn(5, 6, 3), torch.randint(0, 2, (5,))
+    assert not iso._cuda_recurrent(lstm)  # on the CPU: nothing changes
+    op = Hessian(model, F.cross_entropy, (x, y))
+    v = tuple(torch.randn_like(p) for p in model.parameters())
+    cpu = op.matvec(v)
+    assert seen and all(seen)
+    monkeypatch.setattr(iso, "_cuda_recurrent", lambda m: any(
+        isinstance(k, nn.RNNBase) for k in m.modules()))
+    seen.clear()
+    gpu_like = Hessian(model, F.cross_entropy, (x, y)).matvec(v)  # its own forward
+    assert seen and not any(seen) and torch.backends.cudnn.enabled
+    assert all(torch.allclose(a, b) for a, b in zip(cpu, gpu_like))

@@ -15,7 +15,13 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from landscape.isolation import differentiable, isolated, on_batch_statistics, sdpa_math
+from landscape.isolation import (
+    differentiable,
+    isolated,
+    on_batch_statistics,
+    rnn_differentiable,
+    sdpa_math,
+)
 
 __all__ = ["detach_tree", "evaluation", "scalar_loss", "seed_generators", "zeros_for_none"]
 
@@ -41,7 +47,7 @@ def evaluation(
     # (not one the user froze in eval mode)
     writers = on_batch_statistics(model) if eval_mode and batch_statistics else []
     with isolated(model, eval_mode=eval_mode, batch_statistics=batch_statistics), \
-            sdpa_math(), differentiable():
+            sdpa_math(), rnn_differentiable(model), differentiable():
         if eval_mode and not writers:
             yield
             return

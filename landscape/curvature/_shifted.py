@@ -42,6 +42,7 @@ from landscape.isolation import (
     differentiable,
     isolated,
     no_grad_forward,
+    rnn_differentiable,
     same_rng,
     stateless_closure,
 )
@@ -280,7 +281,8 @@ class ShiftedEvaluation:
         buffers = [(b, b.detach().clone()) for b in op.model.buffers()] if self.sharded else []
         try:
             with isolated(op.model, eval_mode=op.options.eval_mode,
-                          batch_statistics=op.options.batch_statistics), differentiable():
+                          batch_statistics=op.options.batch_statistics), \
+                    rnn_differentiable(op.model), differentiable():
                 if not op.options.eval_mode:
                     seed_generators(op.model, op.options.seed)
                 yield

@@ -31,7 +31,7 @@ from landscape._deprecation import module_getattr
 from landscape.batches import model_call
 from landscape.functional._common import MetricResult, fail
 from landscape.functional._model import as_param_dict, detached_params
-from landscape.isolation import isolated, same_rng, stateless_call
+from landscape.isolation import isolated, rnn_differentiable, same_rng, stateless_call
 from landscape.params import ParamSpec
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -140,7 +140,8 @@ def _sharpness(
         raise ValueError("model has no trainable parameters")
     # the same noise at w and at w + eps (dropout with eval_mode=False): a difference of
     # two losses under different dropout masks would not tend to 0 with rho
-    with isolated(model, eval_mode=eval_mode), same_rng(model) as rewind:
+    with isolated(model, eval_mode=eval_mode), rnn_differentiable(model), \
+            same_rng(model) as rewind:
         loss, g = _loss_and_grad(model, loss_fn, inputs, targets, params)
         t = scales(params) if scales is not None else None
         tg = {k: g[k] * t[k] for k in g} if t is not None else g  # T g

@@ -33,7 +33,13 @@ from landscape.functional._model import (
     detached_params,
     vec_norm,
 )
-from landscape.isolation import isolated, no_grad_forward, sdpa_math, stateless_call
+from landscape.isolation import (
+    isolated,
+    no_grad_forward,
+    rnn_differentiable,
+    sdpa_math,
+    stateless_call,
+)
 
 PI = math.pi
 
@@ -258,7 +264,7 @@ def directional_logit_derivatives(
         tangent = {k: tangent[k] for k in params}
     f = logits_call(model, inputs, output_fn)
 
-    with isolated(model, eval_mode=eval_mode):
+    with isolated(model, eval_mode=eval_mode), rnn_differentiable(model):
         logits, a = logit_tangent(f, params, tangent)
     return logits.detach(), a.detach(), vec_norm(tangent).to(logits.device)
 
