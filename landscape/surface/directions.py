@@ -184,13 +184,18 @@ def normalize_direction(
             else:
                 out.append(d.clone() if normalization == "none" else w.clone())
             continue
+        # the norms and their ratio in float32 at least: in float16 the guard 1e-10 is 0,
+        # and a zero row of a direction gave 0 * inf = NaN
+        wide = torch.promote_types(d.dtype, torch.float32)
         if normalization == "filter":
             d2 = d.reshape(d.shape[0], -1)
             w2 = w.reshape(w.shape[0], -1)
-            factor = w2.norm(dim=1, keepdim=True) / (d2.norm(dim=1, keepdim=True) + _EPS)
-            out.append((d2 * factor).reshape(d.shape))
+            factor = w2.norm(dim=1, keepdim=True, dtype=wide) / (
+                d2.norm(dim=1, keepdim=True, dtype=wide) + _EPS)
+            out.append((d2 * factor).to(d.dtype).reshape(d.shape))
         elif normalization == "layer":
-            out.append(d * (w.norm() / (d.norm() + _EPS)))
+            factor = w.norm(dtype=wide) / (d.norm(dtype=wide) + _EPS)
+            out.append((d * factor).to(d.dtype))
         elif normalization == "weight":
             out.append(d * w)
         else:

@@ -230,3 +230,18 @@ def test_plane_of_eigen_directions_is_stored(monkeypatch):
                  writer=w, progress=False)
     assert surf.attrs["directions"]["kind"] == "eigen"
     np.testing.assert_allclose(surf.arrays["directions"][1], 2.0)
+
+
+def test_a_float16_direction_with_a_zero_row_stays_finite():
+    """The guard 1e-10 is 0 in float16: a zero row gave 0 * inf = NaN, and the surface was
+    refused as 'directions are not finite' (CUDA audit)."""
+    w = torch.randn(3, 4).half()
+    d = torch.randn(3, 4).half()
+    d[1] = 0
+    for how in ("filter", "layer"):
+        (out,) = normalize_direction([d], [w], how)
+        assert out.dtype == torch.float16 and torch.isfinite(out).all(), how
+        assert (out[1] == 0).all()
+    (out,) = normalize_direction([d], [w], "filter")
+    rows = out.float().norm(dim=1)
+    torch.testing.assert_close(rows[[0, 2]], w.float().norm(dim=1)[[0, 2]], rtol=2e-3, atol=0)
