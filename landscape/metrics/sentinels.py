@@ -723,12 +723,16 @@ class Sentinels(Metric):
         # a weight that was exactly zero (LoRA's B before its first step) has no relative
         # change: it is left out (its ratio read ~1e10 against a floor of 1e-12)
         # (a NaN weight keeps its NaN ratio, which the row reports)
-        ratios = torch.where(bases != 0, steps / bases.clamp_min(1e-12), torch.zeros_like(steps))
-        if not bool((bases != 0).any()):
+        nonzero = bases != 0
+        ratios = torch.where(nonzero, steps / bases.clamp_min(1e-12), torch.zeros_like(steps))
+        at = ratios.argmax()
+        # one read-back (on a GPU each float() or bool() waits for the device)
+        some, best, value = torch.stack([nonzero.any().to(ratios.dtype), at.to(ratios.dtype),
+                                         ratios[at]]).tolist()
+        if not some:
             return {}
-        best = int(ratios.argmax())
-        layer = self.layers.index(ctx.names[idx[best]])
-        return {"update_ratio": float(ratios[best]), "update_layer": float(layer)}
+        layer = self.layers.index(ctx.names[idx[int(best)]])
+        return {"update_ratio": value, "update_layer": float(layer)}
 
     def _index_on(self, device: torch.device) -> torch.Tensor:
         """The tracked tensors' positions in the parameter list, as an index on ``device``."""

@@ -219,8 +219,8 @@ class Update(Metric):
             step_norm = float(norm(ctx.update).item())
             base = float(norm(ctx.params_before).item())
         else:  # the per-tensor norms shared with the sentinels: the same values as norm()
-            step_norm = float(torch.linalg.vector_norm(per_step))
-            base = float(torch.linalg.vector_norm(per_base))
+            step_norm, base = torch.stack([torch.linalg.vector_norm(per_step),
+                                           torch.linalg.vector_norm(per_base)]).tolist()
         return {"norm": step_norm, "relative": step_norm / base if base > 0 else math.nan}
 
 
