@@ -67,6 +67,19 @@ def dot(u: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> torch.Tensor:
     )
 
 
+def read_floats(tensors: Sequence[torch.Tensor]) -> list[float]:
+    """0-d tensors as Python floats: one read-back for plain tensors of one device.
+
+    On a GPU each ``float()`` waits for the device, so plain tensors are stacked and read
+    at once (the values are the same). Tensor subclasses (the DTensor norms of an FSDP2
+    model's shards) and tensors on several devices are read one by one, as ``float()``
+    reads them.
+    """
+    if all(type(t) is torch.Tensor for t in tensors) and len({t.device for t in tensors}) == 1:
+        return torch.stack([t.reshape(()) for t in tensors]).tolist()
+    return [float(t) for t in tensors]
+
+
 def stackable(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether per-tensor results of ``tensors`` stack into one tensor.
 

@@ -47,7 +47,7 @@ from landscape.metrics.context import (
     split_batch,
     without_labels,
 )
-from landscape.params import tensor_norms, trainable_named_parameters
+from landscape.params import read_floats, tensor_norms, trainable_named_parameters
 from landscape.schedules import every
 
 __all__ = ["Sentinels", "largest_lr", "secant_ratio"]
@@ -727,8 +727,8 @@ class Sentinels(Metric):
         ratios = torch.where(nonzero, steps / bases.clamp_min(1e-12), torch.zeros_like(steps))
         at = ratios.argmax()
         # one read-back (on a GPU each float() or bool() waits for the device)
-        some, best, value = torch.stack([nonzero.any().to(ratios.dtype), at.to(ratios.dtype),
-                                         ratios[at]]).tolist()
+        some, best, value = read_floats([nonzero.any().to(ratios.dtype), at.to(ratios.dtype),
+                                         ratios[at]])
         if not some:
             return {}
         layer = self.layers.index(ctx.names[idx[int(best)]])

@@ -29,7 +29,7 @@ from landscape.metrics.context import (
     whole_dict_call,
     without_labels,
 )
-from landscape.params import norm
+from landscape.params import norm, read_floats
 from landscape.schedules import every
 
 __all__ = [
@@ -219,8 +219,8 @@ class Update(Metric):
             step_norm = float(norm(ctx.update).item())
             base = float(norm(ctx.params_before).item())
         else:  # the per-tensor norms shared with the sentinels: the same values as norm()
-            step_norm, base = torch.stack([torch.linalg.vector_norm(per_step),
-                                           torch.linalg.vector_norm(per_base)]).tolist()
+            step_norm, base = read_floats([torch.linalg.vector_norm(per_step),
+                                           torch.linalg.vector_norm(per_base)])
         return {"norm": step_norm, "relative": step_norm / base if base > 0 else math.nan}
 
 
