@@ -108,3 +108,13 @@ def test_norms_of_16_bit_tensors_are_reduced_in_float32():
     assert float(norm((bf,))) == pytest.approx(float(bf.double().norm()), rel=1e-6)
     assert float(torch._foreach_norm([bf])[0]) != pytest.approx(float(bf.double().norm()),
                                                                rel=1e-4)
+
+
+def test_read_floats_reads_plain_tensors_at_once_and_subclasses_one_by_one():
+    class Sub(torch.Tensor):
+        pass
+
+    plain = [torch.tensor(0.1, dtype=torch.float32), torch.tensor(3.0), torch.tensor(2.5)]
+    assert P.read_floats(plain) == [float(t) for t in plain]
+    mixed = [torch.tensor(1.5).as_subclass(Sub), torch.tensor(2.0)]
+    assert P.read_floats(mixed) == [1.5, 2.0]
