@@ -550,7 +550,8 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
             self._samples = add_samples(self._samples, batch)  # every micro-batch
             # DataParallel's replicas share this hook: the batch kept is the slice on the
             # device of the monitored model, which the batch metrics call
-            watched = getattr(self.monitor, "model", None) or module
+            watched = getattr(self.monitor, "model", None)
+            watched = module if watched is None else watched  # (a Sequential may be falsy)
             if self._batch is None or _on_device_of(batch, watched):
                 self._batch = batch
 
