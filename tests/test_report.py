@@ -36,6 +36,7 @@ from landscape.plotting.timelines import (
 )
 from landscape.report import collect_findings, render_report, report_path, write_report
 from landscape.store import RunWriter
+from tests.cli._runs import add_line_and_plane
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -424,14 +425,7 @@ def test_report_embeds_surface_plots_when_available(monkeypatch):
 
 
 def test_report_with_the_real_surface_plots():
-    w = _writer()
-    x, y = np.linspace(-1, 1, 7), np.linspace(-1, 1, 5)
-    w.create_surface("line", x, fields=("loss", "accuracy"), attrs={"directions": {}})
-    w.create_surface("plane", x, y)
-    for i, a in enumerate(x):
-        w.write_surface("line", i, {"loss": a * a, "accuracy": 1 - a * a / 2})
-        for j, b in enumerate(y):
-            w.write_surface("plane", (j, i), {"loss": a * a + 2 * b * b})
+    w = add_line_and_plane(_writer())
     html = render_report(w.run())
     assert "could not be plotted" not in html and "not available" not in html
     images = _images(html)

@@ -66,3 +66,15 @@ def tiny_surface():
     x = np.linspace(-1, 1, 3)
     return SurfaceData("s", x, None, {"loss": x**2}, np.ones(3, bool),
                        {"directions": {"kind": "random"}}, {})
+
+
+def add_line_and_plane(w):
+    """A 7-point line (loss x², accuracy 1 − x²/2) and a 7x5 plane (loss x² + 2y²), computed."""
+    x, y = np.linspace(-1, 1, 7), np.linspace(-1, 1, 5)
+    w.create_surface("line", x, fields=("loss", "accuracy"), attrs={"directions": {}})
+    w.create_surface("plane", x, y)
+    for i, a in enumerate(x):
+        w.write_surface("line", i, {"loss": a * a, "accuracy": 1 - a * a / 2})
+        for j, b in enumerate(y):
+            w.write_surface("plane", (j, i), {"loss": a * a + 2 * b * b})
+    return w

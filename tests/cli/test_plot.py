@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 import landscape as ls
 from landscape.store import RunWriter
 from tests.cli._results import one_line_error, usage_error
-from tests.cli._runs import PNG, bad_inputs, write_run
+from tests.cli._runs import PNG, add_line_and_plane, bad_inputs, write_run
 
 
 def test_plot_every_metric_into_a_directory(runner, run_file, tmp_path):
@@ -155,14 +155,8 @@ def test_plot_surface_uses_the_surface_plots(runner, tmp_path, monkeypatch):
 
 def test_plot_surface_with_the_real_surface_plots(runner, tmp_path):
     path = tmp_path / "surf.h5"
-    x, y = np.linspace(-1, 1, 7), np.linspace(-1, 1, 5)
     with RunWriter(path, mode="w") as w:
-        w.create_surface("line", x, fields=("loss", "accuracy"), attrs={"directions": {}})
-        w.create_surface("plane", x, y)
-        for i, a in enumerate(x):
-            w.write_surface("line", i, {"loss": a * a, "accuracy": 1 - a * a / 2})
-            for j, b in enumerate(y):
-                w.write_surface("plane", (j, i), {"loss": a * a + 2 * b * b})
+        add_line_and_plane(w)
     plot = ["plot", str(path), "--surface"]
     for args, name in (
         (["line"], "l.png"),
