@@ -8,6 +8,7 @@ import click
 from landscape_cli.app import cli, run_file_errors, verbose_option
 
 from landscape.store import FieldSpec, Run
+from landscape.store.reader import surface_source
 
 
 @cli.command(epilog="\b\nExample:\n  landscape info run.h5")
@@ -43,5 +44,6 @@ def info(run_path: str, as_json: bool) -> None:
             f"    {name}: {shape} grid, {s['computed']}/{s['total']} points computed; "
             f"fields: {', '.join(s['fields'])}"
         )
-        if s.get("from"):  # what it was computed from (landscape surface records it)
-            click.echo(f"      from {s['from']}")
+        origin = surface_source(s.get("source"))  # what `landscape surface` computed it from
+        if origin:
+            click.echo(f"      from {origin}")

@@ -125,7 +125,8 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
         n for n, _ in model.named_buffers()}
     # every checkpoint the grid uses must fit the model and give a finite loss: all of them
     # for pca and interpolate, the last (the centre) for random and eigen directions
-    for c in ckpts if directions in _FIXED_GRID else ckpts[-1:]:
+    used = ckpts if directions in _FIXED_GRID else ckpts[-1:]
+    for c in used:
         load_state_into(model, c)
         check_loss(model, loss_fn, batches, c, closure)
         if directions in _FIXED_GRID:
@@ -138,7 +139,6 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
     label = name or directions
     # where the surface comes from, for the figure of a paper: `info` and the report's
     # caption show it
-    used = ckpts if directions in _FIXED_GRID else ckpts[-1:]
     source = {"checkpoints": [str(c.path) for c in used], "model": model_spec,
               "data": data_spec or tokens or text, "loss": loss_spec}
     common = {"writer": out, "name": label, "progress": not quiet,

@@ -73,7 +73,7 @@ from landscape.curvature._step import (
 from landscape.distributed import is_sharded, local_tensor, shard_of, sharded_sum
 from landscape.findings import user_stacklevel
 from landscape.isolation import no_grad_forward, same_rng, stateless_closure
-from landscape.params import Vector
+from landscape.params import Vector, dot
 
 if TYPE_CHECKING:  # pragma: no cover
     from landscape.curvature._model_operator import ModelOperator
@@ -486,10 +486,8 @@ class FirstOrder(ShiftedEvaluation):
 def _squares(tensors: Sequence[torch.Tensor]) -> float:
     """The sum of the squares of every entry of ``tensors``, in float64.
 
-    One read-back for tensors on one device; on several (a model split over GPUs, whose
-    0-d tensors cannot be added across devices) one per tensor.
+    :func:`~landscape.params.dot` of the float64 tensors with themselves, which sums
+    tensors on several devices (a model split over GPUs) on the host.
     """
-    parts = [t.double().pow(2).sum() for t in tensors]
-    if len({t.device for t in parts}) > 1:
-        return sum(float(t) for t in parts)
-    return float(sum(parts))  # in order, as the sum has always been taken
+    wide = [t.double() for t in tensors]
+    return float(dot(wide, wide))

@@ -73,7 +73,6 @@ _FIRST_OPEN: dict[tuple[int, int], tuple[int, int]] = {}
 then (``Run._warn_if_shared_and_stale``)."""
 
 
-
 def surface_source(source: Any) -> str | None:
     """What a surface was computed from, in words (``None``: not recorded).
 
@@ -94,6 +93,7 @@ def surface_source(source: Any) -> str | None:
     if given:
         text = f"{text} ({given})" if text else given
     return text or None
+
 
 class Run:
     """Read-only view of a run (an HDF5 file or an in-memory writer's data).
@@ -512,7 +512,6 @@ class Run:
                 "computed": int(data.done.sum()),
                 "total": int(data.done.size),
                 **({"source": data.attrs["source"]} if "source" in data.attrs else {}),
-                "from": surface_source(data.attrs.get("source")),
             }
         attrs = self.attrs
         return {

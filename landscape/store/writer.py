@@ -110,6 +110,13 @@ def close_writers(path: str | os.PathLike | None = None) -> int:
     return closed
 
 
+SURFACE_ELSEWHERE = (
+    "choose another name (on the command line --name) or another run file, or remove the "
+    "stored surface (RunWriter.remove_surface; on the command line --replace)"
+)
+"""What a refusal to resume a surface of that name offers instead (the store and the grid)."""
+
+
 class RunWriter:
     """Append-only writer of a run, to an HDF5 file or (``path=None``) to memory.
 
@@ -569,9 +576,7 @@ class RunWriter:
                 raise RunFileError(
                     f"surface {name!r} already exists in the run with a different grid or "
                     f"fields ({grid(existing.shape, list(existing.values))} stored, "
-                    f"{grid(shape, list(fields))} asked); choose another name (on the "
-                    "command line --name), or remove it (remove_surface; on the command "
-                    "line --replace)"
+                    f"{grid(shape, list(fields))} asked); {SURFACE_ELSEWHERE}"
                 )
             return existing
         data = SurfaceData(

@@ -40,6 +40,7 @@ from landscape.curvature._batches import refuse_summed_loss
 from landscape.findings import user_stacklevel
 from landscape.isolation import isolated
 from landscape.store import RunWriter, SurfaceData
+from landscape.store.writer import SURFACE_ELSEWHERE
 from landscape.surface._evaluator import GridData, PointEvaluator
 from landscape.surface.directions import Directions
 
@@ -72,11 +73,6 @@ def _coords(values: Any, name: str) -> np.ndarray:
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name} must be finite")
     return arr
-
-
-ELSEWHERE = ("choose another name (on the command line --name) or another run file, or "
-             "remove the stored surface (RunWriter.remove_surface; on the command line "
-             "--replace)")
 
 
 def _same(a: Sequence[float], b: Sequence[float]) -> bool:
@@ -244,15 +240,15 @@ def evaluate_grid(
                 if not _same(old.get("center_fingerprint", []), meta["center_fingerprint"]):
                     raise LandscapeError(
                         f"surface {name!r} exists in the run around other parameters (another "
-                        f"checkpoint); {ELSEWHERE}")
+                        f"checkpoint); {SURFACE_ELSEWHERE}")
                 if not _same(old.get("direction_fingerprint", []), meta["direction_fingerprint"]):
                     raise LandscapeError(
                         f"surface {name!r} exists in the run with other directions (the same "
-                        f"seed and normalization resume it); {ELSEWHERE}")
+                        f"seed and normalization resume it); {SURFACE_ELSEWHERE}")
                 if bool(old.get("eval_mode", eval_mode)) != bool(eval_mode):
                     raise LandscapeError(
                         f"surface {name!r} exists in the run with eval_mode={old['eval_mode']}; "
-                        f"{ELSEWHERE}")
+                        f"{SURFACE_ELSEWHERE}")
                 was = old.get("center_loss")  # absent in surfaces of earlier versions
                 if was is not None and not _same_loss(float(was), meta["center_loss"]):
                     message = (f"surface {name!r} exists in the run with a loss of "
@@ -261,7 +257,7 @@ def evaluate_grid(
                         raise LandscapeError(
                             f"{message}: other data or another loss function (a loader that "
                             f"shuffles a subset or augments gives other data at each run); "
-                            f"{ELSEWHERE}")
+                            f"{SURFACE_ELSEWHERE}")
                     # a loader may shuffle or augment, so that no two passes agree
                     warnings.warn(f"landscape: {message}: other data or another loss "
                                   "function, or a loader that shuffles or augments; resuming",
