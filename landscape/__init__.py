@@ -39,6 +39,7 @@ _SUBMODULES = (
 )
 _LAZY = {
     "Monitor": ("landscape.monitor", "Monitor"),
+    "close_monitors": ("landscape.monitor", "close_monitors"),
     "check": ("landscape.alarms", "check"),
     "Hessian": ("landscape.curvature", "Hessian"),
     "GGN": ("landscape.curvature", "GGN"),
@@ -56,6 +57,7 @@ __all__ = [
     "check",
     # training loop
     "Monitor",
+    "close_monitors",
     "at",
     "every",
     "logspace",

@@ -15,6 +15,6 @@ One concept per module:
 
 from landscape.metrics.presets import MetricsLike, resolve_metrics
 from landscape.monitor.arguments import unwrap_optimizer
-from landscape.monitor.core import Monitor
+from landscape.monitor.core import Monitor, close_monitors
 
-__all__ = ["MetricsLike", "Monitor", "resolve_metrics", "unwrap_optimizer"]
+__all__ = ["MetricsLike", "Monitor", "close_monitors", "resolve_metrics", "unwrap_optimizer"]

@@ -34,6 +34,7 @@ import logging
 import math
 import time
 import warnings
+import weakref
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -85,9 +86,33 @@ from landscape.params import (
 )
 from landscape.store import Run, RunWriter
 
-__all__ = ["MetricsLike", "Monitor", "resolve_metrics", "unwrap_optimizer"]
+__all__ = ["MetricsLike", "Monitor", "close_monitors", "resolve_metrics", "unwrap_optimizer"]
 
 _log = logging.getLogger("landscape")
+
+_OPEN: weakref.WeakSet[Monitor] = weakref.WeakSet()  # started and not closed yet
+
+
+def close_monitors(model: nn.Module | None = None, *, keep: Monitor | None = None) -> int:
+    """Close the monitors this process has started and not closed: all, or ``model``'s.
+
+    For a monitor no variable holds any more: a notebook cell that builds one, run again,
+    leaves the first one open, and its optimizer hooks go on copying the weights at every
+    step (the warning of :meth:`Monitor.start`). Call it before building the new monitor,
+    or with ``keep=`` the new one.
+
+    Args:
+        model: close only the monitors of this model (None: every open monitor).
+        keep: a monitor to leave open.
+
+    Returns:
+        How many monitors were closed.
+    """
+    closing = [m for m in list(_OPEN)
+               if m is not keep and (model is None or m.model is model)]
+    for monitor in closing:
+        monitor.close()
+    return len(closing)
 
 
 def _skipped_overflow(ctx: StepContext) -> bool:
@@ -451,7 +476,32 @@ class Monitor:
             raise
         # Ctrl-C / SIGTERM: flush the file first, never in the middle of a step's rows
         self._interrupts = InterruptGuard(self.flush, self.close).install()
+        self._say_other_open_monitors()
+        _OPEN.add(self)
         return self
+
+    def _say_other_open_monitors(self) -> None:
+        """Warn when another open monitor watches this model or this optimizer.
+
+        The usual cause is a notebook cell that builds a monitor, run a second time: the
+        first monitor was never closed, so its optimizer hooks still run at every step and
+        keep a copy of the weights, and no variable may hold it any more. Two monitors of
+        one model at once are allowed (both record, neither changes training): this is a
+        warning, once, at the start of the second.
+        """
+        others = [m for m in list(_OPEN) if m is not self and (
+            m.model is self.model
+            or (self.optimizer is not None and m.optimizer is self.optimizer))]
+        if not others or not self._leads:
+            return
+        where = ", ".join(str(m.path) if m.path is not None else "in memory" for m in others)
+        warnings.warn(
+            f"landscape: {len(others)} other Monitor(s) of this model or optimizer are still "
+            f"open ({where}): never closed, e.g. a notebook cell run again? Their optimizer "
+            "hooks still run at every step and each keeps a copy of the weights. Close each "
+            "(mon.close(), or `with Monitor(...) as mon:`), or call "
+            "landscape.close_monitors(model, keep=mon)",
+            RuntimeWarning, stacklevel=user_stacklevel())
 
     def _say_resume_gap(self, last: int) -> None:
         """Warn once when a resume from a checkpoint leaves steps without rows.
@@ -558,6 +608,7 @@ class Monitor:
 
     def close(self) -> None:
         """Remove the optimizer hooks, flush and close the run file, close the mirrors."""
+        _OPEN.discard(self)
         for h in self._hooks:
             h.remove()
         self._hooks = []
@@ -771,6 +822,9 @@ class Monitor:
         return tuple(p._version for p in held), tuple(first.view(torch.int32).tolist())
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.writer is None or self.writer.closed:  # closed under it (close_writers)
+            self._before = None
+            return
         self._hooked_steps += 1
         # the rate this step takes: a scheduler stepped before the next call (Lightning's)
         # will have moved on to the next step's

@@ -1,0 +1,98 @@
+"""Monitors left open: a notebook cell that builds one, run a second time.
+
+The first monitor was never closed: its optimizer hooks run at every step and keep a copy of
+the weights. The second one says so when it starts, and ``close_monitors`` closes those no
+variable holds any more.
+"""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import landscape as ls
+from landscape.store import close_writers
+from tests import models
+
+
+def _train(model, opt, steps, mon, start=0):
+    g = torch.Generator().manual_seed(start)
+    for step in range(start, start + steps):
+        x = torch.randn(16, 6, generator=g)
+        y = torch.randint(0, 3, (16,), generator=g)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mon.step(step, batch=(x, y), loss=loss)
+
+
+def _hook_pairs(opt):
+    assert len(opt._optimizer_step_pre_hooks) == len(opt._optimizer_step_post_hooks)
+    return len(opt._optimizer_step_pre_hooks)
+
+
+def _cell(model, opt, path=None):
+    """The notebook cell: a default monitor and a few steps, never closed."""
+    mon = ls.Monitor(model, F.cross_entropy, path, optimizer=opt)
+    _train(model, opt, 3, mon)
+    return mon
+
+
+def test_a_cell_run_again_warns_and_close_monitors_keeps_the_new_one(tmp_path):
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = _cell(model, opt)
+    with pytest.warns(RuntimeWarning, match=r"1 other Monitor\(s\) of this model .* "
+                                            r"still open \(in memory\)") as caught:
+        second = _cell(model, opt, tmp_path / "second.h5")
+    assert "close_monitors(model, keep=mon)" in str(caught[0].message)
+    assert _hook_pairs(opt) == 2  # the first one's hooks still run at every step
+
+    assert ls.close_monitors(model, keep=second) == 1
+    assert first.writer.closed and not second.writer.closed and _hook_pairs(opt) == 1
+    _train(model, opt, 2, second, start=3)  # the new one goes on recording
+    assert second.run().steps("loss").tolist() == [0, 1, 2, 3, 4]
+    assert ls.close_monitors() == 1 and second.writer.closed and _hook_pairs(opt) == 0
+    assert ls.close_monitors() == 0
+
+
+def test_the_same_optimizer_on_a_wrapped_model_warns_too():
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = _cell(model, opt)
+    with pytest.warns(RuntimeWarning, match="other Monitor"):
+        _cell(torch.nn.Sequential(model), opt)  # another module object, one optimizer
+    assert ls.close_monitors() == 2 and first.writer.closed
+
+
+def test_closed_monitors_and_other_models_do_not_warn():
+    model, other = models.mlp(), models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with ls.Monitor(model, F.cross_entropy, optimizer=opt) as mon:
+        _train(model, opt, 2, mon)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with ls.Monitor(model, F.cross_entropy, optimizer=opt) as mon:  # the cell, again
+            _train(model, opt, 2, mon)
+        held = _cell(other, torch.optim.SGD(other.parameters(), lr=0.1))  # another model
+        with ls.Monitor(model, F.cross_entropy, optimizer=opt) as mon:
+            _train(model, opt, 2, mon)
+    assert ls.close_monitors(model) == 0 and ls.close_monitors(other) == 1
+    assert held.writer.closed
+
+
+def test_a_monitor_whose_file_close_writers_closed_copies_nothing(tmp_path):
+    """close_writers(path) closes the file of a monitor no variable holds: its hooks stop."""
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stale = _cell(model, opt, tmp_path / "run.h5")
+    assert close_writers(tmp_path / "run.h5") == 1
+    with pytest.warns(RuntimeWarning, match="other Monitor"):
+        fresh = _cell(model, opt, tmp_path / "run2.h5")
+    # its hook ran at the new steps and kept no copy of the weights for an update
+    assert stale._before is None
+    fresh.close()
+    stale.close()  # closing it later is harmless
+    assert _hook_pairs(opt) == 0
