@@ -12,6 +12,7 @@ A subclass writes the product hooks only: ``_func_product`` (one product on one 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import warnings
@@ -39,6 +40,12 @@ from landscape.curvature._evaluation import detach_tree, evaluation, scalar_loss
 from landscape.curvature._first_order import FirstOrder, sharded_reason
 from landscape.curvature._reduction import RankReduction
 from landscape.curvature._shifted import NoGradientError
+from landscape.curvature._symmetry import (
+    ASYMMETRY_TOLERANCE,
+    asymmetry,
+    rademacher,
+    remembered,
+)
 from landscape.curvature.base import CurvatureOperator
 from landscape.isolation import (
     differentiable,
@@ -205,6 +212,8 @@ class ModelOperator(CurvatureOperator):
                                 model=self.model)
         self._use_first_order()
         self._graph_checked = False  # the loss has a gradient graph (_check_loss_graph)
+        self._symmetry_checked: set[str] = set()  # product paths checked (_check_symmetric)
+        self._checking_symmetry = False
         self.refresh()
         cut = len(self._data.batches) > len(whole_data.batches)
         if cut or (reduce and opts.microbatch_size is not None):
@@ -269,6 +278,7 @@ class ModelOperator(CurvatureOperator):
         if self._backend.first_order and not new._backend.first_order:
             new._backend._switch(str(self._backend.first_order_reason), warn=False)
         new._reduce = RankReduction(self._reduce.enabled, self._data.rank_size)
+        new._symmetry_checked = set()
         new._use_first_order()
         new.refresh()
         return new
@@ -572,7 +582,60 @@ class ModelOperator(CurvatureOperator):
         return self._cache
 
     # -- products ------------------------------------------------------------------------
+    def _check_symmetric(self, batched: bool) -> None:
+        """Check once per model and product path that the exact product is symmetric.
+
+        Three products with fixed ±1 vectors, not counted in ``n_matvec``, the first time a
+        model's operator of this kind and parameters takes the path
+        (:mod:`landscape.curvature._symmetry`). A product that is not symmetric beyond
+        rounding differentiates through a function torch cannot differentiate twice
+        correctly: ``"auto"`` takes the first-order product, with one warning; a backend
+        asked for by name is kept, with a warning that its numbers are wrong.
+        """
+        collective = self._reduce.enabled
+        # over ranks, one check whatever path: ranks may take different local paths (a
+        # cached graph on one batch, vmap on two) within one collective call
+        path = "collective" if collective else "batched" if batched else "single"
+        if self._checking_symmetry or path in self._symmetry_checked \
+                or self._backend.first_order:
+            return
+        self._symmetry_checked.add(path)
+
+        def measure() -> float:
+            vs = [rademacher(self.shapes, self.dtype, self.device, seed) for seed in (1, 2, 3)]
+            self._checking_symmetry = True
+            try:
+                with self._reduce.deferred() if collective else contextlib.nullcontext():
+                    products = self._matmat(vs) if batched else [self._matvec(v) for v in vs]
+                if collective:  # one all-reduce in a fixed layout (none inside matmat's)
+                    products = self._reduce.products(products, len(self.shapes))
+            finally:
+                self._checking_symmetry = False
+            value = asymmetry(vs, products)
+            if collective:  # every rank decides alike
+                value = _dist.max_over_ranks(value, self.device)
+            return value
+
+        # (a collective check is remembered apart: every rank must run it, also where one
+        # rank checked the same model alone before)
+        key = (type(self).__name__, tuple(self.names), path)
+        value = remembered(self.model, key, measure)
+        if not value > ASYMMETRY_TOLERANCE.get(self.dtype, 1e-3) or self._backend.first_order:
+            return
+        reason = (f"its products are not symmetric: <u, A w> and <w, A u> differ by "
+                  f"{value:.2g} of the products' size, so the model differentiates through a "
+                  "function whose backward is not differentiable (@once_differentiable) or "
+                  "whose double backward torch computes wrongly (parametrizations.weight_norm)")
+        if self._backend.name == "auto":
+            self._backend._switch(reason)
+        else:
+            warnings.warn(
+                f"{type(self).__name__}: backend={self._backend.name!r}: {reason}; its "
+                "curvature is wrong: use backend='auto' or 'first_order' (docs/curvature.md, "
+                "'Products torch differentiates wrongly')", RuntimeWarning, stacklevel=4)
+
     def _matvec(self, v: Vector) -> Vector:
+        self._check_symmetric(batched=False)
         fast = self._fast_matvec(v)
         if fast is not None:
             return fast
@@ -598,6 +661,8 @@ class ModelOperator(CurvatureOperator):
     def _matmat(self, vs: list[Vector]) -> list[Vector]:
         if len(vs) == 1 and self._prefers_single_products():
             return [self._matvec(vs[0])]
+        if self._backend.batched_by_vmap:
+            self._check_symmetric(batched=True)
         stacked = {n: torch.stack([v[i] for v in vs]) for i, n in enumerate(self.names)}
 
         def vmapped() -> list[Vector]:

@@ -80,11 +80,11 @@ class RankReduction:
         Yields:
             Nothing.
         """
-        self._deferred = True
+        outer, self._deferred = self._deferred, True
         try:
             yield
         finally:
-            self._deferred = False
+            self._deferred = outer  # a block inside another leaves the outer one deferred
 
     def products(self, outs: list[Vector], n_tensors: int) -> list[Vector]:
         """Reduce a batch of products with one all-reduce (per dtype) in a fixed layout.

@@ -236,6 +236,14 @@ class Backend(ABC):
         """Release the storage; closing twice is harmless."""
 
 
+def _with_room(arr: np.ndarray, n: int, room: int) -> np.ndarray:
+    """A copy of ``arr``'s first ``n`` rows in an array of ``room`` rows (NaN or 0 after)."""
+    fill = np.nan if np.issubdtype(arr.dtype, np.floating) else 0
+    out = np.full((room, *arr.shape[1:]), fill, arr.dtype)
+    out[:n] = arr[:n]
+    return out
+
+
 class MemoryBackend(Backend):
     """Tables and surfaces in numpy arrays, for runs that need no file.
 
@@ -267,6 +275,7 @@ class MemoryBackend(Backend):
         self._tables[path] = {
             "fields": dict(fields),
             "attrs": dict(attrs),
+            "rows": 0,  # the arrays below hold room for more: rows [:rows] are the table's
             "step": np.zeros((0,), np.int64),
             "cols": {n: np.zeros((0, *s.shape), s.dtype) for n, s in fields.items()},
         }
@@ -281,37 +290,48 @@ class MemoryBackend(Backend):
 
     def steps(self, path, start=0, stop=None):
         """A copy of a table's steps (rows ``start`` to ``stop``)."""
-        return self._tables[path]["step"][start:stop].copy()
+        t = self._tables[path]
+        return t["step"][:t["rows"]][start:stop].copy()
 
     def rows(self, path):
         """The table's number of rows."""
-        return len(self._tables[path]["step"])
+        return self._tables[path]["rows"]
 
     def column(self, path, name, n, start=0):
         """A copy of rows ``start`` to ``n`` of a column."""
-        return self._tables[path]["cols"][name][start:n].copy()
+        t = self._tables[path]
+        return t["cols"][name][:t["rows"]][start:n].copy()
 
     def add_fields(self, path, fields):
-        """NaN columns as long as the table."""
+        """NaN columns as long as the table (and its room)."""
         t = self._tables[path]
-        n = len(t["step"])
+        room = len(t["step"])
         for name, spec in fields.items():
             t["fields"][name] = spec
-            t["cols"][name] = np.full((n, *spec.shape), np.nan, spec.dtype)
+            t["cols"][name] = np.full((room, *spec.shape), np.nan, spec.dtype)
 
     def append_rows(self, path, steps, cols):
-        """Concatenate the rows, fields before ``step``."""
+        """Write the rows into the arrays' room, doubling it when it runs out.
+
+        Amortised O(rows appended): concatenating every flush onto the table would copy
+        the whole run at every flush, a cost that grows with the run's length.
+        """
         t = self._tables[path]
+        n, k = t["rows"], len(steps)
+        if n + k > len(t["step"]):
+            room = max(n + k, 2 * len(t["step"]), 256)
+            t["step"] = _with_room(t["step"], n, room)
+            for name in t["cols"]:
+                t["cols"][name] = _with_room(t["cols"][name], n, room)
         for name, arr in cols.items():
-            t["cols"][name] = np.concatenate([t["cols"][name], arr])
-        t["step"] = np.concatenate([t["step"], steps])
+            t["cols"][name][n:n + k] = arr
+        t["step"][n:n + k] = steps
+        t["rows"] = n + k
 
     def truncate(self, path, n):
         """Keep the first ``n`` rows of every column."""
         t = self._tables[path]
-        t["step"] = t["step"][:n]
-        for name in t["cols"]:
-            t["cols"][name] = t["cols"][name][:n]
+        t["rows"] = min(n, t["rows"])
 
     def write_blob(self, name, data):
         """Keep a copy of the bytes."""

@@ -166,3 +166,40 @@ def test_a_closed_writer_and_bad_settings_are_one_clear_error(tmp_path):
         with pytest.raises(ValueError, match=match):
             RunWriter(tmp_path / "x.h5", **kwargs)
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_a_long_run_reads_back_every_row_and_the_memory_store_grows_by_doubling(
+        writer_factory, monkeypatch):
+    """Thousands of flushes, a field declared later, rows read while written.
+
+    The memory store writes into arrays with room to spare and doubles the room when it
+    runs out: a run of n flushes reallocates O(log n) times, not n times (copying the
+    whole run at every flush made each flush slower as the run grew).
+    """
+    from landscape.store import backends
+
+    grown = []
+    with_room = backends._with_room
+    monkeypatch.setattr(backends, "_with_room",
+                        lambda *a: grown.append(a[2]) or with_room(*a))
+    w = writer_factory(flush_every=1)
+    w.declare("loss", {"value": None, "hist": (2,)})
+    for step in range(3000):
+        if step == 1000:
+            w.declare("loss", {"value": None, "hist": (2,), "extra": None})  # a new field
+        row = {"value": float(step), "hist": np.array([step, -step])}
+        w.append("loss", step, row if step < 1000 else {**row, "extra": step / 4})
+        if step in (10, 999, 2500):  # a reader in the middle of the run
+            steps, values = w.run().series("loss", "value")
+            np.testing.assert_array_equal(steps, np.arange(step + 1))
+            np.testing.assert_array_equal(values, np.arange(step + 1, dtype=float))
+    run = w.run()
+    steps, hist = run.series("loss", "hist")
+    np.testing.assert_array_equal(steps, np.arange(3000))
+    np.testing.assert_array_equal(hist[:, 1], -np.arange(3000))
+    _, extra = run.series("loss", "extra")
+    assert np.isnan(extra[:1000]).all()
+    np.testing.assert_array_equal(extra[1000:], np.arange(1000, 3000) / 4)
+    if grown:  # the memory store: 256, 512, ..., 4096 rows of room (each column once)
+        assert sorted(set(grown)) == [256, 512, 1024, 2048, 4096]
+        assert len(grown) <= 5 * 4  # step, value, hist and (later) extra

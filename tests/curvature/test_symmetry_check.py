@@ -1,0 +1,158 @@
+"""Exact products that torch differentiates wrongly without an error are caught by symmetry.
+
+The truth is a twin model computing the same function with operations whose second
+derivatives torch gets right (``torch.tanh`` for a ``@once_differentiable`` tanh, the weight
+norm written out for ``parametrizations.weight_norm``), differentiated densely in float64.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from landscape.curvature import GGN, Hessian, hessian_trace, top_eigenvalues
+from landscape.curvature._symmetry import asymmetry, rademacher
+from tests.curvature._dense import dense_ggn, dense_hessian
+
+
+class _OnceTanh(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class _Net(nn.Module):
+    def __init__(self, once: bool):
+        super().__init__()
+        self.a, self.b, self.once = nn.Linear(3, 5), nn.Linear(5, 3), once
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(_OnceTanh.apply(h) if self.once else torch.tanh(h))
+
+
+class _WrittenOutWeightNorm(nn.Module):
+    """``w = g v / ||v||`` per output row, in plain differentiable operations."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        p = layer.parametrizations.weight
+        self.g = nn.Parameter(p.original0.detach().clone())
+        self.v = nn.Parameter(p.original1.detach().clone())
+        self.bias = nn.Parameter(layer.bias.detach().clone())
+
+    def forward(self, x):
+        w = self.g * self.v / self.v.norm(dim=1, keepdim=True)
+        return F.linear(x, w, self.bias)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(8, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,),
+                                                                              generator=g)
+
+
+def _once_pair():
+    torch.manual_seed(0)
+    broken, twin = _Net(True).double(), _Net(False).double()
+    twin.load_state_dict(broken.state_dict())
+    return broken, twin
+
+
+def _weight_norm_pair():
+    torch.manual_seed(0)
+    first = nn.utils.parametrizations.weight_norm(nn.Linear(3, 6))
+    broken = nn.Sequential(first, nn.Tanh(), nn.Linear(6, 3)).double()
+    twin = nn.Sequential(_WrittenOutWeightNorm(broken[0]), nn.Tanh(), nn.Linear(6, 3)).double()
+    twin[2].load_state_dict(broken[2].state_dict())
+    return broken, twin
+
+
+@pytest.mark.parametrize("pair", [_once_pair, _weight_norm_pair])
+def test_auto_takes_the_first_order_product_and_gets_the_truth(pair):
+    broken, twin = pair()
+    batch = _batch()
+    truth = torch.linalg.eigvalsh(dense_hessian(twin, F.cross_entropy, batch)).flip(0)
+    exact = Hessian(broken, F.cross_entropy, batch, backend="exact")
+    with pytest.warns(RuntimeWarning, match="not symmetric"):
+        wrong = top_eigenvalues(exact, k=2, tol=1e-8).values
+    assert float(((wrong - truth[:2]) / truth[:2]).abs().max()) > 1e-3  # what it was
+    op = Hessian(broken, F.cross_entropy, batch)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        got = top_eigenvalues(op, k=2, tol=1e-8).values
+        trace = hessian_trace(op, "hutchinson", n_matvec=8, seed=0)
+    assert op.backend_used == "first_order" and "not symmetric" in op.first_order_reason
+    said = [w for w in seen if "not symmetric" in str(w.message)]
+    assert len(said) == 1 and "first-order product" in str(said[0].message)  # once
+    torch.testing.assert_close(got, truth[:2], rtol=1e-6, atol=1e-9)
+    assert trace.n_matvec == 8
+
+
+def test_the_ggn_of_a_once_differentiable_model_is_caught_too():
+    broken, twin = _once_pair()
+    batch = _batch()
+    truth = dense_ggn(twin, F.cross_entropy, batch)
+    with pytest.warns(RuntimeWarning, match="not symmetric"):
+        op = GGN(broken, F.cross_entropy, batch)
+        got = torch.stack([torch.cat([t.reshape(-1) for t in op.matvec(
+            tuple(c.reshape(p.shape) for c, p in zip(col.split(
+                [p.numel() for p in op.parameters]), op.parameters)))])
+            for col in torch.eye(op.dim, dtype=torch.float64)], dim=1)
+    assert op.backend_used == "first_order"
+    torch.testing.assert_close(got, truth, rtol=1e-5, atol=1e-8)
+
+
+def test_healthy_models_keep_the_exact_product_and_the_check_runs_once_per_model(
+        monkeypatch):
+    from landscape.curvature import _model_operator
+
+    _, twin = _once_pair()
+    batch = _batch()
+    measured = []
+    monkeypatch.setattr(_model_operator, "asymmetry",
+                        lambda *a: measured.append(asymmetry(*a)) or measured[-1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        first = Hessian(twin, F.cross_entropy, batch)
+        first.matvec(first.parameters)
+        second = Hessian(twin, F.cross_entropy, batch)  # a monitor's next measurement
+        second.matvec(second.parameters)
+        second.matmat([second.parameters] * 2)  # the batched path: checked once too
+        Hessian(twin, F.cross_entropy, batch).matmat([second.parameters] * 2)
+    assert first.backend_used == second.backend_used == "auto"
+    assert first.n_matvec == 1 and second.n_matvec == 3  # the check's products are not counted
+    assert len(measured) == 2 and max(measured) < 1e-12  # one per product path, float64
+
+
+def test_the_estimate_reads_the_antisymmetric_share_of_an_explicit_matrix():
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    s = torch.randn(n, n, generator=g, dtype=torch.float64)
+    k = torch.randn(n, n, generator=g, dtype=torch.float64)
+    sym, anti = s + s.T, k - k.T
+    vs = [rademacher([torch.Size([n])], torch.float64, torch.device("cpu"), seed)
+          for seed in (1, 2, 3)]
+
+    def estimate(a):
+        return asymmetry(vs, [(a @ v[0],) for v in vs])
+
+    assert estimate(sym) < 1e-14
+    for share in (0.01, 0.1, 0.5):
+        a = sym + share * anti * sym.norm() / anti.norm()
+        want = float(0.5 * (a - a.T).norm() / a.norm())
+        assert 0.3 * want < estimate(a) < 3 * want
+    assert asymmetry(vs, [(torch.zeros(n, dtype=torch.float64),)] * 3) == 0.0
