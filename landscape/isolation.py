@@ -140,21 +140,71 @@ def full_float32() -> Iterator[None]:
     would stall at it and the micro-batch check would compare noise. The measurements run
     in full float32 (docs/curvature.md, "Precision"); training keeps its settings.
     """
-    matmul = torch.backends.cuda.matmul.allow_tf32
-    conv = torch.backends.cudnn.allow_tf32
-    precision = torch.get_float32_matmul_precision()
-    changed = matmul or conv or precision != "highest"
-    if changed:
+    try:
+        matmul = torch.backends.cuda.matmul.allow_tf32
+        conv = torch.backends.cudnn.allow_tf32
+        precision = torch.get_float32_matmul_precision()
+    except RuntimeError:  # torch >= 2.9 after its per-backend settings were used
+        with _ieee_float32():
+            yield
+        return
+    # only what differs is set, and put back in the order a user sets it (the flags, then
+    # the precision): torch >= 2.9 refuses to read them after other mixes of its two APIs
+    if matmul:
         torch.backends.cuda.matmul.allow_tf32 = False
+    if conv:
         torch.backends.cudnn.allow_tf32 = False
+    try:  # the CUDA flag alone reads as "high": then the precision of every backend stays
+        lowered = torch.get_float32_matmul_precision() != "highest"
+    except RuntimeError:
+        lowered = precision != "highest"
+    if lowered:
         torch.set_float32_matmul_precision("highest")
     try:
         yield
     finally:
-        if changed:
+        if matmul:
+            torch.backends.cuda.matmul.allow_tf32 = True
+        if conv:
+            torch.backends.cudnn.allow_tf32 = True
+        if lowered:
             torch.set_float32_matmul_precision(precision)
-            torch.backends.cuda.matmul.allow_tf32 = matmul
-            torch.backends.cudnn.allow_tf32 = conv
+
+
+def _precision_settings() -> list[tuple[Any, str]]:
+    """The per-backend ``fp32_precision`` settings of torch >= 2.9 (those that exist)."""
+    backends = torch.backends
+    owners = [getattr(backends.cuda, "matmul", None),
+              getattr(getattr(backends, "cudnn", None), "conv", None),
+              getattr(getattr(backends, "cudnn", None), "rnn", None),
+              getattr(getattr(backends, "mkldnn", None), "matmul", None),
+              getattr(getattr(backends, "mkldnn", None), "conv", None),
+              getattr(getattr(backends, "mkldnn", None), "rnn", None)]
+    return [(o, "fp32_precision") for o in owners
+            if o is not None and hasattr(o, "fp32_precision")]
+
+
+@contextlib.contextmanager
+def _ieee_float32() -> Iterator[None]:
+    """IEEE float32 through torch's ``fp32_precision`` settings, each restored on exit.
+
+    For a user of torch's per-backend settings (torch >= 2.9), whose older flags
+    (``allow_tf32``, ``get_float32_matmul_precision``) then refuse to be read: setting the
+    flags here made ``Monitor.start()`` raise. Every leaf setting that is not ``"ieee"`` (a
+    user's ``"tf32"`` on CUDA, ``"bf16"`` in oneDNN on the CPU, or ``"none"``, which
+    follows a parent that may say either) is set to ``"ieee"`` and put back on exit, in
+    reverse order.
+    """
+    saved = [(owner, name, getattr(owner, name)) for owner, name in _precision_settings()]
+    for owner, name, value in saved:
+        if value != "ieee":
+            setattr(owner, name, "ieee")
+    try:
+        yield
+    finally:
+        for owner, name, value in reversed(saved):
+            if getattr(owner, name) != value:
+                setattr(owner, name, value)
 
 
 def without_autocast(fn: Callable[..., Any]) -> Callable[..., Any]:

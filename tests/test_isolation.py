@@ -307,6 +307,79 @@ def test_measurements_run_without_tf32_and_give_the_callers_settings_back():
         torch.backends.cudnn.allow_tf32 = before[0]
 
 
+_PRECISION_SETUPS = {
+    "defaults": "",
+    "legacy flag": "torch.backends.cuda.matmul.allow_tf32 = True",
+    "legacy flag, then medium": "torch.backends.cuda.matmul.allow_tf32 = True\n"
+                                "torch.set_float32_matmul_precision('medium')",
+    "high, then cudnn off": "torch.set_float32_matmul_precision('high')\n"
+                            "torch.backends.cudnn.allow_tf32 = False",
+    "new API, all backends": "torch.backends.fp32_precision = 'tf32'",
+    "new API, CUDA matmul": "torch.backends.cuda.matmul.fp32_precision = 'tf32'",
+    "new API, oneDNN bf16 on the CPU": "torch.backends.mkldnn.matmul.fp32_precision = 'bf16'",
+}
+
+
+@pytest.mark.parametrize("setup", list(_PRECISION_SETUPS))
+def test_a_monitor_runs_and_leaves_every_precision_setting_as_the_user_set_it(setup):
+    """torch >= 2.9 has two ways to set float32 precision and refuses to read one back
+    after they were mixed in some orders: the monitor's full-float32 block raised at
+    start() for a user of the new one, and left torch's own getter raising for another
+    (interactive audit). Each setup in a fresh process: the settings are global."""
+    import subprocess
+    import sys
+
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision") and "new API" in setup:
+        pytest.skip("torch < 2.9 has no fp32_precision settings")  # pragma: no cover
+    code = f"""
+import torch, torch.nn.functional as F
+import landscape as ls
+from landscape.isolation import full_float32
+{_PRECISION_SETUPS[setup]}
+
+def read():
+    out = []
+    for get in (torch.get_float32_matmul_precision,
+                lambda: torch.backends.cuda.matmul.allow_tf32,
+                lambda: torch.backends.cudnn.allow_tf32,
+                *[(lambda o=o: o.fp32_precision) for o in (
+                    getattr(torch.backends.cuda, "matmul", None),
+                    getattr(torch.backends.mkldnn, "matmul", None))
+                  if hasattr(o, "fp32_precision")]):
+        try:
+            out.append(repr(get()))
+        except RuntimeError as err:
+            out.append("raises")
+    return out
+
+before = read()
+with full_float32():  # TF32 and bf16 off, whichever way torch reads them
+    new = [o.fp32_precision for o in (torch.backends.cuda.matmul,
+                                      getattr(torch.backends.mkldnn, "matmul", None))
+           if hasattr(o, "fp32_precision")]
+    try:
+        legacy = [torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32]
+        inside = legacy == ["highest", False] and not {{"tf32", "bf16"}} & set(new)
+    except RuntimeError:
+        inside = all(v == "ieee" for v in new)
+model = torch.nn.Linear(4, 3)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+with ls.Monitor(model, F.cross_entropy, None, optimizer=opt, metrics="standard",
+                probe=(torch.randn(8, 4), torch.randint(0, 3, (8,)))) as mon:
+    for step in range(3):
+        x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(); loss.backward(); opt.step()
+        mon.step(step, batch=(x, y), loss=loss)
+assert read() == before, (before, read())
+assert inside
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
 def test_recurrent_layers_on_a_gpu_are_differentiated_without_cudnn(monkeypatch):
     """cuDNN's RNN backward refuses eval mode and has no double backward (CUDA audit): the
     curvature products of an LSTM on a GPU would all fail. Checked on the CPU through the
