@@ -70,6 +70,22 @@ class InterruptGuard:
             _INSTALLED.append(self)
         return self
 
+    def ensure(self) -> None:
+        """Put the handlers back where something replaced them since :meth:`install`.
+
+        Jupyter's kernel sets SIGINT's handler before every cell and puts its own back
+        after it, which drops one installed in an earlier cell: the monitor calls this at
+        every step. The replacing handler becomes the one called after the flush.
+        """
+        if not self._previous or threading.current_thread() is not threading.main_thread():
+            return
+        for sig in list(self._previous):
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                current = signal.getsignal(sig)
+                if current != self._handle:
+                    self._previous[sig] = current
+                    signal.signal(sig, self._handle)
+
     def uninstall(self) -> None:
         """Restore the previous handlers where ours is still the installed one.
 

@@ -920,6 +920,10 @@ class Monitor:
         """
         # the arguments are checked before anything is recorded
         step, grad_norm, samples = step_arguments(step, loss, grad_norm, samples)
+        if self.writer is not None and self.writer.closed:
+            raise RuntimeError(
+                "this Monitor was closed; build a new one to go on recording (mode='a' "
+                "appends to its run file)")
         started_here = self.writer is None
         if started_here:
             self.start()  # installs the interrupt guard, so the first step is covered too
@@ -927,6 +931,8 @@ class Monitor:
                 raise ValueError("the model's lazy modules have no shapes yet at this step: "
                                  "call mon.step after a forward pass of the model")
         guard = self._interrupts
+        if guard is not None:
+            guard.ensure()  # a Jupyter cell after the one that started the monitor
         # a step's rows reach the file together (an automatic flush waits for the last)
         # inside torch.inference_mode() (a logging block) nothing could be differentiated,
         # and its tensors have no version counters: leave it for the step
@@ -954,8 +960,10 @@ class Monitor:
         if last is not None and step <= last:
             raise StepOrderError(
                 f"step {step} does not come after the last recorded step {last}"
-                + ("" if self.path is None else f" in {self.path} (to start the file over, "
-                   f"pass mode='w'; to resume from step {step}, truncate_from={step})")
+                + ("" if self.path is None else f" in {self.path}: go on from step "
+                   f"{last + 1}, or record from step {step} again in a new Monitor with "
+                   f"truncate_from={step} (which drops the rows from it on; mode='w' would "
+                   "start the file over, without any of its rows)")
             )
         if self.probe is None and self._probe_source == "first_batch" and batch is not None:
             self._default_probe(batch, step)
@@ -1035,12 +1043,15 @@ class Monitor:
         self._dense.observe_findings(step, found)
         failures, self._failures_to_call = self._failures_to_call, []
         _warn_failures(failures)
+        # one finding per (step, rule), e.g. a NaN loss seen twice; every one is recorded
+        # before any is said: a callback that raises to stop training, or a warning turned
+        # into an error by a filter, loses none of them
+        raised = [self._record_finding(f) for f in dedupe(found)]
         if self.on_finding is not None:  # this rank's metric_failed findings
             for f in failures:
                 self.on_finding(f)
-        raised: list[Finding] = []
-        for f in dedupe(found):  # one finding per (step, rule), e.g. a NaN loss seen twice
-            raised.append(self._emit(f))
+        for f in raised:
+            self._say_finding(f)
         return raised
 
     def _record_unmeasured(self, step: int, names: list[str]) -> None:
@@ -1172,10 +1183,14 @@ class Monitor:
         # model back in its own mode), as it sees the alarm findings
         self._failures_to_call.append(finding)
 
-    def _emit(self, finding: Finding) -> Finding:
+    def _record_finding(self, finding: Finding) -> Finding:
         self.findings.append(finding)
         assert self.writer is not None
         self.writer.add_finding(finding)
+        return finding
+
+    def _say_finding(self, finding: Finding) -> Finding:
+        """Warn or log it (rank 0), pass it to the mirrors and the ``on_finding`` callback."""
         # rank 0's findings, which every rank emits: said once, by rank 0 (torchrun would
         # print one copy per rank); each rank still returns them and calls on_finding
         say = self.warn and self._leads

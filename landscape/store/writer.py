@@ -228,7 +228,8 @@ class RunWriter:
             self._mark_owner(backend)
             self._trim_partial_rows(backend)
             backend.flush()
-            backend.file.swmr_mode = True
+            if not backend.file.swmr_mode:  # a reader of this process keeps the file open
+                backend.file.swmr_mode = True
             return backend
         if not path.parent.exists():
             raise RunFileError(f"{path}: directory {path.parent} does not exist")
@@ -244,7 +245,8 @@ class RunWriter:
         self._mark_owner(backend)
         self._init_tables()
         backend.flush()
-        backend.file.swmr_mode = True
+        if not backend.file.swmr_mode:  # a reader of this process keeps the file open
+            backend.file.swmr_mode = True
         return backend
 
     @staticmethod

@@ -116,3 +116,33 @@ def test_landscape_watch_polling_never_disturbs_the_writer(tmp_path):
     assert "Traceback" not in watch.stderr and "loss" in watch.stdout
     with Run.open(path) as run:
         assert run.steps("loss").tolist() == list(range(60))
+
+
+def test_a_handler_replaced_between_steps_is_put_back_at_the_next_step(tmp_path):
+    """Jupyter's kernel sets SIGINT's handler before every cell: the monitor's, installed by
+    the cell that started it, was gone in the training cell, and an interrupt there left
+    half a step's rows unflushed (interactive audit)."""
+    import torch
+    import torch.nn.functional as F
+
+    import landscape as ls
+    from tests import models
+
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = signal.getsignal(signal.SIGINT)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    mon = ls.Monitor(model, F.cross_entropy, tmp_path / "run.h5", optimizer=opt, warn=False)
+    try:
+        mon.step(0, batch=(x, y), loss=1.0)
+        ours = signal.getsignal(signal.SIGINT)
+        assert ours not in (before, signal.default_int_handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the next cell begins
+        mon.step(1, batch=(x, y), loss=1.0)
+        assert signal.getsignal(signal.SIGINT) == ours
+        mon.close()
+        # the handler it replaced (the cell's) is what close() puts back
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        mon.close()
+        signal.signal(signal.SIGINT, before)

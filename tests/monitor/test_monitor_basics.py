@@ -273,7 +273,29 @@ def test_a_closed_monitor_says_so_and_a_nested_with_leaves_it_open(tmp_path):
             pass
     with pytest.raises(RuntimeError, match="this Monitor was closed"):
         mon.start()
+    # a step after close() measured everything, then said "the run writer is closed"
+    # (interactive audit): it says what start() says, before measuring anything
+    calls = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    with pytest.raises(RuntimeError, match="this Monitor was closed; build a new one"):
+        _train(model, opt, 1, mon, start=3)
+    assert len(calls) == 1  # the training step's own forward
     assert list(ls.Run.open(tmp_path / "run.h5").steps("loss")) == [0, 1, 2]
+
+
+def test_a_step_recorded_already_is_told_to_go_on_not_to_start_the_file_over(tmp_path):
+    """A notebook cell run again after an interrupt repeats a step: the message advised
+    mode='w' first, which deletes the run (interactive audit)."""
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Monitor(model, F.cross_entropy, path=str(tmp_path / "run.h5"), optimizer=opt,
+                 alarms=False) as mon:
+        _train(model, opt, 4, mon)
+        with pytest.raises(StepOrderError) as err:
+            mon.step(3, loss=1.0)
+    message = str(err.value)
+    assert "go on from step 4" in message and "truncate_from=3" in message
+    assert message.index("go on") < message.index("mode='w'")
 
 
 def test_the_config_names_each_parameter_groups_own_settings():

@@ -473,3 +473,44 @@ def test_a_metric_name_with_a_comma_is_refused():
 
     with pytest.raises(ValueError, match="without '/' or ','"):
         ls.Monitor(models.mlp(), F.cross_entropy, metrics=[Commas()])
+
+
+class _FailsAtFive(Metric):
+    name = "fails_at_five"
+    FIELDS = ("value",)
+    default_schedule = ls.every(1)
+    default_data = "batch"
+
+    def compute(self, ctx):
+        if ctx.step == 5:
+            raise ZeroDivisionError("a bug in the user's metric")
+        return {"value": 1.0}
+
+
+def test_a_callback_that_stops_training_loses_none_of_the_steps_findings(tmp_path):
+    """A callback that raises to stop training at a step's first finding lost the step's
+    later ones: a NaN loss beside a failing metric left no error finding (interactive
+    audit). Every finding is now recorded before any is said."""
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def stop(finding):
+        raise RuntimeError(f"stop: {finding.rule}")
+
+    mon = ls.Monitor(model, F.cross_entropy, tmp_path / "run.h5", optimizer=opt,
+                     metrics=[*ls.metrics.preset("cheap"), _FailsAtFive()], on_finding=stop)
+    g = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match="stop: metric_failed"), mon:
+            for step in range(8):
+                x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                mon.step(step, batch=(x, y), loss=loss if step != 5 else torch.tensor(math.nan))
+    with ls.Run.open(tmp_path / "run.h5") as run:
+        stored = {(f.step, f.rule) for f in run.findings()}
+    assert {(5, "nonfinite"), (5, "metric_failed")} <= stored
+    assert (5, "nonfinite") in {(f.step, f.rule) for f in mon.findings}

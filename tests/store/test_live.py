@@ -146,6 +146,26 @@ def test_an_open_reader_never_blocks_the_writer_adding_groups(tmp_path):
     reader.close()
 
 
+def test_a_run_resumed_while_this_process_still_reads_it(tmp_path):
+    """A notebook keeps ``run = mon.run()`` for its plots, closes the monitor, and later
+    resumes the file: h5py said "Unable to start swmr writing (file already in SWMR
+    writing mode)", since the reader keeps the closed writer's file open (interactive
+    audit)."""
+    path = tmp_path / "run.h5"
+    writer = RunWriter(path)
+    writer.declare("a", {"v": None})
+    writer.append("a", 0, {"v": 1.0})
+    writer.flush()
+    reader = Run.open(path)  # opened while the writer is open, as mon.run() opens it
+    writer.close()
+    resumed = RunWriter(path)
+    resumed.append("a", 1, {"v": 2.0})
+    resumed.close()
+    reader.refresh()
+    assert reader.steps("a").tolist() == [0, 1]
+    reader.close()
+
+
 KILLED_IN_STRUCTURAL_CHANGE = textwrap.dedent(
     """
     import os, signal, sys
