@@ -147,9 +147,12 @@ class Hessian(ModelOperator):
             key = self._version_key() if cache else None
             leaves = self._leaves()
             value = self._batch_loss(leaves, batch)
-            gs = torch.autograd.grad(
-                value, list(leaves.values()), create_graph=True, allow_unused=True
-            )
+            if value.requires_grad:
+                gs = torch.autograd.grad(
+                    value, list(leaves.values()), create_graph=True, allow_unused=True
+                )
+            else:  # no selected parameter reaches the loss (an auxiliary head): zero
+                gs = (None,) * len(leaves)
             self._check_reached(gs, leaves, batch)  # a block cut off is no zero curvature
             self._graph = (key, leaves, gs) if cache else None
         pairs = [

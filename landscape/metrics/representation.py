@@ -162,6 +162,7 @@ class _PenultimateMetric(Metric):
     def __init__(self, layer: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.layer = layer
+        self._chosen = layer is None  # the default layer, not the user's
 
     def setup(self, model: nn.Module) -> None:
         """Default to the last linear layer; check the layer exists."""
@@ -191,7 +192,11 @@ class _PenultimateMetric(Metric):
         """
         cap = ctx.captured(self.data)
         if self.layer not in cap.inputs:
-            raise MissingInput(f"layer {self.layer!r} was not called in the forward pass")
+            chosen = (" (the last nn.Linear the model registers, taken for its classifier: "
+                      f"name the classifier, {type(self).__name__}(layer=...))"
+                      if self._chosen else "")
+            raise MissingInput(
+                f"layer {self.layer!r} was not called in the forward pass{chosen}")
         return _tokens(cap.inputs[str(self.layer)], resolve_module(ctx.model, str(self.layer)))
 
 

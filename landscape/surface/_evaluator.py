@@ -17,6 +17,7 @@ from torch.func import functional_call
 
 from landscape import distributed as _dist
 from landscape.batches import leading_size, model_call, to_device
+from landscape.capture import output_logits
 from landscape.isolation import ClosureModule, loader_randomness_kept
 from landscape.surface.directions import Directions
 
@@ -284,8 +285,9 @@ class PointEvaluator:
 
     def _single(self, loss: torch.Tensor, out: Any, batch: Any) -> tuple[float, float]:
         acc = float("nan")
-        if self.accuracy and _classes(out, batch[-1]):
-            acc = int((out.argmax(dim=-1) == batch[-1]).sum()) / max(1, batch[-1].numel())
+        hits = _hits(out, batch[-1]) if self.accuracy else None
+        if hits is not None:
+            acc = int(hits) / max(1, batch[-1].numel())
         return float(loss), acc
 
     def _forward(self, batch: Any) -> tuple[torch.Tensor, Any]:
@@ -329,8 +331,9 @@ class PointEvaluator:
             done += 1
             if self.accuracy and out is not None:
                 target = batch[-1]
-                if _classes(out, target):
-                    correct += int((out.argmax(dim=-1) == target).sum())
+                hits = _hits(out, target)
+                if hits is not None:
+                    correct += int(hits)
                     count += target.numel()
                 else:
                     not_comparable = 1
@@ -379,8 +382,8 @@ class PointEvaluator:
             total = term if total is None else total + term
             n += bs
             if self.accuracy and out is not None:
-                if _classes(out, target):
-                    hits = (out.argmax(dim=-1) == target).sum()
+                hits = _hits(out, target)
+                if hits is not None:
                     correct = hits if correct is None else correct + hits
                     count += target.numel()
                 else:
@@ -392,14 +395,21 @@ class PointEvaluator:
         return loss_value, acc
 
 
-def _classes(out: Any, target: torch.Tensor) -> bool:
-    """Whether ``argmax(out, -1)`` can be compared with ``target``.
+def _hits(out: Any, target: Any) -> torch.Tensor | None:
+    """How many ``argmax(logits, -1)`` equal ``target``; None where they cannot compare.
 
-    Scores over at least two classes: a single logit, shape ``(..., 1)``, would always
-    give class 0 (its accuracy is NaN, as for any other output).
+    The logits are read from the model's output as the monitor reads them
+    (:func:`~landscape.capture.output_logits`: a tensor, a ``"logits"`` entry or
+    attribute, a tuple's first tensor). Scores over at least two classes: a single logit,
+    shape ``(..., 1)``, would always give class 0 (its accuracy is NaN, as for any output
+    whose shape does not match the targets').
     """
-    return (isinstance(out, torch.Tensor) and out.dim() > 0 and out.shape[-1] > 1
-            and out.shape[:-1] == target.shape)
+    logits = output_logits(out) if out is not None else None
+    if not (isinstance(logits, torch.Tensor) and isinstance(target, torch.Tensor)
+            and logits.dim() > 0 and logits.shape[-1] > 1
+            and logits.shape[:-1] == target.shape):
+        return None
+    return (logits.argmax(dim=-1) == target).sum()
 
 
 def fingerprint(tensors: Sequence[torch.Tensor]) -> list[float]:

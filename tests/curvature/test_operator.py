@@ -649,3 +649,55 @@ def test_a_model_checkpointed_whole_and_reentrantly_is_named_as_such_not_as_a_de
             with pytest.raises(NoGradientError, match="reentrant activation checkpoint"):
                 top_eigenvalues(Hessian(Checkpointed(), F.cross_entropy, (x, y),
                                         backend=backend), k=1)
+
+
+def test_a_ggn_of_a_model_returning_a_dataclass_names_forward():
+    """A dataclass is no pytree: torch.func fails on it and the autograd product raised
+    "'Out' object has no attribute 'requires_grad'" (model-structures audit)."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Out:
+        logits: torch.Tensor
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return Out(self.a(x))
+
+    torch.manual_seed(0)
+    model = Net().double()
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 3, (8,))
+    G = GGN(model, lambda o, t: F.cross_entropy(o.logits, t), (x, y))
+    with pytest.raises(TypeError, match=r"model's output \(Out\) is no tensor.*forward="):
+        G.matvec(G.parameters)
+    fixed = GGN(model, F.cross_entropy, (x, y), forward=lambda m, b: (m(b[0]).logits, b[1]))
+    plain = GGN(model.a, F.cross_entropy, (x, y))
+    torch.testing.assert_close(fixed.to_dense(), plain.to_dense())
+
+
+def test_a_block_the_loss_never_reaches_has_zero_curvature_without_a_fallback():
+    """An auxiliary head the loss does not read: the exact product raised "element 0 of
+    tensors does not require grad" and the operator warned it was impossible and took the
+    first-order product (model-structures audit); the GGN was quiet already."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.aux = nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.a(x)
+
+    torch.manual_seed(0)
+    model = Net().double()
+    batch = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 3, (8,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for cls in (Hessian, GGN):
+            op = cls(model, F.cross_entropy, batch, params="aux.*")
+            assert all(not t.any() for t in op.matvec(op.parameters))
+            assert float(top_eigenvalues(op, k=1).values[0]) == 0.0
+            assert op.backend_used == "auto" and op.first_order_reason is None

@@ -303,3 +303,26 @@ def test_a_layer_whose_units_all_died_records_rank_zero_and_rank_collapse_warns(
     assert rank[8] == 0.0 and rank[9] == 0.0
     assert (8, "rank_collapse", "warning") in found
     assert math.isnan(float(ls.functional.effective_rank(torch.zeros(4, 3)).value))
+
+
+def test_a_default_layer_the_forward_never_calls_names_the_remedy(tmp_path):
+    """An auxiliary head registered after the classifier is the default layer; its rows
+    are NaN for the whole run, and the failure said only that it was not called
+    (model-structures audit)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head, self.aux = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(x)))
+
+    probe = (torch.randn(12, 6), torch.randint(0, 3, (12,)))
+    for metric, name in ((ls.metrics.Collapse(), "Collapse"),
+                         (ls.metrics.Representation(), "Representation")):
+        with pytest.warns(RuntimeWarning, match=rf"'aux' was not called .*{name}\(layer=\.\.\.\)"):
+            with ls.Monitor(Net(), F.cross_entropy, None, probe=probe, metrics=[metric],
+                            warn=False) as mon:
+                mon.step(0, batch=probe)
+    named = _record(tmp_path, Net(), probe, [ls.metrics.Collapse(layer="head")])
+    assert math.isfinite(float(named.series("collapse", "nc1")[1][0]))

@@ -507,3 +507,32 @@ def test_directions_given_as_an_object_or_vectors_give_the_random_plane():
               progress=False)
     with pytest.raises(ValueError, match="must be 'random', 'eigen' or vectors"):
         plane(model, _ce, (x, y), steps=3, directions="pca", progress=False)
+
+
+@pytest.mark.parametrize("batches", [1, 2])
+def test_the_accuracy_of_a_model_returning_a_dict_or_tuple_reads_its_logits(batches):
+    """Surfaces stored NaN accuracy, silently, for the outputs the monitor reads logits
+    from (a dict's "logits", a tuple's first tensor; model-structures audit)."""
+    class Net(nn.Module):
+        def __init__(self, kind):
+            super().__init__()
+            self.a, self.kind = nn.Linear(3, 3), kind
+
+        def forward(self, x):
+            out = self.a(x)
+            return {"logits": out} if self.kind == "dict" else \
+                (out, x.sum()) if self.kind == "tuple" else out
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3), torch.randint(0, 3, (16,))
+    data = (x, y) if batches == 1 else [(x[:8], y[:8]), (x[8:], y[8:])]
+    plain = Net("tensor")
+    accuracy = line(plain, F.cross_entropy, data, steps=5, progress=False,
+                            seed=3).values["accuracy"]
+    assert np.isfinite(accuracy).all()
+    for kind, read in (("dict", lambda o: o["logits"]), ("tuple", lambda o: o[0])):
+        model = Net(kind)
+        model.load_state_dict(plain.state_dict())
+        got = line(model, lambda o, t, read=read: F.cross_entropy(read(o), t), data,
+                           steps=5, progress=False, seed=3).values["accuracy"]
+        np.testing.assert_array_equal(got, accuracy)
