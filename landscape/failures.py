@@ -10,6 +10,9 @@ from deep inside a solver.
 from __future__ import annotations
 
 import math
+import os
+import sysconfig
+import traceback
 from typing import Any
 
 import torch
@@ -68,10 +71,32 @@ def failure_finding(metric: str, step: int, err: Exception, nonfinite: str | Non
         hint = "see the message; the metric records NaN until this is fixed"
     else:
         on = f" on {_DATA[data]}" if data in _DATA else ""
-        message = f"metric {metric!r} failed at step {step}{on}: {err}"
+        message = f"metric {metric!r} failed at step {step}{on}: {_describe(err)}"
         hint = "the metric records NaN; pass strict=True to Monitor to see the traceback"
         if data == "probe":
             hint += ("; a probe must be a batch the model takes, (inputs, targets) like "
                      "the training batches, on the model's device and dtype")
     return Finding(step=step, rule="metric_failed", severity="info", metric=metric,
                    value=math.nan, threshold=math.nan, message=message, hint=hint)
+
+
+_LIBRARIES = (os.path.dirname(torch.__file__) + os.sep,
+              os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep)
+_OURS = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _describe(err: BaseException) -> str:
+    """``Type: message`` and where in the user's code it was raised.
+
+    A bare ``assert`` has no message and a ``KeyError`` only the key: the type says what
+    went wrong, and the last frame outside landscape and torch says where (a metric of the
+    user's, their model's forward or loss function), Python's own library left out too.
+    """
+    text = str(err)
+    described = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    frames = traceback.extract_tb(err.__traceback__) if err.__traceback__ else []
+    for frame in reversed(frames):
+        name = os.path.abspath(frame.filename)
+        if not name.startswith(_OURS) and not name.startswith(_LIBRARIES):
+            return f"{described} (at {os.path.basename(name)}:{frame.lineno})"
+    return described

@@ -514,3 +514,28 @@ def test_a_callback_that_stops_training_loses_none_of_the_steps_findings(tmp_pat
         stored = {(f.step, f.rule) for f in run.findings()}
     assert {(5, "nonfinite"), (5, "metric_failed")} <= stored
     assert (5, "nonfinite") in {(f.step, f.rule) for f in mon.findings}
+
+
+class _ReadsAMissingKey(Metric):
+    name = "reads_a_missing_key"
+    FIELDS = ("value",)
+    default_schedule = ls.every(1)
+    default_data = "batch"
+
+    def compute(self, ctx):
+        settings = {}
+        return {"value": settings["lr"]}  # a KeyError says only 'lr'
+
+
+def test_a_failure_says_its_type_and_where_in_the_users_code(tmp_path):
+    """A bare assert gave "failed at step 0 on the step's batch: " and a KeyError only its
+    key, 'lr' (interactive audit): the type and the user's file and line are named."""
+    model = models.mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with ls.Monitor(model, F.cross_entropy, tmp_path / "run.h5", metrics=[_ReadsAMissingKey()],
+                        warn=False) as mon:
+            mon.step(0, batch=models.classification_data(), loss=1.0)
+    message = next(f.message for f in mon.findings if f.rule == "metric_failed")
+    line = _ReadsAMissingKey.compute.__code__.co_firstlineno + 2
+    assert message.endswith(f": KeyError: 'lr' (at test_user_extensions.py:{line})"), message
