@@ -131,9 +131,6 @@ class Run:
             raise TypeError(f"path: expected a run file's path, got {type(path).__name__} "
                             f"{path!r}")
         p = Path(path)
-        from landscape.store.writer import flush_writers  # (the writer imports the reader)
-
-        flush_writers(p)  # rows this process buffered for the file are read too
         run = cls(H5Backend(open_for_reading(p), writable=False, path=p))
         run._warn_if_shared_and_stale()
         return run

@@ -57,7 +57,7 @@ from landscape.store.recovery import (
     refuse_to_replace_with_a_run,
 )
 
-__all__ = ["RunWriter", "close_writers", "flush_writers"]
+__all__ = ["RunWriter", "close_writers"]
 
 
 @dataclass
@@ -87,20 +87,6 @@ def _close_at_exit() -> None:
     for writer in list(_OPEN):
         with contextlib.suppress(Exception):
             writer.close()
-
-
-def flush_writers(path: str | os.PathLike) -> None:
-    """Write out what this process's open writers of ``path`` hold in their buffers.
-
-    A reader opened in the process that writes the file (a notebook reading the run its
-    monitor records) would otherwise see only the rows of the last automatic flush: none,
-    25 steps into a run paused before ``flush_seconds`` passed.
-    """
-    want = str(Path(path).resolve())
-    for writer in list(_OPEN):
-        if writer.path is not None and not writer.closed and not writer._holding \
-                and str(writer.path.resolve()) == want:  # (never half a step's rows)
-            writer.flush()
 
 
 def close_writers(path: str | os.PathLike | None = None) -> int:

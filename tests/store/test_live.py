@@ -562,21 +562,3 @@ def test_truncation_shrinks_the_step_column_first_out_of_swmr_mode(tmp_path, mon
         assert not any(swmr for _, swmr in shrunk)
     monkeypatch.undo()
     assert list(Run.open(path).steps("m")) == [0, 1, 2, 3]
-
-
-def test_a_reader_opened_in_the_writing_process_sees_its_buffered_rows(tmp_path):
-    """A notebook reads the run its monitor records, 25 steps in, before the automatic
-    flush: the reader showed no rows (interactive audit). Rows of a step still being
-    recorded stay buffered."""
-    path = tmp_path / "run.h5"
-    writer = RunWriter(path, flush_every=10_000, flush_seconds=1e9)
-    writer.declare("a", {"v": None})
-    for step in range(25):
-        writer.append("a", step, {"v": float(step)})
-    with Run.open(path) as run:
-        assert run.steps("a").tolist() == list(range(25))
-    with writer.one_step():
-        writer.append("a", 25, {"v": 25.0})
-        with Run.open(path) as run:  # e.g. a callback reading the file mid-step
-            assert run.steps("a").tolist() == list(range(25))
-    writer.close()
