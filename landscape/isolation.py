@@ -167,7 +167,11 @@ def full_float32() -> Iterator[None]:
             torch.backends.cuda.matmul.allow_tf32 = True
         if conv:
             torch.backends.cudnn.allow_tf32 = True
-        if lowered:
+        try:  # torch < 2.9: the flag and the precision are one setting, "high" now
+            back = lowered or torch.get_float32_matmul_precision() != precision
+        except RuntimeError:
+            back = True
+        if back:
             torch.set_float32_matmul_precision(precision)
 
 
