@@ -104,13 +104,16 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 def _graph_leaves(value: torch.Tensor) -> list[torch.Tensor]:
     """The leaf tensors whose ``.grad`` a ``value.backward()`` would accumulate into."""
     leaves: dict[int, torch.Tensor] = {}
-    seen: set[int] = set()
+    # the nodes themselves are kept: torch < 2.6 makes a new Python object for a node at
+    # every access and frees it after, so a set of ids alone met a freed node's id again
+    # in another node and stopped the walk early (a learnable tensor in the loss lost)
+    seen: dict[int, Any] = {}
     stack = [value.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen:
             continue
-        seen.add(id(node))
+        seen[id(node)] = node
         variable = getattr(node, "variable", None)  # an AccumulateGrad node
         if isinstance(variable, torch.Tensor):
             leaves.setdefault(id(variable), variable)
