@@ -367,6 +367,7 @@ class Monitor:
         self._idle_versions: tuple[Any, ...] | None = None
         self._with_depth = 0  # nested `with mon:` blocks: the outermost one closes
         self._first_step_seen = False  # the first step after a resume is checked once
+        self._recorded_here = False  # this monitor has recorded a step (not only resumed)
         self._hooked_steps = 0  # the watched optimizer's steps, counted by its pre-step hook
         self._hooked_at_call = 0  # ... at the last call
         self._watch_idle = False
@@ -958,13 +959,18 @@ class Monitor:
             self._first_step_seen = True
             self._say_dropped_rows_left_empty(step)
         if last is not None and step <= last:
+            if self.path is None:
+                advice = ""
+            elif self._recorded_here:  # a loop (a notebook cell) run again from a step
+                advice = (f" in {self.path}: go on from step {last + 1}, or record from step "
+                          f"{step} again in a new Monitor with truncate_from={step} (which "
+                          "drops the rows from it on; mode='w' would start the file over, "
+                          "without any of its rows)")
+            else:  # a new monitor into a file of an earlier run (a script run again)
+                advice = (f" in {self.path} (to start the file over, pass mode='w'; to "
+                          f"resume from step {step}, truncate_from={step})")
             raise StepOrderError(
-                f"step {step} does not come after the last recorded step {last}"
-                + ("" if self.path is None else f" in {self.path}: go on from step "
-                   f"{last + 1}, or record from step {step} again in a new Monitor with "
-                   f"truncate_from={step} (which drops the rows from it on; mode='w' would "
-                   "start the file over, without any of its rows)")
-            )
+                f"step {step} does not come after the last recorded step {last}" + advice)
         if self.probe is None and self._probe_source == "first_batch" and batch is not None:
             self._default_probe(batch, step)
         elif self._probe_source == "given" and not self._probe_aligned and batch is not None:
@@ -979,6 +985,7 @@ class Monitor:
         # the hooks count optimizer steps from start(): unknown when step() started it
         watching = self.optimizer is not None and not self._update_missed
         stepped, skipped = self._clock.call(step, watching=watching)
+        self._recorded_here = True
         self._say_unwatched_steps(watching)
         if skipped:  # a GradScaler skipped the step, a micro-batch in between: no update
             self._update_missed = True
