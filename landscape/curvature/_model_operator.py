@@ -249,7 +249,15 @@ class ModelOperator(CurvatureOperator):
         refuse_complex(named)
         dtypes = {p.dtype for p in named.values()}
         if len(dtypes) != 1:
-            raise ValueError(f"params: selected parameters mix dtypes {sorted(map(str, dtypes))}")
+            by_dtype: dict[str, list[str]] = {}
+            for n, p in named.items():
+                by_dtype.setdefault(str(p.dtype), []).append(n)
+            blocks = "; ".join(f"{d}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+                               for d, names in sorted(by_dtype.items()))
+            raise ValueError(
+                f"params: selected parameters mix dtypes {sorted(by_dtype)} ({blocks}): an "
+                "operator acts on parameters of one dtype; select one block with params= "
+                "(names or patterns such as 'head.*')")
         first = next(iter(named.values()))
         CurvatureOperator.__init__(
             self, list(named), [p.shape for p in named.values()], first.dtype, first.device

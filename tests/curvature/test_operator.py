@@ -701,3 +701,23 @@ def test_a_block_the_loss_never_reaches_has_zero_curvature_without_a_fallback():
             assert all(not t.any() for t in op.matvec(op.parameters))
             assert float(top_eigenvalues(op, k=1).values[0]) == 0.0
             assert op.backend_used == "auto" and op.first_order_reason is None
+
+
+def test_a_model_of_two_dtypes_is_told_to_select_a_block_of_one():
+    """A float64 head on a float32 body: the refusal named the dtypes alone (model-structures
+    audit); it names the parameters of each and params=, and a block of one dtype works."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3).double())
+    body = model[0]
+    model[0] = nn.Sequential(body, _ToDouble())
+    batch = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with pytest.raises(ValueError, match=r"mix dtypes .*torch.float32: 0\.0\.weight.*"
+                                         r"torch.float64: 2\.weight.*params="):
+        Hessian(model, F.cross_entropy, batch)
+    head = Hessian(model, F.cross_entropy, batch, params="2.*")
+    assert head.dtype == torch.float64 and head.dim == 6 * 3 + 3
+
+
+class _ToDouble(nn.Module):
+    def forward(self, x):
+        return x.double()
