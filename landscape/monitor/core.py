@@ -368,6 +368,7 @@ class Monitor:
         self._with_depth = 0  # nested `with mon:` blocks: the outermost one closes
         self._first_step_seen = False  # the first step after a resume is checked once
         self._recorded_here = False  # this monitor has recorded a step (not only resumed)
+        self._told_grads: set[str] = set()  # user metrics said to write into .grad
         self._hooked_steps = 0  # the watched optimizer's steps, counted by its pre-step hook
         self._hooked_at_call = 0  # ... at the last call
         self._watch_idle = False
@@ -1120,6 +1121,7 @@ class Monitor:
         """
         start = time.perf_counter()
         partial = None
+        written = self._grad_versions(metric)
         try:
             return dict(metric.compute(ctx)), True
         except Exception as caught:  # a diagnostic never stops training unless strict
@@ -1139,6 +1141,31 @@ class Monitor:
             return (nan, missed) if partial is None else ({**nan, **partial}, True)
         finally:
             self.timings[metric.name] += time.perf_counter() - start
+            if written is not None:
+                self._say_written_grads(metric, written)
+
+    def _grad_versions(self, metric: Metric) -> list[tuple[torch.Tensor, int]] | None:
+        """The ``.grad`` tensors and their versions before a metric of the user's runs.
+
+        The built-in metrics differentiate with ``torch.autograd.grad`` and ``torch.func``,
+        which never write into ``.grad``; a metric of the user's may call ``.backward()``,
+        which accumulates into the training gradients in place. None for a built-in one.
+        """
+        if type(metric).__module__.startswith("landscape.") or metric.name in self._told_grads:
+            return None
+        return [(g, g._version) for p in self._own if (g := p.grad) is not None]
+
+    def _say_written_grads(self, metric: Metric, before: list[tuple[torch.Tensor, int]]
+                           ) -> None:
+        """Warn once per metric whose computation wrote into ``.grad`` in place."""
+        if any(g._version != v for g, v in before) and self._leads:
+            self._told_grads.add(metric.name)
+            warnings.warn(
+                f"landscape: metric {metric.name!r} wrote into the parameters' .grad in place "
+                "(a .backward() call?): the training gradients changed, and an optimizer "
+                "step or a gradient accumulation after this call uses them. Differentiate "
+                "with torch.autograd.grad(loss, params) inside a metric", RuntimeWarning,
+                stacklevel=user_stacklevel())
 
     def _append(
         self, metric: Metric, ctx: StepContext, row: dict[str, Any], measured: bool

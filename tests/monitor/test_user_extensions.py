@@ -539,3 +539,54 @@ def test_a_failure_says_its_type_and_where_in_the_users_code(tmp_path):
     message = next(f.message for f in mon.findings if f.rule == "metric_failed")
     line = _ReadsAMissingKey.compute.__code__.co_firstlineno + 2
     assert message.endswith(f": KeyError: 'lr' (at test_user_extensions.py:{line})"), message
+
+
+class _BackwardNorm(Metric):
+    """The gradient norm of the probe's loss, by .backward() (the mistake) or autograd.grad."""
+
+    name = "backward_norm"
+    FIELDS = ("value",)
+    default_schedule = ls.every(1)
+    default_data = "batch"
+
+    def __init__(self, by_backward: bool, **kwargs):
+        super().__init__(**kwargs)
+        self.by_backward = by_backward
+
+    def compute(self, ctx):
+        x, y = ctx.data(self.data)
+        loss = F.cross_entropy(ctx.model(x), y)
+        params = [p for p in ctx.model.parameters() if p.requires_grad]
+        if self.by_backward:
+            loss.backward()
+            grads = [p.grad for p in params]
+        else:
+            grads = torch.autograd.grad(loss, params)
+        return {"value": float(torch.sqrt(sum((g * g).sum() for g in grads)))}
+
+
+@pytest.mark.parametrize("by_backward", [True, False])
+def test_a_metric_that_writes_into_the_training_gradients_is_warned_about_once(
+        tmp_path, by_backward):
+    """A metric of the user's that calls .backward() accumulates into the training .grad in
+    place, which the monitor restores by object, not by value (interactive audit)."""
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with ls.Monitor(model, F.cross_entropy, tmp_path / "run.h5", optimizer=opt,
+                        metrics=["loss", _BackwardNorm(by_backward)], warn=False) as mon:
+            for step in range(3):
+                x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                before = [p.grad.clone() for p in model.parameters()]
+                opt.step()
+                mon.step(step, batch=(x, y), loss=loss)
+                changed = any(not torch.equal(b, p.grad)
+                              for b, p in zip(before, model.parameters()))
+                assert changed == by_backward
+    said = [w for w in seen if "wrote into the parameters' .grad" in str(w.message)]
+    assert len(said) == (1 if by_backward else 0)
