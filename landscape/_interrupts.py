@@ -51,6 +51,7 @@ class InterruptGuard:
         self._previous: dict[int, Any] = {}
         self._depth = 0
         self._held: tuple[int, Any] | None = None
+        self._acting = False  # inside _act: a handler chain that loops back stops here
 
     def install(self) -> InterruptGuard:
         """Install the handlers (a no-op outside the main thread).
@@ -79,10 +80,13 @@ class InterruptGuard:
         """
         if not self._previous or threading.current_thread() is not threading.main_thread():
             return
+        guards = [g._handle for g in _INSTALLED]
         for sig in list(self._previous):
             with contextlib.suppress(ValueError, OSError, TypeError):
                 current = signal.getsignal(sig)
-                if current != self._handle:
+                # another monitor's handler, installed after ours, calls ours after its
+                # flush: taking it as our previous one would make the two call each other
+                if current != self._handle and current not in guards:
                     self._previous[sig] = current
                     signal.signal(sig, self._handle)
 
@@ -125,7 +129,17 @@ class InterruptGuard:
         self._act(signum, frame)
 
     def _act(self, signum: int, frame: Any) -> None:
-        prev = self._previous.get(signum, signal.SIG_DFL)
+        if self._acting:  # a chain of handlers that came back here: act as the default
+            prev = signal.SIG_DFL
+        else:
+            prev = self._previous.get(signum, signal.SIG_DFL)
+        self._acting = True
+        try:
+            self._act_after(prev, signum, frame)
+        finally:
+            self._acting = False
+
+    def _act_after(self, prev: Any, signum: int, frame: Any) -> None:
         with contextlib.suppress(Exception):
             self._flush()
         if prev is signal.SIG_IGN:

@@ -80,8 +80,10 @@ def failure_finding(metric: str, step: int, err: Exception, nonfinite: str | Non
                    value=math.nan, threshold=math.nan, message=message, hint=hint)
 
 
-_LIBRARIES = (os.path.dirname(torch.__file__) + os.sep,
-              os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep)
+_TORCH = os.path.dirname(torch.__file__) + os.sep
+_STDLIB = os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
+_SITE = tuple({os.path.abspath(sysconfig.get_paths()[k]) + os.sep
+               for k in ("purelib", "platlib")})  # under the stdlib in some Pythons
 _OURS = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
@@ -97,6 +99,8 @@ def _describe(err: BaseException) -> str:
     frames = traceback.extract_tb(err.__traceback__) if err.__traceback__ else []
     for frame in reversed(frames):
         name = os.path.abspath(frame.filename)
-        if not name.startswith(_OURS) and not name.startswith(_LIBRARIES):
+        library = name.startswith((_OURS, _TORCH)) or (
+            name.startswith(_STDLIB) and not name.startswith(_SITE))
+        if not library:
             return f"{described} (at {os.path.basename(name)}:{frame.lineno})"
     return described

@@ -160,9 +160,16 @@ def full_float32() -> Iterator[None]:
         lowered = precision != "highest"
     if lowered:
         torch.set_float32_matmul_precision("highest")
+    # per-backend settings the old flags do not show (oneDNN's convolutions in bf16)
+    lower = [(o, n, v) for o, n in _precision_settings() if (v := getattr(o, n)) in
+             ("tf32", "bf16")]
+    for owner, name, _ in lower:
+        setattr(owner, name, "ieee")
     try:
         yield
     finally:
+        for owner, name, value in reversed(lower):
+            setattr(owner, name, value)
         if matmul:
             torch.backends.cuda.matmul.allow_tf32 = True
         if conv:

@@ -317,6 +317,7 @@ _PRECISION_SETUPS = {
     "new API, all backends": "torch.backends.fp32_precision = 'tf32'",
     "new API, CUDA matmul": "torch.backends.cuda.matmul.fp32_precision = 'tf32'",
     "new API, oneDNN bf16 on the CPU": "torch.backends.mkldnn.matmul.fp32_precision = 'bf16'",
+    "new API, oneDNN convolutions in bf16": "torch.backends.mkldnn.conv.fp32_precision = 'bf16'",
 }
 
 
@@ -344,7 +345,8 @@ def read():
                 lambda: torch.backends.cudnn.allow_tf32,
                 *[(lambda o=o: o.fp32_precision) for o in (
                     getattr(torch.backends.cuda, "matmul", None),
-                    getattr(torch.backends.mkldnn, "matmul", None))
+                    getattr(torch.backends.mkldnn, "matmul", None),
+                    getattr(torch.backends.mkldnn, "conv", None))
                   if hasattr(o, "fp32_precision")]):
         try:
             out.append(repr(get()))
@@ -355,7 +357,8 @@ def read():
 before = read()
 with full_float32():  # TF32 and bf16 off, whichever way torch reads them
     new = [o.fp32_precision for o in (torch.backends.cuda.matmul,
-                                      getattr(torch.backends.mkldnn, "matmul", None))
+                                      getattr(torch.backends.mkldnn, "matmul", None),
+                                      getattr(torch.backends.mkldnn, "conv", None))
            if hasattr(o, "fp32_precision")]
     try:
         legacy = [torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32]

@@ -609,26 +609,35 @@ class ModelOperator(CurvatureOperator):
             return
         self._symmetry_checked.add(path)
 
-        def measure() -> float:
+        def measure() -> float | None:
             vs = [rademacher(self.shapes, self.dtype, self.device, seed) for seed in (1, 2, 3)]
             self._checking_symmetry = True
             try:
                 with self._reduce.deferred() if collective else contextlib.nullcontext():
                     products = self._matmat(vs) if batched else [self._matvec(v) for v in vs]
-                if collective:  # one all-reduce in a fixed layout (none inside matmat's)
+                # outside a public matmat: one all-reduce in a fixed layout; inside one
+                # (already deferred) the products stay this rank's, each rank checks its
+                # own operator, and the largest asymmetry decides for all
+                if collective:
                     products = self._reduce.products(products, len(self.shapes))
             finally:
                 self._checking_symmetry = False
+            if self._backend.first_order:  # an exact product raised meanwhile: no verdict
+                return None
             value = asymmetry(vs, products)
             if collective:  # every rank decides alike
                 value = _dist.max_over_ranks(value, self.device)
             return value
 
-        # (a collective check is remembered apart: every rank must run it, also where one
-        # rank checked the same model alone before)
-        key = (type(self).__name__, tuple(self.names), path)
+        # the function differentiated: its modes (a function may run only in train mode),
+        # whether a closure or forward replaces loss_fn; a collective check is remembered
+        # apart (every rank must run it, also where one rank checked the model alone)
+        opts = self.options
+        key = (type(self).__name__, tuple(self.names), path, opts.eval_mode,
+               opts.batch_statistics, self.closure is not None, self.forward is not None)
         value = remembered(self.model, key, measure)
-        if not value > ASYMMETRY_TOLERANCE.get(self.dtype, 1e-3) or self._backend.first_order:
+        if value is None or not value > ASYMMETRY_TOLERANCE.get(self.dtype, 1e-3) \
+                or self._backend.first_order:
             return
         reason = (f"its products are not symmetric: <u, A w> and <w, A u> differ by "
                   f"{value:.2g} of the products' size, so the model differentiates through a "

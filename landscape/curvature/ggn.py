@@ -100,11 +100,15 @@ class GGN(ModelOperator):
     def _autograd_product(self, tangent: Tensors, batch: Any) -> list[torch.Tensor]:
         leaves = self._leaves()
         out, targets = self._model_output(leaves, batch)
-        if not isinstance(out, torch.Tensor):  # torch.func took dicts and tuples; not this
-            raise TypeError(
-                f"GGN: the model's output ({type(out).__name__}) is no tensor, nor a dict or "
-                "tuple of tensors, which the GGN differentiates: pass forward=lambda model, "
-                "batch: (model(inputs).logits, targets)")
+        if not isinstance(out, torch.Tensor):  # a dict or tuple: torch.func's product
+            try:
+                product = self._func_product(self._current(), tangent, batch)
+            except Exception as err:  # a dataclass, no pytree: torch.func cannot either
+                raise TypeError(
+                    f"GGN: the model's output ({type(out).__name__}) is no tensor, nor a dict "
+                    "or tuple of tensors, which the GGN differentiates: pass forward=lambda "
+                    "model, batch: (model(inputs).logits, targets)") from err
+            return [product[n] for n in self.names]
         if not out.requires_grad:
             # unused parameters, or cut off by a reentrant activation checkpoint: raises
             self._check_reached([None] * len(leaves), leaves, batch)

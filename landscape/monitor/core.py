@@ -108,8 +108,9 @@ def close_monitors(model: nn.Module | None = None, *, keep: Monitor | None = Non
     Returns:
         How many monitors were closed.
     """
+    inner = None if model is None else _dist.unwrap(model)  # the monitor keeps that one
     closing = [m for m in list(_OPEN)
-               if m is not keep and (model is None or m.model is model)]
+               if m is not keep and (inner is None or m.model is inner)]
     for monitor in closing:
         monitor.close()
     return len(closing)
@@ -478,8 +479,8 @@ class Monitor:
             raise
         # Ctrl-C / SIGTERM: flush the file first, never in the middle of a step's rows
         self._interrupts = InterruptGuard(self.flush, self.close).install()
+        _OPEN.add(self)  # before the warning, which a filter may turn into an error
         self._say_other_open_monitors()
-        _OPEN.add(self)
         return self
 
     def _say_other_open_monitors(self) -> None:
@@ -489,11 +490,12 @@ class Monitor:
         first monitor was never closed, so its optimizer hooks still run at every step and
         keep a copy of the weights, and no variable may hold it any more. Two monitors of
         one model at once are allowed (both record, neither changes training): this is a
-        warning, once, at the start of the second.
+        warning, at the start of the second.
         """
-        others = [m for m in list(_OPEN) if m is not self and (
-            m.model is self.model
-            or (self.optimizer is not None and m.optimizer is self.optimizer))]
+        others = [m for m in list(_OPEN) if m is not self
+                  and m.writer is not None and not m.writer.closed  # (close_writers: inert)
+                  and (m.model is self.model
+                       or (self.optimizer is not None and m.optimizer is self.optimizer))]
         if not others or not self._leads:
             return
         where = ", ".join(str(m.path) if m.path is not None else "in memory" for m in others)

@@ -308,7 +308,8 @@ class MemoryBackend(Backend):
         room = len(t["step"])
         for name, spec in fields.items():
             t["fields"][name] = spec
-            t["cols"][name] = np.full((room, *spec.shape), np.nan, spec.dtype)
+            fill = np.nan if np.issubdtype(np.dtype(spec.dtype), np.floating) else 0
+            t["cols"][name] = np.full((room, *spec.shape), fill, spec.dtype)
 
     def append_rows(self, path, steps, cols):
         """Write the rows into the arrays' room, doubling it when it runs out.

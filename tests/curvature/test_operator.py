@@ -678,6 +678,18 @@ def test_a_ggn_of_a_model_returning_a_dataclass_names_forward():
     plain = GGN(model.a, F.cross_entropy, (x, y))
     torch.testing.assert_close(fixed.to_dense(), plain.to_dense())
 
+    class DictNet(Net):  # a dict is a pytree: its exact GGN needs no forward= (review)
+        def forward(self, x):
+            return {"logits": self.a(x)}
+
+    as_dict = DictNet().double()
+    as_dict.load_state_dict(model.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        G = GGN(as_dict, lambda o, t: F.cross_entropy(o["logits"], t), (x, y))
+        torch.testing.assert_close(G.to_dense(), plain.to_dense())
+    assert G.backend_used != "first_order"
+
 
 def test_a_block_the_loss_never_reaches_has_zero_curvature_without_a_fallback():
     """An auxiliary head the loss does not read: the exact product raised "element 0 of

@@ -156,3 +156,28 @@ def test_the_estimate_reads_the_antisymmetric_share_of_an_explicit_matrix():
         want = float(0.5 * (a - a.T).norm() / a.norm())
         assert 0.3 * want < estimate(a) < 3 * want
     assert asymmetry(vs, [(torch.zeros(n, dtype=torch.float64),)] * 3) == 0.0
+
+
+class _BrokenInTraining(_Net):
+    """The once-differentiable tanh only in train mode (eval mode takes torch.tanh)."""
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(_OnceTanh.apply(h) if self.training else torch.tanh(h))
+
+
+def test_a_function_broken_only_in_train_mode_is_checked_for_that_mode():
+    """The verdict was remembered per model and parameters alone: an eval-mode operator
+    checked first left a later eval_mode=False operator wrong without a word (review)."""
+    torch.manual_seed(0)
+    model = _BrokenInTraining(once=True).double()
+    batch = _batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        evaluated = Hessian(model, F.cross_entropy, batch)
+        evaluated.matvec(evaluated.parameters)
+    assert evaluated.backend_used == "auto"
+    with pytest.warns(RuntimeWarning, match="not symmetric"):
+        trained = Hessian(model, F.cross_entropy, batch, eval_mode=False)
+        trained.matvec(trained.parameters)
+    assert trained.backend_used == "first_order"

@@ -146,3 +146,41 @@ def test_a_handler_replaced_between_steps_is_put_back_at_the_next_step(tmp_path)
     finally:
         mon.close()
         signal.signal(signal.SIGINT, before)
+
+
+def test_two_monitors_stepping_together_end_in_one_keyboard_interrupt(tmp_path):
+    """A GAN's two monitors: each step put its handler back in front of the other's, the
+    two then called each other, and Ctrl-C raised RecursionError after ~500 flushes
+    (review of the handler that is put back at every step)."""
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    import landscape as ls
+
+    before = signal.getsignal(signal.SIGINT)
+    models_ = [torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models_]
+    losses = [F.mse_loss, F.cross_entropy]
+    mons = [ls.Monitor(m, f, tmp_path / f"{i}.h5", optimizer=o, warn=False)
+            for i, (m, f, o) in enumerate(zip(models_, losses, opts))]
+    try:
+        for step in range(3):
+            for m, model, opt, f in zip(mons, models_, opts, losses):
+                x = torch.randn(8, 4)
+                y = torch.randn(8, 4) if f is F.mse_loss else torch.randint(0, 2, (8,))
+                loss = f(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                m.step(step, batch=(x, y), loss=loss)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        for i in range(2):  # both files were flushed: every step's rows are there
+            assert Run.open(tmp_path / f"{i}.h5").steps("loss").tolist() == [0, 1, 2]
+    finally:
+        for m in mons:
+            m.close()
+        signal.signal(signal.SIGINT, before)

@@ -511,8 +511,8 @@ def test_directions_given_as_an_object_or_vectors_give_the_random_plane():
 
 @pytest.mark.parametrize("batches", [1, 2])
 def test_the_accuracy_of_a_model_returning_a_dict_or_tuple_reads_its_logits(batches):
-    """Surfaces stored NaN accuracy, silently, for the outputs the monitor reads logits
-    from (a dict's "logits", a tuple's first tensor; model-structures audit)."""
+    """Surfaces stored NaN accuracy, silently, for a dict's "logits" (model-structures
+    audit); a tuple's first tensor may be features, and keeps NaN (review)."""
     class Net(nn.Module):
         def __init__(self, kind):
             super().__init__()
@@ -535,4 +535,7 @@ def test_the_accuracy_of_a_model_returning_a_dict_or_tuple_reads_its_logits(batc
         model.load_state_dict(plain.state_dict())
         got = line(model, lambda o, t, read=read: F.cross_entropy(read(o), t), data,
                            steps=5, progress=False, seed=3).values["accuracy"]
-        np.testing.assert_array_equal(got, accuracy)
+        if kind == "dict":
+            np.testing.assert_array_equal(got, accuracy)
+        else:  # a tuple's first tensor may be features ((features, logits)): no accuracy
+            assert np.isnan(got).all()
