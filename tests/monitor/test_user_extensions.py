@@ -475,15 +475,22 @@ def test_a_metric_name_with_a_comma_is_refused():
         ls.Monitor(models.mlp(), F.cross_entropy, metrics=[Commas()])
 
 
-class _FailsAtFive(Metric):
-    name = "fails_at_five"
+class _FailsAt(Metric):
+    """A metric of the user's with a bug that shows at one step."""
+
+    name = "fails_at"
     FIELDS = ("value",)
     default_schedule = ls.every(1)
     default_data = "batch"
 
+    def __init__(self, step: int, **kwargs):
+        super().__init__(**kwargs)
+        self.step = step
+
     def compute(self, ctx):
-        if ctx.step == 5:
-            raise ZeroDivisionError("a bug in the user's metric")
+        if ctx.step == self.step:
+            settings = {}
+            return {"value": settings["lr"]}  # a KeyError says only 'lr'
         return {"value": 1.0}
 
 
@@ -498,7 +505,7 @@ def test_a_callback_that_stops_training_loses_none_of_the_steps_findings(tmp_pat
         raise RuntimeError(f"stop: {finding.rule}")
 
     mon = ls.Monitor(model, F.cross_entropy, tmp_path / "run.h5", optimizer=opt,
-                     metrics=[*ls.metrics.preset("cheap"), _FailsAtFive()], on_finding=stop)
+                     metrics=[*ls.metrics.preset("cheap"), _FailsAt(5)], on_finding=stop)
     g = torch.Generator().manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -516,28 +523,17 @@ def test_a_callback_that_stops_training_loses_none_of_the_steps_findings(tmp_pat
     assert (5, "nonfinite") in {(f.step, f.rule) for f in mon.findings}
 
 
-class _ReadsAMissingKey(Metric):
-    name = "reads_a_missing_key"
-    FIELDS = ("value",)
-    default_schedule = ls.every(1)
-    default_data = "batch"
-
-    def compute(self, ctx):
-        settings = {}
-        return {"value": settings["lr"]}  # a KeyError says only 'lr'
-
-
 def test_a_failure_says_its_type_and_where_in_the_users_code(tmp_path):
     """A bare assert gave "failed at step 0 on the step's batch: " and a KeyError only its
     key, 'lr' (interactive audit): the type and the user's file and line are named."""
     model = models.mlp()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with ls.Monitor(model, F.cross_entropy, tmp_path / "run.h5", metrics=[_ReadsAMissingKey()],
+        with ls.Monitor(model, F.cross_entropy, tmp_path / "run.h5", metrics=[_FailsAt(0)],
                         warn=False) as mon:
             mon.step(0, batch=models.classification_data(), loss=1.0)
     message = next(f.message for f in mon.findings if f.rule == "metric_failed")
-    line = _ReadsAMissingKey.compute.__code__.co_firstlineno + 2
+    line = _FailsAt.compute.__code__.co_firstlineno + 3
     assert message.endswith(f": KeyError: 'lr' (at test_user_extensions.py:{line})"), message
 
 
