@@ -182,8 +182,13 @@ def full_float32() -> Iterator[None]:
             torch.set_float32_matmul_precision(precision)
 
 
-def _precision_settings() -> list[tuple[Any, str]]:
-    """The per-backend ``fp32_precision`` settings of torch >= 2.9 (those that exist)."""
+@functools.cache
+def _precision_settings() -> tuple[tuple[Any, str], ...]:
+    """The per-backend ``fp32_precision`` settings of torch >= 2.9 (those that exist).
+
+    Looked up once: which settings torch has does not change, and every monitor step's
+    measurements enter :func:`full_float32` (the lookup took half its time).
+    """
     backends = torch.backends
     owners = [getattr(backends.cuda, "matmul", None),
               getattr(getattr(backends, "cudnn", None), "conv", None),
@@ -191,8 +196,8 @@ def _precision_settings() -> list[tuple[Any, str]]:
               getattr(getattr(backends, "mkldnn", None), "matmul", None),
               getattr(getattr(backends, "mkldnn", None), "conv", None),
               getattr(getattr(backends, "mkldnn", None), "rnn", None)]
-    return [(o, "fp32_precision") for o in owners
-            if o is not None and hasattr(o, "fp32_precision")]
+    return tuple((o, "fp32_precision") for o in owners
+                 if o is not None and hasattr(o, "fp32_precision"))
 
 
 @contextlib.contextmanager
