@@ -88,9 +88,8 @@ def first_tensor(value: Any) -> torch.Tensor | None:
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, Mapping):
-        if isinstance(value.get("logits"), torch.Tensor):
-            return value["logits"]
-        return first_tensor(tuple(value.values()))
+        named = named_logits(value)
+        return named if named is not None else first_tensor(tuple(value.values()))
     if isinstance(value, (tuple, list)):
         # a leading scalar is a loss: Hugging Face's return_dict=False outputs are
         # (loss, logits, ...) when given labels; stop at the first tensor with dimensions
@@ -101,7 +100,17 @@ def first_tensor(value: Any) -> torch.Tensor | None:
                 return t
             scalar = t if scalar is None else scalar
         return scalar
-    logits = getattr(value, "logits", None)
+    return named_logits(value)
+
+
+def named_logits(value: Any) -> torch.Tensor | None:
+    """The tensor an output names ``logits``: a mapping's entry or an attribute, else None.
+
+    A Hugging Face ``ModelOutput`` (a mapping), a dict, a dataclass. Unlike
+    :func:`first_tensor` no other tensor stands in for it: a tuple's first tensor may be
+    features (``(features, logits)``).
+    """
+    logits = value.get("logits") if isinstance(value, Mapping) else getattr(value, "logits", None)
     return logits if isinstance(logits, torch.Tensor) else None
 
 

@@ -236,10 +236,15 @@ class Backend(ABC):
         """Release the storage; closing twice is harmless."""
 
 
+def _blank(rows: int, shape: tuple[int, ...], dtype: np.typing.DTypeLike) -> np.ndarray:
+    """``rows`` rows not written yet: NaN for a float field, 0 for any other."""
+    fill = np.nan if np.issubdtype(np.dtype(dtype), np.floating) else 0
+    return np.full((rows, *shape), fill, dtype)
+
+
 def _with_room(arr: np.ndarray, n: int, room: int) -> np.ndarray:
-    """A copy of ``arr``'s first ``n`` rows in an array of ``room`` rows (NaN or 0 after)."""
-    fill = np.nan if np.issubdtype(arr.dtype, np.floating) else 0
-    out = np.full((room, *arr.shape[1:]), fill, arr.dtype)
+    """A copy of ``arr``'s first ``n`` rows in an array of ``room`` rows (blank after)."""
+    out = _blank(room, arr.shape[1:], arr.dtype)
     out[:n] = arr[:n]
     return out
 
@@ -303,13 +308,12 @@ class MemoryBackend(Backend):
         return t["cols"][name][:t["rows"]][start:n].copy()
 
     def add_fields(self, path, fields):
-        """NaN columns as long as the table (and its room)."""
+        """Blank columns (NaN for floats) as long as the table's room."""
         t = self._tables[path]
         room = len(t["step"])
         for name, spec in fields.items():
             t["fields"][name] = spec
-            fill = np.nan if np.issubdtype(np.dtype(spec.dtype), np.floating) else 0
-            t["cols"][name] = np.full((room, *spec.shape), fill, spec.dtype)
+            t["cols"][name] = _blank(room, spec.shape, spec.dtype)
 
     def append_rows(self, path, steps, cols):
         """Write the rows into the arrays' room, doubling it when it runs out.

@@ -17,6 +17,7 @@ from torch.func import functional_call
 
 from landscape import distributed as _dist
 from landscape.batches import leading_size, model_call, to_device
+from landscape.capture import named_logits
 from landscape.isolation import ClosureModule, loader_randomness_kept
 from landscape.surface.directions import Directions
 
@@ -397,25 +398,19 @@ class PointEvaluator:
 def _hits(out: Any, target: Any) -> torch.Tensor | None:
     """How many ``argmax(logits, -1)`` equal ``target``; None where they cannot compare.
 
-    The scores are the output itself, or its ``"logits"`` entry or attribute (a dict, a
-    Hugging Face ``ModelOutput``); a tuple's first tensor may be features, not logits
-    (``(features, logits)``), and gives NaN as any other output. Scores over at least two
-    classes: a single logit,
-    shape ``(..., 1)``, would always give class 0 (its accuracy is NaN, as for any output
-    whose shape does not match the targets').
+    The scores are the output itself, or its ``"logits"`` entry or attribute
+    (:func:`~landscape.capture.named_logits`: a dict, a Hugging Face ``ModelOutput``); a
+    tuple's first tensor may be features, not logits (``(features, logits)``), and gives
+    NaN as any other output. Scores over at least two classes: a single logit, shape
+    ``(..., 1)``, would always give class 0 (its accuracy is NaN, as for any output whose
+    shape does not match the targets').
     """
-    logits = out if isinstance(out, torch.Tensor) else _named_logits(out)
+    logits = out if isinstance(out, torch.Tensor) else named_logits(out)
     if not (isinstance(logits, torch.Tensor) and isinstance(target, torch.Tensor)
             and logits.dim() > 0 and logits.shape[-1] > 1
             and logits.shape[:-1] == target.shape):
         return None
     return (logits.argmax(dim=-1) == target).sum()
-
-
-def _named_logits(out: Any) -> torch.Tensor | None:
-    """The tensor an output names ``logits`` (a mapping's entry or an attribute), or None."""
-    value = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
-    return value if isinstance(value, torch.Tensor) else None
 
 
 def fingerprint(tensors: Sequence[torch.Tensor]) -> list[float]:
