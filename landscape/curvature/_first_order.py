@@ -73,7 +73,7 @@ from landscape.curvature._step import (
 from landscape.distributed import is_sharded, local_tensor, shard_of, sharded_sum
 from landscape.findings import user_stacklevel
 from landscape.isolation import no_grad_forward, same_rng, stateless_closure
-from landscape.params import Vector, dot
+from landscape.params import Vector
 
 if TYPE_CHECKING:  # pragma: no cover
     from landscape.curvature._model_operator import ModelOperator
@@ -486,8 +486,14 @@ class FirstOrder(ShiftedEvaluation):
 def _squares(tensors: Sequence[torch.Tensor]) -> float:
     """The sum of the squares of every entry of ``tensors``, in float64.
 
-    :func:`~landscape.params.dot` of the float64 tensors with themselves, which sums
-    tensors on several devices (a model split over GPUs) on the host.
+    Each tensor is widened on its own, so at most one tensor's float64 copy lives at a
+    time (a float64 copy of all of GPT-2 small's parameters at once is 1 GB). The squares
+    are summed per device, in the order :func:`~landscape.params.dot` sums them (the same
+    bits on one device); a model split over GPUs adds its devices' sums on the host.
     """
-    wide = [t.double() for t in tensors]
-    return float(dot(wide, wide))
+    sums: dict[torch.device, torch.Tensor] = {}
+    for t in tensors:
+        wide = t.double()
+        square = torch.sum(wide * wide)
+        sums[t.device] = sums[t.device] + square if t.device in sums else square
+    return sum(float(s) for s in sums.values())

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from landscape.curvature import GGN, Hessian, top_eigenvalues
-from landscape.curvature._first_order import step_size
-from landscape.params import flatten, unflatten
+from landscape.curvature._first_order import _squares, step_size
+from landscape.params import dot, flatten, unflatten
 from tests import models
 from tests.curvature._dense import dense_ggn, dense_hessian
 
@@ -121,6 +123,35 @@ def test_step_size_follows_the_scales():
                 backend="first_order")
     zero = tuple(torch.zeros(s, dtype=torch.float64) for s in H.shapes)
     assert all(torch.equal(t, z) for t, z in zip(H.matvec(zero), zero))
+
+
+class _LiveFloat64(TorchDispatchMode):
+    """The most bytes of float64 tensors alive at once among those made inside the mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.dtype == torch.float64:
+            size = out.numel() * 8
+            self.live += size
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(out, self._free, size)
+        return out
+
+    def _free(self, size):
+        self.live -= size
+
+
+def test_the_parameters_norm_widens_one_tensor_at_a_time():
+    tensors = [torch.randn(10_000) for _ in range(10)]
+    wide = [t.double() for t in tensors]
+    with _LiveFloat64() as mode:
+        got = _squares(tensors)
+    assert got == float(dot(wide, wide))  # the same bits as one float64 dot
+    assert mode.peak <= 2 * 10_000 * 8 + 64  # a copy and its square, not all ten copies
 
 
 class _NoDoubleBackward(torch.autograd.Function):
