@@ -558,6 +558,23 @@ class StepContext:
             self._cache["grad_norm"] = gradient_norm(own[n] for n in self.names)
         return self._cache["grad_norm"]
 
+    def loss_value(self) -> float:
+        """The loss passed to the step as a Python float, read once for the step.
+
+        A 0-d tensor's value; a non-scalar loss's mean in float64. Never through float32:
+        a float64 loss of 1e39 is finite and stays so, and a mean of finite float32 values
+        does not overflow in float64. On a GPU each read waits for the device, so the
+        ``loss`` and ``nonfinite`` metrics share this one.
+        """
+        if "loss_value" not in self._cache:
+            value = self.loss
+            if isinstance(value, torch.Tensor):
+                if value.dim() != 0:
+                    value = value.detach().to(torch.float64).mean()
+                value = value.item()
+            self._cache["loss_value"] = float(value)
+        return self._cache["loss_value"]
+
     def given_norm_stands_in(self) -> bool:
         """Whether the norm passed as ``step(grad_norm=...)`` stands for the gradient.
 

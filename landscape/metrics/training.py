@@ -44,19 +44,6 @@ __all__ = [
 ]
 
 
-def _as_float(value: Any) -> float:
-    """A loss as a Python float: its value, or its mean in float64 (a non-scalar loss).
-
-    Never through float32: a float64 loss of 1e39 is finite and stays so, and a mean of
-    finite float32 values does not overflow in float64.
-    """
-    if isinstance(value, torch.Tensor):
-        if value.dim() == 0:  # the same value, one call
-            return float(value.item())
-        return float(value.detach().to(torch.float64).mean().item())
-    return float(value)
-
-
 @register
 class Loss(Metric):
     """The training loss the user passed to ``step(loss=...)`` (no recomputation).
@@ -84,7 +71,7 @@ class Loss(Metric):
         """
         if ctx.loss is None:
             raise MissingInput(ctx.no_loss_reason)
-        return {"value": _as_float(ctx.loss), "samples": _samples(ctx)}
+        return {"value": ctx.loss_value(), "samples": _samples(ctx)}
 
 
 def _samples(ctx: StepContext) -> float:
@@ -176,7 +163,7 @@ class NonFinite(Metric):
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
         """The ``loss``, ``grad`` and ``skipped`` flags (NaN when not known)."""
-        loss_bad = math.nan if ctx.loss is None else float(not math.isfinite(_as_float(ctx.loss)))
+        loss_bad = math.nan if ctx.loss is None else float(not math.isfinite(ctx.loss_value()))
         gnorm = ctx.grad_norm()
         if ctx.given_norm_stands_in():  # .grad zeroed before the call: the norm says it
             grad_bad = _given_norm_flag(float(ctx.given_grad_norm), ctx.parameters)

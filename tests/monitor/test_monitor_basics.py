@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import landscape as ls
 from landscape._errors import StepOrderError
@@ -484,3 +485,33 @@ def test_strict_or_a_named_layer_that_does_not_exist_still_raises():
     with pytest.raises(ValueError, match="not a submodule"):
         Monitor(model, F.cross_entropy,
                 metrics=[ls.metrics.create("spectral_alignment", layers=["head"])]).start()
+
+
+class _LossReads(TorchDispatchMode):
+    """Counts the reads of one tensor's value to the host (each a device sync on a GPU)."""
+
+    def __init__(self, tensor):
+        super().__init__()
+        self.tensor, self.reads = tensor, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and args[0] is self.tensor:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_default_monitor_reads_the_loss_once_a_step():
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = models.classification_data(16, seed=1)
+    with Monitor(model, F.cross_entropy, optimizer=opt, warn=False) as mon:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with _LossReads(loss) as reads:
+            mon.step(0, batch=(x, y), loss=loss)
+        run = mon.run()
+    assert reads.reads == 1  # the loss and nonfinite metrics share one read
+    assert run.series("loss", "value")[1][0] == loss.item()
+    assert run.series("nonfinite", "loss")[1][0] == 0.0
