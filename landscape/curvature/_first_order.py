@@ -483,17 +483,23 @@ class FirstOrder(ShiftedEvaluation):
         return norm
 
 
+#: entries widened to float64 at a time by :func:`_squares` (8 MB of float64)
+_SQUARES_CHUNK = 1 << 20
+
+
 def _squares(tensors: Sequence[torch.Tensor]) -> float:
     """The sum of the squares of every entry of ``tensors``, in float64.
 
-    Each tensor is widened on its own, so at most one tensor's float64 copy lives at a
-    time (a float64 copy of all of GPT-2 small's parameters at once is 1 GB). The squares
-    are summed per device, in the order :func:`~landscape.params.dot` sums them (the same
-    bits on one device); a model split over GPUs adds its devices' sums on the host.
+    Widened :data:`_SQUARES_CHUNK` entries at a time, so the float64 copies never hold more
+    than one chunk and its squares (a float64 copy of all of GPT-2 small's parameters at
+    once is 1 GB; of its token embedding alone 0.3 GB). A tensor of one chunk is summed as
+    :func:`~landscape.params.dot` sums it (the same bits). The sums are kept per device; a
+    model split over GPUs adds its devices' sums on the host.
     """
     sums: dict[torch.device, torch.Tensor] = {}
     for t in tensors:
-        wide = t.double()
-        square = torch.sum(wide * wide)
-        sums[t.device] = sums[t.device] + square if t.device in sums else square
+        for chunk in t.reshape(-1).split(_SQUARES_CHUNK):
+            wide = chunk.double()
+            square = torch.sum(wide * wide)
+            sums[t.device] = sums[t.device] + square if t.device in sums else square
     return sum(float(s) for s in sums.values())

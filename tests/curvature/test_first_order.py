@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from landscape.curvature import GGN, Hessian, top_eigenvalues
+from landscape.curvature import _first_order as first_order
 from landscape.curvature._first_order import _squares, step_size
 from landscape.params import dot, flatten, unflatten
 from tests import models
@@ -145,13 +146,18 @@ class _LiveFloat64(TorchDispatchMode):
         self.live -= size
 
 
-def test_the_parameters_norm_widens_one_tensor_at_a_time():
+def test_the_parameters_norm_widens_a_chunk_at_a_time(monkeypatch):
     tensors = [torch.randn(10_000) for _ in range(10)]
     wide = [t.double() for t in tensors]
     with _LiveFloat64() as mode:
         got = _squares(tensors)
-    assert got == float(dot(wide, wide))  # the same bits as one float64 dot
+    assert got == float(dot(wide, wide))  # tensors within a chunk: the bits of a dot
     assert mode.peak <= 2 * 10_000 * 8 + 64  # a copy and its square, not all ten copies
+    monkeypatch.setattr(first_order, "_SQUARES_CHUNK", 1000)
+    with _LiveFloat64() as mode:
+        chunked = _squares(tensors)
+    assert chunked == pytest.approx(got, rel=1e-14)
+    assert mode.peak <= 2 * 1000 * 8 + 64
 
 
 class _NoDoubleBackward(torch.autograd.Function):
