@@ -42,7 +42,9 @@ from landscape.curvature._reduction import RankReduction
 from landscape.curvature._shifted import NoGradientError
 from landscape.curvature._symmetry import (
     ASYMMETRY_TOLERANCE,
+    ROUNDING_MULTIPLE,
     asymmetry,
+    nonlinearity,
     rademacher,
     remembered,
 )
@@ -595,7 +597,8 @@ class ModelOperator(CurvatureOperator):
 
         Three products with fixed ±1 vectors, not counted in ``n_matvec``, the first time a
         model's operator of this kind and parameters takes the path
-        (:mod:`landscape.curvature._symmetry`). A product that is not symmetric beyond
+        (:mod:`landscape.curvature._symmetry`), and a fourth when they are asymmetric, to
+        measure the products' rounding. A product that is not symmetric beyond
         rounding differentiates through a function torch cannot differentiate twice
         correctly: ``"auto"`` takes the first-order product, with one warning; a backend
         asked for by name is kept, with a warning that its numbers are wrong.
@@ -608,9 +611,9 @@ class ModelOperator(CurvatureOperator):
                 or self._backend.first_order:
             return
         self._symmetry_checked.add(path)
+        tolerance = ASYMMETRY_TOLERANCE.get(self.dtype, 1e-3)
 
-        def measure() -> float | None:
-            vs = [rademacher(self.shapes, self.dtype, self.device, seed) for seed in (1, 2, 3)]
+        def products_of(vs: list[Vector]) -> list[Vector]:
             self._checking_symmetry = True
             try:
                 with self._reduce.deferred() if collective else contextlib.nullcontext():
@@ -622,12 +625,28 @@ class ModelOperator(CurvatureOperator):
                     products = self._reduce.products(products, len(self.shapes))
             finally:
                 self._checking_symmetry = False
+            return products
+
+        def decided(value: float) -> float:  # every rank decides alike
+            return _dist.max_over_ranks(value, self.device) if collective else value
+
+        def measure() -> float | None:
+            vs = [rademacher(self.shapes, self.dtype, self.device, seed) for seed in (1, 2, 3)]
+            products = products_of(vs)
             if self._backend.first_order:  # an exact product raised meanwhile: no verdict
                 return None
-            value = asymmetry(vs, products)
-            if collective:  # every rank decides alike
-                value = _dist.max_over_ranks(value, self.device)
-            return value
+            value = decided(asymmetry(vs, products))
+            if not value > tolerance:
+                return value
+            # the product's own rounding, measured as its departure from linearity (a
+            # wrong derivative is still linear): near zero loss float32 cancellation makes
+            # a correct product as asymmetric as it is nonlinear (docs/curvature.md)
+            both = tuple(a + b for a, b in zip(vs[0], vs[1]))
+            (product,) = products_of([both])
+            if self._backend.first_order:
+                return None
+            noise = decided(nonlinearity(products[0], products[1], product))
+            return value if value > ROUNDING_MULTIPLE * noise else 0.0
 
         # the function differentiated: its modes (a function may run only in train mode),
         # whether a closure or forward replaces loss_fn; a collective check is remembered
@@ -636,8 +655,7 @@ class ModelOperator(CurvatureOperator):
         key = (type(self).__name__, tuple(self.names), path, opts.eval_mode,
                opts.batch_statistics, self.closure is not None, self.forward is not None)
         value = remembered(self.model, key, measure)
-        if value is None or not value > ASYMMETRY_TOLERANCE.get(self.dtype, 1e-3) \
-                or self._backend.first_order:
+        if value is None or not value > tolerance or self._backend.first_order:
             return
         reason = (f"its products are not symmetric: <u, A w> and <w, A u> differ by "
                   f"{value:.2g} of the products' size, so the model differentiates through a "

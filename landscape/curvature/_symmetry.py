@@ -8,7 +8,9 @@ as ``torch._weight_norm`` behind ``parametrizations.weight_norm`` in torch 2.13)
 error: it drops or garbles the second-order terms of that function, and every curvature
 number comes out wrong. The dropped terms couple the parameters before the function with
 those after it in one direction only, so the product loses its symmetry, which three products
-with fixed random vectors show (docs/curvature.md, "Products torch differentiates wrongly").
+with fixed random vectors show. Rounding can be as asymmetric (float32 near zero loss), so
+an asymmetry counts only beside the products' rounding, which a fourth product measures
+(:func:`nonlinearity`; docs/curvature.md, "Products torch differentiates wrongly").
 
 A model whose broken function has no parameters after it keeps a symmetric (but still
 wrong) product: the check cannot see that case.
@@ -21,7 +23,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["ASYMMETRY_TOLERANCE", "asymmetry", "rademacher", "remembered"]
+__all__ = [
+    "ASYMMETRY_TOLERANCE", "ROUNDING_MULTIPLE", "asymmetry", "nonlinearity", "rademacher",
+    "remembered",
+]
 
 ASYMMETRY_TOLERANCE: dict[torch.dtype, float] = {
     torch.float64: 1e-6,
@@ -34,6 +39,13 @@ ASYMMETRY_TOLERANCE: dict[torch.dtype, float] = {
 Rounding gave at most 2e-16 (float64), 6e-7 (float32) and 5e-3 (bfloat16) on healthy
 models, the broken products above 0.008 to 0.44 (docs/curvature.md, "Products torch
 differentiates wrongly")."""
+
+ROUNDING_MULTIPLE = 3.0
+"""An :func:`asymmetry` above the tolerance is a wrong derivative only when it is also more
+than this many times the product's :func:`nonlinearity` (its rounding). Correct products
+gave 0.4 to 0.7 times it (float32 and bfloat16, at a loss of 1.4 and near zero), the
+broken products above 20 times it (docs/curvature.md, "Products torch differentiates
+wrongly")."""
 
 _SEEN: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], float]] = (
     weakref.WeakKeyDictionary()
@@ -78,6 +90,30 @@ def asymmetry(vectors: Sequence[Sequence[torch.Tensor]],
     if not size > 0:
         return 0.0
     return (sum(squares) / len(squares)) ** 0.5 / (2 * size)
+
+
+def nonlinearity(product_u: Sequence[torch.Tensor], product_w: Sequence[torch.Tensor],
+                 product_sum: Sequence[torch.Tensor]) -> float:
+    """How far a product is from linear: the rounding level to hold :func:`asymmetry` against.
+
+    ``||A(u + w) − Au − Aw||`` over ``sqrt(||Au||² + ||Aw||² + ||A(u + w)||²)``, sums in
+    float64. Exact arithmetic gives 0 for any linear operator, a wrongly differentiated
+    one included, so what it measures is rounding: about the relative rounding error of
+    one product. Random rounding errors of that size give an :func:`asymmetry` of about
+    0.7 times it (``<u, e>`` of a ±1 vector ``u`` and an error ``e`` has the size of
+    ``||e||``), while a wrong derivative's asymmetry does not shrink with it: near zero
+    loss, where the float32 products of a correct Hessian lose most of their digits to
+    cancellation, both read about 1e-2 to 1e-1 (docs/curvature.md, "Products torch
+    differentiates wrongly").
+
+    Returns:
+        The ratio (0 when every product is zero).
+    """
+    defect = [c - a - b for a, b, c in zip(product_u, product_w, product_sum)]
+    size = sum(_dot64(p, p) for p in (product_u, product_w, product_sum)) ** 0.5
+    if not size > 0:
+        return 0.0
+    return _dot64(defect, defect) ** 0.5 / size
 
 
 def remembered(model: Any, key: tuple[Any, ...], measure: Callable[[], float | None]

@@ -181,3 +181,41 @@ def test_a_function_broken_only_in_train_mode_is_checked_for_that_mode():
         trained = Hessian(model, F.cross_entropy, batch, eval_mode=False)
         trained.matvec(trained.parameters)
     assert trained.backend_used == "first_order"
+
+
+def _converged_mlp():
+    """A float32 tanh classifier trained by L-BFGS to a loss near 1e-7 (separable data)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(128, 8, generator=g)
+    y = (x @ torch.randn(8, 4, generator=g)).argmax(1)
+    opt = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=40,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        opt.step(closure)
+    return model, (x, y)
+
+
+def test_rounding_near_zero_loss_is_not_taken_for_a_wrong_derivative():
+    model, batch = _converged_mlp()
+    assert F.cross_entropy(model(batch[0]), batch[1]) < 1e-6
+    op = Hessian(model, F.cross_entropy, batch, backend="exact")
+    vs = [rademacher(op.shapes, op.dtype, op.device, s) for s in (1, 2, 3)]
+    assert asymmetry(vs, [op.matvec(v) for v in vs]) > 1e-3  # far above float32's 1e-4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        op = Hessian(model, F.cross_entropy, batch)
+        got = float(top_eigenvalues(op, k=1).values[0])
+    assert op.backend_used == "auto"  # the exact product kept
+    wide = model.double()
+    truth = float(torch.linalg.eigvalsh(dense_hessian(
+        wide, F.cross_entropy, (batch[0].double(), batch[1])))[-1])
+    assert got == pytest.approx(truth, rel=0.05)  # the first-order product gave half of it
