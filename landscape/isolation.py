@@ -812,18 +812,42 @@ def rnn_differentiable(model: nn.Module) -> Iterator[None]:
         yield
 
 
+def substitution(model: nn.Module, state: Mapping[str, torch.Tensor], prefix: str = ""
+                 ) -> dict[str, torch.Tensor]:
+    """``state`` (keyed by parameter and buffer names) as ``functional_call`` needs it.
+
+    One key per module and attribute, each module once: a module registered under two
+    names (``nn.ModuleList([block] * 3)``, a block beside its ``torch.compile`` wrapper)
+    is swapped once, and a parameter two modules share (tied embeddings) is swapped in
+    both, to the same tensor. Call it with ``tie_weights=False``. torch's own tying swaps a
+    module reached by two names twice, saves the first substitute as the "original" and
+    leaves it in the model after the call: the model's parameter replaced by a plain tensor.
+    Names missing from ``state`` are left out (that slot keeps the model's tensor).
+    """
+    name_of = {id(t): n for n, t in model.named_parameters()}
+    name_of.update({id(t): n for n, t in model.named_buffers()})
+    out: dict[str, torch.Tensor] = {}
+    for path, module in model.named_modules():
+        dot = path + "." if path else ""
+        for slots in (module._parameters, module._buffers):
+            for attr, t in slots.items():
+                name = name_of.get(id(t)) if t is not None else None
+                if name is not None and name in state:
+                    out[prefix + dot + attr] = state[name]
+    return out
+
+
 def _state_for_call(
     model: nn.Module, params: Mapping[str, torch.Tensor], clone_buffers: bool, prefix: str = ""
 ) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters():
-        state[prefix + name] = params[name] if name in params else p.detach()
-    unknown = set(params) - {n for n, _ in model.named_parameters()}
+    named = dict(model.named_parameters())
+    unknown = set(params) - set(named)
     if unknown:
         raise ValueError(f"params: not parameters of the model: {', '.join(sorted(unknown))}")
+    state = {name: params[name] if name in params else p.detach() for name, p in named.items()}
     for name, b in model.named_buffers():
-        state[prefix + name] = b.clone() if clone_buffers else b
-    return state
+        state[name] = b.clone() if clone_buffers else b
+    return substitution(model, state, prefix)
 
 
 def stateless_call(
@@ -843,7 +867,7 @@ def stateless_call(
     if not isinstance(args, tuple):
         args = (args,)
     state = _state_for_call(model, params, clone_buffers)
-    return functional_call(model, state, args, dict(kwargs or {}))
+    return functional_call(model, state, args, dict(kwargs or {}), tie_weights=False)
 
 
 class ClosureModule(nn.Module):
@@ -879,4 +903,4 @@ def stateless_closure(
     """
     wrapper = ClosureModule(model, closure)
     state = _state_for_call(model, params, clone_buffers, prefix="inner.")
-    return functional_call(wrapper, state, (batch,))
+    return functional_call(wrapper, state, (batch,), tie_weights=False)

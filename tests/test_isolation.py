@@ -7,6 +7,7 @@ from torch import nn
 
 from landscape.isolation import isolated, sdpa_math, stateless_call, stateless_closure
 from tests import models
+from tests.curvature._dense import dense_hessian
 
 
 def _snapshot(model):
@@ -415,3 +416,58 @@ def test_recurrent_layers_on_a_gpu_are_differentiated_without_cudnn(monkeypatch)
     gpu_like = Hessian(model, F.cross_entropy, (x, y)).matvec(v)  # its own forward
     assert seen and not any(seen) and torch.backends.cudnn.enabled
     assert all(torch.allclose(a, b) for a, b in zip(cpu, gpu_like))
+
+
+class _SharedBlocks(nn.Module):
+    """One block registered three times (weight sharing) and beside a wrapper holding it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(4, 6)
+        block = nn.Sequential(nn.Linear(6, 6), nn.Tanh())
+        self.layers = nn.ModuleList([block] * 3)
+        self.wrapped = nn.Sequential(block)  # as torch.compile's wrapper holds _orig_mod
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for layer in self.layers:
+            h = layer(h)
+        return self.out(self.wrapped(h))
+
+
+def test_a_module_registered_twice_keeps_its_parameters_through_a_substitution():
+    from landscape.curvature import Hessian, top_eigenvalues
+    from landscape.surface import interpolate
+
+    model = _SharedBlocks()
+    objects = {n: p for n, p in model.named_parameters(remove_duplicate=False)}
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    zero = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    assert torch.equal(stateless_call(model, zero, x), torch.zeros(16, 3))
+    assert torch.equal(stateless_closure(model, lambda m, b: m(b), zero, x), torch.zeros(16, 3))
+    top = top_eigenvalues(Hessian(model, F.cross_entropy, (x, y)), k=1, tol=1e-8).values
+    other = _SharedBlocks()
+    with torch.no_grad():
+        other.out.weight.mul_(2)
+    interpolate(model, model, other, F.cross_entropy, (x, y), steps=3)
+    interpolate(model, model, other, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (x, y),
+                steps=3, closure=True)
+    assert all(p is objects[n] for n, p in model.named_parameters(remove_duplicate=False))
+    assert all(type(p) is nn.Parameter for p in model.parameters())
+    wide = _SharedBlocks().double()  # the same weights, differentiated densely
+    truth = torch.linalg.eigvalsh(dense_hessian(wide, F.cross_entropy, (x.double(), y)))[-1]
+    torch.testing.assert_close(top[0].double(), truth, rtol=1e-4, atol=0)
+
+
+def test_a_tied_parameter_is_substituted_in_every_module_sharing_it():
+    emb = nn.Embedding(5, 3)
+    head = nn.Linear(3, 5, bias=False)
+    head.weight = emb.weight
+    model = nn.Sequential(emb, head)
+    ids = torch.tensor([0, 1, 4])
+    twice = {"0.weight": 2 * emb.weight.detach()}
+    want = model(ids) * 4  # both uses of the weight doubled
+    torch.testing.assert_close(stateless_call(model, twice, ids), want)
+    assert model[1].weight is model[0].weight and type(model[0].weight) is nn.Parameter

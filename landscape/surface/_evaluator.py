@@ -18,7 +18,7 @@ from torch.func import functional_call
 from landscape import distributed as _dist
 from landscape.batches import leading_size, model_call, to_device
 from landscape.capture import named_logits
-from landscape.isolation import ClosureModule, loader_randomness_kept
+from landscape.isolation import ClosureModule, loader_randomness_kept, substitution
 from landscape.surface.directions import Directions
 
 __all__ = ["GridData", "PointEvaluator", "fingerprint"]
@@ -199,7 +199,7 @@ class PointEvaluator:
             for d in self.buf_dirs:
                 floor = torch.minimum(floor, self.buf_moving_base[i] + d[i])
             self.variance_floors.append(floor.clamp_(min=0.0))
-        self.state = state
+        self.state = substitution(model, state)  # each module once (an aliased block)
         self.bound = False
         # sharded: every parameter's storage, and the center of the fixed ones when given
         self.storage = [_dist.local_tensor(p.detach()) for p in params.values()]
@@ -209,7 +209,7 @@ class PointEvaluator:
         ]
         if closure:
             self.wrapper: nn.Module = ClosureModule(model, loss_fn)
-            self.call_state = {"inner." + k: v for k, v in state.items()}
+            self.call_state = substitution(model, state, prefix="inner.")
 
     @contextlib.contextmanager
     def bind(self) -> Iterator[None]:
@@ -233,7 +233,7 @@ class PointEvaluator:
             return
         target = self.wrapper if self.closure else self.model
         state = self.call_state if self.closure else self.state
-        with _reparametrize_module(target, state, tie_weights=True):
+        with _reparametrize_module(target, state, tie_weights=False):
             self.bound = True
             try:
                 yield
@@ -363,7 +363,8 @@ class PointEvaluator:
                 if self.bound:
                     loss = self.wrapper(batch)
                 else:
-                    loss = functional_call(self.wrapper, self.call_state, (batch,))
+                    loss = functional_call(self.wrapper, self.call_state, (batch,),
+                                           tie_weights=False)
             else:
                 inputs, target = tuple(batch[:-1]), batch[-1]
                 # (inputs_dict, y): the model's keyword arguments when they name its own
@@ -373,7 +374,8 @@ class PointEvaluator:
                 if self.bound:
                     out = self.model(*args, **kwargs)
                 else:
-                    out = functional_call(self.model, self.state, args, kwargs)
+                    out = functional_call(self.model, self.state, args, kwargs,
+                                          tie_weights=False)
                 loss = self.loss_fn(out, target)
             if self.data.loader is None:  # one batch: two host syncs and no bookkeeping
                 return self._single(loss, out, batch)
