@@ -156,6 +156,28 @@ def test_an_embedding_with_max_norm_trains_bitwise_identically(preset_name):
     _assert_bitwise_identical(_MaxNormEmbedding, preset_name)
 
 
+class _SharedBlock(torch.nn.Module):
+    """One block registered three times: weight sharing across depth (ALBERT-style)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = torch.nn.Linear(6, 8)
+        block = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh())
+        self.layers = torch.nn.ModuleList([block] * 3)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h)
+
+
+def test_a_block_registered_three_times_trains_bitwise_identically():
+    _assert_bitwise_identical(_SharedBlock, "full")
+
+
 class _CompiledBlock(torch.nn.Module):
     """A compiled function inside the model, as ``self.block = torch.compile(...)`` gives.
 
