@@ -282,9 +282,15 @@ def _optimizer_preconditioner(
     if kind is None:
         kind = "generic"  # an Adam-style optimiser we do not know: Adam's denominator
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    # torch's adaptive optimizers make a parameter's state at its first gradient: one
+    # without state after others have theirs never had a gradient (an unused head, an idle
+    # expert) and was never moved
+    if any(optimizer.state.get(p) for g in optimizer.param_groups for p in g["params"]):
+        factors = _moving([math.inf if not optimizer.state.get(p) else f
+                           for p, f in zip(objects, factors)])
     diag, eps_seen, dead, total = [], set(), 0, 0
     for name, shape, p, factor in zip(op.names, op.shapes, objects, factors):
-        if factor == math.inf:  # not moved (a group at rate 0, or not held): D = 0
+        if factor == math.inf:  # not moved (a group at rate 0, not held, no state): D = 0
             diag.append(torch.full(shape, math.inf, dtype=op.dtype, device=op.device))
             continue
         group = group_of[id(p)]

@@ -187,3 +187,31 @@ def test_an_overflowed_second_moment_or_an_infinite_entry_is_refused():
     vector[0][0] = math.inf
     with pytest.raises(ValueError, match="finite and > 0"):
         preconditioned(op, vector)
+
+
+def test_a_parameter_that_never_had_a_gradient_is_one_adam_never_moved():
+    """torch's Adam makes no state for a parameter without ``.grad`` (an unused head): it
+    is left out as a parameter the optimizer does not move, ``P = inf``."""
+    torch.manual_seed(0)
+    body = models.mlp(d_in=4, hidden=5, d_out=3, seed=3).double()
+    model = torch.nn.ModuleDict({"body": body, "aux": torch.nn.Linear(5, 2).double()})
+    x, y = models.classification_data(n=12, d_in=4, seed=4)
+    batch = (x.double(), y)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(body(batch[0]), y).backward()
+        opt.step()
+    assert not opt.state.get(model["aux"].weight)
+
+    def loss_fn(model, batch):
+        return F.cross_entropy(model["body"](batch[0]), batch[1])
+
+    d = torch.cat([_hand_p(opt, p).reshape(-1) for p in body.parameters()]).rsqrt()
+    want = float(torch.linalg.eigvalsh(
+        d[:, None] * dense_hessian(body, F.cross_entropy, batch) * d[None, :])[-1])
+    op = preconditioned(Hessian(model, closure=loss_fn, data=batch), opt)
+    assert float(top_eigenvalues(op, k=1, tol=1e-10).values[0]) == pytest.approx(want, rel=1e-7)
+    only_aux = Hessian(model, closure=loss_fn, data=batch, params="aux.*")
+    with pytest.raises(ValueError, match="moves none"):
+        preconditioned(only_aux, opt)
