@@ -88,9 +88,10 @@ def _no_update(ctx: StepContext, metric: str) -> str:
     """Why ``metric`` has no optimizer step to measure at this call."""
     if ctx.optimizer is None:
         return f"{metric} needs Monitor(optimizer=...) and an optimizer step"
-    return (f"{metric}: the optimizer did not step since the previous call (a GradScaler "
-            "skipping a step, an optimizer that steps less often than the monitor is "
-            "called, or optimizer= is not the optimizer that steps)")
+    return (f"{metric}: the optimizer did not step since the previous call (the monitor "
+            "called before optimizer.step() instead of after it, a GradScaler skipping a "
+            "step, an optimizer that steps less often than the monitor is called, or "
+            "optimizer= is not the optimizer that steps)")
 
 
 @register
@@ -278,6 +279,13 @@ class TaylorRadius(Metric):
         (interpolated: the mean of the two middle ones for an even count), what the
         ``taylor_ratio`` rule warns on (docs/alarms.md).
         """
+        iterations = _iterations_per_step(ctx.optimizer)
+        if iterations > 1:
+            raise MissingInput(
+                f"taylor_radius: {type(ctx.optimizer).__name__} runs up to {iterations} "
+                "iterations in one step (max_iter): the step is their sum, sized by its own "
+                "line search or curvature model, not by a learning rate a Taylor ratio "
+                "could bound (docs/metrics.md, 'Taylor radius of cross-entropy')")
         if ctx.update is None or not ctx.has_params_before:
             raise MissingInput(_no_update(ctx, "taylor_radius"))
         # a list of micro-batches (gradient accumulation): the one step over all of them,
@@ -293,6 +301,12 @@ class TaylorRadius(Metric):
             "step_norm": step_norm,
             "r_median": step_norm * median / math.pi,
         }
+
+
+def _iterations_per_step(optimizer: Any) -> int:
+    """The most iterations one ``optimizer.step()`` may run: ``max_iter`` (L-BFGS), else 1."""
+    groups = getattr(optimizer, "param_groups", None) or ()
+    return max((int(g.get("max_iter") or 1) for g in groups), default=1)
 
 
 def _radius_on(ctx: StepContext, batch: Any) -> Any:

@@ -428,3 +428,38 @@ def test_the_first_jvp_of_a_process_shows_none_of_torchs_own_deprecations():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "torch.jit.script" not in done.stderr, done.stderr[-2000:]
+
+
+def test_lbfgs_steps_are_not_read_as_taylor_steps():
+    """One L-BFGS step runs up to max_iter line-searched iterations: its update is no
+    learning-rate step, and its Taylor ratio (r = 8.4 on the first step of this healthy
+    run) raised an error-level taylor_ratio finding."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(128, 8, generator=g)
+    y = (x @ torch.randn(8, 4, generator=g)).argmax(1)
+    opt = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=20,
+                            line_search_fn="strong_wolfe")
+    metrics = ls.metrics.preset("standard", top_eigenvalues=None, hessian_trace=None,
+                                sharpness=None, spectral_alignment=None, representation=None,
+                                collapse=None, taylor_radius="every(1)")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with Monitor(model, F.cross_entropy, optimizer=opt, probe=(x, y),
+                     metrics=metrics) as mon:
+            for step in range(3):
+                def closure():
+                    opt.zero_grad()
+                    loss = F.cross_entropy(model(x), y)
+                    loss.backward()
+                    return loss
+
+                loss = opt.step(closure)
+                mon.step(step, batch=(x, y), loss=loss)
+            run = mon.run()
+    assert [f.severity for f in mon.findings if f.severity != "info"] == []
+    assert not [w for w in seen if issubclass(w.category, ls.InstabilityWarning)]
+    assert np.isnan(run.series("taylor_radius", "r")[1]).all()
+    said = [f for f in mon.findings if f.rule == "metric_failed"]
+    assert len(said) == 1 and "max_iter" in said[0].message
