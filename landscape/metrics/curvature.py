@@ -247,7 +247,8 @@ class Sharpness(Metric):
         """lambda_max, the optimizer's stability threshold, their ratio and the peak.
 
         Raises:
-            MissingInput: an adaptive optimizer's preconditioner cannot be read (no row).
+            MissingInput: an adaptive optimizer's preconditioner cannot be read, or the
+                optimizer maximizes (no row).
             PartialRow: the optimizer's threshold is not known (lambda_max only).
         """
         from landscape.curvature.precondition import divides_by_preconditioner
@@ -265,6 +266,12 @@ class Sharpness(Metric):
         kind = None if opt is None else optimizer_kind(opt)
         nan = {"lambda_max": math.nan, "threshold": math.nan, "ratio": math.nan,
                "peak_memory": math.nan}
+        if opt is not None and any(g.get("maximize") for g in opt.param_groups):
+            raise MissingInput(
+                f"{type(opt).__name__}(maximize=True) climbs the loss: the sharpness that "
+                "bounds its steps is the largest eigenvalue of the negated loss's Hessian, "
+                "not of this one; give the monitor the loss the optimizer minimizes "
+                "(the negated one) as loss_fn")
         adaptive = kind in PRECONDITIONED
         if adaptive and latest_step(opt) < _warmup(opt, kind, self.adam_warmup):
             # the second-moment estimate is a one- or few-sample transient at first: the
