@@ -38,6 +38,15 @@ __all__ = [
 
 
 def _jsonable(value: Any) -> Any:
+    """``value`` as the run's JSON config holds it.
+
+    A one-element tensor (``lr=torch.tensor(3.3e-4)``) as its number, tuples as lists of
+    such values, anything else JSON cannot hold as its repr.
+    """
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
     try:
         json.dumps(value)
         return value

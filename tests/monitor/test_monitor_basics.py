@@ -515,3 +515,13 @@ def test_the_default_monitor_reads_the_loss_once_a_step():
     assert reads.reads == 1  # the loss and nonfinite metrics share one read
     assert run.series("loss", "value")[1][0] == loss.item()
     assert run.series("nonfinite", "loss")[1][0] == 0.0
+
+
+def test_the_config_stores_tensor_settings_as_their_numbers():
+    model = models.mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(3.3e-4),
+                           betas=(torch.tensor(0.9), torch.tensor(0.95)))
+    with Monitor(model, F.cross_entropy, optimizer=opt, alarms=False) as mon:
+        config = mon.run().config["optimizer"]["param_group_0"]
+    assert config["lr"] == pytest.approx(3.3e-4, rel=1e-7)  # was the string 'tensor(0.0003)'
+    assert config["betas"] == pytest.approx([0.9, 0.95], rel=1e-7)
