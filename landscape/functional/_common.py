@@ -13,6 +13,7 @@ Conventions (docs/metrics.md, "Conventions shared by every function"):
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -80,12 +81,17 @@ def nan_scalar(device: torch.device, reason: str) -> Scalar:
 
 
 def as_float_tensor(
-    x: Any, name: str, ndim: int | None = None, min_ndim: int | None = None
+    x: Any,
+    name: str,
+    ndim: int | None = None,
+    min_ndim: int | None = None,
+    non_empty: bool = False,
 ) -> torch.Tensor:
     """Validate a floating tensor argument (shape and dtype); returns it detached.
 
     The metrics are diagnostics: they never build an autograd graph on their inputs, so
     features captured with ``requires_grad`` cost no extra memory and leak no graph.
+    ``non_empty=True`` also rejects a tensor with a dimension of size 0.
     """
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -99,6 +105,8 @@ def as_float_tensor(
         raise ValueError(
             f"{name} must have at least {min_ndim} dimensions, got shape {tuple(x.shape)}"
         )
+    if non_empty and x.numel() == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {tuple(x.shape)}")
     return x.detach()
 
 
@@ -112,14 +120,58 @@ def f64(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float64)
 
 
+def scale_rows(x: torch.Tensor) -> torch.Tensor:
+    """The rows of a 2-D ``x`` scaled by powers of two to a largest |entry| in [0.5, 1).
+
+    Returns a new tensor.
+
+    Before an L2 normalisation: the squares of a row's entries overflow above ~1.8e19 in
+    float32 (~1.3e154 in float64) and underflow below ~1e-19 (~1e-154), which made such
+    rows infinite or zero. A power of two scales exactly, so a row that did not over- or
+    underflow normalises to the very same bits. Zero rows stay zero; the factor is capped
+    at the dtype's largest power of two, so a row of subnormals ends up with a largest
+    entry of at least 2^-22 (float32), still far from underflow when squared.
+    """
+    if x.numel() == 0:
+        return x.clone()  # always a new tensor: callers may divide it in place
+    _, exp = torch.frexp(x.abs().amax(dim=1))
+    k = (-exp).clamp(max=math.frexp(torch.finfo(x.dtype).max)[1] - 1)  # 2^k stays finite
+    return torch.ldexp(x, k[:, None])
+
+
+def _check_integer(x: Any, name: str) -> torch.Tensor:
+    """``x`` must be a tensor of an integer dtype (not bool, float or complex)."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got dtype {x.dtype}")
+    return x
+
+
+def check_targets(
+    targets: Any, n: int, num_classes: int, name: str = "targets"
+) -> torch.Tensor:
+    """Validate integer class-index targets; returns them flat, as int64.
+
+    ``n`` entries (any shape), each in ``[0, num_classes)`` or negative (an
+    ``ignore_index`` such as -100, which the caller handles).
+    """
+    y = _check_integer(targets, name)
+    if y.numel() != n:
+        raise ValueError(f"{name} must have {n} entries (one per sample), got shape "
+                         f"{tuple(y.shape)}")
+    y = y.reshape(-1).long()
+    if n and int(y.max()) >= num_classes:
+        raise ValueError(f"{name} must be in [0, {num_classes}) or negative (ignored), got "
+                         f"maximum {int(y.max())}")
+    return y
+
+
 def check_labels(
     labels: Any, n: int, num_classes: int | None = None, name: str = "labels"
 ) -> torch.Tensor:
     """Validate integer class labels of length ``n`` (values in ``[0, num_classes)``)."""
-    if not isinstance(labels, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer tensor, got dtype {labels.dtype}")
+    labels = _check_integer(labels, name)
     if labels.dim() != 1 or labels.shape[0] != n:
         raise ValueError(f"{name} must have shape ({n},), got {tuple(labels.shape)}")
     if n > 0:

@@ -34,7 +34,13 @@ from torch import nn
 from landscape import distributed as _dist
 from landscape._deprecation import module_getattr
 from landscape._sums import work_dtype
-from landscape.functional._common import MetricResult, as_float_tensor, fail
+from landscape.functional._common import (
+    MetricResult,
+    all_finite,
+    as_float_tensor,
+    fail,
+    scale_rows,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +114,7 @@ def top_singular_vector(
     entry positive; u = W v / sigma. Computed in float32 (float64 for float64 weights).
     W = 0 gives sigma = 0, NaN vectors and reason ``"zero_matrix"``.
     """
-    w = as_float_tensor(_dist.full_tensor(weight), "weight", ndim=2).detach()
+    w = as_float_tensor(_dist.full_tensor(weight), "weight", ndim=2, non_empty=True)
     w = w.to(work_dtype(w.dtype))
     d_in = w.shape[1]
     if init is not None:
@@ -124,9 +130,9 @@ def top_singular_vector(
         v = torch.randn(d_in, generator=generator, dtype=torch.float64).to(w.device, w.dtype)
     ref = v.clone() if init is not None else None
     nv = v.norm()
-    if not nv > 0:
-        raise ValueError("init must be a non-zero vector")
-    if not bool(torch.isfinite(w).all()):  # a diverged layer: no v_1 (Lanczos would return one)
+    if not (all_finite(v) and nv > 0):
+        raise ValueError("init must be a finite non-zero vector")
+    if not all_finite(w):  # a diverged layer: no v_1 (Lanczos would return one)
         reason = fail("non_finite", "weight is not finite", strict)
         nan_v = torch.full_like(v, math.nan)
         nan_u = torch.full((w.shape[0],), math.nan, dtype=w.dtype, device=w.device)
@@ -236,6 +242,31 @@ def sign_diversity(cosines: torch.Tensor) -> dict[str, torch.Tensor]:
     )
 
 
+def _given_top_vector(
+    w: torch.Tensor, v: torch.Tensor, dt: torch.dtype, strict: bool
+) -> tuple[torch.Tensor, torch.Tensor, str | None]:
+    """(unit v, sigma = ||W v||, reason) for a top right singular vector passed as ``v=``.
+
+    The weight is still checked: a NaN/inf entry gives ``"non_finite"`` and W = 0
+    ``"zero_matrix"``, as from :func:`top_singular_vector`.
+    """
+    vec = as_float_tensor(v, "v", ndim=1)
+    if vec.shape[0] != w.shape[1]:
+        raise ValueError(f"v must have shape ({w.shape[1]},), got {tuple(vec.shape)}")
+    if not (all_finite(vec) and vec.norm() > 0):
+        raise ValueError("v must be a finite non-zero vector")
+    vec = vec / vec.norm()
+    wd = w.to(dt)
+    sigma = (wd @ vec.to(w.device, dt)).norm()
+    reason = None
+    if not all_finite(wd):
+        reason = fail("non_finite", "weight is not finite", strict)
+        sigma = torch.full_like(sigma, math.nan)
+    elif not bool(wd.any()):
+        reason = fail("zero_matrix", "weight is zero", strict)
+    return vec, sigma, reason
+
+
 def spectral_alignment(
     weight: torch.Tensor,
     inputs: torch.Tensor,
@@ -255,7 +286,8 @@ def spectral_alignment(
             every rank of its mesh must call).
         inputs: (..., d_in) layer inputs; every leading index is a token.
         init: warm start for the Lanczos solver (the previous call's ``v``).
-        v: use this top right singular vector as is (skips the solver).
+        v: use this top right singular vector as is (skips the solver; the weight is
+            still checked: NaN/inf gives ``"non_finite"``, W = 0 ``"zero_matrix"``).
         max_iter: products with W^T W at most (:func:`top_singular_vector`; products with
             the weight matrix, not curvature products, hence not ``max_matvec``).
         tol: the solver's relative residual tolerance (:func:`top_singular_vector`).
@@ -266,7 +298,7 @@ def spectral_alignment(
         are in the module docstring and docs/metrics.md. W = 0 gives NaN (``"zero_matrix"``);
         all-zero inputs give NaN summaries (``"zero_inputs"``).
     """
-    w = as_float_tensor(_dist.full_tensor(weight), "weight", ndim=2)
+    w = as_float_tensor(_dist.full_tensor(weight), "weight", ndim=2, non_empty=True)
     x = as_float_tensor(inputs, "inputs", min_ndim=1)
     if x.shape[-1] != w.shape[1]:
         raise ValueError(
@@ -279,20 +311,16 @@ def spectral_alignment(
         top = top_singular_vector(w, init, max_iter=max_iter, tol=tol, strict=strict)
         sigma, vec, n_iter, reason = top.sigma, top.v, top.n_iter, top.reason
     else:
-        vec = as_float_tensor(v, "v", ndim=1).detach()
-        if vec.shape[0] != w.shape[1]:
-            raise ValueError(f"v must have shape ({w.shape[1]},), got {tuple(vec.shape)}")
-        if not vec.norm() > 0:
-            raise ValueError("v must be a non-zero vector")
-        vec = vec / vec.norm()
-        sigma = (w.detach().to(dt) @ vec.to(w.device, dt)).norm()
-        n_iter, reason = 0, None
+        vec, sigma, reason = _given_top_vector(w, v, dt, strict)
+        n_iter = 0
     vec = vec.to(device=x.device, dtype=dt)
-    xd = x.to(dt)
+    # each token scaled by a power of two first (exact; the cosine is scale-invariant), so
+    # that its squared norm neither over- nor underflows (float32 tokens beyond ~1e19)
+    xd = scale_rows(x.to(dt))
     nrm = xd.norm(dim=1)
     cos = torch.where(nrm > 0, (xd @ vec) / torch.where(nrm > 0, nrm, 1.0), 0.0)
     summary = sign_diversity(cos)
-    if reason is None and not bool(torch.isfinite(xd).all()):
+    if reason is None and not all_finite(xd):
         # a NaN/inf token has no cosine: do not count it as a zero input (nrm > 0 is False)
         reason = fail("non_finite", "inputs are not finite", strict)
         nan = torch.tensor(math.nan, dtype=torch.float64, device=x.device)

@@ -68,9 +68,10 @@ def _class_stats(
     features: torch.Tensor, labels: torch.Tensor, global_mean: GlobalMean, num_classes: int | None
 ) -> _ClassStats:
     features = as_float_tensor(features, "features", ndim=2)
-    if features.shape[0] == 0:
+    if features.shape[0] == 0 or features.shape[1] == 0:
         raise ValueError(
-            f"features must contain at least one sample, got shape {tuple(features.shape)}"
+            "features must contain at least one sample and one feature, got shape "
+            f"{tuple(features.shape)}"
         )
     if global_mean not in ("class_means", "samples"):
         raise ValueError(f"global_mean must be 'class_means' or 'samples', got {global_mean!r}")
@@ -83,6 +84,24 @@ def _class_stats(
     means = sums / counts[:, None]
     mu_g = means.mean(0) if global_mean == "class_means" else h.mean(0)
     return _ClassStats(h, idx, present, counts, means, means - mu_g)
+
+
+def _means_coincide(stats: _ClassStats) -> bool:
+    """Whether all class means are equal up to the rounding of their computation (Sigma_B = 0).
+
+    Identical rows do not give exactly equal means: a mean of n copies of 0.1 is up to about
+    n eps / 10 off (8,500 eps at n = 10^5), and that noise read as a finite NC1, NC2, NC3
+    and VCI. The bound on the rounding of a sum of n terms is about n u sum |x_i| (u = eps/2,
+    recursive summation), so each centred mean mu_c - mu_G (n_c samples, then C means or N
+    samples for mu_G) is off by at most about (N + C) u a, with a the largest mean |h_ij|
+    over a class c and feature j. Means that all lie within (N + C) eps a of each other
+    count as equal; genuinely separated means sit far above that (means 2^-30 apart on
+    features of size 1 against 2.7e-15 at N = 8, C = 4). docs/metrics.md, "Edge cases".
+    """
+    abs_sums = torch.zeros_like(stats.means).index_add_(0, stats.idx, stats.h.abs())
+    scale = float((abs_sums / stats.counts[:, None]).max())
+    tol = (stats.n + stats.c) * torch.finfo(torch.float64).eps * scale
+    return float(stats.centred_means.abs().max()) <= tol
 
 
 def _between_svd(stats: _ClassStats, rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,7 +261,14 @@ def ncc_mismatch(
     stats = _class_stats(features, labels, "class_means", None)
     w, b = _split_classifier(classifier, bias, stats.p)
     check_labels(labels, stats.n, w.shape[0])
+    if not _all_finite(stats, w, b):  # a NaN row has no nearest mean (docs/metrics.md)
+        return torch.tensor(NAN, dtype=torch.float64, device=stats.h.device)
     return _nc4(stats, w.to(stats.h.device), None if b is None else b.to(stats.h.device))
+
+
+def _all_finite(stats: _ClassStats, w: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Whether the features, the classifier weight and its bias (when given) are finite."""
+    return all(all_finite(t) for t in (stats.h, w, b) if t is not None)
 
 
 def _nc4(stats: _ClassStats, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -303,17 +329,18 @@ def neural_collapse(
         b = None if b is None else b.to(dev)
     nan = torch.tensor(NAN, dtype=torch.float64, device=dev)
     reason: str | None = None
-    finite = all_finite(stats.h) and (w_full is None or all_finite(w_full))
+    finite = _all_finite(stats, w_full, b)
     if not finite:
-        reason = fail("non_finite", "features or classifier weights are not finite", strict)
+        reason = fail("non_finite", "features or classifier (weight, bias) are not finite",
+                      strict)
     elif stats.c < 2:
         reason = fail("single_class", "neural collapse needs at least two classes present", strict)
-    elif float(stats.centred_means.abs().max()) == 0.0:
+    elif _means_coincide(stats):
         reason = fail("rank_deficient", "all class means are equal (Sigma_B = 0)", strict)
 
-    nc4 = _nc4(stats, w_full, b) if w_full is not None else None
-    if nc4 is not None and not finite:
-        nc4 = nan
+    nc4 = None
+    if w_full is not None:
+        nc4 = _nc4(stats, w_full, b) if finite else nan
     if reason is not None:
         with_w = w_full is not None
         return NeuralCollapseResult(
@@ -450,12 +477,12 @@ def variability_collapse_index(
     if stats.c < 2:
         reason = fail("single_class", "VCI needs at least two classes present", strict)
         return VariabilityCollapseResult(nan, nan, 0, 0, reason)
-    mt = stats.centred_means  # (C, p)
-    s_b = torch.linalg.svdvals(mt)
-    rank_b = int((s_b[: min(stats.p, stats.c - 1)] > 1e-6 * s_b[0]).sum()) if s_b[0] > 0 else 0
-    if rank_b == 0:
+    if _means_coincide(stats):
         reason = fail("rank_deficient", "all class means are equal (Sigma_B = 0)", strict)
         return VariabilityCollapseResult(nan, nan, 0, 0, reason)
+    mt = stats.centred_means  # (C, p)
+    s_b = torch.linalg.svdvals(mt)
+    rank_b = int((s_b[: min(stats.p, stats.c - 1)] > 1e-6 * s_b[0]).sum())
     c, n, p = stats.c, stats.n, stats.p
     within = stats.within()
     if p > n + c:

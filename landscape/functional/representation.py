@@ -40,6 +40,7 @@ from landscape.functional._common import (
     nan_scalar,
     safe_log_term,
     scalar,
+    scale_rows,
 )
 
 
@@ -66,15 +67,22 @@ def singular_values(z: torch.Tensor) -> torch.Tensor:
     accurate but slower alternative.
     """
     z = as_float_tensor(z, "z", ndim=2)
+    if not all_finite(z):  # eigh fails to converge on NaN (torch's _LinAlgError)
+        raise ValueError("z must be finite, got a NaN or infinite entry")
     return _gram_eigvals(z).sqrt()
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
-    """Rows scaled to unit L2 norm; exactly-zero rows are dropped."""
+    """Rows scaled to unit L2 norm; exactly-zero rows are dropped.
+
+    Each row is first scaled by a power of two (:func:`scale_rows`), so rows whose squared
+    entries would over- or underflow in their dtype normalise too.
+    """
+    x = scale_rows(x)
     nrm = x.norm(dim=1)
     nonzero = nrm > 0
     if bool(nonzero.all()):
-        return x / nrm[:, None]
+        return x.div_(nrm[:, None])
     return x[nonzero] / nrm[nonzero, None]
 
 
@@ -213,7 +221,8 @@ def alignment(
         raise ValueError(f"alpha must be > 0, got {alpha}")
     if not (all_finite(x) and all_finite(y)):
         return nan_scalar(x.device, fail("non_finite", "x or y is not finite", strict))
-    xd, yd = x.to(work_dtype(x.dtype)), y.to(work_dtype(y.dtype))
+    # row scales by powers of two: the norms neither over- nor underflow (:func:`scale_rows`)
+    xd, yd = scale_rows(x.to(work_dtype(x.dtype))), scale_rows(y.to(work_dtype(y.dtype)))
     nx, ny = xd.norm(dim=1), yd.norm(dim=1)
     keep = (nx > 0) & (ny > 0)
     if not bool(keep.any()):

@@ -23,9 +23,12 @@ import torch
 
 from landscape._deprecation import module_getattr
 from landscape.functional._common import (
+    NAN,
     MetricResult,
     Scalar,
+    all_finite,
     as_float_tensor,
+    check_targets,
     f64,
     fail,
     nan_scalar,
@@ -67,33 +70,32 @@ def softmax_collapse(
     fraction with per-sample cross-entropy exactly 0 in that dtype, over the samples whose
     target is not negative (an ``ignore_index`` such as -100 leaves a position out). Exact
     float equality is the definition, so it depends on the dtype and the reduction order.
+    Logits with a NaN or infinite entry give NaN fields with reason ``"non_finite"``
+    (docs/metrics.md, "Conventions"): such a row is neither collapsed nor healthy.
     """
     z = _flat_logits(logits)
     if dtype is not None:
         z = z.to(dtype)
+    y = None if targets is None else check_targets(targets, z.shape[0], z.shape[1])
+    if not all_finite(z):
+        nan = torch.tensor(NAN, dtype=torch.float64, device=z.device)
+        return SoftmaxCollapseResult(nan, None if y is None else nan, "non_finite")
     zs = z - z.max(dim=1, keepdim=True).values
     s = torch.exp(zs).sum(dim=1)
     frac = (s == 1).to(torch.float64).mean()
     zero = None
-    if targets is not None:
-        y = targets.reshape(-1)
-        if y.numel() != z.shape[0]:
-            raise ValueError(
-                f"targets must have {z.shape[0]} entries, got shape {tuple(targets.shape)}"
-            )
-        if y.dtype.is_floating_point or (y.numel() and int(y.max()) >= z.shape[1]):
-            raise ValueError(f"targets must be integer class indices in [0, {z.shape[1]}) "
-                             "or negative (ignored)")
-        kept = y.to(z.device).long() >= 0  # a negative target is an ignore_index (-100)
-        ce = torch.nn.functional.cross_entropy(z[kept], y.to(z.device).long()[kept],
-                                               reduction="none")
+    if y is not None:
+        y = y.to(z.device)
+        kept = y >= 0  # a negative target is an ignore_index (-100)
+        ce = torch.nn.functional.cross_entropy(z[kept], y[kept], reduction="none")
         zero = (ce == 0).to(torch.float64).mean()  # NaN when every target is ignored
     return SoftmaxCollapseResult(frac, zero)
 
 
 def softmax_collapse_fraction(logits: torch.Tensor, *, dtype: torch.dtype | None = None) -> Scalar:
-    """The SC fraction of :func:`softmax_collapse` as a :class:`Scalar`."""
-    return Scalar(softmax_collapse(logits, dtype=dtype).fraction)
+    """The SC fraction of :func:`softmax_collapse` as a :class:`Scalar` (with its reason)."""
+    res = softmax_collapse(logits, dtype=dtype)
+    return Scalar(res.fraction, res.reason)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,10 +172,12 @@ def attention_logit_stats(
     (top-left aligned, as ``scaled_dot_product_attention`` with ``is_causal``). Returns
     max |z|, the cheap bound max|q| max|k| scale, and the entropy -sum_j a_ij log a_ij of
     each query's attention distribution (min and mean). Uniform attention over T keys has
-    entropy log T; q = k = (a, 0, 0, 0) with d = 4 has z = a^2 / 2.
+    entropy log T; q = k = (a, 0, 0, 0) with d = 4 has z = a^2 / 2. A NaN or infinite
+    entry in ``q`` or ``k``, or logits that overflow, give NaN fields with reason
+    ``"non_finite"`` (docs/metrics.md, "Conventions").
     """
-    q = as_float_tensor(q, "q", min_ndim=2).detach()
-    k = as_float_tensor(k, "k", min_ndim=2).detach()
+    q = as_float_tensor(q, "q", min_ndim=2, non_empty=True)
+    k = as_float_tensor(k, "k", min_ndim=2, non_empty=True)
     if q.shape[-1] != k.shape[-1] or q.shape[:-2] != k.shape[:-2]:
         raise ValueError(
             f"q and k must agree in leading dims and head size, got "
@@ -184,6 +188,8 @@ def attention_logit_stats(
     dt = torch.float64 if torch.float64 in (q.dtype, k.dtype) else torch.float32
     qd, kd = q.to(dt), k.to(dt)
     z = (qd @ kd.transpose(-2, -1)) * sc
+    if not all_finite(z):  # a NaN/inf in q or k reaches every logit of its row or column
+        return _nan_attention_stats(z)
     tq, tk = z.shape[-2], z.shape[-1]
     if causal:
         mask = torch.ones(tq, tk, dtype=torch.bool, device=z.device).tril()
@@ -203,14 +209,22 @@ def attention_logit_stats(
     )
 
 
+def _nan_attention_stats(z: torch.Tensor) -> AttentionStatsResult:
+    """The ``"non_finite"`` result of :func:`attention_logit_stats` for logits ``z``."""
+    nan = torch.tensor(NAN, dtype=torch.float64, device=z.device)
+    per_head = torch.full((z.shape[1],), NAN, dtype=torch.float64, device=z.device)
+    return AttentionStatsResult(nan, nan, nan, nan, per_head if z.dim() == 4 else None,
+                                "non_finite")
+
+
 def layer_rotation(weight: torch.Tensor, initial: torch.Tensor, *, strict: bool = False) -> Scalar:
     """Layer rotation 1 - cos(w, w0) of one flattened kernel.
 
     Layer rotation 1 - cos(w, w0) of one flattened kernel (Carbonnelle & De Vleeschouwer
     2019). Range [0, 2]: 0 = same direction (any positive rescaling), 1 = orthogonal,
-    2 = opposite. A zero vector gives NaN with reason ``"zero_norm"``. Passing the previous
-    step's weight instead of the initial one gives the per-step rotation (a spike means an
-    abnormally large update).
+    2 = opposite. A zero vector gives NaN with reason ``"zero_norm"``, a NaN or infinite
+    entry NaN with reason ``"non_finite"``. Passing the previous step's weight instead of
+    the initial one gives the per-step rotation (a spike means an abnormally large update).
     """
     w = as_float_tensor(weight, "weight")
     w0 = as_float_tensor(initial, "initial")
@@ -221,6 +235,8 @@ def layer_rotation(weight: torch.Tensor, initial: torch.Tensor, *, strict: bool 
         )
     a = f64(w.detach().reshape(-1))
     b = f64(w0.detach().reshape(-1)).to(a.device)
+    if not (all_finite(a) and all_finite(b)):
+        return nan_scalar(a.device, fail("non_finite", "a weight is not finite", strict))
     na, nb = a.norm(), b.norm()
     if not (na > 0 and nb > 0):
         return nan_scalar(a.device, fail("zero_norm", "a weight vector is zero", strict))
@@ -270,7 +286,8 @@ def nlm_cosine(
     For positively homogeneous networks theta is the direction that only scales the logits;
     values near 1 mean the update mostly grows the logits (NLM). ``grads`` and ``params``
     are parameter-space vectors (matching tensors). Zero vectors give NaN with reason
-    ``"zero_norm"``.
+    ``"zero_norm"``; a NaN or infinite entry anywhere gives NaN everywhere (``cosine`` and
+    every ``per_tensor``) with reason ``"non_finite"``.
     """
     g = [f64(as_float_tensor(t, "grads").detach()) for t in grads]
     w = [f64(as_float_tensor(t, "params").detach()) for t in params]
@@ -283,6 +300,10 @@ def nlm_cosine(
             raise ValueError(
                 f"grads[{i}] has shape {tuple(a.shape)}, params[{i}] has {tuple(b.shape)}"
             )
+    if not all(all_finite(t) for t in (*g, *w)):
+        reason = fail("non_finite", "the gradient or the parameters are not finite", strict)
+        nan = torch.tensor(NAN, dtype=torch.float64, device=g[0].device)
+        return NlmCosineResult(nan, tuple(torch.full_like(nan, NAN) for _ in g), reason)
     per = []
     num = torch.zeros((), dtype=torch.float64, device=g[0].device)
     ng = torch.zeros_like(num)

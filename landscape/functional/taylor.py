@@ -26,7 +26,13 @@ from torch import nn
 
 from landscape._deprecation import module_getattr
 from landscape.capture import output_logits, predictions_per_sample
-from landscape.functional._common import MetricResult, as_float_tensor, fail
+from landscape.functional._common import (
+    MetricResult,
+    all_finite,
+    as_float_tensor,
+    check_targets,
+    fail,
+)
 from landscape.functional._model import (
     OutputFn,
     as_param_dict,
@@ -47,10 +53,10 @@ PI = math.pi
 def logit_spread(logit_derivatives: torch.Tensor) -> torch.Tensor:
     """Per-sample spread Delta_a = max_k a_k - min_k a_k over the last (class) dimension.
 
-    ``logit_derivatives`` has shape (..., C); every leading index is a sample. Returns a
-    flat (S,) float64 tensor.
+    ``logit_derivatives`` has shape (..., C), non-empty; every leading index is a sample.
+    Returns a flat (S,) float64 tensor.
     """
-    a = as_float_tensor(logit_derivatives, "logit_derivatives", min_ndim=1)
+    a = as_float_tensor(logit_derivatives, "logit_derivatives", min_ndim=1, non_empty=True)
     a = a.reshape(-1, a.shape[-1]).to(torch.float64)
     return a.max(dim=1).values - a.min(dim=1).values
 
@@ -111,11 +117,11 @@ def taylor_radius_from_logits(
     ``logit_derivatives`` are along the *unnormalised* direction p of norm ``step_norm``
     (pass 1.0 when p is already a unit vector); both tensors have shape (..., C).
     ``targets`` (shape (...)) choose y in the top-2 radius; default: the predicted class,
-    which also stands in for a negative target (an ``ignore_index`` such as -100).
-    ``quantile`` replaces the max over samples by that quantile of Delta_a (the FAQ's
-    outlier-robust variant; the bound guarantee is lost).
+    which also stands in for a negative target (an ``ignore_index`` such as -100); they
+    must be integer class indices. ``quantile`` replaces the max over samples by that
+    quantile of Delta_a (the FAQ's outlier-robust variant; the bound guarantee is lost).
     """
-    z = as_float_tensor(logits, "logits", min_ndim=1)
+    z = as_float_tensor(logits, "logits", min_ndim=1, non_empty=True)
     a = as_float_tensor(logit_derivatives, "logit_derivatives", min_ndim=1)
     if z.shape != a.shape:
         raise ValueError(
@@ -134,22 +140,12 @@ def taylor_radius_from_logits(
     if targets is None:
         y = z2.argmax(1)
     else:
-        if targets.numel() != z2.shape[0]:
-            raise ValueError(
-                f"targets must have {z2.shape[0]} entries (one per sample), got "
-                f"shape {tuple(targets.shape)}"
-            )
-        y = targets.reshape(-1).to(device=dev, dtype=torch.long)
-        if y.numel() and int(y.max()) >= c:
-            raise ValueError(
-                f"targets must be in [0, {c}) or negative (ignored), got range "
-                f"[{int(y.min())}, {int(y.max())}]"
-            )
+        y = check_targets(targets, z2.shape[0], c).to(dev)
         # a negative target is an ignore_index (-100, language-model padding): its
         # position takes the predicted class, as without targets
         y = torch.where(y < 0, z2.argmax(1), y)
     reason = None
-    if not (bool(torch.isfinite(z2).all()) and bool(torch.isfinite(a2).all())):
+    if not (all_finite(z2) and all_finite(a2)):
         reason = fail(
             "non_finite", "logits or their directional derivatives are not finite", strict
         )
@@ -158,8 +154,6 @@ def taylor_radius_from_logits(
         return TaylorRadiusResult(nan, nan, norm, full, full, full, quantile, reason)
     unit = a2 / norm if norm > 0 else torch.zeros_like(a2)
     spread = unit.max(1).values - unit.min(1).values
-    if spread.numel() == 0:
-        raise ValueError("logits must contain at least one sample")
     agg = spread.max() if quantile is None else torch.quantile(spread, quantile)
     rho_a = PI / agg if agg > 0 else torch.tensor(math.inf, dtype=torch.float64, device=dev)
     r = norm * agg / PI

@@ -387,13 +387,16 @@ def radius_along(
 
 
 def _labels(targets: Any, logits: torch.Tensor) -> torch.Tensor | None:
-    """``targets`` when they are one class index per logit row, else None.
+    """``targets`` when they are one integer class index per logit row, else None.
 
     One index past the classes is an ``ignore_index`` the training loss accepted (255 in
     VOC- and Cityscapes-style segmentation masks): ignored, as a negative one (-100) is
     (:func:`~landscape.metrics.context.ignored_past_classes`).
     """
     if not isinstance(targets, torch.Tensor) or targets.shape != logits.shape[:-1]:
+        return None
+    if targets.dtype.is_floating_point or targets.dtype.is_complex \
+            or targets.dtype == torch.bool:  # no class indices (softmax_logits says why)
         return None
     past = ignored_past_classes(targets, logits.shape[-1])
     if past is not None:

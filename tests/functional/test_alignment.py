@@ -250,3 +250,55 @@ def test_small_weights_get_the_exact_vector_without_products(shape):
     assert float(top.sigma) == pytest.approx(float(s[0]), rel=1e-5)
     assert float(top.v.double() @ vh[0]) ** 2 == pytest.approx(1.0, abs=1e-6)
     assert float(top.v.double() @ torch.ones(shape[1], dtype=torch.float64)) >= 0  # init's sign
+
+
+@pytest.mark.parametrize("scale", [2.0**70, 2.0**-100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inputs_beyond_the_range_of_their_squares_give_the_same_cosines(scale, dtype):
+    """The input norms squared overflowed in float32 above ~1.8e19 (x1e19 read minority 0.5
+    for 0.433, x1e20 "zero_inputs") and underflowed below ~1e-19. A power of two scales
+    exactly, so the cosines must not move at all."""
+    g = torch.Generator().manual_seed(2)
+    w, x = torch.randn(5, 6, generator=g), torch.randn(30, 6, generator=g).to(dtype)
+    ref = spectral_alignment(w, x)
+    res = spectral_alignment(w, x * scale)
+    assert res.reason is None and torch.equal(res.cosines, ref.cosines)
+    assert res.summary() == ref.summary()
+
+
+@pytest.mark.parametrize("scale", [1e19, 1e20, 1e-30])
+def test_float32_inputs_at_extreme_scales_match_float64(scale):
+    g = torch.Generator().manual_seed(2)
+    w, x = torch.randn(5, 6, generator=g), (torch.randn(30, 6, generator=g) * scale)
+    res = spectral_alignment(w, x)
+    ref = spectral_alignment(w.double(), x.double())
+    assert res.reason is None
+    assert torch.allclose(res.cosines.double(), ref.cosines, atol=1e-6)
+    assert float(res.minority_fraction) == float(ref.minority_fraction)
+
+
+def test_a_zero_weight_with_a_given_v_is_a_zero_matrix():
+    """With v= the weight was not looked at: sigma 0 and a summary, no reason."""
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    res = spectral_alignment(torch.zeros(3, 4), x, v=torch.ones(4))
+    assert res.reason == "zero_matrix" and float(res.sigma) == 0.0
+    assert torch.isnan(res.cosines).all()
+    assert all(math.isnan(float(getattr(res, k))) for k in SUMMARY)
+    with pytest.raises(MetricError, match="zero_matrix"):
+        spectral_alignment(torch.zeros(3, 4), x, v=torch.ones(4), strict=True)
+    w = torch.randn(3, 4)
+    w[0, 0] = math.inf
+    bad = spectral_alignment(w, x, v=torch.ones(4))
+    assert bad.reason == "non_finite" and torch.isnan(bad.cosines).all()
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (3, 0)])
+def test_an_empty_weight_raises_value_error_naming_it(shape):
+    """Raised a RuntimeError (max of an empty tensor, reshape of 0 elements)."""
+    x = torch.randn(5, shape[1])
+    with pytest.raises(ValueError, match="weight"):
+        spectral_alignment(torch.zeros(shape), x)
+    with pytest.raises(ValueError, match="weight"):
+        spectral_alignment(torch.zeros(shape), x, v=torch.ones(shape[1]))
+    with pytest.raises(ValueError, match="weight"):
+        top_singular_vector(torch.zeros(shape))

@@ -445,3 +445,67 @@ def test_a_zero_classifier_row_leaves_only_its_cosines_undefined():
     assert head.reason is None and math.isfinite(fields["nc1"])
     assert all(math.isnan(v) for k, v in fields.items() if k.endswith("_weights") or
                k in ("nc3", "nc3_zhu"))
+
+
+# ----------------------------------------------------------------------------- rounding level
+
+
+NC_MEAN_FIELDS = ("nc1", "nc2_equinorm_means", "nc2_equiangular_means", "nc2_maxangle_means",
+                  "nc2_etf_means", "nc2_equinorm_weights", "nc2_etf_weights", "nc3", "nc3_zhu")
+
+
+@pytest.mark.parametrize("global_mean", ["class_means", "samples"])
+@pytest.mark.parametrize("value", [0.1, 0.7, 3.3])
+@pytest.mark.parametrize("counts", [(3, 1, 1), (1, 6, 2), (3000, 5, 1000)])
+def test_identical_rows_are_rank_deficient_although_rounding_separates_the_means(
+    global_mean, value, counts
+):
+    """docs/metrics.md, "Edge cases": identical float64 rows have class means that differ
+    by rounding only (a mean of n copies of 0.1 is up to ~n eps/10 off); that noise read as
+    a finite NC1 (0.3 for 0.7 on counts (3, 1, 1)), NC2, NC3 and VCI with no reason."""
+    y = torch.arange(3).repeat_interleave(torch.tensor(counts))
+    h = torch.full((len(y), 4), value, dtype=torch.float64)
+    w = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    res = neural_collapse(h, y, w, global_mean=global_mean)
+    assert res.reason == "rank_deficient" and res.nc1_rank == 0
+    for name in NC_MEAN_FIELDS:
+        assert math.isnan(float(getattr(res, name))), name
+    assert math.isfinite(float(res.nc4))  # NC4 is still computed
+    vci = variability_collapse_index(h, y, global_mean=global_mean)
+    assert vci.reason == "rank_deficient" and vci.rank_b == 0 and math.isnan(float(vci))
+    with pytest.raises(MetricError, match="equal"):
+        neural_collapse(h, y, strict=True, global_mean=global_mean)
+    with pytest.raises(MetricError, match="equal"):
+        variability_collapse_index(h, y, strict=True, global_mean=global_mean)
+
+
+def test_a_tiny_but_genuine_separation_of_the_means_is_kept():
+    """Class means 2^-30 apart on features of size 1 (rounding: about N eps = 2e-15) give
+    the values of the separation alone: the metrics are invariant to translation and scale.
+    Two samples per class and four classes keep every mean exact in float64."""
+    means = torch.tensor([[4.0, 0, 0], [0, 4, 0], [0, 0, 4], [-3, -3, -3]], dtype=torch.float64)
+    noise = torch.tensor([[1.0, 2, 0], [0, 1, -1], [2, 0, 1], [1, 1, 2]], dtype=torch.float64)
+    x = torch.cat([means + noise, means - noise])
+    y = torch.arange(4).repeat(2)
+    h = 1.0 + x * 2.0**-30  # exact
+    w = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got, ref = neural_collapse(h, y, w), neural_collapse(x, y, w)
+    assert got.reason is None and got.nc1_rank == ref.nc1_rank == 3
+    for name in NC_MEAN_FIELDS[1:]:
+        assert float(getattr(got, name)) == float(getattr(ref, name)), name
+    # NC1 projects h_i and mu_y separately (no (N, p) temporary): the offset 1 costs
+    # eps / 2^-30 = 2e-7 of relative precision there
+    assert float(got.nc1) == pytest.approx(float(ref.nc1), rel=1e-6)
+    vci = variability_collapse_index(h, y)
+    assert vci.reason is None and vci.rank_b == 3
+    assert float(vci) == float(variability_collapse_index(x, y))
+
+
+def test_features_without_columns_raise_value_error_naming_them():
+    """(N, 0) features raised a RuntimeError (max of an empty tensor) or an IndexError."""
+    y = torch.arange(6) % 2
+    for fn in (neural_collapse, variability_collapse_index, nc1):
+        with pytest.raises(ValueError, match="features"):
+            fn(torch.zeros(6, 0), y)
+    with pytest.raises(ValueError, match="features"):
+        ncc_mismatch(torch.zeros(6, 0), y, torch.zeros(2, 0))

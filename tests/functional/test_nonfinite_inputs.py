@@ -65,3 +65,28 @@ def test_neural_collapse_with_a_non_finite_classifier_has_no_nc4():
     result = LF.neural_collapse(z, LABELS, classifier=w)
     assert result.reason == "non_finite"
     assert result.nc4 is None or math.isnan(float(result.nc4))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_ncc_mismatch_of_non_finite_features_is_nan(bad):
+    """ncc_mismatch (NC4 alone) read 0.75 for a NaN entry: its row was mismatched."""
+    w = torch.randn(4, 4, generator=torch.Generator().manual_seed(2))
+    assert math.isnan(float(LF.ncc_mismatch(_features(bad), LABELS, w)))
+    w[1, 1] = bad
+    assert math.isnan(float(LF.ncc_mismatch(_features(0.5), LABELS, w)))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_non_finite_bias_gives_nan_and_the_reason(bad):
+    """A NaN or infinite bias gave a finite nc4 (0.75) with no reason."""
+    z = _features(0.5)
+    head = torch.nn.Linear(4, 4)
+    with torch.no_grad():
+        head.bias[1] = bad
+    for kwargs in ({"classifier": head}, {"classifier": head.weight, "bias": head.bias}):
+        result = LF.neural_collapse(z, LABELS, **kwargs)
+        assert result.reason == "non_finite"
+        assert all(math.isnan(v) for v in result.as_dict().values() if isinstance(v, float))
+        with pytest.raises(MetricError, match="not finite"):
+            LF.neural_collapse(z, LABELS, strict=True, **kwargs)
+        assert math.isnan(float(LF.ncc_mismatch(z, LABELS, **kwargs)))

@@ -293,3 +293,54 @@ def test_inputs_with_autograd_history_are_detached():
     for fn in (effective_rank, von_neumann_entropy, uniformity, wasserstein_uniformity):
         assert fn(z).value.grad_fn is None, fn.__name__
     assert alpha_req(z).alpha.grad_fn is None
+
+
+# ----------------------------------------------------------------------------- extreme scales
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scale"),
+    [
+        (torch.float32, 2.0**70),
+        (torch.float32, 2.0**-100),
+        (torch.bfloat16, 2.0**70),
+        (torch.bfloat16, 2.0**-100),
+        (torch.float64, 2.0**600),
+        (torch.float64, 2.0**-600),
+    ],
+)
+def test_rows_beyond_the_range_of_their_squares_normalise_exactly(dtype, scale):
+    """The rows are L2-normalised, whose squares overflow above ~1.8e19 in float32 (1.3e154
+    in float64) and underflow below ~1e-19 (1e-154): x1e20 read uniformity -4 and
+    alignment 0, x1e-30 NaN ("too_few_samples", "no_pairs"). A power of two scales
+    exactly, so the values must not move at all."""
+    z, z2 = _random(2, 30, 6).to(dtype), _random(3, 30, 6).to(dtype)
+    zs, z2s = z * scale, z2 * scale
+    assert float(uniformity(zs)) == float(uniformity(z))
+    assert float(alignment(zs, z2s)) == float(alignment(z, z2))
+    assert float(alignment(zs, z2)) == float(alignment(z, z2))
+    for fn in (von_neumann_entropy, wasserstein_uniformity):
+        assert float(fn(zs)) == float(fn(z)), fn.__name__
+
+
+@pytest.mark.parametrize("scale", [1e19, 1e20, 1e-20, 1e-30])
+def test_float32_rows_at_extreme_scales_match_float64(scale):
+    zs = (_random(2, 30, 6) * scale).float()
+    z2s = (_random(3, 30, 6) * scale).float()
+    u = uniformity(zs)
+    assert u.reason is None
+    assert float(u) == pytest.approx(float(uniformity(zs.double())), abs=1e-5)
+    a = alignment(zs, z2s)
+    assert a.reason is None
+    assert float(a) == pytest.approx(float(alignment(zs.double(), z2s.double())), rel=1e-5)
+
+
+def test_singular_values_of_a_non_finite_matrix_raise_value_error():
+    """Raised torch's _LinAlgError ("failed to converge") from eigh."""
+    z = torch.randn(5, 3)
+    z[0, 0] = math.nan
+    with pytest.raises(ValueError, match="z must be finite"):
+        singular_values(z)
+    z[0, 0] = math.inf
+    with pytest.raises(ValueError, match="z must be finite"):
+        singular_values(z)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from landscape.functional import (
+    MetricError,
     attention_logit_stats,
     layer_rotation,
     layer_rotations,
@@ -153,3 +154,73 @@ def test_nlm_cosine_one_parameter_model():
     assert nlm_cosine([torch.zeros(2)], [torch.ones(2)]).reason == "zero_norm"
     with pytest.raises(ValueError, match="grads"):
         nlm_cosine([torch.zeros(2)], [torch.ones(3)])
+
+
+# ----------------------------------------------------------------------------- non-finite input
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("which", ["q", "k"])
+def test_attention_logit_stats_of_non_finite_inputs_are_nan(bad, which):
+    """A NaN or inf in q gave entropy_min 0 (the broken query counted as fully collapsed
+    attention) and a finite entropy_mean, with no reason."""
+    g = torch.Generator().manual_seed(5)
+    qk = {"q": torch.randn(1, 2, 4, 8, generator=g), "k": torch.randn(1, 2, 4, 8, generator=g)}
+    qk[which][0, 0, 0, 0] = bad
+    res = attention_logit_stats(qk["q"], qk["k"])
+    assert res.reason == "non_finite"
+    for name in ("max_abs_logit", "bound", "entropy_min", "entropy_mean"):
+        assert math.isnan(float(getattr(res, name))), name
+    assert res.max_abs_logit_per_head.shape == (2,)
+    assert torch.isnan(res.max_abs_logit_per_head).all()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_softmax_collapse_of_non_finite_logits_is_nan(bad):
+    """The row was counted as not collapsed: fraction 0.5 for two collapsed rows of four."""
+    z = torch.tensor([[100.0, 0.0], [100.0, 0.0], [bad, 0.0], [1.0, 0.0]])
+    res = softmax_collapse(z, torch.tensor([0, 0, 0, 0]))
+    assert res.reason == "non_finite"
+    assert math.isnan(float(res.fraction)) and math.isnan(float(res.zero_terms))
+    frac = softmax_collapse_fraction(z)
+    assert frac.reason == "non_finite" and math.isnan(float(frac))
+    assert softmax_collapse_fraction(z[:2]).reason is None
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_layer_rotation_and_nlm_cosine_of_non_finite_tensors_are_nan(bad):
+    """A NaN entry was reported as "zero_norm", an inf one as NaN with no reason."""
+    w0 = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    w = w0.clone()
+    w[0, 0] = bad
+    for a, b in ((w, w0), (w0, w)):
+        rot = layer_rotation(a, b)
+        assert rot.reason == "non_finite" and math.isnan(float(rot))
+        with pytest.raises(MetricError, match="not finite"):
+            layer_rotation(a, b, strict=True)
+        nlm = nlm_cosine([a, w0], [b, w0])
+        assert nlm.reason == "non_finite" and math.isnan(float(nlm.cosine))
+        assert all(math.isnan(float(c)) for c in nlm.per_tensor)
+        with pytest.raises(MetricError, match="not finite"):
+            nlm_cosine([a], [b], strict=True)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("q_shape", "k_shape", "name"),
+    [((1, 3, 4), (1, 0, 4), "k"), ((1, 0, 4), (1, 3, 4), "q"), ((1, 3, 0), (1, 3, 0), "q"),
+     ((0, 3, 4), (0, 3, 4), "q")],
+)
+def test_attention_logit_stats_of_empty_inputs_raise_value_error(q_shape, k_shape, name):
+    """T_k = 0 raised a RuntimeError (max of an empty tensor); d = 0 a ZeroDivisionError."""
+    with pytest.raises(ValueError, match=f"^{name} must"):
+        attention_logit_stats(torch.randn(q_shape), torch.randn(k_shape))
+
+
+def test_softmax_collapse_targets_must_be_integer_class_indices():
+    z = torch.tensor([[20.0, 0.0], [1.0, 0.0]])
+    for bad in (torch.tensor([True, False]), torch.tensor([0.0, 1.0])):
+        with pytest.raises(ValueError, match="targets must be an integer tensor"):
+            softmax_collapse(z, bad)

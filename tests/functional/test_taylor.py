@@ -324,8 +324,9 @@ def test_a_negative_target_takes_the_predicted_class_in_the_top2_radius():
     want = taylor_radius_from_logits(z, a, targets=filled)
     for field in ("rho_a", "r", "spread", "radius_top2"):
         torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=0, atol=0)
+    zeros = torch.zeros(6, dtype=torch.long)
     assert not torch.equal(want.radius_top2,
-                           taylor_radius_from_logits(z, a, targets=torch.zeros(6)).radius_top2)
+                           taylor_radius_from_logits(z, a, targets=zeros).radius_top2)
     with pytest.raises(ValueError, match="targets"):
         taylor_radius_from_logits(z, a, targets=torch.tensor([0, 0, 0, 0, 0, 4]))
 
@@ -350,3 +351,22 @@ def test_the_central_difference_draws_one_dropout_mask_in_train_mode():
     torch.manual_seed(7)
     _, got, _ = directional_logit_derivatives(ckpt, x.double(), v, eval_mode=False)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
+
+
+def test_targets_must_be_integer_class_indices():
+    """Float targets were truncated silently (1.7 -> class 1); bool ones read as 0/1."""
+    z, a = torch.zeros(3, 3), torch.ones(3, 3)
+    for bad in (torch.tensor([0.0, 1.7, 2.2]), torch.tensor([0.0, 1.0, 2.0]),
+                torch.tensor([True, False, True])):
+        with pytest.raises(ValueError, match="targets must be an integer tensor"):
+            taylor_radius_from_logits(z, a, targets=bad)
+
+
+def test_logits_without_classes_raise_value_error_naming_them():
+    """C = 0 raised a RuntimeError (reshape of 0 elements into [-1, 0])."""
+    with pytest.raises(ValueError, match="logit_derivatives must"):
+        logit_spread(torch.zeros(3, 0))
+    with pytest.raises(ValueError, match="logits must"):
+        taylor_radius_from_logits(torch.zeros(3, 0), torch.zeros(3, 0))
+    with pytest.raises(ValueError, match="logits must"):
+        taylor_radius_from_logits(torch.zeros(0, 3), torch.zeros(0, 3))
