@@ -103,7 +103,9 @@ def test_a_non_finite_model_is_one_clear_error_in_every_curvature_function():
     op = ls.Hessian(model, F.cross_entropy, (x, y))
     for call in (lambda: ls.top_eigenvalues(op, k=1),
                  lambda: ls.spectral_density(op, lanczos_steps=5, n_probes=1),
-                 lambda: ls.hessian_trace(op)):
+                 lambda: ls.hessian_trace(op),
+                 lambda: ls.hessian_trace(op, "hutchinson", n_matvec=4),  # NaN, silently
+                 lambda: ls.hessian_trace(op, "hutch++", n_matvec=6)):
         with pytest.raises(ValueError, match="a curvature product is not finite"):
             call()
 

@@ -36,8 +36,8 @@ from landscape.curvature._basis import orthogonalize, work_dtype
 Tensor = torch.Tensor
 
 __all__ = [
-    "STOPPING_RULES", "KrylovResult", "gap_estimate", "krylov_basis", "krylov_eigsh",
-    "lanczos_tridiagonal", "orthogonalize", "residual_floor", "work_dtype",
+    "STOPPING_RULES", "KrylovResult", "finite_product", "gap_estimate", "krylov_basis",
+    "krylov_eigsh", "lanczos_tridiagonal", "orthogonalize", "residual_floor", "work_dtype",
 ]
 
 
@@ -106,7 +106,7 @@ def gap_estimate(theta: np.ndarray, idx: np.ndarray) -> np.ndarray:
 STOPPING_RULES = ("auto", "residual", "value")
 
 
-def _finite(norm: float) -> float:
+def finite_product(norm: float) -> float:
     """A product's norm, or a clear error when the product is not finite.
 
     Raises:
@@ -260,7 +260,7 @@ def krylov_eigsh(
         owned = _owned(w, fresh_products or w is not raw, basis)
         del raw
         used += 1
-        norm_est = max(norm_est, _finite(flat_norm(w)))
+        norm_est = max(norm_est, finite_product(flat_norm(w)))
         w, c, r = basis.orthogonalize(w, near=j, overwrite=owned)
         coeffs[: c.numel(), j] = c.cpu().numpy()
         if basis.size < n and r > break_rel * norm_est and r > 0:
@@ -383,7 +383,7 @@ def lanczos_tridiagonal(
         cur = bases[active, at]
         out = matmat(cur.to(op_dtype)).to(bases.dtype)
         used += len(active)
-        norm_est = max(norm_est, _finite(float(row_norms(out).max())))
+        norm_est = max(norm_est, finite_product(float(row_norms(out).max())))
         still = []
         for row, run in enumerate(active):
             w = out[row]
@@ -429,7 +429,7 @@ def krylov_basis(
     norm_est = 0.0
     for j in range(m):
         w = matvec(rows[j].to(op_dtype)).to(rows.dtype)
-        norm_est = max(norm_est, _finite(flat_norm(w)))
+        norm_est = max(norm_est, finite_product(flat_norm(w)))
         alphas[j] = float(dots(rows[j], w))
         if j + 1 == m:
             break

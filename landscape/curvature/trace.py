@@ -17,7 +17,7 @@ from landscape._checks import positive_int
 from landscape.curvature._probes import generator as _generator
 from landscape.curvature._probes import rademacher as _rademacher
 from landscape.curvature.base import CurvatureOperator, check_operator
-from landscape.curvature.lanczos import krylov_basis
+from landscape.curvature.lanczos import finite_product, krylov_basis
 from landscape.curvature.memory import (
     BUDGET_FLOOR,
     MemoryProfile,
@@ -289,7 +289,11 @@ class _Multiplier:
             out.append(self.op.flat_matmat(part))
             self.largest = max(self.largest, part.shape[0])
             i += part.shape[0]
-        return out[0] if len(out) == 1 else torch.cat(out)
+        products = out[0] if len(out) == 1 else torch.cat(out)
+        # one read-back: NaN or inf in any product raises the solvers' one clear error
+        # (a NaN trace otherwise, or a QR that fails deep inside LAPACK for hutch++)
+        finite_product(float(products.abs().amax()) if products.numel() else 0.0)
+        return products
 
 
 def _stochastic(
