@@ -595,13 +595,13 @@ class ModelOperator(CurvatureOperator):
     def _check_symmetric(self, batched: bool) -> None:
         """Check once per model and product path that the exact product is symmetric.
 
-        Three products with fixed ±1 vectors, not counted in ``n_matvec``, the first time a
-        model's operator of this kind and parameters takes the path
-        (:mod:`landscape.curvature._symmetry`), and a fourth when they are asymmetric, to
-        measure the products' rounding. A product that is not symmetric beyond
-        rounding differentiates through a function torch cannot differentiate twice
-        correctly: ``"auto"`` takes the first-order product, with one warning; a backend
-        asked for by name is kept, with a warning that its numbers are wrong.
+        Three products with fixed ±1 vectors and one along the sum of two (the products'
+        rounding), not counted in ``n_matvec``, the first time a model's operator of this
+        kind and parameters takes the path (:mod:`landscape.curvature._symmetry`). A
+        product that is not symmetric beyond its rounding differentiates through a
+        function torch cannot differentiate twice correctly: ``"auto"`` takes the
+        first-order product, with one warning; a backend asked for by name is kept, with a
+        warning that its numbers are wrong.
         """
         collective = self._reduce.enabled
         # over ranks, one check whatever path: ranks may take different local paths (a
@@ -632,20 +632,17 @@ class ModelOperator(CurvatureOperator):
 
         def measure() -> float | None:
             vs = [rademacher(self.shapes, self.dtype, self.device, seed) for seed in (1, 2, 3)]
-            products = products_of(vs)
-            if self._backend.first_order:  # an exact product raised meanwhile: no verdict
-                return None
-            value = decided(asymmetry(vs, products))
-            if not value > tolerance:
-                return value
-            # the product's own rounding, measured as its departure from linearity (a
-            # wrong derivative is still linear): near zero loss float32 cancellation makes
-            # a correct product as asymmetric as it is nonlinear (docs/curvature.md)
+            # and along the sum of two, in the same call (the same path): the products' own
+            # rounding, their departure from linearity (a wrong derivative is still
+            # linear); near zero loss float32 cancellation makes a correct product as
+            # asymmetric as it is nonlinear (docs/curvature.md)
             both = tuple(a + b for a, b in zip(vs[0], vs[1]))
-            (product,) = products_of([both])
-            if self._backend.first_order:
+            products = products_of([*vs, both])
+            # an exact product raised on some rank meanwhile: no verdict on any
+            if decided(float(self._backend.first_order)):
                 return None
-            noise = decided(nonlinearity(products[0], products[1], product))
+            value = decided(asymmetry(vs, products[:3]))
+            noise = decided(nonlinearity(products[0], products[1], products[3]))
             return value if value > ROUNDING_MULTIPLE * noise else 0.0
 
         # the function differentiated: its modes (a function may run only in train mode),

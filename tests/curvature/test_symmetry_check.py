@@ -219,3 +219,55 @@ def test_rounding_near_zero_loss_is_not_taken_for_a_wrong_derivative():
     truth = float(torch.linalg.eigvalsh(dense_hessian(
         wide, F.cross_entropy, (batch[0].double(), batch[1])))[-1])
     assert got == pytest.approx(truth, rel=0.05)  # the first-order product gave half of it
+
+
+class _DetachedTanh(torch.autograd.Function):
+    """tanh whose backward takes the incoming gradient as a constant (once-differentiable)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g.detach() * (1 - y**2)
+
+
+class _BrokenUnderFunc(nn.Module):
+    """Differentiated wrongly under torch.func only: the vmapped path is broken, autograd's
+    double backward is right."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        under_func = torch._C._functorch.is_functorch_wrapped_tensor(h)
+        return self.b(_DetachedTanh.apply(h) if under_func else torch.tanh(h))
+
+
+def test_the_rounding_is_measured_on_the_path_it_checks():
+    """The product along the sum of two vectors must come from the checked path: from the
+    other one, the difference between the paths read as rounding and cleared a wrong
+    vmapped product."""
+    torch.manual_seed(0)
+    model = _BrokenUnderFunc().double()
+    x, y = _batch()
+    op = Hessian(model, F.cross_entropy, (x, y))
+    with pytest.warns(RuntimeWarning, match="not symmetric"):
+        op.matmat([op.parameters] * 2)
+    assert op.backend_used == "first_order"
+    truth = dense_hessian(model, F.cross_entropy, (x, y))
+    u, w = (tuple(torch.randn_like(p) for p in op.parameters) for _ in range(2))
+    flat = torch.cat([t.reshape(-1) for t in u])
+    au, _ = op.matmat([u, w])
+    torch.testing.assert_close(torch.cat([t.reshape(-1) for t in au]), truth @ flat,
+                               rtol=1e-6, atol=1e-9)
