@@ -18,7 +18,8 @@ call.
 Two shapes, two methods, each the cheapest accurate one for its callers:
 
 * flat vectors and rows of a basis (the Krylov solvers): :func:`dots`, :func:`row_norms`,
-  :func:`flat_norm`, in chunks of :data:`CHUNK` entries as above;
+  :func:`flat_norm`, in chunks of :data:`CHUNK` entries as above, and the squares of a
+  list of tensors in float64 (:func:`squares_sum`, the first-order products' step);
 * many parameter tensors at once (the monitor's gradient, update and parameter norms at
   every step): :func:`tensor_norms`, one fused ``torch._foreach_norm`` per call, long
   tensors cut into :data:`NORM_CHUNK`-entry views whose float32 norms are combined in
@@ -33,7 +34,10 @@ import torch
 
 Tensor = torch.Tensor
 
-__all__ = ["CHUNK", "NORM_CHUNK", "dots", "flat_norm", "row_norms", "tensor_norms", "work_dtype"]
+__all__ = [
+    "CHUNK", "NORM_CHUNK", "dots", "flat_norm", "row_norms", "squares_sum", "tensor_norms",
+    "work_dtype",
+]
 
 CHUNK = 2**20
 """Entries per partial sum of a long float32 (or 16-bit) reduction."""
@@ -103,6 +107,24 @@ def flat_norm(x: Tensor) -> float:
     Not :func:`landscape.params.norm`, which takes a list of parameter-shaped tensors.
     """
     return float(row_norms(x))
+
+
+def squares_sum(tensors: Sequence[Tensor]) -> float:
+    """The sum of the squares of every entry of ``tensors``, in float64, as a float.
+
+    Widened :data:`CHUNK` entries at a time, so the float64 copies never hold more than
+    one chunk and its squares (a float64 copy of all of GPT-2 small's parameters at once
+    is 1 GB; of its token embedding alone 0.3 GB). A tensor of one chunk is summed as
+    :func:`~landscape.params.dot` sums it (the same bits). The sums are kept per device;
+    a model split over GPUs adds its devices' sums on the host.
+    """
+    sums: dict[torch.device, Tensor] = {}
+    for t in tensors:
+        for chunk in t.reshape(-1).split(CHUNK):
+            wide = chunk.double()
+            square = torch.sum(wide * wide)
+            sums[t.device] = sums[t.device] + square if t.device in sums else square
+    return sum(float(s) for s in sums.values())
 
 
 NORM_CHUNK = 2**16

@@ -824,8 +824,9 @@ def substitution(model: nn.Module, state: Mapping[str, torch.Tensor], prefix: st
     leaves it in the model after the call: the model's parameter replaced by a plain tensor.
     Names missing from ``state`` are left out (that slot keeps the model's tensor).
     """
-    name_of = {id(t): n for n, t in model.named_parameters()}
-    name_of.update({id(t): n for n, t in model.named_buffers()})
+    name_of = {id(t): n for n, t in model.named_buffers()}
+    # a parameter another module registered as a buffer takes the parameter's substitute
+    name_of.update({id(t): n for n, t in model.named_parameters()})
     out: dict[str, torch.Tensor] = {}
     for path, module in model.named_modules():
         dot = path + "." if path else ""

@@ -471,3 +471,14 @@ def test_a_tied_parameter_is_substituted_in_every_module_sharing_it():
     want = model(ids) * 4  # both uses of the weight doubled
     torch.testing.assert_close(stateless_call(model, twice, ids), want)
     assert model[1].weight is model[0].weight and type(model[0].weight) is nn.Parameter
+
+
+def test_a_parameter_another_module_holds_as_a_buffer_takes_the_substitute():
+    model = nn.Module()
+    model.a = nn.Linear(4, 4, bias=False)
+    model.b = nn.Module()
+    model.b.register_buffer("w", model.a.weight)  # the same tensor object, as a buffer
+    model.forward = lambda x: model.a(x) + x @ model.b.w.T
+    zero = {"a.weight": torch.zeros(4, 4)}
+    assert torch.equal(stateless_call(model, zero, torch.randn(2, 4)), torch.zeros(2, 4))
+    assert type(model.a.weight) is nn.Parameter and model.b.w is model.a.weight

@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from landscape import distributed as _dist
-from landscape._sums import dots
+from landscape._sums import dots, squares_sum
 from landscape.curvature._shifted import ShiftedEvaluation, Tensors, moved
 from landscape.curvature._step import (
     MIN_RATIO,
@@ -452,7 +452,7 @@ class FirstOrder(ShiftedEvaluation):
         v = 0. The other side, ``θ - εv``, is formed with ``sign=-1`` from the same shift
         (bitwise what adding ``-εv`` gives; no negated copy of it).
         """
-        v_norm = math.sqrt(_squares(v))
+        v_norm = math.sqrt(squares_sum(v))
         if v_norm == 0.0:
             return None
         eps = ratio * step_size(self._theta_norm(), v_norm, self.compute_dtype)
@@ -478,28 +478,6 @@ class FirstOrder(ShiftedEvaluation):
                     sq = sq + p.detach().double().pow(2).sum()
             norm = float(sq.sqrt())
         else:
-            norm = math.sqrt(_squares([p.detach() for p in params]))
+            norm = math.sqrt(squares_sum([p.detach() for p in params]))
         self._norm = (key, norm)
         return norm
-
-
-#: entries widened to float64 at a time by :func:`_squares` (8 MB of float64)
-_SQUARES_CHUNK = 1 << 20
-
-
-def _squares(tensors: Sequence[torch.Tensor]) -> float:
-    """The sum of the squares of every entry of ``tensors``, in float64.
-
-    Widened :data:`_SQUARES_CHUNK` entries at a time, so the float64 copies never hold more
-    than one chunk and its squares (a float64 copy of all of GPT-2 small's parameters at
-    once is 1 GB; of its token embedding alone 0.3 GB). A tensor of one chunk is summed as
-    :func:`~landscape.params.dot` sums it (the same bits). The sums are kept per device; a
-    model split over GPUs adds its devices' sums on the host.
-    """
-    sums: dict[torch.device, torch.Tensor] = {}
-    for t in tensors:
-        for chunk in t.reshape(-1).split(_SQUARES_CHUNK):
-            wide = chunk.double()
-            square = torch.sum(wide * wide)
-            sums[t.device] = sums[t.device] + square if t.device in sums else square
-    return sum(float(s) for s in sums.values())

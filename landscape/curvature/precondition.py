@@ -353,11 +353,12 @@ def preconditioned(op: CurvatureOperator, optimizer: Any, *,
         from the optimizer.
 
     Raises:
-        ValueError: the optimizer has no state yet (or not for every parameter it holds),
-            is SGD or has no Adam-style ``betas``/``eps``, or moves none of the operator's
-            parameters; or a preconditioner entry is not finite and > 0. (A parameter of the
-            operator that the optimizer does not hold, or holds at learning rate 0 while
-            another group trains, is not moved by it: ``P = inf``.)
+        ValueError: the optimizer has no state yet, is SGD or has no Adam-style
+            ``betas``/``eps``, or moves none of the operator's parameters; or a
+            preconditioner entry is not finite and > 0. (A parameter of the operator that
+            the optimizer does not hold, holds at learning rate 0 while another group
+            trains, or holds without state while others have theirs is not moved by it:
+            ``P = inf``.)
     """
     if isinstance(optimizer, torch.optim.Optimizer):
         diag, eps, dead = _optimizer_preconditioner(op, optimizer, group_lr)

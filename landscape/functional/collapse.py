@@ -92,16 +92,18 @@ def _means_coincide(stats: _ClassStats) -> bool:
     Identical rows do not give exactly equal means: a mean of n copies of 0.1 is up to about
     n eps / 10 off (8,500 eps at n = 10^5), and that noise read as a finite NC1, NC2, NC3
     and VCI. The bound on the rounding of a sum of n terms is about n u sum |x_i| (u = eps/2,
-    recursive summation), so each centred mean mu_c - mu_G (n_c samples, then C means or N
-    samples for mu_G) is off by at most about (N + C) u a, with a the largest mean |h_ij|
-    over a class c and feature j. Means that all lie within (N + C) eps a of each other
-    count as equal; genuinely separated means sit far above that (means 2^-30 apart on
-    features of size 1 against 2.7e-15 at N = 8, C = 4). docs/metrics.md, "Edge cases".
+    recursive summation), so each centred mean mu_cj - mu_Gj (n_c samples, then C means or
+    N samples for mu_G) is off by at most about (N + C) u a_j, with a_j the largest mean
+    |h_ij| over a class c, per feature j: each feature's sums round on their own scale (a
+    constant feature of 1e10 says nothing of the rounding of one of size 1e-3). Means
+    whose every feature lies within (N + C) eps a_j of the others count as equal;
+    genuinely separated means sit far above that (means 2^-30 apart on features of size 1
+    against 2.7e-15 at N = 8, C = 4). docs/metrics.md, "Edge cases".
     """
     abs_sums = torch.zeros_like(stats.means).index_add_(0, stats.idx, stats.h.abs())
-    scale = float((abs_sums / stats.counts[:, None]).max())
+    scale = (abs_sums / stats.counts[:, None]).amax(dim=0)  # a_j, per feature
     tol = (stats.n + stats.c) * torch.finfo(torch.float64).eps * scale
-    return float(stats.centred_means.abs().max()) <= tol
+    return bool((stats.centred_means.abs() <= tol).all())
 
 
 def _between_svd(stats: _ClassStats, rtol: float) -> tuple[torch.Tensor, torch.Tensor]:

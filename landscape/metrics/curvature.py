@@ -270,8 +270,8 @@ class Sharpness(Metric):
             raise MissingInput(
                 f"{type(opt).__name__}(maximize=True) climbs the loss: the sharpness that "
                 "bounds its steps is the largest eigenvalue of the negated loss's Hessian, "
-                "not of this one; give the monitor the loss the optimizer minimizes "
-                "(the negated one) as loss_fn")
+                "not of this one; for a sharpness, train with maximize=False on the "
+                "negated loss and give the monitor that loss")
         adaptive = kind in PRECONDITIONED
         if adaptive and latest_step(opt) < _warmup(opt, kind, self.adam_warmup):
             # the second-moment estimate is a one- or few-sample transient at first: the

@@ -279,13 +279,12 @@ class TaylorRadius(Metric):
         (interpolated: the mean of the two middle ones for an even count), what the
         ``taylor_ratio`` rule warns on (docs/alarms.md).
         """
-        iterations = _iterations_per_step(ctx.optimizer)
-        if iterations > 1:
+        sized = _step_not_sized_by_a_rate(ctx.optimizer)
+        if sized is not None:
             raise MissingInput(
-                f"taylor_radius: {type(ctx.optimizer).__name__} runs up to {iterations} "
-                "iterations in one step (max_iter): the step is their sum, sized by its own "
-                "line search or curvature model, not by a learning rate a Taylor ratio "
-                "could bound (docs/metrics.md, 'Taylor radius of cross-entropy')")
+                f"taylor_radius: {type(ctx.optimizer).__name__} {sized}: its step is sized "
+                "by a line search or its curvature model, not by a learning rate a Taylor "
+                "ratio could bound (docs/metrics.md, 'Taylor radius of cross-entropy')")
         if ctx.update is None or not ctx.has_params_before:
             raise MissingInput(_no_update(ctx, "taylor_radius"))
         # a list of micro-batches (gradient accumulation): the one step over all of them,
@@ -303,10 +302,18 @@ class TaylorRadius(Metric):
         }
 
 
-def _iterations_per_step(optimizer: Any) -> int:
-    """The most iterations one ``optimizer.step()`` may run: ``max_iter`` (L-BFGS), else 1."""
-    groups = getattr(optimizer, "param_groups", None) or ()
-    return max((int(g.get("max_iter") or 1) for g in groups), default=1)
+def _step_not_sized_by_a_rate(optimizer: Any) -> str | None:
+    """Why one ``optimizer.step()`` is no learning-rate step (L-BFGS), or None.
+
+    Several iterations a step (``max_iter > 1``: the update is their sum) or a line search
+    (``line_search_fn``) choose the step's length themselves.
+    """
+    for group in getattr(optimizer, "param_groups", None) or ():
+        if int(group.get("max_iter") or 1) > 1:
+            return f"runs up to {group['max_iter']} iterations in one step (max_iter)"
+        if group.get("line_search_fn") is not None:
+            return f"searches its step's length ({group['line_search_fn']!r})"
+    return None
 
 
 def _radius_on(ctx: StepContext, batch: Any) -> Any:

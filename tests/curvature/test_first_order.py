@@ -12,9 +12,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
+from landscape import _sums
+from landscape._sums import squares_sum
 from landscape.curvature import GGN, Hessian, top_eigenvalues
-from landscape.curvature import _first_order as first_order
-from landscape.curvature._first_order import _squares, step_size
+from landscape.curvature._first_order import step_size
 from landscape.params import dot, flatten, unflatten
 from tests import models
 from tests.curvature._dense import dense_ggn, dense_hessian
@@ -150,12 +151,12 @@ def test_the_parameters_norm_widens_a_chunk_at_a_time(monkeypatch):
     tensors = [torch.randn(10_000) for _ in range(10)]
     wide = [t.double() for t in tensors]
     with _LiveFloat64() as mode:
-        got = _squares(tensors)
+        got = squares_sum(tensors)
     assert got == float(dot(wide, wide))  # tensors within a chunk: the bits of a dot
     assert mode.peak <= 2 * 10_000 * 8 + 64  # a copy and its square, not all ten copies
-    monkeypatch.setattr(first_order, "_SQUARES_CHUNK", 1000)
+    monkeypatch.setattr(_sums, "CHUNK", 1000)
     with _LiveFloat64() as mode:
-        chunked = _squares(tensors)
+        chunked = squares_sum(tensors)
     assert chunked == pytest.approx(got, rel=1e-14)
     assert mode.peak <= 2 * 1000 * 8 + 64
 

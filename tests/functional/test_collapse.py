@@ -501,6 +501,20 @@ def test_a_tiny_but_genuine_separation_of_the_means_is_kept():
     assert float(vci) == float(variability_collapse_index(x, y))
 
 
+def test_a_large_constant_feature_leaves_the_separation_of_another_standing():
+    """Each feature's means round on its own scale: a constant feature of 1e10 beside one
+    whose class means differ by 1e-3 read as 'all class means equal' with one tolerance
+    for all features."""
+    n = 2000
+    y = torch.arange(n) % 2
+    g = torch.Generator().manual_seed(0)
+    signal = y.double() * 1e-3 + 1e-4 * torch.randn(n, generator=g, dtype=torch.float64)
+    h = torch.stack([torch.full((n,), 1e10, dtype=torch.float64), signal], 1)
+    got, alone = neural_collapse(h, y), neural_collapse(signal[:, None], y)
+    assert got.reason is None and variability_collapse_index(h, y).reason is None
+    assert float(got.nc1) == pytest.approx(float(alone.nc1), rel=1e-9)
+
+
 def test_features_without_columns_raise_value_error_naming_them():
     """(N, 0) features raised a RuntimeError (max of an empty tensor) or an IndexError."""
     y = torch.arange(6) % 2
