@@ -223,6 +223,11 @@ class LandscapeCallback(CallbackSettings, Callback):
         self._last_advance: int | None = None  # global_step's advance at the last step
         self._created = time.time()  # run() reads only a file written since (ddp_spawn)
         self._grad_norm: float | None = None  # before clipping, from on_before_optimizer_step
+        # manual optimization: the watched gradient's norm after the latest backward (the
+        # module may clip it before it steps), and whether the watched optimizer stepped
+        self._backward_norm: float | None = None
+        self._watched_stepped = False
+        self._told_unwatched = False
         self._closed = True
 
     # ------------------------------------------------------------------ lifecycle
@@ -262,10 +267,17 @@ class LandscapeCallback(CallbackSettings, Callback):
             self.mirrors,
             lambda: lightning_logger_mirrors(trainer.loggers) if trainer.is_global_zero else [],
         )
-        options = resume_options(self.monitor_options, self.path, int(trainer.global_step))
-        make_run_folder(self.path)
+        # fast_dev_run: Lightning's smoke test, which logs and saves nothing; its rows stay
+        # in memory, so the real fit that follows starts the file
+        path = None if trainer.fast_dev_run else self.path
+        if trainer.fast_dev_run and self.path is not None:
+            logging.getLogger("landscape").info(
+                "landscape: LandscapeCallback: fast_dev_run: the rows stay in memory, "
+                "%s is not written", self.path)
+        options = resume_options(self.monitor_options, path, int(trainer.global_step))
+        make_run_folder(path)
         self.monitor = Monitor(
-            pl_module, loss_fn, self.path, optimizer=optimizer, metrics=self.metrics,
+            pl_module, loss_fn, path, optimizer=optimizer, metrics=self.metrics,
             probe=probe, closure=closure, config=config, on_finding=self._found,
             mirrors=mirrors, **options,
         )
@@ -273,12 +285,35 @@ class LandscapeCallback(CallbackSettings, Callback):
             "training_step returned no loss: return the loss, or {'loss': loss, ...} "
             "(with manual optimization too), for the 'loss' rows (NaN until then)")
         self.monitor.start()
-        refuse_stale_start(self.monitor, int(trainer.global_step), type(self).__name__,
-                           self.path)
+        refuse_stale_start(self.monitor, int(trainer.global_step), type(self).__name__, path)
         self._closed = False
         self._seen_global_step = trainer.global_step
         self._pending = []
         self._pending_samples = 0
+
+    def _watched_norm(self) -> float | None:
+        """The norm of the watched (first) optimizer's gradient, over the parameters it holds.
+
+        With several optimizers, the others' parameters hold gradients of their own steps.
+        """
+        held = {id(p): p for g in self.monitor.optimizer.param_groups for p in g["params"]
+                if p.requires_grad}
+        return gradient_norm(held.values())
+
+    def _records_grad_norm(self) -> bool:
+        return self.monitor is not None and self.monitor.optimizer is not None and any(
+            m.name == "grad_norm" for m in self.monitor.metrics)
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """With manual optimization, keep the gradient's norm before the module clips it.
+
+        The module clips between ``manual_backward`` and ``opt.step()``
+        (``self.clip_gradients(opt, ...)``, Lightning's way under manual optimization), so
+        ``on_before_optimizer_step`` sees the clipped gradient; the norm after the latest
+        backward is the step's before clipping (accumulated over its backward passes).
+        """
+        if not pl_module.automatic_optimization and self._records_grad_norm():
+            self._backward_norm = self._watched_norm()
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
@@ -287,21 +322,20 @@ class LandscapeCallback(CallbackSettings, Callback):
 
         With ``gradient_clip_val`` the ``.grad`` the monitor sees later is clipped; with
         manual optimization the module may zero it right after ``opt.step()``
-        (``opt.step(); opt.zero_grad()``), before ``on_train_batch_end``. Only for the
+        (``opt.step(); opt.zero_grad()``), before ``on_train_batch_end``, and may have
+        clipped it before (the norm after its latest backward is taken then). Only for the
         watched (first) optimizer, over the parameters it holds, and only when the
         ``grad_norm`` metric is recorded.
         """
-        if self.monitor is None or not (trainer.gradient_clip_val
-                                        or not pl_module.automatic_optimization):
+        if self.monitor is None or unwrap_optimizer(optimizer) is not self.monitor.optimizer:
             return
-        if unwrap_optimizer(optimizer) is not self.monitor.optimizer or not any(
-                m.name == "grad_norm" for m in self.monitor.metrics):
+        self._watched_stepped = True
+        if not (trainer.gradient_clip_val or not pl_module.automatic_optimization) \
+                or not self._records_grad_norm():
             return
-        # the gradient this optimizer steps on (and Lightning clips): with several
-        # optimizers, the others' parameters hold gradients of their own steps
-        held = {id(p): p for g in self.monitor.optimizer.param_groups for p in g["params"]
-                if p.requires_grad}
-        self._grad_norm = gradient_norm(held.values())
+        manual = not pl_module.automatic_optimization
+        norm, self._backward_norm = self._backward_norm, None
+        self._grad_norm = norm if manual and norm is not None else self._watched_norm()
 
     def on_train_batch_end(
         self,
@@ -327,6 +361,18 @@ class LandscapeCallback(CallbackSettings, Callback):
         self._seen_global_step = trainer.global_step
         pending, self._pending = self._pending, []
         samples, self._pending_samples = self._pending_samples or None, 0
+        watched, self._watched_stepped = self._watched_stepped, False
+        if not pl_module.automatic_optimization and not watched:
+            # only the other optimizers stepped (a GAN's second network): no step of the
+            # watched one, whose gradient, update and learning rate the row would report
+            self._grad_norm = self._backward_norm = None
+            if not self._told_unwatched:
+                self._told_unwatched = True
+                logging.getLogger("landscape").info(
+                    "landscape: LandscapeCallback: the watched (first) optimizer did not step "
+                    "at step %d, only the others: no row is recorded for such steps",
+                    trainer.global_step - 1)
+            return
         if not pending and pl_module.automatic_optimization:
             # every training_step of the step returned None, Lightning's way to skip a
             # batch: no backward, nothing trained, nothing to record
@@ -342,10 +388,12 @@ class LandscapeCallback(CallbackSettings, Callback):
         elif pl_module.automatic_optimization:
             # each batch's loss is already divided by accumulate_grad_batches, also in the
             # shorter window that ends an epoch: rescale so the sum is the mean there too
-            step_loss = torch.stack(pending).sum() * (trainer.accumulate_grad_batches
-                                                      / len(pending))
+            # (in float64, as the Hugging Face callback sums: bf16-true losses summed in
+            # bfloat16 lost 0.2 %)
+            step_loss = torch.stack(pending).double().sum() * (
+                trainer.accumulate_grad_batches / len(pending))
         else:
-            step_loss = torch.stack(pending).mean()
+            step_loss = torch.stack(pending).double().mean()
         if isinstance(batch, list):  # default_collate's (x, y) is one batch, not a list of them
             batch = tuple(batch)
         grad_norm, self._grad_norm = self._grad_norm, None

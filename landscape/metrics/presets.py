@@ -125,7 +125,13 @@ def resolve_metrics(metrics: MetricsLike) -> list[Metric]:
     if metrics is None:
         return preset("cheap")
     if isinstance(metrics, str):
-        return preset(metrics) if metrics in _TABLES else [create(metrics)]
+        if metrics in _TABLES:
+            return preset(metrics)
+        try:
+            return [create(metrics)]
+        except ValueError as err:  # a mistyped preset ("standrad") is no metric either
+            raise ValueError(f"metrics: {metrics!r} is neither a preset "
+                             f"({', '.join(_TABLES)}) nor a metric name: {err}") from None
     if isinstance(metrics, Metric):
         return [metrics]
     if not isinstance(metrics, Iterable):

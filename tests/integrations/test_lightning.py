@@ -675,3 +675,93 @@ def test_a_fabric_bf16_true_loop_is_measured_in_the_weights_dtype():
     assert np.isfinite(run.series("sentinels", "probe_loss")[1]).all()
     assert np.isfinite(run.series("logits", "max_abs")[1]).all()
     assert np.isfinite(run.series("taylor_radius", "r")[1][1:]).all()
+
+
+class _ManualClipping(Classifier):
+    """Manual optimization clipping as Lightning documents it: ``self.clip_gradients``
+    between ``manual_backward`` and ``opt.step()``."""
+
+    def __init__(self) -> None:
+        super().__init__(manual=True)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(loss)
+        self.seen_norms.append(float(torch.linalg.vector_norm(torch.cat(
+            [p.grad.flatten() for p in self.parameters()]))))
+        self.clip_gradients(opt, gradient_clip_val=0.01, gradient_clip_algorithm="norm")
+        opt.step()
+        return loss.detach()
+
+    seen_norms: list[float]
+
+
+def test_manual_clipping_records_the_norm_before_it():
+    """grad_norm read 0.01, the clipped norm, at every row."""
+    module = _ManualClipping()
+    module.seen_norms = []
+    callback = LandscapeCallback(None, metrics=["grad_norm"], alarms=False)
+    _fit(module, [callback], max_steps=4)
+    norms = callback.run().series("grad_norm", "value")[1]
+    assert min(module.seen_norms) > 0.1  # clipping changed every step's gradient
+    np.testing.assert_allclose(norms, module.seen_norms, rtol=1e-6)
+
+
+class _FirstStepsEveryOtherBatch(_TwoOptimizersNorms):
+    """The watched (first) optimizer steps every other batch, the second every batch."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        first, second = self.optimizers()
+        if batch_idx % 2 == 0:
+            loss = F.cross_entropy(self(x), y)
+            first.zero_grad()
+            self.manual_backward(loss)
+            self.norms.append(float(torch.linalg.vector_norm(torch.cat(
+                [p.grad.reshape(-1) for p in self.body.parameters()]))))
+            first.step()
+        other = F.cross_entropy(self.head(self.body(x).detach()), y)
+        second.zero_grad()
+        self.manual_backward(other)
+        second.step()
+        return {"loss": other.detach()}
+
+
+def test_a_batch_where_the_watched_optimizer_did_not_step_has_no_row():
+    """Such rows reported a gradient norm of no optimizer's step (stale and other gradients
+    together) and the watched optimizer's learning rate."""
+    module = _FirstStepsEveryOtherBatch()
+    module.norms = []
+    callback = LandscapeCallback(None, metrics=["grad_norm", "update"], alarms=False)
+    trainer = _fit(module, [callback], max_steps=9)
+    assert trainer.global_step == 9  # batches 0, 2, 4: two steps each; 1, 3, 5: one
+    steps, norms = callback.run().series("grad_norm", "value")
+    assert steps.tolist() == [1, 4, 7]
+    np.testing.assert_allclose(norms, module.norms, rtol=1e-6)
+
+
+def test_a_fast_dev_run_writes_no_file_and_the_real_fit_after_it_starts_it(tmp_path):
+    """Lightning's smoke test logs and saves nothing; its row at step 0 was written, and
+    the real fit of the same script stopped with StepOrderError."""
+    path = tmp_path / "run.h5"
+    smoke = LandscapeCallback(str(path), metrics=["loss"])
+    _fit(Classifier(), [smoke], fast_dev_run=True)
+    assert not path.exists()
+    assert smoke.run().steps("loss").tolist() == [0]  # kept in memory
+    callback = LandscapeCallback(str(path), metrics=["loss"])
+    _fit(Classifier(), [callback], max_steps=3)
+    with Run.open(path) as run:
+        assert run.steps("loss").tolist() == [0, 1, 2]
+
+
+def test_a_bf16_true_step_loss_is_summed_without_bfloat16_rounding():
+    """The accumulated batches' losses were summed in bfloat16 (0.2 % off their mean)."""
+    module = Classifier()
+    callback = LandscapeCallback(None, metrics=["loss"], alarms=False)
+    _fit(module, [callback], max_steps=4, precision="bf16-true", accumulate_grad_batches=2)
+    pairs = np.array(module.losses, dtype=np.float64).reshape(-1, 2)  # exact bf16 values
+    np.testing.assert_allclose(callback.run().series("loss", "value")[1], pairs.mean(1),
+                               rtol=1e-12)

@@ -352,6 +352,9 @@ def test_bad_arguments_are_value_errors():
         preset("fast")
     with pytest.raises(ValueError, match="unknown metric"):
         Monitor(model, F.cross_entropy, metrics=["nope"])
+    # a mistyped preset named only the metrics
+    with pytest.raises(ValueError, match=r"'standrad' is neither a preset \(cheap, standard"):
+        Monitor(model, F.cross_entropy, metrics="standrad")
 
 
 @pytest.mark.parametrize(("setting", "match"), [
