@@ -218,7 +218,7 @@ class LandscapeCallback(CallbackSettings, Callback):
         self._seen_global_step = 0
         self._pending: list[torch.Tensor] = []
         self._pending_samples: int | None = 0  # the window's samples (None: not known)
-        self._told_skipped = False  # the skipped-batch note, once per callback
+        self._told: set[str] = set()  # the INFO notes said, each once per callback
         self._told_unreachable = False  # every_n_steps that no recorded step can meet
         self._last_advance: int | None = None  # global_step's advance at the last step
         self._created = time.time()  # run() reads only a file written since (ddp_spawn)
@@ -227,7 +227,6 @@ class LandscapeCallback(CallbackSettings, Callback):
         # module may clip it before it steps), and whether the watched optimizer stepped
         self._backward_norm: float | None = None
         self._watched_stepped = False
-        self._told_unwatched = False
         self._closed = True
 
     # ------------------------------------------------------------------ lifecycle
@@ -366,22 +365,14 @@ class LandscapeCallback(CallbackSettings, Callback):
             # only the other optimizers stepped (a GAN's second network): no step of the
             # watched one, whose gradient, update and learning rate the row would report
             self._grad_norm = self._backward_norm = None
-            if not self._told_unwatched:
-                self._told_unwatched = True
-                logging.getLogger("landscape").info(
-                    "landscape: LandscapeCallback: the watched (first) optimizer did not step "
-                    "at step %d, only the others: no row is recorded for such steps",
-                    trainer.global_step - 1)
+            self._say_once("the watched (first) optimizer did not step at step %d, only the "
+                           "others", trainer.global_step - 1)
             return
         if not pending and pl_module.automatic_optimization:
             # every training_step of the step returned None, Lightning's way to skip a
             # batch: no backward, nothing trained, nothing to record
-            if not self._told_skipped:
-                self._told_skipped = True
-                logging.getLogger("landscape").info(
-                    "landscape: LandscapeCallback: training_step returned None at step %d "
-                    "(a skipped batch): no row is recorded for such steps",
-                    trainer.global_step - 1)
+            self._say_once("training_step returned None at step %d (a skipped batch)",
+                           trainer.global_step - 1)
             return
         if not pending:
             step_loss = None  # the loss metric's finding says what to do (no_loss_reason)
@@ -401,6 +392,15 @@ class LandscapeCallback(CallbackSettings, Callback):
                                   grad_norm=grad_norm, samples=samples)
         if reaches(found, self.stop_on):
             trainer.should_stop = True
+
+    def _say_once(self, what: str, step: int) -> None:
+        """An INFO line that ``what`` happened at ``step`` and gets no row, once per kind."""
+        if what in self._told:
+            return
+        self._told.add(what)
+        logging.getLogger("landscape").info(
+            "landscape: LandscapeCallback: " + what + ": no row is recorded for such steps",
+            step)
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
