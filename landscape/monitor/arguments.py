@@ -21,7 +21,7 @@ from landscape._checks import callables, positive_int, run_path
 from landscape.batches import leading_size
 from landscape.findings import user_stacklevel
 from landscape.metrics import Metric
-from landscape.store.format import step_value
+from landscape.store.format import json_default, step_value
 
 __all__ = [
     "RESERVED_CONFIG",
@@ -38,20 +38,12 @@ __all__ = [
 
 
 def _jsonable(value: Any) -> Any:
-    """``value`` as the run's JSON config holds it.
+    """``value`` as the run's JSON config holds it (:func:`~landscape.store.format.json_default`).
 
-    A one-element tensor (``lr=torch.tensor(3.3e-4)``) as its number, tuples as lists of
-    such values, anything else JSON cannot hold as its repr.
+    A tensor (``lr=torch.tensor(3.3e-4)``) as its number, tuples as lists, anything else
+    JSON cannot hold as its string.
     """
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    try:
-        json.dumps(value)
-        return value
-    except TypeError:
-        return repr(value)
+    return json.loads(json.dumps(value, default=json_default))
 
 
 
