@@ -6,6 +6,8 @@ import math
 import operator
 import os
 
+import torch
+
 
 def integer_at_least(name: str, value: object, least: int) -> int:
     """``value`` as an int >= ``least``: an int, a numpy or torch integer; not a bool or a float.
@@ -78,3 +80,8 @@ def callables(owner: str = "", **functions: object) -> None:
     for name, fn in functions.items():
         if fn is not None and not callable(fn):
             raise TypeError(f"{owner}{name} must be callable, got {type(fn).__name__} {fn!r}")
+
+
+def integer_dtype(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` holds integers: class indices, token ids (not bool, float, complex)."""
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)

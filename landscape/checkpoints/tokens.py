@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from landscape._checks import integer_dtype
 from landscape._errors import LandscapeError, first_line
 
 __all__ = ["read_tokens", "token_batches"]
@@ -51,7 +52,7 @@ def read_tokens(path: Path) -> torch.Tensor:
         first = first_line(err)
         raise LandscapeError(f"{path}: not a readable token file ({first})") from err
     if (not isinstance(ids, torch.Tensor) or ids.dim() not in (1, 2)
-            or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool):
+            or not integer_dtype(ids.dtype)):
         raise LandscapeError(f"{path}: expected a 1-D or 2-D array of integer token ids")
     return ids.long()
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from landscape._checks import integer_dtype
 from landscape._errors import MetricError
 
 NAN = float("nan")
@@ -143,7 +144,7 @@ def _check_integer(x: Any, name: str) -> torch.Tensor:
     """``x`` must be a tensor of an integer dtype (not bool, float or complex)."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+    if not integer_dtype(x.dtype):
         raise ValueError(f"{name} must be an integer tensor, got dtype {x.dtype}")
     return x
 

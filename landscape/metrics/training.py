@@ -13,6 +13,7 @@ import torch
 
 from landscape import distributed as _dist
 from landscape import functional as LF
+from landscape._checks import integer_dtype
 from landscape._deprecation import module_getattr
 from landscape._errors import MissingInput
 from landscape.batches import leading_size, model_call
@@ -402,8 +403,7 @@ def _labels(targets: Any, logits: torch.Tensor) -> torch.Tensor | None:
     """
     if not isinstance(targets, torch.Tensor) or targets.shape != logits.shape[:-1]:
         return None
-    if targets.dtype.is_floating_point or targets.dtype.is_complex \
-            or targets.dtype == torch.bool:  # no class indices (softmax_logits says why)
+    if not integer_dtype(targets.dtype):  # no class indices (softmax_logits says why)
         return None
     past = ignored_past_classes(targets, logits.shape[-1])
     if past is not None:
