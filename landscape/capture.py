@@ -22,6 +22,7 @@ __all__ = [
     "first_tensor",
     "last_child_output",
     "last_linear",
+    "layer_weight",
     "linear_layers",
     "output_logits",
     "predictions_per_sample",
@@ -33,8 +34,8 @@ __all__ = [
 class Captured:
     """What one forward pass produced, per requested module name.
 
-    ``inputs[name]`` is the first positional argument of the module, ``outputs[name]`` its
-    output.
+    ``inputs[name]`` is the first positional argument of the module (its first keyword
+    argument when called without one), ``outputs[name]`` its output.
     """
 
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -42,23 +43,86 @@ class Captured:
 
 
 def resolve_module(model: nn.Module, name: str) -> nn.Module:
-    """The submodule called ``name`` (``""`` is the model itself); ValueError lists some."""
+    """The submodule called ``name`` (``""`` is the model itself); ValueError lists some.
+
+    Any name the module is registered under resolves, an alias too (``self.fc =
+    self.classifier``), although ``named_modules()`` lists each module once.
+    """
     modules = dict(model.named_modules())
-    if name not in modules:
+    if name in modules:
+        return modules[name]
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
         some = ", ".join(n for n in list(modules)[1:12] if n)
-        raise ValueError(f"layer {name!r} is not a submodule of the model (some are: {some})")
-    return modules[name]
+        raise ValueError(
+            f"layer {name!r} is not a submodule of the model (some are: {some})") from None
+
+
+def _lora_wrappers(model: nn.Module) -> dict[str, nn.Module]:
+    """PEFT LoRA layers around an ``nn.Linear`` (``base_layer``), by name."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(getattr(m, "base_layer", None), nn.Linear)
+            and isinstance(getattr(m, "lora_A", None), nn.ModuleDict)}
 
 
 def linear_layers(model: nn.Module) -> list[str]:
-    """Names of every ``nn.Linear`` submodule, in registration order."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    """Names of every linear layer, in registration order.
+
+    Every ``nn.Linear``, except that a PEFT LoRA layer stands for its ``base_layer`` and its
+    adapters' own ``lora_A``/``lora_B`` layers are left out: the layer the model calls is
+    the wrapper, whose input is the base layer's and whose weight is
+    :func:`layer_weight`'s (the adapters' inputs are a rank-r bottleneck).
+    """
+    wrappers = _lora_wrappers(model)
+    inside = tuple(f"{w}." for w in wrappers)
+    names = []
+    for n, m in model.named_modules():
+        if not isinstance(m, nn.Linear):
+            continue
+        if n.startswith(inside):
+            owner = max((w for w in wrappers if n.startswith(w + ".")), key=len)
+            if n == f"{owner}.base_layer":
+                names.append(owner)
+            continue
+        names.append(n)
+    return names
+
+
+def layer_weight(module: nn.Module) -> torch.Tensor | None:
+    """The weight matrix a linear layer applies, ``(out, in)``, detached; None if none.
+
+    A PEFT LoRA layer applies ``W0 + Σ_a s_a B_a A_a`` over its active adapters (PEFT's
+    ``get_delta_weight``; ``W0`` alone when merged or its adapters are disabled); a
+    Hugging Face ``Conv1D`` (GPT-2's blocks) stores its weight ``(in, out)``. Any other
+    module: its ``weight``. A DoRA adapter rescales the columns by a learned magnitude:
+    None (not read).
+    """
+    base = getattr(module, "base_layer", None)
+    if isinstance(base, nn.Linear) and isinstance(getattr(module, "lora_A", None), nn.ModuleDict):
+        weight = base.weight.detach()
+        if getattr(module, "merged", False) or getattr(module, "disable_adapters", False):
+            return weight
+        active = [a for a in getattr(module, "active_adapters", ()) if a in module.lora_A]
+        if any(getattr(module, "use_dora", {}).get(a, False) for a in active):
+            return None
+        with torch.no_grad():
+            for a in active:
+                weight = weight + module.get_delta_weight(a).to(weight.dtype)
+        return weight
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return None
+    if type(module).__name__ == "Conv1D" and getattr(module, "nf", None) == weight.shape[-1]:
+        return weight.detach().t()
+    return weight.detach()
 
 
 def last_linear(model: nn.Module) -> str:
-    """Name of the last ``nn.Linear`` in registration order: the classifier by convention.
+    """Name of the last linear layer in registration order: the classifier by convention.
 
-    Its input is the penultimate representation used for neural collapse and effective rank.
+    Its input is the penultimate representation used for neural collapse and effective
+    rank (:func:`linear_layers`: a LoRA-wrapped head is the wrapper).
     """
     names = linear_layers(model)
     if not names:
@@ -163,9 +227,9 @@ def capture(
     def make_hook(name: str, want_input: bool, want_output: bool):
         read = (output_fn or output_logits) if name == "" else first_tensor
 
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if want_input:
-                t = first_tensor(args)
+        def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            if want_input:  # (a layer called as layer(input=x): its keyword arguments)
+                t = first_tensor(args) if args else first_tensor(kwargs)
                 if t is not None:
                     found.inputs[name] = t.detach()
             if want_output:
@@ -180,7 +244,8 @@ def capture(
         for name in dict.fromkeys(in_names + out_names):
             module = resolve_module(model, name)
             handles.append(
-                module.register_forward_hook(make_hook(name, name in in_names, name in out_names))
+                module.register_forward_hook(make_hook(name, name in in_names, name in out_names),
+                                             with_kwargs=True)
             )
         yield found
     finally:

@@ -17,7 +17,7 @@ from landscape import functional as LF
 from landscape._deprecation import module_getattr
 from landscape._errors import MissingInput, NotApplicable
 from landscape._hf import is_causal_lm
-from landscape.capture import last_linear, linear_layers, resolve_module
+from landscape.capture import last_linear, layer_weight, linear_layers, resolve_module
 from landscape.metrics.base import Metric, register
 from landscape.metrics.context import StepContext, ignored_past_classes
 from landscape.schedules import every
@@ -110,6 +110,7 @@ class SpectralAlignment(Metric):
         for name in self.layers:
             if not isinstance(getattr(resolve_module(model, name), "weight", None), torch.Tensor):
                 raise ValueError(f"spectral_alignment: layer {name!r} has no weight matrix")
+            # (a DoRA layer has one, not read: its column stays NaN)
 
     def fields(self) -> dict[str, tuple[int, ...]]:
         """``minority``, ``entropy`` and ``mean_abs_cos``, one value per layer."""
@@ -131,7 +132,10 @@ class SpectralAlignment(Metric):
         for i, name in enumerate(self.layers):
             # FSDP2 (DTensor shards): this one layer is gathered, on every rank alike
             module = resolve_module(ctx.model, name)
-            weight = _dist.full_tensor(module.weight.detach())
+            applied = layer_weight(module)  # a LoRA layer's W0 + BA, a Conv1D's transpose
+            if applied is None:  # (a DoRA layer: not read)
+                continue
+            weight = _dist.full_tensor(applied)  # (before the check below: collective)
             if name not in cap.inputs:
                 continue
             key = ("alignment_v", name)
@@ -244,7 +248,10 @@ class Collapse(_PenultimateMetric):
             raise MissingInput(f"collapse needs at least two classes in the {self.data}; "
                                f"it holds class {int(labels[0])} alone")
         classifier: Any = resolve_module(ctx.model, str(self.layer))
-        weight = getattr(classifier, "weight", None)
+        weight = layer_weight(classifier)  # a LoRA head's W0 + BA, a Conv1D's transpose
+        if weight is None and isinstance(getattr(classifier, "weight", None), torch.Tensor):
+            raise MissingInput(f"collapse: layer {self.layer!r} is a DoRA adapter, whose "
+                               "weight is not read: NC3 and NC4 need the classifier's")
         n_out = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() >= 1 else None
         if n_out is not None and labels.numel() and int(labels.max()) >= n_out:
             # one index past the classes is an ignore_index (255 on unlabelled pixels),
@@ -259,16 +266,16 @@ class Collapse(_PenultimateMetric):
                     "representation; on the command line, leave collapse out (-m)")
             feats, labels = feats[(~past).to(feats.device)], labels[~past]
         bias = None
+        b = getattr(getattr(classifier, "base_layer", classifier), "bias", None)
         if _dist.is_sharded(weight):  # FSDP2: gather this layer
-            b = getattr(classifier, "bias", None)
             bias = _dist.full_tensor(b.detach()) if isinstance(b, torch.Tensor) else None
-            classifier = _dist.full_tensor(classifier.weight.detach())
-        elif isinstance(weight, torch.Tensor) and weight.dim() > 2 \
-                and all(s == 1 for s in weight.shape[2:]):
-            # a 1x1 convolution (a segmentation head): a linear map of each pixel's features
-            b = getattr(classifier, "bias", None)
+            classifier = _dist.full_tensor(weight)
+        elif isinstance(weight, torch.Tensor) and (weight.dim() == 2 or all(
+                s == 1 for s in weight.shape[2:])):
+            # the weight the layer applies; a 1x1 convolution (a segmentation head) is a
+            # linear map of each pixel's features
             bias = b.detach() if isinstance(b, torch.Tensor) else None
-            classifier = weight.detach().reshape(weight.shape[0], -1)
+            classifier = weight.reshape(weight.shape[0], -1)
         nc = LF.neural_collapse(feats, labels, classifier=classifier, bias=bias).as_dict()
         vci = LF.variability_collapse_index(feats, labels)
         source = {"nc2_equinorm": "nc2_equinorm_means", "nc2_equiangular": "nc2_equiangular_means",

@@ -326,3 +326,111 @@ def test_a_default_layer_the_forward_never_calls_names_the_remedy(tmp_path):
                 mon.step(0, batch=probe)
     named = _record(tmp_path, Net(), probe, [ls.metrics.Collapse(layer="head")])
     assert math.isfinite(float(named.series("collapse", "nc1")[1][0]))
+
+
+class _MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.head = nn.Linear(6, 16), nn.Linear(16, 12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+
+
+def _hidden_of(model, x, layer):
+    seen = {}
+
+    def keep(module, args, out):
+        seen.setdefault("x", args[0].detach())
+
+    handle = model.get_submodule(layer).register_forward_hook(keep)
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    return seen["x"]
+
+
+def test_lora_layers_are_read_as_the_layer_the_model_applies(tmp_path):
+    """The default layer was the head's lora_B (its input the rank-2 bottleneck), and every
+    LoRA layer was measured against the frozen W0, not W0 + s B A."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_MLP(), LoraConfig(r=2, target_modules=["fc2", "head"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # adapters that trained
+    x, y = torch.randn(64, 6, generator=torch.Generator().manual_seed(1)), torch.arange(64) % 3
+    run = _record(tmp_path, model, (x, y), [
+        ls.metrics.Representation(), ls.metrics.Collapse(), ls.metrics.SpectralAlignment()])
+    config = {m["name"]: m for m in run.config["metrics"]}
+    layers = config["spectral_alignment"]["layers"]
+    assert layers == ["base_model.model.fc1", "base_model.model.fc2", "base_model.model.head"]
+    head = model.get_submodule("base_model.model.head")
+    assert config["collapse"]["layer"] == "base_model.model.head"
+    features = _hidden_of(model.eval(), x, "base_model.model.head")
+    assert features.shape[1] == 12  # the head's input, not the bottleneck
+    applied = head.base_layer.weight + head.get_delta_weight("default")
+    torch.testing.assert_close(model(x), features @ applied.T + head.base_layer.bias)
+    want = ls.functional.neural_collapse(features, y, classifier=applied.detach(),
+                                         bias=head.base_layer.bias.detach())
+    assert run.series("collapse", "nc4")[1][0] == pytest.approx(float(want.nc4))
+    assert run.series("collapse", "nc3")[1][0] == pytest.approx(float(want.nc3), rel=1e-6)
+    fc2 = model.get_submodule("base_model.model.fc2")
+    _, mean_cos = _sign_stats(_hidden_of(model, x, "base_model.model.fc2"),
+                              (fc2.base_layer.weight + fc2.get_delta_weight("default")).detach())
+    assert run.series("spectral_alignment", "mean_abs_cos")[1][0][1] == pytest.approx(
+        mean_cos, rel=1e-4)
+
+
+def test_a_gpt2_conv1d_layer_is_read_in_its_transposed_layout(tmp_path):
+    """transformers' Conv1D stores (in, out): the stored matrix's right singular vector
+    lives in the output space (a wrong value on c_proj, an error on c_fc)."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16))
+    ids = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(2))
+    probe = {"input_ids": ids, "labels": ids}
+    layers = ["transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc"]
+    path = tmp_path / "run.h5"
+    with ls.Monitor(model, None, path, closure=lambda m, b: m(**b).loss, probe=probe,
+                    metrics=[ls.metrics.SpectralAlignment(layers=layers)], strict=True,
+                    warn=False) as mon:
+        mon.step(0, batch=probe)
+    got = Run.open(path).series("spectral_alignment", "mean_abs_cos")[1][0]
+    model.eval()
+    for i, layer in enumerate(layers):
+        tokens = _hidden_of(model, ids, layer)
+        tokens = tokens.reshape(-1, tokens.shape[-1])
+        want = _sign_stats(tokens, model.get_submodule(layer).weight.detach().T)[1]
+        assert got[i] == pytest.approx(want, rel=1e-4), layer
+
+
+class _KeywordAndAlias(nn.Module):
+    """A head called with a keyword argument, registered under a second name too."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(6, 8)
+        self.classifier = nn.Linear(8, 3)
+        self.fc = self.classifier
+
+    def forward(self, x):
+        return self.fc(input=torch.tanh(self.body(x)))
+
+
+def test_a_layer_called_with_a_keyword_and_named_by_its_alias_is_read(tmp_path):
+    """The keyword-called head read 'was not called'; its alias 'fc' was 'not a submodule'."""
+    model = _KeywordAndAlias()
+    x, y = torch.randn(32, 6, generator=torch.Generator().manual_seed(1)), torch.arange(32) % 3
+    run = _record(tmp_path, model, (x, y), [ls.metrics.Representation(layer="fc"),
+                                            ls.metrics.SpectralAlignment(layers=["fc"])])
+    features = torch.tanh(model.body(x)).detach()
+    assert run.series("representation", "effective_rank")[1][0] == pytest.approx(
+        _effective_rank(features), rel=1e-6)
+    assert run.series("spectral_alignment", "mean_abs_cos")[1][0][0] == pytest.approx(
+        _sign_stats(features, model.classifier.weight.detach())[1], rel=1e-4)
