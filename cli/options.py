@@ -50,6 +50,11 @@ class FiniteFloatRange(FiniteFloat, click.FloatRange):
     """A :class:`click.FloatRange` that also refuses ``nan`` and ``inf`` (:class:`FiniteFloat`)."""
 
 
+def counted(n: int, noun: str) -> str:
+    """``"1 surface"``, ``"3 surfaces"``: a count and its noun in the right number."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def named_output(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """A ``-o`` callback: refuse an empty name (it would write into the current directory)."""
     if value is not None and not str(value).strip():

@@ -6,6 +6,7 @@ import json
 
 import click
 from landscape_cli.app import cli, run_file_errors, verbose_option
+from landscape_cli.options import counted
 
 from landscape.store import FieldSpec, Run
 from landscape.store.reader import surface_source
@@ -34,7 +35,7 @@ def info(run_path: str, as_json: bool) -> None:
         span = "no rows" if not m["rows"] else f"steps {m['first_step']}..{m['last_step']}"
         fields = ", ".join(f"{f} {FieldSpec.from_json(s)}" for f, s in m["fields"].items())
         schedule = f", schedule {m['schedule']}" if m.get("schedule") else ""
-        click.echo(f"    {name}: {m['rows']} rows, {span}{schedule}; fields: {fields}")
+        click.echo(f"    {name}: {counted(m['rows'], 'row')}, {span}{schedule}; fields: {fields}")
     click.echo(f"  findings: {summary['findings']}")
     click.echo(f"  checkpoints: {summary['checkpoints']}")
     click.echo(f"  surfaces: {len(summary['surfaces'])}")

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 from landscape_cli.app import cli, run_file_errors, verbose_option
 from landscape_cli.options import (
+    counted,
     findings_of,
     load_rule_specs,
     named_output,
@@ -57,6 +58,7 @@ def report(run_path: str, out: str, title: str | None, log: bool | None, recompu
         counts = count_by_severity(found)
         detail = ", ".join(f"{counts[s]} {s}" for s in ("error", "warning", "info") if counts[s])
         click.echo(
-            f"wrote {path}: {n_metrics} timelines, {n_surfaces} surfaces, "
-            f"{len(found)} findings" + (f" ({detail})" if detail else "")
+            f"wrote {path}: {counted(n_metrics, 'timeline')}, "
+            f"{counted(n_surfaces, 'surface')}, {counted(len(found), 'finding')}"
+            + (f" ({detail})" if detail else "")
         )

@@ -31,11 +31,14 @@ def test_info_lists_metrics_fields_steps_findings_and_surfaces(runner, tmp_path)
         w.add_finding(Finding(20, "edge_of_stability", "warning", "hessian/top", 3.0, 2.0, "m"))
         w.create_surface("plane", np.linspace(-1, 1, 4), np.linspace(-1, 1, 3))
         w.write_surface("plane", (0, 0), {"loss": 1.0})
+        w.declare("loss", {"value": None})
+        w.append("loss", 30, {"value": 0.5})
     result = runner.invoke(cli, ["info", str(path)])
     assert result.exit_code == 0, result.output
     out = result.output
     assert "format version 1" in out
     assert "hessian: 3 rows, steps 10..30, schedule every(10)" in out
+    assert "loss: 1 row, steps 30..30" in out  # (was "1 rows")
     assert "top float64[5]" in out and "trace float64" in out
     assert "findings: 1" in out
     assert "plane: 4x3 grid, 1/12 points computed" in out  # x by y: `surface` said 4x3
