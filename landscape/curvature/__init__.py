@@ -11,6 +11,7 @@ See docs/curvature.md for the conventions (stopping rule, warm start, error bars
 """
 
 from landscape.curvature._model_operator import LossWithoutGraphError
+from landscape.curvature._shifted import NoGradientError
 from landscape.curvature.groups import top_eigenvalues_by_group
 from landscape.curvature.operator import GGN, CurvatureOperator, Hessian, MatrixOperator
 from landscape.curvature.precondition import PreconditionedOperator, preconditioned
@@ -44,4 +45,5 @@ __all__ = [
     "stability_threshold",
     # errors
     "LossWithoutGraphError",
+    "NoGradientError",
 ]
