@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 import operator
 import os
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # (the light CLI commands import this module without torch)
+    import torch
 
 
 def integer_at_least(name: str, value: object, least: int) -> int:
@@ -84,4 +86,6 @@ def callables(owner: str = "", **functions: object) -> None:
 
 def integer_dtype(dtype: torch.dtype) -> bool:
     """Whether ``dtype`` holds integers: class indices, token ids (not bool, float, complex)."""
+    import torch
+
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
