@@ -22,6 +22,7 @@ __all__ = [
     "first_tensor",
     "last_child_output",
     "last_linear",
+    "layer_bias",
     "layer_weight",
     "linear_layers",
     "output_logits",
@@ -59,33 +60,42 @@ def resolve_module(model: nn.Module, name: str) -> nn.Module:
             f"layer {name!r} is not a submodule of the model (some are: {some})") from None
 
 
-def _lora_wrappers(model: nn.Module) -> dict[str, nn.Module]:
-    """PEFT LoRA layers around an ``nn.Linear`` (``base_layer``), by name."""
-    return {n: m for n, m in model.named_modules()
-            if isinstance(getattr(m, "base_layer", None), nn.Linear)
-            and isinstance(getattr(m, "lora_A", None), nn.ModuleDict)}
+def _conv1d(module: Any) -> bool:
+    """A transformers ``Conv1D`` (GPT-2's blocks): a linear layer storing ``(in, out)``."""
+    weight = getattr(module, "weight", None)
+    return type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) \
+        and getattr(module, "nf", None) == weight.shape[-1]
+
+
+def _lora(module: nn.Module) -> bool:
+    """A PEFT LoRA layer around a linear one (``nn.Linear`` or ``Conv1D``: ``base_layer``)."""
+    base = getattr(module, "base_layer", None)
+    return (isinstance(base, nn.Linear) or _conv1d(base)) \
+        and isinstance(getattr(module, "lora_A", None), nn.ModuleDict)
 
 
 def linear_layers(model: nn.Module) -> list[str]:
     """Names of every linear layer, in registration order.
 
-    Every ``nn.Linear``, except that a PEFT LoRA layer stands for its ``base_layer`` and its
-    adapters' own ``lora_A``/``lora_B`` layers are left out: the layer the model calls is
-    the wrapper, whose input is the base layer's and whose weight is
-    :func:`layer_weight`'s (the adapters' inputs are a rank-r bottleneck).
+    Every ``nn.Linear``, except that a PEFT LoRA layer stands for its ``base_layer`` and the
+    layers inside its adapters (``lora_A``, ``lora_B``) are left out: the layer the model
+    calls is the wrapper, whose input is the base layer's and whose weight is
+    :func:`layer_weight`'s (the adapters' inputs are a rank-r bottleneck). A LoRA layer
+    around a transformers ``Conv1D`` is left out as a plain ``Conv1D`` is.
     """
-    wrappers = _lora_wrappers(model)
-    inside = tuple(f"{w}." for w in wrappers)
+    modules = dict(model.named_modules())
+    wrappers = {n for n, m in modules.items() if _lora(m)}
     names = []
-    for n, m in model.named_modules():
+    for n, m in modules.items():
         if not isinstance(m, nn.Linear):
             continue
-        if n.startswith(inside):
-            owner = max((w for w in wrappers if n.startswith(w + ".")), key=len)
-            if n == f"{owner}.base_layer":
-                names.append(owner)
-            continue
-        names.append(n)
+        parts = n.split(".")
+        owner = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)
+                      if ".".join(parts[:i]) in wrappers), None)
+        if owner is None:
+            names.append(n)
+        elif n == f"{owner}.base_layer":  # the wrapper stands for it
+            names.append(owner)
     return names
 
 
@@ -94,28 +104,49 @@ def layer_weight(module: nn.Module) -> torch.Tensor | None:
 
     A PEFT LoRA layer applies ``W0 + Σ_a s_a B_a A_a`` over its active adapters (PEFT's
     ``get_delta_weight``; ``W0`` alone when merged or its adapters are disabled); a
-    Hugging Face ``Conv1D`` (GPT-2's blocks) stores its weight ``(in, out)``. Any other
-    module: its ``weight``. A DoRA adapter rescales the columns by a learned magnitude:
-    None (not read).
+    Hugging Face ``Conv1D`` (GPT-2's blocks) stores its weight ``(in, out)``, and so does
+    PEFT's delta for a LoRA layer around one. Any other module: its ``weight``. None for a
+    DoRA adapter (it rescales the columns by a learned magnitude) and for a quantized base
+    (an integer ``W0``): not read.
     """
-    base = getattr(module, "base_layer", None)
-    if isinstance(base, nn.Linear) and isinstance(getattr(module, "lora_A", None), nn.ModuleDict):
+    if _lora(module):
+        base = module.base_layer
         weight = base.weight.detach()
-        if getattr(module, "merged", False) or getattr(module, "disable_adapters", False):
-            return weight
-        active = [a for a in getattr(module, "active_adapters", ()) if a in module.lora_A]
-        if any(getattr(module, "use_dora", {}).get(a, False) for a in active):
+        if not weight.is_floating_point():
             return None
-        with torch.no_grad():
-            for a in active:
-                weight = weight + module.get_delta_weight(a).to(weight.dtype)
-        return weight
+        if not (getattr(module, "merged", False) or getattr(module, "disable_adapters", False)):
+            active = [a for a in getattr(module, "active_adapters", ()) if a in module.lora_A]
+            if any(getattr(module, "use_dora", {}).get(a, False) for a in active):
+                return None
+            with torch.no_grad():
+                for a in active:
+                    weight = weight + module.get_delta_weight(a).to(weight.dtype)
+        return weight.t() if _conv1d(base) else weight
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return None
-    if type(module).__name__ == "Conv1D" and getattr(module, "nf", None) == weight.shape[-1]:
-        return weight.detach().t()
-    return weight.detach()
+    return weight.detach().t() if _conv1d(module) else weight.detach()
+
+
+def layer_bias(module: nn.Module) -> torch.Tensor | None:
+    """The bias a linear layer adds, detached; None if none.
+
+    A PEFT LoRA layer adds its base layer's and, with ``lora_bias=True``, each active
+    adapter's ``s_a`` times its ``lora_B`` bias (none when merged or disabled).
+    """
+    base = module.base_layer if _lora(module) else module
+    bias = getattr(base, "bias", None)
+    bias = bias.detach() if isinstance(bias, torch.Tensor) else None
+    if base is module or getattr(module, "merged", False) \
+            or getattr(module, "disable_adapters", False):
+        return bias
+    with torch.no_grad():
+        for a in getattr(module, "active_adapters", ()):
+            extra = getattr(module.lora_B[a], "bias", None) if a in module.lora_B else None
+            if isinstance(extra, torch.Tensor):
+                add = extra.detach() * module.scaling[a]
+                bias = add if bias is None else bias + add.to(bias.dtype)
+    return bias
 
 
 def last_linear(model: nn.Module) -> str:

@@ -74,8 +74,13 @@ def failure_finding(metric: str, step: int, err: Exception, nonfinite: str | Non
         message = f"metric {metric!r} failed at step {step}{on}: {_describe(err)}"
         hint = "the metric records NaN; pass strict=True to Monitor to see the traceback"
         if data == "probe":
+            from landscape.metrics.context import PAIR_KEYS, WHOLE_PAIR_KEYS
+
+            pairs = ", ".join(f"{{{x}, {y}}}" for x, y in (*PAIR_KEYS, *WHOLE_PAIR_KEYS))
             hint += ("; a probe must be a batch the model takes, (inputs, targets) like "
-                     "the training batches, on the model's device and dtype")
+                     "the training batches, on the model's device and dtype; a dict batch "
+                     f"is read as {pairs} or the model's keyword arguments with labels "
+                     "(pass probe=(x, y) for other keys)")
     return Finding(step=step, rule="metric_failed", severity="info", metric=metric,
                    value=math.nan, threshold=math.nan, message=message, hint=hint)
 

@@ -143,6 +143,8 @@ def test_a_probe_the_model_cannot_take_is_named_in_the_failure():
             mon.step(0, batch=(x, y), loss=loss)
     (failed,) = [f for f in mon.findings if f.rule == "metric_failed"]
     assert "a probe must be a batch the model takes" in failed.hint
+    # a dict probe of other keys ({"feats", "target"}) was told none of the keys that work
+    assert "{inputs, targets}, {x, y}, {image, label}" in failed.hint
 
 
 def test_a_run_built_from_a_path_says_how_to_open_one(tmp_path):

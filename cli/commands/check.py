@@ -15,7 +15,13 @@ from typing import Any
 
 import click
 from landscape_cli.app import CommandError, cli, input_errors, run_file_errors, verbose_option
-from landscape_cli.options import findings_of, load_rule_specs, recompute_option, rules_option
+from landscape_cli.options import (
+    counted,
+    findings_of,
+    load_rule_specs,
+    recompute_option,
+    rules_option,
+)
 
 from landscape.findings import (
     SEVERITIES,
@@ -97,7 +103,7 @@ def _print(found: list, failing: list, source: str, fail_on: str, as_json: bool,
         click.echo("\n".join(_table(found)))
     detail = ", ".join(f"{counts[s]} {s}" for s in reversed(SEVERITIES))
     verdict = "FAIL" if failing else "ok"
-    click.echo(f"{source}: {len(found)} findings ({detail}); "
+    click.echo(f"{source}: {counted(len(found), 'finding')} ({detail}); "
                f"{verdict} (fail on {fail_on} or worse)")
 
 

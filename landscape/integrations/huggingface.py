@@ -560,8 +560,12 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         values = self._explicit_losses if given else self._losses
         if not values:
             return None
-        # (on one device: DataParallel's replicas return theirs on their own GPUs)
-        losses = torch.stack([v.detach().double().mean().to(values[0].device) for v in values])
+        # (on one device: DataParallel's replicas return theirs on their own GPUs; in
+        # float64, but MPS has none: float32 there, widened on the host, one transfer)
+        device = values[0].device
+        wide = torch.float32 if device.type == "mps" else torch.float64
+        losses = torch.stack([v.detach().to(wide).mean().to(device) for v in values]
+                             ).to("cpu", torch.float64)
         share = self._explicit_share if given else None
         if self._token_normalised if share is None else share:
             return losses.sum() * self._world  # each: its token-loss sum / the step's tokens

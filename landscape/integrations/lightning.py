@@ -289,6 +289,8 @@ class LandscapeCallback(CallbackSettings, Callback):
         self._seen_global_step = trainer.global_step
         self._pending = []
         self._pending_samples = 0
+        self._grad_norm = self._backward_norm = None  # (a failed fit's, not this one's)
+        self._watched_stepped = False
 
     def _watched_norm(self) -> float | None:
         """The norm of the watched (first) optimizer's gradient, over the parameters it holds.
@@ -312,7 +314,13 @@ class LandscapeCallback(CallbackSettings, Callback):
         backward is the step's before clipping (accumulated over its backward passes).
         """
         if not pl_module.automatic_optimization and self._records_grad_norm():
-            self._backward_norm = self._watched_norm()
+            norm = self._watched_norm()
+            # under a GradScaler (precision="16-mixed") the gradients are still scaled:
+            # Lightning unscales them only inside the optimizer step
+            scaler = getattr(trainer.precision_plugin, "scaler", None)
+            if norm is not None and scaler is not None and scaler.is_enabled():
+                norm = norm / float(scaler.get_scale())
+            self._backward_norm = norm
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
@@ -361,7 +369,9 @@ class LandscapeCallback(CallbackSettings, Callback):
         pending, self._pending = self._pending, []
         samples, self._pending_samples = self._pending_samples or None, 0
         watched, self._watched_stepped = self._watched_stepped, False
-        if not pl_module.automatic_optimization and not watched:
+        current = unwrap_optimizer(trainer.optimizers[0]) if trainer.optimizers else None
+        if not pl_module.automatic_optimization and not watched \
+                and current is self.monitor.optimizer:  # (a replaced one: the monitor warns)
             # only the other optimizers stepped (a GAN's second network): no step of the
             # watched one, whose gradient, update and learning rate the row would report
             self._grad_norm = self._backward_norm = None
@@ -379,12 +389,12 @@ class LandscapeCallback(CallbackSettings, Callback):
         elif pl_module.automatic_optimization:
             # each batch's loss is already divided by accumulate_grad_batches, also in the
             # shorter window that ends an epoch: rescale so the sum is the mean there too
-            # (in float64, as the Hugging Face callback sums: bf16-true losses summed in
-            # bfloat16 lost 0.2 %)
-            step_loss = torch.stack(pending).double().sum() * (
+            # (in float64 on the host, as the Hugging Face callback sums: bf16-true losses
+            # summed in bfloat16 lost 0.2 %; MPS has no float64)
+            step_loss = torch.stack(pending).to("cpu", torch.float64).sum() * (
                 trainer.accumulate_grad_batches / len(pending))
         else:
-            step_loss = torch.stack(pending).double().mean()
+            step_loss = torch.stack(pending).to("cpu", torch.float64).mean()
         if isinstance(batch, list):  # default_collate's (x, y) is one batch, not a list of them
             batch = tuple(batch)
         grad_norm, self._grad_norm = self._grad_norm, None

@@ -279,13 +279,7 @@ def softmax_logits(outputs: torch.Tensor, targets: Any) -> bool:
     if not isinstance(targets, torch.Tensor):
         return True
     if targets.is_floating_point():
-        if targets.shape != outputs.shape:
-            return False
-        # each stored entry is off by up to half its dtype's epsilon (relative), so rows
-        # summing to 1 in bfloat16 (mixup, label smoothing) miss 1 by up to ~eps / 2
-        tol = max(1e-3, torch.finfo(targets.dtype).eps)
-        t = targets.detach().double()
-        return bool((t >= 0).all()) and bool(((t.sum(-1) - 1).abs() <= tol).all())
+        return targets.shape == outputs.shape and soft_labels(targets)
     if targets.dtype == torch.bool or targets.is_complex():
         return False
     if targets.numel() * outputs.shape[-1] == outputs.numel():
@@ -296,6 +290,18 @@ def softmax_logits(outputs: torch.Tensor, targets: Any) -> bool:
     return (outputs.dim() == 3 and targets.dim() == 2
             and outputs.shape[0] == targets.shape[0]
             and outputs.shape[1] == 1 < targets.shape[1])
+
+
+def soft_labels(targets: torch.Tensor) -> bool:
+    """Whether float ``targets`` are distributions over classes: rows >= 0 summing to 1.
+
+    Soft labels (mixup, distillation, label smoothing) are; multi-hot labels (BCE) and
+    regression targets are not. Each stored entry is off by up to half its dtype's epsilon
+    (relative), so rows summing to 1 in bfloat16 miss 1 by up to ~eps / 2.
+    """
+    tol = max(1e-3, torch.finfo(targets.dtype).eps)
+    t = targets.detach().double()
+    return bool((t >= 0).all()) and bool(((t.sum(-1) - 1).abs() <= tol).all())
 
 
 def classes_last(outputs: torch.Tensor, targets: Any) -> torch.Tensor:

@@ -17,7 +17,13 @@ from landscape import functional as LF
 from landscape._deprecation import module_getattr
 from landscape._errors import MissingInput, NotApplicable
 from landscape._hf import is_causal_lm
-from landscape.capture import last_linear, layer_weight, linear_layers, resolve_module
+from landscape.capture import (
+    last_linear,
+    layer_bias,
+    layer_weight,
+    linear_layers,
+    resolve_module,
+)
 from landscape.metrics.base import Metric, register
 from landscape.metrics.context import StepContext, ignored_past_classes
 from landscape.schedules import every
@@ -154,10 +160,11 @@ class SpectralAlignment(Metric):
 
 
 class _PenultimateMetric(Metric):
-    """Base for metrics on the input of the classifier layer (the last nn.Linear by default).
+    """Base for metrics on the input of the classifier layer (the last linear layer by default).
 
     Args:
-        layer: the classifier layer's name (default: the last ``nn.Linear``).
+        layer: the classifier layer's name (default: the last linear layer,
+            :func:`~landscape.capture.last_linear`; a LoRA-wrapped head is the wrapper).
         **kwargs: ``schedule`` and ``data`` (:class:`~landscape.metrics.Metric`).
     """
 
@@ -266,7 +273,7 @@ class Collapse(_PenultimateMetric):
                     "representation; on the command line, leave collapse out (-m)")
             feats, labels = feats[(~past).to(feats.device)], labels[~past]
         bias = None
-        b = getattr(getattr(classifier, "base_layer", classifier), "bias", None)
+        b = layer_bias(classifier)  # a LoRA head's with its adapters' (lora_bias=True)
         if _dist.is_sharded(weight):  # FSDP2: gather this layer
             bias = _dist.full_tensor(b.detach()) if isinstance(b, torch.Tensor) else None
             classifier = _dist.full_tensor(weight)

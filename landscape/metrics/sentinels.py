@@ -27,7 +27,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from landscape._checks import positive_int
+from landscape._checks import integer_dtype, positive_int
 from landscape._errors import MissingInput, PartialRow
 from landscape._hf import output_loss
 from landscape.batches import head, leading_size, model_call, sample_sequences
@@ -43,6 +43,7 @@ from landscape.metrics.context import (
     classes_last,
     ids_and_labels,
     keyword_batch,
+    soft_labels,
     softmax_logits,
     split_batch,
     without_labels,
@@ -70,6 +71,27 @@ def secant_ratio(before: torch.Tensor, after: torch.Tensor) -> float:
         return math.nan
     spread = float(_max_spread(before, after))
     return spread / math.pi if math.isfinite(spread) else math.nan
+
+
+def _real_rows(z: torch.Tensor, kwargs: Any, targets: Any) -> torch.Tensor | None:
+    """The logit rows of real positions, as a mask over ``z``'s rows; None when all are.
+
+    Padding is a position whose ``attention_mask`` is 0 (a keyword batch), else one whose
+    integer target is negative or past the classes (``ignore_index``: -100 on a token
+    classifier's padding, 255 on unlabelled pixels). None too when nothing marks padding,
+    or when every position would be left out.
+    """
+    lead = tuple(z.shape[:-1])
+    mask = kwargs.get("attention_mask") if isinstance(kwargs, Mapping) else None
+    if isinstance(mask, torch.Tensor) and tuple(mask.shape) == lead:
+        real = mask != 0
+    elif isinstance(targets, torch.Tensor) and integer_dtype(targets.dtype) \
+            and tuple(targets.shape) == lead:
+        real = (targets >= 0) & (targets < z.shape[-1])
+    else:
+        return None
+    real = real.reshape(-1).to(z.device)
+    return None if bool(real.all()) or not bool(real.any()) else real
 
 
 def _max_spread(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
@@ -138,6 +160,21 @@ def _call_parts(
     inputs, targets = split_batch(batch)
     args, kwargs = model_call(model, head(inputs, samples))
     return args, kwargs, head(targets, samples)
+
+
+def _soft_throughout(batch: Any, targets: Any) -> bool:
+    """Float targets the subsample reads as soft labels are so on the whole probe.
+
+    The first samples of a multi-label probe may carry one label each (rows summing to 1,
+    as soft labels do) where the others carry two: the sentinels read its BCE logits as
+    softmax logits, while the ``logits`` metric, which reads the whole probe, did not.
+    """
+    if not (isinstance(targets, torch.Tensor) and targets.is_floating_point()):
+        return True
+    whole = batch_targets(batch)
+    if not isinstance(whole, torch.Tensor) or not whole.is_floating_point():
+        return True
+    return soft_labels(whole)
 
 
 def _reissue(caught: Any) -> None:
@@ -210,7 +247,7 @@ def _labels_are_the_ids(args: tuple, kwargs: dict, labels: torch.Tensor) -> bool
     return bool(kept.any()) and bool((labels == ids)[kept].all())
 
 
-def _say_not_logits(outputs: torch.Tensor, batch: Any) -> None:
+def _say_not_logits(outputs: torch.Tensor, batch: Any, own_loss: bool) -> None:
     """Say once why the sentinels read no logits (their fields stay NaN).
 
     A warning-level log line when the batch's inputs and integer targets disagree on their
@@ -219,8 +256,10 @@ def _say_not_logits(outputs: torch.Tensor, batch: Any) -> None:
     Anything else is by design (a regression head, multi-hot labels, a map at another
     resolution, outputs that are no tensor of logits): info.
     """
+    fields = "r_secant, gap, max_abs and logsumexp_max" if own_loss \
+        else "r_secant, gap, max_abs, logsumexp_max and probe_loss"
     what = (f"the model's outputs on the probe, shape {tuple(outputs.shape)}, are not class "
-            "logits of its targets: r_secant, max_abs and probe_loss are not recorded")
+            f"logits of its targets: {fields} are not recorded")
     inputs, targets = split_batch(batch) if isinstance(batch, (tuple, list)) \
         and len(batch) == 2 else (None, None)
     first = first_tensor(inputs) if inputs is not None else None
@@ -236,18 +275,21 @@ def _say_not_logits(outputs: torch.Tensor, batch: Any) -> None:
                   "logits\")", what)
 
 
-def _output_loss(output: Any) -> torch.Tensor | None:
+def _output_loss(output: Any, given_labels: bool) -> torch.Tensor | None:
     """The scalar loss a model returned with its output (Hugging Face, given ``labels``).
 
     :func:`landscape._hf.output_loss` (its ``loss`` entry or attribute, or the leading
     scalar of a ``return_dict=False`` tuple), when it is one number and not the tensor
     :func:`~landscape.capture.first_tensor` reads as the logits (a tuple holding a scalar
-    alone).
+    alone). A tuple's leading scalar is the model's loss only when the call gave it
+    ``labels``: a model called without them that returns ``(aux_loss, logits)`` returns
+    no loss of its targets.
     """
     loss = output_loss(output)
     if loss is None or loss.numel() != 1:
         return None
-    if isinstance(output, (tuple, list)) and first_tensor(output) is loss:
+    if isinstance(output, (tuple, list)) and (first_tensor(output) is loss
+                                              or not given_labels):
         return None
     return loss
 
@@ -550,19 +592,24 @@ class Sentinels(Metric):
                 self._calls, self._attention = 0, None
                 return self._logit_fields(ctx)
         if self._softmax is None:  # the probe is fixed: its outputs' kind is too
-            self._softmax = softmax_logits(z, targets)
-            self._own_loss = _output_loss(output) is not None
+            self._softmax = softmax_logits(z, targets) and _soft_throughout(batch, targets)
+            self._own_loss = _output_loss(
+                output, isinstance(kwargs, Mapping) and "labels" in kwargs) is not None
             if not self._softmax:
-                _say_not_logits(z, batch)
+                _say_not_logits(z, batch, self._own_loss)
         if not self._softmax:  # a regression head, ...: no logits to read, r means nothing
-            return self._other_outputs(output, attention)
+            return self._other_outputs(output if self._own_loss else None, attention)
         flat = z.reshape(-1, z.shape[-1]).double()
+        # padded positions are no samples: their logits moved most in a padded token
+        # classifier's probe (r_secant 1.7x that of its real tokens)
+        real = _real_rows(z, kwargs, y)
         # every statistic as a 0-d tensor, read back in one transfer (secant_ratio() reads
         # the same spread back on its own)
         names = ["max_abs", "logsumexp_max"]
         lse = torch.logsumexp(flat, dim=-1)
-        parts = [flat.abs().max(), lse.max()]
-        loss = _output_loss(output)
+        parts = [(flat if real is None else flat[real]).abs().max(),
+                 (lse if real is None else lse[real]).max()]
+        loss = _output_loss(output, True) if self._own_loss else None
         if loss is not None:
             names.append("probe_loss")
             parts.append(loss.detach().reshape(()).to(flat))
@@ -597,7 +644,8 @@ class Sentinels(Metric):
                 out["r_secant"] = math.nan
             else:
                 names.append("r_secant")
-                parts.append(_max_spread(prev[1], z))
+                parts.append(_max_spread(prev[1], z) if real is None else _max_spread(
+                    prev[1].reshape(flat.shape)[real], z.reshape(flat.shape)[real]))
         ctx.state[_STATE] = (ctx.step, z)
         out.update(zip(names, torch.stack(parts).tolist()))
         if "r_secant" in names:
@@ -658,9 +706,12 @@ class Sentinels(Metric):
 
     @staticmethod
     def _other_outputs(output: Any, attention: torch.Tensor | None) -> dict[str, float]:
-        """The model's own loss and the attention logits: all a non-logit output gives."""
+        """The model's own loss and the attention logits: all a non-logit output gives.
+
+        ``output`` is None when the model returns no loss of its own.
+        """
         out: dict[str, float] = {}
-        loss = _output_loss(output)
+        loss = None if output is None else _output_loss(output, True)
         if loss is not None:
             out["probe_loss"] = float(loss)
         if attention is not None:

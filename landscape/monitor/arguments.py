@@ -43,7 +43,10 @@ def _jsonable(value: Any) -> Any:
     A tensor (``lr=torch.tensor(3.3e-4)``) as its number, tuples as lists, anything else
     JSON cannot hold as its string.
     """
-    return json.loads(json.dumps(value, default=json_default))
+    try:
+        return json.loads(json.dumps(value, default=json_default))
+    except (TypeError, ValueError):  # (a dict with tuple keys)
+        return str(value)
 
 
 

@@ -39,7 +39,7 @@ def test_check_passes_below_the_threshold_and_on_a_clean_run(runner, tmp_path):
     only_warning = write_run(tmp_path / "w.h5", findings=(WARN,))
     result = runner.invoke(cli, ["check", str(only_warning), "--fail-on", "error"])
     assert result.exit_code == 0, result.output
-    assert "1 findings (0 error, 1 warning, 0 info); ok (fail on error or worse)" in result.output
+    assert "1 finding (0 error, 1 warning, 0 info); ok (fail on error or worse)" in result.output
     clean = write_run(tmp_path / "clean.h5")
     result = runner.invoke(cli, ["check", str(clean)])
     assert result.exit_code == 0, result.output

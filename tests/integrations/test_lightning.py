@@ -765,3 +765,63 @@ def test_a_bf16_true_step_loss_is_summed_without_bfloat16_rounding():
     pairs = np.array(module.losses, dtype=np.float64).reshape(-1, 2)  # exact bf16 values
     np.testing.assert_allclose(callback.run().series("loss", "value")[1], pairs.mean(1),
                                rtol=1e-12)
+
+
+class _ManualMixedPrecision(Classifier):
+    """Manual optimization under a GradScaler: the gradients after manual_backward are
+    scaled; Lightning unscales them inside the optimizer step."""
+
+    def __init__(self) -> None:
+        super().__init__(manual=True)
+        self.seen_norms: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt = self.optimizers()
+        opt.zero_grad()
+        loss = F.cross_entropy(self(x), y)
+        self.manual_backward(loss)
+        scale = self.trainer.precision_plugin.scaler.get_scale()
+        self.seen_norms.append(float(torch.linalg.vector_norm(torch.cat(
+            [p.grad.flatten() for p in self.parameters()]))) / scale)
+        opt.step()
+        return loss.detach()
+
+
+def test_manual_optimization_under_a_grad_scaler_records_the_unscaled_norm():
+    """The norm after manual_backward was the scaled one: 65536 times too large."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    module = _ManualMixedPrecision()
+    callback = LandscapeCallback(None, metrics=["grad_norm"], alarms=False)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    _fit(module, [callback], max_steps=3, plugins=[plugin])
+    np.testing.assert_allclose(callback.run().series("grad_norm", "value")[1],
+                               module.seen_norms, rtol=1e-5)
+
+
+class _SecondStage(Classifier):
+    """Manual optimization that replaces its optimizer mid-fit (a second training stage)."""
+
+    def __init__(self) -> None:
+        super().__init__(manual=True)
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 2:
+            self.trainer.strategy.optimizers = [torch.optim.Adam(self.parameters(), lr=1e-3)]
+        x, y = batch
+        opt = self.optimizers()
+        opt.zero_grad()
+        loss = F.cross_entropy(self(x), y)
+        self.manual_backward(loss)
+        opt.step()
+        return loss.detach()
+
+
+def test_a_replaced_optimizer_keeps_the_rows_coming_and_is_warned_about():
+    """Rows stopped at the replacement, as if only other optimizers stepped, and the
+    monitor's warning to call set_optimizer never came."""
+    callback = LandscapeCallback(None, metrics=["loss", "update"], alarms=False)
+    with pytest.warns(RuntimeWarning, match="set_optimizer"):
+        _fit(_SecondStage(), [callback], max_steps=5)
+    assert callback.run().steps("loss").tolist() == [0, 1, 2, 3, 4]

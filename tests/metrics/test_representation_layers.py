@@ -434,3 +434,54 @@ def test_a_layer_called_with_a_keyword_and_named_by_its_alias_is_read(tmp_path):
         _effective_rank(features), rel=1e-6)
     assert run.series("spectral_alignment", "mean_abs_cos")[1][0][0] == pytest.approx(
         _sign_stats(features, model.classifier.weight.detach())[1], rel=1e-4)
+
+
+def test_lora_on_gpt2_conv1d_and_lora_bias_are_read_as_applied(tmp_path):
+    """PEFT wraps GPT-2's Conv1D (fan_in_fan_out): its lora_A/lora_B were listed as
+    layers and the wrapper read untransposed without its adapters; a LoRA head's adapter
+    bias (lora_bias=True) was left out of NC4."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    gpt = get_peft_model(transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16)),
+        LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    assert ls.capture.linear_layers(gpt) == ["base_model.model.lm_head"]  # as without LoRA
+    with torch.no_grad():
+        for name, p in gpt.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    ids = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(2))
+    layer = "base_model.model.transformer.h.0.attn.c_attn"
+    path = tmp_path / "gpt.h5"
+    with ls.Monitor(gpt, None, path, closure=lambda m, b: m(**b).loss, warn=False,
+                    probe={"input_ids": ids, "labels": ids}, strict=True,
+                    metrics=[ls.metrics.SpectralAlignment(layers=[layer])]) as mon:
+        mon.step(0)
+    wrapper = gpt.get_submodule(layer)
+    applied = (wrapper.base_layer.weight + wrapper.get_delta_weight("default")).detach().T
+    gpt.eval()
+    tokens = _hidden_of(gpt, ids, layer)
+    with torch.no_grad():  # the (out, in) weight reproduces the layer
+        torch.testing.assert_close(wrapper(tokens), tokens @ applied.T
+                                   + wrapper.base_layer.bias, rtol=1e-5, atol=1e-6)
+    tokens = tokens.reshape(-1, tokens.shape[-1])
+    assert Run.open(path).series("spectral_alignment", "mean_abs_cos")[1][0][0] == \
+        pytest.approx(_sign_stats(tokens, applied)[1], rel=1e-4)
+
+    model = get_peft_model(_MLP(), LoraConfig(r=2, target_modules=["head"], lora_bias=True))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    x, y = torch.randn(64, 6, generator=torch.Generator().manual_seed(1)), torch.arange(64) % 3
+    run = _record(tmp_path, model, (x, y), [ls.metrics.Collapse()])
+    head = model.get_submodule("base_model.model.head")
+    features = _hidden_of(model.eval(), x, "base_model.model.head")
+    weight = head.base_layer.weight + head.get_delta_weight("default")
+    bias = head.base_layer.bias + head.lora_B["default"].bias * head.scaling["default"]
+    torch.testing.assert_close(model(x), features @ weight.T + bias)
+    want = ls.functional.neural_collapse(features, y, classifier=weight.detach(),
+                                         bias=bias.detach())
+    assert run.series("collapse", "nc4")[1][0] == pytest.approx(float(want.nc4))

@@ -681,3 +681,107 @@ def test_a_models_own_type_error_is_reported_not_the_dict_fallbacks(tmp_path):
             mon.step(0, batch=batch)
     (failed,) = [f for f in mon.findings if f.rule == "metric_failed"]
     assert "not dict" not in failed.message and "sum" in failed.message
+
+
+class _Tagger(torch.nn.Module):
+    """A token classifier called with keyword arguments, as a Hugging Face model is."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.head = torch.nn.Embedding(VOCAB, 16), torch.nn.Linear(16, 5)
+        with torch.no_grad():  # the pad token's features are large: its logits move most
+            self.embed.weight[0] *= 20
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.head(self.embed(input_ids))
+
+
+@pytest.mark.parametrize("marked_by", ["attention_mask", "labels"])
+def test_padded_positions_are_left_out_of_the_logit_rows(marked_by):
+    """Padding moved most: r_secant came from a padded row on 124 of 149 steps of a
+    padded token classifier's probe, 1.7x that of its real tokens."""
+    model = _Tagger()
+    g = torch.Generator().manual_seed(3)
+    real = torch.ones(4, SEQ, dtype=torch.bool)
+    real[1, 5:], real[3, 2:] = False, False  # right padding, with the pad token 0
+    ids = torch.where(real, torch.randint(1, VOCAB, (4, SEQ), generator=g), 0)
+    labels = torch.where(real, torch.randint(0, 5, (4, SEQ), generator=g), -100)
+    probe = {"input_ids": ids, "labels": labels}
+    if marked_by == "attention_mask":
+        probe = {"input_ids": ids, "attention_mask": real.long(), "labels": labels}
+
+    def loss_fn(logits, y):
+        return F.cross_entropy(logits.reshape(-1, 5), y.reshape(-1))
+
+    opt = torch.optim.SGD(model.parameters(), lr=2.0)
+    logits = []
+    with ls.Monitor(model, None, optimizer=opt, metrics=[Sentinels(subsample=4)],
+                    closure=lambda m, b: loss_fn(m(b["input_ids"]), b["labels"]),
+                    probe=probe, warn=False, strict=True) as mon:
+        for step in range(3):
+            opt.zero_grad()
+            loss_fn(model(ids), labels).backward()
+            opt.step()
+            mon.step(step)
+            with torch.no_grad():
+                logits.append(model(ids).double()[real])
+        run = mon.run()
+    spreads = [(b - a).max(dim=-1).values - (b - a).min(dim=-1).values
+               for a, b in itertools.pairwise(logits)]
+    want = [float(s.max()) / np.pi for s in spreads]
+    assert run.series("sentinels", "r_secant")[1][1:].tolist() == pytest.approx(want, rel=1e-12)
+    assert run.series("sentinels", "max_abs")[1].tolist() == pytest.approx(
+        [float(z.abs().max()) for z in logits], rel=1e-12)
+
+
+def test_multi_label_targets_are_no_soft_labels_because_the_first_samples_have_one_label():
+    """A BCE probe whose first samples (the sentinels' subsample) carry one label each read
+    as soft labels: softmax statistics and a softmax probe_loss for BCE logits."""
+    model = models.mlp(d_in=6, hidden=16, d_out=4, seed=0)
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(1))
+    y = torch.zeros(16, 4)
+    y[torch.arange(16), torch.arange(16) % 4] = 1.0
+    y[4:, 0] = 1.0  # from the fifth sample on, two labels (or one, for class 0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with ls.Monitor(model, F.binary_cross_entropy_with_logits, optimizer=opt,
+                    metrics=[Sentinels(subsample=4)], probe=(x, y), warn=False) as mon:
+        for step in range(2):
+            opt.zero_grad()
+            F.binary_cross_entropy_with_logits(model(x), y).backward()
+            opt.step()
+            mon.step(step)
+        run = mon.run()
+    for field in ("r_secant", "max_abs", "probe_loss"):
+        assert np.isnan(run.series("sentinels", field)[1]).all(), field
+
+
+class _AuxLossFirst(torch.nn.Module):
+    """Returns (aux_loss, logits) without being given labels: the scalar is no loss of the
+    targets."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = models.mlp(d_in=6, hidden=16, d_out=3, seed=0)
+
+    def forward(self, x):
+        logits = self.net(x)
+        return 1e-4 * logits.logsumexp(-1).pow(2).mean(), logits
+
+
+def test_a_leading_scalar_of_a_model_called_without_labels_is_not_its_loss():
+    """probe_loss recorded the auxiliary z-loss (1e-4) instead of the targets' loss."""
+    model = _AuxLossFirst()
+    x, y = models.classification_data(8, seed=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with ls.Monitor(model, lambda out, t: F.cross_entropy(out[1], t), optimizer=opt,
+                    metrics=[Sentinels(subsample=8)], probe=(x, y), warn=False,
+                    output_fn=lambda out: out[1]) as mon:
+        opt.zero_grad()
+        F.cross_entropy(model(x)[1], y).backward()
+        opt.step()
+        mon.step(0)
+        with torch.no_grad():
+            want = float(F.cross_entropy(model(x)[1].double(), y))
+        got = mon.run().series("sentinels", "probe_loss")[1][0]
+    assert got == pytest.approx(want, rel=1e-12)

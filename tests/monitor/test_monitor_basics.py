@@ -528,3 +528,6 @@ def test_the_config_stores_tensor_settings_as_their_numbers():
         config = mon.run().config["optimizer"]["param_group_0"]
     assert config["lr"] == pytest.approx(3.3e-4, rel=1e-7)  # was the string 'tensor(0.0003)'
     assert config["betas"] == pytest.approx([0.9, 0.95], rel=1e-7)
+    opt.param_groups[0]["custom"] = {(1, 2): 3}  # JSON has no tuple keys: its string
+    with Monitor(model, F.cross_entropy, optimizer=opt, alarms=False) as mon:
+        assert mon.run().config["optimizer"]["param_group_0"]["custom"] == "{(1, 2): 3}"
