@@ -501,6 +501,7 @@ class Sentinels(Metric):
         self._softmax: bool | None = None  # the probe's outputs are softmax logits (None: untried)
         self._own_loss = False  # the model returns its loss (probe_loss on every call)
         self._target_cache: tuple | None = None  # (probe, shapes, _target_index of its targets)
+        self._real_cache: tuple | None = None  # (probe, its marks' key, _real_rows of them)
 
     def setup(self, model: nn.Module) -> None:
         """Resolve the weight tensors whose update ratio is tracked.
@@ -602,7 +603,7 @@ class Sentinels(Metric):
         flat = z.reshape(-1, z.shape[-1]).double()
         # padded positions are no samples: their logits moved most in a padded token
         # classifier's probe (r_secant 1.7x that of its real tokens)
-        real = _real_rows(z, kwargs, y)
+        real = self._real_rows_of(batch, z, kwargs, y)
         # every statistic as a 0-d tensor, read back in one transfer (secant_ratio() reads
         # the same spread back on its own)
         names = ["max_abs", "logsumexp_max"]
@@ -669,6 +670,21 @@ class Sentinels(Metric):
         where = _target_index(y, flat.shape[-1], flat.device)
         self._target_cache = (batch, key, where) if self.data == "probe" else None
         return where
+
+    def _real_rows_of(self, batch: Any, z: torch.Tensor, kwargs: Any, y: Any
+                      ) -> torch.Tensor | None:
+        """:func:`_real_rows`, read once for the fixed probe (no host read per step)."""
+        marks = kwargs.get("attention_mask") if isinstance(kwargs, Mapping) else None
+        marks = marks if isinstance(marks, torch.Tensor) else y
+        if not isinstance(marks, torch.Tensor):
+            return None
+        key = (marks.shape, marks.data_ptr(), marks._version, tuple(z.shape), z.device)
+        cached = self._real_cache
+        if cached is not None and cached[0] is batch and cached[1] == key:
+            return cached[2]
+        real = _real_rows(z, kwargs, y)
+        self._real_cache = (batch, key, real) if self.data == "probe" else None
+        return real
 
     def _conventional(self, ctx: StepContext, batch: Any, samples: int) -> tuple:
         """The first call that works (see _call_parts).
