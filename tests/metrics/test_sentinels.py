@@ -1,6 +1,7 @@
 """The every-step sentinels: the secant Taylor ratio against the exact JVP ratio."""
 
 import itertools
+import logging
 import math
 import warnings
 
@@ -544,11 +545,12 @@ class _OwnLossRegressor(torch.nn.Module):
         return {"loss": loss, "logits": out}
 
 
-def test_a_regression_head_that_returns_its_loss_records_probe_loss_every_step():
+def test_a_regression_head_that_returns_its_loss_records_probe_loss_every_step(caplog):
     model = _OwnLossRegressor()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(0)
-    with ls.Monitor(model, optimizer=opt, warn=False, strict=True) as mon:
+    with caplog.at_level(logging.INFO, logger="landscape"), \
+            ls.Monitor(model, optimizer=opt, warn=False, strict=True) as mon:
         for step in range(12):
             batch = {"inputs": torch.randn(16, 6, generator=g),
                      "labels": torch.randn(16, generator=g)}
@@ -560,6 +562,9 @@ def test_a_regression_head_that_returns_its_loss_records_probe_loss_every_step()
         run = mon.run()
     assert np.isfinite(run.series("sentinels", "probe_loss")[1]).all()
     assert np.isnan(run.series("sentinels", "r_secant")[1]).all()
+    # the line names what is not recorded; probe_loss is (it said it was not)
+    said = [r.getMessage() for r in caplog.records if "are not class logits" in r.getMessage()]
+    assert len(said) == 1 and "logsumexp_max are not recorded" in said[0]
 
 
 class _CountingMLP(torch.nn.Module):
