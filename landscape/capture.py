@@ -74,6 +74,16 @@ def _lora(module: nn.Module) -> bool:
         and isinstance(getattr(module, "lora_A", None), nn.ModuleDict)
 
 
+def _applied_adapters(module: nn.Module) -> list[str]:
+    """The adapters a PEFT LoRA layer adds to its base layer's map.
+
+    None when they are merged into its weight or disabled; else its active ones.
+    """
+    if getattr(module, "merged", False) or getattr(module, "disable_adapters", False):
+        return []
+    return [a for a in getattr(module, "active_adapters", ()) if a in module.lora_A]
+
+
 def linear_layers(model: nn.Module) -> list[str]:
     """Names of every linear layer, in registration order.
 
@@ -114,13 +124,12 @@ def layer_weight(module: nn.Module) -> torch.Tensor | None:
         weight = base.weight.detach()
         if not weight.is_floating_point():
             return None
-        if not (getattr(module, "merged", False) or getattr(module, "disable_adapters", False)):
-            active = [a for a in getattr(module, "active_adapters", ()) if a in module.lora_A]
-            if any(getattr(module, "use_dora", {}).get(a, False) for a in active):
-                return None
-            with torch.no_grad():
-                for a in active:
-                    weight = weight + module.get_delta_weight(a).to(weight.dtype)
+        active = _applied_adapters(module)
+        if any(getattr(module, "use_dora", {}).get(a, False) for a in active):
+            return None
+        with torch.no_grad():
+            for a in active:
+                weight = weight + module.get_delta_weight(a).to(weight.dtype)
         return weight.t() if _conv1d(base) else weight
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
@@ -134,15 +143,14 @@ def layer_bias(module: nn.Module) -> torch.Tensor | None:
     A PEFT LoRA layer adds its base layer's and, with ``lora_bias=True``, each active
     adapter's ``s_a`` times its ``lora_B`` bias (none when merged or disabled).
     """
-    base = module.base_layer if _lora(module) else module
-    bias = getattr(base, "bias", None)
+    lora = _lora(module)
+    bias = getattr(module.base_layer if lora else module, "bias", None)
     bias = bias.detach() if isinstance(bias, torch.Tensor) else None
-    if base is module or getattr(module, "merged", False) \
-            or getattr(module, "disable_adapters", False):
+    if not lora:
         return bias
     with torch.no_grad():
-        for a in getattr(module, "active_adapters", ()):
-            extra = getattr(module.lora_B[a], "bias", None) if a in module.lora_B else None
+        for a in _applied_adapters(module):
+            extra = getattr(module.lora_B[a], "bias", None)
             if isinstance(extra, torch.Tensor):
                 add = extra.detach() * module.scaling[a]
                 bias = add if bias is None else bias + add.to(bias.dtype)

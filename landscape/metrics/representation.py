@@ -203,7 +203,7 @@ class _PenultimateMetric(Metric):
         """
         cap = ctx.captured(self.data)
         if self.layer not in cap.inputs:
-            chosen = (" (the last nn.Linear the model registers, taken for its classifier: "
+            chosen = (" (the last linear layer the model registers, taken for its classifier: "
                       f"name the classifier, {type(self).__name__}(layer=...))"
                       if self._chosen else "")
             raise MissingInput(
@@ -275,13 +275,13 @@ class Collapse(_PenultimateMetric):
         bias = None
         b = layer_bias(classifier)  # a LoRA head's with its adapters' (lora_bias=True)
         if _dist.is_sharded(weight):  # FSDP2: gather this layer
-            bias = _dist.full_tensor(b.detach()) if isinstance(b, torch.Tensor) else None
+            bias = None if b is None else _dist.full_tensor(b)
             classifier = _dist.full_tensor(weight)
         elif isinstance(weight, torch.Tensor) and (weight.dim() == 2 or all(
                 s == 1 for s in weight.shape[2:])):
             # the weight the layer applies; a 1x1 convolution (a segmentation head) is a
             # linear map of each pixel's features
-            bias = b.detach() if isinstance(b, torch.Tensor) else None
+            bias = b
             classifier = weight.reshape(weight.shape[0], -1)
         nc = LF.neural_collapse(feats, labels, classifier=classifier, bias=bias).as_dict()
         vci = LF.variability_collapse_index(feats, labels)
