@@ -500,8 +500,8 @@ class Sentinels(Metric):
         self._whole_dict: bool | None = None  # model(batch) with the dict itself (None: untried)
         self._softmax: bool | None = None  # the probe's outputs are softmax logits (None: untried)
         self._own_loss = False  # the model returns its loss (probe_loss on every call)
-        self._target_cache: tuple | None = None  # (probe, shapes, _target_index of its targets)
-        self._real_cache: tuple | None = None  # (probe, its marks' key, _real_rows of them)
+        # what is read once from the fixed probe: name -> (probe, key, value) (_of_probe)
+        self._probe_reads: dict[str, tuple] = {}
 
     def setup(self, model: nn.Module) -> None:
         """Resolve the weight tensors whose update ratio is tracked.
@@ -663,13 +663,8 @@ class Sentinels(Metric):
         targets are too) and kept while the same object comes back with the same target
         storage, unwritten (its version counter: a probe edited in place is read again).
         """
-        key = (y.shape, y.data_ptr(), y._version, flat.shape[-1], flat.device)
-        cached = self._target_cache
-        if cached is not None and cached[0] is batch and cached[1] == key:
-            return cached[2]
-        where = _target_index(y, flat.shape[-1], flat.device)
-        self._target_cache = (batch, key, where) if self.data == "probe" else None
-        return where
+        return self._of_probe("targets", batch, y, (flat.shape[-1], flat.device),
+                              lambda: _target_index(y, flat.shape[-1], flat.device))
 
     def _real_rows_of(self, batch: Any, z: torch.Tensor, kwargs: Any, y: Any
                       ) -> torch.Tensor | None:
@@ -678,13 +673,25 @@ class Sentinels(Metric):
         marks = marks if isinstance(marks, torch.Tensor) else y
         if not isinstance(marks, torch.Tensor):
             return None
-        key = (marks.shape, marks.data_ptr(), marks._version, tuple(z.shape), z.device)
-        cached = self._real_cache
-        if cached is not None and cached[0] is batch and cached[1] == key:
-            return cached[2]
-        real = _real_rows(z, kwargs, y)
-        self._real_cache = (batch, key, real) if self.data == "probe" else None
-        return real
+        return self._of_probe("real rows", batch, marks, (tuple(z.shape), z.device),
+                              lambda: _real_rows(z, kwargs, y))
+
+    def _of_probe(self, what: str, batch: Any, source: torch.Tensor, extra: tuple,
+                  compute: Any) -> Any:
+        """``compute()``, read once for the probe (``data="probe"``).
+
+        Kept while the same ``batch`` object comes back with ``source`` in the same storage,
+        unwritten (its version counter: a probe edited in place is read again), and
+        ``extra`` unchanged; computed at every call for other data.
+        """
+        key = (source.shape, source.data_ptr(), source._version, *extra)
+        kept = self._probe_reads.get(what)
+        if kept is not None and kept[0] is batch and kept[1] == key:
+            return kept[2]
+        value = compute()
+        if self.data == "probe":
+            self._probe_reads[what] = (batch, key, value)
+        return value
 
     def _conventional(self, ctx: StepContext, batch: Any, samples: int) -> tuple:
         """The first call that works (see _call_parts).
