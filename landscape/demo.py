@@ -91,8 +91,10 @@ def synthetic_blobs(
 
 def demo_model(dim: int = 32, hidden: int = 64, classes: int = 8, seed: int = 0) -> nn.Module:
     """A two-hidden-layer tanh MLP (about 7k parameters)."""
-    with torch.random.fork_rng(devices=[]):  # a CPU model: no CUDA started for it
-        torch.manual_seed(seed)
+    # a CPU model: the CPU generator alone (torch.manual_seed would also seed, or queue a
+    # seed for, every CUDA device, which the fork does not restore)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
         return nn.Sequential(
             nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
             nn.Linear(hidden, classes),

@@ -45,6 +45,7 @@ __all__ = [
     "all_gather_objects",
     "all_reduce_weighted",
     "broadcast_object",
+    "check_current_device",
     "compute_dtype",
     "enabled",
     "full_tensor",
@@ -367,6 +368,42 @@ def together(collective: bool, what: str, fn: Callable[..., T], *args: Any) -> T
         error = err
     raise_together(error, what)
     return result
+
+
+def wrong_current_device(backend: str, current: int, devices: Sequence[torch.device]
+                         ) -> str | None:
+    """Why NCCL collectives would fail for a model on ``devices``, or ``None``.
+
+    Under NCCL the helpers reduce and pickle on the current CUDA device, as
+    ``torch.distributed``'s object collectives do: a rank whose model sits on another GPU
+    than the current one (``model.to(rank)`` without ``torch.cuda.set_device(rank)``) puts
+    its buffers on GPU ``current``, the same GPU as another rank's, and NCCL fails or hangs.
+
+    Args:
+        backend: the default group's backend.
+        current: ``torch.cuda.current_device()``.
+        devices: the devices of the model's parameters.
+    """
+    gpus = sorted({d.index for d in devices if d.type == "cuda" and d.index is not None})
+    if "nccl" not in backend.lower() or "gloo" in backend.lower() or not gpus \
+            or current in gpus:
+        return None
+    return (f"the model is on cuda:{gpus[0]} but the current CUDA device is cuda:{current}: "
+            f"call torch.cuda.set_device(local_rank) before init_process_group('nccl') "
+            f"(NCCL collectives run on the current device; docs/distributed.md)")
+
+
+def check_current_device(model: nn.Module) -> None:
+    """Raise :class:`ValueError` when NCCL's current CUDA device is not the model's.
+
+    Only under a process group of several ranks (:func:`wrong_current_device`).
+    """
+    if not is_distributed() or not torch.cuda.is_initialized():
+        return
+    message = wrong_current_device(str(dist.get_backend()), torch.cuda.current_device(),
+                                   [p.device for p in model.parameters()])
+    if message is not None:
+        raise ValueError(message)
 
 
 def _object_device() -> torch.device | None:

@@ -4,13 +4,14 @@ A monitored run must give bitwise the same parameters as an unmonitored one (doc
 "Never perturb training"). The pieces here are shared by every
 module that evaluates a model on the side:
 
-* :func:`isolated` saves and restores the RNG state (CPU and the model's CUDA devices),
+* :func:`isolated` saves and restores the RNG state (CPU, and the CUDA devices the model
+  is on or computed on: :func:`cuda_devices`),
   every module's ``training`` flag, each parameter's ``requires_grad`` and ``.grad``
   (the very tensor object, or ``None``), and can put the model in eval mode meanwhile;
   ``torch.compile``d code inside the model runs eagerly in the block
   (:func:`eager_compiled_code`).
-* :func:`same_rng` rewinds the RNG to one state, so two evaluations of a stochastic
-  model (dropout in train mode) draw the same noise.
+* :func:`same_rng` (:func:`rng_rewind`) rewinds the RNG to one state, so two evaluations
+  of a stochastic model (dropout in train mode) draw the same noise.
 * :func:`sdpa_math` switches ``F.scaled_dot_product_attention`` to its math backend, the
   only one with double backward and forward-mode AD on every device.
 * :func:`stateless_call` and :func:`stateless_closure` evaluate the model through
@@ -41,9 +42,10 @@ from landscape.distributed import unwrap
 
 __all__ = [
     "AUTOCAST_DEVICES", "EAGER_COMPILED", "ClosureModule", "autocast_off", "buffers_kept",
-    "differentiable", "eager_compiled_code", "isolated", "loader_randomness_kept", "measuring",
-    "no_grad_forward", "normalises_by_batch", "on_batch_statistics", "same_rng", "sdpa_math",
-    "stateless_call", "stateless_closure", "torch_notes_hidden", "without_autocast",
+    "cuda_devices", "differentiable", "eager_compiled_code", "isolated",
+    "loader_randomness_kept", "measuring", "no_grad_forward", "normalises_by_batch",
+    "on_batch_statistics", "rng_rewind", "same_rng", "sdpa_math", "stateless_call",
+    "stateless_closure", "torch_notes_hidden", "without_autocast",
 ]
 
 
@@ -232,20 +234,29 @@ def without_autocast(fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-def _cuda_devices(modules: list[nn.Module]) -> list[int]:
-    """The CUDA device indices holding a parameter or buffer of ``modules``.
+def cuda_devices(tensors: Iterable[torch.Tensor | None]) -> list[int]:
+    """The CUDA devices whose generators a measurement on ``tensors`` may draw from.
 
-    Empty without walking the tensors when CUDA was never initialised in this process
-    (then no tensor can be on a CUDA device).
+    Those holding one of ``tensors``, and the current device: weights offloaded to the
+    CPU (FSDP2's ``CPUOffloadPolicy``, a ``device_map`` offload) are computed there, and
+    their dropout masks drawn from its generator. Empty without walking the tensors when
+    CUDA was never initialised in this process (then no tensor can be on a CUDA device,
+    and none is computed on one).
     """
     if not torch.cuda.is_initialized():
         return []
-    devices = set()
-    for m in modules:
-        for t in (*m._parameters.values(), *m._buffers.values()):
-            if t is not None and t.device.type == "cuda":
-                devices.add(t.device.index or 0)
+    current = torch.cuda.current_device()
+    devices = {current}
+    for t in tensors:
+        if t is not None and t.device.type == "cuda":
+            devices.add(current if t.device.index is None else t.device.index)
     return sorted(devices)
+
+
+def _cuda_devices(modules: list[nn.Module]) -> list[int]:
+    """:func:`cuda_devices` of the parameters and buffers ``modules`` hold themselves."""
+    return cuda_devices(t for m in modules
+                        for t in (*m._parameters.values(), *m._buffers.values()))
 
 
 def measuring() -> bool:
@@ -659,13 +670,12 @@ def isolated(
                         g.copy_(values[i])
 
 
-@contextlib.contextmanager
-def same_rng(model: nn.Module) -> Iterator[Any]:
-    """Yield a function that rewinds the CPU (and model's CUDA) RNG to the entry state."""
-    devices = sorted(
-        {t.device.index or 0 for t in [*model.parameters(), *model.buffers()]
-         if t.device.type == "cuda"}
-    )
+def rng_rewind(tensors: Iterable[torch.Tensor | None]) -> Callable[[], None]:
+    """A function that rewinds the CPU and CUDA generators to their state now.
+
+    The CUDA ones of ``tensors`` (:func:`cuda_devices`).
+    """
+    devices = cuda_devices(tensors)
     cpu = torch.get_rng_state()
     cuda = [torch.cuda.get_rng_state(d) for d in devices]
 
@@ -674,7 +684,13 @@ def same_rng(model: nn.Module) -> Iterator[Any]:
         for d, s in zip(devices, cuda):
             torch.cuda.set_rng_state(s, d)
 
-    yield rewind
+    return rewind
+
+
+@contextlib.contextmanager
+def same_rng(model: nn.Module) -> Iterator[Any]:
+    """Yield a function that rewinds the CPU (and model's CUDA) RNG to the entry state."""
+    yield rng_rewind([*model.parameters(), *model.buffers()])
 
 
 @contextlib.contextmanager
@@ -808,8 +824,15 @@ def rnn_differentiable(model: nn.Module) -> Iterator[None]:
     if not _cuda_recurrent(model):
         yield
         return
-    with torch.backends.cudnn.flags(enabled=False):
+    # the switch alone: cudnn.flags() would also set benchmark, determinism and TF32 to
+    # its own defaults for the block (restored after, but not the user's inside it)
+    cudnn = torch.backends.cudnn
+    enabled = cudnn.enabled
+    cudnn.enabled = False
+    try:
         yield
+    finally:
+        cudnn.enabled = enabled
 
 
 def substitution(model: nn.Module, state: Mapping[str, torch.Tensor], prefix: str = ""

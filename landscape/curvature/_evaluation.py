@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from landscape.isolation import (
+    cuda_devices,
     differentiable,
     isolated,
     on_batch_statistics,
@@ -83,8 +84,7 @@ def seed_generators(model: nn.Module, seed: int) -> None:
         seed: the seed.
     """
     torch.default_generator.manual_seed(seed)
-    tensors = [*model.parameters(), *model.buffers()]
-    for index in sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"}):
+    for index in cuda_devices([*model.parameters(), *model.buffers()]):
         torch.cuda.default_generators[index].manual_seed(seed)
 
 

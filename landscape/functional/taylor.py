@@ -42,6 +42,7 @@ from landscape.functional._model import (
 from landscape.isolation import (
     isolated,
     no_grad_forward,
+    rng_rewind,
     rnn_differentiable,
     sdpa_math,
     stateless_call,
@@ -291,14 +292,7 @@ def logit_tangent(
     # the difference's three forwards draw the noise the JVP's one forward drew (dropout
     # with eval_mode=False; the failed JVP drew it too): else the difference of two masks,
     # over 2 eps, is the tangent
-    cpu = torch.get_rng_state()
-    devices = sorted({t.device.index or 0 for t in at.values() if t.device.type == "cuda"})
-    cuda = [torch.cuda.get_rng_state(d) for d in devices]
-
-    def rewind() -> None:
-        torch.set_rng_state(cpu)
-        for d, state in zip(devices, cuda):
-            torch.cuda.set_rng_state(state, d)
+    rewind = rng_rewind(at.values())
 
     try:
         with sdpa_math():

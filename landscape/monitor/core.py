@@ -397,7 +397,8 @@ class Monitor:
 
         Raises:
             RuntimeError: the monitor was closed (a monitor records one stretch of a run).
-            ValueError: the model holds complex-valued parameters.
+            ValueError: the model holds complex-valued parameters; under NCCL, the current
+                CUDA device is not the model's (``torch.cuda.set_device`` was not called).
         """
         if self.writer is not None:
             if self.writer.closed:
@@ -410,6 +411,8 @@ class Monitor:
                       "monitor starts at its first step")
             return self
         self._join_process_group()
+        if self._distributed:  # before the first collective, which would fail or hang
+            _dist.check_current_device(self.model)
         # FSDP2: a forward before the start (an evaluation) leaves the root's parameters
         # unsharded; the optimizer holds the sharded ones, which the monitor must see too
         _dist.reshard(self.model)

@@ -37,6 +37,7 @@ from torch import nn
 from landscape import distributed as _dist
 from landscape._errors import LandscapeError
 from landscape.curvature._batches import refuse_summed_loss
+from landscape.curvature._evaluation import seed_generators
 from landscape.findings import user_stacklevel
 from landscape.isolation import isolated
 from landscape.store import RunWriter, SurfaceData
@@ -92,10 +93,9 @@ def _center_loss(evaluator: PointEvaluator, ndim: int, eval_mode: bool) -> float
     Under a fixed seed (the caller's RNG restored), so that dropout with ``eval_mode=False``
     gives the same value at every call.
     """
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices), isolated(evaluator.model, eval_mode=eval_mode), \
-            torch.no_grad(), evaluator.bind():
-        torch.manual_seed(0)
+    # isolated forks the generators the model draws from, seed_generators seeds them
+    with isolated(evaluator.model, eval_mode=eval_mode), torch.no_grad(), evaluator.bind():
+        seed_generators(evaluator.model, 0)
         evaluator.move((0.0,) * ndim)
         return float(evaluator.loss_and_accuracy()[0])
 
