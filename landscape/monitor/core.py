@@ -1060,6 +1060,7 @@ class Monitor:
         # before any is said: a callback that raises to stop training, or a warning turned
         # into an error by a filter, loses none of them
         raised = [self._record_finding(f) for f in dedupe(found)]
+        self.writer.step_complete()  # what raises from here on leaves the rows written
         if self.on_finding is not None:  # this rank's metric_failed findings
             for f in failures:
                 self.on_finding(f)
@@ -1075,7 +1076,8 @@ class Monitor:
         Only a run with a failure has the table; a resumed run keeps its own.
         """
         assert self.writer is not None
-        fresh = not self._unmeasured_declared and "unmeasured" not in self.writer.run().metrics()
+        # declared without a flush (the step's rows reach the file together)
+        fresh = not self._unmeasured_declared and not self.writer.declared("unmeasured")
         if fresh:
             # wide enough for every metric's name at once (never cut), and no wider: a
             # metric that fails at every step adds a row per step
@@ -1085,8 +1087,8 @@ class Monitor:
                                 cls="landscape.monitor.Monitor", schedule="triggered")
         self._unmeasured_declared = True
         self.writer.append("unmeasured", step, {"metrics": ",".join(names)})
-        if fresh:  # declaring flushed this step's NaN rows: its unmeasured row too
-            self.writer.flush()
+        if fresh:  # the first failure's step is on disk when the step ends
+            self.writer.flush_soon()
 
     def _recorded_window_end(self) -> int:
         """The end of the dense window the resumed run's file had open (or -1)."""

@@ -633,13 +633,22 @@ class H5Backend(Backend):
         self.file.flush()
 
     def refresh(self):
-        """Refresh every dataset of the file."""
+        """Refresh every dataset of the file, each table's ``step`` column first.
+
+        The writer extends a table's fields before its ``step`` column, which commits the
+        rows: refreshed after it, every field holds at least the rows the steps commit
+        (refreshed in name order, a field named before ``step`` lagged behind it, and a
+        reader read more steps than values).
+        """
+        datasets: list[h5py.Dataset] = []
 
         def visit(_name, obj):
             if isinstance(obj, h5py.Dataset):
-                obj.refresh()
+                datasets.append(obj)
 
         self.file.visititems(visit)
+        for ds in sorted(datasets, key=lambda ds: ds.name.rsplit("/", 1)[-1] != "step"):
+            ds.refresh()
 
     def close(self):
         """Close the file, ignoring errors."""

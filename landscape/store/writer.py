@@ -173,6 +173,8 @@ class RunWriter:
         self._last_flush = time.monotonic()
         self._closed = False
         self._holding = 0  # nesting depth of one_step(): automatic flushes wait
+        self._flushes = 0  # writes of the buffer (one_step keeps what one wrote)
+        self._complete = False  # the one_step block's rows are the whole step
         self._urgent = False  # an error finding waits for the end of its step, no longer
         self.path = None if path is None else Path(path)
 
@@ -383,6 +385,16 @@ class RunWriter:
         row = _finding_row(finding, self._fields[FINDINGS_TABLE])
         self._add_row(FINDINGS_TABLE, int(finding.step), row, strict=False)
 
+    def flush_soon(self) -> None:
+        """Flush at the end of the step being written (at once outside :meth:`one_step`).
+
+        For rows worth having on disk before the next automatic flush, as an error
+        finding is: the first failure of a metric.
+        """
+        self._urgent = True
+        if not self._holding and not self._closed:
+            self._flush_if_due()
+
     def record_checkpoint(self, step: int, source: str) -> None:
         """Record that ``step`` was computed from checkpoint ``source``.
 
@@ -406,6 +418,14 @@ class RunWriter:
             The step, or None when the metric has no rows or is not declared.
         """
         return self._last.get(f"{METRICS_GROUP}/{name}")
+
+    def declared(self, name: str) -> bool:
+        """Whether metric ``name`` has a table: declared here, or in the file resumed.
+
+        Args:
+            name: the metric.
+        """
+        return f"{METRICS_GROUP}/{name}" in self._fields
 
     def last_recorded_step(self) -> int | None:
         """The last step of any table: every metric's, the findings', the checkpoints'.
@@ -464,15 +484,48 @@ class RunWriter:
         """Group the rows appended inside the block: an automatic flush waits for its end.
 
         The monitor appends a step's rows inside it, so a process killed between two
-        automatic flushes leaves whole steps in the file, never the first rows of one.
+        automatic flushes leaves whole steps in the file, never the first rows of one. An
+        exception that leaves the block before :meth:`step_complete` (a second Ctrl-C, a
+        ``KeyboardInterrupt`` raised in the loss function while a metric runs) drops the
+        rows appended inside it: the rest of the step was never measured, and a resumed
+        run records the step whole. Rows an explicit :meth:`flush` wrote inside the block
+        stay.
         """
+        if not self._holding:
+            self._complete = False
         self._holding += 1
+        flushes = self._flushes
+        kept = {path: len(p.steps) for path, p in self._pending.items()}
+        last = dict(self._last)
         try:
             yield
+        except BaseException:
+            if self._flushes == flushes and not self._closed and not self._complete:
+                self._drop_pending(kept, last)
+            raise
         finally:
             self._holding -= 1
             if not self._holding and not self._closed:
                 self._flush_if_due()
+
+    def step_complete(self) -> None:
+        """Mark the rows of the :meth:`one_step` block as the whole step.
+
+        An exception after it (a callback that raises to stop training at a finding)
+        leaves them to be written.
+        """
+        self._complete = True
+
+    def _drop_pending(self, kept: Mapping[str, int], last: Mapping[str, int | None]) -> None:
+        """Forget the rows buffered after ``kept`` rows per table; ``last`` steps again."""
+        for path, p in self._pending.items():
+            n = kept.get(path, 0)
+            self._n_pending -= len(p.steps) - n
+            del p.steps[n:]
+            for col in p.cols.values():
+                del col[n:]
+        for path in self._last:
+            self._last[path] = last.get(path)
 
     def _flush_if_due(self) -> None:
         """Flush after an error finding, ``flush_every`` rows and points or ``flush_seconds``."""
@@ -484,6 +537,7 @@ class RunWriter:
             self.flush()
 
     def _flush_pending(self) -> None:
+        self._flushes += 1
         tables = {path: (np.asarray(p.steps, np.int64), {n: np.stack(v) for n, v in p.cols.items()})
                   for path, p in self._pending.items() if p.steps}
         size = sum(steps.nbytes + sum(c.nbytes for c in cols.values())
@@ -517,7 +571,7 @@ class RunWriter:
         if free >= DISK_MARGIN + 4 * nbytes:
             return True
         message = (f"{self.path}: {free / 2**20:.1f} MiB free on its disk, too little to write "
-                   f"more ({DISK_MARGIN / 2**20:.0f} MiB are kept free)")
+                   f"more ({DISK_MARGIN / 2**20:.0f} MiB must stay free after a write)")
         if self.on_disk_full == "raise":
             raise RunFileError(message)
         self._full = True

@@ -586,3 +586,50 @@ def test_a_metric_that_writes_into_the_training_gradients_is_warned_about_once(
                 assert changed == by_backward
     said = [w for w in seen if "wrote into the parameters' .grad" in str(w.message)]
     assert len(said) == (1 if by_backward else 0)
+
+
+class _RaisesAt(Metric):
+    """Raises ``error`` at ``step`` (a metric's bug, or a Ctrl-C inside the loss)."""
+
+    FIELDS = ("value",)
+
+    def __init__(self, name, step, error):
+        super().__init__()
+        self.name, self.at, self.error = name, step, error
+
+    def compute(self, ctx):
+        if ctx.step == self.at and self.error is not None:
+            raise self.error
+        return {"value": float(ctx.step)}
+
+
+def test_a_step_interrupted_inside_a_metric_leaves_no_row_and_resumes_whole(tmp_path):
+    """A KeyboardInterrupt out of a metric (a second Ctrl-C, the loss function's) left
+    the rows measured before it in the file, and a metric's first failure flushed the
+    step's rows so far: half of step 2 stayed, and the resumed run started at step 3."""
+    path = tmp_path / "run.h5"
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = models.classification_data()
+    metrics = ["loss", _RaisesAt("broken", 2, ValueError("a bug")),
+               _RaisesAt("stopper", 2, KeyboardInterrupt())]
+    with pytest.raises(KeyboardInterrupt), pytest.warns(RuntimeWarning, match="a bug"), \
+            ls.Monitor(model, F.cross_entropy, path, optimizer=opt, metrics=metrics,
+                       warn=False) as mon:
+        models.full_batch_steps(mon, model, opt, x, y, 4)
+    with ls.store.Run.open(path) as run:
+        assert {name: run.steps(name).tolist() for name in ("loss", "broken", "stopper")} \
+            == {name: [0, 1] for name in ("loss", "broken", "stopper")}
+        assert "unmeasured" not in run.metrics() or run.rows("unmeasured") == 0
+    metrics = ["loss", _RaisesAt("broken", 2, None), _RaisesAt("stopper", 2, None)]
+    with ls.Monitor(model, F.cross_entropy, path, optimizer=opt, metrics=metrics,
+                    warn=False) as mon:
+        for step in range(2, 4):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(step, batch=(x, y), loss=loss)
+    with ls.store.Run.open(path) as run:
+        assert run.steps("stopper").tolist() == run.steps("loss").tolist() == [0, 1, 2, 3]
+        assert run.series("broken", "value")[1].tolist() == [0.0, 1.0, 2.0, 3.0]

@@ -562,3 +562,59 @@ def test_truncation_shrinks_the_step_column_first_out_of_swmr_mode(tmp_path, mon
         assert not any(swmr for _, swmr in shrunk)
     monkeypatch.undo()
     assert list(Run.open(path).steps("m")) == [0, 1, 2, 3]
+
+
+def test_a_refresh_reads_each_tables_steps_before_its_fields(tmp_path, monkeypatch):
+    """The writer extends the fields, then ``step``: a reader that refreshed in name order
+    saw a field named before ``step`` (``norm``, ``loss``, ``lr``) lag behind the steps
+    it had just refreshed, and read more steps than values (a live ``run.series``)."""
+    import h5py
+
+    path = tmp_path / "run.h5"
+    with RunWriter(path) as writer:
+        writer.declare("m", {"a": None, "z": None})
+        writer.append("m", 0, {"a": 1.0, "z": 2.0})
+    refreshed = []
+    real = h5py.Dataset.refresh
+
+    def spy(ds):
+        refreshed.append(ds.name)
+        return real(ds)
+
+    with Run.open(path) as run:
+        monkeypatch.setattr(h5py.Dataset, "refresh", spy)
+        run.refresh()
+    table = [name for name in refreshed if name.startswith("/metrics/m/")]
+    assert table[0] == "/metrics/m/step" and sorted(table[1:]) == ["/metrics/m/a",
+                                                                   "/metrics/m/z"]
+
+
+def test_an_exception_leaving_a_step_drops_the_rows_it_appended(tmp_path):
+    """A second Ctrl-C inside a step left the rows appended so far in the buffer, which
+    closing the writer wrote: half a step in the file, the rest never recorded (a resumed
+    run starts after it)."""
+    path = tmp_path / "run.h5"
+    writer = RunWriter(path, flush_every=10_000, flush_seconds=1e9)
+    writer.declare("a", {"v": None})
+    writer.declare("b", {"v": None})
+    with writer.one_step():
+        writer.append("a", 0, {"v": 0.0})
+        writer.append("b", 0, {"v": 0.0})
+    with pytest.raises(KeyboardInterrupt), writer.one_step():
+        writer.append("a", 1, {"v": 1.0})
+        writer.declare("c", {"v": None})
+        writer.append("c", 1, {"v": 1.0})
+        raise KeyboardInterrupt
+    assert writer.last_step("a") == 0 and writer.last_step("c") is None
+    with writer.one_step():  # the step again, whole
+        for name in "abc":
+            writer.append(name, 1, {"v": 2.0})
+    # a callback that raises to stop training after the step's rows are whole keeps them
+    with pytest.raises(RuntimeError), writer.one_step():
+        writer.append("a", 2, {"v": 3.0})
+        writer.step_complete()
+        raise RuntimeError("stop")
+    writer.close()
+    with Run.open(path) as run:
+        assert [run.steps(name).tolist() for name in "abc"] == [[0, 1, 2], [0, 1], [1]]
+        assert run.series("a", "v")[1].tolist() == [0.0, 2.0, 3.0]
