@@ -613,11 +613,19 @@ class ModelOperator(CurvatureOperator):
         self._symmetry_checked.add(path)
         tolerance = ASYMMETRY_TOLERANCE.get(self.dtype, 1e-3)
 
+        def local_products(vs: list[Vector]) -> list[Vector]:
+            with self._reduce.deferred() if collective else contextlib.nullcontext():
+                return self._matmat(vs) if batched else [self._matvec(v) for v in vs]
+
         def products_of(vs: list[Vector]) -> list[Vector]:
             self._checking_symmetry = True
             try:
-                with self._reduce.deferred() if collective else contextlib.nullcontext():
-                    products = self._matmat(vs) if batched else [self._matvec(v) for v in vs]
+                # the operator's first products: a forward that fails on one rank (its
+                # probe of another width) fails every rank here, instead of leaving the
+                # others in the reduction below (an unsharded model; an FSDP2 forward is
+                # itself collective)
+                products = _dist.together(collective, "the first curvature products",
+                                          local_products, vs)
                 # outside a public matmat: one all-reduce in a fixed layout; inside one
                 # (already deferred) the products stay this rank's, each rank checks its
                 # own operator, and the largest asymmetry decides for all

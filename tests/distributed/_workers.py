@@ -497,6 +497,24 @@ def empty_rank_worker(rank: int, out_dir: str) -> None:
                           "after": ld.all_gather_objects("still in step")})
 
 
+def bad_probe_rank_worker(rank: int, out_dir: str) -> None:
+    """Rank 1's probe has another width than the model's inputs: its forward raises.
+
+    The operator's first products ran on rank 0 into the reduction while rank 1 had failed
+    (a hang, or garbage from mismatched collectives); now the metric fails on both ranks.
+    """
+    from landscape.metrics.curvature import TopEigenvalues
+
+    x, y = dataset()
+    probe = (x[:8], y[:8]) if rank == 0 else (torch.randn(8, x.shape[1] + 1), y[8:])
+    with Monitor(model(), F.cross_entropy, metrics=[TopEigenvalues(k=1, schedule=1)],
+                 probe=probe, warn=False) as mon:
+        for step in range(2):
+            mon.step(step, batch=probe, loss=torch.tensor(1.0))
+        failed = [(f.step, f.message) for f in mon.findings if f.rule == "metric_failed"]
+    _save(out_dir, rank, {"failed": failed, "after": ld.all_gather_objects("still in step")})
+
+
 def _eval_fails_on_rank_1(net: torch.nn.Module, batch: Any) -> torch.Tensor:
     """A closure whose eval-mode forward fails on rank 1 only (a train-mode-only model)."""
     if not net.training and ld.rank() == 1:

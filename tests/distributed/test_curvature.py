@@ -233,6 +233,16 @@ def test_a_rank_with_nothing_to_count_fails_every_rank_instead_of_hanging(tmp_pa
     assert "leading dimension" in r1["uncut_failed"][0][1]
 
 
+def test_a_probe_whose_forward_fails_on_one_rank_fails_every_rank_instead_of_hanging(
+        tmp_path):
+    run_ranks(W.bad_probe_rank_worker, tmp_path, timeout=90.0)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["after"] == r1["after"] == ["still in step"] * 2
+    assert [s for s, _ in r0["failed"]] == [s for s, _ in r1["failed"]] == [0]
+    assert "the first curvature products failed on rank 1" in r0["failed"][0][1]
+    assert "shapes cannot be multiplied" in r1["failed"][0][1]
+
+
 def test_the_micro_batch_check_runs_on_each_ranks_own_batch(tmp_path):
     run_ranks(W.microbatch_check_worker, tmp_path, timeout=90.0)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
