@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from landscape.batches import leading_size, normal_tensors, sample_sequences, split, to_device
-from landscape.distributed import together
+from landscape.distributed import all_gather_objects, rank, together
 from landscape.findings import user_stacklevel
 from landscape.isolation import loader_randomness_kept, on_batch_statistics
 
@@ -197,15 +197,23 @@ def materialize(
             targets)`` pair with ``loss_fn``, or nothing to count (on any rank, with
             ``collective``).
     """
-    return together(collective, "reading the probe data", _materialize, data, closure_mode,
-                    max_batches, single_batch, batch_size)
+    batches, weights, total = together(collective, "reading the probe data", _materialize,
+                                       data, closure_mode, max_batches, single_batch,
+                                       batch_size, collective)
+    if collective and batch_size is None:
+        # the ranks' batches are several batches of one probe: weighted by their samples
+        shares = all_gather_objects(_ignored_shares(batches))
+        if rank() == 0 and all(s is not None for s in shares) \
+                and len(set().union(*shares)) > 1:
+            _warn_uneven("the ranks' batches")
+    return batches, weights, total
 
 
 def _materialize(
     data: Any, closure_mode: bool, max_batches: int | None, single_batch: bool | None,
-    batch_size: BatchSize | None,
+    batch_size: BatchSize | None, collective: bool = False,
 ) -> tuple[list[Any], list[float], float]:
-    """:func:`materialize` on this rank alone."""
+    """:func:`materialize` on this rank alone (the ranks' shares compared after it)."""
     if data is None:
         raise ValueError("data: no probe data given (a batch or an iterable of batches)")
     if max_batches is not None and max_batches < 1:
@@ -227,14 +235,9 @@ def _materialize(
                     "data: with loss_fn every batch must be an (inputs, targets) pair; "
                     "use closure= for other batch structures"
                 )
-    if batch_size is None and len(batches) > 1 and _unevenly_ignored(batches):
-        warnings.warn(
-            "data: the targets hold -100 (ignored positions, such as padding) in unequal "
-            "shares of the batches: they are weighted by their samples, not by the targets "
-            "the loss averages over, so the curvature of several batches is off; pass "
-            "batch_size=lambda b: <the count of targets that are not -100>, or give batches "
-            "with equal shares (docs/conventions.md, 'Loss reduction')",
-            RuntimeWarning, stacklevel=user_stacklevel())
+    if batch_size is None and not collective and len(batches) > 1 \
+            and len(_ignored_shares(batches) or ()) > 1:
+        _warn_uneven("the batches")
     sizes = batch_sizes(batches, closure_mode, batch_size)
     if sizes is None:
         return batches, [1.0 / len(batches)] * len(batches), float(len(batches))
@@ -267,13 +270,14 @@ def refuse_summed_loss(loss_fn: Any, several: bool) -> None:
             "the sum is N times it) or one batch (docs/conventions.md, 'Loss reduction')")
 
 
-def _unevenly_ignored(batches: list[Any]) -> bool:
-    """Whether the batches' integer targets hold -100 in unequal shares of their rows.
+def _ignored_shares(batches: list[Any]) -> set[float] | None:
+    """The shares of the batches' integer targets that are not -100, per row.
 
     Targets are ``(inputs, targets)``'s second item or a dict's ``labels``; -100 is
     ``F.cross_entropy``'s default ``ignore_index`` and the label of positions Hugging Face
     models leave out of their loss. Weighting by rows is right when every batch counts the
-    same share of its targets (no -100 at all, or as many per row).
+    same share of its targets (no -100 at all, or as many per row): one share. ``None``
+    when a batch has no such targets.
     """
     shares = set()
     for batch in batches:
@@ -281,10 +285,21 @@ def _unevenly_ignored(batches: list[Any]) -> bool:
             batch[1] if isinstance(batch, (tuple, list)) and len(batch) == 2 else None)
         if not isinstance(targets, torch.Tensor) or targets.is_floating_point() \
                 or targets.dim() == 0 or targets.shape[0] == 0:
-            return False
+            return None
         counted = int((targets != -100).sum())
         shares.add(round(counted / targets.shape[0], 9))
-    return len(shares) > 1
+    return shares
+
+
+def _warn_uneven(where: str) -> None:
+    """Warn that ``where`` hold -100 in unequal shares (:func:`_ignored_shares`)."""
+    warnings.warn(
+        f"data: the targets hold -100 (ignored positions, such as padding) in unequal "
+        f"shares of {where}: they are weighted by their samples, not by the targets the "
+        f"loss averages over, so the curvature of several batches is off; pass "
+        f"batch_size=lambda b: <the count of targets that are not -100>, or give batches "
+        f"with equal shares (docs/conventions.md, 'Loss reduction')",
+        RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def samples_in(batch: Any, closure_mode: bool) -> int | None:

@@ -233,6 +233,13 @@ def test_a_rank_with_nothing_to_count_fails_every_rank_instead_of_hanging(tmp_pa
     assert "leading dimension" in r1["uncut_failed"][0][1]
 
 
+def test_unequal_shares_of_ignored_targets_over_the_ranks_are_warned_about(tmp_path):
+    run_ranks(W.uneven_padding_worker, tmp_path, timeout=90.0)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert len(r0["uneven"]) == 1 and "of the ranks' batches" in r0["uneven"][0]
+    assert r1["uneven"] == [] and r0["even"] == r1["even"] == []  # said by rank 0 alone
+
+
 def test_a_probe_whose_forward_fails_on_one_rank_fails_every_rank_instead_of_hanging(
         tmp_path):
     run_ranks(W.bad_probe_rank_worker, tmp_path, timeout=90.0)
