@@ -1110,6 +1110,12 @@ class Monitor:
             if restored is not None:
                 self.probe = inputs_in_models_dtype(restored, self._weights_dtype)
                 return
+        elif self.writer.last_step("probe") is not None:  # rank 0, resuming its run
+            _log.warning(
+                "landscape: resuming a run under torch.distributed: every rank takes a new "
+                "probe from this batch (the file holds none of the ranks' probes), so the "
+                "probe metrics are not comparable across step %d; pass probe= on every "
+                "rank for one series", step)
         probe, kept = take_probe(batch, self.probe_size)
         self.writer.append("probe", step, {"samples": float(kept)})
         if not self._distributed:  # rank 0's file cannot hold every rank's probe

@@ -652,14 +652,17 @@ def probe_note_worker(rank: int, out_dir: str) -> None:
         x, y = dataset()
         net = DDP(model())
         opt = torch.optim.SGD(net.parameters(), lr=0.1)
-        with Monitor(net, F.cross_entropy, None, optimizer=opt, warn=False) as mon:
-            loss = F.cross_entropy(net(x), y)
-            loss.backward()
-            opt.step()
-            mon.step(0, batch=(x, y), loss=loss)
+        for step in range(2):  # a run, then its resume: every rank takes a new probe
+            with Monitor(net, F.cross_entropy, f"{out_dir}/run.h5", optimizer=opt,
+                         warn=False) as mon:
+                loss = F.cross_entropy(net(x), y)
+                loss.backward()
+                opt.step()
+                mon.step(step, batch=(x, y), loss=loss)
     finally:
         logging.getLogger("landscape").removeHandler(handler)
-    _save(out_dir, rank, {"notes": [n for n in notes if "fixed probe" in n]})
+    _save(out_dir, rank, {"notes": [n for n in notes if "fixed probe" in n],
+                          "resumed": [n for n in notes if "resuming a run" in n]})
 
 
 ONE_SAMPLE_SHARDS = (8, 1)  # rank 0's and rank 1's samples of the probe

@@ -94,7 +94,10 @@ def test_sharpness_under_a_zero_redundancy_optimizer_over_sgd_has_its_threshold(
 def test_the_default_probes_note_is_logged_by_rank_zero_alone(tmp_path):
     run_ranks(W.probe_note_worker, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
-    assert len(r0["notes"]) == 1 and r1["notes"] == []
+    assert len(r0["notes"]) == 2 and r1["notes"] == []  # the run's, the resume's
+    # a resume takes new probes (rank 0's file holds none of them): said, by rank 0
+    assert len(r0["resumed"]) == 1 and "not comparable across step 1" in r0["resumed"][0]
+    assert r1["resumed"] == []
 
 
 def test_a_rank_holding_one_probe_sample_measures_with_the_others(tmp_path):
