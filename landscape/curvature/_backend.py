@@ -18,6 +18,7 @@ import warnings
 import weakref
 from typing import Any, Callable, ContextManager
 
+from landscape import distributed as _dist
 from landscape._errors import LandscapeError
 
 __all__ = ["BACKENDS", "Backend"]
@@ -82,6 +83,8 @@ class Backend:
             said = _SAID.setdefault(self._model, set())
             warn = reason not in said
             said.add(reason)
+        if warn and _dist.rank() != 0:  # the ranks decide alike: rank 0 says it for all
+            warn = False
         if warn:
             warnings.warn(
                 f"{self.owner}: the exact curvature product is impossible ({reason}); using "

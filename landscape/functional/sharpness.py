@@ -27,6 +27,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import torch
 from torch import nn
 
+from landscape import distributed as _dist
 from landscape._deprecation import module_getattr
 from landscape.batches import model_call
 from landscape.functional._common import MetricResult, fail
@@ -138,6 +139,11 @@ def _sharpness(
     params = detached_params(model, names)
     if not params:
         raise ValueError("model has no trainable parameters")
+    if any(_dist.is_sharded(t) for t in params.values()):
+        raise NotImplementedError(
+            "sam_sharpness/asam_sharpness: the model's parameters are FSDP2 shards "
+            "(DTensor), which torch.func differentiates only through the model's own "
+            "forward; measure on the unsharded model (docs/distributed.md, 'Not yet')")
     # the same noise at w and at w + eps (dropout with eval_mode=False): a difference of
     # two losses under different dropout masks would not tend to 0 with rho
     with isolated(model, eval_mode=eval_mode), rnn_differentiable(model), \

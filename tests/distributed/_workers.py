@@ -415,13 +415,19 @@ def fsdp_curvature_worker(rank: int, out_dir: str) -> None:
         refused = None
     except ValueError as err:
         refused = str(err)
+    from landscape.functional import sam_sharpness
+    try:  # an AttributeError from torch.func's guts before
+        sam_sharpness(net, F.cross_entropy, *data, rho=0.05)
+        sam = None
+    except NotImplementedError as err:
+        sam = str(err)
     after = [p.full_tensor() for p in net.parameters()]
     _save(out_dir, rank, {
         "warnings": [str(w.message) for w in caught if w.category is RuntimeWarning],
         "backend_used": H.backend_used, "reason": H.first_order_reason,
         "products": products, "eig": eig.values, "trace": trace.value,
         "ggn_products": ggn_products, "ggn": ggn.values, "block": block.values,
-        "loss": H.loss(), "grad": H.gradient(), "refused": refused,
+        "loss": H.loss(), "grad": H.gradient(), "refused": refused, "sam": sam,
         "restored": all(torch.equal(a, b) for a, b in zip(before, after)),
         "grads_none": all(p.grad is None for p in net.parameters()),
         "shapes": H.shapes,
