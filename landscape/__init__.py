@@ -23,6 +23,8 @@ from typing import Any
 from landscape._errors import (
     InstabilityWarning,
     LandscapeError,
+    NoRowYet,
+    NotInRun,
     RuleError,
     RunFileError,
     StepOrderError,
@@ -71,6 +73,8 @@ __all__ = [
     # errors and warnings
     "InstabilityWarning",
     "LandscapeError",
+    "NoRowYet",
+    "NotInRun",
     "RuleError",
     "RunFileError",
     "StepOrderError",

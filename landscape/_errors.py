@@ -16,6 +16,20 @@ class RunFileError(LandscapeError):
     """A run file is missing, corrupt, foreign or of an unsupported format version."""
 
 
+class NotInRun(LandscapeError, KeyError):
+    """A metric, field or surface the run does not hold; the message says what it holds.
+
+    A ``KeyError`` too, as the lookup of a name.
+    """
+
+    def __str__(self) -> str:  # KeyError's own would print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class NoRowYet(LandscapeError, ValueError):
+    """A metric of the run that has no committed row yet (a live run, a failed start)."""
+
+
 class StepOrderError(LandscapeError):
     """A step was appended that does not come after the last committed step."""
 

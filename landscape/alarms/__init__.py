@@ -41,9 +41,7 @@ The thresholds and their sources are documented on each rule and in ``docs/alarm
 
 from __future__ import annotations
 
-import warnings
-from typing import Any
-
+from landscape._deprecation import module_getattr
 from landscape.alarms.base import (
     SKIP,
     Rule,
@@ -111,27 +109,4 @@ __all__ = [
 ]
 
 # old name -> new name; each old name works for one release (docs/vocabulary.md)
-_DEPRECATED = {"NonFinite": "NonFiniteValues"}
-
-
-def __getattr__(name: str) -> Any:
-    """Resolve a deprecated name to its new object, with a ``DeprecationWarning``.
-
-    Args:
-        name: the attribute looked up on the module.
-
-    Returns:
-        The object now called ``_DEPRECATED[name]``.
-
-    Raises:
-        AttributeError: ``name`` is neither a name of the module nor a deprecated one.
-    """
-    new = _DEPRECATED.get(name)
-    if new is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn(
-        f"landscape.alarms.{name} is deprecated; use landscape.alarms.{new}",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return globals()[new]
+__getattr__ = module_getattr(__name__, {"NonFinite": "NonFiniteValues"}, globals())

@@ -23,7 +23,7 @@ from landscape.findings import SEVERITIES, Finding, severity_rank
 
 __all__ = [
     "SKIP", "EpisodeTracker", "Evaluator", "Row", "Rule", "Trigger", "Value", "check_number",
-    "check_positive_int", "row_value",
+    "check_positive_int", "check_severity", "row_value",
 ]
 
 Value = Union[float, np.ndarray]
@@ -86,11 +86,6 @@ class Trigger:
 
 Evaluator = Callable[[int, Row], Union[Trigger, _Skip, None]]
 """``evaluate(step, row) -> Trigger | None | SKIP``: fire, do not fire, or ignore the row."""
-
-
-def _fmt(x: float) -> str:
-    """``x`` in four significant digits, for messages."""
-    return f"{x:.4g}"
 
 
 def row_value(row: Row, name: str) -> float | None:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from landscape.alarms.base import SKIP, Row, Rule, Trigger, _fmt, _Skip, check_number, row_value
+from landscape.alarms.base import SKIP, Row, Rule, Trigger, _Skip, check_number, row_value
+from landscape.findings import format_number as _fmt
 
 __all__ = ["EdgeOfStability", "TaylorRatio"]
 

@@ -28,13 +28,13 @@ from landscape.alarms.base import (
     Row,
     Rule,
     Trigger,
-    _fmt,
     _Skip,
     check_number,
     check_positive_int,
     row_value,
 )
 from landscape.alarms.statistics import RollingWindow
+from landscape.findings import format_number as _fmt
 from landscape.findings import severity_rank
 
 __all__ = ["ForecastState", "LogLinearTrend", "SharpnessForecast", "TaylorForecast"]

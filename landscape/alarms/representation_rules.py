@@ -23,13 +23,13 @@ from landscape.alarms.base import (
     Row,
     Rule,
     Trigger,
-    _fmt,
     _Skip,
     check_number,
     check_positive_int,
     check_severity,
     row_value,
 )
+from landscape.findings import format_number as _fmt
 from landscape.findings import severity_rank
 
 __all__ = [

@@ -22,7 +22,6 @@ from landscape.alarms.base import (
     Row,
     Rule,
     Trigger,
-    _fmt,
     _Skip,
     check_number,
     check_positive_int,
@@ -30,6 +29,7 @@ from landscape.alarms.base import (
     row_value,
 )
 from landscape.alarms.statistics import RollingWindow
+from landscape.findings import format_number as _fmt
 
 __all__ = ["GradNormSpike", "LossSpike", "NonFiniteValues", "SpikeState"]
 

@@ -27,7 +27,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from landscape._checks import integer_dtype, positive_int
+from landscape._checks import integer_at_least, integer_dtype, positive_int
 from landscape._errors import MissingInput, PartialRow
 from landscape._hf import output_loss
 from landscape.batches import head, leading_size, model_call, sample_sequences
@@ -479,11 +479,9 @@ class Sentinels(Metric):
         super().__init__(**kwargs)
         subsample = positive_int("subsample", subsample)
         rows = None if rows is None else positive_int("rows", rows)
-        if not isinstance(attention_every, int) or attention_every < 0:
-            raise ValueError(f"attention_every must be an integer >= 0, got {attention_every!r}")
         self.subsample = subsample
         self.rows = rows
-        self.attention_every = attention_every
+        self.attention_every = integer_at_least("attention_every", attention_every, 0)
         self.layers: list[str] = []
         self._forget()
 

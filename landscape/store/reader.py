@@ -17,7 +17,7 @@ from typing import Any, Iterator, Mapping
 import h5py
 import numpy as np
 
-from landscape._errors import RunFileError
+from landscape._errors import NoRowYet, NotInRun, RunFileError
 from landscape._names import RENAMED_METRICS, metric_name_aliases
 from landscape.findings import Finding, Findings
 from landscape.store.backends import Backend, H5Backend
@@ -224,7 +224,7 @@ class Run:
         path = self._find_metric(name, stacklevel=4)
         if path is None:
             known = ", ".join(self.metrics()) or "none"
-            raise KeyError(f"no metric {name!r} in {self.source} (metrics: {known})")
+            raise NotInRun(f"no metric {name!r} in {self.source} (metrics: {known})")
         return path
 
     def has_metric(self, name: str) -> bool:
@@ -251,7 +251,7 @@ class Run:
             Field names mapped to their specs.
 
         Raises:
-            KeyError: no such metric.
+            NotInRun: no such metric (a ``KeyError``).
         """
         return self._backend.table_fields(self._metric_path(metric))
 
@@ -268,7 +268,7 @@ class Run:
             The attributes, ``params`` decoded from JSON.
 
         Raises:
-            KeyError: no such metric.
+            NotInRun: no such metric (a ``KeyError``).
         """
         attrs = self._backend.table_attrs(self._metric_path(metric))
         attrs.pop("fields", None)
@@ -287,7 +287,7 @@ class Run:
             An int64 array.
 
         Raises:
-            KeyError: no such metric.
+            NotInRun: no such metric (a ``KeyError``).
         """
         return self._backend.steps(self._metric_path(metric))
 
@@ -303,12 +303,12 @@ class Run:
             ``str`` (an object array), decoded from the file's UTF-8 bytes.
 
         Raises:
-            KeyError: no such metric or field.
+            NotInRun: no such metric or field (a ``KeyError``).
         """
         path = self._metric_path(metric)
         specs = self._backend.table_fields(path)
         if field_name not in specs:
-            raise KeyError(
+            raise NotInRun(
                 f"metric {metric!r} has no field {field_name!r} (fields: {', '.join(specs)})"
             )
         steps = self._backend.steps(path)
@@ -322,7 +322,7 @@ class Run:
         """The number of committed rows of a metric, read without its steps (cheap).
 
         Raises:
-            KeyError: no such metric.
+            NotInRun: no such metric (a ``KeyError``).
         """
         return self._backend.rows(self._metric_path(metric))
 
@@ -335,13 +335,13 @@ class Run:
             ``(step, {field: value})``; a string field's value as ``str``.
 
         Raises:
-            KeyError: no such metric.
-            ValueError: the metric has no row.
+            NotInRun: no such metric (a ``KeyError``).
+            NoRowYet: the metric has no row (a ``ValueError``).
         """
         path = self._metric_path(metric)
         n = self._backend.rows(path)
         if not n:
-            raise ValueError(f"metric {metric!r} has no row yet")
+            raise NoRowYet(f"metric {metric!r} has no row yet")
         step = int(self._backend.steps(path, start=n - 1)[0])
         row: dict[str, Any] = {}
         for name, spec in self._backend.table_fields(path).items():
@@ -440,11 +440,11 @@ class Run:
             The surface as stored now.
 
         Raises:
-            KeyError: no such surface.
+            NotInRun: no such surface (a ``KeyError``).
         """
         if name not in self._backend.surface_names():
             known = ", ".join(self.surfaces()) or "none"
-            raise KeyError(f"no surface {name!r} in {self.source} (surfaces: {known})")
+            raise NotInRun(f"no surface {name!r} in {self.source} (surfaces: {known})")
         return self._backend.read_surface(name)
 
     # -- lifecycle
