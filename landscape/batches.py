@@ -19,6 +19,8 @@ from landscape._hf import peft_base
 from landscape.distributed import unwrap
 
 __all__ = [
+    "PAIR_KEYS",
+    "WHOLE_PAIR_KEYS",
     "cast_like",
     "head",
     "in_containers_of",
@@ -33,6 +35,13 @@ __all__ = [
     "takes_whole_batch",
     "to_device",
 ]
+
+
+PAIR_KEYS = (("inputs", "targets"), ("x", "y"))  # dict batches of (inputs, targets)
+WHOLE_PAIR_KEYS = (("image", "label"), ("images", "labels"))
+"""Dict batches of (inputs, targets) when they are the dict's only keys: Hugging Face's
+image datasets; beside other keys (a vision-language batch's ``input_ids``) they are
+keyword arguments."""
 
 
 def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any], other: Callable[[Any], Any] | None

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from landscape._errors import MissingInput
+from landscape.batches import PAIR_KEYS, WHOLE_PAIR_KEYS
 from landscape.findings import Finding
 
 __all__ = ["failure_finding", "nonfinite_state"]
@@ -74,8 +75,6 @@ def failure_finding(metric: str, step: int, err: Exception, nonfinite: str | Non
         message = f"metric {metric!r} failed at step {step}{on}: {_describe(err)}"
         hint = "the metric records NaN; pass strict=True to Monitor to see the traceback"
         if data == "probe":
-            from landscape.metrics.context import PAIR_KEYS, WHOLE_PAIR_KEYS
-
             pairs = ", ".join(f"{{{x}, {y}}}" for x, y in (*PAIR_KEYS, *WHOLE_PAIR_KEYS))
             hint += ("; a probe must be a batch the model takes, (inputs, targets) like "
                      "the training batches, on the model's device and dtype; a dict batch "

@@ -59,7 +59,28 @@ def _imports(path: Path) -> set[str]:
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
+            if node.module == "landscape":  # from landscape import metrics
+                found.update(f"landscape.{a.name}" for a in node.names)
     return found
+
+
+# the small shared helpers (architecture.md, the table's last rows): torch, numpy and
+# each other only
+HELPERS = ("params", "_sums", "_checks", "batches", "isolation", "capture", "schedules",
+           "distributed", "findings", "_errors", "_names", "_deprecation", "_hf",
+           "_interrupts", "_progress", "failures")
+UPPER = ("landscape.monitor", "landscape.metrics", "landscape.alarms", "landscape.store",
+         "landscape.surface", "landscape.curvature", "landscape.functional",
+         "landscape.analysis", "landscape.checkpoints", "landscape.loading",
+         "landscape.integrations", "landscape.report", "landscape.plotting",
+         "landscape.demo", "landscape_cli")
+
+
+@pytest.mark.parametrize("helper", HELPERS)
+def test_the_shared_helpers_import_no_package_above_them(helper):
+    path = ROOT / f"{helper}.py"
+    above = sorted(m for m in _imports(path) if m.startswith(UPPER))
+    assert not above, f"{path.relative_to(ROOT.parent)} imports {above}"
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,14 @@ from torch import nn
 
 from landscape._deprecation import deprecated_alias
 from landscape._errors import MissingInput
-from landscape.batches import map_tensors, model_call, rebuilt, takes_whole_batch
+from landscape.batches import (
+    PAIR_KEYS,
+    WHOLE_PAIR_KEYS,
+    map_tensors,
+    model_call,
+    rebuilt,
+    takes_whole_batch,
+)
 from landscape.capture import (
     Captured,
     capture,
@@ -38,13 +45,6 @@ __all__ = ["MissingInput", "NoLossFunction", "StepContext", "batch_targets", "cl
            "target_place"]
 
 Closure = Callable[[nn.Module, Any], torch.Tensor]
-
-
-PAIR_KEYS = (("inputs", "targets"), ("x", "y"))  # dict batches of (inputs, targets)
-WHOLE_PAIR_KEYS = (("image", "label"), ("images", "labels"))
-"""Dict batches of (inputs, targets) when they are the dict's only keys: Hugging Face's
-image datasets; beside other keys (a vision-language batch's ``input_ids``) they are
-keyword arguments."""
 
 
 class NoLossFunction:
