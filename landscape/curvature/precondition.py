@@ -22,7 +22,17 @@ from landscape.curvature.stability import optimizer_kind
 from landscape.distributed import full_tensor, is_sharded
 from landscape.params import Vector
 
-__all__ = ["PreconditionedOperator", "divides_by_preconditioner", "preconditioned"]
+__all__ = ["OptimizerSettingsError", "PreconditionedOperator", "divides_by_preconditioner",
+           "preconditioned"]
+
+
+class OptimizerSettingsError(ValueError):
+    """The optimizer's settings or state cannot scale or precondition the operator.
+
+    Its learning rates are not numbers, no group trains, it holds none of the operator's
+    parameters, it has no second moments yet. A ``ValueError``; the sharpness metric tells
+    it from an error of the operator itself (parameters that no longer match the model).
+    """
 
 
 class PreconditionedOperator(CurvatureOperator):
@@ -111,13 +121,13 @@ def divides_by_preconditioner(optimizer: torch.optim.Optimizer) -> bool:
 def _needs(state: dict, keys: tuple[str, ...], name: str, kind: str) -> None:
     missing = [k for k in keys if k not in state]
     if missing:
-        raise ValueError(
+        raise OptimizerSettingsError(
             f"optimizer: no {'/'.join(missing)} state of {kind} for parameter {name!r} yet "
             "(no second-moment state: take at least one optimizer step first)"
         )
     step = float(state["step"])
     if step < 1:
-        raise ValueError(f"optimizer: step count of {name!r} is {step}, expected >= 1")
+        raise OptimizerSettingsError(f"optimizer: step count of {name!r} is {step}, expected >= 1")
 
 
 _DIAGONAL_STATE = frozenset(
@@ -175,7 +185,7 @@ def _diagonal(
 def _objects(op: CurvatureOperator) -> Sequence[torch.nn.Parameter]:
     objects = getattr(op, "_param_objects", None)
     if objects is None:
-        raise ValueError(
+        raise OptimizerSettingsError(
             "optimizer: the operator is not tied to model parameters; pass the "
             "preconditioner diagonal as a vector instead"
         )
@@ -204,14 +214,16 @@ def _group_lr_factors(op: CurvatureOperator, optimizer: torch.optim.Optimizer) -
 
     first = learning_rate(reference_group(optimizer).get("lr"))
     if not first > 0:
-        raise ValueError(f"optimizer: no parameter group trains (learning rate {first})")
+        raise OptimizerSettingsError(
+            f"optimizer: no parameter group trains (learning rate {first})")
     lr_of = _rates(optimizer)
     factors = []
     for name, p in zip(op.names, _objects(op)):
         lr = lr_of.get(id(p), 0.0)  # (a parameter outside the optimizer: not moved by it)
         if not lr >= 0:
-            raise ValueError(f"optimizer: learning rates must be numbers >= 0 to compare "
-                             f"groups, got {lr} for {name!r}")
+            raise OptimizerSettingsError(
+                f"optimizer: learning rates must be numbers >= 0 to compare groups, got {lr} "
+                f"for {name!r}")
         factors.append(first / lr if lr > 0 else math.inf)
     return _moving(factors)
 
@@ -237,7 +249,7 @@ def _moving_factors(op: CurvatureOperator, optimizer: torch.optim.Optimizer) -> 
 def _moving(factors: list[float]) -> list[float]:
     """``factors``, refused when the optimizer moves none of the operator's parameters."""
     if factors and all(f == math.inf for f in factors):
-        raise ValueError("optimizer: it moves none of the operator's parameters")
+        raise OptimizerSettingsError("optimizer: it moves none of the operator's parameters")
     return factors
 
 
@@ -275,7 +287,7 @@ def _optimizer_preconditioner(
     cls = type(optimizer).__name__
     kind = optimizer_kind(optimizer)
     if kind == "sgd":
-        raise ValueError(
+        raise OptimizerSettingsError(
             f"optimizer: {cls} does not precondition its steps (no Adam-style betas/eps "
             "or second moments); its sharpness is that of the operator itself"
         )
@@ -295,7 +307,7 @@ def _optimizer_preconditioner(
             continue
         group = group_of[id(p)]
         if "eps" not in group or (kind not in ("adamax", "rmsprop") and "betas" not in group):
-            raise ValueError(f"optimizer: {cls} has no Adam-style betas/eps")
+            raise OptimizerSettingsError(f"optimizer: {cls} has no Adam-style betas/eps")
         state = optimizer.state.get(p, {})
         if any(is_sharded(v) for v in state.values()):  # FSDP2: this rank's rows of each
             # moment; the operator's vectors are whole (one parameter gathered at a time,
@@ -304,8 +316,9 @@ def _optimizer_preconditioner(
                      if k in _DIAGONAL_STATE}
         entries, small, eps = _diagonal(kind, cls, group, state, name, op.dtype)
         if not bool(torch.isfinite(entries).all()):
-            raise ValueError(f"optimizer: the second moment of {name!r} is not finite (an "
-                             "overflow): no preconditioner to read")
+            raise OptimizerSettingsError(
+                f"optimizer: the second moment of {name!r} is not finite (an overflow): no "
+                "preconditioner to read")
         dead += int(small.sum())
         total += entries.numel()
         diag.append((entries if factor == 1.0 else entries * factor).to(op.device))
@@ -365,7 +378,7 @@ def preconditioned(op: CurvatureOperator, optimizer: Any, *,
         return PreconditionedOperator(op, diag, eps=eps, dead_fraction=dead, frozen=True)
     if isinstance(optimizer, (tuple, list)):
         return PreconditionedOperator(op, optimizer)
-    raise ValueError(
+    raise OptimizerSettingsError(
         f"optimizer: expected a torch optimizer or a preconditioner vector, got "
         f"{type(optimizer).__name__}"
     )

@@ -834,13 +834,13 @@ class StepContext:
             return cached
         from landscape import curvature
 
-        result = curvature.top_eigenvalues(
-            self.operator(source, preconditioned, group_lr),
-            k=k,
-            tol=tol,
-            warm_start=self.state.get(key),
-            **memory,
-        )
+        op = self.operator(source, preconditioned, group_lr)
+        warm = self.state.get(key)
+        if warm is not None and any(
+                [tuple(t.shape) for t in v] != [tuple(s) for s in op.shapes]
+                for v in warm.vectors):
+            warm = None  # of other parameters (weights tied or replaced since): cold start
+        result = curvature.top_eigenvalues(op, k=k, tol=tol, warm_start=warm, **memory)
         self.state[key] = result
         self._cache[key] = result
         return result

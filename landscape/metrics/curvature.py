@@ -251,7 +251,10 @@ class Sharpness(Metric):
                 optimizer maximizes (no row).
             PartialRow: the optimizer's threshold is not known (lambda_max only).
         """
-        from landscape.curvature.precondition import divides_by_preconditioner
+        from landscape.curvature.precondition import (
+            OptimizerSettingsError,
+            divides_by_preconditioner,
+        )
         from landscape.curvature.stability import (
             PRECONDITIONED,
             latest_step,
@@ -293,13 +296,13 @@ class Sharpness(Metric):
         if group_lr and not pre:
             try:
                 ctx.operator(self.data, group_lr=group_lr)
-            except ValueError as err:  # a learning rate that is not a number
+            except OptimizerSettingsError as err:  # a learning rate that is not a number
                 group_lr = False
                 self._say_not_scaled(err)
         if pre:
             try:
                 ctx.operator(self.data, preconditioned=True, group_lr=group_lr)
-            except ValueError as err:
+            except OptimizerSettingsError as err:
                 raise MissingInput(
                     f"no preconditioned sharpness for {type(opt).__name__}, whose threshold "
                     f"bounds it (not the Hessian's): {err}"

@@ -374,6 +374,7 @@ class Monitor:
         self._hooked_at_call = 0  # ... at the last call
         self._watch_idle = False
         self._told_unwatched = False
+        self._told_trainable = False  # the trainable set changed since start(): said once
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -808,6 +809,36 @@ class Monitor:
         self._idle_versions = None
         self._watch_idle = True  # the versions are taken when this call ends
 
+    def _say_trainable_changed(self) -> None:
+        """Warn once when the model's trainable parameters are no longer those of the start.
+
+        A head replaced, layers frozen or unfrozen, an adapter injected, weights tied: the
+        monitor measures the parameter objects it started with (docs/monitor.md, "Which
+        parameters"), so its gradient norm, update and Taylor rows would leave the new
+        ones out and read ones that no longer train, and metrics that need the old ones
+        fail. One walk of the parameters, at calls that measure. Not for FSDP2 models,
+        whose parameter objects are swapped by every forward; rank 0 says it.
+        """
+        if self._told_trainable or self._sharded:
+            return
+        live = [p for p in self.model.parameters() if p.requires_grad]
+        if len(live) == len(self._own) and all(a is b for a, b in zip(live, self._own)):
+            return
+        self._told_trainable = True
+        if not self._leads:
+            return
+        started = {id(p) for p in self._own}
+        added = sum(id(p) not in started for p in live)
+        gone = len(started - {id(p) for p in live})
+        warnings.warn(
+            f"landscape: the model's trainable parameters changed since the monitor started "
+            f"({added} tensors added, {gone} gone: a new head, layers frozen or unfrozen, an "
+            "adapter, weights tied): it still measures the ones it started with, so "
+            "grad_norm, update and the curvature rows leave the new ones out and metrics "
+            "that need the old ones fail; start a new Monitor after such a change (a new "
+            "run file when its metrics' fields change; docs/monitor.md, 'Which parameters')",
+            RuntimeWarning, stacklevel=user_stacklevel())
+
     def _versions(self) -> tuple[Any, ...]:
         """The state of the parameters the watched optimizer holds that no forward writes.
 
@@ -997,6 +1028,7 @@ class Monitor:
             self._update_missed = True
         if not due:
             return []
+        self._say_trainable_changed()
         ctx = self._context(step, batch, loss, outputs)
         ctx.optimizer_stepped = stepped
         ctx.given_grad_norm = grad_norm
