@@ -45,6 +45,7 @@ __all__ = [
     "all_gather_objects",
     "all_reduce_weighted",
     "broadcast_object",
+    "broadcast_tensors_",
     "check_current_device",
     "compute_dtype",
     "enabled",
@@ -291,6 +292,32 @@ def _all_reduce_max(flat: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- objects
+
+
+def broadcast_tensors_(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
+    """Overwrite ``tensors`` with rank ``src``'s values, in place (one broadcast per dtype).
+
+    Every rank passes tensors of the same dtypes and shapes in the same order (the model's
+    buffers, say); nothing without a process group of several ranks.
+    """
+    tensors = [t for t in tensors if t.numel()]
+    if not is_distributed() or not tensors:
+        return
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t)
+    for members in groups.values():
+        flat = torch.cat([t.detach().reshape(-1) for t in members])
+        target = _comm_device(flat.device)
+        buf = flat.to(target)
+        dist.broadcast(buf, src=src)
+        buf = buf.to(flat.device)
+        offset = 0
+        with torch.no_grad():
+            for t in members:
+                n = t.numel()
+                t.copy_(buf[offset:offset + n].view(t.shape))
+                offset += n
 
 
 def broadcast_object(obj: T, src: int = 0) -> T:

@@ -38,14 +38,14 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
 
-from landscape.distributed import unwrap
+from landscape.distributed import broadcast_tensors_, is_distributed, is_sharded, unwrap
 
 __all__ = [
     "AUTOCAST_DEVICES", "EAGER_COMPILED", "ClosureModule", "autocast_off", "buffers_kept",
     "cuda_devices", "differentiable", "eager_compiled_code", "isolated",
     "loader_randomness_kept", "measuring", "no_grad_forward", "normalises_by_batch",
-    "on_batch_statistics", "rng_rewind", "same_rng", "sdpa_math", "stateless_call",
-    "stateless_closure", "torch_notes_hidden", "without_autocast",
+    "on_batch_statistics", "rank_zero_buffers", "rng_rewind", "same_rng", "sdpa_math",
+    "stateless_call", "stateless_closure", "torch_notes_hidden", "without_autocast",
 ]
 
 
@@ -393,6 +393,26 @@ def buffers_kept(module: nn.Module) -> Iterator[None]:
             with torch.inference_mode() if b.is_inference() else torch.no_grad():
                 if not torch.equal(b, values):
                     b.copy_(values)
+
+
+@contextlib.contextmanager
+def rank_zero_buffers(model: nn.Module, collective: bool) -> Iterator[None]:
+    """Every rank measures with rank 0's buffers in the block; its own come back after.
+
+    DDP broadcasts rank 0's buffers at the start of each forward (``broadcast_buffers``),
+    so between a training forward and the next the ranks' BatchNorm running statistics
+    differ; a measurement reduced over the ranks (``collective``) would mix the ranks'
+    functions, none the one training goes on with (a trace 3 % off). One broadcast per
+    dtype (:func:`landscape.distributed.broadcast_tensors_`); :func:`buffers_kept` puts
+    each rank's own values back.
+    """
+    buffers = [b for b in model.buffers() if not is_sharded(b)] if collective else []
+    if not buffers or not is_distributed():
+        yield
+        return
+    with buffers_kept(model):
+        broadcast_tensors_(buffers)
+        yield
 
 
 def _loader_generators(data: Any) -> list[torch.Generator]:

@@ -292,6 +292,40 @@ def monitor_worker(rank: int, out_dir: str) -> None:
     _save(out_dir, rank, result)
 
 
+def bn_model() -> torch.nn.Module:
+    """A BatchNorm MLP: its running statistics are buffers the ranks update apart."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
+                               torch.nn.Linear(8, 3)).double()
+
+
+def batchnorm_worker(rank: int, out_dir: str) -> None:
+    """Each rank's training forward updates its own running statistics; DDP broadcasts
+    rank 0's at the next forward only. The same probe on every rank must give the single
+    process's top eigenvalue with rank 0's statistics (it mixed the ranks' functions)."""
+    from landscape.metrics.curvature import TopEigenvalues
+
+    x, y = dataset()
+    net = DDP(bn_model())
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    probe = (x[:8], y[:8])
+    with Monitor(net, F.cross_entropy, os.path.join(out_dir, "bn.h5"), optimizer=opt,
+                 probe=probe, metrics=[TopEigenvalues(k=1, tol=1e-9, schedule=1)],
+                 warn=False) as mon:
+        own = slice(rank * 8, rank * 8 + 8)
+        loss = F.cross_entropy(net(x[own] * (1 + 2 * rank)), y[own])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        state = {k: v.clone() for k, v in net.module.state_dict().items()}
+        mon.step(0, batch=(x[own], y[own]), loss=loss)
+        after = {k: v.clone() for k, v in net.module.state_dict().items()}
+        (value,) = mon.run().series("top_eigenvalues", "eigenvalues")[1][0] \
+            if rank == 0 else (None,)
+    _save(out_dir, rank, {"state": state, "value": value,
+                          "kept": all(torch.equal(state[k], after[k]) for k in state)})
+
+
 class _RankSentinels(Sentinels):
     """Sentinels whose r_secant moves on rank 1 only, at step 2 (ranks with their own
     probes see different r)."""

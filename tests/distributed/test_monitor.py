@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from landscape.curvature import Hessian, top_eigenvalues
 from landscape.store import Run
 from tests.distributed import _workers as W
 from tests.distributed._launch import run_ranks
@@ -142,3 +144,16 @@ def test_metrics_left_out_of_a_preset_are_said_once(tmp_path):
     run_ranks(W.left_out_worker, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert len(r0["said"]) >= 2 and r1["said"] == []  # spectral_alignment, collapse, ...
+
+
+def test_the_ranks_measure_with_rank_zeros_batchnorm_statistics(tmp_path):
+    run_ranks(W.batchnorm_worker, tmp_path)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert not torch.equal(r0["state"]["1.running_var"], r1["state"]["1.running_var"])
+    assert r0["kept"] and r1["kept"]  # each rank's own statistics back after the step
+    net = W.bn_model()
+    net.load_state_dict(r0["state"])
+    x, y = W.dataset()
+    H = Hessian(net, F.cross_entropy, (x[:8], y[:8]))  # eval mode: running statistics
+    want = float(top_eigenvalues(H, k=1, tol=1e-10).values[0])
+    assert abs(r0["value"] - want) <= 1e-8 * abs(want)
