@@ -75,15 +75,15 @@ class Backend:
                     f"backend={name!r}: the exact product is impossible here: {impossible}; "
                     "use backend='first_order' or 'auto'"
                 )
-            self._switch(impossible, warn=warn)
+            self._switch(impossible, warn=warn, together=True)  # the same model on every rank
 
-    def _switch(self, reason: str, *, warn: bool = True) -> None:
+    def _switch(self, reason: str, *, warn: bool = True, together: bool = False) -> None:
         self.first_order_reason = reason
         if warn and self._model is not None:
             said = _SAID.setdefault(self._model, set())
             warn = reason not in said
             said.add(reason)
-        if warn and _dist.rank() != 0:  # the ranks decide alike: rank 0 says it for all
+        if warn and together and _dist.rank() != 0:  # decided alike: rank 0 says it for all
             warn = False
         if warn:
             warnings.warn(

@@ -667,7 +667,7 @@ class ModelOperator(CurvatureOperator):
                   "function whose backward is not differentiable (@once_differentiable) or "
                   "whose double backward torch computes wrongly (parametrizations.weight_norm)")
         if self._backend.name == "auto":
-            self._backend._switch(reason)
+            self._backend._switch(reason, together=collective)  # (decided over the ranks)
         else:
             warnings.warn(
                 f"{type(self).__name__}: backend={self._backend.name!r}: {reason}; its "
