@@ -109,3 +109,21 @@ def test_the_monitor_checks_the_current_device_under_nccl(
         dist_helpers.check_current_device(model)
     _cuda_started(monkeypatch, current=1)
     dist_helpers.check_current_device(model)  # the model's GPU: nothing to say
+
+
+def test_monitor_start_makes_the_current_device_check(monkeypatch: pytest.MonkeyPatch,
+                                                      tmp_path) -> None:
+    import torch.nn.functional as F
+
+    import landscape as ls
+
+    def wrong(model: nn.Module) -> None:
+        raise ValueError("the model is on cuda:1 but the current CUDA device is cuda:0")
+
+    monkeypatch.setattr(dist_helpers, "check_current_device", wrong)
+    model = nn.Linear(3, 2)
+    monkeypatch.setattr(dist_helpers, "enabled", lambda option=None: True)
+    with pytest.raises(ValueError, match="current CUDA device"):
+        ls.Monitor(model, F.cross_entropy, tmp_path / "run.h5").start()
+    monkeypatch.setattr(dist_helpers, "enabled", lambda option=None: False)
+    ls.Monitor(model, F.cross_entropy, tmp_path / "run.h5").start().close()  # not checked

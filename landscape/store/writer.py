@@ -71,6 +71,8 @@ def _last_or_none(steps: np.ndarray) -> int | None:
 
 
 _OPEN: weakref.WeakSet[RunWriter] = weakref.WeakSet()  # file writers not closed yet
+_EVENT_TABLES = frozenset({FINDINGS_TABLE, CHECKPOINTS_TABLE, f"{METRICS_GROUP}/probe"})
+"""Tables whose rows are events a step's rollback keeps (:meth:`RunWriter.one_step`)."""
 _STRUCTURE_BYTES = 64 * 2**10  # room a new table or field takes (its datasets' first chunks)
 DISK_MARGIN = 8 * 2**20
 """Bytes a writer leaves free on the run file's disk: HDF5's metadata and closing the file
@@ -173,7 +175,8 @@ class RunWriter:
         self._last_flush = time.monotonic()
         self._closed = False
         self._holding = 0  # nesting depth of one_step(): automatic flushes wait
-        self._flushes = 0  # writes of the buffer (one_step keeps what one wrote)
+        self._flushes = 0  # writes of buffered rows (one_step keeps what one wrote)
+        self._last_flushed: dict[str, int | None] = {}  # the tables' last steps then
         self._complete = False  # the one_step block's rows are the whole step
         self._urgent = False  # an error finding waits for the end of its step, no longer
         self.path = None if path is None else Path(path)
@@ -485,23 +488,26 @@ class RunWriter:
 
         The monitor appends a step's rows inside it, so a process killed between two
         automatic flushes leaves whole steps in the file, never the first rows of one. An
-        exception that leaves the block before :meth:`step_complete` (a second Ctrl-C, a
-        ``KeyboardInterrupt`` raised in the loss function while a metric runs) drops the
-        rows appended inside it: the rest of the step was never measured, and a resumed
-        run records the step whole. Rows an explicit :meth:`flush` wrote inside the block
-        stay.
+        exception that leaves the outermost block before :meth:`step_complete` (a second
+        Ctrl-C, a ``KeyboardInterrupt`` raised in the loss function while a metric runs, a
+        metric's error under ``strict=True``) drops the metric rows appended inside it:
+        the rest of the step was never measured, and a resumed run records the step
+        whole. Events stay: the findings, the checkpoints and the probe's row (the monitor
+        keeps its finding and its probe). After an explicit :meth:`flush` inside the block
+        the rows it wrote stay, and those appended after it go. Surface points are not
+        rows: they are kept.
         """
-        if not self._holding:
+        outermost = not self._holding
+        if outermost:
             self._complete = False
+            mark = (self._flushes, {path: len(p.steps) for path, p in self._pending.items()},
+                    dict(self._last))
         self._holding += 1
-        flushes = self._flushes
-        kept = {path: len(p.steps) for path, p in self._pending.items()}
-        last = dict(self._last)
         try:
             yield
         except BaseException:
-            if self._flushes == flushes and not self._closed and not self._complete:
-                self._drop_pending(kept, last)
+            if outermost and not self._closed and not self._complete:
+                self._drop_step(*mark)
             raise
         finally:
             self._holding -= 1
@@ -516,16 +522,26 @@ class RunWriter:
         """
         self._complete = True
 
-    def _drop_pending(self, kept: Mapping[str, int], last: Mapping[str, int | None]) -> None:
-        """Forget the rows buffered after ``kept`` rows per table; ``last`` steps again."""
+    def _drop_step(self, flushes: int, kept: Mapping[str, int],
+                   last: Mapping[str, int | None]) -> None:
+        """Forget the metric rows buffered after ``kept`` rows per table (:meth:`one_step`).
+
+        ``last`` steps again; after a flush inside the step, every metric row buffered
+        since (all the step's) and the steps of that flush.
+        """
+        if self._flushes != flushes:
+            kept, last = {}, self._last_flushed
         for path, p in self._pending.items():
+            if path in _EVENT_TABLES:
+                continue
             n = kept.get(path, 0)
             self._n_pending -= len(p.steps) - n
             del p.steps[n:]
             for col in p.cols.values():
                 del col[n:]
         for path in self._last:
-            self._last[path] = last.get(path)
+            if path not in _EVENT_TABLES:
+                self._last[path] = last.get(path)
 
     def _flush_if_due(self) -> None:
         """Flush after an error finding, ``flush_every`` rows and points or ``flush_seconds``."""
@@ -537,7 +553,6 @@ class RunWriter:
             self.flush()
 
     def _flush_pending(self) -> None:
-        self._flushes += 1
         tables = {path: (np.asarray(p.steps, np.int64), {n: np.stack(v) for n, v in p.cols.items()})
                   for path, p in self._pending.items() if p.steps}
         size = sum(steps.nbytes + sum(c.nbytes for c in cols.values())
@@ -551,6 +566,9 @@ class RunWriter:
         self._pending.clear()  # written, or dropped on a full disk ("stop")
         self._pending_points.clear()
         self._n_pending = 0
+        if tables:  # (a step's rollback keeps what a flush wrote)
+            self._flushes += 1
+            self._last_flushed = dict(self._last)
 
     def _room_for(self, nbytes: int) -> bool:
         """Whether ``nbytes`` more fit on the file's disk with :data:`DISK_MARGIN` to spare.

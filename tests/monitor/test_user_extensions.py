@@ -603,10 +603,11 @@ class _RaisesAt(Metric):
         return {"value": float(ctx.step)}
 
 
-def test_a_step_interrupted_inside_a_metric_leaves_no_row_and_resumes_whole(tmp_path):
+def test_a_step_interrupted_inside_a_metric_leaves_no_row_but_its_finding(tmp_path):
     """A KeyboardInterrupt out of a metric (a second Ctrl-C, the loss function's) left
     the rows measured before it in the file, and a metric's first failure flushed the
-    step's rows so far: half of step 2 stayed, and the resumed run started at step 3."""
+    step's rows so far: half of step 2 stayed. Now none of its rows does; its finding, an
+    event the monitor keeps, does, so the run goes on after step 2."""
     path = tmp_path / "run.h5"
     model = models.mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -621,15 +622,16 @@ def test_a_step_interrupted_inside_a_metric_leaves_no_row_and_resumes_whole(tmp_
         assert {name: run.steps(name).tolist() for name in ("loss", "broken", "stopper")} \
             == {name: [0, 1] for name in ("loss", "broken", "stopper")}
         assert "unmeasured" not in run.metrics() or run.rows("unmeasured") == 0
+        assert [(f.step, f.rule) for f in run.findings()] == [(2, "metric_failed")]
     metrics = ["loss", _RaisesAt("broken", 2, None), _RaisesAt("stopper", 2, None)]
     with ls.Monitor(model, F.cross_entropy, path, optimizer=opt, metrics=metrics,
                     warn=False) as mon:
-        for step in range(2, 4):
+        for step in range(3, 5):
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
             mon.step(step, batch=(x, y), loss=loss)
     with ls.store.Run.open(path) as run:
-        assert run.steps("stopper").tolist() == run.steps("loss").tolist() == [0, 1, 2, 3]
-        assert run.series("broken", "value")[1].tolist() == [0.0, 1.0, 2.0, 3.0]
+        assert run.steps("stopper").tolist() == run.steps("loss").tolist() == [0, 1, 3, 4]
+        assert run.series("broken", "value")[1].tolist() == [0.0, 1.0, 3.0, 4.0]

@@ -614,7 +614,19 @@ def test_an_exception_leaving_a_step_drops_the_rows_it_appended(tmp_path):
         writer.append("a", 2, {"v": 3.0})
         writer.step_complete()
         raise RuntimeError("stop")
+    # a flush inside the step wrote its rows so far; those after it go; findings stay
+    from landscape.findings import Finding
+
+    with pytest.raises(KeyboardInterrupt), writer.one_step():
+        writer.append("a", 3, {"v": 4.0})
+        writer.flush()
+        writer.append("b", 3, {"v": 4.0})
+        writer.add_finding(Finding(step=3, rule="metric_failed", metric="b", severity="info",
+                                   value=float("nan"), threshold=float("nan"), message="m"))
+        raise KeyboardInterrupt
+    assert writer.last_step("b") == 1
     writer.close()
     with Run.open(path) as run:
-        assert [run.steps(name).tolist() for name in "abc"] == [[0, 1, 2], [0, 1], [1]]
-        assert run.series("a", "v")[1].tolist() == [0.0, 2.0, 3.0]
+        assert [run.steps(name).tolist() for name in "abc"] == [[0, 1, 2, 3], [0, 1], [1]]
+        assert run.series("a", "v")[1].tolist() == [0.0, 2.0, 3.0, 4.0]
+        assert [(f.step, f.rule) for f in run.findings()] == [(3, "metric_failed")]
