@@ -578,6 +578,20 @@ def _differ(*states: Mapping[str, Any]) -> bool:
     return False
 
 
+def _shared_names(model: nn.Module) -> list[list[str]]:
+    """The state-dict names of ``model`` that hold one tensor, each group of two or more.
+
+    Tied weights (GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``), a block
+    registered under several names (``nn.ModuleList([block] * 3)``).
+    """
+    by_storage: dict[tuple, list[str]] = {}
+    for k, t in model.state_dict(keep_vars=True).items():
+        if isinstance(t, torch.Tensor) and t.numel():
+            by_storage.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(),
+                                   tuple(t.shape)), []).append(k)
+    return [names for names in by_storage.values() if len(names) > 1]
+
+
 def _restore_tied(state: dict[str, Any], model: nn.Module) -> dict[str, Any]:
     """Fill keys a checkpoint left out because the model ties them to a saved one.
 
@@ -585,18 +599,31 @@ def _restore_tied(state: dict[str, Any], model: nn.Module) -> dict[str, Any]:
     GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``. ``state`` maps names to
     tensors, or to what stands for them (their shapes, :func:`refuse_mismatch`).
     """
-    own = model.state_dict(keep_vars=True)
-    by_storage: dict[tuple, list[str]] = {}
-    for k, t in own.items():
-        if isinstance(t, torch.Tensor) and t.numel():
-            by_storage.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(),
-                                   tuple(t.shape)), []).append(k)
-    for names in by_storage.values():
+    for names in _shared_names(model):
         saved = next((n for n in names if n in state), None)
         if saved is not None:
             for n in names:
                 state.setdefault(n, state[saved])
     return state
+
+
+def _refuse_untied(state: Mapping[str, Any], model: nn.Module, path: Any) -> None:
+    """Raise when the model shares one tensor between names the checkpoint holds apart.
+
+    Loading would keep the last name's values and drop the others' without a word: a
+    factory that ties weights (or reuses a block) training did not tie measures another
+    function.
+    """
+    for names in _shared_names(model):
+        held = [n for n in names if isinstance(state.get(n), torch.Tensor)]
+        for other in held[1:]:
+            a, b = state[held[0]], state[other]
+            if a.shape != b.shape or not torch.equal(a, b):
+                raise LandscapeError(
+                    f"{path}: the model holds {held[0]} and {other} as one tensor (tied "
+                    f"weights, a block reused), but the checkpoint holds different values "
+                    f"for them: build the model as it was trained (without tying or "
+                    f"sharing them)")
 
 
 def refuse_mismatch(model: nn.Module, ckpt: Checkpoint) -> None:
@@ -660,12 +687,14 @@ def load_state_into(model: nn.Module, ckpt: Checkpoint) -> None:
 
     Raises:
         LandscapeError: keys missing, unexpected or of another shape
-            (:func:`refuse_mismatch`).
+            (:func:`refuse_mismatch`), or names the model holds as one tensor with
+            different values in the checkpoint.
     """
     refuse_mismatch(model, ckpt)
     own = model.state_dict()
-    model.load_state_dict(_restore_tied(_strip_prefix(ckpt.state_dict, own), model),
-                          strict=not ckpt.partial)
+    state = _strip_prefix(ckpt.state_dict, own)
+    _refuse_untied(state, model, ckpt.path)
+    model.load_state_dict(_restore_tied(state, model), strict=not ckpt.partial)
 
 
 MAX_DATA_BATCHES = 1000

@@ -98,6 +98,41 @@ def test_two_copies_short_of_a_tied_weight_are_refused_too():
     assert fresh.head.weight is fresh.emb.weight
 
 
+class _Shared(nn.Module):
+    """A block reused (ALBERT-style) and tied embeddings: one tensor under several names."""
+
+    def __init__(self, share: bool = True):
+        super().__init__()
+        block = nn.Linear(4, 4)
+        self.blocks = nn.ModuleList([block, block] if share else [block, nn.Linear(4, 4)])
+        self.emb = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        if share:
+            self.head.weight = self.emb.weight
+
+
+@pytest.mark.parametrize("key", ["blocks.1.weight", "head.weight"])
+def test_names_the_model_shares_but_the_checkpoint_holds_apart_are_refused(key):
+    """A factory that ties weights (or reuses a block) training did not: loading kept the
+    last name's values, and the measurement was of another function, without a word."""
+    torch.manual_seed(0)
+    state = _Shared(share=False).state_dict()  # every name its own values
+    if key == "blocks.1.weight":
+        state["head.weight"] = state["emb.weight"]
+    else:
+        state["blocks.1.weight"], state["blocks.1.bias"] = (state["blocks.0.weight"],
+                                                            state["blocks.0.bias"])
+    with pytest.raises(LandscapeError, match=f"as one tensor.*{re.escape(key)}|"
+                                             f"{re.escape(key)}.*as one tensor"):
+        load_state_into(_Shared(), Checkpoint(None, state, 1))
+    equal = {**state, key: state["blocks.0.weight" if key.startswith("blocks")
+                                 else "emb.weight"]}
+    equal["blocks.1.bias"] = equal["blocks.0.bias"]
+    model = _Shared()
+    load_state_into(model, Checkpoint(None, equal, 1))  # the same values: one tensor
+    assert torch.equal(model.head.weight, state["emb.weight"])
+
+
 def test_the_keys_as_they_are_and_a_different_prefixed_copy_are_refused(fac):
     """The model's own keys beside an EMA copy under 'ema.': which is meant is not told
     (it was an 'unexpected: ema.0.weight' error before)."""
