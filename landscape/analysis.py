@@ -31,6 +31,7 @@ from landscape._errors import LandscapeError
 from landscape.batches import map_tensors, model_call
 from landscape.checkpoints.lightning import is_last_copy
 from landscape.failures import nonfinite_state
+from landscape.findings import Finding
 from landscape.loading import (
     Checkpoint,
     load_checkpoint,
@@ -416,6 +417,20 @@ def _check_diverged_or_refuse(net: nn.Module, loss_fn: Callable | None,
         raise LandscapeError(
             f"{ckpt.path}: the loss on the data is {value} (not finite){why}")
     return True
+
+
+def diverged_finding(step: int, ckpt: Checkpoint) -> Finding:
+    """The ``nonfinite`` error finding of a checkpoint whose weights are not finite.
+
+    What the monitor's non-finite rule raises on a run that blew up; its metrics are NaN
+    (their ``metric_failed`` finding points here), and ``landscape check`` fails the run.
+    """
+    return Finding(
+        step=step, rule="nonfinite", metric="loss", severity="error", value=math.nan,
+        threshold=math.nan,
+        message=f"{ckpt.path}: the weights are not finite (a run that blew up)",
+        hint="restart from an earlier checkpoint with a lower learning rate or gradient "
+             "clipping")
 
 
 def _holds_nothing(path: Path) -> bool:
@@ -832,6 +847,10 @@ def analyze(
                                 stacklevel=2)
                         monitor.step(step)
                         assert monitor.writer is not None
+                        if diverged:  # an error finding: `landscape check` fails the run
+                            finding = diverged_finding(step, ckpt)
+                            monitor.findings.append(finding)
+                            monitor.writer.add_finding(finding)
                         monitor.writer.record_checkpoint(step, str(ckpt.path))
                         monitor.writer.flush()  # this checkpoint's rows are committed
                         ckpt.release()

@@ -555,6 +555,10 @@ def test_a_checkpoint_of_a_run_that_blew_up_is_recorded_not_refused(setup, tmp_p
         steps, ratio = run.series("sharpness", "lambda_max")
         assert steps.tolist() == [10, 25, 30]
         assert np.isfinite(ratio[[0, 2]]).all() and np.isnan(ratio[1])
+        # an error finding of it: the gate fails the run (an info alone passed it)
+        assert [(f.step, f.rule, f.severity) for f in run.findings()
+                if f.severity == "error"] == [(25, "nonfinite", "error")]
+    assert _invoke(["check", out]).exit_code == 1
 
 
 def test_a_non_finite_loss_on_finite_weights_is_refused_also_when_resuming(setup, tmp_path):
