@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -65,9 +66,20 @@ def trainer_checkpoints(
 
     Returns:
         The checkpoint folders in increasing step order (empty when there are none).
+        Beside accepted ones, a ``checkpoint-<step>`` folder that ``accept`` refuses (a
+        save in progress or a crashed one: a ``config.json`` without weights) is left out
+        with one warning naming it.
     """
-    found = [(int(m.group(1)), p) for p in path.iterdir()
-             if p.is_dir() and (m := _CHECKPOINT.fullmatch(p.name)) and accept(p)]
+    numbered = [(int(m.group(1)), p) for p in path.iterdir()
+                if p.is_dir() and (m := _CHECKPOINT.fullmatch(p.name))]
+    found = [(step, p) for step, p in numbered if accept(p)]
+    refused = sorted(p.name for step, p in numbered if (step, p) not in found)
+    if found and refused:
+        shown = ", ".join(refused[:3]) + (f" (+{len(refused) - 3} more)" if len(refused) > 3
+                                          else "")
+        warnings.warn(f"{path}: {shown} holds no weights of the kind the other checkpoints "
+                      "hold (a save in progress, or a crashed one): left out",
+                      RuntimeWarning, stacklevel=2)
     return [p for _, p in sorted(found)]
 
 

@@ -8,6 +8,7 @@ for the step, a regression's loss read as cross-entropy (0 at every weight).
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -197,6 +198,26 @@ def test_a_hugging_face_output_under_a_tensor_loss_says_what_to_give(tmp_path):
     assert result.exit_code == 1
     assert "a Hugging Face output, not logits: give dict batches with labels" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_trainer_checkpoint_folder_without_weights_is_left_out_with_a_warning(tmp_path):
+    """A checkpoint-N folder holding config.json alone (a save in progress, a crashed one)
+    was dropped without a word: '3 checkpoints' and nothing about the fourth."""
+    from landscape.checkpoints.huggingface import trainer_checkpoints
+
+    for step, weights in ((10, True), (20, True), (30, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        if weights:
+            (folder / "model.safetensors").write_bytes(b"")
+    with pytest.warns(RuntimeWarning, match="checkpoint-30 holds no weights"):
+        found = trainer_checkpoints(tmp_path)
+    assert [p.name for p in found] == ["checkpoint-10", "checkpoint-20"]
+    (tmp_path / "checkpoint-30" / "model.safetensors").write_bytes(b"")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(trainer_checkpoints(tmp_path)) == 3
 
 
 def test_a_folder_named_by_its_number_gives_the_step():
