@@ -20,7 +20,7 @@ from landscape_cli.options import (
 from landscape.plotting.surfaces import export_vtk
 from landscape.plotting.timelines import SAVE_FORMATS, metrics_with_rows, save_figure, timelines
 from landscape.report import surface_figure
-from landscape.store import Run
+from landscape.store import Run, refuse_to_overwrite_hdf5
 
 
 def _is_directory_target(out: str) -> bool:
@@ -188,6 +188,7 @@ def plot(
     else:
         if not target.parent.exists():
             raise click.ClickException(f"{target}: directory {target.parent} does not exist")
+        refuse_to_overwrite_hdf5(target, "a figure")  # -o run.h5, also for several figures
         if len(figures) == 1:
             paths = {name: target for name in figures}
         else:  # one image per metric, named after the file: plot.png -> plot-loss.png

@@ -49,6 +49,9 @@ def test_plot_bad_inputs(runner, run_file, empty_run, tmp_path):
         runner.invoke(cli, [*plot, "-m", "nope", "-o", str(tmp_path / "x.png")]),
         "no metric 'nope'", "metrics: hessian, loss, spectral_alignment",
     )
+    # the run file itself as -o: refused also when several figures would take its name
+    one_line_error(runner.invoke(cli, [*plot, "-o", str(run_file)]),
+                   "is an HDF5 file (a run file?); not overwritten by a figure")
     # several metrics and a file name: one image per metric next to it (no longer an error)
     several = runner.invoke(
         cli, [*plot, "-m", "loss", "-m", "hessian", "-o", str(tmp_path / "a.png"), "-q"]
