@@ -134,8 +134,9 @@ def _final_save(folder: Path, last: Path, saved: Path | None, what: str) -> list
     if final is not None and step is not None and final > step:
         return [saved]
     warnings.warn(
-        f"{folder}: the {what} saved in the folder itself (trainer.save_model()) are left "
-        f"out, only its checkpoint-N/ folders are read: no trainer_state.json there dates "
+        f"{folder}: the {what} saved in the folder itself (trainer.save_model()) "
+        f"{'is' if what == 'model' else 'are'} left out, only its checkpoint-N/ folders are "
+        f"read: no trainer_state.json there dates "
         f"them after {last.name} (trainer.save_state() writes one)", stacklevel=3)
     return []
 
