@@ -295,29 +295,36 @@ def _all_reduce_max(flat: torch.Tensor) -> torch.Tensor:
 
 
 def broadcast_tensors_(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
-    """Overwrite ``tensors`` with rank ``src``'s values, in place (one broadcast per dtype).
+    """Overwrite ``tensors`` with rank ``src``'s values, in place.
 
-    Every rank passes tensors of the same dtypes and shapes in the same order (the model's
-    buffers, say); nothing without a process group of several ranks.
+    One broadcast per device and dtype. Every rank passes tensors of the same dtypes,
+    shapes and devices in the same order (the model's buffers, say); rank ``src``'s own
+    are not written, nor tensors already equal to its values. A tensor made under
+    ``torch.inference_mode`` is written there. Nothing without a process group of several
+    ranks.
     """
     tensors = [t for t in tensors if t.numel()]
     if not is_distributed() or not tensors:
         return
-    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for t in tensors:
-        groups.setdefault(t.dtype, []).append(t)
+        groups.setdefault((t.device, t.dtype), []).append(t)
     for members in groups.values():
         flat = torch.cat([t.detach().reshape(-1) for t in members])
         target = _comm_device(flat.device)
-        buf = flat.to(target)
+        buf = flat.to(target) if target != flat.device else flat.clone()
         dist.broadcast(buf, src=src)
+        if rank() == src:
+            continue
         buf = buf.to(flat.device)
         offset = 0
-        with torch.no_grad():
-            for t in members:
-                n = t.numel()
-                t.copy_(buf[offset:offset + n].view(t.shape))
-                offset += n
+        for t in members:
+            n = t.numel()
+            value = buf[offset:offset + n].view(t.shape)
+            offset += n
+            with torch.inference_mode() if t.is_inference() else torch.no_grad():
+                if not torch.equal(t, value):
+                    t.copy_(value)
 
 
 def broadcast_object(obj: T, src: int = 0) -> T:

@@ -38,7 +38,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
 
-from landscape.distributed import broadcast_tensors_, is_distributed, is_sharded, unwrap
+from landscape.distributed import all_gather_objects, broadcast_tensors_, is_sharded, unwrap
 
 __all__ = [
     "AUTOCAST_DEVICES", "EAGER_COMPILED", "ClosureModule", "autocast_off", "buffers_kept",
@@ -396,22 +396,29 @@ def buffers_kept(module: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def rank_zero_buffers(model: nn.Module, collective: bool) -> Iterator[None]:
+def rank_zero_buffers(model: nn.Module) -> Iterator[None]:
     """Every rank measures with rank 0's buffers in the block; its own come back after.
 
     DDP broadcasts rank 0's buffers at the start of each forward (``broadcast_buffers``),
     so between a training forward and the next the ranks' BatchNorm running statistics
-    differ; a measurement reduced over the ranks (``collective``) would mix the ranks'
-    functions, none the one training goes on with (a trace 3 % off). One broadcast per
-    dtype (:func:`landscape.distributed.broadcast_tensors_`); :func:`buffers_kept` puts
-    each rank's own values back.
+    differ; a measurement reduced over the ranks would mix the ranks' functions, none the
+    one training goes on with (a top eigenvalue 4 % off). Every rank calls it together
+    (a collective): the ranks first agree that they hold the same buffers (names, dtypes,
+    shapes, devices: one object all-gather), else each keeps its own (a cache grown apart
+    on each rank); then one broadcast per device and dtype
+    (:func:`landscape.distributed.broadcast_tensors_`). :func:`buffers_kept` puts each
+    rank's own values back. A buffer that overlaps itself (an expanded one) stays as it is.
     """
-    buffers = [b for b in model.buffers() if not is_sharded(b)] if collective else []
-    if not buffers or not is_distributed():
+    named = [(n, b) for n, b in model.named_buffers() if not is_sharded(b)]
+    signature = [(n, str(b.dtype), tuple(b.shape), str(b.device)) for n, b in named]
+    agreed = all(s == signature for s in all_gather_objects(signature))
+    shared = [b for _, b in named if not any(
+        st == 0 and size > 1 for st, size in zip(b.stride(), b.shape))]
+    if not agreed or not shared:
         yield
         return
     with buffers_kept(model):
-        broadcast_tensors_(buffers)
+        broadcast_tensors_(shared)
         yield
 
 

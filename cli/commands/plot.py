@@ -160,6 +160,8 @@ def plot(
                                f"directory; the file {target.name}'s own suffix sets its "
                                f"format: -o {target.with_suffix('.' + fmt).name}")
     rules = load_rule_specs(rule_specs, recompute)
+    if not to_directory:  # -o run.h5 (also for several figures), before any work
+        refuse_to_overwrite_hdf5(target, "a figure")
     if target.suffix.lower() == ".vtk" and not to_directory:
         ctx = click.get_current_context()
         for option, name in (("--3d", "three_d"), ("--levels", "levels"), ("--dpi", "dpi")):
@@ -188,7 +190,6 @@ def plot(
     else:
         if not target.parent.exists():
             raise click.ClickException(f"{target}: directory {target.parent} does not exist")
-        refuse_to_overwrite_hdf5(target, "a figure")  # -o run.h5, also for several figures
         if len(figures) == 1:
             paths = {name: target for name in figures}
         else:  # one image per metric, named after the file: plot.png -> plot-loss.png

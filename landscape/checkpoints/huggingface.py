@@ -77,8 +77,9 @@ def trainer_checkpoints(
     if found and refused:
         shown = ", ".join(refused[:3]) + (f" (+{len(refused) - 3} more)" if len(refused) > 3
                                           else "")
-        warnings.warn(f"{path}: {shown} holds no weights of the kind the other checkpoints "
-                      "hold (a save in progress, or a crashed one): left out",
+        warnings.warn(f"{path}: {shown} {'holds' if len(refused) == 1 else 'hold'} no "
+                      "weights of the kind the other checkpoints hold (a save in progress, "
+                      "or a crashed one): left out",
                       RuntimeWarning, stacklevel=2)
     return [p for _, p in sorted(found)]
 

@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from landscape import distributed as _dist
 from landscape._deprecation import deprecated_alias
 from landscape._errors import MissingInput
 from landscape.batches import (
@@ -37,7 +38,12 @@ from landscape.capture import (
     last_child_output,
     output_logits,
 )
-from landscape.isolation import buffers_kept, stateless_call, stateless_closure
+from landscape.isolation import (
+    buffers_kept,
+    rank_zero_buffers,
+    stateless_call,
+    stateless_closure,
+)
 from landscape.params import Vector, difference, gradient_norm, stackable, tensor_norms
 
 __all__ = ["MissingInput", "NoLossFunction", "StepContext", "batch_targets", "classes_last",
@@ -444,6 +450,7 @@ class StepContext:
     #: :func:`~landscape.isolation.modules_reached` from the loss function and the closure
     loss_modules: Sequence[nn.Module] = ()
     _loss_kept: bool = False
+    _buffers_shared: bool = False  # rank 0's buffers entered (rank_zero_buffers)
     _captured: dict[str, Captured] = field(default_factory=dict)
     _cache: dict[Any, Any] = field(default_factory=dict)
     _params_before: Any = field(default=None, init=False, repr=False)
@@ -778,6 +785,12 @@ class StepContext:
         key = ("operator", source, preconditioned, group_lr)
         if key not in self._cache:
             from landscape import curvature
+
+            # reduced over the ranks (every rank builds it together): with rank 0's
+            # buffers, for the rest of the step's measurements (rank_zero_buffers)
+            if self.loss_guard is not None and not self._buffers_shared and _dist.enabled():
+                self._buffers_shared = True
+                self.loss_guard.enter_context(rank_zero_buffers(self.model))
 
             if self.closure is None and isinstance(self.loss_fn, NoLossFunction):
                 self.loss_fn()  # its reason, before the data check's for a loss function

@@ -54,12 +54,7 @@ from landscape._progress import above_bars
 from landscape.batches import leading_size
 from landscape.failures import failure_finding, nonfinite_state
 from landscape.findings import Finding, Findings, at_or_above, dedupe, user_stacklevel
-from landscape.isolation import (
-    isolated,
-    modules_reached,
-    rank_zero_buffers,
-    written_in_forward,
-)
+from landscape.isolation import isolated, modules_reached, written_in_forward
 from landscape.metrics import Metric, StepContext, split_batch
 from landscape.metrics.base import component_names
 from landscape.metrics.context import NoLossFunction, is_batch_list
@@ -835,10 +830,12 @@ class Monitor:
         started = {id(p) for p in self._own}
         added = sum(id(p) not in started for p in live)
         gone = len(started - {id(p) for p in live})
+        what = (f"{added} tensors added, {gone} gone" if added or gone
+                else "the same tensors in another order")
         warnings.warn(
             f"landscape: the model's trainable parameters changed since the monitor started "
-            f"({added} tensors added, {gone} gone: a new head, layers frozen or unfrozen, an "
-            "adapter, weights tied): it still measures the ones it started with, so "
+            f"({what}: a new head, layers frozen or unfrozen, an adapter, weights tied): "
+            "it still measures the ones it started with, so "
             "grad_norm, update and the curvature rows leave the new ones out and metrics "
             "that need the old ones fail; start a new Monitor after such a change (a new "
             "run file when its metrics' fields change; docs/monitor.md, 'Which parameters')",
@@ -1062,10 +1059,7 @@ class Monitor:
         unmeasured: list[str] = []
         # the modules a loss function or closure holds (an EMA centre, a discriminator)
         # get their buffers back once a metric called either (ctx.operator, the forward)
-        # under DDP the ranks' BatchNorm statistics differ until the next forward
-        # broadcasts rank 0's: every rank measures with rank 0's
         with scope, isolated(self.model, modules=ctx.modules), \
-                rank_zero_buffers(self.model, self._distributed), \
                 contextlib.ExitStack() as ctx.loss_guard:
             for m in due:
                 row, measured = self._compute(m, ctx)

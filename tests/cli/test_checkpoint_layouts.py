@@ -134,6 +134,28 @@ def test_names_the_model_shares_but_the_checkpoint_holds_apart_are_refused(key):
     assert torch.equal(model.head.weight, state["emb.weight"])
 
 
+def test_a_tied_model_that_blew_up_and_a_transposed_twin_still_load(tmp_path):
+    """NaN is not equal to itself: a tied checkpoint of a run that blew up (one tensor
+    saved under two names) was refused as untied; a parameter that is another's
+    transpose (one storage) was taken for a tied one."""
+    blown = _Shared()
+    with torch.no_grad():
+        blown.emb.weight[0, 0] = float("nan")
+    torch.save(blown.state_dict(), tmp_path / "blown.pt")
+    model = _Shared()
+    load_state_into(model, load_checkpoint(tmp_path / "blown.pt"))
+    assert model.head.weight is model.emb.weight and model.emb.weight[0, 0].isnan()
+
+    class Transposed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(4, 4, bias=False)
+            self.dec = nn.Parameter(self.enc.weight.detach().t())
+
+    torch.save(Transposed().state_dict(), tmp_path / "t.pt")
+    load_state_into(Transposed(), load_checkpoint(tmp_path / "t.pt"))
+
+
 def test_the_keys_as_they_are_and_a_different_prefixed_copy_are_refused(fac):
     """The model's own keys beside an EMA copy under 'ema.': which is meant is not told
     (it was an 'unexpected: ema.0.weight' error before)."""

@@ -326,6 +326,28 @@ def batchnorm_worker(rank: int, out_dir: str) -> None:
                           "kept": all(torch.equal(state[k], after[k]) for k in state)})
 
 
+def grown_buffer_worker(rank: int, out_dir: str) -> None:
+    """A buffer each rank grew to its own size (a cache): the ranks keep their own, no
+    broadcast over mismatched shapes (which wrote rank 0's values into rank 1's cache)."""
+    from landscape.metrics.curvature import TopEigenvalues
+
+    x, y = dataset()
+    model = bn_model()
+    net = DDP(model)  # (which syncs the buffers it holds now, not a cache grown later)
+    model.register_buffer("cache", torch.full((4 + 4 * rank,), 10.0 + rank))
+    from landscape.isolation import measuring
+
+    seen = []  # the cache as the measurement's forward passes see it
+    model.register_forward_hook(
+        lambda m, args, out: seen.append(m.cache.tolist()) if measuring() else None)
+    probe = (x[:8], y[:8])
+    with Monitor(net, F.cross_entropy, None, probe=probe, warn=False,
+                 metrics=[TopEigenvalues(k=1, schedule=1)]) as mon:
+        mon.step(0, batch=probe, loss=torch.tensor(1.0))
+        failed = [f.message for f in mon.findings if f.rule == "metric_failed"]
+    _save(out_dir, rank, {"cache": model.cache.clone(), "failed": failed, "seen": seen})
+
+
 class _RankSentinels(Sentinels):
     """Sentinels whose r_secant moves on rank 1 only, at step 2 (ranks with their own
     probes see different r)."""

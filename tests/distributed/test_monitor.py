@@ -157,3 +157,11 @@ def test_the_ranks_measure_with_rank_zeros_batchnorm_statistics(tmp_path):
     H = Hessian(net, F.cross_entropy, (x[:8], y[:8]))  # eval mode: running statistics
     want = float(top_eigenvalues(H, k=1, tol=1e-10).values[0])
     assert abs(r0["value"] - want) <= 1e-8 * abs(want)
+
+
+def test_ranks_whose_buffers_differ_in_shape_keep_their_own(tmp_path):
+    run_ranks(W.grown_buffer_worker, tmp_path, timeout=90.0)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["failed"] == r1["failed"] == []
+    assert r0["cache"].tolist() == [10.0] * 4 and r1["cache"].tolist() == [11.0] * 8
+    assert r1["seen"] and all(c == [11.0] * 8 for c in r1["seen"])  # also while measuring
