@@ -42,6 +42,7 @@ __all__ = [
     "load_factory",
     "load_state_into",
     "model_loss",
+    "pickled_model",
     "prepare",
     "refuse_mismatch",
     "resolve_loss",
@@ -319,6 +320,9 @@ class Checkpoint:
         #: the checkpoint's saved ``epoch`` when its step came from the file name (whose
         #: number may name the architecture, resnet18.pt): the order's fallback
         self.epoch: int | None = None
+        #: the file is a whole pickled model (``torch.save(model)``), which can be the
+        #: model itself: :func:`pickled_model`
+        self.whole_model = False
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...] | None]:
@@ -479,7 +483,8 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:
     from landscape.checkpoints.optim import optimizer_settings  # it imports this module
 
     obj = torch_load(path, trust=trust, kind="torch checkpoint")
-    if isinstance(obj, nn.Module):
+    whole = isinstance(obj, nn.Module)
+    if whole:
         obj = obj.state_dict()
     step = epoch = optimizer = None
     if isinstance(obj, Mapping) and not _looks_like_state_dict(obj):
@@ -514,7 +519,20 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:
                       reload=lambda: load_checkpoint(path, trust=trust))
     if named:  # the file name's number: analysis falls back to the epoch when they collide
         ckpt.epoch = epoch
+    ckpt.whole_model = whole
     return ckpt
+
+
+def pickled_model(ckpt: Checkpoint) -> nn.Module:
+    """The model a whole-model pickle holds (``torch.save(model)``), read again.
+
+    Its weights are those of this checkpoint; loading each checkpoint's state into it
+    (:func:`load_state_into`) gives the others'. Only for a checkpoint loaded with
+    ``trust`` (a whole pickle needs it).
+    """
+    obj = torch_load(ckpt.path, trust=True, kind="torch checkpoint")
+    assert isinstance(obj, nn.Module)
+    return obj
 
 
 def _strip_prefix(state: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from landscape.loading import (
     folder_on_path,
     load_checkpoint,
     load_factory,
+    pickled_model,
     step_from_name,
 )
 
@@ -215,6 +216,8 @@ def open_checkpoints(
         net = adapters.build_model(adapter)
     elif folder is not None:
         net = hf.build_model(folder)
+    elif (whole := next((c for c in checkpoints if c.whole_model), None)) is not None:
+        net = pickled_model(whole)  # torch.save(model): the model is in the file
     else:
         raise LandscapeError("--model is needed for these checkpoints: package.module:fn or "
                              "path/to/file.py:fn returning the torch.nn.Module they belong to")

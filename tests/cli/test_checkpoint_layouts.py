@@ -134,6 +134,31 @@ def test_names_the_model_shares_but_the_checkpoint_holds_apart_are_refused(key):
     assert torch.equal(model.head.weight, state["emb.weight"])
 
 
+def test_a_whole_pickled_model_is_its_own_model_without_model(tmp_path):
+    """torch.save(model) holds the model: analyze asked for --model all the same."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    torch.save(model, tmp_path / "whole-3.pt")
+    (tmp_path / "fac.py").write_text(
+        "import torch\n"
+        "def data():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    return torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g)\n")
+    out = tmp_path / "r.h5"
+    args = ["analyze", str(tmp_path / "whole-3.pt"), "--data", f"{tmp_path / 'fac.py'}:data",
+            "-m", "top_eigenvalues", "-o", str(out), "-q"]
+    refused = CliRunner().invoke(cli, args)  # a pickle still needs the user's trust
+    assert refused.exit_code == 1 and "--trust-checkpoint" in refused.output
+    result = CliRunner().invoke(cli, [*args, "--trust-checkpoint"])
+    assert result.exit_code == 0, result.output
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g)
+    want = ls.curvature.top_eigenvalues(ls.curvature.Hessian(
+        model, torch.nn.functional.cross_entropy, (x, y)), k=3).values
+    got = ls.Run.open(out).series("top_eigenvalues", "eigenvalues")[1][0]
+    assert torch.allclose(torch.as_tensor(got), torch.as_tensor(want), rtol=1e-4)
+
+
 def test_a_tied_model_that_blew_up_and_a_transposed_twin_still_load(tmp_path):
     """NaN is not equal to itself: a tied checkpoint of a run that blew up (one tensor
     saved under two names) was refused as untied; a parameter that is another's
