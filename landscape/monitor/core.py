@@ -809,19 +809,26 @@ class Monitor:
         self._idle_versions = None
         self._watch_idle = True  # the versions are taken when this call ends
 
-    def _say_trainable_changed(self) -> None:
+    def _say_trainable_changed(self, modules: list[nn.Module]) -> None:
         """Warn once when the model's trainable parameters are no longer those of the start.
 
         A head replaced, layers frozen or unfrozen, an adapter injected, weights tied: the
         monitor measures the parameter objects it started with (docs/monitor.md, "Which
         parameters"), so its gradient norm, update and Taylor rows would leave the new
         ones out and read ones that no longer train, and metrics that need the old ones
-        fail. One walk of the parameters, at calls that measure. Not for FSDP2 models,
+        fail. At calls that measure, over the step's list of ``modules`` (the model's, in
+        ``parameters()`` order: 24 us on a 27-tensor transformer). Not for FSDP2 models,
         whose parameter objects are swapped by every forward; rank 0 says it.
         """
         if self._told_trainable or self._sharded:
             return
-        live = [p for p in self.model.parameters() if p.requires_grad]
+        seen: set[int] = set()
+        live = []
+        for m in modules:
+            for p in m._parameters.values():
+                if p is not None and p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    live.append(p)
         if len(live) == len(self._own) and all(a is b for a, b in zip(live, self._own)):
             return
         self._told_trainable = True
@@ -1030,7 +1037,6 @@ class Monitor:
             self._update_missed = True
         if not due:
             return []
-        self._say_trainable_changed()
         ctx = self._context(step, batch, loss, outputs)
         ctx.optimizer_stepped = stepped
         ctx.given_grad_norm = grad_norm
@@ -1044,6 +1050,7 @@ class Monitor:
             ctx.rebuild_params_before(self._own, before)  # θ_after − Δθ, when read
         # one walk of the module tree per step, for isolated() and the sentinels' guard
         ctx.modules = list(self.model.modules())
+        self._say_trainable_changed(ctx.modules)
         if before is not None and written_in_forward(ctx.modules):
             # a metric's forward renormalises embedding rows in place (max_norm) until
             # isolated() writes them back: θ_after − Δθ is taken before any forward
