@@ -626,12 +626,7 @@ def test_a_step_interrupted_inside_a_metric_leaves_no_row_but_its_finding(tmp_pa
     metrics = ["loss", _RaisesAt("broken", 2, None), _RaisesAt("stopper", 2, None)]
     with ls.Monitor(model, F.cross_entropy, path, optimizer=opt, metrics=metrics,
                     warn=False) as mon:
-        for step in range(3, 5):
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            mon.step(step, batch=(x, y), loss=loss)
+        models.full_batch_steps(mon, model, opt, x, y, 2, start=3)
     with ls.store.Run.open(path) as run:
         assert run.steps("stopper").tolist() == run.steps("loss").tolist() == [0, 1, 3, 4]
         assert run.series("broken", "value")[1].tolist() == [0.0, 1.0, 3.0, 4.0]
