@@ -490,12 +490,11 @@ class RunWriter:
         automatic flushes leaves whole steps in the file, never the first rows of one. An
         exception that leaves the outermost block before :meth:`step_complete` (a second
         Ctrl-C, a ``KeyboardInterrupt`` raised in the loss function while a metric runs, a
-        metric's error under ``strict=True``) drops the metric rows appended inside it:
-        the rest of the step was never measured, and a resumed run records the step
-        whole. Events stay: the findings, the checkpoints and the probe's row (the monitor
-        keeps its finding and its probe). After an explicit :meth:`flush` inside the block
-        the rows it wrote stay, and those appended after it go. Surface points are not
-        rows: they are kept.
+        metric's error under ``strict=True``) drops the metric rows appended inside it,
+        so no metric holds half a step (the rest was never measured). Events stay: the
+        findings, the checkpoints and the probe's row (the monitor keeps its finding and
+        its probe). After an explicit :meth:`flush` inside the block the rows it wrote
+        stay, and those appended after it go. Surface points are not rows: they are kept.
         """
         outermost = not self._holding
         if outermost:
