@@ -490,6 +490,34 @@ def _refuse_to_overwrite_other_than_html(path: Path) -> None:
                              "not overwritten by the report: give another -o")
 
 
+OTHER_FORMATS = (".pdf", ".png", ".svg", ".jpg", ".jpeg", ".eps", ".ps", ".md", ".txt",
+                 ".docx", ".tex", ".json")
+"""Suffixes of formats a report is not: ``-o report.pdf`` wrote an HTML page named .pdf."""
+
+
+def check_report_target(path: str | os.PathLike) -> Path:
+    """The file ``path`` names, when a report may be written to it.
+
+    Checked before any work (``landscape report``) and by :func:`write_report`.
+
+    Raises:
+        LandscapeError: ``path`` is a directory, its directory does not exist, it names
+            another format (:data:`OTHER_FORMATS`), or it is an HDF5 file (a run file,
+            which the report would replace) or another existing file that is not HTML.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise LandscapeError(f"{p}: is a directory, expected the report's file name")
+    if not p.parent.exists():
+        raise LandscapeError(f"{p}: directory {p.parent} does not exist")
+    if p.suffix.lower() in OTHER_FORMATS:
+        raise LandscapeError(f"{p}: the report is an HTML page (its plots embedded); name "
+                             f"it {p.with_suffix('.html').name}")
+    refuse_to_overwrite_hdf5(p, "the report")  # -o run.h5: the run itself
+    _refuse_to_overwrite_other_than_html(p)
+    return p
+
+
 def write_report(
     run: Run,
     path: str | os.PathLike,
@@ -504,16 +532,9 @@ def write_report(
     ``path`` is the file; :func:`report_path` turns a directory into the file in it.
 
     Raises:
-        LandscapeError: ``path`` is a directory, its directory does not exist, or it is an
-            HDF5 file (a run file, which the report would replace).
+        LandscapeError: ``path`` cannot take a report (:func:`check_report_target`).
     """
-    p = Path(path)
-    if p.is_dir():
-        raise LandscapeError(f"{p}: is a directory, expected the report's file name")
-    if not p.parent.exists():
-        raise LandscapeError(f"{p}: directory {p.parent} does not exist")
-    refuse_to_overwrite_hdf5(p, "the report")  # -o run.h5: the run itself
-    _refuse_to_overwrite_other_than_html(p)
+    p = check_report_target(path)
     text = render_report(run, title=title, findings=findings, log=log, dpi=dpi)
     p.write_text(text, encoding="utf-8")
     return p

@@ -18,7 +18,7 @@ from landscape_cli.options import (
 
 from landscape.findings import count_by_severity
 from landscape.plotting.timelines import metrics_with_rows
-from landscape.report import report_path, write_report
+from landscape.report import check_report_target, report_path, write_report
 from landscape.store import Run
 
 
@@ -48,6 +48,8 @@ def report(run_path: str, out: str, title: str | None, log: bool | None, recompu
     """
     target = report_path(out)
     rules = load_rule_specs(rule_specs, recompute)
+    if target == Path(out):  # a file named: checked before the work (a directory: created)
+        check_report_target(target)
     with run_file_errors(run_path), Run.open(run_path) as run:
         found = findings_of(run, recompute, rules, quiet)
         if target != Path(out):  # a directory: created as plot creates its output directory

@@ -102,3 +102,11 @@ def test_the_report_never_writes_over_a_file_that_is_not_html(runner, run_file, 
         again = runner.invoke(cli, ["report", str(run_file), "-o", str(earlier)])
         assert again.exit_code == 0, again.output
 
+
+
+def test_a_report_named_as_another_format_is_refused_before_any_work(runner, run_file,
+                                                                     tmp_path):
+    """-o report.pdf wrote an HTML page named .pdf."""
+    result = runner.invoke(cli, ["report", str(run_file), "-o", str(tmp_path / "r.pdf")])
+    one_line_error(result, "the report is an HTML page", "name it r.html")
+    assert not (tmp_path / "r.pdf").exists()
