@@ -189,7 +189,9 @@ class RunWriter:
             WRITING.add(str(self.path.resolve()))
             _OPEN.add(self)
         self._fields = {p: self._backend.table_fields(p) for p in self._backend.table_paths()}
-        self._last = {p: _last_or_none(self._backend.steps(p)) for p in self._fields}
+        # each table's last step, read alone (not the whole column of a long run)
+        self._last = {p: _last_or_none(self._backend.steps(p, start=max(
+            0, self._backend.rows(p) - 1))) for p in self._fields}
         #: the first step whose rows ``truncate_from`` dropped (None: none dropped)
         self.dropped_from: int | None = None
         if truncate_from is not None:

@@ -149,6 +149,28 @@ def test_the_summary_reads_each_metrics_first_and_last_step_only(writer_factory,
     w.close()
 
 
+def test_a_writer_opening_a_long_run_reads_each_tables_last_step_only(tmp_path, monkeypatch):
+    """A resume read every table's whole step column for its last step (O(rows))."""
+    from landscape.store.backends import H5Backend
+
+    with RunWriter(tmp_path / "run.h5") as w:
+        w.declare("m", {"v": None})
+        for step in range(500):
+            w.append("m", step, {"v": 1.0})
+    read = []
+    steps = H5Backend.steps
+
+    def counted(self, *args, **kwargs):
+        out = steps(self, *args, **kwargs)
+        read.append(len(out))
+        return out
+
+    monkeypatch.setattr(H5Backend, "steps", counted)
+    with RunWriter(tmp_path / "run.h5") as w:
+        assert w.last_step("m") == 499
+    assert read and max(read) == 1
+
+
 def test_a_closed_writer_and_bad_settings_are_one_clear_error(tmp_path):
     """Untested until the coverage audit: writing after close() and bad constructor values."""
     w = RunWriter.memory()
