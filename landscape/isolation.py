@@ -44,8 +44,9 @@ __all__ = [
     "AUTOCAST_DEVICES", "EAGER_COMPILED", "ClosureModule", "autocast_off", "buffers_kept",
     "cuda_devices", "differentiable", "eager_compiled_code", "isolated",
     "loader_randomness_kept", "measuring", "no_grad_forward", "normalises_by_batch",
-    "on_batch_statistics", "rank_zero_buffers", "rng_rewind", "same_rng", "sdpa_math",
-    "stateless_call", "stateless_closure", "torch_notes_hidden", "without_autocast",
+    "on_batch_statistics", "parameters_of", "rank_zero_buffers", "rng_rewind", "same_rng",
+    "sdpa_math", "stateless_call", "stateless_closure", "torch_notes_hidden",
+    "without_autocast",
 ]
 
 
@@ -455,8 +456,12 @@ def loader_randomness_kept(data: Any) -> Iterator[None]:
                 g.set_state(state)
 
 
-def _parameters(modules: list[nn.Module]) -> list[nn.Parameter]:
-    """Every parameter of ``modules`` once (tied weights appear once), in module order."""
+def parameters_of(modules: list[nn.Module]) -> list[nn.Parameter]:
+    """Every parameter of ``modules`` once (tied weights appear once), in module order.
+
+    For the modules of ``model.modules()``: ``model.parameters()``, without a second walk
+    of the module tree.
+    """
     seen: dict[int, nn.Parameter] = {}
     for m in modules:
         for p in m._parameters.values():
@@ -638,7 +643,7 @@ def isolated(
     if modules is None:
         modules = list(model.modules())
     modes = [m.training for m in modules]
-    params = _parameters(modules)
+    params = parameters_of(modules)
     flags = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
     values = [None if g is None else g.detach().clone() for g in grads] if copy_grads else None

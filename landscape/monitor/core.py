@@ -54,7 +54,7 @@ from landscape._progress import above_bars
 from landscape.batches import leading_size
 from landscape.failures import failure_finding, nonfinite_state
 from landscape.findings import Finding, Findings, at_or_above, dedupe, user_stacklevel
-from landscape.isolation import isolated, modules_reached, written_in_forward
+from landscape.isolation import isolated, modules_reached, parameters_of, written_in_forward
 from landscape.metrics import Metric, StepContext, split_batch
 from landscape.metrics.base import component_names
 from landscape.metrics.context import NoLossFunction, is_batch_list
@@ -822,13 +822,7 @@ class Monitor:
         """
         if self._told_trainable or self._sharded:
             return
-        seen: set[int] = set()
-        live = []
-        for m in modules:
-            for p in m._parameters.values():
-                if p is not None and p.requires_grad and id(p) not in seen:
-                    seen.add(id(p))
-                    live.append(p)
+        live = [p for p in parameters_of(modules) if p.requires_grad]
         if len(live) == len(self._own) and all(a is b for a, b in zip(live, self._own)):
             return
         self._told_trainable = True
