@@ -639,8 +639,10 @@ def _refuse_untied(state: Mapping[str, Any], model: nn.Module, path: Any) -> Non
             if a.shape == b.shape and a.stride() == b.stride() \
                     and a.data_ptr() == b.data_ptr():
                 continue  # saved as one tensor (NaN in it: a run that blew up)
-            if a.shape != b.shape or not torch.equal(a.nan_to_num(), b.nan_to_num()) \
-                    or not torch.equal(a.isnan(), b.isnan()):
+            same = a.shape == b.shape and a.dtype == b.dtype and (
+                torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True)
+                if a.is_floating_point() else torch.equal(a, b))
+            if not same:
                 raise LandscapeError(
                     f"{path}: the model holds {held[0]} and {other} as one tensor (tied "
                     f"weights, a block reused), but the checkpoint holds different values "
