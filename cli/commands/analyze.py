@@ -8,6 +8,7 @@ from landscape_cli.options import (
     SEED_MAX,
     FiniteFloatRange,
     checkpoint_options,
+    counted,
     factory_options,
     interruptible,
     load_inputs,
@@ -98,6 +99,6 @@ def analyze_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
             wanted = {RENAMED_METRICS.get(m, m) for m in metrics or DEFAULT_METRICS}
             n_ckpt = len(run.checkpoints())
             names = [m for m in run.metrics() if m in wanted]
-        click.echo(f"wrote {out}: {n_ckpt} checkpoints, metrics {', '.join(names)}")
+        click.echo(f"wrote {out}: {counted(n_ckpt, 'checkpoint')}, metrics {', '.join(names)}")
         for f in monitor.findings:
             click.echo(f.describe())
