@@ -560,6 +560,23 @@ class StepContext:
         whole = all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in parts)
         return torch.cat(parts) if whole else None
 
+    def attention_mask(self, source: str) -> torch.Tensor | None:
+        """The real positions of ``source``: its ``attention_mask`` as booleans, or None.
+
+        A keyword batch's ``attention_mask`` (the Hugging Face convention: 0 on padding),
+        concatenated over a list probe's batches; None when a batch has none, or when the
+        batches' masks cannot be joined (different lengths), so that every position counts.
+        """
+        masks = []
+        for b in self.batches(source):
+            mask = b.get("attention_mask") if keyword_batch(b) else None
+            if not isinstance(mask, torch.Tensor) or mask.dim() < 1:
+                return None
+            masks.append(mask != 0)
+        if len({m.shape[1:] for m in masks}) != 1:
+            return None
+        return masks[0] if len(masks) == 1 else torch.cat(masks)
+
     def grad_norm(self) -> float | None:
         """||grad|| of the user's gradient, cached for the step.
 

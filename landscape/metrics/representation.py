@@ -42,10 +42,31 @@ def _tokens(x: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def _conv_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The rows a convolution's flattened weight ``(out, C*k...)`` multiplies: its patches."""
+def _real_tokens(x: torch.Tensor, module: nn.Module | None, real: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`_tokens` of ``x`` without its padding, and the mask that left it out.
+
+    ``real`` marks the batch's real positions (its ``attention_mask``, ``(N, T)``); it
+    applies to a layer input laid out ``(N, T, d)``, one row per position, and the mask
+    returned is None wherever it did not apply (every row kept).
+    """
+    if real is not None and not isinstance(module, nn.modules.conv._ConvNd) \
+            and x.dim() == real.dim() + 1 and tuple(x.shape[:-1]) == tuple(real.shape) \
+            and bool(real.any()) and not bool(real.all()):
+        real = real.to(x.device)
+        return x[real], real
+    return _tokens(x, module), None
+
+
+def _conv_patches(module: nn.Module, x: torch.Tensor,
+                  real: torch.Tensor | None = None) -> torch.Tensor:
+    """The rows a convolution's flattened weight ``(out, C*k...)`` multiplies: its patches.
+
+    Any other layer's rows are its input's positions, padding left out (``real``, the
+    batch's attention mask: :func:`_real_tokens`).
+    """
     if not isinstance(module, nn.modules.conv._ConvNd) or x.dim() < 3:
-        return _tokens(x)
+        return _real_tokens(x, module, real)[0]
     k = tuple(module.kernel_size)
     if module.groups == 1 and all(v == 1 for v in k) and all(v == 1 for v in module.stride):
         return _tokens(x, module)  # a 1x1 convolution: one token per position
@@ -134,6 +155,7 @@ class SpectralAlignment(Metric):
     def compute(self, ctx: StepContext) -> dict[str, Any]:
         """The alignment statistics of each layer (NaN for a layer that was not called)."""
         cap = ctx.captured(self.data)
+        real = ctx.attention_mask(self.data)
         rows = {k: torch.full((len(self.layers),), math.nan) for k in self.fields()}
         for i, name in enumerate(self.layers):
             # FSDP2 (DTensor shards): this one layer is gathered, on every rank alike
@@ -146,7 +168,8 @@ class SpectralAlignment(Metric):
                 continue
             key = ("alignment_v", name)
             res = LF.spectral_alignment(
-                weight.reshape(weight.shape[0], -1), _conv_patches(module, cap.inputs[name]),
+                weight.reshape(weight.shape[0], -1),
+                _conv_patches(module, cap.inputs[name], real),
                 init=ctx.state.get(key),
             )
             if bool(torch.isfinite(res.v).all()) and bool(res.v.any()):
@@ -190,7 +213,7 @@ class _PenultimateMetric(Metric):
         return (str(self.layer),), ()
 
     def features(self, ctx: StepContext) -> torch.Tensor:
-        """The penultimate features, one row per token or position.
+        """The penultimate features, one row per token or position, padding left out.
 
         Args:
             ctx: the step context.
@@ -201,6 +224,14 @@ class _PenultimateMetric(Metric):
         Raises:
             MissingInput: the classifier layer was not called.
         """
+        return self._features(ctx)[0]
+
+    def _features(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`features`, and the ``(N, T)`` mask of the positions kept (None: all).
+
+        Padding is a position whose ``attention_mask`` is 0 in a keyword batch
+        (:meth:`~landscape.metrics.context.StepContext.attention_mask`).
+        """
         cap = ctx.captured(self.data)
         if self.layer not in cap.inputs:
             chosen = (" (the last linear layer the model registers, taken for its classifier: "
@@ -208,7 +239,8 @@ class _PenultimateMetric(Metric):
                       if self._chosen else "")
             raise MissingInput(
                 f"layer {self.layer!r} was not called in the forward pass{chosen}")
-        return _tokens(cap.inputs[str(self.layer)], resolve_module(ctx.model, str(self.layer)))
+        return _real_tokens(cap.inputs[str(self.layer)], resolve_module(ctx.model, str(self.layer)),
+                            ctx.attention_mask(self.data))
 
 
 @register
@@ -231,7 +263,7 @@ class Collapse(_PenultimateMetric):
         if is_causal_lm(ctx.model):
             feats, labels = self._next_token(ctx)
         else:
-            feats = self.features(ctx)
+            feats, real = self._features(ctx)
             labels = ctx.targets(self.data)
             if labels.is_floating_point():  # said before a shape check can blame the shape
                 raise MissingInput(
@@ -239,6 +271,8 @@ class Collapse(_PenultimateMetric):
                     f"{labels.dtype} (regression targets, soft labels or probabilities): "
                     "leave collapse out of the metrics, or give a probe of class indices")
             labels = labels.reshape(-1)
+            if real is not None and labels.shape[0] == real.numel():  # one label a position
+                labels = labels[real.reshape(-1).to(labels.device)]
             if labels.shape[0] == feats.shape[0]:
                 keep = labels >= 0  # padding / ignore_index (-100), as the cross-entropy does
                 feats, labels = feats[keep.to(feats.device)], labels[keep]
@@ -292,7 +326,11 @@ class Collapse(_PenultimateMetric):
         return row
 
     def _next_token(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features of positions 0..T-2 and the tokens 1..T-1 they predict (no padding)."""
+        """Features of positions 0..T-2 and the tokens 1..T-1 they predict (no padding).
+
+        Padding is a label of -100, or a position whose ``attention_mask`` is 0 on either
+        side of the prediction (labels copied from ids that hold the pad token).
+        """
         self.features(ctx)  # the capture, and its error when the layer was not called
         raw = ctx.captured(self.data).inputs[str(self.layer)]
         labels = ctx.given_targets(self.data)  # (inputs, targets), or the dict's labels
@@ -303,6 +341,10 @@ class Collapse(_PenultimateMetric):
         feats = raw[:, :-1].reshape(-1, raw.shape[-1])
         nxt = labels[:, 1:].reshape(-1).to(feats.device)
         keep = nxt != -100
+        real = ctx.attention_mask(self.data)
+        if real is not None and tuple(real.shape) == tuple(labels.shape):
+            real = real.to(feats.device)
+            keep &= (real[:, :-1] & real[:, 1:]).reshape(-1)
         return feats[keep], nxt[keep]
 
 

@@ -485,3 +485,102 @@ def test_lora_on_gpt2_conv1d_and_lora_bias_are_read_as_applied(tmp_path):
     want = ls.functional.neural_collapse(features, y, classifier=weight.detach(),
                                          bias=bias.detach())
     assert run.series("collapse", "nc4")[1][0] == pytest.approx(float(want.nc4))
+
+
+def _padded_gpt2():
+    """A GPT-2 LM and a right-padded probe whose labels copy the ids, pad tokens included."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16))
+    ids = torch.randint(1, 50, (6, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    for row, length in enumerate([12, 9, 5, 3, 7, 4]):
+        mask[row, length:] = 0
+        ids[row, length:] = 0  # the pad token
+    return model, {"input_ids": ids, "attention_mask": mask, "labels": ids.clone()}
+
+
+def _inputs_of(model, probe, layer):
+    seen = {}
+    handle = model.get_submodule(layer).register_forward_hook(
+        lambda m, args, out: seen.setdefault("x", args[0].detach()))
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"])
+    handle.remove()
+    return seen["x"]
+
+
+def test_padding_of_a_keyword_batch_is_left_out_of_the_representation_metrics(tmp_path):
+    """attention_mask 0 marks padding: effective rank, uniformity, alignment and the causal
+    LM's collapse read the real tokens only (they counted every position: a 3/4-padded BERT
+    probe's uniformity was -1.56 against -1.85 over its real tokens)."""
+    model, probe = _padded_gpt2()
+    path = tmp_path / "run.h5"
+    metrics = [ls.metrics.Representation(), ls.metrics.Collapse(),
+               ls.metrics.SpectralAlignment(layers=["lm_head"])]
+    with ls.Monitor(model, None, path, closure=lambda m, b: m(**b).loss, probe=probe,
+                    metrics=metrics, strict=True, warn=False) as mon:
+        mon.step(0, batch=probe)
+    run = Run.open(path)
+    real = probe["attention_mask"].bool()
+    h = _inputs_of(model, probe, "lm_head")
+    tokens = h[real]
+    assert tokens.shape[0] == 40 and h.reshape(-1, 16).shape[0] == 72
+    got_rank = float(run.series("representation", "effective_rank")[1][0])
+    got_uniformity = float(run.series("representation", "uniformity")[1][0])
+    assert got_rank == pytest.approx(float(ls.functional.effective_rank(tokens).value), rel=1e-5)
+    assert got_uniformity == pytest.approx(float(ls.functional.uniformity(tokens).value),
+                                           rel=1e-5)
+    everything = float(ls.functional.uniformity(h.reshape(-1, 16)).value)
+    assert abs(everything - got_uniformity) > 1e-3  # the padding moves it
+    weight = model.lm_head.weight.detach()
+    want_minority, want_cos = _sign_stats(tokens, weight)
+    assert float(run.series("spectral_alignment", "mean_abs_cos")[1][0][0]) == pytest.approx(
+        want_cos, rel=1e-4)
+    assert float(run.series("spectral_alignment", "minority")[1][0][0]) == pytest.approx(
+        want_minority, abs=1e-6)  # 19 of 40 tokens, stored as float32
+    # position t predicts token t + 1; both must be real (the labels hold the pad token)
+    keep = (real[:, :-1] & real[:, 1:]).reshape(-1)
+    feats = h[:, :-1].reshape(-1, 16)[keep]
+    labels = probe["labels"][:, 1:].reshape(-1)[keep]
+    want = ls.functional.neural_collapse(feats, labels, classifier=model.lm_head)
+    assert float(run.series("collapse", "nc1")[1][0]) == pytest.approx(float(want.nc1), rel=1e-5)
+
+
+def test_padding_of_a_token_classifier_keyword_batch_leaves_its_labels_out_too(tmp_path):
+    """A token classifier's labels, one a position, are cut with its features by the mask."""
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.hidden, self.head = nn.Embedding(20, 16), nn.Linear(16, 16), \
+                nn.Linear(16, 4)
+
+        def forward(self, input_ids, attention_mask=None, labels=None):
+            return self.head(torch.relu(self.hidden(self.embed(input_ids))))
+
+    torch.manual_seed(0)
+    model = Tagger()
+    g = torch.Generator().manual_seed(2)
+    ids, labels = torch.randint(1, 20, (8, 6), generator=g), torch.randint(0, 4, (8, 6),
+                                                                             generator=g)
+    mask = torch.ones_like(ids)
+    mask[:4, -3:] = 0
+    probe = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def closure(m, b):
+        return F.cross_entropy(m(**b).reshape(-1, 4), b["labels"].reshape(-1))
+
+    path = tmp_path / "run.h5"
+    with ls.Monitor(model, None, path, closure=closure, probe=probe,
+                    metrics=[ls.metrics.Collapse()], strict=True, warn=False) as mon:
+        mon.step(0, batch=probe)
+    with torch.no_grad():
+        h = torch.relu(model.hidden(model.embed(ids)))
+    real = mask.bool()
+    want = ls.functional.neural_collapse(h[real], labels[real], classifier=model.head)
+    assert float(Run.open(path).series("collapse", "nc1")[1][0]) == pytest.approx(
+        float(want.nc1), rel=1e-6)
