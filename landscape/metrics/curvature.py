@@ -157,6 +157,11 @@ class Sharpness(Metric):
     lambda_max. ``ratio`` = lambda_max / threshold; a ratio at or above 1 is the edge of
     stability. ``peak_memory``: the Lanczos run's measured peak in bytes (the same run's
     when the row reuses the step's ``top_eigenvalues`` run; NaN during the warm-up).
+    ``eps_dominated``: for the preconditioned sharpness, the fraction of the moving
+    parameters' coordinates whose preconditioner entry is the optimizer's epsilon rather
+    than their gradients' second moment (``sqrt(v_hat) < eps``; Adamax's ``u < 2 eps``):
+    there ``P`` is about ``eps``, which inflates their curvature by up to ``1/eps``, so a
+    large fraction says the ratio depends on ``eps`` (docs/curvature.md); NaN for SGD.
 
     The two are never mixed: when the preconditioner cannot be read (an adaptive optimizer
     without state for every parameter) the row is NaN, and with an optimizer whose
@@ -178,7 +183,7 @@ class Sharpness(Metric):
 
     dense_every = 5
     name = "sharpness"
-    FIELDS = ("lambda_max", "threshold", "ratio", "peak_memory")
+    FIELDS = ("lambda_max", "threshold", "ratio", "peak_memory", "eps_dominated")
     default_schedule = every(50)
 
     def __init__(
@@ -267,8 +272,7 @@ class Sharpness(Metric):
 
         opt = ctx.optimizer
         kind = None if opt is None else optimizer_kind(opt)
-        nan = {"lambda_max": math.nan, "threshold": math.nan, "ratio": math.nan,
-               "peak_memory": math.nan}
+        nan = dict.fromkeys(self.FIELDS, math.nan)
         if opt is not None and any(g.get("maximize") for g in opt.param_groups):
             raise MissingInput(
                 f"{type(opt).__name__}(maximize=True) climbs the loss: the sharpness that "
@@ -299,18 +303,22 @@ class Sharpness(Metric):
             except OptimizerSettingsError as err:  # a learning rate that is not a number
                 group_lr = False
                 self._say_not_scaled(err)
+        dominated = math.nan
         if pre:
             try:
-                ctx.operator(self.data, preconditioned=True, group_lr=group_lr)
+                op = ctx.operator(self.data, preconditioned=True, group_lr=group_lr)
             except OptimizerSettingsError as err:
                 raise MissingInput(
                     f"no preconditioned sharpness for {type(opt).__name__}, whose threshold "
                     f"bounds it (not the Hessian's): {err}"
                 ) from err
+            fraction = getattr(op, "dead_fraction", None)
+            dominated = math.nan if fraction is None else float(fraction)
         result = _eigen(ctx, self.data, 1, self.tol, self.memory_budget, preconditioned=pre,
                         group_lr=group_lr)
         lam = float(result.values[0])
-        row = {**nan, "lambda_max": lam, "peak_memory": _peak(result)}
+        row = {**nan, "lambda_max": lam, "peak_memory": _peak(result),
+               "eps_dominated": dominated}
         if opt is None:
             return row
         if kind is None:

@@ -267,3 +267,35 @@ def test_an_optimizer_that_maximizes_gives_no_row_and_says_why():
     with pytest.warns(RuntimeWarning, match=r"maximize=True\) climbs the loss"):
         row = _sharpness_row(model, opt, batch)
     assert all(v != v for v in row.values())
+
+
+def test_the_row_records_the_fraction_of_coordinates_where_eps_dominates():
+    """eps_dominated: the share of the moving coordinates with sqrt(v_hat) < eps, where the
+    preconditioned sharpness depends on eps (NaN for SGD, which does not precondition)."""
+    model, (x, y) = _regression(2)
+    x[:, 3] = 0.0  # the weights reading this input get no gradient: v = 0 < eps
+    batch = (x, y)
+    eps = 1e-3
+    opt = torch.optim.Adam(model.parameters(), lr=0.01, eps=eps)
+    sgd_model, _ = _regression(2)
+    sgd = torch.optim.SGD(sgd_model.parameters(), lr=0.01)
+    rows = {}
+    for name, net, optimizer in (("adam", model, opt), ("sgd", sgd_model, sgd)):
+        with ls.Monitor(net, F.mse_loss, optimizer=optimizer, probe=batch, alarms=False,
+                        metrics=[Sharpness(schedule=1, adam_warmup=1)]) as mon:
+            for step in range(2):
+                loss = F.mse_loss(net(x), y)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                mon.step(step, batch=batch, loss=loss)
+            rows[name] = mon.run().series("sharpness", "eps_dominated")[1]
+    small = total = 0
+    for p in model.parameters():
+        st = opt.state[p]
+        root = (st["exp_avg_sq"] / (1 - 0.999 ** float(st["step"]))).sqrt()
+        small += int((root < eps).sum())
+        total += root.numel()
+    assert small >= 4  # the zeroed input's column, at least
+    assert float(rows["adam"][-1]) == pytest.approx(small / total, abs=1e-7)
+    assert all(v != v for v in rows["sgd"])  # NaN
