@@ -147,11 +147,15 @@ def unflatten(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> Vector:
 
 
 def gaussian_like(v: Sequence[torch.Tensor], generator: torch.Generator | None = None) -> Vector:
-    """Independent N(0, 1) entries with the shapes, dtype and device of ``v`` (drawn on CPU)."""
+    """Independent N(0, 1) entries with the shapes, dtype and device of ``v``.
+
+    Drawn on the CPU in float32, then cast (float32 for an integer tensor), so one generator
+    state gives the same numbers, to the dtype's rounding, on any device and in any dtype
+    (a float64 draw is another stream altogether).
+    """
     return tuple(
-        torch.randn(
-            a.shape, generator=generator, dtype=a.dtype if a.is_floating_point() else torch.float32
-        ).to(a.device)
+        torch.randn(a.shape, generator=generator, dtype=torch.float32).to(
+            a.device, a.dtype if a.is_floating_point() else torch.float32)
         for a in v
     )
 

@@ -166,7 +166,8 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
             else:
                 # the library's name of the kind: one it does not know is its error, never
                 # a random plane stored under another kind's name
-                scaling = {"normalization": normalization, "ignore": ignore}
+                scaling = ({"normalization": normalization, "ignore": ignore}
+                           if directions == "random" else {})  # (eigenvectors as they are)
                 if dims == 1:
                     surf = surface.line(model, loss_fn, data, steps, span,
                                         directions=directions, seed=seed, **scaling, **common)

@@ -7,6 +7,7 @@ the run file (``/surfaces/<name>``) and resumes an interrupted computation.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import Any, Callable, Mapping, Sequence
@@ -41,18 +42,36 @@ def _pair(value: Any, name: str) -> tuple[Any, Any]:
     return value, value
 
 
+def _grid_steps(value: Any, name: str) -> int:
+    """``value`` as a number of grid points: an integer of at least 2 (an axis, not a point)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer, float)) \
+            or int(value) != value or value < 2:
+        raise ValueError(f"{name} must be an integer >= 2, got {value!r}")
+    return int(value)
+
+
 def _directions(
     model: nn.Module, loss_fn: LossFn, data: Any, n: int, directions: Any, seed: int,
-    normalization: str, ignore: str, params: ParamSpec, grid: Mapping[str, Any],
+    normalization: str | None, ignore: str | None, params: ParamSpec,
+    grid: Mapping[str, Any],
 ) -> Directions:
+    random = isinstance(directions, str) and directions == "random"
+    if not random and (normalization is not None or ignore is not None):
+        # eigenvectors are unit vectors of the Hessian, and given directions are the
+        # caller's: normalizing them would make them other directions
+        given = "normalization" if normalization is not None else "ignore"
+        kind = repr(directions) if isinstance(directions, str) else "given directions"
+        raise ValueError(f"{given}= applies to random directions only, not to {kind} (used "
+                         "as they are); normalize given vectors with normalize_direction")
     if isinstance(directions, Directions):
         if directions.ndim != n:
             raise ValueError(f"directions: {directions.ndim} given, {n} needed")
         return directions
     if isinstance(directions, str):
         if directions == "random":
-            return random_directions(model, n, seed=seed, normalization=normalization,
-                                     ignore=ignore, params=params)
+            return random_directions(model, n, seed=seed,
+                                     normalization=normalization or "filter",
+                                     ignore=ignore or "biasbn", params=params)
         if directions == "eigen":
             # the Hessian of the loss the grid evaluates: same closure convention and mode
             return eigen_directions(model, loss_fn, data, n, params=params,
@@ -76,8 +95,8 @@ def plane(
     y: Sequence[float] | None = None,
     directions: Any = "random",
     seed: int = 0,
-    normalization: str = "filter",
-    ignore: str = "biasbn",
+    normalization: str | None = None,
+    ignore: str | None = None,
     params: ParamSpec = None,
     writer: Any = None,
     name: str = "plane",
@@ -86,7 +105,9 @@ def plane(
     """The loss on the plane ``theta* + alpha delta + beta eta`` (Li et al. 2018, Sec. 4).
 
     By default ``delta``, ``eta`` are filter-normalized Gaussian directions drawn with
-    ``seed`` (biases and normalization parameters not moved: ``ignore="biasbn"``). The grid is
+    ``seed`` (biases and normalization parameters not moved: ``ignore="biasbn"``;
+    ``normalization`` and ``ignore`` default to ``"filter"`` and ``"biasbn"``, and apply
+    to random directions only: with any other ``directions`` they raise). The grid is
     ``steps`` points on ``[-span, span]`` per axis (``steps=(nx, ny)``, ``span=(sx, sy)`` for
     a non-square grid) unless ``x``/``y`` give the coordinates. ``directions`` may also be
     ``"eigen"`` (top-2 Hessian eigenvectors), a :class:`Directions` or two vectors.
@@ -111,8 +132,8 @@ def line(
     x: Sequence[float] | None = None,
     directions: Any = "random",
     seed: int = 0,
-    normalization: str = "filter",
-    ignore: str = "biasbn",
+    normalization: str | None = None,
+    ignore: str | None = None,
     params: ParamSpec = None,
     writer: Any = None,
     name: str = "line",
@@ -200,7 +221,7 @@ def interpolate(
         lo, hi = bounds
         if not hi > lo:
             raise ValueError(f"bounds must be (low, high) with low < high, got {bounds!r}")
-        even = np.linspace(float(lo), float(hi), int(steps))
+        even = np.linspace(float(lo), float(hi), _grid_steps(steps, "steps"))
         x = _holding(even, (0.0, 1.0))
         stored = _stored_x(writer, name)
         if stored is not None and stored.shape == even.shape and np.allclose(stored, even):
@@ -270,9 +291,14 @@ def trajectory_plane(
         trajectory = list(trajectory)  # read twice: the PCA, then the last point's buffers
         if trajectory:  # a checkpoint file is loaded once for both
             trajectory[-1] = _load(trajectory[-1])
+    nx, ny = _pair(steps, "steps")
+    nx, ny = _grid_steps(nx, "steps"), _grid_steps(ny, "steps")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float, np.floating)) \
+            or not math.isfinite(margin) or margin < 0:
+        raise ValueError(f"margin must be a finite number >= 0 (a fraction of the path's "
+                         f"extent on each side), got {margin!r}")
     pca = pca_directions(trajectory, 2, model=model, ignore=ignore, params=params)
     path = pca.path
-    nx, ny = _pair(steps, "steps")
     axes = []
     for k, n in zip(range(2), (nx, ny)):
         lo, hi = float(min(path[:, k].min(), 0.0)), float(max(path[:, k].max(), 0.0))

@@ -225,7 +225,8 @@ def select(model: nn.Module, params: ParamSpec = None) -> dict[str, nn.Parameter
     """
     named = select_named_parameters(model, params)
     if not named:
-        raise LandscapeError("model has no trainable parameters to perturb")
+        raise LandscapeError("model has no trainable parameters to perturb (every parameter "
+                             "has requires_grad=False: model.requires_grad_(True) first)")
     return named
 
 
@@ -241,9 +242,12 @@ def random_directions(
     """``n`` (1 or 2) Gaussian directions, normalized per :func:`normalize_direction`.
 
     Li et al. 2018 (arXiv:1712.09913), Sec. 4: ``d ~ N(0, I)`` with the shapes of the
-    parameters, then filter-normalized. Drawn on the CPU from ``torch.Generator(seed)``,
-    first ``delta`` then ``eta``, so the draw is the same on every device. ``params``
-    restricts the directions to some trainable parameters (the others stay fixed).
+    parameters, then filter-normalized. Drawn on the CPU in float32 from
+    ``torch.Generator(seed)``, first ``delta`` then ``eta``, each over every parameter of
+    the model in ``named_parameters()`` order, so a parameter's draw is the same on every
+    device, in every dtype, whichever parameters are frozen and whatever ``params``
+    selects. ``params`` restricts the directions to some trainable parameters; the others,
+    and frozen ones, stay fixed (their draws are discarded).
 
     On an FSDP2 (``fully_shard``) model the directions are drawn at the parameters' global
     shapes, hence identical to the single-process draw, and each weight is gathered for its
@@ -254,13 +258,22 @@ def random_directions(
     named = select(model, params)
     weights = tuple(p.detach() for p in named.values())
     g = torch.Generator().manual_seed(int(seed))
-    vectors = tuple(
-        normalize_direction(gaussian_like(weights, g), weights, normalization, ignore)
-        for _ in range(n)
-    )
+    every = dict(model.named_parameters())  # (tied weights once, under their first name)
+    vectors = []
+    for _ in range(n):
+        drawn = {k: gaussian_like((p.detach(),), g)[0] if k in named else _skip_draw(p, g)
+                 for k, p in every.items()}
+        vectors.append(normalize_direction(tuple(drawn[k] for k in named), weights,
+                                           normalization, ignore))
     attrs = {"kind": "random", "seed": int(seed), "normalization": normalization,
              "ignore": ignore, "distribution": "gaussian"}
-    return Directions(tuple(named), vectors, attrs)
+    return Directions(tuple(named), tuple(vectors), attrs)
+
+
+def _skip_draw(p: torch.Tensor, generator: torch.Generator) -> None:
+    """Advance ``generator`` past the draw of a parameter left fixed, as if it were drawn."""
+    if p.numel():
+        torch.randn(p.shape, generator=generator, dtype=torch.float32)
 
 
 def as_directions(

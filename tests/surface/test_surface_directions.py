@@ -111,6 +111,46 @@ def test_params_restricts_the_directions():
         random_directions(model, 1, params="nothing.*")
 
 
+def _cnn_with_head():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 4),
+                         nn.Linear(4, 2))
+
+
+def test_a_parameters_draw_does_not_depend_on_which_others_are_frozen_or_selected():
+    """Freezing a bias (never moved under biasbn) shifted every later tensor's draw: the
+    same seed gave another plane (42 apart in loss at one point). Frozen parameters stay
+    fixed; the rest keep the draws of the fully trainable model, as does params=."""
+    full = random_directions(_cnn_with_head(), 2, seed=3)
+    frozen_model = _cnn_with_head()
+    frozen_model[0].bias.requires_grad_(False)
+    frozen_model[3].weight.requires_grad_(False)
+    frozen = random_directions(frozen_model, 2, seed=3)
+    assert frozen.names == ("0.weight", "3.bias", "4.weight", "4.bias")
+    chosen = random_directions(_cnn_with_head(), 2, seed=3, params=["4.*"])
+    for k in range(2):
+        whole = full.as_dict(k)
+        for name, v in frozen.as_dict(k).items():
+            assert torch.equal(v, whole[name]), name
+        for name, v in chosen.as_dict(k).items():
+            assert torch.equal(v, whole[name]), name
+
+
+def test_a_float64_model_gets_the_float32_models_draw():
+    """A float64 draw is another stream (cosine 0.08 with the float32 one for one seed)."""
+    single = random_directions(_cnn_with_head(), 1, seed=0)
+    double = random_directions(_cnn_with_head().double(), 1, seed=0)
+    for a, b in zip(single.vectors[0], double.vectors[0]):
+        assert b.dtype == torch.float64
+        assert torch.allclose(a.double(), b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_model_frozen_for_inference_says_how_to_perturb_it():
+    model = _cnn_with_head().requires_grad_(False)
+    with pytest.raises(Exception, match=r"requires_grad_\(True\)"):
+        random_directions(model, 1)
+
+
 def test_scale_invariance_of_filter_normalized_curves():
     """Scale invariance: a bias-free ReLU MLP with layer 1 scaled by c and layer 2 by 1/c."""
     torch.manual_seed(0)

@@ -539,3 +539,29 @@ def test_the_accuracy_of_a_model_returning_a_dict_or_tuple_reads_its_logits(batc
             np.testing.assert_array_equal(got, accuracy)
         else:  # a tuple's first tensor may be features ((features, logits)): no accuracy
             assert np.isnan(got).all()
+
+
+@pytest.mark.parametrize("steps", [0, 1, -5, 2.5, True])
+def test_an_interpolation_of_fewer_than_two_points_is_refused(steps):
+    """steps=0 was a bare IndexError, -5 numpy's error, and 1 evaluated alpha = -0.5 alone
+    (the docs promise both checkpoints)."""
+    a, b = models.mlp(seed=1), models.mlp(seed=2)
+    x, y = models.classification_data()
+    with pytest.raises(ValueError, match="steps must be an integer >= 2"):
+        interpolate(models.mlp(), a, b, _ce, (x, y), steps=steps, progress=False)
+
+
+@pytest.mark.parametrize("call", [plane, line])
+@pytest.mark.parametrize("directions", ["eigen", "vectors"])
+def test_normalization_of_directions_that_are_not_random_is_refused(call, directions):
+    """They were ignored without a word: eigenvectors and given vectors are used as they are."""
+    model = models.mlp()
+    x, y = models.classification_data()
+    n = 2 if call is plane else 1
+    if directions == "vectors":
+        directions = random_directions(model, n, seed=1).vectors
+    for option in ({"normalization": "filter"}, {"ignore": "biasbn"}):
+        with pytest.raises(ValueError, match="applies to random directions only"):
+            call(model, _ce, (x, y), 3, directions=directions, progress=False, **option)
+    # the defaults stay usable with every kind
+    assert call(model, _ce, (x, y), 3, directions=directions, progress=False).values

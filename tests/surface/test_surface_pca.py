@@ -273,3 +273,15 @@ def test_wrapped_checkpoints_and_modules_give_the_plane_of_plain_state_dicts(tmp
                                rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="needs model= to pick the trainable parameters"):
         pca_directions([torch.load(p) for p in plain])
+
+
+@pytest.mark.parametrize("bad", [{"margin": -2.0}, {"margin": float("nan")}, {"steps": 1},
+                                 {"steps": (5, 0)}])
+def test_trajectory_plane_refuses_a_grid_that_cannot_cover_the_path(bad):
+    """margin=-2 gave a descending axis that missed the path; steps=0 an IndexError."""
+    model = models.mlp()
+    x, y = models.classification_data()
+    states, *_ = _synthetic(model)
+    with pytest.raises(ValueError, match=r"margin must be|steps must be"):
+        trajectory_plane(models.mlp(seed=3), F.cross_entropy, (x, y), states, progress=False,
+                         **bad)
