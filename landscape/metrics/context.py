@@ -24,6 +24,7 @@ from torch import nn
 from landscape import distributed as _dist
 from landscape._deprecation import deprecated_alias
 from landscape._errors import MissingInput
+from landscape._hf import peft_base
 from landscape.batches import (
     PAIR_KEYS,
     WHOLE_PAIR_KEYS,
@@ -566,7 +567,13 @@ class StepContext:
         A keyword batch's ``attention_mask`` (the Hugging Face convention: 0 on padding),
         concatenated over a list probe's batches; None when a batch has none, or when the
         batches' masks cannot be joined (different lengths), so that every position counts.
+        None too for an encoder-decoder model (T5, BART): its mask is the encoder's, and
+        its decoder's positions, which a head reads, are others even where their number
+        happens to be the same.
         """
+        config = getattr(peft_base(_dist.unwrap(self.model)), "config", None)
+        if getattr(config, "is_encoder_decoder", False):
+            return None
         masks = []
         for b in self.batches(source):
             mask = b.get("attention_mask") if keyword_batch(b) else None

@@ -504,8 +504,11 @@ def _padded_gpt2():
 
 def _inputs_of(model, probe, layer):
     seen = {}
-    handle = model.get_submodule(layer).register_forward_hook(
-        lambda m, args, out: seen.setdefault("x", args[0].detach()))
+
+    def keep(module, args, out):
+        seen.setdefault("x", args[0].detach())  # (returns None: the output stays)
+
+    handle = model.get_submodule(layer).register_forward_hook(keep)
     model.eval()
     with torch.no_grad():
         model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"])
@@ -584,3 +587,39 @@ def test_padding_of_a_token_classifier_keyword_batch_leaves_its_labels_out_too(t
     want = ls.functional.neural_collapse(h[real], labels[real], classifier=model.head)
     assert float(Run.open(path).series("collapse", "nc1")[1][0]) == pytest.approx(
         float(want.nc1), rel=1e-6)
+
+
+def test_an_encoder_decoders_mask_is_not_applied_to_its_decoder_positions(tmp_path):
+    """T5's attention_mask marks the encoder's padding; its head reads decoder positions,
+    as many as the encoder's here by chance: they all count."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+        decoder_start_token_id=0, pad_token_id=0))
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, 40, (5, 8), generator=g)
+    labels = torch.randint(1, 40, (5, 8), generator=g)
+    mask = torch.ones_like(ids)
+    mask[:3, 5:] = 0
+    probe = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    path = tmp_path / "run.h5"
+    with ls.Monitor(model, None, path, closure=lambda m, b: m(**b).loss, probe=probe,
+                    metrics=[ls.metrics.Representation(layer="lm_head")], strict=True,
+                    warn=False) as mon:
+        mon.step(0, batch=probe)
+    seen = {}
+
+    def keep(module, args, out):
+        seen.setdefault("x", args[0].detach())
+
+    handle = model.lm_head.register_forward_hook(keep)
+    model.eval()
+    with torch.no_grad():
+        model(**probe)
+    handle.remove()
+    tokens = seen["x"].reshape(-1, 16)
+    assert tokens.shape[0] == 40
+    got = float(Run.open(path).series("representation", "uniformity")[1][0])
+    assert got == pytest.approx(float(ls.functional.uniformity(tokens).value), rel=1e-5)
