@@ -471,7 +471,7 @@ def map_sharded(
     it), so no rank is left waiting in a collective. Without a process group it is a plain
     loop with ``collect`` after each item.
     """
-    if not (hasattr(items, "__len__") and hasattr(items, "__getitem__")):
+    if not (isinstance(items, Sequence) or hasattr(items, "__array__")):
         items = list(items)  # (an index array is read in place: a grid's may hold 9M rows)
     if not is_distributed():
         for item in items:

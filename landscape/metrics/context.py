@@ -186,6 +186,24 @@ def keyword_batch(batch: Any) -> bool:
     return isinstance(batch, Mapping) and _pair_keys(batch) is None
 
 
+def _one_sequence(batch: Mapping[str, Any], shape: tuple[int, ...]) -> bool:
+    """Whether every tensor of a keyword ``batch`` is laid out as its ``(N, T)`` mask.
+
+    Token ids, labels and the like are ``(N, T)`` or one per sample ``(N,)``; embeddings
+    given for the ids ``(N, T, d)``. Pixels, audio or a decoder's ids of another length are
+    not: their positions are not the mask's.
+    """
+    for key, value in batch.items():
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            continue
+        lead = tuple(value.shape)
+        if key == "inputs_embeds":
+            lead = lead[:2]
+        if lead not in (shape, shape[:1]):
+            return False
+    return True
+
+
 def ids_and_labels(batch: Any) -> bool:
     """Whether a keyword batch is exactly ``{input_ids, labels}``.
 
@@ -564,12 +582,14 @@ class StepContext:
     def attention_mask(self, source: str) -> torch.Tensor | None:
         """The real positions of ``source``: its ``attention_mask`` as booleans, or None.
 
-        A keyword batch's ``attention_mask`` (the Hugging Face convention: 0 on padding),
-        concatenated over a list probe's batches; None when a batch has none, or when the
-        batches' masks cannot be joined (different lengths), so that every position counts.
-        None too for an encoder-decoder model (T5, BART): its mask is the encoder's, and
-        its decoder's positions, which a head reads, are others even where their number
-        happens to be the same.
+        A keyword batch's ``attention_mask`` (the Hugging Face convention: non-zero on a
+        real token, 0 on padding), ``(N, T)``, concatenated over a list probe's batches, and
+        flattened to one entry per position, as the captures are, where their lengths
+        differ. None, so that every position counts, when a batch has no such mask, when
+        one holds inputs of another shape (images beside the text, audio, a decoder's ids)
+        whose positions it does not describe, and for an encoder-decoder model (T5, BART):
+        its mask is the encoder's, and its decoder's positions, which a head reads, are
+        others even where their number happens to be the same.
         """
         config = getattr(peft_base(_dist.unwrap(self.model)), "config", None)
         if getattr(config, "is_encoder_decoder", False):
@@ -577,12 +597,15 @@ class StepContext:
         masks = []
         for b in self.batches(source):
             mask = b.get("attention_mask") if keyword_batch(b) else None
-            if not isinstance(mask, torch.Tensor) or mask.dim() < 1:
+            if not isinstance(mask, torch.Tensor) or mask.dim() != 2 \
+                    or not _one_sequence(b, tuple(mask.shape)):
                 return None
             masks.append(mask != 0)
-        if len({m.shape[1:] for m in masks}) != 1:
-            return None
-        return masks[0] if len(masks) == 1 else torch.cat(masks)
+        if len(masks) == 1:
+            return masks[0]
+        if len({m.shape[1:] for m in masks}) == 1:
+            return torch.cat(masks)
+        return torch.cat([m.reshape(-1) for m in masks])
 
     def grad_norm(self) -> float | None:
         """||grad|| of the user's gradient, cached for the step.

@@ -161,7 +161,9 @@ class Sharpness(Metric):
     parameters' coordinates whose preconditioner entry is the optimizer's epsilon rather
     than their gradients' second moment (``sqrt(v_hat) < eps``; Adamax's ``u < 2 eps``):
     there ``P`` is about ``eps``, which inflates their curvature by up to ``1/eps``, so a
-    large fraction says the ratio depends on ``eps`` (docs/curvature.md); NaN for SGD.
+    large fraction says the ratio depends on ``eps`` (docs/curvature.md); NaN where
+    lambda_max is not preconditioned (SGD, no optimizer, RAdam before its rectification,
+    the warm-up rows).
 
     The two are never mixed: when the preconditioner cannot be read (an adaptive optimizer
     without state for every parameter) the row is NaN, and with an optimizer whose

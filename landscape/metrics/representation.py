@@ -46,16 +46,25 @@ def _real_tokens(x: torch.Tensor, module: nn.Module | None, real: torch.Tensor |
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`_tokens` of ``x`` without its padding, and the mask that left it out.
 
-    ``real`` marks the batch's real positions (its ``attention_mask``, ``(N, T)``); it
-    applies to a layer input laid out ``(N, T, d)``, one row per position, and the mask
-    returned is None wherever it did not apply (every row kept).
+    ``real`` marks the batch's real positions (its ``attention_mask``: ``(N, T)``, or one
+    entry per position where a list probe's lengths differ); it applies to a layer input
+    laid out ``(N, T, d)``, or ``(positions, d)`` for the flat mask, and the mask returned
+    is None wherever it did not apply (every row kept).
+
+    Raises:
+        MissingInput: every position is padding.
     """
-    if real is not None and not isinstance(module, nn.modules.conv._ConvNd) \
-            and x.dim() == real.dim() + 1 and tuple(x.shape[:-1]) == tuple(real.shape) \
-            and bool(real.any()) and not bool(real.all()):
-        real = real.to(x.device)
-        return x[real], real
-    return _tokens(x, module), None
+    if real is None or isinstance(module, nn.modules.conv._ConvNd):
+        return _tokens(x, module), None
+    per_position = x.dim() == real.dim() + 1 and tuple(x.shape[:-1]) == tuple(real.shape)
+    flat = real.dim() == 1 and x.dim() == 2 and x.shape[0] == real.numel()
+    if not (per_position or flat) or bool(real.all()):
+        return _tokens(x, module), None
+    if not bool(real.any()):
+        raise MissingInput("every position of the batch is padding (its attention_mask is 0 "
+                           "throughout)")
+    real = real.to(x.device)
+    return x[real], real
 
 
 def _conv_patches(module: nn.Module, x: torch.Tensor,

@@ -56,22 +56,26 @@ def _directions(
     grid: Mapping[str, Any],
 ) -> Directions:
     random = isinstance(directions, str) and directions == "random"
-    if not random and (normalization is not None or ignore is not None):
+    asked = {k: v for k, v in (("normalization", normalization), ("ignore", ignore))
+             if v is not None and v != "none"}  # ("none": what the others get anyway)
+    if not random and asked:
         # eigenvectors are unit vectors of the Hessian, and given directions are the
         # caller's: normalizing them would make them other directions
-        given = "normalization" if normalization is not None else "ignore"
         kind = repr(directions) if isinstance(directions, str) else "given directions"
-        raise ValueError(f"{given}= applies to random directions only, not to {kind} (used "
-                         "as they are); normalize given vectors with normalize_direction")
+        raise ValueError(f"{next(iter(asked))}= applies to random directions only, not to "
+                         f"{kind} (used as they are); to normalize others, build them with "
+                         "eigen_directions(..., normalization=...) or as_directions(..., "
+                         "normalization=...)")
     if isinstance(directions, Directions):
         if directions.ndim != n:
             raise ValueError(f"directions: {directions.ndim} given, {n} needed")
         return directions
     if isinstance(directions, str):
         if directions == "random":
-            return random_directions(model, n, seed=seed,
-                                     normalization=normalization or "filter",
-                                     ignore=ignore or "biasbn", params=params)
+            return random_directions(
+                model, n, seed=seed,
+                normalization="filter" if normalization is None else normalization,
+                ignore="biasbn" if ignore is None else ignore, params=params)
         if directions == "eigen":
             # the Hessian of the loss the grid evaluates: same closure convention and mode
             return eigen_directions(model, loss_fn, data, n, params=params,
@@ -287,16 +291,17 @@ def trajectory_plane(
     ``arrays/trajectory`` (``(T, 2)``, the path), and the explained variance (ratio) in the
     attributes.
     """
+    nx, ny = _pair(steps, "steps")
+    if x is None or y is None:  # (given coordinates replace the even grid)
+        nx, ny = _grid_steps(nx, "steps"), _grid_steps(ny, "steps")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(margin) or margin < 0:
+        raise ValueError(f"margin must be a finite number >= 0 (a fraction of the path's "
+                         f"extent on each side), got {margin!r}")
     if not isinstance(trajectory, (np.ndarray, torch.Tensor)):
         trajectory = list(trajectory)  # read twice: the PCA, then the last point's buffers
         if trajectory:  # a checkpoint file is loaded once for both
             trajectory[-1] = _load(trajectory[-1])
-    nx, ny = _pair(steps, "steps")
-    nx, ny = _grid_steps(nx, "steps"), _grid_steps(ny, "steps")
-    if isinstance(margin, bool) or not isinstance(margin, (int, float, np.floating)) \
-            or not math.isfinite(margin) or margin < 0:
-        raise ValueError(f"margin must be a finite number >= 0 (a fraction of the path's "
-                         f"extent on each side), got {margin!r}")
     pca = pca_directions(trajectory, 2, model=model, ignore=ignore, params=params)
     path = pca.path
     axes = []

@@ -242,12 +242,13 @@ def random_directions(
     """``n`` (1 or 2) Gaussian directions, normalized per :func:`normalize_direction`.
 
     Li et al. 2018 (arXiv:1712.09913), Sec. 4: ``d ~ N(0, I)`` with the shapes of the
-    parameters, then filter-normalized. Drawn on the CPU in float32 from
-    ``torch.Generator(seed)``, first ``delta`` then ``eta``, each over every parameter of
-    the model in ``named_parameters()`` order, so a parameter's draw is the same on every
-    device, in every dtype, whichever parameters are frozen and whatever ``params``
-    selects. ``params`` restricts the directions to some trainable parameters; the others,
-    and frozen ones, stay fixed (their draws are discarded).
+    parameters, then filter-normalized. Each parameter's entries are drawn on the CPU in
+    float32 from a generator of its own, seeded by ``seed`` and the parameter's position
+    in the model's ``named_parameters()`` (:data:`DRAW`), first ``delta`` then ``eta``. So a
+    parameter's direction is the same on every device, in every dtype, whichever other
+    parameters are frozen and whatever ``params`` selects, and costs nothing for the
+    parameters left fixed. ``params`` restricts the directions to some trainable
+    parameters; the others, and frozen ones, stay fixed.
 
     On an FSDP2 (``fully_shard``) model the directions are drawn at the parameters' global
     shapes, hence identical to the single-process draw, and each weight is gathered for its
@@ -257,23 +258,31 @@ def random_directions(
         raise ValueError(f"n must be 1 or 2, got {n}")
     named = select(model, params)
     weights = tuple(p.detach() for p in named.values())
-    g = torch.Generator().manual_seed(int(seed))
-    every = dict(model.named_parameters())  # (tied weights once, under their first name)
-    vectors = []
-    for _ in range(n):
-        drawn = {k: gaussian_like((p.detach(),), g)[0] if k in named else _skip_draw(p, g)
-                 for k, p in every.items()}
-        vectors.append(normalize_direction(tuple(drawn[k] for k in named), weights,
-                                           normalization, ignore))
+    # positions in the model itself (a DDP wrapper's names carry "module."); tied weights
+    # once, under their first name
+    position = {id(p): i for i, p in enumerate(_dist.unwrap(model).parameters())}
+    generators = [_generator(int(seed), position[id(p)]) for p in named.values()]
+    vectors = tuple(
+        normalize_direction(tuple(gaussian_like((w,), g)[0] for w, g in zip(weights, generators)),
+                            weights, normalization, ignore)
+        for _ in range(n)
+    )
     attrs = {"kind": "random", "seed": int(seed), "normalization": normalization,
-             "ignore": ignore, "distribution": "gaussian"}
-    return Directions(tuple(named), tuple(vectors), attrs)
+             "ignore": ignore, "distribution": "gaussian", "draw": DRAW}
+    return Directions(tuple(named), vectors, attrs)
 
 
-def _skip_draw(p: torch.Tensor, generator: torch.Generator) -> None:
-    """Advance ``generator`` past the draw of a parameter left fixed, as if it were drawn."""
-    if p.numel():
-        torch.randn(p.shape, generator=generator, dtype=torch.float32)
+DRAW = "per-parameter"
+"""How :func:`random_directions` draws, stored with a surface's directions: one generator
+per parameter, seeded by ``numpy.random.SeedSequence([seed, position])``. Surfaces begun
+before it (no ``draw`` attribute) drew from one generator over the selected parameters in
+their own dtype, other numbers: resuming one is refused, and the error says why."""
+
+
+def _generator(seed: int, position: int) -> torch.Generator:
+    """The generator of the parameter at ``position``: independent of every other's."""
+    state = np.random.SeedSequence([seed, position]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & (2**63 - 1))
 
 
 def as_directions(

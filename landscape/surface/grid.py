@@ -242,6 +242,14 @@ def evaluate_grid(
                         f"surface {name!r} exists in the run around other parameters (another "
                         f"checkpoint); {SURFACE_ELSEWHERE}")
                 if not _same(old.get("direction_fingerprint", []), meta["direction_fingerprint"]):
+                    was, now = dict(old.get("directions") or {}), meta["directions"]
+                    if was.get("kind") == now.get("kind") == "random" \
+                            and was.get("draw") != now.get("draw"):
+                        raise LandscapeError(
+                            f"surface {name!r} was begun by an earlier version of landscape, "
+                            "whose random directions were drawn otherwise (this one draws each "
+                            "parameter from a generator of its own), so it cannot be resumed; "
+                            f"{SURFACE_ELSEWHERE}")
                     raise LandscapeError(
                         f"surface {name!r} exists in the run with other directions (the same "
                         f"seed and normalization resume it); {SURFACE_ELSEWHERE}")

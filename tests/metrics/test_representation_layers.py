@@ -623,3 +623,74 @@ def test_an_encoder_decoders_mask_is_not_applied_to_its_decoder_positions(tmp_pa
     assert tokens.shape[0] == 40
     got = float(Run.open(path).series("representation", "uniformity")[1][0])
     assert got == pytest.approx(float(ls.functional.uniformity(tokens).value), rel=1e-5)
+
+
+def test_a_list_probe_padded_to_different_lengths_leaves_its_padding_out(tmp_path):
+    """A collator pads each batch to its own longest sequence: the captures are joined as
+    rows, and the masks now are too (the padding counted: -2.78 where the real tokens
+    give -3.11)."""
+    model, whole = _padded_gpt2()
+    short = {k: v[3:, :8] for k, v in whole.items()}  # rows of lengths 3, 7, 4
+    probe = [{k: v[:3] for k, v in whole.items()}, short]
+    path = tmp_path / "run.h5"
+    with ls.Monitor(model, None, path, closure=lambda m, b: m(**b).loss, probe=probe,
+                    metrics=[ls.metrics.Representation()], strict=True, warn=False) as mon:
+        mon.step(0, batch=probe[0])
+    tokens = torch.cat([_inputs_of(model, b, "lm_head")[b["attention_mask"].bool()]
+                        for b in probe])
+    assert tokens.shape[0] == 12 + 9 + 5 + 3 + 7 + 4
+    got = float(Run.open(path).series("representation", "uniformity")[1][0])
+    assert got == pytest.approx(float(ls.functional.uniformity(tokens).value), rel=1e-5)
+
+
+class _TextAndImage(nn.Module):
+    """Token features and image patches, as many as the tokens, through one head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.patch, self.head = nn.Embedding(20, 8), nn.Linear(12, 8), \
+            nn.Linear(8, 3)
+
+    def forward(self, input_ids, attention_mask, pixel_values):
+        patches = pixel_values.reshape(pixel_values.shape[0], 6, 12)  # 6 patches
+        return self.head(self.embed(input_ids) + self.patch(patches))
+
+
+def test_a_mask_beside_inputs_of_another_shape_is_not_applied_and_all_padding_fails(tmp_path):
+    torch.manual_seed(0)
+    model = _TextAndImage()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 20, (4, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[:2, 3:] = 0
+    probe = {"input_ids": ids, "attention_mask": mask,
+             "pixel_values": torch.randn(4, 2, 6, 6, generator=g)}
+
+    def closure(m, b):
+        return m(**b).square().mean()
+
+    path = tmp_path / "run.h5"
+    with ls.Monitor(model, None, path, closure=closure, probe=probe,
+                    metrics=[ls.metrics.Representation()], strict=True, warn=False) as mon:
+        mon.step(0, batch=probe)
+    with torch.no_grad():
+        h = model.embed(ids) + model.patch(probe["pixel_values"].reshape(4, 6, 12))
+    got = float(Run.open(path).series("representation", "uniformity")[1][0])
+    assert got == pytest.approx(float(ls.functional.uniformity(h.reshape(-1, 8)).value),
+                                rel=1e-5)
+
+    # without the pixels the mask applies, and a batch of padding alone is no measurement
+    class Text(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Embedding(20, 8), nn.Linear(8, 3)
+
+        def forward(self, input_ids, attention_mask):
+            return self.head(self.embed(input_ids))
+
+    empty = {"input_ids": ids, "attention_mask": torch.zeros_like(ids)}
+    with ls.Monitor(Text(), None, tmp_path / "empty.h5", closure=closure, probe=empty,
+                    metrics=[ls.metrics.Representation()], warn=False) as mon:
+        mon.step(0, batch=empty)
+        failures = [f for f in mon.findings if f.rule == "metric_failed"]
+    assert failures and "padding" in failures[0].message

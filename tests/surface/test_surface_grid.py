@@ -565,3 +565,34 @@ def test_normalization_of_directions_that_are_not_random_is_refused(call, direct
             call(model, _ce, (x, y), 3, directions=directions, progress=False, **option)
     # the defaults stay usable with every kind
     assert call(model, _ce, (x, y), 3, directions=directions, progress=False).values
+
+
+def test_a_surface_begun_with_the_earlier_draw_says_why_it_cannot_resume(tmp_path):
+    """Directions drawn otherwise by an earlier version: 'other directions (the same seed
+    and normalization resume it)' told the user to do what they had done."""
+    from landscape.surface import Directions
+
+    model = models.mlp()
+    x, y = models.classification_data()
+    path = tmp_path / "run.h5"
+    now = random_directions(model, 2, seed=0)
+    earlier = {k: v for k, v in now.attrs.items() if k != "draw"}
+    old = Directions(now.names, tuple(tuple(-t for t in v) for v in now.vectors), earlier)
+    evaluate_grid(model, _ce, (x, y), old, [-1.0, 0.0, 1.0], [-1.0, 0.0, 1.0], writer=path,
+                  name="plane", progress=False)
+    with pytest.raises(LandscapeError, match="begun by an earlier version"):
+        plane(model, _ce, (x, y), 3, writer=path, progress=False)
+    # the same draw with another normalization: the usual message
+    plane(model, _ce, (x, y), 3, seed=1, normalization="layer", writer=tmp_path / "b.h5",
+          progress=False)
+    with pytest.raises(LandscapeError, match="the same seed and normalization resume it"):
+        plane(model, _ce, (x, y), 3, seed=1, writer=tmp_path / "b.h5", progress=False)
+
+
+def test_normalization_none_with_given_directions_is_what_they_get_anyway():
+    model = models.mlp()
+    x, y = models.classification_data()
+    vectors = random_directions(model, 2, seed=1).vectors
+    surf = plane(model, _ce, (x, y), 3, directions=vectors, normalization="none",
+                 ignore="none", progress=False)
+    assert np.isfinite(surf.values["loss"]).all()

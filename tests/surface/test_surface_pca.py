@@ -285,3 +285,13 @@ def test_trajectory_plane_refuses_a_grid_that_cannot_cover_the_path(bad):
     with pytest.raises(ValueError, match=r"margin must be|steps must be"):
         trajectory_plane(models.mlp(seed=3), F.cross_entropy, (x, y), states, progress=False,
                          **bad)
+
+
+def test_trajectory_plane_takes_integer_margins_and_given_coordinates_without_steps():
+    model = models.mlp()
+    x, y = models.classification_data()
+    states, *_ = _synthetic(model)
+    surf = trajectory_plane(models.mlp(seed=3), F.cross_entropy, (x, y), states,
+                            margin=np.int64(0), steps=1, x=[-1.0, 0.0], y=[0.0, 1.0],
+                            progress=False)
+    assert surf.values["loss"].shape == (2, 2)
