@@ -2,12 +2,14 @@
 
 The instability suite (``tests/benchmarks/instability``) measures how early the alarms warn
 before a run blows up; this benchmark measures the other side, the false alarms. It trains
-36 small setups that real training loops use and that are healthy by design (warm-up and
+45 small setups that real training loops use and that are healthy by design (warm-up and
 cosine / SGDR / one-cycle / step schedules, gradient accumulation, a ``GradScaler``,
 clipping, batch-size changes, label smoothing, overfitting to ~0 loss,
 regression, class imbalance, dropout, BatchNorm with batch 4-8, heavy weight decay,
-fine-tuning, full-batch GD at a large step, an induction-head phase change, grokking) on
-scikit-learn's digits or locally generated data, each under the *default* monitor::
+fine-tuning, full-batch GD at a large step, an induction-head phase change, grokking; and
+character LSTM/GRU language models, a ViT, a VAE with KL warm-up, distillation, a residual
+MLP without normalisation, label noise, Lion, SWA) on scikit-learn's digits or locally
+generated data, each under the *default* monitor::
 
     mon = Monitor(model, loss_fn, None, optimizer=opt, warn=False).start()
     ...  # after every opt.step():

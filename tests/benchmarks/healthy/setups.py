@@ -2,16 +2,20 @@
 
 Each :class:`Setup` is one of the false-alarm hunt's setups, under the name its runs had
 there (the hunt's own function name is kept as ``hunt_key``, and ``--setups`` accepts
-either). ``build(seed, steps)`` returns a :class:`Trial`: the model, the optimizer, the
-batches and the loop's mechanics; the harness runs it. At the full size (``steps`` = the
-setup's ``steps``) a trial is the hunt's run op for op (same construction order, same
-generators), so its losses and findings can be compared with the hunt's; ``--small``
+either), or one of the nine recipes of a later audit of healthy recipes the hunt did not
+try (character LSTM and GRU language models, a ViT, a VAE with KL warm-up, distillation, a
+normalisation-free residual MLP, label noise, Lion, SWA; no ``hunt_key``).
+``build(seed, steps)`` returns a :class:`Trial`: the model, the optimizer, the batches and
+the loop's mechanics; the harness runs it. At the full size (``steps`` = the setup's
+``steps``) a trial is the hunt's (or the audit's) run op for op (same construction order,
+same generators), so its losses and findings can be compared with theirs; ``--small``
 passes fewer steps and the schedules shrink with them.
 
 Data: scikit-learn's bundled digits (1,797 8x8 images, no download), standardised and
 shuffled with a fixed generator, the first 1,500 for training; the regression, modular
-arithmetic and sequence tasks are generated here. Models: an MLP, a BatchNorm CNN for 8x8
-images, and the instability suite's ``TinyGPT`` and ``lm_loss``.
+arithmetic and sequence tasks and an English-like character corpus are generated here.
+Models: an MLP, a BatchNorm CNN for 8x8 images, the instability suite's ``TinyGPT`` and
+``lm_loss``, and for the audit's recipes a character RNN, a ViT, a VAE and a residual MLP.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,11 +76,13 @@ class Setup:
     """A healthy training setup.
 
     Attributes:
-        name: the name of its runs in the hunt (``per_setup_final.txt``).
+        name: the name of its runs in the hunt (``per_setup_final.txt``) or in the
+            healthy-recipes audit.
         what: one line on what it trains and why it is a hard case.
         steps: optimizer steps at the full size.
         build: ``build(seed, steps)`` -> :class:`Trial`.
-        hunt_key: the hunt's name for it (``setups.py NAME``).
+        hunt_key: the hunt's name for it (``setups.py NAME``); empty for the audit's
+            recipes.
         excluded: why its runs never count as healthy, whatever the criterion says (a task
             that changes on purpose); empty for the others.
     """
@@ -91,14 +98,17 @@ class Setup:
 # ------------------------------------------------------------------------------ helpers
 
 
-@functools.lru_cache(maxsize=1)
-def digits() -> tuple[torch.Tensor, torch.Tensor]:
-    """Standardised digits, shuffled with a fixed generator: the 1,500 training images."""
+@functools.lru_cache(maxsize=2)
+def digits(unit: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standardised digits, shuffled with a fixed generator: the 1,500 training images.
+
+    ``unit``: the pixels divided by 16, in [0, 1] (Bernoulli targets), not standardised.
+    """
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = torch.tensor(d.data, dtype=torch.float32)
-    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    x = x / 16.0 if unit else (x - x.mean(0)) / (x.std(0) + 1e-6)
     y = torch.tensor(d.target)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     x, y = x[perm], y[perm]
@@ -123,6 +133,47 @@ class Batches:
         idx = self.perm[self.pos:self.pos + size]
         self.pos += size
         return self.x[idx], self.y[idx]
+
+
+@functools.lru_cache(maxsize=1)
+def pseudo_text(length: int = 200_000) -> tuple[torch.Tensor, int]:
+    """English-like text as character codes, and the number of distinct characters.
+
+    Sentences of 4-12 pseudo-words (1-3 consonant-vowel syllables, 400 words drawn with
+    Zipf weights, exponent 1.1), capitalised, ending in ". ". A fixed generator: the text is
+    the same for every seed.
+    """
+    rng = np.random.default_rng(1234)
+    cons, vows = list("bcdfghjklmnprstvwz"), list("aeiouy")
+    words: set[str] = set()
+    while len(words) < 400:
+        words.add("".join(rng.choice(cons) + rng.choice(vows)
+                          + (rng.choice(cons) if rng.random() < .3 else "")
+                          for _ in range(rng.integers(1, 4))))
+    vocab = sorted(words)
+    p = 1.0 / np.arange(1, len(vocab) + 1) ** 1.1
+    p /= p.sum()
+    out, total = [], 0
+    while total < length:
+        s = " ".join(vocab[i] for i in rng.choice(len(vocab), size=rng.integers(4, 13), p=p))
+        out.append(s[0].upper() + s[1:] + ". ")
+        total += len(out[-1])
+    text = "".join(out)[:length]
+    code = {c: i for i, c in enumerate(sorted(set(text)))}
+    return torch.tensor([code[c] for c in text]), len(code)
+
+
+def text_windows(length: int, size: int, seed: int) -> Callable[[int], Batch]:
+    """``batch(step)``: ``size`` random windows of :func:`pseudo_text` and their next characters."""
+    data, _ = pseudo_text()
+    g = torch.Generator().manual_seed(seed)
+    offsets = torch.arange(length + 1)
+
+    def batch(step: int) -> Batch:
+        w = data[torch.randint(0, len(data) - length - 1, (size,), generator=g)[:, None]
+                 + offsets]
+        return w[:, :-1], w[:, 1:]
+    return batch
 
 
 def mlp(inputs: int = 64, hidden: int = 128, outputs: int = 10, depth: int = 2,
@@ -587,6 +638,288 @@ def sgd_moderate(seed: int, steps: int) -> Trial:
                          lambda m: torch.optim.SGD(m.parameters(), lr=0.03, momentum=0.9), 32)
 
 
+# ------------------------------------------------------------------------------ beyond the hunt
+# The healthy-recipes audit's recipes, op for op. The three slowest train for fewer steps
+# than the audit's runs (char_lstm_sgd_clip and gru_tied_adam 600 of 1500, tiny_vit 400 of
+# 2000), to keep the benchmark's time: their losses are the audit's up to the step where the
+# shorter schedule first differs (400, none, 100).
+
+
+class CharRNN(nn.Module):
+    """Character language model: embedding, one LSTM or GRU layer, linear head.
+
+    ``tie``: the head's weight is the embedding (whose width is then ``hidden``).
+    """
+
+    def __init__(self, vocab: int, emb: int = 32, hidden: int = 128, cell: str = "lstm",
+                 tie: bool = False) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, hidden if tie else emb)
+        rnn = nn.LSTM if cell == "lstm" else nn.GRU
+        self.rnn = rnn(hidden if tie else emb, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, vocab)
+        if tie:
+            self.head.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T) characters -> (B, T, vocab) logits."""
+        return self.head(self.rnn(self.emb(x))[0])
+
+
+def char_lstm_sgd_clip(seed: int, steps: int) -> Trial:
+    """Zaremba-style character LSTM (128) on generated text: SGD at lr 1, ``clip_grad_norm_(5)``.
+
+    The LR drops to 0.25 at 2/3 of the run; 32 windows of 48 characters.
+    """
+    torch.manual_seed(seed)
+    batch = text_windows(48, 32, seed)
+    model = CharRNN(pseudo_text()[1], 32, 128, "lstm")
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    return Trial(model, opt, lm_loss, batch, steps, clip=5.0, schedule=_schedule(
+        opt, lambda s: 1.0 if s < 2 * steps // 3 else 0.25))
+
+
+def gru_tied_adam(seed: int, steps: int) -> Trial:
+    """Character GRU (96) with the embedding tied to the head, Adam 2e-3, no clipping."""
+    torch.manual_seed(seed)
+    batch = text_windows(48, 32, seed)
+    model = CharRNN(pseudo_text()[1], hidden=96, cell="gru", tie=True)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    return Trial(model, opt, lm_loss, batch, steps)
+
+
+class TinyViT(nn.Module):
+    """ViT on 8x8 images: 2x2 patches, a class token, pre-LN encoder blocks (dropout 0.1)."""
+
+    def __init__(self, dim: int = 64, depth: int = 2, heads: int = 4, patch: int = 2,
+                 classes: int = 10) -> None:
+        super().__init__()
+        self.patch = patch
+        self.proj = nn.Linear(patch * patch, dim)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, (8 // patch) ** 2 + 1, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.1, batch_first=True,
+                                           norm_first=True, activation="gelu")
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of flattened (B, 64) images, read at the class token."""
+        p, n = self.patch, 8 // self.patch
+        x = x.view(-1, n, p, n, p).permute(0, 1, 3, 2, 4).reshape(x.shape[0], -1, p * p)
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.proj(x)], 1) + self.pos
+        return self.head(self.norm(self.blocks(h))[:, 0])
+
+
+def tiny_vit(seed: int, steps: int, lr: float = 1e-3) -> Trial:
+    """ViT (2 blocks of width 64), AdamW (wd 0.05), warm-up 100 + cosine, label smoothing 0.1."""
+    t = _digits_trial(seed, steps, TinyViT, lambda m: torch.optim.AdamW(
+        m.parameters(), lr=lr, weight_decay=0.05), 64)
+    t.loss_fn = functools.partial(F.cross_entropy, label_smoothing=0.1)
+    t.schedule = _schedule(t.optimizer, lambda s: cosine_warmup(s, steps, lr, min(100, steps)))
+    return t
+
+
+class VAE(nn.Module):
+    """Gaussian VAE of 8x8 images: encoder 64-128, a latent of ``z``, decoder to 64 logits.
+
+    It returns one tensor, the pixel logits, the posterior means and log-variances side by
+    side, (B, 64 + 2z): the harness detaches tensors, not tuples. Train mode samples the
+    latent (reparameterised), eval mode decodes the mean.
+    """
+
+    def __init__(self, z: int = 8, hidden: int = 128) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(64, hidden), nn.ReLU())
+        self.mu, self.logvar = nn.Linear(hidden, z), nn.Linear(hidden, z)
+        self.dec = nn.Sequential(nn.Linear(z, hidden), nn.ReLU(), nn.Linear(hidden, 64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 64) images -> (B, 64 + 2z): logits, means, log-variances."""
+        e = self.enc(x)
+        mu, logvar = self.mu(e), self.logvar(e)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if self.training else mu
+        return torch.cat([self.dec(z), mu, logvar], -1)
+
+
+def vae_kl_anneal(seed: int, steps: int) -> Trial:
+    """VAE on [0, 1] digits, Adam 1e-3, batch 64: Bernoulli reconstruction plus beta x KL.
+
+    Both summed per image and averaged over the batch; beta rises linearly from 0 to 1 over
+    the first 600 of 2500 steps (KL warm-up), so the loss trained is not the ELBO until then.
+    """
+    torch.manual_seed(seed)
+    x, _ = digits(unit=True)
+    model = VAE()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    b = Batches(x, x, 64, seed)
+    beta, warmup = [0.0], max(1, 6 * steps // 25)
+
+    def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        z = (out.shape[-1] - 64) // 2
+        logits, mu, logvar = out.split([64, z, z], -1)
+        rec = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / len(target)
+        kl = -0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum() / len(target)
+        return rec + beta[0] * kl
+
+    def schedule(s: int) -> None:
+        beta[0] = min(1.0, s / warmup)
+    return Trial(model, opt, loss_fn, lambda s: b.next(), steps, schedule=schedule)
+
+
+def distill_kd(seed: int, steps: int, temperature: float = 4.0) -> Trial:
+    """Knowledge distillation into an MLP 32 wide, Adam 2e-3, batch 64.
+
+    The teacher (MLP 256 wide) first trains 800 steps on the labels, unmonitored; the
+    student's targets are its softmax at temperature 4 (soft labels), its loss the KL
+    divergence at that temperature times T^2 (Hinton et al. 2015).
+    """
+    torch.manual_seed(seed)
+    x, y = digits()
+    teacher = mlp(hidden=256)
+    topt = torch.optim.Adam(teacher.parameters(), lr=1e-3)
+    tb = Batches(x, y, 64, seed + 1)
+    for _ in range(min(800, steps)):
+        xb, yb = tb.next()
+        loss = F.cross_entropy(teacher(xb), yb)
+        topt.zero_grad()
+        loss.backward()
+        topt.step()
+    teacher.eval()
+    model = mlp(hidden=32)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    b = Batches(x, y, 64, seed)
+
+    def batch(s: int) -> Batch:
+        xb, _ = b.next()
+        with torch.no_grad():
+            return xb, F.softmax(teacher(xb) / temperature, -1)
+
+    def kd(out: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+        return F.kl_div(F.log_softmax(out / temperature, -1), soft,
+                        reduction="batchmean") * temperature ** 2
+    return Trial(model, opt, kd, batch, steps)
+
+
+class ResMLP(nn.Module):
+    """Residual MLP without normalisation layers: ``h + Linear(ReLU(Linear(h)))`` blocks."""
+
+    def __init__(self, width: int = 64, hidden: int = 128, blocks: int = 6) -> None:
+        super().__init__()
+        self.inp = nn.Linear(64, width)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, width))
+            for _ in range(blocks))
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of flattened (B, 64) images."""
+        h = self.inp(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(F.relu(h))
+
+
+def resmlp_noln_radam(seed: int, steps: int) -> Trial:
+    """Residual MLP of 6 blocks, no normalisation, RAdam 2e-3, batch 32 (the residual grows)."""
+    return _digits_trial(seed, steps, ResMLP,
+                         lambda m: torch.optim.RAdam(m.parameters(), lr=2e-3), 32)
+
+
+def label_noise(seed: int, steps: int, noise: float = 0.2) -> Trial:
+    """MLP 256 wide, 20 % of the labels replaced by random classes (fixed), SGD momentum 0.05.
+
+    Weight decay 5e-4, batch 64, 3000 steps: it goes on to memorise the noisy labels.
+    """
+    torch.manual_seed(seed)
+    x, y = digits()
+    g = torch.Generator().manual_seed(seed + 11)
+    flip = torch.rand(len(y), generator=g) < noise
+    y = torch.where(flip, torch.randint(0, 10, y.shape, generator=g), y)
+    model = mlp(hidden=256)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    b = Batches(x, y, 64, seed)
+    return Trial(model, opt, F.cross_entropy, lambda s: b.next(), steps)
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms").
+
+    Each step moves by ``lr`` times the sign of ``betas[0]`` momentum + ``1 - betas[0]``
+    gradient, after a decoupled weight decay; the momentum (state ``exp_avg``) is an EMA of
+    the gradients at ``betas[1]``.
+    """
+
+    def __init__(self, params: Any, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One update of every parameter with a gradient; the closure's loss, if one is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                m = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(torch.sign(m * b1 + p.grad * (1 - b1)), alpha=-group["lr"])
+                m.mul_(b2).add_(p.grad, alpha=1 - b2)
+        return loss
+
+
+def lion(seed: int, steps: int, lr: float = 3e-4) -> Trial:
+    """MLP, Lion at lr 3e-4 (wd 0.1), warm-up 100 + cosine, batch 64: sign updates."""
+    t = _digits_trial(seed, steps, mlp, lambda m: Lion(m.parameters(), lr=lr, weight_decay=0.1),
+                      64)
+    t.schedule = _schedule(t.optimizer, lambda s: cosine_warmup(s, steps, lr, min(100, steps)))
+    return t
+
+
+class SWA:
+    """Stochastic weight averaging's loop: cosine annealing until ``start``, then ``SWALR``.
+
+    ``step()`` after every optimizer step: before ``start`` it steps the cosine schedule;
+    from ``start`` on it updates the ``AveragedModel`` and steps ``SWALR``, which raises the
+    LR from ~0 back to ``swa_lr`` over ``anneal`` steps and holds it.
+    """
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, start: int,
+                 swa_lr: float, anneal: int) -> None:
+        self.start, self.count, self.model = start, 0, model
+        self.cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=start)
+        self.averaged = torch.optim.swa_utils.AveragedModel(model)
+        self.swalr = torch.optim.swa_utils.SWALR(opt, swa_lr=swa_lr, anneal_epochs=anneal,
+                                                 anneal_strategy="cos")
+
+    def step(self) -> None:
+        """After optimizer step ``count``: the cosine step, or an SWA update and SWALR step."""
+        if self.count >= self.start:
+            self.averaged.update_parameters(self.model)
+            self.swalr.step()
+        else:
+            self.cosine.step()
+        self.count += 1
+
+
+def swa_lr_raise(seed: int, steps: int) -> Trial:
+    """SWA: SGD momentum (wd 5e-4) at lr 0.1, cosine to ~0 over 3/4 of the run, batch 64.
+
+    Then ``SWALR`` raises the LR back to 0.05 over 50 steps and holds it, the weights
+    averaged every step.
+    """
+    t = _digits_trial(seed, steps, mlp, lambda m: torch.optim.SGD(
+        m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4), 64)
+    t.scheduler = SWA(t.model, t.optimizer, 3 * steps // 4, 0.05, 50)
+    return t
+
+
 # ------------------------------------------------------------------------------ the list
 
 TASK_CHANGES = "the task changes on purpose (the hunt kept it out of the healthy count)"
@@ -667,6 +1000,21 @@ def _setups() -> list[Setup]:
         Setup("wd_moderate_adamw", "MLP, AdamW 3e-3, weight decay 0.1", 1500, wd_moderate,
               "wd_moderate"),
         Setup("sgd_moderate", "MLP, SGD-momentum 0.03", 1200, sgd_moderate, "sgd_moderate"),
+        # the healthy-recipes audit's
+        Setup("char_lstm_sgd_clip", "char LSTM LM, SGD lr 1, clip 5, LR /4 at 2/3", 600,
+              char_lstm_sgd_clip),
+        Setup("gru_tied_adam", "char GRU LM, tied embedding, Adam 2e-3", 600, gru_tied_adam),
+        Setup("tiny_vit", "ViT, AdamW, warm-up + cosine, label smoothing 0.1", 400, tiny_vit),
+        Setup("vae_kl_anneal", "VAE, KL weight 0 -> 1 over the first 600 steps", 2500,
+              vae_kl_anneal),
+        Setup("distill_kd", "MLP student, KL to a teacher's softmax at T 4, Adam", 2000,
+              distill_kd),
+        Setup("resmlp_noln_radam", "residual MLP, 6 blocks, no normalisation, RAdam", 2000,
+              resmlp_noln_radam),
+        Setup("label_noise20_sgd", "MLP, 20 % random labels, SGD-momentum", 3000, label_noise),
+        Setup("lion", "MLP, Lion 3e-4, warm-up + cosine", 2000, lion),
+        Setup("swa_lr_raise", "MLP, SGD cosine to ~0, then SWALR back up to 0.05", 2000,
+              swa_lr_raise),
     ]
 
 
