@@ -469,7 +469,8 @@ def map_sharded(
     the same ``items``. If ``compute`` raises on some rank, every rank raises at the end of
     that round (the failing rank its own exception, the others a ``RuntimeError`` naming
     it), so no rank is left waiting in a collective. Without a process group it is a plain
-    loop with ``collect`` after each item.
+    loop with ``collect`` after each item. A sequence or an array is read in place; any
+    other iterable (a map-style dataset too) is copied into a list first.
     """
     if not (isinstance(items, Sequence) or hasattr(items, "__array__")):
         items = list(items)  # (an index array is read in place: a grid's may hold 9M rows)

@@ -186,20 +186,25 @@ def keyword_batch(batch: Any) -> bool:
     return isinstance(batch, Mapping) and _pair_keys(batch) is None
 
 
-def _one_sequence(batch: Mapping[str, Any], shape: tuple[int, ...]) -> bool:
-    """Whether every tensor of a keyword ``batch`` is laid out as its ``(N, T)`` mask.
+_OTHER_POSITIONS = ("decoder_", "pixel_", "image", "input_values", "input_features", "audio",
+                    "visual", "video")
+"""Keys of a keyword batch whose tensors have positions of their own, not the text's."""
 
-    Token ids, labels and the like are ``(N, T)`` or one per sample ``(N,)``; embeddings
-    given for the ids ``(N, T, d)``. Pixels, audio or a decoder's ids of another length are
-    not: their positions are not the mask's.
+
+def _one_sequence(batch: Mapping[str, Any], shape: tuple[int, ...]) -> bool:
+    """Whether the ``(N, T)`` ``attention_mask`` of a keyword ``batch`` describes its positions.
+
+    Not when the batch holds inputs with positions of their own (:data:`_OTHER_POSITIONS`:
+    pixels, audio, a decoder's ids) or a tensor of three or more dimensions other than one
+    row of features per position ``(N, T, d)`` (embeddings given for the ids, a layout
+    model's boxes). Ids, labels of any shape and ``position_ids`` of ``(1, T)`` are fine.
     """
     for key, value in batch.items():
-        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        if not isinstance(value, torch.Tensor) or value.dim() == 0 or key == "attention_mask":
             continue
-        lead = tuple(value.shape)
-        if key == "inputs_embeds":
-            lead = lead[:2]
-        if lead not in (shape, shape[:1]):
+        if key.startswith(_OTHER_POSITIONS):
+            return False
+        if value.dim() >= 3 and (value.dim() > 3 or tuple(value.shape[:2]) != shape):
             return False
     return True
 
@@ -368,10 +373,11 @@ def is_batch_list(value: Any) -> bool:
         value: a batch or a list of batches.
 
     Returns:
-        True for a non-empty list whose items are all batches (tuples, lists or dicts).
+        True for a non-empty list whose items are all batches (tuples, lists or mappings:
+        a Hugging Face collator's ``BatchEncoding`` too).
     """
     return (isinstance(value, list) and len(value) > 0
-            and all(isinstance(b, (tuple, list, dict)) for b in value))
+            and all(isinstance(b, (tuple, list, Mapping)) for b in value))
 
 
 def _concat(parts: list[Captured]) -> Captured:
@@ -579,21 +585,24 @@ class StepContext:
         whole = all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in parts)
         return torch.cat(parts) if whole else None
 
-    def attention_mask(self, source: str) -> torch.Tensor | None:
-        """The real positions of ``source``: its ``attention_mask`` as booleans, or None.
+    def attention_masks(self, source: str, layer: nn.Module | None = None
+                        ) -> list[torch.Tensor] | None:
+        """The real positions of each batch of ``source``: its ``attention_mask``, or None.
 
         A keyword batch's ``attention_mask`` (the Hugging Face convention: non-zero on a
-        real token, 0 on padding), ``(N, T)``, concatenated over a list probe's batches, and
-        flattened to one entry per position, as the captures are, where their lengths
-        differ. None, so that every position counts, when a batch has no such mask, when
-        one holds inputs of another shape (images beside the text, audio, a decoder's ids)
-        whose positions it does not describe, and for an encoder-decoder model (T5, BART):
-        its mask is the encoder's, and its decoder's positions, which a head reads, are
-        others even where their number happens to be the same.
+        real token, 0 on padding), ``(N, T)`` booleans, one per batch of a list probe. None,
+        so that every position counts, when a batch has no such mask, or holds inputs whose
+        positions it does not describe (:func:`_one_sequence`: images or audio beside the
+        text, a decoder's ids). An encoder-decoder model's mask (T5, BART) is its
+        encoder's: it applies to a ``layer`` inside the encoder only, never to the
+        decoder's positions that a head reads, even where their number is the same.
         """
-        config = getattr(peft_base(_dist.unwrap(self.model)), "config", None)
-        if getattr(config, "is_encoder_decoder", False):
-            return None
+        model = peft_base(_dist.unwrap(self.model))
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            encoder = model.get_encoder() if hasattr(model, "get_encoder") else None
+            if layer is None or not isinstance(encoder, nn.Module) \
+                    or not any(m is layer for m in encoder.modules()):
+                return None
         masks = []
         for b in self.batches(source):
             mask = b.get("attention_mask") if keyword_batch(b) else None
@@ -601,6 +610,18 @@ class StepContext:
                     or not _one_sequence(b, tuple(mask.shape)):
                 return None
             masks.append(mask != 0)
+        return masks
+
+    def attention_mask(self, source: str, layer: nn.Module | None = None
+                       ) -> torch.Tensor | None:
+        """:meth:`attention_masks` joined as the captures are joined.
+
+        ``(N, T)`` concatenated over a list probe's batches, or one entry per position
+        where their lengths differ.
+        """
+        masks = self.attention_masks(source, layer)
+        if masks is None:
+            return None
         if len(masks) == 1:
             return masks[0]
         if len({m.shape[1:] for m in masks}) == 1:

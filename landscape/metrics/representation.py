@@ -25,7 +25,7 @@ from landscape.capture import (
     resolve_module,
 )
 from landscape.metrics.base import Metric, register
-from landscape.metrics.context import StepContext, ignored_past_classes
+from landscape.metrics.context import StepContext, batch_targets, ignored_past_classes
 from landscape.schedules import every
 
 __all__ = ["Collapse", "Representation", "SpectralAlignment"]
@@ -48,8 +48,8 @@ def _real_tokens(x: torch.Tensor, module: nn.Module | None, real: torch.Tensor |
 
     ``real`` marks the batch's real positions (its ``attention_mask``: ``(N, T)``, or one
     entry per position where a list probe's lengths differ); it applies to a layer input
-    laid out ``(N, T, d)``, or ``(positions, d)`` for the flat mask, and the mask returned
-    is None wherever it did not apply (every row kept).
+    laid out ``(N, T, d)``, or ``(N * T, d)``, one row per position in the batch's order,
+    and the mask returned is None wherever it did not apply (every row kept).
 
     Raises:
         MissingInput: every position is padding.
@@ -57,8 +57,11 @@ def _real_tokens(x: torch.Tensor, module: nn.Module | None, real: torch.Tensor |
     if real is None or isinstance(module, nn.modules.conv._ConvNd):
         return _tokens(x, module), None
     per_position = x.dim() == real.dim() + 1 and tuple(x.shape[:-1]) == tuple(real.shape)
-    flat = real.dim() == 1 and x.dim() == 2 and x.shape[0] == real.numel()
-    if not (per_position or flat) or bool(real.all()):
+    if not per_position and x.dim() == 2 and x.shape[0] == real.numel():
+        real = real.reshape(-1)  # one row per position, flattened in the batch's order
+    elif not per_position:
+        return _tokens(x, module), None
+    if bool(real.all()):
         return _tokens(x, module), None
     if not bool(real.any()):
         raise MissingInput("every position of the batch is padding (its attention_mask is 0 "
@@ -164,7 +167,6 @@ class SpectralAlignment(Metric):
     def compute(self, ctx: StepContext) -> dict[str, Any]:
         """The alignment statistics of each layer (NaN for a layer that was not called)."""
         cap = ctx.captured(self.data)
-        real = ctx.attention_mask(self.data)
         rows = {k: torch.full((len(self.layers),), math.nan) for k in self.fields()}
         for i, name in enumerate(self.layers):
             # FSDP2 (DTensor shards): this one layer is gathered, on every rank alike
@@ -178,7 +180,7 @@ class SpectralAlignment(Metric):
             key = ("alignment_v", name)
             res = LF.spectral_alignment(
                 weight.reshape(weight.shape[0], -1),
-                _conv_patches(module, cap.inputs[name], real),
+                _conv_patches(module, cap.inputs[name], ctx.attention_mask(self.data, module)),
                 init=ctx.state.get(key),
             )
             if bool(torch.isfinite(res.v).all()) and bool(res.v.any()):
@@ -248,8 +250,9 @@ class _PenultimateMetric(Metric):
                       if self._chosen else "")
             raise MissingInput(
                 f"layer {self.layer!r} was not called in the forward pass{chosen}")
-        return _real_tokens(cap.inputs[str(self.layer)], resolve_module(ctx.model, str(self.layer)),
-                            ctx.attention_mask(self.data))
+        module = resolve_module(ctx.model, str(self.layer))
+        return _real_tokens(cap.inputs[str(self.layer)], module,
+                            ctx.attention_mask(self.data, module))
 
 
 @register
@@ -338,23 +341,30 @@ class Collapse(_PenultimateMetric):
         """Features of positions 0..T-2 and the tokens 1..T-1 they predict (no padding).
 
         Padding is a label of -100, or a position whose ``attention_mask`` is 0 on either
-        side of the prediction (labels copied from ids that hold the pad token).
+        side of the prediction (labels copied from ids that hold the pad token). A list
+        probe's batches are shifted one by one: their lengths may differ.
         """
         self.features(ctx)  # the capture, and its error when the layer was not called
         raw = ctx.captured(self.data).inputs[str(self.layer)]
-        labels = ctx.given_targets(self.data)  # (inputs, targets), or the dict's labels
-        if not isinstance(labels, torch.Tensor):
+        labels = [batch_targets(b) for b in ctx.batches(self.data)]
+        if not all(isinstance(t, torch.Tensor) for t in labels):
             raise MissingInput(f"collapse needs the tokens' labels; the {self.data} has none")
-        if raw.dim() != 3 or labels.shape != raw.shape[:2]:
+        if not all(t.dim() == 2 for t in labels) or raw.shape[-1:] == () \
+                or raw.numel() != raw.shape[-1] * sum(t.numel() for t in labels):
             raise MissingInput("collapse: labels do not match the (batch, position) features")
-        feats = raw[:, :-1].reshape(-1, raw.shape[-1])
-        nxt = labels[:, 1:].reshape(-1).to(feats.device)
-        keep = nxt != -100
-        real = ctx.attention_mask(self.data)
-        if real is not None and tuple(real.shape) == tuple(labels.shape):
-            real = real.to(feats.device)
-            keep &= (real[:, :-1] & real[:, 1:]).reshape(-1)
-        return feats[keep], nxt[keep]
+        masks = ctx.attention_masks(self.data, resolve_module(ctx.model, str(self.layer)))
+        rows = raw.reshape(-1, raw.shape[-1]).split([t.numel() for t in labels])
+        feats, targets = [], []
+        for i, (h, t) in enumerate(zip(rows, labels)):
+            h = h.reshape(*t.shape, -1)
+            nxt = t[:, 1:].to(h.device)
+            keep = nxt != -100
+            if masks is not None and masks[i].shape == t.shape:
+                real = masks[i].to(h.device)
+                keep &= real[:, :-1] & real[:, 1:]
+            feats.append(h[:, :-1][keep])
+            targets.append(nxt[keep])
+        return torch.cat(feats), torch.cat(targets)
 
 
 @register

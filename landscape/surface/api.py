@@ -291,9 +291,9 @@ def trajectory_plane(
     ``arrays/trajectory`` (``(T, 2)``, the path), and the explained variance (ratio) in the
     attributes.
     """
-    nx, ny = _pair(steps, "steps")
-    if x is None or y is None:  # (given coordinates replace the even grid)
-        nx, ny = _grid_steps(nx, "steps"), _grid_steps(ny, "steps")
+    # an axis whose coordinates are given needs no number of steps
+    counts = [None if given is not None else _grid_steps(n, "steps")
+              for n, given in zip(_pair(steps, "steps"), (x, y))]
     if isinstance(margin, bool) or not isinstance(margin, (int, float, np.integer, np.floating)) \
             or not math.isfinite(margin) or margin < 0:
         raise ValueError(f"margin must be a finite number >= 0 (a fraction of the path's "
@@ -305,12 +305,13 @@ def trajectory_plane(
     pca = pca_directions(trajectory, 2, model=model, ignore=ignore, params=params)
     path = pca.path
     axes = []
-    for k, n in zip(range(2), (nx, ny)):
+    for k, (n, given) in enumerate(zip(counts, (x, y))):
+        if n is None:
+            axes.append(given)
+            continue
         lo, hi = float(min(path[:, k].min(), 0.0)), float(max(path[:, k].max(), 0.0))
         width = max(hi - lo, 1e-12)
-        axes.append(_holding(np.linspace(lo - margin * width, hi + margin * width, int(n)),
-                             (0.0,)))
-    axes = [axes[0] if x is None else x, axes[1] if y is None else y]
+        axes.append(_holding(np.linspace(lo - margin * width, hi + margin * width, n), (0.0,)))
     final = pca.final
     center = {}
     offset = 0

@@ -281,7 +281,8 @@ their own dtype, other numbers: resuming one is refused, and the error says why.
 
 def _generator(seed: int, position: int) -> torch.Generator:
     """The generator of the parameter at ``position``: independent of every other's."""
-    state = np.random.SeedSequence([seed, position]).generate_state(1, np.uint64)[0]
+    # (a negative seed, which torch.manual_seed takes, as its 64-bit pattern)
+    state = np.random.SeedSequence([seed % 2**64, position]).generate_state(1, np.uint64)[0]
     return torch.Generator().manual_seed(int(state) & (2**63 - 1))
 
 

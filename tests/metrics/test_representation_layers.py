@@ -511,7 +511,7 @@ def _inputs_of(model, probe, layer):
     handle = model.get_submodule(layer).register_forward_hook(keep)
     model.eval()
     with torch.no_grad():
-        model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"])
+        model(**dict(probe))
     handle.remove()
     return seen["x"]
 
@@ -694,3 +694,97 @@ def test_a_mask_beside_inputs_of_another_shape_is_not_applied_and_all_padding_fa
         mon.step(0, batch=empty)
         failures = [f for f in mon.findings if f.rule == "metric_failed"]
     assert failures and "padding" in failures[0].message
+
+
+def _different_lengths(whole):
+    return [{k: v[:3] for k, v in whole.items()}, {k: v[3:, :8] for k, v in whole.items()}]
+
+
+def test_a_causal_lms_collapse_on_a_list_probe_of_different_lengths(tmp_path):
+    """It raised torch.cat's size error: each batch is shifted on its own now."""
+    model, whole = _padded_gpt2()
+    probe = _different_lengths(whole)
+    path = tmp_path / "run.h5"
+    with ls.Monitor(model, None, path, closure=lambda m, b: m(**b).loss, probe=probe,
+                    metrics=[ls.metrics.Collapse()], strict=True, warn=False) as mon:
+        mon.step(0, batch=probe[0])
+    feats, labels = [], []
+    for b in probe:
+        h, real = _inputs_of(model, b, "lm_head"), b["attention_mask"].bool()
+        keep = real[:, :-1] & real[:, 1:]
+        feats.append(h[:, :-1][keep])
+        labels.append(b["labels"][:, 1:][keep])
+    want = ls.functional.neural_collapse(torch.cat(feats), torch.cat(labels),
+                                         classifier=model.lm_head)
+    assert float(Run.open(path).series("collapse", "nc1")[1][0]) == pytest.approx(
+        float(want.nc1), rel=1e-5)
+
+
+def test_collators_batches_position_ids_and_flattened_heads_keep_the_mask(tmp_path):
+    """A list of BatchEncoding (what DataCollatorWithPadding returns) was read as one
+    (inputs, targets) batch; position_ids of (1, T) dropped the mask; a head fed
+    (N * T, d) rows counted the padding of a single batch."""
+    import transformers
+
+    model, whole = _padded_gpt2()
+    probe = [transformers.BatchEncoding(b) for b in _different_lengths(whole)]
+    tokens = torch.cat([_inputs_of(model, b, "lm_head")[b["attention_mask"].bool()]
+                        for b in probe])
+    with_positions = dict(whole, position_ids=torch.arange(12)[None])
+
+    class Flat(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.head = inner, nn.Linear(16, 5)
+
+        def forward(self, input_ids, attention_mask, labels=None):
+            h = self.inner(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return self.head(h.reshape(-1, h.shape[-1]))
+
+    flat = Flat(model.transformer)
+    cases = [(model, probe, "lm_head", tokens),
+             (model, with_positions, "lm_head",
+              _inputs_of(model, whole, "lm_head")[whole["attention_mask"].bool()]),
+             (flat, whole, "head",
+              _inputs_of(model, whole, "lm_head")[whole["attention_mask"].bool()])]
+    for i, (net, data, layer, want) in enumerate(cases):
+        path = tmp_path / f"run{i}.h5"
+
+        def closure(m, b):
+            return m(**b).square().mean() if m is flat else m(**b).loss
+
+        with ls.Monitor(net, None, path, closure=closure, probe=data, strict=True, warn=False,
+                        metrics=[ls.metrics.Representation(layer=layer)]) as mon:
+            mon.step(0, batch=data[0] if isinstance(data, list) else data)
+        got = float(Run.open(path).series("representation", "uniformity")[1][0])
+        # lm_head's input is the final layer norm's output; the flat model's head reads
+        # the transformer's last hidden state, which is the same tensor
+        assert got == pytest.approx(float(ls.functional.uniformity(want).value), rel=1e-5), i
+
+
+def test_an_encoder_decoders_encoder_layers_read_its_mask(tmp_path):
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+        decoder_start_token_id=0, pad_token_id=0))
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, 40, (5, 8), generator=g)
+    mask = torch.ones_like(ids)
+    mask[:3, 5:] = 0
+    probe = {"input_ids": ids, "attention_mask": mask,
+             "labels": torch.randint(1, 40, (5, 8), generator=g)}
+    layers = ["encoder.block.0.layer.1.DenseReluDense.wi",
+              "decoder.block.0.layer.2.DenseReluDense.wi"]
+    path = tmp_path / "run.h5"
+    with ls.Monitor(model, None, path, closure=lambda m, b: m(**b).loss, probe=probe,
+                    metrics=[ls.metrics.SpectralAlignment(layers=layers)], strict=True,
+                    warn=False) as mon:
+        mon.step(0, batch=probe)
+    got = Run.open(path).series("spectral_alignment", "mean_abs_cos")[1][0]
+    encoder, decoder = (_inputs_of(model, probe, layer) for layer in layers)
+    weights = [model.get_submodule(layer).weight.detach() for layer in layers]
+    assert got[0] == pytest.approx(_sign_stats(encoder[mask.bool()], weights[0])[1], rel=1e-4)
+    assert got[1] == pytest.approx(_sign_stats(decoder.reshape(-1, 16), weights[1])[1],
+                                   rel=1e-4)

@@ -285,3 +285,10 @@ def test_a_float16_direction_with_a_zero_row_stays_finite():
     (out,) = normalize_direction([d], [w], "filter")
     rows = out.float().norm(dim=1)
     torch.testing.assert_close(rows[[0, 2]], w.float().norm(dim=1)[[0, 2]], rtol=2e-3, atol=0)
+
+
+def test_a_negative_seed_draws_as_torch_manual_seed_takes_it():
+    model = _cnn_with_head()
+    a, b = random_directions(model, 1, seed=-1), random_directions(model, 1, seed=-1)
+    assert all(torch.equal(s, t) for s, t in zip(a.vectors[0], b.vectors[0]))
+    assert not torch.equal(a.vectors[0][0], random_directions(model, 1, seed=1).vectors[0][0])

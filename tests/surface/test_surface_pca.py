@@ -295,3 +295,19 @@ def test_trajectory_plane_takes_integer_margins_and_given_coordinates_without_st
                             margin=np.int64(0), steps=1, x=[-1.0, 0.0], y=[0.0, 1.0],
                             progress=False)
     assert surf.values["loss"].shape == (2, 2)
+
+
+def test_trajectory_plane_needs_no_steps_on_an_axis_whose_coordinates_are_given():
+    model = models.mlp()
+    x, y = models.classification_data()
+    states, *_ = _synthetic(model)
+    arch = models.mlp(seed=3)
+    both = trajectory_plane(arch, F.cross_entropy, (x, y), states, steps=None,
+                            x=[-1.0, 0.0], y=[0.0, 1.0], progress=False)
+    assert both.values["loss"].shape == (2, 2)
+    one = trajectory_plane(arch, F.cross_entropy, (x, y), states, steps=(1, 3), x=[0.0, 1.0],
+                           progress=False)
+    assert one.values["loss"].shape[1] == 2 and one.values["loss"].shape[0] in (3, 4)  # (+0)
+    with pytest.raises(ValueError, match="steps must be"):
+        trajectory_plane(arch, F.cross_entropy, (x, y), states, steps=(3, 1), x=[0.0, 1.0],
+                         progress=False)
