@@ -24,7 +24,6 @@ from torch import nn
 from landscape import distributed as _dist
 from landscape._deprecation import deprecated_alias
 from landscape._errors import MissingInput
-from landscape._hf import peft_base
 from landscape.batches import (
     PAIR_KEYS,
     WHOLE_PAIR_KEYS,
@@ -186,8 +185,8 @@ def keyword_batch(batch: Any) -> bool:
     return isinstance(batch, Mapping) and _pair_keys(batch) is None
 
 
-_OTHER_POSITIONS = ("decoder_", "pixel_", "image", "input_values", "input_features", "audio",
-                    "visual", "video")
+_OTHER_POSITIONS = ("decoder_", "encoder_", "cross_", "pixel_", "image", "input_values",
+                    "input_features", "audio", "visual", "video")
 """Keys of a keyword batch whose tensors have positions of their own, not the text's."""
 
 
@@ -195,9 +194,10 @@ def _one_sequence(batch: Mapping[str, Any], shape: tuple[int, ...]) -> bool:
     """Whether the ``(N, T)`` ``attention_mask`` of a keyword ``batch`` describes its positions.
 
     Not when the batch holds inputs with positions of their own (:data:`_OTHER_POSITIONS`:
-    pixels, audio, a decoder's ids) or a tensor of three or more dimensions other than one
-    row of features per position ``(N, T, d)`` (embeddings given for the ids, a layout
-    model's boxes). Ids, labels of any shape and ``position_ids`` of ``(1, T)`` are fine.
+    pixels, audio, a decoder's ids, an encoder's states for cross-attention) or a tensor
+    of three or more dimensions other than one row of features per position ``(N, T, d)``
+    (embeddings given for the ids, a layout model's boxes). Ids, labels of any shape and
+    ``position_ids`` of ``(1, T)`` are fine.
     """
     for key, value in batch.items():
         if not isinstance(value, torch.Tensor) or value.dim() == 0 or key == "attention_mask":
@@ -597,12 +597,9 @@ class StepContext:
         encoder's: it applies to a ``layer`` inside the encoder only, never to the
         decoder's positions that a head reads, even where their number is the same.
         """
-        model = peft_base(_dist.unwrap(self.model))
-        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-            encoder = model.get_encoder() if hasattr(model, "get_encoder") else None
-            if layer is None or not isinstance(encoder, nn.Module) \
-                    or not any(m is layer for m in encoder.modules()):
-                return None
+        encoder = self._encoder_modules()
+        if encoder is not None and (layer is None or id(layer) not in encoder):
+            return None
         masks = []
         for b in self.batches(source):
             mask = b.get("attention_mask") if keyword_batch(b) else None
@@ -611,6 +608,25 @@ class StepContext:
                 return None
             masks.append(mask != 0)
         return masks
+
+    def _encoder_modules(self) -> set[int] | None:
+        """The ids of an encoder-decoder model's encoder modules; None for other models.
+
+        The first module of the model (a wrapper's too: a LightningModule holding a T5)
+        whose ``config`` says ``is_encoder_decoder``; an encoder it cannot name
+        (``get_encoder`` missing, or giving the model itself) holds nothing. Once a step.
+        """
+        if "encoder_modules" not in self._cache:
+            found = None
+            for m in _dist.unwrap(self.model).modules():
+                if getattr(getattr(m, "config", None), "is_encoder_decoder", False):
+                    get = getattr(m, "get_encoder", None)
+                    encoder = get() if callable(get) else None
+                    found = ({id(e) for e in encoder.modules()}
+                             if isinstance(encoder, nn.Module) and encoder is not m else set())
+                    break
+            self._cache["encoder_modules"] = found
+        return self._cache["encoder_modules"]
 
     def attention_mask(self, source: str, layer: nn.Module | None = None
                        ) -> torch.Tensor | None:

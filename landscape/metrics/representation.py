@@ -349,8 +349,13 @@ class Collapse(_PenultimateMetric):
         labels = [batch_targets(b) for b in ctx.batches(self.data)]
         if not all(isinstance(t, torch.Tensor) for t in labels):
             raise MissingInput(f"collapse needs the tokens' labels; the {self.data} has none")
-        if not all(t.dim() == 2 for t in labels) or raw.shape[-1:] == () \
-                or raw.numel() != raw.shape[-1] * sum(t.numel() for t in labels):
+        if raw.dim() == 3:  # one length: the (samples, positions) of the labels exactly
+            fits = len({t.shape[1:] for t in labels}) == 1 and all(t.dim() == 2 for t in labels) \
+                and tuple(raw.shape[:2]) == (sum(t.shape[0] for t in labels), labels[0].shape[1])
+        else:  # rows, one per position (lengths that differ, or a head fed N*T rows)
+            fits = raw.dim() == 2 and all(t.dim() == 2 for t in labels) \
+                and raw.shape[0] == sum(t.numel() for t in labels)
+        if not fits:
             raise MissingInput("collapse: labels do not match the (batch, position) features")
         masks = ctx.attention_masks(self.data, resolve_module(ctx.model, str(self.layer)))
         rows = raw.reshape(-1, raw.shape[-1]).split([t.numel() for t in labels])

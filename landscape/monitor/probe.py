@@ -25,7 +25,7 @@ from landscape.batches import (
     rebuilt,
 )
 from landscape.capture import first_tensor
-from landscape.metrics.context import each_batch, inputs_in, target_place
+from landscape.metrics.context import each_batch, inputs_in, is_batch_list, target_place
 from landscape.store import RunWriter
 
 __all__ = ["PROBE_BYTES", "PROBE_NOTE", "inputs_in_models_dtype", "restore_probe", "store_probe",
@@ -56,8 +56,18 @@ def take_probe(batch: Any, size: int) -> tuple[Any, int]:
     The monitor says once on the ``landscape`` logger that it took it (rank 0 under
     ``torch.distributed``).
     """
-    probe = map_tensors(head(batch, size), lambda t: t.detach().clone())
-    kept = leading_size(probe) or size
+    if is_batch_list(batch):  # micro-batches: the first samples across them, in order
+        parts, kept = [], 0
+        for part in batch:
+            if kept >= size:
+                break
+            n = min(size - kept, leading_size(part) or size - kept)
+            parts.append(head(part, n))
+            kept += n
+        probe = map_tensors(parts, lambda t: t.detach().clone())
+    else:
+        probe = map_tensors(head(batch, size), lambda t: t.detach().clone())
+        kept = leading_size(probe) or size
     if _dist.rank() == 0:  # every rank takes its own; one says so
         _log.warning(PROBE_NOTE, kept)
     return probe, kept

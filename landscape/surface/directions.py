@@ -274,7 +274,8 @@ def random_directions(
 
 DRAW = "per-parameter"
 """How :func:`random_directions` draws, stored with a surface's directions: one generator
-per parameter, seeded by ``numpy.random.SeedSequence([seed, position])``. Surfaces begun
+per parameter, seeded by ``numpy.random.SeedSequence([seed mod 2**64, position])`` (a
+negative seed as its 64-bit pattern). Surfaces begun
 before it (no ``draw`` attribute) drew from one generator over the selected parameters in
 their own dtype, other numbers: resuming one is refused, and the error says why."""
 

@@ -788,3 +788,79 @@ def test_an_encoder_decoders_encoder_layers_read_its_mask(tmp_path):
     assert got[0] == pytest.approx(_sign_stats(encoder[mask.bool()], weights[0])[1], rel=1e-4)
     assert got[1] == pytest.approx(_sign_stats(decoder.reshape(-1, 16), weights[1])[1],
                                    rel=1e-4)
+
+
+class _CrossReader(nn.Module):
+    """Token features, and a layer reading an encoder's states of the same length."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.cross, self.head = nn.Embedding(20, 8), nn.Linear(8, 8), \
+            nn.Linear(8, 3)
+
+    def forward(self, input_ids, attention_mask, encoder_hidden_states):
+        return self.head(self.embed(input_ids) + self.cross(encoder_hidden_states))
+
+
+def test_an_encoders_states_beside_the_ids_are_not_cut_by_the_decoders_mask(tmp_path):
+    torch.manual_seed(0)
+    model = _CrossReader()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 20, (4, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[:2, 4:] = 0
+    states = torch.randn(4, 6, 8, generator=g)
+    probe = {"input_ids": ids, "attention_mask": mask, "encoder_hidden_states": states}
+    path = tmp_path / "run.h5"
+    with ls.Monitor(model, None, path, closure=lambda m, b: m(**b).square().mean(),
+                    probe=probe, metrics=[ls.metrics.Representation(layer="cross")],
+                    strict=True, warn=False) as mon:
+        mon.step(0, batch=probe)
+    got = float(Run.open(path).series("representation", "uniformity")[1][0])
+    assert got == pytest.approx(float(ls.functional.uniformity(states.reshape(-1, 8)).value),
+                                rel=1e-5)
+
+
+def test_collapse_refuses_labels_laid_out_otherwise_than_its_features(tmp_path):
+    """Labels of (T, N) against features of (N, T, d): the same count, other positions."""
+    model, whole = _padded_gpt2()
+    ids = whole["input_ids"][:4, :6]
+    probe = {"input_ids": ids, "labels": ids.T.contiguous()}
+    with ls.Monitor(model, None, tmp_path / "run.h5", closure=lambda m, b: m(**b).logits.mean(),
+                    probe=probe, metrics=[ls.metrics.Collapse()], warn=False) as mon:
+        mon.step(0, batch=probe)
+        failures = [f for f in mon.findings if f.rule == "metric_failed"]
+    assert failures and "labels do not match" in failures[0].message
+
+
+def test_a_wrapper_holding_an_encoder_decoder_keeps_its_mask_off_the_head(tmp_path):
+    """A LightningModule-style wrapper has no config: the T5 inside it is found."""
+    import transformers
+
+    torch.manual_seed(0)
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+        decoder_start_token_id=0, pad_token_id=0))
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = t5
+
+        def forward(self, **batch):
+            return self.net(**batch)
+
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, 40, (5, 8), generator=g)
+    mask = torch.ones_like(ids)
+    mask[:3, 5:] = 0
+    probe = {"input_ids": ids, "attention_mask": mask,
+             "labels": torch.randint(1, 40, (5, 8), generator=g)}
+    path = tmp_path / "run.h5"
+    with ls.Monitor(Wrapper(), None, path, closure=lambda m, b: m(**b).loss, probe=probe,
+                    metrics=[ls.metrics.Representation(layer="net.lm_head")], strict=True,
+                    warn=False) as mon:
+        mon.step(0, batch=probe)
+    tokens = _inputs_of(t5, probe, "lm_head").reshape(-1, 16)
+    got = float(Run.open(path).series("representation", "uniformity")[1][0])
+    assert got == pytest.approx(float(ls.functional.uniformity(tokens).value), rel=1e-5)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import landscape as ls
 from tests import models
@@ -254,3 +255,22 @@ def test_a_resumed_run_keeps_the_dense_window_its_sentinels_opened(tmp_path, mon
         # r is first measured at step 1 and opens the window from step 2; dense through
         # the resume (steps 4 and 5 are off the every-10 schedule)
         assert run.steps("update").tolist() == [0, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("sizes", [(8, 8), (3, 6), (8, 6)])
+def test_the_default_probe_of_micro_batches_takes_the_first_samples_across_them(sizes):
+    """A list of micro-batches was cut batch by batch: [8, 6] kept 4 + 6 samples while the
+    run file said 4."""
+    g = torch.Generator().manual_seed(0)
+    batches = [{"x": torch.randn(n, 4, generator=g), "y": torch.randint(0, 3, (n,),
+                                                                       generator=g)}
+               for n in sizes]
+    model = nn.Linear(4, 3)  # its own classifier layer (layer="")
+    with ls.Monitor(model, F.cross_entropy, warn=False, probe_size=4,
+                    metrics=[ls.metrics.Representation(layer="", schedule=1)]) as mon:
+        mon.step(0, batch=batches, loss=torch.tensor(1.0))
+        probe, run = mon.probe, mon.run()
+    assert [len(b["y"]) for b in probe] == ([4] if sizes[0] >= 4 else [3, 1])
+    assert torch.equal(torch.cat([b["x"] for b in probe]),
+                       torch.cat([b["x"] for b in batches])[:4])
+    assert list(run.series("probe", "samples")[1]) == [4]
