@@ -202,8 +202,8 @@ def _one_sequence(batch: Mapping[str, Any], shape: tuple[int, ...]) -> bool:
     for key, value in batch.items():
         if not isinstance(value, torch.Tensor) or value.dim() == 0 or key == "attention_mask":
             continue
-        if key.startswith(_OTHER_POSITIONS):
-            return False
+        if key.startswith(_OTHER_POSITIONS) and value.shape[0] == shape[0]:
+            return False  # (not a per-layer head mask, whose rows are layers)
         if value.dim() >= 3 and (value.dim() > 3 or tuple(value.shape[:2]) != shape):
             return False
     return True

@@ -50,6 +50,13 @@ PROBE_NOTE = ("landscape: no probe= given; the monitor keeps the first %d sample
 """What :func:`take_probe` logs once (the demo, whose own choice it is, leaves it out)."""
 
 
+LIST_NOTE = ("landscape: the first training batch is a list of %d parts laid out "
+             "differently, read as micro-batches (several batches); if it is one batch of "
+             "several parts (a query and a document: a DataLoader collates tuple samples "
+             "into a list), pass batch=tuple(batch)")
+"""What :func:`take_probe` logs when a list of batches looks like one batch of parts."""
+
+
 def take_probe(batch: Any, size: int) -> tuple[Any, int]:
     """A detached copy of the first ``size`` samples of ``batch``, and how many it holds.
 
@@ -57,14 +64,18 @@ def take_probe(batch: Any, size: int) -> tuple[Any, int]:
     ``torch.distributed``).
     """
     if is_batch_list(batch):  # micro-batches: the first samples across them, in order
+        if len({tuple(_layout(part)) for part in batch}) > 1 and _dist.rank() == 0:
+            _log.warning(LIST_NOTE, len(batch))
         parts, kept = [], 0
         for part in batch:
             if kept >= size:
                 break
-            n = min(size - kept, leading_size(part) or size - kept)
-            parts.append(head(part, n))
-            kept += n
-        probe = map_tensors(parts, lambda t: t.detach().clone())
+            have = leading_size(part)
+            n = size - kept if have is None else min(size - kept, have)
+            if n > 0:  # (an empty micro-batch adds nothing)
+                parts.append(head(part, n))
+                kept += n
+        probe = map_tensors(parts or [head(batch[0], size)], lambda t: t.detach().clone())
     else:
         probe = map_tensors(head(batch, size), lambda t: t.detach().clone())
         kept = leading_size(probe) or size
@@ -112,7 +123,12 @@ def restore_probe(writer: RunWriter, batch: Any) -> Any | None:
             probe = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as err:  # written by a newer torch, damaged: take a new one
             why = f"cannot be read back ({err})"
-    if probe is not None and _layout(probe) != _layout(batch):
+    # a probe taken from micro-batches holds as many as it needed: each is laid out as
+    # this run's first micro-batch
+    several = is_batch_list(batch) and isinstance(probe, list) and bool(probe)
+    fits = (all(_layout(part) == _layout(batch[0]) for part in probe) if several
+            else probe is not None and _layout(probe) == _layout(batch))
+    if probe is not None and not fits:
         # another model appended to the file (a warning said so): its batches differ
         probe, why = None, "does not fit this run's batches (other shapes or dtypes)"
     if probe is None:
@@ -124,6 +140,9 @@ def restore_probe(writer: RunWriter, batch: Any) -> Any | None:
     if first is not None:
         probe = map_tensors(probe, lambda t: t.to(first.device))
     _log.info("landscape: resuming with the probe stored in the run file")
+    if several:
+        return [in_containers_of(part, batch[min(i, len(batch) - 1)])
+                for i, part in enumerate(probe)]
     return in_containers_of(probe, batch)
 
 

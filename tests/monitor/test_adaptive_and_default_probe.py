@@ -274,3 +274,42 @@ def test_the_default_probe_of_micro_batches_takes_the_first_samples_across_them(
     assert torch.equal(torch.cat([b["x"] for b in probe]),
                        torch.cat([b["x"] for b in batches])[:4])
     assert list(run.series("probe", "samples")[1]) == [4]
+
+
+@pytest.mark.parametrize("sizes", [(8, 8), (3, 6)])
+def test_a_default_probe_of_micro_batches_is_read_back_on_resume(tmp_path, sizes, caplog):
+    """The probe keeps as many micro-batches as it needs: the resumed run's list of
+    batches compared whole with it made every resume take a new probe."""
+    import transformers
+
+    g = torch.Generator().manual_seed(0)
+    batches = [transformers.BatchEncoding({"x": torch.randn(n, 4, generator=g),
+                                           "y": torch.randint(0, 3, (n,), generator=g)})
+               for n in sizes]
+    model, path = nn.Linear(4, 3), tmp_path / "run.h5"
+    metrics = [ls.metrics.Representation(layer="", schedule=1)]
+    with ls.Monitor(model, F.cross_entropy, path, warn=False, probe_size=4,
+                    metrics=metrics) as mon:
+        mon.step(0, batch=batches, loss=torch.tensor(1.0))
+        first = mon.probe
+    with caplog.at_level(logging.INFO, logger="landscape"):
+        with ls.Monitor(model, F.cross_entropy, path, warn=False, probe_size=4,
+                        metrics=metrics) as mon:
+            mon.step(1, batch=batches, loss=torch.tensor(1.0))
+            again = mon.probe
+    assert any("resuming with the probe stored" in r.message for r in caplog.records)
+    assert list(ls.Run.open(path).series("probe", "samples")[0]) == [0]
+    assert len(again) == len(first)
+    for a, b in zip(first, again):
+        assert isinstance(b, transformers.BatchEncoding) and torch.equal(a["x"], b["x"])
+
+
+def test_an_empty_micro_batch_adds_no_samples_to_the_default_probe():
+    g = torch.Generator().manual_seed(0)
+    batches = [{"x": torch.randn(n, 4, generator=g), "y": torch.randint(0, 3, (n,), generator=g)}
+               for n in (0, 6)]
+    with ls.Monitor(nn.Linear(4, 3), F.cross_entropy, warn=False, probe_size=4,
+                    metrics=[ls.metrics.Representation(layer="", schedule=1)]) as mon:
+        mon.step(0, batch=batches, loss=torch.tensor(1.0))
+        assert [len(b["y"]) for b in mon.probe] == [4]
+        assert list(mon.run().series("probe", "samples")[1]) == [4]
