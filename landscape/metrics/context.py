@@ -148,7 +148,7 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     the other gives wrong numbers without a word.
 
     Args:
-        batch: ``(inputs, targets)``, or a dict with the keys ``inputs``/``targets``,
+        batch: ``(inputs, targets)``, or a mapping with the keys ``inputs``/``targets``,
             ``x``/``y``, ``image``/``label``, ``images``/``labels`` or
             ``input_ids``/``labels``.
 
@@ -160,7 +160,7 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     """
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):  # (a collator's BatchEncoding too)
         keys = _pair_keys(batch) or (("input_ids", "labels")
                                      if "input_ids" in batch and "labels" in batch else None)
         if keys is not None:

@@ -313,3 +313,20 @@ def test_an_empty_micro_batch_adds_no_samples_to_the_default_probe():
         mon.step(0, batch=batches, loss=torch.tensor(1.0))
         assert [len(b["y"]) for b in mon.probe] == [4]
         assert list(mon.run().series("probe", "samples")[1]) == [4]
+
+
+def test_a_mapping_that_is_not_a_dict_is_an_inputs_targets_pair():
+    """{x, y} in a BatchEncoding (a UserDict) failed: 'needs (inputs, targets) batches'."""
+    import transformers
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 4, generator=g), torch.randint(0, 3, (6,), generator=g)
+    model = nn.Linear(4, 3)
+    rows = {}
+    for name, batch in (("dict", {"x": x, "y": y}),
+                        ("mapping", transformers.BatchEncoding({"x": x, "y": y}))):
+        with ls.Monitor(model, F.cross_entropy, probe=batch, warn=False, strict=True,
+                        metrics=[ls.metrics.TopEigenvalues(k=1, schedule=1)]) as mon:
+            mon.step(0, batch=batch, loss=torch.tensor(1.0))
+            rows[name] = mon.run().series("top_eigenvalues", "eigenvalues")[1]
+    assert rows["dict"] == pytest.approx(rows["mapping"]) and rows["dict"][0][0] > 0
