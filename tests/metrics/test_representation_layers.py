@@ -589,9 +589,8 @@ def test_padding_of_a_token_classifier_keyword_batch_leaves_its_labels_out_too(t
         float(want.nc1), rel=1e-6)
 
 
-def test_an_encoder_decoders_mask_is_not_applied_to_its_decoder_positions(tmp_path):
-    """T5's attention_mask marks the encoder's padding; its head reads decoder positions,
-    as many as the encoder's here by chance: they all count."""
+def _padded_t5():
+    """A T5 and a probe whose encoder inputs are padded, as long as its decoder's labels."""
     import transformers
 
     torch.manual_seed(0)
@@ -603,7 +602,13 @@ def test_an_encoder_decoders_mask_is_not_applied_to_its_decoder_positions(tmp_pa
     labels = torch.randint(1, 40, (5, 8), generator=g)
     mask = torch.ones_like(ids)
     mask[:3, 5:] = 0
-    probe = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return model, {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def test_an_encoder_decoders_mask_is_not_applied_to_its_decoder_positions(tmp_path):
+    """T5's attention_mask marks the encoder's padding; its head reads decoder positions,
+    as many as the encoder's here by chance: they all count."""
+    model, probe = _padded_t5()
     path = tmp_path / "run.h5"
     with ls.Monitor(model, None, path, closure=lambda m, b: m(**b).loss, probe=probe,
                     metrics=[ls.metrics.Representation(layer="lm_head")], strict=True,
@@ -763,18 +768,8 @@ def test_collators_batches_position_ids_and_flattened_heads_keep_the_mask(tmp_pa
 
 
 def test_an_encoder_decoders_encoder_layers_read_its_mask(tmp_path):
-    import transformers
-
-    torch.manual_seed(0)
-    model = transformers.T5ForConditionalGeneration(transformers.T5Config(
-        vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-        decoder_start_token_id=0, pad_token_id=0))
-    g = torch.Generator().manual_seed(4)
-    ids = torch.randint(1, 40, (5, 8), generator=g)
-    mask = torch.ones_like(ids)
-    mask[:3, 5:] = 0
-    probe = {"input_ids": ids, "attention_mask": mask,
-             "labels": torch.randint(1, 40, (5, 8), generator=g)}
+    model, probe = _padded_t5()
+    mask = probe["attention_mask"]
     layers = ["encoder.block.0.layer.1.DenseReluDense.wi",
               "decoder.block.0.layer.2.DenseReluDense.wi"]
     path = tmp_path / "run.h5"
@@ -835,12 +830,7 @@ def test_collapse_refuses_labels_laid_out_otherwise_than_its_features(tmp_path):
 
 def test_a_wrapper_holding_an_encoder_decoder_keeps_its_mask_off_the_head(tmp_path):
     """A LightningModule-style wrapper has no config: the T5 inside it is found."""
-    import transformers
-
-    torch.manual_seed(0)
-    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
-        vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-        decoder_start_token_id=0, pad_token_id=0))
+    t5, probe = _padded_t5()
 
     class Wrapper(nn.Module):
         def __init__(self):
@@ -850,12 +840,6 @@ def test_a_wrapper_holding_an_encoder_decoder_keeps_its_mask_off_the_head(tmp_pa
         def forward(self, **batch):
             return self.net(**batch)
 
-    g = torch.Generator().manual_seed(4)
-    ids = torch.randint(1, 40, (5, 8), generator=g)
-    mask = torch.ones_like(ids)
-    mask[:3, 5:] = 0
-    probe = {"input_ids": ids, "attention_mask": mask,
-             "labels": torch.randint(1, 40, (5, 8), generator=g)}
     path = tmp_path / "run.h5"
     with ls.Monitor(Wrapper(), None, path, closure=lambda m, b: m(**b).loss, probe=probe,
                     metrics=[ls.metrics.Representation(layer="net.lm_head")], strict=True,
