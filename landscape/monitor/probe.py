@@ -45,6 +45,20 @@ def _layout(batch: Any) -> list[tuple[int, torch.dtype]]:
     return found
 
 
+def _parts(batch: Any) -> Any:
+    """What a micro-batch holds, for telling a list of batches from one batch of parts.
+
+    A mapping's keys with their tensors' dimensions (in any order, any dtype), or a
+    sequence's dimensions; sizes never count (a last micro-batch may be short).
+    """
+    if isinstance(batch, Mapping):
+        return frozenset((k, v.dim() if isinstance(v, torch.Tensor) else None)
+                         for k, v in batch.items())
+    if isinstance(batch, (tuple, list)):
+        return tuple(v.dim() if isinstance(v, torch.Tensor) else None for v in batch)
+    return None
+
+
 PROBE_NOTE = ("landscape: no probe= given; the monitor keeps the first %d samples of the "
               "first training batch as its fixed probe (probe_size=None turns this off)")
 """What :func:`take_probe` logs once (the demo, whose own choice it is, leaves it out)."""
@@ -64,7 +78,7 @@ def take_probe(batch: Any, size: int) -> tuple[Any, int]:
     ``torch.distributed``).
     """
     if is_batch_list(batch):  # micro-batches: the first samples across them, in order
-        if len({tuple(_layout(part)) for part in batch}) > 1 and _dist.rank() == 0:
+        if len({_parts(part) for part in batch}) > 1 and _dist.rank() == 0:
             _log.warning(LIST_NOTE, len(batch))
         parts, kept = [], 0
         for part in batch:
@@ -124,10 +138,14 @@ def restore_probe(writer: RunWriter, batch: Any) -> Any | None:
         except Exception as err:  # written by a newer torch, damaged: take a new one
             why = f"cannot be read back ({err})"
     # a probe taken from micro-batches holds as many as it needed: each is laid out as
-    # this run's first micro-batch
-    several = is_batch_list(batch) and isinstance(probe, list) and bool(probe)
-    fits = (all(_layout(part) == _layout(batch[0]) for part in probe) if several
-            else probe is not None and _layout(probe) == _layout(batch))
+    # this run's micro-batch of its place (the last one's past the end)
+    several = is_batch_list(batch) and is_batch_list(probe)
+
+    def like(i: int) -> Any:  # the run's micro-batch that stored part i is read against
+        return batch[min(i, len(batch) - 1)]
+
+    fits = (all(_layout(part) == _layout(like(i)) for i, part in enumerate(probe))
+            if several else probe is not None and _layout(probe) == _layout(batch))
     if probe is not None and not fits:
         # another model appended to the file (a warning said so): its batches differ
         probe, why = None, "does not fit this run's batches (other shapes or dtypes)"
@@ -141,8 +159,7 @@ def restore_probe(writer: RunWriter, batch: Any) -> Any | None:
         probe = map_tensors(probe, lambda t: t.to(first.device))
     _log.info("landscape: resuming with the probe stored in the run file")
     if several:
-        return [in_containers_of(part, batch[min(i, len(batch) - 1)])
-                for i, part in enumerate(probe)]
+        return [in_containers_of(part, like(i)) for i, part in enumerate(probe)]
     return in_containers_of(probe, batch)
 
 

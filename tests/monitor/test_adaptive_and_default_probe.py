@@ -330,3 +330,39 @@ def test_a_mapping_that_is_not_a_dict_is_an_inputs_targets_pair():
             mon.step(0, batch=batch, loss=torch.tensor(1.0))
             rows[name] = mon.run().series("top_eigenvalues", "eigenvalues")[1]
     assert rows["dict"] == pytest.approx(rows["mapping"]) and rows["dict"][0][0] > 0
+
+
+def test_micro_batches_laid_out_differently_are_read_back_part_by_part(tmp_path, caplog):
+    """Each stored part is read against the run's micro-batch of its place."""
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(2, 4, generator=g), torch.randint(0, 3, (2,), generator=g)),
+               (torch.randn(6, 4, generator=g),
+                torch.randint(0, 3, (6,), generator=g).to(torch.int32))]
+    model, path = nn.Linear(4, 3), tmp_path / "run.h5"
+    metrics = [ls.metrics.Representation(layer="", schedule=1)]
+    for step in range(2):
+        with caplog.at_level(logging.INFO, logger="landscape"):
+            with ls.Monitor(model, F.cross_entropy, path, warn=False, probe_size=4,
+                            metrics=metrics) as mon:
+                mon.step(step, batch=batches, loss=torch.tensor(1.0))
+    assert any("resuming with the probe stored" in r.message for r in caplog.records)
+    assert not any("does not fit" in r.message for r in caplog.records)
+    assert list(ls.Run.open(path).series("probe", "samples")[0]) == [0]
+
+
+def test_micro_batches_that_differ_in_key_order_or_dtype_alone_are_not_said_to_be_parts(
+        caplog):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 4, generator=g)
+    y = torch.randint(0, 3, (4,), generator=g)
+    alike = [{"x": x, "y": y}, {"y": y.to(torch.int32), "x": x}]
+    parts = [{"q": x, "y": y}, {"d": x[:, :2], "e": x}]
+    said = []
+    for batch in (alike, parts):
+        with caplog.at_level(logging.WARNING, logger="landscape"):
+            caplog.clear()
+            with ls.Monitor(nn.Linear(4, 3), F.cross_entropy, warn=False, probe_size=4,
+                            metrics=[ls.metrics.Representation(layer="", schedule=1)]) as mon:
+                mon.step(0, batch=batch, loss=torch.tensor(1.0))
+            said.append(any("laid out differently" in r.message for r in caplog.records))
+    assert said == [False, True]
