@@ -135,6 +135,17 @@ class Batches:
         return self.x[idx], self.y[idx]
 
 
+def pretrain(model: nn.Module, opt: torch.optim.Optimizer, batches: Batches,
+             steps: int) -> None:
+    """Train ``model`` on ``batches`` with the cross-entropy, unmonitored (a teacher, a body)."""
+    for _ in range(steps):
+        xb, yb = batches.next()
+        loss = F.cross_entropy(model(xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 @functools.lru_cache(maxsize=1)
 def pseudo_text(length: int = 200_000) -> tuple[torch.Tensor, int]:
     """English-like text as character codes, and the number of distinct characters.
@@ -510,13 +521,7 @@ def _pretrained_body(seed: int, steps: int) -> tuple[nn.Module, torch.Tensor, to
     body = mlp(outputs=64, depth=2)
     pre = nn.Sequential(body, nn.ReLU(), nn.Linear(64, 5))
     opt = torch.optim.Adam(pre.parameters(), lr=1e-3)
-    b = Batches(x[y < 5], y[y < 5], 32, seed)
-    for _ in range(min(600, steps)):
-        xb, yb = b.next()
-        loss = F.cross_entropy(pre(xb), yb)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    pretrain(pre, opt, Batches(x[y < 5], y[y < 5], 32, seed), min(600, steps))
     return body, x, y
 
 
@@ -779,13 +784,7 @@ def distill_kd(seed: int, steps: int, temperature: float = 4.0) -> Trial:
     x, y = digits()
     teacher = mlp(hidden=256)
     topt = torch.optim.Adam(teacher.parameters(), lr=1e-3)
-    tb = Batches(x, y, 64, seed + 1)
-    for _ in range(min(800, steps)):
-        xb, yb = tb.next()
-        loss = F.cross_entropy(teacher(xb), yb)
-        topt.zero_grad()
-        loss.backward()
-        topt.step()
+    pretrain(teacher, topt, Batches(x, y, 64, seed + 1), min(800, steps))
     teacher.eval()
     model = mlp(hidden=32)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
