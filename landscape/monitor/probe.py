@@ -74,8 +74,11 @@ LIST_NOTE = ("landscape: the first training batch is a list of %d parts laid out
 def take_probe(batch: Any, size: int) -> tuple[Any, int]:
     """A detached copy of the first ``size`` samples of ``batch``, and how many it holds.
 
-    The monitor says once on the ``landscape`` logger that it took it (rank 0 under
-    ``torch.distributed``).
+    From a list of micro-batches (:func:`~landscape.metrics.context.is_batch_list`), the
+    first ``size`` samples across them in order, as a list of as many as they fill (empty
+    ones skipped); a warning when the list's parts are laid out differently
+    (:data:`LIST_NOTE`). The monitor says once on the ``landscape`` logger that it took
+    it (rank 0 under ``torch.distributed``).
     """
     if is_batch_list(batch):  # micro-batches: the first samples across them, in order
         if len({_parts(part) for part in batch}) > 1 and _dist.rank() == 0:

@@ -275,9 +275,9 @@ def random_directions(
 DRAW = "per-parameter"
 """How :func:`random_directions` draws, stored with a surface's directions: one generator
 per parameter, seeded by ``numpy.random.SeedSequence([seed mod 2**64, position])`` (a
-negative seed as its 64-bit pattern). Surfaces begun
-before it (no ``draw`` attribute) drew from one generator over the selected parameters in
-their own dtype, other numbers: resuming one is refused, and the error says why."""
+negative seed as its 64-bit pattern). Surfaces begun before it (no ``draw`` attribute)
+drew from one generator over the selected parameters in their own dtype, other numbers:
+resuming one is refused, and the error says why."""
 
 
 def _generator(seed: int, position: int) -> torch.Generator:
