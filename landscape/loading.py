@@ -852,7 +852,7 @@ def _materialize_lazy(net: nn.Module, batch: Any) -> None:
         return
     from landscape.batches import model_call
     from landscape.isolation import isolated
-    from landscape.metrics.context import split_batch
+    from landscape.metrics.batch_parts import split_batch
 
     try:
         inputs = split_batch(batch)[0] if not isinstance(batch, Mapping) else batch

@@ -25,7 +25,8 @@ from landscape.metrics.base import (
     register,
     snake_case,
 )
-from landscape.metrics.context import StepContext, split_batch
+from landscape.metrics.batch_parts import split_batch
+from landscape.metrics.context import StepContext
 from landscape.metrics.curvature import HessianTrace, Sharpness, SpectralDensity, TopEigenvalues
 from landscape.metrics.presets import PRESETS, MetricsLike, preset, resolve_metrics
 from landscape.metrics.representation import Collapse, Representation, SpectralAlignment

@@ -25,7 +25,8 @@ from landscape.capture import (
     resolve_module,
 )
 from landscape.metrics.base import Metric, register
-from landscape.metrics.context import StepContext, batch_targets, ignored_past_classes
+from landscape.metrics.batch_parts import batch_targets, ignored_past_classes
+from landscape.metrics.context import StepContext
 from landscape.schedules import every
 
 __all__ = ["Collapse", "Representation", "SpectralAlignment"]

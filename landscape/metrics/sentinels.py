@@ -37,8 +37,7 @@ from landscape.findings import user_stacklevel
 from landscape.isolation import stateless_call
 from landscape.metrics._attention import AttentionLogits
 from landscape.metrics.base import Metric, register
-from landscape.metrics.context import (
-    StepContext,
+from landscape.metrics.batch_parts import (
     batch_targets,
     classes_last,
     ids_and_labels,
@@ -48,6 +47,7 @@ from landscape.metrics.context import (
     split_batch,
     without_labels,
 )
+from landscape.metrics.context import StepContext
 from landscape.params import read_floats, tensor_norms, trainable_named_parameters
 from landscape.schedules import every
 
@@ -143,7 +143,7 @@ def _call_parts(
     ``keywords``, any other dict holds the model's keyword arguments (the Hugging Face
     convention: ``input_ids``, ``attention_mask``, ``labels``) and is passed as
     ``model(**batch)``, targets None; without ``labels``, ``labels`` left out of them (a
-    forward that takes no ``labels``; :func:`~landscape.metrics.context.without_labels`).
+    forward that takes no ``labels``; :func:`~landscape.metrics.batch_parts.without_labels`).
     Without ``keywords``, ``input_ids``/``labels`` are ``(inputs, targets)``, for a model
     whose forward takes the ids positionally. Never the monitor's ``loss_fn`` or
     ``closure``: they are user code that may keep state (a loss with running statistics, a

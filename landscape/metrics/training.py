@@ -18,8 +18,7 @@ from landscape._deprecation import module_getattr
 from landscape._errors import MissingInput
 from landscape.batches import leading_size, model_call
 from landscape.metrics.base import Metric, register
-from landscape.metrics.context import (
-    StepContext,
+from landscape.metrics.batch_parts import (
     batch_targets,
     classes_last,
     ids_and_labels,
@@ -30,6 +29,7 @@ from landscape.metrics.context import (
     whole_dict_call,
     without_labels,
 )
+from landscape.metrics.context import StepContext
 from landscape.params import norm, read_floats
 from landscape.schedules import every
 
@@ -220,7 +220,7 @@ class Logits(Metric):
     Max |logit|, the log-partition mean and max, the z-loss and the softmax-collapse
     fraction. A row of NaN (no finding) when the outputs are not softmax logits: a
     regression or single-logit head, float targets that are not class distributions
-    (:func:`~landscape.metrics.context.softmax_logits`).
+    (:func:`~landscape.metrics.batch_parts.softmax_logits`).
     """
 
     name = "logits"
@@ -366,7 +366,7 @@ def radius_along(
 
     Raises:
         MissingInput: the outputs are not softmax logits of ``targets``
-            (:func:`~landscape.metrics.context.softmax_logits`: a regression head, ...).
+            (:func:`~landscape.metrics.batch_parts.softmax_logits`: a regression head, ...).
     """
     from landscape.functional.taylor import logit_tangent, logits_call
 
@@ -399,7 +399,7 @@ def _labels(targets: Any, logits: torch.Tensor) -> torch.Tensor | None:
 
     One index past the classes is an ``ignore_index`` the training loss accepted (255 in
     VOC- and Cityscapes-style segmentation masks): ignored, as a negative one (-100) is
-    (:func:`~landscape.metrics.context.ignored_past_classes`).
+    (:func:`~landscape.metrics.batch_parts.ignored_past_classes`).
     """
     if not isinstance(targets, torch.Tensor) or targets.shape != logits.shape[:-1]:
         return None

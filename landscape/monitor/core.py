@@ -57,7 +57,8 @@ from landscape.findings import Finding, Findings, at_or_above, dedupe, user_stac
 from landscape.isolation import isolated, modules_reached, parameters_of, written_in_forward
 from landscape.metrics import Metric, StepContext, split_batch
 from landscape.metrics.base import component_names
-from landscape.metrics.context import NoLossFunction, is_batch_list
+from landscape.metrics.batch_parts import is_batch_list
+from landscape.metrics.context import NoLossFunction
 from landscape.metrics.presets import MetricsLike, resolve_metrics
 from landscape.monitor.adaptive import DENSE_AT, DENSE_STEPS, DenseWindow, recorded_window_end
 from landscape.monitor.arguments import (

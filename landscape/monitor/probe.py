@@ -25,7 +25,7 @@ from landscape.batches import (
     rebuilt,
 )
 from landscape.capture import first_tensor
-from landscape.metrics.context import each_batch, inputs_in, is_batch_list, target_place
+from landscape.metrics.batch_parts import each_batch, inputs_in, is_batch_list, target_place
 from landscape.store import RunWriter
 
 __all__ = ["PROBE_BYTES", "PROBE_NOTE", "inputs_in_models_dtype", "restore_probe", "store_probe",
@@ -74,7 +74,7 @@ LIST_NOTE = ("landscape: the first training batch is a list of %d parts laid out
 def take_probe(batch: Any, size: int) -> tuple[Any, int]:
     """A detached copy of the first ``size`` samples of ``batch``, and how many it holds.
 
-    From a list of micro-batches (:func:`~landscape.metrics.context.is_batch_list`), the
+    From a list of micro-batches (:func:`~landscape.metrics.batch_parts.is_batch_list`), the
     first ``size`` samples across them in order, as a list of as many as they fill (empty
     ones skipped); a warning when the list's parts are laid out differently
     (:data:`LIST_NOTE`). The monitor says once on the ``landscape`` logger that it took
@@ -180,7 +180,7 @@ def inputs_in_models_dtype(probe: Any, dtype: torch.dtype | None) -> Any:
     that a wrapper casts on the way in (Lightning Fabric's ``bf16-true``). The inputs are
     cast to the weights' one floating dtype (``dtype``; None: they mix several) before
     any metric or the Taylor guard reads
-    the probe (:func:`~landscape.metrics.context.inputs_in`); the targets stay as given,
+    the probe (:func:`~landscape.metrics.batch_parts.inputs_in`); the targets stay as given,
     and a model whose weights mix floating dtypes gets the probe as it is. The first
     training batch then sets the targets' dtype (:func:`targets_in_batch_dtype`).
     """
@@ -196,7 +196,7 @@ def targets_in_batch_dtype(probe: Any, given: Any, batch: Any) -> Any:
 
     Read from the probe as it was ``given`` (never a copy already rounded), where both
     hold their targets at the same kind of place
-    (:func:`~landscape.metrics.context.target_place`) and those are laid out alike
+    (:func:`~landscape.metrics.batch_parts.target_place`) and those are laid out alike
     (:func:`~landscape.batches.cast_like`): a loop that keeps its float targets in
     float32 keeps the probe's in float32, one that casts them casts the probe's too.
     """

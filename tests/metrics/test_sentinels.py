@@ -504,7 +504,7 @@ def test_rows_reduction_keeps_the_first_attention_measurement():
 
 
 def test_softmax_logits_tells_class_logits_from_other_outputs():
-    from landscape.metrics.context import softmax_logits
+    from landscape.metrics.batch_parts import softmax_logits
 
     z = torch.randn(8, 5)
     assert softmax_logits(z, torch.randint(0, 5, (8,)))  # class indices

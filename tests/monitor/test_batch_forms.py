@@ -235,7 +235,7 @@ def test_the_loss_leading_a_tuple_output_is_the_probe_loss():
 def test_image_label_keys_are_a_pair_only_as_the_whole_dict():
     """A vision-language batch holds images and labels beside its input_ids: it is the
     model's keyword arguments (the sentinels called model(images) and failed)."""
-    from landscape.metrics.context import keyword_batch, split_batch
+    from landscape.metrics.batch_parts import keyword_batch, split_batch
 
     x, y = torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)
     assert split_batch({"image": x, "label": y}) == (x, y)
@@ -479,7 +479,7 @@ def test_why_the_sentinels_read_no_logits_is_said_once(case, caplog):
 
 
 def test_classes_last_keeps_outputs_whose_last_dimension_is_the_classes():
-    from landscape.metrics.context import classes_last
+    from landscape.metrics.batch_parts import classes_last
 
     t = torch.randint(0, 8, (2, 8))
     sequence = torch.randn(2, 8, 8)  # (B, T, V) with T == V: the last one is the classes

@@ -393,7 +393,7 @@ def test_the_sentinels_lr_is_the_rate_of_the_step_they_follow():
 
 
 def test_a_batchs_inputs_are_its_first_item_or_a_dicts_non_target_entries():
-    from landscape.metrics.context import inputs_in
+    from landscape.metrics.batch_parts import inputs_in
 
     x, y, w = torch.randn(4, 3), 300 + torch.randn(4, 2), torch.rand(4)
     out, cast = inputs_in((x, y, w), torch.bfloat16)  # sample weights stay as given
