@@ -22,8 +22,9 @@ import os
 import sys
 import sysconfig
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import click
 

@@ -28,7 +28,7 @@ Two shapes, two methods, each the cheapest accurate one for its callers:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

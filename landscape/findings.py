@@ -12,8 +12,8 @@ import contextlib
 import math
 import os
 import sys
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
 
 SEVERITIES: tuple[str, ...] = ("info", "warning", "error")
 """Severities from least to most serious."""

@@ -31,7 +31,8 @@ import sys
 import types
 import warnings
 import weakref
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn

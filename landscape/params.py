@@ -10,7 +10,8 @@ of a model: they work on plain tensors.
 from __future__ import annotations
 
 import fnmatch
-from typing import Iterable, Mapping, Sequence, Union
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Union
 
 import torch
 from torch import nn

@@ -10,8 +10,8 @@ import math
 import numbers
 import operator
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 
 class Schedule:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Any, Mapping
+from typing import Any
 
 from landscape._deprecation import renamed_kwargs
 from landscape.alarms.base import (

@@ -11,8 +11,9 @@ not finite. :func:`early_warning` measures the first warning against both;
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 

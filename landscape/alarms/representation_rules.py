@@ -11,8 +11,9 @@ Thresholds, their sources and what to do: ``docs/alarms.md``.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 

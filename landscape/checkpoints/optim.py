@@ -10,8 +10,9 @@ checkpoints hold ``optimizer_states`` and Hugging Face ``Trainer`` checkpoint fo
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Any, Callable, ContextManager
+from collections.abc import Callable
+from typing import Any, ContextManager
 
 from landscape import distributed as _dist
 from landscape._errors import LandscapeError

@@ -10,7 +10,7 @@ they are kept in (docs/curvature.md, "Precision").
 from __future__ import annotations
 
 import bisect
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 

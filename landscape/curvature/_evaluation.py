@@ -10,7 +10,8 @@ layers draw the same noise in every product (docs/curvature.md, "Operators").
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn

@@ -13,7 +13,8 @@ products 34-66 % off along the top eigenvectors (docs/curvature.md, "Limitation:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch.overrides import TorchFunctionMode
 

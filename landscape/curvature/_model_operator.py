@@ -16,7 +16,8 @@ import contextlib
 import copy
 import dataclasses
 import warnings
-from typing import Any, Callable, ContextManager, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, ContextManager, TypeVar
 
 import torch
 from torch import nn

@@ -9,7 +9,7 @@ of the flat result per call (one per dtype in it). All ranks run the same solver
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

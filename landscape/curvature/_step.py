@@ -72,7 +72,7 @@ step therefore shrinks until ``t`` is down to ``sqrt(r)`` (:func:`ggn_ratio`), w
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 

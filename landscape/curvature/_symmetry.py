@@ -20,7 +20,8 @@ wrong) product: the check cannot see that case.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 

@@ -12,7 +12,8 @@ their flat forms), so they work on every operator: :class:`MatrixOperator`,
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

@@ -13,7 +13,8 @@ RAdam, Adamax and RMSprop, each as its torch 2.13 update divides by it.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

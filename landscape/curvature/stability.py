@@ -25,7 +25,8 @@ dozen steps and are left out, as in Cohen et al. 2022.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Any, Union
 
 import torch
 

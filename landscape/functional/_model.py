@@ -8,7 +8,8 @@ parameter-space vector given as a sequence or a mapping, and a float64 norm.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn

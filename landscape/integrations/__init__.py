@@ -24,7 +24,8 @@ import importlib
 import math
 import os
 import warnings
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from landscape import distributed as _dist
 from landscape._checks import callables, positive_int, run_path

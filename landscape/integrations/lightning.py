@@ -55,8 +55,8 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Mapping
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn

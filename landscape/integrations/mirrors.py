@@ -50,8 +50,9 @@ import glob
 import importlib.util
 import os
 import socket
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -5,7 +5,8 @@ when the class is made, or every key counts as required (``__required_keys__``),
 jsonargparse (``LightningCLI``) would ask for all of them.
 """
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from typing_extensions import NotRequired, TypedDict

@@ -19,7 +19,8 @@ mapped to ``None`` drops that metric.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from landscape.metrics.base import Metric, canonical_name, create
 from landscape.metrics.curvature import HessianTrace, Sharpness, SpectralDensity, TopEigenvalues

@@ -7,7 +7,8 @@ of the penultimate features; definitions in docs/metrics.md.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn

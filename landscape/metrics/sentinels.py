@@ -22,7 +22,8 @@ import contextlib
 import logging
 import math
 import warnings
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn

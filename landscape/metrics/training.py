@@ -7,7 +7,8 @@ of the optimizer's actual step; definitions in docs/metrics.md.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 

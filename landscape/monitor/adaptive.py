@@ -10,7 +10,8 @@ on the steps that are multiples of it, for :data:`DENSE_STEPS` steps after the l
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 

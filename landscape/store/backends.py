@@ -13,8 +13,8 @@ import contextlib
 import json
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import h5py
 import numpy as np

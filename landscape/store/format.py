@@ -12,9 +12,10 @@ import datetime as _dt
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Union
 
 import h5py
 import numpy as np

@@ -17,8 +17,9 @@ in the surface attributes) and rebuilt with :meth:`Directions.from_surface`.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -10,8 +10,9 @@ file that recorded flattened weights (:func:`trajectory_from_run`).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
