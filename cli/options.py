@@ -98,6 +98,9 @@ def factory_options(func: F) -> F:
                      help="Sequences per batch (--tokens, --text)."),
         click.option("--batches", "n_batches", type=click.IntRange(1), default=1,
                      show_default=True, help="Number of batches (--tokens, --text)."),
+        click.option("--pad-id", type=click.IntRange(0), default=None,
+                     help="The id that pads the rows of --tokens: its positions are left "
+                          "out of the loss and masked from attention."),
         click.option("--loss", "loss_spec", default=None,
                      help="cross_entropy (default for (inputs, targets) batches), mse, nll, "
                           "bce_with_logits, model (the model's own loss: the default for dict "
@@ -122,7 +125,7 @@ def checkpoint_options(func: F) -> F:
 
 
 def _refuse_token_options_with_data(data_spec: str | None) -> None:
-    """Refuse ``--seq-len``, ``--batch-size`` and ``--batches`` beside ``--data``.
+    """Refuse ``--seq-len``, ``--batch-size``, ``--batches`` and ``--pad-id`` beside ``--data``.
 
     They shape --tokens and --text data; with --data they were ignored without a word.
     """
@@ -130,7 +133,7 @@ def _refuse_token_options_with_data(data_spec: str | None) -> None:
     if data_spec is None or ctx is None:
         return
     given = [name for param, name in (("seq_len", "--seq-len"), ("batch_size", "--batch-size"),
-                                      ("n_batches", "--batches"))
+                                      ("n_batches", "--batches"), ("pad_id", "--pad-id"))
              if ctx.get_parameter_source(param) is click.core.ParameterSource.COMMANDLINE]
     if given:
         raise click.UsageError(f"{', '.join(given)}: for --tokens and --text data only; "
@@ -138,7 +141,7 @@ def _refuse_token_options_with_data(data_spec: str | None) -> None:
 
 
 def load_inputs(checkpoints, model_spec, data_spec, loss_spec, tokens, text, seq_len,
-                batch_size, n_batches, trust_checkpoint, device, threads=None):
+                batch_size, n_batches, trust_checkpoint, device, threads=None, pad_id=None):
     """The library calls behind :func:`factory_options`: ``(opened, batches, loss_fn, closure)``."""
     from landscape.checkpoints import open_checkpoints, open_data
     from landscape.loading import prepare, resolve_objective
@@ -154,7 +157,7 @@ def load_inputs(checkpoints, model_spec, data_spec, loss_spec, tokens, text, seq
     with interruptible():
         opened = open_checkpoints(checkpoints, model_spec, trust=trust_checkpoint)
         data = open_data(opened, data_spec, tokens=tokens, text=text, seq_len=seq_len,
-                         batch_size=batch_size, n_batches=n_batches)
+                         batch_size=batch_size, n_batches=n_batches, pad_id=pad_id)
         opened.model, batches = prepare(opened.model, data, device)
         loss_fn, closure = resolve_objective(loss_spec, batches)
     return opened, batches, loss_fn, closure

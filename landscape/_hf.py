@@ -12,8 +12,8 @@ from torch import nn
 
 from landscape._errors import LandscapeError
 
-__all__ = ["is_causal_lm", "is_pretrained_model", "model_loss", "output_loss", "peft_base",
-           "uses_causal_lm_loss"]
+__all__ = ["is_causal_lm", "is_pretrained_model", "model_loss", "next_token_targets",
+           "output_loss", "peft_base", "uses_causal_lm_loss"]
 
 
 def output_loss(output: Any) -> torch.Tensor | None:
@@ -149,3 +149,21 @@ def uses_causal_lm_loss(model: nn.Module) -> bool:
     forward = inspect.unwrap(type(model).forward)
     code = getattr(forward, "__code__", None)
     return code is not None and "loss_function" in code.co_names
+
+
+def next_token_targets(batch: Any) -> int | None:
+    """The labels a causal language model's loss averages over: those that follow a token.
+
+    transformers' causal LM loss shifts the labels by one and takes the mean over the
+    ones that are not ``-100`` (its ``ignore_index``), so a batch weighs
+    ``(labels[..., 1:] != -100).sum()``. The default ``batch_size`` of the Hugging Face
+    callback and of ``landscape analyze`` for a model whose loss is that
+    (:func:`uses_causal_lm_loss`) under the default closure, in one process: padded
+    batches and micro-batches of them then average exactly as one batch of all their
+    tokens would (the operator checks it on the first batch). None (the sample count)
+    without labels. Exported as ``landscape.integrations.huggingface.next_token_targets``.
+    """
+    labels = batch.get("labels") if isinstance(batch, Mapping) else None
+    if not isinstance(labels, torch.Tensor) or labels.dim() < 1:
+        return None
+    return int((labels[..., 1:] != -100).sum())

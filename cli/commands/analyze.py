@@ -57,7 +57,7 @@ EXAMPLE = ("landscape analyze ckpt-100.pt ckpt-200.pt --model factories.py:model
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @verbose_option
 def analyze_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, batch_size,
-                    n_batches, loss_spec, out, overwrite, metrics, k, lr, momentum,
+                    n_batches, pad_id, loss_spec, out, overwrite, metrics, k, lr, momentum,
                     microbatch_size, trust_checkpoint, device, threads, seed, quiet):
     """Compute Hessian spectra, trace, sharpness and collapse metrics of CHECKPOINTS
     (ordered by training step) into one run file.
@@ -74,7 +74,7 @@ def analyze_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
     torch.manual_seed(seed)
     opened, batches, loss_fn, closure = load_inputs(
         checkpoints, model_spec, data_spec, loss_spec, tokens, text, seq_len, batch_size,
-        n_batches, trust_checkpoint, device, threads)
+        n_batches, trust_checkpoint, device, threads, pad_id)
     optimizer = None if lr is None else {"name": "sgd", "lr": lr, "momentum": momentum}
     try:
         with interruptible():

@@ -73,9 +73,9 @@ EXAMPLE = ("landscape surface ckpt-200.pt --model factories.py:model --data fact
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @verbose_option
 def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, batch_size,
-                    n_batches, loss_spec, dims, steps, span, directions, normalization, ignore,
-                    name, out, replace, overwrite, seed, trust_checkpoint, device, threads,
-                    quiet):
+                    n_batches, pad_id, loss_spec, dims, steps, span, directions,
+                    normalization, ignore, name, out, replace, overwrite, seed,
+                    trust_checkpoint, device, threads, quiet):
     """Evaluate the loss (and accuracy) on a grid around the last of CHECKPOINTS.
 
     CHECKPOINTS are as for analyze: state-dict files, Hugging Face model folders, PEFT
@@ -99,7 +99,7 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
     torch.manual_seed(seed)
     opened, batches, loss_fn, closure = load_inputs(
         checkpoints, model_spec, data_spec, loss_spec, tokens, text, seq_len, batch_size,
-        n_batches, trust_checkpoint, device, threads)
+        n_batches, trust_checkpoint, device, threads, pad_id)
     model = opened.model
     data = batches[0] if len(batches) == 1 else batches
     if directions == "interpolate" and len(checkpoints) == 2 == len(opened.checkpoints):

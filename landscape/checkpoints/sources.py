@@ -27,6 +27,7 @@ from typing import Any
 
 from torch import nn
 
+from landscape import _hf
 from landscape._errors import LandscapeError
 from landscape.checkpoints import adapters
 from landscape.checkpoints import huggingface as hf
@@ -303,6 +304,7 @@ def open_data(
     seq_len: int = 128,
     batch_size: int = 8,
     n_batches: int = 1,
+    pad_id: int | None = None,
 ) -> Any:
     """The data to evaluate: a data factory's result, or language-model batches.
 
@@ -314,6 +316,8 @@ def open_data(
         seq_len: tokens per sequence.
         batch_size: sequences per batch.
         n_batches: number of batches.
+        pad_id: the id that pads the rows of ``tokens`` (:func:`~landscape.checkpoints.
+            tokens.token_batches`).
 
     Returns:
         One batch or a list of batches.
@@ -329,6 +333,9 @@ def open_data(
         raise LandscapeError(
             "give the data as one of --data module:fn, --tokens FILE or --text FILE"
             + (f" (not {' and '.join(given)})" if given else ""))
+    if pad_id is not None and tokens is None:
+        raise LandscapeError("--pad-id: for --tokens data only (a --data factory gives its "
+                             "own attention_mask and labels, --text has no padding)")
     if data is not None:
         return call_factory(data, "data factory")
     tokenizer = None
@@ -338,13 +345,24 @@ def open_data(
                                  "(beside PEFT adapters, or in their local base model's "
                                  "folder); give token ids with --tokens instead")
         tokenizer = hf.load_tokenizer(opened.folder)
-    batches = token_batches(tokens=tokens, text=text, tokenizer=tokenizer, seq_len=seq_len,
-                            batch_size=batch_size, n_batches=n_batches,
-                            vocab_size=_vocab_size(opened.model))
-    positions = _max_positions(opened.model)
-    length = batches[0]["input_ids"].shape[1]  # --seq-len, or the rows of a 2-D array
-    if positions is not None and length > positions:
-        raise LandscapeError(f"--seq-len {length} is longer than the model's {positions} "
-                             f"positions (its config's position limit): pass --seq-len "
-                             f"{positions} or less")
-    return batches
+    _refuse_not_causal(opened.model, "--tokens" if tokens is not None else "--text")
+    return token_batches(tokens=tokens, text=text, tokenizer=tokenizer, seq_len=seq_len,
+                         batch_size=batch_size, n_batches=n_batches,
+                         vocab_size=_vocab_size(opened.model), pad_id=pad_id,
+                         max_positions=_max_positions(opened.model))
+
+
+def _refuse_not_causal(model: Any, option: str) -> None:
+    """Refuse token batches for a Hugging Face model that is not a causal language model.
+
+    They are a causal language model's (``labels`` = the ids, shifted by the model): a
+    sequence classifier failed on them with torch's "Expected input batch_size (8) to
+    match target batch_size (240)". A model of another library is let through (a
+    LightningModule around a causal LM reads them).
+    """
+    base = _hf.peft_base(model)
+    if _hf.is_pretrained_model(base) and not _hf.is_causal_lm(base):
+        raise LandscapeError(
+            f"{option}: these batches are a causal language model's (the ids are the "
+            f"labels), and {type(base).__name__} is not one; give its "
+            "batches with --data module:fn (a dict with its inputs and labels)")

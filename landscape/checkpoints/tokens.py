@@ -6,7 +6,12 @@ tokenizer saved with the model. A 1-D stream is cut into consecutive sequences o
 ``seq_len`` tokens; a 2-D array is taken row by row (each row cut to ``seq_len`` when longer).
 Each batch is ``{"input_ids": ids, "labels": ids}``: a causal language model shifts the
 labels itself and returns its loss
-(https://huggingface.co/docs/transformers/tasks/language_modeling).
+(https://huggingface.co/docs/transformers/tasks/language_modeling). Rows padded to one
+length name their padding id (``pad_id``, ``--pad-id``): its positions get
+``attention_mask`` 0 and the label ``-100``, which the loss leaves out, as
+transformers' ``DataCollatorForLanguageModeling`` marks them. Rows that look padded (many
+end, or begin, in a run of one id) while no ``pad_id`` is given are warned about: their
+padding would be read as text.
 """
 
 from __future__ import annotations
@@ -66,6 +71,8 @@ def token_batches(
     batch_size: int = 8,
     n_batches: int = 1,
     vocab_size: int | None = None,
+    pad_id: int | None = None,
+    max_positions: int | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """``n_batches`` batches of ``batch_size`` sequences of ``seq_len`` tokens.
 
@@ -77,12 +84,17 @@ def token_batches(
         batch_size: sequences per batch.
         n_batches: how many batches (fewer when the data run out, at least one).
         vocab_size: the model's vocabulary size; larger ids are an error.
+        pad_id: the id that pads the rows: its positions are left out of the loss and
+            masked from attention (every position holding it).
+        max_positions: the model's position limit; longer sequences are an error.
 
     Returns:
-        The batches, ``{"input_ids": (batch, seq_len), "labels": same}``.
+        The batches, ``{"input_ids": (batch, seq_len), "labels": same}``; with ``pad_id``
+        also ``attention_mask``, and the padding's labels ``-100``.
 
     Raises:
-        LandscapeError: neither or both sources, too few tokens, or ids out of range.
+        LandscapeError: neither or both sources, too few tokens, ids out of range,
+            sequences longer than ``max_positions``, or a ``pad_id`` that leaves no token.
     """
     if (tokens is None) == (text is None):
         raise LandscapeError("give the data as --tokens FILE or --text FILE (one of them)")
@@ -114,10 +126,61 @@ def token_batches(
         raise LandscapeError(f"{source}: token ids range over [{int(rows.min())}, "
                              f"{int(rows.max())}], outside the model's vocabulary of "
                              f"{vocab_size}")
+    if max_positions is not None and rows.shape[1] > max_positions:
+        raise LandscapeError(f"--seq-len {rows.shape[1]} is longer than the model's "
+                             f"{max_positions} positions (its config's position limit): pass "
+                             f"--seq-len {max_positions} or less")
+    if pad_id is not None and bool((rows == pad_id).all()):
+        raise LandscapeError(f"{source}: every token is the padding id {pad_id} (--pad-id)")
+    if pad_id is None and ids.dim() == 2:
+        _warn_padded_look(rows, source)
     if rows.shape[0] < batch_size * n_batches:
         warnings.warn(f"{source}: {rows.shape[0]} sequences of {rows.shape[1]} tokens, fewer than "
                       f"--batches {n_batches} x --batch-size {batch_size}: the data are "
                       f"{-(-rows.shape[0] // batch_size)} batch(es), the last one "
                       f"{rows.shape[0] % batch_size or batch_size} sequences", stacklevel=2)
     rows = rows[: batch_size * n_batches]
-    return [{"input_ids": b.clone(), "labels": b.clone()} for b in rows.split(batch_size)]
+    if pad_id is None:
+        return [{"input_ids": b.clone(), "labels": b.clone()} for b in rows.split(batch_size)]
+    return [{"input_ids": b.clone(), "attention_mask": (b != pad_id).long(),
+             "labels": b.masked_fill(b == pad_id, -100)} for b in rows.split(batch_size)]
+
+
+PADDED_LOOK = 0.25
+"""The share of rows ending (or beginning) in a run of one id, at least two long, above
+which :func:`token_batches` says the rows look padded."""
+
+
+def _edge_run(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: its last id, and how many positions at its end hold it."""
+    last = rows[:, -1:]
+    same = (rows == last).flip(1).long()
+    return last.squeeze(1), same.cumprod(1).sum(1)
+
+
+def _warn_padded_look(rows: torch.Tensor, source: str) -> None:
+    """Warn when rows look padded to one length: many end (or begin) in a run of one id.
+
+    Right padding (most collators) ends the shorter rows in a run of the padding id, left
+    padding begins them with one. Taken as text, those positions enter the loss and the
+    attention; ``--pad-id`` leaves them out.
+    """
+    if rows.shape[1] < 2:
+        return
+    for side, view in (("end", rows), ("begin", rows.flip(1))):
+        last, run = _edge_run(view)
+        padded = run >= 2
+        if padded.sum() < max(2, PADDED_LOOK * rows.shape[0]):
+            continue
+        values, counts = last[padded].unique(return_counts=True)
+        pad = int(values[counts.argmax()])
+        held = int((last == pad).logical_and(padded).sum())
+        if held < max(2, PADDED_LOOK * rows.shape[0]):
+            continue
+        tokens = int(run[(last == pad) & padded].sum())
+        warnings.warn(
+            f"{source}: {held} of {rows.shape[0]} rows {side} in a run of the id {pad} "
+            f"({tokens} of {rows.numel()} tokens): if that is padding, pass --pad-id {pad} "
+            "(its positions are then left out of the loss and masked from attention); as "
+            "given, they are read as text", stacklevel=3)
+        return

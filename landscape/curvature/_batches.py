@@ -298,8 +298,8 @@ def _warn_uneven(where: str) -> None:
         f"data: the targets hold -100 (ignored positions, such as padding) in unequal "
         f"shares of {where}: they are weighted by their samples, not by the targets the "
         f"loss averages over, so the curvature of several batches is off; pass "
-        f"batch_size=lambda b: <the count of targets that are not -100>, or give batches "
-        f"with equal shares (docs/conventions.md, 'Loss reduction')",
+        f"batch_size=lambda b: <the count of targets that are not -100>, or give one "
+        f"batch, or batches with equal shares (docs/conventions.md, 'Loss reduction')",
         RuntimeWarning, stacklevel=user_stacklevel())
 
 

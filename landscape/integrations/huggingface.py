@@ -67,7 +67,7 @@ from torch import nn
 from typing_extensions import Unpack
 
 from landscape import distributed as _dist
-from landscape._hf import model_loss, output_loss, uses_causal_lm_loss
+from landscape._hf import model_loss, next_token_targets, output_loss, uses_causal_lm_loss
 from landscape._sums import tensor_norms
 from landscape.findings import Finding, user_stacklevel
 from landscape.integrations import (
@@ -100,22 +100,6 @@ except ImportError as err:  # pragma: no cover - depends on what is installed
 __all__ = ["LandscapeTrainerCallback", "OutputEmbeddingLogits", "model_loss", "next_token_targets"]
 
 _NOT_BATCH = ("num_items_in_batch", "return_dict", "output_hidden_states", "output_attentions")
-
-
-def next_token_targets(batch: Any) -> int | None:
-    """The labels a causal language model's loss averages over: those that follow a token.
-
-    transformers' causal LM loss shifts the labels by one and takes the mean over the
-    ones that are not ``-100`` (its ``ignore_index``), so a batch weighs
-    ``(labels[..., 1:] != -100).sum()``. The callback's default ``batch_size`` for a model
-    whose loss is that (:func:`landscape._hf.uses_causal_lm_loss`) under the default
-    closure, in one process: micro-batches of a padded batch then average exactly (the
-    operator checks it on the first batch). None (the sample count) without labels.
-    """
-    labels = batch.get("labels") if isinstance(batch, Mapping) else None
-    if not isinstance(labels, torch.Tensor) or labels.dim() < 1:
-        return None
-    return int((labels[..., 1:] != -100).sum())
 
 
 def _counts_next_tokens(model: nn.Module, closure: Any, options: Mapping[str, Any]) -> bool:

@@ -328,6 +328,11 @@ def test_a_seq_len_beyond_the_models_positions_is_one_line(stack, tmp_path):
     result = _invoke(["analyze", stack["pretrained"], "--tokens", stack["root"] / "ids.npy",
                       "--seq-len", limit + 1, "-o", tmp_path / "r.h5"])
     error_line(result, f"--seq-len {limit + 1} is longer than the model's {limit} positions")
+    # checked before the data are cut: no warning about sequences it could never use
+    many = _invoke(["analyze", stack["pretrained"], "--tokens", stack["root"] / "ids.npy",
+                    "--seq-len", limit + 1, "--batch-size", 1000, "-o", tmp_path / "r.h5"])
+    error_line(many, f"--seq-len {limit + 1} is longer than the model's {limit} positions")
+    assert "fewer than" not in many.output
 
 
 def test_only_a_learned_position_table_limits_the_sequence_length():
@@ -372,6 +377,7 @@ def test_a_2d_token_array_of_short_rows_needs_no_seq_len(stack, tmp_path):
                       "--batch-size", 4, "-m", "collapse", "-o", out, "-q"])
     assert result.exit_code == 0, result.output
     assert ls.Run.open(out).steps("collapse").size == 1
+    assert "pad-id" not in result.stderr  # rows of text do not look padded
 
 
 _LIT_NORM = textwrap.dedent("""
@@ -490,3 +496,123 @@ def test_a_sharded_folder_and_pt_token_ids_give_the_numbers_of_the_whole_one(sta
         with ls.Run.open(out) as run:
             values.append(run.series("top_eigenvalues", "eigenvalues")[1][-1])
     np.testing.assert_allclose(values[1], values[0], rtol=1e-6)
+
+
+def _padded_rows(pad: int = 1, n: int = 8, width: int = 16) -> np.ndarray:
+    """``n`` rows of the corpus of different lengths (6 to 16), right-padded with ``pad``."""
+    ids = fw.token_ids()
+    ids = ids[ids != pad]  # the padding id appears nowhere in the text itself
+    rows = np.full((n, width), pad, dtype=np.int64)
+    for i in range(n):
+        length = 6 + (i * 5) % (width - 5)
+        rows[i, :length] = ids[i * width: i * width + length]
+    return rows
+
+
+def _lambda_of_one_batch(model, rows, pad):
+    """λ_max of transformers' own loss on one batch of all ``rows``: their token mean."""
+    from landscape._hf import model_loss
+
+    x = torch.from_numpy(rows)
+    batch = {"input_ids": x, "attention_mask": (x != pad).long(),
+             "labels": x.masked_fill(x == pad, -100)}
+    op = ls.Hessian(model, None, batch, closure=model_loss)
+    return float(ls.top_eigenvalues(op, k=1, tol=1e-6).values[0])
+
+
+def test_padded_token_rows_with_pad_id_give_the_token_mean_of_one_batch(stack, tmp_path):
+    """A 2-D token array padded to one length (a collator's export) read its padding as text:
+    lambda_max 14.5 instead of 7.6 in the audit, without a word. --pad-id leaves the padding
+    out of the loss and the attention, and two unequally padded batches weigh by their
+    next-token targets, so they give the lambda_max of one batch of all the rows."""
+    pad = 1
+    rows = _padded_rows(pad)
+    np.save(tmp_path / "padded.npy", rows)
+    folder = stack["pretrained"]
+    common = ["analyze", folder, "--tokens", tmp_path / "padded.npy", "--batch-size", 4,
+              "--batches", 2, "-m", "top_eigenvalues", "-k", 1, "-q"]
+    masked = _invoke([*common, "--pad-id", pad, "-o", tmp_path / "masked.h5"])
+    assert masked.exit_code == 0, masked.output
+    assert "unequal shares" not in masked.stderr  # weighed by their targets
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(folder)
+    expected = _lambda_of_one_batch(model.eval(), rows, pad)
+    with ls.Run.open(tmp_path / "masked.h5") as run:
+        got = run.series("top_eigenvalues", "eigenvalues")[1][0, 0]
+    assert got == pytest.approx(expected, rel=1e-4)
+
+    plain = _invoke([*common, "-o", tmp_path / "plain.h5"])
+    assert plain.exit_code == 0, plain.output
+    assert f"rows end in a run of the id {pad}" in plain.stderr
+    assert f"pass --pad-id {pad}" in plain.stderr
+    with ls.Run.open(tmp_path / "plain.h5") as run:  # the padding read as text
+        assert abs(run.series("top_eigenvalues", "eigenvalues")[1][0, 0] - expected) \
+            > 1e-2 * abs(expected)
+
+
+def test_analyze_weighs_a_causal_lms_padded_batches_by_their_next_token_targets(stack, tmp_path):
+    """Two batches padded in unequal shares were averaged by their samples, with a warning
+    whose advice (batch_size=...) the command line cannot follow; the Hugging Face callback
+    already weighed them by their next-token targets. Now analyze does too: the two batches
+    give the lambda_max of one batch of all their rows (transformers' token mean)."""
+    import warnings
+
+    from landscape._hf import model_loss
+    from landscape.analysis import analyze
+
+    pad = 1
+    rows = _padded_rows(pad)
+    x = torch.from_numpy(rows)
+    batches = [{"input_ids": b, "attention_mask": (b != pad).long(),
+                "labels": b.masked_fill(b == pad, -100)} for b in x.split(4)]
+    ckpt = stack["pretrained"] / "model.safetensors"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no 'unequal shares' warning
+        analyze([ckpt], fw.gpt2, batches, None, tmp_path / "r.h5", metrics=["top_eigenvalues"],
+                k=1, progress=False, closure=model_loss)
+    from transformers import GPT2LMHeadModel
+
+    expected = _lambda_of_one_batch(GPT2LMHeadModel.from_pretrained(stack["pretrained"]).eval(),
+                                    rows, pad)
+    with ls.Run.open(tmp_path / "r.h5") as run:
+        assert run.series("top_eigenvalues", "eigenvalues")[1][0, 0] == \
+            pytest.approx(expected, rel=1e-4)
+
+
+def test_left_padded_rows_are_said_to_look_padded(stack, tmp_path):
+    rows = _padded_rows(pad=1)[:, ::-1].copy()  # the padding first
+    np.save(tmp_path / "left.npy", rows)
+    result = _invoke(["analyze", stack["pretrained"], "--tokens", tmp_path / "left.npy",
+                      "--batch-size", 8, "-m", "collapse", "-o", tmp_path / "r.h5", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "rows begin in a run of the id 1" in result.stderr and "--pad-id 1" in result.stderr
+
+
+def test_pad_id_goes_with_token_rows_only(stack, tmp_path):
+    fac = stack["factories"]
+    with_data = _invoke(["analyze", stack["pretrained"], "--model", f"{fac}:model", "--data",
+                         f"{fac}:data", "--pad-id", 1, "-o", tmp_path / "r.h5"])
+    assert with_data.exit_code == 2 and "--pad-id: for --tokens and --text data only" \
+        in with_data.output
+    with_text = _invoke(["analyze", stack["pretrained"], "--text", stack["root"] / "corpus.txt",
+                         "--pad-id", 1, "-o", tmp_path / "r.h5"])
+    error_line(with_text, "--pad-id: for --tokens data only")
+    everything = np.ones((4, 8), dtype=np.int64)
+    np.save(tmp_path / "ones.npy", everything)
+    all_padding = _invoke(["analyze", stack["pretrained"], "--tokens", tmp_path / "ones.npy",
+                           "--pad-id", 1, "-o", tmp_path / "r.h5"])
+    error_line(all_padding, "every token is the padding id 1")
+
+
+def test_token_batches_for_a_model_that_is_not_a_causal_lm_are_refused(stack, tmp_path):
+    """A sequence classifier failed on them with torch's 'Expected input batch_size (8) to
+    match target batch_size (240)'."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    config = GPT2Config(vocab_size=fw.VOCAB, n_positions=64, n_embd=32, n_layer=1, n_head=2,
+                        pad_token_id=1, num_labels=3)
+    GPT2ForSequenceClassification(config).save_pretrained(tmp_path / "classifier")
+    result = _invoke(["analyze", tmp_path / "classifier", "--tokens",
+                      stack["root"] / "ids.npy", *LM, "-o", tmp_path / "r.h5"])
+    error_line(result, "GPT2ForSequenceClassification is not one; give its batches with --data")
