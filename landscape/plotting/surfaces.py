@@ -373,8 +373,8 @@ def contour(
                              extend="neither" if clipped is None else "max")
         else:
             cs = ax.contour(surf.x, surf.y, z, levels=levels, cmap="viridis", linewidths=0.9)
-            ax.clabel(cs, cs.levels[:: max(1, len(cs.levels) // 8)], inline=True, fontsize=7,
-                      fmt="%.3g")
+            labelled = cs.levels[:: max(1, len(cs.levels) // 8)]
+            ax.clabel(cs, labelled, inline=True, fontsize=7, fmt=level_format(labelled))
         fig.colorbar(cs, ax=ax, label=label if clipped is None else f"{label} (clipped)")
     elif z.count() and np.ptp(z.compressed()) == 0:  # one value: no level, say so there
         ax.text(0.5, 0.5, f"{field} {float(z.compressed()[0]):.6g} at every computed point",
@@ -439,6 +439,18 @@ def surface3d(
     ax.set_zlabel(("log10 " if log else "") + field)
     ax.set_title(_title(surf, field, log, clipped))
     return fig
+
+
+def level_format(levels: Any) -> str:
+    """A ``%g`` format with enough significant digits to tell ``levels`` apart (3 at least).
+
+    ``%.3g`` labelled every contour of a surface between 3.7479 and 3.7511 "3.75".
+    """
+    values = [float(v) for v in np.asarray(levels, dtype=float).ravel()]
+    for digits in range(3, 16):
+        if len({f"{v:.{digits}g}" for v in values}) == len(set(values)):
+            return f"%.{digits}g"
+    return "%.16g"
 
 
 def _fmt(v: float) -> str:

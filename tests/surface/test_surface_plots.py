@@ -352,3 +352,14 @@ def test_levels_given_as_values_keep_the_scale_linear_and_few_points_are_not_con
     acc = _basin()
     acc.values = {"accuracy": 1e-3 + 0.99 * (acc.values["loss"] / acc.values["loss"].max())}
     assert plots.contour(acc, "accuracy").axes[0].get_title().startswith("plane: accuracy")
+
+
+def test_contour_labels_tell_the_levels_of_a_nearly_flat_surface_apart():
+    """%.3g labelled every contour of a LoRA surface between 3.7479 and 3.7511 '3.75'."""
+    surf = _surface(nx=9, ny=9, f=lambda X, Y: 3.7479 + 0.001 * (X**2 + Y**2))
+    fig = plots.contour(surf, filled=False, levels=8)
+    labels = [t.get_text() for t in fig.axes[0].texts]
+    assert len(set(labels)) >= 5  # each labelled level its own text (a level may recur)
+    assert plots.level_format([0.5, 1.0, 1.5]) == "%.3g"  # the short form where it suffices
+    assert plots.level_format([3.748, 3.749, 3.750]) == "%.4g"
+    assert plots.level_format([3.7479, 3.7483, 3.7487]) == "%.5g"
