@@ -467,6 +467,11 @@ class Monitor:
             if resuming:  # the next step must come after every recorded one
                 self._clock.resume_after(last)
                 self._say_resume_gap(last)
+                # mon.findings holds the run's findings: those recorded before come first
+                recorded = self.writer.run().findings()  # (rank 0's file: the others none)
+                if self._distributed:
+                    recorded = _dist.broadcast_object(recorded)
+                self.findings[:0] = recorded
             self._alarms = self._make_alarms()
             if self._alarms is not None:
                 for m in self.metrics:

@@ -531,3 +531,27 @@ def test_the_config_stores_tensor_settings_as_their_numbers():
     opt.param_groups[0]["custom"] = {(1, 2): 3}  # JSON has no tuple keys: its string
     with Monitor(model, F.cross_entropy, optimizer=opt, alarms=False) as mon:
         assert mon.run().config["optimizer"]["param_group_0"]["custom"] == "{(1, 2): 3}"
+
+
+def test_a_resumed_monitor_holds_the_findings_recorded_before(tmp_path):
+    """mon.findings was empty after a resume while the file held the run's findings; the
+    docs said it keeps every finding of the run (long-run audit)."""
+    path = tmp_path / "run.h5"
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Monitor(model, F.cross_entropy, path=str(path), optimizer=opt) as mon:
+            _train(model, opt, 3, mon)
+            mon.step(3, loss=torch.tensor(float("nan")))  # a non-finite loss: an error
+            before = list(mon.findings)
+    assert before and [f.rule for f in before] == [f.rule for f in ls.Run.open(path).findings()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Monitor(model, F.cross_entropy, path=str(path), optimizer=opt) as mon:
+            assert [(f.step, f.rule) for f in mon.findings] == \
+                [(f.step, f.rule) for f in before]
+            mon.step(4, loss=torch.tensor(float("nan")))
+            assert len(mon.findings) >= len(before)
+            assert [f.rule for f in mon.findings] == \
+                [f.rule for f in ls.Run.open(path).findings()]
