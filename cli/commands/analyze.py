@@ -100,5 +100,8 @@ def analyze_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
             n_ckpt = len(run.checkpoints())
             names = [m for m in run.metrics() if m in wanted]
         click.echo(f"wrote {out}: {counted(n_ckpt, 'checkpoint')}, metrics {', '.join(names)}")
-        for f in monitor.findings:
+        for f in monitor.findings[monitor.findings_recorded:]:  # this call's
             click.echo(f.describe())
+        if monitor.findings_recorded:
+            click.echo(f"{counted(monitor.findings_recorded, 'finding')} recorded before "
+                       f"(landscape check {out} lists every one)")

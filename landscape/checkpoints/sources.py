@@ -352,17 +352,43 @@ def open_data(
                          max_positions=_max_positions(opened.model))
 
 
-def _refuse_not_causal(model: Any, option: str) -> None:
-    """Refuse token batches for a Hugging Face model that is not a causal language model.
+_LABELLED_HEADS = ("SEQUENCE_CLASSIFICATION", "TOKEN_CLASSIFICATION", "QUESTION_ANSWERING",
+                   "MULTIPLE_CHOICE")
+"""transformers' task mappings whose models take labels of their own, never the ids."""
 
-    They are a causal language model's (``labels`` = the ids, shifted by the model): a
-    sequence classifier failed on them with torch's "Expected input batch_size (8) to
-    match target batch_size (240)". A model of another library is let through (a
-    LightningModule around a causal LM reads them).
+
+def _labelled_head(model: Any) -> str | None:
+    """The class (or base class) of a Hugging Face model that takes labels other than ids.
+
+    A classifier, tagger or question-answering head (:data:`_LABELLED_HEADS`), found along
+    the class's bases (a subclass of ``GPT2ForSequenceClassification`` is one too); None
+    for language models, models no mapping names, and other libraries' modules.
     """
     base = _hf.peft_base(model)
-    if _hf.is_pretrained_model(base) and not _hf.is_causal_lm(base):
+    if not _hf.is_pretrained_model(base):
+        return None
+    try:
+        from transformers.models.auto import modeling_auto
+    except ImportError:  # pragma: no cover - a broken install
+        return None
+    names: set[str] = set()
+    for task in _LABELLED_HEADS:
+        for value in getattr(modeling_auto, f"MODEL_FOR_{task}_MAPPING_NAMES", {}).values():
+            names.update((value,) if isinstance(value, str) else value)
+    return next((c.__name__ for c in type(base).__mro__ if c.__name__ in names), None)
+
+
+def _refuse_not_causal(model: Any, option: str) -> None:
+    """Refuse token batches for a Hugging Face model whose labels are not token ids.
+
+    They are a language model's (``labels`` = the ids): a sequence classifier failed on
+    them with torch's "Expected input batch_size (8) to match target batch_size (240)".
+    Language models of every kind, and models of other libraries (a LightningModule
+    around a causal LM), are let through.
+    """
+    head = _labelled_head(model)
+    if head is not None:
         raise LandscapeError(
-            f"{option}: these batches are a causal language model's (the ids are the "
-            f"labels), and {type(base).__name__} is not one; give its "
-            "batches with --data module:fn (a dict with its inputs and labels)")
+            f"{option}: these batches are a language model's (the ids are the labels), "
+            f"and {type(_hf.peft_base(model)).__name__} ({head}) takes labels of its own; "
+            "give its batches with --data module:fn (a dict with its inputs and labels)")

@@ -9,7 +9,9 @@ labels itself and returns its loss
 (https://huggingface.co/docs/transformers/tasks/language_modeling). Rows padded to one
 length name their padding id (``pad_id``, ``--pad-id``): its positions get
 ``attention_mask`` 0 and the label ``-100``, which the loss leaves out, as
-transformers' ``DataCollatorForLanguageModeling`` marks them. Rows that look padded (many
+transformers' ``DataCollatorForLanguageModeling`` marks them, and left padding is moved to
+the end of its row (positions then count from the first token, as in training). Rows
+that look padded (many
 end, or begin, in a run of one id) while no ``pad_id`` is given are warned about: their
 padding would be read as text.
 """
@@ -130,6 +132,10 @@ def token_batches(
         raise LandscapeError(f"--seq-len {rows.shape[1]} is longer than the model's "
                              f"{max_positions} positions (its config's position limit): pass "
                              f"--seq-len {max_positions} or less")
+    if pad_id is not None and ids.dim() == 1:
+        raise LandscapeError(f"--pad-id: {source} is a stream of tokens, which has no padding "
+                             "(the id would be masked wherever it stands); it is for rows "
+                             "padded to one length (a 2-D array)")
     if pad_id is not None and bool((rows == pad_id).all()):
         raise LandscapeError(f"{source}: every token is the padding id {pad_id} (--pad-id)")
     if pad_id is None and ids.dim() == 2:
@@ -142,13 +148,30 @@ def token_batches(
     rows = rows[: batch_size * n_batches]
     if pad_id is None:
         return [{"input_ids": b.clone(), "labels": b.clone()} for b in rows.split(batch_size)]
+    rows = _padding_last(rows, pad_id)
     return [{"input_ids": b.clone(), "attention_mask": (b != pad_id).long(),
              "labels": b.masked_fill(b == pad_id, -100)} for b in rows.split(batch_size)]
 
 
+def _padding_last(rows: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Left-padded rows with their leading padding moved to their end (right padding).
+
+    A model with absolute positions reads a left-padded row's tokens at shifted
+    positions (its loss was 4.404 where the same rows right-padded give 4.360, the token
+    mean of the rows unpadded); moved, every row's first token is at position 0, as in
+    training. Right-padded rows are returned as they are.
+    """
+    leading = (rows == pad_id).long().cumprod(1).sum(1)
+    if not bool(leading.any()):
+        return rows
+    index = (torch.arange(rows.shape[1]) + leading[:, None]) % rows.shape[1]
+    return rows.gather(1, index)
+
+
 PADDED_LOOK = 0.25
 """The share of rows ending (or beginning) in a run of one id, at least two long, above
-which :func:`token_batches` says the rows look padded."""
+which :func:`token_batches` says the rows look padded (when most of that id's occurrences
+lie in those runs: a space that ends many lines of code is text)."""
 
 
 def _edge_run(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,8 +185,9 @@ def _warn_padded_look(rows: torch.Tensor, source: str) -> None:
     """Warn when rows look padded to one length: many end (or begin) in a run of one id.
 
     Right padding (most collators) ends the shorter rows in a run of the padding id, left
-    padding begins them with one. Taken as text, those positions enter the loss and the
-    attention; ``--pad-id`` leaves them out.
+    padding begins them with one; an id that stands mostly elsewhere is text (spaces at
+    the end of lines of code). Taken as text, padding enters the loss and the attention;
+    ``--pad-id`` leaves it out.
     """
     if rows.shape[1] < 2:
         return
@@ -178,6 +202,8 @@ def _warn_padded_look(rows: torch.Tensor, source: str) -> None:
         if held < max(2, PADDED_LOOK * rows.shape[0]):
             continue
         tokens = int(run[(last == pad) & padded].sum())
+        if tokens < 0.5 * int((rows == pad).sum()):  # the id is mostly text
+            continue
         warnings.warn(
             f"{source}: {held} of {rows.shape[0]} rows {side} in a run of the id {pad} "
             f"({tokens} of {rows.numel()} tokens): if that is padding, pass --pad-id {pad} "

@@ -659,3 +659,20 @@ StepContext.params_before = property(  # type: ignore[assignment]
     _get_params_before, _set_params_before,
     doc="The parameters before the optimizer step (a tuple; rebuilt from the update when "
         "first read), or None.")
+
+
+_MOVED = ("batch_targets", "classes_last", "each_batch", "ignored_past_classes", "inputs_in",
+          "softmax_logits", "split_batch", "target_place")
+"""Names this module exported that live in :mod:`landscape.metrics.batch_parts` now."""
+
+
+def __getattr__(name: str) -> Any:
+    """The batch helpers that moved to :mod:`landscape.metrics.batch_parts`, for one release."""
+    if name in _MOVED:
+        from landscape import _deprecation
+        from landscape.metrics import batch_parts
+
+        _deprecation.warn_renamed(f"landscape.metrics.context.{name}",
+                                  f"landscape.metrics.batch_parts.{name}", what="name")
+        return getattr(batch_parts, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

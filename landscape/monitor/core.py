@@ -350,6 +350,8 @@ class Monitor:
         self._user_config = dict(config or {})
         self._alarm_rules = alarms
         self.findings: list[Finding] = Findings()
+        # how many of them a resumed run read back from its file (they come first)
+        self.findings_recorded = 0
         self.timings: dict[str, float] = {m.name: 0.0 for m in self.metrics}
         self.writer: RunWriter | None = None
         self._alarms: Any = None
@@ -472,6 +474,7 @@ class Monitor:
                 if self._distributed:
                     recorded = _dist.broadcast_object(recorded)
                 self.findings[:0] = recorded
+                self.findings_recorded = len(recorded)
             self._alarms = self._make_alarms()
             if self._alarms is not None:
                 for m in self.metrics:

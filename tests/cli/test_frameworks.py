@@ -580,13 +580,50 @@ def test_analyze_weighs_a_causal_lms_padded_batches_by_their_next_token_targets(
             pytest.approx(expected, rel=1e-4)
 
 
-def test_left_padded_rows_are_said_to_look_padded(stack, tmp_path):
-    rows = _padded_rows(pad=1)[:, ::-1].copy()  # the padding first
-    np.save(tmp_path / "left.npy", rows)
+def test_left_padded_rows_are_said_to_look_padded_and_read_as_right_padded_ones(stack,
+                                                                                tmp_path):
+    """With --pad-id, left padding shifted every token's absolute position (review: loss
+    4.404 where the same rows right-padded give 4.360): it is moved to the end."""
+    right = _padded_rows(pad=1)
+    left = np.stack([np.roll(r, int((r == 1).sum())) for r in right])  # the padding first
+    assert (left[:, 0] == 1).sum() >= 4
+    np.save(tmp_path / "left.npy", left)
+    np.save(tmp_path / "right.npy", right)
     result = _invoke(["analyze", stack["pretrained"], "--tokens", tmp_path / "left.npy",
                       "--batch-size", 8, "-m", "collapse", "-o", tmp_path / "r.h5", "-q"])
     assert result.exit_code == 0, result.output
     assert "rows begin in a run of the id 1" in result.stderr and "--pad-id 1" in result.stderr
+    lambdas = []
+    for name in ("left", "right"):
+        out = tmp_path / f"{name}.h5"
+        done = _invoke(["analyze", stack["pretrained"], "--tokens", tmp_path / f"{name}.npy",
+                        "--batch-size", 8, "--pad-id", 1, "-m", "top_eigenvalues", "-k", 1,
+                        "-o", out, "-q"])
+        assert done.exit_code == 0, done.output
+        lambdas.append(ls.Run.open(out).series("top_eigenvalues", "eigenvalues")[1][0, 0])
+    assert lambdas[0] == pytest.approx(lambdas[1], rel=1e-5)
+
+
+def test_an_id_that_ends_many_rows_but_stands_mostly_inside_them_is_text(stack, tmp_path):
+    """Lines of code end in runs of spaces that are text (review: 19 of 64 byte-level rows
+    said to look padded with the space's id)."""
+    rng = np.random.default_rng(0)
+    rows = rng.integers(2, 40, size=(16, 16))
+    rows[rng.random(rows.shape) < 0.3] = 5  # the 'space': everywhere in the rows
+    rows[::2, -3:] = 5  # and ending half of them
+    np.save(tmp_path / "code.npy", rows)
+    result = _invoke(["analyze", stack["pretrained"], "--tokens", tmp_path / "code.npy",
+                      "--batch-size", 8, "-m", "collapse", "-o", tmp_path / "r.h5", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "pad-id" not in result.stderr
+
+
+def test_moved_batch_helpers_still_import_from_the_context_module_with_a_warning():
+    from landscape.metrics import batch_parts
+
+    with pytest.warns(DeprecationWarning, match="landscape.metrics.batch_parts.softmax_logits"):
+        from landscape.metrics.context import softmax_logits
+    assert softmax_logits is batch_parts.softmax_logits
 
 
 def test_pad_id_goes_with_token_rows_only(stack, tmp_path):
@@ -603,6 +640,9 @@ def test_pad_id_goes_with_token_rows_only(stack, tmp_path):
     all_padding = _invoke(["analyze", stack["pretrained"], "--tokens", tmp_path / "ones.npy",
                            "--pad-id", 1, "-o", tmp_path / "r.h5"])
     error_line(all_padding, "every token is the padding id 1")
+    stream = _invoke(["analyze", stack["pretrained"], "--tokens", stack["root"] / "ids.npy",
+                      *LM, "--pad-id", 1, "-o", tmp_path / "r.h5"])
+    error_line(stream, "is a stream of tokens, which has no padding")
 
 
 def test_token_batches_for_a_model_that_is_not_a_causal_lm_are_refused(stack, tmp_path):
@@ -615,4 +655,27 @@ def test_token_batches_for_a_model_that_is_not_a_causal_lm_are_refused(stack, tm
     GPT2ForSequenceClassification(config).save_pretrained(tmp_path / "classifier")
     result = _invoke(["analyze", tmp_path / "classifier", "--tokens",
                       stack["root"] / "ids.npy", *LM, "-o", tmp_path / "r.h5"])
-    error_line(result, "GPT2ForSequenceClassification is not one; give its batches with --data")
+    error_line(result, "takes labels of its own; give its batches with --data")
+    assert "GPT2ForSequenceClassification" in result.output
+
+
+def test_a_subclass_of_a_causal_lm_reads_token_batches(stack, tmp_path):
+    """The refusal compared the class's name with transformers' causal-LM list: a subclass
+    (a custom or remote-code class) that had worked was refused (review)."""
+    fac = tmp_path / "sub.py"
+    fac.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(fw.__file__.rsplit('/tests/', 1)[0])!r})
+        from transformers import GPT2LMHeadModel
+        from tests.cli import _frameworks as fw
+
+        class MyGPT(GPT2LMHeadModel):
+            pass
+
+        def model():
+            return MyGPT(fw.gpt2().config)
+    """))
+    result = _invoke(["analyze", stack["pretrained"] / "model.safetensors", "--model",
+                      f"{fac}:model", "--tokens", stack["root"] / "ids.npy", *LM,
+                      "-m", "collapse", "-o", tmp_path / "r.h5", "-q"])
+    assert result.exit_code == 0, result.output

@@ -604,3 +604,23 @@ def test_a_checkpoint_recorded_under_another_step_is_refused(setup, tmp_path):
         w.record_checkpoint(0, str(paths[0]))  # the numbering of the earlier analysis
     result = _invoke(["analyze", paths[0], *_factories(root), "-m", "sharpness", "-o", out])
     error_line(result, "is recorded there as step 0, and is step 10 now")
+
+
+def test_a_resumed_analyze_prints_this_calls_findings_and_counts_the_earlier_ones(setup,
+                                                                                  tmp_path):
+    """The resumed monitor's findings start with the run's recorded ones: the summary
+    printed them again as if this call had found them."""
+    root, paths, _ = setup
+    diverged = _scaled(paths[1], float("nan"), tmp_path / "ckpt-25.pt", 25)
+    out = tmp_path / "r.h5"
+    first = _invoke(["analyze", paths[0], diverged, *_factories(root), "-m", "sharpness",
+                     "-o", out])
+    assert first.exit_code == 0, first.output
+    assert "step 25" in first.stdout and "recorded before" not in first.stdout
+    again = _invoke(["analyze", paths[0], diverged, paths[2], *_factories(root),
+                     "-m", "sharpness", "-o", out])
+    assert again.exit_code == 0, again.output
+    assert "step 25" not in again.stdout
+    recorded = len(ls.Run.open(out).findings())
+    assert f"recorded before (landscape check {out} lists every one)" in again.stdout
+    assert recorded >= 1 and f"{recorded} finding" in again.stdout
