@@ -131,7 +131,14 @@ class TaylorForecast(Rule):
       of learning rate has not grown (< ``update_growth`` times its median): a warm
       restart back to a learning rate the run trained at. A ramp past every earlier
       learning rate (also one stepped every few rows), and growth at a constant one, are
-      not explained.
+      not explained. Growth while the learning rate has not risen over the last
+      ``update_onset_rows`` rows (as recorded), on a row where the ratio is already below
+      one of the ``update_sustain`` rows before it, warns only when the probe loss of the
+      row is at least ``flat_lr_loss_rise`` (default 1.25; None: always) times its median
+      over the previous ``update_window`` rows: at a constant rate the step follows the
+      gradient, and a burst of large gradients past its peak that the loss rode through
+      (a recurrent network trained with SGD) is info; a step still growing to new highs
+      (Adam's second moments decaying towards eps) or one that took the loss up is not.
 
     Any condition is a warning, **unless the probe loss is still falling fast** (its
     fitted log slope <= -``falling``, default 0.01: more than 1 % per step, with a
@@ -168,6 +175,7 @@ class TaylorForecast(Rule):
     jump_growth: float | None = 20.0
     level_cap: float | None = 10.0
     climb_with_lr: bool = True
+    flat_lr_loss_rise: float | None = 1.25
     field: str = "r_secant"
     sustain: int = 1
     rearm: int = 10
@@ -197,6 +205,7 @@ class TaylorForecast(Rule):
             check_positive_int("update_onset_rows", self.update_onset_rows)
         check_number("jump_growth", self.jump_growth, allow_none=True)
         check_number("level_cap", self.level_cap, allow_none=True)
+        check_number("flat_lr_loss_rise", self.flat_lr_loss_rise, allow_none=True)
         if not isinstance(self.climb_with_lr, bool):
             raise ValueError(f"climb_with_lr must be True or False, got {self.climb_with_lr!r}")
         if not isinstance(self.restart_info, bool):
@@ -249,6 +258,7 @@ class SharpnessForecast(TaylorForecast):
     level_growth: float | None = None
     jump_growth: float | None = None
     level_cap: float | None = None
+    flat_lr_loss_rise: float | None = None
     severity: str = "info"
     field: str = "ratio"
     rearm: int = 3
@@ -293,6 +303,7 @@ class ForecastState:
         self.lr_before_rise = -math.inf  # lr_high when the learning rate last rose
         self.restart: float | None = None  # this row's lr when the schedule explains growth
         self.lrs: deque[float] = deque(maxlen=(rule.update_onset_rows or 10) + 1)
+        self.losses = RollingWindow(rule.update_window)  # the previous rows' probe loss
 
     def __call__(self, step: int, row: Row) -> Trigger | _Skip | None:
         """Evaluate one row.
@@ -311,8 +322,12 @@ class ForecastState:
         self.trend.append(step, x)
         self.rows += 1
         loss = row_value(row, "probe_loss")
+        usual_loss = None  # the probe loss's median over the previous rows
         if loss is not None and math.isfinite(loss) and loss > 0:
             self.loss.append(step, loss)
+            if len(self.losses) >= min(rule.update_window, 20):
+                usual_loss = self.losses.median()
+            self.losses.append(loss)
         previous, self.previous = self.previous, x
         grown = self._update_growth(row)
         # r relative to its own recent history: a run that trains at a high, steady r
@@ -387,6 +402,17 @@ class ForecastState:
                     # decays (a hard batch at a high learning rate), not a growing step
                     severity = "info"
                     message += "; the ratio is falling since it grew (one large step)"
+                elif (rule.flat_lr_loss_rise is not None and usual_loss is not None
+                      and self._lr_not_risen() and self._past_peak()
+                      and loss < rule.flat_lr_loss_rise * usual_loss):
+                    # at a constant rate the step follows the gradient: a burst of large
+                    # gradients past its peak that the loss rode through (an SGD-trained
+                    # LSTM); a step still growing (Adam's second moments decaying towards
+                    # eps) keeps warning
+                    severity = "info"
+                    message += (f"; the learning rate has not risen, the ratio is past its "
+                                f"peak and the probe loss is {_fmt(loss / usual_loss)} x its "
+                                "median (a burst of large gradients)")
             message += self._flat_lr_note()
         else:
             n_steps = math.ceil(steps_to)
@@ -472,6 +498,15 @@ class ForecastState:
         return ("; the learning rate has not changed: weight decay, gradient clipping or an "
                 "optimizer whose state was reset can grow the step too")
 
+    def _lr_not_risen(self) -> bool:
+        """Whether the learning rate has not risen: constant, or decaying.
+
+        Every one of the last ``update_onset_rows`` rows recorded one, and this row's is the
+        lowest of them.
+        """
+        lrs = [lr for lr in self.lrs if math.isfinite(lr)]
+        return len(lrs) == len(self.lrs) and len(lrs) > 1 and lrs[-1] <= min(lrs)
+
     def _restart_note(self) -> str:
         return (f"; the learning rate {_fmt(self.restart)} is back where the run trained "
                 "before and the step per unit of it has not grown (a warm restart)")
@@ -488,8 +523,7 @@ class ForecastState:
         # ago (a warm restart, a smaller batch) a few rising rows are noise
         if rule.update_onset_rows is not None and self.grown > rule.update_onset_rows:
             return False
-        last = list(self.updates.order)[-(rule.update_sustain + 1):]
-        if not (len(last) > rule.update_sustain and all(a < b for a, b in pairwise(last))):
+        if not self._rising():
             return False
         # a ramp of the learning rate, when the row records it: momentum (SGD's buffer,
         # Adam's first moment) also builds the step up over a few rows after one hard
@@ -498,6 +532,16 @@ class ForecastState:
         if rule.climb_with_lr and len(lrs) == len(self.lrs) and len(lrs) > 1:
             return lrs[-1] > min(lrs)
         return True
+
+    def _past_peak(self) -> bool:
+        """Whether the ratio is below one of the ``update_sustain`` rows before this one."""
+        last = list(self.updates.order)[-(self.rule.update_sustain + 1):]
+        return len(last) > 1 and last[-1] < max(last[:-1])
+
+    def _rising(self) -> bool:
+        """Whether the ratio rose on each of the last ``update_sustain`` rows."""
+        last = list(self.updates.order)[-(self.rule.update_sustain + 1):]
+        return len(last) > self.rule.update_sustain and all(a < b for a, b in pairwise(last))
 
     def _decaying(self) -> bool:
         """Whether the ratio fell on each of its grown rows.

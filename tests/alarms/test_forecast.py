@@ -140,6 +140,42 @@ def test_momentum_building_a_step_up_at_a_constant_rate_is_not_a_ramp():
         "warning")
 
 
+def test_a_gradient_burst_at_a_constant_rate_that_the_loss_rides_through_is_info():
+    """A character LSTM trained with SGD at lr 1: the gradient norm grew 3-4x over a few
+    steps, the update ratio stayed >= 2x its median for 3 rows at r = 1.39 and neither
+    climbed nor decayed on each of them, while the probe loss stayed flat: a false warning
+    on 3 of 12 healthy seeds, each a row past the ratio's peak (healthy-recipes audit).
+    The same growth with the loss up 25 % still warns, and so does a step that keeps
+    growing to new highs."""
+    rng = np.random.default_rng(3)
+    n = 200
+    lr = np.full(n, 1.0)
+    u = 0.024 * np.exp(0.05 * rng.standard_normal(n))
+    u[150:155] = [0.040, 0.052, 0.0545, 0.050, 0.054]  # not rising on each, not decaying
+    r = np.full(n, 0.45)
+    r[150:155] = [0.9, 1.2, 1.39, 1.1, 1.2]
+    loss = 1.6 * np.exp(0.02 * rng.standard_normal(n))
+    found = [f for f in _run(TaylorForecast(), r, loss, update=u, lr=lr)
+             if f.metric == "sentinels/update_ratio"]
+    assert found and all(f.severity == "info" for f in found)
+    assert "the learning rate has not risen, the ratio is past its peak" in found[0].message
+    rising = loss.copy()
+    rising[150:] *= 1.3
+    warned = [f for f in _run(TaylorForecast(), r, rising, update=u, lr=lr)
+              if f.severity == "warning"]
+    assert warned and warned[0].step == 153  # the third row >= 2x the median
+    # a step still growing to new highs at a constant rate keeps warning (the loss flat)
+    climbing = u.copy()
+    climbing[150:155] = [0.050, 0.052, 0.0545, 0.056, 0.060]
+    warned = [f for f in _run(TaylorForecast(), r, loss, update=climbing, lr=lr)
+              if f.severity == "warning"]
+    assert warned and warned[0].step == 152
+    # the setting off, or no learning rate recorded (older files): a warning as before
+    assert _run(TaylorForecast(flat_lr_loss_rise=None), r, loss, update=u, lr=lr)[0] \
+        .severity == "warning"
+    assert _run(TaylorForecast(), r, loss, update=u)[0].severity == "warning"
+
+
 def test_noise_a_decaying_burst_and_early_training_give_no_warning():
     rng = np.random.default_rng(1)
     r = 0.25 * np.exp(0.3 * rng.standard_normal(400))
