@@ -62,7 +62,7 @@ def test_small_suite_end_to_end():
         (n, d) for n in names for d in ("default", "zscore")}
     for r in rows:
         assert 0.0 <= r["detection_rate"] <= 1.0 and r["fa_per_1k_control"] >= 0.0
-    assert set(result["overhead"]) == {"gpt", "cnn"}
+    assert set(result["overhead"]) == {"gpt", "cnn", "lstm"}
     assert set(result["overhead"]["gpt"]) == {"plain", "default", "zscore"}
     table = markdown(result)
     assert "| gpt_lr_ramp |" in table and "Overhead" in table

@@ -48,7 +48,7 @@ class Scenario:
     mechanism: str
     control: str
     kind: str  # "gradual" or "abrupt"
-    arch: str  # "gpt" or "cnn"
+    arch: str  # "gpt", "cnn" or "lstm"
     steps: int
     intervention: int  # first step of the intervention
     warmup: int  # steps counted as warm-up
@@ -209,6 +209,27 @@ def cnn_lr_spike(seed: int, treated: bool, small: bool = False) -> Trial:
                       * (100.0 if treated and s >= s0 else 1.0))
 
 
+# ------------------------------------------------------------------------------ LSTM
+
+
+def lstm_sgd_lr_ramp(seed: int, treated: bool, small: bool = False) -> Trial:
+    """The healthy benchmark's character LSTM (plain SGD at lr 1, whose gradient bursts at a
+    constant rate are healthy) pushed past its stable rate by a geometric ramp."""
+    from ..healthy.setups import CharRNN, pseudo_text, text_windows
+
+    s0, n = (60, 20) if small else (300, 60)
+    length = 24 if small else 48
+    torch.manual_seed(seed)
+    model = CharRNN(pseudo_text()[1], 16 if small else 32, 32 if small else 128, "lstm")
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+
+    def lr(step):
+        return _ramp(step, s0, n, 1.0, 1000.0) if treated else 1.0
+
+    probe = text_windows(length, 32, 20_000 + seed)(0)
+    return Trial(model, opt, lm_loss, text_windows(length, 32, seed), lr, probe)
+
+
 def gpt_state_reset(seed: int, treated: bool, small: bool = False) -> Trial:
     s0, peak, warm = (60, 3e-3, 10) if small else (300, 1e-3, 50)
     trial = _gpt_trial(seed, small, lr=lambda s: _warm(s, peak, warm))
@@ -260,6 +281,8 @@ def scenarios(small: bool = False, include_rejected: bool = False) -> dict[str, 
            cnn_lr_spike, 340, 300),
         mk("gpt_fp16_overflow", "fp16 autocast, loss scale doubling every 2 steps, no inf check",
            "static loss scale 2^10", "abrupt", "gpt", gpt_fp16_overflow, 360, 300),
+        mk("lstm_sgd_lr_ramp", "SGD character LSTM, geometric LR ramp 1 -> 1000 over 60 steps",
+           "LR stays 1", "gradual", "lstm", lstm_sgd_lr_ramp, 380, 300),
     ]
     rejected.append(mk("gpt_state_reset", "AdamW tiny GPT, optimizer state lost at a restart",
                        "state kept", "abrupt", "gpt", gpt_state_reset, 340, 300))
