@@ -138,7 +138,9 @@ class TaylorForecast(Rule):
       over the previous ``update_window`` rows: at a constant rate the step follows the
       gradient, and a burst of large gradients past its peak that the loss rode through
       (a recurrent network trained with SGD) is info; a step still growing to new highs
-      (Adam's second moments decaying towards eps) or one that took the loss up is not.
+      (Adam's second moments decaying towards eps) or one that took the loss up is not,
+      and neither is a row without a probe loss or with fewer than 20 earlier ones
+      (``update_onset_rows=None`` reads the learning rate over 10 rows).
 
     Any condition is a warning, **unless the probe loss is still falling fast** (its
     fitted log slope <= -``falling``, default 0.01: more than 1 % per step, with a
@@ -413,7 +415,8 @@ class ForecastState:
                     message += (f"; the learning rate has not risen, the ratio is past its "
                                 f"peak and the probe loss is {_fmt(loss / usual_loss)} x its "
                                 "median (a burst of large gradients)")
-            message += self._flat_lr_note()
+            if severity_rank(severity) >= severity_rank("warning"):
+                message += self._flat_lr_note()
         else:
             n_steps = math.ceil(steps_to)
             if x >= rule.limit:  # crossed on this row: the level needs two rows above it

@@ -353,16 +353,19 @@ def open_data(
 
 
 _LABELLED_HEADS = ("SEQUENCE_CLASSIFICATION", "TOKEN_CLASSIFICATION", "QUESTION_ANSWERING",
-                   "MULTIPLE_CHOICE")
-"""transformers' task mappings whose models take labels of their own, never the ids."""
+                   "MULTIPLE_CHOICE", "NEXT_SENTENCE_PREDICTION", "TABLE_QUESTION_ANSWERING",
+                   "DOCUMENT_QUESTION_ANSWERING", "MASKED_LM")
+"""transformers' task mappings whose models do not learn from ``labels`` = the ids: heads
+with labels of their own, and masked LMs (whose loss on unmasked ids is copying them)."""
 
 
 def _labelled_head(model: Any) -> str | None:
-    """The class (or base class) of a Hugging Face model that takes labels other than ids.
+    """The class (or base class) of a Hugging Face model that does not learn from the ids.
 
-    A classifier, tagger or question-answering head (:data:`_LABELLED_HEADS`), found along
-    the class's bases (a subclass of ``GPT2ForSequenceClassification`` is one too); None
-    for language models, models no mapping names, and other libraries' modules.
+    A classifier, tagger or question-answering head, or a masked LM
+    (:data:`_LABELLED_HEADS`), found along the class's bases (a subclass of
+    ``GPT2ForSequenceClassification`` is one too); None for causal and sequence-to-sequence
+    language models, models no mapping names, and other libraries' modules.
     """
     base = _hf.peft_base(model)
     if not _hf.is_pretrained_model(base):
@@ -379,16 +382,30 @@ def _labelled_head(model: Any) -> str | None:
 
 
 def _refuse_not_causal(model: Any, option: str) -> None:
-    """Refuse token batches for a Hugging Face model whose labels are not token ids.
+    """Refuse token batches for a Hugging Face model that does not learn from the ids.
 
-    They are a language model's (``labels`` = the ids): a sequence classifier failed on
-    them with torch's "Expected input batch_size (8) to match target batch_size (240)".
-    Language models of every kind, and models of other libraries (a LightningModule
-    around a causal LM), are let through.
+    They are a causal language model's (``labels`` = the ids): a sequence classifier failed
+    on them with torch's "Expected input batch_size (8) to match target batch_size (240)",
+    and a masked LM's loss on unmasked ids is that of copying them. Causal and
+    sequence-to-sequence LMs, models no mapping names, and models of other libraries (a
+    LightningModule around a causal LM) are let through.
     """
     head = _labelled_head(model)
     if head is not None:
+        name = type(_hf.peft_base(model)).__name__
+        kind = "a masked LM, which learns from masked inputs" if head in _masked_lms() \
+            else "a head that takes labels of its own"
         raise LandscapeError(
-            f"{option}: these batches are a language model's (the ids are the labels), "
-            f"and {type(_hf.peft_base(model)).__name__} ({head}) takes labels of its own; "
+            f"{option}: these batches are a causal language model's (the ids are the "
+            f"labels), and {name}{'' if head == name else f' (a {head})'} is {kind}; "
             "give its batches with --data module:fn (a dict with its inputs and labels)")
+
+
+def _masked_lms() -> set[str]:
+    """The masked-LM class names transformers' mapping lists."""
+    from transformers.models.auto import modeling_auto
+
+    names: set[str] = set()
+    for value in getattr(modeling_auto, "MODEL_FOR_MASKED_LM_MAPPING_NAMES", {}).values():
+        names.update((value,) if isinstance(value, str) else value)
+    return names

@@ -119,8 +119,8 @@ def token_batches(
     if ids.dim() == 1:
         n = ids.numel() // seq_len
         rows = ids[: n * seq_len].reshape(n, seq_len)
-    else:  # sequences as they come, cut to seq_len when longer
-        rows = ids[:, :seq_len]
+    else:  # sequences as they come, cut to seq_len when longer (the padding moved first)
+        rows = (ids if pad_id is None else _padding_last(ids, pad_id))[:, :seq_len]
     if rows.shape[0] == 0:
         raise LandscapeError(f"{source}: {ids.numel()} tokens, fewer than one sequence of "
                              f"--seq-len {seq_len}")
@@ -136,8 +136,8 @@ def token_batches(
         raise LandscapeError(f"--pad-id: {source} is a stream of tokens, which has no padding "
                              "(the id would be masked wherever it stands); it is for rows "
                              "padded to one length (a 2-D array)")
-    if pad_id is not None and bool((rows == pad_id).all()):
-        raise LandscapeError(f"{source}: every token is the padding id {pad_id} (--pad-id)")
+    if pad_id is not None and ids.dim() == 2:
+        rows = _with_a_target(rows, pad_id, source)
     if pad_id is None and ids.dim() == 2:
         _warn_padded_look(rows, source)
     if rows.shape[0] < batch_size * n_batches:
@@ -148,9 +148,28 @@ def token_batches(
     rows = rows[: batch_size * n_batches]
     if pad_id is None:
         return [{"input_ids": b.clone(), "labels": b.clone()} for b in rows.split(batch_size)]
-    rows = _padding_last(rows, pad_id)
     return [{"input_ids": b.clone(), "attention_mask": (b != pad_id).long(),
              "labels": b.masked_fill(b == pad_id, -100)} for b in rows.split(batch_size)]
+
+
+def _with_a_target(rows: torch.Tensor, pad_id: int, source: str) -> torch.Tensor:
+    """The rows holding at least two real tokens (one next-token target), the others said.
+
+    A row of padding alone, or of one token, gives a causal LM nothing to predict: a batch
+    of such rows has a loss of 0/0.
+
+    Raises:
+        LandscapeError: no row has two real tokens.
+    """
+    kept = (rows != pad_id).sum(1) >= 2
+    if not bool(kept.any()):
+        raise LandscapeError(f"{source}: no row holds two tokens besides the padding id "
+                             f"{pad_id} (--pad-id): nothing to predict")
+    if not bool(kept.all()):
+        warnings.warn(f"{source}: {int((~kept).sum())} of {rows.shape[0]} rows hold fewer "
+                      f"than two tokens besides the padding id {pad_id}: left out (nothing to "
+                      "predict)", stacklevel=3)
+    return rows[kept]
 
 
 def _padding_last(rows: torch.Tensor, pad_id: int) -> torch.Tensor:

@@ -661,9 +661,10 @@ StepContext.params_before = property(  # type: ignore[assignment]
         "first read), or None.")
 
 
-_MOVED = ("batch_targets", "classes_last", "each_batch", "ignored_past_classes", "inputs_in",
-          "softmax_logits", "split_batch", "target_place")
-"""Names this module exported that live in :mod:`landscape.metrics.batch_parts` now."""
+_MOVED = ("classes_last", "ignored_past_classes", "softmax_logits", "target_place")
+"""Names this module exported that live in :mod:`landscape.metrics.batch_parts` now (the
+others it exported, ``batch_targets``, ``each_batch``, ``inputs_in`` and ``split_batch``,
+it still imports for its own use)."""
 
 
 def __getattr__(name: str) -> Any:

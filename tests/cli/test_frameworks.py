@@ -602,6 +602,22 @@ def test_left_padded_rows_are_said_to_look_padded_and_read_as_right_padded_ones(
         assert done.exit_code == 0, done.output
         lambdas.append(ls.Run.open(out).series("top_eigenvalues", "eigenvalues")[1][0, 0])
     assert lambdas[0] == pytest.approx(lambdas[1], rel=1e-5)
+    # wider than --seq-len: the padding is moved before the rows are cut (review: the cut
+    # kept the left padding and dropped the text), and rows left without a target go
+    cut = []
+    for name in ("left", "right"):
+        out = tmp_path / f"{name}-cut.h5"
+        done = _invoke(["analyze", stack["pretrained"], "--tokens", tmp_path / f"{name}.npy",
+                        "--batch-size", 8, "--pad-id", 1, "--seq-len", 7, "-m",
+                        "top_eigenvalues", "-k", 1, "-o", out, "-q"])
+        assert done.exit_code == 0, done.output
+        cut.append(ls.Run.open(out).series("top_eigenvalues", "eigenvalues")[1][0, 0])
+    assert cut[0] == pytest.approx(cut[1], rel=1e-5)
+    from landscape.checkpoints.tokens import token_batches
+
+    (batch,) = token_batches(tokens=tmp_path / "left.npy", seq_len=7, batch_size=8, pad_id=1)
+    real = np.minimum((right != 1).sum(1), 7)  # each row's first tokens, up to --seq-len
+    assert batch["attention_mask"].sum(1).tolist() == real.tolist()
 
 
 def test_an_id_that_ends_many_rows_but_stands_mostly_inside_them_is_text(stack, tmp_path):
@@ -639,7 +655,7 @@ def test_pad_id_goes_with_token_rows_only(stack, tmp_path):
     np.save(tmp_path / "ones.npy", everything)
     all_padding = _invoke(["analyze", stack["pretrained"], "--tokens", tmp_path / "ones.npy",
                            "--pad-id", 1, "-o", tmp_path / "r.h5"])
-    error_line(all_padding, "every token is the padding id 1")
+    error_line(all_padding, "no row holds two tokens besides the padding id 1")
     stream = _invoke(["analyze", stack["pretrained"], "--tokens", stack["root"] / "ids.npy",
                       *LM, "--pad-id", 1, "-o", tmp_path / "r.h5"])
     error_line(stream, "is a stream of tokens, which has no padding")
@@ -655,8 +671,18 @@ def test_token_batches_for_a_model_that_is_not_a_causal_lm_are_refused(stack, tm
     GPT2ForSequenceClassification(config).save_pretrained(tmp_path / "classifier")
     result = _invoke(["analyze", tmp_path / "classifier", "--tokens",
                       stack["root"] / "ids.npy", *LM, "-o", tmp_path / "r.h5"])
-    error_line(result, "takes labels of its own; give its batches with --data")
-    assert "GPT2ForSequenceClassification" in result.output
+    error_line(result, "GPT2ForSequenceClassification is a head that takes labels of its "
+                       "own; give its batches with --data")
+    from transformers import BertConfig, BertForMaskedLM, BertForNextSentencePrediction
+
+    bert = BertConfig(vocab_size=fw.VOCAB, hidden_size=16, num_hidden_layers=1,
+                      num_attention_heads=2, intermediate_size=32)
+    for cls, kind in ((BertForNextSentencePrediction, "a head that takes labels"),
+                      (BertForMaskedLM, "a masked LM, which learns from masked inputs")):
+        cls(bert).save_pretrained(tmp_path / cls.__name__)
+        refused = _invoke(["analyze", tmp_path / cls.__name__, "--tokens",
+                           stack["root"] / "ids.npy", *LM, "-o", tmp_path / "r.h5"])
+        error_line(refused, f"{cls.__name__} is {kind}")
 
 
 def test_a_subclass_of_a_causal_lm_reads_token_batches(stack, tmp_path):

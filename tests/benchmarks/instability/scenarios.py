@@ -214,7 +214,11 @@ def cnn_lr_spike(seed: int, treated: bool, small: bool = False) -> Trial:
 
 def lstm_sgd_lr_ramp(seed: int, treated: bool, small: bool = False) -> Trial:
     """The healthy benchmark's character LSTM (plain SGD at lr 1, whose gradient bursts at a
-    constant rate are healthy) pushed past its stable rate by a geometric ramp."""
+    constant rate are healthy) pushed past its stable rate by a geometric ramp.
+
+    The model and data of ``char_lstm_sgd_clip``, without its clipping at 5 (which never
+    engaged before an explosion: the runs were bitwise alike) or its later rate drop.
+    """
     from ..healthy.setups import CharRNN, pseudo_text, text_windows
 
     s0, n = (60, 20) if small else (300, 60)
