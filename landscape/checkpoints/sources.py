@@ -374,11 +374,25 @@ def _labelled_head(model: Any) -> str | None:
         from transformers.models.auto import modeling_auto
     except ImportError:  # pragma: no cover - a broken install
         return None
+    labelled = _mapped(modeling_auto, _LABELLED_HEADS)
+    # a class a language-model mapping lists is one, whatever else lists it (BART is a
+    # masked LM and a sequence-to-sequence one; XLM's LM head a masked and a causal one)
+    lms = _mapped(modeling_auto, ("CAUSAL_LM", "SEQ_TO_SEQ_CAUSAL_LM"))
+    for cls in type(base).__mro__:
+        if cls.__name__ in lms:
+            return None
+        if cls.__name__ in labelled:
+            return cls.__name__
+    return None
+
+
+def _mapped(modeling_auto: Any, tasks: Sequence[str]) -> set[str]:
+    """The class names transformers' ``MODEL_FOR_<task>_MAPPING_NAMES`` list for ``tasks``."""
     names: set[str] = set()
-    for task in _LABELLED_HEADS:
+    for task in tasks:
         for value in getattr(modeling_auto, f"MODEL_FOR_{task}_MAPPING_NAMES", {}).values():
             names.update((value,) if isinstance(value, str) else value)
-    return next((c.__name__ for c in type(base).__mro__ if c.__name__ in names), None)
+    return names
 
 
 def _refuse_not_causal(model: Any, option: str) -> None:
@@ -393,19 +407,12 @@ def _refuse_not_causal(model: Any, option: str) -> None:
     head = _labelled_head(model)
     if head is not None:
         name = type(_hf.peft_base(model)).__name__
-        kind = "a masked LM, which learns from masked inputs" if head in _masked_lms() \
-            else "a head that takes labels of its own"
+        from transformers.models.auto import modeling_auto
+
+        kind = ("a masked LM, which learns from masked inputs"
+                if head in _mapped(modeling_auto, ("MASKED_LM",))
+                else "a head that takes labels of its own")
         raise LandscapeError(
             f"{option}: these batches are a causal language model's (the ids are the "
             f"labels), and {name}{'' if head == name else f' (a {head})'} is {kind}; "
             "give its batches with --data module:fn (a dict with its inputs and labels)")
-
-
-def _masked_lms() -> set[str]:
-    """The masked-LM class names transformers' mapping lists."""
-    from transformers.models.auto import modeling_auto
-
-    names: set[str] = set()
-    for value in getattr(modeling_auto, "MODEL_FOR_MASKED_LM_MAPPING_NAMES", {}).values():
-        names.update((value,) if isinstance(value, str) else value)
-    return names

@@ -705,3 +705,20 @@ def test_a_subclass_of_a_causal_lm_reads_token_batches(stack, tmp_path):
                       f"{fac}:model", "--tokens", stack["root"] / "ids.npy", *LM,
                       "-m", "collapse", "-o", tmp_path / "r.h5", "-q"])
     assert result.exit_code == 0, result.output
+
+
+def test_a_class_a_language_model_mapping_lists_reads_token_batches_whatever_else_lists_it():
+    """transformers lists BART among masked LMs and sequence-to-sequence LMs, XLM's LM head
+    among masked and causal LMs: refusing masked LMs refused them too (review)."""
+    from transformers import BartConfig, BartForConditionalGeneration, BertConfig, BertForMaskedLM
+
+    from landscape.checkpoints.sources import _labelled_head
+
+    bart = BartForConditionalGeneration(BartConfig(
+        vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16,
+        decoder_ffn_dim=16))
+    assert _labelled_head(bart) is None
+    bert = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                      num_attention_heads=2, intermediate_size=16))
+    assert _labelled_head(bert) == "BertForMaskedLM"
