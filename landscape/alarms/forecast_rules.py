@@ -139,8 +139,8 @@ class TaylorForecast(Rule):
       gradient, and a burst of large gradients past its peak that the loss rode through
       (a recurrent network trained with SGD) is info; a step still growing to new highs
       (Adam's second moments decaying towards eps) or one that took the loss up is not,
-      and neither is a row without a probe loss or with fewer than 20 earlier ones
-      (``update_onset_rows=None`` reads the learning rate over 10 rows).
+      and neither is a row without a probe loss or with fewer than ``min(update_window,
+      20)`` earlier ones (``update_onset_rows=None`` reads the learning rate over 10 rows).
 
     Any condition is a warning, **unless the probe loss is still falling fast** (its
     fitted log slope <= -``falling``, default 0.01: more than 1 % per step, with a

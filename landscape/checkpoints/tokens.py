@@ -120,6 +120,9 @@ def token_batches(
         n = ids.numel() // seq_len
         rows = ids[: n * seq_len].reshape(n, seq_len)
     else:  # sequences as they come, cut to seq_len when longer (the padding moved first)
+        if ids.shape[1] < 2:
+            raise LandscapeError(f"{source}: rows of {ids.shape[1]} token(s): a language "
+                                 "model needs two to predict one")
         rows = (ids if pad_id is None else _padding_last(ids, pad_id))[:, :seq_len]
     if rows.shape[0] == 0:
         raise LandscapeError(f"{source}: {ids.numel()} tokens, fewer than one sequence of "

@@ -661,7 +661,8 @@ StepContext.params_before = property(  # type: ignore[assignment]
         "first read), or None.")
 
 
-_MOVED = ("classes_last", "ignored_past_classes", "softmax_logits", "target_place")
+_MOVED = ("classes_last", "ignored_past_classes", "soft_labels", "softmax_logits",
+          "target_place", "without_labels")
 """Names this module exported that live in :mod:`landscape.metrics.batch_parts` now (the
 others it exported, ``batch_targets``, ``each_batch``, ``inputs_in`` and ``split_batch``,
 it still imports for its own use)."""

@@ -640,6 +640,9 @@ def test_moved_batch_helpers_still_import_from_the_context_module_with_a_warning
     with pytest.warns(DeprecationWarning, match="landscape.metrics.batch_parts.softmax_logits"):
         from landscape.metrics.context import softmax_logits
     assert softmax_logits is batch_parts.softmax_logits
+    with pytest.warns(DeprecationWarning, match="batch_parts.without_labels"):
+        from landscape.metrics.context import without_labels
+    assert without_labels is batch_parts.without_labels
 
 
 def test_pad_id_goes_with_token_rows_only(stack, tmp_path):
@@ -659,6 +662,10 @@ def test_pad_id_goes_with_token_rows_only(stack, tmp_path):
     stream = _invoke(["analyze", stack["pretrained"], "--tokens", stack["root"] / "ids.npy",
                       *LM, "--pad-id", 1, "-o", tmp_path / "r.h5"])
     error_line(stream, "is a stream of tokens, which has no padding")
+    np.save(tmp_path / "column.npy", np.full((3, 1), 7, dtype=np.int64))
+    column = _invoke(["analyze", stack["pretrained"], "--tokens", tmp_path / "column.npy",
+                      "-o", tmp_path / "r.h5"])  # its loss was NaN
+    error_line(column, "rows of 1 token(s): a language model needs two to predict one")
 
 
 def test_token_batches_for_a_model_that_is_not_a_causal_lm_are_refused(stack, tmp_path):
