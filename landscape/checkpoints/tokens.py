@@ -8,12 +8,11 @@ Each batch is ``{"input_ids": ids, "labels": ids}``: a causal language model shi
 labels itself and returns its loss
 (https://huggingface.co/docs/transformers/tasks/language_modeling). Rows padded to one
 length name their padding id (``pad_id``, ``--pad-id``): its positions get
-``attention_mask`` 0 and the label ``-100``, which the loss leaves out, as
-transformers' ``DataCollatorForLanguageModeling`` marks them, and left padding is moved to
-the end of its row (positions then count from the first token, as in training). Rows
-that look padded (many
-end, or begin, in a run of one id) while no ``pad_id`` is given are warned about: their
-padding would be read as text.
+``attention_mask`` 0 and the label ``-100``, which the loss leaves out, as transformers'
+``DataCollatorForLanguageModeling`` marks them, and left padding is moved to the end of
+its row (positions then count from the first token, as in training). Rows that look
+padded (many end, or begin, in a run of one id) while no ``pad_id`` is given are warned
+about: their padding would be read as text.
 """
 
 from __future__ import annotations
@@ -95,8 +94,9 @@ def token_batches(
         also ``attention_mask``, and the padding's labels ``-100``.
 
     Raises:
-        LandscapeError: neither or both sources, too few tokens, ids out of range,
-            sequences longer than ``max_positions``, or a ``pad_id`` that leaves no token.
+        LandscapeError: neither or both sources, too few tokens, rows of one token, ids
+            out of range, sequences longer than ``max_positions``, a ``pad_id`` for a
+            stream, or one that leaves no row with two real tokens.
     """
     if (tokens is None) == (text is None):
         raise LandscapeError("give the data as --tokens FILE or --text FILE (one of them)")
