@@ -10,10 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from landscape import distributed as _dist
 from landscape._errors import LandscapeError
 
-__all__ = ["is_causal_lm", "is_pretrained_model", "model_loss", "next_token_targets",
-           "output_loss", "peft_base", "uses_causal_lm_loss"]
+__all__ = ["counts_next_tokens", "is_causal_lm", "is_pretrained_model", "model_loss",
+           "next_token_targets", "output_loss", "peft_base", "task_classes",
+           "uses_causal_lm_loss"]
 
 
 def output_loss(output: Any) -> torch.Tensor | None:
@@ -119,13 +121,27 @@ def is_causal_lm(model: nn.Module) -> bool:
     Returns:
         True for the classes transformers maps to causal language modelling.
     """
+    return type(peft_base(model)).__name__ in task_classes("CAUSAL_LM")
+
+
+def task_classes(*tasks: str) -> set[str]:
+    """The class names transformers' ``MODEL_FOR_<task>_MAPPING_NAMES`` list for ``tasks``.
+
+    ``task_classes("CAUSAL_LM", "SEQ_TO_SEQ_CAUSAL_LM")``, for instance. Empty when the
+    user's code has not imported transformers (a plain PyTorch model never pulls it in) or
+    this transformers has no such mapping.
+    """
     if "transformers" not in sys.modules:
-        return False
+        return set()
     try:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        from transformers.models.auto import modeling_auto
     except ImportError:  # pragma: no cover - very old transformers
-        return False
-    return type(peft_base(model)).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+        return set()
+    names: set[str] = set()
+    for task in tasks:
+        for value in getattr(modeling_auto, f"MODEL_FOR_{task}_MAPPING_NAMES", {}).values():
+            names.update((value,) if isinstance(value, str) else value)
+    return names
 
 
 def uses_causal_lm_loss(model: nn.Module) -> bool:
@@ -167,3 +183,16 @@ def next_token_targets(batch: Any) -> int | None:
     if not isinstance(labels, torch.Tensor) or labels.dim() < 1:
         return None
     return int((labels[..., 1:] != -100).sum())
+
+
+def counts_next_tokens(model: nn.Module, closure: Any, distributed: bool | None = None) -> bool:
+    """Whether ``model``'s batches weigh by :func:`next_token_targets` in the curvature.
+
+    Under the default closure (:func:`model_loss`), for a model whose loss is the shifted
+    causal-LM mean (:func:`uses_causal_lm_loss`), in one process (``distributed``: the
+    monitor's option of that name): across ranks, a rank whose batch held no target token
+    would refuse its operator while the others wait for it in the curvature all-reduce.
+    The Hugging Face callback and ``landscape analyze`` decide by it.
+    """
+    return (closure is model_loss and uses_causal_lm_loss(model)
+            and not _dist.enabled(distributed))

@@ -28,9 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from landscape import distributed as _dist
 from landscape._errors import LandscapeError
-from landscape._hf import model_loss, next_token_targets, uses_causal_lm_loss
+from landscape._hf import counts_next_tokens, next_token_targets
 from landscape.batches import map_tensors, model_call
 from landscape.checkpoints.lightning import is_last_copy
 from landscape.failures import nonfinite_state
@@ -707,21 +706,6 @@ def _to_compute(
     return todo
 
 
-def _token_weights(net: nn.Module, closure: Any) -> Callable[[Any], int | None] | None:
-    """How the batches weigh in the curvature: by their next-token targets, or None.
-
-    A Hugging Face causal language model under its own loss (:func:`~landscape._hf.
-    model_loss`) averages over the labels that follow a token and are not ``-100``; its
-    padded batches are weighed by those (:func:`~landscape._hf.next_token_targets`), as
-    the Hugging Face callback weighs them, so several batches and micro-batches average as
-    one batch of all their tokens. In one process (a rank whose batch held no target
-    would refuse its operator while the others wait for it). Anything else: by samples.
-    """
-    if closure is model_loss and uses_causal_lm_loss(net) and not _dist.enabled(None):
-        return next_token_targets
-    return None
-
-
 def analyze(
     checkpoints: Sequence[str | Path | Checkpoint],
     model: nn.Module | Callable[[], nn.Module],
@@ -834,7 +818,11 @@ def analyze(
                       None if path is None else str(path), optimizer=opt,
                       closure=closure, metrics=chosen,
                       probe=batches if len(batches) > 1 else batches[0],
-                      batch_size=_token_weights(net, closure),
+                      # a causal LM's padded batches by their next-token targets, as
+                      # the Hugging Face callback weighs them: several batches then
+                      # average as one batch of all their tokens
+                      batch_size=next_token_targets if counts_next_tokens(net, closure)
+                      else None,
                       mode=mode, truncate_from=partial, microbatch_size=microbatch_size,
                       adaptive=False, on_disk_full="raise",  # a full disk ends the command
                       config={"analysis": {"checkpoints": [str(c.path) for _, c in loaded],

@@ -370,29 +370,16 @@ def _labelled_head(model: Any) -> str | None:
     base = _hf.peft_base(model)
     if not _hf.is_pretrained_model(base):
         return None
-    try:
-        from transformers.models.auto import modeling_auto
-    except ImportError:  # pragma: no cover - a broken install
-        return None
-    labelled = _mapped(modeling_auto, _LABELLED_HEADS)
+    labelled = _hf.task_classes(*_LABELLED_HEADS)
     # a class a language-model mapping lists is one, whatever else lists it (BART is a
     # masked LM and a sequence-to-sequence one; XLM's LM head a masked and a causal one)
-    lms = _mapped(modeling_auto, ("CAUSAL_LM", "SEQ_TO_SEQ_CAUSAL_LM"))
+    lms = _hf.task_classes("CAUSAL_LM", "SEQ_TO_SEQ_CAUSAL_LM")
     for cls in type(base).__mro__:
         if cls.__name__ in lms:
             return None
         if cls.__name__ in labelled:
             return cls.__name__
     return None
-
-
-def _mapped(modeling_auto: Any, tasks: Sequence[str]) -> set[str]:
-    """The class names transformers' ``MODEL_FOR_<task>_MAPPING_NAMES`` list for ``tasks``."""
-    names: set[str] = set()
-    for task in tasks:
-        for value in getattr(modeling_auto, f"MODEL_FOR_{task}_MAPPING_NAMES", {}).values():
-            names.update((value,) if isinstance(value, str) else value)
-    return names
 
 
 def _refuse_not_causal(model: Any, option: str) -> None:
@@ -407,11 +394,8 @@ def _refuse_not_causal(model: Any, option: str) -> None:
     head = _labelled_head(model)
     if head is not None:
         name = type(_hf.peft_base(model)).__name__
-        from transformers.models.auto import modeling_auto
-
         kind = ("a masked LM, which learns from masked inputs"
-                if head in _mapped(modeling_auto, ("MASKED_LM",))
-                else "a head that takes labels of its own")
+                if head in _hf.task_classes("MASKED_LM") else "a head that takes labels of its own")
         raise LandscapeError(
             f"{option}: these batches are a causal language model's (the ids are the "
             f"labels), and {name}{'' if head == name else f' (a {head})'} is {kind}; "

@@ -59,7 +59,7 @@ import math
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -67,7 +67,7 @@ from torch import nn
 from typing_extensions import Unpack
 
 from landscape import distributed as _dist
-from landscape._hf import model_loss, next_token_targets, output_loss, uses_causal_lm_loss
+from landscape._hf import counts_next_tokens, model_loss, next_token_targets, output_loss
 from landscape._sums import tensor_norms
 from landscape.findings import Finding, user_stacklevel
 from landscape.integrations import (
@@ -100,18 +100,6 @@ except ImportError as err:  # pragma: no cover - depends on what is installed
 __all__ = ["LandscapeTrainerCallback", "OutputEmbeddingLogits", "model_loss", "next_token_targets"]
 
 _NOT_BATCH = ("num_items_in_batch", "return_dict", "output_hidden_states", "output_attentions")
-
-
-def _counts_next_tokens(model: nn.Module, closure: Any, options: Mapping[str, Any]) -> bool:
-    """Whether the callback weighs ``model``'s batches by :func:`next_token_targets`.
-
-    Under the default closure, for a model whose loss is the shifted causal-LM mean
-    (:func:`landscape._hf.uses_causal_lm_loss`), in one process: across ranks, a rank whose
-    probe held no target token would refuse its operator while the others wait for it in
-    the curvature all-reduce.
-    """
-    return (closure is model_loss and uses_causal_lm_loss(model)
-            and not _dist.enabled(options.get("distributed")))
 
 
 class OutputEmbeddingLogits(Logits):
@@ -380,7 +368,8 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
         )
         options = resume_options(self.monitor_options, self.path, int(state.global_step))
         make_run_folder(self.path)
-        if "batch_size" not in options and _counts_next_tokens(model, self.closure, options):
+        if "batch_size" not in options and counts_next_tokens(
+                model, self.closure, options.get("distributed")):
             options["batch_size"] = next_token_targets  # a token mean over padded batches
         self.monitor = Monitor(
             model, self.loss_fn, self.path, optimizer=optimizer, metrics=self.metrics,

@@ -348,21 +348,22 @@ def test_a_causal_lm_counts_its_next_token_targets_so_padded_micro_batches_avera
 
 def test_only_a_shifted_causal_lm_loss_in_one_process_counts_next_tokens(monkeypatch):
     from landscape import distributed
-    from landscape.integrations.huggingface import _counts_next_tokens, model_loss
+    from landscape._hf import counts_next_tokens
+    from landscape.integrations.huggingface import model_loss
 
     gpt2 = _model()
     xlnet = transformers.XLNetLMHeadModel(transformers.XLNetConfig(
         vocab_size=VOCAB, d_model=16, n_layer=1, n_head=2, d_inner=32))
-    assert _counts_next_tokens(gpt2, model_loss, {})
+    assert counts_next_tokens(gpt2, model_loss)
     # XLNet is in the causal-LM mapping but averages over its unshifted labels
-    assert not _counts_next_tokens(xlnet, model_loss, {})
-    assert not _counts_next_tokens(gpt2, lambda m, b: m(**b).loss, {})  # the user's closure
+    assert not counts_next_tokens(xlnet, model_loss)
+    assert not counts_next_tokens(gpt2, lambda m, b: m(**b).loss)  # the user's closure
     gpt2.loss_function = lambda *args, **kwargs: None  # a loss the user replaced
-    assert not _counts_next_tokens(gpt2, model_loss, {})
+    assert not counts_next_tokens(gpt2, model_loss)
     # across ranks a rank whose probe has no target token would leave the others waiting
     monkeypatch.setattr(distributed, "is_distributed", lambda: True)
-    assert not _counts_next_tokens(_model(), model_loss, {})
-    assert _counts_next_tokens(_model(), model_loss, {"distributed": False})  # told: one rank
+    assert not counts_next_tokens(_model(), model_loss)
+    assert counts_next_tokens(_model(), model_loss, distributed=False)  # told: one rank
 
 
 def _logged_grad_norms(trainer):
