@@ -495,20 +495,24 @@ class ForecastState:
         The rows' recorded learning rates (``lr``) all equal: the step grew by other
         causes, which the note names.
         """
-        lrs = [lr for lr in self.lrs if math.isfinite(lr)]
-        if len(lrs) < 2 or len(lrs) < len(self.lrs) or max(lrs) != min(lrs):
+        lrs = self._recorded_lrs()
+        if lrs is None or max(lrs) != min(lrs):
             return ""
         return ("; the learning rate has not changed: weight decay, gradient clipping or an "
                 "optimizer whose state was reset can grow the step too")
 
-    def _lr_not_risen(self) -> bool:
-        """Whether the learning rate has not risen: constant, or decaying.
+    def _recorded_lrs(self) -> list[float] | None:
+        """The learning rates of the last ``update_onset_rows`` rows and this one.
 
-        Every one of the last ``update_onset_rows`` rows recorded one, and this row's is the
-        lowest of them.
+        None unless every one of them recorded one (``sentinels/lr``) and there are two.
         """
         lrs = [lr for lr in self.lrs if math.isfinite(lr)]
-        return len(lrs) == len(self.lrs) and len(lrs) > 1 and lrs[-1] <= min(lrs)
+        return lrs if len(lrs) == len(self.lrs) and len(lrs) > 1 else None
+
+    def _lr_not_risen(self) -> bool:
+        """Whether the recorded learning rate has not risen: this row's is their lowest."""
+        lrs = self._recorded_lrs()
+        return lrs is not None and lrs[-1] <= min(lrs)
 
     def _restart_note(self) -> str:
         return (f"; the learning rate {_fmt(self.restart)} is back where the run trained "
@@ -531,19 +535,23 @@ class ForecastState:
         # a ramp of the learning rate, when the row records it: momentum (SGD's buffer,
         # Adam's first moment) also builds the step up over a few rows after one hard
         # batch, at a constant rate
-        lrs = [lr for lr in self.lrs if math.isfinite(lr)]
-        if rule.climb_with_lr and len(lrs) == len(self.lrs) and len(lrs) > 1:
+        lrs = self._recorded_lrs()
+        if rule.climb_with_lr and lrs is not None:
             return lrs[-1] > min(lrs)
         return True
 
+    def _recent_ratios(self) -> list[float]:
+        """The update ratio of this row and the ``update_sustain`` rows before it."""
+        return list(self.updates.order)[-(self.rule.update_sustain + 1):]
+
     def _past_peak(self) -> bool:
         """Whether the ratio is below one of the ``update_sustain`` rows before this one."""
-        last = list(self.updates.order)[-(self.rule.update_sustain + 1):]
+        last = self._recent_ratios()
         return len(last) > 1 and last[-1] < max(last[:-1])
 
     def _rising(self) -> bool:
         """Whether the ratio rose on each of the last ``update_sustain`` rows."""
-        last = list(self.updates.order)[-(self.rule.update_sustain + 1):]
+        last = self._recent_ratios()
         return len(last) > self.rule.update_sustain and all(a < b for a, b in pairwise(last))
 
     def _decaying(self) -> bool:
