@@ -172,12 +172,13 @@ def token_data(n: int = 4, seq: int = 7, vocab: int = 11, seed: int = 0) -> dict
     return {"ids": torch.randint(0, vocab, (n, seq), generator=g)}
 
 
-def full_batch_steps(mon, model, opt, x, y, steps, after_step=None, start=0):
-    """``steps`` optimizer steps of cross-entropy on ``(x, y)``, each recorded by ``mon``
-    (``mon.step(step, batch=(x, y), loss=loss)`` from step ``start``); ``after_step()``
-    after each, if given."""
+def full_batch_steps(mon, model, opt, x, y, steps, after_step=None, start=0,
+                     loss_fn=F.cross_entropy):
+    """``steps`` optimizer steps of ``loss_fn`` (cross-entropy) on ``(x, y)``, each recorded
+    by ``mon`` (``mon.step(step, batch=(x, y), loss=loss)`` from step ``start``);
+    ``after_step()`` after each, if given."""
     for step in range(start, start + steps):
-        loss = F.cross_entropy(model(x), y)
+        loss = loss_fn(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -487,6 +487,13 @@ def test_lora_on_gpt2_conv1d_and_lora_bias_are_read_as_applied(tmp_path):
     assert run.series("collapse", "nc4")[1][0] == pytest.approx(float(want.nc4))
 
 
+def _tail_padded(ids, rows, start):
+    """An ``attention_mask`` of ``ids`` whose first ``rows`` rows are padding from ``start``."""
+    mask = torch.ones_like(ids)
+    mask[:rows, start:] = 0
+    return mask
+
+
 def _padded_gpt2():
     """A GPT-2 LM and a right-padded probe whose labels copy the ids, pad tokens included."""
     import transformers
@@ -570,8 +577,7 @@ def test_padding_of_a_token_classifier_keyword_batch_leaves_its_labels_out_too(t
     g = torch.Generator().manual_seed(2)
     ids, labels = torch.randint(1, 20, (8, 6), generator=g), torch.randint(0, 4, (8, 6),
                                                                              generator=g)
-    mask = torch.ones_like(ids)
-    mask[:4, -3:] = 0
+    mask = _tail_padded(ids, 4, -3)
     probe = {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def closure(m, b):
@@ -600,8 +606,7 @@ def _padded_t5():
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(1, 40, (5, 8), generator=g)
     labels = torch.randint(1, 40, (5, 8), generator=g)
-    mask = torch.ones_like(ids)
-    mask[:3, 5:] = 0
+    mask = _tail_padded(ids, 3, 5)
     return model, {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
@@ -666,8 +671,7 @@ def test_a_mask_beside_inputs_of_another_shape_is_not_applied_and_all_padding_fa
     model = _TextAndImage()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 20, (4, 6), generator=g)
-    mask = torch.ones_like(ids)
-    mask[:2, 3:] = 0
+    mask = _tail_padded(ids, 2, 3)
     probe = {"input_ids": ids, "attention_mask": mask,
              "pixel_values": torch.randn(4, 2, 6, 6, generator=g)}
 
@@ -802,8 +806,7 @@ def test_an_encoders_states_beside_the_ids_are_not_cut_by_the_decoders_mask(tmp_
     model = _CrossReader()
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, 20, (4, 6), generator=g)
-    mask = torch.ones_like(ids)
-    mask[:2, 4:] = 0
+    mask = _tail_padded(ids, 2, 4)
     states = torch.randn(4, 6, 8, generator=g)
     probe = {"input_ids": ids, "attention_mask": mask, "encoder_hidden_states": states}
     path = tmp_path / "run.h5"

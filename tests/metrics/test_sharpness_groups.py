@@ -18,6 +18,7 @@ from torch import nn
 
 import landscape as ls
 from landscape.metrics import Sharpness
+from tests.models import full_batch_steps
 
 
 def _regression(seed: int = 0):
@@ -145,12 +146,7 @@ def test_adams_groups_fold_their_rates_into_the_preconditioner(lrs):
     x, y = batch
     with ls.Monitor(model, F.mse_loss, optimizer=opt, probe=batch, alarms=False,
                     metrics=[Sharpness(tol=1e-10, schedule=1, adam_warmup=1)]) as mon:
-        for step in range(3):
-            loss = F.mse_loss(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            mon.step(step, batch=batch, loss=loss)
+        full_batch_steps(mon, model, opt, x, y, 3, loss_fn=F.mse_loss)
         _, ratios = mon.run().series("sharpness", "ratio")
     # dense: lambda_max(S H S), S = sqrt(eta_g / eta_1 / P), P = sqrt(v_hat) + eps
     scale = []
@@ -283,12 +279,7 @@ def test_the_row_records_the_fraction_of_coordinates_where_eps_dominates():
     for name, net, optimizer in (("adam", model, opt), ("sgd", sgd_model, sgd)):
         with ls.Monitor(net, F.mse_loss, optimizer=optimizer, probe=batch, alarms=False,
                         metrics=[Sharpness(schedule=1, adam_warmup=1)]) as mon:
-            for step in range(2):
-                loss = F.mse_loss(net(x), y)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                mon.step(step, batch=batch, loss=loss)
+            full_batch_steps(mon, net, optimizer, x, y, 2, loss_fn=F.mse_loss)
             rows[name] = mon.run().series("sharpness", "eps_dominated")[1]
     small = total = 0
     for p in model.parameters():
