@@ -466,11 +466,12 @@ class Monitor:
             if self._distributed:  # resuming: only rank 0 has the file; agree on its steps
                 last = _dist.broadcast_object(last)
             resuming = last is not None
+            recorded_run = self.writer.run() if resuming else None  # (rank 0's file)
             if resuming:  # the next step must come after every recorded one
                 self._clock.resume_after(last)
                 self._say_resume_gap(last)
                 # mon.findings holds the run's findings: those recorded before come first
-                recorded = self.writer.run().findings()  # (rank 0's file: the others none)
+                recorded = recorded_run.findings()  # (the other ranks hold none)
                 if self._distributed:
                     recorded = _dist.broadcast_object(recorded)
                 self.findings[:0] = recorded
@@ -480,9 +481,9 @@ class Monitor:
                 for m in self.metrics:
                     self._alarms.declare(m.name, stored_config(m))
                 if resuming:  # rebuild rule state from the recorded rows
-                    self._alarms.replay(self.writer.run())
+                    self._alarms.replay(recorded_run)
             if resuming and self.adaptive:  # and the dense window the sentinels opened
-                self._dense.until = self._recorded_window_end()
+                self._dense.until = self._recorded_window_end(recorded_run)
             self._hook_optimizer()
         except BaseException:
             for h in self._hooks:
@@ -1135,12 +1136,11 @@ class Monitor:
         if fresh:  # the first failure's step is on disk when the step ends
             self.writer.flush_soon()
 
-    def _recorded_window_end(self) -> int:
-        """The end of the dense window the resumed run's file had open (or -1)."""
+    def _recorded_window_end(self, run: Run) -> int:
+        """The end of the dense window the resumed ``run``'s file had open (or -1)."""
         until = -1
         if self._leads:
-            assert self.writer is not None
-            until = recorded_window_end(self.writer.run())
+            until = recorded_window_end(run)
         return _dist.broadcast_object(until) if self._distributed else until
 
     def _default_probe(self, batch: Any, step: int) -> None:
