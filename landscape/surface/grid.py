@@ -317,9 +317,8 @@ def _compute(
     bar = progress_bar(enabled=not quiet, total=total, initial=total - len(todo),
                        desc=f"surface {name}", unit="pt", leave=False)
 
-    def point(row: np.ndarray) -> dict[str, float]:
-        idx = tuple(int(v) for v in row)
-        coords = (xs[idx[0]],) if ys is None else (xs[idx[1]], ys[idx[0]])
+    def point(row: np.ndarray) -> dict[str, float]:  # row: the point's grid index
+        coords = (xs[row[0]],) if ys is None else (xs[row[1]], ys[row[0]])
         evaluator.move(coords)
         loss, acc = evaluator.loss_and_accuracy()
         values = {"loss": loss}
@@ -328,7 +327,7 @@ def _compute(
         return values
 
     def store(row: np.ndarray, values: dict[str, float]) -> None:
-        idx = tuple(int(v) for v in row)
+        idx = tuple(int(v) for v in row)  # (the writer takes Python integers)
         writer.write_surface(name, idx if ys is not None else idx[0], values)
         bar.update(1)
 
