@@ -1,7 +1,9 @@
-"""``landscape plot RUN``: metric timelines (findings marked) or a stored surface, to files."""
+"""``landscape plot RUN [RUN ...]``: metric timelines (findings marked), several runs on one
+figure per metric, or a stored surface, to files."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from landscape_cli.options import (
     rules_option,
 )
 
+from landscape.plotting.comparison import comparisons
 from landscape.plotting.surfaces import export_vtk
 from landscape.plotting.timelines import SAVE_FORMATS, metrics_with_rows, save_figure, timelines
 from landscape.report import surface_figure
@@ -75,8 +78,9 @@ def _message(err: Exception) -> str:
     return text
 
 
-@cli.command(epilog="\b\nExample:\n  landscape plot run.h5 -m loss -o loss.png")
-@click.argument("run_path", metavar="RUN", type=click.Path())
+@cli.command(epilog="\b\nExamples:\n  landscape plot run.h5 -m loss -o loss.png\n"
+                     "  landscape plot run.h5 control.h5 -o compare/")
+@click.argument("run_paths", metavar="RUN...", nargs=-1, required=True, type=click.Path())
 @click.option(
     "-m", "--metric", "metrics", multiple=True, metavar="METRIC",
     help="Metric to plot (repeatable; default: every metric that has rows).",
@@ -116,7 +120,7 @@ def _message(err: Exception) -> str:
 @click.option("-q", "--quiet", is_flag=True, help="Do not list the files written.")
 @verbose_option
 def plot(
-    run_path: str,
+    run_paths: tuple[str, ...],
     metrics: tuple[str, ...],
     surface_name: str | None,
     three_d: bool,
@@ -137,7 +141,13 @@ def plot(
     after it), or next to the file -o names (plot.png: plot-loss.png, plot-sharpness.png,
     ...). Findings are marked as vertical lines coloured by severity. Without --metric, a
     directory also receives every surface (surface-NAME.png).
+
+    Several RUNs are compared: each metric's figure draws every run in a colour of its own
+    (a vector field as each run's median with its min-max band), and each run's first
+    warning as a dashed line in its colour.
     """
+    if len(run_paths) > 1 and surface_name:
+        raise click.UsageError("--surface plots a surface of one run: give one RUN")
     for option, given in (("--3d", three_d), ("--vmax", vmax is not None),
                           ("--levels", levels is not None)):
         if given and not surface_name:
@@ -168,8 +178,45 @@ def plot(
             if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE:
                 raise click.UsageError(f"{option} does not apply to a .vtk file (a grid of "
                                        "heights, not an image)")
-        _write_vtk(run_path, surface_name, target, field, bool(log), _clip(vmax), quiet)
+        _write_vtk(run_paths[0], surface_name, target, field, bool(log), _clip(vmax), quiet)
         return
+    if len(run_paths) > 1:
+        figures = _compared(run_paths, metrics, log, recompute, rules, quiet)
+    else:
+        figures = _one_run(run_paths[0], metrics, surface_name, three_d, vmax, levels, field,
+                           log, to_directory, recompute, rules, quiet)
+    _save(figures, target, to_directory, fmt, dpi, quiet)
+
+
+def _compared(run_paths, metrics, log, recompute, rules, quiet) -> dict:
+    """The figures comparing several runs; a file that cannot be read is named alone."""
+    with contextlib.ExitStack() as stack:
+        runs = []
+        for path in run_paths:
+            with run_file_errors(path):
+                runs.append(stack.enter_context(Run.open(path)))
+        unknown = [m for m in metrics if not any(m in run for run in runs)]
+        if unknown:
+            raise click.ClickException(
+                f"no metric {', '.join(map(repr, unknown))} in any of the runs"
+            )
+        found = []
+        for path, run in zip(run_paths, runs):
+            with run_file_errors(path):
+                found.append(findings_of(run, recompute, rules, quiet))
+        with run_file_errors(" or ".join(run_paths)):
+            try:
+                figures = comparisons(runs, list(metrics) or None, findings=found, log=log)
+            except (KeyError, ValueError) as err:
+                raise click.ClickException(_message(err)) from None
+    if not figures:
+        raise click.ClickException("the runs hold no metrics to plot (no rows yet)")
+    return figures
+
+
+def _one_run(run_path, metrics, surface_name, three_d, vmax, levels, field, log,
+             to_directory, recompute, rules, quiet) -> dict:
+    """The figures of one run: its timelines, or the surface it names."""
     with run_file_errors(run_path), Run.open(run_path) as run:
         try:
             if surface_name:
@@ -184,6 +231,12 @@ def plot(
                                        quiet)
         except (KeyError, ValueError) as err:
             raise click.ClickException(_message(err)) from None
+    return figures
+
+
+def _save(figures: dict, target: Path, to_directory: bool, fmt: str, dpi: int,
+          quiet: bool) -> None:
+    """Write each figure: into the directory, or as -o names it (FILE-METRIC for several)."""
     if to_directory:
         output_directory(target)
         paths = {name: target / f"{name}.{fmt}" for name in figures}

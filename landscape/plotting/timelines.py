@@ -162,16 +162,19 @@ def _isolated(finite: np.ndarray) -> np.ndarray:
     return finite & ~left & ~right
 
 
-def _draw_series(ax, steps: np.ndarray, y: np.ndarray, label: str, linewidth: float) -> None:
+def _draw_series(ax, steps: np.ndarray, y: np.ndarray, label: str, linewidth: float,
+                 color: str | None = None) -> None:
     """One line; markers on every point when there are few, else on the isolated ones.
 
     A long series is drawn through the points that show (:func:`~.thinning.thin`).
+    ``color``: the line's (default: the axes' next one).
     """
     finite = np.isfinite(y)
     few = int(finite.sum()) <= FEW_POINTS
     style = {"marker": "o", "markersize": _MARKER_SIZE} if few else {}
     shown = thin(steps, y)
-    (line,) = ax.plot(steps[shown], y[shown], label=label, linewidth=linewidth, **style)
+    (line,) = ax.plot(steps[shown], y[shown], label=label, linewidth=linewidth, color=color,
+                      **style)
     alone = np.flatnonzero(_isolated(finite))
     if not few and alone.size:
         alone = alone[thin(steps[alone], y[alone])]

@@ -342,3 +342,55 @@ def test_jpg_and_jpeg_are_one_format(runner, run_file, tmp_path):
         assert ok.exit_code == 0, ok.output
         assert (tmp_path / name).read_bytes()[:2] == b"\xff\xd8"  # a JPEG
 
+
+
+# ----------------------------------------------------------------------------- several runs
+
+
+def test_plot_several_runs_compares_them_metric_by_metric(runner, run_file, tmp_path):
+    """The default invocation with two runs: every metric either holds, one figure each."""
+    other = tmp_path / "other"
+    other.mkdir()
+    control = write_run(other / "run.h5")  # same name elsewhere: labelled by their folders
+    out = tmp_path / "compare"
+    result = runner.invoke(cli, ["plot", str(run_file), str(control), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == [
+        "hessian.png", "loss.png", "spectral_alignment.png"]
+    for p in out.iterdir():
+        assert p.read_bytes().startswith(PNG)
+        assert f"wrote {p}" in result.output
+
+
+def test_plot_several_runs_draws_each_and_marks_each_first_warning(runner, run_file, tmp_path,
+                                                                   monkeypatch):
+    from landscape_cli.commands import plot as plot_command
+
+    drawn = {}
+
+    def keep(fig, path, dpi=120):
+        drawn[path.name] = fig
+        return path
+
+    monkeypatch.setattr(plot_command, "save_figure", keep)
+    control = write_run(tmp_path / "control.h5")
+    result = runner.invoke(cli, ["plot", str(run_file), str(control), "-m", "loss", "--stored",
+                                 "-o", str(tmp_path / "loss.png")])
+    assert result.exit_code == 0, result.output
+    fig = drawn["loss.png"]
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    # the run's stored warning at step 30 (its error at 60 comes later); the control has none
+    assert legend == ["run", "control", "run: first warning at 30 (loss_spike)"]
+
+
+def test_plot_several_runs_refuses_a_surface_and_names_a_file_it_cannot_read(
+        runner, run_file, tmp_path):
+    twice = ["plot", str(run_file), str(run_file)]
+    usage_error(runner.invoke(cli, [*twice, "--surface", "line", "-o", str(tmp_path / "s.png")]),
+                "--surface plots a surface of one run: give one RUN")
+    one_line_error(runner.invoke(cli, [*twice, "-m", "nope", "-o", str(tmp_path / "x.png")]),
+                   "no metric 'nope' in any of the runs")
+    for path, fragment in bad_inputs(tmp_path):
+        one_line_error(
+            runner.invoke(cli, ["plot", str(run_file), path, "-o", str(tmp_path / "x.png")]),
+            fragment)

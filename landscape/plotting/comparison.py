@@ -1,0 +1,244 @@
+"""Several runs on one figure per metric: a run beside its control, before and after a change.
+
+:func:`comparison` draws one metric of several runs, one subplot per field as
+:func:`~landscape.plotting.timelines.timeline` does, each run in a colour of its own: a
+scalar field as one line per run, a vector field (per-layer values, the top-k eigenvalues) as
+each run's median over its components with a min-max band. A run's first finding of
+severity warning or error is a dashed vertical line in the run's colour, labelled with its
+step and rule: when each run was warned is what a comparison asks first. A spectral density
+(``spectral_density``) is drawn as each run's density at its last measured row.
+
+Steps are the runs' own: runs that started at step 0 line up; a resumed run keeps its steps.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import PurePath
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
+
+from landscape.findings import Finding, severity_rank
+from landscape.plotting.spectra import _FLOOR, density_of_row, is_density
+from landscape.plotting.thinning import thin
+from landscape.plotting.timelines import (
+    _draw_series,
+    _set_log_scale,
+    metrics_with_rows,
+    new_figure,
+    plottable_fields,
+    spans_decades,
+)
+from landscape.store import Run
+
+__all__ = ["comparison", "comparisons", "first_warning", "run_labels"]
+
+_WARNING = severity_rank("warning")
+
+
+def run_labels(sources: Sequence[str]) -> list[str]:
+    """Short names that tell runs apart.
+
+    Each path's file name without its suffix, with as many parent folders as it takes to
+    make the names distinct (``a/run``, ``b/run``).
+
+    Args:
+        sources: the runs' paths (``Run.source``).
+
+    Returns:
+        One label per source, in order; a path given twice keeps its whole form twice.
+    """
+    parts = [PurePath(s).with_suffix("").parts or (str(s),) for s in sources]
+    depth = 1
+    while True:
+        labels = [str(PurePath(*p[-depth:])) for p in parts]
+        if len(set(labels)) == len(labels) or depth >= max(len(p) for p in parts):
+            return labels
+        depth += 1
+
+
+def first_warning(findings: Iterable[Finding]) -> Finding | None:
+    """The earliest finding of severity warning or error (the first by step), or None."""
+    worst = [f for f in findings if severity_rank(f.severity) >= _WARNING]
+    return min(worst, key=lambda f: f.step) if worst else None
+
+
+def _fields(runs: Sequence[Run], metric: str) -> list[str]:
+    """The fields drawn: every run's numeric fields but its rows' context, first seen first."""
+    names: list[str] = []
+    for run in runs:
+        if metric not in run:
+            continue
+        available = plottable_fields(run, metric)
+        context = set(run.metric_attrs(metric).get("context", ()))
+        for name in [f for f in available if f not in context] or available:
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def _draw_run(ax, steps: np.ndarray, values: np.ndarray, label: str, color: str) -> bool:
+    """One run's field on ``ax`` in ``color``; False when it has no finite value to draw."""
+    values = np.asarray(values, dtype=np.float64)
+    if not len(steps) or not np.isfinite(values).any():
+        return False
+    if values.ndim == 1:
+        _draw_series(ax, steps, values, label, 1.2, color=color)
+        return True
+    flat = values.reshape(len(steps), -1)
+    masked = np.where(np.isfinite(flat), flat, np.nan)
+    with warnings.catch_warnings():  # all-NaN rows give NaN, which leaves a gap
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lo, med, hi = np.nanmin(masked, 1), np.nanmedian(masked, 1), np.nanmax(masked, 1)
+    shown = np.union1d(thin(steps, lo), thin(steps, hi))
+    ax.fill_between(steps[shown], lo[shown], hi[shown], alpha=0.15, color=color,
+                    label=f"_{label} min-max")
+    _draw_series(ax, steps, med, label, 1.2, color=color)
+    return True
+
+
+def _density_comparison(runs: Sequence[Run], metric: str, labels: Sequence[str]) -> Figure:
+    """Each run's eigenvalue density at its last row with a finite node, on one log axis."""
+    fig = new_figure(6.0, 4.0)
+    ax = fig.add_subplot()
+    drawn = 0
+    for i, (run, label) in enumerate(zip(runs, labels)):
+        if metric not in run or not run.rows(metric):
+            continue
+        try:
+            at, grid, rho, _, _ = density_of_row(run, metric=metric)
+        except ValueError:  # every measurement of this run failed
+            continue
+        ax.semilogy(grid, np.maximum(rho, _FLOOR), color=f"C{i}", label=f"{label} (step {at})")
+        drawn += 1
+    if not drawn:
+        ax.text(0.5, 0.5, "no finite density in any run", ha="center", va="center",
+                transform=ax.transAxes)
+    else:
+        ax.set_ylim(bottom=_FLOOR / 2)
+        ax.legend(fontsize="small", loc="upper right")
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density (log)")
+    ax.set_title(f"{metric}: eigenvalue density at each run's last row")
+    return fig
+
+
+def comparison(
+    runs: Sequence[Run],
+    metric: str,
+    *,
+    labels: Sequence[str] | None = None,
+    findings: Sequence[Iterable[Finding]] | None = None,
+    log: bool | None = None,
+    width: float = 8.0,
+    row_height: float = 2.4,
+) -> Figure:
+    """One metric of several runs on one figure: one subplot per field, a colour per run.
+
+    Args:
+        runs: two or more runs (one works too); each need not hold ``metric``.
+        metric: the metric group to draw.
+        labels: the legend's name of each run (default: :func:`run_labels` of their paths).
+        findings: per run, the findings whose first warning or error is marked (default:
+            each run's stored findings; ``[[]] * len(runs)`` for none).
+        log: logarithmic y axes; None (default) where a field's positive values, all runs
+            together, span a factor of 100 or more; False: linear.
+        width: the figure's width in inches.
+        row_height: its height per field in inches.
+
+    Returns:
+        The figure.
+
+    Raises:
+        ValueError: no runs, labels or findings of another length than the runs, or
+            ``metric`` in none of them.
+    """
+    runs = list(runs)
+    if not runs:
+        raise ValueError("runs: give at least one run")
+    labels = run_labels([r.source for r in runs]) if labels is None else list(labels)
+    if len(labels) != len(runs):
+        raise ValueError(f"labels: {len(labels)} labels for {len(runs)} runs")
+    marks = [list(r.findings()) for r in runs] if findings is None else [list(f) for f in findings]
+    if len(marks) != len(runs):
+        raise ValueError(f"findings: {len(marks)} lists for {len(runs)} runs")
+    holding = [r for r in runs if metric in r]
+    if not holding:
+        raise ValueError(f"metrics: no metric {metric!r} in any of the runs")
+    if any(r.rows(metric) and is_density(r, metric) for r in holding):
+        return _density_comparison(runs, metric, labels)
+    fields = _fields(runs, metric)
+    n = max(1, len(fields))
+    fig = new_figure(width, row_height * n + 0.6)
+    axes = fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
+    rows = [r.rows(metric) if metric in r else 0 for r in runs]
+    fig.suptitle(f"{metric}  ({', '.join(f'{lab}: {k}' for lab, k in zip(labels, rows))} "
+                 "rows)")
+    firsts = [first_warning(m) for m in marks]
+    shown: set[int] = set()  # the runs drawn on some axes: the legend's
+    for ax, name in zip(axes, fields):
+        drawn, vector = [], False
+        for i, run in enumerate(runs):
+            if metric not in run or name not in run.fields(metric):
+                continue
+            steps, values = run.series(metric, name)
+            if _draw_run(ax, steps, values, labels[i], f"C{i}"):
+                drawn.append(np.asarray(values, dtype=np.float64))
+                vector |= drawn[-1].ndim > 1
+                shown.add(i)
+        if not drawn:
+            ax.text(0.5, 0.5, "no finite value in any run", ha="center", va="center",
+                    transform=ax.transAxes)
+        elif log or (log is None and spans_decades(np.concatenate([v.ravel() for v in drawn]))):
+            _set_log_scale(ax, np.concatenate([v.ravel() for v in drawn]))
+        for i, first in enumerate(firsts):
+            if first is not None:
+                ax.axvline(first.step, color=f"C{i}", linestyle="--", linewidth=1.0, alpha=0.8)
+        # a vector field (one value per layer, the top-k eigenvalues): each run's median
+        # over its components, its min-max as a band
+        ax.set_ylabel(f"{name}\n(median, min-max)" if vector else name)
+        ax.grid(True, alpha=0.3)
+    axes[-1].set_xlabel("step")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    handles = [Line2D([], [], color=f"C{i}", label=labels[i]) for i in sorted(shown)]
+    handles += [Line2D([], [], color=f"C{i}", linestyle="--",
+                       label=f"{labels[i]}: first {first.severity} at {first.step} ({first.rule})")
+                for i, first in enumerate(firsts) if first is not None]
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 2),
+                   fontsize="small", frameon=False)
+    return fig
+
+
+def comparisons(
+    runs: Sequence[Run],
+    metrics: Sequence[str] | None = None,
+    *,
+    labels: Sequence[str] | None = None,
+    findings: Sequence[Iterable[Finding]] | None = None,
+    log: bool | None = None,
+) -> dict[str, Figure]:
+    """One :func:`comparison` figure per metric, by name.
+
+    ``metrics``: default every metric with rows in any of the runs (in the first run's
+    order, then the others'); one named here must be in at least one run. The other
+    arguments are :func:`comparison`'s.
+    """
+    runs = list(runs)
+    if metrics is None:
+        names: list[str] = []
+        for run in runs:
+            names += [m for m in metrics_with_rows(run) if m not in names]
+    else:
+        names = list(metrics)
+        unknown = [m for m in names if not any(m in r for r in runs)]
+        if unknown:
+            raise ValueError(f"metrics: no metric {', '.join(map(repr, unknown))} in any of "
+                             "the runs")
+    if findings is not None:
+        findings = [list(f) for f in findings]
+    return {m: comparison(runs, m, labels=labels, findings=findings, log=log) for m in names}

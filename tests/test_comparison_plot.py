@@ -1,0 +1,127 @@
+"""Several runs on one figure (landscape.plotting.comparison): the lines drawn are each run's
+rows, one colour per run, its first warning marked in that colour."""
+
+from __future__ import annotations
+
+import matplotlib.colors as mcolors
+import numpy as np
+import pytest
+
+from landscape.findings import Finding
+from landscape.plotting.comparison import comparison, comparisons, first_warning, run_labels
+from landscape.store import Run, RunWriter
+
+INFO = Finding(5, "logit_growth", "info", "logits/max_abs", 1.0, 1.0, "grew", "")
+WARN = Finding(40, "loss_spike", "warning", "loss/value", 5.0, 3.0, "jumped", "lower lr")
+ERR = Finding(70, "nonfinite", "error", "loss/value", 1.0, 1.0, "nan", "")
+
+
+def _write(path, scale, steps=100, findings=(), layers=True):
+    """loss scale * exp(-s/40) every step; a per-layer vector every 5 steps (3 layers)."""
+    with RunWriter(path, mode="w") as w:
+        w.declare("loss", {"value": None, "samples": None}, context=("samples",))
+        if layers:
+            w.declare("update", {"per_layer": (3,)})
+        for s in range(steps):
+            w.append("loss", s, {"value": scale * float(np.exp(-s / 40)), "samples": 8.0})
+            if layers and s % 5 == 0:
+                w.append("update", s, {"per_layer": [scale * s, 2.0 * scale * s, 0.5]})
+        for f in findings:
+            w.add_finding(f)
+    return Run.open(path)
+
+
+def _data_lines(ax):
+    return [line for line in ax.get_lines() if not line.get_label().startswith("_")
+            and line.get_linestyle() == "-"]
+
+
+def test_each_run_is_one_line_of_its_own_rows_in_its_own_colour(tmp_path):
+    a = _write(tmp_path / "a.h5", 1.0, findings=(INFO, WARN, ERR))
+    b = _write(tmp_path / "b.h5", 3.0, steps=60)
+    fig = comparison([a, b], "loss")
+    (ax,) = fig.axes
+    assert ax.get_ylabel() == "value"  # samples is the rows' context: not drawn
+    lines = _data_lines(ax)
+    assert [line.get_label() for line in lines] == ["a", "b"]
+    for line, run in zip(lines, (a, b)):
+        steps, values = run.series("loss", "value")
+        np.testing.assert_array_equal(line.get_xdata(), steps)
+        np.testing.assert_allclose(line.get_ydata(), values)
+    assert mcolors.to_hex(lines[0].get_color()) != mcolors.to_hex(lines[1].get_color())
+    # a's first warning (step 40, not the info at 5): a dashed line in a's colour
+    dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert len(dashed) == 1
+    assert list(dashed[0].get_xdata()) == [40, 40]
+    assert mcolors.to_hex(dashed[0].get_color()) == mcolors.to_hex(lines[0].get_color())
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["a", "b", "a: first warning at 40 (loss_spike)"]
+    assert "a: 100" in fig._suptitle.get_text() and "b: 60" in fig._suptitle.get_text()
+
+
+def test_a_vector_field_is_each_runs_median_with_its_range(tmp_path):
+    a = _write(tmp_path / "a.h5", 1.0)
+    b = _write(tmp_path / "b.h5", 2.0)
+    (ax,) = comparison([a, b], "update", findings=[[], []]).axes
+    assert ax.get_ylabel() == "per_layer\n(median, min-max)"
+    for line, run in zip(_data_lines(ax), (a, b)):
+        _, values = run.series("update", "per_layer")
+        np.testing.assert_allclose(line.get_ydata(), np.median(values, axis=1))
+    assert len(ax.collections) == 2  # one min-max band per run
+
+
+def test_a_run_without_the_metric_is_left_out_and_a_metric_in_no_run_refused(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    a = _write(tmp_path / "x" / "run.h5", 1.0)
+    b = _write(tmp_path / "y" / "run.h5", 2.0, layers=False)
+    fig = comparison([a, b], "update")
+    assert [line.get_label() for line in _data_lines(fig.axes[0])] == ["x/run"]
+    assert list(comparisons([a, b])) == ["loss", "update"]
+    assert list(comparisons([b, a])) == ["loss", "update"]
+    with pytest.raises(ValueError, match="no metric 'nope' in any of the runs"):
+        comparison([a, b], "nope")
+    with pytest.raises(ValueError, match="no metric 'nope' in any of the runs"):
+        comparisons([a, b], ["loss", "nope"])
+    with pytest.raises(ValueError, match="2 labels for 1 runs"):
+        comparison([a], "loss", labels=["p", "q"])
+    with pytest.raises(ValueError, match="at least one run"):
+        comparison([], "loss")
+
+
+def test_log_axis_when_the_runs_together_span_decades(tmp_path):
+    a = _write(tmp_path / "a.h5", 1.0)
+    b = _write(tmp_path / "b.h5", 1000.0)
+    assert comparison([a, b], "loss").axes[0].get_yscale() == "log"
+    assert comparison([a, b], "loss", log=False).axes[0].get_yscale() == "linear"
+    assert comparison([a, a], "loss").axes[0].get_yscale() == "linear"  # e^-2.5 .. 1
+
+
+def test_spectral_densities_are_compared_at_each_runs_last_row(tmp_path):
+    runs = []
+    for name, shift in (("p", 0.0), ("q", 5.0)):
+        with RunWriter(tmp_path / f"{name}.h5", mode="w") as w:
+            w.declare("spectral_density", {"nodes": (4,), "weights": (4,)})
+            for s in (0, 10):
+                w.append("spectral_density", s, {"nodes": [shift + s + d for d in (0, .1, .2, .3)],
+                                                  "weights": [0.25] * 4})
+        runs.append(Run.open(tmp_path / f"{name}.h5"))
+    (ax,) = comparison(runs, "spectral_density").axes
+    assert [line.get_label() for line in ax.get_lines()] == ["p (step 10)", "q (step 10)"]
+    # each density peaks at its last row's nodes (10.0-10.3 and 15.0-15.3)
+    peaks = [line.get_xdata()[np.argmax(line.get_ydata())] for line in ax.get_lines()]
+    assert 10 <= peaks[0] <= 10.3 and 15 <= peaks[1] <= 15.3
+
+
+def test_run_labels_are_the_shortest_distinct_path_ends():
+    assert run_labels(["/r/a.h5", "/r/b.h5"]) == ["a", "b"]
+    assert run_labels(["/r/x/run.h5", "/r/y/run.h5"]) == ["x/run", "y/run"]
+    assert run_labels(["/p/x/run.h5", "/q/x/run.h5", "/c/run.h5"]) == [
+        "p/x/run", "q/x/run", "/c/run"]
+    assert run_labels(["run.h5", "run.h5"]) == ["run", "run"]  # the same file twice
+
+
+def test_first_warning_is_the_earliest_warning_or_error():
+    assert first_warning([ERR, WARN, INFO]) is WARN
+    assert first_warning([INFO]) is None
+    assert first_warning([ERR]) is ERR
