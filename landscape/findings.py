@@ -151,10 +151,12 @@ class Findings(list):
 
 
 def dedupe(findings: Iterable[Finding]) -> Findings:
-    """One finding per ``(step, rule)``: the first of each by :func:`finding_order`.
+    """One finding per ``(step, rule)``: the most severe, then the first by finding order.
 
-    A rule that watches several metrics (``nonfinite`` reads the ``nonfinite`` flags and
-    the ``loss`` value) would otherwise report one NaN loss twice at the same step.
+    Ties of severity go to the first by :func:`finding_order`. A rule that watches several
+    metrics (``nonfinite`` reads the ``nonfinite`` flags and the ``loss`` value) would
+    otherwise report one NaN loss twice at the same step; the most severe is kept so that
+    a warning on one metric is never dropped for an info on another.
 
     Args:
         findings: findings in any order.
@@ -166,7 +168,8 @@ def dedupe(findings: Iterable[Finding]) -> Findings:
     best: dict[tuple[int, str], Finding] = {}
     for f in items:
         key = (f.step, f.rule)
-        if key not in best or finding_order(f) < finding_order(best[key]):
+        if key not in best or (-severity_rank(f.severity), finding_order(f)) < (
+                -severity_rank(best[key].severity), finding_order(best[key])):
             best[key] = f
     kept = {id(f) for f in best.values()}
     return Findings(f for f in items if id(f) in kept)

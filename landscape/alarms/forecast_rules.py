@@ -32,6 +32,7 @@ from landscape.alarms.base import (
     _Skip,
     check_number,
     check_positive_int,
+    check_severity,
     row_value,
 )
 from landscape.alarms.statistics import RollingWindow
@@ -217,6 +218,11 @@ class TaylorForecast(Rule):
         check_positive_int("window", self.window)
         check_positive_int("horizon", self.horizon)
         check_positive_int("min_rows", self.min_rows)
+        if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or self.warmup < 0:
+            raise ValueError(f"warmup must be an integer >= 0, got {self.warmup!r}")
+        for name in ("growth", "near_high"):
+            check_number(name, getattr(self, name))
+        check_severity("severity", getattr(self, "severity", "warning"))
         if self.min_rows > self.window or self.min_rows < 3:
             raise ValueError(f"min_rows must be in [3, window], got {self.min_rows}")
         if not 0 < self.floor <= self.limit:
@@ -363,7 +369,10 @@ class ForecastState:
             )
             if rising:
                 steps_to = max(0.0, (math.log(rule.limit) - now) / slope)
-        forecast = steps_to <= rule.horizon
+        # the horizon counts rows (docs/alarms.md): in steps, the rows' mean spacing each
+        spacing = (self.trend.points[-1][0] - self.trend.points[0][0]) / (len(self.trend) - 1) \
+            if len(self.trend) > 1 else 1.0
+        forecast = steps_to <= rule.horizon * spacing
         if not (level or forecast or grown):
             return None
         if fit and not rule.trend:  # without the trend test the fit only fills the finding

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from landscape.alarms.base import _finding_order
-from landscape.alarms.online import _as_run
+from landscape.alarms.online import _as_run, unmeasured_rows
 from landscape.findings import Finding, severity_rank
 
 __all__ = ["EarlyWarning", "early_warning", "loss_milestones", "rule_leads", "warning_leads"]
@@ -143,7 +143,9 @@ def loss_milestones(
     """
     if not 0 < start < len(losses):
         raise ValueError(f"start must be in 1..{len(losses) - 1}, got {start}")
-    base = float(np.median(np.asarray(losses[max(0, start - window):start], dtype=float)))
+    before = np.asarray(losses[max(0, start - window):start], dtype=float)
+    before = before[np.isfinite(before)]  # a NaN row (a step without a loss) is no level
+    base = float(np.median(before)) if len(before) else math.nan
     first_onset = first_explosion = None
     for s in range(start, len(losses)):
         bad = not math.isfinite(losses[s])
@@ -221,7 +223,8 @@ def warning_leads(
 
     The blow-up step is the first step ``>= after`` whose training loss is at least
     ``factor`` times the median loss of the ``BASELINE_WINDOW`` (50) recorded steps before ``after``
-    (or is not finite): the explosion of :func:`early_warning`, read from a run file.
+    (or is not finite): the explosion of :func:`early_warning`, read from a run file. Rows
+    the monitor wrote as not measured (a step without a loss: NaN) are neither.
 
     Args:
         run: a ``Run``, a ``RunWriter`` or a path to a run file with a ``loss`` metric.
@@ -234,8 +237,14 @@ def warning_leads(
         rule, the lead of its first finding of severity warning or above at or after
         ``after`` (``None`` when it fired only after the blow-up, or there was none).
     """
-    steps, values = _as_run(run).series("loss", "value")
+    reader = _as_run(run)
+    steps, values = reader.series("loss", "value")
+    skip = {s for name, s in unmeasured_rows(reader) if name == "loss"}
+    if skip:  # steps whose loss was not measured: NaN rows, neither level nor blow-up
+        kept = np.array([int(s) not in skip for s in steps], dtype=bool)
+        steps, values = steps[kept], values[kept]
     before = values[(steps < after)][-BASELINE_WINDOW:]
+    before = before[np.isfinite(before)]
     baseline = float(np.median(before)) if len(before) else math.nan
     blowup = None
     for s, v in zip(steps, values):

@@ -142,6 +142,27 @@ def _as_run(run: Any) -> Any:
     raise ValueError(f"run must be a Run, a RunWriter or a path to a run file, got {run!r}")
 
 
+def unmeasured_rows(reader: Any) -> set[tuple[str, int]]:
+    """The ``(metric, step)`` rows a monitor wrote as NaN because the metric was not measured.
+
+    Read from the monitor's ``unmeasured`` table (a file written before that name was
+    reserved may hold a metric of that name without its ``metrics`` field: nothing is
+    skipped then). Such a row is no value: a rule never sees it, and a blow-up is never
+    read from it.
+
+    Args:
+        reader: a ``Run`` (or ``RunWriter``).
+
+    Returns:
+        The rows.
+    """
+    rows: set[tuple[str, int]] = set()
+    if "unmeasured" in reader.metrics() and "metrics" in reader.fields("unmeasured"):
+        for s, joined in zip(*reader.series("unmeasured", "metrics")):
+            rows.update((n, int(s)) for n in str(joined).split(",") if n)
+    return rows
+
+
 class OnlineAlarms:
     """Incremental evaluation of alarm rules on rows as they are appended.
 
@@ -302,12 +323,7 @@ class OnlineAlarms:
         """
         reader = _as_run(run)
         out: list[Finding] = []
-        skip: set[tuple[str, int]] = set()  # the NaN rows of a failed metric: not observed
-        # the monitor's own table (a file written before it was reserved may hold a
-        # metric of that name, replayed whole)
-        if "unmeasured" in reader.metrics() and "metrics" in reader.fields("unmeasured"):
-            for s, joined in zip(*reader.series("unmeasured", "metrics")):
-                skip.update((n, int(s)) for n in str(joined).split(",") if n)
+        skip = unmeasured_rows(reader)  # the NaN rows of a failed metric: not observed
         for name in reader.metrics():
             if name not in self._watchers:
                 continue

@@ -141,10 +141,11 @@ class SignCollapse(Rule):
     reading of the paper's abstract (``docs/metrics.md``, "Spectral alignment"), so the
     thresholds are provisional.
 
-    Fires (warning) when some layer's minority fraction is ``<= threshold`` (default
-    0.05) on ``sustain`` (default 2) consecutive rows of its own (two layers that each dip
-    once, on successive rows, do not fire), **and that layer was healthy before**: its
-    minority fraction exceeded ``healthy`` (default 0.2) on an earlier row.
+    Fires (info by default; ``severity="warning"`` to warn) when some layer's minority
+    fraction is ``<= threshold`` (default 0.05) on ``sustain`` (default 2) consecutive rows
+    of its own (two layers that each dip once, on successive rows, do not fire), **and
+    that layer was healthy before**: its minority fraction exceeded ``healthy`` (default
+    0.2) on an earlier row.
     The trend condition keeps the rule quiet at initialisation, where inputs with a
     non-zero mean (post-ReLU features) can align one-sidedly with a random top singular
     vector; what predicts divergence is *losing* a diversity the layer had. A layer that
@@ -234,6 +235,7 @@ class SignCollapseState:
             return SKIP
         worst: tuple[float, int] | None = None
         dipped = False  # a layer that fired is collapsed again, not yet for sustain rows
+        dip: tuple[float, int] | None = None
         for i in np.flatnonzero(finite):
             v = float(m[i])
             low = v <= rule.threshold and (i in self.seen_healthy or rule.healthy is None)
@@ -247,6 +249,8 @@ class SignCollapseState:
             elif low and int(i) in self.fired:
                 self.fired[int(i)] = 0
                 dipped = True
+                if dip is None or v < dip[0]:
+                    dip = (v, int(i))
             elif not low and int(i) in self.fired:
                 self.fired[int(i)] += 1
                 if self.fired[int(i)] >= rule.rearm:  # recovered: its episode may end
@@ -258,7 +262,11 @@ class SignCollapseState:
         if worst is None:
             # a dip below sustain of a layer that fired neither fires nor counts as a quiet
             # row towards rearm: a layer collapsed on most rows keeps its episode open
-            return SKIP if dipped else None
+            if not dipped:
+                return None
+            # the episode of that layer goes on: a firing row (no new finding inside it)
+            # breaks the tracker's run of quiet rows as the layer's own counter is reset
+            worst = dip
         v, i = worst
         known = i < len(self.layers)
         layer = str(self.layers[i]) if known else f"#{i}"

@@ -235,9 +235,13 @@ class SpikeState:
         previous_high, self.previous_high = self.previous_high, False
         previous_one, self.previous_one_sample = self.previous_one_sample, False
         run, self.run = self.run, 0
-        if z >= rule.z and x - med >= (rule.min_ratio - 1.0) * level:
+        # level 0 (a median and an initial level of exactly 0): no scale to call a rise large
+        if level > 0 and z >= rule.z and x - med >= (rule.min_ratio - 1.0) * level:
             severity = rule.severity
+            bar = rule.min_ratio  # the multiple of the level the finding's severity needed
             if rule.warn_ratio is not None and x - med >= (rule.warn_ratio - 1.0) * level:
+                if severity != "warning":
+                    bar = rule.warn_ratio  # a warning of a rule that is info at min_ratio
                 severity = "warning"
             note = ""
             if severity == "warning":
@@ -271,7 +275,7 @@ class SpikeState:
                 severity=severity,
                 field=rule.field,
                 value=x,
-                threshold=med + (rule.min_ratio - 1.0) * level,
+                threshold=med + (bar - 1.0) * level,
                 message=f"{rule._what} spike: {_fmt(x)} vs median {_fmt(med)} of the "
                 f"last {len(self.history)} rows (robust z = {_fmt(z)} >= {_fmt(rule.z)})"
                 + note,
@@ -306,7 +310,7 @@ class SpikeState:
         self.cusum = max(0.0, self.cusum + min(z, rule.cusum_clip) - rule.cusum_k)
         if self.cusum >= rule.cusum_h:
             return Trigger(
-                severity="warning",
+                severity=rule.severity,
                 field=rule.field,
                 value=self.cusum,
                 threshold=rule.cusum_h,
