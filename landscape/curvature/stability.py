@@ -277,7 +277,8 @@ def stability_threshold(
             raise ValueError("momentum: required for 'nesterov'")
         return (2.0 + 2.0 * beta) / ((1.0 + 2.0 * beta) * lr)
     if name in ("gd", "sgd", "heavy_ball", "momentum", "rmsprop"):
-        return _heavy_ball(lr, beta, damp)
+        # torch's SGD dampens only the momentum buffer: without momentum it is plain GD
+        return _heavy_ball(lr, beta, damp if beta > 0 else 0.0)
     b1 = float((betas or (0.9, 0.999))[0])
     if not 0.0 <= b1 < 1.0:
         raise ValueError(f"betas[0] must be in [0, 1), got {b1}")

@@ -131,7 +131,7 @@ def hessian_trace(
     memory_budget: int | float | str | None = None,
     memory_profile: MemoryProfile | None = None,
 ) -> TraceResult:
-    """Stochastic estimate of ``tr(op)`` from exactly ``n_matvec`` products.
+    """Stochastic estimate of ``tr(op)`` from ``n_matvec`` products (fewer on a tiny operator).
 
     ``method="hutchinson"``: ``(1/m) sum_j z_j^T A z_j`` with Rademacher ``z_j``;
     ``stderr`` = sample standard deviation / sqrt(m).
@@ -144,7 +144,10 @@ def hessian_trace(
     standard error of the second (stochastic) term *given the sketch*: sample standard
     deviation of the ``g_j^T A g_j`` over sqrt(g). It excludes the variability of ``Q``
     (which affects the estimate only through which part is computed exactly); the tests
-    check it is a valid error bar over seeds. Requires ``n_matvec >= 3``.
+    check it is a valid error bar over seeds. Requires ``n_matvec >= 3``. On an operator
+    of fewer than ``s`` dimensions ``Q`` has only ``dim`` columns and ``tr(Q^T A Q)`` is
+    the exact trace, from fewer products than ``n_matvec`` (the result's ``n_matvec``
+    says how many).
 
     ``method="krylov"``: Hutchinson deflated by a Krylov space (the deflation of Gambhir,
     Stathopoulos & Orginos, SISC 2017, with the Lanczos basis as the deflation space; cf.

@@ -182,6 +182,11 @@ def test_thresholds_from_optimizers():
     assert stability_threshold(sgd, lr=0.02) == pytest.approx(190.0)
     damp = torch.optim.SGD(params, lr=0.01, momentum=0.9, dampening=0.5)
     assert stability_threshold(damp) == pytest.approx(760.0)
+    # torch dampens the momentum buffer only: without momentum dampening changes nothing
+    # (a quadratic at 0.97 x the 40 it gave diverges under torch's SGD)
+    plain = torch.optim.SGD(params, lr=0.1, momentum=0.0, dampening=0.5)
+    assert stability_threshold(plain) == pytest.approx(20.0)
+    assert stability_threshold("sgd", 0.1, dampening=0.5) == pytest.approx(20.0)
     nest = torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True)
     assert stability_threshold(nest) == pytest.approx(135.714285714)
     adamw = torch.optim.AdamW(params, lr=torch.tensor(0.01), betas=(0.8, 0.99))

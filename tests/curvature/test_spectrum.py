@@ -230,6 +230,16 @@ def test_hutchpp_exact_for_low_rank_t5():
     assert res.n_matvec == 9 and res.stderr < 1e-10
 
 
+def test_hutchpp_on_an_operator_smaller_than_its_sketch_is_exact_in_fewer_products():
+    """n_matvec // 3 = 10 sketch vectors of a 5 x 5 operator: Q spans it, tr(QᵀAQ) is the
+    trace, and the result counts the 25 products it used (documented), not the 30 asked."""
+    a = torch.randn(5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    a = a + a.T
+    res = hessian_trace(MatrixOperator(a), "hutch++", 30)
+    assert res.value == pytest.approx(float(a.trace()), rel=1e-12, abs=1e-12)
+    assert res.n_matvec == 25
+
+
 def test_krylov_trace_is_exact_once_the_krylov_space_is_invariant():
     # rank 3: the Lanczos basis spans the range after 3 steps (breakdown), its Rayleigh
     # quotients sum to the trace, and the probes projected off it see nothing
