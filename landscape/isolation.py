@@ -494,8 +494,12 @@ def module_generators(model: nn.Module, modules: list[nn.Module]) -> list[torch.
         found: dict[int, torch.Generator] = {}
         for m in modules:
             for value in vars(m).values():
-                if isinstance(value, torch.Generator):
-                    found.setdefault(id(value), value)
+                # also a generator per device kept in a dict, list or tuple attribute
+                inner = (value.values() if isinstance(value, dict)
+                         else value if isinstance(value, (list, tuple)) else ())
+                for g in (value, *inner):
+                    if isinstance(g, torch.Generator):
+                        found.setdefault(id(g), g)
         walks = 1 if cached is None or cached[0] != len(modules) else cached[1] + 1
         cached = _GENERATORS[model] = (len(modules), walks, list(found.values()))
     return cached[2]

@@ -206,7 +206,9 @@ class Monitor:
             prediction dicts (docs/conventions.md, "Which outputs are logits").
         closure: ``closure(model, batch) -> loss`` for models whose loss is not
             ``loss_fn(model(x), y)`` (dict batches, language models).
-        config: extra JSON-able run configuration stored in the file.
+        config: extra JSON-able run configuration stored in the file; a key the monitor
+            records itself (``model``, ``optimizer``, ``probe``, ...) is kept under
+            ``user_config``.
         alarms: ``True`` (default rules), ``False``, or a list of rules (landscape.alarms),
             which replaces the default rules (a warning says so when it holds none of
             them): ``landscape.alarms.with_rules([...])`` adds yours to them.
@@ -699,9 +701,24 @@ class Monitor:
             self.writer.flush()
         return Run.open(self.writer.path)
 
+    def _probe_size(self) -> int | None:
+        """A given probe's sample count (summed over a list of batches), else ``probe_size``."""
+        if self._probe_source != "given":
+            return self.probe_size
+        if is_batch_list(self.probe):
+            sizes = [leading_size(b) for b in self.probe]
+            return None if None in sizes else sum(sizes)  # type: ignore[arg-type]
+        return leading_size(self.probe)
+
     def _config(self) -> dict[str, Any]:
+        """The run's config: what the monitor records, then the user's ``config=``.
+
+        A key of the user's that the monitor records itself (``model``, ``optimizer``, ...:
+        experiment trackers' configs often hold them) is kept under ``user_config``
+        instead of replacing the monitor's record, which a resume reads.
+        """
         n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        return {
+        own = {
             "model": type(self.model).__name__,
             "n_parameters": n_params,
             "optimizer": optimizer_config(self.optimizer),
@@ -710,8 +727,7 @@ class Monitor:
                 for m in self.metrics
             ],
             # a given probe's own sample count; the first batch's probe: at most probe_size
-            "probe": {"source": self._probe_source, "size": (
-                leading_size(self.probe) if self._probe_source == "given" else self.probe_size)},
+            "probe": {"source": self._probe_source, "size": self._probe_size()},
             "taylor_guard": self.taylor_guard,
             # which output the logit metrics read: a resume without it reads another one
             "output_fn": None if self.output_fn is None else getattr(
@@ -720,8 +736,12 @@ class Monitor:
             # the sizer by name (a function is no JSON): which weights the curvature used
             "batch_size": None if self.batch_size is None else getattr(
                 self.batch_size, "__qualname__", type(self.batch_size).__name__),
-            **self._user_config,
         }
+        user = {k: v for k, v in self._user_config.items() if k not in own}
+        clashing = {k: v for k, v in self._user_config.items() if k in own}
+        if clashing:
+            user["user_config"] = clashing
+        return {**own, **user}
 
     def _make_alarms(self) -> Any:
         if self._alarm_rules is False:
@@ -1040,6 +1060,10 @@ class Monitor:
         self._say_unwatched_steps(watching)
         if skipped:  # a GradScaler skipped the step, a micro-batch in between: no update
             self._update_missed = True
+        elif stepped is False and before is not None:
+            # a short interval (StepClock.call): counted as not stepped, so its copy, taken
+            # before an earlier step of the interval, would measure several steps as one
+            before, self._update_missed = None, True
         if not due:
             return []
         ctx = self._context(step, batch, loss, outputs)

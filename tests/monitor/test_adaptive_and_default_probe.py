@@ -366,3 +366,62 @@ def test_micro_batches_that_differ_in_key_order_or_dtype_alone_are_not_said_to_b
                 mon.step(0, batch=batch, loss=torch.tensor(1.0))
             said.append(any("laid out differently" in r.message for r in caplog.records))
     assert said == [False, True]
+
+
+def test_the_dense_window_leaves_a_metric_switched_off_or_not_started_alone():
+    """never() is "declared but switched off", and every(k, start=s) starts at s: a sentinel
+    that opens the window ran them anyway (taylor_radius at steps 4-11, sharpness at 5, 10)."""
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    metrics = [ls.metrics.Sentinels(), ls.metrics.TaylorRadius(schedule=ls.schedules.never()),
+               ls.metrics.Sharpness(schedule="never()"),
+               ls.metrics.SpectralAlignment(schedule=ls.schedules.every(10, start=1000))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with ls.Monitor(model, F.cross_entropy, optimizer=opt, warn=False, metrics=metrics,
+                        probe=(x, y)) as mon:
+            for step in range(12):
+                for group in opt.param_groups:  # one huge step opens the dense window
+                    group["lr"] = 30.0 if step == 3 else 0.01
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                mon.step(step, batch=(x, y), loss=loss)
+            run = mon.run()
+    assert run.series("sentinels", "r_secant")[1][3] >= 0.5  # the window opened
+    assert run.steps("adaptive").tolist() == []  # and had nothing to run
+    for name in ("taylor_radius", "sharpness", "spectral_alignment"):
+        assert run.steps(name).tolist() == [], name
+
+
+def test_the_config_records_the_samples_of_a_list_probe_and_keeps_its_own_keys(tmp_path):
+    """A probe of three batches of 8 was recorded as 8; config={"model": ..., "optimizer":
+    ...} (an experiment tracker's keys) replaced the monitor's record, so a resume with
+    another class of model with as many parameters was not warned about."""
+    probe = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(3)]
+    user = {"model": "my-net", "optimizer": "sgd", "lr": 0.1}
+    path = tmp_path / "run.h5"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with ls.Monitor(models.mlp(), F.cross_entropy, path, probe=probe, config=user,
+                        warn=False) as mon:
+            mon.step(0, batch=probe[0], loss=torch.tensor(1.0))
+            config = mon.run().config
+    assert config["probe"] == {"source": "given", "size": 24}
+    assert config["model"] == "Sequential" and config["lr"] == 0.1
+    assert config["optimizer"] is None  # the monitor's record: no optimizer given
+    assert config["user_config"] == {"model": "my-net", "optimizer": "sgd"}
+
+    class Other(nn.Module):  # another class, the same parameters
+        def __init__(self):
+            super().__init__()
+            self.body = models.mlp()
+
+        def forward(self, x):
+            return self.body(x)
+
+    with pytest.warns(RuntimeWarning, match="holds a run of"), ls.Monitor(
+            Other(), F.cross_entropy, path, probe=probe, config=user, warn=False):
+        pass

@@ -555,3 +555,33 @@ def test_a_resumed_monitor_holds_the_findings_recorded_before(tmp_path):
             assert len(mon.findings) >= len(before)
             assert [f.rule for f in mon.findings] == \
                 [f.rule for f in ls.Run.open(path).findings()]
+
+
+def test_sparse_calls_never_record_an_interval_with_a_skipped_step_as_one_step():
+    """Called every 3rd step with optimizer step 7 skipped (a GradScaler on overflow): the
+    interval counts as not stepped, and its update is NaN, not the sum of steps 6 and 8."""
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    one_step = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with ls.Monitor(model, F.cross_entropy, optimizer=opt, warn=False,
+                        metrics=["update", "nonfinite"]) as mon:
+            for step in range(12):
+                x, y = torch.randn(10, 6, generator=g), torch.randint(0, 3, (10,), generator=g)
+                before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                if step != 7:
+                    opt.step()
+                after = torch.cat([p.detach().flatten() for p in model.parameters()])
+                one_step[step] = float((after - before).norm())
+                if step % 3 == 2:
+                    mon.step(step, batch=(x, y), loss=loss)
+            run = mon.run()
+    rows = dict(zip(*(a.tolist() for a in run.series("update", "norm"))))
+    assert math.isnan(rows[8])
+    for step in (2, 5, 11):  # whole intervals: the last optimizer step alone
+        assert rows[step] == pytest.approx(one_step[step], rel=1e-5)

@@ -246,3 +246,46 @@ def test_isolated_works_inside_code_dynamo_compiles_and_can_leave_compiled_code_
         assert op.backend_used == "first_order"
     finally:
         isolation.EAGER_COMPILED = True
+
+
+class _PerDeviceNoise(torch.nn.Module):
+    """A noise layer drawing in every mode from a generator per device, kept in a dict, a
+    list or a tuple."""
+
+    def __init__(self, holder: str):
+        super().__init__()
+        self.lin = torch.nn.Linear(5, 3)
+        gen = torch.Generator().manual_seed(5)
+        self.gens = {"dict": {"cpu": gen}, "list": [gen], "tuple": (gen,)}[holder]
+
+    def forward(self, x):
+        gen = self.gens["cpu"] if isinstance(self.gens, dict) else self.gens[0]
+        return self.lin(x + 0.1 * torch.randn(x.shape, generator=gen))
+
+
+@pytest.mark.parametrize("holder", ["dict", "list", "tuple"])
+def test_a_generator_held_in_a_container_attribute_is_restored(holder):
+    """The sentinels' forward drew from it at every step: the weights moved by up to 0.03
+    (dict) and 0.08 (list) after four steps, silently."""
+    def run(monitored):
+        torch.manual_seed(0)
+        model = _PerDeviceNoise(holder)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        mon = Monitor(model, F.cross_entropy, optimizer=opt, warn=False).start() \
+            if monitored else None
+        g = torch.Generator().manual_seed(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for step in range(4):
+                x, y = torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g)
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if mon is not None:
+                    mon.step(step, batch=(x, y), loss=loss)
+            if mon is not None:
+                mon.close()
+        return model.lin.weight.detach().clone()
+
+    assert torch.equal(run(False), run(True))
