@@ -42,8 +42,8 @@ def test_health_criterion():
 
 
 def test_setups_resolve_by_name_and_hunt_key():
-    """45 setups, found by name or by the hunt's key; three excluded by design."""
-    assert len(SETUPS) == 45 and set(SMALL) <= set(SETUPS)
+    """57 setups, found by name or by the hunt's key; three excluded by design."""
+    assert len(SETUPS) == 57 and set(SMALL) <= set(SETUPS)
     assert [s.name for s in resolve(["bn_cnn_small_batch", "bn_cnn_bs8"])] == ["bn_cnn_bs8"] * 2
     excluded = {n for n, s in SETUPS.items() if s.excluded}
     assert excluded == {"curriculum", "curriculum_noise", "grokking_tf"}
@@ -101,3 +101,20 @@ def test_small_benchmark_with_a_preset_tries_the_rules_of_its_metrics(capsys):
     assert printed["preset"] == "standard"
     assert {"taylor_radius", "spectral_alignment", "sharpness"} <= set(run["metrics"])
     assert "`Monitor(..., metrics='standard')`" in capsys.readouterr().out
+
+
+def test_the_second_audits_recipes_train():
+    """Each recipe of tests/benchmarks/healthy/recipes.py builds and takes three monitored
+    optimizer steps through the harness's loop (the benchmark itself runs them in full)."""
+    from tests.benchmarks.healthy.harness import calls
+    from tests.benchmarks.healthy.recipes import RECIPES
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for setup in RECIPES:
+            trial = setup.build(0, 30)
+            losses = [float(c.loss.detach()) for _, c in zip(range(3), calls(trial))]
+            assert len(losses) == 3 and all(math.isfinite(v) for v in losses), setup.name
+    finally:
+        torch.set_num_threads(threads)
