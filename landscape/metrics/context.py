@@ -156,6 +156,9 @@ class StepContext:
     output_fn: Callable[[Any], torch.Tensor | None] | None = None
     #: what the ``loss`` metric says at a step without a loss (the monitor's ``no_loss_reason``)
     no_loss_reason: str = "the loss metric needs step(..., loss=loss)"
+    #: what to do when a metric reads the probe and there is none (the monitor's own
+    #: words: its default probe turned off, or not taken yet)
+    no_probe_hint: str = "pass probe=... to Monitor"
     params_before: InitVar[Vector | None] = None  # a property below: rebuilt when read
     update: Vector | None = None
     #: per-tensor norms of ``params_before`` when the monitor took them before it turned
@@ -231,7 +234,7 @@ class StepContext:
         """
         value = self.probe if source == "probe" else self.batch
         if value is None:
-            hint = "pass probe=... to Monitor" if source == "probe" else "pass batch=... to step()"
+            hint = self.no_probe_hint if source == "probe" else "pass batch=... to step()"
             raise MissingInput(f"this metric needs the {source} data: {hint}")
         if source == "batch" and self.weights_dtype is not None:
             # the inputs in the weights' dtype, as the probe's: batches that a wrapper casts

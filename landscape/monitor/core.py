@@ -960,7 +960,18 @@ class Monitor:
             parameter_objects=self._objects, loss_modules=self._loss_modules,
             no_loss_reason=self.no_loss_reason, step_lrs=self._step_lrs,
             weights_dtype=self._weights_dtype, output_fn=self.output_fn,
+            no_probe_hint=self._no_probe_hint(),
         )
+
+    def _no_probe_hint(self) -> str:
+        """What a metric that reads the probe says when there is none."""
+        if self.probe is not None or self._given_probe is not None:
+            return "pass probe=... to Monitor"
+        if self.probe_size is None:
+            return ("probe_size=None turned the default probe off: pass probe=... to Monitor, "
+                    "or leave probe_size to keep the first training batch's samples")
+        return ("the default probe is kept from the first batch= given to step(): pass "
+                "batch=... to step(), or probe=... to Monitor")
 
     def step(
         self, step: int, *, batch: Any = None, loss: Any = None, outputs: Any = None,

@@ -425,3 +425,20 @@ def test_the_config_records_the_samples_of_a_list_probe_and_keeps_its_own_keys(t
     with pytest.warns(RuntimeWarning, match="holds a run of"), ls.Monitor(
             Other(), F.cross_entropy, path, probe=probe, config=user, warn=False):
         pass
+
+
+def test_a_metric_without_a_probe_says_why_there_is_none():
+    """It told the user to pass probe=, also when probe_size=None had turned the default
+    probe off, or when no batch= had come yet to take the default probe from."""
+    def failures(**monitor):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with ls.Monitor(models.mlp(), F.cross_entropy, warn=False, **monitor) as mon:
+                mon.step(0, loss=torch.tensor(1.0))  # no batch=
+                return [f.message for f in mon.findings
+                        if f.rule == "metric_failed" and f.metric == "sentinels"]
+
+    (off,) = failures(probe_size=None)
+    assert "probe_size=None turned the default probe off: pass probe=... to Monitor" in off
+    (pending,) = failures()
+    assert "the default probe is kept from the first batch= given to step()" in pending
