@@ -133,13 +133,15 @@ class TaylorForecast(Rule):
       restart back to a learning rate the run trained at. A ramp past every earlier
       learning rate (also one stepped every few rows), and growth at a constant one, are
       not explained. Growth while the learning rate has not risen over the last
-      ``update_onset_rows`` rows (as recorded), on a row where the ratio is already below
-      one of the ``update_sustain`` rows before it, warns only when the probe loss of the
-      row is at least ``flat_lr_loss_rise`` (default 1.25; None: always) times its median
+      ``update_onset_rows`` rows (as recorded), on a row where the ratio is below one of
+      the ``update_sustain`` rows before it or rose on fewer than all but one of them,
+      warns only when the probe loss of the row
+      is at least ``flat_lr_loss_rise`` (default 1.25; None: always) times its median
       over the previous ``update_window`` rows: at a constant rate the step follows the
-      gradient, and a burst of large gradients past its peak that the loss rode through
-      (a recurrent network trained with SGD) is info; a step still growing to new highs
-      (Adam's second moments decaying towards eps) or one that took the loss up is not,
+      gradient, and bursts of large gradients that the loss rode through (a recurrent
+      network trained with SGD; two hard batches in a row of a mixture of experts) are
+      info; a step growing row after row (Adam's second moments decaying towards eps),
+      noise allowed, or one that took the loss up is not,
       and neither is a row without a probe loss or with fewer than ``min(update_window,
       20)`` earlier ones (``update_onset_rows=None`` reads the learning rate over 10 rows).
 
@@ -414,16 +416,17 @@ class ForecastState:
                     severity = "info"
                     message += "; the ratio is falling since it grew (one large step)"
                 elif (rule.flat_lr_loss_rise is not None and usual_loss is not None
-                      and self._lr_not_risen() and self._past_peak()
+                      and self._lr_not_risen() and not self._growing()
                       and loss < rule.flat_lr_loss_rise * usual_loss):
-                    # at a constant rate the step follows the gradient: a burst of large
-                    # gradients past its peak that the loss rode through (an SGD-trained
-                    # LSTM); a step still growing (Adam's second moments decaying towards
-                    # eps) keeps warning
+                    # at a constant rate the step follows the gradient: bursts of large
+                    # gradients that the loss rode through (an SGD-trained LSTM, hard
+                    # batches of a mixture of experts); a step growing row after row
+                    # (Adam's second moments decaying towards eps) keeps warning
                     severity = "info"
-                    message += (f"; the learning rate has not risen, the ratio is past its "
-                                f"peak and the probe loss is {_fmt(loss / usual_loss)} x its "
-                                "median (a burst of large gradients)")
+                    message += (f"; the learning rate has not risen, the ratio is not "
+                                f"growing row after row and the probe loss is "
+                                f"{_fmt(loss / usual_loss)} x its median (a burst of large "
+                                "gradients)")
             if severity_rank(severity) >= severity_rank("warning"):
                 message += self._flat_lr_note()
         else:
@@ -553,10 +556,18 @@ class ForecastState:
         """The update ratio of this row and the ``update_sustain`` rows before it."""
         return list(self.updates.order)[-(self.rule.update_sustain + 1):]
 
-    def _past_peak(self) -> bool:
-        """Whether the ratio is below one of the ``update_sustain`` rows before this one."""
+    def _growing(self) -> bool:
+        """Whether the ratio grows as a step that keeps growing does.
+
+        Not below one of the ``update_sustain`` rows before it, and higher than the row
+        before on all but at most one of the last ``update_sustain`` rows (a steady growth
+        with noise).
+        """
         last = self._recent_ratios()
-        return len(last) > 1 and last[-1] < max(last[:-1])
+        if len(last) <= self.rule.update_sustain or last[-1] < max(last[:-1]):
+            return False
+        rises = sum(a < b for a, b in pairwise(last))
+        return rises >= self.rule.update_sustain - 1
 
     def _rising(self) -> bool:
         """Whether the ratio rose on each of the last ``update_sustain`` rows."""
