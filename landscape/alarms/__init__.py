@@ -74,7 +74,12 @@ from landscape.alarms.representation_rules import (
     RankCollapse,
     SignCollapse,
 )
-from landscape.alarms.training_rules import GradNormSpike, LossSpike, NonFiniteValues
+from landscape.alarms.training_rules import (
+    GradNormSpike,
+    LossRegression,
+    LossSpike,
+    NonFiniteValues,
+)
 
 __all__ = [
     "RULES",
@@ -84,6 +89,7 @@ __all__ = [
     "EdgeOfStability",
     "GradNormSpike",
     "LogitGrowth",
+    "LossRegression",
     "LossSpike",
     "NonFiniteValues",
     "OnlineAlarms",

@@ -510,8 +510,10 @@ class ForecastState:
         lrs = self._recorded_lrs()
         if lrs is None or max(lrs) != min(lrs):
             return ""
-        return ("; the learning rate has not changed: weight decay, gradient clipping or an "
-                "optimizer whose state was reset can grow the step too")
+        return ("; the learning rate has not changed: a momentum (or beta1) raised, a loss "
+                "summed over accumulated micro-batches instead of averaged, inputs whose "
+                "scale drifts, weight decay, gradient clipping or an optimizer whose state was "
+                "reset can grow the step too")
 
     def _recorded_lrs(self) -> list[float] | None:
         """The learning rates of the last ``update_onset_rows`` rows and this one.

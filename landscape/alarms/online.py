@@ -25,7 +25,12 @@ from landscape.alarms.representation_rules import (
     RankCollapse,
     SignCollapse,
 )
-from landscape.alarms.training_rules import GradNormSpike, LossSpike, NonFiniteValues
+from landscape.alarms.training_rules import (
+    GradNormSpike,
+    LossRegression,
+    LossSpike,
+    NonFiniteValues,
+)
 from landscape.findings import Finding, dedupe, severity_rank
 from landscape.store.format import as_numpy
 
@@ -42,6 +47,7 @@ RULES: dict[str, type[Rule]] = {
         TaylorRatio,
         SignCollapse,
         LossSpike,
+        LossRegression,
         GradNormSpike,
         LogitGrowth,
         AttentionLogitGrowth,

@@ -2,6 +2,7 @@
 
 * :class:`LossSpike` reads ``loss/value`` (robust z-score or CUSUM over a trailing window);
 * :class:`GradNormSpike` reads ``grad_norm/value`` with the same machinery;
+* :class:`LossRegression` reads ``loss/value``: its rolling median back well above its best;
 * :class:`NonFiniteValues` reads the ``nonfinite`` flags and the loss itself.
 
 Thresholds, their sources and what to do: ``docs/alarms.md``.
@@ -32,7 +33,7 @@ from landscape.alarms.base import (
 from landscape.alarms.statistics import RollingWindow
 from landscape.findings import format_number as _fmt
 
-__all__ = ["GradNormSpike", "LossSpike", "NonFiniteValues", "SpikeState"]
+__all__ = ["GradNormSpike", "LossRegression", "LossSpike", "NonFiniteValues", "SpikeState"]
 
 
 @dataclass
@@ -352,6 +353,126 @@ class GradNormSpike(LossSpike):
         "norm it returns, step(..., grad_norm=norm), or this is the clipped norm), lower "
         "the learning rate or add warm-up, and check the batch at this step"
     )
+
+
+@dataclass
+class LossRegression(Rule):
+    """The training loss has gone back up and stays up: training is undoing itself.
+
+    The median of the last ``window`` valid rows (default 20, the current one included)
+    is at least ``ratio`` (default 1.5) times the lowest such median so far **and** above
+    it by at least ``initial_share`` (default 0.25) times the initial loss (the median of
+    the first ``window`` rows), on ``sustain`` rows in a row (default 10: a regression
+    stays; the rolling median of a loss as noisy as CutMix's crosses the bar for a few
+    rows now and then). Nothing fires in the first ``warmup`` rows (default 100):
+    the loss of early training moves fast both ways. A rolling median ignores single hard
+    batches (:class:`LossSpike`'s business); what this catches is slower: a learning rate
+    (or a warm-up's peak) too high that walks a network back towards its untrained loss
+    without a spike or a 10x explosion (an audit of mechanisms outside the instability
+    suite: a tiny GPT warmed up to 300x its rate, a CNN to 15x; docs/alarms.md). The
+    ratio needs a positive scale: while the lowest median is at or below 0 (a negative
+    log-likelihood below zero, a policy-gradient loss) the rule is quiet. NaN and inf are
+    :class:`NonFiniteValues`' business and do not enter the window.
+
+    Raises:
+        ValueError: a setting is out of range.
+    """
+
+    window: int = 20
+    ratio: float = 1.5
+    initial_share: float = 0.25
+    warmup: int = 100
+    severity: str = "warning"
+    sustain: int = 10
+    rearm: int = 20
+    metrics: tuple[str, ...] = ("loss",)
+    name: str = "loss_regression"
+
+    def __post_init__(self) -> None:
+        self._validate_common()
+        check_positive_int("window", self.window)
+        check_number("ratio", self.ratio)
+        check_number("initial_share", self.initial_share)
+        if self.ratio <= 1.0:
+            raise ValueError(f"ratio must be > 1, got {self.ratio}")
+        if self.initial_share < 0:
+            raise ValueError(f"initial_share must be >= 0, got {self.initial_share}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be an integer >= 0, got {self.warmup!r}")
+        check_severity("severity", self.severity)
+
+    @renamed_kwargs(params="config")
+    def evaluator(self, metric: str, config: Mapping[str, Any]) -> Evaluator:
+        """A fresh :class:`RegressionState` for one stream.
+
+        Args:
+            metric: the metric name (``loss``).
+            config: the metric's stored ``config()`` (unused).
+
+        Returns:
+            The stream's evaluator.
+        """
+        return RegressionState(self)
+
+
+class RegressionState:
+    """The evaluator of :class:`LossRegression` on one stream.
+
+    Args:
+        rule: the rule's settings.
+    """
+
+    def __init__(self, rule: LossRegression) -> None:
+        self.rule = rule
+        self.window = RollingWindow(rule.window)
+        self.rows = 0  # valid rows read
+        self.initial: float | None = None  # median of the first ``window`` rows
+        self.best = math.inf  # the lowest rolling median so far
+        self.best_step: int | None = None
+
+    def __call__(self, step: int, row: Row) -> Trigger | _Skip | None:
+        """Evaluate one row.
+
+        Args:
+            step: the row's step.
+            row: the row's numeric fields.
+
+        Returns:
+            A :class:`Trigger`, None, or :data:`SKIP` for a missing or non-finite value.
+        """
+        rule = self.rule
+        x = row_value(row, "value")
+        if x is None or not math.isfinite(x):
+            return SKIP
+        self.window.append(x)
+        self.rows += 1
+        if len(self.window) < rule.window:
+            return None
+        med = self.window.median()
+        if self.initial is None:
+            self.initial = med
+        best, best_step = self.best, self.best_step
+        if med < self.best:
+            self.best, self.best_step = med, step
+        if self.rows <= rule.warmup or not best > 0:
+            return None
+        rise = med - best
+        if med >= rule.ratio * best and rise >= rule.initial_share * abs(self.initial):
+            return Trigger(
+                severity=rule.severity,
+                field="value",
+                value=med,
+                threshold=max(rule.ratio * best, best + rule.initial_share * abs(self.initial)),
+                message=f"loss regression: the median of the last {rule.window} rows, "
+                f"{_fmt(med)}, is {_fmt(med / best)} x its lowest {_fmt(best)} (at step "
+                f"{best_step}) and {_fmt(rise / abs(self.initial))} x the initial loss "
+                f"{_fmt(self.initial)} above it",
+                hint="the run is undoing its training: a learning rate (or a warm-up's peak) "
+                "too high is the usual cause; lower it or lengthen warm-up, and check the "
+                "data since the lowest point",
+                extra={"lowest": best, "lowest_step": best_step, "initial": self.initial},
+            )
+        return None
 
 
 @dataclass

@@ -245,7 +245,7 @@ def test_observe_accepts_tensors_and_checks_step_order():
 
 def test_default_rules_are_the_documented_rules_and_configurable():
     names = [r.name for r in default_rules()]
-    assert names == list(RULES) and len(names) == 11
+    assert names == list(RULES) and len(names) == 12
     rules = default_rules(loss_spike={"z": 8.0}, sign_collapse=None, taylor_ratio=False)
     by_name = {r.name: r for r in rules}
     assert by_name["loss_spike"].z == 8.0 and "sign_collapse" not in by_name

@@ -13,6 +13,7 @@ import pytest
 from landscape.alarms import (
     SKIP,
     GradNormSpike,
+    LossRegression,
     LossSpike,
     OnlineAlarms,
     Rule,
@@ -182,3 +183,59 @@ def test_taylor_forecast_level_reads_the_growth_on_the_second_row():
     assert (f.step, f.severity) == (151, "warning")
     rows[-1] = (151, {"r_secant": 1.4, "probe_loss": 1.0})  # 4.7x: no growth on either
     assert _feed(TaylorForecast(), "sentinels", rows) == []
+
+
+# --------------------------------------------------------------------- loss_regression
+
+
+def _regression_rows(rise: float, rows: int, at: int = 300, n: int = 500, floor: float = 0.2,
+                     seed: int = 0):
+    """A loss falling from 2.3 to ``floor`` with 5 % noise, ``rise`` x higher from ``at``
+    for ``rows`` rows."""
+    rng = np.random.default_rng(seed)
+    loss = floor + (2.3 - floor) * np.exp(-np.arange(n) / 40.0)
+    loss = loss * np.exp(0.05 * rng.standard_normal(n))
+    loss[at:at + rows] *= rise
+    return [(s, {"value": float(v)}) for s, v in enumerate(loss)]
+
+
+def test_loss_regression_warns_once_the_rolling_median_stays_up():
+    """The loss back at 4 x its floor (0.8 against 0.2: 4 x the lowest median and 0.6 above
+    it, more than a quarter of the initial 1.79) for 100 rows: one warning."""
+    found = _feed(LossRegression(), "loss", _regression_rows(4.0, 100))
+    (f,) = found
+    assert f.severity == "warning" and f.metric == "loss/value"
+    # the 20-row median crosses the bar 11 rows in (the median of 20 needs 11 high rows),
+    # and the finding comes on the 10th row in a row above it
+    assert f.step == 300 + 10 + 9
+    assert f.extra["lowest"] == pytest.approx(0.2, rel=0.1)
+    assert "x its lowest" in f.message and "the initial loss" in f.message
+
+
+def test_loss_regression_is_quiet_on_short_excursions_small_rises_and_early_rows():
+    rule = LossRegression()
+    # 10 bad rows lift the 20-row median for 9 rows: fewer than sustain
+    assert _feed(rule, "loss", _regression_rows(4.0, 10)) == []
+    assert [f.step for f in _feed(rule, "loss", _regression_rows(4.0, 11))] == [319]
+    # 2.5 x the floor is 0.3 above it: less than a quarter of the initial loss (1.79)
+    assert _feed(rule, "loss", _regression_rows(2.5, 100)) == []
+    assert _feed(rule, "loss", _regression_rows(1.0, 0)) == []  # a healthy fall
+    # in the first 100 rows (warm-up) nothing fires, however far the loss goes back up
+    assert _feed(rule, "loss", _regression_rows(4.0, 60, at=30)) == []
+    # NaN rows are skipped (nonfinite's business), the rest still read
+    rows = _regression_rows(4.0, 100)
+    rows[310] = (310, {"value": NAN})
+    assert [f.step for f in _feed(rule, "loss", rows)] == [320]
+
+
+def test_loss_regression_needs_a_positive_lowest_median():
+    """A negative log-likelihood below zero (or a policy-gradient loss) gives no scale."""
+    rows = [(s, {"value": v["value"] - 1.0}) for s, v in _regression_rows(4.0, 100)]
+    assert _feed(LossRegression(), "loss", rows) == []
+
+
+@pytest.mark.parametrize("bad", [{"ratio": 1.0}, {"initial_share": -0.1}, {"warmup": -1},
+                                 {"window": 0}, {"severity": "warn"}, {"sustain": 0}])
+def test_loss_regression_settings_are_checked(bad):
+    with pytest.raises(ValueError):
+        LossRegression(**bad)
