@@ -271,21 +271,11 @@ def test_a_generator_held_in_a_container_attribute_is_restored(holder):
         torch.manual_seed(0)
         model = _PerDeviceNoise(holder)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        mon = Monitor(model, F.cross_entropy, optimizer=opt, warn=False).start() \
-            if monitored else None
-        g = torch.Generator().manual_seed(1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            for step in range(4):
-                x, y = torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g)
-                loss = F.cross_entropy(model(x), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                if mon is not None:
-                    mon.step(step, batch=(x, y), loss=loss)
-            if mon is not None:
-                mon.close()
+            mon = Monitor(model, F.cross_entropy, optimizer=opt, warn=False).start() \
+                if monitored else None
+            _steps(model, opt, mon, (5,))
         return model.lin.weight.detach().clone()
 
     assert torch.equal(run(False), run(True))

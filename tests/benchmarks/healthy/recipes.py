@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,6 +30,7 @@ from .setups import (
     digits,
     mlp,
     pseudo_text,
+    sentences,
 )
 
 
@@ -300,48 +300,11 @@ class LoRALinear(nn.Module):
         return self.base(x) + (x @ self.a.T @ self.b.T) * self.scale
 
 
-def other_text(length: int = 100_000, seed: int = 4321) -> torch.Tensor:
-    """Another English-like text (other words, the same alphabet) in pseudo_text's codes."""
-    rng = np.random.default_rng(seed)
-    cons, vows = list("bcdfghjklmnprstvwz"), list("aeiouy")
-    words: set[str] = set()
-    while len(words) < 300:
-        words.add("".join(rng.choice(cons) + rng.choice(vows)
-                          + (rng.choice(cons) if rng.random() < .5 else "")
-                          for _ in range(rng.integers(1, 4))))
-    vocab = sorted(words)
-    p = 1.0 / np.arange(1, len(vocab) + 1) ** 1.2
-    p /= p.sum()
-    out, total = [], 0
-    while total < length:
-        s = " ".join(vocab[i] for i in rng.choice(len(vocab), size=rng.integers(3, 10), p=p))
-        out.append(s[0].upper() + s[1:] + ". ")
-        total += len(out[-1])
-    text = "".join(out)[:length]
-    base = pseudo_text()[0]  # noqa: F841 (codes are sorted characters of the first text)
-    # rebuild pseudo_text's code table
-    chars = sorted(set(_pseudo_chars()))
-    code = {c: i for i, c in enumerate(chars)}
+def other_text(length: int = 100_000) -> torch.Tensor:
+    """Another English-like text (300 other words, the same alphabet) in pseudo_text's codes."""
+    text = sentences(length, seed=4321, words=300, closed=0.5, zipf=1.2, lengths=(3, 10))
+    code = {c: i for i, c in enumerate(sorted(set(sentences(200_000))))}  # pseudo_text's
     return torch.tensor([code.get(c, code[" "]) for c in text])
-
-
-def _pseudo_chars() -> str:
-    rng = np.random.default_rng(1234)
-    cons, vows = list("bcdfghjklmnprstvwz"), list("aeiouy")
-    words: set[str] = set()
-    while len(words) < 400:
-        words.add("".join(rng.choice(cons) + rng.choice(vows)
-                          + (rng.choice(cons) if rng.random() < .3 else "")
-                          for _ in range(rng.integers(1, 4))))
-    vocab = sorted(words)
-    p = 1.0 / np.arange(1, len(vocab) + 1) ** 1.1
-    p /= p.sum()
-    out, total = [], 0
-    while total < 200_000:
-        s = " ".join(vocab[i] for i in rng.choice(len(vocab), size=rng.integers(4, 13), p=p))
-        out.append(s[0].upper() + s[1:] + ". ")
-        total += len(out[-1])
-    return "".join(out)[:200_000]
 
 
 def _windows(data: torch.Tensor, length: int, size: int, g: torch.Generator):

@@ -147,29 +147,40 @@ def pretrain(model: nn.Module, opt: torch.optim.Optimizer, batches: Batches,
 
 
 @functools.lru_cache(maxsize=1)
+def sentences(length: int, seed: int = 1234, words: int = 400, closed: float = 0.3,
+              zipf: float = 1.1, lengths: tuple[int, int] = (4, 13)) -> str:
+    """English-like text: sentences of pseudo-words, capitalised, ending in ". ".
+
+    ``words`` pseudo-words of 1-3 consonant-vowel syllables (a closing consonant with
+    probability ``closed``), drawn with Zipf weights of exponent ``zipf``, ``lengths`` words
+    a sentence (``numpy``'s ``integers`` bounds); a fixed generator of ``seed``.
+    """
+    rng = np.random.default_rng(seed)
+    cons, vows = list("bcdfghjklmnprstvwz"), list("aeiouy")
+    vocabulary: set[str] = set()
+    while len(vocabulary) < words:
+        vocabulary.add("".join(rng.choice(cons) + rng.choice(vows)
+                               + (rng.choice(cons) if rng.random() < closed else "")
+                               for _ in range(rng.integers(1, 4))))
+    vocab = sorted(vocabulary)
+    p = 1.0 / np.arange(1, len(vocab) + 1) ** zipf
+    p /= p.sum()
+    out, total = [], 0
+    while total < length:
+        s = " ".join(vocab[i] for i in rng.choice(len(vocab), size=rng.integers(*lengths), p=p))
+        out.append(s[0].upper() + s[1:] + ". ")
+        total += len(out[-1])
+    return "".join(out)[:length]
+
+
 def pseudo_text(length: int = 200_000) -> tuple[torch.Tensor, int]:
     """English-like text as character codes, and the number of distinct characters.
 
     Sentences of 4-12 pseudo-words (1-3 consonant-vowel syllables, 400 words drawn with
-    Zipf weights, exponent 1.1), capitalised, ending in ". ". A fixed generator: the text is
-    the same for every seed.
+    Zipf weights, exponent 1.1), capitalised, ending in ". " (:func:`sentences`). A fixed
+    generator: the text is the same for every seed.
     """
-    rng = np.random.default_rng(1234)
-    cons, vows = list("bcdfghjklmnprstvwz"), list("aeiouy")
-    words: set[str] = set()
-    while len(words) < 400:
-        words.add("".join(rng.choice(cons) + rng.choice(vows)
-                          + (rng.choice(cons) if rng.random() < .3 else "")
-                          for _ in range(rng.integers(1, 4))))
-    vocab = sorted(words)
-    p = 1.0 / np.arange(1, len(vocab) + 1) ** 1.1
-    p /= p.sum()
-    out, total = [], 0
-    while total < length:
-        s = " ".join(vocab[i] for i in rng.choice(len(vocab), size=rng.integers(4, 13), p=p))
-        out.append(s[0].upper() + s[1:] + ". ")
-        total += len(out[-1])
-    text = "".join(out)[:length]
+    text = sentences(length)
     code = {c: i for i, c in enumerate(sorted(set(text)))}
     return torch.tensor([code[c] for c in text]), len(code)
 
