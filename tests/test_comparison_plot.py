@@ -118,10 +118,38 @@ def test_run_labels_are_the_shortest_distinct_path_ends():
     assert run_labels(["/r/x/run.h5", "/r/y/run.h5"]) == ["x/run", "y/run"]
     assert run_labels(["/p/x/run.h5", "/q/x/run.h5", "/c/run.h5"]) == [
         "p/x/run", "q/x/run", "/c/run"]
-    assert run_labels(["run.h5", "run.h5"]) == ["run", "run"]  # the same file twice
+    assert run_labels(["run.h5", "run.h5"]) == ["run.h5", "run.h5"]  # the same file twice
+    assert run_labels(["x/run.h5", "x/run.pt"]) == ["x/run.h5", "x/run.pt"]  # by suffix
 
 
 def test_first_warning_is_the_earliest_warning_or_error():
     assert first_warning([ERR, WARN, INFO]) is WARN
     assert first_warning([INFO]) is None
     assert first_warning([ERR]) is ERR
+
+
+def test_a_run_without_the_metric_is_left_out_of_its_figure_and_renamed_metrics_meet(tmp_path):
+    """b has no update rows but a warning: no line, no first-warning mark, not in the title;
+    an older file's "hessian" and a newer one's "top_eigenvalues" are one figure, without
+    the rename's deprecation warning."""
+    import warnings
+
+    a = _write(tmp_path / "a.h5", 1.0)
+    b = _write(tmp_path / "b.h5", 2.0, layers=False, findings=(WARN,))
+    fig = comparison([a, b], "update")
+    assert [line.get_label() for line in fig.axes[0].get_lines()] == ["a"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["a"]
+    assert "b:" not in fig._suptitle.get_text()
+    runs = []
+    for name, metric in (("old", "hessian"), ("new", "top_eigenvalues")):
+        with RunWriter(tmp_path / f"{name}.h5", mode="w") as w:
+            w.declare(metric, {"eigenvalues": (2,)})
+            for s in range(3):
+                w.append(metric, s, {"eigenvalues": [2.0 + s, 1.0]})
+        runs.append(Run.open(tmp_path / f"{name}.h5"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        figures = comparisons(runs)
+        assert list(figures) == ["top_eigenvalues"]
+        assert len(_data_lines(figures["top_eigenvalues"].axes[0])) == 2
+        assert list(comparisons(runs, ["hessian"])) == ["top_eigenvalues"]

@@ -107,7 +107,7 @@ class TaylorForecast(Rule):
       zero loss the noisy r rose to 0.6 three times in 300 steps and fired): the fitted r
       is >= ``floor`` (default 0.5, the paper's safe target),
       rising (slope t statistic >= ``min_t``, default 2), and the fit reaches ``limit``
-      within ``horizon`` steps (default 10).
+      within ``horizon`` rows (default 10; in steps, the fitted rows' mean spacing each).
 
     * **update growth**: the update-to-weight ratio ``update_ratio`` of the same row is
       >= ``update_growth`` (default 2) times its median over the previous

@@ -236,6 +236,12 @@ class SignCollapseState:
         worst: tuple[float, int] | None = None
         dipped = False  # a layer that fired is collapsed again, not yet for sustain rows
         dip: tuple[float, int] | None = None
+        # a fired layer's NaN row counts towards its rearm as the episode's quiet rows do:
+        # its dip must never outlive the episode and open one alone
+        for i in [i for i in self.fired if i < len(m) and not finite[i]]:
+            self.fired[i] += 1
+            if self.fired[i] >= rule.rearm:
+                del self.fired[i]
         for i in np.flatnonzero(finite):
             v = float(m[i])
             low = v <= rule.threshold and (i in self.seen_healthy or rule.healthy is None)

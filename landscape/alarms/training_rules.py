@@ -239,10 +239,9 @@ class SpikeState:
         # level 0 (a median and an initial level of exactly 0): no scale to call a rise large
         if level > 0 and z >= rule.z and x - med >= (rule.min_ratio - 1.0) * level:
             severity = rule.severity
-            bar = rule.min_ratio  # the multiple of the level the finding's severity needed
+            warned_at_ratio = False  # a warning of a rule that is info at min_ratio
             if rule.warn_ratio is not None and x - med >= (rule.warn_ratio - 1.0) * level:
-                if severity != "warning":
-                    bar = rule.warn_ratio  # a warning of a rule that is info at min_ratio
+                warned_at_ratio = severity != "warning"
                 severity = "warning"
             note = ""
             if severity == "warning":
@@ -276,7 +275,9 @@ class SpikeState:
                 severity=severity,
                 field=rule.field,
                 value=x,
-                threshold=med + (bar - 1.0) * level,
+                # the bar of the severity given: warn_ratio's for such a warning
+                threshold=med + ((rule.warn_ratio if warned_at_ratio and severity == "warning"
+                                  else rule.min_ratio) - 1.0) * level,
                 message=f"{rule._what} spike: {_fmt(x)} vs median {_fmt(med)} of the "
                 f"last {len(self.history)} rows (robust z = {_fmt(z)} >= {_fmt(rule.z)})"
                 + note,
@@ -362,7 +363,10 @@ class LossRegression(Rule):
     The median of the last ``window`` valid rows (default 20, the current one included)
     is at least ``ratio`` (default 1.5) times the lowest such median so far **and** above
     it by at least ``initial_share`` (default 0.25) times the initial loss (the median of
-    the first ``window`` rows), on ``sustain`` rows in a row (default 10: a regression
+    the first ``window`` rows) and by at least ``noise`` (default 8) standard errors of
+    the rolling median (1.2533 × 1.4826 × the window's MAD / √window: the lowest median of
+    a long, stationary, noisy run, a fine-tuning run near its level, lies a few of them
+    below where it fluctuates), on ``sustain`` rows in a row (default 10: a regression
     stays; the rolling median of a loss as noisy as CutMix's crosses the bar for a few
     rows now and then). Nothing fires in the first ``warmup`` rows (default 100):
     the loss of early training moves fast both ways. A rolling median ignores single hard
@@ -381,6 +385,7 @@ class LossRegression(Rule):
     window: int = 20
     ratio: float = 1.5
     initial_share: float = 0.25
+    noise: float = 8.0
     warmup: int = 100
     severity: str = "warning"
     sustain: int = 10
@@ -393,6 +398,7 @@ class LossRegression(Rule):
         check_positive_int("window", self.window)
         check_number("ratio", self.ratio)
         check_number("initial_share", self.initial_share)
+        check_number("noise", self.noise)
         if self.ratio <= 1.0:
             raise ValueError(f"ratio must be > 1, got {self.ratio}")
         if self.initial_share < 0:
@@ -457,7 +463,13 @@ class RegressionState:
         if self.rows <= rule.warmup or not best > 0:
             return None
         rise = med - best
-        if med >= rule.ratio * best and rise >= rule.initial_share * abs(self.initial):
+        # the rolling median's own sampling noise: its standard error, 1.2533 sigma /
+        # sqrt(window) for sigma = 1.4826 MAD of the window (Gaussian rows); the lowest
+        # median of a long noisy run lies a few of them below the level it fluctuates at
+        _, mad = self.window.median_mad()
+        spread = 1.2533 * 1.4826 * mad / math.sqrt(rule.window)
+        if med >= rule.ratio * best and rise >= rule.initial_share * abs(self.initial) \
+                and rise >= rule.noise * spread:
             return Trigger(
                 severity=rule.severity,
                 field="value",

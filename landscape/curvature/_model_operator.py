@@ -227,17 +227,6 @@ class ModelOperator(CurvatureOperator):
             from landscape.curvature._profile import check_losses_add_up
 
             check_losses_add_up(self, whole_data.batches[0], int(opts.microbatch_size))
-        elif len(whole_data.batches) > 1 and not reduce:
-            # several batches are weighted as micro-batches are: a loss that is not a mean
-            # (a summed loss the reduction attribute does not show, in a lambda) would
-            # give another operator, silently; the first batch's halves tell (on one
-            # process only: ranks may hold different numbers of batches)
-            from landscape.curvature._batches import samples_in
-            from landscape.curvature._profile import check_losses_add_up
-
-            rows = samples_in(whole_data.batches[0], closure_mode=closure_mode)
-            if rows is not None and rows >= 2:
-                check_losses_add_up(self, whole_data.batches[0], rows // 2, several=True)
 
     def _impossible(self) -> str | None:
         """Why the exact product cannot work on this model (FSDP2 shards), or ``None``."""

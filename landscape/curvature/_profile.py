@@ -337,15 +337,8 @@ def _eval_loss(op: Any, values: list[torch.Tensor] | None = None,
     return probe._first_order._loss_at_theta()
 
 
-def check_losses_add_up(op: Any, batch: Any, size: int, *, several: bool = False) -> None:
+def check_losses_add_up(op: Any, batch: Any, size: int) -> None:
     """Refuse micro-batches whose weighted losses do not add up to the batches' loss.
-
-    With ``several`` the same comparison guards several batches without micro-batches,
-    which are weighted by their samples alike: the first batch's halves (``size`` its
-    half) stand for them, only a gross mismatch (over 25 %: a summed loss gives half the
-    batch's loss) is refused, and the message speaks of the batches. A mean over tokens
-    that differ in number from row to row is warned about where the targets show it
-    (ignored ``-100`` targets), not refused.
 
     Micro-batches weighted by their sample counts (or by an additive ``batch_size``)
     give the batches' operator only when each batch's loss is the mean of its samples'
@@ -371,10 +364,9 @@ def check_losses_add_up(op: Any, batch: Any, size: int, *, several: bool = False
         op: the model operator (its model, loss, options; its data are not read).
         batch: a whole batch of it (the first).
         size: the micro-batch size.
-        several: the batches are several whole batches, not micro-batches.
 
     Raises:
-        ValueError: the losses differ beyond rounding (``several``: beyond 25 %).
+        ValueError: the losses differ beyond rounding.
     """
     collective = bool(op.options.distributed)  # every rank runs this check together
     one, parts = together(collective, "cutting the probe data for the micro-batch check",
@@ -382,7 +374,7 @@ def check_losses_add_up(op: Any, batch: Any, size: int, *, several: bool = False
     local = collective and not op._first_order.sharded
     error: ValueError | None = None
     try:
-        _compare_losses(op, one, parts, local, several)
+        _compare_losses(op, one, parts, local)
     except ValueError as err:
         error = err
     if local:
@@ -409,7 +401,7 @@ def _check_sample(op: Any, batch: Any, size: int) -> tuple[Any, Any]:
     return one, parts
 
 
-def _compare_losses(op: Any, one: Any, parts: Any, local: bool, several: bool = False) -> None:
+def _compare_losses(op: Any, one: Any, parts: Any, local: bool) -> None:
     """:func:`check_losses_add_up`'s comparison on this rank (``local``) or on all ranks."""
     sizer = op.options.batch_size
     try:
@@ -429,18 +421,10 @@ def _compare_losses(op: Any, one: Any, parts: Any, local: bool, several: bool = 
     except Exception:  # an eval-mode forward this loss cannot take (train-mode-only models):
         return  # nothing to compare; the operator's own evaluations say what is wrong
     # rounding: relative 1e-4, or a few units of the parameters' precision (16-bit models)
-    tol = 0.25 if several else max(1e-4, 4 * torch.finfo(op.dtype).eps)
+    tol = max(1e-4, 4 * torch.finfo(op.dtype).eps)
     for full, parts in pairs:
         if math.isfinite(full) and not math.isclose(full, parts, rel_tol=tol, abs_tol=1e-9):
             weights = "a batch_size= count" if sizer is not None else "their samples"
-            if several:
-                raise ValueError(
-                    f"loss_fn: several batches are weighted by {weights}, and so weighted "
-                    f"the first batch's halves give {parts:.6g} where the batch gives "
-                    f"{full:.6g}: the loss is not a mean over what the weights count (a "
-                    "summed loss, or a mean over tokens); give a mean loss, batch_size= "
-                    "counting what the loss averages over, or one batch"
-                )
             raise ValueError(
                 f"microbatch_size: the micro-batches' losses weighted by {weights} give "
                 f"{parts:.6g} where the whole batches give {full:.6g}: the loss is not a "

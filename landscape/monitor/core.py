@@ -740,7 +740,8 @@ class Monitor:
         user = {k: v for k, v in self._user_config.items() if k not in own}
         clashing = {k: v for k, v in self._user_config.items() if k in own}
         if clashing:
-            user["user_config"] = clashing
+            held = user.get("user_config")
+            user["user_config"] = {**held, **clashing} if isinstance(held, dict) else clashing
         return {**own, **user}
 
     def _make_alarms(self) -> Any:

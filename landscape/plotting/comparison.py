@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from landscape._names import RENAMED_METRICS
 from landscape.findings import Finding, severity_rank
 from landscape.plotting.spectra import _FLOOR, density_of_row, is_density
 from landscape.plotting.thinning import thin
@@ -37,6 +38,11 @@ from landscape.store import Run
 
 __all__ = ["comparison", "comparisons", "first_warning", "run_labels"]
 
+
+def current_name(metric: str) -> str:
+    """``metric`` under its current name (a run file may hold a metric's old one)."""
+    return RENAMED_METRICS.get(metric, metric)
+
 _WARNING = severity_rank("warning")
 
 
@@ -50,15 +56,16 @@ def run_labels(sources: Sequence[str]) -> list[str]:
         sources: the runs' paths (``Run.source``).
 
     Returns:
-        One label per source, in order; a path given twice keeps its whole form twice.
+        One label per source, in order; paths that stay alike (one given twice, or
+        differing only in their suffix) keep their whole form.
     """
     parts = [PurePath(s).with_suffix("").parts or (str(s),) for s in sources]
-    depth = 1
-    while True:
+    for depth in range(1, max(len(p) for p in parts) + 1):
         labels = [str(PurePath(*p[-depth:])) for p in parts]
-        if len(set(labels)) == len(labels) or depth >= max(len(p) for p in parts):
+        if len(set(labels)) == len(labels):
             return labels
-        depth += 1
+    # names alike but for their suffix (run.h5, run.pt) or written differently (./run.h5)
+    return [str(s) for s in sources]
 
 
 def first_warning(findings: Iterable[Finding]) -> Finding | None:
@@ -158,6 +165,7 @@ def comparison(
             ``metric`` in none of them.
     """
     runs = list(runs)
+    metric = current_name(metric)
     if not runs:
         raise ValueError("runs: give at least one run")
     labels = run_labels([r.source for r in runs]) if labels is None else list(labels)
@@ -176,9 +184,10 @@ def comparison(
     fig = new_figure(width, row_height * n + 0.6)
     axes = fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
     rows = [r.rows(metric) if metric in r else 0 for r in runs]
-    fig.suptitle(f"{metric}  ({', '.join(f'{lab}: {k}' for lab, k in zip(labels, rows))} "
-                 "rows)")
-    firsts = [first_warning(m) for m in marks]
+    counts = [f"{lab}: {k}" for lab, k, r in zip(labels, rows, runs) if metric in r]
+    fig.suptitle(f"{metric}  ({', '.join(counts)} rows)")
+    # a run without the metric is left out of its figure, its first warning too
+    firsts = [first_warning(m) if metric in r else None for m, r in zip(marks, runs)]
     shown: set[int] = set()  # the runs drawn on some axes: the legend's
     for ax, name in zip(axes, fields):
         drawn, vector = [], False
@@ -230,11 +239,13 @@ def comparisons(
     """
     runs = list(runs)
     if metrics is None:
+        # under today's names: a run recorded before a rename ("hessian") and one after
+        # ("top_eigenvalues") share one figure
         names: list[str] = []
         for run in runs:
-            names += [m for m in metrics_with_rows(run) if m not in names]
+            names += [m for m in map(current_name, metrics_with_rows(run)) if m not in names]
     else:
-        names = list(metrics)
+        names = list(dict.fromkeys(map(current_name, metrics)))
         unknown = [m for m in names if not any(m in r for r in runs)]
         if unknown:
             raise ValueError(f"metrics: no metric {', '.join(map(repr, unknown))} in any of "

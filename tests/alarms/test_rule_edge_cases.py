@@ -239,3 +239,34 @@ def test_loss_regression_needs_a_positive_lowest_median():
 def test_loss_regression_settings_are_checked(bad):
     with pytest.raises(ValueError):
         LossRegression(**bad)
+
+
+def test_loss_regression_is_quiet_on_a_long_stationary_noisy_loss():
+    """Fine-tuning near its level (0.3 settling to 0.2) with lognormal batch noise: the
+    lowest of thousands of rolling medians lies standard errors below the level, and the
+    rule warned 1-34 times a run before the noise bar."""
+    for sigma in (0.3, 0.5, 0.8):
+        rng = np.random.default_rng(0)
+        s = np.arange(5000)
+        loss = (0.2 + 0.1 * np.exp(-s / 500)) * np.exp(sigma * rng.standard_normal(5000))
+        rows = [(i, {"value": float(v)}) for i, v in enumerate(loss)]
+        assert _feed(LossRegression(), "loss", rows) == [], sigma
+        assert _feed(LossRegression(noise=0.0), "loss", rows)  # what the bar removes
+
+
+def test_a_fired_layers_nan_rows_count_towards_its_rearm():
+    """A dip after NaN rows of the fired layer opened an episode from one row (sustain 2)
+    once the episode had closed on them."""
+    alarms = OnlineAlarms([SignCollapse()])
+    alarms.declare("spectral_alignment", {"layers": ["a", "b"]})
+    a = [0.4, 0.4, 0.01, 0.01, 0.4, NAN, NAN, 0.01, 0.4]
+    found = [f.step for s, v in enumerate(a)
+             for f in alarms.observe("spectral_alignment", s, {"minority": np.array([v, 0.4])})]
+    assert found == [3]
+
+
+def test_an_info_gradient_norm_spike_reports_the_info_bar():
+    """One row at 10x the median (one row: info) reports the 2x bar of an info finding."""
+    rows = [(s, {"value": 1.0 + 0.01 * (s % 3)}) for s in range(30)] + [(30, {"value": 10.5})]
+    (f,) = _feed(GradNormSpike(), "grad_norm", rows)
+    assert f.severity == "info" and f.threshold == pytest.approx(2 * f.extra["median"])

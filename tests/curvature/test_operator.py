@@ -579,22 +579,6 @@ def test_a_summed_loss_over_several_batches_is_refused():
         assert float(one) == pytest.approx(24 * float(mean), rel=1e-4)  # one batch: N x
 
 
-def test_a_summed_loss_the_reduction_does_not_show_is_refused_over_several_batches():
-    """A lambda summing: nothing to read the reduction from; the first batch's halves,
-    weighted by their samples, give half its loss (the Hessian was 55 % off, silently)."""
-    model = models.mlp()
-    x, y = models.classification_data(24)
-    batches = [(x[:8], y[:8]), (x[8:16], y[8:16]), (x[16:], y[16:])]
-
-    def summed(out, target):
-        return F.cross_entropy(out, target, reduction="sum")
-
-    with pytest.raises(ValueError, match="several batches are weighted by their samples"):
-        Hessian(model, summed, batches)
-    Hessian(model, summed, (x, y))  # one batch: N x the mean's, fine
-    Hessian(model, lambda o, t: F.cross_entropy(o, t), batches)  # a mean: fine
-
-
 @pytest.mark.parametrize("backend", ["auto", "func", "autograd", "first_order"])
 @pytest.mark.parametrize("how", ["detach", "item"])
 def test_a_loss_without_gradient_graph_is_refused_not_measured_as_zero(backend, how):
