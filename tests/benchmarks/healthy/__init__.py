@@ -2,14 +2,16 @@
 
 The instability suite (``tests/benchmarks/instability``) measures how early the alarms warn
 before a run blows up; this benchmark measures the other side, the false alarms. It trains
-45 small setups that real training loops use and that are healthy by design (warm-up and
+57 small setups that real training loops use and that are healthy by design (warm-up and
 cosine / SGDR / one-cycle / step schedules, gradient accumulation, a ``GradScaler``,
 clipping, batch-size changes, label smoothing, overfitting to ~0 loss,
 regression, class imbalance, dropout, BatchNorm with batch 4-8, heavy weight decay,
 fine-tuning, full-batch GD at a large step, an induction-head phase change, grokking; and
 character LSTM/GRU language models, a ViT, a VAE with KL warm-up, distillation, a residual
-MLP without normalisation, label noise, Lion, SWA) on scikit-learn's digits or locally
-generated data, each under the *default* monitor::
+MLP without normalisation, label noise, Lion, SWA; and the twelve recipes of a second audit
+in ``recipes.py``: contrastive learning, CutMix, focal loss, a policy gradient, a Gaussian
+NLL, BYOL, LoRA, a mixture of experts, Adagrad, Adafactor, ...) on scikit-learn's digits or
+locally generated data, each under the *default* monitor::
 
     mon = Monitor(model, loss_fn, None, optimizer=opt, warn=False).start()
     ...  # after every opt.step():
@@ -32,3 +34,8 @@ transformer, whose task or loss changes on purpose); unhealthy runs keep their r
     .venv/bin/python -m tests.benchmarks.healthy [--seeds 3] [--setups a,b] [--json FILE]
     .venv/bin/python -m tests.benchmarks.healthy --small     # a few seconds: harness check
 """
+
+from .recipes import RECIPES  # built on setups.py, which it imports first
+from .setups import SETUPS
+
+SETUPS.update({s.name: s for s in RECIPES})

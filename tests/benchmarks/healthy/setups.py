@@ -1025,15 +1025,7 @@ def _setups() -> list[Setup]:
         Setup("lion", "MLP, Lion 3e-4, warm-up + cosine", 2000, lion),
         Setup("swa_lr_raise", "MLP, SGD cosine to ~0, then SWALR back up to 0.05", 2000,
               swa_lr_raise),
-        # the second recipes audit's (tests/benchmarks/healthy/recipes.py)
-        *_recipes(),
     ]
-
-
-def _recipes() -> list[Setup]:
-    from .recipes import RECIPES  # it builds on this module's helpers
-
-    return RECIPES
 
 
 SETUPS: dict[str, Setup] = {s.name: s for s in _setups()}
