@@ -1,4 +1,4 @@
-"""Several runs on one figure (landscape.plotting.comparison): the lines drawn are each run's
+"""Several runs on one figure (landscape.plotting.compare): the lines drawn are each run's
 rows, one colour per run, its first warning marked in that colour."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from landscape.findings import Finding
-from landscape.plotting.comparison import comparison, comparisons, first_warning, run_labels
+from landscape.plotting.compare import comparison, comparisons, first_warning, run_labels
 from landscape.store import Run, RunWriter
 
 INFO = Finding(5, "logit_growth", "info", "logits/max_abs", 1.0, 1.0, "grew", "")
@@ -55,8 +55,8 @@ def test_each_run_is_one_line_of_its_own_rows_in_its_own_colour(tmp_path):
     assert list(dashed[0].get_xdata()) == [40, 40]
     assert mcolors.to_hex(dashed[0].get_color()) == mcolors.to_hex(lines[0].get_color())
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert legend == ["a", "b", "a: first warning at 40 (loss_spike)"]
-    assert "a: 100" in fig._suptitle.get_text() and "b: 60" in fig._suptitle.get_text()
+    assert legend == ["a (100 rows)", "b (60 rows)", "a: first warning at 40 (loss_spike)"]
+    assert fig._suptitle.get_text() == "loss"
 
 
 def test_a_vector_field_is_each_runs_median_with_its_range(tmp_path):
@@ -64,6 +64,7 @@ def test_a_vector_field_is_each_runs_median_with_its_range(tmp_path):
     b = _write(tmp_path / "b.h5", 2.0)
     (ax,) = comparison([a, b], "update", findings=[[], []]).axes
     assert ax.get_ylabel() == "per_layer\n(median, min-max)"
+    assert [line.get_label() for line in _data_lines(ax)] == ["a", "b"]
     for line, run in zip(_data_lines(ax), (a, b)):
         _, values = run.series("update", "per_layer")
         np.testing.assert_allclose(line.get_ydata(), np.median(values, axis=1))
@@ -138,8 +139,7 @@ def test_a_run_without_the_metric_is_left_out_of_its_figure_and_renamed_metrics_
     b = _write(tmp_path / "b.h5", 2.0, layers=False, findings=(WARN,))
     fig = comparison([a, b], "update")
     assert [line.get_label() for line in fig.axes[0].get_lines()] == ["a"]
-    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["a"]
-    assert "b:" not in fig._suptitle.get_text()
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["a (20 rows)"]
     runs = []
     for name, metric in (("old", "hessian"), ("new", "top_eigenvalues")):
         with RunWriter(tmp_path / f"{name}.h5", mode="w") as w:
@@ -153,3 +153,24 @@ def test_a_run_without_the_metric_is_left_out_of_its_figure_and_renamed_metrics_
         assert list(figures) == ["top_eigenvalues"]
         assert len(_data_lines(figures["top_eigenvalues"].axes[0])) == 2
         assert list(comparisons(runs, ["hessian"])) == ["top_eigenvalues"]
+
+
+def test_many_runs_keep_distinct_styles_and_a_blow_up_is_marked(tmp_path):
+    """Past ten runs matplotlib's colours repeat: tab20, then line styles; a run whose loss
+    went non-finite gets crosses along the bottom in its colour (it looked shorter)."""
+    from landscape.plotting.compare import run_color
+
+    styles = {run_color(i, 25) for i in range(25)}
+    assert len(styles) == 25 and run_color(3, 5) == ("C3", "-")
+    runs = []
+    for i in range(12):
+        with RunWriter(tmp_path / f"r{i}.h5", mode="w") as w:
+            w.declare("loss", {"value": None})
+            for s in range(10):
+                w.append("loss", s, {"value": float("nan") if (i == 0 and s >= 7) else 1.0 + i})
+        runs.append(Run.open(tmp_path / f"r{i}.h5"))
+    (ax,) = comparison(runs, "loss").axes
+    colors = [mcolors.to_hex(line.get_color()) for line in _data_lines(ax)]
+    assert len(colors) == 12 and len(set(colors)) == 12
+    crosses = [line for line in ax.get_lines() if line.get_marker() == "x"]
+    assert len(crosses) == 1 and list(crosses[0].get_xdata()) == [7, 8, 9]

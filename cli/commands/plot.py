@@ -19,7 +19,7 @@ from landscape_cli.options import (
     rules_option,
 )
 
-from landscape.plotting.comparison import comparisons
+from landscape.plotting.compare import comparisons
 from landscape.plotting.surfaces import export_vtk
 from landscape.plotting.timelines import SAVE_FORMATS, metrics_with_rows, save_figure, timelines
 from landscape.report import surface_figure
@@ -190,6 +190,12 @@ def plot(
 
 def _compared(run_paths, metrics, log, recompute, rules, quiet) -> dict:
     """The figures comparing several runs; a file that cannot be read is named alone."""
+    seen: dict[Path, str] = {}
+    for path in run_paths:
+        key = Path(path).resolve()
+        if key in seen:
+            raise click.ClickException(f"{path}: the same run as {seen[key]}, given twice")
+        seen[key] = path
     with contextlib.ExitStack() as stack:
         runs = []
         for path in run_paths:
@@ -197,8 +203,10 @@ def _compared(run_paths, metrics, log, recompute, rules, quiet) -> dict:
                 runs.append(stack.enter_context(Run.open(path)))
         unknown = [m for m in metrics if not any(m in run for run in runs)]
         if unknown:
+            held = sorted({m for run in runs for m in run.metrics()})
             raise click.ClickException(
-                f"no metric {', '.join(map(repr, unknown))} in any of the runs"
+                f"no metric {', '.join(map(repr, unknown))} in any of the runs "
+                f"(metrics: {', '.join(held) or 'none'})"
             )
         found = []
         for path, run in zip(run_paths, runs):

@@ -382,16 +382,22 @@ def test_plot_several_runs_draws_each_and_marks_each_first_warning(runner, run_f
     fig = drawn["loss.png"]
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     # the run's stored warning at step 30 (its error at 60 comes later); the control has none
-    assert legend == ["run", "control", "run: first warning at 30 (loss_spike)"]
+    assert legend == ["run (100 rows)", "control (100 rows)",
+                      "run: first warning at 30 (loss_spike)"]
 
 
 def test_plot_several_runs_refuses_a_surface_and_names_a_file_it_cannot_read(
         runner, run_file, tmp_path):
-    twice = ["plot", str(run_file), str(run_file)]
-    usage_error(runner.invoke(cli, [*twice, "--surface", "line", "-o", str(tmp_path / "s.png")]),
+    other = write_run(tmp_path / "other.h5")
+    two = ["plot", str(run_file), str(other)]
+    usage_error(runner.invoke(cli, [*two, "--surface", "line", "-o", str(tmp_path / "s.png")]),
                 "--surface plots a surface of one run: give one RUN")
-    one_line_error(runner.invoke(cli, [*twice, "-m", "nope", "-o", str(tmp_path / "x.png")]),
-                   "no metric 'nope' in any of the runs")
+    one_line_error(runner.invoke(cli, [*two, "-m", "nope", "-o", str(tmp_path / "x.png")]),
+                   "no metric 'nope' in any of the runs",
+                   "(metrics: hessian, loss, spectral_alignment)")
+    one_line_error(runner.invoke(cli, ["plot", str(run_file), str(tmp_path / "." / "run.h5"),
+                                       "-o", str(tmp_path / "x.png")]),
+                   "the same run as", "given twice")
     for path, fragment in bad_inputs(tmp_path):
         one_line_error(
             runner.invoke(cli, ["plot", str(run_file), path, "-o", str(tmp_path / "x.png")]),

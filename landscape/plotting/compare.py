@@ -16,8 +16,10 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import PurePath
+from typing import Any
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
@@ -25,18 +27,19 @@ from matplotlib.ticker import MaxNLocator
 from landscape._names import RENAMED_METRICS
 from landscape.findings import Finding, severity_rank
 from landscape.plotting.spectra import _FLOOR, density_of_row, is_density
-from landscape.plotting.thinning import thin
+from landscape.plotting.thinning import thin, thin_marks
 from landscape.plotting.timelines import (
     _draw_series,
     _set_log_scale,
     metrics_with_rows,
     new_figure,
+    nonfinite_rows,
     plottable_fields,
     spans_decades,
 )
 from landscape.store import Run
 
-__all__ = ["comparison", "comparisons", "first_warning", "run_labels"]
+__all__ = ["comparison", "comparisons", "first_warning", "run_color", "run_labels"]
 
 
 def current_name(metric: str) -> str:
@@ -88,13 +91,39 @@ def _fields(runs: Sequence[Run], metric: str) -> list[str]:
     return names
 
 
-def _draw_run(ax, steps: np.ndarray, values: np.ndarray, label: str, color: str) -> bool:
-    """One run's field on ``ax`` in ``color``; False when it has no finite value to draw."""
+_LINESTYLES = ("-", ":", "-.")
+
+
+def run_color(i: int, n: int) -> tuple[Any, str]:
+    """The colour and line style of run ``i`` of ``n``.
+
+    Matplotlib's ten colours up to ten runs, tab20's twenty up to twenty, then those again
+    in dotted and dash-dot lines (the first-warning marks are dashed).
+    """
+    if n <= 10:
+        return f"C{i}", "-"
+    colors = colormaps["tab20"].colors
+    return colors[i % 20], _LINESTYLES[(i // 20) % len(_LINESTYLES)]
+
+
+def _draw_run(ax, steps: np.ndarray, values: np.ndarray, label: str, color: Any,
+              linestyle: str = "-") -> bool:
+    """One run's field on ``ax`` in ``color``; False when it has no finite value to draw.
+
+    Its non-finite rows (:func:`~.timelines.nonfinite_rows`: a run that blew up) are
+    crosses along the bottom of the axes in its colour.
+    """
     values = np.asarray(values, dtype=np.float64)
+    bad = np.flatnonzero(nonfinite_rows(values)) if len(steps) else np.array([], int)
+    if bad.size:
+        bad = bad[thin_marks(steps[bad])]
+        ax.plot(steps[bad], np.zeros(bad.size), linestyle="none", marker="x", markersize=6,
+                color=color, transform=ax.get_xaxis_transform(), clip_on=False)
     if not len(steps) or not np.isfinite(values).any():
         return False
     if values.ndim == 1:
         _draw_series(ax, steps, values, label, 1.2, color=color)
+        ax.get_lines()[-1].set_linestyle(linestyle)
         return True
     flat = values.reshape(len(steps), -1)
     masked = np.where(np.isfinite(flat), flat, np.nan)
@@ -105,6 +134,7 @@ def _draw_run(ax, steps: np.ndarray, values: np.ndarray, label: str, color: str)
     ax.fill_between(steps[shown], lo[shown], hi[shown], alpha=0.15, color=color,
                     label=f"_{label} min-max")
     _draw_series(ax, steps, med, label, 1.2, color=color)
+    ax.get_lines()[-1].set_linestyle(linestyle)
     return True
 
 
@@ -120,7 +150,8 @@ def _density_comparison(runs: Sequence[Run], metric: str, labels: Sequence[str])
             at, grid, rho, _, _ = density_of_row(run, metric=metric)
         except ValueError:  # every measurement of this run failed
             continue
-        ax.semilogy(grid, np.maximum(rho, _FLOOR), color=f"C{i}", label=f"{label} (step {at})")
+        ax.semilogy(grid, np.maximum(rho, _FLOOR), color=run_color(i, len(runs))[0],
+                    linestyle=run_color(i, len(runs))[1], label=f"{label} (step {at})")
         drawn += 1
     if not drawn:
         ax.text(0.5, 0.5, "no finite density in any run", ha="center", va="center",
@@ -181,13 +212,16 @@ def comparison(
         return _density_comparison(runs, metric, labels)
     fields = _fields(runs, metric)
     n = max(1, len(fields))
-    fig = new_figure(width, row_height * n + 0.6)
-    axes = fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
-    rows = [r.rows(metric) if metric in r else 0 for r in runs]
-    counts = [f"{lab}: {k}" for lab, k, r in zip(labels, rows, runs) if metric in r]
-    fig.suptitle(f"{metric}  ({', '.join(counts)} rows)")
     # a run without the metric is left out of its figure, its first warning too
     firsts = [first_warning(m) if metric in r else None for m, r in zip(marks, runs)]
+    entries = len(holding) + sum(f is not None for f in firsts)
+    columns = 2 if entries <= 12 else 3
+    legend_rows = -(-entries // columns)
+    fig = new_figure(width, row_height * n + 0.6 + 0.22 * legend_rows)
+    axes = fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
+    rows = [r.rows(metric) if metric in r else 0 for r in runs]
+    styles = [run_color(i, len(runs)) for i in range(len(runs))]
+    fig.suptitle(metric)
     shown: set[int] = set()  # the runs drawn on some axes: the legend's
     for ax, name in zip(axes, fields):
         drawn, vector = [], False
@@ -195,7 +229,7 @@ def comparison(
             if metric not in run or name not in run.fields(metric):
                 continue
             steps, values = run.series(metric, name)
-            if _draw_run(ax, steps, values, labels[i], f"C{i}"):
+            if _draw_run(ax, steps, values, labels[i], *styles[i]):
                 drawn.append(np.asarray(values, dtype=np.float64))
                 vector |= drawn[-1].ndim > 1
                 shown.add(i)
@@ -206,20 +240,23 @@ def comparison(
             _set_log_scale(ax, np.concatenate([v.ravel() for v in drawn]))
         for i, first in enumerate(firsts):
             if first is not None:
-                ax.axvline(first.step, color=f"C{i}", linestyle="--", linewidth=1.0, alpha=0.8)
+                ax.axvline(first.step, color=styles[i][0], linestyle="--", linewidth=1.0,
+                           alpha=0.8)
         # a vector field (one value per layer, the top-k eigenvalues): each run's median
         # over its components, its min-max as a band
         ax.set_ylabel(f"{name}\n(median, min-max)" if vector else name)
         ax.grid(True, alpha=0.3)
     axes[-1].set_xlabel("step")
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
-    handles = [Line2D([], [], color=f"C{i}", label=labels[i]) for i in sorted(shown)]
-    handles += [Line2D([], [], color=f"C{i}", linestyle="--",
+    handles = [Line2D([], [], color=styles[i][0], linestyle=styles[i][1],
+                      label=f"{labels[i]} ({rows[i]} row{'s' if rows[i] != 1 else ''})")
+               for i in sorted(shown)]
+    handles += [Line2D([], [], color=styles[i][0], linestyle="--",
                        label=f"{labels[i]}: first {first.severity} at {first.step} ({first.rule})")
                 for i, first in enumerate(firsts) if first is not None]
     if handles:
-        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 2),
-                   fontsize="small", frameon=False)
+        fig.legend(handles=handles, loc="outside lower center",
+                   ncol=min(len(handles), columns), fontsize="small", frameon=False)
     return fig
 
 
