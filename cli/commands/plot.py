@@ -78,8 +78,7 @@ def _message(err: Exception) -> str:
     return text
 
 
-@cli.command(epilog="\b\nExamples:\n  landscape plot run.h5 -m loss -o loss.png\n"
-                     "  landscape plot run.h5 control.h5 -o compare/")
+@cli.command(epilog="\b\nExample:\n  landscape plot run.h5 -m loss -o loss.png")
 @click.argument("run_paths", metavar="RUN...", nargs=-1, required=True, type=click.Path())
 @click.option(
     "-m", "--metric", "metrics", multiple=True, metavar="METRIC",
