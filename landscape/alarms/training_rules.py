@@ -463,18 +463,21 @@ class RegressionState:
         if self.rows <= rule.warmup or not best > 0:
             return None
         rise = med - best
+        if med < rule.ratio * best or rise < rule.initial_share * abs(self.initial):
+            return None
         # the rolling median's own sampling noise: its standard error, 1.2533 sigma /
         # sqrt(window) for sigma = 1.4826 MAD of the window (Gaussian rows); the lowest
         # median of a long noisy run lies a few of them below the level it fluctuates at
         _, mad = self.window.median_mad()
         spread = 1.2533 * 1.4826 * mad / math.sqrt(rule.window)
-        if med >= rule.ratio * best and rise >= rule.initial_share * abs(self.initial) \
-                and rise >= rule.noise * spread:
+        if rise >= rule.noise * spread:
             return Trigger(
                 severity=rule.severity,
                 field="value",
                 value=med,
-                threshold=max(rule.ratio * best, best + rule.initial_share * abs(self.initial)),
+                threshold=best + max((rule.ratio - 1.0) * best,
+                                     rule.initial_share * abs(self.initial),
+                                     rule.noise * spread),
                 message=f"loss regression: the median of the last {rule.window} rows, "
                 f"{_fmt(med)}, is {_fmt(med / best)} x its lowest {_fmt(best)} (at step "
                 f"{best_step}) and {_fmt(rise / abs(self.initial))} x the initial loss "
