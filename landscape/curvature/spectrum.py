@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +40,7 @@ from landscape.curvature.memory import (
     plan_probes,
 )
 from landscape.curvature.trace import TraceResult, hessian_trace
+from landscape.findings import user_stacklevel
 from landscape.isolation import without_autocast
 from landscape.params import Vector, flatten
 
@@ -267,6 +269,10 @@ def top_eigenvalues(
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"block must be an integer >= 1, got {block!r}")
     check_budget(memory_budget)
+    if k > op.dim:
+        warnings.warn(f"top_eigenvalues: k={k} exceeds the operator's {op.dim} dimensions; "
+                      f"its {op.dim} eigenvalues are returned", RuntimeWarning,
+                      stacklevel=user_stacklevel())
     gen = _generator(seed)
     start = _warm_rows(warm_start, op, which)
     cold = start is None

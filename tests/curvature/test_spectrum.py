@@ -375,3 +375,12 @@ def test_budget_cap_reports_not_converged():
     res = top_eigenvalues(MatrixOperator(a), k=3, tol=1e-12, max_matvec=10)
     assert res.n_matvec == 10 and not res.converged
     assert res.values.shape == (3,) and (res.values[:-1] >= res.values[1:]).all()
+
+
+def test_k_beyond_the_operators_dimension_says_so():
+    """k=3 of a 2-dimensional operator returned 2 values as converged, without a word."""
+    op = MatrixOperator(torch.diag(torch.tensor([4.0, 2.0], dtype=torch.float64)))
+    with pytest.warns(RuntimeWarning, match="k=3 exceeds the operator's 2 dimensions") as w:
+        res = top_eigenvalues(op, k=3)
+    assert w[0].filename == __file__
+    assert res.values.tolist() == pytest.approx([4.0, 2.0])
