@@ -90,7 +90,8 @@ def _no_update(ctx: StepContext, metric: str) -> str:
     """Why ``metric`` has no optimizer step to measure at this call."""
     if ctx.optimizer is None:
         return f"{metric} needs Monitor(optimizer=...) and an optimizer step"
-    return (f"{metric}: the optimizer did not step since the previous call (the monitor "
+    return (f"{metric}: the optimizer did not step since the previous call, or since the "
+            "monitor started at the first call (the monitor "
             "called before optimizer.step() instead of after it, a GradScaler skipping a "
             "step, an optimizer that steps less often than the monitor is called, or "
             "optimizer= is not the optimizer that steps)")
