@@ -174,3 +174,16 @@ def test_many_runs_keep_distinct_styles_and_a_blow_up_is_marked(tmp_path):
     assert len(colors) == 12 and len(set(colors)) == 12
     crosses = [line for line in ax.get_lines() if line.get_marker() == "x"]
     assert len(crosses) == 1 and list(crosses[0].get_xdata()) == [7, 8, 9]
+
+
+def test_a_runs_isolated_points_stay_markers_in_its_line_style(tmp_path):
+    """The run's line style was set on the last line drawn, which is the isolated points'
+    markers when there are any: they were joined by a line, and the run's own kept '-'."""
+    from landscape.plotting.compare import _draw_run
+    from landscape.plotting.timelines import new_figure
+
+    ax = new_figure().add_subplot()
+    y = np.r_[np.ones(30), np.nan, 2.0, np.nan, np.ones(30)]
+    assert _draw_run(ax, np.arange(len(y)), y, "a", "C0", ":")
+    styles = {line.get_label(): line.get_linestyle() for line in ax.get_lines()}
+    assert styles["a"] == ":" and styles["_a isolated"] == "None"

@@ -122,8 +122,7 @@ def _draw_run(ax, steps: np.ndarray, values: np.ndarray, label: str, color: Any,
     if not len(steps) or not np.isfinite(values).any():
         return False
     if values.ndim == 1:
-        _draw_series(ax, steps, values, label, 1.2, color=color)
-        ax.get_lines()[-1].set_linestyle(linestyle)
+        _draw_series(ax, steps, values, label, 1.2, color=color, linestyle=linestyle)
         return True
     flat = values.reshape(len(steps), -1)
     masked = np.where(np.isfinite(flat), flat, np.nan)
@@ -133,8 +132,7 @@ def _draw_run(ax, steps: np.ndarray, values: np.ndarray, label: str, color: Any,
     shown = np.union1d(thin(steps, lo), thin(steps, hi))
     ax.fill_between(steps[shown], lo[shown], hi[shown], alpha=0.15, color=color,
                     label=f"_{label} min-max")
-    _draw_series(ax, steps, med, label, 1.2, color=color)
-    ax.get_lines()[-1].set_linestyle(linestyle)
+    _draw_series(ax, steps, med, label, 1.2, color=color, linestyle=linestyle)
     return True
 
 
@@ -150,8 +148,9 @@ def _density_comparison(runs: Sequence[Run], metric: str, labels: Sequence[str])
             at, grid, rho, _, _ = density_of_row(run, metric=metric)
         except ValueError:  # every measurement of this run failed
             continue
-        ax.semilogy(grid, np.maximum(rho, _FLOOR), color=run_color(i, len(runs))[0],
-                    linestyle=run_color(i, len(runs))[1], label=f"{label} (step {at})")
+        color, linestyle = run_color(i, len(runs))
+        ax.semilogy(grid, np.maximum(rho, _FLOOR), color=color, linestyle=linestyle,
+                    label=f"{label} (step {at})")
         drawn += 1
     if not drawn:
         ax.text(0.5, 0.5, "no finite density in any run", ha="center", va="center",
@@ -236,8 +235,10 @@ def comparison(
         if not drawn:
             ax.text(0.5, 0.5, "no finite value in any run", ha="center", va="center",
                     transform=ax.transAxes)
-        elif log or (log is None and spans_decades(np.concatenate([v.ravel() for v in drawn]))):
-            _set_log_scale(ax, np.concatenate([v.ravel() for v in drawn]))
+        else:
+            together = np.concatenate([v.ravel() for v in drawn])
+            if log or (log is None and spans_decades(together)):
+                _set_log_scale(ax, together)
         for i, first in enumerate(firsts):
             if first is not None:
                 ax.axvline(first.step, color=styles[i][0], linestyle="--", linewidth=1.0,
@@ -287,6 +288,8 @@ def comparisons(
         if unknown:
             raise ValueError(f"metrics: no metric {', '.join(map(repr, unknown))} in any of "
                              "the runs")
-    if findings is not None:
-        findings = [list(f) for f in findings]
+    # read once for every figure: a run's findings and labels do not change per metric
+    findings = [list(r.findings()) for r in runs] if findings is None \
+        else [list(f) for f in findings]
+    labels = run_labels([r.source for r in runs]) if labels is None else list(labels)
     return {m: comparison(runs, m, labels=labels, findings=findings, log=log) for m in names}

@@ -29,6 +29,7 @@ import os
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -163,18 +164,19 @@ def _isolated(finite: np.ndarray) -> np.ndarray:
 
 
 def _draw_series(ax, steps: np.ndarray, y: np.ndarray, label: str, linewidth: float,
-                 color: str | None = None) -> None:
+                 color: Any = None, linestyle: str = "-") -> None:
     """One line; markers on every point when there are few, else on the isolated ones.
 
     A long series is drawn through the points that show (:func:`~.thinning.thin`).
-    ``color``: the line's (default: the axes' next one).
+    ``color``: the line's (default: the axes' next one); ``linestyle``: the line's (the
+    isolated points' markers stand alone whatever it is).
     """
     finite = np.isfinite(y)
     few = int(finite.sum()) <= FEW_POINTS
     style = {"marker": "o", "markersize": _MARKER_SIZE} if few else {}
     shown = thin(steps, y)
     (line,) = ax.plot(steps[shown], y[shown], label=label, linewidth=linewidth, color=color,
-                      **style)
+                      linestyle=linestyle, **style)
     alone = np.flatnonzero(_isolated(finite))
     if not few and alone.size:
         alone = alone[thin(steps[alone], y[alone])]
