@@ -25,6 +25,13 @@ class Schedule:
         """Return the string form, e.g. ``"every(10)"``, that :func:`parse` reads back."""
         raise NotImplementedError
 
+    def started(self, step: int) -> bool:
+        """Whether the schedule is on by ``step``: not switched off, and past its start.
+
+        The monitor's adaptive window adds measurements off the schedule only where it is.
+        """
+        return True
+
     def __str__(self) -> str:
         return self.describe()
 
@@ -43,6 +50,10 @@ class Every(Schedule):
     def __call__(self, step: int) -> bool:
         """Return whether ``step`` is on the schedule."""
         return step >= self.start and (step - self.start) % self.n == 0
+
+    def started(self, step: int) -> bool:
+        """Whether ``step`` is at or past ``start``."""
+        return step >= self.start
 
     def describe(self) -> str:
         """Return ``"every(n)"`` or ``"every(n, start=s)"``."""
@@ -70,6 +81,10 @@ class Never(Schedule):
 
     def __call__(self, step: int) -> bool:
         """Return ``False``."""
+        return False
+
+    def started(self, step: int) -> bool:
+        """Never: the metric is switched off."""
         return False
 
     def describe(self) -> str:

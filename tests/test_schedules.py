@@ -77,3 +77,12 @@ def test_one_step_of_a_string_or_a_0d_array_is_read_whole():
     assert S.at(np.array(5.0)) == S.at(torch.tensor(5.0)) == S.at([5])
     with pytest.raises(ValueError, match="got '12'"):  # was "got '1'", letter by letter
         S.at("12")
+
+
+def test_started_says_whether_a_schedule_is_on_by_a_step():
+    """What the adaptive window reads: never() never, every(k, start=s) from s, others always."""
+    from landscape.schedules import at, every, never
+
+    assert not never().started(0) and not never().started(10**6)
+    assert not every(10, start=1000).started(999) and every(10, start=1000).started(1000)
+    assert every(3).started(0) and at([5, 9]).started(0)

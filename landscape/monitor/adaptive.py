@@ -17,7 +17,6 @@ import numpy as np
 
 from landscape.findings import Finding, at_or_above
 from landscape.metrics import Metric
-from landscape.schedules import Every, Never
 from landscape.store import Run
 
 __all__ = ["DENSE_AT", "DENSE_STEPS", "DenseWindow"]
@@ -44,11 +43,10 @@ class DenseWindow:
         """On the metric's schedule, or a multiple of its ``dense_every`` in the window."""
         if metric.schedule(step):
             return True
-        schedule = metric.schedule
-        if isinstance(schedule, Never) or (isinstance(schedule, Every) and step < schedule.start):
-            return False  # switched off, or not started yet: the window does not override it
         every = metric.dense_every
-        return bool(self.enabled and every and step <= self.until and step % every == 0)
+        # a metric switched off, or not started yet, stays so: the window adds to a schedule
+        return bool(self.enabled and every and step <= self.until and step % every == 0
+                    and metric.schedule.started(step))
 
     def observe_row(self, metric: str, step: int, row: dict[str, Any]) -> None:
         """A sentinels row whose ``r_secant`` reaches :data:`DENSE_AT` opens the window."""

@@ -325,6 +325,15 @@ class Monitor:
         wanted = probe_size is not None and any(m.data == "probe" for m in self.metrics)
         self._probe_source = "given" if probe is not None else (
             "first_batch" if wanted else "none")
+        # what a metric that reads the probe says when there is none (fixed by the arguments)
+        self._no_probe_hint = "pass probe=... to Monitor"
+        if probe is None and probe_size is None:
+            self._no_probe_hint = ("probe_size=None turned the default probe off: pass "
+                                   "probe=... to Monitor, or leave probe_size to keep the "
+                                   "first training batch's samples")
+        elif probe is None:
+            self._no_probe_hint = ("the default probe is kept from the first batch= given to "
+                                   "step(): pass batch=... to step(), or probe=... to Monitor")
         self._probe_aligned = False  # a given probe: its targets take the first batch's dtype
         self._given_probe: Any = None  # the probe as given (the casts read it, not a copy)
         self._step_lrs: list[Any] | None = None  # the groups' rates at the last hooked step
@@ -961,18 +970,8 @@ class Monitor:
             parameter_objects=self._objects, loss_modules=self._loss_modules,
             no_loss_reason=self.no_loss_reason, step_lrs=self._step_lrs,
             weights_dtype=self._weights_dtype, output_fn=self.output_fn,
-            no_probe_hint=self._no_probe_hint(),
+            no_probe_hint=self._no_probe_hint,
         )
-
-    def _no_probe_hint(self) -> str:
-        """What a metric that reads the probe says when there is none."""
-        if self.probe is not None or self._given_probe is not None:
-            return "pass probe=... to Monitor"
-        if self.probe_size is None:
-            return ("probe_size=None turned the default probe off: pass probe=... to Monitor, "
-                    "or leave probe_size to keep the first training batch's samples")
-        return ("the default probe is kept from the first batch= given to step(): pass "
-                "batch=... to step(), or probe=... to Monitor")
 
     def step(
         self, step: int, *, batch: Any = None, loss: Any = None, outputs: Any = None,
