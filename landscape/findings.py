@@ -166,10 +166,13 @@ def dedupe(findings: Iterable[Finding]) -> Findings:
     """
     items = list(findings)
     best: dict[tuple[int, str], Finding] = {}
+
+    def preference(f: Finding) -> tuple:
+        return -severity_rank(f.severity), finding_order(f)
+
     for f in items:
         key = (f.step, f.rule)
-        if key not in best or (-severity_rank(f.severity), finding_order(f)) < (
-                -severity_rank(best[key].severity), finding_order(best[key])):
+        if key not in best or preference(f) < preference(best[key]):
             best[key] = f
     kept = {id(f) for f in best.values()}
     return Findings(f for f in items if id(f) in kept)

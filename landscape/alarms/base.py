@@ -23,7 +23,8 @@ from landscape._deprecation import renamed_kwargs
 from landscape.findings import SEVERITIES, Finding, severity_rank
 
 __all__ = [
-    "SKIP", "EpisodeTracker", "Evaluator", "Row", "Rule", "Trigger", "Value", "check_number",
+    "SKIP", "EpisodeTracker", "Evaluator", "Row", "Rule", "Trigger", "Value", "check_count",
+    "check_number",
     "check_positive_int", "check_severity", "row_value",
 ]
 
@@ -112,6 +113,15 @@ def check_positive_int(name: str, value: int) -> None:
     For a rule's settings, in its dataclass ``__post_init__``.
     """
     positive_int(name, value)
+
+
+def check_count(name: str, value: int) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is an integer >= 0 (not a bool).
+
+    For a rule's settings (a warm-up of rows), in its dataclass ``__post_init__``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
 
 
 def check_number(name: str, value: float | None, *, allow_none: bool = False) -> None:

@@ -30,6 +30,7 @@ from landscape.alarms.base import (
     Rule,
     Trigger,
     _Skip,
+    check_count,
     check_number,
     check_positive_int,
     check_severity,
@@ -220,8 +221,7 @@ class TaylorForecast(Rule):
         check_positive_int("window", self.window)
         check_positive_int("horizon", self.horizon)
         check_positive_int("min_rows", self.min_rows)
-        if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or self.warmup < 0:
-            raise ValueError(f"warmup must be an integer >= 0, got {self.warmup!r}")
+        check_count("warmup", self.warmup)
         for name in ("growth", "near_high"):
             check_number(name, getattr(self, name))
         check_severity("severity", getattr(self, "severity", "warning"))

@@ -143,9 +143,7 @@ def loss_milestones(
     """
     if not 0 < start < len(losses):
         raise ValueError(f"start must be in 1..{len(losses) - 1}, got {start}")
-    before = np.asarray(losses[max(0, start - window):start], dtype=float)
-    before = before[np.isfinite(before)]  # a NaN row (a step without a loss) is no level
-    base = float(np.median(before)) if len(before) else math.nan
+    base = _level(np.asarray(losses[max(0, start - window):start], dtype=float))
     first_onset = first_explosion = None
     for s in range(start, len(losses)):
         bad = not math.isfinite(losses[s])
@@ -158,6 +156,12 @@ def loss_milestones(
     if first_explosion is not None and (first_onset is None or first_onset > first_explosion):
         first_onset = first_explosion
     return base, first_onset, first_explosion
+
+
+def _level(losses: np.ndarray) -> float:
+    """The median of the finite losses (a NaN row, a step without a loss, is no level)."""
+    finite = losses[np.isfinite(losses)]
+    return float(np.median(finite)) if len(finite) else math.nan
 
 
 def _warnings(findings: Iterable[Finding]) -> list[Finding]:
@@ -243,9 +247,7 @@ def warning_leads(
     if skip:  # steps whose loss was not measured: NaN rows, neither level nor blow-up
         kept = np.array([int(s) not in skip for s in steps], dtype=bool)
         steps, values = steps[kept], values[kept]
-    before = values[(steps < after)][-BASELINE_WINDOW:]
-    before = before[np.isfinite(before)]
-    baseline = float(np.median(before)) if len(before) else math.nan
+    baseline = _level(values[(steps < after)][-BASELINE_WINDOW:])
     blowup = None
     for s, v in zip(steps, values):
         if s >= after and (not math.isfinite(v) or v >= factor * baseline):

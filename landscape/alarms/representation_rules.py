@@ -25,6 +25,7 @@ from landscape.alarms.base import (
     Rule,
     Trigger,
     _Skip,
+    check_count,
     check_number,
     check_positive_int,
     check_severity,
@@ -320,8 +321,7 @@ class RankCollapse(Rule):
         check_number("ratio", self.ratio)
         if not 0 < self.ratio < 1:
             raise ValueError(f"ratio must be in (0, 1), got {self.ratio}")
-        if not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"warmup must be an integer >= 0, got {self.warmup!r}")
+        check_count("warmup", self.warmup)
 
     @renamed_kwargs(params="config")
     def evaluator(self, metric: str, config: Mapping[str, Any]) -> Evaluator:

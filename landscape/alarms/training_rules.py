@@ -25,6 +25,7 @@ from landscape.alarms.base import (
     Rule,
     Trigger,
     _Skip,
+    check_count,
     check_number,
     check_positive_int,
     check_severity,
@@ -403,8 +404,7 @@ class LossRegression(Rule):
             raise ValueError(f"ratio must be > 1, got {self.ratio}")
         if self.initial_share < 0:
             raise ValueError(f"initial_share must be >= 0, got {self.initial_share}")
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"warmup must be an integer >= 0, got {self.warmup!r}")
+        check_count("warmup", self.warmup)
         check_severity("severity", self.severity)
 
     @renamed_kwargs(params="config")
