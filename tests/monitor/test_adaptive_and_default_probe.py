@@ -381,14 +381,13 @@ def test_the_dense_window_leaves_a_metric_switched_off_or_not_started_alone():
         warnings.simplefilter("ignore")
         with ls.Monitor(model, F.cross_entropy, optimizer=opt, warn=False, metrics=metrics,
                         probe=(x, y)) as mon:
-            for step in range(12):
-                for group in opt.param_groups:  # one huge step opens the dense window
-                    group["lr"] = 30.0 if step == 3 else 0.01
-                loss = F.cross_entropy(model(x), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                mon.step(step, batch=(x, y), loss=loss)
+            upcoming = iter(range(1, 13))
+
+            def rate_of_next_step():  # one huge step, step 3, opens the dense window
+                for group in opt.param_groups:
+                    group["lr"] = 30.0 if next(upcoming) == 3 else 0.01
+
+            models.full_batch_steps(mon, model, opt, x, y, 12, after_step=rate_of_next_step)
             run = mon.run()
     assert run.series("sentinels", "r_secant")[1][3] >= 0.5  # the window opened
     assert run.steps("adaptive").tolist() == []  # and had nothing to run
