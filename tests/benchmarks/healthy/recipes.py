@@ -31,6 +31,7 @@ from .setups import (
     mlp,
     pseudo_text,
     sentences,
+    windows,
 )
 
 
@@ -307,16 +308,6 @@ def other_text(length: int = 100_000) -> torch.Tensor:
     return torch.tensor([code.get(c, code[" "]) for c in text])
 
 
-def _windows(data: torch.Tensor, length: int, size: int, g: torch.Generator):
-    offsets = torch.arange(length + 1)
-
-    def batch(step: int) -> Batch:
-        w = data[torch.randint(0, len(data) - length - 1, (size,), generator=g)[:, None]
-                 + offsets]
-        return w[:, :-1], w[:, 1:]
-    return batch
-
-
 def lora_gpt(seed: int, steps: int) -> Trial:
     """TinyGPT (2 blocks, 64 wide) pre-trained 400 steps (10 per step of a shorter run) on
     pseudo_text (AdamW 3e-3, unmonitored), frozen; rank-8 LoRA (alpha 16) on qkv, proj,
@@ -327,7 +318,7 @@ def lora_gpt(seed: int, steps: int) -> Trial:
     g = torch.Generator().manual_seed(seed + 600)
     model = TinyGPT(vocab, dim=64, depth=2, context=32)
     popt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
-    pb = _windows(data, 32, 32, g)
+    pb = windows(data, 32, 32, g)
     pretraining = min(400, 10 * steps)  # 400 in the benchmark; fewer in a smoke test
     for s in range(pretraining):
         for gr in popt.param_groups:
@@ -344,7 +335,7 @@ def lora_gpt(seed: int, steps: int) -> Trial:
             setattr(blk, name, LoRALinear(getattr(blk, name)))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-    fb = _windows(other_text(), 32, 32, g)
+    fb = windows(other_text(), 32, 32, g)
     return Trial(model, opt, lm_loss, fb, steps, schedule=_schedule(
         opt, lambda s: cosine_warmup(s, steps, 1e-3, min(50, steps))))
 
@@ -418,7 +409,7 @@ def gpt_long_warmup(seed: int, steps: int, lr: float = 3e-3) -> Trial:
     g = torch.Generator().manual_seed(seed + 700)
     model = TinyGPT(vocab, dim=64, depth=2, context=32)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    return Trial(model, opt, lm_loss, _windows(data, 32, 32, g), steps, schedule=_schedule(
+    return Trial(model, opt, lm_loss, windows(data, 32, 32, g), steps, schedule=_schedule(
         opt, lambda s: cosine_warmup(s, steps, lr, steps // 3, lr * 0.1)))
 
 

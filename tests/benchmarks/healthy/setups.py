@@ -187,8 +187,13 @@ def pseudo_text(length: int = 200_000) -> tuple[torch.Tensor, int]:
 
 def text_windows(length: int, size: int, seed: int) -> Callable[[int], Batch]:
     """``batch(step)``: ``size`` random windows of :func:`pseudo_text` and their next characters."""
-    data, _ = pseudo_text()
-    g = torch.Generator().manual_seed(seed)
+    return windows(pseudo_text()[0], length, size, torch.Generator().manual_seed(seed))
+
+
+def windows(data: torch.Tensor, length: int, size: int,
+            g: torch.Generator) -> Callable[[int], Batch]:
+    """``batch(step)``: ``size`` windows of ``length`` codes of ``data`` drawn from ``g``,
+    and their next codes."""
     offsets = torch.arange(length + 1)
 
     def batch(step: int) -> Batch:
