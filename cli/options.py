@@ -144,6 +144,7 @@ def load_inputs(checkpoints, model_spec, data_spec, loss_spec, tokens, text, seq
                 batch_size, n_batches, trust_checkpoint, device, threads=None, pad_id=None):
     """The library calls behind :func:`factory_options`: ``(opened, batches, loss_fn, closure)``."""
     from landscape.checkpoints import open_checkpoints, open_data
+    from landscape.checkpoints.sources import refuse_unshifted_loss
     from landscape.loading import prepare, resolve_objective
 
     if threads is not None:
@@ -160,6 +161,9 @@ def load_inputs(checkpoints, model_spec, data_spec, loss_spec, tokens, text, seq
                          batch_size=batch_size, n_batches=n_batches, pad_id=pad_id)
         opened.model, batches = prepare(opened.model, data, device)
         loss_fn, closure = resolve_objective(loss_spec, batches)
+        if tokens is not None or text is not None:
+            refuse_unshifted_loss(opened.model, batches, closure,
+                                  "--tokens" if tokens is not None else "--text")
     return opened, batches, loss_fn, closure
 
 

@@ -400,3 +400,58 @@ def _refuse_not_causal(model: Any, option: str) -> None:
             f"{option}: these batches are a causal language model's (the ids are the "
             f"labels), and {name}{'' if head == name else f' (a {head})'} is {kind}; "
             "give its batches with --data module:fn (a dict with its inputs and labels)")
+
+
+def refuse_unshifted_loss(model: nn.Module, batches: Sequence[Any], closure: Any,
+                          option: str) -> None:
+    """Refuse token batches for a causal LM whose own loss does not shift its labels.
+
+    Token batches pass the ids as the labels (:func:`~landscape.checkpoints.tokens.
+    token_batches`), which is the next-token loss only for a model that shifts them.
+    Some classes transformers maps to causal language modelling compute their own loss
+    on unshifted labels, ``labels[..., i]`` the target of position ``i`` (XLNet's and
+    XLM's LM heads, ``BartForCausalLM`` and other decoders built for a sequence-to-sequence
+    model): with the ids as labels that is the loss of copying the token the position
+    already reads, whose curvature says nothing about the run. The model's loss on the
+    first batch is compared with the cross-entropy of its logits against the labels
+    unshifted and shifted by one: equal to the first and not the second, it is refused.
+
+    Only under the model's own loss (``closure`` is :func:`~landscape._hf.model_loss`) and
+    for a transformers model that is no encoder-decoder (whose decoder is fed the labels
+    shifted right) and whose loss is not transformers' shifted one
+    (:func:`~landscape._hf.uses_causal_lm_loss`): one forward pass without gradients.
+
+    Raises:
+        LandscapeError: the loss is the unshifted one.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    base = _hf.peft_base(model)
+    if (closure is not _hf.model_loss or not batches or not isinstance(batches[0], dict)
+            or not _hf.is_pretrained_model(base) or _hf.uses_causal_lm_loss(model)
+            or getattr(getattr(base, "config", None), "is_encoder_decoder", False)):
+        return
+    batch = batches[0]
+    labels = batch.get("labels")
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        output = model(**batch)
+    loss, logits = _hf.output_loss(output), getattr(output, "logits", None)
+    if (loss is None or not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor)
+            or logits.shape[:-1] != labels.shape or labels.dim() != 2):
+        return
+    flat = logits.float()
+    unshifted = F.cross_entropy(flat.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    shifted = F.cross_entropy(flat[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                              ignore_index=-100)
+    loss = loss.float()
+    if not (torch.isfinite(unshifted) and torch.isfinite(shifted) and torch.isfinite(loss)):
+        return
+    gap_unshifted, gap_shifted = float((loss - unshifted).abs()), float((loss - shifted).abs())
+    if gap_unshifted <= 1e-4 * max(float(unshifted.abs()), 1.0) < gap_shifted:
+        name = type(base).__name__
+        raise LandscapeError(
+            f"{option}: these batches pass the ids as the labels, and {name}'s own loss does "
+            "not shift them (labels[..., i] is the target of position i), so it would be the "
+            "loss of copying each token; give its batches with --data module:fn (labels "
+            "shifted by one), or a loss that shifts them with --loss module:fn")

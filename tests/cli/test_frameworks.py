@@ -692,6 +692,52 @@ def test_token_batches_for_a_model_that_is_not_a_causal_lm_are_refused(stack, tm
         error_line(refused, f"{cls.__name__} is {kind}")
 
 
+def test_token_batches_for_a_causal_lm_whose_loss_does_not_shift_are_refused(stack, tmp_path):
+    """XLNet's LM head is mapped to causal language modelling but computes its own loss on
+    unshifted labels: with the ids as labels it was the loss of copying each token, and
+    analyze measured its curvature without a word."""
+    from transformers import XLNetConfig, XLNetLMHeadModel
+
+    XLNetLMHeadModel(XLNetConfig(vocab_size=fw.VOCAB, d_model=16, n_layer=1, n_head=2,
+                                 d_inner=32)).save_pretrained(tmp_path / "xlnet")
+    result = _invoke(["analyze", tmp_path / "xlnet", "--tokens", stack["root"] / "ids.npy",
+                      *LM, "-o", tmp_path / "r.h5"])
+    error_line(result, "--tokens: these batches pass the ids as the labels, and "
+                       "XLNetLMHeadModel's own loss does not shift them")
+    assert not (tmp_path / "r.h5").exists()
+
+
+def test_the_unshifted_loss_check_reads_the_loss_not_the_class():
+    """A causal LM whose loss function was replaced on the instance (so the class's code
+    says nothing) passes when its loss shifts, and is refused when it does not; a closure
+    of the user's own is never checked."""
+    import torch.nn.functional as F
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from landscape._errors import LandscapeError
+    from landscape._hf import model_loss
+    from landscape.checkpoints.sources import refuse_unshifted_loss
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=fw.VOCAB, n_positions=32, n_embd=16,
+                                       n_layer=1, n_head=2))
+    ids = torch.randint(0, fw.VOCAB, (3, 10))
+    batches = [{"input_ids": ids, "labels": ids.clone()}]
+    shifting = model.loss_function
+    model._loss_function = shifting  # replaced on the instance: the class no longer tells
+    rng = torch.get_rng_state()
+    refuse_unshifted_loss(model, batches, model_loss, "--tokens")
+    assert torch.equal(torch.get_rng_state(), rng)
+
+    def unshifted(logits, labels, vocab_size, **kwargs):
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+    model._loss_function = unshifted
+    with pytest.raises(LandscapeError, match="GPT2LMHeadModel's own loss does not shift"):
+        refuse_unshifted_loss(model, batches, model_loss, "--text")
+    refuse_unshifted_loss(model, batches, lambda m, b: m(**b).loss, "--tokens")
+
+
 def test_a_subclass_of_a_causal_lm_reads_token_batches(stack, tmp_path):
     """The refusal compared the class's name with transformers' causal-LM list: a subclass
     (a custom or remote-code class) that had worked was refused (review)."""
