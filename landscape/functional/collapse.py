@@ -100,10 +100,19 @@ def _means_coincide(stats: _ClassStats) -> bool:
     genuinely separated means sit far above that (means 2^-30 apart on features of size 1
     against 2.7e-15 at N = 8, C = 4). docs/metrics.md, "Edge cases".
     """
+    return bool(_at_the_global_mean(stats).all())
+
+
+def _at_the_global_mean(stats: _ClassStats) -> torch.Tensor:
+    """(C,) whether each class mean equals the global mean up to rounding.
+
+    The rule of :func:`_means_coincide`, per class: such a centred mean is rounding noise,
+    whose direction is none.
+    """
     abs_sums = torch.zeros_like(stats.means).index_add_(0, stats.idx, stats.h.abs())
     scale = (abs_sums / stats.counts[:, None]).amax(dim=0)  # a_j, per feature
     tol = (stats.n + stats.c) * torch.finfo(torch.float64).eps * scale
-    return bool((stats.centred_means.abs() <= tol).all())
+    return (stats.centred_means.abs() <= tol).all(dim=1)
 
 
 def _between_svd(stats: _ClassStats, rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -365,7 +374,9 @@ def neural_collapse(
 
     nc1, rank = _nc1(stats, rtol)
     mt = stats.centred_means
-    eq_m, mx_m = _angle_stats(mt, ddof)
+    # a class mean at the global mean has no direction: its cosines are NaN, exactly there
+    # and where rounding left it a few eps off (arbitrary cosines before)
+    eq_m, mx_m = _angle_stats(mt.masked_fill(_at_the_global_mean(stats)[:, None], 0.0), ddof)
     fields: dict[str, object] = dict(
         nc1=nc1,
         nc1_rank=rank,
@@ -464,7 +475,9 @@ def variability_collapse_index(
 
     Computed as Tr(Sigma_T^+ Sigma_B) = (1/C) ||Lambda^{-1/2} E^T M~||_F^2 from the
     eigendecomposition Sigma_T = E Lambda E^T; when p > N + C the same quantity is computed
-    from the (N + C) x (N + C) Gram matrix of the stacked centred data.
+    from the (N + C) x (N + C) Gram matrix of the stacked centred data. Each feature is
+    first divided by its total standard deviation (features without variance left out), so
+    ``rtol`` and the rank of Sigma_B do not depend on the features' scales.
     Degenerate: fewer than two classes (``"single_class"``) or Sigma_B = 0
     (``"rank_deficient"``) give NaN.
     """
@@ -482,12 +495,18 @@ def variability_collapse_index(
     if _means_coincide(stats):
         reason = fail("rank_deficient", "all class means are equal (Sigma_B = 0)", strict)
         return VariabilityCollapseResult(nan, nan, 0, 0, reason)
-    mt = stats.centred_means  # (C, p)
-    s_b = torch.linalg.svdvals(mt)
-    rank_b = int((s_b[: min(stats.p, stats.c - 1)] > 1e-6 * s_b[0]).sum())
     c, n, p = stats.c, stats.n, stats.p
-    within = stats.within()
-    if p > n + c:
+    mt, within = stats.centred_means, stats.within()  # (C, p), (N, p)
+    # each feature divided by its total standard deviation (diag Sigma_T), those without
+    # variance left out: the index is invariant to it (an invertible diagonal map), and
+    # rtol and the rank's cut are then relative to comparable scales (a feature 1e6 larger
+    # than the others had pushed every other direction under rtol)
+    scale = ((within * within).sum(0) / n + (mt * mt).sum(0) / c).sqrt()
+    varies = scale > 0
+    mt, within = mt[:, varies] / scale[varies], within[:, varies] / scale[varies]
+    s_b = torch.linalg.svdvals(mt)
+    rank_b = int((s_b[: min(p, c - 1)] > 1e-6 * s_b[0]).sum())
+    if mt.shape[1] > n + c:
         x = torch.cat([within / n**0.5, mt / c**0.5], 0)  # Sigma_T = X^T X
         lam, a = torch.linalg.eigh(x @ x.T)
         keep = lam > rtol * lam[-1]

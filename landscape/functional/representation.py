@@ -66,7 +66,7 @@ def singular_values(z: torch.Tensor) -> torch.Tensor:
     (values below about sqrt(max(N, K) eps) * s_1 are 0); ``torch.linalg.svdvals`` is the
     accurate but slower alternative.
     """
-    z = as_float_tensor(z, "z", ndim=2)
+    z = as_float_tensor(z, "z", ndim=2, non_empty=True)
     if not all_finite(z):  # eigh fails to converge on NaN (torch's _LinAlgError)
         raise ValueError("z must be finite, got a NaN or infinite entry")
     return _gram_eigvals(z).sqrt()
@@ -100,11 +100,9 @@ def effective_rank(
     Invariant to orthogonal maps on either side and to scaling. Z = 0 gives NaN with reason
     ``"zero_matrix"``.
     """
-    z = as_float_tensor(features, "features", ndim=2)
+    z = as_float_tensor(features, "features", ndim=2, non_empty=True)
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    if z.shape[0] == 0 or z.shape[1] == 0:
-        raise ValueError(f"features must be non-empty, got shape {tuple(z.shape)}")
     if not all_finite(z):
         return nan_scalar(z.device, fail("non_finite", "features are not finite", strict))
     z = f64(z)
@@ -127,7 +125,7 @@ def von_neumann_entropy(features: torch.Tensor, *, strict: bool = False) -> Scal
     rows zero gives NaN with reason ``"zero_matrix"``. Invariant to orthogonal maps, to
     per-row positive scaling and to row permutation.
     """
-    h = as_float_tensor(features, "features", ndim=2)
+    h = as_float_tensor(features, "features", ndim=2, non_empty=True)
     if not all_finite(h):
         return nan_scalar(h.device, fail("non_finite", "features are not finite", strict))
     h = _unit_rows(f64(h))
@@ -173,7 +171,7 @@ def alpha_req(
     eigenvalue. alpha near 1 is reported as best; alpha >> 1 is collapse-like.
     Fewer than two usable eigenvalues give NaN with reason ``"rank_deficient"``.
     """
-    z = as_float_tensor(features, "features", ndim=2)
+    z = as_float_tensor(features, "features", ndim=2, non_empty=True)
     first, last = fit_range
     if first < 1 or (last is not None and last < first + 1):
         raise ValueError(f"fit_range must be (first >= 1, last > first or None), got {fit_range}")
@@ -211,8 +209,8 @@ def alignment(
     L2-normalised first. Pairs where either row is zero are left out. Range [0, 2^alpha];
     0 = perfectly aligned. No pairs left gives NaN with reason ``"no_pairs"``.
     """
-    x = as_float_tensor(x, "x", ndim=2)
-    y = as_float_tensor(y, "y", ndim=2)
+    x = as_float_tensor(x, "x", ndim=2, non_empty=True)
+    y = as_float_tensor(y, "y", ndim=2, non_empty=True)
     if x.shape != y.shape:
         raise ValueError(
             f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}"
@@ -256,7 +254,7 @@ def uniformity(
     so memory stays O(block * N). Runs in float32 for float32/float16/bfloat16 inputs (an
     absolute error of about 1e-6) and in float64 for float64 inputs; the sum is float64.
     """
-    z = as_float_tensor(features, "features", ndim=2)
+    z = as_float_tensor(features, "features", ndim=2, non_empty=True)
     if t <= 0:
         raise ValueError(f"t must be > 0, got {t}")
     if not all_finite(z):
@@ -303,7 +301,7 @@ def wasserstein_uniformity(features: torch.Tensor, *, strict: bool = False) -> S
     in float64 and are clamped at 0, as is the radicand. Invariant to sample permutation,
     sample replication and orthogonal maps. No non-zero rows gives NaN (``"zero_matrix"``).
     """
-    z = as_float_tensor(features, "features", ndim=2)
+    z = as_float_tensor(features, "features", ndim=2, non_empty=True)
     if not all_finite(z):
         return nan_scalar(z.device, fail("non_finite", "features are not finite", strict))
     z = _unit_rows(f64(z))

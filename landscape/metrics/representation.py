@@ -296,12 +296,6 @@ class Collapse(_PenultimateMetric):
                 f"penultimate features at layer {self.layer!r} (a sequence model whose "
                 "classifier reads every position while the labels are one per sequence?): "
                 "pass Collapse(layer=...) naming a layer fed one row per label")
-        if labels.numel() and not labels.is_floating_point() \
-                and int(torch.unique(labels).numel()) < 2:
-            # every index is undefined with one class (NaN): a probe drawn from one class
-            # (a loader sorted by class) is a mistake worth a line, not a quiet NaN
-            raise MissingInput(f"collapse needs at least two classes in the {self.data}; "
-                               f"it holds class {int(labels[0])} alone")
         classifier: Any = resolve_module(ctx.model, str(self.layer))
         weight = layer_weight(classifier)  # a LoRA head's W0 + BA, a Conv1D's transpose
         if weight is None and isinstance(getattr(classifier, "weight", None), torch.Tensor):
@@ -320,6 +314,15 @@ class Collapse(_PenultimateMetric):
                     "Collapse(layer=...) naming the layer whose input is the penultimate "
                     "representation; on the command line, leave collapse out (-m)")
             feats, labels = feats[(~past).to(feats.device)], labels[~past]
+        if labels.numel() == 0:
+            raise MissingInput(f"collapse: every label of the {self.data} is ignored (-100, "
+                               "padding, or an index past the classes): it needs labelled "
+                               "samples of at least two classes")
+        if int(torch.unique(labels).numel()) < 2:
+            # every index is undefined with one class (NaN): a probe drawn from one class
+            # (a loader sorted by class) is a mistake worth a line, not a quiet NaN
+            raise MissingInput(f"collapse needs at least two classes in the {self.data}; "
+                               f"it holds class {int(labels[0])} alone")
         bias = None
         b = layer_bias(classifier)  # a LoRA head's with its adapters' (lora_bias=True)
         if _dist.is_sharded(weight):  # FSDP2: gather this layer

@@ -290,6 +290,43 @@ def test_vci_invariant_under_random_invertible_affine_maps(seed, c, p):
     assert 0.0 - 1e-12 <= before <= 1.0 + 1e-12
 
 
+@pytest.mark.parametrize("wide", [False, True])
+def test_vci_invariant_to_a_feature_scaled_far_beyond_the_others(wide):
+    """The pseudo-inverse's cut was relative to Sigma_T's largest eigenvalue, which is not
+    scale-free: one feature 1e5x larger pushed every other direction under it (0.41, then
+    0.71 at 1e6, instead of 0.20; review). Both the direct and the Gram path."""
+    g = torch.Generator().manual_seed(5)
+    p = 40 if wide else 5
+    y = torch.arange(32) % 4
+    h = (torch.randn(32, p, generator=g, dtype=torch.float64)
+         + 2 * torch.randn(4, p, generator=g, dtype=torch.float64)[y])
+    before = variability_collapse_index(h, y, denominator="rank")
+    for s in (1e5, 1e6, 1e-6):
+        d = torch.ones(p, dtype=torch.float64)
+        d[0] = s
+        after = variability_collapse_index(h * d, y, denominator="rank")
+        assert float(after) == pytest.approx(float(before), abs=1e-9), s
+        assert after.rank_b == before.rank_b
+    constant = torch.cat([h, torch.full((32, 1), 3.0, dtype=torch.float64)], 1)
+    assert float(variability_collapse_index(constant, y, denominator="rank")) == \
+        pytest.approx(float(before), abs=1e-12)  # a feature without variance adds nothing
+
+
+def test_a_class_mean_at_the_global_mean_has_no_angle_exactly_or_up_to_rounding():
+    """Means (-1, 0, 1) gave NaN cosines, means (0.1, 0.2, 0.3), whose middle centred mean
+    is 3e-17 of rounding, arbitrary finite ones (1.03 and 0.83; review)."""
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    noise = torch.tensor([1.0, -1, 1, -1, 1, -1], dtype=torch.float64)[:, None] * 0.01
+    for mus in ([-1.0, 0.0, 1.0], [0.1, 0.2, 0.3]):
+        m = torch.tensor(mus, dtype=torch.float64)[y][:, None]
+        h = torch.cat([m, 2 * m], 1) + noise * torch.tensor([1.0, -1], dtype=torch.float64)
+        r = neural_collapse(h, y)
+        assert math.isnan(float(r.nc2_equiangular_means)), mus
+        assert math.isnan(float(r.nc2_maxangle_means)), mus
+        assert r.reason is None and math.isfinite(float(r.nc1))
+        assert math.isfinite(float(r.nc2_equinorm_means))
+
+
 def test_nc1_not_invariant_to_general_linear_maps_unlike_vci():
     h, y = random_data(11, 6, 3, 5, spread=1.0)
     g = torch.Generator().manual_seed(5)

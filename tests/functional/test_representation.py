@@ -344,3 +344,15 @@ def test_singular_values_of_a_non_finite_matrix_raise_value_error():
     z[0, 0] = math.inf
     with pytest.raises(ValueError, match="z must be finite"):
         singular_values(z)
+
+
+@pytest.mark.parametrize("shape", [(5, 0), (0, 5)])
+@pytest.mark.parametrize("fn", [
+    von_neumann_entropy, uniformity, wasserstein_uniformity, alpha_req, singular_values,
+    effective_rank, lambda z: alignment(z, z)])
+def test_features_with_an_empty_dimension_are_malformed_input(fn, shape):
+    """docs/metrics.md: an empty dimension is a ValueError naming the argument; all but
+    effective_rank returned NaN with an unrelated reason ('zero_matrix', 'rank_deficient',
+    'no_pairs') or an empty tensor (review)."""
+    with pytest.raises(ValueError, match="must be non-empty"):
+        fn(torch.randn(*shape))

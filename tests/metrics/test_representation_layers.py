@@ -6,6 +6,7 @@ hand from the layer's input (float64)."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -215,6 +216,27 @@ def test_collapse_says_when_the_probe_holds_one_class(tmp_path):
                     metrics=[ls.metrics.Collapse()], warn=False) as mon:
         with pytest.warns(RuntimeWarning, match="collapse needs at least two classes in the "
                                                 "probe; it holds class 2 alone"):
+            mon.step(0, batch=(x, y))
+
+
+@pytest.mark.parametrize("case", ["past_classes", "all_ignored"])
+def test_collapse_counts_classes_after_the_ignored_labels_are_left_out(tmp_path, case):
+    """An ignore index past the classes leaving one class gave a silent NaN row (the class
+    count was read before it was left out), and every label -100 blamed the features'
+    shape (review)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(16, 6)
+    if case == "past_classes":
+        y, loss = torch.tensor([0] * 8 + [3] * 8), lambda o, t: F.cross_entropy(
+            o, t, ignore_index=3)
+        said = "collapse needs at least two classes in the probe; it holds class 0 alone"
+    else:
+        y, loss = torch.full((16,), -100), F.cross_entropy
+        said = "collapse: every label of the probe is ignored"
+    with ls.Monitor(model, loss, tmp_path / "run.h5", probe=(x, y),
+                    metrics=[ls.metrics.Collapse()], warn=False) as mon:
+        with pytest.warns(RuntimeWarning, match=re.escape(said)):
             mon.step(0, batch=(x, y))
 
 
