@@ -115,6 +115,8 @@ def top_singular_vector(
     W = 0 gives sigma = 0, NaN vectors and reason ``"zero_matrix"``.
     """
     w = as_float_tensor(_dist.full_tensor(weight), "weight", ndim=2, non_empty=True)
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
     w = w.to(work_dtype(w.dtype))
     d_in = w.shape[1]
     if init is not None:
@@ -179,7 +181,11 @@ class SpectralAlignmentResult(MetricResult):
     * ``minority_fraction``: min(p+, p-) in [0, 0.5]; 0 = sign collapse.
     * ``sign_entropy``: -p+ log p+ - p- log p- in [0, log 2].
     * ``mean_abs_cos``: mean |cos| over non-zero inputs.
-    * ``sigma``, ``v`` (keep ``v`` to warm-start the next call), ``n_iter``.
+    * ``sigma``, ``v`` (keep ``v`` to warm-start the next call), ``n_iter``; these two in
+      the solver's dtype (float32, float64 for float64 weights or inputs).
+    * ``converged``: whether the solver met its tolerance (True for an exact or given
+      v_1). An unconverged v_1 gives cosines with an approximate direction: warm-start
+      the next call from its ``v`` or raise ``max_iter``.
     """
 
     cosines: torch.Tensor
@@ -193,6 +199,7 @@ class SpectralAlignmentResult(MetricResult):
     n_iter: int
     n_tokens: int
     reason: str | None = None
+    converged: bool = True
 
     def summary(self) -> dict[str, float]:
         """The scalar fields only, as Python floats (for logging)."""
@@ -212,13 +219,13 @@ def sign_diversity(cosines: torch.Tensor) -> dict[str, torch.Tensor]:
 
     Returns ``frac_positive``, ``frac_negative``, ``minority_fraction``, ``sign_entropy``
     and ``mean_abs_cos`` as 0-d float64 tensors; exact zeros are left out of the fractions.
-    With no non-zero value all are NaN.
+    With no non-zero value, or a NaN among the values (whose sign is unknown), all are NaN.
     """
     c = as_float_tensor(cosines, "cosines").reshape(-1).to(torch.float64)
     pos = (c > 0).sum()
     neg = (c < 0).sum()
     nz = pos + neg
-    if int(nz) == 0:
+    if int(nz) == 0 or bool(torch.isnan(c).any()):
         nan = torch.tensor(math.nan, dtype=torch.float64, device=c.device)
         return dict(
             frac_positive=nan,
@@ -310,9 +317,10 @@ def spectral_alignment(
     if v is None:
         top = top_singular_vector(w, init, max_iter=max_iter, tol=tol, strict=strict)
         sigma, vec, n_iter, reason = top.sigma, top.v, top.n_iter, top.reason
+        converged = top.converged
     else:
         vec, sigma, reason = _given_top_vector(w, v, dt, strict)
-        n_iter = 0
+        n_iter, converged = 0, True
     vec = vec.to(device=x.device, dtype=dt)
     # each token scaled by a power of two first (exact; the cosine is scale-invariant), so
     # that its squared norm neither over- nor underflows (float32 tokens beyond ~1e19)
@@ -338,6 +346,7 @@ def spectral_alignment(
         n_iter=n_iter,
         n_tokens=x.shape[0],
         reason=reason,
+        converged=converged,
         **summary,
     )
 

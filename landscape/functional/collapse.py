@@ -115,6 +115,12 @@ def _at_the_global_mean(stats: _ClassStats) -> torch.Tensor:
     return (stats.centred_means.abs() <= tol).all(dim=1)
 
 
+def _check_rtol(rtol: float) -> None:
+    """A relative cut must be a number in [0, 1) (NaN kept every direction, or none)."""
+    if not (isinstance(rtol, (int, float)) and not isinstance(rtol, bool) and 0 <= rtol < 1):
+        raise ValueError(f"rtol must be a number in [0, 1), got {rtol!r}")
+
+
 def _between_svd(stats: _ClassStats, rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Singular values s_k and input-space vectors u_k of M~ kept by the truncation rule.
 
@@ -331,6 +337,7 @@ def neural_collapse(
         paper's figures). Degenerate cases: fewer than two classes (``"single_class"``) or
         identical class means (``"rank_deficient"``) give NaN for NC1–NC3.
     """
+    _check_rtol(rtol)
     stats = _class_stats(features, labels, global_mean, None)
     w_full, b = _split_classifier(classifier, bias, stats.p)
     dev = stats.h.device
@@ -483,6 +490,7 @@ def variability_collapse_index(
     """
     if denominator not in ("min", "rank", "classes"):
         raise ValueError(f"denominator must be 'min', 'rank' or 'classes', got {denominator!r}")
+    _check_rtol(rtol)
     stats = _class_stats(features, labels, global_mean, None)
     dev = stats.h.device
     nan = torch.tensor(NAN, dtype=torch.float64, device=dev)

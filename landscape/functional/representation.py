@@ -86,6 +86,10 @@ def _unit_rows(x: torch.Tensor) -> torch.Tensor:
     return x[nonzero] / nrm[nonzero, None]
 
 
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def effective_rank(
     features: torch.Tensor, *, eps: float = 1e-7, center: bool = False, strict: bool = False
 ) -> Scalar:
@@ -101,8 +105,8 @@ def effective_rank(
     ``"zero_matrix"``.
     """
     z = as_float_tensor(features, "features", ndim=2, non_empty=True)
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     if not all_finite(z):
         return nan_scalar(z.device, fail("non_finite", "features are not finite", strict))
     z = f64(z)
@@ -111,7 +115,9 @@ def effective_rank(
     s = _gram_eigvals(z).sqrt()
     total = s.sum()
     if not total > 0:
-        return nan_scalar(z.device, fail("zero_matrix", "features are all zero", strict))
+        said = "features are constant (all zero once centred)" if center else \
+            "features are all zero"
+        return nan_scalar(z.device, fail("zero_matrix", said, strict))
     p = s / total + eps
     return scalar(torch.exp(-safe_log_term(p).sum()), z.device)
 
@@ -173,7 +179,8 @@ def alpha_req(
     """
     z = as_float_tensor(features, "features", ndim=2, non_empty=True)
     first, last = fit_range
-    if first < 1 or (last is not None and last < first + 1):
+    if (not _is_int(first) or (last is not None and not _is_int(last)) or first < 1
+            or (last is not None and last < first + 1)):
         raise ValueError(f"fit_range must be (first >= 1, last > first or None), got {fit_range}")
     if not all_finite(z):
         nan = torch.tensor(math.nan, dtype=torch.float64, device=z.device)

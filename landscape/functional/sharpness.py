@@ -68,7 +68,12 @@ def _loss_and_grad(
     params: dict[str, torch.Tensor],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
-        return loss_fn(stateless_call(model, p, *model_call(model, inputs)), targets)
+        loss = loss_fn(stateless_call(model, p, *model_call(model, inputs)), targets)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(f"loss_fn must return a scalar tensor (a mean-reduced loss), "
+                             f"got {shape}: reduction='none'?")
+        return loss
 
     grads, loss = torch.func.grad_and_value(f)(params)
     return loss.detach(), {k: g.detach() for k, g in grads.items()}

@@ -33,6 +33,7 @@ from landscape.functional._common import (
     fail,
     nan_scalar,
     scalar,
+    scale_rows,
 )
 
 
@@ -71,10 +72,13 @@ def softmax_collapse(
     target is not negative (an ``ignore_index`` such as -100 leaves a position out). Exact
     float equality is the definition, so it depends on the dtype and the reduction order.
     Logits with a NaN or infinite entry give NaN fields with reason ``"non_finite"``
-    (docs/metrics.md, "Conventions"): such a row is neither collapsed nor healthy.
+    (docs/metrics.md, "Conventions"): such a row is neither collapsed nor healthy. Every
+    target ignored leaves ``zero_terms`` NaN and ``reason`` None (``fraction`` is defined).
     """
     z = _flat_logits(logits)
     if dtype is not None:
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating dtype, got {dtype!r}")
         z = z.to(dtype)
     y = None if targets is None else check_targets(targets, z.shape[0], z.shape[1])
     if not all_finite(z):
@@ -237,6 +241,9 @@ def layer_rotation(weight: torch.Tensor, initial: torch.Tensor, *, strict: bool 
     b = f64(w0.detach().reshape(-1)).to(a.device)
     if not (all_finite(a) and all_finite(b)):
         return nan_scalar(a.device, fail("non_finite", "a weight is not finite", strict))
+    # each scaled by a power of two (exact; the cosine is scale-invariant): float64 entries
+    # beyond ~1e154 overflowed the squared norm, parallel vectors gave NaN
+    a, b = scale_rows(a[None])[0], scale_rows(b[None])[0]
     na, nb = a.norm(), b.norm()
     if not (na > 0 and nb > 0):
         return nan_scalar(a.device, fail("zero_norm", "a weight vector is zero", strict))
@@ -275,6 +282,18 @@ class NlmCosineResult(MetricResult):
     reason: str | None = None
 
 
+def _scaled_together(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors times one power of two that brings their largest |entry| into [0.5, 1).
+
+    Exact, and every cosine among them is unchanged: only their sums of squares no longer
+    overflow (float64 entries beyond ~1e154) or underflow (:func:`scale_rows` per vector).
+    """
+    largest = torch.stack([t.abs().amax() if t.numel() else t.new_zeros(()) for t in tensors])
+    _, exponent = torch.frexp(largest.amax())
+    k = (-exponent).clamp(max=math.frexp(torch.finfo(largest.dtype).max)[1] - 1)  # finite 2^k
+    return [torch.ldexp(t, k) for t in tensors]
+
+
 def nlm_cosine(
     grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor], *, strict: bool = False
 ) -> NlmCosineResult:
@@ -308,12 +327,16 @@ def nlm_cosine(
     num = torch.zeros((), dtype=torch.float64, device=g[0].device)
     ng = torch.zeros_like(num)
     nw = torch.zeros_like(num)
-    for a, b in zip(g, w):
-        b = b.to(a.device)
-        d, sa, sb = -(a * b).sum(), (a * a).sum(), (b * b).sum()
-        num, ng, nw = num + d, ng + sa, nw + sb
+    # the sums on one scale for all tensors, each tensor's cosine on its own (exact powers
+    # of two: float64 entries beyond ~1e154 overflowed the squares, parallel vectors gave NaN)
+    for a, b, a_all, b_all in zip(g, w, _scaled_together(g), _scaled_together(w)):
+        b, b_all = b.to(a.device), b_all.to(a.device)
+        num = num - (a_all * b_all).sum()
+        ng, nw = ng + (a_all * a_all).sum(), nw + (b_all * b_all).sum()
+        (a,), (b,) = _scaled_together([a]), _scaled_together([b])
+        sa, sb = (a * a).sum(), (b * b).sum()
         per.append(
-            d / (sa.sqrt() * sb.sqrt())
+            -(a * b).sum() / (sa.sqrt() * sb.sqrt())
             if sa > 0 and sb > 0
             else torch.tensor(math.nan, dtype=torch.float64, device=a.device)
         )

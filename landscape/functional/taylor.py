@@ -137,6 +137,10 @@ def taylor_radius_from_logits(
     a2 = a.reshape(-1, c).to(torch.float64)
     dev = z2.device
     norm = torch.as_tensor(step_norm, dtype=torch.float64, device=dev)
+    if norm.numel() != 1:
+        raise ValueError(f"step_norm must be one number (a scalar), got shape "
+                         f"{tuple(norm.shape)}")
+    norm = norm.reshape(())
     if not (norm >= 0 and torch.isfinite(norm)):
         raise ValueError(f"step_norm must be finite and >= 0, got {float(norm)}")
     if targets is None:

@@ -560,3 +560,13 @@ def test_features_without_columns_raise_value_error_naming_them():
             fn(torch.zeros(6, 0), y)
     with pytest.raises(ValueError, match="features"):
         ncc_mismatch(torch.zeros(6, 0), y, torch.zeros(2, 0))
+
+
+def test_rtol_must_be_a_number_in_zero_one():
+    """rtol=nan gave a VCI of 1.0 (no direction kept)."""
+    h, y = random_data(3, 5, 3, 4, spread=1.0)
+    for bad in (float("nan"), -1e-3, 1.0, True):
+        with pytest.raises(ValueError, match="rtol must be a number in"):
+            variability_collapse_index(h, y, rtol=bad)
+        with pytest.raises(ValueError, match="rtol must be a number in"):
+            neural_collapse(h, y, rtol=bad)

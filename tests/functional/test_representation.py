@@ -356,3 +356,14 @@ def test_features_with_an_empty_dimension_are_malformed_input(fn, shape):
     'no_pairs') or an empty tensor (review)."""
     with pytest.raises(ValueError, match="must be non-empty"):
         fn(torch.randn(*shape))
+
+
+def test_bad_settings_are_one_valueerror_naming_them():
+    """A float fit_range gave 'slice indices must be integers', eps=nan a rank of 1.0, and
+    centred constant features were called all zero (review)."""
+    with pytest.raises(ValueError, match="fit_range must be"):
+        alpha_req(torch.randn(10, 4), fit_range=(1.5, None))
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+        effective_rank(torch.randn(3, 5), eps=float("nan"))
+    with pytest.raises(MetricError, match="features are constant"):
+        effective_rank(torch.ones(3, 5), center=True, strict=True)

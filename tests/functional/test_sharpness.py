@@ -293,3 +293,11 @@ def test_train_mode_sharpness_sees_one_dropout_mask_at_both_points():
     assert float(small.value) == pytest.approx(1e-2 * float(big.value), rel=0.05)
     assert float(small.value) == pytest.approx(1e-4 * float(small.grad_norm), rel=0.05)
     assert not model.training
+
+
+def test_a_loss_that_is_not_a_scalar_is_named():
+    """reduction='none' raised torch.func's 'grad_and_value ... must be a scalar' error."""
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    with pytest.raises(ValueError, match=r"loss_fn must return a scalar tensor .* \(4, 2\)"):
+        sam_sharpness(model, lambda o, t: (o - t).pow(2), x, y)

@@ -224,3 +224,33 @@ def test_softmax_collapse_targets_must_be_integer_class_indices():
     for bad in (torch.tensor([True, False]), torch.tensor([0.0, 1.0])):
         with pytest.raises(ValueError, match="targets must be an integer tensor"):
             softmax_collapse(z, bad)
+
+
+def test_cosines_of_huge_float64_entries_do_not_overflow():
+    """Parallel float64 vectors of 1e200 gave NaN (the squared norms overflowed): the
+    cosine is scale-invariant, so each is scaled by a power of two first (review)."""
+    from landscape.functional import layer_rotation, nlm_cosine
+
+    big = torch.full((2,), 1e200, dtype=torch.float64)
+    small = torch.full((3,), 1e-170, dtype=torch.float64)
+    assert float(nlm_cosine([big], [big]).cosine) == pytest.approx(-1.0, abs=1e-15)
+    assert float(layer_rotation(big, big).value) == pytest.approx(0.0, abs=1e-15)
+    assert float(layer_rotation(big, -big).value) == pytest.approx(2.0, abs=1e-15)
+    mixed = nlm_cosine([small, big], [small, -big])
+    assert float(mixed.cosine) == pytest.approx(1.0, abs=1e-15)
+    assert [float(c) for c in mixed.per_tensor] == pytest.approx([-1.0, 1.0], abs=1e-15)
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(5, generator=g, dtype=torch.float64) for _ in range(2)]
+    params = [torch.randn(5, generator=g, dtype=torch.float64) for _ in range(2)]
+    a, b = torch.cat(grads), torch.cat(params)
+    assert float(nlm_cosine(grads, params).cosine) == pytest.approx(
+        float(-(a @ b) / (a.norm() * b.norm())), rel=1e-14)
+
+
+def test_softmax_collapse_takes_floating_dtypes_only():
+    """dtype=torch.int64 returned 0.0, torch.bool raised torch's subtraction error."""
+    from landscape.functional import softmax_collapse_fraction
+
+    for dtype in (torch.int64, torch.bool):
+        with pytest.raises(ValueError, match="dtype must be a floating dtype"):
+            softmax_collapse_fraction(torch.tensor([[0.5, 0.0]]), dtype=dtype)

@@ -279,6 +279,9 @@ def test_bad_arguments_raise_value_error_naming_them():
         taylor_radius_from_logits(torch.zeros(2, 3), torch.zeros(2, 3), quantile=1.5)
     with pytest.raises(ValueError, match="step_norm"):
         taylor_radius_from_logits(torch.zeros(2, 3), torch.zeros(2, 3), step_norm=-1.0)
+    with pytest.raises(ValueError, match="step_norm must be one number"):  # was torch's
+        taylor_radius_from_logits(torch.zeros(2, 3), torch.zeros(2, 3),  # 'ambiguous'
+                                  step_norm=torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match="logits"):
         taylor_radius_from_logits(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3))
 
