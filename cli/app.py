@@ -76,14 +76,14 @@ def input_errors(exit_code: int = 1) -> Iterator[None]:
 def interrupted(err: KeyboardInterrupt, stored: str, starts_over: str | None) -> SystemExit:
     """Say what an interrupted ``analyze`` or ``surface`` left and how to go on.
 
-    Prints one line (``stored``: what the run file holds now; ``starts_over``: the option
+    Prints one ``Error:`` line (``stored``: what the run file holds now; ``starts_over``: the option
     given that would start the work over, ``--overwrite`` or ``--replace``, else None) and
     returns the exit to raise: 143 for SIGTERM, 130 for SIGINT.
     """
     signal_name, status = ("SIGTERM", 143) if isinstance(err, Terminated) else ("SIGINT", 130)
     how = (f"run the same command again without {starts_over} (with it, it starts over)"
            if starts_over else "run the same command again")
-    click.echo(f"interrupted ({signal_name}): {stored}; to continue, {how}", err=True)
+    click.echo(f"Error: interrupted ({signal_name}): {stored}; to continue, {how}", err=True)
     return SystemExit(status)
 
 

@@ -646,13 +646,16 @@ class RunWriter:
                 and list(existing.values) == list(fields)
             )
             if not same:
-                def grid(shape: tuple[int, ...], names: Sequence[str]) -> str:
-                    return f"{'x'.join(map(str, shape[::-1]))} points of {', '.join(names)}"
+                def grid(x: np.ndarray, y: np.ndarray | None, names: Sequence[str]) -> str:
+                    axes = [f"{len(c)} x on [{c[0]:.4g}, {c[-1]:.4g}]" if i == 0 else
+                            f"{len(c)} y on [{c[0]:.4g}, {c[-1]:.4g}]"
+                            for i, c in enumerate((x, y)) if c is not None and len(c)]
+                    return f"{' by '.join(axes)}, of {', '.join(names)}"
 
                 raise RunFileError(
                     f"surface {name!r} already exists in the run with a different grid or "
-                    f"fields ({grid(existing.shape, list(existing.values))} stored, "
-                    f"{grid(shape, list(fields))} asked); {SURFACE_ELSEWHERE}"
+                    f"fields ({grid(existing.x, existing.y, list(existing.values))} stored; "
+                    f"{grid(xs, ys, list(fields))} asked); {SURFACE_ELSEWHERE}"
                 )
             return existing
         data = SurfaceData(

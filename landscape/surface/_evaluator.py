@@ -258,6 +258,10 @@ class PointEvaluator:
                     t.copy_(orig)
             _dist.reshard(self.model)
 
+    def buffer_fingerprint(self) -> list[float]:
+        """Sum and squared norm of the center's buffers (whole on every rank under FSDP2)."""
+        return fingerprint(self.buf_base)
+
     def fingerprint(self) -> list[float]:
         """Sum and squared norm of the center's moving parameters, over all shards."""
         if not self.reduce:

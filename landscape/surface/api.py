@@ -27,7 +27,7 @@ from landscape.surface.directions import (
     eigen_directions,
     random_directions,
 )
-from landscape.surface.grid import axis, evaluate_grid
+from landscape.surface.grid import axis, evaluate_grid, grid_steps
 from landscape.surface.pca import _load, pca_directions
 
 __all__ = ["interpolate", "line", "plane", "project", "trajectory_plane"]
@@ -41,14 +41,6 @@ def _pair(value: Any, name: str) -> tuple[Any, Any]:
             raise ValueError(f"{name}: expected one value or a pair (x, y), got {len(value)}")
         return value[0], value[1]
     return value, value
-
-
-def _grid_steps(value: Any, name: str) -> int:
-    """``value`` as a number of grid points: an integer of at least 2 (an axis, not a point)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer, float)) \
-            or int(value) != value or value < 2:
-        raise ValueError(f"{name} must be an integer >= 2, got {value!r}")
-    return int(value)
 
 
 def _directions(
@@ -216,6 +208,7 @@ def interpolate(
                        and tuple(a[k].shape) == tuple(v.shape) == tuple(b[k].shape))
         bvec = tuple((b[k].detach().to(bufs[k].device, bufs[k].dtype)
                       - a[k].detach().to(bufs[k].device, bufs[k].dtype)) for k in bnames)
+    _say_fixed_buffers(model, a, b)
     if all(not bool(v.any()) for v in (*vec, *bvec)):  # a segment of length zero
         raise LandscapeError("interpolate: the two checkpoints hold the same weights (the "
                              "same file twice, or a copy): the line between them is a point")
@@ -226,13 +219,34 @@ def interpolate(
         lo, hi = bounds
         if not hi > lo:
             raise ValueError(f"bounds must be (low, high) with low < high, got {bounds!r}")
-        even = np.linspace(float(lo), float(hi), _grid_steps(steps, "steps"))
+        even = np.linspace(float(lo), float(hi), grid_steps(steps, "steps"))
         x = _holding(even, (0.0, 1.0))
         stored = _stored_x(writer, name)
         if stored is not None and stored.shape == even.shape and np.allclose(stored, even):
             x = even  # resuming a surface begun on the even grid (before 0 and 1 were added)
     return evaluate_grid(model, loss_fn, data, dirs, x, None, center=a, writer=writer,
                          name=name, **kwargs)
+
+
+def _say_fixed_buffers(model: nn.Module, a: Mapping[str, Any], b: Mapping[str, Any]) -> None:
+    """Warn when integer or bool buffers differ between the checkpoints of an interpolation.
+
+    They cannot be interpolated, so every point keeps theta_a's: alpha = 1 is then not
+    theta_b where the model reads them in its forward (a step counter, a mask). BatchNorm's
+    ``num_batches_tracked`` is left out: it differs between any two checkpoints and is read
+    only in training mode with ``momentum=None``.
+    """
+    fixed = [k for k, v in model.named_buffers()
+             if not v.is_floating_point() and not k.endswith("num_batches_tracked")
+             and isinstance(a.get(k), torch.Tensor) and isinstance(b.get(k), torch.Tensor)
+             and (a[k].shape != b[k].shape or not torch.equal(a[k].cpu(), b[k].cpu()))]
+    if fixed:
+        shown = ", ".join(fixed[:3]) + (", ..." if len(fixed) > 3 else "")
+        warnings.warn(
+            f"landscape: interpolate: the integer or bool buffers {shown} differ between the "
+            "checkpoints and are not interpolated: every point keeps theta_a's, so alpha = 1 "
+            "is theta_b's weights with theta_a's values of them", UserWarning,
+            stacklevel=user_stacklevel())
 
 
 def _stored_x(writer: Any, name: str) -> np.ndarray | None:
@@ -293,7 +307,7 @@ def trajectory_plane(
     attributes.
     """
     # an axis whose coordinates are given needs no number of steps
-    counts = [None if given is not None else _grid_steps(n, "steps")
+    counts = [None if given is not None else grid_steps(n, "steps")
               for n, given in zip(_pair(steps, "steps"), (x, y))]
     if isinstance(margin, bool) or not isinstance(margin, (int, float, np.integer, np.floating)) \
             or not math.isfinite(margin) or margin < 0:

@@ -93,6 +93,14 @@ class Directions:
             out += [float(f.sum()), float(f.dot(f))]
         return out
 
+    def buffer_fingerprint(self) -> list[float]:
+        """Sum and squared norm of each buffer direction (empty without), compared on resume."""
+        out: list[float] = []
+        for v in self.buffer_vectors:
+            f = flatten(v).detach().to(torch.float64)
+            out += [float(f.sum()), float(f.dot(f))]
+        return out
+
     # -- storage
 
     def storage(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -102,6 +110,7 @@ class Directions:
             "direction_names": list(self.names),
             "direction_shapes": [list(t.shape) for t in self.vectors[0]],
             "direction_fingerprint": self.fingerprint(),
+            "buffer_direction_fingerprint": self.buffer_fingerprint(),
         }
         arrays = {"directions": np.stack([self.flat(k) for k in range(self.ndim)])}
         if self.buffer_names:

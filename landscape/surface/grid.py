@@ -57,15 +57,23 @@ MAX_POINTS = 10_000_000  # grid points evaluate_grid accepts (one forward pass e
 
 def axis(steps: int, span: float) -> np.ndarray:
     """``steps`` evenly spaced coordinates on ``[-span, span]`` (odd ``steps`` include 0)."""
-    if int(steps) != steps or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    steps = grid_steps(steps, "steps")
     if isinstance(span, bool) or not isinstance(span, (int, float, np.floating, np.integer)):
         raise ValueError(f"span must be a positive number, got {span!r}")
     if not np.isfinite(span) or span <= 0:
         raise ValueError(f"span must be a positive number, got {span!r}")
-    if steps == 1:
-        return np.zeros(1)
-    return np.linspace(-float(span), float(span), int(steps))
+    xs = np.linspace(-float(span), float(span), steps)
+    if steps % 2:
+        xs[steps // 2] = 0.0  # exactly (linspace left 4.4e-16 at span 3.3, 51 steps)
+    return xs
+
+
+def grid_steps(value: Any, name: str) -> int:
+    """``value`` as a number of grid points: an integer of at least 2 (an axis, not a point)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer, float)) \
+            or int(value) != value or value < 2:
+        raise ValueError(f"{name} must be an integer >= 2, got {value!r}")
+    return int(value)
 
 
 def _coords(values: Any, name: str) -> np.ndarray:
@@ -84,8 +92,12 @@ def _same(a: Sequence[float], b: Sequence[float]) -> bool:
 
 
 def _same_loss(a: float, b: float) -> bool:
-    """Equal losses at the centre (NaN equals NaN: a diverged model, resumed)."""
-    return (math.isnan(a) and math.isnan(b)) or _same([a], [b])
+    """Equal losses at the centre, to a relative 1e-5 (NaN equals NaN: a diverged model).
+
+    Relative at any scale: a loss of 9.9e-6 on other data (3.4e-7) passed an absolute
+    1e-5 below 1, and the resumed grid mixed the two data sets' points.
+    """
+    return (math.isnan(a) and math.isnan(b)) or a == b or abs(a - b) <= 1e-5 * max(abs(a), abs(b))
 
 
 def _center_loss(evaluator: PointEvaluator, ndim: int, eval_mode: bool) -> float:
@@ -218,6 +230,7 @@ def evaluate_grid(
     meta = {
         **dir_attrs,
         "center_fingerprint": evaluator.fingerprint(),
+        "center_buffer_fingerprint": evaluator.buffer_fingerprint(),
         # the loss at the centre tells other data or another loss function from a resume
         "center_loss": _center_loss(evaluator, 1 if ys is None else 2, eval_mode),
         "eval_mode": bool(eval_mode),
@@ -254,6 +267,16 @@ def evaluate_grid(
                     raise LandscapeError(
                         f"surface {name!r} exists in the run with other directions (the same "
                         f"seed and normalization resume it); {SURFACE_ELSEWHERE}")
+                # buffers (BatchNorm statistics) at the centre and along the directions:
+                # absent from surfaces of earlier versions, which are not checked for them
+                for key, what in (("center_buffer_fingerprint", "other buffers at its centre "
+                                   "(BatchNorm statistics of another checkpoint)"),
+                                  ("buffer_direction_fingerprint", "other buffer directions "
+                                   "(another second checkpoint, or buffers=True/False)")):
+                    if key in old and not _same(old[key], meta[key]):
+                        raise LandscapeError(
+                            f"surface {name!r} exists in the run with {what}; "
+                            f"{SURFACE_ELSEWHERE}")
                 if bool(old.get("eval_mode", eval_mode)) != bool(eval_mode):
                     raise LandscapeError(
                         f"surface {name!r} exists in the run with eval_mode={old['eval_mode']}; "

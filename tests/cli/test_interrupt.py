@@ -107,7 +107,7 @@ def test_a_signal_leaves_every_finished_checkpoint_and_a_rerun_continues(tmp_pat
     assert returncode == status, stderr
     assert "Traceback" not in stderr
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert lines[-1].startswith(f"interrupted ({name}): ")
+    assert lines[-1].startswith(f"Error: interrupted ({name}): ")
     assert lines[-1].endswith("; to continue, run the same command again")
     with ls.Run.open(out) as run:  # a valid file: every finished checkpoint, nothing else
         done = [s for s, _ in run.checkpoints()]
@@ -165,7 +165,7 @@ def test_a_signal_during_surface_leaves_its_points_and_a_rerun_continues(tmp_pat
     assert returncode == 143, stderr
     assert "Traceback" not in stderr
     last = [ln for ln in stderr.splitlines() if ln.strip()][-1]
-    assert last.startswith("interrupted (SIGTERM): ") and "of 201 points" in last
+    assert last.startswith("Error: interrupted (SIGTERM): ") and "of 201 points" in last
     assert 1 <= _points(out, "random") < 201
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0, again.output

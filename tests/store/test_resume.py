@@ -74,9 +74,15 @@ def test_surface_resume_keeps_computed_points_and_rejects_a_different_grid(tmp_p
     with RunWriter(path) as w:
         surf = w.create_surface("line", np.linspace(-1, 1, 5))
         assert list(surf.done) == [True, False, False, True, False]
-        with pytest.raises(RunFileError, match=r"different grid or fields \(5 points of loss "
-                                                r"stored, 7 points of loss asked\)"):
+        with pytest.raises(RunFileError, match=r"different grid or fields \(5 x on \[-1, 1\], "
+                                                r"of loss stored; 7 x on \[-1, 1\], of loss "
+                                                r"asked\)"):
             w.create_surface("line", np.linspace(-1, 1, 7))
+        # another span, the same count: the message said '5 points' twice (review)
+        w.create_surface("plane", np.linspace(-1, 1, 5), np.linspace(-1, 1, 5))
+        with pytest.raises(RunFileError, match=r"\(5 x on \[-1, 1\] by 5 y on \[-1, 1\], of loss "
+                                                r"stored; 5 x on \[-2, 2\] by 5 y on \[-2, 2\]"):
+            w.create_surface("plane", np.linspace(-2, 2, 5), np.linspace(-2, 2, 5))
 
 
 def test_remove_surface_keeps_the_rest_of_the_run(writer_factory):

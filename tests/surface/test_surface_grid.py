@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -596,3 +598,91 @@ def test_normalization_none_with_given_directions_is_what_they_get_anyway():
     surf = plane(model, _ce, (x, y), 3, directions=vectors, normalization="none",
                  ignore="none", progress=False)
     assert np.isfinite(surf.values["loss"]).all()
+
+
+@pytest.mark.parametrize("steps", [0, 1, 2.5, True])
+def test_a_plane_or_line_of_fewer_than_two_points_per_axis_is_refused(steps):
+    """plane and line took steps=1 and steps=True (a one-point "plane"), where interpolate
+    and the command line refuse them (review)."""
+    x, y = models.classification_data()
+    for call in (plane, line):
+        with pytest.raises(ValueError, match="steps must be an integer >= 2"):
+            call(models.mlp(), _ce, (x, y), steps=steps, progress=False)
+
+
+def test_odd_steps_put_the_centre_exactly_at_zero():
+    """linspace(-3.3, 3.3, 51) holds 4.4e-16 in the middle, not 0 (review)."""
+    from landscape.surface.grid import axis
+
+    for span, steps in ((3.3, 51), (1.0, 51), (0.7, 7), (1e-3, 9)):
+        xs = axis(steps, span)
+        assert xs[steps // 2] == 0.0 and xs[0] == -span and xs[-1] == span
+        np.testing.assert_allclose(xs, np.linspace(-span, span, steps), atol=1e-15)
+
+
+def test_resume_compares_small_centre_losses_relatively(tmp_path):
+    """The centre loss was compared to 1e-5 absolute below 1: a loss of 9.9e-6 resumed on
+    data whose loss is 3.4e-7, and the grid mixed the two data sets (review; 5.5e-6 here)."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    x, x2 = torch.randn(50, 3), torch.randn(50, 3)
+    with torch.no_grad():
+        y = model(x) + 2e-3 * torch.randn(50, 1)
+        y2 = model(x2) + 5e-4 * torch.randn(50, 1)
+    path = tmp_path / "run.h5"
+    first = line(model, F.mse_loss, (x, y), steps=5, span=0.01, writer=path, progress=False)
+    assert first.attrs["center_loss"] < 1e-4
+    with pytest.raises(LandscapeError, match="other data or another loss function"):
+        line(model, F.mse_loss, (x2, y2), steps=5, span=0.01, writer=path, progress=False)
+    again = line(model, F.mse_loss, (x, y), steps=5, span=0.01, writer=path, progress=False)
+    np.testing.assert_array_equal(again.values["loss"], first.values["loss"])
+
+
+def test_an_interpolation_resumes_only_with_the_same_buffers(tmp_path):
+    """The resume compared parameters alone: buffers=False resumed a buffers=True curve
+    (alpha = 1 read 0.53 where theta_b's loss is 0.27), and so did a theta_b differing in
+    its BatchNorm statistics only (review)."""
+    a, b = models.cnn_bn(seed=0), models.cnn_bn(seed=1)
+    x, y = models.image_data()
+    path = tmp_path / "run.h5"
+    kw = dict(steps=5, bounds=(0.0, 1.0), writer=path, progress=False)
+    interpolate(models.cnn_bn(seed=5), a, b, _ce, (x, y), **kw)
+    with pytest.raises(LandscapeError, match="other buffer directions"):
+        interpolate(models.cnn_bn(seed=5), a, b, _ce, (x, y), buffers=False, **kw)
+    other_b = models.cnn_bn(seed=1)
+    with torch.no_grad():
+        other_b.bn.running_var.mul_(2.0)
+    with pytest.raises(LandscapeError, match="other buffer directions"):
+        interpolate(models.cnn_bn(seed=5), a, other_b, _ce, (x, y), **kw)
+    other_a = models.cnn_bn(seed=0)
+    with torch.no_grad():
+        other_a.bn.running_mean.add_(0.5)
+    with pytest.raises(LandscapeError, match="other buffers at its centre"):
+        interpolate(models.cnn_bn(seed=5), other_a, b, _ce, (x, y), **kw)
+    interpolate(models.cnn_bn(seed=5), a, b, _ce, (x, y), **kw)  # the same: a resume
+
+
+def test_interpolate_says_when_integer_buffers_differ_between_the_checkpoints():
+    """Integer buffers keep theta_a's value at every alpha: a forward reading one made
+    alpha = 1 differ from theta_b's loss without a word (review)."""
+
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 3)
+            self.register_buffer("shift", torch.tensor(0))
+
+        def forward(self, x):
+            return self.fc(x) + self.shift
+
+    x, y = models.classification_data()
+    a, b = Shifted(), Shifted()
+    b.shift.fill_(1)
+    with pytest.warns(UserWarning, match="the integer or bool buffers shift differ"):
+        interpolate(Shifted(), a, b, _ce, (x, y), steps=3, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # BatchNorm's num_batches_tracked is not said
+        c, d = models.cnn_bn(seed=0), models.cnn_bn(seed=1)
+        d.bn.num_batches_tracked.fill_(7)
+        interpolate(models.cnn_bn(seed=5), c, d, _ce, models.image_data(), steps=3,
+                    progress=False)
