@@ -163,6 +163,18 @@ def _call_parts(
     return args, kwargs, head(targets, samples)
 
 
+def _whole_dict_parts(batch: Any, samples: int) -> tuple[tuple, dict, Any]:
+    """``(args, kwargs, targets)`` for a forward that takes the dict batch itself.
+
+    A LightningModule's ``forward(self, batch)``: the first ``samples`` samples of the dict
+    as its one argument, and its ``labels`` (or ``targets``/``y`` key) as the targets the
+    probe loss reads (they were None: ``probe_loss`` NaN on every row, without a word).
+    """
+    part = head(batch, samples)
+    targets = batch_targets(part)
+    return (part,), {}, targets if isinstance(targets, torch.Tensor) else None
+
+
 def _soft_throughout(batch: Any, targets: Any) -> bool:
     """Float targets the subsample reads as soft labels are so on the whole probe.
 
@@ -546,7 +558,7 @@ class Sentinels(Metric):
         samples = self.subsample if self._samples is None else self._samples
         with torch.no_grad():  # the monitor's isolated(): eval mode, RNG restored
             if self._whole_dict:
-                args, kwargs, y = (head(batch, samples),), {}, None
+                args, kwargs, y = _whole_dict_parts(batch, samples)
                 output, attention = self._forward(ctx.model, args, kwargs, ctx.modules)
             else:
                 # the first call on a dict batch may try the wrong convention: its warnings
@@ -565,7 +577,7 @@ class Sentinels(Metric):
                     caught = list(seen or ())
                     # a forward that takes the dict batch itself (a LightningModule's
                     # forward(self, batch)): the last convention to try, once
-                    args, kwargs, y = (head(batch, samples),), {}, None
+                    args, kwargs, y = _whole_dict_parts(batch, samples)
                     try:
                         output, attention = self._forward(ctx.model, args, kwargs, ctx.modules)
                     except Exception:
@@ -616,7 +628,9 @@ class Sentinels(Metric):
         elif isinstance(y, torch.Tensor) and y.shape == z.shape[:-1] \
                 and not y.is_floating_point():  # a classifier's or next-token targets
             rows, row_lse = flat, lse
-            if isinstance(batch, Mapping) and _labels_are_the_ids(args, kwargs, y) \
+            # (a forward taking the dict itself: its keys hold the ids)
+            ids_of = ((), args[0]) if self._whole_dict else (args, kwargs)
+            if isinstance(batch, Mapping) and _labels_are_the_ids(*ids_of, y) \
                     and z.dim() == 3:
                 # the Hugging Face convention, labels = input_ids: the model (or the
                 # user's loss) shifts them, position t predicting token t + 1

@@ -628,12 +628,14 @@ def test_a_single_logit_classifier_raises_no_softmax_collapse_at_the_first_step(
     assert np.isnan(mon.run().series("logits", "softmax_collapse")[1]).all()
 
 
-@pytest.mark.parametrize("keys", [("features", "label"), ("inputs", "targets")])
+@pytest.mark.parametrize("keys", [("features", "label"), ("inputs", "targets"),
+                                  ("features", "labels")])
 def test_a_model_whose_forward_takes_the_dict_batch_itself(tmp_path, keys):
     """forward(self, batch) reading batch["features"] (a LightningModule's habit): the
     sentinels called model(inputs) or model(**batch) and were NaN for the whole run. With
     the keys inputs/targets, model(inputs) came first: its IndexError (a tensor indexed
-    by a key) ended the search, and torch's indexing warning reached the user."""
+    by a key) ended the search, and torch's indexing warning reached the user. A labels
+    key is the probe loss's targets (docs/integrations.md): it was NaN on every row."""
     features, label = keys
 
     class DictModel(torch.nn.Module):
@@ -651,6 +653,7 @@ def test_a_model_whose_forward_takes_the_dict_batch_itself(tmp_path, keys):
     batch = {features: torch.randn(16, 6, generator=g),
              label: torch.randint(0, 3, (16,), generator=g)}
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    expected = []
     with ls.Monitor(model, None, tmp_path / "run.h5", optimizer=opt, probe=batch,
                     closure=lambda m, b: F.cross_entropy(m(b), b[label]),
                     metrics=["sentinels"], warn=False) as mon, \
@@ -662,10 +665,20 @@ def test_a_model_whose_forward_takes_the_dict_batch_itself(tmp_path, keys):
             loss.backward()
             opt.step()
             mon.step(step, batch=batch, loss=loss)
+            (sentinels,) = [m for m in mon.metrics if m.name == "sentinels"]
+            k = sentinels._samples
+            with torch.no_grad():
+                expected.append(float(F.cross_entropy(
+                    model({features: batch[features][:k]}), batch[label][:k])))
     assert not mon.findings
     assert not caught, [str(w.message) for w in caught]
     r = mon.run().series("sentinels", "r_secant")[1]
     assert np.isnan(r[0]) and np.isfinite(r[1:]).all() and (r[1:] > 0).all()
+    probe_loss = mon.run().series("sentinels", "probe_loss")[1]
+    if label == "label":  # no key the docs name for targets: no probe loss
+        assert np.isnan(probe_loss).all()
+    else:
+        np.testing.assert_allclose(probe_loss, expected, rtol=1e-6)
 
 
 def test_a_models_own_type_error_is_reported_not_the_dict_fallbacks(tmp_path):
