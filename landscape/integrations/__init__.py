@@ -274,8 +274,13 @@ def add_samples(total: int | None, batch: Any) -> int | None:
     """``total`` plus the samples of ``batch`` (its leading size): a step's running count.
 
     None once a batch of unknown size was counted (``total`` None, or ``batch`` without a
-    leading dimension): the step's count is then not known.
+    leading dimension): the step's count is then not known. A list is several batches (as
+    to the monitor): their samples are summed.
     """
+    if isinstance(batch, list):
+        for part in batch:
+            total = add_samples(total, part)
+        return total
     size = leading_size(batch)
     return None if size is None or total is None else total + size
 

@@ -27,7 +27,8 @@ What it does, hook by hook:
   ``gradient_clip_val`` they are clipped there, so ``on_before_optimizer_step`` (which
   Lightning calls before clipping) keeps their norm for the ``grad_norm`` metric. A
   list batch (``default_collate`` of ``(x, y)`` samples) is passed on as a tuple: to the
-  monitor a list means several batches.
+  monitor a list means several batches. Several training dataloaders' combined batch is
+  passed on as the list of their batches (:func:`_monitor_batch`).
 * ``on_fit_end``, ``on_exception``, ``teardown``: close the run file (idempotent).
 
 The loss function. Metrics of the ``cheap`` preset need none: the training loss comes from
@@ -145,6 +146,30 @@ def training_step_loss(module: nn.Module, batch: Any) -> torch.Tensor:
             "training_step returned no loss tensor; pass loss_fn= or closure= to LandscapeCallback"
         )
     return out
+
+
+def _monitor_batch(trainer: pl.Trainer, batch: Any) -> Any:
+    """A training batch as the monitor reads it: one batch, or a list of several.
+
+    ``default_collate``'s ``[x, y]`` is one batch, passed on as a tuple (to the monitor a
+    list means several batches). Under several training dataloaders (``fit(module, [dl1,
+    dl2])`` or ``{"a": dl1, "b": dl2}``) Lightning's batch holds one batch of each, in the
+    loaders' structure: they are passed on as a list of batches (read as ``(inputs,
+    targets)`` they were ``inputs = [x1, y1]``, and every forward of the monitor failed).
+    """
+    loaders = getattr(trainer, "train_dataloader", None)
+    if isinstance(loaders, Mapping) and isinstance(batch, Mapping) and len(loaders) > 1 \
+            and set(batch) <= set(loaders):
+        return [_monitor_batch_of_one(b) for b in batch.values()]
+    if isinstance(loaders, (list, tuple)) and len(loaders) > 1 \
+            and isinstance(batch, (list, tuple)) and len(batch) == len(loaders):
+        return [_monitor_batch_of_one(b) for b in batch]
+    return _monitor_batch_of_one(batch)
+
+
+def _monitor_batch_of_one(batch: Any) -> Any:
+    """``default_collate``'s ``[x, y]`` as the one batch it is: a tuple."""
+    return tuple(batch) if isinstance(batch, list) else batch
 
 
 def _as_trained(trainer: pl.Trainer, batch: Any) -> Any:
@@ -355,6 +380,7 @@ class LandscapeCallback(CallbackSettings, Callback):
         """Record one monitor step after each optimizer step, with the step's summed loss."""
         if self.monitor is None:
             return
+        batch = _monitor_batch(trainer, batch)
         loss = _loss_of(outputs)
         if loss is not None:
             self._pending.append(loss)
@@ -395,8 +421,6 @@ class LandscapeCallback(CallbackSettings, Callback):
                 trainer.accumulate_grad_batches / len(pending))
         else:
             step_loss = torch.stack(pending).to("cpu", torch.float64).mean()
-        if isinstance(batch, list):  # default_collate's (x, y) is one batch, not a list of them
-            batch = tuple(batch)
         grad_norm, self._grad_norm = self._grad_norm, None
         found = self.monitor.step(trainer.global_step - 1, batch=batch, loss=step_loss,
                                   grad_norm=grad_norm, samples=samples)

@@ -825,3 +825,40 @@ def test_a_replaced_optimizer_keeps_the_rows_coming_and_is_warned_about():
     with pytest.warns(RuntimeWarning, match="set_optimizer"):
         _fit(_SecondStage(), [callback], max_steps=5)
     assert callback.run().steps("loss").tolist() == [0, 1, 2, 3, 4]
+
+
+class _TwoLoaders(Classifier):
+    """A training_step over one batch of each of two loaders, as a list or a dict."""
+
+    def training_step(self, batch, batch_idx):
+        parts = batch.values() if isinstance(batch, dict) else batch
+        loss = sum(F.cross_entropy(self(x), y) for x, y in parts) / 2
+        if self.training:
+            self.losses.append(float(loss.detach()))
+        return loss
+
+
+@pytest.mark.parametrize("structure", ["list", "dict"])
+def test_several_training_loaders_give_the_monitor_a_list_of_their_batches(tmp_path, structure):
+    """Lightning's combined batch [[x1, y1], [x2, y2]] was read as (inputs, targets) =
+    ([x1, y1], [x2, y2]): the default monitor's sentinels and logits were NaN for the whole
+    run, its one explanation a TypeError in the user's forward, and the step counted 16
+    samples of 32 (integrations review)."""
+    path = tmp_path / "run.h5"
+    module = _TwoLoaders()
+    loaders = [torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*_data(seed=s)),
+                                           batch_size=16) for s in (0, 1)]
+    cb = LandscapeCallback(str(path), F.cross_entropy)  # the defaults
+    trainer = pl.Trainer(max_steps=4, accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[cb])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no metric fails
+        trainer.fit(module, loaders if structure == "list" else dict(zip("ab", loaders)))
+    with Run.open(path) as run:
+        assert run.series("loss", "samples")[1].tolist() == [32.0] * 4
+        assert run.series("loss", "value")[1].tolist() == pytest.approx(module.losses, rel=1e-7)
+        r = run.series("sentinels", "r_secant")[1]
+        assert np.isfinite(r[1:]).all() and np.isfinite(run.series("sentinels", "max_abs")[1]).all()
+        assert not [f for f in run.findings() if f.rule == "metric_failed"]
+    _no_hooks_left(trainer, module)
