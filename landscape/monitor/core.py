@@ -850,7 +850,7 @@ class Monitor:
         self._idle_versions = None
         self._watch_idle = True  # the versions are taken when this call ends
 
-    def _say_trainable_changed(self, modules: list[nn.Module]) -> None:
+    def _say_trainable_changed(self, modules: list[nn.Module], given_norm: bool) -> None:
         """Warn once when the model's trainable parameters are no longer those of the start.
 
         A head replaced, layers frozen or unfrozen, an adapter injected, weights tied: the
@@ -859,7 +859,11 @@ class Monitor:
         ones out and read ones that no longer train, and metrics that need the old ones
         fail. At calls that measure, over the step's list of ``modules`` (the model's, in
         ``parameters()`` order: 24 us on a 27-tensor transformer). Not for FSDP2 models,
-        whose parameter objects are swapped by every forward; rank 0 says it.
+        whose parameter objects are swapped by every forward; rank 0 says it. A gradient
+        norm given to ``step`` (``given_norm``; the integrations' norm before clipping) is
+        the caller's, over every trainable parameter: the warning leaves it out. Under an
+        integration's callback the advice is a new run (the callback's monitor lives for
+        one training run).
         """
         if self._told_trainable or self._sharded:
             return
@@ -874,14 +878,19 @@ class Monitor:
         gone = len(started - {id(p) for p in live})
         what = (f"{added} tensors added, {gone} gone" if added or gone
                 else "the same tensors in another order")
+        rows = "update and the curvature rows" if given_norm else \
+            "grad_norm, update and the curvature rows"
+        integration = self._user_config.get("integration")
+        advice = ("start a new Monitor after such a change (a new run file when its "
+                  "metrics' fields change" if integration is None else
+                  "change it between training runs, each with its own callback and run file "
+                  "(the callback's monitor lives for one run")
         warnings.warn(
             f"landscape: the model's trainable parameters changed since the monitor started "
             f"({what}: a new head, layers frozen or unfrozen, an adapter, weights tied): "
-            "it still measures the ones it started with, so "
-            "grad_norm, update and the curvature rows leave the new ones out and metrics "
-            "that need the old ones fail; start a new Monitor after such a change (a new "
-            "run file when its metrics' fields change; docs/monitor.md, 'Which parameters')",
-            RuntimeWarning, stacklevel=user_stacklevel())
+            f"it still measures the ones it started with, so {rows} leave the new ones "
+            f"out and metrics that need the old ones fail; {advice}; docs/monitor.md, "
+            "'Which parameters')", RuntimeWarning, stacklevel=user_stacklevel())
 
     def _versions(self) -> tuple[Any, ...]:
         """The state of the parameters the watched optimizer holds that no forward writes.
@@ -1090,7 +1099,7 @@ class Monitor:
             ctx.rebuild_params_before(self._own, before)  # θ_after − Δθ, when read
         # one walk of the module tree per step, for isolated() and the sentinels' guard
         ctx.modules = list(self.model.modules())
-        self._say_trainable_changed(ctx.modules)
+        self._say_trainable_changed(ctx.modules, grad_norm is not None)
         if before is not None and written_in_forward(ctx.modules):
             # a metric's forward renormalises embedding rows in place (max_norm) until
             # isolated() writes them back: θ_after − Δθ is taken before any forward

@@ -64,6 +64,7 @@ def test_a_change_of_the_trainable_parameters_is_said_once(tmp_path, change):
             trained = _loop(model, opt, x, y, change, mon)
     said = [str(w.message) for w in caught if "trainable parameters changed" in str(w.message)]
     assert len(said) == 1 and "start a new Monitor" in said[0]
+    assert "so grad_norm, update and the curvature rows leave" in said[0]
     assert ("2 tensors added, 2 gone" in said[0]) == (change is _new_head)
     assert all(torch.equal(a, b) for a, b in zip(trained, plain))  # training as it was
 
@@ -130,3 +131,31 @@ def test_an_operator_that_no_longer_fits_the_model_is_not_blamed_on_the_learning
     assert not any("cannot scale the Hessian" in str(w.message) for w in caught)
     failed = [f.message for f in mon.findings if f.rule == "metric_failed"]
     assert len(failed) == 1 and "matches no trainable parameter" in failed[0]
+
+
+def test_under_a_callback_the_warning_names_what_its_rows_hold_and_advice_it_can_follow(tmp_path):
+    """The Hugging Face callback gives the monitor the Trainer's gradient norm, which holds
+    the unfrozen layers; the warning said grad_norm left them out, and advised starting a
+    new Monitor, which a callback user cannot do mid-train() (integrations review)."""
+    x, y = models.classification_data()
+    model = models.mlp()
+    model[0].requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with ls.Monitor(model, F.cross_entropy, tmp_path / "run.h5", optimizer=opt,
+                        config={"integration": "transformers"}) as mon:
+            for step in range(3):
+                if step == 1:
+                    model[0].requires_grad_(True)
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                norm = torch.linalg.vector_norm(
+                    torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+                opt.step()
+                mon.step(step, batch=(x, y), loss=loss, grad_norm=norm)
+    (said,) = [str(w.message) for w in caught if "trainable parameters changed" in str(w.message)]
+    assert "so update and the curvature rows leave" in said and "grad_norm" not in said
+    assert "start a new Monitor" not in said
+    assert "between training runs, each with its own callback and run file" in said
