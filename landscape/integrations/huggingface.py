@@ -382,6 +382,9 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
             "call callback.record_loss(loss) where the loss is computed; until then the "
             "'loss' rows are NaN and loss_spike sees nothing")
         self.monitor.start()
+        # this run's findings: those the file holds (a resume: none past its step), not a
+        # previous train()'s, which this object kept (they disagreed with the run file)
+        self.findings = list(self.monitor.findings)
         refuse_stale_start(self.monitor, int(state.global_step), type(self).__name__,
                            self.path)
         self._closed = False

@@ -309,6 +309,9 @@ class LandscapeCallback(CallbackSettings, Callback):
             "training_step returned no loss: return the loss, or {'loss': loss, ...} "
             "(with manual optimization too), for the 'loss' rows (NaN until then)")
         self.monitor.start()
+        # this fit's findings: those the file holds (a resume: none past its step), not a
+        # previous fit's (fast_dev_run's smoke test), which this object kept
+        self.findings = list(self.monitor.findings)
         refuse_stale_start(self.monitor, int(trainer.global_step), type(self).__name__, path)
         self._closed = False
         self._seen_global_step = trainer.global_step

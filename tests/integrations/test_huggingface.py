@@ -12,6 +12,7 @@ import torch
 
 from landscape import InstabilityWarning, StepOrderError
 from landscape.alarms import LogitGrowth
+from landscape.findings import Finding
 from landscape.metrics import create
 from landscape.store import Run
 
@@ -512,3 +513,17 @@ def test_the_setup_notes_are_said_by_the_first_process_alone(tmp_path, monkeypat
     clipping = [r for r in caplog.records if "hold the clipped norm" in r.getMessage()]
     smoothing = [w for w in seen if "label_smoothing_factor the Trainer pops" in str(w.message)]
     assert (len(clipping), len(smoothing)) == ((1, 1) if zero else (0, 0))
+
+
+def test_a_second_train_starts_the_callbacks_findings_afresh(tmp_path):
+    """callback.findings was never reset: a second train() (or a resume that truncated
+    the file) kept the earlier run's findings beside the run file's (review)."""
+    cb = LandscapeTrainerCallback(None, probe=PROBE, metrics="cheap")
+    _train(tmp_path, [cb], max_steps=2)
+    earlier = Finding(step=1, rule="earlier_run", severity="warning", metric="loss",
+                      value=1.0, threshold=0.5, message="an earlier run's")
+    cb.findings.append(earlier)
+    _train(tmp_path, [cb], max_steps=2)
+    assert earlier not in cb.findings
+    assert [(f.step, f.rule) for f in cb.findings] == \
+        [(f.step, f.rule) for f in cb.run().findings()]

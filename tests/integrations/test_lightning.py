@@ -862,3 +862,18 @@ def test_several_training_loaders_give_the_monitor_a_list_of_their_batches(tmp_p
         assert np.isfinite(r[1:]).all() and np.isfinite(run.series("sentinels", "max_abs")[1]).all()
         assert not [f for f in run.findings() if f.rule == "metric_failed"]
     _no_hooks_left(trainer, module)
+
+
+def test_the_callbacks_findings_are_its_run_files_after_a_fast_dev_run(tmp_path):
+    """The documented smoke test, then the real fit with the same callback: the list kept
+    the smoke test's findings beside the fit's (6 against the file's 3; review)."""
+    path = tmp_path / "run.h5"
+    callback = LandscapeCallback(str(path), metrics=["loss", "sharpness"])  # no loss_fn: a
+    with warnings.catch_warnings():  # finding per measured step
+        warnings.simplefilter("ignore")
+        _fit(Classifier(), [callback], fast_dev_run=True)
+        assert [f.rule for f in callback.findings] == ["metric_failed"]
+        _fit(Classifier(), [callback], max_steps=3)
+    with Run.open(path) as run:
+        stored = [(f.step, f.rule) for f in run.findings()]
+    assert stored and [(f.step, f.rule) for f in callback.findings] == stored
