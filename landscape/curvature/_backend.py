@@ -21,6 +21,7 @@ from typing import Any, ContextManager
 
 from landscape import distributed as _dist
 from landscape._errors import LandscapeError
+from landscape.findings import user_stacklevel
 
 __all__ = ["BACKENDS", "Backend"]
 
@@ -91,7 +92,7 @@ class Backend:
                 f"{self.owner}: the exact curvature product is impossible ({reason}); using "
                 "the first-order product, central differences of gradients "
                 "(backend_used='first_order'; docs/curvature.md, 'First-order products')",
-                RuntimeWarning, stacklevel=5,
+                RuntimeWarning, stacklevel=user_stacklevel(),
             )
 
     @property

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import logging
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, ContextManager, TypeVar
@@ -662,6 +663,21 @@ class ModelOperator(CurvatureOperator):
                opts.batch_statistics, self.closure is not None, self.forward is not None)
         value = remembered(self.model, key, measure)
         if value is None or not value > tolerance or self._backend.first_order:
+            return
+        backend = self._backend
+        if path == "batched" and backend.name in ("auto", "exact") \
+                and backend.single_by_autograd and backend.vmap_failed is None:
+            # the vmapped torch.func product is the wrong one (torch's forward-mode
+            # derivative of some op at some shapes: BERT's, 2e-3 off in float64), not the
+            # model's second derivative: batched products become a loop of exact
+            # double-backward products, whose own symmetry is checked next
+            backend.vmap_failed = RuntimeError(
+                f"the vmapped torch.func products are not symmetric ({value:.2g})")
+            logging.getLogger("landscape").info(
+                "landscape: %s: the vmapped torch.func curvature products are not symmetric "
+                "(%.2g of their size); using double-backward products one at a time",
+                type(self).__name__, value)
+            self._check_symmetric(batched=False)
             return
         reason = (f"its products are not symmetric: <u, A w> and <w, A u> differ by "
                   f"{value:.2g} of the products' size, so the model differentiates through a "

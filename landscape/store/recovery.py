@@ -525,6 +525,24 @@ def _refuse_live_writer(f: h5py.File, path: Path) -> None:
         raise _being_written(path, owner_pid)
 
 
+def open_for_reading_here(err: BaseException) -> bool:
+    """Whether HDF5 refused a write because this process holds the file open to read.
+
+    HDF5 keeps one list of open files per process: a ``Run`` left open (a notebook's
+    ``run = callback.run()``) makes a later writer fail with "already open for read-only"
+    (appending) or "unable to truncate a file which is already open" (``mode="w"``).
+    """
+    text = str(err)
+    return "already open for read-only" in text or "truncate a file which is already open" in text
+
+
+def read_here_message(path: Path) -> str:
+    """The one line for :func:`open_for_reading_here`."""
+    return (f"{path}: is open for reading in this process (a Run from Run.open() or "
+            "callback.run() not closed yet): close it first (run.close(), or read it in "
+            "'with Run.open(path) as run:'), or write to another path")
+
+
 def open_for_writing(path: Path) -> h5py.File:
     """Open an existing run file for appending, recovering it if its writer was killed.
 
@@ -542,6 +560,8 @@ def open_for_writing(path: Path) -> h5py.File:
     try:
         f = h5py.File(path, "r+", libver="latest", locking=LOCKING)
     except _DAMAGED as err:
+        if open_for_reading_here(err):
+            raise RunFileError(read_here_message(path)) from None
         if "already open for write" not in str(err):
             raise RunFileError(f"{path}: not a writable HDF5 file ({_h5_reason(err)})") from None
         recover_crashed(path)

@@ -54,7 +54,9 @@ from landscape.store.reader import Run
 from landscape.store.recovery import (
     WRITING,
     holds_nothing,
+    open_for_reading_here,
     open_for_writing,
+    read_here_message,
     refuse_to_replace_with_a_run,
 )
 
@@ -245,6 +247,8 @@ class RunWriter:
         try:
             f = h5py.File(path, "w", libver="latest", locking=LOCKING)
         except OSError as err:
+            if open_for_reading_here(err):
+                raise RunFileError(read_here_message(path)) from None
             raise RunFileError(f"{path}: cannot create ({_h5_reason(err)})") from None
         for key, value in _root_attrs(config).items():
             f.attrs[key] = value

@@ -270,3 +270,22 @@ def test_an_analysis_resumed_after_an_unfinished_checkpoint_warns_of_no_gap(tmp_
     assert not [w for w in recwarn if "never written" in str(w.message)]
     with Run.open(out) as run:
         assert [s for s, _ in run.checkpoints()] == [10, 20, 40]
+
+
+@pytest.mark.parametrize("mode", ["w", "a"])
+def test_a_run_left_open_for_reading_is_named_when_a_writer_needs_the_file(tmp_path, mode):
+    """A notebook's run = callback.run() left open made the next training fail with
+    'cannot create (unable to truncate a file which is already open)' or 'not a writable
+    HDF5 file (file is already open for read-only)', which read as a damaged file (review)."""
+    path = tmp_path / "run.h5"
+    with RunWriter(path) as w:
+        w.declare("loss", {"value": None})
+        w.append("loss", 0, {"value": 1.0})
+    run = Run.open(path)
+    with pytest.raises(RunFileError, match=r"is open for reading in this process .*run\.close\(\)"):
+        RunWriter(path, mode=mode)
+    run.close()
+    with RunWriter(path, mode=mode) as w:  # closed: it opens
+        if not w.declared("loss"):
+            w.declare("loss", {"value": None})
+        w.append("loss", 1, {"value": 2.0})
