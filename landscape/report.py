@@ -192,9 +192,16 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{_e(alt)}" src="data:image/png;base64,{data}">'
 
 
-def _verdict_html(findings: Sequence[Finding]) -> str:
-    """One paragraph: the first warning or error and what to do, or that there is none."""
+def _verdict_html(findings: Sequence[Finding], recorded: bool = True) -> str:
+    """One paragraph: the first warning or error and what to do, or that there is none.
+
+    ``recorded``: whether the run holds a row or a computed surface point; a run that
+    recorded nothing is said to have, not to have passed (``check`` refuses it).
+    """
     alarming = [f for f in findings if severity_rank(f.severity) >= severity_rank("warning")]
+    if not findings and not recorded:
+        return ('<p id="verdict">Nothing recorded: this run holds no rows (it stopped before '
+                "its first flush, or has not started), so there is nothing to judge.</p>")
     if not findings:
         return '<p id="verdict">No rule fired on this run.</p>'
     if not alarming:
@@ -238,9 +245,24 @@ def _rules_html(findings: Sequence[Finding]) -> list[str]:
     return out
 
 
+def _diverged_steps(run: Run) -> np.ndarray:
+    """The steps whose training loss is not finite (``loss/value``; empty without it)."""
+    if "loss" not in run.metrics() or "value" not in run.fields("loss"):
+        return np.zeros(0, dtype=np.int64)
+    steps, values = run.series("loss", "value")
+    return np.asarray(steps)[~np.isfinite(np.asarray(values, dtype=np.float64))]
+
+
 def _values_html(run: Run) -> list[str]:
-    """Last, smallest and largest value of every scalar numeric field, non-finite rows."""
+    """Last, smallest and largest value of every scalar numeric field, non-finite rows.
+
+    A field never finite is listed when some of its rows are: ±inf, or NaN at a step whose
+    training loss is not finite (a run non-finite from its start: the loss, gradient norm
+    and update fields); NaN on every row of a healthy run means not measured (a field that
+    does not apply), and is left out.
+    """
     rows = []
+    diverged = _diverged_steps(run)
     for metric in metrics_with_rows(run):
         if is_density(run, metric):
             continue
@@ -253,6 +275,9 @@ def _values_html(run: Run) -> list[str]:
             finite = np.isfinite(values)
             bad = int(nonfinite_rows(values).sum())  # ±inf, and NaN where a value was due
             if not finite.any():
+                flat = values.reshape(len(values), -1)
+                bad = int((np.isinf(flat).any(axis=1)
+                           | (np.isnan(flat).any(axis=1) & np.isin(steps, diverged))).sum())
                 if bad:  # a run non-finite from its start: its count is the news
                     dash = "<td class=num>&ndash;</td>"
                     rows.append(f"<tr><td>{_e(metric)}</td><td>{_e(name)}</td>{dash * 4}"
@@ -276,7 +301,9 @@ def _values_html(run: Run) -> list[str]:
 
 
 def _overview_html(run: Run, findings: Sequence[Finding]) -> list[str]:
-    return ['<section id="overview"><h2>At a glance</h2>', _verdict_html(findings),
+    recorded = any(run.rows(m) for m in run.metrics()) or any(
+        run.surface(s).done.any() for s in run.surfaces())
+    return ['<section id="overview"><h2>At a glance</h2>', _verdict_html(findings, recorded),
             *_rules_html(findings), *_values_html(run), "</section>"]
 
 

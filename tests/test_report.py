@@ -636,3 +636,56 @@ def test_a_field_without_a_finite_value_is_still_said():
     html = render_report(run)
     row = re.search(r"<tr><td>loss</td><td>value</td>(.*?)</tr>", html)
     assert row is not None and row.group(1).endswith("<td class=num>3</td>"), html[-2000:]
+
+
+def test_the_values_table_counts_the_fields_of_a_run_non_finite_from_its_start():
+    """A run whose loss was NaN from step 0 lost its loss and gradient-norm rows from the
+    table (never finite read as never measured), and one +inf then NaN counted 1 of 30
+    (report review). A never-finite field of a run whose loss is finite stays out."""
+    for first in (np.nan, np.inf):
+        w = RunWriter.memory()
+        w.declare("loss", {"value": None})
+        w.declare("grad_norm", {"value": None})
+        w.declare("probe", {"attention": None})
+        for s in range(30):
+            w.append("loss", s, {"value": first if s == 0 else np.nan})
+            w.append("grad_norm", s, {"value": np.nan})
+            w.append("probe", s, {"attention": np.nan})
+        rows = {(r[0], r[1]): r[2:] for r in _table(render_report(w.run(), findings=[]),
+                                                   "values")}
+        assert rows[("loss", "value")][-1] == "30" and rows[("grad_norm", "value")][-1] == "30"
+    w = RunWriter.memory()
+    w.declare("loss", {"value": None})
+    w.declare("probe", {"attention": None})
+    for s in range(5):
+        w.append("loss", s, {"value": 1.0})
+        w.append("probe", s, {"attention": np.nan})  # a field that does not apply here
+    rows = {(r[0], r[1]) for r in _table(render_report(w.run(), findings=[]), "values")}
+    assert ("probe", "attention") not in rows
+
+
+def test_a_run_that_recorded_nothing_is_not_said_to_have_passed():
+    """report said 'No rule fired on this run.' where check exits 2 (report review)."""
+    w = RunWriter.memory()
+    w.declare("loss", {"value": None})
+    html = render_report(w.run(), findings=[])
+    assert "Nothing recorded: this run holds no rows" in html
+    assert "No rule fired" not in html
+
+
+def test_the_sharpness_figure_draws_its_threshold_as_steps_and_keeps_lambda_readable():
+    """The threshold panel drew a slope from 76 to 1.9 between two rows (the limit panel
+    above drew the step), lambda_max of about 1 sat flat at 0 under a threshold of 76, and
+    an all-NaN panel clipped the shared x axis to the end rows (report review)."""
+    w = RunWriter.memory()
+    w.declare("sharpness", {"lambda_max": None, "threshold": None, "eps_dominated": None})
+    for s, (lam, thr) in zip((0, 85, 90, 95), ((0.8, 76.0), (0.8, 1.9), (0.6, 1.9), (0.9, 1.9))):
+        w.append("sharpness", s, {"lambda_max": lam, "threshold": thr, "eps_dominated": np.nan})
+    fig = timelines(w.run(), ["sharpness"])["sharpness"]
+    top, threshold_ax, empty = fig.axes[:3]
+    assert top.get_yscale() == "log"
+    (line,) = [ln for ln in threshold_ax.get_lines() if ln.get_label() == "threshold"]
+    assert line.get_drawstyle() == "steps-post"
+    lo, hi = top.get_xlim()
+    assert lo < -0.5 and hi > 95.5  # the margins of an axis with data, shared by all
+    assert empty.get_xlim() == top.get_xlim()

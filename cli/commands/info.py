@@ -36,7 +36,9 @@ def info(run_path: str, as_json: bool) -> None:
         fields = ", ".join(f"{f} {FieldSpec.from_json(s)}" for f, s in m["fields"].items())
         schedule = f", schedule {m['schedule']}" if m.get("schedule") else ""
         click.echo(f"    {name}: {counted(m['rows'], 'row')}, {span}{schedule}; fields: {fields}")
-    click.echo(f"  findings: {summary['findings']}")
+    # the stored ones: check, report and plot evaluate the rules again over the whole run
+    click.echo(f"  findings stored: {summary['findings']} (raised while the run was written; "
+               "landscape check evaluates the rules on the whole run)")
     click.echo(f"  checkpoints: {summary['checkpoints']}")
     click.echo(f"  surfaces: {len(summary['surfaces'])}")
     for name, s in summary["surfaces"].items():

@@ -313,6 +313,8 @@ class ForecastState:
         self.lr_before_rise = -math.inf  # lr_high when the learning rate last rose
         self.restart: float | None = None  # this row's lr when the schedule explains growth
         self.lrs: deque[float] = deque(maxlen=(rule.update_onset_rows or 10) + 1)
+        # the rates of the rows the update median spans, and this row's
+        self.window_lrs: deque[float] = deque(maxlen=rule.update_window + 1)
         self.losses = RollingWindow(rule.update_window)  # the previous rows' probe loss
 
     def __call__(self, step: int, row: Row) -> Trigger | _Skip | None:
@@ -504,11 +506,13 @@ class ForecastState:
     def _flat_lr_note(self) -> str:
         """Where the hint's "check the schedule" does not apply: the rate did not move.
 
-        The rows' recorded learning rates (``lr``) all equal: the step grew by other
-        causes, which the note names.
+        The recorded learning rates (``lr``) all equal, over the rows the update median
+        spans and this one: the step grew by other causes, which the note names. (Over the
+        last rows alone it said "has not changed" 22 rows after a jump of the rate from
+        0.05 to 2, whose earlier rows were still in the median.)
         """
-        lrs = self._recorded_lrs()
-        if lrs is None or max(lrs) != min(lrs):
+        lrs = list(self.window_lrs)
+        if len(lrs) < 2 or not all(math.isfinite(x) for x in lrs) or max(lrs) != min(lrs):
             return ""
         return ("; the learning rate has not changed: a momentum (or beta1) raised, a loss "
                 "summed over accumulated micro-batches instead of averaged, inputs whose "
@@ -608,6 +612,7 @@ class ForecastState:
         self.restart = None
         lr = row_value(row, "lr")
         self.lrs.append(lr if lr is not None and math.isfinite(lr) and lr > 0 else math.nan)
+        self.window_lrs.append(self.lrs[-1])
         if lr is not None and math.isfinite(lr) and lr > 0:
             # compared with the rates before the latest rise: on the later rows of a stair
             # of a ramp stepped every k rows the rate equals the largest so far

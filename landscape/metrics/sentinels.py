@@ -427,7 +427,7 @@ class Sentinels(Metric):
       when neither).
     * ``update_ratio``, ``update_layer``: the largest ||Δθ_l|| / ||θ_l|| over the weight
       tensors (two or more dimensions) and the index of that tensor in
-      ``config()["layers"]``.
+      ``config()["layers"]`` (NaN when the ratio is NaN).
     * ``lr``: the largest learning rate of the optimizer's parameter groups at the
       optimizer step this call follows (read by the monitor's pre-step hook: a scheduler
       stepped between ``optimizer.step()`` and the call, as Lightning does, has already
@@ -818,6 +818,8 @@ class Sentinels(Metric):
                                          ratios[at]])
         if not some:
             return {}
+        if math.isnan(value):  # a NaN ratio (argmax's index of it is no layer's): no layer
+            return {"update_ratio": value, "update_layer": math.nan}
         layer = self.layers.index(ctx.names[idx[int(best)]])
         return {"update_ratio": value, "update_layer": float(layer)}
 

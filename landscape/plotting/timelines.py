@@ -164,19 +164,20 @@ def _isolated(finite: np.ndarray) -> np.ndarray:
 
 
 def _draw_series(ax, steps: np.ndarray, y: np.ndarray, label: str, linewidth: float,
-                 color: Any = None, linestyle: str = "-") -> None:
+                 color: Any = None, linestyle: str = "-", drawstyle: str = "default") -> None:
     """One line; markers on every point when there are few, else on the isolated ones.
 
     A long series is drawn through the points that show (:func:`~.thinning.thin`).
     ``color``: the line's (default: the axes' next one); ``linestyle``: the line's (the
-    isolated points' markers stand alone whatever it is).
+    isolated points' markers stand alone whatever it is); ``drawstyle="steps-post"`` for
+    a value that holds from its row to the next (a stability threshold).
     """
     finite = np.isfinite(y)
     few = int(finite.sum()) <= FEW_POINTS
     style = {"marker": "o", "markersize": _MARKER_SIZE} if few else {}
     shown = thin(steps, y)
     (line,) = ax.plot(steps[shown], y[shown], label=label, linewidth=linewidth, color=color,
-                      linestyle=linestyle, **style)
+                      linestyle=linestyle, drawstyle=drawstyle, **style)
     alone = np.flatnonzero(_isolated(finite))
     if not few and alone.size:
         alone = alone[thin(steps[alone], y[alone])]
@@ -230,8 +231,9 @@ def _plot_field(
     """
     values = np.asarray(values, dtype=np.float64)
     shape = values.shape[1:]
-    if not shape:
-        _draw_series(ax, steps, values, field, 1.2)
+    if not shape:  # a limit holds from its row to the next, as beside its quantity below
+        _draw_series(ax, steps, values, field, 1.2,
+                     drawstyle="steps-post" if field in _LIMITS.values() else "default")
     else:
         flat = values.reshape(len(steps), -1)
         if flat.shape[1] <= max_lines:
@@ -329,8 +331,10 @@ def timeline(
             text = ("no rows yet" if len(steps) == 0 else "NaN on every row"
                     if np.isnan(numbers).all() else "no finite value (±inf or NaN)")
             ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
-            if len(steps):
-                ax.set_xlim(float(steps[0]) - 0.5, float(steps[-1]) + 0.5)
+            if len(steps):  # the steps' span, with the margins the other panels have (a
+                # fixed xlim here clipped the shared axis of every panel to the end rows)
+                ax.update_datalim([(float(steps[0]), 0.0), (float(steps[-1]), 0.0)])
+                ax.autoscale_view()
             ax.set_ylabel(name)
         else:
             labels = _field_labels(run, metric, name)
@@ -346,6 +350,10 @@ def timeline(
                 shown = thin(steps, bound)
                 ax.plot(steps[shown], bound[shown], linestyle="--", drawstyle="steps-post",
                         color=SEVERITY_COLORS["error"], lw=1.0, label=limit)
+                both = np.concatenate([numbers, bound])
+                if log is None and ax.get_yscale() == "linear" and spans_decades(both):
+                    # a limit far above the quantity flattened it to a line at 0
+                    _set_log_scale(ax, both)
                 legend = True
             if legend:
                 # "best" scans every point: affordable only on short series

@@ -289,3 +289,21 @@ def test_growth_at_a_constant_learning_rate_names_the_other_causes():
     lr[150:] *= ramp  # the ramp is the schedule's: no such note
     (ramped, *_) = _run(TaylorForecast(), r, update=u, lr=lr)
     assert ramped.metric == "sentinels/update_ratio" and note not in ramped.message
+
+
+def test_no_flat_rate_note_while_the_median_spans_a_jump_of_the_rate():
+    """The note read only the last rows' rates: 22 rows after the rate jumped from 0.05 to
+    2, with earlier rows still in the update median, a warning said 'the learning rate has
+    not changed' (report review)."""
+    rng = np.random.default_rng(1)
+    n = 200
+    r = np.full(n, 0.3) * np.exp(0.1 * rng.standard_normal(n))
+    u = np.full(n, 0.005) * np.exp(0.05 * rng.standard_normal(n))
+    lr = np.full(n, 0.05)
+    lr[150:] = 2.0  # one jump, whose rows are still in the update median 22 rows later
+    u[172:] *= 10  # when the step grows, with r past update_confirm: a warning
+    r[172:] *= 3
+    found = [f for f in _run(TaylorForecast(), r, update=u, lr=lr)
+             if f.metric == "sentinels/update_ratio" and f.severity == "warning"]
+    assert found and found[0].step > 172, found
+    assert all("the learning rate has not changed" not in f.message for f in found)

@@ -40,7 +40,7 @@ def test_info_lists_metrics_fields_steps_findings_and_surfaces(runner, tmp_path)
     assert "hessian: 3 rows, steps 10..30, schedule every(10)" in out
     assert "loss: 1 row, steps 30..30" in out  # (was "1 rows")
     assert "top float64[5]" in out and "trace float64" in out
-    assert "findings: 1" in out
+    assert "findings stored: 1 (raised while the run was written" in out
     assert "plane: 4x3 grid, 1/12 points computed" in out  # x by y: `surface` said 4x3
     assert '"lr": 0.5' in out
 

@@ -803,3 +803,26 @@ def test_a_leading_scalar_of_a_model_called_without_labels_is_not_its_loss():
             want = float(F.cross_entropy(model(x)[1].double(), y))
         got = mon.run().series("sentinels", "probe_loss")[1][0]
     assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_a_nan_update_ratio_names_no_layer():
+    """update_layer read 0 where every ratio was NaN (argmax's index of a NaN): a flat line
+    at layer 0 in the figures and 'last 0' in the report (report review)."""
+    torch.manual_seed(0)
+    model = models.mlp(d_in=6, hidden=16, d_out=3, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x, y = models.classification_data(16, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with ls.Monitor(model, F.cross_entropy, optimizer=opt, metrics=[Sentinels()],
+                        probe=(x, y), warn=False) as mon:
+            models.full_batch_steps(mon, model, opt, x, y, 2)
+            loss = F.cross_entropy(model(x), y) * float("nan")  # the step that diverged
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(2, batch=(x, y), loss=loss)
+            run = mon.run()
+    _, ratio = run.series("sentinels", "update_ratio")
+    _, layer = run.series("sentinels", "update_layer")
+    assert math.isfinite(layer[1]) and math.isnan(ratio[2]) and math.isnan(layer[2])
