@@ -134,6 +134,48 @@ _CLASSES = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.opt
 _HYPER = ("lr", "momentum", "dampening", "nesterov", "betas", "eps", "weight_decay", "amsgrad")
 
 
+def _readable(settings: dict[str, Any] | None) -> bool:
+    """Whether a checkpoint's saved optimizer settings give a threshold (SGD, Adam, AdamW)."""
+    return bool(settings) and settings.get("name") is not None  # type: ignore[union-attr]
+
+
+def _say_momentum_left_out(optimizer: dict[str, Any] | None,
+                           loaded: Sequence[tuple[int, Checkpoint]]) -> None:
+    """Warn when SGD settings given without a momentum meet checkpoints that saved one.
+
+    ``--lr`` alone is plain SGD (momentum 0, the threshold 2/lr), while restating the
+    saved rate of an SGD-with-momentum run changed its threshold 1.9x without a word.
+    """
+    if not optimizer or optimizer.get("momentum") is not None \
+            or str(optimizer.get("name", "sgd")).lower() != "sgd":
+        return
+    saved = next((c.optimizer for _, c in loaded if _readable(c.optimizer)
+                  and c.optimizer.get("name") == "sgd"  # type: ignore[union-attr]
+                  and (c.optimizer.get("momentum") or 0) > 0), None)  # type: ignore[union-attr]
+    if saved is not None:
+        warnings.warn(f"sharpness: the learning rate given without a momentum is plain SGD's "
+                      f"(momentum 0, threshold 2/lr), while the checkpoints' optimizer saved "
+                      f"momentum {saved['momentum']:g}: pass --momentum {saved['momentum']:g} "
+                      "(in Python optimizer={..., 'momentum': ...}) to use it", stacklevel=3)
+
+
+def _say_no_saved_optimizer(ckpt: Checkpoint) -> None:
+    """Warn that a checkpoint among others that saved their optimizer gets no threshold.
+
+    It took the settings (and Adam's moments) of the checkpoint before it, or of a later one
+    when it came first, without a word: a threshold 6x off where an ``optimizer.pt`` was
+    unreadable.
+    """
+    unread = (ckpt.optimizer or {}).get("unread")
+    what = (f"its optimizer ({unread}) is not one analyze reads (SGD, Adam, AdamW)"
+            if unread else "it holds no optimizer state analyze can read (none saved, or "
+            "an optimizer file that cannot be read)")
+    warnings.warn(f"{ckpt.path}: {what}: its sharpness threshold and ratio are NaN; pass "
+                  "--lr and --momentum for SGD's threshold (in Python optimizer=), or record "
+                  "the sharpness during training with the Monitor, which reads the live "
+                  "optimizer", stacklevel=3)
+
+
 def _optimizer(model: nn.Module, spec: dict[str, Any] | None) -> torch.optim.Optimizer | None:
     """An optimizer that is never stepped: it only tells the sharpness metric its threshold."""
     if not spec:
@@ -794,8 +836,10 @@ def analyze(
     if "top_eigenvalues" in names and k > size:  # (beyond it NaN would be stored, silently)
         raise LandscapeError(f"k={k}: the model has {size} trainable parameters, so at most "
                              f"{size} eigenvalues")
-    saved = optimizer is None and any(c.optimizer for _, c in loaded)
-    spec = next((c.optimizer for _, c in loaded if c.optimizer), None) if saved else optimizer
+    saved = optimizer is None and any(_readable(c.optimizer) for _, c in loaded)
+    spec = next((c.optimizer for _, c in loaded if _readable(c.optimizer)), None) \
+        if saved else optimizer
+    _say_momentum_left_out(optimizer, loaded)
     opt = _optimizer(net, spec)
     net.eval()
     partial = _partial_step(path, mode)
@@ -839,10 +883,15 @@ def analyze(
                     for step, ckpt in todo:
                         bars.start_checkpoint(step)
                         load_state_into(net, ckpt)
-                        if saved and opt is not None:
+                        own = not saved or _readable(ckpt.optimizer)
+                        if saved and own and opt is not None:
                             _apply_saved(opt, net, ckpt.optimizer, ckpt)
+                        elif not own and "sharpness" in names:
+                            _say_no_saved_optimizer(ckpt)
                         if opt is not None:  # the weights change with no step of it: each
-                            monitor.set_optimizer(opt)  # checkpoint's optimizer is a new one
+                            # checkpoint's optimizer is a new one; none where this checkpoint
+                            # saved none (another checkpoint's settings were read for it)
+                            monitor.set_optimizer(opt if own else None)
                         diverged = (first_diverged if ckpt is todo[0][1] else
                                     _check_diverged_or_refuse(net, loss_fn, batches, ckpt,
                                                               closure, data_good))
@@ -870,5 +919,9 @@ def analyze(
     finally:
         bars.close()
     if opt is None and "sharpness" in names and todo:  # after the rows, not before an error
-        warnings.warn(NO_LEARNING_RATE, stacklevel=2)
+        unread = sorted({c.optimizer["unread"] for _, c in todo
+                         if c.optimizer and c.optimizer.get("unread")})
+        warnings.warn(NO_LEARNING_RATE + (
+            f" (the checkpoints' optimizer, {', '.join(unread)}, is not one analyze reads: "
+            "SGD, Adam, AdamW)" if unread and optimizer is None else ""), stacklevel=2)
     return monitor

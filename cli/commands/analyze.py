@@ -47,7 +47,8 @@ EXAMPLE = ("landscape analyze ckpt-100.pt ckpt-200.pt --model factories.py:model
                    "(default: the optimizer state saved in the checkpoints; without one "
                    "the threshold is NaN, with a warning).")
 @click.option("--momentum", type=FiniteFloatRange(min=0, max=1, max_open=True), default=None,
-              help="SGD momentum (with --lr).")
+              help="SGD momentum (with --lr; default 0: plain SGD, which a warning says when "
+                   "the checkpoints saved another).")
 @click.option("--microbatch-size", type=click.IntRange(1), default=None,
               help="Curvature products in micro-batches of at most this many samples "
                    "(bounds their memory; slower).")

@@ -26,9 +26,11 @@ def optimizer_settings(state: Mapping[str, Any] | None) -> dict[str, Any] | None
 
     The hyper-parameters of the first parameter group that trains (holding parameters, at
     a learning rate > 0; the first group when none does), as the sharpness threshold reads
-    a live optimizer's (``landscape.curvature.stability.reference_group``); ``"adam"`` when
-    it has ``betas`` (Adam, AdamW), ``"sgd"`` when it has ``momentum``. The state dict
-    itself is kept under ``"state_dict"`` for :func:`load_second_moments`.
+    a live optimizer's (``landscape.curvature.stability.reference_group``); ``"adam"`` for
+    Adam and AdamW, ``"sgd"`` for SGD (told apart from NAdam, RAdam, Adamax, RMSprop by the
+    keys they save, :func:`_saved_kind`). Another optimizer gives ``{"name": None,
+    "unread": its name}``: no threshold is read for it. The state dict itself is kept
+    under ``"state_dict"`` for :func:`load_second_moments`.
 
     Args:
         state: ``Optimizer.state_dict()`` as saved, or None.
@@ -42,13 +44,13 @@ def optimizer_settings(state: Mapping[str, Any] | None) -> dict[str, Any] | None
     if not groups or not all(isinstance(g, Mapping) for g in groups) or "lr" not in groups[0]:
         return None
     group = reference_group(groups)
-    if "betas" in group:
-        name = "adam"
-    elif "momentum" in group:
-        name = "sgd"
-    else:
+    kind = _saved_kind(group, state.get("state"))
+    if kind is None:
         return None
-    settings: dict[str, Any] = {"name": name}
+    if kind not in ("adam", "sgd"):  # read wrongly as Adam or SGD before (its threshold
+        # 10x off for NAdam, an RMSprop checkpoint failed): said, and no threshold
+        return {"name": None, "unread": kind, "state_dict": state}
+    settings: dict[str, Any] = {"name": kind}
     for key in _KEEP:
         value = group.get(key)
         if isinstance(value, torch.Tensor):
@@ -57,6 +59,32 @@ def optimizer_settings(state: Mapping[str, Any] | None) -> dict[str, Any] | None
             settings[key] = tuple(value) if key == "betas" else value
     settings["state_dict"] = state
     return settings
+
+
+def _saved_kind(group: Mapping[str, Any], states: Any) -> str | None:
+    """``"adam"`` (Adam, AdamW), ``"sgd"``, another optimizer's name, or None (not one).
+
+    From the keys torch's optimizers save in a group (and Adamax's ``exp_inf`` state):
+    Adam and AdamW keep ``amsgrad`` beside ``betas``; NAdam ``momentum_decay``; RAdam,
+    Adamax and third-party optimizers with ``betas`` (Lion) no ``amsgrad``; SGD
+    ``dampening``/``nesterov`` beside ``momentum``, RMSprop ``alpha`` and ``centered``.
+    """
+    if "betas" in group:
+        if "momentum_decay" in group:
+            return "NAdam"
+        saved = states.values() if isinstance(states, Mapping) else ()
+        if any(isinstance(st, Mapping) and "exp_inf" in st for st in saved):
+            return "Adamax"
+        if "amsgrad" not in group:
+            return "an optimizer with betas other than Adam (RAdam, Adamax, Lion, ...)"
+        return "adam"
+    if "momentum" in group:
+        if "alpha" in group or "centered" in group:
+            return "RMSprop"
+        if "dampening" in group or "nesterov" in group:
+            return "sgd"
+        return "an optimizer with momentum other than SGD"
+    return None
 
 
 def read_optimizer_file(path: Path) -> dict[str, Any] | None:

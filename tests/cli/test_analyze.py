@@ -1,5 +1,6 @@
 """`landscape analyze`: checkpoints into one run; every bad input gives one line."""
 
+import math
 import re
 
 import numpy as np
@@ -645,3 +646,84 @@ def test_the_python_analyze_checks_its_optimizer_and_says_an_unreadable_adam_sta
                 progress=False)
     with ls.Run.open(tmp_path / "s.h5") as run:
         assert np.isnan(run.series("sharpness", "lambda_max")[1]).all()
+
+
+def _saved_run(tmp_path, make_optimizer, name):
+    """A checkpoint ``{"model", "optimizer"}`` after three steps of ``make_optimizer``."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+    opt = make_optimizer(net.parameters())
+    for _ in range(12):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    path = tmp_path / name
+    torch.save({"model": net.state_dict(), "optimizer": opt.state_dict()}, path)
+    return path, (x, y)
+
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+
+
+def test_a_checkpoint_without_optimizer_state_gets_no_other_checkpoints_threshold(tmp_path):
+    """Among checkpoints that saved their optimizer, a plain state dict took the previous
+    (or, first, a later) checkpoint's settings and Adam moments, without a word; a corrupt
+    optimizer.pt gave a threshold 6x off that way (analyze review)."""
+    from landscape.analysis import analyze
+
+    sgd = lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9)  # noqa: E731
+    first, data = _saved_run(tmp_path, sgd, "ckpt-10.pt")
+    last, _ = _saved_run(tmp_path, sgd, "ckpt-30.pt")
+    plain = tmp_path / "ckpt-20.pt"
+    torch.save(_net().state_dict(), plain)
+    for order in ([first, plain, last], [plain, last]):
+        out = tmp_path / f"r{len(order)}.h5"
+        with pytest.warns(UserWarning, match=r"ckpt-20\.pt: it holds no optimizer state "
+                                             r"analyze can read"):
+            analyze(order, _net, data, torch.nn.functional.cross_entropy, out,
+                    metrics=["sharpness"], progress=False)
+        with ls.Run.open(out) as run:
+            steps, threshold = run.series("sharpness", "threshold")
+            got = dict(zip(steps.tolist(), threshold.tolist()))
+        assert math.isnan(got[20]) and got[30] == pytest.approx(3.8 / 0.05)
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda ps: torch.optim.RMSprop(ps, lr=1e-3, momentum=0.9), "RMSprop"),
+    (lambda ps: torch.optim.NAdam(ps, lr=1e-3), "NAdam"),
+    (lambda ps: torch.optim.RAdam(ps, lr=1e-3), "RAdam"),
+    (lambda ps: torch.optim.Adamax(ps, lr=1e-3), "Adamax"),
+])
+def test_optimizers_other_than_sgd_and_adam_are_named_not_misread(tmp_path, make, name):
+    """RMSprop's state failed as SGD ('unexpected keyword argument eps'), NAdam's and
+    RAdam's were read as Adam (thresholds 10x and 3x off), Adamax's too (a false 'does not
+    match' warning; analyze review)."""
+    from landscape.analysis import analyze
+
+    path, data = _saved_run(tmp_path, make, "ckpt-12.pt")
+    with pytest.warns(UserWarning) as said:
+        analyze([path], _net, data, torch.nn.functional.cross_entropy, tmp_path / "r.h5",
+                metrics=["sharpness"], progress=False)
+    text = " ".join(str(w.message) for w in said)
+    assert "is not one analyze reads: SGD, Adam, AdamW" in text
+    assert name in text or "betas other than Adam" in text
+    with ls.Run.open(tmp_path / "r.h5") as run:
+        assert np.isnan(run.series("sharpness", "threshold")[1]).all()
+
+
+def test_a_learning_rate_without_momentum_says_the_saved_momentum_is_left_out(tmp_path):
+    """--lr alone is plain SGD: restating an SGD-with-momentum run's rate changed its
+    threshold 1.9x without a word (analyze review)."""
+    from landscape.analysis import analyze
+
+    path, data = _saved_run(tmp_path, lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
+                            "ckpt-12.pt")
+    with pytest.warns(UserWarning, match="saved momentum 0.9: pass --momentum 0.9"):
+        analyze([path], _net, data, torch.nn.functional.cross_entropy, tmp_path / "r.h5",
+                metrics=["sharpness"], optimizer={"name": "sgd", "lr": 0.05, "momentum": None},
+                progress=False)
+    with ls.Run.open(tmp_path / "r.h5") as run:
+        assert run.series("sharpness", "threshold")[1][0] == pytest.approx(2 / 0.05)
