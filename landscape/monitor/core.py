@@ -1168,15 +1168,17 @@ class Monitor:
         assert self.writer is not None
         # declared without a flush (the step's rows reach the file together)
         fresh = not self._unmeasured_declared and not self.writer.declared("unmeasured")
-        if fresh:
+        joined = ",".join(names)
+        if not self._unmeasured_declared or len(joined.encode("utf-8")) > _UNMEASURED_WIDTH:
             # wide enough for every metric's name at once (never cut), and no wider: a
-            # metric that fails at every step adds a row per step
-            width = max(_UNMEASURED_WIDTH,
+            # metric that fails at every step adds a row per step. A resumed run's table
+            # may be narrower (an earlier session's metrics): declaring it wider widens it
+            width = max(_UNMEASURED_WIDTH, len(joined.encode("utf-8")),
                         len(",".join(m.name for m in self.metrics).encode("utf-8")))
             self.writer.declare("unmeasured", {"metrics": f"S{width}"},
                                 cls="landscape.monitor.Monitor", schedule="triggered")
         self._unmeasured_declared = True
-        self.writer.append("unmeasured", step, {"metrics": ",".join(names)})
+        self.writer.append("unmeasured", step, {"metrics": joined})
         if fresh:  # the first failure's step is on disk when the step ends
             self.writer.flush_soon()
 

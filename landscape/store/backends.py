@@ -77,6 +77,15 @@ class Backend(ABC):
         """
 
     @abstractmethod
+    def widen_strings(self, path: str, fields: dict[str, FieldSpec]) -> None:
+        """Give string columns a larger width, keeping their rows.
+
+        Args:
+            path: the table's path.
+            fields: the columns and their new, wider ``S`` specs.
+        """
+
+    @abstractmethod
     def create_table(self, path: str, fields: dict[str, FieldSpec], attrs: dict) -> None:
         """Create an empty table.
 
@@ -315,6 +324,13 @@ class MemoryBackend(Backend):
             t["fields"][name] = spec
             t["cols"][name] = _blank(room, spec.shape, spec.dtype)
 
+    def widen_strings(self, path, fields):
+        """The columns cast to their wider dtypes (the rows kept)."""
+        t = self._tables[path]
+        for name, spec in fields.items():
+            t["fields"][name] = spec
+            t["cols"][name] = t["cols"][name].astype(spec.dtype)
+
     def append_rows(self, path, steps, cols):
         """Write the rows into the arrays' room, doubling it when it runs out.
 
@@ -491,6 +507,19 @@ class H5Backend(Backend):
                     maxshape=(None, *spec.shape),
                     chunks=(_chunk_rows(spec), *spec.shape),
                 )
+            stored = {**self.table_fields(path), **fields}
+            g.attrs["fields"] = json.dumps({n: s.to_json() for n, s in stored.items()})
+
+    def widen_strings(self, path, fields):
+        """Each column rewritten at its wider width (HDF5 cannot widen one in place)."""
+        with self.structural():
+            g = self.file[path]
+            for name, spec in fields.items():
+                rows = g[name][()]
+                del g[name]
+                g.create_dataset(name, data=rows.astype(spec.dtype),
+                                 maxshape=(None, *spec.shape),
+                                 chunks=(_chunk_rows(spec), *spec.shape))
             stored = {**self.table_fields(path), **fields}
             g.attrs["fields"] = json.dumps({n: s.to_json() for n, s in stored.items()})
 

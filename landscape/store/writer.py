@@ -40,6 +40,7 @@ from landscape.store.format import (
     LOCKING,
     METRICS_GROUP,
     FieldsLike,
+    FieldSpec,
     SurfaceData,
     _attr_value,
     _describe,
@@ -301,6 +302,9 @@ class RunWriter:
     ) -> None:
         """Declare metric ``name`` with its fields; idempotent when the fields match.
 
+        Declared again with a string field wider than stored, the field is widened (its
+        rows kept); asked narrower, it stays as wide as stored.
+
         Args:
             name: the metric name (the group ``/metrics/<name>``).
             fields: its fields, as :func:`~landscape.store.normalize_fields` accepts.
@@ -326,12 +330,20 @@ class RunWriter:
         if path in self._fields:
             stored = self._fields[path]
             added = {n: spec for n, spec in specs.items() if n not in stored}
+            wider = _wider_strings(stored, specs)
             if added and _can_add(stored, specs, added):  # a field a newer version records
                 self._flush_pending()
                 if self._room_for(_STRUCTURE_BYTES):
                     self._backend.add_fields(path, added)
                 self._fields[path] = {**stored, **added}
                 self._scalars.pop(path, None)
+            elif wider is not None:  # strings as wide or wider: the rows kept, widened
+                if wider:
+                    self._flush_pending()
+                    if self._room_for(_STRUCTURE_BYTES):
+                        self._backend.widen_strings(path, wider)
+                    self._fields[path] = {**stored, **wider}
+                    self._scalars.pop(path, None)
             elif stored != specs:
                 raise RunFileError(
                     f"metric {name!r} is already in the run with fields "
@@ -816,6 +828,29 @@ class RunWriter:
         # (at interpreter exit h5py cannot run here any more: _close_at_exit does it)
         with contextlib.suppress(Exception):
             self.close()
+
+
+def _wider_strings(stored: Mapping[str, FieldSpec], specs: Mapping[str, FieldSpec]
+                   ) -> dict[str, FieldSpec] | None:
+    """The string fields ``specs`` asks wider than ``stored``; None unless that is all.
+
+    The same fields, equal but for the width of ``S`` fields: those asked wider are
+    returned (to be widened, their rows kept), those asked as wide or narrower are kept as
+    stored (their values fit). A monitor's ``unmeasured`` names outgrew the width of an
+    earlier session on resume, and were cut ("a_rather_long...").
+    """
+    if set(stored) != set(specs) or stored == specs:
+        return None
+    wider: dict[str, FieldSpec] = {}
+    for name, spec in specs.items():
+        old = stored[name]
+        if spec == old:
+            continue
+        if not (spec.is_string and old.is_string and spec.shape == old.shape):
+            return None
+        if np.dtype(spec.dtype).itemsize > np.dtype(old.dtype).itemsize:
+            wider[name] = spec
+    return wider
 
 
 def _can_add(stored: Mapping[str, Any], specs: Mapping[str, Any],

@@ -630,3 +630,48 @@ def test_a_step_interrupted_inside_a_metric_leaves_no_row_but_its_finding(tmp_pa
     with ls.store.Run.open(path) as run:
         assert run.steps("stopper").tolist() == run.steps("loss").tolist() == [0, 1, 3, 4]
         assert run.series("broken", "value")[1].tolist() == [0.0, 1.0, 3.0, 4.0]
+
+
+class _Failing(ls.metrics.Metric):
+    """A metric that always fails, under a name of the test's choosing."""
+
+    default_data = "batch"
+    FIELDS = ("value",)
+
+    def __init__(self, name, **kwargs):
+        super().__init__(**kwargs)
+        self.name = name
+
+    def compute(self, ctx):
+        raise RuntimeError("boom")
+
+
+def test_a_resumed_run_with_longer_failing_names_keeps_every_unmeasured_name(tmp_path):
+    """The column's width was fixed by the first session (S16): a resume adding a failing
+    metric of a long name cut the list ('a_rather_long...'), the step's unmeasured loss
+    read as a NaN loss, and check failed the run with an error (store review)."""
+    import torch.nn as nn
+
+    path = tmp_path / "run.h5"
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sessions = ((["loss", _Failing("f")], range(0, 5), "w"),
+                ([_Failing("a_rather_long_custom_metric_name"), "loss", _Failing("f")],
+                 range(5, 10), "a"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for metrics, steps, mode in sessions:
+            with ls.Monitor(model, nn.MSELoss(), path, optimizer=opt, metrics=metrics,
+                            mode=mode, probe_size=None, warn=False) as mon:
+                for s in steps:
+                    x, y = torch.randn(8, 4), torch.randn(8, 2)
+                    loss = F.mse_loss(model(x), y)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    mon.step(s, batch=(x, y), **({} if s == 7 else {"loss": loss}))
+    run = ls.Run.open(path)
+    names = dict(zip(*(a.tolist() for a in run.series("unmeasured", "metrics"))))
+    assert names[7] == "a_rather_long_custom_metric_name,loss,f" and names[0] == "f"
+    assert [f for f in ls.check(path) if f.severity == "error"] == []

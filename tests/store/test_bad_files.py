@@ -96,6 +96,36 @@ def test_a_damaged_file_is_refused_in_one_line_not_a_hang(tmp_path, where):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.timeout(120)  # before the fix this hung in HDF5's SWMR retry loop (20+ min)
+def test_a_damaged_chunk_index_is_refused_in_one_line_not_a_hang(tmp_path):
+    """Eight bytes changed in a block of a dataset's chunk index (the unused chunk
+    addresses, 0xff, under a checksum): the open read headers and attributes only, so it
+    passed, and the first read of the data retried in SWMR mode for 20 minutes, past
+    Ctrl-C (store review)."""
+    import re
+
+    path = tmp_path / "run.h5"
+    with RunWriter(path, mode="w") as w:
+        w.declare("probe", {"samples": ()})
+        w.declare("loss", {"value": ()})
+        w.append("probe", 0, {"samples": 32.0})
+        for s in range(3000):
+            w.append("loss", s, {"value": 1.0 / (s + 1)})
+    data = path.read_bytes()
+    spans = [m.start() for m in re.finditer(rb"\xff{64,}", data[48:])]
+    assert spans  # the index blocks' unused addresses
+    for i, start in enumerate(spans):
+        bad = bytearray(data)
+        bad[48 + start + 16:48 + start + 24] = bytes(range(1, 9))
+        damaged = tmp_path / f"bad{i}.h5"
+        damaged.write_bytes(bytes(bad))
+        with pytest.raises(RunFileError, match="not a readable HDF5 file"):
+            run = Run.open(damaged)
+            for metric in run.metrics():  # (reached only if the open let it through)
+                for field in run.fields(metric):
+                    run.series(metric, field)
+
+
 def test_an_undecodable_superblock_is_refused_in_one_line(tmp_path):
     """The HDF5 signature and zeros: h5py raises RuntimeError, not OSError."""
     path = tmp_path / "run.h5"

@@ -289,3 +289,20 @@ def test_a_run_left_open_for_reading_is_named_when_a_writer_needs_the_file(tmp_p
         if not w.declared("loss"):
             w.declare("loss", {"value": None})
         w.append("loss", 1, {"value": 2.0})
+
+
+def test_a_string_field_declared_wider_is_widened_with_its_rows(writer_factory, tmp_path):
+    """A resumed monitor's failed-metric names outgrew the S16 column of its first session
+    and were cut ('a_rather_long...'), so the replay read a step's unmeasured loss as a NaN
+    loss and check failed the run (store review)."""
+    w = writer_factory()
+    w.declare("names", {"metrics": "S4"})
+    w.append("names", 0, {"metrics": "abcd"})
+    w.declare("names", {"metrics": "S12"})  # wider: widened
+    w.append("names", 1, {"metrics": "abcdefghijkl"})
+    w.declare("names", {"metrics": "S8"})  # narrower than stored: kept as it is
+    w.append("names", 2, {"metrics": "abcdefghijkl"})
+    with pytest.raises(RunFileError, match="already in the run with fields"):
+        w.declare("names", {"metrics": None})  # a string is no float
+    run = w.run()
+    assert run.series("names", "metrics")[1].tolist() == ["abcd", "abcdefghijkl", "abcdefghijkl"]
