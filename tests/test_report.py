@@ -689,3 +689,22 @@ def test_the_sharpness_figure_draws_its_threshold_as_steps_and_keeps_lambda_read
     lo, hi = top.get_xlim()
     assert lo < -0.5 and hi > 95.5  # the margins of an axis with data, shared by all
     assert empty.get_xlim() == top.get_xlim()
+
+
+@pytest.mark.parametrize("values", [(1e-20, 1e250), (-1.7e308, 1.0)])
+def test_values_no_axis_can_show_give_a_figure_that_says_so(tmp_path, values):
+    """report stopped with matplotlib's OverflowError (1e-20 to 1e250 on a log axis) or
+    blamed the run file (-1.7e308: 'arange: cannot compute length'; store review)."""
+    w = RunWriter.memory()
+    w.declare("m", {"value": None})
+    w.declare("loss", {"value": None})
+    for s in range(20):
+        w.append("m", s, {"value": values[s % 2]})
+        w.append("loss", s, {"value": 1.0 / (s + 1)})
+    run = w.run()
+    html = render_report(run, findings=[])
+    assert html.count("<img") >= 2  # the loss figure drawn beside the one that cannot be
+    fig = timelines(run, ["m"])["m"]
+    out = save_figure(fig, tmp_path / "m.png")
+    assert out.exists()
+    assert any("cannot be drawn" in t.get_text() for t in fig.texts)

@@ -286,8 +286,9 @@ def register(cls: M | None = None, *, replace: bool = False) -> Any:
     def add(c: M) -> M:
         if not (isinstance(c, type) and issubclass(c, Metric)):
             raise TypeError(f"register expects a Metric subclass, got {c!r}")
-        if not isinstance(c.name, str) or not c.name or "/" in c.name:
-            raise ValueError(f"{c.__name__}.name must be a non-empty name without '/'")
+        if not isinstance(c.name, str) or not c.name or "/" in c.name or c.name in (".", ".."):
+            raise ValueError(f"{c.__name__}.name must be a non-empty name without '/', not "
+                             "'.' or '..'")
         _check_fields_declaration(c)
         old = _REGISTRY.get(c.name)
         # the same class defined again (a notebook cell re-run, importlib.reload) replaces

@@ -107,9 +107,11 @@ def check_metric_names(metrics: Sequence[Metric]) -> None:
     from landscape.metrics.base import _REGISTRY, same_definition
 
     for m in metrics:
-        if not isinstance(m.name, str) or not m.name or "/" in m.name or "," in m.name:
+        if not isinstance(m.name, str) or not m.name or "/" in m.name or "," in m.name \
+                or m.name in (".", ".."):
             raise ValueError(f"{type(m).__name__}.name must be a non-empty name without '/' "
-                             f"or ',' (set name = ... in the class), got {m.name!r}")
+                             f"or ',', not '.' or '..' (set name = ... in the class), got "
+                             f"{m.name!r}")
         if m.name in RESERVED_TABLES:
             raise ValueError(f"{type(m).__name__}: the metric name {m.name!r} is reserved for "
                              f"the monitor's own /metrics/{m.name} table; choose another name")

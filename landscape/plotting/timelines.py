@@ -417,10 +417,31 @@ def _figure(run: Run, metric: str, marks: list[Finding], log: bool | None,
     return timeline(run, metric, findings=marks, log=log, max_lines=max_lines)
 
 
+def _drawable(fig: Figure) -> Figure:
+    """``fig``, or a figure saying why it cannot be drawn.
+
+    Values matplotlib cannot place on an axis (a field from 1e-20 to 1e250 on a log axis,
+    one reaching -1.7e308 on a linear one) fail its tick computation when the figure is
+    drawn (OverflowError, ValueError): the report and ``plot`` then stopped with a
+    traceback, or blamed the run file. The figure is replaced by one line naming the cause;
+    the other figures are drawn.
+    """
+    try:
+        fig.canvas.draw()
+        return fig
+    except (OverflowError, ValueError) as err:
+        title = fig._suptitle.get_text() if fig._suptitle is not None else "figure"
+        fig.clear()
+        fig.text(0.5, 0.5, f"{title}: cannot be drawn, its values are beyond what an axis "
+                 f"can show ({type(err).__name__}: {err})", ha="center", va="center",
+                 wrap=True)
+        return fig
+
+
 def figure_png(fig: Figure, *, dpi: int = 100) -> bytes:
     """The figure rendered to PNG bytes in memory."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
+    _drawable(fig).savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
 
 
@@ -434,5 +455,5 @@ def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 120) -> Path
             f"path: cannot tell the image format of {str(p)!r}; use a suffix among "
             + ", ".join("." + s for s in SAVE_FORMATS)
         )
-    fig.savefig(p, format=fmt, dpi=dpi)
+    _drawable(fig).savefig(p, format=fmt, dpi=dpi)
     return p

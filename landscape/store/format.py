@@ -143,8 +143,9 @@ def normalize_fields(fields: FieldsLike) -> dict[str, FieldSpec]:
                         f"scalar), got {type(fields).__name__} {fields!r}")
     out: dict[str, FieldSpec] = {}
     for name, spec in fields.items():
-        if not isinstance(name, str) or not name or "/" in name or name == "step":
-            raise ValueError(f"invalid field name {name!r} (non-empty, no '/', not 'step')")
+        if not isinstance(name, str) or not name or "/" in name or name in ("step", ".", ".."):
+            raise ValueError(f"invalid field name {name!r} (non-empty, no '/', not 'step', "
+                             "'.' or '..')")
         if spec is None:
             spec = FieldSpec()
         elif isinstance(spec, str):

@@ -320,8 +320,11 @@ class RunWriter:
                 is closed.
         """
         self._check_open()
-        if not name or "/" in name:
-            raise ValueError(f"invalid metric name {name!r}")
+        if not name or "/" in name or name in (".", ".."):
+            # ('.' is the /metrics group itself: its datasets there made every reader
+            # refuse the whole file)
+            raise ValueError(f"invalid metric name {name!r} (non-empty, no '/', not '.' or "
+                             "'..')")
         specs = normalize_fields(fields)
         unknown = [c for c in context if c not in specs]
         if unknown:

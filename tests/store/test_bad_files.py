@@ -264,3 +264,33 @@ def test_a_damaged_version_table_or_surface_is_a_run_file_error(tmp_path, damage
         with Run.open(path) as run:
             run.series("loss", "value")
             run.surface("s")
+
+
+@pytest.mark.parametrize("name", [".", ".."])
+def test_a_metric_or_field_named_dot_is_refused_before_it_breaks_the_file(tmp_path, name):
+    """A metric named '.' wrote its datasets into /metrics itself, after which every reader
+    refused the whole file, its loss rows included (store review)."""
+    import torch
+
+    import landscape as ls
+
+    with RunWriter(tmp_path / "run.h5", mode="w") as w:
+        w.declare("loss", {"value": ()})
+        w.append("loss", 0, {"value": 1.0})
+        with pytest.raises(ValueError, match="invalid metric name"):
+            w.declare(name, {"value": ()})
+        with pytest.raises(ValueError, match="invalid field name"):
+            w.declare("other", {name: ()})
+    assert Run.open(tmp_path / "run.h5").series("loss", "value")[1].tolist() == [1.0]
+
+    class Dot(ls.metrics.Metric):
+        FIELDS = ("value",)
+
+        def compute(self, ctx):
+            return {"value": 1.0}
+
+    Dot.name = name
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"not '\.' or '\.\.'"):
+        ls.Monitor(model, torch.nn.functional.mse_loss, tmp_path / "m.h5",
+                   metrics=[Dot()]).start()
