@@ -198,7 +198,7 @@ def _refuse_to_replace_another_run(path: Path) -> None:
     except LandscapeError:
         pass
     raise LandscapeError(f"{path}: is not the run file of an earlier demo; the demo does not "
-                         "replace it: give another --out (out_dir)")
+                         "replace it: give another --out")
 
 
 @contextlib.contextmanager
@@ -275,13 +275,13 @@ def _run_demo(out_dir, steps, lr, ramp_step, ramp_steps, ramp_factor, seed, surf
             timings = dict(mon.timings)
         warning = early_warning(losses, findings, ramp_step, explosion=blowup_factor)
         files = _pictures(path, out, pre_ramp, loss_fn, held_out, surface_steps, warning,
-                          progress)
+                          progress, ramp_steps)
     leads = rule_leads(findings, ramp_step, warning.explosion)
     return DemoResult(path, losses[-1], steps, ramp_step, findings, warning.explosion, leads,
                       files, timings, ramp_steps, ramp_factor, warning)
 
 
-def plot_lead(run: Run, warning: EarlyWarning, path: Path) -> Path:
+def plot_lead(run: Run, warning: EarlyWarning, path: Path, *, change: str = "LR ramp") -> Path:
     """The lead: the loss and the sentinels, with the ramp, warning, onset and explosion.
 
     Two panels share the step axis: the training loss (log scale) and the sentinels the
@@ -293,6 +293,7 @@ def plot_lead(run: Run, warning: EarlyWarning, path: Path) -> Path:
         run: the demo's run.
         warning: its :class:`EarlyWarning`.
         path: the PNG to write.
+        change: what started at ``warning.start`` (``"LR jump"`` for a one-step change).
 
     Returns:
         ``path``.
@@ -320,7 +321,7 @@ def plot_lead(run: Run, warning: EarlyWarning, path: Path) -> Path:
     for i, ax in enumerate(axes):
         ax.set_yscale("log")
         ax.axvline(warning.start, color="#7f7f7f", ls=":",
-                   label=f"LR ramp from {warning.start}" if i == 0 else None)
+                   label=f"{change} at {warning.start}" if i == 0 else None)
         if warning.first_step is not None:
             ax.axvline(warning.first_step, color="#ff7f0e", lw=2, label=(
                 f"first warning @ {warning.first_step} ({warning.first_rule})" if i == 0
@@ -340,12 +341,14 @@ def plot_lead(run: Run, warning: EarlyWarning, path: Path) -> Path:
         ax.legend(fontsize="small", loc="upper left")
     axes[0].set_xlim(max(0, warning.start - 60), steps[-1])
     lead = warning.lead_to_onset
-    fig.suptitle("Early warning: " + (f"{lead} steps before the loss moved" if lead is not None
-                                      else "no lead"))
+    fig.suptitle("Early warning: " + (
+        f"{lead} step{'' if lead == 1 else 's'} before the loss moved" if lead is not None
+        else "no lead"))
     return save_figure(fig, path)
 
 
-def _pictures(path, out, pre_ramp, loss_fn, held_out, surface_steps, warning, progress):
+def _pictures(path, out, pre_ramp, loss_fn, held_out, surface_steps, warning, progress,
+              ramp_steps):
     """Write the surface around the pre-ramp weights, the pictures and the report."""
     from landscape import surface
     from landscape.plotting import surfaces as surface_plots
@@ -362,7 +365,8 @@ def _pictures(path, out, pre_ramp, loss_fn, held_out, surface_steps, warning, pr
     with Run.open(path) as run:
         fig = timelines.timeline(run, "loss", log=True)
         files.append(timelines.save_figure(fig, out / "loss.png"))
-        files.append(plot_lead(run, warning, out / "warning.png"))
+        files.append(plot_lead(run, warning, out / "warning.png",
+                               change="LR jump" if ramp_steps == 1 else "LR ramp"))
         if "pre_ramp_plane" in run.surfaces():
             fig = surface_plots.contour(run.surface("pre_ramp_plane"), filled=True)
             fig.savefig(out / "surface.png", dpi=110)

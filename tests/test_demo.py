@@ -95,3 +95,36 @@ def test_early_warning_describes_what_is_missing():
     assert one.describe().endswith("10x never: 1 step of warning before the loss moved")
     one_x = EarlyWarning(10, 1.0, 11, "loss_spike", onset=None, explosion=12)
     assert one_x.describe().endswith(": 1 step of warning before the loss exploded")
+
+
+def test_the_lead_figure_names_a_jump_and_counts_one_step_in_the_singular(tmp_path,
+                                                                         monkeypatch):
+    """With --spike-factor the figure said 'LR ramp from 150' and '1 steps before the loss
+    moved' (report review)."""
+    import numpy as np
+
+    from landscape.alarms.leads import early_warning
+    from landscape.demo import plot_lead
+    from landscape.findings import Finding
+    from landscape.plotting import timelines
+    from landscape.store import RunWriter
+
+    saved = []
+    real = timelines.save_figure
+    monkeypatch.setattr(timelines, "save_figure",
+                        lambda fig, path, **kw: saved.append(fig) or real(fig, path, **kw))
+
+    w = RunWriter.memory()
+    w.declare("loss", {"value": None})
+    losses = np.r_[np.full(150, 1.0), 1.1, 1.5, 12.0, 30.0]
+    for s, v in enumerate(losses):
+        w.append("loss", s, {"value": float(v)})
+    found = [Finding(150, "taylor_forecast", "warning", "sentinels/r_secant", 1.2, 1.0, "m")]
+    warning = early_warning(losses, found, 150)
+    assert warning.lead_to_onset == 1
+    fig_path = plot_lead(w.run(), warning, tmp_path / "w.png", change="LR jump")
+    assert fig_path.exists()
+    (fig,) = saved
+    assert fig._suptitle.get_text() == "Early warning: 1 step before the loss moved"
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "LR jump at 150" in labels

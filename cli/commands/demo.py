@@ -72,9 +72,10 @@ def demo(out_dir, steps, ramp_step, ramp_steps, ramp_factor, spike_factor, surfa
         for rule, lead in result.leads.items():
             click.echo(f"  {rule:<20} {'after it' if lead is None else lead}")
     window = ("the step" if w.baseline_steps == 1 else f"the {w.baseline_steps} steps")
-    click.echo(f"baseline loss {w.baseline:.4g} (median of {window} before the ramp)"
-               + (f"; warnings before the ramp: {len(w.early)}" if w.early else
-                  "; no warning before the ramp"))
+    kind = "jump" if ramp_steps == 1 else "ramp"
+    click.echo(f"baseline loss {w.baseline:.4g} (median of {window} before the {kind})"
+               + (f"; warnings before the {kind}: {len(w.early)}" if w.early else
+                  f"; no warning before the {kind}"))
     click.echo(w.describe())
     click.echo(f"wrote {result.run_path}")
     for path in result.files:

@@ -72,6 +72,7 @@ def _clip(vmax: float | str | None) -> float | str | None:
 
 def _message(err: Exception) -> str:
     text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    text = text.replace("leave out three_d", "leave out --3d")  # named inside the sentence
     for argument, option in _OPTION_OF.items():
         if text.startswith(argument):
             return option + text[len(argument):]

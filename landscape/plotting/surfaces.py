@@ -368,14 +368,16 @@ def contour(
     ax = fig.add_subplot()
     if z.count() >= 4 and np.ptp(z.compressed()) > 0:
         label = ("log10 " if log else "") + field
+        # clipped only where a value was: a --vmax above the largest clips nothing
+        said = _clip_note(surf, field, log, clipped)
         if filled:
             cs = ax.contourf(surf.x, surf.y, z, levels=levels, cmap="viridis",
-                             extend="neither" if clipped is None else "max")
+                             extend="max" if said else "neither")
         else:
             cs = ax.contour(surf.x, surf.y, z, levels=levels, cmap="viridis", linewidths=0.9)
             labelled = cs.levels[:: max(1, len(cs.levels) // 8)]
             ax.clabel(cs, labelled, inline=True, fontsize=7, fmt=level_format(labelled))
-        fig.colorbar(cs, ax=ax, label=label if clipped is None else f"{label} (clipped)")
+        fig.colorbar(cs, ax=ax, label=f"{label} (clipped)" if said else label)
     elif z.count() and np.ptp(z.compressed()) == 0:  # one value: no level, say so there
         ax.text(0.5, 0.5, f"{field} {float(z.compressed()[0]):.6g} at every computed point",
                 transform=ax.transAxes, ha="center", va="center", fontsize=9, color="0.3")

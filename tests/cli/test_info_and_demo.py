@@ -94,6 +94,8 @@ def test_demo_without_an_explosion_prints_no_lead_before_it(runner, tmp_path):
     assert "10x never" in result.output
     assert "warning lead before the loss reached" not in result.output
     assert "after it" not in result.output
+    # a jump, not a ramp (review): the baseline line said "before the ramp"
+    assert "before the jump" in result.output and "before the ramp" not in result.output
 
 
 def test_demo_warns_before_the_loss_moves(runner, tmp_path):

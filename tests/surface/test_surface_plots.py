@@ -363,3 +363,14 @@ def test_contour_labels_tell_the_levels_of_a_nearly_flat_surface_apart():
     assert plots.level_format([0.5, 1.0, 1.5]) == "%.3g"  # the short form where it suffices
     assert plots.level_format([3.748, 3.749, 3.750]) == "%.4g"
     assert plots.level_format([3.7479, 3.7483, 3.7487]) == "%.5g"
+
+
+def test_a_vmax_above_every_value_clips_nothing_and_the_colour_bar_says_so():
+    """--vmax 1.0 on a surface whose largest loss is 0.967 labelled the bar 'loss
+    (clipped)' and drew an extended end (report review)."""
+    surf = _surface(nx=6, ny=4)
+    top = float(np.nanmax(surf.values["loss"]))
+    for vmax, clipped in ((top * 1.5, False), (top * 0.5, True)):
+        fig = plots.contour(surf, vmax=vmax)
+        label = fig.axes[-1].get_ylabel()
+        assert label.endswith("(clipped)") == clipped, (vmax, label)
