@@ -635,7 +635,8 @@ def test_a_field_without_a_finite_value_is_still_said():
     assert "no finite value (±inf or NaN)" in [t.get_text() for t in fig.axes[0].texts]
     html = render_report(run)
     row = re.search(r"<tr><td>loss</td><td>value</td>(.*?)</tr>", html)
-    assert row is not None and row.group(1).endswith("<td class=num>3</td>"), html[-2000:]
+    # every row: the NaN losses too, a loss is due at every step (3 counted the inf alone)
+    assert row is not None and row.group(1).endswith("<td class=num>6</td>"), html[-2000:]
 
 
 def test_the_values_table_counts_the_fields_of_a_run_non_finite_from_its_start():
@@ -708,3 +709,17 @@ def test_values_no_axis_can_show_give_a_figure_that_says_so(tmp_path, values):
     out = save_figure(fig, tmp_path / "m.png")
     assert out.exists()
     assert any("cannot be drawn" in t.get_text() for t in fig.texts)
+
+
+def test_the_legend_says_what_the_faint_dashed_lines_are():
+    """Findings on other metrics were drawn dashed and faint, explained only in the HTML
+    caption, not in the figure (report review)."""
+    w = _writer()
+    own = Finding(20, "edge_of_stability", "error", "hessian/eigenvalues", 23.0, 20.0, "own")
+    other = Finding(25, "loss_spike", "warning", "loss/value", 3.0, 2.0, "other")
+    fig = timeline(w.run(), "hessian", findings=[own, other])
+    legend = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+    assert "finding on another metric" in legend and "finding: error" in legend
+    alone = timeline(w.run(), "hessian", findings=[own])
+    assert "finding on another metric" not in [t.get_text() for leg in alone.legends
+                                                for t in leg.get_texts()]

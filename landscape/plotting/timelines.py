@@ -195,7 +195,8 @@ def _draw_findings(
     """Draw a vertical line for every finding on ``metric`` and the others inside ``span``.
 
     A finding far outside the metric's steps would only squeeze its curves, so those are left
-    out. Returns the rule names drawn.
+    out. Returns the ``(severity, own)`` pairs drawn (``own``: raised on this metric, a
+    solid line; else dashed and faint).
     """
     # one collection of lines per (severity, own) and each step once: a line artist per
     # finding made a run with 10k findings take minutes and gigabytes to draw
@@ -216,7 +217,7 @@ def _draw_findings(
             alpha=0.9 if own else 0.45,
             zorder=0.5,
         ), autolim=False)
-    return {severity for severity, _ in steps}
+    return set(steps)
 
 
 def _plot_field(
@@ -320,7 +321,7 @@ def timeline(
     span = (int(all_steps[0]), int(all_steps[-1])) if rows else None
     counted = f"{rows} row{'s' if rows != 1 else ''}"
     fig.suptitle(f"{metric}  ({counted})" if fields else f"{metric}  (no numeric fields)")
-    severities: set[str] = set()
+    drawn: set[tuple[str, bool]] = set()
     nonfinite = False
     for ax, name in zip(axes, fields):
         steps, values = run.series(metric, name)
@@ -359,15 +360,19 @@ def timeline(
                 # "best" scans every point: affordable only on short series
                 ax.legend(fontsize="small", loc="best" if len(steps) <= 2000 else "upper right")
             nonfinite |= marked
-        severities |= _draw_findings(ax, marks, metric, span)
+        drawn |= _draw_findings(ax, marks, metric, span)
     axes[-1].set_xlabel("step")
     # steps are whole: a one-row run had ticks at 6.56, 6.64, ...
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    severities = {severity for severity, _ in drawn}
     handles = [
         Line2D([], [], color=SEVERITY_COLORS[s], label=f"finding: {s}")
         for s in SEVERITIES
         if s in severities
     ]
+    if any(not own for _, own in drawn):  # the faint dashed lines: said, not only in captions
+        handles.append(Line2D([], [], color="grey", linestyle="--", alpha=0.6,
+                              label="finding on another metric"))
     if nonfinite:
         handles.append(
             Line2D([], [], color=_NONFINITE_COLOR, marker="|", linestyle="none", label="non-finite")
