@@ -229,8 +229,8 @@ def _one_run(run_path, metrics, surface_name, three_d, vmax, levels, field, log,
         try:
             if surface_name:
                 surface = run.surface(surface_name)
-                figures = {
-                    surface_name: surface_figure(
+                figures = {  # the name a directory of every figure gives it too
+                    f"surface-{surface_name}": surface_figure(
                         surface, three_d=three_d, field=field, log=log, levels=levels,
                         vmax=_clip(vmax))
                 }

@@ -194,6 +194,10 @@ def test_plot_a_whole_run_into_a_directory_includes_the_surfaces(runner, tmp_pat
                     "no metrics to plot (its surfaces go into a directory")
     result = runner.invoke(cli, ["plot", str(only), "-o", str(tmp_path / "odir")])
     assert result.exit_code == 0 and (tmp_path / "odir" / "surface-line.png").exists()
+    # --surface into a directory: the same name (it wrote line.svg; report review)
+    result = runner.invoke(cli, ["plot", str(only), "--surface", "line", "--format", "svg",
+                                 "-o", str(tmp_path / "sdir")])
+    assert result.exit_code == 0 and (tmp_path / "sdir" / "surface-line.svg").exists()
 
 
 def test_plot_writes_a_surface_as_vtk(runner, tmp_path):
