@@ -121,6 +121,10 @@ def saved_parameters(
         orders: candidate orders of the parameters.
         needs: state entries every parameter must have (Adam's ``exp_avg_sq``).
 
+    When no order fits but the parameters' shapes are all distinct, each saved state is
+    the one parameter of its tensors' shape: groups listed in another order than the
+    model's (a head first, at its own rate) are matched that way.
+
     Returns:
         ``{saved number: parameter}``, or None when no order fits.
     """
@@ -131,7 +135,28 @@ def saved_parameters(
             of = dict(zip(ids, order))
             if all(_state_fits(states.get(i), p, needs) for i, p in of.items()):
                 return of
-    return None
+    return _by_unique_shape(ids, states, orders[0] if orders else (), needs)
+
+
+def _by_unique_shape(ids: Sequence[Any], states: Mapping[Any, Any],
+                     params: Sequence[torch.nn.Parameter], needs: Sequence[str]
+                     ) -> dict[Any, torch.nn.Parameter] | None:
+    """Each saved number's parameter by the shape of its state, where no two share one."""
+    by_shape = {tuple(p.shape): p for p in params}
+    if len(by_shape) != len(params) or len(ids) != len(params):
+        return None  # two parameters of one shape: which is which is not borne out
+    of: dict[Any, torch.nn.Parameter] = {}
+    for i in ids:
+        state = states.get(i)
+        if not isinstance(state, Mapping):
+            return None
+        shapes = {tuple(v.shape) for v in state.values() if isinstance(v, torch.Tensor)
+                  and v.dim()}
+        param = by_shape.get(next(iter(shapes))) if len(shapes) == 1 else None
+        if param is None or not _state_fits(state, param, needs):
+            return None
+        of[i] = param
+    return of if len({id(p) for p in of.values()}) == len(ids) else None
 
 
 def _state_fits(state: Any, param: torch.nn.Parameter, needs: Sequence[str]) -> bool:
