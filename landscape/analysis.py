@@ -124,9 +124,9 @@ def _by_path_numbers(checkpoints: Sequence[Checkpoint]) -> list[Checkpoint]:
 
 NO_LEARNING_RATE = (
     "sharpness: the optimizer's learning rate was not found (none given, and the checkpoints "
-    "hold no optimizer state), so its threshold and ratio are NaN and the edge_of_stability "
-    "rule cannot fire; pass the training's settings: on the command line --lr and "
-    "--momentum, in Python optimizer={'name': 'sgd', 'lr': ..., 'momentum': ...}"
+    "hold no optimizer state analyze reads), so its threshold and ratio are NaN and the "
+    "edge_of_stability rule cannot fire; pass the training's settings: on the command line "
+    "--lr and --momentum, in Python optimizer={'name': 'sgd', 'lr': ..., 'momentum': ...}"
 )
 """The warning :func:`analyze` gives when the sharpness metric has no learning rate."""
 

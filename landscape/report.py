@@ -245,12 +245,17 @@ def _rules_html(findings: Sequence[Finding]) -> list[str]:
     return out
 
 
-def _diverged_steps(run: Run) -> np.ndarray:
-    """The steps whose training loss is not finite (``loss/value``; empty without it)."""
+def _diverged_steps(run: Run, unmeasured: set[tuple[str, int]]) -> np.ndarray:
+    """The steps whose training loss is not finite (``loss/value``; empty without it).
+
+    A step recorded without a loss (``unmeasured``: its NaN row is no value) is none.
+    """
     if "loss" not in run.metrics() or "value" not in run.fields("loss"):
         return np.zeros(0, dtype=np.int64)
     steps, values = run.series("loss", "value")
-    return np.asarray(steps)[~np.isfinite(np.asarray(values, dtype=np.float64))]
+    bad = [int(s) for s, v in zip(steps, np.asarray(values, dtype=np.float64))
+           if not np.isfinite(v) and ("loss", int(s)) not in unmeasured]
+    return np.asarray(bad, dtype=np.int64)
 
 
 def _values_html(run: Run) -> list[str]:
@@ -258,11 +263,15 @@ def _values_html(run: Run) -> list[str]:
 
     A field never finite is listed when some of its rows are: ±inf, or NaN at a step whose
     training loss is not finite (a run non-finite from its start: the loss, gradient norm
-    and update fields); NaN on every row of a healthy run means not measured (a field that
-    does not apply), and is left out.
+    and update fields), the rows the monitor wrote as not measured (``unmeasured``: a step
+    recorded without its loss) left out; NaN on every row of a healthy run means not
+    measured (a field that does not apply), and is left out.
     """
+    from landscape.alarms.online import unmeasured_rows
+
     rows = []
-    diverged = _diverged_steps(run)
+    unmeasured = unmeasured_rows(run)
+    diverged = _diverged_steps(run, unmeasured)
     for metric in metrics_with_rows(run):
         if is_density(run, metric):
             continue
@@ -276,8 +285,10 @@ def _values_html(run: Run) -> list[str]:
             bad = int(nonfinite_rows(values).sum())  # ±inf, and NaN where a value was due
             if not finite.any():
                 flat = values.reshape(len(values), -1)
-                bad = int((np.isinf(flat).any(axis=1)
-                           | (np.isnan(flat).any(axis=1) & np.isin(steps, diverged))).sum())
+                measured = np.array([(metric, int(s)) not in unmeasured for s in steps],
+                                    dtype=bool)
+                bad = int((np.isinf(flat).any(axis=1) | (
+                    np.isnan(flat).any(axis=1) & np.isin(steps, diverged) & measured)).sum())
                 if bad:  # a run non-finite from its start: its count is the news
                     dash = "<td class=num>&ndash;</td>"
                     rows.append(f"<tr><td>{_e(metric)}</td><td>{_e(name)}</td>{dash * 4}"

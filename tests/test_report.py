@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import types
+import warnings
 
 import matplotlib.colors as mcolors
 import matplotlib.image as mpimg
@@ -723,3 +724,29 @@ def test_the_legend_says_what_the_faint_dashed_lines_are():
     alone = timeline(w.run(), "hessian", findings=[own])
     assert "finding on another metric" not in [t.get_text() for leg in alone.legends
                                                 for t in leg.get_texts()]
+
+
+def test_a_run_recorded_without_its_loss_has_no_non_finite_rows(tmp_path):
+    """The rule for never-finite fields read the NaN loss rows of steps recorded without
+    loss= as a diverged run, listing loss, nonfinite and attention rows (own-diff review)."""
+    import torch
+
+    from landscape import Monitor
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Monitor(model, torch.nn.functional.cross_entropy, tmp_path / "r.h5",
+                     optimizer=opt, metrics="cheap", probe=(x, y)) as mon:
+            for s in range(6):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+                mon.step(s, batch=(x, y))  # no loss=
+            run = mon.run()
+    rows = {(r[0], r[1]): r[2:] for r in _table(render_report(run, findings=[]), "values")}
+    assert ("loss", "value") not in rows
+    assert all(r[-1] == "" for r in rows.values()), rows

@@ -45,8 +45,6 @@ def optimizer_settings(state: Mapping[str, Any] | None) -> dict[str, Any] | None
         return None
     group = reference_group(groups)
     kind = _saved_kind(group, state.get("state"))
-    if kind is None:
-        return None
     if kind not in ("adam", "sgd"):  # read wrongly as Adam or SGD before (its threshold
         # 10x off for NAdam, an RMSprop checkpoint failed): said, and no threshold
         return {"name": None, "unread": kind, "state_dict": state}
@@ -61,13 +59,26 @@ def optimizer_settings(state: Mapping[str, Any] | None) -> dict[str, Any] | None
     return settings
 
 
-def _saved_kind(group: Mapping[str, Any], states: Any) -> str | None:
-    """``"adam"`` (Adam, AdamW), ``"sgd"``, another optimizer's name, or None (not one).
+_ADAM_KEYS = ("amsgrad", "bias_correction", "correct_bias")
+"""Group keys only Adam's kind saves beside ``betas``: torch's Adam and AdamW
+(``amsgrad``), apex's and DeepSpeed's FusedAdam (``bias_correction``), transformers' old
+AdamW (``correct_bias``)."""
 
-    From the keys torch's optimizers save in a group (and Adamax's ``exp_inf`` state):
-    Adam and AdamW keep ``amsgrad`` beside ``betas``; NAdam ``momentum_decay``; RAdam,
-    Adamax and third-party optimizers with ``betas`` (Lion) no ``amsgrad``; SGD
-    ``dampening``/``nesterov`` beside ``momentum``, RMSprop ``alpha`` and ``centered``.
+_OTHER_KEYS = (("lr_decay", "Adagrad"), ("initial_accumulator_value", "Adagrad"),
+               ("lambd", "ASGD"), ("etas", "Rprop"), ("history_size", "LBFGS"),
+               ("rho", "Adadelta"), ("relative_step", "Adafactor"),
+               ("beta2_decay", "Adafactor"))
+"""A group key and the optimizer it names, among those analyze reads no threshold of."""
+
+
+def _saved_kind(group: Mapping[str, Any], states: Any) -> str:
+    """``"adam"`` (Adam, AdamW), ``"sgd"``, or the name of another optimizer.
+
+    From the keys optimizers save in a group (and Adamax's ``exp_inf`` state): Adam's kind
+    keeps one of :data:`_ADAM_KEYS` beside ``betas``, NAdam ``momentum_decay``; RAdam,
+    SparseAdam and third-party optimizers with ``betas`` (Lion) none of them; SGD
+    ``dampening``/``nesterov`` beside ``momentum``, RMSprop ``alpha`` and ``centered``;
+    others by :data:`_OTHER_KEYS`, or their keys.
     """
     if "betas" in group:
         if "momentum_decay" in group:
@@ -75,7 +86,7 @@ def _saved_kind(group: Mapping[str, Any], states: Any) -> str | None:
         saved = states.values() if isinstance(states, Mapping) else ()
         if any(isinstance(st, Mapping) and "exp_inf" in st for st in saved):
             return "Adamax"
-        if "amsgrad" not in group:
+        if not any(k in group for k in _ADAM_KEYS):
             return "an optimizer with betas other than Adam (RAdam, Adamax, Lion, ...)"
         return "adam"
     if "momentum" in group:
@@ -84,7 +95,11 @@ def _saved_kind(group: Mapping[str, Any], states: Any) -> str | None:
         if "dampening" in group or "nesterov" in group:
             return "sgd"
         return "an optimizer with momentum other than SGD"
-    return None
+    for key, name in _OTHER_KEYS:
+        if key in group:
+            return name
+    keys = ", ".join(sorted(str(k) for k in group if k != "params"))
+    return f"an optimizer analyze does not know (its groups hold {keys})"
 
 
 def read_optimizer_file(path: Path) -> dict[str, Any] | None:

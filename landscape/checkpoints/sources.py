@@ -414,7 +414,8 @@ def refuse_unshifted_loss(model: nn.Module, batches: Sequence[Any], closure: Any
     model): with the ids as labels that is the loss of copying the token the position
     already reads, whose curvature says nothing about the run. The model's loss on the
     first batch is compared with the cross-entropy of its logits against the labels
-    unshifted and shifted by one: equal to the first and not the second, it is refused.
+    unshifted and shifted by one, on two rows of the first batch: equal to the first and
+    not the second, it is refused.
 
     Only under the model's own loss (``closure`` is :func:`~landscape._hf.model_loss`) and
     for a transformers model that is no encoder-decoder (whose decoder is fed the labels
@@ -432,7 +433,12 @@ def refuse_unshifted_loss(model: nn.Module, batches: Sequence[Any], closure: Any
             or not _hf.is_pretrained_model(base) or _hf.uses_causal_lm_loss(model)
             or getattr(getattr(base, "config", None), "is_encoder_decoder", False)):
         return
-    batch = batches[0]
+    rows = next((v.shape[0] for v in batches[0].values()
+                 if isinstance(v, torch.Tensor) and v.dim() >= 1), 0)
+    # two rows of the first batch are enough, and keep the logits' copies small (a large
+    # vocabulary's float32 logits of a whole batch, twice)
+    batch = {k: v[:2] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == rows
+             else v for k, v in batches[0].items()}
     labels = batch.get("labels")
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         output = model(**batch)

@@ -81,10 +81,8 @@ class Backend:
 
     def _switch(self, reason: str, *, warn: bool = True, together: bool = False) -> None:
         self.first_order_reason = reason
-        if warn and self._model is not None:
-            said = _SAID.setdefault(self._model, set())
-            warn = reason not in said
-            said.add(reason)
+        if warn:
+            warn = self.say_once(reason)
         if warn and together and _dist.rank() != 0:  # decided alike: rank 0 says it for all
             warn = False
         if warn:
@@ -94,6 +92,15 @@ class Backend:
                 "(backend_used='first_order'; docs/curvature.md, 'First-order products')",
                 RuntimeWarning, stacklevel=user_stacklevel(),
             )
+
+    def say_once(self, what: str) -> bool:
+        """Whether ``what`` is to be said: the first time for this model (always without one)."""
+        if self._model is None:
+            return True
+        said = _SAID.setdefault(self._model, set())
+        fresh = what not in said
+        said.add(what)
+        return fresh
 
     @property
     def first_order(self) -> bool:
@@ -106,7 +113,8 @@ class Backend:
 
         One of ``"func"``, ``"autograd"``, ``"auto"``, ``"exact"``, ``"first_order"``.
 
-        ``"autograd"`` under ``"auto"`` means ``torch.func`` failed on this model,
+        ``"autograd"`` under ``"auto"`` (or ``"exact"``) means ``torch.func`` failed on
+        this model, or its vmapped products were not symmetric (products one at a time),
         ``"first_order"`` that the exact product is impossible; ``None`` means nothing ran
         yet.
         """

@@ -673,10 +673,11 @@ class ModelOperator(CurvatureOperator):
             # double-backward products, whose own symmetry is checked next
             backend.vmap_failed = RuntimeError(
                 f"the vmapped torch.func products are not symmetric ({value:.2g})")
-            logging.getLogger("landscape").info(
-                "landscape: %s: the vmapped torch.func curvature products are not symmetric "
-                "(%.2g of their size); using double-backward products one at a time",
-                type(self).__name__, value)
+            if backend.say_once("vmapped products not symmetric"):  # (a monitor builds
+                logging.getLogger("landscape").info(  # an operator at every measurement)
+                    "landscape: %s: the vmapped torch.func curvature products are not "
+                    "symmetric (%.2g of their size); using double-backward products one at "
+                    "a time", type(self).__name__, value)
             self._check_symmetric(batched=False)
             return
         reason = (f"its products are not symmetric: <u, A w> and <w, A u> differ by "

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 
 import torch
 
@@ -87,7 +88,14 @@ def _unit_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    """An integer, numpy's included (``operator.index`` takes it), not a bool."""
+    if isinstance(x, bool):
+        return False
+    try:
+        operator.index(x)
+    except TypeError:
+        return False
+    return True
 
 
 def effective_rank(

@@ -158,10 +158,11 @@ def _monitor_batch(trainer: pl.Trainer, batch: Any) -> Any:
     targets)`` they were ``inputs = [x1, y1]``, and every forward of the monitor failed).
     """
     loaders = getattr(trainer, "train_dataloader", None)
-    if isinstance(loaders, Mapping) and isinstance(batch, Mapping) and len(loaders) > 1 \
+    # (one loader given in a list or a dict too: fit(m, [dl]) hands over [[x, y]])
+    if isinstance(loaders, Mapping) and isinstance(batch, Mapping) and loaders \
             and set(batch) <= set(loaders):
         return [_monitor_batch_of_one(b) for b in batch.values()]
-    if isinstance(loaders, (list, tuple)) and len(loaders) > 1 \
+    if isinstance(loaders, (list, tuple)) and loaders \
             and isinstance(batch, (list, tuple)) and len(batch) == len(loaders):
         return [_monitor_batch_of_one(b) for b in batch]
     return _monitor_batch_of_one(batch)

@@ -422,31 +422,51 @@ def _figure(run: Run, metric: str, marks: list[Finding], log: bool | None,
     return timeline(run, metric, findings=marks, log=log, max_lines=max_lines)
 
 
-def _drawable(fig: Figure) -> Figure:
-    """``fig``, or a figure saying why it cannot be drawn.
+_DRAWABLE = 1e200
+"""Magnitudes (and, on a log axis, ratios) past which matplotlib's ticks overflow."""
+
+
+def _beyond_axes(fig: Figure) -> bool:
+    """Whether an axis of ``fig`` holds values past what matplotlib can tick."""
+    for ax in fig.axes:
+        lo, hi = ax.dataLim.intervaly
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            continue  # no data on it
+        if max(abs(lo), abs(hi)) > _DRAWABLE or (
+                ax.get_yscale() == "log" and lo > 0 and hi / lo > _DRAWABLE):
+            return True
+    return False
+
+
+def _savefig(fig: Figure, target: Any, **kwargs: Any) -> None:
+    """``fig.savefig``; a figure whose values no axis can show says so in their place.
 
     Values matplotlib cannot place on an axis (a field from 1e-20 to 1e250 on a log axis,
-    one reaching -1.7e308 on a linear one) fail its tick computation when the figure is
-    drawn (OverflowError, ValueError): the report and ``plot`` then stopped with a
-    traceback, or blamed the run file. The figure is replaced by one line naming the cause;
-    the other figures are drawn.
+    one reaching -1.7e308 on a linear one) fail its tick computation (OverflowError,
+    ValueError): the report and ``plot`` stopped with a traceback, or blamed the run file.
+    Such a figure is replaced by one line naming the cause; any other error is raised.
     """
     try:
-        fig.canvas.draw()
-        return fig
+        fig.savefig(target, **kwargs)
+        return
     except (OverflowError, ValueError) as err:
-        title = fig._suptitle.get_text() if fig._suptitle is not None else "figure"
-        fig.clear()
-        fig.text(0.5, 0.5, f"{title}: cannot be drawn, its values are beyond what an axis "
-                 f"can show ({type(err).__name__}: {err})", ha="center", va="center",
-                 wrap=True)
-        return fig
+        if not _beyond_axes(fig):
+            raise
+        cause = f"{type(err).__name__}: {err}"
+    title = fig._suptitle.get_text() if fig._suptitle is not None else "figure"
+    fig.clear()
+    fig.text(0.5, 0.5, f"{title}: cannot be drawn, its values are beyond what an axis can "
+             f"show ({cause})", ha="center", va="center", wrap=True)
+    if isinstance(target, io.BytesIO):
+        target.seek(0)
+        target.truncate()
+    fig.savefig(target, **kwargs)
 
 
 def figure_png(fig: Figure, *, dpi: int = 100) -> bytes:
     """The figure rendered to PNG bytes in memory."""
     buf = io.BytesIO()
-    _drawable(fig).savefig(buf, format="png", dpi=dpi)
+    _savefig(fig, buf, format="png", dpi=dpi)
     return buf.getvalue()
 
 
@@ -460,5 +480,5 @@ def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 120) -> Path
             f"path: cannot tell the image format of {str(p)!r}; use a suffix among "
             + ", ".join("." + s for s in SAVE_FORMATS)
         )
-    _drawable(fig).savefig(p, format=fmt, dpi=dpi)
+    _savefig(fig, p, format=fmt, dpi=dpi)
     return p

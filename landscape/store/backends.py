@@ -511,15 +511,23 @@ class H5Backend(Backend):
             g.attrs["fields"] = json.dumps({n: s.to_json() for n, s in stored.items()})
 
     def widen_strings(self, path, fields):
-        """Each column rewritten at its wider width (HDF5 cannot widen one in place)."""
+        """Each column rewritten at its wider width (HDF5 cannot widen one in place).
+
+        Written whole under a temporary name first, then put in the old one's place: a
+        process stopped while it writes leaves the old column as it was.
+        """
         with self.structural():
             g = self.file[path]
             for name, spec in fields.items():
                 rows = g[name][()]
-                del g[name]
-                g.create_dataset(name, data=rows.astype(spec.dtype),
+                fresh = f"{name}.widened"
+                if fresh in g:  # an earlier attempt's, stopped before its swap
+                    del g[fresh]
+                g.create_dataset(fresh, data=rows.astype(spec.dtype),
                                  maxshape=(None, *spec.shape),
                                  chunks=(_chunk_rows(spec), *spec.shape))
+                del g[name]
+                g.move(fresh, name)
             stored = {**self.table_fields(path), **fields}
             g.attrs["fields"] = json.dumps({n: s.to_json() for n, s in stored.items()})
 

@@ -343,7 +343,9 @@ class RunWriter:
             elif wider is not None:  # strings as wide or wider: the rows kept, widened
                 if wider:
                     self._flush_pending()
-                    if self._room_for(_STRUCTURE_BYTES):
+                    rows = self._backend.rows(path)  # the column is written anew
+                    size = sum(rows * np.dtype(spec.dtype).itemsize for spec in wider.values())
+                    if self._room_for(_STRUCTURE_BYTES + size):
                         self._backend.widen_strings(path, wider)
                     self._fields[path] = {**stored, **wider}
                     self._scalars.pop(path, None)

@@ -570,3 +570,18 @@ def test_rtol_must_be_a_number_in_zero_one():
             variability_collapse_index(h, y, rtol=bad)
         with pytest.raises(ValueError, match="rtol must be a number in"):
             neural_collapse(h, y, rtol=bad)
+
+
+def test_vci_leaves_out_features_whose_spread_is_rounding():
+    """Saturated float32 units (1 minus a few ulps) were rescaled to unit variance once
+    features were equilibrated: their rounding noise weighed as features (VCI 0.25 for
+    0.37; review of the rescaling)."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(60) % 3
+    h = (torch.randn(60, 5, generator=g, dtype=torch.float64)
+         + 2 * torch.nn.functional.one_hot(y, 5).double())
+    saturated = torch.sigmoid(16 + torch.randn(60, 20, generator=g)).float()
+    assert float(saturated.std(0).max()) > 0  # rounding, not constant
+    base = variability_collapse_index(h.float(), y)
+    with_saturated = variability_collapse_index(torch.cat([h.float(), saturated], 1), y)
+    assert float(with_saturated) == pytest.approx(float(base), abs=1e-6)

@@ -367,3 +367,13 @@ def test_bad_settings_are_one_valueerror_naming_them():
         effective_rank(torch.randn(3, 5), eps=float("nan"))
     with pytest.raises(MetricError, match="features are constant"):
         effective_rank(torch.ones(3, 5), center=True, strict=True)
+
+
+def test_fit_range_takes_numpy_integers():
+    """The integer check refused np.int64 bounds, which it had taken before (review)."""
+    import numpy as np
+
+    z = torch.randn(40, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    a = alpha_req(z, fit_range=(np.int64(1), np.int64(6)))
+    b = alpha_req(z, fit_range=(1, 6))
+    assert float(a.alpha) == float(b.alpha)
