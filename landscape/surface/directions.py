@@ -34,6 +34,15 @@ IGNORES = ("biasbn", "none")
 _EPS = 1e-10  # as in Li et al.'s reference code (net_plotter.normalize_direction)
 
 
+def _sums_and_squares(vectors: Sequence[Vector]) -> list[float]:
+    """``[sum, squared norm]`` of each vector, flattened, in float64."""
+    out: list[float] = []
+    for v in vectors:
+        f = flatten(v).detach().to(torch.float64)
+        out += [float(f.sum()), float(f.dot(f))]
+    return out
+
+
 @dataclass
 class Directions:
     """One or two directions ``delta`` (and ``eta``) over the named parameters ``names``.
@@ -87,19 +96,11 @@ class Directions:
 
     def fingerprint(self) -> list[float]:
         """Sum and squared norm of each direction (float64), compared on resume."""
-        out: list[float] = []
-        for v in self.vectors:
-            f = flatten(v).detach().to(torch.float64)
-            out += [float(f.sum()), float(f.dot(f))]
-        return out
+        return _sums_and_squares(self.vectors)
 
     def buffer_fingerprint(self) -> list[float]:
         """Sum and squared norm of each buffer direction (empty without), compared on resume."""
-        out: list[float] = []
-        for v in self.buffer_vectors:
-            f = flatten(v).detach().to(torch.float64)
-            out += [float(f.sum()), float(f.dot(f))]
-        return out
+        return _sums_and_squares(self.buffer_vectors)
 
     # -- storage
 
