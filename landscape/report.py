@@ -261,11 +261,11 @@ def _diverged_steps(run: Run, unmeasured: set[tuple[str, int]]) -> np.ndarray:
 def _values_html(run: Run) -> list[str]:
     """Last, smallest and largest value of every scalar numeric field, non-finite rows.
 
-    A field never finite is listed when some of its rows are: ±inf, or NaN at a step whose
-    training loss is not finite (a run non-finite from its start: the loss, gradient norm
-    and update fields), the rows the monitor wrote as not measured (``unmeasured``: a step
-    recorded without its loss) left out; NaN on every row of a healthy run means not
-    measured (a field that does not apply), and is left out.
+    The rows the monitor wrote as not measured (``unmeasured``: a step recorded without
+    its loss) are never counted. A field never finite is listed when some of its rows are
+    non-finite: ±inf, or NaN at a step whose training loss is not finite (a run
+    non-finite from its start: the loss, gradient norm and update fields); NaN on every
+    row of a healthy run means not measured (a field that does not apply), and is left out.
     """
     from landscape.alarms.online import unmeasured_rows
 
@@ -282,11 +282,13 @@ def _values_html(run: Run) -> list[str]:
             steps, values = run.series(metric, name)
             values = np.asarray(values, dtype=np.float64)
             finite = np.isfinite(values)
-            bad = int(nonfinite_rows(values).sum())  # ±inf, and NaN where a value was due
+            # rows the monitor wrote as not measured are no values (a step without its loss)
+            measured = np.array([(metric, int(s)) not in unmeasured for s in steps],
+                                dtype=bool)
+            # ±inf, and NaN where a value was due
+            bad = int((nonfinite_rows(values) & measured).sum())
             if not finite.any():
                 flat = values.reshape(len(values), -1)
-                measured = np.array([(metric, int(s)) not in unmeasured for s in steps],
-                                    dtype=bool)
                 bad = int((np.isinf(flat).any(axis=1) | (
                     np.isnan(flat).any(axis=1) & np.isin(steps, diverged) & measured)).sum())
                 if bad:  # a run non-finite from its start: its count is the news

@@ -750,3 +750,16 @@ def test_a_run_recorded_without_its_loss_has_no_non_finite_rows(tmp_path):
     rows = {(r[0], r[1]): r[2:] for r in _table(render_report(run, findings=[]), "values")}
     assert ("loss", "value") not in rows
     assert all(r[-1] == "" for r in rows.values()), rows
+
+
+def test_unmeasured_rows_of_a_field_with_values_are_not_counted_non_finite():
+    """A step recorded without its loss (NaN, listed in /metrics/unmeasured) counted as a
+    non-finite loss row wherever the loss had finite rows too (second review)."""
+    w = RunWriter.memory()
+    w.declare("loss", {"value": None})
+    w.declare("unmeasured", {"metrics": "S16"})
+    for s in range(10):
+        w.append("loss", s, {"value": np.nan if s == 5 else 1.0 / (s + 1)})
+    w.append("unmeasured", 5, {"metrics": "loss"})
+    rows = {(r[0], r[1]): r[2:] for r in _table(render_report(w.run(), findings=[]), "values")}
+    assert rows[("loss", "value")][-1] == ""

@@ -64,6 +64,13 @@ _ADAM_KEYS = ("amsgrad", "bias_correction", "correct_bias")
 (``amsgrad``), apex's and DeepSpeed's FusedAdam (``bias_correction``), transformers' old
 AdamW (``correct_bias``)."""
 
+_BEFORE_KEYS = (("grad_averaging", "LAMB"), ("max_grad_norm", "LAMB"),
+                ("norm_type", "NovoGrad"), ("init_zero", "NovoGrad"),
+                ("ns_steps", "Muon"), ("ns_coefficients", "Muon"))
+"""Keys of optimizers that also save Adam's or SGD's (``bias_correction``, ``betas``;
+``momentum``, ``nesterov``) but step otherwise: apex's and DeepSpeed's LAMB (a layer-wise
+trust ratio), apex's NovoGrad, torch's Muon (orthogonalised updates)."""
+
 _OTHER_KEYS = (("lr_decay", "Adagrad"), ("initial_accumulator_value", "Adagrad"),
                ("lambd", "ASGD"), ("etas", "Rprop"), ("history_size", "LBFGS"),
                ("rho", "Adadelta"), ("relative_step", "Adafactor"),
@@ -80,6 +87,9 @@ def _saved_kind(group: Mapping[str, Any], states: Any) -> str:
     ``dampening``/``nesterov`` beside ``momentum``, RMSprop ``alpha`` and ``centered``;
     others by :data:`_OTHER_KEYS`, or their keys.
     """
+    for key, name in _BEFORE_KEYS:  # optimizers saving keys of the kinds read below
+        if key in group:
+            return name
     if "betas" in group:
         if "momentum_decay" in group:
             return "NAdam"

@@ -115,18 +115,6 @@ def _at_the_global_mean(stats: _ClassStats) -> torch.Tensor:
     return (stats.centred_means.abs() <= tol).all(dim=1)
 
 
-_ROUNDING_SPREAD = 8.0
-"""A feature whose standard deviation is at most this many ``eps`` of its mean magnitude
-(``eps`` of the features' dtype) is rounding, not variance (:func:`variability_collapse_index`)."""
-
-
-def _input_eps(features: torch.Tensor) -> float:
-    """The machine epsilon of the features' dtype (float32's for one that is not floating)."""
-    dtype = features.dtype if isinstance(features, torch.Tensor) and \
-        features.is_floating_point() else torch.float32
-    return float(torch.finfo(dtype).eps)
-
-
 def _check_rtol(rtol: float) -> None:
     """A relative cut must be a number in [0, 1) (NaN kept every direction, or none)."""
     if not (isinstance(rtol, (int, float)) and not isinstance(rtol, bool) and 0 <= rtol < 1):
@@ -520,13 +508,9 @@ def variability_collapse_index(
     # each feature divided by its total standard deviation (diag Sigma_T), those without
     # variance left out: the index is invariant to it (an invertible diagonal map), and
     # rtol and the rank's cut are then relative to comparable scales (a feature 1e6 larger
-    # than the others had pushed every other direction under rtol). A feature whose spread
-    # is within the rounding of its values in the input's dtype (a saturated unit, 1 minus
-    # a few ulps) has no variance either: rescaled, its noise weighed as much as a feature
-    # (VCI 0.25 for 0.37 beside 20 saturated sigmoids)
+    # than the others had pushed every other direction under rtol)
     scale = ((within * within).sum(0) / n + (mt * mt).sum(0) / c).sqrt()
-    magnitude = stats.h.abs().mean(0)
-    varies = scale > _ROUNDING_SPREAD * _input_eps(features) * magnitude
+    varies = scale > 0
     mt, within = mt[:, varies] / scale[varies], within[:, varies] / scale[varies]
     s_b = torch.linalg.svdvals(mt)
     rank_b = int((s_b[: min(p, c - 1)] > 1e-6 * s_b[0]).sum())

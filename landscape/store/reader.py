@@ -455,8 +455,9 @@ class Run:
 
         Raises:
             RunFileError: the file was replaced (a crash recovery) or started over (a writer
-                with ``mode="w"``) since it was opened: open it again. HDF5 hung for
-                minutes refreshing such a file.
+                with ``mode="w"``) since it was opened, or a table of it was rewritten (a
+                resumed writer widening a column): open it again. HDF5 hung for minutes
+                refreshing such a file.
         """
         if self._identity is not None:
             now = _identity(self._backend, self._identity[3])
@@ -467,8 +468,16 @@ class Run:
                                    "opened (a writer with mode='w', or a crash recovery): "
                                    "open it again")
             self._identity = now
-        self._backend.refresh()  # (rows only: groups added since stay unseen, so the
-        # size at the first open stays what Run.open compares with)
+        try:
+            self._backend.refresh()  # (rows only: groups added since stay unseen, so the
+            # size at the first open stays what Run.open compares with)
+        except (RuntimeError, OSError, KeyError, ValueError) as err:
+            # a dataset rewritten since (a resumed writer widening a string column): the
+            # objects this reader holds are gone, for good ("Can't deserialize object
+            # header"); a fresh open reads the file as it is
+            raise RunFileError(f"{self.source}: a table was rewritten since it was opened (a "
+                               f"resumed writer widened a column): open it again ({err})"
+                               ) from None
 
     def close(self) -> None:
         """Close a file opened by :meth:`open` (a writer's view stays the writer's)."""

@@ -799,3 +799,29 @@ def test_adam_kinds_that_save_no_amsgrad_are_still_read_as_adam(extra):
              "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8,
                                "weight_decay": 0.01, **extra, "params": [0]}]}
     assert optimizer_settings(state)["name"] == "adam"
+
+
+@pytest.mark.parametrize("extra, name", [
+    ({"bias_correction": True, "grad_averaging": True, "max_grad_norm": 1.0}, "LAMB"),
+    ({"bias_correction": True, "norm_type": 2, "init_zero": False}, "NovoGrad")])
+def test_lamb_and_novograd_are_not_read_as_adam(extra, name):
+    """They save bias_correction beside betas, as FusedAdam does, but step otherwise: a
+    layer-wise trust ratio, per-layer second moments (second review)."""
+    from landscape.checkpoints.optim import optimizer_settings
+
+    state = {"state": {}, "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8,
+                                             "weight_decay": 0.0, **extra, "params": [0]}]}
+    assert optimizer_settings(state) == {"name": None, "unread": name, "state_dict": state}
+
+
+def test_muon_is_not_read_as_sgd():
+    """torch.optim.Muon saves momentum and nesterov as SGD does (second review)."""
+    from landscape.checkpoints.optim import optimizer_settings
+
+    if not hasattr(torch.optim, "Muon"):
+        pytest.skip("this torch has no torch.optim.Muon")
+    net = torch.nn.Linear(4, 3, bias=False)
+    opt = torch.optim.Muon(net.parameters(), lr=0.02)
+    net(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    assert optimizer_settings(opt.state_dict())["unread"] == "Muon"
