@@ -661,7 +661,14 @@ class ModelOperator(CurvatureOperator):
         opts = self.options
         key = (type(self).__name__, tuple(self.names), path, opts.eval_mode,
                opts.batch_statistics, self.closure is not None, self.forward is not None)
-        value = remembered(self.model, key, measure)
+        try:
+            value = remembered(self.model, key, measure)
+        except BaseException:
+            # not checked: the next products run the check again, with its guard that
+            # fails every rank together (marked checked, a second call's failing forward
+            # left the other ranks in an all-reduce)
+            self._symmetry_checked.discard(path)
+            raise
         if value is None or not value > tolerance or self._backend.first_order:
             return
         backend = self._backend

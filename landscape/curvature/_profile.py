@@ -274,7 +274,10 @@ def _fit_product(op: Any, batch: int, own: int | None = None) -> tuple[float, fl
     p1 = _probe_peak(op, m, "product")
     # ``whole`` was measured on this rank's own samples (``own``; ``batch``, the fewest any
     # rank holds, sets m alike on every rank)
-    slope = max(0.0, (whole - p1) / ((own or batch) - m))
+    # (a rank holding m samples or fewer, one sample beside the others' eight: no span to
+    # fit, and its ZeroDivisionError left the other ranks in the profile's all-reduce)
+    span = (own or batch) - m
+    slope = max(0.0, (whole - p1) / span) if span > 0 else 0.0
     return max(0.0, p1 - slope * m), slope, whole
 
 

@@ -441,6 +441,13 @@ class Monitor:
         self._own = list(named.values())
         self._objects = dict(self.model.named_parameters())
         self._sharded = any(_dist.is_sharded(p) for p in self._objects.values())
+        if self._sharded and not self._distributed and _dist.world_size() > 1:
+            # every norm of a sharded parameter is an all-reduce: on the ranks that run
+            # the monitor alone, they waited for the others for ever
+            raise ValueError(
+                "distributed=False (or landscape.distributed.local()) on an FSDP-sharded "
+                "model: its parameters' norms and forward need every rank; run the monitor "
+                "on all ranks together (rank 0 writes alone)")
         floating = {p.dtype for p in self._objects.values() if p.is_floating_point()}
         self._weights_dtype = next(iter(floating)) if len(floating) == 1 else None
         if self._probe_source == "given":  # before the Taylor guard or a metric reads it

@@ -85,6 +85,22 @@ def root_only_worker(rank: int, out_dir: str) -> None:
     W._save(out_dir, rank, result)
 
 
+def local_monitor_worker(rank: int, out_dir: str) -> None:
+    """A monitor with distributed=False on an FSDP2 model: every norm of a sharded
+    parameter is an all-reduce, so it hung on the rank that ran it alone (distributed
+    review); it is refused on every rank, before any collective."""
+    from torch.distributed.fsdp import fully_shard
+
+    net = fully_shard(W.model())
+    said = None
+    try:
+        Monitor(net, F.cross_entropy, metrics=["loss", "grad_norm"], distributed=False,
+                warn=False).start()
+    except ValueError as err:
+        said = str(err)
+    W._save(out_dir, rank, {"said": said, "after": ld.all_gather_objects("went on")})
+
+
 WHOLE_WEIGHT_METRICS = ("spectral_alignment", "representation", "collapse")
 
 

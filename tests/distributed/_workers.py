@@ -598,6 +598,33 @@ def bad_probe_rank_worker(rank: int, out_dir: str) -> None:
     _save(out_dir, rank, {"failed": failed, "after": ld.all_gather_objects("still in step")})
 
 
+def bad_probe_two_metrics_worker(rank: int, out_dir: str) -> None:
+    """As :func:`bad_probe_rank_worker`, with two curvature metrics sharing the step's
+    operator: the symmetry check was marked done before it ran, so the second metric's
+    products ran without its guard and rank 0 waited in an all-reduce (distributed
+    review); and rank 1's probe holds one sample under micro-batches, whose memory
+    profile divided by zero there."""
+    from landscape.metrics.curvature import HessianTrace, TopEigenvalues
+
+    x, y = dataset()
+    probe = (x[:8], y[:8]) if rank == 0 else (torch.randn(8, x.shape[1] + 1), y[8:])
+    with Monitor(model(), F.cross_entropy,
+                 metrics=[TopEigenvalues(k=1, schedule=1), HessianTrace(schedule=1)],
+                 probe=probe, warn=False) as mon:
+        for step in range(2):
+            mon.step(step, batch=probe, loss=torch.tensor(1.0))
+        failed = sorted({f.metric for f in mon.findings if f.rule == "metric_failed"})
+    one = (x[:8], y[:8]) if rank == 0 else (x[8:9], y[8:9])
+    with Monitor(model(), F.cross_entropy, metrics=[TopEigenvalues(k=1, schedule=1)],
+                 probe=one, microbatch_size=4, warn=False) as mon:
+        mon.step(0, batch=one, loss=torch.tensor(1.0))
+        one_failed = [f.message for f in mon.findings if f.rule == "metric_failed"]
+        top = mon.run().series("top_eigenvalues", "eigenvalues")[1]
+    _save(out_dir, rank, {"failed": failed, "one_failed": one_failed,
+                          "top": top.tolist(),
+                          "after": ld.all_gather_objects("still in step")})
+
+
 def _eval_fails_on_rank_1(net: torch.nn.Module, batch: Any) -> torch.Tensor:
     """A closure whose eval-mode forward fails on rank 1 only (a train-mode-only model)."""
     if not net.training and ld.rank() == 1:

@@ -250,6 +250,15 @@ def test_a_probe_whose_forward_fails_on_one_rank_fails_every_rank_instead_of_han
     assert "shapes cannot be multiplied" in r1["failed"][0][1]
 
 
+def test_every_curvature_metric_of_a_step_fails_together_and_one_sample_profiles(tmp_path):
+    run_ranks(W.bad_probe_two_metrics_worker, tmp_path, timeout=120.0)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["after"] == r1["after"] == ["still in step"] * 2
+    assert r0["failed"] == r1["failed"] == ["hessian_trace", "top_eigenvalues"]
+    assert r0["one_failed"] == r1["one_failed"] == []
+    assert r0["top"] == r1["top"] and all(v == v for v in r0["top"][0])  # finite, alike
+
+
 def test_the_micro_batch_check_runs_on_each_ranks_own_batch(tmp_path):
     run_ranks(W.microbatch_check_worker, tmp_path, timeout=90.0)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))

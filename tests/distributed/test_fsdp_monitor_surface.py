@@ -92,6 +92,13 @@ def test_a_root_only_fsdp_model_trains_on_after_the_monitors_forwards(tmp_path):
             _compare(fsdp, one, metric, one.fields(metric), 1e-9)
 
 
+def test_a_local_monitor_on_an_fsdp_model_is_refused_not_left_waiting(tmp_path):
+    run_ranks(FW.local_monitor_worker, tmp_path, timeout=120)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["after"] == r1["after"] == ["went on"] * 2
+    assert "on an FSDP-sharded model" in r0["said"] and r0["said"] == r1["said"]
+
+
 def test_a_monitor_started_after_an_evaluation_forward_sees_the_sharded_parameters(tmp_path):
     run_ranks(FW.evaluated_worker, tmp_path, timeout=300)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
