@@ -71,9 +71,12 @@ def _directions(
                 ignore="biasbn" if ignore is None else ignore, params=params)
         if directions == "eigen":
             # the Hessian of the loss the grid evaluates: same closure convention and mode
+            # (and the grid's distributed setting: with False, on some ranks alone, the
+            # Hessian all-reduced and waited for the others)
             return eigen_directions(model, loss_fn, data, n, params=params,
                                     closure=grid.get("closure"),
-                                    eval_mode=grid.get("eval_mode", True))
+                                    eval_mode=grid.get("eval_mode", True),
+                                    distributed=grid.get("distributed"))
         raise ValueError(f"directions must be 'random', 'eigen' or vectors, got {directions!r}")
     vecs = list(directions)
     if len(vecs) != n:

@@ -357,6 +357,7 @@ def eigen_directions(
     ignore: str = "none",
     closure: bool | None = None,
     eval_mode: bool = True,
+    distributed: bool | None = None,
     **kwargs: Any,
 ) -> Directions:
     """The top-``n`` (algebraically largest) Hessian eigenvectors as directions.
@@ -368,6 +369,8 @@ def eigen_directions(
     the loss is ``L(alpha) ~ L(0) + alpha^2 lambda_k / 2`` near a minimum (Li et al. 2018,
     Sec. 6 relate such curvature to the plots); ``normalization="filter"`` rescales them like
     random directions. The eigenvalues are stored in ``attrs["eigenvalues"]``.
+    ``distributed``: the Hessian's (``False``: this rank's data alone, no all-reduce; the
+    grid's setting when a surface asks for ``directions="eigen"``).
     """
     if n not in (1, 2):
         raise ValueError(f"n must be 1 or 2, got {n}")
@@ -378,9 +381,11 @@ def eigen_directions(
         closure = isinstance(data, Mapping)
     selection = list(named) if params is not None else None
     if closure:
-        H = Hessian(model, data=data, closure=loss_fn, params=selection, eval_mode=eval_mode)
+        H = Hessian(model, data=data, closure=loss_fn, params=selection, eval_mode=eval_mode,
+                    distributed=distributed)
     else:
-        H = Hessian(model, loss_fn, data, params=selection, eval_mode=eval_mode)
+        H = Hessian(model, loss_fn, data, params=selection, eval_mode=eval_mode,
+                    distributed=distributed)
     eig = top_eigenvalues(H, k=n, **kwargs)
     found = list(eig.vectors)
     if len(found) < n:

@@ -412,6 +412,19 @@ def surface_worker(rank: int, out_dir: str) -> None:
                           "n_resumed": len(calls)})
 
 
+def eigen_plane_on_rank_0_worker(rank: int, out_dir: str) -> None:
+    """plane(directions="eigen", distributed=False) on rank 0 alone: the Hessian of the
+    eigen directions all-reduced anyway and waited for rank 1 (distributed review)."""
+    from landscape.surface import plane
+
+    values = None
+    if rank == 0:
+        x, y = dataset()
+        values = plane(model(), F.cross_entropy, (x[:8], y[:8]), steps=3,
+                       directions="eigen", distributed=False, progress=False).values["loss"]
+    _save(out_dir, rank, {"values": values, "after": ld.all_gather_objects("went on")})
+
+
 # ----------------------------------------------------------------------------- FSDP2
 
 

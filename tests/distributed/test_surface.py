@@ -54,3 +54,15 @@ def test_sharded_surface_equals_one_process_and_resumes(tmp_path):
             assert r[key].complete
             for field in ("loss", "accuracy"):
                 np.testing.assert_array_equal(r[key].values[field], reference.values[field])
+
+
+def test_an_eigen_plane_on_one_rank_with_distributed_false_needs_no_other_rank(tmp_path):
+    run_ranks(W.eigen_plane_on_rank_0_worker, tmp_path, timeout=120.0)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["after"] == r1["after"] == ["went on"] * 2
+    from landscape.surface import plane
+
+    x, y = W.dataset()
+    alone = plane(W.model(), F.cross_entropy, (x[:8], y[:8]), steps=3, directions="eigen",
+                  progress=False).values["loss"]
+    np.testing.assert_allclose(r0["values"], alone, rtol=1e-10)
