@@ -380,12 +380,12 @@ def eigen_directions(
     if closure is None:
         closure = isinstance(data, Mapping)
     selection = list(named) if params is not None else None
+    given = {} if distributed is None else {"distributed": distributed}  # (None: default)
     if closure:
         H = Hessian(model, data=data, closure=loss_fn, params=selection, eval_mode=eval_mode,
-                    distributed=distributed)
+                    **given)
     else:
-        H = Hessian(model, loss_fn, data, params=selection, eval_mode=eval_mode,
-                    distributed=distributed)
+        H = Hessian(model, loss_fn, data, params=selection, eval_mode=eval_mode, **given)
     eig = top_eigenvalues(H, k=n, **kwargs)
     found = list(eig.vectors)
     if len(found) < n:
