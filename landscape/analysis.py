@@ -149,9 +149,9 @@ def _say_momentum_left_out(optimizer: dict[str, Any] | None,
     if not optimizer or optimizer.get("momentum") is not None \
             or str(optimizer.get("name", "sgd")).lower() != "sgd":
         return
-    saved = next((c.optimizer for _, c in loaded if _readable(c.optimizer)
-                  and c.optimizer.get("name") == "sgd"  # type: ignore[union-attr]
-                  and (c.optimizer.get("momentum") or 0) > 0), None)  # type: ignore[union-attr]
+    saved = next((c.optimizer for _, c in loaded if c.optimizer
+                  and c.optimizer.get("name") == "sgd" and (c.optimizer.get("momentum") or 0) > 0),
+                 None)
     if saved is not None:
         warnings.warn(f"sharpness: the learning rate given without a momentum is plain SGD's "
                       f"(momentum 0, threshold 2/lr), while the checkpoints' optimizer saved "

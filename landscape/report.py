@@ -245,7 +245,23 @@ def _rules_html(findings: Sequence[Finding]) -> list[str]:
     return out
 
 
-def _diverged_steps(run: Run, unmeasured: set[tuple[str, int]]) -> np.ndarray:
+def _unmeasured_steps(run: Run) -> dict[str, np.ndarray]:
+    """Per metric, the steps the monitor wrote as not measured (``/metrics/unmeasured``)."""
+    from landscape.alarms.online import unmeasured_rows
+
+    by_metric: dict[str, list[int]] = {}
+    for metric, step in unmeasured_rows(run):
+        by_metric.setdefault(metric, []).append(step)
+    return {m: np.asarray(s, dtype=np.int64) for m, s in by_metric.items()}
+
+
+def _measured(steps: np.ndarray, unmeasured: np.ndarray | None) -> np.ndarray:
+    """Which of a metric's ``steps`` hold a measurement (not in ``unmeasured``)."""
+    steps = np.asarray(steps)
+    return np.ones(len(steps), dtype=bool) if unmeasured is None else ~np.isin(steps, unmeasured)
+
+
+def _diverged_steps(run: Run, unmeasured: dict[str, np.ndarray]) -> np.ndarray:
     """The steps whose training loss is not finite (``loss/value``; empty without it).
 
     A step recorded without a loss (``unmeasured``: its NaN row is no value) is none.
@@ -253,9 +269,10 @@ def _diverged_steps(run: Run, unmeasured: set[tuple[str, int]]) -> np.ndarray:
     if "loss" not in run.metrics() or "value" not in run.fields("loss"):
         return np.zeros(0, dtype=np.int64)
     steps, values = run.series("loss", "value")
-    bad = [int(s) for s, v in zip(steps, np.asarray(values, dtype=np.float64))
-           if not np.isfinite(v) and ("loss", int(s)) not in unmeasured]
-    return np.asarray(bad, dtype=np.int64)
+    steps = np.asarray(steps)
+    bad = ~np.isfinite(np.asarray(values, dtype=np.float64)) & _measured(
+        steps, unmeasured.get("loss"))
+    return steps[bad]
 
 
 def _values_html(run: Run) -> list[str]:
@@ -267,10 +284,8 @@ def _values_html(run: Run) -> list[str]:
     non-finite from its start: the loss, gradient norm and update fields); NaN on every
     row of a healthy run means not measured (a field that does not apply), and is left out.
     """
-    from landscape.alarms.online import unmeasured_rows
-
     rows = []
-    unmeasured = unmeasured_rows(run)
+    unmeasured = _unmeasured_steps(run)
     diverged = _diverged_steps(run, unmeasured)
     for metric in metrics_with_rows(run):
         if is_density(run, metric):
@@ -283,8 +298,7 @@ def _values_html(run: Run) -> list[str]:
             values = np.asarray(values, dtype=np.float64)
             finite = np.isfinite(values)
             # rows the monitor wrote as not measured are no values (a step without its loss)
-            measured = np.array([(metric, int(s)) not in unmeasured for s in steps],
-                                dtype=bool)
+            measured = _measured(steps, unmeasured.get(metric))
             # ±inf, and NaN where a value was due
             bad = int((nonfinite_rows(values) & measured).sum())
             if not finite.any():
@@ -314,9 +328,8 @@ def _values_html(run: Run) -> list[str]:
 
 
 def _overview_html(run: Run, findings: Sequence[Finding]) -> list[str]:
-    recorded = any(run.rows(m) for m in run.metrics()) or any(
-        run.surface(s).done.any() for s in run.surfaces())
-    return ['<section id="overview"><h2>At a glance</h2>', _verdict_html(findings, recorded),
+    return ['<section id="overview"><h2>At a glance</h2>',
+            _verdict_html(findings, run.recorded()),
             *_rules_html(findings), *_values_html(run), "</section>"]
 
 

@@ -140,10 +140,7 @@ def check(run_path: str, fail_on: str, recompute: bool, rule_specs: tuple[str, .
                 Run.open(run_path) as run:
             found = findings_of(run, recompute, rules, quiet or as_json)
             source = run.source
-            # a surface counts once a point of it is computed: a job killed before its
-            # first point recorded nothing either
-            recorded = any(run.rows(m) for m in run.metrics()) or any(
-                run.surface(s).done.any() for s in run.surfaces())
+            recorded = run.recorded()
     except OSError as err:  # one without a system error behind it (h5py's own)
         raise CommandError(f"{run_path}: cannot be read as a run file "
                            f"({type(err).__name__}: {err})", EXIT_INPUT) from None

@@ -35,6 +35,7 @@ from torch import nn
 from landscape._deprecation import warn_renamed
 from landscape._names import RENAMED_METRICS
 from landscape.schedules import Schedule, every, parse
+from landscape.store.format import plain_name
 
 if TYPE_CHECKING:  # pragma: no cover
     from landscape.metrics.context import StepContext
@@ -286,7 +287,7 @@ def register(cls: M | None = None, *, replace: bool = False) -> Any:
     def add(c: M) -> M:
         if not (isinstance(c, type) and issubclass(c, Metric)):
             raise TypeError(f"register expects a Metric subclass, got {c!r}")
-        if not isinstance(c.name, str) or not c.name or "/" in c.name or c.name in (".", ".."):
+        if not plain_name(c.name):
             raise ValueError(f"{c.__name__}.name must be a non-empty name without '/', not "
                              "'.' or '..'")
         _check_fields_declaration(c)

@@ -22,7 +22,7 @@ from landscape._checks import callables, positive_int, run_path
 from landscape.batches import leading_size
 from landscape.findings import user_stacklevel
 from landscape.metrics import Metric
-from landscape.store.format import json_default, step_value
+from landscape.store.format import json_default, plain_name, step_value
 
 __all__ = [
     "RESERVED_CONFIG",
@@ -107,8 +107,7 @@ def check_metric_names(metrics: Sequence[Metric]) -> None:
     from landscape.metrics.base import _REGISTRY, same_definition
 
     for m in metrics:
-        if not isinstance(m.name, str) or not m.name or "/" in m.name or "," in m.name \
-                or m.name in (".", ".."):
+        if not plain_name(m.name) or "," in m.name:
             raise ValueError(f"{type(m).__name__}.name must be a non-empty name without '/' "
                              f"or ',', not '.' or '..' (set name = ... in the class), got "
                              f"{m.name!r}")

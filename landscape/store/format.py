@@ -124,6 +124,15 @@ def step_value(step: Any, what: str = "step") -> int:
     return value
 
 
+def plain_name(name: object) -> bool:
+    """Whether ``name`` can name a group or dataset of the run file on its own.
+
+    A non-empty string without ``/``, and neither ``.`` nor ``..``: ``metrics/.`` is the
+    ``/metrics`` group itself, whose datasets there made every reader refuse the file.
+    """
+    return isinstance(name, str) and bool(name) and "/" not in name and name not in (".", "..")
+
+
 def normalize_fields(fields: FieldsLike) -> dict[str, FieldSpec]:
     """Accept ``{name: FieldSpec | shape-tuple | dtype-string | None}`` and return FieldSpecs.
 
@@ -143,7 +152,7 @@ def normalize_fields(fields: FieldsLike) -> dict[str, FieldSpec]:
                         f"scalar), got {type(fields).__name__} {fields!r}")
     out: dict[str, FieldSpec] = {}
     for name, spec in fields.items():
-        if not isinstance(name, str) or not name or "/" in name or name in ("step", ".", ".."):
+        if not plain_name(name) or name == "step":
             raise ValueError(f"invalid field name {name!r} (non-empty, no '/', not 'step', "
                              "'.' or '..')")
         if spec is None:

@@ -421,6 +421,15 @@ class Run:
         paths = _decode_strings(self._backend.column(CHECKPOINTS_TABLE, "path", len(steps)))
         return [(int(s), p) for s, p in zip(steps, paths)]
 
+    def recorded(self) -> bool:
+        """Whether the run holds anything: a metric row, or a computed surface point.
+
+        A job killed before its first flush recorded nothing: ``landscape check`` refuses
+        to pass it, and the report says so.
+        """
+        return any(self.rows(m) for m in self.metrics()) or any(
+            self.surface(s).done.any() for s in self.surfaces())
+
     # -- surfaces
 
     def surfaces(self) -> list[str]:

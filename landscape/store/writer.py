@@ -49,6 +49,7 @@ from landscape.store.format import (
     _h5_reason,
     _root_attrs,
     normalize_fields,
+    plain_name,
     step_value,
 )
 from landscape.store.reader import Run
@@ -320,9 +321,7 @@ class RunWriter:
                 is closed.
         """
         self._check_open()
-        if not name or "/" in name or name in (".", ".."):
-            # ('.' is the /metrics group itself: its datasets there made every reader
-            # refuse the whole file)
+        if not plain_name(name):
             raise ValueError(f"invalid metric name {name!r} (non-empty, no '/', not '.' or "
                              "'..')")
         specs = normalize_fields(fields)
@@ -652,7 +651,7 @@ class RunWriter:
                 fields.
         """
         self._check_open()
-        if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+        if not plain_name(name):
             raise RunFileError(f"invalid surface name {name!r}: a non-empty name without '/'")
         xs = np.asarray(x, dtype=np.float64)
         ys = None if y is None else np.asarray(y, dtype=np.float64)
