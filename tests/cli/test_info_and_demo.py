@@ -129,11 +129,16 @@ def test_demo_warns_before_the_loss_moves(runner, tmp_path):
     block = "trained 220 steps" + doc.split("```\ntrained 220 steps", 1)[1].split("```", 1)[0]
     quoted = [ln for ln in block.splitlines() if ln.strip() and ln.strip() != "..."]
     printed = result.output.splitlines()
-    # the loss 27 steps after the explosion is chaotic: the same torch wheel gives 96.6
-    # on one machine and 102.2 on another (every line before it is the same on both)
-    chaotic = re.compile(r"final loss \S+$")
-    quoted = [chaotic.sub("final loss ...", ln) for ln in quoted]
-    printed = [chaotic.sub("final loss ...", ln) for ln in printed]
+    # what follows the explosion is chaotic: the same torch wheel gives a final loss of
+    # 96.6 on one machine, 102.2 on another and 88.5 on a third (an AVX2 one, where the
+    # gradient norm never warns after it: one finding fewer, no "after it" row); every
+    # line before it is the same on all three
+    chaotic = [(re.compile(r"final loss \S+$"), "final loss ..."),
+               (re.compile(r"^findings \(\d+\):$"), "findings (...):")]
+    quoted = [ln for ln in quoted if not ln.endswith(" after it")]
+    for pattern, same in chaotic:
+        quoted = [pattern.sub(same, ln) for ln in quoted]
+        printed = [pattern.sub(same, ln) for ln in printed]
     assert len(quoted) > 8 and all(ln in printed for ln in quoted), [
         ln for ln in quoted if ln not in printed]
     assert "no warning before the ramp" in result.output

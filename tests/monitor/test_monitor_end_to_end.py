@@ -57,19 +57,22 @@ def test_full_batch_gd_sharpness_reaches_two_over_lr_and_the_finding_appears():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with Monitor(net, loss_fn, optimizer=opt, metrics=metrics, probe=(x, y)) as mon:
-            for step in range(200):
+            # 60 steps: past the threshold (from step ~40) the trajectory is chaotic, and
+            # the catapult that follows (near step 90) comes earlier or later with the
+            # CPU's rounding (AVX2 against AVX-512 kernels)
+            for step in range(60):
                 loss = loss_fn(net(x), y)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 mon.step(step, batch=(x, y), loss=loss)
-                if step == 100:
-                    dense_100 = _dense_lambda_max(net, x, y)
+                if step == 50:
+                    dense_50 = _dense_lambda_max(net, x, y)
             run = mon.run()
     steps, lam = run.series("sharpness", "lambda_max")
     _, thr = run.series("sharpness", "threshold")
     assert np.allclose(thr, 2 / lr)
-    assert lam[list(steps).index(100)] == pytest.approx(dense_100, rel=1e-5)
+    assert lam[list(steps).index(50)] == pytest.approx(dense_50, rel=1e-5)
     assert lam[0] < 0.9 * 2 / lr and lam.max() >= 2 / lr  # progressive sharpening to the edge
     # the edge is healthy here (the loss keeps falling): one info finding, no warning raised
     eos = [f for f in mon.findings if f.rule == "edge_of_stability"]
