@@ -43,6 +43,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = [
+    "agreed",
     "all_gather_objects",
     "all_reduce_weighted",
     "broadcast_object",
@@ -369,20 +370,39 @@ def raise_together(error: BaseException | None, what: str) -> None:
 
     Every rank must call this at the same point, with its own ``error`` (None when it
     succeeded). The failing rank raises its own exception, the others a ``ValueError``
-    naming it and its message (``what``: the work that failed, for that message). One
-    object all-gather; nothing without a process group (a local ``error`` is raised).
+    naming it and its message (``what``: the work that failed, for that message); what is
+    raised is marked :func:`agreed`. One all-reduce of one number when no rank failed (and
+    an object all-gather of the messages when one did); nothing without a process group
+    (a local ``error`` is raised).
     """
     if not is_distributed():
         if error is not None:
             raise error
         return
+    failed = torch.tensor([0.0 if error is None else 1.0], dtype=torch.float64,
+                          device=_tensor_device())
+    if not float(_all_reduce_max(failed)):
+        return
     messages = all_gather_objects(None if error is None else f"{type(error).__name__}: {error}")
-    if error is not None:
-        raise error
-    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
-    if failed:
-        who, message = failed[0]
-        raise ValueError(f"{what} failed on rank {who}: {message}")
+    if error is None:
+        who, message = next((r, m) for r, m in enumerate(messages) if m is not None)
+        error = ValueError(f"{what} failed on rank {who}: {message}")
+    error._landscape_agreed = True  # type: ignore[union-attr]
+    raise error
+
+
+def agreed(error: BaseException) -> bool:
+    """Whether ``error`` was raised on every rank at one point by :func:`raise_together`.
+
+    Every rank handles such an error alike; one raised on a single rank must be agreed on
+    (:func:`raise_together`) before a rank takes another path than the others.
+    """
+    cause: BaseException | None = error
+    while cause is not None:  # (re-raised from, e.g. the operator's own message)
+        if getattr(cause, "_landscape_agreed", False):
+            return True
+        cause = cause.__cause__
+    return False
 
 
 def together(collective: bool, what: str, fn: Callable[..., T], *args: Any) -> T:
@@ -400,6 +420,8 @@ def together(collective: bool, what: str, fn: Callable[..., T], *args: Any) -> T
     try:
         result = fn(*args)
     except Exception as err:  # raised on every rank below
+        if agreed(err):  # (already on every rank, by a vote inside fn)
+            raise
         error = err
     raise_together(error, what)
     return result

@@ -181,6 +181,8 @@ class Backend:
         try:
             return self._run_exact(context, func_impl, autograd_impl)
         except Exception as err:
+            if _dist.agreed(err):  # another rank failed: every rank leaves alike
+                raise
             if diagnose is not None:
                 try:
                     diagnose()
@@ -212,7 +214,7 @@ class Backend:
             with context():
                 return func_impl()
         except Exception as err:
-            if self.name == "func":
+            if self.name == "func" or _dist.agreed(err):
                 raise
             self.func_failed = err
             with context():
@@ -241,5 +243,7 @@ class Backend:
                 self.ran = True
                 return vmapped()
         except Exception as err:
+            if _dist.agreed(err):
+                raise
             self.vmap_failed = err
             return loop()

@@ -359,9 +359,30 @@ class ModelOperator(CurvatureOperator):
         """
         if not self._reduce.enabled:
             return super().matmat(vs)
-        with self._reduce.deferred():
-            outs = super().matmat(vs)
-        return self._reduce.products(outs, len(self.shapes))
+        with self._reduce.guarded("the curvature products"):
+            with self._reduce.deferred():
+                outs = super().matmat(vs)
+            return self._reduce.products(outs, len(self.shapes))
+
+    def matvec(self, v: Sequence[torch.Tensor]) -> Vector:
+        """The product ``A v`` for one parameter-space vector.
+
+        Distributed, an error on one rank (a forward that fails there, out of memory)
+        raises on every rank rather than leave the others in the reduction
+        (docs/distributed.md, "GPU / NCCL notes"); likewise :meth:`matmat`, :meth:`loss` and
+        :meth:`gradient`.
+
+        Args:
+            v: one tensor per parameter, in parameter order, of the parameter's shape.
+
+        Returns:
+            ``A v`` as a tuple of tensors in the operator's dtype and device.
+
+        Raises:
+            ValueError: ``v`` has the wrong number of tensors or a tensor the wrong shape.
+        """
+        with self._reduce.guarded("the curvature products"):
+            return super().matvec(v)
 
     def loss(self) -> torch.Tensor:
         """The (size-weighted mean) loss at the current parameters; cached until they change.
@@ -369,7 +390,8 @@ class ModelOperator(CurvatureOperator):
         Returns:
             A scalar tensor.
         """
-        return self._loss_and_grad()[0]
+        with self._reduce.guarded("the loss and gradient"):
+            return self._loss_and_grad()[0]
 
     def gradient(self) -> Vector:
         """The gradient of the loss at the current parameters; cached until they change.
@@ -377,7 +399,8 @@ class ModelOperator(CurvatureOperator):
         Returns:
             A parameter-space vector.
         """
-        return self._loss_and_grad()[1]
+        with self._reduce.guarded("the loss and gradient"):
+            return self._loss_and_grad()[1]
 
     def refresh(self) -> None:
         """Forget the cached loss, gradient and gradient graph (after parameters changed).

@@ -4,6 +4,12 @@ With ``torch.distributed`` (docs/distributed.md) every rank holds its own probe 
 ``N_r``; each loss, gradient and product becomes the size-weighted mean over the ranks,
 ``sum_r (N_r / N) x_r``, i.e. the value on the union of the ranks' data, by one all-reduce
 of the flat result per call (one per dtype in it). All ranks run the same solver steps in lock step.
+
+A failure on one rank must not leave the others waiting in a reduction: inside
+:meth:`RankReduction.guarded` (every product, loss and gradient the operator is asked for)
+each reduction is preceded by a vote (one all-reduce of one number), and a rank that
+raises casts its vote in the guard instead, so every rank raises together
+(:func:`landscape.distributed.raise_together`; docs/distributed.md, "GPU / NCCL notes").
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ class RankReduction:
         self.rank_size = rank_size
         self._total: float | None = None
         self._deferred = False
+        self._guard: str | None = None  # what the guarded block computes, inside one
 
     def __call__(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """The size-weighted mean over the ranks of each tensor (as is when not enabled).
@@ -69,9 +76,39 @@ class RankReduction:
         return self._all_reduce(tensors)
 
     def _all_reduce(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self._guard is not None:  # this rank got here: no error since the last vote
+            _dist.raise_together(None, self._guard)
         if self._total is None:
             self._total = _dist.total_weight(self.rank_size)
         return _dist.all_reduce_weighted(tensors, self.rank_size, total=self._total)
+
+    @contextlib.contextmanager
+    def guarded(self, what: str) -> Iterator[None]:
+        """An error raised in the block on any rank raises on every rank (when enabled).
+
+        Every reduction in the block is preceded by a vote, and so is the block's end: a
+        rank that raises votes in its place, the others raise a ``ValueError`` naming it
+        and its message (``what``: the work, for that message). An error every rank
+        raised together (a vote's) passes as it is. A block inside another is the outer
+        one's.
+
+        Yields:
+            Nothing.
+        """
+        if not self.enabled or self._guard is not None:
+            yield
+            return
+        self._guard = what
+        error: Exception | None = None
+        try:
+            yield
+        except Exception as err:
+            error = err
+        finally:
+            self._guard = None
+        if error is not None and _dist.agreed(error):
+            raise error
+        _dist.raise_together(error, what)
 
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:

@@ -879,3 +879,75 @@ def left_out_worker(rank: int, out_dir: str) -> None:
         Monitor(net, F.mse_loss, None, optimizer=opt, metrics="standard",
                 probe=(x, torch.zeros(8, 8, dtype=torch.float64)), warn=False).start().close()
     _save(out_dir, rank, {"said": [str(w.message) for w in seen if "left out" in str(w.message)]})
+
+
+class _FailsOnRank1Later:
+    """Cross-entropy whose calls on rank 1 raise once armed: a forward out of memory there.
+
+    ``after``: how many more calls rank 1 makes before they raise (None: never).
+    """
+
+    def __init__(self) -> None:
+        self.after: int | None = None
+
+    def __call__(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.after is not None and ld.rank() == 1:
+            if self.after <= 0:
+                raise RuntimeError("out of memory (simulated, rank 1 alone)")
+            self.after -= 1
+        return F.cross_entropy(out, y)
+
+
+def _outcome(fn: Any, *args: Any) -> str:
+    try:
+        fn(*args)
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    return "ok"
+
+
+def later_failure_worker(rank: int, out_dir: str) -> None:
+    """A forward that fails on rank 1 alone after the operator's first products.
+
+    Only the first products (the symmetry check) were guarded: later products, the
+    first-order ones, ``gradient()`` and ``loss()`` left rank 0 waiting in the all-reduce
+    for as long as rank 1 lived (a monitor's metric: a deadlock of the training job).
+    """
+    from landscape.metrics.curvature import TopEigenvalues
+
+    data = curvature_shard(rank)
+    out: dict[str, Any] = {}
+    for backend in ("auto", "first_order"):
+        loss = _FailsOnRank1Later()
+        H = Hessian(model(), loss, data, backend=backend)
+        before = top_eigenvalues(H, k=1, tol=1e-6).values
+        # exact products reuse the gradient's graph, built again by the first product
+        # after a refresh; first-order ones take two forwards each: one fails mid-Lanczos
+        H.refresh()
+        loss.after = 0 if backend == "auto" else 3
+        out[backend] = _outcome(top_eigenvalues, H)
+        loss.after = None
+        H.refresh()
+        out[backend + "_again"] = torch.equal(top_eigenvalues(H, k=1, tol=1e-6).values, before)
+    loss = _FailsOnRank1Later()
+    H = Hessian(model(), loss, data)
+    loss.after = 0
+    out["gradient"] = _outcome(H.gradient)
+    out["loss"] = _outcome(H.loss)
+    loss.after = None
+    out["gradient_again"] = _outcome(H.gradient)
+    # in the monitor: the metric fails on both ranks at step 1 and both go on
+    loss = _FailsOnRank1Later()
+    probe = data if rank == 1 else data[0]
+    with Monitor(model(), loss, metrics=[TopEigenvalues(k=1, schedule=1)], probe=probe,
+                 warn=False) as mon:
+        for step in range(3):
+            loss.after = 0 if step == 1 else None
+            mon.step(step, batch=probe, loss=torch.tensor(1.0))
+        out["failed"] = [(f.step, f.message) for f in mon.findings
+                         if f.rule == "metric_failed"]
+        if rank == 0:
+            steps, values = mon.run().series("top_eigenvalues", "eigenvalues")
+            out["recorded"] = (steps.tolist(), values.tolist())
+    out["after"] = ld.all_gather_objects("still in step")
+    _save(out_dir, rank, out)

@@ -268,3 +268,25 @@ def test_the_micro_batch_check_runs_on_each_ranks_own_batch(tmp_path):
         "checking that the micro-batches' losses add up failed on rank 1: ValueError:")
     assert r0["uneven_error"] is None and r1["uneven_error"] is None
     assert r0["after"] == r1["after"] == ["still in step"] * 2
+
+
+def test_a_forward_failing_later_on_one_rank_fails_every_rank_instead_of_hanging(tmp_path):
+    run_ranks(W.later_failure_worker, tmp_path, timeout=120.0)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    oom = "RuntimeError: out of memory (simulated, rank 1 alone)"
+    for backend in ("auto", "first_order"):
+        assert r1[backend] == oom
+        assert r0[backend] == f"ValueError: the curvature products failed on rank 1: {oom}"
+        # the ranks are still in step: the same products give the same value again
+        assert r0[backend + "_again"] and r1[backend + "_again"]
+    assert r1["gradient"] == r1["loss"] == oom
+    failed = f"ValueError: the loss and gradient failed on rank 1: {oom}"
+    assert r0["gradient"] == r0["loss"] == failed
+    assert r0["gradient_again"] == r1["gradient_again"] == "ok"
+    # the monitor's metric fails at step 1 on both ranks, and both measure at step 2
+    assert [s for s, _ in r0["failed"]] == [s for s, _ in r1["failed"]] == [1]
+    assert "failed on rank 1" in r0["failed"][0][1] and "out of memory" in r1["failed"][0][1]
+    steps, values = r0["recorded"]
+    assert steps == [0, 1, 2]
+    assert values[1][0] != values[1][0] and values[2][0] == values[2][0]  # NaN, then a value
+    assert r0["after"] == r1["after"] == ["still in step"] * 2
