@@ -11,6 +11,23 @@ if TYPE_CHECKING:  # (the light CLI commands import this module without torch)
     import torch
 
 
+def shown(value: object, limit: int = 80, *, typed: bool = False) -> str:
+    """``value`` as an error message shows it: a tensor or array by its type and shape.
+
+    A batch passed where a number belongs would otherwise fill the terminal with its
+    entries; any other repr longer than ``limit`` characters is cut with ``...``. With
+    ``typed``, the type's name comes first (``str '3'``), as it does for a tensor.
+    """
+    if getattr(value, "ndim", 0) and hasattr(value, "shape"):  # not a 0-d tensor: its value
+        return f"{type(value).__name__} of shape {tuple(value.shape)}"  # type: ignore[attr-defined]
+    if isinstance(value, (tuple, list)) and any(hasattr(v, "shape") for v in value):
+        parts = ", ".join(shown(v, limit) for v in value[:4])
+        return f"{type(value).__name__} ({parts}{', ...' if len(value) > 4 else ''})"
+    text = repr(value)
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return f"{type(value).__name__} {text}" if typed else text
+
+
 def integer_at_least(name: str, value: object, least: int) -> int:
     """``value`` as an int >= ``least``: an int, a numpy or torch integer; not a bool or a float.
 
@@ -29,7 +46,7 @@ def integer_at_least(name: str, value: object, least: int) -> int:
             number = least - 1
         if number >= least:
             return number
-    raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    raise ValueError(f"{name} must be an integer >= {least}, got {shown(value)}")
 
 
 def positive_int(name: str, value: object) -> int:
@@ -50,7 +67,7 @@ def positive_number(name: str, value: object) -> float:
             number = math.nan
         if number > 0 and math.isfinite(number):
             return number
-    raise ValueError(f"{name} must be a positive number, got {value!r}")
+    raise ValueError(f"{name} must be a positive number, got {shown(value)}")
 
 
 def seed_value(value: object) -> int:
@@ -66,7 +83,7 @@ def run_path(path: object) -> None:
     """
     if path is not None and not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a file path (str or os.PathLike), or None for a "
-                        f"run in memory, got {type(path).__name__} {path!r}")
+                        f"run in memory, got {shown(path, typed=True)}")
 
 
 def callables(owner: str = "", **functions: object) -> None:
@@ -81,7 +98,7 @@ def callables(owner: str = "", **functions: object) -> None:
     """
     for name, fn in functions.items():
         if fn is not None and not callable(fn):
-            raise TypeError(f"{owner}{name} must be callable, got {type(fn).__name__} {fn!r}")
+            raise TypeError(f"{owner}{name} must be callable, got {shown(fn, typed=True)}")
 
 
 def integer_dtype(dtype: torch.dtype) -> bool:

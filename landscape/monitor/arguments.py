@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from landscape._checks import callables, positive_int, run_path
+from landscape._checks import callables, positive_int, run_path, shown
 from landscape.batches import leading_size
 from landscape.findings import user_stacklevel
 from landscape.metrics import Metric
@@ -132,6 +132,10 @@ def step_index(step: Any) -> int:
         ValueError: anything else (``0.5``: fractional epochs are not steps; a string; a
             bool; a negative step, which no schedule is due at).
     """
+    if isinstance(step, (tuple, list, Mapping)) or getattr(step, "ndim", 0):
+        raise ValueError(f"step must be an integer (the optimizer step's index), got "
+                         f"{shown(step, typed=True)}: the batch goes in "
+                         "batch=, as in monitor.step(step, batch=(x, y), loss=loss)")
     value = step_value(step)
     if value < 0:
         raise ValueError(f"step must be >= 0 (the optimizer step's index), got {value}")

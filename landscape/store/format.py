@@ -20,6 +20,7 @@ from typing import Any, Union
 import h5py
 import numpy as np
 
+from landscape._checks import shown
 from landscape._errors import RunFileError
 from landscape._version import __version__
 from landscape.findings import Finding
@@ -118,7 +119,7 @@ def step_value(step: Any, what: str = "step") -> int:
                 value = int(number)
     if value is None:
         raise ValueError(f"{what} must be an integer (the optimizer step's index), got "
-                         f"{type(step).__name__} {step!r}")
+                         f"{shown(step, typed=True)}")
     if not _STEP_RANGE[0] <= value <= _STEP_RANGE[1]:
         raise ValueError(f"{what} {value} is beyond the 64-bit integers a run file stores")
     return value

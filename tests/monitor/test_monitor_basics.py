@@ -13,6 +13,7 @@ import landscape as ls
 from landscape._errors import StepOrderError
 from landscape.metrics import Metric, preset, register
 from landscape.monitor import Monitor
+from landscape.store.format import step_value
 from tests import models
 
 
@@ -344,6 +345,25 @@ def test_missing_inputs_give_nan_rows_not_crashes():
     assert math.isnan(run.series("loss", "value")[1][0])
     assert math.isnan(run.series("logits", "max_abs")[1][0])
     assert sum("cannot run" in str(w.message) for w in caught) == 2
+
+
+def test_a_batch_given_as_the_step_is_told_where_it_goes_in_one_line():
+    """``mon.step((x, y), loss=loss)`` printed every entry of both tensors in the error."""
+    model = models.mlp()
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    with Monitor(model, F.cross_entropy, warn=False) as mon:
+        with pytest.raises(ValueError) as caught:
+            mon.step((x, y), loss=torch.tensor(1.0))
+        with pytest.raises(ValueError, match=r"got Tensor of shape \(64, 6\): the batch"):
+            mon.step(x)
+    message = str(caught.value)
+    assert message == ("step must be an integer (the optimizer step's index), got tuple "
+                       "(Tensor of shape (64, 6), Tensor of shape (64,)): the batch goes in "
+                       "batch=, as in monitor.step(step, batch=(x, y), loss=loss)")
+    with pytest.raises(ValueError, match=r"got str '3'$"):  # other values as before
+        step_value("3")
+    with pytest.raises(ValueError, match=r"got str 'x{76}\.\.\.$"):  # cut
+        step_value("x" * 1000)
 
 
 def test_bad_arguments_are_value_errors():
