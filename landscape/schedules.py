@@ -32,6 +32,14 @@ class Schedule:
         """
         return True
 
+    def first_due(self, first: int, last: int) -> int | None:
+        """The first step from ``first`` to ``last`` (both included) that is due, or None.
+
+        The monitor tells a loop that calls it every n-th step which due steps fell
+        between its calls. This one tries the steps in turn (at most 100,000 of them).
+        """
+        return next((s for s in range(first, min(last, first + 99_999) + 1) if self(s)), None)
+
     def __str__(self) -> str:
         return self.describe()
 
@@ -55,6 +63,12 @@ class Every(Schedule):
         """Whether ``step`` is at or past ``start``."""
         return step >= self.start
 
+    def first_due(self, first: int, last: int) -> int | None:
+        """The first due step from ``first`` to ``last`` (both included), or None."""
+        s = max(first, self.start)
+        s += -(s - self.start) % self.n
+        return s if s <= last else None
+
     def describe(self) -> str:
         """Return ``"every(n)"`` or ``"every(n, start=s)"``."""
         return f"every({self.n})" if self.start == 0 else f"every({self.n}, start={self.start})"
@@ -69,6 +83,17 @@ class At(Schedule):
     def __call__(self, step: int) -> bool:
         """Return whether ``step`` is one of the listed steps."""
         return step in self.steps
+
+    def started(self, step: int) -> bool:
+        """Whether ``step`` is from the first listed step to the last.
+
+        A list (a logspace) asked for no measurement before or beyond it.
+        """
+        return bool(self.steps) and min(self.steps) <= step <= max(self.steps)
+
+    def first_due(self, first: int, last: int) -> int | None:
+        """The first listed step from ``first`` to ``last`` (both included), or None."""
+        return min((s for s in self.steps if first <= s <= last), default=None)
 
     def describe(self) -> str:
         """Return ``"at(s1, s2, ...)"``."""
@@ -86,6 +111,10 @@ class Never(Schedule):
     def started(self, step: int) -> bool:
         """Never: the metric is switched off."""
         return False
+
+    def first_due(self, first: int, last: int) -> int | None:
+        """None: never due."""
+        return None
 
     def describe(self) -> str:
         """Return ``"never()"``."""

@@ -80,9 +80,23 @@ def test_one_step_of_a_string_or_a_0d_array_is_read_whole():
 
 
 def test_started_says_whether_a_schedule_is_on_by_a_step():
-    """What the adaptive window reads: never() never, every(k, start=s) from s, others always."""
-    from landscape.schedules import at, every, never
+    """What the adaptive window reads: never() never, every(k, start=s) from s, at(...) from
+    its first listed step to its last (a logspace asked for nothing beyond it)."""
+    from landscape.schedules import at, every, logspace, never
 
     assert not never().started(0) and not never().started(10**6)
     assert not every(10, start=1000).started(999) and every(10, start=1000).started(1000)
-    assert every(3).started(0) and at([5, 9]).started(0)
+    assert every(3).started(0) and every(3).started(10**6)
+    assert [s for s in range(12) if at([5, 9]).started(s)] == [5, 6, 7, 8, 9]
+    assert not logspace(0, 100, 5).started(101)
+
+
+def test_first_due_is_the_first_step_the_schedule_is_due_in_a_range():
+    """What the monitor reads to say which due steps fell between two calls."""
+    from landscape.schedules import Schedule, at, every, never
+
+    for schedule in (every(10), every(10, start=3), every(1), at([5, 9, 40]), never()):
+        for first, last in ((0, 0), (0, 9), (4, 12), (11, 19), (41, 100), (6, 5)):
+            want = next((s for s in range(first, last + 1) if schedule(s)), None)
+            assert schedule.first_due(first, last) == want, (schedule, first, last)
+            assert Schedule.first_due(schedule, first, last) == want  # the generic loop

@@ -309,6 +309,9 @@ class LandscapeCallback(CallbackSettings, Callback):
         self.monitor.no_loss_reason = (
             "training_step returned no loss: return the loss, or {'loss': loss, ...} "
             "(with manual optimization too), for the 'loss' rows (NaN until then)")
+        # steps that advance by k per batch miss schedules: _refuse_unreachable_steps
+        # says which and why, in Lightning's terms
+        self.monitor.say_missed_schedules = False
         self.monitor.start()
         # this fit's findings: those the file holds (a resume: none past its step), not a
         # previous fit's (fast_dev_run's smoke test), which this object kept

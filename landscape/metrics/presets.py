@@ -19,7 +19,7 @@ mapped to ``None`` drops that metric.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from landscape.metrics.base import Metric, canonical_name, create
@@ -32,8 +32,9 @@ from landscape.schedules import Schedule
 __all__ = ["PRESETS", "MetricsLike", "preset", "resolve_metrics"]
 
 #: What ``Monitor(metrics=...)`` accepts: a preset name, a metric name, a metric, a list of
-#: metric names and metrics, or None (the ``cheap`` preset).
-MetricsLike = str | Metric | Iterable[str | Metric] | None
+#: metric names and metrics, a mapping of metric name to schedule, or None (the ``cheap``
+#: preset).
+MetricsLike = str | Metric | Iterable[str | Metric] | Mapping[str, Any] | None
 
 _DEFAULT = None  # in a table: the class's default_schedule
 
@@ -114,7 +115,8 @@ def resolve_metrics(metrics: MetricsLike) -> list[Metric]:
 
     Args:
         metrics: a preset name, a metric name, a :class:`Metric`, a list of metric names
-            and metrics, or None for the ``cheap`` preset.
+            and metrics, a mapping of metric name to schedule (as :data:`PRESETS` lists
+            them; ``None`` leaves the metric out), or None for the ``cheap`` preset.
 
     Returns:
         The metrics (names instantiated with their default settings).
@@ -135,6 +137,10 @@ def resolve_metrics(metrics: MetricsLike) -> list[Metric]:
                              f"({', '.join(_TABLES)}) nor a metric name: {err}") from None
     if isinstance(metrics, Metric):
         return [metrics]
+    if isinstance(metrics, Mapping):  # {name: schedule}, as PRESETS lists them
+        out = [create(name, schedule=schedule) for name, schedule in metrics.items()
+               if schedule is not None]
+        return resolve_metrics(out)
     if not isinstance(metrics, Iterable):
         raise TypeError(f"metrics: expected a preset name, a metric, or a list of metrics and "
                         f"names, got {type(metrics).__name__} {metrics!r}")

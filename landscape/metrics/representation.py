@@ -140,10 +140,11 @@ class SpectralAlignment(Metric):
     def __init__(self, layers: Sequence[str] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.layers: list[str] = list(layers) if layers is not None else []
+        self._chosen = not self.layers  # the default layers, chosen again for each model
 
     def setup(self, model: nn.Module) -> None:
         """Default to every linear layer; check each layer has a weight matrix."""
-        if not self.layers:
+        if self._chosen:  # (a metric list reused for another model: that model's layers)
             self.layers = _default_linears(model)
         if not self.layers:
             raise NotApplicable("spectral_alignment: the model has no nn.Linear layer to "
@@ -213,7 +214,7 @@ class _PenultimateMetric(Metric):
 
     def setup(self, model: nn.Module) -> None:
         """Default to the last linear layer; check the layer exists."""
-        if self.layer is None:
+        if self._chosen:  # (a metric list reused for another model: that model's layer)
             self.layer = last_linear(model)
         resolve_module(model, self.layer)
 

@@ -35,7 +35,7 @@ import math
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -341,6 +341,9 @@ class Monitor:
         #: what the ``loss`` metric's finding says at a step given no loss (an integration
         #: that gathers the loss itself says where it looked)
         self.no_loss_reason = "the loss metric needs step(..., loss=loss)"
+        #: whether a metric due strictly between two calls is said (once); an integration
+        #: that numbers the steps itself says which schedules its steps miss, and how
+        self.say_missed_schedules = True
         self.on_finding = on_finding
         self._given_mirrors = list(mirrors or ())
         self.mirrors = self._given_mirrors if _dist.rank() == 0 else []  # rank 0 mirrors
@@ -390,6 +393,8 @@ class Monitor:
         self._watch_idle = False
         self._told_unwatched = False
         self._told_trainable = False  # the trainable set changed since start(): said once
+        self._previous_call: int | None = None  # this monitor's last step (not a resumed one)
+        self._told_missed = False  # a schedule due between two calls: said once
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -488,6 +493,7 @@ class Monitor:
             if resuming:  # the next step must come after every recorded one
                 self._clock.resume_after(last)
                 self._say_resume_gap(last)
+                self._say_given_probe_left_out(recorded_run, last)
                 # mon.findings holds the run's findings: those recorded before come first
                 recorded = recorded_run.findings()  # (the other ranks hold none)
                 if self._distributed:
@@ -1069,6 +1075,9 @@ class Monitor:
                           f"resume from step {step}, truncate_from={step})")
             raise StepOrderError(
                 f"step {step} does not come after the last recorded step {last}" + advice)
+        if self._previous_call is not None and step > self._previous_call + 1:
+            self._say_missed_schedules(self._previous_call, step)
+        self._previous_call = step
         if self.probe is None and self._probe_source == "first_batch" and batch is not None:
             self._default_probe(batch, step)
         elif self._probe_source == "given" and not self._probe_aligned and batch is not None:
@@ -1165,6 +1174,31 @@ class Monitor:
             self._say_finding(f)
         return raised
 
+    def _say_missed_schedules(self, previous: int, step: int) -> None:
+        """Say, once, which metrics were due strictly between two calls and not measured.
+
+        A schedule is due at exact steps: a loop that calls the monitor every n-th step
+        (``if step % 10 == 9``) would otherwise never measure an ``every(10)`` metric.
+        """
+        if self._told_missed or not self.say_missed_schedules:
+            return
+        missed = []
+        for m in self.metrics:
+            due = None if m.schedule(step) else m.schedule.first_due(previous + 1, step - 1)
+            if due is not None:
+                missed.append(f"{m.name} ({m.schedule.describe()}, due at step {due})")
+        if not missed:
+            return
+        self._told_missed = True
+        if self._leads:
+            warnings.warn(
+                f"landscape: {', '.join(missed)} {'was' if len(missed) == 1 else 'were'} "
+                f"due between this monitor's calls at steps {previous} and {step}, and not "
+                "measured: a schedule is due at exact steps. Call monitor.step after every "
+                "optimizer step, or give those metrics schedules that land on the steps you "
+                "call (every(n, start=s); docs/monitor.md, 'Metrics and presets')", RuntimeWarning,
+                stacklevel=user_stacklevel())
+
     def _record_unmeasured(self, step: int, names: list[str]) -> None:
         """List the metrics that failed at ``step`` in ``/metrics/unmeasured``.
 
@@ -1195,6 +1229,23 @@ class Monitor:
         if self._leads:
             until = recorded_window_end(run)
         return _dist.broadcast_object(until) if self._distributed else until
+
+    def _say_given_probe_left_out(self, run: Run | None, last: int) -> None:
+        """Resuming, without ``probe=``, a run recorded with one: its probe metrics change data.
+
+        The first batch's probe then replaces the one the run measured on (a sharpness of
+        0.47 read 0.59 across the resume), and nothing in the file says so.
+        """
+        if self._probe_source == "given" or run is None or not self._leads:
+            return
+        recorded = run.config.get("probe")
+        if isinstance(recorded, Mapping) and recorded.get("source") == "given" \
+                and any(m.data == "probe" for m in self.metrics):
+            warnings.warn(
+                f"landscape: resuming a run recorded with probe= given, without one: the "
+                f"probe metrics measure another probe (the first batch's) from the step "
+                f"after {last} and are not comparable across it; pass the same probe= to "
+                "continue their series", RuntimeWarning, stacklevel=user_stacklevel())
 
     def _default_probe(self, batch: Any, step: int) -> None:
         """The probe stored by the run this one resumes, or the first samples of ``batch``.

@@ -369,14 +369,18 @@ def test_micro_batches_that_differ_in_key_order_or_dtype_alone_are_not_said_to_b
 
 
 def test_the_dense_window_leaves_a_metric_switched_off_or_not_started_alone():
-    """never() is "declared but switched off", and every(k, start=s) starts at s: a sentinel
-    that opens the window ran them anyway (taylor_radius at steps 4-11, sharpness at 5, 10)."""
+    """never() is "declared but switched off", every(k, start=s) starts at s, and at(...)
+    is on from its first listed step to its last: a sentinel that opens the window ran them
+    anyway (taylor_radius at steps 4-11, sharpness at 5, 10)."""
     model = models.mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
-    metrics = [ls.metrics.Sentinels(), ls.metrics.TaylorRadius(schedule=ls.schedules.never()),
-               ls.metrics.Sharpness(schedule="never()"),
-               ls.metrics.SpectralAlignment(schedule=ls.schedules.every(10, start=1000))]
+    metrics = [ls.metrics.Sentinels(), ls.metrics.Sharpness(schedule="never()"),
+               ls.metrics.SpectralAlignment(schedule=ls.schedules.every(10, start=1000)),
+               # at(...) before its first step (it ran at 5, 10), logspace after its last
+               # (taylor_radius ran at every step of the window)
+               ls.metrics.TopEigenvalues(k=1, schedule="at(1000)"),
+               ls.metrics.TaylorRadius(schedule="logspace(0, 2, 2)")]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with ls.Monitor(model, F.cross_entropy, optimizer=opt, warn=False, metrics=metrics,
@@ -391,8 +395,9 @@ def test_the_dense_window_leaves_a_metric_switched_off_or_not_started_alone():
             run = mon.run()
     assert run.series("sentinels", "r_secant")[1][3] >= 0.5  # the window opened
     assert run.steps("adaptive").tolist() == []  # and had nothing to run
-    for name in ("taylor_radius", "sharpness", "spectral_alignment"):
+    for name in ("sharpness", "spectral_alignment", "top_eigenvalues"):
         assert run.steps(name).tolist() == [], name
+    assert run.steps("taylor_radius").tolist() == [0, 2]  # logspace(0, 2, 2): at(0, 2)
 
 
 def test_the_config_records_the_samples_of_a_list_probe_and_keeps_its_own_keys(tmp_path):
@@ -441,3 +446,123 @@ def test_a_metric_without_a_probe_says_why_there_is_none():
     assert "probe_size=None turned the default probe off: pass probe=... to Monitor" in off
     (pending,) = failures()
     assert "the default probe is kept from the first batch= given to step()" in pending
+
+
+def test_a_metric_due_between_two_calls_is_named_once():
+    """A schedule is due at exact steps: a loop that calls the monitor at steps 9, 19, ...
+    (the usual "log every 10") never measured the every(10) metrics, and said nothing."""
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = models.classification_data(32, seed=1)
+    metrics = [ls.metrics.Loss(), ls.metrics.Logits(schedule=10),
+               ls.metrics.Sharpness(schedule=ls.every(10, start=9)),
+               ls.metrics.TopEigenvalues(k=1, schedule=100)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with ls.Monitor(model, F.cross_entropy, optimizer=opt, warn=False, metrics=metrics,
+                        probe=(x, y)) as mon:
+            for step in range(40):
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if step % 10 == 9:
+                    mon.step(step, batch=(x, y), loss=loss)
+            run = mon.run()
+    said = [str(w.message) for w in caught if "due between" in str(w.message)]
+    assert said == ["landscape: logits (every(10), due at step 10) was due between this "
+                    "monitor's calls at steps 9 and 19, and not measured: a schedule is due "
+                    "at exact steps. Call monitor.step after every optimizer step, or give "
+                    "those metrics schedules that land on the steps you call (every(n, "
+                    "start=s); docs/monitor.md, 'Metrics and presets')"]
+    assert run.steps("logits").tolist() == []
+    assert run.steps("sharpness").tolist() == [9, 19, 29, 39]  # lands on the calls
+
+
+def test_calls_at_every_step_or_on_the_schedules_say_nothing_about_them():
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = models.classification_data(32, seed=1)
+    for calls in (range(25), range(0, 60, 10)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with ls.Monitor(model, F.cross_entropy, optimizer=opt, warn=False, probe=(x, y),
+                            metrics=[ls.metrics.Loss(), ls.metrics.Logits(schedule=10)]) as mon:
+                for step in calls:
+                    loss = F.cross_entropy(model(x), y)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    mon.step(step, batch=(x, y), loss=loss)
+        assert not [w for w in caught if "due between" in str(w.message)], calls
+
+
+def test_metrics_as_a_mapping_of_name_to_schedule_keep_their_schedules():
+    """PRESETS lists {name: schedule}; passed as metrics=, the schedules were dropped."""
+    model = models.mlp()
+    full = ls.Monitor(model, F.cross_entropy, metrics=ls.metrics.PRESETS["full"])
+    assert {m.name: m.schedule.describe() for m in full.metrics} == ls.metrics.PRESETS["full"]
+    mine = ls.Monitor(model, F.cross_entropy, metrics={"sharpness": "every(3)", "loss": None})
+    assert [(m.name, m.schedule.describe()) for m in mine.metrics] == [("sharpness", "every(3)")]
+
+
+def test_a_metric_list_reused_for_another_model_reads_that_models_layers():
+    """The default layers chosen for the first model were kept as if given: the deeper
+    model's collapse read its hidden layer, and spectral alignment missed its head."""
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    metrics = ls.metrics.preset("standard")
+    chosen = []
+    for depth in (2, 3):
+        with ls.Monitor(models.mlp(depth=depth), F.cross_entropy, metrics=metrics,
+                        probe=(x, y), warn=False):
+            by_name = {m.name: m for m in metrics}
+            chosen.append((by_name["spectral_alignment"].layers, by_name["collapse"].layer))
+    assert chosen == [(["0", "2"], "2"), (["0", "2", "4"], "4")]
+    given = ls.metrics.SpectralAlignment(layers=["0"])
+    given.setup(models.mlp(depth=3))
+    assert given.layers == ["0"]
+
+
+def test_the_window_reads_a_secant_over_several_steps_per_step(tmp_path):
+    """A caller every 10th step read r_secant 1.1 on a run whose per-step ratio never
+    passed 0.15, and opened the window six times where a caller every step never did."""
+    from landscape.monitor.adaptive import DenseWindow, recorded_window_end
+
+    window = DenseWindow(True)
+    window.observe_row("sentinels", 19, {"r_secant": 1.1, "gap": 10.0})
+    assert window.until == -1
+    window.observe_row("sentinels", 29, {"r_secant": 6.0, "gap": 10.0})
+    assert window.until == 29 + 20
+    window = DenseWindow(True)
+    window.observe_row("sentinels", 3, {"r_secant": 0.6})  # a file without gap: 1
+    assert window.until == 23
+    with ls.RunWriter(tmp_path / "r.h5") as w:
+        w.declare("sentinels", {"r_secant": "float64", "gap": "float64"})
+        for step, r, gap in ((9, 1.1, 10.0), (19, 0.2, 10.0), (29, 6.0, 10.0), (39, 0.1, 10.0)):
+            w.append("sentinels", step, {"r_secant": r, "gap": gap})
+    with ls.Run.open(tmp_path / "r.h5") as run:
+        assert recorded_window_end(run) == 29 + 20
+
+
+def test_resuming_a_run_with_a_given_probe_without_it_says_the_probe_changes(tmp_path):
+    """The first batch's probe silently replaced the given one (sharpness 0.47 -> 0.59)."""
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = models.classification_data(32, seed=1)
+    said = []
+    for probe in ((x[:16], y[:16]), None, None):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with ls.Monitor(model, F.cross_entropy, tmp_path / "r.h5", optimizer=opt,
+                            probe=probe, warn=False,
+                            metrics=[ls.metrics.Loss(), ls.metrics.Sentinels()]) as mon:
+                start = 0 if mon.writer.last_recorded_step() is None \
+                    else mon.writer.last_recorded_step() + 1
+                models.full_batch_steps(mon, model, opt, x, y, 2, start=start)
+        said.append([str(w.message) for w in caught if "recorded with probe=" in str(w.message)])
+    assert said[0] == []
+    assert said[1] == ["landscape: resuming a run recorded with probe= given, without one: "
+                       "the probe metrics measure another probe (the first batch's) from the "
+                       "step after 1 and are not comparable across it; pass the same probe= "
+                       "to continue their series"]
+    assert len(said[2]) == 1  # the file still says it was given (its config is the first's)

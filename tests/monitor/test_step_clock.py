@@ -87,6 +87,18 @@ def test_a_short_interval_is_not_stepped_and_teaches_nothing():
     assert clock.next_step() == 9
 
 
+def test_a_count_that_varies_by_itself_is_no_short_interval():
+    """Calls every 10 micro-batches under an accumulation of 4 see 2, 3, 2, 3 optimizer
+    steps: every interval of 2 was read as a skipped step (NaN updates, nonfinite/skipped
+    1) though none was skipped."""
+    clock = StepClock()
+    got = []
+    for i, step in enumerate(range(9, 90, 10)):
+        _optimizer_steps(clock, 2 if i % 2 == 0 else 3)
+        got.append(clock.call(step, watching=True))
+    assert got == [(True, False)] * len(got)
+
+
 def test_a_resumed_clock_continues_after_the_recorded_step():
     clock = StepClock()
     clock.resume_after(41)
