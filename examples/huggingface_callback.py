@@ -8,9 +8,9 @@ gradient norm, update size and sentinels every step, the logits of the LM head e
 sharpness (preconditioned, against AdamW's threshold) every 100 steps and the Hessian
 spectrum and trace every 500 (at step 0 in this 200-step run, denser while the sentinels
 move) on a held-out probe batch, through the default closure ``model(**batch).loss``.
-``taylor_radius``, ``spectral_alignment`` and ``collapse`` are left out to keep the run
-short (GPT-2's blocks use ``Conv1D``, so spectral alignment would see only ``lm_head``); all
-three work on Hugging Face models (docs/integrations.md).
+``taylor_radius``, ``spectral_alignment``, ``collapse`` and ``representation`` are left out
+to keep the run short (GPT-2's blocks use ``Conv1D``, so spectral alignment would see only
+``lm_head``); all four work on Hugging Face models (docs/integrations.md).
 
     python examples/huggingface_callback.py --out hf-run      # 200 steps, minutes on CPU
     python examples/huggingface_callback.py --small           # seconds (CI smoke test)

@@ -70,7 +70,7 @@ FACTORIES = textwrap.dedent('''\
 
 
     def model():
-        """A two-block CNN with BatchNorm (about 3k parameters)."""
+        """A two-block CNN with BatchNorm (1,636 parameters)."""
         torch.manual_seed(0)
         return nn.Sequential(
             nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),

@@ -12,7 +12,8 @@ point leaves ``run.h5`` with every completed step; rerunning continues it.
     landscape watch tb-run/run.h5                             # or the terminal view
     python examples/tensorboard_dashboard.py --small          # seconds (CI smoke test)
 
-At the end it writes ``OUT/report.html`` (``landscape report OUT/run.h5`` does the same).
+At the end it writes ``OUT/report.html`` (``landscape report OUT/run.h5 -o OUT/report.html``
+does the same).
 Needs ``pip install 'landscape-for-pytorch[tensorboard]'``.
 """
 

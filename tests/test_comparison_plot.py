@@ -187,3 +187,24 @@ def test_a_runs_isolated_points_stay_markers_in_its_line_style(tmp_path):
     assert _draw_run(ax, np.arange(len(y)), y, "a", "C0", ":")
     styles = {line.get_label(): line.get_linestyle() for line in ax.get_lines()}
     assert styles["a"] == ":" and styles["_a isolated"] == "None"
+
+
+def test_runs_named_by_path_draw_the_same_lines_and_are_closed_after(tmp_path):
+    """As the CLI takes them: a path failed with "'str' object has no attribute 'source'"."""
+    from landscape.plotting import timeline
+
+    for name, scale in (("a", 1.0), ("b", 3.0)):
+        _write(tmp_path / f"{name}.h5", scale).close()
+    paths = [tmp_path / "a.h5", str(tmp_path / "b.h5")]
+    by_path = comparison(paths, "loss")
+    with Run.open(paths[0]) as a, Run.open(paths[1]) as b:
+        by_run = comparison([a, b], "loss")
+        one = timeline(a, "loss")
+    for got, want in zip(_data_lines(by_path.axes[0]), _data_lines(by_run.axes[0])):
+        assert got.get_label() == want.get_label()
+        np.testing.assert_array_equal(got.get_ydata(), want.get_ydata())
+    np.testing.assert_array_equal(_data_lines(timeline(paths[0], "loss").axes[0])[0].get_ydata(),
+                                  _data_lines(one.axes[0])[0].get_ydata())
+    assert set(comparisons(paths)) == {"loss", "update"}
+    with RunWriter(paths[0], mode="a"):  # closed after each call: the file can be written
+        pass

@@ -31,7 +31,7 @@ from landscape.alarms.training_rules import (
     LossSpike,
     NonFiniteValues,
 )
-from landscape.findings import Finding, dedupe, severity_rank
+from landscape.findings import Finding, Findings, dedupe, severity_rank
 from landscape.store.format import as_numpy
 
 if TYPE_CHECKING:
@@ -388,7 +388,7 @@ def check(run: Any, rules: Sequence[Rule] | None = None) -> list[Finding]:
 
 def collect_findings(
     run: Run | str | os.PathLike, *, recompute: bool = True, rules: Sequence[Any] | None = None
-) -> list[Finding]:
+) -> Findings:
     """Return the run's findings, stored and (with ``recompute``) recomputed.
 
     Those stored in ``/findings`` plus, with ``recompute``, those that
@@ -409,7 +409,8 @@ def collect_findings(
     itself); the field is not, since a rule raises at most one finding per metric and
     step, and a file written before a rule changed the field it names (``taylor_forecast``
     naming ``update_ratio`` for its update-growth findings) would count one finding twice.
-    The result is ordered by step, then by decreasing severity, then by rule.
+    The result (a :class:`~landscape.findings.Findings`, a list that prints one line per
+    finding) is ordered by step, then by decreasing severity, then by rule.
 
     Raises:
         ValueError: ``rules`` with ``recompute=False``, which evaluates no rule.
@@ -426,7 +427,8 @@ def collect_findings(
     unique: dict[tuple[int, str, str], Finding] = {}
     for f in found:
         unique.setdefault((int(f.step), f.rule, f.metric.split("/")[0]), f)
-    return sorted(unique.values(), key=lambda f: (f.step, -severity_rank(f.severity), f.rule))
+    return Findings(sorted(unique.values(),
+                           key=lambda f: (f.step, -severity_rank(f.severity), f.rule)))
 
 
 def _replacing_rules(run: Run, rules: Sequence[Any] | None) -> set[str]:

@@ -13,6 +13,7 @@ Steps are the runs' own: runs that started at step 0 line up; a resumed run keep
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import PurePath
@@ -34,6 +35,7 @@ from landscape.plotting.timelines import (
     metrics_with_rows,
     new_figure,
     nonfinite_rows,
+    opens_paths,
     plottable_fields,
     spans_decades,
 )
@@ -164,8 +166,9 @@ def _density_comparison(runs: Sequence[Run], metric: str, labels: Sequence[str])
     return fig
 
 
+@opens_paths
 def comparison(
-    runs: Sequence[Run],
+    runs: Sequence[Run | str | os.PathLike],
     metric: str,
     *,
     labels: Sequence[str] | None = None,
@@ -177,7 +180,8 @@ def comparison(
     """One metric of several runs on one figure: one subplot per field, a colour per run.
 
     Args:
-        runs: two or more runs (one works too); each need not hold ``metric``.
+        runs: two or more runs or paths to run files (one works too); each need not hold
+            ``metric``.
         metric: the metric group to draw.
         labels: the legend's name of each run (default: :func:`run_labels` of their paths).
         findings: per run, the findings whose first warning or error is marked (default:
@@ -261,8 +265,9 @@ def comparison(
     return fig
 
 
+@opens_paths
 def comparisons(
-    runs: Sequence[Run],
+    runs: Sequence[Run | str | os.PathLike],
     metrics: Sequence[str] | None = None,
     *,
     labels: Sequence[str] | None = None,

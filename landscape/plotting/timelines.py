@@ -24,12 +24,14 @@ touches the file system except :func:`save_figure`.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -54,7 +56,28 @@ FEW_POINTS = 25
 """Series with at most this many finite values get a marker on every point."""
 
 _NONFINITE_COLOR = "#7f0000"
+T = TypeVar("T")
 _MARKER_SIZE = 3.5
+
+
+def opens_paths(fn: Callable[..., T]) -> Callable[..., T]:
+    """Let ``fn``'s first argument, a run or a list of runs, name run files by path.
+
+    A path is opened for the call and closed after it (the figure holds its data).
+    """
+    @functools.wraps(fn)
+    def wrapper(runs: Any, *args: Any, **kwargs: Any) -> T:
+        with contextlib.ExitStack() as stack:
+            def opened(run: Any) -> Any:
+                if isinstance(run, (str, os.PathLike)):
+                    return stack.enter_context(Run.open(run))
+                return run
+
+            if isinstance(runs, (str, os.PathLike, Run)):
+                return fn(opened(runs), *args, **kwargs)
+            return fn([opened(r) for r in runs], *args, **kwargs)
+
+    return wrapper
 
 
 def new_figure(width: float = 8.0, height: float = 4.0) -> Figure:
@@ -278,8 +301,9 @@ def metrics_with_rows(run: Run) -> list[str]:
             and any(not f.is_string for f in run.fields(m).values())]
 
 
+@opens_paths
 def timeline(
-    run: Run,
+    run: Run | str | os.PathLike,
     metric: str,
     *,
     fields: Sequence[str] | None = None,
@@ -291,6 +315,8 @@ def timeline(
 ) -> Figure:
     """The timeline figure of one metric group: one subplot per field.
 
+    ``run``: a :class:`~landscape.store.Run` or the path of a run file (opened for the
+    call).
     ``fields``: which fields to draw (default: every numeric field but those the run
     records as the rows' context, such as ``loss/samples``). ``findings``: the
     findings to mark (default: the run's stored findings; pass ``[]`` for none).
@@ -383,8 +409,9 @@ def timeline(
     return fig
 
 
+@opens_paths
 def timelines(
-    run: Run,
+    run: Run | str | os.PathLike,
     metrics: Sequence[str] | None = None,
     *,
     log: bool | None = None,

@@ -395,6 +395,8 @@ def test_a_rule_given_with_other_settings_replaces_the_stored_findings_of_its_na
     assert (10, "edge_of_stability", "info") in stored
     found = [(f.step, f.rule, f.severity) for f in collect_findings(w)]
     assert found == sorted(stored)  # the default path: the stored findings stand
+    # printed one line per finding, as `landscape check` lists them (the README's print)
+    assert str(collect_findings(w)).splitlines()[0].startswith("step 10: [info] edge_of_stab")
     found = [(f.step, f.rule, f.severity)
              for f in collect_findings(w, rules=with_rules([EdgeOfStability(threshold=1.0)]))]
     assert [x for x in found if x[1] == "edge_of_stability"] == [(10, "edge_of_stability",
