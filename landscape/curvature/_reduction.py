@@ -86,11 +86,13 @@ class RankReduction:
     def guarded(self, what: str) -> Iterator[None]:
         """An error raised in the block on any rank raises on every rank (when enabled).
 
-        Every reduction in the block is preceded by a vote, and so is the block's end: a
-        rank that raises votes in its place, the others raise a ``ValueError`` naming it
-        and its message (``what``: the work, for that message). An error every rank
-        raised together (a vote's) passes as it is. A block inside another is the outer
-        one's.
+        Every reduction in the block is preceded by a vote: a rank that raises votes in
+        its place, the others raise a ``ValueError`` naming it and its message (``what``:
+        the work, for that message). An error every rank raised together (a vote's)
+        passes as it is. A block inside another is the outer one's. What follows a
+        block's last reduction works on the reduced values, the same on every rank, so
+        its end casts no vote (one all-reduce less per product): an error there on one
+        rank alone (none is known) would still leave the others waiting.
 
         Yields:
             Nothing.
@@ -106,9 +108,10 @@ class RankReduction:
             error = err
         finally:
             self._guard = None
-        if error is not None and _dist.agreed(error):
-            raise error
-        _dist.raise_together(error, what)
+        if error is not None:
+            if _dist.agreed(error):
+                raise error
+            _dist.raise_together(error, what)  # (raises it here, the others at their vote)
 
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:
