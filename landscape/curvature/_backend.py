@@ -196,7 +196,9 @@ class Backend:
                 out = first_order_impl()
             except LandscapeError as diagnosed:  # it says what is wrong with the model
                 raise diagnosed from err
-            except Exception:
+            except Exception as fallback_failed:
+                if _dist.agreed(fallback_failed):  # every rank left at that vote: as it is
+                    raise
                 raise err from None
             self._switch(f"{type(err).__name__}: {err}")
             return out

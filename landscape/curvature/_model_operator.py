@@ -359,10 +359,16 @@ class ModelOperator(CurvatureOperator):
         """
         if not self._reduce.enabled:
             return super().matmat(vs)
+        # a wrong vector raises here, on its rank alone, as it did before any collective
+        vs = [self._check(v, f"vs[{i}]") for i, v in enumerate(vs)]
+        if not vs:
+            return []
         with self._reduce.guarded("the curvature products"):
             with self._reduce.deferred():
-                outs = super().matmat(vs)
-            return self._reduce.products(outs, len(self.shapes))
+                outs = self._matmat(vs)
+            outs = self._reduce.products(outs, len(self.shapes))
+        self.n_matvec += len(vs)
+        return outs
 
     def matvec(self, v: Sequence[torch.Tensor]) -> Vector:
         """The product ``A v`` for one parameter-space vector.
@@ -381,8 +387,11 @@ class ModelOperator(CurvatureOperator):
         Raises:
             ValueError: ``v`` has the wrong number of tensors or a tensor the wrong shape.
         """
+        v = self._check(v, "v")  # (on its rank alone, before any collective)
         with self._reduce.guarded("the curvature products"):
-            return super().matvec(v)
+            out = self._matvec(v)
+        self.n_matvec += 1
+        return out
 
     def loss(self) -> torch.Tensor:
         """The (size-weighted mean) loss at the current parameters; cached until they change.
@@ -390,8 +399,7 @@ class ModelOperator(CurvatureOperator):
         Returns:
             A scalar tensor.
         """
-        with self._reduce.guarded("the loss and gradient"):
-            return self._loss_and_grad()[0]
+        return self._loss_and_grad()[0]
 
     def gradient(self) -> Vector:
         """The gradient of the loss at the current parameters; cached until they change.
@@ -399,8 +407,7 @@ class ModelOperator(CurvatureOperator):
         Returns:
             A parameter-space vector.
         """
-        with self._reduce.guarded("the loss and gradient"):
-            return self._loss_and_grad()[1]
+        return self._loss_and_grad()[1]
 
     def refresh(self) -> None:
         """Forget the cached loss, gradient and gradient graph (after parameters changed).
@@ -608,10 +615,13 @@ class ModelOperator(CurvatureOperator):
 
                 return self._accumulate(one)
 
-            out = self._backend.run(
-                self._context, func_impl, autograd_impl, self._first_order.loss_and_grad,
-                self._check_loss_graph,
-            )
+            # guarded where it computes: a cached value needs no collective, and a rank
+            # may read it alone
+            with self._reduce.guarded("the loss and gradient"):
+                out = self._backend.run(
+                    self._context, func_impl, autograd_impl, self._first_order.loss_and_grad,
+                    self._check_loss_graph,
+                )
             self._checked_nonzero(out[1:])
             self._cache = (out[0], tuple(out[1:]))
         return self._cache

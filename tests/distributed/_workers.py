@@ -951,3 +951,38 @@ def later_failure_worker(rank: int, out_dir: str) -> None:
             out["recorded"] = (steps.tolist(), values.tolist())
     out["after"] = ld.all_gather_objects("still in step")
     _save(out_dir, rank, out)
+
+
+def guard_edges_worker(rank: int, out_dir: str) -> None:
+    """What the failure votes must leave alone, and a fallback that must keep its vote.
+
+    A cached loss read, or a wrong vector refused, on one rank alone took no collective
+    before the votes and must take none (a vote at the call's end waited there for ever);
+    and under ``auto`` a rank whose exact product fails alone falls back to first-order
+    products, whose vote then carried the other rank's failure: replaced by the rank's own
+    exact error, it voted a second time and hung (review of the votes).
+    """
+    data = curvature_shard(rank)
+    out: dict[str, Any] = {}
+    H = Hessian(model(), F.cross_entropy, data)
+    H.loss()
+    H.gradient()
+    if rank == 0:
+        out["cached"] = float(H.loss())
+        out["wrong_vector"] = _outcome(H.matvec, (torch.zeros(1),))
+    loss = _FailsOnRank1Later()
+    H = Hessian(model(), loss, data)
+    v = tuple(torch.ones(s, dtype=torch.float64) for s in H.shapes)
+    H.matvec(v)  # the first products, checked
+    H.refresh()
+    if rank == 0:  # its exact products fail alone: auto falls back to first-order ones
+
+        def exact_out_of_memory(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("exact products out of memory (rank 0 alone)")
+
+        H._func_product = H._autograd_product = exact_out_of_memory
+    else:
+        loss.after = 0  # every forward fails
+    out["fallback"] = _outcome(H.matvec, v)
+    out["after"] = ld.all_gather_objects("still in step")
+    _save(out_dir, rank, out)

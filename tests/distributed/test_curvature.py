@@ -290,3 +290,14 @@ def test_a_forward_failing_later_on_one_rank_fails_every_rank_instead_of_hanging
     assert steps == [0, 1, 2]
     assert values[1][0] != values[1][0] and values[2][0] == values[2][0]  # NaN, then a value
     assert r0["after"] == r1["after"] == ["still in step"] * 2
+
+
+def test_the_failure_votes_leave_one_rank_calls_alone_and_survive_a_fallback(tmp_path):
+    run_ranks(W.guard_edges_worker, tmp_path, timeout=120.0)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["cached"] == r0["cached"]  # read on rank 0 alone, no collective
+    assert r0["wrong_vector"].startswith("ValueError: v")
+    oom = "RuntimeError: out of memory (simulated, rank 1 alone)"
+    assert r1["fallback"] == oom
+    assert r0["fallback"] == f"ValueError: the curvature products failed on rank 1: {oom}"
+    assert r0["after"] == r1["after"] == ["still in step"] * 2
