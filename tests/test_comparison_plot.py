@@ -206,5 +206,8 @@ def test_runs_named_by_path_draw_the_same_lines_and_are_closed_after(tmp_path):
     np.testing.assert_array_equal(_data_lines(timeline(paths[0], "loss").axes[0])[0].get_ydata(),
                                   _data_lines(one.axes[0])[0].get_ydata())
     assert set(comparisons(paths)) == {"loss", "update"}
+    # by keyword, under each function's own name for it
+    assert len(timeline(run=paths[0], metric="loss").axes) == 1
+    assert len(comparison(runs=paths, metric="loss").axes) == 1
     with RunWriter(paths[0], mode="a"):  # closed after each call: the file can be written
         pass

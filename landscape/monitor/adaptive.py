@@ -25,16 +25,6 @@ DENSE_AT = 0.5  # sentinels/r_secant at which the expensive metrics are measured
 DENSE_STEPS = 20  # for this many steps after the last trigger
 
 
-def per_step_ratio(r: Any, gap: Any) -> Any:
-    """The secant ratio of calls ``gap`` steps apart, per step: ``r / gap`` (floats or arrays).
-
-    :data:`DENSE_AT` is a per-step level; a secant over ``gap`` steps sums their changes,
-    so at least one of them reached ``r / gap`` (a caller every 10th step read 1.1 on a
-    run whose per-step ratio never passed 0.15).
-    """
-    return r / np.maximum(gap, 1.0)
-
-
 class DenseWindow:
     """The steps through which the metrics with a ``dense_every`` are measured densely.
 
@@ -61,8 +51,8 @@ class DenseWindow:
     def observe_row(self, metric: str, step: int, row: dict[str, Any]) -> None:
         """A sentinels row whose ``r_secant`` reaches :data:`DENSE_AT` opens the window."""
         if self.enabled and metric == "sentinels":
-            if per_step_ratio(float(row.get("r_secant", math.nan)),
-                              float(row.get("gap", 1.0))) >= DENSE_AT:
+            r = float(row.get("r_secant", math.nan))
+            if r >= DENSE_AT:
                 self.until = step + DENSE_STEPS
 
     def observe_findings(self, step: int, findings: Iterable[Finding]) -> None:
@@ -79,7 +69,5 @@ def recorded_window_end(run: Run) -> int:
     opened = [f.step for f in at_or_above(run.findings(), "warning")]
     if "sentinels" in run.metrics():
         steps, r = run.series("sentinels", "r_secant")
-        gap = (run.series("sentinels", "gap")[1] if "gap" in run.fields("sentinels")
-               else np.ones_like(r))
-        opened += steps[np.nan_to_num(per_step_ratio(r, gap), nan=-1.0) >= DENSE_AT].tolist()
+        opened += steps[np.nan_to_num(r, nan=-1.0) >= DENSE_AT].tolist()
     return int(max(opened)) + DENSE_STEPS if opened else -1

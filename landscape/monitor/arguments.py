@@ -9,6 +9,7 @@ run file's config stores of the optimizer and the metrics is written here too.
 from __future__ import annotations
 
 import json
+import math
 import operator
 import os
 import warnings
@@ -132,7 +133,7 @@ def step_index(step: Any) -> int:
         ValueError: anything else (``0.5``: fractional epochs are not steps; a string; a
             bool; a negative step, which no schedule is due at).
     """
-    if isinstance(step, (tuple, list, Mapping)) or getattr(step, "ndim", 0):
+    if isinstance(step, (tuple, list, Mapping)) or math.prod(getattr(step, "shape", ())) > 1:
         raise ValueError(f"step must be an integer (the optimizer step's index), got "
                          f"{shown(step, typed=True)}: the batch goes in "
                          "batch=, as in monitor.step(step, batch=(x, y), loss=loss)")

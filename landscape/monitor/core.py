@@ -1238,6 +1238,8 @@ class Monitor:
         """
         if self._probe_source == "given" or run is None or not self._leads:
             return
+        if "probe" in run.metrics() and run.rows("probe"):
+            return  # a session without probe= stored its default one: restored from now on
         recorded = run.config.get("probe")
         if isinstance(recorded, Mapping) and recorded.get("source") == "given" \
                 and any(m.data == "probe" for m in self.metrics):

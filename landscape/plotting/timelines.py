@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import io
 import os
 import warnings
@@ -40,6 +41,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from landscape._files import write_whole
 from landscape.findings import SEVERITIES, Finding
 from landscape.metrics.base import component_names
 from landscape.plotting.spectra import density, is_density
@@ -65,17 +67,26 @@ def opens_paths(fn: Callable[..., T]) -> Callable[..., T]:
 
     A path is opened for the call and closed after it (the figure holds its data).
     """
+    first = next(iter(inspect.signature(fn).parameters))  # "run" or "runs", by keyword too
+
     @functools.wraps(fn)
-    def wrapper(runs: Any, *args: Any, **kwargs: Any) -> T:
+    def wrapper(*args: Any, **kwargs: Any) -> T:
         with contextlib.ExitStack() as stack:
             def opened(run: Any) -> Any:
                 if isinstance(run, (str, os.PathLike)):
                     return stack.enter_context(Run.open(run))
                 return run
 
-            if isinstance(runs, (str, os.PathLike, Run)):
-                return fn(opened(runs), *args, **kwargs)
-            return fn([opened(r) for r in runs], *args, **kwargs)
+            def each(runs: Any) -> Any:
+                if isinstance(runs, (str, os.PathLike, Run)):
+                    return opened(runs)
+                return [opened(r) for r in runs]
+
+            if args:
+                args = (each(args[0]), *args[1:])
+            elif first in kwargs:
+                kwargs[first] = each(kwargs[first])
+            return fn(*args, **kwargs)
 
     return wrapper
 
@@ -507,5 +518,6 @@ def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 120) -> Path
             f"path: cannot tell the image format of {str(p)!r}; use a suffix among "
             + ", ".join("." + s for s in SAVE_FORMATS)
         )
-    _savefig(fig, p, format=fmt, dpi=dpi)
-    return p
+    buf = io.BytesIO()  # rendered whole first: a failed write leaves the old file as it was
+    _savefig(fig, buf, format=fmt, dpi=dpi)
+    return write_whole(p, buf.getvalue())

@@ -13,6 +13,7 @@ import landscape as ls
 from landscape._errors import StepOrderError
 from landscape.metrics import Metric, preset, register
 from landscape.monitor import Monitor
+from landscape.monitor.arguments import step_index
 from landscape.store.format import step_value
 from tests import models
 
@@ -360,6 +361,7 @@ def test_a_batch_given_as_the_step_is_told_where_it_goes_in_one_line():
     assert message == ("step must be an integer (the optimizer step's index), got tuple "
                        "(Tensor of shape (64, 6), Tensor of shape (64,)): the batch goes in "
                        "batch=, as in monitor.step(step, batch=(x, y), loss=loss)")
+    assert step_index(torch.tensor([5])) == 5  # one element: a step, as before
     with pytest.raises(ValueError, match=r"got str '3'$"):  # other values as before
         step_value("3")
     with pytest.raises(ValueError, match=r"got str 'x{76}\.\.\.$"):  # cut
