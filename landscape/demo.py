@@ -369,7 +369,6 @@ def _pictures(path, out, pre_ramp, loss_fn, held_out, surface_steps, warning, pr
                                change="LR jump" if ramp_steps == 1 else "LR ramp"))
         if "pre_ramp_plane" in run.surfaces():
             fig = surface_plots.contour(run.surface("pre_ramp_plane"), filled=True)
-            fig.savefig(out / "surface.png", dpi=110)
-            files.append(out / "surface.png")
+            files.append(timelines.save_figure(fig, out / "surface.png", dpi=110))
         files.append(write_report(run, out / "report.html", title="landscape demo"))
     return files

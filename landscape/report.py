@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from landscape._errors import LandscapeError
+from landscape._files import write_whole
 from landscape._version import __version__
 from landscape.alarms import collect_findings
 from landscape.findings import (
@@ -590,5 +591,4 @@ def write_report(
     """
     p = check_report_target(path)
     text = render_report(run, title=title, findings=findings, log=log, dpi=dpi)
-    p.write_text(text, encoding="utf-8")
-    return p
+    return write_whole(p, text)  # a full disk or Ctrl-C leaves the old report as it was

@@ -122,7 +122,8 @@ def _print(found: list, failing: list, source: str, fail_on: str, as_json: bool,
 @recompute_option("List")
 @rules_option
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
-@click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
+@click.option("-q", "--quiet", is_flag=True,
+              help="Print only the verdict line (with --json: the whole document).")
 @verbose_option
 def check(run_path: str, fail_on: str, recompute: bool, rule_specs: tuple[str, ...],
           as_json: bool, quiet: bool) -> None:

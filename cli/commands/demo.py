@@ -18,14 +18,17 @@ from landscape.demo import run_demo
 @click.option("--steps", default=220, show_default=True, type=click.IntRange(min=20))
 @click.option("--ramp-step", "--spike-step", "ramp_step", default=None,
               type=click.IntRange(min=1),
-              help="First step of the learning-rate ramp (default: --steps minus 70; the "
+              help="First step of the learning-rate ramp (default: --steps minus 70, at "
+                   "least 1; the "
                    "taylor_forecast reads its first 100 rows as early training, info only).")
 @click.option("--ramp-steps", default=60, show_default=True, type=click.IntRange(min=1),
               help="Steps the geometric ramp takes.")
+# the rate (0.05) times the factor must stay a float32 number: 1e40 overflowed in SGD
 @click.option("--ramp-factor", default=1000.0, show_default=True,
-              type=FiniteFloatRange(min=0, min_open=True),
+              type=FiniteFloatRange(min=0, min_open=True, max=1e30),
               help="The learning rate's multiple at the end of the ramp.")
-@click.option("--spike-factor", default=None, type=FiniteFloatRange(min=0, min_open=True),
+@click.option("--spike-factor", default=None,
+              type=FiniteFloatRange(min=0, min_open=True, max=1e30),
               help="Jump the learning rate by this factor at --ramp-step instead of ramping "
                    "(an abrupt spike: the detectors fire within a step or two of it).")
 @click.option("--surface-steps", default=21, show_default=True, type=click.IntRange(min=0),

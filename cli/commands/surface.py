@@ -34,6 +34,13 @@ EXAMPLE = ("landscape surface ckpt-200.pt --model factories.py:model --data fact
            "--steps 21 -o run.h5")
 
 
+def _surface_name(value: str | None) -> str | None:
+    """Refuse an empty ``--name`` (it silently took the kind's name)."""
+    if value is not None and not value.strip():
+        raise click.BadParameter("give a name (an empty one would be the kind's)")
+    return value
+
+
 @cli.command("surface", epilog=f"\b\nExample:\n  {EXAMPLE}")
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path())
 @factory_options
@@ -57,7 +64,8 @@ EXAMPLE = ("landscape surface ckpt-200.pt --model factories.py:model --data fact
 @click.option("--ignore", type=click.Choice(IGNORES), default="biasbn", show_default=True,
               help="biasbn: biases and normalization parameters are not moved (the reference "
                    "code's --xignore biasbn); none: every parameter moves (random only).")
-@click.option("--name", default=None, help="Surface name in the run file (default: the kind).")
+@click.option("--name", default=None, callback=lambda ctx, param, value: _surface_name(value),
+              help="Surface name in the run file (default: the kind).")
 @click.option("-o", "--out", default="run.h5", show_default=True, type=click.Path(),
               callback=named_output,
               help="Run file to write into (resumes an interrupted surface of that name).")

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from landscape._files import write_whole
 from landscape.plotting.timelines import spans_decades
 from landscape.store import Run, SurfaceData, refuse_to_overwrite_hdf5
 
@@ -514,5 +515,5 @@ def export_vtk(
     lines += [str(int(v)) for v in np.isfinite(z).reshape(-1)]
     out = Path(path)
     refuse_to_overwrite_hdf5(out, "the VTK file")
-    out.write_text("\n".join(lines) + "\n", encoding="ascii")
+    write_whole(out, "\n".join(lines) + "\n")
     return out

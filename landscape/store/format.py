@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import operator
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -345,11 +346,13 @@ def _check_format(f: h5py.File, path: Path) -> None:
     fmt = _attr_value(f.attrs.get("format", None))
     if fmt != FORMAT:
         raise RunFileError(f"{path}: an HDF5 file, but not a landscape run (no format='landscape')")
+    if "format_version" not in f.attrs:
+        raise RunFileError(f"{path}: damaged run file: it has no format_version attribute")
+    raw = _attr_value(f.attrs["format_version"])
     try:
-        version = int(_attr_value(f.attrs.get("format_version", -1)))
-    except (TypeError, ValueError):
-        raise RunFileError(f"{path}: invalid format version "
-                           f"{_attr_value(f.attrs.get('format_version'))!r}") from None
+        version = operator.index(raw) if not isinstance(raw, str) else int(raw)
+    except (TypeError, ValueError):  # a fraction (1.5) is no version either
+        raise RunFileError(f"{path}: invalid format version {raw!r}") from None
     if version > FORMAT_VERSION:
         raise RunFileError(
             f"{path}: format version {version} is newer than this library reads "

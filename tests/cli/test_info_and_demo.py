@@ -182,6 +182,8 @@ def test_demo_options_that_contradict_or_destroy_are_refused(runner, tmp_path):
     empty = runner.invoke(cli, ["demo", "--out", "", "-q", "--steps", "20"])
     assert empty.exit_code == 2 and "give a directory" in empty.output
     for args in (["--ramp-factor", "nan"], ["--spike-factor", "inf"],
+                 # the rate times 1e40 overflowed float32 inside SGD: a traceback
+                 ["--spike-factor", "1e40"], ["--ramp-factor", "1e300"],
                  ["--spike-factor", "5", "--ramp-factor", "10"],
                  ["--spike-factor", "5", "--ramp-steps", "7"]):
         result = runner.invoke(cli, ["demo", "--out", str(tmp_path / "d"), "-q", *args])

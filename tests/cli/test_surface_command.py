@@ -138,6 +138,7 @@ def test_interpolation_and_pca_read_prefixed_checkpoints(setup, tmp_path, direct
 @pytest.mark.parametrize(("args", "code", "match"), [
     (["--name", "a/b"], 1, "invalid surface name 'a/b'"),
     (["--name", "."], 1, "invalid surface name '.'"),
+    (["--name", " "], 2, "give a name (an empty one would be the kind's)"),
     (["--steps", "100000"], 2, "100000 is not in the range"),
 ])
 def test_a_bad_name_or_a_grid_too_large_is_one_line(setup, tmp_path, args, code, match):

@@ -243,6 +243,9 @@ def _surface_as_a_dataset(f):
 @pytest.mark.parametrize(("damage", "match"), [
     (lambda f: f.attrs.__setitem__("format_version", "x"), "invalid format version 'x'"),
     (lambda f: f.attrs.__setitem__("format_version", 0), "invalid format version 0"),
+    # read as version -1, an internal default; and 1.5 passed as version 1
+    (lambda f: f.attrs.__delitem__("format_version"), "it has no format_version attribute"),
+    (lambda f: f.attrs.__setitem__("format_version", 1.5), "invalid format version 1.5"),
     (lambda f: f["metrics/loss"].attrs.__delitem__("fields"),
      "table 'metrics/loss' (no fields attribute)"),
     (_column_shorter_than_its_steps,
