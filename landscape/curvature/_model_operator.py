@@ -371,21 +371,12 @@ class ModelOperator(CurvatureOperator):
         return outs
 
     def matvec(self, v: Sequence[torch.Tensor]) -> Vector:
-        """The product ``A v`` for one parameter-space vector.
+        """:meth:`CurvatureOperator.matvec`; distributed, an error on one rank raises on all.
 
-        Distributed, an error on one rank (a forward that fails there, out of memory)
+        A forward that fails on one rank (out of memory, a loss that fails on its data)
         raises on every rank rather than leave the others in the reduction
-        (docs/distributed.md, "GPU / NCCL notes"); likewise :meth:`matmat`, :meth:`loss` and
-        :meth:`gradient`.
-
-        Args:
-            v: one tensor per parameter, in parameter order, of the parameter's shape.
-
-        Returns:
-            ``A v`` as a tuple of tensors in the operator's dtype and device.
-
-        Raises:
-            ValueError: ``v`` has the wrong number of tensors or a tensor the wrong shape.
+        (docs/distributed.md, "GPU / NCCL notes"); likewise :meth:`matmat` and the loss and
+        gradient when they are computed.
         """
         v = self._check(v, "v")  # (on its rank alone, before any collective)
         with self._reduce.guarded("the curvature products"):
