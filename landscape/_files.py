@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
+import tempfile
 from pathlib import Path
+from typing import BinaryIO
+
+
+def _write(f: BinaryIO, data: bytes) -> None:
+    f.write(data)
 
 
 def write_whole(path: str | os.PathLike, data: bytes | str) -> Path:
-    """Write ``data`` to ``path`` so that it holds either its old content or all the new.
+    """Write ``data`` to ``path``: an existing file keeps its old content or gets all the new.
 
-    The data go to a temporary file beside ``path`` first, which then replaces it: a full
-    disk or a Ctrl-C while writing left a truncated report or a 0-byte figure where a good
-    one had been. The temporary file is removed when the write fails.
+    A full disk or a Ctrl-C while writing left a truncated report or a 0-byte figure where
+    a good one had been. An existing regular file is therefore replaced by a complete
+    copy written beside it (its mode, and where allowed its owner, kept); a new file is
+    removed when its write fails. As a plain write does, a link is followed to the file it
+    names; a device (``/dev/stdout``, ``/dev/full``), a pipe, a file with other names (hard
+    links) and a file in a directory this process cannot create files in are written in
+    place.
 
     Args:
         path: the file to write.
@@ -23,13 +34,44 @@ def write_whole(path: str | os.PathLike, data: bytes | str) -> Path:
     """
     p = Path(path)
     raw = data.encode("utf-8") if isinstance(data, str) else data
-    partial = p.with_name(f".{p.name}.{os.getpid()}.partial")
+    target = Path(os.path.realpath(p))
     try:
-        with open(partial, "wb") as f:
-            f.write(raw)
-        os.replace(partial, p)
+        old = os.stat(target)
+    except FileNotFoundError:
+        old = None
+    if old is None:
+        try:
+            with open(target, "xb") as f:
+                _write(f, raw)
+        except FileExistsError:  # created meanwhile: written in place, as asked
+            with open(target, "wb") as f:
+                _write(f, raw)
+            return p
+        except BaseException:
+            with contextlib.suppress(OSError):
+                target.unlink()
+            raise
+        else:
+            return p
+    elif not stat.S_ISREG(old.st_mode) or old.st_nlink > 1:
+        with open(target, "wb") as f:
+            _write(f, raw)
+        return p
+    try:
+        fd, partial = tempfile.mkstemp(dir=target.parent, prefix=".", suffix=".partial")
+    except OSError:  # no file can be created beside it: in place
+        with open(target, "wb") as f:
+            _write(f, raw)
+        return p
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _write(f, raw)
+        os.chmod(partial, stat.S_IMODE(old.st_mode))
+        with contextlib.suppress(OSError):  # (only root may give a file away)
+            os.chown(partial, old.st_uid, old.st_gid)
+        os.replace(partial, target)
     except BaseException:
         with contextlib.suppress(OSError):
-            partial.unlink()
+            os.unlink(partial)
         raise
     return p

@@ -37,10 +37,9 @@ class StepClock:
         self._per_call: int | None = None  # between the last two calls (None: unknown)
         self._steps_per_optimizer_step = 1.0  # as the caller numbers them
         self._last_gap: int | None = None  # steps between the last two calls
-        # the counts of optimizer steps full intervals between two calls had: a count seen
-        # before is the caller's own rhythm (2, 3, 2, 3 or 1, 2, 2 under accumulation),
-        # never a short interval
-        self._counts_seen: set[int] = set()
+        # the last two full intervals had as many optimizer steps: one with fewer is short
+        # (a count that varies by itself, 2, 3, 2, 3 under accumulation, is never short)
+        self._steady = False
 
     def resume_after(self, step: int) -> None:
         """Continue a run whose last recorded step is ``step``."""
@@ -87,15 +86,14 @@ class StepClock:
             so there is no update to measure. Called every ``n`` steps, a skipped step
             leaves ``n - 1`` optimizer steps since the last call where the previous
             interval of the same length had ``n``: such a short interval counts as not
-            stepped, and teaches nothing about the caller's numbering. A count a full
-            interval had before is none: the caller's own rhythm (2, 3, 2, 3 steps between
-            calls every 10 micro-batches under an accumulation of 4; 1, 2, 2 under 6).
+            stepped, and teaches nothing about the caller's numbering. Only after two
+            intervals with as many steps: a count that varies by itself (2, 3, 2, 3 steps
+            between calls every 10 micro-batches under an accumulation of 4) is no skip.
         """
         stepped = self.optimizer_steps > 0 if watching else None
         gap = None if self.last_step is None else step - self.last_step
         short = (gap is not None and gap == self._last_gap and self._per_call is not None
-                 and 0 < self.optimizer_steps < self._per_call
-                 and self.optimizer_steps not in self._counts_seen)
+                 and self._steady and 0 < self.optimizer_steps < self._per_call)
         self._last_gap = gap
         if stepped and short:
             stepped = False
@@ -103,8 +101,8 @@ class StepClock:
         self._stepped_once = self._stepped_once or bool(stepped)
         if not short:
             if self.last_step is not None or self.optimizer_steps > 0:
+                self._steady = self.optimizer_steps == self._per_call
                 self._per_call = self.optimizer_steps  # since the last call, or the start
-                self._counts_seen.add(self.optimizer_steps)
             if self.last_step is not None and self.optimizer_steps > 0:
                 self._steps_per_optimizer_step = ((step - self.last_step)
                                                   / self.optimizer_steps)
