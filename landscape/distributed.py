@@ -365,23 +365,26 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def raise_together(error: BaseException | None, what: str) -> None:
+def raise_together(error: BaseException | None, what: str, *,
+                   unless_all: bool = False) -> None:
     """Raise on every rank when ``error`` was raised on any, so none waits in a collective.
 
     Every rank must call this at the same point, with its own ``error`` (None when it
     succeeded). The failing rank raises its own exception, the others a ``ValueError``
     naming it and its message (``what``: the work that failed, for that message); what is
-    raised is marked :func:`agreed`. One all-reduce of one number when no rank failed (and
-    an object all-gather of the messages when one did); nothing without a process group
-    (a local ``error`` is raised).
+    raised is marked :func:`agreed`. One all-reduce of one number (how many ranks failed)
+    when none did, and an object all-gather of the messages when one did; nothing without
+    a process group (a local ``error`` is raised). With ``unless_all``, when every rank
+    failed nothing is raised: they go on together (to the same fallback).
     """
     if not is_distributed():
-        if error is not None:
+        if error is not None and not unless_all:
             raise error
         return
-    failed = torch.tensor([0.0 if error is None else 1.0], dtype=torch.float64,
-                          device=_tensor_device())
-    if not float(_all_reduce_max(failed)):
+    flag = torch.tensor([0.0 if error is None else 1.0], dtype=torch.float64,
+                        device=_tensor_device())
+    failed = round(float(_all_reduce_sum(flag)))
+    if not failed or (unless_all and failed == world_size()):
         return
     messages = all_gather_objects(None if error is None else f"{type(error).__name__}: {error}")
     if error is None:

@@ -55,6 +55,9 @@ class Backend:
         first_order_reason: why products are first-order: ``"asked for"``, or the reason
             the exact product is impossible; ``None`` while they are exact.
         ran: whether any evaluation has run.
+        vote: called with an exact evaluation's error before anything else is tried (the
+            operator's :meth:`~landscape.curvature._reduction.RankReduction.vote_on_fallback`:
+            ranks fall back together or not at all); ``None``: nothing.
     """
 
     def __init__(
@@ -70,6 +73,7 @@ class Backend:
         self.reverse_over_reverse = False
         self.first_order_reason: str | None = "asked for" if name == "first_order" else None
         self.ran = False
+        self.vote: Callable[[BaseException], None] | None = None
         self._model = model
         if impossible is not None and name != "first_order":
             if name != "auto":
@@ -183,6 +187,8 @@ class Backend:
         except Exception as err:
             if _dist.agreed(err):  # another rank failed: every rank leaves alike
                 raise
+            if self.vote is not None:  # a failure on some ranks only raises on all of them
+                self.vote(err)
             if diagnose is not None:
                 try:
                     diagnose()

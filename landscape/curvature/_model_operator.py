@@ -215,6 +215,7 @@ class ModelOperator(CurvatureOperator):
         self._backend = Backend(backend.name, type(self).__name__, self._impossible(),
                                 model=self.model)
         self._use_first_order()
+        self._backend.vote = self._reduce.vote_on_fallback
         self._graph_checked = False  # the loss has a gradient graph (_check_loss_graph)
         self._symmetry_checked: set[str] = set()  # product paths checked (_check_symmetric)
         self._checking_symmetry = False
@@ -292,6 +293,7 @@ class ModelOperator(CurvatureOperator):
         new._reduce = RankReduction(self._reduce.enabled, self._data.rank_size)
         new._symmetry_checked = set()
         new._use_first_order()
+        new._backend.vote = new._reduce.vote_on_fallback
         new.refresh()
         return new
 

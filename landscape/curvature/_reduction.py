@@ -82,6 +82,16 @@ class RankReduction:
             self._total = _dist.total_weight(self.rank_size)
         return _dist.all_reduce_weighted(tensors, self.rank_size, total=self._total)
 
+    def vote_on_fallback(self, error: BaseException) -> None:
+        """Inside a guarded block: ``error``, raised on this rank alone, raises on every rank.
+
+        Unless every rank raised it at this point (a model no exact product works on): they
+        then take the same fallback together. A rank that fell back alone (first-order
+        products) issued other collectives than the rest. Outside a block, nothing.
+        """
+        if self.enabled and self._guard is not None:
+            _dist.raise_together(error, self._guard, unless_all=True)
+
     @contextlib.contextmanager
     def guarded(self, what: str) -> Iterator[None]:
         """An error raised in the block on any rank raises on every rank (when enabled).

@@ -986,3 +986,30 @@ def guard_edges_worker(rank: int, out_dir: str) -> None:
     out["fallback"] = _outcome(H.matvec, v)
     out["after"] = ld.all_gather_objects("still in step")
     _save(out_dir, rank, out)
+
+
+def exact_fails_alone_worker(rank: int, out_dir: str) -> None:
+    """Rank 0's exact products fail alone (out of memory there): under ``auto`` it fell back
+    to first-order products by itself, whose collectives differ from the exact ones (gloo
+    aborted: "a distributed collective mismatch"). Now every rank fails the call together;
+    a failure on every rank still takes the fallback together (second review)."""
+    H = Hessian(model(), F.cross_entropy, curvature_shard(rank))
+    v = tuple(torch.ones(s, dtype=torch.float64) for s in H.shapes)
+    H.matvec(v)
+    H.refresh()
+    out: dict[str, Any] = {}
+
+    def out_of_memory(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("exact products out of memory")
+
+    if rank == 0:
+        H._func_product = H._autograd_product = out_of_memory
+    out["alone"] = _outcome(H.matvec, v)
+    out["alone_first_order"] = H._backend.first_order
+    # every rank: the fallback, together
+    H._func_product = H._autograd_product = out_of_memory
+    H.refresh()
+    out["all"] = _outcome(H.matvec, v)
+    out["all_first_order"] = H._backend.first_order
+    out["after"] = ld.all_gather_objects("still in step")
+    _save(out_dir, rank, out)

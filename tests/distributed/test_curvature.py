@@ -301,3 +301,16 @@ def test_the_failure_votes_leave_one_rank_calls_alone_and_survive_a_fallback(tmp
     assert r1["fallback"] == oom
     assert r0["fallback"] == f"ValueError: the curvature products failed on rank 1: {oom}"
     assert r0["after"] == r1["after"] == ["still in step"] * 2
+
+
+def test_exact_products_failing_on_one_rank_fail_every_rank_and_on_all_fall_back_together(
+        tmp_path):
+    run_ranks(W.exact_fails_alone_worker, tmp_path, timeout=120.0)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["alone"] == "RuntimeError: exact products out of memory"
+    assert r1["alone"] == ("ValueError: the curvature products failed on rank 0: "
+                           "RuntimeError: exact products out of memory")
+    assert not r0["alone_first_order"] and not r1["alone_first_order"]  # nobody fell back
+    assert r0["all"] == r1["all"] == "ok"  # every rank failed: the fallback, together
+    assert r0["all_first_order"] and r1["all_first_order"]
+    assert r0["after"] == r1["after"] == ["still in step"] * 2
