@@ -22,6 +22,7 @@ from landscape_cli.options import FiniteFloatRange
 from landscape._errors import RunFileError
 from landscape.findings import format_number
 from landscape.store import Run
+from landscape.store.recovery import holds_nothing
 
 # seams for tests (no wall clock in the test suite)
 _sleep = time.sleep
@@ -114,6 +115,15 @@ def _wait_for(run_path: str, interval: float, timeout: float | None, quiet: bool
     return _clock() - start
 
 
+def _holds_nothing(path: str) -> bool:
+    """Whether ``path`` is a file its writer has created and not yet written a run into."""
+    p = Path(path)
+    try:
+        return p.is_file() and holds_nothing(p)
+    except OSError:
+        return False
+
+
 @cli.command(epilog="\b\nExample:\n  landscape watch run.h5 --interval 5 -m loss")
 @click.argument("run_path", metavar="RUN", type=click.Path())
 @click.option(
@@ -145,8 +155,8 @@ def watch(
 
     Prints the latest row of every metric, then, every --interval seconds, the latest
     row of each metric that grew and every new finding. Stops on Ctrl-C, with --once,
-    or after --timeout seconds. When RUN does not exist yet, waits for it to be created
-    (except with --once).
+    or after --timeout seconds. When RUN does not exist yet, or its writer has only
+    created it, waits for the run (except with --once).
     """
     view = _View(metrics)
     start = _clock()
@@ -163,10 +173,18 @@ def watch(
             run = Run.open(run_path)
             break
         except RunFileError:
-            # a file that just appeared may not be readable yet; one that was there is broken
-            if not waited or (timeout is not None and _clock() - start >= timeout):
+            # a file that just appeared may not be readable yet, nor one whose writer has
+            # only created it (no run in it yet: watched from its start); one that was
+            # there with a run in it is broken
+            starting = waited or (not once and _holds_nothing(run_path))
+            if not starting or (timeout is not None and _clock() - start >= timeout):
                 raise
-            _sleep(max(0.05, interval))
+            try:
+                _sleep(max(0.05, interval))
+            except KeyboardInterrupt:
+                if not quiet:
+                    click.echo("stopped", err=True)
+                return
     with run_file_errors(run_path), run:
         unknown = [m for m in metrics if m not in run.metrics()]
         if unknown:

@@ -237,3 +237,35 @@ def test_a_run_started_over_is_said_and_its_new_rows_shown(tmp_path):
     with ls.Run.open(path) as run:
         assert view.update(run, first=False) == [
             "loss: the run restarted (10 rows before, 3 now)", "loss  step 2  (+3)  value=2"]
+
+
+def test_watch_waits_for_a_run_in_a_file_its_writer_has_only_created(runner, tmp_path,
+                                                                      monkeypatch):
+    """Started right after a writer created its file, watch exited at once: "holds no run
+    yet" (it waited only for a file that did not exist)."""
+    path = tmp_path / "run.h5"
+    path.write_bytes(b"")  # created, nothing written yet
+
+    def write_a_run():
+        with RunWriter(path, mode="w") as w:
+            w.declare("loss", {"value": None})
+            w.append("loss", 0, {"value": 2.0})
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    actions = iter([write_a_run, interrupt])
+    monkeypatch.setattr(watch_cmd, "_sleep", lambda _s: next(actions)())
+    result = runner.invoke(cli, ["watch", str(path), "--interval", "0.1"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[-1] == "loss  step 0  (+1)  value=2"
+    # with --timeout it gives up in one line; --once does not wait
+    path.write_bytes(b"")
+    now = [0.0]
+    monkeypatch.setattr(watch_cmd, "_clock", lambda: now[0])
+    monkeypatch.setattr(watch_cmd, "_sleep", lambda s: now.__setitem__(0, now[0] + s))
+    # (an empty file is no HDF5 file yet: that is the line)
+    one_line_error(runner.invoke(cli, ["watch", str(path), "--timeout", "3"]),
+                   "not a readable HDF5 file")
+    assert now[0] >= 3.0
+    one_line_error(runner.invoke(cli, ["watch", str(path), "--once"]), "not a readable HDF5")
