@@ -139,6 +139,7 @@ def check(run_path: str, fail_on: str, recompute: bool, rule_specs: tuple[str, .
     try:
         with input_errors(EXIT_INPUT), run_file_errors(run_path, EXIT_INPUT), \
                 Run.open(run_path) as run:
+            run.config  # noqa: B018 (a damaged config attribute: 2, as info and report say)
             found = findings_of(run, recompute, rules, quiet or as_json)
             source = run.source
             recorded = run.recorded()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from landscape_cli.main import cli
@@ -115,6 +117,13 @@ def test_check_input_errors_exit_2_and_findings_exit_1(runner, run_file, tmp_pat
     damaged = runner.invoke(cli, ["check", str(damaged_run(run_file, tmp_path))])
     one_line_error(damaged, "damaged run file: no 'findings' table")
     assert damaged.exit_code == 2
+    # a config attribute that is no JSON: info and report refused it, the gate passed it
+    bad_config = shutil.copy(run_file, tmp_path / "bad-config.h5")
+    with h5py.File(bad_config, "a") as f:
+        f.attrs["config"] = "{not json"
+    result = runner.invoke(cli, ["check", str(bad_config)])
+    one_line_error(result, "its config attribute is not JSON")
+    assert result.exit_code == 2
     text = runner.invoke(cli, ["check", "-h"]).output
     assert "Exit status:" in text and "1  a finding reaches --fail-on" in text
     assert "2  RUN cannot be checked" in text
