@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 from landscape_cli.app import cli
 
 COMMANDS = ("analyze", "check", "demo", "info", "plot", "report", "surface", "watch")
@@ -13,8 +16,19 @@ __all__ = ["COMMANDS", "cli", "main"]
 
 
 def main() -> None:
-    """Console-script entry point."""
-    cli.main(prog_name="landscape")
+    """Console-script entry point.
+
+    The group's own ``--help`` and ``--version`` print before any command's error handling:
+    an output that cannot be written (``> /dev/full``) is one line there too.
+    """
+    try:
+        cli.main(prog_name="landscape")
+    except OSError as err:
+        if not err.strerror or isinstance(err, BrokenPipeError):
+            raise
+        with contextlib.suppress(OSError):
+            sys.stderr.write(f"Error: {err.strerror}\n")
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

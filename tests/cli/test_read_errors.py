@@ -137,3 +137,20 @@ def test_an_empty_output_name_is_refused(runner, run_file, command, tmp_path, mo
     result = runner.invoke(cli, [command, str(run_file), "-o", " "])
     assert result.exit_code == 2 and "an empty name would write" in result.output
 
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("option", ["--help", "--version"])
+def test_the_groups_own_output_that_cannot_be_written_is_one_line(option):
+    """`landscape --help > /dev/full` printed a traceback (a command's -h said one line)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "landscape_cli.main", option],
+                              stdout=full, stderr=subprocess.PIPE, env=env, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.decode().strip() == "Error: No space left on device"
