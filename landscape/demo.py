@@ -254,8 +254,10 @@ def _run_demo(out_dir, steps, lr, ramp_step, ramp_steps, ramp_factor, seed, surf
     with warnings.catch_warnings(), _quiet_probe_note():
         warnings.simplefilter("ignore")  # findings are collected and printed by the caller
         # the default monitor: no metrics=, no probe= (it keeps part of the first batch)
+        # on_disk_full="raise": a demo has no training to protect, and a disk too full for
+        # its rows stops it with that reason (with "stop" it went on and then found no rows)
         with Monitor(model, loss_fn, str(path), optimizer=opt, config=config, mode="w",
-                     on_finding=on_finding) as mon:
+                     on_finding=on_finding, on_disk_full="raise") as mon:
             for step in progress_bar(range(steps), enabled=progress, desc="training",
                                      unit="step"):
                 if step == ramp_step:

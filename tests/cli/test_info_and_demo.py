@@ -3,8 +3,10 @@ helpers: tests/test_demo.py)."""
 
 from __future__ import annotations
 
+import collections
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -227,3 +229,13 @@ def test_a_surface_source_of_the_users_own_form_is_shown_not_a_traceback(runner,
     assert result.output.count("      from ") == 2
     assert surface_source({"checkpoints": ["a.pt", "b.pt"], "model": "f.py:m"}) == \
         "a.pt, b.pt (model f.py:m)"
+
+
+def test_demo_on_a_disk_too_full_says_so(runner, tmp_path, monkeypatch):
+    """It said "no metric 'loss' in run.h5 (metrics: none)": the monitor had stopped
+    writing for the disk, and the demo went on to read an empty run."""
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(2**30, 2**30, 2**18))
+    result = runner.invoke(cli, ["demo", "--out", str(tmp_path / "d"), "-q", "--steps", "20",
+                                 "--surface-steps", "0"])
+    one_line_error(result, "MiB free on its disk, too little to write more")
