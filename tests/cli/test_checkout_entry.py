@@ -21,9 +21,13 @@ def test_python_m_cli_runs_the_commands_of_the_checkout_it_starts_from(tmp_path)
     shutil.copytree(ROOT / "cli", checkout / "cli",
                     ignore=shutil.ignore_patterns("__pycache__"))
     main = checkout / "cli" / "main.py"
-    main.write_text(main.read_text().replace(
-        'cli.main(prog_name="landscape")',
-        'print("second checkout:", __file__)\n    cli.main(prog_name="landscape")'))
+    lines = []
+    for line in main.read_text().splitlines():
+        if line.strip() == 'cli.main(prog_name="landscape")':  # at its own indentation
+            indent = line[: len(line) - len(line.lstrip())]
+            lines.append(f'{indent}print("second checkout:", __file__)')
+        lines.append(line)
+    main.write_text("\n".join(lines) + "\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # its `landscape`: this one's
     done = subprocess.run([sys.executable, "-m", "cli", "--help"], cwd=checkout, env=env,
                           capture_output=True, text=True, timeout=120)
