@@ -14,6 +14,11 @@ def _write(f: BinaryIO, data: bytes) -> None:
     f.write(data)
 
 
+def _write_in_place(target: Path, data: bytes) -> None:
+    with open(target, "wb") as f:
+        _write(f, data)
+
+
 def write_whole(path: str | os.PathLike, data: bytes | str) -> Path:
     """Write ``data`` to ``path``: an existing file keeps its old content or gets all the new.
 
@@ -44,24 +49,19 @@ def write_whole(path: str | os.PathLike, data: bytes | str) -> Path:
             with open(target, "xb") as f:
                 _write(f, raw)
         except FileExistsError:  # created meanwhile: written in place, as asked
-            with open(target, "wb") as f:
-                _write(f, raw)
-            return p
+            _write_in_place(target, raw)
         except BaseException:
             with contextlib.suppress(OSError):
                 target.unlink()
             raise
-        else:
-            return p
-    elif not stat.S_ISREG(old.st_mode) or old.st_nlink > 1:
-        with open(target, "wb") as f:
-            _write(f, raw)
+        return p
+    if not stat.S_ISREG(old.st_mode) or old.st_nlink > 1:
+        _write_in_place(target, raw)
         return p
     try:
         fd, partial = tempfile.mkstemp(dir=target.parent, prefix=".", suffix=".partial")
     except OSError:  # no file can be created beside it: in place
-        with open(target, "wb") as f:
-            _write(f, raw)
+        _write_in_place(target, raw)
         return p
     try:
         with os.fdopen(fd, "wb") as f:

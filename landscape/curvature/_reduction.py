@@ -89,7 +89,7 @@ class RankReduction:
         then take the same fallback together. A rank that fell back alone (first-order
         products) issued other collectives than the rest. Outside a block, nothing.
         """
-        if self.enabled and self._guard is not None:
+        if self._guard is not None:  # (set only when enabled)
             _dist.raise_together(error, self._guard, unless_all=True)
 
     @contextlib.contextmanager

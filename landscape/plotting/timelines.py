@@ -19,7 +19,8 @@ instead. :func:`timelines` leaves out metrics that have no rows yet.
 
 Figures are built with :class:`matplotlib.figure.Figure` directly (no ``pyplot``, hence
 no global figure registry and no GUI backend): they render through Agg. Nothing here
-touches the file system except :func:`save_figure`.
+writes to the file system except :func:`save_figure`; a run given by path is opened for
+the call (:func:`opens_paths`).
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ FEW_POINTS = 25
 """Series with at most this many finite values get a marker on every point."""
 
 _NONFINITE_COLOR = "#7f0000"
-T = TypeVar("T")
 _MARKER_SIZE = 3.5
+
+T = TypeVar("T")
 
 
 def opens_paths(fn: Callable[..., T]) -> Callable[..., T]:

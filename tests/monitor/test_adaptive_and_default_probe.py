@@ -490,12 +490,7 @@ def test_calls_at_every_step_or_on_the_schedules_say_nothing_about_them():
                             # every(5) under calls every 10: due at each call, measured
                             metrics=[ls.metrics.Loss(), ls.metrics.Logits(schedule=10),
                                      ls.metrics.GradNorm(schedule=5)]) as mon:
-                for step in calls:
-                    loss = F.cross_entropy(model(x), y)
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    mon.step(step, batch=(x, y), loss=loss)
+                _train(mon, model, opt, calls)
         assert not [w for w in caught if "due between" in str(w.message)], calls
 
 
