@@ -19,6 +19,7 @@ import importlib.util
 import inspect
 import logging
 import os
+import signal
 import sys
 import sysconfig
 import warnings
@@ -44,6 +45,35 @@ _OTHERS = tuple(
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the program is, like Ctrl-C's KeyboardInterrupt."""
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Inside the block SIGTERM raises :class:`Terminated` and SIGINT ``KeyboardInterrupt``.
+
+    Every command runs inside it (:meth:`LandscapeGroup.invoke`), so SIGTERM ends any
+    command as Ctrl-C does: one line, the files it writes whole or not at all, what an
+    interrupted ``analyze``/``surface`` stored said. SIGINT too, because a process started
+    with SIGINT ignored (a background job of a script) would otherwise not stop on it.
+    Only in the main thread (elsewhere signals cannot be caught).
+    """
+    def terminate(signum, frame):
+        raise Terminated()
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt()
+
+    try:
+        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, terminate),
+                    signal.SIGINT: signal.signal(signal.SIGINT, interrupt)}
+    except ValueError:  # not the main thread (tests running the CLI in a thread)
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class CommandError(click.ClickException):
@@ -188,7 +218,7 @@ class LandscapeGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            with one_line_warnings(), input_errors():
+            with interruptible(), one_line_warnings(), input_errors():
                 return super().invoke(ctx)
         except KeyboardInterrupt as err:  # Ctrl-C (or SIGTERM) where no command handles it
             if isinstance(err, Terminated):

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import click
-from landscape_cli.app import Terminated
 
 F = Callable[..., object]
 
@@ -153,44 +150,17 @@ def load_inputs(checkpoints, model_spec, data_spec, loss_spec, tokens, text, seq
         torch.set_num_threads(threads)
     _refuse_token_options_with_data(data_spec)
 
-    # a signal while the checkpoints and data load (an endless iterator, a slow disk) ends
-    # the command too, also when the process was started with SIGINT ignored
-    with interruptible():
-        opened = open_checkpoints(checkpoints, model_spec, trust=trust_checkpoint)
-        data = open_data(opened, data_spec, tokens=tokens, text=text, seq_len=seq_len,
-                         batch_size=batch_size, n_batches=n_batches, pad_id=pad_id)
-        opened.model, batches = prepare(opened.model, data, device)
-        loss_fn, closure = resolve_objective(loss_spec, batches)
-        if tokens is not None or text is not None:
-            refuse_unshifted_loss(opened.model, batches, closure,
-                                  "--tokens" if tokens is not None else "--text")
+    # (a signal while the checkpoints and data load, an endless iterator or a slow disk,
+    # ends the command too: the group's invoke turns SIGINT and SIGTERM into exceptions)
+    opened = open_checkpoints(checkpoints, model_spec, trust=trust_checkpoint)
+    data = open_data(opened, data_spec, tokens=tokens, text=text, seq_len=seq_len,
+                     batch_size=batch_size, n_batches=n_batches, pad_id=pad_id)
+    opened.model, batches = prepare(opened.model, data, device)
+    loss_fn, closure = resolve_objective(loss_spec, batches)
+    if tokens is not None or text is not None:
+        refuse_unshifted_loss(opened.model, batches, closure,
+                              "--tokens" if tokens is not None else "--text")
     return opened, batches, loss_fn, closure
-
-
-@contextlib.contextmanager
-def interruptible() -> Iterator[None]:
-    """Inside the block SIGTERM raises :class:`Terminated` and SIGINT ``KeyboardInterrupt``.
-
-    SIGINT too, because a process started with SIGINT ignored (by a job runner) would
-    otherwise not stop on it. Only in the main thread (elsewhere signals cannot be caught).
-    """
-    def terminate(signum, frame):
-        raise Terminated()
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt()
-
-    try:
-        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, terminate),
-                    signal.SIGINT: signal.signal(signal.SIGINT, interrupt)}
-    except ValueError:  # not the main thread (tests running the CLI in a thread)
-        yield
-        return
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def recompute_option(what: str) -> Callable[[F], F]:

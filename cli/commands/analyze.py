@@ -10,7 +10,6 @@ from landscape_cli.options import (
     checkpoint_options,
     counted,
     factory_options,
-    interruptible,
     load_inputs,
     named_output,
 )
@@ -78,14 +77,13 @@ def analyze_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
         n_batches, trust_checkpoint, device, threads, pad_id)
     optimizer = None if lr is None else {"name": "sgd", "lr": lr, "momentum": momentum}
     try:
-        with interruptible():
-            monitor = analyze(
-                opened.checkpoints, opened.model, batches, loss_fn, out,
-                metrics=metrics or DEFAULT_METRICS, k=k, optimizer=optimizer,
-                trust=trust_checkpoint, device=device, progress=not quiet,
-                microbatch_size=microbatch_size, mode="w" if overwrite else "a",
-                closure=closure,
-            )
+        monitor = analyze(
+            opened.checkpoints, opened.model, batches, loss_fn, out,
+            metrics=metrics or DEFAULT_METRICS, k=k, optimizer=optimizer,
+            trust=trust_checkpoint, device=device, progress=not quiet,
+            microbatch_size=microbatch_size, mode="w" if overwrite else "a",
+            closure=closure,
+        )
     except KeyboardInterrupt as err:
         done = 0
         try:

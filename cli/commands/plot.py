@@ -172,6 +172,11 @@ def plot(
     rules = load_rule_specs(rule_specs, recompute)
     if not to_directory:  # -o run.h5 (also for several figures), before any work
         refuse_to_overwrite_hdf5(target, "a figure")
+        suffix = target.suffix.lower().lstrip(".")
+        if suffix not in (*SAVE_FORMATS, "vtk"):
+            raise click.UsageError(
+                f"-o {out}: cannot tell the image format of .{suffix}; use a suffix among "
+                + ", ".join("." + s for s in SAVE_FORMATS) + " (or .vtk for a surface)")
     if target.suffix.lower() == ".vtk" and not to_directory:
         ctx = click.get_current_context()
         for option, name in (("--3d", "three_d"), ("--levels", "levels"), ("--dpi", "dpi")):

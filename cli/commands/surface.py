@@ -12,7 +12,6 @@ from landscape_cli.options import (
     FiniteFloatRange,
     checkpoint_options,
     factory_options,
-    interruptible,
     load_inputs,
     named_output,
 )
@@ -155,7 +154,7 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
         loss_fn, common["closure"] = closure, True
     complete_before = not (overwrite or replace) and _complete(out, label)
     try:
-        with discard_if_empty(out), interruptible():
+        with discard_if_empty(out):
             if overwrite:
                 from landscape.store import RunWriter
 

@@ -239,3 +239,61 @@ def test_a_signal_while_the_data_load_ends_the_command_in_one_line(tmp_path):
         assert "Traceback" not in stderr
         assert [ln for ln in stderr.splitlines() if ln.strip()][-1] == \
             f"Error: interrupted ({name})"
+
+
+BLOCKING_REPORT = textwrap.dedent("""
+    import pathlib, sys, time
+    import landscape.report
+    from landscape_cli.main import cli
+
+    def render_report(run, **kwargs):  # a report that takes long: it waits for the signal
+        pathlib.Path(sys.argv[1]).touch()
+        time.sleep(300)
+
+    landscape.report.render_report = render_report
+    cli(sys.argv[2:], prog_name="landscape")
+""")
+
+
+def test_sigterm_ends_any_command_in_one_line(tmp_path, run_file):
+    """Only analyze and surface turned SIGTERM into an exception: report, plot, check, info
+    and watch were killed silently (exit 143, nothing said, a report half-written)."""
+    run = run_file
+    (tmp_path / "blocking.py").write_text(BLOCKING_REPORT)
+    ready = tmp_path / "rendering"
+    child = subprocess.Popen(
+        [sys.executable, str(tmp_path / "blocking.py"), str(ready), "report", str(run), "-o",
+         str(tmp_path / "report.html"), "-q"],
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300  # a guard against hanging, not a timing assertion
+        while not ready.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert child.poll() is None, child.communicate()
+        child.send_signal(signal.SIGTERM)
+        _, stderr = child.communicate(timeout=300)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 143
+    assert stderr.strip() == "Error: interrupted (SIGTERM)"
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_sigterm_stops_watch_as_ctrl_c_does(tmp_path):
+    """`watch` runs until stopped: a service manager's SIGTERM is its way of stopping."""
+    missing = tmp_path / "run.h5"  # watch waits for it to appear
+    child = subprocess.Popen(
+        [sys.executable, "-m", "landscape_cli.main", "watch", str(missing), "--interval",
+         "0.05"], env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        line = child.stderr.readline()  # said once it waits: the handlers are installed
+        assert "waiting" in line, line
+        child.send_signal(signal.SIGTERM)
+        _, stderr = child.communicate(timeout=300)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 0, stderr
+    assert stderr.strip() == "stopped"

@@ -58,10 +58,9 @@ def test_plot_bad_inputs(runner, run_file, empty_run, tmp_path):
     )
     assert several.exit_code == 0, several.output
     assert (tmp_path / "a-loss.png").is_file() and (tmp_path / "a-hessian.png").is_file()
-    one_line_error(
-        runner.invoke(cli, [*plot, "-m", "loss", "-o", str(tmp_path / "a.bmpx")]),
-        "cannot tell the image format",
-    )
+    # a suffix of no image format: a usage error (exit 2), as --format gif is
+    usage_error(runner.invoke(cli, [*plot, "-m", "loss", "-o", str(tmp_path / "a.bmpx")]),
+                "cannot tell the image format of .bmpx")
     one_line_error(
         runner.invoke(cli, [*plot, "-m", "loss", "-o", str(tmp_path / "no" / "a.png")]),
         "does not exist",
