@@ -1,4 +1,10 @@
-"""Click options shared by the commands that load user code and checkpoints."""
+"""What several commands share: their options and the steps behind them.
+
+The options of the commands that load user code and checkpoints (``analyze``,
+``surface``) and the loading itself (:func:`load_inputs`); the findings options of
+``check``, ``report`` and ``plot`` (``--recompute/--stored``, ``--rules``) and the findings
+they list (:func:`findings_of`); output names and counts in messages.
+"""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ from landscape.store.format import as_numpy
 if TYPE_CHECKING:
     from landscape.store import Run
 
-__all__ = ["RULES", "OnlineAlarms", "check", "default_rules"]
+__all__ = ["RULES", "OnlineAlarms", "check", "collect_findings", "default_rules", "with_rules"]
 
 
 RULES: dict[str, type[Rule]] = {

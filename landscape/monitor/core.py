@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 import warnings
 import weakref
@@ -271,7 +272,7 @@ class Monitor:
         self,
         model: nn.Module,
         loss_fn: Callable[..., torch.Tensor] | None = None,
-        path: str | None = None,
+        path: str | os.PathLike | None = None,
         *,
         optimizer: torch.optim.Optimizer | None = None,
         metrics: MetricsLike = None,

@@ -92,7 +92,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--small", action="store_true", help="smoke run: tiny models, 1 seed")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per scenario (3)")
     parser.add_argument("--scenarios", default=None, help="comma-separated names")
-    parser.add_argument("--detectors", default=DEFAULT_DETECTORS)
+    parser.add_argument("--detectors", default=DEFAULT_DETECTORS,
+                        help="comma-separated: default (Monitor's defaults), cheap, standard, "
+                        "full (the presets, with a probe but cheap), zscore, trainscope "
+                        f"(default: {DEFAULT_DETECTORS}; a rule on a metric only the full "
+                        "preset records needs full)")
     parser.add_argument("--no-timing", action="store_true", help="skip the overhead runs")
     parser.add_argument("--json", default=None, help="write every number to this file")
     parser.add_argument("--from-json", default=None,

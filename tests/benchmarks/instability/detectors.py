@@ -165,7 +165,7 @@ class Trainscope(Detector):
 
 def available() -> dict[str, str | None]:
     """Detector name -> ``None`` if usable, else why not."""
-    return {"default": None, "standard": None, "zscore": None,
+    return {"default": None, "cheap": None, "standard": None, "full": None, "zscore": None,
             "trainscope": None if trainscope is not None else "not installed"}
 
 
