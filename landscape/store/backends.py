@@ -96,6 +96,16 @@ class Backend(ABC):
         """
 
     @abstractmethod
+    def set_table_attr(self, path: str, key: str, value: str) -> None:
+        """Set one attribute of an existing table (a structural change).
+
+        Args:
+            path: the table's path.
+            key: the attribute.
+            value: its new value.
+        """
+
+    @abstractmethod
     def table_attrs(self, path: str) -> dict:
         """The attributes of a table, decoded.
 
@@ -293,6 +303,10 @@ class MemoryBackend(Backend):
             "step": np.zeros((0,), np.int64),
             "cols": {n: np.zeros((0, *s.shape), s.dtype) for n, s in fields.items()},
         }
+
+    def set_table_attr(self, path, key, value):
+        """Set one of a table's attributes."""
+        self._tables[path]["attrs"][key] = value
 
     def table_attrs(self, path):
         """A copy of a table's attributes."""
@@ -530,6 +544,11 @@ class H5Backend(Backend):
                 g.move(fresh, name)
             stored = {**self.table_fields(path), **fields}
             g.attrs["fields"] = json.dumps({n: s.to_json() for n, s in stored.items()})
+
+    def set_table_attr(self, path, key, value):
+        """Set one of the group's attributes (outside SWMR mode, which allows no change)."""
+        with self.structural():
+            self.file[path].attrs[key] = value
 
     def table_attrs(self, path):
         """The group's attributes, decoded."""

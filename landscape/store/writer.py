@@ -355,6 +355,8 @@ class RunWriter:
                     "run was recorded with, such as k; write to another file, or start this "
                     "one over: mode='w', on the command line --overwrite)"
                 )
+            if schedule:
+                self._note_schedule(path, schedule)
             return
         attrs = {
             "kind": "metric",
@@ -370,6 +372,26 @@ class RunWriter:
             self._backend.create_table(path, specs, attrs)
         self._fields[path] = specs
         self._last[path] = None
+
+    def _note_schedule(self, path: str, schedule: str) -> None:
+        """Add a resumed metric's new schedule to its table's ``schedule`` attribute.
+
+        A run resumed with another schedule for a metric recorded its later rows on that
+        schedule while the table still named the first: the attribute now reads
+        ``"every(5); every(2) after step 19"`` (19: the table's last row before it).
+        A table without rows takes the new schedule alone.
+        """
+        stored = str(self._backend.table_attrs(path).get("schedule", ""))
+        latest = stored.rsplit("; ", 1)[-1].split(" after step ")[0]
+        if latest == schedule:
+            return
+        last = self._last.get(path)
+        noted = schedule if last is None or not stored else \
+            f"{stored}; {schedule} after step {last}"
+        if not self._holding:
+            self._flush_pending()
+        if self._room_for(_STRUCTURE_BYTES):
+            self._backend.set_table_attr(path, "schedule", noted)
 
     # -- appending
 

@@ -38,6 +38,40 @@ def test_resume_appends_after_the_last_committed_step(tmp_path):
         assert list(run.steps("a")) == [0, 1, 2, 3, 4, 5]
 
 
+@pytest.mark.parametrize("memory", [False, True])
+def test_a_resume_with_another_schedule_notes_it_in_the_table(tmp_path, memory):
+    """The table kept naming the first schedule while the resumed rows followed another
+    (`landscape info`: "schedule every(5)" over rows every 2 steps)."""
+    path = tmp_path / "run.h5"
+    first = RunWriter.memory() if memory else RunWriter(path)
+    first.declare("a", {"v": None}, schedule="every(5)")
+    first.declare("b", {"v": None}, schedule="every(1)")
+    for i in range(0, 20, 5):
+        first.append("a", i, {"v": float(i)})
+
+    def resumed(writer, schedule):
+        writer.declare("a", {"v": None}, schedule=schedule)
+        writer.declare("b", {"v": None}, schedule="every(3)")  # no row yet: replaced
+        return writer.run().metric_attrs("a")["schedule"], \
+            writer.run().metric_attrs("b")["schedule"]
+
+    if memory:  # one writer declares again (the backend's own attribute)
+        assert resumed(first, "every(2)") == ("every(5); every(2) after step 15", "every(3)")
+        return
+    first.close()
+    with RunWriter(path) as w:
+        assert resumed(w, "every(5)") == ("every(5)", "every(3)")  # the same: unchanged
+        assert resumed(w, "every(2)") == ("every(5); every(2) after step 15", "every(3)")
+        w.append("a", 16, {"v": 1.0})
+    with RunWriter(path) as w:
+        w.declare("a", {"v": None}, schedule="every(2)")  # as the last resume: unchanged
+        w.declare("a", {"v": None}, schedule="at(20, 30)")
+    with Run.open(path) as run:
+        assert run.metric_attrs("a")["schedule"] == \
+            "every(5); every(2) after step 15; at(20, 30) after step 16"
+        assert list(run.steps("a")) == [0, 5, 10, 15, 16]
+
+
 def test_truncate_from_restarts_at_a_checkpoint(tmp_path):
     path = tmp_path / "run.h5"
     with RunWriter(path) as w:
