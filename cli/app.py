@@ -55,13 +55,24 @@ def interruptible() -> Iterator[None]:
     command as Ctrl-C does: one line, the files it writes whole or not at all, what an
     interrupted ``analyze``/``surface`` stored said. SIGINT too, because a process started
     with SIGINT ignored (a background job of a script) would otherwise not stop on it.
-    Only in the main thread (elsewhere signals cannot be caught).
+    Only in the main thread (elsewhere signals cannot be caught). A signal after the first
+    is ignored while the block runs, and SIGINT after it: Ctrl-C pressed three times lost
+    the message of what an interrupted ``surface`` stored (the second interrupted the
+    first's handling) or printed a traceback from an exit handler.
     """
+    received = False
+
     def terminate(signum, frame):
-        raise Terminated()
+        nonlocal received
+        if not received:
+            received = True
+            raise Terminated()
 
     def interrupt(signum, frame):
-        raise KeyboardInterrupt()
+        nonlocal received
+        if not received:
+            received = True
+            raise KeyboardInterrupt()
 
     try:
         previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, terminate),
@@ -72,6 +83,9 @@ def interruptible() -> Iterator[None]:
     try:
         yield
     finally:
+        if received:  # the command ends: a Ctrl-C pressed again would interrupt the exit
+            # (torch's and h5py's exit handlers printed a traceback from inside them)
+            previous[signal.SIGINT] = signal.SIG_IGN
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

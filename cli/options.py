@@ -9,6 +9,7 @@ they list (:func:`findings_of`); output names and counts in messages.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -63,6 +64,30 @@ def named_output(ctx: click.Context, param: click.Parameter, value: str | None) 
     if value is not None and not str(value).strip():
         raise click.BadParameter("give a file or directory name (an empty name would write "
                                  "into the current directory)")
+    return value
+
+
+# suffixes of what the other commands write: a run file named so is a mistake
+_NOT_A_RUN = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".html", ".htm", ".vtk", ".json", ".csv")
+
+
+def run_output(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A ``-o`` callback for the run file ``analyze`` and ``surface`` write.
+
+    Refuses what :func:`named_output` does, a name ending in a slash (a directory: pathlib
+    drops the slash, and a file of the directory's name was written) and the suffix of a
+    figure, a report or a table (an HDF5 file named ``plane.png``).
+    """
+    value = named_output(ctx, param, value)
+    if value is None:
+        return value
+    if value.endswith(("/", os.sep)):
+        raise click.BadParameter(f"{value!r} names a directory; -o names the run file: "
+                                 f"{value.rstrip('/' + os.sep) or '.'}/run.h5")
+    if Path(value).suffix.lower() in _NOT_A_RUN:
+        raise click.BadParameter(
+            f"{value!r}: -o names the run file (HDF5, e.g. run.h5); figures and reports come "
+            "from it: landscape plot / landscape report")
     return value
 
 

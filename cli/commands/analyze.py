@@ -11,7 +11,7 @@ from landscape_cli.options import (
     counted,
     factory_options,
     load_inputs,
-    named_output,
+    run_output,
 )
 
 from landscape._names import RENAMED_METRICS
@@ -30,7 +30,7 @@ EXAMPLE = ("landscape analyze ckpt-100.pt ckpt-200.pt --model factories.py:model
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path())
 @factory_options
 @click.option("-o", "--out", "out", default="run.h5", show_default=True, type=click.Path(),
-              callback=named_output,
+              callback=run_output,
               help="Run file to write (appended to when it exists: checkpoints already in "
                    "it are skipped).")
 @click.option("--overwrite", is_flag=True,

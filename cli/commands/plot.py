@@ -159,6 +159,9 @@ def plot(
         )
     if surface_name and metrics:
         raise click.UsageError("use either --metric or --surface, not both")
+    if three_d and levels is not None:  # (a 1-D surface with --3d: known once it is read)
+        raise click.UsageError("--levels does not go with --3d: a 3-D view draws no contour "
+                               "levels")
     target = Path(out)
     to_directory = _is_directory_target(out)
     given = click.get_current_context().get_parameter_source("fmt")

@@ -13,7 +13,7 @@ from landscape_cli.options import (
     checkpoint_options,
     factory_options,
     load_inputs,
-    named_output,
+    run_output,
 )
 
 from landscape._errors import LandscapeError
@@ -66,7 +66,7 @@ def _surface_name(value: str | None) -> str | None:
 @click.option("--name", default=None, callback=lambda ctx, param, value: _surface_name(value),
               help="Surface name in the run file (default: the kind).")
 @click.option("-o", "--out", default="run.h5", show_default=True, type=click.Path(),
-              callback=named_output,
+              callback=run_output,
               help="Run file to write into (resumes an interrupted surface of that name).")
 @click.option("--replace", is_flag=True,
               help="Compute the surface named --name (default: the kind) again from scratch, "
@@ -75,7 +75,8 @@ def _surface_name(value: str | None) -> str | None:
               help="Start the whole run file over (every metric and surface in it is "
                    "deleted) instead of adding to it.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX),
-              help="Seed of the random directions (--directions random).")
+              help="Seed of the factories (--model, --data) and of the random directions "
+                   "(the other kinds draw none).")
 @checkpoint_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @verbose_option

@@ -195,18 +195,20 @@ def normalize_direction(
             else:
                 out.append(d.clone() if normalization == "none" else w.clone())
             continue
-        # the norms and their ratio in float32 at least: in float16 the guard 1e-10 is 0,
-        # and a zero row of a direction gave 0 * inf = NaN
+        # the norms and their ratio in float64: a float32 sum of squares overflows for a
+        # norm above 1.8e19 (weights of 2e19, finite, that a high learning rate left), and
+        # in float16 the guard 1e-10 is 0, so a zero row of a direction gave 0 * inf = NaN;
+        # the scaling in float32 at least
         wide = torch.promote_types(d.dtype, torch.float32)
         if normalization == "filter":
             d2 = d.reshape(d.shape[0], -1)
             w2 = w.reshape(w.shape[0], -1)
-            factor = w2.norm(dim=1, keepdim=True, dtype=wide) / (
-                d2.norm(dim=1, keepdim=True, dtype=wide) + _EPS)
-            out.append((d2 * factor).to(d.dtype).reshape(d.shape))
+            factor = w2.norm(dim=1, keepdim=True, dtype=torch.float64) / (
+                d2.norm(dim=1, keepdim=True, dtype=torch.float64) + _EPS)
+            out.append((d2 * factor.to(wide)).to(d.dtype).reshape(d.shape))
         elif normalization == "layer":
-            factor = w.norm(dtype=wide) / (d.norm(dtype=wide) + _EPS)
-            out.append((d * factor).to(d.dtype))
+            factor = w.norm(dtype=torch.float64) / (d.norm(dtype=torch.float64) + _EPS)
+            out.append((d * factor.to(wide)).to(d.dtype))
         elif normalization == "weight":
             out.append(d * w)
         else:

@@ -82,6 +82,9 @@ def _coords(values: Any, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be a non-empty 1-D sequence of coordinates")
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name} must be finite")
+    if np.any(np.diff(arr) <= 0):  # the plots draw and the VTK grid lays points in order
+        raise ValueError(f"{name} must be strictly increasing (sorted, no coordinate twice), "
+                         f"got {arr.tolist()}")
     return arr
 
 

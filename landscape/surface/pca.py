@@ -44,18 +44,16 @@ class PCAResult:
 
 
 def _load(point: Any) -> Any:
+    """A checkpoint path's state dict, read as ``landscape analyze`` reads it.
+
+    Tensors only (``weights_only``); the state dict also when it sits under one of
+    :data:`landscape.loading.STATE_KEYS` (``{"model": sd, "step": n}``, as the examples
+    save, and ``{"state_dict": ...}``); ``.safetensors`` files too.
+    """
     if isinstance(point, (str, os.PathLike)):
-        try:
-            obj = torch.load(point, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise LandscapeError(f"{point}: no such checkpoint") from None
-        except Exception as err:
-            raise LandscapeError(f"{point}: cannot load checkpoint ({err})") from None
-        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(
-            obj["state_dict"], Mapping
-        ):
-            obj = obj["state_dict"]
-        return obj
+        from landscape.loading import load_checkpoint
+
+        return load_checkpoint(point).state_dict
     return point
 
 

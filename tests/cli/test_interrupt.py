@@ -71,8 +71,10 @@ def _committed(out: Path) -> int:
         return 0
 
 
-def _signal_when(args: list[str], ready, sig: int) -> tuple[int, str]:
-    """Run the CLI with ``args`` in a child process, send ``sig`` once ``ready()`` holds.
+def _signal_when(args: list[str], ready, sig: int, times: int = 1,
+                 gap: float = 0.0) -> tuple[int, str]:
+    """Run the CLI with ``args`` in a child process, send ``sig`` once ``ready()`` holds
+    (``times`` times, ``gap`` seconds apart: a Ctrl-C pressed again and again).
 
     Returns:
         The child's exit status and its stderr.
@@ -86,7 +88,11 @@ def _signal_when(args: list[str], ready, sig: int) -> tuple[int, str]:
         while not ready() and child.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert child.poll() is None, child.communicate()
-        child.send_signal(sig)
+        for i in range(times):
+            if i:
+                time.sleep(gap)
+            if child.poll() is None:
+                child.send_signal(sig)
         _, stderr = child.communicate(timeout=300)
     finally:
         if child.poll() is None:
@@ -170,6 +176,24 @@ def test_a_signal_during_surface_leaves_its_points_and_a_rerun_continues(tmp_pat
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0, again.output
     assert _points(out, "random") == 201
+
+
+def test_ctrl_c_pressed_again_and_again_still_says_what_was_stored(tmp_path):
+    """Three SIGINTs 10-30 ms apart: the second interrupted the handling of the first (the
+    line said only 'interrupted (SIGINT)', without the points stored and how to go on), or
+    an exit handler of torch's printed a traceback (surfaces review)."""
+    paths = _checkpoints(tmp_path, n=1)
+    for gap in (0.01, 0.03):
+        out = tmp_path / f"surface-{gap}.h5"
+        args = ["surface", str(paths[0]), "--model", f"{tmp_path / 'slow.py'}:model",
+                "--data", f"{tmp_path / 'slow.py'}:data", "--dims", "1", "--steps", "201",
+                "-o", str(out), "-q"]
+        returncode, stderr = _signal_when(args, lambda out=out: _points(out, "random") >= 1,
+                                          signal.SIGINT, times=3, gap=gap)
+        assert returncode == 130, stderr
+        lines = [ln for ln in stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("Error: interrupted (SIGINT): ") \
+            and "of 201 points" in lines[0], stderr
 
 
 def test_after_an_interrupted_overwrite_the_message_says_to_drop_it(tmp_path, monkeypatch):

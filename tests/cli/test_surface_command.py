@@ -115,6 +115,25 @@ def test_span_and_dims_that_do_not_apply_are_refused(setup, tmp_path, directions
     assert "Traceback" not in result.output and not out.exists()
 
 
+@pytest.mark.parametrize(("command", "out", "match"), [
+    ("surface", "newdir/", "names a directory; -o names the run file: newdir/run.h5"),
+    ("surface", "plane.png", "-o names the run file (HDF5, e.g. run.h5)"),
+    ("analyze", "report.html", "-o names the run file (HDF5, e.g. run.h5)"),
+])
+def test_a_run_file_named_as_a_directory_or_a_figure_is_refused(setup, tmp_path, monkeypatch,
+                                                                command, out, match):
+    """`-o newdir/` wrote a file named newdir, `-o plane.png` an HDF5 file named so."""
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    monkeypatch.chdir(tmp_path)
+    result = _run([command, str(paths[-1]), "--model", f"{fac}:model", "--data",
+                   f"{fac}:data", "-o", out, "-q"])
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("Error: ") and match in lines[-1], lines
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(("directions", "n_ckpt"), [("interpolate", 2), ("pca", 4)])
 def test_interpolation_and_pca_read_prefixed_checkpoints(setup, tmp_path, directions, n_ckpt):
     """A DDP checkpoint's 'module.' keys: 'checkpoints lack parameters' (random worked)."""

@@ -287,6 +287,23 @@ def test_a_float16_direction_with_a_zero_row_stays_finite():
     torch.testing.assert_close(rows[[0, 2]], w.float().norm(dim=1)[[0, 2]], rtol=2e-3, atol=0)
 
 
+def test_weights_whose_norm_overflows_a_float32_sum_of_squares_normalize_finitely():
+    """Filters of entries 2e19 (finite; a high learning rate left them, and BatchNorm after
+    the convolution makes the model evaluable) have norms of 1e20: their float32 sum of
+    squares overflowed, and the surface was refused as 'directions are not finite'."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 3, 5, generator=g) * 2e19
+    d = torch.randn(4, 3, 5, generator=g)
+    for how in ("filter", "layer"):
+        (out,) = normalize_direction([d], [w], how)
+        assert out.dtype == torch.float32 and torch.isfinite(out).all(), how
+    (out,) = normalize_direction([d], [w], "filter")
+    want = w.double().reshape(4, -1).norm(dim=1)
+    torch.testing.assert_close(out.double().reshape(4, -1).norm(dim=1), want, rtol=1e-6, atol=0)
+    (out,) = normalize_direction([d], [w], "layer")
+    torch.testing.assert_close(out.double().norm(), w.double().norm(), rtol=1e-6, atol=0)
+
+
 def test_a_negative_seed_draws_as_torch_manual_seed_takes_it():
     model = _cnn_with_head()
     a, b = random_directions(model, 1, seed=-1), random_directions(model, 1, seed=-1)

@@ -316,6 +316,12 @@ def test_bad_input_is_named():
         evaluate_grid(model, _ce, (x, y), dirs, [0.0])
     with pytest.raises(ValueError, match="x must be"):
         evaluate_grid(model, _ce, (x, y), dirs, [], [0.0])
+    # coordinates out of order: every plot and the VTK grid drew them in the order given
+    for xs, ys in (([0.5, -0.5, 0.0], [0.0]), ([0.0], [1.0, 1.0]), ([0.0, 0.0], [0.0])):
+        with pytest.raises(ValueError, match="must be strictly increasing"):
+            evaluate_grid(model, _ce, (x, y), dirs, xs, ys)
+    with pytest.raises(ValueError, match="x must be strictly increasing"):
+        line(model, _ce, (x, y), x=[0.5, -0.5, 0.0, 1.0, -1.0], progress=False)
     with pytest.raises(ValueError, match="steps"):
         plane(model, _ce, (x, y), steps=0)
     with pytest.raises(ValueError, match="span"):
@@ -451,7 +457,7 @@ def test_directions_normalized_to_overflowing_weights_are_refused(tmp_path):
     model = models.mlp()
     x, y = models.classification_data()
     with torch.no_grad():
-        model[2].weight[0].fill_(1e30)
+        model[2].weight[0].fill_(3e38)  # finite; its norm and the direction scaled to it are not
     with pytest.raises(LandscapeError, match=r"directions are not finite \(filter normalization"):
         plane(model, _ce, (x, y), steps=3, writer=path, progress=False)
     assert not path.exists() or "plane" not in Run.open(path).surfaces()

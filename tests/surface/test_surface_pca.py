@@ -14,7 +14,13 @@ from torch import nn
 
 from landscape import LandscapeError
 from landscape.store import RunWriter
-from landscape.surface import pca_directions, project, trajectory_from_run, trajectory_plane
+from landscape.surface import (
+    interpolate,
+    pca_directions,
+    project,
+    trajectory_from_run,
+    trajectory_plane,
+)
 from tests import models
 
 
@@ -116,6 +122,28 @@ def test_pca_bad_trajectories():
         pca_directions([states[0], states[-1]], model=model)
     with pytest.raises(LandscapeError, match="no such checkpoint"):
         pca_directions(["/nonexistent/ckpt.pt", states[0]], model=model)
+
+
+def test_checkpoint_paths_with_the_weights_under_a_key_are_read_as_the_cli_reads_them(
+        tmp_path):
+    """{"model": state_dict, "step": n} files (as examples/posthoc_cli.py saves them) were
+    refused by interpolate and trajectory_plane: 'checkpoints lack parameters'."""
+    model = models.mlp()
+    x, y = models.classification_data()
+    states, *_ = _synthetic(model)
+    paths = []
+    for i, (key, state) in enumerate(zip(("model", "state_dict", "model_state_dict"), states)):
+        paths.append(tmp_path / f"ckpt-{i}.pt")
+        torch.save({key: state, "step": i}, paths[-1])
+    got = interpolate(model, paths[0], paths[1], F.cross_entropy, (x, y), steps=3,
+                      progress=False)
+    want = interpolate(model, states[0], states[1], F.cross_entropy, (x, y), steps=3,
+                       progress=False)
+    np.testing.assert_array_equal(got.values["loss"], want.values["loss"])
+    got = trajectory_plane(model, F.cross_entropy, (x, y), paths, steps=3, progress=False)
+    want = trajectory_plane(model, F.cross_entropy, (x, y), states[:3], steps=3,
+                            progress=False)
+    np.testing.assert_array_equal(got.values["loss"], want.values["loss"])
 
 
 def test_trajectory_plane_is_centred_at_the_final_point_and_stores_the_path():
