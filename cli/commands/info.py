@@ -43,8 +43,9 @@ def info(run_path: str, as_json: bool) -> None:
     click.echo(f"  surfaces: {len(summary['surfaces'])}")
     for name, s in summary["surfaces"].items():
         shape = "x".join(map(str, s["shape"][::-1]))  # x by y, as `surface` prints it
+        grid = f"{shape} grid" if len(s["shape"]) > 1 else f"line of {shape} points"
         click.echo(
-            f"    {name}: {shape} grid, {s['computed']}/{s['total']} points computed; "
+            f"    {name}: {grid}, {s['computed']}/{s['total']} points computed; "
             f"fields: {', '.join(s['fields'])}"
         )
         origin = surface_source(s.get("source"))  # what `landscape surface` computed it from

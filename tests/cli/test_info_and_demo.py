@@ -33,6 +33,7 @@ def test_info_lists_metrics_fields_steps_findings_and_surfaces(runner, tmp_path)
         w.add_finding(Finding(20, "edge_of_stability", "warning", "hessian/top", 3.0, 2.0, "m"))
         w.create_surface("plane", np.linspace(-1, 1, 4), np.linspace(-1, 1, 3))
         w.write_surface("plane", (0, 0), {"loss": 1.0})
+        w.create_surface("line", np.linspace(-1, 1, 5))
         w.declare("loss", {"value": None})
         w.append("loss", 30, {"value": 0.5})
     result = runner.invoke(cli, ["info", str(path)])
@@ -44,6 +45,7 @@ def test_info_lists_metrics_fields_steps_findings_and_surfaces(runner, tmp_path)
     assert "top float64[5]" in out and "trace float64" in out
     assert "findings stored: 1 (raised while the run was written" in out
     assert "plane: 4x3 grid, 1/12 points computed" in out  # x by y: `surface` said 4x3
+    assert "line: line of 5 points, 0/5 points computed" in out  # (was "5 grid")
     assert '"lr": 0.5' in out
 
     as_json = runner.invoke(cli, ["info", str(path), "--json"])
