@@ -71,6 +71,11 @@ class _Pending:
     cols: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
 
+def _later(a: int | None, b: int | None) -> int | None:
+    """The later of two steps (None: no step)."""
+    return b if a is None else a if b is None else max(a, b)
+
+
 def _last_or_none(steps: np.ndarray) -> int | None:
     return int(steps[-1]) if len(steps) else None
 
@@ -584,8 +589,8 @@ class RunWriter:
             for col in p.cols.values():
                 del col[n:]
         for path in self._last:
-            if path not in _EVENT_TABLES:
-                self._last[path] = last.get(path)
+            if path not in _EVENT_TABLES:  # (never before a row that reached the file)
+                self._last[path] = _later(last.get(path), self._last_flushed.get(path))
 
     def _flush_if_due(self) -> None:
         """Flush after an error finding, ``flush_every`` rows and points or ``flush_seconds``."""
@@ -604,7 +609,12 @@ class RunWriter:
         size += 64 * sum(len(points) for points in self._pending_points.values())
         if (tables or self._pending_points) and self._room_for(size):
             for path, (steps, cols) in tables.items():
-                self._backend.append_rows(path, steps, cols)
+                self._append_whole(path, steps, cols)
+                # written: an exception at a later table (a second Ctrl-C, an I/O error)
+                # leaves the rest buffered, and the flush of close() must not write this
+                # table's rows a second time (its steps would repeat: a damaged file)
+                self._n_pending -= len(self._pending.pop(path).steps)
+                self._last_flushed[path] = int(steps[-1])
             for name, points in self._pending_points.items():
                 self._backend.write_surface(name, points)
         self._pending.clear()  # written, or dropped on a full disk ("stop")
@@ -613,6 +623,20 @@ class RunWriter:
         if tables:  # (a step's rollback keeps what a flush wrote)
             self._flushes += 1
             self._last_flushed = dict(self._last)
+
+    def _append_whole(self, path: str, steps: np.ndarray, cols: dict[str, np.ndarray]) -> None:
+        """Append rows to one table; interrupted half-way, the table keeps its rows before.
+
+        The backend writes the ``step`` column last, so rows count once it is written;
+        between its resize and its values an exception would leave steps of 0 at the end.
+        """
+        before = self._backend.rows(path)
+        try:
+            self._backend.append_rows(path, steps, cols)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._backend.truncate(path, before)
+            raise
 
     def _room_for(self, nbytes: int) -> bool:
         """Whether ``nbytes`` more fit on the file's disk with :data:`DISK_MARGIN` to spare.

@@ -340,3 +340,75 @@ def test_a_string_field_declared_wider_is_widened_with_its_rows(writer_factory, 
         w.declare("names", {"metrics": None})  # a string is no float
     run = w.run()
     assert run.series("names", "metrics")[1].tolist() == ["abcd", "abcdefghijkl", "abcdefghijkl"]
+
+
+def _interrupting(original, table: str, *, after_steps_resized: bool = False):
+    """``H5Backend.append_rows`` that raises KeyboardInterrupt once, at ``table``: before
+    writing it, or once its ``step`` column is resized and not yet written (the worst
+    moment of a second Ctrl-C)."""
+    state = {"raised": False}
+
+    def append_rows(self, path, steps, cols):
+        if path.endswith(table) and not state["raised"]:
+            state["raised"] = True
+            if after_steps_resized:
+                g = self.file[path]
+                n = g["step"].shape[0] + len(steps)
+                for name in (*cols, "step"):
+                    g[name].resize(n, axis=0)
+            raise KeyboardInterrupt
+        return original(self, path, steps, cols)
+
+    return append_rows
+
+
+@pytest.mark.parametrize("after_steps_resized", [False, True])
+def test_a_flush_interrupted_half_way_writes_each_row_once(tmp_path, monkeypatch,
+                                                           after_steps_resized):
+    """A second Ctrl-C during a flush: the tables written before it stayed buffered, and the
+    flush of close() wrote their rows again; no reader would open the file ('its steps do
+    not increase'). Its rows are now each written once."""
+    from landscape.store.backends import H5Backend
+
+    path = tmp_path / "run.h5"
+    w = RunWriter(path, mode="w", flush_every=10_000, flush_seconds=1e9)
+    w.declare("a", {"v": None})
+    w.declare("b", {"v": None})
+    for step in range(5):
+        w.append("a", step, {"v": float(step)})
+        w.append("b", step, {"v": float(step)})
+    monkeypatch.setattr(H5Backend, "append_rows", _interrupting(
+        H5Backend.append_rows, "b", after_steps_resized=after_steps_resized))
+    with pytest.raises(KeyboardInterrupt):
+        w.flush()
+    w.append("a", 5, {"v": 5.0})  # the writer goes on where it was
+    w.close()
+    with Run.open(path) as run:
+        assert list(run.steps("a")) == [0, 1, 2, 3, 4, 5]
+        assert list(run.steps("b")) == [0, 1, 2, 3, 4]
+        np.testing.assert_array_equal(run.series("b", "v")[1], np.arange(5.0))
+
+
+def test_a_step_dropped_after_a_half_flush_inside_it_keeps_the_rows_that_reached_the_file(
+        tmp_path, monkeypatch):
+    """one_step()'s rollback set the tables' last steps back to before the step, also for a
+    table whose rows of that step a flush inside it had written: the same step was then
+    accepted again, twice in the file."""
+    from landscape.store.backends import H5Backend
+
+    path = tmp_path / "run.h5"
+    w = RunWriter(path, mode="w", flush_every=10_000, flush_seconds=1e9)
+    w.declare("a", {"v": None})
+    w.declare("b", {"v": None})
+    monkeypatch.setattr(H5Backend, "append_rows", _interrupting(H5Backend.append_rows, "b"))
+    with pytest.raises(KeyboardInterrupt), w.one_step():
+        w.append("a", 0, {"v": 0.0})
+        w.append("b", 0, {"v": 0.0})
+        w.flush()  # a writes step 0; the interrupt comes at b
+    with pytest.raises(StepOrderError):
+        w.append("a", 0, {"v": 1.0})
+    w.append("b", 0, {"v": 2.0})  # b's row of the step never reached the file: dropped
+    w.close()
+    with Run.open(path) as run:
+        assert list(run.steps("a")) == [0] and list(run.steps("b")) == [0]
+        assert run.series("b", "v")[1][0] == 2.0
