@@ -464,8 +464,15 @@ class Monitor:
         with isolated(self.model):
             self.metrics = [m for m in self.metrics if self._set_up(m)]
         self.timings = {m.name: self.timings.get(m.name, 0.0) for m in self.metrics}
-        self.writer = RunWriter(self.path, config=self._config(), **self._writer_args)
+        # truncate_from only once every metric fits the file: a resume refused for a
+        # metric's fields dropped the run's rows from that step on for nothing
+        opening = {k: v for k, v in self._writer_args.items() if k != "truncate_from"}
+        self.writer = RunWriter(self.path, config=self._config(), **opening)
         try:
+            for m in self.metrics:
+                self.writer.check_declaration(m.name, m.fields(), m.CONTEXT_FIELDS)
+            if self._writer_args["truncate_from"] is not None:
+                self.writer.truncate_from(self._writer_args["truncate_from"])
             for m in self.metrics:
                 self.writer.declare(
                     m.name, m.fields(), cls=f"{type(m).__module__}.{type(m).__qualname__}",

@@ -32,6 +32,7 @@ from landscape.store.format import (
     _attr_value,
     _h5_reason,
 )
+from landscape.store.recovery import writers_excluded
 
 __all__ = ["Backend", "H5Backend", "MemoryBackend"]
 
@@ -438,6 +439,12 @@ class H5Backend(Backend):
         self.file = file
         self.path = Path(file.filename) if path is None else Path(path)
         self.writable = writable
+        #: why the file is closed under the writer (a reopen that failed), else None
+        self.lost: str | None = None
+
+    def _check_not_lost(self) -> None:
+        if self.lost is not None:
+            raise RunFileError(self.lost)
 
     @property
     def description(self) -> str:
@@ -459,16 +466,26 @@ class H5Backend(Backend):
         """
         if not self.writable:
             raise RunFileError(f"{self.path}: opened read-only")
+        self._check_not_lost()
         was_swmr = self.file.swmr_mode
+        # out of SWMR mode the file carries no "being written" flag: a process opening it
+        # for writing now would take it (writers_excluded makes it wait)
+        with writers_excluded(self.path) if was_swmr else contextlib.nullcontext():
+            yield from self._structural(was_swmr)
+
+    def _structural(self, was_swmr: bool) -> Iterator[None]:
+        """:meth:`structural`'s body."""
         if was_swmr:
             self.file.flush()
             self.file.close()
             try:
                 self.file = h5py.File(self.path, "r+", libver="latest", locking=LOCKING)
             except OSError as err:
-                raise RunFileError(
-                    f"{self.path}: cannot reopen the run to add a group ({_h5_reason(err)})"
-                ) from None
+                # every later write says so (a flush of the closed file raised h5py's "not
+                # a file or file object", which hid this reason)
+                self.lost = (f"{self.path}: cannot reopen the run to add a group "
+                             f"({_h5_reason(err)})")
+                raise RunFileError(self.lost) from None
         try:
             yield
         finally:
@@ -573,6 +590,7 @@ class H5Backend(Backend):
 
     def append_rows(self, path, steps, cols):
         """Resize and write every field, then ``step``."""
+        self._check_not_lost()
         g = self.file[path]
         n0 = g["step"].shape[0]
         n1 = n0 + len(steps)
@@ -686,6 +704,7 @@ class H5Backend(Backend):
 
     def flush(self):
         """Flush the file (SWMR readers see the new rows after their refresh)."""
+        self._check_not_lost()
         self.file.flush()
 
     def refresh(self):

@@ -47,6 +47,11 @@ STATE_GROUP = "state"  # what a resumed monitor needs back (its default probe)
 # writer_pid/writer_host attributes.
 LOCKING = False
 
+DISK_MARGIN = 8 * 2**20
+"""Bytes a writer leaves free on the run file's disk: HDF5's metadata and closing the file
+need room, and a write that fills the disk crashed the process inside HDF5. A crashed run
+is reopened through a copy of it, which needs the file's size and this margin free."""
+
 
 # --------------------------------------------------------------------------- field specs
 

@@ -19,6 +19,7 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import h5py
 
 from landscape._errors import LandscapeError, RunFileError
 from landscape.store.format import (
+    DISK_MARGIN,
     FORMAT,
     LOCKING,
     _attr_value,
@@ -37,6 +39,7 @@ from landscape.store.format import (
 __all__ = [
     "clear_open_flags", "holds_nothing", "is_hdf5", "open_for_reading", "open_for_writing",
     "recover_crashed", "refuse_to_overwrite_hdf5", "refuse_to_replace_with_a_run",
+    "writers_excluded",
 ]
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -441,6 +444,72 @@ def _refresh(name: str, obj: Any) -> None:
         obj.refresh()
 
 
+WRITERS_WAIT = 30.0
+"""Seconds :func:`writers_excluded` waits for another process's lock before going on."""
+
+_HELD: dict[str, int] = {}  # directories whose writers' lock this process holds, and depth
+
+
+@contextlib.contextmanager
+def writers_excluded(path: Path) -> Iterator[None]:
+    """Only this process opens, recovers or reopens a run file for writing in the block.
+
+    Two processes resuming one crashed file at once both recovered it, and the second
+    replaced the file under the first, whose rows were lost without a word; two creating
+    one new file both truncated it and one died of raw HDF5 errors. Their checks (is the
+    file there, is its writer alive, is it flagged open) and their actions (recover,
+    create, record themselves as its writer) are not atomic; this advisory lock on the
+    file's directory (``flock``, released when the process dies, so a killed writer never
+    leaves it held) makes them so. Re-entrant within the process. Where there is no
+    ``flock`` (Windows) or the file system refuses it (some network file systems), or
+    another process held it :data:`WRITERS_WAIT` seconds, the block runs unlocked, as
+    before.
+    """
+    key = os.path.abspath(path.parent)
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    try:
+        import fcntl
+        fd = os.open(key, os.O_RDONLY)
+    except (ImportError, OSError):  # no flock here, or no directory (the caller says so)
+        yield
+        return
+    try:
+        _take(fcntl, fd)
+        _HELD[key] = 1
+        try:
+            yield
+        finally:
+            del _HELD[key]
+    finally:
+        os.close(fd)  # (closing releases the lock)
+
+
+def _take(fcntl: Any, fd: int) -> None:
+    """Lock ``fd`` exclusively, waiting at most :data:`WRITERS_WAIT` seconds.
+
+    Past that (a process stopped inside its block, a recovery of a huge file) the caller
+    goes on unlocked, as without the lock: the lock covers every run file of the
+    directory, and a file of another run must not wait for ever.
+    """
+    deadline = time.monotonic() + WRITERS_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.01)
+        except OSError:  # a file system without flock
+            return
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -486,14 +555,19 @@ def recover_crashed(path: Path) -> None:
         _check_format(src, path)
         _refuse_live_writer(src, path)
         _sweep_stale_copies(path)
+        _refuse_without_room_for_a_copy(path)
         fd, tmp = tempfile.mkstemp(prefix=_copy_prefix(path), suffix=".recover",
                                    dir=path.parent)
         os.close(fd)
-        with h5py.File(tmp, "w", libver="latest", locking=LOCKING) as dst:
-            for key, value in src.attrs.items():
-                dst.attrs[key] = value
-            for key in src:
-                src.copy(src[key], dst, name=key)
+        try:
+            with h5py.File(tmp, "w", libver="latest", locking=LOCKING) as dst:
+                for key, value in src.attrs.items():
+                    dst.attrs[key] = value
+                for key in src:
+                    src.copy(src[key], dst, name=key)
+        except OSError as err:  # the disk filled up under the copy
+            raise RunFileError(f"{path}: its writer was killed, and the copy that reopens "
+                               f"it could not be written ({_h5_reason(err)})") from None
     except BaseException:
         if tmp is not None:  # no half-written copy left beside the run
             _discard(tmp)
@@ -501,6 +575,24 @@ def recover_crashed(path: Path) -> None:
     finally:
         src.close()
     _replace(tmp, path)
+
+
+def _refuse_without_room_for_a_copy(path: Path) -> None:
+    """Refuse to recover ``path`` when its disk cannot hold a copy of it (and a margin).
+
+    A crashed run resumed on a nearly full disk raised HDF5's raw "Unable to create file"
+    from inside the recovery, and left nothing to tell what to do.
+    """
+    try:
+        size = os.path.getsize(path)
+        free = shutil.disk_usage(path.parent).free
+    except OSError:  # cannot tell: the copy says so if it fails
+        return
+    if free < size + DISK_MARGIN:
+        raise RunFileError(
+            f"{path}: its writer was killed, and reopening it takes a copy of it beside it "
+            f"({size / 2**20:.1f} MiB); {free / 2**20:.1f} MiB are free on its disk: free "
+            "some space (or write to another path)")
 
 
 def _replace(copy: Path | str, path: Path) -> None:

@@ -35,6 +35,7 @@ from landscape.store.backends import Backend, H5Backend, MemoryBackend
 from landscape.store.format import (
     CHECKPOINT_FIELDS,
     CHECKPOINTS_TABLE,
+    DISK_MARGIN,
     FINDING_FIELDS,
     FINDINGS_TABLE,
     LOCKING,
@@ -60,6 +61,7 @@ from landscape.store.recovery import (
     open_for_writing,
     read_here_message,
     refuse_to_replace_with_a_run,
+    writers_excluded,
 )
 
 __all__ = ["RunWriter", "close_writers"]
@@ -84,9 +86,6 @@ _OPEN: weakref.WeakSet[RunWriter] = weakref.WeakSet()  # file writers not closed
 _EVENT_TABLES = frozenset({FINDINGS_TABLE, CHECKPOINTS_TABLE, f"{METRICS_GROUP}/probe"})
 """Tables whose rows are events a step's rollback keeps (:meth:`RunWriter.one_step`)."""
 _STRUCTURE_BYTES = 64 * 2**10  # room a new table or field takes (its datasets' first chunks)
-DISK_MARGIN = 8 * 2**20
-"""Bytes a writer leaves free on the run file's disk: HDF5's metadata and closing the file
-need room, and a write that fills the disk crashed the process inside HDF5."""
 
 
 @atexit.register
@@ -223,6 +222,16 @@ class RunWriter:
     # -- opening
 
     def _open_file(self, mode: str, config: Mapping | None) -> H5Backend:
+        """Open or create the run file, recorded as its writer once in SWMR mode.
+
+        Under :func:`~landscape.store.recovery.writers_excluded`: another process that
+        opens it at the same moment finds it written by this one (and is refused).
+        """
+        assert self.path is not None
+        with writers_excluded(self.path):
+            return self._open_file_excluded(mode, config)
+
+    def _open_file_excluded(self, mode: str, config: Mapping | None) -> H5Backend:
         path = self.path
         assert path is not None
         if path.is_dir():
@@ -326,13 +335,7 @@ class RunWriter:
                 is closed.
         """
         self._check_open()
-        if not plain_name(name):
-            raise ValueError(f"invalid metric name {name!r} (non-empty, no '/', not '.' or "
-                             "'..')")
-        specs = normalize_fields(fields)
-        unknown = [c for c in context if c not in specs]
-        if unknown:
-            raise ValueError(f"context: {', '.join(map(repr, unknown))} not among the fields")
+        specs = self.check_declaration(name, fields, context)
         path = f"{METRICS_GROUP}/{name}"
         if path in self._fields:
             stored = self._fields[path]
@@ -353,13 +356,6 @@ class RunWriter:
                         self._backend.widen_strings(path, wider)
                     self._fields[path] = {**stored, **wider}
                     self._scalars.pop(path, None)
-            elif stored != specs:
-                raise RunFileError(
-                    f"metric {name!r} is already in the run with fields "
-                    f"{_describe(stored)}, not {_describe(specs)} (other settings than the "
-                    "run was recorded with, such as k; write to another file, or start this "
-                    "one over: mode='w', on the command line --overwrite)"
-                )
             if schedule:
                 self._note_schedule(path, schedule)
             return
@@ -377,6 +373,47 @@ class RunWriter:
             self._backend.create_table(path, specs, attrs)
         self._fields[path] = specs
         self._last[path] = None
+
+    def check_declaration(self, name: str, fields: FieldsLike,
+                          context: Sequence[str] = ()) -> dict[str, FieldSpec]:
+        """Check what :meth:`declare` would refuse, changing nothing; the fields' specs.
+
+        A resumed monitor checks every metric before ``truncate_from`` drops rows: a
+        metric refused after the drop had cost the run its rows for nothing.
+
+        Raises:
+            ValueError: an invalid name or fields, or a ``context`` field not among them.
+            RunFileError: the run already has the metric with other fields.
+        """
+        if not plain_name(name):
+            raise ValueError(f"invalid metric name {name!r} (non-empty, no '/', not '.' or "
+                             "'..')")
+        specs = normalize_fields(fields)
+        unknown = [c for c in context if c not in specs]
+        if unknown:
+            raise ValueError(f"context: {', '.join(map(repr, unknown))} not among the fields")
+        stored = self._fields.get(f"{METRICS_GROUP}/{name}")
+        if stored is not None and stored != specs:
+            added = {n: spec for n, spec in specs.items() if n not in stored}
+            if not (added and _can_add(stored, specs, added)) \
+                    and _wider_strings(stored, specs) is None:
+                raise RunFileError(
+                    f"metric {name!r} is already in the run with fields "
+                    f"{_describe(stored)}, not {_describe(specs)} (other settings than the "
+                    "run was recorded with, such as k; write to another file, or start this "
+                    "one over: mode='w', on the command line --overwrite)"
+                )
+        return specs
+
+    def truncate_from(self, step: int) -> None:
+        """Drop every committed row with ``step`` or later (``RunWriter(truncate_from=)``).
+
+        Sets :attr:`dropped_from`. For a caller that checks its declarations first
+        (:meth:`check_declaration`), so that a refused resume drops nothing.
+        """
+        self._check_open()
+        self._flush_pending()
+        self._truncate(int(step))
 
     def _note_schedule(self, path: str, schedule: str) -> None:
         """Add a resumed metric's new schedule to its table's ``schedule`` attribute.
@@ -807,9 +844,10 @@ class RunWriter:
         if self._closed:
             return
         try:
-            self._flush_pending()
-            if not self._full:
-                self._backend.flush()
+            if getattr(self._backend, "lost", None) is None:  # (else the error said why)
+                self._flush_pending()
+                if not self._full:
+                    self._backend.flush()
         finally:
             if isinstance(self._backend, H5Backend):
                 self._backend.close()

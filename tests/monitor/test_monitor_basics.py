@@ -336,6 +336,41 @@ def test_a_resume_with_other_metrics_continues_after_every_recorded_table(tmp_pa
         mon.step(13, loss=1.0)
 
 
+def test_a_resume_refused_for_a_metrics_fields_drops_no_rows(tmp_path):
+    """truncate_from dropped the rows from its step on, then a metric declared with other
+    fields refused the resume: the run lost half its rows for a refusal (crash review)."""
+    path = tmp_path / "run.h5"
+    with ls.RunWriter(path, mode="w") as w:
+        w.declare("custom", {"a": None, "b": None})
+        w.declare("loss", {"value": None, "samples": None})
+        for step in range(100):
+            w.append("custom", step, {"a": 1.0, "b": 2.0})
+            w.append("loss", step, {"value": 1.0, "samples": 16.0})
+
+    class Custom(Metric):
+        name = "custom"
+
+        def fields(self):
+            return {"a": None}  # "b" is gone: other settings than the run's
+
+        def compute(self, ctx):
+            return {"a": 0.0}
+
+    model = models.mlp()
+    mon = Monitor(model, F.cross_entropy, path=str(path), metrics=["loss", Custom()],
+                  truncate_from=50, alarms=False)
+    with pytest.raises(ls.RunFileError, match="already in the run with fields"):
+        mon.start()
+    with ls.Run.open(path) as run:
+        assert len(run.steps("custom")) == len(run.steps("loss")) == 100
+    # the resume that fits drops them, as asked
+    with Monitor(model, F.cross_entropy, path=str(path), metrics=["loss"], truncate_from=50,
+                 alarms=False) as mon:
+        assert mon.last_step == 49
+    with ls.Run.open(path) as run:
+        assert list(run.steps("custom")) == list(range(50)) == list(run.steps("loss"))
+
+
 def test_missing_inputs_give_nan_rows_not_crashes():
     model = models.mlp()
     with warnings.catch_warnings(record=True) as caught:
