@@ -56,9 +56,9 @@ def interruptible() -> Iterator[None]:
     interrupted ``analyze``/``surface`` stored said. SIGINT too, because a process started
     with SIGINT ignored (a background job of a script) would otherwise not stop on it.
     Only in the main thread (elsewhere signals cannot be caught). A signal after the first
-    is ignored while the block runs, and SIGINT after it: Ctrl-C pressed three times lost
-    the message of what an interrupted ``surface`` stored (the second interrupted the
-    first's handling) or printed a traceback from an exit handler.
+    is ignored while the block runs: Ctrl-C pressed three times lost the message of what an
+    interrupted ``surface`` stored (the second interrupted the first's handling). The
+    console script then ignores SIGINT while the process ends (:func:`landscape_cli.main.main`).
     """
     received = False
 
@@ -83,9 +83,6 @@ def interruptible() -> Iterator[None]:
     try:
         yield
     finally:
-        if received:  # the command ends: a Ctrl-C pressed again would interrupt the exit
-            # (torch's and h5py's exit handlers printed a traceback from inside them)
-            previous[signal.SIGINT] = signal.SIG_IGN
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

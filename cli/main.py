@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 
 from landscape_cli.app import cli
@@ -23,6 +24,12 @@ def main() -> None:
     """
     try:
         cli.main(prog_name="landscape")
+    except SystemExit as end:
+        if end.code in (130, 143):  # interrupted: a Ctrl-C pressed again while the process
+            # ends printed a traceback from inside torch's and h5py's exit handlers
+            with contextlib.suppress(ValueError):  # (not the main thread)
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise
     except OSError as err:
         if not err.strerror or isinstance(err, BrokenPipeError):
             raise

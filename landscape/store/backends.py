@@ -97,13 +97,12 @@ class Backend(ABC):
         """
 
     @abstractmethod
-    def set_table_attr(self, path: str, key: str, value: str) -> None:
-        """Set one attribute of an existing table (a structural change).
+    def set_table_attrs(self, path: str, attrs: dict[str, str]) -> None:
+        """Set attributes of an existing table (one structural change).
 
         Args:
             path: the table's path.
-            key: the attribute.
-            value: its new value.
+            attrs: attribute -> its new value.
         """
 
     @abstractmethod
@@ -305,9 +304,9 @@ class MemoryBackend(Backend):
             "cols": {n: np.zeros((0, *s.shape), s.dtype) for n, s in fields.items()},
         }
 
-    def set_table_attr(self, path, key, value):
-        """Set one of a table's attributes."""
-        self._tables[path]["attrs"][key] = value
+    def set_table_attrs(self, path, attrs):
+        """Set some of a table's attributes."""
+        self._tables[path]["attrs"].update(attrs)
 
     def table_attrs(self, path):
         """A copy of a table's attributes."""
@@ -562,10 +561,11 @@ class H5Backend(Backend):
             stored = {**self.table_fields(path), **fields}
             g.attrs["fields"] = json.dumps({n: s.to_json() for n, s in stored.items()})
 
-    def set_table_attr(self, path, key, value):
-        """Set one of the group's attributes (outside SWMR mode, which allows no change)."""
+    def set_table_attrs(self, path, attrs):
+        """Set some of the group's attributes (outside SWMR mode, which allows no change)."""
         with self.structural():
-            self.file[path].attrs[key] = value
+            for key, value in attrs.items():
+                self.file[path].attrs[key] = value
 
     def table_attrs(self, path):
         """The group's attributes, decoded."""
@@ -582,6 +582,7 @@ class H5Backend(Backend):
 
     def rows(self, path):
         """The length of the ``step`` dataset (its shape: nothing is read)."""
+        self._check_not_lost()
         return int(self.file[path]["step"].shape[0])
 
     def column(self, path, name, n, start=0):

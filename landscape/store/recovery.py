@@ -18,6 +18,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -447,7 +448,9 @@ def _refresh(name: str, obj: Any) -> None:
 WRITERS_WAIT = 30.0
 """Seconds :func:`writers_excluded` waits for another process's lock before going on."""
 
-_HELD: dict[str, int] = {}  # directories whose writers' lock this process holds, and depth
+# per thread: the directories whose writers' lock it holds, and how deep (another thread of
+# the process takes the lock on a descriptor of its own, and waits like another process)
+_HELD = threading.local()
 
 
 @contextlib.contextmanager
@@ -460,18 +463,19 @@ def writers_excluded(path: Path) -> Iterator[None]:
     file there, is its writer alive, is it flagged open) and their actions (recover,
     create, record themselves as its writer) are not atomic; this advisory lock on the
     file's directory (``flock``, released when the process dies, so a killed writer never
-    leaves it held) makes them so. Re-entrant within the process. Where there is no
-    ``flock`` (Windows) or the file system refuses it (some network file systems), or
-    another process held it :data:`WRITERS_WAIT` seconds, the block runs unlocked, as
-    before.
+    leaves it held) makes them so. Re-entrant within a thread; another thread waits.
+    Where there is no ``flock`` (Windows) or the file system refuses it (some network file
+    systems), or another process held it :data:`WRITERS_WAIT` seconds, the block runs
+    unlocked, as before.
     """
-    key = os.path.abspath(path.parent)
-    if key in _HELD:
-        _HELD[key] += 1
+    key = os.path.dirname(os.path.realpath(path))  # (a link and its target: one lock)
+    held: dict[str, int] = _HELD.__dict__.setdefault("depth", {})
+    if key in held:
+        held[key] += 1
         try:
             yield
         finally:
-            _HELD[key] -= 1
+            held[key] -= 1
         return
     try:
         import fcntl
@@ -481,11 +485,11 @@ def writers_excluded(path: Path) -> Iterator[None]:
         return
     try:
         _take(fcntl, fd)
-        _HELD[key] = 1
+        held[key] = 1
         try:
             yield
         finally:
-            del _HELD[key]
+            del held[key]
     finally:
         os.close(fd)  # (closing releases the lock)
 

@@ -73,11 +73,6 @@ class _Pending:
     cols: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
 
-def _later(a: int | None, b: int | None) -> int | None:
-    """The later of two steps (None: no step)."""
-    return b if a is None else a if b is None else max(a, b)
-
-
 def _last_or_none(steps: np.ndarray) -> int | None:
     return int(steps[-1]) if len(steps) else None
 
@@ -184,8 +179,11 @@ class RunWriter:
         self._last_flush = time.monotonic()
         self._closed = False
         self._holding = 0  # nesting depth of one_step(): automatic flushes wait
-        self._flushes = 0  # writes of buffered rows (one_step keeps what one wrote)
-        self._last_flushed: dict[str, int | None] = {}  # the tables' last steps then
+        # how often each table's buffered rows were written, and its last step in the file
+        # then (one_step's rollback keeps what reached the file)
+        self._writes: dict[str, int] = {}
+        self._last_flushed: dict[str, int | None] = {}
+        self._flushing = False  # inside _flush_pending (a signal handler's flush waits)
         self._complete = False  # the one_step block's rows are the whole step
         self._urgent = False  # an error finding waits for the end of its step, no longer
         self.path = None if path is None else Path(path)
@@ -300,7 +298,7 @@ class RunWriter:
                 self.dropped_from = first if self.dropped_from is None else min(
                     self.dropped_from, first)
             self._backend.truncate(p, n)
-            self._last[p] = _last_or_none(steps[:n])
+            self._last[p] = self._last_flushed[p] = _last_or_none(steps[:n])
         self._backend.flush()
 
     # -- declaring
@@ -420,20 +418,29 @@ class RunWriter:
 
         A run resumed with another schedule for a metric recorded its later rows on that
         schedule while the table still named the first: the attribute now reads
-        ``"every(5); every(2) after step 19"`` (19: the table's last row before it).
-        A table without rows takes the new schedule alone.
+        ``"every(5); every(2) after step 19"`` (19: the table's last row before it), and
+        ``schedules`` holds the same as JSON, ``[["every(5)", null], ["every(2)", 19]]``,
+        which is what is compared (a schedule's own text may hold anything). A table
+        without rows takes the new schedule alone.
         """
-        stored = str(self._backend.table_attrs(path).get("schedule", ""))
-        latest = stored.rsplit("; ", 1)[-1].split(" after step ")[0]
-        if latest == schedule:
+        if path not in self._backend.table_paths():  # a full disk kept it from the file
+            return
+        attrs = self._backend.table_attrs(path)
+        try:
+            history = json.loads(str(attrs["schedules"]))
+        except (KeyError, ValueError):
+            history = [[str(attrs.get("schedule", "")), None]]
+        if history and history[-1][0] == schedule:
             return
         last = self._last.get(path)
-        noted = schedule if last is None or not stored else \
-            f"{stored}; {schedule} after step {last}"
+        history = [[schedule, None]] if last is None or not history[0][0] else \
+            [*history, [schedule, last]]
+        text = "; ".join(s if at is None else f"{s} after step {at}" for s, at in history)
         if not self._holding:
             self._flush_pending()
         if self._room_for(_STRUCTURE_BYTES):
-            self._backend.set_table_attr(path, "schedule", noted)
+            self._backend.set_table_attrs(path, {"schedules": json.dumps(history),
+                                                 "schedule": text})
 
     # -- appending
 
@@ -586,8 +593,8 @@ class RunWriter:
         outermost = not self._holding
         if outermost:
             self._complete = False
-            mark = (self._flushes, {path: len(p.steps) for path, p in self._pending.items()},
-                    dict(self._last))
+            mark = (dict(self._writes),
+                    {path: len(p.steps) for path, p in self._pending.items()}, dict(self._last))
         self._holding += 1
         try:
             yield
@@ -608,26 +615,26 @@ class RunWriter:
         """
         self._complete = True
 
-    def _drop_step(self, flushes: int, kept: Mapping[str, int],
+    def _drop_step(self, writes: Mapping[str, int], kept: Mapping[str, int],
                    last: Mapping[str, int | None]) -> None:
         """Forget the metric rows buffered after ``kept`` rows per table (:meth:`one_step`).
 
-        ``last`` steps again; after a flush inside the step, every metric row buffered
-        since (all the step's) and the steps of that flush.
+        ``last`` steps again. A table written inside the step (a flush, also one that an
+        exception cut short after some tables) keeps what reached the file, and every row
+        buffered since (all the step's) goes; its last step is the file's.
         """
-        if self._flushes != flushes:
-            kept, last = {}, self._last_flushed
         for path, p in self._pending.items():
             if path in _EVENT_TABLES:
                 continue
-            n = kept.get(path, 0)
+            n = kept.get(path, 0) if self._writes.get(path, 0) == writes.get(path, 0) else 0
             self._n_pending -= len(p.steps) - n
             del p.steps[n:]
             for col in p.cols.values():
                 del col[n:]
         for path in self._last:
-            if path not in _EVENT_TABLES:  # (never before a row that reached the file)
-                self._last[path] = _later(last.get(path), self._last_flushed.get(path))
+            if path not in _EVENT_TABLES:
+                written = self._writes.get(path, 0) != writes.get(path, 0)
+                self._last[path] = self._last_flushed.get(path) if written else last.get(path)
 
     def _flush_if_due(self) -> None:
         """Flush after an error finding, ``flush_every`` rows and points or ``flush_seconds``."""
@@ -639,6 +646,15 @@ class RunWriter:
             self.flush()
 
     def _flush_pending(self) -> None:
+        if self._flushing:  # a signal handler's flush inside this one: this one writes
+            return
+        self._flushing = True
+        try:
+            self._write_pending()
+        finally:
+            self._flushing = False
+
+    def _write_pending(self) -> None:
         tables = {path: (np.asarray(p.steps, np.int64), {n: np.stack(v) for n, v in p.cols.items()})
                   for path, p in self._pending.items() if p.steps}
         size = sum(steps.nbytes + sum(c.nbytes for c in cols.values())
@@ -651,15 +667,13 @@ class RunWriter:
                 # leaves the rest buffered, and the flush of close() must not write this
                 # table's rows a second time (its steps would repeat: a damaged file)
                 self._n_pending -= len(self._pending.pop(path).steps)
+                self._writes[path] = self._writes.get(path, 0) + 1
                 self._last_flushed[path] = int(steps[-1])
             for name, points in self._pending_points.items():
                 self._backend.write_surface(name, points)
         self._pending.clear()  # written, or dropped on a full disk ("stop")
         self._pending_points.clear()
         self._n_pending = 0
-        if tables:  # (a step's rollback keeps what a flush wrote)
-            self._flushes += 1
-            self._last_flushed = dict(self._last)
 
     def _append_whole(self, path: str, steps: np.ndarray, cols: dict[str, np.ndarray]) -> None:
         """Append rows to one table; interrupted half-way, the table keeps its rows before.

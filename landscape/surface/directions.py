@@ -195,25 +195,35 @@ def normalize_direction(
             else:
                 out.append(d.clone() if normalization == "none" else w.clone())
             continue
-        # the norms and their ratio in float64: a float32 sum of squares overflows for a
-        # norm above 1.8e19 (weights of 2e19, finite, that a high learning rate left), and
-        # in float16 the guard 1e-10 is 0, so a zero row of a direction gave 0 * inf = NaN;
-        # the scaling in float32 at least
+        # the norms and their ratio in float32 at least: in float16 the guard 1e-10 is 0,
+        # and a zero row of a direction gave 0 * inf = NaN
         wide = torch.promote_types(d.dtype, torch.float32)
         if normalization == "filter":
             d2 = d.reshape(d.shape[0], -1)
-            w2 = w.reshape(w.shape[0], -1)
-            factor = w2.norm(dim=1, keepdim=True, dtype=torch.float64) / (
-                d2.norm(dim=1, keepdim=True, dtype=torch.float64) + _EPS)
-            out.append((d2 * factor.to(wide)).to(d.dtype).reshape(d.shape))
+            factor = _row_norms(w.reshape(w.shape[0], -1), wide) / (_row_norms(d2, wide) + _EPS)
+            out.append((d2 * factor).to(d.dtype).reshape(d.shape))
         elif normalization == "layer":
-            factor = w.norm(dtype=torch.float64) / (d.norm(dtype=torch.float64) + _EPS)
-            out.append((d * factor.to(wide)).to(d.dtype))
+            factor = _row_norms(w.reshape(1, -1), wide) / (_row_norms(d.reshape(1, -1), wide)
+                                                          + _EPS)
+            out.append((d * factor.reshape(())).to(d.dtype))
         elif normalization == "weight":
             out.append(d * w)
         else:
             out.append(d.clone())
     return tuple(out)
+
+
+def _row_norms(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The Euclidean norm of each row of ``x`` ``(m, n)``, ``(m, 1)`` in ``dtype``.
+
+    Each row divided by its largest magnitude first: the sum of squares of a row of 2e19
+    (finite weights a high learning rate left) overflows float32 at a norm of 1.8e19, and
+    the surface was refused as "directions are not finite". No float64 copy (MPS has no
+    float64, and a bfloat16 embedding of 128k x 4096 would take 4 GB more).
+    """
+    top = x.abs().amax(dim=1, keepdim=True)
+    safe = torch.where(top > 0, top, torch.ones_like(top))
+    return (x / safe).norm(dim=1, keepdim=True, dtype=dtype) * top.to(dtype)
 
 
 def _whole(w: torch.Tensor, needed: bool, normalization: str) -> torch.Tensor:

@@ -321,3 +321,21 @@ def test_sigterm_stops_watch_as_ctrl_c_does(tmp_path):
             child.kill()
     assert child.returncode == 0, stderr
     assert stderr.strip() == "stopped"
+
+
+def test_an_interrupted_command_run_in_process_gives_the_handlers_back(run_file, monkeypatch):
+    """A program (or a test) that runs the command line in its own process keeps its
+    Ctrl-C: the handlers installed for the command are the caller's again afterwards."""
+    import landscape_cli.commands.info as info_command
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the handler raises at once; not reached
+        raise AssertionError("the signal did not arrive")
+
+    monkeypatch.setattr(info_command.Run, "open", interrupted)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    result = CliRunner().invoke(cli, ["info", str(run_file)])
+    assert result.exit_code == 130, result.output
+    assert "interrupted (SIGINT)" in result.stderr
+    assert {s: signal.getsignal(s) for s in before} == before

@@ -734,3 +734,46 @@ def test_a_crashed_run_on_a_disk_without_room_for_its_copy_is_refused_in_one_lin
     monkeypatch.undo()
     with RunWriter(path) as w:  # with room, it resumes
         assert w.last_step("m") == 5
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
+def test_threads_opening_runs_in_one_directory_take_turns(tmp_path):
+    """Re-entrancy was counted per process: a second thread went on without the lock, and
+    the first thread's exit left it a KeyError (own-diff review)."""
+    import threading
+
+    from landscape.store.recovery import writers_excluded
+
+    order: list[str] = []
+    inside = threading.Event()
+
+    def first():
+        with writers_excluded(tmp_path / "a.h5"):
+            order.append("first in")
+            inside.set()
+            time.sleep(0.3)  # (an ordering, not a timing assertion)
+            order.append("first out")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    inside.wait(timeout=300)
+    with writers_excluded(tmp_path / "b.h5"):
+        order.append("second in")
+    thread.join(timeout=300)
+    assert order == ["first in", "first out", "second in"]
+    errors = []
+
+    def open_runs(i):
+        try:
+            for j in range(10):
+                with RunWriter(tmp_path / f"r{i}_{j}.h5", mode="w") as w:
+                    w.declare("m", {"v": None})
+        except Exception as err:  # collected for the assertion
+            errors.append(err)
+
+    threads = [threading.Thread(target=open_runs, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert errors == []
