@@ -47,6 +47,14 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the program is, like Ctrl-C's KeyboardInterrupt."""
 
 
+_SIGNALLED = [False]  # a command of this process was stopped by SIGINT or SIGTERM
+
+
+def signalled() -> bool:
+    """Whether a command of this process was stopped by SIGINT or SIGTERM."""
+    return _SIGNALLED[0]
+
+
 @contextlib.contextmanager
 def interruptible() -> Iterator[None]:
     """Inside the block SIGTERM raises :class:`Terminated` and SIGINT ``KeyboardInterrupt``.
@@ -58,20 +66,21 @@ def interruptible() -> Iterator[None]:
     Only in the main thread (elsewhere signals cannot be caught). A signal after the first
     is ignored while the block runs: Ctrl-C pressed three times lost the message of what an
     interrupted ``surface`` stored (the second interrupted the first's handling). The
-    console script then ignores SIGINT while the process ends (:func:`landscape_cli.main.main`).
+    console script then ignores SIGINT while the process ends
+    (:func:`landscape_cli.main.main`, :func:`signalled`).
     """
     received = False
 
     def terminate(signum, frame):
         nonlocal received
         if not received:
-            received = True
+            received = _SIGNALLED[0] = True
             raise Terminated()
 
     def interrupt(signum, frame):
         nonlocal received
         if not received:
-            received = True
+            received = _SIGNALLED[0] = True
             raise KeyboardInterrupt()
 
     try:

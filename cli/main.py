@@ -6,7 +6,7 @@ import contextlib
 import signal
 import sys
 
-from landscape_cli.app import cli
+from landscape_cli.app import cli, signalled
 
 COMMANDS = ("analyze", "check", "demo", "info", "plot", "report", "surface", "watch")
 """Each command attaches itself to :data:`cli` when its module is imported (on first use)."""
@@ -24,9 +24,10 @@ def main() -> None:
     """
     try:
         cli.main(prog_name="landscape")
-    except SystemExit as end:
-        if end.code in (130, 143):  # interrupted: a Ctrl-C pressed again while the process
-            # ends printed a traceback from inside torch's and h5py's exit handlers
+    except SystemExit:
+        if signalled():  # stopped by a signal (watch too, whose exit status is 0): a Ctrl-C
+            # pressed again while the process ends printed a traceback from inside torch's
+            # and h5py's exit handlers
             with contextlib.suppress(ValueError):  # (not the main thread)
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise

@@ -184,6 +184,7 @@ class RunWriter:
         self._writes: dict[str, int] = {}
         self._last_flushed: dict[str, int | None] = {}
         self._flushing = False  # inside _flush_pending (a signal handler's flush waits)
+        self._appending: tuple[str, int] | None = None  # the table and its rows before
         self._complete = False  # the one_step block's rows are the whole step
         self._urgent = False  # an error finding waits for the end of its step, no longer
         self.path = None if path is None else Path(path)
@@ -660,18 +661,21 @@ class RunWriter:
         size = sum(steps.nbytes + sum(c.nbytes for c in cols.values())
                    for steps, cols in tables.values())
         size += 64 * sum(len(points) for points in self._pending_points.values())
-        if (tables or self._pending_points) and self._room_for(size):
-            for path, (steps, cols) in tables.items():
+        room = bool(tables or self._pending_points) and self._room_for(size)
+        for path, (steps, cols) in tables.items():
+            if room:
                 self._append_whole(path, steps, cols)
-                # written: an exception at a later table (a second Ctrl-C, an I/O error)
-                # leaves the rest buffered, and the flush of close() must not write this
-                # table's rows a second time (its steps would repeat: a damaged file)
-                self._n_pending -= len(self._pending.pop(path).steps)
-                self._writes[path] = self._writes.get(path, 0) + 1
-                self._last_flushed[path] = int(steps[-1])
+            # written (or dropped on a full disk, "stop"): an exception at a later table (a
+            # second Ctrl-C, an I/O error) leaves the rest buffered, and the flush of close()
+            # must not write this table's rows a second time (its steps would repeat: a
+            # damaged file); a step's rollback sees the table as written
+            self._writes[path] = self._writes.get(path, 0) + 1
+            self._last_flushed[path] = int(steps[-1])
+            self._n_pending -= len(self._pending.pop(path).steps)
+        if room:
             for name, points in self._pending_points.items():
                 self._backend.write_surface(name, points)
-        self._pending.clear()  # written, or dropped on a full disk ("stop")
+        self._pending.clear()
         self._pending_points.clear()
         self._n_pending = 0
 
@@ -682,12 +686,21 @@ class RunWriter:
         between its resize and its values an exception would leave steps of 0 at the end.
         """
         before = self._backend.rows(path)
+        self._appending = (path, before)
         try:
             self._backend.append_rows(path, steps, cols)
         except BaseException:
-            with contextlib.suppress(Exception):
-                self._backend.truncate(path, before)
+            self._cut_back()
             raise
+        finally:
+            self._appending = None
+
+    def _cut_back(self) -> None:
+        """Cut the table being appended back to its rows before (see :meth:`close`)."""
+        if self._appending is not None:
+            with contextlib.suppress(Exception):
+                self._backend.truncate(*self._appending)
+            self._appending = None
 
     def _room_for(self, nbytes: int) -> bool:
         """Whether ``nbytes`` more fit on the file's disk with :data:`DISK_MARGIN` to spare.
@@ -858,6 +871,11 @@ class RunWriter:
         if self._closed:
             return
         try:
+            if self._flushing:  # a signal handler closes the file inside a flush (SIGTERM,
+                # then the process ends): the table half appended goes back, the rest is
+                # written now, as the interrupted flush would have done
+                self._cut_back()
+                self._flushing = False
             if getattr(self._backend, "lost", None) is None:  # (else the error said why)
                 self._flush_pending()
                 if not self._full:

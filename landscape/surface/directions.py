@@ -216,14 +216,21 @@ def normalize_direction(
 def _row_norms(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The Euclidean norm of each row of ``x`` ``(m, n)``, ``(m, 1)`` in ``dtype``.
 
-    Each row divided by its largest magnitude first: the sum of squares of a row of 2e19
-    (finite weights a high learning rate left) overflows float32 at a norm of 1.8e19, and
-    the surface was refused as "directions are not finite". No float64 copy (MPS has no
-    float64, and a bfloat16 embedding of 128k x 4096 would take 4 GB more).
+    As ``norm(dim=1, dtype=dtype)``, except for a finite row whose sum of squares
+    overflows (a float32 norm above 1.8e19: weights of 2e19 that a high learning rate
+    left, which the surface refused as "directions are not finite"): that row is divided
+    by its largest magnitude first. Other rows are bitwise what they were, so a surface
+    begun before resumes (its directions' fingerprint is compared); no float64 copy (MPS
+    has none, and a bfloat16 embedding of 128k x 4096 would take 4 GB more).
     """
-    top = x.abs().amax(dim=1, keepdim=True)
-    safe = torch.where(top > 0, top, torch.ones_like(top))
-    return (x / safe).norm(dim=1, keepdim=True, dtype=dtype) * top.to(dtype)
+    norms = x.norm(dim=1, keepdim=True, dtype=dtype)
+    over = (torch.isinf(norms) & torch.isfinite(x).all(dim=1, keepdim=True)).squeeze(1)
+    if bool(over.any()):  # (once per parameter of a direction: one host read)
+        rows = x[over].to(dtype)
+        top = rows.abs().amax(dim=1, keepdim=True)
+        norms = norms.clone()
+        norms[over] = (rows / top).norm(dim=1, keepdim=True) * top
+    return norms
 
 
 def _whole(w: torch.Tensor, needed: bool, normalization: str) -> torch.Tensor:

@@ -777,3 +777,51 @@ def test_threads_opening_runs_in_one_directory_take_turns(tmp_path):
     for t in threads:
         t.join(timeout=300)
     assert errors == []
+
+
+SIGTERM_IN_FLUSH = textwrap.dedent(
+    """
+    import os, signal, sys
+    import h5py
+    from landscape._interrupts import InterruptGuard
+    from landscape.store import RunWriter
+    path, where = sys.argv[1], sys.argv[2]
+    w = RunWriter(path, mode="w", flush_every=10**6, flush_seconds=1e9)
+    for name in "abc":
+        w.declare(name, {"v": None})
+    for step in range(6):
+        for name in "abc":
+            w.append(name, step, {"v": float(step)})
+        if step == 2:
+            w.flush()
+    guard = InterruptGuard(w.flush, w.close).install()  # as a monitor installs it
+    resize = h5py.Dataset.resize
+
+    def resized(self, *args, **kwargs):  # SIGTERM right after a step column's resize
+        resize(self, *args, **kwargs)
+        if self.name == where:
+            h5py.Dataset.resize = resize
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    h5py.Dataset.resize = resized
+    w.flush()  # a checkpoint callback's flush, a monitor's close()
+    print("not ended by the signal")
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_in_the_middle_of_a_flush_leaves_every_row_once(tmp_path):
+    """A job scheduler's SIGTERM while a flush appended a table: the interrupt guard's
+    close() closed the file under it and the process ended, leaving that table with steps
+    of 0 and the next tables without their rows: a file no reader opens (review)."""
+    path = tmp_path / "run.h5"
+    (tmp_path / "term.py").write_text(SIGTERM_IN_FLUSH)
+    done = subprocess.run([sys.executable, str(tmp_path / "term.py"), str(path),
+                           "/metrics/b/step"], env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGTERM, done.stdout + done.stderr
+    with Run.open(path) as run:
+        for name in "abc":
+            assert list(run.steps(name)) == list(range(6)), name
+            np.testing.assert_array_equal(run.series(name, "v")[1], np.arange(6.0))
