@@ -538,6 +538,9 @@ def recover_crashed(path: Path) -> None:
         RunFileError: the file is not a landscape run, or a live process on this host is
             writing it.
     """
+    # the file a link names: replaced beside it, the link kept (the copy had replaced the
+    # link itself, and the crashed file stayed where it pointed)
+    path = Path(os.path.realpath(path))
     try:
         src = h5py.File(path, "r", libver="latest", swmr=True, locking=LOCKING)
     except _DAMAGED as err:

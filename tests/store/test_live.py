@@ -825,3 +825,20 @@ def test_sigterm_in_the_middle_of_a_flush_leaves_every_row_once(tmp_path):
         for name in "abc":
             assert list(run.steps(name)) == list(range(6)), name
             np.testing.assert_array_equal(run.series(name, "v")[1], np.arange(6.0))
+
+
+def test_a_crashed_run_resumed_through_a_link_is_recovered_where_the_link_points(tmp_path):
+    """The recovery copy replaced the link itself with a regular file in the link's
+    directory, and the crashed file it pointed to stayed as it was (review)."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "links").mkdir()
+    target = _killed_writer(tmp_path / "real" / "run.h5", rows=8)
+    link = tmp_path / "links" / "run.h5"
+    link.symlink_to(target)
+    with RunWriter(link) as w:
+        assert w.last_step("m") == 7
+        w.append("m", 8, {"v": 8.0})
+    assert link.is_symlink() and os.path.realpath(link) == str(target.resolve())
+    with Run.open(target) as run:
+        assert list(run.steps("m")) == list(range(9))
+    assert not list((tmp_path / "links").glob("*.recover"))
