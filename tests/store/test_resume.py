@@ -423,6 +423,17 @@ def test_a_step_dropped_after_a_half_flush_inside_it_keeps_the_rows_that_reached
         assert run.series("b", "v")[1][0] == 2.0
 
 
+def _buffered_two_tables(path):
+    """A writer of tables a and b holding steps 0..2 of each in its buffer."""
+    w = RunWriter(path, mode="w", flush_every=10_000, flush_seconds=1e9)
+    w.declare("a", {"v": None})
+    w.declare("b", {"v": None})
+    for step in range(3):
+        w.append("a", step, {"v": 0.0})
+        w.append("b", step, {"v": 0.0})
+    return w
+
+
 def test_rollback_after_a_caught_half_flush_inside_the_step_drops_the_steps_rows(
         tmp_path, monkeypatch):
     """A flush inside one_step() failed at its second table and the caller went on: the
@@ -431,12 +442,7 @@ def test_rollback_after_a_caught_half_flush_inside_the_step_drops_the_steps_rows
     from landscape.store.backends import H5Backend
 
     path = tmp_path / "run.h5"
-    w = RunWriter(path, mode="w", flush_every=10_000, flush_seconds=1e9)
-    w.declare("a", {"v": None})
-    w.declare("b", {"v": None})
-    for step in range(3):
-        w.append("a", step, {"v": 0.0})
-        w.append("b", step, {"v": 0.0})
+    w = _buffered_two_tables(path)
     monkeypatch.setattr(H5Backend, "append_rows", _interrupting(H5Backend.append_rows, "b"))
     with pytest.raises(RuntimeError), w.one_step():
         with pytest.raises(KeyboardInterrupt):
@@ -480,12 +486,7 @@ def test_a_flush_from_a_signal_handler_inside_a_flush_waits_for_it(tmp_path, mon
     from landscape.store.backends import H5Backend
 
     path = tmp_path / "run.h5"
-    w = RunWriter(path, mode="w", flush_every=10_000, flush_seconds=1e9)
-    w.declare("a", {"v": None})
-    w.declare("b", {"v": None})
-    for step in range(3):
-        w.append("a", step, {"v": 0.0})
-        w.append("b", step, {"v": 0.0})
+    w = _buffered_two_tables(path)
     original = H5Backend.append_rows
     inner = {"done": False}
 
