@@ -245,8 +245,10 @@ def _mark_points(ax, surf: SurfaceData, field: str, log: bool) -> bool:
     if field != "accuracy" and np.isfinite(raw).sum() > 1 and np.nanmin(raw) < np.nanmax(raw):
         j, i = np.unravel_index(int(np.nanargmin(raw)), raw.shape)
         if (surf.x[i], surf.y[j]) != (0.0, 0.0):  # the centre's "+" is drawn anyway
+            # drawn whole also on the grid's edge (a PCA plane's minimum often is)
             ax.plot(X[j, i], Y[j, i], ls="none", marker="*", ms=11, color="w", mec="k",
-                    mew=0.8, label=f"minimum ({float(raw[j, i]):.3g})")
+                    mew=0.8, clip_on=False, zorder=5,
+                    label=f"minimum ({float(raw[j, i]):.3g})")
             marked = True
     if log:
         below = _not_positive(surf, field)
@@ -310,13 +312,19 @@ def curve(
     if surf.attrs.get("directions", {}).get("kind") == "interpolation":
         for a in (0.0, 1.0):
             ax.axvline(a, color="0.6", lw=0.8, ls=":")
+    axes = [ax]
     if accuracy and field != "accuracy" and "accuracy" in surf.values:
         ax2 = ax.twinx()
-        ax2.plot(surf.x, _values(surf, "accuracy", False, None), color="C1", ls="--")
+        ax2.plot(surf.x, _values(surf, "accuracy", False, None), color="C1", ls="--",
+                 label="accuracy")
         ax2.set_ylabel("accuracy", color="C1")
         ax2.set_ylim(-0.02, 1.02)
-    if len(ax.get_lines()) > 1:
-        ax.legend(loc="upper left", fontsize=8)
+        axes.append(ax2)
+    # the labelled lines of both axes (an interpolation's unlabelled lines at alpha 0 and 1
+    # had made a legend of the loss alone, without the accuracy of the second axis)
+    lines = [ln for a in axes for ln in a.get_lines() if not ln.get_label().startswith("_")]
+    if len(lines) > 1:
+        ax.legend(lines, [ln.get_label() for ln in lines], loc="upper left", fontsize=8)
     return fig
 
 

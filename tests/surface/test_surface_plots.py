@@ -186,6 +186,15 @@ def test_surface3d_axes_follow_x_and_y():
     assert _png(fig).startswith(b"\x89PNG")
 
 
+def test_a_minimum_on_the_grids_edge_is_drawn_whole():
+    """The star of a minimum on the edge (common on PCA planes) was cut in half."""
+    surf = _surface(f=lambda X, Y: (X - 2.0) ** 2 + Y)  # minimum at the corner x=2, y=0
+    (star,) = [ln for ln in plots.contour(surf).axes[0].get_lines()
+               if ln.get_label().startswith("minimum")]
+    assert (star.get_xdata()[0], star.get_ydata()[0]) == (2.0, 0.0)
+    assert not star.get_clip_on()
+
+
 def test_curve_of_a_line_with_accuracy():
     x = np.linspace(-0.5, 1.5, 9)
     surf = SurfaceData("interp", x, None, {"loss": x**2, "accuracy": 1 - x**2 / 4},
@@ -195,6 +204,11 @@ def test_curve_of_a_line_with_accuracy():
     np.testing.assert_array_equal(line.get_xdata(), x)
     np.testing.assert_array_equal(line.get_ydata(), x**2)
     assert len(fig.axes) == 2  # accuracy on a twin axis
+    # the legend names both curves (it named the loss alone: the lines at alpha 0 and 1
+    # made it, and the accuracy of the second axis was left out)
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["loss", "accuracy"]
+    alone = plots.curve(surf, accuracy=False)
+    assert alone.axes[0].get_legend() is None  # one curve: no legend
     with pytest.raises(ValueError, match="1-D"):
         plots.contour(surf)
     with pytest.raises(ValueError, match="2-D"):
