@@ -71,21 +71,14 @@ def interruptible() -> Iterator[None]:
     """
     received = False
 
-    def terminate(signum, frame):
+    def stop(signum, frame):
         nonlocal received
         if not received:
             received = _SIGNALLED[0] = True
-            raise Terminated()
-
-    def interrupt(signum, frame):
-        nonlocal received
-        if not received:
-            received = _SIGNALLED[0] = True
-            raise KeyboardInterrupt()
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
     try:
-        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, terminate),
-                    signal.SIGINT: signal.signal(signal.SIGINT, interrupt)}
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     except ValueError:  # not the main thread (tests running the CLI in a thread)
         yield
         return
