@@ -185,6 +185,33 @@ class StepContext:
     def __post_init__(self, params_before: Vector | None) -> None:
         self._params_before = params_before
 
+    @classmethod
+    def for_model(cls, model: nn.Module, *, step: int = 0,
+                  loss_fn: Callable[..., torch.Tensor] | None = None,
+                  optimizer: torch.optim.Optimizer | None = None,
+                  **fields: Any) -> StepContext:
+        """A context over ``model``'s trainable parameters, as the monitor would build it.
+
+        For a metric's unit test and for calling a metric outside a monitor:
+        ``Metric().compute(StepContext.for_model(model, loss_fn=F.cross_entropy,
+        probe=(x, y)))``. ``names`` are those of the parameters with ``requires_grad``
+        (the monitor's default selection); ``fields`` sets any other field (``batch``,
+        ``probe``, ``loss``, ``outputs``, ``params_before`` and ``update``, ...).
+
+        Args:
+            model: the model.
+            step: the step the context stands for.
+            loss_fn: ``loss_fn(model(inputs), targets)``, for the metrics that evaluate it.
+            optimizer: the optimizer, for the metrics that read its state.
+            **fields: the other fields of :class:`StepContext`.
+
+        Returns:
+            The context.
+        """
+        fields.setdefault("names", [n for n, p in model.named_parameters() if p.requires_grad])
+        fields.setdefault("closure", None)
+        return cls(step=step, model=model, loss_fn=loss_fn, optimizer=optimizer, **fields)
+
     @property
     def has_params_before(self) -> bool:
         """Whether :attr:`params_before` is known (without rebuilding it)."""

@@ -92,9 +92,8 @@ def _trained(make, steps):
 
 
 def _context(model, batch, opt):
-    return StepContext(step=1, model=model, loss_fn=F.cross_entropy, closure=None,
-                       optimizer=opt, names=[n for n, _ in model.named_parameters()],
-                       probe=batch)
+    return StepContext.for_model(model, step=1, loss_fn=F.cross_entropy, optimizer=opt,
+                                 probe=batch)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -18,8 +18,8 @@ def _context(model, dtype_of_first=None):
     if dtype_of_first is not None:  # mixed dtypes: the unshared path
         before = (before[0].to(dtype_of_first), *before[1:])
         update = (update[0].to(dtype_of_first), *update[1:])
-    return StepContext(step=1, model=model, loss_fn=None, closure=None, optimizer=None,
-                       names=names, params_before=before, update=update)
+    return StepContext.for_model(model, step=1, names=names, params_before=before,
+                                 update=update)
 
 
 def test_update_and_sentinel_ratios_equal_the_unshared_computation():

@@ -36,9 +36,7 @@ class _Net(nn.Module):
 
 
 def _ctx(model):
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    return StepContext(step=0, model=model, loss_fn=None, closure=None, optimizer=None,
-                       names=names)
+    return StepContext.for_model(model)
 
 
 def _step(model, seed=1):

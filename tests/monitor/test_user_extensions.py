@@ -675,3 +675,23 @@ def test_a_resumed_run_with_longer_failing_names_keeps_every_unmeasured_name(tmp
     names = dict(zip(*(a.tolist() for a in run.series("unmeasured", "metrics"))))
     assert names[7] == "a_rather_long_custom_metric_name,loss,f" and names[0] == "f"
     assert [f for f in ls.check(path) if f.severity == "error"] == []
+
+
+def test_a_metric_computed_on_a_context_for_the_model_equals_the_monitors_row(tmp_path):
+    """``StepContext.for_model``: what a metric's unit test builds; the row equals the
+    recorded one, and the names are the trainable parameters' (a frozen one is left out)."""
+    from landscape.metrics import Logits, StepContext
+
+    model = models.mlp()
+    model[0].bias.requires_grad_(False)
+    x, y = models.classification_data()
+    ctx = StepContext.for_model(model, loss_fn=F.cross_entropy, probe=(x, y))
+    assert ctx.names == [n for n, p in model.named_parameters() if n != "0.bias"]
+    row = Logits(data="probe").compute(ctx)
+    with ls.Monitor(model, F.cross_entropy, None, metrics=[Logits(data="probe")],
+                    probe=(x, y), warn=False) as mon:
+        mon.step(0)
+    step, recorded = mon.run().last_row("logits")
+    assert step == 0 and row and set(row) <= set(recorded)
+    for key, value in row.items():
+        assert float(recorded[key]) == pytest.approx(float(value), rel=1e-6)
