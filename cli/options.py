@@ -8,10 +8,13 @@ they list (:func:`findings_of`); output names and counts in messages.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -215,6 +218,21 @@ def rules_option(func: F) -> F:
     )(func)
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` for strict JSON: non-finite floats as the strings ``"nan"``, ``"inf"``,
+    ``"-inf"`` (JSON has no NaN; Python's ``json`` writes one that strict readers refuse),
+    in dicts and lists too."""
+    from landscape.findings import format_number
+
+    if isinstance(value, float):
+        return value if math.isfinite(value) else format_number(value)
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 LONG_RUN_ROWS = 100_000
 """Rows of a run above which re-evaluating the rules is announced (about 10 s per 250,000
 steps of the default monitor, 2 cores)."""
@@ -233,7 +251,8 @@ def findings_of(run, recompute: bool, rules: list | None, quiet: bool) -> list:
         if rows > LONG_RUN_ROWS:
             click.echo(f"re-evaluating the alarm rules over {rows:,} rows (--stored lists the "
                        "findings stored while the run was written, at once)", err=True)
-    return collect_findings(run, recompute=recompute, rules=rules)
+    with contextlib.redirect_stdout(sys.stderr):  # what a rule prints: never in --json
+        return collect_findings(run, recompute=recompute, rules=rules)
 
 
 def load_rule_specs(specs: tuple[str, ...], recompute: bool = True) -> list | None:
@@ -250,7 +269,8 @@ def load_rule_specs(specs: tuple[str, ...], recompute: bool = True) -> list | No
     from landscape.alarms import OnlineAlarms, with_rules
     from landscape.loading import load_rules
 
-    rules = with_rules([rule for spec in specs for rule in load_rules(spec)])
+    with contextlib.redirect_stdout(sys.stderr):  # a module that prints: not in --json
+        rules = with_rules([rule for spec in specs for rule in load_rules(spec)])
     try:  # rules named alike across the modules (one module given twice)
         OnlineAlarms(rules)
     except ValueError as err:

@@ -8,16 +8,15 @@ checked (a missing or unreadable file, a bad option), so a gate can tell the two
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
-from typing import Any
 
 import click
 from landscape_cli.app import CommandError, cli, input_errors, run_file_errors, verbose_option
 from landscape_cli.options import (
     counted,
     findings_of,
+    json_safe,
     load_rule_specs,
     recompute_option,
     rules_option,
@@ -41,27 +40,12 @@ EXIT_INPUT = 2
 _COLUMNS = ("step", "severity", "rule", "metric", "value", "threshold", "message")
 
 
-def _json_number(value: float) -> float | str:
-    return value if math.isfinite(value) else format_number(value)
-
-
-def _json_safe(value: Any) -> Any:
-    """``value`` with non-finite floats as strings, as ``value`` and ``threshold`` are."""
-    if isinstance(value, float):
-        return _json_number(value)
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def _as_json(f: Finding) -> dict:
     row = f.as_dict()
-    row["value"] = _json_number(f.value)
-    row["threshold"] = _json_number(f.threshold)
+    row["value"] = json_safe(f.value)
+    row["threshold"] = json_safe(f.threshold)
     # the rule's details (layer names, forecasts), as stored in the run file
-    row["extra"] = _json_safe(json.loads(json.dumps(f.extra, default=json_default)))
+    row["extra"] = json_safe(json.loads(json.dumps(f.extra, default=json_default)))
     return row
 
 
@@ -90,28 +74,39 @@ def _table(findings: list[Finding]) -> list[str]:
     return out
 
 
-def _print(found: list, failing: list, source: str, fail_on: str, as_json: bool,
-           quiet: bool) -> None:
-    """The findings table (or JSON) and the verdict line."""
+def _print(found: list, failing: list, checked: dict, fail_on: str, as_json: bool,
+           quiet: bool, unfinished: str | None) -> None:
+    """The findings table (or JSON) and the verdict line.
+
+    ``checked``: the run's ``source``, ``last_step``, ``recomputed`` and ``writer``;
+    ``unfinished``: why the run fails ``--require-finished`` (None: it does not).
+    """
     counts = count_by_severity(found)
     if as_json:
-        click.echo(json.dumps({"run": source, "fail_on": fail_on, "failed": bool(failing),
-                               "counts": counts, "findings": [_as_json(f) for f in found]},
+        click.echo(json.dumps({"run": checked["source"], "fail_on": fail_on,
+                               "failed": bool(failing) or unfinished is not None,
+                               "counts": counts, "last_step": checked["last_step"],
+                               "recomputed": checked["recomputed"],
+                               "writer": checked["writer"],
+                               "findings": [_as_json(f) for f in found]},
                               indent=2))
         return
     if found and not quiet:
         click.echo("\n".join(_table(found)))
     detail = ", ".join(f"{counts[s]} {s}" for s in reversed(SEVERITIES))
-    verdict = "FAIL" if failing else "ok"
-    click.echo(f"{source}: {counted(len(found), 'finding')} ({detail}); "
-               f"{verdict} (fail on {fail_on} or worse)")
+    verdict = "FAIL" if failing or unfinished else "ok"
+    why = "; not finished, --require-finished" if unfinished else ""  # the note says why
+    click.echo(f"{checked['source']}: {counted(len(found), 'finding')} ({detail}); "
+               f"{verdict} (fail on {fail_on} or worse{why})")
 
 
 @cli.command(
     epilog="\b\nExit status:\n  0  no finding reaches --fail-on\n"
-    "  1  a finding reaches --fail-on\n"
+    "  1  a finding reaches --fail-on (or, with --require-finished,\n"
+    "     the run's writer did not close RUN)\n"
     "  2  RUN cannot be checked (missing or unreadable file, bad option),\n"
-    "     or the output cannot be written\n\n"
+    "     or the output cannot be written\n"
+    "  130, 143  interrupted (Ctrl-C, SIGTERM)\n\n"
     "\b\nExample:\n  landscape check run.h5 --fail-on error"
 )
 @click.argument("run_path", metavar="RUN", type=click.Path())
@@ -121,12 +116,15 @@ def _print(found: list, failing: list, source: str, fail_on: str, as_json: bool,
 )
 @recompute_option("List")
 @rules_option
+@click.option("--require-finished", is_flag=True,
+              help="Fail (exit 1) unless the run's writer closed RUN: not while it is still "
+                   "being written, nor when its writer was killed before closing it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 @click.option("-q", "--quiet", is_flag=True,
               help="Print only the verdict line (with --json: the whole document).")
 @verbose_option
 def check(run_path: str, fail_on: str, recompute: bool, rule_specs: tuple[str, ...],
-          as_json: bool, quiet: bool) -> None:
+          require_finished: bool, as_json: bool, quiet: bool) -> None:
     """List the findings of RUN and exit 1 when one reaches the --fail-on severity.
 
     Findings are those stored in the file (written online by the monitor) and, with
@@ -141,21 +139,31 @@ def check(run_path: str, fail_on: str, recompute: bool, rule_specs: tuple[str, .
                 Run.open(run_path) as run:
             run.config  # noqa: B018 (a damaged config attribute: 2, as info and report say)
             found = findings_of(run, recompute, rules, quiet or as_json)
-            source = run.source
             recorded = run.recorded()
+            status = run.writer_status()  # after the rows: a writer closing meanwhile
+            checked = {"source": run.source, "last_step": run.last_step(),
+                       "recomputed": recompute,
+                       "writer": None if status is None else status.to_json()}
     except OSError as err:  # one without a system error behind it (h5py's own)
         raise CommandError(f"{run_path}: cannot be read as a run file "
                            f"({type(err).__name__}: {err})", EXIT_INPUT) from None
     if not recorded and not found:  # a gate must not pass a job that recorded nothing
         raise CommandError(f"{run_path}: no rows recorded, nothing to check (the run stopped "
                            "before its first flush, or has not started)", EXIT_INPUT)
+    unfinished = None if status is None or status.finished else status.describe()
+    if unfinished:  # the rows alone do not tell a killed or live run from a finished one
+        upto = checked["last_step"]
+        click.echo(f"note: {checked['source']} is {unfinished}"
+                   + ("" if upto is None else f"; checked up to step {upto}"), err=True)
     failing = at_or_above(found, fail_on)
+    if not require_finished:
+        unfinished = None
     try:  # exit 1 means a finding: an output that cannot be written is 2, as input errors
         with input_errors(EXIT_INPUT):
-            _print(found, failing, source, fail_on, as_json, quiet)
+            _print(found, failing, checked, fail_on, as_json, quiet, unfinished)
             sys.stdout.flush()
     except BrokenPipeError:  # the reader went away (| head): quietly, as click does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(EXIT_INPUT) from None
-    if failing:
+    if failing or unfinished:
         click.get_current_context().exit(EXIT_FINDINGS)

@@ -22,6 +22,8 @@ The package's modules, one concern each:
   writer was killed so that it can be resumed;
 * :mod:`~landscape.store.writer`: :class:`RunWriter`, validated and buffered appends;
 * :mod:`~landscape.store.reader`: :class:`Run`, the read-only view every consumer uses.
+* :mod:`~landscape.store.writer_status`: whether a file's writer closed it, still writes
+  it, or ended without closing it.
 """
 
 from landscape.store.format import (

@@ -33,6 +33,7 @@ from landscape.store.format import (
     _decode_strings,
 )
 from landscape.store.recovery import open_for_reading
+from landscape.store.writer_status import WriterStatus, writer_status
 
 __all__ = ["Run"]
 
@@ -174,6 +175,18 @@ class Run:
         attrs.pop("writer_pid", None)
         attrs.pop("writer_host", None)
         return attrs
+
+    def writer_status(self) -> WriterStatus | None:
+        """Whether the run's writer closed the file, still writes it, or ended without it.
+
+        :mod:`~landscape.store.writer_status` says how this is told; None for a run in
+        memory. Read afresh at each call: a gate asks it after reading the rows.
+        """
+        path = getattr(self._backend, "path", None)
+        if path is None:
+            return None
+        attrs = self._backend.root_attrs()
+        return writer_status(path, attrs.get("writer_pid"), attrs.get("writer_host"))
 
     @property
     def format_version(self) -> int:
@@ -421,6 +434,17 @@ class Run:
         paths = _decode_strings(self._backend.column(CHECKPOINTS_TABLE, "path", len(steps)))
         return [(int(s), p) for s, p in zip(steps, paths)]
 
+    def last_step(self) -> int | None:
+        """The last step of any metric table (None: no metric has a row).
+
+        The step up to which a reader saw the run: ``landscape check`` says it for a run
+        still being written, or one whose writer ended without closing it.
+        """
+        last = [int(self._backend.steps(p, start=n - 1)[0])
+                for p in map(self._metric_path, self.metrics())
+                if (n := self._backend.rows(p))]
+        return max(last) if last else None
+
     def recorded(self) -> bool:
         """Whether the run holds anything: a metric row, or a computed surface point.
 
@@ -533,6 +557,7 @@ class Run:
                 **({"source": data.attrs["source"]} if "source" in data.attrs else {}),
             }
         attrs = self.attrs
+        status = self.writer_status()
         return {
             "source": self.source,
             "format_version": self.format_version,
@@ -544,4 +569,5 @@ class Run:
             "findings": self._backend.rows(FINDINGS_TABLE),
             "checkpoints": self._backend.rows(CHECKPOINTS_TABLE),
             "surfaces": surfaces,
+            "writer": None if status is None else status.to_json(),
         }

@@ -207,6 +207,36 @@ def lookup3(data: bytes, initval: int = 0) -> int:
 _SUPERBLOCK = 48  # versions 2 and 3 with 8-byte offsets: 44 bytes, then the checksum
 
 
+def _superblock(fh: Any) -> bytearray | None:
+    """The superblock at the start of the open file ``fh``, when this module reads it.
+
+    Version 2 or 3 with 8-byte offsets at byte 0 (what ``libver="latest"`` writes), its
+    checksum intact; None for any other (or a damaged one).
+    """
+    block = bytearray(fh.read(_SUPERBLOCK))
+    if (len(block) < _SUPERBLOCK or block[:8] != _HDF5_SIGNATURE or block[8] not in (2, 3)
+            or block[9] != 8):
+        return None
+    if int.from_bytes(block[44:48], "little") != lookup3(bytes(block[:44])):
+        return None
+    return block
+
+
+def open_flags(path: Path) -> int | None:
+    """The superblock's file consistency flags of ``path``: 0 once its writer closed it.
+
+    HDF5 sets them when a writer opens the file (bit 0: open for writing, bit 2: for SWMR
+    writing) and clears them when it closes the file; a writer that was killed leaves
+    them set (the HDF5 File Format Specification, section II.A, "File Consistency Flags").
+
+    Returns:
+        The flags, or None for a superblock this module does not read.
+    """
+    with open(path, "rb") as fh:
+        block = _superblock(fh)
+    return None if block is None else block[11]
+
+
 def clear_open_flags(path: Path) -> bool:
     """Zero the superblock's file consistency flags of ``path`` in place (``h5clear -s``).
 
@@ -219,12 +249,9 @@ def clear_open_flags(path: Path) -> bool:
         this does not know).
     """
     with open(path, "r+b") as fh:
-        block = bytearray(fh.read(_SUPERBLOCK))
-        if (len(block) < _SUPERBLOCK or block[:8] != _HDF5_SIGNATURE or block[8] not in (2, 3)
-                or block[9] != 8 or block[11] == 0):
+        block = _superblock(fh)
+        if block is None or block[11] == 0:
             return False
-        if int.from_bytes(block[44:48], "little") != lookup3(bytes(block[:44])):
-            return False  # not a superblock this understands (or a damaged one)
         block[11] = 0
         block[44:48] = lookup3(bytes(block[:44])).to_bytes(4, "little")
         fh.seek(0)
@@ -258,7 +285,7 @@ def _sweep_stale_copies(path: Path) -> None:
     with contextlib.suppress(OSError):
         for copy in path.parent.glob(f"{prefix}*.recover"):
             pid = copy.name[len(prefix):].split(".", 1)[0]
-            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
                 _discard(copy)
 
 
@@ -514,7 +541,7 @@ def _take(fcntl: Any, fd: int) -> None:
             return
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -621,7 +648,7 @@ def _live_writer(f: h5py.File) -> int | None:
     owner_pid = int(_attr_value(f.attrs.get("writer_pid", -1)))
     owner_host = _attr_value(f.attrs.get("writer_host", ""))
     if (owner_pid > 0 and owner_host == socket.gethostname() and owner_pid != os.getpid()
-            and _pid_alive(owner_pid)):
+            and pid_alive(owner_pid)):
         return owner_pid
     return None
 

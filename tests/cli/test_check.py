@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +20,8 @@ from landscape.findings import Finding
 from landscape.store import RunWriter
 from tests.cli._results import one_line_error
 from tests.cli._runs import WARN, bad_inputs, damaged_run, write_run
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_check_table_and_exit_status_follow_fail_on(runner, run_file):
@@ -287,3 +291,75 @@ def test_re_evaluating_the_rules_over_a_long_run_is_announced(runner, run_file, 
     report = runner.invoke(cli, ["report", str(run_file), "-o", str(tmp_path / "r.html")])
     assert "re-evaluating the alarm rules" in report.stderr
 
+
+
+_KILLED_WRITER = '''
+import sys, time
+from landscape.store import RunWriter
+w = RunWriter(sys.argv[1], mode="w")
+w.declare("loss", {"value": None})
+for s in range(5):
+    w.append("loss", s, {"value": 1.0})
+w.flush()
+print("flushed", flush=True)
+time.sleep(60)
+'''
+
+
+def test_check_tells_a_finished_run_from_a_live_or_killed_one(runner, tmp_path):
+    """The rows of a run whose writer was killed half-way, or still writes, look like a
+    finished run's: check said "ok" (exit 0) with nothing to tell a gate otherwise."""
+    finished = write_run(tmp_path / "done.h5")
+    result = runner.invoke(cli, ["check", str(finished), "--require-finished", "--json"])
+    assert result.exit_code == 0 and result.stderr == "", result.output
+    data = json.loads(result.stdout)
+    assert data["writer"]["state"] == "closed" and data["last_step"] == 99
+    assert data["recomputed"] is True and data["failed"] is False
+
+    killed = tmp_path / "killed.h5"
+    script = tmp_path / "writer.py"
+    script.write_text(_KILLED_WRITER)
+    proc = subprocess.Popen([sys.executable, str(script), str(killed)], stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "flushed\n"
+        live = runner.invoke(cli, ["check", str(killed), "--require-finished", "-q"])
+        assert live.exit_code == 1, live.output
+        assert f"is being written (pid {proc.pid} on " in live.stderr
+        assert "checked up to step 4" in live.stderr
+    finally:
+        proc.kill()
+        proc.wait()
+    plain = runner.invoke(cli, ["check", str(killed)])  # no flag: the rows' verdict, said
+    assert plain.exit_code == 0, plain.output
+    assert "ended without closing it (killed or crashed)" in plain.stderr
+    gated = runner.invoke(cli, ["check", str(killed), "--require-finished", "--json"])
+    assert gated.exit_code == 1, gated.output
+    data = json.loads(gated.stdout)
+    assert data["failed"] is True and data["counts"]["warning"] == 0
+    assert data["writer"] == {"state": "ended", "pid": proc.pid, "host": socket.gethostname()}
+    info = runner.invoke(cli, ["info", str(killed)])
+    assert "state: not closed: its writer" in info.stdout
+    assert "state: closed by its writer" in runner.invoke(cli, ["info", str(finished)]).stdout
+
+
+def test_json_output_is_strict_json_and_what_a_rules_module_prints_is_not_in_it(runner,
+                                                                             tmp_path):
+    """info --json wrote a config's inf as Infinity (strict parsers refuse it); a rules
+    module that prints put its text before check's document (jq failed, the gate read 2)."""
+    path = tmp_path / "c.h5"
+    with RunWriter(path, mode="w", config={"clip": float("inf"), "lr": float("nan")}) as w:
+        w.declare("loss", {"value": None})
+        w.append("loss", 0, {"value": 1.0})
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+
+    info = strict(runner.invoke(cli, ["info", str(path), "--json"]).stdout)
+    assert info["config"]["clip"] == "inf" and info["config"]["lr"] == "nan"
+    rules = tmp_path / "noisy.py"
+    rules.write_text(_RULES_FILE + "\nprint('loaded my rules')\n")
+    result = runner.invoke(cli, ["check", str(path), "--json", "--rules", f"{rules}:RULES"])
+    assert result.exit_code == 1, result.output  # loss_above: the loss 1.0 is above 0.5
+    assert [f["rule"] for f in strict(result.stdout)["findings"]] == ["loss_above"]
+    assert "loaded my rules" in result.stderr

@@ -202,7 +202,8 @@ def test_a_writer_killed_out_of_swmr_mode_leaves_a_file_that_reads_and_resumes(t
     from landscape_cli.main import cli
 
     result = CliRunner().invoke(cli, ["check", str(path), "-q"])
-    assert result.exit_code == 0 and result.output.startswith(f"{path}: 0 findings")
+    assert result.exit_code == 0 and result.stdout.startswith(f"{path}: 0 findings")
+    assert "ended without closing it (killed or crashed)" in result.stderr  # said, on stderr
     # a writer resumes it (and is killed out of SWMR mode again: still fine)
     done = subprocess.run([sys.executable, str(script), str(path), "a"], env=env)
     assert done.returncode == -signal.SIGKILL

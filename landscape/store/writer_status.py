@@ -1,0 +1,93 @@
+"""Whether a run file's writer closed it, still writes it, or ended without closing it.
+
+A gate that runs after training (``landscape check``) must tell a finished run from one
+whose writer was killed half-way, or one still being written: the rows alone look alike.
+Two records tell them apart. HDF5 sets the superblock's file consistency flags when a
+writer opens the file and clears them when it closes it (the HDF5 File Format
+Specification, section II.A), so a set flag means "not closed"; the writer records its
+process id and host in the file's ``writer_pid`` and ``writer_host`` attributes
+(docs/file-format.md), so a reader on the same host can ask whether that process still
+runs. On another host it cannot: the state is then ``open``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from landscape.store.recovery import WRITING, open_flags, pid_alive
+
+__all__ = ["WriterStatus", "writer_status"]
+
+STATES = ("closed", "writing", "ended", "open", "unknown")
+"""``closed``: its writer closed the file (a finished run, or one stopped cleanly);
+``writing``: the writer, a process on this host, still runs; ``ended``: the writer's
+process ended without closing the file (killed, or crashed); ``open``: not closed, and
+written from another host (whether its writer runs cannot be told from here);
+``unknown``: a file whose superblock this library does not read."""
+
+
+@dataclass(frozen=True)
+class WriterStatus:
+    """What became of a run file's writer (:data:`STATES`), and which process it was."""
+
+    state: str
+    pid: int | None = None
+    host: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        """Whether the writer closed the file: nothing more will be written to it."""
+        return self.state == "closed"
+
+    def describe(self) -> str:
+        """One line, as ``landscape info`` and ``landscape check`` print it after "RUN is"."""
+        who = f"pid {self.pid} on {self.host}" if self.pid is not None else "its writer"
+        return {
+            "closed": "closed by its writer",
+            "writing": f"being written ({who})",
+            "ended": f"not closed: its writer ({who}) ended without closing it (killed or "
+                     "crashed)",
+            "open": f"not closed: open for writing on another host ({who}; whether it "
+                    "still runs cannot be told from here)",
+            "unknown": "in an unknown state (whether its writer closed it cannot be told)",
+        }[self.state]
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"state", "pid", "host"}``."""
+        return {"state": self.state, "pid": self.pid, "host": self.host}
+
+
+def writer_status(path: str | os.PathLike, pid: Any = None, host: Any = None) -> WriterStatus:
+    """The state of ``path``'s writer.
+
+    Args:
+        path: the run file.
+        pid: its ``writer_pid`` attribute (None: not recorded).
+        host: its ``writer_host`` attribute.
+
+    Returns:
+        The status. A process id reused since the writer died reads as ``writing``, as
+        it does for the refusal to resume a file another process writes.
+    """
+    path = Path(path)
+    pid = int(pid) if pid is not None and int(pid) > 0 else None
+    host = None if host is None else str(host)
+    try:
+        flags = open_flags(path)
+    except OSError:
+        flags = None
+    if flags is None:
+        return WriterStatus("unknown", pid, host)
+    if flags == 0:
+        return WriterStatus("closed", pid, host)
+    if str(path.resolve()) in WRITING:  # this process writes it
+        return WriterStatus("writing", os.getpid(), socket.gethostname())
+    if pid is None or host is None:
+        return WriterStatus("open", pid, host)
+    if host != socket.gethostname():
+        return WriterStatus("open", pid, host)
+    return WriterStatus("writing" if pid_alive(pid) else "ended", pid, host)
