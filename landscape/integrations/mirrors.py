@@ -91,7 +91,7 @@ def scalars(name: str, row: Mapping[str, Any], prefix: str = "landscape",
         row: field -> value (numbers, arrays, tensors; strings are skipped).
         prefix: the first part of every name.
         components: field -> the names of its components (the layers of a per-layer
-            field; :func:`~landscape.metrics.base.component_names`), where the metric
+            field; :func:`~landscape.store.format.component_names`), where the metric
             gives them.
 
     Returns:
@@ -140,7 +140,7 @@ class Mirror:
         """Name the components of a metric's vector fields, before its first row.
 
         Optional in a mirror: the monitor calls it when the mirror has it, once per metric
-        when it starts, with the names of :func:`~landscape.metrics.base.component_names`
+        when it starts, with the names of :func:`~landscape.store.format.component_names`
         (a per-layer field then reads ``.../minority/blocks.0.mlp`` instead of
         ``.../minority/3``).
 

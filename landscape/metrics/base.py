@@ -25,7 +25,6 @@ The registry refuses to replace an existing name silently (pass ``replace=True``
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -35,7 +34,7 @@ from torch import nn
 from landscape._deprecation import warn_renamed
 from landscape._names import RENAMED_METRICS
 from landscape.schedules import Schedule, every, parse
-from landscape.store.format import plain_name
+from landscape.store.format import component_names, plain_name
 
 if TYPE_CHECKING:  # pragma: no cover
     from landscape.metrics.context import StepContext
@@ -52,34 +51,6 @@ __all__ = [
 ]
 
 DATA_SOURCES = ("probe", "batch")
-
-
-def component_names(config: Any, field: str, shape: tuple[int, ...]) -> list[str] | None:
-    """The names of a vector field's components, when the metric's ``config()`` gives them.
-
-    ``config["labels"][field]`` names the components of one field; otherwise
-    ``config["layers"]`` (per-layer metrics: spectral alignment's modules, the sentinels'
-    parameters) names those of every field with one value per layer (docs/monitor.md,
-    "Writing your own metric"). The plots, the report and the dashboard mirrors read them.
-
-    Args:
-        config: the metric's stored configuration (anything else: no names).
-        field: the field.
-        shape: its per-row shape.
-
-    Returns:
-        One name per component, or None when the configuration names none of this shape.
-    """
-    if not isinstance(config, Mapping) or not shape:
-        return None
-    labels = config.get("labels")
-    names = labels.get(field) if isinstance(labels, Mapping) else None
-    if isinstance(names, (list, tuple)):  # one per component, in row-major order
-        return [str(x) for x in names] if len(names) == math.prod(shape) else None
-    layers = config.get("layers")
-    if isinstance(layers, (list, tuple)) and tuple(shape) == (len(layers),):
-        return [str(x) for x in layers]
-    return None
 
 
 def snake_case(class_name: str) -> str:

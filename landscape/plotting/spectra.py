@@ -12,10 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure
 
-from landscape.curvature.spectrum import smoothed_density
 from landscape.store import Run
 
 __all__ = ["density", "density_of_row", "is_density"]
@@ -65,6 +63,10 @@ def density_of_row(
     x, w = x[keep], w[keep]
     if not x.size:
         raise ValueError(f"{metric}: the row at step {int(steps[at])} holds no finite node")
+    import torch  # here: the figures and the report start without torch's second of import
+
+    from landscape.curvature.spectrum import smoothed_density
+
     grid, rho, _ = smoothed_density(torch.from_numpy(x), torch.from_numpy(w), grid=int(points),
                                     sigma=sigma)
     return int(steps[at]), grid.numpy(), rho.numpy(), x, w

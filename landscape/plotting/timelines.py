@@ -44,10 +44,10 @@ from matplotlib.ticker import MaxNLocator
 
 from landscape._files import write_whole
 from landscape.findings import SEVERITIES, Finding
-from landscape.metrics.base import component_names
 from landscape.plotting.spectra import density, is_density
 from landscape.plotting.thinning import thin, thin_marks
 from landscape.store import Run, refuse_to_overwrite_hdf5
+from landscape.store.format import component_names
 
 SEVERITY_COLORS: dict[str, str] = {"info": "#7f7f7f", "warning": "#ff7f0e", "error": "#d62728"}
 """Colour of the vertical finding markers, by severity (info grey: the data lines are blue)."""

@@ -479,3 +479,31 @@ def _h5_reason(err: BaseException | None) -> str:
     if "(" in text and text.endswith(")"):
         text = text[text.index("(") + 1 : -1]
     return text or "unknown error"
+
+
+def component_names(config: Any, field: str, shape: tuple[int, ...]) -> list[str] | None:
+    """The names of a vector field's components, when the metric's ``config()`` gives them.
+
+    ``config["labels"][field]`` names the components of one field; otherwise
+    ``config["layers"]`` (per-layer metrics: spectral alignment's modules, the sentinels'
+    parameters) names those of every field with one value per layer (docs/monitor.md,
+    "Writing your own metric"). The plots, the report and the dashboard mirrors read them.
+
+    Args:
+        config: the metric's stored configuration (anything else: no names).
+        field: the field.
+        shape: its per-row shape.
+
+    Returns:
+        One name per component, or None when the configuration names none of this shape.
+    """
+    if not isinstance(config, Mapping) or not shape:
+        return None
+    labels = config.get("labels")
+    names = labels.get(field) if isinstance(labels, Mapping) else None
+    if isinstance(names, (list, tuple)):  # one per component, in row-major order
+        return [str(x) for x in names] if len(names) == math.prod(shape) else None
+    layers = config.get("layers")
+    if isinstance(layers, (list, tuple)) and tuple(shape) == (len(layers),):
+        return [str(x) for x in layers]
+    return None

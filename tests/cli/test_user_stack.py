@@ -624,3 +624,28 @@ def test_a_resumed_analyze_prints_this_calls_findings_and_counts_the_earlier_one
     recorded = len(ls.Run.open(out).findings())
     assert f"recorded before (landscape check {out} lists every one)" in again.stdout
     assert recorded >= 1 and f"{recorded} finding" in again.stdout
+
+
+def test_report_and_plot_of_a_run_do_not_import_torch(tmp_path):
+    """The figures imported torch (and the curvature package) for the spectral density's
+    smoothing alone: `plot -h` and `report` spent ~2 of their ~3 seconds importing it."""
+    from landscape.store import RunWriter
+
+    run_file = tmp_path / "run.h5"
+    with RunWriter(run_file) as w:
+        w.declare("loss", {"value": None})
+        for s in range(3):
+            w.append("loss", s, {"value": np.float64(1.0 / (s + 1))})
+    code = textwrap.dedent(f"""
+        import sys
+        from landscape_cli.main import cli
+        for args in (["report", {str(run_file)!r}, "-o", {str(tmp_path / "r.html")!r}],
+                     ["plot", {str(run_file)!r}, "-o", {str(tmp_path / "p.png")!r}]):
+            try:
+                cli.main(args, prog_name="landscape", standalone_mode=False)
+            except SystemExit:
+                pass
+        print("torch" in sys.modules)
+    """)
+    assert _fresh_cli(code).splitlines()[-1] == "False"
+    assert (tmp_path / "r.html").exists() and list(tmp_path.glob("p*.png"))
