@@ -233,26 +233,50 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def _say_built_in_rules_stay(extra: list) -> None:
+    """Warn when ``--rules`` looks built to leave built-in rules out: it adds to them.
+
+    A list holding built-in rules at their defaults (``default_rules(loss_spike=None)``)
+    reads as "these and no others", but the built-in rules missing from it still run.
+    """
+    from landscape.alarms import default_rules
+
+    built_in = {r.name: r.config() for r in default_rules()}
+    as_is = [r for r in extra if built_in.get(r.name) == r.config()]
+    missing = sorted(set(built_in) - {r.name for r in extra})
+    if as_is and missing:
+        click.echo(f"Warning: --rules adds to the built-in rules: those your list leaves out "
+                   f"({', '.join(missing)}) still run; --ignore-rule NAME leaves one out",
+                   err=True)
+
+
 LONG_RUN_ROWS = 100_000
 """Rows of a run above which re-evaluating the rules is announced (about 10 s per 250,000
 steps of the default monitor, 2 cores)."""
 
 
-def findings_of(run, recompute: bool, rules: list | None, quiet: bool) -> list:
+def findings_of(run, recompute: bool, rules: list | None, quiet: bool,
+                ignore: tuple[str, ...] = ()) -> list:
     """``collect_findings`` for check, plot and report; on a long run a line says so first.
 
     The recomputation replays every row through the rules (seconds per 100,000 steps);
-    ``--stored`` lists what the monitor stored while it ran, at once.
+    ``--stored`` lists what the monitor stored while it ran, at once. ``ignore``: the
+    rules ``--ignore-rule`` names (a usage error for a name that names no rule).
     """
-    from landscape.alarms import collect_findings
+    from landscape.alarms import collect_findings, rule_names
 
+    unknown = sorted(set(ignore) - rule_names(run, rules)) if ignore else []
+    if unknown:  # a typo would gate on the rule it meant to leave out
+        known = ", ".join(sorted(rule_names(run, rules)))
+        raise click.BadParameter(f"no rule named {', '.join(unknown)} (rules: {known})",
+                                 param_hint="--ignore-rule")
     if recompute and not quiet:
         rows = sum(run.rows(m) for m in run.metrics())
         if rows > LONG_RUN_ROWS:
             click.echo(f"re-evaluating the alarm rules over {rows:,} rows (--stored lists the "
                        "findings stored while the run was written, at once)", err=True)
     with contextlib.redirect_stdout(sys.stderr):  # what a rule prints: never in --json
-        return collect_findings(run, recompute=recompute, rules=rules)
+        return collect_findings(run, recompute=recompute, rules=rules, ignore=ignore)
 
 
 def load_rule_specs(specs: tuple[str, ...], recompute: bool = True) -> list | None:
@@ -270,7 +294,9 @@ def load_rule_specs(specs: tuple[str, ...], recompute: bool = True) -> list | No
     from landscape.loading import load_rules
 
     with contextlib.redirect_stdout(sys.stderr):  # a module that prints: not in --json
-        rules = with_rules([rule for spec in specs for rule in load_rules(spec)])
+        extra = [rule for spec in specs for rule in load_rules(spec)]
+    _say_built_in_rules_stay(extra)
+    rules = with_rules(extra)
     try:  # rules named alike across the modules (one module given twice)
         OnlineAlarms(rules)
     except ValueError as err:

@@ -116,6 +116,9 @@ def _print(found: list, failing: list, checked: dict, fail_on: str, as_json: boo
 )
 @recompute_option("List")
 @rules_option
+@click.option("--ignore-rule", "ignore", multiple=True, metavar="NAME",
+              help="Leave out the findings of rule NAME (built-in or your own): not "
+                   "evaluated, and those stored in RUN not listed. Repeatable.")
 @click.option("--require-finished", is_flag=True,
               help="Fail (exit 1) unless the run's writer closed RUN: not while it is still "
                    "being written, nor when its writer was killed before closing it.")
@@ -124,7 +127,8 @@ def _print(found: list, failing: list, checked: dict, fail_on: str, as_json: boo
               help="Print only the verdict line (with --json: the whole document).")
 @verbose_option
 def check(run_path: str, fail_on: str, recompute: bool, rule_specs: tuple[str, ...],
-          require_finished: bool, as_json: bool, quiet: bool) -> None:
+          ignore: tuple[str, ...], require_finished: bool, as_json: bool,
+          quiet: bool) -> None:
     """List the findings of RUN and exit 1 when one reaches the --fail-on severity.
 
     Findings are those stored in the file (written online by the monitor) and, with
@@ -138,7 +142,7 @@ def check(run_path: str, fail_on: str, recompute: bool, rule_specs: tuple[str, .
         with input_errors(EXIT_INPUT), run_file_errors(run_path, EXIT_INPUT), \
                 Run.open(run_path) as run:
             run.config  # noqa: B018 (a damaged config attribute: 2, as info and report say)
-            found = findings_of(run, recompute, rules, quiet or as_json)
+            found = findings_of(run, recompute, rules, quiet or as_json, ignore)
             recorded = run.recorded()
             status = run.writer_status()  # after the rows: a writer closing meanwhile
             checked = {"source": run.source, "last_step": run.last_step(),

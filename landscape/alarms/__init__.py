@@ -67,6 +67,7 @@ from landscape.alarms.online import (
     check,
     collect_findings,
     default_rules,
+    rule_names,
     with_rules,
 )
 from landscape.alarms.representation_rules import (
@@ -108,6 +109,7 @@ __all__ = [
     "row_value",
     "collect_findings",
     "default_rules",
+    "rule_names",
     "with_rules",
     "EarlyWarning",
     "early_warning",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -37,7 +37,8 @@ from landscape.store.format import as_numpy
 if TYPE_CHECKING:
     from landscape.store import Run
 
-__all__ = ["RULES", "OnlineAlarms", "check", "collect_findings", "default_rules", "with_rules"]
+__all__ = ["RULES", "OnlineAlarms", "check", "collect_findings", "default_rules", "rule_names",
+           "with_rules"]
 
 
 RULES: dict[str, type[Rule]] = {
@@ -387,7 +388,8 @@ def check(run: Any, rules: Sequence[Rule] | None = None) -> list[Finding]:
 
 
 def collect_findings(
-    run: Run | str | os.PathLike, *, recompute: bool = True, rules: Sequence[Any] | None = None
+    run: Run | str | os.PathLike, *, recompute: bool = True, rules: Sequence[Any] | None = None,
+    ignore: Collection[str] = (),
 ) -> Findings:
     """Return the run's findings, stored and (with ``recompute``) recomputed.
 
@@ -412,14 +414,30 @@ def collect_findings(
     The result (a :class:`~landscape.findings.Findings`, a list that prints one line per
     finding) is ordered by step, then by decreasing severity, then by rule.
 
+    ``ignore`` names rules left out: not evaluated, and their stored findings not listed
+    (``landscape check --ignore-rule``); each must be a rule :func:`rule_names` knows.
+
     Raises:
-        ValueError: ``rules`` with ``recompute=False``, which evaluates no rule.
+        ValueError: ``rules`` with ``recompute=False``, which evaluates no rule; a name of
+            ``ignore`` that names no rule.
     """
     if rules is not None and not recompute:
         raise ValueError("rules: only evaluated with recompute=True (recompute=False lists "
                          "the stored findings)")
     run = _as_run(run)
     found = list(run.findings())
+    ignore = set(ignore)
+    if ignore:
+        if isinstance(rules, Rule):
+            rules = [rules]
+        unknown = sorted(ignore - rule_names(run, rules))
+        if unknown:
+            raise ValueError(f"ignore: no rule named {', '.join(unknown)} (rules: "
+                             f"{', '.join(sorted(rule_names(run, rules)))})")
+        found = [f for f in found if f.rule not in ignore]
+        if recompute:
+            listed = default_rules() if rules is None else list(rules)
+            rules = [r for r in listed if getattr(r, "name", None) not in ignore]
     if recompute:
         replaced = _replacing_rules(run, rules)
         found = [f for f in found if f.rule not in replaced]
@@ -429,6 +447,17 @@ def collect_findings(
         unique.setdefault((int(f.step), f.rule, f.metric.split("/")[0]), f)
     return Findings(sorted(unique.values(),
                            key=lambda f: (f.step, -severity_rank(f.severity), f.rule)))
+
+
+def rule_names(run: Run, rules: Sequence[Any] | None = None) -> set[str]:
+    """The names of the rules whose findings the run may hold or ``rules`` may raise.
+
+    The built-in rules, ``metric_failed`` (a metric that raised), the rules of ``rules``
+    and those of the findings stored in the run (a training script's own rules).
+    """
+    names = set(RULES) | {"metric_failed"} | {f.rule for f in run.findings()}
+    listed = [rules] if isinstance(rules, Rule) else rules or ()
+    return names | {r.name for r in listed if isinstance(r, Rule)}
 
 
 def _replacing_rules(run: Run, rules: Sequence[Any] | None) -> set[str]:

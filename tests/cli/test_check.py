@@ -363,3 +363,37 @@ def test_json_output_is_strict_json_and_what_a_rules_module_prints_is_not_in_it(
     assert result.exit_code == 1, result.output  # loss_above: the loss 1.0 is above 0.5
     assert [f["rule"] for f in strict(result.stdout)["findings"]] == ["loss_above"]
     assert "loaded my rules" in result.stderr
+
+
+def test_check_ignore_rule_leaves_a_rule_out_of_the_gate(runner, run_file, tmp_path):
+    """No option left a rule out of a gate; a --rules list built to leave one out
+    (default_rules(loss_spike=None)) was silently added to the built-in rules."""
+    result = runner.invoke(cli, ["check", str(run_file), "--ignore-rule", "loss_spike",
+                                 "--json"])
+    assert result.exit_code == 1, result.output  # the stored error still fails it
+    assert [f["rule"] for f in json.loads(result.stdout)["findings"]] == ["edge_of_stability"]
+    both = ["--ignore-rule", "loss_spike", "--ignore-rule", "edge_of_stability"]
+    assert runner.invoke(cli, ["check", str(run_file), *both]).exit_code == 0
+    assert runner.invoke(cli, ["check", str(run_file), "--stored", *both]).exit_code == 0
+    nan = write_run(tmp_path / "nan.h5", nan_loss_at=70)  # a recomputed finding
+    assert runner.invoke(cli, ["check", str(nan)]).exit_code == 1
+    result = runner.invoke(cli, ["check", str(nan), "--ignore-rule", "nonfinite"])
+    assert result.exit_code == 0, result.output
+    typo = runner.invoke(cli, ["check", str(run_file), "--ignore-rule", "lossspike"])
+    assert typo.exit_code == 2 and "no rule named lossspike" in typo.output
+    assert "loss_spike" in typo.output  # the names it knows
+    with ls.Run.open(run_file) as run:
+        kept = ls.alarms.collect_findings(run, ignore={"loss_spike"})
+        assert {f.rule for f in kept} == {"edge_of_stability"}
+        with pytest.raises(ValueError, match="no rule named nope"):
+            ls.alarms.collect_findings(run, ignore={"nope"})
+    rules = tmp_path / "without.py"
+    rules.write_text("from landscape.alarms import default_rules\n"
+                     "RULES = default_rules(loss_spike=None)\n")
+    result = runner.invoke(cli, ["check", str(run_file), "--rules", f"{rules}:RULES"])
+    assert "those your list leaves out (loss_spike) still run" in result.stderr
+    assert "--ignore-rule" in result.stderr
+    mine = tmp_path / "mine.py"  # a rule of one's own (and a replaced built-in): no warning
+    mine.write_text(_RULES_FILE)
+    result = runner.invoke(cli, ["check", str(run_file), "--rules", f"{mine}:RULES"])
+    assert "Warning" not in result.stderr
