@@ -22,12 +22,13 @@ _KEEP = ("lr", "momentum", "dampening", "nesterov", "betas", "eps", "weight_deca
 
 
 def optimizer_settings(state: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """``{"name": "sgd"|"adam", "lr": ..., ...}`` from an optimizer's ``state_dict``.
+    """``{"name": "sgd"|"adam"|"adamw", "lr": ..., ...}`` from an optimizer's ``state_dict``.
 
     The hyper-parameters of the first parameter group that trains (holding parameters, at
     a learning rate > 0; the first group when none does), as the sharpness threshold reads
     a live optimizer's (``landscape.curvature.stability.reference_group``); ``"adam"`` for
-    Adam and AdamW, ``"sgd"`` for SGD (told apart from NAdam, RAdam, Adamax, RMSprop by the
+    Adam's kind, ``"adamw"`` for a group that says ``decoupled_weight_decay`` (torch's
+    AdamW), ``"sgd"`` for SGD (told apart from NAdam, RAdam, Adamax, RMSprop by the
     keys they save, :func:`_saved_kind`). Another optimizer gives ``{"name": None,
     "unread": its name}``: no threshold is read for it. The state dict itself is kept
     under ``"state_dict"`` for :func:`load_second_moments`.
@@ -48,6 +49,8 @@ def optimizer_settings(state: Mapping[str, Any] | None) -> dict[str, Any] | None
     if kind not in ("adam", "sgd"):  # read wrongly as Adam or SGD before (its threshold
         # 10x off for NAdam, an RMSprop checkpoint failed): said, and no threshold
         return {"name": None, "unread": kind, "state_dict": state}
+    if kind == "adam" and group.get("decoupled_weight_decay"):  # torch's AdamW saves it
+        kind = "adamw"  # the same threshold; the run's provenance names the class it was
     settings: dict[str, Any] = {"name": kind}
     for key in _KEEP:
         value = group.get(key)

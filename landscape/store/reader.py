@@ -97,6 +97,23 @@ def surface_source(source: Any) -> str | None:
     return text or None
 
 
+def _warn_if_rows_unflushed(path: Path) -> None:
+    """Warn when this process still writes ``path`` and holds rows not written to it yet.
+
+    A training that raised left its monitor (or callback) open: reading the file showed
+    fewer rows than the monitor had, or none, without a word.
+    """
+    from landscape.store.writer import unflushed_rows
+
+    pending = unflushed_rows(path)
+    if pending:
+        warnings.warn(
+            f"{path}: this process still writes it (a monitor or callback not closed) and "
+            f"holds {pending} row(s) not written to the file yet, which this reader does not "
+            "see: close the monitor or callback first (or read monitor.run(), which writes "
+            "them)", RuntimeWarning, stacklevel=3)
+
+
 class Run:
     """Read-only view of a run (an HDF5 file or an in-memory writer's data).
 
@@ -135,6 +152,7 @@ class Run:
         p = Path(path)
         run = cls(H5Backend(open_for_reading(p), writable=False, path=p))
         run._warn_if_shared_and_stale()
+        _warn_if_rows_unflushed(p)
         return run
 
     def _warn_if_shared_and_stale(self) -> None:

@@ -116,6 +116,13 @@ def close_writers(path: str | os.PathLike | None = None) -> int:
     return closed
 
 
+def unflushed_rows(path: str | os.PathLike) -> int:
+    """The rows this process's open writers of ``path`` hold and have not written yet."""
+    want = str(Path(path).resolve())
+    return sum(w._n_pending for w in list(_OPEN)
+               if w.path is not None and str(w.path.resolve()) == want)
+
+
 SURFACE_ELSEWHERE = (
     "choose another name (on the command line --name) or another run file, or remove the "
     "stored surface (RunWriter.remove_surface; on the command line --replace)"

@@ -825,3 +825,20 @@ def test_muon_is_not_read_as_sgd():
     net(torch.randn(5, 4)).sum().backward()
     opt.step()
     assert optimizer_settings(opt.state_dict())["unread"] == "Muon"
+
+
+def test_a_saved_adamw_is_read_as_adamw_with_adams_threshold():
+    """AdamW's checkpoints were rebuilt as Adam: the threshold is the same, but the run's
+    config named the wrong class (``"class": "Adam", "decoupled_weight_decay": false``)."""
+    from landscape.analysis import _optimizer
+    from landscape.checkpoints.optim import optimizer_settings
+
+    model = torch.nn.Linear(3, 2)
+    for cls, name in ((torch.optim.AdamW, "adamw"), (torch.optim.Adam, "adam")):
+        opt = cls(model.parameters(), lr=1e-3, weight_decay=0.1)
+        model(torch.randn(4, 3)).sum().backward()
+        opt.step()
+        settings = optimizer_settings(opt.state_dict())
+        assert settings["name"] == name
+        rebuilt = _optimizer(model, settings)
+        assert type(rebuilt) is cls and rebuilt.param_groups[0]["weight_decay"] == 0.1

@@ -100,3 +100,23 @@ def test_a_monitor_whose_file_close_writers_closed_copies_nothing(tmp_path):
     fresh.close()
     stale.close()  # closing it later is harmless
     assert _hook_pairs(opt) == 0
+
+
+def test_reading_a_file_a_monitor_of_this_process_still_buffers_says_so(tmp_path):
+    """A training that raised left its monitor open: Run.open(path) showed no row (they
+    were still in its buffer) without a word, while monitor.run() showed them all."""
+    path = tmp_path / "run.h5"
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = ls.Monitor(model, F.cross_entropy, path, optimizer=opt, metrics=["loss"],
+                     warn=False).start()
+    _train(model, opt, 3, mon)
+    with pytest.warns(RuntimeWarning, match=r"holds 3 row\(s\) not written to the file yet"):
+        ls.Run.open(path).close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with mon.run() as run:  # writes them first: nothing to say
+            assert run.rows("loss") == 3
+        mon.close()
+        with ls.Run.open(path) as run:
+            assert run.rows("loss") == 3
