@@ -51,6 +51,7 @@ from landscape.plotting.timelines import (
     figure_png,
     metrics_with_rows,
     nonfinite_rows,
+    session_starts,
     timelines,
 )
 from landscape.store import FieldSpec, Run, SurfaceData, refuse_to_overwrite_hdf5
@@ -288,6 +289,7 @@ def _values_html(run: Run) -> list[str]:
     rows = []
     unmeasured = _unmeasured_steps(run)
     diverged = _diverged_steps(run, unmeasured)
+    resumed = run.resumed_after()  # rhythms start over there: NaN is no blow-up
     for metric in metrics_with_rows(run):
         if is_density(run, metric):
             continue
@@ -301,7 +303,8 @@ def _values_html(run: Run) -> list[str]:
             # rows the monitor wrote as not measured are no values (a step without its loss)
             measured = _measured(steps, unmeasured.get(metric))
             # ±inf, and NaN where a value was due
-            bad = int((nonfinite_rows(values) & measured).sum())
+            bad = int((nonfinite_rows(values, session_starts(steps, resumed))
+                       & measured).sum())
             if not finite.any():
                 flat = values.reshape(len(values), -1)
                 bad = int((np.isinf(flat).any(axis=1) | (

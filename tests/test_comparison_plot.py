@@ -3,6 +3,8 @@ rows, one colour per run, its first warning marked in that colour."""
 
 from __future__ import annotations
 
+import re
+
 import matplotlib.colors as mcolors
 import numpy as np
 import pytest
@@ -211,3 +213,42 @@ def test_runs_named_by_path_draw_the_same_lines_and_are_closed_after(tmp_path):
     assert len(comparison(runs=paths, metric="loss").axes) == 1
     with RunWriter(paths[0], mode="a"):  # closed after each call: the file can be written
         pass
+
+
+def test_a_resumed_runs_rhythms_starting_over_are_no_blow_up(tmp_path):
+    """After a resume the secant is NaN on its first row and an every-3rd-call field's
+    rhythm starts over: the timeline, the comparison and the report marked both as
+    non-finite (a resumed Hugging Face run looked like it blew up at the resume)."""
+    from landscape.plotting.timelines import nonfinite_rows, session_starts, timeline
+    from landscape.report import write_report
+
+    path = tmp_path / "run.h5"
+    for first, last in ((0, 10), (10, 20)):
+        with RunWriter(path, mode="w" if first == 0 else "a") as w:
+            w.declare("sentinels", {"r_secant": None, "attention": None})
+            for s in range(first, last):
+                call = s - first
+                w.append("sentinels", s, {"r_secant": float("nan") if call == 0 else 0.5,
+                                          "attention": 1.0 if call % 3 == 0 else float("nan")})
+    with Run.open(path) as run:
+        steps, secant = run.series("sentinels", "r_secant")
+        _, every3 = run.series("sentinels", "attention")
+        starts = session_starts(steps, run.resumed_after())
+        assert starts == [10]
+        assert nonfinite_rows(secant).tolist().count(True) == 1  # the old reading: step 10
+        assert not nonfinite_rows(secant, starts).any()
+        assert not nonfinite_rows(every3, starts).any()
+        broken = every3.copy()
+        broken[13] = np.nan  # a value due in the second session that did not come: marked
+        assert np.flatnonzero(nonfinite_rows(broken, starts)).tolist() == [13]
+        fig = timeline(run, "sentinels")
+        assert not [line for ax in fig.axes for line in ax.get_lines()
+                    if line.get_marker() == "|"]
+        (ax, _) = comparison([run], "sentinels").axes
+        assert not [line for line in ax.get_lines() if line.get_marker() == "x"]
+    with Run.open(path) as run:
+        write_report(run, tmp_path / "r.html")
+    html = (tmp_path / "r.html").read_text()
+    for field in ("r_secant", "attention"):  # the values table's non-finite column: empty
+        row = re.search(rf"<td>{field}</td>(.*?)</tr>", html)
+        assert row is not None and row.group(1).endswith("<td class=num></td>"), row

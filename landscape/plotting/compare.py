@@ -37,6 +37,7 @@ from landscape.plotting.timelines import (
     nonfinite_rows,
     opens_paths,
     plottable_fields,
+    session_starts,
     spans_decades,
 )
 from landscape.store import Run
@@ -109,14 +110,16 @@ def run_color(i: int, n: int) -> tuple[Any, str]:
 
 
 def _draw_run(ax, steps: np.ndarray, values: np.ndarray, label: str, color: Any,
-              linestyle: str = "-") -> bool:
+              linestyle: str = "-", starts: Sequence[int] = ()) -> bool:
     """One run's field on ``ax`` in ``color``; False when it has no finite value to draw.
 
-    Its non-finite rows (:func:`~.timelines.nonfinite_rows`: a run that blew up) are
-    crosses along the bottom of the axes in its colour.
+    Its non-finite rows (:func:`~.timelines.nonfinite_rows`: a run that blew up; ``starts``
+    the rows where a resumed session begins) are crosses along the bottom of the axes in
+    its colour.
     """
     values = np.asarray(values, dtype=np.float64)
-    bad = np.flatnonzero(nonfinite_rows(values)) if len(steps) else np.array([], int)
+    bad = (np.flatnonzero(nonfinite_rows(values, starts)) if len(steps)
+           else np.array([], int))
     if bad.size:
         bad = bad[thin_marks(steps[bad])]
         ax.plot(steps[bad], np.zeros(bad.size), linestyle="none", marker="x", markersize=6,
@@ -232,7 +235,8 @@ def comparison(
             if metric not in run or name not in run.fields(metric):
                 continue
             steps, values = run.series(metric, name)
-            if _draw_run(ax, steps, values, labels[i], *styles[i]):
+            if _draw_run(ax, steps, values, labels[i], *styles[i],
+                         starts=session_starts(steps, run.resumed_after())):
                 drawn.append(np.asarray(values, dtype=np.float64))
                 vector |= drawn[-1].ndim > 1
                 shown.add(i)

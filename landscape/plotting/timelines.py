@@ -29,6 +29,7 @@ import contextlib
 import functools
 import inspect
 import io
+import itertools
 import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -145,7 +146,7 @@ def _set_log_scale(ax, values: np.ndarray) -> None:
     ax.set_yscale("symlog", linthresh=linthresh)
 
 
-def nonfinite_rows(values: np.ndarray) -> np.ndarray:
+def nonfinite_rows(values: np.ndarray, starts: Sequence[int] = ()) -> np.ndarray:
     """Rows to mark as non-finite: any ``±inf``, and NaN where a measurement was due.
 
     NaN in a metric row often means "not measured on this row": a field measured every
@@ -153,29 +154,50 @@ def nonfinite_rows(values: np.ndarray) -> np.ndarray:
     component's NaN is marked only on the rows where its own rhythm says a value was due:
     from its first finite row on, every p-th row, p the smallest spacing of its finite
     rows (1 for a field measured every row). A component NaN on every row is not marked.
+    A resumed run starts those rhythms over (``starts``: the rows where a session begins,
+    :func:`session_starts`), so each session is read on its own.
 
     Args:
         values: the field's rows, shape ``(n, *shape)``.
+        starts: the rows where a resumed session begins.
 
     Returns:
         A boolean array of length ``n``.
     """
     flat = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
     bad = np.isinf(flat).any(axis=1)
-    rows = np.arange(len(flat))
-    for column in flat.T:
-        finite = np.flatnonzero(np.isfinite(column))
-        if finite.size == 0:
-            continue
-        period = int(np.diff(finite).min()) if finite.size > 1 else 1
-        due = (rows >= finite[0]) & ((rows - finite[0]) % period == 0)
-        bad |= np.isnan(column) & due
+    edges = [0, *sorted({int(i) for i in starts if 0 < int(i) < len(flat)}), len(flat)]
+    for lo, hi in itertools.pairwise(edges):
+        rows = np.arange(hi - lo)
+        for column in flat[lo:hi].T:
+            finite = np.flatnonzero(np.isfinite(column))
+            if finite.size == 0:
+                continue
+            period = int(np.diff(finite).min()) if finite.size > 1 else 1
+            due = (rows >= finite[0]) & ((rows - finite[0]) % period == 0)
+            bad[lo:hi] |= np.isnan(column) & due
     return bad
 
 
-def _mark_nonfinite(ax, steps: np.ndarray, values: np.ndarray) -> bool:
+def session_starts(steps: np.ndarray, resumed_after: Sequence[int]) -> list[int]:
+    """The rows of a series (its ``steps``) where a resumed session's rows begin.
+
+    Args:
+        steps: the series' steps, increasing.
+        resumed_after: :meth:`~landscape.store.Run.resumed_after`.
+
+    Returns:
+        Row indices, increasing (none at the series' ends).
+    """
+    rows = np.searchsorted(np.asarray(steps), np.asarray(resumed_after, dtype=np.int64),
+                           side="right")
+    return sorted({int(i) for i in rows if 0 < i < len(steps)})
+
+
+def _mark_nonfinite(ax, steps: np.ndarray, values: np.ndarray,
+                    starts: Sequence[int] = ()) -> bool:
     """Tick marks along the bottom of ``ax`` at the :func:`nonfinite_rows`; True if any."""
-    bad = np.flatnonzero(nonfinite_rows(values))
+    bad = np.flatnonzero(nonfinite_rows(values, starts))
     if not bad.size:
         return False
     bad = bad[thin_marks(steps[bad])]
@@ -258,9 +280,9 @@ def _draw_findings(
 
 def _plot_field(
     ax, steps: np.ndarray, values: np.ndarray, field: str, labels, max_lines: int,
-    log: bool | None,
+    log: bool | None, starts: Sequence[int] = (),
 ) -> tuple[bool, bool]:
-    """Draw one field on ``ax``.
+    """Draw one field on ``ax`` (``starts``: :func:`session_starts`).
 
     Returns:
         Whether it drew several labelled artists (needs a legend), and whether it marked
@@ -286,7 +308,7 @@ def _plot_field(
             ax.fill_between(steps[shown], lo[shown], hi[shown], alpha=0.25,
                             label=f"{field} min-max ({flat.shape[1]})")
             _draw_series(ax, steps, med, f"{field} median", 1.2)
-    marked = _mark_nonfinite(ax, steps, values)
+    marked = _mark_nonfinite(ax, steps, values, starts)
     if len(steps) and (log or (log is None and spans_decades(values))):
         _set_log_scale(ax, values)
     ax.set_ylabel(field)
@@ -362,6 +384,7 @@ def timeline(
     fig.suptitle(f"{metric}  ({counted})" if fields else f"{metric}  (no numeric fields)")
     drawn: set[tuple[str, bool]] = set()
     nonfinite = False
+    resumed = run.resumed_after()
     for ax, name in zip(axes, fields):
         steps, values = run.series(metric, name)
         numbers = np.asarray(values, dtype=np.float64)
@@ -378,7 +401,8 @@ def timeline(
             ax.set_ylabel(name)
         else:
             labels = _field_labels(run, metric, name)
-            legend, marked = _plot_field(ax, steps, numbers, name, labels, max_lines, log)
+            legend, marked = _plot_field(ax, steps, numbers, name, labels, max_lines, log,
+                                         session_starts(steps, resumed))
             limit = _LIMITS.get(name)
             if limit is not None and limit in available and numbers.ndim == 1:
                 # the quantity and the limit it must stay under, on one axis: where they

@@ -61,6 +61,14 @@ class Backend(ABC):
         """
 
     @abstractmethod
+    def set_root_attrs(self, attrs: dict[str, str]) -> None:
+        """Set root attributes of the run (one structural change).
+
+        Args:
+            attrs: attribute -> its new value.
+        """
+
+    @abstractmethod
     def table_paths(self) -> list[str]:
         """The paths of every table: findings, checkpoints, then ``metrics/<name>``.
 
@@ -290,6 +298,10 @@ class MemoryBackend(Backend):
         """A copy of the root attributes."""
         return dict(self._attrs)
 
+    def set_root_attrs(self, attrs):
+        """Set some of the root attributes."""
+        self._attrs.update(attrs)
+
     def table_paths(self) -> list[str]:
         """The tables in creation order."""
         return list(self._tables)
@@ -497,6 +509,12 @@ class H5Backend(Backend):
     def root_attrs(self):
         """The file's root attributes, decoded."""
         return {k: _attr_value(v) for k, v in self.file.attrs.items()}
+
+    def set_root_attrs(self, attrs):
+        """Set some of the root attributes (outside SWMR mode, which allows no change)."""
+        with self.structural() if self.file.swmr_mode else contextlib.nullcontext():
+            for key, value in attrs.items():
+                self.file.attrs[key] = value
 
     def table_paths(self):
         """Findings and checkpoints (when present), then the metric groups."""

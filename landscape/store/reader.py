@@ -206,6 +206,17 @@ class Run:
         attrs = self._backend.root_attrs()
         return writer_status(path, attrs.get("writer_pid"), attrs.get("writer_host"))
 
+    def resumed_after(self) -> list[int]:
+        """The steps after which a writer resumed the run (the root ``resumed_after``).
+
+        The rows after each belong to a later session: its sentinels' secants and
+        every-n-th-call rhythms start over there (docs/file-format.md).
+        """
+        try:
+            return [int(b) for b in json.loads(str(self.attrs.get("resumed_after", "[]")))]
+        except (TypeError, ValueError):
+            return []
+
     @property
     def format_version(self) -> int:
         """The file's format version."""

@@ -259,6 +259,7 @@ class RunWriter:
             _warn_other_model(path, backend.file.attrs.get("config"), config)
             self._mark_owner(backend)
             self._trim_partial_rows(backend)
+            self._note_resume(backend, None)
             backend.flush()
             if not backend.file.swmr_mode:  # a reader of this process keeps the file open
                 backend.file.swmr_mode = True
@@ -289,6 +290,34 @@ class RunWriter:
         backend.file.attrs["writer_host"] = socket.gethostname()
 
     @staticmethod
+    def _note_resume(backend: Backend, dropped_from: int | None) -> None:
+        """Record where a resumed session's rows begin (the root ``resumed_after``).
+
+        ``resumed_after`` lists, in order, the last step of any metric table when a writer
+        reopened the run: the rows after each belong to a later session, whose sentinels,
+        secants and every-n-th-call rhythms started over (the plots read a NaN there as
+        "not measured yet", not as a blow-up). A truncation (``dropped_from``) drops the
+        entries past it and notes the new last step instead.
+        """
+        attrs = backend.root_attrs()
+        try:
+            noted = [int(b) for b in json.loads(str(attrs.get("resumed_after", "[]")))]
+        except (TypeError, ValueError):
+            noted = []
+        if dropped_from is not None:
+            if "resumed_after" not in attrs:
+                return  # a file written in one session: nothing to amend
+            noted = [b for b in noted if b < dropped_from]
+        ends = [_last_or_none(backend.steps(p, start=max(0, backend.rows(p) - 1)))
+                for p in backend.table_paths() if p.startswith(f"{METRICS_GROUP}/")]
+        last = max((e for e in ends if e is not None), default=None)
+        if last is not None and last not in noted:
+            noted.append(last)
+        text = json.dumps(sorted(noted))
+        if text != attrs.get("resumed_after", "[]"):
+            backend.set_root_attrs({"resumed_after": text})
+
+    @staticmethod
     def _trim_partial_rows(backend: H5Backend) -> None:
         for p in backend.table_paths():
             backend.truncate(p, backend.file[p]["step"].shape[0])
@@ -307,6 +336,8 @@ class RunWriter:
                     self.dropped_from, first)
             self._backend.truncate(p, n)
             self._last[p] = self._last_flushed[p] = _last_or_none(steps[:n])
+        if self.path is not None:
+            self._note_resume(self._backend, first_dropped)
         self._backend.flush()
 
     # -- declaring

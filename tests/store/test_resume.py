@@ -501,3 +501,32 @@ def test_a_flush_from_a_signal_handler_inside_a_flush_waits_for_it(tmp_path, mon
     w.close()
     with Run.open(path) as run:
         assert list(run.steps("a")) == list(run.steps("b")) == [0, 1, 2]
+
+
+def test_each_resume_notes_where_its_rows_begin_and_a_truncation_amends_it(tmp_path):
+    """The file did not say where a resumed session began, so the plots read the NaN of a
+    secant or an every-10th-call field starting over there as a blow-up."""
+    path = tmp_path / "run.h5"
+
+    def resumed():
+        with Run.open(path) as run:
+            return run.resumed_after()
+
+    with RunWriter(path, mode="w") as w:
+        w.declare("m", {"v": None})
+        for s in range(10):
+            w.append("m", s, {"v": 1.0})
+    assert resumed() == []  # one session
+    with RunWriter(path) as w:
+        for s in range(10, 20):
+            w.append("m", s, {"v": 1.0})
+    assert resumed() == [9]
+    with RunWriter(path, truncate_from=15) as w:  # rows 15-19 dropped: resumed after 14
+        w.append("m", 15, {"v": 1.0})
+    assert resumed() == [9, 14]
+    with RunWriter(path) as w:  # the monitor's way: declarations checked, then truncated
+        w.truncate_from(5)  # every session after step 4 is gone
+        w.append("m", 5, {"v": 1.0})
+    assert resumed() == [4]
+    with Run.open(path) as run:
+        assert run.steps("m").tolist() == [0, 1, 2, 3, 4, 5]
