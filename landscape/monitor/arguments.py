@@ -126,6 +126,46 @@ def check_metric_names(metrics: Sequence[Metric]) -> None:
 
 
 
+MODEL_FREE_METRICS = frozenset({"loss", "grad_norm", "nonfinite", "update"})
+"""Built-in metrics that never call the model: they read the loss, gradients and weights."""
+
+
+def defines_forward(model: nn.Module) -> bool:
+    """Whether ``model``'s class (or a base of its own) defines ``forward``.
+
+    ``nn.Module`` and Lightning's ``LightningModule`` (which passes the call on to
+    ``nn.Module``'s, which raises) do not count.
+    """
+    for cls in type(model).__mro__:
+        if "forward" in vars(cls):
+            return not (cls is nn.Module or (
+                cls.__name__ == "LightningModule"
+                and cls.__module__.split(".")[0] in ("lightning", "pytorch_lightning")))
+    return False
+
+
+def say_if_no_forward(model: nn.Module, metrics: Sequence[Metric], closure: bool) -> None:
+    """Warn once when ``model`` defines no ``forward`` and a metric would call it.
+
+    A ``LightningModule`` whose ``training_step`` calls ``self.net(x)`` often defines none:
+    the sentinels (the early warning's secant ratio and probe loss) called it at every step
+    and recorded NaN, with a raw ``NotImplementedError`` in an info finding. Under a
+    ``closure`` the other metrics read the closure's forward instead (its last direct
+    submodule's output); the sentinels never run the closure.
+    """
+    if defines_forward(model):
+        return
+    calling = [m.name for m in metrics if m.name not in MODEL_FREE_METRICS
+               and (not closure or m.name == "sentinels")]
+    if calling:
+        warnings.warn(
+            f"landscape: {type(model).__name__} defines no forward(), so the metrics that "
+            f"run the model ({', '.join(calling)}) cannot (the sentinels' secant ratio and "
+            "probe loss carry the early warning); give it one, e.g. "
+            "'def forward(self, x): return self.net(x)'", RuntimeWarning,
+            stacklevel=user_stacklevel())
+
+
 def step_index(step: Any) -> int:
     """``step`` as an int >= 0: any integer type, or a float (of any kind) with an integer value.
 

@@ -68,6 +68,7 @@ from landscape.monitor.arguments import (
     check_monitor_arguments,
     check_monitor_settings,
     optimizer_config,
+    say_if_no_forward,
     step_arguments,
     stored_config,
     unwrap_optimizer,
@@ -463,6 +464,7 @@ class Monitor:
         # iteration and writes its buffers when read in train mode): eval mode, RNG kept
         with isolated(self.model):
             self.metrics = [m for m in self.metrics if self._set_up(m)]
+        say_if_no_forward(self.model, self.metrics, self.closure is not None)
         self.timings = {m.name: self.timings.get(m.name, 0.0) for m in self.metrics}
         # truncate_from only once every metric fits the file: a resume refused for a
         # metric's fields dropped the run's rows from that step on for nothing

@@ -1531,3 +1531,40 @@ def test_a_nan_weight_is_no_change_to_the_new_optimizer_check():
             mon.step(step, batch=_backward(model), loss=1.0)  # no step taken
 
     assert not _new_optimizer_said(diverged)
+
+
+def test_a_model_without_forward_is_said_at_the_start_not_at_every_step(tmp_path):
+    """A LightningModule whose training_step calls self.net(x) often defines no forward:
+    the sentinels recorded NaN for the whole run, with a raw NotImplementedError in an
+    info finding and no hint (reviewer of the Lightning callback)."""
+    import lightning.pytorch as pl
+
+    from landscape.monitor.arguments import defines_forward
+
+    class NoForward(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(6, 3)
+
+    class Lit(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(6, 3)
+
+    class LitWithForward(Lit):
+        def forward(self, x):
+            return self.net(x)
+
+    assert not defines_forward(NoForward()) and not defines_forward(Lit())
+    assert defines_forward(LitWithForward()) and defines_forward(nn.Linear(2, 2))
+    x, y = models.classification_data()
+    for model, metrics, said in ((Lit(), None, "sentinels, logits"),
+                                 (NoForward(), ["loss", "grad_norm"], None),
+                                 (LitWithForward(), None, None)):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            Monitor(model, None, None, probe=(x, y), metrics=metrics).start().close()
+        lines = [str(w.message) for w in seen if "defines no forward()" in str(w.message)]
+        assert len(lines) == (said is not None), lines
+        if said:
+            assert f"({said})" in lines[0] and "def forward(self, x)" in lines[0]
