@@ -120,7 +120,8 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
             return batch[keys[0]], batch[keys[1]]
     raise MissingInput(
         "this metric needs (inputs, targets) batches; got "
-        f"{type(batch).__name__} (pass batch=(x, y) or probe=(x, y))"
+        f"{type(batch).__name__} (pass batch=(x, y) to step(), or probe=(x, y) to the "
+        "monitor or callback)"
     )
 
 

@@ -68,7 +68,8 @@ PROBE_NOTE = ("landscape: no probe= given; the monitor keeps the first %d sample
 LIST_NOTE = ("landscape: the first training batch is a list of %d parts laid out "
              "differently, read as micro-batches (several batches); if it is one batch of "
              "several parts (a query and a document: a DataLoader collates tuple samples "
-             "into a list), pass batch=tuple(batch)")
+             "into a list), pass batch=tuple(batch) to step(); under a callback, give the "
+             "loader a collate_fn that returns a tuple")
 """What :func:`take_probe` logs when a list of batches looks like one batch of parts."""
 
 
