@@ -470,6 +470,7 @@ window.addEventListener("load", () => {
     findings: Array.from(document.querySelectorAll("#findings tbody tr"))
       .map(r => Array.from(r.cells).slice(0, 3).map(c => c.textContent)),
     resources: performance.getEntriesByType("resource").length,
+    width: [document.documentElement.scrollWidth, window.innerWidth],
   });
   document.body.appendChild(probe);
 });
@@ -511,6 +512,15 @@ def test_report_renders_in_headless_chromium(tmp_path):
     for complete, width, height in probe["images"]:
         assert complete and width > 300 and height > 100
     assert probe["resources"] == 0  # nothing fetched: the file is self-contained
+    # on a narrow screen the wide tables scroll in their own box, the page does not (a
+    # findings table 902 px wide made a 500 px phone page scroll sideways)
+    narrow = _run_chromium(["--virtual-time-budget=10000", "--window-size=500,1000",
+                            "--dump-dom", probe_copy.as_uri()], tmp_path)
+    match = re.search(r'<pre id="probe">(.*?)</pre>', narrow.stdout, re.S)
+    assert match, narrow.stdout[-2000:]
+    page, viewport = json.loads(match.group(1).replace("&quot;", '"')
+                                .replace("&amp;", "&"))["width"]
+    assert page <= viewport, (page, viewport)
 
     # 2. a screenshot of the untouched report: the page painted text, plots and the table
     shot = tmp_path / "report.png"
