@@ -51,6 +51,7 @@ from landscape.plotting.timelines import (
     figure_png,
     metrics_with_rows,
     nonfinite_rows,
+    plottable_fields,
     session_starts,
     timelines,
 )
@@ -400,6 +401,27 @@ def _findings_html(findings: Sequence[Finding]) -> list[str]:
     return out
 
 
+def _timeline_alt(run: Run, metric: str, findings: Sequence[Finding]) -> str:
+    """A timeline's alternative text: what it plots and the findings marked on it.
+
+    "timeline of loss" said nothing a screen reader's user (or a text dump of the page)
+    could act on; the first finding of the metric is what its figure is looked at for.
+    """
+    steps = run.steps(metric)
+    span = f", steps {int(steps[0])} to {int(steps[-1])}" if len(steps) else ""
+    context = set(run.metric_attrs(metric).get("context", ()))  # left out, as the figure does
+    fields = ", ".join([f for f in plottable_fields(run, metric) if f not in context]
+                       or plottable_fields(run, metric))
+    own = [f for f in findings if f.metric.split("/")[0] == metric]
+    if not own:
+        marked = "no finding on it"
+    else:
+        first = min(own, key=lambda f: (f.step, -severity_rank(f.severity)))
+        marked = (f"{len(own)} finding{'s' if len(own) != 1 else ''} on it, the first at "
+                  f"step {first.step}: {first.rule} ({first.severity})")
+    return f"timeline of {metric} ({fields}){span}; {marked}"
+
+
 def _timelines_html(run: Run, findings: Sequence[Finding], log: bool | None,
                     dpi: int) -> list[str]:
     out = ['<section id="timelines"><h2>Timelines</h2>']
@@ -420,7 +442,7 @@ def _timelines_html(run: Run, findings: Sequence[Finding], log: bool | None,
             caption = (f"{_e(name)}: {rows}; the eigenvalue density of the last, the "
                        "quadrature nodes marked at the bottom.")
         else:
-            img = _img(figure_png(fig, dpi=dpi), f"timeline of {name}")
+            img = _img(figure_png(fig, dpi=dpi), _timeline_alt(run, name, findings))
             caption = (f"{_e(name)}: {rows}; vertical lines mark findings (grey info, "
                        "orange warning, red error; solid when raised on this metric).")
         out.append(f'<figure id="timeline-{_e(name)}">{img}<figcaption>{caption}'

@@ -393,6 +393,11 @@ def test_report_embeds_every_plot_the_findings_and_the_config():
     assert '&quot;model&quot;: &quot;&lt;mlp&gt; &amp; co&quot;' in html
     assert not re.search(r'(src|href)="(?!data:)', html)  # nothing external
     assert "<script" not in html
+    # the images' text says what each plots and the first finding marked on it
+    alts = dict(re.findall(r'<figure id="timeline-(\w+)"><img alt="([^"]*)"', html))
+    assert alts["loss"] == ("timeline of loss (value), steps 0 to 39; 2 findings on it, the "
+                            "first at step 12: loss_spike (warning)")  # + the NaN loss's
+    assert alts["wide"] == "timeline of wide (v), steps 0 to 39; no finding on it"
 
 
 def _fake_surfaces(monkeypatch, fail=False):
