@@ -23,6 +23,7 @@ from landscape._errors import RunFileError
 from landscape.findings import format_number
 from landscape.store import Run
 from landscape.store.recovery import holds_nothing
+from landscape.store.writer_status import WriterStatus
 
 # seams for tests (no wall clock in the test suite)
 _sleep = time.sleep
@@ -124,6 +125,16 @@ def _holds_nothing(path: str) -> bool:
         return False
 
 
+def _end_if_finished(source: str, status: WriterStatus | None, quiet: bool) -> None:
+    """With ``--until-finished``: exit 0 once the writer closed the run, 1 when it ended
+    without closing it; go on while it writes (or cannot be told)."""
+    if status is None or status.state not in ("closed", "ended"):
+        return
+    if not quiet or status.state == "ended":
+        click.echo(f"{source} is {status.describe()}", err=True)
+    click.get_current_context().exit(0 if status.finished else 1)
+
+
 @cli.command(epilog="\b\nExample:\n  landscape watch run.h5 --interval 5 -m loss")
 @click.argument("run_path", metavar="RUN", type=click.Path())
 @click.option(
@@ -141,6 +152,11 @@ def _holds_nothing(path: str) -> bool:
     "-m", "--metric", "metrics", multiple=True, metavar="METRIC",
     help="Only this metric (repeatable; default: every metric).",
 )
+@click.option(
+    "--until-finished", is_flag=True,
+    help="Stop once the run's writer has closed RUN (exit 0), or has ended without closing "
+         "it: killed or crashed (exit 1).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No header and no closing line.")
 @verbose_option
 def watch(
@@ -149,14 +165,16 @@ def watch(
     once: bool,
     timeout: float | None,
     metrics: tuple[str, ...],
+    until_finished: bool,
     quiet: bool,
 ) -> None:
     """Follow RUN while it is being written: new rows and findings as they are committed.
 
     Prints the latest row of every metric, then, every --interval seconds, the latest
     row of each metric that grew and every new finding. Stops on Ctrl-C, with --once,
-    or after --timeout seconds. When RUN does not exist yet, or its writer has only
-    created it, waits for the run (except with --once).
+    after --timeout seconds, or with --until-finished once the run's writer is done with
+    RUN. When RUN does not exist yet, or its writer has only created it, waits for the
+    run (except with --once).
     """
     view = _View(metrics)
     start = _clock()
@@ -194,12 +212,14 @@ def watch(
             )
         source = run.source
         lines = view.update(run, first=True)
+        status = run.writer_status() if until_finished else None
     if not quiet:
         click.echo(f"watching {source} (Ctrl-C to stop)" if not once else source)
     for line in lines or ["no rows yet"]:
         click.echo(line)
     if once:
         return
+    _end_if_finished(source, status, quiet)
     unreadable = False
     try:
         while True:
@@ -211,6 +231,7 @@ def watch(
                 run = Run.open(run_path)
                 try:
                     lines = view.update(run, first=False)
+                    status = run.writer_status() if until_finished else None
                 finally:
                     run.close()
             except (RunFileError, OSError, KeyError, ValueError, TypeError, IndexError) as err:
@@ -222,6 +243,7 @@ def watch(
             unreadable = False
             for line in lines:
                 click.echo(line)
+            _end_if_finished(source, status, quiet)
     except KeyboardInterrupt:
         pass
     if not quiet:

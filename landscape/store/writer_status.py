@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,18 @@ class WriterStatus:
         return {"state": self.state, "pid": self.pid, "host": self.host}
 
 
+REOPEN_WAIT = 0.2
+"""Seconds between two looks at the flags of a file whose writer still runs and that reads
+as closed: a structural change closes and reopens it within milliseconds."""
+
+
+def _flags(path: Path) -> int | None:
+    try:
+        return open_flags(path)
+    except OSError:
+        return None
+
+
 def writer_status(path: str | os.PathLike, pid: Any = None, host: Any = None) -> WriterStatus:
     """The state of ``path``'s writer.
 
@@ -76,12 +89,15 @@ def writer_status(path: str | os.PathLike, pid: Any = None, host: Any = None) ->
     path = Path(path)
     pid = int(pid) if pid is not None and int(pid) > 0 else None
     host = None if host is None else str(host)
-    try:
-        flags = open_flags(path)
-    except OSError:
-        flags = None
+    flags = _flags(path)
     if flags is None:
         return WriterStatus("unknown", pid, host)
+    if flags == 0 and pid is not None and host == socket.gethostname() and pid_alive(pid) \
+            and pid != os.getpid():
+        # a live writer closes the file for a moment to add a table or a surface (out of
+        # SWMR mode and back, milliseconds): look again before calling it closed
+        time.sleep(REOPEN_WAIT)
+        flags = _flags(path)
     if flags == 0:
         return WriterStatus("closed", pid, host)
     if str(path.resolve()) in WRITING:  # this process writes it

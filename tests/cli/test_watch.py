@@ -269,3 +269,51 @@ def test_watch_waits_for_a_run_in_a_file_its_writer_has_only_created(runner, tmp
                    "not a readable HDF5 file")
     assert now[0] >= 3.0
     one_line_error(runner.invoke(cli, ["watch", str(path), "--once"]), "not a readable HDF5")
+
+
+def test_watch_until_finished_stops_when_the_writer_closes_or_ended(runner, tmp_path,
+                                                                    monkeypatch):
+    """watch kept polling a finished run until --timeout; a pipeline following a run had
+    no way to end with it, nor to tell a run killed half-way from one that finished."""
+    path = tmp_path / "run.h5"
+    w = RunWriter(path, mode="w")
+    w.declare("loss", {"value": None})
+    w.append("loss", 0, {"value": 1.0})
+    w.flush()
+    looks = []
+
+    def close_on_second_sleep(_seconds):
+        looks.append(1)
+        if len(looks) == 2:
+            w.close()
+        assert len(looks) < 5, "did not stop"
+
+    monkeypatch.setattr(watch_cmd, "_sleep", close_on_second_sleep)
+    result = runner.invoke(cli, ["watch", str(path), "--until-finished", "--interval", "1"])
+    assert result.exit_code == 0, result.output
+    assert len(looks) == 2 and f"{path} is closed by its writer" in result.stderr
+    again = runner.invoke(cli, ["watch", str(path), "--until-finished", "-q"])
+    assert again.exit_code == 0 and again.stderr == "", again.output  # at the first look
+
+    killed = tmp_path / "killed.h5"
+    script = tmp_path / "writer.py"
+    script.write_text(textwrap.dedent("""
+        import sys, time
+        from landscape.store import RunWriter
+        w = RunWriter(sys.argv[1], mode="w")
+        w.declare("loss", {"value": None})
+        w.append("loss", 0, {"value": 1.0})
+        w.flush()
+        print("flushed", flush=True)
+        time.sleep(60)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script), str(killed)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "flushed\n"
+    finally:
+        proc.kill()
+        proc.wait()
+    result = runner.invoke(cli, ["watch", str(killed), "--until-finished", "-q"])
+    assert result.exit_code == 1, result.output
+    assert "ended without closing it (killed or crashed)" in result.stderr
