@@ -108,10 +108,10 @@ def _warn_if_rows_unflushed(path: Path) -> None:
     pending = unflushed_rows(path)
     if pending:
         warnings.warn(
-            f"{path}: this process still writes it (a monitor or callback not closed) and "
-            f"holds {pending} row(s) not written to the file yet, which this reader does not "
-            "see: close the monitor or callback first (or read monitor.run(), which writes "
-            "them)", RuntimeWarning, stacklevel=3)
+            f"{path}: this process still writes it (a monitor, callback or RunWriter not "
+            f"closed) and holds {pending} row(s) or surface point(s) not written to the file "
+            "yet, which this reader does not see: close it first (or read monitor.run(), "
+            "which writes them)", RuntimeWarning, stacklevel=3)
 
 
 class Run:
