@@ -111,7 +111,8 @@ def test_reading_a_file_a_monitor_of_this_process_still_buffers_says_so(tmp_path
     mon = ls.Monitor(model, F.cross_entropy, path, optimizer=opt, metrics=["loss"],
                      warn=False).start()
     _train(model, opt, 3, mon)
-    with pytest.warns(RuntimeWarning, match=r"holds 3 row\(s\) or surface point\(s\) not written to the file yet"):
+    with pytest.warns(RuntimeWarning, match=r"holds 3 row\(s\) or surface point\(s\) not "
+                                            "written to the file yet"):
         ls.Run.open(path).close()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
