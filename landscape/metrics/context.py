@@ -186,20 +186,32 @@ class StepContext:
         self._params_before = params_before
 
     @classmethod
-    def for_model(cls, model: nn.Module, *, step: int = 0,
+    def for_model(cls, model: nn.Module, *, metrics: Sequence[Any] = (), step: int = 0,
                   loss_fn: Callable[..., torch.Tensor] | None = None,
                   optimizer: torch.optim.Optimizer | None = None,
                   **fields: Any) -> StepContext:
         """A context over ``model``'s trainable parameters, as the monitor would build it.
 
-        For a metric's unit test and for calling a metric outside a monitor:
-        ``Metric().compute(StepContext.for_model(model, loss_fn=F.cross_entropy,
-        probe=(x, y)))``. ``names`` are those of the parameters with ``requires_grad``
-        (the monitor's default selection); ``fields`` sets any other field (``batch``,
-        ``probe``, ``loss``, ``outputs``, ``params_before`` and ``update``, ...).
+        For a metric's unit test and for calling a metric outside a monitor::
+
+            metric = Collapse()
+            ctx = StepContext.for_model(model, metrics=[metric], probe=(x, y))
+            row = metric.compute(ctx)
+
+        As the monitor does, ``metrics`` are set up on the model (:meth:`Metric.setup`:
+        the layers they read) and the layers their ``captures()`` name are captured by
+        the shared forward pass; ``names`` are those of the parameters with
+        ``requires_grad``; when the weights have one floating dtype, the probe's and the
+        batch's inputs are read in it. ``fields`` sets any other field: ``batch``,
+        ``probe``, ``loss`` (the ``loss`` metric's), ``params_before`` and ``update`` (a
+        metric with ``needs_update``), ``optimizer_stepped`` (the ``nonfinite`` metric's
+        ``skipped``), ... What the monitor adds besides (unwrapping DDP or ``torch.compile``
+        wrappers, the default probe, restoring the model's state after the metric: docs/
+        conventions.md) is not done here.
 
         Args:
             model: the model.
+            metrics: the metrics that will compute on the context.
             step: the step the context stands for.
             loss_fn: ``loss_fn(model(inputs), targets)``, for the metrics that evaluate it.
             optimizer: the optimizer, for the metrics that read its state.
@@ -210,6 +222,19 @@ class StepContext:
         """
         fields.setdefault("names", [n for n, p in model.named_parameters() if p.requires_grad])
         fields.setdefault("closure", None)
+        floating = {p.dtype for p in model.parameters() if p.is_floating_point()}
+        dtype = next(iter(floating)) if len(floating) == 1 else None
+        fields.setdefault("weights_dtype", dtype)
+        if dtype is not None and fields.get("probe") is not None:
+            fields["probe"] = each_batch(fields["probe"], lambda b: inputs_in(b, dtype))[0]
+        plan: dict[str, tuple[set[str], set[str]]] = {}
+        for metric in metrics:
+            metric.setup(model)
+            ins, outs = metric.captures()
+            wanted = plan.setdefault(metric.data, (set(), set()))
+            wanted[0].update(ins)
+            wanted[1].update(outs)
+        fields.setdefault("capture_plan", plan)
         return cls(step=step, model=model, loss_fn=loss_fn, optimizer=optimizer, **fields)
 
     @property
