@@ -129,38 +129,49 @@ def check_metric_names(metrics: Sequence[Metric]) -> None:
 MODEL_FREE_METRICS = frozenset({"loss", "grad_norm", "nonfinite", "update"})
 """Built-in metrics that never call the model: they read the loss, gradients and weights."""
 
+CALL_THE_MODEL = frozenset({"sentinels", "taylor_radius"})
+"""Built-in metrics that call the model themselves even under a closure (the others read
+the closure's forward pass, or evaluate the closure)."""
+
+_NO_FORWARD = (("torch.nn.modules.module", "Module"), ("lightning.pytorch.core.module",
+               "LightningModule"), ("pytorch_lightning.core.module", "LightningModule"))
+"""Classes whose ``forward`` is no forward of the model's: ``nn.Module``'s raises, and
+Lightning's passes the call on to the next class of the model's MRO."""
+
 
 def defines_forward(model: nn.Module) -> bool:
-    """Whether ``model``'s class (or a base of its own) defines ``forward``.
+    """Whether calling ``model`` runs a forward of its own.
 
-    ``nn.Module`` and Lightning's ``LightningModule`` (which passes the call on to
-    ``nn.Module``'s, which raises) do not count.
+    A class of its MRO other than ``nn.Module`` and Lightning's ``LightningModule``
+    defines ``forward`` (``class M(LightningModule, Net)`` reaches ``Net.forward``), the
+    instance was given one, or its class overrides ``__call__``.
     """
-    for cls in type(model).__mro__:
-        if "forward" in vars(cls):
-            return not (cls is nn.Module or (
-                cls.__name__ == "LightningModule"
-                and cls.__module__.split(".")[0] in ("lightning", "pytorch_lightning")))
-    return False
+    if "forward" in vars(model) or type(model).__call__ is not nn.Module.__call__:
+        return True
+    return any("forward" in vars(cls) and (cls.__module__, cls.__name__) not in _NO_FORWARD
+               for cls in type(model).__mro__)
 
 
 def say_if_no_forward(model: nn.Module, metrics: Sequence[Metric], closure: bool) -> None:
-    """Warn once when ``model`` defines no ``forward`` and a metric would call it.
+    """Warn once when ``model`` defines no ``forward`` and a built-in metric would call it.
 
     A ``LightningModule`` whose ``training_step`` calls ``self.net(x)`` often defines none:
     the sentinels (the early warning's secant ratio and probe loss) called it at every step
     and recorded NaN, with a raw ``NotImplementedError`` in an info finding. Under a
-    ``closure`` the other metrics read the closure's forward instead (its last direct
-    submodule's output); the sentinels never run the closure.
+    ``closure`` most metrics read the closure's forward pass (its last direct submodule's
+    output) or evaluate the closure; those of :data:`CALL_THE_MODEL` still call the model.
+    A metric of the user's own is not judged (it says what failed when it does).
     """
     if defines_forward(model):
         return
-    calling = [m.name for m in metrics if m.name not in MODEL_FREE_METRICS
-               and (not closure or m.name == "sentinels")]
+    calling = [m.name for m in metrics
+               if type(m).__module__.startswith("landscape.")
+               and m.name not in MODEL_FREE_METRICS
+               and (not closure or m.name in CALL_THE_MODEL)]
     if calling:
         warnings.warn(
             f"landscape: {type(model).__name__} defines no forward(), so the metrics that "
-            f"run the model ({', '.join(calling)}) cannot (the sentinels' secant ratio and "
+            f"call the model ({', '.join(calling)}) cannot (the sentinels' secant ratio and "
             "probe loss carry the early warning); give it one, e.g. "
             "'def forward(self, x): return self.net(x)'", RuntimeWarning,
             stacklevel=user_stacklevel())

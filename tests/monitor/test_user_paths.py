@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import landscape as ls
 from landscape import Monitor, Run
 from landscape._interrupts import InterruptGuard
 from landscape.alarms import OnlineAlarms, TaylorForecast
@@ -1555,15 +1556,49 @@ def test_a_model_without_forward_is_said_at_the_start_not_at_every_step(tmp_path
         def forward(self, x):
             return self.net(x)
 
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.net(x)
+
+    class LitOverNet(pl.LightningModule, Net):  # LightningModule.forward reaches Net's
+        pass
+
+    class Called(NoForward):
+        def __call__(self, x):
+            return self.net(x)
+
+    given = NoForward()
+    given.forward = given.net.forward
+
+    class Own(ls.metrics.Metric):  # a metric of the user's own is not judged
+        name = "weights_only"
+        FIELDS = ("v",)
+
+        def compute(self, ctx):
+            return {"v": 1.0}
+
     assert not defines_forward(NoForward()) and not defines_forward(Lit())
-    assert defines_forward(LitWithForward()) and defines_forward(nn.Linear(2, 2))
+    for model in (LitWithForward(), nn.Linear(2, 2), LitOverNet(), Called(), given):
+        assert defines_forward(model), type(model).__name__
     x, y = models.classification_data()
-    for model, metrics, said in ((Lit(), None, "sentinels, logits"),
-                                 (NoForward(), ["loss", "grad_norm"], None),
-                                 (LitWithForward(), None, None)):
+
+    def closure(model, batch):
+        return F.cross_entropy(model.net(batch[0]), batch[1])
+
+    for model, metrics, close, said in (
+            (Lit(), None, None, "sentinels, logits"),
+            (Lit(), ["sentinels", "taylor_radius", "logits", Own()], closure,
+             "sentinels, taylor_radius"),  # the closure serves logits, not these two
+            (NoForward(), ["loss", "grad_norm", Own()], None, None),
+            (LitWithForward(), None, None, None), (LitOverNet(), None, None, None)):
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
-            Monitor(model, None, None, probe=(x, y), metrics=metrics).start().close()
+            Monitor(model, None, None, probe=(x, y), metrics=metrics,
+                    closure=close).start().close()
         lines = [str(w.message) for w in seen if "defines no forward()" in str(w.message)]
         assert len(lines) == (said is not None), lines
         if said:
