@@ -47,7 +47,7 @@ _DATA = {"probe": "the probe", "batch": "the step's batch"}
 
 
 def failure_finding(metric: str, step: int, err: Exception, nonfinite: str | None,
-                    data: str | None = None) -> Finding:
+                    data: str | None = None, probe_batches: int | None = None) -> Finding:
     """The ``metric_failed`` info finding for a metric that raised ``err`` at ``step``.
 
     Args:
@@ -58,6 +58,9 @@ def failure_finding(metric: str, step: int, err: Exception, nonfinite: str | Non
             non-finite parameters or loss, not the metric.
         data: the metric's data source (``"probe"``, ``"batch"``), named in the message: a
             probe of another shape or dtype than the model takes fails in torch's words.
+        probe_batches: the number of batches of a probe given as a list of batches (None:
+            one batch); named in the hint of a metric failing on the probe, where a list of
+            dataset samples (``[dataset[i] for i in range(8)]``) failed in torch's words.
 
     Returns:
         The finding (value and threshold NaN).
@@ -80,6 +83,10 @@ def failure_finding(metric: str, step: int, err: Exception, nonfinite: str | Non
                      "the training batches, on the model's device and dtype; a dict batch "
                      f"is read as {pairs} or the model's keyword arguments with labels "
                      "(pass probe=(x, y) for other keys)")
+            if probe_batches is not None:
+                hint += (f"; probe= is a list, read as {probe_batches} batches: if its items "
+                         "are dataset samples, collate them into one batch first "
+                         "(torch.utils.data.default_collate(samples), or your collator)")
     return Finding(step=step, rule="metric_failed", severity="info", metric=metric,
                    value=math.nan, threshold=math.nan, message=message, hint=hint)
 

@@ -250,41 +250,9 @@ def check_monitor_arguments(
             "pass next(iter(loader)), or list(itertools.islice(loader, n)) for n batches")
     if probe is not None and leading_size(probe) == 0:
         raise ValueError("probe= holds no samples (its tensors' first dimension is 0)")
-    say_if_uncollated(probe)
     if probe_size is not None and (not isinstance(probe_size, int) or isinstance(
             probe_size, bool) or probe_size < 1):
         raise ValueError(f"probe_size must be an integer >= 1 or None, got {probe_size!r}")
-
-
-def _uncollated(item: Any) -> bool:
-    """Whether one item of a probe list reads as a dataset sample rather than a batch.
-
-    A sample holds a Python number or a 0-d tensor (a class label), or is a dict of 1-d
-    tensors (a tokenised text's ``input_ids``, ``labels``); a batch holds neither.
-    """
-    values = list(item.values()) if isinstance(item, Mapping) else list(item)
-    tensors = [v for v in values if isinstance(v, torch.Tensor)]
-    if any(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) or any(
-            t.dim() == 0 for t in tensors):
-        return True
-    return isinstance(item, Mapping) and bool(tensors) and all(t.dim() == 1 for t in tensors)
-
-
-def say_if_uncollated(probe: Any) -> None:
-    """Warn when ``probe=`` is a list of dataset samples, not of batches.
-
-    ``probe=[dataset[i] for i in range(8)]`` made every probe metric fail at every step
-    with an ``IndexError`` from inside the model, training going on with NaN rows.
-    """
-    if not (isinstance(probe, list) and len(probe) > 1
-            and all(isinstance(b, (tuple, list, Mapping)) for b in probe)):
-        return
-    if all(_uncollated(b) for b in probe):
-        warnings.warn(
-            f"landscape: probe= is a list of {len(probe)} dataset samples, not of batches (a "
-            "list of batches is several batches): collate them into one batch first, e.g. "
-            "torch.utils.data.default_collate(samples) or the Trainer's "
-            "data_collator(samples)", RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def check_monitor_settings(

@@ -1382,7 +1382,9 @@ class Monitor:
             if self._nonfinite_reported:
                 return
             self._nonfinite_reported = True
-        finding = failure_finding(metric.name, step, err, bad, getattr(metric, "data", None))
+        batches = len(self.probe) if is_batch_list(self.probe) else None
+        finding = failure_finding(metric.name, step, err, bad, getattr(metric, "data", None),
+                                  batches)
         self.findings.append(finding)
         assert self.writer is not None
         self.writer.add_finding(finding)

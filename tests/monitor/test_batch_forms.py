@@ -598,27 +598,24 @@ def test_a_detection_batch_counts_its_images_and_is_cut_by_image():
                       "representation"}, failed  # the logit metrics: predictions, no logits
 
 
-def test_a_probe_of_uncollated_samples_is_said_at_once():
+def test_a_probe_of_uncollated_samples_fails_with_a_hint_to_collate_them():
     """probe=[dataset[i] for i in range(8)] made every probe metric fail at every step
-    with an IndexError from inside the model (reviewer of the Hugging Face callback)."""
+    with an IndexError from inside the model and no hint (reviewer of the Hugging Face
+    callback). A warning at the start mistook real lists of batches for samples (1-d id
+    batches of a recommender, packed token batches); the failure's hint says it instead."""
     import warnings
 
-    from landscape.monitor.arguments import say_if_uncollated
-
-    def said(probe):
-        with warnings.catch_warnings(record=True) as seen:
-            warnings.simplefilter("always")
-            say_if_uncollated(probe)
-        return [str(w.message) for w in seen]
-
-    ids = torch.arange(16)
-    text = [{"input_ids": ids, "labels": ids} for _ in range(4)]
-    images = [(torch.randn(1, 8, 8), 3) for _ in range(4)]
-    labelled = [(torch.randn(6), torch.tensor(1)) for _ in range(4)]
-    for samples in (text, images, labelled):
-        (line,) = said(samples)
-        assert "list of 4 dataset samples" in line and "default_collate" in line
-    batches = [{"input_ids": ids.view(2, 8), "labels": ids.view(2, 8)}] * 3
-    pairs = [(torch.randn(4, 6), torch.randint(0, 3, (4,)))] * 3
-    for probe in (batches, pairs, pairs[0], text[0], [text[0]]):
-        assert said(probe) == []
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    samples = [(torch.randn(6), torch.tensor(1)) for _ in range(4)]
+    batches = [(torch.randn(4, 6), torch.randint(0, 3, (4,)))] * 2
+    for probe, hinted in ((samples, True), (batches, False)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Monitor(model, F.cross_entropy, None, probe=probe,
+                            metrics=["top_eigenvalues"]) as mon:
+                mon.step(0)
+        failed = [f for f in mon.findings if f.rule == "metric_failed"]
+        assert len(failed) == hinted
+        if hinted:
+            assert "probe= is a list, read as 4 batches" in failed[0].hint
+            assert "default_collate" in failed[0].hint
