@@ -140,32 +140,42 @@ class FirstOrder(ShiftedEvaluation):
         return self._compute
 
     def _warn_kinks(self) -> None:
-        """Warn once per operator where first-order Hessian products are unreliable.
+        """Warn once per model where first-order Hessian products are unreliable.
 
         In 16 bits (bf16 or fp16 parameters, or a policy computing in them): ``θ ± εv``
         rounded to 8 (or 11) bits leaves a difference of gradients far off along sharp
         directions; on a bf16 GPT-2 a reviewer measured 4 % off along a random direction
         but 97 % along the top eigenvector, and Lanczos returned a top eigenvalue 4x too
-        small, unconverged (docs/curvature.md, "Precision"). In float32 or narrower
-        (autocast) when the forward that sizes the step ran a kinked op
+        small, unconverged (docs/curvature.md, "Precision"); that warning covers the kinks
+        too. In float32 when the forward that sizes the step ran a kinked op
         (:mod:`landscape.curvature._kinks`): the step is large enough for many activations
-        to cross their kink.
+        to cross their kink. Memory probes of a plan set ``_kinks_warned`` (their products
+        are no result), and a model is warned about once (a monitor builds an operator at
+        every measurement).
         """
         if self._kinks_warned:
             return
         self._kinks_warned = True
         dtype = str(self.compute_dtype).replace("torch.", "")
-        if torch.finfo(self.compute_dtype).bits <= 16:
+        sixteen = torch.finfo(self.compute_dtype).bits <= 16
+        if not (sixteen or (torch.finfo(self.compute_dtype).bits <= 32 and self.kinks)):
+            return
+        # once per model: a monitor builds an operator at every measurement
+        if not self.op._backend.say_once("first-order precision" if sixteen else "kinks"):
+            return
+        if sixteen:
+            remedy = ("measure a float32 copy of the model"
+                      if torch.finfo(self.op.dtype).bits <= 16 else
+                      "measure outside autocast (or the mixed-precision policy), in the "
+                      "parameters' own dtype")
             warnings.warn(
                 f"{type(self.op).__name__}: first-order Hessian products in {dtype}: a "
                 "difference of two gradients at weights perturbed in 16 bits can be far off "
                 "along sharp directions (a top eigenvalue 4x too small on a bf16 GPT-2); "
-                "prefer the exact product (a reentrant checkpoint: use_reentrant=False) or "
-                "measure a float32 copy of the model (docs/curvature.md, 'Precision')",
+                "prefer the exact product where it is possible (a reentrant checkpoint: "
+                f"use_reentrant=False), or {remedy} (docs/curvature.md, 'Precision')",
                 RuntimeWarning, stacklevel=user_stacklevel(),
             )
-            return
-        if torch.finfo(self.compute_dtype).bits > 32 or not self.kinks:
             return
         warnings.warn(
             f"{type(self.op).__name__}: first-order Hessian products in "

@@ -225,7 +225,7 @@ def _probe_peak(
                                                                           op.dtype)
     if what == "first_order":
         small = with_backend(small, "first_order")
-        small._first_order._kinks_warned = True  # a memory probe: its product is not a result
+    small._first_order._kinks_warned = True  # a memory probe: its product is not a result
     with PeakMemory(op.device) as mem:
         if what in ("product", "first_order"):
             small.flat_matmat(v)

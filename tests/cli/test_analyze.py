@@ -827,7 +827,7 @@ def test_muon_is_not_read_as_sgd():
     assert optimizer_settings(opt.state_dict())["unread"] == "Muon"
 
 
-def test_a_saved_adamw_is_read_as_adamw_with_adams_threshold():
+def test_a_saved_adamw_is_rebuilt_as_adamw():
     """AdamW's checkpoints were rebuilt as Adam: the threshold is the same, but the run's
     config named the wrong class (``"class": "Adam", "decoupled_weight_decay": false``)."""
     from landscape.analysis import _optimizer
