@@ -26,6 +26,7 @@ import datetime as _dt
 import html
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -169,8 +170,8 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2e
        max-width: 1100px; padding: 0 1em; color: #222; }
 h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
 .meta { color: #666; font-size: 0.9em; }
-table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.9em;
-        display: block; max-width: 100%; overflow-x: auto; }
+table { border-collapse: collapse; font-size: 0.9em; }
+div.wide { max-width: 100%; overflow-x: auto; margin: 0.5em 0 1em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
@@ -183,8 +184,32 @@ figure { margin: 1em 0 2em; } figure img { max-width: 100%; height: auto; }
 figcaption { color: #555; font-size: 0.9em; }
 pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; }
 .note { color: #8a5a00; }
-caption { text-align: left; color: #555; padding-bottom: 0.3em; }
+caption { text-align: left; color: #555; padding-bottom: 0.3em;
+          position: sticky; left: 0; max-width: calc(100vw - 3em); }
 """
+
+
+_TABLE = re.compile(r"<table(?P<attrs>[^>]*)>(?P<body>.*?)</table>", re.S)
+_CAPTION = re.compile(r"<caption>(.*?)</caption>", re.S)
+
+
+def _scrolling(page: str) -> str:
+    """Each table in a box of its own that scrolls sideways, named for assistive tools.
+
+    A findings table 902 px wide made a 500 px screen's whole page scroll sideways. The
+    box (not the table itself, whose ``display: block`` drops its table semantics for some
+    screen readers) is focusable, so a keyboard can scroll it, and named after the table's
+    caption (its ``id`` without one).
+    """
+    def wrap(m: re.Match) -> str:
+        caption = _CAPTION.search(m.group("body"))
+        named = re.search(r'id="([^"]*)"', m.group("attrs"))
+        label = (re.sub(r"<[^>]+>", "", caption.group(1)) if caption
+                 else named.group(1).replace("-", " ") if named else "table")
+        return (f'<div class="wide" role="region" tabindex="0" aria-label="{label}">'
+                f"{m.group(0)}</div>")
+
+    return _TABLE.sub(wrap, page)
 
 
 def _e(value: Any) -> str:
@@ -344,7 +369,8 @@ def _summary_html(summary: dict, counts: dict[str, int]) -> list[str]:
     metrics = summary["metrics"]
     if metrics:
         out.append(
-            "<table><thead><tr><th>metric</th><th>fields</th><th>rows</th><th>steps</th>"
+            '<table id="metric-tables"><thead><tr><th>metric</th><th>fields</th><th>rows</th>'
+            "<th>steps</th>"
             "<th>schedule</th><th>class</th></tr></thead><tbody>"
         )
         for name, m in metrics.items():
@@ -361,7 +387,7 @@ def _summary_html(summary: dict, counts: dict[str, int]) -> list[str]:
     surfaces = summary["surfaces"]
     if surfaces:
         out.append(
-            "<table><thead><tr><th>surface</th><th>grid</th><th>computed</th>"
+            '<table id="surface-grids"><thead><tr><th>surface</th><th>grid</th><th>computed</th>'
             "<th>fields</th></tr></thead><tbody>"
         )
         for name, s in surfaces.items():
@@ -416,9 +442,14 @@ def _timeline_alt(run: Run, metric: str, findings: Sequence[Finding]) -> str:
     if not own:
         marked = "no finding on it"
     else:
-        first = min(own, key=lambda f: (f.step, -severity_rank(f.severity)))
-        marked = (f"{len(own)} finding{'s' if len(own) != 1 else ''} on it, the first at "
-                  f"step {first.step}: {first.rule} ({first.severity})")
+        worst = max(severity_rank(f.severity) for f in own)
+        first = min((f for f in own if severity_rank(f.severity) == worst),
+                    key=lambda f: (f.step, f.rule))
+        marked = (f"{len(own)} finding{'s' if len(own) != 1 else ''} on it, the first "
+                  f"{first.severity} at step {first.step}: {first.rule}")
+    others = len(findings) - len(own)
+    if others:  # drawn as faint dashed lines on every timeline
+        marked += f"; {others} on other metrics, dashed"
     return f"timeline of {metric} ({fields}){span}; {marked}"
 
 
@@ -468,7 +499,10 @@ def _surfaces_html(run: Run, dpi: int, log: bool | None = None) -> list[str]:
             continue
         done = int(surface.done.sum())
         origin = surface_source(surface.attrs.get("source"))
-        img = _img(figure_png(fig, dpi=dpi), f"surface {name}")
+        grid = " by ".join(map(str, surface.done.shape[::-1]))
+        img = _img(figure_png(fig, dpi=dpi),
+                   f"surface {name}: {kind} of the {field} over {grid} points, {done} of "
+                   f"them computed")
         out.append(
             f'<figure id="surface-{_e(name)}">{img}'
             f"<figcaption>{_e(name)}: {kind} of {_e(field)}, {done} of {surface.done.size} "
@@ -529,7 +563,8 @@ def render_report(
     parts.append("</body></html>")
     # a name that is not UTF-8 (a run file's or a checkpoint's path, in the title, the
     # source line or the config) holds lone surrogates: escaped, so the page can be written
-    return "\n".join(parts).encode("utf-8", "backslashreplace").decode("utf-8")
+    page = _scrolling("\n".join(parts))
+    return page.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 REPORT_NAME = "report.html"

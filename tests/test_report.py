@@ -393,11 +393,17 @@ def test_report_embeds_every_plot_the_findings_and_the_config():
     assert '&quot;model&quot;: &quot;&lt;mlp&gt; &amp; co&quot;' in html
     assert not re.search(r'(src|href)="(?!data:)', html)  # nothing external
     assert "<script" not in html
+    # each table scrolls sideways in a focusable box named after it, not the whole page
+    boxes = re.findall(r'<div class="wide" role="region" tabindex="0" aria-label="([^"]+)">'
+                       r"<table", html)
+    assert len(boxes) == html.count("<table") and "table" not in boxes
+    assert boxes[0] == "Findings by rule"
     # the images' text says what each plots and the first finding marked on it
     alts = dict(re.findall(r'<figure id="timeline-(\w+)"><img alt="([^"]*)"', html))
     assert alts["loss"] == ("timeline of loss (value), steps 0 to 39; 2 findings on it, the "
-                            "first at step 12: loss_spike (warning)")  # + the NaN loss's
-    assert alts["wide"] == "timeline of wide (v), steps 0 to 39; no finding on it"
+                            "first error at step 25: nonfinite; 1 on other metrics, dashed")
+    assert alts["wide"] == ("timeline of wide (v), steps 0 to 39; no finding on it; 3 on "
+                            "other metrics, dashed")
 
 
 def _fake_surfaces(monkeypatch, fail=False):
