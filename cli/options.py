@@ -246,7 +246,8 @@ def _say_built_in_rules_stay(extra: list) -> None:
     missing = sorted(set(built_in) - {r.name for r in extra})
     if as_is and missing:
         click.echo(f"Warning: --rules adds to the built-in rules: those your list leaves out "
-                   f"({', '.join(missing)}) still run; --ignore-rule NAME leaves one out",
+                   f"({', '.join(missing)}) still run; check --ignore-rule NAME leaves one "
+                   "out of a gate",
                    err=True)
 
 

@@ -54,6 +54,8 @@ class InterruptGuard:
     def __init__(self, flush: Callable[[], None], close: Callable[[], None]) -> None:
         self._flush = flush
         self._close = close
+        #: the signal whose default action ends the process, set before ``close`` runs
+        self.stopped_by: str | None = None
         self._previous: dict[int, Any] = {}
         self._depth = 0
         self._held: tuple[int, Any] | None = None
@@ -156,6 +158,7 @@ class InterruptGuard:
         # the default action (SIG_DFL, or None for a handler not set from Python)
         if signum == getattr(signal, "SIGINT", None):
             raise KeyboardInterrupt
+        self.stopped_by = signal.Signals(signum).name  # what the close records
         with contextlib.suppress(Exception):
             self._close()
         self.uninstall()

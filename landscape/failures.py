@@ -115,3 +115,4 @@ def _describe(err: BaseException) -> str:
         if not library:
             return f"{described} (at {os.path.basename(name)}:{frame.lineno})"
     return described
+

@@ -241,6 +241,9 @@ def test_a_resumed_runs_rhythms_starting_over_are_no_blow_up(tmp_path):
         broken = every3.copy()
         broken[13] = np.nan  # a value due in the second session that did not come: marked
         assert np.flatnonzero(nonfinite_rows(broken, starts)).tolist() == [13]
+        blown = secant.copy()
+        blown[10:] = np.nan  # a resumed session NaN from its first row: a blow-up, marked
+        assert np.flatnonzero(nonfinite_rows(blown, starts)).tolist() == list(range(10, 20))
         fig = timeline(run, "sentinels")
         assert not [line for ax in fig.axes for line in ax.get_lines()
                     if line.get_marker() == "|"]

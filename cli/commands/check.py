@@ -120,8 +120,9 @@ def _print(found: list, failing: list, checked: dict, fail_on: str, as_json: boo
               help="Leave out the findings of rule NAME (built-in or your own): not "
                    "evaluated, and those stored in RUN not listed. Repeatable.")
 @click.option("--require-finished", is_flag=True,
-              help="Fail (exit 1) unless the run's writer closed RUN: not while it is still "
-                   "being written, nor when its writer was killed before closing it.")
+              help="Fail (exit 1) unless the run's writer closed RUN at the end of training: "
+                   "not while it is still being written, nor when training stopped on an "
+                   "exception or a signal, nor when its writer was killed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 @click.option("-q", "--quiet", is_flag=True,
               help="Print only the verdict line (with --json: the whole document).")
@@ -142,9 +143,11 @@ def check(run_path: str, fail_on: str, recompute: bool, rule_specs: tuple[str, .
         with input_errors(EXIT_INPUT), run_file_errors(run_path, EXIT_INPUT), \
                 Run.open(run_path) as run:
             run.config  # noqa: B018 (a damaged config attribute: 2, as info and report say)
+            # the state before the rows: a writer that closes while the rules run wrote
+            # rows this reader did not see, so the run is not called finished
+            status = run.writer_status()
             found = findings_of(run, recompute, rules, quiet or as_json, ignore)
             recorded = run.recorded()
-            status = run.writer_status()  # after the rows: a writer closing meanwhile
             checked = {"source": run.source, "last_step": run.last_step(),
                        "recomputed": recompute,
                        "writer": None if status is None else status.to_json()}

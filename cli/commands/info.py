@@ -10,6 +10,7 @@ from landscape_cli.options import counted, json_safe
 
 from landscape.store import FieldSpec, Run
 from landscape.store.reader import surface_source
+from landscape.store.writer_status import WriterStatus
 
 
 @cli.command(epilog="\b\nExample:\n  landscape info run.h5")
@@ -20,7 +21,6 @@ def info(run_path: str, as_json: bool) -> None:
     """Show the metrics, fields, step ranges, findings and surfaces of RUN."""
     with run_file_errors(run_path), Run.open(run_path) as run:
         summary = run.summary()
-        status = run.writer_status()
     if as_json:  # strict JSON: a NaN in a config is "nan", as check --json writes it
         click.echo(json.dumps(json_safe(summary), indent=2, default=str, allow_nan=False))
         return
@@ -29,8 +29,8 @@ def info(run_path: str, as_json: bool) -> None:
         f"  format version {summary['format_version']}, written by landscape "
         f"{summary['library_version']} (torch {summary['torch_version']}) on {summary['created']}"
     )
-    if status is not None:
-        click.echo(f"  state: {status.describe()}")
+    if summary["writer"] is not None:
+        click.echo(f"  state: {WriterStatus(**summary['writer']).describe()}")
     if summary["config"]:
         click.echo(f"  config: {json.dumps(summary['config'], default=str)}")
     click.echo(f"  metrics: {len(summary['metrics'])}")

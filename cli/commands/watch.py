@@ -126,11 +126,12 @@ def _holds_nothing(path: str) -> bool:
 
 
 def _end_if_finished(source: str, status: WriterStatus | None, quiet: bool) -> None:
-    """With ``--until-finished``: exit 0 once the writer closed the run, 1 when it ended
-    without closing it; go on while it writes (or cannot be told)."""
-    if status is None or status.state not in ("closed", "ended"):
+    """With ``--until-finished``: exit 0 once the writer closed the finished run, 1 when
+    training stopped (an exception, a signal) or the writer ended without closing it; go
+    on while it writes (or cannot be told)."""
+    if status is None or status.state not in ("closed", "stopped", "ended"):
         return
-    if not quiet or status.state == "ended":
+    if not quiet or not status.finished:
         click.echo(f"{source} is {status.describe()}", err=True)
     click.get_current_context().exit(0 if status.finished else 1)
 
@@ -154,8 +155,8 @@ def _end_if_finished(source: str, status: WriterStatus | None, quiet: bool) -> N
 )
 @click.option(
     "--until-finished", is_flag=True,
-    help="Stop once the run's writer has closed RUN (exit 0), or has ended without closing "
-         "it: killed or crashed (exit 1).",
+    help="Stop once the run's writer has closed RUN at the end of training (exit 0), or "
+         "training stopped (an exception, a signal) or its writer was killed (exit 1).",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No header and no closing line.")
 @verbose_option

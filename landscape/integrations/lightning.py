@@ -83,6 +83,7 @@ from landscape.monitor import MetricsLike, Monitor, resolve_metrics
 from landscape.params import gradient_norm
 from landscape.schedules import Every
 from landscape.store import Run
+from landscape.store.writer_status import stopped_how
 
 try:  # the unified package first, then the standalone one
     import lightning.pytorch as pl
@@ -457,8 +458,11 @@ class LandscapeCallback(CallbackSettings, Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        """Close the run file (every row appended before the failure is kept)."""
-        self.close()
+        """Close the run file, every row appended before the failure kept, saying why.
+
+        The reason (``closed_how``) makes ``landscape check --require-finished`` fail it.
+        """
+        self.close(how=stopped_how(exception))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Close the run file."""
@@ -502,10 +506,14 @@ class LandscapeCallback(CallbackSettings, Callback):
 
     # ------------------------------------------------------------------ access
 
-    def close(self) -> None:
-        """Remove the monitor's optimizer hooks and close the run file (idempotent)."""
+    def close(self, how: str | None = None) -> None:
+        """Remove the monitor's optimizer hooks and close the run file (idempotent).
+
+        Args:
+            how: why training stopped, when it did not finish (:meth:`Monitor.close`).
+        """
         if self.monitor is not None:
-            self.monitor.close()
+            self.monitor.close(how=how)
         self._closed = True
 
     def run(self) -> Any:

@@ -89,6 +89,7 @@ from landscape.params import (
     trainable_named_parameters,
 )
 from landscape.store import Run, RunWriter
+from landscape.store.writer_status import stopped_how
 
 __all__ = ["MetricsLike", "Monitor", "close_monitors", "resolve_metrics", "unwrap_optimizer"]
 
@@ -527,7 +528,7 @@ class Monitor:
             self.writer = None
             raise
         # Ctrl-C / SIGTERM: flush the file first, never in the middle of a step's rows
-        self._interrupts = InterruptGuard(self.flush, self.close).install()
+        self._interrupts = InterruptGuard(self.flush, self._close_on_signal).install()
         _OPEN.add(self)  # before the warning, which a filter may turn into an error
         self._say_other_open_monitors()
         return self
@@ -659,8 +660,20 @@ class Monitor:
                 RuntimeWarning, stacklevel=user_stacklevel(),
             )
 
-    def close(self) -> None:
-        """Remove the optimizer hooks, flush and close the run file, close the mirrors."""
+    def _close_on_signal(self) -> None:
+        """Close on a signal that ends the process (SIGTERM), saying which in the file."""
+        guard = self._interrupts
+        self.close(how=f"stopped by {guard.stopped_by}" if guard and guard.stopped_by else
+                   "stopped by a signal")
+
+    def close(self, how: str | None = None) -> None:
+        """Remove the optimizer hooks, flush and close the run file, close the mirrors.
+
+        Args:
+            how: why training stopped when it did not finish (an exception, a signal),
+                recorded in the run file (``landscape check --require-finished`` fails
+                such a run); None: it finished.
+        """
         _OPEN.discard(self)
         for h in self._hooks:
             h.remove()
@@ -670,7 +683,7 @@ class Monitor:
             self._interrupts.uninstall()
             self._interrupts = None
         if self.writer is not None:
-            self.writer.close()
+            self.writer.close(how=how)
             if self.mirrors and not self._mirrors_closed:
                 self._mirrors_closed = True
                 self._mirror("close")
@@ -683,7 +696,7 @@ class Monitor:
     def __exit__(self, *exc: Any) -> None:
         self._with_depth -= 1
         if self._with_depth == 0:  # a nested `with mon:` leaves it open for the outer one
-            self.close()
+            self.close(how=stopped_how(exc[1]))
 
     @property
     def _leads(self) -> bool:

@@ -167,13 +167,18 @@ def nonfinite_rows(values: np.ndarray, starts: Sequence[int] = ()) -> np.ndarray
     flat = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
     bad = np.isinf(flat).any(axis=1)
     edges = [0, *sorted({int(i) for i in starts if 0 < int(i) < len(flat)}), len(flat)]
-    for lo, hi in itertools.pairwise(edges):
-        rows = np.arange(hi - lo)
-        for column in flat[lo:hi].T:
-            finite = np.flatnonzero(np.isfinite(column))
-            if finite.size == 0:
-                continue
+    for whole in flat.T:
+        if not np.isfinite(whole).any():
+            continue  # NaN on every row: not measured
+        for lo, hi in itertools.pairwise(edges):
+            column = whole[lo:hi]
+            # a session without a finite value (a resumed run NaN from its first row) is
+            # read by the whole series' rhythm: those NaN are a blow-up, not a restart
+            rhythm = column if np.isfinite(column).any() else whole
+            offset = 0 if rhythm is column else lo
+            finite = np.flatnonzero(np.isfinite(rhythm))
             period = int(np.diff(finite).min()) if finite.size > 1 else 1
+            rows = np.arange(hi - lo) + offset
             due = (rows >= finite[0]) & ((rows - finite[0]) % period == 0)
             bad[lo:hi] |= np.isnan(column) & due
     return bad

@@ -198,13 +198,16 @@ class Run:
         """Whether the run's writer closed the file, still writes it, or ended without it.
 
         :mod:`~landscape.store.writer_status` says how this is told; None for a run in
-        memory. Read afresh at each call: a gate asks it after reading the rows.
+        memory. The flags are read from the file at each call, the attributes from this
+        reader's view: a ``Run`` held open while another process resumes the file sees
+        the old writer's (open it again).
         """
         path = getattr(self._backend, "path", None)
         if path is None:
             return None
         attrs = self._backend.root_attrs()
-        return writer_status(path, attrs.get("writer_pid"), attrs.get("writer_host"))
+        return writer_status(path, attrs.get("writer_pid"), attrs.get("writer_host"),
+                             attrs.get("closed_how"))
 
     def resumed_after(self) -> list[int]:
         """The steps after which a writer resumed the run (the root ``resumed_after``).

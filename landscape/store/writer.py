@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import time
 import warnings
 import weakref
@@ -90,9 +91,12 @@ def _close_at_exit() -> None:
     ``__del__`` cannot: at shutdown h5py can no longer import what it needs. Registered
     after h5py's own exit handler, this one runs before it.
     """
+    uncaught = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
+    how = (None if uncaught is None else
+           f"the program ended on an uncaught {type(uncaught).__name__}: {uncaught}")
     for writer in list(_OPEN):
         with contextlib.suppress(Exception):
-            writer.close()
+            writer.close(how=how)
 
 
 def close_writers(path: str | os.PathLike | None = None) -> int:
@@ -288,6 +292,8 @@ class RunWriter:
     def _mark_owner(backend: H5Backend) -> None:
         backend.file.attrs["writer_pid"] = os.getpid()
         backend.file.attrs["writer_host"] = socket.gethostname()
+        if "closed_how" in backend.file.attrs:  # a previous session's stop: resumed now
+            del backend.file.attrs["closed_how"]
 
     @staticmethod
     def _note_resume(backend: Backend, dropped_from: int | None) -> None:
@@ -904,8 +910,14 @@ class RunWriter:
         self._last_flush = time.monotonic()
         self._urgent = False
 
-    def close(self) -> None:
-        """Write buffered rows and close the file; closing twice is harmless."""
+    def close(self, how: str | None = None) -> None:
+        """Write buffered rows and close the file; closing twice is harmless.
+
+        Args:
+            how: why the run stopped when it did not finish (an exception, a signal): kept
+                in the root ``closed_how`` attribute, which tells a run that stopped from
+                one that finished (:mod:`~landscape.store.writer_status`); None: finished.
+        """
         if self._closed:
             return
         try:
@@ -918,6 +930,9 @@ class RunWriter:
                 self._flush_pending()
                 if not self._full:
                     self._backend.flush()
+                    if how is not None and self.path is not None:
+                        with contextlib.suppress(Exception):  # the rows are out: kept
+                            self._backend.set_root_attrs({"closed_how": str(how)[:500]})
         finally:
             if isinstance(self._backend, H5Backend):
                 self._backend.close()

@@ -1,13 +1,14 @@
 """Whether a run file's writer closed it, still writes it, or ended without closing it.
 
 A gate that runs after training (``landscape check``) must tell a finished run from one
-whose writer was killed half-way, or one still being written: the rows alone look alike.
-Two records tell them apart. HDF5 sets the superblock's file consistency flags when a
-writer opens the file and clears them when it closes it (the HDF5 File Format
-Specification, section II.A), so a set flag means "not closed"; the writer records its
-process id and host in the file's ``writer_pid`` and ``writer_host`` attributes
-(docs/file-format.md), so a reader on the same host can ask whether that process still
-runs. On another host it cannot: the state is then ``open``.
+that stopped half-way, or one still being written: the rows alone look alike. Three
+records tell them apart. HDF5 sets the superblock's file consistency flags when a writer
+opens the file and clears them when it closes it (the HDF5 File Format Specification,
+section II.A), so a set flag means "not closed"; the writer records its process id and
+host in the file's ``writer_pid`` and ``writer_host`` attributes (docs/file-format.md), so
+a reader on the same host can ask whether that process still runs (on another host it
+cannot: the state is then ``open``); and a writer closed because training stopped (an
+exception, Ctrl-C, SIGTERM, an uncaught error at exit) records why in ``closed_how``.
 """
 
 from __future__ import annotations
@@ -21,14 +22,16 @@ from typing import Any
 
 from landscape.store.recovery import WRITING, open_flags, pid_alive
 
-__all__ = ["WriterStatus", "writer_status"]
+__all__ = ["WriterStatus", "stopped_how", "writer_status"]
 
-STATES = ("closed", "writing", "ended", "open", "unknown")
-"""``closed``: its writer closed the file (a finished run, or one stopped cleanly);
+STATES = ("closed", "stopped", "writing", "ended", "open", "unknown")
+"""``closed``: its writer closed the file when training finished; ``stopped``: it closed
+the file because training stopped (``reason``: an exception, Ctrl-C, SIGTERM);
 ``writing``: the writer, a process on this host, still runs; ``ended``: the writer's
-process ended without closing the file (killed, or crashed); ``open``: not closed, and
-written from another host (whether its writer runs cannot be told from here);
-``unknown``: a file whose superblock this library does not read."""
+process ended without closing the file (killed: SIGKILL, out of memory, a crash of the
+interpreter); ``open``: not closed, and written from another host (whether its writer
+runs cannot be told from here); ``unknown``: a file whose superblock this library does
+not read (one rewritten by other tools, such as ``h5repack``)."""
 
 
 @dataclass(frozen=True)
@@ -38,10 +41,11 @@ class WriterStatus:
     state: str
     pid: int | None = None
     host: str | None = None
+    reason: str | None = None
 
     @property
     def finished(self) -> bool:
-        """Whether the writer closed the file: nothing more will be written to it."""
+        """Whether the writer closed the file when training finished."""
         return self.state == "closed"
 
     def describe(self) -> str:
@@ -49,17 +53,21 @@ class WriterStatus:
         who = f"pid {self.pid} on {self.host}" if self.pid is not None else "its writer"
         return {
             "closed": "closed by its writer",
+            "stopped": f"closed by its writer after training stopped ({self.reason})",
             "writing": f"being written ({who})",
             "ended": f"not closed: its writer ({who}) ended without closing it (killed or "
                      "crashed)",
-            "open": f"not closed: open for writing on another host ({who}; whether it "
-                    "still runs cannot be told from here)",
+            "open": (f"not closed: open for writing on another host ({who}; whether it "
+                     "still runs cannot be told from here)" if self.host is not None else
+                     "not closed, and its writer is not recorded (whether it still runs "
+                     "cannot be told)"),
             "unknown": "in an unknown state (whether its writer closed it cannot be told)",
         }[self.state]
 
     def to_json(self) -> dict[str, Any]:
-        """``{"state", "pid", "host"}``."""
-        return {"state": self.state, "pid": self.pid, "host": self.host}
+        """``{"state", "pid", "host", "reason"}``."""
+        return {"state": self.state, "pid": self.pid, "host": self.host,
+                "reason": self.reason}
 
 
 REOPEN_WAIT = 0.2
@@ -74,13 +82,15 @@ def _flags(path: Path) -> int | None:
         return None
 
 
-def writer_status(path: str | os.PathLike, pid: Any = None, host: Any = None) -> WriterStatus:
+def writer_status(path: str | os.PathLike, pid: Any = None, host: Any = None,
+                  closed_how: Any = None) -> WriterStatus:
     """The state of ``path``'s writer.
 
     Args:
         path: the run file.
         pid: its ``writer_pid`` attribute (None: not recorded).
         host: its ``writer_host`` attribute.
+        closed_how: its ``closed_how`` attribute: why training stopped (None: finished).
 
     Returns:
         The status. A process id reused since the writer died reads as ``writing``, as
@@ -99,6 +109,8 @@ def writer_status(path: str | os.PathLike, pid: Any = None, host: Any = None) ->
         time.sleep(REOPEN_WAIT)
         flags = _flags(path)
     if flags == 0:
+        if closed_how:
+            return WriterStatus("stopped", pid, host, str(closed_how))
         return WriterStatus("closed", pid, host)
     if str(path.resolve()) in WRITING:  # this process writes it
         return WriterStatus("writing", os.getpid(), socket.gethostname())
@@ -107,3 +119,22 @@ def writer_status(path: str | os.PathLike, pid: Any = None, host: Any = None) ->
     if host != socket.gethostname():
         return WriterStatus("open", pid, host)
     return WriterStatus("writing" if pid_alive(pid) else "ended", pid, host)
+
+
+def stopped_how(err: BaseException | None) -> str | None:
+    """Why a run stopped, for the run file's ``closed_how``; None when it finished.
+
+    Args:
+        err: what ended the monitored block (None: it ended normally).
+
+    Returns:
+        ``"stopped by Ctrl-C"`` for a ``KeyboardInterrupt``, else the exception in one
+        line; None without one.
+    """
+    if err is None:
+        return None
+    if isinstance(err, KeyboardInterrupt):
+        return "stopped by Ctrl-C (KeyboardInterrupt)"
+    if isinstance(err, SystemExit) and err.code in (None, 0):
+        return None  # sys.exit(0) inside the block: a normal end
+    return f"stopped on {type(err).__name__}: {err}"[:500]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -43,6 +44,7 @@ from landscape.findings import user_stacklevel
 from landscape.isolation import isolated
 from landscape.store import RunWriter, SurfaceData
 from landscape.store.writer import SURFACE_ELSEWHERE
+from landscape.store.writer_status import stopped_how
 from landscape.surface._evaluator import GridData, PointEvaluator
 from landscape.surface.directions import Directions
 
@@ -321,8 +323,8 @@ def evaluate_grid(
         mine = run_writer.run().surface(name) if _dist.rank() == 0 else None
         return _dist.broadcast_object(mine)
     finally:
-        if owned:
-            run_writer.close()
+        if owned:  # an interrupted surface says so in the file (check --require-finished)
+            run_writer.close(how=stopped_how(sys.exc_info()[1]))
 
 
 def _compute(

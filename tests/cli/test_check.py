@@ -330,6 +330,7 @@ def test_check_tells_a_finished_run_from_a_live_or_killed_one(runner, tmp_path):
     finally:
         proc.kill()
         proc.wait()
+        proc.stdout.close()
     plain = runner.invoke(cli, ["check", str(killed)])  # no flag: the rows' verdict, said
     assert plain.exit_code == 0, plain.output
     assert "ended without closing it (killed or crashed)" in plain.stderr
@@ -337,7 +338,8 @@ def test_check_tells_a_finished_run_from_a_live_or_killed_one(runner, tmp_path):
     assert gated.exit_code == 1, gated.output
     data = json.loads(gated.stdout)
     assert data["failed"] is True and data["counts"]["warning"] == 0
-    assert data["writer"] == {"state": "ended", "pid": proc.pid, "host": socket.gethostname()}
+    assert data["writer"] == {"state": "ended", "pid": proc.pid, "host": socket.gethostname(),
+                              "reason": None}
     info = runner.invoke(cli, ["info", str(killed)])
     assert "state: not closed: its writer" in info.stdout
     assert "state: closed by its writer" in runner.invoke(cli, ["info", str(finished)]).stdout
@@ -397,3 +399,53 @@ def test_check_ignore_rule_leaves_a_rule_out_of_the_gate(runner, run_file, tmp_p
     mine.write_text(_RULES_FILE)
     result = runner.invoke(cli, ["check", str(run_file), "--rules", f"{mine}:RULES"])
     assert "Warning" not in result.stderr
+
+
+_STOPPED_TRAINING = '''
+import os, signal, sys
+import torch, torch.nn.functional as F
+import landscape as ls
+how, path = sys.argv[1], sys.argv[2]
+model = torch.nn.Linear(4, 2)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+with ls.Monitor(model, F.cross_entropy, path, optimizer=opt, warn=False) as mon:
+    for step in range(5):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mon.step(step, batch=(x, y), loss=loss)
+    if how == "raise":
+        raise RuntimeError("the data loader broke")
+    if how == "sigterm":
+        os.kill(os.getpid(), signal.SIGTERM)
+'''
+
+
+@pytest.mark.parametrize("how, code, reason", [
+    ("finish", 0, None), ("raise", 1, "stopped on RuntimeError: the data loader broke"),
+    ("sigterm", -15, "stopped by SIGTERM")])
+def test_a_training_stopped_by_an_error_or_a_signal_is_not_finished(runner, tmp_path, how,
+                                                                    code, reason):
+    """The monitor closes its file on an exception and on SIGTERM: such a run read as
+    closed, and check --require-finished passed it (own-diff review)."""
+    path, script = tmp_path / "run.h5", tmp_path / "train.py"
+    script.write_text(_STOPPED_TRAINING)
+    done = subprocess.run([sys.executable, str(script), how, str(path)], capture_output=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == code, done.stderr[-2000:]
+    result = runner.invoke(cli, ["check", str(path), "--require-finished", "--json"])
+    writer = json.loads(result.stdout)["writer"]
+    assert writer["reason"] == reason
+    if reason is None:
+        assert result.exit_code == 0 and writer["state"] == "closed", result.output
+    else:
+        assert result.exit_code == 1 and writer["state"] == "stopped", result.output
+        assert f"after training stopped ({reason})" in result.stderr
+        info = runner.invoke(cli, ["info", str(path)])
+        assert "state: closed by its writer after training stopped" in info.stdout
+    with RunWriter(path):  # a resume clears the reason: closed again when it finishes
+        pass
+    resumed = runner.invoke(cli, ["check", str(path), "--require-finished", "--json"])
+    assert resumed.exit_code == 0 and json.loads(resumed.stdout)["writer"]["state"] == "closed"

@@ -314,6 +314,7 @@ def test_watch_until_finished_stops_when_the_writer_closes_or_ended(runner, tmp_
     finally:
         proc.kill()
         proc.wait()
+        proc.stdout.close()
     result = runner.invoke(cli, ["watch", str(killed), "--until-finished", "-q"])
     assert result.exit_code == 1, result.output
     assert "ended without closing it (killed or crashed)" in result.stderr

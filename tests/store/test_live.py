@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -846,3 +847,34 @@ def test_a_crashed_run_resumed_through_a_link_is_recovered_where_the_link_points
     with Run.open(target) as run:
         assert list(run.steps("m")) == list(range(9))
     assert not list((tmp_path / "links").glob("*.recover"))
+
+
+def test_the_writer_status_of_each_state_and_the_second_look(tmp_path, monkeypatch):
+    """The states a reader tells from the superblock's flags and the recorded writer; a
+    live writer's file that reads as closed is looked at again (a structural change
+    closes and reopens it within milliseconds: a live run passed a --require-finished
+    gate in that window)."""
+    from landscape.store import writer_status as ws
+
+    path = tmp_path / "run.h5"
+    path.write_bytes(b"")
+    here, alive = socket.gethostname(), os.getppid()  # a process that runs, not this one
+    monkeypatch.setattr(ws, "REOPEN_WAIT", 0.0)
+
+    def status(flags, *args):
+        looks = iter(flags)
+        monkeypatch.setattr(ws, "open_flags", lambda _p: next(looks))
+        return ws.writer_status(path, *args)
+
+    assert status([0, 5], alive, here).state == "writing"  # closed for a moment only
+    assert status([0, 0], alive, here).state == "closed"  # closed, the process lives on
+    assert status([0], 99_999_999, here).state == "closed"  # its writer is gone: no wait
+    stopped = status([0], 99_999_999, here, "stopped by SIGTERM")
+    assert stopped.state == "stopped" and not stopped.finished
+    assert "after training stopped (stopped by SIGTERM)" in stopped.describe()
+    assert status([5], 99_999_999, here).state == "ended"
+    elsewhere = status([5], alive, "another-host")
+    assert elsewhere.state == "open" and "another host" in elsewhere.describe()
+    unrecorded = status([5])
+    assert unrecorded.state == "open" and "not recorded" in unrecorded.describe()
+    assert status([None], alive, here).state == "unknown"
