@@ -19,6 +19,7 @@ import hashlib
 import itertools
 import math
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -623,13 +624,19 @@ def _partial_step(path: str | Path | None, mode: str) -> int | None:
 
 
 def _drop_from(path: str | Path | None, step: int) -> None:
-    """Remove the rows of ``step`` and later from the run file (an unfinished checkpoint)."""
+    """Remove the rows of ``step`` and later from the run file (an unfinished checkpoint).
+
+    Called while the error that stopped the analysis propagates: the file says why, as the
+    monitor had said before this reopening cleared it (``closed_how``).
+    """
     if path is None or not Path(path).is_file():
         return
     from landscape.store import RunWriter
+    from landscape.store.writer_status import stopped_how
 
     with contextlib.suppress(Exception):  # the file stays as the monitor closed it
-        RunWriter(path, mode="a", truncate_from=step).close()
+        RunWriter(path, mode="a", truncate_from=step).close(
+            how=stopped_how(sys.exc_info()[1]))
 
 
 class _Progress:

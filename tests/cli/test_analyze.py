@@ -842,3 +842,24 @@ def test_a_saved_adamw_is_rebuilt_as_adamw():
         assert settings["name"] == name
         rebuilt = _optimizer(model, settings)
         assert type(rebuilt) is cls and rebuilt.param_groups[0]["weight_decay"] == 0.1
+
+
+def test_an_analysis_stopped_mid_checkpoint_reads_as_stopped(tmp_path):
+    """Dropping the unfinished checkpoint's rows reopened the file, which cleared the
+    reason the monitor had recorded: an interrupted analysis read as finished."""
+    from landscape.analysis import _drop_from
+    from landscape.store import RunWriter
+
+    path = tmp_path / "run.h5"
+    with RunWriter(path, mode="w") as w:
+        w.declare("m", {"v": None})
+        for step in (10, 20, 30):
+            w.append("m", step, {"v": 1.0})
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        _drop_from(path, 30)
+    with ls.Run.open(path) as run:
+        assert run.steps("m").tolist() == [10, 20]
+        status = run.writer_status()
+    assert status.state == "stopped" and "Ctrl-C" in status.reason
