@@ -27,6 +27,16 @@ def trainable_named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def weights_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype | None:
+    """The one floating dtype of ``tensors``; None when they hold several (or none).
+
+    The dtype a model's inputs are read in (the probe, the batches of a wrapper that casts
+    them on the way in).
+    """
+    floating = {t.dtype for t in tensors if t.is_floating_point()}
+    return next(iter(floating)) if len(floating) == 1 else None
+
+
 def refuse_complex(named: Mapping[str, torch.Tensor]) -> None:
     """Raise ``ValueError`` naming the complex-valued parameters among ``named``.
 

@@ -52,7 +52,15 @@ from landscape.metrics.batch_parts import (
     split_batch,
     whole_dict_call,
 )
-from landscape.params import Vector, difference, gradient_norm, stackable, tensor_norms
+from landscape.params import (
+    Vector,
+    difference,
+    gradient_norm,
+    stackable,
+    tensor_norms,
+    trainable_named_parameters,
+    weights_dtype,
+)
 
 __all__ = ["MissingInput", "NoLossFunction", "StepContext"]
 
@@ -220,22 +228,29 @@ class StepContext:
         Returns:
             The context.
         """
-        fields.setdefault("names", [n for n, p in model.named_parameters() if p.requires_grad])
+        fields.setdefault("names", list(trainable_named_parameters(model)))
         fields.setdefault("closure", None)
-        floating = {p.dtype for p in model.parameters() if p.is_floating_point()}
-        dtype = next(iter(floating)) if len(floating) == 1 else None
+        dtype = weights_dtype(model.parameters())
         fields.setdefault("weights_dtype", dtype)
         if dtype is not None and fields.get("probe") is not None:
             fields["probe"] = each_batch(fields["probe"], lambda b: inputs_in(b, dtype))[0]
-        plan: dict[str, tuple[set[str], set[str]]] = {}
         for metric in metrics:
             metric.setup(model)
+        ctx = cls(step=step, model=model, loss_fn=loss_fn, optimizer=optimizer, **fields)
+        ctx.plan_captures(metrics)
+        return ctx
+
+    def plan_captures(self, metrics: Sequence[Any]) -> None:
+        """Add the layers ``metrics`` capture to the shared forward pass's plan.
+
+        By the data each reads (:attr:`capture_plan`), from their ``captures()``: what the
+        monitor does for the metrics due at a step.
+        """
+        for metric in metrics:
             ins, outs = metric.captures()
-            wanted = plan.setdefault(metric.data, (set(), set()))
+            wanted = self.capture_plan.setdefault(metric.data, (set(), set()))
             wanted[0].update(ins)
             wanted[1].update(outs)
-        fields.setdefault("capture_plan", plan)
-        return cls(step=step, model=model, loss_fn=loss_fn, optimizer=optimizer, **fields)
 
     @property
     def has_params_before(self) -> bool:

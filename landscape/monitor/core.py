@@ -87,6 +87,7 @@ from landscape.params import (
     stackable,
     tensor_norms,
     trainable_named_parameters,
+    weights_dtype,
 )
 from landscape.store import Run, RunWriter
 from landscape.store.writer_status import stopped_how
@@ -456,8 +457,7 @@ class Monitor:
                 "distributed=False (or landscape.distributed.local()) on an FSDP-sharded "
                 "model: its parameters' norms and forward need every rank; run the monitor "
                 "on all ranks together (rank 0 writes alone)")
-        floating = {p.dtype for p in self._objects.values() if p.is_floating_point()}
-        self._weights_dtype = next(iter(floating)) if len(floating) == 1 else None
+        self._weights_dtype = weights_dtype(self._objects.values())
         if self._probe_source == "given":  # before the Taylor guard or a metric reads it
             self._given_probe = self.probe
             self.probe = inputs_in_models_dtype(self.probe, self._weights_dtype)
@@ -1143,11 +1143,7 @@ class Monitor:
             # a metric's forward renormalises embedding rows in place (max_norm) until
             # isolated() writes them back: θ_after − Δθ is taken before any forward
             ctx.params_before  # noqa: B018 (the property builds it now)
-        for m in due:
-            ins, outs = m.captures()
-            plan = ctx.capture_plan.setdefault(m.data, (set(), set()))
-            plan[0].update(ins)
-            plan[1].update(outs)
+        ctx.plan_captures(due)
         found: list[Finding] = []
         # distributed=False: operators built by the metrics stay on this rank's data
         scope = contextlib.nullcontext() if self._distributed else _dist.local()
