@@ -266,11 +266,11 @@ def findings_of(run, recompute: bool, rules: list | None, quiet: bool,
     """
     from landscape.alarms import collect_findings, rule_names
 
-    unknown = sorted(set(ignore) - rule_names(run, rules)) if ignore else []
+    known = rule_names(run, rules) if ignore else set()
+    unknown = sorted(set(ignore) - known)
     if unknown:  # a typo would gate on the rule it meant to leave out
-        known = ", ".join(sorted(rule_names(run, rules)))
-        raise click.BadParameter(f"no rule named {', '.join(unknown)} (rules: {known})",
-                                 param_hint="--ignore-rule")
+        raise click.BadParameter(f"no rule named {', '.join(unknown)} (rules: "
+                                 f"{', '.join(sorted(known))})", param_hint="--ignore-rule")
     if recompute and not quiet:
         rows = sum(run.rows(m) for m in run.metrics())
         if rows > LONG_RUN_ROWS:

@@ -430,10 +430,11 @@ def collect_findings(
     if ignore:
         if isinstance(rules, Rule):
             rules = [rules]
-        unknown = sorted(ignore - rule_names(run, rules))
+        known = _rule_names(found, rules)
+        unknown = sorted(ignore - known)
         if unknown:
             raise ValueError(f"ignore: no rule named {', '.join(unknown)} (rules: "
-                             f"{', '.join(sorted(rule_names(run, rules)))})")
+                             f"{', '.join(sorted(known))})")
         found = [f for f in found if f.rule not in ignore]
         if recompute:
             listed = default_rules() if rules is None else list(rules)
@@ -455,7 +456,12 @@ def rule_names(run: Run, rules: Sequence[Any] | None = None) -> set[str]:
     The built-in rules, ``metric_failed`` (a metric that raised), the rules of ``rules``
     and those of the findings stored in the run (a training script's own rules).
     """
-    names = set(RULES) | {"metric_failed"} | {f.rule for f in run.findings()}
+    return _rule_names(run.findings(), rules)
+
+
+def _rule_names(stored: Iterable[Finding], rules: Sequence[Any] | None) -> set[str]:
+    """:func:`rule_names` from the run's stored findings, already read."""
+    names = set(RULES) | {"metric_failed"} | {f.rule for f in stored}
     listed = [rules] if isinstance(rules, Rule) else rules or ()
     return names | {r.name for r in listed if isinstance(r, Rule)}
 
