@@ -49,10 +49,10 @@ from landscape.findings import (
 from landscape.plotting import surfaces as _surface_plots
 from landscape.plotting.spectra import is_density
 from landscape.plotting.timelines import (
+    default_fields,
     figure_png,
     metrics_with_rows,
     nonfinite_rows,
-    plottable_fields,
     session_starts,
     timelines,
 )
@@ -435,9 +435,7 @@ def _timeline_alt(run: Run, metric: str, findings: Sequence[Finding]) -> str:
     """
     steps = run.steps(metric)
     span = f", steps {int(steps[0])} to {int(steps[-1])}" if len(steps) else ""
-    context = set(run.metric_attrs(metric).get("context", ()))  # left out, as the figure does
-    fields = ", ".join([f for f in plottable_fields(run, metric) if f not in context]
-                       or plottable_fields(run, metric))
+    fields = ", ".join(default_fields(run, metric))  # those the figure draws
     own = [f for f in findings if f.metric.split("/")[0] == metric]
     if not own:
         marked = "no finding on it"

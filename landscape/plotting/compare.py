@@ -32,11 +32,11 @@ from landscape.plotting.thinning import thin, thin_marks
 from landscape.plotting.timelines import (
     _draw_series,
     _set_log_scale,
+    default_fields,
     metrics_with_rows,
     new_figure,
     nonfinite_rows,
     opens_paths,
-    plottable_fields,
     session_starts,
     spans_decades,
 )
@@ -86,9 +86,7 @@ def _fields(runs: Sequence[Run], metric: str) -> list[str]:
     for run in runs:
         if metric not in run:
             continue
-        available = plottable_fields(run, metric)
-        context = set(run.metric_attrs(metric).get("context", ()))
-        for name in [f for f in available if f not in context] or available:
+        for name in default_fields(run, metric):
             if name not in names:
                 names.append(name)
     return names

@@ -106,6 +106,17 @@ def plottable_fields(run: Run, metric: str) -> list[str]:
     return [name for name, spec in run.fields(metric).items() if not spec.is_string]
 
 
+def default_fields(run: Run, metric: str) -> list[str]:
+    """The fields a timeline draws unless told which.
+
+    The numeric ones but those recording a row's conditions (``CONTEXT_FIELDS``), or all
+    numeric ones when every one is such a field.
+    """
+    available = plottable_fields(run, metric)
+    context = set(run.metric_attrs(metric).get("context", ()))
+    return [f for f in available if f not in context] or available
+
+
 def _component_labels(field: str, shape: tuple[int, ...], labels: Sequence[str] | None) -> list:
     n = int(np.prod(shape))
     if labels is not None and len(labels) == n:
@@ -369,8 +380,7 @@ def timeline(
         raise ValueError(f"max_lines must be >= 1, got {max_lines}")
     available = plottable_fields(run, metric)  # raises KeyError for an unknown metric
     if fields is None:
-        context = set(run.metric_attrs(metric).get("context", ()))
-        fields = [f for f in available if f not in context] or available
+        fields = default_fields(run, metric)
     else:
         unknown = [f for f in fields if f not in available]
         if unknown:
