@@ -60,6 +60,12 @@ class Backend(ABC):
             A new dict of plain Python values.
         """
 
+    def last_metric_step(self) -> int | None:
+        """The last committed step of any metric table (None: no metric has a row)."""
+        last = [int(self.steps(p, start=n - 1)[0]) for p in self.table_paths()
+                if p.startswith(f"{METRICS_GROUP}/") and (n := self.rows(p))]
+        return max(last) if last else None
+
     @abstractmethod
     def set_root_attrs(self, attrs: dict[str, str]) -> None:
         """Set root attributes of the run (one structural change).

@@ -507,3 +507,15 @@ def component_names(config: Any, field: str, shape: tuple[int, ...]) -> list[str
     if isinstance(layers, (list, tuple)) and tuple(shape) == (len(layers),):
         return [str(x) for x in layers]
     return None
+
+
+def resumed_after(attrs: Mapping[str, Any]) -> list[int]:
+    """The root ``resumed_after`` attribute of ``attrs``, decoded (docs/file-format.md).
+
+    The last step of any metric table each time a writer reopened the run; ``[]`` for a
+    run written in one session, or an attribute that is not a JSON list of integers.
+    """
+    try:
+        return [int(b) for b in json.loads(str(attrs.get("resumed_after", "[]")))]
+    except (TypeError, ValueError):
+        return []

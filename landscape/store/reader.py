@@ -31,6 +31,7 @@ from landscape.store.format import (
     SurfaceData,
     _decode_extra,
     _decode_strings,
+    resumed_after,
 )
 from landscape.store.recovery import open_for_reading
 from landscape.store.writer_status import WriterStatus, writer_status
@@ -215,10 +216,7 @@ class Run:
         The rows after each belong to a later session: its sentinels' secants and
         every-n-th-call rhythms start over there (docs/file-format.md).
         """
-        try:
-            return [int(b) for b in json.loads(str(self.attrs.get("resumed_after", "[]")))]
-        except (TypeError, ValueError):
-            return []
+        return resumed_after(self.attrs)
 
     @property
     def format_version(self) -> int:
@@ -472,10 +470,7 @@ class Run:
         The step up to which a reader saw the run: ``landscape check`` says it for a run
         still being written, or one whose writer ended without closing it.
         """
-        last = [int(self._backend.steps(p, start=n - 1)[0])
-                for p in map(self._metric_path, self.metrics())
-                if (n := self._backend.rows(p))]
-        return max(last) if last else None
+        return self._backend.last_metric_step()
 
     def recorded(self) -> bool:
         """Whether the run holds anything: a metric row, or a computed surface point.

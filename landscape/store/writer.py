@@ -52,6 +52,7 @@ from landscape.store.format import (
     _root_attrs,
     normalize_fields,
     plain_name,
+    resumed_after,
     step_value,
 )
 from landscape.store.reader import Run
@@ -306,17 +307,12 @@ class RunWriter:
         entries past it and notes the new last step instead.
         """
         attrs = backend.root_attrs()
-        try:
-            noted = [int(b) for b in json.loads(str(attrs.get("resumed_after", "[]")))]
-        except (TypeError, ValueError):
-            noted = []
+        noted = resumed_after(attrs)
         if dropped_from is not None:
             if "resumed_after" not in attrs:
                 return  # a file written in one session: nothing to amend
             noted = [b for b in noted if b < dropped_from]
-        ends = [_last_or_none(backend.steps(p, start=max(0, backend.rows(p) - 1)))
-                for p in backend.table_paths() if p.startswith(f"{METRICS_GROUP}/")]
-        last = max((e for e in ends if e is not None), default=None)
+        last = backend.last_metric_step()
         if last is not None and last not in noted:
             noted.append(last)
         text = json.dumps(sorted(noted))
