@@ -115,4 +115,3 @@ def _describe(err: BaseException) -> str:
         if not library:
             return f"{described} (at {os.path.basename(name)}:{frame.lineno})"
     return described
-
