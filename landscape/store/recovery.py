@@ -643,14 +643,20 @@ def _replace(copy: Path | str, path: Path) -> None:
     os.replace(copy, path)
 
 
+def running_here(pid: int | None, host: str | None) -> bool:
+    """Whether a recorded writer is another process that still runs on this host.
+
+    ``pid`` and ``host``: the file's ``writer_pid`` and ``writer_host`` attributes.
+    """
+    return (pid is not None and pid > 0 and host == socket.gethostname()
+            and pid != os.getpid() and pid_alive(pid))
+
+
 def _live_writer(f: h5py.File) -> int | None:
     """The pid of the file's recorded writer when it is another process still running here."""
     owner_pid = int(_attr_value(f.attrs.get("writer_pid", -1)))
     owner_host = _attr_value(f.attrs.get("writer_host", ""))
-    if (owner_pid > 0 and owner_host == socket.gethostname() and owner_pid != os.getpid()
-            and pid_alive(owner_pid)):
-        return owner_pid
-    return None
+    return owner_pid if running_here(owner_pid, owner_host) else None
 
 
 def _being_written(path: Path, pid: int) -> RunFileError:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from landscape.store.recovery import WRITING, open_flags, pid_alive
+from landscape.store.recovery import WRITING, open_flags, pid_alive, running_here
 
 __all__ = ["WriterStatus", "stopped_how", "writer_status"]
 
@@ -102,8 +102,7 @@ def writer_status(path: str | os.PathLike, pid: Any = None, host: Any = None,
     flags = _flags(path)
     if flags is None:
         return WriterStatus("unknown", pid, host)
-    if flags == 0 and pid is not None and host == socket.gethostname() and pid_alive(pid) \
-            and pid != os.getpid():
+    if flags == 0 and running_here(pid, host):
         # a live writer closes the file for a moment to add a table or a surface (out of
         # SWMR mode and back, milliseconds): look again before calling it closed
         time.sleep(REOPEN_WAIT)
