@@ -157,14 +157,13 @@ def check(run_path: str, fail_on: str, recompute: bool, rule_specs: tuple[str, .
     if not recorded and not found:  # a gate must not pass a job that recorded nothing
         raise CommandError(f"{run_path}: no rows recorded, nothing to check (the run stopped "
                            "before its first flush, or has not started)", EXIT_INPUT)
-    unfinished = None if status is None or status.finished else status.describe()
-    if unfinished:  # the rows alone do not tell a killed or live run from a finished one
+    state = None if status is None or status.finished else status.describe()
+    if state:  # the rows alone do not tell a killed or live run from a finished one
         upto = checked["last_step"]
-        click.echo(f"note: {checked['source']} is {unfinished}"
+        click.echo(f"note: {checked['source']} is {state}"
                    + ("" if upto is None else f"; checked up to step {upto}"), err=True)
     failing = at_or_above(found, fail_on)
-    if not require_finished:
-        unfinished = None
+    unfinished = state if require_finished else None
     try:  # exit 1 means a finding: an output that cannot be written is 2, as input errors
         with input_errors(EXIT_INPUT):
             _print(found, failing, checked, fail_on, as_json, quiet, unfinished)
