@@ -2,8 +2,9 @@
 
 The options of the commands that load user code and checkpoints (``analyze``,
 ``surface``) and the loading itself (:func:`load_inputs`); the findings options of
-``check``, ``report`` and ``plot`` (``--recompute/--stored``, ``--rules``) and the findings
-they list (:func:`findings_of`); output names and counts in messages.
+``check``, ``report`` and ``plot`` (``--recompute/--stored``, ``--rules``,
+``--ignore-rule``) and the findings they list (:func:`findings_of`); output names and
+counts in messages.
 """
 
 from __future__ import annotations
@@ -215,6 +216,15 @@ def rules_option(func: F) -> F:
              "package.module:name or path/to/file.py:name naming a rule, a list of rules, a "
              "Rule class or a function returning them. A rule named like a built-in one "
              "replaces it. Repeatable.",
+    )(func)
+
+
+def ignore_rule_option(func: F) -> F:
+    """``--ignore-rule NAME``: leave a rule's findings out (check, report, plot)."""
+    return click.option(
+        "--ignore-rule", "ignore", multiple=True, metavar="NAME",
+        help="Leave out the findings of rule NAME (built-in or your own): not evaluated, "
+             "and those stored in RUN not listed. Repeatable.",
     )(func)
 
 

@@ -405,8 +405,11 @@ def _summary_html(summary: dict, counts: dict[str, int]) -> list[str]:
     return out
 
 
-def _findings_html(findings: Sequence[Finding]) -> list[str]:
+def _findings_html(findings: Sequence[Finding], ignored_rules: Sequence[str] = ()) -> list[str]:
     out = ['<section id="findings-section"><h2>Findings</h2>']
+    if ignored_rules:
+        names = ", ".join(_e(r) for r in ignored_rules)
+        out.append(f'<p id="ignored-rules">Left out (ignored): the findings of {names}.</p>')
     if not findings:
         out.append('<p id="no-findings">No findings.</p></section>')
         return out
@@ -519,10 +522,13 @@ def render_report(
     findings: Sequence[Finding] | None = None,
     log: bool | None = None,
     dpi: int = 90,
+    ignored_rules: Sequence[str] = (),
 ) -> str:
     """The report of ``run`` as one HTML document (a string).
 
-    ``findings``: the findings to list and mark (default :func:`collect_findings`).
+    ``findings``: the findings to list and mark (default :func:`collect_findings`, leaving
+    out ``ignored_rules``). ``ignored_rules``: rules whose findings were left out
+    (``landscape report --ignore-rule``); the findings section names them.
     ``log``: logarithmic y axes on the timelines and log10 of the surfaces (``None``, the
     default: where a field's positive values span two decades,
     :func:`landscape.plotting.timelines.timeline`, :func:`~landscape.plotting.surfaces.contour`).
@@ -531,7 +537,8 @@ def render_report(
     if dpi < 10:
         raise ValueError(f"dpi must be >= 10, got {dpi}")
     summary = run.summary()
-    found = list(collect_findings(run) if findings is None else findings)
+    ignored_rules = sorted(set(ignored_rules))
+    found = list(collect_findings(run, ignore=ignored_rules) if findings is None else findings)
     counts = count_by_severity(found)
     if title is None:
         title = f"landscape report: {Path(summary['source']).name}"
@@ -552,7 +559,7 @@ def render_report(
     ]
     parts += _overview_html(run, found)
     parts += _summary_html(summary, counts)
-    parts += _findings_html(found)
+    parts += _findings_html(found, ignored_rules)
     parts += _timelines_html(run, found, log, dpi)
     parts += _surfaces_html(run, dpi, log)
     config = json.dumps(summary["config"], indent=2, sort_keys=True, default=str,
@@ -640,6 +647,7 @@ def write_report(
     findings: Sequence[Finding] | None = None,
     log: bool | None = None,
     dpi: int = 90,
+    ignored_rules: Sequence[str] = (),
 ) -> Path:
     """Write the self-contained HTML report of ``run`` to ``path`` (see :func:`render_report`).
 
@@ -649,5 +657,6 @@ def write_report(
         LandscapeError: ``path`` cannot take a report (:func:`check_report_target`).
     """
     p = check_report_target(path)
-    text = render_report(run, title=title, findings=findings, log=log, dpi=dpi)
+    text = render_report(run, title=title, findings=findings, log=log, dpi=dpi,
+                         ignored_rules=ignored_rules)
     return write_whole(p, text)  # a full disk or Ctrl-C leaves the old report as it was

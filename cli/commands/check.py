@@ -16,6 +16,7 @@ from landscape_cli.app import CommandError, cli, input_errors, run_file_errors, 
 from landscape_cli.options import (
     counted,
     findings_of,
+    ignore_rule_option,
     json_safe,
     load_rule_specs,
     recompute_option,
@@ -116,9 +117,7 @@ def _print(found: list, failing: list, checked: dict, fail_on: str, as_json: boo
 )
 @recompute_option("List")
 @rules_option
-@click.option("--ignore-rule", "ignore", multiple=True, metavar="NAME",
-              help="Leave out the findings of rule NAME (built-in or your own): not "
-                   "evaluated, and those stored in RUN not listed. Repeatable.")
+@ignore_rule_option
 @click.option("--require-finished", is_flag=True,
               help="Fail (exit 1) unless the run's writer closed RUN at the end of training: "
                    "not while it is still being written, nor when training stopped on an "

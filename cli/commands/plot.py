@@ -12,6 +12,7 @@ from landscape_cli.app import cli, run_file_errors, verbose_option
 from landscape_cli.options import (
     FiniteFloatOr,
     findings_of,
+    ignore_rule_option,
     load_rule_specs,
     named_output,
     output_directory,
@@ -32,10 +33,11 @@ def _is_directory_target(out: str) -> bool:
     return out.endswith(("/", os.sep)) or path.is_dir() or not path.suffix
 
 
-def _run_figures(run, metrics, to_directory, log, recompute, rules, quiet) -> dict:
+def _run_figures(run, metrics, to_directory, log, find) -> dict:
     """Timelines of the chosen metrics; with no -m and a directory, every surface as well.
 
-    Without -m, metrics that have no rows yet are left out.
+    Without -m, metrics that have no rows yet are left out. ``find(run)``: the findings to
+    mark.
     """
     unknown = [m for m in metrics if m not in run.metrics()]
     if unknown:
@@ -46,7 +48,7 @@ def _run_figures(run, metrics, to_directory, log, recompute, rules, quiet) -> di
     figures = {}
     names = list(metrics) or metrics_with_rows(run)
     if names:
-        found = findings_of(run, recompute, rules, quiet)
+        found = find(run)
         figures.update(timelines(run, names, log=log, findings=found))
     if not metrics and to_directory and run.surfaces():
         for name in run.surfaces():
@@ -117,6 +119,7 @@ def _message(err: Exception) -> str:
 )
 @click.option("--dpi", type=click.IntRange(min=10, max=2400), default=120, show_default=True)
 @rules_option
+@ignore_rule_option
 @click.option("-q", "--quiet", is_flag=True, help="Do not list the files written.")
 @verbose_option
 def plot(
@@ -130,6 +133,7 @@ def plot(
     log: bool | None,
     recompute: bool,
     rule_specs: tuple[str, ...],
+    ignore: tuple[str, ...],
     out: str,
     fmt: str,
     dpi: int,
@@ -173,6 +177,10 @@ def plot(
                                f"directory; the file {target.name}'s own suffix sets its "
                                f"format: -o {target.with_suffix('.' + fmt).name}")
     rules = load_rule_specs(rule_specs, recompute)
+
+    def find(run: Run) -> list:
+        return findings_of(run, recompute, rules, quiet, ignore)
+
     if not to_directory:  # -o run.h5 (also for several figures), before any work
         refuse_to_overwrite_hdf5(target, "a figure")
         suffix = target.suffix.lower().lstrip(".")
@@ -189,14 +197,14 @@ def plot(
         _write_vtk(run_paths[0], surface_name, target, field, bool(log), _clip(vmax), quiet)
         return
     if len(run_paths) > 1:
-        figures = _compared(run_paths, metrics, log, recompute, rules, quiet)
+        figures = _compared(run_paths, metrics, log, find)
     else:
         figures = _one_run(run_paths[0], metrics, surface_name, three_d, vmax, levels, field,
-                           log, to_directory, recompute, rules, quiet)
+                           log, to_directory, find)
     _save(figures, target, to_directory, fmt, dpi, quiet)
 
 
-def _compared(run_paths, metrics, log, recompute, rules, quiet) -> dict:
+def _compared(run_paths, metrics, log, find) -> dict:
     """The figures comparing several runs; a file that cannot be read is named alone."""
     seen: dict[Path, str] = {}
     for path in run_paths:
@@ -219,7 +227,7 @@ def _compared(run_paths, metrics, log, recompute, rules, quiet) -> dict:
         found = []
         for path, run in zip(run_paths, runs):
             with run_file_errors(path):
-                found.append(findings_of(run, recompute, rules, quiet))
+                found.append(find(run))
         with run_file_errors(" or ".join(run_paths)):
             try:
                 figures = comparisons(runs, list(metrics) or None, findings=found, log=log)
@@ -231,7 +239,7 @@ def _compared(run_paths, metrics, log, recompute, rules, quiet) -> dict:
 
 
 def _one_run(run_path, metrics, surface_name, three_d, vmax, levels, field, log,
-             to_directory, recompute, rules, quiet) -> dict:
+             to_directory, find) -> dict:
     """The figures of one run: its timelines, or the surface it names."""
     with run_file_errors(run_path), Run.open(run_path) as run:
         try:
@@ -243,8 +251,7 @@ def _one_run(run_path, metrics, surface_name, three_d, vmax, levels, field, log,
                         vmax=_clip(vmax))
                 }
             else:
-                figures = _run_figures(run, metrics, to_directory, log, recompute, rules,
-                                       quiet)
+                figures = _run_figures(run, metrics, to_directory, log, find)
         except (KeyError, ValueError) as err:
             raise click.ClickException(_message(err)) from None
     return figures

@@ -9,6 +9,7 @@ from landscape_cli.app import cli, run_file_errors, verbose_option
 from landscape_cli.options import (
     counted,
     findings_of,
+    ignore_rule_option,
     load_rule_specs,
     named_output,
     output_directory,
@@ -37,10 +38,11 @@ from landscape.store import Run
                    "or more).")
 @recompute_option("List")
 @rules_option
+@ignore_rule_option
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 @verbose_option
 def report(run_path: str, out: str, title: str | None, log: bool | None, recompute: bool,
-           rule_specs: tuple[str, ...], quiet: bool):
+           rule_specs: tuple[str, ...], ignore: tuple[str, ...], quiet: bool):
     """Write an HTML report of RUN: summary, findings, timelines, surfaces, configuration.
 
     Every plot is embedded in the file, which needs nothing else to be viewed. Metrics
@@ -51,10 +53,11 @@ def report(run_path: str, out: str, title: str | None, log: bool | None, recompu
     if target == Path(out):  # a file named: checked before the work (a directory: created)
         check_report_target(target)
     with run_file_errors(run_path), Run.open(run_path) as run:
-        found = findings_of(run, recompute, rules, quiet)
+        found = findings_of(run, recompute, rules, quiet, ignore)
         if target != Path(out):  # a directory: created as plot creates its output directory
             output_directory(target.parent)
-        path = write_report(run, target, title=title, findings=found, log=log)
+        path = write_report(run, target, title=title, findings=found, log=log,
+                            ignored_rules=ignore)
         n_metrics, n_surfaces = len(metrics_with_rows(run)), len(run.surfaces())
     if not quiet:
         counts = count_by_severity(found)

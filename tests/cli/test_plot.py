@@ -406,3 +406,37 @@ def test_plot_several_runs_refuses_a_surface_and_names_a_file_it_cannot_read(
         one_line_error(
             runner.invoke(cli, ["plot", str(run_file), path, "-o", str(tmp_path / "x.png")]),
             fragment)
+
+
+def test_plot_ignore_rule_marks_none_of_its_findings(runner, run_file, tmp_path, monkeypatch):
+    from landscape_cli.commands import plot as plot_command
+
+    drawn = {}
+
+    def keep(fig, path, dpi=120):
+        drawn[path.name] = fig
+        return path
+
+    monkeypatch.setattr(plot_command, "save_figure", keep)
+    marked = []
+    real_timelines = plot_command.timelines
+
+    def timelines(run, names, *, findings, **kw):
+        marked.append(sorted({f.rule for f in findings}))
+        return real_timelines(run, names, findings=findings, **kw)
+
+    monkeypatch.setattr(plot_command, "timelines", timelines)
+    result = runner.invoke(cli, ["plot", str(run_file), "-m", "loss", "--stored",
+                                 "--ignore-rule", "loss_spike", "-o", str(tmp_path / "a.png")])
+    assert result.exit_code == 0, result.output
+    assert marked == [["edge_of_stability"]]  # the stored error stays marked
+    control = write_run(tmp_path / "control.h5")
+    result = runner.invoke(cli, ["plot", str(run_file), str(control), "-m", "loss", "--stored",
+                                 "--ignore-rule", "loss_spike", "-o", str(tmp_path / "b.png")])
+    assert result.exit_code == 0, result.output
+    legend = [t.get_text() for t in drawn["b.png"].legends[0].get_texts()]
+    assert legend == ["run (100 rows)", "control (100 rows)",
+                      "run: first error at 60 (edge_of_stability)"]
+    typo = runner.invoke(cli, ["plot", str(run_file), "--ignore-rule", "los_spike",
+                               "-o", str(tmp_path / "c.png")])
+    assert typo.exit_code == 2 and "no rule named los_spike" in typo.output

@@ -110,3 +110,20 @@ def test_a_report_named_as_another_format_is_refused_before_any_work(runner, run
     result = runner.invoke(cli, ["report", str(run_file), "-o", str(tmp_path / "r.pdf")])
     one_line_error(result, "the report is an HTML page", "name it r.html")
     assert not (tmp_path / "r.pdf").exists()
+
+
+def test_report_ignore_rule_leaves_its_findings_out_and_says_so(runner, run_file, tmp_path):
+    out = tmp_path / "r.html"
+    result = runner.invoke(cli, ["report", str(run_file), "-o", str(out),
+                                 "--ignore-rule", "loss_spike"])
+    assert result.exit_code == 0, result.output
+    assert "1 finding (1 error)" in result.output
+    text = out.read_text()
+    assert "loss jumped" not in text and "past 2/eta" in text
+    assert '<p id="ignored-rules">Left out (ignored): the findings of loss_spike.' in text
+    typo = runner.invoke(cli, ["report", str(run_file), "-o", str(out), "--ignore-rule", "nope"])
+    assert typo.exit_code == 2 and "no rule named nope" in typo.output
+    # the library call behind it: render_report leaves them out by itself too
+    with ls.Run.open(run_file) as run:
+        page = ls.report.render_report(run, ignored_rules=["loss_spike"])
+    assert "loss jumped" not in page and 'id="ignored-rules"' in page
