@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import landscape as ls
 from landscape import RuleError, StepOrderError
 from landscape.alarms import (
     RULES,
@@ -245,7 +246,10 @@ def test_observe_accepts_tensors_and_checks_step_order():
 
 def test_default_rules_are_the_documented_rules_and_configurable():
     names = [r.name for r in default_rules()]
-    assert names == list(RULES) and len(names) == 12
+    assert names == list(RULES)
+    exported_rules = {c for n in ls.alarms.__all__ if isinstance(c := getattr(ls.alarms, n), type)
+                      and issubclass(c, Rule) and c is not Rule}
+    assert exported_rules == set(RULES.values())  # every exported rule is a default rule
     rules = default_rules(loss_spike={"z": 8.0}, sign_collapse=None, taylor_ratio=False)
     by_name = {r.name: r for r in rules}
     assert by_name["loss_spike"].z == 8.0 and "sign_collapse" not in by_name

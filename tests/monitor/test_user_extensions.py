@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import landscape as ls
 from landscape.alarms import LossSpike, OnlineAlarms, Rule, Trigger, default_rules
 from landscape.metrics import Metric
 from tests import models
+from tests.alarms._support import make_writer
 
 
 def _train(path, metrics, steps=3, **kwargs):
@@ -722,3 +724,28 @@ def test_a_metric_computed_on_a_context_for_the_model_equals_the_monitors_row(na
         assert got.shape == want.shape, key
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7, equal_nan=True,
                                    err_msg=f"{name}/{key}")
+
+
+def _documented_rule(heading_text: str) -> dict:
+    """Run the first Python block after ``heading_text`` in docs/alarms.md; its names."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "alarms.md").read_text()
+    block = text[text.index(heading_text):].split("```python\n", 1)[1].split("```", 1)[0]
+    names = {"dataclass": dataclass, **{n: getattr(ls.alarms, n) for n in (
+        "Rule", "Trigger", "SKIP", "row_value")}}
+    exec(compile(block, "docs/alarms.md", "exec"), names)
+    return names
+
+
+def test_the_documented_hysteresis_rule_holds_its_episode_between_its_two_levels(tmp_path):
+    rule = _documented_rule("Hysteresis (fire below one level")["LowGradNorm"]()
+    # below 1e-4 for 3 rows (the episode opens at the 3rd), then between the two levels
+    # and below again (held: no new finding), back above 1e-3 for 3 rows (closed), below
+    # again for 3 rows (a second finding)
+    norms = [1.0] * 5 + ([5e-5] * 3 + [2e-4] * 3) * 3 + [1.0] * 3 + [5e-5] * 3
+    w = make_writer({"grad_norm": (np.arange(len(norms)), {"value": np.array(norms)})})
+    found = [f for f in ls.check(w, ls.alarms.with_rules([rule])) if f.rule == rule.name]
+    assert [f.step for f in found] == [7, len(norms) - 1]
+    assert found[0].metric == "grad_norm/value" and found[0].value == 5e-5
+    # without the release level each return below the threshold is an episode of its own
+    rule.release = rule.threshold
+    assert [f.step for f in ls.check(w, [rule])] == [7, 13, 19, len(norms) - 1]
