@@ -509,6 +509,20 @@ class StepContext:
                 )
         return self._cache["grads"]
 
+    def _loss_ready(self) -> None:
+        """Before the step's loss is first evaluated for curvature: what it needs.
+
+        Under a process group, rank 0's buffers for the rest of the step's measurements
+        (every rank builds the operator together: :func:`rank_zero_buffers`); the reason a
+        loss function is missing, raised; the loss's own modules' buffers kept.
+        """
+        if self.loss_guard is not None and not self._buffers_shared and _dist.enabled():
+            self._buffers_shared = True
+            self.loss_guard.enter_context(rank_zero_buffers(self.model))
+        if self.closure is None and isinstance(self.loss_fn, NoLossFunction):
+            self.loss_fn()  # raises MissingInput with its reason
+        self._keep_loss_state()  # the products call the loss function or closure
+
     def _keep_loss_state(self) -> None:
         """Keep the buffers of the modules the loss function and closure hold.
 
@@ -637,36 +651,11 @@ class StepContext:
         """
         key = ("operator", source, preconditioned, group_lr)
         if key not in self._cache:
-            from landscape import curvature
-
-            # reduced over the ranks (every rank builds it together): with rank 0's
-            # buffers, for the rest of the step's measurements (rank_zero_buffers)
-            if self.loss_guard is not None and not self._buffers_shared and _dist.enabled():
-                self._buffers_shared = True
-                self.loss_guard.enter_context(rank_zero_buffers(self.model))
-
-            if self.closure is None and isinstance(self.loss_fn, NoLossFunction):
-                self.loss_fn()  # its reason, before the data check's for a loss function
-            self._keep_loss_state()  # the products call the loss function or closure
-
-            data = self.data(source)
-            # one batch or a list of batches, read as the metrics read it (batches()): the
-            # operator's own guess takes a collated [x, y] list for two batches of a closure
-            several = is_batch_list(data)
-            if self.closure is None:  # loss_fn(model(x), y): a {"x": ..., "y": ...} batch too
-                data = [as_pair(b) for b in data] if several else as_pair(data)
-            op = curvature.Hessian(
-                self.model,
-                None if self.closure is not None else self.loss_fn,
-                data,
-                single_batch=not several,
-                closure=self.closure,
-                params=list(self.names),
-                microbatch_size=self.microbatch_size,
-                batch_size=self.batch_size,
-                batch_statistics=preconditioned,
-            )
+            self._loss_ready()  # a missing loss function's reason before the data's
+            op = self.hessian_on(self.data(source), batch_statistics=preconditioned)
             if preconditioned:  # (which leaves out what the optimizer does not hold)
+                from landscape import curvature
+
                 op = curvature.preconditioned(op, self.optimizer, group_lr=group_lr is True)
             elif group_lr:
                 from landscape.curvature.precondition import group_learning_rates
@@ -674,6 +663,45 @@ class StepContext:
                 op = group_learning_rates(op, self.optimizer, rates=group_lr is True)
             self._cache[key] = op
         return self._cache[key]
+
+    def hessian_on(self, data: Any, *, batch_statistics: bool = False) -> Any:
+        """The Hessian of the step's loss on ``data`` (not shared: a new operator).
+
+        For a metric that needs the loss, its gradient or curvature on data of its own
+        choosing, such as pieces of the batch (``landscape.batches.split(ctx.data("batch"),
+        n)``: a gradient per piece, for the gradient's noise): ``data`` is one batch or a
+        list of batches in the form the probe and the batch take, read by the closure or by
+        ``loss_fn(model(inputs), targets)`` as the step's own data is. Its ``loss()``,
+        ``gradient()`` and products leave the model, its buffers and the training
+        gradients as they were (:class:`landscape.curvature.Hessian`).
+
+        Args:
+            data: a batch, or a list of batches.
+            batch_statistics: normalise by the data's batch statistics (BatchNorm in train
+                mode), as a preconditioned operator does (:meth:`operator`).
+
+        Returns:
+            A :class:`landscape.curvature.Hessian` over the monitored parameters.
+        """
+        from landscape import curvature
+
+        self._loss_ready()
+        # one batch or a list of batches, read as the metrics read it (batches()): the
+        # operator's own guess takes a collated [x, y] list for two batches of a closure
+        several = is_batch_list(data)
+        if self.closure is None:  # loss_fn(model(x), y): a {"x": ..., "y": ...} batch too
+            data = [as_pair(b) for b in data] if several else as_pair(data)
+        return curvature.Hessian(
+            self.model,
+            None if self.closure is not None else self.loss_fn,
+            data,
+            single_batch=not several,
+            closure=self.closure,
+            params=list(self.names),
+            microbatch_size=self.microbatch_size,
+            batch_size=self.batch_size,
+            batch_statistics=batch_statistics,
+        )
 
     def eigen(
         self, source: str, k: int, preconditioned: bool = False, tol: float = 1e-3,

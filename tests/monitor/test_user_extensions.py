@@ -749,3 +749,55 @@ def test_the_documented_hysteresis_rule_holds_its_episode_between_its_two_levels
     # without the release level each return below the threshold is an episode of its own
     rule.release = rule.threshold
     assert [f.step for f in ls.check(w, [rule])] == [7, 13, 19, len(norms) - 1]
+
+
+class _GradientNoise(Metric):
+    """The spread of the gradients of four pieces of the batch around their mean."""
+
+    name = "gradient_noise"
+    FIELDS = ("spread", "mean_norm")
+    default_data = "batch"
+
+    def compute(self, ctx):
+        pieces = ls.batches.split(ctx.data(self.data), 4)
+        grads = [torch.cat([g.reshape(-1) for g in ctx.hessian_on(p).gradient()])
+                 for p in pieces]
+        mean = torch.stack(grads).mean(0)
+        spread = torch.stack([(g - mean).square().sum() for g in grads]).mean()
+        return {"spread": spread.item(), "mean_norm": mean.norm().item()}
+
+
+def test_a_metric_takes_the_gradient_of_pieces_of_the_batch_through_hessian_on(tmp_path):
+    """``ctx.hessian_on(data)``: the step's loss on data a metric chooses (docs/monitor.md);
+    the gradients equal autograd's on each piece, inside the monitor and on a context
+    built for the model, and training is not perturbed."""
+    from landscape.metrics import StepContext
+
+    x, y = models.classification_data(n=16)
+
+    def truth(model):
+        params = [p for p in model.parameters()]
+        grads = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+            F.cross_entropy(model(x[i:i + 4]), y[i:i + 4]), params)]) for i in range(0, 16, 4)]
+        mean = torch.stack(grads).mean(0)
+        return (torch.stack([(g - mean).square().sum() for g in grads]).mean().item(),
+                mean.norm().item())
+
+    model = models.mlp()
+    ctx = StepContext.for_model(model, loss_fn=F.cross_entropy, batch=(x, y))
+    row = _GradientNoise().compute(ctx)
+    np.testing.assert_allclose([row["spread"], row["mean_norm"]], truth(model), rtol=1e-5)
+    assert all(p.grad is None for p in model.parameters())
+
+    _, params = _train(tmp_path / "run.h5", ["loss", _GradientNoise()], steps=3)
+    _, plain = _train(tmp_path / "plain.h5", ["loss"], steps=3)
+    assert all(torch.equal(a, b) for a, b in zip(params, plain))
+    with ls.Run.open(tmp_path / "run.h5") as run:
+        step, recorded = run.last_row("gradient_noise")
+    trained = models.mlp()
+    with torch.no_grad():
+        for p, value in zip(trained.parameters(), params):
+            p.copy_(value)
+    assert step == 2
+    np.testing.assert_allclose([recorded["spread"], recorded["mean_norm"]], truth(trained),
+                               rtol=1e-5)
