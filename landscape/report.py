@@ -11,7 +11,8 @@ so the file can be mailed, archived or opened offline. Sections:
   schedule) and surfaces;
 * the findings table (step, rule, severity, metric, value, threshold, message, hint):
   the findings stored in the file plus those the rules of :mod:`landscape.alarms`
-  recompute on the whole run (see :func:`collect_findings`);
+  recompute on the whole run (see :func:`collect_findings`), folded behind one click when
+  it holds more than :data:`FINDINGS_UNFOLDED` rows;
 * one timeline figure per metric that has rows (:mod:`landscape.plotting.timelines`); the
   metrics declared without any row yet (a monitor declares ``adaptive`` up front) are named
   in one line instead;
@@ -405,6 +406,11 @@ def _summary_html(summary: dict, counts: dict[str, int]) -> list[str]:
     return out
 
 
+FINDINGS_UNFOLDED = 50
+"""Findings listed open in a report; a longer table is folded (``<details>``), one click
+away, so that the timelines come next."""
+
+
 def _findings_html(findings: Sequence[Finding], ignored_rules: Sequence[str] = ()) -> list[str]:
     out = ['<section id="findings-section"><h2>Findings</h2>']
     if ignored_rules:
@@ -413,6 +419,10 @@ def _findings_html(findings: Sequence[Finding], ignored_rules: Sequence[str] = (
     if not findings:
         out.append('<p id="no-findings">No findings.</p></section>')
         return out
+    folded = len(findings) > FINDINGS_UNFOLDED
+    if folded:  # thousands of rows would push the timelines out of sight
+        out.append(f'<details id="all-findings"><summary>All {len(findings):,} findings, in '
+                   "step order (counted by rule under \"At a glance\")</summary>")
     out.append(
         '<table id="findings"><thead><tr><th>step</th><th>rule</th><th>severity</th>'
         "<th>metric</th><th>value</th><th>threshold</th><th>message</th><th>hint</th>"
@@ -426,7 +436,7 @@ def _findings_html(findings: Sequence[Finding], ignored_rules: Sequence[str] = (
             f"<td class=num>{format_number(f.threshold)}</td>"
             f"<td>{_e(f.message)}</td><td>{_e(f.hint)}</td></tr>"
         )
-    out.append("</tbody></table></section>")
+    out.append("</tbody></table>" + ("</details>" if folded else "") + "</section>")
     return out
 
 

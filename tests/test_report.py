@@ -406,6 +406,22 @@ def test_report_embeds_every_plot_the_findings_and_the_config():
                             "other metrics, dashed")
 
 
+def test_a_long_findings_table_is_folded_so_the_timelines_follow_it():
+    """A run with hundreds of findings listed every one of them before its first timeline."""
+    from landscape.report import FINDINGS_UNFOLDED
+
+    short = render_report(_writer((WARN, ERR)).run(), findings=[WARN, ERR])
+    assert "<details" not in short and '<table id="findings">' in short
+    many = [Finding(s, "loss_spike", "warning", "loss/value", 4.0, 3.0, "m", "h")
+            for s in range(FINDINGS_UNFOLDED + 1)]
+    html = render_report(_writer().run(), findings=many)
+    folded = re.search(r'<details id="all-findings"><summary>All 51 findings, in step order'
+                       r".*?</summary>(.*?)</details>", html, re.S)
+    assert folded and folded.group(1).count('<tr class="sev-warning">') == 51
+    assert html.index("</details>") < html.index('<figure id="timeline-')
+    assert ">51</td>" in html.split('id="findings-by-rule"')[1]  # counted at a glance
+
+
 def _fake_surfaces(monkeypatch, fail=False):
     def draw(surface, field="loss", **_):
         if fail:
