@@ -635,7 +635,7 @@ def _drop_from(path: str | Path | None, step: int) -> None:
     from landscape.store.writer_status import stopped_how
 
     with contextlib.suppress(Exception):  # the file stays as the monitor closed it
-        RunWriter(path, mode="a", truncate_from=step).close(
+        RunWriter(path, mode="a", truncate_from=step, posthoc=True).close(
             how=stopped_how(sys.exc_info()[1]))
 
 
@@ -878,6 +878,8 @@ def analyze(
                       adaptive=False, on_disk_full="raise",  # a full disk ends the command
                       config={"analysis": {"checkpoints": [str(c.path) for _, c in loaded],
                                            "data": data_print}})
+    # checkpoints measured after training: a training run's record of how it ended stays
+    monitor._writer_args["posthoc"] = True
     bars = _Progress(len(todo), len(chosen), progress)
     for m in chosen:
         bars.instrument(m)

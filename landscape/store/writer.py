@@ -154,6 +154,12 @@ class RunWriter:
             ``"stop"`` writing (one ``RuntimeWarning``; later rows are dropped, those
             written stay readable). HDF5 itself crashed the process on a full disk; the
             monitor stops, so that training goes on.
+        posthoc: this session adds results computed after training (``landscape surface``,
+            ``landscape analyze``) to the run. In a run a training session wrote (root
+            ``trained``), the record of how training ended (``closed_how``:
+            :mod:`~landscape.store.writer_status`) is training's: such a session neither
+            clears it nor writes its own. In a run no training wrote, it is the run's
+            writer as any other.
 
     Raises:
         ValueError: an unknown ``mode`` or ``flush_every < 1``.
@@ -171,6 +177,7 @@ class RunWriter:
         flush_every: int = 256,
         flush_seconds: float = 2.0,
         on_disk_full: str = "raise",
+        posthoc: bool = False,
     ) -> None:
         run_path(path)
         if mode not in ("a", "w", "x"):
@@ -199,6 +206,8 @@ class RunWriter:
         self._appending: tuple[str, int] | None = None  # the table and its rows before
         self._complete = False  # the one_step block's rows are the whole step
         self._urgent = False  # an error finding waits for the end of its step, no longer
+        self._posthoc = posthoc
+        self._keeps_how = False  # closed_how is a training session's: left as it is
         self.path = None if path is None else Path(path)
 
         if self.path is None:
@@ -289,12 +298,17 @@ class RunWriter:
             backend.file.swmr_mode = True
         return backend
 
-    @staticmethod
-    def _mark_owner(backend: H5Backend) -> None:
-        backend.file.attrs["writer_pid"] = os.getpid()
-        backend.file.attrs["writer_host"] = socket.gethostname()
-        if "closed_how" in backend.file.attrs:  # a previous session's stop: resumed now
-            del backend.file.attrs["closed_how"]
+    def _mark_owner(self, backend: H5Backend) -> None:
+        attrs = backend.file.attrs
+        attrs["writer_pid"] = os.getpid()
+        attrs["writer_host"] = socket.gethostname()
+        if self._posthoc and attrs.get("trained", False):
+            self._keeps_how = True  # a surface after training: training's stop stays said
+            return
+        if not self._posthoc:
+            attrs["trained"] = True
+        if "closed_how" in attrs:  # a previous session's stop: resumed now
+            del attrs["closed_how"]
 
     @staticmethod
     def _note_resume(backend: Backend, dropped_from: int | None) -> None:
@@ -926,7 +940,7 @@ class RunWriter:
                 self._flush_pending()
                 if not self._full:
                     self._backend.flush()
-                    if how is not None and self.path is not None:
+                    if how is not None and self.path is not None and not self._keeps_how:
                         with contextlib.suppress(Exception):  # the rows are out: kept
                             self._backend.set_root_attrs({"closed_how": str(how)[:500]})
         finally:

@@ -53,7 +53,7 @@ class WriterStatus:
         who = f"pid {self.pid} on {self.host}" if self.pid is not None else "its writer"
         return {
             "closed": "closed by its writer",
-            "stopped": f"closed by its writer after training stopped ({self.reason})",
+            "stopped": f"closed by its writer, which stopped before the end ({self.reason})",
             "writing": f"being written ({who})",
             "ended": f"not closed: its writer ({who}) ended without closing it (killed or "
                      "crashed)",

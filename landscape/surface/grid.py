@@ -135,8 +135,8 @@ def _open_writer(writer: Any) -> tuple[RunWriter, bool]:
         return RunWriter.memory(), True
     if isinstance(writer, RunWriter):
         return writer, False
-    if isinstance(writer, (str, os.PathLike)):
-        return RunWriter(writer), True
+    if isinstance(writer, (str, os.PathLike)):  # a surface is computed after training
+        return RunWriter(writer, posthoc=True), True
     raise ValueError(f"writer: expected a RunWriter, a path or None, got {type(writer).__name__}")
 
 
@@ -245,6 +245,7 @@ def evaluate_grid(
     fields = ("loss", "accuracy") if accuracy else ("loss",)
     # distributed: only rank 0 opens the run file; the other ranks work in memory
     run_writer, owned = _open_writer(writer if not dist_on or _dist.rank() == 0 else None)
+    computing = False
     try:
         failure: BaseException | None = None
         todo = np.zeros((0, 1), dtype=np.int64)
@@ -312,6 +313,7 @@ def evaluate_grid(
             if failure is not None or shared[0] is not None:
                 raise failure if failure is not None else shared[0]
             todo = shared[1]
+        computing = True  # (a refusal before this point stopped nothing)
         try:
             _compute(evaluator, run_writer, name, xs, ys, todo, surf.done.size, eval_mode,
                      progress, dist_on)
@@ -324,7 +326,7 @@ def evaluate_grid(
         return _dist.broadcast_object(mine)
     finally:
         if owned:  # an interrupted surface says so in the file (check --require-finished)
-            run_writer.close(how=stopped_how(sys.exc_info()[1]))
+            run_writer.close(how=stopped_how(sys.exc_info()[1]) if computing else None)
 
 
 def _compute(

@@ -850,16 +850,45 @@ def test_an_analysis_stopped_mid_checkpoint_reads_as_stopped(tmp_path):
     from landscape.analysis import _drop_from
     from landscape.store import RunWriter
 
-    path = tmp_path / "run.h5"
-    with RunWriter(path, mode="w") as w:
-        w.declare("m", {"v": None})
-        for step in (10, 20, 30):
-            w.append("m", step, {"v": 1.0})
-    try:
-        raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        _drop_from(path, 30)
-    with ls.Run.open(path) as run:
-        assert run.steps("m").tolist() == [10, 20]
-        status = run.writer_status()
-    assert status.state == "stopped" and "Ctrl-C" in status.reason
+    for trained in (False, True):  # written by an analysis, or by training first
+        path = tmp_path / f"run-{trained}.h5"
+        with RunWriter(path, mode="w", posthoc=not trained) as w:
+            w.declare("m", {"v": None})
+            for step in (10, 20, 30):
+                w.append("m", step, {"v": 1.0})
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            _drop_from(path, 30)
+        with ls.Run.open(path) as run:
+            assert run.steps("m").tolist() == [10, 20]
+            status = run.writer_status()
+        if trained:  # the analysis stopped, not the training: its record stays
+            assert status.state == "closed"
+        else:
+            assert status.state == "stopped" and "Ctrl-C" in status.reason
+
+
+def test_an_analysis_added_to_a_crashed_training_run_leaves_it_stopped(setup, tmp_path):
+    """Appending an analysis reopened the run and cleared why its training stopped: a
+    crashed run then passed ``check --require-finished`` (review)."""
+    from landscape.store import RunWriter
+
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    out = tmp_path / "run.h5"
+    with RunWriter(out, mode="w") as w:  # the training's own run, stopped by an error
+        w.declare("loss", {"value": None})
+        w.append("loss", 0, {"value": 1.0})
+        w.close(how="stopped on RuntimeError: Connection closed by peer")
+    result = _invoke(["analyze", str(paths[0]), "--model", f"{fac}:model", "--data",
+                      f"{fac}:data", "-m", "sharpness", "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    gate = _invoke(["check", str(out), "--require-finished", "-q"])
+    assert gate.exit_code == 1 and "Connection closed by peer" in gate.stderr
+    with ls.Run.open(out) as run:
+        assert list(run.steps("sharpness")) == [10]
+    alone = _analyze_first(setup, tmp_path, "-m", "sharpness")  # a run of its own
+    assert alone.exit_code == 0, alone.output
+    with ls.Run.open(tmp_path / "r.h5") as run:
+        assert run.writer_status().state == "closed" and "trained" not in run.attrs

@@ -442,9 +442,9 @@ def test_a_training_stopped_by_an_error_or_a_signal_is_not_finished(runner, tmp_
         assert result.exit_code == 0 and writer["state"] == "closed", result.output
     else:
         assert result.exit_code == 1 and writer["state"] == "stopped", result.output
-        assert f"after training stopped ({reason})" in result.stderr
+        assert f"which stopped before the end ({reason})" in result.stderr
         info = runner.invoke(cli, ["info", str(path)])
-        assert "state: closed by its writer after training stopped" in info.stdout
+        assert "state: closed by its writer, which stopped before the end" in info.stdout
     with RunWriter(path):  # a resume clears the reason: closed again when it finishes
         pass
     resumed = runner.invoke(cli, ["check", str(path), "--require-finished", "--json"])

@@ -871,7 +871,7 @@ def test_the_writer_status_of_each_state_and_the_second_look(tmp_path, monkeypat
     assert status([0], 99_999_999, here).state == "closed"  # its writer is gone: no wait
     stopped = status([0], 99_999_999, here, "stopped by SIGTERM")
     assert stopped.state == "stopped" and not stopped.finished
-    assert "after training stopped (stopped by SIGTERM)" in stopped.describe()
+    assert "which stopped before the end (stopped by SIGTERM)" in stopped.describe()
     assert status([5], 99_999_999, here).state == "ended"
     elsewhere = status([5], alive, "another-host")
     assert elsewhere.state == "open" and "another host" in elsewhere.describe()

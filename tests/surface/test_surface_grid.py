@@ -692,3 +692,52 @@ def test_interpolate_says_when_integer_buffers_differ_between_the_checkpoints():
         d.bn.num_batches_tracked.fill_(7)
         interpolate(models.cnn_bn(seed=5), c, d, _ce, models.image_data(), steps=3,
                     progress=False)
+
+
+def _training_run(path, how=None):
+    """A run a training session wrote and closed (``how``: why it stopped early)."""
+    with RunWriter(path, mode="w") as w:
+        w.declare("loss", {"value": None})
+        for step in range(3):
+            w.append("loss", step, {"value": 1.0})
+        if how is not None:
+            w.close(how=how)
+    return path
+
+
+def test_a_surface_after_training_leaves_how_training_ended_as_it_was(tmp_path):
+    """A surface added to a run whose training crashed made it read as finished (the
+    reopening cleared ``closed_how``), and a surface refused at its start (another grid
+    under its name) marked a finished run as stopped (review)."""
+    model = models.mlp()
+    x, y = models.classification_data()
+    crashed = _training_run(tmp_path / "crashed.h5", how="stopped on RuntimeError: gloo")
+    plane(model, _ce, (x, y), steps=3, span=0.5, writer=crashed, progress=False)
+    with Run.open(crashed) as run:
+        assert run.surface("plane").complete
+        status = run.writer_status()
+    assert (status.state, status.reason) == ("stopped", "stopped on RuntimeError: gloo")
+
+    finished = _training_run(tmp_path / "finished.h5")
+    plane(model, _ce, (x, y), steps=3, span=0.5, writer=finished, progress=False)
+    with pytest.raises(LandscapeError, match="already exists"):
+        plane(model, _ce, (x, y), steps=5, span=0.5, writer=finished, progress=False)
+    with pytest.raises(KeyboardInterrupt):  # interrupted half-way: a surface, not training
+        plane(model, _Counting(fail_after=3), (x, y), steps=4, span=0.5, writer=finished,
+              name="other", progress=False)
+    with Run.open(finished) as run:
+        assert run.writer_status().state == "closed"
+
+    # a run no training wrote: the surface's session is the run's own, stopped or not
+    only = tmp_path / "only.h5"
+    plane(model, _ce, (x, y), steps=3, span=0.5, writer=only, progress=False)
+    with pytest.raises(LandscapeError, match="already exists"):
+        plane(model, _ce, (x, y), steps=5, span=0.5, writer=only, progress=False)
+    with Run.open(only) as run:
+        assert run.writer_status().state == "closed"  # refused before its first point
+    with pytest.raises(KeyboardInterrupt):
+        plane(model, _Counting(fail_after=3), (x, y), steps=4, span=0.5, writer=only,
+              name="other", progress=False)
+    with Run.open(only) as run:
+        status = run.writer_status()
+    assert status.state == "stopped" and "Ctrl-C" in status.reason
