@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +57,35 @@ class FiniteFloatOr(FiniteFloat):
 
 class FiniteFloatRange(FiniteFloat, click.FloatRange):
     """A :class:`click.FloatRange` that also refuses ``nan`` and ``inf`` (:class:`FiniteFloat`)."""
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+class MemorySize(click.ParamType):
+    """A memory budget: ``free``, ``auto``, ``none``, ``<f>x step`` or a size (``4GB``,
+    ``512MiB``, ``2e9``: bytes without a unit)."""
+
+    name = "size"
+    _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+    def convert(self, value, param, ctx):
+        """``"free"``, ``"auto"``, None, ``"<f>x step"`` or a number of bytes."""
+        if not isinstance(value, str):
+            return value
+        word = value.strip().lower()
+        if word in ("free", "auto"):
+            return word
+        if word == "none":
+            return None
+        if re.fullmatch(r"[0-9]*\.?[0-9]+\s*x\s*step", word):
+            return word
+        m = self._SIZE.match(word)
+        if m is None or m.group(2).lower() not in _UNITS or not float(m.group(1)) > 0:
+            self.fail(f"{value!r}: expected a size (4GB, 512MiB, bytes), '<f>x step', "
+                      "free, auto or none", param, ctx)
+        return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 def counted(n: int, noun: str) -> str:

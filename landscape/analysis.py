@@ -623,6 +623,17 @@ def _partial_step(path: str | Path | None, mode: str) -> int | None:
     return min(later) if later else None
 
 
+def _memory_budget(budget: int | float | str | None, net: nn.Module) -> Any:
+    """``analyze``'s ``memory_budget`` as the metrics take it: ``"free"`` in bytes."""
+    from landscape.curvature.memory import check_budget, posthoc_budget
+
+    if isinstance(budget, str) and budget.strip().lower() == "free":
+        device = next(net.parameters(), torch.empty(0)).device
+        return int(posthoc_budget(device))
+    check_budget(budget)
+    return budget
+
+
 def _drop_from(path: str | Path | None, step: int) -> None:
     """Remove the rows of ``step`` and later from the run file (an unfinished checkpoint).
 
@@ -771,6 +782,7 @@ def analyze(
     mode: str = "a",
     microbatch_size: int | None = None,
     closure: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    memory_budget: int | float | str | None = "free",
 ) -> Monitor:
     """Compute ``metrics`` for every checkpoint into the run file ``path``.
 
@@ -784,7 +796,12 @@ def analyze(
     checkpoint with its own learning rate; with neither (plain state dicts) the sharpness
     rows have a NaN threshold and ratio, and a warning (:data:`NO_LEARNING_RATE`) says so.
     ``microbatch_size`` bounds the memory of the curvature products
-    (:class:`~landscape.curvature.Hessian`).
+    (:class:`~landscape.curvature.Hessian`). ``memory_budget`` bounds each curvature
+    measurement (docs/curvature.md, "Memory budgets"): by default ``"free"``, half the
+    memory free on the device when the analysis starts
+    (:func:`landscape.curvature.memory.posthoc_budget`: no training shares it); bytes,
+    ``"<f>x step"``, ``"auto"`` (the monitor's) or None (no limit) as for the metrics. A
+    measurement over it records NaN with one warning, as in the monitor.
 
     Appending (``mode="a"``) to a run file that already holds some of the checkpoints
     resumes: steps every chosen metric has are skipped, and the rows of a checkpoint left
@@ -815,6 +832,7 @@ def analyze(
         mode: ``"a"`` (append, resume) or ``"w"`` (start over).
         microbatch_size: curvature products in micro-batches of at most this many samples.
         closure: ``closure(model, batch)`` returning the loss.
+        memory_budget: the most memory one curvature measurement may take (``"free"``).
 
     Returns:
         The closed monitor (``.findings``); read what it wrote with
@@ -838,6 +856,10 @@ def analyze(
             continue
         chosen.append(create(metric.name, k=k, schedule=1)
                       if metric.name == "top_eigenvalues" else metric)
+    budget = _memory_budget(memory_budget, net)
+    for m in chosen:
+        if hasattr(m, "memory_budget"):  # the curvature metrics
+            m.memory_budget = budget
     names = [m.name for m in chosen]
     size = sum(p.numel() for p in net.parameters() if p.requires_grad)
     if "top_eigenvalues" in names and k > size:  # (beyond it NaN would be stored, silently)

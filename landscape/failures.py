@@ -20,6 +20,7 @@ from torch import nn
 
 from landscape._errors import MissingInput
 from landscape.batches import PAIR_KEYS, WHOLE_PAIR_KEYS
+from landscape.curvature.memory import MemoryBudgetError
 from landscape.findings import Finding
 
 __all__ = ["failure_finding", "nonfinite_state"]
@@ -73,6 +74,12 @@ def failure_finding(metric: str, step: int, err: Exception, nonfinite: str | Non
     elif isinstance(err, MissingInput):
         message = f"metric {metric!r} cannot run at step {step}: {err}"
         hint = "see the message; the metric records NaN until this is fixed"
+    elif isinstance(err, MemoryBudgetError):
+        message = f"metric {metric!r} failed at step {step}: {_describe(err)}"
+        hint = ("the metric records NaN while the measurement does not fit: give it a "
+                "larger memory_budget= (bytes, '3x step', or None for no limit; "
+                "landscape analyze --memory-budget) or fewer parameters, or run it on a "
+                "smaller probe")
     else:
         on = f" on {_DATA[data]}" if data in _DATA else ""
         message = f"metric {metric!r} failed at step {step}{on}: {_describe(err)}"

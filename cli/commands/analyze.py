@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import click
 from landscape_cli.app import cli, interrupted, verbose_option
 from landscape_cli.options import (
     SEED_MAX,
     FiniteFloatRange,
+    MemorySize,
     checkpoint_options,
     counted,
     factory_options,
@@ -51,6 +54,12 @@ EXAMPLE = ("landscape analyze ckpt-100.pt ckpt-200.pt --model factories.py:model
 @click.option("--microbatch-size", type=click.IntRange(1), default=None,
               help="Curvature products in micro-batches of at most this many samples "
                    "(bounds their memory; slower).")
+@click.option("--memory-budget", type=MemorySize(), default="free", show_default=True,
+              help="The most memory one curvature measurement may take: a size (4GB, "
+                   "512MiB), free (half the memory free when the analysis starts), auto "
+                   "(one training step on the data, at least 256 MiB: the monitor's), or "
+                   "none (no limit). Over it, the metric records NaN and a warning says "
+                   "what it needs.")
 @checkpoint_options
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX),
               help="Seed for the factories.")
@@ -58,7 +67,8 @@ EXAMPLE = ("landscape analyze ckpt-100.pt ckpt-200.pt --model factories.py:model
 @verbose_option
 def analyze_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, batch_size,
                     n_batches, pad_id, loss_spec, out, overwrite, metrics, k, lr, momentum,
-                    microbatch_size, trust_checkpoint, device, threads, seed, quiet):
+                    microbatch_size, memory_budget, trust_checkpoint, device, threads, seed,
+                    quiet):
     """Compute Hessian spectra, trace, sharpness and collapse metrics of CHECKPOINTS
     (ordered by training step) into one run file.
 
@@ -82,7 +92,7 @@ def analyze_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
             metrics=metrics or DEFAULT_METRICS, k=k, optimizer=optimizer,
             trust=trust_checkpoint, device=device, progress=not quiet,
             microbatch_size=microbatch_size, mode="w" if overwrite else "a",
-            closure=closure,
+            closure=closure, memory_budget=memory_budget,
         )
     except KeyboardInterrupt as err:
         done = 0
@@ -94,11 +104,17 @@ def analyze_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
             where = "no checkpoint recorded"
         raise interrupted(err, where, "--overwrite" if overwrite else None) from None
     if not quiet:
+        from landscape.alarms.online import unmeasured_rows
+
         with Run.open(out) as run:  # the monitor is closed: read the file it wrote
             wanted = {RENAMED_METRICS.get(m, m) for m in metrics or DEFAULT_METRICS}
             n_ckpt = len(run.checkpoints())
             names = [m for m in run.metrics() if m in wanted]
+            unmeasured = Counter(m for m, _ in unmeasured_rows(run) if m in wanted)
         click.echo(f"wrote {out}: {counted(n_ckpt, 'checkpoint')}, metrics {', '.join(names)}")
+        for name, n in sorted(unmeasured.items()):  # NaN rows: a warning above says why
+            click.echo(f"note: {name} not measured at {n} of {counted(n_ckpt, 'checkpoint')} "
+                       "(NaN rows; the warning above says why)", err=True)
         for f in monitor.findings[monitor.findings_recorded:]:  # this call's
             click.echo(f.describe())
         if monitor.findings_recorded:

@@ -50,6 +50,7 @@ from landscape.curvature._profile import (
 __all__ = [
     "BUDGET_FLOOR",
     "CPU_MARGIN",
+    "POSTHOC_SHARE",
     "MemoryBudgetError",
     "MemoryPlan",
     "MemoryProfile",
@@ -59,9 +60,11 @@ __all__ = [
     "batch_rows",
     "least_rows",
     "check_budget",
+    "free_memory",
     "parse_budget",
     "plan_eigen",
     "plan_probes",
+    "posthoc_budget",
     "profile_memory",
     "with_backend",
 ]
@@ -73,6 +76,55 @@ On a small model one parameter-sized vector can outweigh a whole training step, 
 resident set's noise on the CPU is megabytes; a measurement under this size is allowed
 whatever the step's memory.
 """
+
+POSTHOC_SHARE = 0.5
+"""The share of the memory free when a post-hoc analysis starts that its measurements may
+take by default (:func:`posthoc_budget`)."""
+
+
+def free_memory(device: Any) -> int | None:
+    """Bytes free for new allocations on ``device`` now; None when it cannot be told.
+
+    CUDA: the driver's free memory (``torch.cuda.mem_get_info``). CPU: the kernel's
+    estimate of the memory available without swapping (``MemAvailable`` of
+    ``/proc/meminfo`` on Linux), else the free physical pages (``os.sysconf``).
+    """
+    import os
+
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def posthoc_budget(device: Any) -> float:
+    """The default budget of a measurement with no training beside it, in bytes.
+
+    ``landscape analyze`` measures checkpoints alone: no training run shares the memory,
+    so the training step (the monitor's ``"auto"``) is no limit it needs. Its default is
+    :data:`POSTHOC_SHARE` of the memory free on ``device`` when it starts, never less than
+    :data:`BUDGET_FLOOR` (the floor alone when the free memory cannot be told): a
+    measurement that would exhaust the machine is refused with one line, one that fits is
+    not refused for a step it does not share memory with.
+    """
+    free = free_memory(device)
+    return float(BUDGET_FLOOR) if free is None else max(float(BUDGET_FLOOR),
+                                                        POSTHOC_SHARE * free)
+
 
 class MemoryBudgetError(LandscapeError, ValueError):
     """A curvature measurement cannot fit the memory budget it was given."""

@@ -892,3 +892,49 @@ def test_an_analysis_added_to_a_crashed_training_run_leaves_it_stopped(setup, tm
     assert alone.exit_code == 0, alone.output
     with ls.Run.open(tmp_path / "r.h5") as run:
         assert run.writer_status().state == "closed" and "trained" not in run.attrs
+
+
+def test_the_memory_budget_is_half_the_free_memory_by_default(setup, tmp_path, monkeypatch):
+    """Post hoc, the monitor's budget (one step, at least 256 MiB) refused the top
+    eigenvalues of a 2.8M-parameter model on a machine with 23 GB free (review)."""
+    from landscape.curvature import memory
+
+    monkeypatch.setattr(memory, "free_memory", lambda device: 10 * 2**30)
+    result = _analyze_first(setup, tmp_path, "-m", "top_eigenvalues", "-m", "sharpness")
+    assert result.exit_code == 0, result.output
+    with ls.Run.open(tmp_path / "r.h5") as run:
+        for name in ("top_eigenvalues", "sharpness"):
+            params = run.metric_attrs(name)["params"]
+            assert params["memory_budget"] == 5 * 2**30, name
+        assert np.isfinite(run.series("top_eigenvalues", "eigenvalues")[1]).all()
+    monkeypatch.undo()
+    assert memory.free_memory("cpu") > 0 and memory.free_memory("meta") is None
+    monkeypatch.setattr(memory, "free_memory", lambda device: None)  # cannot be told
+    assert memory.posthoc_budget("cpu") == memory.BUDGET_FLOOR
+
+
+def test_a_measurement_over_the_memory_budget_is_said_in_the_summary(setup, tmp_path):
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    out = tmp_path / "run.h5"
+    result = _invoke(["analyze", *map(str, paths[:2]), "--model", f"{fac}:model", "--data",
+                      f"{fac}:data", "-m", "top_eigenvalues", "-m", "collapse",
+                      "--memory-budget", "1KB", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert ("note: top_eigenvalues not measured at 2 of 2 checkpoints (NaN rows; the "
+            "warning above says why)") in result.stderr
+    assert "collapse not measured" not in result.stderr
+    with ls.Run.open(out) as run:
+        assert np.isnan(run.series("top_eigenvalues", "eigenvalues")[1]).all()
+        (failed,) = [f for f in run.findings() if f.rule == "metric_failed"]
+    assert "MemoryBudgetError" in failed.message and "budget of 1000 B" in failed.message
+    assert "--memory-budget" in failed.hint and "a probe must be" not in failed.hint
+    for bad in ("lots", "0", "-1GB", "3 parsecs"):
+        refused = _invoke(["analyze", str(paths[0]), "--model", f"{fac}:model", "--data",
+                           f"{fac}:data", "--memory-budget", bad, "-o", str(out)])
+        assert refused.exit_code == 2 and "--memory-budget" in refused.output, bad
+    for given, taken in (("4GB", 4 * 10**9), ("512MiB", 512 * 2**20), ("2e9", 2 * 10**9),
+                         ("none", None), ("auto", "auto"), ("1.5x step", "1.5x step")):
+        from landscape_cli.options import MemorySize
+
+        assert MemorySize().convert(given, None, None) == taken
