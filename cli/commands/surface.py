@@ -64,7 +64,8 @@ def _surface_name(value: str | None) -> str | None:
               help="biasbn: biases and normalization parameters are not moved (the reference "
                    "code's --xignore biasbn); none: every parameter moves (random only).")
 @click.option("--name", default=None, callback=lambda ctx, param, value: _surface_name(value),
-              help="Surface name in the run file (default: the kind).")
+              help="Surface name in the run file (default: the kind of directions, "
+                   "random-line or eigen-line for --dims 1).")
 @click.option("-o", "--out", default="run.h5", show_default=True, type=click.Path(),
               callback=run_output,
               help="Run file to write into (resumes an interrupted surface of that name).")
@@ -144,7 +145,10 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
                            for k, v in model.state_dict().items()
                            if k in trained or not c.partial})
             c.release()
-    label = name or directions
+    # a line drawn along the same kind of directions as a plane is another surface: the
+    # default 1-D name once collided with the 2-D one (and --replace deleted the plane)
+    label = name or (f"{directions}-line" if dims == 1 and directions not in _FIXED_GRID
+                     else directions)
     # where the surface comes from, for the figure of a paper: `info` and the report's
     # caption show it
     source = {"checkpoints": [str(c.path) for c in used], "model": model_spec,
@@ -159,11 +163,11 @@ def surface_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
             if overwrite:
                 from landscape.store import RunWriter
 
-                RunWriter(out, mode="w").close()
+                RunWriter(out, mode="w", posthoc=True).close()
             elif replace and os.path.exists(out):
                 from landscape.store import RunWriter
 
-                with RunWriter(out) as writer:
+                with RunWriter(out, posthoc=True) as writer:
                     writer.remove_surface(label)
             if directions == "interpolate":
                 surf = surface.interpolate(model, states[0], states[1], loss_fn, data, steps,

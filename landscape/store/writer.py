@@ -129,8 +129,9 @@ def unflushed_rows(path: str | os.PathLike) -> int:
 
 
 SURFACE_ELSEWHERE = (
-    "choose another name (on the command line --name) or another run file, or remove the "
-    "stored surface (RunWriter.remove_surface; on the command line --replace)"
+    "choose another name (on the command line --name) or another run file, or delete the "
+    "stored surface and its points (RunWriter.remove_surface; on the command line "
+    "--replace)"
 )
 """What a refusal to resume a surface of that name offers instead (the store and the grid)."""
 

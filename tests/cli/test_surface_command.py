@@ -35,7 +35,8 @@ def test_surface_kinds(setup, tmp_path, directions, dims, n_ckpt, shape):
                    "--dims", str(dims), "--steps", "5", "--directions", directions,
                    "-o", str(out), "-q"])
     assert result.exit_code == 0, result.output
-    surf = ls.Run.open(out).surface(directions)
+    name = f"{directions}-line" if dims == 1 and directions != "interpolate" else directions
+    surf = ls.Run.open(out).surface(name)
     if directions == "pca":  # the origin (the last checkpoint) added where 5 steps miss it
         assert all(n in (5, 6) for n in surf.values["loss"].shape)
         assert 0.0 in surf.x.tolist() and 0.0 in surf.y.tolist()
@@ -278,6 +279,7 @@ def test_replace_computes_one_surface_again_and_keeps_the_rest(setup, tmp_path):
     with ls.RunWriter(out) as w:  # a metric of the run, which --replace must keep too
         w.declare("loss", {"value": None})
         w.append("loss", 0, {"value": 1.0})
+        w.close(how="stopped by SIGTERM")  # and how its training ended
     refused = _run([*base, "--steps", "7"])
     assert refused.exit_code == 1 and "--replace" in refused.stderr
     again = _run([*base, "--steps", "7", "--replace"])
@@ -287,8 +289,30 @@ def test_replace_computes_one_surface_again_and_keeps_the_rest(setup, tmp_path):
         assert run.surface("random").values["loss"].shape == (7, 7)
         assert run.surface("keep").values["loss"].shape == (3, 3)
         assert run.series("loss", "value")[1].tolist() == [1.0]
+        assert run.writer_status().reason == "stopped by SIGTERM"
     both = _run([*base, "--replace", "--overwrite"])
     assert both.exit_code == 2 and "do not go together" in both.stderr
+
+
+def test_a_line_and_a_plane_of_random_directions_are_two_surfaces_by_default(setup, tmp_path):
+    """The default 1-D surface took the 2-D one's name: refused, with advice (--replace)
+    that deleted a plane that had taken minutes (review)."""
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    out = tmp_path / "run.h5"
+    base = ["surface", str(paths[-1]), "--model", f"{fac}:model", "--data", f"{fac}:data",
+            "--steps", "5", "-o", str(out)]
+    plane = _run(base)
+    assert plane.exit_code == 0 and "wrote surface 'random' (5x5 points" in plane.stdout
+    line = _run([*base, "--dims", "1"])
+    assert line.exit_code == 0, line.output
+    assert "wrote surface 'random-line' (5 points" in line.stdout
+    with ls.Run.open(out) as run:
+        assert sorted(run.surfaces()) == ["random", "random-line"]
+        assert run.surface("random").values["loss"].shape == (5, 5)
+    other = _run([*base, "--dims", "1", "--name", "random"])  # named so on purpose
+    assert other.exit_code == 1 and "--replace" in other.stderr
+    assert "delete the stored surface and its points" in other.stderr
 
 
 def test_a_finished_surface_run_again_says_nothing_was_computed(setup, tmp_path):
