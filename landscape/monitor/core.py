@@ -46,6 +46,7 @@ from torch import nn
 from landscape import distributed as _dist
 from landscape._errors import (
     InstabilityWarning,
+    LandscapeError,
     MissingInput,
     NotApplicable,
     PartialRow,
@@ -1177,7 +1178,14 @@ class Monitor:
             # Rank 0's dense window too: ranks with their own probes see different r, and
             # `due` must be the same on every rank (curvature metrics reduce over them),
             # which also makes every rank reach this broadcast.
-            found, self._dense.until = _dist.broadcast_object((found, self._dense.until))
+            at, found, self._dense.until = _dist.broadcast_object(
+                (step, found, self._dense.until))
+            if at != step:  # the ranks' schedules differ: later collectives would mispair
+                raise LandscapeError(
+                    f"the ranks are out of step: rank {_dist.rank()} recorded step {step} "
+                    f"while rank 0 recorded step {at}; under torch.distributed every rank "
+                    "calls Monitor.step() at every step with the same step number "
+                    "(docs/distributed.md)")
         self._dense.observe_findings(step, found)
         failures, self._failures_to_call = self._failures_to_call, []
         _warn_failures(failures)

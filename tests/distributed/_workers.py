@@ -1013,3 +1013,45 @@ def exact_fails_alone_worker(rank: int, out_dir: str) -> None:
     out["all_first_order"] = H._backend.first_order
     out["after"] = ld.all_gather_objects("still in step")
     _save(out_dir, rank, out)
+
+
+def miscounted_step_worker(rank: int, out_dir: str) -> None:
+    """Rank 1 counts its steps from 1 on at step 2 (a resumed counter off by one): the
+    ranks' schedules, hence their collectives, would differ."""
+    net = DDP(model())
+    x, y = dataset()
+    half = N // dist.get_world_size()
+    shard = slice(rank * half, (rank + 1) * half)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    error = None
+    try:
+        with Monitor(net, F.cross_entropy, None, optimizer=opt, metrics=["loss"],
+                     warn=False) as mon:
+            for step in range(6):
+                loss = F.cross_entropy(net(x[shard]), y[shard])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                mon.step(step + (rank == 1 and step >= 2), batch=(x[shard], y[shard]),
+                         loss=loss)
+    except Exception as err:  # rank 0 fails in the next collective, once rank 1 has left
+        error = f"{type(err).__name__}: {err}"
+    _save(out_dir, rank, {"error": error})
+
+
+def joined_uneven_worker(rank: int, out_dir: str) -> None:
+    """Uneven inputs under DDP's ``join()``: rank 1 runs out of data after 6 steps, rank 0
+    goes on to 10. A monitor with ``distributed=False`` issues no collective to wait on."""
+    net = DDP(model())
+    x, y = dataset()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with Monitor(net, F.cross_entropy, os.path.join(out_dir, "joined.h5"), optimizer=opt,
+                 distributed=False, warn=False) as mon, net.join():
+        for step in range(10 if rank == 0 else 6):
+            batch = (x[step::10], y[step::10])
+            loss = F.cross_entropy(net(batch[0]), batch[1])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(step, batch=batch, loss=loss)
+    _save(out_dir, rank, {"params": [p.detach().clone() for p in net.module.parameters()]})

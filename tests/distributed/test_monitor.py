@@ -165,3 +165,25 @@ def test_ranks_whose_buffers_differ_in_shape_keep_their_own(tmp_path):
     assert r0["failed"] == r1["failed"] == []
     assert r0["cache"].tolist() == [10.0] * 4 and r1["cache"].tolist() == [11.0] * 8
     assert r1["seen"] and all(c == [11.0] * 8 for c in r1["seen"])  # also while measuring
+
+
+def test_ranks_that_count_their_steps_apart_fail_with_the_two_steps_named(tmp_path):
+    """Ranks whose step numbers differ (a counter resumed apart) run different schedules:
+    their collectives mispair, which hangs or mixes the ranks' data without a word."""
+    run_ranks(W.miscounted_step_worker, tmp_path, timeout=90)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    assert r1["error"].startswith("LandscapeError: the ranks are out of step: rank 1 "
+                                  "recorded step 3 while rank 0 recorded step 2")
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    assert r0["error"] is not None  # its next collective found rank 1 gone
+
+
+def test_uneven_inputs_under_join_are_monitored_without_collectives(tmp_path):
+    """``model.join()`` shadows DDP's own collectives for a rank that ran out of data, not
+    the monitor's: with ``distributed=False`` (docs/distributed.md) nothing waits on it."""
+    run_ranks(W.joined_uneven_worker, tmp_path, timeout=90)
+    with Run.open(tmp_path / "joined.h5") as run:
+        assert run.steps("loss").tolist() == list(range(10))
+        assert np.isfinite(run.series("sentinels", "r_secant")[1][2:]).all()
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"]))
