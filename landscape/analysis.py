@@ -662,8 +662,11 @@ class _Progress:
         from landscape._progress import bar
 
         self.enabled = enabled
+        # the time left from the mean over every checkpoint so far (smoothing=0): their
+        # costs vary several-fold (a Lanczos run converging in 8 products or in 40), and
+        # tqdm's moving average read the last fast ones as the rate (00:31 left of 91 s)
         self.outer = bar(enabled=enabled, total=total, desc="checkpoints", unit="ckpt",
-                         position=0)
+                         position=0, smoothing=0)
         self.inner = bar(enabled=enabled, nested=True, total=n_metrics, desc="metrics",
                          unit="metric", position=1, leave=False)
         self.products = 0

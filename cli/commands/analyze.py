@@ -86,6 +86,7 @@ def analyze_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
         checkpoints, model_spec, data_spec, loss_spec, tokens, text, seq_len, batch_size,
         n_batches, trust_checkpoint, device, threads, pad_id)
     optimizer = None if lr is None else {"name": "sgd", "lr": lr, "momentum": momentum}
+    before = 0 if overwrite else _checkpoints_in(out)
     try:
         monitor = analyze(
             opened.checkpoints, opened.model, batches, loss_fn, out,
@@ -111,7 +112,12 @@ def analyze_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
             n_ckpt = len(run.checkpoints())
             names = [m for m in run.metrics() if m in wanted]
             unmeasured = Counter(m for m, _ in unmeasured_rows(run) if m in wanted)
-        click.echo(f"wrote {out}: {counted(n_ckpt, 'checkpoint')}, metrics {', '.join(names)}")
+        if n_ckpt == before:  # every checkpoint given was recorded already
+            click.echo(f"nothing new: {out} holds its {counted(n_ckpt, 'checkpoint')} already, "
+                       f"metrics {', '.join(names)} (--overwrite computes them again)")
+        else:
+            click.echo(f"wrote {out}: {counted(n_ckpt, 'checkpoint')}, metrics "
+                       f"{', '.join(names)}")
         for name, n in sorted(unmeasured.items()):  # NaN rows: a warning above says why
             click.echo(f"note: {name} not measured at {n} of {counted(n_ckpt, 'checkpoint')} "
                        "(NaN rows; the warning above says why)", err=True)
@@ -120,3 +126,12 @@ def analyze_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
         if monitor.findings_recorded:
             click.echo(f"{counted(monitor.findings_recorded, 'finding')} recorded before "
                        f"(landscape check {out} lists every one)")
+
+
+def _checkpoints_in(out: str) -> int:
+    """How many checkpoints the run file ``out`` records (0: none, or no run there)."""
+    try:
+        with Run.open(out) as run:
+            return len(run.checkpoints())
+    except Exception:
+        return 0

@@ -938,3 +938,17 @@ def test_a_measurement_over_the_memory_budget_is_said_in_the_summary(setup, tmp_
         from landscape_cli.options import MemorySize
 
         assert MemorySize().convert(given, None, None) == taken
+
+
+def test_an_analysis_run_again_says_nothing_new_was_computed(setup, tmp_path):
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    out = tmp_path / "run.h5"
+    args = ["analyze", *map(str, paths[:2]), "--model", f"{fac}:model", "--data",
+            f"{fac}:data", "-m", "collapse", "-o", str(out)]
+    assert _invoke(args).stdout.startswith(f"wrote {out}: 2 checkpoints, metrics collapse")
+    again = _invoke(args)
+    assert again.exit_code == 0, again.output
+    assert again.stdout.startswith(f"nothing new: {out} holds its 2 checkpoints already")
+    more = _invoke([*args[:2], str(paths[2]), *args[2:]])
+    assert more.stdout.startswith(f"wrote {out}: 3 checkpoints")
