@@ -186,6 +186,20 @@ def short_help(text: str, limit: int) -> str:
     return line
 
 
+INSTEAD = {
+    "compare": "landscape plot RUN1 RUN2 ... -o DIR/ compares runs, one figure per metric",
+    "diff": "landscape plot RUN1 RUN2 ... -o DIR/ compares runs, one figure per metric",
+    "show": "landscape info RUN summarises a run; landscape report RUN writes an HTML page",
+    "summary": "landscape info RUN summarises a run",
+    "html": "landscape report RUN writes an HTML page",
+    "gate": "landscape check RUN exits 1 when a finding reaches --fail-on",
+    "hessian": "landscape analyze CKPT... measures checkpoints' Hessian spectra",
+    "eigen": "landscape analyze CKPT... measures checkpoints' Hessian spectra",
+    "landscape": "landscape surface CKPT... computes a loss landscape",
+}
+"""Names a user may reach for (other tools' commands) and the command that does it."""
+
+
 class LandscapeGroup(click.Group):
     """A click group that turns library errors into one clean line on stderr.
 
@@ -209,6 +223,13 @@ class LandscapeGroup(click.Group):
         if cmd_name not in self.commands and cmd_name in self.lazy_commands:
             importlib.import_module(self.lazy_commands[cmd_name])  # attaches itself
         return self.commands.get(cmd_name)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        """The command ``args`` name; a name other tools use says which command does it."""
+        name = args[0] if args else ""
+        if name in INSTEAD and self.get_command(ctx, name) is None:
+            raise click.UsageError(f"no command {name!r}: {INSTEAD[name]}", ctx)
+        return super().resolve_command(ctx, args)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         """The command list of ``-h``, short help of unloaded commands from their source."""

@@ -54,6 +54,16 @@ WRITING: set[str] = set()
 _DAMAGED = (OSError, RuntimeError, KeyError, ValueError)
 
 
+def _is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` starts as ``torch.save`` writes: a zip archive or a pickle."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return False
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
+
+
 def is_hdf5(path: str | os.PathLike) -> bool:
     """Whether ``path`` is an existing file that starts with the HDF5 signature.
 
@@ -410,6 +420,10 @@ def open_for_reading(path: Path) -> h5py.File:
         raise RunFileError(f"{path}: no such file")
     if path.is_dir():
         raise RunFileError(f"{path}: is a directory, expected a run file (.h5)")
+    if _is_checkpoint(path):  # `landscape info ckpt.pt`: say what it is and what reads it
+        raise RunFileError(f"{path}: a PyTorch checkpoint, not a run file (landscape "
+                           "analyze or surface measures checkpoints into a run file, which "
+                           "info, check, plot, report and watch read)")
     if path.stat().st_size > 0 and holds_nothing(path):  # (an empty file: below)
         raise RunFileError(f"{path}: holds no run yet (its writer has just created it, or "
                            "stopped before writing anything; writing to it again starts it "

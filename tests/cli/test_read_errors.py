@@ -154,3 +154,25 @@ def test_the_groups_own_output_that_cannot_be_written_is_one_line(option):
                               stdout=full, stderr=subprocess.PIPE, env=env, timeout=300)
     assert done.returncode == 1
     assert done.stderr.decode().strip() == "Error: No space left on device"
+
+
+def test_a_checkpoint_given_to_a_command_that_reads_runs_is_named_as_one(runner, tmp_path):
+    """``landscape info ckpt.pt`` said "not a readable HDF5 file (file signature not found)"."""
+    import torch
+
+    ckpt = tmp_path / "model.pt"
+    torch.save({"weight": torch.zeros(2)}, ckpt)
+    for args in (["check"], ["info"], ["report", "-o", str(tmp_path / "r.html")],
+                 ["plot", "-o", str(tmp_path / "plots")], ["watch", "--once"]):
+        result = runner.invoke(cli, [*args, str(ckpt)])
+        one_line_error(result, f"{ckpt}: a PyTorch checkpoint, not a run file",
+                       "landscape analyze or surface measures checkpoints")
+        assert result.exit_code == (2 if args == ["check"] else 1)
+
+
+def test_a_command_other_tools_have_is_pointed_to_ours(runner):
+    result = runner.invoke(cli, ["compare", "a.h5", "b.h5"])
+    assert result.exit_code == 2
+    assert "no command 'compare': landscape plot RUN1 RUN2" in result.output
+    typo = runner.invoke(cli, ["comapre"])
+    assert typo.exit_code == 2 and "No such command 'comapre'" in typo.output
