@@ -11,6 +11,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from torch import nn
 
 from landscape._errors import LandscapeError
 from landscape.findings import user_stacklevel
+from landscape.loading import _strip_prefix
 from landscape.params import ParamSpec
 from landscape.store import Run, RunWriter, SurfaceData
 from landscape.surface.directions import (
@@ -179,7 +181,9 @@ def interpolate(
     Goodfellow et al. 2015 ("Qualitatively characterizing neural network optimization
     problems") and Li et al. 2018, Sec. 3: ``alpha = 0`` is ``theta_a``, ``alpha = 1`` is
     ``theta_b``; the direction is not normalized. ``theta_a``/``theta_b`` are modules, state
-    dicts or checkpoint paths (``weights_only=True``) for ``model``'s architecture; ``model``
+    dicts or checkpoint paths (``weights_only=True``) for ``model``'s architecture (a
+    wrapper's prefix, DDP's ``module.`` or ``torch.compile``'s ``_orig_mod.``, is read away
+    as :func:`landscape.loading.load_state_into` reads it); ``model``
     itself is only the architecture and is not changed. With ``buffers=True`` floating-point
     buffers (BatchNorm statistics) are interpolated as well (the reference code's
     ``dir_type='states'``). The ``steps`` points on ``bounds`` always hold ``alpha = 0`` and
@@ -187,8 +191,11 @@ def interpolate(
     would evaluate neither checkpoint); ``x`` overrides them. A parameter that ``model``
     does not train and that neither state holds stays at ``model``'s value.
     """
-    a = _state(theta_a, "theta_a")
-    b = _state(theta_b, "theta_b")
+    # a DDP, compiled or Lightning model's state dict (module.fc1.weight): read as the
+    # model's keys, as landscape analyze and surface read such checkpoints
+    own = dict.fromkeys(k for k, _ in chain(model.named_parameters(), model.named_buffers()))
+    a = _strip_prefix(_state(theta_a, "theta_a"), own)
+    b = _strip_prefix(_state(theta_b, "theta_b"), own)
     # a parameter the model does not train may be left out of both states (the frozen base
     # of PEFT adapter checkpoints): it stays at the model's value, out of the direction
     named = {k: p for k, p in model.named_parameters()

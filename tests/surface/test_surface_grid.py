@@ -364,6 +364,13 @@ def test_interpolation_endpoints_are_the_two_checkpoints(tmp_path):
     # without buffer interpolation theta_b's weights meet theta_a's statistics
     nobuf = interpolate(arch, a, b, _ce, (x, y), x=[1.0], buffers=False, progress=False)
     assert nobuf.values["loss"][0] != pytest.approx(want[1], rel=1e-6)
+    # a DDP model's state dict (module.-prefixed keys) is read as the model's (it was
+    # "checkpoints lack parameters"), and so is torch.compile's _orig_mod.
+    wrapped = {f"module.{k}": v for k, v in a.state_dict().items()}
+    compiled = {f"_orig_mod.{k}": v for k, v in b.state_dict().items()}
+    again = interpolate(arch, wrapped, compiled, _ce, (x, y), steps=5, bounds=(0.0, 1.0),
+                        progress=False)
+    np.testing.assert_array_equal(again.values["loss"], surf.values["loss"])
 
 
 def test_the_default_interpolation_evaluates_both_checkpoints_and_stays_finite():
