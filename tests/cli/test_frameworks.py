@@ -80,7 +80,7 @@ def test_trainer_output_folder_analyze_and_surface(stack, tmp_path):
     surface = _invoke(["surface", stack["trainer"], "--text", stack["root"] / "corpus.txt", *LM,
                        "--dims", "1", "--steps", "3", "-o", out])
     assert surface.exit_code == 0, surface.output
-    assert "wrote surface 'random' (3 points, loss " in surface.stdout
+    assert "wrote surface 'random-line' (3 points, loss " in surface.stdout
     assert "loss_type" not in surface.stderr  # transformers' notices stay out of the way
 
 

@@ -167,15 +167,16 @@ def test_a_signal_during_surface_leaves_its_points_and_a_rerun_continues(tmp_pat
             "-q"]
     # 201 points of 50 ms each: the signal comes after the first point, long before the
     # last, however loaded the machine (41 points were done before it on a busy CI run)
-    returncode, stderr = _signal_when(args, lambda: _points(out, "random") >= 1, signal.SIGTERM)
+    returncode, stderr = _signal_when(args, lambda: _points(out, "random-line") >= 1,
+                                      signal.SIGTERM)
     assert returncode == 143, stderr
     assert "Traceback" not in stderr
     last = [ln for ln in stderr.splitlines() if ln.strip()][-1]
     assert last.startswith("Error: interrupted (SIGTERM): ") and "of 201 points" in last
-    assert 1 <= _points(out, "random") < 201
+    assert 1 <= _points(out, "random-line") < 201
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0, again.output
-    assert _points(out, "random") == 201
+    assert _points(out, "random-line") == 201
 
 
 def test_ctrl_c_pressed_again_and_again_still_says_what_was_stored(tmp_path):
@@ -188,7 +189,7 @@ def test_ctrl_c_pressed_again_and_again_still_says_what_was_stored(tmp_path):
         args = ["surface", str(paths[0]), "--model", f"{tmp_path / 'slow.py'}:model",
                 "--data", f"{tmp_path / 'slow.py'}:data", "--dims", "1", "--steps", "201",
                 "-o", str(out), "-q"]
-        returncode, stderr = _signal_when(args, lambda out=out: _points(out, "random") >= 1,
+        returncode, stderr = _signal_when(args, lambda out=out: _points(out, "random-line") >= 1,
                                           signal.SIGINT, times=3, gap=gap)
         assert returncode == 130, stderr
         lines = [ln for ln in stderr.splitlines() if ln.strip()]

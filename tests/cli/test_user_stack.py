@@ -590,7 +590,7 @@ def test_a_random_surface_reads_only_its_centre(setup, tmp_path):
                       "--steps", "3", "-o", out, "-q"])
     assert result.exit_code == 0, result.output
     with ls.Run.open(out) as run:
-        assert np.isfinite(run.surface("random").values["loss"]).all()
+        assert np.isfinite(run.surface("random-line").values["loss"]).all()
 
 
 def test_a_checkpoint_recorded_under_another_step_is_refused(setup, tmp_path):
