@@ -75,6 +75,14 @@ class Backend(ABC):
         """
 
     @abstractmethod
+    def del_root_attrs(self, names: list[str]) -> None:
+        """Remove root attributes of the run (one structural change); absent ones are skipped.
+
+        Args:
+            names: the attributes to remove.
+        """
+
+    @abstractmethod
     def table_paths(self) -> list[str]:
         """The paths of every table: findings, checkpoints, then ``metrics/<name>``.
 
@@ -308,6 +316,11 @@ class MemoryBackend(Backend):
         """Set some of the root attributes."""
         self._attrs.update(attrs)
 
+    def del_root_attrs(self, names):
+        """Remove some of the root attributes."""
+        for name in names:
+            self._attrs.pop(name, None)
+
     def table_paths(self) -> list[str]:
         """The tables in creation order."""
         return list(self._tables)
@@ -521,6 +534,15 @@ class H5Backend(Backend):
         with self.structural() if self.file.swmr_mode else contextlib.nullcontext():
             for key, value in attrs.items():
                 self.file.attrs[key] = value
+
+    def del_root_attrs(self, names):
+        """Remove some of the root attributes (outside SWMR mode, as :meth:`set_root_attrs`)."""
+        present = [n for n in names if n in self.file.attrs]
+        if not present:
+            return
+        with self.structural() if self.file.swmr_mode else contextlib.nullcontext():
+            for name in present:
+                del self.file.attrs[name]
 
     def table_paths(self):
         """Findings and checkpoints (when present), then the metric groups."""

@@ -59,6 +59,7 @@ from landscape.store.reader import Run
 from landscape.store.recovery import (
     WRITING,
     holds_nothing,
+    open_flags,
     open_for_reading_here,
     open_for_writing,
     read_here_message,
@@ -73,6 +74,35 @@ __all__ = ["RunWriter", "close_writers"]
 class _Pending:
     steps: list[int] = field(default_factory=list)
     cols: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+
+ENDED_UNCLOSED = "its writer ended without closing the file (killed or crashed)"
+"""The ``closed_how`` a post-hoc session records for a training writer it found killed."""
+
+
+def _left_open(path: Path) -> bool:
+    """Whether the file's writer left it open (killed): its consistency flags are set."""
+    try:
+        return bool(open_flags(path))
+    except OSError:
+        return False
+
+
+def _written_by_training(attrs: Any, backend: H5Backend) -> bool:
+    """Whether a training session wrote the run (its ``trained`` attribute).
+
+    A run of a version before the attribute: one that holds metric tables and was not
+    written by ``landscape analyze`` (whose config says ``analysis``).
+    """
+    if "trained" in attrs:
+        return bool(attrs["trained"])
+    try:
+        config = json.loads(attrs.get("config", "{}") or "{}")
+    except (TypeError, ValueError):
+        config = {}
+    analysis = isinstance(config, dict) and "analysis" in config
+    return not analysis and any(p.startswith(f"{METRICS_GROUP}/")
+                                for p in backend.table_paths())
 
 
 def _last_or_none(steps: np.ndarray) -> int | None:
@@ -208,7 +238,8 @@ class RunWriter:
         self._complete = False  # the one_step block's rows are the whole step
         self._urgent = False  # an error finding waits for the end of its step, no longer
         self._posthoc = posthoc
-        self._keeps_how = False  # closed_how is a training session's: left as it is
+        self._training_run = False  # (posthoc) a training session wrote the run
+        self._wrote = False  # this session wrote rows or points
         self.path = None if path is None else Path(path)
 
         if self.path is None:
@@ -269,10 +300,11 @@ class RunWriter:
                 "write to another path")
         # a file a writer left before its first flush holds nothing: started anew
         if path.exists() and mode == "a" and not holds_nothing(path):
+            ended = self._posthoc and _left_open(path)  # (open_for_writing repairs it)
             backend = H5Backend(open_for_writing(path), writable=True)
             self._backend = backend
             _warn_other_model(path, backend.file.attrs.get("config"), config)
-            self._mark_owner(backend)
+            self._mark_owner(backend, ended)
             self._trim_partial_rows(backend)
             self._note_resume(backend, None)
             backend.flush()
@@ -299,17 +331,33 @@ class RunWriter:
             backend.file.swmr_mode = True
         return backend
 
-    def _mark_owner(self, backend: H5Backend) -> None:
+    def _mark_owner(self, backend: H5Backend, ended: bool = False) -> None:
+        """Record this process as the writer, and what its session means for the state.
+
+        A training session's writer marks the run ``trained`` and clears the previous
+        session's stop (a resume). A post-hoc session's (``posthoc``) leaves how training
+        ended to training: on a run a training session wrote it never clears that record,
+        and when the last writer was killed (``ended``: the file was left open) and was
+        no post-hoc session of its own, it records that training's writer ended unclosed,
+        which the repair of the file would otherwise hide. On a run only post-hoc tools
+        wrote, its own stop or finish is recorded at :meth:`close`.
+        """
         attrs = backend.file.attrs
         attrs["writer_pid"] = os.getpid()
         attrs["writer_host"] = socket.gethostname()
-        if self._posthoc and attrs.get("trained", False):
-            self._keeps_how = True  # a surface after training: training's stop stays said
-            return
         if not self._posthoc:
             attrs["trained"] = True
-        if "closed_how" in attrs:  # a previous session's stop: resumed now
-            del attrs["closed_how"]
+            for name in ("closed_how", "posthoc_writing"):  # a resume: stopped no more
+                if name in attrs:
+                    del attrs[name]
+            return
+        self._training_run = _written_by_training(attrs, backend)
+        if "trained" not in attrs:  # a run of this version says which it is
+            attrs["trained"] = self._training_run
+        if (self._training_run and ended and "closed_how" not in attrs
+                and not attrs.get("posthoc_writing", False)):
+            attrs["closed_how"] = ENDED_UNCLOSED
+        attrs["posthoc_writing"] = True  # a kill of this session is not training's
 
     @staticmethod
     def _note_resume(backend: Backend, dropped_from: int | None) -> None:
@@ -717,6 +765,7 @@ class RunWriter:
                    for steps, cols in tables.values())
         size += 64 * sum(len(points) for points in self._pending_points.values())
         room = bool(tables or self._pending_points) and self._room_for(size)
+        self._wrote = self._wrote or room
         for path, (steps, cols) in tables.items():
             if room:
                 self._append_whole(path, steps, cols)
@@ -941,9 +990,9 @@ class RunWriter:
                 self._flush_pending()
                 if not self._full:
                     self._backend.flush()
-                    if how is not None and self.path is not None and not self._keeps_how:
+                    if self.path is not None:
                         with contextlib.suppress(Exception):  # the rows are out: kept
-                            self._backend.set_root_attrs({"closed_how": str(how)[:500]})
+                            self._record_how(how)
         finally:
             if isinstance(self._backend, H5Backend):
                 self._backend.close()
@@ -951,6 +1000,21 @@ class RunWriter:
                     WRITING.discard(str(self.path.resolve()))
             self._closed = True
             _OPEN.discard(self)
+
+    def _record_how(self, how: str | None) -> None:
+        """At a clean close: how this session ended, where it is the run's to say."""
+        attrs = self._backend.root_attrs()
+        if self._posthoc:
+            drop = ["posthoc_writing"] if "posthoc_writing" in attrs else []
+            if not self._training_run:  # the run's own writer: its stop, or a finish
+                if how is not None:
+                    self._backend.set_root_attrs({"closed_how": str(how)[:500]})
+                elif self._wrote and "closed_how" in attrs:  # resumed to its end
+                    drop.append("closed_how")
+            if drop:
+                self._backend.del_root_attrs(drop)
+        elif how is not None:
+            self._backend.set_root_attrs({"closed_how": str(how)[:500]})
 
     def run(self) -> Run:
         """A read-only :class:`Run` view of what was written so far (flushes first).

@@ -891,7 +891,7 @@ def test_an_analysis_added_to_a_crashed_training_run_leaves_it_stopped(setup, tm
     alone = _analyze_first(setup, tmp_path, "-m", "sharpness")  # a run of its own
     assert alone.exit_code == 0, alone.output
     with ls.Run.open(tmp_path / "r.h5") as run:
-        assert run.writer_status().state == "closed" and "trained" not in run.attrs
+        assert run.writer_status().state == "closed" and not run.attrs["trained"]
 
 
 def test_the_memory_budget_is_half_the_free_memory_by_default(setup, tmp_path, monkeypatch):

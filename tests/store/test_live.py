@@ -878,3 +878,62 @@ def test_the_writer_status_of_each_state_and_the_second_look(tmp_path, monkeypat
     unrecorded = status([5])
     assert unrecorded.state == "open" and "not recorded" in unrecorded.describe()
     assert status([None], alive, here).state == "unknown"
+
+
+def _posthoc_surface(path: Path, name: str = "s") -> None:
+    """A post-hoc tool's session: a small surface added to the run, closed cleanly."""
+    with RunWriter(path, posthoc=True) as w:
+        w.create_surface(name, np.linspace(-1, 1, 3))
+        for i in range(3):
+            w.write_surface(name, i, {"loss": float(i)})
+
+
+def test_a_post_hoc_session_keeps_how_training_ended_killed_stopped_or_old(tmp_path):
+    """The repair a post-hoc writer makes of a killed training run's file, its reopening
+    of a stopped run written before the ``trained`` attribute, read as finished (review)."""
+    from landscape.store.writer import ENDED_UNCLOSED
+
+    killed = _killed_writer(tmp_path / "killed.h5", rows=5)
+    with Run.open(killed) as run:
+        assert run.writer_status().state == "ended"
+    _posthoc_surface(killed)
+    with Run.open(killed) as run:
+        status = run.writer_status()
+        assert run.surface("s").complete and run.rows("m") == 5
+    assert (status.state, status.reason) == ("stopped", ENDED_UNCLOSED)
+
+    old = tmp_path / "old.h5"  # a training run of a version before `trained`
+    with RunWriter(old, mode="w") as w:
+        w.declare("m", {"v": None})
+        w.append("m", 0, {"v": 1.0})
+        w.close(how="stopped on RuntimeError: boom")
+    import h5py
+
+    with h5py.File(old, "a") as f:
+        del f.attrs["trained"]
+    _posthoc_surface(old)
+    with Run.open(old) as run:
+        assert run.writer_status().reason == "stopped on RuntimeError: boom"
+
+
+def test_a_killed_post_hoc_session_is_not_blamed_on_training(tmp_path):
+    path = tmp_path / "run.h5"
+    with RunWriter(path, mode="w") as w:  # training, finished
+        w.declare("m", {"v": None})
+        w.append("m", 0, {"v": 1.0})
+    script = textwrap.dedent("""
+        import os, signal, sys
+        import numpy as np
+        from landscape.store import RunWriter
+        w = RunWriter(sys.argv[1], posthoc=True)
+        w.create_surface("s", np.linspace(-1, 1, 3))
+        w.write_surface("s", 0, {"loss": 1.0})
+        w.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    subprocess.run([sys.executable, "-c", script, str(path)],
+                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    _posthoc_surface(path, "t")  # the next post-hoc session repairs the file
+    with Run.open(path) as run:
+        assert run.writer_status().state == "closed"
+        assert "posthoc_writing" not in run.attrs

@@ -748,3 +748,11 @@ def test_a_surface_after_training_leaves_how_training_ended_as_it_was(tmp_path):
     with Run.open(only) as run:
         status = run.writer_status()
     assert status.state == "stopped" and "Ctrl-C" in status.reason
+    # a refusal leaves that stop said; the same surface resumed to its end clears it
+    with pytest.raises(LandscapeError, match="already exists"):
+        plane(model, _ce, (x, y), steps=5, span=0.5, writer=only, progress=False)
+    with Run.open(only) as run:
+        assert run.writer_status().state == "stopped"
+    plane(model, _ce, (x, y), steps=4, span=0.5, writer=only, name="other", progress=False)
+    with Run.open(only) as run:
+        assert run.writer_status().state == "closed" and run.surface("other").complete
