@@ -227,7 +227,7 @@ class LandscapeGroup(click.Group):
     def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
         """The command ``args`` name; a name other tools use says which command does it."""
         name = args[0] if args else ""
-        if name in INSTEAD and self.get_command(ctx, name) is None:
+        if name in INSTEAD and not ctx.resilient_parsing and self.get_command(ctx, name) is None:
             raise click.UsageError(f"no command {name!r}: {INSTEAD[name]}", ctx)
         return super().resolve_command(ctx, args)
 

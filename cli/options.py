@@ -79,13 +79,19 @@ class MemorySize(click.ParamType):
             return word
         if word == "none":
             return None
+        expected = (f"{value!r}: expected a size (4GB, 512MiB, bytes), '<f>x step', free, "
+                    "auto or none")
         if re.fullmatch(r"[0-9]*\.?[0-9]+\s*x\s*step", word):
+            if not float(word.split("x")[0]) > 0:
+                self.fail(f"{value!r}: a budget of no memory", param, ctx)
             return word
         m = self._SIZE.match(word)
-        if m is None or m.group(2).lower() not in _UNITS or not float(m.group(1)) > 0:
-            self.fail(f"{value!r}: expected a size (4GB, 512MiB, bytes), '<f>x step', "
-                      "free, auto or none", param, ctx)
-        return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        if m is None or m.group(2).lower() not in _UNITS:
+            self.fail(expected, param, ctx)
+        size = float(m.group(1)) * _UNITS[m.group(2).lower()]
+        if not math.isfinite(size) or size < 1:
+            self.fail(f"{value!r}: a budget is at least one byte and finite", param, ctx)
+        return int(size)
 
 
 def counted(n: int, noun: str) -> str:
@@ -297,20 +303,25 @@ steps of the default monitor, 2 cores)."""
 
 
 def findings_of(run, recompute: bool, rules: list | None, quiet: bool,
-                ignore: tuple[str, ...] = ()) -> list:
+                ignore: tuple[str, ...] = (), known: set[str] | None = None) -> list:
     """``collect_findings`` for check, plot and report; on a long run a line says so first.
 
     The recomputation replays every row through the rules (seconds per 100,000 steps);
     ``--stored`` lists what the monitor stored while it ran, at once. ``ignore``: the
-    rules ``--ignore-rule`` names (a usage error for a name that names no rule).
+    rules ``--ignore-rule`` names (a usage error for a name that names no rule: none of
+    ``known``, by default the rules of ``run`` and ``rules``; a comparison of several runs
+    passes those of all of them).
     """
     from landscape.alarms import collect_findings, rule_names
 
-    known = rule_names(run, rules) if ignore else set()
-    unknown = sorted(set(ignore) - known)
-    if unknown:  # a typo would gate on the rule it meant to leave out
-        raise click.BadParameter(f"no rule named {', '.join(unknown)} (rules: "
-                                 f"{', '.join(sorted(known))})", param_hint="--ignore-rule")
+    if ignore:
+        own = rule_names(run, rules)
+        known = own | (known or set())
+        unknown = sorted(set(ignore) - known)
+        if unknown:  # a typo would gate on the rule it meant to leave out
+            raise click.BadParameter(f"no rule named {', '.join(unknown)} (rules: "
+                                     f"{', '.join(sorted(known))})", param_hint="--ignore-rule")
+        ignore = tuple(n for n in ignore if n in own)  # (another compared run's rule)
     if recompute and not quiet:
         rows = sum(run.rows(m) for m in run.metrics())
         if rows > LONG_RUN_ROWS:

@@ -624,13 +624,20 @@ def _partial_step(path: str | Path | None, mode: str) -> int | None:
 
 
 def _memory_budget(budget: int | float | str | None, net: nn.Module) -> Any:
-    """``analyze``'s ``memory_budget`` as the metrics take it: ``"free"`` in bytes."""
+    """``analyze``'s ``memory_budget`` as the metrics take it: ``"free"`` in bytes.
+
+    Where the device's free memory cannot be told, ``"free"`` is the monitor's ``"auto"``.
+    """
     from landscape.curvature.memory import check_budget, posthoc_budget
 
     if isinstance(budget, str) and budget.strip().lower() == "free":
         device = next(net.parameters(), torch.empty(0)).device
-        return int(posthoc_budget(device))
-    check_budget(budget)
+        free = posthoc_budget(device)
+        return "auto" if free is None else int(free)
+    try:
+        check_budget(budget)
+    except ValueError as err:
+        raise ValueError(f"{err} (or 'free', analyze's default)") from None
     return budget
 
 

@@ -120,7 +120,7 @@ def analyze_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
                        f"{', '.join(names)}")
         for name, n in sorted(unmeasured.items()):  # NaN rows: a warning above says why
             click.echo(f"note: {name} not measured at {n} of {counted(n_ckpt, 'checkpoint')} "
-                       "(NaN rows; the warning above says why)", err=True)
+                       f"(NaN rows; landscape check {out} lists why)", err=True)
         for f in monitor.findings[monitor.findings_recorded:]:  # this call's
             click.echo(f.describe())
         if monitor.findings_recorded:

@@ -20,6 +20,7 @@ from landscape_cli.options import (
     rules_option,
 )
 
+from landscape.alarms import rule_names
 from landscape.plotting.compare import comparisons
 from landscape.plotting.surfaces import export_vtk
 from landscape.plotting.timelines import SAVE_FORMATS, metrics_with_rows, save_figure, timelines
@@ -178,8 +179,12 @@ def plot(
                                f"format: -o {target.with_suffix('.' + fmt).name}")
     rules = load_rule_specs(rule_specs, recompute)
 
-    def find(run: Run) -> list:
-        return findings_of(run, recompute, rules, quiet, ignore)
+    def find(run: Run, compared: tuple[Run, ...] = ()) -> list:
+        """The findings to mark on ``run``'s figures; ``--ignore-rule`` names a rule of any
+        of the ``compared`` runs (one run may hold a rule of its own the others lack)."""
+        known = (set().union(*(rule_names(r, rules) for r in compared))
+                 if ignore and compared else None)
+        return findings_of(run, recompute, rules, quiet, ignore, known)
 
     if not to_directory:  # -o run.h5 (also for several figures), before any work
         refuse_to_overwrite_hdf5(target, "a figure")
@@ -227,7 +232,7 @@ def _compared(run_paths, metrics, log, find) -> dict:
         found = []
         for path, run in zip(run_paths, runs):
             with run_file_errors(path):
-                found.append(find(run))
+                found.append(find(run, tuple(runs)))
         with run_file_errors(" or ".join(run_paths)):
             try:
                 figures = comparisons(runs, list(metrics) or None, findings=found, log=log)

@@ -111,19 +111,21 @@ def free_memory(device: Any) -> int | None:
         return None
 
 
-def posthoc_budget(device: Any) -> float:
+def posthoc_budget(device: Any) -> float | None:
     """The default budget of a measurement with no training beside it, in bytes.
 
     ``landscape analyze`` measures checkpoints alone: no training run shares the memory,
     so the training step (the monitor's ``"auto"``) is no limit it needs. Its default is
     :data:`POSTHOC_SHARE` of the memory free on ``device`` when it starts, never less than
-    :data:`BUDGET_FLOOR` (the floor alone when the free memory cannot be told): a
-    measurement that would exhaust the machine is refused with one line, one that fits is
-    not refused for a step it does not share memory with.
+    :data:`BUDGET_FLOOR`: a measurement that would exhaust the machine is refused with one
+    line, one that fits is not refused for a step it does not share memory with.
+
+    Returns:
+        The budget, or None where the free memory cannot be told (MPS, XPU): the caller
+        then keeps ``"auto"``.
     """
     free = free_memory(device)
-    return float(BUDGET_FLOOR) if free is None else max(float(BUDGET_FLOOR),
-                                                        POSTHOC_SHARE * free)
+    return None if free is None else max(float(BUDGET_FLOOR), POSTHOC_SHARE * free)
 
 
 class MemoryBudgetError(LandscapeError, ValueError):

@@ -669,7 +669,8 @@ class StepContext:
 
         For a metric that needs the loss, its gradient or curvature on data of its own
         choosing, such as pieces of the batch (``landscape.batches.split(ctx.data("batch"),
-        n)``: a gradient per piece, for the gradient's noise): ``data`` is one batch or a
+        size)``, pieces of at most ``size`` samples: a gradient per piece, for the
+        gradient's noise): ``data`` is one batch or a
         list of batches in the form the probe and the batch take, read by the closure or by
         ``loss_fn(model(inputs), targets)`` as the step's own data is. Its ``loss()``,
         ``gradient()`` and products leave the model, its buffers and the training

@@ -55,13 +55,22 @@ _DAMAGED = (OSError, RuntimeError, KeyError, ValueError)
 
 
 def _is_checkpoint(path: Path) -> bool:
-    """Whether ``path`` starts as ``torch.save`` writes: a zip archive or a pickle."""
+    """Whether ``path`` is a file as ``torch.save`` writes it.
+
+    A zip archive holding a pickle (``NAME/data.pkl``; a NumPy ``.npz`` holds none), or a
+    pickle of the legacy format (protocol 2).
+    """
+    import zipfile
+
     try:
         with open(path, "rb") as fh:
             head = fh.read(4)
-    except OSError:
+        if head == b"PK\x03\x04":
+            with zipfile.ZipFile(path) as z:
+                return any(n.endswith("/data.pkl") for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
         return False
-    return head == b"PK\x03\x04" or head[:1] == b"\x80"
+    return head[:2] == b"\x80\x02"  # torch.save's legacy format: pickle protocol 2
 
 
 def is_hdf5(path: str | os.PathLike) -> bool:

@@ -909,8 +909,13 @@ def test_the_memory_budget_is_half_the_free_memory_by_default(setup, tmp_path, m
         assert np.isfinite(run.series("top_eigenvalues", "eigenvalues")[1]).all()
     monkeypatch.undo()
     assert memory.free_memory("cpu") > 0 and memory.free_memory("meta") is None
-    monkeypatch.setattr(memory, "free_memory", lambda device: None)  # cannot be told
-    assert memory.posthoc_budget("cpu") == memory.BUDGET_FLOOR
+    monkeypatch.setattr(memory, "free_memory", lambda device: None)  # cannot be told (MPS)
+    assert memory.posthoc_budget("cpu") is None  # then the monitor's "auto", never less
+    from landscape.analysis import _memory_budget
+
+    assert _memory_budget("free", torch.nn.Linear(2, 2)) == "auto"
+    with pytest.raises(ValueError, match="or 'free', analyze's default"):
+        _memory_budget("lots", torch.nn.Linear(2, 2))
 
 
 def test_a_measurement_over_the_memory_budget_is_said_in_the_summary(setup, tmp_path):
@@ -921,15 +926,15 @@ def test_a_measurement_over_the_memory_budget_is_said_in_the_summary(setup, tmp_
                       f"{fac}:data", "-m", "top_eigenvalues", "-m", "collapse",
                       "--memory-budget", "1KB", "-o", str(out)])
     assert result.exit_code == 0, result.output
-    assert ("note: top_eigenvalues not measured at 2 of 2 checkpoints (NaN rows; the "
-            "warning above says why)") in result.stderr
+    assert (f"note: top_eigenvalues not measured at 2 of 2 checkpoints (NaN rows; "
+            f"landscape check {out} lists why)") in result.stderr
     assert "collapse not measured" not in result.stderr
     with ls.Run.open(out) as run:
         assert np.isnan(run.series("top_eigenvalues", "eigenvalues")[1]).all()
         (failed,) = [f for f in run.findings() if f.rule == "metric_failed"]
     assert "MemoryBudgetError" in failed.message and "budget of 1000 B" in failed.message
     assert "--memory-budget" in failed.hint and "a probe must be" not in failed.hint
-    for bad in ("lots", "0", "-1GB", "3 parsecs"):
+    for bad in ("lots", "0", "-1GB", "3 parsecs", "1e400", "0.5", "0x step"):
         refused = _invoke(["analyze", str(paths[0]), "--model", f"{fac}:model", "--data",
                            f"{fac}:data", "--memory-budget", bad, "-o", str(out)])
         assert refused.exit_code == 2 and "--memory-budget" in refused.output, bad

@@ -440,3 +440,13 @@ def test_plot_ignore_rule_marks_none_of_its_findings(runner, run_file, tmp_path,
     typo = runner.invoke(cli, ["plot", str(run_file), "--ignore-rule", "los_spike",
                                "-o", str(tmp_path / "c.png")])
     assert typo.exit_code == 2 and "no rule named los_spike" in typo.output
+    # a rule of one of the compared runs only (its training's own rule) is known
+    from landscape.findings import Finding
+
+    own = write_run(tmp_path / "own.h5", findings=(
+        Finding(40, "my_rule", "warning", "loss/value", 2.0, 1.0, "mine", "h"),))
+    both = runner.invoke(cli, ["plot", str(own), str(control), "-m", "loss", "--stored",
+                               "--ignore-rule", "my_rule", "-o", str(tmp_path / "d.png")])
+    assert both.exit_code == 0, both.output
+    legend = [t.get_text() for t in drawn["d.png"].legends[0].get_texts()]
+    assert legend == ["own (100 rows)", "control (100 rows)"]

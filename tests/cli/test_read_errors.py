@@ -176,3 +176,11 @@ def test_a_command_other_tools_have_is_pointed_to_ours(runner):
     assert "no command 'compare': landscape plot RUN1 RUN2" in result.output
     typo = runner.invoke(cli, ["comapre"])
     assert typo.exit_code == 2 and "No such command 'comapre'" in typo.output
+
+
+def test_completing_after_a_name_other_tools_use_is_quiet(runner):
+    """Shell completion after ``landscape show`` printed a UsageError traceback (review)."""
+    result = runner.invoke(cli, [], prog_name="landscape", env={
+        "_LANDSCAPE_COMPLETE": "bash_complete", "COMP_WORDS": "landscape show ",
+        "COMP_CWORD": "2"})
+    assert result.exit_code == 0 and result.exception is None, result.output
