@@ -13,7 +13,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from landscape.alarms.base import SKIP, Row, Rule, Trigger, _Skip, check_number, row_value
+from landscape.alarms.base import (
+    SKIP,
+    Row,
+    Rule,
+    Trigger,
+    _Skip,
+    check_number,
+    check_positive_int,
+    row_value,
+)
 from landscape.findings import format_number as _fmt
 
 __all__ = ["EdgeOfStability", "TaylorRatio"]
@@ -131,7 +140,11 @@ class TaylorRatio(Rule):
     one hard sample or token decides (r = 9.2 on a healthy row whose median sample was at
     0.05; 186 warnings on 36 healthy runs of the ``standard`` preset), while a learning-rate
     spike moves every sample. Rows without it (files recorded before it) read ``r``; the
-    info level always reads ``r``. ``robust_field=None`` reads ``r`` throughout.
+    info level always reads ``r``. ``robust_field=None`` reads ``r`` throughout. A median
+    over fewer than ``min_samples`` samples (default 8; the row's ``samples``) is no more
+    robust than the largest: such a row is info at most (a one-sample last batch of a
+    loader that keeps its remainder gave an error, r_median = 4.7, on a healthy run).
+    None: off.
 
     The metric was called ``taylor`` before it became ``taylor_radius``; the rule watches
     both names, so runs recorded under either give the same findings.
@@ -144,6 +157,7 @@ class TaylorRatio(Rule):
     error: float = 4.0
     info: float | None = 1.0
     robust_field: str | None = "r_median"
+    min_samples: int | None = 8
     sustain: int = 1
     rearm: int = 3
     metrics: tuple[str, ...] = ("taylor_radius", "taylor")
@@ -154,6 +168,8 @@ class TaylorRatio(Rule):
         check_number("warn", self.warn)
         check_number("error", self.error)
         check_number("info", self.info, allow_none=True)
+        if self.min_samples is not None:
+            check_positive_int("min_samples", self.min_samples)
         if self.info is not None and self.info > self.warn:
             raise ValueError(f"info ({self.info}) must be <= warn ({self.warn})")
         if self.error < self.warn:
@@ -181,6 +197,19 @@ class TaylorRatio(Rule):
             robust = None  # not measured on this row: the max decides, as before
         level, field = (r, "r") if robust is None else (robust, str(self.robust_field))
         what = "Taylor ratio" if robust is None else "Taylor ratio of the median sample"
+        samples = row_value(row, "samples")
+        if (self.min_samples is not None and samples is not None
+                and samples < self.min_samples and level >= self.warn):
+            return Trigger(
+                severity="info",
+                field=field,
+                value=level,
+                threshold=self.warn,
+                message=f"{what} r = {_fmt(level)} >= {_fmt(self.warn)} on a batch of "
+                f"{samples:g} samples, whose median is no more robust than their largest "
+                f"(a warning from {self.min_samples} samples)",
+                hint=hint,
+            )
         if level >= self.error:
             return Trigger(
                 severity="error",

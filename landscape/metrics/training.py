@@ -105,23 +105,27 @@ class GradNorm(Metric):
     the clipping threshold; ``Monitor.step(grad_norm=...)`` records the norm the caller
     passes instead (what ``torch.nn.utils.clip_grad_norm_`` returns: the norm before
     clipping), and the Lightning callback passes it when ``gradient_clip_val`` is set.
+    ``samples``: the batch's samples, as the ``loss`` metric counts them (a context field):
+    a mean over a batch far smaller than the usual one scatters further, which
+    :class:`~landscape.alarms.GradNormSpike` reads (a loader's one-sample last batch).
     """
 
     name = "grad_norm"
-    FIELDS = ("value",)
+    FIELDS = ("value", "samples")
+    CONTEXT_FIELDS = ("samples",)
     default_data = "batch"
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
         """||grad|| over the monitored parameters, or the norm the caller gave."""
         if ctx.given_grad_norm is not None:
-            return {"value": ctx.given_grad_norm}
+            return {"value": ctx.given_grad_norm, "samples": _samples(ctx)}
         value = ctx.grad_norm()
         if value is None:
             raise MissingInput(
                 "grad_norm needs .grad of the monitored parameters, and none has one: call "
                 "mon.step() before optimizer.zero_grad(), or pass step(grad_norm=...) (what "
                 "clip_grad_norm_ returns)")
-        return {"value": value}
+        return {"value": value, "samples": _samples(ctx)}
 
 
 def _given_norm_flag(norm: float, params: Sequence[torch.Tensor]) -> float:
@@ -269,7 +273,8 @@ class TaylorRadius(Metric):
 
     dense_every = 1
     name = "taylor_radius"
-    FIELDS = ("r", "rho_a", "step_norm", "r_median")
+    FIELDS = ("r", "rho_a", "step_norm", "r_median", "samples")
+    CONTEXT_FIELDS = ("samples",)
     default_data = "batch"
     default_schedule = every(10)
     needs_update = True
@@ -280,7 +285,8 @@ class TaylorRadius(Metric):
         ``r`` is the largest over the batch's samples (token positions for a sequence
         model), which one hard sample decides; ``r_median`` is the median over the samples
         (interpolated: the mean of the two middle ones for an even count), what the
-        ``taylor_ratio`` rule warns on (docs/alarms.md).
+        ``taylor_ratio`` rule warns on (docs/alarms.md); ``samples``, how many there are
+        (a context field: over one or two the median is no more robust than the largest).
         """
         sized = _step_not_sized_by_a_rate(ctx.optimizer)
         if sized is not None:
@@ -302,6 +308,7 @@ class TaylorRadius(Metric):
             "rho_a": min(float(r.rho_a) for r in results),
             "step_norm": step_norm,
             "r_median": step_norm * median / math.pi,
+            "samples": float(spread.numel()),
         }
 
 

@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+import landscape as ls
 import landscape.alarms as ls_alarms
 from landscape._names import metric_name_aliases
 from landscape.alarms import (
@@ -643,6 +644,28 @@ def test_taylor_ratio_warns_on_the_median_sample_and_keeps_the_max_for_info():
     assert [f.severity for f in legacy] == ["error"]
 
 
+def test_taylor_ratio_of_a_median_over_a_few_samples_is_info():
+    """A loader's one-sample last batch: its median sample is its only one, as fragile as
+    the largest (an error, r_median = 4.7, on a healthy run; review). From 8 samples on
+    the median warns and errs as before; rows without ``samples`` as before."""
+    from landscape.alarms import OnlineAlarms, TaylorRatio
+
+    def severities(samples, rule=None):
+        alarms = OnlineAlarms([rule or TaylorRatio()])
+        row = {"r": 4.7, "r_median": 4.7}
+        if samples is not None:
+            row["samples"] = samples
+        return [(f.severity, f.metric) for f in alarms.observe("taylor_radius", 0, row)]
+
+    assert severities(1.0) == [("info", "taylor_radius/r_median")]
+    assert severities(7.0) == [("info", "taylor_radius/r_median")]
+    assert severities(8.0) == [("error", "taylor_radius/r_median")]
+    assert severities(None) == [("error", "taylor_radius/r_median")]
+    assert severities(1.0, TaylorRatio(min_samples=None)) == [("error", "taylor_radius/r_median")]
+    with pytest.raises(ValueError, match="min_samples"):
+        TaylorRatio(min_samples=0)
+
+
 def test_a_rules_evaluator_still_takes_params_with_a_deprecation_warning():
     """The argument was renamed config; a user rule calling
     super().evaluator(metric, params=...) broke without a deprecation period."""
@@ -651,3 +674,27 @@ def test_a_rules_evaluator_still_takes_params_with_a_deprecation_warning():
         evaluate = rule.evaluator("spectral_alignment", params={"layers": ["a", "b"]})
     assert callable(evaluate)
     assert callable(ls_alarms.LossSpike().evaluator("loss", config={}))
+
+
+def test_a_batch_far_smaller_than_the_usual_one_is_no_spike_warning():
+    """A loader's one-sample last batch every 24 steps (``drop_last=False``): its gradient
+    norm, a mean over 1 sample instead of 64, warned on a healthy run (review: 16.4 against
+    a median of 0.74). The same jump on a batch of the usual size still warns."""
+    rng = np.random.default_rng(3)
+    n = 300
+    g = np.exp(0.2 * rng.standard_normal(n))
+    samples = np.full(n, 64.0)
+    samples[23::24] = 1.0
+    g[23::24] *= 8.0  # a one-sample mean: 8 times the spread (sqrt 64)
+    g[47] = 25 * np.median(g)  # the second, as high as the review's
+    series = {"grad_norm": (np.arange(n), {"value": g, "samples": samples})}
+    found = [f for f in findings_of(series) if f.rule == "grad_norm_spike"]
+    assert all(f.severity == "info" for f in found)
+    (at_47,) = [f for f in found if f.step == 47]
+    assert "on a batch of 1 samples, the usual being 64" in at_47.message
+    samples[47] = 64.0  # the same rise on a full batch: a warning
+    found = findings_of({"grad_norm": (np.arange(n), {"value": g, "samples": samples})})
+    assert [(f.step, f.severity) for f in found if f.severity == "warning"] == [(47, "warning")]
+    # the loss rule reads it too, and small_batch=None turns it off
+    off = findings_of(series, [ls.alarms.GradNormSpike(small_batch=None)])
+    assert (47, "warning") in [(f.step, f.severity) for f in off]

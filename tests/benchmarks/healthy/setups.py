@@ -388,6 +388,25 @@ def batch_size_change(seed: int, steps: int) -> Trial:
     return Trial(model, opt, F.cross_entropy, batch, steps)
 
 
+def remainder_batch(seed: int, steps: int) -> Trial:
+    """SGD momentum, batch 64 over 1,473 images as a ``DataLoader(drop_last=False)`` reads
+    them: every epoch (24 steps) ends on a batch of one image (review of session 40)."""
+    torch.manual_seed(seed)
+    x, y = digits()
+    x, y = x[:23 * 64 + 1], y[:23 * 64 + 1]
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(seed)
+    epoch: list[torch.Tensor] = []
+
+    def batch(s: int) -> Batch:
+        if not epoch:  # a new epoch, shuffled, cut into 23 batches of 64 and one of 1
+            epoch.extend(torch.randperm(len(y), generator=g).split(64))
+        idx = epoch.pop(0)
+        return x[idx], y[idx]
+    return Trial(model, opt, F.cross_entropy, batch, steps)
+
+
 def batch_size_shrink_sgd(seed: int, steps: int) -> Trial:
     """SGD momentum; batch 256, then 16 from half the run (the gradient noise jumps)."""
     torch.manual_seed(seed)
@@ -973,6 +992,8 @@ def _setups() -> list[Setup]:
               "batch_size_change"),
         Setup("batch_size_shrink_sgd", "MLP, SGD-momentum, batch 256 -> 16", 1200,
               batch_size_shrink_sgd, "batch_size_shrink_sgd"),
+        Setup("remainder_batch", "MLP, SGD-momentum, batch 64, a 1-image batch every epoch",
+              1200, remainder_batch, "remainder_batch"),
         Setup("label_smoothing", "MLP, Adam, label smoothing 0.1", 1200, label_smoothing,
               "label_smoothing"),
         Setup("overfit_adam", "MLP on 256 images to ~0 loss, Adam", 1500, overfit_adam,
