@@ -42,8 +42,8 @@ def test_health_criterion():
 
 
 def test_setups_resolve_by_name_and_hunt_key():
-    """57 setups, found by name or by the hunt's key; three excluded by design."""
-    assert len(SETUPS) == 57 and set(SMALL) <= set(SETUPS)
+    """58 setups, found by name or by the hunt's key; three excluded by design."""
+    assert len(SETUPS) == 58 and set(SMALL) <= set(SETUPS)
     assert [s.name for s in resolve(["bn_cnn_small_batch", "bn_cnn_bs8"])] == ["bn_cnn_bs8"] * 2
     excluded = {n for n, s in SETUPS.items() if s.excluded}
     assert excluded == {"curriculum", "curriculum_noise", "grokking_tf"}
