@@ -208,7 +208,8 @@ class Run:
             return None
         attrs = self._backend.root_attrs()
         return writer_status(path, attrs.get("writer_pid"), attrs.get("writer_host"),
-                             attrs.get("closed_how"))
+                             attrs.get("closed_how"),
+                             posthoc=bool(attrs.get("posthoc_writing", False)))
 
     def resumed_after(self) -> list[int]:
         """The steps after which a writer resumed the run (the root ``resumed_after``).

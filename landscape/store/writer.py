@@ -357,7 +357,10 @@ class RunWriter:
         if (self._training_run and ended and "closed_how" not in attrs
                 and not attrs.get("posthoc_writing", False)):
             attrs["closed_how"] = ENDED_UNCLOSED
-        attrs["posthoc_writing"] = True  # a kill of this session is not training's
+        if self._training_run:  # a kill of this session is not training's
+            attrs["posthoc_writing"] = True
+        elif "posthoc_writing" in attrs:
+            del attrs["posthoc_writing"]
 
     @staticmethod
     def _note_resume(backend: Backend, dropped_from: int | None) -> None:
@@ -447,6 +450,15 @@ class RunWriter:
                 self._flush_pending()
                 if self._room_for(_STRUCTURE_BYTES):
                     self._backend.add_fields(path, added)
+                    new_context = [n for n in context if n in added]
+                    if new_context:  # (a context field added: the plots leave it out)
+                        try:
+                            was = list(json.loads(str(
+                                self._backend.table_attrs(path).get("context", "[]"))))
+                        except ValueError:
+                            was = []
+                        self._backend.set_table_attrs(
+                            path, {"context": json.dumps([*was, *new_context])})
                 self._fields[path] = {**stored, **added}
                 self._scalars.pop(path, None)
             elif wider is not None:  # strings as wide or wider: the rows kept, widened

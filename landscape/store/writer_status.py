@@ -52,7 +52,8 @@ class WriterStatus:
         """One line, as ``landscape info`` and ``landscape check`` print it after "RUN is"."""
         who = f"pid {self.pid} on {self.host}" if self.pid is not None else "its writer"
         return {
-            "closed": "closed by its writer",
+            "closed": ("closed by its writer" if self.reason is None
+                       else f"closed by its writer ({self.reason})"),
             "stopped": f"closed by its writer, which stopped before the end ({self.reason})",
             "writing": f"being written ({who})",
             "ended": f"not closed: its writer ({who}) ended without closing it (killed or "
@@ -83,7 +84,7 @@ def _flags(path: Path) -> int | None:
 
 
 def writer_status(path: str | os.PathLike, pid: Any = None, host: Any = None,
-                  closed_how: Any = None) -> WriterStatus:
+                  closed_how: Any = None, posthoc: bool = False) -> WriterStatus:
     """The state of ``path``'s writer.
 
     Args:
@@ -91,6 +92,10 @@ def writer_status(path: str | os.PathLike, pid: Any = None, host: Any = None,
         pid: its ``writer_pid`` attribute (None: not recorded).
         host: its ``writer_host`` attribute.
         closed_how: its ``closed_how`` attribute: why training stopped (None: finished).
+        posthoc: its ``posthoc_writing`` attribute: the recorded writer is a post-hoc
+            session (a surface, an analysis) of a run whose training had ended. Killed,
+            it reads as training ended (``closed`` or ``stopped``), with a ``reason``
+            that says the post-hoc session was killed and its results may be partial.
 
     Returns:
         The status. A process id reused since the writer died reads as ``writing``, as
@@ -117,7 +122,13 @@ def writer_status(path: str | os.PathLike, pid: Any = None, host: Any = None,
         return WriterStatus("open", pid, host)
     if host != socket.gethostname():
         return WriterStatus("open", pid, host)
-    return WriterStatus("writing" if pid_alive(pid) else "ended", pid, host)
+    if pid_alive(pid):
+        return WriterStatus("writing", pid, host)
+    if posthoc:  # a surface or analysis killed after training: training's state stands
+        killed = "a post-hoc session (surface, analyze) was killed: its results may be partial"
+        return (WriterStatus("stopped", pid, host, f"{closed_how}; then {killed}")
+                if closed_how else WriterStatus("closed", pid, host, killed))
+    return WriterStatus("ended", pid, host)
 
 
 def stopped_how(err: BaseException | None) -> str | None:

@@ -698,3 +698,19 @@ def test_a_batch_far_smaller_than_the_usual_one_is_no_spike_warning():
     # the loss rule reads it too, and small_batch=None turns it off
     off = findings_of(series, [ls.alarms.GradNormSpike(small_batch=None)])
     assert (47, "warning") in [(f.step, f.severity) for f in off]
+
+
+def test_small_batches_between_usual_ones_neither_count_nor_break_a_run_of_high_rows():
+    """A loader that alternates batches of 64 and 8 (bucketing by length): a real blow-up
+    from step 200 gave info findings only, each small row having ended the run of high
+    rows the next usual one needed (review). It warns at 220, as without small_batch."""
+    rng = np.random.default_rng(0)
+    n = 300
+    g = np.exp(0.1 * rng.standard_normal(n))
+    samples = np.where(np.arange(n) % 2 == 0, 64.0, 8.0)
+    g[200:] *= np.linspace(3, 50, n - 200)
+    series = {"grad_norm": (np.arange(n), {"value": g, "samples": samples})}
+    warned = [f.step for f in findings_of(series) if f.severity == "warning"]
+    off = [f.step for f in findings_of(series, [ls.alarms.GradNormSpike(small_batch=None)])
+           if f.severity == "warning"]
+    assert warned and warned[0] == off[0] == 220

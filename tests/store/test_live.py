@@ -937,3 +937,53 @@ def test_a_killed_post_hoc_session_is_not_blamed_on_training(tmp_path):
     with Run.open(path) as run:
         assert run.writer_status().state == "closed"
         assert "posthoc_writing" not in run.attrs
+
+
+def test_a_post_hoc_session_killed_after_training_leaves_trainings_state(tmp_path):
+    """``check --require-finished`` failed a finished training run once a surface added to
+    it was killed: the flags the kill left read as training's writer ended (review)."""
+    script = textwrap.dedent("""
+        import os, signal, sys
+        import numpy as np
+        from landscape.store import RunWriter
+        w = RunWriter(sys.argv[1], posthoc=True)
+        w.create_surface("s", np.linspace(-1, 1, 3))
+        w.write_surface("s", 0, {"loss": 1.0})
+        w.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    for how in (None, "stopped by SIGTERM"):
+        path = tmp_path / f"run-{how is None}.h5"
+        with RunWriter(path, mode="w") as w:
+            w.declare("m", {"v": None})
+            w.append("m", 0, {"v": 1.0})
+            if how:
+                w.close(how=how)
+        subprocess.run([sys.executable, "-c", script, str(path)],
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+        with Run.open(path) as run:
+            status = run.writer_status()
+        assert status.state == ("closed" if how is None else "stopped")
+        assert "post-hoc session (surface, analyze) was killed" in status.describe()
+    only = tmp_path / "only.h5"  # a run of its own: the killed session is the run's writer
+    subprocess.run([sys.executable, "-c", script, str(only)],
+                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    with Run.open(only) as run:
+        assert run.writer_status().state == "ended"
+
+
+def test_a_context_field_a_newer_version_adds_is_recorded_as_context(tmp_path):
+    """grad_norm gained ``samples`` (a context field): a resumed older file got the column
+    but not its ``context`` entry, so the plots drew it as a measurement (review)."""
+    path = tmp_path / "run.h5"
+    with RunWriter(path, mode="w") as w:
+        w.declare("grad_norm", {"value": None})
+        w.append("grad_norm", 0, {"value": 1.0})
+    with RunWriter(path) as w:
+        w.declare("grad_norm", {"value": None, "samples": None}, context=["samples"])
+        w.append("grad_norm", 1, {"value": 1.0, "samples": 64.0})
+    from landscape.plotting.timelines import default_fields
+
+    with Run.open(path) as run:
+        assert run.metric_attrs("grad_norm")["context"] == ["samples"]
+        assert default_fields(run, "grad_norm") == ["value"]
