@@ -916,11 +916,8 @@ def test_a_post_hoc_session_keeps_how_training_ended_killed_stopped_or_old(tmp_p
         assert run.writer_status().reason == "stopped on RuntimeError: boom"
 
 
-def test_a_killed_post_hoc_session_is_not_blamed_on_training(tmp_path):
-    path = tmp_path / "run.h5"
-    with RunWriter(path, mode="w") as w:  # training, finished
-        w.declare("m", {"v": None})
-        w.append("m", 0, {"v": 1.0})
+def _killed_posthoc_session(path: Path) -> None:
+    """A post-hoc session (a surface) killed with SIGKILL after its first point."""
     script = textwrap.dedent("""
         import os, signal, sys
         import numpy as np
@@ -933,6 +930,14 @@ def test_a_killed_post_hoc_session_is_not_blamed_on_training(tmp_path):
     """)
     subprocess.run([sys.executable, "-c", script, str(path)],
                    env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_a_killed_post_hoc_session_is_not_blamed_on_training(tmp_path):
+    path = tmp_path / "run.h5"
+    with RunWriter(path, mode="w") as w:  # training, finished
+        w.declare("m", {"v": None})
+        w.append("m", 0, {"v": 1.0})
+    _killed_posthoc_session(path)
     _posthoc_surface(path, "t")  # the next post-hoc session repairs the file
     with Run.open(path) as run:
         assert run.writer_status().state == "closed"
@@ -942,16 +947,6 @@ def test_a_killed_post_hoc_session_is_not_blamed_on_training(tmp_path):
 def test_a_post_hoc_session_killed_after_training_leaves_trainings_state(tmp_path):
     """``check --require-finished`` failed a finished training run once a surface added to
     it was killed: the flags the kill left read as training's writer ended (review)."""
-    script = textwrap.dedent("""
-        import os, signal, sys
-        import numpy as np
-        from landscape.store import RunWriter
-        w = RunWriter(sys.argv[1], posthoc=True)
-        w.create_surface("s", np.linspace(-1, 1, 3))
-        w.write_surface("s", 0, {"loss": 1.0})
-        w.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
-    """)
     for how in (None, "stopped by SIGTERM"):
         path = tmp_path / f"run-{how is None}.h5"
         with RunWriter(path, mode="w") as w:
@@ -959,15 +954,13 @@ def test_a_post_hoc_session_killed_after_training_leaves_trainings_state(tmp_pat
             w.append("m", 0, {"v": 1.0})
             if how:
                 w.close(how=how)
-        subprocess.run([sys.executable, "-c", script, str(path)],
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
+        _killed_posthoc_session(path)
         with Run.open(path) as run:
             status = run.writer_status()
         assert status.state == ("closed" if how is None else "stopped")
         assert "post-hoc session (surface, analyze) was killed" in status.describe()
     only = tmp_path / "only.h5"  # a run of its own: the killed session is the run's writer
-    subprocess.run([sys.executable, "-c", script, str(only)],
-                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    _killed_posthoc_session(only)
     with Run.open(only) as run:
         assert run.writer_status().state == "ended"
 
