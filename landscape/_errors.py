@@ -12,6 +12,14 @@ class LandscapeError(Exception):
     """A user-facing error: the message alone explains what went wrong."""
 
 
+class MemoryBudgetError(LandscapeError, ValueError):
+    """A curvature measurement cannot fit the memory budget it was given.
+
+    Raised by :mod:`landscape.curvature.memory` (and importable from there); defined here
+    so that the failure reports (``landscape.failures``) can tell it apart.
+    """
+
+
 class RunFileError(LandscapeError):
     """A run file is missing, corrupt, foreign or of an unsupported format version."""
 

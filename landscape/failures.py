@@ -18,9 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from landscape._errors import MissingInput
+from landscape._errors import MemoryBudgetError, MissingInput
 from landscape.batches import PAIR_KEYS, WHOLE_PAIR_KEYS
-from landscape.curvature.memory import MemoryBudgetError
 from landscape.findings import Finding
 
 __all__ = ["failure_finding", "nonfinite_state"]

@@ -27,7 +27,7 @@ import math
 import re
 from typing import Any
 
-from landscape._errors import LandscapeError
+from landscape._errors import MemoryBudgetError
 from landscape.curvature._peak import PeakMemory
 from landscape.curvature._profile import (
     CPU_MARGIN,
@@ -126,10 +126,6 @@ def posthoc_budget(device: Any) -> float | None:
     """
     free = free_memory(device)
     return None if free is None else max(float(BUDGET_FLOOR), POSTHOC_SHARE * free)
-
-
-class MemoryBudgetError(LandscapeError, ValueError):
-    """A curvature measurement cannot fit the memory budget it was given."""
 
 
 _BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*x\s*step\s*$", re.IGNORECASE)
