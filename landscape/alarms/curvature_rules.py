@@ -198,46 +198,24 @@ class TaylorRatio(Rule):
         level, field = (r, "r") if robust is None else (robust, str(self.robust_field))
         what = "Taylor ratio" if robust is None else "Taylor ratio of the median sample"
         samples = row_value(row, "samples")
+
+        def fired(severity: str, field: str, value: float, bar: float, what: str,
+                  why: str) -> Trigger:
+            return Trigger(severity=severity, field=field, value=value, threshold=bar,
+                           message=f"{what} r = {_fmt(value)} >= {_fmt(bar)}{why}", hint=hint)
+
         if (self.min_samples is not None and samples is not None
                 and samples < self.min_samples and level >= self.warn):
-            return Trigger(
-                severity="info",
-                field=field,
-                value=level,
-                threshold=self.warn,
-                message=f"{what} r = {_fmt(level)} >= {_fmt(self.warn)} on a batch of "
-                f"{samples:g} samples, whose median is no more robust than their largest "
-                f"(a warning from {self.min_samples} samples)",
-                hint=hint,
-            )
+            return fired("info", field, level, self.warn, what,
+                         f" on a batch of {samples:g} samples, whose median is no more robust "
+                         f"than their largest (a warning from {self.min_samples} samples)")
         if level >= self.error:
-            return Trigger(
-                severity="error",
-                field=field,
-                value=level,
-                threshold=self.error,
-                message=f"{what} r = {_fmt(level)} >= {_fmt(self.error)}: the step is far "
-                "outside the softmax convergence radius",
-                hint=hint,
-            )
+            return fired("error", field, level, self.error, what,
+                         ": the step is far outside the softmax convergence radius")
         if level >= self.warn:
-            return Trigger(
-                severity="warning",
-                field=field,
-                value=level,
-                threshold=self.warn,
-                message=f"{what} r = {_fmt(level)} >= {_fmt(self.warn)}: the step leaves the "
-                "softmax convergence radius",
-                hint=hint,
-            )
+            return fired("warning", field, level, self.warn, what,
+                         ": the step leaves the softmax convergence radius")
         if self.info is not None and r >= self.info:
-            return Trigger(
-                severity="info",
-                field="r",
-                value=r,
-                threshold=self.info,
-                message=f"Taylor ratio r = {_fmt(r)} >= {_fmt(self.info)}: the step leaves the "
-                "conservative softmax convergence disk",
-                hint=hint,
-            )
+            return fired("info", "r", r, self.info, "Taylor ratio",
+                         ": the step leaves the conservative softmax convergence disk")
         return None
