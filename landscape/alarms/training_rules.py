@@ -225,7 +225,7 @@ class SpikeState:
         trigger = None
         samples = row_value(row, "samples")
         self.samples = samples if samples is not None and samples >= 1 else None
-        usual = self.sizes.median_mad()[0] if len(self.sizes) else None
+        usual = self.sizes.median() if len(self.sizes) else None
         self.small = (rule.small_batch is not None and self.samples is not None
                       and usual is not None and self.samples <= rule.small_batch * usual)
         self.usual = usual
