@@ -6,8 +6,9 @@ of the optimizer's actual step; definitions in docs/metrics.md.
 
 from __future__ import annotations
 
+import collections
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ from landscape.metrics.batch_parts import (
     whole_dict_call,
     without_labels,
 )
-from landscape.metrics.context import StepContext
+from landscape.metrics.context import NoLossFunction, StepContext
 from landscape.params import norm, read_floats
 from landscape.schedules import every
 
@@ -54,15 +55,31 @@ class Loss(Metric):
     ``step(samples=...)`` when given (the Hugging Face and Lightning callbacks count every
     micro-batch of an accumulated step), else the leading size of ``step(batch=...)``
     (summed over a list of batches; NaN without one), which tells
-    :class:`~landscape.alarms.LossSpike` how far one hard sample can move the mean. A
-    context field (``CONTEXT_FIELDS``): left out of the default plots and mirrors.
-    Run files written before it have no such column; resumed, their earlier rows read NaN.
+    :class:`~landscape.alarms.LossSpike` how far one hard sample can move the mean.
+    ``trimmed``: the mean of the batch's per-sample losses without its largest ``trim``
+    share (5 %, at least one sample: Tukey's trimmed mean, upper side only), which tells
+    :class:`~landscape.alarms.LossSpike` whether a few samples made the rise rather than
+    the batch as a whole (a squared error under heavy-tailed noise has no bound, and one
+    or two samples of a batch of 64 can lift its mean tenfold). It is measured from
+    ``step(outputs=...)`` (no forward pass) on a row above every one of the last
+    ``recent`` losses but the previous one (the only rows the rule's one-row and two-row
+    tests can warn on with their default settings; ``recent`` = 50, the rule's default
+    window), and only where ``loss_fn(outputs, targets)`` per sample reproduces the loss
+    passed (their mean within 1e-3 of it: a per-sample mean, as ``reduction="mean"``
+    gives); NaN elsewhere, and on a batch of fewer than 3 samples or a list of batches.
+    ``samples`` and ``trimmed`` are context fields (``CONTEXT_FIELDS``): left out of the
+    default plots and mirrors. Run files written before them have no such columns;
+    resumed, their earlier rows read NaN.
     """
 
     name = "loss"
-    FIELDS = ("value", "samples")
-    CONTEXT_FIELDS = ("samples",)
+    FIELDS = ("value", "samples", "trimmed")
+    CONTEXT_FIELDS = ("samples", "trimmed")
     default_data = "batch"
+    #: how many of the latest losses a row must top for ``trimmed`` to be measured
+    recent = 50
+    #: the share of the batch's largest per-sample losses ``trimmed`` leaves out
+    trim = 0.05
 
     def compute(self, ctx: StepContext) -> dict[str, float]:
         """The loss as a float (the mean of a non-scalar tensor) and the batch's samples.
@@ -73,7 +90,85 @@ class Loss(Metric):
         """
         if ctx.loss is None:
             raise MissingInput(ctx.no_loss_reason)
-        return {"value": ctx.loss_value(), "samples": _samples(ctx)}
+        value = ctx.loss_value()
+        trimmed = math.nan
+        recent = ctx.state.setdefault(_RECENT_LOSSES, collections.deque(maxlen=self.recent))
+        if math.isfinite(value):
+            earlier = list(recent)[:-1]  # a second row in a row need not top the first
+            if not earlier or value > max(earlier):
+                trimmed = _trimmed_loss(ctx, value, self.trim)
+            recent.append(value)
+        return {"value": value, "samples": _samples(ctx), "trimmed": trimmed}
+
+
+_RECENT_LOSSES = "loss_recent"  # the ``ctx.state`` key of the latest finite losses
+
+
+def _per_sample_losses(loss_fn: Callable[..., torch.Tensor], outputs: torch.Tensor,
+                      targets: torch.Tensor) -> torch.Tensor | None:
+    """``loss_fn(outputs[i:i+1], targets[i:i+1])`` for every sample i, without gradients.
+
+    One vectorised call (``torch.func.vmap``), else a loop where the loss function does
+    not vectorise (data-dependent control flow, ``.item()``).
+
+    Args:
+        loss_fn: ``loss_fn(outputs, targets)`` -> a scalar.
+        outputs: the model's outputs, samples first.
+        targets: the targets, samples first, as many as ``outputs``.
+
+    Returns:
+        The (n,) per-sample losses in float64; None where a call does not give one finite
+        scalar per sample.
+    """
+    def one(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return loss_fn(out.unsqueeze(0), target.unsqueeze(0))
+
+    with torch.no_grad():
+        try:
+            losses = torch.func.vmap(one)(outputs, targets)
+        except Exception:  # any loss that does not vectorise: the loop
+            try:
+                losses = torch.stack([loss_fn(outputs[i:i + 1], targets[i:i + 1])
+                                      for i in range(outputs.shape[0])])
+            except Exception:  # nor per sample: no such measurement
+                return None
+    if not isinstance(losses, torch.Tensor) or losses.shape != (outputs.shape[0],):
+        return None
+    return losses.detach().to(torch.float64)
+
+
+def _trimmed_loss(ctx: StepContext, value: float, trim: float) -> float:
+    """The mean of the step batch's per-sample losses without its largest; NaN when unknown.
+
+    Leaves out the largest ``ceil(trim * n)`` of the n losses (at least one). Needs
+    ``step(outputs=...)`` as a tensor, one ``(inputs, targets)`` batch of at least 3
+    samples as many as the outputs, a ``loss_fn`` (not a closure), and per-sample losses
+    whose mean is ``value`` within 1e-3 relative (else the loss passed is not their mean).
+    """
+    if (ctx.closure is not None or ctx.loss_fn is None
+            or isinstance(ctx.loss_fn, NoLossFunction)
+            or not isinstance(ctx.outputs, torch.Tensor)):
+        return math.nan
+    batches = ctx.batches("batch")
+    if len(batches) != 1:
+        return math.nan
+    try:
+        targets = split_batch(batches[0])[1]
+    except MissingInput:
+        return math.nan
+    outputs = ctx.outputs.detach()
+    if (not isinstance(targets, torch.Tensor) or outputs.ndim == 0 or targets.ndim == 0
+            or outputs.shape[0] != targets.shape[0] or outputs.shape[0] < 3):
+        return math.nan
+    ctx._keep_loss_state()  # a loss module's buffers come back when the step ends
+    losses = _per_sample_losses(ctx.loss_fn, outputs, targets.to(outputs.device))
+    if losses is None or not bool(torch.isfinite(losses).all()):
+        return math.nan
+    n = losses.numel()
+    if abs(float(losses.mean()) - value) > 1e-3 * max(abs(value), 1e-12):
+        return math.nan
+    kept = n - max(1, math.ceil(trim * n))
+    return float(losses.sort().values[:kept].mean())
 
 
 def _samples(ctx: StepContext) -> float:

@@ -714,3 +714,50 @@ def test_small_batches_between_usual_ones_neither_count_nor_break_a_run_of_high_
     off = [f.step for f in findings_of(series, [ls.alarms.GradNormSpike(small_batch=None)])
            if f.severity == "warning"]
     assert warned and warned[0] == off[0] == 220
+
+
+def _heavy_tailed_rows(steps, batch, seed, dof=3.0):
+    """Batch means of squared errors under Student-t noise, and their 5 %-trimmed means."""
+    rng = np.random.default_rng(seed)
+    errors = 0.2 * rng.standard_normal((steps, batch)) + 0.3 * rng.standard_t(dof, (steps, batch))
+    losses = np.sort(errors**2, axis=1)
+    kept = batch - max(1, int(np.ceil(0.05 * batch)))
+    return losses.mean(axis=1), losses[:, :kept].mean(axis=1)
+
+
+def test_heavy_tailed_regression_noise_is_no_spike_but_a_broad_rise_is():
+    """A squared error under Student-t(3) noise has no bound on one sample's loss: one or
+    two samples lift a batch of 64 tenfold now and then, and the one-row test warned about
+    4 times per 1,000 steps on a healthy run (review: 3.6). The batch's trimmed mean (the
+    loss metric's ``trimmed``) shows the rest of the batch did not rise: info. A rise of
+    the whole batch (its trimmed mean rising with it) still warns at its first row."""
+    value, trimmed = _heavy_tailed_rows(8000, 64, seed=0)
+    rows = {"value": value, "samples": np.full(value.size, 64.0), "trimmed": trimmed}
+    series = {"loss": (np.arange(value.size), rows)}
+
+    def warnings(rules=None):
+        return [f for f in findings_of(series, rules) if f.rule == "loss_spike"
+                and f.severity == "warning"]
+
+    before = warnings([LossSpike(trimmed_mean=False)])
+    assert len(before) >= 16  # >= 2 per 1,000 steps without the trimmed mean
+    assert len(warnings()) <= 1
+    infos = [f for f in findings_of(series) if f.rule == "loss_spike"]
+    assert any("a few samples' doing" in f.message for f in infos)
+    # the same noise, and the whole batch rising fivefold at step 6000: a warning there
+    value[6000:], trimmed[6000:] = 5 * value[6000:], 5 * trimmed[6000:]
+    found = warnings()
+    assert found and found[0].step == 6000
+
+
+def test_a_trimmed_mean_that_is_itself_a_spike_keeps_the_row_a_warning():
+    """Only a trimmed mean short of a spike holds a row back: a corrupted batch lifts
+    every sample (trimmed ~ value), and a row without the field is judged as before."""
+    value, trimmed = _heavy_tailed_rows(400, 64, seed=1, dof=30.0)  # near Gaussian
+    value[300] = trimmed[300] = 20 * np.median(value)
+    for fields in ({"trimmed": trimmed}, {}):
+        rows = {"value": value, **fields}
+        found = findings_of({"loss": (np.arange(value.size), rows)})
+        assert (300, "warning") in [(f.step, f.severity) for f in found]
+    with pytest.raises(ValueError, match="trimmed_mean"):
+        LossSpike(trimmed_mean=1)

@@ -1603,3 +1603,88 @@ def test_a_model_without_forward_is_said_at_the_start_not_at_every_step(tmp_path
         assert len(lines) == (said is not None), lines
         if said:
             assert f"({said})" in lines[0] and "def forward(self, x)" in lines[0]
+
+
+def _regression_steps(mon, model, opt, steps, corrupt):
+    """SGD on a noisy linear regression; ``corrupt(step, y)`` edits a batch's targets."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 1, generator=g)
+    seen = []
+    for step in range(steps):
+        x = torch.randn(32, 4, generator=g)
+        y = corrupt(step, x @ w + 0.1 * torch.randn(32, 1, generator=g))
+        out = model(x)
+        loss = F.mse_loss(out, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mon.step(step, batch=(x, y), loss=loss, outputs=out)
+        seen.append((out.detach(), y))
+    return seen
+
+
+def test_the_loss_row_records_its_batchs_trimmed_mean_on_a_new_high():
+    """``loss/trimmed``: the per-sample losses of ``loss_fn(outputs, targets)`` without the
+    largest 5 % (at least one), measured on a row above the recent ones (NaN on the
+    others, without outputs=, or where the per-sample losses do not average to the loss)."""
+    model = nn.Linear(4, 1)
+
+    def corrupt(step, y):
+        if step == 30:
+            y = y.clone()
+            y[5] += 50.0  # one gross error
+        return y
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with Monitor(model, F.mse_loss, metrics=["loss"], warn=False) as mon:
+        seen = _regression_steps(mon, model, opt, 40, corrupt)
+        _, trimmed = mon.run().series("loss", "trimmed")
+        _, value = mon.run().series("loss", "value")
+    out, y = seen[30]
+    per_sample = ((out - y) ** 2).flatten().double().sort().values
+    np.testing.assert_allclose(trimmed[30], per_sample[:-2].mean().item(), rtol=1e-6)
+    assert value[30] > 10 * trimmed[30]  # the gross error is most of the batch's loss
+    assert math.isfinite(trimmed[0])  # the first row tops an empty history
+    assert np.isnan(trimmed[31:]).all()  # below step 30's loss: not measured
+
+    # no outputs=, a loss that is not the per-sample mean: NaN
+    for how in ("no outputs", "sum"):
+        model = nn.Linear(4, 1)
+        with Monitor(model, F.mse_loss, metrics=["loss"], warn=False) as mon:
+            x, y = torch.randn(8, 4), torch.randn(8, 1)
+            out = model(x)
+            loss = F.mse_loss(out, y, reduction="sum") if how == "sum" else F.mse_loss(out, y)
+            mon.step(0, batch=(x, y), loss=loss, outputs=None if how == "no outputs" else out)
+            assert np.isnan(mon.run().series("loss", "trimmed")[1]).all()
+
+
+def test_trimmed_loss_falls_back_to_a_loop_for_a_loss_that_does_not_vectorise():
+    from landscape.metrics.training import _per_sample_losses
+
+    def item_loss(out, y):  # .item() fails under vmap
+        scale = 1.0 if out.abs().max().item() < 1e9 else 0.0
+        return scale * F.cross_entropy(out, y)
+
+    out, y = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
+    expected = F.cross_entropy(out, y, reduction="none").double()
+    for loss_fn in (F.cross_entropy, item_loss):
+        torch.testing.assert_close(_per_sample_losses(loss_fn, out, y), expected)
+    assert _per_sample_losses(lambda o, t: o.sum(0), out, y) is None  # not one per sample
+
+
+def test_one_gross_error_in_a_batch_is_info_and_a_corrupted_batch_a_warning():
+    """Regression with one wildly wrong target (a heavy-tailed label error): the batch's
+    loss jumps tenfold, but its trimmed mean shows the rest of the batch did not rise:
+    info. Every target shifted (a corrupted batch) warns at that step, as before."""
+    found = {}
+    for name, corrupt in (("one", lambda s, y: y + (s == 60) * torch.nn.functional.one_hot(
+            torch.tensor(3), 32).reshape(32, 1) * 40.0),
+                          ("all", lambda s, y: y + (s == 60) * 8.0)):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        with Monitor(model, F.mse_loss, metrics=["loss"], warn=False) as mon:
+            _regression_steps(mon, model, opt, 64, corrupt)
+        found[name] = [(f.step, f.severity) for f in mon.findings if f.rule == "loss_spike"]
+    assert (60, "info") in found["one"] and not [f for f in found["one"] if f[1] != "info"]
+    assert (60, "warning") in found["all"]
