@@ -179,11 +179,17 @@ def plot(
                                f"format: -o {target.with_suffix('.' + fmt).name}")
     rules = load_rule_specs(rule_specs, recompute)
 
+    names: dict[int, set[str]] = {}  # each compared run's rules, read once
+
     def find(run: Run, compared: tuple[Run, ...] = ()) -> list:
         """The findings to mark on ``run``'s figures; ``--ignore-rule`` names a rule of any
         of the ``compared`` runs (one run may hold a rule of its own the others lack)."""
-        known = (set().union(*(rule_names(r, rules) for r in compared))
-                 if ignore and compared else None)
+        known = None
+        if ignore and compared:
+            for r in compared:
+                if id(r) not in names:
+                    names[id(r)] = rule_names(r, rules)
+            known = set().union(*(names[id(r)] for r in compared))
         return findings_of(run, recompute, rules, quiet, ignore, known)
 
     if not to_directory:  # -o run.h5 (also for several figures), before any work

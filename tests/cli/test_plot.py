@@ -450,3 +450,13 @@ def test_plot_ignore_rule_marks_none_of_its_findings(runner, run_file, tmp_path,
     assert both.exit_code == 0, both.output
     legend = [t.get_text() for t in drawn["d.png"].legends[0].get_texts()]
     assert legend == ["own (100 rows)", "control (100 rows)"]
+    # each compared run's rules are read once, not once per run marked (k^2 reads)
+    read = []
+    real_names = plot_command.rule_names
+    monkeypatch.setattr(plot_command, "rule_names",
+                        lambda run, rules: read.append(run) or real_names(run, rules))
+    runs = [write_run(tmp_path / f"sweep{i}.h5") for i in range(4)]
+    sweep = runner.invoke(cli, ["plot", *map(str, runs), "-m", "loss", "--stored",
+                                "--ignore-rule", "loss_spike", "-o", str(tmp_path / "e.png")])
+    assert sweep.exit_code == 0, sweep.output
+    assert len(read) == 4
