@@ -302,6 +302,19 @@ LONG_RUN_ROWS = 100_000
 steps of the default monitor, 2 cores)."""
 
 
+def unfinished_note(source: str, status, last_step: int | None, done: str) -> str | None:
+    """``note: SOURCE is STATE; <done> up to step N`` for a run that did not finish; else None.
+
+    ``status``: the run's :meth:`~landscape.store.Run.writer_status`, read before its rows
+    (a writer that closes meanwhile wrote rows this reader did not see). The rows alone do
+    not tell a killed, stopped or live run from a finished one: check and report say so.
+    """
+    if status is None or status.finished:
+        return None
+    return (f"note: {source} is {status.describe()}"
+            + ("" if last_step is None else f"; {done} up to step {last_step}"))
+
+
 def findings_of(run, recompute: bool, rules: list | None, quiet: bool,
                 ignore: tuple[str, ...] = (), known: set[str] | None = None) -> list:
     """``collect_findings`` for check, plot and report; on a long run a line says so first.

@@ -359,8 +359,24 @@ def _values_html(run: Run) -> list[str]:
             "<tbody>", *rows, "</tbody></table>"]
 
 
+def _state_html(run: Run) -> list[str]:
+    """A paragraph when the run did not finish: killed, stopped on an error, still written.
+
+    The rows alone do not tell such a run from a finished one (``landscape check`` prints
+    the same line as a note); nothing for a finished run or a file without a writer record.
+    """
+    status = run.writer_status()
+    if status is None or status.finished:
+        return []
+    upto = run.last_step()
+    return [f'<p id="run-state"><span class="sev-warning">Not finished:</span> this run is '
+            f"{_e(status.describe())}"
+            + ("" if upto is None else f"; this report covers it up to step {upto}")
+            + ".</p>"]
+
+
 def _overview_html(run: Run, findings: Sequence[Finding]) -> list[str]:
-    return ['<section id="overview"><h2>At a glance</h2>',
+    return ['<section id="overview"><h2>At a glance</h2>', *_state_html(run),
             _verdict_html(findings, run.recorded()),
             *_rules_html(findings), *_values_html(run), "</section>"]
 

@@ -21,6 +21,7 @@ from landscape_cli.options import (
     load_rule_specs,
     recompute_option,
     rules_option,
+    unfinished_note,
 )
 
 from landscape.findings import (
@@ -86,6 +87,10 @@ def _print(found: list, failing: list, checked: dict, fail_on: str, as_json: boo
     if as_json:
         click.echo(json.dumps({"run": checked["source"], "fail_on": fail_on,
                                "failed": bool(failing) or unfinished is not None,
+                               "failed_because": [
+                                   *([f"a finding at {fail_on} or worse"] if failing else []),
+                                   *([f"not finished (--require-finished): the run is "
+                                      f"{unfinished}"] if unfinished else [])],
                                "counts": counts, "last_step": checked["last_step"],
                                "recomputed": checked["recomputed"],
                                "writer": checked["writer"],
@@ -158,9 +163,8 @@ def check(run_path: str, fail_on: str, recompute: bool, rule_specs: tuple[str, .
                            "before its first flush, or has not started)", EXIT_INPUT)
     state = None if status is None or status.finished else status.describe()
     if state:  # the rows alone do not tell a killed or live run from a finished one
-        upto = checked["last_step"]
-        click.echo(f"note: {checked['source']} is {state}"
-                   + ("" if upto is None else f"; checked up to step {upto}"), err=True)
+        click.echo(unfinished_note(checked["source"], status, checked["last_step"], "checked"),
+                   err=True)
     failing = at_or_above(found, fail_on)
     unfinished = state if require_finished else None
     try:  # exit 1 means a finding: an output that cannot be written is 2, as input errors

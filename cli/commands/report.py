@@ -15,6 +15,7 @@ from landscape_cli.options import (
     output_directory,
     recompute_option,
     rules_option,
+    unfinished_note,
 )
 
 from landscape.findings import count_by_severity
@@ -53,12 +54,16 @@ def report(run_path: str, out: str, title: str | None, log: bool | None, recompu
     if target == Path(out):  # a file named: checked before the work (a directory: created)
         check_report_target(target)
     with run_file_errors(run_path), Run.open(run_path) as run:
+        status = run.writer_status()  # before the rows, as check reads it
         found = findings_of(run, recompute, rules, quiet, ignore)
         if target != Path(out):  # a directory: created as plot creates its output directory
             output_directory(target.parent)
         path = write_report(run, target, title=title, findings=found, log=log,
                             ignored_rules=ignore)
         n_metrics, n_surfaces = len(metrics_with_rows(run)), len(run.surfaces())
+        note = unfinished_note(run.source, status, run.last_step(), "reported")
+    if note and not quiet:
+        click.echo(note, err=True)
     if not quiet:
         counts = count_by_severity(found)
         detail = ", ".join(f"{counts[s]} {s}" for s in ("error", "warning", "info") if counts[s])

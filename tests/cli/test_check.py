@@ -315,6 +315,7 @@ def test_check_tells_a_finished_run_from_a_live_or_killed_one(runner, tmp_path):
     data = json.loads(result.stdout)
     assert data["writer"]["state"] == "closed" and data["last_step"] == 99
     assert data["recomputed"] is True and data["failed"] is False
+    assert data["failed_because"] == []
 
     killed = tmp_path / "killed.h5"
     script = tmp_path / "writer.py"
@@ -338,6 +339,9 @@ def test_check_tells_a_finished_run_from_a_live_or_killed_one(runner, tmp_path):
     assert gated.exit_code == 1, gated.output
     data = json.loads(gated.stdout)
     assert data["failed"] is True and data["counts"]["warning"] == 0
+    assert data["failed_because"] == [  # a gate's log says why without re-deriving it
+        "not finished (--require-finished): the run is not closed: its writer (pid "
+        f"{proc.pid} on {socket.gethostname()}) ended without closing it (killed or crashed)"]
     assert data["writer"] == {"state": "ended", "pid": proc.pid, "host": socket.gethostname(),
                               "reason": None}
     info = runner.invoke(cli, ["info", str(killed)])
@@ -445,6 +449,18 @@ def test_a_training_stopped_by_an_error_or_a_signal_is_not_finished(runner, tmp_
         assert f"which stopped before the end ({reason})" in result.stderr
         info = runner.invoke(cli, ["info", str(path)])
         assert "state: closed by its writer, which stopped before the end" in info.stdout
+    # the report says it too, on stderr and at the top of the page (a review found a
+    # crashed run's report reading "No rule fired on this run." and nothing else)
+    page = tmp_path / "report.html"
+    reported = runner.invoke(cli, ["report", str(path), "-o", str(page)])
+    assert reported.exit_code == 0, reported.output
+    html = page.read_text()
+    if reason is None:
+        assert reported.stderr == "" and 'id="run-state"' not in html
+    else:
+        assert (f"note: {path} is closed by its writer, which stopped before the end "
+                f"({reason}); reported up to step ") in reported.stderr
+        assert 'id="run-state"' in html and f"which stopped before the end ({reason})" in html
     with RunWriter(path):  # a resume clears the reason: closed again when it finishes
         pass
     resumed = runner.invoke(cli, ["check", str(path), "--require-finished", "--json"])
