@@ -255,3 +255,24 @@ def test_a_resumed_runs_rhythms_starting_over_are_no_blow_up(tmp_path):
     for field in ("r_secant", "attention"):  # the values table's non-finite column: empty
         row = re.search(rf"<td>{field}</td>(.*?)</tr>", html)
         assert row is not None and row.group(1).endswith("<td class=num></td>"), row
+
+
+@pytest.mark.parametrize("name, runs", [("lr{i}", 12), ("lr{i}_sgd_momentum0.9_seed11", 12),
+                                        ("standard_preset_sgd_momentum0.9_lr0.{i}_seed0_"
+                                         "batch64_width64_warmup100_cosine_decay_to_zero_"
+                                         "label_smoothing0.1_dropout0.2", 3)])
+def test_the_legend_of_a_sweep_stays_inside_its_figure(tmp_path, name, runs):
+    """Twelve runs with 30-character names: the legend's three columns ran off both sides
+    of the figure and no line could be told from another (review). Columns now follow the
+    entries' length, and an entry wider than the figure is shortened in its middle."""
+    opened = [_write(tmp_path / f"{name.format(i=i)}.h5", 1.0 + i, steps=50, layers=False,
+                     findings=(WARN,) if i % 2 else ()) for i in range(runs)]
+    fig = comparison(opened, "loss")
+    fig.canvas.draw()
+    box = fig.legends[0].get_window_extent()
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width, (box, fig.bbox)
+    texts = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert len(texts) == runs + runs // 2
+    short = [t for t in texts if "\u2026" in t]
+    assert bool(short) == (runs == 3)  # only names wider than the figure are shortened
+    assert all(t.endswith("rows)") or t.endswith("(loss_spike)") for t in texts)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import PurePath
 from typing import Any
 
@@ -219,7 +219,10 @@ def comparison(
     # a run without the metric is left out of its figure, its first warning too
     firsts = [first_warning(m) if metric in r else None for m, r in zip(marks, runs)]
     entries = len(holding) + sum(f is not None for f in firsts)
-    columns = 2 if entries <= 12 else 3
+    texts = [f"{labels[i]} ({r.rows(metric)} rows)" for i, r in enumerate(runs) if metric in r]
+    texts += [f"{labels[i]}: first {f.severity} at {f.step} ({f.rule})"
+              for i, f in enumerate(firsts) if f is not None]
+    columns, fit = legend_columns(texts, width, most=2 if entries <= 12 else 3)
     legend_rows = -(-entries // columns)
     fig = new_figure(width, row_height * n + 0.6 + 0.22 * legend_rows)
     axes = fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
@@ -256,15 +259,50 @@ def comparison(
     axes[-1].set_xlabel("step")
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     handles = [Line2D([], [], color=styles[i][0], linestyle=styles[i][1],
-                      label=f"{labels[i]} ({rows[i]} row{'s' if rows[i] != 1 else ''})")
+                      label=fit(f"{labels[i]} ({rows[i]} row{'s' if rows[i] != 1 else ''})"))
                for i in sorted(shown)]
     handles += [Line2D([], [], color=styles[i][0], linestyle="--",
-                       label=f"{labels[i]}: first {first.severity} at {first.step} ({first.rule})")
+                       label=fit(f"{labels[i]}: first {first.severity} at {first.step} "
+                                 f"({first.rule})"))
                 for i, first in enumerate(firsts) if first is not None]
     if handles:
         fig.legend(handles=handles, loc="outside lower center",
                    ncol=min(len(handles), columns), fontsize="small", frameon=False)
     return fig
+
+
+_LEGEND_CHAR = 0.068
+"""Inches per character of a legend entry at ``fontsize="small"`` (DejaVu Sans, a bit
+above its mean advance, so that a line of capitals and digits fits too)."""
+_LEGEND_HANDLE = 0.75
+"""Inches a legend column takes besides its text: the line sample and the spacing."""
+
+
+def legend_columns(texts: Sequence[str], width: float, most: int = 2
+                   ) -> tuple[int, Callable[[str], str]]:
+    """How many legend columns fit ``width`` inches, and how to shorten an entry to fit.
+
+    The most columns (up to ``most``) whose longest entry fits; with one column an entry
+    longer than the figure is shortened in its middle ("lr0.1_seed…_batch64 (300 rows)"),
+    where the names of a sweep's runs differ least (they share a prefix and end with
+    their row counts and rules). A legend wider than its figure is cut at both sides.
+
+    Returns:
+        ``(columns, fit)``: ``fit`` returns an entry unchanged, or shortened to the width.
+    """
+    longest = max((len(t) for t in texts), default=0)
+    columns = most
+    while columns > 1 and columns * (longest * _LEGEND_CHAR + _LEGEND_HANDLE) > width:
+        columns -= 1
+    room = max(12, int((width / columns - _LEGEND_HANDLE) / _LEGEND_CHAR))
+
+    def fit(text: str) -> str:
+        if len(text) <= room:
+            return text
+        head = (room - 1) // 2
+        return text[:head] + "\u2026" + text[len(text) - (room - 1 - head):]
+
+    return columns, fit
 
 
 @opens_paths
