@@ -78,6 +78,7 @@ from landscape.alarms.representation_rules import (
 )
 from landscape.alarms.training_rules import (
     GradNormSpike,
+    LossExplosion,
     LossRegression,
     LossSpike,
     NonFiniteValues,
@@ -91,6 +92,7 @@ __all__ = [
     "EdgeOfStability",
     "GradNormSpike",
     "LogitGrowth",
+    "LossExplosion",
     "LossRegression",
     "LossSpike",
     "NonFiniteValues",

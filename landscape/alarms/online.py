@@ -27,6 +27,7 @@ from landscape.alarms.representation_rules import (
 )
 from landscape.alarms.training_rules import (
     GradNormSpike,
+    LossExplosion,
     LossRegression,
     LossSpike,
     NonFiniteValues,
@@ -49,6 +50,7 @@ RULES: dict[str, type[Rule]] = {
         SignCollapse,
         LossSpike,
         LossRegression,
+        LossExplosion,
         GradNormSpike,
         LogitGrowth,
         AttentionLogitGrowth,

@@ -34,7 +34,8 @@ from landscape.alarms.base import (
 from landscape.alarms.statistics import RollingWindow
 from landscape.findings import format_number as _fmt
 
-__all__ = ["GradNormSpike", "LossRegression", "LossSpike", "NonFiniteValues", "SpikeState"]
+__all__ = ["GradNormSpike", "LossExplosion", "LossRegression", "LossSpike", "NonFiniteValues",
+           "SpikeState"]
 
 
 @dataclass
@@ -414,6 +415,80 @@ class GradNormSpike(LossSpike):
         "norm it returns, step(..., grad_norm=norm), or this is the clipped norm), lower "
         "the learning rate or add warm-up, and check the batch at this step"
     )
+
+
+@dataclass
+class LossExplosion(Rule):
+    """The training loss has exploded: ``ratio`` times its initial level, and it stays.
+
+    The initial level m₀ is the lowest of the first ``initial_rows`` valid rows (default
+    3: a loss that explodes at its second step still has its first row to compare with);
+    the rule fires on every row at or above ``ratio`` × m₀ (default 10, the instability
+    suite's own definition of an explosion) and warns after ``sustain`` rows in a row
+    (default 3: one hard batch does not stay). It watches from the first row: the other
+    loss rules need a history (``loss_spike`` 20 rows, ``loss_regression`` 100) whose
+    median an explosion in the first steps already holds, and a learning rate 100 times
+    too high took a classifier from 2.3 to 600 within 10 steps without a warning from
+    either (review of session 41). Quiet while m₀ is at or below 0 (a negative
+    log-likelihood, a policy-gradient loss: no scale to call a rise tenfold). NaN and inf
+    are :class:`NonFiniteValues`' business and do not count as rows here.
+
+    Raises:
+        ValueError: a setting is out of range.
+    """
+
+    ratio: float = 10.0
+    initial_rows: int = 3
+    severity: str = "warning"
+    sustain: int = 3
+    rearm: int = 20
+    metrics: tuple[str, ...] = ("loss",)
+    name: str = "loss_explosion"
+
+    def __post_init__(self) -> None:
+        self._validate_common()
+        check_number("ratio", self.ratio)
+        if self.ratio <= 1.0:
+            raise ValueError(f"ratio must be > 1, got {self.ratio}")
+        check_positive_int("initial_rows", self.initial_rows)
+        check_severity("severity", self.severity)
+
+    @renamed_kwargs(params="config")
+    def evaluator(self, metric: str, config: Mapping[str, Any]) -> Evaluator:
+        """A fresh evaluator for one stream: it keeps the initial level.
+
+        Args:
+            metric: the metric name (``loss``).
+            config: the metric's stored ``config()`` (unused).
+
+        Returns:
+            The stream's evaluator.
+        """
+        first: list[float] = []
+
+        def evaluate(step: int, row: Row) -> Trigger | _Skip | None:
+            x = row_value(row, "value")
+            if x is None or not math.isfinite(x):
+                return SKIP
+            if len(first) < self.initial_rows:
+                first.append(x)
+            initial = min(first)
+            if not initial > 0 or x < self.ratio * initial:
+                return None
+            return Trigger(
+                severity=self.severity,
+                field="value",
+                value=x,
+                threshold=self.ratio * initial,
+                message=f"loss explosion: {_fmt(x)} is {_fmt(x / initial)} times the initial "
+                f"loss {_fmt(initial)} (the lowest of the first {len(first)} rows)",
+                hint="the run has diverged: lower the learning rate (a sweep's largest "
+                "values) or add warm-up, enable gradient clipping, and check the data and "
+                "the loss's scale",
+                extra={"initial": initial},
+            )
+
+        return evaluate
 
 
 @dataclass

@@ -14,6 +14,7 @@ from landscape._names import metric_name_aliases
 from landscape.alarms import (
     RULES,
     EdgeOfStability,
+    LossExplosion,
     LossSpike,
     NonFiniteValues,
     OnlineAlarms,
@@ -761,3 +762,37 @@ def test_a_trimmed_mean_that_is_itself_a_spike_keeps_the_row_a_warning():
         assert (300, "warning") in [(f.step, f.severity) for f in found]
     with pytest.raises(ValueError, match="trimmed_mean"):
         LossSpike(trimmed_mean=1)
+
+
+def test_a_loss_that_explodes_in_its_first_steps_warns_within_a_few_rows():
+    """A learning rate far too high: 2.3 -> 600 within 10 steps, then a plateau of
+    hundreds. The spike rule's window and the regression rule's lowest median already
+    held the explosion, and a 300-step run passed the default gate (review)."""
+    rng = np.random.default_rng(0)
+    loss = np.concatenate([[2.31, 2.4], 600 * np.exp(0.3 * rng.standard_normal(298))])
+    found = findings_of({"loss": (np.arange(loss.size), {"value": loss})})
+    boom = [f for f in found if f.rule == "loss_explosion"]
+    assert [(f.step, f.severity) for f in boom] == [(4, "warning")]  # rows 2, 3, 4
+    assert "times the initial loss 2.31" in boom[0].message
+    assert boom[0].extra["initial"] == 2.31
+    # without it, nothing reaches a warning: the gap it closes
+    rules = [r for r in ls_alarms.default_rules() if r.name != "loss_explosion"]
+    assert not [f for f in findings_of({"loss": (np.arange(loss.size), {"value": loss})},
+                                       rules) if f.severity != "info"]
+
+
+def test_loss_explosion_quiet_on_hard_batches_a_catapult_and_a_loss_without_scale():
+    rng = np.random.default_rng(1)
+    healthy = 2.3 * np.exp(-np.arange(400) / 80) + 0.05 * rng.random(400)
+    healthy[[150, 151, 300]] = 40.0  # two hard batches in a row, and one more: not 3
+    catapult = healthy.copy()
+    catapult[20:26] = [5, 9, 14, 12, 6, 3]  # a catapult: up to 6 x, back within steps
+    negative = healthy - 3.0  # a log-likelihood below zero: no scale
+    for loss in (healthy, catapult, negative):
+        found = findings_of({"loss": (np.arange(loss.size), {"value": loss})},
+                            [LossExplosion()])
+        assert found == []
+    with pytest.raises(ValueError, match="ratio"):
+        LossExplosion(ratio=1.0)
+    with pytest.raises(ValueError, match="initial_rows"):
+        LossExplosion(initial_rows=0)
