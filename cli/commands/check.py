@@ -77,25 +77,29 @@ def _table(findings: list[Finding]) -> list[str]:
 
 
 def _print(found: list, failing: list, checked: dict, fail_on: str, as_json: bool,
-           quiet: bool, unfinished: str | None) -> None:
+           quiet: bool, unfinished: str | None, documents: list | None = None) -> None:
     """The findings table (or JSON) and the verdict line.
 
     ``checked``: the run's ``source``, ``last_step``, ``recomputed`` and ``writer``;
-    ``unfinished``: why the run fails ``--require-finished`` (None: it does not).
+    ``unfinished``: why the run fails ``--require-finished`` (None: it does not);
+    ``documents``: a list the JSON document joins instead of being printed (several runs).
     """
     counts = count_by_severity(found)
     if as_json:
-        click.echo(json.dumps({"run": checked["source"], "fail_on": fail_on,
-                               "failed": bool(failing) or unfinished is not None,
-                               "failed_because": [
-                                   *([f"a finding at {fail_on} or worse"] if failing else []),
-                                   *([f"not finished (--require-finished): the run is "
-                                      f"{unfinished}"] if unfinished else [])],
-                               "counts": counts, "last_step": checked["last_step"],
-                               "recomputed": checked["recomputed"],
-                               "writer": checked["writer"],
-                               "findings": [_as_json(f) for f in found]},
-                              indent=2))
+        document = {"run": checked["source"], "fail_on": fail_on,
+                    "failed": bool(failing) or unfinished is not None,
+                    "failed_because": [
+                        *([f"a finding at {fail_on} or worse"] if failing else []),
+                        *([f"not finished (--require-finished): the run is {unfinished}"]
+                          if unfinished else [])],
+                    "counts": counts, "last_step": checked["last_step"],
+                    "recomputed": checked["recomputed"],
+                    "writer": checked["writer"],
+                    "findings": [_as_json(f) for f in found]}
+        if documents is None:
+            click.echo(json.dumps(document, indent=2))
+        else:
+            documents.append(document)
         return
     if found and not quiet:
         click.echo("\n".join(_table(found)))
@@ -112,10 +116,11 @@ def _print(found: list, failing: list, checked: dict, fail_on: str, as_json: boo
     "     the run's writer did not close RUN)\n"
     "  2  RUN cannot be checked (missing or unreadable file, bad option),\n"
     "     or the output cannot be written\n"
-    "  130, 143  interrupted (Ctrl-C, SIGTERM)\n\n"
+    "  130, 143  interrupted (Ctrl-C, SIGTERM)\n"
+    "With several runs (sweep/*.h5): the worst of theirs (2, then 1, then 0).\n\n"
     "\b\nExample:\n  landscape check run.h5 --fail-on error"
 )
-@click.argument("run_path", metavar="RUN", type=click.Path())
+@click.argument("run_paths", metavar="RUN...", nargs=-1, required=True, type=click.Path())
 @click.option(
     "--fail-on", type=click.Choice(SEVERITIES), default="warning", show_default=True,
     help="Exit with status 1 when a finding has this severity or a more serious one.",
@@ -127,22 +132,82 @@ def _print(found: list, failing: list, checked: dict, fail_on: str, as_json: boo
               help="Fail (exit 1) unless the run's writer closed RUN at the end of training: "
                    "not while it is still being written, nor when training stopped on an "
                    "exception or a signal, nor when its writer was killed.")
-@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the findings as JSON (several runs: a list of documents).")
 @click.option("-q", "--quiet", is_flag=True,
               help="Print only the verdict line (with --json: the whole document).")
 @verbose_option
-def check(run_path: str, fail_on: str, recompute: bool, rule_specs: tuple[str, ...],
-          ignore: tuple[str, ...], require_finished: bool, as_json: bool,
-          quiet: bool) -> None:
+def check(run_paths: tuple[str, ...], fail_on: str, recompute: bool,
+          rule_specs: tuple[str, ...], ignore: tuple[str, ...], require_finished: bool,
+          as_json: bool, quiet: bool) -> None:
     """List the findings of RUN and exit 1 when one reaches the --fail-on severity.
 
     Findings are those stored in the file (written online by the monitor) and, with
     --recompute, those the alarm rules find on the whole run; a finding is reported
     once per (step, rule, metric). A RUN that cannot be read, or holds no row yet, exits 2,
-    not 1.
+    not 1. Several runs (a sweep: sweep/*.h5) are checked one after another, each with its
+    table and verdict line, then one line of totals; one that cannot be read is named on
+    stderr and the others are still checked.
     """
     with input_errors(EXIT_INPUT):  # a rules module that cannot be loaded: exit 2
         rules = load_rule_specs(rule_specs, recompute)
+    if len(run_paths) == 1:
+        code = _check_one(run_paths[0], fail_on, recompute, rules, ignore, require_finished,
+                          as_json, quiet)
+        if code:
+            click.get_current_context().exit(code)
+        return
+    known = _rules_of_runs(run_paths, rules) if ignore else None
+    codes, documents = [], []
+    for path in run_paths:
+        try:
+            codes.append(_check_one(path, fail_on, recompute, rules, ignore, require_finished,
+                                    as_json, quiet, known, documents))
+        except click.BadParameter:  # an option (--ignore-rule), not a run: the same for all
+            raise
+        except click.ClickException as err:  # this run only: named, and the others go on
+            codes.append(err.exit_code)
+            if as_json:
+                documents.append({"run": path, "error": err.format_message()})
+            else:
+                err.show()
+    if as_json:
+        click.echo(json.dumps(documents, indent=2))
+    else:
+        failed = sum(c == EXIT_FINDINGS for c in codes)
+        unreadable = sum(c not in (0, EXIT_FINDINGS) for c in codes)
+        click.echo(f"{counted(len(codes), 'run')}: {len(codes) - failed - unreadable} ok, "
+                   f"{failed} FAIL" + (f", {unreadable} not checked" if unreadable else ""))
+    worst = max(codes, key=lambda c: (c == EXIT_INPUT, c == EXIT_FINDINGS, c))
+    if worst:
+        click.get_current_context().exit(worst)
+
+
+def _rules_of_runs(run_paths: tuple[str, ...], rules: list | None) -> set[str]:
+    """The rules of every readable run: ``--ignore-rule`` may name one of any of them."""
+    from landscape.alarms import rule_names
+
+    known: set[str] = set()
+    for path in run_paths:
+        try:
+            with Run.open(path) as run:
+                known |= rule_names(run, rules)
+        except Exception:  # an unreadable run is named when it is checked
+            continue
+    return known
+
+
+def _check_one(run_path: str, fail_on: str, recompute: bool, rules: list | None,
+               ignore: tuple[str, ...], require_finished: bool, as_json: bool, quiet: bool,
+               known: set[str] | None = None, documents: list | None = None) -> int:
+    """Check one run: print its table (or JSON) and verdict; its exit status.
+
+    ``documents``: where several runs collect their JSON documents (printed together);
+    None prints this run's at once.
+
+    Raises:
+        CommandError: the run cannot be checked (exit 2).
+    """
     try:
         with input_errors(EXIT_INPUT), run_file_errors(run_path, EXIT_INPUT), \
                 Run.open(run_path) as run:
@@ -150,7 +215,7 @@ def check(run_path: str, fail_on: str, recompute: bool, rule_specs: tuple[str, .
             # the state before the rows: a writer that closes while the rules run wrote
             # rows this reader did not see, so the run is not called finished
             status = run.writer_status()
-            found = findings_of(run, recompute, rules, quiet or as_json, ignore)
+            found = findings_of(run, recompute, rules, quiet or as_json, ignore, known)
             recorded = run.recorded()
             checked = {"source": run.source, "last_step": run.last_step(),
                        "recomputed": recompute,
@@ -169,10 +234,9 @@ def check(run_path: str, fail_on: str, recompute: bool, rule_specs: tuple[str, .
     unfinished = state if require_finished else None
     try:  # exit 1 means a finding: an output that cannot be written is 2, as input errors
         with input_errors(EXIT_INPUT):
-            _print(found, failing, checked, fail_on, as_json, quiet, unfinished)
+            _print(found, failing, checked, fail_on, as_json, quiet, unfinished, documents)
             sys.stdout.flush()
     except BrokenPipeError:  # the reader went away (| head): quietly, as click does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(EXIT_INPUT) from None
-    if failing or unfinished:
-        click.get_current_context().exit(EXIT_FINDINGS)
+    return EXIT_FINDINGS if failing or unfinished else 0

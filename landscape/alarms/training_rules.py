@@ -101,12 +101,13 @@ class LossSpike(Rule):
     **Nor are a few samples of a heavy-tailed loss.** A squared error has no bound on one
     sample's loss: under Student-t(3) target noise one or two samples lift a batch of 64
     tenfold now and then, which the one-row test above passed about 3.6 times per 1,000
-    steps of a healthy regression. With ``trimmed_mean`` (default True) a row whose batch
-    without its largest per-sample losses (the loss metric's ``trimmed`` field, measured
-    from ``step(outputs=...)``) would be no spike by the z-score test is held like a row
-    one hard sample explains: info on its own. A corrupted batch or a blow-up lifts the
-    whole batch, its trimmed mean with it. A row without the field (NaN) is judged as
-    before. False: off.
+    steps of a healthy regression. With ``trimmed_mean`` (default True) a row on its own
+    whose batch without its largest per-sample losses (the loss metric's ``trimmed``
+    field, measured from ``step(outputs=...)``) would be no spike by the z-score test is
+    info, a warning if the next row is as high. A corrupted batch or a learning-rate spike
+    lifts the whole batch, its trimmed mean with it; the second row of a run is judged as
+    before (a ramp's first rows are a few samples' too). A row without the field (NaN) is
+    judged as before. False: off.
 
     **A batch much smaller than the usual one is no spike on its own.** A mean over n
     samples scatters as 1/sqrt(n): the one-sample last batch of a loader that keeps its
@@ -281,19 +282,22 @@ class SpikeState:
                 severity = "warning"
             note = ""
             if severity == "warning":
-                one_sample = self._one_sample(x, med, z, level)
+                one_sample = self._one_sample(x, med)
+                # a few samples' rise holds back a row on its own, not the second row of a
+                # run (the first rows of a blow-up may be a few samples' too: a ramp)
+                few = run == 0 and self._few_samples(x, med, z, level)
                 self.run, self.previous_high = run + 1, self.high
                 self.previous_one_sample = one_sample
                 # a row is also judged against the largest of the window before it: one
                 # inside that range warns only as part of a run (the two-row test below)
                 if rule.single_row is not None and self.initial is not None and (
                         x - med < rule.single_row * self.initial
-                        or self._within_range(x, med) or one_sample):
+                        or self._within_range(x, med) or one_sample or few):
                     if run == 0:
                         severity = "info"
                         note = (" on one row (a single hard batch? a warning if the next row "
                                 "is as high)")
-                        if self.left_out is not None:
+                        if few:
                             note = (" on one row, a few samples' doing: without its "
                                     "largest losses the batch's mean is "
                                     f"{_fmt(self.left_out)} (a warning if the next row is as "
@@ -301,10 +305,9 @@ class SpikeState:
                     elif self.run == 2 and previous_one and one_sample:
                         # a third row in a row warns whatever the rise: a plateau
                         severity = "info"
-                        batch = (f"a batch of {self.samples:g}" if self.samples is not None
-                                 else "its batch")
                         note = (" on two rows in a row, each within what one hard sample "
-                                f"in {batch} explains (a warning if the next row is as high)")
+                                f"in a batch of {self.samples:g} explains (a warning if the "
+                                "next row is as high)")
                     elif rule.new_high and self.run == 2 and not (previous_high and self.high):
                         # a third row in a row warns whatever the range: a plateau
                         severity = "info"
@@ -336,27 +339,35 @@ class SpikeState:
             )
         return None
 
-    def _one_sample(self, x: float, med: float, z: float, level: float) -> bool:
+    def _one_sample(self, x: float, med: float) -> bool:
         """Whether one hard sample in the row's batch explains ``x``'s rise above ``med``.
 
-        Within ``single_sample`` times the initial level over the row's ``samples``, or
-        (``trimmed_mean``) a row whose batch without its largest per-sample losses (the loss
-        metric's ``trimmed`` field) would be no spike by the z-score test: its robust
-        z-score, on the window's scale (``z`` is the row's own), below ``rule.z`` or its
-        rise below ``min_ratio``'s. False when the row has neither measurement.
+        Within ``single_sample`` times the initial level over the row's ``samples``; False
+        when the row has no batch size or the rule no ``single_sample``.
         """
-        rule = self.rule
-        self.left_out = None
-        if rule.trimmed_mean and self.trimmed is not None and x > med:
-            w = self.trimmed
-            z_w = (w - med) / ((x - med) / z) if z > 0 else 0.0
-            if not (z_w >= rule.z and w - med >= (rule.min_ratio - 1.0) * level):
-                self.left_out = w
-                return True
-        factor = rule.single_sample
+        factor = self.rule.single_sample
         if factor is None or self.samples is None or self.initial is None:
             return False
         return x - med < factor / self.samples * self.initial
+
+    def _few_samples(self, x: float, med: float, z: float, level: float) -> bool:
+        """Whether a few samples of the row's batch made its rise (``trimmed_mean``).
+
+        The batch without its largest per-sample losses (the loss metric's ``trimmed``
+        field) would be no spike by the z-score test: its robust z-score on the window's
+        scale (``z`` is the row's own) below ``rule.z``, or its rise below ``min_ratio``'s.
+        False when the row has no such measurement; ``left_out`` keeps the trimmed mean.
+        """
+        rule = self.rule
+        self.left_out = None
+        if not rule.trimmed_mean or self.trimmed is None or not x > med or not z > 0:
+            return False
+        w = self.trimmed
+        z_w = (w - med) / ((x - med) / z)
+        if z_w >= rule.z and w - med >= (rule.min_ratio - 1.0) * level:
+            return False
+        self.left_out = w
+        return True
 
     def _within_range(self, x: float, med: float) -> bool:
         """Whether ``x``'s rise above the median ``med`` is within the window's range.

@@ -465,3 +465,41 @@ def test_a_training_stopped_by_an_error_or_a_signal_is_not_finished(runner, tmp_
         pass
     resumed = runner.invoke(cli, ["check", str(path), "--require-finished", "--json"])
     assert resumed.exit_code == 0 and json.loads(resumed.stdout)["writer"]["state"] == "closed"
+
+
+def test_check_gates_a_sweep_of_runs_with_the_worst_status(runner, tmp_path):
+    """``check sweep/*.h5``: click refused the extra arguments and a CI job had to loop
+    (review). Each run gets its verdict line, then one line of totals; the exit status is
+    the worst (2 for a run that cannot be read, which does not stop the others, then 1)."""
+    ok = write_run(tmp_path / "ok.h5")
+    nan = write_run(tmp_path / "nan.h5", nan_loss_at=50)
+    missing = tmp_path / "missing.h5"
+    result = runner.invoke(cli, ["check", str(ok), str(nan), "-q"])
+    assert result.exit_code == 1, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"{ok}: 0 findings") and lines[0].endswith("or worse)")
+    assert lines[1].startswith(f"{nan}: 1 finding (1 error") and "FAIL" in lines[1]
+    assert lines[2] == "2 runs: 1 ok, 1 FAIL"
+    result = runner.invoke(cli, ["check", str(missing), str(ok), str(nan)])
+    assert result.exit_code == 2, result.output
+    assert f"Error: {missing}: no such file" in result.stderr
+    assert result.stdout.splitlines()[-1] == "3 runs: 1 ok, 1 FAIL, 1 not checked"
+    assert "nonfinite" in result.stdout  # the tables of the runs read
+    assert runner.invoke(cli, ["check", str(ok), str(ok)]).exit_code == 0
+    # --json: one list of documents, an unreadable run as its error
+    result = runner.invoke(cli, ["check", str(ok), str(missing), str(nan), "--json"])
+    assert result.exit_code == 2
+    docs = json.loads(result.stdout)
+    assert [d["run"] for d in docs] == [str(ok), str(missing), str(nan)]
+    assert docs[0]["failed"] is False and docs[2]["failed_because"] == [
+        "a finding at warning or worse"]
+    assert docs[1] == {"run": str(missing), "error": f"{missing}: no such file"}
+    # --ignore-rule may name a rule of any of the runs; a typo is one usage error
+    mine = write_run(tmp_path / "mine.h5", findings=(
+        Finding(40, "my_rule", "warning", "loss/value", 2.0, 1.0, "mine", "h"),))
+    both = runner.invoke(cli, ["check", str(mine), str(ok), "--stored", "--ignore-rule",
+                               "my_rule", "-q"])
+    assert both.exit_code == 0, both.output
+    typo = runner.invoke(cli, ["check", str(mine), str(ok), "--ignore-rule", "my_rul"])
+    assert typo.exit_code == 2 and "no rule named my_rul" in typo.output
+    assert "Missing argument" in runner.invoke(cli, ["check"]).output
