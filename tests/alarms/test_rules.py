@@ -749,8 +749,7 @@ def test_heavy_tailed_regression_noise_is_no_spike_but_a_broad_rise_is():
     assert any("a few samples' doing" in f.message for f in infos)
     # the same noise, and the whole batch rising fivefold at step 6000: a warning there
     value[6000:], trimmed[6000:] = 5 * value[6000:], 5 * trimmed[6000:]
-    found = warnings()
-    assert found and found[0].step == 6000
+    assert 6000 in [f.step for f in warnings()]
 
 
 def test_a_trimmed_mean_that_is_itself_a_spike_keeps_the_row_a_warning():
