@@ -582,6 +582,43 @@ def data_fingerprint(batches: Sequence[Any], loss: Any) -> str:
     return f"{name} on {len(batches)} batch(es) [{shown}] #{digest.hexdigest()[:12]}"
 
 
+def _refuse_training_run(path: str | Path | None, mode: str, names: Sequence[str]) -> None:
+    """Refuse to mix an analysis into the series of a run a training session wrote.
+
+    Appended, rows of a metric the training recorded would join the series the monitor
+    measured on its probe with rows measured on other data (and at the checkpoint's step,
+    one after the monitor's row of the same weights); overwritten, what training recorded
+    would be lost. A review (session 41) did both by accident: ``analyze``'s default
+    ``-o run.h5`` is the name the callbacks' docs give their file, and a refusal's advice
+    (``--overwrite``) deleted it. Metrics the training did not record may be added.
+
+    Raises:
+        LandscapeError: naming the file as a training run and where to write instead.
+    """
+    if path is None or not Path(path).is_file():
+        return
+    from landscape.store import Run
+
+    try:
+        with Run.open(path) as run:
+            if not run.trained:
+                return
+            integration = (run.config or {}).get("integration")
+            shared = [n for n in names if n in run]
+    except LandscapeError:  # not a run file: refused where the file is written
+        return
+    if mode == "a" and not shared:
+        return
+    who = f"the {integration} callback" if integration else "a training session's monitor"
+    harm = (f"join its series of {', '.join(shared)}, measured on the training's own probe "
+            "or batches, with rows on other data" if mode == "a"
+            else "replace everything the training recorded")
+    raise LandscapeError(
+        f"{path}: a training run, written by {who}; this analysis would {harm}. Write "
+        "it to a file of its own (on the command line -o posthoc.h5)"
+        + ("" if mode == "a" else "; delete the training run first if you mean to lose it"))
+
+
 def _refuse_other_data(path: str | Path | None, mode: str, data_print: str) -> None:
     """Refuse to append an analysis of other data, or another loss, to ``path``.
 
@@ -881,6 +918,7 @@ def analyze(
     _say_momentum_left_out(optimizer, loaded)
     opt = _optimizer(net, spec)
     net.eval()
+    _refuse_training_run(path, mode, names)
     partial = _partial_step(path, mode)
     recorded = _recorded_steps(path, mode, names, partial)
     _refuse_renumbered(loaded, path, mode)

@@ -115,6 +115,23 @@ def _warn_if_rows_unflushed(path: Path) -> None:
             "which writes them)", RuntimeWarning, stacklevel=3)
 
 
+def written_by_training(attrs: Mapping[str, Any], backend: Backend) -> bool:
+    """Whether a training session wrote the run (its ``trained`` attribute).
+
+    A run of a version before the attribute: one that holds metric tables and was not
+    written by ``landscape analyze`` (whose config says ``analysis``).
+    """
+    if "trained" in attrs:
+        return bool(attrs["trained"])
+    try:
+        config = json.loads(attrs.get("config", "{}") or "{}")
+    except (TypeError, ValueError):
+        config = {}
+    analysis = isinstance(config, dict) and "analysis" in config
+    return not analysis and any(p.startswith(f"{METRICS_GROUP}/")
+                                for p in backend.table_paths())
+
+
 class Run:
     """Read-only view of a run (an HDF5 file or an in-memory writer's data).
 
@@ -210,6 +227,15 @@ class Run:
         return writer_status(path, attrs.get("writer_pid"), attrs.get("writer_host"),
                              attrs.get("closed_how"),
                              posthoc=bool(attrs.get("posthoc_writing", False)))
+
+    @property
+    def trained(self) -> bool:
+        """Whether a training session (the monitor, a callback) wrote the run.
+
+        The root attribute ``trained``; in a file of a version before it, whether the run
+        holds metric tables and was not written by ``landscape analyze``.
+        """
+        return written_by_training(self._backend.root_attrs(), self._backend)
 
     def resumed_after(self) -> list[int]:
         """The steps after which a writer resumed the run (the root ``resumed_after``).

@@ -55,7 +55,7 @@ from landscape.store.format import (
     resumed_after,
     step_value,
 )
-from landscape.store.reader import Run
+from landscape.store.reader import Run, written_by_training
 from landscape.store.recovery import (
     WRITING,
     holds_nothing,
@@ -86,23 +86,6 @@ def _left_open(path: Path) -> bool:
         return bool(open_flags(path))
     except OSError:
         return False
-
-
-def _written_by_training(attrs: Any, backend: H5Backend) -> bool:
-    """Whether a training session wrote the run (its ``trained`` attribute).
-
-    A run of a version before the attribute: one that holds metric tables and was not
-    written by ``landscape analyze`` (whose config says ``analysis``).
-    """
-    if "trained" in attrs:
-        return bool(attrs["trained"])
-    try:
-        config = json.loads(attrs.get("config", "{}") or "{}")
-    except (TypeError, ValueError):
-        config = {}
-    analysis = isinstance(config, dict) and "analysis" in config
-    return not analysis and any(p.startswith(f"{METRICS_GROUP}/")
-                                for p in backend.table_paths())
 
 
 def _last_or_none(steps: np.ndarray) -> int | None:
@@ -351,7 +334,7 @@ class RunWriter:
                 if name in attrs:
                     del attrs[name]
             return
-        self._training_run = _written_by_training(attrs, backend)
+        self._training_run = written_by_training(attrs, backend)
         if "trained" not in attrs:  # a run of this version says which it is
             attrs["trained"] = self._training_run
         if (self._training_run and ended and "closed_how" not in attrs

@@ -14,6 +14,7 @@ from landscape_cli.main import cli
 import landscape as ls
 from landscape.curvature import Hessian, top_eigenvalues
 from tests.cli._checkpoints import train_and_save
+from tests.cli._results import one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -957,3 +958,34 @@ def test_an_analysis_run_again_says_nothing_new_was_computed(setup, tmp_path):
     assert again.stdout.startswith(f"nothing new: {out} holds its 2 checkpoints already")
     more = _invoke([*args[:2], str(paths[2]), *args[2:]])
     assert more.stdout.startswith(f"wrote {out}: 3 checkpoints")
+
+
+def test_an_analysis_is_refused_into_the_series_of_a_training_run(setup, tmp_path):
+    """``analyze``'s default ``-o run.h5`` is the callbacks' file name: its rows of a metric
+    the monitor recorded joined that series (measured on other data), and ``--overwrite``,
+    which a refusal advised, deleted the training record (review). Both are refused; a
+    metric the training did not record may still be added."""
+    from landscape.store import RunWriter
+
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    out = tmp_path / "run.h5"
+    with RunWriter(out, mode="w", config={"integration": "transformers"}) as w:
+        w.declare("sharpness", {"lambda_max": None})
+        w.append("sharpness", 0, {"lambda_max": 1.0})
+    before = out.read_bytes()
+    args = ["analyze", str(paths[0]), "--model", f"{fac}:model", "--data", f"{fac}:data",
+            "-m", "sharpness", "-o", str(out)]
+    for extra in ([], ["--overwrite"]):
+        result = _invoke([*args, *extra])
+        assert result.exit_code == 1, result.output  # as other refusals of analyze
+        one_line_error(result, "a training run, written by the transformers callback",
+                       "-o posthoc.h5")
+        message = result.stderr
+        assert ("join its series of sharpness" in message) == (not extra)
+        assert ("delete the training run first" in message) == bool(extra)
+    assert out.read_bytes() == before  # untouched
+    other = _invoke([*args[:-4], "-m", "hessian_trace", "-o", str(out), "-q"])
+    assert other.exit_code == 0, other.output
+    with ls.Run.open(out) as run:
+        assert list(run.steps("sharpness")) == [0] and len(run.steps("hessian_trace")) == 1
