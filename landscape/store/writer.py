@@ -66,6 +66,7 @@ from landscape.store.recovery import (
     refuse_to_replace_with_a_run,
     writers_excluded,
 )
+from landscape.store.writer_status import stopped_how
 
 __all__ = ["RunWriter", "close_writers"]
 
@@ -106,8 +107,13 @@ def _close_at_exit() -> None:
     after h5py's own exit handler, this one runs before it.
     """
     uncaught = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
-    how = (None if uncaught is None else
-           f"the program ended on an uncaught {type(uncaught).__name__}: {uncaught}")
+    how = None
+    if isinstance(uncaught, KeyboardInterrupt):
+        how = stopped_how(uncaught)  # Ctrl-C, whose message is empty
+    elif uncaught is not None:
+        message = str(uncaught)
+        how = (f"the program ended on an uncaught {type(uncaught).__name__}"
+               + (f": {message}" if message else ""))[:500]
     for writer in list(_OPEN):
         with contextlib.suppress(Exception):
             writer.close(how=how)

@@ -532,3 +532,28 @@ def test_each_resume_notes_where_its_rows_begin_and_a_truncation_amends_it(tmp_p
     assert resumed() == [4]
     with Run.open(path) as run:
         assert run.steps("m").tolist() == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("raised, reason", [
+    ("ValueError('bad batch')", "the program ended on an uncaught ValueError: bad batch"),
+    ("ValueError()", "the program ended on an uncaught ValueError"),
+    ("KeyboardInterrupt()", "stopped by Ctrl-C (KeyboardInterrupt)")])
+def test_a_writer_left_open_by_an_uncaught_error_records_it_at_exit(tmp_path, raised, reason):
+    """A writer never closed (a loop that raised) is closed at exit with why; Ctrl-C under
+    the Hugging Face Trainer read "uncaught KeyboardInterrupt: " (an empty message)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "run.h5"
+    code = ("from landscape.store import RunWriter\n"
+            f"w = RunWriter({str(path)!r}, mode='w')\n"
+            "w.declare('loss', {'value': None})\nw.append('loss', 0, {'value': 1.0})\n"
+            f"raise {raised}\n")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert done.returncode != 0
+    with Run.open(path) as run:
+        status = run.writer_status()
+    assert (status.state, status.reason) == ("stopped", reason), done.stderr[-2000:]
