@@ -345,6 +345,23 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
 
     # ------------------------------------------------------------------ events
 
+    # -- given to a Lightning Trainer by mistake: one clear error instead of its missing hooks
+
+    state_key = "LandscapeTrainerCallback"  # Lightning names a callback's hooks by it
+
+    def setup(self, *args: Any, **kwargs: Any) -> None:
+        """Lightning's first hook: this callback is for ``transformers.Trainer``.
+
+        Raises:
+            TypeError: naming the Lightning callback to use instead.
+        """
+        raise TypeError(
+            "LandscapeTrainerCallback is the Hugging Face Trainer's callback; for a Lightning "
+            "Trainer use landscape.integrations.lightning.LandscapeCallback")
+
+    def on_exception(self, *args: Any, **kwargs: Any) -> None:
+        """Lightning calls it after the error :meth:`setup` raised: nothing to do."""
+
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Build and start the monitor; attach the forward hook that reads the loss."""
         self.close()

@@ -258,6 +258,16 @@ class LandscapeCallback(CallbackSettings, Callback):
 
     # ------------------------------------------------------------------ lifecycle
 
+    def on_init_end(self, *args: Any, **kwargs: Any) -> None:
+        """The Hugging Face Trainer's first event (Lightning 2 has no such hook).
+
+        Raises:
+            TypeError: this callback is Lightning's; naming the Trainer's.
+        """
+        raise TypeError(
+            "LandscapeCallback is Lightning's callback; for a Hugging Face Trainer use "
+            "landscape.integrations.huggingface.LandscapeTrainerCallback")
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Close what a previous fit left open (the monitor starts in ``on_train_start``)."""
         self.close()
