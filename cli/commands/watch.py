@@ -125,6 +125,21 @@ def _holds_nothing(path: str) -> bool:
         return False
 
 
+def _say_not_written(source: str, status: WriterStatus | None, said: str | None,
+                     quiet: bool) -> str | None:
+    """Without ``--until-finished``: a note, once per state, that no writer writes the run.
+
+    A plain watch waits for rows as ``tail -f`` does; on a run whose writer closed it or
+    ended, it would wait without a word (review). Returns the state said so far.
+    """
+    if status is None or status.state not in ("closed", "stopped", "ended"):
+        return None
+    if status.state != said and not quiet:
+        click.echo(f"note: {source} is {status.describe()}; watching for a resume "
+                   "(--until-finished exits here)", err=True)
+    return status.state
+
+
 def _end_if_finished(source: str, status: WriterStatus | None, quiet: bool) -> None:
     """With ``--until-finished``: exit 0 once the writer closed the finished run, 1 when
     training stopped (an exception, a signal) or the writer ended without closing it; go
@@ -213,14 +228,18 @@ def watch(
             )
         source = run.source
         lines = view.update(run, first=True)
-        status = run.writer_status() if until_finished else None
+        status = run.writer_status()
     if not quiet:
         click.echo(f"watching {source} (Ctrl-C to stop)" if not once else source)
     for line in lines or ["no rows yet"]:
         click.echo(line)
     if once:
         return
-    _end_if_finished(source, status, quiet)
+    said = None
+    if until_finished:
+        _end_if_finished(source, status, quiet)
+    else:
+        said = _say_not_written(source, status, said, quiet)
     unreadable = False
     try:
         while True:
@@ -232,7 +251,7 @@ def watch(
                 run = Run.open(run_path)
                 try:
                     lines = view.update(run, first=False)
-                    status = run.writer_status() if until_finished else None
+                    status = run.writer_status()
                 finally:
                     run.close()
             except (RunFileError, OSError, KeyError, ValueError, TypeError, IndexError) as err:
@@ -244,7 +263,10 @@ def watch(
             unreadable = False
             for line in lines:
                 click.echo(line)
-            _end_if_finished(source, status, quiet)
+            if until_finished:
+                _end_if_finished(source, status, quiet)
+            else:
+                said = _say_not_written(source, status, said, quiet)
     except KeyboardInterrupt:
         pass
     if not quiet:

@@ -80,7 +80,11 @@ def test_watch_timeout_stops_without_a_real_clock(runner, run_file, monkeypatch)
     result = runner.invoke(cli, ["watch", str(run_file), "--interval", "2", "--timeout", "5"])
     assert result.exit_code == 0, result.output
     assert now[0] == 5.0  # slept 2 + 2 + 1
-    assert result.stderr.strip() == "stopped"
+    # a run its writer closed: said once (not at every poll), as a plain watch waits on
+    # (a review waited on a killed run without a word)
+    assert result.stderr.strip().splitlines() == [
+        f"note: {run_file} is closed by its writer; watching for a resume (--until-finished "
+        "exits here)", "stopped"]
 
 
 def test_watch_timeout_must_be_finite(runner, run_file):
@@ -189,7 +193,8 @@ def test_watch_retries_while_the_file_cannot_be_read(runner, run_file, monkeypat
     assert result.stdout.splitlines()[-1] == "loss  step 100  (+1)  value=0.5"
     # the command's own lines (a warning that garbage collection emits meanwhile, e.g. for
     # another test's file, lands on the same stderr)
-    notes = [ln for ln in result.stderr.splitlines() if ln.startswith(("note:", "stopped"))]
+    notes = [ln for ln in result.stderr.splitlines() if ln.startswith(("note:", "stopped"))
+             and "closed by its writer" not in ln]
     assert len(notes) == 2 and notes[1] == "stopped"  # one note for two failed looks
     assert notes[0].startswith("note: cannot read the run now (") and "retrying" in notes[0]
 
