@@ -224,8 +224,10 @@ def _check_one(run_path: str, fail_on: str, recompute: bool, rules: list | None,
         raise CommandError(f"{run_path}: cannot be read as a run file "
                            f"({type(err).__name__}: {err})", EXIT_INPUT) from None
     if not recorded and not found:  # a gate must not pass a job that recorded nothing
-        raise CommandError(f"{run_path}: no rows recorded, nothing to check (the run stopped "
-                           "before its first flush, or has not started)", EXIT_INPUT)
+        why = ("the run stopped before its first flush, or has not started"
+               if status is None else f"the run is {status.describe()}")
+        raise CommandError(f"{run_path}: no rows recorded, nothing to check ({why})",
+                           EXIT_INPUT)
     state = None if status is None or status.finished else status.describe()
     if state:  # the rows alone do not tell a killed or live run from a finished one
         click.echo(unfinished_note(checked["source"], status, checked["last_step"], "checked"),
