@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import textwrap
 
 import click
 from landscape_cli.app import CommandError, cli, input_errors, run_file_errors, verbose_option
@@ -51,7 +53,14 @@ def _as_json(f: Finding) -> dict:
     return row
 
 
-def _table(findings: list[Finding]) -> list[str]:
+def _table(findings: list[Finding], width: int | None = None) -> list[str]:
+    """The findings as aligned columns, each hint on a line of its own.
+
+    ``width``: the terminal's columns, to wrap messages and hints within: in the message
+    column when it keeps at least 30 characters, else on lines of their own under the
+    row's other columns; None: no wrapping (a pipe or a log, where a finding stays one
+    line that ``grep`` finds whole).
+    """
     rows = [
         (str(f.step), f.severity, f.rule, f.metric, format_number(f.value),
          format_number(f.threshold), f.message)
@@ -59,20 +68,36 @@ def _table(findings: list[Finding]) -> list[str]:
     ]
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(_COLUMNS)]
     right = {0, 4, 5}
+    start = sum(widths[:-1]) + 2 * (len(widths) - 1)  # where the message column begins
+    indent = " " * (widths[0] + 2)
+    below = width is not None and width - start < 30  # the message under its row
+    if width is not None and not below:
+        widths[-1] = min(widths[-1], width - start)
+    columns = len(_COLUMNS) - 1 if below else len(_COLUMNS)
 
     def line(cells) -> str:
         parts = [
             c.rjust(w) if i in right else c.ljust(w)
-            for i, (c, w) in enumerate(zip(cells, widths))
+            for i, (c, w) in enumerate(zip(cells[:columns], widths))
         ]
         return "  ".join(parts).rstrip()
 
+    def wrapped(text: str, at: int) -> list[str]:
+        if width is None:
+            return [text]
+        return textwrap.wrap(text, max(width - at, 20), break_on_hyphens=False) or [""]
+
     out = [line(_COLUMNS), line(["-" * w for w in widths])]
-    indent = " " * (widths[0] + 2)
     for f, r in zip(findings, rows):
-        out.append(line(r))
+        if below:
+            out.append(line(r))
+            out.extend(indent + text for text in wrapped(r[-1], len(indent)))
+        else:
+            first, *more = wrapped(r[-1], start)
+            out.append(line((*r[:-1], first)))
+            out.extend(" " * start + text for text in more)
         if f.hint:
-            out.append(f"{indent}hint: {f.hint}")
+            out.extend(indent + text for text in wrapped(f"hint: {f.hint}", len(indent)))
     return out
 
 
@@ -102,7 +127,9 @@ def _print(found: list, failing: list, checked: dict, fail_on: str, as_json: boo
             documents.append(document)
         return
     if found and not quiet:
-        click.echo("\n".join(_table(found)))
+        terminal = sys.stdout.isatty()
+        click.echo("\n".join(_table(found, shutil.get_terminal_size().columns
+                                     if terminal else None)))
     detail = ", ".join(f"{counts[s]} {s}" for s in reversed(SEVERITIES))
     verdict = "FAIL" if failing or unfinished else "ok"
     why = "; not finished, --require-finished" if unfinished else ""  # the note says why

@@ -505,3 +505,26 @@ def test_check_gates_a_sweep_of_runs_with_the_worst_status(runner, tmp_path):
     typo = runner.invoke(cli, ["check", str(mine), str(ok), "--ignore-rule", "my_rul"])
     assert typo.exit_code == 2 and "no rule named my_rul" in typo.output
     assert "Missing argument" in runner.invoke(cli, ["check"]).output
+
+
+def test_the_findings_table_wraps_its_messages_in_a_terminal_only():
+    """Lines of 242 characters in an 80-column terminal (review); a pipe keeps one line per
+    finding, whole, for grep. Where the other columns leave the message fewer than 30
+    characters, it goes under its row."""
+    from landscape_cli.commands.check import _table
+
+    long = Finding(12, "loss_spike", "warning", "loss/value", 2.0, 1.0,
+                   "loss spike: " + "a rise far above the window " * 6, "lower the lr " * 12)
+    piped = _table([long])
+    assert len(piped) == 4 and long.message.rstrip() in piped[2]
+    for width in (80, 120):
+        lines = _table([long], width)
+        assert all(len(ln) <= width for ln in lines), lines
+        text = " ".join(" ".join(lines[2:]).split())
+        assert " ".join(long.message.split()) in text
+        assert "hint: " + " ".join(long.hint.split()) in text
+    beside = _table([long], 120)  # 62 characters left: the message column wraps
+    assert beside[0].endswith("message") and "loss spike:" in beside[2]
+    under = _table([long], 80)  # 22 left: the message goes under the row
+    assert not under[0].endswith("message") and under[2].rstrip().endswith("1")
+    assert under[3].startswith("      loss spike:")
