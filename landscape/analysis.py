@@ -583,14 +583,16 @@ def data_fingerprint(batches: Sequence[Any], loss: Any) -> str:
 
 
 def _refuse_training_run(path: str | Path | None, mode: str, names: Sequence[str]) -> None:
-    """Refuse to mix an analysis into the series of a run a training session wrote.
+    """Refuse to write an analysis into a run a training session wrote.
 
     Appended, rows of a metric the training recorded would join the series the monitor
     measured on its probe with rows measured on other data (and at the checkpoint's step,
-    one after the monitor's row of the same weights); overwritten, what training recorded
-    would be lost. A review (session 41) did both by accident: ``analyze``'s default
-    ``-o run.h5`` is the name the callbacks' docs give their file, and a refusal's advice
-    (``--overwrite``) deleted it. Metrics the training did not record may be added.
+    one after the monitor's row of the same weights), and rows of any metric at the
+    checkpoints' steps, past the training's last row, would make the training's resume
+    from an earlier checkpoint fail; overwritten, what training recorded would be lost. A
+    review (session 41) did both by accident: ``analyze``'s default ``-o run.h5`` is the
+    name the callbacks' docs give their file, and a refusal's advice (``--overwrite``)
+    deleted it.
 
     Raises:
         LandscapeError: naming the file as a training run and where to write instead.
@@ -607,12 +609,15 @@ def _refuse_training_run(path: str | Path | None, mode: str, names: Sequence[str
             shared = [n for n in names if n in run]
     except LandscapeError:  # not a run file: refused where the file is written
         return
-    if mode == "a" and not shared:
-        return
     who = f"the {integration} callback" if integration else "a training session's monitor"
-    harm = (f"join its series of {', '.join(shared)}, measured on the training's own probe "
-            "or batches, with rows on other data" if mode == "a"
-            else "replace everything the training recorded")
+    if mode != "a":
+        harm = "replace everything the training recorded"
+    elif shared:
+        harm = (f"join its series of {', '.join(shared)}, measured on the training's own "
+                "probe or batches, with rows on other data")
+    else:
+        harm = ("add rows at the checkpoints' steps, past its last, and a resume of the "
+                "training from a checkpoint would then be refused")
     raise LandscapeError(
         f"{path}: a training run, written by {who}; this analysis would {harm}. Write "
         "it to a file of its own (on the command line -o posthoc.h5)"

@@ -298,10 +298,9 @@ class SpikeState:
                         note = (" on one row (a single hard batch? a warning if the next row "
                                 "is as high)")
                         if few:
-                            note = (" on one row, a few samples' doing: without its "
-                                    "largest losses the batch's mean is "
-                                    f"{_fmt(self.left_out)} (a warning if the next row is as "
-                                    "high)")
+                            note = (" on one row; without its largest losses the batch's "
+                                    f"mean, {_fmt(self.left_out)}, is no spike: a few "
+                                    "samples? (a warning if the next row is as high)")
                     elif self.run == 2 and previous_one and one_sample:
                         # a third row in a row warns whatever the rise: a plateau
                         severity = "info"
@@ -432,11 +431,13 @@ class GradNormSpike(LossSpike):
 class LossExplosion(Rule):
     """The training loss has exploded: ``ratio`` times its initial level, and it stays.
 
-    The initial level m₀ is the lowest of the first ``initial_rows`` valid rows (default
-    3: a loss that explodes at its second step still has its first row to compare with);
-    the rule fires on every row at or above ``ratio`` × m₀ (default 10, the instability
-    suite's own definition of an explosion) and warns after ``sustain`` rows in a row
-    (default 3: one hard batch does not stay). It watches from the first row: the other
+    The initial level m₀ is the largest of the first ``initial_rows`` valid rows (default
+    3): the loss of a batch of one or two samples scatters over orders of magnitude, and
+    the lowest of its first rows can be near 0, which warned on healthy runs; a loss that
+    explodes from its second step on is compared with an exploded level and warns later,
+    if at all. The rule fires on every later row at or above ``ratio`` × m₀ (default 10,
+    the instability suite's own definition of an explosion) and warns after ``sustain``
+    rows in a row (default 3: one hard batch does not stay). It watches from the 4th row: the other
     loss rules need a history (``loss_spike`` 20 rows, ``loss_regression`` 100) whose
     median an explosion in the first steps already holds, and a learning rate 100 times
     too high took a classifier from 2.3 to 600 within 10 steps without a warning from
@@ -483,7 +484,8 @@ class LossExplosion(Rule):
                 return SKIP
             if len(first) < self.initial_rows:
                 first.append(x)
-            initial = min(first)
+                return None
+            initial = max(first)
             if not initial > 0 or x < self.ratio * initial:
                 return None
             return Trigger(
@@ -492,7 +494,7 @@ class LossExplosion(Rule):
                 value=x,
                 threshold=self.ratio * initial,
                 message=f"loss explosion: {_fmt(x)} is {_fmt(x / initial)} times the initial "
-                f"loss {_fmt(initial)} (the lowest of the first {len(first)} rows)",
+                f"loss {_fmt(initial)} (the largest of the first {len(first)} rows)",
                 hint="the run has diverged: lower the learning rate (a sweep's largest "
                 "values) or add warm-up, enable gradient clipping, and check the data and "
                 "the loss's scale",

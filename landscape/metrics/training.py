@@ -7,11 +7,16 @@ of the optimizer's actual step; definitions in docs/metrics.md.
 from __future__ import annotations
 
 import collections
+import copy
+import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from landscape import distributed as _dist
 from landscape import functional as LF
@@ -31,7 +36,7 @@ from landscape.metrics.batch_parts import (
     whole_dict_call,
     without_labels,
 )
-from landscape.metrics.context import NoLossFunction, StepContext
+from landscape.metrics.context import StepContext
 from landscape.params import norm, read_floats
 from landscape.schedules import every
 
@@ -62,11 +67,14 @@ class Loss(Metric):
     the batch as a whole (a squared error under heavy-tailed noise has no bound, and one
     or two samples of a batch of 64 can lift its mean tenfold). It is measured from
     ``step(outputs=...)`` (no forward pass) on a row above every one of the last
-    ``recent`` losses but the previous one (the only rows the rule's one-row and two-row
-    tests can warn on with their default settings; ``recent`` = 50, the rule's default
-    window), and only where ``loss_fn(outputs, targets)`` per sample reproduces the loss
-    passed (their mean within 1e-3 of it: a per-sample mean, as ``reduction="mean"``
-    gives); NaN elsewhere, and on a batch of fewer than 3 samples or a list of batches.
+    ``recent`` losses but the previous one (the only rows the rule's one-row test can
+    warn on with its default settings; ``recent`` = 50, the rule's default window), for
+    a ``loss_fn`` that is one of torch's losses at ``reduction="mean"`` (``F.mse_loss``,
+    ``F.cross_entropy``, ``nn.CrossEntropyLoss(label_smoothing=0.1)``, ...; evaluated
+    with ``reduction="none"``: the user's own function is never called, as it may keep
+    state), and only where the per-sample losses reproduce the loss passed (their mean
+    within 1e-3 of it); NaN elsewhere, and on a batch of fewer than 3 samples or a list
+    of batches.
     ``samples`` and ``trimmed`` are context fields (``CONTEXT_FIELDS``): left out of the
     default plots and mirrors. Run files written before them have no such columns;
     resumed, their earlier rows read NaN.
@@ -104,37 +112,64 @@ class Loss(Metric):
 _RECENT_LOSSES = "loss_recent"  # the ``ctx.state`` key of the latest finite losses
 
 
-def _per_sample_losses(loss_fn: Callable[..., torch.Tensor], outputs: torch.Tensor,
-                      targets: torch.Tensor) -> torch.Tensor | None:
-    """``loss_fn(outputs[i:i+1], targets[i:i+1])`` for every sample i, without gradients.
+_ELEMENTWISE = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss,
+                F.binary_cross_entropy_with_logits, F.binary_cross_entropy)
+_CLASSWISE = (F.cross_entropy, F.nll_loss)
+_LOSS_MODULES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCEWithLogitsLoss,
+                 nn.BCELoss, nn.CrossEntropyLoss, nn.NLLLoss)
 
-    One vectorised call (``torch.func.vmap``), else a loop where the loss function does
-    not vectorise (data-dependent control flow, ``.item()``).
+
+def _per_sample_losses(loss_fn: Any, outputs: torch.Tensor,
+                      targets: torch.Tensor) -> torch.Tensor | None:
+    """The per-sample losses of a torch loss of ``reduction="mean"``; None for any other.
+
+    Only torch's own losses are evaluated (``F.mse_loss``, ``F.cross_entropy``, ... and
+    their ``nn`` modules at ``reduction="mean"``), with ``reduction="none"`` and the
+    module's own settings (``weight``, ``label_smoothing``, ...), in float32 at least: a
+    user's loss function may keep state (a running centre as a plain attribute, a list of
+    logged values) or draw random numbers, which an extra call would change, so it is
+    never called. The elementwise losses are averaged over every dimension but the first.
 
     Args:
-        loss_fn: ``loss_fn(outputs, targets)`` -> a scalar.
+        loss_fn: the monitor's loss function.
         outputs: the model's outputs, samples first.
         targets: the targets, samples first, as many as ``outputs``.
 
     Returns:
-        The (n,) per-sample losses in float64; None where a call does not give one finite
-        scalar per sample.
+        The (n,) per-sample losses in float64, or None.
     """
-    def one(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return loss_fn(out.unsqueeze(0), target.unsqueeze(0))
-
-    with torch.no_grad():
-        try:
-            losses = torch.func.vmap(one)(outputs, targets)
-        except Exception:  # any loss that does not vectorise: the loop
-            try:
-                losses = torch.stack([loss_fn(outputs[i:i + 1], targets[i:i + 1])
-                                      for i in range(outputs.shape[0])])
-            except Exception:  # nor per sample: no such measurement
-                return None
-    if not isinstance(losses, torch.Tensor) or losses.shape != (outputs.shape[0],):
+    if isinstance(loss_fn, _LOSS_MODULES) and getattr(loss_fn, "reduction", None) == "mean":
+        per_element = copy.copy(loss_fn)  # the same weights, its reduction alone changed
+        per_element.reduction = "none"
+        classwise = isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss))
+    elif any(loss_fn is f for f in _ELEMENTWISE + _CLASSWISE):
+        per_element = functools.partial(loss_fn, reduction="none")
+        classwise = any(loss_fn is f for f in _CLASSWISE)
+    else:
         return None
-    return losses.detach().to(torch.float64)
+    if not outputs.is_floating_point():
+        return None
+    if classwise:
+        if targets.is_floating_point() or outputs.ndim < 2 \
+                or targets.shape != outputs.shape[:1] + outputs.shape[2:]:
+            return None  # class probabilities, or a shape the loss would refuse
+    elif targets.shape != outputs.shape:
+        return None  # broadcast (a (n, 1) output against (n,) targets): not per sample
+    wide = torch.promote_types(outputs.dtype, torch.float32)
+    out = outputs.detach().to(wide)
+    target = targets.detach().to(out.device)
+    if target.is_floating_point():
+        target = target.to(wide)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            losses = per_element(out, target)
+        except (RuntimeError, ValueError, TypeError, IndexError):
+            return None
+    if not isinstance(losses, torch.Tensor) or losses.ndim == 0 \
+            or losses.shape[0] != outputs.shape[0]:
+        return None
+    return losses.reshape(losses.shape[0], -1).mean(dim=1).to(torch.float64)
 
 
 def _trimmed_loss(ctx: StepContext, value: float, trim: float) -> float:
@@ -142,12 +177,11 @@ def _trimmed_loss(ctx: StepContext, value: float, trim: float) -> float:
 
     Leaves out the largest ``ceil(trim * n)`` of the n losses (at least one). Needs
     ``step(outputs=...)`` as a tensor, one ``(inputs, targets)`` batch of at least 3
-    samples as many as the outputs, a ``loss_fn`` (not a closure), and per-sample losses
-    whose mean is ``value`` within 1e-3 relative (else the loss passed is not their mean).
+    samples as many as the outputs, a torch loss as ``loss_fn`` (:func:`_per_sample_losses`;
+    not a closure), and per-sample losses whose mean is ``value`` within 1e-3 relative
+    (2e-2 for a bfloat16 or float16 loss; else the loss passed is not their mean).
     """
-    if (ctx.closure is not None or ctx.loss_fn is None
-            or isinstance(ctx.loss_fn, NoLossFunction)
-            or not isinstance(ctx.outputs, torch.Tensor)):
+    if ctx.closure is not None or not isinstance(ctx.outputs, torch.Tensor):
         return math.nan
     batches = ctx.batches("batch")
     if len(batches) != 1:
@@ -156,16 +190,16 @@ def _trimmed_loss(ctx: StepContext, value: float, trim: float) -> float:
         targets = split_batch(batches[0])[1]
     except MissingInput:
         return math.nan
-    outputs = ctx.outputs.detach()
+    outputs = ctx.outputs
     if (not isinstance(targets, torch.Tensor) or outputs.ndim == 0 or targets.ndim == 0
             or outputs.shape[0] != targets.shape[0] or outputs.shape[0] < 3):
         return math.nan
-    ctx._keep_loss_state()  # a loss module's buffers come back when the step ends
-    losses = _per_sample_losses(ctx.loss_fn, outputs, targets.to(outputs.device))
+    losses = _per_sample_losses(ctx.loss_fn, outputs, targets)
     if losses is None or not bool(torch.isfinite(losses).all()):
         return math.nan
     n = losses.numel()
-    if abs(float(losses.mean()) - value) > 1e-3 * max(abs(value), 1e-12):
+    low = outputs.dtype in (torch.bfloat16, torch.float16)
+    if abs(float(losses.mean()) - value) > (2e-2 if low else 1e-3) * max(abs(value), 1e-12):
         return math.nan
     kept = n - max(1, math.ceil(trim * n))
     return float(losses.sort().values[:kept].mean())

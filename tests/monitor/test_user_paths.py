@@ -1658,18 +1658,64 @@ def test_the_loss_row_records_its_batchs_trimmed_mean_on_a_new_high():
             assert np.isnan(mon.run().series("loss", "trimmed")[1]).all()
 
 
-def test_trimmed_loss_falls_back_to_a_loop_for_a_loss_that_does_not_vectorise():
+def test_per_sample_losses_of_torch_losses_and_never_of_the_users_own_function():
+    """Per-sample losses with ``reduction="none"`` for torch's losses (a module's own
+    settings kept), in float32 for a bfloat16 output; the user's function is never called:
+    a loss that kept a running centre as a plain attribute crashed under the first
+    version's vmap, and one that logs its values got extra entries (own-diff review)."""
     from landscape.metrics.training import _per_sample_losses
-
-    def item_loss(out, y):  # .item() fails under vmap
-        scale = 1.0 if out.abs().max().item() < 1e9 else 0.0
-        return scale * F.cross_entropy(out, y)
 
     out, y = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
     expected = F.cross_entropy(out, y, reduction="none").double()
-    for loss_fn in (F.cross_entropy, item_loss):
-        torch.testing.assert_close(_per_sample_losses(loss_fn, out, y), expected)
-    assert _per_sample_losses(lambda o, t: o.sum(0), out, y) is None  # not one per sample
+    torch.testing.assert_close(_per_sample_losses(F.cross_entropy, out, y), expected)
+    smoothed = nn.CrossEntropyLoss(label_smoothing=0.1)
+    torch.testing.assert_close(
+        _per_sample_losses(smoothed, out, y),
+        F.cross_entropy(out, y, reduction="none", label_smoothing=0.1).double())
+    assert smoothed.reduction == "mean"  # the module itself is left as it was
+    wide, target = torch.randn(6, 2, 5), torch.randn(6, 2, 5)
+    torch.testing.assert_close(_per_sample_losses(F.mse_loss, wide, target),
+                               ((wide - target) ** 2).mean(dim=(1, 2)).double())
+    low = _per_sample_losses(F.mse_loss, wide.bfloat16(), target.bfloat16())
+    assert low is not None and low.dtype == torch.float64
+    assert _per_sample_losses(F.mse_loss, wide[:, :1, :1].reshape(6, 1),
+                              target[:, 0, 0]) is None  # (6, 1) against (6,): broadcast
+    assert _per_sample_losses(nn.MSELoss(reduction="sum"), wide, target) is None
+    calls = []
+
+    def own(o, t):
+        calls.append(1)
+        return F.cross_entropy(o, t)
+
+    assert _per_sample_losses(own, out, y) is None and not calls
+
+    class RunningCentre:  # state outside any buffer: an extra call would move it
+        c = 0.0
+
+        def __call__(self, o, t):
+            loss = F.mse_loss(o, t)
+            self.c = 0.9 * self.c + 0.1 * loss.detach()
+            return loss - self.c.detach() * 0
+
+    losses = []
+    for monitored in (False, True):
+        torch.manual_seed(0)
+        model, centre = nn.Linear(4, 1), RunningCentre()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        mon = Monitor(model, centre, optimizer=opt, warn=False) if monitored else None
+        for step in range(30):
+            x, t = torch.randn(16, 4), torch.randn(16, 1)
+            out_ = model(x)
+            loss = centre(out_, t)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if mon is not None:
+                mon.step(step, batch=(x, t), loss=loss, outputs=out_)
+        if mon is not None:
+            mon.close()
+        losses.append((float(loss), float(centre.c)))
+    assert losses[0] == losses[1]
 
 
 def test_one_gross_error_in_a_batch_is_info_and_a_corrupted_batch_a_warning():
