@@ -138,7 +138,8 @@ def _per_sample_losses(loss_fn: Any, outputs: torch.Tensor,
     Returns:
         The (n,) per-sample losses in float64, or None.
     """
-    if isinstance(loss_fn, _LOSS_MODULES) and getattr(loss_fn, "reduction", None) == "mean":
+    # torch's own classes only: a subclass may override forward and keep state
+    if type(loss_fn) in _LOSS_MODULES and getattr(loss_fn, "reduction", None) == "mean":
         per_element = copy.copy(loss_fn)  # the same weights, its reduction alone changed
         per_element.reduction = "none"
         classwise = isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss))

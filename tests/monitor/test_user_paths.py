@@ -1689,6 +1689,13 @@ def test_per_sample_losses_of_torch_losses_and_never_of_the_users_own_function()
 
     assert _per_sample_losses(own, out, y) is None and not calls
 
+    class Counting(nn.CrossEntropyLoss):  # a subclass: its forward may keep state
+        def forward(self, o, t):
+            calls.append(1)
+            return super().forward(o, t)
+
+    assert _per_sample_losses(Counting(), out, y) is None and not calls
+
     class RunningCentre:  # state outside any buffer: an extra call would move it
         c = 0.0
 
