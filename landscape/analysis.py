@@ -603,9 +603,12 @@ def _refuse_training_run(path: str | Path | None, mode: str, names: Sequence[str
 
     try:
         with Run.open(path) as run:
-            if not run.trained:
+            config = run.config or {}
+            # an analysis's own file (its config says so) and a training's empty one: no
+            # series to join, no resume to block
+            if not run.trained or "analysis" in config or not run.metrics():
                 return
-            integration = (run.config or {}).get("integration")
+            integration = config.get("integration")
             shared = [n for n in names if n in run]
     except LandscapeError:  # not a run file: refused where the file is written
         return
