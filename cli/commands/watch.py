@@ -235,11 +235,17 @@ def watch(
         click.echo(line)
     if once:
         return
-    said = None
-    if until_finished:
-        _end_if_finished(source, status, quiet)
-    else:
-        said = _say_not_written(source, status, said, quiet)
+    said: str | None = None
+
+    def follow(status: WriterStatus | None) -> None:
+        """What the writer's state means: the end (``--until-finished``), or a note."""
+        nonlocal said
+        if until_finished:
+            _end_if_finished(source, status, quiet)
+        else:
+            said = _say_not_written(source, status, said, quiet)
+
+    follow(status)
     unreadable = False
     try:
         while True:
@@ -263,10 +269,7 @@ def watch(
             unreadable = False
             for line in lines:
                 click.echo(line)
-            if until_finished:
-                _end_if_finished(source, status, quiet)
-            else:
-                said = _say_not_written(source, status, said, quiet)
+            follow(status)
     except KeyboardInterrupt:
         pass
     if not quiet:

@@ -221,7 +221,6 @@ class SpikeState:
         self.usual: float | None = None  # the window's median batch size
         self.high = False  # the current row is above the window (but the previous row)
         self.trimmed: float | None = None  # the row's batch mean without its largest losses
-        self.left_out: float | None = None  # that mean, when it made the row a few samples'
 
     def __call__(self, step: int, row: Row) -> Trigger | _Skip | None:
         """Evaluate one row, then add its value to the window.
@@ -285,7 +284,8 @@ class SpikeState:
                 one_sample = self._one_sample(x, med)
                 # a few samples' rise holds back a row on its own, not the second row of a
                 # run (the first rows of a blow-up may be a few samples' too: a ramp)
-                few = run == 0 and self._few_samples(x, med, z, level)
+                left_out = self._few_samples(x, med, z, level) if run == 0 else None
+                few = left_out is not None
                 self.run, self.previous_high = run + 1, self.high
                 self.previous_one_sample = one_sample
                 # a row is also judged against the largest of the window before it: one
@@ -299,7 +299,7 @@ class SpikeState:
                                 "is as high)")
                         if few:
                             note = (" on one row; without its largest losses the batch's "
-                                    f"mean, {_fmt(self.left_out)}, is no spike: a few "
+                                    f"mean, {_fmt(left_out)}, is no spike: a few "
                                     "samples? (a warning if the next row is as high)")
                     elif self.run == 2 and previous_one and one_sample:
                         # a third row in a row warns whatever the rise: a plateau
@@ -349,24 +349,22 @@ class SpikeState:
             return False
         return x - med < factor / self.samples * self.initial
 
-    def _few_samples(self, x: float, med: float, z: float, level: float) -> bool:
-        """Whether a few samples of the row's batch made its rise (``trimmed_mean``).
+    def _few_samples(self, x: float, med: float, z: float, level: float) -> float | None:
+        """The row's trimmed mean when a few samples of its batch made its rise; else None.
 
         The batch without its largest per-sample losses (the loss metric's ``trimmed``
         field) would be no spike by the z-score test: its robust z-score on the window's
         scale (``z`` is the row's own) below ``rule.z``, or its rise below ``min_ratio``'s.
-        False when the row has no such measurement; ``left_out`` keeps the trimmed mean.
+        None too when the row has no such measurement or ``trimmed_mean`` is off.
         """
         rule = self.rule
-        self.left_out = None
         if not rule.trimmed_mean or self.trimmed is None or not x > med or not z > 0:
-            return False
+            return None
         w = self.trimmed
         z_w = (w - med) / ((x - med) / z)
         if z_w >= rule.z and w - med >= (rule.min_ratio - 1.0) * level:
-            return False
-        self.left_out = w
-        return True
+            return None
+        return w
 
     def _within_range(self, x: float, med: float) -> bool:
         """Whether ``x``'s rise above the median ``med`` is within the window's range.
@@ -437,13 +435,14 @@ class LossExplosion(Rule):
     explodes from its second step on is compared with an exploded level and warns later,
     if at all. The rule fires on every later row at or above ``ratio`` × m₀ (default 10,
     the instability suite's own definition of an explosion) and warns after ``sustain``
-    rows in a row (default 3: one hard batch does not stay). It watches from the 4th row: the other
-    loss rules need a history (``loss_spike`` 20 rows, ``loss_regression`` 100) whose
-    median an explosion in the first steps already holds, and a learning rate 100 times
-    too high took a classifier from 2.3 to 600 within 10 steps without a warning from
-    either (review of session 41). Quiet while m₀ is at or below 0 (a negative
-    log-likelihood, a policy-gradient loss: no scale to call a rise tenfold). NaN and inf
-    are :class:`NonFiniteValues`' business and do not count as rows here.
+    rows in a row (default 3: one hard batch does not stay). It watches from the 4th
+    row: the other loss rules need a history (``loss_spike`` 20 rows,
+    ``loss_regression`` 100) whose median an explosion in the first steps already holds,
+    and a learning rate 100 times too high took a classifier from 2.3 to 600 within 10
+    steps without a warning from either (review of session 41). Quiet while m₀ is at or
+    below 0 (a negative log-likelihood, a policy-gradient loss: no scale to call a rise
+    tenfold). NaN and inf are :class:`NonFiniteValues`' business and do not count as rows
+    here.
 
     Raises:
         ValueError: a setting is out of range.

@@ -219,14 +219,17 @@ def comparison(
     # a run without the metric is left out of its figure, its first warning too
     firsts = [first_warning(m) if metric in r else None for m, r in zip(marks, runs)]
     entries = len(holding) + sum(f is not None for f in firsts)
-    texts = [f"{labels[i]} ({r.rows(metric)} rows)" for i, r in enumerate(runs) if metric in r]
-    texts += [f"{labels[i]}: first {f.severity} at {f.step} ({f.rule})"
-              for i, f in enumerate(firsts) if f is not None]
-    columns, fit = legend_columns(texts, width, most=2 if entries <= 12 else 3)
+    # the legend's entries, written once: they size its columns before the figure exists
+    rows = [r.rows(metric) if metric in r else 0 for r in runs]
+    run_entries = {i: f"{labels[i]} ({rows[i]} row{'s' if rows[i] != 1 else ''})"
+                   for i, r in enumerate(runs) if metric in r}
+    first_entries = {i: f"{labels[i]}: first {f.severity} at {f.step} ({f.rule})"
+                     for i, f in enumerate(firsts) if f is not None}
+    columns, fit = legend_columns([*run_entries.values(), *first_entries.values()], width,
+                                  most=2 if entries <= 12 else 3)
     legend_rows = -(-entries // columns)
     fig = new_figure(width, row_height * n + 0.6 + 0.22 * legend_rows)
     axes = fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
-    rows = [r.rows(metric) if metric in r else 0 for r in runs]
     styles = [run_color(i, len(runs)) for i in range(len(runs))]
     fig.suptitle(metric)
     shown: set[int] = set()  # the runs drawn on some axes: the legend's
@@ -259,12 +262,9 @@ def comparison(
     axes[-1].set_xlabel("step")
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     handles = [Line2D([], [], color=styles[i][0], linestyle=styles[i][1],
-                      label=fit(f"{labels[i]} ({rows[i]} row{'s' if rows[i] != 1 else ''})"))
-               for i in sorted(shown)]
-    handles += [Line2D([], [], color=styles[i][0], linestyle="--",
-                       label=fit(f"{labels[i]}: first {first.severity} at {first.step} "
-                                 f"({first.rule})"))
-                for i, first in enumerate(firsts) if first is not None]
+                      label=fit(run_entries[i])) for i in sorted(shown)]
+    handles += [Line2D([], [], color=styles[i][0], linestyle="--", label=fit(entry))
+                for i, entry in first_entries.items()]
     if handles:
         fig.legend(handles=handles, loc="outside lower center",
                    ncol=min(len(handles), columns), fontsize="small", frameon=False)
