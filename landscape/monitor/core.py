@@ -392,7 +392,7 @@ class Monitor:
         self._with_depth = 0  # nested `with mon:` blocks: the outermost one closes
         self._first_step_seen = False  # the first step after a resume is checked once
         self._recorded_here = False  # this monitor has recorded a step (not only resumed)
-        self._told_grads: set[str] = set()  # user metrics said to write into .grad
+        self._told_in_place: set[str] = set()  # user metrics said to write in place
         self._hooked_steps = 0  # the watched optimizer's steps, counted by its pre-step hook
         self._hooked_at_call = 0  # ... at the last call
         self._watch_idle = False
@@ -1312,7 +1312,7 @@ class Monitor:
         """
         start = time.perf_counter()
         partial = None
-        written = self._grad_versions(metric)
+        written = self._user_versions(metric, ctx)
         try:
             return dict(metric.compute(ctx)), True
         except Exception as caught:  # a diagnostic never stops training unless strict
@@ -1333,30 +1333,47 @@ class Monitor:
         finally:
             self.timings[metric.name] += time.perf_counter() - start
             if written is not None:
-                self._say_written_grads(metric, written)
+                self._say_written(metric, written)
 
-    def _grad_versions(self, metric: Metric) -> list[tuple[torch.Tensor, int]] | None:
-        """The ``.grad`` tensors and their versions before a metric of the user's runs.
+    def _user_versions(self, metric: Metric, ctx: StepContext
+                       ) -> dict[str, list[tuple[torch.Tensor, int]]] | None:
+        """What a metric of the user's could change in place, with the tensors' versions.
 
-        The built-in metrics differentiate with ``torch.autograd.grad`` and ``torch.func``,
-        which never write into ``.grad``; a metric of the user's may call ``.backward()``,
-        which accumulates into the training gradients in place. None for a built-in one.
+        ``grads``: the training ``.grad`` (a ``.backward()`` call accumulates into it; the
+        built-in metrics differentiate with ``torch.autograd.grad`` and ``torch.func``,
+        which never do); ``parameters``: the weights (``ctx.parameters`` share their
+        storage); ``update``: ``ctx.update``, which the metrics after it read. None for a
+        built-in metric, or once the metric was warned about.
         """
-        if type(metric).__module__.startswith("landscape.") or metric.name in self._told_grads:
+        if type(metric).__module__.startswith("landscape.") or metric.name in self._told_in_place:
             return None
-        return [(g, g._version) for p in self._own if (g := p.grad) is not None]
+        return {
+            "grads": [(g, g._version) for p in self._own if (g := p.grad) is not None],
+            "parameters": [(p, p._version) for p in self._own],
+            "update": [(u, u._version) for u in ctx.update or ()],
+        }
 
-    def _say_written_grads(self, metric: Metric, before: list[tuple[torch.Tensor, int]]
-                           ) -> None:
-        """Warn once per metric whose computation wrote into ``.grad`` in place."""
-        if any(g._version != v for g, v in before) and self._leads:
-            self._told_grads.add(metric.name)
-            warnings.warn(
-                f"landscape: metric {metric.name!r} wrote into the parameters' .grad in place "
-                "(a .backward() call?): the training gradients changed, and an optimizer "
-                "step or a gradient accumulation after this call uses them. Differentiate "
-                "with torch.autograd.grad(loss, params) inside a metric", RuntimeWarning,
-                stacklevel=user_stacklevel())
+    def _say_written(self, metric: Metric,
+                     before: dict[str, list[tuple[torch.Tensor, int]]]) -> None:
+        """Warn once per metric whose computation changed training's tensors in place."""
+        changed = [what for what, pairs in before.items()
+                   if any(t._version != v for t, v in pairs)]
+        if not changed or not self._leads:
+            return
+        self._told_in_place.add(metric.name)
+        said = {
+            "grads": "the parameters' .grad (a .backward() call?): the training gradients "
+                     "changed, and an optimizer step or a gradient accumulation after this "
+                     "call uses them. Differentiate with torch.autograd.grad(loss, params) "
+                     "inside a metric",
+            "parameters": "the model's parameters (ctx.parameters share their storage): "
+                          "the training changed. Read them only; .clone() one to change it",
+            "update": "ctx.update, which the metrics after it read: .clone() it to change it",
+        }
+        warnings.warn(
+            f"landscape: metric {metric.name!r} wrote in place into "
+            + "; and into ".join(said[what] for what in changed), RuntimeWarning,
+            stacklevel=user_stacklevel())
 
     def _append(
         self, metric: Metric, ctx: StepContext, row: dict[str, Any], measured: bool

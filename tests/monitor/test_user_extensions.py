@@ -586,8 +586,50 @@ def test_a_metric_that_writes_into_the_training_gradients_is_warned_about_once(
                 changed = any(not torch.equal(b, p.grad)
                               for b, p in zip(before, model.parameters()))
                 assert changed == by_backward
-    said = [w for w in seen if "wrote into the parameters' .grad" in str(w.message)]
+    said = [w for w in seen if "into the parameters' .grad" in str(w.message)]
     assert len(said) == (1 if by_backward else 0)
+
+
+class _Rescales(Metric):
+    """Divides a tensor it is given by its norm, in place (a newcomer's bug)."""
+
+    FIELDS = ("value",)
+    needs_update = True
+
+    def __init__(self, name, what):
+        super().__init__()
+        self.name, self.what = name, what
+
+    def compute(self, ctx):
+        t = ctx.parameters[0] if self.what == "parameters" else ctx.update[0]
+        norm = t.norm()
+        t /= norm
+        return {"value": float(norm)}
+
+
+@pytest.mark.parametrize("what", ["parameters", "update"])
+def test_a_metric_that_changes_the_weights_or_the_update_in_place_is_warned_about_once(
+        tmp_path, what):
+    """ctx.parameters are the weights themselves and ctx.update what later metrics read: a
+    metric that normalised one in place changed training, or zeroed update/norm, silently
+    (newcomer review)."""
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with ls.Monitor(model, F.cross_entropy, tmp_path / "run.h5", optimizer=opt,
+                        metrics=["loss", _Rescales("rescales", what)], warn=False) as mon:
+            for step in range(3):
+                x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                mon.step(step, batch=(x, y), loss=loss)
+    said = [str(w.message) for w in seen if "'rescales' wrote in place" in str(w.message)]
+    assert len(said) == 1
+    assert ("model's parameters" if what == "parameters" else "ctx.update") in said[0]
 
 
 class _RaisesAt(Metric):
