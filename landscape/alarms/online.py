@@ -7,6 +7,7 @@ drivers give the same findings (``docs/alarms.md``, "How rules read a run").
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -41,6 +42,9 @@ if TYPE_CHECKING:
 __all__ = ["RULES", "OnlineAlarms", "check", "collect_findings", "default_rules", "rule_names",
            "with_rules"]
 
+
+#: the finding of a rule that raised in the monitor (``OnlineAlarms(strict=False)``)
+RULE_FAILED = "rule_failed"
 
 RULES: dict[str, type[Rule]] = {
     cls.name: cls  # type: ignore[misc]
@@ -277,6 +281,7 @@ class OnlineAlarms:
             )
         self._last[name] = step
         streams = self._streams.get(name)
+        out = []
         if streams is None:
             config = self._configs.get(name, {})
             streams = []
@@ -284,10 +289,9 @@ class OnlineAlarms:
                 try:  # a rule's evaluator(metric, config) is the user's code too
                     streams.append(EpisodeTracker(rule, name, config))
                 except Exception as err:
-                    self._failed(rule, name, step, err)
+                    out.append(self._failed(rule, name, step, err))
             self._streams[name] = streams
         row = _as_row(values)
-        out = []
         for s in streams:
             if s.failed:
                 continue
@@ -295,7 +299,7 @@ class OnlineAlarms:
                 found = s.observe(step, row)
             except Exception as err:
                 s.failed = True
-                self._failed(s.rule, name, step, err)
+                out.append(self._failed(s.rule, name, step, err))
                 continue
             if found is not None:
                 out.append(found)
@@ -303,10 +307,12 @@ class OnlineAlarms:
         self.findings.extend(out)
         return out
 
-    def _failed(self, rule: Rule, name: str, step: int, err: Exception) -> None:
+    def _failed(self, rule: Rule, name: str, step: int, err: Exception) -> Finding:
         """``rule`` raised on metric ``name``: :class:`RuleError` when strict.
 
-        Else a warning; the caller switches the rule off for that metric.
+        Else a warning, and a ``rule_failed`` finding of severity warning, which the
+        monitor stores: a gate on the run must not pass because a rule of the user's died
+        silently; the caller switches the rule off for that metric.
         """
         what = (f"alarm rule {rule.name!r} raised {type(err).__name__} on metric {name!r} at "
                 f"step {step}: {err}")
@@ -314,6 +320,13 @@ class OnlineAlarms:
             raise RuleError(what) from err
         warnings.warn(f"landscape: {what}; it is switched off for that metric",
                       RuntimeWarning, stacklevel=3)
+        return Finding(
+            step=step, rule=RULE_FAILED, severity="warning", metric=name, value=math.nan,
+            threshold=math.nan, message=f"{what}; it was switched off for that metric, so "
+            "its findings from this step on are missing",
+            hint="fix the rule; landscape.alarms.check(run, rules=[...]) re-runs it on the "
+                 "run's rows and raises with the traceback",
+            extra={"failed_rule": rule.name})
 
     def replay(self, run: Any) -> list[Finding]:
         """Feed every committed row of a run.
@@ -455,7 +468,8 @@ def collect_findings(
 def rule_names(run: Run, rules: Sequence[Any] | None = None) -> set[str]:
     """The names of the rules whose findings the run may hold or ``rules`` may raise.
 
-    The built-in rules, ``metric_failed`` (a metric that raised), the rules of ``rules``
+    The built-in rules, ``metric_failed`` (a metric that raised), ``rule_failed`` (a rule
+    that raised in the monitor), the rules of ``rules``
     and those of the findings stored in the run (a training script's own rules).
     """
     return _rule_names(run.findings(), rules)
@@ -463,7 +477,7 @@ def rule_names(run: Run, rules: Sequence[Any] | None = None) -> set[str]:
 
 def _rule_names(stored: Iterable[Finding], rules: Sequence[Any] | None) -> set[str]:
     """:func:`rule_names` from the run's stored findings, already read."""
-    names = set(RULES) | {"metric_failed"} | {f.rule for f in stored}
+    names = set(RULES) | {"metric_failed", RULE_FAILED} | {f.rule for f in stored}
     listed = [rules] if isinstance(rules, Rule) else rules or ()
     return names | {r.name for r in listed if isinstance(r, Rule)}
 

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from click.testing import CliRunner
+from landscape_cli.main import cli
 
 import landscape as ls
 from landscape.alarms import LossSpike, OnlineAlarms, Rule, Trigger, default_rules
@@ -83,6 +85,7 @@ def test_a_rule_that_raises_is_switched_off_with_one_warning(tmp_path):
     assert sum("buggy" in str(w.message) for w in caught) == 1  # once, then off
     _, plain = _train(None, ["loss"], steps=4)
     assert all(torch.equal(a, b) for a, b in zip(trained, plain))
+    _assert_the_gate_fails_on_the_failed_rule(tmp_path / "run.h5", "buggy")
     with pytest.raises(ls.RuleError, match="'buggy' raised KeyError on metric 'loss' at step 0"):
         _train(tmp_path / "strict.h5", ["loss"], alarms=rules, strict=True)
     with pytest.raises(ls.RuleError, match="no_such_field"):  # offline: strict by default
@@ -104,6 +107,20 @@ def test_a_rule_whose_evaluator_raises_is_switched_off_too(tmp_path):
                             alarms=[*default_rules(), _BuggyEvaluator()])
     _, plain = _train(None, ["loss"], steps=3)
     assert all(torch.equal(a, b) for a, b in zip(trained, plain))
+    _assert_the_gate_fails_on_the_failed_rule(tmp_path / "run.h5", "buggy_evaluator")
+
+
+def _assert_the_gate_fails_on_the_failed_rule(path, rule):
+    """The run stores one rule_failed warning, and `landscape check` fails on it: the rule
+    died at step 0 and left nothing, so the gate passed (newcomer review)."""
+    failed = [f for f in ls.store.Run.open(path).findings() if f.rule == "rule_failed"]
+    assert [(f.step, f.severity, f.metric, f.extra["failed_rule"]) for f in failed] == [
+        (0, "warning", "loss", rule)]
+    assert f"alarm rule {rule!r} raised" in failed[0].message
+    result = CliRunner().invoke(cli, ["check", str(path)])
+    assert result.exit_code == 1 and "rule_failed" in result.stdout
+    ignored = CliRunner().invoke(cli, ["check", str(path), "--ignore-rule", "rule_failed"])
+    assert ignored.exit_code == 0, ignored.output
 
 
 @dataclass(frozen=True)
