@@ -32,16 +32,38 @@ __all__ = [
 ]
 
 
+class _Layers(dict):
+    """A dict of captured tensors whose missing key names the fix."""
+
+    def __init__(self, kind: str, *args: Any) -> None:
+        super().__init__(*args)
+        self.kind = kind
+
+    def __missing__(self, name: str) -> torch.Tensor:
+        raise KeyError(f"the {self.kind} of layer {name!r} were not captured: list the "
+                       f"layer in the metric's captures() (captured: "
+                       f"{', '.join(repr(k) for k in self) or 'none'})")
+
+
+def _inputs() -> dict[str, torch.Tensor]:
+    return _Layers("inputs")
+
+
+def _outputs() -> dict[str, torch.Tensor]:
+    return _Layers("outputs")
+
+
 @dataclass
 class Captured:
     """What one forward pass produced, per requested module name.
 
     ``inputs[name]`` is the first positional argument of the module (its first keyword
-    argument when called without one), ``outputs[name]`` its output.
+    argument when called without one), ``outputs[name]`` its output. A name not captured
+    raises a ``KeyError`` that says to list it in the metric's ``captures()``.
     """
 
-    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
-    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    inputs: dict[str, torch.Tensor] = field(default_factory=_inputs)
+    outputs: dict[str, torch.Tensor] = field(default_factory=_outputs)
 
 
 def resolve_module(model: nn.Module, name: str) -> nn.Module:

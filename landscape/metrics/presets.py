@@ -136,7 +136,7 @@ def resolve_metrics(metrics: MetricsLike) -> list[Metric]:
             raise ValueError(f"metrics: {metrics!r} is neither a preset "
                              f"({', '.join(_TABLES)}) nor a metric name: {err}") from None
     if isinstance(metrics, Metric):
-        return [metrics]
+        return resolve_metrics([metrics])
     if isinstance(metrics, Mapping):  # {name: schedule}, as PRESETS lists them
         out = [create(name, schedule=schedule) for name, schedule in metrics.items()
                if schedule is not None]
@@ -148,8 +148,12 @@ def resolve_metrics(metrics: MetricsLike) -> list[Metric]:
     for m in out:
         if not isinstance(m, Metric):
             raise TypeError(f"metrics: expected Metric instances or names, got {m!r}")
+        if not (hasattr(m, "schedule") and hasattr(m, "data")):  # Metric.__init__ sets them
+            raise TypeError(f"metrics: {type(m).__name__}.__init__ did not call "
+                            "super().__init__() (the metric has no schedule nor data)")
     metric_names = [m.name for m in out]
     dupes = sorted({n for n in metric_names if metric_names.count(n) > 1})
     if dupes:
-        raise ValueError(f"metrics: each metric may appear once, repeated: {', '.join(dupes)}")
+        raise ValueError(f"metrics: each metric may appear once, repeated: {', '.join(dupes)}; "
+                         "give a second instance a name of its own (metric.name = '...')")
     return out

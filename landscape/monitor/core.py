@@ -1314,7 +1314,11 @@ class Monitor:
         partial = None
         written = self._user_versions(metric, ctx)
         try:
-            return dict(metric.compute(ctx)), True
+            row = metric.compute(ctx)
+            if not isinstance(row, Mapping):  # dict() of a float: "not iterable", unnamed
+                raise TypeError(f"{type(metric).__name__}.compute() must return a dict "
+                                f"{{field: value}}, got {type(row).__name__}")
+            return dict(row), True
         except Exception as caught:  # a diagnostic never stops training unless strict
             err = caught
             if isinstance(caught, PartialRow):  # some fields measured: keep them

@@ -70,6 +70,66 @@ def test_a_row_that_does_not_fit_its_fields_is_the_metrics_failure(tmp_path, met
         _train(tmp_path / "strict.h5", ["loss", metric], strict=True)
 
 
+class ReturnsFloat(Metric):
+    name = "returns_float"
+    FIELDS = ("value",)
+
+    def compute(self, ctx):
+        return 0.5
+
+
+def test_a_metric_that_returns_no_dict_is_named_in_one_line(tmp_path):
+    """compute() returning a float said "TypeError: 'float' object is not iterable", and
+    under strict=True did not name the metric (newcomer review)."""
+    said = "ReturnsFloat.compute\\(\\) must return a dict {field: value}, got float"
+    with pytest.warns(RuntimeWarning, match=said):
+        _, trained = _train(tmp_path / "run.h5", ["loss", ReturnsFloat()])
+    _, plain = _train(None, ["loss"])
+    assert all(torch.equal(a, b) for a, b in zip(trained, plain))
+    run = ls.store.Run.open(tmp_path / "run.h5")
+    assert np.isnan(run.series("returns_float", "value")[1]).all()
+    with pytest.raises(TypeError, match=said):
+        _train(tmp_path / "strict.h5", ["loss", ReturnsFloat()], strict=True)
+
+
+class _NoSuper(Metric):
+    name = "no_super"
+    FIELDS = ("value",)
+
+    def __init__(self, scale):
+        self.scale = scale  # forgot super().__init__()
+
+    def compute(self, ctx):
+        return {"value": self.scale}
+
+
+def test_a_metric_that_did_not_call_super_init_is_named_at_construction(tmp_path):
+    """AttributeError: 'NoSuper' object has no attribute 'data', from inside the monitor
+    (newcomer review); and a repeated metric says how to keep two instances."""
+    with pytest.raises(TypeError, match=r"_NoSuper.__init__ did not call super\(\).__init__"):
+        _train(tmp_path / "run.h5", ["loss", _NoSuper(2.0)])
+    with pytest.raises(TypeError, match="did not call super"):
+        _train(tmp_path / "one.h5", _NoSuper(2.0))
+    with pytest.raises(ValueError, match=r"repeated: misspelt; give a second instance a name"):
+        _train(tmp_path / "twice.h5", [Misspelt(), Misspelt()])
+
+
+class _ReadsAnUndeclaredLayer(Metric):
+    name = "undeclared_layer"
+    FIELDS = ("value",)
+
+    def compute(self, ctx):
+        return {"value": float(ctx.captured(self.data).outputs["0"].mean())}
+
+
+def test_a_layer_read_without_captures_names_the_fix(tmp_path):
+    """A metric reading a layer it did not list in captures() failed with KeyError: '0'
+    (newcomer review)."""
+    with pytest.raises(KeyError, match=r"the outputs of layer '0' were not captured: list "
+                                       r"the layer in the metric's captures\(\)"):
+        _train(tmp_path / "run.h5", ["loss", _ReadsAnUndeclaredLayer()], strict=True)
+
+
 class _Buggy(Rule):
     metrics = ("loss",)
     name = "buggy"
