@@ -84,3 +84,15 @@ def test_every_built_in_rule_is_exported_and_documented_in_alarms_md(name):
     assert f"\n### `{name}`\n" in ALARMS_MD, f"no section for {name} in alarms.md"
     where = _table_row(ALARMS_MD, f"`{cls.__module__}`")  # "Where the code lives"
     assert f"`{cls.__name__}`" in where[1], (cls.__module__, where)
+
+
+def test_the_monitor_s_lists_of_metrics_that_call_the_model_or_not_name_built_ins():
+    """MODEL_FREE_METRICS and CALL_THE_MODEL (the warning for a model without forward())
+    are hand-kept lists of names (docs/architecture.md's checklist names them)."""
+    from landscape.monitor.arguments import CALL_THE_MODEL, MODEL_FREE_METRICS
+
+    assert MODEL_FREE_METRICS <= set(_built_ins()) and CALL_THE_MODEL <= set(_built_ins())
+    assert not MODEL_FREE_METRICS & CALL_THE_MODEL
+    checklist = " ".join((DOCS / "architecture.md").read_text().split())
+    assert "`MODEL_FREE_METRICS` in `landscape/monitor/arguments.py`" in checklist
+    assert "`CALL_THE_MODEL`" in checklist
