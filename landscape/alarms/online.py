@@ -142,6 +142,23 @@ def _as_row(values: Mapping[str, Any]) -> dict[str, Value]:
     return out
 
 
+class _ReadRow(dict):
+    """A row as a rule of the user's reads it: the field names asked for that it lacks.
+
+    Fields the metric recorded but the rules do not read (strings) are no typo.
+    """
+
+    def __init__(self, row: Mapping[str, Value], values: Mapping[str, Any]) -> None:
+        super().__init__(row)
+        self.recorded = values
+        self.missing: set[str] = set()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key not in self and key not in self.recorded:
+            self.missing.add(key)
+        return super().get(key, default)
+
+
 def _as_run(run: Any) -> Any:
     """``run`` as a readable ``Run``: a ``Run`` itself, a ``RunWriter``'s view, or a path."""
     from landscape.store import Run, RunWriter
@@ -231,6 +248,10 @@ class OnlineAlarms:
         self._streams: dict[str, list[EpisodeTracker]] = {}
         self._last: dict[str, int] = {}
         self.findings: list[Finding] = []
+        # the rules of the user's (not landscape's): the fields they read that a row lacks
+        self._users = {r.name for r in self.rules
+                       if not type(r).__module__.startswith("landscape.")}
+        self._told_missing: set[tuple[str, str, str]] = set()
 
     @property
     def metrics(self) -> list[str]:
@@ -295,8 +316,12 @@ class OnlineAlarms:
         for s in streams:
             if s.failed:
                 continue
+            theirs = s.rule.name in self._users
             try:
-                found = s.observe(step, row)
+                read = _ReadRow(row, values) if theirs else row
+                found = s.observe(step, read)
+                if theirs and read.missing:
+                    self._say_missing(s.rule, name, read.missing, values)
             except Exception as err:
                 s.failed = True
                 out.append(self._failed(s.rule, name, step, err))
@@ -306,6 +331,24 @@ class OnlineAlarms:
         out.sort(key=_finding_order)
         self.findings.extend(out)
         return out
+
+    def _say_missing(self, rule: Rule, name: str, missing: set[str],
+                     values: Mapping[str, Any]) -> None:
+        """Warn once per (rule, metric, field) a rule of the user's read and the row lacks.
+
+        ``row_value`` reads such a field as None, as a NaN: a typo in a field's name would
+        otherwise keep the rule quiet on every row, online and offline.
+        """
+        for field in sorted(missing):
+            key = (rule.name, name, field)
+            if key in self._told_missing:
+                continue
+            self._told_missing.add(key)
+            held = ", ".join(k for k in values if k != "step")
+            warnings.warn(
+                f"landscape: alarm rule {rule.name!r} read field {field!r}, which the rows of "
+                f"metric {name!r} do not have (its fields: {held}): it reads as None, as a "
+                "NaN does, so the rule skips the row; a typo?", RuntimeWarning, stacklevel=3)
 
     def _failed(self, rule: Rule, name: str, step: int, err: Exception) -> Finding:
         """``rule`` raised on metric ``name``: :class:`RuleError` when strict.

@@ -16,7 +16,15 @@ from click.testing import CliRunner
 from landscape_cli.main import cli
 
 import landscape as ls
-from landscape.alarms import LossSpike, OnlineAlarms, Rule, Trigger, default_rules
+from landscape.alarms import (
+    SKIP,
+    LossSpike,
+    OnlineAlarms,
+    Rule,
+    Trigger,
+    default_rules,
+    row_value,
+)
 from landscape.metrics import Metric
 from tests import models
 from tests.alarms._support import make_writer
@@ -90,6 +98,29 @@ def test_a_metric_that_returns_no_dict_is_named_in_one_line(tmp_path):
     assert np.isnan(run.series("returns_float", "value")[1]).all()
     with pytest.raises(TypeError, match=said):
         _train(tmp_path / "strict.h5", ["loss", ReturnsFloat()], strict=True)
+
+
+class _Misread(Rule):
+    metrics = ("loss",)
+    name = "misread"
+
+    def evaluate(self, metric, row):
+        v = row_value(row, "valeu")  # the user's typo
+        return SKIP if v is None else v > 1
+
+
+def test_a_field_a_rule_of_the_users_reads_and_the_rows_lack_is_warned_about_once(tmp_path):
+    """row_value gave None for a misspelt field on every row: the rule never fired, online,
+    offline or in the CLI, without a word (newcomer review)."""
+    said = "alarm rule 'misread' read field 'valeu', which the rows of metric 'loss' do not"
+    with pytest.warns(RuntimeWarning, match=said) as caught:
+        _train(tmp_path / "run.h5", ["loss"], steps=4, alarms=[*default_rules(), _Misread()])
+    assert sum("'valeu'" in str(w.message) for w in caught) == 1
+    with pytest.warns(RuntimeWarning, match=said):
+        ls.check(tmp_path / "run.h5", rules=[_Misread()])
+    with warnings.catch_warnings():  # the built-in rules read optional fields: no warning
+        warnings.simplefilter("error")
+        ls.check(tmp_path / "run.h5")
 
 
 class _NoSuper(Metric):
