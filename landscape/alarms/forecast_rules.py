@@ -133,18 +133,24 @@ class TaylorForecast(Rule):
       of learning rate has not grown (< ``update_growth`` times its median): a warm
       restart back to a learning rate the run trained at. A ramp past every earlier
       learning rate (also one stepped every few rows), and growth at a constant one, are
-      not explained. Growth while the learning rate has not risen over the last
-      ``update_onset_rows`` rows (as recorded), on a row where the ratio is below one of
-      the ``update_sustain`` rows before it or rose on fewer than all but one of them,
-      warns only when the probe loss of the row
-      is at least ``flat_lr_loss_rise`` (default 1.25; None: always) times its median
-      over the previous ``update_window`` rows: at a constant rate the step follows the
-      gradient, and bursts of large gradients that the loss rode through (a recurrent
-      network trained with SGD; two hard batches in a row of a mixture of experts) are
-      info; a step growing row after row (Adam's second moments decaying towards eps),
-      noise allowed, or one that took the loss up is not,
-      and neither is a row without a probe loss or with fewer than ``min(update_window,
-      20)`` earlier ones (``update_onset_rows=None`` reads the learning rate over 10 rows).
+      not explained.
+
+    **At a rate that has not risen**, the level, the jump and the update growth warn only
+    when the probe loss confirms them: the row's learning rate (as recorded) is the lowest
+    of the last ``update_onset_rows`` rows (``None``: 10), and the row's probe loss is
+    below ``flat_lr_loss_rise`` (default 1.25) times its median over the previous
+    ``update_window`` rows, or above it by less than ``loss_rise_floor`` (default 0.05;
+    None: no floor) times the first row's probe loss, so the finding is info. At a
+    constant or decaying rate the step follows the gradient: bursts of large gradients
+    (one hard batch; a recurrent network trained with SGD; Adam's and Adagrad's
+    second moments near zero loss; an induction head forming) take r past the radius for
+    a row or two while the loss rides through; near zero loss a probe loss 30 times its
+    median is a rise of 0.001. An update growth whose ratio keeps growing (a new high,
+    risen on all but one of the last ``update_sustain`` rows) with r >= ``limit`` on its
+    row warns without the loss (a loss summed over more and more micro-batches, inputs
+    whose scale drifts). A row without a recorded rate or a probe loss, or with fewer
+    than ``min(update_window, 20)`` earlier ones, is judged without this test, and
+    ``flat_lr_loss_rise=None`` turns it off.
 
     Any condition is a warning, **unless the probe loss is still falling fast** (its
     fitted log slope <= -``falling``, default 0.01: more than 1 % per step, with a
@@ -182,6 +188,7 @@ class TaylorForecast(Rule):
     level_cap: float | None = 10.0
     climb_with_lr: bool = True
     flat_lr_loss_rise: float | None = 1.25
+    loss_rise_floor: float | None = 0.05
     field: str = "r_secant"
     sustain: int = 1
     rearm: int = 10
@@ -212,6 +219,7 @@ class TaylorForecast(Rule):
         check_number("jump_growth", self.jump_growth, allow_none=True)
         check_number("level_cap", self.level_cap, allow_none=True)
         check_number("flat_lr_loss_rise", self.flat_lr_loss_rise, allow_none=True)
+        check_number("loss_rise_floor", self.loss_rise_floor, allow_none=True)
         if not isinstance(self.climb_with_lr, bool):
             raise ValueError(f"climb_with_lr must be True or False, got {self.climb_with_lr!r}")
         if not isinstance(self.restart_info, bool):
@@ -316,6 +324,7 @@ class ForecastState:
         # the rates of the rows the update median spans, and this row's
         self.window_lrs: deque[float] = deque(maxlen=rule.update_window + 1)
         self.losses = RollingWindow(rule.update_window)  # the previous rows' probe loss
+        self.first_loss: float | None = None  # the first row's probe loss: its scale
 
     def __call__(self, step: int, row: Row) -> Trigger | _Skip | None:
         """Evaluate one row.
@@ -336,6 +345,8 @@ class ForecastState:
         loss = row_value(row, "probe_loss")
         usual_loss = None  # the probe loss's median over the previous rows
         if loss is not None and math.isfinite(loss) and loss > 0:
+            if self.first_loss is None:
+                self.first_loss = loss
             self.loss.append(step, loss)
             if len(self.losses) >= min(rule.update_window, 20):
                 usual_loss = self.losses.median()
@@ -393,6 +404,12 @@ class ForecastState:
         if early:
             severity = "info"
         field, value = rule.field, x
+        # at a rate that has not risen, r past the radius for a row or two is a burst
+        # (one hard batch, Adam's second moments near zero loss) until the loss confirms it
+        quiet_burst = (level and severity_rank(severity) >= severity_rank("warning")
+                       and self._loss_rode_through(loss, usual_loss))
+        if quiet_burst:
+            severity = "info"
         if level:
             # the bar that fired, in the message and as the threshold alike: two rows at
             # the limit, or one row at the jump
@@ -401,6 +418,8 @@ class ForecastState:
             message = f"{rule._what} = {_fmt(x)} >= {_fmt(threshold)}"
             if typical > 0:
                 message += f" ({_fmt(x / typical)} x its median {_fmt(typical)})"
+            if quiet_burst:
+                message += self._burst_note(loss, usual_loss)
         elif not forecast:  # the update-to-weight ratio fired: its field, value, threshold
             message = self._growth_message(grown, f" (secant Taylor ratio r = {_fmt(x)})")
             field, value = "update_ratio", grown[0]
@@ -417,18 +436,15 @@ class ForecastState:
                     # decays (a hard batch at a high learning rate), not a growing step
                     severity = "info"
                     message += "; the ratio is falling since it grew (one large step)"
-                elif (rule.flat_lr_loss_rise is not None and usual_loss is not None
-                      and self._lr_not_risen() and not self._growing()
-                      and loss < rule.flat_lr_loss_rise * usual_loss):
-                    # at a constant rate the step follows the gradient: bursts of large
-                    # gradients that the loss rode through (an SGD-trained LSTM, hard
-                    # batches of a mixture of experts); a step growing row after row
-                    # (Adam's second moments decaying towards eps) keeps warning
+                elif not (self._growing() and x >= rule.limit) \
+                        and self._loss_rode_through(loss, usual_loss):
+                    # at a rate that has not risen the step follows the gradient: bursts
+                    # of large gradients (an SGD-trained LSTM, hard batches of a mixture
+                    # of experts, BatchNorm at batch 8 near zero loss) until the loss
+                    # confirms them; a step growing to new highs past the radius (a loss
+                    # summed over more and more micro-batches) warns without it
                     severity = "info"
-                    message += (f"; the learning rate has not risen, the ratio is not "
-                                f"growing row after row and the probe loss is "
-                                f"{_fmt(loss / usual_loss)} x its median (a burst of large "
-                                "gradients)")
+                    message += self._burst_note(loss, usual_loss)
             if severity_rank(severity) >= severity_rank("warning"):
                 message += self._flat_lr_note()
         else:
@@ -532,6 +548,28 @@ class ForecastState:
         lrs = self._recorded_lrs()
         return lrs is not None and lrs[-1] <= min(lrs)
 
+    def _loss_rode_through(self, loss: float | None, usual: float | None) -> bool:
+        """Whether the learning rate has not risen and the probe loss has not risen with it.
+
+        Not risen: this row's rate is the lowest of the last ``update_onset_rows`` rows
+        (as recorded). The loss rose when it is >= ``flat_lr_loss_rise`` x its median over
+        the previous rows and above it by >= ``loss_rise_floor`` x the first row's probe
+        loss (near zero loss a ratio of 30 is a rise of 0.001). False without a recorded
+        rate, a probe loss or ``flat_lr_loss_rise``.
+        """
+        rule = self.rule
+        if rule.flat_lr_loss_rise is None or usual is None or loss is None \
+                or not self._lr_not_risen():
+            return False
+        if loss < rule.flat_lr_loss_rise * usual:
+            return True
+        return (rule.loss_rise_floor is not None and self.first_loss is not None
+                and loss - usual < rule.loss_rise_floor * self.first_loss)
+
+    def _burst_note(self, loss: float, usual: float) -> str:
+        return (f"; the learning rate has not risen and the probe loss is {_fmt(loss / usual)} "
+                "x its median: a burst the loss rode through")
+
     def _restart_note(self) -> str:
         return (f"; the learning rate {_fmt(self.restart)} is back where the run trained "
                 "before and the step per unit of it has not grown (a warm restart)")
@@ -592,6 +630,13 @@ class ForecastState:
     def _update_growth(self, row: Row) -> tuple[float, float] | None:
         """``(ratio, median)`` once ``update_ratio`` has stayed >= growth x median."""
         rule = self.rule
+        lr = row_value(row, "lr")
+        if lr is not None and not (math.isfinite(lr) and lr > 0):
+            lr = None
+        # the rates are read on every row: the tests of a rate that has not risen need them
+        self.lrs.append(math.nan if lr is None else lr)
+        self.window_lrs.append(self.lrs[-1])
+        self.restart = None
         u = row_value(row, "update_ratio")
         if rule.update_growth is None or u is None or not math.isfinite(u) or u <= 0:
             return None
@@ -609,11 +654,7 @@ class ForecastState:
         # growth the learning rate explains: back to a rate of earlier rows, and no more
         # step per unit of it than usual (SGD's step is lr x momentum buffer, Adam's lr x
         # its normalised direction)
-        self.restart = None
-        lr = row_value(row, "lr")
-        self.lrs.append(lr if lr is not None and math.isfinite(lr) and lr > 0 else math.nan)
-        self.window_lrs.append(self.lrs[-1])
-        if lr is not None and math.isfinite(lr) and lr > 0:
+        if lr is not None:
             # compared with the rates before the latest rise: on the later rows of a stair
             # of a ramp stepped every k rows the rate equals the largest so far
             if self.lr_last is not None and lr > self.lr_last:
