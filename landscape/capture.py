@@ -32,12 +32,10 @@ __all__ = [
 ]
 
 
-class _Layers(dict):
-    """A dict of captured tensors whose missing key names the fix."""
+class _Inputs(dict):
+    """Captured layer inputs: a missing layer's ``KeyError`` names the fix."""
 
-    def __init__(self, kind: str, *args: Any) -> None:
-        super().__init__(*args)
-        self.kind = kind
+    kind = "inputs"
 
     def __missing__(self, name: str) -> torch.Tensor:
         raise KeyError(f"the {self.kind} of layer {name!r} were not captured: list the "
@@ -45,12 +43,10 @@ class _Layers(dict):
                        f"{', '.join(repr(k) for k in self) or 'none'})")
 
 
-def _inputs() -> dict[str, torch.Tensor]:
-    return _Layers("inputs")
+class _Outputs(_Inputs):
+    """Captured layer outputs: a missing layer's ``KeyError`` names the fix."""
 
-
-def _outputs() -> dict[str, torch.Tensor]:
-    return _Layers("outputs")
+    kind = "outputs"
 
 
 @dataclass
@@ -62,8 +58,8 @@ class Captured:
     raises a ``KeyError`` that says to list it in the metric's ``captures()``.
     """
 
-    inputs: dict[str, torch.Tensor] = field(default_factory=_inputs)
-    outputs: dict[str, torch.Tensor] = field(default_factory=_outputs)
+    inputs: dict[str, torch.Tensor] = field(default_factory=_Inputs)
+    outputs: dict[str, torch.Tensor] = field(default_factory=_Outputs)
 
 
 def resolve_module(model: nn.Module, name: str) -> nn.Module:

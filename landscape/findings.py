@@ -39,6 +39,11 @@ def severity_rank(severity: str) -> int:
         ) from None
 
 
+#: the finding of an alarm rule that raised in the monitor and was switched off
+#: (``OnlineAlarms(strict=False)``): recorded like a failed metric's, of severity warning
+RULE_FAILED = "rule_failed"
+
+
 @dataclass(frozen=True)
 class Finding:
     """One alarm: at ``step``, ``rule`` saw ``metric`` at ``value`` against ``threshold``.

@@ -145,12 +145,14 @@ class TaylorForecast(Rule):
     (one hard batch; a recurrent network trained with SGD; Adam's and Adagrad's
     second moments near zero loss; an induction head forming) take r past the radius for
     a row or two while the loss rides through; near zero loss a probe loss 30 times its
-    median is a rise of 0.001. An update growth whose ratio keeps growing (a new high,
-    risen on all but one of the last ``update_sustain`` rows) with r >= ``limit`` on its
-    row warns without the loss (a loss summed over more and more micro-batches, inputs
-    whose scale drifts). A row without a recorded rate or a probe loss, or with fewer
-    than ``min(update_window, 20)`` earlier ones, is judged without this test, and
-    ``flat_lr_loss_rise=None`` turns it off.
+    median is a rise of 0.001. Warnings without the loss, still: an update growth whose
+    ratio keeps growing (a new high, risen on all but one of the last ``update_sustain``
+    rows) with r >= ``limit`` on its row (a loss summed over more and more micro-batches,
+    inputs whose scale drifts); the level or the jump held on ``flat_lr_rows`` (default 5)
+    consecutive rows (a burst lasts one to four); two rows at r >= ``level_cap``. A row
+    without a recorded rate or a probe loss, or with fewer than ``min(update_window, 20)``
+    earlier ones, is judged without this test, and ``flat_lr_loss_rise=None`` turns it
+    off.
 
     Any condition is a warning, **unless the probe loss is still falling fast** (its
     fitted log slope <= -``falling``, default 0.01: more than 1 % per step, with a
@@ -189,6 +191,7 @@ class TaylorForecast(Rule):
     climb_with_lr: bool = True
     flat_lr_loss_rise: float | None = 1.25
     loss_rise_floor: float | None = 0.05
+    flat_lr_rows: int = 5
     field: str = "r_secant"
     sustain: int = 1
     rearm: int = 10
@@ -225,6 +228,7 @@ class TaylorForecast(Rule):
         if not isinstance(self.restart_info, bool):
             raise ValueError(f"restart_info must be True or False, got {self.restart_info!r}")
         check_positive_int("update_window", self.update_window)
+        check_positive_int("flat_lr_rows", self.flat_lr_rows)
         check_positive_int("update_sustain", self.update_sustain)
         check_positive_int("window", self.window)
         check_positive_int("horizon", self.horizon)
@@ -324,7 +328,10 @@ class ForecastState:
         # the rates of the rows the update median spans, and this row's
         self.window_lrs: deque[float] = deque(maxlen=rule.update_window + 1)
         self.losses = RollingWindow(rule.update_window)  # the previous rows' probe loss
-        self.first_loss: float | None = None  # the first row's probe loss: its scale
+        # the probe loss of the first row with a valid r and a positive probe loss: the
+        # scale of a rise (loss_rise_floor)
+        self.first_loss: float | None = None
+        self.level_rows = 0  # consecutive rows at the level (or the jump)
 
     def __call__(self, step: int, row: Row) -> Trigger | _Skip | None:
         """Evaluate one row.
@@ -366,6 +373,7 @@ class ForecastState:
         jumped = rule.jump is not None and x >= rule.jump and (
             rule.jump_growth is None or x >= rule.jump_growth * typical)
         level = two_rows or jumped
+        self.level_rows = self.level_rows + 1 if level else 0
         steps_to = math.inf
         fitted = x
         slope = 0.0
@@ -407,6 +415,8 @@ class ForecastState:
         # at a rate that has not risen, r past the radius for a row or two is a burst
         # (one hard batch, Adam's second moments near zero loss) until the loss confirms it
         quiet_burst = (level and severity_rank(severity) >= severity_rank("warning")
+                       and not capped and self.level_rows < rule.flat_lr_rows
+                       and not (grown and self._growing() and x >= rule.limit)
                        and self._loss_rode_through(loss, usual_loss))
         if quiet_burst:
             severity = "info"

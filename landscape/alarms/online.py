@@ -33,7 +33,7 @@ from landscape.alarms.training_rules import (
     LossSpike,
     NonFiniteValues,
 )
-from landscape.findings import Finding, Findings, dedupe, severity_rank
+from landscape.findings import RULE_FAILED, Finding, Findings, dedupe, severity_rank
 from landscape.store.format import as_numpy
 
 if TYPE_CHECKING:
@@ -42,9 +42,6 @@ if TYPE_CHECKING:
 __all__ = ["RULES", "OnlineAlarms", "check", "collect_findings", "default_rules", "rule_names",
            "with_rules"]
 
-
-#: the finding of a rule that raised in the monitor (``OnlineAlarms(strict=False)``)
-RULE_FAILED = "rule_failed"
 
 RULES: dict[str, type[Rule]] = {
     cls.name: cls  # type: ignore[misc]
@@ -142,15 +139,21 @@ def _as_row(values: Mapping[str, Any]) -> dict[str, Value]:
     return out
 
 
+def _users_code(rule: Rule) -> bool:
+    """Whether the rule's ``evaluate`` or ``evaluator`` is defined outside landscape."""
+    return any(not (getattr(getattr(type(rule), method), "__module__", None) or "").startswith(
+        "landscape.") for method in ("evaluate", "evaluator"))
+
+
 class _ReadRow(dict):
     """A row as a rule of the user's reads it: the field names asked for that it lacks.
 
     Fields the metric recorded but the rules do not read (strings) are no typo.
     """
 
-    def __init__(self, row: Mapping[str, Value], values: Mapping[str, Any]) -> None:
+    def __init__(self, row: Mapping[str, Value], recorded: frozenset[str]) -> None:
         super().__init__(row)
-        self.recorded = values
+        self.recorded = recorded
         self.missing: set[str] = set()
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -248,10 +251,14 @@ class OnlineAlarms:
         self._streams: dict[str, list[EpisodeTracker]] = {}
         self._last: dict[str, int] = {}
         self.findings: list[Finding] = []
-        # the rules of the user's (not landscape's): the fields they read that a row lacks
-        self._users = {r.name for r in self.rules
-                       if not type(r).__module__.startswith("landscape.")}
-        self._told_missing: set[tuple[str, str, str]] = set()
+        #: ``rule_failed`` findings of rules that raised (``strict=False``), for the caller
+        #: to record and clear
+        self.failures: list[Finding] = []
+        # the rules whose evaluation is the user's code (not a built-in's, nor a built-in's
+        # subclass with other settings): the fields they read that a row lacks
+        self._users = {r.name for r in self.rules if _users_code(r)}
+        self._told_missing: set[tuple[str, str]] = set()
+        self._fields: dict[str, frozenset[str]] = {}  # every metric's fields, as seen
 
     @property
     def metrics(self) -> list[str]:
@@ -310,52 +317,56 @@ class OnlineAlarms:
                 try:  # a rule's evaluator(metric, config) is the user's code too
                     streams.append(EpisodeTracker(rule, name, config))
                 except Exception as err:
-                    out.append(self._failed(rule, name, step, err))
+                    self._failed(rule, name, step, err)
             self._streams[name] = streams
         row = _as_row(values)
+        fields = self._fields.get(name)
+        if fields is None or not fields.issuperset(values):
+            fields = self._fields[name] = frozenset(values).union(fields or ())
         for s in streams:
             if s.failed:
                 continue
-            theirs = s.rule.name in self._users
+            read = _ReadRow(row, fields) if s.rule.name in self._users else row
             try:
-                read = _ReadRow(row, values) if theirs else row
                 found = s.observe(step, read)
-                if theirs and read.missing:
-                    self._say_missing(s.rule, name, read.missing, values)
             except Exception as err:
                 s.failed = True
-                out.append(self._failed(s.rule, name, step, err))
+                self._failed(s.rule, name, step, err)
                 continue
+            if read is not row and read.missing:
+                self._say_missing(s.rule, name, read.missing)
             if found is not None:
                 out.append(found)
         out.sort(key=_finding_order)
         self.findings.extend(out)
         return out
 
-    def _say_missing(self, rule: Rule, name: str, missing: set[str],
-                     values: Mapping[str, Any]) -> None:
-        """Warn once per (rule, metric, field) a rule of the user's read and the row lacks.
+    def _say_missing(self, rule: Rule, name: str, missing: set[str]) -> None:
+        """Warn once per (rule, field) a rule of the user's read that no metric it watches has.
 
         ``row_value`` reads such a field as None, as a NaN: a typo in a field's name would
-        otherwise keep the rule quiet on every row, online and offline.
+        otherwise keep the rule quiet on every row, online and offline. A field of another
+        metric the rule watches (a fallback between two) is no typo.
         """
-        for field in sorted(missing):
-            key = (rule.name, name, field)
-            if key in self._told_missing:
+        known = set().union(*(self._fields.get(m, ()) for m in rule.metrics))
+        for field in sorted(missing - known):
+            if (rule.name, field) in self._told_missing:
                 continue
-            self._told_missing.add(key)
-            held = ", ".join(k for k in values if k != "step")
+            self._told_missing.add((rule.name, field))
+            held = ", ".join(sorted(self._fields.get(name, ())))
             warnings.warn(
                 f"landscape: alarm rule {rule.name!r} read field {field!r}, which the rows of "
                 f"metric {name!r} do not have (its fields: {held}): it reads as None, as a "
                 "NaN does, so the rule skips the row; a typo?", RuntimeWarning, stacklevel=3)
 
-    def _failed(self, rule: Rule, name: str, step: int, err: Exception) -> Finding:
+    def _failed(self, rule: Rule, name: str, step: int, err: Exception) -> None:
         """``rule`` raised on metric ``name``: :class:`RuleError` when strict.
 
-        Else a warning, and a ``rule_failed`` finding of severity warning, which the
-        monitor stores: a gate on the run must not pass because a rule of the user's died
-        silently; the caller switches the rule off for that metric.
+        Else a warning, and a ``rule_failed`` finding of severity warning in
+        :attr:`failures`, which the monitor stores as it stores a failed metric's (not a
+        finding of the step: it neither stops training nor opens the adaptive window), so
+        that a gate on the run does not pass because a rule of the user's died silently;
+        the caller switches the rule off for that metric.
         """
         what = (f"alarm rule {rule.name!r} raised {type(err).__name__} on metric {name!r} at "
                 f"step {step}: {err}")
@@ -363,13 +374,13 @@ class OnlineAlarms:
             raise RuleError(what) from err
         warnings.warn(f"landscape: {what}; it is switched off for that metric",
                       RuntimeWarning, stacklevel=3)
-        return Finding(
+        self.failures.append(Finding(
             step=step, rule=RULE_FAILED, severity="warning", metric=name, value=math.nan,
             threshold=math.nan, message=f"{what}; it was switched off for that metric, so "
             "its findings from this step on are missing",
             hint="fix the rule; landscape.alarms.check(run, rules=[...]) re-runs it on the "
                  "run's rows and raises with the traceback",
-            extra={"failed_rule": rule.name})
+            extra={"failed_rule": rule.name}))
 
     def replay(self, run: Any) -> list[Finding]:
         """Feed every committed row of a run.
@@ -397,13 +408,16 @@ class OnlineAlarms:
                 self._configs[name] = dict(config) if isinstance(config, Mapping) else {}
             columns = {}
             steps = reader.steps(name)
+            strings = []
             for fname, spec in reader.fields(name).items():
-                if spec.is_string:
+                if spec.is_string:  # not read by the rules, but a field of the row
+                    strings.append(fname)
                     continue
                 _, col = reader.series(name, fname)
                 # a scalar column as Python floats: observe() takes them as they are
                 columns[fname] = col.tolist() if getattr(col, "ndim", 0) == 1 \
                     and col.dtype.kind == "f" else col
+            self._fields[name] = self._fields.get(name, frozenset()).union(strings)
             for i, step in enumerate(steps):
                 if (name, int(step)) in skip:
                     continue
@@ -493,17 +507,18 @@ def collect_findings(
         if unknown:
             raise ValueError(f"ignore: no rule named {', '.join(unknown)} (rules: "
                              f"{', '.join(sorted(known))})")
-        found = [f for f in found if f.rule not in ignore]
+        found = [f for f in found if f.rule not in ignore and _failed_rule(f) not in ignore]
         if recompute:
             listed = default_rules() if rules is None else list(rules)
             rules = [r for r in listed if getattr(r, "name", None) not in ignore]
     if recompute:
         replaced = _replacing_rules(run, rules)
-        found = [f for f in found if f.rule not in replaced]
+        # a rule given again (fixed) replaces its findings and the record of its failure
+        found = [f for f in found if f.rule not in replaced and _failed_rule(f) not in replaced]
         found.extend(check(run, rules=rules))
-    unique: dict[tuple[int, str, str], Finding] = {}
+    unique: dict[tuple[int, str, str, str | None], Finding] = {}
     for f in found:
-        unique.setdefault((int(f.step), f.rule, f.metric.split("/")[0]), f)
+        unique.setdefault((int(f.step), f.rule, f.metric.split("/")[0], _failed_rule(f)), f)
     return Findings(sorted(unique.values(),
                            key=lambda f: (f.step, -severity_rank(f.severity), f.rule)))
 
@@ -520,9 +535,19 @@ def rule_names(run: Run, rules: Sequence[Any] | None = None) -> set[str]:
 
 def _rule_names(stored: Iterable[Finding], rules: Sequence[Any] | None) -> set[str]:
     """:func:`rule_names` from the run's stored findings, already read."""
+    stored = list(stored)
     names = set(RULES) | {"metric_failed", RULE_FAILED} | {f.rule for f in stored}
+    names |= {r for f in stored if (r := _failed_rule(f)) is not None}  # a rule that died
     listed = [rules] if isinstance(rules, Rule) else rules or ()
     return names | {r.name for r in listed if isinstance(r, Rule)}
+
+
+def _failed_rule(finding: Finding) -> str | None:
+    """The name of the rule a ``rule_failed`` finding records; None for another finding."""
+    if finding.rule != RULE_FAILED:
+        return None
+    name = finding.extra.get("failed_rule")
+    return name if isinstance(name, str) else None
 
 
 def _replacing_rules(run: Run, rules: Sequence[Any] | None) -> set[str]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from landscape.findings import Finding, at_or_above
+from landscape.findings import RULE_FAILED, Finding, at_or_above
 from landscape.metrics import Metric
 from landscape.store import Run
 
@@ -66,7 +66,8 @@ def recorded_window_end(run: Run) -> int:
 
     A resumed monitor continues the window its run file had open.
     """
-    opened = [f.step for f in at_or_above(run.findings(), "warning")]
+    # a rule that raised is no finding of its step (it opened no window when recorded)
+    opened = [f.step for f in at_or_above(run.findings(), "warning") if f.rule != RULE_FAILED]
     if "sentinels" in run.metrics():
         steps, r = run.series("sentinels", "r_secant")
         opened += steps[np.nan_to_num(r, nan=-1.0) >= DENSE_AT].tolist()

@@ -56,7 +56,14 @@ from landscape._interrupts import InterruptGuard
 from landscape._progress import above_bars
 from landscape.batches import leading_size
 from landscape.failures import failure_finding, nonfinite_state
-from landscape.findings import Finding, Findings, at_or_above, dedupe, user_stacklevel
+from landscape.findings import (
+    RULE_FAILED,
+    Finding,
+    Findings,
+    at_or_above,
+    dedupe,
+    user_stacklevel,
+)
 from landscape.isolation import isolated, modules_reached, parameters_of, written_in_forward
 from landscape.metrics import Metric, StepContext, split_batch
 from landscape.metrics.base import component_names
@@ -392,7 +399,8 @@ class Monitor:
         self._with_depth = 0  # nested `with mon:` blocks: the outermost one closes
         self._first_step_seen = False  # the first step after a resume is checked once
         self._recorded_here = False  # this monitor has recorded a step (not only resumed)
-        self._told_in_place: set[str] = set()  # user metrics said to write in place
+        # (user metric, what) said to be written in place: .grad, parameters, update
+        self._told_in_place: set[tuple[str, str]] = set()
         self._hooked_steps = 0  # the watched optimizer's steps, counted by its pre-step hook
         self._hooked_at_call = 0  # ... at the last call
         self._watch_idle = False
@@ -518,6 +526,7 @@ class Monitor:
                     self._alarms.declare(m.name, stored_config(m))
                 if resuming:  # rebuild rule state from the recorded rows
                     self._alarms.replay(recorded_run)
+                    self._alarms.failures.clear()  # recorded by the session they failed in
             if resuming and self.adaptive:  # and the dense window the sentinels opened
                 self._dense.until = self._recorded_window_end(recorded_run)
             self._hook_optimizer()
@@ -1165,6 +1174,7 @@ class Monitor:
                 # measured": the rules must not read it as a NaN the training produced
                 if self._alarms is not None and measured:
                     found.extend(self._alarms.observe(m.name, step, row))
+                    self._record_rule_failures()
                 if not measured:
                     unmeasured.append(m.name)
                 self._dense.observe_row(m.name, step, row)
@@ -1188,7 +1198,7 @@ class Monitor:
                     "(docs/distributed.md)")
         self._dense.observe_findings(step, found)
         failures, self._failures_to_call = self._failures_to_call, []
-        _warn_failures(failures)
+        _warn_failures([f for f in failures if f.rule != RULE_FAILED])  # warned when raised
         # one finding per (step, rule), e.g. a NaN loss seen twice; every one is recorded
         # before any is said: a callback that raises to stop training, or a warning turned
         # into an error by a filter, loses none of them
@@ -1347,9 +1357,9 @@ class Monitor:
         built-in metrics differentiate with ``torch.autograd.grad`` and ``torch.func``,
         which never do); ``parameters``: the weights (``ctx.parameters`` share their
         storage); ``update``: ``ctx.update``, which the metrics after it read. None for a
-        built-in metric, or once the metric was warned about.
+        built-in metric.
         """
-        if type(metric).__module__.startswith("landscape.") or metric.name in self._told_in_place:
+        if type(metric).__module__.startswith("landscape."):
             return None
         return {
             "grads": [(g, g._version) for p in self._own if (g := p.grad) is not None],
@@ -1361,18 +1371,21 @@ class Monitor:
                      before: dict[str, list[tuple[torch.Tensor, int]]]) -> None:
         """Warn once per metric whose computation changed training's tensors in place."""
         changed = [what for what, pairs in before.items()
-                   if any(t._version != v for t, v in pairs)]
+                   if (metric.name, what) not in self._told_in_place
+                   and any(t._version != v for t, v in pairs)]
         if not changed or not self._leads:
             return
-        self._told_in_place.add(metric.name)
+        self._told_in_place.update((metric.name, what) for what in changed)
         said = {
             "grads": "the parameters' .grad (a .backward() call?): the training gradients "
                      "changed, and an optimizer step or a gradient accumulation after this "
                      "call uses them. Differentiate with torch.autograd.grad(loss, params) "
                      "inside a metric",
             "parameters": "the model's parameters (ctx.parameters share their storage): "
-                          "the training changed. Read them only; .clone() one to change it",
-            "update": "ctx.update, which the metrics after it read: .clone() it to change it",
+                          "unless it put the values back exactly, the training changed. Read "
+                          "them only; .clone() one to change it",
+            "update": "ctx.update, which the metrics after it read: unless it put the values "
+                      "back exactly, their rows changed; .clone() it to change it",
         }
         warnings.warn(
             f"landscape: metric {metric.name!r} wrote in place into "
@@ -1430,6 +1443,20 @@ class Monitor:
         # on_finding sees it at the end of the step, outside the metrics' isolation (the
         # model back in its own mode), as it sees the alarm findings
         self._failures_to_call.append(finding)
+
+    def _record_rule_failures(self) -> None:
+        """Store the ``rule_failed`` findings of rules that raised, as a metric's failure.
+
+        Not findings of the step: a rule's bug neither stops training (``stop_on``) nor
+        opens the adaptive window; ``landscape check`` fails the run on the stored finding.
+        """
+        assert self._alarms is not None and self.writer is not None
+        failures, self._alarms.failures = self._alarms.failures, []
+        for finding in failures:
+            self.findings.append(finding)
+            self.writer.add_finding(finding)
+            self._mirror("on_finding", finding)
+            self._failures_to_call.append(finding)
 
     def _record_finding(self, finding: Finding) -> Finding:
         self.findings.append(finding)

@@ -363,3 +363,32 @@ def test_a_jump_of_r_at_a_rate_that_has_not_risen_warns_only_when_the_loss_confi
     assert _run(TaylorForecast(), r, loss)[0].severity == "warning"
     assert _run(TaylorForecast(flat_lr_loss_rise=None), r, loss, lr=lr)[0].severity == (
         "warning")
+
+
+def test_at_a_rate_that_has_not_risen_a_held_level_the_cap_or_a_growing_step_warn_unconfirmed():
+    """What the loss test must not hide (own-diff review): r held past the radius for
+    flat_lr_rows rows while a loss of a large first value (an unnormalised MSE from 100)
+    rises 30x; r past level_cap; and a step growing to new highs far past the radius."""
+    n = 200
+    lr = np.full(n, 0.01)
+    loss = np.concatenate([np.geomspace(100, 0.1, 150), np.geomspace(0.1, 3.0, 50)])
+    r = np.full(n, 0.2)
+    r[150:] = np.linspace(1.5, 3.0, 50)
+    found = _run(TaylorForecast(), r, loss, lr=lr)
+    warned = [f.step for f in found if f.severity == "warning"]
+    assert found[0].severity == "info" and warned and warned[0] == 155  # the 5th level row
+    assert next(f.step for f in _run(TaylorForecast(flat_lr_rows=8), r, loss, lr=lr)
+            if f.severity == "warning") == 158
+    flat = np.full(n, 0.5)
+    capped = np.full(n, 0.2)
+    capped[150:] = 12.0  # >= level_cap on two rows: a warning whatever the loss
+    assert [(f.step, f.severity) for f in _run(TaylorForecast(), capped, flat, lr=lr)][:2] == [
+        (150, "info"), (151, "warning")]
+    rng = np.random.default_rng(3)
+    u = 0.024 * np.exp(0.05 * rng.standard_normal(n))
+    u[150:155] = [0.050, 0.052, 0.0545, 0.056, 0.060]  # growing to new highs
+    far = np.full(n, 0.45)
+    far[150:155] = [0.9, 2.4, 2.6, 2.8, 3.0]  # and r >= 5x its median: the level fires too
+    warned = [f for f in _run(TaylorForecast(), far, flat, update=u, lr=np.full(n, 1.0))
+              if f.severity == "warning"]
+    assert warned and warned[0].step == 152

@@ -123,6 +123,35 @@ def test_a_field_a_rule_of_the_users_reads_and_the_rows_lack_is_warned_about_onc
         ls.check(tmp_path / "run.h5")
 
 
+class _Fallback(Rule):
+    metrics = ("loss", "grad_norm")
+    name = "fallback"
+
+    def evaluate(self, metric, row):
+        return SKIP if row_value(row, "value") is None else None
+
+
+def test_no_typo_warning_for_a_subclassed_built_in_or_a_field_of_another_watched_metric():
+    """A subclass of a built-in with other settings reads the built-in's optional fields,
+    and a rule over two metrics may read a field of either: no "a typo?" (own-diff
+    review); under warnings-as-errors the warning does not switch the rule off."""
+    class MySpike(ls.alarms.GradNormSpike):
+        pass
+
+    alarms = OnlineAlarms([MySpike(), _Fallback()], strict=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i in range(30):
+            alarms.observe("grad_norm", i, {"value": 1.0 + 0.01 * i})
+            alarms.observe("loss", i, {"value": 2.0, "samples": 8.0})
+    typo = OnlineAlarms([_Misread()], strict=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeWarning, match="'valeu'"):
+            typo.observe("loss", 0, {"value": 2.0})
+    assert typo.failures == [] and not typo._streams["loss"][0].failed
+
+
 class _NoSuper(Metric):
     name = "no_super"
     FIELDS = ("value",)
@@ -210,8 +239,53 @@ def _assert_the_gate_fails_on_the_failed_rule(path, rule):
     assert f"alarm rule {rule!r} raised" in failed[0].message
     result = CliRunner().invoke(cli, ["check", str(path)])
     assert result.exit_code == 1 and "rule_failed" in result.stdout
-    ignored = CliRunner().invoke(cli, ["check", str(path), "--ignore-rule", "rule_failed"])
-    assert ignored.exit_code == 0, ignored.output
+    for name in ("rule_failed", rule):  # the record of failures, or the rule that failed
+        ignored = CliRunner().invoke(cli, ["check", str(path), "--ignore-rule", name])
+        assert ignored.exit_code == 0, ignored.output
+
+
+class _BuggyToo(_Buggy):
+    name = "buggy_too"
+
+
+class _Fixed(Rule):
+    metrics = ("loss",)
+
+    def __init__(self, name):
+        self.name = name
+
+    def evaluate(self, metric, row):
+        return None
+
+
+def test_a_rule_s_failure_is_recorded_not_returned_and_each_failed_rule_once(tmp_path):
+    """The rule_failed finding went out with the step's findings: Monitor.step returned it,
+    so a callback's stop_on="warning" stopped training on a rule's bug, the adaptive window
+    opened, and two rules failing at one step kept one finding (own-diff review)."""
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = models.classification_data()
+    called = []
+    with pytest.warns(RuntimeWarning, match="raised KeyError"):
+        with ls.Monitor(model, F.cross_entropy, tmp_path / "run.h5", optimizer=opt,
+                        metrics=["loss"], alarms=[*default_rules(), _Buggy(), _BuggyToo()],
+                        warn=False, on_finding=called.append) as mon:
+            returned = []
+            for step in range(3):
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                returned += mon.step(step, batch=(x, y), loss=loss)
+    assert returned == [] and mon._dense.until == -1
+    assert sorted(f.extra["failed_rule"] for f in called) == ["buggy", "buggy_too"]
+    found = ls.alarms.collect_findings(tmp_path / "run.h5")
+    assert sorted(f.extra["failed_rule"] for f in found if f.rule == "rule_failed") == [
+        "buggy", "buggy_too"]
+    # a fixed rule given again replaces the record of its failure
+    fixed = ls.alarms.collect_findings(tmp_path / "run.h5", rules=ls.alarms.with_rules(
+        [_Fixed("buggy"), _Fixed("buggy_too")]))
+    assert [f for f in fixed if f.rule == "rule_failed"] == []
 
 
 @dataclass(frozen=True)
