@@ -638,7 +638,11 @@ class ForecastState:
             a > b for a, b in pairwise(last))
 
     def _update_growth(self, row: Row) -> tuple[float, float] | None:
-        """``(ratio, median)`` once ``update_ratio`` has stayed >= growth x median."""
+        """``(ratio, median)`` once ``update_ratio`` has stayed >= growth x median.
+
+        Also records the row's learning rate (every row, with or without a ratio) and
+        whether a warm restart explains the growth (:attr:`restart`).
+        """
         rule = self.rule
         lr = row_value(row, "lr")
         if lr is not None and not (math.isfinite(lr) and lr > 0):
