@@ -215,6 +215,8 @@ class OnlineAlarms:
             :class:`~landscape.RuleError` naming the rule, the metric and the step (default;
             offline :func:`check`). With ``False`` (the monitor's default) it warns once and
             is switched off for that metric: a diagnostic never stops training.
+        say: warn about a rule that raised or read a field its metric lacks (the monitor
+            passes ``False`` on the ranks other than the first: one warning per job).
 
     Raises:
         ValueError: an item of ``rules`` is not a :class:`Rule`, two rules share a name, or
@@ -222,7 +224,7 @@ class OnlineAlarms:
     """
 
     def __init__(self, rules: Iterable[Rule] | Rule | None = None, *,
-                 strict: bool = True) -> None:
+                 strict: bool = True, say: bool = True) -> None:
         if isinstance(rules, Rule):
             rules = [rules]
         if rules is not None and (isinstance(rules, (str, bytes))
@@ -230,6 +232,7 @@ class OnlineAlarms:
             raise ValueError(f"rules must be a list of Rule objects, got {rules!r}")
         self.rules: list[Rule] = default_rules() if rules is None else list(rules)
         self.strict = strict
+        self.say = say
         names: set[str] = set()
         for rule in self.rules:
             if not isinstance(rule, Rule):
@@ -349,7 +352,7 @@ class OnlineAlarms:
         metric the rule watches (a fallback between two) is no typo.
         """
         known = set().union(*(self._fields.get(m, ()) for m in rule.metrics))
-        for field in sorted(missing - known):
+        for field in sorted(missing - known) if self.say else ():
             if (rule.name, field) in self._told_missing:
                 continue
             self._told_missing.add((rule.name, field))
@@ -372,8 +375,9 @@ class OnlineAlarms:
                 f"step {step}: {err}")
         if self.strict:
             raise RuleError(what) from err
-        warnings.warn(f"landscape: {what}; it is switched off for that metric",
-                      RuntimeWarning, stacklevel=3)
+        if self.say:
+            warnings.warn(f"landscape: {what}; it is switched off for that metric",
+                          RuntimeWarning, stacklevel=3)
         self.failures.append(Finding(
             step=step, rule=RULE_FAILED, severity="warning", metric=name, value=math.nan,
             threshold=math.nan, message=f"{what}; it was switched off for that metric, so "

@@ -807,7 +807,7 @@ class Monitor:
         from landscape.metrics import available
 
         rules = None if self._alarm_rules is True else list(self._alarm_rules)
-        alarms = OnlineAlarms(rules, strict=self.strict)
+        alarms = OnlineAlarms(rules, strict=self.strict, say=self._leads)
         if rules is not None and not any(r.name in RULES for r in alarms.rules):
             # (the command line's --rules adds to them: a list here replaces them)
             warnings.warn(

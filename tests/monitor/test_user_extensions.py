@@ -150,6 +150,12 @@ def test_no_typo_warning_for_a_subclassed_built_in_or_a_field_of_another_watched
         with pytest.raises(RuntimeWarning, match="'valeu'"):
             typo.observe("loss", 0, {"value": 2.0})
     assert typo.failures == [] and not typo._streams["loss"][0].failed
+    # say=False (the monitor's ranks other than the first): no warning, the record kept
+    quiet = OnlineAlarms([_Misread(), _Buggy()], strict=False, say=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet.observe("loss", 0, {"value": 2.0})
+    assert [f.extra["failed_rule"] for f in quiet.failures] == ["buggy"]
 
 
 class _NoSuper(Metric):
