@@ -139,7 +139,7 @@ class TaylorForecast(Rule):
     when the probe loss confirms them: the row's learning rate (as recorded) is the lowest
     of the last ``update_onset_rows`` rows (``None``: 10), and the row's probe loss is
     below ``flat_lr_loss_rise`` (default 1.25) times its median over the previous
-    ``update_window`` rows, or above it by less than ``loss_rise_floor`` (default 0.05;
+    ``update_window`` rows, or above it by less than ``loss_rise_floor`` (default 0.01;
     None: no floor) times the first row's probe loss, so the finding is info. At a
     constant or decaying rate the step follows the gradient: bursts of large gradients
     (one hard batch; a recurrent network trained with SGD; Adam's and Adagrad's
@@ -190,7 +190,7 @@ class TaylorForecast(Rule):
     level_cap: float | None = 10.0
     climb_with_lr: bool = True
     flat_lr_loss_rise: float | None = 1.25
-    loss_rise_floor: float | None = 0.05
+    loss_rise_floor: float | None = 0.01
     flat_lr_rows: int = 5
     field: str = "r_secant"
     sustain: int = 1
