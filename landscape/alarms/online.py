@@ -323,9 +323,9 @@ class OnlineAlarms:
                     self._failed(rule, name, step, err)
             self._streams[name] = streams
         row = _as_row(values)
-        fields = self._fields.get(name)
-        if fields is None or not fields.issuperset(values):
-            fields = self._fields[name] = frozenset(values).union(fields or ())
+        fields = self._fields.get(name, frozenset())
+        if self._users and not fields.issuperset(values):  # only a user's rule is told
+            fields = self._fields[name] = fields.union(values)
         for s in streams:
             if s.failed:
                 continue
@@ -421,7 +421,8 @@ class OnlineAlarms:
                 # a scalar column as Python floats: observe() takes them as they are
                 columns[fname] = col.tolist() if getattr(col, "ndim", 0) == 1 \
                     and col.dtype.kind == "f" else col
-            self._fields[name] = self._fields.get(name, frozenset()).union(strings)
+            if self._users:
+                self._fields[name] = self._fields.get(name, frozenset()).union(strings)
             for i, step in enumerate(steps):
                 if (name, int(step)) in skip:
                     continue

@@ -1174,10 +1174,11 @@ class Monitor:
                 # measured": the rules must not read it as a NaN the training produced
                 if self._alarms is not None and measured:
                     found.extend(self._alarms.observe(m.name, step, row))
-                    self._record_rule_failures()
                 if not measured:
                     unmeasured.append(m.name)
                 self._dense.observe_row(m.name, step, row)
+            if self._alarms is not None:
+                self._record_rule_failures()
             if unmeasured:
                 self._record_unmeasured(step, unmeasured)
             if extra:
@@ -1434,15 +1435,8 @@ class Monitor:
                 return
             self._nonfinite_reported = True
         batches = len(self.probe) if is_batch_list(self.probe) else None
-        finding = failure_finding(metric.name, step, err, bad, getattr(metric, "data", None),
-                                  batches)
-        self.findings.append(finding)
-        assert self.writer is not None
-        self.writer.add_finding(finding)
-        self._mirror("on_finding", finding)
-        # on_finding sees it at the end of the step, outside the metrics' isolation (the
-        # model back in its own mode), as it sees the alarm findings
-        self._failures_to_call.append(finding)
+        self._store_failure(failure_finding(metric.name, step, err, bad,
+                                            getattr(metric, "data", None), batches))
 
     def _record_rule_failures(self) -> None:
         """Store the ``rule_failed`` findings of rules that raised, as a metric's failure.
@@ -1450,13 +1444,20 @@ class Monitor:
         Not findings of the step: a rule's bug neither stops training (``stop_on``) nor
         opens the adaptive window; ``landscape check`` fails the run on the stored finding.
         """
-        assert self._alarms is not None and self.writer is not None
+        assert self._alarms is not None
         failures, self._alarms.failures = self._alarms.failures, []
         for finding in failures:
-            self.findings.append(finding)
-            self.writer.add_finding(finding)
-            self._mirror("on_finding", finding)
-            self._failures_to_call.append(finding)
+            self._store_failure(finding)
+
+    def _store_failure(self, finding: Finding) -> None:
+        """Record a failure's finding (a metric's or a rule's): kept, written, mirrored."""
+        self.findings.append(finding)
+        assert self.writer is not None
+        self.writer.add_finding(finding)
+        self._mirror("on_finding", finding)
+        # on_finding sees it at the end of the step, outside the metrics' isolation (the
+        # model back in its own mode), as it sees the alarm findings
+        self._failures_to_call.append(finding)
 
     def _record_finding(self, finding: Finding) -> Finding:
         self.findings.append(finding)
