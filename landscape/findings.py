@@ -43,6 +43,10 @@ def severity_rank(severity: str) -> int:
 #: (``OnlineAlarms(strict=False)``): recorded like a failed metric's, of severity warning
 RULE_FAILED = "rule_failed"
 
+#: the finding ``landscape check`` derives for a metric none of whose rows was measured (its
+#: ``metric_failed`` is info; every rule reading it saw nothing): of severity warning
+NEVER_MEASURED = "never_measured"
+
 
 @dataclass(frozen=True)
 class Finding:

@@ -33,7 +33,14 @@ from landscape.alarms.training_rules import (
     LossSpike,
     NonFiniteValues,
 )
-from landscape.findings import RULE_FAILED, Finding, Findings, dedupe, severity_rank
+from landscape.findings import (
+    NEVER_MEASURED,
+    RULE_FAILED,
+    Finding,
+    Findings,
+    dedupe,
+    severity_rank,
+)
 from landscape.store.format import as_numpy
 
 if TYPE_CHECKING:
@@ -194,6 +201,53 @@ def unmeasured_rows(reader: Any) -> set[tuple[str, int]]:
         for s, joined in zip(*reader.series("unmeasured", "metrics")):
             rows.update((n, int(s)) for n in str(joined).split(",") if n)
     return rows
+
+
+def never_measured(rows: Mapping[str, Sequence[int]], unmeasured: Collection[tuple[str, int]],
+                   stored: Iterable[Finding]) -> list[Finding]:
+    """The ``never_measured`` warnings of metrics that failed on every row they have.
+
+    A metric that fails records a NaN row and one ``metric_failed`` *info* finding: one bad
+    step (out of memory once, a probe not yet taken) is no reason to stop a job. A metric
+    that failed on all of its rows (a custom metric's bug, no ``loss=`` in any call, a
+    probe without labels) left every rule that reads it blind, and a gate that passed the
+    run would vouch for checks that never ran: that is a warning. It is derived from the
+    rows, so it is only known once the rows are (``landscape check``), not while the
+    monitor runs. A metric whose first row came after the run's weights or loss turned
+    non-finite is left out: the ``nonfinite`` error already says why nothing was measured.
+
+    Args:
+        rows: each metric's recorded steps.
+        unmeasured: the ``(metric, step)`` rows written as not measured (the monitor's
+            ``/metrics/unmeasured`` table).
+        stored: the run's stored findings, whose first ``metric_failed`` of each metric
+            says why it failed.
+
+    Returns:
+        One finding per such metric, at its first row's step.
+    """
+    stored = list(stored)
+    diverged = min((int(f.step) for f in stored if f.rule == "nonfinite"), default=None)
+    out = []
+    for metric in sorted({name for name, _ in unmeasured}):
+        steps = [int(s) for s in rows.get(metric, ())]
+        if not steps or any((metric, s) not in unmeasured for s in steps):
+            continue
+        if diverged is not None and diverged <= steps[0]:
+            continue
+        failed = [f for f in stored if f.rule == "metric_failed" and f.metric == metric]
+        why = min(failed, key=lambda f: int(f.step)) if failed else None
+        count = f"its {len(steps)} rows (steps {steps[0]} to {steps[-1]})" \
+            if len(steps) > 1 else f"its one row (step {steps[0]})"
+        said = f" (the metric_failed finding at step {why.step} says why)" if why else ""
+        message = (f"metric {metric!r} was not measured on any of {count}: every rule "
+                   f"that reads it saw nothing{said}")
+        hint = ("fix what made it fail; a run meant to go without this metric passes "
+                "with --ignore-rule never_measured")
+        out.append(Finding(step=steps[0], rule=NEVER_MEASURED, severity="warning",
+                           metric=metric, value=float(len(steps)), threshold=math.nan,
+                           message=message, hint=hint))
+    return out
 
 
 class OnlineAlarms:
@@ -473,7 +527,10 @@ def collect_findings(
     Those stored in ``/findings`` plus, with ``recompute``, those that
     ``landscape.alarms.check(run, rules)`` finds on the whole run: what ``landscape check``
     lists. The stored ones include what only the monitor could see (a metric that failed,
-    a rule of the training script's own).
+    a rule of the training script's own). With or without ``recompute`` it adds one
+    ``never_measured`` warning per metric that failed on every row it has
+    (:func:`never_measured`): its rules saw nothing, and a gate must not
+    pass the run for the warnings they could not raise.
 
     ``run``: a :class:`~landscape.store.Run`, a ``RunWriter`` or a path to a run file.
 
@@ -502,7 +559,8 @@ def collect_findings(
         raise ValueError("rules: only evaluated with recompute=True (recompute=False lists "
                          "the stored findings)")
     run = _as_run(run)
-    found = list(run.findings())
+    stored = list(run.findings())
+    found = list(stored)
     ignore = set(ignore)
     if ignore:
         if isinstance(rules, Rule):
@@ -521,6 +579,11 @@ def collect_findings(
         # a rule given again (fixed) replaces its findings and the record of its failure
         found = [f for f in found if f.rule not in replaced and _failed_rule(f) not in replaced]
         found.extend(check(run, rules=rules))
+    if NEVER_MEASURED not in ignore:  # read from the rows, with or without recompute
+        skipped = unmeasured_rows(run)
+        rows = {name: run.steps(name) for name in {m for m, _ in skipped}
+                if name in run.metrics()}
+        found.extend(never_measured(rows, skipped, stored))
     unique: dict[tuple[int, str, str, str | None], Finding] = {}
     for f in found:
         unique.setdefault((int(f.step), f.rule, f.metric.split("/")[0], _failed_rule(f)), f)
@@ -532,7 +595,8 @@ def rule_names(run: Run, rules: Sequence[Any] | None = None) -> set[str]:
     """The names of the rules whose findings the run may hold or ``rules`` may raise.
 
     The built-in rules, ``metric_failed`` (a metric that raised), ``rule_failed`` (a rule
-    that raised in the monitor), the rules of ``rules``
+    that raised in the monitor), ``never_measured`` (a metric that failed on all its rows),
+    the rules of ``rules``
     and those of the findings stored in the run (a training script's own rules).
     """
     return _rule_names(run.findings(), rules)
@@ -541,7 +605,8 @@ def rule_names(run: Run, rules: Sequence[Any] | None = None) -> set[str]:
 def _rule_names(stored: Iterable[Finding], rules: Sequence[Any] | None) -> set[str]:
     """:func:`rule_names` from the run's stored findings, already read."""
     stored = list(stored)
-    names = set(RULES) | {"metric_failed", RULE_FAILED} | {f.rule for f in stored}
+    names = set(RULES) | {"metric_failed", RULE_FAILED, NEVER_MEASURED}
+    names |= {f.rule for f in stored}
     names |= {r for f in stored if (r := _failed_rule(f)) is not None}  # a rule that died
     listed = [rules] if isinstance(rules, Rule) else rules or ()
     return names | {r.name for r in listed if isinstance(r, Rule)}

@@ -528,3 +528,54 @@ def test_the_findings_table_wraps_its_messages_in_a_terminal_only():
     under = _table([long], 80)  # 22 left: the message goes under the row
     assert not under[0].endswith("message") and under[2].rstrip().endswith("1")
     assert under[3].startswith("      loss spike:")
+
+
+def test_a_gate_does_not_pass_a_run_whose_metric_was_never_measured(runner, tmp_path):
+    """A metric that failed on every row gave one info finding, so ``check`` passed a run
+    whose rules had read nothing (the default monitor called without ``loss=``)."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "run.h5"
+    with pytest.warns(RuntimeWarning, match="needs step"), \
+            ls.Monitor(model, F.cross_entropy, path, optimizer=opt) as mon:
+        for step in range(12):
+            x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            mon.step(step, batch=(x, y))  # no loss=: the loss metric fails at every step
+    result = runner.invoke(cli, ["check", str(path), "--json"])
+    assert result.exit_code == 1, result.output
+    never = [f for f in json.loads(result.stdout)["findings"] if f["rule"] == "never_measured"]
+    assert [(f["metric"], f["severity"], f["step"], f["value"]) for f in never] == [
+        ("loss", "warning", 0, 12)]
+    assert "the metric_failed finding at step 0 says why" in never[0]["message"]
+    assert runner.invoke(cli, ["check", str(path), "--stored"]).exit_code == 1  # not a rule's
+    assert runner.invoke(cli, ["check", str(path), "--ignore-rule",
+                               "never_measured"]).exit_code == 0
+
+
+def test_never_measured_needs_every_row_of_the_metric_unmeasured():
+    from landscape.alarms.online import never_measured
+
+    failed = Finding(step=3, rule="metric_failed", severity="info", metric="m", value=np.nan,
+                     threshold=np.nan, message="metric 'm' failed", hint="")
+    rows = {"m": [3, 4, 5], "k": [3, 4, 5]}
+    unmeasured = {("m", 3), ("m", 4), ("m", 5), ("k", 3)}  # k measured at 4 and 5
+    found = never_measured(rows, unmeasured, [failed])
+    assert [(f.metric, f.step, f.severity, f.value) for f in found] == [("m", 3, "warning", 3)]
+    assert "its 3 rows (steps 3 to 5)" in found[0].message
+    assert "finding at step 3" in found[0].message
+    one = never_measured({"m": [7]}, {("m", 7)}, [])
+    assert "its one row (step 7)" in one[0].message and "says why" not in one[0].message
+    diverged = Finding(step=2, rule="nonfinite", severity="error", metric="loss",
+                       value=np.nan, threshold=np.nan, message="NaN loss", hint="")
+    assert never_measured(rows, unmeasured, [failed, diverged]) == []  # the error says why
+    later = Finding(step=4, rule="nonfinite", severity="error", metric="loss",
+                    value=np.nan, threshold=np.nan, message="NaN loss", hint="")
+    assert len(never_measured(rows, unmeasured, [failed, later])) == 1
+    assert never_measured(rows, set(), [failed]) == []
