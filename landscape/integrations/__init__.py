@@ -184,7 +184,8 @@ def make_run_folder(path: Any) -> None:
         pass  # one-line error says what is wrong with its path)
 
 
-def refuse_stale_start(monitor: Monitor, first_step: int, owner: str, path: Any) -> None:
+def refuse_stale_start(monitor: Monitor, first_step: int, owner: str, path: Any,
+                       fresh_note: str = "") -> None:
     """Refuse, before training moves, a run whose first step the file already holds.
 
     A fresh ``trainer.train()`` / ``fit()`` (step 0) into a file of an earlier run failed
@@ -195,6 +196,8 @@ def refuse_stale_start(monitor: Monitor, first_step: int, owner: str, path: Any)
         first_step: the step the framework's training starts at (its restored step count).
         owner: the callback's name, for the message.
         path: the run file, for the message (on every rank; only rank 0 writes it).
+        fresh_note: added to the message when training starts at step 0 (a resume that
+            restored no checkpoint, in the framework's terms).
 
     Raises:
         StepOrderError: the run file already holds ``first_step`` or a later step.
@@ -206,7 +209,8 @@ def refuse_stale_start(monitor: Monitor, first_step: int, owner: str, path: Any)
     raise StepOrderError(
         f"{owner}: {path} already holds steps up to {last}, and this training starts at step "
         f"{first_step}: pass another path, mode='w' to start the file over, or resume from a "
-        "checkpoint (the file's rows from its step on are then replaced)")
+        "checkpoint (the file's rows from its step on are then replaced)"
+        + (fresh_note if first_step == 0 else ""))
 
 
 def recorded_run(monitor: Monitor | None, closed: bool, owner: str) -> Run:

@@ -87,6 +87,7 @@ from landscape.integrations.mirrors import report_to_mirrors
 from landscape.metrics import Metric, MissingInput, StepContext
 from landscape.metrics.training import Logits, logit_row
 from landscape.monitor import MetricsLike, Monitor, resolve_metrics
+from landscape.store.writer_status import stopped_how
 
 try:
     import transformers
@@ -364,7 +365,7 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Build and start the monitor; attach the forward hook that reads the loss."""
-        self.close()
+        self._close(None)  # a previous train()'s monitor, if not closed
         model = kwargs.get("model")
         if not isinstance(model, nn.Module):
             raise ValueError("LandscapeTrainerCallback: the Trainer passed no model")
@@ -429,8 +430,10 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
             # (the loss: a warning at the first step that records none, if it comes)
             warnings.warn(
                 "landscape: with label_smoothing_factor the Trainer pops the batch's labels "
-                "before the model sees them: metrics that need labels (curvature, collapse) "
-                "need probe= with labels",
+                "before the model sees them, so the default probe (cut from a training "
+                "batch) has none: the sentinels' probe_loss is NaN (taylor_forecast then "
+                "warns without the probe loss's confirmation) and the metrics that need "
+                "labels (curvature, collapse) cannot run; give probe= with labels",
                 RuntimeWarning, stacklevel=user_stacklevel())
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -481,8 +484,12 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
             self.monitor.flush()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Remove the forward hook and close the run file."""
-        self.close()
+        """Remove the forward hook and close the run file: training finished.
+
+        Not :meth:`close`, which reads an exception being handled: a ``train()`` called
+        inside an ``except`` block (a retry after an error) finished all the same.
+        """
+        self._close(None)
 
     # ------------------------------------------------------------------ the loss
 
@@ -574,8 +581,24 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
 
     # ------------------------------------------------------------------ access
 
-    def close(self) -> None:
-        """Remove the forward hook and the monitor's optimizer hooks; close the run file."""
+    def close(self, how: str | None = None) -> None:
+        """Remove the forward hook and the monitor's optimizer hooks; close the run file.
+
+        The Trainer has no hook for a ``train()`` that raises: call this in the ``except``
+        block (or ``finally``). Called while an exception is being handled, it records that
+        exception as why training stopped, so ``landscape check --require-finished`` fails
+        the run, as the Lightning callback's ``on_exception`` does.
+
+        Args:
+            how: why training stopped (:meth:`Monitor.close`); None: the exception being
+                handled, if any, else a finished run.
+        """
+        if how is None:
+            how = stopped_how(sys.exc_info()[1])
+        self._close(how)
+
+    def _close(self, how: str | None) -> None:
+        """:meth:`close` with the reason given (None at the Trainer's ``on_train_end``)."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -584,7 +607,7 @@ class LandscapeTrainerCallback(CallbackSettings, TrainerCallback):
             self._unclipped = None
         self._wrapped_optimizer = None
         if self.monitor is not None:
-            self.monitor.close()
+            self.monitor.close(how=how)
         self._closed = True
         self._batch = None
         self._losses = []

@@ -327,7 +327,12 @@ class LandscapeCallback(CallbackSettings, Callback):
         # this fit's findings: those the file holds (a resume: none past its step), not a
         # previous fit's (fast_dev_run's smoke test), which this object kept
         self.findings = list(self.monitor.findings)
-        refuse_stale_start(self.monitor, int(trainer.global_step), type(self).__name__, path)
+        refuse_stale_start(
+            self.monitor, int(trainer.global_step), type(self).__name__, path,
+            fresh_note="; a fit given ckpt_path that starts at step 0 restored no checkpoint: "
+            "ckpt_path='last' looks in the folder of the logger's new version only (a new "
+            "Trainer logs to version_N+1), so give the checkpoint's path or a fixed "
+            "ModelCheckpoint(dirpath=...)")
         self._closed = False
         self._seen_global_step = trainer.global_step
         self._pending = []

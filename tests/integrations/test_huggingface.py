@@ -527,3 +527,38 @@ def test_a_second_train_starts_the_callbacks_findings_afresh(tmp_path):
     assert earlier not in cb.findings
     assert [(f.step, f.rule) for f in cb.findings] == \
         [(f.step, f.rule) for f in cb.run().findings()]
+
+
+def test_a_train_that_raises_is_recorded_as_stopped_when_closed_in_the_except_block(
+        tmp_path):
+    """The docs said to call callback.close() when train() raises, and close() recorded the
+    run as finished: ``landscape check --require-finished`` passed a crashed run (review)."""
+    import transformers
+
+    class Crash(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise RuntimeError("dataloader worker died")
+
+    path = tmp_path / "run.h5"
+    cb = LandscapeTrainerCallback(str(path), metrics=["loss"])
+    try:
+        _train(tmp_path, [cb, Crash()], max_steps=6)
+    except RuntimeError:
+        cb.close()
+    with Run.open(path) as run:
+        status = run.writer_status()
+        assert run.steps("loss").tolist() == [0, 1, 2]  # the rows before the error, kept
+    assert status.state == "stopped" and not status.finished
+    assert "RuntimeError: dataloader worker died" in status.reason
+
+    again = LandscapeTrainerCallback(str(tmp_path / "retry.h5"), metrics=["loss"])
+    try:
+        raise ValueError("a first attempt failed")
+    except ValueError:  # a retry inside the except block: its train() finished
+        _train(tmp_path, [again], max_steps=2)
+    with Run.open(tmp_path / "retry.h5") as run:
+        assert run.writer_status().finished
+    again.close()  # outside an except block: nothing to record, still finished
+    with Run.open(tmp_path / "retry.h5") as run:
+        assert run.writer_status().finished

@@ -369,8 +369,12 @@ def test_a_fresh_fit_into_a_file_of_an_earlier_run_is_refused_before_it_trains(t
     module = Classifier()
     before = [p.detach().clone() for p in module.parameters()]
     with pytest.raises(StepOrderError, match=r"already holds steps up to 2, and this "
-                                             r"training starts at step 0: pass another path"):
+                                             r"training starts at step 0: pass another path"
+                       ) as refused:
         _fit(module, [LandscapeCallback(str(path), metrics=["loss"])], max_steps=3)
+    # a resume with ckpt_path="last" in a new logger version restores nothing (review)
+    assert "ckpt_path='last' looks in the folder of the logger's new version" in str(
+        refused.value)
     assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
     assert all(not m._forward_hooks for m in module.modules())
     with Run.open(path) as run:  # the earlier run's file is as it was
