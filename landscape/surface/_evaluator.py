@@ -9,6 +9,7 @@ drives it over the grid and writes the points. The module docstring of
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -17,8 +18,16 @@ from torch import nn
 from torch.func import functional_call
 
 from landscape import distributed as _dist
-from landscape.batches import leading_size, model_call, to_device
+from landscape.batches import (
+    leading_lengths,
+    leading_size,
+    model_call,
+    shared_first_tensor,
+    to_device,
+)
 from landscape.capture import named_logits
+from landscape.curvature._evaluation import scalar_loss
+from landscape.findings import user_stacklevel
 from landscape.isolation import ClosureModule, loader_randomness_kept, substitution
 from landscape.surface.directions import Directions
 
@@ -144,6 +153,9 @@ class PointEvaluator:
         self.sharded = any(_dist.is_sharded(p) for p in params.values())
         self.reduce = self.sharded and _dist.is_distributed()
         self._passes: int | None = None
+        # each batch's tensors' leading lengths, gathered on the first pass over several
+        # batches (shared_first_tensor: a misread batch size); None once checked
+        self._lengths: list[Any] | None = [] if data.loader is not None else None
         unknown = [n for n in directions.names if n not in params]
         if unknown:
             raise ValueError(f"directions: not parameters of the model: {unknown[:3]}")
@@ -295,12 +307,26 @@ class PointEvaluator:
             acc = int(hits) / max(1, batch[-1].numel())
         return float(loss), acc
 
+    def _note_lengths(self, batch: Any) -> None:
+        if self._lengths is not None:
+            self._lengths.append(leading_lengths(batch))
+
+    def _check_lengths(self) -> None:
+        """After the first pass: warn once if the batches' sizes were misread."""
+        if self._lengths is None:
+            return
+        misread = shared_first_tensor(self._lengths)
+        self._lengths = None
+        if misread is not None:
+            warnings.warn(f"data: {misread}; put a per-sample tensor first in each batch",
+                          RuntimeWarning, stacklevel=user_stacklevel())
+
     def _forward(self, batch: Any) -> tuple[torch.Tensor, Any]:
         """``(loss, outputs)`` of one batch through the bound model (sharded evaluation)."""
         if self.closure:
-            return self.wrapper(batch), None
+            return scalar_loss(self.wrapper(batch)), None
         out = self.model(*tuple(batch[:-1]))
-        return self.loss_fn(out, batch[-1]), out
+        return scalar_loss(self.loss_fn(out, batch[-1])), out
 
     def _n_passes(self) -> int:
         """The most batches any rank holds: FSDP's collectives need matching passes."""
@@ -329,11 +355,14 @@ class PointEvaluator:
         not_comparable = 0
         done = 0
         for batch in self.data:
+            self._note_lengths(batch)
             loss, out = self._forward(batch)
-            bs = leading_size(batch) or 1
-            loss_sum = loss_sum + loss.detach().reshape(()).double().cpu() * bs
-            n += bs
             done += 1
+            bs = _samples(batch)
+            if bs == 0:  # its mean loss is 0/0: it weighs nothing (the forward kept the
+                continue  # ranks' collectives matched)
+            loss_sum = loss_sum + loss.detach().double().cpu() * bs
+            n += bs
             if self.accuracy and out is not None:
                 target = batch[-1]
                 hits = _hits(out, target)
@@ -348,6 +377,7 @@ class PointEvaluator:
             [loss_sum, torch.tensor([n, correct, count, not_comparable], dtype=torch.float64)],
             True,
         )
+        self._check_lengths()
         loss_value = float(s[0] / s[1]) if s[1] > 0 else float("nan")
         acc = float("nan")
         if self.accuracy and s[4] == 0 and s[3] > 0:
@@ -363,6 +393,9 @@ class PointEvaluator:
         count = 0
         comparable = True
         for batch in self.data:
+            self._note_lengths(batch)
+            if self.data.loader is not None and _samples(batch) == 0:
+                continue  # its mean loss is 0/0: it weighs nothing
             if self.closure:
                 out = None
                 if self.bound:
@@ -382,10 +415,11 @@ class PointEvaluator:
                     out = functional_call(self.model, self.state, args, kwargs,
                                           tie_weights=False)
                 loss = self.loss_fn(out, target)
+            loss = scalar_loss(loss)
             if self.data.loader is None:  # one batch: two host syncs and no bookkeeping
                 return self._single(loss, out, batch)
-            bs = leading_size(batch) or 1
-            term = loss.detach().reshape(()).double() * bs
+            bs = _samples(batch)
+            term = loss.detach().double() * bs
             total = term if total is None else total + term
             n += bs
             if self.accuracy and out is not None:
@@ -395,11 +429,22 @@ class PointEvaluator:
                     count += target.numel()
                 else:
                     comparable = False  # the shapes allow no classification accuracy
+        self._check_lengths()
         loss_value = float(total / n) if total is not None and n else float("nan")
         acc = float("nan")
         if comparable and correct is not None and count > 0:
             acc = float(correct) / count
         return loss_value, acc
+
+
+def _samples(batch: Any) -> int:
+    """A batch's weight in the mean loss over batches: its samples (:func:`leading_size`).
+
+    1 for a batch whose size cannot be told (no tensor with a dimension); 0 for an empty
+    one, which the loops skip: its mean loss is 0/0, and it made every point NaN.
+    """
+    size = leading_size(batch)
+    return 1 if size is None else size
 
 
 def _hits(out: Any, target: Any) -> torch.Tensor | None:

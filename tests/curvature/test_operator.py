@@ -318,6 +318,10 @@ def test_bad_arguments():
         Hessian(model, F.cross_entropy, [])
     with pytest.raises(ValueError, match="params"):
         Hessian(model, F.cross_entropy, (x, y), params="nope.*")
+    # (x1, x2, y) said only "an (inputs, targets) pair", not the form that works (review)
+    with pytest.raises(ValueError, match=r"got 3 tensors: give several inputs as "
+                                         r"\(\(x1, x2, \.\.\.\), y\)"):
+        Hessian(model, F.cross_entropy, (x, x, y))
     op = Hessian(model, F.cross_entropy, (x, y))
     with pytest.raises(ValueError, match="expected a tuple"):
         op.matvec(torch.zeros(op.dim))
