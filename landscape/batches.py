@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -25,7 +25,6 @@ __all__ = [
     "cast_like",
     "head",
     "in_containers_of",
-    "leading_lengths",
     "leading_size",
     "map_tensors",
     "model_call",
@@ -33,7 +32,6 @@ __all__ = [
     "plain_containers",
     "rebuilt",
     "sample_sequences",
-    "shared_first_tensor",
     "split",
     "takes_whole_batch",
     "to_device",
@@ -314,65 +312,6 @@ def leading_size(obj: Any) -> int | None:
     if found is not None:
         return found[0]
     return _first_leading(obj)
-
-
-def leading_lengths(batch: Any) -> tuple[int | None, ...] | None:
-    """Every tensor's leading length in ``batch``, depth first (None for a 0-d tensor).
-
-    What :func:`shared_first_tensor` compares between batches; None for a batch of
-    per-sample lists (:func:`sample_sequences`), whose size is their length.
-    """
-    if sample_sequences(batch) is not None:
-        return None
-    return tuple(_leading_sizes(batch))
-
-
-def shared_first_tensor(lengths: Sequence[tuple[int | None, ...] | None]) -> str | None:
-    """Say when the first tensor of every batch is shared by its samples, not per-sample.
-
-    :func:`leading_size` reads a batch's samples from its first tensor. When that length is
-    the same in every batch while two other tensors' leading lengths differ between them
-    alike (inputs and targets, after a mask, a table or ``position_ids`` of shape ``(1, T)``
-    placed first), the batches of different sizes get equal weights: a mean loss over them
-    is off, with no error. Batches of one size are weighted alike either way, so only
-    batches whose sizes evidently differ are told; one tensor whose length varies alone (a
-    per-position tensor of shape ``(T,)``, a packed batch's cumulative lengths) is no
-    sample count.
-
-    Args:
-        lengths: :func:`leading_lengths` of each batch (two or more).
-
-    Returns:
-        One line naming the two lengths, or None when nothing says the rule misreads them.
-    """
-    rows = [c for c in lengths if c is not None]
-    if len(rows) < 2 or len(rows) < len(lengths) or len({len(c) for c in rows}) != 1:
-        return None  # per-sample lists, or batches of different structures
-    per_tensor = [tuple(c[i] for c in rows) for i in range(len(rows[0]))]
-    ranked = [sizes for sizes in per_tensor if None not in sizes]
-    if not ranked or len(set(ranked[0])) != 1:
-        return None
-    # samples' lengths: shared by two tensors at least (inputs and targets), unlike one
-    # per-position tensor of shape (T,) or the cumulative lengths of a packed batch
-    varying = next((sizes for sizes in ranked[1:] if len(set(sizes)) > 1
-                    and ranked.count(sizes) >= 2), None)
-    if varying is None:
-        return None
-    shown = ", ".join(str(n) for n in varying[:4]) + (", ..." if len(varying) > 4 else "")
-    return (f"the first tensor of every batch has leading length {ranked[0][0]}, which is "
-            f"read as its samples, while another tensor's differs between the batches "
-            f"({shown}): a tensor shared by the samples (a mask, position_ids of shape "
-            f"(1, T)) comes first, so the batches are weighted equally, not by their samples")
-
-
-def _leading_sizes(obj: Any) -> list[int | None]:
-    """Every tensor's leading length, depth first (None for a 0-d tensor)."""
-    if isinstance(obj, torch.Tensor):
-        return [int(obj.shape[0]) if obj.dim() > 0 else None]
-    values = obj.values() if isinstance(obj, Mapping) else obj
-    if isinstance(obj, (Mapping, tuple, list)):
-        return [n for value in values for n in _leading_sizes(value)]
-    return []
 
 
 def _first_leading(obj: Any) -> int | None:

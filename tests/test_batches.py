@@ -69,35 +69,6 @@ def test_the_batch_size_is_the_first_tensors_even_where_others_outnumber_it():
                                                      "mask": torch.zeros(2, 2)}, 2)] == [2, 2, 1]
 
 
-def test_a_shared_first_tensor_is_told_when_the_batches_sizes_evidently_differ():
-    """A dict batch whose first tensor is shared by the samples (a table, position_ids of
-    shape (1, T)) weighted batches of 16 and 4 samples equally, with no word (review)."""
-    from landscape.batches import leading_lengths, shared_first_tensor
-
-    def told(*batches):
-        return shared_first_tensor([leading_lengths(b) for b in batches])
-
-    table = torch.eye(3)
-    big = {"table": table, "x": torch.zeros(16, 5), "y": torch.zeros(16)}
-    small = {"table": table, "x": torch.zeros(4, 5), "y": torch.zeros(4)}
-    assert "leading length 3" in told(big, small) and "(16, 4)" in told(big, small)
-    positions = {"position_ids": torch.zeros(1, 7), "input_ids": torch.zeros(8, 7),
-                 "labels": torch.zeros(8, 7)}
-    fewer = {"position_ids": torch.zeros(1, 7), "input_ids": torch.zeros(2, 7),
-             "labels": torch.zeros(2, 7)}
-    assert told(positions, fewer) is not None
-    assert told(big, big) is None  # one size: weighted alike either way
-    assert told(big) is None
-    first = {"x": torch.zeros(16, 5), "table": table, "y": torch.zeros(16)}
-    assert told(first, {"x": torch.zeros(4, 5), "table": table, "y": torch.zeros(4)}) is None
-    # one tensor of varying length is no sample count: per-position (T,), packed lengths
-    assert told({"ids": torch.zeros(8, 5), "pos": torch.zeros(5)},
-                {"ids": torch.zeros(8, 9), "pos": torch.zeros(9)}) is None
-    assert told({"ids": torch.zeros(1, 30), "cu_seqlens": torch.zeros(4)},
-                {"ids": torch.zeros(1, 30), "cu_seqlens": torch.zeros(6)}) is None
-    assert told(big, {"table": table, "x": torch.zeros(4, 5)}) is None  # other structures
-
-
 def test_a_forward_takes_the_whole_dict_only_when_no_key_names_its_parameter():
     from torch import nn
 

@@ -204,7 +204,7 @@ def unmeasured_rows(reader: Any) -> set[tuple[str, int]]:
 
 
 def never_measured(rows: Mapping[str, Sequence[int]], unmeasured: Collection[tuple[str, int]],
-                   stored: Iterable[Finding]) -> list[Finding]:
+                   stored: Iterable[Finding], *, cite: bool = True) -> list[Finding]:
     """The ``never_measured`` warnings of metrics that failed on every row they have.
 
     A metric that fails records a NaN row and one ``metric_failed`` *info* finding: one bad
@@ -214,7 +214,8 @@ def never_measured(rows: Mapping[str, Sequence[int]], unmeasured: Collection[tup
     run would vouch for checks that never ran: that is a warning. It is derived from the
     rows, so it is only known once the rows are (``landscape check``), not while the
     monitor runs. A metric whose first row came after the run's weights or loss turned
-    non-finite is left out: the ``nonfinite`` error already says why nothing was measured.
+    non-finite is left out: the ``nonfinite`` error already says why nothing was measured
+    (an info ``nonfinite`` finding, a GradScaler's skipped fp16 step, is no divergence).
 
     Args:
         rows: each metric's recorded steps.
@@ -222,12 +223,15 @@ def never_measured(rows: Mapping[str, Sequence[int]], unmeasured: Collection[tup
             ``/metrics/unmeasured`` table).
         stored: the run's stored findings, whose first ``metric_failed`` of each metric
             says why it failed.
+        cite: name the ``metric_failed`` finding that says why (False: quote its message,
+            for a listing that leaves those findings out).
 
     Returns:
         One finding per such metric, at its first row's step.
     """
     stored = list(stored)
-    diverged = min((int(f.step) for f in stored if f.rule == "nonfinite"), default=None)
+    diverged = min((int(f.step) for f in stored
+                    if f.rule == "nonfinite" and f.severity == "error"), default=None)
     out = []
     for metric in sorted({name for name, _ in unmeasured}):
         steps = [int(s) for s in rows.get(metric, ())]
@@ -239,7 +243,8 @@ def never_measured(rows: Mapping[str, Sequence[int]], unmeasured: Collection[tup
         why = min(failed, key=lambda f: int(f.step)) if failed else None
         count = f"its {len(steps)} rows (steps {steps[0]} to {steps[-1]})" \
             if len(steps) > 1 else f"its one row (step {steps[0]})"
-        said = f" (the metric_failed finding at step {why.step} says why)" if why else ""
+        said = "" if why is None else (f" (the metric_failed finding at step {why.step} says "
+                                       "why)" if cite else f": {why.message}")
         message = (f"metric {metric!r} was not measured on any of {count}: every rule "
                    f"that reads it saw nothing{said}")
         hint = ("fix what made it fail; a run meant to go without this metric passes "
@@ -583,7 +588,9 @@ def collect_findings(
         skipped = unmeasured_rows(run)
         rows = {name: run.steps(name) for name in {m for m, _ in skipped}
                 if name in run.metrics()}
-        found.extend(never_measured(rows, skipped, stored))
+        # a divergence the rules found again offline says why too (a run without alarms)
+        said = stored + [f for f in found if f.rule == "nonfinite" and f not in stored]
+        found.extend(never_measured(rows, skipped, said, cite="metric_failed" not in ignore))
     unique: dict[tuple[int, str, str, str | None], Finding] = {}
     for f in found:
         unique.setdefault((int(f.step), f.rule, f.metric.split("/")[0], _failed_rule(f)), f)

@@ -20,15 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from landscape.batches import (
-    leading_lengths,
-    leading_size,
-    normal_tensors,
-    sample_sequences,
-    shared_first_tensor,
-    split,
-    to_device,
-)
+from landscape.batches import leading_size, normal_tensors, sample_sequences, split, to_device
 from landscape.distributed import all_gather_objects, rank, together
 from landscape.findings import user_stacklevel
 from landscape.isolation import loader_randomness_kept, on_batch_statistics
@@ -252,12 +244,6 @@ def _materialize(
     if batch_size is None and not collective and len(batches) > 1 \
             and len(_ignored_shares(batches) or ()) > 1:
         _warn_uneven("the batches")
-    if batch_size is None and len(batches) > 1:
-        misread = shared_first_tensor([leading_lengths(b) for b in batches])
-        if misread is not None:
-            warnings.warn(f"data: {misread}; put a per-sample tensor first in each batch, "
-                          "or pass batch_size=lambda b: <its samples>", RuntimeWarning,
-                          stacklevel=user_stacklevel())
     sizes = batch_sizes(batches, closure_mode, batch_size)
     if sizes is None:
         return batches, [1.0 / len(batches)] * len(batches), float(len(batches))

@@ -23,8 +23,10 @@ What it does, event by event:
   transformers < 4.42, which has no ``on_optimizer_step``, the step is recorded in
   ``on_step_end`` and the gradient metrics record NaN.)
 * ``on_train_end``: removes the forward hook and closes the run file. The Trainer has no
-  exception event: if ``train()`` raises, call ``callback.close()`` (every row appended
-  before the failure is committed; the store recovers a file that was never closed).
+  exception event: if ``train()`` raises, call ``callback.close()`` in the ``except`` or
+  ``finally`` block, which records the exception being handled as why training stopped
+  (later, in a notebook's next cell, pass ``close(how="...")``); every row appended before
+  the failure is committed, and the store recovers a file that was never closed.
 
 The loss. The Trainer does not pass the loss to callbacks. Recomputing it would cost a
 forward pass per step, and its logged loss is an average over ``logging_steps`` that is

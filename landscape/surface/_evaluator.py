@@ -9,7 +9,6 @@ drives it over the grid and writes the points. The module docstring of
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -18,16 +17,9 @@ from torch import nn
 from torch.func import functional_call
 
 from landscape import distributed as _dist
-from landscape.batches import (
-    leading_lengths,
-    leading_size,
-    model_call,
-    shared_first_tensor,
-    to_device,
-)
+from landscape.batches import leading_size, model_call, to_device
 from landscape.capture import named_logits
 from landscape.curvature._evaluation import scalar_loss
-from landscape.findings import user_stacklevel
 from landscape.isolation import ClosureModule, loader_randomness_kept, substitution
 from landscape.surface.directions import Directions
 
@@ -153,9 +145,6 @@ class PointEvaluator:
         self.sharded = any(_dist.is_sharded(p) for p in params.values())
         self.reduce = self.sharded and _dist.is_distributed()
         self._passes: int | None = None
-        # each batch's tensors' leading lengths, gathered on the first pass over several
-        # batches (shared_first_tensor: a misread batch size); None once checked
-        self._lengths: list[Any] | None = [] if data.loader is not None else None
         unknown = [n for n in directions.names if n not in params]
         if unknown:
             raise ValueError(f"directions: not parameters of the model: {unknown[:3]}")
@@ -307,26 +296,12 @@ class PointEvaluator:
             acc = int(hits) / max(1, batch[-1].numel())
         return float(loss), acc
 
-    def _note_lengths(self, batch: Any) -> None:
-        if self._lengths is not None:
-            self._lengths.append(leading_lengths(batch))
-
-    def _check_lengths(self) -> None:
-        """After the first pass: warn once if the batches' sizes were misread."""
-        if self._lengths is None:
-            return
-        misread = shared_first_tensor(self._lengths)
-        self._lengths = None
-        if misread is not None:
-            warnings.warn(f"data: {misread}; put a per-sample tensor first in each batch",
-                          RuntimeWarning, stacklevel=user_stacklevel())
-
     def _forward(self, batch: Any) -> tuple[torch.Tensor, Any]:
         """``(loss, outputs)`` of one batch through the bound model (sharded evaluation)."""
         if self.closure:
-            return scalar_loss(self.wrapper(batch)), None
+            return _scalar(self.wrapper(batch)), None
         out = self.model(*tuple(batch[:-1]))
-        return scalar_loss(self.loss_fn(out, batch[-1])), out
+        return _scalar(self.loss_fn(out, batch[-1])), out
 
     def _n_passes(self) -> int:
         """The most batches any rank holds: FSDP's collectives need matching passes."""
@@ -355,7 +330,6 @@ class PointEvaluator:
         not_comparable = 0
         done = 0
         for batch in self.data:
-            self._note_lengths(batch)
             loss, out = self._forward(batch)
             done += 1
             bs = _samples(batch)
@@ -377,7 +351,6 @@ class PointEvaluator:
             [loss_sum, torch.tensor([n, correct, count, not_comparable], dtype=torch.float64)],
             True,
         )
-        self._check_lengths()
         loss_value = float(s[0] / s[1]) if s[1] > 0 else float("nan")
         acc = float("nan")
         if self.accuracy and s[4] == 0 and s[3] > 0:
@@ -393,7 +366,6 @@ class PointEvaluator:
         count = 0
         comparable = True
         for batch in self.data:
-            self._note_lengths(batch)
             if self.data.loader is not None and _samples(batch) == 0:
                 continue  # its mean loss is 0/0: it weighs nothing
             if self.closure:
@@ -415,7 +387,7 @@ class PointEvaluator:
                     out = functional_call(self.model, self.state, args, kwargs,
                                           tie_weights=False)
                 loss = self.loss_fn(out, target)
-            loss = scalar_loss(loss)
+            loss = _scalar(loss)
             if self.data.loader is None:  # one batch: two host syncs and no bookkeeping
                 return self._single(loss, out, batch)
             bs = _samples(batch)
@@ -429,12 +401,24 @@ class PointEvaluator:
                     count += target.numel()
                 else:
                     comparable = False  # the shapes allow no classification accuracy
-        self._check_lengths()
         loss_value = float(total / n) if total is not None and n else float("nan")
         acc = float("nan")
         if comparable and correct is not None and count > 0:
             acc = float(correct) / count
         return loss_value, acc
+
+
+def _scalar(value: Any) -> torch.Tensor:
+    """The batch's loss as a 0-d tensor: a one-element tensor, or a number.
+
+    A closure may return ``loss.item()``: nothing is differentiated here.
+
+    Raises:
+        ValueError: anything else (``reduction="none"``), in one line.
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(float(value), dtype=torch.float64)
+    return scalar_loss(value)
 
 
 def _samples(batch: Any) -> int:

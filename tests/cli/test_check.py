@@ -557,6 +557,10 @@ def test_a_gate_does_not_pass_a_run_whose_metric_was_never_measured(runner, tmp_
     assert runner.invoke(cli, ["check", str(path), "--stored"]).exit_code == 1  # not a rule's
     assert runner.invoke(cli, ["check", str(path), "--ignore-rule",
                                "never_measured"]).exit_code == 0
+    hidden = runner.invoke(cli, ["check", str(path), "--json", "--ignore-rule",
+                                 "metric_failed"])  # the reason, quoted where it is not listed
+    [never] = json.loads(hidden.stdout)["findings"]
+    assert never["message"].endswith("the loss metric needs step(..., loss=loss)")
 
 
 def test_never_measured_needs_every_row_of_the_metric_unmeasured():
@@ -579,3 +583,9 @@ def test_never_measured_needs_every_row_of_the_metric_unmeasured():
                     value=np.nan, threshold=np.nan, message="NaN loss", hint="")
     assert len(never_measured(rows, unmeasured, [failed, later])) == 1
     assert never_measured(rows, set(), [failed]) == []
+    # a GradScaler's skipped fp16 step is an info nonfinite finding: no divergence (review)
+    skipped = Finding(step=0, rule="nonfinite", severity="info", metric="nonfinite/grad",
+                      value=np.nan, threshold=np.nan, message="skipped step", hint="")
+    assert [f.metric for f in never_measured(rows, unmeasured, [failed, skipped])] == ["m"]
+    quoted = never_measured(rows, unmeasured, [failed], cite=False)[0].message
+    assert quoted.endswith(": metric 'm' failed") and "finding at step" not in quoted

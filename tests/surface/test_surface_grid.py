@@ -301,36 +301,6 @@ def test_an_empty_batch_among_the_batches_weighs_nothing():
             np.testing.assert_allclose(parts.values[f], whole.values[f], rtol=1e-6)
 
 
-def test_a_batch_size_misread_from_a_shared_first_tensor_is_warned():
-    """Dict batches whose first tensor is shared (a table) gave batches of 16 and 4
-    samples equal weights: the centre was 1.071 where the loss is 1.107, with no word
-    (review). The curvature operators say it too."""
-    from landscape.curvature import Hessian
-
-    torch.manual_seed(0)
-    model = nn.Linear(5, 3)
-    x, y = torch.randn(20, 5), torch.randint(0, 3, (20,))
-
-    def closure(m, b):
-        return F.cross_entropy(m(b["x"]) @ b["table"], b["y"])
-
-    table = torch.eye(3)
-    batches = [{"table": table, "x": x[:16], "y": y[:16]},
-               {"table": table, "x": x[16:], "y": y[16:]}]
-    with pytest.warns(RuntimeWarning, match="first tensor of every batch has leading "
-                                            "length 3") as said:
-        line(model, closure, batches, steps=3, progress=False)
-        line(model, closure, batches, steps=3, progress=False)
-    assert len([w for w in said if "first tensor" in str(w.message)]) == 2  # once a grid
-    assert all(w.filename == __file__ for w in said)
-    with pytest.warns(RuntimeWarning, match="pass batch_size="):
-        Hessian(model, closure=closure, data=batches)
-    right = [{"x": b["x"], "table": table, "y": b["y"]} for b in batches]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        line(model, closure, right, steps=3, progress=False)
-
-
 def test_a_loss_that_is_not_a_scalar_is_refused_in_one_line():
     """reduction="none" failed in torch's words: "only one element tensors can be
     converted to Python scalars", or "shape '[]' is invalid" over several batches."""
@@ -340,6 +310,12 @@ def test_a_loss_that_is_not_a_scalar_is_refused_in_one_line():
     for data in ((x, y), [(x[:6], y[:6]), (x[6:], y[6:])]):
         with pytest.raises(ValueError, match="the loss must be a scalar tensor"):
             line(model, per_sample, data, steps=3, progress=False)
+    # a closure's loss as a Python number (loss.item()) is one number per batch: taken
+    whole = line(model, _ce, (x, y), steps=3, progress=False)
+    for data in ({"x": x, "y": y}, [{"x": x[:6], "y": y[:6]}, {"x": x[6:], "y": y[6:]}]):
+        as_number = line(model, lambda m, b: _ce(m(b["x"]), b["y"]).item(), data, steps=3,
+                         closure=True, progress=False)
+        np.testing.assert_allclose(as_number.values["loss"], whole.values["loss"], rtol=1e-6)
 
 
 def test_closure_losses_on_dict_batches_and_no_accuracy():
