@@ -9,6 +9,7 @@ from landscape_cli.app import cli, run_file_errors, verbose_option
 from landscape_cli.options import counted, json_safe
 
 from landscape.store import FieldSpec, Run
+from landscape.store.format import MONITOR_TABLES
 from landscape.store.reader import surface_source
 from landscape.store.writer_status import WriterStatus
 
@@ -33,8 +34,10 @@ def info(run_path: str, as_json: bool) -> None:
         click.echo(f"  state: {WriterStatus(**summary['writer']).describe()}")
     if summary["config"]:
         click.echo(f"  config: {json.dumps(summary['config'], default=str)}")
-    click.echo(f"  metrics: {len(summary['metrics'])}")
-    for name, m in summary["metrics"].items():
+    own = [n for n in summary["metrics"] if n in MONITOR_TABLES]  # not metrics: its records
+    click.echo(f"  metrics: {len(summary['metrics']) - len(own)}"
+               + (f" (and the monitor's own {', '.join(own)})" if own else ""))
+    for name, m in sorted(summary["metrics"].items(), key=lambda item: item[0] in own):
         span = "no rows" if not m["rows"] else f"steps {m['first_step']}..{m['last_step']}"
         fields = ", ".join(f"{f} {FieldSpec.from_json(s)}" for f, s in m["fields"].items())
         schedule = f", schedule {m['schedule']}" if m.get("schedule") else ""

@@ -23,7 +23,7 @@ from landscape._checks import callables, positive_int, run_path, shown
 from landscape.batches import leading_size
 from landscape.findings import user_stacklevel
 from landscape.metrics import Metric
-from landscape.store.format import json_default, plain_name, step_value
+from landscape.store.format import MONITOR_TABLES, json_default, plain_name, step_value
 
 __all__ = [
     "RESERVED_CONFIG",
@@ -96,7 +96,7 @@ def optimizer_config(opt: torch.optim.Optimizer | None) -> dict[str, Any] | None
 
 
 
-RESERVED_TABLES = ("adaptive", "probe", "unmeasured")  # tables the monitor writes itself
+RESERVED_TABLES = MONITOR_TABLES  # tables the monitor writes itself
 
 def check_metric_names(metrics: Sequence[Metric]) -> None:
     """Refuse empty names and the monitor's own; warn when a metric takes a registered name.

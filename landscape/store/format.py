@@ -40,6 +40,9 @@ FINDINGS_TABLE = "findings"
 CHECKPOINTS_TABLE = "checkpoints"
 SURFACES_GROUP = "surfaces"
 STATE_GROUP = "state"  # what a resumed monitor needs back (its default probe)
+#: the tables the monitor writes itself under /metrics: which steps ran densely, the probe
+#: it used, the metrics not measured at a step (no metric may take these names)
+MONITOR_TABLES = ("adaptive", "probe", "unmeasured")
 
 # HDF5 file locks are off for every handle (they must agree within one process): a live
 # reader must never block the writer, which briefly reopens the file to add a metric or a
