@@ -9,6 +9,7 @@ drives it over the grid and writes the points. The module docstring of
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch import nn
 from torch.func import functional_call
 
 from landscape import distributed as _dist
+from landscape._checks import shown
 from landscape.batches import leading_size, model_call, to_device
 from landscape.capture import named_logits
 from landscape.curvature._evaluation import scalar_loss
@@ -132,8 +134,10 @@ class PointEvaluator:
         center: Mapping[str, torch.Tensor] | None,
         closure: bool,
         accuracy: bool,
+        batch_size: Callable[[Any], int | None] | None = None,
     ) -> None:
         self.model = model
+        self.batch_size = batch_size
         self.loss_fn = loss_fn
         self.data = data
         self.closure = closure
@@ -296,6 +300,28 @@ class PointEvaluator:
             acc = int(hits) / max(1, batch[-1].numel())
         return float(loss), acc
 
+    def _samples(self, batch: Any) -> int:
+        """A batch's weight in the mean loss over batches.
+
+        ``batch_size(batch)`` if given, else its samples (:func:`leading_size`); 1 for a
+        batch whose size cannot be told; 0 for an empty one, which the loops skip: its mean
+        loss is 0/0, and it made every point NaN.
+
+        Raises:
+            ValueError: ``batch_size`` returned a negative size or not an integer.
+        """
+        size = leading_size(batch) if self.batch_size is None else self.batch_size(batch)
+        if size is None:
+            return 1
+        try:
+            count = None if isinstance(size, bool) else operator.index(size)
+        except TypeError:
+            count = None
+        if count is None or count < 0:
+            raise ValueError(f"batch_size(batch) must return a whole size >= 0 or None, got "
+                             f"{shown(size, typed=True)}")
+        return count
+
     def _forward(self, batch: Any) -> tuple[torch.Tensor, Any]:
         """``(loss, outputs)`` of one batch through the bound model (sharded evaluation)."""
         if self.closure:
@@ -332,7 +358,7 @@ class PointEvaluator:
         for batch in self.data:
             loss, out = self._forward(batch)
             done += 1
-            bs = _samples(batch)
+            bs = self._samples(batch)
             if bs == 0:  # its mean loss is 0/0: it weighs nothing (the forward kept the
                 continue  # ranks' collectives matched)
             loss_sum = loss_sum + loss.detach().double().cpu() * bs
@@ -366,7 +392,7 @@ class PointEvaluator:
         count = 0
         comparable = True
         for batch in self.data:
-            if self.data.loader is not None and _samples(batch) == 0:
+            if self.data.loader is not None and self._samples(batch) == 0:
                 continue  # its mean loss is 0/0: it weighs nothing
             if self.closure:
                 out = None
@@ -390,7 +416,7 @@ class PointEvaluator:
             loss = _scalar(loss)
             if self.data.loader is None:  # one batch: two host syncs and no bookkeeping
                 return self._single(loss, out, batch)
-            bs = _samples(batch)
+            bs = self._samples(batch)
             term = loss.detach().double() * bs
             total = term if total is None else total + term
             n += bs
@@ -419,16 +445,6 @@ def _scalar(value: Any) -> torch.Tensor:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return torch.tensor(float(value), dtype=torch.float64)
     return scalar_loss(value)
-
-
-def _samples(batch: Any) -> int:
-    """A batch's weight in the mean loss over batches: its samples (:func:`leading_size`).
-
-    1 for a batch whose size cannot be told (no tensor with a dimension); 0 for an empty
-    one, which the loops skip: its mean loss is 0/0, and it made every point NaN.
-    """
-    size = leading_size(batch)
-    return 1 if size is None else size
 
 
 def _hits(out: Any, target: Any) -> torch.Tensor | None:

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from landscape import distributed as _dist
+from landscape._checks import shown
 from landscape._errors import LandscapeError
 from landscape.curvature._batches import refuse_summed_loss
 from landscape.curvature._evaluation import seed_generators
@@ -158,6 +159,7 @@ def evaluate_grid(
     attrs: Mapping[str, Any] | None = None,
     arrays: Mapping[str, np.ndarray] | None = None,
     distributed: bool | None = None,
+    batch_size: Callable[[Any], int | None] | None = None,
 ) -> SurfaceData:
     """Loss (and accuracy) at every point of a 1-D or 2-D grid; resumable.
 
@@ -166,6 +168,9 @@ def evaluate_grid(
     when present) and ``delta``, ``eta`` the :class:`Directions` (Li et al. 2018, Sec. 3).
 
     ``data``: one batch or an iterable of batches (size-weighted mean over the batches).
+    A batch's size is its first tensor's leading dimension, or ``batch_size(batch)`` when
+    given (the curvature operators' argument: a dict batch whose first tensor the samples
+    share, a token count); a batch of size 0 weighs nothing.
     ``loss_fn(outputs, targets)`` is called with ``outputs = model(*batch[:-1])`` and
     ``targets = batch[-1]``; with ``closure=True`` (the default for dict batches) it is called
     as ``loss_fn(model, batch)`` and returns the loss. ``accuracy`` (default: when the targets
@@ -202,6 +207,9 @@ def evaluate_grid(
         )
     if not callable(loss_fn):
         raise ValueError("loss_fn must be callable")
+    if batch_size is not None and not callable(batch_size):
+        raise ValueError(f"batch_size must be a function of the batch (batch -> its size), "
+                         f"got {shown(batch_size)}")
     try:
         device = next(iter(model.parameters())).device
     except StopIteration:
@@ -223,7 +231,8 @@ def evaluate_grid(
     elif accuracy and closure:
         raise ValueError("accuracy: needs (inputs, targets) batches, not a closure loss")
 
-    evaluator = PointEvaluator(model, loss_fn, batches, directions, center, closure, accuracy)
+    evaluator = PointEvaluator(model, loss_fn, batches, directions, center, closure, accuracy,
+                               batch_size)
     dist_on = _dist.enabled(distributed)
     if evaluator.reduce and not dist_on:
         raise ValueError(
