@@ -46,6 +46,9 @@ _OTHERS = tuple(
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the program is, like Ctrl-C's KeyboardInterrupt."""
 
+    #: what a run file it stops records (``stopped_how``), as a monitored script's SIGTERM
+    stopped_how = "stopped by SIGTERM"
+
 
 _SIGNALLED = [False]  # a command of this process was stopped by SIGINT or SIGTERM
 

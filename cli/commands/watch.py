@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 import numpy as np
-from landscape_cli.app import cli, run_file_errors, verbose_option
+from landscape_cli.app import CommandError, cli, run_file_errors, verbose_option
 from landscape_cli.options import FiniteFloatRange
 
 from landscape._errors import RunFileError
@@ -24,6 +24,9 @@ from landscape.findings import format_number
 from landscape.store import Run
 from landscape.store.recovery import holds_nothing
 from landscape.store.writer_status import WriterStatus
+
+EXIT_TIMED_OUT = 124
+"""Exit status of ``--until-finished`` when ``--timeout`` runs out first (as ``timeout(1)``)."""
 
 # seams for tests (no wall clock in the test suite)
 _sleep = time.sleep
@@ -171,7 +174,8 @@ def _end_if_finished(source: str, status: WriterStatus | None, quiet: bool) -> N
 @click.option(
     "--until-finished", is_flag=True,
     help="Stop once the run's writer has closed RUN at the end of training (exit 0), or "
-         "training stopped (an exception, a signal) or its writer was killed (exit 1).",
+         "training stopped (an exception, a signal) or its writer was killed (exit 1); "
+         "with --timeout, exit 124 when the time runs out first.",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No header and no closing line.")
 @verbose_option
@@ -251,6 +255,10 @@ def watch(
         while True:
             left = None if timeout is None else timeout - (_clock() - start)
             if left is not None and left <= 0:
+                if until_finished:  # not finished within the time: no pass for a CI wait
+                    state = "" if status is None else f" (it is {status.describe()})"
+                    raise CommandError(f"{source}: not finished after {timeout:g}s "
+                                       f"(--timeout){state}", EXIT_TIMED_OUT)
                 break
             _sleep(interval if left is None else min(interval, left))
             try:

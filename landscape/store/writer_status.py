@@ -138,11 +138,16 @@ def stopped_how(err: BaseException | None) -> str | None:
         err: what ended the monitored block (None: it ended normally).
 
     Returns:
+        The exception's own ``stopped_how`` string when it has one (the command line's
+        SIGTERM, raised as a ``KeyboardInterrupt``: "stopped by SIGTERM"),
         ``"stopped by Ctrl-C"`` for a ``KeyboardInterrupt``, else the exception in one
         line; None without one.
     """
     if err is None:
         return None
+    said = getattr(err, "stopped_how", None)  # an exception that says (the CLI's SIGTERM)
+    if isinstance(said, str):
+        return said
     if isinstance(err, KeyboardInterrupt):
         return "stopped by Ctrl-C (KeyboardInterrupt)"
     if isinstance(err, SystemExit) and err.code in (None, 0):

@@ -116,6 +116,9 @@ def test_a_signal_leaves_every_finished_checkpoint_and_a_rerun_continues(tmp_pat
     assert lines[-1].startswith(f"Error: interrupted ({name}): ")
     assert lines[-1].endswith("; to continue, run the same command again")
     with ls.Run.open(out) as run:  # a valid file: every finished checkpoint, nothing else
+        # which signal, as a monitored script records it (SIGTERM read "Ctrl-C": review)
+        assert run.writer_status().reason == (
+            "stopped by SIGTERM" if name == "SIGTERM" else "stopped by Ctrl-C (KeyboardInterrupt)")
         done = [s for s, _ in run.checkpoints()]
         assert 1 <= len(done) < len(paths)
         assert done == [10 * (i + 1) for i in range(len(done))]

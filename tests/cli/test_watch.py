@@ -323,3 +323,26 @@ def test_watch_until_finished_stops_when_the_writer_closes_or_ended(runner, tmp_
     result = runner.invoke(cli, ["watch", str(killed), "--until-finished", "-q"])
     assert result.exit_code == 1, result.output
     assert "ended without closing it (killed or crashed)" in result.stderr
+
+
+def test_until_finished_does_not_pass_a_run_still_written_when_the_timeout_runs_out(
+        runner, tmp_path, monkeypatch):
+    """--until-finished --timeout exited 0 when the time ran out on a live run: a CI step
+    waiting for training could not tell a timeout from a finished run (review)."""
+    path = tmp_path / "run.h5"
+    w = RunWriter(path, mode="w")
+    w.declare("loss", {"value": None})
+    w.append("loss", 0, {"value": 1.0})
+    w.flush()
+    now = [0.0]
+    monkeypatch.setattr(watch_cmd, "_clock", lambda: now[0])
+    monkeypatch.setattr(watch_cmd, "_sleep", lambda s: now.__setitem__(0, now[0] + s))
+    try:
+        result = runner.invoke(cli, ["watch", str(path), "--until-finished", "--timeout", "5",
+                                     "-q"])
+        assert result.exit_code == watch_cmd.EXIT_TIMED_OUT == 124, result.output
+        assert "not finished after 5s (--timeout) (it is being written" in result.stderr
+        plain = runner.invoke(cli, ["watch", str(path), "--timeout", "5", "-q"])
+        assert plain.exit_code == 0, plain.output  # a timeout alone is the way to stop
+    finally:
+        w.close()
