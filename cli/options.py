@@ -234,13 +234,32 @@ def load_inputs(checkpoints, model_spec, data_spec, loss_spec, tokens, text, seq
     return opened, batches, loss_fn, closure
 
 
+def one_of_pair(default: bool | None) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """The callback of a ``--this/--that`` flag pair declared with ``multiple=True``.
+
+    Click keeps the last of ``--recompute --stored`` silently (a wrapper that appends
+    flags flipped a failing gate to a passing one); given both, this is a usage error.
+    """
+    def value(ctx: click.Context, param: click.Parameter, given: Any) -> Any:
+        if len(set(given)) > 1:
+            first, second = param.opts[0], param.secondary_opts[0]
+            raise click.UsageError(f"{first} and {second} do not go together", ctx)
+        return given[-1] if given else default
+    return value
+
+
+def flag_pair(decl: str, default: bool | None, help: str) -> Callable[[F], F]:
+    """A ``--this/--that`` flag pair of which a command line may give one form only."""
+    return click.option(decl, multiple=True, callback=one_of_pair(default), help=help)
+
+
 def recompute_option(what: str) -> Callable[[F], F]:
     """``--recompute/--stored`` (check, report, plot); ``what`` says what the command does
     with the findings ("List", "Mark")."""
-    return click.option(
-        "--recompute/--stored", default=True, show_default=True,
+    return flag_pair(
+        "--recompute/--stored", True,
         help=f"{what} the stored findings plus those the alarm rules find on the whole run "
-             "(--recompute), or only those stored in the file (--stored).",
+             "(--recompute, the default), or only those stored in the file (--stored).",
     )
 
 

@@ -12,6 +12,7 @@ from landscape_cli.app import cli, run_file_errors, verbose_option
 from landscape_cli.options import (
     FiniteFloatOr,
     findings_of,
+    flag_pair,
     ignore_rule_option,
     load_rule_specs,
     named_output,
@@ -101,11 +102,11 @@ def _message(err: Exception) -> str:
     "--field", default=None,
     help="Which grid of the surface to draw (with --surface): loss (default) or accuracy, ...",
 )
-@click.option("--log/--linear", default=None,
-              help="Logarithmic (symmetric-log around zero) or linear y axes on every "
-                   "timeline, log10 of a surface's values (default: logarithmic where a "
-                   "field's positive values span two decades or more; a .vtk file's heights "
-                   "linear).")
+@flag_pair("--log/--linear", None,
+           help="Logarithmic (symmetric-log around zero) or linear y axes on every "
+                "timeline, log10 of a surface's values (default: logarithmic where a "
+                "field's positive values span two decades or more; a .vtk file's heights "
+                "linear).")
 @recompute_option("Mark")
 @click.option(
     "-o", "--out", "out", required=True, type=click.Path(),

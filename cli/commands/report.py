@@ -9,6 +9,7 @@ from landscape_cli.app import cli, run_file_errors, verbose_option
 from landscape_cli.options import (
     counted,
     findings_of,
+    flag_pair,
     ignore_rule_option,
     load_rule_specs,
     named_output,
@@ -33,10 +34,10 @@ from landscape.store import Run
     "plot's) to write report.html into.",
 )
 @click.option("--title", help="Title of the report (default: from the run's file name).")
-@click.option("--log/--linear", default=None,
-              help="Logarithmic (or linear) y axes on every timeline, log10 of the surfaces "
-                   "(default: logarithmic where a field's positive values span two decades "
-                   "or more).")
+@flag_pair("--log/--linear", None,
+           help="Logarithmic (or linear) y axes on every timeline, log10 of the surfaces "
+                "(default: logarithmic where a field's positive values span two decades "
+                "or more).")
 @recompute_option("List")
 @rules_option
 @ignore_rule_option

@@ -589,3 +589,16 @@ def test_never_measured_needs_every_row_of_the_metric_unmeasured():
     assert [f.metric for f in never_measured(rows, unmeasured, [failed, skipped])] == ["m"]
     quoted = never_measured(rows, unmeasured, [failed], cite=False)[0].message
     assert quoted.endswith(": metric 'm' failed") and "finding at step" not in quoted
+
+
+def test_both_forms_of_a_flag_pair_are_a_usage_error(runner, run_file, tmp_path):
+    """click kept the last of --recompute --stored silently: a wrapper appending flags
+    flipped a failing gate to a passing one (review)."""
+    nan = write_run(tmp_path / "nan.h5", nan_loss_at=70)
+    assert runner.invoke(cli, ["check", str(nan), "--recompute"]).exit_code == 1
+    both = runner.invoke(cli, ["check", str(nan), "--recompute", "--stored"])
+    assert both.exit_code == 2 and "--recompute and --stored do not go together" in both.output
+    for command in (["plot", str(run_file), "-o", str(tmp_path / "p.png")],
+                    ["report", str(run_file), "-o", str(tmp_path / "r.html")]):
+        result = runner.invoke(cli, [*command, "--log", "--linear"])
+        assert result.exit_code == 2 and "--log and --linear do not go together" in result.output
