@@ -238,7 +238,8 @@ def _check_one(run_path: str, fail_on: str, recompute: bool, rules: list | None,
     try:
         with input_errors(EXIT_INPUT), run_file_errors(run_path, EXIT_INPUT), \
                 Run.open(run_path) as run:
-            run.config  # noqa: B018 (a damaged config attribute: 2, as info and report say)
+            # (a damaged config attribute: 2, as info and report say)
+            alarms_off = run.config.get("alarms") == "off"
             # the state before the rows: a writer that closes while the rules run wrote
             # rows this reader did not see, so the run is not called finished
             status = run.writer_status()
@@ -250,6 +251,11 @@ def _check_one(run_path: str, fail_on: str, recompute: bool, rules: list | None,
     except OSError as err:  # one without a system error behind it (h5py's own)
         raise CommandError(f"{run_path}: cannot be read as a run file "
                            f"({type(err).__name__}: {err})", EXIT_INPUT) from None
+    if not recompute and alarms_off:  # --stored: no rule ran, so nothing could be stored
+        raise CommandError(
+            f"{run_path}: its monitor ran with alarms=False, so the file stores no rule's "
+            "findings and --stored has nothing to gate on; drop --stored to evaluate the "
+            "rules on its rows", EXIT_INPUT)
     if not recorded and not found:  # a gate must not pass a job that recorded nothing
         why = ("the run stopped before its first flush, or has not started"
                if status is None else f"the run is {status.describe()}")

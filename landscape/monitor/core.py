@@ -784,6 +784,10 @@ class Monitor:
             # a given probe's own sample count; the first batch's probe: at most probe_size
             "probe": {"source": self._probe_source, "size": self._probe_size()},
             "taylor_guard": self.taylor_guard,
+            # whether the rules ran online: `landscape check --stored` gates on their findings
+            "alarms": ("default" if self._alarm_rules is True else "off"
+                       if self._alarm_rules is False
+                       else [getattr(r, "name", type(r).__name__) for r in self._alarm_rules]),
             # which output the logit metrics read: a resume without it reads another one
             "output_fn": None if self.output_fn is None else getattr(
                 self.output_fn, "__qualname__", type(self.output_fn).__name__),

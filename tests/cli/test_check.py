@@ -602,3 +602,27 @@ def test_both_forms_of_a_flag_pair_are_a_usage_error(runner, run_file, tmp_path)
                     ["report", str(run_file), "-o", str(tmp_path / "r.html")]):
         result = runner.invoke(cli, [*command, "--log", "--linear"])
         assert result.exit_code == 2 and "--log and --linear do not go together" in result.output
+
+
+def test_stored_refuses_a_run_whose_monitor_ran_without_alarms(runner, tmp_path):
+    """check --stored passed (exit 0) a run whose loss went NaN when the monitor had
+    alarms=False: the file stored no rule's finding, and said nothing of why (review)."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "run.h5"
+    with ls.Monitor(model, F.cross_entropy, path, optimizer=opt, metrics=["loss"],
+                    alarms=False) as mon:
+        for step in range(3):
+            mon.step(step, loss=torch.tensor(float("nan") if step == 2 else 1.0))
+    assert runner.invoke(cli, ["check", str(path)]).exit_code == 1  # the rules, on the rows
+    stored = runner.invoke(cli, ["check", str(path), "--stored"])
+    assert stored.exit_code == 2, stored.output
+    assert "ran with alarms=False" in stored.output and "drop --stored" in stored.output
+    with ls.Run.open(path) as run:
+        assert run.config["alarms"] == "off"
+    other = write_run(tmp_path / "plain.h5")  # no monitor wrote it: --stored as before
+    assert runner.invoke(cli, ["check", str(other), "--stored"]).exit_code == 0
