@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from collections import Counter
 
 import click
@@ -87,6 +88,8 @@ def analyze_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
         n_batches, trust_checkpoint, device, threads, pad_id)
     optimizer = None if lr is None else {"name": "sgd", "lr": lr, "momentum": momentum}
     before = 0 if overwrite else _checkpoints_in(out)
+    # (whole seconds, as the file's "created" attribute: --overwrite started it over since)
+    started = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
     try:
         monitor = analyze(
             opened.checkpoints, opened.model, batches, loss_fn, out,
@@ -97,13 +100,20 @@ def analyze_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
         )
     except KeyboardInterrupt as err:
         done = 0
+        earlier = False  # --overwrite stopped before it started the file over
         try:
             with Run.open(out) as run:
                 done = len(run.checkpoints())
-            where = f"{done} checkpoint{'s' if done != 1 else ''} recorded in {out}"
+                created = run.attrs.get("created")
+            earlier = overwrite and isinstance(created, str) and \
+                datetime.datetime.fromisoformat(created) < started
+            counted_done = f"{done} checkpoint{'s' if done != 1 else ''}"
+            where = (f"nothing recorded: {out} is as it was (the {counted_done} of an "
+                     "earlier analysis)" if earlier else f"{counted_done} recorded in {out}")
         except Exception:
             where = "no checkpoint recorded"
-        raise interrupted(err, where, "--overwrite" if overwrite else None) from None
+        raise interrupted(err, where, "--overwrite" if overwrite and not earlier
+                          else None) from None
     if not quiet:
         from landscape.alarms.online import unmeasured_rows
 

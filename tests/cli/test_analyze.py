@@ -990,3 +990,27 @@ def test_an_analysis_is_refused_into_the_series_of_a_training_run(setup, tmp_pat
     other = _invoke([*args[:-4], "-m", "hessian_trace", "-o", str(out)])
     one_line_error(other, "would then be refused", "-o posthoc.h5")
     assert out.read_bytes() == before  # untouched
+
+
+def test_an_overwrite_interrupted_before_it_started_over_says_nothing_was_recorded(
+        setup, tmp_path, monkeypatch):
+    """`analyze --overwrite` stopped before it emptied the file said "6 checkpoints
+    recorded; to continue, run the same command again without --overwrite": the earlier
+    analysis, which the rerun would then have kept (review)."""
+    import h5py
+    from landscape_cli.commands import analyze as analyze_cmd
+
+    out = tmp_path / "r.h5"
+    assert _analyze_first(setup, tmp_path, "-m", "sharpness").exit_code == 0
+    with h5py.File(out, "a") as f:  # written by an earlier command
+        f.attrs["created"] = "2020-01-01T00:00:00+00:00"
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(analyze_cmd, "analyze", stopped)
+    result = _analyze_first(setup, tmp_path, "-m", "sharpness", "--overwrite")
+    assert result.exit_code == 130
+    assert (f"nothing recorded: {out} is as it was (the 1 checkpoint of an earlier "
+            "analysis); to continue, run the same command again") in result.stderr
+    assert "without --overwrite" not in result.stderr
