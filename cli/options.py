@@ -193,13 +193,19 @@ def checkpoint_options(func: F) -> F:
 
 
 def _refuse_token_options_with_data(data_spec: str | None) -> None:
-    """Refuse ``--seq-len``, ``--batch-size``, ``--batches`` and ``--pad-id`` beside ``--data``.
+    """Refuse ``--tokens``, ``--text``, ``--seq-len``, ``--batch-size``, ``--batches`` and
+    ``--pad-id`` beside ``--data`` (usage errors, exit 2).
 
     They shape --tokens and --text data; with --data they were ignored without a word.
     """
     ctx = click.get_current_context(silent=True)
     if data_spec is None or ctx is None:
         return
+    kinds = [name for param, name in (("tokens", "--tokens"), ("text", "--text"))
+             if ctx.params.get(param) is not None]
+    if kinds:  # (the library's own check said it with exit 1: a usage error is 2)
+        raise click.UsageError(f"give the data as one of --data, --tokens or --text, not "
+                               f"--data and {' and '.join(kinds)}")
     given = [name for param, name in (("seq_len", "--seq-len"), ("batch_size", "--batch-size"),
                                       ("n_batches", "--batches"), ("pad_id", "--pad-id"))
              if ctx.get_parameter_source(param) is click.core.ParameterSource.COMMANDLINE]

@@ -615,6 +615,14 @@ def test_token_options_beside_a_data_factory_are_a_usage_error(setup, tmp_path):
         assert result.exit_code == 2, result.output
         assert "--batch-size, --batches: for --tokens and --text data only" in result.output
         assert not (tmp_path / f"{command}.h5").exists()
+        # two kinds of data: exit 1 from the library's check, where --seq-len gave 2 (review)
+        tokens = tmp_path / "ids.npy"
+        np.save(tokens, np.zeros((4, 8), dtype=np.int64))
+        both = _invoke([command, str(paths[0]), "--model", f"{fac}:model", "--data",
+                        f"{fac}:data", "--tokens", str(tokens), "-q", "-o",
+                        str(tmp_path / f"{command}.h5")])
+        assert both.exit_code == 2, both.output
+        assert "not --data and --tokens" in both.output
 
 
 def test_the_python_analyze_checks_its_optimizer_and_says_an_unreadable_adam_state(tmp_path):
