@@ -186,7 +186,7 @@ def check(run_paths: tuple[str, ...], fail_on: str, recompute: bool,
         return
     known = _rules_of_runs(run_paths, rules) if ignore else None
     codes, documents = [], []
-    for path in run_paths:
+    for path in dict.fromkeys(run_paths):  # a run given twice is checked once
         try:
             codes.append(_check_one(path, fail_on, recompute, rules, ignore, require_finished,
                                     as_json, quiet, known, documents))
@@ -194,10 +194,9 @@ def check(run_paths: tuple[str, ...], fail_on: str, recompute: bool,
             raise
         except click.ClickException as err:  # this run only: named, and the others go on
             codes.append(err.exit_code)
+            err.show()  # on stderr, with --json too: stdout holds the JSON alone
             if as_json:
                 documents.append({"run": path, "error": err.format_message()})
-            else:
-                err.show()
     if as_json:
         click.echo(json.dumps(documents, indent=2))
     else:

@@ -487,7 +487,8 @@ def test_check_gates_a_sweep_of_runs_with_the_worst_status(runner, tmp_path):
     assert f"Error: {missing}: no such file" in result.stderr
     assert result.stdout.splitlines()[-1] == "3 runs: 1 ok, 1 FAIL, 1 not checked"
     assert "nonfinite" in result.stdout  # the tables of the runs read
-    assert runner.invoke(cli, ["check", str(ok), str(ok)]).exit_code == 0
+    twice = runner.invoke(cli, ["check", str(ok), str(ok), "-q"])  # checked once (review)
+    assert twice.exit_code == 0 and twice.stdout.splitlines()[-1] == "1 run: 1 ok, 0 FAIL"
     # --json: one list of documents, an unreadable run as its error
     result = runner.invoke(cli, ["check", str(ok), str(missing), str(nan), "--json"])
     assert result.exit_code == 2
@@ -496,6 +497,7 @@ def test_check_gates_a_sweep_of_runs_with_the_worst_status(runner, tmp_path):
     assert docs[0]["failed"] is False and docs[2]["failed_because"] == [
         "a finding at warning or worse"]
     assert docs[1] == {"run": str(missing), "error": f"{missing}: no such file"}
+    assert f"Error: {missing}: no such file" in result.stderr  # named there too (review)
     # --ignore-rule may name a rule of any of the runs; a typo is one usage error
     mine = write_run(tmp_path / "mine.h5", findings=(
         Finding(40, "my_rule", "warning", "loss/value", 2.0, 1.0, "mine", "h"),))
