@@ -26,7 +26,7 @@ from landscape.store import Run
 
 
 @cli.command(epilog="\b\nExample:\n  landscape report run.h5 -o report.html")
-@click.argument("run_path", metavar="RUN", type=click.Path())
+@click.argument("run_paths", metavar="RUN", nargs=-1, required=True, type=click.Path())
 @click.option(
     "-o", "--out", default="report.html", show_default=True, type=click.Path(),
     callback=named_output,
@@ -43,13 +43,19 @@ from landscape.store import Run
 @ignore_rule_option
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 @verbose_option
-def report(run_path: str, out: str, title: str | None, log: bool | None, recompute: bool,
-           rule_specs: tuple[str, ...], ignore: tuple[str, ...], quiet: bool):
+def report(run_paths: tuple[str, ...], out: str, title: str | None, log: bool | None,
+           recompute: bool, rule_specs: tuple[str, ...], ignore: tuple[str, ...],
+           quiet: bool):
     """Write an HTML report of RUN: summary, findings, timelines, surfaces, configuration.
 
     Every plot is embedded in the file, which needs nothing else to be viewed. Metrics
     without rows yet get no timeline (the report names them in one line).
     """
+    if len(run_paths) > 1:  # click said "Got unexpected extra argument"
+        raise click.UsageError(
+            f"a report is of one RUN, got {len(run_paths)}; to compare runs, plot them "
+            "together: landscape plot RUN1 RUN2 ... -o DIR/")
+    run_path = run_paths[0]
     target = report_path(out)
     rules = load_rule_specs(rule_specs, recompute)
     if target == Path(out):  # a file named: checked before the work (a directory: created)

@@ -127,3 +127,14 @@ def test_report_ignore_rule_leaves_its_findings_out_and_says_so(runner, run_file
     with ls.Run.open(run_file) as run:
         page = ls.report.render_report(run, ignored_rules=["loss_spike"])
     assert "loss jumped" not in page and 'id="ignored-rules"' in page
+
+
+def test_a_report_of_several_runs_names_the_command_that_compares_them(runner, run_file,
+                                                                        tmp_path):
+    """`report RUN1 RUN2` said click's "Got unexpected extra argument" (review)."""
+    result = runner.invoke(cli, ["report", str(run_file), str(run_file), "-o",
+                                 str(tmp_path / "r.html")])
+    assert result.exit_code == 2
+    assert "a report is of one RUN, got 2; to compare runs, plot them together: landscape " \
+        "plot RUN1 RUN2" in result.output
+    assert not (tmp_path / "r.html").exists()
