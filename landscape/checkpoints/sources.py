@@ -113,11 +113,15 @@ def expand(paths: Sequence[str | Path]) -> list[Path]:
             # a ModelCheckpoint folder; last.ckpt repeats the latest checkpoint
             out.extend([c for c in ckpts if not lit.is_last_copy(c)] or ckpts)
         else:
+            files = sorted({f.suffix for f in p.iterdir() if f.is_file()
+                            and f.suffix in (".pt", ".pth", ".bin", ".safetensors")})
+            hint = (f"; for the checkpoint files in it, name them: {p}/*{files[0]}"
+                    if files else "")
             raise LandscapeError(
                 f"{p}: is a directory, but neither a Hugging Face model folder (config.json "
                 "and weights), a PEFT adapter folder (adapter_config.json and weights), a "
                 "Trainer output folder (checkpoint-N/ folders) nor a folder of Lightning "
-                ".ckpt files")
+                f".ckpt files{hint}")
     # overlapping globs (ckpts/*.pt ckpts/ckpt-3*) name a file twice: once is enough
     seen: set[Path] = set()
     return [q for q in out if not (q.resolve() in seen or seen.add(q.resolve()))]

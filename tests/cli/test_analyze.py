@@ -1022,3 +1022,17 @@ def test_an_overwrite_interrupted_before_it_started_over_says_nothing_was_record
     assert (f"nothing recorded: {out} is as it was (the 1 checkpoint of an earlier "
             "analysis); to continue, run the same command again") in result.stderr
     assert "without --overwrite" not in result.stderr
+
+
+def test_a_folder_of_plain_checkpoint_files_is_told_to_name_them(setup, tmp_path):
+    """`analyze ckpts/` on ckpt-N.pt files was refused with no word of ckpts/*.pt (review)."""
+    root, paths, _ = setup
+    fac = root / "factories.py"
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    (folder / "ckpt-10.pt").write_bytes(paths[0].read_bytes())
+    result = _invoke(["analyze", str(folder), "--model", f"{fac}:model", "--data",
+                      f"{fac}:data", "-m", "sharpness", "-o", str(tmp_path / "r.h5"), "-q"])
+    assert result.exit_code == 1
+    assert f"for the checkpoint files in it, name them: {folder}/*.pt" in result.output
+    assert "Traceback" not in result.output
