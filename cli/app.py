@@ -314,8 +314,10 @@ def one_line_warnings() -> Iterator[None]:
     def show(message, category, filename, lineno, file=None, line=None):
         if _from_other_library(str(filename)) and not _verbose():
             return
+        text = str(message)  # the library's own prefix once: not "warning: landscape: ..."
+        text = text[len("landscape: "):] if text.startswith("landscape: ") else text
         with above_bars():  # a progress bar is drawn: clear it, print, draw it again below
-            click.echo(f"warning: {message}", err=True)
+            click.echo(f"warning: {text}", err=True)
 
     with warnings.catch_warnings(), _quiet_library_logs(not _verbose()):
         warnings.simplefilter("default")

@@ -316,7 +316,7 @@ def _say_built_in_rules_stay(extra: list) -> None:
     as_is = [r for r in extra if built_in.get(r.name) == r.config()]
     missing = sorted(set(built_in) - {r.name for r in extra})
     if as_is and missing:
-        click.echo(f"Warning: --rules adds to the built-in rules: those your list leaves out "
+        click.echo(f"warning: --rules adds to the built-in rules: those your list leaves out "
                    f"({', '.join(missing)}) still run; check --ignore-rule NAME leaves one "
                    "out of a gate",
                    err=True)

@@ -325,6 +325,21 @@ def test_transformers_log_notices_only_with_verbose(monkeypatch):
     assert "TRANSFORMERS_VERBOSITY" not in os.environ
 
 
+def test_a_warning_line_carries_one_prefix(capsys):
+    """The library's "landscape: ..." warnings read "warning: landscape: ..." (review)."""
+    import warnings
+
+    from landscape_cli.app import one_line_warnings
+
+    with click.Context(click.Command("x")), one_line_warnings():
+        warnings.warn("landscape: non-finite parameters at step 3", RuntimeWarning,
+                      stacklevel=1)
+        warnings.warn("the user's own warning: landscape: kept", UserWarning, stacklevel=1)
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: non-finite parameters at step 3",
+        "warning: the user's own warning: landscape: kept"]
+
+
 def test_the_librarys_own_warnings_are_shown(setup, tmp_path):
     root, paths, _ = setup
     out = tmp_path / "run.h5"
