@@ -238,7 +238,8 @@ def _check_one(run_path: str, fail_on: str, recompute: bool, rules: list | None,
         with input_errors(EXIT_INPUT), run_file_errors(run_path, EXIT_INPUT), \
                 Run.open(run_path) as run:
             # (a damaged config attribute: 2, as info and report say)
-            alarms_off = run.config.get("alarms") == "off"
+            config = run.config
+            alarms_off = isinstance(config, dict) and config.get("alarms") == "off"
             # the state before the rows: a writer that closes while the rules run wrote
             # rows this reader did not see, so the run is not called finished
             status = run.writer_status()
