@@ -125,9 +125,10 @@ def analyze_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
         if n_ckpt == before:  # every checkpoint given was recorded already
             click.echo(f"nothing new: {out} holds its {counted(n_ckpt, 'checkpoint')} already, "
                        f"metrics {', '.join(names)} (--overwrite computes them again)")
-        else:
-            click.echo(f"wrote {out}: {counted(n_ckpt, 'checkpoint')}, metrics "
-                       f"{', '.join(names)}")
+        else:  # this command's checkpoints, and the file's when it held some before
+            held = f" ({n_ckpt} in the file)" if before else ""
+            click.echo(f"wrote {out}: {counted(n_ckpt - before, 'checkpoint')}{held}, "
+                       f"metrics {', '.join(names)}")
         for name, n in sorted(unmeasured.items()):  # NaN rows: a warning above says why
             click.echo(f"note: {name} not measured at {n} of {counted(n_ckpt, 'checkpoint')} "
                        f"(NaN rows; landscape check {out} lists why)", err=True)

@@ -966,7 +966,8 @@ def test_an_analysis_run_again_says_nothing_new_was_computed(setup, tmp_path):
     assert again.exit_code == 0, again.output
     assert again.stdout.startswith(f"nothing new: {out} holds its 2 checkpoints already")
     more = _invoke([*args[:2], str(paths[2]), *args[2:]])
-    assert more.stdout.startswith(f"wrote {out}: 3 checkpoints")
+    # this command's one checkpoint, and the file's three (it said "3 checkpoints": review)
+    assert more.stdout.startswith(f"wrote {out}: 1 checkpoint (3 in the file), metrics ")
 
 
 def test_an_analysis_is_refused_into_the_series_of_a_training_run(setup, tmp_path):
