@@ -44,6 +44,8 @@ def test_report_bad_inputs(runner, run_file, empty_run, tmp_path):
     result = runner.invoke(cli, ["report", str(empty_run), "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "The run holds no metrics." in out.read_text() and "No findings." in out.read_text()
+    # said on stderr too, where check exits 2 on such a run (review)
+    assert f"note: {empty_run} holds no rows, surfaces or findings yet" in result.stderr
 
 
 @pytest.mark.parametrize("existing", [False, True])
