@@ -240,23 +240,40 @@ def load_inputs(checkpoints, model_spec, data_spec, loss_spec, tokens, text, seq
     return opened, batches, loss_fn, closure
 
 
-def one_of_pair(default: bool | None) -> Callable[[click.Context, click.Parameter, Any], Any]:
-    """The callback of a ``--this/--that`` flag pair declared with ``multiple=True``.
+class OneForm(click.Option):
+    """A ``--this/--that`` boolean flag pair of which a command line may give one form.
 
     Click keeps the last of ``--recompute --stored`` silently (a wrapper that appends
-    flags flipped a failing gate to a passing one); given both, this is a usage error.
+    flags flipped a failing gate to a passing one); given both, this is a usage error. The
+    value stays the plain bool (or None) that ``ctx.invoke`` and ``default_map`` give.
     """
-    def value(ctx: click.Context, param: click.Parameter, given: Any) -> Any:
-        if len(set(given)) > 1:
-            first, second = param.opts[0], param.secondary_opts[0]
-            raise click.UsageError(f"{first} and {second} do not go together", ctx)
-        return given[-1] if given else default
-    return value
+
+    def add_to_parser(self, parser: Any, ctx: click.Context) -> None:
+        super().add_to_parser(parser, ctx)
+        forms = ctx.meta.setdefault(("landscape.forms", self.name), set())
+        for opt in [*self.opts, *self.secondary_opts]:
+            parsed = getattr(parser, "_long_opt", {}).get(opt)  # click's parser, if it has it
+            if parsed is None:
+                continue
+            given = parsed.process
+
+            def process(value: Any, state: Any, _given: Any = given, _opt: str = opt) -> None:
+                forms.add(_opt)
+                _given(value, state)
+
+            parsed.process = process
+
+    def process_value(self, ctx: click.Context, value: Any) -> Any:
+        forms = ctx.meta.get(("landscape.forms", self.name), set())
+        if len(forms) > 1:
+            raise click.UsageError(f"{self.opts[0]} and {self.secondary_opts[0]} do not go "
+                                   "together", ctx)
+        return super().process_value(ctx, value)
 
 
 def flag_pair(decl: str, default: bool | None, help: str) -> Callable[[F], F]:
     """A ``--this/--that`` flag pair of which a command line may give one form only."""
-    return click.option(decl, multiple=True, callback=one_of_pair(default), help=help)
+    return click.option(decl, cls=OneForm, default=default, help=help)
 
 
 def recompute_option(what: str) -> Callable[[F], F]:

@@ -30,6 +30,20 @@ EXAMPLE = ("landscape analyze ckpt-100.pt ckpt-200.pt --model factories.py:model
            "--data factories.py:data -o run.h5")
 
 
+def _created_before(created: object, started: datetime.datetime) -> bool:
+    """Whether a run file's ``created`` attribute (ISO 8601) is before ``started``.
+
+    One without a UTC offset is read as UTC; one that is no date says nothing (False).
+    """
+    try:
+        when = datetime.datetime.fromisoformat(str(created))
+    except ValueError:
+        return False
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when < started
+
+
 @cli.command("analyze", epilog=f"\b\nExample:\n  {EXAMPLE}")
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path())
 @factory_options
@@ -105,8 +119,7 @@ def analyze_command(checkpoints, model_spec, data_spec, tokens, text, seq_len, b
             with Run.open(out) as run:
                 done = len(run.checkpoints())
                 created = run.attrs.get("created")
-            earlier = overwrite and isinstance(created, str) and \
-                datetime.datetime.fromisoformat(created) < started
+            earlier = overwrite and _created_before(created, started)
             counted_done = f"{done} checkpoint{'s' if done != 1 else ''}"
             where = (f"nothing recorded: {out} is as it was (the {counted_done} of an "
                      "earlier analysis)" if earlier else f"{counted_done} recorded in {out}")

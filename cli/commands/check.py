@@ -186,7 +186,10 @@ def check(run_paths: tuple[str, ...], fail_on: str, recompute: bool,
         return
     known = _rules_of_runs(run_paths, rules) if ignore else None
     codes, documents = [], []
-    for path in dict.fromkeys(run_paths):  # a run given twice is checked once
+    seen: set[str] = set()  # a run given twice (run.h5 ./run.h5) is checked once
+    unique = [p for p in run_paths
+              if not (os.path.realpath(p) in seen or seen.add(os.path.realpath(p)))]
+    for path in unique:
         try:
             codes.append(_check_one(path, fail_on, recompute, rules, ignore, require_finished,
                                     as_json, quiet, known, documents))
@@ -253,9 +256,9 @@ def _check_one(run_path: str, fail_on: str, recompute: bool, rules: list | None,
                            f"({type(err).__name__}: {err})", EXIT_INPUT) from None
     if not recompute and alarms_off:  # --stored: no rule ran, so nothing could be stored
         raise CommandError(
-            f"{run_path}: its monitor ran with alarms=False, so the file stores no rule's "
-            "findings and --stored has nothing to gate on; drop --stored to evaluate the "
-            "rules on its rows", EXIT_INPUT)
+            f"{run_path}: its monitor started with alarms=False (the run's config, which "
+            "a resume keeps), so the stored findings do not cover its rows and --stored "
+            "cannot gate it; drop --stored to evaluate the rules on its rows", EXIT_INPUT)
     if not recorded and not found:  # a gate must not pass a job that recorded nothing
         why = ("the run stopped before its first flush, or has not started"
                if status is None else f"the run is {status.describe()}")

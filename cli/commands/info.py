@@ -34,7 +34,8 @@ def info(run_path: str, as_json: bool) -> None:
         click.echo(f"  state: {WriterStatus(**summary['writer']).describe()}")
     if summary["config"]:
         click.echo(f"  config: {json.dumps(summary['config'], default=str)}")
-    own = [n for n in summary["metrics"] if n in MONITOR_TABLES]  # not metrics: its records
+    own = [n for n, m in summary["metrics"].items()  # not metrics: the monitor's records
+           if n in MONITOR_TABLES and m.get("class") == "landscape.monitor.Monitor"]
     click.echo(f"  metrics: {len(summary['metrics']) - len(own)}"
                + (f" (and the monitor's own {', '.join(own)})" if own else ""))
     for name, m in sorted(summary["metrics"].items(), key=lambda item: item[0] in own):

@@ -53,8 +53,8 @@ def report(run_paths: tuple[str, ...], out: str, title: str | None, log: bool | 
     """
     if len(run_paths) > 1:  # click said "Got unexpected extra argument"
         raise click.UsageError(
-            f"a report is of one RUN, got {len(run_paths)}; to compare runs, plot them "
-            "together: landscape plot RUN1 RUN2 ... -o DIR/")
+            f"a report is of one RUN, got {len(run_paths)}: name its file with -o FILE.html; "
+            "to compare runs, plot them together: landscape plot RUN1 RUN2 ... -o DIR/")
     run_path = run_paths[0]
     target = report_path(out)
     rules = load_rule_specs(rule_specs, recompute)

@@ -98,7 +98,8 @@ class _View:
         return lines
 
 
-def _wait_for(run_path: str, interval: float, timeout: float | None, quiet: bool) -> float:
+def _wait_for(run_path: str, interval: float, timeout: float | None, quiet: bool,
+              until_finished: bool = False) -> float:
     """Wait until ``run_path`` exists (a training job may not have created it yet).
 
     Returns the time it waited; raises a one-line error when ``timeout`` runs out first.
@@ -112,9 +113,9 @@ def _wait_for(run_path: str, interval: float, timeout: float | None, quiet: bool
     while not Path(run_path).exists():
         left = None if timeout is None else timeout - (_clock() - start)
         if left is not None and left <= 0:
-            raise click.ClickException(
-                f"{run_path}: no such file after waiting {timeout:g}s (--timeout)"
-            )
+            raise CommandError(  # --until-finished: the time ran out first, 124 as below
+                f"{run_path}: no such file after waiting {timeout:g}s (--timeout)",
+                EXIT_TIMED_OUT if until_finished else 1)
         _sleep(max(0.05, interval) if left is None else min(max(0.05, interval), left))
     return _clock() - start
 
@@ -201,7 +202,7 @@ def watch(
     waited = 0.0
     if not once:
         try:
-            waited = _wait_for(run_path, interval, timeout, quiet)
+            waited = _wait_for(run_path, interval, timeout, quiet, until_finished)
         except KeyboardInterrupt:
             if not quiet:
                 click.echo("stopped", err=True)

@@ -374,7 +374,8 @@ class Monitor:
         self._writer_args = {"mode": mode, "truncate_from": truncate_from,
                              "flush_every": flush_every, "on_disk_full": on_disk_full}
         self._user_config = dict(config or {})
-        self._alarm_rules = alarms
+        # a list: a generator of rules is read by the config and by the rules built at start
+        self._alarm_rules = alarms if isinstance(alarms, bool) else list(alarms)
         self.findings: list[Finding] = Findings()
         # how many of them a resumed run read back from its file (they come first)
         self.findings_recorded = 0

@@ -78,7 +78,8 @@ def _directions(
             return eigen_directions(model, loss_fn, data, n, params=params,
                                     closure=grid.get("closure"),
                                     eval_mode=grid.get("eval_mode", True),
-                                    distributed=grid.get("distributed"))
+                                    distributed=grid.get("distributed"),
+                                    batch_size=grid.get("batch_size"))
         raise ValueError(f"directions must be 'random', 'eigen' or vectors, got {directions!r}")
     vecs = list(directions)
     if len(vecs) != n:

@@ -17,7 +17,7 @@ in the surface attributes) and rebuilt with :meth:`Directions.from_surface`.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -377,6 +377,7 @@ def eigen_directions(
     closure: bool | None = None,
     eval_mode: bool = True,
     distributed: bool | None = None,
+    batch_size: Callable[[Any], int | None] | None = None,
     **kwargs: Any,
 ) -> Directions:
     """The top-``n`` (algebraically largest) Hessian eigenvectors as directions.
@@ -389,17 +390,21 @@ def eigen_directions(
     Sec. 6 relate such curvature to the plots); ``normalization="filter"`` rescales them like
     random directions. The eigenvalues are stored in ``attrs["eigenvalues"]``.
     ``distributed``: the Hessian's (``False``: this rank's data alone, no all-reduce; the
-    grid's setting when a surface asks for ``directions="eigen"``).
+    grid's setting when a surface asks for ``directions="eigen"``). ``batch_size``: each
+    batch's weight (the Hessian's argument; the grid's when a surface asks for them).
     """
     if n not in (1, 2):
         raise ValueError(f"n must be 1 or 2, got {n}")
     from landscape.curvature import Hessian, top_eigenvalues
 
     named = select(model, params)
-    if closure is None:
-        closure = isinstance(data, Mapping)
+    if closure is None:  # dict batches, as the grid decides: one, or a list of them
+        closure = isinstance(data, Mapping) or (
+            isinstance(data, list) and bool(data) and isinstance(data[0], Mapping))
     selection = list(named) if params is not None else None
-    given = {} if distributed is None else {"distributed": distributed}  # (None: default)
+    given: dict[str, Any] = {} if distributed is None else {"distributed": distributed}
+    if batch_size is not None:
+        given["batch_size"] = batch_size
     if closure:
         H = Hessian(model, data=data, closure=loss_fn, params=selection, eval_mode=eval_mode,
                     **given)

@@ -1023,6 +1023,10 @@ def test_an_overwrite_interrupted_before_it_started_over_says_nothing_was_record
     assert (f"nothing recorded: {out} is as it was (the 1 checkpoint of an earlier "
             "analysis); to continue, run the same command again") in result.stderr
     assert "without --overwrite" not in result.stderr
+    with h5py.File(out, "a") as f:  # another writer's date, without a UTC offset
+        f.attrs["created"] = "2020-01-01T00:00:00"
+    again = _analyze_first(setup, tmp_path, "-m", "sharpness", "--overwrite")
+    assert "nothing recorded:" in again.stderr and "without --overwrite" not in again.stderr
 
 
 def test_a_folder_of_plain_checkpoint_files_is_told_to_name_them(setup, tmp_path):

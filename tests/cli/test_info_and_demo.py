@@ -36,14 +36,17 @@ def test_info_lists_metrics_fields_steps_findings_and_surfaces(runner, tmp_path)
         w.create_surface("line", np.linspace(-1, 1, 5))
         w.declare("loss", {"value": None})
         w.append("loss", 30, {"value": 0.5})
-        w.declare("unmeasured", {"metrics": "S16"})  # the monitor's own table
+        w.declare("unmeasured", {"metrics": "S16"},  # the monitor's own table
+                  cls="landscape.monitor.Monitor")
         w.append("unmeasured", 10, {"metrics": "hessian"})
+        w.declare("probe", {"value": None})  # a user's table of that name is a metric
+        w.append("probe", 10, {"value": 1.0})
     result = runner.invoke(cli, ["info", str(path)])
     assert result.exit_code == 0, result.output
     out = result.output
     assert "format version 1" in out
     # the monitor's records are no metrics, listed last (they counted as metrics)
-    assert "metrics: 2 (and the monitor's own unmeasured)" in out
+    assert "metrics: 3 (and the monitor's own unmeasured)" in out
     assert out.index("unmeasured: 1 row") > out.index("loss: 1 row")
     assert "hessian: 3 rows, steps 10..30, schedule every(10)" in out
     assert "loss: 1 row, steps 30..30" in out  # (was "1 rows")

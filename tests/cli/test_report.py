@@ -137,6 +137,6 @@ def test_a_report_of_several_runs_names_the_command_that_compares_them(runner, r
     result = runner.invoke(cli, ["report", str(run_file), str(run_file), "-o",
                                  str(tmp_path / "r.html")])
     assert result.exit_code == 2
-    assert "a report is of one RUN, got 2; to compare runs, plot them together: landscape " \
-        "plot RUN1 RUN2" in result.output
+    assert "a report is of one RUN, got 2: name its file with -o FILE.html; to compare " \
+        "runs, plot them together: landscape plot RUN1 RUN2" in result.output
     assert not (tmp_path / "r.html").exists()

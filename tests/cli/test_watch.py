@@ -344,5 +344,8 @@ def test_until_finished_does_not_pass_a_run_still_written_when_the_timeout_runs_
         assert "not finished after 5s (--timeout) (it is being written" in result.stderr
         plain = runner.invoke(cli, ["watch", str(path), "--timeout", "5", "-q"])
         assert plain.exit_code == 0, plain.output  # a timeout alone is the way to stop
+        never = runner.invoke(cli, ["watch", str(tmp_path / "never.h5"), "--until-finished",
+                                    "--timeout", "5", "-q"])  # not even created in time
+        assert never.exit_code == 124 and "no such file after waiting 5s" in never.output
     finally:
         w.close()

@@ -642,3 +642,18 @@ def test_sparse_calls_never_record_an_interval_with_a_skipped_step_as_one_step()
     assert math.isnan(rows[8])
     for step in (2, 5, 11):  # whole intervals: the last optimizer step alone
         assert rows[step] == pytest.approx(one_step[step], rel=1e-5)
+
+
+def test_rules_given_as_a_generator_are_all_built():
+    """The run's config read alarms= first, so a generator of rules reached the alarms
+    empty: no rule ran, not even nonfinite (review)."""
+    from landscape.alarms import default_rules
+
+    model = models.mlp()
+    mon = Monitor(model, F.cross_entropy, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                  metrics=["loss"], alarms=(rule for rule in default_rules()))
+    with pytest.warns(ls.InstabilityWarning, match="nonfinite: training loss is nan"), mon:
+        for step in range(3):
+            mon.step(step, loss=torch.tensor(float("nan") if step == 2 else 1.0))
+    assert [f.rule for f in mon.findings] == ["nonfinite"]
+    assert len(mon.run().config["alarms"]) == len(default_rules())

@@ -322,6 +322,18 @@ def test_batch_size_weighs_batches_whose_first_tensor_the_samples_share():
                  lambda b: torch.tensor(len(b["y"]))):
         weighted = line(model, closure, batches, steps=3, progress=False, batch_size=size)
         np.testing.assert_allclose(weighted.values["loss"], whole.values["loss"], rtol=1e-6)
+    # eigen directions: the Hessian of the loss the grid evaluates, same weights (review)
+    from landscape.surface import eigen_directions
+
+    sizes = lambda b: len(b["y"])  # noqa: E731
+    eigen = line(model, closure, batches, steps=3, progress=False, batch_size=sizes,
+                 directions="eigen")
+    weighted = eigen_directions(model, closure, batches, 1, batch_size=sizes)
+    given = line(model, closure, batches, steps=3, progress=False, batch_size=sizes,
+                 directions=weighted)
+    np.testing.assert_allclose(eigen.values["loss"], given.values["loss"], rtol=1e-5)
+    equal = eigen_directions(model, closure, batches, 1)  # (a list of dict batches: closure)
+    assert abs(weighted.attrs["eigenvalues"][0] - equal.attrs["eigenvalues"][0]) > 1e-3
     with pytest.raises(ValueError, match="batch_size must be a function"):
         line(model, closure, batches, steps=3, progress=False, batch_size=16)
     with pytest.raises(ValueError, match=r"must return a whole size >= 0 or None, got "
