@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import textwrap
+from pathlib import Path
 
 import click
 from landscape_cli.app import CommandError, cli, input_errors, run_file_errors, verbose_option
@@ -186,10 +187,10 @@ def check(run_paths: tuple[str, ...], fail_on: str, recompute: bool,
         return
     known = _rules_of_runs(run_paths, rules) if ignore else None
     codes, documents = [], []
-    seen: set[str] = set()  # a run given twice (run.h5 ./run.h5) is checked once
-    unique = [p for p in run_paths
-              if not (os.path.realpath(p) in seen or seen.add(os.path.realpath(p)))]
-    for path in unique:
+    unique: dict[Path, str] = {}  # a run given twice (run.h5 ./run.h5) is checked once
+    for path in run_paths:
+        unique.setdefault(Path(path).resolve(), path)
+    for path in unique.values():
         try:
             codes.append(_check_one(path, fail_on, recompute, rules, ignore, require_finished,
                                     as_json, quiet, known, documents))

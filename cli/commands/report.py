@@ -71,10 +71,10 @@ def report(run_paths: tuple[str, ...], out: str, title: str | None, log: bool | 
         note = unfinished_note(run.source, status, run.last_step(), "reported")
     if note and not quiet:
         click.echo(note, err=True)
-    if not quiet and not n_metrics and not n_surfaces and not found:  # (check: exit 2)
-        click.echo(f"note: {run_path} holds no rows, surfaces or findings yet: the report "
-                   "shows its configuration only", err=True)
     if not quiet:
+        if not n_metrics and not n_surfaces and not found:  # (check exits 2 on such a run)
+            click.echo(f"note: {run_path} holds no rows, surfaces or findings yet: the "
+                       "report shows its configuration only", err=True)
         counts = count_by_severity(found)
         detail = ", ".join(f"{counts[s]} {s}" for s in ("error", "warning", "info") if counts[s])
         click.echo(

@@ -589,7 +589,7 @@ def collect_findings(
         rows = {name: run.steps(name) for name in {m for m, _ in skipped}
                 if name in run.metrics()}
         # a divergence the rules found again offline says why too (a run without alarms)
-        said = stored + [f for f in found if f.rule == "nonfinite" and f not in stored]
+        said = stored + [f for f in found if f.rule == "nonfinite"]
         found.extend(never_measured(rows, skipped, said, cite="metric_failed" not in ignore))
     unique: dict[tuple[int, str, str, str | None], Finding] = {}
     for f in found:

@@ -392,7 +392,8 @@ class PointEvaluator:
         count = 0
         comparable = True
         for batch in self.data:
-            if self.data.loader is not None and self._samples(batch) == 0:
+            bs = self._samples(batch) if self.data.loader is not None else 1
+            if bs == 0:
                 continue  # its mean loss is 0/0: it weighs nothing
             if self.closure:
                 out = None
@@ -416,7 +417,6 @@ class PointEvaluator:
             loss = _scalar(loss)
             if self.data.loader is None:  # one batch: two host syncs and no bookkeeping
                 return self._single(loss, out, batch)
-            bs = self._samples(batch)
             term = loss.detach().double() * bs
             total = term if total is None else total + term
             n += bs
