@@ -14,10 +14,13 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["LOG_INTERVAL", "above_bars", "bar", "interactive"]
+__all__ = ["LOG_INTERVAL", "PRODUCTS_DELAY", "above_bars", "bar", "interactive", "products_bar"]
 
 LOG_INTERVAL = 30.0
 """Seconds between the redraws of a bar written to a file or a log."""
+
+PRODUCTS_DELAY = 2.0
+"""Seconds a curvature computation runs before its bar of products appears."""
 
 
 def interactive() -> bool:
@@ -68,3 +71,44 @@ def above_bars() -> Iterator[None]:
         return
     with cls.external_write_mode(file=sys.stderr):
         yield
+
+
+@contextlib.contextmanager
+def products_bar(op: Any, *, total: int, desc: str, enabled: bool) -> Iterator[Any]:
+    """A bar of the curvature products ``op`` makes inside the block.
+
+    It appears only after :data:`PRODUCTS_DELAY` seconds, so a quick computation (a small
+    model, a test) draws nothing, while a Lanczos run on a 100M-parameter model, minutes
+    long, shows each product as it ends. Distributed, only rank 0 draws it. The bar follows
+    ``op.n_matvec`` (a :class:`~landscape.curvature.CurvatureOperator` calls its
+    ``_on_count`` at every change); ``op`` is left as it was on exit.
+
+    Args:
+        op: the operator whose products are counted (the one the solver multiplies by).
+        total: the products expected (a cap: the bar may stop short of it, or pass it).
+        desc: the bar's label.
+        enabled: whether the caller wants a bar (``progress=``).
+
+    Yields:
+        The bar (disabled: every call does nothing), for ``set_postfix_str``.
+    """
+    from landscape import distributed
+
+    shown = enabled and distributed.rank() == 0
+    drawn = bar(enabled=shown, total=total, desc=desc, unit="product", leave=False,
+                delay=PRODUCTS_DELAY)
+    start, previous = op.n_matvec, op._on_count
+
+    def counted(n: int) -> None:
+        drawn.update(n - start - drawn.n)
+        if previous is not None:
+            previous(n)
+
+    if shown:
+        op._on_count = counted
+    try:
+        yield drawn
+    finally:
+        if shown:
+            op._on_count = previous
+        drawn.close()

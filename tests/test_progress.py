@@ -95,3 +95,94 @@ def test_a_warning_raised_while_a_training_loop_draws_a_bar_goes_above_it(monkey
     plain = _warning_after_a_bar(monkeypatch, in_monitor=False)
     line = plain.partition("InstabilityWarning")[0].rsplit("\n", 1)[-1]
     assert "it/s" in line.rsplit("\r", 1)[-1], repr(line)
+
+
+def _recorded_bars(monkeypatch) -> tuple[_Stream, list]:
+    """A terminal on stderr, no delay, and every bar wanted (``enabled``) from now on."""
+    tty = _Stream(tty=True)
+    monkeypatch.setattr(progress.sys, "stderr", tty)
+    monkeypatch.setattr(progress, "PRODUCTS_DELAY", 0.0)
+    made = []
+    real = progress.bar
+
+    def recording(*args, **kwargs):
+        drawn = real(*args, **{**kwargs, "mininterval": 0.0, "file": tty})
+        if kwargs["enabled"]:
+            made.append(drawn)
+        return drawn
+
+    monkeypatch.setattr(progress, "bar", recording)
+    return tty, made
+
+
+def test_curvature_solvers_count_their_products_on_a_bar_and_leave_the_operator_as_it_was(
+        monkeypatch):
+    import torch
+
+    from landscape.curvature import MatrixOperator, hessian_trace, spectral_density, top_eigenvalues
+
+    a = torch.randn(40, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    a = a + a.T
+    quiet = (top_eigenvalues(MatrixOperator(a), which="both", progress=False),
+             hessian_trace(MatrixOperator(a), n_matvec=20, progress=False),
+             spectral_density(MatrixOperator(a), lanczos_steps=10, n_probes=2, progress=False))
+    tty, made = _recorded_bars(monkeypatch)
+    ops = [MatrixOperator(a) for _ in range(3)]
+    shown = (top_eigenvalues(ops[0], which="both"), hessian_trace(ops[1], n_matvec=20),
+             spectral_density(ops[2], lanczos_steps=10, n_probes=2))
+    # the same numbers, every product counted, the bar closed and the operator unhooked
+    assert torch.equal(shown[0].values, quiet[0].values)
+    assert shown[1].value == quiet[1].value
+    assert torch.equal(shown[2].density, quiet[2].density)
+    assert [b.n for b in made] == [r.n_matvec for r in shown] == [op.n_matvec for op in ops]
+    assert all(b.disable for b in made)  # (closed)
+    assert all(op._on_count is None for op in ops)
+    out = tty.getvalue()
+    for name in ("top_eigenvalues", "hessian_trace (krylov)", "spectral_density"):
+        assert name in out
+    largest, smallest = shown[0].values[0].item(), shown[0].smallest.values[0].item()
+    assert f"{largest:.5g} (residual" in out and f"{smallest:.5g} (residual" in out
+
+
+def test_quick_curvature_work_draws_no_bar_and_the_monitor_none_at_all(monkeypatch):
+    import torch
+    import torch.nn.functional as F
+
+    import landscape as ls
+    from landscape.curvature import MatrixOperator, top_eigenvalues
+
+    tty = _Stream(tty=True)
+    monkeypatch.setattr(progress.sys, "stderr", tty)
+    top_eigenvalues(MatrixOperator(torch.eye(5, dtype=torch.float64)))
+    assert tty.getvalue() == ""  # under PRODUCTS_DELAY: nothing drawn
+    tty, made = _recorded_bars(monkeypatch)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    metrics = [ls.metrics.Sharpness(), ls.metrics.HessianTrace(n_matvec=6),
+               ls.metrics.SpectralDensity(lanczos_steps=4, n_probes=1)]
+    with ls.Monitor(model, F.cross_entropy, None, metrics=metrics, optimizer=opt) as mon:
+        for step in range(2):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            mon.step(step, batch=(x, y), loss=loss)
+    assert made == [] and "product" not in tty.getvalue()  # the loop's own bar keeps its line
+
+
+def test_a_surface_without_progress_draws_no_bar_for_its_eigen_directions(monkeypatch):
+    import torch
+    import torch.nn.functional as F
+
+    import landscape as ls
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    data = (torch.randn(12, 3), torch.randint(0, 2, (12,)))
+    tty, made = _recorded_bars(monkeypatch)
+    ls.surface.line(model, F.cross_entropy, data, directions="eigen", steps=3, progress=False)
+    assert made == [] and tty.getvalue() == ""
+    ls.surface.line(model, F.cross_entropy, data, directions="eigen", steps=3)
+    assert [b.desc for b in made][:1] == ["top_eigenvalues"]

@@ -12,7 +12,7 @@ their flat forms), so they work on every operator: :class:`MatrixOperator`,
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -74,6 +74,22 @@ class CurvatureOperator:
         self.device = torch.device(device)
         self.dim = int(sum(math.prod(s) for s in self.shapes))
         self.n_matvec = 0
+
+    # -- the product count ---------------------------------------------------------------
+    _n_matvec = 0
+    _on_count: Callable[[int], None] | None = None
+    """Called with the new count whenever it changes (a progress bar; ``products_bar``)."""
+
+    @property
+    def n_matvec(self) -> int:
+        """Single-vector products so far (:meth:`matmat` adds its batch size)."""
+        return self._n_matvec
+
+    @n_matvec.setter
+    def n_matvec(self, value: int) -> None:
+        self._n_matvec = value
+        if self._on_count is not None:
+            self._on_count(value)
 
     # -- the interface -------------------------------------------------------------------
     @property

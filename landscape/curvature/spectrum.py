@@ -26,6 +26,7 @@ import torch
 
 from landscape._checks import positive_int, positive_number
 from landscape._deprecation import renamed_kwargs
+from landscape._progress import products_bar
 from landscape.curvature._probes import generator as _generator
 from landscape.curvature._probes import rademacher as _rademacher
 from landscape.curvature._probes import to_vectors as _to_vectors
@@ -187,6 +188,7 @@ def top_eigenvalues(
     offload: bool = False,
     memory_budget: int | float | str | None = None,
     memory_profile: MemoryProfile | None = None,
+    progress: bool = True,
 ) -> EigenResult:
     """The ``k`` algebraically largest eigenpairs of ``op`` (and/or the smallest).
 
@@ -242,6 +244,8 @@ def top_eigenvalues(
             raises. ``None``: no limit.
         memory_profile: a :class:`~landscape.curvature.memory.MemoryProfile` of ``op``
             measured before, reused by the plan (default: measured when a budget is given).
+        progress: a bar of the products on stderr, with the current estimate and its
+            relative residual, drawn once the run has lasted 2 seconds.
 
     Returns:
         The eigenpairs, their residuals and the products used; for ``"both"``, the
@@ -302,10 +306,12 @@ def top_eigenvalues(
             run_op.flat_matvec, rows, k=k, which=which, tol=tol, max_matvec=max_matvec,
             min_matvec=least, generator=gen, stop=stop, max_basis=max_basis,
             offload=offload, fresh_products=True,  # flat_matvec's torch.cat is new
+            callback=(lambda info: _show_estimate(bar, info, which)) if progress else None,
         )
 
     engine = _first_order_engine(run_op)
-    with PeakMemory(op.device) as mem:
+    bars = products_bar(run_op, total=max_matvec, desc="top_eigenvalues", enabled=progress)
+    with bars as bar, PeakMemory(op.device) as mem:
         res = solve(start, min_matvec)
         refined = None if engine is None else engine.refined
         if engine is not None and _check_step(run_op, res) and engine.refined > refined:
@@ -337,6 +343,15 @@ def top_eigenvalues(
         out.smallest = part(res.smallest, "smallest")
         out.which = "both"
     return out
+
+
+def _show_estimate(bar: Any, info: dict, which: str) -> None:
+    """The Lanczos run's current extreme estimate(s) and relative residual(s) on ``bar``."""
+    theta, res = info["theta"], info["residuals"]
+    ends = {"largest": [-1], "smallest": [0], "both": [-1, 0]}[which]
+    bar.set_postfix_str(", ".join(
+        f"{theta[i]:.5g} (residual {res[i] / max(abs(theta[i]), 1e-300):.1e})" for i in ends
+    ), refresh=False)
 
 
 def _first_order_engine(op: CurvatureOperator) -> Any:
@@ -504,6 +519,7 @@ def spectral_density(
     reorthogonalize: str = "auto",
     memory_budget: int | float | str | None = None,
     memory_profile: MemoryProfile | None = None,
+    progress: bool = True,
 ) -> DensityResult:
     """Eigenvalue density of ``op`` by stochastic Lanczos quadrature.
 
@@ -550,6 +566,7 @@ def spectral_density(
             or raises. ``None``: no limit.
         memory_profile: a :class:`~landscape.curvature.memory.MemoryProfile` of ``op``
             measured before, reused by the plan (default: measured when a budget is given).
+        progress: a bar of the products on stderr, drawn once the run has lasted 2 seconds.
 
     Returns:
         The smoothed density and its quadrature nodes and weights.
@@ -598,7 +615,9 @@ def spectral_density(
     before = run_op.n_matvec
     alphas: list[torch.Tensor] = []
     betas: list[torch.Tensor] = []
-    with PeakMemory(op.device) as mem:
+    bars = products_bar(run_op, total=lanczos_steps * n_probes, desc="spectral_density",
+                        enabled=progress)
+    with bars, PeakMemory(op.device) as mem:
         for i in range(0, n_probes, group):
             a, b, _ = lanczos_tridiagonal(run_op.flat_matmat, starts[i : i + group],
                                           lanczos_steps, local=local)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from landscape._checks import positive_int
+from landscape._progress import products_bar
 from landscape.curvature._probes import generator as _generator
 from landscape.curvature._probes import rademacher as _rademacher
 from landscape.curvature.base import CurvatureOperator, check_operator
@@ -130,6 +131,7 @@ def hessian_trace(
     probe_batch: int | None = None,
     memory_budget: int | float | str | None = None,
     memory_profile: MemoryProfile | None = None,
+    progress: bool = True,
 ) -> TraceResult:
     """Stochastic estimate of ``tr(op)`` from ``n_matvec`` products (fewer on a tiny operator).
 
@@ -184,6 +186,7 @@ def hessian_trace(
             ``None``: no limit.
         memory_profile: a :class:`~landscape.curvature.memory.MemoryProfile` of ``op``
             measured before, reused by the plan (default: measured when a budget is given).
+        progress: a bar of the products on stderr, drawn once the run has lasted 2 seconds.
 
     Returns:
         The estimate, its standard error and the per-probe samples.
@@ -218,7 +221,9 @@ def hessian_trace(
         run_op = apply_plan(op, plan)
         probe_batch = min(probe_batch or n_matvec, plan.probe_batch or n_matvec)
     mult = _Multiplier(run_op, probe_batch)
-    with PeakMemory(op.device) as mem:
+    bars = products_bar(run_op, total=n_matvec, desc=f"hessian_trace ({method})",
+                        enabled=progress)
+    with bars, PeakMemory(op.device) as mem:
         result = _estimate(run_op, method, n_matvec, seed, mult)
     if run_op is not op:
         op.n_matvec += result.n_matvec

@@ -735,7 +735,8 @@ class StepContext:
                 [tuple(t.shape) for t in v] != [tuple(s) for s in op.shapes]
                 for v in warm.vectors):
             warm = None  # of other parameters (weights tied or replaced since): cold start
-        result = curvature.top_eigenvalues(op, k=k, tol=tol, warm_start=warm, **memory)
+        result = curvature.top_eigenvalues(op, k=k, tol=tol, warm_start=warm, progress=False,
+                                           **memory)
         self.state[key] = result
         self._cache[key] = result
         return result

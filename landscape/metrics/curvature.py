@@ -433,7 +433,7 @@ class HessianTrace(Metric):
         seed = int(ctx.state.setdefault("trace_seed", 0))
         res = hessian_trace(
             ctx.operator(self.data), method=self.method, n_matvec=self.n_matvec, seed=seed,
-            **_budget_kwargs(ctx, self.data, self.memory_budget),
+            progress=False, **_budget_kwargs(ctx, self.data, self.memory_budget),
         )
         return {"value": float(res.value), "stderr": float(res.stderr),
                 "peak_memory": _peak(res)}
@@ -499,7 +499,7 @@ class SpectralDensity(Metric):
 
         # positional: the keyword is n_iter before the curvature rename, lanczos_steps after
         res = spectral_density(ctx.operator(self.data), self.lanczos_steps, self.n_probes,
-                               reorthogonalize=self.reorthogonalize,
+                               reorthogonalize=self.reorthogonalize, progress=False,
                                **_budget_kwargs(ctx, self.data, self.memory_budget))
         out: dict[str, Any] = {"peak_memory": _peak(res)}
         for key in ("nodes", "weights"):

@@ -79,7 +79,8 @@ def _directions(
                                     closure=grid.get("closure"),
                                     eval_mode=grid.get("eval_mode", True),
                                     distributed=grid.get("distributed"),
-                                    batch_size=grid.get("batch_size"))
+                                    batch_size=grid.get("batch_size"),
+                                    progress=grid.get("progress", True))
         raise ValueError(f"directions must be 'random', 'eigen' or vectors, got {directions!r}")
     vecs = list(directions)
     if len(vecs) != n:
