@@ -1105,12 +1105,13 @@ class Monitor:
                 advice = ""
             elif self._recorded_here:  # a loop (a notebook cell) run again from a step
                 advice = (f" in {self.path}: go on from step {last + 1}, or record from step "
-                          f"{step} again in a new Monitor with truncate_from={step} (which "
-                          "drops the rows from it on; mode='w' would start the file over, "
-                          "without any of its rows)")
+                          f"{step} again in a new Monitor with truncate_from={step}, once this "
+                          "one is closed (it drops the rows from that step on; mode='w' "
+                          "would start the file over, without any of its rows)")
             else:  # a new monitor into a file of an earlier run (a script run again)
                 advice = (f" in {self.path} (to start the file over, pass mode='w'; to "
-                          f"resume from step {step}, truncate_from={step})")
+                          f"resume from step {step}, truncate_from={step}; either in a new "
+                          "Monitor once this one is closed)")
             raise StepOrderError(
                 f"step {step} does not come after the last recorded step {last}" + advice)
         if self._previous_call is not None and step > self._previous_call + 1:

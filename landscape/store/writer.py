@@ -103,10 +103,15 @@ _STRUCTURE_BYTES = 64 * 2**10  # room a new table or field takes (its datasets' 
 def _close_at_exit() -> None:
     """Close the writers left open at interpreter exit (no ``close()``, an uncaught error).
 
+    The uncaught error is recorded as why the run stopped, except in an interactive session,
+    where ``sys.last_value`` is the last error any cell showed (a typo after training).
+
     ``__del__`` cannot: at shutdown h5py can no longer import what it needs. Registered
     after h5py's own exit handler, this one runs before it.
     """
     uncaught = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
+    if _interactive_session():  # there it is the last error any cell showed, not the end
+        uncaught = None
     how = None
     if isinstance(uncaught, KeyboardInterrupt):
         how = stopped_how(uncaught)  # Ctrl-C, whose message is empty
@@ -117,6 +122,14 @@ def _close_at_exit() -> None:
     for writer in list(_OPEN):
         with contextlib.suppress(Exception):
             writer.close(how=how)
+
+
+def _interactive_session() -> bool:
+    """Python's prompt (also ``python -i``), IPython or Jupyter: an error shown ends nothing."""
+    if hasattr(sys, "ps1") or sys.flags.interactive:
+        return True
+    get_ipython = getattr(sys.modules.get("IPython"), "get_ipython", None)
+    return get_ipython is not None and get_ipython() is not None
 
 
 def close_writers(path: str | os.PathLike | None = None) -> int:
@@ -229,6 +242,8 @@ class RunWriter:
         self._posthoc = posthoc
         self._training_run = False  # (posthoc) a training session wrote the run
         self._wrote = False  # this session wrote rows or points
+        self._resumed = False  # this session reopened a run that held rows
+        self._how_before: str | None = None  # (resumed) the run's closed_how when reopened
         self.path = None if path is None else Path(path)
 
         if self.path is None:
@@ -293,6 +308,7 @@ class RunWriter:
             backend = H5Backend(open_for_writing(path), writable=True)
             self._backend = backend
             _warn_other_model(path, backend.file.attrs.get("config"), config)
+            self._resumed = True
             self._mark_owner(backend, ended)
             self._trim_partial_rows(backend)
             self._note_resume(backend, None)
@@ -336,6 +352,8 @@ class RunWriter:
         attrs["writer_host"] = socket.gethostname()
         if not self._posthoc:
             attrs["trained"] = True
+            if "closed_how" in attrs:
+                self._how_before = str(attrs["closed_how"])
             for name in ("closed_how", "posthoc_writing"):  # a resume: stopped no more
                 if name in attrs:
                     del attrs[name]
@@ -1014,6 +1032,11 @@ class RunWriter:
                     drop.append("closed_how")
             if drop:
                 self._backend.del_root_attrs(drop)
+        elif self._resumed and not self._wrote and self.dropped_from is None:
+            # a resume that changed no row (refused at its first step, closed at once):
+            # the run reads as it did before it, finished or stopped
+            if self._how_before is not None:
+                self._backend.set_root_attrs({"closed_how": self._how_before})
         elif how is not None:
             self._backend.set_root_attrs({"closed_how": str(how)[:500]})
 

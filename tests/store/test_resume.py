@@ -557,3 +557,54 @@ def test_a_writer_left_open_by_an_uncaught_error_records_it_at_exit(tmp_path, ra
     with Run.open(path) as run:
         status = run.writer_status()
     assert (status.state, status.reason) == ("stopped", reason), done.stderr[-2000:]
+
+
+def test_an_error_shown_at_an_interactive_prompt_is_not_taken_for_how_the_run_ended(tmp_path):
+    """At Python's prompt (a notebook likewise) ``sys.last_value`` holds the last error any
+    input showed: a typo after training read as "the program ended on an uncaught
+    NameError", and ``check --require-finished`` failed a run that had finished."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "run.h5"
+    lines = ["from landscape.store import RunWriter",
+             f"w = RunWriter({str(path)!r}, mode='w')",
+             "w.declare('loss', {'value': None})", "w.append('loss', 0, {'value': 1.0})",
+             "prnt('done')", ""]
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-i", "-q"], input="\n".join(lines),
+                          capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert "NameError" in done.stderr  # the typo was shown, then the session went on
+    with Run.open(path) as run:
+        assert run.writer_status().state == "closed", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("before", [None, "stopped on ValueError: bad batch"])
+def test_a_resume_refused_at_its_first_step_leaves_the_run_as_it_was(tmp_path, before):
+    """A cell run again wrote step 0 into a finished run: refused (StepOrderError), and the
+    monitor's exit then recorded the refusal as how the run stopped, failing a finished run
+    in ``check --require-finished``; a resume that changed no row changes no status."""
+    path = tmp_path / "run.h5"
+    with RunWriter(path) as w:
+        w.declare("a", {"v": None})
+        w.append("a", 0, {"v": 0.0})
+        if before is not None:
+            w.close(how=before)
+    with pytest.raises(StepOrderError):
+        with RunWriter(path) as w:
+            try:
+                w.append("a", 0, {"v": 1.0})
+            except StepOrderError as err:
+                w.close(how=f"stopped on StepOrderError: {err}")
+                raise
+    with Run.open(path) as run:
+        status = run.writer_status()
+    assert (status.state, status.reason) == (("closed", None) if before is None
+                                             else ("stopped", before))
+    with RunWriter(path) as w:  # a resume that writes: its own end, as before
+        w.append("a", 1, {"v": 1.0})
+    with Run.open(path) as run:
+        assert run.writer_status().state == "closed"
