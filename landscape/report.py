@@ -54,6 +54,7 @@ from landscape.plotting.timelines import (
     figure_png,
     metrics_with_rows,
     nonfinite_rows,
+    opens_paths,
     session_starts,
     timelines,
 )
@@ -541,8 +542,9 @@ def _surfaces_html(run: Run, dpi: int, log: bool | None = None) -> list[str]:
     return out
 
 
+@opens_paths
 def render_report(
-    run: Run,
+    run: Run | str | os.PathLike,
     *,
     title: str | None = None,
     findings: Sequence[Finding] | None = None,
@@ -552,6 +554,7 @@ def render_report(
 ) -> str:
     """The report of ``run`` as one HTML document (a string).
 
+    ``run``: a :class:`~landscape.store.Run` or the path of a run file (opened for the call).
     ``findings``: the findings to list and mark (default :func:`collect_findings`, leaving
     out ``ignored_rules``). ``ignored_rules``: rules whose findings were left out
     (``landscape report --ignore-rule``); the findings section names them.
@@ -665,8 +668,9 @@ def check_report_target(path: str | os.PathLike) -> Path:
     return p
 
 
+@opens_paths
 def write_report(
-    run: Run,
+    run: Run | str | os.PathLike,
     path: str | os.PathLike,
     *,
     title: str | None = None,
@@ -677,7 +681,13 @@ def write_report(
 ) -> Path:
     """Write the self-contained HTML report of ``run`` to ``path`` (see :func:`render_report`).
 
+    ``run``: a :class:`~landscape.store.Run` or the path of a run file (opened for the call).
     ``path`` is the file; :func:`report_path` turns a directory into the file in it.
+
+    Example::
+
+        from landscape.report import write_report
+        write_report("run.h5", "report.html")  # also while the run is being written
 
     Raises:
         LandscapeError: ``path`` cannot take a report (:func:`check_report_target`).

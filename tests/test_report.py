@@ -36,7 +36,7 @@ from landscape.plotting.timelines import (
     timelines,
 )
 from landscape.report import collect_findings, render_report, report_path, write_report
-from landscape.store import RunWriter
+from landscape.store import Run, RunWriter
 from tests.cli._runs import add_line_and_plane
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -471,6 +471,24 @@ def test_write_report_refuses_a_directory(tmp_path):
 
     with pytest.raises(LandscapeError, match="is a directory"):
         write_report(_writer().run(), tmp_path)
+
+
+def test_the_report_of_a_run_files_path_is_the_report_of_its_run_and_leaves_it_closed(
+        tmp_path):
+    """``write_report("run.h5", ...)`` failed with "'str' object has no attribute 'summary'"
+    where the timelines took a path."""
+    path = tmp_path / "run.h5"
+    with RunWriter(path) as w:
+        w.declare("loss", {"value": None})
+        for s in range(5):
+            w.append("loss", s, {"value": 1.0 / (s + 1)})
+    out = write_report(str(path), tmp_path / "r.html", title="t")
+    with Run.open(path) as run:
+        from_run = render_report(run, title="t")
+    assert _images(out.read_text()) == _images(from_run)
+    assert len(_images(from_run)) == 1
+    with RunWriter(path) as w:  # the path's reader was closed: the file can be written
+        w.append("loss", 5, {"value": 0.1})
 
 
 # --------------------------------------------------------------------------- browser

@@ -226,14 +226,18 @@ def _encode(value: Any, spec: FieldSpec, name: str = "value") -> np.ndarray:
         if len(raw) > width:
             raw = raw[: width - 3].decode("utf-8", "ignore").encode("utf-8") + b"..."
         return np.asarray(raw, dtype=spec.dtype)
-    raw = as_numpy(value)
+    try:
+        raw = as_numpy(value)
+    except Exception as err:  # a meta or nested tensor, a device whose copy fails
+        raise ValueError(f"field {name!r}: {type(value).__name__} cannot be read as numbers "
+                         f"({type(err).__name__}: {err})") from None
     if np.iscomplexobj(raw) and np.dtype(spec.dtype).kind != "c":
         raise ValueError(f"field {name!r}: a complex value {value!r} in a field of "
                          f"{spec.dtype} (its imaginary part would be dropped)")
     try:
         arr = np.asarray(raw, dtype=spec.dtype)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"field {name!r}: {value!r} is not a number ({spec.dtype}): "
+    except (TypeError, ValueError, OverflowError) as err:  # (10**400: no float64)
+        raise ValueError(f"field {name!r}: {shown(value)} is not a number ({spec.dtype}): "
                          f"{err}") from None
     if arr.shape != spec.shape:
         if arr.size == math.prod(spec.shape):

@@ -59,7 +59,34 @@ class WrongShape(Metric):
         return {"norms": np.ones(4)}
 
 
-@pytest.mark.parametrize("metric", [Misspelt(), WrongShape()], ids=lambda m: m.name)
+class Overflows(Metric):
+    name = "overflows"
+    FIELDS = ("value",)
+
+    def compute(self, ctx):
+        return {"value": 10**400}  # no float64: OverflowError in NumPy
+
+
+class OnMeta(Metric):
+    name = "on_meta"
+    FIELDS = ("value",)
+
+    def compute(self, ctx):
+        return {"value": torch.ones((), device="meta")}  # no data to copy to the host
+
+
+class Nested(Metric):
+    name = "nested"
+
+    def fields(self):
+        return {"v": (2,)}
+
+    def compute(self, ctx):
+        return {"v": torch.nested.nested_tensor([torch.ones(1), torch.ones(1)])}
+
+
+@pytest.mark.parametrize("metric", [Misspelt(), WrongShape(), Overflows(), OnMeta(), Nested()],
+                         ids=lambda m: m.name)
 def test_a_row_that_does_not_fit_its_fields_is_the_metrics_failure(tmp_path, metric):
     """It was a ValueError out of mon.step from the writer: training stopped, half a step
     written. Now a NaN row and one metric_failed finding naming the class, as when
