@@ -103,14 +103,14 @@ class EigenResult:
     """
 
     values: torch.Tensor
-    vectors: list[Vector]
+    vectors: list[Vector] = dataclasses.field(repr=False)  # (parameter-sized: not in repr)
     residuals: torch.Tensor
     n_matvec: int
     converged: bool
     smallest: EigenResult | None = None
     which: str = "largest"
     tol: float = 1e-3
-    ritz_values: torch.Tensor | None = None
+    ritz_values: torch.Tensor | None = dataclasses.field(default=None, repr=False)
     peak_memory: int | None = None
     memory_plan: Any = None
 
@@ -410,10 +410,10 @@ class DensityResult:
     the basis the runs kept.
     """
 
-    grid: torch.Tensor
-    density: torch.Tensor
-    nodes: torch.Tensor
-    weights: torch.Tensor
+    grid: torch.Tensor = dataclasses.field(repr=False)  # (long tables: not in repr)
+    density: torch.Tensor = dataclasses.field(repr=False)
+    nodes: torch.Tensor = dataclasses.field(repr=False)
+    weights: torch.Tensor = dataclasses.field(repr=False)
     n_matvec: int
     sigma: float = 0.0
     dim: int = 0

@@ -58,7 +58,7 @@ class TraceResult:
     stderr: float
     n_matvec: int
     method: str = "hutch++"
-    samples: torch.Tensor | None = None
+    samples: torch.Tensor | None = dataclasses.field(default=None, repr=False)
     peak_memory: int | None = None
     probe_batch: int | None = None
     memory_plan: Any = None

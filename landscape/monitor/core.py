@@ -699,6 +699,14 @@ class Monitor:
                 self._mirrors_closed = True
                 self._mirror("close")
 
+    def __repr__(self) -> str:
+        where = "no file" if self.path is None else repr(str(self.path))
+        state = ("not started" if self.writer is None
+                 else "closed" if self.writer.closed else "open")
+        last = self.last_step
+        return (f"Monitor({where}, metrics={[m.name for m in self.metrics]}, {state}"
+                + ("" if last is None else f", last step {last}") + ")")
+
     def __enter__(self) -> Monitor:
         self.start()
         self._with_depth += 1

@@ -575,6 +575,11 @@ class Run:
                 _FIRST_OPEN.pop((held.st_dev, held.st_ino), None)  # the last Run of it
             self._backend.close()
 
+    def __repr__(self) -> str:
+        h5file = getattr(self._backend, "file", None)
+        closed = h5file is not None and not h5file  # (an h5py file is falsy once closed)
+        return f"Run({self.source!r}, {'closed' if closed else f'metrics={self.metrics()}'})"
+
     def __enter__(self) -> Run:
         return self
 

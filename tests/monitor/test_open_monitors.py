@@ -121,3 +121,34 @@ def test_reading_a_file_a_monitor_of_this_process_still_buffers_says_so(tmp_path
         mon.close()
         with ls.Run.open(path) as run:
             assert run.rows("loss") == 3
+
+
+def test_monitor_run_and_results_show_what_they_are_in_a_line(tmp_path):
+    """A notebook shows the repr: a Monitor and a Run were ``<... object at 0x...>``, and an
+    EigenResult of a 244-parameter model printed 9,974 characters (its vectors), a
+    DensityResult 29,172 (its grid and tables)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    hessian = ls.Hessian(model, F.cross_entropy, (x, y))
+    eig = ls.top_eigenvalues(hessian, k=2, which="both")
+    results = (eig, ls.hessian_trace(hessian), ls.spectral_density(hessian, lanczos_steps=10))
+    for result in results:
+        assert len(repr(result)) < 700 and f"n_matvec={result.n_matvec}" in repr(result)
+    assert f"{eig.values[0].item():.4f}" in repr(eig) and "vectors" not in repr(eig)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "run.h5"
+    mon = ls.Monitor(model, F.cross_entropy, path, optimizer=opt, metrics=["loss"])
+    assert repr(mon) == f"Monitor({str(path)!r}, metrics=['loss'], not started)"
+    with mon:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mon.step(3, batch=(x, y), loss=loss)
+        assert repr(mon).endswith("['loss'], open, last step 3)")
+    assert repr(mon).endswith("['loss'], closed, last step 3)")
+    run = ls.Run.open(path)
+    assert repr(run) == f"Run({str(path)!r}, metrics=['loss'])"
+    run.close()
+    assert repr(run) == f"Run({str(path)!r}, closed)"
