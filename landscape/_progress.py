@@ -50,8 +50,9 @@ def bar(iterable: Any = None, *, enabled: bool, nested: bool = False, **kwargs: 
 
     live = interactive()
     disable = not enabled or (nested and not live)
-    if not live:
+    if not live:  # a log: nothing for work shorter than that, then a line that often
         kwargs.setdefault("mininterval", LOG_INTERVAL)
+        kwargs.setdefault("delay", LOG_INTERVAL)
     return tqdm(iterable, disable=disable, **kwargs)
 
 
@@ -61,16 +62,37 @@ def above_bars() -> Iterator[None]:
 
     A warning printed while a bar is drawn (the user's ``tqdm(loader)``, a Hugging Face
     ``Trainer``'s or Lightning's bar) landed on the bar's line, after its text, and the next
-    redraw overwrote it. The bars are cleared first and drawn again after the block
-    (``tqdm.external_write_mode``); what prints the line is untouched (a warning keeps its
+    redraw overwrote it. The bars on stdout or stderr are cleared first and drawn again
+    after the block, as ``tqdm.external_write_mode`` does, except those that have drawn
+    nothing yet (:func:`_on_screen`); what prints the line is untouched (a warning keeps its
     filters, ``-W error`` and whoever records it). Nothing happens without a bar.
     """
     cls = getattr(sys.modules.get("tqdm"), "tqdm", None)  # never imported here: no bar
-    if cls is None or not getattr(cls, "_instances", None):
+    drawn = [each for each in list(getattr(cls, "_instances", None) or ())
+             if _on_screen(each) and each.fp in (sys.stdout, sys.stderr)]
+    if cls is None or not drawn:
         yield
         return
-    with cls.external_write_mode(file=sys.stderr):
-        yield
+    with cls.get_lock():
+        for each in drawn:
+            each.clear(nolock=True)
+        try:
+            yield
+        finally:
+            for each in drawn:
+                each.refresh(nolock=True)
+
+
+def _on_screen(bar: Any) -> bool:
+    """Whether ``bar`` has drawn itself: not disabled, and past its ``delay``.
+
+    A bar that waits for its delay (as a log's do: :func:`bar`) has drawn nothing; redrawn
+    after a warning (what ``tqdm.external_write_mode`` does to every bar), it wrote its 0 %
+    line once per warning into the log.
+    """
+    start = getattr(bar, "start_t", None)
+    return (start is not None and not bar.disable
+            and bar.last_print_t >= start + getattr(bar, "delay", 0.0))
 
 
 @contextlib.contextmanager

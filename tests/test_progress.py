@@ -186,3 +186,32 @@ def test_a_surface_without_progress_draws_no_bar_for_its_eigen_directions(monkey
     assert made == [] and tty.getvalue() == ""
     ls.surface.line(model, F.cross_entropy, data, directions="eigen", steps=3)
     assert [b.desc for b in made][:1] == ["top_eigenvalues"]
+
+
+def test_in_a_log_short_work_writes_no_bar_and_a_warning_draws_none(monkeypatch):
+    """A surface of two seconds wrote ``surface plane: 0%|...| 0/2601`` and erased it into a
+    CI log, and each warning of the demo redrew its training bar at 0 % there."""
+    log = _Stream(tty=False)
+    monkeypatch.setattr(progress.sys, "stderr", log)
+    monkeypatch.delitem(progress.sys.modules, "ipykernel", raising=False)
+    for leave in (False, True):
+        work = progress.bar(range(50), enabled=True, desc="surface plane", leave=leave)
+        for _ in work:
+            with progress.above_bars():
+                log.write("loop.py:3: UserWarning: loss spike\n")
+    assert "surface plane" not in log.getvalue() and "%|" not in log.getvalue()
+    assert log.getvalue().count("loss spike") == 100
+
+
+def test_a_warning_is_written_above_a_bar_that_is_drawn(monkeypatch):
+    tty = _Stream(tty=True)
+    monkeypatch.setattr(progress.sys, "stderr", tty)
+    drawn = progress.bar(total=10, enabled=True, desc="training", file=tty)
+    drawn.update(3)
+    before = tty.getvalue().count("training")
+    with progress.above_bars():
+        tty.write("a warning\n")
+    after = tty.getvalue()
+    drawn.close()
+    assert after.count("training") == before + 1  # cleared, then drawn again below it
+    assert after.rindex("a warning") < after.rindex("training")
