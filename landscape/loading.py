@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from landscape._checks import shown
 from landscape._errors import LandscapeError, first_line
 from landscape._hf import model_loss
 from landscape.batches import leading_size, to_device
@@ -199,10 +200,18 @@ def load_rules(spec: str) -> list[Any]:
             except Exception as err:
                 raise LandscapeError(f"rules {spec!r} raised {type(err).__name__}: {err}") \
                     from err
+    if isinstance(obj, Iterator):  # a generator (also of a function): its rules
+        obj = list(obj)
     rules = [obj] if isinstance(obj, Rule) else obj
-    if not isinstance(rules, (list, tuple)) or not all(isinstance(r, Rule) for r in rules):
+    if not isinstance(rules, (list, tuple)):
         raise LandscapeError(f"rules {spec!r}: expected a Rule, a list of rules, a Rule class "
                              f"or a function returning them, got {type(obj).__name__}")
+    for i, rule in enumerate(rules):
+        if not isinstance(rule, Rule):
+            hint = (f" (a class: list {rule.__name__}() instead)" if isinstance(rule, type)
+                    else "")
+            raise LandscapeError(f"rules {spec!r}: item {i} of the list is "
+                                 f"{shown(rule, typed=True)}, not a Rule{hint}")
     from landscape.alarms import OnlineAlarms
 
     try:  # validated as the alarms will (a metrics string, a bad number): one line, here

@@ -443,7 +443,12 @@ class ModelOperator(CurvatureOperator):
                           batch_statistics=self.options.batch_statistics)
 
     def _version_key(self) -> tuple[int, ...]:
-        """Version counters of the parameters and buffers: they change on in-place updates.
+        """Version counters and storages of the parameters and buffers.
+
+        A counter changes on an in-place update (an optimizer step, ``p.mul_`` under
+        ``no_grad``), the storage on an assignment ``p.data = new`` (which bumps no
+        counter; a DTensor's ``data_ptr`` is 0, its version alone is kept). An in-place
+        write through ``p.data`` changes neither: ``refresh()``.
 
         With ``eval_mode=False`` BatchNorm normalises by batch statistics, so its running
         statistics are not part of the function and left out: a backward that recomputes
@@ -463,7 +468,8 @@ class ModelOperator(CurvatureOperator):
             trained = {id(m) for m in on_batch_statistics(self.model)}
             buffers = [b for m in self.model.modules() for b in m._buffers.values()
                        if b is not None and id(m) not in trained]
-        return tuple(t._version for t in [*self._param_objects, *buffers])
+        return tuple(x for t in [*self._param_objects, *buffers]
+                     for x in (t._version, 0 if _dist.is_sharded(t) else t.data_ptr()))
 
     def _current(self) -> Tensors:
         return {n: p.detach() for n, p in zip(self.names, self._param_objects)}

@@ -581,13 +581,15 @@ class ShiftedEvaluation:
         return out, targets
 
     def _state_key(self) -> Any:
-        """What identifies the parameters' values: their versions.
+        """What identifies the parameters' values: the operator's versions and storages.
 
-        A DTensor's own counter (an optimizer step bumps it; a local tensor taken from it
-        has a fresh counter of its own). A sharded model's products write into its local
-        shards and copy the originals back; should that bump a version, :meth:`_perturbed`
-        re-keys what was learned before its own writes. A write that bumps no version
-        (``p.data = ...``) needs :meth:`~landscape.curvature.operator.ModelOperator.
-        refresh`, which calls :meth:`reset`.
+        The key of its cached loss and gradient (``ModelOperator._version_key``): a
+        DTensor's own counter (an optimizer step bumps it; a local tensor taken from it
+        has a fresh counter of its own), a plain tensor's storage too (``p.data = ...``).
+        A sharded model's products write into its local shards and copy the originals
+        back; should that bump a version, :meth:`_perturbed` re-keys what was learned
+        before its own writes. An in-place write through ``p.data`` changes no key and
+        needs :meth:`~landscape.curvature.operator.ModelOperator.refresh`, which calls
+        :meth:`reset`.
         """
-        return tuple(p._version for p in self.op._param_objects)
+        return self.op._version_key()

@@ -246,6 +246,24 @@ def test_one_rules_module_given_twice_is_a_usage_error(runner, run_file, tmp_pat
         assert "Traceback" not in result.output and "cannot be read" not in result.output
 
 
+def test_a_rules_list_of_classes_names_the_item_and_a_generator_gives_its_rules(
+        runner, run_file, tmp_path):
+    """A list of rule classes said "got list"; a function that yields its rules was
+    refused ("got generator") where the docs take a function returning them."""
+    rules = tmp_path / "more_rules.py"
+    rules.write_text("from landscape.alarms import LossSpike\n"
+                     "CLASSES = [LossSpike]\n"
+                     "def several():\n"
+                     "    yield LossSpike(name='loss_high')\n")
+    result = runner.invoke(cli, ["check", str(run_file), "--rules", f"{rules}:CLASSES"])
+    one_line_error(result, "item 0 of the list is", "a class: list LossSpike() instead")
+    from landscape.loading import load_rules
+
+    assert [rule.name for rule in load_rules(f"{rules}:several")] == ["loss_high"]
+    result = runner.invoke(cli, ["check", str(run_file), "--rules", f"{rules}:several"])
+    assert result.exit_code in (0, 1) and not result.stderr, result.output
+
+
 def test_check_does_not_pass_a_run_whose_only_surface_has_no_point(runner, tmp_path):
     """A surface job killed before its first point: check said 'ok' (exit 0)."""
     path = tmp_path / "run.h5"

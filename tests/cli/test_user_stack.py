@@ -431,13 +431,18 @@ def test_help_ends_with_one_runnable_example(name):
 
 
 def _fresh_cli(code: str) -> str:
-    """Run ``code`` in a new interpreter (no command module imported yet); its stdout."""
+    """Run ``code`` in a new interpreter (no command module imported yet); its stdout.
+
+    ``landscape_cli`` is this checkout's, as in the suite (``cli/checkout.py``): a second
+    checkout run with the first one's environment tested the installed commands.
+    """
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
+    code = "from cli.checkout import use_this_checkout\nuse_this_checkout()\n" + code
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(root)}, check=True)
     return done.stdout

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from landscape.curvature import GGN, Hessian, top_eigenvalues
+from landscape.curvature import GGN, Hessian, hessian_trace, top_eigenvalues
 from landscape.params import flatten, unflatten
 from tests import models
 from tests.curvature._dense import dense_ggn, dense_hessian
@@ -346,6 +346,25 @@ def test_cached_graph_follows_in_place_parameter_updates():
     assert torch.allclose(flatten(moved), flatten(fresh.matvec(v)), rtol=1e-12, atol=1e-14)
     op.refresh()
     assert op._graph is None
+
+
+def test_an_operator_follows_parameters_replaced_through_data():
+    """``p.data = ...`` bumps no version counter: the reused operator kept its cached loss,
+    gradient and graph while its batched products read the new weights, so an eigenvalue
+    matched neither set of weights and the trace mixed both (3.91 against 4.82)."""
+    model = models.mlp().double()
+    x, y = models.classification_data()
+    batch = (x.double(), y)
+    op = Hessian(model, F.cross_entropy, batch)
+    before = (top_eigenvalues(op).lambda_max, hessian_trace(op).value, float(op.loss()))
+    weight = next(model.parameters())
+    weight.data = weight.data * 3
+    fresh = Hessian(model, F.cross_entropy, batch)
+    after = (top_eigenvalues(op).lambda_max, hessian_trace(op).value, float(op.loss()))
+    expected = (top_eigenvalues(fresh).lambda_max, hessian_trace(fresh).value,
+                float(fresh.loss()))
+    assert after == pytest.approx(expected, rel=1e-9)
+    assert all(abs(a - b) > 1e-3 * abs(b) for a, b in zip(after, before))
 
 
 def test_float32_transformer_and_cnn():
