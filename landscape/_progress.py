@@ -116,8 +116,12 @@ def products_bar(op: Any, *, total: int, desc: str, enabled: bool) -> Iterator[A
     """
     from landscape import distributed
 
-    shown = enabled and distributed.rank() == 0
-    drawn = bar(enabled=shown, total=total, desc=desc, unit="product", leave=False,
+    if not enabled or distributed.rank() != 0:
+        # no tqdm at all: its first import resets Python's once-per-location warning
+        # registry (a catch_warnings), and the monitor measures inside the user's loop
+        yield _NoBar()
+        return
+    drawn = bar(enabled=True, total=total, desc=desc, unit="product", leave=False,
                 delay=PRODUCTS_DELAY)
     start, previous = op.n_matvec, op._on_count
 
@@ -126,11 +130,21 @@ def products_bar(op: Any, *, total: int, desc: str, enabled: bool) -> Iterator[A
         if previous is not None:
             previous(n)
 
-    if shown:
-        op._on_count = counted
+    op._on_count = counted
     try:
         yield drawn
     finally:
-        if shown:
-            op._on_count = previous
+        op._on_count = previous
         drawn.close()
+
+
+class _NoBar:
+    """What :func:`products_bar` yields when no bar is drawn: every call does nothing."""
+
+    n = 0
+
+    def update(self, n: int = 1) -> None:
+        """Nothing."""
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        """Nothing."""

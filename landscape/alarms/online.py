@@ -203,9 +203,17 @@ def unmeasured_rows(reader: Any) -> set[tuple[str, int]]:
     return rows
 
 
+LAST_ROWS_FAILED = (3, 0.1)
+"""A metric failed on its last ``n >= 3`` rows, ``n >= 10 %`` of them: no longer measured."""
+
+
 def never_measured(rows: Mapping[str, Sequence[int]], unmeasured: Collection[tuple[str, int]],
                    stored: Iterable[Finding], *, cite: bool = True) -> list[Finding]:
     """The ``never_measured`` warnings of metrics that failed on every row they have.
+
+    Also of a metric that stopped being measured: it failed on its last rows, at least
+    :data:`LAST_ROWS_FAILED` (3 rows and 10 % of its rows; a metric measured at step 0
+    that fails on every later step: its rules went blind for the rest of the run).
 
     A metric that fails records a NaN row and one ``metric_failed`` *info* finding: one bad
     step (out of memory once, a probe not yet taken) is no reason to stop a job. A metric
@@ -233,24 +241,36 @@ def never_measured(rows: Mapping[str, Sequence[int]], unmeasured: Collection[tup
     diverged = min((int(f.step) for f in stored
                     if f.rule == "nonfinite" and f.severity == "error"), default=None)
     out = []
+    least, share = LAST_ROWS_FAILED
     for metric in sorted({name for name, _ in unmeasured}):
         steps = [int(s) for s in rows.get(metric, ())]
-        if not steps or any((metric, s) not in unmeasured for s in steps):
+        tail = 0
+        while tail < len(steps) and (metric, steps[-1 - tail]) in unmeasured:
+            tail += 1
+        whole = tail == len(steps)
+        if not steps or (not whole and (tail < least or tail < share * len(steps))):
             continue
-        if diverged is not None and diverged <= steps[0]:
+        first = steps[-tail]
+        if diverged is not None and diverged <= first:
             continue
         failed = [f for f in stored if f.rule == "metric_failed" and f.metric == metric]
-        why = min(failed, key=lambda f: int(f.step)) if failed else None
-        count = f"its {len(steps)} rows (steps {steps[0]} to {steps[-1]})" \
-            if len(steps) > 1 else f"its one row (step {steps[0]})"
+        # the first failure says why of a metric never measured, the last of one that stopped
+        why = (min if whole else max)(failed, key=lambda f: int(f.step)) if failed else None
         said = "" if why is None else (f" (the metric_failed finding at step {why.step} says "
                                        "why)" if cite else f": {why.message}")
-        message = (f"metric {metric!r} was not measured on any of {count}: every rule "
-                   f"that reads it saw nothing{said}")
+        if whole:
+            count = f"its {len(steps)} rows (steps {first} to {steps[-1]})" \
+                if len(steps) > 1 else f"its one row (step {first})"
+            message = (f"metric {metric!r} was not measured on any of {count}: every rule "
+                       f"that reads it saw nothing{said}")
+        else:
+            message = (f"metric {metric!r} was not measured on its last {tail} of "
+                       f"{len(steps)} rows (steps {first} to {steps[-1]}): every rule that "
+                       f"reads it saw nothing from step {first} on{said}")
         hint = ("fix what made it fail; a run meant to go without this metric passes "
                 "with --ignore-rule never_measured")
-        out.append(Finding(step=steps[0], rule=NEVER_MEASURED, severity="warning",
-                           metric=metric, value=float(len(steps)), threshold=math.nan,
+        out.append(Finding(step=first, rule=NEVER_MEASURED, severity="warning",
+                           metric=metric, value=float(tail), threshold=math.nan,
                            message=message, hint=hint))
     return out
 

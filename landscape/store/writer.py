@@ -1032,9 +1032,9 @@ class RunWriter:
                     drop.append("closed_how")
             if drop:
                 self._backend.del_root_attrs(drop)
-        elif self._resumed and not self._wrote and self.dropped_from is None:
-            # a resume that changed no row (refused at its first step, closed at once):
-            # the run reads as it did before it, finished or stopped
+        elif how is not None and self._resumed and not self._wrote and self.dropped_from is None:
+            # a resume that stopped before it changed a row (refused at its first step, as
+            # a notebook cell run again is): the run reads as before it, finished or stopped
             if self._how_before is not None:
                 self._backend.set_root_attrs({"closed_how": self._how_before})
         elif how is not None:

@@ -612,6 +612,33 @@ def test_never_measured_needs_every_row_of_the_metric_unmeasured():
     assert quoted.endswith(": metric 'm' failed") and "finding at step" not in quoted
 
 
+def test_a_metric_that_stopped_being_measured_is_no_longer_a_pass():
+    """A metric measured at step 0 and failing on every later row gave one info finding:
+    the gate passed a run whose rules went blind after its first step (review)."""
+    from landscape.alarms.online import never_measured
+
+    def failed(step):
+        return Finding(step=step, rule="metric_failed", severity="info", metric="m",
+                       value=np.nan, threshold=np.nan, message=f"failed at {step}", hint="")
+
+    rows = {"m": list(range(10))}
+    stopped = never_measured(rows, {("m", s) for s in range(1, 10)}, [failed(1)])
+    assert [(f.step, f.severity, f.value) for f in stopped] == [(1, "warning", 9)]
+    assert "its last 9 of 10 rows (steps 1 to 9)" in stopped[0].message
+    assert "from step 1 on (the metric_failed finding at step 1 says why)" in \
+        stopped[0].message
+    # too few failed rows at the end, or a failure that stopped: a transient, as before
+    assert never_measured(rows, {("m", 8), ("m", 9)}, []) == []
+    assert never_measured({"m": list(range(40))}, {("m", s) for s in range(37, 40)}, []) == []
+    assert never_measured(rows, {("m", s) for s in range(1, 9)}, []) == []
+    assert len(never_measured({"m": list(range(30))}, {("m", s) for s in range(27, 30)},
+                              [])) == 1
+    # a divergence before the streak says why nothing was measured
+    diverged = Finding(step=1, rule="nonfinite", severity="error", metric="loss",
+                       value=np.nan, threshold=np.nan, message="NaN loss", hint="")
+    assert never_measured(rows, {("m", s) for s in range(1, 10)}, [diverged]) == []
+
+
 def test_both_forms_of_a_flag_pair_are_a_usage_error(runner, run_file, tmp_path):
     """click kept the last of --recompute --stored silently: a wrapper appending flags
     flipped a failing gate to a passing one (review)."""
