@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from landscape import distributed as _dist
 from landscape._deprecation import module_getattr
 from landscape.functional._common import (
     NAN,
@@ -194,6 +195,10 @@ def _split_classifier(
             "classifier must be a 2-D weight tensor or a module with a .weight "
             f"(such as nn.Linear), got {type(classifier).__name__}"
         )
+    if any(_dist.is_sharded(t) for t in (weight, bias) if t is not None):
+        raise ValueError("classifier: its weight is an FSDP2 shard (DTensor); pass the whole "
+                         "weight and bias, landscape.distributed.full_tensor(layer.weight) "
+                         "gathered on every rank")
     weight = as_float_tensor(weight, "classifier weight", ndim=2)
     if weight.shape[1] != p:
         raise ValueError(

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from landscape import distributed as _dist
 from landscape._deprecation import module_getattr
 from landscape.capture import output_logits, predictions_per_sample
 from landscape.functional._common import (
@@ -376,6 +377,12 @@ def taylor_radius(
     :class:`TaylorRadiusResult` for the fields. A zero direction gives rho_a = +inf and r = 0.
     Non-finite logits or derivatives give NaN with reason ``"non_finite"``.
     """
+    if any(_dist.is_sharded(p) for p in model.parameters()):
+        raise NotImplementedError(
+            "taylor_radius: the model's parameters are FSDP2 shards (DTensor), which "
+            "forward-mode AD cannot go through; the monitor's TaylorRadius metric measures "
+            "the radius on such a model (docs/distributed.md, 'Taylor radius'), or call "
+            "this on the unsharded model")
     logits, a, norm = directional_logit_derivatives(
         model, inputs, direction, eval_mode=eval_mode, output_fn=output_fn
     )

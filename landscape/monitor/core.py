@@ -480,33 +480,39 @@ class Monitor:
         # truncate_from only once every metric fits the file: a resume refused for a
         # metric's fields dropped the run's rows from that step on for nothing
         opening = {k: v for k, v in self._writer_args.items() if k != "truncate_from"}
-        self.writer = RunWriter(self.path, config=self._config(), **opening)
-        try:
+
+        def open_file() -> int | None:
+            writer = self.writer = RunWriter(self.path, config=self._config(), **opening)
             for m in self.metrics:
-                self.writer.check_declaration(m.name, m.fields(), m.CONTEXT_FIELDS)
+                writer.check_declaration(m.name, m.fields(), m.CONTEXT_FIELDS)
             if self._writer_args["truncate_from"] is not None:
-                self.writer.truncate_from(self._writer_args["truncate_from"])
+                writer.truncate_from(self._writer_args["truncate_from"])
             for m in self.metrics:
-                self.writer.declare(
+                writer.declare(
                     m.name, m.fields(), cls=f"{type(m).__module__}.{type(m).__qualname__}",
                     params=stored_config(m), schedule=str(m.schedule),
                     context=m.CONTEXT_FIELDS,
                 )
                 self._declare_to_mirrors(m)
             if self.adaptive and any(m.dense_every for m in self.metrics):
-                self.writer.declare(
+                writer.declare(
                     "adaptive", {"dense": (), "extra": ()}, cls="landscape.monitor.Monitor",
                     params={"dense_at": DENSE_AT, "dense_steps": DENSE_STEPS},
                     schedule="triggered",
                 )
             if self._probe_source == "first_batch" and self.probe is None:
-                self.writer.declare(
+                writer.declare(
                     "probe", {"samples": ()}, cls="landscape.monitor.Monitor",
                     params={"probe_size": self.probe_size}, schedule="first batch",
                 )
             # the steps of every table (metrics no longer monitored, failures, findings,
             # checkpoints): the next step must come after every one
-            last = self.writer.last_recorded_step()
+            return writer.last_recorded_step()
+
+        try:
+            # only rank 0 opens the file: a file it cannot open (or whose tables do not fit)
+            # raises on every rank, rather than leave the others waiting in a collective
+            last = _dist.together(self._distributed, "opening the run file", open_file)
             if self._distributed:  # resuming: only rank 0 has the file; agree on its steps
                 last = _dist.broadcast_object(last)
             resuming = last is not None
@@ -535,8 +541,9 @@ class Monitor:
             for h in self._hooks:
                 h.remove()
             self._hooks = []
-            self.writer.close()
-            self.writer = None
+            if self.writer is not None:
+                self.writer.close()
+                self.writer = None
             raise
         # Ctrl-C / SIGTERM: flush the file first, never in the middle of a step's rows
         self._interrupts = InterruptGuard(self.flush, self._close_on_signal).install()

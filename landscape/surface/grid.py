@@ -252,13 +252,16 @@ def evaluate_grid(
         **dict(attrs or {}),
     }
     fields = ("loss", "accuracy") if accuracy else ("loss",)
-    # distributed: only rank 0 opens the run file; the other ranks work in memory
-    run_writer, owned = _open_writer(writer if not dist_on or _dist.rank() == 0 else None)
-    computing = False
+    run_writer: RunWriter | None = None
+    owned = computing = False
     try:
         failure: BaseException | None = None
         todo = np.zeros((0, 1), dtype=np.int64)
         try:
+            # distributed: only rank 0 opens the run file (a file it cannot open fails every
+            # rank below, not rank 0 alone); the other ranks work in memory
+            run_writer, owned = _open_writer(writer if not dist_on or _dist.rank() == 0
+                                             else None)
             surf = run_writer.create_surface(
                 name, xs, ys, fields=fields, attrs=meta,
                 arrays={**dir_arrays, **dict(arrays or {})},
@@ -322,6 +325,7 @@ def evaluate_grid(
             if failure is not None or shared[0] is not None:
                 raise failure if failure is not None else shared[0]
             todo = shared[1]
+        assert run_writer is not None
         computing = True  # (a refusal before this point stopped nothing)
         try:
             _compute(evaluator, run_writer, name, xs, ys, todo, surf.done.size, eval_mode,
@@ -334,7 +338,7 @@ def evaluate_grid(
         mine = run_writer.run().surface(name) if _dist.rank() == 0 else None
         return _dist.broadcast_object(mine)
     finally:
-        if owned:  # an interrupted surface says so in the file (check --require-finished)
+        if owned and run_writer is not None:  # an interrupted surface says so in the file
             run_writer.close(how=stopped_how(sys.exc_info()[1]) if computing else None)
 
 

@@ -160,3 +160,30 @@ def surface_worker(rank: int, out_dir: str) -> None:
         "restored": all(torch.equal(a, b) for a, b in zip(before, after)),
         "refused": refused, "helpers": helpers,
     })
+
+
+def functional_worker(rank: int, out_dir: str) -> None:
+    """The functional taylor_radius and neural_collapse given sharded weights: a raw
+    "got mixed torch.Tensor and DTensor" error from deep inside (distributed review)."""
+    from landscape.functional import neural_collapse, taylor_radius
+
+    net = W.fsdp_model()
+    x, y = W.probe()
+    said = []
+    direction = {n: torch.ones_like(p) for n, p in net.named_parameters()}
+    try:
+        taylor_radius(net, x, direction, targets=y)
+    except NotImplementedError as err:
+        said.append(str(err))
+    head = net[-1]
+    features = torch.randn(12, head.weight.shape[1], dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(0))
+    try:
+        neural_collapse(features, y, classifier=head)
+    except ValueError as err:
+        said.append(str(err))
+    whole = neural_collapse(features, y, classifier=ld.full_tensor(head.weight),
+                            bias=ld.full_tensor(head.bias))
+    unsharded = W.model()[-1]
+    single = neural_collapse(features, y, classifier=unsharded)
+    W._save(out_dir, rank, {"said": said, "nc3": (float(whole.nc3), float(single.nc3))})

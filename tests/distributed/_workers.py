@@ -1055,3 +1055,23 @@ def joined_uneven_worker(rank: int, out_dir: str) -> None:
             opt.step()
             mon.step(step, batch=batch, loss=loss)
     _save(out_dir, rank, {"params": [p.detach().clone() for p in net.module.parameters()]})
+
+
+def unopenable_file_worker(rank: int, out_dir: str) -> None:
+    """A run file rank 0 cannot open (not HDF5): it raised on rank 0 alone, and rank 1 went
+    on into the next collective (gloo's "connection closed by peer", or a plane assembled
+    from rank 0's next surface call)."""
+    bad = os.path.join(out_dir, "not_hdf5.h5")
+    errors = []
+    net = model()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    try:
+        Monitor(net, F.cross_entropy, bad, optimizer=opt, metrics=[Loss()]).start()
+    except Exception as err:
+        errors.append(f"{type(err).__name__}: {err}")
+    try:
+        evaluate_plane(bad)
+    except Exception as err:
+        errors.append(f"{type(err).__name__}: {err}")
+    good = evaluate_plane(os.path.join(out_dir, "good.h5"))  # the ranks still in step
+    _save(out_dir, rank, {"errors": errors, "loss": good.values["loss"]})

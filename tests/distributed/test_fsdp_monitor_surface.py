@@ -140,3 +140,13 @@ def test_fsdp_surfaces_equal_the_single_process_surfaces(tmp_path):
     for r in (r0, r1):
         assert torch.equal(r["helpers"]["full"], first) and r["helpers"]["shard_of"]
         torch.testing.assert_close(r["helpers"]["sum"][0], first.double().pow(2).sum())
+
+
+def test_the_functional_metrics_say_what_to_do_with_sharded_weights(tmp_path):
+    run_ranks(FW.functional_worker, tmp_path)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert len(got["said"]) == 2
+        assert "TaylorRadius metric" in got["said"][0] and "full_tensor" in got["said"][1]
+        whole, single = got["nc3"]
+        assert whole == pytest.approx(single, rel=1e-12)

@@ -187,3 +187,14 @@ def test_uneven_inputs_under_join_are_monitored_without_collectives(tmp_path):
         assert np.isfinite(run.series("sentinels", "r_secant")[1][2:]).all()
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"]))
+
+
+def test_a_run_file_rank_zero_cannot_open_fails_every_rank(tmp_path):
+    (tmp_path / "not_hdf5.h5").write_text("hi\n")
+    run_ranks(W.unopenable_file_worker, tmp_path)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert len(r0["errors"]) == len(r1["errors"]) == 2
+    assert all(e.startswith("RunFileError") and "not_hdf5.h5" in e for e in r0["errors"])
+    assert all("not_hdf5.h5" in e for e in r1["errors"]), r1["errors"]
+    assert r1["errors"][0].startswith("ValueError: opening the run file failed on rank 0")
+    torch.testing.assert_close(r0["loss"], r1["loss"], rtol=0, atol=0)
