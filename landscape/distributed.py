@@ -65,6 +65,7 @@ __all__ = [
     "shard",
     "shard_of",
     "sharded_sum",
+    "step_range",
     "together",
     "total_weight",
     "unwrap",
@@ -284,6 +285,17 @@ def max_over_ranks(value: float, device: torch.device) -> float:
     """
     number = value if value == value else -math.inf
     return float(_all_reduce_max(torch.tensor([number], dtype=torch.float64, device=device)))
+
+
+def step_range(step: int) -> tuple[int, int]:
+    """The smallest and the largest of every rank's ``step``; every rank must call it.
+
+    One all-reduce of two numbers (float64: exact for steps below 2^53).
+    """
+    flat = torch.tensor([float(step), -float(step)], dtype=torch.float64,
+                        device=_tensor_device())
+    high, low = _all_reduce_max(flat).tolist()
+    return int(-low), int(high)
 
 
 def _all_reduce_max(flat: torch.Tensor) -> torch.Tensor:

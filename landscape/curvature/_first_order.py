@@ -160,8 +160,10 @@ class FirstOrder(ShiftedEvaluation):
         sixteen = torch.finfo(self.compute_dtype).bits <= 16
         if not (sixteen or (torch.finfo(self.compute_dtype).bits <= 32 and self.kinks)):
             return
-        # once per model: a monitor builds an operator at every measurement
-        if not self.op._backend.say_once("first-order precision" if sixteen else "kinks"):
+        # once per model: a monitor builds an operator at every measurement; once per job
+        # (rank 0), as the switch to first-order products is said
+        if not self.op._backend.say_once("first-order precision" if sixteen else "kinks") \
+                or _dist.rank() != 0:
             return
         if sixteen:
             remedy = ("measure a float32 copy of the model"

@@ -1107,10 +1107,28 @@ class Monitor:
                     self._watch_idle = False
                     self._idle_versions = self._versions()
 
+    @staticmethod
+    def _agree_on_step(step: int) -> None:
+        """Raise on every rank when the ranks call the step with different numbers.
+
+        Checked at every step, whatever is due: with metrics due on other steps than
+        every one, ranks whose numbers differ met other ranks' collectives (the metrics',
+        or DDP's next all-reduce), and gloo aborted on the mismatch (distributed review).
+        """
+        low, high = _dist.step_range(step)
+        if low != high:
+            raise LandscapeError(
+                f"the ranks are out of step: rank {_dist.rank()} recorded step {step} while "
+                f"the ranks' steps range from {low} to {high}; under torch.distributed every "
+                "rank calls Monitor.step() at every step with the same step number "
+                "(docs/distributed.md)")
+
     def _step(
         self, step: int, batch: Any, loss: Any, outputs: Any, grad_norm: float | None = None,
         samples: int | None = None,
     ) -> list[Finding]:
+        if self._distributed:  # before any collective of the step, due or not
+            self._agree_on_step(step)
         last = self._clock.last_step
         if not self._first_step_seen:
             self._first_step_seen = True

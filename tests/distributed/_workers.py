@@ -1015,9 +1015,12 @@ def exact_fails_alone_worker(rank: int, out_dir: str) -> None:
     _save(out_dir, rank, out)
 
 
-def miscounted_step_worker(rank: int, out_dir: str) -> None:
+def miscounted_step_worker(rank: int, out_dir: str, sparse: bool = False) -> None:
     """Rank 1 counts its steps from 1 on at step 2 (a resumed counter off by one): the
-    ranks' schedules, hence their collectives, would differ."""
+    ranks' schedules, hence their collectives, would differ. ``sparse``: the loss every 5
+    steps, so the ranks have their metrics due at different calls."""
+    from landscape.schedules import every
+
     net = DDP(model())
     x, y = dataset()
     half = N // dist.get_world_size()
@@ -1025,7 +1028,8 @@ def miscounted_step_worker(rank: int, out_dir: str) -> None:
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     error = None
     try:
-        with Monitor(net, F.cross_entropy, None, optimizer=opt, metrics=["loss"],
+        metrics = [Loss(schedule=every(5))] if sparse else ["loss"]
+        with Monitor(net, F.cross_entropy, None, optimizer=opt, metrics=metrics,
                      warn=False) as mon:
             for step in range(6):
                 loss = F.cross_entropy(net(x[shard]), y[shard])
@@ -1034,7 +1038,7 @@ def miscounted_step_worker(rank: int, out_dir: str) -> None:
                 opt.step()
                 mon.step(step + (rank == 1 and step >= 2), batch=(x[shard], y[shard]),
                          loss=loss)
-    except Exception as err:  # rank 0 fails in the next collective, once rank 1 has left
+    except Exception as err:  # every rank, at the step the numbers part
         error = f"{type(err).__name__}: {err}"
     _save(out_dir, rank, {"error": error})
 

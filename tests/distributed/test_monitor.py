@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -167,15 +168,19 @@ def test_ranks_whose_buffers_differ_in_shape_keep_their_own(tmp_path):
     assert r1["seen"] and all(c == [11.0] * 8 for c in r1["seen"])  # also while measuring
 
 
-def test_ranks_that_count_their_steps_apart_fail_with_the_two_steps_named(tmp_path):
+@pytest.mark.parametrize("sparse", [False, True], ids=["every_step", "every_5"])
+def test_ranks_that_count_their_steps_apart_fail_with_the_two_steps_named(tmp_path, sparse):
     """Ranks whose step numbers differ (a counter resumed apart) run different schedules:
-    their collectives mispair, which hangs or mixes the ranks' data without a word."""
-    run_ranks(W.miscounted_step_worker, tmp_path, timeout=90)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
-    assert r1["error"].startswith("LandscapeError: the ranks are out of step: rank 1 "
-                                  "recorded step 3 while rank 0 recorded step 2")
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
-    assert r0["error"] is not None  # its next collective found rank 1 gone
+    their collectives mispair, which hangs or mixes the ranks' data without a word. With
+    metrics due every 5 steps the ranks met DDP's all-reduce instead of the check, and gloo
+    aborted (distributed review): the steps are now compared at every call, on every rank."""
+    run_ranks(W.miscounted_step_worker, tmp_path, sparse, timeout=90)
+    for rank in (0, 1):
+        error = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)["error"]
+        assert error == (f"LandscapeError: the ranks are out of step: rank {rank} recorded "
+                         f"step {2 + rank} while the ranks' steps range from 2 to 3; under "
+                         "torch.distributed every rank calls Monitor.step() at every step "
+                         "with the same step number (docs/distributed.md)")
 
 
 def test_uneven_inputs_under_join_are_monitored_without_collectives(tmp_path):
