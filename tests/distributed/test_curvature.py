@@ -314,3 +314,36 @@ def test_exact_products_failing_on_one_rank_fail_every_rank_and_on_all_fall_back
     assert r0["all"] == r1["all"] == "ok"  # every rank failed: the fallback, together
     assert r0["all_first_order"] and r1["all_first_order"]
     assert r0["after"] == r1["after"] == ["still in step"] * 2
+
+
+def test_the_cpu_torchrun_snippet_of_distributed_md_runs_as_written(tmp_path):
+    """The torchrun snippet called torch.cuda and named undefined data (distributed review):
+    its CPU twin runs under torchrun and gives the single process's eigenvalues."""
+    import ast
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch.nn.functional as F
+
+    from tests.distributed._launch import free_port
+
+    root = Path(__file__).resolve().parents[2]
+    page = (root / "docs" / "distributed.md").read_text()
+    code = re.search(r"```python\n# train_cpu.py\n(.*?)```", page, re.S).group(1)
+    script = tmp_path / "train_cpu.py"
+    script.write_text(code)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         f"--master_port={free_port()}", str(script)],
+        capture_output=True, text=True, timeout=180, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    values = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
+    x, y = torch.randn(256, 10), torch.randint(0, 3, (256,))
+    single = top_eigenvalues(Hessian(net, F.cross_entropy, (x, y)), k=5)
+    assert values == pytest.approx(single.values.tolist(), rel=1e-4)
