@@ -811,6 +811,9 @@ class Monitor:
             # the sizer by name (a function is no JSON): which weights the curvature used
             "batch_size": None if self.batch_size is None else getattr(
                 self.batch_size, "__qualname__", type(self.batch_size).__name__),
+            # the rows of the batch (loss, logits) are rank 0's own batch: one of how many
+            "distributed": {"world_size": _dist.world_size(), "sharded": self._sharded}
+            if self._distributed else None,
         }
         user = {k: v for k, v in self._user_config.items() if k not in own}
         clashing = {k: v for k, v in self._user_config.items() if k in own}

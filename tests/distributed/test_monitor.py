@@ -46,6 +46,9 @@ def test_ddp_run_file_equals_the_single_process_file(tmp_path):
         key = [(f.step, f.rule, f.metric) for f in ddp.findings()]
         assert key == [(f.step, f.rule, f.metric) for f in one.findings()]
         assert (W.STOP_AT, "rank_zero_only", "grad_norm/value") in key
+        # the file says its batch rows are one rank's of two (distributed review)
+        assert ddp.config["distributed"] == {"world_size": 2, "sharded": False}
+        assert one.config["distributed"] is None
     finally:
         ddp.close()
         one.close()
