@@ -646,6 +646,12 @@ class Monitor:
                 warnings.warn(f"landscape: metric {metric.name!r} is left out: {err}",
                               RuntimeWarning, stacklevel=user_stacklevel())
             return False
+        except Exception as err:  # a mistake to fix: its traceback names the metric
+            add_note = getattr(err, "add_note", None)  # (Python 3.11+)
+            if add_note is not None:
+                add_note(f"in {type(metric).__name__}.setup(), the monitor's metric "
+                         f"{metric.name!r}")
+            raise
         return True
 
     def _declare_to_mirrors(self, metric: Metric) -> None:

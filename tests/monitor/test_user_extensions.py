@@ -1054,3 +1054,26 @@ def test_a_metric_takes_the_gradient_of_pieces_of_the_batch_through_hessian_on(t
     assert step == 2
     np.testing.assert_allclose([recorded["spread"], recorded["mean_norm"]], truth(trained),
                                rtol=1e-5)
+
+
+class SetupFails(Metric):
+    name = "setup_fails"
+    FIELDS = ("value",)
+
+    def setup(self, model):
+        raise AttributeError("no layer 'head'")
+
+    def compute(self, ctx):
+        return {"value": 1.0}
+
+
+def test_an_error_in_a_metrics_setup_names_the_metric(tmp_path):
+    """``AttributeError: no layer 'head'`` came out of the monitor's start with nothing
+    naming the metric whose setup() raised (newcomer review)."""
+    import sys
+
+    with pytest.raises(AttributeError, match="no layer 'head'") as raised:
+        _train(tmp_path / "run.h5", ["loss", SetupFails()])
+    if sys.version_info >= (3, 11):
+        assert raised.value.__notes__ == [
+            "in SetupFails.setup(), the monitor's metric 'setup_fails'"]
