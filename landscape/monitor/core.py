@@ -1120,9 +1120,11 @@ class Monitor:
     def _agree_on_step(step: int) -> None:
         """Raise on every rank when the ranks call the step with different numbers.
 
-        Checked at every step, whatever is due: with metrics due on other steps than
-        every one, ranks whose numbers differ met other ranks' collectives (the metrics',
-        or DDP's next all-reduce), and gloo aborted on the mismatch (distributed review).
+        At the first call of a monitor, whatever is due (a counter resumed apart is off
+        from there on): with metrics due every few steps, ranks whose numbers differ met
+        other ranks' collectives (the metrics', or DDP's next all-reduce) before the
+        findings' broadcast could compare them, and gloo aborted (distributed review).
+        One all-reduce of two numbers, once; later steps are compared in that broadcast.
         """
         low, high = _dist.step_range(step)
         if low != high:
@@ -1136,7 +1138,7 @@ class Monitor:
         self, step: int, batch: Any, loss: Any, outputs: Any, grad_norm: float | None = None,
         samples: int | None = None,
     ) -> list[Finding]:
-        if self._distributed:  # before any collective of the step, due or not
+        if self._distributed and not self._first_step_seen:  # before any collective
             self._agree_on_step(step)
         last = self._clock.last_step
         if not self._first_step_seen:

@@ -1018,7 +1018,8 @@ def exact_fails_alone_worker(rank: int, out_dir: str) -> None:
 def miscounted_step_worker(rank: int, out_dir: str, sparse: bool = False) -> None:
     """Rank 1 counts its steps from 1 on at step 2 (a resumed counter off by one): the
     ranks' schedules, hence their collectives, would differ. ``sparse``: the loss every 5
-    steps, so the ranks have their metrics due at different calls."""
+    steps, so the ranks have their metrics due at different calls, and rank 1 is one step
+    ahead from the first call."""
     from landscape.schedules import every
 
     net = DDP(model())
@@ -1036,8 +1037,8 @@ def miscounted_step_worker(rank: int, out_dir: str, sparse: bool = False) -> Non
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                mon.step(step + (rank == 1 and step >= 2), batch=(x[shard], y[shard]),
-                         loss=loss)
+                apart = step >= 2 or sparse  # sparse: a counter resumed apart, from the start
+                mon.step(step + (rank == 1 and apart), batch=(x[shard], y[shard]), loss=loss)
     except Exception as err:  # every rank, at the step the numbers part
         error = f"{type(err).__name__}: {err}"
     _save(out_dir, rank, {"error": error})
