@@ -10,6 +10,7 @@ notebook, whose bars are widgets) a bar here redraws at most every
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -50,10 +51,42 @@ def bar(iterable: Any = None, *, enabled: bool, nested: bool = False, **kwargs: 
 
     live = interactive()
     disable = not enabled or (nested and not live)
-    if not live:  # a log: nothing for work shorter than that, then a line that often
-        kwargs.setdefault("mininterval", LOG_INTERVAL)
-        kwargs.setdefault("delay", LOG_INTERVAL)
-    return tqdm(iterable, disable=disable, **kwargs)
+    if live:
+        return tqdm(iterable, disable=disable, **kwargs)
+    # a log: nothing for work shorter than LOG_INTERVAL, then a line that often
+    kwargs.setdefault("mininterval", LOG_INTERVAL)
+    kwargs.setdefault("delay", LOG_INTERVAL)
+    return _log_bar(tqdm)(iterable, disable=disable, **kwargs)
+
+
+@functools.cache
+def _log_bar(base: type) -> type:
+    """``base`` (a tqdm class) drawing nothing at all until its ``delay`` has passed.
+
+    tqdm's ``delay`` holds back the redraws of ``update`` only: a ``set_postfix_str`` or
+    the redraw after a warning (:func:`above_bars`) drew a 0 % line into the log at once,
+    which ``close`` then neither ended nor cleared (its text ran on into the next line).
+    """
+
+    class LogBar(base):  # type: ignore[misc,valid-type]
+        _landscape_drawn = False
+
+        def refresh(self, *args: Any, **kwargs: Any) -> Any:
+            start = getattr(self, "start_t", None)
+            if start is not None and self._time() < start + self.delay:
+                return False
+            return super().refresh(*args, **kwargs)
+
+        def display(self, *args: Any, **kwargs: Any) -> Any:
+            self._landscape_drawn = True
+            return super().display(*args, **kwargs)
+
+        def close(self) -> None:
+            if self._landscape_drawn and self.last_print_t < self.start_t + self.delay:
+                self.last_print_t = self.start_t + self.delay  # drawn: end its line
+            super().close()
+
+    return LogBar
 
 
 @contextlib.contextmanager
@@ -91,8 +124,10 @@ def _on_screen(bar: Any) -> bool:
     line once per warning into the log.
     """
     start = getattr(bar, "start_t", None)
-    return (start is not None and not bar.disable
-            and bar.last_print_t >= start + getattr(bar, "delay", 0.0))
+    if start is None or bar.disable:
+        return False
+    drawn = getattr(bar, "_landscape_drawn", None)  # (a bar of ours in a log knows)
+    return drawn if drawn is not None else bar.last_print_t >= start + getattr(bar, "delay", 0.0)
 
 
 @contextlib.contextmanager

@@ -196,7 +196,8 @@ def test_in_a_log_short_work_writes_no_bar_and_a_warning_draws_none(monkeypatch)
     monkeypatch.delitem(progress.sys.modules, "ipykernel", raising=False)
     for leave in (False, True):
         work = progress.bar(range(50), enabled=True, desc="surface plane", leave=leave)
-        for _ in work:
+        for step in work:
+            work.set_postfix_str(f"step {step}")  # (a redraw of its own: analyze's bar)
             with progress.above_bars():
                 log.write("loop.py:3: UserWarning: loss spike\n")
     assert "surface plane" not in log.getvalue() and "%|" not in log.getvalue()

@@ -403,9 +403,14 @@ def test_bad_input_is_named():
         evaluate_grid(model, _ce, (x, y), dirs, [0.0], [0.0], writer=3)
 
 
-def test_progress_bar_writes_to_stderr_and_can_be_disabled(capsys):
+def test_progress_bar_writes_to_stderr_and_can_be_disabled(capsys, monkeypatch):
+    import landscape._progress as progress
+
     model = models.mlp()
     x, y = models.classification_data()
+    line(model, _ce, (x, y), steps=3, progress=True)
+    assert capsys.readouterr().err == ""  # a log: nothing for work under LOG_INTERVAL
+    monkeypatch.setattr(progress, "interactive", lambda: True)  # a terminal
     line(model, _ce, (x, y), steps=3, progress=True)
     assert "surface line" in capsys.readouterr().err
     line(model, _ce, (x, y), steps=3, progress=False)
