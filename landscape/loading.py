@@ -180,7 +180,7 @@ def load_rules(spec: str) -> list[Any]:
     """The alarm rules named by ``spec`` (``module:attr`` or ``file.py:attr``).
 
     ``attr`` is a rule, a list or tuple of rules, a rule class (made with its defaults)
-    or a zero-argument function returning a rule or a list of them: what
+    or a zero-argument function returning a rule or a list of them (or yielding them): what
     ``landscape check --rules`` evaluates besides the built-in rules
     (:func:`landscape.alarms.with_rules`).
 
@@ -195,13 +195,13 @@ def load_rules(spec: str) -> list[Any]:
                 callable(obj) and not isinstance(obj, (Rule, type))):
             try:
                 obj = obj()
+                if isinstance(obj, Iterator):  # a generator function: its rules, drawn here
+                    obj = list(obj)
             except SystemExit as err:
                 raise LandscapeError(f"rules {spec!r}: {_exited(err, 'calling it')}") from None
             except Exception as err:
                 raise LandscapeError(f"rules {spec!r} raised {type(err).__name__}: {err}") \
                     from err
-    if isinstance(obj, Iterator):  # a generator (also of a function): its rules
-        obj = list(obj)
     rules = [obj] if isinstance(obj, Rule) else obj
     if not isinstance(rules, (list, tuple)):
         raise LandscapeError(f"rules {spec!r}: expected a Rule, a list of rules, a Rule class "

@@ -145,6 +145,17 @@ class LossWithoutGraphError(LandscapeError, ValueError):
             "inside it?); every curvature of it would be 0")
 
 
+def _storage(t: torch.Tensor) -> int:
+    """Where ``t``'s values live, for a cache key; 0 when it has no storage of its own.
+
+    A DTensor's ``data_ptr`` is 0 and a sparse tensor (a graph's adjacency buffer) has
+    none: their versions alone key them.
+    """
+    if t.layout != torch.strided or _dist.is_sharded(t):
+        return 0
+    return t.data_ptr()
+
+
 class ModelOperator(CurvatureOperator):
     """Common machinery of :class:`Hessian` and :class:`GGN`: data, isolation, backends.
 
@@ -447,7 +458,7 @@ class ModelOperator(CurvatureOperator):
 
         A counter changes on an in-place update (an optimizer step, ``p.mul_`` under
         ``no_grad``), the storage on an assignment ``p.data = new`` (which bumps no
-        counter; a DTensor's ``data_ptr`` is 0, its version alone is kept). An in-place
+        counter; a DTensor's or a sparse tensor's version alone is kept). An in-place
         write through ``p.data`` changes neither: ``refresh()``.
 
         With ``eval_mode=False`` BatchNorm normalises by batch statistics, so its running
@@ -468,8 +479,7 @@ class ModelOperator(CurvatureOperator):
             trained = {id(m) for m in on_batch_statistics(self.model)}
             buffers = [b for m in self.model.modules() for b in m._buffers.values()
                        if b is not None and id(m) not in trained]
-        return tuple(x for t in [*self._param_objects, *buffers]
-                     for x in (t._version, 0 if _dist.is_sharded(t) else t.data_ptr()))
+        return tuple(x for t in [*self._param_objects, *buffers] for x in (t._version, _storage(t)))
 
     def _current(self) -> Tensors:
         return {n: p.detach() for n, p in zip(self.names, self._param_objects)}

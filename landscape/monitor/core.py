@@ -1156,6 +1156,8 @@ class Monitor:
                 advice = (f" in {self.path} (to start the file over, pass mode='w'; to "
                           f"resume from step {step}, truncate_from={step}; either in a new "
                           "Monitor once this one is closed)")
+            if self.writer is not None:
+                self.writer.refused = True
             raise StepOrderError(
                 f"step {step} does not come after the last recorded step {last}" + advice)
         if self._previous_call is not None and step > self._previous_call + 1:

@@ -103,17 +103,24 @@ _STRUCTURE_BYTES = 64 * 2**10  # room a new table or field takes (its datasets' 
 def _close_at_exit() -> None:
     """Close the writers left open at interpreter exit (no ``close()``, an uncaught error).
 
-    The uncaught error is recorded as why the run stopped, except in an interactive session,
-    where ``sys.last_value`` is the last error any cell showed (a typo after training).
+    The uncaught error is recorded as why the run stopped. In an interactive session
+    ``sys.last_value`` is the last error any input showed, a typo after training as much as
+    training's crash: the run is recorded as stopped, with that error named as shown, not
+    as what ended the program.
 
     ``__del__`` cannot: at shutdown h5py can no longer import what it needs. Registered
     after h5py's own exit handler, this one runs before it.
     """
     uncaught = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
-    if _interactive_session():  # there it is the last error any cell showed, not the end
-        uncaught = None
     how = None
-    if isinstance(uncaught, KeyboardInterrupt):
+    if uncaught is not None and _interactive_session():
+        # the last error any input showed (a typo after training, or training's own crash,
+        # also a script's under python -i): which one ended training is unknown
+        message = f"{type(uncaught).__name__}: {uncaught}".rstrip(": ")
+        how = ("the interactive session ended with the run still open, after an error it "
+               f"showed ({message}); close the monitor, or use its with block, to record how "
+               "training ended")[:500]
+    elif isinstance(uncaught, KeyboardInterrupt):
         how = stopped_how(uncaught)  # Ctrl-C, whose message is empty
     elif uncaught is not None:
         message = str(uncaught)
@@ -243,6 +250,7 @@ class RunWriter:
         self._training_run = False  # (posthoc) a training session wrote the run
         self._wrote = False  # this session wrote rows or points
         self._resumed = False  # this session reopened a run that held rows
+        self.refused = False  # a step of this session was refused (StepOrderError)
         self._how_before: str | None = None  # (resumed) the run's closed_how when reopened
         self.path = None if path is None else Path(path)
 
@@ -661,6 +669,7 @@ class RunWriter:
         specs = self._fields[path]
         last = self._last[path]
         if last is not None and (step <= last if strict else step < last):
+            self.refused = True
             raise StepOrderError(
                 f"{path}: step {step} does not come after the last step {last} "
                 f"(to restart from a checkpoint, reopen with truncate_from={step})"
@@ -1032,9 +1041,11 @@ class RunWriter:
                     drop.append("closed_how")
             if drop:
                 self._backend.del_root_attrs(drop)
-        elif how is not None and self._resumed and not self._wrote and self.dropped_from is None:
-            # a resume that stopped before it changed a row (refused at its first step, as
-            # a notebook cell run again is): the run reads as before it, finished or stopped
+        elif (how is not None and self.refused and self._resumed and not self._wrote
+              and self.dropped_from is None):
+            # a resume refused at its first step (StepOrderError: a notebook cell run again)
+            # changed nothing: the run reads as before it, finished or stopped; any other
+            # error before the first row (out of memory) is the session's stop, recorded
             if self._how_before is not None:
                 self._backend.set_root_attrs({"closed_how": self._how_before})
         elif how is not None:

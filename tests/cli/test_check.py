@@ -254,7 +254,9 @@ def test_a_rules_list_of_classes_names_the_item_and_a_generator_gives_its_rules(
     rules.write_text("from landscape.alarms import LossSpike\n"
                      "CLASSES = [LossSpike]\n"
                      "def several():\n"
-                     "    yield LossSpike(name='loss_high')\n")
+                     "    yield LossSpike(name='loss_high')\n"
+                     "def buggy():\n"
+                     "    yield 1 / 0\n")
     result = runner.invoke(cli, ["check", str(run_file), "--rules", f"{rules}:CLASSES"])
     one_line_error(result, "item 0 of the list is", "a class: list LossSpike() instead")
     from landscape.loading import load_rules
@@ -262,6 +264,9 @@ def test_a_rules_list_of_classes_names_the_item_and_a_generator_gives_its_rules(
     assert [rule.name for rule in load_rules(f"{rules}:several")] == ["loss_high"]
     result = runner.invoke(cli, ["check", str(run_file), "--rules", f"{rules}:several"])
     assert result.exit_code in (0, 1) and not result.stderr, result.output
+    result = runner.invoke(cli, ["check", str(run_file), "--rules", f"{rules}:buggy"])
+    one_line_error(result, "more_rules.py:buggy", "raised ZeroDivisionError")  # (own-diff review)
+    assert result.exit_code == 2
 
 
 def test_check_does_not_pass_a_run_whose_only_surface_has_no_point(runner, tmp_path):

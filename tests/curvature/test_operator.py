@@ -367,6 +367,39 @@ def test_an_operator_follows_parameters_replaced_through_data():
     assert all(abs(a - b) > 1e-3 * abs(b) for a, b in zip(after, before))
 
 
+def test_a_model_with_a_sparse_buffer_has_curvature():
+    """The cache key read every buffer's data_ptr, which a sparse tensor has none of: a
+    graph network with a sparse adjacency buffer raised (own-diff review)."""
+
+    class Graph(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            edges = torch.tensor([[0, 1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 0]])
+            adjacency = torch.sparse_coo_tensor(edges, torch.ones(6), (6, 6),
+                                                dtype=torch.float64, check_invariants=True)
+            self.register_buffer("adjacency", adjacency)
+            self.lin = torch.nn.Linear(4, 3).double()
+
+        def forward(self, x):
+            return torch.sparse.mm(self.adjacency, self.lin(x))
+
+    model = Graph()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    adjacency = model.adjacency.to_dense()  # the same function, without the sparse buffer
+    params = dict(model.named_parameters())
+    h = torch.func.hessian(lambda p: F.cross_entropy(
+        adjacency @ torch.func.functional_call(model.lin, {k[4:]: v for k, v in p.items()},
+                                               (x,)), y))(params)
+    names = list(params)
+    n = sum(p.numel() for p in params.values())
+    full = torch.cat([torch.cat([h[a][b].reshape(params[a].numel(), params[b].numel())
+                                 for b in names], 1) for a in names], 0)
+    assert full.shape == (n, n)
+    top = top_eigenvalues(Hessian(model, F.cross_entropy, (x, y)), tol=1e-8).lambda_max
+    assert top == pytest.approx(float(torch.linalg.eigvalsh(full)[-1]), rel=1e-6)
+
+
 def test_float32_transformer_and_cnn():
     model = models.TinyTransformer(vocab=5, d=4, heads=2, layers=1, seq=5, seed=0)
     batch = tokens()

@@ -340,7 +340,10 @@ def test_the_cpu_torchrun_snippet_of_distributed_md_runs_as_written(tmp_path):
          f"--master_port={free_port()}", str(script)],
         capture_output=True, text=True, timeout=180, cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
+    # torch's gloo teardown aborts a process at exit now and then, after the work (half of
+    # the runs of a script of torch alone, in the review): not the snippet's failure
+    teardown = "terminate called without an active exception" in done.stderr
+    assert done.returncode == 0 or teardown, done.stderr[-3000:]
     values = ast.literal_eval(done.stdout.strip().splitlines()[-1])
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))

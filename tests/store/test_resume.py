@@ -559,10 +559,12 @@ def test_a_writer_left_open_by_an_uncaught_error_records_it_at_exit(tmp_path, ra
     assert (status.state, status.reason) == ("stopped", reason), done.stderr[-2000:]
 
 
-def test_an_error_shown_at_an_interactive_prompt_is_not_taken_for_how_the_run_ended(tmp_path):
+def test_an_error_shown_at_an_interactive_prompt_is_named_as_shown_not_as_the_end(tmp_path):
     """At Python's prompt (a notebook likewise) ``sys.last_value`` holds the last error any
     input showed: a typo after training read as "the program ended on an uncaught
-    NameError", and ``check --require-finished`` failed a run that had finished."""
+    NameError". Which error ended training is unknown there (under ``python -i`` the
+    script's own crash is one too): the run is stopped, the error named as shown, and the
+    way to record a finish said; a session without an error is finished."""
     import os
     import subprocess
     import sys
@@ -579,7 +581,17 @@ def test_an_error_shown_at_an_interactive_prompt_is_not_taken_for_how_the_run_en
                           env={**os.environ, "PYTHONPATH": str(root)})
     assert "NameError" in done.stderr  # the typo was shown, then the session went on
     with Run.open(path) as run:
-        assert run.writer_status().state == "closed", done.stderr[-2000:]
+        status = run.writer_status()
+    assert status.state == "stopped", done.stderr[-2000:]
+    assert status.reason == (
+        "the interactive session ended with the run still open, after an error it showed "
+        "(NameError: name 'prnt' is not defined); close the monitor, or use its with block, "
+        "to record how training ended")
+    lines[4] = "print('done')"
+    subprocess.run([sys.executable, "-i", "-q"], input="\n".join(lines), capture_output=True,
+                   text=True, env={**os.environ, "PYTHONPATH": str(root)}, check=True)
+    with Run.open(path) as run:
+        assert run.writer_status().state == "closed"
 
 
 @pytest.mark.parametrize("before", [None, "stopped on ValueError: bad batch"])
@@ -608,3 +620,13 @@ def test_a_resume_refused_at_its_first_step_leaves_the_run_as_it_was(tmp_path, b
         pass
     with Run.open(path) as run:
         assert run.writer_status().state == "closed"
+    with pytest.raises(MemoryError):  # another error before the first row: its stop
+        with RunWriter(path) as w:
+            try:
+                raise MemoryError("out of memory")
+            except MemoryError:
+                w.close(how="stopped on MemoryError: out of memory")
+                raise
+    with Run.open(path) as run:
+        status = run.writer_status()
+    assert (status.state, status.reason) == ("stopped", "stopped on MemoryError: out of memory")
