@@ -773,7 +773,31 @@ def torch_notes_hidden() -> Iterator[None]:
     error``) and leaves no mark in the registry, so the user's own forward still shows the
     note. While the block runs, other threads' notes are ignored too.
     """
-    entry = (*_NOTES_FILTER,)  # a tuple of its own: the one this block takes out
+    with _filter_in_front(_NOTES_FILTER):
+        yield
+
+
+@contextlib.contextmanager
+def warnings_ignored() -> Iterator[None]:
+    """Ignore every warning raised inside the block, as :func:`torch_notes_hidden` does.
+
+    For a computation of the monitor's whose warnings are not the user's to see (a loss
+    function called per sample to tell a few outliers): ``catch_warnings`` with
+    ``simplefilter("ignore")`` reset Python's once-per-location registry, and the training
+    loop's own warning was shown again at every step the loss metric read its samples.
+    """
+    with _filter_in_front(("ignore", None, Warning, None, 0)):
+        yield
+
+
+@contextlib.contextmanager
+def _filter_in_front(template: tuple[Any, ...]) -> Iterator[None]:
+    """``template``, a filter entry, first in the warning filters inside the block.
+
+    Taken out by identity after (blocks may end in any order), and without telling the
+    warnings module its filters changed: that resets the once-per-location registry.
+    """
+    entry = (*template,)  # a tuple of its own: the one this block takes out
     with _filters_lock():
         filters = _active_filters()
         filters.insert(0, entry)

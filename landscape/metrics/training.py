@@ -10,7 +10,6 @@ import collections
 import copy
 import functools
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,6 +23,7 @@ from landscape._checks import integer_dtype
 from landscape._deprecation import module_getattr
 from landscape._errors import MissingInput
 from landscape.batches import leading_size, model_call
+from landscape.isolation import warnings_ignored
 from landscape.metrics.base import Metric, register
 from landscape.metrics.batch_parts import (
     batch_targets,
@@ -161,8 +161,7 @@ def _per_sample_losses(loss_fn: Any, outputs: torch.Tensor,
     target = targets.detach().to(out.device)
     if target.is_floating_point():
         target = target.to(wide)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with torch.no_grad(), warnings_ignored():  # (the user's warnings keep their registry)
         try:
             losses = per_element(out, target)
         except (RuntimeError, ValueError, TypeError, IndexError):

@@ -214,6 +214,35 @@ def test_the_loops_own_warnings_are_shown_once_under_pythons_default_filters():
     assert done.stderr.count("UserWarning: None of the inputs have requires_grad") == 1
 
 
+DEFAULT_SHOWN_ONCE = """
+import warnings, torch, torch.nn.functional as F
+import landscape as ls
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+with ls.Monitor(model, F.cross_entropy, None, optimizer=opt, warn=False) as mon:
+    for step in range(10):
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        opt.zero_grad(); loss.backward(); opt.step()
+        warnings.warn("the loop's own note")
+        mon.step(step, batch=(x, y), loss=loss, outputs=out)
+"""
+
+
+def test_the_default_monitor_shows_the_loops_own_warning_once():
+    """The loss metric's per-sample losses (a loss spike's outliers) ran the loss function
+    inside catch_warnings(), which reset the registry: a user's warning of the loop came
+    back 3 times in 10 steps with the default monitor (own-diff review)."""
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", DEFAULT_SHOWN_ONCE], cwd=root,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": ""})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("UserWarning: the loop's own note") == 1, done.stderr[-2000:]
+
+
 def test_the_notes_are_ignored_also_where_warnings_are_errors():
     # hidden at showwarning, the note was raised under an "error" filter (pytest -W
     # error) and the first-order products failed
