@@ -489,6 +489,11 @@ def test_the_report_of_a_run_files_path_is_the_report_of_its_run_and_leaves_it_c
     assert len(_images(from_run)) == 1
     with RunWriter(path) as w:  # the path's reader was closed: the file can be written
         w.append("loss", 5, {"value": 0.1})
+    with RunWriter(path) as w:  # a writer (a Monitor likewise) gives its run
+        w.append("loss", 6, {"value": 0.1})
+        assert len(_images(render_report(w, title="t"))) == 1
+    with pytest.raises(TypeError, match="expected a Run, a run file's path, a Monitor"):
+        render_report(3)
 
 
 # --------------------------------------------------------------------------- browser

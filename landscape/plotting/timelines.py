@@ -68,7 +68,8 @@ T = TypeVar("T")
 def opens_paths(fn: Callable[..., T]) -> Callable[..., T]:
     """Let ``fn``'s first argument, a run or a list of runs, name run files by path.
 
-    A path is opened for the call and closed after it (the figure holds its data).
+    A path is opened for the call and closed after it (the figure holds its data); a
+    monitor or a writer gives its :meth:`run` (what it wrote so far, flushed first).
     """
     first = next(iter(inspect.signature(fn).parameters))  # "run" or "runs", by keyword too
 
@@ -78,11 +79,17 @@ def opens_paths(fn: Callable[..., T]) -> Callable[..., T]:
             def opened(run: Any) -> Any:
                 if isinstance(run, (str, os.PathLike)):
                     return stack.enter_context(Run.open(run))
+                if not isinstance(run, Run) and callable(getattr(run, "run", None)):
+                    return run.run()  # a Monitor, a RunWriter
                 return run
 
             def each(runs: Any) -> Any:
-                if isinstance(runs, (str, os.PathLike, Run)):
+                if isinstance(runs, (str, os.PathLike, Run)) or callable(
+                        getattr(runs, "run", None)):
                     return opened(runs)
+                if not hasattr(runs, "__iter__"):
+                    raise TypeError(f"{first}: expected a Run, a run file's path, a Monitor "
+                                    f"or a list of runs, got {type(runs).__name__}")
                 return [opened(r) for r in runs]
 
             if args:
