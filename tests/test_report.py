@@ -492,6 +492,21 @@ def test_the_report_of_a_run_files_path_is_the_report_of_its_run_and_leaves_it_c
     with RunWriter(path) as w:  # a writer (a Monitor likewise) gives its run
         w.append("loss", 6, {"value": 0.1})
         assert len(_images(render_report(w, title="t"))) == 1
+    import torch
+    import torch.nn.functional as F
+
+    import landscape as ls
+
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with ls.Monitor(model, F.cross_entropy, None, optimizer=opt, metrics=["loss"]) as mon:
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        mon.step(0, batch=(x, y), loss=loss)
+        assert collect_findings(mon) == [] and ls.alarms.check(mon) == []
+        assert len(_images(render_report(mon))) == 1
     with pytest.raises(TypeError, match="expected a Run, a run file's path, a Monitor"):
         render_report(3)
 

@@ -170,16 +170,17 @@ class _ReadRow(dict):
 
 
 def _as_run(run: Any) -> Any:
-    """``run`` as a readable ``Run``: a ``Run`` itself, a ``RunWriter``'s view, or a path."""
-    from landscape.store import Run, RunWriter
+    """``run`` as a readable ``Run``: itself, a path, a ``RunWriter``'s or ``Monitor``'s view."""
+    from landscape.store import Run
 
     if isinstance(run, Run):
         return run
-    if isinstance(run, RunWriter):
-        return run.run()
     if isinstance(run, (str, os.PathLike)):
         return Run.open(run)
-    raise ValueError(f"run must be a Run, a RunWriter or a path to a run file, got {run!r}")
+    if callable(getattr(run, "run", None)):  # a RunWriter, a Monitor
+        return run.run()
+    raise ValueError("run must be a Run, a path to a run file, a RunWriter or a Monitor, got "
+                     f"{run!r}")
 
 
 def unmeasured_rows(reader: Any) -> set[tuple[str, int]]:
@@ -472,7 +473,7 @@ class OnlineAlarms:
         object) to re-evaluate a finished run, which is what :func:`check` does.
 
         Args:
-            run: a ``Run``, a ``RunWriter`` or a path to a run file.
+            run: a ``Run``, a path to a run file, a ``RunWriter`` or a ``Monitor``.
 
         Returns:
             The findings those rows raise, sorted by step.
@@ -520,8 +521,8 @@ def check(run: Any, rules: Sequence[Rule] | None = None) -> list[Finding]:
     already stored in the run are not read: this recomputes them.
 
     Args:
-        run: a :class:`~landscape.store.Run`, a ``RunWriter`` (its ``run()`` view) or a
-            path to a run file.
+        run: a :class:`~landscape.store.Run`, a path to a run file, or a ``RunWriter``
+            or ``Monitor`` (its ``run()`` view).
         rules: the rules (default: :func:`default_rules`).
 
     Returns:
@@ -557,7 +558,8 @@ def collect_findings(
     (:func:`never_measured`): its rules saw nothing, and a gate must not
     pass the run for the warnings they could not raise.
 
-    ``run``: a :class:`~landscape.store.Run`, a ``RunWriter`` or a path to a run file.
+    ``run``: a :class:`~landscape.store.Run`, a path to a run file, a ``RunWriter`` or a
+    ``Monitor`` (what it wrote so far).
 
     A finding is identified by its step, rule and metric (the table, without the field): a
     recomputed finding that the file already holds is dropped (the stored one, written
