@@ -117,10 +117,11 @@ def above_bars() -> Iterator[None]:
 
 
 def _on_screen(bar: Any) -> bool:
-    """Whether ``bar`` has drawn itself: not disabled, and past its ``delay``.
+    """Whether ``bar`` has drawn itself (and is not disabled).
 
-    A bar that waits for its delay (as a log's do: :func:`bar`) has drawn nothing; redrawn
-    after a warning (what ``tqdm.external_write_mode`` does to every bar), it wrote its 0 %
+    A bar of ours in a log records whether it drew (:func:`_log_bar`); any other bar has
+    drawn once an update came past its ``delay``. A bar that has drawn nothing, redrawn
+    after a warning (what ``tqdm.external_write_mode`` does to every bar), wrote its 0 %
     line once per warning into the log.
     """
     start = getattr(bar, "start_t", None)
@@ -147,7 +148,7 @@ def products_bar(op: Any, *, total: int, desc: str, enabled: bool) -> Iterator[A
         enabled: whether the caller wants a bar (``progress=``).
 
     Yields:
-        The bar (disabled: every call does nothing), for ``set_postfix_str``.
+        The bar, for ``set_postfix_str`` (no bar drawn: a stand-in that ignores it).
     """
     from landscape import distributed
 
@@ -174,12 +175,7 @@ def products_bar(op: Any, *, total: int, desc: str, enabled: bool) -> Iterator[A
 
 
 class _NoBar:
-    """What :func:`products_bar` yields when no bar is drawn: every call does nothing."""
-
-    n = 0
-
-    def update(self, n: int = 1) -> None:
-        """Nothing."""
+    """What :func:`products_bar` yields when no bar is drawn: its postfix goes nowhere."""
 
     def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
         """Nothing."""

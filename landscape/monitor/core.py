@@ -1138,10 +1138,10 @@ class Monitor:
         self, step: int, batch: Any, loss: Any, outputs: Any, grad_norm: float | None = None,
         samples: int | None = None,
     ) -> list[Finding]:
-        if self._distributed and not self._first_step_seen:  # before any collective
-            self._agree_on_step(step)
         last = self._clock.last_step
         if not self._first_step_seen:
+            if self._distributed:  # before any collective of the step
+                self._agree_on_step(step)
             self._first_step_seen = True
             self._say_dropped_rows_left_empty(step)
         if last is not None and step <= last:
